@@ -1,0 +1,1 @@
+"""Data pipeline: tiling, conversation templates, datasets and collation."""

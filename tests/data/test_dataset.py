@@ -1,0 +1,268 @@
+"""InternVLDataset on small data sets written to disk: items, tiling per image count, repeats, bad input,
+lengths and their cache. Tiles are 28 px with 14 px patches, so each tile is one <IMG_CONTEXT> token."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.data import dataset as dataset_module
+from xtuner_plugins.data.dataset import InternVLDataset
+from xtuner_plugins.data.errors import TooManyBadSamplesError
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from xtuner_plugins.data.tiling import tile_image
+
+S = 28
+
+
+def make_ds(files, tokenizer, tmp_path, **kw):
+    kw.setdefault('image_size', S)
+    kw.setdefault('patch_size', 14)
+    kw.setdefault('max_length', 4096)
+    kw.setdefault('cache_dir', str(tmp_path / 'cache'))
+    return InternVLDataset(files, tokenizer=tokenizer, **kw)
+
+
+def answer_of(item, tokenizer):
+    ids = [i for i, l in zip(item['input_ids'].tolist(), item['labels'].tolist()) if l != IGNORE_INDEX]
+    return tokenizer.decode(ids)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A jsonl with a one-image, a two-image and a text-only sample; images 56x28 (2x1 grid)."""
+    img = tmp_path / 'images'
+    write_image(img / 'wide.png', size=(56, 28), seed=1)
+    write_image(img / 'wide2.png', size=(56, 28), seed=2)
+    write_image(img / 'square.png', size=(30, 30), seed=3)
+    path = write_jsonl(tmp_path / 'mixed.jsonl', [
+        {'id': 'one', 'image': 'wide.png', 'conversations': conv('What is it?', 'ONE')},
+        {'id': 'two', 'image': ['wide.png', 'wide2.png'],
+         'conversations': [{'from': 'human', 'value': 'A <image> and B <image>?'},
+                           {'from': 'gpt', 'value': 'TWO'}]},
+        {'id': 'text', 'conversations': conv('Say hi', 'TEXT', image=False)},
+    ])
+    return path, str(img)
+
+
+class TestItems:
+
+    def test_single_multi_and_text_only(self, mixed, tiny_tokenizer, tmp_path):
+        path, img = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, max_dynamic_patch=4)
+        ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        one, two, text = ds[0], ds[1], ds[2]
+        # one image, up to 4 tiles: a 2x1 grid plus the thumbnail
+        assert one['pixel_values'].shape == (3, 3, S, S) and one['pixel_values'].dtype == torch.uint8
+        assert one['image_flags'].tolist() == [1, 1, 1] and one['num_tiles'] == 3
+        assert (one['input_ids'] == ctx).sum() == 3
+        expected = tile_image(load_image(os.path.join(img, 'wide.png')), 1, 4, S, use_thumbnail=True)
+        assert torch.equal(one['pixel_values'], expected)
+        # two images share max_dynamic_patch: max(1, 4 // 2) = 2 tiles each, 2x1 grid, plus thumbnails
+        assert two['pixel_values'].shape[0] == 6 and (two['input_ids'] == ctx).sum() == 6
+        # text-only: one dummy tile with image flag 0 and no image tokens
+        assert text['pixel_values'].shape == (1, 3, S, S) and text['image_flags'].tolist() == [0]
+        assert (text['input_ids'] == ctx).sum() == 0
+        assert [answer_of(x, tiny_tokenizer) for x in (one, two, text)] == \
+            ['ONE<|im_end|>', 'TWO<|im_end|>', 'TEXT<|im_end|>']
+
+    def test_per_file_max_dynamic_patch_and_static_size(self, mixed, tiny_tokenizer, tmp_path):
+        path, img = mixed
+        ds = make_ds([path], tiny_tokenizer, tmp_path, image_folders=[img], max_dynamic_patches=[1])
+        assert ds[0]['num_tiles'] == 1 and ds[1]['num_tiles'] == 2
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, dynamic_image_size=False)
+        assert ds[0]['num_tiles'] == 1
+
+    def test_tiles_per_image_from_image_count(self, tmp_path, tiny_tokenizer):
+        write_image(tmp_path / 'i' / 'big.png', size=(S * 4, S * 3))  # a 4x3 grid at 12 tiles
+        samples = [{'image': ['big.png'] * n, 'conversations': [
+            {'from': 'human', 'value': '<image>' * n}, {'from': 'gpt', 'value': 'x'}]} for n in (1, 2, 3, 5, 13)]
+        ds = make_ds(write_jsonl(tmp_path / 'a.jsonl', samples), tiny_tokenizer, tmp_path,
+                     image_folders=str(tmp_path / 'i'), max_dynamic_patch=12, max_length=None)
+        got = [ds[i]['num_tiles'] for i in range(5)]
+        # budget 12 // n per image; the grid closest to 4:3 within it (4x3, 3x2, 2x2 by the tie rule, 1x1),
+        # plus a thumbnail when an image has more than one tile
+        assert got == [12 + 1, 2 * (6 + 1), 3 * (4 + 1), 5 * 1, 13 * 1]
+
+    def test_json_list_meta_file_and_repeats(self, tmp_path, tiny_tokenizer):
+        write_image(tmp_path / 'root' / 'x.png')
+        (tmp_path / 'list.json').write_text(json.dumps(
+            [{'image': 'x.png', 'conversations': conv(answer=f'L{i}')} for i in range(4)]))
+        write_jsonl(tmp_path / 'm.jsonl', [{'image': 'x.png', 'conversations': conv(answer=f'M{i}')} for i in range(4)])
+        (tmp_path / 'meta.json').write_text(json.dumps(
+            {'m': {'root': 'root', 'annotation': 'm.jsonl', 'repeat_time': 0.5}}))
+        ds = make_ds([str(tmp_path / 'list.json'), str(tmp_path / 'meta.json')], tiny_tokenizer, tmp_path,
+                     image_folders=[str(tmp_path / 'root'), None], repeat_times=[2.5, 1])
+        assert len(ds) == 10 + 2
+        answers = [answer_of(ds[i], tiny_tokenizer) for i in range(len(ds))]
+        assert sorted(answers[:8]) == sorted([f'L{i}<|im_end|>' for i in range(4)] * 2)
+        assert all(a.startswith('M') for a in answers[10:])
+
+    def test_dataloader_with_workers(self, mixed, tiny_tokenizer, tmp_path):
+        from xtuner_plugins.data.collate import internvl_collate_fn
+        path, img = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img)
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=internvl_collate_fn)
+        batch = next(iter(loader))['data']
+        assert batch['input_ids'].shape[0] == 3
+        assert batch['num_tiles'].sum() == batch['pixel_values'].shape[0] == batch['image_flags'].shape[0]
+
+
+# Each bad case: (sample or raw line, extra files to write, the reason it is counted under, at load or at use).
+BAD_CASES = {
+    'missing_image': ({'image': 'nope.png', 'conversations': conv()}, 'use'),
+    'corrupt_image': ({'image': 'garbage.png', 'conversations': conv()}, 'use'),
+    'truncated_image': ({'image': 'truncated.jpg', 'conversations': conv()}, 'use'),
+    'image_too_large': ({'image': 'huge.png', 'conversations': conv()}, 'use'),
+    'bad_json': ('{"image": "good.png", "conversations": [', 'load'),
+    'image_tag_mismatch': ({'image': 'good.png', 'conversations': [
+        {'from': 'human', 'value': '<image> <image>'}, {'from': 'gpt', 'value': 'x'}]}, 'load'),
+    'empty_conversation': ({'image': 'good.png', 'conversations': []}, 'load'),
+    'bad_conversation': ({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'human', 'value': 'b'}]},
+                         'load'),
+    'unsafe_image_path': ({'image': '../outside.png', 'conversations': conv()}, 'load'),
+    'unsupported_video': ({'video': 'clip.mp4', 'conversations': conv()}, 'load'),
+}
+REASON = {'truncated_image': 'corrupt_image'}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_CASES))
+def test_bad_input_is_counted_and_never_misaligned(case, tmp_path, tiny_tokenizer, monkeypatch):
+    img = tmp_path / 'images'
+    write_image(img / 'good.png', seed=5)
+    write_image(tmp_path / 'outside.png')
+    write_image(img / 'huge.png', size=(200, 200))
+    (img / 'garbage.png').write_bytes(b'\x89PNG not really')
+    data = open(write_image(img / 'truncated.jpg', size=(200, 200)), 'rb').read()
+    (img / 'truncated.jpg').write_bytes(data[:len(data) // 3])
+    bad, when = BAD_CASES[case]
+    good = {'image': 'good.png', 'conversations': conv(answer='GOOD')}
+    path = write_jsonl(tmp_path / 'd.jsonl', [good, bad, good])
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(img), max_bad_fraction=1.0,
+                 max_image_pixels=100 * 100)
+    reason = REASON.get(case, case)
+    if when == 'load':
+        assert len(ds) == 2
+        assert [p.reason for p in ds.load_problems] == [reason]
+        assert ds.load_problems[0].source == f'{path}:2'
+    else:
+        assert len(ds) == 3
+    answers = [answer_of(ds[i], tiny_tokenizer) for i in range(len(ds))]
+    assert answers == ['GOOD<|im_end|>'] * len(ds)  # the bad sample never comes out, images stay with text
+    if when == 'use':
+        assert dict(ds.failures) == {reason: 1}
+    assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
+
+
+def test_logged_once_per_reason_and_counted(tmp_path, tiny_tokenizer, monkeypatch):
+    write_image(tmp_path / 'i' / 'good.png')
+    samples = [{'image': 'good.png' if i % 3 else f'missing{i}.png', 'conversations': conv()} for i in range(9)]
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    ds = make_ds(write_jsonl(tmp_path / 'a.jsonl', samples), tiny_tokenizer, tmp_path,
+                 image_folders=str(tmp_path / 'i'), max_bad_fraction=0.5)
+    for i in range(len(ds)):
+        ds[i]
+    assert dict(ds.failures) == {'missing_image': 3}
+    assert len(logs) == 1 and 'missing0.png' in logs[0]
+
+
+def test_too_many_bad_samples_at_use(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'good.png')
+    samples = [{'image': 'good.png' if i not in (2, 5) else 'gone.png', 'conversations': conv()} for i in range(10)]
+    path = write_jsonl(tmp_path / 'a.jsonl', samples)
+    ok = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.2)
+    for i in range(10):
+        ok[i]
+    assert ok.failures['missing_image'] == 4  # items 2 and 5 each fail once on their own and once as a retry
+    strict = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.1)
+    strict[2]
+    with pytest.raises(TooManyBadSamplesError, match=r"2 samples failed .* max_bad_fraction=0.1 of 10.*missing_image"):
+        strict[5]
+    zero = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0)
+    with pytest.raises(TooManyBadSamplesError, match='a.jsonl:3: image file not found'):
+        zero[2]
+
+
+def test_too_many_bad_samples_at_load(tmp_path, tiny_tokenizer):
+    lines = ['{bad'] * 3 + [{'conversations': conv(image=False)}] * 7
+    path = write_jsonl(tmp_path / 'a.jsonl', lines)
+    with pytest.raises(TooManyBadSamplesError, match=r"3 of 10 samples are bad.*'bad_json': 3.*a.jsonl:1"):
+        make_ds(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.2)
+    assert len(make_ds(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.3)) == 7
+
+
+def test_multi_image_sample_with_one_missing_image_is_skipped_whole(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'a.png')
+    path = write_jsonl(tmp_path / 'a.jsonl', [
+        {'image': ['a.png', 'missing.png'], 'conversations': [
+            {'from': 'human', 'value': '<image><image>'}, {'from': 'gpt', 'value': 'PAIR'}]},
+        {'image': 'a.png', 'conversations': conv(answer='NEXT')}])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=1)
+    item = ds[0]
+    assert answer_of(item, tiny_tokenizer) == 'NEXT<|im_end|>'
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    assert int((item['input_ids'] == ctx).sum()) == item['num_tiles']
+
+
+def test_too_long_sample_is_dropped_with_reason(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'big.png', size=(S * 4, S * 3))
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'big.png', 'conversations': conv(answer='LONG')},
+                                              {'conversations': conv(answer='SHORT', image=False)}])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=10,
+                 max_bad_fraction=1)
+    assert answer_of(ds[0], tiny_tokenizer) == 'SHORT<|im_end|>'
+    assert dict(ds.failures) == {'too_long': 1}
+
+
+class TestLengths:
+
+    def test_lengths_match_items_and_modality_sign(self, mixed, tiny_tokenizer, tmp_path):
+        path, img = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, max_dynamic_patch=4, repeat_times=2)
+        items = [ds[i] for i in range(len(ds))]
+        assert ds.length == [len(x['input_ids']) for x in items]
+        assert ds.modality_length == [len(x['input_ids']) * (1 if x['image_flags'][0] else -1) for x in items]
+
+    def test_capped_at_max_length(self, mixed, tiny_tokenizer, tmp_path):
+        path, img = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, max_length=20)
+        assert max(ds.length) == 20
+
+    def test_cache_is_used_and_invalidated(self, mixed, tiny_tokenizer, tmp_path, monkeypatch):
+        from xtuner_plugins.data import lengths as lengths_module
+        path, img = mixed
+        first = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img).length
+        assert len(os.listdir(tmp_path / 'cache')) == 1
+
+        def no_header_reads(*args, **kw):
+            raise AssertionError('the cache should have been used')
+        monkeypatch.setattr(lengths_module, 'read_image_size', no_header_reads)
+        assert make_ds(path, tiny_tokenizer, tmp_path, image_folders=img).length == first
+        # a changed file (size and mtime) or other tiling settings are recomputed
+        monkeypatch.undo()
+        with open(path, 'a') as f:
+            f.write(json.dumps({'conversations': conv(image=False)}) + '\n')
+        assert len(make_ds(path, tiny_tokenizer, tmp_path, image_folders=img).length) == 4
+        make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, max_dynamic_patch=2).length
+        assert len(os.listdir(tmp_path / 'cache')) == 3
+
+    def test_xtuner_length_grouped_sampler(self, mixed, tiny_tokenizer, tmp_path):
+        from xtuner.dataset.samplers import LengthGroupedSampler
+        path, img = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img, repeat_times=4)
+        for prop in ('length', 'modality_length'):
+            sampler = LengthGroupedSampler(ds, per_device_batch_size=2, length_property=prop, seed=0)
+            assert sorted(iter(sampler)) == list(range(len(ds)))
+
+
+def test_needs_tokenizer_to_load(mixed, tmp_path):
+    path, img = mixed
+    ds = InternVLDataset(path, image_folders=img, tokenizer=None, image_size=S, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match='needs a tokenizer'):
+        ds[0]

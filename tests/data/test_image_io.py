@@ -1,0 +1,106 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import write_image
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path, to_rgb
+
+
+class TestResolvePath:
+
+    def test_inside_folder(self, tmp_path):
+        assert resolve_image_path('a/b.jpg', str(tmp_path)) == os.path.join(str(tmp_path), 'a', 'b.jpg')
+
+    @pytest.mark.parametrize('path', ['../secret.jpg', 'a/../../secret.jpg', '/etc/passwd'])
+    def test_escape_is_refused(self, tmp_path, path):
+        with pytest.raises(SampleError, match='escapes its image folder') as info:
+            resolve_image_path(path, str(tmp_path / 'images'))
+        assert info.value.reason == 'unsafe_image_path'
+
+    def test_symlinked_folder_is_allowed(self, tmp_path):
+        real = tmp_path / 'real'
+        write_image(real / 'x.png')
+        (tmp_path / 'link').symlink_to(real)
+        path = resolve_image_path('x.png', str(tmp_path / 'link'))
+        assert read_image_size(path) == (64, 48)
+
+    def test_no_folder_resolves_against_base_dir(self, tmp_path):
+        assert resolve_image_path('x.png', None, str(tmp_path)) == os.path.join(str(tmp_path), 'x.png')
+        assert resolve_image_path('/abs/x.png', None, str(tmp_path)) == '/abs/x.png'
+
+    @pytest.mark.parametrize('bad', ['', None, 3])
+    def test_bad_field(self, bad):
+        with pytest.raises(SampleError) as info:
+            resolve_image_path(bad, '/data')
+        assert info.value.reason == 'bad_image_field'
+
+
+class TestReadAndLoad:
+
+    def test_header_size_without_decoding(self, tmp_path):
+        path = write_image(tmp_path / 'a.jpg', size=(300, 200))
+        # Truncate the file: the header still gives the size, a full decode must fail.
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+        assert read_image_size(path) == (300, 200)
+        with pytest.raises(SampleError, match='cannot decode image .*a.jpg') as info:
+            load_image(path)
+        assert info.value.reason == 'corrupt_image'
+
+    def test_missing(self, tmp_path):
+        for fn in (read_image_size, load_image):
+            with pytest.raises(SampleError, match='not found') as info:
+                fn(str(tmp_path / 'nope.jpg'))
+            assert info.value.reason == 'missing_image'
+
+    def test_not_an_image(self, tmp_path):
+        path = tmp_path / 'x.jpg'
+        path.write_bytes(b'this is not an image at all')
+        for fn in (read_image_size, load_image):
+            with pytest.raises(SampleError) as info:
+                fn(str(path))
+            assert info.value.reason == 'corrupt_image'
+
+    def test_pixel_limit_names_numbers(self, tmp_path):
+        path = write_image(tmp_path / 'big.png', size=(40, 30))
+        for fn in (read_image_size, load_image):
+            with pytest.raises(SampleError, match=r'40x30 = 1200 pixels .* limit of 1000') as info:
+                fn(path, max_pixels=1000)
+            assert info.value.reason == 'image_too_large'
+        assert load_image(path, max_pixels=1200).size == (40, 30)
+
+    def test_pillow_bomb_error_is_a_sample_error(self, tmp_path, monkeypatch):
+        path = write_image(tmp_path / 'big.png', size=(40, 30))
+        monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # Pillow refuses > 2 * 100 pixels itself
+        with pytest.raises(SampleError) as info:
+            load_image(path, max_pixels=None)
+        assert info.value.reason == 'image_too_large'
+
+
+class TestModes:
+
+    @pytest.mark.parametrize('mode', ['RGBA', 'LA', 'P', 'CMYK', 'L', '1'])
+    def test_pillow_modes_match_plain_convert(self, tmp_path, mode):
+        fmt = 'JPEG' if mode == 'CMYK' else 'PNG'
+        path = write_image(tmp_path / f'x_{mode}.img', mode=mode, fmt=fmt)
+        img = load_image(path)
+        assert img.mode == 'RGB'
+        with Image.open(path) as ref:
+            assert img.tobytes() == ref.convert('RGB').tobytes()  # identical to InternVL's loader
+
+    def test_16_bit_is_scaled_not_clipped(self, tmp_path):
+        arr = np.array([[0, 257 * 128, 65535]], dtype=np.uint16)
+        path = str(tmp_path / 'x16.png')
+        Image.fromarray(arr, 'I;16').save(path)
+        img = load_image(path)
+        assert img.mode == 'RGB'
+        assert np.asarray(img)[0, :, 0].tolist() == [0, 128, 255]
+        with Image.open(path) as raw:
+            assert raw.mode.startswith('I')
+
+    def test_float_image(self):
+        img = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), 'F'))
+        assert np.asarray(img)[0, :, 1].tolist() == [0, 128, 255]

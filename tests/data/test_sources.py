@@ -1,0 +1,91 @@
+import json
+from collections import Counter
+
+import pytest
+
+from tests.helpers import conv, write_jsonl
+from xtuner_plugins.data.sources import expand_sources, parse_record, read_records, repeat_indices
+
+
+class TestRepeatIndices:
+
+    def test_fractional_part_is_a_seeded_subset(self):
+        idx = repeat_indices(10, 2.5, seed=3)
+        counts = Counter(idx)
+        assert len(idx) == 25
+        assert sorted(counts.values()) == [2] * 5 + [3] * 5  # two full copies plus a half
+        assert repeat_indices(10, 2.5, seed=3) == idx  # deterministic
+        extras = {i for i, c in counts.items() if c == 3}
+        other = {i for i, c in Counter(repeat_indices(10, 2.5, seed=4)).items() if c == 3}
+        assert extras != other  # the seed picks the half
+
+    @pytest.mark.parametrize('repeat,expected', [(0, 0), (0.3, 3), (1, 10), (1.0, 10), (3, 30), (0.05, 0)])
+    def test_sizes(self, repeat, expected):
+        idx = repeat_indices(10, repeat, seed=0)
+        assert len(idx) == expected
+        if repeat < 1:
+            assert len(set(idx)) == expected  # a subset, without replacement
+
+
+class TestExpandSources:
+
+    def test_per_file_values_and_meta(self, tmp_path):
+        a = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}])
+        (tmp_path / 'sub').mkdir()
+        write_jsonl(tmp_path / 'sub' / 'b.jsonl', [{'conversations': conv(image=False)}])
+        meta = tmp_path / 'meta.json'
+        meta.write_text(json.dumps({'bee': {'root': 'sub/imgs', 'annotation': 'sub/b.jsonl',
+                                            'repeat_time': 0.5, 'max_dynamic_patch': 4,
+                                            'data_augment': False, 'length': 1}}))
+        sources = expand_sources([a, str(meta)], image_folders=['imgs', None], repeat_times=[2, 1],
+                                 max_dynamic_patches=[6, None])
+        assert [s.name for s in sources] == ['a.jsonl', 'bee']
+        assert sources[0].image_folder == 'imgs' and sources[0].repeat_time == 2 and sources[0].max_dynamic_patch == 6
+        assert sources[1].annotation == str(tmp_path / 'sub' / 'b.jsonl')  # relative to the meta file
+        assert sources[1].image_folder == str(tmp_path / 'sub' / 'imgs')
+        assert sources[1].repeat_time == 0.5 and sources[1].max_dynamic_patch == 4
+
+    def test_mismatched_lists(self, tmp_path):
+        a = write_jsonl(tmp_path / 'a.jsonl', [])
+        with pytest.raises(ValueError, match='image_folders has 2 entries but data_files has 1'):
+            expand_sources([a], image_folders=['x', 'y'])
+
+    def test_missing_and_unknown_files(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match='nope.jsonl'):
+            expand_sources(str(tmp_path / 'nope.jsonl'))
+        (tmp_path / 'x.csv').write_text('a,b')
+        with pytest.raises(ValueError, match='unknown annotation format'):
+            expand_sources(str(tmp_path / 'x.csv'))
+
+    def test_bad_meta_entry(self, tmp_path):
+        meta = tmp_path / 'meta.json'
+        meta.write_text(json.dumps({'x': {'root': 'imgs'}}))
+        with pytest.raises(ValueError, match=r"meta.json: entry 'x' needs at least \"annotation\""):
+            expand_sources(str(meta))
+
+
+class TestReadRecords:
+
+    def test_jsonl_bad_lines_are_problems_with_line_numbers(self, tmp_path):
+        path = write_jsonl(tmp_path / 'a.jsonl', [{'id': 1, 'conversations': []}, '{not json', '[1, 2]', '',
+                                                   {'id': 2, 'conversations': []}])
+        src = expand_sources(path)[0]
+        records, problems = read_records(0, src)
+        assert [r.line for r in records] == [1, 5]
+        assert [parse_record(r)['id'] for r in records] == [1, 2]
+        assert [p.source for p in problems] == [f'{path}:2', f'{path}:3']
+        assert all(p.reason == 'bad_json' for p in problems)
+        assert 'not valid JSON' in str(problems[0]) and 'list, not an object' in str(problems[1])
+
+    def test_json_list(self, tmp_path):
+        path = tmp_path / 'a.json'
+        path.write_text(json.dumps([{'id': 'x'}, 7, {'id': 'y'}]))
+        records, problems = read_records(0, expand_sources(str(path))[0])
+        assert [r.line for r in records] == [1, 3]
+        assert problems[0].source == f'{path}:2'
+
+    def test_json_not_a_list(self, tmp_path):
+        path = tmp_path / 'a.json'
+        path.write_text('[{"id": 1},')
+        with pytest.raises(ValueError, match='a.json: not valid JSON'):
+            read_records(0, expand_sources(str(path))[0])

@@ -1,0 +1,58 @@
+"""Batching InternVL samples.
+
+Configs use it as ``collate_fn=dict(type=internvl_collate_fn, pad_token_id=...)`` (MMEngine wraps it in
+``functools.partial``). The batch follows XTuner's convention ``{'data': {...}, 'data_samples': None}``:
+
+===================  ==========================  ==============================================
+key                  shape / dtype               meaning
+===================  ==========================  ==============================================
+``input_ids``        ``[B, L]`` long             right-padded with ``pad_token_id``
+``labels``           ``[B, L]`` long             ``-100`` on padding and unsupervised tokens
+``attention_mask``   ``[B, L]`` bool             ``True`` on real tokens
+``pixel_values``     ``[T, 3, S, S]`` uint8      all tiles of the batch, sample after sample
+``image_flags``      ``[T]`` long                1 for real tiles, 0 for text-only dummies
+``num_tiles``        ``[B]`` long                tiles per sample (``sum == T``)
+===================  ==========================  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .template import IGNORE_INDEX
+
+
+def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
+                        pad_to_multiple_of: Optional[int] = None) -> Dict:
+    """Pad token sequences and concatenate tiles; see the module docstring for the keys."""
+    if not instances:
+        raise ValueError('internvl_collate_fn got an empty batch')
+    lengths = [int(x['input_ids'].shape[0]) for x in instances]
+    for i, x in enumerate(instances):
+        if x['labels'].shape != x['input_ids'].shape:
+            raise ValueError(f'sample {i} of the batch has {x["input_ids"].shape[0]} input ids but '
+                             f'{x["labels"].shape[0]} labels')
+        if x['pixel_values'].shape[0] != x['image_flags'].shape[0]:
+            raise ValueError(f'sample {i} of the batch has {x["pixel_values"].shape[0]} tiles but '
+                             f'{x["image_flags"].shape[0]} image flags')
+    max_len = max(lengths)
+    if pad_to_multiple_of:
+        max_len = -(-max_len // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(instances)
+    input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.bool)
+    for i, (x, n) in enumerate(zip(instances, lengths)):
+        input_ids[i, :n] = x['input_ids']
+        labels[i, :n] = x['labels']
+        attention_mask[i, :n] = True
+    data = dict(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        pixel_values=torch.cat([x['pixel_values'] for x in instances]),
+        image_flags=torch.cat([x['image_flags'] for x in instances]),
+        num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long))
+    return {'data': data, 'data_samples': None}

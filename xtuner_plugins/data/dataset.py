@@ -1,0 +1,279 @@
+"""The InternVL dataset: annotation files -> token ids, labels and ``uint8`` image tiles.
+
+Configs name :class:`InternVLDataset` directly::
+
+    train_dataset = dict(
+        type=InternVLDataset,
+        data_files=['data/llava_pretrain.json', 'data/my_sft.jsonl', 'data/meta.json'],
+        image_folders=['data/llava_images', 'data/my_images', None],   # meta files carry their own root
+        repeat_times=[1, 2.5, 1],
+        tokenizer=dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=LLM_PATH),
+        template='internvl2_5', max_length=8192, max_dynamic_patch=12)
+
+Each item is a dict with ``input_ids`` and ``labels`` (``LongTensor [L]``), ``pixel_values``
+(``uint8 [N, 3, S, S]``, normalised later on the device), ``image_flags`` (``LongTensor [N]``: 1 for
+real tiles, 0 for the dummy tile a text-only sample carries so that every rank runs the vision tower)
+and ``num_tiles`` (``N``).
+
+Bad samples never shift images against text: a sample either comes out whole or not at all. Problems
+found while reading the files (a line that is not JSON, a malformed conversation, ``<image>`` tags that
+do not match the images, a path escaping its image folder, a video sample) are counted and logged once
+per reason at start-up; problems found while loading a sample (missing, corrupt, truncated or oversized
+image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
+is served instead. Past ``max_bad_fraction`` of the data (per process / dataloader worker) the dataset
+raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the counts per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from mmengine.logging import print_log
+from torch.utils.data import Dataset
+
+from .errors import SampleError, TooManyBadSamplesError
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from .lengths import compute_source_lengths
+from .sources import DataSource, Record, expand_sources, parse_record, read_records, repeat_indices
+from .template import add_internvl_tokens, check_conversations, get_template, tokenize_conversation
+from .tiling import tile_image
+
+
+def sample_images(sample: dict) -> List[str]:
+    """The image paths of a sample (``image`` may be absent, a string or a list of strings)."""
+    image = sample.get('image')
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) and p for p in image):
+        return list(image)
+    raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')
+
+
+def build_tokenizer(tokenizer):
+    """Accept a tokenizer object or an XTuner/MMEngine config dict for one."""
+    if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
+        return tokenizer
+    from xtuner.registry import BUILDER
+    return BUILDER.build(tokenizer)
+
+
+class InternVLDataset(Dataset):
+    """LLaVA-format samples with InternVL 2.5 dynamic high-resolution tiling.
+
+    Args:
+        data_files: one path or a list: ``.jsonl``, ``.json`` (a list of samples) or InternVL meta
+            ``.json`` files (``{name: {"root", "annotation", "repeat_time", "max_dynamic_patch"}}``).
+        image_folders: the image folder of each file (one for all, or one per file; ``None`` resolves
+            image paths against the annotation file's folder). Paths may not escape their folder.
+        repeat_times: per file; the fractional part counts (2.5 = two copies plus a seeded half).
+        max_dynamic_patches: per-file override of ``max_dynamic_patch``.
+        tokenizer: a tokenizer or a config dict building one. InternVL's added tokens are added to it.
+            May be ``None`` only for checking files (``tools/check_dataset.py``), not for training.
+        template: the conversation template's name (see ``template.TEMPLATES``) or a ``Template``.
+        system: system message overriding the template's default (a system turn in the data wins).
+        max_length: token budget per sample; text after the last image may be cut, images never.
+        image_size: tile side in pixels (448 for InternViT-300M-448px).
+        patch_size: the vision encoder's patch size (14).
+        downsample_ratio: pixel-shuffle ratio of the projector (0.5); with the two above this gives the
+            ``<IMG_CONTEXT>`` tokens per tile, ``(image_size // patch_size) ** 2 * downsample_ratio ** 2``.
+        min_dynamic_patch, max_dynamic_patch: tile-count range; a sample with N images uses
+            ``max(1, max_dynamic_patch // N)`` tiles per image.
+        use_thumbnail: append a whole-image thumbnail tile when an image has more than one tile.
+        dynamic_image_size: tile at all; ``False`` gives one resized tile per image.
+        max_bad_fraction: stop when more than this fraction of the samples is bad (0 stops at the first).
+        max_image_pixels: decompression-bomb limit (Pillow's by default); ``None`` disables it.
+        seed: seed for fractional repeats.
+        cache_dir: where per-file length caches go (for the length-grouped sampler).
+    """
+
+    def __init__(self,
+                 data_files: Union[str, Sequence[str]],
+                 image_folders: Union[None, str, Sequence[Optional[str]]] = None,
+                 repeat_times: Union[float, Sequence[float]] = 1.0,
+                 max_dynamic_patches: Union[None, int, Sequence[Optional[int]]] = None,
+                 tokenizer=None,
+                 template='internvl2_5',
+                 system: Optional[str] = None,
+                 max_length: Optional[int] = 8192,
+                 image_size: int = 448,
+                 patch_size: int = 14,
+                 downsample_ratio: float = 0.5,
+                 min_dynamic_patch: int = 1,
+                 max_dynamic_patch: int = 12,
+                 use_thumbnail: bool = True,
+                 dynamic_image_size: bool = True,
+                 max_bad_fraction: float = 0.01,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 seed: int = 0,
+                 cache_dir: Optional[str] = None):
+        super().__init__()
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+        if not 1 <= min_dynamic_patch <= max_dynamic_patch:
+            raise ValueError(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
+                             f'{min_dynamic_patch} and {max_dynamic_patch}')
+        self.tokenizer = build_tokenizer(tokenizer)
+        if self.tokenizer is not None:
+            add_internvl_tokens(self.tokenizer)
+        self.template = get_template(template)
+        self.system = system
+        self.max_length = max_length
+        self.image_size = image_size
+        self.num_image_token = int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+        self.use_thumbnail = use_thumbnail
+        self.dynamic_image_size = dynamic_image_size
+        self.max_bad_fraction = max_bad_fraction
+        self.max_image_pixels = max_image_pixels
+        self.seed = seed
+        self.cache_dir = cache_dir
+
+        self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
+                                                        max_dynamic_patches)
+        self.records: List[Record] = []
+        self.load_problems: List[SampleError] = []
+        self._source_ranges: List[range] = []
+        index: List[int] = []
+        for i, src in enumerate(self.sources):
+            records, problems = read_records(i, src)
+            self.load_problems.extend(problems)
+            good = []
+            for rec in records:
+                try:
+                    self.check_record(rec)
+                except SampleError as err:
+                    self.load_problems.append(err.with_source(self.where(rec)))
+                    continue
+                good.append(rec)
+            start = len(self.records)
+            self.records.extend(good)
+            self._source_ranges.append(range(start, len(self.records)))
+            index.extend(start + j for j in repeat_indices(len(good), src.repeat_time, seed + i))
+        self._index = np.asarray(index, dtype=np.int64)
+        self.failures: Counter = Counter()
+        self._report_load_problems()
+        self._lengths: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------------ reading and checking
+    def where(self, record: Record) -> str:
+        """``FILE:LINE`` of a record."""
+        return f'{self.sources[record.source].annotation}:{record.line}'
+
+    def max_tiles_per_image(self, record: Record, num_images: int) -> int:
+        if not self.dynamic_image_size:
+            return 1
+        patch = self.sources[record.source].max_dynamic_patch or self.max_dynamic_patch
+        return max(1, int(patch) // max(1, num_images))
+
+    def check_record(self, record: Record) -> dict:
+        """Checks that need no image decoding and no tokenizer; returns the parsed sample."""
+        sample = parse_record(record)
+        if 'video' in sample:
+            raise SampleError('unsupported_video', 'video samples are not supported yet')
+        images = sample_images(sample)
+        src = self.sources[record.source]
+        for path in images:
+            resolve_image_path(path, src.image_folder, src.base_dir)
+        check_conversations(sample.get('conversations'), len(images))
+        return sample
+
+    def _report_load_problems(self) -> None:
+        if not self.load_problems:
+            return
+        counts = Counter(p.reason for p in self.load_problems)
+        seen = set()
+        for problem in self.load_problems:
+            if problem.reason not in seen:
+                seen.add(problem.reason)
+                print_log(f'Skipping bad sample ({counts[problem.reason]} with this reason): {problem}',
+                          logger='current', level=logging.WARNING)
+        total = len(self.records) + len(self.load_problems)
+        if len(self.load_problems) > self.max_bad_fraction * total:
+            raise TooManyBadSamplesError(
+                f'{len(self.load_problems)} of {total} samples are bad, over max_bad_fraction='
+                f'{self.max_bad_fraction}: {dict(counts)}; first: {self.load_problems[0]}. '
+                f'Run tools/check_dataset.py for the full list.')
+
+    # ------------------------------------------------------------------ loading
+    def load_sample(self, record: Record) -> Dict[str, torch.Tensor]:
+        """Load one record fully; raises :class:`SampleError` on any problem."""
+        if self.tokenizer is None:
+            raise ValueError('InternVLDataset needs a tokenizer to load samples for training')
+        sample = self.check_record(record)
+        images = sample_images(sample)
+        src = self.sources[record.source]
+        if images:
+            max_num = self.max_tiles_per_image(record, len(images))
+            tiles = [
+                tile_image(load_image(resolve_image_path(p, src.image_folder, src.base_dir), self.max_image_pixels),
+                           min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
+                           image_size=self.image_size, use_thumbnail=self.use_thumbnail)
+                for p in images]
+            tokens_per_image = [t.shape[0] * self.num_image_token for t in tiles]
+            pixel_values = torch.cat(tiles)
+            image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long)
+        else:
+            tokens_per_image = []
+            pixel_values = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            image_flags = torch.zeros(1, dtype=torch.long)
+        encoded = tokenize_conversation(sample['conversations'], self.tokenizer, tokens_per_image,
+                                        template=self.template, system=self.system, max_length=self.max_length)
+        return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),
+                    labels=torch.tensor(encoded['labels'], dtype=torch.long),
+                    pixel_values=pixel_values,
+                    image_flags=image_flags,
+                    num_tiles=pixel_values.shape[0])
+
+    def _count_failure(self, err: SampleError) -> None:
+        self.failures[err.reason] += 1
+        if self.failures[err.reason] == 1:
+            print_log(f'Skipping bad sample (first with this reason; later ones are counted): {err}',
+                      logger='current', level=logging.WARNING)
+        total = sum(self.failures.values())
+        if total > self.max_bad_fraction * len(self):
+            raise TooManyBadSamplesError(
+                f'{total} samples failed to load in this process, over max_bad_fraction={self.max_bad_fraction} '
+                f'of {len(self)}: {dict(self.failures)}; last: {err}. Run tools/check_dataset.py for the full list.')
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        n = len(self._index)
+        for attempt in range(n):
+            record = self.records[self._index[(index + attempt) % n]]
+            try:
+                return self.load_sample(record)
+            except SampleError as err:
+                self._count_failure(err.with_source(self.where(record)))
+        raise TooManyBadSamplesError(f'no sample of {n} could be loaded: {dict(self.failures)}')
+
+    # ------------------------------------------------------------------ lengths for grouping
+    def _record_lengths(self) -> np.ndarray:
+        """Token length of every record (text plus image tokens), negative for text-only samples."""
+        if self._lengths is None:
+            if self.tokenizer is None:
+                raise ValueError('sample lengths need a tokenizer')
+            parts = []
+            for src, rng in zip(self.sources, self._source_ranges):
+                parts.append(compute_source_lengths(self, src, [self.records[i] for i in rng]))
+            self._lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return self._lengths
+
+    @property
+    def modality_length(self) -> List[int]:
+        """Per-item lengths, positive with images and negative without (XTuner's LengthGroupedSampler
+        with ``length_property='modality_length'`` then keeps image and text-only batches apart)."""
+        return self._record_lengths()[self._index].tolist()
+
+    @property
+    def length(self) -> List[int]:
+        """Per-item lengths, all positive (groups by length with modalities mixed)."""
+        return np.abs(self._record_lengths()[self._index]).tolist()

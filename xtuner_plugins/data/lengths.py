@@ -1,0 +1,106 @@
+"""Sample lengths for a length-grouped sampler, from image headers and text tokens, cached per file.
+
+A sample's length is its text tokens (the template around its turns) plus, for each image,
+``(tiles * num_image_token) + 2`` tokens (``<img>`` and ``</img>``), capped at ``max_length``; the tile
+count comes from the image's size read from its file header (no pixels are decoded). Text-only samples
+get a negative length so that XTuner's ``LengthGroupedSampler`` can keep modalities apart.
+
+Reading 500k image headers takes minutes, so results are cached in one JSON file per annotation file,
+keyed by everything that changes the numbers (the file's size and modification time, the image folder,
+tiling settings, template and tokenizer). A missing or unreadable image counts as zero image tokens
+here; the sample is reported when it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, List, Optional
+
+import numpy as np
+from mmengine.dist import is_main_process
+from mmengine.logging import print_log
+from tqdm import tqdm
+
+from .errors import SampleError
+from .image_io import read_image_size, resolve_image_path
+from .sources import DataSource, Record, parse_record
+from .template import count_text_tokens
+from .tiling import num_tiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dataset import InternVLDataset
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'xtuner_plugins', 'lengths')
+
+
+def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
+    st = os.stat(src.annotation)
+    tok = ds.tokenizer
+    parts = dict(
+        version=CACHE_VERSION,
+        annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
+        image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
+        max_dynamic_patch=src.max_dynamic_patch or ds.max_dynamic_patch,
+        min_dynamic_patch=ds.min_dynamic_patch, dynamic=ds.dynamic_image_size,
+        image_size=ds.image_size, thumbnail=ds.use_thumbnail, num_image_token=ds.num_image_token,
+        max_length=ds.max_length, template=ds.template.name, system=ds.system,
+        tokenizer=[type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> int:
+    sample = parse_record(record)
+    images = sample.get('image') or []
+    images = [images] if isinstance(images, str) else images
+    text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system)
+    image_tokens = 0
+    max_num = ds.max_tiles_per_image(record, len(images))
+    for path in images:
+        try:
+            width, height = read_image_size(resolve_image_path(path, src.image_folder, src.base_dir),
+                                            ds.max_image_pixels)
+        except SampleError:
+            continue
+        tiles = num_tiles(width, height, min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
+                          ds.use_thumbnail)
+        image_tokens += tiles * ds.num_image_token + 2
+    total = text + image_tokens
+    if ds.max_length:
+        total = min(total, ds.max_length)
+    total = max(total, 1)
+    return total if images else -total
+
+
+def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List[Record],
+                           cache_dir: Optional[str] = None) -> np.ndarray:
+    """Lengths of one source's (valid) records, read from or written to the cache."""
+    cache_dir = cache_dir or ds.cache_dir or default_cache_dir()
+    key = _cache_key(ds, src)
+    cache_file = os.path.join(cache_dir, f'{key}.json')
+    lines = [r.line for r in records]
+    if os.path.isfile(cache_file):
+        try:
+            with open(cache_file) as f:
+                cached = json.load(f)
+            if cached.get('lines') == lines:
+                return np.asarray(cached['lengths'], dtype=np.int64)
+        except (OSError, ValueError):
+            pass  # unreadable cache: recompute
+    print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
+              logger='current')
+    lengths = [_sample_length(ds, src, r)
+               for r in tqdm(records, desc=f'lengths {src.name}', disable=not is_main_process() or len(records) < 2000)]
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(dict(annotation=os.path.abspath(src.annotation), lines=lines, lengths=lengths), f)
+    os.replace(tmp, cache_file)  # atomic: concurrent ranks never read a half-written cache
+    return np.asarray(lengths, dtype=np.int64)

@@ -1,0 +1,193 @@
+"""Reading annotation files: LLaVA json (a list), jsonl, and InternVL meta files.
+
+A *source* is one annotation file with its image folder, ``repeat_time`` and ``max_dynamic_patch``.
+:func:`expand_sources` turns the dataset's arguments (several files, or meta files that list several
+files) into sources; :func:`read_records` reads one source's samples, keeping each one's ``FILE:LINE``
+so that every later error can name it. Lines that are not JSON objects are returned as problems, not
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from .errors import SampleError
+
+PathList = Union[str, Sequence[Optional[str]], None]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One annotation file and how to use it."""
+
+    name: str
+    annotation: str
+    image_folder: Optional[str]
+    repeat_time: float = 1.0
+    max_dynamic_patch: Optional[int] = None  # None: the dataset's default
+
+    @property
+    def base_dir(self) -> str:
+        """Where relative image paths resolve when there is no image folder."""
+        return os.path.dirname(os.path.abspath(self.annotation))
+
+
+@dataclass
+class Record:
+    """One sample as read from disk. ``raw`` is the jsonl line (parsed on use, to keep memory low) or
+    the already-parsed object of a json list."""
+
+    source: int
+    line: int  # 1-based line of a jsonl file, or 1-based position in a json list
+    raw: Any
+
+
+def _as_list(value, n: int, what: str) -> list:
+    if value is None or isinstance(value, (str, int, float)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f'{what} has {len(value)} entries but data_files has {n}; give one per file')
+    return value
+
+
+def _resolve_meta_path(path: str, meta_dir: str) -> str:
+    """Meta files written for InternVL often use paths relative to the training folder; ours resolve
+    relative paths against the meta file's folder first and fall back to the current folder."""
+    if os.path.isabs(path):
+        return path
+    beside = os.path.join(meta_dir, path)
+    if os.path.exists(beside) or not os.path.exists(path):
+        return beside
+    return path
+
+
+def _is_meta_file(path: str) -> bool:
+    if not path.endswith('.json'):
+        return False
+    with open(path, encoding='utf-8') as f:
+        head = f.read(4096).lstrip()
+    return head.startswith('{')
+
+
+def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
+    meta_dir = os.path.dirname(os.path.abspath(path))
+    sources = []
+    for name, entry in meta.items():
+        if not isinstance(entry, dict) or 'annotation' not in entry:
+            raise ValueError(f'{path}: entry {name!r} needs at least "annotation" (and usually "root"), '
+                             f'got {entry!r}')
+        root = entry.get('root')
+        sources.append(DataSource(
+            name=name,
+            annotation=_resolve_meta_path(entry['annotation'], meta_dir),
+            image_folder=_resolve_meta_path(root, meta_dir) if root else None,
+            repeat_time=float(entry.get('repeat_time', default_repeat)),
+            max_dynamic_patch=entry.get('max_dynamic_patch')))
+    return sources
+
+
+def expand_sources(data_files: PathList, image_folders: PathList = None,
+                   repeat_times: Union[float, Sequence[float]] = 1.0,
+                   max_dynamic_patches: Union[int, None, Sequence[Optional[int]]] = None) -> List[DataSource]:
+    """Build the list of sources from the dataset's arguments.
+
+    ``data_files`` entries are ``.jsonl`` files, ``.json`` files holding a list of samples, or InternVL
+    meta ``.json`` files (an object mapping names to ``root``/``annotation``/``repeat_time``/...). The
+    other arguments are one value for all files or one per file; for a meta file, its own entries win.
+    """
+    if isinstance(data_files, str):
+        data_files = [data_files]
+    if not data_files:
+        raise ValueError('data_files is empty: give at least one .json, .jsonl or meta .json file')
+    n = len(data_files)
+    folders = _as_list(image_folders, n, 'image_folders')
+    repeats = _as_list(repeat_times, n, 'repeat_times')
+    patches = _as_list(max_dynamic_patches, n, 'max_dynamic_patches')
+    sources: List[DataSource] = []
+    for path, folder, repeat, patch in zip(data_files, folders, repeats, patches):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'annotation file not found: {path}')
+        if not path.endswith(('.json', '.jsonl')):
+            raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
+        if _is_meta_file(path):
+            sources.extend(_meta_sources(path, float(repeat)))
+        else:
+            sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
+                                      repeat_time=float(repeat), max_dynamic_patch=patch))
+    for src in sources:
+        if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
+            raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
+        if src.max_dynamic_patch is not None and int(src.max_dynamic_patch) < 1:
+            raise ValueError(f'{src.annotation}: max_dynamic_patch must be >= 1, got {src.max_dynamic_patch}')
+    return sources
+
+
+def read_records(source_idx: int, source: DataSource) -> Tuple[List[Record], List[SampleError]]:
+    """Read one annotation file. Returns the records and the problems (lines that are not JSON objects)."""
+    path = source.annotation
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'annotation file not found: {path} (source {source.name!r})')
+    records: List[Record] = []
+    problems: List[SampleError] = []
+    if path.endswith('.jsonl'):
+        with open(path, encoding='utf-8') as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    problems.append(SampleError('bad_json', f'line is not valid JSON: {exc}',
+                                                f'{path}:{line_no}'))
+                    continue
+                if not isinstance(obj, dict):
+                    problems.append(SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object',
+                                                f'{path}:{line_no}'))
+                    continue
+                records.append(Record(source_idx, line_no, line))
+        return records, problems
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{path}: not valid JSON ({exc}); a .json annotation file must hold a list of '
+                         f'samples, use .jsonl for one sample per line') from None
+    if not isinstance(data, list):
+        raise ValueError(f'{path}: a .json annotation file must hold a list of samples, got {type(data).__name__}')
+    for i, obj in enumerate(data, 1):
+        if not isinstance(obj, dict):
+            problems.append(SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object',
+                                        f'{path}:{i}'))
+            continue
+        records.append(Record(source_idx, i, obj))
+    return records, problems
+
+
+def parse_record(record: Record) -> dict:
+    """The sample dict of a record (jsonl lines are parsed here, on use)."""
+    return json.loads(record.raw) if isinstance(record.raw, str) else record.raw
+
+
+def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:
+    """Indices ``0..n-1`` repeated ``repeat_time`` times, the fractional part as a seeded subset.
+
+    ``2.5`` gives two full copies plus a seeded random half (without replacement); ``0.3`` gives a
+    seeded 30 % subset. The subset keeps file order, so repeated runs see the same samples.
+    """
+    whole = int(math.floor(repeat_time))
+    extra = int(round((repeat_time - whole) * n))
+    indices = list(range(n)) * whole
+    if extra:
+        indices += sorted(random.Random(seed).sample(range(n), extra))
+    return indices

@@ -12,13 +12,13 @@ def write_image(path, size=(64, 48), mode='RGB', seed=0, fmt=None):
     rng = np.random.default_rng(seed)
     w, h = size
     if mode in ('L', 'P'):
-        img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), 'L')
+        img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))  # mode L
         if mode == 'P':
             img = img.convert('P')
     elif mode.startswith('I;16'):
-        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16), 'I;16')
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))  # mode I;16
     else:
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'RGB').convert(mode)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)  # RGB first
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     img.save(path, format=fmt)
     return str(path)

@@ -135,8 +135,8 @@ def test_bad_input_is_counted_and_never_misaligned(case, tmp_path, tiny_tokenize
     write_image(img / 'good.png', seed=5)
     write_image(tmp_path / 'outside.png')
     write_image(img / 'huge.png', size=(200, 200))
-    (img / 'garbage.png').write_bytes(b'\x89PNG not really')
-    data = open(write_image(img / 'truncated.jpg', size=(200, 200)), 'rb').read()
+    (img / 'garbage.png').write_bytes(b'this is not an image')
+    data = open(write_image(img / 'truncated.jpg', size=(90, 90)), 'rb').read()
     (img / 'truncated.jpg').write_bytes(data[:len(data) // 3])
     bad, when = BAD_CASES[case]
     good = {'image': 'good.png', 'conversations': conv(answer='GOOD')}
@@ -179,7 +179,7 @@ def test_too_many_bad_samples_at_use(tmp_path, tiny_tokenizer):
     ok = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.2)
     for i in range(10):
         ok[i]
-    assert ok.failures['missing_image'] == 4  # items 2 and 5 each fail once on their own and once as a retry
+    assert ok.failures['missing_image'] == 2  # items 2 and 5 fail and are served by the next sample
     strict = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.1)
     strict[2]
     with pytest.raises(TooManyBadSamplesError, match=r"2 samples failed .* max_bad_fraction=0.1 of 10.*missing_image"):
@@ -211,11 +211,14 @@ def test_multi_image_sample_with_one_missing_image_is_skipped_whole(tmp_path, ti
 
 
 def test_too_long_sample_is_dropped_with_reason(tmp_path, tiny_tokenizer):
-    write_image(tmp_path / 'i' / 'big.png', size=(S * 4, S * 3))
+    from xtuner_plugins.data.template import tokenize_conversation
+    write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # an 8x5 grid: 40 tiles + thumbnail
+    short = conv(answer='SHORT', image=False)
+    budget = len(tokenize_conversation(short, tiny_tokenizer, [])['input_ids'])
     path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'big.png', 'conversations': conv(answer='LONG')},
-                                              {'conversations': conv(answer='SHORT', image=False)}])
-    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=10,
-                 max_bad_fraction=1)
+                                              {'conversations': short}])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=budget,
+                 max_dynamic_patch=40, max_bad_fraction=1)
     assert answer_of(ds[0], tiny_tokenizer) == 'SHORT<|im_end|>'
     assert dict(ds.failures) == {'too_long': 1}
 

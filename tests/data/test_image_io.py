@@ -94,7 +94,7 @@ class TestModes:
     def test_16_bit_is_scaled_not_clipped(self, tmp_path):
         arr = np.array([[0, 257 * 128, 65535]], dtype=np.uint16)
         path = str(tmp_path / 'x16.png')
-        Image.fromarray(arr, 'I;16').save(path)
+        Image.fromarray(arr).save(path)  # uint16 -> mode I;16
         img = load_image(path)
         assert img.mode == 'RGB'
         assert np.asarray(img)[0, :, 0].tolist() == [0, 128, 255]
@@ -102,5 +102,5 @@ class TestModes:
             assert raw.mode.startswith('I')
 
     def test_float_image(self):
-        img = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), 'F'))
+        img = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)))
         assert np.asarray(img)[0, :, 1].tolist() == [0, 128, 255]

@@ -42,7 +42,7 @@ def test_every_problem_is_listed_with_file_and_line(tmp_path, tiny_tokenizer_dir
         {'image': '0.png', 'conversations': conv(answer='word ' * 200)},
     ])
     code = check_dataset.main(['--data', bad, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir,
-                               '--image-size', '28', '--max-length', '100'])
+                               '--image-size', '28', '--max-length', '300'])
     out = capsys.readouterr().out
     assert code == 1
     for line, reason in [(2, 'bad_json'), (3, 'missing_image'), (4, 'corrupt_image'), (5, 'image_tag_mismatch'),
@@ -51,7 +51,7 @@ def test_every_problem_is_listed_with_file_and_line(tmp_path, tiny_tokenizer_dir
     assert 'images missing image: 1' in out and 'images corrupt image: 1' in out
     assert 'truncated: 1' in out
     assert check_dataset.main(['--data', bad, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir,
-                               '--image-size', '28', '--max-length', '100', '--allow-truncation']) == 1
+                               '--image-size', '28', '--max-length', '300', '--allow-truncation']) == 1
 
 
 def test_dropped_when_images_do_not_fit(tmp_path, tiny_tokenizer_dir, capsys):

@@ -181,7 +181,7 @@ class InternVLDataset(Dataset):
         src = self.sources[record.source]
         for path in images:
             resolve_image_path(path, src.image_folder, src.base_dir)
-        check_conversations(sample.get('conversations'), len(images))
+        check_conversations(sample.get('conversations'), len(images), self.template, self.system)
         return sample
 
     def _report_load_problems(self) -> None:

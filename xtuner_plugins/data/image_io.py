@@ -91,7 +91,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             arr = arr / 257.0  # 16-bit range: 65535 -> 255
         elif img.mode == 'F' and top <= 1.0:
             arr = arr * 255.0  # float images in [0, 1]
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode='L')
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
     return img.convert('RGB')
 
 

@@ -60,7 +60,8 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> in
     sample = parse_record(record)
     images = sample.get('image') or []
     images = [images] if isinstance(images, str) else images
-    text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system)
+    text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system,
+                             num_images=len(images))
     image_tokens = 0
     max_num = ds.max_tiles_per_image(record, len(images))
     for path in images:

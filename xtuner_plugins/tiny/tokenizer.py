@@ -1,0 +1,170 @@
+"""A tiny tokenizer in the format of Qwen2.5's, built offline in a fraction of a second.
+
+:func:`build_tiny_tokenizer` trains a byte-level BPE on a small text embedded in this module and wraps it as a
+:class:`transformers.Qwen2TokenizerFast` with the same *structure* as the Qwen2.5 tokenizer that InternVL 2.5
+uses for its Qwen2.5 LLMs:
+
+* normalizer NFC;
+* pre-tokenizer: a ``Split`` on Qwen2's regex (behaviour ``isolated``), then ``ByteLevel`` with
+  ``add_prefix_space=False`` and ``use_regex=False``;
+* a full 256-byte initial alphabet, so any text (Chinese included) encodes and decodes back exactly;
+* ``ByteLevel`` decoder and post-processor, no unknown token;
+* special tokens ``<|endoftext|>`` (the pad token), ``<|im_start|>``, ``<|im_end|>`` (the eos token), no bos;
+* a ChatML chat template;
+* optionally InternVL's nine added tokens, added the way InternVL adds them (special added tokens, in
+  InternVL's order).
+
+Only the format is imitated: the ids are not Qwen's. The real Qwen2.5 tokenizer has 151643 BPE entries,
+then ``<|endoftext|>`` = 151643, ``<|im_start|>`` = 151644, ``<|im_end|>`` = 151645, more special tokens up to
+151664, and InternVL's tokens at 151665..151673 (``<IMG_CONTEXT>`` = 151667). Here the BPE part has
+``vocab_size`` entries and the special tokens follow it in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import Qwen2TokenizerFast
+
+from xtuner_plugins.data.template import add_internvl_tokens as _add_internvl_tokens
+
+__all__ = ['build_tiny_tokenizer', 'QWEN2_PRETOKENIZE_REGEX', 'QWEN_SPECIAL_TOKENS', 'TINY_CORPUS']
+
+# Qwen2's pre-tokenizer pattern. Checked against ``PRETOKENIZE_REGEX`` in transformers'
+# ``models/qwen2/tokenization_qwen2.py`` (4.57.6), which is also the ``Split`` pattern of Qwen2.5's tokenizer.json.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# In Qwen's order (their ids follow the BPE vocabulary, like 151643, 151644, 151645 in Qwen2.5).
+QWEN_SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
+
+QWEN_DEFAULT_SYSTEM = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.'
+
+# A plain ChatML template: a default system turn when the conversation has none, then
+# ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message and the assistant prefix for generation.
+CHATML_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    '{%- else -%}'
+    "{{- '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    '{%- endif -%}'
+    '{%- for message in messages -%}'
+    "{%- if not (loop.first and message['role'] == 'system') -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    '{%- endif -%}'
+    '{%- endfor -%}'
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# The training text: short prose about images, colours, shapes and counting, the words of the chat
+# template, and a little Chinese (including InternVL's system message) so that common pieces get merges.
+TINY_CORPUS: List[str] = [
+    'The image shows a red circle next to a blue square on a white background.',
+    'There are three green triangles in the picture, and one of them is larger than the others.',
+    'A small yellow star sits in the top left corner of the image.',
+    'How many circles are there in the image? There are two circles: one red and one orange.',
+    'Describe the image in detail. The picture contains a purple rectangle above a black line.',
+    'What colour is the square? The square is blue.',
+    'What shape is in the center of the image? A green hexagon is in the center.',
+    'Count the objects in the picture. I can see four shapes: a circle, a square, a triangle and a star.',
+    'The background is light grey and the shapes are drawn with thick black outlines.',
+    'A photograph of a cat sitting on a wooden table near two white cups.',
+    'The dog runs across the green grass under a bright blue sky with a few white clouds.',
+    'Please answer the question about the image using a single word or phrase.',
+    'The left half of the image is dark, while the right half is bright and colourful.',
+    'Five red dots form a line from the bottom left to the top right of the picture.',
+    'Is there a triangle in the image? Yes, there is a small brown triangle at the bottom.',
+    'Is the circle larger than the square? No, the circle is smaller than the square.',
+    'The chart shows the number of apples, oranges and bananas sold each day of the week.',
+    'Read the text in the image. The sign says: open every day from nine to five.',
+    'Two people are standing in front of a tall building, and one of them holds an umbrella.',
+    'The colours in the image are red, orange, yellow, green, blue, indigo and violet.',
+    'There is one large circle, two medium squares and three small triangles, six shapes in total.',
+    'The picture is a simple drawing; every shape has a different colour and size.',
+    'Where is the star? The star is to the right of the circle and below the square.',
+    'Answer: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 100, 256, 448, 1024.',
+    'The user asks a question about the image and the assistant answers it.',
+    'system user assistant question answer image picture photo shape colour color count number',
+    'Please describe the picture briefly. A red ball, a blue box and a green cone on a table.',
+    'In this image, the numbers one, two, three and four are written in black ink.',
+    'The triangle points up, the arrow points left, and the line goes from left to right.',
+    'What is the colour of the largest shape? The largest shape is a dark blue circle.',
+    'The image is divided into a grid of tiles; each tile is 448 by 448 pixels.',
+    "It's a sunny day. They're playing in the park, and we'll see them later. I've counted seven birds.",
+    '图片中有三个红色的圆形和一个蓝色的正方形。',
+    '请描述这张图片。图片里有一只猫坐在桌子上。',
+    '这张图片中有几个三角形？有两个绿色的三角形。',
+    '你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。',
+]
+
+
+def _train_bpe(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior='isolated', invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[],  # added after the BPE vocabulary, like Qwen's
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Repeat the corpus a little so that frequent pieces clearly win over one-off pairs.
+    tok.train_from_iterator(TINY_CORPUS * 3, trainer=trainer)
+    return tok
+
+
+def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512) -> Qwen2TokenizerFast:
+    """Build a tiny Qwen2.5-format tokenizer offline (deterministic, well under a second).
+
+    This imitates the format of Qwen2.5's tokenizer (byte-level BPE, Qwen2's pre-tokenizer regex, ChatML
+    special tokens, bos ``None``, eos ``<|im_end|>``, pad ``<|endoftext|>``, no unknown token), but the ids
+    differ from the real ones: real Qwen2.5 puts ``<|endoftext|>`` at 151643 and InternVL's added tokens at
+    151665..151673, while here the BPE vocabulary has ``vocab_size`` entries and ``<|endoftext|>``,
+    ``<|im_start|>``, ``<|im_end|>`` take ids ``vocab_size .. vocab_size + 2``, followed by InternVL's nine
+    tokens when ``add_internvl_tokens`` is true (``len(tokenizer) == vocab_size + 12``).
+
+    Args:
+        add_internvl_tokens: add ``<img> </img> <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box>`` as
+            special added tokens, as InternVL does before training.
+        vocab_size: size of the byte-level BPE vocabulary (256 bytes plus merges), special tokens excluded.
+            Must be at least 256 and at most what the embedded corpus supports (977).
+    """
+    if vocab_size < 256:
+        raise ValueError(f'vocab_size must be >= 256 (the byte alphabet), got {vocab_size}')
+    backend = _train_bpe(vocab_size)
+    got = backend.get_vocab_size()
+    if got != vocab_size:
+        raise ValueError(
+            f'the embedded corpus only supports a BPE vocabulary of {got} entries, {vocab_size} were requested')
+    # Register the special tokens on the backend first so that they get Qwen's order of ids
+    # (the wrapper's constructor would add eos and pad first otherwise).
+    backend.add_special_tokens([
+        AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+        for t in QWEN_SPECIAL_TOKENS
+    ])
+
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token='<|im_end|>',
+        pad_token='<|endoftext|>',
+        unk_token=None,
+        additional_special_tokens=['<|im_start|>', '<|im_end|>'],
+        model_max_length=131072,
+        errors='replace',
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        chat_template=CHATML_TEMPLATE,
+    )
+    if add_internvl_tokens:
+        _add_internvl_tokens(tokenizer)
+    return tokenizer

@@ -1,0 +1,331 @@
+"""Dynamic high-resolution tiling of images, as in InternVL 1.5 / 2 / 2.5.
+
+An image is cut into a grid of ``cols x rows`` square tiles of ``image_size`` pixels (448 for InternVL).
+The grid is the candidate whose ratio ``cols / rows`` is closest to the image's ``width / height``, among all
+grids with ``min_num <= cols * rows <= max_num``. The whole image is resized once to
+``(image_size * cols, image_size * rows)`` with Pillow's default filter (bicubic for RGB), and the tiles are
+read row-major: left to right, then top to bottom. With ``use_thumbnail`` and more than one tile, the whole
+image resized to ``image_size x image_size`` is appended as the last tile.
+
+Two entry points produce the same pixels:
+
+* :func:`dynamic_preprocess` returns a list of PIL tiles and is pixel-identical to InternVL's function of
+  the same name (it is the reference, and what evaluation code expects);
+* :func:`tile_image` is the training path: one resize, one conversion to an array, and one copy into a
+  single ``uint8`` tensor ``[N, 3, S, S]``. Normalisation is deferred to :func:`normalize_tiles`, which can
+  run on the accelerator and gives bit-identical floats to torchvision's ``ToTensor()`` + ``Normalize()``.
+
+:func:`num_tiles` gives the number of tiles from the image size alone, so sample lengths can be computed
+from image headers without decoding pixels.
+
+All functions are pure (no global state besides small caches of immutable values).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    'IMAGENET_MEAN',
+    'IMAGENET_STD',
+    'candidate_grids',
+    'find_closest_aspect_ratio',
+    'choose_grid',
+    'num_tiles',
+    'dynamic_preprocess',
+    'tile_image',
+    'normalize_tiles',
+]
+
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+Grid = Tuple[int, int]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_counts(min_num: int, max_num: int) -> None:
+    """Raise ValueError unless ``1 <= min_num <= max_num`` (both integers)."""
+    if not _is_int(min_num) or not _is_int(max_num):
+        raise ValueError(
+            f'min_num and max_num must be integers, got min_num={min_num!r}, max_num={max_num!r}')
+    if min_num < 1:
+        raise ValueError(f'min_num must be >= 1, got min_num={min_num}')
+    if min_num > max_num:
+        raise ValueError(f'min_num must be <= max_num, got min_num={min_num} > max_num={max_num}')
+
+
+def _check_image_size(image_size: int) -> None:
+    if not _is_int(image_size) or image_size < 1:
+        raise ValueError(f'image_size must be a positive integer, got image_size={image_size!r}')
+
+
+@functools.lru_cache(maxsize=256)
+def _grids(min_num: int, max_num: int) -> Tuple[Grid, ...]:
+    # The order of grids with the same product decides some exact ties (see find_closest_aspect_ratio),
+    # so this reproduces InternVL's construction literally: a Python set built from the same generator,
+    # in the same insertion order, then a stable sort on cols * rows. Within one product the order is the
+    # set's iteration order, which depends only on the (deterministic, unsalted) hashes of int tuples and
+    # on the insertion history, so it is the same as InternVL's on the same Python version. It is NOT
+    # sorted by cols: e.g. for (1, 12) the product-4 grids come as (2, 2), (4, 1), (1, 4).
+    grids = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num)
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def candidate_grids(min_num: int = 1, max_num: int = 12) -> List[Grid]:
+    """All tile grids allowed by the tile-count limits, in InternVL's order.
+
+    Args:
+        min_num: smallest allowed number of tiles ``cols * rows`` (>= 1).
+        max_num: largest allowed number of tiles (>= min_num).
+
+    Returns:
+        Every ``(cols, rows)`` with ``min_num <= cols * rows <= max_num``, without duplicates, sorted by
+        ``cols * rows``; grids with the same product keep the iteration order of the Python set InternVL
+        builds (this order matters for exact ties).
+
+    Raises:
+        ValueError: if not ``1 <= min_num <= max_num``.
+    """
+    _check_counts(min_num, max_num)
+    return list(_grids(int(min_num), int(max_num)))
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float,
+    grids: Sequence[Grid],
+    width: int,
+    height: int,
+    image_size: int,
+) -> Grid:
+    """InternVL's grid choice: the grid whose ``cols / rows`` is closest to ``aspect_ratio``.
+
+    Grids are visited in the given order. A strictly smaller difference ``|aspect_ratio - cols / rows|``
+    replaces the best grid; an exactly equal difference replaces it only when the image is large enough
+    for the new grid, i.e. ``width * height > 0.5 * image_size**2 * cols * rows``. This favours more tiles
+    for large images when several grids fit equally well (e.g. (1, 1), (2, 2), (3, 3) for a square image).
+
+    Args:
+        aspect_ratio: ``width / height`` of the image (a Python float, as InternVL computes it).
+        grids: candidate ``(cols, rows)`` in visiting order, usually :func:`candidate_grids`.
+        width: image width in pixels.
+        height: image height in pixels.
+        image_size: tile side in pixels.
+
+    Returns:
+        The chosen ``(cols, rows)``; ``(1, 1)`` if ``grids`` is empty.
+    """
+    best = (1, 1)
+    best_diff = math.inf
+    area = width * height
+    for cols, rows in grids:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def choose_grid(
+    width: int,
+    height: int,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+) -> Grid:
+    """The tile grid InternVL uses for an image of the given size.
+
+    Args:
+        width: image width in pixels (> 0).
+        height: image height in pixels (> 0).
+        min_num: smallest allowed number of tiles.
+        max_num: largest allowed number of tiles.
+        image_size: tile side in pixels.
+
+    Returns:
+        ``(cols, rows)``: the image is resized to ``(image_size * cols, image_size * rows)`` (width, height).
+
+    Raises:
+        ValueError: for a non-positive size, a bad ``image_size`` or not ``1 <= min_num <= max_num``.
+    """
+    if not _is_int(width) or not _is_int(height) or width < 1 or height < 1:
+        raise ValueError(f'image size must be positive integers, got width={width!r}, height={height!r}')
+    _check_counts(min_num, max_num)
+    _check_image_size(image_size)
+    width, height, image_size = int(width), int(height), int(image_size)
+    return find_closest_aspect_ratio(
+        width / height, _grids(int(min_num), int(max_num)), width, height, image_size)
+
+
+def num_tiles(
+    width: int,
+    height: int,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> int:
+    """Number of tiles :func:`dynamic_preprocess` returns for an image of this size, without its pixels.
+
+    Args:
+        width: image width in pixels.
+        height: image height in pixels.
+        min_num: smallest allowed number of grid tiles.
+        max_num: largest allowed number of grid tiles.
+        image_size: tile side in pixels.
+        use_thumbnail: whether a thumbnail is appended; it is only when the grid has more than one tile.
+
+    Returns:
+        ``cols * rows``, plus 1 for the thumbnail when ``use_thumbnail`` and ``cols * rows > 1``.
+
+    Raises:
+        ValueError: as :func:`choose_grid`.
+    """
+    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def dynamic_preprocess(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> List[Image.Image]:
+    """Cut an image into tiles, pixel-identical to InternVL 2.5's ``dynamic_preprocess``.
+
+    Args:
+        image: PIL image of any mode (InternVL passes RGB); its mode is kept.
+        min_num: smallest allowed number of grid tiles.
+        max_num: largest allowed number of grid tiles.
+        image_size: tile side ``S`` in pixels.
+        use_thumbnail: append the whole image resized to ``S x S`` when there is more than one tile.
+
+    Returns:
+        ``cols * rows`` PIL images of size ``S x S`` in row-major order (left to right, top to bottom),
+        then the thumbnail if any.
+
+    Raises:
+        ValueError: as :func:`choose_grid`.
+    """
+    cols, rows = choose_grid(image.width, image.height, min_num, max_num, image_size)
+    # No resample argument: Pillow's default filter (bicubic for RGB/L, nearest for "1"/"P"), as InternVL.
+    resized = image.resize((image_size * cols, image_size * rows))
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+def tile_image(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> torch.Tensor:
+    """Training path: all tiles of an RGB image as one ``uint8`` tensor.
+
+    Same pixels as ``dynamic_preprocess`` (same grid, same single Pillow resize), but the tiles are cut by
+    reshaping the resized array instead of cropping PIL images: the resized pixels are copied exactly once,
+    straight into the final contiguous tensor.
+
+    Args:
+        image: RGB PIL image.
+        min_num: smallest allowed number of grid tiles.
+        max_num: largest allowed number of grid tiles.
+        image_size: tile side ``S`` in pixels.
+        use_thumbnail: append the whole image resized to ``S x S`` when there is more than one tile.
+
+    Returns:
+        ``torch.uint8`` tensor ``[N, 3, S, S]`` (channels RGB), ``N = num_tiles(...)``: grid tiles in
+        row-major order, then the thumbnail if any.
+
+    Raises:
+        ValueError: if the image is not RGB, or as :func:`choose_grid`.
+    """
+    if image.mode != 'RGB':
+        raise ValueError(f"tile_image needs an RGB image, got mode {image.mode!r}; call .convert('RGB') first")
+    s = image_size
+    cols, rows = choose_grid(image.width, image.height, min_num, max_num, s)
+    n_grid = cols * rows
+    with_thumb = use_thumbnail and n_grid > 1
+    out = np.empty((n_grid + int(with_thumb), 3, s, s), dtype=np.uint8)
+
+    resized = np.asarray(image.resize((s * cols, s * rows)))  # [rows*S, cols*S, 3], read-only view
+    # [rows*S, cols*S, 3] -> [rows, S, cols, S, 3] -> [rows, cols, 3, S, S]; one strided copy into `out`.
+    out[:n_grid].reshape(rows, cols, 3, s, s)[...] = (
+        resized.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3))
+    if with_thumb:
+        out[n_grid] = np.asarray(image.resize((s, s))).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_std(mean: Tuple[float, ...], std: Tuple[float, ...],
+              device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    # float32 [C, 1, 1], exactly as torchvision's Normalize builds them (torch.as_tensor(..., float32)).
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    d = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+    return m, d
+
+
+def normalize_tiles(
+    tiles: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Convert ``uint8`` tiles to normalised floats on the tiles' own device.
+
+    Bit-identical to torchvision's ``T.Normalize(mean, std)(T.ToTensor()(tile))`` for every tile: the
+    same float32 operations in the same order, ``x.float() / 255``, then ``- mean``, then ``/ std``
+    (division, not multiplication by a reciprocal, which would round differently).
+
+    Args:
+        tiles: ``torch.uint8`` tensor ``[..., C, S, S]`` (usually ``[N, 3, S, S]`` from :func:`tile_image`).
+        mean: per-channel mean, ``C`` values.
+        std: per-channel standard deviation, ``C`` values (non-zero).
+        dtype: output dtype; computed in float32, then cast (e.g. ``torch.bfloat16`` for training).
+
+    Returns:
+        Tensor of the same shape as ``tiles``, dtype ``dtype``, on ``tiles.device``.
+
+    Raises:
+        ValueError: if ``tiles`` is not uint8, has too few dimensions, or its channel count does not
+            match ``mean``/``std``; or if a std is zero.
+    """
+    if tiles.dtype != torch.uint8:
+        raise ValueError(f'normalize_tiles needs uint8 tiles, got dtype {tiles.dtype}')
+    mean_t, std_t = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if tiles.dim() < 3 or not (tiles.shape[-3] == len(mean_t) == len(std_t)):
+        raise ValueError(
+            f'tiles shape {tuple(tiles.shape)} does not match {len(mean_t)} means and {len(std_t)} stds '
+            f'(expected [..., C, H, W] with C equal to both)')
+    if any(v == 0.0 for v in std_t):
+        raise ValueError(f'std must be non-zero, got {std_t}')
+    m, d = _mean_std(mean_t, std_t, tiles.device)
+    x = tiles.to(torch.float32).div_(255).sub_(m).div_(d)
+    return x if dtype == torch.float32 else x.to(dtype)

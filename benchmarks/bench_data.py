@@ -7,7 +7,7 @@ Run from the repository root::
 It writes N random JPEG images (a colour gradient plus noise) into a temporary directory, all of sizes that
 give 12 tiles + 1 thumbnail with ``max_num=12``, and times, on the same files in the same run:
 
-(a) ours, training path: ``Image.open(path).convert('RGB')`` then ``tile_image(...)`` -> uint8
+(a) ours, training path: ``load_image(path)`` (the dataset's loader) then ``tile_image(...)`` -> uint8
     ``[13, 3, 448, 448]`` (normalisation happens later, on the accelerator);
 (b) ours with normalisation on the CPU: (a) followed by ``normalize_tiles`` -> float32, the same output as (c);
 (c) xtuner 0.2.0, ``InternVL_V1_5_Dataset``'s per-image path: ``Image.open(path).convert('RGB')``, its
@@ -35,6 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xtuner_plugins.data.image_io import load_image  # noqa: E402
 from xtuner_plugins.data.tiling import (IMAGENET_MEAN, IMAGENET_STD, normalize_tiles,  # noqa: E402
                                         num_tiles, tile_image)
 
@@ -99,7 +100,7 @@ def build_xtuner_path() -> Callable[[Path], torch.Tensor]:
 
 
 def ours_uint8(path: Path) -> torch.Tensor:
-    image = Image.open(path).convert('RGB')
+    image = load_image(str(path))  # what InternVLDataset calls: checks, decodes, RGB without a copy
     return tile_image(image, MIN_NUM, MAX_NUM, IMAGE_SIZE, USE_THUMBNAIL)
 
 

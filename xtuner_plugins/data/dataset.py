@@ -56,9 +56,12 @@ def sample_images(sample: dict) -> List[str]:
 
 
 def build_tokenizer(tokenizer):
-    """Accept a tokenizer object or an XTuner/MMEngine config dict for one."""
+    """Accept a tokenizer object, a tokenizer folder, or an XTuner/MMEngine config dict for one."""
     if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
         return tokenizer
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     from xtuner.registry import BUILDER
     return BUILDER.build(tokenizer)
 
@@ -73,7 +76,8 @@ class InternVLDataset(Dataset):
             image paths against the annotation file's folder). Paths may not escape their folder.
         repeat_times: per file; the fractional part counts (2.5 = two copies plus a seeded half).
         max_dynamic_patches: per-file override of ``max_dynamic_patch``.
-        tokenizer: a tokenizer or a config dict building one. InternVL's added tokens are added to it.
+        tokenizer: a tokenizer, its folder, or a config dict building one. InternVL's added tokens are
+            added to it.
             May be ``None`` only for checking files (``tools/check_dataset.py``), not for training.
         template: the conversation template's name (see ``template.TEMPLATES``) or a ``Template``.
         system: system message overriding the template's default (a system turn in the data wins).

@@ -1,0 +1,36 @@
+# Runtime shared by every stage: hooks, logging (console + TensorBoard), environment, seeds.
+from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, LoggerHook,
+                            ParamSchedulerHook)
+from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
+
+from xtuner_plugins.engine import DIST_BACKEND, ThroughputHook
+
+save_steps = 500          # checkpoint every N iterations (and at the end)
+save_total_limit = 2      # keep the last N checkpoints (-1: all)
+log_interval = 10
+
+custom_hooks = [dict(type=ThroughputHook)]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=log_interval),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit,
+                    save_last=True),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+# DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; importing it also makes MMEngine's distributed
+# start-up work on a CPU-only machine (see xtuner_plugins/engine/runtime.py).
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend=DIST_BACKEND),
+)
+
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend), dict(type=TensorboardVisBackend)])
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=42, deterministic=False)
+log_processor = dict(by_epoch=False)

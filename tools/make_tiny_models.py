@@ -1,0 +1,38 @@
+"""Write tiny, randomly initialised look-alikes of the real checkpoints, offline, in seconds.
+
+Usage::
+
+    python tools/make_tiny_models.py OUT_DIR [--seed 0] [--image-size 56]
+
+Writes ``OUT_DIR/internvit`` (InternViT in OpenGVLab's on-disk layout: config.json + model.safetensors
+with the official keys) and ``OUT_DIR/llm`` (a Qwen2 causal LM via ``save_pretrained`` with a byte-level
+BPE ``Qwen2TokenizerFast`` carrying Qwen's special tokens). The model classes load them with the same
+code that loads InternViT-300M-448px-V2_5 and Qwen2.5-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xtuner_plugins.tiny import make_tiny_models  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('out_dir', help='folder to write internvit/ and llm/ into')
+    p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
+    p.add_argument('--image-size', type=int, default=56,
+                   help='tile size of the tiny InternViT in pixels, a multiple of 28 (default 56)')
+    args = p.parse_args(argv)
+    paths = make_tiny_models(args.out_dir, seed=args.seed, image_size=args.image_size)
+    for name, path in paths.items():
+        print(f'{name}: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

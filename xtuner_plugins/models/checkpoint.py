@@ -1,0 +1,61 @@
+"""Reading training checkpoints: an MMEngine ``.pth`` file or a DeepSpeed checkpoint folder.
+
+MMEngine's CheckpointHook writes ``work_dirs/<cfg>/iter_N.pth``: a file in plain runs, and under
+DeepSpeed a *folder* of that name holding DeepSpeed's own files (ZeRO-2/3 optimizer partitions and the
+module states). Both give back the model's state dict here, consolidated to fp32 on the CPU (no GPU
+needed). XTuner saves DeepSpeed checkpoints with ``exclude_frozen_parameters``: they hold only what was
+trained, like our ``InternVLModel.state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+
+def load_trained_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The model state dict stored at ``path`` (file or DeepSpeed folder), on the CPU."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if os.path.isdir(path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))
+        if not any(name.endswith('model_states.pt') for name in os.listdir(path)):
+            raise ValueError(f'{path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside)')
+        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    else:
+        # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
+        # which torch's weights_only loader refuses; they are this project's own outputs.
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f'{path}: no state dict found (keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})')
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+
+
+def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face-style folder: ``model.safetensors``, sharded safetensors with an
+    index, or ``pytorch_model.bin`` (loaded with ``weights_only=True``)."""
+    from safetensors.torch import load_file
+    import json
+    candidates = ['model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',
+                  'pytorch_model.bin']
+    found = next((c for c in candidates if os.path.isfile(os.path.join(folder, c))), None)
+    if found is None:
+        raise FileNotFoundError(f'{folder}: no weights found (looked for {", ".join(candidates)})')
+    path = os.path.join(folder, found)
+    if found.endswith('.index.json'):
+        with open(path) as f:
+            shards = sorted(set(json.load(f)['weight_map'].values()))
+        files = [os.path.join(folder, s) for s in shards]
+    else:
+        files = [path]
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.endswith('.safetensors'):
+            state.update(load_file(file, device='cpu'))
+        else:
+            state.update(torch.load(file, map_location='cpu', weights_only=True))
+    return state

@@ -1,0 +1,252 @@
+"""The InternVL-style model MMEngine trains: vision encoder + pixel-shuffle MLP projector + causal LM.
+
+Configs name :class:`InternVLModel`::
+
+    model = dict(type=InternVLModel,
+                 vision_encoder='OpenGVLab/InternViT-300M-448px-V2_5',   # official layout, no remote code
+                 llm='Qwen/Qwen2.5-1.5B-Instruct',                       # any HF causal LM
+                 freeze_vision=True, freeze_llm=True)                    # MLP warm-up: train mlp1 only
+
+or start from an official InternVL checkpoint (``official_checkpoint='OpenGVLab/InternVL2_5-1B'``).
+
+The submodules carry the official names (``vision_model``, ``mlp1``, ``language_model``). The batch is
+the collate function's: ``uint8`` tiles are normalised here, on the device. Checkpoints hold only what is
+trained (``state_dict`` drops frozen parameters); frozen parts come back from their source checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from mmengine.model import BaseModel
+from torch import nn
+
+from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
+
+from .checkpoint import load_trained_state_dict
+from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
+from .projector import InternVLProjector, pixel_shuffle
+from .vision import load_vision_encoder, vision_features
+
+DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+          'float16': torch.float16, 'fp16': torch.float16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+    """``'auto'`` is bf16 on a GPU and fp32 on a CPU."""
+    if dtype is None or dtype == 'auto':
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or "auto"')
+    return DTYPES[dtype]
+
+
+class InternVLModel(BaseModel):
+    """Vision encoder + ``mlp1`` projector + LLM, trained by MMEngine's runner.
+
+    Args:
+        vision_encoder: folder of a vision encoder (InternViT in OpenGVLab's layout), or an ``nn.Module``.
+        llm: folder (or hub id in the local cache) of a Hugging Face causal LM, or a ``PreTrainedModel``.
+        tokenizer: tokenizer folder; defaults to ``llm`` (or ``official_checkpoint``).
+        official_checkpoint: an official InternVL folder (``vision_model.``/``mlp1.``/``language_model.``
+            keys) to start from instead of ``vision_encoder`` + ``llm``.
+        select_layer: vision layer whose features are used (-1: the last).
+        downsample_ratio: pixel-shuffle ratio (0.5).
+        ps_version: pixel-shuffle version (``"v2"``).
+        template: conversation template name, recorded for the converter and chat tools.
+        freeze_vision, freeze_projector, freeze_llm: what is not trained.
+        vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM.
+        vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
+        pretrained_pth: a previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder) to load.
+        torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
+            trained parameters are kept in fp32 (mixed precision casts them on the fly).
+        attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers.
+    """
+
+    def __init__(self,
+                 vision_encoder: Union[str, nn.Module, None] = None,
+                 llm: Union[str, nn.Module, None] = None,
+                 tokenizer: Optional[str] = None,
+                 official_checkpoint: Optional[str] = None,
+                 select_layer: int = -1,
+                 downsample_ratio: float = 0.5,
+                 ps_version: str = 'v2',
+                 template: str = 'internvl2_5',
+                 freeze_vision: bool = True,
+                 freeze_projector: bool = False,
+                 freeze_llm: bool = True,
+                 vision_grad_ckpt: bool = False,
+                 llm_grad_ckpt: bool = False,
+                 vision_drop_path: float = 0.0,
+                 pretrained_pth: Optional[str] = None,
+                 torch_dtype: Union[str, torch.dtype] = 'auto',
+                 attn_implementation: str = 'sdpa',
+                 data_preprocessor: Optional[dict] = None):
+        super().__init__(data_preprocessor=data_preprocessor)
+        dtype = resolve_dtype(torch_dtype)
+        self.select_layer = select_layer
+        self.downsample_ratio = downsample_ratio
+        self.ps_version = ps_version
+        self.template = template
+        self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
+                           llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
+
+        if official_checkpoint is not None:
+            if vision_encoder is not None or llm is not None:
+                raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
+            from .official import load_official_parts
+            self.vision_model, self.mlp1, self.language_model = load_official_parts(
+                official_checkpoint, dtype, attn_implementation)
+            tokenizer_path = tokenizer or official_checkpoint
+        else:
+            if vision_encoder is None or llm is None:
+                raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
+            self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation)
+                                 if isinstance(vision_encoder, str) else vision_encoder)
+            self.language_model = (load_llm(llm, dtype, attn_implementation) if isinstance(llm, str) else llm)
+            tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
+            self.mlp1 = InternVLProjector(self.vision_model.config.hidden_size,
+                                          self.language_model.config.hidden_size, downsample_ratio)
+        if tokenizer_path is None:
+            raise ValueError('tokenizer is required when llm is a module')
+        self.tokenizer, num_added = load_tokenizer(tokenizer_path)
+        untie_embeddings(self.language_model)
+        fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
+        self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+
+        if vision_drop_path:
+            from .vision import set_drop_path
+            set_drop_path(self.vision_model, vision_drop_path)
+        self.freeze_vision, self.freeze_projector, self.freeze_llm = freeze_vision, freeze_projector, freeze_llm
+        for module, frozen in ((self.vision_model, freeze_vision), (self.mlp1, freeze_projector),
+                               (self.language_model, freeze_llm)):
+            module.requires_grad_(not frozen)
+        # Pretrained weights stay in `dtype`; what is trained is kept in fp32 (DeepSpeed keeps its own
+        # fp32 master copy; MMEngine's AMP casts on the fly).
+        self.mlp1.to(torch.float32 if not freeze_projector else dtype)
+        for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
+            if not frozen:
+                module.to(torch.float32)
+        if llm_grad_ckpt:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        if vision_grad_ckpt:
+            self.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        self.language_model.config.use_cache = False
+
+        self.register_buffer('pixel_mean', torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer('pixel_std', torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        if pretrained_pth:
+            self.load_pretrained(pretrained_pth)
+        log_parameter_counts(self)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def trainable_keys(self):
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix='', keep_vars=False):
+        """Only the trained parameters: the frozen ones come back from their source checkpoints."""
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + k for k in self.trainable_keys()}
+        for key in [k for k in full if k not in keep]:
+            del full[key]
+        return full
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a previous stage's checkpoint (trained parameters only) onto this model."""
+        state = load_trained_state_dict(path)
+        own = dict(self.named_parameters())
+        unexpected = sorted(k for k in state if k not in own)
+        if unexpected:
+            raise ValueError(f'{path}: {len(unexpected)} keys do not belong to this model '
+                             f'(first: {unexpected[:5]}); was it trained with another config?')
+        mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                      for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if mismatched:
+            raise ValueError(f'{path}: shape mismatch for {len(mismatched)} keys: {mismatched[:5]}')
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].dtype))
+        print_log(f'Loaded {len(state)} tensors from {path} '
+                  f'({sum(v.numel() for v in state.values())} parameters)', logger='current')
+
+    # ----------------------------------------------------------------------------- forward
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised tiles ``[T, 3, S, S]`` -> projected tokens ``[T, (S/p)^2 * r^2, H]``."""
+        feats = vision_features(self.vision_model, pixel_values, self.select_layer)
+        t, n, c = feats.shape
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f'vision features have {n} tokens per tile, not a square grid')
+        feats = pixel_shuffle(feats.reshape(t, side, side, c), self.downsample_ratio, self.ps_version)
+        feats = feats.reshape(t, -1, feats.shape[-1])
+        return self.mlp1(feats.to(self.mlp1[0].weight.dtype))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                     image_flags: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the ``<IMG_CONTEXT>`` positions filled, in order, by the projected tiles
+        whose image flag is 1. Every tile (dummies too) runs through the vision tower, so all ranks
+        run the same modules whatever their batch holds."""
+        vision_dtype = next(self.vision_model.parameters()).dtype
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_tiles(pixel_values, IMAGENET_MEAN, IMAGENET_STD, dtype=vision_dtype)
+        else:
+            pixel_values = pixel_values.to(vision_dtype)
+        vit_embeds = self.extract_feature(pixel_values)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        real = vit_embeds[image_flags.to(vit_embeds.device) == 1]
+        selected = input_ids == self.img_context_token_id
+        n_slots, n_feats = int(selected.sum()), real.shape[0] * real.shape[1]
+        if n_slots != n_feats:
+            raise ValueError(
+                f'the batch has {n_slots} {IMG_CONTEXT_TOKEN} tokens but {n_feats} image features '
+                f'({real.shape[0]} tiles with image flag 1 x {real.shape[1]} tokens per tile); the data and '
+                f'the model disagree on tiles or tokens per tile')
+        embeds = embeds.clone()
+        embeds[selected] = real.reshape(-1, real.shape[-1]).to(embeds.dtype)
+        # Keep dummy tiles in the graph (zero gradient) so ZeRO sees the same parameters used on every rank.
+        return embeds + vit_embeds.sum().to(embeds.dtype) * 0.0
+
+    def forward(self, data: Dict[str, torch.Tensor], data_samples=None, mode: str = 'loss'):
+        embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
+        out = self.language_model(inputs_embeds=embeds, attention_mask=data.get('attention_mask'),
+                                  use_cache=False, return_dict=True)
+        if mode == 'tensor':
+            return out.logits
+        if mode == 'predict':
+            return out.logits, data_samples
+        if mode != 'loss':
+            raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
+        return {'loss': self.compute_loss(out.logits, data['labels'])}
+
+    @staticmethod
+    def compute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over supervised tokens (next-token prediction)."""
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:].to(logits.device)
+        if not (shift_labels != IGNORE_INDEX).any():
+            raise ValueError('the batch has no supervised token')
+        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def gradient_checkpointing_enable(self):
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """Total and trainable parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(total=total, trainable=trainable)
+
+
+def log_parameter_counts(model: nn.Module) -> None:
+    counts = count_parameters(model)
+    print_log(f'Parameters: {counts["total"]:,} total, {counts["trainable"]:,} trainable', logger='current',
+              level=logging.INFO)

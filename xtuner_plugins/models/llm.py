@@ -1,0 +1,67 @@
+"""Loading the language model and its tokenizer, and giving them InternVL's added tokens.
+
+Any Hugging Face causal LM loads through ``AutoModelForCausalLM`` (no remote code). InternVL's nine
+tokens are added to the tokenizer; the LLM's embeddings are then resized to ``len(tokenizer)`` (as
+InternVL does: Qwen2.5's padded 151936-row matrix becomes 151674 rows) and the rows of the new tokens, in
+the input embeddings and in ``lm_head``, are set to the mean of the rows of the existing tokens.
+Tied input/output embeddings (Qwen2.5-0.5B/1.5B) are untied first, as in the official InternVL
+checkpoints (``tie_word_embeddings`` false, ``lm_head`` saved on its own).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from xtuner_plugins.data.template import add_internvl_tokens
+
+
+def load_tokenizer(path: str) -> Tuple[object, int]:
+    """The LLM's tokenizer with InternVL's added tokens (offline; no remote code), and how many of those
+    tokens were new to it (0 for a tokenizer saved with an InternVL checkpoint)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return tokenizer, add_internvl_tokens(tokenizer)
+
+
+def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implementation: str = 'sdpa',
+             **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` without remote code, with the model class's settings."""
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, trust_remote_code=False,
+                                                attn_implementation=attn_implementation, **kwargs)
+
+
+def untie_embeddings(llm: PreTrainedModel) -> None:
+    """Give ``lm_head`` its own copy of the embedding matrix and mark the config untied."""
+    out, inp = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if out is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    llm.config.tie_word_embeddings = False
+    if hasattr(llm.config, 'get_text_config'):
+        llm.config.get_text_config().tie_word_embeddings = False
+
+
+@torch.no_grad()
+def fit_embeddings_to_tokenizer(llm: PreTrainedModel, tokenizer, num_old_tokens: Optional[int] = None) -> int:
+    """Resize the LLM's embeddings to ``len(tokenizer)``; rows of tokens ``num_old_tokens..`` that the
+    checkpoint did not train get the mean of the rows ``0..num_old_tokens``. Returns the new vocab size.
+
+    ``num_old_tokens`` is the tokenizer length before InternVL's tokens were added (defaults to the
+    embedding rows when the model is smaller than the tokenizer).
+    """
+    new_size = len(tokenizer)
+    old_rows = llm.get_input_embeddings().weight.shape[0]
+    if num_old_tokens is None:
+        num_old_tokens = min(old_rows, new_size)
+    if new_size != old_rows:
+        llm.resize_token_embeddings(new_size, mean_resizing=False)
+    if num_old_tokens < new_size:
+        for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+            if emb is None:
+                continue
+            weight = emb.weight
+            weight[num_old_tokens:new_size] = weight[:num_old_tokens].float().mean(0).to(weight.dtype)
+    llm.config.vocab_size = new_size
+    return new_size

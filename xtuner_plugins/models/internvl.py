@@ -103,12 +103,14 @@ class InternVLModel(BaseModel):
                 raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
             from .official import load_official_parts
             self.vision_model, self.mlp1, self.language_model = load_official_parts(
-                official_checkpoint, dtype, attn_implementation)
+                official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path)
             tokenizer_path = tokenizer or official_checkpoint
         else:
             if vision_encoder is None or llm is None:
                 raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
-            self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation)
+            # drop path is set explicitly (default 0), never taken from the encoder's config.json
+            self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation,
+                                                     drop_path_rate=vision_drop_path)
                                  if isinstance(vision_encoder, str) else vision_encoder)
             self.language_model = (load_llm(llm, dtype, attn_implementation) if isinstance(llm, str) else llm)
             tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
@@ -121,9 +123,6 @@ class InternVLModel(BaseModel):
         fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
         self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
-        if vision_drop_path:
-            from .vision import set_drop_path
-            set_drop_path(self.vision_model, vision_drop_path)
         self.freeze_vision, self.freeze_projector, self.freeze_llm = freeze_vision, freeze_projector, freeze_llm
         for module, frozen in ((self.vision_model, freeze_vision), (self.mlp1, freeze_projector),
                                (self.language_model, freeze_llm)):

@@ -25,8 +25,8 @@ def _split(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: str = 'sdpa'
-                        ) -> Tuple[nn.Module, nn.Module, nn.Module]:
+def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: str = 'sdpa',
+                        drop_path_rate: float = 0.0) -> Tuple[nn.Module, nn.Module, nn.Module]:
     """Return ``(vision_model, mlp1, language_model)`` loaded from an official InternVL folder."""
     cfg_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(cfg_path):
@@ -43,7 +43,7 @@ def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: st
         raise ValueError(f'{folder}: {len(unknown)} weights outside vision_model./mlp1./language_model.: {unknown[:8]}')
 
     vision = build_internvit_from_state_dict(cfg['vision_config'], _split(state, 'vision_model.'), dtype,
-                                             attn_implementation, source=folder)
+                                             attn_implementation, source=folder, drop_path_rate=drop_path_rate)
 
     llm_cfg = dict(cfg['llm_config'])
     llm_config = AutoConfig.for_model(llm_cfg.pop('model_type'), **llm_cfg)

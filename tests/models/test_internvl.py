@@ -1,0 +1,189 @@
+"""InternVLModel on the tiny look-alikes: assembly, tokens and embeddings, image-token injection,
+trainable-only checkpoints, stage chaining and starting from an official-layout checkpoint."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
+from xtuner_plugins.data.tiling import normalize_tiles
+from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models.vision import hf_to_official_vision_config, hf_to_official_vision_state_dict
+from xtuner_plugins.tiny import make_tiny_models
+
+TILE = 56  # the tiny InternViT's tile: 4x4 patches -> 2x2 = 4 tokens per tile after pixel shuffle
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return make_tiny_models(str(tmp_path_factory.mktemp('tiny')))
+
+
+def build(tiny, **kw):
+    kw.setdefault('torch_dtype', 'float32')
+    return InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], **kw)
+
+
+@pytest.fixture(scope='module')
+def batch(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('data')
+    write_image(tmp / 'i' / 'wide.png', size=(120, 50), seed=1)
+    write_image(tmp / 'i' / 'sq.png', size=(40, 40), seed=2)
+    path = write_jsonl(tmp / 'd.jsonl', [
+        {'image': 'wide.png', 'conversations': conv('What is it?', 'a wide thing')},
+        {'conversations': conv('Hello', 'hi there', image=False)},
+        {'image': ['sq.png', 'wide.png'], 'conversations': [
+            {'from': 'human', 'value': '<image> then <image>'}, {'from': 'gpt', 'value': 'two'}]},
+    ])
+    ds = InternVLDataset(path, image_folders=str(tmp / 'i'), tokenizer=tiny['llm'], image_size=TILE,
+                         max_dynamic_patch=6, cache_dir=str(tmp / 'cache'))
+    return internvl_collate_fn([ds[i] for i in range(3)])['data']
+
+
+def test_tokens_and_embeddings(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = AutoModelForCausalLM.from_pretrained(tiny['llm'])
+    n_old = len(AutoTokenizer.from_pretrained(tiny['llm']))
+    model = build(tiny)
+    tok, llm = model.tokenizer, model.language_model
+    assert len(tok) == n_old + len(INTERNVL_ADDED_TOKENS)
+    assert [tok.convert_tokens_to_ids(t) for t in INTERNVL_ADDED_TOKENS] == list(range(n_old, len(tok)))
+    emb, head = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert emb.shape[0] == head.shape[0] == len(tok) == llm.config.vocab_size  # padded rows dropped, as InternVL
+    assert head.data_ptr() != emb.data_ptr() and llm.config.tie_word_embeddings is False
+    old = base.get_input_embeddings().weight
+    assert torch.equal(emb[:n_old], old[:n_old]) and torch.equal(head[:n_old], old[:n_old])
+    mean = old[:n_old].mean(0)
+    for row in range(n_old, len(tok)):
+        assert torch.allclose(emb[row], mean, atol=1e-6) and torch.allclose(head[row], mean, atol=1e-6)
+
+
+def test_image_tokens_are_filled_in_order(tiny, batch):
+    model = build(tiny).eval()
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch['input_ids'], batch['pixel_values'], batch['image_flags'])
+        feats = model.extract_feature(normalize_tiles(batch['pixel_values']))
+    flags = batch['image_flags']
+    assert flags.tolist().count(0) == 1  # the text-only sample's dummy tile
+    real = feats[flags == 1].reshape(-1, feats.shape[-1])
+    slots = batch['input_ids'] == model.img_context_token_id
+    assert int(slots.sum()) == real.shape[0] == int(flags.sum()) * 4
+    assert torch.allclose(embeds[slots], real, atol=1e-6)
+    plain = model.language_model.get_input_embeddings()(batch['input_ids'])
+    assert torch.equal(embeds[~slots], plain[~slots])
+
+
+def test_count_mismatch_names_both_counts(tiny, batch):
+    model = build(tiny)
+    ids = batch['input_ids'].clone()
+    first = (ids == model.img_context_token_id).nonzero()[0]
+    ids[first[0], first[1]] = 0
+    n = int((batch['input_ids'] == model.img_context_token_id).sum())
+    with pytest.raises(ValueError, match=f'{n - 1} <IMG_CONTEXT> tokens but {n} image features'):
+        model.embed_inputs(ids, batch['pixel_values'], batch['image_flags'])
+
+
+def test_mlp_warmup_trains_only_the_projector(tiny, batch):
+    torch.manual_seed(0)
+    model = build(tiny)
+    assert {k.split('.')[0] for k in model.trainable_keys()} == {'mlp1'}
+    assert set(model.state_dict()) == {f'mlp1.{k}' for k in model.mlp1.state_dict()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(batch, mode='loss')['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # only mlp1 learns; a random tiny LLM lets image tokens move the answer loss a little (6.26 -> 6.22)
+    assert losses[-1] < losses[0] - 0.02 and losses == sorted(losses, reverse=True), losses
+    assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_text_only_batch_reaches_every_trainable_parameter(tiny, batch):
+    model = build(tiny, freeze_vision=False)
+    text = {k: v[1:2] if k in ('input_ids', 'labels', 'attention_mask') else v for k, v in batch.items()}
+    text['pixel_values'] = batch['pixel_values'][-0:][:1] * 0
+    text['image_flags'] = torch.zeros(1, dtype=torch.long)
+    model(text, mode='loss')['loss'].backward()
+    assert all(p.grad is not None for p in model.mlp1.parameters())
+    assert all(p.grad is not None for p in model.vision_model.parameters())
+
+
+def test_state_dict_follows_what_is_trained(tiny):
+    model = build(tiny, freeze_llm=False, freeze_vision=True)
+    prefixes = {k.split('.')[0] for k in model.state_dict()}
+    assert prefixes == {'mlp1', 'language_model'}
+    assert model.mlp1[0].weight.dtype == torch.float32
+
+
+def test_gradient_checkpointing_and_eager_attention(tiny, batch):
+    model = build(tiny, freeze_llm=False, freeze_vision=False, llm_grad_ckpt=True, vision_grad_ckpt=True,
+                  attn_implementation='eager')
+    model.train()
+    model(batch, mode='loss')['loss'].backward()
+    assert model.language_model.is_gradient_checkpointing
+
+
+def test_pretrained_pth_chains_stages(tiny, tmp_path):
+    first = build(tiny)
+    with torch.no_grad():
+        for p in first.mlp1.parameters():
+            p.add_(0.5)
+    path = tmp_path / 'iter_1.pth'
+    torch.save({'state_dict': first.state_dict(), 'meta': {}}, path)
+    second = build(tiny, pretrained_pth=str(path), freeze_llm=False)
+    for a, b in zip(first.mlp1.parameters(), second.mlp1.parameters()):
+        assert torch.equal(a, b)
+    torch.save({'state_dict': {'nope.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
+    with pytest.raises(ValueError, match=r"bad.pth: 1 keys do not belong to this model .*nope.weight"):
+        build(tiny, pretrained_pth=str(tmp_path / 'bad.pth'))
+
+
+def write_official(model, folder):
+    """A folder in the official InternVL layout (what the converter issue will produce properly)."""
+    os.makedirs(folder, exist_ok=True)
+    full = {k: v for k, v in super(InternVLModel, model).state_dict().items()}
+    state = {f'vision_model.{k}': v for k, v in hf_to_official_vision_state_dict(
+        {k[len('vision_model.'):]: v for k, v in full.items() if k.startswith('vision_model.')}).items()}
+    state.update({k: v for k, v in full.items() if k.startswith(('mlp1.', 'language_model.'))})
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'))
+    llm_config = model.language_model.config.to_dict()
+    config = dict(architectures=['InternVLChatModel'], model_type='internvl_chat', downsample_ratio=0.5,
+                  ps_version='v2', select_layer=-1, template='internvl2_5',
+                  vision_config=hf_to_official_vision_config(model.vision_model.config), llm_config=llm_config)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    model.tokenizer.save_pretrained(folder)
+
+
+def test_start_from_official_checkpoint(tiny, batch, tmp_path):
+    torch.manual_seed(1)
+    model = build(tiny).eval()
+    with torch.no_grad():
+        for p in model.mlp1.parameters():
+            p.normal_(0, 0.2)
+    write_official(model, tmp_path / 'official')
+    again = InternVLModel(official_checkpoint=str(tmp_path / 'official'), torch_dtype='float32').eval()
+    assert again.img_context_token_id == model.img_context_token_id
+    with torch.no_grad():
+        a = model(batch, mode='tensor')
+        b = again(batch, mode='tensor')
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_bad_arguments(tiny, tmp_path):
+    with pytest.raises(ValueError, match='either official_checkpoint or vision_encoder'):
+        InternVLModel(official_checkpoint='x', llm=tiny['llm'])
+    with pytest.raises(ValueError, match='needs vision_encoder and llm'):
+        InternVLModel(llm=tiny['llm'])
+    with pytest.raises(ValueError, match='unknown dtype'):
+        build(tiny, torch_dtype='float8')
+    with pytest.raises(FileNotFoundError, match='no config.json'):
+        InternVLModel(official_checkpoint=str(tmp_path))

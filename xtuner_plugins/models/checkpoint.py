@@ -9,8 +9,9 @@ trained, like our ``InternVLModel.state_dict``.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -35,27 +36,36 @@ def load_trained_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
 
 
-def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face-style folder: ``model.safetensors``, sharded safetensors with an
-    index, or ``pytorch_model.bin`` (loaded with ``weights_only=True``)."""
-    from safetensors.torch import load_file
-    import json
-    candidates = ['model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',
-                  'pytorch_model.bin']
-    found = next((c for c in candidates if os.path.isfile(os.path.join(folder, c))), None)
-    if found is None:
-        raise FileNotFoundError(f'{folder}: no weights found (looked for {", ".join(candidates)})')
-    path = os.path.join(folder, found)
-    if found.endswith('.index.json'):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-        files = [os.path.join(folder, s) for s in shards]
-    else:
-        files = [path]
-    state: Dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.endswith('.safetensors'):
-            state.update(load_file(file, device='cpu'))
-        else:
-            state.update(torch.load(file, map_location='cpu', weights_only=True))
-    return state
+
+_WEIGHT_FILES = ('model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',
+                 'pytorch_model.bin')
+
+
+def _load_file(path: str, prefix: str) -> Dict[str, torch.Tensor]:
+    if path.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(path, framework='pt') as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    return {k: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read_hf_weights(folder: str, prefix: str = '', weights_file: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Tensors whose key starts with ``prefix`` from a Hugging Face-style folder: ``model.safetensors``,
+    sharded safetensors with an index (only the shards holding ``prefix`` are read), or
+    ``pytorch_model.bin`` (loaded with ``weights_only=True``)."""
+    if weights_file is not None:
+        return _load_file(weights_file, prefix)
+    for name in _WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith('.index.json'):
+            return _load_file(path, prefix)
+        with open(path, encoding='utf-8') as f:
+            weight_map = json.load(f)['weight_map']
+        sd = {}
+        for shard in sorted({file for key, file in weight_map.items() if key.startswith(prefix)}):
+            sd.update(_load_file(os.path.join(folder, shard), prefix))
+        return sd
+    raise FileNotFoundError(f'{folder}: no weights found (looked for {", ".join(_WEIGHT_FILES)})')

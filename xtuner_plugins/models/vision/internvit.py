@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from transformers import InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
+from ..checkpoint import read_hf_weights
+
 __all__ = [
     'OFFICIAL_MODEL_TYPE', 'OFFICIAL_AUTO_MAP', 'official_to_hf_vision_config', 'hf_to_official_vision_config',
     'official_to_hf_vision_state_dict', 'hf_to_official_vision_state_dict', 'interpolate_position_embeddings',
@@ -309,38 +311,6 @@ def interpolate_position_embeddings(pos_embed: torch.Tensor, grid: int) -> torch
 # Loading a folder
 # ---------------------------------------------------------------------------------------------------------
 
-_WEIGHT_FILES = ('model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',
-                 'pytorch_model.bin')
-
-
-def _load_file(path: str, prefix: str) -> Dict[str, torch.Tensor]:
-    if path.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(path, framework='pt') as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _read_weights(folder: str, prefix: str, weights_file: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Tensors whose key starts with ``prefix`` from the folder's (possibly sharded) safetensors or .bin."""
-    if weights_file is not None:
-        return _load_file(weights_file, prefix)
-    for name in _WEIGHT_FILES:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        if not name.endswith('.index.json'):
-            return _load_file(path, prefix)
-        with open(path, encoding='utf-8') as f:
-            weight_map = json.load(f)['weight_map']
-        sd = {}
-        for shard in sorted({file for key, file in weight_map.items() if key.startswith(prefix)}):
-            sd.update(_load_file(os.path.join(folder, shard), prefix))
-        return sd
-    raise FileNotFoundError(f'{folder}: no weights found (looked for {", ".join(_WEIGHT_FILES)})')
-
-
 def _resolve_dtype(torch_dtype, cfg: dict) -> torch.dtype:
     if torch_dtype is None:
         return torch.float32
@@ -376,7 +346,7 @@ def load_internvit(path_or_dir: Union[str, os.PathLike], torch_dtype: Union[None
     with open(config_path, encoding='utf-8') as f:
         raw = json.load(f)
     vision_raw, prefix = (raw['vision_config'], 'vision_model.') if 'vision_config' in raw else (raw, '')
-    weights = _read_weights(folder, prefix, weights_file)
+    weights = read_hf_weights(folder, prefix, weights_file)
     return build_internvit_from_state_dict(vision_raw, weights, torch_dtype, attn_implementation, source=folder,
                                            drop_path_rate=drop_path_rate, image_size=image_size, prefix=prefix)
 

@@ -269,3 +269,25 @@ def test_needs_tokenizer_to_load(mixed, tmp_path):
     ds = InternVLDataset(path, image_folders=img, tokenizer=None, image_size=S, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match='needs a tokenizer'):
         ds[0]
+
+
+def test_forked_workers_do_not_deadlock_after_xtuner_import(mixed, tiny_tokenizer_dir, tmp_path):
+    """Every XTuner config imports xtuner.dataset, which sets TOKENIZERS_PARALLELISM=true; after the main
+    process tokenised (sample lengths), forked DataLoader workers then hung inside the tokenizer. Run in a
+    fresh process with a time limit, so that a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+    path, img = mixed
+    script = f'''
+import torch, xtuner.dataset
+from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+ds = InternVLDataset({path!r}, image_folders={img!r}, tokenizer={tiny_tokenizer_dir!r}, image_size={S},
+                     cache_dir={str(tmp_path / 'cache')!r}, repeat_times=4)
+assert len(ds.length) == 12
+loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=internvl_collate_fn)
+print(sum(1 for _ in loader), 'batches')
+'''
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, 'TOKENIZERS_PARALLELISM': 'true'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '6 batches' in result.stdout

@@ -39,7 +39,8 @@ from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
 from .sources import DataSource, Record, expand_sources, parse_record, read_records, repeat_indices
-from .template import add_internvl_tokens, check_conversations, get_template, tokenize_conversation
+from .template import (add_internvl_tokens, check_conversations, disable_tokenizer_parallelism, get_template,
+                       tokenize_conversation)
 from .tiling import tile_image
 
 
@@ -122,6 +123,7 @@ class InternVLDataset(Dataset):
         if not 1 <= min_dynamic_patch <= max_dynamic_patch:
             raise ValueError(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
                              f'{min_dynamic_patch} and {max_dynamic_patch}')
+        disable_tokenizer_parallelism()  # before any tokenising here: forked workers tokenise too
         self.tokenizer = build_tokenizer(tokenizer)
         if self.tokenizer is not None:
             add_internvl_tokens(self.tokenizer)

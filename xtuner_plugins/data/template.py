@@ -19,10 +19,26 @@ from a model name.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from xtuner_plugins.data.errors import SampleError
+
+
+def disable_tokenizer_parallelism() -> None:
+    """Turn off the Rust thread pool of Hugging Face fast tokenizers in this process.
+
+    Once that pool has run in a process, DataLoader workers forked from it can deadlock inside the
+    tokenizer (seen here: a worker stuck in ``_batch_encode_plus`` after the main process had tokenised
+    for sample lengths). Importing ``xtuner.dataset``, which every XTuner config does, sets
+    ``TOKENIZERS_PARALLELISM=true``; samples are tokenised one at a time in workers, so the pool buys
+    nothing. Called when this module is imported and when a dataset is built.
+    """
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+
+
+disable_tokenizer_parallelism()
 
 __all__ = [
     'IMG_START_TOKEN', 'IMG_END_TOKEN', 'IMG_CONTEXT_TOKEN', 'IMAGE_PLACEHOLDER', 'IGNORE_INDEX',

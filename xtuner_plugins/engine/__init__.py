@@ -1,0 +1,15 @@
+"""Engine plugins: CPU/GPU runtime choices (``runtime``) and training hooks (``hooks``).
+
+Importing anything from this package imports ``runtime``, which applies the CPU compatibility patches when
+CUDA is not available (see ``runtime``'s docstring).
+"""
+
+from .hooks import ThroughputHook
+from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_patches,
+                      apply_cpu_patches)
+from .schedulers import WarmupLR
+
+__all__ = [
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ThroughputHook', 'applied_patches',
+    'apply_cpu_patches', 'WarmupLR',
+]

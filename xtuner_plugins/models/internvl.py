@@ -32,6 +32,7 @@ from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .projector import InternVLProjector, pixel_shuffle
 from .vision import load_vision_encoder, vision_features
+from .zero3 import gathered, hf_zero3_init, shape_of
 
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}
@@ -68,6 +69,8 @@ class InternVLModel(BaseModel):
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers.
+        zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
+            whole on every rank; ``None``: only with CUDA (see ``zero3.hf_zero3_init``).
     """
 
     def __init__(self,
@@ -88,9 +91,11 @@ class InternVLModel(BaseModel):
                  pretrained_pth: Optional[str] = None,
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
+                 zero3_init: Optional[bool] = None,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
+        init_seed = torch.initial_seed()
         self.select_layer = select_layer
         self.downsample_ratio = downsample_ratio
         self.ps_version = ps_version
@@ -98,29 +103,34 @@ class InternVLModel(BaseModel):
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
 
-        if official_checkpoint is not None:
-            if vision_encoder is not None or llm is not None:
-                raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
-            from .official import load_official_parts
-            self.vision_model, self.mlp1, self.language_model = load_official_parts(
-                official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path)
-            tokenizer_path = tokenizer or official_checkpoint
-        else:
-            if vision_encoder is None or llm is None:
-                raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
-            # drop path is set explicitly (default 0), never taken from the encoder's config.json
-            self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation,
-                                                     drop_path_rate=vision_drop_path)
-                                 if isinstance(vision_encoder, str) else vision_encoder)
-            self.language_model = (load_llm(llm, dtype, attn_implementation) if isinstance(llm, str) else llm)
-            tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
-            self.mlp1 = InternVLProjector(self.vision_model.config.hidden_size,
-                                          self.language_model.config.hidden_size, downsample_ratio)
-        if tokenizer_path is None:
-            raise ValueError('tokenizer is required when llm is a module')
-        self.tokenizer, num_added = load_tokenizer(tokenizer_path)
-        untie_embeddings(self.language_model)
-        fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
+        with hf_zero3_init(torch.cuda.is_available() if zero3_init is None else zero3_init):
+            if official_checkpoint is not None:
+                if vision_encoder is not None or llm is not None:
+                    raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
+                from .official import load_official_parts
+                self.vision_model, self.mlp1, self.language_model = load_official_parts(
+                    official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path)
+                tokenizer_path = tokenizer or official_checkpoint
+            else:
+                if vision_encoder is None or llm is None:
+                    raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
+                # drop path is set explicitly (default 0), never taken from the encoder's config.json
+                self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation,
+                                                         drop_path_rate=vision_drop_path)
+                                     if isinstance(vision_encoder, str) else vision_encoder)
+                self.language_model = (load_llm(llm, dtype, attn_implementation) if isinstance(llm, str) else llm)
+                tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
+                # Initialised from the seed the run started with, whatever the loading above consumed
+                # (DeepSpeed ZeRO-3 builds the LLM inside zero.Init, which draws random numbers differently).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(init_seed)
+                    self.mlp1 = InternVLProjector(self.vision_model.config.hidden_size,
+                                                  self.language_model.config.hidden_size, downsample_ratio)
+            if tokenizer_path is None:
+                raise ValueError('tokenizer is required when llm is a module')
+            self.tokenizer, num_added = load_tokenizer(tokenizer_path)
+            untie_embeddings(self.language_model)
+            fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
         self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
         self.freeze_vision, self.freeze_projector, self.freeze_llm = freeze_vision, freeze_projector, freeze_llm
@@ -165,13 +175,14 @@ class InternVLModel(BaseModel):
         if unexpected:
             raise ValueError(f'{path}: {len(unexpected)} keys do not belong to this model '
                              f'(first: {unexpected[:5]}); was it trained with another config?')
-        mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                      for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[k]))}'
+                      for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[k]))]
         if mismatched:
             raise ValueError(f'{path}: shape mismatch for {len(mismatched)} keys: {mismatched[:5]}')
         with torch.no_grad():
             for key, value in state.items():
-                own[key].copy_(value.to(own[key].dtype))
+                with gathered([own[key]], modify=True):
+                    own[key].copy_(value.to(own[key].dtype))
         print_log(f'Loaded {len(state)} tensors from {path} '
                   f'({sum(v.numel() for v in state.values())} parameters)', logger='current')
 

@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from xtuner_plugins.data.template import add_internvl_tokens
 
+from .zero3 import gathered, shape_of
+
 
 def load_tokenizer(path: str) -> Tuple[object, int]:
     """The LLM's tokenizer with InternVL's added tokens (offline; no remote code), and how many of those
@@ -29,7 +31,7 @@ def load_tokenizer(path: str) -> Tuple[object, int]:
 def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implementation: str = 'sdpa',
              **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` without remote code, with the model class's settings."""
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, trust_remote_code=False,
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
                                                 attn_implementation=attn_implementation, **kwargs)
 
 
@@ -37,7 +39,9 @@ def untie_embeddings(llm: PreTrainedModel) -> None:
     """Give ``lm_head`` its own copy of the embedding matrix and mark the config untied."""
     out, inp = llm.get_output_embeddings(), llm.get_input_embeddings()
     if out is not None and out.weight is inp.weight:
-        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        with gathered([inp.weight]):
+            weight = inp.weight.detach().clone()
+        out.weight = nn.Parameter(weight, requires_grad=inp.weight.requires_grad)
     llm.config.tie_word_embeddings = False
     if hasattr(llm.config, 'get_text_config'):
         llm.config.get_text_config().tie_word_embeddings = False
@@ -52,7 +56,8 @@ def fit_embeddings_to_tokenizer(llm: PreTrainedModel, tokenizer, num_old_tokens:
     embedding rows when the model is smaller than the tokenizer).
     """
     new_size = len(tokenizer)
-    old_rows = llm.get_input_embeddings().weight.shape[0]
+    weight = llm.get_input_embeddings().weight
+    old_rows = shape_of(weight)[0]
     if num_old_tokens is None:
         num_old_tokens = min(old_rows, new_size)
     if new_size != old_rows:
@@ -61,7 +66,8 @@ def fit_embeddings_to_tokenizer(llm: PreTrainedModel, tokenizer, num_old_tokens:
         for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
             if emb is None:
                 continue
-            weight = emb.weight
-            weight[num_old_tokens:new_size] = weight[:num_old_tokens].float().mean(0).to(weight.dtype)
+            with gathered([emb.weight], modify=True):
+                weight = emb.weight
+                weight[num_old_tokens:new_size] = weight[:num_old_tokens].float().mean(0).to(weight.dtype)
     llm.config.vocab_size = new_size
     return new_size

@@ -49,7 +49,7 @@ def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: st
     llm_config = AutoConfig.for_model(llm_cfg.pop('model_type'), **llm_cfg)
     llm_config.tie_word_embeddings = False
     with no_init_weights():
-        llm = AutoModelForCausalLM.from_config(llm_config, torch_dtype=dtype, attn_implementation=attn_implementation)
+        llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype, attn_implementation=attn_implementation)
     _load_strict(llm, _split(state, 'language_model.'), f'{folder} (language_model.)')
 
     mlp_state = _split(state, 'mlp1.')

@@ -28,7 +28,7 @@ def write_tiny_qwen2(out_dir: str, hidden_size: int = 64, num_layers: int = 2, n
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
-        pad_token_id=tokenizer.pad_token_id, torch_dtype='float32', use_cache=True)
+        pad_token_id=tokenizer.pad_token_id, dtype='float32', use_cache=True)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     os.makedirs(out_dir, exist_ok=True)

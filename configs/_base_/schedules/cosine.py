@@ -1,9 +1,9 @@
 # AdamW with linear warm-up then cosine decay, counted in iterations; mixed precision on GPUs.
-from mmengine.optim import CosineAnnealingLR, LinearLR
+from mmengine.optim import CosineAnnealingLR
 from torch.optim import AdamW
 from xtuner.engine.runner import TrainLoop
 
-from xtuner_plugins.engine import AutoOptimWrapper
+from xtuner_plugins.engine import AutoOptimWrapper, WarmupLR
 
 lr = 2e-4
 weight_decay = 0.01
@@ -23,7 +23,8 @@ optim_wrapper = dict(
 )
 
 param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+    # WarmupLR: MMEngine's LinearLR, lasting at least one iteration on short runs
+    dict(type=WarmupLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
          convert_to_iter_based=True),
     dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
          convert_to_iter_based=True),

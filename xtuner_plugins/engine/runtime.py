@@ -1,0 +1,231 @@
+"""Run the same XTuner/MMEngine configs on GPUs and on a CPU-only machine.
+
+Configs use this module through lazy imports, e.g. in a base runtime config::
+
+    from xtuner_plugins.engine.runtime import DIST_BACKEND, AutoOptimWrapper
+
+    env_cfg = dict(cudnn_benchmark=False,
+                   mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+                   dist_cfg=dict(backend=DIST_BACKEND))
+    optim_wrapper = dict(type=AutoOptimWrapper, optimizer=..., dtype='bfloat16')
+
+XTuner configs are lazy-import configs: ``DIST_BACKEND`` is a ``LazyObject`` that is only imported when the
+config value is read. Both runners read it *before* they start the process group, so importing this module
+is the hook that applies the CPU compatibility patches in time:
+
+* plain ``Runner`` (``xtuner train CFG``, ``--launcher pytorch`` without DeepSpeed):
+  ``Runner.setup_env`` runs ``init_dist(self.launcher, **env_cfg['dist_cfg'])``; unpacking the ``ConfigDict``
+  builds ``DIST_BACKEND`` (importing this module) before ``init_dist`` looks up ``_init_dist_pytorch``.
+  ``optim_wrapper.type`` (``AutoOptimWrapper``) imports it as well, when the optimizer wrapper is built.
+* ``--deepspeed`` (``FlexibleRunner`` + xtuner's ``DeepSpeedStrategy``): ``xtuner/tools/train.py`` already reads
+  ``cfg.optim_wrapper.type`` (this builds the lazy ``AutoOptimWrapper``, importing this module) long before the
+  runner exists; afterwards ``FlexibleRunner.build_strategy`` passes ``env_cfg`` as the strategy's
+  ``env_kwargs`` and ``BaseStrategy._setup_env`` calls ``self._setup_distributed(launcher, **dist_cfg)``
+  -> ``init_dist(launcher, backend, init_backend='deepspeed')`` -> ``deepspeed.init_distributed``.
+
+On a machine with CUDA nothing is patched: ``DIST_BACKEND`` is ``'nccl'`` and ``AutoOptimWrapper`` builds
+MMEngine's ``AmpOptimWrapper``. On a CPU (``torch.cuda.is_available()`` is False) the patches below are applied
+once at import; each is idempotent and can be listed with :func:`applied_patches`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import List
+
+import torch
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+__all__ = [
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'applied_patches', 'apply_cpu_patches',
+]
+
+CUDA_AVAILABLE: bool = torch.cuda.is_available()
+
+#: torch.distributed backend for ``env_cfg['dist_cfg']['backend']``: NCCL on GPUs, gloo on a CPU.
+DIST_BACKEND: str = 'nccl' if CUDA_AVAILABLE else 'gloo'
+
+#: Set this environment variable to ``1`` to let DeepSpeed build its CPU shared-memory all-reduce op anyway.
+KEEP_DS_SHM_COMM_ENV = 'XTUNER_PLUGINS_DS_SHM_COMM'
+#: Set this environment variable to ``1`` to apply no CPU patch at all (to see the stock behaviour).
+NO_CPU_PATCHES_ENV = 'XTUNER_PLUGINS_NO_CPU_PATCHES'
+
+_PATCH_MARK = '_xtuner_plugins_cpu_patch'
+_applied: List[str] = []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patch 1: mmengine's pytorch launcher calls torch.cuda.set_device on a CPU.
+# --------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _cuda_set_device_is_noop():
+    original = torch.cuda.set_device
+    torch.cuda.set_device = lambda device: None
+    try:
+        yield
+    finally:
+        torch.cuda.set_device = original
+
+
+def _patch_mmengine_init_dist_pytorch() -> bool:
+    """Fixes ``RuntimeError: Found no NVIDIA driver on your system`` from ``--launcher pytorch`` on a CPU.
+
+    ``mmengine.dist.utils._init_dist_pytorch`` calls ``torch.cuda.set_device(local_rank)`` unconditionally
+    (when no MLU/NPU/MUSA is found) before ``init_process_group``. The wrapper runs mmengine's own function
+    unchanged, with ``torch.cuda.set_device`` a no-op only for the duration of that call (single-threaded
+    start-up); ``init_dist`` looks the function up as a module global, so replacing it there is enough.
+    """
+    from mmengine.dist import utils as dist_utils
+
+    original = dist_utils._init_dist_pytorch
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def _init_dist_pytorch(backend, init_backend='torch', **kwargs):
+        if torch.cuda.is_available():
+            return original(backend, init_backend=init_backend, **kwargs)
+        with _cuda_set_device_is_noop():
+            return original(backend, init_backend=init_backend, **kwargs)
+
+    setattr(_init_dist_pytorch, _PATCH_MARK, True)
+    dist_utils._init_dist_pytorch = _init_dist_pytorch
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patch 2: mmengine's Runner gives DDP a CUDA device id for a CPU model.
+# --------------------------------------------------------------------------------------------------------
+def _patch_mmengine_ddp_cpu_device_ids() -> bool:
+    """Fixes ``ValueError: DistributedDataParallel device_ids and output_device arguments only work with
+    single-device/multiple-device GPU modules or CPU modules, but got device_ids [0], ...`` of a CPU model.
+
+    ``Runner.wrap_model`` (``--launcher pytorch`` without DeepSpeed) builds
+    ``MMDistributedDataParallel(module=model, device_ids=[LOCAL_RANK], ...)``; torch wants ``device_ids=None``
+    for a module on the CPU. The wrapper drops ``device_ids``/``output_device`` only when every parameter of
+    the module is on the CPU and CUDA is not available.
+    """
+    from mmengine.model.wrappers.distributed import MMDistributedDataParallel
+
+    original = MMDistributedDataParallel.__init__
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def __init__(self, module, *args, **kwargs):
+        if not torch.cuda.is_available() and all(p.device.type == 'cpu' for p in module.parameters()):
+            kwargs['device_ids'] = None
+            kwargs.pop('output_device', None)
+        original(self, module, *args, **kwargs)
+
+    setattr(__init__, _PATCH_MARK, True)
+    MMDistributedDataParallel.__init__ = __init__
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patch 3: torch.cpu.is_bf16_supported is missing in this torch build.
+# --------------------------------------------------------------------------------------------------------
+def _cpu_is_bf16_supported(including_emulation: bool = True) -> bool:
+    """Like ``torch.cuda.is_bf16_supported``: bf16 runs on every CPU (emulated if need be); with
+    ``including_emulation=False`` report whether oneDNN has native bf16 kernels for this CPU."""
+    if including_emulation:
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - depends on the build
+        return False
+
+
+def _patch_torch_cpu_is_bf16_supported() -> bool:
+    """Fixes ``AttributeError: module 'torch.cpu' has no attribute 'is_bf16_supported'``.
+
+    XTuner calls ``get_torch_device().is_bf16_supported()`` (``torch.cpu`` on a CPU) in ``model/sft.py`` and
+    ``model/llava.py`` (choosing the LLM dtype) and in ``tools/utils.auto_dtype_of_deepspeed_config`` (a
+    DeepSpeed JSON with ``"bf16": {"enabled": "auto"}``). The answer matches DeepSpeed's CPU accelerator,
+    whose ``is_bf16_supported()`` is True.
+    """
+    if hasattr(torch.cpu, 'is_bf16_supported'):
+        return False
+    setattr(_cpu_is_bf16_supported, _PATCH_MARK, True)
+    torch.cpu.is_bf16_supported = _cpu_is_bf16_supported
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patch 4: DeepSpeed compiles its CPU shared-memory all-reduce op with g++ when it starts.
+# --------------------------------------------------------------------------------------------------------
+def _patch_deepspeed_shm_comm() -> bool:
+    """Avoids a g++ build (about 30 s, 4.8 GiB peak, a toolchain and a writable ``TORCH_EXTENSIONS_DIR``).
+
+    On its CPU accelerator ``deepspeed.comm.torch.TorchBackend.__init__`` calls ``build_shm_op()``, which JIT
+    compiles ``deepspeed_shm_comm`` whenever ``deepspeed.ops.__compatible_ops__`` says the op is compatible.
+    The op only serves ``inference_all_reduce``; training collectives go through torch.distributed (gloo)
+    either way. Marking the op incompatible makes ``build_shm_op`` return None, DeepSpeed's own fallback.
+    Set ``XTUNER_PLUGINS_DS_SHM_COMM=1`` to keep DeepSpeed's behaviour.
+    """
+    if os.environ.get(KEEP_DS_SHM_COMM_ENV, '') == '1':
+        return False
+    try:
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    except Exception:  # deepspeed missing or without a CPU op builder: nothing to avoid
+        return False
+    compatible = deepspeed.ops.__compatible_ops__
+    if compatible.get(ShareMemCommBuilder.NAME) is False:
+        return False
+    compatible[ShareMemCommBuilder.NAME] = False
+    return True
+
+
+def apply_cpu_patches() -> List[str]:
+    """Apply the CPU compatibility patches when CUDA is not available; returns the names newly applied."""
+    if torch.cuda.is_available() or os.environ.get(NO_CPU_PATCHES_ENV, '') == '1':
+        return []
+    newly = []
+    for patch in (_patch_mmengine_init_dist_pytorch, _patch_mmengine_ddp_cpu_device_ids,
+                  _patch_torch_cpu_is_bf16_supported, _patch_deepspeed_shm_comm):
+        if patch():
+            name = patch.__name__.lstrip('_')
+            newly.append(name)
+            _applied.append(name)
+    if newly:
+        from mmengine.logging import print_log
+        print_log(f'xtuner_plugins: CUDA is not available, applied CPU patches: {", ".join(newly)}',
+                  logger='current')
+    return newly
+
+
+def applied_patches() -> List[str]:
+    """Names of the patches applied in this process."""
+    return list(_applied)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer wrapper choice
+# --------------------------------------------------------------------------------------------------------
+class AutoOptimWrapper:
+    """``optim_wrapper=dict(type=AutoOptimWrapper, optimizer=..., dtype='bfloat16', loss_scale=...)``.
+
+    Builds MMEngine's ``AmpOptimWrapper`` (autocast to ``dtype``) when CUDA is available and a plain fp32
+    ``OptimWrapper`` otherwise: ``AmpOptimWrapper`` asserts a GPU/NPU/MLU/MUSA in its constructor. The
+    AMP-only arguments (``dtype``, ``loss_scale``, ``use_fsdp``) are dropped for the fp32 wrapper.
+
+    It is a class (``__new__`` returns the real wrapper) because ``xtuner/tools/train.py`` turns every
+    ``FunctionType`` value of a config into a string. With ``--deepspeed`` XTuner replaces the whole
+    ``optim_wrapper`` by ``DeepSpeedOptimWrapper`` (keeping ``optimizer``) and the JSON decides the dtype.
+    """
+
+    AMP_ONLY_KEYS = ('dtype', 'loss_scale', 'use_fsdp')
+
+    def __new__(cls, **kwargs):
+        if torch.cuda.is_available():
+            return AmpOptimWrapper(**kwargs)
+        for key in cls.AMP_ONLY_KEYS:
+            kwargs.pop(key, None)
+        return OptimWrapper(**kwargs)
+
+
+apply_cpu_patches()

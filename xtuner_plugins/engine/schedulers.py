@@ -1,0 +1,28 @@
+"""Learning-rate schedules that survive short runs.
+
+MMEngine converts a warm-up given in epochs (``end=warmup_ratio * max_epochs``) to iterations by
+truncation: on a small data set (a few dozen iterations at 3 % warm-up) that gives ``end == begin == 0``
+and MMEngine refuses to start ("end should be larger than begin"). :class:`WarmupLR` is MMEngine's
+``LinearLR`` with the converted warm-up lasting at least one iteration.
+"""
+
+from __future__ import annotations
+
+from mmengine.optim import LinearLR
+from mmengine.registry import PARAM_SCHEDULERS
+
+INF = int(1e9)
+
+
+@PARAM_SCHEDULERS.register_module()
+class WarmupLR(LinearLR):
+    """``LinearLR`` whose epoch-based span converts to at least one iteration."""
+
+    @classmethod
+    def build_iter_from_epoch(cls, *args, begin=0, end=INF, by_epoch=True, epoch_length=None, **kwargs):
+        if not by_epoch or not epoch_length:
+            raise ValueError(f'{cls.__name__}.build_iter_from_epoch needs by_epoch=True and an epoch_length, '
+                             f'got by_epoch={by_epoch}, epoch_length={epoch_length}')
+        begin = int(begin * epoch_length)
+        end = max(int(end * epoch_length), begin + 1) if end != INF else INF
+        return cls(*args, begin=begin, end=end, by_epoch=False, **kwargs)

@@ -334,32 +334,7 @@ def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[st
 
 
 def load_checkpoint_state(path: str) -> Dict[str, 'object']:
-    """The model state dict of an MMEngine checkpoint file or a DeepSpeed checkpoint folder, on the CPU.
-
-    * file (``iter_N.pth`` of a plain run): ``torch.load(..., weights_only=False)``. Since torch 2.6
-      ``torch.load`` defaults to ``weights_only=True``, which refuses MMEngine checkpoints: besides tensors they
-      pickle the message hub (``mmengine.logging.HistoryBuffer`` objects, numpy arrays) and ``meta`` (config
-      text, seeds). Only load checkpoints you trust this way, e.g. the ones a test just wrote.
-    * folder (``iter_N.pth/`` of a ``--deepspeed`` run, ZeRO-2 or ZeRO-3 shards of every rank):
-      consolidated into fp32 tensors on the CPU with ``deepspeed.utils.zero_to_fp32.
-      get_fp32_state_dict_from_zero_checkpoint(work_dir, tag='iter_N.pth')`` (no process group needed).
-      XTuner saves DeepSpeed checkpoints with ``exclude_frozen_parameters=True``: frozen weights are absent.
-    """
-    import torch
-
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-        return dict(state)
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if isinstance(ckpt, dict) and 'state_dict' in ckpt:
-        state = ckpt['state_dict']
-    elif isinstance(ckpt, dict) and 'module' in ckpt:
-        state = ckpt['module']
-    else:
-        state = ckpt
-    # DDP-wrapped saves (``module.`` prefixes) load into the bare model.
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return dict(state)
+    """The model state dict of an MMEngine checkpoint file or a DeepSpeed checkpoint folder, on the CPU
+    (the package's own reader, which ``model.pretrained_pth`` and the converter use)."""
+    from xtuner_plugins.models.checkpoint import load_trained_state_dict
+    return load_trained_state_dict(path)

@@ -30,7 +30,7 @@ def load_trained_state_dict(path: str) -> Dict[str, torch.Tensor]:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
         # which torch's weights_only loader refuses; they are this project's own outputs.
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+        state = (ckpt.get('state_dict', ckpt.get('module', ckpt)) if isinstance(ckpt, dict) else None)
         if not isinstance(state, dict):
             raise ValueError(f'{path}: no state dict found (keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})')
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}

@@ -72,14 +72,16 @@ def check_outcome(out, tiny):
                           pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(model.state_dict()[key], value.float()), key
-    for name in ('tokens_per_sec', 'samples_per_sec', 'peak_mem_mb'):
+    for name in ('loss', 'lr', 'data_time', 'tokens_per_sec', 'samples_per_sec', 'peak_mem_mb'):
         assert out.scalar_series(name), f'{name} missing from the logged scalars'
+        assert f'{name}: ' in out.log, f'{name} missing from the console log'
     return [out.losses[i] for i in sorted(out.losses)]
 
 
 @pytest.mark.slow
-def test_one_process(tiny, tmp_path):
-    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
+def test_one_process_through_the_xtuner_cli(tiny, tmp_path):
+    out = run_train(CONFIG, str(tmp_path / 'work'), use_cli=True,
+                    cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
     losses = check_outcome(out, tiny)
     assert len(losses) == 6
     assert losses[-1] < losses[0], losses  # the same batch every iteration: only mlp1 learns

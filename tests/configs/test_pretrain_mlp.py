@@ -10,12 +10,10 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from tests.helpers import conv, write_image, write_jsonl
+from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
 from xtuner_plugins.models import InternVLModel
-from xtuner_plugins.tiny import make_tiny_models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 
 
@@ -34,36 +32,6 @@ def test_pretrain_settings_are_internvl_stage_1():
     assert cfg.train_dataloader.dataset.tokenizer == cfg.model.llm
 
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('tiny')
-    paths = make_tiny_models(str(root / 'models'))
-    write_image(root / 'images' / 'a.png', size=(120, 60), seed=3)
-    image = {'image': 'a.png', 'conversations': conv('Describe the image.', 'a wide noisy picture')}
-    text = {'conversations': conv('Say something.', 'something', image=False)}
-    paths['same'] = write_jsonl(root / 'same.jsonl', [image])
-    paths['mixed'] = write_jsonl(root / 'mixed.jsonl', [image, text])
-    paths['images'] = str(root / 'images')
-    paths['cache'] = str(root / 'cache')
-    return paths
-
-
-def tiny_options(tiny, data, repeat, batch_size=2, lr=0.01):
-    return {
-        'model.vision_encoder': tiny['internvit'], 'model.llm': tiny['llm'],
-        'train_dataloader.dataset.tokenizer': tiny['llm'],
-        'train_dataloader.dataset.data_files': f'[{data}]',
-        'train_dataloader.dataset.image_folders': f'[{tiny["images"]}]',
-        'train_dataloader.dataset.repeat_times': repeat,
-        'train_dataloader.dataset.image_size': 56, 'train_dataloader.dataset.max_dynamic_patch': 4,
-        'train_dataloader.dataset.max_length': 2048, 'train_dataloader.dataset.cache_dir': tiny['cache'],
-        'train_dataloader.batch_size': batch_size, 'train_dataloader.sampler.per_device_batch_size': batch_size,
-        'train_dataloader.num_workers': 0, 'train_dataloader.persistent_workers': False,
-        'optim_wrapper.optimizer.lr': lr, 'optim_wrapper.accumulative_counts': 1,
-        'default_hooks.logger.interval': 1, 'log_processor.window_size': 1,
-    }
-
-
 def check_outcome(out, tiny):
     assert out.ok, out.summary()
     state = load_checkpoint_state(out.final_checkpoint)
@@ -75,6 +43,8 @@ def check_outcome(out, tiny):
     for name in ('loss', 'lr', 'data_time', 'tokens_per_sec', 'samples_per_sec', 'peak_mem_mb'):
         assert out.scalar_series(name), f'{name} missing from the logged scalars'
         assert f'{name}: ' in out.log, f'{name} missing from the console log'
+    lrs = out.scalar_series('lr')
+    assert max(lrs.values()) >= 0.4 * 0.01, lrs  # near the configured lr (tiny_options) right after warm-up
     return [out.losses[i] for i in sorted(out.losses)]
 
 
@@ -84,7 +54,8 @@ def test_one_process_through_the_xtuner_cli(tiny, tmp_path):
                     cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
     losses = check_outcome(out, tiny)
     assert len(losses) == 6
-    assert losses[-1] < losses[0], losses  # the same batch every iteration: only mlp1 learns
+    # the same batch every iteration; only mlp1 learns, so the random tiny LLM moves little (6.227 -> 6.194)
+    assert losses[-1] < losses[0] - 0.02 and losses[1:] == sorted(losses[1:], reverse=True), losses
     assert os.path.isfile(out.final_checkpoint)  # a plain run writes one .pth file
     assert glob.glob(str(tmp_path / 'work' / '*' / 'vis_data' / 'events.out.tfevents.*'))  # TensorBoard
 
@@ -94,7 +65,7 @@ def test_zero2_two_processes(tiny, tmp_path):
     out = run_train(CONFIG, str(tmp_path / 'work'), nproc=2, deepspeed='zero2',
                     cfg_options=tiny_options(tiny, tiny['same'], repeat=12, batch_size=1))
     losses = check_outcome(out, tiny)
-    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.02, losses
     assert os.path.isdir(out.final_checkpoint)  # DeepSpeed writes a folder, consolidated on the CPU here
 
 

@@ -287,7 +287,13 @@ assert len(ds.length) == 12
 loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=internvl_collate_fn)
 print(sum(1 for _ in loader), 'batches')
 '''
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=180,
-                            env={**os.environ, 'TOKENIZERS_PARALLELISM': 'true'})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert '6 batches' in result.stdout
+    proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, 'TOKENIZERS_PARALLELISM': 'true'})
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the hung DataLoader workers too
+        proc.communicate()
+        pytest.fail('DataLoader workers deadlocked (no batch within 180 s)')
+    assert proc.returncode == 0, stderr[-2000:]
+    assert '6 batches' in stdout

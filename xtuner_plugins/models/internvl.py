@@ -30,6 +30,7 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_ti
 
 from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
+from .lora import apply_lora
 from .projector import InternVLProjector, pixel_shuffle
 from .vision import load_vision_encoder, vision_features
 from .zero3 import gathered, hf_zero3_init, shape_of
@@ -65,6 +66,8 @@ class InternVLModel(BaseModel):
         freeze_vision, freeze_projector, freeze_llm: what is not trained.
         vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM.
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
+        llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
+            the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
         pretrained_pth: a previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder) to load.
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
@@ -88,6 +91,8 @@ class InternVLModel(BaseModel):
                  vision_grad_ckpt: bool = False,
                  llm_grad_ckpt: bool = False,
                  vision_drop_path: float = 0.0,
+                 llm_lora: Optional[dict] = None,
+                 vision_lora: Optional[dict] = None,
                  pretrained_pth: Optional[str] = None,
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
@@ -143,6 +148,10 @@ class InternVLModel(BaseModel):
         for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
             if not frozen:
                 module.to(torch.float32)
+        if llm_lora is not None:
+            self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
+        if vision_lora is not None:
+            self.vision_model = apply_lora(self.vision_model, vision_lora)
         if llm_grad_ckpt:
             self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         if vision_grad_ckpt:

@@ -1,0 +1,43 @@
+"""Fixtures for the stage-config tests: tiny models, tiny data sets, and the cfg-options that point a
+real stage config at them (the configs themselves stay as users run them)."""
+
+import os
+
+import pytest
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.tiny import make_tiny_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope='session')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny')
+    paths = make_tiny_models(str(root / 'models'))
+    write_image(root / 'images' / 'a.png', size=(120, 60), seed=3)
+    image = {'image': 'a.png', 'conversations': conv('Describe the image.', 'a wide noisy picture')}
+    text = {'conversations': conv('Say something.', 'something', image=False)}
+    paths['same'] = write_jsonl(root / 'same.jsonl', [image])
+    paths['mixed'] = write_jsonl(root / 'mixed.jsonl', [image, text])
+    paths['images'] = str(root / 'images')
+    paths['cache'] = str(root / 'cache')
+    return paths
+
+
+def tiny_options(tiny, data, repeat, batch_size=2, lr=0.01):
+    return {
+        'model.vision_encoder': tiny['internvit'], 'model.llm': tiny['llm'],
+        'train_dataloader.dataset.tokenizer': tiny['llm'],
+        'train_dataloader.dataset.data_files': f'[{data}]',
+        'train_dataloader.dataset.image_folders': f'[{tiny["images"]}]',
+        'train_dataloader.dataset.repeat_times': repeat,
+        'train_dataloader.dataset.image_size': 56, 'train_dataloader.dataset.max_dynamic_patch': 4,
+        'train_dataloader.dataset.max_length': 2048, 'train_dataloader.dataset.cache_dir': tiny['cache'],
+        'train_dataloader.batch_size': batch_size, 'train_dataloader.sampler.per_device_batch_size': batch_size,
+        'train_dataloader.num_workers': 0, 'train_dataloader.persistent_workers': False,
+        'optim_wrapper.optimizer.lr': lr, 'optim_wrapper.accumulative_counts': 1,
+        'default_hooks.logger.interval': 1, 'log_processor.window_size': 1,
+    }
+
+

@@ -1,0 +1,43 @@
+"""configs/finetune_lora.py on the tiny models: chained from an MLP warm-up checkpoint, one process
+through XTuner's train entry point on a CPU; the checkpoint holds the LoRA adapters and mlp1."""
+
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.train_utils import load_checkpoint_state, run_train
+from xtuner_plugins.models import InternVLModel
+
+CONFIG = os.path.join(ROOT, 'configs', 'finetune_lora.py')
+
+
+def test_lora_settings():
+    cfg = Config.fromfile(CONFIG)
+    assert cfg.model.freeze_llm and cfg.model.freeze_vision and not cfg.model.freeze_projector
+    assert cfg.model.llm_lora['target_modules'] == 'all-linear' and cfg.model.vision_lora is None
+    assert cfg.optim_wrapper.optimizer.lr == 4e-5
+
+
+@pytest.mark.slow
+def test_lora_from_mlp_warmup(tiny, tmp_path):
+    warm = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    with torch.no_grad():
+        for p in warm.mlp1.parameters():
+            p.add_(0.1)
+    torch.save({'state_dict': warm.state_dict()}, tmp_path / 'mlp.pth')
+    options = tiny_options(tiny, tiny['same'], repeat=12, lr=0.01)
+    options['model.pretrained_pth'] = str(tmp_path / 'mlp.pth')
+    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=options)
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert any('lora_A' in k for k in state) and any(k.startswith('mlp1.') for k in state)
+    assert all('lora_' in k or k.startswith('mlp1.') for k in state), sorted(state)[:5]
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration (6.31 -> 5.69)
+    again = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
+                          llm_lora=Config.fromfile(CONFIG).model.llm_lora, pretrained_pth=out.final_checkpoint)
+    for key, value in state.items():
+        assert torch.allclose(again.state_dict()[key], value), key

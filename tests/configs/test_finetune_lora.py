@@ -36,8 +36,25 @@ def test_lora_from_mlp_warmup(tiny, tmp_path):
     assert any('lora_A' in k for k in state) and any(k.startswith('mlp1.') for k in state)
     assert all('lora_' in k or k.startswith('mlp1.') for k in state), sorted(state)[:5]
     losses = [out.losses[i] for i in sorted(out.losses)]
-    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration (6.31 -> 5.69)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration (6.23 -> 5.59)
     again = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
                           llm_lora=Config.fromfile(CONFIG).model.llm_lora, pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(again.state_dict()[key], value), key
+
+
+QLORA_CONFIG = os.path.join(ROOT, 'configs', 'finetune_qlora.py')
+
+
+@pytest.mark.slow
+def test_qlora_one_process(tiny, tmp_path):
+    cfg = Config.fromfile(QLORA_CONFIG)
+    assert cfg.model.llm_quantization == dict(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                              bnb_4bit_use_double_quant=True)
+    assert cfg.model.llm_lora == Config.fromfile(CONFIG).model.llm_lora
+    out = run_train(QLORA_CONFIG, str(tmp_path / 'work'), cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert any('lora_A' in k for k in state) and all('lora_' in k or k.startswith('mlp1.') for k in state)
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses

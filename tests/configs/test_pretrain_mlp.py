@@ -54,7 +54,7 @@ def test_one_process_through_the_xtuner_cli(tiny, tmp_path):
                     cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
     losses = check_outcome(out, tiny)
     assert len(losses) == 6
-    # the same batch every iteration; only mlp1 learns, so the random tiny LLM moves little (6.227 -> 6.194)
+    # the same batch every iteration; only mlp1 learns, so the random tiny LLM moves little (6.231 -> 6.197)
     assert losses[-1] < losses[0] - 0.02 and losses[1:] == sorted(losses[1:], reverse=True), losses
     assert os.path.isfile(out.final_checkpoint)  # a plain run writes one .pth file
     assert glob.glob(str(tmp_path / 'work' / '*' / 'vis_data' / 'events.out.tfevents.*'))  # TensorBoard

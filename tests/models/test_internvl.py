@@ -157,3 +157,14 @@ def test_bad_arguments(tiny, tmp_path):
         build(tiny, torch_dtype='float8')
     with pytest.raises(FileNotFoundError, match='no config.json'):
         InternVLModel(official_checkpoint=str(tmp_path))
+
+
+@pytest.mark.parametrize('kw', [{}, dict(llm_lora=dict(r=4, lora_alpha=8)),
+                                dict(llm_lora=dict(r=4, lora_alpha=8), llm_quantization=dict(load_in_4bit=True))])
+def test_runner_init_weights_changes_nothing(tiny, kw):
+    """MMEngine's runner calls model.init_weights() before training; it must not redraw loaded weights."""
+    model = build(tiny, **kw)
+    before = {k: v.detach().clone() for k, v in super(InternVLModel, model).state_dict().items()}
+    model.init_weights()
+    after = super(InternVLModel, model).state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []

@@ -62,3 +62,35 @@ def test_lora_starts_from_mlp_warmup_checkpoint(tiny, tmp_path, batch):
 def test_bad_lora_settings_fail_clearly(tiny, bad):
     with pytest.raises(ValueError):
         build(tiny, llm_lora={**LORA, **bad})
+
+
+QLORA = dict(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True)
+
+
+def test_qlora_trains_adapters_on_a_4bit_llm(tiny, batch):
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    model = build(tiny, llm_lora=LORA, llm_quantization=QLORA)
+    linear = model.language_model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(linear.base_layer, bnb.nn.Linear4bit)
+    assert linear.base_layer.weight.quant_type == 'nf4' and linear.base_layer.weight.quant_state.nested  # double quant
+    keys = model.trainable_keys()
+    assert all('lora_' in k or k.startswith('mlp1.') for k in keys) and set(model.state_dict()) == keys
+    assert model.mlp1[1].weight.dtype == torch.float32  # projector and vision tower in full precision
+    assert next(model.vision_model.parameters()).dtype == torch.float32
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(batch, mode='loss')['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize('kw', [dict(llm_quantization=QLORA), dict(llm_quantization=QLORA, llm_lora=LORA,
+                                                                   freeze_llm=False)])
+def test_qlora_needs_frozen_base_and_adapters(tiny, kw):
+    with pytest.raises(ValueError, match='llm_quantization needs llm_lora and freeze_llm=True'):
+        build(tiny, **kw)

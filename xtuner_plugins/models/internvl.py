@@ -68,6 +68,8 @@ class InternVLModel(BaseModel):
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
+        llm_quantization: ``BitsAndBytesConfig`` arguments to load the LLM quantised (QLoRA: 4-bit NF4 with
+            double quantisation; needs ``llm_lora``). The vision tower and projector stay in full precision.
         pretrained_pth: a previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder) to load.
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
@@ -93,6 +95,7 @@ class InternVLModel(BaseModel):
                  vision_drop_path: float = 0.0,
                  llm_lora: Optional[dict] = None,
                  vision_lora: Optional[dict] = None,
+                 llm_quantization: Optional[dict] = None,
                  pretrained_pth: Optional[str] = None,
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
@@ -101,6 +104,9 @@ class InternVLModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
         init_seed = torch.initial_seed()
+        if llm_quantization is not None and (llm_lora is None or not freeze_llm):
+            raise ValueError('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
+                             'through LoRA adapters only (QLoRA)')
         self.select_layer = select_layer
         self.downsample_ratio = downsample_ratio
         self.ps_version = ps_version
@@ -123,7 +129,8 @@ class InternVLModel(BaseModel):
                 self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation,
                                                          drop_path_rate=vision_drop_path)
                                      if isinstance(vision_encoder, str) else vision_encoder)
-                self.language_model = (load_llm(llm, dtype, attn_implementation) if isinstance(llm, str) else llm)
+                self.language_model = (load_llm(llm, dtype, attn_implementation, llm_quantization)
+                                       if isinstance(llm, str) else llm)
                 tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
                 # Initialised from the seed the run started with, whatever the loading above consumed
                 # (DeepSpeed ZeRO-3 builds the LLM inside zero.Init, which draws random numbers differently).
@@ -148,6 +155,12 @@ class InternVLModel(BaseModel):
         for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
             if not frozen:
                 module.to(torch.float32)
+        if llm_quantization is not None:
+            from peft import prepare_model_for_kbit_training
+            # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
+            self.language_model = prepare_model_for_kbit_training(
+                self.language_model, use_gradient_checkpointing=llm_grad_ckpt,
+                gradient_checkpointing_kwargs={'use_reentrant': False})
         if llm_lora is not None:
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
@@ -163,6 +176,14 @@ class InternVLModel(BaseModel):
         if pretrained_pth:
             self.load_pretrained(pretrained_pth)
         log_parameter_counts(self)
+
+    def init_weights(self):
+        """Nothing to do: every weight was loaded or initialised when the model was built.
+
+        MMEngine's runner calls ``model.init_weights()`` before training, and its default walks into the
+        Hugging Face submodules, whose own ``init_weights`` re-initialises parameters it did not load
+        itself (it redrew the untied ``lm_head``) and cannot handle 4-bit weights.
+        """
 
     # ----------------------------------------------------------------------------- checkpoints
     def trainable_keys(self):

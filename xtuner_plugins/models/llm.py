@@ -10,6 +10,7 @@ checkpoints (``tie_word_embeddings`` false, ``lm_head`` saved on its own).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +30,21 @@ def load_tokenizer(path: str) -> Tuple[object, int]:
 
 
 def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implementation: str = 'sdpa',
-             **kwargs) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` without remote code, with the model class's settings."""
+             quantization: Optional[dict] = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` without remote code, with the model class's settings.
+
+    ``quantization``: ``BitsAndBytesConfig`` arguments (QLoRA: ``load_in_4bit=True``,
+    ``bnb_4bit_quant_type='nf4'``, ``bnb_4bit_use_double_quant=True``); the weights are quantised on this
+    process's device (its GPU, or the CPU, where bitsandbytes >= 0.48 runs 4-bit too).
+    """
+    kwargs = {}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+        cfg = {k: v for k, v in dict(quantization).items() if k != 'type'}
+        cfg.setdefault('bnb_4bit_compute_dtype', torch_dtype)
+        kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
+        kwargs['device_map'] = ({'': int(os.environ.get('LOCAL_RANK', 0))} if torch.cuda.is_available()
+                                else 'cpu')
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
                                                 attn_implementation=attn_implementation, **kwargs)
 

@@ -27,7 +27,8 @@ llm_lora = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules='all-line
 vision_lora = None        # e.g. dict(r=16, lora_alpha=32, lora_dropout=0.05)
 batch_size = 4
 accumulative_counts = 4
-lr = 4e-5                 # InternVL 2.5 stage 2
+lr = 4e-5                 # InternVL 2.5 stage 2 (the LoRA adapters)
+projector_lr = 4e-5       # mlp1; a larger one than the adapters' helps a fresh projector catch up
 weight_decay = 0.05
 max_length = 8192
 max_dynamic_patch = 12
@@ -41,4 +42,6 @@ train_dataloader.sampler.update(per_device_batch_size=batch_size)
 train_dataloader.dataset.update(data_files=data_files, image_folders=image_folders, tokenizer=llm_path,
                                 max_length=max_length, max_dynamic_patch=max_dynamic_patch)
 optim_wrapper.update(accumulative_counts=accumulative_counts)
-optim_wrapper.optimizer.update(lr=lr, weight_decay=weight_decay)
+# paramwise_cfg sits inside `optimizer` so that it survives XTuner's --deepspeed rewrite
+optim_wrapper.optimizer.update(lr=lr, weight_decay=weight_decay, paramwise_cfg=dict(
+    custom_keys={'mlp1': dict(lr_mult=projector_lr / lr)}))

@@ -5,11 +5,12 @@ CUDA is not available (see ``runtime``'s docstring).
 """
 
 from .hooks import ThroughputHook
+from .optim import OptimWrapperConstructor
 from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_patches,
                       apply_cpu_patches)
 from .schedulers import WarmupLR
 
 __all__ = [
     'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ThroughputHook', 'applied_patches',
-    'apply_cpu_patches', 'WarmupLR',
+    'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
 ]

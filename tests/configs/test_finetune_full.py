@@ -1,0 +1,55 @@
+"""configs/finetune_full.py on the tiny models: the LLM and projector trained, the vision tower too when
+asked, each with its own learning rate, which must survive XTuner's --deepspeed rewrite (ZeRO-2, 2
+processes on a CPU). LoRA under ZeRO-2 as well."""
+
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.train_utils import load_checkpoint_state, run_train
+from xtuner_plugins.models import InternVLModel
+
+CONFIG = os.path.join(ROOT, 'configs', 'finetune_full.py')
+
+
+def test_full_settings():
+    cfg = Config.fromfile(CONFIG)
+    assert (cfg.model.freeze_vision, cfg.model.freeze_projector, cfg.model.freeze_llm) == (True, False, False)
+    assert cfg.optim_wrapper.optimizer.lr == 4e-5
+    # the vision tower's own lr (stage 1.5: 1e-5) is a paramwise setting inside `optimizer`
+    assert cfg.optim_wrapper.optimizer.paramwise_cfg.custom_keys['vision_model'].lr_mult == 0.25
+
+
+@pytest.mark.slow
+def test_full_with_vision_under_zero2_keeps_per_module_lr(tiny, tmp_path):
+    options = tiny_options(tiny, tiny['same'], repeat=12, batch_size=1)
+    options.update({'model.freeze_vision': False, 'model.vision_drop_path': 0.1,
+                    # lr 0 for the vision tower: if paramwise_cfg were dropped, it would train at 0.01
+                    'optim_wrapper.optimizer.paramwise_cfg.custom_keys.vision_model.lr_mult': 0.0})
+    out = run_train(CONFIG, str(tmp_path / 'work'), nproc=2, deepspeed='zero2', cfg_options=options)
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert {k.split('.')[0] for k in state} == {'vision_model', 'mlp1', 'language_model'}
+    source = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
+                           freeze_vision=False, freeze_llm=False)
+    ref = source.state_dict()
+    vision = [k for k in state if k.startswith('vision_model.')]
+    assert vision and all(torch.equal(state[k], ref[k]) for k in vision)  # lr_mult 0: untouched
+    llm = [k for k in state if k.startswith('language_model.')]
+    assert any(not torch.equal(state[k], ref[k]) for k in llm)  # trained at the base lr
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.slow
+def test_lora_under_zero2(tiny, tmp_path):
+    out = run_train(os.path.join(ROOT, 'configs', 'finetune_lora.py'), str(tmp_path / 'work'), nproc=2,
+                    deepspeed='zero2', cfg_options=tiny_options(tiny, tiny['same'], repeat=12, batch_size=1))
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert any('lora_B' in k for k in state) and all('lora_' in k or k.startswith('mlp1.') for k in state)
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert losses[-1] < losses[0] - 0.3, losses

@@ -1,9 +1,11 @@
 """Engine plugins: CPU/GPU runtime choices (``runtime``) and training hooks (``hooks``).
 
 Importing anything from this package imports ``runtime``, which applies the CPU compatibility patches when
-CUDA is not available (see ``runtime``'s docstring).
+CUDA is not available (see ``runtime``'s docstring), and ``checkpointing``, which makes checkpoint writes
+atomic and lets resume load MMEngine checkpoints under torch >= 2.6.
 """
 
+from .checkpointing import apply_checkpoint_patches, atomic_write
 from .hooks import ThroughputHook
 from .optim import OptimWrapperConstructor
 from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_patches,
@@ -12,5 +14,5 @@ from .schedulers import WarmupLR
 
 __all__ = [
     'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ThroughputHook', 'applied_patches',
-    'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
+    'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor', 'apply_checkpoint_patches', 'atomic_write',
 ]

@@ -15,6 +15,20 @@ def tiny(tmp_path_factory):
     return make_tiny_models(str(tmp_path_factory.mktemp('tiny')))
 
 
+def train_steps(model, batch, steps, lr=1e-2):
+    """Plain AdamW steps on one batch; returns the losses."""
+    import torch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch, mode='loss')['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def build(tiny, **kw):
     kw.setdefault('torch_dtype', 'float32')
     return InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], **kw)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.models.conftest import build
+from tests.models.conftest import build, train_steps
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -20,14 +20,7 @@ def test_llm_lora_trains_adapters_and_projector_only(tiny, batch):
     assert not any('lm_head' in k for k in llm_lora)
     assert set(model.state_dict()) == keys  # checkpoints hold the adapters and mlp1, nothing frozen
     base = {n: p.detach().clone() for n, p in model.language_model.named_parameters() if 'lora_' not in n}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(batch, mode='loss')['loss']
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 6)
     assert losses[-1] < losses[0] - 0.5, losses  # adapters move the answer tokens' loss a lot
     for name, param in model.language_model.named_parameters():
         if 'lora_' not in name:
@@ -78,14 +71,7 @@ def test_qlora_trains_adapters_on_a_4bit_llm(tiny, batch):
     assert all('lora_' in k or k.startswith('mlp1.') for k in keys) and set(model.state_dict()) == keys
     assert model.mlp1[1].weight.dtype == torch.float32  # projector and vision tower in full precision
     assert next(model.vision_model.parameters()).dtype == torch.float32
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(batch, mode='loss')['loss']
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 6)
     assert losses[-1] < losses[0] - 0.5, losses
 
 

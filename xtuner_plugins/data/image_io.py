@@ -20,6 +20,7 @@ them to 255 and give a white image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Optional, Tuple
@@ -63,21 +64,29 @@ def _check_pixels(path: str, size: Tuple[int, int], max_pixels: Optional[int]) -
             f'{max_pixels} pixels (raise max_image_pixels if the image is trusted)')
 
 
-def read_image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
-    """Return ``(width, height)`` from the file header, without decoding the pixels."""
+@contextlib.contextmanager
+def _open_image(path: str, max_pixels: Optional[int], action: str):
+    """``Image.open`` with every failure turned into a :class:`SampleError` (``action`` names the step)."""
     if not os.path.isfile(path):
         raise SampleError('missing_image', f'image file not found: {path}')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                size = img.size
+                _check_pixels(path, img.size, max_pixels)
+                yield img
+    except SampleError:
+        raise
     except Image.DecompressionBombError as exc:
         raise SampleError('image_too_large', f'{path}: {exc}') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError('corrupt_image', f'cannot read image header of {path}: {exc}') from None
-    _check_pixels(path, size, max_pixels)
-    return size
+        raise SampleError('corrupt_image', f'cannot {action} {path}: {exc}') from None
+
+
+def read_image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
+    """Return ``(width, height)`` from the file header, without decoding the pixels."""
+    with _open_image(path, max_pixels, 'read image header of') as img:
+        return img.size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -101,18 +110,6 @@ def load_image(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) 
     Raises:
         SampleError: ``missing_image``, ``corrupt_image`` (unreadable or truncated) or ``image_too_large``.
     """
-    if not os.path.isfile(path):
-        raise SampleError('missing_image', f'image file not found: {path}')
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_pixels(path, img.size, max_pixels)
-                img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
-                return to_rgb(img)
-    except SampleError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise SampleError('image_too_large', f'{path}: {exc}') from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError('corrupt_image', f'cannot decode image {path}: {exc}') from None
+    with _open_image(path, max_pixels, 'decode image') as img:
+        img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
+        return to_rgb(img)

@@ -161,3 +161,16 @@ def test_runner_init_weights_changes_nothing(tiny, kw):
     model.init_weights()
     after = super(InternVLModel, model).state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_loss_reduction_setting(tiny, batch):
+    from xtuner_plugins.models.loss import causal_lm_loss
+    model = build(tiny, loss_reduction='square').eval()
+    with torch.no_grad():
+        logits = model(batch, mode='tensor')
+        assert model(batch, mode='loss')['loss'].item() == pytest.approx(
+            causal_lm_loss(logits, batch['labels'], 'square').item(), rel=1e-6)
+        assert causal_lm_loss(logits, batch['labels'], 'square').item() != pytest.approx(
+            causal_lm_loss(logits, batch['labels'], 'token').item(), rel=1e-4)
+    with pytest.raises(ValueError, match="unknown loss_reduction 'mean'"):
+        build(tiny, loss_reduction='mean')

@@ -20,17 +20,17 @@ import logging
 from typing import Dict, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
-from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
 
 from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
+from .loss import REDUCTIONS, causal_lm_loss
 from .projector import InternVLProjector, pixel_shuffle
 from .vision import load_vision_encoder, vision_features
 from .zero3 import gathered, hf_zero3_init, shape_of
@@ -74,6 +74,8 @@ class InternVLModel(BaseModel):
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers.
+        loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
+            2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
         zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
             whole on every rank; ``None``: only with CUDA (see ``zero3.hf_zero3_init``).
     """
@@ -100,6 +102,7 @@ class InternVLModel(BaseModel):
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
                  zero3_init: Optional[bool] = None,
+                 loss_reduction: str = 'token',
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
@@ -111,6 +114,9 @@ class InternVLModel(BaseModel):
         self.downsample_ratio = downsample_ratio
         self.ps_version = ps_version
         self.template = template
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f'unknown loss_reduction {loss_reduction!r}; use one of {REDUCTIONS}')
+        self.loss_reduction = loss_reduction
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
 
@@ -263,17 +269,7 @@ class InternVLModel(BaseModel):
             return out.logits, data_samples
         if mode != 'loss':
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
-        return {'loss': self.compute_loss(out.logits, data['labels'])}
-
-    @staticmethod
-    def compute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over supervised tokens (next-token prediction)."""
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(logits.device)
-        if not (shift_labels != IGNORE_INDEX).any():
-            raise ValueError('the batch has no supervised token')
-        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction)}
 
     def gradient_checkpointing_enable(self):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})

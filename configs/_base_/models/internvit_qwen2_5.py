@@ -19,5 +19,6 @@ model = dict(
     llm_grad_ckpt=True,
     torch_dtype='auto',               # bf16 on GPUs, fp32 on a CPU
     attn_implementation='sdpa',       # or 'flash_attention_2' (GPU, flash-attn installed), 'eager'
+    loss_reduction='token',           # 'token', 'sample' or 'square' (InternVL 2.5's square averaging)
     pretrained_pth=None,              # previous stage: --cfg-options model.pretrained_pth=work_dirs/.../iter_N.pth
 )

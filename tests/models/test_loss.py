@@ -1,0 +1,89 @@
+"""Loss reductions on hand-computed values, and the global denominator across two gloo ranks."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xtuner_plugins.models.loss import causal_lm_loss, token_weights
+
+IGN = -100
+
+
+def two_class_batch(margins):
+    """Vocabulary of 2; each supervised token has logits [0, m] and label 1, so its CE is log(1 + e^-m).
+    `margins[i]` lists the margins of sample i's supervised tokens (labels shifted by one, as the loss does)."""
+    length = max(len(m) for m in margins) + 1
+    logits = torch.zeros(len(margins), length, 2)
+    labels = torch.full((len(margins), length), IGN)
+    for i, ms in enumerate(margins):
+        for j, m in enumerate(ms):
+            logits[i, j, 1] = m
+            labels[i, j + 1] = 1
+    return logits, labels
+
+
+def ce(m):
+    return math.log1p(math.exp(-m))
+
+
+MARGINS = [[0.0], [1.0, 2.0, 3.0, 4.0]]  # a 1-token answer and a 4-token answer
+
+
+def test_token_mean():
+    logits, labels = two_class_batch(MARGINS)
+    expected = sum(ce(m) for ms in MARGINS for m in ms) / 5
+    assert causal_lm_loss(logits, labels, 'token').item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sample_mean():
+    logits, labels = two_class_batch(MARGINS)
+    expected = (ce(0.0) + sum(ce(m) for m in MARGINS[1]) / 4) / 2
+    assert causal_lm_loss(logits, labels, 'sample').item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_square_averaging():
+    logits, labels = two_class_batch(MARGINS)
+    # weights 1 / sqrt(1) for the first sample's token, 1 / sqrt(4) = 0.5 for each of the second's
+    expected = (1.0 * ce(0.0) + 0.5 * sum(ce(m) for m in MARGINS[1])) / (1.0 + 4 * 0.5)
+    assert causal_lm_loss(logits, labels, 'square').item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_weights_and_errors():
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert token_weights(mask, 'square').tolist() == [[1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]]
+    with pytest.raises(ValueError, match="unknown loss reduction 'mean'"):
+        token_weights(mask, 'mean')
+    logits, labels = two_class_batch([[1.0]])
+    with pytest.raises(ValueError, match='no supervised token'):
+        causal_lm_loss(logits, torch.full_like(labels, IGN))
+
+
+def _rank(rank, world, port, reduction, shards, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    logits, labels = two_class_batch(shards[rank])
+    logits.requires_grad_(True)
+    causal_lm_loss(logits, labels, reduction).backward()
+    torch.save(logits.grad, os.path.join(out_dir, f'grad{rank}.pt'))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('reduction', ['token', 'square'])
+def test_global_denominator_across_ranks(reduction, tmp_path):
+    """Rank 0 holds a 1-token sample, rank 1 a 4-token one. The gradients averaged over ranks (what DDP and
+    DeepSpeed do) must equal the gradients of the loss of the whole batch computed in one process."""
+    from tests.train_utils import free_port
+    shards = [[MARGINS[0]], [MARGINS[1]]]
+    mp.spawn(_rank, args=(2, free_port(), reduction, shards, str(tmp_path)), nprocs=2, join=True)
+    grads = [torch.load(tmp_path / f'grad{r}.pt') for r in range(2)]
+    logits, labels = two_class_batch(MARGINS)
+    logits.requires_grad_(True)
+    causal_lm_loss(logits, labels, reduction).backward()
+    # rank r's sample is row r of the whole batch; averaging over 2 ranks halves each rank's gradient
+    for r in range(2):
+        width = grads[r].shape[1]
+        assert torch.allclose(grads[r][0] / 2, logits.grad[r, :width], atol=1e-6), (r, grads[r], logits.grad)

@@ -58,3 +58,21 @@ def test_qlora_one_process(tiny, tmp_path):
     assert any('lora_A' in k for k in state) and all('lora_' in k or k.startswith('mlp1.') for k in state)
     losses = [out.losses[i] for i in sorted(out.losses)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.slow
+def test_lora_from_an_official_checkpoint(tiny, tmp_path):
+    """The README's second LoRA command: start from an official InternVL folder instead of encoder + LLM."""
+    from tests.models.conftest import write_official
+    source = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    official = str(tmp_path / 'InternVL-tiny')
+    write_official(source, official)
+    options = tiny_options(tiny, tiny['same'], repeat=12)
+    options.update({'model.official_checkpoint': official, 'model.vision_encoder': None, 'model.llm': None,
+                    'train_dataloader.dataset.tokenizer': official})
+    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=options)
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert any('lora_A' in k for k in state) and all('lora_' in k or k.startswith('mlp1.') for k in state)
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert losses[-1] < losses[0] - 0.3, losses

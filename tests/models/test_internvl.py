@@ -1,18 +1,14 @@
 """InternVLModel on the tiny look-alikes: assembly, tokens and embeddings, image-token injection,
 trainable-only checkpoints, stage chaining and starting from an official-layout checkpoint."""
 
-import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from tests.models.conftest import build, train_steps
+from tests.models.conftest import build, train_steps, write_official
 from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.models import InternVLModel
-from xtuner_plugins.models.vision import hf_to_official_vision_config, hf_to_official_vision_state_dict
 
 
 def test_tokens_and_embeddings(tiny):
@@ -107,23 +103,6 @@ def test_pretrained_pth_chains_stages(tiny, tmp_path):
     torch.save({'state_dict': {'nope.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
     with pytest.raises(ValueError, match=r"bad.pth: 1 keys do not belong to this model .*nope.weight"):
         build(tiny, pretrained_pth=str(tmp_path / 'bad.pth'))
-
-
-def write_official(model, folder):
-    """A folder in the official InternVL layout (what the converter issue will produce properly)."""
-    os.makedirs(folder, exist_ok=True)
-    full = {k: v for k, v in super(InternVLModel, model).state_dict().items()}
-    state = {f'vision_model.{k}': v for k, v in hf_to_official_vision_state_dict(
-        {k[len('vision_model.'):]: v for k, v in full.items() if k.startswith('vision_model.')}).items()}
-    state.update({k: v for k, v in full.items() if k.startswith(('mlp1.', 'language_model.'))})
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'))
-    llm_config = model.language_model.config.to_dict()
-    config = dict(architectures=['InternVLChatModel'], model_type='internvl_chat', downsample_ratio=0.5,
-                  ps_version='v2', select_layer=-1, template='internvl2_5',
-                  vision_config=hf_to_official_vision_config(model.vision_model.config), llm_config=llm_config)
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(config, f)
-    model.tokenizer.save_pretrained(folder)
 
 
 def test_start_from_official_checkpoint(tiny, batch, tmp_path):

@@ -19,8 +19,9 @@ from xtuner_plugins.engine.checkpointing import atomic_write
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 
 
-def options(tiny):
-    opts = tiny_options(tiny, tiny['mixed'], repeat=8, batch_size=2)  # 16 shuffled samples, 8 iterations
+def options(tiny, batch_size=2):
+    # 16 shuffled samples: 8 iterations in one process with 2 per batch, or in two with 1 each
+    opts = tiny_options(tiny, tiny['mixed'], repeat=8, batch_size=batch_size)
     opts.update({'default_hooks.checkpoint.interval': 2, 'default_hooks.checkpoint.max_keep_ckpts': -1})
     return opts
 
@@ -87,3 +88,25 @@ def test_mmengine_saves_through_it(tmp_path):
     save_checkpoint({'state_dict': model.state_dict(), 'message_hub': {'x': HistoryBuffer()}}, path)
     loaded = load_checkpoint(torch.nn.Linear(2, 2), path)  # torch >= 2.6 would refuse it by default
     assert isinstance(loaded['message_hub']['x'], HistoryBuffer)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_resume(tiny, tmp_path):
+    """Resume from a DeepSpeed checkpoint folder: roll a finished 2-process ZeRO-2 run back to iter_4 (as a
+    kill after that save would leave it) and resume; iterations 5..8 repeat the same losses."""
+    import shutil
+    full = run_train(CONFIG, str(tmp_path / 'full'), nproc=2, deepspeed='zero2', cfg_options=options(tiny, 1))
+    assert sorted(full.losses) == list(range(1, 9))
+    assert full.ok, full.summary()
+    work = tmp_path / 'rolled_back'
+    shutil.copytree(tmp_path / 'full', work, ignore=shutil.ignore_patterns('iter_6.pth', 'iter_8.pth', '2026*'))
+    atomic_write(str(work / 'iter_4.pth'), work / 'last_checkpoint')
+    assert os.path.isdir(work / 'iter_4.pth')
+    resumed = run_train(CONFIG, str(work), nproc=2, deepspeed='zero2',
+                        cfg_options={**options(tiny, 1), 'resume': True})
+    assert resumed.ok, resumed.summary()
+    assert 'resumed epoch: 0, iter: 4' in resumed.log
+    after = {i: v for i, v in resumed.losses.items() if i > 4}
+    assert sorted(after) == [5, 6, 7, 8], resumed.losses
+    for i in after:
+        assert after[i] == pytest.approx(full.losses[i], abs=1e-6), (i, after[i], full.losses[i])

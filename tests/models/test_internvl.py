@@ -1,7 +1,6 @@
 """InternVLModel on the tiny look-alikes: assembly, tokens and embeddings, image-token injection,
 trainable-only checkpoints, stage chaining and starting from an official-layout checkpoint."""
 
-
 import pytest
 import torch
 

@@ -11,7 +11,9 @@ key                  shape / dtype               meaning
 ``attention_mask``   ``[B, L]`` bool             ``True`` on real tokens
 ``pixel_values``     ``[T, 3, S, S]`` uint8      all tiles of the batch, sample after sample
 ``image_flags``      ``[T]`` long                1 for real tiles, 0 for text-only dummies
-``num_tiles``        ``[B]`` long                tiles per sample (``sum == T``)
+``num_tiles``        ``[B]`` long                tiles per item (``sum == T``)
+``position_ids``     ``[B, L]`` long             packed items only: restart at 0 per sample
+``seq_lens``         list of ``[k_b]`` long      packed items only: tokens of each sample of row b
 ===================  ==========================  ==============================================
 """
 
@@ -48,7 +50,15 @@ def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
         input_ids[i, :n] = x['input_ids']
         labels[i, :n] = x['labels']
         attention_mask[i, :n] = True
+    if all('position_ids' in x for x in instances):  # packed items (see packing.py)
+        position_ids = torch.zeros((batch, max_len), dtype=torch.long)
+        for i, (x, n) in enumerate(zip(instances, lengths)):
+            position_ids[i, :n] = x['position_ids']
+        packed = dict(position_ids=position_ids, seq_lens=[x['seq_lens'] for x in instances])
+    else:
+        packed = {}
     data = dict(
+        **packed,
         input_ids=input_ids,
         labels=labels,
         attention_mask=attention_mask,

@@ -262,24 +262,30 @@ class InternVLDataset(Dataset):
         raise TooManyBadSamplesError(f'no sample of {n} could be loaded: {dict(self.failures)}')
 
     # ------------------------------------------------------------------ lengths for grouping
-    def _record_lengths(self) -> np.ndarray:
-        """Token length of every record (text plus image tokens), negative for text-only samples."""
+    def _record_stats(self) -> np.ndarray:
+        """``[records, 2]``: token length of every record (text plus image tokens, negative for text-only
+        samples) and its number of tiles."""
         if self._lengths is None:
             if self.tokenizer is None:
                 raise ValueError('sample lengths need a tokenizer')
             parts = []
             for src, rng in zip(self.sources, self._source_ranges):
                 parts.append(compute_source_lengths(self, src, [self.records[i] for i in rng]))
-            self._lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            self._lengths = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
         return self._lengths
 
     @property
     def modality_length(self) -> List[int]:
         """Per-item lengths, positive with images and negative without (XTuner's LengthGroupedSampler
         with ``length_property='modality_length'`` then keeps image and text-only batches apart)."""
-        return self._record_lengths()[self._index].tolist()
+        return self._record_stats()[self._index, 0].tolist()
 
     @property
     def length(self) -> List[int]:
         """Per-item lengths, all positive (groups by length with modalities mixed)."""
-        return np.abs(self._record_lengths()[self._index]).tolist()
+        return np.abs(self._record_stats()[self._index, 0]).tolist()
+
+    @property
+    def num_tiles_per_item(self) -> List[int]:
+        """Per-item tile counts estimated from image headers (1 for a text-only sample's dummy tile)."""
+        return self._record_stats()[self._index, 1].tolist()

@@ -33,7 +33,7 @@ from .tiling import num_tiles
 if TYPE_CHECKING:  # pragma: no cover
     from .dataset import InternVLDataset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tiles per sample stored beside the length
 
 
 def default_cache_dir() -> str:
@@ -56,13 +56,15 @@ def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> int:
+def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[int]:
+    """``[signed length, tiles]`` of one record (tiles: 1 for the dummy tile of a text-only sample)."""
     sample = parse_record(record)
     images = sample.get('image') or []
     images = [images] if isinstance(images, str) else images
     text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system,
                              num_images=len(images))
     image_tokens = 0
+    all_tiles = 0
     max_num = ds.max_tiles_per_image(record, len(images))
     for path in images:
         try:
@@ -73,16 +75,18 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> in
         tiles = num_tiles(width, height, min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
                           ds.use_thumbnail)
         image_tokens += tiles * ds.num_image_token + 2
+        all_tiles += tiles
     total = text + image_tokens
     if ds.max_length:
         total = min(total, ds.max_length)
     total = max(total, 1)
-    return total if images else -total
+    return [total, all_tiles] if images else [-total, 1]
 
 
 def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List[Record],
                            cache_dir: Optional[str] = None) -> np.ndarray:
-    """Lengths of one source's (valid) records, read from or written to the cache."""
+    """``[N, 2]``: signed length and tile count of each of one source's (valid) records, from the cache or
+    computed and cached."""
     cache_dir = cache_dir or ds.cache_dir or default_cache_dir()
     key = _cache_key(ds, src)
     cache_file = os.path.join(cache_dir, f'{key}.json')
@@ -92,7 +96,7 @@ def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List
             with open(cache_file) as f:
                 cached = json.load(f)
             if cached.get('lines') == lines:
-                return np.asarray(cached['lengths'], dtype=np.int64)
+                return np.asarray(cached['lengths'], dtype=np.int64).reshape(-1, 2)
         except (OSError, ValueError):
             pass  # unreadable cache: recompute
     print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
@@ -104,4 +108,4 @@ def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List
     with os.fdopen(fd, 'w') as f:
         json.dump(dict(annotation=os.path.abspath(src.annotation), lines=lines, lengths=lengths), f)
     os.replace(tmp, cache_file)  # atomic: concurrent ranks never read a half-written cache
-    return np.asarray(lengths, dtype=np.int64)
+    return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)

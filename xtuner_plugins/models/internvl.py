@@ -261,7 +261,15 @@ class InternVLModel(BaseModel):
 
     def forward(self, data: Dict[str, torch.Tensor], data_samples=None, mode: str = 'loss'):
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
-        out = self.language_model(inputs_embeds=embeds, attention_mask=data.get('attention_mask'),
+        segments = None
+        attention_mask, position_ids = data.get('attention_mask'), data.get('position_ids')
+        if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
+            segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
+            if self.language_model.config._attn_implementation == 'flash_attention_2':
+                attention_mask = None  # varlen kernels, from the restarting position ids
+            else:
+                attention_mask = block_causal_mask(segments, embeds.dtype)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False, return_dict=True)
         if mode == 'tensor':
             return out.logits
@@ -269,10 +277,31 @@ class InternVLModel(BaseModel):
             return out.logits, data_samples
         if mode != 'loss':
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
-        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction)}
+        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments)}
 
     def gradient_checkpointing_enable(self):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+
+
+def packed_segments(seq_lens, length: int, device) -> torch.Tensor:
+    """``[B, L]`` sample ids of packed rows from per-row sample lengths; padding is -1."""
+    rows = []
+    for lens in seq_lens:
+        lens = torch.as_tensor(lens, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+        rows.append(torch.cat([ids, ids.new_full((length - ids.numel(),), -1)]))
+    return torch.stack(rows)
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[B, 1, L, L]`` mask: a token sees the earlier tokens of its own sample only (padding sees
+    itself, so no row is empty)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

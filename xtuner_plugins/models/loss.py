@@ -15,6 +15,8 @@ ranks the result is the gradient of the global ``sum(w * CE) / sum(w)``, whateve
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,26 +26,35 @@ from xtuner_plugins.data.template import IGNORE_INDEX
 REDUCTIONS = ('token', 'sample', 'square')
 
 
-def token_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-token weights ``[B, L]`` for a supervision mask ``[B, L]`` (one row per sample)."""
+def token_weights(mask: torch.Tensor, reduction: str, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token weights ``[B, L]`` for a supervision mask ``[B, L]``. A sample is a row, or with
+    ``segments`` (``[B, L]`` sample ids within each row, for packed sequences) a segment of a row."""
     if reduction not in REDUCTIONS:
         raise ValueError(f'unknown loss reduction {reduction!r}; use one of {REDUCTIONS}')
-    mask = mask.float()
+    maskf = mask.float()
     if reduction == 'token':
-        return mask
-    n = mask.sum(dim=1, keepdim=True).clamp(min=1)
-    return mask / n if reduction == 'sample' else mask * n.rsqrt()
+        return maskf
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    if segments is None:
+        key = rows
+    else:
+        key = rows * (int(segments.max()) + 2) + segments.clamp(min=-1) + 1
+    _, inverse = torch.unique(key.reshape(-1), return_inverse=True)
+    counts = torch.zeros(int(inverse.max()) + 1, device=mask.device).index_add_(0, inverse, maskf.reshape(-1))
+    n = counts[inverse].reshape(mask.shape).clamp(min=1)
+    return maskf / n if reduction == 'sample' else maskf * n.rsqrt()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'token',
-                   global_denominator: bool = True) -> torch.Tensor:
-    """Shifted cross-entropy of ``logits [B, L, V]`` against ``labels [B, L]`` (``-100`` = not supervised)."""
+                   global_denominator: bool = True, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Shifted cross-entropy of ``logits [B, L, V]`` against ``labels [B, L]`` (``-100`` = not supervised);
+    ``segments [B, L]`` are sample ids of packed rows (see :func:`token_weights`)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(logits.device)
     mask = shift_labels != IGNORE_INDEX
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                          shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none')
-    weights = token_weights(mask, reduction)
+    weights = token_weights(mask, reduction, None if segments is None else segments[:, 1:].to(mask.device))
     numerator = (weights.reshape(-1) * ce).sum()
     denominator = weights.sum().detach()
     scale = 1.0

@@ -1,0 +1,106 @@
+"""Packed sequences: several samples in one row, as InternVL 2.5 trains.
+
+:func:`greedy_packs` groups samples, in a seeded shuffled order, into packs of at most ``max_tokens``
+tokens and ``max_tiles`` tiles (a sample is never split, so never inside an image; a sample bigger than
+a budget alone gets a pack of its own). Sizes come from the dataset's header-based estimates
+(``length``, ``num_tiles_per_item``), so packing decodes no image.
+
+:class:`PackedInternVLDataset` wraps an :class:`~xtuner_plugins.data.dataset.InternVLDataset`; each item is
+one pack: the samples' ``input_ids``/``labels``/tiles concatenated, ``position_ids`` restarting at 0 for
+every sample and ``seq_lens`` (tokens per sample). The model turns ``seq_lens`` into attention that never
+crosses samples (a block-diagonal causal mask; varlen kernels with flash attention) and the loss counts
+samples by them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import SampleError, TooManyBadSamplesError
+
+
+def greedy_packs(lengths: Sequence[int], tiles: Sequence[int], max_tokens: int,
+                 max_tiles: Optional[int] = None, order: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """Group item indices (taken in ``order``) into packs within ``max_tokens`` and ``max_tiles``."""
+    if max_tokens < 1 or (max_tiles is not None and max_tiles < 1):
+        raise ValueError(f'packing budgets must be positive, got max_tokens={max_tokens}, max_tiles={max_tiles}')
+    packs, current, tok, til = [], [], 0, 0
+    for i in (range(len(lengths)) if order is None else order):
+        n, t = abs(int(lengths[i])), int(tiles[i])
+        fits = tok + n <= max_tokens and (max_tiles is None or til + t <= max_tiles)
+        if current and not fits:
+            packs.append(current)
+            current, tok, til = [], 0, 0
+        current.append(i)
+        tok += n
+        til += t
+    if current:
+        packs.append(current)
+    return packs
+
+
+class PackedInternVLDataset(Dataset):
+    """Packs of an :class:`InternVLDataset` (see the module docstring).
+
+    Args:
+        dataset: the dataset (or its config dict) to pack.
+        max_tokens: token budget per pack (InternVL 2.5 uses 16384).
+        max_tiles: tile budget per pack (bounds the vision tower's batch); ``None`` for no limit.
+        seed: seed of the shuffled order packs are filled in.
+        shuffle: fill packs in a shuffled order (else in dataset order).
+    """
+
+    def __init__(self, dataset, max_tokens: int = 16384, max_tiles: Optional[int] = None, seed: int = 0,
+                 shuffle: bool = True):
+        super().__init__()
+        if isinstance(dataset, dict):
+            from xtuner.registry import BUILDER
+            dataset = BUILDER.build(dataset)
+        self.dataset = dataset
+        order = list(range(len(dataset)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        self.packs = greedy_packs(dataset.length, dataset.num_tiles_per_item, max_tokens, max_tiles, order)
+        self.max_tokens, self.max_tiles = max_tokens, max_tiles
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    @property
+    def length(self) -> List[int]:
+        lengths = self.dataset.length
+        return [sum(lengths[i] for i in pack) for pack in self.packs]
+
+    def _load_pack(self, pack: List[int]) -> List[Dict[str, torch.Tensor]]:
+        items = []
+        for i in pack:
+            record = self.dataset.records[self.dataset._index[i]]
+            try:
+                items.append(self.dataset.load_sample(record))
+            except SampleError as err:
+                self.dataset._count_failure(err.with_source(self.dataset.where(record)))
+        return items
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        for attempt in range(len(self.packs)):
+            items = self._load_pack(self.packs[(index + attempt) % len(self.packs)])
+            if items:
+                return pack_items(items)
+        raise TooManyBadSamplesError(f'no pack of {len(self.packs)} has a loadable sample')
+
+
+def pack_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Concatenate loaded samples into one packed item."""
+    seq_lens = [int(x['input_ids'].shape[0]) for x in items]
+    pixel_values = torch.cat([x['pixel_values'] for x in items])
+    return dict(input_ids=torch.cat([x['input_ids'] for x in items]),
+                labels=torch.cat([x['labels'] for x in items]),
+                position_ids=torch.cat([torch.arange(n) for n in seq_lens]),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.long),
+                pixel_values=pixel_values,
+                image_flags=torch.cat([x['image_flags'] for x in items]),
+                num_tiles=pixel_values.shape[0])

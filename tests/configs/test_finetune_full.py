@@ -53,3 +53,20 @@ def test_lora_under_zero2(tiny, tmp_path):
     assert any('lora_B' in k for k in state) and all('lora_' in k or k.startswith('mlp1.') for k in state)
     losses = [out.losses[i] for i in sorted(out.losses)]
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.slow
+def test_packed_full_finetuning(tiny, tmp_path):
+    config = os.path.join(ROOT, 'configs', 'finetune_full_packed.py')
+    options = {k.replace('train_dataloader.dataset.', 'train_dataloader.dataset.dataset.'): v
+               for k, v in tiny_options(tiny, tiny['mixed'], repeat=6).items()}
+    options.update({'train_dataloader.batch_size': 1, 'train_dataloader.sampler.per_device_batch_size': 1,
+                    'train_dataloader.dataset.max_tokens': 600, 'train_dataloader.dataset.max_tiles': 12})
+    out = run_train(config, str(tmp_path / 'work'), cfg_options=options)
+    assert out.ok, out.summary()
+    assert "loss_reduction='square'" in out.log
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    tokens, samples = out.scalar_series('tokens_per_sec'), out.scalar_series('samples_per_sec')
+    # several samples per pack: tokens per sample is a sample's size, not a whole pack's (up to 600)
+    assert all(tokens[i] / samples[i] < 400 for i in samples), (tokens, samples)

@@ -37,5 +37,7 @@ def test_packed_items(tmp_path, tiny_tokenizer):
     assert item['image_flags'].tolist().count(0) == 1 and item['num_tiles'] == item['pixel_values'].shape[0]
     batch = internvl_collate_fn([item, packed[0]], pad_token_id=0)['data']
     assert batch['position_ids'].shape == batch['input_ids'].shape and len(batch['seq_lens']) == 2
+    from xtuner_plugins.engine.hooks import count_tokens_and_samples
+    assert count_tokens_and_samples({'data': batch}) == (2 * sum(lens), 8)  # throughput counts packed samples
     small = PackedInternVLDataset(ds, max_tokens=max(ds.length), max_tiles=3, seed=0)
     assert len(small) > 1 and all(sum(ds.num_tiles_per_item[i] for i in p) <= 3 for p in small.packs)

@@ -32,8 +32,8 @@ def count_tokens_and_samples(data_batch: Any) -> Tuple[Optional[int], Optional[i
     """(non-padding tokens, samples) of an XTuner-style batch ``{'data': {...}, 'data_samples': ...}``.
 
     Tokens: ``attention_mask.sum()`` when the batch has a mask, else ``input_ids.numel()`` (packed/varlen
-    batches carry no padding). Samples: the batch dimension, or the number of sequences recorded in
-    ``cumulative_len`` for packed batches. ``None`` where the batch does not tell.
+    batches carry no padding). Samples: the batch dimension, or for packed batches the number of samples
+    in ``seq_lens`` (this project's packs) or ``cumulative_len`` (XTuner's). ``None`` where the batch does not tell.
     """
     data = _as_data_dict(data_batch)
     if data is None:
@@ -47,6 +47,9 @@ def count_tokens_and_samples(data_batch: Any) -> Tuple[Optional[int], Optional[i
     elif torch.is_tensor(ids):
         tokens = int(ids.numel())
         samples = int(ids.shape[0]) if ids.dim() > 0 else 1
+    seq_lens = data.get('seq_lens')  # our packed batches (xtuner_plugins.data.packing)
+    if isinstance(seq_lens, (list, tuple)) and seq_lens:
+        samples = sum(int(len(s)) for s in seq_lens)
     cumulative_len = data.get('cumulative_len')
     if isinstance(cumulative_len, (list, tuple)) and cumulative_len:
         samples = sum(max(int(len(c)) - 1, 0) for c in cumulative_len)

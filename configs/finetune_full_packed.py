@@ -1,0 +1,26 @@
+# configs/finetune_full.py on packed sequences (as InternVL 2.5 trains): samples are packed greedily up to
+# 16384 tokens and 48 tiles per row, attention never crosses samples, one pack per device per step.
+#
+#   NPROC_PER_NODE=8 xtuner train configs/finetune_full_packed.py --deepspeed deepspeed_zero3 --cfg-options \
+#       model.pretrained_pth=work_dirs/pretrain_mlp/iter_N.pth \
+#       train_dataloader.dataset.dataset.data_files=[data/sft.jsonl] \
+#       train_dataloader.dataset.dataset.image_folders=[data/images]
+from mmengine.config import read_base
+
+from xtuner_plugins.data.packing import PackedInternVLDataset
+
+with read_base():
+    from .finetune_full import *
+
+# ---------------------------------------------------------------- settings users edit
+max_tokens = 16384        # tokens per pack (InternVL 2.5)
+max_tiles = 48            # tiles per pack: bounds the vision tower's batch
+loss_reduction = 'square'  # InternVL 2.5's square averaging, per sample inside the packs
+# ---------------------------------------------------------------------------------------
+
+model.update(loss_reduction=loss_reduction)
+# assigned, not update()d: update() would merge into the wrapped dataset's own dict
+train_dataloader['dataset'] = dict(type=PackedInternVLDataset, dataset=train_dataloader['dataset'],
+                                   max_tokens=max_tokens, max_tiles=max_tiles)
+train_dataloader.update(batch_size=1)
+train_dataloader.sampler.update(per_device_batch_size=1)

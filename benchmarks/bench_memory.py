@@ -64,6 +64,7 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     import torch
 
     from xtuner_plugins.models import InternVLModel
+    from xtuner_plugins.models.internvl import count_parameters
     settings = dict(STAGES[stage])
     model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], llm_grad_ckpt=True,
                           torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
@@ -72,10 +73,7 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     else:
         model.vision_model.to(device)
         model.mlp1.to(device)
-    def numel(p):  # a 4-bit weight stores two values per byte; count the values
-        return p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel()
-    counts = dict(total=sum(numel(p) for p in model.parameters()),
-                  trainable=sum(numel(p) for p in model.parameters() if p.requires_grad))
+    counts = count_parameters(model)
     s, tiles, per_tile = models['image_size'], 13, (models['image_size'] // 14) ** 2 // 4
     text = 64
     ids = torch.randint(0, 400, (batch, text + tiles * per_tile))

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xtuner_plugins.data.dataset import InternVLDataset, sample_images  # noqa: E402
+from xtuner_plugins.data.dataset import InternVLDataset  # noqa: E402
 from xtuner_plugins.data.errors import SampleError  # noqa: E402
 from xtuner_plugins.data.image_io import load_image, resolve_image_path  # noqa: E402
+from xtuner_plugins.data.sources import sample_images  # noqa: E402
 from xtuner_plugins.data.template import tokenize_conversation  # noqa: E402
 from xtuner_plugins.data.tiling import num_tiles  # noqa: E402
 

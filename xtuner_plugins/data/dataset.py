@@ -38,22 +38,11 @@ from torch.utils.data import Dataset
 from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
-from .sources import DataSource, Record, expand_sources, parse_record, read_records, repeat_indices
+from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
+                      sample_images)
 from .template import (add_internvl_tokens, check_conversations, disable_tokenizer_parallelism, get_template,
                        tokenize_conversation)
 from .tiling import tile_image
-
-
-def sample_images(sample: dict) -> List[str]:
-    """The image paths of a sample (``image`` may be absent, a string or a list of strings)."""
-    image = sample.get('image')
-    if image is None:
-        return []
-    if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(p, str) and p for p in image):
-        return list(image)
-    raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')
 
 
 def build_tokenizer(tokenizer):

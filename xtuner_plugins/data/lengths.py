@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .errors import SampleError
 from .image_io import read_image_size, resolve_image_path
-from .sources import DataSource, Record, parse_record
+from .sources import DataSource, Record, parse_record, sample_images
 from .template import count_text_tokens
 from .tiling import num_tiles
 
@@ -59,8 +59,10 @@ def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
 def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[int]:
     """``[signed length, tiles]`` of one record (tiles: 1 for the dummy tile of a text-only sample)."""
     sample = parse_record(record)
-    images = sample.get('image') or []
-    images = [images] if isinstance(images, str) else images
+    try:
+        images = sample_images(sample)
+    except SampleError:
+        images = []  # reported when the sample is loaded
     text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system,
                              num_images=len(images))
     image_tokens = 0

@@ -191,3 +191,15 @@ def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:
     if extra:
         indices += sorted(random.Random(seed).sample(range(n), extra))
     return indices
+
+
+def sample_images(sample: dict) -> List[str]:
+    """The image paths of a sample (``image`` may be absent, a string or a list of strings)."""
+    image = sample.get('image')
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) and p for p in image):
+        return list(image)
+    raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')

@@ -305,9 +305,11 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Total and trainable parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Total and trainable parameter counts (a 4-bit weight stores two values per byte: its values count)."""
+    def numel(p):
+        return p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel()
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return dict(total=total, trainable=trainable)
 
 

@@ -34,3 +34,19 @@ def write_jsonl(path, samples):
 def conv(question='What is shown?', answer='A red square.', image=True):
     q = ('<image>\n' if image else '') + question
     return [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': answer}]
+
+
+def tiny_workspace(root):
+    """Tiny models plus two small data sets (``same``: one image sample; ``mixed``: image + text-only) under
+    ``root``; returns the paths (``internvit``, ``llm``, ``same``, ``mixed``, ``images``, ``cache``)."""
+    from xtuner_plugins.tiny import make_tiny_models
+    root = str(root)
+    paths = make_tiny_models(os.path.join(root, 'models'))
+    write_image(os.path.join(root, 'images', 'a.png'), size=(120, 60), seed=3)
+    image = {'image': 'a.png', 'conversations': conv('Describe the image.', 'a wide noisy picture')}
+    text = {'conversations': conv('Say something.', 'something', image=False)}
+    paths['same'] = write_jsonl(os.path.join(root, 'same.jsonl'), [image])
+    paths['mixed'] = write_jsonl(os.path.join(root, 'mixed.jsonl'), [image, text])
+    paths['images'] = os.path.join(root, 'images')
+    paths['cache'] = os.path.join(root, 'cache')
+    return paths

@@ -5,24 +5,14 @@ import os
 
 import pytest
 
-from tests.helpers import conv, write_image, write_jsonl
-from xtuner_plugins.tiny import make_tiny_models
+from tests.helpers import tiny_workspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope='session')
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('tiny')
-    paths = make_tiny_models(str(root / 'models'))
-    write_image(root / 'images' / 'a.png', size=(120, 60), seed=3)
-    image = {'image': 'a.png', 'conversations': conv('Describe the image.', 'a wide noisy picture')}
-    text = {'conversations': conv('Say something.', 'something', image=False)}
-    paths['same'] = write_jsonl(root / 'same.jsonl', [image])
-    paths['mixed'] = write_jsonl(root / 'mixed.jsonl', [image, text])
-    paths['images'] = str(root / 'images')
-    paths['cache'] = str(root / 'cache')
-    return paths
+    return tiny_workspace(tmp_path_factory.mktemp('tiny'))
 
 
 def tiny_options(tiny, data, repeat, batch_size=2, lr=0.01):

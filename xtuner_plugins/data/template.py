@@ -58,12 +58,9 @@ INTERNVL_ADDED_TOKENS: Tuple[str, ...] = (
     '<img>', '</img>', '<IMG_CONTEXT>', '<quad>', '</quad>', '<ref>', '</ref>', '<box>', '</box>',
 )
 
-# InternVL's default system message of its ``internvl2_5`` template. Copied (as a fact) from
-# OpenGVLab/InternVL ``internvl_chat/internvl/conversation.py``, ``register_conv_template(Conversation(
-# name='internvl2_5', ..., system_message=...))``, checked at commit 2410d1dbf208f0e799459aff9376e5747dbf41a2.
-INTERNVL_SYSTEM_MESSAGE = (
-    '你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。'
-)
+# InternVL's default system message of its ``internvl2_5`` template (OpenGVLab/InternVL
+# ``internvl_chat/internvl/conversation.py``); one copy, in the conversation file shipped with converted models.
+from xtuner_plugins.remote_code.conversation import INTERNVL_SYSTEM_MESSAGE  # noqa: E402
 
 # Tokens that only the pipeline may write: text containing them would break the image-token count.
 _RESERVED_IN_TEXT = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)

@@ -16,8 +16,13 @@ from typing import Dict, Optional
 import torch
 
 
-def load_trained_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The model state dict stored at ``path`` (file or DeepSpeed folder), on the CPU."""
+def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Tensor]:
+    """The model state dict stored at ``path`` (file or DeepSpeed folder), on the CPU.
+
+    ``lazy``: a ``.pth`` is memory-mapped and a DeepSpeed folder consolidated lazily (DeepSpeed's
+    ``lazy_mode``); call ``.contiguous()`` on a value to get its tensor. Memory then grows with the tensor
+    being read, not with the whole checkpoint.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if os.path.isdir(path):
@@ -25,11 +30,11 @@ def load_trained_state_dict(path: str) -> Dict[str, torch.Tensor]:
         parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))
         if not any(name.endswith('model_states.pt') for name in os.listdir(path)):
             raise ValueError(f'{path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside)')
-        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
     else:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
         # which torch's weights_only loader refuses; they are this project's own outputs.
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=lazy)
         state = (ckpt.get('state_dict', ckpt.get('module', ckpt)) if isinstance(ckpt, dict) else None)
         if not isinstance(state, dict):
             raise ValueError(f'{path}: no state dict found (keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})')

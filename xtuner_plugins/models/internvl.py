@@ -78,6 +78,8 @@ class InternVLModel(BaseModel):
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
         zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
             whole on every rank; ``None``: only with CUDA (see ``zero3.hf_zero3_init``).
+        trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
+            ``torch_dtype`` (the converter and chat tools, which only run the model).
     """
 
     def __init__(self,
@@ -103,6 +105,7 @@ class InternVLModel(BaseModel):
                  attn_implementation: str = 'sdpa',
                  zero3_init: Optional[bool] = None,
                  loss_reduction: str = 'token',
+                 trainable_fp32: bool = True,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
@@ -157,10 +160,11 @@ class InternVLModel(BaseModel):
             module.requires_grad_(not frozen)
         # Pretrained weights stay in `dtype`; what is trained is kept in fp32 (DeepSpeed keeps its own
         # fp32 master copy; MMEngine's AMP casts on the fly).
-        self.mlp1.to(torch.float32 if not freeze_projector else dtype)
+        trained_dtype = torch.float32 if trainable_fp32 else dtype
+        self.mlp1.to(trained_dtype if not freeze_projector else dtype)
         for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
             if not frozen:
-                module.to(torch.float32)
+                module.to(trained_dtype)
         if llm_quantization is not None:
             from peft import prepare_model_for_kbit_training
             # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
@@ -203,24 +207,42 @@ class InternVLModel(BaseModel):
             del full[key]
         return full
 
-    def load_pretrained(self, path: str) -> None:
-        """Load a previous stage's checkpoint (trained parameters only) onto this model."""
-        state = load_trained_state_dict(path)
+    def load_pretrained(self, path: str, strict: bool = False) -> None:
+        """Load a checkpoint of trained parameters (mmengine ``.pth`` or DeepSpeed folder) onto this model.
+
+        Tensors are read one at a time (memory-mapped / lazily consolidated), so loading needs little more
+        memory than the model. ``strict``: the checkpoint must hold exactly the parameters this model trains
+        (the converter's check that checkpoint and config belong together); otherwise (a previous stage's
+        checkpoint) any subset of the model's parameters is accepted.
+        """
+        state = load_trained_state_dict(path, lazy=True)
         own = dict(self.named_parameters())
         unexpected = sorted(k for k in state if k not in own)
+        if strict:
+            trained = self.trainable_keys()
+            unexpected = sorted(k for k in state if k not in trained)
+            missing = sorted(trained - set(state))
+            if missing:
+                raise ValueError(f'{path}: {len(missing)} trained parameters of this config are missing from '
+                                 f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
         if unexpected:
-            raise ValueError(f'{path}: {len(unexpected)} keys do not belong to this model '
-                             f'(first: {unexpected[:5]}); was it trained with another config?')
+            raise ValueError(f'{path}: {len(unexpected)} keys do not belong to '
+                             f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
+                             f'was it trained with another config or options?')
         mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[k]))}'
                       for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[k]))]
         if mismatched:
-            raise ValueError(f'{path}: shape mismatch for {len(mismatched)} keys: {mismatched[:5]}')
+            raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
+                             f'{len(mismatched)} keys: {mismatched[:5]}')
+        count, numel = len(state), 0
         with torch.no_grad():
-            for key, value in state.items():
+            for key in list(state):
+                value = state.pop(key).contiguous()
                 with gathered([own[key]], modify=True):
                     own[key].copy_(value.to(own[key].dtype))
-        print_log(f'Loaded {len(state)} tensors from {path} '
-                  f'({sum(v.numel() for v in state.values())} parameters)', logger='current')
+                numel += value.numel()
+                del value
+        print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')
 
     # ----------------------------------------------------------------------------- forward
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:

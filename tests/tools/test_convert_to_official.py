@@ -1,0 +1,250 @@
+"""tools/convert_to_official.py on tiny models, fp32, on the CPU.
+
+Checkpoints are the stage configs' own (``configs/finetune_*.py`` pointed at the tiny models), with every
+trained tensor moved away from its initial value, so a tensor the converter drops, misnames or leaves
+unmerged changes the logits. The converted folder is loaded the official way (``AutoModel`` with
+``trust_remote_code``) or, for ``--format hf``, with transformers' ``InternVLForConditionalGeneration``,
+and its logits are compared with the training model's on a real batch of the data pipeline.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.helpers import tiny_workspace
+from tests.train_utils import run_train
+from tools.convert_to_official import main as convert_main
+from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
+from xtuner_plugins.models.export import build_for_export, load_config
+
+FULL = os.path.join(ROOT, 'configs', 'finetune_full.py')
+LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
+QLORA = os.path.join(ROOT, 'configs', 'finetune_qlora.py')
+TOL = 1e-4
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp('tiny'))
+
+
+@pytest.fixture(scope='module')
+def batch(tiny):
+    ds = InternVLDataset(tiny['mixed'], image_folders=tiny['images'], tokenizer=tiny['llm'], image_size=56,
+                         max_dynamic_patch=4, cache_dir=tiny['cache'])
+    return internvl_collate_fn([ds[0], ds[1]])['data']
+
+
+def options(tiny, **extra):
+    opts = tiny_options(tiny, tiny['mixed'], repeat=1)
+    opts.update(extra)
+    return opts
+
+
+def as_args(opts):
+    return ['--cfg-options'] + [f'{k}={v}' for k, v in opts.items()]
+
+
+def trained_checkpoint(config, opts, path, seed=0, scale=0.05):
+    """The config's model with every trained tensor perturbed, saved as MMEngine saves it."""
+    model = build_for_export(load_config(config, opts), None, torch.float32, log=lambda m: None)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    torch.save({'meta': {}, 'state_dict': model.state_dict()}, path)
+    model.eval()
+    return model
+
+
+def training_logits(model, batch):
+    with torch.no_grad():
+        return model(dict(batch), mode='tensor')
+
+
+def converted_inputs(batch):
+    pixel_values = normalize_tiles(batch['pixel_values'], IMAGENET_MEAN, IMAGENET_STD, dtype=torch.float32)
+    return dict(pixel_values=pixel_values, input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
+                image_flags=batch['image_flags'])
+
+
+def official_logits(folder, batch):
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')
+    with torch.no_grad():
+        return model(**converted_inputs(batch)).logits
+
+
+def max_diff(a, b, mask):
+    return (a - b).abs()[mask.bool()].max().item()
+
+
+def convert(config, ckpt, out, opts, *extra):
+    """Through the command line when every option is a plain value; dict-valued options (which
+    ``--cfg-options`` cannot spell) through the function the command line calls."""
+    if any(isinstance(v, dict) for v in opts.values()):
+        from xtuner_plugins.models.export import convert as convert_fn
+        return convert_fn(config, ckpt, str(out), dtype=torch.float32, cfg_options=opts, log=lambda m: None)
+    code = convert_main([config, ckpt, str(out), '--dtype', 'fp32', *extra] + as_args(opts))
+    assert code == 0
+    return str(out)
+
+
+@pytest.mark.parametrize('name,config,extra', [
+    ('full_with_vision', FULL, {'model.freeze_vision': False}),
+    ('lora_llm_and_vision', LORA, {'model.vision_lora': {'_delete_': True, 'r': 4, 'lora_alpha': 8}}),
+])
+def test_converted_logits_equal_training_logits(tiny, batch, tmp_path, name, config, extra):
+    opts = options(tiny, **extra)
+    model = trained_checkpoint(config, opts, str(tmp_path / 'iter_1.pth'))
+    expected = training_logits(model, batch)
+    folder = convert(config, str(tmp_path / 'iter_1.pth'), tmp_path / 'out', opts)
+    got = official_logits(folder, batch)
+    assert max_diff(got, expected, batch['attention_mask']) < TOL
+    # the untrained model differs by far more: the comparison sees the trained tensors
+    base = build_for_export(load_config(config, opts), None, torch.float32, log=lambda m: None)
+    assert max_diff(training_logits(base, batch), expected, batch['attention_mask']) > 100 * TOL
+
+
+def test_qlora_checkpoint_is_dequantised_and_merged(tiny, batch, tmp_path):
+    """Tolerances. In training mode a 4-bit layer dequantises its NF4 weights to the compute dtype (fp32 here)
+    and multiplies, so the dequantised, merged fp32 weights reproduce it up to fp32 rounding: 1e-4. In
+    inference mode on a CPU with AVX512-BF16, bitsandbytes repacks the weights with bf16 scales and
+    multiplies in bf16; the converted fp32 model then differs by bf16 rounding: 1e-2 allowed (2e-3 seen)."""
+    import bitsandbytes as bnb
+    opts = options(tiny)
+    model = trained_checkpoint(QLORA, opts, str(tmp_path / 'iter_1.pth'))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.train()  # the training path; LoRA dropout and the rest stay in eval mode
+    expected = training_logits(model, batch)
+    model.eval()
+    inference = training_logits(model, batch)
+    folder = convert(QLORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'out', opts)
+    got = official_logits(folder, batch)
+    mask = batch['attention_mask']
+    assert max_diff(got, expected, mask) < TOL
+    assert max_diff(got, inference, mask) < 1e-2
+    with open(os.path.join(folder, 'config.json')) as f:
+        config = json.load(f)
+    assert 'quantization_config' not in config['llm_config']
+    # against the never-quantised base weights the difference is the quantisation error, far larger
+    lora = build_for_export(load_config(LORA, opts), str(tmp_path / 'iter_1.pth'), torch.float32,
+                            log=lambda m: None)
+    assert max_diff(training_logits(lora, batch), expected, mask) > 10 * TOL
+
+
+def test_hf_format_loads_without_remote_code(tiny, batch, tmp_path):
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+    opts = options(tiny, **{'model.freeze_vision': False})
+    model = trained_checkpoint(FULL, opts, str(tmp_path / 'iter_1.pth'))
+    expected = training_logits(model, batch)
+    folder = convert(FULL, str(tmp_path / 'iter_1.pth'), tmp_path / 'hf', opts, '--format', 'hf')
+    assert not any(name.endswith('.py') for name in os.listdir(folder))
+    hf = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = converted_inputs(batch)
+    flags = inputs.pop('image_flags').bool()
+    inputs['pixel_values'] = inputs['pixel_values'][flags]  # transformers takes the real tiles only
+    with torch.no_grad():
+        got = hf(**inputs).logits
+    assert max_diff(got, expected, batch['attention_mask']) < TOL
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_seq_length == 4 and processor.image_token == '<IMG_CONTEXT>'
+
+
+def test_round_trip_official_folder_back_into_training_model(tiny, batch, tmp_path):
+    from xtuner_plugins.models import InternVLModel
+    opts = options(tiny, **{'model.freeze_vision': False})
+    model = trained_checkpoint(FULL, opts, str(tmp_path / 'iter_1.pth'))
+    expected = training_logits(model, batch)
+    folder = convert(FULL, str(tmp_path / 'iter_1.pth'), tmp_path / 'out', opts)
+    back = InternVLModel(official_checkpoint=folder, torch_dtype='float32').eval()
+    assert max_diff(training_logits(back, batch), expected, batch['attention_mask']) < TOL
+
+
+def test_official_layout_files_and_config(tiny, tmp_path):
+    opts = options(tiny)
+    trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'))
+    folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'out', opts, '--max-shard-size', '200KB')
+    names = set(os.listdir(folder))
+    assert {'config.json', 'model.safetensors.index.json', 'configuration_internvl_chat.py',
+            'configuration_intern_vit.py', 'modeling_internvl_chat.py', 'modeling_intern_vit.py', 'conversation.py',
+            'generation_config.json', 'preprocessor_config.json', 'tokenizer_config.json'} <= names
+    with open(os.path.join(folder, 'model.safetensors.index.json')) as f:
+        index = json.load(f)
+    shards = set(index['weight_map'].values())
+    assert len(shards) > 1 and shards <= names
+    keys = set(index['weight_map'])
+    assert {k.split('.')[0] for k in keys} == {'vision_model', 'mlp1', 'language_model'}
+    assert not any('lora' in k or 'base_layer' in k for k in keys)
+    assert 'vision_model.encoder.layers.0.attn.qkv.weight' in keys and 'language_model.lm_head.weight' in keys
+    with open(os.path.join(folder, 'config.json')) as f:
+        config = json.load(f)
+    assert config['model_type'] == 'internvl_chat' and config['architectures'] == ['InternVLChatModel']
+    assert config['auto_map']['AutoModel'] == 'modeling_internvl_chat.InternVLChatModel'
+    assert config['vision_config']['model_type'] == 'intern_vit_6b'
+    assert (config['template'], config['ps_version'], config['downsample_ratio']) == ('internvl2_5', 'v2', 0.5)
+    assert config['tie_word_embeddings'] is False and config['llm_config']['tie_word_embeddings'] is False
+    assert (config['force_image_size'], config['max_dynamic_patch'], config['use_thumbnail']) == (56, 4, True)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    with open(os.path.join(folder, 'generation_config.json')) as f:
+        assert json.load(f)['eos_token_id'][0] == tokenizer.convert_tokens_to_ids('<|im_end|>')
+    assert tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') == 517  # the training tokenizer's id (515 + 2)
+
+
+def test_deepspeed_zero3_folder_converts(tiny, batch, tmp_path):
+    """A real 2-process ZeRO-3 LoRA run: its checkpoint folder, consolidated on the CPU, converts to a model
+    with the training model's logits."""
+    opts = tiny_options(tiny, tiny['mixed'], repeat=4, batch_size=1)
+    out = run_train(LORA, str(tmp_path / 'work'), nproc=2, deepspeed='zero3', cfg_options=opts)
+    assert out.ok, out.summary()
+    assert os.path.isdir(out.final_checkpoint)
+    model = build_for_export(load_config(LORA, opts), out.final_checkpoint, torch.float32, log=lambda m: None)
+    expected = training_logits(model, batch)
+    folder = convert(LORA, out.final_checkpoint, tmp_path / 'out', opts)
+    assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
+    base = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    assert max_diff(training_logits(base, batch), expected, batch['attention_mask']) > 10 * TOL
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_refusals(tiny, tmp_path, capsys):
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+
+    def refused(*args, options=opts):
+        code = convert_main(list(args) + ['--dtype', 'fp32'] + as_args(options))
+        err = capsys.readouterr().err
+        assert code == 2, err
+        return err
+
+    # a LoRA checkpoint given with the full fine-tuning config: the keys are listed
+    err = refused(FULL, ckpt, str(tmp_path / 'a'))
+    assert 'missing from the checkpoint' in err and 'language_model.model.embed_tokens.weight' in err
+    err = refused(LORA, ckpt, str(tmp_path / 'b'), options=options(tiny, **{'model.llm_lora.r': 8}))
+    assert 'shape mismatch' in err and 'lora_A' in err
+    state = torch.load(ckpt, weights_only=False)
+    state['state_dict']['mlp1.9.weight'] = torch.zeros(2)
+    torch.save(state, str(tmp_path / 'extra.pth'))
+    err = refused(LORA, str(tmp_path / 'extra.pth'), str(tmp_path / 'c'))
+    assert 'mlp1.9.weight' in err
+    # the output folder: an input, or not empty
+    assert 'input' in refused(LORA, ckpt, tiny['llm'])
+    assert 'input' in refused(LORA, ckpt, str(tmp_path))  # would hold the checkpoint
+    os.makedirs(tmp_path / 'full')
+    (tmp_path / 'full' / 'keep.txt').write_text('x')
+    assert '--overwrite' in refused(LORA, ckpt, str(tmp_path / 'full'))
+    assert (tmp_path / 'full' / 'keep.txt').exists()
+    assert convert_main([LORA, ckpt, str(tmp_path / 'full'), '--dtype', 'fp32', '--overwrite'] + as_args(opts)) == 0
+    assert not (tmp_path / 'full' / 'keep.txt').exists() and (tmp_path / 'full' / 'config.json').exists()
+    assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]

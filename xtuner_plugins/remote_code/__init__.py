@@ -1,0 +1,15 @@
+"""The Python files shipped inside a converted InternVL folder (``tools/convert_to_official.py``).
+
+``AutoModel.from_pretrained(folder, trust_remote_code=True)`` imports them from the folder, so they
+depend on torch and transformers only, never on this package. They keep the class names, config fields,
+weight keys and methods of OpenGVLab's InternVL remote code (``InternVLChatConfig``, ``InternVisionConfig``,
+``InternVLChatModel`` with ``chat`` / ``batch_chat`` / ``generate``, ``InternVisionModel``,
+``get_conv_template``), so tools written for official checkpoints work on ours. They are written for this
+project, not copied.
+"""
+
+import os
+
+FILES = ('configuration_intern_vit.py', 'configuration_internvl_chat.py', 'modeling_intern_vit.py',
+         'modeling_internvl_chat.py', 'conversation.py')
+FOLDER = os.path.dirname(os.path.abspath(__file__))

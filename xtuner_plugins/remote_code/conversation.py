@@ -1,0 +1,95 @@
+"""Conversation templates for InternVL chat models (``get_conv_template(name)``).
+
+Written by the xtuner-plugins project to ship beside converted InternVL weights, with the names and the
+interface of InternVL's ``conversation.py`` that ``modeling_internvl_chat.py`` and InternVL tooling use:
+``Conversation`` with ``roles``, ``sep``, ``system_message``, ``append_message``, ``get_prompt`` and
+``copy``. The prompts are those the training pipeline tokenises (``xtuner_plugins.data.template``).
+"""
+
+import dataclasses
+from enum import IntEnum, auto
+from typing import Dict, List, Optional, Tuple
+
+
+class SeparatorStyle(IntEnum):
+    """How ``get_prompt`` joins the turns. ``MPT``: ``system + sep``, then ``role + message + sep`` per turn
+    and the bare role for the turn to be generated (ChatML with ``sep = '<|im_end|>\\n'``)."""
+    MPT = auto()
+
+
+# InternVL's default system message of its ``internvl2_5`` template.
+INTERNVL_SYSTEM_MESSAGE = (
+    '你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。'
+)
+
+
+@dataclasses.dataclass
+class Conversation:
+    name: str
+    system_template: str = '{system_message}'
+    system_message: str = ''
+    roles: Tuple[str, str] = ('USER', 'ASSISTANT')
+    messages: List[List[Optional[str]]] = dataclasses.field(default_factory=list)
+    offset: int = 0
+    sep_style: SeparatorStyle = SeparatorStyle.MPT
+    sep: str = '\n'
+    sep2: Optional[str] = None
+    stop_str: Optional[str] = None
+    stop_token_ids: Optional[List[int]] = None
+
+    def get_prompt(self) -> str:
+        if self.sep_style != SeparatorStyle.MPT:
+            raise ValueError(f'unsupported separator style {self.sep_style}')
+        prompt = self.system_template.format(system_message=self.system_message) + self.sep
+        for role, message in self.messages:
+            prompt += role + message + self.sep if message else role
+        return prompt
+
+    def set_system_message(self, system_message: str) -> None:
+        self.system_message = system_message
+
+    def append_message(self, role: str, message: Optional[str]) -> None:
+        self.messages.append([role, message])
+
+    def update_last_message(self, message: str) -> None:
+        self.messages[-1][1] = message
+
+    def to_openai_api_messages(self) -> List[Dict[str, str]]:
+        messages = [{'role': 'system', 'content': self.system_message}]
+        for i, (_, message) in enumerate(self.messages[self.offset:]):
+            if message is not None:
+                messages.append({'role': 'user' if i % 2 == 0 else 'assistant', 'content': message})
+        return messages
+
+    def copy(self) -> 'Conversation':
+        return dataclasses.replace(self, messages=[[role, message] for role, message in self.messages],
+                                   roles=tuple(self.roles))
+
+    def dict(self) -> dict:
+        return {'template_name': self.name, 'system_message': self.system_message, 'roles': self.roles,
+                'messages': self.messages, 'offset': self.offset}
+
+
+conv_templates: Dict[str, Conversation] = {}
+
+
+def register_conv_template(template: Conversation, override: bool = False) -> None:
+    if not override and template.name in conv_templates:
+        raise ValueError(f'template {template.name} is already registered')
+    conv_templates[template.name] = template
+
+
+def get_conv_template(name: str) -> Conversation:
+    if name not in conv_templates:
+        raise KeyError(f'unknown conversation template {name!r}; known: {sorted(conv_templates)}')
+    return conv_templates[name].copy()
+
+
+register_conv_template(Conversation(
+    name='internvl2_5',
+    system_template='<|im_start|>system\n{system_message}',
+    system_message=INTERNVL_SYSTEM_MESSAGE,
+    roles=('<|im_start|>user\n', '<|im_start|>assistant\n'),
+    sep_style=SeparatorStyle.MPT,
+    sep='<|im_end|>\n',
+))

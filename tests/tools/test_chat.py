@@ -1,0 +1,141 @@
+"""Chatting with a converted folder: the official ``chat`` / ``batch_chat`` of the remote code and tools/chat.py.
+
+The answers are those of the training model: the prompt ``chat`` builds is token for token the prompt the
+training pipeline builds for the same question, and greedy ``chat`` output equals a greedy decode written
+here with the training model's forward.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import tiny_workspace, write_image
+from tests.tools.test_convert_to_official import LORA, as_args, convert, options, trained_checkpoint
+from tools.chat import image_tiles
+from tools.chat import main as chat_main
+from xtuner_plugins.data.template import tokenize_conversation
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('chat')
+    tiny = tiny_workspace(root / 'tiny')
+    opts = options(tiny)
+    ckpt = str(root / 'iter_1.pth')
+    model = trained_checkpoint(LORA, opts, ckpt, scale=0.3)
+    folder = convert(LORA, ckpt, root / 'official', opts)
+    from transformers import AutoModel, AutoTokenizer
+    official = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    images = [write_image(root / 'img' / f'{i}.png', size=size, seed=i)
+              for i, size in enumerate([(120, 60), (50, 90), (56, 56)])]
+    return dict(tiny=tiny, opts=opts, ckpt=ckpt, model=model, folder=folder, official=official,
+                tokenizer=tokenizer, images=images)
+
+
+def tiles(path):
+    return image_tiles(path, image_size=56, max_num=4, use_thumbnail=True)
+
+
+def captured_prompt(setup, pixel_values, question, monkeypatch):
+    seen = {}
+
+    def fake_generate(pixel_values=None, input_ids=None, attention_mask=None, **kwargs):
+        seen['ids'] = input_ids
+        return torch.tensor([[setup['tokenizer'].convert_tokens_to_ids('<|im_end|>')]])
+
+    monkeypatch.setattr(setup['official'], 'generate', fake_generate)
+    setup['official'].chat(setup['tokenizer'], pixel_values, question, dict(max_new_tokens=1))
+    return seen['ids'][0].tolist()
+
+
+def test_chat_prompt_is_the_training_prompt(setup, monkeypatch):
+    pixel_values = tiles(setup['images'][0])
+    got = captured_prompt(setup, pixel_values, 'What is it?', monkeypatch)
+    conversation = [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'x'}]
+    sample = tokenize_conversation(conversation, setup['tokenizer'], [4 * pixel_values.shape[0]], 'internvl2_5')
+    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
+    assert got == list(sample['input_ids'][:first_answer])
+
+
+def greedy_with_training_model(setup, pixel_values, question, steps):
+    """Greedy decoding with the training model's forward (no cache), from the training pipeline's prompt."""
+    tokenizer, model = setup['tokenizer'], setup['model']
+    conversation = [{'from': 'human', 'value': '<image>\n' + question}, {'from': 'gpt', 'value': 'x'}]
+    sample = tokenize_conversation(conversation, tokenizer, [4 * pixel_values.shape[0]], 'internvl2_5')
+    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
+    ids = torch.tensor([list(sample['input_ids'][:first_answer])])
+    stop = tokenizer.convert_tokens_to_ids('<|im_end|>')
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                                image_flags=torch.ones(pixel_values.shape[0], dtype=torch.long)), mode='tensor')
+            token = int(logits[0, -1].argmax())
+            if token == stop:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_greedy_chat_equals_the_training_models_greedy_decode(setup):
+    for path in setup['images'][:2]:
+        pixel_values = tiles(path)
+        expected = greedy_with_training_model(setup, pixel_values, 'Describe the image.', steps=8)
+        got = setup['official'].chat(setup['tokenizer'], pixel_values, 'Describe the image.',
+                                     dict(max_new_tokens=8, do_sample=False))
+        assert got == expected and got
+
+
+def test_batch_chat_equals_chat(setup):
+    official, tokenizer = setup['official'], setup['tokenizer']
+    pixel = [tiles(p) for p in setup['images']]
+    questions = ['Describe the image.', 'What colour is it?', 'Hi']
+    config = dict(max_new_tokens=6, do_sample=False)
+    single = [official.chat(tokenizer, px, q, dict(config)) for px, q in zip(pixel, questions)]
+    batched = official.batch_chat(tokenizer, torch.cat(pixel), questions, dict(config),
+                                  num_patches_list=[px.shape[0] for px in pixel])
+    assert batched == single and any(batched)
+
+
+def test_chat_history_and_several_images(setup):
+    official, tokenizer = setup['official'], setup['tokenizer']
+    a, b = tiles(setup['images'][0]), tiles(setup['images'][1])
+    answer, history = official.chat(tokenizer, torch.cat([a, b]), 'Image-1: <image>\nImage-2: <image>\nCompare.',
+                                    dict(max_new_tokens=4), num_patches_list=[len(a), len(b)],
+                                    return_history=True)
+    assert history == [('Image-1: <image>\nImage-2: <image>\nCompare.', answer)]
+    follow, history = official.chat(tokenizer, torch.cat([a, b]), 'And now?', dict(max_new_tokens=4),
+                                    num_patches_list=[len(a), len(b)], history=history, return_history=True)
+    assert len(history) == 2
+    with pytest.raises(ValueError, match='tiles'):
+        official.chat(tokenizer, a, 'x', dict(max_new_tokens=1), num_patches_list=[len(a) + 1])
+
+
+def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
+    image = setup['images'][0]
+    expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',
+                                      dict(max_new_tokens=8, do_sample=False))
+    assert chat_main([setup['folder'], '--image', image, '--prompt', 'Describe the image.',
+                      '--max-new-tokens', '8']) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert chat_main(['--config', LORA, '--checkpoint', setup['ckpt'], '--image', image, '--prompt',
+                      'Describe the image.', '--max-new-tokens', '8', '--dtype', 'fp32']
+                     + as_args(setup['opts'])) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert chat_main([setup['folder'], '--image', 'missing.png', '--prompt', 'x']) == 2
+
+
+def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys):
+    image = setup['images'][1]
+    expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',
+                                      dict(max_new_tokens=8, do_sample=False))
+    lines = iter([f'/image {image}', 'Describe the image.', 'And?', '/reset', '/exit'])
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert chat_main([setup['folder'], '--max-new-tokens', '8']) == 0
+    out = capsys.readouterr().out
+    answers = [line[len('model> '):] for line in out.splitlines() if line.startswith('model> ')]
+    assert answers[0].strip() == expected
+    assert len(answers) == 2 and '(history cleared)' in out and 'error' not in out

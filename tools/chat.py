@@ -1,0 +1,214 @@
+"""Chat with an InternVL model: a converted folder, or a training config plus checkpoint.
+
+Usage::
+
+    # one shot, from a converted folder (tools/convert_to_official.py)
+    python tools/chat.py work_dirs/my_internvl --image photo.jpg --prompt "What is in the picture?"
+    # several images in one prompt: one <image> tag each (added in front when the prompt has none)
+    python tools/chat.py work_dirs/my_internvl --image a.jpg b.jpg --prompt "Image-1: <image>\\nImage-2: <image>\\nCompare."
+    # straight from training: the config (with the run's --cfg-options) and a checkpoint
+    python tools/chat.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth \\
+        --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth --image photo.jpg
+    # interactive (no --prompt): answers stream as they are generated; /image PATH ..., /reset, /exit
+
+Tiling flags (``--max-num``, ``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's
+``config.json``. Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
+A config plus checkpoint is converted into a temporary folder first (the converter's code path), so both
+ways run the same model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+
+from xtuner_plugins.data.image_io import load_image  # noqa: E402
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles, tile_image  # noqa: E402
+from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
+
+
+def image_tiles(path: str, image_size: int = 448, max_num: int = 12, min_num: int = 1, use_thumbnail: bool = True,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """InternVL's ``load_image``: the image's tiles (plus thumbnail), normalised, ``[N, 3, S, S]``."""
+    tiles = tile_image(load_image(path), min_num=min_num, max_num=max_num, image_size=image_size,
+                       use_thumbnail=use_thumbnail)
+    return normalize_tiles(tiles, IMAGENET_MEAN, IMAGENET_STD, dtype=dtype)
+
+
+def load_folder(folder: str, dtype: torch.dtype, device: str):
+    """``AutoModel`` + ``AutoTokenizer`` of a converted folder, the official way (remote code)."""
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    return model, tokenizer, config
+
+
+class Chat:
+    """A conversation with one model: images, history, generation settings."""
+
+    def __init__(self, model, tokenizer, config: dict, args):
+        self.model, self.tokenizer = model, tokenizer
+        self.tiling = dict(image_size=args.image_size or config.get('force_image_size') or 448,
+                           max_num=args.max_num or config.get('max_dynamic_patch', 12),
+                           min_num=args.min_num or config.get('min_dynamic_patch', 1),
+                           use_thumbnail=config.get('use_thumbnail', True) and not args.no_thumbnail)
+        self.generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+        if args.do_sample:
+            self.generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        if args.repetition_penalty != 1.0:
+            self.generation['repetition_penalty'] = args.repetition_penalty
+        self.dtype = next(model.parameters()).dtype
+        self.history: Optional[List[Tuple[str, str]]] = None
+        self.images: List[str] = []
+
+    def pixels(self, paths: Sequence[str]) -> Tuple[Optional[torch.Tensor], List[int]]:
+        tiles = [image_tiles(p, dtype=self.dtype, **self.tiling) for p in paths]
+        if not tiles:
+            return None, []
+        return torch.cat(tiles).to(self.model.device), [t.shape[0] for t in tiles]
+
+    def ask(self, prompt: str, images: Sequence[str] = (), streamer=None) -> str:
+        """One turn. ``images`` are new in this turn (one ``<image>`` tag each, added in front when the prompt
+        has none); as in InternVL's ``chat``, every turn sends all the conversation's images so far."""
+        images = list(images)
+        if images and '<image>' not in prompt:
+            prompt = ''.join('<image>\n' for _ in images) + prompt
+        if prompt.count('<image>') != len(images):
+            raise ValueError(f'the prompt has {prompt.count("<image>")} <image> tags for {len(images)} images')
+        pixel_values, num_patches = self.pixels(self.images + images)
+        generation = dict(self.generation)
+        if streamer is not None:
+            generation['streamer'] = streamer
+        response, self.history = self.model.chat(self.tokenizer, pixel_values, prompt, generation,
+                                                 history=self.history, return_history=True,
+                                                 num_patches_list=num_patches)
+        self.images += images
+        return response
+
+    def reset(self) -> None:
+        self.history, self.images = None, []
+
+
+def interactive(chat: Chat, images: Sequence[str]) -> None:
+    from transformers import TextIteratorStreamer
+    pending = list(images)
+    print('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
+          '/exit quits.', flush=True)
+    while True:
+        try:
+            line = input('you> ').strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ('/exit', '/quit'):
+            return
+        if line == '/reset':
+            chat.reset()
+            pending = []
+            print('(history cleared)')
+            continue
+        if line.startswith('/image'):
+            paths = line.split()[1:]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                print(f'(not found: {", ".join(missing)})')
+                continue
+            pending.extend(paths)
+            print(f'(attached to the next message: {", ".join(pending)})')
+            continue
+        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def run(line=line, images=tuple(pending)):
+            try:
+                result['answer'] = chat.ask(line, images, streamer=streamer)
+            except Exception as exc:  # reported below, after the stream ends
+                result['error'] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        print('model> ', end='', flush=True)
+        for piece in streamer:
+            print(piece.replace('<|im_end|>', ''), end='', flush=True)
+        thread.join()
+        print()
+        if 'error' in result:
+            print(f'(error: {result["error"]})')
+        pending = []
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('folder', nargs='?', help='a converted InternVL folder')
+    parser.add_argument('--config', help='a training config (instead of a folder)')
+    parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='the training run\'s config overrides (key=value)')
+    parser.add_argument('--image', nargs='+', default=[], help='image file(s) for the (first) prompt')
+    parser.add_argument('--prompt', help='answer this and exit (otherwise: interactive)')
+    parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
+    parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
+    parser.add_argument('--image-size', type=int, default=None, help='tile size in px (default: config)')
+    parser.add_argument('--no-thumbnail', action='store_true', help='no thumbnail tile')
+    parser.add_argument('--max-new-tokens', type=int, default=512)
+    parser.add_argument('--do-sample', action='store_true', help='sample instead of greedy decoding')
+    parser.add_argument('--temperature', type=float, default=0.7)
+    parser.add_argument('--top-p', type=float, default=0.9)
+    parser.add_argument('--top-k', type=int, default=50)
+    parser.add_argument('--repetition-penalty', type=float, default=1.0)
+    parser.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.folder is None) == (args.config is None):
+        parser.error('give a converted folder, or --config (with --checkpoint), not both')
+    if args.config and not args.checkpoint:
+        parser.error('--config needs --checkpoint')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    dtype = resolve_dtype(args.dtype)
+    missing = [p for p in args.image if not os.path.isfile(p)]
+    if missing:
+        print(f'chat: error: image not found: {", ".join(missing)}', file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix='internvl-chat-') as tmp:
+        folder = args.folder
+        if args.config:
+            from xtuner_plugins.models.export import convert
+            folder = convert(args.config, args.checkpoint, os.path.join(tmp, 'model'), dtype=dtype,
+                             cfg_options=args.cfg_options, log=lambda m: print(m, file=sys.stderr))
+        model, tokenizer, config = load_folder(folder, dtype, args.device)
+        chat = Chat(model, tokenizer, config, args)
+        if args.prompt is None:
+            interactive(chat, args.image)
+            return 0
+        try:
+            print(chat.ask(args.prompt, args.image))
+        except ValueError as exc:
+            print(f'chat: error: {exc}', file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

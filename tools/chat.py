@@ -32,17 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from xtuner_plugins.data.image_io import load_image  # noqa: E402
-from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles, tile_image  # noqa: E402
+from xtuner_plugins.data.image_io import load_image_tiles  # noqa: E402
 from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
-
-
-def image_tiles(path: str, image_size: int = 448, max_num: int = 12, min_num: int = 1, use_thumbnail: bool = True,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """InternVL's ``load_image``: the image's tiles (plus thumbnail), normalised, ``[N, 3, S, S]``."""
-    tiles = tile_image(load_image(path), min_num=min_num, max_num=max_num, image_size=image_size,
-                       use_thumbnail=use_thumbnail)
-    return normalize_tiles(tiles, IMAGENET_MEAN, IMAGENET_STD, dtype=dtype)
 
 
 def load_folder(folder: str, dtype: torch.dtype, device: str):
@@ -74,7 +65,7 @@ class Chat:
         self.images: List[str] = []
 
     def pixels(self, paths: Sequence[str]) -> Tuple[Optional[torch.Tensor], List[int]]:
-        tiles = [image_tiles(p, dtype=self.dtype, **self.tiling) for p in paths]
+        tiles = [load_image_tiles(p, dtype=self.dtype, **self.tiling) for p in paths]
         if not tiles:
             return None, []
         return torch.cat(tiles).to(self.model.device), [t.shape[0] for t in tiles]

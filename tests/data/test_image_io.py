@@ -104,3 +104,19 @@ class TestModes:
     def test_float_image(self):
         img = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)))
         assert np.asarray(img)[0, :, 1].tolist() == [0, 128, 255]
+
+
+def test_load_image_tiles_is_internvl_load_image(tmp_path):
+    """InternVL's model-card load_image: dynamic_preprocess tiles, each ToTensor + Normalize, stacked."""
+    import torch
+    import torchvision.transforms as T
+
+    from xtuner_plugins.data.image_io import load_image_tiles
+    from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess
+    path = write_image(tmp_path / 'wide.png', size=(300, 110), seed=5)
+    transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.stack([transform(t) for t in dynamic_preprocess(Image.open(path).convert('RGB'), max_num=6,
+                                                                      image_size=56, use_thumbnail=True)])
+    got = load_image_tiles(path, image_size=56, max_num=6, use_thumbnail=True)
+    assert got.shape == expected.shape and got.shape[0] > 1
+    assert torch.equal(got, expected)

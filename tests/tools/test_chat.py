@@ -5,15 +5,14 @@ training pipeline builds for the same question, and greedy ``chat`` output equal
 here with the training model's forward.
 """
 
-import os
 
 import pytest
 import torch
 
 from tests.helpers import tiny_workspace, write_image
 from tests.tools.test_convert_to_official import LORA, as_args, convert, options, trained_checkpoint
-from tools.chat import image_tiles
 from tools.chat import main as chat_main
+from xtuner_plugins.data.image_io import load_image_tiles
 from xtuner_plugins.data.template import tokenize_conversation
 
 
@@ -35,7 +34,7 @@ def setup(tmp_path_factory):
 
 
 def tiles(path):
-    return image_tiles(path, image_size=56, max_num=4, use_thumbnail=True)
+    return load_image_tiles(path, image_size=56, max_num=4, use_thumbnail=True)
 
 
 def captured_prompt(setup, pixel_values, question, monkeypatch):

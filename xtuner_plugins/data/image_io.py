@@ -113,3 +113,15 @@ def load_image(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) 
     with _open_image(path, max_pixels, 'decode image') as img:
         img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
         return to_rgb(img)
+
+
+def load_image_tiles(path: str, image_size: int = 448, max_num: int = 12, min_num: int = 1,
+                     use_thumbnail: bool = True, dtype=None):
+    """InternVL's ``load_image`` for inference: the image's tiles (and thumbnail), normalised with the
+    ImageNet mean and std, as a ``[N, 3, S, S]`` tensor (float32 unless ``dtype``)."""
+    import torch
+
+    from .tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles, tile_image
+    tiles = tile_image(load_image(path), min_num=min_num, max_num=max_num, image_size=image_size,
+                       use_thumbnail=use_thumbnail)
+    return normalize_tiles(tiles, IMAGENET_MEAN, IMAGENET_STD, dtype=dtype or torch.float32)

@@ -1,0 +1,743 @@
+"""The embedded demo: the whole life of a small InternVL-style model on a CPU, with nothing downloaded.
+
+``make demo`` (or ``python tools/demo.py``) runs, into ``work_dirs/demo/``:
+
+1. **models**: a small InternViT (official on-disk layout) and a small Qwen2 LLM with its tokenizer,
+   randomly initialised (:mod:`xtuner_plugins.tiny`), in ``models/``;
+2. **data**: coloured shapes and digits with questions only the pixels answer
+   (:func:`xtuner_plugins.demo.data.make_demo_data`) in ``data/`` (``pretrain.jsonl``, ``sft.jsonl``,
+   ``test.jsonl``, ``images/``);
+3. **MLP warm-up**: ``configs/pretrain_mlp.py`` through XTuner's own ``xtuner/tools/train.py`` (what
+   ``xtuner train`` runs), captions, only the projector trained, in ``pretrain_mlp/``;
+4. **fine-tuning**: ``configs/finetune_full.py`` (or ``finetune_lora.py``) from the warm-up checkpoint
+   (``model.pretrained_pth``), the questions of ``sft.jsonl``, in ``finetune_full/``;
+5. **conversion**: ``tools/convert_to_official.py`` into InternVL's official layout, ``official/``;
+6. **answers**: every held-out question of ``test.jsonl`` through the converted folder
+   (``AutoModel.from_pretrained(..., trust_remote_code=True)`` + ``model.chat``, greedy), tiles made as
+   InternVL's ``load_image`` makes them; then the same questions with blank (uniform grey) images, the blind
+   control, which must stay near chance.
+
+The stage configs are the real ones, pointed at the demo's models and data with ``--cfg-options``: the demo
+is what a user runs, at toy size. Training runs in subprocesses (one process, or ``torch.distributed.run``
+with ``--launcher pytorch`` and a DeepSpeed CPU JSON); success is judged by the checkpoint files and the
+log, not by the exit code alone. Logs and TensorBoard events stay in each stage's work folder.
+
+The last line printed is ``demo accuracy: A (N questions); blind control: B``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = {
+    'pretrain': os.path.join(REPO_ROOT, 'configs', 'pretrain_mlp.py'),
+    'full': os.path.join(REPO_ROOT, 'configs', 'finetune_full.py'),
+    'lora': os.path.join(REPO_ROOT, 'configs', 'finetune_lora.py'),
+}
+DEEPSPEED_CONFIGS = {
+    'zero2': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero2_cpu.json'),
+    'zero3': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json'),
+}
+CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
+BLANK_GREY = (128, 128, 128)
+SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
+
+# Environment variables of an enclosing launcher that must not leak into the training subprocesses.
+_DIST_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'ROLE_RANK', 'MASTER_ADDR',
+             'MASTER_PORT', 'TORCHELASTIC_RUN_ID', 'NPROC_PER_NODE', 'NNODES', 'NODE_RANK', 'PORT', 'ADDR')
+_ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
+_FIELD = re.compile(r'\b(lr|eta|loss|time):\s*(\S+)')
+_CKPT_NAME = re.compile(r'^iter_(\d+)\.pth$')
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+@dataclass
+class Recipe:
+    """Everything the demo's outcome depends on: model sizes, data sizes, stages, learning rates, seed."""
+
+    seed: int = 0
+    # models (random, written in the real layouts)
+    tile_size: int = 56
+    vit_hidden: int = 64
+    vit_layers: int = 2
+    vit_heads: int = 4
+    vit_intermediate: int = 128
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 128
+    # data
+    max_dynamic_patch: int = 6
+    n_pretrain: int = 600
+    n_sft: int = 1800
+    n_test: int = 120
+    kinds: Optional[Sequence[str]] = None  # None: all of xtuner_plugins.demo.data.KINDS
+    # stage 1: MLP warm-up (configs/pretrain_mlp.py)
+    pretrain_repeat: float = 1.0
+    pretrain_batch: int = 8
+    pretrain_lr: float = 1e-3
+    # stage 2: fine-tuning (configs/finetune_full.py or finetune_lora.py)
+    finetune: str = 'full'
+    finetune_repeat: float = 1.0
+    finetune_batch: int = 8
+    finetune_lr: float = 1e-3
+    train_vision: bool = True    # full fine-tuning only: the vision tower is trained too
+    vision_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    # runtime
+    num_workers: int = 1
+    log_interval: int = 10
+    # answers
+    max_new_tokens: int = 8
+
+    def describe(self) -> str:
+        return ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(self))
+
+
+RECIPES: Dict[str, Recipe] = {
+    'default': Recipe(),
+    # a shortened run for the test suite: fewer samples and iterations, the same pipeline
+    'quick': Recipe(n_pretrain=120, n_sft=600, n_test=60),
+}
+
+
+# ------------------------------------------------------------------------------------------ output
+class Console:
+    """Prints to the terminal and appends to ``demo.log`` in the work folder."""
+
+    def __init__(self, log_path: Optional[str] = None, quiet: bool = False):
+        self.log_path = log_path
+        self.quiet = quiet
+        self.start = time.perf_counter()
+        if log_path:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            with open(log_path, 'w', encoding='utf-8'):
+                pass
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str = '') -> None:
+        if not self.quiet:
+            print(message, flush=True)
+        if self.log_path:
+            with open(self.log_path, 'a', encoding='utf-8') as f:
+                f.write(message + '\n')
+
+    def step(self, title: str) -> None:
+        self(f'\n== [{_fmt_time(self.elapsed())}] {title}')
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f'{m:d}:{s:02d}'
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message says which and where its log is."""
+
+
+# ------------------------------------------------------------------------------------------ 1. models
+def make_models(out_dir: str, recipe: Recipe) -> Dict[str, str]:
+    """A random InternViT (official layout) and Qwen2 LLM + tokenizer of the recipe's sizes."""
+    from xtuner_plugins.tiny import write_tiny_qwen2
+    from xtuner_plugins.tiny.vision import write_tiny_internvit
+    vit = write_tiny_internvit(os.path.join(out_dir, 'internvit'), image_size=recipe.tile_size, patch_size=14,
+                               hidden_size=recipe.vit_hidden, num_layers=recipe.vit_layers,
+                               num_heads=recipe.vit_heads, intermediate_size=recipe.vit_intermediate,
+                               seed=recipe.seed)
+    llm = write_tiny_qwen2(os.path.join(out_dir, 'llm'), hidden_size=recipe.llm_hidden,
+                           num_layers=recipe.llm_layers, num_heads=recipe.llm_heads,
+                           num_kv_heads=recipe.llm_kv_heads, intermediate_size=recipe.llm_intermediate,
+                           seed=recipe.seed)
+    return {'internvit': vit, 'llm': llm}
+
+
+def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
+    from safetensors import safe_open
+    out = {}
+    for name, folder in paths.items():
+        total = 0
+        with safe_open(os.path.join(folder, 'model.safetensors'), 'pt') as f:
+            for key in f.keys():
+                total += _numel(f.get_slice(key).get_shape())
+        out[name] = total
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ------------------------------------------------------------------------------------------ 2. data
+def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
+    from xtuner_plugins.demo.data import KINDS, make_demo_data
+    return make_demo_data(out_dir, n_pretrain=recipe.n_pretrain, n_sft=recipe.n_sft, n_test=recipe.n_test,
+                          seed=recipe.seed, tile_size=recipe.tile_size, max_dynamic_patch=recipe.max_dynamic_patch,
+                          kinds=tuple(recipe.kinds) if recipe.kinds else KINDS)
+
+
+# ------------------------------------------------------------------------------------------ 3/4. training
+def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_file: str, image_folder: str,
+                  cache_dir: str, nproc: int = 1, pretrained_pth: Optional[str] = None) -> Dict[str, object]:
+    """The ``--cfg-options`` that point a stage config at the demo's models and data.
+
+    ``stage``: ``'pretrain'``, ``'full'`` or ``'lora'``. The per-device batch is the recipe's batch divided by
+    ``nproc``, so that one or several processes take the same steps on the same global batches.
+    """
+    if stage == 'pretrain':
+        batch, lr, repeat = recipe.pretrain_batch, recipe.pretrain_lr, recipe.pretrain_repeat
+    else:
+        batch, lr, repeat = recipe.finetune_batch, recipe.finetune_lr, recipe.finetune_repeat
+    if batch % nproc:
+        raise ValueError(f'the batch of {batch} samples does not split over {nproc} processes')
+    per_device = batch // nproc
+    options: Dict[str, object] = {
+        'model.vision_encoder': models['internvit'],
+        'model.llm': models['llm'],
+        'model.llm_grad_ckpt': False,   # activation checkpointing only costs time at this size
+        'train_dataloader.dataset.tokenizer': models['llm'],
+        'train_dataloader.dataset.data_files': [data_file],
+        'train_dataloader.dataset.image_folders': [image_folder],
+        'train_dataloader.dataset.repeat_times': float(repeat),
+        'train_dataloader.dataset.image_size': recipe.tile_size,
+        'train_dataloader.dataset.max_dynamic_patch': recipe.max_dynamic_patch,
+        'train_dataloader.dataset.max_length': 1024,
+        'train_dataloader.dataset.seed': recipe.seed,
+        'train_dataloader.dataset.cache_dir': cache_dir,
+        'train_dataloader.batch_size': per_device,
+        'train_dataloader.sampler.per_device_batch_size': per_device,
+        'train_dataloader.sampler.seed': recipe.seed,
+        'train_dataloader.num_workers': recipe.num_workers,
+        'train_dataloader.persistent_workers': recipe.num_workers > 0,
+        'train_dataloader.pin_memory': False,
+        'optim_wrapper.optimizer.lr': lr,
+        'optim_wrapper.optimizer.weight_decay': recipe.weight_decay,
+        'optim_wrapper.accumulative_counts': 1,
+        'param_scheduler.0.end': recipe.warmup_ratio,
+        'param_scheduler.1.begin': recipe.warmup_ratio,
+        'default_hooks.logger.interval': recipe.log_interval,
+        'log_processor.window_size': recipe.log_interval,
+        'default_hooks.checkpoint.interval': 1000000,  # only the last checkpoint (save_last)
+        'default_hooks.checkpoint.max_keep_ckpts': 1,
+        'randomness.seed': recipe.seed,
+    }
+    if stage != 'pretrain':
+        options['model.pretrained_pth'] = pretrained_pth
+    if stage == 'full':
+        options['model.freeze_vision'] = not recipe.train_vision
+        options['optim_wrapper.optimizer.paramwise_cfg.custom_keys.vision_model.lr_mult'] = recipe.vision_lr / lr
+    elif stage == 'lora':
+        options['optim_wrapper.optimizer.paramwise_cfg.custom_keys.mlp1.lr_mult'] = 1.0
+    return options
+
+
+def cfg_option_args(options: Mapping[str, object]) -> List[str]:
+    """``--cfg-options`` arguments as MMEngine's ``DictAction`` reads them back."""
+    args = []
+    for key, value in options.items():
+        if isinstance(value, (list, tuple)):
+            text = '[' + ','.join(str(v) for v in value) + ']'
+        elif value is None:
+            text = 'None'
+        else:
+            text = str(value)
+        args.append(f'{key}={text}')
+    return ['--cfg-options', *args] if args else []
+
+
+def xtuner_train_script() -> str:
+    """``xtuner/tools/train.py``: what ``xtuner train`` runs (without the CLI, whose exit code is always 0)."""
+    spec = importlib.util.find_spec('xtuner')
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoError('xtuner is not installed (run `make demo`, which sets up .venv)')
+    return os.path.join(list(spec.submodule_search_locations)[0], 'tools', 'train.py')
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(nproc: int, cache_root: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    defaults = dict(
+        HF_HOME=os.path.join(cache_root, 'huggingface'),
+        TORCH_EXTENSIONS_DIR=os.path.join(cache_root, 'torch_extensions'),
+        MPLCONFIGDIR=os.path.join(cache_root, 'matplotlib'),
+        TRITON_CACHE_DIR=os.path.join(cache_root, 'triton'),
+    )
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    env.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
+               PYTHONUNBUFFERED='1')
+    env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    bin_dir = os.path.dirname(sys.executable)
+    env['PATH'] = os.pathsep.join([bin_dir, env.get('PATH', '')])
+    if nproc > 1:
+        env['OMP_NUM_THREADS'] = '1'   # one core per process
+    return env
+
+
+def train_command(config: str, work_dir: str, options: Mapping[str, object], nproc: int = 1,
+                  deepspeed: Optional[str] = None) -> List[str]:
+    args = [config, '--work-dir', work_dir]
+    if deepspeed:
+        args += ['--deepspeed', DEEPSPEED_CONFIGS.get(deepspeed, deepspeed)]
+    args += cfg_option_args(options)
+    if nproc == 1 and not deepspeed:
+        return [sys.executable, xtuner_train_script(), *args]
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--nnodes=1',
+            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', xtuner_train_script(), *args,
+            '--launcher', 'pytorch']
+
+
+def find_checkpoints(work_dir: str) -> List[str]:
+    """``iter_N.pth`` in ``work_dir`` (files, or DeepSpeed folders), ordered by N."""
+    found = []
+    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
+        m = _CKPT_NAME.match(name)
+        path = os.path.join(work_dir, name)
+        if m and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def _progress_line(stage: str, line: str) -> Optional[str]:
+    m = _ITER_LINE.search(line)
+    if not m:
+        return None
+    fields = dict(_FIELD.findall(line[m.end():]))
+    parts = [f'  [{stage}] iter {int(m.group(1)):>4d}/{m.group(2)}']
+    if 'loss' in fields:
+        parts.append(f'loss {float(fields["loss"]):.4f}')
+    if 'lr' in fields:
+        parts.append(f'lr {float(fields["lr"]):.2e}')
+    if 'time' in fields:
+        parts.append(f'{float(fields["time"]):.2f} s/iter')
+    if 'eta' in fields:
+        parts.append(f'eta {fields["eta"]}')
+    return '  '.join(parts)
+
+
+@dataclass
+class StageResult:
+    name: str
+    work_dir: str
+    log_path: str
+    checkpoint: str
+    iterations: int
+    losses: Dict[int, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, object], console: Console,
+                nproc: int = 1, deepspeed: Optional[str] = None, cache_root: Optional[str] = None,
+                timeout: float = 3600) -> StageResult:
+    """Run one stage config through ``xtuner/tools/train.py``; returns its final checkpoint.
+
+    The whole output goes to ``<work_dir>/train_output.log`` (MMEngine also writes its own log and the
+    TensorBoard events under ``<work_dir>/<timestamp>/``); the terminal gets one line per logged iteration.
+
+    Raises:
+        DemoError: the run failed (exit code, a traceback, iterations missing, or no final checkpoint).
+    """
+    work_dir = os.path.abspath(work_dir)
+    if os.path.isdir(work_dir):
+        shutil.rmtree(work_dir)   # a fresh run: no stale checkpoint can pass for this run's
+    os.makedirs(work_dir)
+    log_path = os.path.join(work_dir, 'train_output.log')
+    cmd = train_command(config, work_dir, options, nproc, deepspeed)
+    env = subprocess_env(nproc, cache_root or os.path.join(os.path.dirname(work_dir), '.cache'))
+    console(f'  $ {" ".join(os.path.relpath(c, REPO_ROOT) if c.startswith(REPO_ROOT) else c for c in cmd[:8])} '
+            f'... ({len(options)} --cfg-options; full command in {os.path.relpath(log_path, REPO_ROOT)})')
+    start = time.perf_counter()
+    losses: Dict[int, float] = {}
+    max_iters = last_iter = None
+    traceback_seen = False
+    tail: List[str] = []
+    with open(log_path, 'w', encoding='utf-8') as log:
+        log.write('$ ' + ' '.join(cmd) + '\n')
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, errors='replace', bufsize=1,
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                tail = (tail + [line.rstrip('\n')])[-40:]
+                if 'Traceback (most recent call last)' in line:
+                    traceback_seen = True
+                m = _ITER_LINE.search(line)
+                if m:
+                    k, n = int(m.group(1)), int(m.group(2))
+                    max_iters, last_iter = n, max(k, last_iter or 0)
+                    loss = re.search(r'(?<![\w/])loss:\s*([-+0-9.eE]+|nan|inf)', line[m.end():])
+                    if loss:
+                        losses[k] = float(loss.group(1))
+                    console(_progress_line(name, line))
+                elif 'Saving checkpoint' in line or 'Checkpoints will be saved' in line:
+                    console(f'  [{name}] ' + line.split(' - INFO - ')[-1].strip())
+                if time.perf_counter() - start > timeout:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+            returncode = proc.wait()
+        except BaseException:
+            try:
+                os.killpg(proc.pid, 9)   # the launcher and the ranks it started
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
+    wall = time.perf_counter() - start
+    checkpoints = find_checkpoints(work_dir)
+    reasons = []
+    if returncode:
+        reasons.append(f'exit code {returncode}')
+    if traceback_seen:
+        reasons.append('a traceback in the log')
+    if max_iters is None:
+        reasons.append('no training iteration was logged')
+    # the last iteration is logged only when log_interval divides it: its checkpoint is the proof
+    final = os.path.join(work_dir, f'iter_{max_iters}.pth') if max_iters else None
+    if final not in checkpoints:
+        reasons.append(f'final checkpoint {final and os.path.basename(final)} missing '
+                       f'(found {[os.path.basename(c) for c in checkpoints]})')
+    if reasons:
+        shown = '\n'.join('    | ' + t for t in tail)
+        raise DemoError(f'stage {name} failed: {"; ".join(reasons)}. Log: {log_path}\n  last lines:\n{shown}')
+    console(f'  [{name}] done in {wall:.0f} s: {max_iters} iterations, checkpoint '
+            f'{os.path.relpath(final, REPO_ROOT)}')
+    return StageResult(name, work_dir, log_path, final, max_iters, losses, wall)
+
+
+# ------------------------------------------------------------------------------------------ 5. conversion
+def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str, console: Console) -> str:
+    """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
+    (the tool's own ``main``, in this process)."""
+    spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_option_args(options)]
+    console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
+            f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
+            f'--overwrite --cfg-options ...')
+    code = module.main(argv)
+    if code:
+        raise DemoError(f'tools/convert_to_official.py exited with {code}')
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ 6. answers
+def normalise_answer(text: str) -> str:
+    return text.strip().strip('.').strip().lower()
+
+
+def load_official(folder: str):
+    """The converted folder loaded the official way: ``(model, tokenizer, config)``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return model, tokenizer, model.config
+
+
+def image_tiles(image, config):
+    """Pixel values as InternVL's ``load_image`` makes them, with the converted config's tiling settings."""
+    import torch
+    from xtuner_plugins.data.tiling import normalize_tiles, tile_image
+    tiles = tile_image(image.convert('RGB'), min_num=int(getattr(config, 'min_dynamic_patch', 1)),
+                       max_num=int(config.max_dynamic_patch), image_size=int(config.force_image_size),
+                       use_thumbnail=bool(config.use_thumbnail))
+    return normalize_tiles(tiles, dtype=torch.float32)
+
+
+@dataclass
+class Answer:
+    id: str
+    kind: str
+    question: str
+    expected: str
+    given: str
+    blind: str = ''
+
+    @property
+    def correct(self) -> bool:
+        return normalise_answer(self.given) == normalise_answer(self.expected)
+
+    @property
+    def blind_correct(self) -> bool:
+        return normalise_answer(self.blind) == normalise_answer(self.expected)
+
+
+def answer_questions(folder: str, test_path: str, image_folder: str, console: Console,
+                     max_new_tokens: int = 8, blind_colour=BLANK_GREY) -> List[Answer]:
+    """Every question of ``test_path`` through the converted folder's ``model.chat``: once with its image, once
+    with a uniform grey image of the same size (the blind control)."""
+    import torch
+    from PIL import Image
+
+    from xtuner_plugins.demo.data import read_questions
+    torch.manual_seed(0)
+    model, tokenizer, config = load_official(folder)
+    generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                      pad_token_id=tokenizer.pad_token_id)
+    answers = []
+    questions = read_questions(test_path)
+    step = max(1, len(questions) // 10)
+    for i, q in enumerate(questions, 1):
+        with Image.open(os.path.join(image_folder, q['image'])) as im:
+            image = im.convert('RGB')
+        given = model.chat(tokenizer, image_tiles(image, config), q['question'], generation)
+        blank = Image.new('RGB', image.size, blind_colour)
+        blind = model.chat(tokenizer, image_tiles(blank, config), q['question'], generation)
+        answers.append(Answer(q['id'], q['kind'], q['question'], q['answer'], given, blind))
+        if i % step == 0 or i == len(questions):
+            right = sum(a.correct for a in answers)
+            console(f'  answered {i}/{len(questions)} ({right} right so far)')
+    return answers
+
+
+def accuracy(answers: Sequence[Answer], blind: bool = False) -> float:
+    if not answers:
+        return 0.0
+    return sum(a.blind_correct if blind else a.correct for a in answers) / len(answers)
+
+
+def per_kind(answers: Sequence[Answer]) -> Dict[str, Dict[str, float]]:
+    groups: Dict[str, List[Answer]] = defaultdict(list)
+    for a in answers:
+        groups[a.kind].append(a)
+    return {k: {'n': len(v), 'accuracy': accuracy(v), 'blind': accuracy(v, blind=True)}
+            for k, v in groups.items()}
+
+
+def answer_table(answers: Sequence[Answer], max_rows: Optional[int] = 24) -> str:
+    """A short table: a few questions of every kind with expected, given and blind answers, then per kind."""
+    rows = []
+    if max_rows is None:
+        chosen = list(answers)
+    else:
+        by_kind: Dict[str, List[Answer]] = defaultdict(list)
+        for a in answers:
+            by_kind[a.kind].append(a)
+        per = max(1, max_rows // max(1, len(by_kind)))
+        chosen = [a for kind in by_kind for a in by_kind[kind][:per]]
+    wq = max([len('question')] + [len(a.question) for a in chosen])
+    header = f'  {"kind":<12} {"question":<{wq}}  {"expected":<9} {"given":<9} {"blind":<9}'
+    rows.append(header)
+    rows.append('  ' + '-' * (len(header) - 2))
+    for a in chosen:
+        mark = 'ok' if a.correct else 'WRONG'
+        rows.append(f'  {a.kind:<12} {a.question:<{wq}}  {a.expected:<9} {a.given[:9]:<9} {a.blind[:9]:<9} {mark}')
+    rows.append('')
+    rows.append(f'  {"kind":<12} {"questions":>9} {"accuracy":>9} {"blind":>9}')
+    for kind, s in per_kind(answers).items():
+        rows.append(f'  {kind:<12} {s["n"]:>9d} {s["accuracy"]:>9.3f} {s["blind"]:>9.3f}')
+    return '\n'.join(rows)
+
+
+def summary_line(accuracy_value: float, n: int, blind_value: float) -> str:
+    return SUMMARY_FORMAT.format(accuracy=accuracy_value, n=n, blind=blind_value)
+
+
+# ------------------------------------------------------------------------------------------ the whole demo
+@dataclass
+class DemoResult:
+    accuracy: float
+    blind: float
+    chance: float
+    n: int
+    answers: List[Answer]
+    stages: Dict[str, StageResult]
+    official_dir: str
+    work_dir: str
+    wall_s: float
+    timings: Dict[str, float]
+
+    def summary(self) -> str:
+        return summary_line(self.accuracy, self.n, self.blind)
+
+
+def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recipe: Optional[Recipe] = None,
+             nproc: int = 1, deepspeed: Optional[str] = None, console: Optional[Console] = None,
+             stage_timeout: float = 3600) -> DemoResult:
+    """Run the whole demo into ``work_dir``; returns the accuracies (the caller prints the summary line)."""
+    recipe = recipe or RECIPES['default']
+    if nproc < 1:
+        raise ValueError(f'nproc must be >= 1, got {nproc}')
+    if deepspeed and deepspeed not in DEEPSPEED_CONFIGS and not os.path.isfile(deepspeed):
+        raise ValueError(f'--deepspeed takes {", ".join(DEEPSPEED_CONFIGS)} or a JSON file, got {deepspeed!r}')
+    work_dir = os.path.abspath(work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    console = console or Console(os.path.join(work_dir, 'demo.log'))
+    cache_root = os.path.join(work_dir, '.cache')
+    for key, sub in (('HF_HOME', 'huggingface'), ('MPLCONFIGDIR', 'matplotlib'),
+                     ('TORCH_EXTENSIONS_DIR', 'torch_extensions')):
+        os.environ.setdefault(key, os.path.join(cache_root, sub))
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    timings: Dict[str, float] = {}
+    mode = f'{nproc} process{"es" if nproc > 1 else ""}' + (f', DeepSpeed {deepspeed}' if deepspeed else '')
+    console(f'xtuner-plugins demo: tiny InternVL-style model, CPU, {mode}; output in '
+            f'{os.path.relpath(work_dir, REPO_ROOT)}')
+
+    t = time.perf_counter()
+    console.step('1/6 models: random InternViT (official layout) + Qwen2 LLM with tokenizer')
+    models = make_models(os.path.join(work_dir, 'models'), recipe)
+    sizes = count_parameters(models)
+    console(f'  vision {recipe.vit_layers} layers x {recipe.vit_hidden} ({sizes["internvit"] / 1e6:.2f} M), '
+            f'{recipe.tile_size} px tiles; LLM {recipe.llm_layers} layers x {recipe.llm_hidden} '
+            f'({sizes["llm"] / 1e6:.2f} M)')
+    timings['models'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.step('2/6 data: shapes and digits with questions only the pixels answer')
+    from xtuner_plugins.demo.data import chance_accuracy
+    data = make_data(os.path.join(work_dir, 'data'), recipe)
+    chance = chance_accuracy(data['test']) if recipe.n_test else 0.0
+    console(f'  {json.dumps(data["counts"])} in {os.path.relpath(os.path.dirname(data["test"]), REPO_ROOT)}; '
+            f'chance (most common answer per kind): {chance:.3f}')
+    timings['data'] = time.perf_counter() - t
+    cache_dir = os.path.join(work_dir, 'cache')
+
+    stages: Dict[str, StageResult] = {}
+    t = time.perf_counter()
+    console.step('3/6 MLP warm-up: configs/pretrain_mlp.py (captions; only the projector mlp1 trains)')
+    options = stage_options('pretrain', recipe, models, data['pretrain'], data['images'], cache_dir, nproc)
+    stages['pretrain'] = train_stage('warm-up', CONFIGS['pretrain'], os.path.join(work_dir, 'pretrain_mlp'), options,
+                                     console, nproc, deepspeed, cache_root, stage_timeout)
+    timings['pretrain'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ft = recipe.finetune
+    what = ('projector + LLM' + (' + vision tower' if recipe.train_vision else '')) if ft == 'full' else \
+        'projector + LoRA adapters'
+    console.step(f'4/6 fine-tuning: configs/finetune_{ft}.py (questions; {what} train), '
+                 f'from the warm-up checkpoint')
+    ft_options = stage_options(ft, recipe, models, data['sft'], data['images'], cache_dir, nproc,
+                               pretrained_pth=stages['pretrain'].checkpoint)
+    stages['finetune'] = train_stage('fine-tune', CONFIGS[ft], os.path.join(work_dir, f'finetune_{ft}'), ft_options,
+                                     console, nproc, deepspeed, cache_root, stage_timeout)
+    timings['finetune'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.step('5/6 conversion: tools/convert_to_official.py -> InternVL official layout')
+    official = convert(CONFIGS[ft], stages['finetune'].checkpoint, ft_options, os.path.join(work_dir, 'official'),
+                       console)
+    timings['convert'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    console.step('6/6 answers: AutoModel.from_pretrained(official, trust_remote_code=True) + model.chat, greedy; '
+                 'blind control: the same questions on blank grey images')
+    answers = answer_questions(official, data['test'], data['images'], console, recipe.max_new_tokens)
+    timings['answers'] = time.perf_counter() - t
+    result = DemoResult(accuracy=accuracy(answers), blind=accuracy(answers, blind=True), chance=chance,
+                        n=len(answers), answers=answers, stages=stages, official_dir=official, work_dir=work_dir,
+                        wall_s=console.elapsed(), timings=timings)
+    with open(os.path.join(work_dir, 'answers.jsonl'), 'w', encoding='utf-8') as f:
+        for a in answers:
+            f.write(json.dumps(dataclasses.asdict(a)) + '\n')
+    console('')
+    console(answer_table(answers))
+    console('')
+    console(f'  times: ' + ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) +
+            f'; total {_fmt_time(result.wall_s)}. Chance: {chance:.3f}. TensorBoard: tensorboard --logdir '
+            f'{os.path.relpath(work_dir, REPO_ROOT)}')
+    return result
+
+
+# ------------------------------------------------------------------------------------------ command line
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='tools/demo.py',
+        description='The embedded demo: tiny models and data made here, MLP warm-up, fine-tuning, conversion to '
+                    'the official InternVL layout, and answers to held-out questions, on a CPU, offline.')
+    parser.add_argument('--work-dir', default=os.path.join(REPO_ROOT, 'work_dirs', 'demo'),
+                        help='output folder (default work_dirs/demo)')
+    parser.add_argument('--nproc-per-node', type=int, default=int(os.environ.get('NPROC_PER_NODE') or 1),
+                        help='training processes (default $NPROC_PER_NODE or 1; >1 runs torch.distributed on gloo)')
+    parser.add_argument('--deepspeed', default=os.environ.get('DEEPSPEED') or None,
+                        help='zero2, zero3 (configs/deepspeed/*_cpu.json) or a DeepSpeed JSON (default $DEEPSPEED '
+                             'or none)')
+    parser.add_argument('--recipe', choices=sorted(RECIPES), default='default',
+                        help='default: the full demo; quick: a shortened run (fewer samples and iterations)')
+    parser.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE',
+                        help='override recipe fields, e.g. --set finetune_repeat=2 finetune=lora')
+    parser.add_argument('--seed', type=int, default=None, help='random seed (default: the recipe\'s, 0)')
+    parser.add_argument('--min-accuracy', type=float, default=None,
+                        help='exit 1 when the accuracy is below this (default: no check)')
+    args = parser.parse_args(argv)
+    if args.deepspeed in ('', 'none', 'None', '0', 'no'):
+        args.deepspeed = None
+    return args
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = dataclasses.replace(RECIPES[args.recipe])
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    for item in args.set:
+        key, sep, value = item.partition('=')
+        if not sep or key not in types:
+            raise SystemExit(f'--set {item}: expected FIELD=VALUE with FIELD among {", ".join(types)}')
+        current = getattr(recipe, key)
+        if isinstance(current, bool):
+            parsed = value.lower() in ('1', 'true', 'yes', 'on')
+        elif isinstance(current, int):
+            parsed = int(value)
+        elif isinstance(current, float):
+            parsed = float(value)
+        elif key == 'kinds':
+            parsed = tuple(v for v in value.split(',') if v) or None
+        else:
+            parsed = value
+        setattr(recipe, key, parsed)
+    if args.seed is not None:
+        recipe.seed = args.seed
+    return recipe
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    recipe = recipe_from_args(args)
+    console = Console(os.path.join(os.path.abspath(args.work_dir), 'demo.log'))
+    console(f'recipe: {recipe.describe()}')
+    try:
+        result = run_demo(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
+                          console=console)
+    except DemoError as exc:
+        console(f'demo failed: {exc}')
+        return 1
+    with open(os.path.join(result.work_dir, 'result.json'), 'w', encoding='utf-8') as f:
+        json.dump({'accuracy': result.accuracy, 'blind': result.blind, 'chance': result.chance, 'n': result.n,
+                   'per_kind': per_kind(result.answers), 'wall_s': result.wall_s, 'timings': result.timings,
+                   'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
+                   'recipe': dataclasses.asdict(recipe)}, f, indent=1)
+    console(result.summary())
+    if args.min_accuracy is not None and result.accuracy < args.min_accuracy:
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,27 +1,49 @@
-"""Training throughput: packed against unpacked batches, on the same samples in the same run.
+"""Training throughput and MFU: packed against unpacked batches, on the same samples in the same run.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_train.py                       # tiny models on the CPU: ratios only
-    .venv/bin/python benchmarks/bench_train.py --real --device cuda  # GPU: InternViT-300M + Qwen2.5-1.5B
+    .venv/bin/python benchmarks/bench_train.py                                    # tiny models on the CPU: ratios only
+    .venv/bin/python benchmarks/bench_train.py --real --device cuda               # GPU: InternViT-300M + Qwen2.5-0.5B
+    .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --device cuda    # GPU: InternViT-300M + Qwen2.5-1.5B
+    .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --dry-run        # shapes and FLOPs per step only
 
-It writes a synthetic data set (images of varied aspect ratios, so tile counts vary; answers of varied
-length) and trains the full fine-tuning setting (projector + LLM) for ``--steps`` steps each way:
-unpacked (``--batch`` samples per step, padded) and packed (one pack of up to ``--max-tokens`` tokens per
-step). Both see the same samples. Reported: tokens/s counting real (non-padding) tokens, samples/s, and
-the share of step time spent waiting for data. On a CPU with tiny models only the ratios mean anything.
-XTuner 0.2.0's own InternVL path needs an official InternVL folder with its remote code, which the
-converter (not yet written) produces; it is reported as skipped until then.
+It writes a synthetic data set (every image has an aspect ratio that InternVL's dynamic tiling maps to a
+12-tile grid, so each image is 12 tiles plus a thumbnail; answers of varied length) and trains the full
+fine-tuning setting (projector + LLM; the vision tower frozen) for ``--steps`` steps each way: unpacked
+(``--batch`` samples per step, padded) and packed (one pack of up to ``--max-tokens`` tokens per step).
+Both see the same samples. Reported per path: tokens/s counting real (non-padding) tokens, samples/s, model
+FLOPs per step and achieved TFLOPS (see :func:`train_step_flops` for how they are counted from the model
+shapes), MFU (achieved / peak; the peak comes from ``--peak-tflops`` or, on a GPU, from
+:data:`PEAK_TFLOPS` by device name), the share of step time spent waiting for data, the share of padding in
+the rows and the peak memory (``torch.cuda.max_memory_allocated`` on a GPU; the process's peak resident set
+size on a CPU, which never decreases, so the second path's figure includes the first's).
+
+``--real`` writes randomly initialised checkpoints with the real shapes (InternViT-300M-448px-V2_5 and
+Qwen2.5-0.5B or -1.5B) and trains them in bf16 autocast on the GPU, with InternVL's real vocabulary of
+151674 rows in the embeddings and ``lm_head`` (the texts come from the project's tiny tokenizer, so only the
+first few hundred rows are ever looked up; the LM head still computes all 151674 logits per token).
+``--dry-run`` builds the configs, the data set and the model modules on PyTorch's ``meta`` device (shapes,
+no memory), checks the FLOPs formula's matmul sizes against those modules and prints the FLOPs per step of
+both paths without training; it works on a CPU at the real sizes.
+
+On a CPU with tiny models only the ratios mean anything. XTuner 0.2.0's own InternVL path needs an
+official InternVL folder with its remote code, which the converter (not yet written) produces; it is
+reported as skipped until then.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
+import platform
+import resource
 import sys
 import tempfile
 import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,17 +56,319 @@ from xtuner_plugins.data import InternVLDataset, internvl_collate_fn  # noqa: E4
 from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
 from xtuner_plugins.models import InternVLModel  # noqa: E402
 
-SIZES = [(800, 600), (600, 800), (1200, 400), (448, 448), (1600, 900), (300, 1000)]
+# (cols, rows) grids of exactly 12 tiles; an image of 448*cols x 448*rows px is tiled into that grid (its
+# ratio is matched exactly; 6x2 and 2x6 tie with 3x1 and 1x3 and win the tie by area), plus a thumbnail.
+GRIDS = [(4, 3), (3, 4), (6, 2), (2, 6)]
+
+# Real shapes (OpenGVLab/InternViT-300M-448px-V2_5; Qwen/Qwen2.5-{0.5B,1.5B}-Instruct config.json).
+INTERNVIT_300M = dict(image_size=448, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                      intermediate_size=4096)
+REAL_LLMS = {
+    '0.5b': dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864),
+    '1.5b': dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960),
+}
+REAL_VOCAB = 151674  # Qwen2.5's 151665 tokens + InternVL's 9 added ones: the rows InternVL resizes to
+# What is trained: the full fine-tuning setting (finetune_full): projector + LLM, the vision tower frozen.
+TRAINED = dict(freeze_vision=True, freeze_projector=False, freeze_llm=False)
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, matched in order against torch.cuda.get_device_name().
+PEAK_TFLOPS = [('H200', 989.0), ('H100 PCIe', 756.0), ('H100', 989.0), ('A100', 312.0)]
 
 
-def write_data(folder: str, n: int, seed: int = 0) -> str:
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs from the model shapes
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelShapes:
+    """The sizes the FLOPs depend on (see :func:`model_shapes`)."""
+    vit_hidden: int
+    vit_layers: int
+    vit_heads: int
+    vit_intermediate: int
+    patch_size: int
+    image_size: int
+    num_channels: int
+    downsample_ratio: float
+    llm_hidden: int
+    llm_intermediate: int
+    llm_layers: int
+    llm_heads: int
+    llm_kv_heads: int
+    llm_head_dim: int
+    vocab_size: int
+
+    @property
+    def patches_per_tile(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vit_tokens_per_tile(self) -> int:
+        """Patches plus the CLS token (1025 for a 448 px tile with 14 px patches)."""
+        return self.patches_per_tile + 1
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        """LLM tokens per tile after the pixel shuffle (256 for 448 px, 14 px patches, ratio 0.5)."""
+        return int(self.patches_per_tile * self.downsample_ratio ** 2)
+
+    @property
+    def projector_in(self) -> int:
+        """``mlp1``'s input width: the ViT width times ``(1 / ratio)^2`` (4096 for InternViT-300M)."""
+        return self.vit_hidden * round(1 / self.downsample_ratio) ** 2
+
+
+def _field(config, name):
+    value = config[name] if isinstance(config, dict) else getattr(config, name)
+    if isinstance(value, (list, tuple)):  # transformers' InternVLVisionConfig keeps sizes as [s, s]
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f'{name} must be square, got {list(value)}')
+        value = value[0]
+    return value
+
+
+def model_shapes(vision_config, llm_config, downsample_ratio: float = 0.5,
+                 vocab_size: Optional[int] = None) -> ModelShapes:
+    """Read the shapes from the configs of a built model (``model.vision_model.config``,
+    ``model.language_model.config``, ``model.downsample_ratio``) or from config dicts with the same field
+    names. ``vocab_size`` overrides the LLM config's (the rows of ``lm_head``)."""
+    heads = _field(llm_config, 'num_attention_heads')
+    hidden = _field(llm_config, 'hidden_size')
+    head_dim = (llm_config.get('head_dim') if isinstance(llm_config, dict)
+                else getattr(llm_config, 'head_dim', None)) or hidden // heads
+    return ModelShapes(
+        vit_hidden=_field(vision_config, 'hidden_size'), vit_layers=_field(vision_config, 'num_hidden_layers'),
+        vit_heads=_field(vision_config, 'num_attention_heads'),
+        vit_intermediate=_field(vision_config, 'intermediate_size'), patch_size=_field(vision_config, 'patch_size'),
+        image_size=_field(vision_config, 'image_size'), num_channels=_field(vision_config, 'num_channels'),
+        downsample_ratio=downsample_ratio, llm_hidden=hidden,
+        llm_intermediate=_field(llm_config, 'intermediate_size'), llm_layers=_field(llm_config, 'num_hidden_layers'),
+        llm_heads=heads, llm_kv_heads=_field(llm_config, 'num_key_value_heads'), llm_head_dim=head_dim,
+        vocab_size=vocab_size or _field(llm_config, 'vocab_size'))
+
+
+def matmul_parameters(s: ModelShapes) -> Dict[str, int]:
+    """Weights that multiply activations, per part (biases, norms, layer scales and embeddings excluded).
+
+    * ``patch_embed``: the Conv2d, ``C * 3 * p^2`` (one matmul per patch);
+    * ``vit_layer`` (one layer): q, k, v, out ``4 C^2`` + MLP ``2 C I``;
+    * ``projector``: ``mlp1`` ``4C * H + H * H``;
+    * ``llm_layer`` (one layer): q ``H * a * d``, k and v ``2 * H * kv * d``, o ``a * d * H``, MLP (gate, up,
+      down) ``3 H F``; ``a`` heads, ``kv`` key/value heads, ``d`` head dim;
+    * ``lm_head``: ``H * V``.
+    """
+    c, i = s.vit_hidden, s.vit_intermediate
+    h, f, d = s.llm_hidden, s.llm_intermediate, s.llm_head_dim
+    return dict(
+        patch_embed=c * s.num_channels * s.patch_size ** 2,
+        vit_layer=4 * c * c + 2 * c * i,
+        projector=s.projector_in * h + h * h,
+        llm_layer=h * s.llm_heads * d + 2 * h * s.llm_kv_heads * d + s.llm_heads * d * h + 3 * h * f,
+        lm_head=h * s.vocab_size)
+
+
+def _train_multipliers(trainable: bool, upstream_trainable: bool) -> Tuple[int, int]:
+    """(weight matmuls, attention matmuls): training FLOPs of a part as multiples of its forward FLOPs."""
+    if trainable:
+        return 3, 3  # forward + input gradients + weight gradients
+    if upstream_trainable:
+        return 2, 3  # weights: forward + input gradients; attention: dQ, dK, dV, dP all needed
+    return 1, 1  # no gradient reaches this part: forward only
+
+
+def train_step_flops(s: ModelShapes, seq_lens: Sequence[int], tiles: Sequence[int], *,
+                     freeze_vision: bool = True, freeze_projector: bool = False,
+                     freeze_llm: bool = False) -> Dict[str, int]:
+    """Model FLOPs of one training step (forward + backward), from the shapes alone.
+
+    The batch is described per sample: ``seq_lens[k]`` tokens (text plus its image tokens) and ``tiles[k]``
+    tiles (thumbnail included). Only real tokens count: padding in unpacked rows is not useful work and
+    is left out, and so are dummy tiles of text-only samples (the bench derives ``tiles`` from the image
+    tokens). Packed or unpacked makes no difference: a pack's attention is block-diagonal causal (a sample
+    never attends to another), so its useful attention is the sum over its samples of causal attention on
+    the sample's own length, exactly what the same samples cost in separate rows. MFU computed from these
+    FLOPs therefore credits both paths with the same work and shows what padding and dense masks waste.
+
+    Forward FLOPs (a multiply-add is 2 FLOPs; ``n = 1 + (S/p)^2`` ViT tokens per tile, ``t = n - 1`` patches,
+    ``m = t * r^2`` LLM tokens per tile, ``T`` tiles in the step, ``L_k`` sample lengths, ``N = sum L_k``;
+    the parameter counts are :func:`matmul_parameters`'):
+
+    * patch embedding: ``2 * (C * 3 * p^2) * t * T``;
+    * ViT matmuls: ``2 * vit_layers * (4 C^2 + 2 C I) * n * T`` (CLS token included);
+    * ViT attention, bidirectional: ``QK^T`` and ``AV`` are ``2 n^2 C`` each, so ``4 * n^2 * C`` per layer
+      and tile: ``vit_layers * 4 * n^2 * C * T``;
+    * projector: ``2 * (4C * H + H^2) * m * T``;
+    * LLM matmuls: ``2 * llm_layers * llm_layer * N``;
+    * LLM attention, causal: half the full ``4 * L^2 * a * d`` (the usual convention, e.g. FlashAttention's
+      benchmarks; exact would be ``L (L + 1) / 2`` score entries): ``llm_layers * 2 * a * d * sum L_k^2``;
+      grouped key/value heads do not reduce it, every query head attends;
+    * LM head: ``2 * H * V * N`` (logits of every token, as the model computes them).
+
+    Training multiplies each part's forward FLOPs (:func:`_train_multipliers`):
+
+    * trainable part: 3x (backward = input gradients + weight gradients, each as large as the forward);
+      the patch embedding is 2x when the ViT trains, as no gradient is needed for the pixels;
+    * frozen part with a trainable part before it (the gradient flows through it, e.g. the frozen LLM in
+      MLP warm-up): 2x for weight matmuls (input gradients only) and 3x for attention score/value matmuls,
+      which have no weights and need gradients for both operands;
+    * frozen part with nothing trainable before it (the frozen ViT in every stage but 1.5 and full+vision):
+      1x, forward only. LoRA adapters are not modelled (their matmuls are small; the frozen base they sit
+      in counts as a frozen part the gradient flows through).
+
+    Only matmuls count (the MFU convention): norms, activations, softmax, rotary embeddings, the embedding
+    lookup, the loss and the optimizer step are left out, and so is the recomputation of gradient
+    checkpointing (model FLOPs, not hardware FLOPs).
+
+    Returns:
+        ``vision``, ``projector``, ``llm`` (layers), ``lm_head``: training FLOPs per part; ``total``; and
+        ``forward``: the forward FLOPs of all parts.
+    """
+    if len(seq_lens) != len(tiles):
+        raise ValueError(f'{len(seq_lens)} sequence lengths but {len(tiles)} tile counts')
+    per_tile = s.image_tokens_per_tile
+    for n, t in zip(seq_lens, tiles):
+        if n < t * per_tile:
+            raise ValueError(f'a sample of {n} tokens cannot hold {t} tiles of {per_tile} image tokens')
+    p = matmul_parameters(s)
+    total_tiles, tokens = sum(tiles), sum(seq_lens)
+    n = s.vit_tokens_per_tile
+    attn_dim = s.llm_heads * s.llm_head_dim
+    fwd = dict(
+        patch_embed=2 * p['patch_embed'] * s.patches_per_tile * total_tiles,
+        vit_matmul=2 * s.vit_layers * p['vit_layer'] * n * total_tiles,
+        vit_attention=s.vit_layers * 4 * n * n * s.vit_hidden * total_tiles,
+        projector=2 * p['projector'] * per_tile * total_tiles,
+        llm_matmul=2 * s.llm_layers * p['llm_layer'] * tokens,
+        llm_attention=s.llm_layers * 2 * attn_dim * sum(L * L for L in seq_lens),
+        lm_head=2 * p['lm_head'] * tokens)
+    vision_trains, projector_trains, llm_trains = not freeze_vision, not freeze_projector, not freeze_llm
+    vit_w, vit_a = _train_multipliers(vision_trains, False)
+    proj_w, _ = _train_multipliers(projector_trains, vision_trains)
+    llm_w, llm_a = _train_multipliers(llm_trains, vision_trains or projector_trains)
+    out = dict(
+        vision=(2 if vision_trains else 1) * fwd['patch_embed'] + vit_w * fwd['vit_matmul']
+        + vit_a * fwd['vit_attention'],
+        projector=proj_w * fwd['projector'],
+        llm=llm_w * fwd['llm_matmul'] + llm_a * fwd['llm_attention'],
+        lm_head=llm_w * fwd['lm_head'])
+    out['total'] = sum(out.values())
+    out['forward'] = sum(fwd.values())
+    return out
+
+
+def batch_samples(batch: dict, img_context_token_id: int, image_tokens_per_tile: int) -> Tuple[List[int], List[int]]:
+    """Per-sample token counts and tiles of a collated batch (packed rows are split by ``seq_lens``, unpacked
+    rows lose their padding); tiles are the sample's ``<IMG_CONTEXT>`` tokens over the tokens per tile."""
+    ids, mask = batch['input_ids'], batch['attention_mask']
+    seq_lens, tiles = [], []
+    for row in range(ids.shape[0]):
+        lengths = ([int(n) for n in batch['seq_lens'][row]] if batch.get('seq_lens') is not None
+                   else [int(mask[row].sum())])
+        start = 0
+        for n in lengths:
+            image_tokens = int((ids[row, start:start + n] == img_context_token_id).sum())
+            if image_tokens % image_tokens_per_tile:
+                raise ValueError(f'a sample has {image_tokens} image tokens, not a multiple of '
+                                 f'{image_tokens_per_tile} per tile')
+            seq_lens.append(n)
+            tiles.append(image_tokens // image_tokens_per_tile)
+            start += n
+    return seq_lens, tiles
+
+
+def default_peak_tflops(device_name: str) -> Optional[float]:
+    """Dense bf16 peak of a known GPU from its name (:data:`PEAK_TFLOPS`), else None."""
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------------------
+
+def real_configs(llm: str):
+    """``(vision config, LLM config)`` of InternViT-300M + Qwen2.5-``llm`` as the model holds them after
+    loading (transformers' ``InternVLVisionConfig``; ``Qwen2Config`` with InternVL's vocabulary, untied)."""
+    from transformers import Qwen2Config
+
+    from xtuner_plugins.models.vision import official_to_hf_vision_config
+    v, q = INTERNVIT_300M, REAL_LLMS[llm]
+    vision = official_to_hf_vision_config(dict(
+        image_size=v['image_size'], patch_size=v['patch_size'], hidden_size=v['hidden_size'],
+        num_hidden_layers=v['num_layers'], num_attention_heads=v['num_heads'],
+        intermediate_size=v['intermediate_size'], qkv_bias=True, qk_normalization=False, norm_type='layer_norm'))
+    text = Qwen2Config(vocab_size=REAL_VOCAB, hidden_size=q['hidden_size'], intermediate_size=q['intermediate_size'],
+                       num_hidden_layers=q['num_layers'], num_attention_heads=q['num_heads'],
+                       num_key_value_heads=q['num_kv_heads'], tie_word_embeddings=False)
+    return vision, text
+
+
+def folder_configs(models: dict):
+    """``(vision config, LLM config)`` of written model folders, with the vocabulary the model resizes to."""
+    from transformers import AutoConfig
+
+    from xtuner_plugins.models.llm import load_tokenizer
+    from xtuner_plugins.models.vision import official_to_hf_vision_config
+    with open(os.path.join(models['internvit'], 'config.json')) as f:
+        vision = official_to_hf_vision_config(json.load(f))
+    text = AutoConfig.from_pretrained(models['llm'])
+    text.vocab_size = len(load_tokenizer(models['llm'])[0])
+    text.tie_word_embeddings = False
+    return vision, text
+
+
+def write_real_models(out: str, llm: str, weights: bool = True) -> dict:
+    """InternViT-300M + Qwen2.5-``llm`` with random weights (``weights=False``: the tokenizer only, for a
+    dry run). The LLM is written with the tiny tokenizer's vocabulary; :func:`main` resizes it to
+    :data:`REAL_VOCAB` after loading (InternVLModel resizes the embeddings to the tokenizer's length)."""
+    from xtuner_plugins.tiny.llm import write_tiny_qwen2
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    from xtuner_plugins.tiny.vision import write_tiny_internvit
+    llm_dir = os.path.join(out, 'llm')
+    if not weights:
+        build_tiny_tokenizer(add_internvl_tokens=False).save_pretrained(llm_dir)
+        return dict(internvit=None, llm=llm_dir, image_size=INTERNVIT_300M['image_size'])
+    return dict(internvit=write_tiny_internvit(os.path.join(out, 'internvit'), **INTERNVIT_300M),
+                llm=write_tiny_qwen2(llm_dir, **REAL_LLMS[llm]), image_size=INTERNVIT_300M['image_size'])
+
+
+def meta_matmul_parameters(vision_config, llm_config, downsample_ratio: float = 0.5) -> Dict[str, int]:
+    """The :func:`matmul_parameters` parts counted in modules built from the configs on the ``meta`` device
+    (no memory): nn.Linear / Conv2d weights only."""
+    from transformers import AutoModelForCausalLM, InternVLVisionModel
+
+    from xtuner_plugins.models.projector import InternVLProjector
+    with torch.device('meta'):
+        vit = InternVLVisionModel(vision_config)
+        lm = AutoModelForCausalLM.from_config(llm_config)
+        mlp1 = InternVLProjector(vision_config.hidden_size, llm_config.hidden_size, downsample_ratio)
+    return module_matmul_parameters(vit, mlp1, lm)
+
+
+def module_matmul_parameters(vision_model, mlp1, language_model) -> Dict[str, int]:
+    """nn.Linear and Conv2d weight elements of the three towers, summed as :func:`matmul_parameters`'
+    parts (``vit_layers``/``llm_layers``: all layers together)."""
+    def linear(module, skip=None):
+        return sum(m.weight.numel() for m in module.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not skip)
+    head = language_model.get_output_embeddings()
+    return dict(patch_embed=vision_model.embeddings.patch_embeddings.projection.weight.numel(),
+                vit_layers=linear(vision_model), projector=linear(mlp1),
+                llm_layers=linear(language_model, skip=head), lm_head=head.weight.numel())
+
+
+def write_data(folder: str, n: int, tile: int, seed: int = 0) -> str:
+    """``n`` samples, each one image of a 12-tile grid (:data:`GRIDS`, ``tile`` px tiles) and an answer of
+    5 to 119 words."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
     path = os.path.join(folder, 'data.jsonl')
     with open(path, 'w') as f:
         for i in range(n):
-            w, h = SIZES[i % len(SIZES)]
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            cols, rows = GRIDS[i % len(GRIDS)]
+            Image.fromarray(rng.integers(0, 256, (rows * tile, cols * tile, 3), dtype=np.uint8)).save(
                 os.path.join(folder, 'images', f'{i}.jpg'))
             answer = ' '.join(['word'] * int(rng.integers(5, 120)))
             f.write(json.dumps({'image': f'{i}.jpg', 'conversations': [
@@ -52,15 +376,30 @@ def write_data(folder: str, n: int, seed: int = 0) -> str:
     return path
 
 
-def run(model, loader, steps, device):
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+
+def peak_memory_mib(device: str) -> float:
+    if device == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run(model, loader, steps, device, shapes: ModelShapes) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = samples = 0
+    freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
+                  freeze_llm=model.freeze_llm)
+    tokens = samples = flops = padded = 0
     data_time = 0.0
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
     it = iter(loader)
     for step in range(steps + 1):  # step 0 warms up and is not counted
         t0 = time.perf_counter()
         batch = next(it)['data']
         t1 = time.perf_counter()
+        seq_lens, tiles = batch_samples(batch, model.img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
             loss = model(batch, mode='loss')['loss']
@@ -73,50 +412,143 @@ def run(model, loader, steps, device):
             start = time.perf_counter()
             continue
         data_time += t1 - t0
-        tokens += int(batch['attention_mask'].sum())
-        samples += (sum(len(s) for s in batch['seq_lens']) if 'seq_lens' in batch
-                    else batch['input_ids'].shape[0])
+        tokens += sum(seq_lens)
+        samples += len(seq_lens)
+        padded += batch['input_ids'].numel() - sum(seq_lens)
+        flops += train_step_flops(shapes, seq_lens, tiles, **freeze)['total']
     total = time.perf_counter() - start
-    return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total)
+    return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
+                flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
+                peak_mib=peak_memory_mib(device))
+
+
+def step_plans(ds, packed, batch: int) -> Dict[str, List[Tuple[List[int], List[int]]]]:
+    """(seq_lens, tiles) of every step of both paths over the data set, from its header-based estimates:
+    unpacked batches of consecutive samples, and the packs."""
+    lengths, tiles = ds.length, ds.num_tiles_per_item
+    unpacked = [(lengths[i:i + batch], tiles[i:i + batch]) for i in range(0, len(lengths) - batch + 1, batch)]
+    packs = [([lengths[i] for i in pack], [tiles[i] for i in pack]) for pack in packed.packs]
+    return dict(unpacked=unpacked, packed=packs)
+
+
+def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, peak: Optional[float]) -> None:
+    formula = matmul_parameters(shapes)
+    expected = dict(patch_embed=formula['patch_embed'], vit_layers=shapes.vit_layers * formula['vit_layer'],
+                    projector=formula['projector'], llm_layers=shapes.llm_layers * formula['llm_layer'],
+                    lm_head=formula['lm_head'])
+    built = meta_matmul_parameters(vision_config, llm_config, shapes.downsample_ratio)
+    print(f'shapes: {dataclasses.asdict(shapes)}')
+    print(f'  ViT tokens per tile {shapes.vit_tokens_per_tile}, LLM tokens per tile {shapes.image_tokens_per_tile}, '
+          f'mlp1 {shapes.projector_in} -> {shapes.llm_hidden} -> {shapes.llm_hidden}')
+    print(f'{"matmul weights":16s} {"formula":>14s} {"meta modules":>14s}')
+    for key in expected:
+        print(f'{key:16s} {expected[key]:14,d} {built[key]:14,d}')
+    if expected != built:
+        raise SystemExit('the FLOPs formula and the modules built from the configs disagree')
+    print(f'tiles per sample: {sorted(set(ds.num_tiles_per_item))}; mean {np.mean(ds.length):.0f} tokens per sample')
+    print(f'{"path":10s} {"steps":>6s} {"tokens":>8s} {"samples":>8s} {"vision":>9s} {"projector":>9s} {"llm":>9s} '
+          f'{"lm_head":>9s} {"TFLOP/step":>10s} {"fwd TFLOP":>10s}' + (f' {"s @45% MFU":>10s}' if peak else ''))
+    for name, plans in step_plans(ds, packed, args.batch).items():
+        per = [train_step_flops(shapes, lens, tiles, **TRAINED) for lens, tiles in plans]
+        mean = {k: np.mean([p[k] for p in per]) / 1e12 for k in per[0]}
+        line = (f'{name:10s} {len(plans):6d} {np.mean([sum(lens) for lens, _ in plans]):8.0f} '
+                f'{np.mean([len(lens) for lens, _ in plans]):8.2f} {mean["vision"]:9.4g} {mean["projector"]:9.4g} '
+                f'{mean["llm"]:9.4g} {mean["lm_head"]:9.4g} {mean["total"]:10.4g} {mean["forward"]:10.4g}')
+        if peak:
+            line += f' {mean["total"] / (0.45 * peak):10.4g}'
+        print(line)
+    print('(TFLOP per step: model FLOPs of training with the ViT frozen, projector + LLM trained; see '
+          'train_step_flops. No weights were allocated and nothing was trained.)')
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--real', action='store_true', help='real model shapes (random weights; needs a GPU)')
+    p.add_argument('--llm', choices=sorted(REAL_LLMS), default=None,
+                   help='Qwen2.5 size for --real (default 0.5b, as in InternVL2_5-1B)')
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where to train (default cpu)')
     p.add_argument('--samples', type=int, default=48, help='synthetic samples (default 48)')
     p.add_argument('--batch', type=int, default=4, help='unpacked samples per step (default 4)')
     p.add_argument('--max-tokens', type=int, default=None,
                    help='tokens per pack (default: 16384 with --real, else 4 x the mean sample length)')
     p.add_argument('--steps', type=int, default=6, help='timed steps each way (default 6)')
-    p.add_argument('--workers', type=int, default=2, help='DataLoader workers (default 2)')
+    p.add_argument('--workers', type=int, default=None, help='DataLoader workers (default 8 with --real, else 2)')
+    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager'], default=None,
+                   help='attention kernels (default: flash_attention_2 on cuda when flash_attn is installed, '
+                        'else sdpa, whose packed rows use a dense block-diagonal mask)')
+    p.add_argument('--peak-tflops', type=float, default=None,
+                   help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
+                        f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
+    p.add_argument('--dry-run', action='store_true',
+                   help='build configs, data and meta-device modules, print the FLOPs per step; no weights, no training')
     args = p.parse_args()
+    if args.llm is not None and not args.real:
+        p.error('--llm selects the real-size LLM; it needs --real')
+    if args.device == 'cuda' and not args.dry_run and not torch.cuda.is_available():
+        p.error('--device cuda: no CUDA device is available')
+    if args.samples < args.batch or args.steps < 1 or args.batch < 1:
+        p.error('need --steps >= 1 and --samples >= --batch >= 1')
+    llm_size = args.llm or '0.5b'
+    workers = args.workers if args.workers is not None else (8 if args.real else 2)
+    attn = args.attn or ('flash_attention_2' if args.device == 'cuda' and importlib.util.find_spec('flash_attn')
+                         else 'sdpa')
+    peak = args.peak_tflops
+    if peak is None and args.device == 'cuda' and torch.cuda.is_available():
+        peak = default_peak_tflops(torch.cuda.get_device_name())
+    size = f'real (InternViT-300M + Qwen2.5-{llm_size.upper()}, random weights)' if args.real else 'tiny'
+    if args.real and args.device == 'cpu' and not args.dry_run:
+        print('warning: real sizes on the CPU take minutes per step', file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
-        models = write_models(os.path.join(tmp, 'models'), args.real)
-        data = write_data(os.path.join(tmp, 'data'), args.samples)
+        models = (write_real_models(os.path.join(tmp, 'models'), llm_size, weights=not args.dry_run) if args.real
+                  else write_models(os.path.join(tmp, 'models'), False))
+        data = write_data(os.path.join(tmp, 'data'), args.samples, models['image_size'])
         ds = InternVLDataset(data, image_folders=os.path.join(tmp, 'data', 'images'), tokenizer=models['llm'],
                              image_size=models['image_size'], max_dynamic_patch=12, cache_dir=os.path.join(tmp, 'c'))
         max_tokens = args.max_tokens or (16384 if args.real else int(4 * np.mean(ds.length)))
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
-        model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], freeze_llm=False,
-                              llm_grad_ckpt=args.real, torch_dtype='bfloat16' if args.device == 'cuda' else 'float32')
+        header = (f'models: {size}; device: {args.device}; attention: {attn}; {args.samples} samples of '
+                  f'{"/".join(map(str, sorted(set(ds.num_tiles_per_item))))} tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs '
+                  f'of <= {max_tokens} tokens ({len(packed)} packs)')
+        if args.dry_run:
+            vision_config, llm_config = real_configs(llm_size) if args.real else folder_configs(models)
+            shapes = model_shapes(vision_config, llm_config, 0.5)
+            print(f'{header}; dry run; torch {torch.__version__}')
+            dry_run(args, shapes, vision_config, llm_config, ds, packed, peak)
+            return
+        model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
+                              llm_grad_ckpt=args.real, attn_implementation=attn,
+                              torch_dtype='bfloat16' if args.device == 'cuda' else 'float32')
+        if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
+            model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
         model.to(args.device).train()
+        shapes = model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio)
+        if shapes.vocab_size != model.language_model.get_output_embeddings().weight.shape[0]:
+            raise SystemExit(f'config vocab {shapes.vocab_size} != lm_head rows '
+                             f'{model.language_model.get_output_embeddings().weight.shape[0]}')
+
         def loader(dataset, batch_size):
             sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6,
                                                      generator=torch.Generator().manual_seed(0))
             return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                               num_workers=args.workers, collate_fn=internvl_collate_fn,
+                                               num_workers=workers, collate_fn=internvl_collate_fn,
                                                pin_memory=args.device == 'cuda')
         unpacked_loader, packed_loader = loader(ds, args.batch), loader(packed, 1)
-        results = {'unpacked': run(model, unpacked_loader, args.steps, args.device),
-                   'packed': run(model, packed_loader, args.steps, args.device)}
-    size = 'real (InternViT-300M + Qwen2.5-1.5B, random weights)' if args.real else 'tiny'
-    print(f'models: {size}; device: {args.device}; {args.samples} samples, mean {np.mean(ds.length):.0f} tokens; '
-          f'unpacked batch {args.batch}, packs of <= {max_tokens} tokens ({len(packed)} packs); '
-          f'{args.steps} timed steps each; torch {torch.__version__}, {os.cpu_count()} CPUs')
-    print(f'{"path":12s} {"tokens/s":>10s} {"samples/s":>10s} {"data share":>10s}')
+        results = {'unpacked': run(model, unpacked_loader, args.steps, args.device, shapes),
+                   'packed': run(model, packed_loader, args.steps, args.device, shapes)}
+    machine = (torch.cuda.get_device_name() if args.device == 'cuda'
+               else f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads')
+    print(f'{header}; {args.steps} timed steps each, {workers} workers; torch {torch.__version__}; {machine}')
+    print(f'{"path":10s} {"tokens/s":>10s} {"samples/s":>10s} {"TFLOP/step":>11s} {"TFLOPS":>9s} {"MFU":>7s} '
+          f'{"data share":>10s} {"pad share":>9s} {"peak MiB":>9s}')
     for name, r in results.items():
-        print(f'{name:12s} {r["tokens_per_s"]:10.1f} {r["samples_per_s"]:10.2f} {r["data_share"]:10.1%}')
+        mfu = f'{r["tflops"] / peak:7.1%}' if peak else f'{"n/a":>7s}'
+        print(f'{name:10s} {r["tokens_per_s"]:10.1f} {r["samples_per_s"]:10.2f} {r["flops_per_step"] / 1e12:11.4g} '
+              f'{r["tflops"]:9.4g} {mfu} {r["data_share"]:10.1%} {r["pad_share"]:9.1%} {r["peak_mib"]:9.0f}')
+    if peak:
+        print(f'MFU against a peak of {peak:g} TFLOPS')
+    else:
+        print('MFU needs a peak: pass --peak-tflops (the achieved TFLOPS above are model FLOPs per second)')
     print('xtuner 0.2.0 InternVL path: skipped (needs an official InternVL folder with remote code; converter issue)')
     print(f'packed/unpacked tokens/s: {results["packed"]["tokens_per_s"] / results["unpacked"]["tokens_per_s"]:.2f}')
 

@@ -199,6 +199,17 @@ def test_official_layout_files_and_config(tiny, tmp_path):
     with open(os.path.join(folder, 'generation_config.json')) as f:
         assert json.load(f)['eos_token_id'][0] == tokenizer.convert_tokens_to_ids('<|im_end|>')
     assert tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') == 517  # the training tokenizer's id (515 + 2)
+    # the chat template renders what the training template renders
+    from xtuner_plugins.data.template import get_template
+    template = get_template('internvl2_5')
+    messages = [{'role': 'user', 'content': 'Hi?'}, {'role': 'assistant', 'content': 'Hello.'},
+                {'role': 'user', 'content': 'More?'}]
+    expected = (template.render_system(template.default_system) + template.render_user('Hi?')
+                + template.render_assistant('Hello.') + template.render_user('More?') + template.assistant_prefix)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    with_system = tokenizer.apply_chat_template([{'role': 'system', 'content': 'Be brief.'}] + messages[:1],
+                                                tokenize=False)
+    assert with_system == template.render_system('Be brief.') + template.render_user('Hi?')
 
 
 def test_deepspeed_zero3_folder_converts(tiny, batch, tmp_path):

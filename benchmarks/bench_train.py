@@ -19,7 +19,7 @@ the rows and the peak memory (``torch.cuda.max_memory_allocated`` on a GPU; the 
 size on a CPU, which never decreases, so the second path's figure includes the first's).
 
 ``--real`` writes randomly initialised checkpoints with the real shapes (InternViT-300M-448px-V2_5 and
-Qwen2.5-0.5B or -1.5B) and trains them in bf16 autocast on the GPU, with InternVL's real vocabulary of
+Qwen2.5-0.5B or -1.5B) and trains them in bf16 autocast with LLM gradient checkpointing, with InternVL's real vocabulary of
 151674 rows in the embeddings and ``lm_head`` (the texts come from the project's tiny tokenizer, so only the
 first few hundred rows are ever looked up; the LM head still computes all 151674 logits per token).
 ``--dry-run`` builds the configs, the data set and the model modules on PyTorch's ``meta`` device (shapes,
@@ -471,7 +471,7 @@ def main() -> None:
     p.add_argument('--batch', type=int, default=4, help='unpacked samples per step (default 4)')
     p.add_argument('--max-tokens', type=int, default=None,
                    help='tokens per pack (default: 16384 with --real, else 4 x the mean sample length)')
-    p.add_argument('--steps', type=int, default=6, help='timed steps each way (default 6)')
+    p.add_argument('--steps', type=int, default=20, help='timed steps each way (default 20)')
     p.add_argument('--workers', type=int, default=None, help='DataLoader workers (default 8 with --real, else 2)')
     p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager'], default=None,
                    help='attention kernels (default: flash_attention_2 on cuda when flash_attn is installed, '
@@ -480,7 +480,8 @@ def main() -> None:
                    help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
     p.add_argument('--dry-run', action='store_true',
-                   help='build configs, data and meta-device modules, print the FLOPs per step; no weights, no training')
+                   help='build configs, data and meta-device modules and print the FLOPs per step; no weights, '
+                        'no training')
     args = p.parse_args()
     if args.llm is not None and not args.real:
         p.error('--llm selects the real-size LLM; it needs --real')
@@ -507,9 +508,10 @@ def main() -> None:
                              image_size=models['image_size'], max_dynamic_patch=12, cache_dir=os.path.join(tmp, 'c'))
         max_tokens = args.max_tokens or (16384 if args.real else int(4 * np.mean(ds.length)))
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
-        header = (f'models: {size}; device: {args.device}; attention: {attn}; {args.samples} samples of '
-                  f'{"/".join(map(str, sorted(set(ds.num_tiles_per_item))))} tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs '
-                  f'of <= {max_tokens} tokens ({len(packed)} packs)')
+        tiles = '/'.join(map(str, sorted(set(ds.num_tiles_per_item))))
+        header = (f'models: {size}; device: {args.device}; attention: {attn}; {args.samples} samples of {tiles} '
+                  f'tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs of <= '
+                  f'{max_tokens} tokens ({len(packed)} packs)')
         if args.dry_run:
             vision_config, llm_config = real_configs(llm_size) if args.real else folder_configs(models)
             shapes = model_shapes(vision_config, llm_config, 0.5)
@@ -536,8 +538,9 @@ def main() -> None:
         unpacked_loader, packed_loader = loader(ds, args.batch), loader(packed, 1)
         results = {'unpacked': run(model, unpacked_loader, args.steps, args.device, shapes),
                    'packed': run(model, packed_loader, args.steps, args.device, shapes)}
-    machine = (torch.cuda.get_device_name() if args.device == 'cuda'
-               else f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads')
+    cpu = platform.processor() or platform.machine()
+    machine = (torch.cuda.get_device_name() if args.device == 'cuda' else
+               f'{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads')
     print(f'{header}; {args.steps} timed steps each, {workers} workers; torch {torch.__version__}; {machine}')
     print(f'{"path":10s} {"tokens/s":>10s} {"samples/s":>10s} {"TFLOP/step":>11s} {"TFLOPS":>9s} {"MFU":>7s} '
           f'{"data share":>10s} {"pad share":>9s} {"peak MiB":>9s}')

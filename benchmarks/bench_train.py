@@ -26,17 +26,45 @@ first few hundred rows are ever looked up; the LM head still computes all 151674
 no memory), checks the FLOPs formula's matmul sizes against those modules and prints the FLOPs per step of
 both paths without training; it works on a CPU at the real sizes.
 
-On a CPU with tiny models only the ratios mean anything. XTuner 0.2.0's own InternVL path needs an
-official InternVL folder with its remote code, which the converter (not yet written) produces; it is
-reported as skipped until then.
+XTuner 0.2.0's own InternVL training path (``xtuner.model.InternVL_V1_5``) is the third row, ``xtuner``,
+trained on exactly the unpacked path's batches (same samples, same order, same padding). Our model, as
+built and before any step, is written as an official InternVL folder with remote code by the converter's
+writer (``xtuner_plugins.models.export.write_official`` on the in-memory model: the same tensors, so the
+``--real`` vocabulary resize is included); ``InternVL_V1_5(model_path=folder, freeze_visual_encoder=True,
+freeze_llm=False)`` loads it (it always trains ``mlp1``, so it trains what ours trains: projector + LLM).
+XTuner loads every weight in bf16 (hard-coded); the bench then gives each tensor the dtype and the exact
+value it has in our model (fp32 on a CPU; on a GPU the frozen ViT in bf16 and the trained parts in fp32,
+as ours keeps them) and sets the LLM's gradient checkpointing (on with ``--real``, off otherwise) and
+attention implementation as ours. Same optimizer (AdamW over the trained parameters), same steps, same
+bf16 autocast on a GPU. Its inputs are our data pipeline's tokenised samples and tiles ("the same
+inputs"; XTuner's ``InternVL_V1_5_Dataset`` tokenises with its own template code, so it would not give
+the same tokens): each batch is converted in the timed step, on the device, to what ``InternVL_V1_5.forward``
+reads (tiles normalised to float per sample, as XTuner's data set makes them; ``position_ids`` 0..L-1 as
+XTuner's ``default_collate_fn`` makes them). XTuner has no packed multimodal batches (its collate refuses
+images with varlen attention). Differences that remain are XTuner's own: its remote-code ViT runs SDPA
+(ours runs ``--attn``), its forward computes the image flags from pixel sums and clones the embeddings.
+
+Before timing, a check on one batch (the first ``--batch`` samples, before training): XTuner's loss must
+equal ours (both are the token mean of the shifted cross-entropy) and the gradient norm of every trained
+tensor must match, within 1e-4 relative in fp32 on a CPU and 2e-2 under bf16 autocast on a GPU; the
+result is printed, and a failed check marks the ratios as not comparable. XTuner's forward calls
+``torch.distributed.get_rank()``, so a single-process gloo group is created when none exists. If XTuner's
+path cannot run, the reason is printed instead of its numbers (``--no-xtuner`` leaves it out).
+
+On a CPU with tiny models only the ratios mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
+import glob
 import importlib.util
+import io
 import json
+import logging
 import os
 import platform
 import resource
@@ -54,6 +82,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_memory import write_models  # noqa: E402
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn  # noqa: E402
 from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles  # noqa: E402
 from xtuner_plugins.models import InternVLModel  # noqa: E402
 
 # (cols, rows) grids of exactly 12 tiles; an image of 448*cols x 448*rows px is tiled into that grid (its
@@ -377,6 +406,161 @@ def write_data(folder: str, n: int, tile: int, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# XTuner 0.2.0's InternVL training path
+# ---------------------------------------------------------------------------------------------------------
+
+# Relative tolerance of the loss / gradient check: fp32 (CPU) and bf16 autocast (GPU).
+CHECK_TOLERANCE = {'cpu': 1e-4, 'cuda': 2e-2}
+
+
+def write_official_folder(model: InternVLModel, out_dir: str, image_size: int, max_dynamic_patch: int = 12) -> str:
+    """``model`` as it is now, as an official InternVL folder with remote code: the converter's writer
+    (``export.write_official``) on the in-memory model, so every tensor is written as it is (its own dtype,
+    any vocabulary resize included); nothing is rebuilt from a config."""
+    from xtuner_plugins.models.export import write_official
+    os.makedirs(out_dir, exist_ok=True)
+    tiling = dict(image_size=image_size, min_dynamic_patch=1, max_dynamic_patch=max_dynamic_patch, use_thumbnail=True)
+    write_official(model, tiling, out_dir, next(model.vision_model.parameters()).dtype, log=lambda m: None)
+    return out_dir
+
+
+def folder_state_dict(folder: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, in the dtype it was written in."""
+    from safetensors.torch import load_file
+    state: Dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(folder, '*.safetensors'))):
+        state.update(load_file(path))
+    if not state:
+        raise FileNotFoundError(f'no safetensors weights in {folder}')
+    return state
+
+
+def ensure_process_group(folder: str) -> bool:
+    """``InternVL_V1_5``'s forward calls ``torch.distributed.get_rank()``: create a single-process gloo group
+    (rendezvous through a file in ``folder``) when none exists. Returns whether one was created."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return False
+    dist.init_process_group('gloo', init_method='file://' + os.path.join(folder, 'process_group'), rank=0,
+                            world_size=1)
+    return True
+
+
+def build_xtuner_model(folder: str, device: str, *, grad_ckpt: bool, attn: str, trained: Optional[dict] = None):
+    """XTuner 0.2.0's ``InternVL_V1_5`` on an official folder, training what ``trained`` (default
+    :data:`TRAINED`) trains, with the folder's exact tensors in their written dtypes.
+
+    ``InternVL_V1_5`` loads every weight in bf16 and always trains ``mlp1`` (it has no setting to freeze it);
+    it turns on the LLM's gradient checkpointing and asks for flash_attention_2 (the remote code falls back
+    to SDPA without flash_attn or CUDA). Afterwards each tensor gets the dtype and value written in the
+    folder, the LLM's gradient checkpointing is set to ``grad_ckpt`` (non-reentrant, as ours) and its
+    attention to ``attn``.
+    """
+    from mmengine.logging import MMLogger
+    from xtuner.model import InternVL_V1_5
+    trained = TRAINED if trained is None else trained
+    if trained['freeze_projector']:
+        raise ValueError('InternVL_V1_5 always trains mlp1: it cannot run a setting with a frozen projector')
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs its whole module tree at INFO
+    try:
+        xt = InternVL_V1_5(model_path=folder, freeze_llm=trained['freeze_llm'],
+                           freeze_visual_encoder=trained['freeze_vision'])
+    finally:
+        logger.setLevel(level)
+    state = folder_state_dict(folder)
+    own = xt.model.state_dict(keep_vars=True)
+    if set(own) != set(state):
+        raise ValueError(f'InternVL_V1_5 and the folder disagree on tensors: only in the model '
+                         f'{sorted(set(own) - set(state))[:5]}, only in the folder {sorted(set(state) - set(own))[:5]}')
+    for key, value in state.items():
+        own[key].data = own[key].data.to(value.dtype)
+    xt.model.load_state_dict(state, strict=True)
+    lm = xt.model.language_model
+    if grad_ckpt:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    else:
+        xt.activation_checkpointing_disable()
+    if lm.config._attn_implementation != attn:
+        lm.set_attn_implementation(attn)
+    return xt.to(device).train()
+
+
+def xtuner_inputs(batch: dict) -> dict:
+    """One of our collated unpacked batches (on its device) as ``InternVL_V1_5.forward`` reads it, as XTuner's
+    ``InternVL_V1_5_Dataset`` + ``default_collate_fn`` would make it: ``pixel_values`` a list of each sample's
+    tiles normalised to float32 (tiles of text-only samples all zero: XTuner's image flags are "pixel sum
+    != 0"), ``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` 0..L-1 on every row."""
+    if batch.get('seq_lens') is not None:
+        raise ValueError("XTuner 0.2.0's InternVL path has no packed batches (its collate refuses images with "
+                         'varlen attention)')
+    pixels = normalize_tiles(batch['pixel_values'], IMAGENET_MEAN, IMAGENET_STD, dtype=torch.float32)
+    pixels.masked_fill_((batch['image_flags'].to(pixels.device) != 1)[:, None, None, None], 0.0)
+    ids = batch['input_ids']
+    rows, length = ids.shape
+    return dict(pixel_values=list(pixels.split(batch['num_tiles'].tolist())), input_ids=ids, labels=batch['labels'],
+                attention_mask=batch['attention_mask'],
+                position_ids=torch.arange(length, device=ids.device).unsqueeze(0).repeat(rows, 1))
+
+
+def xtuner_loss(xt, batch: dict) -> torch.Tensor:
+    """``InternVL_V1_5``'s training loss on one of our batches (its forward prints the ViT batch size every
+    100 calls; that goes nowhere)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return xt(xtuner_inputs(batch), mode='loss')['loss']
+
+
+def ours_loss(model, batch: dict) -> torch.Tensor:
+    return model(batch, mode='loss')['loss']
+
+
+def trained_parameters(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """Trained parameters by name (``InternVLModel`` and ``InternVL_V1_5.model``, the official
+    ``InternVLChatModel``, share the names of ``mlp1.*`` and ``language_model.*``)."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def check_step(loss_fn, params: Dict[str, torch.nn.Parameter], batch: dict, device: str) -> dict:
+    """One forward and backward as in training, without an optimizer step: the loss and the gradient norm of
+    every trained tensor (gradients are cleared afterwards)."""
+    for p in params.values():
+        p.grad = None
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
+        loss = loss_fn(batch)
+    loss.backward()
+    norms = {name: float(p.grad.float().norm()) for name, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    return dict(loss=float(loss.detach()), grad_norms=norms, trained=sorted(params))
+
+
+def compare_checks(ours: dict, theirs: dict, tolerance: float) -> dict:
+    """Whether two :func:`check_step` results are the same computation: the same trained tensors, losses within
+    ``tolerance`` relative, and every tensor's gradient norm within ``tolerance`` of the largest norm."""
+    same_trained = ours['trained'] == theirs['trained'] and set(ours['grad_norms']) == set(theirs['grad_norms'])
+    loss_diff = abs(ours['loss'] - theirs['loss'])
+    loss_rel = loss_diff / max(abs(ours['loss']), 1e-12)
+    common = set(ours['grad_norms']) & set(theirs['grad_norms'])
+    scale = max([ours['grad_norms'][k] for k in common] + [1e-12])
+    grad_rel = max([abs(ours['grad_norms'][k] - theirs['grad_norms'][k]) for k in common] + [0.0]) / scale
+    ok = same_trained and bool(common) and loss_rel <= tolerance and grad_rel <= tolerance
+    return dict(ok=ok, loss_ours=ours['loss'], loss_xtuner=theirs['loss'], loss_diff=loss_diff, loss_rel=loss_rel,
+                grad_rel=grad_rel, tensors=len(common), trained_ours=len(ours['trained']),
+                trained_xtuner=len(theirs['trained']), same_trained=same_trained, tolerance=tolerance)
+
+
+def format_check(c: dict) -> str:
+    trained = (f'the same {c["trained_ours"]} trained tensors' if c['same_trained'] else
+               f'DIFFERENT trained tensors (ours {c["trained_ours"]}, xtuner {c["trained_xtuner"]})')
+    return (f'loss check (first batch, before training): ours {c["loss_ours"]:.6f}, xtuner {c["loss_xtuner"]:.6f} '
+            f'(|diff| {c["loss_diff"]:.2e}, rel {c["loss_rel"]:.2e}); gradient norms of {c["tensors"]} tensors: '
+            f'max diff {c["grad_rel"]:.2e} of the largest; {trained} -> {"OK" if c["ok"] else "FAILED"} '
+            f'(tolerance {c["tolerance"]:g})')
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------
 
@@ -386,10 +570,18 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run(model, loader, steps, device, shapes: ModelShapes) -> dict:
+def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
+        img_context_token_id: Optional[int] = None) -> dict:
+    """``steps`` timed training steps (after one untimed warm-up step) of ``model`` on ``loader``'s batches.
+    ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
+    FLOPs) and ``img_context_token_id`` default to the model's attributes."""
+    step_loss = step_loss or (lambda batch: ours_loss(model, batch))
+    if freeze is None:
+        freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
+                      freeze_llm=model.freeze_llm)
+    if img_context_token_id is None:
+        img_context_token_id = model.img_context_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
-                  freeze_llm=model.freeze_llm)
     tokens = samples = flops = padded = 0
     data_time = 0.0
     if device == 'cuda':
@@ -399,10 +591,10 @@ def run(model, loader, steps, device, shapes: ModelShapes) -> dict:
         t0 = time.perf_counter()
         batch = next(it)['data']
         t1 = time.perf_counter()
-        seq_lens, tiles = batch_samples(batch, model.img_context_token_id, shapes.image_tokens_per_tile)
+        seq_lens, tiles = batch_samples(batch, img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
-            loss = model(batch, mode='loss')['loss']
+            loss = step_loss(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -448,7 +640,10 @@ def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, pe
     print(f'tiles per sample: {sorted(set(ds.num_tiles_per_item))}; mean {np.mean(ds.length):.0f} tokens per sample')
     print(f'{"path":10s} {"steps":>6s} {"tokens":>8s} {"samples":>8s} {"vision":>9s} {"projector":>9s} {"llm":>9s} '
           f'{"lm_head":>9s} {"TFLOP/step":>10s} {"fwd TFLOP":>10s}' + (f' {"s @45% MFU":>10s}' if peak else ''))
-    for name, plans in step_plans(ds, packed, args.batch).items():
+    plans_by_path = step_plans(ds, packed, args.batch)
+    if not args.no_xtuner:
+        plans_by_path['xtuner'] = plans_by_path['unpacked']  # XTuner trains the unpacked path's batches
+    for name, plans in plans_by_path.items():
         per = [train_step_flops(shapes, lens, tiles, **TRAINED) for lens, tiles in plans]
         mean = {k: np.mean([p[k] for p in per]) / 1e12 for k in per[0]}
         line = (f'{name:10s} {len(plans):6d} {np.mean([sum(lens) for lens, _ in plans]):8.0f} '
@@ -459,6 +654,10 @@ def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, pe
         print(line)
     print('(TFLOP per step: model FLOPs of training with the ViT frozen, projector + LLM trained; see '
           'train_step_flops. No weights were allocated and nothing was trained.)')
+    if not args.no_xtuner:
+        found = importlib.util.find_spec('xtuner') is not None
+        print('XTuner 0.2.0 InternVL_V1_5 (row xtuner): the unpacked batches (same FLOPs); '
+              + ('xtuner is installed' if found else 'xtuner is NOT installed: a training run would skip it'))
 
 
 def main() -> None:
@@ -479,6 +678,8 @@ def main() -> None:
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
+    p.add_argument('--no-xtuner', action='store_true',
+                   help="leave out XTuner 0.2.0's InternVL path (InternVL_V1_5 on the unpacked batches)")
     p.add_argument('--dry-run', action='store_true',
                    help='build configs, data and meta-device modules and print the FLOPs per step; no weights, '
                         'no training')
@@ -535,9 +736,42 @@ def main() -> None:
             return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                                num_workers=workers, collate_fn=internvl_collate_fn,
                                                pin_memory=args.device == 'cuda')
-        unpacked_loader, packed_loader = loader(ds, args.batch), loader(packed, 1)
-        results = {'unpacked': run(model, unpacked_loader, args.steps, args.device, shapes),
-                   'packed': run(model, packed_loader, args.steps, args.device, shapes)}
+
+        xtuner_skip, folder, ours_check, check = None, None, None, None
+        if args.no_xtuner:
+            xtuner_skip = 'left out (--no-xtuner)'
+        elif importlib.util.find_spec('xtuner') is None:
+            xtuner_skip = 'skipped: xtuner is not installed'
+        if xtuner_skip is None:  # before any training step: the folder holds the weights both paths start from
+            check_batch = internvl_collate_fn([ds[i] for i in range(args.batch)])['data']
+            try:
+                folder = write_official_folder(model, os.path.join(tmp, 'official'), models['image_size'])
+                ours_check = check_step(lambda b: ours_loss(model, b), trained_parameters(model), check_batch,
+                                        args.device)
+            except Exception as e:  # noqa: BLE001 -- the reason is printed instead of XTuner's numbers
+                xtuner_skip = f'could not run: preparing its folder and check failed: {type(e).__name__}: {e}'
+        results = {'unpacked': run(model, loader(ds, args.batch), args.steps, args.device, shapes),
+                   'packed': run(model, loader(packed, 1), args.steps, args.device, shapes)}
+        if xtuner_skip is None:
+            del model  # one model on the device at a time
+            gc.collect()
+            if args.device == 'cuda':
+                torch.cuda.empty_cache()
+            created = False
+            try:
+                created = ensure_process_group(tmp)
+                xt = build_xtuner_model(folder, args.device, grad_ckpt=args.real, attn=attn)
+                check = compare_checks(ours_check, check_step(lambda b: xtuner_loss(xt, b),
+                                                              trained_parameters(xt.model), check_batch, args.device),
+                                       CHECK_TOLERANCE[args.device])
+                results['xtuner'] = run(xt, loader(ds, args.batch), args.steps, args.device, shapes,
+                                        step_loss=lambda b: xtuner_loss(xt, b), freeze=TRAINED,
+                                        img_context_token_id=xt.model.img_context_token_id)
+            except Exception as e:  # noqa: BLE001 -- the reason is printed instead of XTuner's numbers
+                xtuner_skip = f'could not run: {type(e).__name__}: {e}'
+            finally:
+                if created:
+                    torch.distributed.destroy_process_group()
     cpu = platform.processor() or platform.machine()
     machine = (torch.cuda.get_device_name() if args.device == 'cuda' else
                f'{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads')
@@ -552,7 +786,24 @@ def main() -> None:
         print(f'MFU against a peak of {peak:g} TFLOPS')
     else:
         print('MFU needs a peak: pass --peak-tflops (the achieved TFLOPS above are model FLOPs per second)')
-    print('xtuner 0.2.0 InternVL path: skipped (needs an official InternVL folder with remote code; converter issue)')
+    if 'xtuner' in results:
+        from importlib.metadata import version
+        print(f'XTuner {version("xtuner")} InternVL_V1_5 (row xtuner): the unpacked batches (same samples and '
+              f'order, tokenised and tiled by our pipeline, converted to its input format on the device in the timed '
+              f'step); the same weights, dtypes, trained parts (mlp1 + LLM), optimizer and autocast; LLM gradient '
+              f'checkpointing {"on" if args.real else "off"} and LLM attention {attn} as ours, its own ViT attention '
+              f'(SDPA)')
+    if check is not None:
+        print(format_check(check))
+    if xtuner_skip is not None:
+        print(f'XTuner 0.2.0 InternVL path: {xtuner_skip}')
+    if 'xtuner' in results:
+        x = results['xtuner']
+        flag = '' if check['ok'] else ' (loss check FAILED: not the same computation, not comparable)'
+        print(f'ours/xtuner tokens/s: unpacked {results["unpacked"]["tokens_per_s"] / x["tokens_per_s"]:.2f}, '
+              f'packed {results["packed"]["tokens_per_s"] / x["tokens_per_s"]:.2f}; samples/s: unpacked '
+              f'{results["unpacked"]["samples_per_s"] / x["samples_per_s"]:.2f}, packed '
+              f'{results["packed"]["samples_per_s"] / x["samples_per_s"]:.2f} (goal on a GPU: >= 1.5){flag}')
     print(f'packed/unpacked tokens/s: {results["packed"]["tokens_per_s"] / results["unpacked"]["tokens_per_s"]:.2f}')
 
 

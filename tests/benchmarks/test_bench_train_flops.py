@@ -151,8 +151,11 @@ def test_real_dry_run_builds_shapes_and_flops_on_the_cpu():
     assert 'Qwen2.5-1.5B' in out.stdout and '4 samples of 13 tiles' in out.stdout
     assert 'llm_layers        1,310,195,712  1,310,195,712' in out.stdout
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
-            if line.startswith(('packed ', 'unpacked '))}
-    assert set(rows) == {'packed', 'unpacked'}
+            if line.startswith(('packed ', 'unpacked ', 'xtuner '))}
+    assert set(rows) == {'packed', 'unpacked', 'xtuner'}
+    assert rows['xtuner'][1:] == rows['unpacked'][1:]  # XTuner trains the unpacked batches
+    assert ('XTuner 0.2.0 InternVL_V1_5 (row xtuner): the unpacked batches (same FLOPs); xtuner is installed'
+            in out.stdout)
 
 
 def test_llm_size_needs_real():
@@ -162,11 +165,12 @@ def test_llm_size_needs_real():
 
 @pytest.mark.slow
 def test_tiny_benchmark_trains_both_paths_and_reports_mfu_against_a_given_peak():
-    out = bench('--samples', '8', '--steps', '1', '--workers', '0', '--peak-tflops', '1')
+    out = bench('--samples', '8', '--steps', '1', '--workers', '0', '--peak-tflops', '1', '--no-xtuner')
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
-            if line.startswith(('packed ', 'unpacked '))}
+            if line.startswith(('packed ', 'unpacked ', 'xtuner '))}
     assert set(rows) == {'packed', 'unpacked'}
+    assert 'XTuner 0.2.0 InternVL path: left out (--no-xtuner)' in out.stdout
     for row in rows.values():  # tokens/s, samples/s, TFLOP/step, TFLOPS, MFU, data share, pad share, peak MiB
         assert len(row) == 9 and row[5].endswith('%') and float(row[3]) > 0
     assert 'MFU against a peak of 1 TFLOPS' in out.stdout

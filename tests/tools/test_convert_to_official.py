@@ -259,3 +259,17 @@ def test_refusals(tiny, tmp_path, capsys):
     assert convert_main([LORA, ckpt, str(tmp_path / 'full'), '--dtype', 'fp32', '--overwrite'] + as_args(opts)) == 0
     assert not (tmp_path / 'full' / 'keep.txt').exists() and (tmp_path / 'full' / 'config.json').exists()
     assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def test_lora_on_an_official_checkpoint_converts(tiny, batch, tmp_path):
+    """The README's 'LoRA from an official InternVL checkpoint': the frozen base comes from that folder."""
+    opts = options(tiny, **{'model.freeze_vision': False})
+    trained_checkpoint(FULL, opts, str(tmp_path / 'full.pth'))
+    official = convert(FULL, str(tmp_path / 'full.pth'), tmp_path / 'official', opts)
+    lora_opts = options(tiny, **{'model.official_checkpoint': official, 'model.vision_encoder': None,
+                                 'model.llm': None, 'train_dataloader.dataset.tokenizer': official})
+    model = trained_checkpoint(LORA, lora_opts, str(tmp_path / 'lora.pth'), seed=1)
+    expected = training_logits(model, batch)
+    folder = convert(LORA, str(tmp_path / 'lora.pth'), tmp_path / 'out', lora_opts)
+    assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
+    assert max_diff(official_logits(official, batch), expected, batch['attention_mask']) > 10 * TOL

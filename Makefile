@@ -28,9 +28,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
+NPROC_PER_NODE ?= 1
+DEEPSPEED ?=
 demo: $(STAMP)
-	@echo "make demo: not yet -- the embedded train/convert/chat demo arrives with the demo issue."
-	@echo "Meanwhile: make test, or python tools/check_dataset.py --help"
+	NPROC_PER_NODE=$(NPROC_PER_NODE) DEEPSPEED=$(DEEPSPEED) $(PY) tools/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py

@@ -38,9 +38,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {
@@ -661,7 +661,7 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console('')
     console(answer_table(answers))
     console('')
-    console(f'  times: ' + ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) +
+    console("  times: " + ', '.join(f'{k} {v:.0f} s' for k, v in timings.items()) +
             f'; total {_fmt_time(result.wall_s)}. Chance: {chance:.3f}. TensorBoard: tensorboard --logdir '
             f'{os.path.relpath(work_dir, REPO_ROOT)}')
     return result

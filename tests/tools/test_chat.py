@@ -138,3 +138,37 @@ def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys):
     answers = [line[len('model> '):] for line in out.splitlines() if line.startswith('model> ')]
     assert answers[0].strip() == expected
     assert len(answers) == 2 and '(history cleared)' in out and 'error' not in out
+
+
+def test_a_trained_system_message_is_the_converted_models_default(setup, tmp_path, monkeypatch):
+    """Training with ``dataset.system``: config.json records it, and chat() and the tokenizer's chat template
+    use it, so the converted model is prompted as it was trained."""
+    import json
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from xtuner_plugins.models.export import convert as convert_fn
+    system = 'Answer with one word.'
+    opts = dict(setup['opts'], **{'train_dataloader.dataset.system': system})
+    # through the function: --cfg-options cannot spell a value with spaces (MMEngine's DictAction drops them)
+    folder = convert_fn(LORA, setup['ckpt'], str(tmp_path / 'official'), dtype=torch.float32, cfg_options=opts,
+                        log=lambda m: None)
+    with open(f'{folder}/config.json') as f:
+        assert json.load(f)['system_message'] == system
+    official = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert official.system_message == system
+    pixel_values = tiles(setup['images'][0])
+    got = captured_prompt(dict(setup, official=official, tokenizer=tokenizer), pixel_values, 'What is it?',
+                          monkeypatch)
+    conversation = [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'x'}]
+    sample = tokenize_conversation(conversation, tokenizer, [4 * pixel_values.shape[0]], 'internvl2_5',
+                                   system=system)
+    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
+    assert got == list(sample['input_ids'][:first_answer])
+    rendered = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered.startswith(f'<|im_start|>system\n{system}<|im_end|>\n')
+    # the default folder (trained with the template's system message) keeps InternVL's
+    assert 'system_message' not in json.load(open(f"{setup['folder']}/config.json"))
+    assert setup['official'].system_message == official.conv_template.system_message

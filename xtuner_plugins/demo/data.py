@@ -35,7 +35,7 @@ each kind, and independent of the image size and of the phrasing, so a model tha
 * ``position``: one shape wholly in the left or the right half; ``left`` or ``right``;
 * ``digit``: one large black digit; ``0`` .. ``9``;
 * ``small_digit``: a large shape and a small black digit in a long strip of 4..``max_dynamic_patch`` tiles;
-  the digit's cell is 9..14 px in both directions in the high-resolution tiles (large digits: 18..36 px
+  the digit's cell is 9..20 px tall and at least 9 px wide in the high-resolution tiles (large digits: 32..46 px
   tall), but under 2.8 px along the strip in the ``tile_size`` thumbnail (squashed 4..6 times), so only the
   tiles show which digit it is. (No grid of at most 6 tiles can shrink an object under 3 px in *both*
   directions while keeping it 8 px in the tiles: that would need 3 x 3 tiles.)
@@ -90,7 +90,11 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 SHAPES: Tuple[str, ...] = ('circle', 'square', 'triangle')
 DIGITS: Tuple[str, ...] = tuple('0123456789')
-BACKGROUND: Tuple[int, int, int] = (255, 255, 255)
+# Mid grey, near the vision tower's normalisation mean (ImageNet's, x 255: 124, 116, 104), so the background
+# normalises to about zero and the objects carry the signal. On white, every patch of a random tiny InternViT
+# gives nearly the same feature (the background's), and digits were not learned at all (see the README's demo
+# section for the measurement).
+BACKGROUND: Tuple[int, int, int] = (128, 128, 128)
 INK: Tuple[int, int, int] = (0, 0, 0)
 
 #: The answer vocabulary of each question kind (the order is also the order of :data:`KINDS`).
@@ -120,12 +124,12 @@ CAPTION_QUESTIONS: Tuple[str, ...] = ('Describe the image.', 'What is in the ima
 SPLITS: Tuple[str, ...] = ('pretrain', 'sft', 'test')
 
 # Object sizes in *tile* pixels for tile_size 56 (scaled by tile_size / 56), i.e. as the vision tower sees them.
-_SHAPE_SIDE = (16.0, 36.0)        # the one shape of colour / shape / position scenes, and the small-digit scene's
+_SHAPE_SIDE = (24.0, 40.0)        # the one shape of colour / shape / position scenes, and the small-digit scene's
 _COUNT_SIDE = (14.0, 26.0)        # each shape of a count scene
-_DIGIT_HEIGHT = (18.0, 36.0)      # a large digit's cell height
+_DIGIT_HEIGHT = (32.0, 46.0)      # a large digit's cell height
 _MIN_SIDE = 10.0                  # never shrink a shape below this when it does not fit
 _SMALL_MIN_TILE_PX = 9.0          # a small digit's cell is at least this big in the tiles (both directions),
-_SMALL_MAX_TILE_HEIGHT = 14.0     # at most this tall (large digits are taller) ...
+_SMALL_MAX_TILE_HEIGHT = 20.0     # at most this tall (large digits are taller) ...
 _SMALL_MAX_THUMB_PX = 2.8         # ... and under this along the strip in the thumbnail
 _SMALL_MIN_RATIO = 4              # small digits live in strips of at least this many tiles
 _JITTER = (0.85, 1.2)             # image side / (tiles * tile_size)
@@ -225,7 +229,7 @@ def _font_for_height(height: float) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _small_digit_sizes(grid: Tuple[int, int], tile_size: int) -> Tuple[int, ...]:
-    """Font sizes for a small digit in an exact ``grid`` image: 9..14 px in the tiles, < 2.8 px along the strip
+    """Font sizes for a small digit in an exact ``grid`` image: 9..20 px in the tiles, < 2.8 px along the strip
     in the thumbnail (for tile_size 56; scaled with it)."""
     k = tile_size / 56.0
     ratio = max(grid)
@@ -328,7 +332,9 @@ def _build_scene(rng: random.Random, kind: str, answer: str, canvas: _Canvas) ->
         _add_digit(rng, canvas, answer, _font_for_height(height))
     elif kind == 'small_digit':
         # The digit first (it never shrinks), then a large shape wherever there is room.
-        _add_digit(rng, canvas, answer, rng.choice(_small_digit_sizes(canvas.grid, canvas.tile_size)), small=True)
+        # one of the three largest sizes the strip allows: still unreadable in the thumbnail, easiest in the tiles
+        _add_digit(rng, canvas, answer, rng.choice(_small_digit_sizes(canvas.grid, canvas.tile_size)[-3:]),
+                   small=True)
         _add_shape(rng, canvas, _SHAPE_SIDE, rng.choice(SHAPES), rng.choice(tuple(COLOURS)))
     else:
         raise ValueError(f'unknown question kind {kind!r}; known: {", ".join(KINDS)}')

@@ -42,6 +42,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from xtuner_plugins.demo.data import BACKGROUND
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {
     'pretrain': os.path.join(REPO_ROOT, 'configs', 'pretrain_mlp.py'),
@@ -53,7 +55,7 @@ DEEPSPEED_CONFIGS = {
     'zero3': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json'),
 }
 CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
-BLANK_GREY = (128, 128, 128)
+BLANK = BACKGROUND  # the blind control's image colour: the scenes' background with nothing on it
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
 # Environment variables of an enclosing launcher that must not leak into the training subprocesses.
@@ -67,10 +69,14 @@ _CKPT_NAME = re.compile(r'^iter_(\d+)\.pth$')
 # ------------------------------------------------------------------------------------------ the recipe
 @dataclass
 class Recipe:
-    """Everything the demo's outcome depends on: model sizes, data sizes, stages, learning rates, seed."""
+    """Everything the demo's outcome depends on: model sizes, data, stages, learning rates, seed.
+
+    Iterations are set through the data: each stage runs one epoch of its file repeated
+    ``iters * batch / n`` times, so the configs' warm-up + cosine schedules span exactly the run.
+    """
 
     seed: int = 0
-    # models (random, written in the real layouts)
+    # models (random, written in the real layouts by xtuner_plugins.tiny)
     tile_size: int = 56
     vit_hidden: int = 64
     vit_layers: int = 2
@@ -81,28 +87,33 @@ class Recipe:
     llm_heads: int = 4
     llm_kv_heads: int = 2
     llm_intermediate: int = 128
-    # data
+    # std of the LLM's random weights (Qwen2's initializer_range is 0.02, made for wide models: a 64-wide
+    # LLM initialised at 0.02 is nearly constant and takes thousands of steps to start reading the image)
+    llm_init_std: float = 0.1
+    # data (xtuner_plugins.demo.data)
     max_dynamic_patch: int = 6
-    n_pretrain: int = 600
-    n_sft: int = 1800
-    n_test: int = 120
-    kinds: Optional[Sequence[str]] = None  # None: all of xtuner_plugins.demo.data.KINDS
-    # stage 1: MLP warm-up (configs/pretrain_mlp.py)
-    pretrain_repeat: float = 1.0
-    pretrain_batch: int = 8
-    pretrain_lr: float = 1e-3
+    kinds: Optional[Sequence[str]] = None   # None: all of xtuner_plugins.demo.data.KINDS
+    n_pretrain: int = 2000
+    n_sft: int = 12000
+    n_test: int = 180
+    # stage 1: MLP warm-up (configs/pretrain_mlp.py): captions, only mlp1 trains
+    pretrain_iters: int = 300
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
     # stage 2: fine-tuning (configs/finetune_full.py or finetune_lora.py)
     finetune: str = 'full'
-    finetune_repeat: float = 1.0
-    finetune_batch: int = 8
-    finetune_lr: float = 1e-3
-    train_vision: bool = True    # full fine-tuning only: the vision tower is trained too
+    finetune_iters: int = 4800
+    finetune_batch: int = 16
+    finetune_lr: float = 2e-3
+    # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen);
+    # the random tiny InternViT has to learn digits and shapes from scratch, which a frozen one cannot
+    train_vision: bool = True
     vision_lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     # runtime
     num_workers: int = 1
-    log_interval: int = 10
+    log_interval: int = 50
     # answers
     max_new_tokens: int = 8
 
@@ -113,7 +124,8 @@ class Recipe:
 RECIPES: Dict[str, Recipe] = {
     'default': Recipe(),
     # a shortened run for the test suite: fewer samples and iterations, the same pipeline
-    'quick': Recipe(n_pretrain=120, n_sft=600, n_test=60),
+    'quick': Recipe(n_pretrain=400, n_sft=3000, n_test=60, pretrain_iters=50, finetune_iters=600,
+                    log_interval=20),
 }
 
 
@@ -166,7 +178,29 @@ def make_models(out_dir: str, recipe: Recipe) -> Dict[str, str]:
                            num_layers=recipe.llm_layers, num_heads=recipe.llm_heads,
                            num_kv_heads=recipe.llm_kv_heads, intermediate_size=recipe.llm_intermediate,
                            seed=recipe.seed)
+    rescale_llm_init(llm, recipe.llm_init_std)
     return {'internvit': vit, 'llm': llm}
+
+
+def rescale_llm_init(folder: str, std: float) -> None:
+    """Scale the random matrices of a ``write_tiny_qwen2`` folder (drawn with std ``initializer_range``)
+    to std ``std``, and record it as the config's ``initializer_range``; norms and biases are kept."""
+    from safetensors.torch import load_file, save_file
+    config_path = os.path.join(folder, 'config.json')
+    with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    factor = std / float(config.get('initializer_range', 0.02))
+    if factor == 1.0:
+        return
+    weights_path = os.path.join(folder, 'model.safetensors')
+    state = load_file(weights_path)
+    state = {k: (v * factor if v.dim() == 2 and v.is_floating_point() else v).contiguous()
+             for k, v in state.items()}
+    save_file(state, weights_path, metadata={'format': 'pt'})
+    config['initializer_range'] = std
+    with open(config_path, 'w', encoding='utf-8') as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write('\n')
 
 
 def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
@@ -196,6 +230,13 @@ def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
                           kinds=tuple(recipe.kinds) if recipe.kinds else KINDS)
 
 
+def repeat_for(iters: int, batch: int, n_samples: int) -> float:
+    """``repeat_times`` that makes one epoch of ``n_samples`` samples ``iters`` global batches of ``batch``."""
+    if n_samples <= 0:
+        raise ValueError('a training file without samples')
+    return iters * batch / n_samples
+
+
 # ------------------------------------------------------------------------------------------ 3/4. training
 def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_file: str, image_folder: str,
                   cache_dir: str, nproc: int = 1, pretrained_pth: Optional[str] = None) -> Dict[str, object]:
@@ -205,9 +246,11 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
     ``nproc``, so that one or several processes take the same steps on the same global batches.
     """
     if stage == 'pretrain':
-        batch, lr, repeat = recipe.pretrain_batch, recipe.pretrain_lr, recipe.pretrain_repeat
+        batch, lr = recipe.pretrain_batch, recipe.pretrain_lr
+        repeat = repeat_for(recipe.pretrain_iters, batch, recipe.n_pretrain)
     else:
-        batch, lr, repeat = recipe.finetune_batch, recipe.finetune_lr, recipe.finetune_repeat
+        batch, lr = recipe.finetune_batch, recipe.finetune_lr
+        repeat = repeat_for(recipe.finetune_iters, batch, recipe.n_sft)
     if batch % nproc:
         raise ValueError(f'the batch of {batch} samples does not split over {nproc} processes')
     per_device = batch // nproc
@@ -218,7 +261,7 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         'train_dataloader.dataset.tokenizer': models['llm'],
         'train_dataloader.dataset.data_files': [data_file],
         'train_dataloader.dataset.image_folders': [image_folder],
-        'train_dataloader.dataset.repeat_times': float(repeat),
+        'train_dataloader.dataset.repeat_times': round(repeat, 6),
         'train_dataloader.dataset.image_size': recipe.tile_size,
         'train_dataloader.dataset.max_dynamic_patch': recipe.max_dynamic_patch,
         'train_dataloader.dataset.max_length': 1024,
@@ -227,6 +270,9 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         'train_dataloader.batch_size': per_device,
         'train_dataloader.sampler.per_device_batch_size': per_device,
         'train_dataloader.sampler.seed': recipe.seed,
+        # batches drawn at random: XTuner's default mega-batches of 50 batches sorted by length would fill
+        # each batch with one question phrasing (one kind), which slows down learning to read the image
+        'train_dataloader.sampler.mega_batch_mult': 1,
         'train_dataloader.num_workers': recipe.num_workers,
         'train_dataloader.persistent_workers': recipe.num_workers > 0,
         'train_dataloader.pin_memory': False,
@@ -491,7 +537,7 @@ class Answer:
 
 
 def answer_questions(folder: str, test_path: str, image_folder: str, console: Console,
-                     max_new_tokens: int = 8, blind_colour=BLANK_GREY) -> List[Answer]:
+                     max_new_tokens: int = 8, blind_colour=BLANK) -> List[Answer]:
     """Every question of ``test_path`` through the converted folder's ``model.chat``: once with its image, once
     with a uniform grey image of the same size (the blind control)."""
     import torch
@@ -683,7 +729,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--recipe', choices=sorted(RECIPES), default='default',
                         help='default: the full demo; quick: a shortened run (fewer samples and iterations)')
     parser.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE',
-                        help='override recipe fields, e.g. --set finetune_repeat=2 finetune=lora')
+                        help='override recipe fields, e.g. --set finetune_iters=2000 finetune=lora')
     parser.add_argument('--seed', type=int, default=None, help='random seed (default: the recipe\'s, 0)')
     parser.add_argument('--min-accuracy', type=float, default=None,
                         help='exit 1 when the accuracy is below this (default: no check)')

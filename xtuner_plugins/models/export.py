@@ -57,6 +57,14 @@ def tiling_settings(cfg) -> dict:
     return {key: dataset.get(key, default) for key, default in DEFAULT_TILING.items()}
 
 
+def training_system_message(cfg) -> Optional[str]:
+    """The system message the training data set was given (``dataset.system``), or None for the template's."""
+    dataset = cfg.get('train_dataloader', {}).get('dataset', {}) if hasattr(cfg, 'get') else {}
+    if isinstance(dataset.get('dataset'), dict):
+        dataset = dataset['dataset']
+    return dataset.get('system')
+
+
 def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print) -> InternVLModel:
     """The config's model, every weight in ``dtype``, with the checkpoint's trained tensors loaded strictly.
 
@@ -185,10 +193,12 @@ def hf_state_dict(model: InternVLModel) -> Dict[str, torch.Tensor]:
     return state
 
 
-def chat_template(template_name: str) -> str:
+def chat_template(template_name: str, default_system: Optional[str] = None) -> str:
     """A Jinja chat template for the tokenizer that renders what the training template renders (a leading
-    ``system`` message replaces the default system message)."""
+    ``system`` message replaces ``default_system``, by default the template's own)."""
     template = get_template(template_name)
+    if default_system is None:
+        default_system = template.default_system
 
     def lit(text: str) -> str:
         return json.dumps(text, ensure_ascii=False)
@@ -199,7 +209,7 @@ def chat_template(template_name: str) -> str:
     system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
     return (
         "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(template.default_system) + " %}"
+        "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(default_system) + " %}"
         "{% set turns = messages %}{% endif %}" + system +
         "{% for message in turns %}{% if message['role'] == 'user' %}"
         "{{ " + lit(user_pre) + " + message['content'] + " + lit(user_post) + " }}"
@@ -227,9 +237,10 @@ def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: 
             json.dump(index, f, indent=2, sort_keys=True)
 
 
-def _save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = None) -> None:
+def _save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = None,
+                    system: Optional[str] = None) -> None:
     tokenizer = model.tokenizer
-    tokenizer.chat_template = chat_template(model.template)
+    tokenizer.chat_template = chat_template(model.template, system)
     tokenizer.save_pretrained(out_dir)
     if extra:
         config_path = os.path.join(out_dir, 'tokenizer_config.json')
@@ -252,8 +263,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace('torch.', '')
 
 
-def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype) -> dict:
-    """``config.json`` of an official InternVL folder (``InternVLChatConfig``)."""
+def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:
+    """``config.json`` of an official InternVL folder (``InternVLChatConfig``).
+
+    ``system``: the system message the model was trained with, when not the template's; stored as
+    ``system_message``, which this project's remote code uses as the default of ``chat()`` (InternVL's own
+    remote code ignores the key: set ``model.system_message`` there).
+    """
     vision = hf_to_official_vision_config(model.vision_model.config)
     vision.update(drop_path_rate=0.0, torch_dtype=_dtype_name(dtype))
     llm = model.language_model.config.to_dict()
@@ -263,7 +279,7 @@ def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype) -> d
     llm.pop('_name_or_path', None)
     llm['architectures'] = [type(model.language_model).__name__]
     import transformers
-    return {
+    config = {
         'architectures': ['InternVLChatModel'], 'auto_map': dict(OFFICIAL_AUTO_MAP), 'model_type': 'internvl_chat',
         'vision_config': vision, 'llm_config': llm, 'downsample_ratio': model.downsample_ratio,
         'template': model.template, 'ps_version': model.ps_version, 'select_layer': model.select_layer,
@@ -273,18 +289,21 @@ def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype) -> d
         'tie_word_embeddings': False, 'torch_dtype': _dtype_name(dtype),
         'transformers_version': transformers.__version__,
     }
+    if system is not None:
+        config['system_message'] = system
+    return config
 
 
 def write_official(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtype,
-                   max_shard_size: str = '5GB', log: Log = _print) -> None:
+                   max_shard_size: str = '5GB', log: Log = _print, system: Optional[str] = None) -> None:
     """InternVL's official layout: weights, ``config.json`` with ``auto_map``, the remote-code files,
     tokenizer with chat template, ``generation_config.json`` and ``preprocessor_config.json``."""
     write_weights(official_state_dict(model), out_dir, max_shard_size, log)
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
-        json.dump(official_config(model, tiling, dtype), f, indent=2, ensure_ascii=False)
+        json.dump(official_config(model, tiling, dtype, system), f, indent=2, ensure_ascii=False)
     for name in REMOTE_FILES:
         shutil.copyfile(os.path.join(REMOTE_FOLDER, name), os.path.join(out_dir, name))
-    _save_tokenizer(model, out_dir)
+    _save_tokenizer(model, out_dir, system=system)
     _generation_config(model).save_pretrained(out_dir)
     size = int(tiling['image_size'])
     preprocessor = {'crop_size': size, 'do_center_crop': True, 'do_normalize': True, 'do_resize': True,
@@ -315,8 +334,10 @@ def hf_config(model: InternVLModel, dtype: torch.dtype):
 
 
 def write_hf(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
-             log: Log = _print) -> None:
-    """transformers' ``InternVLForConditionalGeneration`` layout with its processor (no remote code)."""
+             log: Log = _print, system: Optional[str] = None) -> None:
+    """transformers' ``InternVLForConditionalGeneration`` layout with its processor (no remote code).
+
+    ``system``: the system message the model was trained with; the chat template's default."""
     if model.ps_version != 'v2':
         raise ValueError(f'transformers InternVL implements pixel shuffle v2 only; this model uses {model.ps_version}')
     image_size = int(tiling['image_size'])
@@ -328,7 +349,8 @@ def write_hf(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtyp
     config.save_pretrained(out_dir)
     _generation_config(model).save_pretrained(out_dir)
     _save_tokenizer(model, out_dir, extra={'start_image_token': IMG_START_TOKEN, 'end_image_token': IMG_END_TOKEN,
-                                           'context_image_token': IMG_CONTEXT_TOKEN, 'video_token': '<video>'})
+                                           'context_image_token': IMG_CONTEXT_TOKEN, 'video_token': '<video>'},
+                    system=system)
     from transformers import AutoTokenizer, GotOcr2ImageProcessorFast, InternVLProcessor, InternVLVideoProcessor
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     image_processor = GotOcr2ImageProcessorFast(
@@ -405,7 +427,7 @@ def convert(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'of
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
         writer = write_official if fmt == 'official' else write_hf
-        writer(model, tiling_settings(cfg), tmp, dtype, max_shard_size, log)
+        writer(model, tiling_settings(cfg), tmp, dtype, max_shard_size, log, system=training_system_message(cfg))
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

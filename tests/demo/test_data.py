@@ -4,6 +4,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from scipy import ndimage
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.tiling import choose_grid, num_tiles
 from xtuner_plugins.demo import ANSWERS, KINDS, chance_accuracy, make_demo_data, read_questions
-from xtuner_plugins.demo.data import BACKGROUND, COLOURS
+from xtuner_plugins.demo.data import BACKGROUND, COLOURS, QUESTIONS
 
 S, MAX_PATCH = 56, 6
 SPLITS = ('pretrain', 'sft', 'test')
@@ -292,6 +293,41 @@ def test_chance_accuracy_on_a_hand_made_file(tmp_path, full):
     # The default test file: 20 questions per kind, so 5/20 colour, 7/20 shape and count, 10/20 position and
     # 2/20 for each digit kind.
     assert chance_accuracy(full['test']) == pytest.approx((5 + 7 + 7 + 10 + 2 + 2) / 120)
+
+
+def test_sft_weights_and_extra_questions(tmp_path):
+    out = make_demo_data(str(tmp_path), n_pretrain=0, n_sft=144, n_test=24, seed=1,
+                         sft_weights={'digit': 3, 'small_digit': 2}, sft_extra_questions=True)
+    sft = _read(out['sft'])
+    by_kind = collections.Counter(r['kind'] for r in sft)
+    assert by_kind == {'digit': 3 * 16, 'small_digit': 2 * 16, 'colour': 16, 'shape': 16, 'count': 16,
+                       'position': 16}
+    # the test split stays balanced and single-turn
+    assert collections.Counter(q['kind'] for q in read_questions(out['test'])) == {k: 4 for k in KINDS}
+    n_extra = collections.Counter()
+    for r in sft:
+        turns = r['conversations']
+        assert [t['from'] for t in turns] == ['human', 'gpt'] * (len(turns) // 2)
+        assert turns[0]['value'].startswith('<image>\n') and all('<image>' not in t['value'] for t in turns[1:])
+        extras = [(turns[i]['value'], turns[i + 1]['value']) for i in range(2, len(turns), 2)]
+        if r['kind'] in ('count', 'digit'):
+            assert not extras, r
+            continue
+        shape = next(o for o in r['meta']['objects'] if 'shape' in o)
+        w = r['meta']['size'][0]
+        side = 'left' if shape['box'][2] <= w / 2 else 'right' if shape['box'][0] >= w / 2 else None
+        truth = {'shape': shape['shape'], 'colour': shape['colour'], 'position': side}
+        for j, (question, answer) in enumerate(extras):
+            kind = next(k for k in ('shape', 'colour', 'position') if question in
+                        {t.format(shape=shape['shape'], colour=shape['colour']) for t in QUESTIONS[k]})
+            assert kind != r['kind'] and answer == truth[kind], (r, question)
+            n_extra[kind] += 1
+            # nothing said before gives the answer away
+            before = ' '.join(t['value'] for t in turns[:2 + 2 * j]).lower()
+            assert answer not in re.findall(r'[a-z0-9]+', before), r
+    assert all(n_extra[k] > 10 for k in ('shape', 'colour', 'position')), n_extra
+    with pytest.raises(ValueError, match='sft_weights must map kinds'):
+        make_demo_data(str(tmp_path / 'bad'), n_sft=4, sft_weights={'digit': 0})
 
 
 @pytest.mark.parametrize('kwargs, match', [

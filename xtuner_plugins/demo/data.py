@@ -383,6 +383,18 @@ def _question(rng: random.Random, kind: str, canvas: _Canvas) -> str:
     return template.format(shape=shape.shape if shape else '', colour=shape.colour if shape else '')
 
 
+def _extra_answers(kind: str, canvas: _Canvas) -> List[Tuple[str, str]]:
+    """``(kind, answer)`` of the other questions the scene's one shape answers: shape, colour, side."""
+    if kind not in ('colour', 'shape', 'position', 'small_digit'):
+        return []
+    shape = next(o for o in canvas.objects if o.shape is not None)
+    out = [('shape', shape.shape), ('colour', shape.colour)]
+    side = _side(shape, canvas.width)
+    if side != 'in the middle':
+        out.append(('position', side.split()[-1]))
+    return [(k, a) for k, a in out if k != kind]
+
+
 # ---------------------------------------------------------------------------------------------- files
 def _check_count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -392,7 +404,8 @@ def _check_count(name: str, value: int) -> int:
 
 def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_test: int = 120, seed: int = 0,
                    tile_size: int = 56, max_dynamic_patch: int = 6,
-                   kinds: Sequence[str] = KINDS) -> Dict[str, object]:
+                   kinds: Sequence[str] = KINDS, sft_weights: Optional[Dict[str, int]] = None,
+                   sft_extra_questions: bool = False) -> Dict[str, object]:
     """Write the demo's images and its pretrain / sft / test files (deterministic for the arguments).
 
     Args:
@@ -406,6 +419,12 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
         tile_size: InternVL's tile side in pixels (the dataset's ``image_size``); sizes scale with it.
         max_dynamic_patch: the dataset's tile limit; grids of 1..max_dynamic_patch tiles all occur.
         kinds: question kinds to use (default :data:`KINDS`); ``'small_digit'`` needs max_dynamic_patch >= 4.
+        sft_weights: relative number of sft.jsonl scenes per kind (positive integers, 1 for a kind not
+            named), e.g. ``{'digit': 2}`` for twice as many digit scenes; the test split stays balanced.
+        sft_extra_questions: in sft.jsonl, after the scene's own question, also ask what else its one shape
+            shows: its shape, its colour and, when it lies wholly in one half, its side (colour / shape /
+            position / small-digit scenes; count and digit scenes have none), each only when the
+            conversation has not said its answer yet. The first gpt turn stays the answer of the ``kind``.
 
     Returns:
         ``{'pretrain': path, 'sft': path, 'test': path, 'images': folder, 'counts': {'pretrain': n,
@@ -424,6 +443,10 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
     unknown = [k for k in kinds if k not in ANSWERS]
     if not kinds or unknown or len(set(kinds)) != len(kinds):
         raise ValueError(f'kinds must be distinct names among {", ".join(KINDS)}, got {list(kinds)!r}')
+    weights = dict(sft_weights or {})
+    bad = {k: w for k, w in weights.items() if k not in kinds or isinstance(w, bool) or not isinstance(w, int) or w < 1}
+    if bad:
+        raise ValueError(f'sft_weights must map kinds among {", ".join(kinds)} to positive integers, got {bad!r}')
     grids = candidate_grids(1, max_dynamic_patch)
     strips = [g for g in grids if max(g) >= _SMALL_MIN_RATIO and _small_digit_sizes(g, tile_size)]
     if 'small_digit' in kinds and not strips:
@@ -442,7 +465,8 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
     for split in SPLITS:
         rng = random.Random(f'xtuner_plugins.demo:{seed}:{split}')
         n = counts[split]
-        job_kinds = _balanced(rng, kinds, n)
+        weighted = [k for k in kinds for _ in range(weights.get(k, 1) if split == 'sft' else 1)]
+        job_kinds = _balanced(rng, weighted, n)
         answers: List[str] = [''] * n
         for kind in kinds:
             idx = [i for i, k in enumerate(job_kinds) if k == kind]
@@ -477,11 +501,16 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
                 question, reply, record_kind = rng.choice(CAPTION_QUESTIONS), _caption(canvas), 'caption'
             else:
                 question, reply, record_kind = _question(rng, kind, canvas), answer, kind
-            lines.append(json.dumps({
-                'id': f'{split}_{i:05d}', 'image': name,
-                'conversations': [{'from': 'human', 'value': '<image>\n' + question},
-                                  {'from': 'gpt', 'value': reply}],
-                'kind': record_kind, 'meta': canvas.meta(kind)}) + '\n')
+            turns = [{'from': 'human', 'value': '<image>\n' + question}, {'from': 'gpt', 'value': reply}]
+            if split == 'sft' and sft_extra_questions:
+                for extra_kind, extra_answer in _extra_answers(kind, canvas):
+                    # never ask what the conversation already said (a colour question names the shape, ...)
+                    said = set(re.findall(r'[a-z0-9]+', ' '.join(t['value'] for t in turns).lower()))
+                    if extra_answer not in said:
+                        turns += [{'from': 'human', 'value': _question(rng, extra_kind, canvas)},
+                                  {'from': 'gpt', 'value': extra_answer}]
+            lines.append(json.dumps({'id': f'{split}_{i:05d}', 'image': name, 'conversations': turns,
+                                     'kind': record_kind, 'meta': canvas.meta(kind)}) + '\n')
         path = os.path.join(out_dir, f'{split}.jsonl')
         with open(path, 'w', encoding='utf-8', newline='\n') as f:
             f.writelines(lines)

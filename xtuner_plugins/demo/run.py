@@ -10,12 +10,14 @@
 3. **MLP warm-up**: ``configs/pretrain_mlp.py`` through XTuner's own ``xtuner/tools/train.py`` (what
    ``xtuner train`` runs), captions, only the projector trained, in ``pretrain_mlp/``;
 4. **fine-tuning**: ``configs/finetune_full.py`` (or ``finetune_lora.py``) from the warm-up checkpoint
-   (``model.pretrained_pth``), the questions of ``sft.jsonl``, in ``finetune_full/``;
+   (``model.pretrained_pth``), the questions of ``sft.jsonl``; projector, LLM and (the recipe's
+   ``train_vision``, on by default: the random vision tower has to learn shapes and digits) the vision tower
+   trained, in ``finetune_full/``;
 5. **conversion**: ``tools/convert_to_official.py`` into InternVL's official layout, ``official/``;
 6. **answers**: every held-out question of ``test.jsonl`` through the converted folder
    (``AutoModel.from_pretrained(..., trust_remote_code=True)`` + ``model.chat``, greedy), tiles made as
-   InternVL's ``load_image`` makes them; then the same questions with blank (uniform grey) images, the blind
-   control, which must stay near chance.
+   InternVL's ``load_image`` makes them; then the same questions with blank images (the scenes' grey
+   background with nothing on it), the blind control, which must stay near chance.
 
 The stage configs are the real ones, pointed at the demo's models and data with ``--cfg-options``: the demo
 is what a user runs, at toy size. Training runs in subprocesses (one process, or ``torch.distributed.run``
@@ -93,6 +95,10 @@ class Recipe:
     # data (xtuner_plugins.demo.data)
     max_dynamic_patch: int = 6
     kinds: Optional[Sequence[str]] = None   # None: all of xtuner_plugins.demo.data.KINDS
+    # sft.jsonl only (the test split stays balanced, one question per image): more scenes of the kinds the
+    # random vision tower learns slowest, and the other questions a one-shape scene answers as extra turns
+    sft_weights: Optional[Mapping[str, int]] = field(default_factory=lambda: {'digit': 2, 'small_digit': 2})
+    sft_extra_questions: bool = True
     n_pretrain: int = 2000
     n_sft: int = 12000
     n_test: int = 180
@@ -108,7 +114,7 @@ class Recipe:
     # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen);
     # the random tiny InternViT has to learn digits and shapes from scratch, which a frozen one cannot
     train_vision: bool = True
-    vision_lr: float = 1e-3
+    vision_lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     # runtime
@@ -225,9 +231,12 @@ def _numel(shape) -> int:
 # ------------------------------------------------------------------------------------------ 2. data
 def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
     from xtuner_plugins.demo.data import KINDS, make_demo_data
+    kinds = tuple(recipe.kinds) if recipe.kinds else KINDS
+    # weights of kinds the recipe leaves out do not apply
+    weights = {k: w for k, w in (recipe.sft_weights or {}).items() if k in kinds}
     return make_demo_data(out_dir, n_pretrain=recipe.n_pretrain, n_sft=recipe.n_sft, n_test=recipe.n_test,
                           seed=recipe.seed, tile_size=recipe.tile_size, max_dynamic_patch=recipe.max_dynamic_patch,
-                          kinds=tuple(recipe.kinds) if recipe.kinds else KINDS)
+                          kinds=kinds, sft_weights=weights, sft_extra_questions=recipe.sft_extra_questions)
 
 
 def repeat_for(iters: int, batch: int, n_samples: int) -> float:
@@ -755,6 +764,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             parsed = float(value)
         elif key == 'kinds':
             parsed = tuple(v for v in value.split(',') if v) or None
+        elif key == 'sft_weights':  # digit:2,small_digit:2 (empty: balanced)
+            try:
+                parsed = {k: int(w) for k, w in (pair.split(':') for pair in value.split(',') if pair)}
+            except ValueError:
+                raise SystemExit(f'--set {item}: expected sft_weights=KIND:N,KIND:N,...') from None
         else:
             parsed = value
         setattr(recipe, key, parsed)

@@ -108,7 +108,7 @@ class Recipe:
     pretrain_lr: float = 3e-3
     # stage 2: fine-tuning (configs/finetune_full.py or finetune_lora.py)
     finetune: str = 'full'
-    finetune_iters: int = 4800
+    finetune_iters: int = 3600
     finetune_batch: int = 16
     finetune_lr: float = 2e-3
     # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen);

@@ -40,7 +40,8 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     # learned: chance (the most common answer per kind) is (1/4 + 1/2) / 2 = 0.375 here
     assert result.chance == pytest.approx(0.375)
     assert result.blind <= 0.5, result.summary()
-    assert result.accuracy >= 0.75 and result.accuracy >= result.blind + 0.3, (result.summary(), per_kind(result.answers))
+    assert result.accuracy >= 0.75 and result.accuracy >= result.blind + 0.3, (result.summary(),
+                                                                                per_kind(result.answers))
 
 
 def test_demo_command_line_help():

@@ -16,7 +16,8 @@ What is written (the same bytes for the same arguments)::
 
     out_dir/images/{pretrain,sft,test}_NNNNN.png   one image per sample, never shared between samples
     out_dir/pretrain.jsonl                          captions ("Describe the image." -> "A red circle on the left.")
-    out_dir/sft.jsonl                               single-turn questions with a one-word (or one-digit) answer
+    out_dir/sft.jsonl                               questions with a one-word (or one-digit) answer (more turns:
+                                                    ``sft_extra_questions``)
     out_dir/test.jsonl                              held-out questions of the same kinds, on new images
 
 Every line is a LLaVA/InternVL sample (``id``, ``image`` relative to ``images/``, ``conversations`` with one
@@ -444,7 +445,8 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
     if not kinds or unknown or len(set(kinds)) != len(kinds):
         raise ValueError(f'kinds must be distinct names among {", ".join(KINDS)}, got {list(kinds)!r}')
     weights = dict(sft_weights or {})
-    bad = {k: w for k, w in weights.items() if k not in kinds or isinstance(w, bool) or not isinstance(w, int) or w < 1}
+    bad = {k: w for k, w in weights.items()
+           if k not in kinds or isinstance(w, bool) or not isinstance(w, int) or w < 1}
     if bad:
         raise ValueError(f'sft_weights must map kinds among {", ".join(kinds)} to positive integers, got {bad!r}')
     grids = candidate_grids(1, max_dynamic_patch)

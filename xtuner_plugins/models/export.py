@@ -49,20 +49,23 @@ def _print(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ building
-def tiling_settings(cfg) -> dict:
-    """Tile size and tiling settings of the training config's data set (the packed wrapper's inner one)."""
+def _training_dataset(cfg) -> dict:
+    """The training config's data set settings (the packed wrapper's inner one)."""
     dataset = cfg.get('train_dataloader', {}).get('dataset', {}) if hasattr(cfg, 'get') else {}
     if isinstance(dataset.get('dataset'), dict):
         dataset = dataset['dataset']
+    return dataset
+
+
+def tiling_settings(cfg) -> dict:
+    """Tile size and tiling settings of the training config's data set."""
+    dataset = _training_dataset(cfg)
     return {key: dataset.get(key, default) for key, default in DEFAULT_TILING.items()}
 
 
 def training_system_message(cfg) -> Optional[str]:
     """The system message the training data set was given (``dataset.system``), or None for the template's."""
-    dataset = cfg.get('train_dataloader', {}).get('dataset', {}) if hasattr(cfg, 'get') else {}
-    if isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']
-    return dataset.get('system')
+    return _training_dataset(cfg).get('system')
 
 
 def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print) -> InternVLModel:

@@ -49,22 +49,25 @@ def captured_prompt(setup, pixel_values, question, monkeypatch):
     return seen['ids'][0].tolist()
 
 
+def training_prompt(tokenizer, pixel_values, question, system=None):
+    """The ids the training pipeline puts before the answer of a one-image question."""
+    conversation = [{'from': 'human', 'value': '<image>\n' + question}, {'from': 'gpt', 'value': 'x'}]
+    sample = tokenize_conversation(conversation, tokenizer, [4 * pixel_values.shape[0]], 'internvl2_5',
+                                   system=system)
+    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
+    return list(sample['input_ids'][:first_answer])
+
+
 def test_chat_prompt_is_the_training_prompt(setup, monkeypatch):
     pixel_values = tiles(setup['images'][0])
     got = captured_prompt(setup, pixel_values, 'What is it?', monkeypatch)
-    conversation = [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'x'}]
-    sample = tokenize_conversation(conversation, setup['tokenizer'], [4 * pixel_values.shape[0]], 'internvl2_5')
-    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
-    assert got == list(sample['input_ids'][:first_answer])
+    assert got == training_prompt(setup['tokenizer'], pixel_values, 'What is it?')
 
 
 def greedy_with_training_model(setup, pixel_values, question, steps):
     """Greedy decoding with the training model's forward (no cache), from the training pipeline's prompt."""
     tokenizer, model = setup['tokenizer'], setup['model']
-    conversation = [{'from': 'human', 'value': '<image>\n' + question}, {'from': 'gpt', 'value': 'x'}]
-    sample = tokenize_conversation(conversation, tokenizer, [4 * pixel_values.shape[0]], 'internvl2_5')
-    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
-    ids = torch.tensor([list(sample['input_ids'][:first_answer])])
+    ids = torch.tensor([training_prompt(tokenizer, pixel_values, question)])
     stop = tokenizer.convert_tokens_to_ids('<|im_end|>')
     out = []
     with torch.no_grad():
@@ -161,14 +164,11 @@ def test_a_trained_system_message_is_the_converted_models_default(setup, tmp_pat
     pixel_values = tiles(setup['images'][0])
     got = captured_prompt(dict(setup, official=official, tokenizer=tokenizer), pixel_values, 'What is it?',
                           monkeypatch)
-    conversation = [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'x'}]
-    sample = tokenize_conversation(conversation, tokenizer, [4 * pixel_values.shape[0]], 'internvl2_5',
-                                   system=system)
-    first_answer = next(i for i, label in enumerate(sample['labels']) if label != -100)
-    assert got == list(sample['input_ids'][:first_answer])
+    assert got == training_prompt(tokenizer, pixel_values, 'What is it?', system=system)
     rendered = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False,
                                              add_generation_prompt=True)
     assert rendered.startswith(f'<|im_start|>system\n{system}<|im_end|>\n')
     # the default folder (trained with the template's system message) keeps InternVL's
-    assert 'system_message' not in json.load(open(f"{setup['folder']}/config.json"))
+    with open(f"{setup['folder']}/config.json") as f:
+        assert 'system_message' not in json.load(f)
     assert setup['official'].system_message == official.conv_template.system_message

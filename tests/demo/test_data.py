@@ -255,6 +255,9 @@ def test_small_digits_only_readable_in_the_tiles(full):
                     assert r['kind'] == 'small_digit'
                     assert min(tile_w, tile_h) >= 8 and tile_h <= 21, (r['id'], o)
                     assert min(thumb_w, thumb_h) < 3, (r['id'], o)
+                    # inside one tile (strips are exact: native pixels are tile pixels), not cut by a seam
+                    assert (w, h) == (cols * S, rows * S) and x0 // S == (x1 - 1) // S and y0 // S == (y1 - 1) // S, \
+                        (r['id'], o)
                 else:  # a large digit is clearly taller than a small one in the tiles
                     assert tile_h >= 28, (r['id'], o)
     assert n == 300 + 20

@@ -144,6 +144,7 @@ def test_runner_init_weights_changes_nothing(tiny, kw):
 def test_loss_reduction_setting(tiny, batch):
     from xtuner_plugins.models.loss import causal_lm_loss
     model = build(tiny, loss_reduction='square').eval()
+    assert model.llm_keeps_logits   # the loss below takes the logits of supervised positions only
     with torch.no_grad():
         logits = model(batch, mode='tensor')
         assert model(batch, mode='loss')['loss'].item() == pytest.approx(
@@ -152,3 +153,12 @@ def test_loss_reduction_setting(tiny, batch):
             causal_lm_loss(logits, batch['labels'], 'token').item(), rel=1e-4)
     with pytest.raises(ValueError, match="unknown loss_reduction 'mean'"):
         build(tiny, loss_reduction='mean')
+
+
+def test_lora_loss_keeps_supervised_logits_only(tiny, batch):
+    from xtuner_plugins.models.loss import causal_lm_loss
+    model = build(tiny, llm_lora=dict(r=4, lora_alpha=8)).eval()
+    assert model.llm_keeps_logits   # through PEFT's wrapper, the base model's forward is asked
+    with torch.no_grad():
+        assert model(batch, mode='loss')['loss'].item() == pytest.approx(
+            causal_lm_loss(model(batch, mode='tensor'), batch['labels']).item(), rel=1e-6)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xtuner_plugins.models.loss import causal_lm_loss, token_weights
+from xtuner_plugins.models.loss import causal_lm_loss, supervised_positions, token_weights
 
 IGN = -100
 
@@ -60,6 +60,29 @@ def test_weights_and_errors():
     logits, labels = two_class_batch([[1.0]])
     with pytest.raises(ValueError, match='no supervised token'):
         causal_lm_loss(logits, torch.full_like(labels, IGN))
+
+
+@pytest.mark.parametrize('reduction', ['token', 'sample', 'square'])
+def test_logits_of_supervised_positions_only(reduction):
+    """The model computes logits at supervised positions only; the loss must be the one of all logits, packed
+    rows (segments) included, gradients too."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 5, requires_grad=True)
+    labels = torch.full((2, 9), IGN)
+    labels[0, [2, 3, 7]] = torch.tensor([1, 4, 0])
+    labels[1, [3, 8]] = torch.tensor([2, 2])
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    positions = supervised_positions(labels)
+    assert positions.tolist() == [1, 2, 6, 7]   # a position p predicts token p + 1
+    for segs in (None, segments):
+        full = causal_lm_loss(logits, labels, reduction, segments=segs)
+        grad_full, = torch.autograd.grad(full, logits)
+        kept = causal_lm_loss(logits[:, positions], labels, reduction, segments=segs, positions=positions)
+        grad_kept, = torch.autograd.grad(kept, logits)
+        assert kept.item() == pytest.approx(full.item(), rel=1e-6)
+        assert torch.allclose(grad_kept, grad_full, atol=1e-7)
+    with pytest.raises(ValueError, match='3 positions of logits for 4 positions'):
+        causal_lm_loss(logits[:, :3], labels, reduction, positions=positions)
 
 
 def _rank(rank, world, port, reduction, shards, out_dir):

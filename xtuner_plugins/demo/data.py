@@ -296,11 +296,12 @@ def _add_shape(rng: random.Random, canvas: _Canvas, side_range: Tuple[float, flo
         side = max(floor, side * 0.85)
 
 
-def _add_digit(rng: random.Random, canvas: _Canvas, digit: str, size: int, small: bool = False) -> None:
+def _add_digit(rng: random.Random, canvas: _Canvas, digit: str, size: int, small: bool = False,
+               region: Optional[Tuple[float, float, float, float]] = None) -> None:
     """Place one digit at font ``size`` (shrinking it if it does not fit); its box is the ten digits' cell."""
     while True:
         cw, ch = _cell_size(size)
-        box = _free_spot(rng, canvas, cw, ch)
+        box = _free_spot(rng, canvas, cw, ch, region)
         if box is not None:
             canvas.objects.append(_Object(box, digit=digit, font_size=size, small=small))
             return
@@ -332,10 +333,15 @@ def _build_scene(rng: random.Random, kind: str, answer: str, canvas: _Canvas) ->
         height = rng.uniform(*_DIGIT_HEIGHT) * canvas.k / canvas.tile_scale
         _add_digit(rng, canvas, answer, _font_for_height(height))
     elif kind == 'small_digit':
-        # The digit first (it never shrinks), then a large shape wherever there is room.
-        # one of the three largest sizes the strip allows: still unreadable in the thumbnail, easiest in the tiles
+        # The digit first (it never shrinks), inside one tile: a digit cut by a tile seam is not readable in the
+        # tiles either (small-digit strips are exact multiples of tile_size, so tile pixels are native pixels).
+        # One of the three largest sizes the strip allows: still unreadable in the thumbnail, easiest in the tiles.
+        # Then a large shape wherever there is room.
+        m, ts = _MARGIN * canvas.k, canvas.tile_size
+        col, row = rng.randrange(canvas.grid[0]), rng.randrange(canvas.grid[1])
+        tile = (col * ts + m, row * ts + m, (col + 1) * ts - m, (row + 1) * ts - m)
         _add_digit(rng, canvas, answer, rng.choice(_small_digit_sizes(canvas.grid, canvas.tile_size)[-3:]),
-                   small=True)
+                   small=True, region=tile)
         _add_shape(rng, canvas, _SHAPE_SIDE, rng.choice(SHAPES), rng.choice(tuple(COLOURS)))
     else:
         raise ValueError(f'unknown question kind {kind!r}; known: {", ".join(KINDS)}')

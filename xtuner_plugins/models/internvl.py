@@ -16,6 +16,7 @@ trained (``state_dict`` drops frozen parameters); frozen parts come back from th
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Dict, Optional, Union
 
@@ -30,7 +31,7 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_ti
 from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
-from .loss import REDUCTIONS, causal_lm_loss
+from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
 from .projector import InternVLProjector, pixel_shuffle
 from .vision import load_vision_encoder, vision_features
 from .zero3 import gathered, hf_zero3_init, shape_of
@@ -291,15 +292,30 @@ class InternVLModel(BaseModel):
                 attention_mask = None  # varlen kernels, from the restarting position ids
             else:
                 attention_mask = block_causal_mask(segments, embeds.dtype)
+        if mode not in ('loss', 'tensor', 'predict'):
+            raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
+        kwargs, positions = {}, None
+        if mode == 'loss' and self.llm_keeps_logits:
+            # lm_head and the cross-entropy run at the supervised positions only: image, system and question
+            # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
+            positions = supervised_positions(data['labels'].to(embeds.device))
+            kwargs['logits_to_keep'] = positions
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False, return_dict=True)
+                                  use_cache=False, return_dict=True, **kwargs)
         if mode == 'tensor':
             return out.logits
         if mode == 'predict':
             return out.logits, data_samples
-        if mode != 'loss':
-            raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
-        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments)}
+        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
+                                       positions=positions)}
+
+    @property
+    def llm_keeps_logits(self) -> bool:
+        """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50; through
+        a PEFT wrapper, its base model's)."""
+        llm = self.language_model
+        base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+        return 'logits_to_keep' in inspect.signature(base.forward).parameters
 
     def gradient_checkpointing_enable(self):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})

@@ -45,16 +45,36 @@ def token_weights(mask: torch.Tensor, reduction: str, segments: Optional[torch.T
     return maskf / n if reduction == 'sample' else maskf * n.rsqrt()
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions ``p`` whose next token ``p + 1`` is supervised in some row of ``labels [B, L]``: the
+    only positions whose logits the loss reads (1-D, ascending)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'token',
-                   global_denominator: bool = True, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   global_denominator: bool = True, segments: Optional[torch.Tensor] = None,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Shifted cross-entropy of ``logits [B, L, V]`` against ``labels [B, L]`` (``-100`` = not supervised);
-    ``segments [B, L]`` are sample ids of packed rows (see :func:`token_weights`)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    mask = shift_labels != IGNORE_INDEX
+    ``segments [B, L]`` are sample ids of packed rows (see :func:`token_weights`).
+
+    ``positions``: the logits are ``[B, K, V]``, those of these ``K`` positions only
+    (:func:`supervised_positions` of ``labels``, or any superset); the loss is the same as with all of them.
+    """
+    labels = labels.to(logits.device)
+    if positions is None:
+        shift_logits, targets = logits[:, :-1], labels[:, 1:]
+        segments = None if segments is None else segments[:, 1:]
+    else:
+        positions = positions.to(logits.device)
+        if logits.shape[1] != positions.numel():
+            raise ValueError(f'{logits.shape[1]} positions of logits for {positions.numel()} positions')
+        shift_logits, targets = logits, labels[:, positions + 1]
+        segments = None if segments is None else segments[:, positions.to(segments.device) + 1]
+    shift_logits = shift_logits.float()
+    mask = targets != IGNORE_INDEX
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                         shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none')
-    weights = token_weights(mask, reduction, None if segments is None else segments[:, 1:].to(mask.device))
+                         targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none')
+    weights = token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
     numerator = (weights.reshape(-1) * ce).sum()
     denominator = weights.sum().detach()
     scale = 1.0

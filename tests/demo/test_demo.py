@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from mmengine.config import Config
 
-from xtuner_plugins.demo.run import REPO_ROOT, Recipe, per_kind, run_demo
+from xtuner_plugins.demo.run import CONFIGS, REPO_ROOT, Recipe, per_kind, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,9 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     for stage in ('pretrain', 'finetune'):
         assert result.stages[stage].checkpoint and os.path.exists(result.stages[stage].checkpoint)
         assert result.stages[stage].losses, f'{stage}: no losses logged'
-    assert os.path.isfile(os.path.join(result.official_dir, 'config.json'))
+    with open(os.path.join(result.official_dir, 'config.json')) as f:
+        # the converted model's chat() uses the training system message (configs/demo/*.py set a short one)
+        assert json.load(f)['system_message'] == Config.fromfile(CONFIGS['full']).demo_system_message
     assert os.path.isfile(os.path.join(result.official_dir, 'modeling_internvl_chat.py'))
     with open(os.path.join(result.work_dir, 'data', 'test.jsonl')) as f:
         expected = [json.loads(line)['conversations'][1]['value'] for line in f]

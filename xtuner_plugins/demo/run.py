@@ -7,9 +7,9 @@
 2. **data**: coloured shapes and digits with questions only the pixels answer
    (:func:`xtuner_plugins.demo.data.make_demo_data`) in ``data/`` (``pretrain.jsonl``, ``sft.jsonl``,
    ``test.jsonl``, ``images/``);
-3. **MLP warm-up**: ``configs/pretrain_mlp.py`` through XTuner's own ``xtuner/tools/train.py`` (what
+3. **MLP warm-up**: ``configs/demo/pretrain_mlp.py`` through XTuner's own ``xtuner/tools/train.py`` (what
    ``xtuner train`` runs), captions, only the projector trained, in ``pretrain_mlp/``;
-4. **fine-tuning**: ``configs/finetune_full.py`` (or ``finetune_lora.py``) from the warm-up checkpoint
+4. **fine-tuning**: ``configs/demo/finetune_full.py`` (or ``finetune_lora.py``) from the warm-up checkpoint
    (``model.pretrained_pth``), the questions of ``sft.jsonl``; projector, LLM and (the recipe's
    ``train_vision``, on by default: the random vision tower has to learn shapes and digits) the vision tower
    trained, in ``finetune_full/``;
@@ -19,8 +19,9 @@
    InternVL's ``load_image`` makes them; then the same questions with blank images (the scenes' grey
    background with nothing on it), the blind control, which must stay near chance.
 
-The stage configs are the real ones, pointed at the demo's models and data with ``--cfg-options``: the demo
-is what a user runs, at toy size. Training runs in subprocesses (one process, or ``torch.distributed.run``
+The stage configs are the real ones (``configs/demo/*.py`` inherit ``configs/*.py`` and only set a short
+system message), pointed at the demo's models and data with ``--cfg-options``: the demo is what a user runs,
+at toy size. Training runs in subprocesses (one process, or ``torch.distributed.run``
 with ``--launcher pytorch`` and a DeepSpeed CPU JSON); success is judged by the checkpoint files and the
 log, not by the exit code alone. Logs and TensorBoard events stay in each stage's work folder.
 
@@ -48,9 +49,9 @@ from xtuner_plugins.demo.data import BACKGROUND
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {
-    'pretrain': os.path.join(REPO_ROOT, 'configs', 'pretrain_mlp.py'),
-    'full': os.path.join(REPO_ROOT, 'configs', 'finetune_full.py'),
-    'lora': os.path.join(REPO_ROOT, 'configs', 'finetune_lora.py'),
+    'pretrain': os.path.join(REPO_ROOT, 'configs', 'demo', 'pretrain_mlp.py'),
+    'full': os.path.join(REPO_ROOT, 'configs', 'demo', 'finetune_full.py'),
+    'lora': os.path.join(REPO_ROOT, 'configs', 'demo', 'finetune_lora.py'),
 }
 DEEPSPEED_CONFIGS = {
     'zero2': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero2_cpu.json'),
@@ -84,6 +85,9 @@ class Recipe:
     vit_layers: int = 2
     vit_heads: int = 4
     vit_intermediate: int = 128
+    # std of the vision tower's random linear weights (InternViT's 0.02 is made for its 1024-wide layers: a
+    # 64-wide tower at 0.02 is nearly the identity after its patch embedding and learns shapes slowly)
+    vit_init_std: float = 0.1
     llm_hidden: int = 64
     llm_layers: int = 2
     llm_heads: int = 4
@@ -102,11 +106,11 @@ class Recipe:
     n_pretrain: int = 2000
     n_sft: int = 12000
     n_test: int = 180
-    # stage 1: MLP warm-up (configs/pretrain_mlp.py): captions, only mlp1 trains
+    # stage 1: MLP warm-up (configs/demo/pretrain_mlp.py): captions, only mlp1 trains
     pretrain_iters: int = 300
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    # stage 2: fine-tuning (configs/finetune_full.py or finetune_lora.py)
+    # stage 2: fine-tuning (configs/demo/finetune_full.py or finetune_lora.py)
     finetune: str = 'full'
     finetune_iters: int = 3600
     finetune_batch: int = 16
@@ -179,34 +183,12 @@ def make_models(out_dir: str, recipe: Recipe) -> Dict[str, str]:
     vit = write_tiny_internvit(os.path.join(out_dir, 'internvit'), image_size=recipe.tile_size, patch_size=14,
                                hidden_size=recipe.vit_hidden, num_layers=recipe.vit_layers,
                                num_heads=recipe.vit_heads, intermediate_size=recipe.vit_intermediate,
-                               seed=recipe.seed)
+                               seed=recipe.seed, initializer_range=recipe.vit_init_std)
     llm = write_tiny_qwen2(os.path.join(out_dir, 'llm'), hidden_size=recipe.llm_hidden,
                            num_layers=recipe.llm_layers, num_heads=recipe.llm_heads,
                            num_kv_heads=recipe.llm_kv_heads, intermediate_size=recipe.llm_intermediate,
-                           seed=recipe.seed)
-    rescale_llm_init(llm, recipe.llm_init_std)
+                           seed=recipe.seed, initializer_range=recipe.llm_init_std)
     return {'internvit': vit, 'llm': llm}
-
-
-def rescale_llm_init(folder: str, std: float) -> None:
-    """Scale the random matrices of a ``write_tiny_qwen2`` folder (drawn with std ``initializer_range``)
-    to std ``std``, and record it as the config's ``initializer_range``; norms and biases are kept."""
-    from safetensors.torch import load_file, save_file
-    config_path = os.path.join(folder, 'config.json')
-    with open(config_path, encoding='utf-8') as f:
-        config = json.load(f)
-    factor = std / float(config.get('initializer_range', 0.02))
-    if factor == 1.0:
-        return
-    weights_path = os.path.join(folder, 'model.safetensors')
-    state = load_file(weights_path)
-    state = {k: (v * factor if v.dim() == 2 and v.is_floating_point() else v).contiguous()
-             for k, v in state.items()}
-    save_file(state, weights_path, metadata={'format': 'pt'})
-    config['initializer_range'] = std
-    with open(config_path, 'w', encoding='utf-8') as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write('\n')
 
 
 def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
@@ -678,7 +660,7 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
 
     stages: Dict[str, StageResult] = {}
     t = time.perf_counter()
-    console.step('3/6 MLP warm-up: configs/pretrain_mlp.py (captions; only the projector mlp1 trains)')
+    console.step('3/6 MLP warm-up: configs/demo/pretrain_mlp.py (captions; only the projector mlp1 trains)')
     options = stage_options('pretrain', recipe, models, data['pretrain'], data['images'], cache_dir, nproc)
     stages['pretrain'] = train_stage('warm-up', CONFIGS['pretrain'], os.path.join(work_dir, 'pretrain_mlp'), options,
                                      console, nproc, deepspeed, cache_root, stage_timeout)
@@ -688,7 +670,7 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     ft = recipe.finetune
     what = ('projector + LLM' + (' + vision tower' if recipe.train_vision else '')) if ft == 'full' else \
         'projector + LoRA adapters'
-    console.step(f'4/6 fine-tuning: configs/finetune_{ft}.py (questions; {what} train), '
+    console.step(f'4/6 fine-tuning: configs/demo/finetune_{ft}.py (questions; {what} train), '
                  f'from the warm-up checkpoint')
     ft_options = stage_options(ft, recipe, models, data['sft'], data['images'], cache_dir, nproc,
                                pretrained_pth=stages['pretrain'].checkpoint)

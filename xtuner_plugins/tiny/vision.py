@@ -36,7 +36,7 @@ _AUTO_MAP = {
 
 
 def _official_config(image_size, patch_size, hidden_size, num_layers, num_heads, intermediate_size, qkv_bias,
-                     qk_normalization, norm_type) -> dict:
+                     qk_normalization, norm_type, initializer_range=0.02, initializer_factor=0.1) -> dict:
     """The fields of InternViT-300M-448px-V2_5's config.json, at the given size."""
     return {
         'architectures': ['InternVisionModel'],
@@ -47,8 +47,8 @@ def _official_config(image_size, patch_size, hidden_size, num_layers, num_heads,
         'hidden_act': 'gelu',
         'hidden_size': hidden_size,
         'image_size': image_size,
-        'initializer_factor': 0.1,
-        'initializer_range': 0.02,
+        'initializer_factor': initializer_factor,
+        'initializer_range': initializer_range,
         'intermediate_size': intermediate_size,
         'layer_norm_eps': 1e-6,
         'model_type': 'intern_vit_6b',
@@ -73,6 +73,7 @@ def _official_state_dict(config: dict, seed: int) -> Dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen) * std + mean
 
     c, inter, p = config['hidden_size'], config['intermediate_size'], config['patch_size']
+    std = config['initializer_range']  # the encoder layers' linear weights
     grid = config['image_size'] // p
     has_bias = config['norm_type'] == 'layer_norm'  # InternViT's RMSNorm has a weight only
     sd = {
@@ -83,17 +84,17 @@ def _official_state_dict(config: dict, seed: int) -> Dict[str, torch.Tensor]:
     }
     for i in range(config['num_hidden_layers']):
         pre = f'encoder.layers.{i}.'
-        sd[pre + 'attn.qkv.weight'] = rand(3 * c, c)
+        sd[pre + 'attn.qkv.weight'] = rand(3 * c, c, std=std)
         if config['qkv_bias']:
             sd[pre + 'attn.qkv.bias'] = rand(3 * c)
         if config['qk_normalization']:
             sd[pre + 'attn.q_norm.weight'] = rand(c, mean=1.0, std=0.1)
             sd[pre + 'attn.k_norm.weight'] = rand(c, mean=1.0, std=0.1)
-        sd[pre + 'attn.proj.weight'] = rand(c, c)
+        sd[pre + 'attn.proj.weight'] = rand(c, c, std=std)
         sd[pre + 'attn.proj.bias'] = rand(c)
-        sd[pre + 'mlp.fc1.weight'] = rand(inter, c)
+        sd[pre + 'mlp.fc1.weight'] = rand(inter, c, std=std)
         sd[pre + 'mlp.fc1.bias'] = rand(inter)
-        sd[pre + 'mlp.fc2.weight'] = rand(c, inter)
+        sd[pre + 'mlp.fc2.weight'] = rand(c, inter, std=std)
         sd[pre + 'mlp.fc2.bias'] = rand(c)
         for norm in ('norm1', 'norm2'):
             sd[f'{pre}{norm}.weight'] = rand(c, mean=1.0, std=0.1)
@@ -107,11 +108,14 @@ def _official_state_dict(config: dict, seed: int) -> Dict[str, torch.Tensor]:
 def write_tiny_internvit(out_dir: Union[str, os.PathLike], image_size: int = 56, patch_size: int = 14,
                         hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                         seed: int = 0, *, qkv_bias: bool = True, qk_normalization: bool = False,
-                        norm_type: str = 'layer_norm') -> str:
+                        norm_type: str = 'layer_norm', initializer_range: float = 0.02,
+                        initializer_factor: float = 0.1) -> str:
     """Write a tiny InternViT (config.json + model.safetensors, official layout) to ``out_dir``; returns it.
 
     The defaults give a 300M-style model (qkv bias, LayerNorm, no qk-norm) with a 4x4 patch grid. The 6B
-    variant is ``qkv_bias=False, qk_normalization=True, norm_type='rms_norm'``.
+    variant is ``qkv_bias=False, qk_normalization=True, norm_type='rms_norm'``. ``initializer_range`` is the
+    std of the encoder layers' linear weights and ``initializer_factor`` the layer scales' value (InternViT's
+    0.02 and 0.1; a 64-wide tower that is to learn from scratch needs a larger std, about ``hidden_size ** -0.5``).
     """
     if image_size % patch_size or hidden_size % num_heads:
         raise ValueError(f'image_size {image_size} must be a multiple of patch_size {patch_size} and hidden_size '
@@ -119,7 +123,7 @@ def write_tiny_internvit(out_dir: Union[str, os.PathLike], image_size: int = 56,
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     config = _official_config(image_size, patch_size, hidden_size, num_layers, num_heads, intermediate_size,
-                              qkv_bias, qk_normalization, norm_type)
+                              qkv_bias, qk_normalization, norm_type, initializer_range, initializer_factor)
     save_file(_official_state_dict(config, seed), os.path.join(out_dir, 'model.safetensors'),
               metadata={'format': 'pt'})
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:

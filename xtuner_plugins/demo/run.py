@@ -104,7 +104,7 @@ class Recipe:
     sft_weights: Optional[Mapping[str, int]] = field(default_factory=lambda: {'digit': 2, 'small_digit': 2})
     sft_extra_questions: bool = True
     n_pretrain: int = 2000
-    n_sft: int = 12000
+    n_sft: int = 20000
     n_test: int = 180
     # stage 1: MLP warm-up (configs/demo/pretrain_mlp.py): captions, only mlp1 trains
     pretrain_iters: int = 300
@@ -112,7 +112,7 @@ class Recipe:
     pretrain_lr: float = 3e-3
     # stage 2: fine-tuning (configs/demo/finetune_full.py or finetune_lora.py)
     finetune: str = 'full'
-    finetune_iters: int = 3600
+    finetune_iters: int = 4800
     finetune_batch: int = 16
     finetune_lr: float = 2e-3
     # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen);

@@ -21,7 +21,8 @@ size on a CPU, which never decreases, so the second path's figure includes the f
 ``--real`` writes randomly initialised checkpoints with the real shapes (InternViT-300M-448px-V2_5 and
 Qwen2.5-0.5B or -1.5B) and trains them in bf16 autocast with LLM gradient checkpointing, with InternVL's real vocabulary of
 151674 rows in the embeddings and ``lm_head`` (the texts come from the project's tiny tokenizer, so only the
-first few hundred rows are ever looked up; the LM head still computes all 151674 logits per token).
+first few hundred rows are ever looked up; the LM head computes all 151674 logits, at the supervised
+positions only, and at every token in XTuner's path).
 ``--dry-run`` builds the configs, the data set and the model modules on PyTorch's ``meta`` device (shapes,
 no memory), checks the FLOPs formula's matmul sizes against those modules and prints the FLOPs per step of
 both paths without training; it works on a CPU at the real sizes.
@@ -207,7 +208,7 @@ def _train_multipliers(trainable: bool, upstream_trainable: bool) -> Tuple[int, 
 
 def train_step_flops(s: ModelShapes, seq_lens: Sequence[int], tiles: Sequence[int], *,
                      freeze_vision: bool = True, freeze_projector: bool = False,
-                     freeze_llm: bool = False) -> Dict[str, int]:
+                     freeze_llm: bool = False, supervised: Optional[int] = None) -> Dict[str, int]:
     """Model FLOPs of one training step (forward + backward), from the shapes alone.
 
     The batch is described per sample: ``seq_lens[k]`` tokens (text plus its image tokens) and ``tiles[k]``
@@ -231,7 +232,10 @@ def train_step_flops(s: ModelShapes, seq_lens: Sequence[int], tiles: Sequence[in
     * LLM attention, causal: half the full ``4 * L^2 * a * d`` (the usual convention, e.g. FlashAttention's
       benchmarks; exact would be ``L (L + 1) / 2`` score entries): ``llm_layers * 2 * a * d * sum L_k^2``;
       grouped key/value heads do not reduce it, every query head attends;
-    * LM head: ``2 * H * V * N`` (logits of every token, as the model computes them).
+    * LM head: ``2 * H * V * N_s`` with ``N_s = supervised``, the supervised tokens of the step: the only
+      logits the loss needs, and the only ones this project's model computes (``logits_to_keep``); XTuner's
+      path computes every token's, work the same samples do not need, so it is not credited. ``None``:
+      every token (``N``), an upper bound for callers that know only lengths.
 
     Training multiplies each part's forward FLOPs (:func:`_train_multipliers`):
 
@@ -269,7 +273,7 @@ def train_step_flops(s: ModelShapes, seq_lens: Sequence[int], tiles: Sequence[in
         projector=2 * p['projector'] * per_tile * total_tiles,
         llm_matmul=2 * s.llm_layers * p['llm_layer'] * tokens,
         llm_attention=s.llm_layers * 2 * attn_dim * sum(L * L for L in seq_lens),
-        lm_head=2 * p['lm_head'] * tokens)
+        lm_head=2 * p['lm_head'] * (tokens if supervised is None else supervised))
     vision_trains, projector_trains, llm_trains = not freeze_vision, not freeze_projector, not freeze_llm
     vit_w, vit_a = _train_multipliers(vision_trains, False)
     proj_w, _ = _train_multipliers(projector_trains, vision_trains)
@@ -607,7 +611,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         tokens += sum(seq_lens)
         samples += len(seq_lens)
         padded += batch['input_ids'].numel() - sum(seq_lens)
-        flops += train_step_flops(shapes, seq_lens, tiles, **freeze)['total']
+        supervised = int((batch['labels'][:, 1:] != -100).sum())
+        flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
     total = time.perf_counter() - start
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
@@ -653,7 +658,9 @@ def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, pe
             line += f' {mean["total"] / (0.45 * peak):10.4g}'
         print(line)
     print('(TFLOP per step: model FLOPs of training with the ViT frozen, projector + LLM trained; see '
-          'train_step_flops. No weights were allocated and nothing was trained.)')
+          'train_step_flops. lm_head is counted at every token here, an upper bound: a training run counts it '
+          'at the supervised tokens only, the logits the model computes. No weights were allocated and nothing '
+          'was trained.)')
     if not args.no_xtuner:
         found = importlib.util.find_spec('xtuner') is not None
         print('XTuner 0.2.0 InternVL_V1_5 (row xtuner): the unpacked batches (same FLOPs); '

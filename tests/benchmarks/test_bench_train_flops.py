@@ -42,6 +42,13 @@ def test_forward_and_full_finetune_flops_match_hand_computed_values():
                          forward=FORWARD)
 
 
+def test_lm_head_counted_at_the_supervised_tokens():
+    # 3 supervised tokens of the 16: LM head forward 2 * 12 * 50 * 3 = 3,600, trained 3x = 10,800
+    flops = train_step_flops(SMALL, SEQ_LENS, TILES, supervised=3)
+    assert (flops['lm_head'], flops['total']) == (10_800, 543_040 - 57_600 + 10_800)
+    assert flops['forward'] == FORWARD - 19_200 + 3_600
+
+
 def test_frozen_llm_the_gradient_flows_through_costs_2x_weights_3x_attention():
     # MLP warm-up: LLM weights 2 * 105,984 = 211,968, attention 3 * 9,792 = 29,376, LM head 2 * 19,200
     flops = train_step_flops(SMALL, SEQ_LENS, TILES, freeze_vision=True, freeze_projector=False, freeze_llm=True)

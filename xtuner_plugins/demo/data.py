@@ -35,10 +35,11 @@ each kind, and independent of the image size and of the phrasing, so a model tha
 * ``count``: one to three shapes; ``1``, ``2`` or ``3``;
 * ``position``: one shape wholly in the left or the right half; ``left`` or ``right``;
 * ``digit``: one large black digit; ``0`` .. ``9``;
-* ``small_digit``: a large shape and a small black digit in a long strip of 4..``max_dynamic_patch`` tiles;
-  the digit's cell is 9..20 px tall and at least 9 px wide in the high-resolution tiles (large digits: 32..46 px
-  tall), but under 2.8 px along the strip in the ``tile_size`` thumbnail (squashed 4..6 times), so only the
-  tiles show which digit it is. (No grid of at most 6 tiles can shrink an object under 3 px in *both*
+* ``small_digit``: a large shape and a small black digit, inside one tile, in a strip of the most tiles
+  ``max_dynamic_patch`` allows (at least 4; 1x6 and 6x1 by default); the digit's cell is 9..20 px tall and at
+  least 9 px wide in the high-resolution tiles (large digits: 32..46 px tall), but under 2.8 px along the strip
+  in the ``tile_size`` thumbnail (squashed 6 times by default), so only the tiles show which digit it is.
+  Digits are drawn bold. (No grid of at most 6 tiles can shrink an object under 3 px in *both*
   directions while keeping it 8 px in the tiles: that would need 3 x 3 tiles.)
 
 Image sizes follow the project's tiling (:mod:`xtuner_plugins.data.tiling`): every image is made for a
@@ -202,6 +203,12 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return font
 
 
+def _stroke(size: int) -> int:
+    """Extra stroke width of a digit drawn at font ``size``: bold digits (Pillow's default font is light; its
+    1 px strokes at small sizes are hard to make out for a vision tower trained from scratch)."""
+    return max(1, size // 24)
+
+
 @functools.lru_cache(maxsize=None)
 def _digit_cell(size: int) -> Tuple[int, int, int, int]:
     """Union of the ink boxes of the ten digits drawn at ``(0, 0)``: ``(x0, y0, x1, y1)``, exclusive ends."""
@@ -210,7 +217,7 @@ def _digit_cell(size: int) -> Tuple[int, int, int, int]:
     canvas = Image.new('L', (3 * size, 3 * size), 0)
     draw = ImageDraw.Draw(canvas)
     for d in DIGITS:
-        draw.text((pad, pad), d, fill=255, font=font)
+        draw.text((pad, pad), d, fill=255, font=font, stroke_width=_stroke(size), stroke_fill=255)
     ys, xs = np.nonzero(np.asarray(canvas))
     return int(xs.min()) - pad, int(ys.min()) - pad, int(xs.max()) + 1 - pad, int(ys.max()) + 1 - pad
 
@@ -360,7 +367,8 @@ def _draw(canvas: _Canvas) -> Image.Image:
             draw.polygon([(x0, y1 - 1), ((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1)], fill=COLOURS[o.colour])
         else:
             cx0, cy0, _, _ = _digit_cell(o.font_size)
-            draw.text((x0 - cx0, y0 - cy0), o.digit, fill=INK, font=_font(o.font_size))
+            draw.text((x0 - cx0, y0 - cy0), o.digit, fill=INK, font=_font(o.font_size),
+                      stroke_width=_stroke(o.font_size), stroke_fill=INK)
     return image
 
 
@@ -457,6 +465,8 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
         raise ValueError(f'sft_weights must map kinds among {", ".join(kinds)} to positive integers, got {bad!r}')
     grids = candidate_grids(1, max_dynamic_patch)
     strips = [g for g in grids if max(g) >= _SMALL_MIN_RATIO and _small_digit_sizes(g, tile_size)]
+    # only the longest strips: the more the thumbnail squashes a strip, the larger a digit it cannot show
+    strips = [g for g in strips if max(g) == max(max(s) for s in strips)]
     if 'small_digit' in kinds and not strips:
         raise ValueError(f'small_digit questions need strips of >= {_SMALL_MIN_RATIO} tiles, but '
                          f'max_dynamic_patch={max_dynamic_patch}; drop the kind or allow more tiles')

@@ -101,18 +101,18 @@ class Recipe:
     kinds: Optional[Sequence[str]] = None   # None: all of xtuner_plugins.demo.data.KINDS
     # sft.jsonl only (the test split stays balanced, one question per image): more scenes of the kinds the
     # random vision tower learns slowest, and the other questions a one-shape scene answers as extra turns
-    sft_weights: Optional[Mapping[str, int]] = field(default_factory=lambda: {'digit': 2, 'small_digit': 2})
+    sft_weights: Optional[Mapping[str, int]] = field(default_factory=lambda: {'digit': 2, 'small_digit': 3})
     sft_extra_questions: bool = True
     n_pretrain: int = 2000
     n_sft: int = 20000
     n_test: int = 180
     # stage 1: MLP warm-up (configs/demo/pretrain_mlp.py): captions, only mlp1 trains
-    pretrain_iters: int = 300
+    pretrain_iters: int = 200
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     # stage 2: fine-tuning (configs/demo/finetune_full.py or finetune_lora.py)
     finetune: str = 'full'
-    finetune_iters: int = 4800
+    finetune_iters: int = 5400
     finetune_batch: int = 16
     finetune_lr: float = 2e-3
     # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen);

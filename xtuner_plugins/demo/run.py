@@ -85,8 +85,8 @@ class Recipe:
     vit_layers: int = 2
     vit_heads: int = 4
     vit_intermediate: int = 128
-    # std of the vision tower's random linear weights (InternViT's 0.02 is made for its 1024-wide layers: a
-    # 64-wide tower at 0.02 is nearly the identity after its patch embedding and learns shapes slowly)
+    # std of the vision tower's random linear weights (InternViT's 0.02 is made for its 1024-wide layers; at
+    # 64 wide, 0.1 learned faster: 0.59 against 0.52 held-out accuracy after 1500 steps, in-process)
     vit_init_std: float = 0.1
     llm_hidden: int = 64
     llm_layers: int = 2

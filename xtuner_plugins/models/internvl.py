@@ -311,8 +311,8 @@ class InternVLModel(BaseModel):
 
     @property
     def llm_keeps_logits(self) -> bool:
-        """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50; through
-        a PEFT wrapper, its base model's)."""
+        """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs of the pinned version
+        do; through a PEFT wrapper, its base model's); without it, all logits are computed."""
         llm = self.language_model
         base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
         return 'logits_to_keep' in inspect.signature(base.forward).parameters

@@ -83,6 +83,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_memory import write_models  # noqa: E402
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn  # noqa: E402
 from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
+from xtuner_plugins.data.template import IGNORE_INDEX  # noqa: E402
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles  # noqa: E402
 from xtuner_plugins.models import InternVLModel  # noqa: E402
 
@@ -611,7 +612,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         tokens += sum(seq_lens)
         samples += len(seq_lens)
         padded += batch['input_ids'].numel() - sum(seq_lens)
-        supervised = int((batch['labels'][:, 1:] != -100).sum())
+        supervised = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
         flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
     total = time.perf_counter() - start
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,

@@ -466,7 +466,8 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
     grids = candidate_grids(1, max_dynamic_patch)
     strips = [g for g in grids if max(g) >= _SMALL_MIN_RATIO and _small_digit_sizes(g, tile_size)]
     # only the longest strips: the more the thumbnail squashes a strip, the larger a digit it cannot show
-    strips = [g for g in strips if max(g) == max(max(s) for s in strips)]
+    longest = max((max(g) for g in strips), default=0)
+    strips = [g for g in strips if max(g) == longest]
     if 'small_digit' in kinds and not strips:
         raise ValueError(f'small_digit questions need strips of >= {_SMALL_MIN_RATIO} tiles, but '
                          f'max_dynamic_patch={max_dynamic_patch}; drop the kind or allow more tiles')

@@ -257,8 +257,9 @@ def test_small_digits_only_readable_in_the_tiles(full):
                     assert r['kind'] == 'small_digit'
                     assert min(tile_w, tile_h) >= 8 and tile_h <= 21, (r['id'], o)
                     assert min(thumb_w, thumb_h) < 3, (r['id'], o)
-                    # inside one tile (strips are exact: native pixels are tile pixels), not cut by a seam
-                    assert (w, h) == (cols * S, rows * S) and x0 // S == (x1 - 1) // S and y0 // S == (y1 - 1) // S, \
+                    # inside one token cell (28 px: 2 x 2 patches of 14 px, one LLM token after pixel shuffle) of
+                    # one tile (strips are exact: native pixels are tile pixels), so not cut by a tile seam either
+                    assert (w, h) == (cols * S, rows * S) and x0 // 28 == (x1 - 1) // 28 and y0 // 28 == (y1 - 1) // 28, \
                         (r['id'], o)
                 else:  # a large digit is clearly taller than a small one in the tiles
                     assert tile_h >= 28, (r['id'], o)
@@ -340,6 +341,8 @@ def test_sft_weights_and_extra_questions(tmp_path):
     (dict(max_dynamic_patch=3), 'small_digit questions need strips'),
     (dict(kinds=('colour', 'size')), 'kinds must be distinct names'),
     (dict(tile_size=8), 'tile_size must be an integer >= 28'),
+    (dict(token_px=24), 'token_px must be a positive integer dividing tile_size=56'),
+    (dict(tile_size=112, token_px=14), 'need a digit that fits a token cell of token_px=14 px'),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -208,7 +208,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def _stroke(size: int) -> int:
     """Extra stroke width of a digit drawn at font ``size``: bold digits (Pillow's default font is light; its
-    1 px strokes at small sizes are hard to make out for a vision tower trained from scratch)."""
+    1 px strokes at small sizes are hard to make out for the tiny random vision tower)."""
     return max(1, size // 24)
 
 

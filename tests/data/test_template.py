@@ -302,6 +302,14 @@ def test_custom_template(tok):
     out = tokenize_conversation([H('<image>hi'), G('yo')], tok, [4], template=t)
     assert tok.decode(out['input_ids']) == 'Q: ' + image_token_string(4) + 'hi\nA: yo<|im_end|>\n'
     assert _supervised_text(tok, out) == 'yo<|im_end|>'
+    # a prefix ending in a space merges with the answer's first word under BPE ('A: the' -> 'A', ':', ' the'):
+    # the answer is tokenised apart from the prefix, as after a generation prompt, and supervised whole
+    assert tok.tokenize('A: the circle') == ['A', ':', '\u0120the', '\u0120circle']
+    out = tokenize_conversation([H('hi'), G('the circle')], tok, [], template=t)
+    assert _supervised_text(tok, out) == 'the circle<|im_end|>'
+    tail = tok('A: ').input_ids + tok('the circle<|im_end|>\n').input_ids
+    assert out['input_ids'][-len(tail):] == tail
+    assert count_text_tokens([H('hi'), G('the circle')], tok, template=t) == len(out['input_ids'])
     with pytest.raises(ValueError, match='stop word'):
         Template(name='bad', system='', user='{query}', assistant='{answer}\n', default_system='',
                  stop_word='<|im_end|>')

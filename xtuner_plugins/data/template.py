@@ -268,6 +268,19 @@ def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
     return [list(x) for x in ids]
 
 
+def _split_at_prefix(tokenizer, text: str, ids: List[int], prefix: str, prefix_ids: List[int]) -> List[int]:
+    """The ids of an assistant turn ``text`` (tokenised as ``ids``), with its prefix's ids kept apart.
+
+    BPE can merge the end of the prefix with the start of the answer (a prefix ending in a space, say: 'A: ' +
+    'the' -> 'A', ':', ' the'); the turn is then tokenised as prefix + rest, as generation after the prompt
+    sees it, so that no answer text hides in the unsupervised prefix. Otherwise ``ids`` as they are (InternVL's
+    own tokenisation of the whole turn).
+    """
+    if ids[:len(prefix_ids)] == prefix_ids:
+        return ids
+    return prefix_ids + tokenizer(text[len(prefix):], add_special_tokens=False).input_ids
+
+
 def _count_tokens(tokenizer, text: str) -> int:
     if not text:
         return 0
@@ -327,17 +340,19 @@ def tokenize_conversation(
         roles.append(role)
     turn_ids = _tokenize_turns(tokenizer, texts)
 
-    prefix_len = _count_tokens(tokenizer, tpl.assistant_prefix)
+    prefix = tpl.assistant_prefix
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
     tail_len = _count_tokens(tokenizer, tpl.assistant_suffix[len(tpl.stop_word):])
 
     input_ids: List[int] = []
     labels: List[int] = []
     image_idx = 0
     last_img_end = -1  # index of the last image's </img> in input_ids
-    for role, ids in zip(roles, turn_ids):
+    for role, text, ids in zip(roles, texts, turn_ids):
         if role == 'gpt':
+            ids = _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids)
             lab = list(ids)
-            n_pre = min(prefix_len, len(lab))
+            n_pre = min(len(prefix_ids), len(lab))
             lab[:n_pre] = [IGNORE_INDEX] * n_pre
             if tail_len:
                 lab[len(lab) - tail_len:] = [IGNORE_INDEX] * min(tail_len, len(lab))
@@ -424,6 +439,7 @@ def count_text_tokens(
             system_message = turns[0][1]
             turns = turns[1:]
     texts = [tpl.render_system(system_message)] if tpl.system else []
+    roles = ['system'] * len(texts)
     # Render each <image> as '<img></img>' so that the text around it splits exactly as in the real
     # sequence, then leave those two tokens out of the count.
     pair = IMG_START_TOKEN + IMG_END_TOKEN
@@ -434,9 +450,14 @@ def count_text_tokens(
         else:
             num_tags += value.count(IMAGE_PLACEHOLDER)
             texts.append(tpl.render_user(value.replace(IMAGE_PLACEHOLDER, pair)))
+        roles.append(role)
     if not texts:
         return 0
     ids = tokenizer(texts, add_special_tokens=False).input_ids
+    prefix = tpl.assistant_prefix
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+    ids = [_split_at_prefix(tokenizer, t, x, prefix, prefix_ids) if r == 'gpt' else x
+           for r, t, x in zip(roles, texts, ids)]
     n = sum(len(x) for x in ids) - 2 * num_tags
     if getattr(tokenizer, 'add_bos_token', False):
         n += 1

@@ -278,13 +278,16 @@ def _split_at_prefix(tokenizer, text: str, ids: List[int], prefix: str, prefix_i
     """
     if ids[:len(prefix_ids)] == prefix_ids:
         return ids
-    return prefix_ids + tokenizer(text[len(prefix):], add_special_tokens=False).input_ids
+    return prefix_ids + _text_ids(tokenizer, text[len(prefix):])
+
+
+def _text_ids(tokenizer, text: str) -> List[int]:
+    """``text``'s ids without special tokens added by the tokenizer (none for empty text)."""
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
 def _count_tokens(tokenizer, text: str) -> int:
-    if not text:
-        return 0
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
+    return len(_text_ids(tokenizer, text))
 
 
 def tokenize_conversation(
@@ -341,7 +344,7 @@ def tokenize_conversation(
     turn_ids = _tokenize_turns(tokenizer, texts)
 
     prefix = tpl.assistant_prefix
-    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+    prefix_ids = _text_ids(tokenizer, prefix)
     tail_len = _count_tokens(tokenizer, tpl.assistant_suffix[len(tpl.stop_word):])
 
     input_ids: List[int] = []
@@ -455,7 +458,7 @@ def count_text_tokens(
         return 0
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     prefix = tpl.assistant_prefix
-    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+    prefix_ids = _text_ids(tokenizer, prefix)
     ids = [_split_at_prefix(tokenizer, t, x, prefix, prefix_ids) if r == 'gpt' else x
            for r, t, x in zip(roles, texts, ids)]
     n = sum(len(x) for x in ids) - 2 * num_tags

@@ -168,7 +168,7 @@ class _Canvas:
     height: int
     grid: Tuple[int, int]
     tile_size: int
-    token_px: int = 28
+    token_px: int
     objects: List[_Object] = field(default_factory=list)
 
     @property
@@ -259,7 +259,7 @@ def _small_digit_sizes(grid: Tuple[int, int], tile_size: int, token_px: int) -> 
 
 
 def _make_canvas(rng: random.Random, grid: Tuple[int, int], tile_size: int, max_patch: int,
-                 jitter: bool, token_px: int = 28) -> _Canvas:
+                 jitter: bool, token_px: int) -> _Canvas:
     """An image size for which InternVL's tiling picks ``grid`` (jittered around ``grid * tile_size``)."""
     cols, rows = grid
     if jitter:
@@ -519,7 +519,7 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
                                           token_px=token_px)
                 else:
                     canvas = _make_canvas(rng, rng.choice(by_tiles[tiles[i]]), tile_size, max_dynamic_patch,
-                                          jitter=True)
+                                          jitter=True, token_px=token_px)
                 try:
                     _build_scene(rng, kind, answer, canvas)
                 except _NoRoom:

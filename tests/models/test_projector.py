@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch import nn
 
-from xtuner_plugins.models.projector import InternVLProjector, pixel_shuffle
+from xtuner_plugins.models.projector import InternVLProjector, build_projector, pixel_shuffle
 
 
 def reference_shuffle(x, version):
@@ -39,4 +40,50 @@ def test_projector_layout_matches_official_keys():
     assert shapes == {'0.weight': (64,), '0.bias': (64,), '1.weight': (24, 64), '1.bias': (24,),
                       '3.weight': (24, 24), '3.bias': (24,)}
     assert isinstance(mlp[2], torch.nn.GELU) and mlp[2].approximate == 'none'  # exact GELU
-    assert mlp(torch.randn(2, 5, 64)).shape == (2, 5, 24)
+    features = torch.randn(2, 16, 16)  # two tiles of a 4x4 patch grid, 16 channels
+    assert mlp.tokens_per_tile(4) == 4
+    assert torch.equal(mlp(features), nn.Sequential.forward(mlp, pixel_shuffle(features.view(2, 4, 4, 16)).view(2, 4, 64)))
+
+
+def test_llava_projector_keys_and_tokens():
+    mlp = build_projector('mlp', 16, 24)
+    assert {k: tuple(v.shape) for k, v in mlp.state_dict().items()} == {
+        'linear_1.weight': (24, 16), 'linear_1.bias': (24,), 'linear_2.weight': (24, 24), 'linear_2.bias': (24,)}
+    features = torch.randn(3, 36, 16)
+    assert mlp.tokens_per_tile(6) == 36
+    ref = mlp.linear_2(torch.nn.functional.gelu(mlp.linear_1(features)))
+    assert torch.equal(mlp(features), ref)
+
+
+def reference_bilinear(grid, out):
+    """Bilinear resampling written out: output pixel i samples input coordinate (i + 0.5) * in / out - 0.5,
+    clamped at 0, between its two neighbours (align_corners=False, no antialiasing)."""
+    n = grid.shape[-1]
+    coords = ((torch.arange(out) + 0.5) * n / out - 0.5).clamp(min=0)
+    lo = coords.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (coords - lo).view(-1)
+    rows = grid[..., lo, :] * (1 - w)[:, None] + grid[..., hi, :] * w[:, None]
+    return rows[..., lo] * (1 - w) + rows[..., hi] * w
+
+
+@pytest.mark.parametrize('side, out', [(27, 13), (4, 2), (5, 2)])
+def test_bilinear_projector_halves_the_grid(side, out):
+    mlp = build_projector('bilinear_mlp', 8, 12)
+    assert mlp.tokens_per_tile(side) == out * out
+    features = torch.randn(2, side * side, 8)
+    grid = features.view(2, side, side, 8).permute(0, 3, 1, 2)
+    pooled = reference_bilinear(grid, out).flatten(2).transpose(1, 2)
+    assert torch.allclose(mlp(features), mlp.mlp(pooled), atol=1e-5)
+    assert mlp(features).shape == (2, out * out, 12)
+
+
+def test_projector_errors():
+    with pytest.raises(ValueError, match="unknown projector 'conv'; registered: \\['bilinear_mlp', 'mlp', 'pixel_shuffle_mlp'\\]"):
+        build_projector('conv', 8, 8)
+    with pytest.raises(ValueError, match='needs a patch grid divisible by 2, got 27x27'):
+        build_projector('pixel_shuffle_mlp', 8, 8).tokens_per_tile(27)
+    with pytest.raises(ValueError, match="projector 'mlp'"):
+        build_projector(dict(type='mlp', downsample_ratio=0.5), 8, 8)
+    with pytest.raises(ValueError, match='5 tokens per tile, not a square grid'):
+        build_projector('bilinear_mlp', 8, 8)(torch.zeros(1, 5, 8))

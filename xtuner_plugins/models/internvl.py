@@ -1,16 +1,23 @@
-"""The InternVL-style model MMEngine trains: vision encoder + pixel-shuffle MLP projector + causal LM.
+"""The vision-language model MMEngine trains: vision encoder + projector + causal LM, each chosen by type.
 
 Configs name :class:`InternVLModel`::
 
     model = dict(type=InternVLModel,
-                 vision_encoder='OpenGVLab/InternViT-300M-448px-V2_5',   # official layout, no remote code
+                 vision_encoder='OpenGVLab/InternViT-300M-448px-V2_5',   # type read from its config.json
+                 projector='pixel_shuffle_mlp',                          # or 'mlp', 'bilinear_mlp'
                  llm='Qwen/Qwen2.5-1.5B-Instruct',                       # any HF causal LM
                  freeze_vision=True, freeze_llm=True)                    # MLP warm-up: train mlp1 only
 
+    # LLaVA-1.5 on Qwen2.5: CLIP's second-to-last layer, CLS dropped, one padded image per <image>
+    model = dict(type=InternVLModel, vision_encoder=dict(type='clip', path='openai/clip-vit-large-patch14-336'),
+                 projector='mlp', image_mode='pad', llm='Qwen/Qwen2.5-0.5B-Instruct')
+
 or start from an official InternVL checkpoint (``official_checkpoint='OpenGVLab/InternVL2_5-1B'``).
 
-The submodules carry the official names (``vision_model``, ``mlp1``, ``language_model``). The batch is
-the collate function's: ``uint8`` tiles are normalised here, on the device. Checkpoints hold only what is
+The submodules carry InternVL's names whatever their type (``vision_model``, ``mlp1``, ``language_model``);
+``vision`` holds the encoder's conventions (``vision/base.py``) and :attr:`InternVLModel.geometry` what the
+data must match (tile size, tokens per tile, image mode). The batch is the collate function's: ``uint8``
+tiles are normalised here, on the device, with the encoder's mean/std. Checkpoints hold only what is
 trained (``state_dict`` drops frozen parameters); frozen parts come back from their source checkpoints.
 """
 
@@ -26,15 +33,17 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
-from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
+from xtuner_plugins.data.tiling import normalize_tiles
 
 from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
-from .projector import InternVLProjector, pixel_shuffle
-from .vision import load_vision_encoder, vision_features
+from .projector import InternVLProjector, build_projector
+from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import gathered, hf_zero3_init, shape_of
+
+IMAGE_MODES = ('tile', 'resize', 'pad')
 
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}
@@ -52,17 +61,24 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
 
 
 class InternVLModel(BaseModel):
-    """Vision encoder + ``mlp1`` projector + LLM, trained by MMEngine's runner.
+    """Vision encoder + projector (``mlp1``) + LLM, trained by MMEngine's runner.
 
     Args:
-        vision_encoder: folder of a vision encoder (InternViT in OpenGVLab's layout), or an ``nn.Module``.
+        vision_encoder: a vision encoder's folder (InternViT in OpenGVLab's layout, a SigLIP or CLIP model;
+            its type is read from ``config.json``), ``dict(type='internvit'|'siglip'|'clip', path=FOLDER,
+            select_layer=, mean=, std=)`` (the folder must be of that type), or a loaded tower.
+        projector: ``'pixel_shuffle_mlp'`` (InternVL), ``'mlp'`` (LLaVA-1.5) or ``'bilinear_mlp'``, or
+            ``dict(type=NAME, ...)`` (see ``projector.py``).
+        image_mode: how an image becomes tiles: ``'tile'`` (InternVL's dynamic tiling, tiles of the
+            encoder's size), ``'resize'`` (one tile, the image resized) or ``'pad'`` (one tile, the image
+            padded to a square with the mean colour first, as LLaVA's ``image_aspect_ratio='pad'``).
         llm: folder (or hub id in the local cache) of a Hugging Face causal LM, or a ``PreTrainedModel``.
         tokenizer: tokenizer folder; defaults to ``llm`` (or ``official_checkpoint``).
         official_checkpoint: an official InternVL folder (``vision_model.``/``mlp1.``/``language_model.``
             keys) to start from instead of ``vision_encoder`` + ``llm``.
-        select_layer: vision layer whose features are used (-1: the last).
-        downsample_ratio: pixel-shuffle ratio (0.5).
-        ps_version: pixel-shuffle version (``"v2"``).
+        select_layer: vision layer whose features are used; None: the encoder's default (InternViT and
+            SigLIP -1, CLIP -2).
+        downsample_ratio, ps_version: the pixel-shuffle projector's ratio (0.5) and version (``"v2"``).
         template: conversation template name, recorded for the converter and chat tools.
         freeze_vision, freeze_projector, freeze_llm: what is not trained.
         vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM.
@@ -88,7 +104,9 @@ class InternVLModel(BaseModel):
                  llm: Union[str, nn.Module, None] = None,
                  tokenizer: Optional[str] = None,
                  official_checkpoint: Optional[str] = None,
-                 select_layer: int = -1,
+                 projector: Union[str, dict] = 'pixel_shuffle_mlp',
+                 image_mode: str = 'tile',
+                 select_layer: Optional[int] = None,
                  downsample_ratio: float = 0.5,
                  ps_version: str = 'v2',
                  template: str = 'internvl2_5',
@@ -114,9 +132,9 @@ class InternVLModel(BaseModel):
         if llm_quantization is not None and (llm_lora is None or not freeze_llm):
             raise ValueError('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
                              'through LoRA adapters only (QLoRA)')
-        self.select_layer = select_layer
-        self.downsample_ratio = downsample_ratio
-        self.ps_version = ps_version
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
+        self.image_mode = image_mode
         self.template = template
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f'unknown loss_reduction {loss_reduction!r}; use one of {REDUCTIONS}')
@@ -129,16 +147,18 @@ class InternVLModel(BaseModel):
                 if vision_encoder is not None or llm is not None:
                     raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
                 from .official import load_official_parts
-                self.vision_model, self.mlp1, self.language_model = load_official_parts(
+                self.vision_model, self.mlp1, self.language_model, official_layer = load_official_parts(
                     official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path)
+                self.vision = InternViTEncoder(self.vision_model,
+                                               official_layer if select_layer is None else select_layer)
                 tokenizer_path = tokenizer or official_checkpoint
             else:
                 if vision_encoder is None or llm is None:
                     raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
                 # drop path is set explicitly (default 0), never taken from the encoder's config.json
-                self.vision_model = (load_vision_encoder(vision_encoder, dtype, attn_implementation,
-                                                         drop_path_rate=vision_drop_path)
-                                     if isinstance(vision_encoder, str) else vision_encoder)
+                self.vision_model, self.vision = build_vision_encoder(
+                    vision_encoder, dtype, attn_implementation, drop_path_rate=vision_drop_path,
+                    select_layer=select_layer)
                 self.language_model = (load_llm(llm, dtype, attn_implementation, llm_quantization)
                                        if isinstance(llm, str) else llm)
                 tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
@@ -146,14 +166,20 @@ class InternVLModel(BaseModel):
                 # (DeepSpeed ZeRO-3 builds the LLM inside zero.Init, which draws random numbers differently).
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(init_seed)
-                    self.mlp1 = InternVLProjector(self.vision_model.config.hidden_size,
-                                                  self.language_model.config.hidden_size, downsample_ratio)
+                    if isinstance(projector, str) and projector == InternVLProjector.name:
+                        projector = dict(type=projector, downsample_ratio=downsample_ratio, ps_version=ps_version)
+                    self.mlp1 = build_projector(projector, self.vision.hidden_size,
+                                                self.language_model.config.hidden_size)
             if tokenizer_path is None:
                 raise ValueError('tokenizer is required when llm is a module')
             self.tokenizer, num_added = load_tokenizer(tokenizer_path)
             untie_embeddings(self.language_model)
             fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
         self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self.num_image_token = self.mlp1.tokens_per_tile(self.vision.grid)
+        # InternVL's names for the pixel-shuffle settings, read by the exporters (None for other projectors)
+        self.downsample_ratio = getattr(self.mlp1, 'downsample_ratio', None)
+        self.ps_version = getattr(self.mlp1, 'ps_version', None)
 
         self.freeze_vision, self.freeze_projector, self.freeze_llm = freeze_vision, freeze_projector, freeze_llm
         for module, frozen in ((self.vision_model, freeze_vision), (self.mlp1, freeze_projector),
@@ -166,6 +192,8 @@ class InternVLModel(BaseModel):
         for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
             if not frozen:
                 module.to(trained_dtype)
+        for param in self.vision.unused_parameters(self.vision_model):
+            param.requires_grad_(False)  # never reached by the features (e.g. SigLIP's pooling head)
         if llm_quantization is not None:
             from peft import prepare_model_for_kbit_training
             # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
@@ -181,9 +209,6 @@ class InternVLModel(BaseModel):
         if vision_grad_ckpt:
             self.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         self.language_model.config.use_cache = False
-
-        self.register_buffer('pixel_mean', torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer('pixel_std', torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         if pretrained_pth:
             self.load_pretrained(pretrained_pth)
         log_parameter_counts(self)
@@ -195,6 +220,17 @@ class InternVLModel(BaseModel):
         Hugging Face submodules, whose own ``init_weights`` re-initialises parameters it did not load
         itself (it redrew the untied ``lm_head``) and cannot handle 4-bit weights.
         """
+
+    @property
+    def select_layer(self) -> int:
+        return self.vision.select_layer
+
+    @property
+    def geometry(self) -> Dict[str, object]:
+        """What the data pipeline must match: tile size, ``<IMG_CONTEXT>`` tokens per tile, image mode and
+        (for ``'pad'``) the mean colour; ``InternVLDataset.geometry`` has the same keys."""
+        return dict(image_size=self.vision.image_size, num_image_token=self.num_image_token,
+                    image_mode=self.image_mode, image_mean=self.vision.mean)
 
     # ----------------------------------------------------------------------------- checkpoints
     def trainable_keys(self):
@@ -247,15 +283,8 @@ class InternVLModel(BaseModel):
 
     # ----------------------------------------------------------------------------- forward
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised tiles ``[T, 3, S, S]`` -> projected tokens ``[T, (S/p)^2 * r^2, H]``."""
-        feats = vision_features(self.vision_model, pixel_values, self.select_layer)
-        t, n, c = feats.shape
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f'vision features have {n} tokens per tile, not a square grid')
-        feats = pixel_shuffle(feats.reshape(t, side, side, c), self.downsample_ratio, self.ps_version)
-        feats = feats.reshape(t, -1, feats.shape[-1])
-        return self.mlp1(feats.to(self.mlp1[0].weight.dtype))
+        """Normalised tiles ``[T, 3, S, S]`` -> projected tokens ``[T, num_image_token, H]``."""
+        return self.mlp1(self.vision.features(self.vision_model, pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                      image_flags: torch.Tensor) -> torch.Tensor:
@@ -264,7 +293,7 @@ class InternVLModel(BaseModel):
         run the same modules whatever their batch holds."""
         vision_dtype = next(self.vision_model.parameters()).dtype
         if pixel_values.dtype == torch.uint8:
-            pixel_values = normalize_tiles(pixel_values, IMAGENET_MEAN, IMAGENET_STD, dtype=vision_dtype)
+            pixel_values = normalize_tiles(pixel_values, self.vision.mean, self.vision.std, dtype=vision_dtype)
         else:
             pixel_values = pixel_values.to(vision_dtype)
         vit_embeds = self.extract_feature(pixel_values)

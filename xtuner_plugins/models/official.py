@@ -26,8 +26,8 @@ def _split(state, prefix):
 
 
 def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: str = 'sdpa',
-                        drop_path_rate: float = 0.0) -> Tuple[nn.Module, nn.Module, nn.Module]:
-    """Return ``(vision_model, mlp1, language_model)`` loaded from an official InternVL folder."""
+                        drop_path_rate: float = 0.0) -> Tuple[nn.Module, nn.Module, nn.Module, int]:
+    """Return ``(vision_model, mlp1, language_model, select_layer)`` loaded from an official InternVL folder."""
     cfg_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f'{folder}: no config.json; is this an official InternVL checkpoint folder?')
@@ -55,9 +55,10 @@ def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: st
     mlp_state = _split(state, 'mlp1.')
     in_features = mlp_state['0.weight'].shape[0]
     ratio = float(cfg.get('downsample_ratio', 0.5))
-    mlp1 = InternVLProjector(in_features * ratio * ratio, llm_config.hidden_size, ratio)
+    mlp1 = InternVLProjector(in_features * ratio * ratio, llm_config.hidden_size, ratio,
+                             cfg.get('ps_version', 'v2'))
     _load_strict(mlp1, mlp_state, f'{folder} (mlp1.)')
-    return vision, mlp1.to(dtype), llm.to(dtype)
+    return vision, mlp1.to(dtype), llm.to(dtype), int(cfg.get('select_layer', -1))
 
 
 def _load_strict(module: nn.Module, state, where: str) -> None:

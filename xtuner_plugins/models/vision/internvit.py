@@ -41,13 +41,15 @@ import torch.nn.functional as F
 from transformers import InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
+from ...data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from ..checkpoint import read_hf_weights
+from .base import VisionEncoder, register_vision_encoder
 
 __all__ = [
     'OFFICIAL_MODEL_TYPE', 'OFFICIAL_AUTO_MAP', 'official_to_hf_vision_config', 'hf_to_official_vision_config',
     'official_to_hf_vision_state_dict', 'hf_to_official_vision_state_dict', 'interpolate_position_embeddings',
-    'load_internvit', 'build_internvit_from_state_dict', 'load_vision_encoder', 'InternVLVisionLayerWithDropPath',
-    'set_drop_path', 'vision_features',
+    'load_internvit', 'build_internvit_from_state_dict', 'InternVLVisionLayerWithDropPath',
+    'set_drop_path', 'vision_features', 'InternViTEncoder',
 ]
 
 OFFICIAL_MODEL_TYPE = 'intern_vit_6b'
@@ -422,10 +424,6 @@ def build_internvit_from_state_dict(vision_config: dict, state_dict: Dict[str, t
     return model.eval()
 
 
-# The loader InternVLModel uses for its vision tower (only InternViT exists today).
-load_vision_encoder = load_internvit
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Drop path (stochastic depth)
 # ---------------------------------------------------------------------------------------------------------
@@ -517,3 +515,23 @@ def vision_features(model: InternVLVisionModel, pixel_values: torch.Tensor, sele
         for layer in model.encoder.layer[:depth]:
             hidden = layer(hidden)
     return hidden[:, 1:]
+
+
+@register_vision_encoder
+class InternViTEncoder(VisionEncoder):
+    """InternViT (OpenGVLab's layout, or the ``vision_config`` of an InternVL chat folder): ImageNet
+    mean/std, CLS dropped, the last layer by default."""
+
+    name = 'internvit'
+    model_types = (OFFICIAL_MODEL_TYPE,)
+    module_class = InternVLVisionModel
+    drop_cls = True
+    default_mean = IMAGENET_MEAN
+    default_std = IMAGENET_STD
+
+    @classmethod
+    def load(cls, path, torch_dtype, attn_implementation='sdpa', drop_path_rate=0.0):
+        return load_internvit(path, torch_dtype, attn_implementation, drop_path_rate=drop_path_rate)
+
+    def features(self, module, pixel_values):
+        return vision_features(module, pixel_values, self.select_layer)

@@ -3,13 +3,13 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
                             ParamSchedulerHook)
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
-from xtuner_plugins.engine import DIST_BACKEND, ThroughputHook
+from xtuner_plugins.engine import DIST_BACKEND, ModelDataCheckHook, ThroughputHook
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
 
-custom_hooks = [dict(type=ThroughputHook)]
+custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook)]
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),

@@ -42,7 +42,7 @@ from .sources import (DataSource, Record, expand_sources, parse_record, read_rec
                       sample_images)
 from .template import (add_internvl_tokens, check_conversations, disable_tokenizer_parallelism, get_template,
                        tokenize_conversation)
-from .tiling import tile_image
+from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
 
 
 def build_tokenizer(tokenizer):
@@ -72,14 +72,21 @@ class InternVLDataset(Dataset):
         template: the conversation template's name (see ``template.TEMPLATES``) or a ``Template``.
         system: system message overriding the template's default (a system turn in the data wins).
         max_length: token budget per sample; text after the last image may be cut, images never.
-        image_size: tile side in pixels (448 for InternViT-300M-448px).
-        patch_size: the vision encoder's patch size (14).
-        downsample_ratio: pixel-shuffle ratio of the projector (0.5); with the two above this gives the
-            ``<IMG_CONTEXT>`` tokens per tile, ``(image_size // patch_size) ** 2 * downsample_ratio ** 2``.
+        image_size: tile side in pixels, the vision encoder's (448 for InternViT-300M-448px).
+        num_image_token: ``<IMG_CONTEXT>`` tokens per tile, the projector's (``model.num_image_token``: 256
+            for InternVL's pixel shuffle of 448 px tiles, 576 for LLaVA's MLP on CLIP-336, 169 for
+            ``bilinear_mlp`` on SigLIP-384). None: InternVL's pixel-shuffle count,
+            ``(image_size // patch_size) ** 2 * downsample_ratio ** 2``.
+        patch_size, downsample_ratio: that count's inputs (14, 0.5), used when ``num_image_token`` is None.
+        image_mode: ``'tile'`` (InternVL's dynamic tiling), ``'resize'`` (one tile per image, resized) or
+            ``'pad'`` (one tile, padded to a square with the ``image_mean`` colour first, as LLaVA).
+        image_mean: the encoder's normalisation mean; only ``'pad'`` uses it (its padding colour).
         min_dynamic_patch, max_dynamic_patch: tile-count range; a sample with N images uses
             ``max(1, max_dynamic_patch // N)`` tiles per image.
         use_thumbnail: append a whole-image thumbnail tile when an image has more than one tile.
-        dynamic_image_size: tile at all; ``False`` gives one resized tile per image.
+        dynamic_image_size: InternVL's name; ``False`` is ``image_mode='resize'``.
+
+    The model checks at start-up (``ModelDataCheckHook``) that :attr:`geometry` matches its own.
         max_bad_fraction: stop when more than this fraction of the samples is bad (0 stops at the first).
         max_image_pixels: decompression-bomb limit (Pillow's by default); ``None`` disables it.
         seed: seed for fractional repeats.
@@ -96,8 +103,11 @@ class InternVLDataset(Dataset):
                  system: Optional[str] = None,
                  max_length: Optional[int] = 8192,
                  image_size: int = 448,
+                 num_image_token: Optional[int] = None,
                  patch_size: int = 14,
                  downsample_ratio: float = 0.5,
+                 image_mode: str = 'tile',
+                 image_mean: Sequence[float] = IMAGENET_MEAN,
                  min_dynamic_patch: int = 1,
                  max_dynamic_patch: int = 12,
                  use_thumbnail: bool = True,
@@ -119,12 +129,17 @@ class InternVLDataset(Dataset):
         self.template = get_template(template)
         self.system = system
         self.max_length = max_length
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
+        self.image_mode = image_mode if dynamic_image_size else 'resize'
+        self.image_mean = tuple(float(x) for x in image_mean)
         self.image_size = image_size
-        self.num_image_token = int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
+        self.num_image_token = (int(num_image_token) if num_image_token is not None
+                                else int((image_size // patch_size) ** 2 * downsample_ratio ** 2))
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.use_thumbnail = use_thumbnail
-        self.dynamic_image_size = dynamic_image_size
+        self.dynamic_image_size = self.image_mode == 'tile'
         self.max_bad_fraction = max_bad_fraction
         self.max_image_pixels = max_image_pixels
         self.seed = seed
@@ -207,9 +222,9 @@ class InternVLDataset(Dataset):
         if images:
             max_num = self.max_tiles_per_image(record, len(images))
             tiles = [
-                tile_image(load_image(resolve_image_path(p, src.image_folder, src.base_dir), self.max_image_pixels),
-                           min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
-                           image_size=self.image_size, use_thumbnail=self.use_thumbnail)
+                image_tiles(load_image(resolve_image_path(p, src.image_folder, src.base_dir), self.max_image_pixels),
+                            self.image_mode, image_size=self.image_size, min_num=min(self.min_dynamic_patch, max_num),
+                            max_num=max_num, use_thumbnail=self.use_thumbnail, mean=self.image_mean)
                 for p in images]
             tokens_per_image = [t.shape[0] * self.num_image_token for t in tiles]
             pixel_values = torch.cat(tiles)
@@ -249,6 +264,12 @@ class InternVLDataset(Dataset):
             except SampleError as err:
                 self._count_failure(err.with_source(self.where(record)))
         raise TooManyBadSamplesError(f'no sample of {n} could be loaded: {dict(self.failures)}')
+
+    @property
+    def geometry(self) -> Dict[str, object]:
+        """Tile size, tokens per tile, image mode and mean colour, as ``InternVLModel.geometry``."""
+        return dict(image_size=self.image_size, num_image_token=self.num_image_token, image_mode=self.image_mode,
+                    image_mean=self.image_mean)
 
     # ------------------------------------------------------------------ lengths for grouping
     def _record_stats(self) -> np.ndarray:

@@ -41,8 +41,16 @@ __all__ = [
     'num_tiles',
     'dynamic_preprocess',
     'tile_image',
+    'pad_to_square',
+    'image_tiles',
+    'IMAGE_MODES',
+    'pad_colour',
     'normalize_tiles',
 ]
+
+# How an image becomes tiles: InternVL's dynamic tiling, one resized tile, or one tile of the image padded
+# to a square first (LLaVA's ``image_aspect_ratio='pad'``).
+IMAGE_MODES = ('tile', 'resize', 'pad')
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -281,6 +289,39 @@ def tile_image(
     if with_thumb:
         out[n_grid] = np.asarray(image.resize((s, s))).transpose(2, 0, 1)
     return torch.from_numpy(out)
+
+
+def pad_colour(mean: Sequence[float]) -> Tuple[int, ...]:
+    """LLaVA's padding colour: the normalisation mean in 0..255, truncated (``int(x * 255)``)."""
+    return tuple(int(x * 255) for x in mean)
+
+
+def pad_to_square(image: Image.Image, colour: Sequence[int]) -> Image.Image:
+    """The image centred on a square of its longer side filled with ``colour`` (offset
+    ``(long - short) // 2``), as LLaVA's ``expand2square`` and transformers' ``LlavaImageProcessor(do_pad=True)``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(int(c) for c in colour))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def image_tiles(image: Image.Image, mode: str = 'tile', image_size: int = 448, min_num: int = 1,
+                max_num: int = 12, use_thumbnail: bool = False,
+                mean: Sequence[float] = IMAGENET_MEAN) -> torch.Tensor:
+    """An RGB image as ``uint8`` tiles ``[N, 3, S, S]`` in one of :data:`IMAGE_MODES`: ``'tile'`` is
+    :func:`tile_image`; ``'resize'`` one tile, the image resized to ``S x S``; ``'pad'`` one tile, the image
+    padded to a square with :func:`pad_colour` of ``mean`` first."""
+    if mode not in IMAGE_MODES:
+        raise ValueError(f'unknown image mode {mode!r}; use one of {IMAGE_MODES}')
+    if mode == 'tile':
+        return tile_image(image, min_num=min_num, max_num=max_num, image_size=image_size,
+                          use_thumbnail=use_thumbnail)
+    if mode == 'pad':
+        image = pad_to_square(image, pad_colour(mean))
+    return tile_image(image, min_num=1, max_num=1, image_size=image_size)
 
 
 @functools.lru_cache(maxsize=32)

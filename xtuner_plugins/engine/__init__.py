@@ -6,6 +6,7 @@ atomic and lets resume load MMEngine checkpoints under torch >= 2.6.
 """
 
 from .checkpointing import apply_checkpoint_patches, atomic_write
+from .checks import ModelDataCheckHook, check_geometry
 from .hooks import ThroughputHook
 from .optim import OptimWrapperConstructor
 from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_patches,
@@ -13,6 +14,6 @@ from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_pa
 from .schedulers import WarmupLR
 
 __all__ = [
-    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ThroughputHook', 'applied_patches',
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook', 'check_geometry', 'applied_patches',
     'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor', 'apply_checkpoint_patches', 'atomic_write',
 ]

@@ -1,0 +1,12 @@
+# LLaVA-1.5 on Qwen2.5: CLIP ViT-L/14-336 (second-to-last layer, CLS dropped: 24x24 = 576 tokens) + LLaVA's
+# 2-layer MLP + Qwen2.5-0.5B-Instruct; each image padded to a square with CLIP's mean colour, one 336 px tile.
+# Exports as transformers' LlavaForConditionalGeneration (tools/convert_to_official.py --format llava).
+#   huggingface-cli download openai/clip-vit-large-patch14-336 --local-dir models/clip-vit-large-patch14-336
+#   huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir models/Qwen2.5-0.5B-Instruct
+vision_encoder = dict(type='clip', path='models/clip-vit-large-patch14-336', select_layer=-2)
+projector = 'mlp'
+image_mode = 'pad'
+llm_path = 'models/Qwen2.5-0.5B-Instruct'
+# What the model's geometry is (InternVLModel.geometry); ModelDataCheckHook stops start-up on a mismatch.
+data_geometry = dict(image_size=336, num_image_token=576, image_mode=image_mode, 
+                     image_mean=[0.48145466, 0.4578275, 0.40821073])  # CLIP's mean: the padding colour

@@ -297,3 +297,24 @@ print(sum(1 for _ in loader), 'batches')
         pytest.fail('DataLoader workers deadlocked (no batch within 180 s)')
     assert proc.returncode == 0, stderr[-2000:]
     assert '6 batches' in stdout
+
+
+@pytest.mark.parametrize('mode', ['resize', 'pad'])
+def test_single_tile_modes_give_one_tile_per_image_and_the_projectors_token_count(mixed, tiny_tokenizer, tmp_path,
+                                                                                 mode):
+    path, img = mixed
+    ds = make_ds([path], tiny_tokenizer, tmp_path, image_folders=[img], image_mode=mode, num_image_token=3,
+                 image_mean=(0.5, 0.5, 0.5))
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    one, two = ds[0], ds[1]
+    assert one['pixel_values'].shape == (1, 3, S, S) and two['pixel_values'].shape == (2, 3, S, S)
+    assert int((one['input_ids'] == ctx).sum()) == 3 and int((two['input_ids'] == ctx).sum()) == 6
+    assert ds.num_tiles_per_item[:2] == [1, 2]
+    assert ds.geometry == dict(image_size=S, num_image_token=3, image_mode=mode, image_mean=(0.5, 0.5, 0.5))
+    if mode == 'pad':  # the 56x28 image sits between two bands of the mean colour (127, 127, 127)
+        assert one['pixel_values'][0, :, 0, :].eq(127).all() and not one['pixel_values'][0, :, 14, :].eq(127).all()
+
+
+def test_unknown_image_mode_is_refused(mixed, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown image_mode 'crop'"):
+        make_ds([mixed[0]], tiny_tokenizer, tmp_path, image_folders=[mixed[1]], image_mode='crop')

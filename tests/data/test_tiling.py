@@ -23,8 +23,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 from xtuner_plugins.data.tiling import (IMAGENET_MEAN, IMAGENET_STD, candidate_grids, choose_grid,
-                                        dynamic_preprocess, find_closest_aspect_ratio, normalize_tiles,
-                                        num_tiles, tile_image)
+                                        dynamic_preprocess, find_closest_aspect_ratio, image_tiles,
+                                        normalize_tiles, num_tiles, pad_colour, tile_image)
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent reference of the rule
@@ -468,3 +468,55 @@ def test_normalize_rejects_bad_input():
         normalize_tiles(torch.zeros(1, 4, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match='std must be non-zero'):
         normalize_tiles(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), std=(1.0, 0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image modes: one resized tile, or padded to a square first (LLaVA)
+# ---------------------------------------------------------------------------------------------------------
+
+def expand2square_reference(img, background):
+    """LLaVA's expand2square, written from its definition: paste onto a square of the longer side,
+    centred along the shorter one with offset (long - short) // 2."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
+    return out
+
+
+@pytest.mark.parametrize('size', [(50, 21), (21, 50), (33, 33), (7, 40)])
+def test_pad_mode_is_llava_expand2square_then_resize(size):
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    mean = (0.48145466, 0.4578275, 0.40821073)
+    assert pad_colour(mean) == (122, 116, 104)  # LLaVA's tuple(int(x * 255) for x in image_mean)
+    tiles = image_tiles(img, 'pad', image_size=28, max_num=12, use_thumbnail=True, mean=mean)
+    ref = np.asarray(expand2square_reference(img, (122, 116, 104)).resize((28, 28))).transpose(2, 0, 1)
+    assert tiles.shape == (1, 3, 28, 28) and torch.equal(tiles[0], torch.from_numpy(ref.copy()))
+    if size[0] != size[1]:  # the corner lies in the padding
+        assert tiles[0, :, 0, 0].tolist() == [122, 116, 104]
+
+
+def test_resize_mode_is_one_squashed_tile_and_tile_mode_is_tile_image():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 90, 3), dtype=np.uint8))
+    resized = image_tiles(img, 'resize', image_size=28, max_num=12, use_thumbnail=True)
+    assert torch.equal(resized[0], torch.from_numpy(np.asarray(img.resize((28, 28))).transpose(2, 0, 1).copy()))
+    assert torch.equal(image_tiles(img, 'tile', image_size=28, max_num=6, use_thumbnail=True),
+                       tile_image(img, max_num=6, image_size=28, use_thumbnail=True))
+    with pytest.raises(ValueError, match="unknown image mode 'crop'"):
+        image_tiles(img, 'crop')
+
+
+def test_pad_mode_matches_transformers_llava_image_processor():
+    """The exported LLaVA folder's processor (LlavaImageProcessor, do_pad) sees the same pixels."""
+    from transformers import LlavaImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    proc = LlavaImageProcessor(do_pad=True, size={'shortest_edge': 28}, crop_size={'height': 28, 'width': 28},
+                               image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, resample=3)
+    theirs = proc(images=img, return_tensors='pt')['pixel_values']
+    ours = normalize_tiles(image_tiles(img, 'pad', image_size=28, mean=OPENAI_CLIP_MEAN), OPENAI_CLIP_MEAN,
+                           OPENAI_CLIP_STD)
+    assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-5)

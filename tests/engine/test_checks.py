@@ -1,0 +1,41 @@
+"""ModelDataCheckHook: a data set whose tile size, tokens per tile, image mode or padding colour is not the
+model's stops start-up, naming both values; matching ones pass, through the wrappers the runner adds."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from xtuner_plugins.engine.checks import ModelDataCheckHook, check_geometry
+
+MODEL = dict(image_size=384, num_image_token=169, image_mode='resize', image_mean=(0.5, 0.5, 0.5))
+
+
+def test_matching_geometry_passes():
+    check_geometry(MODEL, dict(MODEL, image_mean=[0.5, 0.5, 0.5]))
+    check_geometry(MODEL, dict(MODEL, image_mean=(0.1, 0.2, 0.3)))  # the mean only matters when padding
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('image_size', 448, 'image_size: model 384, data 448'),
+    ('num_image_token', 256, 'num_image_token: model 169, data 256'),
+    ('image_mode', 'tile', "image_mode: model 'resize', data 'tile'"),
+])
+def test_each_mismatch_is_named_with_both_values(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        check_geometry(MODEL, dict(MODEL, **{key: value}))
+
+
+def test_padding_colour_is_checked_in_pad_mode():
+    model = dict(MODEL, image_mode='pad')
+    with pytest.raises(ValueError, match=r'image_mean: model \(0.5, 0.5, 0.5\), data \(0.485, 0.456, 0.406\)'):
+        check_geometry(model, dict(model, image_mean=(0.485, 0.456, 0.406)))
+
+
+def test_hook_unwraps_model_and_packed_dataset():
+    model = SimpleNamespace(module=SimpleNamespace(geometry=MODEL))               # DDP-style wrapper
+    packed = SimpleNamespace(dataset=SimpleNamespace(geometry=dict(MODEL, num_image_token=4)))
+    runner = SimpleNamespace(model=model, _train_loop=SimpleNamespace(dataloader=SimpleNamespace(dataset=packed)))
+    with pytest.raises(ValueError, match='num_image_token: model 169, data 4'):
+        ModelDataCheckHook().before_run(runner)
+    packed.dataset.geometry = dict(MODEL)
+    ModelDataCheckHook().before_run(runner)

@@ -426,3 +426,17 @@ def test_truncate_text_only(tok):
     full = tokenize_conversation(conv, tok, [])
     out = tokenize_conversation(conv, tok, [], max_length=len(full['input_ids']) - 3)
     assert out['input_ids'] == full['input_ids'][:-3] and out['labels'] == full['labels'][:-3]
+
+
+def test_a_tokenizer_of_another_chat_template_is_refused(tiny_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from xtuner_plugins.data.template import check_tokenizer_fits
+    check_tokenizer_fits(tiny_tokenizer, 'internvl2_5')  # Qwen's ChatML markers are single tokens
+    chars = sorted(set('<|im_start|><|im_end|>\nabc'))  # a character-level tokenizer without ChatML's markers
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Split('', 'isolated')
+    other = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    with pytest.raises(ValueError, match=r"models/llama: the tokenizer encodes '<\|im_end\|>' of template "
+                                         r"'internvl2_5' as 10 tokens, not 1"):
+        check_tokenizer_fits(other, 'internvl2_5', where='models/llama')

@@ -40,8 +40,8 @@ from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
-from .template import (add_internvl_tokens, check_conversations, disable_tokenizer_parallelism, get_template,
-                       tokenize_conversation)
+from .template import (add_internvl_tokens, check_conversations, check_tokenizer_fits, disable_tokenizer_parallelism,
+                       get_template, tokenize_conversation)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
 
 
@@ -127,6 +127,9 @@ class InternVLDataset(Dataset):
         if self.tokenizer is not None:
             add_internvl_tokens(self.tokenizer)
         self.template = get_template(template)
+        if self.tokenizer is not None:
+            check_tokenizer_fits(self.tokenizer, self.template,
+                                 where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer')
         self.system = system
         self.max_length = max_length
         if image_mode not in IMAGE_MODES:

@@ -20,6 +20,7 @@ from a model name.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -152,6 +153,24 @@ def get_template(name_or_template: Union[str, Template]) -> Template:
     if isinstance(name_or_template, str) and name_or_template in TEMPLATES:
         return TEMPLATES[name_or_template]
     raise ValueError(f'unknown template {name_or_template!r}; known templates: {sorted(TEMPLATES)}')
+
+
+def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str = 'tokenizer') -> None:
+    """Refuse a tokenizer that splits the template's special markers (``<|im_start|>``, ``<|im_end|>``):
+    it belongs to an LLM trained with another chat template, whose answers would never end with the stop word.
+
+    Raises:
+        ValueError: naming ``where`` (the tokenizer's folder), the marker and its token count.
+    """
+    template = get_template(template)
+    markers = sorted(set(re.findall(r'<\|[^|<>]+\|>', template.system + template.user + template.assistant))
+                     | {template.stop_word})
+    for marker in markers:
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f'{where}: the tokenizer encodes {marker!r} of template {template.name!r} as {len(ids)} '
+                             f'tokens, not 1: this LLM was trained with another chat template; give a template it '
+                             f'knows (registered: {sorted(TEMPLATES)})')
 
 
 # ----------------------------------------------------------------------------------------- validation

@@ -32,7 +32,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
-from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import normalize_tiles
 
 from .checkpoint import load_trained_state_dict
@@ -173,6 +173,7 @@ class InternVLModel(BaseModel):
             if tokenizer_path is None:
                 raise ValueError('tokenizer is required when llm is a module')
             self.tokenizer, num_added = load_tokenizer(tokenizer_path)
+            check_tokenizer_fits(self.tokenizer, template, where=str(tokenizer_path))
             untie_embeddings(self.language_model)
             fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
         self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)

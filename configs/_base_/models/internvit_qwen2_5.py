@@ -10,7 +10,6 @@ model = dict(
     llm=llm_path,
     projector='pixel_shuffle_mlp',    # InternVL's pixel shuffle (downsample_ratio, ps_version) + mlp1
     image_mode='tile',                # InternVL 2.5 dynamic tiling
-    select_layer=-1,
     downsample_ratio=0.5,
     ps_version='v2',
     template='internvl2_5',

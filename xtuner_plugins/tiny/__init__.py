@@ -3,14 +3,22 @@
 import os
 from typing import Dict
 
-from .llm import write_tiny_qwen2
+from .llm import TINY_LLM_ARCHS, write_tiny_llm, write_tiny_qwen2
 from .tokenizer import build_tiny_tokenizer
 
-__all__ = ['build_tiny_tokenizer', 'write_tiny_qwen2', 'make_tiny_models']
+TINY_VISION_TYPES = ('internvit', 'siglip', 'clip')
+
+__all__ = ['TINY_LLM_ARCHS', 'TINY_VISION_TYPES', 'build_tiny_tokenizer', 'write_tiny_llm', 'write_tiny_qwen2',
+           'make_tiny_models']
 
 
-def make_tiny_models(out_dir: str, seed: int = 0, image_size: int = 56) -> Dict[str, str]:
-    """Write ``out_dir/internvit`` (official InternViT layout) and ``out_dir/llm`` (Qwen2 + tokenizer)."""
-    from .vision import write_tiny_internvit
-    return dict(internvit=write_tiny_internvit(os.path.join(out_dir, 'internvit'), image_size=image_size, seed=seed),
-                llm=write_tiny_qwen2(os.path.join(out_dir, 'llm'), seed=seed))
+def make_tiny_models(out_dir: str, seed: int = 0, image_size: int = 56, vision: str = 'internvit',
+                     llm: str = 'qwen2') -> Dict[str, str]:
+    """Write ``out_dir/<vision>`` (the encoder in its real layout) and ``out_dir/llm`` (an LLM of arch ``llm``
+    with its tokenizer); returns ``{vision: path, 'llm': path}``."""
+    from . import vision as writers
+    if vision not in TINY_VISION_TYPES:
+        raise ValueError(f'unknown tiny vision encoder {vision!r}; use one of {TINY_VISION_TYPES}')
+    write_vision = getattr(writers, f'write_tiny_{vision}')
+    return {vision: write_vision(os.path.join(out_dir, vision), image_size=image_size, seed=seed),
+            'llm': write_tiny_llm(os.path.join(out_dir, 'llm'), arch=llm, seed=seed)}

@@ -27,7 +27,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-__all__ = ['write_tiny_internvit']
+from .dual import check_vit_sizes, write_tiny_clip, write_tiny_siglip
+
+__all__ = ['write_tiny_internvit', 'write_tiny_siglip', 'write_tiny_clip']
 
 _AUTO_MAP = {
     'AutoConfig': 'configuration_intern_vit.InternVisionConfig',
@@ -117,9 +119,7 @@ def write_tiny_internvit(out_dir: Union[str, os.PathLike], image_size: int = 56,
     std of the encoder layers' linear weights and ``initializer_factor`` the layer scales' value (InternViT's
     0.02 and 0.1; a 64-wide tower that is to learn from scratch needs a larger std, about ``hidden_size ** -0.5``).
     """
-    if image_size % patch_size or hidden_size % num_heads:
-        raise ValueError(f'image_size {image_size} must be a multiple of patch_size {patch_size} and hidden_size '
-                         f'{hidden_size} a multiple of num_heads {num_heads}')
+    check_vit_sizes(image_size, patch_size, hidden_size, num_heads)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     config = _official_config(image_size, patch_size, hidden_size, num_layers, num_heads, intermediate_size,

@@ -66,9 +66,6 @@ class VisionEncoder:
         config = module.config
         self.image_size = _side(config.image_size, 'image_size')
         self.patch_size = _side(config.patch_size, 'patch_size')
-        if self.image_size % self.patch_size:
-            raise ValueError(f'{self.name}: image_size {self.image_size} is not a multiple of patch_size '
-                             f'{self.patch_size}')
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
         self.select_layer = self.default_select_layer if select_layer is None else int(select_layer)
@@ -81,7 +78,7 @@ class VisionEncoder:
     # ------------------------------------------------------------------ what the data and projector need
     @property
     def grid(self) -> int:
-        """Patches per side of a tile."""
+        """Patches per side of a tile (the patch convolution floors: 384 px / 14 px = 27)."""
         return self.image_size // self.patch_size
 
     @property

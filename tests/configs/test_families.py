@@ -1,0 +1,91 @@
+"""The family configs (SigLIP + bilinear MLP, LLaVA-1.5 with CLIP) and the start-up check of data against model.
+
+Each family config declares its data geometry next to its model parts; a model built with the config's parts
+at the real encoders' image and patch sizes must agree with it. Each config trains through XTuner's own entry
+point on tiny look-alikes of its encoder; a data set that disagrees with the model stops start-up, naming
+both values."""
+
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.train_utils import load_checkpoint_state, run_train
+from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
+
+FAMILY_CONFIGS = {
+    'siglip_pretrain.py': ('siglip', write_tiny_siglip, 384),
+    'siglip_finetune.py': ('siglip', write_tiny_siglip, 384),
+    'llava_pretrain.py': ('clip', write_tiny_clip, 336),
+    'llava_finetune_lora.py': ('clip', write_tiny_clip, 336),
+}
+
+
+def family_options(cfg, vision_folder, tiny, model):
+    """tiny_options for a family config: its own encoder type, the tiny encoder's geometry for the data."""
+    options = tiny_options(tiny, tiny['same'], repeat=12)
+    options['model.vision_encoder.path'] = vision_folder
+    del options['model.vision_encoder']
+    options.update({f'train_dataloader.dataset.{k}': (list(v) if isinstance(v, tuple) else v)
+                    for k, v in model.geometry.items()})
+    return options
+
+
+@pytest.mark.parametrize('name', sorted(FAMILY_CONFIGS))
+def test_declared_data_geometry_is_what_the_model_computes(name, tiny, tmp_path):
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', name))
+    vision, writer, size = FAMILY_CONFIGS[name]
+    assert cfg.model.vision_encoder['type'] == vision
+    # the real encoder's tile and patch size, tiny widths
+    folder = writer(str(tmp_path / vision), image_size=size, hidden_size=16, num_layers=3, num_heads=2,
+                    intermediate_size=32)
+    model = InternVLModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
+                          projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
+    data = cfg.train_dataloader.dataset
+    for key, value in model.geometry.items():
+        if key != 'image_mean' or model.image_mode == 'pad':
+            assert data[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert cfg.train_dataloader.dataset.tokenizer == cfg.model.llm
+
+
+def test_llava_lora_config_gives_the_projector_a_larger_lr():
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'llava_finetune_lora.py'))
+    assert cfg.model.freeze_vision and cfg.model.freeze_llm and cfg.model.llm_lora['target_modules'] == 'all-linear'
+    assert cfg.optim_wrapper.optimizer.paramwise_cfg.custom_keys.mlp1.lr_mult > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['siglip_finetune.py', 'llava_finetune_lora.py'])
+def test_family_config_trains(name, tiny, tmp_path):
+    vision, writer, _ = FAMILY_CONFIGS[name]
+    config = os.path.join(ROOT, 'configs', name)
+    cfg = Config.fromfile(config)
+    folder = writer(str(tmp_path / vision))
+    model = InternVLModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
+                          projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
+    out = run_train(config, str(tmp_path / 'work'), cfg_options=family_options(cfg, folder, tiny, model))
+    assert out.ok, out.summary()
+    state = load_checkpoint_state(out.final_checkpoint)
+    assert any(k.startswith('mlp1.linear_1') for k in state), sorted(state)[:5]
+    losses = [out.losses[i] for i in sorted(out.losses)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration
+
+
+@pytest.mark.slow
+def test_a_data_set_that_disagrees_with_the_model_stops_start_up(tiny, tmp_path):
+    options = tiny_options(tiny, tiny['same'], repeat=2)
+    options['train_dataloader.dataset.image_size'] = 448   # the tiny InternViT takes 56 px tiles
+    out = run_train(os.path.join(ROOT, 'configs', 'pretrain_mlp.py'), str(tmp_path / 'work'), cfg_options=options)
+    assert not out.ok and out.last_iter is None, out.summary()
+    assert 'image_size: model 56, data 448' in out.log and 'num_image_token: model 4, data 256' in out.log
+
+
+def test_family_models_keep_checkpoint_keys_stable(tiny):
+    """The InternViT family's checkpoints keep their keys (mlp1.0/1/3, vision_model.*): earlier stages load."""
+    model = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    assert sorted(model.state_dict()) == ['mlp1.0.bias', 'mlp1.0.weight', 'mlp1.1.bias', 'mlp1.1.weight',
+                                          'mlp1.3.bias', 'mlp1.3.weight']
+    assert torch.is_tensor(model.state_dict()['mlp1.1.weight'])

@@ -1,4 +1,4 @@
-"""Chat with an InternVL model: a converted folder, or a training config plus checkpoint.
+"""Chat with a vision-language model: a converted folder of any format, or a training config plus checkpoint.
 
 Usage::
 
@@ -11,8 +11,10 @@ Usage::
         --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth --image photo.jpg
     # interactive (no --prompt): answers stream as they are generated; /image PATH ..., /reset, /exit
 
-Tiling flags (``--max-num``, ``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's
-``config.json``. Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
+The folder's format is read from its ``config.json``: ``official`` and ``remote`` folders load with
+``trust_remote_code`` and answer through their ``chat``; ``llava`` and ``hf`` folders through transformers' own
+classes and the folder's processor (``xtuner_plugins.models.inference``). Tiling flags (``--max-num``,
+``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's ``config.json`` (official/remote). Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
 A config plus checkpoint is converted into a temporary folder first (the converter's code path), so both
 ways run the same model code.
 """
@@ -20,79 +22,33 @@ ways run the same model code.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from xtuner_plugins.data.image_io import load_image_tiles  # noqa: E402
+from xtuner_plugins.models.inference import ConvertedModel  # noqa: E402
 from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
 
 
-def load_folder(folder: str, dtype: torch.dtype, device: str):
-    """``AutoModel`` + ``AutoTokenizer`` of a converted folder, the official way (remote code)."""
-    from transformers import AutoModel, AutoTokenizer
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
-        config = json.load(f)
-    return model, tokenizer, config
+def generation_settings(args) -> dict:
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.repetition_penalty != 1.0:
+        generation['repetition_penalty'] = args.repetition_penalty
+    return generation
 
 
-class Chat:
-    """A conversation with one model: images, history, generation settings."""
-
-    def __init__(self, model, tokenizer, config: dict, args):
-        self.model, self.tokenizer = model, tokenizer
-        self.tiling = dict(image_size=args.image_size or config.get('force_image_size') or 448,
-                           max_num=args.max_num or config.get('max_dynamic_patch', 12),
-                           min_num=args.min_num or config.get('min_dynamic_patch', 1),
-                           use_thumbnail=config.get('use_thumbnail', True) and not args.no_thumbnail)
-        self.generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
-        if args.do_sample:
-            self.generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        if args.repetition_penalty != 1.0:
-            self.generation['repetition_penalty'] = args.repetition_penalty
-        self.dtype = next(model.parameters()).dtype
-        self.history: Optional[List[Tuple[str, str]]] = None
-        self.images: List[str] = []
-
-    def pixels(self, paths: Sequence[str]) -> Tuple[Optional[torch.Tensor], List[int]]:
-        tiles = [load_image_tiles(p, dtype=self.dtype, **self.tiling) for p in paths]
-        if not tiles:
-            return None, []
-        return torch.cat(tiles).to(self.model.device), [t.shape[0] for t in tiles]
-
-    def ask(self, prompt: str, images: Sequence[str] = (), streamer=None) -> str:
-        """One turn. ``images`` are new in this turn (one ``<image>`` tag each, added in front when the prompt
-        has none); as in InternVL's ``chat``, every turn sends all the conversation's images so far."""
-        images = list(images)
-        if images and '<image>' not in prompt:
-            prompt = ''.join('<image>\n' for _ in images) + prompt
-        if prompt.count('<image>') != len(images):
-            raise ValueError(f'the prompt has {prompt.count("<image>")} <image> tags for {len(images)} images')
-        pixel_values, num_patches = self.pixels(self.images + images)
-        generation = dict(self.generation)
-        if streamer is not None:
-            generation['streamer'] = streamer
-        response, self.history = self.model.chat(self.tokenizer, pixel_values, prompt, generation,
-                                                 history=self.history, return_history=True,
-                                                 num_patches_list=num_patches)
-        self.images += images
-        return response
-
-    def reset(self) -> None:
-        self.history, self.images = None, []
 
 
-def interactive(chat: Chat, images: Sequence[str]) -> None:
+def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -> None:
     from transformers import TextIteratorStreamer
     pending = list(images)
     print('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
@@ -126,7 +82,7 @@ def interactive(chat: Chat, images: Sequence[str]) -> None:
 
         def run(line=line, images=tuple(pending)):
             try:
-                result['answer'] = chat.ask(line, images, streamer=streamer)
+                result['answer'] = chat.ask(line, images, generation, streamer=streamer)
             except Exception as exc:  # reported below, after the stream ends
                 result['error'] = exc
                 streamer.end()
@@ -188,13 +144,17 @@ def main(argv=None) -> int:
             from xtuner_plugins.models.export import convert
             folder = convert(args.config, args.checkpoint, os.path.join(tmp, 'model'), dtype=dtype,
                              cfg_options=args.cfg_options, log=lambda m: print(m, file=sys.stderr))
-        model, tokenizer, config = load_folder(folder, dtype, args.device)
-        chat = Chat(model, tokenizer, config, args)
+        try:
+            chat = ConvertedModel(folder, dtype, args.device, image_size=args.image_size, max_num=args.max_num,
+                                  min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
+        except ValueError as exc:
+            print(f'chat: error: {exc}', file=sys.stderr)
+            return 2
         if args.prompt is None:
-            interactive(chat, args.image)
+            interactive(chat, args.image, generation_settings(args))
             return 0
         try:
-            print(chat.ask(args.prompt, args.image))
+            print(chat.ask(args.prompt, args.image, generation_settings(args)))
         except ValueError as exc:
             print(f'chat: error: {exc}', file=sys.stderr)
             return 2

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR [--dtype bf16] [--format official|hf]
+    python tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR [--dtype bf16]
+        [--format auto|official|hf|llava|remote]
         [--overwrite] [--max-shard-size 5GB] [--cfg-options key=value ...]
 
     # e.g. a LoRA run: merged into the base weights, official layout, loadable with trust_remote_code
@@ -14,9 +15,12 @@ the model from it: frozen parts come from the config's sources and ``model.pretr
 is an MMEngine ``.pth`` or a DeepSpeed ZeRO-2/3 checkpoint folder (``iter_N.pth/``, consolidated on the
 CPU). LoRA adapters are merged; a QLoRA 4-bit base is dequantised first.
 
-``--format official`` (default) writes InternVL's layout (``InternVLChatModel`` remote code):
-``AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``model.chat(...)``.
-``--format hf`` writes transformers' ``InternVLForConditionalGeneration`` layout (no remote code).
+``--format auto`` (default) picks the layout that fits the model and prints it. ``official`` is InternVL's
+layout (InternViT + pixel shuffle, ``InternVLChatModel`` remote code): ``AutoModel.from_pretrained(OUT_DIR,
+trust_remote_code=True)`` and ``model.chat(...)``. ``hf`` is transformers' ``InternVLForConditionalGeneration``
+(no remote code). ``llava`` is transformers' ``LlavaForConditionalGeneration`` with its processor (CLIP or
+SigLIP + LLaVA's MLP, one image per ``<image>``; no remote code). ``remote`` is a self-contained remote-code
+folder for any encoder and projector, with the same ``chat`` as ``official``.
 """
 
 import argparse
@@ -36,8 +40,10 @@ def parse_args(argv=None):
     parser.add_argument('config', help='the training config file')
     parser.add_argument('checkpoint', help='iter_N.pth file, or a DeepSpeed checkpoint folder')
     parser.add_argument('out_dir', help='the folder to write (must be new or empty; see --overwrite)')
-    parser.add_argument('--format', choices=('official', 'hf'), default='official',
-                        help='official: InternVL remote-code layout (default); hf: InternVLForConditionalGeneration')
+    parser.add_argument('--format', choices=('auto', 'official', 'hf', 'llava', 'remote'), default='auto',
+                        help='auto (default): the layout that fits the model; official: InternVL remote code; '
+                             'hf: InternVLForConditionalGeneration; llava: LlavaForConditionalGeneration; '
+                             'remote: self-contained remote code for any encoder/projector')
     parser.add_argument('--dtype', default='bf16', help='bf16 (default), fp16 or fp32')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')

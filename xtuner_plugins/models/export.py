@@ -196,9 +196,14 @@ def hf_state_dict(model: InternVLModel) -> Dict[str, torch.Tensor]:
     return state
 
 
-def chat_template(template_name: str, default_system: Optional[str] = None) -> str:
+def chat_template(template_name: str, default_system: Optional[str] = None, image_text: str = '<image>\n') -> str:
     """A Jinja chat template for the tokenizer that renders what the training template renders (a leading
-    ``system`` message replaces ``default_system``, by default the template's own)."""
+    ``system`` message replaces ``default_system``, by default the template's own).
+
+    A message's content is a string, or a list of parts (``{'type': 'text', 'text': ...}``, ``{'type':
+    'image'}``): each image part renders as ``image_text``, what the folder's processor expands into the
+    image's tokens (LLaVA: ``<img><IMG_CONTEXT></img>\\n``, expanded to the training's ``<IMG_CONTEXT>`` run).
+    """
     template = get_template(template_name)
     if default_system is None:
         default_system = template.default_system
@@ -210,13 +215,18 @@ def chat_template(template_name: str, default_system: Optional[str] = None) -> s
     user_pre, _, user_post = template.user.partition('{query}')
     bot_pre, bot_post = template.assistant_prefix, template.assistant_suffix
     system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
+    content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for part in c %}"
+               "{% if part['type'] == 'image' %}{{ " + lit(image_text) + " }}"
+               "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}")
     return (
-        "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        content +
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system = content(messages[0]['content']) %}"
         "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(default_system) + " %}"
         "{% set turns = messages %}{% endif %}" + system +
         "{% for message in turns %}{% if message['role'] == 'user' %}"
-        "{{ " + lit(user_pre) + " + message['content'] + " + lit(user_post) + " }}"
-        "{% else %}{{ " + lit(bot_pre) + " + message['content'] + " + lit(bot_post) + " }}{% endif %}{% endfor %}"
+        "{{ " + lit(user_pre) + " + content(message['content']) + " + lit(user_post) + " }}"
+        "{% else %}{{ " + lit(bot_pre) + " + content(message['content']) + " + lit(bot_post) + " }}{% endif %}"
+        "{% endfor %}"
         "{% if add_generation_prompt %}{{ " + lit(bot_pre) + " }}{% endif %}"
     )
 
@@ -241,9 +251,9 @@ def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: 
 
 
 def _save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = None,
-                    system: Optional[str] = None) -> None:
+                    system: Optional[str] = None, image_text: str = '<image>\n') -> None:
     tokenizer = model.tokenizer
-    tokenizer.chat_template = chat_template(model.template, system)
+    tokenizer.chat_template = chat_template(model.template, system, image_text)
     tokenizer.save_pretrained(out_dir)
     if extra:
         config_path = os.path.join(out_dir, 'tokenizer_config.json')
@@ -254,7 +264,7 @@ def _save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = 
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
 
 
-def _generation_config(model: InternVLModel):
+def generation_config(model: InternVLModel):
     from transformers import GenerationConfig
     tokenizer = model.tokenizer
     stop = tokenizer.convert_tokens_to_ids(get_template(model.template).stop_word)
@@ -307,7 +317,7 @@ def write_official(model: InternVLModel, tiling: dict, out_dir: str, dtype: torc
     for name in REMOTE_FILES:
         shutil.copyfile(os.path.join(REMOTE_FOLDER, name), os.path.join(out_dir, name))
     _save_tokenizer(model, out_dir, system=system)
-    _generation_config(model).save_pretrained(out_dir)
+    generation_config(model).save_pretrained(out_dir)
     size = int(tiling['image_size'])
     preprocessor = {'crop_size': size, 'do_center_crop': True, 'do_normalize': True, 'do_resize': True,
                     'feature_extractor_type': 'CLIPFeatureExtractor', 'image_mean': list(IMAGENET_MEAN),
@@ -350,10 +360,10 @@ def write_hf(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtyp
     write_weights(hf_state_dict(model), out_dir, max_shard_size, log)
     config = hf_config(model, dtype)
     config.save_pretrained(out_dir)
-    _generation_config(model).save_pretrained(out_dir)
+    generation_config(model).save_pretrained(out_dir)
     _save_tokenizer(model, out_dir, extra={'start_image_token': IMG_START_TOKEN, 'end_image_token': IMG_END_TOKEN,
                                            'context_image_token': IMG_CONTEXT_TOKEN, 'video_token': '<video>'},
-                    system=system)
+                    system=system, image_text=IMG_CONTEXT_TOKEN + '\n')  # the processor wraps it in <img></img>
     from transformers import AutoTokenizer, GotOcr2ImageProcessorFast, InternVLProcessor, InternVLVideoProcessor
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     image_processor = GotOcr2ImageProcessorFast(
@@ -383,8 +393,9 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
 
 def _inputs(cfg, checkpoint: Optional[str]):
     model = cfg.model
-    paths = [checkpoint, model.get('vision_encoder'), model.get('llm'), model.get('official_checkpoint'),
-             model.get('pretrained_pth'), model.get('tokenizer')]
+    vision = model.get('vision_encoder')
+    paths = [checkpoint, vision.get('path') if isinstance(vision, dict) else vision, model.get('llm'),
+             model.get('official_checkpoint'), model.get('pretrained_pth'), model.get('tokenizer')]
     return [os.path.realpath(p) for p in paths if isinstance(p, str) and os.path.exists(p)]
 
 
@@ -405,16 +416,56 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def convert(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'official',
+FORMATS = ('auto', 'official', 'hf', 'llava', 'remote')
+
+
+def internvl_misfit(model: InternVLModel) -> Optional[str]:
+    """Why ``model`` is not an InternVL model (InternViT + pixel shuffle + tiles), or None."""
+    from .projector import InternVLProjector
+    reasons = []
+    if model.vision.name != 'internvit':
+        reasons.append(f'encoder {model.vision.name} (InternVL takes internvit)')
+    if not isinstance(model.mlp1, InternVLProjector):
+        reasons.append(f'projector {type(model.mlp1).name} (InternVL takes pixel_shuffle_mlp)')
+    if model.image_mode != 'tile':
+        reasons.append(f'image mode {model.image_mode} (InternVL tiles)')
+    return '; '.join(reasons) or None
+
+
+def choose_format(model: InternVLModel, fmt: str = 'auto') -> str:
+    """``fmt`` checked against the model, or for ``'auto'`` the layout that fits: ``official`` for InternVL,
+    ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination."""
+    from .llava_export import llava_misfit
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
+    misfit = {'official': internvl_misfit, 'hf': internvl_misfit, 'llava': llava_misfit}
+    if fmt == 'auto':
+        return next((f for f in ('official', 'llava') if misfit[f](model) is None), 'remote')
+    if fmt in misfit and misfit[fmt](model):
+        fits = [f for f in ('official', 'hf', 'llava') if misfit[f](model) is None] + ['remote']
+        raise ValueError(f'--format {fmt} does not fit this model: {misfit[fmt](model)}; formats that fit: '
+                         f'{", ".join(fits)}')
+    return fmt
+
+
+def writer_for(fmt: str):
+    from .llava_export import write_llava
+    from .remote_export import write_remote
+    return {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote}[fmt]
+
+
+def convert(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
             dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, cfg_options: Optional[dict] = None,
             max_shard_size: str = '5GB', log: Log = _print) -> str:
     """Rebuild the config's model, load ``checkpoint``, merge adapters, write ``out_dir``; returns it.
 
-    ``fmt``: ``'official'`` (InternVL's remote-code layout) or ``'hf'`` (transformers' native layout). The
-    folder is written next to ``out_dir`` and moved into place only when complete.
+    ``fmt``: ``'official'`` (InternVL's remote-code layout), ``'hf'`` (transformers' InternVL), ``'llava'``
+    (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
+    one that fits, see :func:`choose_format`). The folder is written next to ``out_dir`` and moved into place
+    only when complete.
     """
-    if fmt not in ('official', 'hf'):
-        raise ValueError(f'unknown format {fmt!r}; use "official" or "hf"')
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
     start = time.time()
     cfg = load_config(config, cfg_options)
     if checkpoint is not None and not os.path.exists(checkpoint):
@@ -422,6 +473,7 @@ def convert(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'of
     check_out_dir(out_dir, _inputs(cfg, checkpoint), overwrite)
     log(f'[1/4] building the model of {config} in {_dtype_name(dtype)}')
     model = build_for_export(cfg, checkpoint, dtype, log)
+    fmt = choose_format(model, fmt)
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     merge_adapters(model, dtype, log)
     tmp = os.path.realpath(out_dir).rstrip(os.sep) + f'.tmp-{os.getpid()}'
@@ -429,13 +481,13 @@ def convert(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'of
     os.makedirs(tmp)
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
-        writer = write_official if fmt == 'official' else write_hf
-        writer(model, tiling_settings(cfg), tmp, dtype, max_shard_size, log, system=training_system_message(cfg))
+        writer_for(fmt)(model, tiling_settings(cfg), tmp, dtype, max_shard_size, log,
+                        system=training_system_message(cfg))
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f'[4/4] done: {out_dir} ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
+    log(f'[4/4] done: {out_dir} ({fmt} format; {time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     return out_dir

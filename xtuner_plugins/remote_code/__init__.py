@@ -1,4 +1,4 @@
-"""The Python files shipped inside a converted InternVL folder (``tools/convert_to_official.py``).
+"""The Python files shipped inside a converted folder (``tools/convert_to_official.py``).
 
 ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` imports them from the folder, so they
 depend on torch and transformers only, never on this package. They keep the class names, config fields,
@@ -13,3 +13,8 @@ import os
 FILES = ('configuration_intern_vit.py', 'configuration_internvl_chat.py', 'modeling_intern_vit.py',
          'modeling_internvl_chat.py', 'conversation.py')
 FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+# ``--format remote`` (any encoder / projector): the files above (its model reuses InternVLChatModel's chat),
+# these two, and the package's own projector module (it imports only torch), shipped as ``projector.py``.
+VLM_FILES = FILES + ('configuration_vlm_chat.py', 'modeling_vlm_chat.py')
+PROJECTOR_FILE = os.path.join(os.path.dirname(FOLDER), 'models', 'projector.py')

@@ -270,7 +270,7 @@ class InternVLChatModel(PreTrainedModel):
         vit_embeds = None
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(
-                pixel_values.to(self.device, self.mlp1[1].weight.dtype))
+                pixel_values.to(self.device, next(self.mlp1.parameters()).dtype))
         input_embeds = self._embed(input_ids, vit_embeds)
         return self.language_model.generate(inputs_embeds=input_embeds, attention_mask=attention_mask,
                                             generation_config=generation_config,

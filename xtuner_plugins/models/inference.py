@@ -1,0 +1,135 @@
+"""Answering questions with a converted folder of any format, loaded the way that format is meant to be loaded.
+
+``tools/chat.py`` and the demo use :class:`ConvertedModel`::
+
+    model = ConvertedModel('work_dirs/my_model')            # official, remote, llava or hf: read from config.json
+    print(model.ask('What is in the picture?', ['photo.jpg'], dict(max_new_tokens=64)))
+
+* ``official`` / ``remote``: ``AutoModel.from_pretrained(..., trust_remote_code=True)`` and its ``chat``; the
+  tiles are made as the folder's ``config.json`` says (tile size, tiling, image mode, mean/std), as InternVL's
+  ``load_image`` makes them for ``official``;
+* ``llava`` / ``hf``: transformers' ``LlavaForConditionalGeneration`` / ``InternVLForConditionalGeneration`` with
+  the folder's processor: ``apply_chat_template`` on list-of-parts messages, then ``generate``.
+
+Every way builds the prompt the training pipeline builds for the same question (tested); multi-turn history
+is kept until :meth:`ConvertedModel.reset`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
+
+FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
+ImageLike = Union[str, Image.Image]
+
+
+def folder_format(folder: str) -> str:
+    """The format of a converted folder, from its ``config.json``; a clear error for anything else."""
+    path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(path):
+        raise ValueError(f'{folder}: no config.json; give a folder written by tools/convert_to_official.py')
+    with open(path, encoding='utf-8') as f:
+        model_type = json.load(f).get('model_type')
+    if model_type not in FOLDER_FORMATS:
+        raise ValueError(f'{path}: model_type {model_type!r} is not a converted vision-language model '
+                         f'(expected one of {sorted(FOLDER_FORMATS)}); give a folder written by '
+                         f'tools/convert_to_official.py')
+    return FOLDER_FORMATS[model_type]
+
+
+def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
+    """``question`` as ordered parts ``('image', '')`` / ``('text', t)``: one ``<image>`` tag per image (added
+    in front as ``<image>\\n`` when the question has none); the newline after a tag belongs to the image part,
+    whose rendering ends with one."""
+    if num_images and '<image>' not in question:
+        question = '<image>\n' * num_images + question
+    if question.count('<image>') != num_images:
+        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {num_images} images')
+    parts: List[Tuple[str, str]] = []
+    for i, text in enumerate(question.split('<image>')):
+        if i:
+            parts.append(('image', ''))
+            text = text[1:] if text.startswith('\n') else text
+        if text:
+            parts.append(('text', text))
+    return parts
+
+
+class ConvertedModel:
+    """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``. ``tiling``
+    overrides the folder's tiling for ``official``/``remote`` (``image_size``, ``max_num``, ``min_num``,
+    ``use_thumbnail``)."""
+
+    def __init__(self, folder: str, dtype: torch.dtype = torch.float32, device: str = 'cpu', **tiling):
+        self.folder, self.format, self.device = folder, folder_format(folder), device
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            self.config = json.load(f)
+        if self.format in ('official', 'remote'):
+            from transformers import AutoModel, AutoTokenizer
+            self.model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval().to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+            cfg = self.config
+            given = {k: v for k, v in tiling.items() if v is not None}
+            self.tiling = dict(image_size=int(given.get('image_size') or cfg.get('force_image_size') or 448),
+                               max_num=int(given.get('max_num') or cfg.get('max_dynamic_patch', 12)),
+                               min_num=int(given.get('min_num') or cfg.get('min_dynamic_patch', 1)),
+                               use_thumbnail=bool(given.get('use_thumbnail', cfg.get('use_thumbnail', True))),
+                               mode=cfg.get('image_mode', 'tile'), mean=cfg.get('image_mean', IMAGENET_MEAN))
+            self.std = cfg.get('image_std', IMAGENET_STD)
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+            self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).eval().to(device)
+            self.processor = AutoProcessor.from_pretrained(folder)
+            self.tokenizer = self.processor.tokenizer
+        self.dtype = dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.history, self.messages, self.images = None, [], []
+
+    def pixels(self, images: Sequence[Image.Image]) -> Tuple[Optional[torch.Tensor], List[int]]:
+        """Tiles of each image as the folder's config says, normalised; and the tile count of each."""
+        tiles = [image_tiles(img, **self.tiling) for img in images]
+        if not tiles:
+            return None, []
+        pixels = normalize_tiles(torch.cat(tiles), self.tiling['mean'], self.std, dtype=self.dtype)
+        return pixels.to(self.device), [t.shape[0] for t in tiles]
+
+    def ask(self, question: str, images: Sequence[ImageLike] = (), generation: Optional[dict] = None,
+            streamer=None) -> str:
+        """One turn; ``images`` are new in this turn (every turn sees all the conversation's images so far)."""
+        new = [load_image(i) if isinstance(i, str) else i.convert('RGB') for i in images]
+        generation = dict(generation or {})
+        if streamer is not None:
+            generation['streamer'] = streamer
+        if self.format in ('official', 'remote'):
+            split_images(question, len(new))  # the tags must match the images
+            if new and '<image>' not in question:
+                question = '<image>\n' * len(new) + question
+            pixel_values, num_patches = self.pixels(self.images + new)
+            answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
+                                                   history=self.history, return_history=True,
+                                                   num_patches_list=num_patches)
+        else:
+            content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text}
+                       for kind, text in split_images(question, len(new))]
+            messages = self.messages + [{'role': 'user', 'content': content}]
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = self.processor(text=prompt, images=(self.images + new) or None, return_tensors='pt')
+            inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
+                      for k, v in inputs.items()}
+            generation.setdefault('do_sample', False)
+            with torch.no_grad():
+                out = self.model.generate(**inputs, **generation)
+            answer = self.tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+            self.messages = messages + [{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}]
+        self.images += new
+        return answer

@@ -1,0 +1,111 @@
+"""A trained CLIP/SigLIP + LLaVA-MLP model written as transformers' ``LlavaForConditionalGeneration`` folder.
+
+The layout vLLM and SGLang serve, loading with no remote code::
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image', 'image': img},
+                                            {'type': 'text', 'text': 'What is shown?'}]}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors='pt')
+    answer = model.generate(**inputs, max_new_tokens=64)
+
+It fits a model whose encoder is CLIP or SigLIP, whose projector is LLaVA's ``mlp`` and which sees one
+image per ``<image>`` (``image_mode`` ``'resize'`` or ``'pad'``). The training prompt is kept token for token:
+the chat template renders an image part as ``<img><IMG_CONTEXT></img>\\n`` and the processor expands its
+``<IMG_CONTEXT>`` (the image token) into ``num_image_token`` copies, which is what the training data set
+writes for ``<image>\\n``; the training system message is the template's default. Pixels: ``'resize'`` is
+``CLIPImageProcessor`` resizing to exactly S x S (bicubic, no crop), ``'pad'`` is ``LlavaImageProcessor`` with
+``do_pad`` (the mean colour, ``int(mean * 255)``, as the training's ``pad_to_square``), both with the encoder's
+mean/std. Keys (transformers 4.57): ``model.vision_tower.*``, ``model.multi_modal_projector.linear_{1,2}.*``,
+``model.language_model.*``, ``lm_head.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+
+from .projector import BilinearProjector, LlavaProjector
+
+LLAVA_IMAGE_TEXT = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}\n'
+
+
+def llava_misfit(model) -> Optional[str]:
+    """Why ``model`` cannot be written as transformers' LLaVA, or None when it can."""
+    reasons = []
+    if model.vision.name not in ('clip', 'siglip'):
+        reasons.append(f'encoder {model.vision.name} (LLaVA takes clip or siglip)')
+    if not isinstance(model.mlp1, LlavaProjector) or isinstance(model.mlp1, BilinearProjector):
+        reasons.append(f'projector {type(model.mlp1).name} (LLaVA takes mlp)')
+    if model.image_mode not in ('resize', 'pad'):
+        reasons.append(f'image mode {model.image_mode} (LLaVA takes resize or pad: one tile per image)')
+    return '; '.join(reasons) or None
+
+
+def llava_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The training model's tensors under ``LlavaForConditionalGeneration``'s keys."""
+    state = {f'model.vision_tower.{k}': v for k, v in nn.Module.state_dict(model.vision_model).items()}
+    state.update({f'model.multi_modal_projector.{k}': v for k, v in nn.Module.state_dict(model.mlp1).items()})
+    for key, value in nn.Module.state_dict(model.language_model).items():
+        if key.startswith('model.'):
+            state['model.language_model.' + key[len('model.'):]] = value
+        elif key.startswith('lm_head.'):
+            state[key] = value
+        else:
+            raise ValueError(f'language_model.{key}: no place for it in the transformers LLaVA layout')
+    return state
+
+
+def llava_config(model, dtype: torch.dtype):
+    from transformers import LlavaConfig
+    text = model.language_model.config.to_dict()
+    text.pop('quantization_config', None)
+    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0])
+    config = LlavaConfig(vision_config=model.vision_model.config.to_dict(), text_config=text,
+                         image_token_index=model.img_context_token_id, projector_hidden_act='gelu',
+                         vision_feature_select_strategy='default' if model.vision.drop_cls else 'full',
+                         vision_feature_layer=model.vision.select_layer, image_seq_length=model.num_image_token,
+                         multimodal_projector_bias=True, tie_word_embeddings=False, dtype=dtype)
+    config.architectures = ['LlavaForConditionalGeneration']
+    return config
+
+
+def llava_image_processor(model):
+    """The processor step that makes the training's tiles: resize to S x S, or pad with the mean colour."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+    size, mean, std = model.vision.image_size, list(model.vision.mean), list(model.vision.std)
+    common = dict(image_mean=mean, image_std=std, resample=3, do_resize=True, do_rescale=True, do_normalize=True,
+                  do_convert_rgb=True)
+    if model.image_mode == 'pad':
+        return LlavaImageProcessor(do_pad=True, size={'shortest_edge': size}, do_center_crop=True,
+                                   crop_size={'height': size, 'width': size}, **common)
+    return CLIPImageProcessor(size={'height': size, 'width': size}, do_center_crop=False, **common)
+
+
+def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB', log=print,
+                system: Optional[str] = None) -> None:
+    """Weights, ``LlavaConfig``, generation config, tokenizer and ``LlavaProcessor`` with the chat template
+    (``tiling`` is unused: one tile per image, its size the encoder's)."""
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from .export import chat_template, generation_config, write_weights
+    misfit = llava_misfit(model)
+    if misfit:
+        raise ValueError(f'this model does not fit transformers\' LLaVA layout: {misfit}; use --format remote')
+    write_weights(llava_state_dict(model), out_dir, max_shard_size, log)
+    llava_config(model, dtype).save_pretrained(out_dir)
+    generation_config(model).save_pretrained(out_dir)
+    template = chat_template(model.template, system, image_text=LLAVA_IMAGE_TEXT)
+    model.tokenizer.chat_template = template
+    model.tokenizer.save_pretrained(out_dir)
+    processor = LlavaProcessor(image_processor=llava_image_processor(model),
+                               tokenizer=AutoTokenizer.from_pretrained(out_dir), patch_size=model.vision.patch_size,
+                               vision_feature_select_strategy='default' if model.vision.drop_cls else 'full',
+                               num_additional_image_tokens=1 if model.vision.drop_cls else 0,
+                               image_token=IMG_CONTEXT_TOKEN, chat_template=template)
+    processor.save_pretrained(out_dir)

@@ -1,15 +1,16 @@
 """The embedded demo: tiny models and synthetic data made here, MLP warm-up, fine-tuning, conversion to the
-official InternVL layout and answers to held-out questions, on a CPU, with nothing downloaded.
+layout that fits the model family and answers to held-out questions, on a CPU, with nothing downloaded.
 
 Usage::
 
     make demo                                        # = .venv/bin/python tools/demo.py
     make demo NPROC_PER_NODE=2 DEEPSPEED=zero3       # two processes, DeepSpeed ZeRO-3 (CPU JSON)
     python tools/demo.py --recipe quick              # a shortened run
-    python tools/demo.py --set finetune=lora finetune_repeat=2   # change the recipe
+    python tools/demo.py --set finetune=lora finetune_iters=2000  # change the recipe
+    python tools/demo.py --recipe quick --set vision=clip projector=mlp   # LLaVA-style: CLIP + MLP -> llava
 
 Outputs (logs, TensorBoard events, checkpoints, the converted folder, answers) go to ``work_dirs/demo/``;
-the last line printed is ``demo accuracy: A (N questions); blind control: B``. The stages are in
+the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control: B``. The stages are in
 ``xtuner_plugins/demo/run.py``.
 """
 

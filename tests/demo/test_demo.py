@@ -1,5 +1,7 @@
-"""The embedded demo's pipeline end to end, shortened: models, data, MLP warm-up and full fine-tuning through
-XTuner's train script, conversion, answers through the converted folder's ``chat`` and the blind control.
+"""The embedded demo's pipeline end to end, shortened, for each model family (InternViT + pixel shuffle ->
+official InternVL; SigLIP + bilinear MLP -> remote code; CLIP + LLaVA MLP on padded images -> transformers'
+LLaVA): models, data, MLP warm-up and full fine-tuning through XTuner's train script, conversion, answers
+through the converted folder and the blind control.
 
 It checks that every stage runs and leaves what the next needs, that the summary is computed from the
 answers given, and that the model learned: on two of the demo's question kinds (colour and position) and a
@@ -20,18 +22,40 @@ from xtuner_plugins.demo.run import CONFIGS, REPO_ROOT, Recipe, per_kind, run_de
 pytestmark = pytest.mark.slow
 
 
-def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
+# vision, projector -> the converted format, a file only that format has, where its system message is recorded
+FAMILIES = {
+    ('internvit', 'pixel_shuffle_mlp'): ('official', 'modeling_internvl_chat.py'),
+    ('siglip', 'bilinear_mlp'): ('remote', 'modeling_vlm_chat.py'),
+    ('clip', 'mlp'): ('llava', 'processor_config.json'),
+}
+
+
+def recorded_system_message(folder, fmt):
+    if fmt == 'llava':  # the chat template's default system message
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(folder)
+        rendered = processor.apply_chat_template([{'role': 'user', 'content': 'x'}], tokenize=False)
+        return rendered.split('<|im_start|>system\n', 1)[1].split('<|im_end|>', 1)[0]
+    with open(os.path.join(folder, 'config.json')) as f:
+        return json.load(f)['system_message']
+
+
+@pytest.mark.parametrize('vision, projector', sorted(FAMILIES))
+def test_shortened_demo_runs_every_stage_and_learns(tmp_path, vision, projector):
+    fmt, only_file = FAMILIES[vision, projector]
     recipe = Recipe(kinds=('colour', 'position'), max_dynamic_patch=4, n_pretrain=100, n_sft=1600, n_test=40,
-                    pretrain_iters=20, finetune_iters=800, log_interval=50, max_new_tokens=4)
+                    pretrain_iters=20, finetune_iters=800, log_interval=50, max_new_tokens=4, vision=vision,
+                    projector=projector)
     result = run_demo(str(tmp_path / 'demo'), recipe)
     assert result.n == 40 and len(result.answers) == 40
     for stage in ('pretrain', 'finetune'):
         assert result.stages[stage].checkpoint and os.path.exists(result.stages[stage].checkpoint)
         assert result.stages[stage].losses, f'{stage}: no losses logged'
-    with open(os.path.join(result.official_dir, 'config.json')) as f:
-        # the converted model's chat() uses the training system message (configs/demo/*.py set a short one)
-        assert json.load(f)['system_message'] == Config.fromfile(CONFIGS['full']).demo_system_message
-    assert os.path.isfile(os.path.join(result.official_dir, 'modeling_internvl_chat.py'))
+    assert result.converted_format == fmt and os.path.isfile(os.path.join(result.converted_dir, only_file))
+    # the converted model is prompted with the training system message (configs/demo/*.py set a short one)
+    assert recorded_system_message(result.converted_dir, fmt) == Config.fromfile(CONFIGS['full']).demo_system_message
+    with open(os.path.join(result.work_dir, 'answers.jsonl')) as f:
+        assert [json.loads(line)['given'] for line in f] == [a.given for a in result.answers]
     with open(os.path.join(result.work_dir, 'data', 'test.jsonl')) as f:
         expected = [json.loads(line)['conversations'][1]['value'] for line in f]
     assert [a.expected for a in result.answers] == expected
@@ -51,3 +75,6 @@ def test_demo_command_line_help():
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'demo.py'), '--help'],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and '--nproc-per-node' in out.stdout
+    help_text = ' '.join(out.stdout.split())  # argparse wraps lines
+    assert 'vision=internvit|siglip|clip' in help_text
+    assert 'projector=pixel_shuffle_mlp|mlp|bilinear_mlp' in help_text

@@ -1,8 +1,10 @@
-"""The embedded demo: the whole life of a small InternVL-style model on a CPU, with nothing downloaded.
+"""The embedded demo: the whole life of a small vision-language model on a CPU, with nothing downloaded.
 
-``make demo`` (or ``python tools/demo.py``) runs, into ``work_dirs/demo/``:
+``make demo`` (or ``python tools/demo.py``) runs, into ``work_dirs/demo/``, for the recipe's model family
+(``--set vision=internvit|siglip|clip projector=pixel_shuffle_mlp|mlp|bilinear_mlp``, InternViT + pixel
+shuffle by default):
 
-1. **models**: a small InternViT (official on-disk layout) and a small Qwen2 LLM with its tokenizer,
+1. **models**: a small vision encoder in its real on-disk layout and a small Qwen2 LLM with its tokenizer,
    randomly initialised (:mod:`xtuner_plugins.tiny`), in ``models/``;
 2. **data**: coloured shapes and digits with questions only the pixels answer
    (:func:`xtuner_plugins.demo.data.make_demo_data`) in ``data/`` (``pretrain.jsonl``, ``sft.jsonl``,
@@ -12,11 +14,13 @@
 4. **fine-tuning**: ``configs/demo/finetune_full.py`` (or ``finetune_lora.py``) from the warm-up checkpoint
    (``model.pretrained_pth``), the questions of ``sft.jsonl``; projector and LLM trained (the vision tower
    too with the recipe's ``train_vision``, off by default: see its comment), in ``finetune_full/``;
-5. **conversion**: ``tools/convert_to_official.py`` into InternVL's official layout, ``official/``;
-6. **answers**: every held-out question of ``test.jsonl`` through the converted folder
-   (``AutoModel.from_pretrained(..., trust_remote_code=True)`` + ``model.chat``, greedy), tiles made as
-   InternVL's ``load_image`` makes them; then the same questions with blank images (the scenes' grey
-   background with nothing on it), the blind control, which must stay near chance.
+5. **conversion**: ``tools/convert_to_official.py --format auto`` into the layout that fits the family
+   (InternVL's official one, transformers' LLaVA, or the remote-code one), ``converted/``;
+6. **answers**: every held-out question of ``test.jsonl`` through the converted folder, loaded as its format
+   is meant to be (``AutoModel.from_pretrained(..., trust_remote_code=True)`` + ``model.chat``, or
+   ``LlavaForConditionalGeneration`` + its processor), greedy; then the same questions with blank images (the
+   scenes' grey background with nothing on it), the blind control, which must stay near chance. The answers
+   go to ``answers.jsonl``.
 
 The stage configs are the real ones (``configs/demo/*.py`` inherit ``configs/*.py`` and only set a short
 system message), pointed at the demo's models and data with ``--cfg-options``: the demo is what a user runs,
@@ -24,7 +28,8 @@ at toy size. Training runs in subprocesses (one process, or ``torch.distributed.
 with ``--launcher pytorch`` and a DeepSpeed CPU JSON); success is judged by the checkpoint files and the
 log, not by the exit code alone. Logs and TensorBoard events stay in each stage's work folder.
 
-The last line printed is ``demo accuracy: A (N questions); blind control: B``.
+The last two lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind
+control: B``.
 """
 
 from __future__ import annotations
@@ -78,6 +83,11 @@ class Recipe:
     """
 
     seed: int = 0
+    # the model family: vision encoder (VISION_TYPES), projector (PROJECTOR_TYPES), image mode ('' = the
+    # family's: 'pad' for LLaVA's 'mlp' projector, InternVL's dynamic 'tile' otherwise)
+    vision: str = 'internvit'
+    projector: str = 'pixel_shuffle_mlp'
+    image_mode: str = ''
     # models (random, written in the real layouts by xtuner_plugins.tiny)
     tile_size: int = 56
     vit_hidden: int = 64
@@ -131,6 +141,11 @@ class Recipe:
     def describe(self) -> str:
         return ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(self))
 
+    @property
+    def mode(self) -> str:
+        """The image mode: the recipe's, or the family's."""
+        return self.image_mode or ('pad' if self.projector == 'mlp' else 'tile')
+
 
 RECIPES: Dict[str, Recipe] = {
     'default': Recipe(),
@@ -177,19 +192,37 @@ class DemoError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ 1. models
+VISION_WRITERS = {'internvit': 'write_tiny_internvit', 'siglip': 'write_tiny_siglip', 'clip': 'write_tiny_clip'}
+VISION_TYPES = tuple(VISION_WRITERS)
+PROJECTOR_TYPES = ('pixel_shuffle_mlp', 'mlp', 'bilinear_mlp')
+
+
 def make_models(out_dir: str, recipe: Recipe) -> Dict[str, str]:
-    """A random InternViT (official layout) and Qwen2 LLM + tokenizer of the recipe's sizes."""
-    from xtuner_plugins.tiny import write_tiny_qwen2
-    from xtuner_plugins.tiny.vision import write_tiny_internvit
-    vit = write_tiny_internvit(os.path.join(out_dir, 'internvit'), image_size=recipe.tile_size, patch_size=14,
-                               hidden_size=recipe.vit_hidden, num_layers=recipe.vit_layers,
-                               num_heads=recipe.vit_heads, intermediate_size=recipe.vit_intermediate,
-                               seed=recipe.seed, initializer_range=recipe.vit_init_std)
-    llm = write_tiny_qwen2(os.path.join(out_dir, 'llm'), hidden_size=recipe.llm_hidden,
-                           num_layers=recipe.llm_layers, num_heads=recipe.llm_heads,
-                           num_kv_heads=recipe.llm_kv_heads, intermediate_size=recipe.llm_intermediate,
-                           seed=recipe.seed, initializer_range=recipe.llm_init_std)
-    return {'internvit': vit, 'llm': llm}
+    """A random vision encoder of the recipe's type (in its real layout) and a Qwen2 LLM + tokenizer."""
+    from xtuner_plugins import tiny
+    from xtuner_plugins.tiny import vision as tiny_vision
+    if recipe.vision not in VISION_WRITERS:
+        raise ValueError(f'unknown vision {recipe.vision!r}; use one of {VISION_TYPES}')
+    writer = getattr(tiny_vision, VISION_WRITERS[recipe.vision])
+    # CLIP's default layer is the second-to-last: one more layer keeps the same depth of features
+    layers = recipe.vit_layers + (1 if recipe.vision == 'clip' else 0)
+    vit = writer(os.path.join(out_dir, recipe.vision), image_size=recipe.tile_size, patch_size=14,
+                 hidden_size=recipe.vit_hidden, num_layers=layers, num_heads=recipe.vit_heads,
+                 intermediate_size=recipe.vit_intermediate, seed=recipe.seed, initializer_range=recipe.vit_init_std)
+    llm = tiny.write_tiny_qwen2(os.path.join(out_dir, 'llm'), hidden_size=recipe.llm_hidden,
+                                num_layers=recipe.llm_layers, num_heads=recipe.llm_heads,
+                                num_kv_heads=recipe.llm_kv_heads, intermediate_size=recipe.llm_intermediate,
+                                seed=recipe.seed, initializer_range=recipe.llm_init_std)
+    return {'vision': vit, 'llm': llm}
+
+
+def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, object]:
+    """The model's geometry (tile size, tokens per tile, image mode, mean), read from the model itself so the
+    data set is given exactly what the model expects."""
+    from xtuner_plugins.models import InternVLModel
+    model = InternVLModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
+                          image_mode=recipe.mode, torch_dtype='float32')
+    return model.geometry
 
 
 def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
@@ -231,12 +264,15 @@ def repeat_for(iters: int, batch: int, n_samples: int) -> float:
 
 # ------------------------------------------------------------------------------------------ 3/4. training
 def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_file: str, image_folder: str,
-                  cache_dir: str, nproc: int = 1, pretrained_pth: Optional[str] = None) -> Dict[str, object]:
+                  cache_dir: str, nproc: int = 1, pretrained_pth: Optional[str] = None,
+                  geometry: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
     """The ``--cfg-options`` that point a stage config at the demo's models and data.
 
     ``stage``: ``'pretrain'``, ``'full'`` or ``'lora'``. The per-device batch is the recipe's batch divided by
-    ``nproc``, so that one or several processes take the same steps on the same global batches.
+    ``nproc``, so that one or several processes take the same steps on the same global batches. ``geometry``:
+    the model's (:func:`model_geometry`), given to the data set.
     """
+    geometry = geometry or model_geometry(models, recipe)
     if stage == 'pretrain':
         batch, lr = recipe.pretrain_batch, recipe.pretrain_lr
         repeat = repeat_for(recipe.pretrain_iters, batch, recipe.n_pretrain)
@@ -247,14 +283,19 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         raise ValueError(f'the batch of {batch} samples does not split over {nproc} processes')
     per_device = batch // nproc
     options: Dict[str, object] = {
-        'model.vision_encoder': models['internvit'],
+        'model.vision_encoder': models['vision'],
+        'model.projector': recipe.projector,
+        'model.image_mode': recipe.mode,
         'model.llm': models['llm'],
         'model.llm_grad_ckpt': False,   # activation checkpointing only costs time at this size
         'train_dataloader.dataset.tokenizer': models['llm'],
         'train_dataloader.dataset.data_files': [data_file],
         'train_dataloader.dataset.image_folders': [image_folder],
         'train_dataloader.dataset.repeat_times': round(repeat, 6),
-        'train_dataloader.dataset.image_size': recipe.tile_size,
+        'train_dataloader.dataset.image_size': geometry['image_size'],
+        'train_dataloader.dataset.num_image_token': geometry['num_image_token'],
+        'train_dataloader.dataset.image_mode': geometry['image_mode'],
+        'train_dataloader.dataset.image_mean': list(geometry['image_mean']),
         'train_dataloader.dataset.max_dynamic_patch': recipe.max_dynamic_patch,
         'train_dataloader.dataset.max_length': 1024,
         'train_dataloader.dataset.seed': recipe.seed,
@@ -473,7 +514,7 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
 # ------------------------------------------------------------------------------------------ 5. conversion
 def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str, console: Console) -> str:
     """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
-    (the tool's own ``main``, in this process)."""
+    (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits the family)."""
     spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -490,25 +531,6 @@ def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir
 # ------------------------------------------------------------------------------------------ 6. answers
 def normalise_answer(text: str) -> str:
     return text.strip().strip('.').strip().lower()
-
-
-def load_official(folder: str):
-    """The converted folder loaded the official way: ``(model, tokenizer, config)``."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    return model, tokenizer, model.config
-
-
-def image_tiles(image, config):
-    """Pixel values as InternVL's ``load_image`` makes them, with the converted config's tiling settings."""
-    import torch
-    from xtuner_plugins.data.tiling import normalize_tiles, tile_image
-    tiles = tile_image(image.convert('RGB'), min_num=int(getattr(config, 'min_dynamic_patch', 1)),
-                       max_num=int(config.max_dynamic_patch), image_size=int(config.force_image_size),
-                       use_thumbnail=bool(config.use_thumbnail))
-    return normalize_tiles(tiles, dtype=torch.float32)
 
 
 @dataclass
@@ -531,25 +553,29 @@ class Answer:
 
 def answer_questions(folder: str, test_path: str, image_folder: str, console: Console,
                      max_new_tokens: int = 8, blind_colour=BLANK) -> List[Answer]:
-    """Every question of ``test_path`` through the converted folder's ``model.chat``: once with its image, once
-    with a uniform grey image of the same size (the blind control)."""
+    """Every question of ``test_path`` through the converted folder, loaded the way its format is meant to be
+    (:class:`~xtuner_plugins.models.inference.ConvertedModel`: ``chat`` of the remote code, or transformers'
+    LLaVA with its processor): once with its image, once with a uniform grey image of the same size (the blind
+    control)."""
     import torch
     from PIL import Image
 
     from xtuner_plugins.demo.data import read_questions
+    from xtuner_plugins.models.inference import ConvertedModel
     torch.manual_seed(0)
-    model, tokenizer, config = load_official(folder)
+    model = ConvertedModel(folder)
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=model.tokenizer.pad_token_id)
     answers = []
     questions = read_questions(test_path)
     step = max(1, len(questions) // 10)
     for i, q in enumerate(questions, 1):
         with Image.open(os.path.join(image_folder, q['image'])) as im:
             image = im.convert('RGB')
-        given = model.chat(tokenizer, image_tiles(image, config), q['question'], generation)
-        blank = Image.new('RGB', image.size, blind_colour)
-        blind = model.chat(tokenizer, image_tiles(blank, config), q['question'], generation)
+        given = model.ask(q['question'], [image], generation)
+        model.reset()
+        blind = model.ask(q['question'], [Image.new('RGB', image.size, blind_colour)], generation)
+        model.reset()
         answers.append(Answer(q['id'], q['kind'], q['question'], q['answer'], given, blind))
         if i % step == 0 or i == len(questions):
             right = sum(a.correct for a in answers)
@@ -609,7 +635,8 @@ class DemoResult:
     n: int
     answers: List[Answer]
     stages: Dict[str, StageResult]
-    official_dir: str
+    converted_dir: str
+    converted_format: str
     work_dir: str
     wall_s: float
     timings: Dict[str, float]
@@ -642,12 +669,14 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
             f'{os.path.relpath(work_dir, REPO_ROOT)}')
 
     t = time.perf_counter()
-    console.step('1/6 models: random InternViT (official layout) + Qwen2 LLM with tokenizer')
+    console.step(f'1/6 models: random {recipe.vision} (its real layout) + Qwen2 LLM with tokenizer; '
+                 f'{recipe.projector} projector, image mode {recipe.mode}')
     models = make_models(os.path.join(work_dir, 'models'), recipe)
     sizes = count_parameters(models)
-    console(f'  vision {recipe.vit_layers} layers x {recipe.vit_hidden} ({sizes["internvit"] / 1e6:.2f} M), '
-            f'{recipe.tile_size} px tiles; LLM {recipe.llm_layers} layers x {recipe.llm_hidden} '
-            f'({sizes["llm"] / 1e6:.2f} M)')
+    geometry = model_geometry(models, recipe)
+    console(f'  vision {recipe.vision} x {recipe.vit_hidden} ({sizes["vision"] / 1e6:.2f} M in its folder), '
+            f'{recipe.tile_size} px tiles, {geometry["num_image_token"]} LLM tokens per tile; LLM '
+            f'{recipe.llm_layers} layers x {recipe.llm_hidden} ({sizes["llm"] / 1e6:.2f} M)')
     timings['models'] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -663,7 +692,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     stages: Dict[str, StageResult] = {}
     t = time.perf_counter()
     console.step('3/6 MLP warm-up: configs/demo/pretrain_mlp.py (captions; only the projector mlp1 trains)')
-    options = stage_options('pretrain', recipe, models, data['pretrain'], data['images'], cache_dir, nproc)
+    options = stage_options('pretrain', recipe, models, data['pretrain'], data['images'], cache_dir, nproc,
+                            geometry=geometry)
     stages['pretrain'] = train_stage('warm-up', CONFIGS['pretrain'], os.path.join(work_dir, 'pretrain_mlp'), options,
                                      console, nproc, deepspeed, cache_root, stage_timeout)
     timings['pretrain'] = time.perf_counter() - t
@@ -675,24 +705,29 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'4/6 fine-tuning: configs/demo/finetune_{ft}.py (questions; {what} train), '
                  f'from the warm-up checkpoint')
     ft_options = stage_options(ft, recipe, models, data['sft'], data['images'], cache_dir, nproc,
-                               pretrained_pth=stages['pretrain'].checkpoint)
+                               pretrained_pth=stages['pretrain'].checkpoint, geometry=geometry)
     stages['finetune'] = train_stage('fine-tune', CONFIGS[ft], os.path.join(work_dir, f'finetune_{ft}'), ft_options,
                                      console, nproc, deepspeed, cache_root, stage_timeout)
     timings['finetune'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.step('5/6 conversion: tools/convert_to_official.py -> InternVL official layout')
-    official = convert(CONFIGS[ft], stages['finetune'].checkpoint, ft_options, os.path.join(work_dir, 'official'),
-                       console)
+    console.step('5/6 conversion: tools/convert_to_official.py --format auto (the layout that fits the family)')
+    from xtuner_plugins.models.inference import folder_format
+    converted = convert(CONFIGS[ft], stages['finetune'].checkpoint, ft_options, os.path.join(work_dir, 'converted'),
+                        console)
+    converted_format = folder_format(converted)
+    console(f'  {converted_format} layout in {os.path.relpath(converted, REPO_ROOT)}')
     timings['convert'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.step('6/6 answers: AutoModel.from_pretrained(official, trust_remote_code=True) + model.chat, greedy; '
-                 'blind control: the same questions on blank grey images')
-    answers = answer_questions(official, data['test'], data['images'], console, recipe.max_new_tokens)
+    how = ('LlavaForConditionalGeneration + its processor' if converted_format == 'llava' else
+           'AutoModel.from_pretrained(..., trust_remote_code=True) + model.chat')
+    console.step(f'6/6 answers: {how}, greedy; blind control: the same questions on blank grey images')
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
     timings['answers'] = time.perf_counter() - t
     result = DemoResult(accuracy=accuracy(answers), blind=accuracy(answers, blind=True), chance=chance,
-                        n=len(answers), answers=answers, stages=stages, official_dir=official, work_dir=work_dir,
+                        n=len(answers), answers=answers, stages=stages, converted_dir=converted,
+                        converted_format=converted_format, work_dir=work_dir,
                         wall_s=console.elapsed(), timings=timings)
     with open(os.path.join(work_dir, 'answers.jsonl'), 'w', encoding='utf-8') as f:
         for a in answers:
@@ -722,7 +757,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--recipe', choices=sorted(RECIPES), default='default',
                         help='default: the full demo; quick: a shortened run (fewer samples and iterations)')
     parser.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE',
-                        help='override recipe fields, e.g. --set finetune_iters=2000 finetune=lora')
+                        help='override recipe fields, e.g. --set finetune_iters=2000 finetune=lora; the model '
+                             f'family: vision={"|".join(VISION_TYPES)} projector={"|".join(PROJECTOR_TYPES)} '
+                             '[image_mode=tile|resize|pad]')
     parser.add_argument('--seed', type=int, default=None, help='random seed (default: the recipe\'s, 0)')
     parser.add_argument('--min-accuracy', type=float, default=None,
                         help='exit 1 when the accuracy is below this (default: no check)')
@@ -777,6 +814,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'per_kind': per_kind(result.answers), 'wall_s': result.wall_s, 'timings': result.timings,
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)
+    console(f'converted: {result.converted_dir} ({result.converted_format})')
     console(result.summary())
     if args.min_accuracy is not None and result.accuracy < args.min_accuracy:
         return 1

@@ -1,5 +1,5 @@
-"""Exporting every model family: transformers' LLaVA (CLIP + LLaVA MLP, one padded image) and the
-self-contained remote-code folder (SigLIP + bilinear MLP with tiles, CLIP + pixel shuffle on one resized image).
+"""Exporting every model family: transformers' LLaVA (CLIP + LLaVA MLP, one padded image, LoRA; SigLIP + LLaVA
+MLP, one resized image, QLoRA dequantised and merged) and the self-contained remote-code folder (SigLIP + bilinear MLP with tiles, CLIP + pixel shuffle on one resized image).
 
 Checkpoints are the stage configs' own with every trained tensor perturbed (as test_convert_to_official does),
 so a tensor the converter drops, misnames or leaves unmerged changes the result. Each converted folder's
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.helpers import tiny_workspace, write_image
-from tests.tools.test_convert_to_official import FULL, LORA, TOL, convert, max_diff, options, trained_checkpoint
+from tests.tools.test_convert_to_official import (FULL, LORA, QLORA, TOL, convert, max_diff, options,
+                                                  trained_checkpoint)
 from tools.chat import main as chat_main
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.image_io import load_image
@@ -28,6 +29,7 @@ from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 # name -> (config, encoder, projector, image mode, the format auto picks)
 FAMILIES = {
     'llava_lora': (LORA, 'clip', 'mlp', 'pad', 'llava'),
+    'llava_qlora_siglip_resize': (QLORA, 'siglip', 'mlp', 'resize', 'llava'),
     'siglip_bilinear_tiles': (FULL, 'siglip', 'bilinear_mlp', 'tile', 'remote'),
     'clip_shuffle_resize': (FULL, 'clip', 'pixel_shuffle_mlp', 'resize', 'remote'),
 }
@@ -54,6 +56,11 @@ def family(request, tiny, tmp_path_factory):
                  for k, v in probe.geometry.items()})
     ckpt = str(tmp / 'iter_1.pth')
     model = trained_checkpoint(config, opts, ckpt, scale=0.3)
+    if config == QLORA:
+        import bitsandbytes as bnb
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.train()  # fp32 dequantise-and-multiply, as in training (see test_qlora_checkpoint_...)
     folder = convert(config, ckpt, tmp / 'out', opts)
     return dict(name=request.param, config=config, opts=opts, ckpt=ckpt, model=model, folder=folder, fmt=fmt)
 

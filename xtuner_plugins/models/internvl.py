@@ -33,7 +33,7 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
-from xtuner_plugins.data.tiling import normalize_tiles
+from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .checkpoint import load_trained_state_dict
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
@@ -42,8 +42,6 @@ from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import gathered, hf_zero3_init, shape_of
-
-IMAGE_MODES = ('tile', 'resize', 'pad')
 
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}

@@ -77,7 +77,7 @@ def write_family_models(out: str, family: str, real: bool) -> dict:
         if real else {}
     return dict(vision=getattr(tiny_vision, writer)(os.path.join(out, 'vision'), **vision_shape),
                 llm=write_tiny_qwen2(os.path.join(out, 'llm'), **llm_shape), projector=projector, image_mode=mode,
-                image_size=vision_shape.get('image_size', 56))
+                image_size=vision_shape.get('image_size', 56), family=family)
 
 
 def write_models(out: str, real: bool) -> dict:
@@ -93,6 +93,8 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     from xtuner_plugins.models import InternVLModel
     from xtuner_plugins.models.internvl import count_parameters
     settings = dict(STAGES[stage])
+    if models['family'] != 'internvit':
+        settings.pop('vision_drop_path', None)  # stochastic depth is InternViT's (InternVL stage 1.5)
     model = InternVLModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
                           image_mode=models['image_mode'], llm_grad_ckpt=True,
                           torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)

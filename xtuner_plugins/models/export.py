@@ -180,19 +180,27 @@ def official_state_dict(model: InternVLModel) -> Dict[str, torch.Tensor]:
 
 
 def hf_state_dict(model: InternVLModel) -> Dict[str, torch.Tensor]:
-    """transformers' ``InternVLForConditionalGeneration`` keys (REFERENCE.md's renames)."""
+    """transformers' ``InternVLForConditionalGeneration`` keys."""
     state = {f'model.vision_tower.{k}': v for k, v in nn.Module.state_dict(model.vision_model).items()}
     names = {'0': 'layer_norm', '1': 'linear_1', '3': 'linear_2'}
     for key, value in nn.Module.state_dict(model.mlp1).items():
         index, _, leaf = key.partition('.')
         state[f'model.multi_modal_projector.{names[index]}.{leaf}'] = value
+    state.update(composite_llm_state_dict(model, 'InternVL'))
+    return state
+
+
+def composite_llm_state_dict(model: InternVLModel, layout: str) -> Dict[str, torch.Tensor]:
+    """The LLM's tensors as transformers' composite vision-language models (InternVL, LLaVA) key them:
+    ``model.language_model.*`` for the decoder, ``lm_head.*``."""
+    state = {}
     for key, value in nn.Module.state_dict(model.language_model).items():
         if key.startswith('model.'):
             state['model.language_model.' + key[len('model.'):]] = value
         elif key.startswith('lm_head.'):
             state[key] = value
         else:
-            raise ValueError(f'language_model.{key}: no place for it in the transformers InternVL layout')
+            raise ValueError(f'language_model.{key}: no place for it in the transformers {layout} layout')
     return state
 
 

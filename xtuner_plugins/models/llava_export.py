@@ -30,6 +30,7 @@ from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
+from .export import chat_template, composite_llm_state_dict, generation_config, write_weights
 from .projector import BilinearProjector, LlavaProjector
 
 LLAVA_IMAGE_TEXT = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}\n'
@@ -51,13 +52,7 @@ def llava_state_dict(model) -> Dict[str, torch.Tensor]:
     """The training model's tensors under ``LlavaForConditionalGeneration``'s keys."""
     state = {f'model.vision_tower.{k}': v for k, v in nn.Module.state_dict(model.vision_model).items()}
     state.update({f'model.multi_modal_projector.{k}': v for k, v in nn.Module.state_dict(model.mlp1).items()})
-    for key, value in nn.Module.state_dict(model.language_model).items():
-        if key.startswith('model.'):
-            state['model.language_model.' + key[len('model.'):]] = value
-        elif key.startswith('lm_head.'):
-            state[key] = value
-        else:
-            raise ValueError(f'language_model.{key}: no place for it in the transformers LLaVA layout')
+    state.update(composite_llm_state_dict(model, 'LLaVA'))
     return state
 
 
@@ -92,8 +87,6 @@ def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard
     """Weights, ``LlavaConfig``, generation config, tokenizer and ``LlavaProcessor`` with the chat template
     (``tiling`` is unused: one tile per image, its size the encoder's)."""
     from transformers import AutoTokenizer, LlavaProcessor
-
-    from .export import chat_template, generation_config, write_weights
     misfit = llava_misfit(model)
     if misfit:
         raise ValueError(f'this model does not fit transformers\' LLaVA layout: {misfit}; use --format remote')

@@ -21,6 +21,8 @@ from torch import nn
 from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_FILES
 
+from .export import chat_template, generation_config, write_weights
+
 REMOTE_AUTO_MAP = {
     'AutoConfig': 'configuration_vlm_chat.VLMChatConfig',
     'AutoModel': 'modeling_vlm_chat.VLMChatModel',
@@ -72,7 +74,6 @@ def remote_config(model, tiling: dict, dtype: torch.dtype, system: Optional[str]
 
 def write_remote(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB', log=print,
                  system: Optional[str] = None) -> None:
-    from .export import chat_template, generation_config, write_weights
     write_weights(remote_state_dict(model), out_dir, max_shard_size, log)
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
         json.dump(remote_config(model, tiling, dtype, system), f, indent=2, ensure_ascii=False)

@@ -6,6 +6,8 @@ Usage::
     python tools/check_dataset.py --data a.jsonl b.json --image-folder imgs_a imgs_b \\
         --tokenizer Qwen/Qwen2.5-1.5B-Instruct --max-length 8192 --max-dynamic-patch 12
     python tools/check_dataset.py --data meta.json          # an InternVL meta file (its own roots)
+    python tools/check_dataset.py --data my.jsonl --image-folder imgs --tokenizer models/Qwen2.5-0.5B-Instruct \
+        --image-mode pad --image-size 336 --num-image-token 576   # LLaVA-1.5 on CLIP-336 (one padded tile)
 
 It reads the files exactly as ``InternVLDataset`` does, decodes every image, and prints each problem as
 ``FILE:LINE: reason``, then per file: samples, images found / missing / corrupt, and (with
@@ -50,6 +52,11 @@ def parse_args(argv=None):
     p.add_argument('--image-size', type=int, default=448, help='tile size in pixels (default 448)')
     p.add_argument('--patch-size', type=int, default=14, help='vision patch size (default 14)')
     p.add_argument('--downsample-ratio', type=float, default=0.5, help='pixel-shuffle ratio (default 0.5)')
+    p.add_argument('--num-image-token', type=int, default=None,
+                   help='LLM tokens per tile, the projector\'s (default: pixel shuffle of the two above; '
+                        '576 for LLaVA on CLIP-336, 169 for bilinear_mlp on SigLIP-384)')
+    p.add_argument('--image-mode', choices=('tile', 'resize', 'pad'), default='tile',
+                   help='tile (InternVL dynamic tiling, default), resize or pad: one tile per image')
     p.add_argument('--no-thumbnail', action='store_true', help='tiling without the thumbnail tile')
     p.add_argument('--allow-truncation', action='store_true',
                    help='samples cut to --max-length (images whole) do not make the check fail')
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
                              max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
-                             downsample_ratio=args.downsample_ratio, min_dynamic_patch=args.min_dynamic_patch,
+                             downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
+                             image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
                              max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
                              max_bad_fraction=1.0)
     except (ValueError, FileNotFoundError) as exc:

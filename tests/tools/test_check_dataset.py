@@ -77,3 +77,19 @@ def test_runs_as_a_script_with_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert '--max-dynamic-patch' in result.stdout and '--tokenizer' in result.stdout
+
+
+def test_one_tile_modes_count_the_projectors_tokens(tmp_path, tiny_tokenizer_dir, capsys):
+    """--image-mode resize/pad: one tile per image of --num-image-token tokens (100 more tokens per tile, 100
+    more per sample); tile mode would cut the 60..80 x 40 images into several 28 px tiles."""
+    import re
+    path, img = good_data(tmp_path)
+    maxima = {}
+    for mode, tokens in (('pad', 10), ('pad', 110), ('resize', 10), ('tile', 10)):
+        assert check_dataset.main(['--data', path, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir,
+                                   '--image-size', '28', '--image-mode', mode, '--num-image-token',
+                                   str(tokens)]) == 0
+        out = capsys.readouterr().out
+        maxima[mode, tokens] = int(re.search(r'tokens \(text \+ image\): min \d+, .*max (\d+)', out).group(1))
+    assert maxima['pad', 110] - maxima['pad', 10] == 100
+    assert maxima['resize', 10] == maxima['pad', 10] < maxima['tile', 10]

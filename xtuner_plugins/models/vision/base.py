@@ -105,13 +105,6 @@ class VisionEncoder:
         selected); they are kept (an export writes the whole tower) but never trained."""
         return []
 
-    # ------------------------------------------------------------------ shared by the transformers towers
-    def hidden_state(self, module: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``hidden_states[select_layer]`` of a transformers vision model, as transformers' LLaVA takes it."""
-        out = module(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        hidden = out.hidden_states[self.select_layer]
-        return hidden[:, 1:] if self.drop_cls else hidden
-
 
 def _side(value, name: str) -> int:
     if isinstance(value, (list, tuple)):
@@ -209,7 +202,10 @@ class TransformersVisionEncoder(VisionEncoder):
         return module.eval()
 
     def features(self, module, pixel_values):
-        return self.hidden_state(module, pixel_values)
+        """``hidden_states[select_layer]``, CLS dropped where the type has one, as transformers' LLaVA takes it."""
+        out = module(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[self.select_layer]
+        return hidden[:, 1:] if self.drop_cls else hidden
 
     def unused_parameters(self, module):
         depth = self.select_layer % (self.num_layers + 1)

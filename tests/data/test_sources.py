@@ -31,16 +31,18 @@ class TestExpandSources:
 
     def test_per_file_values_and_meta(self, tmp_path):
         a = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}])
-        (tmp_path / 'sub').mkdir()
+        (tmp_path / 'sub' / 'imgs').mkdir(parents=True)  # image folders must exist
+        (tmp_path / 'imgs').mkdir()
         write_jsonl(tmp_path / 'sub' / 'b.jsonl', [{'conversations': conv(image=False)}])
         meta = tmp_path / 'meta.json'
         meta.write_text(json.dumps({'bee': {'root': 'sub/imgs', 'annotation': 'sub/b.jsonl',
                                             'repeat_time': 0.5, 'max_dynamic_patch': 4,
                                             'data_augment': False, 'length': 1}}))
-        sources = expand_sources([a, str(meta)], image_folders=['imgs', None], repeat_times=[2, 1],
+        imgs = str(tmp_path / 'imgs')
+        sources = expand_sources([a, str(meta)], image_folders=[imgs, None], repeat_times=[2, 1],
                                  max_dynamic_patches=[6, None])
         assert [s.name for s in sources] == ['a.jsonl', 'bee']
-        assert sources[0].image_folder == 'imgs' and sources[0].repeat_time == 2 and sources[0].max_dynamic_patch == 6
+        assert sources[0].image_folder == imgs and sources[0].repeat_time == 2 and sources[0].max_dynamic_patch == 6
         assert sources[1].annotation == str(tmp_path / 'sub' / 'b.jsonl')  # relative to the meta file
         assert sources[1].image_folder == str(tmp_path / 'sub' / 'imgs')
         assert sources[1].repeat_time == 0.5 and sources[1].max_dynamic_patch == 4
@@ -89,3 +91,16 @@ class TestReadRecords:
         path.write_text('[{"id": 1},')
         with pytest.raises(ValueError, match='a.json: not valid JSON'):
             read_records(0, expand_sources(str(path))[0])
+
+
+def test_a_missing_image_folder_is_named_at_start_up(tmp_path):
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'x.png', 'conversations': conv()}])
+    with pytest.raises(FileNotFoundError, match=r'a.jsonl: its image folder .*/nope does not exist \(set '
+                                                r'train_dataloader.dataset.image_folders'):
+        expand_sources([path], [str(tmp_path / 'nope')])
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'d': {'root': 'gone', 'annotation': 'a.jsonl'}}))
+    with pytest.raises(FileNotFoundError, match=r'its image folder .*gone does not exist'):
+        expand_sources([str(meta)])
+    (tmp_path / 'imgs').mkdir()
+    assert expand_sources([path], [str(tmp_path / 'imgs')])[0].image_folder == str(tmp_path / 'imgs')

@@ -39,3 +39,13 @@ def test_hook_unwraps_model_and_packed_dataset():
         ModelDataCheckHook().before_run(runner)
     packed.dataset.geometry = dict(MODEL)
     ModelDataCheckHook().before_run(runner)
+
+
+def test_the_data_sets_tokenizer_must_be_the_models(tiny_tokenizer):
+    from xtuner_plugins.engine.checks import check_tokenizers
+    from xtuner_plugins.tiny import build_tiny_tokenizer
+    check_tokenizers(tiny_tokenizer, build_tiny_tokenizer())  # the same vocabulary, built twice
+    other = build_tiny_tokenizer(vocab_size=600)  # another LLM's vocabulary: InternVL's tokens land elsewhere
+    with pytest.raises(ValueError, match=r"the data set's tokenizer is not the model's: \d+ tokens with "
+                                         r"<IMG_CONTEXT> at id \d+, the model's \d+ tokens"):
+        check_tokenizers(tiny_tokenizer, other)

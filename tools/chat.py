@@ -48,11 +48,14 @@ def generation_settings(args) -> dict:
 
 
 
+HELP = ('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
+        '/help shows this, /exit quits.')
+
+
 def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -> None:
     from transformers import TextIteratorStreamer
     pending = list(images)
-    print('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
-          '/exit quits.', flush=True)
+    print(HELP, flush=True)
     while True:
         try:
             line = input('you> ').strip()
@@ -63,12 +66,16 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
             continue
         if line in ('/exit', '/quit'):
             return
+        command = line.split()[0]
+        if command.startswith('/') and command not in ('/image', '/reset'):
+            print(HELP if command == '/help' else f'(unknown command {command}) ' + HELP)
+            continue
         if line == '/reset':
             chat.reset()
             pending = []
             print('(history cleared)')
             continue
-        if line.startswith('/image'):
+        if command == '/image':
             paths = line.split()[1:]
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:

@@ -134,13 +134,14 @@ def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys):
     image = setup['images'][1]
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',
                                       dict(max_new_tokens=8, do_sample=False))
-    lines = iter([f'/image {image}', 'Describe the image.', 'And?', '/reset', '/exit'])
+    lines = iter(['/help', f'/image {image}', 'Describe the image.', '/images', 'And?', '/reset', '/exit'])
     monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
     assert chat_main([setup['folder'], '--max-new-tokens', '8']) == 0
     out = capsys.readouterr().out
     answers = [line[len('model> '):] for line in out.splitlines() if line.startswith('model> ')]
     assert answers[0].strip() == expected
     assert len(answers) == 2 and '(history cleared)' in out and 'error' not in out
+    assert out.count('/help shows this') == 3 and '(unknown command /images)' in out  # never sent to the model
 
 
 def test_a_trained_system_message_is_the_converted_models_default(setup, tmp_path, monkeypatch):

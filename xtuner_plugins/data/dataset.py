@@ -35,7 +35,7 @@ import torch
 from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
-from .errors import SampleError, TooManyBadSamplesError
+from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
@@ -51,7 +51,8 @@ def build_tokenizer(tokenizer):
         return tokenizer
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+        return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), tokenizer,
+                                     'train_dataloader.dataset.tokenizer')
     from xtuner.registry import BUILDER
     return BUILDER.build(tokenizer)
 

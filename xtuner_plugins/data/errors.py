@@ -38,3 +38,18 @@ class SampleError(Exception):
 
 class TooManyBadSamplesError(RuntimeError):
     """Raised when the fraction of bad samples passes the configured limit."""
+
+
+def from_pretrained_named(load, path: str, key: str):
+    """``load(path)`` (a ``from_pretrained``); a path that is neither a folder nor in the local Hugging Face cache
+    is reported with the config key that set it, where transformers would speak of an internet connection
+    (nothing is downloaded at run time here)."""
+    import os
+    try:
+        return load(path)
+    except (OSError, ValueError) as exc:  # not cached / not a repo id (huggingface_hub's HFValidationError)
+        if os.path.isdir(path):
+            raise
+        raise FileNotFoundError(f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing '
+                                f'is downloaded at run time); download it first (huggingface-cli download REPO '
+                                f'--local-dir FOLDER) and set {key} to its folder') from exc

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from xtuner_plugins.data.errors import from_pretrained_named
 from xtuner_plugins.data.template import add_internvl_tokens
 
 from .zero3 import gathered, shape_of
@@ -25,7 +26,8 @@ from .zero3 import gathered, shape_of
 def load_tokenizer(path: str) -> Tuple[object, int]:
     """The LLM's tokenizer with InternVL's added tokens (offline; no remote code), and how many of those
     tokens were new to it (0 for a tokenizer saved with an InternVL checkpoint)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), path,
+                                      'model.tokenizer (or model.llm)')
     return tokenizer, add_internvl_tokens(tokenizer)
 
 
@@ -45,8 +47,10 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
         kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
         kwargs['device_map'] = ({'': int(os.environ.get('LOCAL_RANK', 0))} if torch.cuda.is_available()
                                 else 'cpu')
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
-                                                attn_implementation=attn_implementation, **kwargs)
+    return from_pretrained_named(
+        lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, trust_remote_code=False,
+                                                       attn_implementation=attn_implementation, **kwargs),
+        path, 'model.llm')
 
 
 def untie_embeddings(llm: PreTrainedModel) -> None:

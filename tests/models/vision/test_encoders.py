@@ -137,3 +137,13 @@ def test_official_internvit_geometry_is_unchanged(folders):
     model = InternVLModel(vision_encoder=folders['internvit'], llm=folders['qwen2'], torch_dtype='float32')
     assert model.geometry == dict(image_size=56, num_image_token=4, image_mode='tile',
                                   image_mean=(0.485, 0.456, 0.406))
+
+
+def test_missing_folders_are_named_with_their_config_key(folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match='model.vision_encoder: vision encoder folder not found: .*/gone'):
+        InternVLModel(vision_encoder=str(tmp_path / 'gone'), llm=folders['qwen2'])
+    with pytest.raises(FileNotFoundError, match=r"model.llm: '.*/no_llm' is neither a folder nor in the local "
+                                                r"Hugging Face cache"):
+        InternVLModel(vision_encoder=folders['clip'], llm=str(tmp_path / 'no_llm'))
+    with pytest.raises(FileNotFoundError, match=r"model.tokenizer \(or model.llm\): '.*/no_tok'"):
+        InternVLModel(vision_encoder=folders['clip'], llm=folders['qwen2'], tokenizer=str(tmp_path / 'no_tok'))

@@ -118,9 +118,10 @@ def folder_model_type(path: str) -> str:
     """``model_type`` of a model folder's ``config.json`` (an InternVL chat folder counts as its vision part)."""
     config_path = os.path.join(path, 'config.json')
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'vision encoder folder not found: {path}')
+        raise FileNotFoundError(f'model.vision_encoder: vision encoder folder not found: {path}')
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f'{config_path}: no config.json; is {path} a vision encoder folder?')
+        raise FileNotFoundError(f'model.vision_encoder: {config_path} does not exist; is {path} a vision encoder '
+                                f'folder?')
     config = read_json(config_path)
     if 'vision_config' in config and config.get('model_type') == 'internvl_chat':
         config = config['vision_config']

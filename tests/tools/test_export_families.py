@@ -159,3 +159,16 @@ def test_llava_processor_builds_the_training_prompt_and_pixels(family, tiny):
     model = family['model']
     assert torch.allclose(inputs['pixel_values'], normalize_tiles(tiles, model.vision.mean, model.vision.std),
                           atol=1e-5)
+
+
+def test_hf_folder_chats_like_the_training_model(tiny, tmp_path, capsys):
+    """``--format hf`` (transformers' InternVL and its processor): tools/chat.py answers as the training model."""
+    opts = options(tiny)
+    model = trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3)
+    folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'hf', opts, '--format', 'hf')
+    expected = greedy_with_training_model(model, load_image(tiny['photo']), 'Describe the image.')
+    assert expected and ConvertedModel(folder).format == 'hf'
+    capsys.readouterr()  # the converter's log
+    assert chat_main([folder, '--image', tiny['photo'], '--prompt', 'Describe the image.',
+                      '--max-new-tokens', '8']) == 0
+    assert capsys.readouterr().out.strip() == expected

@@ -13,7 +13,8 @@ thumbnail per image), ``siglip`` (SigLIP-so400m-384 + bilinear MLP + Qwen2.5-0.5
 Each stage is measured in a fresh process (so one stage's peak does not hide the next): the model is built
 with the stage config's model settings (freezing, LoRA, 4-bit, gradient checkpointing), then a few
 training steps (AdamW over the trainable parameters) run on one batch of ``--batch`` samples, each with
-one image (12 tiles plus a thumbnail for a tiling family, one tile otherwise). Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and
+one image (12 tiles plus a thumbnail for a tiling family, one tile otherwise). Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU and
 the process's peak resident set size (which includes the Python runtime and libraries) on a CPU.
 ``--real`` writes randomly initialised checkpoints with the real shapes (InternViT-300M-448px-V2_5:
 1024 wide, 24 layers, 448 px; SigLIP-so400m: 1152 wide, 27 layers, 384 px; CLIP ViT-L/14-336: 1024 wide,

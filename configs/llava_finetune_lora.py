@@ -2,7 +2,8 @@
 # the projector trained with a larger learning rate than the adapters; exported as transformers' LLaVA.
 #
 #   xtuner train configs/llava_finetune_lora.py --cfg-options model.pretrained_pth=work_dirs/llava_pretrain/iter_N.pth \
-#       train_dataloader.dataset.data_files=[my_data/train.jsonl] train_dataloader.dataset.image_folders=[my_data/images]
+#       train_dataloader.dataset.data_files=[my_data/train.jsonl] \
+#       train_dataloader.dataset.image_folders=[my_data/images]
 #   python tools/convert_to_official.py configs/llava_finetune_lora.py work_dirs/llava_finetune_lora/iter_M.pth \
 #       work_dirs/my_llava --format llava --cfg-options model.pretrained_pth=work_dirs/llava_pretrain/iter_N.pth
 #

@@ -14,7 +14,8 @@ Usage::
 The folder's format is read from its ``config.json``: ``official`` and ``remote`` folders load with
 ``trust_remote_code`` and answer through their ``chat``; ``llava`` and ``hf`` folders through transformers' own
 classes and the folder's processor (``xtuner_plugins.models.inference``). Tiling flags (``--max-num``,
-``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's ``config.json`` (official/remote). Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
+``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's ``config.json`` (official/remote).
+Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
 A config plus checkpoint is converted into a temporary folder first (the converter's code path), so both
 ways run the same model code.
 """

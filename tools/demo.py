@@ -10,7 +10,8 @@ Usage::
     python tools/demo.py --recipe quick --set vision=clip projector=mlp   # LLaVA-style: CLIP + MLP -> llava
 
 Outputs (logs, TensorBoard events, checkpoints, the converted folder, answers) go to ``work_dirs/demo/``;
-the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control: B``. The stages are in
+the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control:
+B``. The stages are in
 ``xtuner_plugins/demo/run.py``.
 """
 

@@ -42,7 +42,8 @@ def test_projector_layout_matches_official_keys():
     assert isinstance(mlp[2], torch.nn.GELU) and mlp[2].approximate == 'none'  # exact GELU
     features = torch.randn(2, 16, 16)  # two tiles of a 4x4 patch grid, 16 channels
     assert mlp.tokens_per_tile(4) == 4
-    assert torch.equal(mlp(features), nn.Sequential.forward(mlp, pixel_shuffle(features.view(2, 4, 4, 16)).view(2, 4, 64)))
+    shuffled = pixel_shuffle(features.view(2, 4, 4, 16)).view(2, 4, 64)
+    assert torch.equal(mlp(features), nn.Sequential.forward(mlp, shuffled))
 
 
 def test_llava_projector_keys_and_tokens():
@@ -79,7 +80,8 @@ def test_bilinear_projector_halves_the_grid(side, out):
 
 
 def test_projector_errors():
-    with pytest.raises(ValueError, match="unknown projector 'conv'; registered: \\['bilinear_mlp', 'mlp', 'pixel_shuffle_mlp'\\]"):
+    with pytest.raises(ValueError, match=r"unknown projector 'conv'; registered: \['bilinear_mlp', 'mlp', "
+                                         r"'pixel_shuffle_mlp'\]"):
         build_projector('conv', 8, 8)
     with pytest.raises(ValueError, match='needs a patch grid divisible by 2, got 27x27'):
         build_projector('pixel_shuffle_mlp', 8, 8).tokens_per_tile(27)

@@ -1,8 +1,8 @@
 """Chatting with a converted folder: the official ``chat`` / ``batch_chat`` of the remote code and tools/chat.py.
 
 The answers are those of the training model: the prompt ``chat`` builds is token for token the prompt the
-training pipeline builds for the same question, and greedy ``chat`` output equals a greedy decode written
-here with the training model's forward.
+training pipeline builds for the same question, and greedy ``chat`` output equals a greedy decode with the
+training model's forward (``test_export_families.greedy_with_training_model``).
 """
 
 
@@ -11,8 +11,9 @@ import torch
 
 from tests.helpers import tiny_workspace, write_image
 from tests.tools.test_convert_to_official import LORA, as_args, convert, options, trained_checkpoint
+from tests.tools.test_export_families import greedy_with_training_model
 from tools.chat import main as chat_main
-from xtuner_plugins.data.image_io import load_image_tiles
+from xtuner_plugins.data.image_io import load_image, load_image_tiles
 from xtuner_plugins.data.template import tokenize_conversation
 
 
@@ -64,28 +65,10 @@ def test_chat_prompt_is_the_training_prompt(setup, monkeypatch):
     assert got == training_prompt(setup['tokenizer'], pixel_values, 'What is it?')
 
 
-def greedy_with_training_model(setup, pixel_values, question, steps):
-    """Greedy decoding with the training model's forward (no cache), from the training pipeline's prompt."""
-    tokenizer, model = setup['tokenizer'], setup['model']
-    ids = torch.tensor([training_prompt(tokenizer, pixel_values, question)])
-    stop = tokenizer.convert_tokens_to_ids('<|im_end|>')
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                                image_flags=torch.ones(pixel_values.shape[0], dtype=torch.long)), mode='tensor')
-            token = int(logits[0, -1].argmax())
-            if token == stop:
-                break
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
-
-
 def test_greedy_chat_equals_the_training_models_greedy_decode(setup):
     for path in setup['images'][:2]:
         pixel_values = tiles(path)
-        expected = greedy_with_training_model(setup, pixel_values, 'Describe the image.', steps=8)
+        expected = greedy_with_training_model(setup['model'], load_image(path), 'Describe the image.', steps=8)
         got = setup['official'].chat(setup['tokenizer'], pixel_values, 'Describe the image.',
                                      dict(max_new_tokens=8, do_sample=False))
         assert got == expected and got

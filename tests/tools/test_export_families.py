@@ -1,5 +1,6 @@
 """Exporting every model family: transformers' LLaVA (CLIP + LLaVA MLP, one padded image, LoRA; SigLIP + LLaVA
-MLP, one resized image, QLoRA dequantised and merged) and the self-contained remote-code folder (SigLIP + bilinear MLP with tiles, CLIP + pixel shuffle on one resized image).
+MLP, one resized image, QLoRA dequantised and merged) and the self-contained remote-code folder (SigLIP +
+bilinear MLP with tiles, CLIP + pixel shuffle on one resized image); and chat on a ``--format hf`` folder.
 
 Checkpoints are the stage configs' own with every trained tensor perturbed (as test_convert_to_official does),
 so a tensor the converter drops, misnames or leaves unmerged changes the result. Each converted folder's

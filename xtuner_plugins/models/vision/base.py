@@ -64,8 +64,8 @@ class VisionEncoder:
     def __init__(self, module: nn.Module, select_layer: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
         config = module.config
-        self.image_size = _side(config.image_size, 'image_size')
-        self.patch_size = _side(config.patch_size, 'patch_size')
+        self.image_size = square_side(config.image_size, 'image_size')
+        self.patch_size = square_side(config.patch_size, 'patch_size')
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
         self.select_layer = self.default_select_layer if select_layer is None else int(select_layer)
@@ -106,7 +106,8 @@ class VisionEncoder:
         return []
 
 
-def _side(value, name: str) -> int:
+def square_side(value, name: str) -> int:
+    """A square size given as an int or as ``[s, s]`` (transformers' vision configs)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f'a square {name} is needed, got {list(value)}')

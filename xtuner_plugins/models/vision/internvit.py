@@ -43,7 +43,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
 from ...data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from ..checkpoint import read_hf_weights
-from .base import VisionEncoder, register_vision_encoder
+from .base import VisionEncoder, register_vision_encoder, square_side
 
 __all__ = [
     'OFFICIAL_MODEL_TYPE', 'OFFICIAL_AUTO_MAP', 'official_to_hf_vision_config', 'hf_to_official_vision_config',
@@ -101,14 +101,6 @@ _HF_FIXED = {'use_mean_pooling': True, 'use_absolute_position_embeddings': True,
              'hidden_dropout_prob': 0.0}
 
 
-def _square(value, name: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f'InternViT needs a square {name}, got {list(value)}')
-        value = value[0]
-    return int(value)
-
-
 def official_to_hf_vision_config(cfg: dict, attn_implementation: Optional[str] = None) -> InternVLVisionConfig:
     """InternViT ``config.json`` dict -> ``InternVLVisionConfig``.
 
@@ -132,7 +124,7 @@ def official_to_hf_vision_config(cfg: dict, attn_implementation: Optional[str] =
         raise ValueError('this InternViT config has use_moe true; a MoE vision encoder has no transformers model')
     full = {**_OFFICIAL_DEFAULTS, **{k: v for k, v in cfg.items() if k in _OFFICIAL_DEFAULTS}}
     kwargs = {hf: full[official] for official, hf in _CONFIG_TABLE.items()}
-    size, patch = _square(full['image_size'], 'image_size'), _square(full['patch_size'], 'patch_size')
+    size, patch = square_side(full['image_size'], 'image_size'), square_side(full['patch_size'], 'patch_size')
     kwargs['image_size'], kwargs['patch_size'] = [size, size], [patch, patch]
     kwargs.update({name: full[name] for name in _CARRIED_FIELDS})
     kwargs.update(_HF_FIXED)
@@ -158,8 +150,8 @@ def hf_to_official_vision_config(cfg: InternVLVisionConfig) -> dict:
            'model_type': OFFICIAL_MODEL_TYPE}
     for official, hf in _CONFIG_TABLE.items():
         out[official] = getattr(cfg, hf)
-    out['image_size'] = _square(cfg.image_size, 'image_size')
-    out['patch_size'] = _square(cfg.patch_size, 'patch_size')
+    out['image_size'] = square_side(cfg.image_size, 'image_size')
+    out['patch_size'] = square_side(cfg.patch_size, 'patch_size')
     out['drop_path_rate'] = getattr(cfg, 'drop_path_rate', 0.0)
     out['use_flash_attn'] = getattr(cfg, 'use_flash_attn', cfg._attn_implementation == 'flash_attention_2')
     dtype = getattr(cfg, 'dtype', None)

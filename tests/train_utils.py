@@ -272,7 +272,8 @@ def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[st
               cfg_options: Union[None, Mapping, Sequence[str]] = None, use_cli: bool = False,
               timeout: float = 240, extra_args: Sequence[str] = (), extra_env: Optional[Mapping] = None,
               require_checkpoint: bool = True, expect_iters: Optional[int] = None,
-              cache_dir: Optional[str] = None, port_retries: int = 1) -> TrainOutcome:
+              cache_dir: Optional[str] = None, port_retries: int = 1,
+              script: Optional[str] = None) -> TrainOutcome:
     """Train ``config`` into ``work_dir`` in a subprocess and return a :class:`TrainOutcome`.
 
     Args:
@@ -286,6 +287,7 @@ def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[st
         require_checkpoint: a run without ``iter_<max_iters>.pth`` (or ``epoch_*.pth``) counts as failed.
         expect_iters: the number of iterations that must be logged (default: N of ``Iter(train) [k/N]``).
         port_retries: rerun this often when the rendezvous port turned out to be taken.
+        script: the train script (default XTuner's ``xtuner/tools/train.py``; e.g. this repo's ``tools/train.py``).
     """
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
@@ -308,10 +310,10 @@ def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[st
             env.update(NPROC_PER_NODE=str(nproc), NNODES='1', PORT=str(port), ADDR='127.0.0.1')
             cmd = [os.path.join(VENV_BIN, 'xtuner'), 'train', *train_args]
         elif nproc == 1:
-            cmd = [sys.executable, xtuner_train_script(), *train_args]
+            cmd = [sys.executable, script or xtuner_train_script(), *train_args]
         else:
             cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--nnodes=1',
-                   '--master_addr=127.0.0.1', f'--master_port={port}', xtuner_train_script(), *train_args,
+                   '--master_addr=127.0.0.1', f'--master_port={port}', script or xtuner_train_script(), *train_args,
                    '--launcher', 'pytorch']
         t0 = time.perf_counter()
         returncode, timed_out = _run_logged(cmd, env, log_path, timeout)

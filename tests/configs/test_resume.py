@@ -110,3 +110,31 @@ def test_deepspeed_zero2_resume(tiny, tmp_path):
     assert sorted(after) == [5, 6, 7, 8], resumed.losses
     for i in after:
         assert after[i] == pytest.approx(full.losses[i], abs=1e-6), (i, after[i], full.losses[i])
+
+
+TRAIN_TOOL = os.path.join(ROOT, 'tools', 'train.py')
+
+
+@pytest.mark.slow
+def test_resume_from_a_named_checkpoint_through_our_entry_point(tiny, tmp_path):
+    """The README's `--resume work_dirs/<cfg>/iter_N.pth`: XTuner's script reads the checkpoint's seed with
+    torch.load's weights_only default and crashes; tools/train.py resumes and continues the same run."""
+    full = run_train(CONFIG, str(tmp_path / 'full'), cfg_options=options(tiny))
+    assert full.ok, full.summary()
+    checkpoint = os.path.join(full.work_dir, 'iter_4.pth')
+    plain = run_train(CONFIG, str(tmp_path / 'plain'), cfg_options=options(tiny), extra_args=['--resume', checkpoint])
+    assert not plain.ok and 'Weights only load failed' in plain.log
+    resumed = run_train(CONFIG, str(tmp_path / 'resumed'), cfg_options=options(tiny), script=TRAIN_TOOL,
+                        extra_args=['--resume', checkpoint])
+    assert resumed.ok, resumed.summary()
+    assert 'resumed epoch: 0, iter: 4' in resumed.log
+    after = {i: v for i, v in resumed.losses.items() if i > 4}
+    assert sorted(after) == [5, 6, 7, 8], resumed.losses
+    for i in after:
+        assert after[i] == pytest.approx(full.losses[i], abs=1e-6), (i, after[i], full.losses[i])
+
+
+def test_our_entry_point_exits_non_zero_when_training_fails(tiny, tmp_path):
+    bad = dict(tiny_options(tiny, tiny['same'], repeat=1), **{'model.llm': str(tmp_path / 'no_llm')})
+    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=bad, script=TRAIN_TOOL, require_checkpoint=False)
+    assert out.returncode != 0 and "model.llm: '" in out.log, out.summary()

@@ -5,11 +5,13 @@ Usage::
     python tools/train.py CONFIG [--work-dir DIR] [--deepspeed JSON|NAME] [--resume CKPT] [--cfg-options ...]
     torchrun --nproc_per_node=4 tools/train.py CONFIG --launcher pytorch --deepspeed deepspeed_zero2
 
-The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with two differences:
+The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
 ``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback; and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
-next to the weights) before any training code runs. Only resume from checkpoints you trust (your own runs).
+next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
+and ``--cfg-options`` are checked first: a variable of the config file (``llm_path=...``, which changes nothing
+once the file is read) or a misspelt setting of a component is refused with what to set instead.
 """
 
 import os
@@ -34,6 +36,15 @@ def main() -> int:
 
     torch_load = torch.load
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
+    args = xtuner_train.parse_args()
+    if args.cfg_options and os.path.isfile(args.config):
+        from mmengine.config import Config
+
+        from xtuner_plugins.engine.options import check_cfg_options
+        problems = check_cfg_options(Config.fromfile(args.config), args.cfg_options)
+        if problems:
+            print('train: error: --cfg-options:\n  ' + '\n  '.join(problems), file=sys.stderr)
+            return 2
     xtuner_train.main()
     return 0
 

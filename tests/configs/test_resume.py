@@ -138,3 +138,10 @@ def test_our_entry_point_exits_non_zero_when_training_fails(tiny, tmp_path):
     bad = dict(tiny_options(tiny, tiny['same'], repeat=1), **{'model.llm': str(tmp_path / 'no_llm')})
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=bad, script=TRAIN_TOOL, require_checkpoint=False)
     assert out.returncode != 0 and "model.llm: '" in out.log, out.summary()
+
+
+def test_our_entry_point_refuses_cfg_options_that_would_change_nothing(tiny, tmp_path):
+    opts = dict(tiny_options(tiny, tiny['same'], repeat=1), llm_path=tiny['llm'])
+    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=opts, script=TRAIN_TOOL, require_checkpoint=False)
+    assert out.returncode == 2 and 'llm_path: a variable of the config file' in out.log
+    assert 'model.llm' in out.log.split('llm_path: a variable')[1] and 'instead' in out.log, out.log[-2000:]

@@ -1,0 +1,31 @@
+"""check_cfg_options on a real stage config: a file variable and a misspelt component setting are named with
+what to set instead; valid and new settings pass."""
+
+import os
+
+from mmengine.config import Config
+
+from xtuner_plugins.engine.options import check_cfg_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py'))
+
+
+def test_valid_and_new_settings_pass():
+    assert check_cfg_options(CFG, {'model.llm': 'x', 'model.vision_lora.r': 4, 'resume': True,
+                                   'train_dataloader.sampler.mega_batch_mult': 4,
+                                   'optim_wrapper.optimizer.paramwise_cfg.custom_keys.mlp1.lr_mult': 2.0}) == []
+
+
+def test_a_file_variable_names_the_entries_that_hold_its_value():
+    (problem,) = check_cfg_options(CFG, {'llm_path': 'models/other'})
+    assert problem.startswith('llm_path: a variable of the config file')
+    assert 'model.llm' in problem and 'train_dataloader.dataset.tokenizer' in problem
+
+
+def test_a_misspelt_setting_names_the_closest():
+    (problem,) = check_cfg_options(CFG, {'model.vision_encodr': 'x'})
+    assert problem.startswith("model.vision_encodr: InternVLModel has no setting 'vision_encodr'; closest: "
+                              "model.vision_encoder, ")
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.image_folder': ['x']})
+    assert 'InternVLDataset has no setting' in problem and 'train_dataloader.dataset.image_folders' in problem

@@ -6,7 +6,8 @@ Usage::
     torchrun --nproc_per_node=4 tools/train.py CONFIG --launcher pytorch --deepspeed deepspeed_zero2
 
 The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
-``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback; and
+``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback and a closing
+``train: FAILED: ...`` line; and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
 next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
@@ -16,6 +17,7 @@ once the file is read) or a misspelt setting of a component is refused with what
 
 import os
 import sys
+import traceback
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +47,15 @@ def main() -> int:
         if problems:
             print('train: error: --cfg-options:\n  ' + '\n  '.join(problems), file=sys.stderr)
             return 2
-    xtuner_train.main()
+    try:
+        xtuner_train.main()
+    except Exception as exc:  # the traceback first, then a short summary a person sees at the end
+        traceback.print_exc()
+        work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
+        message = str(exc).splitlines()[0] if str(exc) else ''
+        print(f'\ntrain: FAILED: {type(exc).__name__}: {message}\n  the traceback is above; the run\'s log is under '
+              f'{work_dir}/<timestamp>/', file=sys.stderr)
+        return 1
     return 0
 
 

@@ -137,7 +137,8 @@ def test_resume_from_a_named_checkpoint_through_our_entry_point(tiny, tmp_path):
 def test_our_entry_point_exits_non_zero_when_training_fails(tiny, tmp_path):
     bad = dict(tiny_options(tiny, tiny['same'], repeat=1), **{'model.llm': str(tmp_path / 'no_llm')})
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=bad, script=TRAIN_TOOL, require_checkpoint=False)
-    assert out.returncode != 0 and "model.llm: '" in out.log, out.summary()
+    assert out.returncode == 1 and "model.llm: '" in out.log, out.summary()
+    assert out.log.rstrip().splitlines()[-2].startswith("train: FAILED: FileNotFoundError: model.llm: '")
 
 
 def test_our_entry_point_refuses_cfg_options_that_would_change_nothing(tiny, tmp_path):

@@ -45,3 +45,24 @@ def test_given_twice_is_an_error():
                optimizer=dict(type=torch.optim.AdamW, lr=1.0, paramwise_cfg=dict(custom_keys={})))
     with pytest.raises(ValueError, match='paramwise_cfg is given twice'):
         build_optim_wrapper(Net(), cfg)
+
+
+def test_frozen_parameters_are_summed_up_in_one_line():
+    import logging
+
+    from mmengine.logging import MMLogger
+    model = Net()
+    model.vision_model.requires_grad_(False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        build_optim_wrapper(model, dict(type='OptimWrapper', optimizer=dict(
+            type=torch.optim.AdamW, lr=1e-3, paramwise_cfg=dict(custom_keys={'mlp1.': dict(lr_mult=2.0)}))))
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not any('is skipped since' in m for m in messages), messages
+    assert '2 frozen parameter tensors (requires_grad=False) are left out of the optimizer' in messages

@@ -12,13 +12,31 @@ With ``--deepspeed``, ``xtuner/tools/train.py`` replaces the whole ``optim_wrapp
 :class:`OptimWrapperConstructor` is MMEngine's ``DefaultOptimWrapperConstructor`` that takes
 ``paramwise_cfg`` from there too; it is registered under MMEngine's default constructor name, so every
 path (plain runs, ``FlexibleRunner`` + DeepSpeed) builds the optimizer with it. Its semantics are MMEngine's
-own (``custom_keys`` with ``lr_mult``/``decay_mult``, ``bias_decay_mult``, ``norm_decay_mult``, ...).
+own (``custom_keys`` with ``lr_mult``/``decay_mult``, ``bias_decay_mult``, ``norm_decay_mult``, ...). Its
+warning for every frozen parameter is summed up in one line.
 """
 
 from __future__ import annotations
 
+import logging
+
+from mmengine.logging import MMLogger, print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+
+class _FrozenSkipCounter(logging.Filter):
+    """Drops MMEngine's one-line-per-parameter "is skipped since its requires_grad=False" warnings, counting them."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if 'is skipped since its requires_grad=False' in record.getMessage():
+            self.count += 1
+            return False
+        return True
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module(name='DefaultOptimWrapperConstructor', force=True)
@@ -34,3 +52,17 @@ class OptimWrapperConstructor(DefaultOptimWrapperConstructor):
                                  'keep the one in optimizer (it survives --deepspeed)')
             paramwise_cfg = inner
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
+
+    def __call__(self, model):
+        """MMEngine's construction, with its warning per frozen parameter (67 for a LoRA run) summed up in one
+        line."""
+        logger = MMLogger.get_current_instance()
+        skipped = _FrozenSkipCounter()
+        logger.addFilter(skipped)
+        try:
+            return super().__call__(model)
+        finally:
+            logger.removeFilter(skipped)
+            if skipped.count:
+                print_log(f'{skipped.count} frozen parameter tensors (requires_grad=False) are left out of the '
+                          f'optimizer', logger='current', level=logging.INFO)

@@ -9,11 +9,11 @@ from .checkpointing import apply_checkpoint_patches, atomic_write
 from .checks import ModelDataCheckHook, check_geometry
 from .hooks import ThroughputHook
 from .optim import OptimWrapperConstructor
-from .runtime import (CUDA_AVAILABLE, DIST_BACKEND, AutoOptimWrapper, applied_patches,
+from .runtime import (CUDA_AVAILABLE, DATALOADER_WORKERS, DIST_BACKEND, AutoOptimWrapper, applied_patches,
                       apply_cpu_patches)
 from .schedulers import WarmupLR
 
 __all__ = [
-    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook', 'check_geometry', 'applied_patches',
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DATALOADER_WORKERS', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook', 'check_geometry', 'applied_patches',
     'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor', 'apply_checkpoint_patches', 'atomic_write',
 ]

@@ -46,6 +46,9 @@ CUDA_AVAILABLE: bool = torch.cuda.is_available()
 
 #: torch.distributed backend for ``env_cfg['dist_cfg']['backend']``: NCCL on GPUs, gloo on a CPU.
 DIST_BACKEND: str = 'nccl' if CUDA_AVAILABLE else 'gloo'
+# DataLoader workers per process: 4, or fewer on a machine with fewer cores (PyTorch warns past the core count).
+DATALOADER_WORKERS: int = min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                              else (os.cpu_count() or 1))
 
 #: Set this environment variable to ``1`` to let DeepSpeed build its CPU shared-memory all-reduce op anyway.
 KEEP_DS_SHM_COMM_ENV = 'XTUNER_PLUGINS_DS_SHM_COMM'

@@ -2,12 +2,13 @@
 from xtuner.dataset.samplers import LengthGroupedSampler
 
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+from xtuner_plugins.engine import DATALOADER_WORKERS
 
 data_files = ['data/llava_pretrain/blip_laion_cc_sbu_558k.json']
 image_folders = ['data/llava_pretrain/images']
 tokenizer_path = 'Qwen/Qwen2.5-1.5B-Instruct'   # the LLM's tokenizer
 batch_size = 4          # per device
-num_workers = 4
+num_workers = DATALOADER_WORKERS   # 4, or the core count where smaller
 max_length = 8192
 image_size = 448        # the vision encoder's tile size
 max_dynamic_patch = 12

@@ -26,7 +26,8 @@ from xtuner_plugins.tiny import TINY_LLM_ARCHS, TINY_VISION_TYPES, make_tiny_mod
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('out_dir', help='folder to write <vision>/ and llm/ into')
-    p.add_argument('--vision', choices=TINY_VISION_TYPES, default='internvit', help='vision encoder (default internvit)')
+    p.add_argument('--vision', choices=TINY_VISION_TYPES, default='internvit',
+                   help='vision encoder (default internvit)')
     p.add_argument('--llm', choices=TINY_LLM_ARCHS, default='qwen2', help='LLM architecture (default qwen2)')
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,

@@ -40,8 +40,8 @@ from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
-from .template import (add_internvl_tokens, check_conversations, check_tokenizer_fits, disable_tokenizer_parallelism,
-                       get_template, tokenize_conversation)
+from .template import (add_internvl_tokens, check_conversations, check_tokenizer_fits,
+                       disable_tokenizer_parallelism, get_template, tokenize_conversation)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
 
 
@@ -86,12 +86,12 @@ class InternVLDataset(Dataset):
             ``max(1, max_dynamic_patch // N)`` tiles per image.
         use_thumbnail: append a whole-image thumbnail tile when an image has more than one tile.
         dynamic_image_size: InternVL's name; ``False`` is ``image_mode='resize'``.
-
-    The model checks at start-up (``ModelDataCheckHook``) that :attr:`geometry` matches its own.
         max_bad_fraction: stop when more than this fraction of the samples is bad (0 stops at the first).
         max_image_pixels: decompression-bomb limit (Pillow's by default); ``None`` disables it.
         seed: seed for fractional repeats.
         cache_dir: where per-file length caches go (for the length-grouped sampler).
+
+    The model checks at start-up (``ModelDataCheckHook``) that :attr:`geometry` matches its own.
     """
 
     def __init__(self,

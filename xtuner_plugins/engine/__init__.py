@@ -15,5 +15,6 @@ from .schedulers import WarmupLR
 
 __all__ = [
     'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DATALOADER_WORKERS', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook',
-    'check_geometry', 'applied_patches', 'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor', 'apply_checkpoint_patches', 'atomic_write',
+    'check_geometry', 'applied_patches', 'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
+    'apply_checkpoint_patches', 'atomic_write',
 ]

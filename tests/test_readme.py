@@ -1,0 +1,179 @@
+"""README.md's commands, run as written, on tiny models in the paths the README names, so it cannot drift.
+
+In a temporary folder that links ``configs/`` and ``tools/`` of this checkout, tiny look-alikes are written where
+the README puts the real checkpoints (``models/InternViT-300M-448px-V2_5`` with the real 448 px tiles,
+``models/Qwen2.5-1.5B-Instruct``) with a small LLaVA-Pretrain-like json under ``data/llava_pretrain/``, and the
+README's code blocks are taken from README.md and run in its order with the venv first on ``PATH`` (as after
+``source .venv/bin/activate``): the small data example, ``check_dataset.py`` of stage 1, stage 1 on one process,
+LoRA fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights
+move), the same from an official InternVL folder, the converter, every chat command, the loading snippet.
+
+Placeholders are filled the way a reader fills them: ``work_dirs/<stage>/iter_N.pth`` (and ``iter_M``) is that
+stage's newest checkpoint, ``model.pretrained_pth=...`` the warm-up's, ``photo.jpg``/``a.jpg``/``b.jpg`` the
+reader's own pictures, ``models/InternVL2_5-1B`` an official folder (the converter's output, which has
+InternVL's layout). Not run: downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``,
+``deepspeed_zero*``), ``tensorboard``, the installation (``make test`` just did it) and the LLaVA loading snippet
+(another family's folder; ``tests/tools/test_export_families.py`` loads it the same way).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.train_utils import REPO_ROOT, find_checkpoints, read_scalars, train_env
+
+_SKIP = ('huggingface-cli', 'unzip', 'NPROC_PER_NODE=4', 'deepspeed_zero', 'tensorboard')
+
+
+def readme_blocks(path: str = os.path.join(REPO_ROOT, 'README.md')):
+    """``[(heading, language, code)]`` of every fenced block of the README."""
+    blocks, heading, lang, code = [], '', None, []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            if lang is None and line.startswith('#'):
+                heading = line.strip('# \n')
+            elif line.startswith('```'):
+                if lang is None:
+                    lang, code = line[3:].strip(), []
+                else:
+                    blocks.append((heading, lang, ''.join(code)))
+                    lang = None
+            elif lang is not None:
+                code.append(line)
+    return blocks
+
+
+def block(marker: str, lang: str = 'bash') -> str:
+    """The one ``lang`` block holding ``marker``."""
+    found = [code for _, block_lang, code in readme_blocks() if block_lang == lang and marker in code]
+    assert len(found) == 1, f'README.md: {len(found)} {lang} blocks hold {marker!r}, expected 1'
+    return found[0]
+
+
+def commands(code: str):
+    """The block's commands: continuation lines joined, comments and skipped commands dropped."""
+    joined = re.sub(r'\\\n\s*', ' ', code)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r'\s+#\s.*$', '', line).strip()
+        if line and not line.startswith('#') and not any(s in line for s in _SKIP):
+            out.append(line)
+    return out
+
+
+class Reader:
+    """Runs commands in the README's working folder and fills placeholders as a reader would."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.env = train_env(extra_env={'XDG_CACHE_HOME': os.path.join(root, '.cache')})
+        self.ran = []
+
+    def newest(self, stage: str) -> str:
+        found = find_checkpoints(os.path.join(self.root, 'work_dirs', stage))
+        assert found, f'no checkpoint under work_dirs/{stage}'
+        return os.path.relpath(found[-1], self.root)
+
+    def fill(self, command: str) -> str:
+        command = re.sub(r'work_dirs/(\w+)/iter_[NM]\.pth', lambda m: self.newest(m.group(1)), command)
+        if 'model.pretrained_pth=...' in command:
+            command = command.replace('model.pretrained_pth=...', f'model.pretrained_pth={self.newest("pretrain_mlp")}')
+        return command
+
+    def run(self, command: str, stdin: str = '', timeout: int = 600) -> str:
+        command = self.fill(command)
+        proc = subprocess.run(['bash', '-euo', 'pipefail', '-c', command], cwd=self.root, env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        self.ran.append(command)
+        assert proc.returncode == 0, f'{command}\nexit {proc.returncode}\n{out[-4000:]}'
+        # `xtuner train` exits 0 when training crashed: the output must be clean too
+        assert 'Traceback (most recent call last)' not in out, f'{command}\n{out[-4000:]}'
+        return out
+
+
+@pytest.fixture(scope='module')
+def reader(tmp_path_factory):
+    from xtuner_plugins.tiny.llm import write_tiny_qwen2
+    from xtuner_plugins.tiny.vision import write_tiny_internvit
+    root = str(tmp_path_factory.mktemp('readme'))
+    for name in ('configs', 'tools'):
+        os.symlink(os.path.join(REPO_ROOT, name), os.path.join(root, name))
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), os.path.join(root, '.venv'))
+    write_tiny_internvit(os.path.join(root, 'models', 'InternViT-300M-448px-V2_5'), image_size=448)
+    write_tiny_qwen2(os.path.join(root, 'models', 'Qwen2.5-1.5B-Instruct'))
+    # LLaVA-Pretrain's layout: one json list, images in numbered sub-folders
+    pretrain = os.path.join(root, 'data', 'llava_pretrain')
+    os.makedirs(os.path.join(pretrain, 'images', '00000'))
+    samples = []
+    for i, colour in enumerate(['red', 'green', 'blue', 'yellow'] * 2):
+        Image.new('RGB', (448, 448), colour).save(os.path.join(pretrain, 'images', '00000', f'{i:09d}.jpg'))
+        samples.append({'id': f'{i:09d}', 'image': f'00000/{i:09d}.jpg', 'conversations': [
+            {'from': 'human', 'value': 'Render a clear and concise summary of the photo.\n<image>'},
+            {'from': 'gpt', 'value': f'a {colour} square'}]})
+    with open(os.path.join(pretrain, 'blip_laion_cc_sbu_558k.json'), 'w') as f:
+        json.dump(samples, f)
+    for name, colour in (('photo.jpg', 'red'), ('a.jpg', 'green'), ('b.jpg', 'blue')):
+        Image.new('RGB', (640, 480), colour).save(os.path.join(root, name))
+    return Reader(root)
+
+
+def test_readme_commands_run_as_written(reader):
+    # Data: the small example, then its check and stage 1's
+    reader.run(block('What colour is the circle?'))
+    assert sum(1 for _ in open(os.path.join(reader.root, 'my_data', 'train.jsonl'))) == 4
+    (stage1,) = [c for c in commands(block('--image-folder data/llava_pretrain/images'))]
+    out = reader.run(stage1)
+    assert 'blip_laion_cc_sbu_558k.json' in out
+
+    # Stage 1 on a CPU: one process, then two under ZeRO-3 (a fresh work folder: its checkpoint is a folder
+    # of the same name as the first run's file), whose checkpoint the next stage starts from
+    one, zero3 = commands(block('configs/deepspeed/zero3_cpu.json'))
+    assert one == 'xtuner train configs/pretrain_mlp.py', one
+    reader.run(one)
+    assert os.path.isfile(os.path.join(reader.root, reader.newest('pretrain_mlp')))
+    shutil.rmtree(os.path.join(reader.root, 'work_dirs', 'pretrain_mlp'))
+    reader.run(zero3)
+    assert os.path.isdir(os.path.join(reader.root, reader.newest('pretrain_mlp')))
+
+    # LoRA on the small example, from the warm-up: it must really train
+    (lora,) = commands(block('train_dataloader.dataset.image_folders=[my_data/images] \\\n    train_dataloader'))
+    reader.run(lora)
+    work = os.path.join(reader.root, 'work_dirs', 'finetune_lora')
+    lrs = [r['lr'] for r in read_scalars(work) if 'lr' in r]
+    # the config's lr is 4e-5 and its warm-up starts at 4e-10
+    assert lrs and max(lrs) > 0.2 * 4e-5, f'the learning rate never left the warm-up: {lrs}'
+    state = torch.load(os.path.join(reader.root, reader.newest('finetune_lora')), map_location='cpu',
+                       weights_only=False)['state_dict']
+    lora_b = [v for k, v in state.items() if 'lora_B' in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b), 'the LoRA B weights (zero at the start) never moved'
+
+    # Convert, chat, load
+    (convert,) = commands(block('tools/convert_to_official.py configs/finetune_lora.py'))
+    reader.run(convert)
+    assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'my_internvl', 'config.json'))
+    chat = commands(block('python tools/chat.py work_dirs/my_internvl --image photo.jpg'))
+    assert len(chat) == 4, chat
+    for command in chat:
+        # a short answer (the tiny model never stops on its own); the interactive ones get a question and /exit
+        out = reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
+        assert out.strip()
+    reader.run('python -', stdin=block("AutoModel.from_pretrained('work_dirs/my_internvl'", 'python'))
+
+    # LoRA from an official InternVL folder (the converted one has that layout)
+    shutil.copytree(os.path.join(reader.root, 'work_dirs', 'my_internvl'),
+                    os.path.join(reader.root, 'models', 'InternVL2_5-1B'))
+    shutil.rmtree(work)
+    (official,) = commands(block('model.official_checkpoint=models/InternVL2_5-1B'))
+    reader.run(official)
+    assert glob.glob(os.path.join(work, 'iter_*.pth'))

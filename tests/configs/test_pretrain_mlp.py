@@ -120,3 +120,11 @@ def test_zero3_builds_the_same_model_as_zero2(tiny, mixed_runs):
     assert sorted(a.losses) == sorted(b.losses) == [1, 2]
     for it in a.losses:
         assert abs(a.losses[it] - b.losses[it]) < 1e-4, (a.losses, b.losses)
+
+
+def test_a_config_variable_in_cfg_options_stops_xtuners_own_train_script(tiny, tmp_path):
+    # `llm_path=` changes nothing once the file is read: start-up stops naming the entries to set instead
+    out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=dict(tiny_options(tiny, tiny['same'], repeat=2),
+                                                                     llm_path=tiny['llm']))
+    assert out.failed and not out.checkpoints, out.summary()
+    assert 'llm_path: a variable of the config file' in out.log and 'model.llm instead' in out.log, out.summary()

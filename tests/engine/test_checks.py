@@ -49,3 +49,33 @@ def test_the_data_sets_tokenizer_must_be_the_models(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"the data set's tokenizer is not the model's: \d+ tokens with "
                                          r"<IMG_CONTEXT> at id \d+, the model's \d+ tokens"):
         check_tokenizers(tiny_tokenizer, other)
+
+
+def test_the_data_sets_template_must_be_the_models():
+    from xtuner_plugins.data.template import get_template
+    from xtuner_plugins.engine.checks import check_templates
+    check_templates('internvl2_5', get_template('internvl2_5'))
+    with pytest.raises(ValueError, match="template: model 'internvl2_5', data 'vicuna'"):
+        check_templates('internvl2_5', SimpleNamespace(name='vicuna'))  # a template registered by a user
+
+
+def _run_cfg(**options):
+    """A config as the runner holds it: the file read, then ``--cfg-options`` merged (as `xtuner train` does)."""
+    import os
+
+    from mmengine.config import Config
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'finetune_lora.py'))
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+def test_run_options_that_change_nothing_stop_start_up():
+    from xtuner_plugins.engine.checks import check_run_options
+    check_run_options(_run_cfg(**{'model.llm': 'other/llm', 'train_dataloader.dataset.data_files': ['a.jsonl'],
+                                  'work_dir': 'w', 'launcher': 'none'}))
+    with pytest.raises(ValueError, match=r'llm_path: a variable of the config file.*set '
+                                         r'train_dataloader\.dataset\.tokenizer, model\.llm instead'):
+        check_run_options(_run_cfg(llm_path='other/llm'))
+    with pytest.raises(ValueError, match=r'model\.vision_encodr: InternVLModel has no setting .*closest: '
+                                         r'model\.vision_encoder'):
+        check_run_options(_run_cfg(**{'model.vision_encodr': 'x'}))

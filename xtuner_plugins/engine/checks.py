@@ -1,5 +1,7 @@
 """Start-up checks that the data pipeline and the model agree, before the first batch is drawn: the geometry
-(below) and the tokenizer (the same vocabulary and InternVL token ids).
+(below), the tokenizer (the same vocabulary and InternVL token ids) and the chat template; and that the run's
+``--cfg-options`` changed what they meant to (``engine/options.py``), also under ``xtuner train``, whose
+command line does not check them.
 
 The vision encoder and projector fix the tile size, the ``<IMG_CONTEXT>`` tokens per tile, the image mode and
 (for ``'pad'``) the padding colour (``InternVLModel.geometry``); the data set tiles and counts with its own
@@ -10,11 +12,12 @@ them in ``before_run``, after the model and the data loader are built, and stops
 
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 from mmengine.hooks import Hook
 
-__all__ = ['ModelDataCheckHook', 'check_geometry', 'check_tokenizers']
+__all__ = ['ModelDataCheckHook', 'check_geometry', 'check_run_options', 'check_tokenizers']
 
 
 def check_geometry(model_geometry: Dict[str, object], data_geometry: Dict[str, object]) -> None:
@@ -43,6 +46,31 @@ def check_tokenizers(model_tokenizer, data_tokenizer, where: str = 'train_datalo
                          f'(set {where} to the LLM\'s folder)')
 
 
+def check_templates(model_template, data_template) -> None:
+    """The data set must render conversations with the template the model records for the converter and chat."""
+    name = getattr(data_template, 'name', data_template)
+    if model_template is not None and name is not None and model_template != name:
+        raise ValueError(f'template: model {model_template!r}, data {name!r} (set model.template and '
+                         f'train_dataloader.dataset.template to the same name)')
+
+
+def check_run_options(cfg) -> None:
+    """Compare the run's config with its file as written: every entry the command line changed must be one
+    the run reads (see :func:`xtuner_plugins.engine.options.check_cfg_options`)."""
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.options import _leaves, check_cfg_options
+    filename = getattr(cfg, 'filename', None)
+    if not filename or not os.path.isfile(filename):
+        return
+    written = Config.fromfile(filename)
+    flat = dict(_leaves(written.to_dict()))
+    changed = {key: value for key, value in _leaves(cfg.to_dict()) if key not in flat or flat[key] != value}
+    problems = check_cfg_options(written, changed)
+    if problems:
+        raise ValueError('--cfg-options: ' + '; '.join(problems))
+
+
 def _norm(value):
     return tuple(round(float(v), 6) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -63,6 +91,7 @@ class ModelDataCheckHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_run(self, runner) -> None:
+        check_run_options(getattr(runner, 'cfg', None))
         model = _unwrap(runner.model, 'module', 'model')
         loop = getattr(runner, '_train_loop', None)
         dataloader = getattr(loop, 'dataloader', None)
@@ -70,3 +99,4 @@ class ModelDataCheckHook(Hook):
         if hasattr(model, 'geometry') and hasattr(dataset, 'geometry'):
             check_geometry(model.geometry, dataset.geometry)
             check_tokenizers(getattr(model, 'tokenizer', None), getattr(dataset, 'tokenizer', None))
+            check_templates(getattr(model, 'template', None), getattr(dataset, 'template', None))

@@ -3,13 +3,16 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
                             ParamSchedulerHook)
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
-from xtuner_plugins.engine import DIST_BACKEND, ModelDataCheckHook, ThroughputHook
+from xtuner_plugins.engine import DIST_BACKEND, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
+nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
+max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
 
-custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook)]
+custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
+                dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps)]
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),

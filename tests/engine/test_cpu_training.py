@@ -97,6 +97,7 @@ def test_gpu_path_untouched(monkeypatch):
 def test_auto_optim_wrapper_cpu_and_cuda(monkeypatch):
     from mmengine.optim import AmpOptimWrapper, OptimWrapper, build_optim_wrapper
 
+    from xtuner_plugins.engine.nonfinite import _GuardedMixin
     from xtuner_plugins.engine.runtime import AutoOptimWrapper
 
     model = torch.nn.Linear(4, 2)
@@ -105,14 +106,14 @@ def test_auto_optim_wrapper_cpu_and_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     wrapper = build_optim_wrapper(model, dict(cfg))  # through mmengine's registry, as the runner does
-    assert type(wrapper) is OptimWrapper
+    assert type(wrapper).__mro__[1:3] == (_GuardedMixin, OptimWrapper)  # MMEngine's, with the non-finite checks
     assert wrapper._accumulative_counts == 2 and wrapper.clip_grad_kwargs == dict(max_norm=1.0)
 
     # On a GPU machine it becomes MMEngine's AmpOptimWrapper with bf16 autocast. Its constructor only
     # asserts a device and builds a GradScaler (no CUDA call), so it can be built here; stepping it needs CUDA.
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     wrapper = build_optim_wrapper(model, dict(cfg))
-    assert isinstance(wrapper, AmpOptimWrapper)
+    assert isinstance(wrapper, AmpOptimWrapper) and isinstance(wrapper, _GuardedMixin)
     assert wrapper.cast_dtype == torch.bfloat16
     assert wrapper._accumulative_counts == 2
 

@@ -99,6 +99,12 @@ def test_pretrained_pth_chains_stages(tiny, tmp_path):
     second = build(tiny, pretrained_pth=str(path), freeze_llm=False)
     for a, b in zip(first.mlp1.parameters(), second.mlp1.parameters()):
         assert torch.equal(a, b)
+    state = first.state_dict()
+    name = sorted(state)[0]
+    state[name][0] = float('nan')  # a checkpoint of a run that diverged
+    torch.save({'state_dict': state, 'meta': {}}, tmp_path / 'nan.pth')
+    with pytest.raises(ValueError, match=rf"nan.pth: 1 tensors hold NaN or infinite values \(first: \['{name}'\]\)"):
+        build(tiny, pretrained_pth=str(tmp_path / 'nan.pth'))
     torch.save({'state_dict': {'nope.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
     with pytest.raises(ValueError, match=r"bad.pth: 1 keys do not belong to this model .*nope.weight"):
         build(tiny, pretrained_pth=str(tmp_path / 'bad.pth'))

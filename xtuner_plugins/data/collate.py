@@ -14,6 +14,7 @@ key                  shape / dtype               meaning
 ``num_tiles``        ``[B]`` long                tiles per item (``sum == T``)
 ``position_ids``     ``[B, L]`` long             packed items only: restart at 0 per sample
 ``seq_lens``         list of ``[k_b]`` long      packed items only: tokens of each sample of row b
+``samples``          list of str                 ``FILE:LINE`` of every sample (for error messages)
 ===================  ==========================  ==============================================
 """
 
@@ -64,5 +65,6 @@ def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
         attention_mask=attention_mask,
         pixel_values=torch.cat([x['pixel_values'] for x in instances]),
         image_flags=torch.cat([x['image_flags'] for x in instances]),
-        num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long))
+        num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long),
+        samples=[s for x in instances for s in x.get('samples', ())])
     return {'data': data, 'data_samples': None}

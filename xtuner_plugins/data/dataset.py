@@ -13,7 +13,7 @@ Configs name :class:`InternVLDataset` directly::
 Each item is a dict with ``input_ids`` and ``labels`` (``LongTensor [L]``), ``pixel_values``
 (``uint8 [N, 3, S, S]``, normalised later on the device), ``image_flags`` (``LongTensor [N]``: 1 for
 real tiles, 0 for the dummy tile a text-only sample carries so that every rank runs the vision tower)
-and ``num_tiles`` (``N``).
+``num_tiles`` (``N``) and ``samples`` (``['FILE:LINE']``, named in messages about its batch).
 
 Bad samples never shift images against text: a sample either comes out whole or not at all. Problems
 found while reading the files (a line that is not JSON, a malformed conversation, ``<image>`` tags that
@@ -243,7 +243,8 @@ class InternVLDataset(Dataset):
                     labels=torch.tensor(encoded['labels'], dtype=torch.long),
                     pixel_values=pixel_values,
                     image_flags=image_flags,
-                    num_tiles=pixel_values.shape[0])
+                    num_tiles=pixel_values.shape[0],
+                    samples=[self.where(record)])  # FILE:LINE, for messages about the batch
 
     def _count_failure(self, err: SampleError) -> None:
         self.failures[err.reason] += 1

@@ -103,4 +103,5 @@ def pack_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
                 seq_lens=torch.tensor(seq_lens, dtype=torch.long),
                 pixel_values=pixel_values,
                 image_flags=torch.cat([x['image_flags'] for x in items]),
-                num_tiles=pixel_values.shape[0])
+                num_tiles=pixel_values.shape[0],
+                samples=[s for x in items for s in x.get('samples', ())])

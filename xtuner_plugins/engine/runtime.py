@@ -36,7 +36,6 @@ import os
 from typing import List
 
 import torch
-from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 __all__ = [
     'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'applied_patches', 'apply_cpu_patches',
@@ -219,16 +218,18 @@ class AutoOptimWrapper:
     It is a class (``__new__`` returns the real wrapper) because ``xtuner/tools/train.py`` turns every
     ``FunctionType`` value of a config into a string. With ``--deepspeed`` XTuner replaces the whole
     ``optim_wrapper`` by ``DeepSpeedOptimWrapper`` (keeping ``optimizer``) and the JSON decides the dtype.
+    Both wrappers carry the non-finite checks of ``nonfinite.py`` (the same classes with a guard).
     """
 
     AMP_ONLY_KEYS = ('dtype', 'loss_scale', 'use_fsdp')
 
     def __new__(cls, **kwargs):
+        from xtuner_plugins.engine.nonfinite import GuardedAmpOptimWrapper, GuardedOptimWrapper
         if torch.cuda.is_available():
-            return AmpOptimWrapper(**kwargs)
+            return GuardedAmpOptimWrapper(**kwargs)
         for key in cls.AMP_ONLY_KEYS:
             kwargs.pop(key, None)
-        return OptimWrapper(**kwargs)
+        return GuardedOptimWrapper(**kwargs)
 
 
 apply_cpu_patches()

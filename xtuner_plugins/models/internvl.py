@@ -270,14 +270,19 @@ class InternVLModel(BaseModel):
         if mismatched:
             raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
                              f'{len(mismatched)} keys: {mismatched[:5]}')
-        count, numel = len(state), 0
+        from xtuner_plugins.engine.nonfinite import non_finite_tensors
+        count, numel, bad = len(state), 0, []
         with torch.no_grad():
             for key in list(state):
                 value = state.pop(key).contiguous()
+                bad += non_finite_tensors([(key, value)])  # one tensor in memory at a time
                 with gathered([own[key]], modify=True):
                     own[key].copy_(value.to(own[key].dtype))
                 numel += value.numel()
                 del value
+        if bad:
+            raise ValueError(f'{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[:8]}); the run '
+                             f'that wrote it diverged: use an earlier checkpoint')
         print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')
 
     # ----------------------------------------------------------------------------- forward
@@ -336,6 +341,17 @@ class InternVLModel(BaseModel):
             return out.logits, data_samples
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
                                        positions=positions)}
+
+    def parse_losses(self, losses):
+        """MMEngine's sum of the losses, then the non-finite check of every path (plain, DDP, DeepSpeed), before
+        the backward pass (``engine/nonfinite.py``; the guard's policy comes from ``NonFiniteGuardHook``)."""
+        loss, log_vars = super().parse_losses(losses)
+        guard = getattr(self, 'nonfinite_guard', None)
+        if guard is None:
+            from xtuner_plugins.engine.nonfinite import NonFiniteGuard
+            guard = self.nonfinite_guard = NonFiniteGuard('stop')
+        guard.check_loss(loss)
+        return loss, log_vars
 
     @property
     def llm_keeps_logits(self) -> bool:

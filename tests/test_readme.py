@@ -6,12 +6,13 @@ the README puts the real checkpoints (``models/InternViT-300M-448px-V2_5`` with 
 README's code blocks are taken from README.md and run in its order with the venv first on ``PATH`` (as after
 ``source .venv/bin/activate``): the small data example, ``check_dataset.py`` of stage 1, stage 1 on one process,
 LoRA fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights
-move), the same from an official InternVL folder, the converter, every chat command, the loading snippet.
+move), the same from an official InternVL folder, the converter, every chat command, the loading snippet and
+every evaluation command.
 
 Placeholders are filled the way a reader fills them: ``work_dirs/<stage>/iter_N.pth`` (and ``iter_M``) is that
 stage's newest checkpoint, ``model.pretrained_pth=...`` the warm-up's, ``photo.jpg``/``a.jpg``/``b.jpg`` the
-reader's own pictures, ``models/InternVL2_5-1B`` an official folder (the converter's output, which has
-InternVL's layout). Not run: downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``,
+reader's own pictures (``data/test.jsonl``, ``MMBench_DEV_EN.tsv`` their test files), ``models/InternVL2_5-1B``
+an official folder (the converter's output, which has InternVL's layout). Not run: downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``,
 ``deepspeed_zero*``), ``tensorboard``, the installation (``make test`` just did it) and the LLaVA loading snippet
 (another family's folder; ``tests/tools/test_export_families.py`` loads it the same way).
 """
@@ -25,11 +26,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tests.eval.test_data import ROWS, write_tsv
 from tests.train_utils import REPO_ROOT, find_checkpoints, read_scalars, train_env
 
 _SKIP = ('huggingface-cli', 'unzip', 'NPROC_PER_NODE=4', 'deepspeed_zero', 'tensorboard')
@@ -96,6 +99,7 @@ class Reader:
                               input=stdin, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         self.ran.append(command)
+        self.stdout = proc.stdout
         assert proc.returncode == 0, f'{command}\nexit {proc.returncode}\n{out[-4000:]}'
         # `xtuner train` exits 0 when training crashed: the output must be clean too
         assert 'Traceback (most recent call last)' not in out, f'{command}\n{out[-4000:]}'
@@ -169,6 +173,22 @@ def test_readme_commands_run_as_written(reader):
         out = reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
         assert out.strip()
     reader.run('python -', stdin=block("AutoModel.from_pretrained('work_dirs/my_internvl'", 'python'))
+
+    # Evaluation, on the reader's own test files (a jsonl, an MMBench TSV)
+    os.makedirs(os.path.join(reader.root, 'data', 'images'))
+    shutil.copy(os.path.join(reader.root, 'photo.jpg'), os.path.join(reader.root, 'data', 'images', 'q.jpg'))
+    with open(os.path.join(reader.root, 'data', 'test.jsonl'), 'w') as f:
+        f.write(json.dumps({'image': 'q.jpg', 'conversations': [
+            {'from': 'human', 'value': '<image>\nWhat colour is it?'}, {'from': 'gpt', 'value': 'Red.'}]}) + '\n')
+    write_tsv(Path(reader.root) / 'MMBench_DEV_EN.tsv', ROWS)
+    evals = commands(block('python tools/eval.py work_dirs/my_internvl --data data/test.jsonl'))
+    assert len(evals) == 3, evals
+    for command in evals:
+        reader.run(command + ' --max-new-tokens 8')
+        last = reader.stdout.strip().splitlines()[-1]
+        pattern = r'accuracy: [0-9.]+ \(\d+ questions\); blind: [0-9.]+; image reliance: -?[0-9.]+'
+        assert re.fullmatch(pattern, last), last
+    assert os.path.isfile(os.path.join(reader.root, 'report.json'))
 
     # LoRA from an official InternVL folder (the converted one has that layout)
     shutil.copytree(os.path.join(reader.root, 'work_dirs', 'my_internvl'),

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from xtuner_plugins.models.inference import ConvertedModel  # noqa: E402
+from xtuner_plugins.models.inference import ConvertedModel, model_folder  # noqa: E402
 from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
 
 
@@ -147,11 +147,8 @@ def main(argv=None) -> int:
         print(f'chat: error: image not found: {", ".join(missing)}', file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix='internvl-chat-') as tmp:
-        folder = args.folder
-        if args.config:
-            from xtuner_plugins.models.export import convert
-            folder = convert(args.config, args.checkpoint, os.path.join(tmp, 'model'), dtype=dtype,
-                             cfg_options=args.cfg_options, log=lambda m: print(m, file=sys.stderr))
+        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
+                              log=lambda m: print(m, file=sys.stderr))
         try:
             chat = ConvertedModel(folder, dtype, args.device, image_size=args.image_size, max_num=args.max_num,
                                   min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)

@@ -3,7 +3,8 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
                             ParamSchedulerHook)
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
-from xtuner_plugins.engine import DIST_BACKEND, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook
+from xtuner_plugins.engine import (DIST_BACKEND, CheckpointCleanupHook, ModelDataCheckHook, NonFiniteGuardHook,
+                                   ThroughputHook)
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
@@ -12,7 +13,8 @@ nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or
 max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
-                dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps)]
+                dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
+                dict(type=CheckpointCleanupHook)]
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),

@@ -41,7 +41,7 @@ def recorded_system_message(folder, fmt):
 
 
 @pytest.mark.parametrize('vision, projector', sorted(FAMILIES))
-def test_shortened_demo_runs_every_stage_and_learns(tmp_path, vision, projector):
+def test_shortened_demo_runs_every_stage_and_learns(tmp_path, capsys, vision, projector):
     fmt, only_file = FAMILIES[vision, projector]
     recipe = Recipe(kinds=('colour', 'position'), max_dynamic_patch=4, n_pretrain=100, n_sft=1600, n_test=40,
                     pretrain_iters=20, finetune_iters=800, log_interval=50, max_new_tokens=4, vision=vision,
@@ -64,6 +64,14 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path, vision, projector)
     assert result.blind == pytest.approx(sum(a.blind_correct for a in result.answers) / 40)
     assert result.summary() == (f'demo accuracy: {result.accuracy:.3f} (40 questions); '
                                 f'blind control: {result.blind:.3f}')
+    # one scorer: tools/eval.py on the converted folder and the test file prints the demo's figures
+    from tools.eval import main as eval_main
+    data = os.path.join(result.work_dir, 'data')
+    assert eval_main([result.converted_dir, '--data', os.path.join(data, 'test.jsonl'), '--image-folder',
+                      os.path.join(data, 'images'), '--max-new-tokens', '4']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f'accuracy: {result.accuracy:.3f} (40 questions); blind: {result.blind:.3f}; '
+        f'image reliance: {result.accuracy - result.blind:.3f}')
     # learned: chance (the most common answer per kind) is (1/4 + 1/2) / 2 = 0.375 here
     assert result.chance == pytest.approx(0.375)
     assert result.blind <= 0.5, result.summary()

@@ -49,7 +49,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from xtuner_plugins.demo.data import BACKGROUND
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {
@@ -62,7 +61,6 @@ DEEPSPEED_CONFIGS = {
     'zero3': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json'),
 }
 CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
-BLANK = BACKGROUND  # the blind control's image colour: the scenes' background with nothing on it
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
 # Environment variables of an enclosing launcher that must not leak into the training subprocesses.
@@ -529,10 +527,6 @@ def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir
 
 
 # ------------------------------------------------------------------------------------------ 6. answers
-def normalise_answer(text: str) -> str:
-    return text.strip().strip('.').strip().lower()
-
-
 @dataclass
 class Answer:
     id: str
@@ -541,46 +535,40 @@ class Answer:
     expected: str
     given: str
     blind: str = ''
+    score: float = 0.0        # by the project's scorer (xtuner_plugins.eval): exact match after normalisation
+    blind_score: float = 0.0
 
     @property
     def correct(self) -> bool:
-        return normalise_answer(self.given) == normalise_answer(self.expected)
+        return self.score == 1.0
 
     @property
     def blind_correct(self) -> bool:
-        return normalise_answer(self.blind) == normalise_answer(self.expected)
+        return self.blind_score == 1.0
 
 
 def answer_questions(folder: str, test_path: str, image_folder: str, console: Console,
-                     max_new_tokens: int = 8, blind_colour=BLANK) -> List[Answer]:
+                     max_new_tokens: int = 8) -> List[Answer]:
     """Every question of ``test_path`` through the converted folder, loaded the way its format is meant to be
     (:class:`~xtuner_plugins.models.inference.ConvertedModel`: ``chat`` of the remote code, or transformers'
-    LLaVA with its processor): once with its image, once with a uniform grey image of the same size (the blind
-    control)."""
+    LLaVA with its processor), and scored, by ``xtuner_plugins.eval`` (what ``tools/eval.py`` runs): once with
+    its image, once with a blank grey image of the same size (the blind control; the scenes' background)."""
     import torch
-    from PIL import Image
 
-    from xtuner_plugins.demo.data import read_questions
+    from xtuner_plugins.eval import evaluate, read_open_questions
     from xtuner_plugins.models.inference import ConvertedModel
     torch.manual_seed(0)
     model = ConvertedModel(folder)
-    generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                      pad_token_id=model.tokenizer.pad_token_id)
-    answers = []
-    questions = read_questions(test_path)
+    questions = read_open_questions(test_path, image_folder)
     step = max(1, len(questions) // 10)
-    for i, q in enumerate(questions, 1):
-        with Image.open(os.path.join(image_folder, q['image'])) as im:
-            image = im.convert('RGB')
-        given = model.ask(q['question'], [image], generation)
-        model.reset()
-        blind = model.ask(q['question'], [Image.new('RGB', image.size, blind_colour)], generation)
-        model.reset()
-        answers.append(Answer(q['id'], q['kind'], q['question'], q['answer'], given, blind))
-        if i % step == 0 or i == len(questions):
-            right = sum(a.correct for a in answers)
-            console(f'  answered {i}/{len(questions)} ({right} right so far)')
-    return answers
+
+    def progress(i, n, results):
+        if i % step == 0 or i == n:
+            console(f'  answered {i}/{n} ({sum(r.score == 1.0 for r in results)} right so far)')
+
+    results = evaluate(model, questions, blind=True, max_new_tokens=max_new_tokens, progress=progress)
+    return [Answer(r.id, r.category, r.prompt.replace('<image>\n', ''), r.reference, r.answer, r.blind_answer,
+                   r.score, r.blind_score) for r in results]
 
 
 def accuracy(answers: Sequence[Answer], blind: bool = False) -> float:

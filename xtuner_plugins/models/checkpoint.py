@@ -25,6 +25,9 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    if os.path.basename(os.path.normpath(path)).endswith('.incomplete'):
+        raise ValueError(f'{path} is a checkpoint whose save did not finish (the run was killed while writing it); '
+                         f'use the one before it')
     if os.path.isdir(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))

@@ -31,6 +31,7 @@ from xtuner_plugins.remote_code import FILES as REMOTE_FILES
 from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 
 from .internvl import InternVLModel
+from .provenance import check_trained_settings
 from .vision import hf_to_official_vision_config, hf_to_official_vision_state_dict
 
 Log = Callable[[str], None]
@@ -74,6 +75,8 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     The frozen parts come from the config's sources (``vision_encoder``, ``llm``, ``official_checkpoint``)
     and from ``pretrained_pth`` (an earlier stage), as in training.
     """
+    if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
+        check_trained_settings(cfg, checkpoint, log)
     model_cfg = copy.deepcopy(dict(cfg.model))
     model_type = model_cfg.pop('type')
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,

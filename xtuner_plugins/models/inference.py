@@ -63,6 +63,16 @@ def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
     return parts
 
 
+def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
+                 dtype: torch.dtype, log=print) -> str:
+    """The folder to load: ``folder`` itself, or a training ``config`` + ``checkpoint`` converted into ``tmp``
+    first (the converter's code path, so both ways run the same model code)."""
+    if config is None:
+        return folder
+    from xtuner_plugins.models.export import convert
+    return convert(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options, log=log)
+
+
 class ConvertedModel:
     """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``. ``tiling``
     overrides the folder's tiling for ``official``/``remote`` (``image_size``, ``max_num``, ``min_num``,

@@ -1,0 +1,69 @@
+"""Evaluation questions from a training-format jsonl and from MMBench's TSV; bad input names file and row."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from xtuner_plugins.eval.data import MC_INSTRUCTION, read_mmbench_tsv, read_open_questions, read_questions
+
+
+def b64_png(colour):
+    buf = io.BytesIO()
+    Image.new('RGB', (8, 6), colour).save(buf, format='PNG')
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, rows, columns=('index', 'question', 'hint', 'A', 'B', 'C', 'D', 'answer', 'category', 'image')):
+    lines = ['\t'.join(columns)] + ['\t'.join(str(r.get(c, '')) for c in columns) for r in rows]
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+ROWS = [dict(index=0, question='What colour?', hint='A square.', A='red', B='green', C='blue', D='', answer='B',
+             category='colour', image=b64_png('green')),
+        dict(index=1, question='Which shape?', hint='nan', A='square', B='circle', C='', D='', answer='A',
+             category='shape', image='0')]  # MMBench repeats an image by naming the row that holds it
+
+
+def test_mmbench_rows_prompts_and_shared_images(tmp_path):
+    q0, q1 = read_mmbench_tsv(write_tsv(tmp_path / 'mmb.tsv', ROWS))
+    assert q0.prompt == f'A square.\nWhat colour?\nOptions:\nA. red\nB. green\nC. blue\n{MC_INSTRUCTION}'
+    assert q0.options == {'A': 'red', 'B': 'green', 'C': 'blue'} and q0.references == ['B']
+    assert q1.prompt.startswith('Which shape?\nOptions:\nA. square\nB. circle\n')  # a 'nan' hint is none
+    assert q1.images[0].getpixel((0, 0)) == (0, 128, 0) and q1.category == 'shape'
+
+
+def test_circular_evaluation_rotates_the_options(tmp_path):
+    questions = read_questions(write_tsv(tmp_path / 'mmb.tsv', ROWS[:1]), circular=True)
+    assert [q.options for q in questions] == [{'A': 'red', 'B': 'green', 'C': 'blue'},
+                                             {'A': 'green', 'B': 'blue', 'C': 'red'},
+                                             {'A': 'blue', 'B': 'red', 'C': 'green'}]
+    assert [q.references[0] for q in questions] == ['B', 'A', 'C'] and {q.group for q in questions} == {'0'}
+
+
+def test_mmbench_bad_input_names_file_and_row(tmp_path):
+    with pytest.raises(ValueError, match=r'bad.tsv: missing column\(s\) answer'):
+        read_mmbench_tsv(write_tsv(tmp_path / 'bad.tsv', ROWS, columns=('index', 'question', 'A', 'B', 'image')))
+    broken = [dict(ROWS[0], image='not base64 at all!!')]
+    with pytest.raises(ValueError, match=r'img.tsv:2 \(index 0\): the image does not decode'):
+        read_mmbench_tsv(write_tsv(tmp_path / 'img.tsv', broken))
+
+
+def test_open_questions_take_the_last_gpt_turn_as_reference(tmp_path):
+    Image.new('RGB', (4, 4)).save(tmp_path / 'a.png')
+    lines = [{'id': 'q1', 'image': 'a.png', 'kind': 'colour', 'conversations': [
+        {'from': 'human', 'value': '<image>\nWhat colour?'}, {'from': 'gpt', 'value': 'Black.'}]},
+        {'id': 'q2', 'conversations': [{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Hello'},
+                                       {'from': 'human', 'value': 'Name a colour.'}, {'from': 'gpt', 'value': 'Red'}]}]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(json.dumps(x) for x in lines) + '\n')
+    q1, q2 = read_open_questions(str(path))
+    assert (q1.prompt, q1.references, q1.category, q1.images) == ('<image>\nWhat colour?', ['Black.'], 'colour',
+                                                                  [str(tmp_path / 'a.png')])
+    assert (q2.prompt, q2.references, q2.category, q2.images) == ('Name a colour.', ['Red'], 'all', [])
+    path.write_text(json.dumps({'conversations': [{'from': 'human', 'value': 'x'}]}) + '\n')
+    with pytest.raises(ValueError, match=r'test.jsonl:1: the last turn is \'human\', not "gpt"'):
+        read_open_questions(str(path))

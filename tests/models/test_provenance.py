@@ -1,0 +1,58 @@
+"""The converter refuses settings that change the result but not the keys (a LoRA alpha, the template, the
+projector...), comparing them with the training config MMEngine records in every checkpoint."""
+
+import os
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from xtuner_plugins.models.provenance import check_trained_settings, recorded_config_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def lora_cfg(**options):
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py'))
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+def save(path, cfg, deepspeed=False):
+    """A checkpoint as MMEngine writes it: the run's config text in ``meta`` (DeepSpeed: in the folder's
+    model states file)."""
+    ckpt = {'meta': {'cfg': cfg.pretty_text}, 'state_dict': {'mlp1.0.weight': torch.zeros(2)}}
+    if deepspeed:
+        os.makedirs(path)
+        torch.save(ckpt, os.path.join(path, 'mp_rank_00_model_states.pt'))
+    else:
+        torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('deepspeed', [False, True])
+def test_a_lora_alpha_other_than_the_trained_one_is_refused(tmp_path, deepspeed):
+    ckpt = save(tmp_path / 'iter_4.pth', lora_cfg(), deepspeed)
+    assert 'lora_alpha' in recorded_config_text(ckpt)
+    check_trained_settings(lora_cfg(), ckpt)  # the same config
+    check_trained_settings(lora_cfg(**{'model.llm_lora.lora_dropout': 0.0,  # no effect on merged weights
+                                       'model.llm': 'moved/llm'}), ckpt)   # nor does where the LLM lies
+    with pytest.raises(ValueError, match=r"iter_4.pth was trained with other settings .*: "
+                                         r"model.llm_lora.lora_alpha: trained 32, given 64$"):
+        check_trained_settings(lora_cfg(**{'model.llm_lora.lora_alpha': 64}), ckpt)
+
+
+@pytest.mark.parametrize('key, value', [('model.template', 'vicuna'), ('model.projector', 'mlp'),
+                                        ('model.downsample_ratio', 0.25), ('model.select_layer', -2),
+                                        ('model.llm_lora', None)])
+def test_each_result_setting_is_compared(tmp_path, key, value):
+    ckpt = save(tmp_path / 'iter_4.pth', lora_cfg())
+    with pytest.raises(ValueError, match=f'{key}: trained '):
+        check_trained_settings(lora_cfg(**{key: value}), ckpt)
+
+
+def test_a_checkpoint_without_a_recorded_config_is_converted_with_a_note(tmp_path):
+    torch.save({'state_dict': {}}, tmp_path / 'plain.pth')
+    notes = []
+    check_trained_settings(lora_cfg(), str(tmp_path / 'plain.pth'), notes.append)
+    assert notes and 'no training config recorded' in notes[0]

@@ -1,0 +1,72 @@
+"""tools/eval.py on a converted tiny model: the accuracy, blind accuracy and image reliance it prints are those
+of the model's own answers (here the references are its greedy answers for two questions of three), the report
+holds every answer, MMBench files run, and bad input is named."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_workspace, write_image
+from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+from tests.eval.test_data import ROWS, write_tsv
+from tools.eval import main as eval_main
+from xtuner_plugins.models.inference import ConvertedModel
+
+GEN = dict(max_new_tokens=6, do_sample=False, num_beams=1)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval')
+    tiny = tiny_workspace(root / 'tiny')
+    ckpt = str(root / 'iter_1.pth')
+    trained_checkpoint(LORA, options(tiny), ckpt, scale=0.3)
+    return convert(LORA, ckpt, root / 'official', options(tiny))
+
+
+def test_accuracy_blind_and_reliance_of_the_models_own_answers(folder, tmp_path, capsys):
+    images = [write_image(tmp_path / f'{i}.png', size=size, seed=i) for i, size in
+              enumerate([(120, 60), (50, 90), (56, 56)])]
+    model = ConvertedModel(folder)
+    answers, blind = [], []
+    for path in images:
+        model.reset()
+        answers.append(model.ask('Describe it.', [path], dict(GEN, pad_token_id=model.tokenizer.pad_token_id)))
+        model.reset()
+        blank = Image.new('RGB', Image.open(path).size, (128, 128, 128))
+        blind.append(model.ask('Describe it.', [blank], dict(GEN, pad_token_id=model.tokenizer.pad_token_id)))
+    references = [answers[0], answers[1], 'zzz certainly not this']
+    with open(tmp_path / 'test.jsonl', 'w') as f:
+        for i, ref in enumerate(references):
+            f.write(json.dumps({'id': i, 'image': f'{i}.png', 'kind': 'k', 'conversations': [
+                {'from': 'human', 'value': '<image>\nDescribe it.'}, {'from': 'gpt', 'value': ref}]}) + '\n')
+    blind_right = sum(b.strip().lower() == r.strip().lower() for b, r in zip(blind, references)) / 3
+    assert eval_main([folder, '--data', str(tmp_path / 'test.jsonl'), '--max-new-tokens', '6',
+                      '--out', str(tmp_path / 'report.json')]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f'accuracy: 0.667 (3 questions); blind: {blind_right:.3f}; image reliance: ' \
+                      f'{2 / 3 - blind_right:.3f}', out
+    report = json.load(open(tmp_path / 'report.json'))
+    assert [r['answer'] for r in report['results']] == answers and report['summary']['n'] == 3
+    assert [r['score'] for r in report['results']] == [1.0, 1.0, 0.0]
+    assert eval_main([folder, '--data', str(tmp_path / 'test.jsonl'), '--no-blind', '--max-new-tokens', '6']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == 'accuracy: 0.667 (3 questions)'
+
+
+def test_mmbench_circular_counts_each_question_once(folder, tmp_path, capsys):
+    tsv = write_tsv(tmp_path / 'mmb.tsv', ROWS)
+    assert eval_main([folder, '--data', tsv, '--circular', '--max-new-tokens', '2', '--no-blind']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith('accuracy: ') and lines[-1].endswith(' (2 questions)'), lines
+    assert any(line.split()[0] == 'colour' for line in lines) and any(line.split()[0] == 'shape' for line in lines)
+
+
+def test_bad_input_is_named(folder, tmp_path, capsys):
+    (tmp_path / 'bad.jsonl').write_text(json.dumps({'conversations': [{'from': 'human', 'value': 'x'}]}) + '\n')
+    assert eval_main([folder, '--data', str(tmp_path / 'bad.jsonl')]) == 2
+    assert 'bad.jsonl:1: the last turn is' in capsys.readouterr().err
+    assert eval_main([str(tmp_path), '--data', write_tsv(tmp_path / 'm.tsv', ROWS)]) == 2
+    assert 'no config.json' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'report.json')

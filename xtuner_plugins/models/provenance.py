@@ -1,0 +1,91 @@
+"""The converter's check that a checkpoint is converted with the settings it was trained with.
+
+Key names and shapes catch most mismatches (``InternVLModel.load_pretrained(strict=True)``), but not the
+settings that leave them alone and change the result: a LoRA checkpoint trained with ``lora_alpha=32`` and
+merged with 64 has the same tensors and gives weights off by up to 0.05. MMEngine records the run's whole
+config in every checkpoint (``meta['cfg']``, its text; under DeepSpeed in the folder's ``*model_states.pt``);
+:func:`check_trained_settings` reads it back and refuses any of :data:`RESULT_SETTINGS` that differs from the
+config given to the converter, naming both values.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# InternVLModel settings that change the converted weights or the prompt, but not key names or shapes
+RESULT_SETTINGS = ('projector', 'image_mode', 'select_layer', 'downsample_ratio', 'ps_version', 'template',
+                   'llm_lora', 'vision_lora', 'llm_quantization')
+# LoRA settings that do not change the merged weights
+_LORA_IGNORED = ('lora_dropout',)
+
+
+def recorded_config_text(checkpoint: str) -> Optional[str]:
+    """The training config's text MMEngine stored in ``checkpoint`` (file or DeepSpeed folder), if any."""
+    path = checkpoint
+    if os.path.isdir(checkpoint):
+        found = sorted(glob.glob(os.path.join(checkpoint, '*model_states.pt')))
+        if not found:
+            return None
+        path = found[0]
+    ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    return meta.get('cfg') if isinstance(meta, dict) else None
+
+
+def _norm(value, key: str = ''):
+    """Comparable form: a class and its config text (``'transformers.BitsAndBytesConfig'``) give its name, a
+    dtype its text, tuples lists; LoRA settings that do not change merged weights are left out."""
+    if key == 'type':
+        name = value if isinstance(value, str) else getattr(value, '__qualname__', repr(value))
+        return name.rsplit('.', 1)[-1]
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _norm(v, k) for k, v in value.items() if k not in _LORA_IGNORED}
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    return value
+
+
+def _model_settings(model_cfg) -> Dict[str, object]:
+    from xtuner_plugins.models.internvl import InternVLModel
+    defaults = {name: p.default for name, p in inspect.signature(InternVLModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    settings = {key: _norm(model_cfg.get(key, defaults.get(key))) for key in RESULT_SETTINGS}
+    encoder = model_cfg.get('vision_encoder')
+    if isinstance(encoder, dict):  # its type and layer choice (its path may move)
+        settings.update({f'vision_encoder.{k}': _norm(encoder.get(k), k) for k in ('type', 'select_layer')})
+    return settings
+
+
+def setting_differences(trained_model_cfg, given_model_cfg) -> List[str]:
+    """``'key: trained A, given B'`` for every result-changing setting that differs."""
+    trained, given = _model_settings(trained_model_cfg), _model_settings(given_model_cfg)
+    out = []
+    for key in sorted(set(trained) | set(given)):
+        a, b = trained.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # name the LoRA setting that differs
+            out += [f'model.{key}.{k}: trained {a.get(k)!r}, given {b.get(k)!r}'
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f'model.{key}: trained {a!r}, given {b!r}')
+    return out
+
+
+def check_trained_settings(cfg, checkpoint: str, log: Callable[[str], None] = print) -> None:
+    """Raise ValueError when ``checkpoint`` was trained with other result-changing settings than ``cfg``."""
+    text = recorded_config_text(checkpoint)
+    if not text:
+        log(f'{checkpoint}: no training config recorded in it; its settings are not compared with the config')
+        return
+    from mmengine.config import Config
+    trained = Config.fromstring(text, '.py')
+    problems = setting_differences(trained.get('model', {}), cfg.model)
+    if problems:
+        raise ValueError(f'{checkpoint} was trained with other settings than the config gives (pass the training '
+                         f'run\'s config and --cfg-options): ' + '; '.join(problems))

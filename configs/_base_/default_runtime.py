@@ -15,6 +15,11 @@ max_skipped_steps = 10    # with 'skip': stop once more steps than this were dro
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
                 dict(type=CheckpointCleanupHook)]
+# Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
+# every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
+#   from xtuner_plugins.eval import EvalHook
+#   custom_hooks.append(dict(type=EvalHook, data_file='data/val.jsonl', image_folder='data/images', interval=500,
+#                            max_questions=200, max_new_tokens=16, min_reliance=0.1, on_low_reliance='warn'))
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),

@@ -29,7 +29,7 @@ from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 __all__ = ['NonFiniteError', 'NonFiniteGuard', 'NonFiniteGuardHook', 'all_ranks_finite', 'GuardedOptimWrapper',
-           'GuardedAmpOptimWrapper', 'non_finite_tensors']
+           'GuardedAmpOptimWrapper', 'non_finite_tensors', 'unwrap_model']
 
 POLICIES = ('stop', 'skip')
 
@@ -160,7 +160,7 @@ class NonFiniteGuardHook(Hook):
         self.guard = NonFiniteGuard(policy, max_skipped)
 
     def before_train(self, runner) -> None:
-        model = _inner(runner.model)
+        model = unwrap_model(runner.model)
         model.nonfinite_guard = self.guard
         self.guard.work_dir = runner.work_dir
         wrapper = runner.optim_wrapper
@@ -178,7 +178,7 @@ class NonFiniteGuardHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if not self._saves_now(runner):
             return
-        model = _inner(runner.model)
+        model = unwrap_model(runner.model)
         local = [(n, getattr(p, 'ds_tensor', p)) for n, p in model.named_parameters() if p.requires_grad]
         bad = non_finite_tensors(local)
         if not all_ranks_finite(torch.tensor(float('nan') if bad else 0.0)):
@@ -195,7 +195,9 @@ class NonFiniteGuardHook(Hook):
         return False
 
 
-def _inner(model):
+def unwrap_model(model):
+    """The model itself inside DDP's, DeepSpeed's and MMEngine's wrappers (which delegate attributes, so a
+    ``hasattr`` test would stop at the wrapper)."""
     for _ in range(3):
         model = getattr(model, 'module', model)
     return model

@@ -1,0 +1,98 @@
+"""EvalHook: the scorer on a held-out file during training, every N iterations and at the end, logged to the
+console and the visualizer; its last figures equal tools/eval.py's on the converted final checkpoint; two
+processes under DeepSpeed ZeRO-3 split the questions and finish (no hang); a low reliance can stop training."""
+
+import json
+import os
+import re
+
+import pytest
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.helpers import tiny_workspace
+from tests.train_utils import DS_CPU_CONFIGS, run_train
+
+CONFIG = os.path.join(ROOT, 'tests', 'eval', 'configs', 'finetune_full_eval.py')
+TRAIN = os.path.join(ROOT, 'tools', 'train.py')
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp('tiny'))
+
+
+def run(tiny, work, nproc=1, **hook):
+    hook = dict(dict(data_file=tiny['mixed'], image_folder=tiny['images']), **hook)
+    options = dict(tiny_options(tiny, tiny['mixed'], repeat=4), **{f'custom_hooks.4.{k}': v for k, v in hook.items()})
+    return run_train(CONFIG, str(work), cfg_options=options, script=TRAIN, nproc=nproc,
+                     deepspeed=DS_CPU_CONFIGS['zero3'] if nproc > 1 else None), options
+
+
+def test_the_training_model_answers_as_its_converted_folder(tiny, tmp_path):
+    """A perturbed model (answers that depend on the image): prompt, tiles and greedy decoding of the hook's
+    answerer are those of the converted folder, image by image."""
+    from mmengine.registry import DATASETS
+
+    from tests.helpers import write_image
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    from xtuner_plugins.eval import TrainingModelAnswerer
+    from xtuner_plugins.models.export import load_config
+    from xtuner_plugins.models.inference import ConvertedModel
+    opts = options(tiny)
+    model = trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3)
+    folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'official', opts)
+    dataset = load_config(LORA, opts).train_dataloader.dataset
+    dataset.update(data_files=[tiny['mixed']], image_folders=[tiny['images']])  # the options hold them as text
+    answerer = TrainingModelAnswerer(model, DATASETS.build(dataset))
+    converted = ConvertedModel(folder)
+    answers = set()
+    for i, size in enumerate([(120, 60), (50, 90), (56, 56)]):
+        image = write_image(tmp_path / f'{i}.png', size=size, seed=i)
+        expected = converted.ask('Describe the image.', [image], dict(max_new_tokens=8, do_sample=False))
+        converted.reset()
+        assert answerer.ask('Describe the image.', [image], dict(max_new_tokens=8)) == expected
+        answers.add(expected)
+    assert answerer.ask('Say something.', [], dict(max_new_tokens=8)) == converted.ask(
+        'Say something.', [], dict(max_new_tokens=8, do_sample=False))
+    assert len(answers) > 1, answers  # the answers depend on the image
+
+
+def test_eval_during_training_equals_tools_eval_on_the_converted_checkpoint(tiny, tmp_path, capsys):
+    out, options = run(tiny, tmp_path / 'work')
+    assert out.ok and out.returncode == 0, out.summary()
+    lines = [line for line in out.log.splitlines() if 'eval at iteration ' in line]
+    assert [line.split('eval at iteration ')[1].split()[0] for line in lines] == ['2', '4'], lines  # 4 iterations
+    assert 'samples:' in out.log and "-> '" in out.log
+    steps = out.scalar_series('eval/accuracy')
+    assert sorted(steps) == [2, 4] and set(out.scalar_series('eval/reliance')) == {2, 4}
+    final = 'accuracy: ' + lines[-1].split('accuracy: ', 1)[1]  # "accuracy: A (2 questions); blind: B; ..."
+    last_eval = out.log[out.log.rindex('eval at iteration 4'):]
+    answers = re.findall(r"^    \S+: '.*' -> '(.*)' \(reference", last_eval, flags=re.M)
+    assert len(answers) == 2, last_eval
+    from tools.convert_to_official import main as convert_main
+    from tools.eval import main as eval_main
+    args = ['--cfg-options'] + [f'{k}={v}' for k, v in options.items() if not k.startswith('custom_hooks')]
+    assert convert_main([CONFIG, out.final_checkpoint, str(tmp_path / 'converted'), '--dtype', 'fp32'] + args) == 0
+    capsys.readouterr()
+    assert eval_main([str(tmp_path / 'converted'), '--data', tiny['mixed'], '--image-folder', tiny['images'],
+                      '--max-new-tokens', '3', '--out', str(tmp_path / 'report.json')]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == final
+    with open(tmp_path / 'report.json') as f:  # the same answers, not only the same score
+        assert [r['answer'] for r in json.load(f)['results']] == answers
+
+
+@pytest.mark.slow
+def test_two_processes_under_zero3_split_the_questions_and_finish(tiny, tmp_path):
+    three = tmp_path / 'three.jsonl'  # 3 questions on 2 ranks: one rank pads its share with a repeat
+    lines = open(tiny['mixed']).read().splitlines()
+    three.write_text('\n'.join(lines + [lines[1].replace('Say something.', 'Say more.')]) + '\n')
+    out, _ = run(tiny, tmp_path / 'work', nproc=2, interval=1, data_file=str(three))  # 2 iterations of 2 x 2
+    assert out.ok and not out.timed_out, out.summary()
+    lines = [line for line in out.log.splitlines() if 'eval at iteration ' in line]
+    assert len(lines) == 2 and all('(3 questions)' in line for line in lines), lines
+
+
+def test_low_image_reliance_stops_training_when_asked(tiny, tmp_path):
+    out, _ = run(tiny, tmp_path / 'work', min_reliance=2.0, on_low_reliance='stop')  # reliance is at most 1
+    assert out.returncode == 1 and 'image reliance' in out.log and 'is below 2.0 at iteration 2' in out.log, \
+        out.summary()

@@ -1,0 +1,151 @@
+"""Evaluation during training: the project's scorer on a held-out file, every N iterations and at the end.
+
+    custom_hooks.append(dict(type=EvalHook, data_file='data/val.jsonl', image_folder='data/images',
+                             interval=500, max_questions=200, min_reliance=0.1, on_low_reliance='warn'))
+
+The questions (``xtuner_plugins.eval.data``: a training-format jsonl or an MMBench TSV) are asked of the model
+being trained, through :class:`TrainingModelAnswerer`: the training data set's prompt (template, system
+message) and tiles (tile size, tiling, image mode), greedy decoding, with and without the image (blind
+control). Accuracy, blind accuracy and image reliance go to the console and to the visualizer (TensorBoard:
+``eval/accuracy``, ``eval/blind``, ``eval/reliance``), with a few sample answers; a reliance below
+``min_reliance`` warns, or stops training (``on_low_reliance='stop'``).
+
+Several ranks, DDP or DeepSpeed ZeRO-2/3: the questions are split over the ranks and the results gathered.
+Every rank runs the same number of forward passes (questions padded to an equal count per rank, and a fixed
+``max_new_tokens`` decoding steps without stopping early), because ZeRO-3 gathers parameters in every forward
+pass collectively: unequal counts would hang.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from mmengine.dist import all_gather_object, get_dist_info
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from PIL import Image
+
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.template import IGNORE_INDEX, tokenize_conversation
+from xtuner_plugins.data.tiling import image_tiles
+
+from .data import read_questions
+from .evaluate import Report, evaluate
+
+__all__ = ['EvalHook', 'TrainingModelAnswerer']
+
+
+class TrainingModelAnswerer:
+    """``ask``/``reset`` (as ``ConvertedModel``) on the training model, prompting and tiling as its data set."""
+
+    def __init__(self, model, dataset, fixed_steps: bool = False):
+        self.model, self.dataset, self.fixed_steps = model, dataset, fixed_steps
+        self.tokenizer = model.tokenizer
+
+    def reset(self) -> None:
+        pass  # one turn per question
+
+    def _tiles(self, image: Image.Image, num_images: int) -> torch.Tensor:
+        d = self.dataset  # as the data set tiles a sample with num_images images
+        return image_tiles(image, d.image_mode, image_size=d.image_size, min_num=d.min_dynamic_patch,
+                           max_num=max(1, d.max_dynamic_patch // num_images) if d.dynamic_image_size else 1,
+                           use_thumbnail=d.use_thumbnail, mean=d.image_mean)
+
+    @torch.no_grad()
+    def ask(self, prompt: str, images: Sequence = (), generation: Optional[dict] = None) -> str:
+        images = [load_image(i) if isinstance(i, str) else i.convert('RGB') for i in images]
+        tiles = [self._tiles(im, len(images)) for im in images]
+        if images and '<image>' not in prompt:
+            prompt = '<image>\n' * len(images) + prompt
+        turns = [{'from': 'human', 'value': prompt}, {'from': 'gpt', 'value': 'x'}]
+        sample = tokenize_conversation(turns, self.tokenizer, [self.model.num_image_token * t.shape[0] for t in tiles],
+                                       self.dataset.template, self.dataset.system)
+        first = next(i for i, label in enumerate(sample['labels']) if label != IGNORE_INDEX)
+        ids = torch.tensor([sample['input_ids'][:first]])
+        if tiles:
+            pixels, flags = torch.cat(tiles), torch.ones(sum(t.shape[0] for t in tiles), dtype=torch.long)
+        else:  # the dummy tile a text-only sample carries
+            size = self.dataset.image_size
+            pixels, flags = torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+        device = next(self.model.parameters()).device
+        stop = self.tokenizer.convert_tokens_to_ids(self.dataset.template.stop_word)
+        out: List[int] = []
+        for _ in range((generation or {}).get('max_new_tokens', 16)):
+            batch = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                         pixel_values=pixels.to(device), image_flags=flags.to(device))
+            token = int(self.model(batch, mode='tensor')[0, -1].argmax())
+            if token == stop and not self.fixed_steps:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        if stop in out:
+            out = out[:out.index(stop)]
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+class EvalHook(Hook):
+    """Runs the scorer on ``data_file`` every ``interval`` iterations and after training (module docstring)."""
+
+    priority = 'LOW'  # after the optimizer step and the logger, before checkpoints
+
+    def __init__(self, data_file: str, image_folder: Optional[str] = None, interval: int = 500,
+                 max_questions: Optional[int] = None, max_new_tokens: int = 16, blind: bool = True,
+                 metric: str = 'exact', circular: bool = False, show: int = 3, min_reliance: Optional[float] = None,
+                 on_low_reliance: str = 'warn'):
+        if on_low_reliance not in ('warn', 'stop'):
+            raise ValueError(f"EvalHook: on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'")
+        self.questions = read_questions(data_file, image_folder, circular=circular)[:max_questions]
+        self.data_file, self.interval, self.max_new_tokens = data_file, interval, max_new_tokens
+        self.blind, self.metric, self.show = blind, metric, show
+        self.min_reliance, self.on_low_reliance = min_reliance, on_low_reliance
+        self.history: List[dict] = []
+        self._last_iter = -1
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.interval > 0 and self.every_n_train_iters(runner, self.interval):
+            self.run(runner, runner.iter + 1)
+
+    def after_train(self, runner) -> None:
+        if self._last_iter != runner.iter:  # not just evaluated at the last iteration
+            self.run(runner, runner.iter)
+
+    def run(self, runner, iteration: int) -> dict:
+        """Evaluate after ``iteration`` iterations; every rank returns the same summary."""
+        from xtuner_plugins.engine.checks import _unwrap
+        from xtuner_plugins.engine.nonfinite import unwrap_model
+        self._last_iter = iteration
+        model = unwrap_model(runner.model)
+        dataset = _unwrap(runner.train_dataloader.dataset, 'dataset')
+        rank, world = get_dist_info()
+        per_rank = math.ceil(len(self.questions) / world)
+        mine = self.questions[rank::world]
+        padded = mine + [self.questions[0]] * (per_rank - len(mine))  # equal forward counts on every rank
+        was_training = model.training
+        model.eval()
+        try:
+            answerer = TrainingModelAnswerer(model, dataset, fixed_steps=world > 1)
+            results = evaluate(answerer, padded, blind=self.blind, metric=self.metric,
+                               max_new_tokens=self.max_new_tokens)[:len(mine)]
+        finally:
+            model.train(was_training)
+        gathered = [r for part in all_gather_object(results) for r in part]
+        report = Report(gathered)
+        summary = dict(report.summary(), iter=iteration)
+        self.history.append(summary)
+        runner.visualizer.add_scalars({f'eval/{k}': v for k, v in summary.items() if k not in ('n', 'iter')},
+                                      step=iteration)
+        samples = '\n'.join(f'    {r.id}: {r.prompt[-60:]!r} -> {r.answer!r} (reference {r.reference!r}'
+                             + (f', blind {r.blind_answer!r})' if r.blind_answer is not None else ')')
+                             for r in gathered[:self.show])
+        print_log(f'eval at iteration {iteration} on {self.data_file}: {report.closing_line()}\n{report.table()}\n'
+                  f'  samples:\n{samples}', logger='current')
+        reliance = summary.get('reliance')
+        if self.min_reliance is not None and reliance is not None and reliance < self.min_reliance:
+            message = (f'image reliance {reliance:.3f} is below {self.min_reliance} at iteration {iteration}: the '
+                       f'model answers {summary["blind"]:.3f} of the questions without the image')
+            if self.on_low_reliance == 'stop':
+                raise RuntimeError(message)
+            print_log(message, logger='current', level=30)
+        return summary

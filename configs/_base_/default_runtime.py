@@ -3,8 +3,8 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
                             ParamSchedulerHook)
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
-from xtuner_plugins.engine import (DIST_BACKEND, CheckpointCleanupHook, ModelDataCheckHook, NonFiniteGuardHook,
-                                   ThroughputHook)
+from xtuner_plugins.engine import (DIST_BACKEND, BadSampleHook, CheckpointCleanupHook, ModelDataCheckHook,
+                                   NonFiniteGuardHook, ThroughputHook)
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
@@ -14,7 +14,7 @@ max_skipped_steps = 10    # with 'skip': stop once more steps than this were dro
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
-                dict(type=CheckpointCleanupHook)]
+                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
 # every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
 #   from xtuner_plugins.eval import EvalHook

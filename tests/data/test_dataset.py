@@ -179,7 +179,7 @@ def test_too_many_bad_samples_at_use(tmp_path, tiny_tokenizer):
     ok = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.2)
     for i in range(10):
         ok[i]
-    assert ok.failures['missing_image'] == 2  # items 2 and 5 fail and are served by the next sample
+    assert ok.failures['missing_image'] == 2  # items 2 and 5 fail and are replaced by drawn samples
     strict = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.1)
     strict[2]
     with pytest.raises(TooManyBadSamplesError, match=r"2 samples failed .* max_bad_fraction=0.1 of 10.*missing_image"):
@@ -318,3 +318,21 @@ def test_single_tile_modes_give_one_tile_per_image_and_the_projectors_token_coun
 def test_unknown_image_mode_is_refused(mixed, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown image_mode 'crop'"):
         make_ds([mixed[0]], tiny_tokenizer, tmp_path, image_folders=[mixed[1]], image_mode='crop')
+
+
+def test_bad_samples_count_once_each_not_per_attempt_nor_per_epoch(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'good.png')
+    samples = [{'image': 'gone.png' if 10 <= i < 15 else 'good.png', 'conversations': conv(f'q{i}', f'a{i}')}
+               for i in range(100)]
+    path = write_jsonl(tmp_path / 'a.jsonl', samples)
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.1)
+    again = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.1)
+    for epoch in range(2):  # 5 adjacent bad samples of 100, twice: 5 bad samples (the limit is 10)
+        items = [ds[i] for i in range(100)]
+    assert dict(ds.failures) == {'missing_image': 5} and len(ds.failed) == 5
+    assert [x['skipped'] for x in items[:10]] == [[]] * 10
+    assert items[10]['skipped'][0] == (f'{path}:11', 'missing_image')
+    # each replacement is drawn (not the neighbour, which is bad too), the same in every run
+    replaced = [answer_of(items[i], tiny_tokenizer) for i in range(10, 15)]
+    assert replaced == [answer_of(again[i], tiny_tokenizer) for i in range(10, 15)]
+    assert len(set(replaced)) > 1 and not any(f'a{i}' in r for i in range(10, 15) for r in replaced), replaced

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 def run(tiny, work, nproc=1, **hook):
     hook = dict(dict(data_file=tiny['mixed'], image_folder=tiny['images']), **hook)
-    options = dict(tiny_options(tiny, tiny['mixed'], repeat=4), **{f'custom_hooks.4.{k}': v for k, v in hook.items()})
+    options = dict(tiny_options(tiny, tiny['mixed'], repeat=4), **{f'custom_hooks.5.{k}': v for k, v in hook.items()})
     return run_train(CONFIG, str(work), cfg_options=options, script=TRAIN, nproc=nproc,
                      deepspeed=DS_CPU_CONFIGS['zero3'] if nproc > 1 else None), options
 

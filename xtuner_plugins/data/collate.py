@@ -15,6 +15,7 @@ key                  shape / dtype               meaning
 ``position_ids``     ``[B, L]`` long             packed items only: restart at 0 per sample
 ``seq_lens``         list of ``[k_b]`` long      packed items only: tokens of each sample of row b
 ``samples``          list of str                 ``FILE:LINE`` of every sample (for error messages)
+``skipped``          list of (str, str)          ``(FILE:LINE, reason)`` of bad samples skipped for the batch
 ===================  ==========================  ==============================================
 """
 
@@ -66,5 +67,6 @@ def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
         pixel_values=torch.cat([x['pixel_values'] for x in instances]),
         image_flags=torch.cat([x['image_flags'] for x in instances]),
         num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long),
-        samples=[s for x in instances for s in x.get('samples', ())])
+        samples=[s for x in instances for s in x.get('samples', ())],
+        skipped=[s for x in instances for s in x.get('skipped', ())])
     return {'data': data, 'data_samples': None}

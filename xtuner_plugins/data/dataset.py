@@ -27,6 +27,7 @@ raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the coun
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -171,7 +172,9 @@ class InternVLDataset(Dataset):
             self._source_ranges.append(range(start, len(self.records)))
             index.extend(start + j for j in repeat_indices(len(good), src.repeat_time, seed + i))
         self._index = np.asarray(index, dtype=np.int64)
-        self.failures: Counter = Counter()
+        self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
+        self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
+        self.num_distinct = len(np.unique(self._index))  # samples the limit is a fraction of (repeats once)
         self._report_load_problems()
         self._lengths: Optional[np.ndarray] = None
 
@@ -247,27 +250,40 @@ class InternVLDataset(Dataset):
                     samples=[self.where(record)])  # FILE:LINE, for messages about the batch
 
     def _count_failure(self, err: SampleError) -> None:
+        """Count a sample that failed to load, once however often it is drawn; stop past the limit. Other
+        processes (DataLoader workers, ranks) count their own; ``BadSampleHook`` adds them all up."""
+        if err.source in self.failed:
+            return
+        self.failed[err.source] = err.reason
         self.failures[err.reason] += 1
         if self.failures[err.reason] == 1:
-            print_log(f'Skipping bad sample (first with this reason; later ones are counted): {err}',
-                      logger='current', level=logging.WARNING)
-        total = sum(self.failures.values())
-        if total > self.max_bad_fraction * len(self):
+            print_log(f'Skipping bad sample (first with this reason in this process; later ones are counted): '
+                      f'{err}', logger='current', level=logging.WARNING)
+        total = len(self.failed)
+        if total > self.max_bad_fraction * self.num_distinct:
             raise TooManyBadSamplesError(
                 f'{total} samples failed to load in this process, over max_bad_fraction={self.max_bad_fraction} '
-                f'of {len(self)}: {dict(self.failures)}; last: {err}. Run tools/check_dataset.py for the full list.')
+                f'of {self.num_distinct}: {dict(self.failures)}; last: {err}. Run tools/check_dataset.py for the '
+                f'full list.')
 
     def __len__(self) -> int:
         return len(self._index)
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        n = len(self._index)
-        for attempt in range(n):
-            record = self.records[self._index[(index + attempt) % n]]
+        """The sample at ``index``; a bad one is counted and replaced by a sample drawn with a generator seeded
+        by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped."""
+        n, position, skipped, rng = len(self._index), index, [], None
+        for _ in range(n):
+            record = self.records[self._index[position % n]]
             try:
-                return self.load_sample(record)
+                item = self.load_sample(record)
+                item['skipped'] = skipped
+                return item
             except SampleError as err:
                 self._count_failure(err.with_source(self.where(record)))
+                skipped.append((err.source, err.reason))
+                rng = rng or random.Random(self.seed * 1_000_003 + index)
+                position = rng.randrange(n)
         raise TooManyBadSamplesError(f'no sample of {n} could be loaded: {dict(self.failures)}')
 
     @property

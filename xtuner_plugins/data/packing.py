@@ -75,7 +75,7 @@ class PackedInternVLDataset(Dataset):
         lengths = self.dataset.length
         return [sum(lengths[i] for i in pack) for pack in self.packs]
 
-    def _load_pack(self, pack: List[int]) -> List[Dict[str, torch.Tensor]]:
+    def _load_pack(self, pack: List[int], skipped: list) -> List[Dict[str, torch.Tensor]]:
         items = []
         for i in pack:
             record = self.dataset.records[self.dataset._index[i]]
@@ -83,13 +83,17 @@ class PackedInternVLDataset(Dataset):
                 items.append(self.dataset.load_sample(record))
             except SampleError as err:
                 self.dataset._count_failure(err.with_source(self.dataset.where(record)))
+                skipped.append((err.source, err.reason))
         return items
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        """A pack without its bad samples (counted; listed in ``skipped``); a pack with none left is replaced
+        by the next."""
+        skipped: list = []
         for attempt in range(len(self.packs)):
-            items = self._load_pack(self.packs[(index + attempt) % len(self.packs)])
+            items = self._load_pack(self.packs[(index + attempt) % len(self.packs)], skipped)
             if items:
-                return pack_items(items)
+                return dict(pack_items(items), skipped=skipped)
         raise TooManyBadSamplesError(f'no pack of {len(self.packs)} has a loadable sample')
 
 

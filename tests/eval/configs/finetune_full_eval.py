@@ -1,5 +1,5 @@
 # configs/finetune_full.py with an EvalHook (the stage configs' commented example), for tests/eval/test_hook.py;
-# point it at data with --cfg-options custom_hooks.4.data_file=... custom_hooks.4.image_folder=...
+# point it at data with --cfg-options custom_hooks.5.data_file=... custom_hooks.5.image_folder=...
 from mmengine.config import read_base
 
 from xtuner_plugins.eval import EvalHook

@@ -1,0 +1,73 @@
+"""BadSampleHook: bad samples counted once each over DataLoader workers and ranks, against the run's limit;
+each reason logged once per rank; a summary with every FILE:LINE in the work folder."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from xtuner_plugins.data.errors import SampleError, TooManyBadSamplesError
+from xtuner_plugins.engine.badsamples import BadSampleHook
+
+
+def runner_for(tmp_path, total=10, limit=0.3, at_start=()):
+    dataset = SimpleNamespace(max_bad_fraction=limit, num_distinct=total,
+                              load_problems=[SampleError('bad_json', 'x', f'a.jsonl:{n}') for n in at_start])
+    return SimpleNamespace(train_dataloader=SimpleNamespace(dataset=dataset), iter=0, epoch=0,
+                           work_dir=str(tmp_path))
+
+
+def batch(*skipped):
+    return {'data': {'skipped': list(skipped)}}
+
+
+def test_counted_once_each_over_workers_and_epochs_then_stopped_past_the_limit(tmp_path):
+    hook, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.3)
+    hook.before_train(runner)
+    # two workers each met a.jsonl:3; one sample is met again in a later epoch: 3 distinct bad samples of 10
+    for skipped in [('a.jsonl:3', 'missing_image'), ('a.jsonl:3', 'missing_image'), ('a.jsonl:5', 'corrupt_image'),
+                    ('a.jsonl:8', 'missing_image'), ('a.jsonl:5', 'corrupt_image')]:
+        hook.after_train_iter(runner, 0, batch(skipped))
+    assert hook.bad == {'a.jsonl:3': 'missing_image', 'a.jsonl:5': 'corrupt_image', 'a.jsonl:8': 'missing_image'}
+    hook.after_train_epoch(runner)
+    with open(tmp_path / 'skipped_samples.json') as f:
+        summary = json.load(f)
+    assert summary['skipped'] == {'missing_image': ['a.jsonl:3', 'a.jsonl:8'], 'corrupt_image': ['a.jsonl:5']}
+    runner.iter = 6
+    with pytest.raises(TooManyBadSamplesError, match=r'4 of 10 samples are bad \(all workers and ranks, at iteration '
+                                                     r"7\), over max_bad_fraction=0.3: \{'missing_image': 3, "):
+        hook.after_train_iter(runner, 0, batch(('a.jsonl:9', 'missing_image')))
+
+
+def test_samples_refused_at_start_up_count_too(tmp_path):
+    hook, runner = BadSampleHook(), runner_for(tmp_path, total=8, limit=0.3, at_start=(1, 2))  # 2 of 10 at start
+    hook.before_train(runner)
+    hook.after_train_iter(runner, 0, batch(('a.jsonl:7', 'missing_image')))  # 3 of 10: at the limit
+    with pytest.raises(TooManyBadSamplesError, match=r"4 of 10 samples .*'bad_json': 2"):
+        hook.after_train_iter(runner, 0, batch(('a.jsonl:9', 'missing_image')))
+    hook.after_train(runner)
+    assert json.load(open(os.path.join(tmp_path, 'skipped_samples.json')))['at_start_up'] == {
+        'a.jsonl:1': 'bad_json', 'a.jsonl:2': 'bad_json'}
+
+
+def test_dataloader_workers_are_added_up(tmp_path):
+    """8 bad images of 100 met by four DataLoader workers (each its own copy of the data set and its own
+    counts): the run's summary has all 8, each once, with its FILE:LINE."""
+    from tests.configs.conftest import ROOT, tiny_options
+    from tests.helpers import conv, tiny_workspace, write_jsonl
+    from tests.train_utils import run_train
+    tiny = tiny_workspace(tmp_path / 'tiny')
+    samples = [{'image': 'gone.png' if i % 12 == 5 else 'a.png', 'conversations': conv(f'q{i}', f'a{i}')}
+               for i in range(100)]
+    data = write_jsonl(str(tmp_path / 'data.jsonl'), samples)
+    options = dict(tiny_options(tiny, data, repeat=1), **{
+        'train_dataloader.num_workers': 4, 'train_dataloader.persistent_workers': True,
+        'train_dataloader.dataset.max_bad_fraction': 0.1})
+    out = run_train(os.path.join(ROOT, 'configs', 'pretrain_mlp.py'), str(tmp_path / 'work'), cfg_options=options,
+                    script=os.path.join(ROOT, 'tools', 'train.py'))
+    assert out.ok and out.returncode == 0, out.summary()
+    assert "bad samples at the end of training: 8 of 100 ({'missing_image': 8})" in out.log, out.summary()
+    with open(tmp_path / 'work' / 'skipped_samples.json') as f:
+        summary = json.load(f)
+    assert sorted(summary['skipped']['missing_image']) == sorted(f'{data}:{i + 1}' for i in range(5, 100, 12))

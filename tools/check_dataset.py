@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         for path in images:
             st['images'] += 1
             try:
-                img = load_image(resolve_image_path(path, src.image_folder, src.base_dir), ds.max_image_pixels)
+                img = load_image(resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside),
+                                 ds.max_image_pixels)
             except SampleError as err:
                 st[f'images {err.reason.replace("_", " ")}'] += 1
                 problems.append(err.with_source(where))

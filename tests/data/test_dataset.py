@@ -10,7 +10,7 @@ import torch
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.data import dataset as dataset_module
 from xtuner_plugins.data.dataset import InternVLDataset
-from xtuner_plugins.data.errors import TooManyBadSamplesError
+from xtuner_plugins.data.errors import SampleError, TooManyBadSamplesError
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import tile_image
@@ -336,3 +336,44 @@ def test_bad_samples_count_once_each_not_per_attempt_nor_per_epoch(tmp_path, tin
     replaced = [answer_of(items[i], tiny_tokenizer) for i in range(10, 15)]
     assert replaced == [answer_of(again[i], tiny_tokenizer) for i in range(10, 15)]
     assert len(set(replaced)) > 1 and not any(f'a{i}' in r for i in range(10, 15) for r in replaced), replaced
+
+
+def test_empty_or_vanishing_data_is_named_at_start_up(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    from tools.check_dataset import main as check_main
+    empty = tmp_path / 'empty.jsonl'
+    empty.write_text('\n')
+    good = write_jsonl(tmp_path / 'good.jsonl', [{'conversations': conv(image=False)}] * 10)
+    with pytest.raises(ValueError, match=r'empty.jsonl: no samples \(an empty annotation file\)'):
+        make_ds([good, str(empty)], tiny_tokenizer, tmp_path)
+    assert check_main(['--data', str(empty)]) != 0 and 'empty.jsonl: no samples' in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r'no samples to train on in .*good.jsonl \(repeat_time 0.0\)'):
+        make_ds(good, tiny_tokenizer, tmp_path, repeat_times=0)
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    ds = make_ds([good, good], tiny_tokenizer, tmp_path, repeat_times=[1, 0.04])  # 0.4 of a sample: none
+    assert len(ds) == 10 and any('repeat_time 0.04 of its 10 samples rounds to 0' in m for m in logs), logs
+
+
+def test_a_link_out_of_the_image_folder_is_unsafe_unless_allowed(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'outside' / 'secret.png')
+    (tmp_path / 'i').mkdir()
+    os.symlink(tmp_path / 'outside' / 'secret.png', tmp_path / 'i' / 'link.png')
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'link.png', 'conversations': conv()}] +
+                       [{'conversations': conv(image=False)}] * 3)
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_bad_fraction=0.5)
+    assert [(p.source, p.reason) for p in ds.load_problems] == [(f'{path}:1', 'unsafe_image_path')]
+    assert 'is a symbolic link to' in str(ds.load_problems[0])
+    allowed = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), allow_links_outside=True)
+    assert len(allowed) == 4 and allowed[0]['image_flags'].all() and not allowed[0]['skipped']
+
+
+def test_too_long_names_text_and_image_tokens(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'a.png')
+    long_question = 'word ' * 300 + '<image>\nWhat is it?'
+    turns = [{'from': 'human', 'value': long_question}, {'from': 'gpt', 'value': 'A picture.'}]
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'a.png', 'conversations': turns}] * 2)
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=200,
+                 max_bad_fraction=1.0)
+    with pytest.raises(SampleError, match=r'up to its last </img> needs \d+ tokens \(\d+ image tokens of 1 image\(s\), '
+                                          r'\d+ text tokens\), max_length is 200'):
+        ds.load_sample(ds.records[0])

@@ -104,3 +104,43 @@ def test_a_missing_image_folder_is_named_at_start_up(tmp_path):
         expand_sources([str(meta)])
     (tmp_path / 'imgs').mkdir()
     assert expand_sources([path], [str(tmp_path / 'imgs')])[0].image_folder == str(tmp_path / 'imgs')
+
+
+def _sample(text):
+    return json.dumps({'conversations': conv(text, 'ok', image=False)})
+
+
+def test_any_bytes_are_a_per_line_bad_json_and_a_bom_is_no_error(tmp_path):
+    good, pair = _sample('hello'), _sample('\U0001F600')  # a valid surrogate pair (\ud83d\ude00) is text
+    lone = good.replace('hello', '\\ud800 hi')          # valid JSON, a lone surrogate: not text
+    assert '\\ud83d' in pair and '\\ud800' in lone
+    path = tmp_path / 'a.jsonl'
+    broken = good.encode().replace(b'hello', b'he\xff\xfello')  # not UTF-8, inside a string
+    column = broken.index(b'\xff') + 1
+    path.write_bytes(b'\xef\xbb\xbf' + good.encode() + b'\n' + broken + b'\n' + lone.encode() + b'\n' +
+                     pair.encode() + b'\n')
+    records, problems = read_records(0, expand_sources(str(path))[0])
+    assert [r.line for r in records] == [1, 4]  # the BOM costs nothing
+    assert [(p.source, p.reason) for p in problems] == [(f'{path}:2', 'bad_json'), (f'{path}:3', 'bad_json')]
+    assert f'not UTF-8 text (byte 0xff at column {column})' in str(problems[0])
+    assert "lone UTF-16 surrogate, not text: '\\ud800 hi" in str(problems[1])
+    # a .json list: the items holding such bytes, not the whole file
+    items = f'[{good}, '.encode() + broken + f', {lone}, {pair}]'.encode()
+    (tmp_path / 'b.json').write_bytes(b'\xef\xbb\xbf' + items)
+    records, problems = read_records(0, expand_sources(str(tmp_path / 'b.json'))[0])
+    assert [r.line for r in records] == [1, 4] and [p.source for p in problems] == [f'{tmp_path}/b.json:2',
+                                                                                   f'{tmp_path}/b.json:3']
+
+
+def test_a_lone_surrogate_is_counted_in_training_and_in_check_dataset(tmp_path, tiny_tokenizer, capsys):
+    from tools.check_dataset import main as check_main
+    from xtuner_plugins.data import InternVLDataset
+    lines = [_sample(f'q{i}') for i in range(4)] + [_sample('x').replace('"x"', '"\\udc80"')]
+    path = tmp_path / 'a.jsonl'
+    path.write_text('\n'.join(lines) + '\n')
+    tiny_tokenizer.save_pretrained(tmp_path / 'tok')
+    ds = InternVLDataset(str(path), tokenizer=str(tmp_path / 'tok'), max_bad_fraction=0.5, cache_dir=str(tmp_path))
+    assert len(ds) == 4 and [p.source for p in ds.load_problems] == [f'{path}:5']
+    ds.modality_length  # the lengths (tokenising every sample) run too
+    assert check_main(['--data', str(path), '--tokenizer', str(tmp_path / 'tok')]) == 1
+    assert f'{path}:5: ' in capsys.readouterr().out

@@ -402,7 +402,7 @@ def test_truncate_exact_fit(tok):
 def test_truncate_images_do_not_fit(tok):
     full = tokenize_conversation(TRUNC_CONV, tok, TRUNC_N)
     last = _last_img_end(tok, full['input_ids'])
-    with pytest.raises(SampleError, match=f'need {last + 1} tokens.*max_length is {last}') as info:
+    with pytest.raises(SampleError, match=f'needs {last + 1} tokens.*max_length is {last}') as info:
         tokenize_conversation(TRUNC_CONV, tok, TRUNC_N, max_length=last)
     assert info.value.reason == 'too_long'
     with pytest.raises(SampleError, match='max_length is 100'):

@@ -91,6 +91,8 @@ class InternVLDataset(Dataset):
         max_image_pixels: decompression-bomb limit (Pillow's by default); ``None`` disables it.
         seed: seed for fractional repeats.
         cache_dir: where per-file length caches go (for the length-grouped sampler).
+        allow_links_outside: follow symbolic links inside an image folder to files outside it (refused as
+            ``unsafe_image_path`` by default).
 
     The model checks at start-up (``ModelDataCheckHook``) that :attr:`geometry` matches its own.
     """
@@ -117,7 +119,8 @@ class InternVLDataset(Dataset):
                  max_bad_fraction: float = 0.01,
                  max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  seed: int = 0,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None,
+                 allow_links_outside: bool = False):
         super().__init__()
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
@@ -149,6 +152,7 @@ class InternVLDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.seed = seed
         self.cache_dir = cache_dir
+        self.allow_links_outside = allow_links_outside
 
         self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
                                                         max_dynamic_patches)
@@ -167,10 +171,22 @@ class InternVLDataset(Dataset):
                     self.load_problems.append(err.with_source(self.where(rec)))
                     continue
                 good.append(rec)
+            if not records and not problems:
+                raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
+                                 f'data files or fill it')
             start = len(self.records)
             self.records.extend(good)
             self._source_ranges.append(range(start, len(self.records)))
-            index.extend(start + j for j in repeat_indices(len(good), src.repeat_time, seed + i))
+            repeated = repeat_indices(len(good), src.repeat_time, seed + i)
+            if good and not repeated:
+                print_log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(good)} samples rounds to 0: '
+                          f'this source is not used', logger='current', level=logging.WARNING)
+            index.extend(start + j for j in repeated)
+        if not index:
+            raise ValueError('no samples to train on in ' + ', '.join(
+                f'{src.annotation} (repeat_time {src.repeat_time})' for src in self.sources) +
+                (f'; {len(self.load_problems)} were refused, first: {self.load_problems[0]}'
+                 if self.load_problems else ''))
         self._index = np.asarray(index, dtype=np.int64)
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
@@ -197,7 +213,7 @@ class InternVLDataset(Dataset):
         images = sample_images(sample)
         src = self.sources[record.source]
         for path in images:
-            resolve_image_path(path, src.image_folder, src.base_dir)
+            resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
         check_conversations(sample.get('conversations'), len(images), self.template, self.system)
         return sample
 
@@ -228,11 +244,12 @@ class InternVLDataset(Dataset):
         src = self.sources[record.source]
         if images:
             max_num = self.max_tiles_per_image(record, len(images))
+            paths = [resolve_image_path(p, src.image_folder, src.base_dir, self.allow_links_outside) for p in images]
             tiles = [
-                image_tiles(load_image(resolve_image_path(p, src.image_folder, src.base_dir), self.max_image_pixels),
+                image_tiles(load_image(p, self.max_image_pixels),
                             self.image_mode, image_size=self.image_size, min_num=min(self.min_dynamic_patch, max_num),
                             max_num=max_num, use_thumbnail=self.use_thumbnail, mean=self.image_mean)
-                for p in images]
+                for p in paths]
             tokens_per_image = [t.shape[0] * self.num_image_token for t in tiles]
             pixel_values = torch.cat(tiles)
             image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long)

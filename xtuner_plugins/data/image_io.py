@@ -34,13 +34,15 @@ from .errors import SampleError
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optional[str] = None) -> str:
+def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optional[str] = None,
+                       allow_links_outside: bool = False) -> str:
     """Turn a sample's image path into a file path, refusing paths that escape ``image_folder``.
 
     Args:
         path: the path as written in the sample.
-        image_folder: the folder the sample's images live in. When given, the path must stay inside it
-            (checked on the normalised path, so symlinked data folders keep working).
+        image_folder: the folder the sample's images live in. When given, the path must stay inside it: as
+            written (``../``) and as resolved (a symbolic link inside the folder to a file or folder outside
+            it), unless ``allow_links_outside`` (for data linked in on purpose). The folder itself may be a link.
         base_dir: where relative paths are resolved when there is no ``image_folder`` (the annotation
             file's folder); absolute paths are then taken as they are.
     """
@@ -53,6 +55,12 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     if os.path.commonpath([root, full]) != root:
         raise SampleError('unsafe_image_path',
                           f'image path {path!r} escapes its image folder {image_folder!r} (resolves to {full})')
+    if not allow_links_outside:
+        real_root, real = os.path.realpath(root), os.path.realpath(full)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise SampleError('unsafe_image_path',
+                              f'image path {path!r} is a symbolic link to {real}, outside its image folder '
+                              f'{image_folder!r} (set the data set\'s allow_links_outside=True to allow it)')
     return full
 
 

@@ -70,8 +70,8 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> Li
     max_num = ds.max_tiles_per_image(record, len(images))
     for path in images:
         try:
-            width, height = read_image_size(resolve_image_path(path, src.image_folder, src.base_dir),
-                                            ds.max_image_pixels)
+            full = resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside)
+            width, height = read_image_size(full, ds.max_image_pixels)
         except SampleError:
             continue
         tiles = num_tiles(width, height, min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -70,14 +71,14 @@ def _resolve_meta_path(path: str, meta_dir: str) -> str:
 def _is_meta_file(path: str) -> bool:
     if not path.endswith('.json'):
         return False
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig', errors='replace') as f:
         head = f.read(4096).lstrip()
     return head.startswith('{')
 
 
 def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:
             meta = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
@@ -136,42 +137,93 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     return sources
 
 
+_SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # a UTF-16 surrogate written as a JSON escape
+BOM = b'\xef\xbb\xbf'
+
+
+def _lone_surrogate(obj) -> Optional[str]:
+    """The first string in ``obj`` holding a lone UTF-16 surrogate (valid JSON, invalid text), or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode('utf-8')
+        except UnicodeEncodeError as exc:
+            return f'{obj[max(0, exc.start - 10):exc.start + 10]!r}'
+        return None
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for value in list(values) + (list(obj.keys()) if isinstance(obj, dict) else []):
+        found = _lone_surrogate(value)
+        if found:
+            return found
+    return None
+
+
+def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
+    """``(text, object)`` of one jsonl line, or raise a ``bad_json`` SampleError naming what is wrong."""
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as exc:
+        raise SampleError('bad_json', f'line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column '
+                                      f'{exc.start + 1})', where) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SampleError('bad_json', f'line is not valid JSON: {exc}', where) from None
+    if not isinstance(obj, dict):
+        raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object', where)
+    if _SURROGATE_ESCAPE.search(text):
+        found = _lone_surrogate(obj)
+        if found:
+            raise SampleError('bad_json', f'line holds a lone UTF-16 surrogate, not text: {found}', where)
+    return text, obj
+
+
 def read_records(source_idx: int, source: DataSource) -> Tuple[List[Record], List[SampleError]]:
-    """Read one annotation file. Returns the records and the problems (lines that are not JSON objects)."""
+    """Read one annotation file. Returns the records and the problems (lines that are not JSON objects, not
+    UTF-8, or with invalid text), each a ``bad_json`` naming ``FILE:LINE``. A UTF-8 byte-order mark is read
+    over."""
     path = source.annotation
     if not os.path.isfile(path):
         raise FileNotFoundError(f'annotation file not found: {path} (source {source.name!r})')
     records: List[Record] = []
     problems: List[SampleError] = []
     if path.endswith('.jsonl'):
-        with open(path, encoding='utf-8') as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, 'rb') as f:
+            for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problems.append(SampleError('bad_json', f'line is not valid JSON: {exc}',
-                                                f'{path}:{line_no}'))
+                    text, _ = _parse_line(raw, f'{path}:{line_no}')
+                except SampleError as err:
+                    problems.append(err)
                     continue
-                if not isinstance(obj, dict):
-                    problems.append(SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object',
-                                                f'{path}:{line_no}'))
-                    continue
-                records.append(Record(source_idx, line_no, line))
+                records.append(Record(source_idx, line_no, text))
         return records, problems
+    with open(path, 'rb') as f:
+        raw = f.read()
+    raw = raw[len(BOM):] if raw.startswith(BOM) else raw
     try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
+        text, bad_bytes = raw.decode('utf-8'), False
+    except UnicodeDecodeError:  # kept as lone surrogates: the items holding them are refused below
+        text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path}: not valid JSON ({exc}); a .json annotation file must hold a list of '
                          f'samples, use .jsonl for one sample per line') from None
     if not isinstance(data, list):
         raise ValueError(f'{path}: a .json annotation file must hold a list of samples, got {type(data).__name__}')
+    check_text = bad_bytes or bool(_SURROGATE_ESCAPE.search(text))
     for i, obj in enumerate(data, 1):
         if not isinstance(obj, dict):
             problems.append(SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object',
                                         f'{path}:{i}'))
+            continue
+        found = _lone_surrogate(obj) if check_text else None
+        if found:
+            problems.append(SampleError('bad_json', f'item holds bytes that are not UTF-8 text or a lone UTF-16 '
+                                                    f'surrogate: {found}', f'{path}:{i}'))
             continue
         records.append(Record(source_idx, i, obj))
     return records, problems

@@ -377,3 +377,22 @@ def test_too_long_names_text_and_image_tokens(tmp_path, tiny_tokenizer):
     with pytest.raises(SampleError, match=r'up to its last </img> needs \d+ tokens \(\d+ image tokens of 1 image\(s\), '
                                           r'\d+ text tokens\), max_length is 200'):
         ds.load_sample(ds.records[0])
+
+
+def test_the_length_cache_follows_changed_images_and_an_unwritable_cache_is_skipped(tmp_path, tiny_tokenizer,
+                                                                                  monkeypatch):
+    write_image(tmp_path / 'i' / 'a.png', size=(S, S))
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'a.png', 'conversations': conv()},
+                                              {'conversations': conv(image=False)}])
+    first = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_dynamic_patch=12)
+    assert first.num_tiles_per_item[0] == 1
+    write_image(tmp_path / 'i' / 'a.png', size=(6 * S, 2 * S))  # the same name, now 12 tiles + thumbnail
+    again = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_dynamic_patch=12)
+    assert again.num_tiles_per_item[0] == 13 and again.length[0] > first.length[0]
+    assert again.length[1] == first.length[1]  # the text-only sample kept its cached length
+    logs = []
+    monkeypatch.setattr('xtuner_plugins.data.lengths.print_log', lambda msg, **kw: logs.append(msg))
+    blocked = tmp_path / 'blocked'
+    blocked.write_text('a file where the cache folder should be')
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), cache_dir=str(blocked / 'x'))
+    assert ds.num_tiles_per_item[0] > 1 and any('could not be written' in m for m in logs), logs

@@ -7,7 +7,8 @@ get a negative length so that XTuner's ``LengthGroupedSampler`` can keep modalit
 
 Reading 500k image headers takes minutes, so results are cached in one JSON file per annotation file,
 keyed by everything that changes the numbers (the file's size and modification time, the image folder,
-tiling settings, template and tokenizer). A missing or unreadable image counts as zero image tokens
+tiling settings, template and tokenizer) and checked against the size and modification time of every image
+(one ``stat`` each): the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens
 here; the sample is reported when it is loaded.
 """
 
@@ -33,7 +34,7 @@ from .tiling import num_tiles
 if TYPE_CHECKING:  # pragma: no cover
     from .dataset import InternVLDataset
 
-CACHE_VERSION = 2  # 2: tiles per sample stored beside the length
+CACHE_VERSION = 3  # 2: tiles per sample stored beside the length; 3: image files and their stats
 
 
 def default_cache_dir() -> str:
@@ -85,29 +86,81 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> Li
     return [total, all_tiles] if images else [-total, 1]
 
 
+def _image_files(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[str]:
+    files = []
+    for path in sample_images(parse_record(record)):
+        try:
+            files.append(resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside))
+        except SampleError:
+            files.append('')
+    return files
+
+
+def _stats(files: List[List[str]]) -> List[list]:
+    """``[size, mtime_ns]`` (or None: missing) of every image file, per record: what the lengths depend on."""
+    out = []
+    for record_files in files:
+        row = []
+        for path in record_files:
+            try:
+                st = os.stat(path)
+                row.append([st.st_size, st.st_mtime_ns])
+            except OSError:
+                row.append(None)
+        out.append(row)
+    return out
+
+
 def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List[Record],
                            cache_dir: Optional[str] = None) -> np.ndarray:
     """``[N, 2]``: signed length and tile count of each of one source's (valid) records, from the cache or
-    computed and cached."""
+    computed and cached. The cache is keyed on the annotation file and the settings, and holds the size and
+    modification time of every image it read: records whose images changed, appeared or vanished since are
+    computed again (never a stale length); a cache that cannot be written is skipped with a warning."""
     cache_dir = cache_dir or ds.cache_dir or default_cache_dir()
     key = _cache_key(ds, src)
     cache_file = os.path.join(cache_dir, f'{key}.json')
     lines = [r.line for r in records]
+    lengths, files, stale = None, None, range(len(records))
     if os.path.isfile(cache_file):
         try:
             with open(cache_file) as f:
                 cached = json.load(f)
-            if cached.get('lines') == lines:
-                return np.asarray(cached['lengths'], dtype=np.int64).reshape(-1, 2)
-        except (OSError, ValueError):
-            pass  # unreadable cache: recompute
-    print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
-              logger='current')
-    lengths = [_sample_length(ds, src, r)
-               for r in tqdm(records, desc=f'lengths {src.name}', disable=not is_main_process() or len(records) < 2000)]
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(dict(annotation=os.path.abspath(src.annotation), lines=lines, lengths=lengths), f)
-    os.replace(tmp, cache_file)  # atomic: concurrent ranks never read a half-written cache
+            if cached.get('lines') == lines and len(cached.get('images', ())) == len(records):
+                lengths, files = [list(x) for x in cached['lengths']], cached['images']
+                now = _stats(files)
+                stale = [i for i, (a, b) in enumerate(zip(now, cached['stats'])) if a != b]
+                if not stale:
+                    return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+        except (OSError, ValueError, KeyError, TypeError):
+            lengths, files, stale = None, None, range(len(records))  # unreadable cache: recompute
+    if lengths is None:
+        print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
+                  logger='current')
+        files = [_image_files(ds, src, r) for r in records]
+        lengths = [None] * len(records)
+    else:
+        print_log(f'{src.annotation}: the images of {len(stale)} samples changed since the length cache was '
+                  f'written; computing those again', logger='current')
+    for i in tqdm(stale, desc=f'lengths {src.name}', disable=not is_main_process() or len(stale) < 2000):
+        lengths[i] = _sample_length(ds, src, records[i])
+    _write_cache(cache_dir, cache_file, dict(annotation=os.path.abspath(src.annotation), lines=lines,
+                                             lengths=lengths, images=files, stats=_stats(files)))
     return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+
+
+def _write_cache(cache_dir: str, cache_file: str, content: dict) -> None:
+    """Atomically (concurrent ranks never read a half-written cache); an optional cache that cannot be
+    written (a full disk, no permission) is skipped with one warning, leaving no temporary file."""
+    tmp = None
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.tmp')
+        with os.fdopen(fd, 'w') as f:
+            json.dump(content, f)
+        os.replace(tmp, cache_file)
+    except OSError as exc:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        print_log(f'the sample-length cache {cache_file} could not be written ({exc}); going on without it',
+                  logger='current', level=30)

@@ -71,3 +71,27 @@ def test_dataloader_workers_are_added_up(tmp_path):
     with open(tmp_path / 'work' / 'skipped_samples.json') as f:
         summary = json.load(f)
     assert sorted(summary['skipped']['missing_image']) == sorted(f'{data}:{i + 1}' for i in range(5, 100, 12))
+
+
+def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_tokenizer):
+    from tests.helpers import conv, write_jsonl
+    from xtuner_plugins.data import InternVLDataset
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)} for i in range(6)]
+                       + ['{bad'])
+    def runner(resume):
+        ds = InternVLDataset(path, tokenizer=tiny_tokenizer, repeat_times=2, max_bad_fraction=0.5,
+                             cache_dir=str(tmp_path / 'cache'))
+        return SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds), iter=0, epoch=0,
+                               work_dir=str(tmp_path / 'work'), _resume=resume)
+    os.makedirs(tmp_path / 'work')
+    BadSampleHook().before_train(runner(False))
+    with open(tmp_path / 'work' / 'data_manifest.json') as f:
+        (source,) = json.load(f)['sources']
+    assert (source['samples'], source['used'], source['repeat_time']) == (6, 12, 2.0)
+    assert source['refused_at_start_up'] == {'bad_json': 1} and source['size'] == os.path.getsize(path)
+    BadSampleHook(on_data_change='stop').before_train(runner(True))  # unchanged: resumes
+    with open(path, 'a') as f:
+        f.write(json.dumps({'conversations': conv('new', 'a', image=False)}) + '\n')
+    with pytest.raises(RuntimeError, match=r'the data changed since the run being resumed started .*a.jsonl: size '
+                                           r'\d+ -> \d+, mtime_ns .*samples 6 -> 7, used 12 -> 14'):
+        BadSampleHook(on_data_change='stop').before_train(runner(True))

@@ -1,4 +1,12 @@
-"""Bad samples counted once each, over every DataLoader worker and rank, against the run's limit.
+"""What a run trains on: a manifest of its data, and bad samples counted once each over every DataLoader worker
+and rank, against the run's limit.
+
+**Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records each source: its annotation file (path,
+size, modification time), image folder, ``repeat_time``, samples read, refused at start-up (by reason) and
+used after repeats. A run that resumes compares it with the manifest the interrupted run wrote and warns
+(``on_data_change='warn'``, the default) or stops (``'stop'``) when the data changed under it, naming what.
+
+**Bad samples.**
 
 The data set counts the samples that fail to load in its own process (``InternVLDataset._count_failure``): a
 DataLoader worker or another rank sees only its share, so 40 % bad images with a limit of 30 % would pass
@@ -19,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from mmengine.dist import all_gather_object, all_reduce, get_dist_info
@@ -36,8 +44,11 @@ class BadSampleHook(Hook):
 
     priority = 'HIGH'
 
-    def __init__(self, summary_file: str = 'skipped_samples.json'):
-        self.summary_file = summary_file
+    def __init__(self, summary_file: str = 'skipped_samples.json', manifest_file: str = 'data_manifest.json',
+                 on_data_change: str = 'warn'):
+        if on_data_change not in ('warn', 'stop'):
+            raise ValueError(f"BadSampleHook: on_data_change={on_data_change!r}; use 'warn' or 'stop'")
+        self.summary_file, self.manifest_file, self.on_data_change = summary_file, manifest_file, on_data_change
         self.bad: Dict[str, str] = {}           # FILE:LINE -> reason, skipped while training, all ranks
         self.at_start: Dict[str, str] = {}      # refused when the files were read
         self.logged: Set[Tuple[int, str]] = set()
@@ -51,6 +62,23 @@ class BadSampleHook(Hook):
         self.at_start = {p.source or '?': p.reason for p in problems}
         distinct = getattr(dataset, 'num_distinct', None)
         self.total = (len(dataset) if distinct is None else distinct) + len(self.at_start)
+        if hasattr(dataset, 'sources'):
+            self._manifest(runner, manifest(dataset))
+
+    def _manifest(self, runner, current: dict) -> None:
+        path = os.path.join(runner.work_dir, self.manifest_file)
+        if getattr(runner, '_resume', False) and os.path.isfile(path):
+            with open(path, encoding='utf-8') as f:
+                before = json.load(f)
+            changes = manifest_changes(before, current)
+            if changes:
+                message = f'the data changed since the run being resumed started ({path}): ' + '; '.join(changes)
+                if self.on_data_change == 'stop':
+                    raise RuntimeError(message + ' (on_data_change=\'stop\')')
+                print_log(message, logger='current', level=30)
+        if get_dist_info()[0] == 0:
+            with open(path, 'w', encoding='utf-8') as f:
+                json.dump(current, f, indent=1)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         local = [tuple(s) for s in ((data_batch or {}).get('data') or {}).get('skipped') or ()]
@@ -102,3 +130,33 @@ class BadSampleHook(Hook):
             with open(path, 'w', encoding='utf-8') as f:
                 json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
                                at_start_up=self.at_start), f, indent=1)
+
+
+def manifest(dataset) -> dict:
+    """Per source of an ``InternVLDataset``: the annotation file's identity and the sample counts."""
+    used = Counter(dataset.records[i].source for i in dataset._index)
+    refused: Dict[str, Counter] = {}
+    for problem in dataset.load_problems:
+        refused.setdefault((problem.source or '?').rsplit(':', 1)[0], Counter())[problem.reason] += 1
+    sources = []
+    for i, (src, rng) in enumerate(zip(dataset.sources, dataset._source_ranges)):
+        st = os.stat(src.annotation)
+        sources.append(dict(annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                            image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
+                            repeat_time=src.repeat_time, samples=len(rng),
+                            refused_at_start_up=dict(refused.get(src.annotation, {})), used=used.get(i, 0)))
+    return dict(sources=sources, total_used=len(dataset))
+
+
+def manifest_changes(before: dict, now: dict) -> List[str]:
+    """What differs between two manifests, one phrase each."""
+    old = {s['annotation']: s for s in before.get('sources', [])}
+    new = {s['annotation']: s for s in now.get('sources', [])}
+    changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]
+    for p in (p for p in new if p in old):
+        diff = [f'{k} {old[p].get(k)!r} -> {new[p].get(k)!r}' for k in ('size', 'mtime_ns', 'image_folder',
+                                                                         'repeat_time', 'samples', 'used')
+                if old[p].get(k) != new[p].get(k)]
+        if diff:
+            changes.append(f'{p}: ' + ', '.join(diff))
+    return changes

@@ -210,17 +210,22 @@ def test_multi_image_sample_with_one_missing_image_is_skipped_whole(tmp_path, ti
     assert int((item['input_ids'] == ctx).sum()) == item['num_tiles']
 
 
-def test_too_long_sample_is_dropped_with_reason(tmp_path, tiny_tokenizer):
+def test_too_long_sample_gets_fewer_tiles_or_is_dropped_with_reason(tmp_path, tiny_tokenizer):
     from xtuner_plugins.data.template import tokenize_conversation
     write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # an 8x5 grid: 40 tiles + thumbnail
     short = conv(answer='SHORT', image=False)
-    budget = len(tokenize_conversation(short, tiny_tokenizer, [])['input_ids'])
+    budget = len(tokenize_conversation(short, tiny_tokenizer, [])['input_ids']) + 10
+    wordy = [{'from': 'human', 'value': 'word ' * 40 + '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'X'}]
     path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'big.png', 'conversations': conv(answer='LONG')},
+                                              {'image': 'big.png', 'conversations': wordy},
                                               {'conversations': short}])
     ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=budget,
                  max_dynamic_patch=40, max_bad_fraction=1)
-    assert answer_of(ds[0], tiny_tokenizer) == 'SHORT<|im_end|>'
-    assert dict(ds.failures) == {'too_long': 1}
+    item = ds[0]  # 41 tiles do not fit: fewer do, and the whole answer stays
+    assert answer_of(item, tiny_tokenizer) == 'LONG<|im_end|>' and 1 < item['pixel_values'].shape[0] < 41
+    assert item['reduced'] == [(f'{path}:1', ds.reduced[f'{path}:1'])] and ds.reduced[f'{path}:1'] < 40
+    assert ds[1]['skipped'] == [(f'{path}:2', 'too_long')]  # the text before the image alone is too long
+    assert dict(ds.failures) == {'too_long': 1} and ds.failed == {f'{path}:2': 'too_long'}
 
 
 class TestLengths:

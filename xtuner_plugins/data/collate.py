@@ -16,6 +16,7 @@ key                  shape / dtype               meaning
 ``seq_lens``         list of ``[k_b]`` long      packed items only: tokens of each sample of row b
 ``samples``          list of str                 ``FILE:LINE`` of every sample (for error messages)
 ``skipped``          list of (str, str)          ``(FILE:LINE, reason)`` of bad samples skipped for the batch
+``reduced``          list of (str, int)          ``(FILE:LINE, tiles per image)`` of samples cut to fit
 ===================  ==========================  ==============================================
 """
 
@@ -68,5 +69,6 @@ def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
         image_flags=torch.cat([x['image_flags'] for x in instances]),
         num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long),
         samples=[s for x in instances for s in x.get('samples', ())],
-        skipped=[s for x in instances for s in x.get('skipped', ())])
+        skipped=[s for x in instances for s in x.get('skipped', ())],
+        reduced=[r for x in instances for r in x.get('reduced', ())])
     return {'data': data, 'data_samples': None}

@@ -190,6 +190,7 @@ class InternVLDataset(Dataset):
         self._index = np.asarray(index, dtype=np.int64)
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
+        self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length
         self.num_distinct = len(np.unique(self._index))  # samples the limit is a fraction of (repeats once)
         self._report_load_problems()
         self._lengths: Optional[np.ndarray] = None
@@ -242,23 +243,42 @@ class InternVLDataset(Dataset):
         sample = self.check_record(record)
         images = sample_images(sample)
         src = self.sources[record.source]
-        if images:
-            max_num = self.max_tiles_per_image(record, len(images))
-            paths = [resolve_image_path(p, src.image_folder, src.base_dir, self.allow_links_outside) for p in images]
-            tiles = [
-                image_tiles(load_image(p, self.max_image_pixels),
-                            self.image_mode, image_size=self.image_size, min_num=min(self.min_dynamic_patch, max_num),
-                            max_num=max_num, use_thumbnail=self.use_thumbnail, mean=self.image_mean)
-                for p in paths]
-            tokens_per_image = [t.shape[0] * self.num_image_token for t in tiles]
-            pixel_values = torch.cat(tiles)
-            image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long)
-        else:
-            tokens_per_image = []
+        if not images:
             pixel_values = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
-            image_flags = torch.zeros(1, dtype=torch.long)
-        encoded = tokenize_conversation(sample['conversations'], self.tokenizer, tokens_per_image,
-                                        template=self.template, system=self.system, max_length=self.max_length)
+            encoded = tokenize_conversation(sample['conversations'], self.tokenizer, [], template=self.template,
+                                            system=self.system, max_length=self.max_length)
+            return self._item(encoded, pixel_values, torch.zeros(1, dtype=torch.long), record)
+        paths = [resolve_image_path(p, src.image_folder, src.base_dir, self.allow_links_outside) for p in images]
+        pictures = [load_image(p, self.max_image_pixels) for p in paths]
+        max_num = self.max_tiles_per_image(record, len(images))
+        while True:  # fewer tiles per image (the thumbnail stays) while the whole sample is too long
+            tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
+                                 min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
+                                 use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
+            counts = [t.shape[0] * self.num_image_token for t in tiles]
+            encoded = tokenize_conversation(sample['conversations'], self.tokenizer, counts, template=self.template,
+                                            system=self.system)
+            if self.max_length is None or len(encoded['input_ids']) <= self.max_length:
+                break
+            if max_num <= 1 or all(t.shape[0] == 1 for t in tiles):  # as small as it gets: cut, or too_long
+                encoded = tokenize_conversation(sample['conversations'], self.tokenizer, counts,
+                                                template=self.template, system=self.system,
+                                                max_length=self.max_length)
+                break
+            max_num = max(1, max_num // 2)
+        if max_num < self.max_tiles_per_image(record, len(images)):
+            self.reduced[self.where(record)] = max_num
+            if len(self.reduced) == 1:
+                print_log(f'{self.where(record)}: too long for max_length={self.max_length} with its tiles; reduced to '
+                          f'at most {max_num} tiles per image (first such sample; the rest are counted in '
+                          f'dataset.reduced)', logger='current', level=logging.WARNING)
+        pixel_values = torch.cat(tiles)
+        item = self._item(encoded, pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long), record)
+        if self.where(record) in self.reduced:
+            item['reduced'] = [(self.where(record), max_num)]
+        return item
+
+    def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),
                     labels=torch.tensor(encoded['labels'], dtype=torch.long),
                     pixel_values=pixel_values,

@@ -52,6 +52,7 @@ class BadSampleHook(Hook):
         self.bad: Dict[str, str] = {}           # FILE:LINE -> reason, skipped while training, all ranks
         self.at_start: Dict[str, str] = {}      # refused when the files were read
         self.logged: Set[Tuple[int, str]] = set()
+        self.reduced: Dict[str, int] = {}       # FILE:LINE -> tiles per image it was cut to (too long)
         self.limit, self.total = None, 0
 
     def before_train(self, runner) -> None:
@@ -81,14 +82,16 @@ class BadSampleHook(Hook):
                 json.dump(current, f, indent=1)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        local = [tuple(s) for s in ((data_batch or {}).get('data') or {}).get('skipped') or ()]
+        data = (data_batch or {}).get('data') or {}
+        local = [tuple(s) for s in data.get('skipped') or ()]
         new = [s for s in dict.fromkeys(local) if s[0] not in self.bad]
-        count = torch.tensor([len(new)], dtype=torch.long)
+        reduced = [tuple(r) for r in data.get('reduced') or () if r[0] not in self.reduced]
+        count = torch.tensor([len(new) + len(reduced)], dtype=torch.long)
         all_reduce(count)
         if int(count.item()) == 0:
             return
-        rank, _ = get_dist_info()
-        for source_rank, entries in enumerate(all_gather_object(new)):
+        for source_rank, (entries, cut) in enumerate(all_gather_object((new, reduced))):
+            self.reduced.update(dict(cut))
             for where, reason in entries:
                 if where in self.bad:
                     continue
@@ -118,7 +121,10 @@ class BadSampleHook(Hook):
         self._summary(runner, 'at the end of training')
 
     def _summary(self, runner, when: str) -> None:
-        if not self.bad and not self.at_start:
+        if self.reduced:
+            print_log(f'{len(self.reduced)} samples too long for max_length were given fewer tiles per image '
+                      f'{when} (listed in {self.summary_file})', logger='current')
+        if not self.bad and not self.at_start and not self.reduced:
             return
         path = os.path.join(runner.work_dir, self.summary_file)
         print_log(f'bad samples {when}: {len(self.bad) + len(self.at_start)} of {self.total} '
@@ -129,7 +135,7 @@ class BadSampleHook(Hook):
                 by_reason.setdefault(reason, []).append(where)
             with open(path, 'w', encoding='utf-8') as f:
                 json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
-                               at_start_up=self.at_start), f, indent=1)
+                               at_start_up=self.at_start, fewer_tiles=self.reduced), f, indent=1)
 
 
 def manifest(dataset) -> dict:

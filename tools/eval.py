@@ -55,10 +55,14 @@ def parse_args(argv=None):
     blind.add_argument('--no-blind', dest='blind', action='store_false', help='skip the blind control')
     p.add_argument('--limit', type=int, default=None, help='the first N questions only')
     p.add_argument('--max-new-tokens', type=int, default=64)
+    p.add_argument('--batch-size', type=int, default=1,
+                   help='questions per generation batch (one image each; others go one at a time)')
     p.add_argument('--out', help='write a JSON report here')
     p.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error('--batch-size must be at least 1')
     if (args.folder is None) == (args.config is None):
         p.error('give a converted folder, or --config (with --checkpoint), not both')
     if args.config and not args.checkpoint:
@@ -87,14 +91,17 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         step = max(1, len(questions) // 20)
 
+        printed = [0]
+
         def progress(i, n, results):
-            if i % step == 0 or i == n:
+            if i // step > printed[0] or i == n:
+                printed[0] = i // step
                 right = sum(r.score for r in results)
                 print(f'  {i}/{n} questions, {right:.0f} right so far, {i / (time.perf_counter() - start):.2f} '
                       f'questions/s', file=sys.stderr, flush=True)
 
         results = evaluate(model, questions, blind=args.blind, metric=args.metric,
-                           max_new_tokens=args.max_new_tokens, progress=progress)
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     report = Report(results)
     if args.out:
         report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,

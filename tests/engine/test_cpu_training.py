@@ -272,3 +272,39 @@ def test_crash_is_detected_although_cli_exits_zero(tmp_path):
     assert outcome.last_iter == 1 and outcome.final_checkpoint is None
     # XTuner's CLI ignores the child's exit code (0 with xtuner 0.2.0): only the outcome tells.
     print(f'xtuner train exit code after the crash: {outcome.returncode}; reasons: {outcome.failure_reasons}')
+
+
+def test_ranks_end_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL of the torchrun launcher: its rank (which imported xtuner_plugins.engine, as every config
+    does) gets SIGTERM through the parent-death signal instead of running on, orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    flag = tmp_path / 'rank_pid'
+    script = tmp_path / 'rank.py'
+    script.write_text('import os, time\nimport xtuner_plugins.engine\n'
+                      f'open({str(flag)!r}, "w").write(str(os.getpid()))\ntime.sleep(300)\n')
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=1',
+                                 '--master_port=0', str(script)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (flag.exists() and flag.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        rank = int(flag.read_text())
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(rank, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(rank, signal.SIGKILL)
+            pytest.fail('the rank outlived its killed launcher by 20 s')
+    finally:
+        launcher.kill()

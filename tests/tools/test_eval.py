@@ -26,6 +26,25 @@ def folder(tmp_path_factory):
     return convert(LORA, ckpt, root / 'official', options(tiny))
 
 
+@pytest.fixture(scope='module')
+def llava_folder(tmp_path_factory):
+    """CLIP + LLaVA MLP with padded images, LoRA, converted to transformers' LLaVA layout."""
+    import torch
+
+    from tests.tools.test_convert_to_official import options as opts_for
+    from xtuner_plugins.models.export import build_for_export, load_config
+    from xtuner_plugins.tiny.vision import write_tiny_clip
+    root = tmp_path_factory.mktemp('eval_llava')
+    tiny = tiny_workspace(root / 'tiny')
+    opts = opts_for(tiny, **{'model.vision_encoder': write_tiny_clip(str(root / 'clip')), 'model.projector': 'mlp',
+                             'model.image_mode': 'pad'})
+    probe = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    opts.update({f'train_dataloader.dataset.{k}': (list(v) if isinstance(v, tuple) else v)
+                 for k, v in probe.geometry.items()})
+    trained_checkpoint(LORA, opts, str(root / 'iter_1.pth'), scale=0.3)
+    return convert(LORA, str(root / 'iter_1.pth'), root / 'llava', opts)
+
+
 def test_accuracy_blind_and_reliance_of_the_models_own_answers(folder, tmp_path, capsys):
     images = [write_image(tmp_path / f'{i}.png', size=size, seed=i) for i, size in
               enumerate([(120, 60), (50, 90), (56, 56)])]
@@ -70,3 +89,23 @@ def test_bad_input_is_named(folder, tmp_path, capsys):
     assert eval_main([str(tmp_path), '--data', write_tsv(tmp_path / 'm.tsv', ROWS)]) == 2
     assert 'no config.json' in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'report.json')
+
+
+@pytest.mark.parametrize('fmt', ['official', 'llava'])
+def test_batched_answers_equal_one_at_a_time(folder, llava_folder, tmp_path, fmt, capsys):
+    """--batch-size 3 (left-padded batches: the remote code's batch_chat, the LLaVA processor's batch) gives
+    every question the answer it gets alone."""
+    path = {'official': folder, 'llava': llava_folder}[fmt]
+    with open(tmp_path / 'test.jsonl', 'w') as f:
+        for i, size in enumerate([(120, 60), (50, 90), (56, 56), (80, 80)]):
+            write_image(tmp_path / f'{i}.png', size=size, seed=i)
+            question = '<image>\nDescribe it' + ' in more detail' * i + '.'  # prompts of different lengths
+            f.write(json.dumps({'id': i, 'image': f'{i}.png', 'conversations': [
+                {'from': 'human', 'value': question}, {'from': 'gpt', 'value': 'x'}]}) + '\n')
+    reports = []
+    for batch in ('1', '3'):
+        assert eval_main([path, '--data', str(tmp_path / 'test.jsonl'), '--max-new-tokens', '6', '--batch-size', batch,
+                          '--out', str(tmp_path / f'b{batch}.json')]) == 0
+        with open(tmp_path / f'b{batch}.json') as f:
+            reports.append([(r['answer'], r['blind_answer']) for r in json.load(f)['results']])
+    assert reports[0] == reports[1] and len({a for a, _ in reports[0]}) > 1, reports

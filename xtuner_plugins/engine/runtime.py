@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from typing import List
 
 import torch
@@ -232,4 +233,32 @@ class AutoOptimWrapper:
         return GuardedOptimWrapper(**kwargs)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Ranks end with their launcher
+# --------------------------------------------------------------------------------------------------------
+def die_with_launcher() -> bool:
+    """A rank started by ``torchrun`` (``TORCHELASTIC_RUN_ID`` set) gets SIGTERM when the launcher dies.
+
+    ``torchrun`` stops its ranks when it is interrupted or terminated, but a launcher killed outright (SIGKILL,
+    out of memory) leaves them training on, orphaned, holding the GPUs. Linux's parent-death signal
+    (``prctl(PR_SET_PDEATHSIG)``) ends them too. Not on other systems; DataLoader workers (forked later, the
+    setting is not inherited) already watch their rank.
+    """
+    if not sys.platform.startswith('linux') or 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return False
+    import ctypes
+    import signal
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before this line ran
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 apply_cpu_patches()
+die_with_launcher()

@@ -52,27 +52,37 @@ def _blank(image) -> Image.Image:
 
 
 def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: str = 'exact',
-             max_new_tokens: int = 64, progress: Optional[Callable[[int, int, List[Result]], None]] = None
-             ) -> List[Result]:
+             max_new_tokens: int = 64, batch_size: int = 1,
+             progress: Optional[Callable[[int, int, List[Result]], None]] = None) -> List[Result]:
+    """Ask every question (``batch_size`` at a time through ``model.ask_batch`` where the model has it) and
+    score the answers; with ``blind``, ask again on blank images."""
     if metric not in METRICS:
         raise ValueError(f'unknown metric {metric!r}; use one of {sorted(METRICS)}')
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     pad = getattr(getattr(model, 'tokenizer', None), 'pad_token_id', None)
     if pad is not None:
         generation['pad_token_id'] = pad
-    results = []
-    for i, q in enumerate(questions, 1):
-        model.reset()
-        answer = model.ask(q.prompt, q.images, generation)
-        result = Result(q.id, q.category, q.prompt, q.references[0], answer, score(q, answer, metric), group=q.group)
-        if blind:
+
+    def answer(batch: Sequence[Question], images: Sequence[list]) -> List[str]:
+        if batch_size > 1 and hasattr(model, 'ask_batch'):
+            return model.ask_batch([q.prompt for q in batch], images, generation)
+        out = []
+        for q, imgs in zip(batch, images):
             model.reset()
-            result.blind_answer = model.ask(q.prompt, [_blank(im) for im in q.images], generation)
-            result.blind_score = score(q, result.blind_answer, metric)
+            out.append(model.ask(q.prompt, imgs, generation))
         model.reset()
-        results.append(result)
+        return out
+
+    results: List[Result] = []
+    for start in range(0, len(questions), max(1, batch_size)):
+        batch = questions[start:start + max(1, batch_size)]
+        answers = answer(batch, [list(q.images) for q in batch])
+        blinds = answer(batch, [[_blank(im) for im in q.images] for q in batch]) if blind else [None] * len(batch)
+        for q, given, blank in zip(batch, answers, blinds):
+            results.append(Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric),
+                                  blank, None if blank is None else score(q, blank, metric), group=q.group))
         if progress is not None:
-            progress(i, len(questions), results)
+            progress(len(results), len(questions), results)
     return results
 
 

@@ -143,3 +143,41 @@ class ConvertedModel:
             self.messages = messages + [{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}]
         self.images += new
         return answer
+
+    def ask_batch(self, questions: Sequence[str], images: Sequence[Sequence[ImageLike]],
+                  generation: Optional[dict] = None) -> List[str]:
+        """Single-turn questions answered in one left-padded batch (``batch_chat`` of the remote code, or the
+        processor's batch for ``llava``/``hf``) when each has exactly one image; otherwise one at a time.
+        The conversation history is neither used nor kept."""
+        loaded = [[load_image(i) if isinstance(i, str) else i.convert('RGB') for i in imgs] for imgs in images]
+        generation = dict(generation or {})
+        generation.setdefault('do_sample', False)
+        if len(questions) < 2 or any(len(imgs) != 1 for imgs in loaded):
+            answers = []
+            for question, imgs in zip(questions, loaded):
+                self.reset()
+                answers.append(self.ask(question, imgs, generation))
+            self.reset()
+            return answers
+        if self.format in ('official', 'remote'):
+            pixel_values, num_patches = self.pixels([imgs[0] for imgs in loaded])
+            return self.model.batch_chat(self.tokenizer, pixel_values, list(questions), generation,
+                                         num_patches_list=num_patches)
+        prompts = []
+        for question in questions:
+            content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text}
+                       for kind, text in split_images(question, 1)]
+            prompts.append(self.processor.apply_chat_template([{'role': 'user', 'content': content}],
+                                                              add_generation_prompt=True, tokenize=False))
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, 'left'
+        try:
+            inputs = self.processor(text=prompts, images=[imgs[0] for imgs in loaded], return_tensors='pt',
+                                    padding=True)
+        finally:
+            self.tokenizer.padding_side = side
+        inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
+                  for k, v in inputs.items()}
+        with torch.no_grad():
+            out = self.model.generate(**inputs, **generation)
+        return [a.strip() for a in self.tokenizer.batch_decode(out[:, inputs['input_ids'].shape[1]:],
+                                                               skip_special_tokens=True)]

@@ -132,3 +132,10 @@ def test_policy_skip_drops_steps_up_to_its_limit(tmp_path):
     out = _diverging_run(tmp_path, 'skip', max_skipped=2)
     assert 'step dropped (1 of at most 2)' in out.log and 'step dropped (2 of at most 2)' in out.log, out.summary()
     assert out.returncode == 1 and '(after 2 dropped steps, the limit)' in out.log, out.summary()
+
+
+def test_a_rank_with_a_finite_loss_says_the_non_finite_one_is_elsewhere(monkeypatch):
+    import xtuner_plugins.engine.nonfinite as nonfinite
+    monkeypatch.setattr(nonfinite, 'all_ranks_finite', lambda value: False)  # another rank's loss is nan
+    with pytest.raises(NonFiniteError, match=r'non-finite loss \(on another rank; 2.5 on rank 0\) at iteration 7'):
+        setup('stop')[1].guard.check_loss(torch.tensor(2.5))

@@ -19,6 +19,7 @@ checkpoint; ``'skip'`` drops the step (no backward, no update) and counts it, st
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Sequence
 
@@ -94,7 +95,9 @@ class NonFiniteGuard:
     def check_loss(self, loss: torch.Tensor) -> None:
         self.skip_step = False
         if not all_ranks_finite(loss):
-            self.failed(f'loss ({float(loss.detach()):g} on rank {dist.get_rank() if dist.is_initialized() else 0})')
+            value, rank = float(loss.detach()), dist.get_rank() if dist.is_initialized() else 0
+            here = f'{value:g} on rank {rank}'
+            self.failed(f'loss ({here})' if not math.isfinite(value) else f'loss (on another rank; {here})')
 
 
 class _GuardedMixin:

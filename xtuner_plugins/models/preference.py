@@ -1,0 +1,99 @@
+"""Preference losses: sigmoid DPO, BCO pair, an SFT term on the chosen answer, and their weighted sum (MPO).
+
+The building blocks of preference training (the "DPO and MPO" issue); the data set, the model's paired forward
+and the configs are not written yet. All work on per-sequence sums of the answer tokens' log-probabilities:
+
+* :func:`sequence_logps`: ``sum log p(answer token)`` per row and the number of answer tokens, from logits
+  and labels laid out as in SFT (``-100`` where not supervised; position ``t`` predicts label ``t + 1``).
+* :func:`preference_losses`: with ``chosen/rejected`` log-ratios ``r = logp - ref_logp`` (the implicit rewards
+  are ``beta * r``):
+
+  - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta * (r_chosen - r_rejected))``;
+  - ``bco_pair`` (BCO on pairs, as TRL defines it): ``-log sigmoid(beta * r_chosen - delta)
+    - log sigmoid(-(beta * r_rejected - delta))``, ``delta`` the running mean (over steps, and over ranks
+    when distributed) of the batch's mean reward, updated with this batch first;
+  - ``sft``: the chosen answers' mean negative log-likelihood per token (TRL's ``rpo_alpha`` term);
+
+  each averaged over the pairs, then summed with ``weights``. InternVL 2.5's MPO is
+  ``types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1``.
+
+Hand-written: the pinned set has no TRL, and TRL's trainer is not an MMEngine model; the formulas are short.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from xtuner_plugins.data.template import IGNORE_INDEX
+
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'preference_losses', 'sequence_logps']
+
+LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
+MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of the supervised tokens' log-probabilities [B], their count [B])`` in fp32."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+class RunningMean:
+    """The mean of every value seen so far (each step's batch-mean reward, all ranks' when distributed)."""
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def update(self, value: torch.Tensor) -> float:
+        values = value.detach().float().reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            gathered = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, values)
+            values = torch.cat(gathered)
+        for v in values.tolist():
+            self.count += 1
+            self.mean += (v - self.mean) / self.count
+        return self.mean
+
+
+def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                      ref_rejected_logps: torch.Tensor, beta: float, types: Sequence[str] = ('sigmoid',),
+                      weights: Optional[Sequence[float]] = None, chosen_nll: Optional[torch.Tensor] = None,
+                      running: Optional[RunningMean] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(the weighted loss, metrics)``; the metrics hold each term (``loss_<type>``), the rewards and their
+    margin and accuracy, and the policy's log-probabilities (see the module docstring)."""
+    weights = [1.0] * len(types) if weights is None else list(weights)
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown or len(weights) != len(types):
+        raise ValueError(f'preference loss types {list(types)} with weights {weights}: use types from {LOSS_TYPES} '
+                         f'and one weight each')
+    chosen_r, rejected_r = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    chosen_rewards, rejected_rewards = beta * chosen_r, beta * rejected_r
+    metrics: Dict[str, torch.Tensor] = {}
+    total = chosen_logps.new_zeros(())
+    for kind, weight in zip(types, weights):
+        if kind == 'sigmoid':
+            term = -F.logsigmoid(beta * (chosen_r - rejected_r)).mean()
+        elif kind == 'bco_pair':
+            if running is None:
+                raise ValueError("the 'bco_pair' loss needs a RunningMean (its reward baseline)")
+            delta = running.update(torch.cat([chosen_rewards, rejected_rewards]).mean())
+            term = (-F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))).mean()
+        else:
+            if chosen_nll is None:
+                raise ValueError("the 'sft' loss needs chosen_nll (the chosen answers' mean NLL per token)")
+            term = chosen_nll
+        metrics[f'loss_{kind}'] = term.detach()
+        total = total + weight * term
+    metrics.update(rewards_chosen=chosen_rewards.detach().mean(), rewards_rejected=rejected_rewards.detach().mean(),
+                   rewards_margin=(chosen_rewards - rejected_rewards).detach().mean(),
+                   rewards_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+                   logps_chosen=chosen_logps.detach().mean(), logps_rejected=rejected_logps.detach().mean())
+    return total, metrics

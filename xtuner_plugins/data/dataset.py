@@ -206,9 +206,13 @@ class InternVLDataset(Dataset):
         patch = self.sources[record.source].max_dynamic_patch or self.max_dynamic_patch
         return max(1, int(patch) // max(1, num_images))
 
+    def parse(self, record: Record) -> dict:
+        """The sample of a record, with its ``conversations`` (a subclass may build them from other fields)."""
+        return parse_record(record)
+
     def check_record(self, record: Record) -> dict:
         """Checks that need no image decoding and no tokenizer; returns the parsed sample."""
-        sample = parse_record(record)
+        sample = self.parse(record)
         if 'video' in sample:
             raise SampleError('unsupported_video', 'video samples are not supported yet')
         images = sample_images(sample)
@@ -241,29 +245,43 @@ class InternVLDataset(Dataset):
         if self.tokenizer is None:
             raise ValueError('InternVLDataset needs a tokenizer to load samples for training')
         sample = self.check_record(record)
-        images = sample_images(sample)
+        (encoded,), tiles, max_num = self._fit(record, sample, [sample['conversations']])
+        pixel_values, image_flags = self.pixels(tiles)
+        item = self._item(encoded, pixel_values, image_flags, record)
+        if self.where(record) in self.reduced:
+            item['reduced'] = [(self.where(record), max_num)]
+        return item
+
+    def pixels(self, tiles: List[torch.Tensor]):
+        """``(pixel_values, image_flags)`` of a sample's tiles; a text-only sample carries one dummy tile, flag 0
+        (so every rank runs the vision tower)."""
+        if not tiles:
+            return (torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8),
+                    torch.zeros(1, dtype=torch.long))
+        pixel_values = torch.cat(tiles)
+        return pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long)
+
+    def _fit(self, record: Record, sample: dict, conversations: Sequence[list]):
+        """``(encodings, tiles, max tiles per image)``: each conversation tokenised with the sample's image tiles,
+        the same tiles for all; while one is too long, fewer tiles per image (the thumbnail stays)."""
         src = self.sources[record.source]
-        if not images:
-            pixel_values = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
-            encoded = tokenize_conversation(sample['conversations'], self.tokenizer, [], template=self.template,
-                                            system=self.system, max_length=self.max_length)
-            return self._item(encoded, pixel_values, torch.zeros(1, dtype=torch.long), record)
+        images = sample_images(sample)
         paths = [resolve_image_path(p, src.image_folder, src.base_dir, self.allow_links_outside) for p in images]
         pictures = [load_image(p, self.max_image_pixels) for p in paths]
         max_num = self.max_tiles_per_image(record, len(images))
-        while True:  # fewer tiles per image (the thumbnail stays) while the whole sample is too long
+        while True:
             tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
                                  min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
                                  use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
             counts = [t.shape[0] * self.num_image_token for t in tiles]
-            encoded = tokenize_conversation(sample['conversations'], self.tokenizer, counts, template=self.template,
-                                            system=self.system)
-            if self.max_length is None or len(encoded['input_ids']) <= self.max_length:
+            encoded = [tokenize_conversation(c, self.tokenizer, counts, template=self.template, system=self.system)
+                       for c in conversations]
+            if self.max_length is None or all(len(e['input_ids']) <= self.max_length for e in encoded):
                 break
             if max_num <= 1 or all(t.shape[0] == 1 for t in tiles):  # as small as it gets: cut, or too_long
-                encoded = tokenize_conversation(sample['conversations'], self.tokenizer, counts,
-                                                template=self.template, system=self.system,
-                                                max_length=self.max_length)
+                encoded = [tokenize_conversation(c, self.tokenizer, counts, template=self.template,
+                                                 system=self.system, max_length=self.max_length)
+                           for c in conversations]
                 break
             max_num = max(1, max_num // 2)
         if max_num < self.max_tiles_per_image(record, len(images)):
@@ -272,11 +290,7 @@ class InternVLDataset(Dataset):
                 print_log(f'{self.where(record)}: too long for max_length={self.max_length} with its tiles; reduced to '
                           f'at most {max_num} tiles per image (first such sample; the rest are counted in '
                           f'dataset.reduced)', logger='current', level=logging.WARNING)
-        pixel_values = torch.cat(tiles)
-        item = self._item(encoded, pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long), record)
-        if self.where(record) in self.reduced:
-            item['reduced'] = [(self.where(record), max_num)]
-        return item
+        return encoded, tiles, max_num
 
     def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .errors import SampleError
 from .image_io import read_image_size, resolve_image_path
-from .sources import DataSource, Record, parse_record, sample_images
+from .sources import DataSource, Record, sample_images
 from .template import count_text_tokens
 from .tiling import num_tiles
 
@@ -59,7 +59,7 @@ def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
 
 def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[int]:
     """``[signed length, tiles]`` of one record (tiles: 1 for the dummy tile of a text-only sample)."""
-    sample = parse_record(record)
+    sample = ds.parse(record)
     try:
         images = sample_images(sample)
     except SampleError:
@@ -88,7 +88,7 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> Li
 
 def _image_files(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[str]:
     files = []
-    for path in sample_images(parse_record(record)):
+    for path in sample_images(ds.parse(record)):
         try:
             files.append(resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside))
         except SampleError:

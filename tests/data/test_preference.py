@@ -1,0 +1,91 @@
+"""Preference pairs (MMPR and the conversation form): both answers share the prompt's tokens and tiles, only the
+answers are supervised, bad pairs are named and counted, and the collate makes chosen rows then rejected rows."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import write_image, write_jsonl
+from xtuner_plugins.data.preference import InternVLPreferenceDataset, preference_collate_fn
+from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+
+S = 28
+
+
+def make(path, tokenizer, tmp_path, **kw):
+    kw.setdefault('image_size', S)
+    kw.setdefault('patch_size', 14)
+    kw.setdefault('max_length', 4096)
+    return InternVLPreferenceDataset(path, tokenizer=tokenizer, cache_dir=str(tmp_path / 'cache'),
+                                     image_folders=str(tmp_path / 'i'), **kw)
+
+
+def answer(side, tokenizer):
+    return tokenizer.decode([i for i, l in zip(side['input_ids'].tolist(), side['labels'].tolist())
+                             if l != IGNORE_INDEX])
+
+
+def test_mmpr_and_conversation_pairs_share_the_prompt_and_the_tiles(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'a.png', size=(3 * S, S))
+    lines = [{'image': 'a.png', 'question': '<image>\nWhat colour?', 'chosen': 'Red.', 'rejected': 'Blue, I think.'},
+             {'conversations': [{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Hello'},
+                                {'from': 'human', 'value': 'Say yes.'}], 'chosen': 'Yes.', 'rejected': 'No.'}]
+    ds = make(write_jsonl(tmp_path / 'p.jsonl', lines), tiny_tokenizer, tmp_path)
+    item = ds[0]
+    chosen, rejected = item['chosen'], item['rejected']
+    start = chosen['labels'].ne(IGNORE_INDEX).nonzero()[0].item()
+    assert torch.equal(chosen['input_ids'][:start], rejected['input_ids'][:start])  # the same prompt
+    assert rejected['labels'][:start].eq(IGNORE_INDEX).all()
+    assert answer(chosen, tiny_tokenizer) == 'Red.<|im_end|>' and answer(rejected, tiny_tokenizer) == \
+        'Blue, I think.<|im_end|>'
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    assert item['pixel_values'].shape[0] == 4 and int(chosen['input_ids'].eq(ctx).sum()) == 4  # 3 tiles + thumb
+    text = ds[1]
+    assert answer(text['chosen'], tiny_tokenizer) == 'Yes.<|im_end|>' and text['image_flags'].tolist() == [0]
+    assert 'Hello' in tiny_tokenizer.decode(text['rejected']['input_ids'])  # the context turns are kept
+
+
+def test_bad_pairs_are_named_and_counted(tmp_path, tiny_tokenizer):
+    good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}
+    lines = [good, {'question': 'Q?', 'chosen': 'A'}, {'question': 'Q?', 'chosen': 'Same', 'rejected': ' Same '},
+             {'conversations': [{'from': 'human', 'value': 'x'}, {'from': 'gpt', 'value': 'y'}], 'chosen': 'A',
+              'rejected': 'B'}] + [good] * 6
+    path = write_jsonl(tmp_path / 'p.jsonl', lines)
+    (tmp_path / 'i').mkdir()
+    ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.5)
+    assert len(ds) == 7
+    assert [(p.source, p.reason) for p in ds.load_problems] == [(f'{path}:{n}', 'bad_pair') for n in (2, 3, 4)]
+    assert 'no rejected answer' in str(ds.load_problems[0]) and 'the same answer' in str(ds.load_problems[1])
+    assert 'must end with a human turn' in str(ds.load_problems[2])
+
+
+def test_a_long_answer_gives_both_answers_fewer_tiles(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # 40 tiles + thumbnail
+    short = {'image': 'big.png', 'question': 'What?', 'chosen': 'A', 'rejected': 'B'}
+    budget = len(make(write_jsonl(tmp_path / 's.jsonl', [short]), tiny_tokenizer, tmp_path, max_dynamic_patch=40,
+                      max_length=None)[0]['rejected']['input_ids'])
+    long_pair = dict(short, rejected='word ' * 20)
+    ds = make(write_jsonl(tmp_path / 'p.jsonl', [long_pair]), tiny_tokenizer, tmp_path, max_dynamic_patch=40,
+              max_length=budget)
+    item = ds[0]
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    tiles = item['pixel_values'].shape[0]
+    assert tiles < 41 and ds.reduced
+    assert int(item['chosen']['input_ids'].eq(ctx).sum()) == int(item['rejected']['input_ids'].eq(ctx).sum()) == tiles
+    assert answer(item['rejected'], tiny_tokenizer).startswith('word word')
+
+
+def test_collate_puts_the_chosen_rows_first(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'a.png', size=(S, S))
+    lines = [{'image': 'a.png', 'question': 'Q?', 'chosen': 'Yes', 'rejected': 'A much longer no.'},
+             {'question': 'Q2?', 'chosen': 'Right', 'rejected': 'Wrong'}]
+    ds = make(write_jsonl(tmp_path / 'p.jsonl', lines), tiny_tokenizer, tmp_path)
+    items = [ds[0], ds[1]]
+    data = preference_collate_fn(items)['data']
+    assert data['num_pairs'] == 2 and data['input_ids'].shape[0] == 4
+    rows = [items[0]['chosen'], items[1]['chosen'], items[0]['rejected'], items[1]['rejected']]
+    for row, side in zip(data['input_ids'], rows):
+        assert torch.equal(row[:len(side['input_ids'])], side['input_ids'])
+    assert data['image_flags'].tolist() == [1, 0, 1, 0]  # each row its copy of the tiles
+    assert data['samples'] == [f'{tmp_path}/p.jsonl:1', f'{tmp_path}/p.jsonl:2'] * 2

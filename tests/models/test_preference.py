@@ -53,7 +53,7 @@ def test_mpo_is_the_weighted_sum_of_its_terms():
     running = RunningMean()
     nll = torch.tensor(2.0)
     loss, metrics = preference_losses(**PAIRS, chosen_nll=nll, running=running, **MPO)
-    assert loss.item() == pytest.approx(0.8 * metrics['loss_sigmoid'].item() + 0.2 * metrics['loss_bco_pair'].item()
+    assert loss.item() == pytest.approx(0.8 * metrics['term_sigmoid'].item() + 0.2 * metrics['term_bco_pair'].item()
                                         + 1.0 * 2.0, rel=1e-6)
     with pytest.raises(ValueError, match="types \\['dpo'\\]"):
         preference_losses(**PAIRS, beta=0.1, types=('dpo',))
@@ -65,3 +65,47 @@ def test_gradients_raise_the_chosen_and_lower_the_rejected():
     loss, _ = preference_losses(chosen, rejected, torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.1)
     loss.backward()
     assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+# ------------------------------------------------------------------ the model's preference forward
+@pytest.fixture
+def pairs(tiny, tmp_path):
+    from tests.helpers import write_image, write_jsonl
+    from tests.models.conftest import TILE
+    from xtuner_plugins.data import InternVLPreferenceDataset, preference_collate_fn
+    write_image(tmp_path / 'i' / 'a.png', size=(120, 50), seed=1)
+    path = write_jsonl(tmp_path / 'p.jsonl', [
+        {'image': 'a.png', 'question': 'What is it?', 'chosen': 'a wide thing', 'rejected': 'a cat'},
+        {'question': 'Hello', 'chosen': 'hi there', 'rejected': 'go away now'}])
+    ds = InternVLPreferenceDataset(path, image_folders=str(tmp_path / 'i'), tokenizer=tiny['llm'], image_size=TILE,
+                                   max_dynamic_patch=6, cache_dir=str(tmp_path / 'cache'))
+    return preference_collate_fn([ds[0], ds[1]])['data']
+
+
+def test_dpo_on_the_model_starts_at_log_2_and_learns_to_prefer_the_chosen(tiny, pairs):
+    from tests.models.conftest import build
+    torch.manual_seed(0)
+    model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+                  preference=dict(types=('sigmoid', 'sft'), weights=(1.0, 0.0), beta=0.1))
+    out = model(dict(pairs), mode='loss')
+    # LoRA's B starts at zero: the policy is its reference, every reward is 0 and the DPO term is log 2
+    assert out['term_sigmoid'].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out['rewards_margin'].item() == pytest.approx(0.0, abs=1e-6)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all('lora_' in n for n in trained)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(8):
+        out = model(dict(pairs), mode='loss')
+        opt.zero_grad()
+        out['loss'].backward()
+        opt.step()
+    out = model(dict(pairs), mode='loss')
+    assert out['term_sigmoid'].item() < math.log(2) - 0.05 and out['rewards_accuracy'].item() == 1.0, out
+    loss, log_vars = model.parse_losses(out)  # the metrics are logged, only 'loss' is summed
+    assert loss.item() == pytest.approx(out['loss'].item()) and 'rewards_margin' in log_vars
+
+
+def test_preference_needs_lora_for_its_reference(tiny):
+    from tests.models.conftest import build
+    with pytest.raises(ValueError, match='preference training needs llm_lora'):
+        build(tiny, freeze_llm=False, preference=dict(beta=0.1))

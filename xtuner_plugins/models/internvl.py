@@ -89,6 +89,10 @@ class InternVLModel(BaseModel):
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers.
+        preference: preference training on pairs (``data/preference.py``) instead of SFT:
+            ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
+            ``preference.MPO``). For now the reference is this model with its LLM's LoRA adapters off, so it
+            needs ``llm_lora`` and a frozen vision tower and projector.
         loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
         zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
@@ -122,11 +126,19 @@ class InternVLModel(BaseModel):
                  attn_implementation: str = 'sdpa',
                  zero3_init: Optional[bool] = None,
                  loss_reduction: str = 'token',
+                 preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
         init_seed = torch.initial_seed()
+        if preference is not None and (llm_lora is None or not (freeze_llm and freeze_projector and freeze_vision)
+                                       or vision_lora is not None):
+            raise ValueError('preference training needs llm_lora with the LLM, projector and vision tower frozen '
+                             '(the reference policy is the model with its LLM adapters off); a full-model '
+                             'reference is not implemented yet')
+        self.preference = None if preference is None else dict(preference)
+        self._reward_baseline = None
         if llm_quantization is not None and (llm_lora is None or not freeze_llm):
             raise ValueError('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
                              'through LoRA adapters only (QLoRA)')
@@ -327,6 +339,8 @@ class InternVLModel(BaseModel):
                 attention_mask = block_causal_mask(segments, embeds.dtype)
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
+        if mode == 'loss' and data.get('num_pairs') is not None:
+            return self.preference_loss(embeds, data, attention_mask, position_ids)
         kwargs, positions = {}, None
         if mode == 'loss' and self.llm_keeps_logits:
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
@@ -341,6 +355,26 @@ class InternVLModel(BaseModel):
             return out.logits, data_samples
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
                                        positions=positions)}
+
+    def preference_loss(self, embeds, data, attention_mask, position_ids) -> Dict[str, torch.Tensor]:
+        """The preference loss of a batch of pairs (chosen rows, then rejected rows) and its metrics; the
+        reference log-probabilities come from the same forward with the LLM's adapters off."""
+        from .preference import RunningMean, preference_losses, sequence_logps
+        if self.preference is None:
+            raise ValueError('a batch of preference pairs, but the model has no preference= setting')
+        pairs, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
+        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels)
+        with torch.no_grad(), self.language_model.disable_adapter():
+            ref, _ = sequence_logps(self.language_model(inputs_embeds=embeds.detach(), **kwargs).logits, labels)
+        settings = dict(self.preference)
+        types = tuple(settings.pop('types', ('sigmoid',)))
+        if 'bco_pair' in types and self._reward_baseline is None:
+            self._reward_baseline = RunningMean()
+        nll = -logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
+        loss, metrics = preference_losses(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], types=types,
+                                          chosen_nll=nll, running=self._reward_baseline, **settings)
+        return dict(loss=loss, **metrics)
 
     def parse_losses(self, losses):
         """MMEngine's sum of the losses, then the non-finite check of every path (plain, DDP, DeepSpeed), before

@@ -67,7 +67,7 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
                       ref_rejected_logps: torch.Tensor, beta: float, types: Sequence[str] = ('sigmoid',),
                       weights: Optional[Sequence[float]] = None, chosen_nll: Optional[torch.Tensor] = None,
                       running: Optional[RunningMean] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``(the weighted loss, metrics)``; the metrics hold each term (``loss_<type>``), the rewards and their
+    """``(the weighted loss, metrics)``; the metrics hold each term (``term_<type>``), the rewards and their
     margin and accuracy, and the policy's log-probabilities (see the module docstring)."""
     weights = [1.0] * len(types) if weights is None else list(weights)
     unknown = [t for t in types if t not in LOSS_TYPES]
@@ -90,7 +90,7 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
             if chosen_nll is None:
                 raise ValueError("the 'sft' loss needs chosen_nll (the chosen answers' mean NLL per token)")
             term = chosen_nll
-        metrics[f'loss_{kind}'] = term.detach()
+        metrics[f'term_{kind}'] = term.detach()  # not 'loss_...': MMEngine sums every logged key holding 'loss'
         total = total + weight * term
     metrics.update(rewards_chosen=chosen_rewards.detach().mean(), rewards_rejected=rejected_rewards.detach().mean(),
                    rewards_margin=(chosen_rewards - rejected_rewards).detach().mean(),

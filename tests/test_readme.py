@@ -6,14 +6,15 @@ the README puts the real checkpoints (``models/InternViT-300M-448px-V2_5`` with 
 README's code blocks are taken from README.md and run in its order with the venv first on ``PATH`` (as after
 ``source .venv/bin/activate``): the small data example, ``check_dataset.py`` of stage 1, stage 1 on one process,
 LoRA fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights
-move), the same from an official InternVL folder, the converter, every chat command, the loading snippet and
-every evaluation command.
+move), the same from an official InternVL folder, the converter, every chat command, the loading snippet,
+every evaluation command and preference training.
 
 Placeholders are filled the way a reader fills them: ``work_dirs/<stage>/iter_N.pth`` (and ``iter_M``) is that
 stage's newest checkpoint, ``model.pretrained_pth=...`` the warm-up's, ``photo.jpg``/``a.jpg``/``b.jpg`` the
-reader's own pictures (``data/test.jsonl``, ``MMBench_DEV_EN.tsv`` their test files), ``models/InternVL2_5-1B``
-an official folder (the converter's output, which has InternVL's layout). Not run: downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``,
-``deepspeed_zero*``), ``tensorboard``, the installation (``make test`` just did it) and the LLaVA loading snippet
+reader's own pictures (``data/test.jsonl``, ``MMBench_DEV_EN.tsv``, ``data/my_pairs.jsonl`` their files),
+``models/InternVL2_5-1B`` an official folder (the converter's output, which has InternVL's layout). Not run:
+downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``, ``deepspeed_zero*``), ``tensorboard``,
+the installation (``make test`` just did it) and the LLaVA loading snippet
 (another family's folder; ``tests/tools/test_export_families.py`` loads it the same way).
 """
 
@@ -197,3 +198,12 @@ def test_readme_commands_run_as_written(reader):
     (official,) = commands(block('model.official_checkpoint=models/InternVL2_5-1B'))
     reader.run(official)
     assert glob.glob(os.path.join(work, 'iter_*.pth'))
+
+    # Preference training from that LoRA checkpoint, on the reader's pairs
+    with open(os.path.join(reader.root, 'data', 'my_pairs.jsonl'), 'w') as f:
+        for i in range(4):
+            f.write(json.dumps({'image': 'q.jpg', 'question': 'What colour is it?', 'chosen': 'Red.',
+                                'rejected': f'Blue {i}.'}) + '\n')
+    (dpo,) = commands(block('xtuner train configs/dpo_lora.py'))
+    out = reader.run(dpo)
+    assert 'rewards_margin' in out and glob.glob(os.path.join(reader.root, 'work_dirs', 'dpo_lora', 'iter_*.pth'))

@@ -65,6 +65,12 @@ class TestExpandSources:
         with pytest.raises(ValueError, match=r"meta.json: entry 'x' needs at least \"annotation\""):
             expand_sources(str(meta))
 
+    def test_a_meta_file_not_utf8_is_named_with_its_byte_offset(self, tmp_path):
+        meta = tmp_path / 'meta.json'
+        meta.write_bytes(b'\xef\xbb\xbf{"d": {"annotation": "a\xff.jsonl"}}')
+        with pytest.raises(ValueError, match=r"meta.json: meta file is not UTF-8 text \(byte 0xff at byte offset 26\)"):
+            expand_sources(str(meta))
+
 
 class TestReadRecords:
 

@@ -77,9 +77,14 @@ def _is_meta_file(path: str) -> bool:
 
 
 def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
+    with open(path, 'rb') as f:
+        raw = f.read()
+    start = len(BOM) if raw.startswith(BOM) else 0
     try:
-        with open(path, encoding='utf-8-sig') as f:
-            meta = json.load(f)
+        meta = json.loads(raw[start:].decode('utf-8'))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
+                         f'offset {start + exc.start})') from None
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
     meta_dir = os.path.dirname(os.path.abspath(path))

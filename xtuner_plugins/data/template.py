@@ -406,7 +406,7 @@ def tokenize_conversation(
 
     if max_length is not None and len(input_ids) > max_length:
         if last_img_end >= max_length:
-            image_tokens = sum(counts)
+            image_tokens = sum(counts) + 2 * len(counts)  # <IMG_CONTEXT>s and each image's <img> and </img>
             raise SampleError('too_long',
                               f'the sample up to its last {IMG_END_TOKEN} needs {last_img_end + 1} tokens '
                               f'({image_tokens} image tokens of {len(counts)} image(s), '

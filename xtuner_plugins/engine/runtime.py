@@ -25,7 +25,8 @@ is the hook that applies the CPU compatibility patches in time:
 
 On a machine with CUDA nothing is patched: ``DIST_BACKEND`` is ``'nccl'`` and ``AutoOptimWrapper`` builds
 MMEngine's ``AmpOptimWrapper``. On a CPU (``torch.cuda.is_available()`` is False) the patches below are applied
-once at import; each is idempotent and can be listed with :func:`applied_patches`.
+once at import; each is idempotent and can be listed with :func:`applied_patches`. On any machine, a rank
+started by ``torchrun`` is set to end with its launcher (:func:`die_with_launcher`).
 """
 
 from __future__ import annotations

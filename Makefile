@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/work_dirs/.cache/torch_extensions
 export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup browser test demo bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,7 +25,15 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The web demo's browser test drives Debian's Chromium through its ChromeDriver (both offline, from apt).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(BROWSER)
+$(BROWSER):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver
+
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]

@@ -50,3 +50,13 @@ def tiny_workspace(root):
     paths['images'] = os.path.join(root, 'images')
     paths['cache'] = os.path.join(root, 'cache')
     return paths
+
+
+def converted_tiny_folder(root, scale=0.3):
+    """A tiny InternViT + LLM trained with LoRA (every trained tensor perturbed by ``scale``) and converted to
+    the official layout under ``root``: the folder the chat, eval and web tools are tested on."""
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    tiny = tiny_workspace(os.path.join(str(root), 'tiny'))
+    ckpt = os.path.join(str(root), 'iter_1.pth')
+    trained_checkpoint(LORA, options(tiny), ckpt, scale=scale)
+    return convert(LORA, ckpt, os.path.join(str(root), 'official'), options(tiny))

@@ -32,9 +32,9 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
 
-from xtuner_plugins.models.inference import ConvertedModel, model_folder  # noqa: E402
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
+                                             model_folder)
 from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
 
 
@@ -110,11 +110,7 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('folder', nargs='?', help='a converted InternVL folder')
-    parser.add_argument('--config', help='a training config (instead of a folder)')
-    parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='the training run\'s config overrides (key=value)')
+    add_model_arguments(parser)
     parser.add_argument('--image', nargs='+', default=[], help='image file(s) for the (first) prompt')
     parser.add_argument('--prompt', help='answer this and exit (otherwise: interactive)')
     parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
@@ -127,14 +123,9 @@ def parse_args(argv=None):
     parser.add_argument('--top-p', type=float, default=0.9)
     parser.add_argument('--top-k', type=int, default=50)
     parser.add_argument('--repetition-penalty', type=float, default=1.0)
-    parser.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.folder is None) == (args.config is None):
-        parser.error('give a converted folder, or --config (with --checkpoint), not both')
-    if args.config and not args.checkpoint:
-        parser.error('--config needs --checkpoint')
+    check_model_arguments(parser, args)
     return args
 
 

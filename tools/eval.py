@@ -29,22 +29,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
 
 from xtuner_plugins.eval import Report, evaluate, read_questions  # noqa: E402
 from xtuner_plugins.eval.scoring import METRICS  # noqa: E402
-from xtuner_plugins.models.inference import ConvertedModel, model_folder  # noqa: E402
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
+                                             model_folder)
 from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
-    p.add_argument('--config', help='a training config (instead of a folder), with --checkpoint')
-    p.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                   help='the training run\'s config overrides (key=value)')
+    add_model_arguments(p)
     p.add_argument('--data', required=True, help='a training-format .jsonl, or an MMBench-layout .tsv')
     p.add_argument('--image-folder', help='folder the jsonl\'s image paths are relative to (default: its folder)')
     p.add_argument('--metric', choices=sorted(METRICS), default='exact', help='open questions: exact or anls')
@@ -58,15 +54,10 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=1,
                    help='questions per generation batch (one image each; others go one at a time)')
     p.add_argument('--out', help='write a JSON report here')
-    p.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error('--batch-size must be at least 1')
-    if (args.folder is None) == (args.config is None):
-        p.error('give a converted folder, or --config (with --checkpoint), not both')
-    if args.config and not args.checkpoint:
-        p.error('--config needs --checkpoint')
+    check_model_arguments(p, args)
     return args
 
 

@@ -8,8 +8,8 @@ import os
 import pytest
 from PIL import Image
 
-from tests.helpers import tiny_workspace, write_image
-from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+from tests.helpers import converted_tiny_folder, tiny_workspace, write_image
+from tests.tools.test_convert_to_official import LORA, convert, trained_checkpoint
 from tests.eval.test_data import ROWS, write_tsv
 from tools.eval import main as eval_main
 from xtuner_plugins.models.inference import ConvertedModel
@@ -19,11 +19,7 @@ GEN = dict(max_new_tokens=6, do_sample=False, num_beams=1)
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp('eval')
-    tiny = tiny_workspace(root / 'tiny')
-    ckpt = str(root / 'iter_1.pth')
-    trained_checkpoint(LORA, options(tiny), ckpt, scale=0.3)
-    return convert(LORA, ckpt, root / 'official', options(tiny))
+    return converted_tiny_folder(tmp_path_factory.mktemp('eval'))
 
 
 @pytest.fixture(scope='module')

@@ -73,6 +73,27 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
     return convert(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options, log=log)
 
 
+def add_model_arguments(parser) -> None:
+    """The arguments by which every tool (chat, eval, web demo) names its model: a converted folder, or a
+    training ``--config`` + ``--checkpoint`` (+ the run's ``--cfg-options``); ``--dtype``, ``--device``.
+    :func:`check_model_arguments` checks them after parsing."""
+    from mmengine.config import DictAction
+    parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
+    parser.add_argument('--config', help='a training config (instead of a folder), with --checkpoint')
+    parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='the training run\'s config overrides (key=value)')
+    parser.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def check_model_arguments(parser, args) -> None:
+    if (args.folder is None) == (args.config is None):
+        parser.error('give a converted folder, or --config (with --checkpoint), not both')
+    if args.config and not args.checkpoint:
+        parser.error('--config needs --checkpoint')
+
+
 class ConvertedModel:
     """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``. ``tiling``
     overrides the folder's tiling for ``official``/``remote`` (``image_size``, ``max_num``, ``min_num``,
@@ -104,6 +125,19 @@ class ConvertedModel:
 
     def reset(self) -> None:
         self.history, self.messages, self.images = None, [], []
+
+    def conversation(self) -> dict:
+        """The multi-turn state (history, messages, images so far), for a caller that keeps several
+        conversations on one model (the web demo: one per browser session); see :meth:`resume`."""
+        history = None if self.history is None else list(self.history)
+        return dict(history=history, messages=list(self.messages), images=list(self.images))
+
+    def resume(self, conversation: Optional[dict]) -> None:
+        """Continue a conversation saved by :meth:`conversation` (``None``: a new one)."""
+        self.reset()
+        if conversation:
+            self.history = conversation['history']
+            self.messages, self.images = list(conversation['messages']), list(conversation['images'])
 
     def pixels(self, images: Sequence[Image.Image]) -> Tuple[Optional[torch.Tensor], List[int]]:
         """Tiles of each image as the folder's config says, normalised; and the tile count of each."""

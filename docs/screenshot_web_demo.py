@@ -1,0 +1,46 @@
+"""The README's picture of the web demo: serve a converted folder, ask about an image in headless Chromium, save
+the page as a PNG. It drives the page with the browser test's own helpers (tests/tools/test_web_demo.py).
+
+Usage::
+
+    make demo                                      # its closing lines name the converted folder
+    .venv/bin/python docs/screenshot_web_demo.py work_dirs/demo/converted \\
+        --image work_dirs/demo/data/images/test_0000.png --prompt "What colour is the shape?" --out docs/web_demo.png
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.tools.test_web_demo import ask_in_page, chromium, open_page, serve  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('folder')
+    parser.add_argument('--image', nargs='+', required=True, help='one image per question, in order')
+    parser.add_argument('--prompt', nargs='+', required=True, help='the questions, asked in one conversation')
+    parser.add_argument('--out', default='docs/web_demo.png')
+    args = parser.parse_args(argv)
+    if len(args.image) != len(args.prompt):
+        parser.error('give one --image per --prompt')
+    with tempfile.TemporaryDirectory() as tmp, serve(args.folder, os.path.join(tmp, 'server.log'),
+                                                      '--max-new-tokens', '16') as url:
+        driver = chromium(1280, 760)
+        try:
+            open_page(driver, url)
+            for image, prompt in zip(args.image, args.prompt):
+                print(f'{prompt} -> {ask_in_page(driver, prompt, os.path.abspath(image))}')
+            driver.save_screenshot(args.out)
+        finally:
+            driver.quit()
+    print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""tools/web_demo.py served for real and driven in headless Chromium (Debian's chromium + chromedriver, which
+``make test`` installs): upload an image, ask, read the answer off the page and compare it with tools/chat.py's;
+a second turn, the clear button, the /chat endpoint through gradio_client; a screenshot under work_dirs/.
+Bad input: a folder that is not a converted model, a port in use."""
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import converted_tiny_folder, write_image
+from xtuner_plugins.models.inference import ConvertedModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, 'tools', 'web_demo.py')
+SCREENSHOT = os.path.join(ROOT, 'work_dirs', 'web_demo', 'screenshot.png')
+CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
+QUESTIONS = ['Describe the image.', 'What is it?', 'What colour is it?', 'Hi', 'Look.', 'Tell me more.']
+# Characters that markdown or HTML would render as something else; the page's text is compared as text.
+MARKUP = re.compile(r'[*_`#<>\[\]()\\~|]|^\s*([-+]|\d+\.)\s')
+
+
+def plain(text):
+    """Text as words with markup characters dropped: how a second turn, whose answer cannot be chosen, compares."""
+    return re.sub(r'[*_`#<>\[\]()\\~|]', '', text).split()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+
+
+@contextlib.contextmanager
+def serve(folder, log_path, *args):
+    """tools/web_demo.py FOLDER on a free port until the block ends; yields its URL."""
+    port = free_port()
+    with open(log_path, 'w+') as log:
+        server = subprocess.Popen([sys.executable, TOOL, str(folder), '--port', str(port), *args],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def up():
+            if server.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f'web_demo exited with {server.returncode}:\n{log.read()[-3000:]}')
+            with socket.socket() as sock:
+                return sock.connect_ex(('127.0.0.1', port)) == 0
+
+        try:
+            wait_until(up, 180, f'the web demo on port {port}')
+            yield f'http://127.0.0.1:{port}/'
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp('web_demo')
+    folder = converted_tiny_folder(root)
+    with serve(folder, root / 'server.log', '--max-new-tokens', '6') as url:
+        yield dict(root=root, folder=folder, port=int(url.rsplit(':', 1)[1].strip('/')), url=url)
+
+
+def chat_tool(folder, image, question, capsys):
+    from tools.chat import main as chat_main
+    assert chat_main([folder, '--image', image, '--prompt', question, '--max-new-tokens', '6']) == 0
+    return capsys.readouterr().out.strip()
+
+
+def chromium(width=1280, height=800):
+    """A headless Chromium under Selenium, offline (the flags keep it from reaching for Google's services)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    assert not missing, f'{missing} not installed: `make test` installs Debian\'s chromium and chromium-driver'
+    os.environ.setdefault('SE_OFFLINE', 'true')  # Selenium Manager: never look for a driver online
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-quic',
+                 '--no-first-run', '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', f'--window-size={width},{height}'):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture
+def browser():
+    driver = chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(driver, url):
+    from selenium.webdriver.common.by import By
+    driver.get(url)
+    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, '#question textarea'), 60, 'the page')
+
+
+def ask_in_page(driver, question, image=None):
+    from selenium.webdriver.common.by import By
+    before = len(driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'))
+    if image:
+        driver.find_element(By.CSS_SELECTOR, '#images input[type=file]').send_keys(image)
+        uploaded = f'#images td.filename[aria-label="{os.path.basename(image)}"]'
+        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, uploaded), 30, 'the upload')
+    driver.find_element(By.CSS_SELECTOR, '#question textarea').send_keys(question)
+    driver.find_element(By.ID, 'send').click()
+    wait_until(lambda: 'Answered' in driver.find_element(By.ID, 'status').text, 120, 'the answer')
+    bots = driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')
+    assert len(bots) == before + 1
+    return bots[-1].text
+
+
+def test_the_page_answers_as_the_chat_tool_does(served, browser, capsys, tmp_path):
+    from selenium.webdriver.common.by import By
+    folder = served['folder']
+    # an image and question whose answer has no markup characters, so that the page shows it as written
+    for seed, question in enumerate(QUESTIONS):
+        image = write_image(tmp_path / f'photo{seed}.png', size=(120, 60), seed=seed)
+        expected = chat_tool(folder, image, question, capsys)
+        if expected and not MARKUP.search(expected):
+            break
+    else:
+        pytest.fail('every candidate answer holds markup characters')
+    open_page(browser, served['url'])
+    assert ask_in_page(browser, question, image).split() == expected.split()
+    user = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"] img')
+    assert user, 'the uploaded image is shown in the chat'
+
+    # a second turn: the conversation continues with the image of the first
+    model = ConvertedModel(folder)
+    turns = [model.ask(q, imgs, dict(max_new_tokens=6, do_sample=False))
+             for q, imgs in ((question, [image]), ('And now?', []))]
+    assert turns[0] == expected
+    assert plain(ask_in_page(browser, 'And now?')) == plain(turns[1])
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    assert browser.save_screenshot(SCREENSHOT) and os.path.getsize(SCREENSHOT) > 10_000
+
+    # the clear button: no messages, and the next question starts a new conversation
+    browser.find_element(By.ID, 'clear').click()
+    wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'), 30,
+               'an empty chat')
+    assert ask_in_page(browser, question, image).split() == expected.split()
+
+
+def test_chat_endpoint_through_gradio_client(served, capsys):
+    from gradio_client import Client, handle_file
+    image = write_image(served['root'] / 'api.png', size=(50, 90), seed=7)
+    expected = chat_tool(served['folder'], image, 'Describe the image.', capsys)
+    client = Client(served['url'], verbose=False)
+    assert '/chat' in client.view_api(print_info=False, return_format='dict')['named_endpoints']
+    assert client.predict(handle_file(image), 'Describe the image.', api_name='/chat') == expected
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_a_port_in_use_is_named(served):
+    result = run_tool(served['folder'], '--port', str(served['port']))
+    assert result.returncode == 2
+    assert f'port {served["port"]} on 127.0.0.1 is in use' in result.stderr
+
+
+def test_a_folder_that_is_not_a_converted_model_is_named(tmp_path):
+    (tmp_path / 'config.json').write_text('{"model_type": "qwen2"}')
+    result = run_tool(str(tmp_path), '--port', str(free_port()))
+    assert result.returncode == 2
+    assert str(tmp_path / 'config.json') in result.stderr and "'qwen2' is not a converted" in result.stderr

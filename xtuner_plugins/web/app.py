@@ -1,0 +1,201 @@
+"""The web demo: a gradio app over a :class:`~xtuner_plugins.models.inference.ConvertedModel`.
+
+``tools/web_demo.py`` builds it with :func:`build_app` and serves it on 127.0.0.1. In the page: upload one or more
+images (they go with the next message, as ``/image`` does in ``tools/chat.py``), chat over several turns with the
+answer streamed as it is generated, change tiling and sampling settings, clear the history. Each browser session
+has its own conversation (kept in a ``gr.State`` and swapped into the one model under a lock).
+
+For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the whole answer
+out, asked greedily in a new conversation with the folder's tiling, so it equals ``tools/chat.py FOLDER --image
+IMG --prompt Q`` with the same ``--max-new-tokens``::
+
+    from gradio_client import Client, handle_file
+    Client('http://127.0.0.1:7860/').predict(handle_file('photo.jpg'), 'What is in the picture?', api_name='/chat')
+
+gradio is a library for exactly this (components, streaming, queueing, the API and its client), so only the
+wiring to the model is ours.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Iterator, List, Optional, Sequence
+
+from xtuner_plugins.models.inference import ConvertedModel
+
+# Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
+SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
+MONO_FONTS = ('ui-monospace', 'monospace')
+
+
+class WebChat:
+    """One model shared by every browser session; answers one question at a time (``lock``)."""
+
+    def __init__(self, model: ConvertedModel, max_new_tokens: int = 512):
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.lock = threading.Lock()
+
+    @property
+    def tiles_apply(self) -> bool:
+        """Whether the tiling settings are ours to set (official/remote); llava/hf folders use their processor."""
+        return self.model.format in ('official', 'remote')
+
+    def _ask(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
+             tiling: Optional[dict] = None, streamer=None):
+        """Answer one turn of ``conversation`` under the lock; returns the answer and the conversation after it."""
+        with self.lock:
+            saved = dict(getattr(self.model, 'tiling', {}))
+            if tiling and self.tiles_apply:
+                self.model.tiling.update(tiling)
+            self.model.resume(conversation)
+            try:
+                answer = self.model.ask(question, list(images), generation, streamer=streamer)
+                return answer, self.model.conversation()
+            finally:
+                if self.tiles_apply:
+                    self.model.tiling = saved
+                self.model.reset()
+
+    def answer(self, image: Optional[str], question: str) -> str:
+        """The ``/chat`` endpoint: a new conversation, greedy, the folder's tiling."""
+        if not question or not question.strip():
+            raise ValueError('the question is empty')
+        answer, _ = self._ask(question, [image] if image else [], None,
+                              dict(max_new_tokens=self.max_new_tokens, do_sample=False))
+        return answer
+
+    def stream(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
+               tiling: Optional[dict] = None) -> Iterator[tuple]:
+        """Yield ``(text so far, None)`` while generating, then ``(answer, conversation after it)``; an error in
+        generation is raised here, after the stream ends."""
+        from transformers import TextIteratorStreamer
+        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def run():
+            try:
+                result['answer'], result['conversation'] = self._ask(question, images, conversation, generation,
+                                                                     tiling, streamer)
+            except Exception as exc:  # raised below, in the caller's thread
+                result['error'] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text = ''
+        for piece in streamer:
+            text += piece.replace('<|im_end|>', '')
+            yield text, None
+        thread.join()
+        if 'error' in result:
+            raise result['error']
+        yield result['answer'], result['conversation']
+
+
+def user_message(question: str, images: Sequence[str]) -> dict:
+    return {'role': 'user', 'content': [{'path': p} for p in images] + ([question] if question else [])}
+
+
+def build_app(chat: WebChat, title: str = 'InternVL chat'):
+    """The gradio Blocks app: chat page plus the ``/chat`` API endpoint. Launch it with :func:`launch`."""
+    import gradio as gr
+
+    model = chat.model
+    tiling = getattr(model, 'tiling', {})
+
+    def send(question, files, history, conversation, max_num, thumbnail, do_sample, temperature, top_p,
+             max_new_tokens):
+        images = [f if isinstance(f, str) else f.name for f in (files or [])]
+        question = (question or '').strip()
+        if not question:
+            raise gr.Error('Type a question first.')
+        history = list(history or []) + [user_message(question, images), {'role': 'assistant', 'content': ''}]
+        generation = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
+        if do_sample:
+            generation.update(temperature=float(temperature), top_p=float(top_p))
+        start = time.perf_counter()
+        yield history, conversation, '', None, 'Generating...'
+        try:
+            for text, after in chat.stream(question, images, conversation, generation,
+                                           dict(max_num=int(max_num), use_thumbnail=bool(thumbnail))):
+                history[-1] = {'role': 'assistant', 'content': text}
+                if after is None:
+                    yield history, conversation, '', None, 'Generating...'
+                else:
+                    conversation = after
+        except ValueError as exc:  # e.g. <image> tags that do not match the images
+            raise gr.Error(str(exc))
+        yield history, conversation, '', None, f'Answered in {time.perf_counter() - start:.1f} s.'
+
+    def clear():
+        return [], None, '', None, 'History cleared.'
+
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f'## {title}\n`{model.folder}` ({model.format} format). Images you upload go with your next '
+                    'message; every later turn still sees them.')
+        conversation = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label='Images', file_count='multiple', file_types=['image'], type='filepath',
+                                elem_id='images')
+                with gr.Accordion('Settings', open=False):
+                    max_num = gr.Slider(1, 40, value=int(tiling.get('max_num', 12)), step=1,
+                                        label='Most tiles per image', interactive=chat.tiles_apply)
+                    thumbnail = gr.Checkbox(value=bool(tiling.get('use_thumbnail', True)), label='Thumbnail tile',
+                                            interactive=chat.tiles_apply)
+                    do_sample = gr.Checkbox(value=False, label='Sample (otherwise greedy)')
+                    temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label='Temperature')
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label='Top-p')
+                    max_new_tokens = gr.Slider(1, 4096, value=chat.max_new_tokens, step=1, label='Max new tokens')
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(elem_id='chatbot', height=420, label='Chat', buttons=['copy', 'copy_all'])
+                question = gr.Textbox(label='Question', elem_id='question', placeholder='Ask about the images')
+                with gr.Row():
+                    send_button = gr.Button('Send', variant='primary', elem_id='send')
+                    clear_button = gr.Button('Clear history', elem_id='clear')
+                status = gr.Markdown('', elem_id='status')
+        inputs = [question, files, chatbot, conversation, max_num, thumbnail, do_sample, temperature, top_p,
+                  max_new_tokens]
+        outputs = [chatbot, conversation, question, files, status]
+        for trigger in (send_button.click, question.submit):
+            trigger(send, inputs, outputs, api_visibility='private', concurrency_id='model', concurrency_limit=1)
+        clear_button.click(clear, None, outputs, api_visibility='private')
+        chatbot.clear(clear, None, outputs, api_visibility='private')  # the chat panel's own bin button
+        # The scripted endpoint: components that never show, an event no button on the page fires.
+        with gr.Row(visible=False):
+            api_image = gr.Image(type='filepath', label='image')
+            api_question = gr.Textbox(label='question')
+            api_answer = gr.Textbox(label='answer')
+            api_button = gr.Button(visible=False)
+        api_button.click(chat.answer, [api_image, api_question], api_answer, api_name='chat',
+                         concurrency_id='model', concurrency_limit=1)
+    return app
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None, **kwargs):
+    """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
+    gradio's search for another one."""
+    import gradio as gr
+    if not port_free(host, port):
+        raise OSError(f'port {port} on {host} is in use; give another with --port')
+    theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
+    return app.queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
+                              theme=theme, allowed_paths=allowed_paths, footer_links=['api'], **kwargs)
+
+
+def environment_defaults() -> None:
+    """Offline: no usage statistics, no update check."""
+    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
+    os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')

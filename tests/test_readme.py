@@ -7,7 +7,8 @@ README's code blocks are taken from README.md and run in its order with the venv
 ``source .venv/bin/activate``): the small data example, ``check_dataset.py`` of stage 1, stage 1 on one process,
 LoRA fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights
 move), the same from an official InternVL folder, the converter, every chat command, the loading snippet,
-every evaluation command and preference training.
+every web demo command (each served, then asked through the README's client snippet), every evaluation command
+and preference training.
 
 Placeholders are filled the way a reader fills them: ``work_dirs/<stage>/iter_N.pth`` (and ``iter_M``) is that
 stage's newest checkpoint, ``model.pretrained_pth=...`` the warm-up's, ``photo.jpg``/``a.jpg``/``b.jpg`` the
@@ -20,13 +21,16 @@ the installation (``make test`` just did it) and the LLaVA loading snippet
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +111,33 @@ class Reader:
         return out
 
 
+    @contextlib.contextmanager
+    def serve(self, command: str, timeout: int = 300):
+        """A server command (the web demo) run in the background on a free port given last, until the block
+        ends; yields the port."""
+        from tests.tools.test_web_demo import free_port, wait_until
+        port = free_port()
+        command = f'{self.fill(command)} --port {port}'
+        self.ran.append(command)
+        with tempfile.TemporaryFile('w+') as log:
+            proc = subprocess.Popen(['bash', '-c', f'exec {command}'], cwd=self.root, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+
+            def up():
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f'{command}\nexit {proc.returncode}\n{log.read()[-4000:]}')
+                with socket.socket() as sock:
+                    return sock.connect_ex(('127.0.0.1', port)) == 0
+
+            try:
+                wait_until(up, timeout, command)
+                yield port
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
 @pytest.fixture(scope='module')
 def reader(tmp_path_factory):
     from xtuner_plugins.tiny.llm import write_tiny_qwen2
@@ -174,6 +205,15 @@ def test_readme_commands_run_as_written(reader):
         out = reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
         assert out.strip()
     reader.run('python -', stdin=block("AutoModel.from_pretrained('work_dirs/my_internvl'", 'python'))
+
+    # The web demo: each command serves (on a free port); the README's client snippet gets an answer from it
+    web = commands(block('python tools/web_demo.py work_dirs/my_internvl'))
+    assert len(web) == 3, web
+    client = block("Client('http://127.0.0.1:7860/')", 'python')
+    for command in web:
+        with reader.serve(command + ' --max-new-tokens 8') as port:
+            answer = reader.run('python -', stdin=client.replace(':7860/', f':{port}/')).strip()
+            assert answer, f'{command}: the /chat endpoint gave an empty answer'
 
     # Evaluation, on the reader's own test files (a jsonl, an MMBench TSV)
     os.makedirs(os.path.join(reader.root, 'data', 'images'))

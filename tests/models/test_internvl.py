@@ -110,6 +110,21 @@ def test_pretrained_pth_chains_stages(tiny, tmp_path):
         build(tiny, pretrained_pth=str(tmp_path / 'bad.pth'))
 
 
+def test_lora_after_full_fine_tuning_starts_from_its_weights(tiny, batch, tmp_path):
+    """A full fine-tuning checkpoint loads into a LoRA-wrapped LLM (its weights become the base layers'): the
+    LoRA model, adapters still zero, computes what the fine-tuned model computes."""
+    torch.manual_seed(2)
+    full = build(tiny, freeze_llm=False).eval()
+    with torch.no_grad():
+        for p in full.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / 'iter_1.pth'
+    torch.save({'state_dict': full.state_dict(), 'meta': {}}, path)
+    lora = build(tiny, pretrained_pth=str(path), llm_lora=dict(r=4, lora_alpha=8, target_modules='all-linear'))
+    with torch.no_grad():
+        assert (full(batch, mode='tensor') - lora.eval()(batch, mode='tensor')).abs().max() < 1e-5
+
+
 def test_start_from_official_checkpoint(tiny, batch, tmp_path):
     torch.manual_seed(1)
     model = build(tiny).eval()

@@ -1,7 +1,7 @@
 """Preference losses: sigmoid DPO, BCO pair, an SFT term on the chosen answer, and their weighted sum (MPO).
 
-The building blocks of preference training (the "DPO and MPO" issue); the data set, the model's paired forward
-and the configs are not written yet. All work on per-sequence sums of the answer tokens' log-probabilities:
+The losses of preference training (``InternVLModel(preference=...)`` runs them on a batch of pairs). All work
+on per-sequence sums of the answer tokens' log-probabilities:
 
 * :func:`sequence_logps`: ``sum log p(answer token)`` per row and the number of answer tokens, from logits
   and labels laid out as in SFT (``-100`` where not supervised; position ``t`` predicts label ``t + 1``).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'preference_losses', 'sequence_logps']
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'preference_losses', 'reward_accuracy', 'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
@@ -61,6 +61,13 @@ class RunningMean:
             self.count += 1
             self.mean += (v - self.mean) / self.count
         return self.mean
+
+
+def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """The fraction of pairs whose chosen answer has the higher reward, a tie counting half: a policy that is
+    still its reference (every reward 0) scores 0.5, chance, not 0."""
+    won = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return won.detach().mean()
 
 
 def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -94,6 +101,6 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
         total = total + weight * term
     metrics.update(rewards_chosen=chosen_rewards.detach().mean(), rewards_rejected=rejected_rewards.detach().mean(),
                    rewards_margin=(chosen_rewards - rejected_rewards).detach().mean(),
-                   rewards_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+                   rewards_accuracy=reward_accuracy(chosen_rewards, rejected_rewards),
                    logps_chosen=chosen_logps.detach().mean(), logps_rejected=rejected_logps.detach().mean())
     return total, metrics

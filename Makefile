@@ -22,6 +22,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q --no-build-isolation -c constraints.txt deepspeed
 	$(PIP) install -q --no-deps -c constraints.txt xtuner
+	$(PIP) install -q --no-deps -c constraints.txt gradio
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

@@ -1,9 +1,11 @@
 """configs/dpo_lora.py on the tiny models through XTuner's train script: pairs train (the logged reward margin
 and accuracy, the DPO term below log 2 after training on the same pairs), the checkpoint holds only the LoRA
-adapters, and it converts and answers like an SFT checkpoint."""
+adapters, and it converts and answers like an SFT checkpoint; MPO under DeepSpeed ZeRO-2 and ZeRO-3."""
 
 import math
 import os
+
+import pytest
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.helpers import write_jsonl
@@ -12,12 +14,15 @@ from tests.train_utils import load_checkpoint_state, run_train
 CONFIG = os.path.join(ROOT, 'configs', 'dpo_lora.py')
 
 
-def test_dpo_lora_trains_converts_and_chats(tiny, tmp_path):
-    pairs = write_jsonl(str(tmp_path / 'pairs.jsonl'), [
+def pairs_file(tmp_path):
+    return write_jsonl(str(tmp_path / 'pairs.jsonl'), [
         {'image': 'a.png', 'question': '<image>\nDescribe the image.', 'chosen': 'a wide noisy picture',
          'rejected': 'a cat on a mat'},
         {'question': 'Say something.', 'chosen': 'something', 'rejected': 'nothing at all'}])
-    options = dict(tiny_options(tiny, pairs, repeat=8, lr=5e-3), **{'model.llm_grad_ckpt': False})
+
+
+def test_dpo_lora_trains_converts_and_chats(tiny, tmp_path):
+    options = dict(tiny_options(tiny, pairs_file(tmp_path), repeat=8, lr=5e-3), **{'model.llm_grad_ckpt': False})
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=options,
                     script=os.path.join(ROOT, 'tools', 'train.py'))
     assert out.ok and out.returncode == 0, out.summary()
@@ -33,3 +38,20 @@ def test_dpo_lora_trains_converts_and_chats(tiny, tmp_path):
     assert convert_main([CONFIG, out.final_checkpoint, str(tmp_path / 'converted'), '--dtype', 'fp32'] + args) == 0
     answer = ConvertedModel(str(tmp_path / 'converted')).ask('Say something.', [], dict(max_new_tokens=4))
     assert isinstance(answer, str)
+
+
+@pytest.mark.parametrize('stage', ['zero2', 'zero3'])
+def test_mpo_lora_under_deepspeed_on_two_processes(tiny, tmp_path, stage):
+    """MPO (sigmoid + bco_pair + sft; the BCO baseline averaged over both ranks) under DeepSpeed ZeRO-2 and
+    ZeRO-3 with two processes, one pair each: the reference is the policy at first (the DPO term is log 2), the
+    term falls, and a checkpoint is written (ZeRO-3 gathers the partitioned adapters for both forwards)."""
+    base = dict(tiny_options(tiny, pairs_file(tmp_path), repeat=8, batch_size=1, lr=5e-3),
+                **{'model.llm_grad_ckpt': False, 'model.preference.types': ['sigmoid', 'bco_pair', 'sft'],
+                   'model.preference.weights': [0.8, 0.2, 1.0], 'train_dataloader.sampler.mega_batch_mult': 1})
+    ranks = run_train(CONFIG, str(tmp_path / stage), nproc=2, deepspeed=stage, cfg_options=base, timeout=400,
+                      script=os.path.join(ROOT, 'tools', 'train.py'))
+    assert ranks.ok and ranks.returncode == 0, ranks.summary()
+    terms = ranks.scalar_series('term_sigmoid')
+    assert len(terms) == 8 and abs(terms[1] - math.log(2)) < 1e-4, terms
+    assert terms[8] < math.log(2) and ranks.scalar_series('term_bco_pair'), ranks.summary()
+    assert load_checkpoint_state(ranks.final_checkpoint)

@@ -5,7 +5,8 @@ Usage::
 
     make demo                                      # its closing lines name the converted folder
     .venv/bin/python docs/screenshot_web_demo.py work_dirs/demo/converted \\
-        --image work_dirs/demo/data/images/test_0000.png --prompt "What colour is the shape?" --out docs/web_demo.png
+        --image work_dirs/demo/data/images/test_00000.png \\
+        --prompt "Is the triangle on the left or the right?" "What colour is the triangle?" --out docs/web_demo.png
 """
 
 import argparse
@@ -22,19 +23,18 @@ from tests.tools.test_web_demo import ask_in_page, chromium, open_page, serve  #
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('folder')
-    parser.add_argument('--image', nargs='+', required=True, help='one image per question, in order')
+    parser.add_argument('--image', required=True, help='the image, sent with the first question')
     parser.add_argument('--prompt', nargs='+', required=True, help='the questions, asked in one conversation')
     parser.add_argument('--out', default='docs/web_demo.png')
     args = parser.parse_args(argv)
-    if len(args.image) != len(args.prompt):
-        parser.error('give one --image per --prompt')
     with tempfile.TemporaryDirectory() as tmp, serve(args.folder, os.path.join(tmp, 'server.log'),
                                                       '--max-new-tokens', '16') as url:
-        driver = chromium(1280, 760)
+        driver = chromium(1280, 1000)
         try:
             open_page(driver, url)
-            for image, prompt in zip(args.image, args.prompt):
-                print(f'{prompt} -> {ask_in_page(driver, prompt, os.path.abspath(image))}')
+            for i, prompt in enumerate(args.prompt):
+                print(f'{prompt} -> {ask_in_page(driver, prompt, os.path.abspath(args.image) if i == 0 else None)}')
+            driver.execute_script('window.scrollTo(0, 0)')
             driver.save_screenshot(args.out)
         finally:
             driver.quit()

@@ -150,7 +150,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label='Top-p')
                     max_new_tokens = gr.Slider(1, 4096, value=chat.max_new_tokens, step=1, label='Max new tokens')
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id='chatbot', height=420, label='Chat', buttons=['copy', 'copy_all'])
+                chatbot = gr.Chatbot(elem_id='chatbot', height=560, label='Chat', buttons=['copy', 'copy_all'])
                 question = gr.Textbox(label='Question', elem_id='question', placeholder='Ask about the images')
                 with gr.Row():
                     send_button = gr.Button('Send', variant='primary', elem_id='send')

@@ -129,7 +129,7 @@ def colour_pairs(tmp_path, tiny, name, n, seed):
 
     from tests.helpers import write_jsonl
     from tests.models.conftest import TILE
-    from xtuner_plugins.data import InternVLPreferenceDataset, preference_collate_fn
+    from xtuner_plugins.data import InternVLPreferenceDataset
     rng, colours, rows = random.Random(seed), ['red', 'green', 'blue'], []
     for i in range(n):
         colour = rng.choice(colours)
@@ -139,21 +139,43 @@ def colour_pairs(tmp_path, tiny, name, n, seed):
     ds = InternVLPreferenceDataset(write_jsonl(tmp_path / f'{name}.jsonl', rows), image_folders=str(tmp_path),
                                    tokenizer=tiny['llm'], image_size=TILE, max_dynamic_patch=2,
                                    cache_dir=str(tmp_path / 'cache'))
-    return preference_collate_fn([ds[i] for i in range(n)])['data']
+    return [ds[i] for i in range(n)]
+
+
+@torch.no_grad()
+def independent_reward_accuracy(model, items):
+    """The held-out accuracy computed apart from the preference code path: each side's rows in an SFT batch,
+    log-probabilities of the policy and of the adapters-off model, the rewards compared here."""
+    from xtuner_plugins.data import internvl_collate_fn
+    from xtuner_plugins.models.preference import reward_accuracy
+
+    def log_ratios(side):
+        batch = internvl_collate_fn([dict(it[side], pixel_values=it['pixel_values'], image_flags=it['image_flags'])
+                                     for it in items])['data']
+        policy = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
+        with model.language_model.disable_adapter():
+            reference = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
+        return policy - reference
+
+    return reward_accuracy(log_ratios('chosen'), log_ratios('rejected')).item()
 
 
 def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path):
     """DPO on 12 pairs: on 12 held-out pairs the implicit reward prefers the chosen answer at least 9 times in 10,
-    from 0.5 (every pair a tie: the policy is its reference) before. Swapping chosen and rejected in the batch,
-    or a reference that is the policy itself, fails this."""
+    from 0.5 (every pair a tie: the policy is its reference) before, by the model's own metric and by one computed
+    apart. Swapping chosen and rejected in the batch, or a reference that is the policy itself, fails this."""
     from tests.models.conftest import build, train_steps
+    from xtuner_plugins.data import preference_collate_fn
     torch.manual_seed(0)
-    train, held_out = (colour_pairs(tmp_path, tiny, 'train', 12, 0), colour_pairs(tmp_path, tiny, 'held', 12, 1))
+    train = preference_collate_fn(colour_pairs(tmp_path, tiny, 'train', 12, 0))['data']
+    held_out = colour_pairs(tmp_path, tiny, 'held', 12, 1)
     model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
                   preference=dict(types=('sigmoid',), beta=0.1))
     with torch.no_grad():
-        assert model(dict(held_out), mode='loss')['rewards_accuracy'].item() == 0.5
+        assert model(preference_collate_fn(held_out)['data'], mode='loss')['rewards_accuracy'].item() == 0.5
+    assert independent_reward_accuracy(model, held_out) == 0.5
     train_steps(model, train, 10, lr=1e-2)
     with torch.no_grad():
-        out = model(dict(held_out), mode='loss')
+        out = model(preference_collate_fn(held_out)['data'], mode='loss')
     assert out['rewards_accuracy'].item() >= 0.9 and out['rewards_margin'].item() > 0, out
+    assert independent_reward_accuracy(model, held_out) >= 0.9

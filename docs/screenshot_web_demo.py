@@ -12,7 +12,6 @@ Usage::
 import argparse
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,8 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument('--prompt', nargs='+', required=True, help='the questions, asked in one conversation')
     parser.add_argument('--out', default='docs/web_demo.png')
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp, serve(args.folder, os.path.join(tmp, 'server.log'),
-                                                      '--max-new-tokens', '16') as url:
+    with serve(args.folder, '--max-new-tokens', '16') as url:
         driver = chromium(1280, 1000)
         try:
             open_page(driver, url)

@@ -27,10 +27,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,32 +108,16 @@ class Reader:
         assert 'Traceback (most recent call last)' not in out, f'{command}\n{out[-4000:]}'
         return out
 
-
     @contextlib.contextmanager
     def serve(self, command: str, timeout: int = 300):
         """A server command (the web demo) run in the background on a free port given last, until the block
         ends; yields the port."""
-        from tests.tools.test_web_demo import free_port, wait_until
+        from tests.tools.test_web_demo import free_port, running_server
         port = free_port()
         command = f'{self.fill(command)} --port {port}'
         self.ran.append(command)
-        with tempfile.TemporaryFile('w+') as log:
-            proc = subprocess.Popen(['bash', '-c', f'exec {command}'], cwd=self.root, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True)
-
-            def up():
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise AssertionError(f'{command}\nexit {proc.returncode}\n{log.read()[-4000:]}')
-                with socket.socket() as sock:
-                    return sock.connect_ex(('127.0.0.1', port)) == 0
-
-            try:
-                wait_until(up, timeout, command)
-                yield port
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        with running_server(['bash', '-c', f'exec {command}'], port, cwd=self.root, env=self.env, timeout=timeout):
+            yield port
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,7 @@
 """Resume after a SIGKILL: the run is killed once a checkpoint exists, resumed with `resume=True`, and the
 losses after the resume equal those of an uninterrupted run with the same seed (optimizer, scheduler and
-sampler state all come back), for SFT and for preference training. Checkpoint writes are atomic, so a kill during a save leaves nothing
-half-written under a checkpoint's name."""
+sampler state all come back), for SFT and for preference training. Checkpoint writes are atomic, so a kill
+during a save leaves nothing half-written under a checkpoint's name."""
 
 import os
 import signal

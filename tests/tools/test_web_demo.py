@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -47,33 +48,40 @@ def wait_until(condition, timeout, what):
 
 
 @contextlib.contextmanager
-def serve(folder, log_path, *args):
-    """tools/web_demo.py FOLDER on a free port until the block ends; yields its URL."""
-    port = free_port()
-    with open(log_path, 'w+') as log:
-        server = subprocess.Popen([sys.executable, TOOL, str(folder), '--port', str(port), *args],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+def running_server(argv, port, cwd=ROOT, env=None, timeout=180):
+    """Run ``argv``, a server that listens on ``port``, until the block ends; its output is shown when it exits
+    before it listens."""
+    with tempfile.TemporaryFile('w+') as log:
+        server = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
         def up():
             if server.poll() is not None:
                 log.seek(0)
-                raise AssertionError(f'web_demo exited with {server.returncode}:\n{log.read()[-3000:]}')
+                raise AssertionError(f'{argv} exited with {server.returncode}:\n{log.read()[-4000:]}')
             with socket.socket() as sock:
                 return sock.connect_ex(('127.0.0.1', port)) == 0
 
         try:
-            wait_until(up, 180, f'the web demo on port {port}')
-            yield f'http://127.0.0.1:{port}/'
+            wait_until(up, timeout, f'{argv} on port {port}')
+            yield
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serve(folder, *args):
+    """tools/web_demo.py FOLDER on a free port until the block ends; yields its URL."""
+    port = free_port()
+    with running_server([sys.executable, TOOL, str(folder), '--port', str(port), *args], port):
+        yield f'http://127.0.0.1:{port}/'
 
 
 @pytest.fixture(scope='module')
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp('web_demo')
     folder = converted_tiny_folder(root)
-    with serve(folder, root / 'server.log', '--max-new-tokens', '6') as url:
+    with serve(folder, '--max-new-tokens', '6') as url:
         yield dict(root=root, folder=folder, port=int(url.rsplit(':', 1)[1].strip('/')), url=url)
 
 

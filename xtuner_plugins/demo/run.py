@@ -282,9 +282,9 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
                   geometry: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
     """The ``--cfg-options`` that point a stage config at the demo's models and data.
 
-    ``stage``: ``'pretrain'``, ``'full'``, ``'lora'`` or ``'preference'`` (``data_file``: the pairs). The per-device batch is the recipe's batch divided by
-    ``nproc``, so that one or several processes take the same steps on the same global batches. ``geometry``:
-    the model's (:func:`model_geometry`), given to the data set.
+    ``stage``: ``'pretrain'``, ``'full'``, ``'lora'`` or ``'preference'`` (``data_file``: the pairs). The
+    per-device batch is the recipe's batch divided by ``nproc``, so that one or several processes take the same
+    steps on the same global batches. ``geometry``: the model's (:func:`model_geometry`), given to the data set.
     """
     geometry = geometry or model_geometry(models, recipe)
     if stage == 'pretrain':

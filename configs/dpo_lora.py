@@ -9,6 +9,7 @@
 from mmengine.config import read_base
 
 from xtuner_plugins.data import InternVLPreferenceDataset, preference_collate_fn
+from xtuner_plugins.engine import PreferenceStateHook
 
 with read_base():
     from .finetune_lora import *
@@ -26,3 +27,4 @@ train_dataloader.update(batch_size=batch_size, collate_fn=dict(type=preference_c
 train_dataloader.sampler.update(per_device_batch_size=batch_size)
 train_dataloader.dataset.update(type=InternVLPreferenceDataset, data_files=data_files, image_folders=image_folders)
 optim_wrapper.optimizer.update(lr=lr)
+custom_hooks.append(dict(type=PreferenceStateHook))   # MPO's BCO baseline goes into checkpoints

@@ -47,14 +47,14 @@ def kill_after_checkpoint(tiny, work_dir, name='iter_4.pth', timeout=240, config
 
 
 def preference_options(tiny, tmp_path):
-    """DPO plus the SFT term on 16 pairs (8 iterations of 2), LoRA without dropout. Left out: the BCO term, whose
-    running reward baseline is not in the checkpoint yet and restarts at a resume; LoRA dropout, whose random
-    state MMEngine does not checkpoint (SFT with LoRA dropout resumes with other masks too)."""
+    """MPO (DPO, BCO with its running reward baseline, which the checkpoint keeps, and the SFT term) on 16 pairs
+    (8 iterations of 2), LoRA without dropout: MMEngine does not checkpoint the random state, so LoRA dropout
+    draws other masks after a resume (SFT with LoRA dropout too)."""
     from tests.configs.test_dpo import pairs_file
     opts = tiny_options(tiny, pairs_file(tmp_path), repeat=8, lr=5e-3)
     opts.update({'default_hooks.checkpoint.interval': 2, 'default_hooks.checkpoint.max_keep_ckpts': -1,
-                 'model.llm_grad_ckpt': False, 'model.preference.types': ['sigmoid', 'sft'],
-                 'model.preference.weights': [1.0, 0.5], 'model.llm_lora.lora_dropout': 0.0})
+                 'model.llm_grad_ckpt': False, 'model.preference.types': ['sigmoid', 'bco_pair', 'sft'],
+                 'model.preference.weights': [0.8, 0.2, 1.0], 'model.llm_lora.lora_dropout': 0.0})
     return opts
 
 

@@ -8,7 +8,7 @@ atomic and lets resume load MMEngine checkpoints under torch >= 2.6.
 from .badsamples import BadSampleHook
 from .checkpointing import CheckpointCleanupHook, apply_checkpoint_patches, atomic_write
 from .checks import ModelDataCheckHook, check_geometry
-from .hooks import ThroughputHook
+from .hooks import PreferenceStateHook, ThroughputHook
 from .nonfinite import NonFiniteError, NonFiniteGuardHook
 from .optim import OptimWrapperConstructor
 from .runtime import (CUDA_AVAILABLE, DATALOADER_WORKERS, DIST_BACKEND, AutoOptimWrapper, applied_patches,
@@ -19,5 +19,5 @@ __all__ = [
     'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DATALOADER_WORKERS', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook',
     'check_geometry', 'applied_patches', 'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
     'apply_checkpoint_patches', 'atomic_write', 'NonFiniteError', 'NonFiniteGuardHook',
-    'CheckpointCleanupHook', 'BadSampleHook',
+    'CheckpointCleanupHook', 'BadSampleHook', 'PreferenceStateHook',
 ]

@@ -137,3 +137,27 @@ class ThroughputHook(Hook):
         hub.update_scalar('train/data_time_share', data_sum / time_sum)
         hub.update_scalar('train/peak_mem_mb', float(peak.item()))
         self._last_end = time.perf_counter()  # exclude the reductions above from the next data time
+
+
+class PreferenceStateHook(Hook):
+    """Keeps MPO's BCO reward baseline (a running mean over the whole run, the same on every rank) in the
+    checkpoint's ``meta``, so that a resumed run continues it instead of starting it over (``configs/dpo_lora.py``
+    adds this hook)."""
+
+    KEY = 'bco_reward_baseline'
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        from .nonfinite import unwrap_model
+        baseline = getattr(unwrap_model(runner.model), '_reward_baseline', None)
+        if baseline is not None:
+            checkpoint.setdefault('meta', {})[self.KEY] = [baseline.mean, baseline.count]
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from xtuner_plugins.models.preference import RunningMean
+
+        from .nonfinite import unwrap_model
+        saved = (checkpoint.get('meta') or {}).get(self.KEY)
+        model = unwrap_model(runner.model)
+        if saved is not None and hasattr(model, '_reward_baseline'):
+            model._reward_baseline = RunningMean()
+            model._reward_baseline.mean, model._reward_baseline.count = float(saved[0]), int(saved[1])

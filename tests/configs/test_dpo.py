@@ -53,5 +53,6 @@ def test_mpo_lora_under_deepspeed_on_two_processes(tiny, tmp_path, stage):
     assert ranks.ok and ranks.returncode == 0, ranks.summary()
     terms = ranks.scalar_series('term_sigmoid')
     assert len(terms) == 8 and abs(terms[1] - math.log(2)) < 1e-4, terms
-    assert terms[8] < math.log(2) and ranks.scalar_series('term_bco_pair'), ranks.summary()
+    margins = ranks.scalar_series('rewards_margin')
+    assert terms[8] < math.log(2) - 0.05 and margins[8] > 0 and ranks.scalar_series('term_bco_pair'), (terms, margins)
     assert load_checkpoint_state(ranks.final_checkpoint)

@@ -43,6 +43,7 @@ from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import gathered, hf_zero3_init, shape_of
 
+ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}
 
@@ -88,7 +89,10 @@ class InternVLModel(BaseModel):
         pretrained_pth: a previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder) to load.
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
-        attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers.
+        attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers, or
+            ``"flex_attention"``: PyTorch's FlexAttention for the LLM (packed rows get a document-causal
+            ``BlockMask``: sample boundaries without flash-attn; GPU training only, as torch's FlexAttention has no
+            backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip).
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
             ``preference.MPO``). For now the reference is this model with its LLM's LoRA adapters off, so it
@@ -137,6 +141,10 @@ class InternVLModel(BaseModel):
             raise ValueError('preference training needs llm_lora with the LLM, projector and vision tower frozen '
                              '(the reference policy is the model with its LLM adapters off); a full-model '
                              'reference is not implemented yet')
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
+        # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
+        vision_attn = 'sdpa' if attn_implementation == 'flex_attention' else attn_implementation
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
         if llm_quantization is not None and (llm_lora is None or not freeze_llm):
@@ -158,7 +166,8 @@ class InternVLModel(BaseModel):
                     raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
                 from .official import load_official_parts
                 self.vision_model, self.mlp1, self.language_model, official_layer = load_official_parts(
-                    official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path)
+                    official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path,
+                    vision_attn_implementation=vision_attn)
                 self.vision = InternViTEncoder(self.vision_model,
                                                official_layer if select_layer is None else select_layer)
                 tokenizer_path = tokenizer or official_checkpoint
@@ -167,7 +176,7 @@ class InternVLModel(BaseModel):
                     raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
                 # drop path is set explicitly (default 0), never taken from the encoder's config.json
                 self.vision_model, self.vision = build_vision_encoder(
-                    vision_encoder, dtype, attn_implementation, drop_path_rate=vision_drop_path,
+                    vision_encoder, dtype, vision_attn, drop_path_rate=vision_drop_path,
                     select_layer=select_layer)
                 self.language_model = (load_llm(llm, dtype, attn_implementation, llm_quantization)
                                        if isinstance(llm, str) else llm)
@@ -336,12 +345,18 @@ class InternVLModel(BaseModel):
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
         segments = None
         attention_mask, position_ids = data.get('attention_mask'), data.get('position_ids')
+        attn = self.language_model.config._attn_implementation
         if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
             segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
-            if self.language_model.config._attn_implementation == 'flash_attention_2':
+            if attn == 'flash_attention_2':
                 attention_mask = None  # varlen kernels, from the restarting position ids
+            elif attn == 'flex_attention':
+                attention_mask = document_block_mask(segments)
             else:
                 attention_mask = block_causal_mask(segments, embeds.dtype)
+        elif attn == 'flex_attention' and attention_mask is not None:  # padded rows: one sample each
+            real = attention_mask.to(embeds.device).bool()
+            attention_mask = document_block_mask(torch.where(real, 0, -1))
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
         if mode == 'loss' and data.get('num_pairs') is not None:
@@ -423,6 +438,20 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def document_block_mask(segments: torch.Tensor):
+    """FlexAttention's ``BlockMask`` of :func:`block_causal_mask` from ``[B, L]`` sample ids: a token sees the
+    earlier tokens of its own sample; padding (-1) sees the earlier padding, so no row is empty. Blocks with no
+    allowed pair are skipped by the kernel. Built by ``torch.compile`` on a GPU (no dense ``L x L`` mask), eagerly
+    on a CPU (no C++ compiler needed)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (kv <= q)
+    batch, length = segments.shape
+    return create_block_mask(same_sample_causal, batch, None, length, length, device=segments.device,
+                             _compile=segments.device.type == 'cuda')
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

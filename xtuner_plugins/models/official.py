@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,8 +26,10 @@ def _split(state, prefix):
 
 
 def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: str = 'sdpa',
-                        drop_path_rate: float = 0.0) -> Tuple[nn.Module, nn.Module, nn.Module, int]:
-    """Return ``(vision_model, mlp1, language_model, select_layer)`` loaded from an official InternVL folder."""
+                        drop_path_rate: float = 0.0, vision_attn_implementation: Optional[str] = None
+                        ) -> Tuple[nn.Module, nn.Module, nn.Module, int]:
+    """Return ``(vision_model, mlp1, language_model, select_layer)`` loaded from an official InternVL folder
+    (the vision tower's attention is ``vision_attn_implementation``, by default the LLM's)."""
     cfg_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f'{folder}: no config.json; is this an official InternVL checkpoint folder?')
@@ -43,7 +45,8 @@ def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: st
         raise ValueError(f'{folder}: {len(unknown)} weights outside vision_model./mlp1./language_model.: {unknown[:8]}')
 
     vision = build_internvit_from_state_dict(cfg['vision_config'], _split(state, 'vision_model.'), dtype,
-                                             attn_implementation, source=folder, drop_path_rate=drop_path_rate)
+                                             vision_attn_implementation or attn_implementation, source=folder,
+                                             drop_path_rate=drop_path_rate)
 
     llm_cfg = dict(cfg['llm_config'])
     llm_config = AutoConfig.for_model(llm_cfg.pop('model_type'), **llm_cfg)

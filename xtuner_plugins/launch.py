@@ -310,6 +310,7 @@ class TrainOutcome:
     max_iters: Optional[int] = None  # N of the log's "Iter(train) [k/N]"
     last_iter: Optional[int] = None  # largest k logged
     failure_reasons: List[str] = field(default_factory=list)
+    pid: Optional[int] = None  # the launcher's, also its process group's
 
     @property
     def failed(self) -> bool:
@@ -382,7 +383,7 @@ def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
     outcome = TrainOutcome(command=job.cmd, returncode=job.proc.returncode, timed_out=job.timed_out,
                            wall_s=job.wall_s, work_dir=work_dir, log_path=job.log_path, log=log,
                            checkpoints=find_checkpoints(work_dir), losses=scalar_losses or losses, scalars=scalars,
-                           max_iters=max_iters, last_iter=last_iter)
+                           max_iters=max_iters, last_iter=last_iter, pid=job.proc.pid)
     outcome.failure_reasons = judge(outcome, require_checkpoint, expect_iters, lead)
     if job.stopped_because and not job.timed_out:
         outcome.failure_reasons.append(job.stopped_because)

@@ -176,4 +176,3 @@ def test_a_crashed_node_fails_the_run_without_hanging(tmp_path):
     assert node0.failed and not node0.timed_out, node0.summary()
     assert node0.final_checkpoint is None
     assert _gone(node0.pid) and _gone(node1.pid)
-    assert 'Connection closed by peer' in node0.log  # its rank failed on its own (gloo), then was stopped

@@ -94,13 +94,19 @@ def _job(tmp_path, name, code):
     return launch.TrainJob([sys.executable, '-c', code], train_env(), str(tmp_path / f'{name}.log'))
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
-    """A launcher whose child hangs: both are killed at the timeout, none is left running."""
-    child = 'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); '
-    job = _job(tmp_path, 'hang', child + 'print("started", flush=True); time.sleep(600)')
+def test_timeout_kills_the_launcher_and_everything_under_it(tmp_path):
+    """A launcher whose children hang, one in its own session (as torchrun starts its ranks): all are killed
+    at the timeout, none is left running."""
+    sleeper = '[sys.executable, "-c", "import time; time.sleep(600)"]'
+    job = _job(tmp_path, 'hang', f'import subprocess, sys, time; a = subprocess.Popen({sleeper}); '
+                                 f'b = subprocess.Popen({sleeper}, start_new_session=True); '
+                                 'print(a.pid, b.pid, flush=True); time.sleep(600)')
+    while len(job.read_log().splitlines()) < 2:
+        time.sleep(0.1)
+    children = [int(p) for p in job.read_log().splitlines()[1].split()]
     launch.wait_jobs([job], timeout=5)
     assert job.timed_out and job.proc.returncode == -signal.SIGKILL and job.wall_s < 60
-    assert _gone(job.proc.pid)  # the child too (same process group)
+    assert _gone(job.proc.pid) and _gone(children[1])  # its process group, and the child in its own session
 
 
 def test_a_failed_job_stops_the_others(tmp_path):
@@ -150,7 +156,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(tmp_path, one_node):
     assert one_node.ok, one_node.summary()
     shared = str(tmp_path / 'shared')  # one work folder on storage both nodes see (here: the same disk)
     node0, node1 = run_local_nodes(TOY_CONFIG, [shared, shared], nproc=1, deepspeed='zero3', use_cli=True,
-                                   timeout=400)
+                                   timeout=150, per_node=[{}, {'port': launch.free_port()}])
     assert node0.ok, node0.summary()
     assert node1.ok, node1.summary()
     assert os.path.basename(node1.command[0]) == 'xtuner' and node0.log_path != node1.log_path

@@ -20,8 +20,8 @@ The one launcher of the demo, the tests and the benchmarks (:func:`run_train`):
 * **several nodes on one machine** (:func:`run_local_nodes`): one launcher per ``NODE_RANK`` on one address
   and port, as on real nodes; when one node fails the others are stopped.
 
-Every launcher runs in its own session; on a timeout, or when another node failed, its whole process group
-(launcher and ranks) is killed, so nothing is left training and nothing waits forever.
+Every launcher runs in its own session; on a timeout, or when another node failed, it is killed with every
+process under it (launcher and ranks), so nothing is left training and nothing waits forever.
 """
 
 from __future__ import annotations
@@ -177,22 +177,31 @@ class TrainJob:
             self.end = time.perf_counter()
         return code
 
+    def read_log(self) -> str:
+        with open(self.log_path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+
     def crashed(self) -> bool:
         """Ended with a non-zero code, or with a crash in its output (``xtuner train`` exits 0 anyway)."""
-        if self.poll() is None:
-            return False
-        with open(self.log_path, encoding='utf-8', errors='replace') as f:
-            log = f.read()
-        return self.proc.returncode != 0 or any(mark in log for mark in CRASH_MARKS)
+        return self.poll() is not None and (self.proc.returncode != 0 or
+                                            any(mark in self.read_log() for mark in CRASH_MARKS))
 
     def kill(self, reason: str) -> None:
-        """SIGKILL to the launcher and every process it started (they share its process group)."""
+        """SIGKILL to the launcher and every process under it: its process group, and the ranks, which
+        ``torchrun`` starts in sessions of their own."""
+        import psutil
         if self.poll() is None:
             self.stopped_because = reason
             try:
+                tree = psutil.Process(self.proc.pid).children(recursive=True)
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                tree = []
+            for process in tree:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
         self.proc.wait()
         self.poll()
 
@@ -373,8 +382,7 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
 
 def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
                 expect_iters: Optional[int] = None, lead: bool = True) -> TrainOutcome:
-    with open(job.log_path, encoding='utf-8', errors='replace') as f:
-        log = f.read()
+    log = job.read_log()
     if job.stopped_because:
         log += f'\n[launch] {job.stopped_because}: SIGKILL to the launcher and its ranks\n'
     losses, max_iters, last_iter = parse_log(log)
@@ -390,11 +398,6 @@ def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
     return outcome
 
 
-def _port_taken(job: TrainJob) -> bool:
-    with open(job.log_path, encoding='utf-8', errors='replace') as f:
-        return any(s in f.read() for s in _PORT_IN_USE)
-
-
 # ------------------------------------------------------------------------------------------ entry points
 def run_local_nodes(config: str, work_dirs: Sequence[str], nproc: int = 1, timeout: float = 240,
                     port: Optional[int] = None, port_retries: int = 1, per_node: Sequence[Mapping] = (),
@@ -402,60 +405,42 @@ def run_local_nodes(config: str, work_dirs: Sequence[str], nproc: int = 1, timeo
                     on_line: Optional[Callable[[str], None]] = None, require_checkpoint: bool = True,
                     expect_iters: Optional[int] = None, grace: float = 120, **command) -> List[TrainOutcome]:
     """Train on ``len(work_dirs)`` nodes, all on this machine: node ``r`` is a launcher with ``NODE_RANK=r``,
-    ``ADDR=127.0.0.1`` and one ``PORT``, its output in ``<work_dirs[r]>/train_output.node<r>.log``. Nodes may
-    share a work folder (shared storage) or not. ``per_node[r]``: arguments of :func:`train_command` for node
-    ``r`` alone (e.g. ``cfg_options``, or a ``port``); ``**command``: for all. Returns one outcome per node."""
-    nnodes = len(work_dirs)
+    ``ADDR=127.0.0.1`` and one ``PORT``, its output in ``<work_dirs[r]>/train_output.node<r>.log``
+    (``train_output.log`` for one node). Nodes may share a work folder (shared storage) or not.
+    ``per_node[r]``: arguments of :func:`train_command` for node ``r`` alone (e.g. ``cfg_options``, ``port``);
+    ``**command``: for all; the other arguments as for :func:`run_train`. Returns one outcome per node."""
+    nnodes, work_dirs = len(work_dirs), [os.path.abspath(w) for w in work_dirs]
     for attempt in range(port_retries + 1):
-        chosen = port or free_port()
-        jobs = []
+        chosen, jobs = port or free_port(), []
         try:
             for rank, work_dir in enumerate(work_dirs):
                 os.makedirs(work_dir, exist_ok=True)
-                kwargs = dict(command, nproc=nproc, nnodes=nnodes, node_rank=rank, port=chosen,
-                              **(per_node[rank] if rank < len(per_node) else {}))
+                kwargs = dict(command, nproc=nproc, nnodes=nnodes, node_rank=rank, port=chosen)
+                kwargs.update(per_node[rank] if rank < len(per_node) else {})
                 cmd, env = train_command(config, work_dir, **kwargs)
-                env = train_env(nproc, cache_dir, dict(extra_env or {}, **env))
-                jobs.append(TrainJob(cmd, env, os.path.join(work_dir, f'train_output.node{rank}.log'),
+                log = os.path.join(work_dir, f'train_output.node{rank}.log' if nnodes > 1 else 'train_output.log')
+                jobs.append(TrainJob(cmd, train_env(nproc, cache_dir, dict(extra_env or {}, **env)), log,
                                      on_line if rank == 0 else None))
         finally:
             wait_jobs(jobs, timeout, grace)
-        if port is None and attempt < port_retries and any(_port_taken(j) for j in jobs):
-            continue
-        return [job_outcome(j, os.path.abspath(w), require_checkpoint, expect_iters, lead=(r == 0))
-                for r, (j, w) in enumerate(zip(jobs, work_dirs))]
+        if port or attempt == port_retries or not any(s in j.read_log() for j in jobs for s in _PORT_IN_USE):
+            return [job_outcome(j, w, require_checkpoint, expect_iters, lead=(r == 0))
+                    for r, (j, w) in enumerate(zip(jobs, work_dirs))]
 
 
 def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[str] = None,
-              cfg_options: Options = None, use_cli: bool = False, timeout: float = 240,
-              extra_args: Sequence[str] = (), extra_env: Optional[Mapping] = None, require_checkpoint: bool = True,
-              expect_iters: Optional[int] = None, cache_dir: Optional[str] = None, port_retries: int = 1,
-              script: Optional[str] = None, on_line: Optional[Callable[[str], None]] = None) -> TrainOutcome:
-    """Train ``config`` into ``work_dir`` in a subprocess and return a :class:`TrainOutcome`.
+              cfg_options: Options = None, use_cli: bool = False, timeout: float = 240, **kwargs) -> TrainOutcome:
+    """Train ``config`` into ``work_dir`` (``--work-dir``; the output goes to ``<work_dir>/train_output.log``)
+    in a subprocess and return a :class:`TrainOutcome`.
 
-    Args:
-        config: config path (relative paths are taken from the repository root) or an XTuner config name.
-        work_dir: passed as ``--work-dir``; the combined stdout/stderr goes to ``<work_dir>/train_output.log``.
-        nproc: processes on this machine (``torch.distributed.run`` / ``NPROC_PER_NODE`` when > 1).
-        deepspeed: ``'zero2'``/``'zero3'`` (this repo's CPU JSONs), a JSON path, or a stock XTuner name.
-        cfg_options: ``{'model.crash_at_iter': 2}`` or ``['a=1', ...]`` for ``--cfg-options``.
-        use_cli: go through ``xtuner train`` (its exit code is 0 even after a crash).
-        timeout: seconds before the run (launcher and ranks) is killed.
-        require_checkpoint: a run without ``iter_<max_iters>.pth`` (or ``epoch_*.pth``) counts as failed.
-        expect_iters: the number of iterations that must be run (default: N of ``Iter(train) [k/N]``).
-        cache_dir: the caches' folder (default: those of this environment).
-        port_retries: rerun this often when the rendezvous port turned out to be taken.
-        script: the train script (default XTuner's ``xtuner/tools/train.py``; e.g. this repo's ``tools/train.py``).
-        on_line: called with every line of the output as it comes (the first is ``$ COMMAND``).
+    ``nproc``: processes (``torchrun``/``NPROC_PER_NODE`` when > 1); ``deepspeed``: ``'zero2'``/``'zero3'``
+    (this repository's CPU JSONs), a JSON path or a stock XTuner name; ``cfg_options``: ``{'k': v}`` or
+    ``['k=v', ...]``; ``use_cli``: through ``xtuner train``; ``timeout``: seconds before launcher and ranks are
+    killed. ``**kwargs``: ``extra_args``, ``script`` (default XTuner's ``xtuner/tools/train.py``) as for
+    :func:`train_command`; ``cache_dir`` (default: this environment's caches), ``extra_env``,
+    ``require_checkpoint`` (a run without ``iter_<N>.pth`` or ``epoch_*.pth`` fails), ``expect_iters``
+    (default N of ``Iter(train) [k/N]``), ``port_retries`` (reruns when the port was taken) and ``on_line``
+    (called with each line of the output, the first ``$ COMMAND``) as for :func:`run_local_nodes`.
     """
-    work_dir = os.path.abspath(work_dir)
-    os.makedirs(work_dir, exist_ok=True)
-    for attempt in range(port_retries + 1):
-        cmd, launch_env = train_command(config, work_dir, nproc, deepspeed, cfg_options, extra_args, use_cli, script)
-        job = TrainJob(cmd, train_env(nproc, cache_dir, dict(extra_env or {}, **launch_env)),
-                       os.path.join(work_dir, 'train_output.log'), on_line)
-        wait_jobs([job], timeout)
-        if not (attempt < port_retries and ('PORT' in launch_env or '--master_port' in ' '.join(cmd))
-                and _port_taken(job)):
-            break
-    return job_outcome(job, work_dir, require_checkpoint, expect_iters)
+    return run_local_nodes(config, [work_dir], nproc=nproc, timeout=timeout, deepspeed=deepspeed,
+                           cfg_options=cfg_options, use_cli=use_cli, **kwargs)[0]

@@ -156,7 +156,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(tmp_path, one_node):
     assert one_node.ok, one_node.summary()
     shared = str(tmp_path / 'shared')  # one work folder on storage both nodes see (here: the same disk)
     node0, node1 = run_local_nodes(TOY_CONFIG, [shared, shared], nproc=1, deepspeed='zero3', use_cli=True,
-                                   timeout=150, per_node=[{}, {'port': launch.free_port()}])
+                                   timeout=400)
     assert node0.ok, node0.summary()
     assert node1.ok, node1.summary()
     assert os.path.basename(node1.command[0]) == 'xtuner' and node0.log_path != node1.log_path

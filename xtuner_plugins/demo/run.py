@@ -41,13 +41,13 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
+
+from xtuner_plugins.launch import DS_CPU_CONFIGS, ITER_LINE, cache_env, cfg_options_args, run_train
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,19 +59,10 @@ CONFIGS = {
 }
 PREFERENCE_LOSSES = {'dpo': dict(types=['sigmoid'], weights=[1.0]),
                      'mpo': dict(types=['sigmoid', 'bco_pair', 'sft'], weights=[0.8, 0.2, 1.0])}
-DEEPSPEED_CONFIGS = {
-    'zero2': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero2_cpu.json'),
-    'zero3': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json'),
-}
 CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
-# Environment variables of an enclosing launcher that must not leak into the training subprocesses.
-_DIST_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'ROLE_RANK', 'MASTER_ADDR',
-             'MASTER_PORT', 'TORCHELASTIC_RUN_ID', 'NPROC_PER_NODE', 'NNODES', 'NODE_RANK', 'PORT', 'ADDR')
-_ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
 _FIELD = re.compile(r'\b(lr|eta|loss|time):\s*(\S+)')
-_CKPT_NAME = re.compile(r'^iter_(\d+)\.pth$')
 
 
 # ------------------------------------------------------------------------------------------ the recipe
@@ -353,80 +344,8 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
     return options
 
 
-def cfg_option_args(options: Mapping[str, object]) -> List[str]:
-    """``--cfg-options`` arguments as MMEngine's ``DictAction`` reads them back."""
-    args = []
-    for key, value in options.items():
-        if isinstance(value, (list, tuple)):
-            text = '[' + ','.join(str(v) for v in value) + ']'
-        elif value is None:
-            text = 'None'
-        else:
-            text = str(value)
-        args.append(f'{key}={text}')
-    return ['--cfg-options', *args] if args else []
-
-
-def xtuner_train_script() -> str:
-    """``xtuner/tools/train.py``: what ``xtuner train`` runs (without the CLI, whose exit code is always 0)."""
-    spec = importlib.util.find_spec('xtuner')
-    if spec is None or not spec.submodule_search_locations:
-        raise DemoError('xtuner is not installed (run `make demo`, which sets up .venv)')
-    return os.path.join(list(spec.submodule_search_locations)[0], 'tools', 'train.py')
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env(nproc: int, cache_root: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    defaults = dict(
-        HF_HOME=os.path.join(cache_root, 'huggingface'),
-        TORCH_EXTENSIONS_DIR=os.path.join(cache_root, 'torch_extensions'),
-        MPLCONFIGDIR=os.path.join(cache_root, 'matplotlib'),
-        TRITON_CACHE_DIR=os.path.join(cache_root, 'triton'),
-    )
-    for key, value in defaults.items():
-        env.setdefault(key, value)
-    env.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
-               PYTHONUNBUFFERED='1')
-    env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
-    bin_dir = os.path.dirname(sys.executable)
-    env['PATH'] = os.pathsep.join([bin_dir, env.get('PATH', '')])
-    if nproc > 1:
-        env['OMP_NUM_THREADS'] = '1'   # one core per process
-    return env
-
-
-def train_command(config: str, work_dir: str, options: Mapping[str, object], nproc: int = 1,
-                  deepspeed: Optional[str] = None) -> List[str]:
-    args = [config, '--work-dir', work_dir]
-    if deepspeed:
-        args += ['--deepspeed', DEEPSPEED_CONFIGS.get(deepspeed, deepspeed)]
-    args += cfg_option_args(options)
-    if nproc == 1 and not deepspeed:
-        return [sys.executable, xtuner_train_script(), *args]
-    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--nnodes=1',
-            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', xtuner_train_script(), *args,
-            '--launcher', 'pytorch']
-
-
-def find_checkpoints(work_dir: str) -> List[str]:
-    """``iter_N.pth`` in ``work_dir`` (files, or DeepSpeed folders), ordered by N."""
-    found = []
-    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
-        m = _CKPT_NAME.match(name)
-        path = os.path.join(work_dir, name)
-        if m and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
 def _progress_line(stage: str, line: str) -> Optional[str]:
-    m = _ITER_LINE.search(line)
+    m = ITER_LINE.search(line)
     if not m:
         return None
     fields = dict(_FIELD.findall(line[m.end():]))
@@ -456,7 +375,8 @@ class StageResult:
 def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, object], console: Console,
                 nproc: int = 1, deepspeed: Optional[str] = None, cache_root: Optional[str] = None,
                 timeout: float = 3600) -> StageResult:
-    """Run one stage config through ``xtuner/tools/train.py``; returns its final checkpoint.
+    """Run one stage config through ``xtuner/tools/train.py`` (:func:`xtuner_plugins.launch.run_train`);
+    returns its final checkpoint.
 
     The whole output goes to ``<work_dir>/train_output.log`` (MMEngine also writes its own log and the
     TensorBoard events under ``<work_dir>/<timestamp>/``); the terminal gets one line per logged iteration.
@@ -467,70 +387,32 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
     work_dir = os.path.abspath(work_dir)
     if os.path.isdir(work_dir):
         shutil.rmtree(work_dir)   # a fresh run: no stale checkpoint can pass for this run's
-    os.makedirs(work_dir)
     log_path = os.path.join(work_dir, 'train_output.log')
-    cmd = train_command(config, work_dir, options, nproc, deepspeed)
-    env = subprocess_env(nproc, cache_root or os.path.join(os.path.dirname(work_dir), '.cache'))
-    console(f'  $ {" ".join(os.path.relpath(c, REPO_ROOT) if c.startswith(REPO_ROOT) else c for c in cmd[:8])} '
-            f'... ({len(options)} --cfg-options; full command in {os.path.relpath(log_path, REPO_ROOT)})')
-    start = time.perf_counter()
-    losses: Dict[int, float] = {}
-    max_iters = last_iter = None
-    traceback_seen = False
-    tail: List[str] = []
-    with open(log_path, 'w', encoding='utf-8') as log:
-        log.write('$ ' + ' '.join(cmd) + '\n')
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors='replace', bufsize=1,
-                                start_new_session=True)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                tail = (tail + [line.rstrip('\n')])[-40:]
-                if 'Traceback (most recent call last)' in line:
-                    traceback_seen = True
-                m = _ITER_LINE.search(line)
-                if m:
-                    k, n = int(m.group(1)), int(m.group(2))
-                    max_iters, last_iter = n, max(k, last_iter or 0)
-                    loss = re.search(r'(?<![\w/])loss:\s*([-+0-9.eE]+|nan|inf)', line[m.end():])
-                    if loss:
-                        losses[k] = float(loss.group(1))
-                    console(_progress_line(name, line))
-                elif 'Saving checkpoint' in line or 'Checkpoints will be saved' in line:
-                    console(f'  [{name}] ' + line.split(' - INFO - ')[-1].strip())
-                if time.perf_counter() - start > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            returncode = proc.wait()
-        except BaseException:
-            try:
-                os.killpg(proc.pid, 9)   # the launcher and the ranks it started
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            raise
-    wall = time.perf_counter() - start
-    checkpoints = find_checkpoints(work_dir)
-    reasons = []
-    if returncode:
-        reasons.append(f'exit code {returncode}')
-    if traceback_seen:
-        reasons.append('a traceback in the log')
-    if max_iters is None:
-        reasons.append('no training iteration was logged')
-    # the last iteration is logged only when log_interval divides it: its checkpoint is the proof
-    final = os.path.join(work_dir, f'iter_{max_iters}.pth') if max_iters else None
-    if final not in checkpoints:
-        reasons.append(f'final checkpoint {final and os.path.basename(final)} missing '
-                       f'(found {[os.path.basename(c) for c in checkpoints]})')
-    if reasons:
-        shown = '\n'.join('    | ' + t for t in tail)
-        raise DemoError(f'stage {name} failed: {"; ".join(reasons)}. Log: {log_path}\n  last lines:\n{shown}')
-    console(f'  [{name}] done in {wall:.0f} s: {max_iters} iterations, checkpoint '
+
+    def on_line(line: str) -> None:
+        progress = _progress_line(name, line)
+        if progress:
+            console(progress)
+        elif line.startswith('$ '):
+            cmd = line[2:].split(' ')
+            console(f'  $ {" ".join(os.path.relpath(c, REPO_ROOT) if c.startswith(REPO_ROOT) else c for c in cmd[:8])}'
+                    f' ... ({len(options)} --cfg-options; full command in {os.path.relpath(log_path, REPO_ROOT)})')
+        elif 'Saving checkpoint' in line or 'Checkpoints will be saved' in line:
+            console(f'  [{name}] ' + line.split(' - INFO - ')[-1].strip())
+
+    # caches not set in this environment go under cache_root
+    caches = {k: v for k, v in cache_env(cache_root or os.path.join(os.path.dirname(work_dir), '.cache')).items()
+              if k not in os.environ}
+    out = run_train(config, work_dir, nproc=nproc, deepspeed=deepspeed, cfg_options=options, timeout=timeout,
+                    extra_env=caches, on_line=on_line)
+    if out.failed:
+        shown = '\n'.join('    | ' + t for t in out.log.splitlines()[-40:])
+        raise DemoError(f'stage {name} failed: {"; ".join(out.failure_reasons)}. Log: {log_path}\n'
+                        f'  last lines:\n{shown}')
+    final = out.final_checkpoint
+    console(f'  [{name}] done in {out.wall_s:.0f} s: {out.max_iters} iterations, checkpoint '
             f'{os.path.relpath(final, REPO_ROOT)}')
-    return StageResult(name, work_dir, log_path, final, max_iters, losses, wall)
+    return StageResult(name, work_dir, log_path, final, out.max_iters, out.losses, out.wall_s)
 
 
 # ------------------------------------------------------------------------------------------ 5. conversion
@@ -540,7 +422,7 @@ def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir
     spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_option_args(options)]
+    argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_options_args(options)]
     console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
             f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
             f'--overwrite --cfg-options ...')
@@ -718,15 +600,14 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     recipe = recipe or RECIPES['default']
     if nproc < 1:
         raise ValueError(f'nproc must be >= 1, got {nproc}')
-    if deepspeed and deepspeed not in DEEPSPEED_CONFIGS and not os.path.isfile(deepspeed):
-        raise ValueError(f'--deepspeed takes {", ".join(DEEPSPEED_CONFIGS)} or a JSON file, got {deepspeed!r}')
+    if deepspeed and deepspeed not in DS_CPU_CONFIGS and not os.path.isfile(deepspeed):
+        raise ValueError(f'--deepspeed takes {", ".join(DS_CPU_CONFIGS)} or a JSON file, got {deepspeed!r}')
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     console = console or Console(os.path.join(work_dir, 'demo.log'))
     cache_root = os.path.join(work_dir, '.cache')
-    for key, sub in (('HF_HOME', 'huggingface'), ('MPLCONFIGDIR', 'matplotlib'),
-                     ('TORCH_EXTENSIONS_DIR', 'torch_extensions')):
-        os.environ.setdefault(key, os.path.join(cache_root, sub))
+    for key, value in cache_env(cache_root).items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
     timings: Dict[str, float] = {}

@@ -1,0 +1,446 @@
+"""Training in a subprocess: the command, its environment, the port, and what came of it.
+
+The one launcher of the demo, the tests and the benchmarks (:func:`run_train`):
+
+* **command** (:func:`train_command`): ``python TRAIN_SCRIPT CFG --work-dir W`` for one process (XTuner's
+  ``xtuner/tools/train.py`` unless another script is given); ``python -m torch.distributed.run --nnodes=N
+  --node_rank=R --nproc_per_node=P --master_addr=ADDR --master_port=PORT TRAIN_SCRIPT CFG ... --launcher
+  pytorch`` for several processes, several nodes or DeepSpeed; or, with ``use_cli``, the real ``xtuner train
+  CFG ...`` with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR`` and ``PORT`` in the environment, from
+  which XTuner's CLI builds the same ``torchrun`` command;
+* **environment** (:func:`train_env`): no variables of an enclosing launcher (``RANK``, ``MASTER_PORT``, ...),
+  Hugging Face offline, caches under one folder when one is given, the repository root on ``PYTHONPATH``
+  (configs lazy-import ``xtuner_plugins.*``) and the venv's ``bin`` first on ``PATH`` (the CLI starts the
+  ``python``/``torchrun`` it finds there);
+* **port**: a free one, and a fresh one and a rerun when the launcher still found it taken;
+* **outcome** (:class:`TrainOutcome`): ``xtuner train`` **exits 0 even when training crashed**, so a run
+  also fails on a traceback or torchrun's ``ChildFailedError`` in its output, on iterations missing and on a
+  missing final checkpoint; losses come from ``vis_data/scalars.json`` or the log's ``Iter(train) [k/N]``
+  lines, checkpoints are ``iter_N.pth``/``epoch_N.pth`` (files, or DeepSpeed folders);
+* **several nodes on one machine** (:func:`run_local_nodes`): one launcher per ``NODE_RANK`` on one address
+  and port, as on real nodes; when one node fails the others are stopped.
+
+Every launcher runs in its own session; on a timeout, or when another node failed, it is killed with every
+process under it (launcher and ranks), so nothing is left training and nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+DS_CPU_CONFIGS = {name: os.path.join(REPO_ROOT, 'configs', 'deepspeed', f'{name}_cpu.json')
+                  for name in ('zero2', 'zero3')}
+# variables of an enclosing launcher that must not leak into a training subprocess
+DIST_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'ROLE_RANK', 'MASTER_ADDR',
+            'MASTER_PORT', 'TORCHELASTIC_RUN_ID', 'NPROC_PER_NODE', 'NNODES', 'NODE_RANK', 'PORT', 'ADDR')
+CACHE_DIRS = {'HF_HOME': 'huggingface', 'TORCH_EXTENSIONS_DIR': 'torch_extensions', 'XDG_CACHE_HOME': 'xdg',
+              'MPLCONFIGDIR': 'matplotlib', 'TRITON_CACHE_DIR': 'triton'}
+CRASH_MARKS = ('Traceback (most recent call last)', 'ChildFailedError')
+
+ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
+_LOSS_IN_LINE = re.compile(r'(?<![\w/])loss:\s*([-+0-9.eE]+|nan|inf)')
+_CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
+_PORT_IN_USE = ('EADDRINUSE', 'address already in use', 'Address already in use')
+Options = Union[None, Mapping[str, object], Sequence[str]]
+
+
+# ------------------------------------------------------------------------------------------ command, environment
+def xtuner_train_script() -> str:
+    """``xtuner/tools/train.py`` (what ``xtuner train`` runs), found without importing xtuner."""
+    spec = importlib.util.find_spec('xtuner')
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError('xtuner is not installed (`make install` sets up .venv)')
+    return os.path.join(list(spec.submodule_search_locations)[0], 'tools', 'train.py')
+
+
+def free_port(host: str = '127.0.0.1') -> int:
+    """A TCP port that was free a moment ago (the launcher binds it shortly after: see ``port_retries``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cfg_options_args(options: Options) -> List[str]:
+    """``--cfg-options k=v ...`` as MMEngine's ``DictAction`` reads them back (``[a,b]`` for lists);
+    a sequence of ``'k=v'`` strings is passed as it is."""
+    if not options:
+        return []
+    if not isinstance(options, Mapping):
+        return ['--cfg-options', *options]
+    items = []
+    for key, value in options.items():
+        if isinstance(value, (list, tuple)):
+            value = '[' + ','.join(str(v) for v in value) + ']'
+        items.append(f'{key}={value}')
+    return ['--cfg-options', *items]
+
+
+def _existing(path: str) -> Optional[str]:
+    for cand in (path, os.path.join(REPO_ROOT, path)):
+        if os.path.isfile(cand):
+            return os.path.abspath(cand)
+    return None
+
+
+def resolve_deepspeed(deepspeed: Optional[str]) -> Optional[str]:
+    """``'zero2'``/``'zero3'``: this repository's CPU JSONs; a JSON path; else a stock XTuner name."""
+    if not deepspeed:
+        return None
+    return DS_CPU_CONFIGS.get(deepspeed) or _existing(deepspeed) or deepspeed
+
+
+def cache_env(cache_dir: str) -> Dict[str, str]:
+    """``HF_HOME``, ``TORCH_EXTENSIONS_DIR``, ... under ``cache_dir``."""
+    return {key: os.path.join(cache_dir, sub) for key, sub in CACHE_DIRS.items()}
+
+
+def train_env(nproc: int = 1, cache_dir: Optional[str] = None,
+              extra_env: Optional[Mapping[str, object]] = None) -> Dict[str, str]:
+    """The environment of a training subprocess (see the module docstring); ``cache_dir`` replaces the caches
+    of this environment, without it they stay as they are."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    if cache_dir:
+        env.update(cache_env(cache_dir))
+    env.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
+               TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
+               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]),
+               PATH=os.pathsep.join([VENV_BIN, env.get('PATH', '')]))
+    if nproc > 1:
+        env['OMP_NUM_THREADS'] = '1'  # one core per process
+    env.update({k: str(v) for k, v in (extra_env or {}).items()})
+    return env
+
+
+def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[str] = None,
+                  cfg_options: Options = None, extra_args: Sequence[str] = (), use_cli: bool = False,
+                  script: Optional[str] = None, nnodes: int = 1, node_rank: int = 0, addr: str = '127.0.0.1',
+                  port: Optional[int] = None):
+    """``(argv, environment variables it needs)`` of one node's launcher (see the module docstring)."""
+    ds = resolve_deepspeed(deepspeed)
+    args = [_existing(config) or config, '--work-dir', os.path.abspath(work_dir)]
+    args += (['--deepspeed', ds] if ds else []) + cfg_options_args(cfg_options) + list(extra_args)
+    distributed = nproc > 1 or nnodes > 1 or bool(ds)
+    port = port or (free_port() if distributed else None)
+    if use_cli:
+        env = dict(NPROC_PER_NODE=nproc, NNODES=nnodes, NODE_RANK=node_rank, ADDR=addr)
+        return [os.path.join(VENV_BIN, 'xtuner'), 'train', *args], dict(env, **({'PORT': port} if port else {}))
+    if not distributed:
+        return [sys.executable, script or xtuner_train_script(), *args], {}
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nnodes}', f'--node_rank={node_rank}',
+            f'--nproc_per_node={nproc}', f'--master_addr={addr}', f'--master_port={port}',
+            script or xtuner_train_script(), *args, '--launcher', 'pytorch'], {}
+
+
+# ------------------------------------------------------------------------------------------ a started launcher
+class TrainJob:
+    """One launcher in its own session, its output in ``log_path``; ``on_line`` sees each line as it comes."""
+
+    def __init__(self, cmd: List[str], env: Mapping[str, str], log_path: str,
+                 on_line: Optional[Callable[[str], None]] = None):
+        self.cmd, self.log_path, self.on_line = cmd, log_path, on_line
+        self.timed_out, self.stopped_because = False, ''
+        self.start = time.perf_counter()
+        self.end: Optional[float] = None
+        with open(log_path, 'w', encoding='utf-8') as log:
+            log.write('$ ' + ' '.join(cmd) + '\n')
+            log.flush()
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self._reader = open(log_path, encoding='utf-8', errors='replace')
+        self._partial = ''
+
+    def pump(self) -> None:
+        """Hand the lines written since the last call to ``on_line``."""
+        text = self._partial + self._reader.read()
+        lines = text.split('\n')
+        self._partial = lines.pop()
+        if self.on_line:
+            for line in lines:
+                self.on_line(line)
+
+    def poll(self) -> Optional[int]:
+        code = self.proc.poll()
+        if code is not None and self.end is None:
+            self.end = time.perf_counter()
+        return code
+
+    def read_log(self) -> str:
+        with open(self.log_path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+
+    def crashed(self) -> bool:
+        """Ended with a non-zero code, or with a crash in its output (``xtuner train`` exits 0 anyway)."""
+        return self.poll() is not None and (self.proc.returncode != 0 or
+                                            any(mark in self.read_log() for mark in CRASH_MARKS))
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL to the launcher and every process under it: its process group, and the ranks, which
+        ``torchrun`` starts in sessions of their own."""
+        import psutil
+        if self.poll() is None:
+            self.stopped_because = reason
+            try:
+                tree = psutil.Process(self.proc.pid).children(recursive=True)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                tree = []
+            for process in tree:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        self.proc.wait()
+        self.poll()
+
+    def close(self) -> None:
+        self.pump()
+        if self._partial and self.on_line:
+            self.on_line(self._partial)
+        self._partial = ''
+        self._reader.close()
+
+    @property
+    def wall_s(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+
+def wait_jobs(jobs: Sequence[TrainJob], timeout: float, grace: float = 120, interval: float = 0.2) -> None:
+    """Wait until every job ended. A job still running ``timeout`` s after the start is killed; when one job
+    crashed the others are killed at once, and when one ended well the others get ``grace`` s to follow (the
+    nodes of one run end together: a node left behind waits on the others)."""
+    deadline = time.perf_counter() + timeout
+    try:
+        while True:
+            for job in jobs:
+                job.pump()
+            running = [j for j in jobs if j.poll() is None]
+            if not running:
+                return
+            ended = [j for j in jobs if j.poll() is not None]
+            crashed = [jobs.index(j) for j in ended if j.crashed()]
+            now = time.perf_counter()
+            if crashed:
+                reason = f'stopped: launcher {crashed[0]} of {len(jobs)} failed'
+            elif ended and now > min(j.end for j in ended) + grace:
+                reason = f'stopped: still running {grace:.0f} s after another launcher ended'
+            elif now > deadline:
+                reason = f'timed out after {timeout:.0f} s'
+                for job in running:
+                    job.timed_out = True
+            else:
+                time.sleep(interval)
+                continue
+            for job in running:
+                job.kill(reason)
+    finally:
+        for job in jobs:
+            job.kill('stopped: the caller was interrupted')  # no-op for ended jobs
+            job.close()
+
+
+# ------------------------------------------------------------------------------------------ the outcome
+def find_checkpoints(work_dir: str) -> List[str]:
+    """``iter_N.pth``/``epoch_N.pth`` in ``work_dir`` (files, or non-empty DeepSpeed folders), ordered by N."""
+    found = []
+    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
+        m = _CKPT_NAME.match(name)
+        path = os.path.join(work_dir, name)
+        if m and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
+            found.append((int(m.group(2)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_vis_dir(work_dir: str) -> Optional[str]:
+    dirs = sorted(glob.glob(os.path.join(work_dir, '*', 'vis_data')))  # <timestamp>/vis_data
+    return dirs[-1] if dirs else None
+
+
+def read_scalars(work_dir: str) -> List[dict]:
+    """Records of the newest ``<work_dir>/<timestamp>/vis_data/scalars.json`` (written by rank 0)."""
+    vis = latest_vis_dir(work_dir)
+    path = os.path.join(vis, 'scalars.json') if vis else ''
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a blank or half-written last line
+    return records
+
+
+def parse_log(log: str):
+    """``(losses {iter: loss}, max_iters, last_iter)`` from MMEngine's ``Iter(train) [k/N] ... loss: x`` lines.
+
+    The logged loss is ``LogProcessor``'s mean over ``window_size`` iterations (10 by default): compare
+    per-iteration losses with ``log_processor=dict(by_epoch=False, window_size=1)``.
+    """
+    losses, max_iters, last_iter = {}, None, None
+    for line in log.splitlines():
+        m = ITER_LINE.search(line)
+        if not m:
+            continue
+        k, n = int(m.group(1)), int(m.group(2))
+        max_iters, last_iter = n, max(k, last_iter or 0)
+        lm = _LOSS_IN_LINE.search(line[m.end():])
+        if lm:
+            losses[k] = float(lm.group(1))
+    return losses, max_iters, last_iter
+
+
+@dataclass
+class TrainOutcome:
+    """What a training run left behind. Judge ``failed``/``failure_reasons``, not ``returncode``."""
+
+    command: List[str]
+    returncode: Optional[int]
+    timed_out: bool
+    wall_s: float
+    work_dir: str
+    log_path: str
+    log: str
+    checkpoints: List[str] = field(default_factory=list)
+    losses: Dict[int, float] = field(default_factory=dict)  # iteration -> logged (rank 0) loss
+    scalars: List[dict] = field(default_factory=list)  # records of vis_data/scalars.json
+    max_iters: Optional[int] = None  # N of the log's "Iter(train) [k/N]"
+    last_iter: Optional[int] = None  # largest k logged
+    failure_reasons: List[str] = field(default_factory=list)
+    pid: Optional[int] = None  # the launcher's, also its process group's
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failure_reasons)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure_reasons
+
+    @property
+    def final_checkpoint(self) -> Optional[str]:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    @property
+    def has_traceback(self) -> bool:
+        return CRASH_MARKS[0] in self.log
+
+    def vis_dir(self) -> Optional[str]:
+        return latest_vis_dir(self.work_dir)
+
+    def scalar_series(self, name: str) -> Dict[int, float]:
+        """``{step: value}`` of one scalar of ``vis_data/scalars.json`` (e.g. ``tokens_per_sec``)."""
+        return {int(r.get('step', r.get('iter'))): float(r[name]) for r in self.scalars if name in r}
+
+    def summary(self, tail: int = 60) -> str:
+        """For error messages: the command, the reasons and the end of the log."""
+        return (f'command: {" ".join(self.command)}\nreturncode={self.returncode} timed_out={self.timed_out} '
+                f'wall={self.wall_s:.1f}s failure_reasons={self.failure_reasons}\n--- log tail ({self.log_path}) '
+                '---\n' + '\n'.join(self.log.splitlines()[-tail:]))
+
+
+def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: Optional[int] = None,
+          lead: bool = True) -> List[str]:
+    """Why the run failed (empty: it did not). ``lead``: the node of rank 0, which logs iterations and saves
+    (a node without it fails only on a timeout, an exit code or a crash in its output)."""
+    names = [os.path.basename(p) for p in outcome.checkpoints]
+    reasons = ['timed out'] if outcome.timed_out else []
+    if outcome.returncode not in (0, None):
+        reasons.append(f'exit code {outcome.returncode}')
+    if outcome.has_traceback:
+        reasons.append('traceback in the log')
+    if CRASH_MARKS[1] in outcome.log:
+        reasons.append('torchrun reported a failed child')
+    if not lead:
+        return reasons
+    target = expect_iters or outcome.max_iters
+    if target is None:
+        reasons.append('no training iteration was logged')
+    elif (outcome.last_iter or 0) < target and f'iter_{target}.pth' not in names:
+        # the last iteration is logged only when the log interval divides it: its checkpoint is proof too
+        reasons.append(f'training stopped at iteration {outcome.last_iter} of {target}')
+    if require_checkpoint:
+        if not names:
+            reasons.append('no checkpoint saved')
+        elif target is not None and f'iter_{target}.pth' not in names and not any(
+                n.startswith('epoch_') for n in names):
+            reasons.append(f'final checkpoint iter_{target}.pth missing (found {names})')
+    return reasons
+
+
+def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
+                expect_iters: Optional[int] = None, lead: bool = True) -> TrainOutcome:
+    log = job.read_log()
+    if job.stopped_because:
+        log += f'\n[launch] {job.stopped_because}: SIGKILL to the launcher and its ranks\n'
+    losses, max_iters, last_iter = parse_log(log)
+    scalars = read_scalars(work_dir) if lead else []
+    scalar_losses = {int(r['step']): float(r['loss']) for r in scalars if 'loss' in r and 'step' in r}
+    outcome = TrainOutcome(command=job.cmd, returncode=job.proc.returncode, timed_out=job.timed_out,
+                           wall_s=job.wall_s, work_dir=work_dir, log_path=job.log_path, log=log,
+                           checkpoints=find_checkpoints(work_dir), losses=scalar_losses or losses, scalars=scalars,
+                           max_iters=max_iters, last_iter=last_iter, pid=job.proc.pid)
+    outcome.failure_reasons = judge(outcome, require_checkpoint, expect_iters, lead)
+    if job.stopped_because and not job.timed_out:
+        outcome.failure_reasons.append(job.stopped_because)
+    return outcome
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def run_local_nodes(config: str, work_dirs: Sequence[str], nproc: int = 1, timeout: float = 240,
+                    port: Optional[int] = None, port_retries: int = 1, per_node: Sequence[Mapping] = (),
+                    cache_dir: Optional[str] = None, extra_env: Optional[Mapping] = None,
+                    on_line: Optional[Callable[[str], None]] = None, require_checkpoint: bool = True,
+                    expect_iters: Optional[int] = None, grace: float = 120, **command) -> List[TrainOutcome]:
+    """Train on ``len(work_dirs)`` nodes, all on this machine: node ``r`` is a launcher with ``NODE_RANK=r``,
+    ``ADDR=127.0.0.1`` and one ``PORT``, its output in ``<work_dirs[r]>/train_output.node<r>.log``
+    (``train_output.log`` for one node). Nodes may share a work folder (shared storage) or not.
+    ``per_node[r]``: arguments of :func:`train_command` for node ``r`` alone (e.g. ``cfg_options``, ``port``);
+    ``**command``: for all; the other arguments as for :func:`run_train`. Returns one outcome per node."""
+    nnodes, work_dirs = len(work_dirs), [os.path.abspath(w) for w in work_dirs]
+    for attempt in range(port_retries + 1):
+        chosen, jobs = port or free_port(), []
+        try:
+            for rank, work_dir in enumerate(work_dirs):
+                os.makedirs(work_dir, exist_ok=True)
+                kwargs = dict(command, nproc=nproc, nnodes=nnodes, node_rank=rank, port=chosen)
+                kwargs.update(per_node[rank] if rank < len(per_node) else {})
+                cmd, env = train_command(config, work_dir, **kwargs)
+                log = os.path.join(work_dir, f'train_output.node{rank}.log' if nnodes > 1 else 'train_output.log')
+                jobs.append(TrainJob(cmd, train_env(nproc, cache_dir, dict(extra_env or {}, **env)), log,
+                                     on_line if rank == 0 else None))
+        finally:
+            wait_jobs(jobs, timeout, grace)
+        if port or attempt == port_retries or not any(s in j.read_log() for j in jobs for s in _PORT_IN_USE):
+            return [job_outcome(j, w, require_checkpoint, expect_iters, lead=(r == 0))
+                    for r, (j, w) in enumerate(zip(jobs, work_dirs))]
+
+
+def run_train(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[str] = None,
+              cfg_options: Options = None, use_cli: bool = False, timeout: float = 240, **kwargs) -> TrainOutcome:
+    """Train ``config`` into ``work_dir`` (``--work-dir``; the output goes to ``<work_dir>/train_output.log``)
+    in a subprocess and return a :class:`TrainOutcome`.
+
+    ``nproc``: processes (``torchrun``/``NPROC_PER_NODE`` when > 1); ``deepspeed``: ``'zero2'``/``'zero3'``
+    (this repository's CPU JSONs), a JSON path or a stock XTuner name; ``cfg_options``: ``{'k': v}`` or
+    ``['k=v', ...]``; ``use_cli``: through ``xtuner train``; ``timeout``: seconds before launcher and ranks are
+    killed. ``**kwargs``: ``extra_args``, ``script`` (default XTuner's ``xtuner/tools/train.py``) as for
+    :func:`train_command`; ``cache_dir`` (default: this environment's caches), ``extra_env``,
+    ``require_checkpoint`` (a run without ``iter_<N>.pth`` or ``epoch_*.pth`` fails), ``expect_iters``
+    (default N of ``Iter(train) [k/N]``), ``port_retries`` (reruns when the port was taken) and ``on_line``
+    (called with each line of the output, the first ``$ COMMAND``) as for :func:`run_local_nodes`.
+    """
+    return run_local_nodes(config, [work_dir], nproc=nproc, timeout=timeout, deepspeed=deepspeed,
+                           cfg_options=cfg_options, use_cli=use_cli, **kwargs)[0]

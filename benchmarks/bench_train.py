@@ -680,9 +680,11 @@ def main() -> None:
                    help='tokens per pack (default: 16384 with --real, else 4 x the mean sample length)')
     p.add_argument('--steps', type=int, default=20, help='timed steps each way (default 20)')
     p.add_argument('--workers', type=int, default=None, help='DataLoader workers (default 8 with --real, else 2)')
-    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager'], default=None,
+    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager', 'flex_attention'], default=None,
                    help='attention kernels (default: flash_attention_2 on cuda when flash_attn is installed, '
-                        'else sdpa, whose packed rows use a dense block-diagonal mask)')
+                        'else sdpa, whose packed rows use a dense block-diagonal mask); flex_attention: the LLM '
+                        'on compiled FlexAttention with a document-causal BlockMask (no flash_attn needed; '
+                        'cuda only, as FlexAttention has no backward on a CPU)')
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
@@ -696,6 +698,8 @@ def main() -> None:
         p.error('--llm selects the real-size LLM; it needs --real')
     if args.device == 'cuda' and not args.dry_run and not torch.cuda.is_available():
         p.error('--device cuda: no CUDA device is available')
+    if args.attn == 'flex_attention' and args.device == 'cpu' and not args.dry_run:
+        p.error("--attn flex_attention trains on cuda only (torch's FlexAttention has no backward on a CPU)")
     if args.samples < args.batch or args.steps < 1 or args.batch < 1:
         p.error('need --steps >= 1 and --samples >= --batch >= 1')
     llm_size = args.llm or '0.5b'

@@ -5,6 +5,12 @@
 #       model.pretrained_pth=work_dirs/pretrain_mlp/iter_N.pth \
 #       train_dataloader.dataset.dataset.data_files=[data/sft.jsonl] \
 #       train_dataloader.dataset.dataset.image_folders=[data/images]
+#
+# Attention inside packs (attn_implementation below, or --cfg-options model.attn_implementation=NAME): on a GPU
+# with flash-attn, 'flash_attention_2' (varlen kernels); on a GPU without flash-attn, 'flex_attention'
+# (PyTorch's FlexAttention with a document-causal BlockMask: blocks across samples are skipped, no L x L mask);
+# 'sdpa' (a dense block-diagonal mask, L x L per pack) is the baseline and the one that trains on a CPU
+# (FlexAttention has no CPU backward).
 from mmengine.config import read_base
 
 from xtuner_plugins.data.packing import PackedInternVLDataset
@@ -16,9 +22,10 @@ with read_base():
 max_tokens = 16384        # tokens per pack (InternVL 2.5)
 max_tiles = 48            # tiles per pack: bounds the vision tower's batch
 loss_reduction = 'square'  # InternVL 2.5's square averaging, per sample inside the packs
+attn_implementation = 'sdpa'  # 'flex_attention' on a GPU without flash-attn, 'flash_attention_2' with it
 # ---------------------------------------------------------------------------------------
 
-model.update(loss_reduction=loss_reduction)
+model.update(loss_reduction=loss_reduction, attn_implementation=attn_implementation)
 # assigned, not update()d: update() would merge into the wrapped dataset's own dict
 train_dataloader['dataset'] = dict(type=PackedInternVLDataset, dataset=train_dataloader['dataset'],
                                    max_tokens=max_tokens, max_tiles=max_tiles)

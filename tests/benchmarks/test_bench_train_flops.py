@@ -170,6 +170,13 @@ def test_llm_size_needs_real():
     assert out.returncode == 2 and '--llm' in out.stderr
 
 
+def test_flex_attention_is_a_choice_that_trains_on_cuda_only():
+    out = bench('--attn', 'flex_attention', '--samples', '4', '--batch', '2')
+    assert out.returncode == 2 and 'no backward on a CPU' in out.stderr
+    out = bench('--attn', 'flex_attention', '--dry-run', '--samples', '4', '--batch', '2')
+    assert out.returncode == 0 and 'attention: flex_attention' in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_trains_both_paths_and_reports_mfu_against_a_given_peak():
     out = bench('--samples', '8', '--steps', '1', '--workers', '0', '--peak-tflops', '1', '--no-xtuner')

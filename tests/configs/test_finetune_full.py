@@ -55,6 +55,17 @@ def test_lora_under_zero2(tiny, tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+def test_packed_attention_is_one_setting(tiny):
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full_packed.py'))
+    assert cfg.model.attn_implementation == 'sdpa'  # the default trains on a CPU too
+    cfg.merge_from_dict({'model.attn_implementation': 'flex_attention', 'model.vision_encoder': tiny['internvit'],
+                         'model.llm': tiny['llm'], 'model.torch_dtype': 'float32'})
+    model = InternVLModel(**{k: v for k, v in cfg.model.items() if k != 'type'})
+    # flex attention is the LLM's; the vision tower's tiles need no mask and keep SDPA
+    assert model.language_model.config._attn_implementation == 'flex_attention'
+    assert model.vision_model.config._attn_implementation == 'sdpa'
+
+
 @pytest.mark.slow
 def test_packed_full_finetuning(tiny, tmp_path):
     config = os.path.join(ROOT, 'configs', 'finetune_full_packed.py')

@@ -147,6 +147,8 @@ def test_bad_arguments(tiny, tmp_path):
         InternVLModel(llm=tiny['llm'])
     with pytest.raises(ValueError, match='unknown dtype'):
         build(tiny, torch_dtype='float8')
+    with pytest.raises(ValueError, match=r"unknown attn_implementation 'flex'; use one of .*'flex_attention'"):
+        build(tiny, attn_implementation='flex')
     with pytest.raises(FileNotFoundError, match='no config.json'):
         InternVLModel(official_checkpoint=str(tmp_path))
 

@@ -95,4 +95,4 @@ def test_pack_gradients_equal_unpacked_gradients(tiny, batch, attn, reduction='s
     packed = grads(internvl_collate_fn([pack_items(split_batch(batch))])['data'])
     assert any(g.abs().max() > 0 for g in unpacked.values())
     for name in trained:
-        torch.testing.assert_close(packed[name], unpacked[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(packed[name], unpacked[name], rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')

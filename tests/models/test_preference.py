@@ -112,6 +112,27 @@ def test_dpo_on_the_model_starts_at_log_2_and_learns_to_prefer_the_chosen(tiny, 
     assert loss.item() == pytest.approx(out['loss'].item()) and 'rewards_margin' in log_vars
 
 
+def test_preference_forward_under_flex_attention_equals_sdpa(tiny, pairs):
+    """The pairs' padded rows through flex attention's own mask, policy and reference passes (forward only:
+    torch's FlexAttention has no backward on a CPU; the packing tests check the masks' gradients)."""
+    from tests.models.conftest import build
+    lora = dict(r=8, lora_alpha=16, target_modules='all-linear')
+    settings = dict(types=('sigmoid', 'sft'), weights=(1.0, 1.0), beta=0.1)
+    sdpa = build(tiny, freeze_projector=True, llm_lora=lora, preference=settings).eval()
+    flex = build(tiny, freeze_projector=True, llm_lora=lora, preference=settings,
+                 attn_implementation='flex_attention').eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for name, param in sdpa.named_parameters():
+            if 'lora_B' in name:  # a policy away from its reference: rewards not all zero
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        flex.load_state_dict(super(type(sdpa), sdpa).state_dict())
+        expected, out = sdpa(dict(pairs), mode='loss'), flex(dict(pairs), mode='loss')
+    assert abs(expected['rewards_margin'].item()) > 1e-3
+    assert {k: v.item() for k, v in out.items()} == pytest.approx({k: v.item() for k, v in expected.items()},
+                                                                  rel=1e-4, abs=1e-5)
+
+
 def test_preference_needs_lora_for_its_reference(tiny):
     from tests.models.conftest import build
     with pytest.raises(ValueError, match='preference training needs llm_lora'):

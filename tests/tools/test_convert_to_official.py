@@ -114,6 +114,15 @@ def test_converted_logits_equal_training_logits(tiny, batch, tmp_path, name, con
     assert max_diff(training_logits(base, batch), expected, batch['attention_mask']) > 100 * TOL
 
 
+def test_a_flex_attention_run_is_exported_with_sdpa(tiny):
+    """FlexAttention is a training kernel (the packed rows' mask, compiled): export and the tools run SDPA."""
+    opts = options(tiny, **{'model.attn_implementation': 'flex_attention'})
+    model = build_for_export(load_config(os.path.join(ROOT, 'configs', 'finetune_full_packed.py'),
+                                         {k.replace('train_dataloader.dataset.', 'train_dataloader.dataset.dataset.'): v
+                                          for k, v in opts.items()}), None, torch.float32, log=lambda m: None)
+    assert model.language_model.config._attn_implementation == 'sdpa'
+
+
 def test_qlora_checkpoint_is_dequantised_and_merged(tiny, batch, tmp_path):
     """Tolerances. In training mode a 4-bit layer dequantises its NF4 weights to the compute dtype (fp32 here)
     and multiplies, so the dequantised, merged fp32 weights reproduce it up to fp32 rounding: 1e-4. In

@@ -8,8 +8,9 @@ a budget alone gets a pack of its own). Sizes come from the dataset's header-bas
 :class:`PackedInternVLDataset` wraps an :class:`~xtuner_plugins.data.dataset.InternVLDataset`; each item is
 one pack: the samples' ``input_ids``/``labels``/tiles concatenated, ``position_ids`` restarting at 0 for
 every sample and ``seq_lens`` (tokens per sample). The model turns ``seq_lens`` into attention that never
-crosses samples (a block-diagonal causal mask; varlen kernels with flash attention) and the loss counts
-samples by them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones.
+crosses samples (a dense block-diagonal causal mask under SDPA/eager, a document-causal ``BlockMask`` under
+``flex_attention``, varlen kernels with flash attention; ``models/internvl.py``) and the loss counts samples by
+them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones.
 """
 
 from __future__ import annotations

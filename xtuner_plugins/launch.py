@@ -1,27 +1,19 @@
-"""Training in a subprocess: the command, its environment, the port, and what came of it.
+"""Training in a subprocess: the command, its environment, the port, and what came of it; the one launcher of
+the demo and the tests (:func:`run_train`, :func:`run_local_nodes`).
 
-The one launcher of the demo, the tests and the benchmarks (:func:`run_train`):
-
-* **command** (:func:`train_command`): ``python TRAIN_SCRIPT CFG --work-dir W`` for one process (XTuner's
-  ``xtuner/tools/train.py`` unless another script is given); ``python -m torch.distributed.run --nnodes=N
-  --node_rank=R --nproc_per_node=P --master_addr=ADDR --master_port=PORT TRAIN_SCRIPT CFG ... --launcher
-  pytorch`` for several processes, several nodes or DeepSpeed; or, with ``use_cli``, the real ``xtuner train
-  CFG ...`` with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR`` and ``PORT`` in the environment, from
-  which XTuner's CLI builds the same ``torchrun`` command;
-* **environment** (:func:`train_env`): no variables of an enclosing launcher (``RANK``, ``MASTER_PORT``, ...),
-  Hugging Face offline, caches under one folder when one is given, the repository root on ``PYTHONPATH``
-  (configs lazy-import ``xtuner_plugins.*``) and the venv's ``bin`` first on ``PATH`` (the CLI starts the
-  ``python``/``torchrun`` it finds there);
-* **port**: a free one, and a fresh one and a rerun when the launcher still found it taken;
-* **outcome** (:class:`TrainOutcome`): ``xtuner train`` **exits 0 even when training crashed**, so a run
-  also fails on a traceback or torchrun's ``ChildFailedError`` in its output, on iterations missing and on a
-  missing final checkpoint; losses come from ``vis_data/scalars.json`` or the log's ``Iter(train) [k/N]``
-  lines, checkpoints are ``iter_N.pth``/``epoch_N.pth`` (files, or DeepSpeed folders);
-* **several nodes on one machine** (:func:`run_local_nodes`): one launcher per ``NODE_RANK`` on one address
-  and port, as on real nodes; when one node fails the others are stopped.
+* **command** (:func:`train_command`): ``python TRAIN_SCRIPT CFG`` (XTuner's ``xtuner/tools/train.py`` by
+  default) for one process; ``python -m torch.distributed.run --nnodes --node_rank --nproc_per_node
+  --master_addr --master_port TRAIN_SCRIPT CFG ... --launcher pytorch`` for several processes or nodes or
+  DeepSpeed; or the real ``xtuner train CFG`` with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR``,
+  ``PORT`` in the environment, from which XTuner's CLI builds the same ``torchrun`` command;
+* **environment** (:func:`train_env`): no variables of an enclosing launcher, Hugging Face offline, caches
+  under one folder when given, the repository root on ``PYTHONPATH``, the venv's ``bin`` first on ``PATH``;
+* **port**: a free one, and a rerun on a fresh one when the launcher found it taken;
+* **outcome** (:class:`TrainOutcome`): ``xtuner train`` **exits 0 even when training crashed**, so a run also
+  fails on a traceback or ``ChildFailedError`` in its output, iterations missing or no final checkpoint.
 
 Every launcher runs in its own session; on a timeout, or when another node failed, it is killed with every
-process under it (launcher and ranks), so nothing is left training and nothing waits forever.
+process under it, so nothing is left training and nothing waits forever.
 """
 
 from __future__ import annotations

@@ -112,10 +112,46 @@ def test_dpo_on_the_model_starts_at_log_2_and_learns_to_prefer_the_chosen(tiny, 
     assert loss.item() == pytest.approx(out['loss'].item()) and 'rewards_margin' in log_vars
 
 
-def test_preference_needs_lora_for_its_reference(tiny):
+def test_preference_settings_that_leave_no_reference_are_refused(tiny):
     from tests.models.conftest import build
-    with pytest.raises(ValueError, match='preference training needs llm_lora'):
-        build(tiny, freeze_llm=False, preference=dict(beta=0.1))
+    lora = dict(r=8, lora_alpha=16, target_modules='all-linear')
+    with pytest.raises(ValueError, match='with llm_lora needs the LLM, projector and vision tower frozen'):
+        build(tiny, llm_lora=lora, freeze_projector=False, preference=dict(beta=0.1))
+    with pytest.raises(ValueError, match='full preference training .* needs something trained'):
+        build(tiny, freeze_projector=True, preference=dict(beta=0.1))
+
+
+def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):
+    """Full MPO (LLM and projector trained): the reference is a frozen copy of both, equal to the policy at first
+    (the DPO term is log 2), unchanged by training, reached by no gradient, in eval mode, and not in the model's
+    checkpoint; the policy moves away from it (positive margin). With the policy as its own reference (no copy)
+    the copy check and the margin fail."""
+    from tests.models.conftest import build
+    torch.manual_seed(0)
+    model = build(tiny, freeze_projector=False, freeze_llm=False, preference=MPO)
+    assert sorted(model.reference) == ['language_model', 'mlp1']
+    own = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    before = {k: v.detach().clone() for k, v in model.reference.named_parameters()}
+    assert before and not own & {p.data_ptr() for p in model.reference.parameters()}
+    out = model(dict(pairs), mode='loss')
+    assert out['term_sigmoid'].item() == pytest.approx(math.log(2), abs=1e-6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(4):
+        out = model(dict(pairs), mode='loss')
+        opt.zero_grad()
+        out['loss'].backward()
+        assert all(p.grad is None for p in model.reference.parameters())
+        assert all(p.grad is None for p in model.vision_model.parameters())
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), 'a trained part missed'
+        opt.step()
+    assert not model.reference.training and model.language_model.training
+    after = dict(model.reference.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before), 'the reference changed during training'
+    with torch.no_grad():
+        out = model(dict(pairs), mode='loss')
+    assert out['rewards_margin'].item() > 0 and out['term_sigmoid'].item() < math.log(2), out
+    assert not [k for k in model.state_dict() if k.startswith('reference.')]
 
 
 # ------------------------------------------------------------------ held-out preference accuracy
@@ -143,9 +179,10 @@ def colour_pairs(tmp_path, tiny, name, n, seed):
 
 
 @torch.no_grad()
-def independent_reward_accuracy(model, items):
+def independent_reward_accuracy(model, initial, items):
     """The held-out accuracy computed apart from the preference code path: each side's rows in an SFT batch,
-    log-probabilities of the policy and of the adapters-off model, the rewards compared here."""
+    log-probabilities of the policy and of ``initial`` (the same model built again, not trained: what the
+    reference must equal), the rewards compared here."""
     from xtuner_plugins.data import internvl_collate_fn
     from xtuner_plugins.models.preference import reward_accuracy
 
@@ -153,29 +190,38 @@ def independent_reward_accuracy(model, items):
         batch = internvl_collate_fn([dict(it[side], pixel_values=it['pixel_values'], image_flags=it['image_flags'])
                                      for it in items])['data']
         policy = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
-        with model.language_model.disable_adapter():
-            reference = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
-        return policy - reference
+        return policy - sequence_logps(initial(batch, mode='tensor'), batch['labels'])[0]
 
     return reward_accuracy(log_ratios('chosen'), log_ratios('rejected')).item()
 
 
-def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path):
-    """DPO on 12 pairs: on 12 held-out pairs the implicit reward prefers the chosen answer at least 9 times in 10,
-    from 0.5 (every pair a tie: the policy is its reference) before, by the model's own metric and by one computed
-    apart. Swapping chosen and rejected in the batch, or a reference that is the policy itself, fails this."""
+HELD_OUT_SETUPS = {  # LoRA DPO (adapters-off reference), full MPO (frozen-copy reference)
+    'dpo_lora': (dict(freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+                      preference=dict(types=('sigmoid',), beta=0.1)), 1e-2),
+    'mpo_full': (dict(freeze_projector=False, freeze_llm=False, preference=MPO), 1e-3),
+}
+
+
+@pytest.mark.parametrize('setup', list(HELD_OUT_SETUPS))
+def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path, setup):
+    """DPO with LoRA / full MPO on 12 pairs: on 12 held-out pairs the implicit reward prefers the chosen answer at
+    least 9 times in 10, from 0.5 (every pair a tie: the policy is its reference) before, by the model's own metric
+    and by one computed apart. Swapping chosen and rejected in the batch, or a reference that is the policy
+    itself, fails this."""
     from tests.models.conftest import build, train_steps
     from xtuner_plugins.data import preference_collate_fn
+    settings, lr = HELD_OUT_SETUPS[setup]
     torch.manual_seed(0)
     train = preference_collate_fn(colour_pairs(tmp_path, tiny, 'train', 12, 0))['data']
     held_out = colour_pairs(tmp_path, tiny, 'held', 12, 1)
-    model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
-                  preference=dict(types=('sigmoid',), beta=0.1))
+    model = build(tiny, **settings)
+    torch.manual_seed(0)
+    initial = build(tiny, **dict(settings, preference=None)).eval()
     with torch.no_grad():
         assert model(preference_collate_fn(held_out)['data'], mode='loss')['rewards_accuracy'].item() == 0.5
-    assert independent_reward_accuracy(model, held_out) == 0.5
-    train_steps(model, train, 10, lr=1e-2)
+    assert independent_reward_accuracy(model, initial, held_out) == 0.5
+    train_steps(model, train, 10, lr=lr)
     with torch.no_grad():
         out = model(preference_collate_fn(held_out)['data'], mode='loss')
     assert out['rewards_accuracy'].item() >= 0.9 and out['rewards_margin'].item() > 0, out
-    assert independent_reward_accuracy(model, held_out) >= 0.9
+    assert independent_reward_accuracy(model, initial, held_out) >= 0.9

@@ -225,3 +225,44 @@ def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path, setup):
         out = model(preference_collate_fn(held_out)['data'], mode='loss')
     assert out['rewards_accuracy'].item() >= 0.9 and out['rewards_margin'].item() > 0, out
     assert independent_reward_accuracy(model, initial, held_out) >= 0.9
+
+
+ZERO3_COPY = '''
+import os, sys, torch
+os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2])
+import deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from xtuner_plugins.models.llm import load_llm, untie_embeddings
+from xtuner_plugins.models.preference import frozen_copies
+from xtuner_plugins.models.zero3 import gathered, hf_zero3_init, is_zero3_partitioned
+deepspeed.init_distributed(dist_backend='gloo')
+registered = HfDeepSpeedConfig({'zero_optimization': {'stage': 3}, 'train_micro_batch_size_per_gpu': 1})
+with hf_zero3_init(True):
+    llm = load_llm(sys.argv[1], torch.float32)
+untie_embeddings(llm)
+with torch.no_grad(), gathered(list(llm.parameters()), modify=True):
+    for p in llm.parameters():
+        p.add_(0.5)  # the copy must hold these values, not a fresh load's or initialisation's
+params = dict(llm.named_parameters())
+assert sum(is_zero3_partitioned(p) for p in params.values()) > 10
+copy = frozen_copies({'language_model': llm}, torch.float32)['language_model']
+for name, p in copy.named_parameters():
+    assert is_zero3_partitioned(p) and not p.requires_grad, name
+    with gathered([p, params[name]]):
+        assert p.numel() > 0 and torch.equal(p, params[name]), name
+print('copied', len(params))
+'''
+
+
+def test_frozen_copy_of_an_llm_partitioned_while_built(tiny, tmp_path):
+    """An LLM built inside DeepSpeed's zero.Init (GPUs under --deepspeed deepspeed_zero3) cannot be deep-copied:
+    its copy is built partitioned and filled tensor by tensor; gathered, it equals the source (one gloo process)."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import free_port, train_env
+    script = tmp_path / 'zero3_copy.py'
+    script.write_text(ZERO3_COPY)
+    out = subprocess.run([sys.executable, str(script), tiny['llm'], str(free_port())], capture_output=True,
+                         text=True, env=train_env(), timeout=300)
+    assert out.returncode == 0 and 'copied' in out.stdout, out.stderr[-3000:]

@@ -129,7 +129,8 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
         if not any(is_zero3_partitioned(p) for p in part.parameters()):
             copies[name] = copy.deepcopy(part).to(dtype)
         elif hasattr(type(part), '_from_config'):
-            with hf_zero3_init(True):
+            from transformers.modeling_utils import no_init_weights
+            with hf_zero3_init(True), no_init_weights():  # every weight is overwritten below
                 twin = type(part)._from_config(part.config, torch_dtype=dtype)
             mine, theirs = dict(twin.named_parameters()), dict(part.named_parameters())
             if mine.keys() != theirs.keys():
@@ -139,6 +140,9 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
                 for key, param in mine.items():
                     with gathered([param, theirs[key]], modify=True):
                         param.copy_(theirs[key].to(param.dtype))
+                theirs = dict(part.named_buffers())
+                for key, buffer in twin.named_buffers():
+                    buffer.copy_(theirs[key])
             copies[name] = twin
         else:
             raise ValueError(f'{name} ({type(part).__name__}) was partitioned by DeepSpeed ZeRO-3 while it was built '

@@ -1,5 +1,7 @@
 """Preference losses: each term against its formula computed by hand, MPO's weighted sum, the BCO baseline
-as a running mean, and the sequence log-probabilities of the answer tokens only."""
+as a running mean, and the sequence log-probabilities of the answer tokens only; the model's preference forward
+with either reference (LoRA adapters off, or the frozen copy of full training, also of a ZeRO-3 partitioned LLM)
+and held-out preference accuracy."""
 
 import math
 

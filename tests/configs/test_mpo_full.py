@@ -43,6 +43,14 @@ def check_learned(out, iters=8):
     return state
 
 
+def test_mpo_full_settings_are_internvl_2_5_mpo():
+    from mmengine.config import Config
+    cfg = Config.fromfile(CONFIG)
+    assert dict(cfg.model.preference) == dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
+    assert (cfg.model.freeze_vision, cfg.model.freeze_projector, cfg.model.freeze_llm) == (True, False, False)
+    assert cfg.model.get('llm_lora') is None and cfg.optim_wrapper.optimizer.lr == 1e-6
+
+
 def test_mpo_full_trains_converts_chats_and_starts_from_an_official_folder(tiny, tmp_path):
     from safetensors import safe_open
 

@@ -48,6 +48,12 @@ STAGES = {
     'finetune_full': dict(freeze_vision=True, freeze_llm=False),
     'finetune_full+vision': dict(freeze_vision=False, freeze_llm=False, vision_drop_path=0.1,
                                  vision_grad_ckpt=True),
+    # preference stages, on --batch rows (--batch / 2 pairs): LoRA DPO, whose reference is the adapters off
+    # (configs/dpo_lora.py); full MPO, whose reference is a frozen copy of the LLM and projector (configs/mpo_full.py)
+    'dpo_lora': dict(freeze_vision=True, freeze_projector=True, freeze_llm=True,
+                     llm_lora=dict(r=16, lora_alpha=32, lora_dropout=0.05), preference=dict(beta=0.1)),
+    'mpo_full': dict(freeze_vision=True, freeze_llm=False,
+                     preference=dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)),
 }
 
 
@@ -114,6 +120,10 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     data = dict(input_ids=ids.to(device), labels=ids.to(device), attention_mask=torch.ones_like(ids).bool().to(device),
                 pixel_values=torch.randint(0, 256, (batch * tiles, 3, s, s), dtype=torch.uint8).to(device),
                 image_flags=torch.ones(batch * tiles, dtype=torch.long).to(device))
+    if 'preference' in settings:  # the first half of the rows are the chosen answers, the second the rejected
+        if batch % 2:
+            raise SystemExit(f'{stage}: a preference stage needs an even --batch (pairs of rows), not {batch}')
+        data['num_pairs'] = batch // 2
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()

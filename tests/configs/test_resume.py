@@ -59,11 +59,17 @@ def preference_options(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('stage', ['sft', 'preference'])
+@pytest.mark.parametrize('stage', ['sft', 'preference', 'mpo_full'])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, stage):
+    """``mpo_full``: full MPO from an SFT checkpoint; the resumed run rebuilds its frozen reference from that
+    checkpoint, not from the resumed one."""
     config, opts = CONFIG, options(tiny)
     if stage == 'preference':
         config, opts = os.path.join(ROOT, 'configs', 'dpo_lora.py'), preference_options(tiny, tmp_path)
+    if stage == 'mpo_full':
+        from tests.configs.test_mpo_full import mpo_options
+        config, opts = os.path.join(ROOT, 'configs', 'mpo_full.py'), mpo_options(tiny, tmp_path)
+        opts.update({'default_hooks.checkpoint.interval': 2, 'default_hooks.checkpoint.max_keep_ckpts': -1})
     full = run_train(config, str(tmp_path / 'full'), cfg_options=opts)
     assert full.ok, full.summary()
     assert sorted(full.losses) == list(range(1, 9))

@@ -1,5 +1,7 @@
 """Preference losses: each term against its formula computed by hand, MPO's weighted sum, the BCO baseline
-as a running mean, and the sequence log-probabilities of the answer tokens only."""
+as a running mean, and the sequence log-probabilities of the answer tokens only; the model's preference forward
+with either reference (LoRA adapters off, or the frozen copy of full training, also of a ZeRO-3 partitioned LLM)
+and held-out preference accuracy."""
 
 import math
 
@@ -133,10 +135,46 @@ def test_preference_forward_under_flex_attention_equals_sdpa(tiny, pairs):
                                                                   rel=1e-4, abs=1e-5)
 
 
-def test_preference_needs_lora_for_its_reference(tiny):
+def test_preference_settings_that_leave_no_reference_are_refused(tiny):
     from tests.models.conftest import build
-    with pytest.raises(ValueError, match='preference training needs llm_lora'):
-        build(tiny, freeze_llm=False, preference=dict(beta=0.1))
+    lora = dict(r=8, lora_alpha=16, target_modules='all-linear')
+    with pytest.raises(ValueError, match='with llm_lora needs the LLM, projector and vision tower frozen'):
+        build(tiny, llm_lora=lora, freeze_projector=False, preference=dict(beta=0.1))
+    with pytest.raises(ValueError, match='full preference training .* needs something trained'):
+        build(tiny, freeze_projector=True, preference=dict(beta=0.1))
+
+
+def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):
+    """Full MPO (LLM and projector trained): the reference is a frozen copy of both, equal to the policy at first
+    (the DPO term is log 2), unchanged by training, reached by no gradient, in eval mode, and not in the model's
+    checkpoint; the policy moves away from it (positive margin). With the policy as its own reference (no copy)
+    the copy check and the margin fail."""
+    from tests.models.conftest import build
+    torch.manual_seed(0)
+    model = build(tiny, freeze_projector=False, freeze_llm=False, preference=MPO)
+    assert sorted(model.reference) == ['language_model', 'mlp1']
+    own = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    before = {k: v.detach().clone() for k, v in model.reference.named_parameters()}
+    assert before and not own & {p.data_ptr() for p in model.reference.parameters()}
+    out = model(dict(pairs), mode='loss')
+    assert out['term_sigmoid'].item() == pytest.approx(math.log(2), abs=1e-6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(4):
+        out = model(dict(pairs), mode='loss')
+        opt.zero_grad()
+        out['loss'].backward()
+        assert all(p.grad is None for p in model.reference.parameters())
+        assert all(p.grad is None for p in model.vision_model.parameters())
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), 'a trained part missed'
+        opt.step()
+    assert not model.reference.training and model.language_model.training
+    after = dict(model.reference.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before), 'the reference changed during training'
+    with torch.no_grad():
+        out = model(dict(pairs), mode='loss')
+    assert out['rewards_margin'].item() > 0 and out['term_sigmoid'].item() < math.log(2), out
+    assert not [k for k in model.state_dict() if k.startswith('reference.')]
 
 
 # ------------------------------------------------------------------ held-out preference accuracy
@@ -164,9 +202,10 @@ def colour_pairs(tmp_path, tiny, name, n, seed):
 
 
 @torch.no_grad()
-def independent_reward_accuracy(model, items):
+def independent_reward_accuracy(model, initial, items):
     """The held-out accuracy computed apart from the preference code path: each side's rows in an SFT batch,
-    log-probabilities of the policy and of the adapters-off model, the rewards compared here."""
+    log-probabilities of the policy and of ``initial`` (the same model built again, not trained: what the
+    reference must equal), the rewards compared here."""
     from xtuner_plugins.data import internvl_collate_fn
     from xtuner_plugins.models.preference import reward_accuracy
 
@@ -174,29 +213,79 @@ def independent_reward_accuracy(model, items):
         batch = internvl_collate_fn([dict(it[side], pixel_values=it['pixel_values'], image_flags=it['image_flags'])
                                      for it in items])['data']
         policy = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
-        with model.language_model.disable_adapter():
-            reference = sequence_logps(model(batch, mode='tensor'), batch['labels'])[0]
-        return policy - reference
+        return policy - sequence_logps(initial(batch, mode='tensor'), batch['labels'])[0]
 
     return reward_accuracy(log_ratios('chosen'), log_ratios('rejected')).item()
 
 
-def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path):
-    """DPO on 12 pairs: on 12 held-out pairs the implicit reward prefers the chosen answer at least 9 times in 10,
-    from 0.5 (every pair a tie: the policy is its reference) before, by the model's own metric and by one computed
-    apart. Swapping chosen and rejected in the batch, or a reference that is the policy itself, fails this."""
+HELD_OUT_SETUPS = {  # LoRA DPO (adapters-off reference), full MPO (frozen-copy reference)
+    'dpo_lora': (dict(freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+                      preference=dict(types=('sigmoid',), beta=0.1)), 1e-2),
+    'mpo_full': (dict(freeze_projector=False, freeze_llm=False, preference=MPO), 1e-3),
+}
+
+
+@pytest.mark.parametrize('setup', list(HELD_OUT_SETUPS))
+def test_held_out_preference_accuracy_rises_from_chance(tiny, tmp_path, setup):
+    """DPO with LoRA / full MPO on 12 pairs: on 12 held-out pairs the implicit reward prefers the chosen answer at
+    least 9 times in 10, from 0.5 (every pair a tie: the policy is its reference) before, by the model's own metric
+    and by one computed apart. Swapping chosen and rejected in the batch, or a reference that is the policy
+    itself, fails this."""
     from tests.models.conftest import build, train_steps
     from xtuner_plugins.data import preference_collate_fn
+    settings, lr = HELD_OUT_SETUPS[setup]
     torch.manual_seed(0)
     train = preference_collate_fn(colour_pairs(tmp_path, tiny, 'train', 12, 0))['data']
     held_out = colour_pairs(tmp_path, tiny, 'held', 12, 1)
-    model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
-                  preference=dict(types=('sigmoid',), beta=0.1))
+    model = build(tiny, **settings)
+    torch.manual_seed(0)
+    initial = build(tiny, **dict(settings, preference=None)).eval()
     with torch.no_grad():
         assert model(preference_collate_fn(held_out)['data'], mode='loss')['rewards_accuracy'].item() == 0.5
-    assert independent_reward_accuracy(model, held_out) == 0.5
-    train_steps(model, train, 10, lr=1e-2)
+    assert independent_reward_accuracy(model, initial, held_out) == 0.5
+    train_steps(model, train, 10, lr=lr)
     with torch.no_grad():
         out = model(preference_collate_fn(held_out)['data'], mode='loss')
     assert out['rewards_accuracy'].item() >= 0.9 and out['rewards_margin'].item() > 0, out
-    assert independent_reward_accuracy(model, held_out) >= 0.9
+    assert independent_reward_accuracy(model, initial, held_out) >= 0.9
+
+
+ZERO3_COPY = '''
+import os, sys, torch
+os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2])
+import deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from xtuner_plugins.models.llm import load_llm, untie_embeddings
+from xtuner_plugins.models.preference import frozen_copies
+from xtuner_plugins.models.zero3 import gathered, hf_zero3_init, is_zero3_partitioned
+deepspeed.init_distributed(dist_backend='gloo')
+registered = HfDeepSpeedConfig({'zero_optimization': {'stage': 3}, 'train_micro_batch_size_per_gpu': 1})
+with hf_zero3_init(True):
+    llm = load_llm(sys.argv[1], torch.float32)
+untie_embeddings(llm)
+with torch.no_grad(), gathered(list(llm.parameters()), modify=True):
+    for p in llm.parameters():
+        p.add_(0.5)  # the copy must hold these values, not a fresh load's or initialisation's
+params = dict(llm.named_parameters())
+assert sum(is_zero3_partitioned(p) for p in params.values()) > 10
+copy = frozen_copies({'language_model': llm}, torch.float32)['language_model']
+for name, p in copy.named_parameters():
+    assert is_zero3_partitioned(p) and not p.requires_grad, name
+    with gathered([p, params[name]]):
+        assert p.numel() > 0 and torch.equal(p, params[name]), name
+print('copied', len(params))
+'''
+
+
+def test_frozen_copy_of_an_llm_partitioned_while_built(tiny, tmp_path):
+    """An LLM built inside DeepSpeed's zero.Init (GPUs under --deepspeed deepspeed_zero3) cannot be deep-copied:
+    its copy is built partitioned and filled tensor by tensor; gathered, it equals the source (one gloo process)."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import free_port, train_env
+    script = tmp_path / 'zero3_copy.py'
+    script.write_text(ZERO3_COPY)
+    out = subprocess.run([sys.executable, str(script), tiny['llm'], str(free_port())], capture_output=True,
+                         text=True, env=train_env(), timeout=300)
+    assert out.returncode == 0 and 'copied' in out.stdout, out.stderr[-3000:]

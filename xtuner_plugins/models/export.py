@@ -80,7 +80,8 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     model_cfg = copy.deepcopy(dict(cfg.model))
     model_type = model_cfg.pop('type')
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
-                     vision_grad_ckpt=False, vision_drop_path=0.0)
+                     vision_grad_ckpt=False, vision_drop_path=0.0,
+                     preference=None)  # the reference policy of full preference training is not exported
     # training kernels: flash attention needs a GPU; flex attention is the packed rows' mask (torch.compile)
     if (model_cfg.get('attn_implementation') == 'flash_attention_2' and not torch.cuda.is_available()
             or model_cfg.get('attn_implementation') == 'flex_attention'):

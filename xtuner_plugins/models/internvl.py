@@ -95,8 +95,9 @@ class InternVLModel(BaseModel):
             backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip).
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
-            ``preference.MPO``). For now the reference is this model with its LLM's LoRA adapters off, so it
-            needs ``llm_lora`` and a frozen vision tower and projector.
+            ``preference.MPO``). The reference policy: with ``llm_lora`` (everything else frozen), this model
+            with its LLM's adapters off; without, ``reference``: frozen copies of the trained parts as they are
+            once ``pretrained_pth`` is loaded (``preference.frozen_copies``), never in checkpoints.
         loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
         zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
@@ -136,11 +137,16 @@ class InternVLModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
         init_seed = torch.initial_seed()
-        if preference is not None and (llm_lora is None or not (freeze_llm and freeze_projector and freeze_vision)
-                                       or vision_lora is not None):
-            raise ValueError('preference training needs llm_lora with the LLM, projector and vision tower frozen '
-                             '(the reference policy is the model with its LLM adapters off); a full-model '
-                             'reference is not implemented yet')
+        if preference is not None and llm_lora is not None and (
+                not (freeze_llm and freeze_projector and freeze_vision) or vision_lora is not None):
+            raise ValueError('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
+                             'no vision_lora (the reference policy is the model with its LLM adapters off); for '
+                             'full preference training (a frozen copy as the reference) leave out llm_lora')
+        if preference is not None and llm_lora is None and (vision_lora is not None or
+                                                            (freeze_llm and freeze_projector and freeze_vision)):
+            raise ValueError('full preference training (the reference policy a frozen copy of the trained parts) '
+                             'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
+                             'vision_lora')
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
@@ -231,6 +237,12 @@ class InternVLModel(BaseModel):
         self.language_model.config.use_cache = False
         if pretrained_pth:
             self.load_pretrained(pretrained_pth)
+        self.reference = None
+        if self.preference is not None and llm_lora is None:
+            from .preference import frozen_copies
+            self.reference = frozen_copies({name: getattr(self, name) for name, frozen in (
+                ('vision_model', freeze_vision), ('mlp1', freeze_projector), ('language_model', freeze_llm))
+                if not frozen}, dtype)
         log_parameter_counts(self)
 
     def init_weights(self):
@@ -240,6 +252,13 @@ class InternVLModel(BaseModel):
         Hugging Face submodules, whose own ``init_weights`` re-initialises parameters it did not load
         itself (it redrew the untied ``lm_head``) and cannot handle 4-bit weights.
         """
+
+    def train(self, mode: bool = True):
+        """Training mode, but the reference policy's copies stay in eval mode (no dropout)."""
+        super().train(mode)
+        if getattr(self, 'reference', None) is not None:
+            self.reference.eval()
+        return self
 
     @property
     def select_layer(self) -> int:
@@ -312,22 +331,27 @@ class InternVLModel(BaseModel):
         print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')
 
     # ----------------------------------------------------------------------------- forward
-    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def part(self, name: str, parts: Optional[nn.ModuleDict] = None) -> nn.Module:
+        """``vision_model``, ``mlp1`` or ``language_model``: the one in ``parts`` (the reference's copies) if
+        there is one, this model's own otherwise."""
+        return parts[name] if parts is not None and name in parts else getattr(self, name)
+
+    def extract_feature(self, pixel_values: torch.Tensor, parts: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         """Normalised tiles ``[T, 3, S, S]`` -> projected tokens ``[T, num_image_token, H]``."""
-        return self.mlp1(self.vision.features(self.vision_model, pixel_values))
+        return self.part('mlp1', parts)(self.vision.features(self.part('vision_model', parts), pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                     image_flags: torch.Tensor) -> torch.Tensor:
+                     image_flags: torch.Tensor, parts: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         """Token embeddings with the ``<IMG_CONTEXT>`` positions filled, in order, by the projected tiles
         whose image flag is 1. Every tile (dummies too) runs through the vision tower, so all ranks
-        run the same modules whatever their batch holds."""
-        vision_dtype = next(self.vision_model.parameters()).dtype
+        run the same modules whatever their batch holds. ``parts``: see :meth:`part`."""
+        vision_dtype = next(self.part('vision_model', parts).parameters()).dtype
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize_tiles(pixel_values, self.vision.mean, self.vision.std, dtype=vision_dtype)
         else:
             pixel_values = pixel_values.to(vision_dtype)
-        vit_embeds = self.extract_feature(pixel_values)
-        embeds = self.language_model.get_input_embeddings()(input_ids)
+        vit_embeds = self.extract_feature(pixel_values, parts)
+        embeds = self.part('language_model', parts).get_input_embeddings()(input_ids)
         real = vit_embeds[image_flags.to(vit_embeds.device) == 1]
         selected = input_ids == self.img_context_token_id
         n_slots, n_feats = int(selected.sum()), real.shape[0] * real.shape[1]
@@ -378,15 +402,23 @@ class InternVLModel(BaseModel):
 
     def preference_loss(self, embeds, data, attention_mask, position_ids) -> Dict[str, torch.Tensor]:
         """The preference loss of a batch of pairs (chosen rows, then rejected rows) and its metrics; the
-        reference log-probabilities come from the same forward with the LLM's adapters off."""
+        reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or from the
+        frozen copies in ``self.reference`` (full training)."""
         from .preference import RunningMean, preference_losses, sequence_logps
         if self.preference is None:
             raise ValueError('a batch of preference pairs, but the model has no preference= setting')
         pairs, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
         logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels)
-        with torch.no_grad(), self.language_model.disable_adapter():
-            ref, _ = sequence_logps(self.language_model(inputs_embeds=embeds.detach(), **kwargs).logits, labels)
+        with torch.no_grad():
+            if self.reference is None:
+                with self.language_model.disable_adapter():
+                    ref_logits = self.language_model(inputs_embeds=embeds.detach(), **kwargs).logits
+            else:
+                ref_embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
+                                               parts=self.reference)
+                ref_logits = self.part('language_model', self.reference)(inputs_embeds=ref_embeds, **kwargs).logits
+            ref, _ = sequence_logps(ref_logits, labels)
         settings = dict(self.preference)
         types = tuple(settings.pop('types', ('sigmoid',)))
         if 'bco_pair' in types and self._reward_baseline is None:

@@ -17,6 +17,10 @@ on per-sequence sums of the answer tokens' log-probabilities:
   each averaged over the pairs, then summed with ``weights``. InternVL 2.5's MPO is
   ``types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1``.
 
+* :func:`frozen_copies`: the reference policy of full fine-tuning: a frozen copy of each trained part (the
+  usual choice, TRL's ``ref_model`` as InternVL's MPO scripts use it), in the pretrained weights' dtype; its
+  memory cost is measured by ``benchmarks/bench_memory.py`` (stages ``dpo_lora`` and ``mpo_full``).
+
 Hand-written: the pinned set has no TRL, and TRL's trainer is not an MMEngine model; the formulas are short.
 """
 
@@ -24,13 +28,17 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'preference_losses', 'reward_accuracy', 'sequence_logps']
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'frozen_copies', 'preference_losses', 'reward_accuracy',
+           'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
@@ -104,3 +112,39 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
                    rewards_accuracy=reward_accuracy(chosen_rewards, rejected_rewards),
                    logps_chosen=chosen_logps.detach().mean(), logps_rejected=rejected_logps.detach().mean())
     return total, metrics
+
+
+def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleDict:
+    """Frozen copies (no gradients, eval mode, ``dtype``) of ``parts``, equal to them now, whatever they become.
+
+    A part whose weights DeepSpeed ZeRO-3 partitioned while it was built (``zero.Init``: a Hugging Face model
+    loaded on GPUs under ``--deepspeed deepspeed_zero3``) cannot be deep-copied (its tensors are empty shards
+    tied to DeepSpeed's bookkeeping): its copy is built partitioned from the same config and filled one gathered
+    tensor at a time. Otherwise the part is deep-copied; DeepSpeed then partitions the copy with the rest of the
+    model when the engine starts (ZeRO-3), and every rank runs the reference forward on every step.
+    """
+    from .zero3 import gathered, hf_zero3_init, is_zero3_partitioned
+    copies = nn.ModuleDict()
+    for name, part in parts.items():
+        if not any(is_zero3_partitioned(p) for p in part.parameters()):
+            copies[name] = copy.deepcopy(part).to(dtype)
+        elif hasattr(type(part), '_from_config'):
+            from transformers.modeling_utils import no_init_weights
+            with hf_zero3_init(True), no_init_weights():  # every weight is overwritten below
+                twin = type(part)._from_config(part.config, torch_dtype=dtype)
+            mine, theirs = dict(twin.named_parameters()), dict(part.named_parameters())
+            if mine.keys() != theirs.keys():
+                raise ValueError(f'the reference copy of {name} has other parameters than it: '
+                                 f'{sorted(mine.keys() ^ theirs.keys())[:8]}')
+            with torch.no_grad():
+                for key, param in mine.items():
+                    with gathered([param, theirs[key]], modify=True):
+                        param.copy_(theirs[key].to(param.dtype))
+                theirs = dict(part.named_buffers())
+                for key, buffer in twin.named_buffers():
+                    buffer.copy_(theirs[key])
+            copies[name] = twin
+        else:
+            raise ValueError(f'{name} ({type(part).__name__}) was partitioned by DeepSpeed ZeRO-3 while it was built '
+                             f'and is not a Hugging Face model: no frozen reference copy can be made of it')
+    return copies.requires_grad_(False).eval()

@@ -6,6 +6,11 @@ Usage::
     .venv/bin/python benchmarks/bench_train.py --real --device cuda               # GPU: InternViT-300M + Qwen2.5-0.5B
     .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --device cuda    # GPU: InternViT-300M + Qwen2.5-1.5B
     .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --dry-run        # shapes and FLOPs per step only
+    .venv/bin/python benchmarks/bench_train.py --paths packed --workdir W --json W/packed.json   # one row
+    .venv/bin/python benchmarks/bench_train.py --precision-check 4                # bf16 against fp32, no timing
+
+``--paths`` picks the rows, ``--workdir`` keeps the written models and data for the next run (``benchmarks/gpu.py``
+runs each row in its own process on one folder), ``--json`` writes the raw figures.
 
 It writes a synthetic data set (every image has an aspect ratio that InternVL's dynamic tiling maps to a
 12-tile grid, so each image is 12 tiles plus a thumbnail; answers of varied length) and trains the full

@@ -10,7 +10,8 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
 
 * ``prepare``: random checkpoints with the real shapes (InternViT-300M-448px + Qwen2.5-0.5B and -1.5B for
   ``bench_train.py``; InternViT-300M + Qwen2.5-1.5B with its 151936-row vocabulary for ``bench_memory.py``) and
-  the synthetic data set (JPEGs of 12-tile grids), written once into ``OUT/work`` and reused by every row;
+  the synthetic data set (JPEGs of 12-tile grids), written once into ``--work`` and reused by every row (and by
+  later runs);
 * full fine-tuning (projector + LLM trained, ViT frozen; bf16 autocast, LLM gradient checkpointing), per LLM:
   ``unpacked`` (padded batches), ``packed flex`` (packs, ``--attn flex_attention``), ``packed sdpa`` (packs,
   SDPA with a dense block-diagonal mask) and ``xtuner`` (XTuner 0.2.0's ``InternVL_V1_5`` on the unpacked
@@ -37,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import List, Optional
 
@@ -59,11 +61,11 @@ MODES = {
 }
 
 
-def plan(mode: str, out: str) -> List[dict]:
+def plan(mode: str, out: str, work: str) -> List[dict]:
     """The rows in order: ``name``, ``kind``, ``cmd``, ``budget``, ``json`` (where the child writes its figures),
-    ``group`` (rows of one group start together: the writers)."""
+    ``group`` (rows of one group start together: the writers). Models and data go to ``work``."""
     m = MODES[mode]
-    work, raw, py = os.path.join(out, 'work'), os.path.join(out, 'raw'), sys.executable
+    raw, py = os.path.join(out, 'raw'), sys.executable
     gpu = [] if mode == 'tiny' else ['--device', 'cuda']
     me, bench = os.path.join(ROOT, 'benchmarks', 'gpu.py'), os.path.join(ROOT, 'benchmarks', 'bench_train.py')
     rows = []
@@ -223,7 +225,7 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
                   f'{x["tflops"]:.4g}', _pct(x.get('mfu')), _pct(x['data_share']), _pct(x['pad_share']),
                   f'{x["peak_mib"]:.0f}'] if x else [''] * 8)
         lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {note} |')
-    lines += ['', 'Peak memory per stage (InternViT-300M + Qwen2.5-1.5B; ' + ('tiny models' if tiny else 'real sizes') +
+    lines += ['', 'Peak memory per stage (' + ('tiny InternViT + Qwen2' if tiny else 'InternViT-300M + Qwen2.5-1.5B') +
               ', one 13-tile image per sample):', '', '| row | status | trainable | total | peak MiB | s/step | s | note |', '|' + '---|' * 8]
     for r in (r for r in rows if r['kind'] == 'memory'):
         x = r['figures'] if r['status'] == 'ok' else None
@@ -277,13 +279,14 @@ def main() -> None:
                         'before installing): default 570 real, 900 tiny')
     p.add_argument('--only', nargs='+', default=None, metavar='PATTERN',
                    help='run only the rows whose names match (fnmatch), e.g. "1.5b *" "memory *"; the prepare '
-                        'rows always run (they reuse what OUT/work holds)')
+                        'rows always run (they reuse what --work holds)')
     p.add_argument('--jobs', type=int, default=None,
                    help='rows at a time after the prepare rows (default 1: timings need the GPU alone; 2 with '
                         '--tiny, whose figures are not timings)')
     p.add_argument('--child', choices=['prepare-train', 'prepare-memory', 'memory'], help=argparse.SUPPRESS)
     p.add_argument('--size', help=argparse.SUPPRESS)
-    p.add_argument('--work', help=argparse.SUPPRESS)
+    p.add_argument('--work', help='folder for the written models and data, reused by later runs (default: '
+                                  '$TMPDIR/xtuner_plugins_gpu/MODE; about 17 GB at real size, so not under --out)')
     p.add_argument('--samples', type=int, help=argparse.SUPPRESS)
     p.add_argument('--stage', help=argparse.SUPPRESS)
     p.add_argument('--models', help=argparse.SUPPRESS)
@@ -300,7 +303,8 @@ def main() -> None:
     mode = 'tiny' if args.tiny else 'real'
     deadline = t0 + (args.budget if args.budget is not None else MODES[mode]['run_budget'])
     out = os.path.abspath(args.out)
-    rows = plan(mode, out)
+    work = os.path.abspath(args.work or os.path.join(tempfile.gettempdir(), 'xtuner_plugins_gpu', mode))
+    rows = plan(mode, out, work)
     if args.only:
         rows = [r for r in rows if r['kind'] == 'prepare' or any(fnmatch.fnmatch(r['name'], q) for q in args.only)]
     when = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')

@@ -42,7 +42,7 @@ def test_a_failing_or_slow_row_is_that_rows_result_and_the_run_goes_on(tmp_path)
 
 
 def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
-    rows = gpu.plan('real', str(tmp_path))
+    rows = gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work'))
     names = [r['name'] for r in rows]
     for size in ('0.5b', '1.5b'):
         assert {f'{size} {n}' for n, _ in gpu.TRAIN_ROWS} <= set(names)
@@ -52,6 +52,9 @@ def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
     assert flex[flex.index('--attn') + 1] == 'flex_attention' and '--real' in flex and 'cuda' in flex
     assert gpu.MODES['real']['run_budget'] < 600
     assert len({r['json'] for r in rows}) == len(rows)
+    folders = [r['cmd'][i + 1] for r in rows for i, a in enumerate(r['cmd']) if a in ('--work', '--workdir')]
+    assert len(folders) == len(rows) - 3  # all but the memory stages
+    assert all(f.startswith(str(tmp_path / 'work')) for f in folders)  # checkpoints never go under --out
 
 
 @pytest.mark.slow
@@ -59,7 +62,8 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     out = tmp_path / 'out'
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop('GPU_BENCH_START', None)
-    proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh'), '--tiny', '--out', str(out)],
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh'), '--tiny', '--out', str(out),
+                           '--work', str(tmp_path / 'work')],
                           capture_output=True, text=True, env=env, timeout=900)
     table = (out / 'table.md').read_text()
     results = json.loads((out / 'results.json').read_text())

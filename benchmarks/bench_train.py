@@ -651,8 +651,10 @@ def precision_check(model, batches: Sequence[dict], device: str, tolerance: Opti
 
 
 def format_precision(c: dict) -> str:
+    def losses(key):
+        return ', '.join(f'{x:.5f}' for x in c[key])
     return (f'bf16 against fp32 ({c["steps"]} steps from the same weights on the same batches): losses fp32 '
-            f'{", ".join(f"{x:.5f}" for x in c["losses_fp32"])}; bf16 {", ".join(f"{x:.5f}" for x in c["losses_bf16"])}; '
+            f'{losses("losses_fp32")}; bf16 {losses("losses_bf16")}; '
             f'max rel diff {c["loss_rel"]:.2e} (tolerance {c["tolerance"]["loss"]:g}); first step gradient norms of '
             f'{c["tensors"]} tensors: max diff {c["grad_rel"]:.2e} of the largest (tolerance '
             f'{c["tolerance"]["grad"]:g}) -> {"OK" if c["ok"] else "FAILED"}')
@@ -930,7 +932,8 @@ def main() -> None:
             print(f'ours/xtuner tokens/s: {", ".join(f"{k} {t:.2f}" for k, (t, _) in ratios.items())}; samples/s: '
                   f'{", ".join(f"{k} {v:.2f}" for k, (_, v) in ratios.items())} (goal on a GPU: >= 1.5){flag}')
     if 'packed' in results and 'unpacked' in results:
-        print(f'packed/unpacked tokens/s: {results["packed"]["tokens_per_s"] / results["unpacked"]["tokens_per_s"]:.2f}')
+        ratio = results['packed']['tokens_per_s'] / results['unpacked']['tokens_per_s']
+        print(f'packed/unpacked tokens/s: {ratio:.2f}')
     write_json(args.json, dict(header=header, machine=machine, torch=torch.__version__, attn=attn, steps=args.steps,
                                workers=workers, peak_tflops=peak, rows=results, check=check, xtuner_skip=xtuner_skip))
 

@@ -199,7 +199,8 @@ def execute(rows: List[dict], out: str, deadline: float, min_start: float, jobs:
                 start(row, logs, min(row['budget'], left), threads)
                 running.append(row)
             time.sleep(0.2)
-            for row in [r for r in running if r['proc'].poll() is not None or time.time() > r['started'] + r['timeout']]:
+            done = [r for r in running if r['proc'].poll() is not None or time.time() > r['started'] + r['timeout']]
+            for row in done:
                 running.remove(row)
                 finish(row)
                 print(f'[{row["seconds"]:6.1f} s] {row["name"]}: {row["status"]} {row["reason"]}', flush=True)
@@ -226,7 +227,8 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
                   f'{x["peak_mib"]:.0f}'] if x else [''] * 8)
         lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {note} |')
     lines += ['', 'Peak memory per stage (' + ('tiny InternViT + Qwen2' if tiny else 'InternViT-300M + Qwen2.5-1.5B') +
-              ', one 13-tile image per sample):', '', '| row | status | trainable | total | peak MiB | s/step | s | note |', '|' + '---|' * 8]
+              ', one 13-tile image per sample):', '',
+              '| row | status | trainable | total | peak MiB | s/step | s | note |', '|' + '---|' * 8]
     for r in (r for r in rows if r['kind'] == 'memory'):
         x = r['figures'] if r['status'] == 'ok' else None
         cells = ([f'{x["trainable"]:,}', f'{x["total"]:,}', f'{x["peak_mb"]:.0f}', f'{x["step_s"]:.3f}'] if x

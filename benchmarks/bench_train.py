@@ -861,7 +861,7 @@ def main() -> None:
 
         xtuner_skip, folder, ours_check, check = None, None, None, None
         if 'xtuner' not in paths:
-            xtuner_skip = 'left out (--no-xtuner or --paths)'
+            xtuner_skip = 'left out (--no-xtuner)' if args.no_xtuner else 'left out (--paths)'
         elif importlib.util.find_spec('xtuner') is None:
             xtuner_skip = 'skipped: xtuner is not installed'
         if xtuner_skip is None:  # before any training step: the folder holds the weights both paths start from

@@ -17,7 +17,8 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
   SDPA with a dense block-diagonal mask) and ``xtuner`` (XTuner 0.2.0's ``InternVL_V1_5`` on the unpacked
   batches): ``bench_train.py --paths ... --json``: tokens/s, samples/s, model FLOPs, MFU, data-time share (JPEG
   decoding in DataLoader workers), peak memory;
-* ``bf16 vs fp32``: ``bench_train.py --precision-check`` (losses of a few steps and first-step gradients);
+* ``bf16 vs fp32``: ``bench_train.py --precision-check`` (losses of a few steps and first-step gradients, on
+  packs of the first LLM size);
 * ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``).
 
 The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
@@ -52,9 +53,11 @@ TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention'])
               ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']))
 # Settings per mode: LLM sizes in order, bench_train/bench_memory sizes, per-row budgets (s), the run's budget.
 MODES = {
-    'real': dict(sizes=('1.5b', '0.5b'), samples=48, batch=4, steps=10, precision_steps=4, memory_batch=2,
-                 memory_steps=2, budget=dict(prepare=200, train=110, flex=170, xtuner=160, precision=150,
-                                             memory=100), run_budget=570, min_start=30),
+    # the fp32 reference runs on packs of <= 8192 tokens: fp32 attention with a dense mask over 16384 tokens
+    # risks running out of memory beside the fp32 optimizer state
+    'real': dict(sizes=('1.5b', '0.5b'), samples=48, batch=4, steps=10, precision_steps=4, precision_tokens=8192,
+                 memory_batch=2, memory_steps=2, budget=dict(prepare=200, train=110, flex=170, xtuner=160,
+                                                             precision=150, memory=100), run_budget=570, min_start=30),
     'tiny': dict(sizes=('tiny',), samples=8, batch=2, steps=2, precision_steps=2, memory_batch=1,
                  memory_steps=1, budget=dict(prepare=120, train=120, flex=180, xtuner=150, precision=120,
                                              memory=120), run_budget=900, min_start=5),
@@ -93,8 +96,9 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
             add(f'{size} {name}', 'train', train_args(size) + ['--steps', str(m['steps'])] + extra,
                 m['budget'][kind])
         if i == 0:  # the checks on the first (goal) size, before the other sizes
+            packs = ['--max-tokens', str(m['precision_tokens'])] if m.get('precision_tokens') else []
             add(f'{size} bf16 vs fp32', 'precision', train_args(size) + ['--attn', 'sdpa', '--precision-check',
-                                                                          str(m['precision_steps'])],
+                                                                          str(m['precision_steps']), *packs],
                 m['budget']['precision'])
             for stage in MEMORY_STAGES:
                 add(f'memory {stage}', 'memory', [me, '--child', 'memory', '--stage', stage, '--models', models,

@@ -14,8 +14,10 @@ if ! "$py" -c 'import xtuner' >/dev/null 2>&1; then
     if [ ! -f /tmp/site/.installed ]; then
       echo "installing .whl/ into /tmp/site (xtuner is not importable)" >&2
       "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$root"/.whl/*.whl
-      DS_BUILD_OPS=0 "$py" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
-        "$root"/.whl/deepspeed-*.tar.gz
+      if ls "$root"/.whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
+        DS_BUILD_OPS=0 "$py" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+          "$root"/.whl/deepspeed-*.tar.gz
+      fi
       touch /tmp/site/.installed
     fi
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,6 +6,11 @@ Usage::
     .venv/bin/python benchmarks/bench_train.py --real --device cuda               # GPU: InternViT-300M + Qwen2.5-0.5B
     .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --device cuda    # GPU: InternViT-300M + Qwen2.5-1.5B
     .venv/bin/python benchmarks/bench_train.py --real --llm 1.5b --dry-run        # shapes and FLOPs per step only
+    .venv/bin/python benchmarks/bench_train.py --paths packed --workdir W --json W/packed.json   # one row
+    .venv/bin/python benchmarks/bench_train.py --precision-check 4                # bf16 against fp32, no timing
+
+``--paths`` picks the rows, ``--workdir`` keeps the written models and data for the next run (``benchmarks/gpu.py``
+runs each row in its own process on one folder), ``--json`` writes the raw figures.
 
 It writes a synthetic data set (every image has an aspect ratio that InternVL's dynamic tiling maps to a
 12-tile grid, so each image is 12 tiles plus a thumbnail; answers of varied length) and trains the full
@@ -101,6 +106,9 @@ REAL_LLMS = {
 REAL_VOCAB = 151674  # Qwen2.5's 151665 tokens + InternVL's 9 added ones: the rows InternVL resizes to
 # What is trained: the full fine-tuning setting (finetune_full): projector + LLM, the vision tower frozen.
 TRAINED = dict(freeze_vision=True, freeze_projector=False, freeze_llm=False)
+
+# The rows: ours on padded batches, ours on packs, XTuner 0.2.0's InternVL_V1_5 on the padded batches.
+PATHS = ('unpacked', 'packed', 'xtuner')
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, matched in order against torch.cuda.get_device_name().
 PEAK_TFLOPS = [('H200', 989.0), ('H100 PCIe', 756.0), ('H100', 989.0), ('A100', 312.0)]
@@ -368,6 +376,26 @@ def write_real_models(out: str, llm: str, weights: bool = True) -> dict:
                 llm=write_tiny_qwen2(llm_dir, **REAL_LLMS[llm]), image_size=INTERNVIT_300M['image_size'])
 
 
+def prepare(work: str, real: bool, llm: str, samples: int, weights: bool = True) -> Tuple[dict, str]:
+    """The models and the data set in ``work`` (``models/``, ``data/``) as ``(models, data.jsonl path)``,
+    written once and reused by later runs with the same settings (``prepared.json`` records them)."""
+    key = dict(real=real, llm=llm if real else None, samples=samples, weights=weights)
+    marker = os.path.join(work, 'prepared.json')
+    if os.path.exists(marker):
+        with open(marker) as f:
+            saved = json.load(f)
+        if saved['key'] != key:
+            raise SystemExit(f'{work} holds models and data for {saved["key"]}, not {key}: use another --workdir')
+        return saved['models'], saved['data']
+    models = (write_real_models(os.path.join(work, 'models'), llm, weights=weights) if real
+              else write_models(os.path.join(work, 'models'), False))
+    data = write_data(os.path.join(work, 'data'), samples, models['image_size'])
+    with open(marker + '.tmp', 'w') as f:
+        json.dump(dict(key=key, models=models, data=data), f)
+    os.replace(marker + '.tmp', marker)
+    return models, data
+
+
 def meta_matmul_parameters(vision_config, llm_config, downsample_ratio: float = 0.5) -> Dict[str, int]:
     """The :func:`matmul_parameters` parts counted in modules built from the configs on the ``meta`` device
     (no memory): nn.Linear / Conv2d weights only."""
@@ -526,13 +554,14 @@ def trained_parameters(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def check_step(loss_fn, params: Dict[str, torch.nn.Parameter], batch: dict, device: str) -> dict:
+def check_step(loss_fn, params: Dict[str, torch.nn.Parameter], batch: dict, device: str,
+               autocast: Optional[bool] = None) -> dict:
     """One forward and backward as in training, without an optimizer step: the loss and the gradient norm of
-    every trained tensor (gradients are cleared afterwards)."""
+    every trained tensor (gradients are cleared afterwards). ``autocast``: bf16 autocast (default: on cuda)."""
     for p in params.values():
         p.grad = None
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda' if autocast is None else autocast):
         loss = loss_fn(batch)
     loss.backward()
     norms = {name: float(p.grad.float().norm()) for name, p in params.items() if p.grad is not None}
@@ -563,6 +592,72 @@ def format_check(c: dict) -> str:
             f'(|diff| {c["loss_diff"]:.2e}, rel {c["loss_rel"]:.2e}); gradient norms of {c["tensors"]} tensors: '
             f'max diff {c["grad_rel"]:.2e} of the largest; {trained} -> {"OK" if c["ok"] else "FAILED"} '
             f'(tolerance {c["tolerance"]:g})')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 against an fp32 reference
+# ---------------------------------------------------------------------------------------------------------
+
+# Relative tolerances of bf16 autocast against fp32: each step's loss; the first step's gradient norms (of the
+# largest norm).
+PRECISION_TOLERANCE = dict(loss=5e-3, grad=5e-2)
+
+
+def precision_check(model, batches: Sequence[dict], device: str, tolerance: Optional[dict] = None) -> dict:
+    """Trains ``model`` (built in fp32) one step per batch twice from its current weights: the fp32 reference
+    (every weight fp32, no autocast, no TF32) and then as the timed rows train (frozen parts cast to bf16,
+    trained parts fp32, bf16 autocast; on a CPU too). Before the first step each run's loss and gradient norms
+    on the first batch are taken (:func:`check_step`) and compared (:func:`compare_checks`). ``ok``: those
+    agree, and every step's loss is finite and within ``tolerance`` relative of the reference's."""
+    tolerance = dict(PRECISION_TOLERANCE, **(tolerance or {}))
+    params = trained_parameters(model)  # the frozen ones do not change (the fp32 run goes first)
+    initial = {k: v.detach().to('cpu', copy=True) for k, v in params.items()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    runs = {}
+    for name, bf16 in (('fp32', False), ('bf16', True)):
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(initial[k])
+        if bf16:
+            for module, frozen in ((model.vision_model, model.freeze_vision), (model.mlp1, model.freeze_projector),
+                                   (model.language_model, model.freeze_llm)):
+                if frozen:
+                    module.to(torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bf16 and tf32[0]
+        try:
+            check = check_step(lambda b: ours_loss(model, b), params, batches[0], device, autocast=bf16)
+            opt = torch.optim.AdamW(list(params.values()), lr=1e-5)
+            losses = []
+            for batch in batches:
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    loss = ours_loss(model, batch)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        runs[name] = dict(check=check, losses=losses)
+        del opt
+    ref, low = runs['fp32']['losses'], runs['bf16']['losses']
+    loss_rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref, low))
+    first = compare_checks(runs['fp32']['check'], runs['bf16']['check'], tolerance['grad'])
+    finite = bool(np.all(np.isfinite(ref + low)))
+    ok = first['same_trained'] and first['grad_rel'] <= tolerance['grad'] and finite and loss_rel <= tolerance['loss']
+    return dict(ok=bool(ok), steps=len(batches), losses_fp32=ref, losses_bf16=low,
+                loss_rel=loss_rel if finite else float('nan'), grad_rel=first['grad_rel'], tensors=first['tensors'],
+                same_trained=first['same_trained'], tolerance=tolerance)
+
+
+def format_precision(c: dict) -> str:
+    def losses(key):
+        return ', '.join(f'{x:.5f}' for x in c[key])
+    return (f'bf16 against fp32 ({c["steps"]} steps from the same weights on the same batches): losses fp32 '
+            f'{losses("losses_fp32")}; bf16 {losses("losses_bf16")}; '
+            f'max rel diff {c["loss_rel"]:.2e} (tolerance {c["tolerance"]["loss"]:g}); first step gradient norms of '
+            f'{c["tensors"]} tensors: max diff {c["grad_rel"]:.2e} of the largest (tolerance '
+            f'{c["tolerance"]["grad"]:g}) -> {"OK" if c["ok"] else "FAILED"}')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -646,8 +741,8 @@ def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, pe
     print(f'tiles per sample: {sorted(set(ds.num_tiles_per_item))}; mean {np.mean(ds.length):.0f} tokens per sample')
     print(f'{"path":10s} {"steps":>6s} {"tokens":>8s} {"samples":>8s} {"vision":>9s} {"projector":>9s} {"llm":>9s} '
           f'{"lm_head":>9s} {"TFLOP/step":>10s} {"fwd TFLOP":>10s}' + (f' {"s @45% MFU":>10s}' if peak else ''))
-    plans_by_path = step_plans(ds, packed, args.batch)
-    if not args.no_xtuner:
+    plans_by_path = {k: v for k, v in step_plans(ds, packed, args.batch).items() if k in args.paths}
+    if 'xtuner' in args.paths and not args.no_xtuner:
         plans_by_path['xtuner'] = plans_by_path['unpacked']  # XTuner trains the unpacked path's batches
     for name, plans in plans_by_path.items():
         per = [train_step_flops(shapes, lens, tiles, **TRAINED) for lens, tiles in plans]
@@ -662,7 +757,7 @@ def dry_run(args, shapes: ModelShapes, vision_config, llm_config, ds, packed, pe
           'train_step_flops. lm_head is counted at every token here, an upper bound: a training run counts it '
           'at the supervised tokens only, the logits the model computes. No weights were allocated and nothing '
           'was trained.)')
-    if not args.no_xtuner:
+    if 'xtuner' in args.paths and not args.no_xtuner:
         found = importlib.util.find_spec('xtuner') is not None
         print('XTuner 0.2.0 InternVL_V1_5 (row xtuner): the unpacked batches (same FLOPs); '
               + ('xtuner is installed' if found else 'xtuner is NOT installed: a training run would skip it'))
@@ -693,6 +788,14 @@ def main() -> None:
     p.add_argument('--dry-run', action='store_true',
                    help='build configs, data and meta-device modules and print the FLOPs per step; no weights, '
                         'no training')
+    p.add_argument('--paths', nargs='+', choices=PATHS, default=list(PATHS), help='rows to measure (default: all)')
+    p.add_argument('--precision-check', type=int, default=None, metavar='STEPS',
+                   help='instead of timing: train STEPS steps on the first packs in bf16 (as the timed rows) and '
+                        'in fp32 from the same weights and compare the losses (see precision_check)')
+    p.add_argument('--workdir', default=None,
+                   help='keep the written models and data set here and reuse them in later runs (default: a '
+                        'temporary folder)')
+    p.add_argument('--json', default=None, metavar='PATH', help='also write the raw figures to PATH as JSON')
     args = p.parse_args()
     if args.llm is not None and not args.real:
         p.error('--llm selects the real-size LLM; it needs --real')
@@ -702,6 +805,9 @@ def main() -> None:
         p.error("--attn flex_attention trains on cuda only (torch's FlexAttention has no backward on a CPU)")
     if args.samples < args.batch or args.steps < 1 or args.batch < 1:
         p.error('need --steps >= 1 and --samples >= --batch >= 1')
+    if args.precision_check is not None and args.precision_check < 1:
+        p.error('--precision-check needs at least 1 step')
+    paths = [x for x in PATHS if x in args.paths and not (x == 'xtuner' and args.no_xtuner)]
     llm_size = args.llm or '0.5b'
     workers = args.workers if args.workers is not None else (8 if args.real else 2)
     attn = args.attn or ('flash_attention_2' if args.device == 'cuda' and importlib.util.find_spec('flash_attn')
@@ -714,11 +820,11 @@ def main() -> None:
         print('warning: real sizes on the CPU take minutes per step', file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
-        models = (write_real_models(os.path.join(tmp, 'models'), llm_size, weights=not args.dry_run) if args.real
-                  else write_models(os.path.join(tmp, 'models'), False))
-        data = write_data(os.path.join(tmp, 'data'), args.samples, models['image_size'])
-        ds = InternVLDataset(data, image_folders=os.path.join(tmp, 'data', 'images'), tokenizer=models['llm'],
-                             image_size=models['image_size'], max_dynamic_patch=12, cache_dir=os.path.join(tmp, 'c'))
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
+        models, data = prepare(work, args.real, llm_size, args.samples, weights=not args.dry_run)
+        ds = InternVLDataset(data, image_folders=os.path.join(work, 'data', 'images'), tokenizer=models['llm'],
+                             image_size=models['image_size'], max_dynamic_patch=12, cache_dir=os.path.join(work, 'c'))
         max_tokens = args.max_tokens or (16384 if args.real else int(4 * np.mean(ds.length)))
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
         tiles = '/'.join(map(str, sorted(set(ds.num_tiles_per_item))))
@@ -731,9 +837,10 @@ def main() -> None:
             print(f'{header}; dry run; torch {torch.__version__}')
             dry_run(args, shapes, vision_config, llm_config, ds, packed, peak)
             return
+        precision = args.precision_check is not None
         model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
                               llm_grad_ckpt=args.real, attn_implementation=attn,
-                              torch_dtype='bfloat16' if args.device == 'cuda' else 'float32')
+                              torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
             model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
         model.to(args.device).train()
@@ -741,6 +848,13 @@ def main() -> None:
         if shapes.vocab_size != model.language_model.get_output_embeddings().weight.shape[0]:
             raise SystemExit(f'config vocab {shapes.vocab_size} != lm_head rows '
                              f'{model.language_model.get_output_embeddings().weight.shape[0]}')
+        if precision:
+            batches = [internvl_collate_fn([packed[i % len(packed)]])['data'] for i in range(args.precision_check)]
+            result = precision_check(model, batches, args.device)
+            print(f'{header}; torch {torch.__version__}')
+            print(format_precision(result))
+            write_json(args.json, dict(header=header, precision=result))
+            return
 
         def loader(dataset, batch_size):
             sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6,
@@ -750,8 +864,8 @@ def main() -> None:
                                                pin_memory=args.device == 'cuda')
 
         xtuner_skip, folder, ours_check, check = None, None, None, None
-        if args.no_xtuner:
-            xtuner_skip = 'left out (--no-xtuner)'
+        if 'xtuner' not in paths:
+            xtuner_skip = 'left out (--no-xtuner)' if args.no_xtuner else 'left out (--paths)'
         elif importlib.util.find_spec('xtuner') is None:
             xtuner_skip = 'skipped: xtuner is not installed'
         if xtuner_skip is None:  # before any training step: the folder holds the weights both paths start from
@@ -762,8 +876,11 @@ def main() -> None:
                                         args.device)
             except Exception as e:  # noqa: BLE001 -- the reason is printed instead of XTuner's numbers
                 xtuner_skip = f'could not run: preparing its folder and check failed: {type(e).__name__}: {e}'
-        results = {'unpacked': run(model, loader(ds, args.batch), args.steps, args.device, shapes),
-                   'packed': run(model, loader(packed, 1), args.steps, args.device, shapes)}
+        results = {}
+        if 'unpacked' in paths:
+            results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes)
+        if 'packed' in paths:
+            results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes)
         if xtuner_skip is None:
             del model  # one model on the device at a time
             gc.collect()
@@ -791,7 +908,8 @@ def main() -> None:
     print(f'{"path":10s} {"tokens/s":>10s} {"samples/s":>10s} {"TFLOP/step":>11s} {"TFLOPS":>9s} {"MFU":>7s} '
           f'{"data share":>10s} {"pad share":>9s} {"peak MiB":>9s}')
     for name, r in results.items():
-        mfu = f'{r["tflops"] / peak:7.1%}' if peak else f'{"n/a":>7s}'
+        r['mfu'] = r['tflops'] / peak if peak else None
+        mfu = f'{r["mfu"]:7.1%}' if peak else f'{"n/a":>7s}'
         print(f'{name:10s} {r["tokens_per_s"]:10.1f} {r["samples_per_s"]:10.2f} {r["flops_per_step"] / 1e12:11.4g} '
               f'{r["tflops"]:9.4g} {mfu} {r["data_share"]:10.1%} {r["pad_share"]:9.1%} {r["peak_mib"]:9.0f}')
     if peak:
@@ -812,11 +930,25 @@ def main() -> None:
     if 'xtuner' in results:
         x = results['xtuner']
         flag = '' if check['ok'] else ' (loss check FAILED: not the same computation, not comparable)'
-        print(f'ours/xtuner tokens/s: unpacked {results["unpacked"]["tokens_per_s"] / x["tokens_per_s"]:.2f}, '
-              f'packed {results["packed"]["tokens_per_s"] / x["tokens_per_s"]:.2f}; samples/s: unpacked '
-              f'{results["unpacked"]["samples_per_s"] / x["samples_per_s"]:.2f}, packed '
-              f'{results["packed"]["samples_per_s"] / x["samples_per_s"]:.2f} (goal on a GPU: >= 1.5){flag}')
-    print(f'packed/unpacked tokens/s: {results["packed"]["tokens_per_s"] / results["unpacked"]["tokens_per_s"]:.2f}')
+        ratios = {k: (results[k]['tokens_per_s'] / x['tokens_per_s'], results[k]['samples_per_s'] / x['samples_per_s'])
+                  for k in ('unpacked', 'packed') if k in results}
+        if ratios:
+            print(f'ours/xtuner tokens/s: {", ".join(f"{k} {t:.2f}" for k, (t, _) in ratios.items())}; samples/s: '
+                  f'{", ".join(f"{k} {v:.2f}" for k, (_, v) in ratios.items())} (goal on a GPU: >= 1.5){flag}')
+    if 'packed' in results and 'unpacked' in results:
+        ratio = results['packed']['tokens_per_s'] / results['unpacked']['tokens_per_s']
+        print(f'packed/unpacked tokens/s: {ratio:.2f}')
+    write_json(args.json, dict(header=header, machine=machine, torch=torch.__version__, attn=attn, steps=args.steps,
+                               workers=workers, peak_tflops=peak, rows=results, check=check, xtuner_skip=xtuner_skip))
+
+
+def write_json(path: Optional[str], figures: dict) -> None:
+    """``--json``: the raw figures of the run."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(figures, f, indent=1)
+            f.write('\n')
 
 
 if __name__ == '__main__':

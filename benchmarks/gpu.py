@@ -1,0 +1,334 @@
+"""The GPU goals in one run: real sizes on one GPU machine in under 10 minutes, every figure in its own process.
+
+Usage (``benchmarks/gpu.sh`` is the entry: it brings the pinned packages onto an offline GPU image first)::
+
+    bash benchmarks/gpu.sh --out work_dirs/gpu          # on a GPU machine: real sizes, bf16
+    bash benchmarks/gpu.sh --tiny --out work_dirs/gpu   # tiny models on the CPU: every row end to end (a smoke run)
+
+Rows (each a child process with its own time budget, so a failure, an out-of-memory or a timeout is that row's
+result and the run goes on; a row that no longer fits in the run's budget is reported as not run):
+
+* ``prepare``: random checkpoints with the real shapes (InternViT-300M-448px + Qwen2.5-0.5B and -1.5B for
+  ``bench_train.py``; InternViT-300M + Qwen2.5-1.5B with its 151936-row vocabulary for ``bench_memory.py``) and
+  the synthetic data set (JPEGs of 12-tile grids), written once into ``--work`` and reused by every row (and by
+  later runs);
+* full fine-tuning (projector + LLM trained, ViT frozen; bf16 autocast, LLM gradient checkpointing), per LLM:
+  ``unpacked`` (padded batches), ``packed flex`` (packs, ``--attn flex_attention``), ``packed sdpa`` (packs,
+  SDPA with a dense block-diagonal mask) and ``xtuner`` (XTuner 0.2.0's ``InternVL_V1_5`` on the unpacked
+  batches): ``bench_train.py --paths ... --json``: tokens/s, samples/s, model FLOPs, MFU, data-time share (JPEG
+  decoding in DataLoader workers), peak memory;
+* ``bf16 vs fp32``: ``bench_train.py --precision-check`` (losses of a few steps and first-step gradients, on
+  packs of the first LLM size);
+* ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``).
+
+The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
+``--out``: ``table.md`` (what is printed), ``results.json`` (every row's command, status, reason, seconds and raw
+figures), ``raw/*.json`` (each child's own output) and ``logs/*.log``. Exits 1 when a row did not succeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
+TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
+              ('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
+              ('packed sdpa', ['--paths', 'packed', '--attn', 'sdpa']),
+              ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']))
+# Settings per mode: LLM sizes in order, bench_train/bench_memory sizes, per-row budgets (s), the run's budget.
+MODES = {
+    # the fp32 reference runs on packs of <= 8192 tokens: fp32 attention with a dense mask over 16384 tokens
+    # risks running out of memory beside the fp32 optimizer state
+    'real': dict(sizes=('1.5b', '0.5b'), samples=48, batch=4, steps=10, precision_steps=4, precision_tokens=8192,
+                 memory_batch=2, memory_steps=2, budget=dict(prepare=200, train=110, flex=170, xtuner=160,
+                                                             precision=150, memory=100), run_budget=570, min_start=30),
+    'tiny': dict(sizes=('tiny',), samples=8, batch=2, steps=2, precision_steps=2, memory_batch=1,
+                 memory_steps=1, budget=dict(prepare=120, train=120, flex=180, xtuner=150, precision=120,
+                                             memory=120), run_budget=900, min_start=5),
+}
+
+
+def plan(mode: str, out: str, work: str) -> List[dict]:
+    """The rows in order: ``name``, ``kind``, ``cmd``, ``budget``, ``json`` (where the child writes its figures),
+    ``group`` (rows of one group start together: the writers). Models and data go to ``work``."""
+    m = MODES[mode]
+    raw, py = os.path.join(out, 'raw'), sys.executable
+    gpu = [] if mode == 'tiny' else ['--device', 'cuda']
+    me, bench = os.path.join(ROOT, 'benchmarks', 'gpu.py'), os.path.join(ROOT, 'benchmarks', 'bench_train.py')
+    rows = []
+
+    def add(name, kind, cmd, budget, group=None):
+        path = os.path.join(raw, re.sub(r'[^a-z0-9.]+', '_', name) + '.json')
+        rows.append(dict(name=name, kind=kind, cmd=[py] + cmd + ['--json', path], budget=budget, json=path,
+                         group=group))
+
+    def train_args(size):
+        real = [] if size == 'tiny' else ['--real', '--llm', size]
+        return [bench, *real, *gpu, '--workdir', os.path.join(work, size), '--samples', str(m['samples']),
+                '--batch', str(m['batch'])]
+
+    for size in m['sizes']:
+        add(f'prepare {size}', 'prepare', [me, '--child', 'prepare-train', '--size', size, '--work',
+                                           os.path.join(work, size), '--samples', str(m['samples'])],
+            m['budget']['prepare'], group='prepare')
+    add('prepare memory', 'prepare', [me, '--child', 'prepare-memory', '--size', mode, '--work',
+                                      os.path.join(work, 'memory')], m['budget']['prepare'], group='prepare')
+    models = os.path.join(work, 'memory', 'models.json')
+    for i, size in enumerate(m['sizes']):
+        for name, extra in TRAIN_ROWS:
+            kind = 'flex' if 'flex' in name else 'xtuner' if name == 'xtuner' else 'train'
+            add(f'{size} {name}', 'train', train_args(size) + ['--steps', str(m['steps'])] + extra,
+                m['budget'][kind])
+        if i == 0:  # the checks on the first (goal) size, before the other sizes
+            packs = ['--max-tokens', str(m['precision_tokens'])] if m.get('precision_tokens') else []
+            add(f'{size} bf16 vs fp32', 'precision', train_args(size) + ['--attn', 'sdpa', '--precision-check',
+                                                                          str(m['precision_steps']), *packs],
+                m['budget']['precision'])
+            for stage in MEMORY_STAGES:
+                add(f'memory {stage}', 'memory', [me, '--child', 'memory', '--stage', stage, '--models', models,
+                                                  *gpu, '--batch', str(m['memory_batch']),
+                                                  '--steps', str(m['memory_steps'])], m['budget']['memory'])
+    return rows
+
+
+def child(args) -> None:
+    """The steps that are not a bench_train.py run: writing models and data, one bench_memory.py stage."""
+    figures = {}
+    if args.child == 'prepare-train':
+        from benchmarks.bench_train import prepare
+        tiny = args.size == 'tiny'
+        models, data = prepare(args.work, not tiny, None if tiny else args.size, args.samples)
+        figures = dict(models=models, data=data)
+    elif args.child == 'prepare-memory':
+        from benchmarks.bench_memory import write_family_models
+        models = write_family_models(args.work, 'internvit', args.size == 'real')
+        with open(os.path.join(args.work, 'models.json'), 'w') as f:
+            json.dump(models, f)
+        figures = dict(models=models)
+    elif args.child == 'memory':
+        from benchmarks.bench_memory import measure
+        with open(args.models) as f:
+            models = json.load(f)
+        figures = measure(args.stage, models, args.device, args.batch, args.steps)
+        print(json.dumps(figures))
+    with open(args.json, 'w') as f:
+        json.dump(figures, f, indent=1)
+
+
+def last_line(log: str) -> str:
+    """The last non-empty line of a log (an argparse error, an exception, an out-of-memory message)."""
+    try:
+        with open(log, errors='replace') as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ''
+    return lines[-1][:400] if lines else ''
+
+
+def start(row: dict, logs: str, timeout: float, threads: Optional[int]) -> None:
+    row['log'] = os.path.join(logs, os.path.basename(row['json'])[:-5] + '.log')
+    row['timeout'] = round(timeout)
+    if os.path.exists(row['json']):
+        os.remove(row['json'])
+    env = dict(os.environ, TOKENIZERS_PARALLELISM='false')
+    if threads:
+        env['OMP_NUM_THREADS'] = str(threads)
+    with open(row['log'], 'w') as log:
+        log.write('$ ' + shlex.join(row['cmd']) + '\n')
+        log.flush()
+        row['proc'] = subprocess.Popen(row['cmd'], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                       start_new_session=True, env=env)
+    row['started'] = time.time()
+
+
+def finish(row: dict) -> None:
+    proc = row.pop('proc')
+    rc = proc.poll()
+    if rc is None:  # past its budget: the child and its DataLoader workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    row['seconds'] = round(time.time() - row.pop('started'), 1)
+    figures = None
+    if os.path.exists(row['json']):
+        with open(row['json']) as f:
+            figures = json.load(f)
+    row['figures'] = figures
+    if rc is None:
+        row.update(status='timeout', reason=f'killed after its budget of {row["timeout"]} s')
+    elif rc != 0 or figures is None:
+        row.update(status='failed', reason=f'exit {rc}: {last_line(row["log"])}')
+    elif row['kind'] == 'train' and not figures.get('rows'):
+        row.update(status='failed', reason=f'no figures: {figures.get("xtuner_skip") or last_line(row["log"])}')
+    elif row['kind'] == 'precision' and not figures['precision']['ok']:
+        row.update(status='failed', reason='bf16 and fp32 disagree beyond the tolerance')
+    elif row['kind'] == 'train' and figures.get('check') is not None and not figures['check']['ok']:
+        row.update(status='failed', reason="XTuner's loss check against ours failed: not the same computation")
+    else:
+        row.update(status='ok', reason='')
+
+
+def execute(rows: List[dict], out: str, deadline: float, min_start: float, jobs: int) -> None:
+    """Runs the prepare rows together, then the others ``jobs`` at a time, each within its budget and the
+    run's ``deadline``; a row that would start with less than ``min_start`` seconds left is not run."""
+    logs = os.path.join(out, 'logs')
+    os.makedirs(logs, exist_ok=True)
+    os.makedirs(os.path.join(out, 'raw'), exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    for batch in ([r for r in rows if r['kind'] == 'prepare'], [r for r in rows if r['kind'] != 'prepare']):
+        queue, running, limit = list(batch), [], (len(batch) if batch and batch[0]['kind'] == 'prepare' else jobs)
+        while queue or running:
+            while queue and len(running) < limit:
+                row, left = queue.pop(0), deadline - time.time()
+                if left < min_start:
+                    row.update(status='not run', reason=f'out of time ({max(left, 0):.0f} s of the run budget left)',
+                               seconds=0, figures=None)
+                    print(f'[   0.0 s] {row["name"]}: {row["status"]} {row["reason"]}', flush=True)
+                    continue
+                start(row, logs, min(row['budget'], left), threads)
+                running.append(row)
+            time.sleep(0.2)
+            done = [r for r in running if r['proc'].poll() is not None or time.time() > r['started'] + r['timeout']]
+            for row in done:
+                running.remove(row)
+                finish(row)
+                print(f'[{row["seconds"]:6.1f} s] {row["name"]}: {row["status"]} {row["reason"]}', flush=True)
+
+
+def _pct(x) -> str:
+    return f'{x:.1%}' if x is not None else 'n/a'
+
+
+def table(rows: List[dict], header: str, tiny: bool) -> str:
+    by = {r['name']: r for r in rows}
+    lines = [header, '', 'Full fine-tuning (projector + LLM trained, ViT frozen), one process per row:', '',
+             '| row | status | tokens/s | samples/s | TFLOP/step | TFLOPS | MFU | data share | pad share | '
+             'peak MiB | s | note |', '|' + '---|' * 12]
+    for r in (r for r in rows if r['kind'] == 'train'):
+        f = (r['figures'] or {}).get('rows') or {}
+        x = next(iter(f.values()), None)
+        note = r['reason']
+        if x is not None and r['figures'].get('check'):
+            c = r['figures']['check']
+            note = (note + ' ' if note else '') + f'loss check rel {c["loss_rel"]:.1e}, grads {c["grad_rel"]:.1e}'
+        cells = ([f'{x["tokens_per_s"]:.1f}', f'{x["samples_per_s"]:.2f}', f'{x["flops_per_step"] / 1e12:.4g}',
+                  f'{x["tflops"]:.4g}', _pct(x.get('mfu')), _pct(x['data_share']), _pct(x['pad_share']),
+                  f'{x["peak_mib"]:.0f}'] if x else [''] * 8)
+        lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {note} |')
+    lines += ['', 'Peak memory per stage (' + ('tiny InternViT + Qwen2' if tiny else 'InternViT-300M + Qwen2.5-1.5B') +
+              ', one 13-tile image per sample):', '',
+              '| row | status | trainable | total | peak MiB | s/step | s | note |', '|' + '---|' * 8]
+    for r in (r for r in rows if r['kind'] == 'memory'):
+        x = r['figures'] if r['status'] == 'ok' else None
+        cells = ([f'{x["trainable"]:,}', f'{x["total"]:,}', f'{x["peak_mb"]:.0f}', f'{x["step_s"]:.3f}'] if x
+                 else [''] * 4)
+        lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {r["reason"]} |')
+    lines.append('')
+    for r in (r for r in rows if r['kind'] in ('prepare', 'precision')):
+        text = r['reason']
+        if r['kind'] == 'precision' and r['figures']:
+            from benchmarks.bench_train import format_precision
+            text = format_precision(r['figures']['precision'])
+        lines.append(f'- {r["name"]}: {r["status"]} ({r["seconds"]} s){": " + text if text else ""}')
+    first = MODES['tiny' if tiny else 'real']['sizes'][0]
+
+    def tps(name):
+        r = by.get(f'{first} {name}')
+        return r['figures']['rows'][next(iter(r['figures']['rows']))] if r and r['status'] == 'ok' else None
+
+    flex, sdpa, xt = tps('packed flex'), tps('packed sdpa'), tps('xtuner')
+    shares = [r['figures']['rows'][k]['data_share'] for r in rows if r['kind'] == 'train' and r['status'] == 'ok'
+              for k in r['figures']['rows']]
+    over = ', '.join(f'{k} {p["tokens_per_s"] / xt["tokens_per_s"]:.2f}' if p and xt else f'{k} n/a'
+                     for k, p in (('flex', flex), ('sdpa', sdpa)))
+    lines += ['', ('Goals (smoke run: tiny models on a CPU, the figures are not the goals):' if tiny else 'Goals:'),
+              f'- MFU of {first} packed flex: {_pct(flex.get("mfu")) if flex else "n/a"} (goal >= 45% on an H100)',
+              f'- tokens/s of {first} packed over xtuner: {over} (goal >= 1.5)',
+              f'- data-time share: at most {max(shares):.1%} over the training rows (goal < 5%)' if shares else
+              '- data-time share: n/a']
+    return '\n'.join(lines) + '\n'
+
+
+def machine(tiny: bool) -> str:
+    gpu = ''
+    if not tiny:
+        try:
+            gpu = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total', '--format=csv,noheader'],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            gpu = 'no nvidia-smi'
+    cpu = f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs'
+    return f'{gpu}; {cpu}' if gpu else cpu
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', help='folder for table.md, results.json, raw/, logs/ and work/ (models, data)')
+    p.add_argument('--tiny', action='store_true', help='tiny models on the CPU: a smoke run of every row')
+    p.add_argument('--budget', type=float, default=None,
+                   help='seconds for the whole run, counted from $GPU_BENCH_START when set (gpu.sh sets it '
+                        'before installing): default 570 real, 900 tiny')
+    p.add_argument('--only', nargs='+', default=None, metavar='PATTERN',
+                   help='run only the rows whose names match (fnmatch), e.g. "1.5b *" "memory *"; the prepare '
+                        'rows always run (they reuse what --work holds)')
+    p.add_argument('--jobs', type=int, default=None,
+                   help='rows at a time after the prepare rows (default 1: timings need the GPU alone; 2 with '
+                        '--tiny, whose figures are not timings)')
+    p.add_argument('--child', choices=['prepare-train', 'prepare-memory', 'memory'], help=argparse.SUPPRESS)
+    p.add_argument('--size', help=argparse.SUPPRESS)
+    p.add_argument('--work', help='folder for the written models and data, reused by later runs (default: '
+                                  '$TMPDIR/xtuner_plugins_gpu/MODE; about 17 GB at real size, so not under --out)')
+    p.add_argument('--samples', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--stage', help=argparse.SUPPRESS)
+    p.add_argument('--models', help=argparse.SUPPRESS)
+    p.add_argument('--device', default='cpu', help=argparse.SUPPRESS)
+    p.add_argument('--batch', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--steps', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--json', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if not args.out:
+        p.error('--out DIR is required')
+    t0 = float(os.environ.get('GPU_BENCH_START') or time.time())
+    mode = 'tiny' if args.tiny else 'real'
+    deadline = t0 + (args.budget if args.budget is not None else MODES[mode]['run_budget'])
+    out = os.path.abspath(args.out)
+    work = os.path.abspath(args.work or os.path.join(tempfile.gettempdir(), 'xtuner_plugins_gpu', mode))
+    rows = plan(mode, out, work)
+    if args.only:
+        rows = [r for r in rows if r['kind'] == 'prepare' or any(fnmatch.fnmatch(r['name'], q) for q in args.only)]
+    when = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
+    commit = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or 'unknown'
+    header = (f'{"SMOKE RUN (tiny models on the CPU; not the goals)" if args.tiny else "GPU goals (real sizes)"}: '
+              f'`{shlex.join(["benchmarks/gpu.sh"] + sys.argv[1:])}`; {when}; {machine(args.tiny)}; '
+              f'commit {commit}; python {platform.python_version()}')
+    print(header, flush=True)
+    execute(rows, out, deadline, MODES[mode]['min_start'], args.jobs or (2 if args.tiny else 1))
+    text = table(rows, header, args.tiny) + f'\nwall: {time.time() - t0:.0f} s\n'
+    with open(os.path.join(out, 'table.md'), 'w') as f:
+        f.write(text)
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump(dict(header=header, mode=mode, wall_s=round(time.time() - t0, 1), rows=rows), f, indent=1)
+    print(text, end='')
+    sys.exit(0 if all(r['status'] == 'ok' for r in rows) else 1)
+
+
+if __name__ == '__main__':
+    main()

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
                                              model_folder)
-from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
+from xtuner_plugins.models.dtypes import resolve_dtype  # noqa: E402
 
 
 def generation_settings(args) -> dict:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
-from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
+from xtuner_plugins.models.dtypes import resolve_dtype  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,10 +54,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from xtuner_plugins.models.export import convert
+    from xtuner_plugins.models.export import export_checkpoint
     try:
-        convert(args.config, args.checkpoint, args.out_dir, fmt=args.format, dtype=resolve_dtype(args.dtype),
-                overwrite=args.overwrite, cfg_options=args.cfg_options, max_shard_size=args.max_shard_size)
+        export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,
+                          dtype=resolve_dtype(args.dtype), overwrite=args.overwrite, cfg_options=args.cfg_options,
+                          max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ from xtuner_plugins.eval import Report, evaluate, read_questions  # noqa: E402
 from xtuner_plugins.eval.scoring import METRICS  # noqa: E402
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
                                              model_folder)
-from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
+from xtuner_plugins.models.dtypes import resolve_dtype  # noqa: E402
 
 
 def parse_args(argv=None):

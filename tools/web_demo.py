@@ -30,7 +30,7 @@ environment_defaults()
 
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
                                              model_folder)
-from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
+from xtuner_plugins.models.dtypes import resolve_dtype  # noqa: E402
 from xtuner_plugins.web.app import WebChat, build_app, launch, port_free  # noqa: E402
 
 

@@ -239,25 +239,6 @@ def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, objec
     return model.geometry
 
 
-def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
-    from safetensors import safe_open
-    out = {}
-    for name, folder in paths.items():
-        total = 0
-        with safe_open(os.path.join(folder, 'model.safetensors'), 'pt') as f:
-            for key in f.keys():
-                total += _numel(f.get_slice(key).get_shape())
-        out[name] = total
-    return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 # ------------------------------------------------------------------------------------------ 2. data
 def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
     from xtuner_plugins.demo.data import KINDS, make_demo_data
@@ -534,7 +515,8 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
 
 
 # ------------------------------------------------------------------------------------------ 5. conversion
-def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str, console: Console) -> str:
+def run_converter(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str,
+                  console: Console) -> str:
     """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
     (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits the family)."""
     spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
@@ -703,8 +685,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
     console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
-    converted = convert(CONFIGS['preference'], stages['preference'].checkpoint, options,
-                        os.path.join(work_dir, 'converted_preference'), console)
+    converted = run_converter(CONFIGS['preference'], stages['preference'].checkpoint, options,
+                              os.path.join(work_dir, 'converted_preference'), console)
     answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
     timings['answers_preference'] = time.perf_counter() - t
     return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
@@ -739,7 +721,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'1/{steps} models: random {recipe.vision} (its real layout) + Qwen2 LLM with tokenizer; '
                  f'{recipe.projector} projector, image mode {recipe.mode}')
     models = make_models(os.path.join(work_dir, 'models'), recipe)
-    sizes = count_parameters(models)
+    from xtuner_plugins.models.checkpoint import read_hf_weights
+    sizes = {name: sum(t.numel() for t in read_hf_weights(folder).values()) for name, folder in models.items()}
     geometry = model_geometry(models, recipe)
     console(f'  vision {recipe.vision} x {recipe.vit_hidden} ({sizes["vision"] / 1e6:.2f} M in its folder), '
             f'{recipe.tile_size} px tiles, {geometry["num_image_token"]} LLM tokens per tile; LLM '
@@ -781,8 +764,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'5/{steps} conversion: tools/convert_to_official.py --format auto (the layout that fits the '
                  f'family)')
     from xtuner_plugins.models.inference import folder_format
-    converted = convert(CONFIGS[ft], stages['finetune'].checkpoint, ft_options, os.path.join(work_dir, 'converted'),
-                        console)
+    converted = run_converter(CONFIGS[ft], stages['finetune'].checkpoint, ft_options,
+                              os.path.join(work_dir, 'converted'), console)
     converted_format = folder_format(converted)
     console(f'  {converted_format} layout in {os.path.relpath(converted, REPO_ROOT)}')
     timings['convert'] = time.perf_counter() - t

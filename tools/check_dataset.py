@@ -30,9 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xtuner_plugins.data.dataset import InternVLDataset  # noqa: E402
 from xtuner_plugins.data.errors import SampleError  # noqa: E402
-from xtuner_plugins.data.image_io import load_image, resolve_image_path  # noqa: E402
-from xtuner_plugins.data.sources import sample_images  # noqa: E402
-from xtuner_plugins.data.template import tokenize_conversation  # noqa: E402
+from xtuner_plugins.data.image_io import load_image  # noqa: E402
+from xtuner_plugins.data.tokenize import tokenize_conversation  # noqa: E402
 from xtuner_plugins.data.tiling import num_tiles  # noqa: E402
 
 
@@ -100,8 +99,8 @@ def main(argv=None) -> int:
         src = ds.sources[record.source]
         st = stats[src.annotation]
         where = ds.where(record)
-        sample = ds.check_record(record)
-        images = sample_images(sample)
+        checked = ds.check_record(record)  # the data set's parse and checks, once
+        images = checked.image_paths
         st['samples'] += 1
         st['text-only samples' if not images else 'image samples'] += 1
         max_num = ds.max_tiles_per_image(record, len(images))
@@ -109,8 +108,7 @@ def main(argv=None) -> int:
         for path in images:
             st['images'] += 1
             try:
-                img = load_image(resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside),
-                                 ds.max_image_pixels)
+                img = load_image(path, ds.max_image_pixels)
             except SampleError as err:
                 st[f'images {err.reason.replace("_", " ")}'] += 1
                 problems.append(err.with_source(where))
@@ -125,14 +123,13 @@ def main(argv=None) -> int:
         if tokenizer is None:
             continue
         tokens_per_image = [t * ds.num_image_token for t in tiles]
-        full = tokenize_conversation(sample['conversations'], tokenizer, tokens_per_image, template=ds.template,
-                                     system=ds.system, max_length=None)
+        full = tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image)
         n = len(full['input_ids'])
         lengths[src.annotation].append(n)
         if args.max_length and n > args.max_length:
             try:
-                tokenize_conversation(sample['conversations'], tokenizer, tokens_per_image, template=ds.template,
-                                      system=ds.system, max_length=args.max_length)
+                tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image,
+                                      max_length=args.max_length)
             except SampleError as err:
                 st['dropped (too long)'] += 1
                 problems.append(err.with_source(where))
@@ -153,7 +150,7 @@ def main(argv=None) -> int:
             print(f'... and {len(probs) - len(shown)} more [{reason}]')
 
     print('\nSummary')
-    after_repeats = Counter(ds.records[i].source for i in ds._index)
+    after_repeats = Counter(ds.record_at(i).source for i in range(len(ds)))
     for i, src in enumerate(ds.sources):
         st = stats[src.annotation]
         print(f'{src.annotation} (image folder {src.image_folder}, repeat_time {src.repeat_time}, '

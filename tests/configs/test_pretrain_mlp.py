@@ -86,7 +86,7 @@ def rank_batches(dataset_cfg_options, tiny, world_size, batch_size):
                                            length_property=cfg.length_property, seed=cfg.seed)
         order = list(iter(sampler))
         per_rank.append([order[i:i + batch_size] for i in range(0, len(order), batch_size)])
-    has_image = [ds.records[i].raw.count('"image"') > 0 for i in ds._index]
+    has_image = [ds.record_at(i).raw.count('"image"') > 0 for i in range(len(ds))]
     return [[[has_image[i] for i in batch] for batch in batches] for batches in per_rank]
 
 

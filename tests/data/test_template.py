@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from tokenizers import processors
 
+from xtuner_plugins.data.conversation import parse_conversation
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.template import (IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN,
                                           INTERNVL_ADDED_TOKENS, INTERNVL_SYSTEM_MESSAGE, TEMPLATES, Template,
-                                          add_internvl_tokens, check_conversations, count_text_tokens,
-                                          get_template, image_token_string, tokenize_conversation)
+                                          add_internvl_tokens, get_template, image_token_string)
+from xtuner_plugins.data.tokenize import count_text_tokens, tokenize_conversation
 from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
 
 # Written out by hand here (not imported) so that a typo in the module cannot pass unnoticed.
@@ -273,12 +274,12 @@ def test_count_text_tokens(tok):
 
 
 def test_check_conversations():
-    check_conversations([H('<image>Hi'), G('x')], 1)
-    check_conversations([H('Hi'), G('x')], 2)  # tags implicit
-    check_conversations([S('s'), H('Hi'), G('x')])
+    parse_conversation([H('<image>Hi'), G('x')], 1)
+    parse_conversation([H('Hi'), G('x')], 2)  # tags implicit
+    parse_conversation([S('s'), H('Hi'), G('x')])
     for conv, n, reason, match in ERRORS:
         with pytest.raises(SampleError, match=match) as info:
-            check_conversations(conv, len(n))
+            parse_conversation(conv, len(n))
         assert info.value.reason == reason
 
 

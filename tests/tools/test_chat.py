@@ -14,7 +14,7 @@ from tests.tools.test_convert_to_official import LORA, as_args, convert, options
 from tests.tools.test_export_families import greedy_with_training_model
 from tools.chat import main as chat_main
 from xtuner_plugins.data.image_io import load_image, load_image_tiles
-from xtuner_plugins.data.template import tokenize_conversation
+from xtuner_plugins.data.tokenize import tokenize_conversation
 
 
 @pytest.fixture(scope='module')

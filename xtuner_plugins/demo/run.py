@@ -63,7 +63,6 @@ DEEPSPEED_CONFIGS = {
     'zero2': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero2_cpu.json'),
     'zero3': os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json'),
 }
-CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
 # Environment variables of an enclosing launcher that must not leak into the training subprocesses.
@@ -519,14 +518,12 @@ def run_converter(config: str, checkpoint: str, options: Mapping[str, object], o
                   console: Console) -> str:
     """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
     (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits the family)."""
-    spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from xtuner_plugins.cli.convert import main as convert_main
     argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_option_args(options)]
     console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
             f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
             f'--overwrite --cfg-options ...')
-    code = module.main(argv)
+    code = convert_main(argv)
     if code:
         raise DemoError(f'tools/convert_to_official.py exited with {code}')
     return out_dir

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from .conversation import Conversation, lenient_conversation, parse_conversation
 from .errors import SampleError
 from .template import (IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Template,
-                       get_template, image_token_string)
+                       image_token_string)
 
 __all__ = ['render_turns', 'encode_turns', 'tokenize_conversation', 'count_text_tokens']
 
@@ -74,11 +74,6 @@ def _text_ids(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def _text_ids(tokenizer, text: str) -> List[int]:
-    """``text``'s ids without special tokens added by the tokenizer (none for empty text)."""
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
-
-
 def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List[Tuple[str, str, List[int]]]:
     """``(role, text, ids)`` of each rendered turn (:func:`render_turns`), tokenised as InternVL does; an
     assistant turn's ids start with its prefix's own ids (see :func:`_split_at_prefix`)."""
@@ -103,23 +98,6 @@ def _special_id(tokenizer, token: str) -> int:
     if token not in tokenizer.get_added_vocab():
         raise ValueError(f'the tokenizer has no added token {token!r}; call add_internvl_tokens(tokenizer) first')
     return tokenizer.convert_tokens_to_ids(token)
-
-
-def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
-    """Tokenise each turn on its own, exactly like InternVL (bos once at the very start when the tokenizer
-    has ``add_bos_token``)."""
-    add_bos = bool(getattr(tokenizer, 'add_bos_token', False))
-    if add_bos:
-        texts = [tokenizer.bos_token + texts[0]] + texts[1:]
-    ids = tokenizer(texts, padding=False, truncation=False).input_ids
-    if add_bos:
-        # InternVL drops the first token of every turn, which is the bos the tokenizer adds itself.
-        bos = tokenizer.bos_token_id
-        bad = [i for i, x in enumerate(ids) if not x or x[0] != bos]
-        if bad:
-            raise ValueError(f'tokenizer says add_bos_token but does not start turn {bad[0]} with bos {bos}')
-        ids = [x[1:] for x in ids]
-    return [list(x) for x in ids]
 
 
 def tokenize_conversation(

@@ -1,6 +1,6 @@
-"""Chat with a vision-language model: a converted folder of any format, or a training config plus checkpoint.
+"""Chat with a vision-language model: a converted folder of any format, or a config plus checkpoint.
 
-``xtuner-plugins-chat`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/chat.py``.
+The same as ``xtuner-plugins-chat``; its code and usage are in ``xtuner_plugins/cli/chat.py``.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Check a training data set without training: every sample, every image, every problem.
 
-``xtuner-plugins-check-dataset`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/check_dataset.py``.
+The same as ``xtuner-plugins-check-dataset``; its code and usage are in ``xtuner_plugins/cli/check_dataset.py``.
 """
 
 import sys

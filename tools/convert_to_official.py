@@ -1,6 +1,6 @@
 """Convert a training checkpoint into an InternVL Hugging Face folder.
 
-``xtuner-plugins-convert`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/convert.py``.
+The same as ``xtuner-plugins-convert``; its code and usage are in ``xtuner_plugins/cli/convert.py``.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Evaluate a vision-language model, and measure how much it relies on the image.
 
-``xtuner-plugins-eval`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/eval.py``.
+The same as ``xtuner-plugins-eval``; its code and usage are in ``xtuner_plugins/cli/eval.py``.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Write tiny, randomly initialised look-alikes of the real checkpoints, offline, in seconds.
 
-``xtuner-plugins-make-tiny-models`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/make_tiny_models.py``.
+The same as ``xtuner-plugins-make-tiny-models``; its code and usage are in ``xtuner_plugins/cli/make_tiny_models.py``.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Train with XTuner's own train script, in this process, so the exit code is the run's.
 
-``xtuner-plugins-train`` when the package is installed; the code and its usage are in ``xtuner_plugins/cli/train.py``.
+The same as ``xtuner-plugins-train``; its code and usage are in ``xtuner_plugins/cli/train.py``.
 """
 
 import sys

@@ -1,4 +1,7 @@
-"""A web page to chat with a vision-language model: a converted folder of any format, or a config plus checkpoint. (``xtuner-plugins-web-demo``; the code is ``xtuner_plugins/cli/web_demo.py``)."""
+"""A web page to chat with a vision-language model (a converted folder, or a config plus checkpoint).
+
+The same as ``xtuner-plugins-web-demo``; its code and usage are in ``xtuner_plugins/cli/web_demo.py``.
+"""
 
 import sys
 

@@ -13,7 +13,7 @@ from typing import Any, List, Mapping, Optional, Tuple, Union
 from .errors import SampleError
 from .template import IMAGE_PLACEHOLDER, RESERVED_IN_TEXT, Template, get_template
 
-__all__ = ['Conversation', 'parse_conversation']
+__all__ = ['Conversation', 'parse_conversation', 'lenient_conversation']
 
 _ROLES = ('human', 'gpt', 'system')
 

@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 PLAIN = r'''
 import sys, torch
 from safetensors.torch import save_file
-from xtuner_plugins.models.export import load_config, official_state_dict
+from xtuner_plugins.engine.options import load_config
+from xtuner_plugins.models.export import official_state_dict
 from xtuner_plugins.models.internvl import InternVLModel
 from mmengine.config import DictAction
 config, ckpt, out = sys.argv[1:4]
@@ -103,7 +104,8 @@ def main() -> None:
     import torch
     from tests.configs.conftest import tiny_options
     from tests.helpers import tiny_workspace
-    from xtuner_plugins.models.export import build_for_export, load_config
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
     from xtuner_plugins.tiny.llm import write_tiny_qwen2
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

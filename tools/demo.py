@@ -8,6 +8,7 @@ Usage::
     python tools/demo.py --recipe quick              # a shortened run
     python tools/demo.py --set finetune=lora finetune_iters=2000  # change the recipe
     python tools/demo.py --recipe quick --set vision=clip projector=mlp   # LLaVA-style: CLIP + MLP -> llava
+    xtuner-plugins-demo --recipe quick               # the same, installed as a console script
 
 Outputs (logs, TensorBoard events, checkpoints, the converted folder, answers) go to ``work_dirs/demo/``;
 the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control:
@@ -15,12 +16,9 @@ B``. The stages are in
 ``xtuner_plugins/demo/run.py``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from xtuner_plugins.demo.run import main  # noqa: E402
+from xtuner_plugins.demo.run import main
 
 if __name__ == '__main__':
     sys.exit(main())

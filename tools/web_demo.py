@@ -1,77 +1,11 @@
-"""A web page to chat with a vision-language model: a converted folder of any format, or a config plus checkpoint.
+"""A web page to chat with a vision-language model (a converted folder, or a config plus checkpoint).
 
-Usage::
-
-    python tools/web_demo.py work_dirs/my_internvl                # then open http://127.0.0.1:7860
-    python tools/web_demo.py work_dirs/my_internvl --port 7861 --max-new-tokens 256
-    # straight from training, as tools/chat.py takes it
-    python tools/web_demo.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth
-    # from a script: the /chat endpoint (an image and a question in, the greedy answer out)
-    python -c "from gradio_client import Client, handle_file; \\
-               print(Client('http://127.0.0.1:7860/').predict(handle_file('photo.jpg'), 'What is it?', api_name='/chat'))"
-
-The page (``xtuner_plugins.web``): upload images, chat over several turns with streamed answers, tiling and
-sampling settings, a button that clears the history. It listens on 127.0.0.1 only unless ``--host`` says
-otherwise (``--host 0.0.0.0`` serves the network: anyone who reaches the port can use the model).
+The same as ``xtuner-plugins-web-demo``; its code and usage are in ``xtuner_plugins/cli/web_demo.py``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from xtuner_plugins.web.app import environment_defaults  # noqa: E402
-
-environment_defaults()
-
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,  # noqa: E402
-                                             model_folder)
-from xtuner_plugins.models.internvl import resolve_dtype  # noqa: E402
-from xtuner_plugins.web.app import WebChat, build_app, launch, port_free  # noqa: E402
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
-    parser.add_argument('--port', type=int, default=7860)
-    parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
-    parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
-    parser.add_argument('--max-new-tokens', type=int, default=512)
-    parser.add_argument('--title', default='InternVL chat')
-    args = parser.parse_args(argv)
-    check_model_arguments(parser, args)
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not port_free(args.host, args.port):  # before the model loads, so the error comes at once
-        print(f'web_demo: error: port {args.port} on {args.host} is in use; give another with --port',
-              file=sys.stderr)
-        return 2
-    dtype = resolve_dtype(args.dtype)
-    with tempfile.TemporaryDirectory(prefix='internvl-web-') as tmp:
-        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                              log=lambda m: print(m, file=sys.stderr))
-        try:
-            model = ConvertedModel(folder, dtype, args.device, max_num=args.max_num, min_num=args.min_num)
-        except ValueError as exc:
-            print(f'web_demo: error: {exc}', file=sys.stderr)
-            return 2
-        app = build_app(WebChat(model, args.max_new_tokens), title=args.title)
-        try:
-            launch(app, args.host, args.port)
-        except OSError as exc:
-            print(f'web_demo: error: {exc}', file=sys.stderr)
-            return 2
-    return 0
-
+from xtuner_plugins.cli.web_demo import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -4,6 +4,7 @@ mixed, which must not hang). Each run is judged by its outcome: the final checkp
 fresh model, and the loss on repeated data falls."""
 
 import glob
+import inspect
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from mmengine.config import Config
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
+from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.models import InternVLModel
 
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
@@ -20,7 +22,14 @@ CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))))
 def test_every_stage_config_loads(path):
     cfg = Config.fromfile(path)
-    assert cfg.model.type is not None and cfg.train_dataloader.dataset is not None
+    # the package's model and data set, given only settings they take (a misspelt key fails here, not at build)
+    dataset = cfg.train_dataloader.dataset
+    dataset = dataset.dataset if isinstance(dataset.get('dataset'), dict) else dataset  # a packing wrapper's
+    for spec, base in ((cfg.model, InternVLModel), (dataset, InternVLDataset)):
+        assert isinstance(spec.type, type) and issubclass(spec.type, base), spec.type
+        accepted = inspect.signature(spec.type).parameters
+        assert not any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+        assert set(spec) - {'type'} <= set(accepted), set(spec) - {'type'} - set(accepted)
     assert cfg.env_cfg.dist_cfg.backend in ('gloo', 'nccl')
 
 
@@ -86,7 +95,7 @@ def rank_batches(dataset_cfg_options, tiny, world_size, batch_size):
                                            length_property=cfg.length_property, seed=cfg.seed)
         order = list(iter(sampler))
         per_rank.append([order[i:i + batch_size] for i in range(0, len(order), batch_size)])
-    has_image = [ds.records[i].raw.count('"image"') > 0 for i in ds._index]
+    has_image = [ds.record_at(i).raw.count('"image"') > 0 for i in range(len(ds))]
     return [[[has_image[i] for i in batch] for batch in batches] for batches in per_rank]
 
 

@@ -211,7 +211,7 @@ def test_multi_image_sample_with_one_missing_image_is_skipped_whole(tmp_path, ti
 
 
 def test_too_long_sample_gets_fewer_tiles_or_is_dropped_with_reason(tmp_path, tiny_tokenizer):
-    from xtuner_plugins.data.template import tokenize_conversation
+    from xtuner_plugins.data.tokenize import tokenize_conversation
     write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # an 8x5 grid: 40 tiles + thumbnail
     short = conv(answer='SHORT', image=False)
     budget = len(tokenize_conversation(short, tiny_tokenizer, [])['input_ids']) + 10
@@ -401,3 +401,26 @@ def test_the_length_cache_follows_changed_images_and_an_unwritable_cache_is_skip
     blocked.write_text('a file where the cache folder should be')
     ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), cache_dir=str(blocked / 'x'))
     assert ds.num_tiles_per_item[0] > 1 and any('could not be written' in m for m in logs), logs
+
+
+def test_a_sample_is_parsed_and_validated_once_per_use(mixed, tiny_tokenizer, tmp_path, monkeypatch):
+    """Loading a sample, and counting its length, each read its JSON and check its conversation once."""
+    from xtuner_plugins.data import conversation, lengths, tokenize
+    path, img = mixed
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img)
+    calls = {'json': 0, 'conversation': 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return wrapper
+    monkeypatch.setattr(dataset_module, 'parse_record', counting('json', dataset_module.parse_record))
+    checks = counting('conversation', conversation.parse_conversation)
+    for module in (dataset_module, tokenize):
+        monkeypatch.setattr(module, 'parse_conversation', checks)
+    ds[0]
+    assert calls == {'json': 1, 'conversation': 1}
+    calls.update(json=0, conversation=0)
+    lengths.compute_source_lengths(ds, ds.sources[0], ds.records, cache_dir=str(tmp_path / 'fresh'))
+    assert calls == {'json': len(ds.records), 'conversation': len(ds.records)}

@@ -36,7 +36,7 @@ def test_the_training_model_answers_as_its_converted_folder(tiny, tmp_path):
     from tests.helpers import write_image
     from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
     from xtuner_plugins.eval import TrainingModelAnswerer
-    from xtuner_plugins.models.export import load_config
+    from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.models.inference import ConvertedModel
     opts = options(tiny)
     model = trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3)

@@ -1,15 +1,12 @@
 """Fixtures for the model tests: the tiny look-alikes and one mixed batch built by the real data pipeline."""
 
-import json
 import os
 
 import pytest
-from safetensors.torch import save_file
 
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.models import InternVLModel
-from xtuner_plugins.models.vision import hf_to_official_vision_config, hf_to_official_vision_state_dict
 from xtuner_plugins.tiny import make_tiny_models
 
 TILE = 56  # the tiny InternViT's tile: 4x4 patches -> 2x2 = 4 tokens per tile after pixel shuffle
@@ -56,17 +53,12 @@ def batch(tiny, tmp_path_factory):
 
 
 def write_official(model, folder):
-    """A folder in the official InternVL layout (what the converter issue will produce properly)."""
+    """``model`` as an official InternVL folder, written by the converter's own writer (fp32, tiles of the
+    model's encoder)."""
+    import torch
+
+    from xtuner_plugins.models.export import write_official as write
+    from xtuner_plugins.models.export.build import DEFAULT_TILING
     os.makedirs(folder, exist_ok=True)
-    full = {k: v for k, v in super(InternVLModel, model).state_dict().items()}
-    state = {f'vision_model.{k}': v for k, v in hf_to_official_vision_state_dict(
-        {k[len('vision_model.'):]: v for k, v in full.items() if k.startswith('vision_model.')}).items()}
-    state.update({k: v for k, v in full.items() if k.startswith(('mlp1.', 'language_model.'))})
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'))
-    llm_config = model.language_model.config.to_dict()
-    config = dict(architectures=['InternVLChatModel'], model_type='internvl_chat', downsample_ratio=0.5,
-                  ps_version='v2', select_layer=-1, template='internvl2_5',
-                  vision_config=hf_to_official_vision_config(model.vision_model.config), llm_config=llm_config)
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(config, f)
-    model.tokenizer.save_pretrained(folder)
+    write(model, dict(DEFAULT_TILING, image_size=model.vision.image_size), str(folder), torch.float32,
+          log=lambda message: None)

@@ -6,8 +6,9 @@ from xtuner_plugins.models.projector import InternVLProjector, build_projector, 
 
 
 def reference_shuffle(x, version):
-    """Independent reading of REFERENCE.md: output token (r, c) concatenates inputs (2r,2c), (2r,2c+1),
-    (2r+1,2c), (2r+1,2c+1); v2 lists tokens row-major, v1 column-major."""
+    """InternVL's rule (``pixel_shuffle`` of OpenGVLab's ``InternVLChatModel``), written independently: output
+    token (r, c) concatenates inputs (2r,2c), (2r,2c+1), (2r+1,2c), (2r+1,2c+1); v2 lists tokens row-major,
+    v1 column-major."""
     n, h, w, c = x.shape
     out = torch.empty(n, h // 2, w // 2, 4 * c)
     for r in range(h // 2):

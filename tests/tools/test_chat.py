@@ -14,7 +14,7 @@ from tests.tools.test_convert_to_official import LORA, as_args, convert, options
 from tests.tools.test_export_families import greedy_with_training_model
 from tools.chat import main as chat_main
 from xtuner_plugins.data.image_io import load_image, load_image_tiles
-from xtuner_plugins.data.template import tokenize_conversation
+from xtuner_plugins.data.tokenize import tokenize_conversation
 
 
 @pytest.fixture(scope='module')
@@ -134,12 +134,12 @@ def test_a_trained_system_message_is_the_converted_models_default(setup, tmp_pat
 
     from transformers import AutoModel, AutoTokenizer
 
-    from xtuner_plugins.models.export import convert as convert_fn
+    from xtuner_plugins.models.export import export_checkpoint
     system = 'Answer with one word.'
     opts = dict(setup['opts'], **{'train_dataloader.dataset.system': system})
     # through the function: --cfg-options cannot spell a value with spaces (MMEngine's DictAction drops them)
-    folder = convert_fn(LORA, setup['ckpt'], str(tmp_path / 'official'), dtype=torch.float32, cfg_options=opts,
-                        log=lambda m: None)
+    folder = export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'official'), dtype=torch.float32,
+                               cfg_options=opts, log=lambda m: None)
     with open(f'{folder}/config.json') as f:
         assert json.load(f)['system_message'] == system
     official = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()

@@ -19,7 +19,8 @@ from tests.train_utils import run_train
 from tools.convert_to_official import main as convert_main
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
-from xtuner_plugins.models.export import build_for_export, load_config
+from xtuner_plugins.engine.options import load_config
+from xtuner_plugins.models.export import build_for_export
 
 FULL = os.path.join(ROOT, 'configs', 'finetune_full.py')
 LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
@@ -91,8 +92,8 @@ def convert(config, ckpt, out, opts, *extra):
     """Through the command line when every option is a plain value; dict-valued options (which
     ``--cfg-options`` cannot spell) through the function the command line calls."""
     if any(isinstance(v, dict) for v in opts.values()):
-        from xtuner_plugins.models.export import convert as convert_fn
-        return convert_fn(config, ckpt, str(out), dtype=torch.float32, cfg_options=opts, log=lambda m: None)
+        from xtuner_plugins.models.export import export_checkpoint
+        return export_checkpoint(config, ckpt, str(out), dtype=torch.float32, cfg_options=opts, log=lambda m: None)
     code = convert_main([config, ckpt, str(out), '--dtype', 'fp32', *extra] + as_args(opts))
     assert code == 0
     return str(out)

@@ -28,7 +28,8 @@ def llava_folder(tmp_path_factory):
     import torch
 
     from tests.tools.test_convert_to_official import options as opts_for
-    from xtuner_plugins.models.export import build_for_export, load_config
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
     from xtuner_plugins.tiny.vision import write_tiny_clip
     root = tmp_path_factory.mktemp('eval_llava')
     tiny = tiny_workspace(root / 'tiny')

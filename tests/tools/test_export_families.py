@@ -21,9 +21,11 @@ from tests.tools.test_convert_to_official import (FULL, LORA, QLORA, TOL, conver
 from tools.chat import main as chat_main
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.template import IGNORE_INDEX, tokenize_conversation
+from xtuner_plugins.data.template import IGNORE_INDEX
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles, normalize_tiles
-from xtuner_plugins.models.export import build_for_export, choose_format, load_config
+from xtuner_plugins.engine.options import load_config
+from xtuner_plugins.models.export import build_for_export, choose_format
 from xtuner_plugins.models.inference import ConvertedModel
 from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 

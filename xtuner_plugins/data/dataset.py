@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,9 +42,19 @@ from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
-from .template import (add_internvl_tokens, check_conversations, check_tokenizer_fits,
-                       disable_tokenizer_parallelism, get_template, tokenize_conversation)
+from .conversation import Conversation, parse_conversation
+from .template import add_internvl_tokens, check_tokenizer_fits, disable_tokenizer_parallelism, get_template
+from .tokenize import tokenize_conversation
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
+
+
+@dataclass
+class CheckedSample:
+    """A record parsed and validated once (:meth:`InternVLDataset.check_record`)."""
+
+    sample: dict                       # the parsed record
+    image_paths: List[str]             # its images, resolved against the source's folders
+    conversations: List[Conversation]  # what it is trained on, parsed for those images
 
 
 def build_tokenizer(tokenizer):
@@ -210,17 +221,26 @@ class InternVLDataset(Dataset):
         """The sample of a record, with its ``conversations`` (a subclass may build them from other fields)."""
         return parse_record(record)
 
-    def check_record(self, record: Record) -> dict:
-        """Checks that need no image decoding and no tokenizer; returns the parsed sample."""
+    def conversations_of(self, sample: dict) -> List[Any]:
+        """The conversations a sample is trained on (one here; a preference pair's two)."""
+        return [sample.get('conversations')]
+
+    def check_record(self, record: Record) -> 'CheckedSample':
+        """The record parsed and checked once (no image decoding, no tokenizer): what loading and the length
+        count read. Raises :class:`SampleError`."""
         sample = self.parse(record)
         if 'video' in sample:
             raise SampleError('unsupported_video', 'video samples are not supported yet')
-        images = sample_images(sample)
         src = self.sources[record.source]
-        for path in images:
-            resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
-        check_conversations(sample.get('conversations'), len(images), self.template, self.system)
-        return sample
+        paths = [resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
+                 for path in sample_images(sample)]
+        conversations = [parse_conversation(c, len(paths), self.template, self.system)
+                         for c in self.conversations_of(sample)]
+        return CheckedSample(sample, paths, conversations)
+
+    def record_at(self, index: int) -> Record:
+        """The record of item ``index`` (after repeats)."""
+        return self.records[self._index[index]]
 
     def _report_load_problems(self) -> None:
         if not self.load_problems:
@@ -244,8 +264,7 @@ class InternVLDataset(Dataset):
         """Load one record fully; raises :class:`SampleError` on any problem."""
         if self.tokenizer is None:
             raise ValueError('InternVLDataset needs a tokenizer to load samples for training')
-        sample = self.check_record(record)
-        (encoded,), tiles, max_num = self._fit(record, sample, [sample['conversations']])
+        (encoded,), tiles, max_num = self._fit(record, self.check_record(record))
         pixel_values, image_flags = self.pixels(tiles)
         item = self._item(encoded, pixel_values, image_flags, record)
         if self.where(record) in self.reduced:
@@ -261,26 +280,22 @@ class InternVLDataset(Dataset):
         pixel_values = torch.cat(tiles)
         return pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long)
 
-    def _fit(self, record: Record, sample: dict, conversations: Sequence[list]):
+    def _fit(self, record: Record, checked: 'CheckedSample'):
         """``(encodings, tiles, max tiles per image)``: each conversation tokenised with the sample's image tiles,
         the same tiles for all; while one is too long, fewer tiles per image (the thumbnail stays)."""
-        src = self.sources[record.source]
-        images = sample_images(sample)
-        paths = [resolve_image_path(p, src.image_folder, src.base_dir, self.allow_links_outside) for p in images]
-        pictures = [load_image(p, self.max_image_pixels) for p in paths]
+        images, conversations = checked.image_paths, checked.conversations
+        pictures = [load_image(p, self.max_image_pixels) for p in images]
         max_num = self.max_tiles_per_image(record, len(images))
         while True:
             tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
                                  min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
                                  use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
             counts = [t.shape[0] * self.num_image_token for t in tiles]
-            encoded = [tokenize_conversation(c, self.tokenizer, counts, template=self.template, system=self.system)
-                       for c in conversations]
+            encoded = [tokenize_conversation(c, self.tokenizer, counts) for c in conversations]
             if self.max_length is None or all(len(e['input_ids']) <= self.max_length for e in encoded):
                 break
             if max_num <= 1 or all(t.shape[0] == 1 for t in tiles):  # as small as it gets: cut, or too_long
-                encoded = [tokenize_conversation(c, self.tokenizer, counts, template=self.template,
-                                                 system=self.system, max_length=self.max_length)
+                encoded = [tokenize_conversation(c, self.tokenizer, counts, max_length=self.max_length)
                            for c in conversations]
                 break
             max_num = max(1, max_num // 2)
@@ -300,7 +315,7 @@ class InternVLDataset(Dataset):
                     num_tiles=pixel_values.shape[0],
                     samples=[self.where(record)])  # FILE:LINE, for messages about the batch
 
-    def _count_failure(self, err: SampleError) -> None:
+    def count_failure(self, err: SampleError) -> None:
         """Count a sample that failed to load, once however often it is drawn; stop past the limit. Other
         processes (DataLoader workers, ranks) count their own; ``BadSampleHook`` adds them all up."""
         if err.source in self.failed:
@@ -325,13 +340,13 @@ class InternVLDataset(Dataset):
         by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped."""
         n, position, skipped, rng = len(self._index), index, [], None
         for _ in range(n):
-            record = self.records[self._index[position % n]]
+            record = self.record_at(position % n)
             try:
                 item = self.load_sample(record)
                 item['skipped'] = skipped
                 return item
             except SampleError as err:
-                self._count_failure(err.with_source(self.where(record)))
+                self.count_failure(err.with_source(self.where(record)))
                 skipped.append((err.source, err.reason))
                 rng = rng or random.Random(self.seed * 1_000_003 + index)
                 position = rng.randrange(n)

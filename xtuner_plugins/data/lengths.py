@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import numpy as np
 from mmengine.dist import is_main_process
@@ -26,13 +26,10 @@ from mmengine.logging import print_log
 from tqdm import tqdm
 
 from .errors import SampleError
-from .image_io import read_image_size, resolve_image_path
-from .sources import DataSource, Record, sample_images
-from .template import count_text_tokens
+from .image_io import read_image_size
+from .sources import DataSource, Record
 from .tiling import num_tiles
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .dataset import InternVLDataset
+from .tokenize import count_text_tokens
 
 CACHE_VERSION = 3  # 2: tiles per sample stored beside the length; 3: image files and their stats
 
@@ -42,7 +39,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, 'xtuner_plugins', 'lengths')
 
 
-def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
+def _cache_key(ds, src: DataSource) -> str:
     st = os.stat(src.annotation)
     tok = ds.tokenizer
     parts = dict(
@@ -57,22 +54,15 @@ def _cache_key(ds: 'InternVLDataset', src: DataSource) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[int]:
-    """``[signed length, tiles]`` of one record (tiles: 1 for the dummy tile of a text-only sample)."""
-    sample = ds.parse(record)
-    try:
-        images = sample_images(sample)
-    except SampleError:
-        images = []  # reported when the sample is loaded
-    text = count_text_tokens(sample['conversations'], ds.tokenizer, template=ds.template, system=ds.system,
-                             num_images=len(images))
+def _sample_length(ds, record: Record, checked) -> List[int]:
+    """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample)."""
+    text = count_text_tokens(checked.conversations[0], ds.tokenizer)
     image_tokens = 0
     all_tiles = 0
-    max_num = ds.max_tiles_per_image(record, len(images))
-    for path in images:
+    max_num = ds.max_tiles_per_image(record, len(checked.image_paths))
+    for path in checked.image_paths:
         try:
-            full = resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside)
-            width, height = read_image_size(full, ds.max_image_pixels)
+            width, height = read_image_size(path, ds.max_image_pixels)
         except SampleError:
             continue
         tiles = num_tiles(width, height, min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
@@ -83,17 +73,7 @@ def _sample_length(ds: 'InternVLDataset', src: DataSource, record: Record) -> Li
     if ds.max_length:
         total = min(total, ds.max_length)
     total = max(total, 1)
-    return [total, all_tiles] if images else [-total, 1]
-
-
-def _image_files(ds: 'InternVLDataset', src: DataSource, record: Record) -> List[str]:
-    files = []
-    for path in sample_images(ds.parse(record)):
-        try:
-            files.append(resolve_image_path(path, src.image_folder, src.base_dir, ds.allow_links_outside))
-        except SampleError:
-            files.append('')
-    return files
+    return [total, all_tiles] if checked.image_paths else [-total, 1]
 
 
 def _stats(files: List[List[str]]) -> List[list]:
@@ -111,7 +91,7 @@ def _stats(files: List[List[str]]) -> List[list]:
     return out
 
 
-def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List[Record],
+def compute_source_lengths(ds, src: DataSource, records: List[Record],
                            cache_dir: Optional[str] = None) -> np.ndarray:
     """``[N, 2]``: signed length and tile count of each of one source's (valid) records, from the cache or
     computed and cached. The cache is keyed on the annotation file and the settings, and holds the size and
@@ -137,13 +117,14 @@ def compute_source_lengths(ds: 'InternVLDataset', src: DataSource, records: List
     if lengths is None:
         print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
                   logger='current')
-        files = [_image_files(ds, src, r) for r in records]
-        lengths = [None] * len(records)
+        files, lengths = [None] * len(records), [None] * len(records)
     else:
         print_log(f'{src.annotation}: the images of {len(stale)} samples changed since the length cache was '
                   f'written; computing those again', logger='current')
     for i in tqdm(stale, desc=f'lengths {src.name}', disable=not is_main_process() or len(stale) < 2000):
-        lengths[i] = _sample_length(ds, src, records[i])
+        checked = ds.check_record(records[i])  # parsed and checked once: its image paths and its conversation
+        files[i] = checked.image_paths
+        lengths[i] = _sample_length(ds, records[i], checked)
     _write_cache(cache_dir, cache_file, dict(annotation=os.path.abspath(src.annotation), lines=lines,
                                              lengths=lengths, images=files, stats=_stats(files)))
     return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)

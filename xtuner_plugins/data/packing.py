@@ -79,11 +79,11 @@ class PackedInternVLDataset(Dataset):
     def _load_pack(self, pack: List[int], skipped: list) -> List[Dict[str, torch.Tensor]]:
         items = []
         for i in pack:
-            record = self.dataset.records[self.dataset._index[i]]
+            record = self.dataset.record_at(i)
             try:
                 items.append(self.dataset.load_sample(record))
             except SampleError as err:
-                self.dataset._count_failure(err.with_source(self.dataset.where(record)))
+                self.dataset.count_failure(err.with_source(self.dataset.where(record)))
                 skipped.append((err.source, err.reason))
         return items
 

@@ -17,15 +17,15 @@ padded alike, each row with its copy of the tiles (the model runs them in one fo
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from .collate import internvl_collate_fn
 from .dataset import InternVLDataset
 from .errors import SampleError
-from .sources import Record, parse_record, sample_images
-from .template import IGNORE_INDEX, check_conversations
+from .sources import Record, parse_record
+from .template import IGNORE_INDEX
 
 __all__ = ['InternVLPreferenceDataset', 'preference_collate_fn']
 
@@ -53,18 +53,13 @@ class InternVLPreferenceDataset(InternVLDataset):
         sample['rejected_conversations'] = prompt + [{'from': 'gpt', 'value': answers['rejected']}]
         return sample
 
-    def check_record(self, record: Record) -> dict:
-        sample = super().check_record(record)
-        check_conversations(sample['rejected_conversations'], len(sample_images(sample)), self.template,
-                            self.system)
-        return sample
+    def conversations_of(self, sample: dict) -> List[Any]:
+        return [sample['conversations'], sample['rejected_conversations']]
 
     def load_sample(self, record: Record) -> Dict[str, object]:
         if self.tokenizer is None:
             raise ValueError('InternVLPreferenceDataset needs a tokenizer to load samples for training')
-        sample = self.check_record(record)
-        (chosen, rejected), tiles, max_num = self._fit(record, sample, [sample['conversations'],
-                                                                        sample['rejected_conversations']])
+        (chosen, rejected), tiles, max_num = self._fit(record, self.check_record(record))
         pixel_values, image_flags = self.pixels(tiles)
         item = dict(chosen=self._ids(chosen), rejected=self._ids(rejected), pixel_values=pixel_values,
                     image_flags=image_flags, samples=[self.where(record)])

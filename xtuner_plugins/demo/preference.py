@@ -43,7 +43,8 @@ def preference_accuracy(config: str, options: Mapping[str, object], checkpoint: 
                         image_folder: str, batch_pairs: int = 16) -> Tuple[float, int]:
     """``(accuracy, number of pairs)`` of the preference config's model (``options`` as trained; ``checkpoint``
     None: before preference training) on the pairs of ``pairs_path``."""
-    from xtuner_plugins.models.export import build_for_export, load_config
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
     cfg = load_config(config, dict(options, **{'train_dataloader.dataset.data_files': [pairs_path],
                                                'train_dataloader.dataset.image_folders': [image_folder],
                                                'train_dataloader.dataset.repeat_times': 1}))

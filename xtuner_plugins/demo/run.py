@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -59,7 +58,6 @@ CONFIGS = {
 }
 PREFERENCE_LOSSES = {'dpo': dict(types=['sigmoid'], weights=[1.0]),
                      'mpo': dict(types=['sigmoid', 'bco_pair', 'sft'], weights=[0.8, 0.2, 1.0])}
-CONVERTER = os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py')
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
 _FIELD = re.compile(r'\b(lr|eta|loss|time):\s*(\S+)')
@@ -86,8 +84,8 @@ class Recipe:
     vit_layers: int = 2
     vit_heads: int = 4
     vit_intermediate: int = 128
-    # std of the vision tower's random linear weights (InternViT's 0.02 is made for its 1024-wide layers; at
-    # 64 wide, 0.1 learned faster when the tower was trained: 0.59 against 0.52 after 1500 steps, in-process)
+    # std of the vision tower's random linear weights (InternViT's 0.02 is made for its 1024-wide layers; a
+    # 64-wide tower starts from near-constant features at 0.02 and learns faster from 0.1)
     vit_init_std: float = 0.1
     llm_hidden: int = 64
     llm_layers: int = 2
@@ -117,9 +115,8 @@ class Recipe:
     finetune_batch: int = 16
     finetune_lr: float = 2e-3
     # full fine-tuning only: also train the vision tower (InternVL 2.5's stage 1.5 / 2 with the ViT unfrozen).
-    # Off: the frozen random tower's features served the tiny LLM better than training it at these learning
-    # rates (in-process, same data, 3000 steps: 0.79 held-out accuracy frozen against 0.69 trained; on
-    # position + digit questions alone, 1200 steps: 0.60 frozen, 0.47 trained, 0.55 at vision lr 3e-4)
+    # Off: at these sizes and learning rates the frozen random tower's features serve the tiny LLM better than
+    # a tower trained alongside it (lower held-out accuracy with the tower trained)
     train_vision: bool = False
     vision_lr: float = 2e-3
     weight_decay: float = 0.0
@@ -228,25 +225,6 @@ def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, objec
     model = InternVLModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
                           image_mode=recipe.mode, torch_dtype='float32')
     return model.geometry
-
-
-def count_parameters(paths: Mapping[str, str]) -> Dict[str, int]:
-    from safetensors import safe_open
-    out = {}
-    for name, folder in paths.items():
-        total = 0
-        with safe_open(os.path.join(folder, 'model.safetensors'), 'pt') as f:
-            for key in f.keys():
-                total += _numel(f.get_slice(key).get_shape())
-        out[name] = total
-    return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # ------------------------------------------------------------------------------------------ 2. data
@@ -416,17 +394,16 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
 
 
 # ------------------------------------------------------------------------------------------ 5. conversion
-def convert(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str, console: Console) -> str:
+def run_converter(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str,
+                  console: Console) -> str:
     """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
     (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits the family)."""
-    spec = importlib.util.spec_from_file_location('_demo_convert_to_official', CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from xtuner_plugins.cli.convert import main as convert_main
     argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_options_args(options)]
     console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
             f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
             f'--overwrite --cfg-options ...')
-    code = module.main(argv)
+    code = convert_main(argv)
     if code:
         raise DemoError(f'tools/convert_to_official.py exited with {code}')
     return out_dir
@@ -585,8 +562,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
     console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
-    converted = convert(CONFIGS['preference'], stages['preference'].checkpoint, options,
-                        os.path.join(work_dir, 'converted_preference'), console)
+    converted = run_converter(CONFIGS['preference'], stages['preference'].checkpoint, options,
+                              os.path.join(work_dir, 'converted_preference'), console)
     answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
     timings['answers_preference'] = time.perf_counter() - t
     return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
@@ -620,7 +597,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'1/{steps} models: random {recipe.vision} (its real layout) + Qwen2 LLM with tokenizer; '
                  f'{recipe.projector} projector, image mode {recipe.mode}')
     models = make_models(os.path.join(work_dir, 'models'), recipe)
-    sizes = count_parameters(models)
+    from xtuner_plugins.models.checkpoint import read_hf_weights
+    sizes = {name: sum(t.numel() for t in read_hf_weights(folder).values()) for name, folder in models.items()}
     geometry = model_geometry(models, recipe)
     console(f'  vision {recipe.vision} x {recipe.vit_hidden} ({sizes["vision"] / 1e6:.2f} M in its folder), '
             f'{recipe.tile_size} px tiles, {geometry["num_image_token"]} LLM tokens per tile; LLM '
@@ -662,8 +640,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'5/{steps} conversion: tools/convert_to_official.py --format auto (the layout that fits the '
                  f'family)')
     from xtuner_plugins.models.inference import folder_format
-    converted = convert(CONFIGS[ft], stages['finetune'].checkpoint, ft_options, os.path.join(work_dir, 'converted'),
-                        console)
+    converted = run_converter(CONFIGS[ft], stages['finetune'].checkpoint, ft_options,
+                              os.path.join(work_dir, 'converted'), console)
     converted_format = folder_format(converted)
     console(f'  {converted_format} layout in {os.path.relpath(converted, REPO_ROOT)}')
     timings['convert'] = time.perf_counter() - t

@@ -8,7 +8,7 @@ used after repeats. A run that resumes compares it with the manifest the interru
 
 **Bad samples.**
 
-The data set counts the samples that fail to load in its own process (``InternVLDataset._count_failure``): a
+The data set counts the samples that fail to load in its own process (``InternVLDataset.count_failure``): a
 DataLoader worker or another rank sees only its share, so 40 % bad images with a limit of 30 % would pass
 with two workers. Each batch therefore lists what was skipped to make it (``skipped``: ``(FILE:LINE,
 reason)``, see ``data/collate.py``), and :class:`BadSampleHook` adds these up in the training processes:
@@ -140,7 +140,7 @@ class BadSampleHook(Hook):
 
 def manifest(dataset) -> dict:
     """Per source of an ``InternVLDataset``: the annotation file's identity and the sample counts."""
-    used = Counter(dataset.records[i].source for i in dataset._index)
+    used = Counter(dataset.record_at(i).source for i in range(len(dataset)))
     refused: Dict[str, Counter] = {}
     for problem in dataset.load_problems:
         refused.setdefault((problem.source or '?').rsplit(':', 1)[0], Counter())[problem.reason] += 1

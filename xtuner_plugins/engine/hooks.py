@@ -18,7 +18,7 @@ import torch
 from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 
-__all__ = ['ThroughputHook', 'count_tokens_and_samples', 'peak_memory_mb']
+__all__ = ['ThroughputHook', 'count_tokens_and_samples', 'peak_memory_mb', 'peak_rss_mb']
 
 
 def _as_data_dict(data_batch: Any) -> Optional[dict]:
@@ -61,13 +61,18 @@ def count_tokens_and_samples(data_batch: Any) -> Tuple[Optional[int], Optional[i
     return tokens, samples
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process in MiB: ``torch.cuda.max_memory_allocated`` on a GPU, else peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
+    return peak_rss_mb()
 
 
 class ThroughputHook(Hook):

@@ -1,4 +1,5 @@
-"""``--cfg-options`` checked against the config before anything is built.
+"""A config file with its ``--cfg-options`` (:func:`load_config`), the options checked against the config before
+anything is built (:func:`check_cfg_options`).
 
 MMEngine merges any key silently. Two mistakes then cost a run: setting a config file's own variable
 (``llm_path=...``), which the file already copied into the entries that use it when it was read, so the
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Iterator, List, Mapping, Tuple
+import os
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
 RUNNER_KEYS = {
@@ -22,6 +24,17 @@ RUNNER_KEYS = {
     'log_processor', 'log_level', 'visualizer', 'default_scope', 'randomness', 'experiment_name', 'strategy',
     'runner_type', 'compile', 'cfg', 'train_dataset',
 }
+
+
+def load_config(config: str, cfg_options: Optional[dict] = None):
+    """An MMEngine config file with ``--cfg-options``-style overrides."""
+    from mmengine.config import Config
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f'config not found: {config}')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
 
 
 def _leaves(node, prefix: str = '') -> Iterator[Tuple[str, object]]:

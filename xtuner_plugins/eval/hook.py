@@ -28,7 +28,8 @@ from mmengine.logging import print_log
 from PIL import Image
 
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.template import IGNORE_INDEX, tokenize_conversation
+from xtuner_plugins.data.template import IGNORE_INDEX
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 
 from .data import read_questions

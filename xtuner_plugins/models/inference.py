@@ -69,8 +69,9 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
     first (the converter's code path, so both ways run the same model code)."""
     if config is None:
         return folder
-    from xtuner_plugins.models.export import convert
-    return convert(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options, log=log)
+    from xtuner_plugins.models.export import export_checkpoint
+    return export_checkpoint(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options,
+                             log=log)
 
 
 def add_model_arguments(parser) -> None:

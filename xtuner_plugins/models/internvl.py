@@ -36,6 +36,7 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .checkpoint import load_trained_state_dict
+from .dtypes import resolve_dtype
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
@@ -44,19 +45,6 @@ from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import gathered, hf_zero3_init, shape_of
 
 ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
-DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-          'float16': torch.float16, 'fp16': torch.float16}
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
-    """``'auto'`` is bf16 on a GPU and fp32 on a CPU."""
-    if dtype is None or dtype == 'auto':
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or "auto"')
-    return DTYPES[dtype]
 
 
 class InternVLModel(BaseModel):

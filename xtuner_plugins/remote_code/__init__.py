@@ -18,3 +18,19 @@ FOLDER = os.path.dirname(os.path.abspath(__file__))
 # these two, and the package's own projector module (it imports only torch), shipped as ``projector.py``.
 VLM_FILES = FILES + ('configuration_vlm_chat.py', 'modeling_vlm_chat.py')
 PROJECTOR_FILE = os.path.join(os.path.dirname(FOLDER), 'models', 'projector.py')
+
+# ``config.json``'s ``auto_map`` of each kind of folder: the classes above that transformers imports
+INTERN_VIT_AUTO_MAP = {  # an InternViT folder (OpenGVLab's layout)
+    'AutoConfig': 'configuration_intern_vit.InternVisionConfig',
+    'AutoModel': 'modeling_intern_vit.InternVisionModel',
+}
+INTERNVL_CHAT_AUTO_MAP = {  # --format official
+    'AutoConfig': 'configuration_internvl_chat.InternVLChatConfig',
+    'AutoModel': 'modeling_internvl_chat.InternVLChatModel',
+    'AutoModelForCausalLM': 'modeling_internvl_chat.InternVLChatModel',
+}
+VLM_CHAT_AUTO_MAP = {  # --format remote
+    'AutoConfig': 'configuration_vlm_chat.VLMChatConfig',
+    'AutoModel': 'modeling_vlm_chat.VLMChatModel',
+    'AutoModelForCausalLM': 'modeling_vlm_chat.VLMChatModel',
+}

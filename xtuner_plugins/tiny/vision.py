@@ -27,14 +27,12 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from xtuner_plugins.remote_code import INTERN_VIT_AUTO_MAP
+
 from .dual import check_vit_sizes, write_tiny_clip, write_tiny_siglip
 
 __all__ = ['write_tiny_internvit', 'write_tiny_siglip', 'write_tiny_clip']
 
-_AUTO_MAP = {
-    'AutoConfig': 'configuration_intern_vit.InternVisionConfig',
-    'AutoModel': 'modeling_intern_vit.InternVisionModel',
-}
 
 
 def _official_config(image_size, patch_size, hidden_size, num_layers, num_heads, intermediate_size, qkv_bias,
@@ -43,7 +41,7 @@ def _official_config(image_size, patch_size, hidden_size, num_layers, num_heads,
     return {
         'architectures': ['InternVisionModel'],
         'attention_dropout': 0.0,
-        'auto_map': dict(_AUTO_MAP),
+        'auto_map': dict(INTERN_VIT_AUTO_MAP),
         'drop_path_rate': 0.0,
         'dropout': 0.0,
         'hidden_act': 'gelu',

@@ -42,11 +42,13 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
 from ...data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from ...remote_code import INTERN_VIT_AUTO_MAP
 from ..checkpoint import read_hf_weights
+from ..dtypes import dtype_name, resolve_dtype
 from .base import VisionEncoder, register_vision_encoder, square_side
 
 __all__ = [
-    'OFFICIAL_MODEL_TYPE', 'OFFICIAL_AUTO_MAP', 'official_to_hf_vision_config', 'hf_to_official_vision_config',
+    'OFFICIAL_MODEL_TYPE', 'official_to_hf_vision_config', 'hf_to_official_vision_config',
     'official_to_hf_vision_state_dict', 'hf_to_official_vision_state_dict', 'interpolate_position_embeddings',
     'load_internvit', 'build_internvit_from_state_dict', 'InternVLVisionLayerWithDropPath',
     'set_drop_path', 'vision_features', 'InternViTEncoder',
@@ -54,10 +56,6 @@ __all__ = [
 
 OFFICIAL_MODEL_TYPE = 'intern_vit_6b'
 OFFICIAL_ARCHITECTURES = ['InternVisionModel']
-OFFICIAL_AUTO_MAP = {
-    'AutoConfig': 'configuration_intern_vit.InternVisionConfig',
-    'AutoModel': 'modeling_intern_vit.InternVisionModel',
-}
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -146,7 +144,7 @@ def hf_to_official_vision_config(cfg: InternVLVisionConfig) -> dict:
     for name, value in _HF_FIXED.items():
         if getattr(cfg, name) != value:
             raise ValueError(f'InternViT has no equivalent of {name}={getattr(cfg, name)!r} (it needs {value!r})')
-    out = {'architectures': list(OFFICIAL_ARCHITECTURES), 'auto_map': dict(OFFICIAL_AUTO_MAP),
+    out = {'architectures': list(OFFICIAL_ARCHITECTURES), 'auto_map': dict(INTERN_VIT_AUTO_MAP),
            'model_type': OFFICIAL_MODEL_TYPE}
     for official, hf in _CONFIG_TABLE.items():
         out[official] = getattr(cfg, hf)
@@ -156,7 +154,7 @@ def hf_to_official_vision_config(cfg: InternVLVisionConfig) -> dict:
     out['use_flash_attn'] = getattr(cfg, 'use_flash_attn', cfg._attn_implementation == 'flash_attention_2')
     dtype = getattr(cfg, 'dtype', None)
     if dtype is not None:
-        out['torch_dtype'] = str(dtype).replace('torch.', '')
+        out['torch_dtype'] = dtype_name(dtype)
     return dict(sorted(out.items()))
 
 
@@ -305,16 +303,6 @@ def interpolate_position_embeddings(pos_embed: torch.Tensor, grid: int) -> torch
 # Loading a folder
 # ---------------------------------------------------------------------------------------------------------
 
-def _resolve_dtype(torch_dtype, cfg: dict) -> torch.dtype:
-    if torch_dtype is None:
-        return torch.float32
-    if torch_dtype == 'auto':
-        torch_dtype = cfg.get('torch_dtype', cfg.get('dtype')) or 'float32'
-    if isinstance(torch_dtype, str):
-        torch_dtype = getattr(torch, torch_dtype.replace('torch.', ''))
-    return torch_dtype
-
-
 def load_internvit(path_or_dir: Union[str, os.PathLike], torch_dtype: Union[None, str, torch.dtype] = None,
                    attn_implementation: str = 'sdpa', drop_path_rate: Optional[float] = None,
                    image_size: Optional[int] = None) -> InternVLVisionModel:
@@ -411,7 +399,9 @@ def build_internvit_from_state_dict(vision_config: dict, state_dict: Dict[str, t
         raise ValueError(f'{source}: {len(wrong)} tensor(s) have another shape than the config implies: '
                          f'{_list_keys(wrong, limit=8)}')
     model.load_state_dict(sd, strict=True, assign=True)
-    model.to(_resolve_dtype(torch_dtype, vision_config.get('vision_config', vision_config)))
+    saved = vision_config.get('vision_config', vision_config)  # None: fp32; 'auto': the dtype the folder records
+    model.to(resolve_dtype(torch.float32 if torch_dtype is None else torch_dtype,
+                           auto=saved.get('torch_dtype', saved.get('dtype')) or torch.float32))
     set_drop_path(model, config.drop_path_rate if drop_path_rate is None else drop_path_rate)
     return model.eval()
 

@@ -18,20 +18,20 @@ writes for ``<image>\\n``; the training system message is the template's default
 ``CLIPImageProcessor`` resizing to exactly S x S (bicubic, no crop), ``'pad'`` is ``LlavaImageProcessor`` with
 ``do_pad`` (the mean colour, ``int(mean * 255)``, as the training's ``pad_to_square``), both with the encoder's
 mean/std. Keys (transformers 4.57): ``model.vision_tower.*``, ``model.multi_modal_projector.linear_{1,2}.*``,
-``model.language_model.*``, ``lm_head.*``.
+``model.language_model.*``, ``lm_head.*`` (``layouts.py``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
-from .export import chat_template, composite_llm_state_dict, generation_config, write_weights
-from .projector import BilinearProjector, LlavaProjector
+from ..projector import BilinearProjector, LlavaProjector
+from .files import Log, _print, chat_template, generation_config, write_weights
+from .layouts import llava_state_dict
 
 LLAVA_IMAGE_TEXT = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}\n'
 
@@ -46,14 +46,6 @@ def llava_misfit(model) -> Optional[str]:
     if model.image_mode not in ('resize', 'pad'):
         reasons.append(f'image mode {model.image_mode} (LLaVA takes resize or pad: one tile per image)')
     return '; '.join(reasons) or None
-
-
-def llava_state_dict(model) -> Dict[str, torch.Tensor]:
-    """The training model's tensors under ``LlavaForConditionalGeneration``'s keys."""
-    state = {f'model.vision_tower.{k}': v for k, v in nn.Module.state_dict(model.vision_model).items()}
-    state.update({f'model.multi_modal_projector.{k}': v for k, v in nn.Module.state_dict(model.mlp1).items()})
-    state.update(composite_llm_state_dict(model, 'LLaVA'))
-    return state
 
 
 def llava_config(model, dtype: torch.dtype):
@@ -82,8 +74,8 @@ def llava_image_processor(model):
     return CLIPImageProcessor(size={'height': size, 'width': size}, do_center_crop=False, **common)
 
 
-def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB', log=print,
-                system: Optional[str] = None) -> None:
+def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
+                log: Log = _print, system: Optional[str] = None) -> None:
     """Weights, ``LlavaConfig``, generation config, tokenizer and ``LlavaProcessor`` with the chat template
     (``tiling`` is unused: one tile per image, its size the encoder's)."""
     from transformers import AutoTokenizer, LlavaProcessor

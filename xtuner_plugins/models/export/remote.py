@@ -13,28 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
-from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_FILES
+from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_CHAT_AUTO_MAP, VLM_FILES
 
-from .export import chat_template, generation_config, write_weights
-
-REMOTE_AUTO_MAP = {
-    'AutoConfig': 'configuration_vlm_chat.VLMChatConfig',
-    'AutoModel': 'modeling_vlm_chat.VLMChatModel',
-    'AutoModelForCausalLM': 'modeling_vlm_chat.VLMChatModel',
-}
-
-
-def remote_state_dict(model) -> Dict[str, torch.Tensor]:
-    state = {}
-    for part in ('vision_model', 'mlp1', 'language_model'):
-        state.update({f'{part}.{k}': v for k, v in nn.Module.state_dict(getattr(model, part)).items()})
-    return state
+from ..dtypes import dtype_name
+from .files import Log, _print, chat_template, generation_config, write_weights
+from .layouts import remote_state_dict
 
 
 def projector_settings(projector: nn.Module) -> dict:
@@ -48,32 +37,31 @@ def projector_settings(projector: nn.Module) -> dict:
 
 def remote_config(model, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:
     import transformers
-    dtype_name = str(dtype).replace('torch.', '')
     vision = model.vision_model.config.to_dict()
     for key in ('drop_path_rate', 'use_flash_attn'):
         vision.pop(key, None)
     llm = model.language_model.config.to_dict()
     llm.pop('quantization_config', None)
     llm.pop('_name_or_path', None)
-    llm.update(tie_word_embeddings=False, dtype=dtype_name, use_cache=True,
+    llm.update(tie_word_embeddings=False, dtype=dtype_name(dtype), use_cache=True,
                vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
                architectures=[type(model.language_model).__name__])
     enc = model.vision
     return {
-        'architectures': ['VLMChatModel'], 'auto_map': dict(REMOTE_AUTO_MAP), 'model_type': 'xtuner_vlm_chat',
+        'architectures': ['VLMChatModel'], 'auto_map': dict(VLM_CHAT_AUTO_MAP), 'model_type': 'xtuner_vlm_chat',
         'vision_config': vision, 'llm_config': llm, 'vision_type': enc.name, 'select_layer': enc.select_layer,
         'drop_cls': enc.drop_cls, 'projector': projector_settings(model.mlp1),
         'num_image_token': model.num_image_token, 'image_mode': model.image_mode, 'force_image_size': enc.image_size,
         'image_mean': list(enc.mean), 'image_std': list(enc.std), 'dynamic_image_size': model.image_mode == 'tile',
         'use_thumbnail': bool(tiling['use_thumbnail']), 'min_dynamic_patch': int(tiling['min_dynamic_patch']),
         'max_dynamic_patch': int(tiling['max_dynamic_patch']), 'template': model.template,
-        'system_message': system, 'tie_word_embeddings': False, 'dtype': dtype_name,
+        'system_message': system, 'tie_word_embeddings': False, 'dtype': dtype_name(dtype),
         'transformers_version': transformers.__version__,
     }
 
 
-def write_remote(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB', log=print,
-                 system: Optional[str] = None) -> None:
+def write_remote(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
+                 log: Log = _print, system: Optional[str] = None) -> None:
     write_weights(remote_state_dict(model), out_dir, max_shard_size, log)
     with open(os.path.join(out_dir, 'config.json'), 'w', encoding='utf-8') as f:
         json.dump(remote_config(model, tiling, dtype, system), f, indent=2, ensure_ascii=False)

@@ -1,0 +1,159 @@
+"""Chat with a vision-language model: a converted folder of any format, or a training config plus checkpoint.
+
+Usage::
+
+    # one shot, from a converted folder (tools/convert_to_official.py)
+    python tools/chat.py work_dirs/my_internvl --image photo.jpg --prompt "What is in the picture?"
+    # several images in one prompt: one <image> tag each (added in front when the prompt has none)
+    python tools/chat.py work_dirs/my_internvl --image a.jpg b.jpg --prompt "Image-1: <image>\\nImage-2: <image>\\nCompare."
+    # straight from training: the config (with the run's --cfg-options) and a checkpoint
+    python tools/chat.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth \\
+        --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth --image photo.jpg
+    # interactive (no --prompt): answers stream as they are generated; /image PATH ..., /reset, /exit
+
+The folder's format is read from its ``config.json``: ``official`` and ``remote`` folders load with
+``trust_remote_code`` and answer through their ``chat``; ``llava`` and ``hf`` folders through transformers' own
+classes and the folder's processor (``xtuner_plugins.models.inference``). Tiling flags (``--max-num``,
+``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's ``config.json`` (official/remote).
+Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
+A config plus checkpoint is converted into a temporary folder first (the converter's code path), so both
+ways run the same model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+from typing import Sequence
+
+import torch
+
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
+                                             model_folder)
+from xtuner_plugins.models.dtypes import resolve_dtype
+
+
+def generation_settings(args) -> dict:
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.repetition_penalty != 1.0:
+        generation['repetition_penalty'] = args.repetition_penalty
+    return generation
+
+
+
+
+HELP = ('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
+        '/help shows this, /exit quits.')
+
+
+def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -> None:
+    from transformers import TextIteratorStreamer
+    pending = list(images)
+    print(HELP, flush=True)
+    while True:
+        try:
+            line = input('you> ').strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ('/exit', '/quit'):
+            return
+        command = line.split()[0]
+        if command.startswith('/') and command not in ('/image', '/reset'):
+            print(HELP if command == '/help' else f'(unknown command {command}) ' + HELP)
+            continue
+        if line == '/reset':
+            chat.reset()
+            pending = []
+            print('(history cleared)')
+            continue
+        if command == '/image':
+            paths = line.split()[1:]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                print(f'(not found: {", ".join(missing)})')
+                continue
+            pending.extend(paths)
+            print(f'(attached to the next message: {", ".join(pending)})')
+            continue
+        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def run(line=line, images=tuple(pending)):
+            try:
+                result['answer'] = chat.ask(line, images, generation, streamer=streamer)
+            except Exception as exc:  # reported below, after the stream ends
+                result['error'] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        print('model> ', end='', flush=True)
+        for piece in streamer:
+            print(piece.replace('<|im_end|>', ''), end='', flush=True)
+        thread.join()
+        print()
+        if 'error' in result:
+            print(f'(error: {result["error"]})')
+        pending = []
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument('--image', nargs='+', default=[], help='image file(s) for the (first) prompt')
+    parser.add_argument('--prompt', help='answer this and exit (otherwise: interactive)')
+    parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
+    parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
+    parser.add_argument('--image-size', type=int, default=None, help='tile size in px (default: config)')
+    parser.add_argument('--no-thumbnail', action='store_true', help='no thumbnail tile')
+    parser.add_argument('--max-new-tokens', type=int, default=512)
+    parser.add_argument('--do-sample', action='store_true', help='sample instead of greedy decoding')
+    parser.add_argument('--temperature', type=float, default=0.7)
+    parser.add_argument('--top-p', type=float, default=0.9)
+    parser.add_argument('--top-k', type=int, default=50)
+    parser.add_argument('--repetition-penalty', type=float, default=1.0)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    check_model_arguments(parser, args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    dtype = resolve_dtype(args.dtype)
+    missing = [p for p in args.image if not os.path.isfile(p)]
+    if missing:
+        print(f'chat: error: image not found: {", ".join(missing)}', file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix='internvl-chat-') as tmp:
+        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
+                              log=lambda m: print(m, file=sys.stderr))
+        try:
+            chat = ConvertedModel(folder, dtype, args.device, image_size=args.image_size, max_num=args.max_num,
+                                  min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
+        except ValueError as exc:
+            print(f'chat: error: {exc}', file=sys.stderr)
+            return 2
+        if args.prompt is None:
+            interactive(chat, args.image, generation_settings(args))
+            return 0
+        try:
+            print(chat.ask(args.prompt, args.image, generation_settings(args)))
+        except ValueError as exc:
+            print(f'chat: error: {exc}', file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Check a training data set without training: every sample, every image, every problem.
+
+Usage::
+
+    python tools/check_dataset.py --data data/blip_laion_cc_sbu_558k.json --image-folder data/images
+    python tools/check_dataset.py --data a.jsonl b.json --image-folder imgs_a imgs_b \\
+        --tokenizer Qwen/Qwen2.5-1.5B-Instruct --max-length 8192 --max-dynamic-patch 12
+    python tools/check_dataset.py --data meta.json          # an InternVL meta file (its own roots)
+    python tools/check_dataset.py --data my.jsonl --image-folder imgs --tokenizer models/Qwen2.5-0.5B-Instruct \
+        --image-mode pad --image-size 336 --num-image-token 576   # LLaVA-1.5 on CLIP-336 (one padded tile)
+
+It reads the files exactly as ``InternVLDataset`` does, decodes every image, and prints each problem as
+``FILE:LINE: reason``, then per file: samples, images found / missing / corrupt, and (with
+``--tokenizer``) a token-length summary (text plus image tokens) with the samples that ``--max-length``
+would truncate or drop. Exit status 0 only when nothing is wrong (truncation counts as wrong unless
+``--allow-truncation``); 1 otherwise; 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from xtuner_plugins.data.dataset import InternVLDataset
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.tokenize import tokenize_conversation
+from xtuner_plugins.data.tiling import num_tiles
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', nargs='+', required=True,
+                   help='annotation files: .jsonl, .json (a list of samples) or InternVL meta .json')
+    p.add_argument('--image-folder', nargs='*', default=None,
+                   help='image folder, one for all files or one per file (default: beside each file)')
+    p.add_argument('--tokenizer', default=None,
+                   help='tokenizer folder or name (offline); enables the token-length summary')
+    p.add_argument('--template', default='internvl2_5', help='conversation template (default internvl2_5)')
+    p.add_argument('--max-length', type=int, default=8192, help='token budget per sample (default 8192)')
+    p.add_argument('--max-dynamic-patch', type=int, default=12, help='max tiles per sample (default 12)')
+    p.add_argument('--min-dynamic-patch', type=int, default=1, help='min tiles per image (default 1)')
+    p.add_argument('--image-size', type=int, default=448, help='tile size in pixels (default 448)')
+    p.add_argument('--patch-size', type=int, default=14, help='vision patch size (default 14)')
+    p.add_argument('--downsample-ratio', type=float, default=0.5, help='pixel-shuffle ratio (default 0.5)')
+    p.add_argument('--num-image-token', type=int, default=None,
+                   help='LLM tokens per tile, the projector\'s (default: pixel shuffle of the two above; '
+                        '576 for LLaVA on CLIP-336, 169 for bilinear_mlp on SigLIP-384)')
+    p.add_argument('--image-mode', choices=('tile', 'resize', 'pad'), default='tile',
+                   help='tile (InternVL dynamic tiling, default), resize or pad: one tile per image')
+    p.add_argument('--no-thumbnail', action='store_true', help='tiling without the thumbnail tile')
+    p.add_argument('--allow-truncation', action='store_true',
+                   help='samples cut to --max-length (images whole) do not make the check fail')
+    p.add_argument('--show', type=int, default=50,
+                   help='print at most this many problems per reason (default 50; 0 = all)')
+    return p.parse_args(argv)
+
+
+def percentile_line(values):
+    arr = np.asarray(values)
+    return (f'min {arr.min()}, mean {arr.mean():.0f}, p50 {np.percentile(arr, 50):.0f}, '
+            f'p95 {np.percentile(arr, 95):.0f}, max {arr.max()}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    folders = args.image_folder
+    if folders is not None and len(folders) == 1:
+        folders = folders[0]
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        ds = InternVLDataset(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
+                             max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
+                             downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
+                             image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
+                             max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
+                             max_bad_fraction=1.0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+
+    problems = list(ds.load_problems)
+    stats = defaultdict(Counter)
+    lengths = defaultdict(list)
+    for prob in problems:
+        stats[prob.source.rsplit(':', 1)[0]]['bad samples'] += 1
+    for record in tqdm(ds.records, desc='checking', unit='sample', file=sys.stderr):
+        src = ds.sources[record.source]
+        st = stats[src.annotation]
+        where = ds.where(record)
+        checked = ds.check_record(record)  # the data set's parse and checks, once
+        images = checked.image_paths
+        st['samples'] += 1
+        st['text-only samples' if not images else 'image samples'] += 1
+        max_num = ds.max_tiles_per_image(record, len(images))
+        tiles, failed = [], False
+        for path in images:
+            st['images'] += 1
+            try:
+                img = load_image(path, ds.max_image_pixels)
+            except SampleError as err:
+                st[f'images {err.reason.replace("_", " ")}'] += 1
+                problems.append(err.with_source(where))
+                failed = True
+                continue
+            st['images found'] += 1
+            tiles.append(num_tiles(img.width, img.height, min(ds.min_dynamic_patch, max_num), max_num,
+                                   ds.image_size, ds.use_thumbnail))
+        if failed:
+            st['bad samples'] += 1
+            continue
+        if tokenizer is None:
+            continue
+        tokens_per_image = [t * ds.num_image_token for t in tiles]
+        full = tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image)
+        n = len(full['input_ids'])
+        lengths[src.annotation].append(n)
+        if args.max_length and n > args.max_length:
+            try:
+                tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image,
+                                      max_length=args.max_length)
+            except SampleError as err:
+                st['dropped (too long)'] += 1
+                problems.append(err.with_source(where))
+                continue
+            st['truncated'] += 1
+            if not args.allow_truncation:
+                problems.append(SampleError('truncated', f'{n} tokens, cut to --max-length {args.max_length}',
+                                            where))
+
+    by_reason = defaultdict(list)
+    for prob in problems:
+        by_reason[prob.reason].append(prob)
+    for reason, probs in sorted(by_reason.items()):
+        shown = probs if not args.show else probs[:args.show]
+        for prob in shown:
+            print(f'{prob.source}: {reason}: {prob.message}')
+        if len(shown) < len(probs):
+            print(f'... and {len(probs) - len(shown)} more [{reason}]')
+
+    print('\nSummary')
+    after_repeats = Counter(ds.record_at(i).source for i in range(len(ds)))
+    for i, src in enumerate(ds.sources):
+        st = stats[src.annotation]
+        print(f'{src.annotation} (image folder {src.image_folder}, repeat_time {src.repeat_time}, '
+              f'{after_repeats[i]} samples after repeats)')
+        for key in sorted(st):
+            print(f'  {key}: {st[key]}')
+        if lengths[src.annotation]:
+            print(f'  tokens (text + image): {percentile_line(lengths[src.annotation])}')
+    print(f'problems: {len(problems)}' + (f' ({dict(Counter(p.reason for p in problems))})' if problems else ''))
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

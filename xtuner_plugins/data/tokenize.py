@@ -1,0 +1,229 @@
+"""Tokenisation of a conversation as InternVL 2.5's ``preprocess_internvl2_5`` (``internvl_chat/internvl/train/
+dataset.py``) does it, and the length of its text, through one renderer (:func:`render_turns`) and one
+encoder (:func:`encode_turns`):
+
+* every turn is rendered with the template and tokenised on its own, and the pieces are concatenated;
+* system and user turns are not supervised (label ``-100``);
+* in an assistant turn, the ``<|im_start|>assistant\\n`` prefix and the trailing ``\\n`` are not supervised,
+  so the answer and ``<|im_end|>`` are;
+* each ``<image>`` in a human turn becomes ``<img>`` + ``<IMG_CONTEXT>`` * n + ``</img>``;
+* a tokenizer with ``add_bos_token`` gets its bos once, at the very start (not supervised).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .conversation import Conversation, lenient_conversation, parse_conversation
+from .errors import SampleError
+from .template import (IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Template,
+                       image_token_string)
+
+__all__ = ['render_turns', 'encode_turns', 'tokenize_conversation', 'count_text_tokens']
+
+Conversations = Union[Conversation, Sequence[Mapping[str, Any]]]
+
+
+def render_turns(conversation: Conversation, image_text: str) -> List[Tuple[str, str]]:
+    """``(role, text)`` of each turn as the template writes it (the system turn first when the template has one),
+    each ``<image>`` tag written as ``image_text``."""
+    tpl = conversation.template
+    out = [('system', tpl.render_system(conversation.system))] if tpl.system else []
+    for role, value in conversation.turns:
+        if role == 'gpt':
+            out.append((role, tpl.render_assistant(value)))
+        else:
+            out.append((role, tpl.render_user(value.replace(IMAGE_PLACEHOLDER, image_text))))
+    return out
+
+
+def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
+    """Tokenise each turn on its own, exactly like InternVL (bos once at the very start when the tokenizer
+    has ``add_bos_token``)."""
+    if not texts:
+        return []
+    add_bos = bool(getattr(tokenizer, 'add_bos_token', False))
+    if add_bos:
+        texts = [tokenizer.bos_token + texts[0]] + texts[1:]
+    ids = tokenizer(texts, padding=False, truncation=False).input_ids
+    if add_bos:
+        # InternVL drops the first token of every turn, which is the bos the tokenizer adds itself.
+        bos = tokenizer.bos_token_id
+        bad = [i for i, x in enumerate(ids) if not x or x[0] != bos]
+        if bad:
+            raise ValueError(f'tokenizer says add_bos_token but does not start turn {bad[0]} with bos {bos}')
+        ids = [x[1:] for x in ids]
+    return [list(x) for x in ids]
+
+
+def _split_at_prefix(tokenizer, text: str, ids: List[int], prefix: str, prefix_ids: List[int]) -> List[int]:
+    """The ids of an assistant turn ``text`` (tokenised as ``ids``), with its prefix's ids kept apart.
+
+    BPE can merge the end of the prefix with the start of the answer (a prefix ending in a space, say: 'A: ' +
+    'the' -> 'A', ':', ' the'); the turn is then tokenised as prefix + rest, as generation after the prompt
+    sees it, so that no answer text hides in the unsupervised prefix. Otherwise ``ids`` as they are (InternVL's
+    own tokenisation of the whole turn).
+    """
+    if ids[:len(prefix_ids)] == prefix_ids:
+        return ids
+    return prefix_ids + _text_ids(tokenizer, text[len(prefix):])
+
+
+def _text_ids(tokenizer, text: str) -> List[int]:
+    """``text``'s ids without special tokens added by the tokenizer (none for empty text)."""
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List[Tuple[str, str, List[int]]]:
+    """``(role, text, ids)`` of each rendered turn (:func:`render_turns`), tokenised as InternVL does; an
+    assistant turn's ids start with its prefix's own ids (see :func:`_split_at_prefix`)."""
+    rendered = render_turns(conversation, image_text)
+    turn_ids = _tokenize_turns(tokenizer, [text for _, text in rendered])
+    prefix = conversation.template.assistant_prefix
+    prefix_ids = _text_ids(tokenizer, prefix)
+    return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
+            for (role, text), ids in zip(rendered, turn_ids)]
+
+
+def _conversation(conversations: Conversations, num_images: int, template, system) -> Conversation:
+    if isinstance(conversations, Conversation):
+        if conversations.num_images != num_images:
+            raise ValueError(f'the conversation was parsed for {conversations.num_images} image(s), '
+                             f'not {num_images}')
+        return conversations
+    return parse_conversation(conversations, num_images, template, system)
+
+
+def _special_id(tokenizer, token: str) -> int:
+    if token not in tokenizer.get_added_vocab():
+        raise ValueError(f'the tokenizer has no added token {token!r}; call add_internvl_tokens(tokenizer) first')
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def tokenize_conversation(
+    conversations: Conversations,
+    tokenizer,
+    num_image_tokens: Sequence[int],
+    template: Union[str, Template] = 'internvl2_5',
+    system: Optional[str] = None,
+    max_length: Optional[int] = None,
+) -> Dict[str, List[int]]:
+    """Tokenise one conversation like InternVL 2.5 and return ``dict(input_ids=[...], labels=[...])``.
+
+    Args:
+        conversations: ``[{"from": "human"|"gpt"|"system", "value": str}, ...]`` (validated here,
+            :func:`~xtuner_plugins.data.conversation.parse_conversation`), or a :class:`Conversation` already
+            parsed for ``len(num_image_tokens)`` images (``template`` and ``system`` are then its own).
+        tokenizer: a Hugging Face tokenizer with InternVL's added tokens.
+        num_image_tokens: ``<IMG_CONTEXT>`` count per image, in order (256 * tiles); empty for text only.
+        template: a :class:`Template` or the name of one in :data:`TEMPLATES`.
+        system: system message instead of the template's default; a system turn in the data wins over both.
+        max_length: cut longer sequences to this length, only after the last image's ``</img>``.
+
+    Raises:
+        SampleError: ``empty_conversation``, ``bad_conversation``, ``image_tag_mismatch``, ``too_long``,
+            ``no_supervised_tokens``.
+    """
+    counts = [int(n) for n in num_image_tokens]
+    if any(n <= 0 for n in counts):
+        raise ValueError(f'num_image_tokens must be positive, got {counts}')
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f'max_length must be positive, got {max_length}')
+    conversation = _conversation(conversations, len(counts), template, system)
+    tpl = conversation.template
+
+    img_start = img_end = img_ctx = None
+    if counts:
+        img_start = _special_id(tokenizer, IMG_START_TOKEN)
+        img_end = _special_id(tokenizer, IMG_END_TOKEN)
+        img_ctx = _special_id(tokenizer, IMG_CONTEXT_TOKEN)
+
+    # Render every turn with a single <IMG_CONTEXT> per image. Added tokens split the text before
+    # pre-tokenisation, so the surrounding text tokenises exactly as with the full run; each single id is
+    # expanded afterwards (cheap: no 3000-token strings per image go through the tokenizer).
+    compact = image_token_string(1)
+    prefix_len = len(_text_ids(tokenizer, tpl.assistant_prefix))
+    tail_len = len(_text_ids(tokenizer, tpl.assistant_suffix[len(tpl.stop_word):]))
+
+    input_ids: List[int] = []
+    labels: List[int] = []
+    image_idx = 0
+    last_img_end = -1  # index of the last image's </img> in input_ids
+    for role, _, ids in encode_turns(tokenizer, conversation, compact):
+        if role == 'gpt':
+            lab = list(ids)
+            n_pre = min(prefix_len, len(lab))
+            lab[:n_pre] = [IGNORE_INDEX] * n_pre
+            if tail_len:
+                lab[len(lab) - tail_len:] = [IGNORE_INDEX] * min(tail_len, len(lab))
+            input_ids.extend(ids)
+            labels.extend(lab)
+            continue
+        if img_ctx is not None and img_ctx in ids:
+            pieces: List[int] = []
+            prev = 0
+            for pos, tok in enumerate(ids):
+                if tok != img_ctx:
+                    continue
+                if image_idx >= len(counts):
+                    raise SampleError('image_tag_mismatch', f'more image slots than the {len(counts)} image(s)')
+                if pos == 0 or ids[pos - 1] != img_start or pos + 1 >= len(ids) or ids[pos + 1] != img_end:
+                    raise ValueError(f'the tokenizer does not keep {compact!r} as three tokens')
+                pieces.extend(ids[prev:pos])
+                pieces.extend([img_ctx] * counts[image_idx])
+                image_idx += 1
+                prev = pos + 1
+                last_img_end = len(input_ids) + len(pieces)  # the </img> right after the run
+            pieces.extend(ids[prev:])
+            ids = pieces
+        input_ids.extend(ids)
+        labels.extend([IGNORE_INDEX] * len(ids))
+    if image_idx != len(counts):
+        raise SampleError('image_tag_mismatch',
+                          f'found {image_idx} image slot(s) after tokenisation, expected {len(counts)}')
+
+    if max_length is not None and len(input_ids) > max_length:
+        if last_img_end >= max_length:
+            image_tokens = sum(counts) + 2 * len(counts)  # <IMG_CONTEXT>s and each image's <img> and </img>
+            raise SampleError('too_long',
+                              f'the sample up to its last {IMG_END_TOKEN} needs {last_img_end + 1} tokens '
+                              f'({image_tokens} image tokens of {len(counts)} image(s), '
+                              f'{last_img_end + 1 - image_tokens} text tokens), max_length is {max_length}; the '
+                              f'full sample has {len(input_ids)} tokens, and it is never cut inside an image')
+        input_ids = input_ids[:max_length]
+        labels = labels[:max_length]
+    if all(x == IGNORE_INDEX for x in labels):
+        raise SampleError('no_supervised_tokens',
+                          f'no supervised token left in {len(labels)} tokens (max_length={max_length})')
+    return dict(input_ids=input_ids, labels=labels)
+
+
+def count_text_tokens(
+    conversations: Conversations,
+    tokenizer,
+    template: Union[str, Template] = 'internvl2_5',
+    system: Optional[str] = None,
+    num_images: Optional[int] = None,
+) -> int:
+    """Number of tokens of the templated text without any image tokens (for length estimates).
+
+    ``<img>``, the ``<IMG_CONTEXT>`` run and ``</img>`` are all left out, so for a sample with images
+    ``n = num_image_tokens``::
+
+        count_text_tokens(...) + sum(n) + 2 * len(n) == len(tokenize_conversation(..., n)['input_ids'])
+
+    (before truncation). This holds as written for a :class:`Conversation` and when the human turns carry
+    the ``<image>`` tags; for a sample whose tags are implicit (``<image>\\n`` prepended by the parser), pass
+    ``num_images`` so that the prepended ``\\n`` is counted too. With ``num_images`` the sample is also
+    validated (:class:`SampleError`); without it, nothing is validated and malformed turns are skipped.
+    """
+    if isinstance(conversations, Conversation):
+        conversation = conversations
+    elif num_images is not None:
+        conversation = parse_conversation(conversations, num_images, template, system)
+    else:
+        conversation = lenient_conversation(conversations, template, system)
+    # Each <image> written as '<img></img>', so that the text around it splits exactly as in the real
+    # sequence; those two tokens are then left out of the count.
+    encoded = encode_turns(tokenizer, conversation, IMG_START_TOKEN + IMG_END_TOKEN)
+    return sum(len(ids) for _, _, ids in encoded) - 2 * conversation.num_images

@@ -1,0 +1,145 @@
+"""The model to export: the training config's model with the checkpoint's tensors (:func:`build_for_export`),
+then LoRA adapters merged and a 4-bit base dequantised (:func:`merge_adapters`).
+
+Memory: the model is built once, directly in the output dtype; checkpoint tensors are read one at a time
+(memory-mapped ``.pth``, DeepSpeed's lazy consolidation) and copied into it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..internvl import InternVLModel
+from ..provenance import check_trained_settings
+from .files import Log, _print
+
+# What the converted folder falls back to when the training config's data set does not say.
+DEFAULT_TILING = dict(image_size=448, min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+
+
+def _training_dataset(cfg) -> dict:
+    """The training config's data set settings (the packed wrapper's inner one)."""
+    dataset = cfg.get('train_dataloader', {}).get('dataset', {}) if hasattr(cfg, 'get') else {}
+    if isinstance(dataset.get('dataset'), dict):
+        dataset = dataset['dataset']
+    return dataset
+
+
+def tiling_settings(cfg) -> dict:
+    """Tile size and tiling settings of the training config's data set."""
+    dataset = _training_dataset(cfg)
+    return {key: dataset.get(key, default) for key, default in DEFAULT_TILING.items()}
+
+
+def training_system_message(cfg) -> Optional[str]:
+    """The system message the training data set was given (``dataset.system``), or None for the template's."""
+    return _training_dataset(cfg).get('system')
+
+
+def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print) -> InternVLModel:
+    """The config's model, every weight in ``dtype``, with the checkpoint's trained tensors loaded strictly.
+
+    The frozen parts come from the config's sources (``vision_encoder``, ``llm``, ``official_checkpoint``)
+    and from ``pretrained_pth`` (an earlier stage), as in training.
+    """
+    if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
+        check_trained_settings(cfg, checkpoint, log)
+    model_cfg = copy.deepcopy(dict(cfg.model))
+    model_type = model_cfg.pop('type')
+    model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
+                     vision_grad_ckpt=False, vision_drop_path=0.0,
+                     preference=None)  # the reference policy of full preference training is not exported
+    # training kernels: flash attention needs a GPU; flex attention is the packed rows' mask (torch.compile)
+    if (model_cfg.get('attn_implementation') == 'flash_attention_2' and not torch.cuda.is_available()
+            or model_cfg.get('attn_implementation') == 'flex_attention'):
+        model_cfg['attn_implementation'] = 'sdpa'
+    if isinstance(model_type, str) or not (isinstance(model_type, type) and issubclass(model_type, InternVLModel)):
+        from mmengine.registry import MODELS
+        model_cfg['type'] = model_type
+        model = MODELS.build(model_cfg)
+    else:
+        model = model_type(**model_cfg)
+    model.eval()
+    if checkpoint is not None:
+        log(f'loading trained tensors from {checkpoint}')
+        model.load_pretrained(checkpoint, strict=True)
+    return model
+
+
+def _dequantize(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace bitsandbytes 4-bit/8-bit linear layers by plain ``nn.Linear`` in ``dtype``; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, 'packing_format_for_cpu', False):
+                # bitsandbytes repacks 4-bit weights (bf16 scales) at the first CPU inference forward
+                raise RuntimeError(f'{name}: 4-bit weights were repacked by an inference forward on the CPU; '
+                                   'dequantise a freshly loaded model')
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            raise NotImplementedError(f'{name}: 8-bit LLM weights cannot be converted; train QLoRA in 4-bit')
+        else:
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
+                           device='meta')
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def _merge_peft(peft_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Add each LoRA layer's delta (peft's ``get_delta_weight``) to its base weight, dequantising a 4-bit
+    base first; returns the plain model without adapters."""
+    from peft.tuners.lora import LoraLayer
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = module.get_delta_weight(adapter).to(torch.float32)
+                    deltas[name] = deltas[name] + delta if name in deltas else delta
+    base = peft_model.unload()  # the base model with its original layers back, adapters dropped
+    _dequantize(base, dtype)
+    prefix = 'base_model.model.'
+    for name, delta in deltas.items():
+        layer = base.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
+        layer.weight.copy_((layer.weight.to(torch.float32) + delta).to(layer.weight.dtype))
+    return base
+
+
+def merge_adapters(model: InternVLModel, dtype: torch.dtype, log: Log = _print) -> None:
+    """Merge LLM and vision LoRA adapters into their base weights and dequantise a 4-bit LLM (QLoRA)."""
+    from peft import PeftModel
+    for attr in ('language_model', 'vision_model'):
+        module = getattr(model, attr)
+        if isinstance(module, PeftModel):
+            log(f'merging LoRA adapters of {attr}')
+            setattr(model, attr, _merge_peft(module, dtype))
+    count = _dequantize(model.language_model, dtype)
+    if count:
+        log(f'dequantised {count} 4-bit layers of language_model')
+    for attr in ('quantization_config', '_pre_quantization_dtype'):
+        if hasattr(model.language_model.config, attr):
+            delattr(model.language_model.config, attr)
+    for attr in ('is_quantized', 'is_loaded_in_4bit', 'is_loaded_in_8bit', 'hf_quantizer'):
+        if hasattr(model.language_model, attr):
+            try:
+                delattr(model.language_model, attr)
+            except AttributeError:
+                pass
+    for p in model.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)

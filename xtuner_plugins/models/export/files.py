@@ -1,0 +1,102 @@
+"""What every writer of a converted folder shares: safetensors shards, the tokenizer with a chat template that
+renders as training did, the generation config. Shards are written from the model's own tensors (safetensors
+writes from their memory, no copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+from xtuner_plugins.data.template import get_template
+
+from ..internvl import InternVLModel
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: str = '5GB',
+                  log: Log = _print) -> None:
+    """safetensors shards (``model-0000i-of-0000n.safetensors`` + index), or one ``model.safetensors``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    total = len(split.filename_to_tensors)
+    for i, (filename, keys) in enumerate(split.filename_to_tensors.items(), 1):
+        start = time.time()
+        save_file({k: state[k].contiguous() for k in keys}, os.path.join(out_dir, filename),
+                  metadata={'format': 'pt'})
+        log(f'wrote {filename} ({i}/{total}, {len(keys)} tensors, {time.time() - start:.1f}s)')
+    if split.is_sharded:
+        index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in state.values())},
+                 'weight_map': split.tensor_to_filename}
+        with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+def chat_template(template_name: str, default_system: Optional[str] = None, image_text: str = '<image>\n') -> str:
+    """A Jinja chat template for the tokenizer that renders what the training template renders (a leading
+    ``system`` message replaces ``default_system``, by default the template's own).
+
+    A message's content is a string, or a list of parts (``{'type': 'text', 'text': ...}``, ``{'type':
+    'image'}``): each image part renders as ``image_text``, what the folder's processor expands into the
+    image's tokens (LLaVA: ``<img><IMG_CONTEXT></img>\\n``, expanded to the training's ``<IMG_CONTEXT>`` run).
+    """
+    template = get_template(template_name)
+    if default_system is None:
+        default_system = template.default_system
+
+    def lit(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+
+    sys_pre, _, sys_post = template.system.partition('{system}')
+    user_pre, _, user_post = template.user.partition('{query}')
+    bot_pre, bot_post = template.assistant_prefix, template.assistant_suffix
+    system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
+    content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for part in c %}"
+               "{% if part['type'] == 'image' %}{{ " + lit(image_text) + " }}"
+               "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}")
+    return (
+        content +
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system = content(messages[0]['content']) %}"
+        "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(default_system) + " %}"
+        "{% set turns = messages %}{% endif %}" + system +
+        "{% for message in turns %}{% if message['role'] == 'user' %}"
+        "{{ " + lit(user_pre) + " + content(message['content']) + " + lit(user_post) + " }}"
+        "{% else %}{{ " + lit(bot_pre) + " + content(message['content']) + " + lit(bot_post) + " }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + lit(bot_pre) + " }}{% endif %}"
+    )
+
+
+def save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = None,
+                    system: Optional[str] = None, image_text: str = '<image>\n') -> None:
+    """The model's tokenizer with a chat template rendering as training did (:func:`chat_template`);
+    ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``."""
+    tokenizer = model.tokenizer
+    tokenizer.chat_template = chat_template(model.template, system, image_text)
+    tokenizer.save_pretrained(out_dir)
+    if extra:
+        config_path = os.path.join(out_dir, 'tokenizer_config.json')
+        with open(config_path, encoding='utf-8') as f:
+            tok_cfg = json.load(f)
+        tok_cfg['extra_special_tokens'] = extra
+        with open(config_path, 'w', encoding='utf-8') as f:
+            json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+
+
+def generation_config(model: InternVLModel):
+    """Generation stops at the template's stop word (and the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+    tokenizer = model.tokenizer
+    stop = tokenizer.convert_tokens_to_ids(get_template(model.template).stop_word)
+    eos = [stop] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, stop) else [])
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)

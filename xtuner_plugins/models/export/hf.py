@@ -1,0 +1,67 @@
+"""``--format hf``: transformers' ``InternVLForConditionalGeneration`` with its processor (no remote code)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+
+from ..internvl import InternVLModel
+from .files import Log, _print, generation_config, save_tokenizer, write_weights
+from .layouts import hf_state_dict
+
+
+def hf_config(model: InternVLModel, dtype: torch.dtype):
+    """``InternVLConfig`` of transformers' native layout."""
+    from transformers import InternVLConfig
+    vision = model.vision_model.config.to_dict()
+    for key in ('drop_path_rate', 'use_flash_attn'):
+        vision.pop(key, None)
+    text = model.language_model.config.to_dict()
+    text.pop('quantization_config', None)
+    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0])
+    num_image_token = int(model.vision_model.config.image_size[0] // model.vision_model.config.patch_size[0]) ** 2
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=model.img_context_token_id,
+                            image_seq_length=int(num_image_token * model.downsample_ratio ** 2),
+                            downsample_ratio=model.downsample_ratio, projector_hidden_act='gelu',
+                            vision_feature_layer=model.select_layer, vision_feature_select_strategy='default',
+                            tie_word_embeddings=False, dtype=dtype)
+    config.architectures = ['InternVLForConditionalGeneration']
+    return config
+
+
+def write_hf(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
+             log: Log = _print, system: Optional[str] = None) -> None:
+    """transformers' ``InternVLForConditionalGeneration`` layout with its processor (no remote code).
+
+    ``system``: the system message the model was trained with; the chat template's default."""
+    if model.ps_version != 'v2':
+        raise ValueError(f'transformers InternVL implements pixel shuffle v2 only; this model uses {model.ps_version}')
+    image_size = int(tiling['image_size'])
+    if image_size != int(model.vision_model.config.image_size[0]):
+        raise ValueError(f'the data tiles are {image_size} px but the vision config says '
+                         f'{model.vision_model.config.image_size}; transformers InternVL uses the config size')
+    write_weights(hf_state_dict(model), out_dir, max_shard_size, log)
+    config = hf_config(model, dtype)
+    config.save_pretrained(out_dir)
+    generation_config(model).save_pretrained(out_dir)
+    save_tokenizer(model, out_dir, extra={'start_image_token': IMG_START_TOKEN, 'end_image_token': IMG_END_TOKEN,
+                                          'context_image_token': IMG_CONTEXT_TOKEN, 'video_token': '<video>'},
+                   system=system, image_text=IMG_CONTEXT_TOKEN + '\n')  # the processor wraps it in <img></img>
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorFast, InternVLProcessor, InternVLVideoProcessor
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    image_processor = GotOcr2ImageProcessorFast(
+        crop_to_patches=True, min_patches=int(tiling['min_dynamic_patch']),
+        max_patches=int(tiling['max_dynamic_patch']), size={'height': image_size, 'width': image_size},
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_normalize=True, do_rescale=True,
+        do_resize=True, do_convert_rgb=True)
+    video_processor = InternVLVideoProcessor(size={'height': image_size, 'width': image_size},
+                                             image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=video_processor, image_seq_length=config.image_seq_length,
+                                  chat_template=tokenizer.chat_template)
+    processor.save_pretrained(out_dir)

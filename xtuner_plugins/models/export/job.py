@@ -1,0 +1,109 @@
+"""The whole conversion (``tools/convert_to_official.py``): check the inputs, build, merge, write a folder::
+
+    model = build_for_export(cfg, checkpoint, torch.bfloat16)   # config's sources + the trained tensors
+    merge_adapters(model, torch.bfloat16)                       # LoRA merged, a 4-bit base dequantised
+    write_official(model, tiling, out_dir, torch.bfloat16)      # or write_hf / write_llava / write_remote
+
+Peak memory is about the model's size plus the largest tensor being converted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+
+from xtuner_plugins.engine.hooks import peak_rss_mb
+from xtuner_plugins.engine.options import load_config
+
+from ..dtypes import dtype_name
+from .build import build_for_export, merge_adapters, tiling_settings, training_system_message
+from .files import Log, _print
+from .hf import write_hf
+from .llava import llava_misfit, write_llava
+from .official import internvl_misfit, write_official
+from .remote import write_remote
+
+
+def _inputs(cfg, checkpoint: Optional[str]):
+    """The existing files and folders the conversion reads."""
+    model = cfg.model
+    vision = model.get('vision_encoder')
+    paths = [checkpoint, vision.get('path') if isinstance(vision, dict) else vision, model.get('llm'),
+             model.get('official_checkpoint'), model.get('pretrained_pth'), model.get('tokenizer')]
+    return [os.path.realpath(p) for p in paths if isinstance(p, str) and os.path.exists(p)]
+
+
+def check_out_dir(out_dir: str, inputs, overwrite: bool) -> None:
+    """Refuse an output folder that is an input, holds an input, or is not empty (without ``overwrite``)."""
+    out = os.path.realpath(out_dir)
+    for path in inputs:
+        if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
+            raise ValueError(f'OUT_DIR {out_dir} is, holds or lies inside an input ({path}); choose another folder')
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f'OUT_DIR {out_dir} exists and is not a folder')
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f'OUT_DIR {out_dir} is not empty; pass --overwrite to replace its contents')
+
+
+FORMATS = ('auto', 'official', 'hf', 'llava', 'remote')
+
+
+def choose_format(model, fmt: str = 'auto') -> str:
+    """``fmt`` checked against the model, or for ``'auto'`` the layout that fits: ``official`` for InternVL,
+    ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination."""
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
+    misfit = {'official': internvl_misfit, 'hf': internvl_misfit, 'llava': llava_misfit}
+    if fmt == 'auto':
+        return next((f for f in ('official', 'llava') if misfit[f](model) is None), 'remote')
+    if fmt in misfit and misfit[fmt](model):
+        fits = [f for f in ('official', 'hf', 'llava') if misfit[f](model) is None] + ['remote']
+        raise ValueError(f'--format {fmt} does not fit this model: {misfit[fmt](model)}; formats that fit: '
+                         f'{", ".join(fits)}')
+    return fmt
+
+
+WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote}
+
+
+def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
+                      dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
+                      cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print) -> str:
+    """Rebuild the config's model, load ``checkpoint``, merge adapters, write ``out_dir``; returns it.
+
+    ``fmt``: ``'official'`` (InternVL's remote-code layout), ``'hf'`` (transformers' InternVL), ``'llava'``
+    (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
+    one that fits, see :func:`choose_format`). The folder is written next to ``out_dir`` and moved into place
+    only when complete.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
+    start = time.time()
+    cfg = load_config(config, cfg_options)
+    if checkpoint is not None and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    check_out_dir(out_dir, _inputs(cfg, checkpoint), overwrite)
+    log(f'[1/4] building the model of {config} in {dtype_name(dtype)}')
+    model = build_for_export(cfg, checkpoint, dtype, log)
+    fmt = choose_format(model, fmt)
+    log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
+    merge_adapters(model, dtype, log)
+    tmp = os.path.realpath(out_dir).rstrip(os.sep) + f'.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
+        WRITERS[fmt](model, tiling_settings(cfg), tmp, dtype, max_shard_size, log,
+                     system=training_system_message(cfg))
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f'[4/4] done: {out_dir} ({fmt} format; {time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
+    return out_dir

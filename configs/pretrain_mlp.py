@@ -4,9 +4,8 @@
 #   xtuner train configs/pretrain_mlp.py                              # one process (also on a CPU)
 #   NPROC_PER_NODE=2 xtuner train configs/pretrain_mlp.py --deepspeed configs/deepspeed/zero2_cpu.json
 #
-# Downloads (then point the paths below at them, or pass --cfg-options model.vision_encoder=... etc.):
-#   huggingface-cli download OpenGVLab/InternViT-300M-448px-V2_5 --local-dir models/InternViT-300M-448px-V2_5
-#   huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir models/Qwen2.5-1.5B-Instruct
+# Models: the folders models/InternViT-300M-448px-V2_5 and models/Qwen2.5-1.5B-Instruct, set (with their
+# download commands and how to point elsewhere) in configs/_base_/models/internvit_qwen2_5.py. Data:
 #   huggingface-cli download liuhaotian/LLaVA-Pretrain --repo-type dataset --local-dir data/llava_pretrain
 #   (cd data/llava_pretrain && mkdir -p images && unzip -q images.zip -d images)
 # Data layout: data/llava_pretrain/blip_laion_cc_sbu_558k.json + data/llava_pretrain/images/<00000>/<id>.jpg
@@ -21,8 +20,6 @@ with read_base():
     from ._base_.schedules.cosine import *
 
 # ---------------------------------------------------------------- settings users edit
-vision_encoder_path = 'models/InternViT-300M-448px-V2_5'
-llm_path = 'models/Qwen2.5-1.5B-Instruct'
 data_files = ['data/llava_pretrain/blip_laion_cc_sbu_558k.json']
 image_folders = ['data/llava_pretrain/images']
 batch_size = 4            # per device; 4 GPUs x 4 x accumulation 4 = 64 samples per step
@@ -33,8 +30,7 @@ max_length = 8192
 max_dynamic_patch = 12
 # ---------------------------------------------------------------------------------------
 
-model.update(vision_encoder=vision_encoder_path, llm=llm_path,
-             freeze_vision=True, freeze_projector=False, freeze_llm=True)
+model.update(freeze_vision=True, freeze_projector=False, freeze_llm=True)
 train_dataloader.update(batch_size=batch_size)
 train_dataloader.sampler.update(per_device_batch_size=batch_size)
 train_dataloader.dataset.update(data_files=data_files, image_folders=image_folders, tokenizer=llm_path,

@@ -6,7 +6,7 @@ from xtuner_plugins.engine import DATALOADER_WORKERS
 
 data_files = ['data/llava_pretrain/blip_laion_cc_sbu_558k.json']
 image_folders = ['data/llava_pretrain/images']
-tokenizer_path = 'Qwen/Qwen2.5-1.5B-Instruct'   # the LLM's tokenizer
+tokenizer_path = None      # the LLM's tokenizer: the stage config sets its model's llm_path
 batch_size = 4          # per device
 num_workers = DATALOADER_WORKERS   # 4, or the core count where smaller
 max_length = 8192

@@ -1,8 +1,15 @@
 # InternViT-300M-448px-V2_5 + pixel-shuffle MLP projector + Qwen2.5-Instruct (InternVL 2.5's recipe).
+#
+# The model paths, for every InternViT stage config (configs/pretrain_mlp.py and the stages over it): local
+# folders, so that nothing is downloaded at run time. Fetch them once:
+#   huggingface-cli download OpenGVLab/InternViT-300M-448px-V2_5 --local-dir models/InternViT-300M-448px-V2_5
+#   huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir models/Qwen2.5-1.5B-Instruct
+# or point a run elsewhere: --cfg-options model.vision_encoder=DIR model.llm=DIR train_dataloader.dataset.tokenizer=DIR
+# (the stage configs copy llm_path into the data set's tokenizer; `llm_path=` itself changes nothing once read).
 from xtuner_plugins.models import InternVLModel
 
-vision_encoder_path = 'OpenGVLab/InternViT-300M-448px-V2_5'
-llm_path = 'Qwen/Qwen2.5-1.5B-Instruct'
+vision_encoder_path = 'models/InternViT-300M-448px-V2_5'
+llm_path = 'models/Qwen2.5-1.5B-Instruct'
 
 model = dict(
     type=InternVLModel,

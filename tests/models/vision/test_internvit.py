@@ -1,4 +1,4 @@
-"""Tests for xtuner_plugins.models.vision.internvit: InternViT (official layout) -> transformers InternVLVisionModel.
+"""Tests for xtuner_plugins.models.vision.internvit and internvit_layout: InternViT (official layout) -> transformers InternVLVisionModel.
 
 The loaded model is checked against a reference forward of InternViT written here in plain torch from the
 official keys (the structure of OpenGVLab's ``modeling_intern_vit.py``: patch conv, CLS + bicubically

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
-                                             model_folder)
+                                             load_tool_model)
 from xtuner_plugins.models.dtypes import resolve_dtype
 
 
@@ -136,13 +136,9 @@ def main(argv=None) -> int:
         print(f'chat: error: image not found: {", ".join(missing)}', file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix='internvl-chat-') as tmp:
-        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                              log=lambda m: print(m, file=sys.stderr))
-        try:
-            chat = ConvertedModel(folder, dtype, args.device, image_size=args.image_size, max_num=args.max_num,
-                                  min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
-        except ValueError as exc:
-            print(f'chat: error: {exc}', file=sys.stderr)
+        chat = load_tool_model(args, tmp, dtype, 'chat', image_size=args.image_size, max_num=args.max_num,
+                               min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
+        if chat is None:
             return 2
         if args.prompt is None:
             interactive(chat, args.image, generation_settings(args))

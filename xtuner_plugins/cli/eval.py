@@ -29,8 +29,7 @@ import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
-                                             model_folder)
+from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, load_tool_model
 from xtuner_plugins.models.dtypes import resolve_dtype
 
 
@@ -69,12 +68,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix='internvl-eval-') as tmp:
-        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                              log=lambda m: print(m, file=sys.stderr))
-        try:
-            model = ConvertedModel(folder, dtype, args.device)
-        except ValueError as exc:
-            print(f'eval: error: {exc}', file=sys.stderr)
+        model = load_tool_model(args, tmp, dtype, 'eval')
+        if model is None:
             return 2
         start = time.perf_counter()
         step = max(1, len(questions) // 20)

@@ -25,8 +25,7 @@ from xtuner_plugins.web.app import environment_defaults
 
 environment_defaults()
 
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
-                                             model_folder)
+from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, load_tool_model
 from xtuner_plugins.models.dtypes import resolve_dtype
 from xtuner_plugins.web.app import WebChat, build_app, launch, port_free
 
@@ -54,12 +53,8 @@ def main(argv=None) -> int:
         return 2
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix='internvl-web-') as tmp:
-        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                              log=lambda m: print(m, file=sys.stderr))
-        try:
-            model = ConvertedModel(folder, dtype, args.device, max_num=args.max_num, min_num=args.min_num)
-        except ValueError as exc:
-            print(f'web_demo: error: {exc}', file=sys.stderr)
+        model = load_tool_model(args, tmp, dtype, 'web_demo', max_num=args.max_num, min_num=args.min_num)
+        if model is None:
             return 2
         app = build_app(WebChat(model, args.max_new_tokens), title=args.title)
         try:

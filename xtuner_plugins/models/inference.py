@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -72,6 +73,19 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
     from xtuner_plugins.models.export import export_checkpoint
     return export_checkpoint(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options,
                              log=log)
+
+
+def load_tool_model(args, tmp: str, dtype: torch.dtype, prog: str, **tiling) -> Optional['ConvertedModel']:
+    """The model a tool names (:func:`add_model_arguments`' ``args``), converted into ``tmp`` first when it is a
+    config + checkpoint, as a :class:`ConvertedModel` (``tiling`` as there). A folder that does not load: the
+    error printed as ``PROG: error: ...`` and None, for the tool to exit with 2."""
+    folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
+                          log=lambda m: print(m, file=sys.stderr))
+    try:
+        return ConvertedModel(folder, dtype, args.device, **tiling)
+    except ValueError as exc:
+        print(f'{prog}: error: {exc}', file=sys.stderr)
+        return None
 
 
 def add_model_arguments(parser) -> None:

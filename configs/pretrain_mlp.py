@@ -1,4 +1,5 @@
-# Stage 1, MLP warm-up (InternVL 2.5): train the projector `mlp1` only; vision tower and LLM frozen.
+# Stage 1, MLP warm-up (InternVL 2.5): train the projector `mlp1` only; vision tower and LLM frozen (the
+# model defaults of configs/_base_/models/internvit_qwen2_5.py).
 #
 #   NPROC_PER_NODE=4 xtuner train configs/pretrain_mlp.py --deepspeed deepspeed_zero3
 #   xtuner train configs/pretrain_mlp.py                              # one process (also on a CPU)
@@ -30,7 +31,6 @@ max_length = 8192
 max_dynamic_patch = 12
 # ---------------------------------------------------------------------------------------
 
-model.update(freeze_vision=True, freeze_projector=False, freeze_llm=True)
 train_dataloader.update(batch_size=batch_size)
 train_dataloader.sampler.update(per_device_batch_size=batch_size)
 train_dataloader.dataset.update(data_files=data_files, image_folders=image_folders, tokenizer=llm_path,

@@ -12,8 +12,8 @@ Usage::
 
 Outputs (logs, TensorBoard events, checkpoints, the converted folder, answers) go to ``work_dirs/demo/``;
 the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control:
-B``. The stages are in
-``xtuner_plugins/demo/run.py``.
+B``. ``--configs DIR`` names the repository's ``configs/`` when the package is installed without its
+checkout. The orchestration is ``xtuner_plugins/demo/run.py``; its parts are beside it in ``xtuner_plugins/demo/``.
 """
 
 import sys

@@ -14,7 +14,8 @@ from scipy import ndimage
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.tiling import choose_grid, num_tiles
 from xtuner_plugins.demo import ANSWERS, KINDS, chance_accuracy, make_demo_data, read_questions
-from xtuner_plugins.demo.data import BACKGROUND, COLOURS, QUESTIONS
+from xtuner_plugins.demo.questions import QUESTIONS
+from xtuner_plugins.demo.scenes import BACKGROUND, COLOURS
 
 S, MAX_PATCH = 56, 6
 SPLITS = ('pretrain', 'sft', 'test')

@@ -17,7 +17,9 @@ import sys
 import pytest
 from mmengine.config import Config
 
-from xtuner_plugins.demo.run import CONFIGS, REPO_ROOT, Recipe, per_kind, run_demo
+from xtuner_plugins.demo.recipe import Recipe
+from xtuner_plugins.demo.run import CONFIGS, REPO_ROOT, run_demo
+from xtuner_plugins.demo.scoring import per_kind
 
 pytestmark = pytest.mark.slow
 

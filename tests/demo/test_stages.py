@@ -1,0 +1,53 @@
+"""The demo finds its stage configs without the repository root: in ``--configs DIR`` or the checkout's
+``configs/`` (xtuner_plugins.demo.stages), and says what to pass when it has neither."""
+
+import os
+import shutil
+
+import pytest
+
+from xtuner_plugins.demo import run, stages
+from xtuner_plugins.demo.console import DemoError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_checkouts_configs_by_default():
+    assert stages.DEFAULT_CONFIGS == os.path.join(ROOT, 'configs')
+    assert stages.demo_configs() == {'pretrain': os.path.join(ROOT, 'configs', 'demo', 'pretrain_mlp.py'),
+                                     'full': os.path.join(ROOT, 'configs', 'demo', 'finetune_full.py'),
+                                     'lora': os.path.join(ROOT, 'configs', 'demo', 'finetune_lora.py'),
+                                     'preference': os.path.join(ROOT, 'configs', 'demo', 'dpo_lora.py')}
+
+
+def test_configs_from_a_given_folder_and_its_deepspeed_jsons(tmp_path):
+    copy = tmp_path / 'my_configs'
+    shutil.copytree(os.path.join(ROOT, 'configs'), copy)
+    configs = stages.demo_configs(str(copy))
+    assert configs['full'] == str(copy / 'demo' / 'finetune_full.py') and all(map(os.path.isfile, configs.values()))
+    assert stages.deepspeed_json('zero3', configs) == str(copy / 'deepspeed' / 'zero3_cpu.json')
+    assert os.path.isfile(stages.deepspeed_json('zero2', configs))
+    assert stages.deepspeed_json(None, configs) is None
+    with pytest.raises(ValueError, match="zero2, zero3 or a JSON file, got 'zero9'"):
+        stages.deepspeed_json('zero9', configs)
+
+
+def test_a_folder_without_the_demo_configs_is_named(tmp_path):
+    (tmp_path / 'demo').mkdir()
+    (tmp_path / 'demo' / 'pretrain_mlp.py').write_text('')
+    with pytest.raises(DemoError) as err:
+        stages.demo_configs(str(tmp_path))
+    assert str(tmp_path / 'demo' / 'finetune_full.py') in str(err.value)
+    assert 'pretrain_mlp.py' not in str(err.value).split('; pass')[0].replace(str(tmp_path), '')
+
+
+def test_installed_without_the_checkout_it_asks_for_configs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(stages, 'DEFAULT_CONFIGS', None)
+    with pytest.raises(DemoError, match='pass --configs DIR'):
+        stages.demo_configs()
+    # the command line: a clear failure before anything is made, exit code 1
+    work = tmp_path / 'demo'
+    assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 1
+    assert 'demo failed: ' in capsys.readouterr().out and sorted(os.listdir(work)) == ['demo.log']
+    assert run.main(['--work-dir', str(work), '--configs', str(tmp_path / 'nowhere')]) == 1
+    assert 'nowhere' in capsys.readouterr().out

@@ -547,13 +547,16 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     folder = os.path.join(work_dir, 'data')
     pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('sft', 'test')}
     limit = recipe.preference_iters * recipe.preference_batch  # the first samples, each once
+    asking = time.perf_counter()
     own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['sft'], data['images'],
                                limit, recipe.max_new_tokens, batch_size=16)
+    asking = time.perf_counter() - asking
     counts = {'sft': make_pairs(data['sft'], pairs['sft'], recipe.seed, own, limit),
               'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
     console(f'  pairs (chosen: the right answer, rejected: the fine-tuned model\'s own wrong answer ({len(own)} of '
-            f'{asked} training questions), else another answer of its kind): {counts["sft"]} for training in '
-            f'{os.path.relpath(pairs["sft"], REPO_ROOT)}, {counts["test"]} held out (random wrong answers)')
+            f'{asked} training questions, asked in {asking:.0f} s), else another answer of its kind): '
+            f'{counts["sft"]} for training in {os.path.relpath(pairs["sft"], REPO_ROOT)}, {counts["test"]} held '
+            f'out (random wrong answers)')
     options = stage_options('preference', recipe, models, pairs['sft'], data['images'],
                             ft_options['train_dataloader.dataset.cache_dir'], nproc,
                             pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)

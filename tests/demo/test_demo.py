@@ -112,3 +112,8 @@ def check_preference_stage(result):
         pairs = [json.loads(line) for line in f]
     assert [q['chosen'] for q in pairs] == [a.expected for a in result.answers]
     assert all(q['rejected'] != q['chosen'] for q in pairs)
+    # training pairs: one per sft question (fewer than preference_iters x preference_batch), on-policy where the
+    # fine-tuned model was wrong (tests/demo/test_preference.py)
+    with open(os.path.join(result.work_dir, 'data', 'sft_pairs.jsonl')) as f:
+        pairs = [json.loads(line) for line in f]
+    assert len(pairs) == 1600 and all(q['rejected'] != q['chosen'] for q in pairs)

@@ -69,8 +69,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
                      timings: Dict[str, float], steps: int) -> PreferenceResult:
     """Steps 7 and 8: pairs, LoRA DPO/MPO from the fine-tuned checkpoint, held-out preference accuracy before
     and after, conversion and the demo's questions again."""
-    from xtuner_plugins.demo.preference import make_pairs, preference_accuracy
-    from xtuner_plugins.models.inference import folder_format
+    from xtuner_plugins.demo.preference import make_pairs, preference_accuracy, wrong_answers
+    from xtuner_plugins.models.inference import ConvertedModel, folder_format
     t = time.perf_counter()
     losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'],
                                                    PREFERENCE_LOSSES[recipe.preference]['weights']))
@@ -78,9 +78,17 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
                  f'configs/demo/dpo_lora.py, LoRA from the fine-tuned model, which is the reference')
     folder = os.path.join(work_dir, 'data')
     pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('sft', 'test')}
-    counts = {split: make_pairs(data[split], path, seed=recipe.seed) for split, path in pairs.items()}
-    console(f'  pairs (chosen: the right answer, rejected: another answer of its kind): {counts["sft"]} for '
-            f'training in {os.path.relpath(pairs["sft"], REPO_ROOT)}, {counts["test"]} held out')
+    limit = recipe.preference_iters * recipe.preference_batch  # the first samples, each once
+    asking = time.perf_counter()
+    own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['sft'], data['images'],
+                               limit, recipe.max_new_tokens, batch_size=16)
+    asking = time.perf_counter() - asking
+    counts = {'sft': make_pairs(data['sft'], pairs['sft'], recipe.seed, own, limit),
+              'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
+    console(f'  pairs (chosen: the right answer, rejected: the fine-tuned model\'s own wrong answer ({len(own)} of '
+            f'{asked} training questions, asked in {asking:.0f} s), else another answer of its kind): '
+            f'{counts["sft"]} for training in {os.path.relpath(pairs["sft"], REPO_ROOT)}, {counts["test"]} held '
+            f'out (random wrong answers)')
     options = stage_options('preference', recipe, models, pairs['sft'], data['images'],
                             ft_options['train_dataloader.dataset.cache_dir'], nproc,
                             pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)

@@ -54,7 +54,7 @@ def xtuner_train_script() -> str:
     """``xtuner/tools/train.py`` (what ``xtuner train`` runs), found without importing xtuner."""
     spec = importlib.util.find_spec('xtuner')
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError('xtuner is not installed (`make install` sets up .venv)')
+        raise RuntimeError('xtuner is not installed (`make setup` installs the pinned set into .venv)')
     return os.path.join(list(spec.submodule_search_locations)[0], 'tools', 'train.py')
 
 

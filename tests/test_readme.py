@@ -120,6 +120,19 @@ class Reader:
             yield port
 
 
+def chat_answers(root: str, turns):
+    """Greedy answers (8 new tokens) of the converted ``work_dirs/my_internvl``, asked in-process through the chat
+    tool's model class, one new conversation per question."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    model = ConvertedModel(os.path.join(root, 'work_dirs', 'my_internvl'))
+    answers = []
+    for question, images in turns:
+        model.reset()
+        answers.append(model.ask(question, [os.path.join(root, i) for i in images],
+                                 dict(max_new_tokens=8, do_sample=False)))
+    return answers
+
+
 @pytest.fixture(scope='module')
 def reader(tmp_path_factory):
     from xtuner_plugins.tiny.llm import write_tiny_qwen2
@@ -182,10 +195,18 @@ def test_readme_commands_run_as_written(reader):
     assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'my_internvl', 'config.json'))
     chat = commands(block('python tools/chat.py work_dirs/my_internvl --image photo.jpg'))
     assert len(chat) == 4, chat
-    for command in chat:
-        # a short answer (the tiny model never stops on its own); the interactive ones get a question and /exit
-        out = reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
-        assert out.strip()
+    # each prints the folder's own greedy answer (which a tiny model may end at once: then an empty one); the
+    # shell hands the prompt's \n over as two characters, as it does to the README's command
+    expected = chat_answers(reader.root, [('What is in the picture?', ['photo.jpg']),
+                                          ('Image-1: <image>\\nImage-2: <image>\\nWhat differs?', ['a.jpg', 'b.jpg'])])
+    for i, command in enumerate(chat):
+        # the interactive ones get a question and /exit
+        reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
+        if i < 2:  # one shot: the answer alone
+            assert reader.stdout.strip() == expected[i].strip(), (command, reader.stdout, expected[i])
+        else:  # the loop ran, answered and ended at /exit
+            assert 'you> ' in reader.stdout and 'model> ' in reader.stdout, (command, reader.stdout)
+    assert 'model> ' + expected[0].strip() in reader.stdout, (reader.stdout, expected[0])  # from the checkpoint
     reader.run('python -', stdin=block("AutoModel.from_pretrained('work_dirs/my_internvl'", 'python'))
 
     # The web demo: each command serves (on a free port); the README's client snippet gets an answer from it
@@ -195,7 +216,7 @@ def test_readme_commands_run_as_written(reader):
     for command in web:
         with reader.serve(command + ' --max-new-tokens 8') as port:
             answer = reader.run('python -', stdin=client.replace(':7860/', f':{port}/')).strip()
-            assert answer, f'{command}: the /chat endpoint gave an empty answer'
+            assert answer == expected[0].strip(), f'{command}: /chat gave {answer!r}, the folder {expected[0]!r}'
 
     # Evaluation, on the reader's own test files (a jsonl, an MMBench TSV)
     os.makedirs(os.path.join(reader.root, 'data', 'images'))

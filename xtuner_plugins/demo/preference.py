@@ -95,7 +95,7 @@ def preference_accuracy(config: str, options: Mapping[str, object], checkpoint: 
     cfg = load_config(config, dict(options, **{'train_dataloader.dataset.data_files': [pairs_path],
                                                'train_dataloader.dataset.image_folders': [image_folder],
                                                'train_dataloader.dataset.repeat_times': 1}))
-    model = build_for_export(cfg, checkpoint, torch.float32, log=lambda message: None)
+    model = build_for_export(cfg, checkpoint, torch.float32, log=lambda message: None, keep_preference=True)
     dataset_cfg = dict(cfg.train_dataloader.dataset)
     dataset = dataset_cfg.pop('type')(**dataset_cfg)
     collate = dict(cfg.train_dataloader.collate_fn)

@@ -40,19 +40,22 @@ def training_system_message(cfg) -> Optional[str]:
     return _training_dataset(cfg).get('system')
 
 
-def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print) -> InternVLModel:
+def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print,
+                     keep_preference: bool = False) -> InternVLModel:
     """The config's model, every weight in ``dtype``, with the checkpoint's trained tensors loaded strictly.
 
     The frozen parts come from the config's sources (``vision_encoder``, ``llm``, ``official_checkpoint``)
-    and from ``pretrained_pth`` (an earlier stage), as in training.
+    and from ``pretrained_pth`` (an earlier stage), as in training. The config's ``preference`` setting is
+    dropped (an export has no reference policy) unless ``keep_preference``: a model that scores pairs.
     """
     if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
         check_trained_settings(cfg, checkpoint, log)
     model_cfg = copy.deepcopy(dict(cfg.model))
     model_type = model_cfg.pop('type')
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
-                     vision_grad_ckpt=False, vision_drop_path=0.0,
-                     preference=None)  # the reference policy of full preference training is not exported
+                     vision_grad_ckpt=False, vision_drop_path=0.0)
+    if not keep_preference:  # the reference policy of full preference training is not exported
+        model_cfg['preference'] = None
     # training kernels: flash attention needs a GPU; flex attention is the packed rows' mask (torch.compile)
     if (model_cfg.get('attn_implementation') == 'flash_attention_2' and not torch.cuda.is_available()
             or model_cfg.get('attn_implementation') == 'flex_attention'):

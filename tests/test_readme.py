@@ -215,7 +215,10 @@ def test_readme_commands_run_as_written(reader):
     client = block("Client('http://127.0.0.1:7860/')", 'python')
     for command in web:
         with reader.serve(command + ' --max-new-tokens 8') as port:
-            answer = reader.run('python -', stdin=client.replace(':7860/', f':{port}/')).strip()
+            reader.run('python -', stdin=client.replace(':7860/', f':{port}/'))
+            # gradio_client first prints 'Loaded as API: URL', then the snippet prints the answer
+            answer = '\n'.join(line for line in reader.stdout.splitlines()
+                                if not line.startswith('Loaded as API:')).strip()
             assert answer == expected[0].strip(), f'{command}: /chat gave {answer!r}, the folder {expected[0]!r}'
 
     # Evaluation, on the reader's own test files (a jsonl, an MMBench TSV)

@@ -40,14 +40,14 @@ import sys, torch
 from safetensors.torch import save_file
 from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.models.export import official_state_dict
-from xtuner_plugins.models.internvl import InternVLModel
+from xtuner_plugins.models.internvl import VisionLanguageModel
 from mmengine.config import DictAction
 config, ckpt, out = sys.argv[1:4]
 options = dict(a.split('=', 1) for a in sys.argv[4:])
 cfg = load_config(config, {k: DictAction._parse_iterable(v) for k, v in options.items()})
 kw = {k: v for k, v in dict(cfg.model).items() if k != 'type'}
 kw.update(torch_dtype='float32')
-model = InternVLModel(**kw)                                     # the training model, fp32
+model = VisionLanguageModel(**kw)                                     # the training model, fp32
 state = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']   # whole checkpoint
 model.load_state_dict(state, strict=False)
 del state

@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# stage -> InternVLModel settings, as the stage configs set them
+# stage -> VisionLanguageModel settings, as the stage configs set them
 STAGES = {
     'pretrain_mlp': dict(freeze_vision=True, freeze_llm=True),
     'finetune_lora': dict(freeze_vision=True, freeze_llm=True,
@@ -97,12 +97,12 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     """Runs in the child process."""
     import torch
 
-    from xtuner_plugins.models import InternVLModel
+    from xtuner_plugins.models import VisionLanguageModel
     from xtuner_plugins.models.internvl import count_parameters
     settings = dict(STAGES[stage])
     if models['family'] != 'internvit':
         settings.pop('vision_drop_path', None)  # stochastic depth is InternViT's (InternVL stage 1.5)
-    model = InternVLModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
+    model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
                           image_mode=models['image_mode'], llm_grad_ckpt=True,
                           torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
     if 'llm_quantization' not in settings:

@@ -90,7 +90,7 @@ from xtuner_plugins.data import InternVLDataset, internvl_collate_fn  # noqa: E4
 from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
 from xtuner_plugins.data.template import IGNORE_INDEX  # noqa: E402
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles  # noqa: E402
-from xtuner_plugins.models import InternVLModel  # noqa: E402
+from xtuner_plugins.models import VisionLanguageModel  # noqa: E402
 
 # (cols, rows) grids of exactly 12 tiles; an image of 448*cols x 448*rows px is tiled into that grid (its
 # ratio is matched exactly; 6x2 and 2x6 tie with 3x1 and 1x3 and win the tie by area), plus a thumbnail.
@@ -364,7 +364,7 @@ def folder_configs(models: dict):
 def write_real_models(out: str, llm: str, weights: bool = True) -> dict:
     """InternViT-300M + Qwen2.5-``llm`` with random weights (``weights=False``: the tokenizer only, for a
     dry run). The LLM is written with the tiny tokenizer's vocabulary; :func:`main` resizes it to
-    :data:`REAL_VOCAB` after loading (InternVLModel resizes the embeddings to the tokenizer's length)."""
+    :data:`REAL_VOCAB` after loading (VisionLanguageModel resizes the embeddings to the tokenizer's length)."""
     from xtuner_plugins.tiny.llm import write_tiny_qwen2
     from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
     from xtuner_plugins.tiny.vision import write_tiny_internvit
@@ -446,7 +446,8 @@ def write_data(folder: str, n: int, tile: int, seed: int = 0) -> str:
 CHECK_TOLERANCE = {'cpu': 1e-4, 'cuda': 2e-2}
 
 
-def write_official_folder(model: InternVLModel, out_dir: str, image_size: int, max_dynamic_patch: int = 12) -> str:
+def write_official_folder(model: VisionLanguageModel, out_dir: str, image_size: int,
+                          max_dynamic_patch: int = 12) -> str:
     """``model`` as it is now, as an official InternVL folder with remote code: the converter's writer
     (``export.write_official``) on the in-memory model, so every tensor is written as it is (its own dtype,
     any vocabulary resize included); nothing is rebuilt from a config."""
@@ -549,7 +550,7 @@ def ours_loss(model, batch: dict) -> torch.Tensor:
 
 
 def trained_parameters(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
-    """Trained parameters by name (``InternVLModel`` and ``InternVL_V1_5.model``, the official
+    """Trained parameters by name (``VisionLanguageModel`` and ``InternVL_V1_5.model``, the official
     ``InternVLChatModel``, share the names of ``mlp1.*`` and ``language_model.*``)."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
@@ -838,7 +839,7 @@ def main() -> None:
             dry_run(args, shapes, vision_config, llm_config, ds, packed, peak)
             return
         precision = args.precision_check is not None
-        model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
+        model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
                               llm_grad_ckpt=args.real, attn_implementation=attn,
                               torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back

@@ -94,9 +94,9 @@ def test_rejects_inconsistent_batches():
 
 def test_shapes_and_matmul_sizes_match_a_built_tiny_model(tmp_path):
     from benchmarks.bench_memory import write_models
-    from xtuner_plugins.models import InternVLModel
+    from xtuner_plugins.models import VisionLanguageModel
     models = write_models(str(tmp_path), False)
-    model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], freeze_llm=False)
+    model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], freeze_llm=False)
     s = model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio)
     assert s.vocab_size == model.language_model.get_output_embeddings().weight.shape[0] == len(model.tokenizer)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from benchmarks import bench_train
 from benchmarks.bench_train import PRECISION_TOLERANCE, TRAINED, precision_check, prepare
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.packing import PackedInternVLDataset
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
 def build(models):
     torch.manual_seed(0)
-    return InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
+    return VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
                          torch_dtype='float32').train()
 
 

@@ -18,7 +18,7 @@ from benchmarks.bench_train import (CHECK_TOLERANCE, TRAINED, build_xtuner_model
                                     ensure_process_group, ours_loss, trained_parameters, write_data,
                                     write_official_folder, xtuner_inputs, xtuner_loss)
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.models.export import official_state_dict
 from xtuner_plugins.models.loss import causal_lm_loss
 
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     ds = InternVLDataset(data, image_folders=os.path.join(tmp, 'data', 'images'), tokenizer=models['llm'],
                          image_size=models['image_size'], max_dynamic_patch=12, cache_dir=os.path.join(tmp, 'c'))
     torch.manual_seed(0)
-    model = InternVLModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED, torch_dtype='float32')
+    model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED, torch_dtype='float32')
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

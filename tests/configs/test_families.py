@@ -13,7 +13,7 @@ from mmengine.config import Config
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 
 FAMILY_CONFIGS = {
@@ -42,7 +42,7 @@ def test_declared_data_geometry_is_what_the_model_computes(name, tiny, tmp_path)
     # the real encoder's tile and patch size, tiny widths
     folder = writer(str(tmp_path / vision), image_size=size, hidden_size=16, num_layers=3, num_heads=2,
                     intermediate_size=32)
-    model = InternVLModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
+    model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
                           projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
     data = cfg.train_dataloader.dataset
     for key, value in model.geometry.items():
@@ -64,7 +64,7 @@ def test_family_config_trains(name, tiny, tmp_path):
     config = os.path.join(ROOT, 'configs', name)
     cfg = Config.fromfile(config)
     folder = writer(str(tmp_path / vision))
-    model = InternVLModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
+    model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
                           projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
     out = run_train(config, str(tmp_path / 'work'), cfg_options=family_options(cfg, folder, tiny, model))
     assert out.ok, out.summary()
@@ -85,7 +85,7 @@ def test_a_data_set_that_disagrees_with_the_model_stops_start_up(tiny, tmp_path)
 
 def test_family_models_keep_checkpoint_keys_stable(tiny):
     """The InternViT family's checkpoints keep their keys (mlp1.0/1/3, vision_model.*): earlier stages load."""
-    model = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    model = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
     assert sorted(model.state_dict()) == ['mlp1.0.bias', 'mlp1.0.weight', 'mlp1.1.bias', 'mlp1.1.weight',
                                           'mlp1.3.bias', 'mlp1.3.weight']
     assert torch.is_tensor(model.state_dict()['mlp1.1.weight'])

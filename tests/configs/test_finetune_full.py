@@ -10,7 +10,7 @@ from mmengine.config import Config
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 CONFIG = os.path.join(ROOT, 'configs', 'finetune_full.py')
 
@@ -33,7 +33,7 @@ def test_full_with_vision_under_zero2_keeps_per_module_lr(tiny, tmp_path):
     assert out.ok, out.summary()
     state = load_checkpoint_state(out.final_checkpoint)
     assert {k.split('.')[0] for k in state} == {'vision_model', 'mlp1', 'language_model'}
-    source = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
+    source = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
                            freeze_vision=False, freeze_llm=False)
     ref = source.state_dict()
     vision = [k for k in state if k.startswith('vision_model.')]
@@ -60,7 +60,7 @@ def test_packed_attention_is_one_setting(tiny):
     assert cfg.model.attn_implementation == 'sdpa'  # the default trains on a CPU too
     cfg.merge_from_dict({'model.attn_implementation': 'flex_attention', 'model.vision_encoder': tiny['internvit'],
                          'model.llm': tiny['llm'], 'model.torch_dtype': 'float32'})
-    model = InternVLModel(**{k: v for k, v in cfg.model.items() if k != 'type'})
+    model = VisionLanguageModel(**{k: v for k, v in cfg.model.items() if k != 'type'})
     # flex attention is the LLM's; the vision tower's tiles need no mask and keep SDPA
     assert model.language_model.config._attn_implementation == 'flex_attention'
     assert model.vision_model.config._attn_implementation == 'sdpa'

@@ -9,7 +9,7 @@ from mmengine.config import Config
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 CONFIG = os.path.join(ROOT, 'configs', 'finetune_lora.py')
 
@@ -23,7 +23,7 @@ def test_lora_settings():
 
 @pytest.mark.slow
 def test_lora_from_mlp_warmup(tiny, tmp_path):
-    warm = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    warm = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
     with torch.no_grad():
         for p in warm.mlp1.parameters():
             p.add_(0.1)
@@ -37,7 +37,7 @@ def test_lora_from_mlp_warmup(tiny, tmp_path):
     assert all('lora_' in k or k.startswith('mlp1.') for k in state), sorted(state)[:5]
     losses = [out.losses[i] for i in sorted(out.losses)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration (6.23 -> 5.59)
-    again = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
+    again = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
                           llm_lora=Config.fromfile(CONFIG).model.llm_lora, pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(again.state_dict()[key], value), key
@@ -64,7 +64,7 @@ def test_qlora_one_process(tiny, tmp_path):
 def test_lora_from_an_official_checkpoint(tiny, tmp_path):
     """The README's second LoRA command: start from an official InternVL folder instead of encoder + LLM."""
     from tests.models.conftest import write_official
-    source = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    source = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
     official = str(tmp_path / 'InternVL-tiny')
     write_official(source, official)
     options = tiny_options(tiny, tiny['same'], repeat=12)

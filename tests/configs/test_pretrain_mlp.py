@@ -14,7 +14,7 @@ from mmengine.config import Config
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
 from xtuner_plugins.data import InternVLDataset
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 
@@ -25,7 +25,7 @@ def test_every_stage_config_loads(path):
     # the package's model and data set, given only settings they take (a misspelt key fails here, not at build)
     dataset = cfg.train_dataloader.dataset
     dataset = dataset.dataset if isinstance(dataset.get('dataset'), dict) else dataset  # a packing wrapper's
-    for spec, base in ((cfg.model, InternVLModel), (dataset, InternVLDataset)):
+    for spec, base in ((cfg.model, VisionLanguageModel), (dataset, InternVLDataset)):
         assert isinstance(spec.type, type) and issubclass(spec.type, base), spec.type
         accepted = inspect.signature(spec.type).parameters
         assert not any(p.kind == p.VAR_KEYWORD for p in accepted.values())
@@ -45,7 +45,7 @@ def check_outcome(out, tiny):
     assert out.ok, out.summary()
     state = load_checkpoint_state(out.final_checkpoint)
     assert state and all(k.startswith('mlp1.') for k in state), sorted(state)[:5]
-    model = InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
+    model = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
                           pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(model.state_dict()[key], value.float()), key

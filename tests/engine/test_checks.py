@@ -76,6 +76,6 @@ def test_run_options_that_change_nothing_stop_start_up():
     with pytest.raises(ValueError, match=r'llm_path: a variable of the config file.*set '
                                          r'train_dataloader\.dataset\.tokenizer, model\.llm instead'):
         check_run_options(_run_cfg(llm_path='other/llm'))
-    with pytest.raises(ValueError, match=r'model\.vision_encodr: InternVLModel has no setting .*closest: '
+    with pytest.raises(ValueError, match=r'model\.vision_encodr: VisionLanguageModel has no setting .*closest: '
                                          r'model\.vision_encoder'):
         check_run_options(_run_cfg(**{'model.vision_encodr': 'x'}))

@@ -24,7 +24,7 @@ def setup(policy='stop', max_skipped=10):
 
 def train_step(model, wrapper, x):
     loss = model(x).sum()
-    wrapper.guard.check_loss(loss)  # what InternVLModel.parse_losses does
+    wrapper.guard.check_loss(loss)  # what VisionLanguageModel.parse_losses does
     wrapper.update_params(loss)
 
 

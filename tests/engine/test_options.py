@@ -25,7 +25,7 @@ def test_a_file_variable_names_the_entries_that_hold_its_value():
 
 def test_a_misspelt_setting_names_the_closest():
     (problem,) = check_cfg_options(CFG, {'model.vision_encodr': 'x'})
-    assert problem.startswith("model.vision_encodr: InternVLModel has no setting 'vision_encodr'; closest: "
+    assert problem.startswith("model.vision_encodr: VisionLanguageModel has no setting 'vision_encodr'; closest: "
                               "model.vision_encoder, ")
     (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.image_folder': ['x']})
     assert 'InternVLDataset has no setting' in problem and 'train_dataloader.dataset.image_folders' in problem

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.tiny import make_tiny_models
 
 TILE = 56  # the tiny InternViT's tile: 4x4 patches -> 2x2 = 4 tokens per tile after pixel shuffle
@@ -33,7 +33,7 @@ def train_steps(model, batch, steps, lr=1e-2):
 
 def build(tiny, **kw):
     kw.setdefault('torch_dtype', 'float32')
-    return InternVLModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], **kw)
+    return VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], **kw)
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
-"""InternVLModel on the tiny look-alikes: assembly, tokens and embeddings, image-token injection,
-trainable-only checkpoints, stage chaining and starting from an official-layout checkpoint."""
+"""VisionLanguageModel on the tiny look-alikes: assembly, tokens and embeddings, image-token injection,
+trainable-only checkpoints, stage chaining, starting from an official-layout checkpoint, and the old class
+name still building the model."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from tests.models.conftest import build, train_steps, write_official
 from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
 from xtuner_plugins.data.tiling import normalize_tiles
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 
 def test_tokens_and_embeddings(tiny):
@@ -132,7 +133,7 @@ def test_start_from_official_checkpoint(tiny, batch, tmp_path):
         for p in model.mlp1.parameters():
             p.normal_(0, 0.2)
     write_official(model, tmp_path / 'official')
-    again = InternVLModel(official_checkpoint=str(tmp_path / 'official'), torch_dtype='float32').eval()
+    again = VisionLanguageModel(official_checkpoint=str(tmp_path / 'official'), torch_dtype='float32').eval()
     assert again.img_context_token_id == model.img_context_token_id
     with torch.no_grad():
         a = model(batch, mode='tensor')
@@ -142,15 +143,34 @@ def test_start_from_official_checkpoint(tiny, batch, tmp_path):
 
 def test_bad_arguments(tiny, tmp_path):
     with pytest.raises(ValueError, match='either official_checkpoint or vision_encoder'):
-        InternVLModel(official_checkpoint='x', llm=tiny['llm'])
+        VisionLanguageModel(official_checkpoint='x', llm=tiny['llm'])
     with pytest.raises(ValueError, match='needs vision_encoder and llm'):
-        InternVLModel(llm=tiny['llm'])
+        VisionLanguageModel(llm=tiny['llm'])
     with pytest.raises(ValueError, match='unknown dtype'):
         build(tiny, torch_dtype='float8')
     with pytest.raises(ValueError, match=r"unknown attn_implementation 'flex'; use one of .*'flex_attention'"):
         build(tiny, attn_implementation='flex')
     with pytest.raises(FileNotFoundError, match='no config.json'):
-        InternVLModel(official_checkpoint=str(tmp_path))
+        VisionLanguageModel(official_checkpoint=str(tmp_path))
+
+
+@pytest.mark.parametrize('old', ['object', 'xtuner_plugins.models.InternVLModel',
+                                 'xtuner_plugins.models.internvl.InternVLModel'])
+def test_old_class_name_still_builds(tiny, old):
+    """Configs written before the rename name ``InternVLModel``: as the class object, or as the dotted path
+    a dumped work-dir config holds (MMEngine writes the path it was imported by). Both the runner's way
+    (``MODELS.build``, a dotted type resolved by import) and the converter's (``build_for_export``) build
+    the model."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+
+    from xtuner_plugins.models.export.build import build_for_export
+    if old == 'object':
+        from xtuner_plugins.models import InternVLModel as old
+    cfg = Config(dict(model=dict(type=old, vision_encoder=tiny['internvit'], llm=tiny['llm'],
+                                 torch_dtype='float32')))
+    assert type(MODELS.build(cfg.model)) is VisionLanguageModel
+    assert type(build_for_export(cfg, None, torch.float32, log=lambda message: None)) is VisionLanguageModel
 
 
 @pytest.mark.parametrize('kw', [{}, dict(llm_lora=dict(r=4, lora_alpha=8)),
@@ -158,9 +178,9 @@ def test_bad_arguments(tiny, tmp_path):
 def test_runner_init_weights_changes_nothing(tiny, kw):
     """MMEngine's runner calls model.init_weights() before training; it must not redraw loaded weights."""
     model = build(tiny, **kw)
-    before = {k: v.detach().clone() for k, v in super(InternVLModel, model).state_dict().items()}
+    before = {k: v.detach().clone() for k, v in super(VisionLanguageModel, model).state_dict().items()}
     model.init_weights()
-    after = super(InternVLModel, model).state_dict()
+    after = super(VisionLanguageModel, model).state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
 
 

@@ -171,12 +171,12 @@ def test_hf_format_loads_without_remote_code(tiny, batch, tmp_path):
 
 
 def test_round_trip_official_folder_back_into_training_model(tiny, batch, tmp_path):
-    from xtuner_plugins.models import InternVLModel
+    from xtuner_plugins.models import VisionLanguageModel
     opts = options(tiny, **{'model.freeze_vision': False})
     model = trained_checkpoint(FULL, opts, str(tmp_path / 'iter_1.pth'))
     expected = training_logits(model, batch)
     folder = convert(FULL, str(tmp_path / 'iter_1.pth'), tmp_path / 'out', opts)
-    back = InternVLModel(official_checkpoint=folder, torch_dtype='float32').eval()
+    back = VisionLanguageModel(official_checkpoint=folder, torch_dtype='float32').eval()
     assert max_diff(training_logits(back, batch), expected, batch['attention_mask']) < TOL
 
 

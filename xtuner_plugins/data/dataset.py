@@ -354,7 +354,7 @@ class InternVLDataset(Dataset):
 
     @property
     def geometry(self) -> Dict[str, object]:
-        """Tile size, tokens per tile, image mode and mean colour, as ``InternVLModel.geometry``."""
+        """Tile size, tokens per tile, image mode and mean colour, as ``VisionLanguageModel.geometry``."""
         return dict(image_size=self.image_size, num_image_token=self.num_image_token, image_mode=self.image_mode,
                     image_mean=self.image_mean)
 

@@ -11,7 +11,7 @@ preference accuracy.
 * :func:`preference_accuracy`: over held-out pairs, the fraction where the policy's implicit reward
   ``beta * (log p(answer) - log p_ref(answer))`` is higher for the chosen answer than for the rejected one (a
   tie counts half, so a policy that is still its reference scores 0.5, chance), computed with the training
-  model and the same forward as the loss (:meth:`~xtuner_plugins.models.internvl.InternVLModel.forward`).
+  model and the same forward as the loss (:meth:`~xtuner_plugins.models.internvl.VisionLanguageModel.forward`).
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def make_models(out_dir: str, recipe: Recipe) -> Dict[str, str]:
 def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, object]:
     """The model's geometry (tile size, tokens per tile, image mode, mean), read from the model itself so the
     data set is given exactly what the model expects."""
-    from xtuner_plugins.models import InternVLModel
-    model = InternVLModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
+    from xtuner_plugins.models import VisionLanguageModel
+    model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
                           image_mode=recipe.mode, torch_dtype='float32')
     return model.geometry
 

@@ -4,7 +4,7 @@
 command line does not check them.
 
 The vision encoder and projector fix the tile size, the ``<IMG_CONTEXT>`` tokens per tile, the image mode and
-(for ``'pad'``) the padding colour (``InternVLModel.geometry``); the data set tiles and counts with its own
+(for ``'pad'``) the padding colour (``VisionLanguageModel.geometry``); the data set tiles and counts with its own
 copies (``InternVLDataset.geometry``). A mismatch would otherwise surface at the first forward as a token
 count error, or not at all (a tile size the encoder interpolates to). :class:`ModelDataCheckHook` compares
 them in ``before_run``, after the model and the data loader are built, and stops with both values named.

@@ -3,7 +3,7 @@
 Without this a ``nan`` loss trains on: the optimizer writes NaN into the weights, checkpoint rotation deletes the
 last finite checkpoint, and the NaN checkpoints convert and chat (``!!!!``). Three checks, one policy:
 
-* the **loss**, in ``InternVLModel.parse_losses`` (every path calls it: plain, DDP and DeepSpeed), before the
+* the **loss**, in ``VisionLanguageModel.parse_losses`` (every path calls it: plain, DDP and DeepSpeed), before the
   backward pass; every rank learns whether any rank's loss is non-finite (one all-reduce of a flag);
 * the **gradient norm**, where ``AutoOptimWrapper``'s wrappers clip it (plain and DDP runs; under DeepSpeed a
   non-finite gradient shows as a non-finite loss one step later, and the weight check below keeps it unsaved);

@@ -4,7 +4,7 @@ MMEngine's CheckpointHook writes ``work_dirs/<cfg>/iter_N.pth``: a file in plain
 DeepSpeed a *folder* of that name holding DeepSpeed's own files (ZeRO-2/3 optimizer partitions and the
 module states). Both give back the model's state dict here, consolidated to fp32 on the CPU (no GPU
 needed). XTuner saves DeepSpeed checkpoints with ``exclude_frozen_parameters``: they hold only what was
-trained, like our ``InternVLModel.state_dict``.
+trained, like our ``VisionLanguageModel.state_dict``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
 """The vision-language model MMEngine trains: vision encoder + projector + causal LM, each chosen by type.
 
-Configs name :class:`InternVLModel`::
+Configs name :class:`VisionLanguageModel`::
 
-    model = dict(type=InternVLModel,
+    model = dict(type=VisionLanguageModel,
                  vision_encoder='OpenGVLab/InternViT-300M-448px-V2_5',   # type read from its config.json
                  projector='pixel_shuffle_mlp',                          # or 'mlp', 'bilinear_mlp'
                  llm='Qwen/Qwen2.5-1.5B-Instruct',                       # any HF causal LM
                  freeze_vision=True, freeze_llm=True)                    # MLP warm-up: train mlp1 only
 
     # LLaVA-1.5 on Qwen2.5: CLIP's second-to-last layer, CLS dropped, one padded image per <image>
-    model = dict(type=InternVLModel, vision_encoder=dict(type='clip', path='openai/clip-vit-large-patch14-336'),
+    model = dict(type=VisionLanguageModel, vision_encoder=dict(type='clip', path='openai/clip-vit-large-patch14-336'),
                  projector='mlp', image_mode='pad', llm='Qwen/Qwen2.5-0.5B-Instruct')
 
 or start from an official InternVL checkpoint (``official_checkpoint='OpenGVLab/InternVL2_5-1B'``).
 
 The submodules carry InternVL's names whatever their type (``vision_model``, ``mlp1``, ``language_model``);
-``vision`` holds the encoder's conventions (``vision/base.py``) and :attr:`InternVLModel.geometry` what the
+``vision`` holds the encoder's conventions (``vision/base.py``) and :attr:`VisionLanguageModel.geometry` what the
 data must match (tile size, tokens per tile, image mode). The batch is the collate function's: ``uint8``
 tiles are normalised here, on the device, with the encoder's mean/std. Checkpoints hold only what is
 trained (``state_dict`` drops frozen parameters); frozen parts come back from their source checkpoints.
@@ -47,7 +47,7 @@ from .zero3 import gathered, hf_zero3_init, shape_of
 ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
 
 
-class InternVLModel(BaseModel):
+class VisionLanguageModel(BaseModel):
     """Vision encoder + projector (``mlp1``) + LLM, trained by MMEngine's runner.
 
     Args:
@@ -167,7 +167,7 @@ class InternVLModel(BaseModel):
                 tokenizer_path = tokenizer or official_checkpoint
             else:
                 if vision_encoder is None or llm is None:
-                    raise ValueError('InternVLModel needs vision_encoder and llm (or official_checkpoint)')
+                    raise ValueError('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
                 # drop path is set explicitly (default 0), never taken from the encoder's config.json
                 self.vision_model, self.vision = build_vision_encoder(
                     vision_encoder, dtype, vision_attn, drop_path_rate=vision_drop_path,
@@ -437,6 +437,10 @@ class InternVLModel(BaseModel):
 
     def gradient_checkpointing_enable(self):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+
+
+# The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.
+InternVLModel = VisionLanguageModel
 
 
 def packed_segments(seq_lens, length: int, device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Preference losses: sigmoid DPO, BCO pair, an SFT term on the chosen answer, and their weighted sum (MPO).
 
-The losses of preference training (``InternVLModel(preference=...)`` runs them on a batch of pairs). All work
+The losses of preference training (``VisionLanguageModel(preference=...)`` runs them on a batch of pairs). All work
 on per-sequence sums of the answer tokens' log-probabilities:
 
 * :func:`sequence_logps`: ``sum log p(answer token)`` per row and the number of answer tokens, from logits

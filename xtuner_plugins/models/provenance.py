@@ -1,6 +1,6 @@
 """The converter's check that a checkpoint is converted with the settings it was trained with.
 
-Key names and shapes catch most mismatches (``InternVLModel.load_pretrained(strict=True)``), but not the
+Key names and shapes catch most mismatches (``VisionLanguageModel.load_pretrained(strict=True)``), but not the
 settings that leave them alone and change the result: a LoRA checkpoint trained with ``lora_alpha=32`` and
 merged with 64 has the same tensors and gives weights off by up to 0.05. MMEngine records the run's whole
 config in every checkpoint (``meta['cfg']``, its text; under DeepSpeed in the folder's ``*model_states.pt``);
@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-# InternVLModel settings that change the converted weights or the prompt, but not key names or shapes
+# VisionLanguageModel settings that change the converted weights or the prompt, but not key names or shapes
 RESULT_SETTINGS = ('projector', 'image_mode', 'select_layer', 'downsample_ratio', 'ps_version', 'template',
                    'llm_lora', 'vision_lora', 'llm_quantization')
 # LoRA settings that do not change the merged weights
@@ -53,8 +53,8 @@ def _norm(value, key: str = ''):
 
 
 def _model_settings(model_cfg) -> Dict[str, object]:
-    from xtuner_plugins.models.internvl import InternVLModel
-    defaults = {name: p.default for name, p in inspect.signature(InternVLModel.__init__).parameters.items()
+    from xtuner_plugins.models.internvl import VisionLanguageModel
+    defaults = {name: p.default for name, p in inspect.signature(VisionLanguageModel.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     settings = {key: _norm(model_cfg.get(key, defaults.get(key))) for key in RESULT_SETTINGS}
     encoder = model_cfg.get('vision_encoder')

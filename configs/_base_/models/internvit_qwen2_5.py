@@ -6,13 +6,13 @@
 #   huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir models/Qwen2.5-1.5B-Instruct
 # or point a run elsewhere: --cfg-options model.vision_encoder=DIR model.llm=DIR train_dataloader.dataset.tokenizer=DIR
 # (the stage configs copy llm_path into the data set's tokenizer; `llm_path=` itself changes nothing once read).
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 
 vision_encoder_path = 'models/InternViT-300M-448px-V2_5'
 llm_path = 'models/Qwen2.5-1.5B-Instruct'
 
 model = dict(
-    type=InternVLModel,
+    type=VisionLanguageModel,
     vision_encoder=vision_encoder_path,
     llm=llm_path,
     projector='pixel_shuffle_mlp',    # InternVL's pixel shuffle (downsample_ratio, ps_version) + mlp1

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from xtuner_plugins.models import InternVLModel
+from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.models.vision import build_vision_encoder
 from xtuner_plugins.tiny import write_tiny_llm
 from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_internvit, write_tiny_siglip
@@ -67,11 +67,11 @@ def test_mean_and_std_are_read_from_the_folders_preprocessor_config(folders, tmp
 
 
 def test_parameters_the_features_never_reach_are_not_trained(folders):
-    model = InternVLModel(vision_encoder=folders['siglip'], llm=folders['qwen2'], freeze_vision=False,
+    model = VisionLanguageModel(vision_encoder=folders['siglip'], llm=folders['qwen2'], freeze_vision=False,
                           torch_dtype='float32')
     frozen = {n for n, p in model.vision_model.named_parameters() if not p.requires_grad}
     assert frozen and all('head' in n or 'post_layernorm' in n for n in frozen), sorted(frozen)
-    model = InternVLModel(vision_encoder=folders['clip'], llm=folders['qwen2'], freeze_vision=False,
+    model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], freeze_vision=False,
                           torch_dtype='float32')
     frozen = {n for n, p in model.vision_model.named_parameters() if not p.requires_grad}
     last = len(model.vision_model.vision_model.encoder.layers) - 1
@@ -91,7 +91,7 @@ def test_a_folder_of_another_kind_is_refused_naming_the_file(folders):
 
 def test_projector_input_width_must_match_the_encoder(folders):
     from xtuner_plugins.models.projector import LlavaProjector
-    model = InternVLModel(vision_encoder=folders['clip'], llm=folders['qwen2'], projector='mlp',
+    model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], projector='mlp',
                           torch_dtype='float32')
     assert isinstance(model.mlp1, LlavaProjector) and model.mlp1.linear_1.in_features == model.vision.hidden_size
 
@@ -103,7 +103,7 @@ FAMILIES = [('internvit', 'pixel_shuffle_mlp', 'tile', 4), ('siglip', 'bilinear_
 @pytest.mark.parametrize('vision, projector, mode, tokens', FAMILIES)
 @pytest.mark.parametrize('llm', ['qwen2', 'qwen3', 'llama'])
 def test_every_family_trains_a_step(folders, vision, projector, mode, tokens, llm):
-    model = InternVLModel(vision_encoder=folders[vision], llm=folders[llm], projector=projector, image_mode=mode,
+    model = VisionLanguageModel(vision_encoder=folders[vision], llm=folders[llm], projector=projector, image_mode=mode,
                           freeze_vision=False, freeze_llm=False, torch_dtype='float32')
     assert model.geometry['num_image_token'] == tokens and model.geometry['image_mode'] == mode
     ctx = model.img_context_token_id
@@ -122,7 +122,7 @@ def test_every_family_trains_a_step(folders, vision, projector, mode, tokens, ll
 
 @pytest.mark.parametrize('llm', ['qwen3', 'llama'])
 def test_lora_targets_every_linear_layer_of_any_llm_but_the_head(folders, llm):
-    model = InternVLModel(vision_encoder=folders['clip'], llm=folders[llm], projector='mlp',
+    model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders[llm], projector='mlp',
                           llm_lora=dict(r=4, lora_alpha=8), torch_dtype='float32')
     from transformers import AutoModelForCausalLM
     plain = AutoModelForCausalLM.from_pretrained(folders[llm])
@@ -134,16 +134,16 @@ def test_lora_targets_every_linear_layer_of_any_llm_but_the_head(folders, llm):
 
 
 def test_official_internvit_geometry_is_unchanged(folders):
-    model = InternVLModel(vision_encoder=folders['internvit'], llm=folders['qwen2'], torch_dtype='float32')
+    model = VisionLanguageModel(vision_encoder=folders['internvit'], llm=folders['qwen2'], torch_dtype='float32')
     assert model.geometry == dict(image_size=56, num_image_token=4, image_mode='tile',
                                   image_mean=(0.485, 0.456, 0.406))
 
 
 def test_missing_folders_are_named_with_their_config_key(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match='model.vision_encoder: vision encoder folder not found: .*/gone'):
-        InternVLModel(vision_encoder=str(tmp_path / 'gone'), llm=folders['qwen2'])
+        VisionLanguageModel(vision_encoder=str(tmp_path / 'gone'), llm=folders['qwen2'])
     with pytest.raises(FileNotFoundError, match=r"model.llm: '.*/no_llm' is neither a folder nor in the local "
                                                 r"Hugging Face cache"):
-        InternVLModel(vision_encoder=folders['clip'], llm=str(tmp_path / 'no_llm'))
+        VisionLanguageModel(vision_encoder=folders['clip'], llm=str(tmp_path / 'no_llm'))
     with pytest.raises(FileNotFoundError, match=r"model.tokenizer \(or model.llm\): '.*/no_tok'"):
-        InternVLModel(vision_encoder=folders['clip'], llm=folders['qwen2'], tokenizer=str(tmp_path / 'no_tok'))
+        VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], tokenizer=str(tmp_path / 'no_tok'))

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..internvl import InternVLModel
+from ..internvl import VisionLanguageModel
 from ..provenance import check_trained_settings
 from .files import Log, _print
 
@@ -41,7 +41,7 @@ def training_system_message(cfg) -> Optional[str]:
 
 
 def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Log = _print,
-                     keep_preference: bool = False) -> InternVLModel:
+                     keep_preference: bool = False) -> VisionLanguageModel:
     """The config's model, every weight in ``dtype``, with the checkpoint's trained tensors loaded strictly.
 
     The frozen parts come from the config's sources (``vision_encoder``, ``llm``, ``official_checkpoint``)
@@ -60,7 +60,7 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     if (model_cfg.get('attn_implementation') == 'flash_attention_2' and not torch.cuda.is_available()
             or model_cfg.get('attn_implementation') == 'flex_attention'):
         model_cfg['attn_implementation'] = 'sdpa'
-    if isinstance(model_type, str) or not (isinstance(model_type, type) and issubclass(model_type, InternVLModel)):
+    if isinstance(model_type, str) or not (isinstance(model_type, type) and issubclass(model_type, VisionLanguageModel)):
         from mmengine.registry import MODELS
         model_cfg['type'] = model_type
         model = MODELS.build(model_cfg)
@@ -123,7 +123,7 @@ def _merge_peft(peft_model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return base
 
 
-def merge_adapters(model: InternVLModel, dtype: torch.dtype, log: Log = _print) -> None:
+def merge_adapters(model: VisionLanguageModel, dtype: torch.dtype, log: Log = _print) -> None:
     """Merge LLM and vision LoRA adapters into their base weights and dequantise a 4-bit LLM (QLoRA)."""
     from peft import PeftModel
     for attr in ('language_model', 'vision_model'):

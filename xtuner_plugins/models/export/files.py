@@ -14,7 +14,7 @@ import torch
 
 from xtuner_plugins.data.template import get_template
 
-from ..internvl import InternVLModel
+from ..internvl import VisionLanguageModel
 
 Log = Callable[[str], None]
 
@@ -77,7 +77,7 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     )
 
 
-def save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = None,
+def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dict] = None,
                     system: Optional[str] = None, image_text: str = '<image>\n') -> None:
     """The model's tokenizer with a chat template rendering as training did (:func:`chat_template`);
     ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``."""
@@ -93,7 +93,7 @@ def save_tokenizer(model: InternVLModel, out_dir: str, extra: Optional[dict] = N
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
 
 
-def generation_config(model: InternVLModel):
+def generation_config(model: VisionLanguageModel):
     """Generation stops at the template's stop word (and the tokenizer's EOS)."""
     from transformers import GenerationConfig
     tokenizer = model.tokenizer

@@ -9,12 +9,12 @@ import torch
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
-from ..internvl import InternVLModel
+from ..internvl import VisionLanguageModel
 from .files import Log, _print, generation_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
 
 
-def hf_config(model: InternVLModel, dtype: torch.dtype):
+def hf_config(model: VisionLanguageModel, dtype: torch.dtype):
     """``InternVLConfig`` of transformers' native layout."""
     from transformers import InternVLConfig
     vision = model.vision_model.config.to_dict()
@@ -34,7 +34,7 @@ def hf_config(model: InternVLModel, dtype: torch.dtype):
     return config
 
 
-def write_hf(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
+def write_hf(model: VisionLanguageModel, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard_size: str = '5GB',
              log: Log = _print, system: Optional[str] = None) -> None:
     """transformers' ``InternVLForConditionalGeneration`` layout with its processor (no remote code).
 

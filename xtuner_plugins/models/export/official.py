@@ -16,14 +16,14 @@ from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 from xtuner_plugins.remote_code import INTERNVL_CHAT_AUTO_MAP
 
 from ..dtypes import dtype_name
-from ..internvl import InternVLModel
+from ..internvl import VisionLanguageModel
 from ..projector import InternVLProjector
 from ..vision import hf_to_official_vision_config
 from .files import Log, _print, generation_config, save_tokenizer, write_weights
 from .layouts import official_state_dict
 
 
-def internvl_misfit(model: InternVLModel) -> Optional[str]:
+def internvl_misfit(model: VisionLanguageModel) -> Optional[str]:
     """Why ``model`` is not an InternVL model (InternViT + pixel shuffle + tiles), or None."""
     reasons = []
     if model.vision.name != 'internvit':
@@ -35,7 +35,7 @@ def internvl_misfit(model: InternVLModel) -> Optional[str]:
     return '; '.join(reasons) or None
 
 
-def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:
+def official_config(model: VisionLanguageModel, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:
     """``config.json`` of an official InternVL folder (``InternVLChatConfig``).
 
     ``system``: the system message the model was trained with, when not the template's; stored as
@@ -66,7 +66,7 @@ def official_config(model: InternVLModel, tiling: dict, dtype: torch.dtype, syst
     return config
 
 
-def write_official(model: InternVLModel, tiling: dict, out_dir: str, dtype: torch.dtype,
+def write_official(model: VisionLanguageModel, tiling: dict, out_dir: str, dtype: torch.dtype,
                    max_shard_size: str = '5GB', log: Log = _print, system: Optional[str] = None) -> None:
     """InternVL's official layout: weights, ``config.json`` with ``auto_map``, the remote-code files,
     tokenizer with chat template, ``generation_config.json`` and ``preprocessor_config.json``."""

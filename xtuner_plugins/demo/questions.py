@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from typing import Dict, List, Tuple
@@ -72,29 +71,21 @@ def read_questions(path: str) -> List[Dict[str, str]]:
     ``question`` is the human turn without its ``<image>\\n`` tag; ``answer`` is the gpt turn.
 
     Raises:
-        ValueError: naming ``FILE:LINE`` for a line that is not a single-turn demo sample with a ``kind``.
+        ValueError: naming ``FILE:LINE`` for a line that is not a single-turn demo sample with a ``kind`` (the
+        evaluation's reader, :func:`~xtuner_plugins.eval.data.open_samples`, reads and checks the lines).
     """
+    from xtuner_plugins.eval.data import open_samples
     out = []
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f'{path}:{line_no}'
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f'{where}: not JSON: {err}') from None
-            conv = sample.get('conversations') if isinstance(sample, dict) else None
-            if (not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(t, dict) for t in conv)
-                    or [t.get('from') for t in conv] != ['human', 'gpt']):
-                raise ValueError(f'{where}: expected one human turn and one gpt turn')
-            if not isinstance(sample.get('kind'), str):
-                raise ValueError(f'{where}: no question "kind"')
-            question = str(conv[0].get('value', ''))
-            if question.startswith('<image>\n'):
-                question = question[len('<image>\n'):]
-            out.append({'id': str(sample.get('id', '')), 'image': sample.get('image'), 'kind': sample['kind'],
-                        'question': question, 'answer': str(conv[1].get('value', ''))})
+    for where, _, sample, turns in open_samples(path):
+        if [t.get('from') for t in turns] != ['human', 'gpt']:
+            raise ValueError(f'{where}: expected one human turn and one gpt turn')
+        if not isinstance(sample.get('kind'), str):
+            raise ValueError(f'{where}: no question "kind"')
+        question = str(turns[0].get('value', ''))
+        if question.startswith('<image>\n'):
+            question = question[len('<image>\n'):]
+        out.append({'id': str(sample.get('id', '')), 'image': sample.get('image'), 'kind': sample['kind'],
+                    'question': question, 'answer': str(turns[1].get('value', ''))})
     return out
 
 

@@ -23,11 +23,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from PIL import Image
 
-__all__ = ['Question', 'read_questions', 'read_open_questions', 'read_mmbench_tsv', 'MC_INSTRUCTION']
+__all__ = ['Question', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv', 'MC_INSTRUCTION']
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MMBENCH_COLUMNS = ('index', 'question', 'A', 'B', 'answer')
@@ -56,9 +56,14 @@ def read_questions(path: str, image_folder: Optional[str] = None, circular: bool
     return read_open_questions(path, image_folder)
 
 
-def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Question]:
-    folder = image_folder if image_folder is not None else os.path.dirname(path)
-    out = []
+def open_samples(path: str) -> Iterator[Tuple[str, int, dict, List[dict]]]:
+    """The samples of a training-format jsonl that ask a question: ``(where, line_no, sample, turns)`` for
+    each non-blank line, ``where`` being ``FILE:LINE``.
+
+    Raises:
+        ValueError: naming ``FILE:LINE`` for a line that is not JSON, has no list of turns, does not end with
+        a ``gpt`` turn (the reference answer) or has no ``human`` turn.
+    """
     with open(path, encoding='utf-8-sig') as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -74,19 +79,26 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
             if turns[-1].get('from') != 'gpt':
                 raise ValueError(f'{where}: the last turn is {turns[-1].get("from")!r}, not "gpt" (the reference '
                                  f'answer)')
-            humans = [t for t in turns if t.get('from') == 'human']
-            if not humans:
+            if not any(t.get('from') == 'human' for t in turns):
                 raise ValueError(f'{where}: no "human" turn to ask')
-            images = sample.get('image') or []
-            images = [images] if isinstance(images, str) else list(images)
-            paths = [os.path.join(folder, p) for p in images]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise ValueError(f'{where}: image not found: {missing[0]} (set --image-folder)')
-            prompt = str(humans[-1].get('value', ''))  # without <image> tags, the images go in front of it
-            out.append(Question(id=str(sample.get('id', line_no)),
-                                category=str(sample.get('category', sample.get('kind', 'all'))),
-                                prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))]))
+            yield where, line_no, sample, turns
+
+
+def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Question]:
+    folder = image_folder if image_folder is not None else os.path.dirname(path)
+    out = []
+    for where, line_no, sample, turns in open_samples(path):
+        images = sample.get('image') or []
+        images = [images] if isinstance(images, str) else list(images)
+        paths = [os.path.join(folder, p) for p in images]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f'{where}: image not found: {missing[0]} (set --image-folder)')
+        human = [t for t in turns if t.get('from') == 'human'][-1]
+        prompt = str(human.get('value', ''))  # without <image> tags, the images go in front of it
+        out.append(Question(id=str(sample.get('id', line_no)),
+                            category=str(sample.get('category', sample.get('kind', 'all'))),
+                            prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))]))
     if not out:
         raise ValueError(f'{path}: no questions')
     return out

@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 from typing import Sequence
 
 import torch
 
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
-                                             load_tool_model)
-from xtuner_plugins.models.dtypes import resolve_dtype
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments, run_tool,
+                                             tool_error)
 
 
 def generation_settings(args) -> dict:
@@ -130,25 +128,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    dtype = resolve_dtype(args.dtype)
     missing = [p for p in args.image if not os.path.isfile(p)]
     if missing:
-        print(f'chat: error: image not found: {", ".join(missing)}', file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix='internvl-chat-') as tmp:
-        chat = load_tool_model(args, tmp, dtype, 'chat', image_size=args.image_size, max_num=args.max_num,
-                               min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
-        if chat is None:
-            return 2
+        return tool_error('chat', f'image not found: {", ".join(missing)}')
+
+    def answer(chat: ConvertedModel) -> None:
         if args.prompt is None:
             interactive(chat, args.image, generation_settings(args))
-            return 0
-        try:
+        else:
             print(chat.ask(args.prompt, args.image, generation_settings(args)))
-        except ValueError as exc:
-            print(f'chat: error: {exc}', file=sys.stderr)
-            return 2
-    return 0
+
+    return run_tool(args, 'chat', answer, (ValueError,), image_size=args.image_size, max_num=args.max_num,
+                    min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
 
 
 if __name__ == '__main__':

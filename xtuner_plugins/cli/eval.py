@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, load_tool_model
-from xtuner_plugins.models.dtypes import resolve_dtype
+from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
 
 
 def parse_args(argv=None):
@@ -62,18 +60,13 @@ def main(argv=None) -> int:
     try:
         questions = read_questions(args.data, args.image_folder, circular=args.circular)
     except (OSError, ValueError) as exc:
-        print(f'eval: error: {exc}', file=sys.stderr)
-        return 2
+        return tool_error('eval', exc)
     questions = questions[:args.limit] if args.limit else questions
     torch.manual_seed(0)
-    dtype = resolve_dtype(args.dtype)
-    with tempfile.TemporaryDirectory(prefix='internvl-eval-') as tmp:
-        model = load_tool_model(args, tmp, dtype, 'eval')
-        if model is None:
-            return 2
+
+    def run(model) -> None:
         start = time.perf_counter()
         step = max(1, len(questions) // 20)
-
         printed = [0]
 
         def progress(i, n, results):
@@ -85,13 +78,14 @@ def main(argv=None) -> int:
 
         results = evaluate(model, questions, blind=args.blind, metric=args.metric,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
-    report = Report(results)
-    if args.out:
-        report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,
-                     metric=args.metric, circular=args.circular, blind=args.blind)
-    print(report.table())
-    print(report.closing_line())
-    return 0
+        report = Report(results)
+        if args.out:
+            report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,
+                         metric=args.metric, circular=args.circular, blind=args.blind)
+        print(report.table())
+        print(report.closing_line())
+
+    return run_tool(args, 'eval', run)
 
 
 if __name__ == '__main__':

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 from xtuner_plugins.web.app import environment_defaults
 
 environment_defaults()
 
-from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, load_tool_model
-from xtuner_plugins.models.dtypes import resolve_dtype
+from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
 from xtuner_plugins.web.app import WebChat, build_app, launch, port_free
 
 
@@ -48,21 +46,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not port_free(args.host, args.port):  # before the model loads, so the error comes at once
-        print(f'web_demo: error: port {args.port} on {args.host} is in use; give another with --port',
-              file=sys.stderr)
-        return 2
-    dtype = resolve_dtype(args.dtype)
-    with tempfile.TemporaryDirectory(prefix='internvl-web-') as tmp:
-        model = load_tool_model(args, tmp, dtype, 'web_demo', max_num=args.max_num, min_num=args.min_num)
-        if model is None:
-            return 2
-        app = build_app(WebChat(model, args.max_new_tokens), title=args.title)
-        try:
-            launch(app, args.host, args.port)
-        except OSError as exc:
-            print(f'web_demo: error: {exc}', file=sys.stderr)
-            return 2
-    return 0
+        return tool_error('web_demo', f'port {args.port} on {args.host} is in use; give another with --port')
+
+    def serve(model) -> None:
+        launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port)
+
+    return run_tool(args, 'web_demo', serve, (OSError,), max_num=args.max_num, min_num=args.min_num)
 
 
 if __name__ == '__main__':

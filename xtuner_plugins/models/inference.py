@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple, Union
+import tempfile
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
+
+from .dtypes import resolve_dtype
 
 FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
 ImageLike = Union[str, Image.Image]
@@ -75,17 +78,31 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
                              log=log)
 
 
-def load_tool_model(args, tmp: str, dtype: torch.dtype, prog: str, **tiling) -> Optional['ConvertedModel']:
-    """The model a tool names (:func:`add_model_arguments`' ``args``), converted into ``tmp`` first when it is a
-    config + checkpoint, as a :class:`ConvertedModel` (``tiling`` as there). A folder that does not load: the
-    error printed as ``PROG: error: ...`` and None, for the tool to exit with 2."""
-    folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                          log=lambda m: print(m, file=sys.stderr))
-    try:
-        return ConvertedModel(folder, dtype, args.device, **tiling)
-    except ValueError as exc:
-        print(f'{prog}: error: {exc}', file=sys.stderr)
-        return None
+def tool_error(prog: str, problem: Union[str, Exception]) -> int:
+    """A tool's error printed as argparse prints its own (``PROG: error: ...``); the exit status 2."""
+    print(f'{prog}: error: {problem}', file=sys.stderr)
+    return 2
+
+
+def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: Tuple[type, ...] = (),
+             **tiling) -> int:
+    """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
+    :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
+    first, removed after), then ``use(model)``. The exit status: 0, or 2 with the error printed
+    (:func:`tool_error`) when the folder does not load or ``use`` raises one of ``errors``."""
+    dtype = resolve_dtype(args.dtype)
+    with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
+        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
+                              log=lambda m: print(m, file=sys.stderr))
+        try:
+            model = ConvertedModel(folder, dtype, args.device, **tiling)
+        except ValueError as exc:
+            return tool_error(prog, exc)
+        try:
+            use(model)
+        except errors as exc:
+            return tool_error(prog, exc)
+    return 0
 
 
 def add_model_arguments(parser) -> None:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -246,15 +247,13 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description='Write the demo data (shapes and digits) to OUT_DIR.')
     parser.add_argument('out_dir')
-    parser.add_argument('--n-pretrain', type=int, default=600)
-    parser.add_argument('--n-sft', type=int, default=1800)
-    parser.add_argument('--n-test', type=int, default=120)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--tile-size', type=int, default=56)
-    parser.add_argument('--max-dynamic-patch', type=int, default=6)
+    # make_demo_data's integer settings, as --n-sft ...; the defaults are the function's own
+    settings = ('n_pretrain', 'n_sft', 'n_test', 'seed', 'tile_size', 'max_dynamic_patch')
+    defaults = inspect.signature(make_demo_data).parameters
+    for name in settings:
+        parser.add_argument('--' + name.replace('_', '-'), type=int, default=defaults[name].default)
     args = parser.parse_args(argv)
-    result = make_demo_data(args.out_dir, args.n_pretrain, args.n_sft, args.n_test, args.seed, args.tile_size,
-                            args.max_dynamic_patch)
+    result = make_demo_data(args.out_dir, **{name: getattr(args, name) for name in settings})
     result['chance_accuracy'] = chance_accuracy(result['test']) if args.n_test else None
     print(json.dumps(result, indent=1))
 

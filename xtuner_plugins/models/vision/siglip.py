@@ -16,7 +16,4 @@ class SiglipEncoder(TransformersVisionEncoder):
     name = 'siglip'
     model_types = ('siglip', 'siglip_vision_model')
     module_class = SiglipVisionModel
-    default_select_layer = -1
-    drop_cls = False
-    default_mean = (0.5, 0.5, 0.5)
-    default_std = (0.5, 0.5, 0.5)
+    # the base's defaults are SigLIP's: the last layer (-1), no CLS token, mean/std 0.5

@@ -94,6 +94,15 @@ def _job(tmp_path, name, code):
     return launch.TrainJob([sys.executable, '-c', code], train_env(), str(tmp_path / f'{name}.log'))
 
 
+def test_a_job_runs_in_the_repository_root_unless_told(tmp_path):
+    """The web demo's test server and the README's commands run where they are told (relative paths)."""
+    cmd = [sys.executable, '-c', 'import os; print(os.getcwd())']
+    jobs = [launch.TrainJob(cmd, train_env(), str(tmp_path / 'root.log')),
+            launch.TrainJob(cmd, train_env(), str(tmp_path / 'here.log'), cwd=str(tmp_path))]
+    launch.wait_jobs(jobs, timeout=60)
+    assert [job.read_log().splitlines()[1] for job in jobs] == [REPO_ROOT, str(tmp_path)]
+
+
 def test_timeout_kills_the_launcher_and_everything_under_it(tmp_path):
     """A launcher whose children hang, one in its own session (as torchrun starts its ranks): all are killed
     at the timeout, none is left running."""

@@ -112,7 +112,8 @@ class Reader:
     def serve(self, command: str, timeout: int = 300):
         """A server command (the web demo) run in the background on a free port given last, until the block
         ends; yields the port."""
-        from tests.tools.test_web_demo import free_port, running_server
+        from tests.tools.test_web_demo import running_server
+        from xtuner_plugins.launch import free_port
         port = free_port()
         command = f'{self.fill(command)} --port {port}'
         self.ran.append(command)

@@ -138,10 +138,11 @@ def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optiona
 
 # ------------------------------------------------------------------------------------------ a started launcher
 class TrainJob:
-    """One launcher in its own session, its output in ``log_path``; ``on_line`` sees each line as it comes."""
+    """One launcher in its own session, its output in ``log_path``; ``on_line`` sees each line as it comes;
+    ``cwd``: the repository root unless given."""
 
     def __init__(self, cmd: List[str], env: Mapping[str, str], log_path: str,
-                 on_line: Optional[Callable[[str], None]] = None):
+                 on_line: Optional[Callable[[str], None]] = None, cwd: Optional[str] = None):
         self.cmd, self.log_path, self.on_line = cmd, log_path, on_line
         self.timed_out, self.stopped_because = False, ''
         self.start = time.perf_counter()
@@ -149,7 +150,7 @@ class TrainJob:
         with open(log_path, 'w', encoding='utf-8') as log:
             log.write('$ ' + ' '.join(cmd) + '\n')
             log.flush()
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, cwd=cwd or REPO_ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self._reader = open(log_path, encoding='utf-8', errors='replace')
         self._partial = ''

@@ -4,17 +4,15 @@ sampler state all come back), for SFT and for preference training. Checkpoint wr
 during a save leaves nothing half-written under a checkpoint's name."""
 
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from tests.configs.conftest import ROOT, tiny_options
-from tests.train_utils import run_train, train_env, xtuner_train_script
+from tests.train_utils import run_train, train_env
 from xtuner_plugins.engine.checkpointing import atomic_write
+from xtuner_plugins.launch import TrainJob, train_command
 
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 
@@ -27,23 +25,23 @@ def options(tiny, batch_size=2):
 
 
 def kill_after_checkpoint(tiny, work_dir, name='iter_4.pth', timeout=240, config=CONFIG, opts=None):
-    """Start training and SIGKILL it (launcher and all) as soon as `last_checkpoint` points at `name`."""
-    args = [f'{k}={v}' for k, v in (opts or options(tiny)).items()]
-    cmd = [sys.executable, xtuner_train_script(), config, '--work-dir', work_dir, '--cfg-options', *args]
+    """Start training (the launcher's command and environment) and SIGKILL it, launcher and all, as soon as
+    `last_checkpoint` points at `name`."""
+    cmd, env = train_command(config, work_dir, cfg_options=opts or options(tiny))
     os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, 'killed_run.log'), 'w') as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        pointer = os.path.join(work_dir, 'last_checkpoint')
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
+    job = TrainJob(cmd, train_env(extra_env=env), os.path.join(work_dir, 'killed_run.log'))
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and job.poll() is None:
             if os.path.isfile(pointer) and open(pointer).read().strip().endswith(name):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
                 return
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f'{name} never appeared (exit code {proc.poll()})')
+        code = job.poll()
+    finally:
+        job.kill('stopped by the test')  # SIGKILL to the launcher and everything under it
+        job.close()
+    pytest.fail(f'{name} never appeared (exit code {code})')
 
 
 def preference_options(tiny, tmp_path):

@@ -15,6 +15,8 @@ import time
 import pytest
 
 from tests.helpers import converted_tiny_folder, write_image
+from tests.train_utils import train_env
+from xtuner_plugins.launch import TrainJob, free_port
 from xtuner_plugins.models.inference import ConvertedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,12 +33,6 @@ def plain(text):
     return re.sub(r'[*_`#<>\[\]()\\~|]', '', text).split()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(condition, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,17 +43,22 @@ def wait_until(condition, timeout, what):
     raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
+def tool_command(*args):
+    """tools/web_demo.py with ``args``, and the launcher's environment (this checkout's package first)."""
+    return [sys.executable, TOOL, *args], train_env()
+
+
 @contextlib.contextmanager
 def running_server(argv, port, cwd=ROOT, env=None, timeout=180):
-    """Run ``argv``, a server that listens on ``port``, until the block ends; its output is shown when it exits
-    before it listens."""
-    with tempfile.TemporaryFile('w+') as log:
-        server = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    """Run ``argv``, a server that listens on ``port``, as the launcher runs training (its own session, killed
+    with everything under it; ``env`` the launcher's unless given) until the block ends; its output is shown
+    when it exits before it listens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = TrainJob(argv, env or train_env(), os.path.join(tmp, 'server.log'), cwd=cwd)
 
         def up():
             if server.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f'{argv} exited with {server.returncode}:\n{log.read()[-4000:]}')
+                raise AssertionError(f'{argv} exited with {server.proc.returncode}:\n{server.read_log()[-4000:]}')
             with socket.socket() as sock:
                 return sock.connect_ex(('127.0.0.1', port)) == 0
 
@@ -65,15 +66,16 @@ def running_server(argv, port, cwd=ROOT, env=None, timeout=180):
             wait_until(up, timeout, f'{argv} on port {port}')
             yield
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.kill('the test is done')
+            server.close()
 
 
 @contextlib.contextmanager
 def serve(folder, *args):
     """tools/web_demo.py FOLDER on a free port until the block ends; yields its URL."""
     port = free_port()
-    with running_server([sys.executable, TOOL, str(folder), '--port', str(port), *args], port):
+    argv, env = tool_command(str(folder), '--port', str(port), *args)
+    with running_server(argv, port, env=env):
         yield f'http://127.0.0.1:{port}/'
 
 
@@ -179,7 +181,8 @@ def test_chat_endpoint_through_gradio_client(served, capsys):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cmd, env = tool_command(*args)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_a_port_in_use_is_named(served):

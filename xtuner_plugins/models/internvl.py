@@ -372,7 +372,7 @@ class InternVLModel(BaseModel):
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
         if mode == 'loss' and data.get('num_pairs') is not None:
-            return self.preference_loss(embeds, data, attention_mask, position_ids)
+            return self.preference_loss(embeds, data, attention_mask, position_ids, segments)
         kwargs, positions = {}, None
         if mode == 'loss' and self.llm_keeps_logits:
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
@@ -388,16 +388,24 @@ class InternVLModel(BaseModel):
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
                                        positions=positions)}
 
-    def preference_loss(self, embeds, data, attention_mask, position_ids) -> Dict[str, torch.Tensor]:
-        """The preference loss of a batch of pairs (chosen rows, then rejected rows) and its metrics; the
-        reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or from the
-        frozen copies in ``self.reference`` (full training)."""
+    def preference_loss(self, embeds, data, attention_mask, position_ids, segments=None) -> Dict[str, torch.Tensor]:
+        """The preference loss of a batch of pairs (``num_pairs`` chosen rows, then as many rejected rows; packed
+        rows hold several pairs, row ``i`` and row ``num_pairs + i`` the same pairs in the same order) and its
+        metrics; the reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or
+        from the frozen copies in ``self.reference`` (full training)."""
         from .preference import RunningMean, preference_losses, sequence_logps
         if self.preference is None:
             raise ValueError('a batch of preference pairs, but the model has no preference= setting')
-        pairs, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+        rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+        pairs = rows  # one pair per row, unless packed
+        if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
+            samples = segments.max(-1).values + 1
+            if not torch.equal(samples[:rows], samples[rows:]):
+                raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
+                                 f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
+            pairs = int(samples[:rows].sum())
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
-        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels)
+        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels, segments)
         with torch.no_grad():
             if self.reference is None:
                 with self.language_model.disable_adapter():
@@ -406,7 +414,7 @@ class InternVLModel(BaseModel):
                 ref_embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
                                                parts=self.reference)
                 ref_logits = self.part('language_model', self.reference)(inputs_embeds=ref_embeds, **kwargs).logits
-            ref, _ = sequence_logps(ref_logits, labels)
+            ref, _ = sequence_logps(ref_logits, labels, segments)
         settings = dict(self.preference)
         types = tuple(settings.pop('types', ('sigmoid',)))
         if 'bco_pair' in types and self._reward_baseline is None:

@@ -9,7 +9,7 @@ a budget alone gets a pack of its own). Sizes come from the dataset's header-bas
 one pack: the samples' ``input_ids``/``labels``/tiles concatenated, ``position_ids`` restarting at 0 for
 every sample and ``seq_lens`` (tokens per sample). The model turns ``seq_lens`` into attention that never
 crosses samples (a dense block-diagonal causal mask under SDPA/eager, a document-causal ``BlockMask`` under
-``flex_attention``, varlen kernels with flash attention; ``models/internvl.py``) and the loss counts samples by
+``flex_attention``, varlen kernels with flash attention; ``models/attention.py``) and the loss counts samples by
 them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones. Preference pairs
 (:class:`~xtuner_plugins.data.preference.InternVLPreferenceDataset`) pack alike: a pack of pairs is a row of
 chosen answers and a row of rejected answers, the pairs in the same order in both, sized by the longer answer.

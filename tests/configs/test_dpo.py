@@ -1,6 +1,7 @@
 """configs/dpo_lora.py on the tiny models through XTuner's train script: pairs train (the logged reward margin
 and accuracy, the DPO term below log 2 after training on the same pairs), the checkpoint holds only the LoRA
-adapters, and it converts and answers like an SFT checkpoint; MPO under DeepSpeed ZeRO-2 and ZeRO-3."""
+adapters, and it converts and answers like an SFT checkpoint; MPO under DeepSpeed ZeRO-2 and ZeRO-3; packed
+pairs (configs/dpo_lora_packed.py)."""
 
 import math
 import os
@@ -56,3 +57,20 @@ def test_mpo_lora_under_deepspeed_on_two_processes(tiny, tmp_path, stage):
     margins = ranks.scalar_series('rewards_margin')
     assert terms[8] < math.log(2) - 0.05 and margins[8] > 0 and ranks.scalar_series('term_bco_pair'), (terms, margins)
     assert load_checkpoint_state(ranks.final_checkpoint)
+
+
+def test_packed_pairs_train(tiny, tmp_path):
+    """configs/dpo_lora_packed.py: several pairs per pack; the reference is the policy at first and the DPO term
+    falls below log 2."""
+    config = os.path.join(ROOT, 'configs', 'dpo_lora_packed.py')
+    options = {k.replace('train_dataloader.dataset.', 'train_dataloader.dataset.dataset.'): v
+               for k, v in tiny_options(tiny, pairs_file(tmp_path), repeat=8, lr=5e-3).items()}
+    options.update({'model.llm_grad_ckpt': False, 'train_dataloader.batch_size': 1,
+                    'train_dataloader.sampler.per_device_batch_size': 1,
+                    'train_dataloader.dataset.max_tokens': 400})
+    out = run_train(config, str(tmp_path / 'work'), cfg_options=options)
+    assert out.ok and out.returncode == 0, out.summary()
+    terms, margins = out.scalar_series('term_sigmoid'), out.scalar_series('rewards_margin')
+    last = max(terms)
+    assert 1 < last < 16, terms  # 16 pairs (2 x repeat 8), about two per pack of 400 tokens
+    assert abs(terms[1] - math.log(2)) < 1e-4 and terms[last] < math.log(2) - 0.05 and margins[last] > 0, terms

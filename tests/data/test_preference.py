@@ -89,3 +89,30 @@ def test_collate_puts_the_chosen_rows_first(tmp_path, tiny_tokenizer):
         assert torch.equal(row[:len(side['input_ids'])], side['input_ids'])
     assert data['image_flags'].tolist() == [1, 0, 1, 0]  # each row its copy of the tiles
     assert data['samples'] == [f'{tmp_path}/p.jsonl:1', f'{tmp_path}/p.jsonl:2'] * 2
+
+
+def test_pairs_pack_alike_and_are_as_long_as_their_longer_answer(tmp_path, tiny_tokenizer):
+    from xtuner_plugins.data.packing import PackedInternVLDataset
+    write_image(tmp_path / 'i' / 'a.png', size=(2 * S, S))
+    lines = [{'image': 'a.png', 'question': 'Q?', 'chosen': 'Yes', 'rejected': 'A much longer no, truly longer.'},
+             {'question': 'Q2?', 'chosen': 'Right, and a long answer at that', 'rejected': 'Wrong'},
+             {'image': 'a.png', 'question': 'Q3?', 'chosen': 'C', 'rejected': 'R'}]
+    ds = make(write_jsonl(tmp_path / 'p.jsonl', lines), tiny_tokenizer, tmp_path)
+    items = [ds[i] for i in range(3)]
+    assert ds.length == [max(len(x['chosen']['input_ids']), len(x['rejected']['input_ids'])) for x in items]
+    item = PackedInternVLDataset(ds, max_tokens=10 ** 6, shuffle=False)[0]
+    for side in ('chosen', 'rejected'):  # both rows pack the same pairs in the same order
+        assert item[side]['seq_lens'].tolist() == [len(x[side]['input_ids']) for x in items]
+        for key in ('input_ids', 'labels'):
+            assert torch.equal(item[side][key], torch.cat([x[side][key] for x in items]))
+    assert torch.equal(item['pixel_values'], torch.cat([x['pixel_values'] for x in items]))
+    data = preference_collate_fn([item])['data']
+    assert data['num_pairs'] == 1 and data['input_ids'].shape[0] == 2
+    assert [s.tolist() for s in data['seq_lens']] == [item['chosen']['seq_lens'].tolist(),
+                                                     item['rejected']['seq_lens'].tolist()]
+    # the budget holds for both rows: packs are sized by each pair's longer answer
+    budget = max(ds.length) + 2
+    packed = PackedInternVLDataset(ds, max_tokens=budget, shuffle=False)
+    assert len(packed) > 1
+    for i in range(len(packed)):
+        assert all(int(packed[i][side]['seq_lens'].sum()) <= budget for side in ('chosen', 'rejected'))

@@ -18,8 +18,8 @@ from xtuner_plugins.demo.questions import QUESTIONS
 from xtuner_plugins.demo.scenes import BACKGROUND, COLOURS
 
 S, MAX_PATCH = 56, 6
-SPLITS = ('pretrain', 'sft', 'test')
-SMALL = dict(n_pretrain=24, n_sft=48, n_test=24)
+SPLITS = ('pretrain', 'sft', 'test', 'preference')
+SMALL = dict(n_pretrain=24, n_sft=48, n_test=24, n_preference=24)
 
 
 def _read(path):
@@ -49,8 +49,8 @@ def _tree_bytes(root):
 
 @pytest.fixture(scope='module')
 def full(tmp_path_factory):
-    """The default sizes, generated once."""
-    return make_demo_data(str(tmp_path_factory.mktemp('demo_full')))
+    """The default sizes and 120 preference prompts, generated once."""
+    return make_demo_data(str(tmp_path_factory.mktemp('demo_full')), n_preference=120)
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +60,7 @@ def small(tmp_path_factory):
 
 def test_layout_and_format(full):
     counts = full['counts']
-    assert counts == {'pretrain': 600, 'sft': 1800, 'test': 120, 'images': 2520}
+    assert counts == {'pretrain': 600, 'sft': 1800, 'test': 120, 'preference': 120, 'images': 2640}
     images = sorted(os.listdir(full['images']))
     assert len(images) == counts['images'] and all(n.endswith('.png') for n in images)
     used = set()
@@ -110,7 +110,7 @@ def test_deterministic_and_stale_images_removed(tmp_path):
     b = make_demo_data(str(tmp_path / 'b'), **SMALL, seed=3)
     assert a['counts'] == b['counts']
     bytes_a, bytes_b = _tree_bytes(str(tmp_path / 'a')), _tree_bytes(str(tmp_path / 'b'))
-    assert len(bytes_a) == sum(SMALL.values()) + 3
+    assert len(bytes_a) == sum(SMALL.values()) + 4
     assert bytes_a == bytes_b
     other = make_demo_data(str(tmp_path / 'c'), **SMALL, seed=4)
     assert _tree_bytes(str(tmp_path / 'c')) != bytes_a and other['counts'] == a['counts']
@@ -134,6 +134,18 @@ def test_test_images_disjoint_from_training(full):
     assert len(train) == len(hashes['pretrain']) + len(hashes['sft'])  # no image twice in training either
     assert len(set(hashes['test'])) == len(hashes['test'])
     assert not train & set(hashes['test'])
+    prompts = set(hashes['preference'])  # the preference stage's prompts are new images too
+    assert len(prompts) == len(hashes['preference']) and not prompts & (train | set(hashes['test']))
+
+
+def test_preference_prompts_change_no_other_split(small, tmp_path):
+    without = make_demo_data(str(tmp_path / 'without'), **dict(SMALL, n_preference=0))
+    for split in ('pretrain', 'sft', 'test'):
+        assert _read(without[split]) == _read(small[split])
+        for r in _read(small[split]):
+            assert _pixel_hash(os.path.join(without['images'], r['image'])) == \
+                _pixel_hash(os.path.join(small['images'], r['image']))
+    assert _read(without['preference']) == [] and len(_read(small['preference'])) == 24
 
 
 def test_all_grids_occur(full):
@@ -166,7 +178,7 @@ def test_every_sample_loads_through_the_dataset(small, tiny_tokenizer_dir, tmp_p
 
 
 def test_answers_balanced(full):
-    for split in ('sft', 'test'):
+    for split in ('sft', 'test', 'preference'):
         per_kind = collections.defaultdict(collections.Counter)
         for q in read_questions(full[split]):
             per_kind[q['kind']][q['answer']] += 1

@@ -77,17 +77,25 @@ def test_gradients_raise_the_chosen_and_lower_the_rejected():
 
 # ------------------------------------------------------------------ the model's preference forward
 @pytest.fixture
-def pairs(tiny, tmp_path):
+def pair_items(tiny, tmp_path):
+    """Loaded pairs (before collation): with an image, text-only, with an image again."""
     from tests.helpers import write_image, write_jsonl
     from tests.models.conftest import TILE
-    from xtuner_plugins.data import InternVLPreferenceDataset, preference_collate_fn
+    from xtuner_plugins.data import InternVLPreferenceDataset
     write_image(tmp_path / 'i' / 'a.png', size=(120, 50), seed=1)
     path = write_jsonl(tmp_path / 'p.jsonl', [
         {'image': 'a.png', 'question': 'What is it?', 'chosen': 'a wide thing', 'rejected': 'a cat'},
-        {'question': 'Hello', 'chosen': 'hi there', 'rejected': 'go away now'}])
+        {'question': 'Hello', 'chosen': 'hi there', 'rejected': 'go away now'},
+        {'image': 'a.png', 'question': 'Colour?', 'chosen': 'grey, mostly', 'rejected': 'red'}])
     ds = InternVLPreferenceDataset(path, image_folders=str(tmp_path / 'i'), tokenizer=tiny['llm'], image_size=TILE,
                                    max_dynamic_patch=6, cache_dir=str(tmp_path / 'cache'))
-    return preference_collate_fn([ds[0], ds[1]])['data']
+    return [ds[i] for i in range(len(ds))]
+
+
+@pytest.fixture
+def pairs(pair_items):
+    from xtuner_plugins.data import preference_collate_fn
+    return preference_collate_fn(pair_items[:2])['data']
 
 
 def test_dpo_on_the_model_starts_at_log_2_and_learns_to_prefer_the_chosen(tiny, pairs):
@@ -123,16 +131,54 @@ def test_preference_forward_under_flex_attention_equals_sdpa(tiny, pairs):
     sdpa = build(tiny, freeze_projector=True, llm_lora=lora, preference=settings).eval()
     flex = build(tiny, freeze_projector=True, llm_lora=lora, preference=settings,
                  attn_implementation='flex_attention').eval()
+    _away_from_reference(sdpa)
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for name, param in sdpa.named_parameters():
-            if 'lora_B' in name:  # a policy away from its reference: rewards not all zero
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
         flex.load_state_dict(super(type(sdpa), sdpa).state_dict())
         expected, out = sdpa(dict(pairs), mode='loss'), flex(dict(pairs), mode='loss')
     assert abs(expected['rewards_margin'].item()) > 1e-3
     assert {k: v.item() for k, v in out.items()} == pytest.approx({k: v.item() for k, v in expected.items()},
                                                                   rel=1e-4, abs=1e-5)
+
+
+def _away_from_reference(model, seed=0):
+    """LoRA's B set at random: a policy away from its reference, so rewards are not all zero."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if 'lora_B' in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+def test_packed_pairs_give_the_losses_and_gradients_of_unpacked_pairs(tiny, pair_items, attn):
+    """Pairs packed into rows (one row of all three, or rows of two and one) give every loss term, metric and
+    LoRA gradient of the same pairs one per row; rows that do not pack the pairs alike are refused."""
+    from tests.models.conftest import build
+    from xtuner_plugins.data import preference_collate_fn
+    from xtuner_plugins.data.packing import pack_items
+    model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+                  preference=dict(MPO), attn_implementation=attn)
+    _away_from_reference(model)
+
+    def run(items):
+        model.zero_grad()
+        model._reward_baseline = None  # BCO's running mean starts afresh for each layout
+        out = model(dict(preference_collate_fn(items)['data']), mode='loss')
+        out['loss'].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.item() for k, v in out.items()}, grads
+
+    expected, expected_grads = run(pair_items)
+    assert abs(expected['rewards_margin']) > 1e-3
+    for layout in ([pair_items], [pair_items[:2], pair_items[2:]]):
+        out, grads = run([pack_items(items) for items in layout])
+        assert out == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6)
+    data = preference_collate_fn([pack_items(pair_items)])['data']
+    data['seq_lens'][1] = torch.tensor([int(data['seq_lens'][1].sum())])  # the rejected row as one sample
+    with pytest.raises(ValueError, match=r'chosen rows hold \[3\] samples but the rejected rows \[1\]'):
+        model(dict(data), mode='loss')
 
 
 def test_preference_settings_that_leave_no_reference_are_refused(tiny):

@@ -31,7 +31,7 @@ from .sources import DataSource, Record
 from .tiling import num_tiles
 from .tokenize import count_text_tokens
 
-CACHE_VERSION = 3  # 2: tiles per sample stored beside the length; 3: image files and their stats
+CACHE_VERSION = 4  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs
 
 
 def default_cache_dir() -> str:
@@ -43,7 +43,7 @@ def _cache_key(ds, src: DataSource) -> str:
     st = os.stat(src.annotation)
     tok = ds.tokenizer
     parts = dict(
-        version=CACHE_VERSION,
+        version=CACHE_VERSION, dataset=type(ds).__name__,   # a pair counts its longer answer
         annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
         image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
         max_dynamic_patch=src.max_dynamic_patch or ds.max_dynamic_patch,
@@ -56,7 +56,8 @@ def _cache_key(ds, src: DataSource) -> str:
 
 def _sample_length(ds, record: Record, checked) -> List[int]:
     """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample)."""
-    text = count_text_tokens(checked.conversations[0], ds.tokenizer)
+    # a preference pair is as long as its longer answer (both share the prompt and the tiles)
+    text = max(count_text_tokens(c, ds.tokenizer) for c in checked.conversations)
     image_tokens = 0
     all_tiles = 0
     max_num = ds.max_tiles_per_image(record, len(checked.image_paths))

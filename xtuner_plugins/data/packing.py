@@ -9,8 +9,10 @@ a budget alone gets a pack of its own). Sizes come from the dataset's header-bas
 one pack: the samples' ``input_ids``/``labels``/tiles concatenated, ``position_ids`` restarting at 0 for
 every sample and ``seq_lens`` (tokens per sample). The model turns ``seq_lens`` into attention that never
 crosses samples (a dense block-diagonal causal mask under SDPA/eager, a document-causal ``BlockMask`` under
-``flex_attention``, varlen kernels with flash attention; ``models/internvl.py``) and the loss counts samples by
-them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones.
+``flex_attention``, varlen kernels with flash attention; ``models/attention.py``) and the loss counts samples by
+them. Bad samples are skipped and counted by the wrapped dataset, like unpacked ones. Preference pairs
+(:class:`~xtuner_plugins.data.preference.InternVLPreferenceDataset`) pack alike: a pack of pairs is a row of
+chosen answers and a row of rejected answers, the pairs in the same order in both, sized by the longer answer.
 """
 
 from __future__ import annotations
@@ -98,14 +100,25 @@ class PackedInternVLDataset(Dataset):
         raise TooManyBadSamplesError(f'no pack of {len(self.packs)} has a loadable sample')
 
 
-def pack_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Concatenate loaded samples into one packed item."""
-    seq_lens = [int(x['input_ids'].shape[0]) for x in items]
-    pixel_values = torch.cat([x['pixel_values'] for x in items])
-    return dict(input_ids=torch.cat([x['input_ids'] for x in items]),
-                labels=torch.cat([x['labels'] for x in items]),
+def _pack_tokens(parts: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Token sequences one after another: ids, labels, positions restarting per sequence, lengths."""
+    seq_lens = [int(x['input_ids'].shape[0]) for x in parts]
+    return dict(input_ids=torch.cat([x['input_ids'] for x in parts]),
+                labels=torch.cat([x['labels'] for x in parts]),
                 position_ids=torch.cat([torch.arange(n) for n in seq_lens]),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.long),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.long))
+
+
+def pack_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Concatenate loaded samples into one packed item. Preference pairs (items with ``chosen`` and
+    ``rejected``) become one pair of packs: the chosen answers packed in the pairs' order, the rejected ones in
+    the same order, sharing the tiles (``data/preference.py`` makes them two rows)."""
+    pixel_values = torch.cat([x['pixel_values'] for x in items])
+    if 'chosen' in items[0]:
+        tokens = {side: _pack_tokens([x[side] for x in items]) for side in ('chosen', 'rejected')}
+    else:
+        tokens = _pack_tokens(items)
+    return dict(tokens,
                 pixel_values=pixel_values,
                 image_flags=torch.cat([x['image_flags'] for x in items]),
                 num_tiles=pixel_values.shape[0],

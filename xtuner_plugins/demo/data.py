@@ -4,8 +4,9 @@ Usage::
 
     from xtuner_plugins.demo.data import make_demo_data, chance_accuracy, read_questions
     paths = make_demo_data('work_dirs/demo/data', seed=0)
-    # paths['pretrain'], paths['sft'], paths['test']: .jsonl files; paths['images']: their image folder
-    print(paths['counts'])                  # {'pretrain': 600, 'sft': 1800, 'test': 120, 'images': 2520}
+    # paths['pretrain'], paths['sft'], paths['test'], paths['preference']: .jsonl files; paths['images']: their
+    # image folder
+    print(paths['counts'])  # {'pretrain': 600, 'sft': 1800, 'test': 120, 'preference': 0, 'images': 2520}
     print(chance_accuracy(paths['test']))   # the blind baseline: the most common answer of each kind
 
 or from the shell (prints the same dict as JSON)::
@@ -14,11 +15,13 @@ or from the shell (prints the same dict as JSON)::
 
 What is written (the same bytes for the same arguments)::
 
-    out_dir/images/{pretrain,sft,test}_NNNNN.png   one image per sample, never shared between samples
+    out_dir/images/{pretrain,sft,test,preference}_NNNNN.png   one image per sample, never shared
     out_dir/pretrain.jsonl                          captions ("Describe the image." -> "A red circle on the left.")
     out_dir/sft.jsonl                               questions with a one-word (or one-digit) answer (more turns:
                                                     ``sft_extra_questions``)
     out_dir/test.jsonl                              held-out questions of the same kinds, on new images
+    out_dir/preference.jsonl                        prompts for preference pairs (``n_preference``): questions
+                                                    as in test.jsonl, on images no other split has
 
 Every line is a LLaVA/InternVL sample (``id``, ``image`` relative to ``images/``, ``conversations`` with one
 ``human`` turn starting ``<image>\\n`` and one ``gpt`` turn) plus two fields the dataset ignores: ``kind`` (the
@@ -51,7 +54,8 @@ that grid), so all tile counts occur and objects are drawn at a known size in ti
 strips are exact multiples of ``tile_size`` (the tiles are then the native pixels).
 
 Images of one call are all different (a drawn image equal to an earlier one is drawn again), so the test
-images are never training images; all three files come from the same generator with different draws.
+images are never training images; all the files come from the same generator with different draws (each split
+its own stream: adding preference prompts changes no other split).
 
 This module writes the files; the scenes and their drawing are in :mod:`xtuner_plugins.demo.scenes`, the
 questions and captions (and reading a file back) in :mod:`xtuner_plugins.demo.questions`.
@@ -89,8 +93,8 @@ __all__ = [
     'read_questions',
 ]
 
-SPLITS: Tuple[str, ...] = ('pretrain', 'sft', 'test')
-_IMAGE_NAME = re.compile(r'^(pretrain|sft|test)_\d{5}\.png$')
+SPLITS: Tuple[str, ...] = ('pretrain', 'sft', 'test', 'preference')
+_IMAGE_NAME = re.compile(r'^(pretrain|sft|test|preference)_\d{5}\.png$')
 
 
 def _balanced(rng: random.Random, values: Sequence, n: int) -> list:
@@ -112,8 +116,10 @@ def _check_count(name: str, value: int) -> int:
 def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_test: int = 120, seed: int = 0,
                    tile_size: int = 56, max_dynamic_patch: int = 6,
                    kinds: Sequence[str] = KINDS, sft_weights: Optional[Dict[str, int]] = None,
-                   sft_extra_questions: bool = False, token_px: int = 28) -> Dict[str, object]:
-    """Write the demo's images and its pretrain / sft / test files (deterministic for the arguments).
+                   sft_extra_questions: bool = False, token_px: int = 28,
+                   n_preference: int = 0) -> Dict[str, object]:
+    """Write the demo's images and its pretrain / sft / test / preference files (deterministic for the
+    arguments).
 
     Args:
         out_dir: output folder (created); ``images/`` and the three ``.jsonl`` files go inside. Images of an
@@ -135,17 +141,20 @@ def make_demo_data(out_dir: str, n_pretrain: int = 600, n_sft: int = 1800, n_tes
         token_px: side, in tile pixels, of the square one image token covers (``patch_size /
             downsample_ratio``: 28 for InternViT's 14 px patches and InternVL's pixel shuffle of 0.5); a small
             digit lies inside one such cell. ``tile_size`` must be a multiple of it.
+        n_preference: question samples, balanced as the test split's, on new images: the prompts the demo's
+            preference stage asks the fine-tuned model to build pairs from its own mistakes.
 
     Returns:
-        ``{'pretrain': path, 'sft': path, 'test': path, 'images': folder, 'counts': {'pretrain': n,
-        'sft': n, 'test': n, 'images': n}}``, the paths absolute.
+        ``{'pretrain': path, 'sft': path, 'test': path, 'preference': path, 'images': folder, 'counts':
+        {'pretrain': n, 'sft': n, 'test': n, 'preference': n, 'images': n}}``, the paths absolute.
 
     Raises:
         ValueError: for negative counts, an unknown kind, ``tile_size`` < 28 or ``max_dynamic_patch`` < 1,
             a ``tile_size`` that is not a multiple of ``token_px``, or ``small_digit`` with no strip of >= 4
             tiles allowed (or no small digit size that fits a token cell).
     """
-    counts = {name: _check_count(f'n_{name}', n) for name, n in zip(SPLITS, (n_pretrain, n_sft, n_test))}
+    counts = {name: _check_count(f'n_{name}', n)
+              for name, n in zip(SPLITS, (n_pretrain, n_sft, n_test, n_preference))}
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 28:
         raise ValueError(f'tile_size must be an integer >= 28, got {tile_size!r}')
     if isinstance(token_px, bool) or not isinstance(token_px, int) or token_px < 1 or tile_size % token_px:

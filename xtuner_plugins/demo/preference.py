@@ -4,8 +4,9 @@ preference accuracy.
 * :func:`make_pairs`: one MMPR-style pair per sample of the demo's data (its first question): ``chosen`` the
   right answer, ``rejected`` a plausible wrong one: the model's own wrong answer to that question where it gave
   one (on-policy, as MMPR's rejected answers are the model's own mistakes), else another answer of the same
-  question kind (e.g. another colour), drawn at random. Pairs for training come from ``sft.jsonl`` with the
-  fine-tuned model's mistakes; the held-out pairs from ``test.jsonl``, random wrong answers only.
+  question kind (e.g. another colour), drawn at random. Pairs for training come from ``preference.jsonl``
+  (new questions on new images, as MMPR's prompts are new to the model) with the fine-tuned model's mistakes
+  on them; the held-out pairs from ``test.jsonl``, random wrong answers only.
 * :func:`wrong_answers`: those mistakes: a model's greedy answers to the first question of each sample, scored
   by the project's scorer (:mod:`xtuner_plugins.eval`, as the demo's own accuracy), the wrong ones kept.
 * :func:`preference_accuracy`: over held-out pairs, the fraction where the policy's implicit reward

@@ -80,6 +80,9 @@ class Recipe:
     # 0.922 / 0.922; 1e-3, beta 0.5: 0.928 / 0.900; 3e-3, beta 0.5: 0.911 / 0.911. The pairs' rejected answers
     # are random wrong ones, not the model's own mistakes (as MMPR's are), so they teach little it got wrong.
     preference: str = ''
+    # prompts for the training pairs: new questions (data/preference.jsonl, on images no other split has) that
+    # the fine-tuned model answers first; its wrong answers become rejected answers
+    preference_prompts: int = 4800
     preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-4

@@ -77,23 +77,22 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
                  f'configs/demo/dpo_lora.py, LoRA from the fine-tuned model, which is the reference')
     folder = os.path.join(work_dir, 'data')
-    pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('sft', 'test')}
-    limit = recipe.preference_iters * recipe.preference_batch  # the first samples, each once
+    pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('preference', 'test')}
     asking = time.perf_counter()
-    own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['sft'], data['images'],
-                               limit, recipe.max_new_tokens, batch_size=16)
+    own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['preference'],
+                               data['images'], None, recipe.max_new_tokens, batch_size=16)
     asking = time.perf_counter() - asking
-    counts = {'sft': make_pairs(data['sft'], pairs['sft'], recipe.seed, own, limit),
+    counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own),
               'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
-    console(f'  pairs (chosen: the right answer, rejected: the fine-tuned model\'s own wrong answer ({len(own)} of '
-            f'{asked} training questions, asked in {asking:.0f} s), else another answer of its kind): '
-            f'{counts["sft"]} for training in {os.path.relpath(pairs["sft"], REPO_ROOT)}, {counts["test"]} held '
-            f'out (random wrong answers)')
-    options = stage_options('preference', recipe, models, pairs['sft'], data['images'],
+    console(f'  pairs (chosen: the right answer; rejected: the fine-tuned model\'s own wrong answer, {len(own)} of '
+            f'{asked} new questions asked in {asking:.0f} s, else another answer of its kind): '
+            f'{counts["preference"]} for training in {os.path.relpath(pairs["preference"], REPO_ROOT)}, '
+            f'{counts["test"]} held out (random wrong answers)')
+    options = stage_options('preference', recipe, models, pairs['preference'], data['images'],
                             ft_options['train_dataloader.dataset.cache_dir'], nproc,
                             pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)
     options['train_dataloader.dataset.repeat_times'] = round(
-        repeat_for(recipe.preference_iters, recipe.preference_batch, counts['sft']), 6)
+        repeat_for(recipe.preference_iters, recipe.preference_batch, counts['preference']), 6)
     stages['preference'] = train_stage('preference', CONFIGS['preference'], os.path.join(work_dir, 'preference'),
                                        options, console, nproc, deepspeed, cache_root, stage_timeout)
     before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'])

@@ -108,7 +108,8 @@ def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
     weights = {k: w for k, w in (recipe.sft_weights or {}).items() if k in kinds}
     return make_demo_data(out_dir, n_pretrain=recipe.n_pretrain, n_sft=recipe.n_sft, n_test=recipe.n_test,
                           seed=recipe.seed, tile_size=recipe.tile_size, max_dynamic_patch=recipe.max_dynamic_patch,
-                          kinds=kinds, sft_weights=weights, sft_extra_questions=recipe.sft_extra_questions)
+                          kinds=kinds, sft_weights=weights, sft_extra_questions=recipe.sft_extra_questions,
+                          n_preference=recipe.preference_prompts if recipe.preference else 0)
 
 
 def repeat_for(iters: int, batch: int, n_samples: int) -> float:
@@ -134,7 +135,7 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         repeat = repeat_for(recipe.pretrain_iters, batch, recipe.n_pretrain)
     elif stage == 'preference':
         batch, lr = recipe.preference_batch, recipe.preference_lr
-        repeat = repeat_for(recipe.preference_iters, batch, recipe.n_sft)  # one pair per sft.jsonl sample
+        repeat = repeat_for(recipe.preference_iters, batch, recipe.preference_prompts)  # a pair per prompt
     else:
         batch, lr = recipe.finetune_batch, recipe.finetune_lr
         repeat = repeat_for(recipe.finetune_iters, batch, recipe.n_sft)

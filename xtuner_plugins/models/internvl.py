@@ -35,6 +35,7 @@ from torch import nn
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
+from .attention import ATTN_IMPLEMENTATIONS, llm_attention
 from .checkpoint import load_trained_state_dict
 from .dtypes import resolve_dtype
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
@@ -43,9 +44,6 @@ from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import gathered, hf_zero3_init, shape_of
-
-ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
-
 
 class VisionLanguageModel(BaseModel):
     """Vision encoder + projector (``mlp1``) + LLM, trained by MMEngine's runner.
@@ -355,24 +353,12 @@ class VisionLanguageModel(BaseModel):
 
     def forward(self, data: Dict[str, torch.Tensor], data_samples=None, mode: str = 'loss'):
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
-        segments = None
-        attention_mask, position_ids = data.get('attention_mask'), data.get('position_ids')
-        attn = self.language_model.config._attn_implementation
-        if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
-            segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
-            if attn == 'flash_attention_2':
-                attention_mask = None  # varlen kernels, from the restarting position ids
-            elif attn == 'flex_attention':
-                attention_mask = document_block_mask(segments)
-            else:
-                attention_mask = block_causal_mask(segments, embeds.dtype)
-        elif attn == 'flex_attention' and attention_mask is not None:  # padded rows: one sample each
-            real = attention_mask.to(embeds.device).bool()
-            attention_mask = document_block_mask(torch.where(real, 0, -1))
+        position_ids = data.get('position_ids')
+        attention_mask, segments = llm_attention(data, embeds, self.language_model.config._attn_implementation)
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
         if mode == 'loss' and data.get('num_pairs') is not None:
-            return self.preference_loss(embeds, data, attention_mask, position_ids)
+            return self.preference_loss(embeds, data, attention_mask, position_ids, segments)
         kwargs, positions = {}, None
         if mode == 'loss' and self.llm_keeps_logits:
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
@@ -388,16 +374,24 @@ class VisionLanguageModel(BaseModel):
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
                                        positions=positions)}
 
-    def preference_loss(self, embeds, data, attention_mask, position_ids) -> Dict[str, torch.Tensor]:
-        """The preference loss of a batch of pairs (chosen rows, then rejected rows) and its metrics; the
-        reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or from the
-        frozen copies in ``self.reference`` (full training)."""
+    def preference_loss(self, embeds, data, attention_mask, position_ids, segments=None) -> Dict[str, torch.Tensor]:
+        """The preference loss of a batch of pairs (``num_pairs`` chosen rows, then as many rejected rows; packed
+        rows hold several pairs, row ``i`` and row ``num_pairs + i`` the same pairs in the same order) and its
+        metrics; the reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or
+        from the frozen copies in ``self.reference`` (full training)."""
         from .preference import RunningMean, preference_losses, sequence_logps
         if self.preference is None:
             raise ValueError('a batch of preference pairs, but the model has no preference= setting')
-        pairs, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+        rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+        pairs = rows  # one pair per row, unless packed
+        if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
+            samples = segments.max(-1).values + 1
+            if not torch.equal(samples[:rows], samples[rows:]):
+                raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
+                                 f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
+            pairs = int(samples[:rows].sum())
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
-        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels)
+        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels, segments)
         with torch.no_grad():
             if self.reference is None:
                 with self.language_model.disable_adapter():
@@ -406,7 +400,7 @@ class VisionLanguageModel(BaseModel):
                 ref_embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
                                                parts=self.reference)
                 ref_logits = self.part('language_model', self.reference)(inputs_embeds=ref_embeds, **kwargs).logits
-            ref, _ = sequence_logps(ref_logits, labels)
+            ref, _ = sequence_logps(ref_logits, labels, segments)
         settings = dict(self.preference)
         types = tuple(settings.pop('types', ('sigmoid',)))
         if 'bco_pair' in types and self._reward_baseline is None:
@@ -441,41 +435,6 @@ class VisionLanguageModel(BaseModel):
 
 # The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.
 InternVLModel = VisionLanguageModel
-
-
-def packed_segments(seq_lens, length: int, device) -> torch.Tensor:
-    """``[B, L]`` sample ids of packed rows from per-row sample lengths; padding is -1."""
-    rows = []
-    for lens in seq_lens:
-        lens = torch.as_tensor(lens, device=device)
-        ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
-        rows.append(torch.cat([ids, ids.new_full((length - ids.numel(),), -1)]))
-    return torch.stack(rows)
-
-
-def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive ``[B, 1, L, L]`` mask: a token sees the earlier tokens of its own sample only (padding sees
-    itself, so no row is empty)."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def document_block_mask(segments: torch.Tensor):
-    """FlexAttention's ``BlockMask`` of :func:`block_causal_mask` from ``[B, L]`` sample ids: a token sees the
-    earlier tokens of its own sample; padding (-1) sees the earlier padding, so no row is empty. Blocks with no
-    allowed pair are skipped by the kernel. Built by ``torch.compile`` on a GPU (no dense ``L x L`` mask), eagerly
-    on a CPU (no C++ compiler needed)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_sample_causal(b, h, q, kv):
-        return (segments[b, q] == segments[b, kv]) & (kv <= q)
-    batch, length = segments.shape
-    return create_block_mask(same_sample_causal, batch, None, length, length, device=segments.device,
-                             _compile=segments.device.type == 'cuda')
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

@@ -3,8 +3,9 @@
 The losses of preference training (``VisionLanguageModel(preference=...)`` runs them on a batch of pairs). All work
 on per-sequence sums of the answer tokens' log-probabilities:
 
-* :func:`sequence_logps`: ``sum log p(answer token)`` per row and the number of answer tokens, from logits
-  and labels laid out as in SFT (``-100`` where not supervised; position ``t`` predicts label ``t + 1``).
+* :func:`sequence_logps`: ``sum log p(answer token)`` per row (per sample of packed rows) and the number of
+  answer tokens, from logits and labels laid out as in SFT (``-100`` where not supervised; position ``t``
+  predicts label ``t + 1``).
 * :func:`preference_losses`: with ``chosen/rejected`` log-ratios ``r = logp - ref_logp`` (the implicit rewards
   are ``beta * r``):
 
@@ -44,12 +45,27 @@ LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of the supervised tokens' log-probabilities [B], their count [B])`` in fp32."""
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   segments: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of the supervised tokens' log-probabilities, their count)`` in fp32: one per row, or, for packed
+    rows (``segments [R, L]``: sample ids within each row, -1 on padding), one per sample, row after row."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    if segments is None:
+        return token_logps.sum(-1), mask.sum(-1)
+    segments = segments.to(targets.device)
+    slots = int(segments.max()) + 1                              # samples in the fullest row
+    samples = segments.max(-1).values + 1                        # samples per row
+    ids = segments[:, 1:]                                        # label t + 1 belongs to its sample
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    key = (rows * slots + ids.clamp(min=0)).flatten()
+    keep = (ids >= 0).flatten()
+    sums = token_logps.new_zeros(ids.shape[0] * slots).index_add(0, key[keep], token_logps.flatten()[keep])
+    counts = mask.new_zeros(ids.shape[0] * slots, dtype=torch.long).index_add(
+        0, key[keep], mask.flatten()[keep].long())
+    present = (torch.arange(slots, device=ids.device)[None] < samples[:, None]).flatten()
+    return sums[present], counts[present]
 
 
 class RunningMean:

@@ -1,0 +1,76 @@
+"""The LLM's attention mask for a batch: padded rows, or packed rows whose samples never see each other.
+
+:func:`llm_attention` picks the mask for the LLM's attention implementation:
+
+* padded rows (one sample each): the collate function's ``[B, L]`` padding mask, which transformers turns into
+  a causal one (``sdpa``, ``eager``, ``flash_attention_2``), or a document-causal ``BlockMask`` (``flex_attention``);
+* packed rows (``seq_lens``, see ``data/packing.py``): :func:`packed_segments` gives each token its sample,
+  then a dense block-diagonal causal mask (``sdpa``, ``eager``: ``L x L`` per row), FlexAttention's
+  ``BlockMask`` (blocks across samples skipped), or no mask at all for flash attention's varlen kernels, which
+  read the samples from the restarting ``position_ids``.
+
+The segments also tell the loss which sample a token belongs to (``loss.py``, ``preference.sequence_logps``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ['ATTN_IMPLEMENTATIONS', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments']
+
+ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
+
+
+def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
+                  attn: str) -> Tuple[object, Optional[torch.Tensor]]:
+    """``(attention_mask for the LLM, [B, L] sample ids of packed rows or None)`` for a batch (see the module
+    docstring); ``attn`` the LLM's attention implementation."""
+    attention_mask = data.get('attention_mask')
+    if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
+        segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
+        if attn == 'flash_attention_2':
+            return None, segments  # varlen kernels, from the restarting position ids
+        if attn == 'flex_attention':
+            return document_block_mask(segments), segments
+        return block_causal_mask(segments, embeds.dtype), segments
+    if attn == 'flex_attention' and attention_mask is not None:  # padded rows: one sample each
+        real = attention_mask.to(embeds.device).bool()
+        return document_block_mask(torch.where(real, 0, -1)), None
+    return attention_mask, None
+
+
+def packed_segments(seq_lens, length: int, device) -> torch.Tensor:
+    """``[B, L]`` sample ids of packed rows from per-row sample lengths; padding is -1."""
+    rows = []
+    for lens in seq_lens:
+        lens = torch.as_tensor(lens, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+        rows.append(torch.cat([ids, ids.new_full((length - ids.numel(),), -1)]))
+    return torch.stack(rows)
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[B, 1, L, L]`` mask: a token sees the earlier tokens of its own sample only (padding sees
+    itself, so no row is empty)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def document_block_mask(segments: torch.Tensor):
+    """FlexAttention's ``BlockMask`` of :func:`block_causal_mask` from ``[B, L]`` sample ids: a token sees the
+    earlier tokens of its own sample; padding (-1) sees the earlier padding, so no row is empty. Blocks with no
+    allowed pair are skipped by the kernel. Built by ``torch.compile`` on a GPU (no dense ``L x L`` mask), eagerly
+    on a CPU (no C++ compiler needed)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (kv <= q)
+    batch, length = segments.shape
+    return create_block_mask(same_sample_causal, batch, None, length, length, device=segments.device,
+                             _compile=segments.device.type == 'cuda')

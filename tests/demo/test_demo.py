@@ -51,7 +51,7 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path, capsys, vision, pr
     fmt, only_file = FAMILIES[vision, projector]
     recipe = Recipe(kinds=('colour', 'position'), max_dynamic_patch=4, n_pretrain=100, n_sft=1600, n_test=40,
                     pretrain_iters=20, finetune_iters=800, log_interval=50, max_new_tokens=4, vision=vision,
-                    projector=projector, preference=PREFERENCE.get((vision, projector), ''))
+                    projector=projector, preference=PREFERENCE.get((vision, projector), ''), preference_prompts=800)
     result = run_demo(str(tmp_path / 'demo'), recipe)
     assert result.n == 40 and len(result.answers) == 40
     if recipe.preference:
@@ -112,8 +112,9 @@ def check_preference_stage(result):
         pairs = [json.loads(line) for line in f]
     assert [q['chosen'] for q in pairs] == [a.expected for a in result.answers]
     assert all(q['rejected'] != q['chosen'] for q in pairs)
-    # training pairs: one per sft question (fewer than preference_iters x preference_batch), on-policy where the
-    # fine-tuned model was wrong (tests/demo/test_preference.py)
-    with open(os.path.join(result.work_dir, 'data', 'sft_pairs.jsonl')) as f:
+    # training pairs: one per new prompt (data/preference.jsonl), on-policy where the fine-tuned model was wrong
+    # (tests/demo/test_preference.py)
+    with open(os.path.join(result.work_dir, 'data', 'preference_pairs.jsonl')) as f:
         pairs = [json.loads(line) for line in f]
-    assert len(pairs) == 1600 and all(q['rejected'] != q['chosen'] for q in pairs)
+    assert len(pairs) == 800 and all(q['rejected'] != q['chosen'] for q in pairs)
+    assert all(q['id'].startswith('preference_') for q in pairs)

@@ -103,8 +103,8 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     if models['family'] != 'internvit':
         settings.pop('vision_drop_path', None)  # stochastic depth is InternViT's (InternVL stage 1.5)
     model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
-                          image_mode=models['image_mode'], llm_grad_ckpt=True,
-                          torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
+                                image_mode=models['image_mode'], llm_grad_ckpt=True,
+                                torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
     if 'llm_quantization' not in settings:
         model.to(device)
     else:

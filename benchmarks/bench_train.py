@@ -840,8 +840,8 @@ def main() -> None:
             return
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
-                              llm_grad_ckpt=args.real, attn_implementation=attn,
-                              torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
+                                    llm_grad_ckpt=args.real, attn_implementation=attn,
+                                    torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
             model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
         model.to(args.device).train()

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
 def build(models):
     torch.manual_seed(0)
     return VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
-                         torch_dtype='float32').train()
+                               torch_dtype='float32').train()
 
 
 def test_bf16_training_stays_within_tolerance_of_fp32_from_the_same_weights(setup):

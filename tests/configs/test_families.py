@@ -43,7 +43,7 @@ def test_declared_data_geometry_is_what_the_model_computes(name, tiny, tmp_path)
     folder = writer(str(tmp_path / vision), image_size=size, hidden_size=16, num_layers=3, num_heads=2,
                     intermediate_size=32)
     model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
-                          projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
+                                projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
     data = cfg.train_dataloader.dataset
     for key, value in model.geometry.items():
         if key != 'image_mean' or model.image_mode == 'pad':
@@ -65,7 +65,7 @@ def test_family_config_trains(name, tiny, tmp_path):
     cfg = Config.fromfile(config)
     folder = writer(str(tmp_path / vision))
     model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
-                          projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
+                                projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
     out = run_train(config, str(tmp_path / 'work'), cfg_options=family_options(cfg, folder, tiny, model))
     assert out.ok, out.summary()
     state = load_checkpoint_state(out.final_checkpoint)

@@ -34,7 +34,7 @@ def test_full_with_vision_under_zero2_keeps_per_module_lr(tiny, tmp_path):
     state = load_checkpoint_state(out.final_checkpoint)
     assert {k.split('.')[0] for k in state} == {'vision_model', 'mlp1', 'language_model'}
     source = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
-                           freeze_vision=False, freeze_llm=False)
+                                 freeze_vision=False, freeze_llm=False)
     ref = source.state_dict()
     vision = [k for k in state if k.startswith('vision_model.')]
     assert vision and all(torch.equal(state[k], ref[k]) for k in vision)  # lr_mult 0: untouched

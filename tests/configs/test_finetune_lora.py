@@ -38,7 +38,7 @@ def test_lora_from_mlp_warmup(tiny, tmp_path):
     losses = [out.losses[i] for i in sorted(out.losses)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses  # the same batch every iteration (6.23 -> 5.59)
     again = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
-                          llm_lora=Config.fromfile(CONFIG).model.llm_lora, pretrained_pth=out.final_checkpoint)
+                                llm_lora=Config.fromfile(CONFIG).model.llm_lora, pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(again.state_dict()[key], value), key
 

@@ -46,7 +46,7 @@ def check_outcome(out, tiny):
     state = load_checkpoint_state(out.final_checkpoint)
     assert state and all(k.startswith('mlp1.') for k in state), sorted(state)[:5]
     model = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32',
-                          pretrained_pth=out.final_checkpoint)
+                                pretrained_pth=out.final_checkpoint)
     for key, value in state.items():
         assert torch.allclose(model.state_dict()[key], value.float()), key
     for name in ('loss', 'lr', 'data_time', 'tokens_per_sec', 'samples_per_sec', 'peak_mem_mb'):

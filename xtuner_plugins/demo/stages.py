@@ -96,7 +96,7 @@ def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, objec
     data set is given exactly what the model expects."""
     from xtuner_plugins.models import VisionLanguageModel
     model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
-                          image_mode=recipe.mode, torch_dtype='float32')
+                                image_mode=recipe.mode, torch_dtype='float32')
     return model.geometry
 
 

@@ -68,11 +68,11 @@ def test_mean_and_std_are_read_from_the_folders_preprocessor_config(folders, tmp
 
 def test_parameters_the_features_never_reach_are_not_trained(folders):
     model = VisionLanguageModel(vision_encoder=folders['siglip'], llm=folders['qwen2'], freeze_vision=False,
-                          torch_dtype='float32')
+                                torch_dtype='float32')
     frozen = {n for n, p in model.vision_model.named_parameters() if not p.requires_grad}
     assert frozen and all('head' in n or 'post_layernorm' in n for n in frozen), sorted(frozen)
     model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], freeze_vision=False,
-                          torch_dtype='float32')
+                                torch_dtype='float32')
     frozen = {n for n, p in model.vision_model.named_parameters() if not p.requires_grad}
     last = len(model.vision_model.vision_model.encoder.layers) - 1
     assert any(f'layers.{last}.' in n for n in frozen) and not any(f'layers.{last - 1}.' in n for n in frozen)
@@ -92,7 +92,7 @@ def test_a_folder_of_another_kind_is_refused_naming_the_file(folders):
 def test_projector_input_width_must_match_the_encoder(folders):
     from xtuner_plugins.models.projector import LlavaProjector
     model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], projector='mlp',
-                          torch_dtype='float32')
+                                torch_dtype='float32')
     assert isinstance(model.mlp1, LlavaProjector) and model.mlp1.linear_1.in_features == model.vision.hidden_size
 
 
@@ -104,7 +104,7 @@ FAMILIES = [('internvit', 'pixel_shuffle_mlp', 'tile', 4), ('siglip', 'bilinear_
 @pytest.mark.parametrize('llm', ['qwen2', 'qwen3', 'llama'])
 def test_every_family_trains_a_step(folders, vision, projector, mode, tokens, llm):
     model = VisionLanguageModel(vision_encoder=folders[vision], llm=folders[llm], projector=projector, image_mode=mode,
-                          freeze_vision=False, freeze_llm=False, torch_dtype='float32')
+                                freeze_vision=False, freeze_llm=False, torch_dtype='float32')
     assert model.geometry['num_image_token'] == tokens and model.geometry['image_mode'] == mode
     ctx = model.img_context_token_id
     ids = torch.tensor([[5, 6] + [ctx] * tokens + [7, 8, 9]])
@@ -123,7 +123,7 @@ def test_every_family_trains_a_step(folders, vision, projector, mode, tokens, ll
 @pytest.mark.parametrize('llm', ['qwen3', 'llama'])
 def test_lora_targets_every_linear_layer_of_any_llm_but_the_head(folders, llm):
     model = VisionLanguageModel(vision_encoder=folders['clip'], llm=folders[llm], projector='mlp',
-                          llm_lora=dict(r=4, lora_alpha=8), torch_dtype='float32')
+                                llm_lora=dict(r=4, lora_alpha=8), torch_dtype='float32')
     from transformers import AutoModelForCausalLM
     plain = AutoModelForCausalLM.from_pretrained(folders[llm])
     linear = {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and n != 'lm_head'}

@@ -3,8 +3,8 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
                             ParamSchedulerHook)
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
-from xtuner_plugins.engine import (DIST_BACKEND, BadSampleHook, CheckpointCleanupHook, ModelDataCheckHook,
-                                   NonFiniteGuardHook, ThroughputHook)
+from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
+                                   ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
@@ -30,11 +30,12 @@ default_hooks = dict(
     sampler_seed=dict(type=DistSamplerSeedHook),
 )
 
-# DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; importing it also makes MMEngine's distributed
-# start-up work on a CPU-only machine (see xtuner_plugins/engine/runtime.py).
+# DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)
+# imports xtuner_plugins/engine/runtime.py, which makes MMEngine's distributed start-up work on a CPU-only
+# machine and formats the config's text once per run.
 env_cfg = dict(
     cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    mp_cfg=dict(mp_start_method=MP_START_METHOD, opencv_num_threads=0),
     dist_cfg=dict(backend=DIST_BACKEND),
 )
 

@@ -127,6 +127,35 @@ def test_toy_config_resolves_lazily():
     assert cfg.optim_wrapper.type.__name__ == 'AutoOptimWrapper'
 
 
+def test_config_text_is_formatted_once_per_text(monkeypatch):
+    from mmengine.config import Config
+    from mmengine.config import config as mm_config
+
+    from xtuner_plugins.engine import runtime
+    installed = mm_config.FormatCode  # the patch is applied on import
+    assert getattr(installed, runtime._PATCH_MARK, False)
+    yapf_format = installed.__wrapped__
+    cfg = Config(dict(a=1, b=dict(c=[1, 2, 3]), name='toy'))
+    text = cfg.pretty_text
+    monkeypatch.setattr(mm_config, 'FormatCode', yapf_format)
+    assert cfg.pretty_text == text  # the text written is yapf's
+
+    calls = []
+
+    def counting(text, **kwargs):
+        calls.append(text)
+        return yapf_format(text, **kwargs)
+
+    monkeypatch.setattr(mm_config, 'FormatCode', counting)
+    assert runtime.memoize_config_formatting()
+    assert not runtime.memoize_config_formatting()  # once
+    for _ in range(3):
+        assert cfg.pretty_text == text
+    assert len(calls) == 1
+    cfg.a = 2  # a changed config is formatted again
+    assert 'a = 2' in cfg.pretty_text and len(calls) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ThroughputHook (unit)
 # ----------------------------------------------------------------------------------------------------------

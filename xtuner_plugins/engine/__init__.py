@@ -11,12 +11,13 @@ from .checks import ModelDataCheckHook, check_geometry
 from .hooks import PreferenceStateHook, ThroughputHook
 from .nonfinite import NonFiniteError, NonFiniteGuardHook
 from .optim import OptimWrapperConstructor
-from .runtime import (CUDA_AVAILABLE, DATALOADER_WORKERS, DIST_BACKEND, AutoOptimWrapper, applied_patches,
-                      apply_cpu_patches)
+from .runtime import (CUDA_AVAILABLE, DATALOADER_WORKERS, DIST_BACKEND, MP_START_METHOD, AutoOptimWrapper,
+                      applied_patches, apply_cpu_patches)
 from .schedulers import WarmupLR
 
 __all__ = [
-    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DATALOADER_WORKERS', 'DIST_BACKEND', 'ModelDataCheckHook', 'ThroughputHook',
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DATALOADER_WORKERS', 'DIST_BACKEND', 'MP_START_METHOD',
+    'ModelDataCheckHook', 'ThroughputHook',
     'check_geometry', 'applied_patches', 'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
     'apply_checkpoint_patches', 'atomic_write', 'NonFiniteError', 'NonFiniteGuardHook',
     'CheckpointCleanupHook', 'BadSampleHook', 'PreferenceStateHook',

@@ -2,10 +2,10 @@
 
 Configs use this module through lazy imports, e.g. in a base runtime config::
 
-    from xtuner_plugins.engine.runtime import DIST_BACKEND, AutoOptimWrapper
+    from xtuner_plugins.engine.runtime import DIST_BACKEND, MP_START_METHOD, AutoOptimWrapper
 
     env_cfg = dict(cudnn_benchmark=False,
-                   mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+                   mp_cfg=dict(mp_start_method=MP_START_METHOD, opencv_num_threads=0),
                    dist_cfg=dict(backend=DIST_BACKEND))
     optim_wrapper = dict(type=AutoOptimWrapper, optimizer=..., dtype='bfloat16')
 
@@ -13,9 +13,11 @@ XTuner configs are lazy-import configs: ``DIST_BACKEND`` is a ``LazyObject`` tha
 config value is read. Both runners read it *before* they start the process group, so importing this module
 is the hook that applies the CPU compatibility patches in time:
 
-* plain ``Runner`` (``xtuner train CFG``, ``--launcher pytorch`` without DeepSpeed):
-  ``Runner.setup_env`` runs ``init_dist(self.launcher, **env_cfg['dist_cfg'])``; unpacking the ``ConfigDict``
-  builds ``DIST_BACKEND`` (importing this module) before ``init_dist`` looks up ``_init_dist_pytorch``.
+* plain ``Runner`` (``xtuner train CFG``, ``--launcher pytorch`` without DeepSpeed): ``Runner.setup_env`` first
+  calls ``set_multi_processing(**env_cfg['mp_cfg'])``, building ``MP_START_METHOD`` (in one process too, before
+  the runner logs and dumps the config: :func:`memoize_config_formatting` is in place for it); then it runs
+  ``init_dist(self.launcher, **env_cfg['dist_cfg'])``; unpacking the ``ConfigDict`` builds ``DIST_BACKEND``
+  (importing this module) before ``init_dist`` looks up ``_init_dist_pytorch``.
   ``optim_wrapper.type`` (``AutoOptimWrapper``) imports it as well, when the optimizer wrapper is built.
 * ``--deepspeed`` (``FlexibleRunner`` + xtuner's ``DeepSpeedStrategy``): ``xtuner/tools/train.py`` already reads
   ``cfg.optim_wrapper.type`` (this builds the lazy ``AutoOptimWrapper``, importing this module) long before the
@@ -26,7 +28,8 @@ is the hook that applies the CPU compatibility patches in time:
 On a machine with CUDA nothing is patched: ``DIST_BACKEND`` is ``'nccl'`` and ``AutoOptimWrapper`` builds
 MMEngine's ``AmpOptimWrapper``. On a CPU (``torch.cuda.is_available()`` is False) the patches below are applied
 once at import; each is idempotent and can be listed with :func:`applied_patches`. On any machine, a rank
-started by ``torchrun`` is set to end with its launcher (:func:`die_with_launcher`).
+started by ``torchrun`` is set to end with its launcher (:func:`die_with_launcher`) and the config's text is
+formatted once per text (:func:`memoize_config_formatting`).
 """
 
 from __future__ import annotations
@@ -40,13 +43,17 @@ from typing import List
 import torch
 
 __all__ = [
-    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'applied_patches', 'apply_cpu_patches',
+    'AutoOptimWrapper', 'CUDA_AVAILABLE', 'DIST_BACKEND', 'MP_START_METHOD', 'applied_patches', 'apply_cpu_patches',
+    'memoize_config_formatting',
 ]
 
 CUDA_AVAILABLE: bool = torch.cuda.is_available()
 
 #: torch.distributed backend for ``env_cfg['dist_cfg']['backend']``: NCCL on GPUs, gloo on a CPU.
 DIST_BACKEND: str = 'nccl' if CUDA_AVAILABLE else 'gloo'
+#: ``env_cfg['mp_cfg']['mp_start_method']``. Every runner unpacks ``mp_cfg`` first in ``setup_env``, so reading
+#: it from here imports this module before the runner logs and dumps the config (see the docstring).
+MP_START_METHOD: str = 'fork'
 # DataLoader workers per process: 4, or fewer on a machine with fewer cores (PyTorch warns past the core count).
 DATALOADER_WORKERS: int = min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                               else (os.cpu_count() or 1))
@@ -261,5 +268,39 @@ def die_with_launcher() -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------------------
+# The config's text is formatted once per run, not at every use
+# --------------------------------------------------------------------------------------------------------
+def memoize_config_formatting(keep: int = 8) -> bool:
+    """MMEngine formats the whole config with yapf each time it needs its text (``Config.pretty_text``): when
+    the runner logs and dumps it, in the visualizer, in the run's meta data and in every checkpoint: six times
+    before the first step and once per save, about 0.65 s each for a stage config on one CPU core. The same
+    text formats to the same result, so the result of the ``keep`` newest texts is kept; the text written is
+    unchanged (yapf still formats each new text; a changed config is a new text).
+    """
+    try:
+        from mmengine.config import config as mm_config
+    except ImportError:
+        return False
+    original = mm_config.FormatCode
+    if getattr(original, _PATCH_MARK, False):
+        return False
+    formatted: 'dict' = {}
+
+    @functools.wraps(original)
+    def format_code(text, *args, **kwargs):
+        key = (text, repr(args), repr(sorted(kwargs.items())))
+        if key not in formatted:
+            if len(formatted) >= keep:
+                formatted.pop(next(iter(formatted)))
+            formatted[key] = original(text, *args, **kwargs)
+        return formatted[key]
+
+    setattr(format_code, _PATCH_MARK, True)
+    mm_config.FormatCode = format_code
+    return True
+
+
 apply_cpu_patches()
 die_with_launcher()
+memoize_config_formatting()

@@ -142,7 +142,9 @@ def test_port_in_use_is_retried_with_another(tmp_path, monkeypatch):
     ports = [busy, launch.free_port()]
     monkeypatch.setattr(launch, 'free_port', lambda host='127.0.0.1': ports.pop(0))
     script = tmp_path / 'rank.py'
-    script.write_text('import os\nprint("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"])\n')
+    # one write(2) per rank: the ranks share the log, and PYTHONUNBUFFERED print() writes word by word
+    script.write_text('import os\n'
+                      'os.write(1, f"rank {os.environ[\'RANK\']} of {os.environ[\'WORLD_SIZE\']}\\n".encode())\n')
     with taken:
         out = run_train(TOY_CONFIG, str(tmp_path / 'work'), nproc=2, script=str(script), require_checkpoint=False,
                         expect_iters=1, port_retries=1, timeout=200)

@@ -96,3 +96,12 @@ def test_pack_gradients_equal_unpacked_gradients(tiny, batch, attn, reduction='s
     assert any(g.abs().max() > 0 for g in unpacked.values())
     for name in trained:
         torch.testing.assert_close(packed[name], unpacked[name], rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
+
+
+def test_sample_index_numbers_the_samples_of_the_batch_row_after_row():
+    from xtuner_plugins.models.attention import packed_segments, sample_index
+    segments = packed_segments([[2, 2], [3], [1], [1, 1, 3]], 5, 'cpu')
+    segments[2] = -1  # a row of padding only holds no sample
+    index, per_row = sample_index(segments)
+    assert per_row.tolist() == [2, 1, 0, 3]
+    assert index.tolist() == [[0, 0, 1, 1, -1], [2, 2, 2, -1, -1], [-1] * 5, [3, 4, 5, 5, 5]]

@@ -156,3 +156,17 @@ def test_a_trained_system_message_is_the_converted_models_default(setup, tmp_pat
     with open(f"{setup['folder']}/config.json") as f:
         assert 'system_message' not in json.load(f)
     assert setup['official'].system_message == official.conv_template.system_message
+
+
+@pytest.mark.parametrize('tool', ['chat', 'eval', 'web_demo'])
+def test_tools_start_without_the_training_stack(tool):
+    """The tools on a converted folder need torch and transformers, not MMEngine's runner, DeepSpeed, PEFT or
+    bitsandbytes (seconds of start-up each): ``xtuner_plugins.models`` imports its model classes on first use."""
+    import subprocess
+    import sys
+    code = (f'import sys, xtuner_plugins.cli.{tool}; '
+            "print(' '.join(m for m in ('mmengine.model', 'mmengine.runner', 'deepspeed', 'peft', 'bitsandbytes') "
+            'if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '', f'tools/{tool}.py imports {out.stdout.strip()} at start-up'

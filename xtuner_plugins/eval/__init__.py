@@ -1,9 +1,14 @@
-"""Evaluation: questions (``data``), the one scorer (``scoring``), asking and reporting (``evaluate``)."""
+"""Evaluation: questions (``data``), the one scorer (``scoring``), asking and reporting (``evaluate``), and the
+evaluation during training (``hook``, imported on first use: ``tools/eval.py`` starts without MMEngine's runner).
+"""
+
+from xtuner_plugins.lazy import lazy_exports
 
 from .data import Question, read_mmbench_tsv, read_open_questions, read_questions
 from .evaluate import BLANK, Report, Result, evaluate, score
-from .hook import EvalHook, TrainingModelAnswerer
 from .scoring import anls, exact_match, extract_option, normalize_answer
 
-__all__ = ['BLANK', 'EvalHook', 'Question', 'TrainingModelAnswerer', 'Report', 'Result', 'anls', 'evaluate', 'exact_match', 'extract_option',
-           'normalize_answer', 'read_mmbench_tsv', 'read_open_questions', 'read_questions', 'score']
+__all__ = ['BLANK', 'EvalHook', 'Question', 'TrainingModelAnswerer', 'Report', 'Result', 'anls', 'evaluate',
+           'exact_match', 'extract_option', 'normalize_answer', 'read_mmbench_tsv', 'read_open_questions',
+           'read_questions', 'score']
+__getattr__, __dir__ = lazy_exports(__name__, {'EvalHook': '.hook', 'TrainingModelAnswerer': '.hook'})

@@ -1,7 +1,16 @@
-"""Model classes: vision encoder + pixel-shuffle MLP projector + LLM, as MMEngine models."""
+"""Model classes: vision encoder + pixel-shuffle MLP projector + LLM, as MMEngine models.
 
-from .internvl import InternVLModel  # VisionLanguageModel's old name, for configs written before it
-from .internvl import VisionLanguageModel
-from .projector import InternVLProjector, pixel_shuffle
+They are imported on first use: the inference side (``models.inference``: the chat, eval and web demo tools on
+a converted folder) starts without MMEngine's training stack.
+"""
 
-__all__ = ['VisionLanguageModel', 'InternVLModel', 'InternVLProjector', 'pixel_shuffle']
+from xtuner_plugins.lazy import lazy_exports
+
+_EXPORTS = {
+    'VisionLanguageModel': '.internvl',
+    'InternVLModel': '.internvl',  # VisionLanguageModel's old name, for configs written before it
+    'InternVLProjector': '.projector',
+    'pixel_shuffle': '.projector',
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,7 +9,8 @@
   ``BlockMask`` (blocks across samples skipped), or no mask at all for flash attention's varlen kernels, which
   read the samples from the restarting ``position_ids``.
 
-The segments also tell the loss which sample a token belongs to (``loss.py``, ``preference.sequence_logps``).
+The segments also tell the loss which sample a token belongs to: :func:`sample_index` numbers the samples of
+the whole batch (``loss.token_weights``, ``preference.sequence_logps``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['ATTN_IMPLEMENTATIONS', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments']
+__all__ = ['ATTN_IMPLEMENTATIONS', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments',
+           'sample_index']
 
 ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
 
@@ -49,6 +51,14 @@ def packed_segments(seq_lens, length: int, device) -> torch.Tensor:
         ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
         rows.append(torch.cat([ids, ids.new_full((length - ids.numel(),), -1)]))
     return torch.stack(rows)
+
+
+def sample_index(segments: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(each token's sample numbered over the batch, row after row, -1 on padding [B, L]; samples per row
+    [B])`` for packed rows' ``segments`` (sample ids 0, 1, ... within each row, -1 on padding)."""
+    per_row = segments.max(-1).values.clamp(min=-1) + 1
+    first = per_row.cumsum(0) - per_row
+    return torch.where(segments >= 0, segments + first[:, None], -1), per_row
 
 
 def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

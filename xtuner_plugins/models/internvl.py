@@ -35,7 +35,7 @@ from torch import nn
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, llm_attention
+from .attention import ATTN_IMPLEMENTATIONS, llm_attention, sample_index
 from .checkpoint import load_trained_state_dict
 from .dtypes import resolve_dtype
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
@@ -385,7 +385,7 @@ class VisionLanguageModel(BaseModel):
         rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
         pairs = rows  # one pair per row, unless packed
         if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
-            samples = segments.max(-1).values + 1
+            samples = sample_index(segments)[1]
             if not torch.equal(samples[:rows], samples[rows:]):
                 raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
                                  f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')

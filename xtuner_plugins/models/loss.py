@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
+from .attention import sample_index
+
 REDUCTIONS = ('token', 'sample', 'square')
 
 
@@ -34,14 +36,12 @@ def token_weights(mask: torch.Tensor, reduction: str, segments: Optional[torch.T
     maskf = mask.float()
     if reduction == 'token':
         return maskf
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
     if segments is None:
-        key = rows
-    else:
-        key = rows * (int(segments.max()) + 2) + segments.clamp(min=-1) + 1
-    _, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-    counts = torch.zeros(int(inverse.max()) + 1, device=mask.device).index_add_(0, inverse, maskf.reshape(-1))
-    n = counts[inverse].reshape(mask.shape).clamp(min=1)
+        index = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    else:  # padding (-1) has no supervised token: any sample's slot serves
+        index = sample_index(segments)[0].clamp(min=0)
+    counts = maskf.new_zeros(int(index.max()) + 1).index_add_(0, index.reshape(-1), maskf.reshape(-1))
+    n = counts[index].clamp(min=1)
     return maskf / n if reduction == 'sample' else maskf * n.rsqrt()
 
 

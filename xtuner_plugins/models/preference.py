@@ -38,6 +38,8 @@ from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
+from .attention import sample_index
+
 __all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'frozen_copies', 'preference_losses', 'reward_accuracy',
            'sequence_logps']
 
@@ -54,18 +56,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
     if segments is None:
         return token_logps.sum(-1), mask.sum(-1)
-    segments = segments.to(targets.device)
-    slots = int(segments.max()) + 1                              # samples in the fullest row
-    samples = segments.max(-1).values + 1                        # samples per row
-    ids = segments[:, 1:]                                        # label t + 1 belongs to its sample
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-    key = (rows * slots + ids.clamp(min=0)).flatten()
-    keep = (ids >= 0).flatten()
-    sums = token_logps.new_zeros(ids.shape[0] * slots).index_add(0, key[keep], token_logps.flatten()[keep])
-    counts = mask.new_zeros(ids.shape[0] * slots, dtype=torch.long).index_add(
-        0, key[keep], mask.flatten()[keep].long())
-    present = (torch.arange(slots, device=ids.device)[None] < samples[:, None]).flatten()
-    return sums[present], counts[present]
+    index, per_row = sample_index(segments.to(targets.device))
+    index = index[:, 1:].flatten()                               # label t + 1 belongs to its sample
+    keep = index >= 0
+    samples = int(per_row.sum())
+    sums = token_logps.new_zeros(samples).index_add(0, index[keep], token_logps.flatten()[keep])
+    counts = mask.new_zeros(samples, dtype=torch.long).index_add(0, index[keep], mask.flatten()[keep].long())
+    return sums, counts
 
 
 class RunningMean:

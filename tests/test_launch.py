@@ -50,6 +50,15 @@ def test_judge(tmp_path):
         'training stopped at iteration 3 of 6', 'final checkpoint iter_6.pth missing (found [\'iter_4.pth\'])']
     crashed = LOG + 'Traceback (most recent call last):\n  RuntimeError: x\n'
     assert launch.judge(_outcome(tmp_path, crashed, ['w/iter_6.pth'])) == ['traceback in the log']  # exit code 0
+    # node 0's agent gone before another's exit barrier: logged with a traceback, the run succeeded
+    agent = 'E1123 17:19:40.287000 27300 torch/distributed/elastic/agent/server/api.py:1007] '
+    barrier = ''.join(agent + line + '\n' for line in (
+        'Error waiting on exit barrier. Elapsed: 0.03 seconds', 'Traceback (most recent call last):',
+        '  File "torch/distributed/elastic/utils/store.py", line 201, in barrier',
+        'torch.distributed.DistNetworkError: Failed to recv, got 0 bytes.'))
+    assert launch.judge(_outcome(tmp_path, LOG + barrier, ['w/iter_6.pth'])) == []
+    assert launch.judge(_outcome(tmp_path, LOG + barrier + crashed[len(LOG):], ['w/iter_6.pth'])) == [
+        'traceback in the log']
     assert launch.judge(_outcome(tmp_path, 'torch...ChildFailedError\n', returncode=1), lead=False) == [
         'exit code 1', 'torchrun reported a failed child']
     assert launch.judge(_outcome(tmp_path, '$ torchrun\n'), lead=False) == []  # rank 0 logs, on another node

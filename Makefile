@@ -34,10 +34,11 @@ $(BROWSER):
 	$(SUDO) apt-get update -q
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 
-# Two pytest-xdist workers, one per core of the 2-core CI machine (tests/conftest.py: one thread each).
+# Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
+# fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
 test: $(STAMP) $(BROWSER)
-	$(PY) -m pytest -n $(TEST_WORKERS) --maxschedchunk 1 tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
 NPROC_PER_NODE ?= 1

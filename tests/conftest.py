@@ -1,11 +1,12 @@
 """Shared fixtures (an offline tiny tokenizer, built in code, saved once per session) and how the suite runs on
-pytest-xdist's workers (``make test``: ``-n 2 --maxschedchunk 1``: one shared queue, in order).
+pytest-xdist's workers (``make test``: ``-n 2 --dist loadfile --no-loadscope-reorder``: whole modules, so a
+module's fixtures are built once, handed out in the order below as workers come free).
 
 On workers, each worker and every process it starts computes on one thread: two workers whose OpenMP pools
 both spread over the two cores spin against each other, and the suite took longer on two workers than on one;
 on one thread each, two of the shortened demo tests ran side by side in 142 s against 270 s one after the
-other (2026-11-23, this 2-core machine). The longest tests are taken first, so that neither worker finishes
-a long test alone while the other idles.
+other (2026-11-23, this 2-core machine). The longest modules are taken first, so that neither worker finishes
+a long one alone while the other idles.
 """
 
 import os
@@ -19,18 +20,20 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     import torch
     torch.set_num_threads(1)
 
-# The longest tests (minutes each; `pytest --durations=20` shows them), started before all others.
-LONGEST = ('tests/test_readme.py', 'tests/demo/test_demo.py', 'tests/configs/test_resume.py', 'tests/test_launch.py',
-           'tests/benchmarks/test_gpu.py', 'tests/models/test_preference.py')
+# The longest modules, longest first (minutes each on two workers; `pytest --durations=30` shows their tests).
+LONGEST = ('tests/demo/test_demo.py', 'tests/test_readme.py', 'tests/configs/test_resume.py', 'tests/test_launch.py',
+           'tests/engine/test_cpu_training.py', 'tests/configs/test_pretrain_mlp.py', 'tests/benchmarks/test_gpu.py',
+           'tests/models/test_preference.py', 'tests/configs/test_mpo_full.py', 'tests/configs/test_dpo.py')
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order (a stable sort): the modules of ``LONGEST`` in that order, then the other slow tests, then the rest."""
+    """Order whole modules (a stable sort, so each module's tests stay together, in their order): those of
+    ``LONGEST`` in that order, then the modules with a slow test, then the rest."""
+    slow = {item.path for item in items if item.get_closest_marker('slow')}
+
     def rank(item):
         path = os.path.relpath(str(item.path), config.rootpath)
-        if path in LONGEST:
-            return LONGEST.index(path)
-        return len(LONGEST) + (item.get_closest_marker('slow') is None)
+        return LONGEST.index(path) if path in LONGEST else len(LONGEST) + (item.path not in slow)
     items.sort(key=rank)
 
 

@@ -304,6 +304,8 @@ from transformers.integrations import HfDeepSpeedConfig
 from xtuner_plugins.models.llm import load_llm, untie_embeddings
 from xtuner_plugins.models.preference import frozen_copies
 from xtuner_plugins.models.zero3 import gathered, hf_zero3_init, is_zero3_partitioned
+from xtuner_plugins.engine.runtime import apply_cpu_patches
+apply_cpu_patches()  # as in every training process: no g++ build of DeepSpeed's shared-memory op
 deepspeed.init_distributed(dist_backend='gloo')
 registered = HfDeepSpeedConfig({'zero_optimization': {'stage': 3}, 'train_micro_batch_size_per_gpu': 1})
 with hf_zero3_init(True):

@@ -99,6 +99,20 @@ def test_chat_history_and_several_images(setup):
         official.chat(tokenizer, a, 'x', dict(max_new_tokens=1), num_patches_list=[len(a) + 1])
 
 
+def test_a_saved_conversation_continues_alike_each_time(setup):
+    """``resume`` of one saved conversation, twice: the first continuation does not change what was saved."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    model, greedy = ConvertedModel(setup['folder']), dict(max_new_tokens=6, do_sample=False)
+    model.ask('Describe the image.', [setup['images'][0]], greedy)
+    saved = model.conversation()
+    answers = []
+    for _ in range(2):
+        model.resume(saved)
+        answers.append(model.ask('And now?', [], greedy))
+        assert len(model.conversation()['history']) == 2
+    assert len(saved['history']) == 1 and answers[0] == answers[1]
+
+
 def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
     image = setup['images'][0]
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',

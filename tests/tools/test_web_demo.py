@@ -155,13 +155,13 @@ def test_the_page_answers_as_the_chat_tool_does(served, browser, capsys, tmp_pat
     else:
         pytest.fail(f'no answer to {QUESTIONS} can be shown as written')
     # and a second turn (it continues with the image of the first) whose answer can be, too
-    model = ConvertedModel(folder)
+    model, greedy = ConvertedModel(folder), dict(max_new_tokens=6, do_sample=False)
+    assert model.ask(question, [image], greedy) == expected
+    first_turn = model.conversation()
     for follow_up in FOLLOW_UPS:
-        model.reset()
-        turns = [model.ask(q, imgs, dict(max_new_tokens=6, do_sample=False))
-                 for q, imgs in ((question, [image]), (follow_up, []))]
-        assert turns[0] == expected
-        if shown_as_written(turns[1]):
+        model.resume(first_turn)
+        answer = model.ask(follow_up, [], greedy)
+        if shown_as_written(answer):
             break
     else:
         pytest.fail(f'no answer to {FOLLOW_UPS} after {question!r} can be shown as written')
@@ -170,7 +170,7 @@ def test_the_page_answers_as_the_chat_tool_does(served, browser, capsys, tmp_pat
     assert ask_in_page(browser, question, image).split() == expected.split()
     user = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"] img')
     assert user, 'the uploaded image is shown in the chat'
-    assert ask_in_page(browser, follow_up).split() == turns[1].split()
+    assert ask_in_page(browser, follow_up).split() == answer.split()
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     assert browser.save_screenshot(SCREENSHOT) and os.path.getsize(SCREENSHOT) > 10_000
 

@@ -167,8 +167,8 @@ class ConvertedModel:
     def resume(self, conversation: Optional[dict]) -> None:
         """Continue a conversation saved by :meth:`conversation` (``None``: a new one)."""
         self.reset()
-        if conversation:
-            self.history = conversation['history']
+        if conversation:  # copied: the model's chat() appends the next turn to the history it is given
+            self.history = None if conversation['history'] is None else list(conversation['history'])
             self.messages, self.images = list(conversation['messages']), list(conversation['images'])
 
     def pixels(self, images: Sequence[Image.Image]) -> Tuple[Optional[torch.Tensor], List[int]]:

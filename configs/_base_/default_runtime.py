@@ -4,7 +4,7 @@ from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook, 
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 
 from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
-                                   ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
+                                   LineageHook, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
@@ -12,7 +12,7 @@ log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
 max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
 
-custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
+custom_hooks = [dict(type=ModelDataCheckHook), dict(type=LineageHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
                 dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file

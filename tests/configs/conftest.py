@@ -18,6 +18,7 @@ def tiny(tmp_path_factory):
 def tiny_options(tiny, data, repeat, batch_size=2, lr=0.01):
     return {
         'model.vision_encoder': tiny['internvit'], 'model.llm': tiny['llm'],
+        'model.from_scratch': True,  # no warm-up before these stages: a random projector is meant
         'train_dataloader.dataset.tokenizer': tiny['llm'],
         'train_dataloader.dataset.data_files': f'[{data}]',
         'train_dataloader.dataset.image_folders': f'[{tiny["images"]}]',

@@ -8,7 +8,7 @@ atomic and lets resume load MMEngine checkpoints under torch >= 2.6.
 from .badsamples import BadSampleHook
 from .checkpointing import CheckpointCleanupHook, apply_checkpoint_patches, atomic_write
 from .checks import ModelDataCheckHook, check_geometry
-from .hooks import PreferenceStateHook, ThroughputHook
+from .hooks import LineageHook, PreferenceStateHook, ThroughputHook
 from .nonfinite import NonFiniteError, NonFiniteGuardHook
 from .optim import OptimWrapperConstructor
 from .runtime import (CUDA_AVAILABLE, DATALOADER_WORKERS, DIST_BACKEND, MP_START_METHOD, AutoOptimWrapper,
@@ -20,5 +20,5 @@ __all__ = [
     'ModelDataCheckHook', 'ThroughputHook',
     'check_geometry', 'applied_patches', 'apply_cpu_patches', 'WarmupLR', 'OptimWrapperConstructor',
     'apply_checkpoint_patches', 'atomic_write', 'NonFiniteError', 'NonFiniteGuardHook',
-    'CheckpointCleanupHook', 'BadSampleHook', 'PreferenceStateHook',
+    'CheckpointCleanupHook', 'BadSampleHook', 'PreferenceStateHook', 'LineageHook',
 ]

@@ -166,3 +166,25 @@ class PreferenceStateHook(Hook):
         if saved is not None and hasattr(model, '_reward_baseline'):
             model._reward_baseline = RunningMean()
             model._reward_baseline.mean, model._reward_baseline.count = float(saved[0]), int(saved[1])
+
+
+class LineageHook(Hook):
+    """What the model was trained from (``models/lineage.py``): stops a stage meant to follow an earlier one that
+    was started without it (``model.pretrained_pth``; ``model.from_scratch=True`` when that is meant), and records
+    the model's lineage in every checkpoint's ``meta`` for the converter, the tools and the next stage."""
+
+    priority = 'VERY_HIGH'
+    KEY = 'lineage'
+
+    def before_run(self, runner) -> None:
+        from .nonfinite import unwrap_model
+        if getattr(unwrap_model(runner.model), 'expects_previous_stage', False):
+            raise ValueError('this stage trains more than the projector but starts from no earlier stage: its '
+                             'projector (mlp1) would be random. Set model.pretrained_pth=CHECKPOINT (the warm-up '
+                             'or the previous stage), or model.from_scratch=True if starting from scratch is meant')
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        from .nonfinite import unwrap_model
+        lineage = getattr(unwrap_model(runner.model), 'lineage', None)
+        if lineage is not None:
+            checkpoint.setdefault('meta', {})[self.KEY] = lineage

@@ -44,6 +44,20 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
 
 
+def read_meta(checkpoint: str) -> dict:
+    """The ``meta`` MMEngine stores in a checkpoint (a file, or under DeepSpeed the folder's
+    ``*model_states.pt``): the run's config text (``cfg``), its lineage (``models/lineage.py``), ...; {} if none.
+    The file is memory-mapped: the weights are not read."""
+    path = checkpoint
+    if os.path.isdir(checkpoint):
+        found = sorted(name for name in os.listdir(checkpoint) if name.endswith('model_states.pt'))
+        if not found:
+            return {}
+        path = os.path.join(checkpoint, found[0])
+    ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
 
 _WEIGHT_FILES = ('model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',
                  'pytorch_model.bin')

@@ -38,6 +38,7 @@ from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 from .attention import ATTN_IMPLEMENTATIONS, llm_attention, sample_index
 from .checkpoint import load_trained_state_dict
 from .dtypes import resolve_dtype
+from .lineage import check_sources, lineage_record, resolve_chain, source_paths
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
@@ -72,7 +73,12 @@ class VisionLanguageModel(BaseModel):
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
         llm_quantization: ``BitsAndBytesConfig`` arguments to load the LLM quantised (QLoRA: 4-bit NF4 with
             double quantisation; needs ``llm_lora``). The vision tower and projector stay in full precision.
-        pretrained_pth: a previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder) to load.
+        pretrained_pth: the previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder); the stages before
+            it are found in its recorded lineage and loaded first, oldest first, LoRA adapters merged
+            (:meth:`load_stages`, ``lineage.py``); source folders other than those the stages recorded are refused.
+        from_scratch: this stage starts without a previous stage on purpose. Without it, a stage that trains more
+            than the projector (full, LoRA, preference) and has no ``pretrained_pth`` (nor ``official_checkpoint``)
+            is stopped at start-up (``LineageHook``): its projector would be random.
         torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
             trained parameters are kept in fp32 (mixed precision casts them on the fly).
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers, or
@@ -82,7 +88,7 @@ class VisionLanguageModel(BaseModel):
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
             ``preference.MPO``). The reference policy: with ``llm_lora`` (everything else frozen), this model
-            with its LLM's adapters off; without, ``reference``: frozen copies of the trained parts as they are
+            with its LLM's adapters off (the previous stages' adapters are merged, so this is the SFT model); without, ``reference``: frozen copies of the trained parts as they are
             once ``pretrained_pth`` is loaded (``preference.frozen_copies``), never in checkpoints.
         loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
@@ -113,6 +119,7 @@ class VisionLanguageModel(BaseModel):
                  vision_lora: Optional[dict] = None,
                  llm_quantization: Optional[dict] = None,
                  pretrained_pth: Optional[str] = None,
+                 from_scratch: bool = False,
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
                  zero3_init: Optional[bool] = None,
@@ -151,6 +158,13 @@ class VisionLanguageModel(BaseModel):
         self.loss_reduction = loss_reduction
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
+        self.lineage = lineage_record(source_paths(vision_encoder, llm, tokenizer, official_checkpoint),
+                                      pretrained_pth, llm_lora, vision_lora, from_scratch)
+        trains_more_than_projector = not (freeze_llm and freeze_vision) or any(
+            x is not None for x in (llm_lora, vision_lora, preference))
+        # what LineageHook stops at start-up: a random projector under a stage meant to follow the warm-up
+        self.expects_previous_stage = (trains_more_than_projector and official_checkpoint is None
+                                       and not pretrained_pth and not from_scratch)
 
         with hf_zero3_init(torch.cuda.is_available() if zero3_init is None else zero3_init):
             if official_checkpoint is not None:
@@ -206,6 +220,8 @@ class VisionLanguageModel(BaseModel):
                 module.to(trained_dtype)
         for param in self.vision.unused_parameters(self.vision_model):
             param.requires_grad_(False)  # never reached by the features (e.g. SigLIP's pooling head)
+        if pretrained_pth:  # before this stage's adapters: earlier stages' adapters are merged underneath
+            self.load_stages(pretrained_pth)
         if llm_quantization is not None:
             from peft import prepare_model_for_kbit_training
             # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
@@ -221,8 +237,6 @@ class VisionLanguageModel(BaseModel):
         if vision_grad_ckpt:
             self.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         self.language_model.config.use_cache = False
-        if pretrained_pth:
-            self.load_pretrained(pretrained_pth)
         self.reference = None
         if self.preference is not None and llm_lora is None:
             from .preference import frozen_copies
@@ -268,6 +282,29 @@ class VisionLanguageModel(BaseModel):
         for key in [k for k in full if k not in keep]:
             del full[key]
         return full
+
+    def load_stages(self, path: str) -> None:
+        """Load the checkpoint chain that ends at ``path`` (``lineage.resolve_chain``), oldest first, each stage's
+        recorded source folders checked against this model's. A stage that trained LoRA adapters is loaded into
+        adapters of its recorded settings, which are then merged into the weights (peft's ``merge_and_unload``;
+        on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
+        for stage in resolve_chain(path):
+            check_sources(stage.lineage, self.lineage['sources'], stage.path)
+            wrapped = []
+            for attr, key, task in (('language_model', 'llm_lora', 'CAUSAL_LM'), ('vision_model', 'vision_lora', None)):
+                if stage.get(key):
+                    module = getattr(self, attr)
+                    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+                    setattr(self, attr, apply_lora(module, stage.get(key), task_type=task))
+                    wrapped.append((attr, trainable))
+            self.load_pretrained(stage.path)
+            for attr, trainable in wrapped:
+                with torch.no_grad():
+                    merged = getattr(self, attr).merge_and_unload()
+                for name, p in merged.named_parameters():  # peft froze the base; this stage's choice comes back
+                    p.requires_grad_(name in trainable)
+                setattr(self, attr, merged)
+                print_log(f'Merged the LoRA adapters of {stage.path} into {attr}', logger='current')
 
     def load_pretrained(self, path: str, strict: bool = False) -> None:
         """Load a checkpoint of trained parameters (mmengine ``.pth`` or DeepSpeed folder) onto this model.

@@ -10,9 +10,7 @@ config given to the converter, naming both values.
 
 from __future__ import annotations
 
-import glob
 import inspect
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -26,15 +24,8 @@ _LORA_IGNORED = ('lora_dropout',)
 
 def recorded_config_text(checkpoint: str) -> Optional[str]:
     """The training config's text MMEngine stored in ``checkpoint`` (file or DeepSpeed folder), if any."""
-    path = checkpoint
-    if os.path.isdir(checkpoint):
-        found = sorted(glob.glob(os.path.join(checkpoint, '*model_states.pt')))
-        if not found:
-            return None
-        path = found[0]
-    ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
-    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
-    return meta.get('cfg') if isinstance(meta, dict) else None
+    from .checkpoint import read_meta
+    return read_meta(checkpoint).get('cfg')
 
 
 def _norm(value, key: str = ''):

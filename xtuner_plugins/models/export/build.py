@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..internvl import VisionLanguageModel
+from ..lineage import previous_stage_for
 from ..provenance import check_trained_settings
 from .files import Log, _print
 
@@ -45,12 +46,15 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     """The config's model, every weight in ``dtype``, with the checkpoint's trained tensors loaded strictly.
 
     The frozen parts come from the config's sources (``vision_encoder``, ``llm``, ``official_checkpoint``)
-    and from ``pretrained_pth`` (an earlier stage), as in training. The config's ``preference`` setting is
-    dropped (an export has no reference policy) unless ``keep_preference``: a model that scores pairs.
+    and from the earlier stages, as in training: the previous stage is the one recorded in the checkpoint
+    (``lineage.previous_stage_for``; a ``pretrained_pth`` the config gives must be that checkpoint), and source
+    folders other than the recorded ones are refused. The config's ``preference`` setting is dropped (an export
+    has no reference policy) unless ``keep_preference``: a model that scores pairs.
     """
+    model_cfg = copy.deepcopy(dict(cfg.model))
     if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
         check_trained_settings(cfg, checkpoint, log)
-    model_cfg = copy.deepcopy(dict(cfg.model))
+        model_cfg['pretrained_pth'] = previous_stage_for(model_cfg, checkpoint, log)
     model_type = model_cfg.pop('type')
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
                      vision_grad_ckpt=False, vision_drop_path=0.0)

@@ -1,0 +1,171 @@
+"""Lineage (models/lineage.py): every checkpoint records what it was trained from; a chain of stages is loaded
+oldest first with LoRA adapters merged (the preference reference is the SFT model); other source folders, another
+previous stage or a missing one are refused by name."""
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.models.conftest import build
+from tests.models.test_preference import pair_items, pairs  # noqa: F401 (fixtures)
+from xtuner_plugins.models.lineage import (fingerprint, fingerprint_differences, previous_stage_for,
+                                           resolve_chain)
+from xtuner_plugins.tiny import make_tiny_models
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
+
+
+def save_stage(model, path):
+    """A checkpoint as training writes it: the trained tensors and, from LineageHook, the model's lineage."""
+    torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()}, path)
+    return str(path)
+
+
+def perturb(model, scale=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope='module')
+def chain(tiny, tmp_path_factory):
+    """warm-up (projector) -> LoRA SFT with the projector frozen -> the SFT checkpoint's path, and the SFT model."""
+    tmp = tmp_path_factory.mktemp('chain')
+    torch.manual_seed(0)
+    warm = build(tiny)
+    perturb(warm, seed=1)
+    warm_path = save_stage(warm, tmp / 'warm.pth')
+    sft = build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=warm_path)
+    perturb(sft, seed=2)
+    return dict(warm=warm_path, warm_model=warm, sft=save_stage(sft, tmp / 'sft.pth'), sft_model=sft.eval())
+
+
+@pytest.fixture(scope='module')
+def other_tower(tmp_path_factory):
+    return make_tiny_models(str(tmp_path_factory.mktemp('other')), seed=1)['internvit']
+
+
+def test_a_fingerprint_tells_another_folder_and_not_a_moved_one(tiny, other_tower, tmp_path):
+    here = fingerprint(tiny['internvit'])
+    assert 'model.safetensors' in here['files'] and 'config.json' in here['files']
+    moved = shutil.copytree(tiny['internvit'], tmp_path / 'moved')
+    assert fingerprint_differences(here, fingerprint(str(moved))) == []
+    assert fingerprint_differences(here, fingerprint(other_tower)) == ['model.safetensors: other content (same size, '
+                                                                       f'{here["files"]["model.safetensors"][0]} bytes)']
+
+
+def test_a_large_file_is_fingerprinted_by_samples_that_see_a_change_anywhere(tmp_path, monkeypatch):
+    import xtuner_plugins.models.lineage as lineage
+    monkeypatch.setattr(lineage, 'WHOLE_HASH_BYTES', 1 << 16)
+    data = bytearray(os.urandom(3 << 20))
+    (tmp_path / 'a.safetensors').write_bytes(bytes(data))
+    before = fingerprint(str(tmp_path))
+    data[len(data) // 2:len(data) // 2 + (128 << 10)] = bytes(128 << 10)  # a tensor in the middle zeroed
+    (tmp_path / 'a.safetensors').write_bytes(bytes(data))
+    assert fingerprint_differences(before, fingerprint(str(tmp_path))) == [
+        'a.safetensors: other content (same size, 3145728 bytes)']
+
+
+def test_the_chain_is_found_from_the_last_checkpoint(chain):
+    stages = resolve_chain(chain['sft'])
+    assert [s.path for s in stages] == [chain['warm'], chain['sft']]
+    assert stages[1].get('llm_lora') == LORA and stages[0].get('llm_lora') is None
+
+
+def test_a_stage_after_a_frozen_projector_stage_gets_the_warm_up_projector(tiny, chain):
+    """The SFT checkpoint holds no mlp1 (frozen there): a stage after it gets the warm-up's, not a random one."""
+    assert not any(k.startswith('mlp1.') for k in torch.load(chain['sft'], weights_only=False)['state_dict'])
+    dpo = build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=chain['sft'])
+    for a, b in zip(chain['warm_model'].mlp1.parameters(), dpo.mlp1.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_preference_reference_is_the_sft_model_and_rewards_start_at_zero(tiny, chain, pairs, batch):
+    """DPO after LoRA SFT: the SFT adapters are merged, fresh adapters train on top; the reference (adapters off)
+    is the SFT model, so at step 0 every reward is exactly 0 (it was 0.0171 with the SFT adapters trained on)."""
+    dpo = build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=chain['sft'],
+                preference=dict(types=('sigmoid',), beta=0.1)).eval()
+    out = dpo(dict(pairs), mode='loss')
+    assert out['rewards_chosen'].item() == 0.0 and out['rewards_rejected'].item() == 0.0
+    assert out['term_sigmoid'].item() == pytest.approx(math.log(2), abs=1e-7)
+    with torch.no_grad(), dpo.language_model.disable_adapter():  # the reference computes what SFT computes
+        ref = dpo(batch, mode='tensor')
+    with torch.no_grad():
+        sft = chain['sft_model'](batch, mode='tensor')
+    assert torch.allclose(ref, sft, atol=1e-4), (ref - sft).abs().max()  # merging rounds in float32
+    trained = {n for n, p in dpo.named_parameters() if p.requires_grad}
+    assert trained and all('lora_' in n for n in trained)
+
+
+def test_a_full_stage_after_a_lora_stage_trains_the_merged_llm(tiny, chain):
+    full = build(tiny, freeze_llm=False, pretrained_pth=chain['sft'])
+    assert all(p.requires_grad for p in full.language_model.parameters())
+    assert not any('lora_' in n for n, _ in full.named_parameters())
+
+
+def test_another_tower_than_the_recorded_one_is_refused(tiny, chain, other_tower):
+    from xtuner_plugins.models import VisionLanguageModel
+    with pytest.raises(ValueError, match=rf'model.vision_encoder: {other_tower} is not the folder '
+                                         rf'{chain["warm"]} was trained with \({tiny["internvit"]}\): '
+                                         r'model.safetensors: other content'):
+        VisionLanguageModel(vision_encoder=other_tower, llm=tiny['llm'], torch_dtype='float32',
+                            llm_lora=LORA, pretrained_pth=chain['sft'])
+
+
+def test_the_converter_takes_the_previous_stage_from_the_checkpoint(tiny, chain, other_tower, tmp_path):
+    cfg = dict(vision_encoder=tiny['internvit'], llm=tiny['llm'])
+    notes = []
+    assert previous_stage_for(cfg, chain['sft'], notes.append) == chain['warm']
+    assert notes == [f'previous stage (recorded in {chain["sft"]}): {chain["warm"]}']
+    moved = shutil.copy(chain['warm'], tmp_path / 'moved.pth')  # the same checkpoint elsewhere is fine
+    assert previous_stage_for(dict(cfg, pretrained_pth=str(moved)), chain['sft']) == str(moved)
+    other = save_stage(build(tiny), tmp_path / 'other_warm.pth')
+    with pytest.raises(ValueError, match=rf'{other} is not the checkpoint {chain["sft"]} was trained from'):
+        previous_stage_for(dict(cfg, pretrained_pth=other), chain['sft'])
+    with pytest.raises(ValueError, match=r'model.vision_encoder: .* is not the folder'):
+        previous_stage_for(dict(cfg, vision_encoder=other_tower), chain['sft'])
+    with pytest.raises(ValueError, match='trained without a previous stage, but the config gives'):
+        previous_stage_for(dict(cfg, pretrained_pth=chain['warm']), chain['warm'])
+
+
+def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
+    warm = save_stage(build(tiny), tmp_path / 'warm.pth')
+    sft = save_stage(build(tiny, llm_lora=LORA, pretrained_pth=warm), tmp_path / 'sft.pth')
+    again = build(tiny)
+    perturb(again, seed=5)
+    save_stage(again, warm)  # the warm-up run again into the same file
+    with pytest.raises(ValueError, match=rf'{warm} is not the checkpoint {sft} was trained from'):
+        resolve_chain(sft)
+    os.remove(warm)
+    with pytest.raises(FileNotFoundError, match=rf'{warm}: the previous stage of {sft} \(recorded in it\) is not '
+                                                r'found'):
+        resolve_chain(sft)
+
+
+def test_a_stage_meant_to_follow_another_is_stopped_without_one(tiny):
+    from types import SimpleNamespace
+
+    from xtuner_plugins.engine import LineageHook
+    hook = LineageHook()
+    lora = build(tiny, llm_lora=LORA)
+    with pytest.raises(ValueError, match=r'model.pretrained_pth=CHECKPOINT .* or model.from_scratch=True'):
+        hook.before_run(SimpleNamespace(model=lora))
+    hook.before_run(SimpleNamespace(model=build(tiny)))  # the warm-up starts from nothing
+    hook.before_run(SimpleNamespace(model=build(tiny, llm_lora=LORA, from_scratch=True)))
+    checkpoint = {'meta': {}}
+    hook.before_save_checkpoint(SimpleNamespace(model=lora), checkpoint)
+    assert checkpoint['meta']['lineage']['llm_lora'] == LORA
+
+
+def test_an_old_checkpoint_without_lineage_gives_its_recorded_config(tiny, chain, tmp_path):
+    """Checkpoints written before lineage was recorded: the previous stage and adapters come from the config."""
+    text = f"model = dict(pretrained_pth={chain['warm']!r}, llm_lora=dict(r=4, lora_alpha=8, lora_dropout=0.0))"
+    torch.save({'meta': {'cfg': text}, 'state_dict': torch.load(chain['sft'], weights_only=False)['state_dict']}, tmp_path / 'old.pth')
+    stages = resolve_chain(str(tmp_path / 'old.pth'))
+    assert [s.path for s in stages] == [chain['warm'], str(tmp_path / 'old.pth')]
+    assert stages[1].get('llm_lora') == LORA and stages[1].get('partial')

@@ -1,0 +1,229 @@
+"""Lineage: what a checkpoint was trained from, recorded in it and checked wherever it is used.
+
+A checkpoint holds only what its stage trained; the rest comes back from elsewhere when it is used: the frozen
+towers from their folders (``model.vision_encoder``, ``model.llm``, ``model.tokenizer``,
+``model.official_checkpoint``) and everything earlier stages trained from their checkpoints
+(``model.pretrained_pth``). Shapes alone do not tell another tower or another warm-up from the right one, so every
+checkpoint records (``meta['lineage']``, written by ``LineageHook``) :func:`lineage_record`:
+
+- ``sources``: each source folder with a :func:`fingerprint` of its weights, config and tokenizer files;
+- ``pretrained``: the previous stage's checkpoint (the path as given, its absolute path, its fingerprint);
+- ``llm_lora`` / ``vision_lora``: the adapters' settings (a later stage merges them, see below);
+- ``from_scratch``: the stage was started without a previous stage on purpose.
+
+:func:`resolve_chain` follows ``pretrained`` from the last checkpoint back to the first stage, checking each link's
+fingerprint, so that a user passes the last checkpoint only. Building a model on a chain
+(``VisionLanguageModel.load_stages``) loads the stages oldest first; a stage that trained LoRA adapters has them
+merged into the weights before the next stage's fresh adapters go on top, so a preference stage's reference (the
+model with its adapters off) is the fine-tuned model, not the one before fine-tuning. :func:`check_sources`
+refuses a source folder whose fingerprint is not the one recorded, naming both paths and the files that differ.
+
+Checkpoints written before lineage was recorded give what their recorded config says (paths and adapters, no
+fingerprints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+LINEAGE_VERSION = 1
+#: files up to this size are hashed whole; larger ones by their head (a safetensors header names every tensor,
+#: its dtype, shape and offsets) and evenly spaced samples
+WHOLE_HASH_BYTES = 64 << 20
+HEAD_BYTES = 1 << 20
+SAMPLE_BYTES = 64 << 10
+SAMPLES = 32
+#: the files of a model folder that make its weights and tokens (README, images, generation settings are not)
+MODEL_FILE_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.model', '.tiktoken', '.index.json')
+MODEL_FILE_NAMES = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'merges.txt',
+                    'special_tokens_map.json', 'added_tokens.json', 'preprocessor_config.json')
+SOURCE_KEYS = ('vision_encoder', 'llm', 'tokenizer', 'official_checkpoint')
+
+
+def _file_digest(path: str, size: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, 'rb') as f:
+        if size <= WHOLE_HASH_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                sha.update(chunk)
+        else:
+            sha.update(f.read(HEAD_BYTES))
+            for i in range(SAMPLES + 1):
+                f.seek((size - SAMPLE_BYTES) * i // SAMPLES)
+                sha.update(f.read(SAMPLE_BYTES))
+    return sha.hexdigest()[:16]
+
+
+def fingerprint(path: str, model_files_only: bool = True) -> Optional[dict]:
+    """``{'path', 'abspath', 'files': {name: [size, digest]}}`` of a file or of a folder's top-level files
+    (``model_files_only``: those that make a model's weights and tokens; else all of them, as in a DeepSpeed
+    checkpoint folder). None when ``path`` is not on disk (a hub id)."""
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and (
+            not model_files_only or n in MODEL_FILE_NAMES or n.endswith(MODEL_FILE_SUFFIXES)))
+        files = {n: os.path.join(path, n) for n in names}
+    else:  # a checkpoint file may be moved or renamed: its content is what counts
+        files = {'': path}
+    entries = {}
+    for name, full in files.items():
+        size = os.path.getsize(full)
+        entries[name] = [size, _file_digest(full, size)]
+    return dict(path=path, abspath=os.path.abspath(path), files=entries)
+
+
+def fingerprint_differences(recorded: dict, now: dict) -> List[str]:
+    """What differs between two fingerprints, file by file (empty when they are the same)."""
+    a, b = recorded.get('files', {}), now.get('files', {})
+    out = []
+    for name in sorted(set(a) | set(b)):
+        label = name or 'the file'
+        if name not in b:
+            out.append(f'{label} missing')
+        elif name not in a:
+            out.append(f'{label} not in the recorded one')
+        elif a[name][0] != b[name][0]:
+            out.append(f'{label}: {b[name][0]} bytes, recorded {a[name][0]}')
+        elif a[name][1] != b[name][1]:
+            out.append(f'{label}: other content (same size, {b[name][0]} bytes)')
+    return out
+
+
+def source_paths(vision_encoder=None, llm=None, tokenizer=None, official_checkpoint=None) -> Dict[str, str]:
+    """The source folders a model is built from (a vision encoder given as ``dict(path=...)`` included)."""
+    if isinstance(vision_encoder, dict):
+        vision_encoder = vision_encoder.get('path')
+    given = dict(vision_encoder=vision_encoder, llm=llm, tokenizer=tokenizer, official_checkpoint=official_checkpoint)
+    return {k: v for k, v in given.items() if isinstance(v, str)}
+
+
+def lineage_record(sources: Dict[str, str], pretrained_pth: Optional[str] = None, llm_lora: Optional[dict] = None,
+                   vision_lora: Optional[dict] = None, from_scratch: bool = False) -> dict:
+    """What a stage is trained from (module docstring); stored in each of its checkpoints."""
+    pretrained = None
+    if pretrained_pth:
+        pretrained = dict(fingerprint(pretrained_pth, model_files_only=False) or {},
+                          path=pretrained_pth, abspath=os.path.abspath(pretrained_pth))
+    return dict(version=LINEAGE_VERSION,
+                sources={k: fingerprint(p) or dict(path=p) for k, p in sources.items()},
+                pretrained=pretrained, llm_lora=_plain(llm_lora), vision_lora=_plain(vision_lora),
+                from_scratch=bool(from_scratch))
+
+
+def _plain(value):
+    """Settings as plain, picklable values (config dicts, tuples, classes by name)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, '__qualname__', str(value))
+
+
+def read_lineage(checkpoint: str) -> Optional[dict]:
+    """The lineage recorded in ``checkpoint``; for one written before lineage was recorded, what its recorded
+    config says (paths and adapters, no fingerprints, ``partial: True``); None when neither is there."""
+    from .checkpoint import read_meta
+    meta = read_meta(checkpoint)
+    if isinstance(meta.get('lineage'), dict):
+        return meta['lineage']
+    if not meta.get('cfg'):
+        return None
+    from mmengine.config import Config
+    model = Config.fromstring(meta['cfg'], '.py').get('model', {})
+    pretrained = model.get('pretrained_pth')
+    return dict(version=0, partial=True, sources={},
+                pretrained=dict(path=pretrained, abspath=None) if pretrained else None,
+                llm_lora=_plain(model.get('llm_lora')), vision_lora=_plain(model.get('vision_lora')),
+                from_scratch=False)
+
+
+@dataclass
+class Stage:
+    """One checkpoint of a chain and its recorded lineage (None: nothing recorded)."""
+    path: str
+    lineage: Optional[dict]
+
+    def get(self, key: str, default=None):
+        return (self.lineage or {}).get(key, default)
+
+
+def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None) -> str:
+    """The previous stage's checkpoint that ``recorded_by`` names (``given``: one the user passed instead),
+    checked against the recorded fingerprint."""
+    previous = record['pretrained']
+    if given is not None:
+        candidates = [given]
+    else:
+        candidates = [p for p in (previous.get('abspath'), previous.get('path')) if p]
+    found = next((p for p in candidates if os.path.exists(p)), None)
+    if found is None:
+        raise FileNotFoundError(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it) is not '
+                                f'found; put it back or pass model.pretrained_pth=PATH to where it is now')
+    if previous.get('files'):
+        diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))
+        if diffs:
+            raise ValueError(f'{found} is not the checkpoint {recorded_by} was trained from '
+                             f'({previous.get("abspath")}): {"; ".join(diffs)}')
+    return found
+
+
+def resolve_chain(path: str) -> List[Stage]:
+    """The checkpoints a model is built from, oldest first, ending with ``path``."""
+    chain, seen, current = [], set(), path
+    while True:
+        if not os.path.exists(current):
+            raise FileNotFoundError(f'model.pretrained_pth: checkpoint not found: {current}')
+        real = os.path.realpath(current)
+        if real in seen:
+            raise ValueError(f'{current}: its recorded previous stages lead back to itself')
+        seen.add(real)
+        stage = Stage(current, read_lineage(current))
+        chain.append(stage)
+        if not stage.get('pretrained'):
+            return chain[::-1]
+        current = locate_previous(stage.lineage, current)
+
+
+def check_sources(recorded: Optional[dict], sources: Dict[str, dict], what: str) -> None:
+    """Refuse source folders other than the ones ``what`` recorded (fingerprints compared, paths may move)."""
+    for key, then in (recorded or {}).get('sources', {}).items():
+        now = sources.get(key)
+        if now is None:
+            raise ValueError(f'{what} was trained with model.{key}={then.get("path")!r}, which the config does '
+                             f'not set')
+        if not then.get('files') or not now.get('files'):
+            continue  # a hub id, or an old record: nothing to compare
+        diffs = fingerprint_differences(then, now)
+        if diffs:
+            raise ValueError(f'model.{key}: {now["path"]} is not the folder {what} was trained with '
+                             f'({then.get("abspath")}): {"; ".join(diffs[:6])}')
+
+
+def previous_stage_for(cfg_model, checkpoint: str, log: Callable[[str], None] = print) -> Optional[str]:
+    """The converter's ``model.pretrained_pth`` for ``checkpoint``: the recorded previous stage (checked), or the
+    one the config gives when it is that checkpoint (its fingerprint compared); the config's source folders are
+    compared with the recorded ones first."""
+    record = read_lineage(checkpoint)
+    given = cfg_model.get('pretrained_pth') or None
+    if record is None:
+        log(f'{checkpoint}: no lineage recorded in it; model.pretrained_pth and the source folders are taken from '
+            f'the config unchecked')
+        return given
+    own = {k: fingerprint(p) or dict(path=p) for k, p in source_paths(
+        *(cfg_model.get(k) for k in SOURCE_KEYS)).items()}
+    check_sources(record, own, checkpoint)
+    if not record.get('pretrained'):
+        if given:
+            raise ValueError(f'{checkpoint} was trained without a previous stage, but the config gives '
+                             f'model.pretrained_pth={given!r}; leave it out')
+        return None
+    found = locate_previous(record, checkpoint, given)
+    if given is None:
+        log(f'previous stage (recorded in {checkpoint}): {found}')
+    return found

@@ -8,10 +8,11 @@ Usage::
 
     # e.g. a LoRA run: merged into the base weights, official layout, loadable with trust_remote_code
     python tools/convert_to_official.py configs/finetune_lora.py work_dirs/finetune_lora/iter_1000.pth \\
-        work_dirs/my_internvl --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth
+        work_dirs/my_internvl
 
 CONFIG is the training config with the same ``--cfg-options`` as the training run (the converter rebuilds
-the model from it: frozen parts come from the config's sources and ``model.pretrained_pth``). CHECKPOINT
+the model from it: frozen parts come from the config's sources, earlier stages from the checkpoint's recorded
+lineage, which also refuses source folders other than those it was trained with). CHECKPOINT
 is an MMEngine ``.pth`` or a DeepSpeed ZeRO-2/3 checkpoint folder (``iter_N.pth/``, consolidated on the
 CPU). LoRA adapters are merged; a QLoRA 4-bit base is dequantised first.
 

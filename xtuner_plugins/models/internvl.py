@@ -36,15 +36,15 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .attention import ATTN_IMPLEMENTATIONS, llm_attention, sample_index
-from .checkpoint import load_trained_state_dict
 from .dtypes import resolve_dtype
-from .lineage import check_sources, lineage_record, resolve_chain, source_paths
+from .lineage import lineage_record, source_paths
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
 from .projector import InternVLProjector, build_projector
+from .stages import load_stages, load_trained
 from .vision import InternViTEncoder, build_vision_encoder
-from .zero3 import gathered, hf_zero3_init, shape_of
+from .zero3 import hf_zero3_init
 
 class VisionLanguageModel(BaseModel):
     """Vision encoder + projector (``mlp1``) + LLM, trained by MMEngine's runner.
@@ -284,74 +284,13 @@ class VisionLanguageModel(BaseModel):
         return full
 
     def load_stages(self, path: str) -> None:
-        """Load the checkpoint chain that ends at ``path`` (``lineage.resolve_chain``), oldest first, each stage's
-        recorded source folders checked against this model's. A stage that trained LoRA adapters is loaded into
-        adapters of its recorded settings, which are then merged into the weights (peft's ``merge_and_unload``;
-        on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
-        for stage in resolve_chain(path):
-            check_sources(stage.lineage, self.lineage['sources'], stage.path)
-            wrapped = []
-            for attr, key, task in (('language_model', 'llm_lora', 'CAUSAL_LM'), ('vision_model', 'vision_lora', None)):
-                if stage.get(key):
-                    module = getattr(self, attr)
-                    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-                    setattr(self, attr, apply_lora(module, stage.get(key), task_type=task))
-                    wrapped.append((attr, trainable))
-            self.load_pretrained(stage.path)
-            for attr, trainable in wrapped:
-                with torch.no_grad():
-                    merged = getattr(self, attr).merge_and_unload()
-                for name, p in merged.named_parameters():  # peft froze the base; this stage's choice comes back
-                    p.requires_grad_(name in trainable)
-                setattr(self, attr, merged)
-                print_log(f'Merged the LoRA adapters of {stage.path} into {attr}', logger='current')
+        """Load the checkpoint chain that ends at ``path``, LoRA adapters merged (``stages.load_stages``)."""
+        load_stages(self, path)
 
     def load_pretrained(self, path: str, strict: bool = False) -> None:
-        """Load a checkpoint of trained parameters (mmengine ``.pth`` or DeepSpeed folder) onto this model.
-
-        Tensors are read one at a time (memory-mapped / lazily consolidated), so loading needs little more
-        memory than the model. ``strict``: the checkpoint must hold exactly the parameters this model trains
-        (the converter's check that checkpoint and config belong together); otherwise (a previous stage's
-        checkpoint) any subset of the model's parameters is accepted.
-        """
-        state = load_trained_state_dict(path, lazy=True)
-        own = dict(self.named_parameters())
-        # a tower wrapped by LoRA here but not in the checkpoint's run (LoRA or DPO after full fine-tuning): its
-        # weights are the PEFT wrapper's base layers
-        wrapped = {k.replace('.base_model.model.', '.').replace('.base_layer.', '.'): k for k in own}
-        names = {k: k if k in own else wrapped.get(k, k) for k in state}
-        unexpected = sorted(k for k in state if names[k] not in own)
-        if strict:
-            trained = self.trainable_keys()
-            unexpected = sorted(k for k in state if names[k] not in trained)
-            missing = sorted(trained - set(names.values()))
-            if missing:
-                raise ValueError(f'{path}: {len(missing)} trained parameters of this config are missing from '
-                                 f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
-        if unexpected:
-            raise ValueError(f'{path}: {len(unexpected)} keys do not belong to '
-                             f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
-                             f'was it trained with another config or options?')
-        mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[names[k]]))}'
-                      for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[names[k]]))]
-        if mismatched:
-            raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
-                             f'{len(mismatched)} keys: {mismatched[:5]}')
-        from xtuner_plugins.engine.nonfinite import non_finite_tensors
-        count, numel, bad = len(state), 0, []
-        with torch.no_grad():
-            for key in list(state):
-                value = state.pop(key).contiguous()
-                bad += non_finite_tensors([(key, value)])  # one tensor in memory at a time
-                param = own[names[key]]
-                with gathered([param], modify=True):
-                    param.copy_(value.to(param.dtype))
-                numel += value.numel()
-                del value
-        if bad:
-            raise ValueError(f'{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[:8]}); the run '
-                             f'that wrote it diverged: use an earlier checkpoint')
-        print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')
+        """Load one checkpoint's trained tensors (``stages.load_trained``; ``strict``: exactly what this config
+        trains)."""
+        load_trained(self, path, strict)
 
     # ----------------------------------------------------------------------------- forward
     def part(self, name: str, parts: Optional[nn.ModuleDict] = None) -> nn.Module:

@@ -1,0 +1,85 @@
+"""Loading trained tensors onto a ``VisionLanguageModel``: one checkpoint (:func:`load_trained`, the converter's
+strict check included) or a chain of stages (:func:`load_stages`, ``lineage.py``), LoRA adapters merged between
+stages."""
+
+from __future__ import annotations
+
+import torch
+from mmengine.logging import print_log
+
+from .checkpoint import load_trained_state_dict
+from .lineage import check_sources, resolve_chain
+from .lora import apply_lora
+from .zero3 import gathered, shape_of
+
+
+def load_stages(model, path: str) -> None:
+    """Load the checkpoint chain that ends at ``path`` (``lineage.resolve_chain``), oldest first, each stage's
+    recorded source folders checked against the model's. A stage that trained LoRA adapters is loaded into
+    adapters of its recorded settings, which are then merged into the weights (peft's ``merge_and_unload``;
+    on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
+    for stage in resolve_chain(path):
+        check_sources(stage.lineage, model.lineage['sources'], stage.path)
+        wrapped = []
+        for attr, key, task in (('language_model', 'llm_lora', 'CAUSAL_LM'), ('vision_model', 'vision_lora', None)):
+            if stage.get(key):
+                module = getattr(model, attr)
+                trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+                setattr(model, attr, apply_lora(module, stage.get(key), task_type=task))
+                wrapped.append((attr, trainable))
+        load_trained(model, stage.path)
+        for attr, trainable in wrapped:
+            with torch.no_grad():
+                merged = getattr(model, attr).merge_and_unload()
+            for name, p in merged.named_parameters():  # peft froze the base; this stage's choice comes back
+                p.requires_grad_(name in trainable)
+            setattr(model, attr, merged)
+            print_log(f'Merged the LoRA adapters of {stage.path} into {attr}', logger='current')
+
+
+def load_trained(model, path: str, strict: bool = False) -> None:
+    """Load a checkpoint of trained parameters (mmengine ``.pth`` or DeepSpeed folder) onto ``model``.
+
+    Tensors are read one at a time (memory-mapped / lazily consolidated), so loading needs little more
+    memory than the model. ``strict``: the checkpoint must hold exactly the parameters the model trains
+    (the converter's check that checkpoint and config belong together); otherwise (a previous stage's
+    checkpoint) any subset of the model's parameters is accepted.
+    """
+    state = load_trained_state_dict(path, lazy=True)
+    own = dict(model.named_parameters())
+    # a tower wrapped by LoRA here but not in the checkpoint's run (LoRA or DPO after full fine-tuning): its
+    # weights are the PEFT wrapper's base layers
+    wrapped = {k.replace('.base_model.model.', '.').replace('.base_layer.', '.'): k for k in own}
+    names = {k: k if k in own else wrapped.get(k, k) for k in state}
+    unexpected = sorted(k for k in state if names[k] not in own)
+    if strict:
+        trained = model.trainable_keys()
+        unexpected = sorted(k for k in state if names[k] not in trained)
+        missing = sorted(trained - set(names.values()))
+        if missing:
+            raise ValueError(f'{path}: {len(missing)} trained parameters of this config are missing from '
+                             f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
+    if unexpected:
+        raise ValueError(f'{path}: {len(unexpected)} keys do not belong to '
+                         f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
+                         f'was it trained with another config or options?')
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[names[k]]))}'
+                  for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[names[k]]))]
+    if mismatched:
+        raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
+                         f'{len(mismatched)} keys: {mismatched[:5]}')
+    from xtuner_plugins.engine.nonfinite import non_finite_tensors
+    count, numel, bad = len(state), 0, []
+    with torch.no_grad():
+        for key in list(state):
+            value = state.pop(key).contiguous()
+            bad += non_finite_tensors([(key, value)])  # one tensor in memory at a time
+            param = own[names[key]]
+            with gathered([param], modify=True):
+                param.copy_(value.to(param.dtype))
+            numel += value.numel()
+            del value
+    if bad:
+        raise ValueError(f'{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[:8]}); the run '
+                         f'that wrote it diverged: use an earlier checkpoint')
+    print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')

@@ -159,8 +159,8 @@ def test_a_question_whose_image_fails_when_asked_is_counted_and_named(folder, tm
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, capsys, monkeypatch):
-    """Interrupted after 2 answers of 4 (and a line cut short): the answers file kept them; --resume asks the
-    other 2 only, and the report is the uninterrupted run's."""
+    """Interrupted after 2 answers of 4 (and a line cut short): the answers file kept them; --resume asks only
+    the others (interrupted once more after one), and the report is the uninterrupted run's."""
     data = write_questions(tmp_path, 4)
     run = [folder, '--data', data, '--max-new-tokens', '3']
     assert eval_main(run + ['--out', str(tmp_path / 'whole.json')]) == 0
@@ -186,9 +186,13 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, ca
     assert eval_main(run + ['--out', out, '--resume', '--metric', 'anls']) == 2
     assert "written with other settings (metric: 'anls' now, 'exact' there)" in capsys.readouterr().err
     asked.clear()
+    stop_after = 2  # one more answer, appended after the cut line (cut off first)
+    assert eval_main(run + ['--out', out, '--resume']) == 130
+    assert '2 of 4 questions answered' in capsys.readouterr().err
+    asked.clear()
     stop_after = None
     assert eval_main(run + ['--out', out, '--resume']) == 0
     captured = capsys.readouterr()
-    assert len(asked) == 4 and 'resuming' in captured.err and '2 of 4 questions answered' in captured.err
+    assert len(asked) == 2 and 'resuming' in captured.err and '3 of 4 questions answered' in captured.err
     assert captured.out.strip().splitlines()[-1] == closing
     assert json.load(open(out))['results'] == whole and not os.path.exists(tmp_path / 'r.answers.jsonl')

@@ -137,6 +137,9 @@ def test_output_folders_are_made_or_refused_at_start(folder, tmp_path, capsys):
     assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--out', str(tmp_path / 'file' / 'r.json')]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'eval: error: {tmp_path}/file/r.json: cannot create its folder') and 'config' not in err
+    with pytest.raises(SystemExit):
+        eval_main([folder, '--data', data, '--out', str(tmp_path / 'r.json'), '--answers', str(tmp_path / 'r.json')])
+    assert '--answers and --out must be two files' in capsys.readouterr().err
     out = tmp_path / 'new' / 'sub' / 'r.json'
     assert eval_main([folder, '--data', data, '--max-new-tokens', '2', '--out', str(out)]) == 0
     assert json.load(open(out))['summary']['n'] == 1 and os.listdir(out.parent) == ['r.json']

@@ -72,6 +72,8 @@ def parse_args(argv=None):
         args.keep_answers = False
     else:
         args.keep_answers = True
+    if args.answers and args.out and os.path.abspath(args.answers) == os.path.abspath(args.out):
+        p.error('--answers and --out must be two files (the report would overwrite the answers)')
     if args.resume and not args.answers:
         p.error('--resume needs the answers file: --out (or --answers) as in the interrupted run')
     return args
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     finally:
         if answers is not None:
             answers.close()
+            if not answers.done and not answers.written and not args.keep_answers and os.path.isfile(args.answers):
+                os.remove(args.answers)  # the settings line alone (the model did not load): nothing to resume
 
 
 if __name__ == '__main__':

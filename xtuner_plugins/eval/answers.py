@@ -35,7 +35,7 @@ class AnswersFile:
     def __init__(self, path: str, settings: dict, resume: bool = False):
         self.path, self.settings = path, json.loads(json.dumps(settings))  # as read back (tuples as lists)
         self.done: Dict[str, Result] = {}
-        self.written = 0  # answers appended by this run
+        self.written = 0  # answers appended by this run (failures are written too, and asked again)
         self._lines: Dict[str, int] = {}
         records, cut = self._read() if os.path.isfile(path) and os.path.getsize(path) else ([], 0)
         if records or cut:
@@ -98,7 +98,7 @@ class AnswersFile:
         self._file.flush()
 
     def append(self, item: Union[Result, Failure]) -> None:
-        self.written += 1
+        self.written += isinstance(item, Result)
         self._write(asdict(item) if isinstance(item, Result) else dict(failure=asdict(item)))
 
     def results(self, questions: Sequence[Question], new: List[Result]) -> List[Result]:

@@ -7,7 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from xtuner_plugins.eval.data import MC_INSTRUCTION, read_mmbench_tsv, read_open_questions, read_questions
+from tests.helpers import write_image
+from xtuner_plugins.eval.data import (MC_INSTRUCTION, QuestionsError, read_mmbench_tsv, read_open_questions,
+                                      read_questions)
 
 
 def b64_png(colour):
@@ -67,3 +69,46 @@ def test_open_questions_take_the_last_gpt_turn_as_reference(tmp_path):
     path.write_text(json.dumps({'conversations': [{'from': 'human', 'value': 'x'}]}) + '\n')
     with pytest.raises(ValueError, match=r'test.jsonl:1: the last turn is \'human\', not "gpt"'):
         read_open_questions(str(path))
+
+
+def test_repeated_ids_are_refused_naming_both_lines(tmp_path):
+    """Six answers to one id were one question scored by the lowest: now the file, both lines and the id."""
+    lines = [{'id': f'q{i % 2}' if i < 3 else f'q{i}', 'conversations': conv_()} for i in range(4)]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(json.dumps(x) for x in lines) + '\n')
+    with pytest.raises(QuestionsError, match=r"test.jsonl:3: id 'q0' is also the id of line 1; .*\[duplicate_id\]"):
+        read_open_questions(str(path))
+    rows = [ROWS[0], dict(ROWS[1], index=0)]
+    for circular in (False, True):  # --circular makes the rotations itself: a row's index is its own
+        with pytest.raises(QuestionsError, match=r"mmb.tsv:3: index '0' is also the index of line 2"):
+            read_mmbench_tsv(write_tsv(tmp_path / 'mmb.tsv', rows), circular=circular)
+
+
+def conv_(question='<image>\nWhat?', answer='x'):
+    return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
+
+
+def test_images_are_checked_as_training_checks_them_all_problems_at_once(tmp_path):
+    """Paths leaving --image-folder are refused with training's function and reason, and every image's
+    header is read before any question is asked: all problems in one error, each with FILE:LINE."""
+    folder = tmp_path / 'images'
+    write_image(folder / 'ok.png')
+    write_image(tmp_path / 'outside.png')
+    (folder / 'corrupt.png').write_bytes(b'not an image at all')
+    images = ['ok.png', '../outside.png', str(tmp_path / 'outside.png'), 'missing.png', 'corrupt.png',
+              ['ok.png', 'ok.png']]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(json.dumps({'id': i, 'image': im, 'conversations': conv_()})
+                              for i, im in enumerate(images)) + '\n')
+    with pytest.raises(QuestionsError) as err:
+        read_open_questions(str(path), str(folder))
+    reasons = [p.rsplit('[', 1)[1].rstrip(']') for p in err.value.problems]
+    assert reasons == ['unsafe_image_path', 'unsafe_image_path', 'missing_image', 'corrupt_image',
+                       'image_tag_mismatch'], err.value.problems
+    assert [p.split(': ')[0] for p in err.value.problems] == [f'{path}:{n}' for n in (2, 3, 4, 5, 6)]
+    assert str(err.value).startswith(f'{path}: 5 problems, no question asked:\n  {path}:2: image path')
+    # without --image-folder the paths are the file's folder's, as training reads them (no folder to leave)
+    path.write_text(json.dumps({'image': 'images/ok.png', 'conversations': conv_()}) + '\n'
+                    + json.dumps({'image': '../' + tmp_path.name + '/outside.png', 'conversations': conv_()}) + '\n')
+    assert [q.images for q in read_open_questions(str(path))] == [[str(folder / 'ok.png')],
+                                                                 [str(tmp_path / 'outside.png')]]

@@ -127,17 +127,20 @@ def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
     assert chat_main([setup['folder'], '--image', 'missing.png', '--prompt', 'x']) == 2
 
 
-def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys):
+def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tmp_path):
     image = setup['images'][1]
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',
                                       dict(max_new_tokens=8, do_sample=False))
-    lines = iter(['/help', f'/image {image}', 'Describe the image.', '/images', 'And?', '/reset', '/exit'])
+    (tmp_path / 'bad.png').write_bytes(b'not an image')  # refused when attached, not when asked
+    lines = iter(['/help', f'/image {tmp_path}/bad.png', f'/image {image}', 'Describe the image.', '/images', 'And?',
+                  '/reset', '/exit'])
     monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
     assert chat_main([setup['folder'], '--max-new-tokens', '8']) == 0
     out = capsys.readouterr().out
     answers = [line[len('model> '):] for line in out.splitlines() if line.startswith('model> ')]
     assert answers[0].strip() == expected
     assert len(answers) == 2 and '(history cleared)' in out and 'error' not in out
+    assert f'(not attached: {tmp_path}/bad.png: cannot decode image' in out
     assert out.count('/help shows this') == 3 and '(unknown command /images)' in out  # never sent to the model
 
 
@@ -184,3 +187,17 @@ def test_tools_start_without_the_training_stack(tool):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == '', f'tools/{tool}.py imports {out.stdout.strip()} at start-up'
+
+
+@pytest.mark.parametrize('problem', ['corrupt', 'truncated', 'missing'])
+def test_chat_tool_names_a_bad_image_in_one_line(tmp_path, capsys, problem):
+    """A corrupt, truncated (its header reads) or missing image: ``chat: error: FILE: ...`` and exit 2, before
+    the model loads (the folder here is not one), no traceback."""
+    path = str(tmp_path / 'photo.png')
+    if problem != 'missing':
+        data = open(write_image(path, size=(80, 60)), 'rb').read()
+        open(path, 'wb').write(b'not an image' if problem == 'corrupt' else data[:len(data) // 2])
+    assert chat_main([str(tmp_path), '--image', path, '--prompt', 'x']) == 2
+    err = capsys.readouterr().err
+    reason = 'missing_image' if problem == 'missing' else 'corrupt_image'
+    assert err.startswith(f'chat: error: {path}: ') and err.endswith(f'[{reason}]\n') and err.count('\n') == 1, err

@@ -106,3 +106,96 @@ def test_batched_answers_equal_one_at_a_time(folder, llava_folder, tmp_path, fmt
         with open(tmp_path / f'b{batch}.json') as f:
             reports.append([(r['answer'], r['blind_answer']) for r in json.load(f)['results']])
     assert reports[0] == reports[1] and len({a for a, _ in reports[0]}) > 1, reports
+
+
+def write_questions(tmp_path, n, name='test.jsonl', **overrides):
+    """``n`` one-image questions (image ``i.png`` of different sizes); ``overrides``: line index -> fields."""
+    with open(tmp_path / name, 'w') as f:
+        for i in range(n):
+            write_image(tmp_path / f'{i}.png', size=(40 + 10 * i, 60), seed=i)
+            sample = {'id': i, 'image': f'{i}.png', 'conversations': [
+                {'from': 'human', 'value': '<image>\nDescribe it.'}, {'from': 'gpt', 'value': 'x'}]}
+            f.write(json.dumps(dict(sample, **overrides.get(str(i), {}))) + '\n')
+    return str(tmp_path / name)
+
+
+def test_data_problems_stop_before_the_model_loads(tmp_path, capsys):
+    """A repeated id, a path leaving --image-folder, a corrupt image at question 7: all named at once before
+    anything loads (the model folder here is not one: its error never comes)."""
+    data = write_questions(tmp_path, 7, **{'2': {'id': 0}, '4': {'image': '../x.png'}})
+    (tmp_path / '6.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--image-folder', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'eval: error: {data}: 3 problems, no question asked:\n'), err
+    assert f"{data}:3: id '0' is also the id of line 1" in err and '[unsafe_image_path]' in err
+    assert f'{data}:7: cannot read image header of {tmp_path}/6.png' in err and 'no config.json' not in err
+
+
+def test_output_folders_are_made_or_refused_at_start(folder, tmp_path, capsys):
+    data = write_questions(tmp_path, 1)
+    (tmp_path / 'file').write_text('')
+    assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--out', str(tmp_path / 'file' / 'r.json')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'eval: error: {tmp_path}/file/r.json: cannot create its folder') and 'config' not in err
+    with pytest.raises(SystemExit):
+        eval_main([folder, '--data', data, '--out', str(tmp_path / 'r.json'), '--answers', str(tmp_path / 'r.json')])
+    assert '--answers and --out must be two files' in capsys.readouterr().err
+    out = tmp_path / 'new' / 'sub' / 'r.json'
+    assert eval_main([folder, '--data', data, '--max-new-tokens', '2', '--out', str(out)]) == 0
+    assert json.load(open(out))['summary']['n'] == 1 and os.listdir(out.parent) == ['r.json']
+
+
+def test_a_question_whose_image_fails_when_asked_is_counted_and_named(folder, tmp_path, capsys):
+    """An image whose header reads but whose data is cut short: not scored, named with FILE:LINE, counted on
+    the last line and in the report; the other questions are scored."""
+    data = write_questions(tmp_path, 3)
+    whole = (tmp_path / '1.png').read_bytes()
+    (tmp_path / '1.png').write_bytes(whole[:len(whole) // 2])
+    assert eval_main([folder, '--data', data, '--max-new-tokens', '2', '--out', str(tmp_path / 'r.json')]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f'not scored: {data}:2 (id 1): cannot decode image {tmp_path}/1.png') and \
+        out[0].endswith('[corrupt_image]'), out
+    assert out[-1].startswith('accuracy: 0.000 (2 questions); blind: ') and out[-1].endswith('; 1 not scored'), out
+    report = json.load(open(tmp_path / 'r.json'))
+    assert [r['id'] for r in report['results']] == ['0', '2'] and report['summary']['not_scored'] == 1
+    assert [(f['source'], f['reason']) for f in report['not_scored']] == [(f'{data}:2', 'corrupt_image')]
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, capsys, monkeypatch):
+    """Interrupted after 2 answers of 4 (and a line cut short): the answers file kept them; --resume asks only
+    the others (interrupted once more after one), and the report is the uninterrupted run's."""
+    data = write_questions(tmp_path, 4)
+    run = [folder, '--data', data, '--max-new-tokens', '3']
+    assert eval_main(run + ['--out', str(tmp_path / 'whole.json')]) == 0
+    whole = json.load(open(tmp_path / 'whole.json'))['results']
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    asked, ask = [], ConvertedModel.ask
+
+    def interrupted_ask(self, *args, **kwargs):
+        asked.append(args[0])
+        if stop_after is not None and len(asked) > stop_after:
+            raise KeyboardInterrupt
+        return ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConvertedModel, 'ask', interrupted_ask)
+    stop_after, out = 4, str(tmp_path / 'r.json')  # 2 questions, with and without their image
+    assert eval_main(run + ['--out', out]) == 130
+    assert f'2 answers are kept in {tmp_path}/r.answers.jsonl: the same command with --resume' in \
+        capsys.readouterr().err
+    with open(tmp_path / 'r.answers.jsonl', 'a') as f:
+        f.write('{"id": "2", "answer": "cut sh')  # a write the interruption cut short
+    assert eval_main(run + ['--out', out]) == 2
+    assert 'holds 2 answers of an earlier evaluation; --resume continues it' in capsys.readouterr().err
+    assert eval_main(run + ['--out', out, '--resume', '--metric', 'anls']) == 2
+    assert "written with other settings (metric: 'anls' now, 'exact' there)" in capsys.readouterr().err
+    asked.clear()
+    stop_after = 2  # one more answer, appended after the cut line (cut off first)
+    assert eval_main(run + ['--out', out, '--resume']) == 130
+    assert '2 of 4 questions answered' in capsys.readouterr().err
+    asked.clear()
+    stop_after = None
+    assert eval_main(run + ['--out', out, '--resume']) == 0
+    captured = capsys.readouterr()
+    assert len(asked) == 2 and 'resuming' in captured.err and '3 of 4 questions answered' in captured.err
+    assert captured.out.strip().splitlines()[-1] == closing
+    assert json.load(open(out))['results'] == whole and not os.path.exists(tmp_path / 'r.answers.jsonl')

@@ -23,13 +23,14 @@ ways run the same model code.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from typing import Sequence
 
 import torch
 
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments, run_tool,
                                              tool_error)
 
@@ -43,6 +44,14 @@ def generation_settings(args) -> dict:
     return generation
 
 
+def image_problem(paths: Sequence[str]) -> str:
+    """``FILE: what is wrong [reason]`` for the first image that does not decode in full, or ''."""
+    for path in paths:
+        try:
+            load_image(path)
+        except SampleError as err:
+            return str(err.with_source(path))
+    return ''
 
 
 HELP = ('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
@@ -74,9 +83,9 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
             continue
         if command == '/image':
             paths = line.split()[1:]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                print(f'(not found: {", ".join(missing)})')
+            problem = image_problem(paths)
+            if problem:
+                print(f'(not attached: {problem})')
                 continue
             pending.extend(paths)
             print(f'(attached to the next message: {", ".join(pending)})')
@@ -128,9 +137,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    missing = [p for p in args.image if not os.path.isfile(p)]
-    if missing:
-        return tool_error('chat', f'image not found: {", ".join(missing)}')
+    problem = image_problem(args.image)  # before the model loads
+    if problem:
+        return tool_error('chat', problem)
 
     def answer(chat: ConvertedModel) -> None:
         if args.prompt is None:
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
         else:
             print(chat.ask(args.prompt, args.image, generation_settings(args)))
 
-    return run_tool(args, 'chat', answer, (ValueError,), image_size=args.image_size, max_num=args.max_num,
+    return run_tool(args, 'chat', answer, (ValueError, SampleError), image_size=args.image_size, max_num=args.max_num,
                     min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)
 
 

@@ -16,17 +16,28 @@ as ``tools/chat.py`` loads it), then again with each image replaced by a blank o
 blind control; ``--no-blind`` skips it). The console shows a per-category table; the last line is
 ``accuracy: A (N questions); blind: B; image reliance: R`` (reliance = accuracy - blind accuracy: what the
 image adds). ``--out`` writes a JSON report with every answer, reference and score.
+
+Nothing is asked before the input is checked: the data (every problem listed at once: duplicate ids, image
+paths leaving ``--image-folder``, missing images or images whose header does not decode; see
+``xtuner_plugins.eval.data``) and the output paths (their folders created). Each answer is appended to the
+answers file as it comes (``--answers``; by default ``OUT.answers.jsonl`` next to ``--out``, removed once the
+report is written): after an interruption, the same command with ``--resume`` asks only the questions not
+answered yet, and the report counts them all (``xtuner_plugins.eval.answers``). A question whose image fails
+to decode when it is asked is not scored: named in the report (``FILE:LINE``) and counted on the last line
+(``; K not scored``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
+from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
 from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
 
@@ -48,25 +59,70 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=1,
                    help='questions per generation batch (one image each; others go one at a time)')
     p.add_argument('--out', help='write a JSON report here')
+    p.add_argument('--answers', help='append each answer here as it comes (default with --out: OUT.answers.jsonl, '
+                                     'removed once the report is written)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the evaluation whose answers file exists: ask only the questions not answered')
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error('--batch-size must be at least 1')
     check_model_arguments(p, args)
+    if args.answers is None and args.out:
+        args.answers = os.path.splitext(args.out)[0] + '.answers.jsonl'
+        args.keep_answers = False
+    else:
+        args.keep_answers = True
+    if args.answers and args.out and os.path.abspath(args.answers) == os.path.abspath(args.out):
+        p.error('--answers and --out must be two files (the report would overwrite the answers)')
+    if args.resume and not args.answers:
+        p.error('--resume needs the answers file: --out (or --answers) as in the interrupted run')
     return args
+
+
+def check_output(path: str) -> None:
+    """``path`` can be written: its folder created, not a folder itself (before anything is asked)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f'{path}: cannot create its folder ({exc})') from None
+    if os.path.isdir(path):
+        raise OSError(f'{path}: is a folder; give a file name')
+    if not os.access(folder, os.W_OK):
+        raise OSError(f'{path}: its folder {folder} is not writable')
+
+
+def settings(args) -> dict:
+    """What an evaluation's answers depend on: resuming needs the same."""
+    model = os.path.abspath(args.folder) if args.folder else f'{os.path.abspath(args.config)} + ' \
+                                                             f'{os.path.abspath(args.checkpoint)}'
+    return dict(model=model, cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
+                image_folder=args.image_folder and os.path.abspath(args.image_folder), metric=args.metric,
+                circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        for path in (args.out, args.answers):
+            if path:
+                check_output(path)
         questions = read_questions(args.data, args.image_folder, circular=args.circular)
+        answers = AnswersFile(args.answers, settings(args), args.resume) if args.answers else None
+        if answers is not None:
+            answers.check(questions)
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
     questions = questions[:args.limit] if args.limit else questions
+    todo = [q for q in questions if answers is None or q.id not in answers.done]
+    if len(todo) < len(questions):
+        print(f'resuming {args.answers}: {len(questions) - len(todo)} of {len(questions)} questions answered, '
+              f'asking the other {len(todo)}', file=sys.stderr, flush=True)
     torch.manual_seed(0)
 
     def run(model) -> None:
         start = time.perf_counter()
-        step = max(1, len(questions) // 20)
+        step = max(1, len(todo) // 20)
         printed = [0]
 
         def progress(i, n, results):
@@ -76,16 +132,37 @@ def main(argv=None) -> int:
                 print(f'  {i}/{n} questions, {right:.0f} right so far, {i / (time.perf_counter() - start):.2f} '
                       f'questions/s', file=sys.stderr, flush=True)
 
-        results = evaluate(model, questions, blind=args.blind, metric=args.metric,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
-        report = Report(results)
+        failures = []
+        results = evaluate(model, todo, blind=args.blind, metric=args.metric, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, progress=progress, failures=failures,
+                           on_answer=answers and answers.append)
+        report = Report(answers.results(questions, results) if answers else results, failures)
         if args.out:
             report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,
                          metric=args.metric, circular=args.circular, blind=args.blind)
+        if answers is not None:
+            answers.close()
+            if not args.keep_answers:
+                os.remove(args.answers)  # the report holds every answer
+        if failures:
+            print(report.not_scored())
         print(report.table())
         print(report.closing_line())
 
-    return run_tool(args, 'eval', run)
+    try:
+        return run_tool(args, 'eval', run)
+    except KeyboardInterrupt:
+        if answers is None:
+            print('eval: interrupted (no answers file kept: give --out or --answers to resume)', file=sys.stderr)
+        else:
+            print(f'eval: interrupted; {len(answers.done) + answers.written} answers are kept in {args.answers}: '
+                  f'the same command with --resume asks the rest', file=sys.stderr)
+        return 130
+    finally:
+        if answers is not None:
+            answers.close()
+            if not answers.done and not answers.written and not args.keep_answers and os.path.isfile(args.answers):
+                os.remove(args.answers)  # the settings line alone (the model did not load): nothing to resume
 
 
 if __name__ == '__main__':

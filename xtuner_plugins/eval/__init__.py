@@ -1,14 +1,15 @@
-"""Evaluation: questions (``data``), the one scorer (``scoring``), asking and reporting (``evaluate``), and the
-evaluation during training (``hook``, imported on first use: ``tools/eval.py`` starts without MMEngine's runner).
+"""Evaluation: questions (``data``), the one scorer (``scoring``), asking and reporting (``evaluate``), the answers
+file an interrupted ``tools/eval.py`` resumes from (``answers``), and the evaluation during training (``hook``,
+imported on first use: ``tools/eval.py`` starts without MMEngine's runner).
 """
 
 from xtuner_plugins.lazy import lazy_exports
 
-from .data import Question, read_mmbench_tsv, read_open_questions, read_questions
-from .evaluate import BLANK, Report, Result, evaluate, score
+from .data import Question, QuestionsError, read_mmbench_tsv, read_open_questions, read_questions
+from .evaluate import BLANK, Failure, Report, Result, evaluate, score
 from .scoring import anls, exact_match, extract_option, normalize_answer
 
-__all__ = ['BLANK', 'EvalHook', 'Question', 'TrainingModelAnswerer', 'Report', 'Result', 'anls', 'evaluate',
-           'exact_match', 'extract_option', 'normalize_answer', 'read_mmbench_tsv', 'read_open_questions',
-           'read_questions', 'score']
+__all__ = ['BLANK', 'EvalHook', 'Failure', 'Question', 'QuestionsError', 'TrainingModelAnswerer', 'Report', 'Result',
+           'anls', 'evaluate', 'exact_match', 'extract_option', 'normalize_answer', 'read_mmbench_tsv',
+           'read_open_questions', 'read_questions', 'score']
 __getattr__, __dir__ = lazy_exports(__name__, {'EvalHook': '.hook', 'TrainingModelAnswerer': '.hook'})

@@ -1,12 +1,18 @@
 """Evaluation questions: open questions from a training-format jsonl, or multiple choice in MMBench's TSV.
 
 Every question becomes a :class:`Question`: an id, a category, the prompt, its images (paths or PIL images),
-the references, and for multiple choice the options and the right letter. Bad input stops with the file and
-the line (or row) named.
+the references, for multiple choice the options and the right letter, and its ``source`` (``FILE:LINE``). Bad
+input stops before any question is asked (:class:`QuestionsError`), every problem listed at once with its
+``FILE:LINE`` and reason: a line that is not a sample, an id (TSV: ``index``) that an earlier line already has
+(``duplicate_id``), and for every image what training refuses (the same functions and reasons,
+``xtuner_plugins.data.image_io``): a path leaving the image folder (``unsafe_image_path``), a missing file, a
+header that does not decode (``corrupt_image``), as many ``<image>`` tags as images (``image_tag_mismatch``).
 
 * **jsonl** (the training format): the last turn must be ``gpt``: it is the reference; the last ``human``
   turn is the question (its ``<image>`` tags, or ``<image>\\n`` in front for the sample's images). The
-  category is the sample's ``category`` or ``kind`` (the demo's), else ``all``.
+  category is the sample's ``category`` or ``kind`` (the demo's), else ``all``; the id its ``id``, else its
+  line number. Image paths are resolved as training resolves them: inside ``image_folder`` when given, else
+  relative to the file's folder.
 * **MMBench TSV** (``index, question, hint, A, B, C, D[, E...], answer, category, image``; ``image`` base64,
   or the ``index`` of an earlier row with the same image, as MMBench's files do): the prompt is VLMEvalKit's
   (hint, question, ``Options:`` one per line, then the instruction to answer with the letter).
@@ -27,11 +33,17 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from PIL import Image
 
-__all__ = ['Question', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv', 'MC_INSTRUCTION']
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import read_image_size, resolve_image_path
+from xtuner_plugins.data.sources import sample_images
+
+__all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
+           'MC_INSTRUCTION']
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MMBENCH_COLUMNS = ('index', 'question', 'A', 'B', 'answer')
 _LETTERS = 'ABCDEFGHI'
+_SHOWN = 50  # problems listed in full; the rest counted
 
 
 @dataclass
@@ -43,10 +55,43 @@ class Question:
     references: List[str]
     options: Dict[str, str] = field(default_factory=dict)  # multiple choice: letter -> text
     group: str = ''  # circular evaluation: the rotations of one question share it
+    source: str = ''  # FILE:LINE (a TSV: FILE:LINE (index N))
 
     @property
     def multiple_choice(self) -> bool:
         return bool(self.options)
+
+
+class QuestionsError(ValueError):
+    """Every problem of a questions file (``problems``: ``FILE:LINE: message [reason]`` each), raised before any
+    question is asked; one problem reads as itself."""
+
+    def __init__(self, path: str, problems: List[str]):
+        self.path, self.problems = path, list(problems)
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            shown = ''.join(f'\n  {p}' for p in problems[:_SHOWN])
+            more = f'\n  ... and {len(problems) - _SHOWN} more' if len(problems) > _SHOWN else ''
+            message = f'{path}: {len(problems)} problems, no question asked:{shown}{more}'
+        if any('[missing_image]' in p for p in problems):
+            message += '\n(image paths are read inside --image-folder, by default the data file\'s folder)'
+        super().__init__(message)
+
+
+class _Ids:
+    """First line of each id: a repeated id is a problem naming both lines."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what, self.first = path, what, {}
+
+    def check(self, id_: str, line_no: int, problems: List[str]) -> None:
+        if id_ in self.first:
+            problems.append(str(SampleError('duplicate_id', f'{self.what} {id_!r} is also the {self.what} of line '
+                                            f'{self.first[id_]}; give every question its own',
+                                            f'{self.path}:{line_no}')))
+        else:
+            self.first[id_] = line_no
 
 
 def read_questions(path: str, image_folder: Optional[str] = None, circular: bool = False) -> List[Question]:
@@ -84,32 +129,45 @@ def open_samples(path: str) -> Iterator[Tuple[str, int, dict, List[dict]]]:
             yield where, line_no, sample, turns
 
 
+def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str) -> List[str]:
+    """The sample's images resolved and their headers read, as training does; raises :class:`SampleError`."""
+    paths = [resolve_image_path(p, folder, base_dir) for p in sample_images(sample)]
+    tags = prompt.count('<image>')
+    if tags not in (0, len(paths)):
+        raise SampleError('image_tag_mismatch', f'the question has {tags} <image> tags for {len(paths)} images')
+    for path in paths:
+        read_image_size(path)  # exists, and its header decodes
+    return paths
+
+
 def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Question]:
-    folder = image_folder if image_folder is not None else os.path.dirname(path)
-    out = []
+    """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line."""
+    out, problems, ids = [], [], _Ids(path, 'id')
     for where, line_no, sample, turns in open_samples(path):
-        images = sample.get('image') or []
-        images = [images] if isinstance(images, str) else list(images)
-        paths = [os.path.join(folder, p) for p in images]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f'{where}: image not found: {missing[0]} (set --image-folder)')
         human = [t for t in turns if t.get('from') == 'human'][-1]
         prompt = str(human.get('value', ''))  # without <image> tags, the images go in front of it
-        out.append(Question(id=str(sample.get('id', line_no)),
-                            category=str(sample.get('category', sample.get('kind', 'all'))),
-                            prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))]))
+        id_ = str(sample.get('id', line_no))
+        ids.check(id_, line_no, problems)
+        try:
+            paths = _image_paths(sample, prompt, image_folder, os.path.dirname(path))
+        except SampleError as err:
+            problems.append(str(err.with_source(where)))
+            continue
+        out.append(Question(id=id_, category=str(sample.get('category', sample.get('kind', 'all'))),
+                            prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))], source=where))
+    if problems:
+        raise QuestionsError(path, problems)
     if not out:
         raise ValueError(f'{path}: no questions')
     return out
 
 
-def _decode_image(data: str, where: str) -> Image.Image:
+def _decode_image(data: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
             return im.convert('RGB')
     except Exception as err:  # noqa: BLE001 (any decoding failure is the row's)
-        raise ValueError(f'{where}: the image does not decode ({type(err).__name__}: {err})') from None
+        raise SampleError('corrupt_image', f'the image does not decode ({type(err).__name__}: {err})') from None
 
 
 def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
@@ -122,19 +180,24 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
         raise ValueError(f'{path}: missing column(s) {", ".join(missing)} (MMBench\'s layout: index, question, hint, '
                          f'A, B, C, D, answer, category, image)')
     images: Dict[str, str] = {}
-    out = []
+    out, problems, ids = [], [], _Ids(path, 'index')
     for row_no, row in enumerate(rows, 2):  # line 1 is the header
         where = f'{path}:{row_no} (index {row["index"]})'
+        ids.check(row['index'], row_no, problems)
         data = (row.get('image') or '').strip()
         if len(data) < 64 and data in images:  # a reference to an earlier row's image
             data = images[data]
         images[row['index']] = data
-        image = _decode_image(data, where)
         options = {k: row[k].strip() for k in _LETTERS if row.get(k) not in (None, '') and row[k].strip().lower()
                    != 'nan'}
         answer = (row.get('answer') or '').strip()
-        if answer not in options:
-            raise ValueError(f'{where}: answer {answer!r} is not one of its options {sorted(options)}')
+        try:
+            image = _decode_image(data)
+            if answer not in options:
+                raise SampleError('bad_answer', f'answer {answer!r} is not one of its options {sorted(options)}')
+        except SampleError as err:
+            problems.append(str(err.with_source(where)))
+            continue
         rotations = len(options) if circular else 1
         for shift in range(rotations):
             texts = list(options.values())
@@ -146,7 +209,10 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
             prompt += '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
             out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular else ''),
                                 category=(row.get('category') or 'all').strip() or 'all', prompt=prompt,
-                                images=[image], references=[right], options=rotated, group=str(row['index'])))
+                                images=[image], references=[right], options=rotated, group=str(row['index']),
+                                source=where))
+    if problems:
+        raise QuestionsError(path, problems)
     if not out:
         raise ValueError(f'{path}: no questions')
     return out

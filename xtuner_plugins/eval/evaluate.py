@@ -8,6 +8,11 @@ what the model gets from the text alone; **image reliance** = accuracy - blind a
 
 Open questions are scored by :data:`~xtuner_plugins.eval.scoring.METRICS` (``exact`` or ``anls``); multiple
 choice by the option read from the answer; circular groups count right when every rotation is.
+
+Given a ``failures`` list, a question whose image fails to decode when it is asked (a truncated file whose
+header reads) becomes a :class:`Failure` there (counted and named in the :class:`Report`, with its circular
+group left out of the scores) instead of stopping the evaluation; ``on_answer`` sees every result and failure
+as it comes (``tools/eval.py`` appends them to its answers file).
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
+
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import read_image_size
 
 from .data import Question
 from .scoring import METRICS, extract_option
 
-__all__ = ['Result', 'Report', 'evaluate', 'score', 'BLANK']
+__all__ = ['Result', 'Failure', 'Report', 'evaluate', 'score', 'BLANK']
 
 BLANK: Tuple[int, int, int] = (128, 128, 128)
 
@@ -38,6 +46,21 @@ class Result:
     blind_answer: Optional[str] = None
     blind_score: Optional[float] = None
     group: str = ''
+    source: str = ''
+
+
+@dataclass
+class Failure:
+    """A question that could not be asked: not scored, counted and named."""
+    id: str
+    category: str
+    source: str
+    reason: str
+    message: str
+    group: str = ''
+
+    def __str__(self) -> str:
+        return f'{self.source} (id {self.id}): {self.message} [{self.reason}]'
 
 
 def score(question: Question, answer: str, metric: str = 'exact') -> float:
@@ -47,15 +70,18 @@ def score(question: Question, answer: str, metric: str = 'exact') -> float:
 
 
 def _blank(image) -> Image.Image:
-    size = image.size if isinstance(image, Image.Image) else Image.open(image).size
+    size = image.size if isinstance(image, Image.Image) else read_image_size(image)
     return Image.new('RGB', size, BLANK)
 
 
 def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: str = 'exact',
              max_new_tokens: int = 64, batch_size: int = 1,
-             progress: Optional[Callable[[int, int, List[Result]], None]] = None) -> List[Result]:
+             progress: Optional[Callable[[int, int, List[Result]], None]] = None,
+             failures: Optional[List[Failure]] = None,
+             on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None) -> List[Result]:
     """Ask every question (``batch_size`` at a time through ``model.ask_batch`` where the model has it) and
-    score the answers; with ``blind``, ask again on blank images."""
+    score the answers; with ``blind``, ask again on blank images. A :class:`SampleError` while asking goes to
+    ``failures`` when given (the module docstring), else it is raised."""
     if metric not in METRICS:
         raise ValueError(f'unknown metric {metric!r}; use one of {sorted(METRICS)}')
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
@@ -63,77 +89,120 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
     if pad is not None:
         generation['pad_token_id'] = pad
 
-    def answer(batch: Sequence[Question], images: Sequence[list]) -> List[str]:
-        if batch_size > 1 and hasattr(model, 'ask_batch'):
-            return model.ask_batch([q.prompt for q in batch], images, generation)
-        out = []
-        for q, imgs in zip(batch, images):
-            model.reset()
-            out.append(model.ask(q.prompt, imgs, generation))
+    def ask(q: Question, images) -> Union[str, SampleError]:
+        model.reset()
+        try:
+            return model.ask(q.prompt, images() if callable(images) else images, generation)
+        except SampleError as err:
+            if failures is None:
+                raise
+            return err
+
+    def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
+        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch'):
+            try:
+                return model.ask_batch([q.prompt for q in batch], [i() if callable(i) else i for i in images],
+                                       generation)
+            except SampleError:
+                if failures is None:
+                    raise  # else one at a time, to tell which question it was
+        out = [ask(q, imgs) for q, imgs in zip(batch, images)]
         model.reset()
         return out
 
     results: List[Result] = []
+    done = 0
     for start in range(0, len(questions), max(1, batch_size)):
         batch = questions[start:start + max(1, batch_size)]
         answers = answer(batch, [list(q.images) for q in batch])
-        blinds = answer(batch, [[_blank(im) for im in q.images] for q in batch]) if blind else [None] * len(batch)
-        for q, given, blank in zip(batch, answers, blinds):
-            results.append(Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric),
-                                  blank, None if blank is None else score(q, blank, metric), group=q.group))
+        asked = [(q, a) for q, a in zip(batch, answers) if not isinstance(a, SampleError)]
+        blinds = (answer([q for q, _ in asked], [lambda q=q: [_blank(im) for im in q.images] for q, _ in asked])
+                  if blind else [None] * len(asked))
+        blinds = iter(blinds)
+        for q, given in zip(batch, answers):
+            blank = None if isinstance(given, SampleError) else next(blinds)
+            error = given if isinstance(given, SampleError) else blank if isinstance(blank, SampleError) else None
+            if error is not None:
+                item = Failure(q.id, q.category, q.source, error.reason, error.message, q.group)
+                failures.append(item)
+            else:
+                item = Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric), blank,
+                              None if blank is None else score(q, blank, metric), group=q.group, source=q.source)
+                results.append(item)
+            if on_answer is not None:
+                on_answer(item)
+        done += len(batch)
         if progress is not None:
-            progress(len(results), len(questions), results)
+            progress(done, len(questions), results)
     return results
 
 
 class Report:
     """Accuracy (mean score), blind accuracy and image reliance, overall and per category; circular groups
-    count once, right only when every rotation is."""
+    count once, right only when every rotation is. ``failures``: the questions not scored (a group with one
+    is left out whole), counted as ``not_scored`` and named."""
 
-    def __init__(self, results: Sequence[Result]):
-        self.results = list(results)
+    def __init__(self, results: Sequence[Result], failures: Sequence[Failure] = ()):
+        self.results, self.failures = list(results), list(failures)
         self.blind = bool(self.results) and all(r.blind_score is not None for r in self.results)
 
     def _units(self, results) -> List[Tuple[str, float, Optional[float]]]:
+        failed = {f.group or f.id for f in self.failures}
         groups: Dict[str, List[Result]] = defaultdict(list)
         for r in results:
-            groups[r.group or r.id].append(r)
+            if (r.group or r.id) not in failed:
+                groups[r.group or r.id].append(r)
         return [(g[0].category, min(r.score for r in g),
                  min(r.blind_score for r in g) if self.blind else None) for g in groups.values()]
 
-    def summary(self, results=None) -> Dict[str, float]:
+    def summary(self, results=None, category: Optional[str] = None) -> Dict[str, float]:
         units = self._units(self.results if results is None else results)
         n = len(units)
         out = dict(n=n, accuracy=sum(u[1] for u in units) / n if n else 0.0)
         if self.blind:
             out['blind'] = sum(u[2] for u in units) / n if n else 0.0
             out['reliance'] = out['accuracy'] - out['blind']
+        if self.failures:
+            out['not_scored'] = len({f.group or f.id for f in self.failures
+                                     if category is None or f.category == category})
         return out
 
     def per_category(self) -> Dict[str, Dict[str, float]]:
         by: Dict[str, List[Result]] = defaultdict(list)
         for r in self.results:
             by[r.category].append(r)
-        return {c: self.summary(rs) for c, rs in sorted(by.items())}
+        for f in self.failures:
+            by.setdefault(f.category, [])
+        return {c: self.summary(rs, c) for c, rs in sorted(by.items())}
 
     def closing_line(self) -> str:
         s = self.summary()
         line = f'accuracy: {s["accuracy"]:.3f} ({s["n"]} questions)'
         if self.blind:
             line += f'; blind: {s["blind"]:.3f}; image reliance: {s["reliance"]:.3f}'
+        if self.failures:
+            line += f'; {s["not_scored"]} not scored'
         return line
+
+    def not_scored(self) -> str:
+        """One line per question not scored (empty when none)."""
+        return '\n'.join(f'not scored: {f}' for f in self.failures)
 
     def table(self) -> str:
         rows = [f'  {"category":<24} {"questions":>9} {"accuracy":>9}' + (f' {"blind":>9} {"reliance":>9}'
-                                                                         if self.blind else '')]
+                                                                         if self.blind else '')
+                + (f' {"not scored":>10}' if self.failures else '')]
         for category, s in list(self.per_category().items()) + [('(all)', self.summary())]:
             row = f'  {category[:24]:<24} {s["n"]:>9d} {s["accuracy"]:>9.3f}'
             if self.blind:
                 row += f' {s["blind"]:>9.3f} {s["reliance"]:>9.3f}'
+            if self.failures:
+                row += f' {s["not_scored"]:>10d}'
             rows.append(row)
         return '\n'.join(rows)
 
     def write(self, path: str, **settings) -> None:
         with open(path, 'w', encoding='utf-8') as f:
             json.dump(dict(settings=settings, summary=self.summary(), per_category=self.per_category(),
-                           results=[asdict(r) for r in self.results]), f, indent=1, ensure_ascii=False)
+                           results=[asdict(r) for r in self.results],
+                           not_scored=[asdict(f) for f in self.failures]), f, indent=1, ensure_ascii=False)

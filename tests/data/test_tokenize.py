@@ -310,9 +310,9 @@ ERRORS = [
      r'contain 1 <image> tag\(s\) but the sample has 2 image'),
     ([H('Hi'), G('see <image>')], [256], 'image_tag_mismatch', r'turn 1 \(gpt\) contains 1 <image>'),
     ([S('sys <image>'), H('Hi'), G('x')], [256], 'image_tag_mismatch', 'system message contains 1 <image>'),
-    ([H('<image>Hi <IMG_CONTEXT>'), G('x')], [256], 'image_tag_mismatch',
-     r"turn 0 \(human\) contains the reserved token '<IMG_CONTEXT>'"),
-    ([H('Hi'), G('</img>')], [], 'image_tag_mismatch', r"turn 1 \(gpt\) contains the reserved token '</img>'"),
+    ([H('<image>Hi <IMG_CONTEXT>'), G('x')], [256], 'control_text',
+     r"turn 0 \(human\) contains the control marker '<IMG_CONTEXT>' at character 10"),
+    ([H('Hi'), G('</img>')], [], 'control_text', r"turn 1 \(gpt\) contains the control marker '</img>'"),
 ]
 
 

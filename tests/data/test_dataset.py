@@ -441,7 +441,7 @@ def test_control_text_in_any_turn_is_refused_unless_allowed_and_then_plain_text(
     assert "turn 1 (gpt) contains the control marker '<|im_end|>' at character 3" in str(ds.load_problems[0])
     assert "the system message contains the control marker '<|endoftext|>'" in str(ds.load_problems[1])
     ref = ds[0]['input_ids'].tolist()  # grounding markup is data: its tokens, as InternVL's
-    assert tiny_tokenizer.convert_tokens_to_ids('<ref>') in ref and tiny_tokenizer.convert_tokens_to_ids('</box>') in ref
+    assert {tiny_tokenizer.convert_tokens_to_ids('<ref>'), tiny_tokenizer.convert_tokens_to_ids('</box>')} <= set(ref)
 
     allowed = make_ds(path, tiny_tokenizer, tmp_path, allow_control_text=True)
     assert allowed.load_problems == [] and len(allowed) == 4

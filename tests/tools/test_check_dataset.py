@@ -90,7 +90,8 @@ def test_one_tile_modes_count_the_projectors_tokens(tmp_path, tiny_tokenizer_dir
                                    '--image-size', '28', '--image-mode', mode, '--num-image-token',
                                    str(tokens)]) == 0
         out = capsys.readouterr().out
-        maxima[mode, tokens] = int(re.search(r'tokens trained on \(text \+ image\): min \d+, .*max (\d+)', out).group(1))
+        found = re.search(r'tokens trained on \(text \+ image\): min \d+, .*max (\d+)', out)
+        maxima[mode, tokens] = int(found.group(1))
     assert maxima['pad', 110] - maxima['pad', 10] == 100
     assert maxima['resize', 10] == maxima['pad', 10] < maxima['tile', 10]
 

@@ -21,7 +21,8 @@ do not match the images, a path escaping its image folder, a video sample) are c
 per reason at start-up; problems found while loading a sample (missing, corrupt, truncated or oversized
 image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
 is served instead. What ``max_length`` does to a sample (fewer tiles, an answer cut) is decided in
-``fitting.py``, for training and ``tools/check_dataset.py`` alike, and counted (``reduced``, ``truncated``). Past ``max_bad_fraction`` of the data (per process / dataloader worker) the dataset
+``fitting.py``, for training and ``tools/check_dataset.py`` alike, and counted (``reduced``, ``truncated``).
+Past ``max_bad_fraction`` of the data (per process / dataloader worker) the dataset
 raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the counts per reason.
 """
 
@@ -44,7 +45,7 @@ from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
 from .conversation import Conversation, parse_conversation
-from .fitting import TRUNCATION, Fit, fit_sample
+from .fitting import TRUNCATION, Fit, fit_sample, judge_sft_cut, note_fit
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
                        get_template)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
@@ -280,7 +281,7 @@ class InternVLDataset(Dataset):
         """Load one record fully; raises :class:`SampleError` on any problem."""
         fit, tiles = self.load_fit(record)
         pixel_values, image_flags = self.pixels(tiles)
-        return dict(self._item(fit.encoded[0], pixel_values, image_flags, record), **self.notes(record, fit))
+        return dict(self._item(fit.encoded[0], pixel_values, image_flags, record), **note_fit(self, record, fit))
 
     def pixels(self, tiles: List[torch.Tensor]):
         """``(pixel_values, image_flags)`` of a sample's tiles; a text-only sample carries one dummy tile, flag 0
@@ -305,18 +306,8 @@ class InternVLDataset(Dataset):
         return fit_sample(self, record, checked, sizes)
 
     def judge_cut(self, fit: Fit) -> Optional[str]:
-        """What an answer cut by ``max_length`` means: None when no supervised token was cut; else a
-        ``truncated`` SampleError (``truncation='drop'``) or what was cut (kept and counted)."""
-        cut = fit.cuts[0]
-        if cut is None or not cut.answer_cut:
-            return None
-        return self.keep_or_drop(f'{cut.length} tokens cut to max_length={self.max_length}: {cut.lost} tokens '
-                                 f'lost, {cut.supervised - cut.supervised_kept} of its {cut.supervised} supervised')
-
-    def keep_or_drop(self, detail: str) -> str:
-        if self.truncation == 'drop':
-            raise SampleError('truncated', f"{detail} (truncation='drop')")
-        return detail
+        """What an answer cut by ``max_length`` means (``fitting.judge_sft_cut``; pairs have their own)."""
+        return judge_sft_cut(self, fit)
 
     def load_fit(self, record: Record):
         """``(fit, tiles)``: the record checked, its images decoded, fitted to ``max_length`` and tiled."""
@@ -329,28 +320,6 @@ class InternVLDataset(Dataset):
         if [t.shape[0] for t in tiles] != fit.tiles:
             raise RuntimeError(f'{self.where(record)}: {[t.shape[0] for t in tiles]} tiles cut, {fit.tiles} counted')
         return fit, tiles
-
-    def notes(self, record: Record, fit: Fit) -> dict:
-        """An item's ``reduced`` and ``truncated`` entries (collated for ``BadSampleHook``), each counted here and
-        its first logged."""
-        where, out = self.where(record), {}
-        if fit.reduced:
-            out['reduced'] = [(where, fit.max_num)]
-            first = not self.reduced
-            self.reduced[where] = fit.max_num
-            if first:
-                print_log(f'{where}: too long for max_length={self.max_length} with its tiles; reduced to at most '
-                          f'{fit.max_num} tiles per image (first such sample; the rest are counted in '
-                          f'dataset.reduced)', logger='current', level=logging.WARNING)
-        if fit.truncated:
-            out['truncated'] = [(where, fit.tokens_lost, fit.truncated)]
-            first = not self.truncated
-            self.truncated[where] = fit.tokens_lost
-            if first:
-                print_log(f'{where}: answer cut (first such sample; the rest are counted in dataset.truncated and '
-                          f"skipped_samples.json; truncation='drop' skips them): {fit.truncated} [truncated]",
-                          logger='current', level=logging.WARNING)
-        return out
 
     def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),

@@ -15,13 +15,17 @@ decides without cutting tiles, and training cuts exactly the tiles decided here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mmengine.logging import print_log
+
+from .errors import SampleError
 from .template import IGNORE_INDEX
 from .tokenize import tokenize_conversation
 
-__all__ = ['Cut', 'Fit', 'fit_sample', 'final_answer', 'TRUNCATION']
+__all__ = ['Cut', 'Fit', 'fit_sample', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit', 'TRUNCATION']
 
 TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
 
@@ -110,3 +114,43 @@ def fit_sample(ds, record, checked, sizes: Sequence[Tuple[int, int]]) -> Fit:
     fit = Fit(encoded, tiles, max_num, max_num < own, cuts)
     fit.truncated = ds.judge_cut(fit)
     return fit
+
+
+def keep_or_drop(ds, detail: str) -> str:
+    """``detail`` of a cut answer, kept (``truncation='keep'``), or a ``truncated`` SampleError (``'drop'``)."""
+    if ds.truncation == 'drop':
+        raise SampleError('truncated', f"{detail} (truncation='drop')")
+    return detail
+
+
+def judge_sft_cut(ds, fit: Fit) -> Optional[str]:
+    """What a cut means for one conversation: None when no supervised token was cut, else :func:`keep_or_drop`
+    of what was cut."""
+    cut = fit.cuts[0]
+    if cut is None or not cut.answer_cut:
+        return None
+    return keep_or_drop(ds, f'{cut.length} tokens cut to max_length={ds.max_length}: {cut.lost} tokens lost, '
+                            f'{cut.supervised - cut.supervised_kept} of its {cut.supervised} supervised')
+
+
+def note_fit(ds, record, fit: Fit) -> dict:
+    """An item's ``reduced`` and ``truncated`` entries (collated for ``BadSampleHook``), each counted in the data
+    set (``ds.reduced``, ``ds.truncated``) and the first of each logged."""
+    where, out = ds.where(record), {}
+    if fit.reduced:
+        out['reduced'] = [(where, fit.max_num)]
+        first = not ds.reduced
+        ds.reduced[where] = fit.max_num
+        if first:
+            print_log(f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to at most '
+                      f'{fit.max_num} tiles per image (first such sample; the rest are counted in dataset.reduced)',
+                      logger='current', level=logging.WARNING)
+    if fit.truncated:
+        out['truncated'] = [(where, fit.tokens_lost, fit.truncated)]
+        first = not ds.truncated
+        ds.truncated[where] = fit.tokens_lost
+        if first:
+            print_log(f'{where}: answer cut (first such sample; the rest are counted in dataset.truncated and '
+                      f"skipped_samples.json; truncation='drop' skips them): {fit.truncated} [truncated]",
+                      logger='current', level=logging.WARNING)
+    return out

@@ -33,7 +33,7 @@ import torch
 from .collate import internvl_collate_fn
 from .dataset import InternVLDataset
 from .errors import SampleError
-from .fitting import Fit, final_answer
+from .fitting import Fit, final_answer, keep_or_drop, note_fit
 from .sources import Record, parse_record
 from .template import IGNORE_INDEX
 
@@ -71,7 +71,7 @@ class InternVLPreferenceDataset(InternVLDataset):
         chosen, rejected = fit.encoded
         pixel_values, image_flags = self.pixels(tiles)
         return dict(chosen=self._ids(chosen), rejected=self._ids(rejected), pixel_values=pixel_values,
-                    image_flags=image_flags, samples=[self.where(record)], **self.notes(record, fit))
+                    image_flags=image_flags, samples=[self.where(record)], **note_fit(self, record, fit))
 
     def judge_cut(self, fit: Fit) -> Optional[str]:
         """A pair's cut (see the module docstring): ``bad_pair`` when the kept answers are the same, else as SFT
@@ -89,16 +89,13 @@ class InternVLPreferenceDataset(InternVLDataset):
         if not any(c is not None and c.answer_cut for c in fit.cuts):
             return None
 
-        def side(name, cut, encoded):
-            if cut is None or not cut.answer_cut:
-                return f'{name} whole ({final_answer(encoded["labels"])[1] - final_answer(encoded["labels"])[0]} ' \
-                       f'answer tokens)'
-            return f'{name} keeps {cut.answer_kept} of {cut.answer} answer tokens'
+        def side(name, cut, answer):
+            return (f'{name} keeps {cut.answer_kept} of {cut.answer} answer tokens' if cut and cut.answer_cut else
+                    f'{name} whole ({len(answer)} answer tokens)')
         cut = [c is not None and c.answer_cut for c in fit.cuts]
-        return self.keep_or_drop(
-            f'pair cut to max_length={self.max_length}: {side("chosen", fit.cuts[0], fit.encoded[0])}, '
-            f'{side("rejected", fit.cuts[1], fit.encoded[1])}' +
-            ('; unbalanced: a cut answer against a whole one' if cut[0] != cut[1] else ''))
+        sides = f'{side("chosen", fit.cuts[0], answers[0])}, {side("rejected", fit.cuts[1], answers[1])}'
+        return keep_or_drop(self, f'pair cut to max_length={self.max_length}: {sides}' +
+                            ('; unbalanced: a cut answer against a whole one' if cut[0] != cut[1] else ''))
 
     @staticmethod
     def _ids(encoded) -> Dict[str, torch.Tensor]:

@@ -119,8 +119,8 @@ def _marker_pattern(tokenizer, template):
     if cached is None or cached[0] != markers:
         ids = tokenizer.convert_tokens_to_ids(list(markers))
         unk = getattr(tokenizer, 'unk_token_id', None)
-        cached = (markers, re.compile('|'.join(map(re.escape, markers))),
-                  frozenset(i for i, m in zip(ids, markers) if i is not None and (i != unk or m == tokenizer.unk_token)))
+        known = [i for i, m in zip(ids, markers) if i is not None and (i != unk or m == tokenizer.unk_token)]
+        cached = (markers, re.compile('|'.join(map(re.escape, markers))), frozenset(known))
         try:
             tokenizer._xtuner_plugins_marker_pattern = cached
         except AttributeError:

@@ -116,3 +116,41 @@ def test_pairs_pack_alike_and_are_as_long_as_their_longer_answer(tmp_path, tiny_
     assert len(packed) > 1
     for i in range(len(packed)):
         assert all(int(packed[i][side]['seq_lens'].sum()) <= budget for side in ('chosen', 'rejected'))
+
+
+def pair_lines(prefix_words=30):
+    common = 'the same words ' * prefix_words
+    return [{'question': 'Q?', 'chosen': common + 'so A.', 'rejected': common + 'so B.'},   # differ at the end
+            {'question': 'Q?', 'chosen': 'word ' * 100, 'rejected': 'No.'},              # one long answer
+            {'question': 'Q?', 'chosen': 'Yes.', 'rejected': 'No.'}]
+
+
+def test_a_pair_cut_to_the_same_answers_is_a_bad_pair(tmp_path, tiny_tokenizer):
+    (tmp_path / 'i').mkdir()
+    path = write_jsonl(tmp_path / 'p.jsonl', pair_lines())
+    whole = make(path, tiny_tokenizer, tmp_path, max_length=None)
+    prompt = int(whole[2]['chosen']['labels'].ne(IGNORE_INDEX).nonzero()[0])  # where the answers start
+    ds = make(path, tiny_tokenizer, tmp_path, max_length=prompt + 20, max_bad_fraction=1)
+    item = ds[0]  # the 90 common words cut at 20 tokens: the same answer twice
+    assert item['skipped'] == [(f'{path}:1', 'bad_pair')]
+    assert ds.failed == {f'{path}:1': 'bad_pair'} and 'truncated' not in ds.failures
+
+
+def test_an_unbalanced_cut_of_a_pair_is_counted_and_named(tmp_path, tiny_tokenizer):
+    (tmp_path / 'i').mkdir()
+    path = write_jsonl(tmp_path / 'p.jsonl', pair_lines())
+    whole = make(path, tiny_tokenizer, tmp_path, max_length=None)
+    prompt = int(whole[2]['chosen']['labels'].ne(IGNORE_INDEX).nonzero()[0])
+    chosen_answer, rejected_answer = (int(whole[1][side]['labels'].ne(IGNORE_INDEX).sum())
+                                      for side in ('chosen', 'rejected'))
+    ds = make(path, tiny_tokenizer, tmp_path, max_length=prompt + 20)
+    item = ds[1]
+    ((where, lost, detail),) = item['truncated']
+    assert where == f'{path}:2' and lost == len(whole[1]['chosen']['input_ids']) - (prompt + 20)
+    assert detail == (f'pair cut to max_length={prompt + 20}: chosen keeps 20 of {chosen_answer} answer tokens, '
+                      f'rejected whole ({rejected_answer} answer tokens); unbalanced: a cut answer against a whole one')
+    assert int(item['chosen']['labels'].ne(IGNORE_INDEX).sum()) == 20
+    data = preference_collate_fn([item, ds[2]])['data']
+    assert data['truncated'] == [(where, lost, detail)]
+    dropping = make(path, tiny_tokenizer, tmp_path, max_length=prompt + 20, truncation='drop', max_bad_fraction=1)
+    assert dropping[1]['skipped'][0] == (f'{path}:2', 'truncated')  # then a replacement, maybe line 1 (bad_pair)

@@ -62,7 +62,7 @@ class TestExpandSources:
     def test_bad_meta_entry(self, tmp_path):
         meta = tmp_path / 'meta.json'
         meta.write_text(json.dumps({'x': {'root': 'imgs'}}))
-        with pytest.raises(ValueError, match=r"meta.json: entry 'x' needs at least \"annotation\""):
+        with pytest.raises(ValueError, match=r"meta.json: entry 'x': \"annotation\" must be the path of one "):
             expand_sources(str(meta))
 
     def test_a_meta_file_not_utf8_is_named_with_its_byte_offset(self, tmp_path):
@@ -150,3 +150,30 @@ def test_a_lone_surrogate_is_counted_in_training_and_in_check_dataset(tmp_path, 
     ds.modality_length  # the lengths (tokenising every sample) run too
     assert check_main(['--data', str(path), '--tokenizer', str(tmp_path / 'tok')]) == 1
     assert f'{path}:5: ' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('entry,key,message', [
+    ({'annotation': 'a.jsonl', 'repeat_time': None}, 'repeat_time', 'a number >= 0 (2.5: two copies and a seeded '
+                                                                    'half), got null'),
+    ({'annotation': 'a.jsonl', 'repeat_time': 'twice'}, 'repeat_time', 'a number >= 0'),
+    ({'annotation': 'a.jsonl', 'repeat_time': -1}, 'repeat_time', 'a number >= 0'),
+    ({'annotation': 'a.jsonl', 'root': 3}, 'root', 'the image folder\'s path (a string), got 3'),
+    ({'annotation': ['a.jsonl', 'b.jsonl']}, 'annotation', 'the path of one annotation file (one entry per file), '
+                                                           'got ["a.jsonl", "b.jsonl"]'),
+    ({'root': 'imgs'}, 'annotation', 'the path of one annotation file (one entry per file), got nothing'),
+    ({'annotation': 'a.jsonl', 'max_dynamic_patch': 'many'}, 'max_dynamic_patch', 'a whole number >= 1'),
+])
+def test_a_bad_meta_entry_is_one_line_naming_the_file_the_entry_and_the_key(tmp_path, entry, key, message):
+    write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'good': {'annotation': 'a.jsonl'}, 'mine': entry}))
+    with pytest.raises(ValueError) as info:
+        expand_sources(str(meta))
+    assert str(info.value).startswith(f'{meta}: entry \'mine\': "{key}" must be {message}')
+    assert '\n' not in str(info.value)
+
+
+def test_repeat_times_not_a_number_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
+    with pytest.raises(ValueError, match=r"a.jsonl: repeat_times gives it None; give a number >= 0 per file"):
+        expand_sources([path], repeat_times=[None])

@@ -310,9 +310,9 @@ ERRORS = [
      r'contain 1 <image> tag\(s\) but the sample has 2 image'),
     ([H('Hi'), G('see <image>')], [256], 'image_tag_mismatch', r'turn 1 \(gpt\) contains 1 <image>'),
     ([S('sys <image>'), H('Hi'), G('x')], [256], 'image_tag_mismatch', 'system message contains 1 <image>'),
-    ([H('<image>Hi <IMG_CONTEXT>'), G('x')], [256], 'image_tag_mismatch',
-     r"turn 0 \(human\) contains the reserved token '<IMG_CONTEXT>'"),
-    ([H('Hi'), G('</img>')], [], 'image_tag_mismatch', r"turn 1 \(gpt\) contains the reserved token '</img>'"),
+    ([H('<image>Hi <IMG_CONTEXT>'), G('x')], [256], 'control_text',
+     r"turn 0 \(human\) contains the control marker '<IMG_CONTEXT>' at character 10"),
+    ([H('Hi'), G('</img>')], [], 'control_text', r"turn 1 \(gpt\) contains the control marker '</img>'"),
 ]
 
 
@@ -389,3 +389,35 @@ def test_truncate_text_only(tok):
     full = tokenize_conversation(conv, tok, [])
     out = tokenize_conversation(conv, tok, [], max_length=len(full['input_ids']) - 3)
     assert out['input_ids'] == full['input_ids'][:-3] and out['labels'] == full['labels'][:-3]
+
+
+# ------------------------------------------------------------------------------------ control text
+
+@pytest.mark.parametrize('tokenizer', ['tok', 'bos_tok'])
+def test_control_markers_in_text_never_become_control_tokens(tokenizer, request):
+    """Data allowed to hold control text (the data set's allow_control_text) is tokenised as plain text: every
+    control id appears only where the template and the images put it, in every role and the system message."""
+    from xtuner_plugins.data.conversation import parse_conversation
+    from xtuner_plugins.data.template import control_markers
+    tok = request.getfixturevalue(tokenizer)
+    markers = control_markers(tok, 'internvl2_5')
+    assert {'<|im_start|>', '<|im_end|>', '<|endoftext|>', '<img>', '</img>', '<IMG_CONTEXT>'} <= set(markers)
+    assert '<ref>' not in markers and '<box>' not in markers  # grounding markup is data
+    controls = set(tok.convert_tokens_to_ids(list(markers)))
+    text = ' and '.join(markers)
+    turns = [S(f'sys {text}'), H(f'<image>\nq {text}'), G(f'a {text}'), H(f'again{text}'), G(f'{text}end')]
+    clean = [S('sys'), H('<image>\nq'), G('a'), H('again'), G('end')]
+    out = tokenize_conversation(parse_conversation(turns, 1, markers=()), tok, [7])
+    ref = tokenize_conversation(parse_conversation(clean, 1), tok, [7])
+    for i in controls:
+        assert out['input_ids'].count(i) == ref['input_ids'].count(i), tok.convert_ids_to_tokens(i)
+    supervised = [i for i, label in zip(out['input_ids'], out['labels']) if label != IGNORE_INDEX]
+    assert tok.decode(supervised) == f'a {text}<|im_end|>{text}end<|im_end|>'
+    assert count_text_tokens(parse_conversation(turns, 1, markers=()), tok) + 7 + 2 == len(out['input_ids'])
+    assert tok('<|im_end|>', add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids('<|im_end|>')]
+    # chat and eval: only the image tokens are refused; a typed '<|im_start|>' stays text
+    ids = tokenize_conversation([H('x<|im_start|>'), G('y')], tok, [])['input_ids']
+    assert ids.count(tok.convert_tokens_to_ids('<|im_start|>')) == 3
+    with pytest.raises(SampleError, match=r"turn 0 \(human\) contains the control marker '<\|im_start\|>'") as info:
+        parse_conversation([H('x<|im_start|>'), G('y')], 0, markers=markers)  # the data set's check
+    assert info.value.reason == 'control_text'

@@ -95,3 +95,16 @@ def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_t
     with pytest.raises(RuntimeError, match=r'the data changed since the run being resumed started .*a.jsonl: size '
                                            r'\d+ -> \d+, mtime_ns .*samples 6 -> 7, used 12 -> 14'):
         BadSampleHook(on_data_change='stop').before_train(runner(True))
+
+
+def test_truncated_samples_are_listed_with_the_tokens_lost_not_counted_as_bad(tmp_path):
+    hook, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.0)
+    hook.before_train(runner)
+    cut = ('a.jsonl:4', 19631, '20143 tokens cut to max_length=512: 19631 tokens lost, 19630 of its 19700 supervised')
+    hook.after_train_iter(runner, 0, {'data': {'truncated': [cut], 'reduced': [('a.jsonl:2', 3)]}})
+    hook.after_train_iter(runner, 0, {'data': {'truncated': [cut]}})  # met again: listed once
+    hook.after_train(runner)  # limit 0 and no bad sample: a truncated one is not bad
+    with open(tmp_path / 'skipped_samples.json') as f:
+        summary = json.load(f)
+    assert summary['truncated'] == {'a.jsonl:4': {'tokens_lost': 19631, 'detail': cut[2]}}
+    assert summary['fewer_tiles'] == {'a.jsonl:2': 3} and summary['skipped'] == {}

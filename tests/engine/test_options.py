@@ -29,3 +29,19 @@ def test_a_misspelt_setting_names_the_closest():
                               "model.vision_encoder, ")
     (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.image_folder': ['x']})
     assert 'InternVLDataset has no setting' in problem and 'train_dataloader.dataset.image_folders' in problem
+
+
+def test_a_value_of_the_wrong_kind_is_named_with_the_kind_expected():
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.max_length': 'abc'})
+    assert problem == ("train_dataloader.dataset.max_length: expected a number (the config has 8192), got 'abc' "
+                       "(str)")
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.seed': 'x'})  # not in the config: the default
+    assert problem == "train_dataloader.dataset.seed: expected a number (InternVLDataset's default is 0), got 'x' (str)"
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.use_thumbnail': 'yes'})
+    assert problem.startswith('train_dataloader.dataset.use_thumbnail: expected true or false (the config has True)')
+    (problem,) = check_cfg_options(CFG, {'max_length': 'abc'})  # a file variable: set the entries instead
+    assert problem.startswith('max_length: a variable of the config file')
+    assert check_cfg_options(CFG, {'train_dataloader.dataset.max_length': None,
+                                   'train_dataloader.dataset.repeat_times': 2,
+                                   'train_dataloader.dataset.use_thumbnail': False}) == []
+    assert check_cfg_options(CFG, {'train_dataloader.dataset.max_length': 4096.0}) == []

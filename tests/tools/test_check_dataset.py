@@ -25,7 +25,7 @@ def test_clean_data_exits_zero(tmp_path, tiny_tokenizer_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert 'images found: 3' in out and 'samples: 3' in out
-    assert 'tokens (text + image): min' in out
+    assert 'tokens trained on (text + image): min' in out and 'kept: 3' in out
     assert 'problems: 0' in out
 
 
@@ -49,7 +49,7 @@ def test_every_problem_is_listed_with_file_and_line(tmp_path, tiny_tokenizer_dir
                          (6, 'truncated')]:
         assert f'{bad}:{line}: {reason}:' in out, out
     assert 'images missing image: 1' in out and 'images corrupt image: 1' in out
-    assert 'truncated: 1' in out
+    assert 'kept truncated: 1' in out
     assert check_dataset.main(['--data', bad, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir,
                                '--image-size', '28', '--max-length', '300', '--allow-truncation']) == 1
 
@@ -60,7 +60,7 @@ def test_dropped_when_images_do_not_fit(tmp_path, tiny_tokenizer_dir, capsys):
                                '--max-length', '50'])  # 448 px tiles: 256 tokens each, cannot fit
     out = capsys.readouterr().out
     assert code == 1
-    assert f'{path}:1: too_long:' in out and 'dropped (too long): 1' in out
+    assert f'{path}:1: too_long:' in out and 'dropped (too long): 1' in out and 'kept' not in out
 
 
 def test_meta_file_without_tokenizer(tmp_path, capsys):
@@ -90,6 +90,42 @@ def test_one_tile_modes_count_the_projectors_tokens(tmp_path, tiny_tokenizer_dir
                                    '--image-size', '28', '--image-mode', mode, '--num-image-token',
                                    str(tokens)]) == 0
         out = capsys.readouterr().out
-        maxima[mode, tokens] = int(re.search(r'tokens \(text \+ image\): min \d+, .*max (\d+)', out).group(1))
+        found = re.search(r'tokens trained on \(text \+ image\): min \d+, .*max (\d+)', out)
+        maxima[mode, tokens] = int(found.group(1))
     assert maxima['pad', 110] - maxima['pad', 10] == 100
     assert maxima['resize', 10] == maxima['pad', 10] < maxima['tile', 10]
+
+
+def test_it_says_what_training_does_with_each_sample(tmp_path, tiny_tokenizer_dir, capsys):
+    """Fewer tiles (kept), an answer cut (kept, or dropped with --truncation drop), too long (dropped), control
+    text (dropped): the check says what the data set decides, sample by sample."""
+    from transformers import AutoTokenizer
+    from xtuner_plugins.data.dataset import InternVLDataset
+    write_image(tmp_path / 'i' / 'big.png', size=(28 * 8, 28 * 5))  # 40 tiles + thumbnail at 28 px
+    wordy = [{'from': 'human', 'value': 'word ' * 300 + '<image>'}, {'from': 'gpt', 'value': 'x'}]
+    path = write_jsonl(tmp_path / 'a.jsonl', [
+        {'image': 'big.png', 'conversations': conv(answer='short')},      # 1: fewer tiles, kept whole
+        {'image': 'big.png', 'conversations': conv(answer='word ' * 200)},  # 2: fewer tiles and its answer cut
+        {'image': 'big.png', 'conversations': wordy},                        # 3: too long even with one tile
+        {'conversations': conv(answer='a<|im_end|>b', image=False)}])       # 4: control text
+    args = ['--data', path, '--image-folder', str(tmp_path / 'i'), '--tokenizer', tiny_tokenizer_dir,
+            '--image-size', '28', '--max-dynamic-patch', '40', '--max-length', '170']
+    assert check_dataset.main(args) == 1
+    out = capsys.readouterr().out
+    for line, reason in [(1, 'fewer_tiles'), (2, 'truncated'), (3, 'too_long'), (4, 'control_text')]:
+        assert f'{path}:{line}: {reason}:' in out, out
+    for count in ('kept with fewer tiles: 2', 'kept truncated: 1', 'dropped (too long): 1',
+                  'dropped (control text): 1'):
+        assert count in out, out
+    assert 'dropped (too long (' not in out and 'problems: 3' in out
+    ds = InternVLDataset(path, image_folders=str(tmp_path / 'i'), tokenizer=AutoTokenizer.from_pretrained(
+        tiny_tokenizer_dir), image_size=28, max_dynamic_patch=40, max_length=170, max_bad_fraction=1,
+        cache_dir=str(tmp_path / 'cache'))
+    items = [ds[i] for i in range(3)]  # what training does: the same
+    assert [x.get('reduced', [(None, None)])[0][0] for x in items[:2]] == [f'{path}:1', f'{path}:2']
+    assert 'truncated' not in items[0] and items[1]['truncated'][0][0] == f'{path}:2'
+    assert items[2]['skipped'][0] == (f'{path}:3', 'too_long')
+    assert check_dataset.main(args + ['--truncation', 'drop', '--allow-control-text']) == 1
+    out = capsys.readouterr().out
+    assert 'dropped (truncated): 1' in out and f'{path}:2: truncated:' in out and 'kept: 1' in out
+    assert check_dataset.main(args + ['--allow-truncation']) == 1 and 'problems: 2' in capsys.readouterr().out

@@ -9,10 +9,12 @@ Usage::
     python tools/check_dataset.py --data my.jsonl --image-folder imgs --tokenizer models/Qwen2.5-0.5B-Instruct \
         --image-mode pad --image-size 336 --num-image-token 576   # LLaVA-1.5 on CLIP-336 (one padded tile)
 
-It reads the files exactly as ``InternVLDataset`` does, decodes every image, and prints each problem as
-``FILE:LINE: reason``, then per file: samples, images found / missing / corrupt, and (with
-``--tokenizer``) a token-length summary (text plus image tokens) with the samples that ``--max-length``
-would truncate or drop. Exit status 0 only when nothing is wrong (truncation counts as wrong unless
+It reads the files exactly as ``InternVLDataset`` does, decodes every image, and with ``--tokenizer`` decides
+what training will do with each sample by the data set's own decision (``InternVLDataset.fit``, see
+``data/fitting.py``): kept, kept with fewer tiles, kept with its answer cut (``truncated``), or dropped and why.
+Each problem is printed as ``FILE:LINE: reason: details`` (samples given fewer tiles as ``fewer_tiles`` notes),
+then per file: samples, what training does with them, images found / missing / corrupt, and the token lengths
+trained on. Exit status 0 only when nothing is wrong (a kept truncation counts as wrong unless
 ``--allow-truncation``); 1 otherwise; 2 for bad arguments.
 """
 
@@ -27,9 +29,8 @@ from tqdm import tqdm
 
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.fitting import TRUNCATION
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.tokenize import tokenize_conversation
-from xtuner_plugins.data.tiling import num_tiles
 
 
 def parse_args(argv=None):
@@ -55,7 +56,11 @@ def parse_args(argv=None):
                    help='tile (InternVL dynamic tiling, default), resize or pad: one tile per image')
     p.add_argument('--no-thumbnail', action='store_true', help='tiling without the thumbnail tile')
     p.add_argument('--allow-truncation', action='store_true',
-                   help='samples cut to --max-length (images whole) do not make the check fail')
+                   help='samples whose answer is cut to --max-length (and kept) do not make the check fail')
+    p.add_argument('--truncation', choices=TRUNCATION, default='keep',
+                   help='the data set\'s truncation: keep (default) or drop samples whose answer --max-length cuts')
+    p.add_argument('--allow-control-text', action='store_true',
+                   help='the data set\'s allow_control_text: control markers in the text are trained on as text')
     p.add_argument('--show', type=int, default=50,
                    help='print at most this many problems per reason (default 50; 0 = all)')
     return p.parse_args(argv)
@@ -82,62 +87,59 @@ def main(argv=None) -> int:
                              downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
                              image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
                              max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
+                             truncation=args.truncation, allow_control_text=args.allow_control_text,
                              max_bad_fraction=1.0)
     except (ValueError, FileNotFoundError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
 
-    problems = list(ds.load_problems)
+    problems, notes = list(ds.load_problems), []
     stats = defaultdict(Counter)
     lengths = defaultdict(list)
     for prob in problems:
-        stats[prob.source.rsplit(':', 1)[0]]['bad samples'] += 1
+        stats[prob.source.rsplit(':', 1)[0]][f'dropped ({prob.reason.replace("_", " ")})'] += 1
     for record in tqdm(ds.records, desc='checking', unit='sample', file=sys.stderr):
         src = ds.sources[record.source]
         st = stats[src.annotation]
         where = ds.where(record)
         checked = ds.check_record(record)  # the data set's parse and checks, once
-        images = checked.image_paths
         st['samples'] += 1
-        st['text-only samples' if not images else 'image samples'] += 1
-        max_num = ds.max_tiles_per_image(record, len(images))
-        tiles, failed = [], False
-        for path in images:
+        st['text-only samples' if not checked.image_paths else 'image samples'] += 1
+        sizes = []
+        for path in checked.image_paths:
             st['images'] += 1
             try:
-                img = load_image(path, ds.max_image_pixels)
+                sizes.append(load_image(path, ds.max_image_pixels).size)
+                st['images found'] += 1
             except SampleError as err:
                 st[f'images {err.reason.replace("_", " ")}'] += 1
                 problems.append(err.with_source(where))
-                failed = True
-                continue
-            st['images found'] += 1
-            tiles.append(num_tiles(img.width, img.height, min(ds.min_dynamic_patch, max_num), max_num,
-                                   ds.image_size, ds.use_thumbnail))
-        if failed:
-            st['bad samples'] += 1
+        if len(sizes) < len(checked.image_paths):
+            st[f'dropped ({problems[-1].reason.replace("_", " ")})'] += 1
             continue
         if tokenizer is None:
             continue
-        tokens_per_image = [t * ds.num_image_token for t in tiles]
-        full = tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image)
-        n = len(full['input_ids'])
-        lengths[src.annotation].append(n)
-        if args.max_length and n > args.max_length:
-            try:
-                tokenize_conversation(checked.conversations[0], tokenizer, tokens_per_image,
-                                      max_length=args.max_length)
-            except SampleError as err:
-                st['dropped (too long)'] += 1
-                problems.append(err.with_source(where))
-                continue
-            st['truncated'] += 1
+        try:
+            fit = ds.fit(record, checked, sizes)  # what training does with it: the data set's own decision
+        except SampleError as err:
+            st[f'dropped ({err.reason.replace("_", " ")})'] += 1
+            problems.append(err.with_source(where))
+            continue
+        lengths[src.annotation].append(max(len(e['input_ids']) for e in fit.encoded))
+        if fit.reduced:
+            st['kept with fewer tiles'] += 1
+            notes.append(SampleError('fewer_tiles', f'at most {fit.max_num} tiles per image (of '
+                                                    f'{ds.max_tiles_per_image(record, len(sizes))}) to fit '
+                                                    f'--max-length {args.max_length}', where))
+        if fit.truncated:
+            st['kept truncated'] += 1
             if not args.allow_truncation:
-                problems.append(SampleError('truncated', f'{n} tokens, cut to --max-length {args.max_length}',
-                                            where))
+                problems.append(SampleError('truncated', fit.truncated, where))
+        if not fit.reduced and not fit.truncated:
+            st['kept'] += 1
 
     by_reason = defaultdict(list)
-    for prob in problems:
+    for prob in notes + problems:
         by_reason[prob.reason].append(prob)
     for reason, probs in sorted(by_reason.items()):
         shown = probs if not args.show else probs[:args.show]
@@ -155,7 +157,9 @@ def main(argv=None) -> int:
         for key in sorted(st):
             print(f'  {key}: {st[key]}')
         if lengths[src.annotation]:
-            print(f'  tokens (text + image): {percentile_line(lengths[src.annotation])}')
+            print(f'  tokens trained on (text + image): {percentile_line(lengths[src.annotation])}')
+    if notes:
+        print(f'notes: {len(notes)} samples get fewer tiles to fit --max-length (training keeps them)')
     print(f'problems: {len(problems)}' + (f' ({dict(Counter(p.reason for p in problems))})' if problems else ''))
     return 1 if problems else 0
 

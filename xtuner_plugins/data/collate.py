@@ -17,6 +17,7 @@ key                  shape / dtype               meaning
 ``samples``          list of str                 ``FILE:LINE`` of every sample (for error messages)
 ``skipped``          list of (str, str)          ``(FILE:LINE, reason)`` of bad samples skipped for the batch
 ``reduced``          list of (str, int)          ``(FILE:LINE, tiles per image)`` of samples cut to fit
+``truncated``        list of (str, int, str)     ``(FILE:LINE, tokens lost, what)`` of samples whose answer was cut
 ===================  ==========================  ==============================================
 """
 
@@ -70,5 +71,6 @@ def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,
         num_tiles=torch.tensor([x['pixel_values'].shape[0] for x in instances], dtype=torch.long),
         samples=[s for x in instances for s in x.get('samples', ())],
         skipped=[s for x in instances for s in x.get('skipped', ())],
-        reduced=[r for x in instances for r in x.get('reduced', ())])
+        reduced=[r for x in instances for r in x.get('reduced', ())],
+        truncated=[t for x in instances for t in x.get('truncated', ())])
     return {'data': data, 'data_samples': None}

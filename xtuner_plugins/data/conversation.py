@@ -8,12 +8,12 @@ Anything malformed raises :class:`~xtuner_plugins.data.errors.SampleError` with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import SampleError
 from .template import IMAGE_PLACEHOLDER, RESERVED_IN_TEXT, Template, get_template
 
-__all__ = ['Conversation', 'parse_conversation', 'lenient_conversation']
+__all__ = ['Conversation', 'parse_conversation', 'lenient_conversation', 'refuse_control_text']
 
 _ROLES = ('human', 'gpt', 'system')
 
@@ -76,14 +76,29 @@ def _structure(conversations: Any) -> Tuple[Optional[str], List[Tuple[str, str]]
     return data_system, turns, start
 
 
+def refuse_control_text(where: str, value: str, markers: Sequence[str]) -> None:
+    """Raise ``control_text`` naming ``where``, the first of ``markers`` found in ``value`` and where it is."""
+    found = [(value.find(m), m) for m in markers if m in value]
+    if not found:
+        return
+    pos, marker = min(found)
+    hint = (f'write {IMAGE_PLACEHOLDER} for an image' if marker in RESERVED_IN_TEXT else
+            'it would be read as that control token and trained on; set the data set\'s allow_control_text=True '
+            'if the data means it (it is then plain text)')
+    raise SampleError('control_text', f'{where} contains the control marker {marker!r} at character {pos} '
+                                      f'({value[max(0, pos - 20):pos + len(marker) + 20]!r}); {hint}')
+
+
 def parse_conversation(conversations: Any, num_images: int = 0, template: Union[str, Template] = 'internvl2_5',
-                       system: Optional[str] = None) -> Conversation:
+                       system: Optional[str] = None, markers: Sequence[str] = RESERVED_IN_TEXT) -> Conversation:
     """Validate ``conversations`` for ``num_images`` images; the :class:`Conversation` to render.
 
     ``system``: the system message instead of the template's default; a system turn in the data wins over both.
+    ``markers``: control text refused in any turn and in the system message (``control_text``); InternVL's image
+    tokens by default, the data set's :func:`~xtuner_plugins.data.template.control_markers` in training.
 
     Raises:
-        SampleError: ``empty_conversation``, ``bad_conversation``, ``image_tag_mismatch``.
+        SampleError: ``empty_conversation``, ``bad_conversation``, ``image_tag_mismatch``, ``control_text``.
     """
     template = get_template(template)
     num_images = int(num_images)
@@ -94,10 +109,7 @@ def parse_conversation(conversations: Any, num_images: int = 0, template: Union[
     texts = [('the system message', system_message)] + [
         (f'turn {start + k} ({role})', value) for k, (role, value) in enumerate(turns)]
     for where, value in texts:
-        for tok in RESERVED_IN_TEXT:
-            if tok in value:
-                raise SampleError('image_tag_mismatch',
-                                  f'{where} contains the reserved token {tok!r}; write {IMAGE_PLACEHOLDER} instead')
+        refuse_control_text(where, value, markers)
     if IMAGE_PLACEHOLDER in system_message:
         raise SampleError('image_tag_mismatch',
                           f'the system message contains {system_message.count(IMAGE_PLACEHOLDER)} '

@@ -20,7 +20,9 @@ found while reading the files (a line that is not JSON, a malformed conversation
 do not match the images, a path escaping its image folder, a video sample) are counted and logged once
 per reason at start-up; problems found while loading a sample (missing, corrupt, truncated or oversized
 image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
-is served instead. Past ``max_bad_fraction`` of the data (per process / dataloader worker) the dataset
+is served instead. What ``max_length`` does to a sample (fewer tiles, an answer cut) is decided in
+``fitting.py``, for training and ``tools/check_dataset.py`` alike, and counted (``reduced``, ``truncated``).
+Past ``max_bad_fraction`` of the data (per process / dataloader worker) the dataset
 raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the counts per reason.
 """
 
@@ -43,9 +45,10 @@ from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
 from .conversation import Conversation, parse_conversation
-from .template import add_internvl_tokens, check_tokenizer_fits, disable_tokenizer_parallelism, get_template
-from .tokenize import tokenize_conversation
-from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
+from .fitting import TRUNCATION, Fit, fit_sample, judge_sft_cut, note_fit
+from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
+                       get_template)
+from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
 
 
 @dataclass
@@ -85,6 +88,12 @@ class InternVLDataset(Dataset):
         template: the conversation template's name (see ``template.TEMPLATES``) or a ``Template``.
         system: system message overriding the template's default (a system turn in the data wins).
         max_length: token budget per sample; text after the last image may be cut, images never.
+        truncation: ``'keep'`` (the default, as InternVL) trains on a sample whose answer ``max_length`` cuts,
+            counted as ``truncated`` with the tokens it lost (logged, and in ``skipped_samples.json``);
+            ``'drop'`` skips it as a bad sample (reason ``truncated``).
+        allow_control_text: a sample whose text holds a control marker of the template or tokenizer
+            (``<|im_end|>``, ``<|endoftext|>``, the image tokens, see ``template.control_markers``) is refused
+            as ``control_text`` by default; ``True`` trains on it, the markers tokenised as plain text.
         image_size: tile side in pixels, the vision encoder's (448 for InternViT-300M-448px).
         num_image_token: ``<IMG_CONTEXT>`` tokens per tile, the projector's (``model.num_image_token``: 256
             for InternVL's pixel shuffle of 448 px tiles, 576 for LLaVA's MLP on CLIP-336, 169 for
@@ -117,6 +126,8 @@ class InternVLDataset(Dataset):
                  template='internvl2_5',
                  system: Optional[str] = None,
                  max_length: Optional[int] = 8192,
+                 truncation: str = 'keep',
+                 allow_control_text: bool = False,
                  image_size: int = 448,
                  num_image_token: Optional[int] = None,
                  patch_size: int = 14,
@@ -133,6 +144,8 @@ class InternVLDataset(Dataset):
                  cache_dir: Optional[str] = None,
                  allow_links_outside: bool = False):
         super().__init__()
+        if truncation not in TRUNCATION:
+            raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
         if not 1 <= min_dynamic_patch <= max_dynamic_patch:
@@ -148,6 +161,9 @@ class InternVLDataset(Dataset):
                                  where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer')
         self.system = system
         self.max_length = max_length
+        self.truncation = truncation
+        self.allow_control_text = allow_control_text
+        self.control_markers = () if allow_control_text else control_markers(self.tokenizer, self.template)
         if image_mode not in IMAGE_MODES:
             raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
         self.image_mode = image_mode if dynamic_image_size else 'resize'
@@ -202,6 +218,7 @@ class InternVLDataset(Dataset):
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
         self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length
+        self.truncated: Dict[str, int] = {}  # FILE:LINE -> tokens max_length cut from it (its answer cut, kept)
         self.num_distinct = len(np.unique(self._index))  # samples the limit is a fraction of (repeats once)
         self._report_load_problems()
         self._lengths: Optional[np.ndarray] = None
@@ -234,7 +251,7 @@ class InternVLDataset(Dataset):
         src = self.sources[record.source]
         paths = [resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
                  for path in sample_images(sample)]
-        conversations = [parse_conversation(c, len(paths), self.template, self.system)
+        conversations = [parse_conversation(c, len(paths), self.template, self.system, self.control_markers)
                          for c in self.conversations_of(sample)]
         return CheckedSample(sample, paths, conversations)
 
@@ -262,14 +279,9 @@ class InternVLDataset(Dataset):
     # ------------------------------------------------------------------ loading
     def load_sample(self, record: Record) -> Dict[str, torch.Tensor]:
         """Load one record fully; raises :class:`SampleError` on any problem."""
-        if self.tokenizer is None:
-            raise ValueError('InternVLDataset needs a tokenizer to load samples for training')
-        (encoded,), tiles, max_num = self._fit(record, self.check_record(record))
+        fit, tiles = self.load_fit(record)
         pixel_values, image_flags = self.pixels(tiles)
-        item = self._item(encoded, pixel_values, image_flags, record)
-        if self.where(record) in self.reduced:
-            item['reduced'] = [(self.where(record), max_num)]
-        return item
+        return dict(self._item(fit.encoded[0], pixel_values, image_flags, record), **note_fit(self, record, fit))
 
     def pixels(self, tiles: List[torch.Tensor]):
         """``(pixel_values, image_flags)`` of a sample's tiles; a text-only sample carries one dummy tile, flag 0
@@ -280,32 +292,34 @@ class InternVLDataset(Dataset):
         pixel_values = torch.cat(tiles)
         return pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long)
 
-    def _fit(self, record: Record, checked: 'CheckedSample'):
-        """``(encodings, tiles, max tiles per image)``: each conversation tokenised with the sample's image tiles,
-        the same tiles for all; while one is too long, fewer tiles per image (the thumbnail stays)."""
-        images, conversations = checked.image_paths, checked.conversations
-        pictures = [load_image(p, self.max_image_pixels) for p in images]
-        max_num = self.max_tiles_per_image(record, len(images))
-        while True:
-            tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
-                                 min_num=min(self.min_dynamic_patch, max_num), max_num=max_num,
-                                 use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
-            counts = [t.shape[0] * self.num_image_token for t in tiles]
-            encoded = [tokenize_conversation(c, self.tokenizer, counts) for c in conversations]
-            if self.max_length is None or all(len(e['input_ids']) <= self.max_length for e in encoded):
-                break
-            if max_num <= 1 or all(t.shape[0] == 1 for t in tiles):  # as small as it gets: cut, or too_long
-                encoded = [tokenize_conversation(c, self.tokenizer, counts, max_length=self.max_length)
-                           for c in conversations]
-                break
-            max_num = max(1, max_num // 2)
-        if max_num < self.max_tiles_per_image(record, len(images)):
-            self.reduced[self.where(record)] = max_num
-            if len(self.reduced) == 1:
-                print_log(f'{self.where(record)}: too long for max_length={self.max_length} with its tiles; reduced to '
-                          f'at most {max_num} tiles per image (first such sample; the rest are counted in '
-                          f'dataset.reduced)', logger='current', level=logging.WARNING)
-        return encoded, tiles, max_num
+    def tile_count(self, size, max_num: int) -> int:
+        """Tiles of an image of ``size`` (width, height) at ``max_num`` tiles per image, without its pixels."""
+        if not self.dynamic_image_size:
+            return 1
+        return num_tiles(size[0], size[1], min(self.min_dynamic_patch, max_num), max_num, self.image_size,
+                         self.use_thumbnail)
+
+    def fit(self, record: Record, checked: 'CheckedSample', sizes) -> Fit:
+        """What training does with a checked record whose images have ``sizes`` (``fitting.fit_sample``)."""
+        if self.tokenizer is None:
+            raise ValueError(f'{type(self).__name__} needs a tokenizer to load samples for training')
+        return fit_sample(self, record, checked, sizes)
+
+    def judge_cut(self, fit: Fit) -> Optional[str]:
+        """What an answer cut by ``max_length`` means (``fitting.judge_sft_cut``; pairs have their own)."""
+        return judge_sft_cut(self, fit)
+
+    def load_fit(self, record: Record):
+        """``(fit, tiles)``: the record checked, its images decoded, fitted to ``max_length`` and tiled."""
+        checked = self.check_record(record)
+        pictures = [load_image(p, self.max_image_pixels) for p in checked.image_paths]
+        fit = self.fit(record, checked, [p.size for p in pictures])
+        tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
+                             min_num=min(self.min_dynamic_patch, fit.max_num), max_num=fit.max_num,
+                             use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
+        if [t.shape[0] for t in tiles] != fit.tiles:
+            raise RuntimeError(f'{self.where(record)}: {[t.shape[0] for t in tiles]} tiles cut, {fit.tiles} counted')
+        return fit, tiles
 
     def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),

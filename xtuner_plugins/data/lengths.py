@@ -31,7 +31,8 @@ from .sources import DataSource, Record
 from .tiling import num_tiles
 from .tokenize import count_text_tokens
 
-CACHE_VERSION = 4  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs
+CACHE_VERSION = 5  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
+#                   5: control text in data refused or tokenised as plain text (allow_control_text)
 
 
 def default_cache_dir() -> str:
@@ -50,6 +51,7 @@ def _cache_key(ds, src: DataSource) -> str:
         min_dynamic_patch=ds.min_dynamic_patch, dynamic=ds.dynamic_image_size,
         image_size=ds.image_size, thumbnail=ds.use_thumbnail, num_image_token=ds.num_image_token,
         max_length=ds.max_length, template=ds.template.name, system=ds.system,
+        allow_control_text=getattr(ds, 'allow_control_text', False),
         tokenizer=[type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

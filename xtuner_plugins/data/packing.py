@@ -123,4 +123,5 @@ def pack_items(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
                 image_flags=torch.cat([x['image_flags'] for x in items]),
                 num_tiles=pixel_values.shape[0],
                 samples=[s for x in items for s in x.get('samples', ())],
-                reduced=[r for x in items for r in x.get('reduced', ())])
+                reduced=[r for x in items for r in x.get('reduced', ())],
+                truncated=[t for x in items for t in x.get('truncated', ())])

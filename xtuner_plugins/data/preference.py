@@ -10,6 +10,15 @@ inside an image, and truncation after the last image cuts both alike). Several f
 Bad pairs are named ``FILE:LINE`` and counted like any bad sample: a missing or empty ``chosen``/``rejected``
 (``bad_pair``), identical answers (``bad_pair``), and everything the SFT data set refuses.
 
+Truncation (``max_length``, see ``fitting.py``) of a pair: answers that become identical once cut, which is also
+what a pair whose differing part is cut away entirely becomes, carry no preference and are dropped as
+``bad_pair``. Any other pair whose answer was cut is ``truncated`` like an SFT sample: dropped with
+``truncation='drop'``, else kept and counted with both answers' numbers, named *unbalanced* when one answer is
+cut and the other is whole (e.g. 369 of 20000 chosen tokens against 4 whole rejected ones). Such a pair is
+counted, not dropped: its kept answers still differ (a real, if weaker, preference on what the model sees within
+``max_length``, as TRL's DPO truncation keeps it), and dropping every long-answer pair by default would lose most
+of some data sets; ``truncation='drop'`` drops them all.
+
 An item holds ``chosen`` and ``rejected`` (each ``input_ids`` and ``labels``), the shared ``pixel_values`` and
 ``image_flags``. :func:`preference_collate_fn` makes one batch of twice the rows, the chosen answers first,
 padded alike, each row with its copy of the tiles (the model runs them in one forward pass).
@@ -17,13 +26,14 @@ padded alike, each row with its copy of the tiles (the model runs them in one fo
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .collate import internvl_collate_fn
 from .dataset import InternVLDataset
 from .errors import SampleError
+from .fitting import Fit, final_answer, keep_or_drop, note_fit
 from .sources import Record, parse_record
 from .template import IGNORE_INDEX
 
@@ -57,26 +67,42 @@ class InternVLPreferenceDataset(InternVLDataset):
         return [sample['conversations'], sample['rejected_conversations']]
 
     def load_sample(self, record: Record) -> Dict[str, object]:
-        if self.tokenizer is None:
-            raise ValueError('InternVLPreferenceDataset needs a tokenizer to load samples for training')
-        (chosen, rejected), tiles, max_num = self._fit(record, self.check_record(record))
+        fit, tiles = self.load_fit(record)
+        chosen, rejected = fit.encoded
         pixel_values, image_flags = self.pixels(tiles)
-        item = dict(chosen=self._ids(chosen), rejected=self._ids(rejected), pixel_values=pixel_values,
-                    image_flags=image_flags, samples=[self.where(record)])
-        if self.where(record) in self.reduced:
-            item['reduced'] = [(self.where(record), max_num)]
-        return item
+        return dict(chosen=self._ids(chosen), rejected=self._ids(rejected), pixel_values=pixel_values,
+                    image_flags=image_flags, samples=[self.where(record)], **note_fit(self, record, fit))
+
+    def judge_cut(self, fit: Fit) -> Optional[str]:
+        """A pair's cut (see the module docstring): ``bad_pair`` when the kept answers are the same, else as SFT
+        with both answers named."""
+        if not any(fit.cuts):
+            return None
+        answers = []
+        for e in fit.encoded:
+            start, end = final_answer(e['labels'])
+            answers.append(e['input_ids'][start:end])
+        if answers[0] == answers[1] or fit.encoded[0]['input_ids'] == fit.encoded[1]['input_ids']:
+            cut = max((c for c in fit.cuts if c), key=lambda c: c.lost)
+            raise SampleError('bad_pair', f'chosen and rejected are the same once cut to max_length={self.max_length} '
+                                          f'(a {cut.length}-token side lost {cut.lost} tokens): nothing to prefer')
+        if not any(c is not None and c.answer_cut for c in fit.cuts):
+            return None
+
+        def side(name, cut, answer):
+            return (f'{name} keeps {cut.answer_kept} of {cut.answer} answer tokens' if cut and cut.answer_cut else
+                    f'{name} whole ({len(answer)} answer tokens)')
+        cut = [c is not None and c.answer_cut for c in fit.cuts]
+        sides = f'{side("chosen", fit.cuts[0], answers[0])}, {side("rejected", fit.cuts[1], answers[1])}'
+        return keep_or_drop(self, f'pair cut to max_length={self.max_length}: {sides}' +
+                            ('; unbalanced: a cut answer against a whole one' if cut[0] != cut[1] else ''))
 
     @staticmethod
     def _ids(encoded) -> Dict[str, torch.Tensor]:
         """Ids and labels with only the final answer supervised (the last run of supervised labels): the
         context's answers are the same in both and are not what is compared."""
         labels = torch.tensor(encoded['labels'], dtype=torch.long)
-        supervised = set(labels.ne(IGNORE_INDEX).nonzero().flatten().tolist())
-        start = max(supervised) if supervised else 0
-        while start - 1 in supervised:
-            start -= 1
-        labels[:start] = IGNORE_INDEX
+        labels[:final_answer(encoded['labels'])[0]] = IGNORE_INDEX
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long), labels=labels)
 
 
@@ -87,8 +113,8 @@ def preference_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0, pad_
     for side in ('chosen', 'rejected'):
         for x in instances:
             rows.append(dict(x[side], pixel_values=x['pixel_values'], image_flags=x['image_flags'],
-                             samples=x.get('samples', ()), skipped=x.get('skipped', ()) if side == 'chosen' else (),
-                             reduced=x.get('reduced', ()) if side == 'chosen' else ()))
+                             samples=x.get('samples', ()), **{k: x.get(k, ()) if side == 'chosen' else ()
+                                                              for k in ('skipped', 'reduced', 'truncated')}))
     batch = internvl_collate_fn(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
     batch['data']['num_pairs'] = len(instances)
     return batch

@@ -88,19 +88,31 @@ def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
     meta_dir = os.path.dirname(os.path.abspath(path))
-    sources = []
-    for name, entry in meta.items():
-        if not isinstance(entry, dict) or 'annotation' not in entry:
-            raise ValueError(f'{path}: entry {name!r} needs at least "annotation" (and usually "root"), '
-                             f'got {entry!r}')
-        root = entry.get('root')
-        sources.append(DataSource(
-            name=name,
-            annotation=_resolve_meta_path(entry['annotation'], meta_dir),
-            image_folder=_resolve_meta_path(root, meta_dir) if root else None,
-            repeat_time=float(entry.get('repeat_time', default_repeat)),
-            max_dynamic_patch=entry.get('max_dynamic_patch')))
-    return sources
+    return [_meta_source(path, meta_dir, name, entry, default_repeat) for name, entry in meta.items()]
+
+
+def _meta_source(path: str, meta_dir: str, name: str, entry: Any, default_repeat: float) -> DataSource:
+    """One entry of a meta file; a wrong value is one line naming the meta file, the entry and the key."""
+    def bad(key: str, expected: str):
+        value = json.dumps(entry.get(key)) if key in entry else 'nothing'
+        return ValueError(f'{path}: entry {name!r}: "{key}" must be {expected}, got {value:.200}')
+    if not isinstance(entry, dict):
+        raise ValueError(f'{path}: entry {name!r} must be an object with "annotation" (and usually "root"), got '
+                         f'{json.dumps(entry):.200}')
+    if not isinstance(entry.get('annotation'), str) or not entry['annotation']:
+        raise bad('annotation', 'the path of one annotation file (one entry per file)')
+    root = entry.get('root')
+    if root is not None and (not isinstance(root, str) or not root):
+        raise bad('root', 'the image folder\'s path (a string)')
+    repeat = entry.get('repeat_time', default_repeat)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not math.isfinite(repeat) or repeat < 0:
+        raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
+    patch = entry.get('max_dynamic_patch')
+    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+        raise bad('max_dynamic_patch', 'a whole number >= 1')
+    return DataSource(name=name, annotation=_resolve_meta_path(entry['annotation'], meta_dir),
+                      image_folder=_resolve_meta_path(root, meta_dir) if root else None,
+                      repeat_time=float(repeat), max_dynamic_patch=patch)
 
 
 def expand_sources(data_files: PathList, image_folders: PathList = None,
@@ -122,6 +134,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     patches = _as_list(max_dynamic_patches, n, 'max_dynamic_patches')
     sources: List[DataSource] = []
     for path, folder, repeat, patch in zip(data_files, folders, repeats, patches):
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)):
+            raise ValueError(f'{path}: repeat_times gives it {repeat!r}; give a number >= 0 per file')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'annotation file not found: {path}')
         if not path.endswith(('.json', '.jsonl')):

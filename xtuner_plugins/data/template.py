@@ -29,7 +29,7 @@ disable_tokenizer_parallelism()
 __all__ = [
     'IMG_START_TOKEN', 'IMG_END_TOKEN', 'IMG_CONTEXT_TOKEN', 'IMAGE_PLACEHOLDER', 'IGNORE_INDEX',
     'INTERNVL_ADDED_TOKENS', 'INTERNVL_SYSTEM_MESSAGE', 'Template', 'TEMPLATES', 'add_internvl_tokens',
-    'get_template', 'image_token_string', 'check_tokenizer_fits',
+    'get_template', 'image_token_string', 'check_tokenizer_fits', 'template_markers', 'control_markers',
 ]
 
 IMG_START_TOKEN = '<img>'
@@ -49,6 +49,8 @@ from xtuner_plugins.remote_code.conversation import INTERNVL_SYSTEM_MESSAGE  # n
 
 # Tokens that only the pipeline may write: text containing them would break the image-token count.
 RESERVED_IN_TEXT = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+# InternVL's grounding markup (``<ref>a cat</ref><box>[[1, 2, 3, 4]]</box>``): meant in data, kept as its tokens.
+GROUNDING_TOKENS = tuple(t for t in INTERNVL_ADDED_TOKENS if t not in RESERVED_IN_TEXT)
 
 
 def add_internvl_tokens(tokenizer) -> int:
@@ -147,11 +149,40 @@ def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str =
         ValueError: naming ``where`` (the tokenizer's folder), the marker and its token count.
     """
     template = get_template(template)
-    markers = sorted(set(re.findall(r'<\|[^|<>]+\|>', template.system + template.user + template.assistant))
-                     | {template.stop_word})
-    for marker in markers:
+    for marker in template_markers(template):
         ids = tokenizer.encode(marker, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f'{where}: the tokenizer encodes {marker!r} of template {template.name!r} as {len(ids)} '
                              f'tokens, not 1: this LLM was trained with another chat template; give a template it '
                              f'knows (registered: {sorted(TEMPLATES)})')
+
+
+def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:
+    """The control markers a template writes around the turns (``<|im_start|>``, ``<|im_end|>``), sorted."""
+    template = get_template(template)
+    return tuple(sorted(set(re.findall(r'<\|[^|<>]+\|>', template.system + template.user + template.assistant))
+                        | {template.stop_word}))
+
+
+def control_markers(tokenizer, template: Union[str, Template]) -> Tuple[str, ...]:
+    """Text that only the pipeline may write into a sequence, longest first: the template's markers, InternVL's
+    image tokens and, with a tokenizer, its special tokens and special added tokens (Qwen2.5's ``<|endoftext|>``,
+    ``<|vision_start|>``, ...). InternVL's grounding tokens (``<ref>``, ``<box>``, ``<quad>`` and their ends) are
+    not among them: data means them. Cached on the tokenizer (until tokens are added to it)."""
+    template = get_template(template)
+    key = (len(tokenizer), template) if tokenizer is not None else None
+    cached = getattr(tokenizer, '_xtuner_plugins_control_markers', None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    markers = set(template_markers(template)) | set(RESERVED_IN_TEXT)
+    if tokenizer is not None:
+        markers |= set(getattr(tokenizer, 'all_special_tokens', ()))
+        decoder = getattr(tokenizer, 'added_tokens_decoder', {}) or {}
+        markers |= {str(tok) for tok in decoder.values() if getattr(tok, 'special', False)}
+    markers = tuple(sorted((m for m in markers if m and m not in GROUNDING_TOKENS), key=lambda m: (-len(m), m)))
+    if key is not None:
+        try:
+            tokenizer._xtuner_plugins_control_markers = (key, markers)
+        except AttributeError:
+            pass
+    return markers

@@ -12,29 +12,59 @@ encoder (:func:`encode_turns`):
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .conversation import Conversation, lenient_conversation, parse_conversation
 from .errors import SampleError
 from .template import (IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Template,
-                       image_token_string)
+                       control_markers, image_token_string)
 
 __all__ = ['render_turns', 'encode_turns', 'tokenize_conversation', 'count_text_tokens']
 
 Conversations = Union[Conversation, Sequence[Mapping[str, Any]]]
 
 
+Piece = Tuple[str, bool]  # text, and whether it is data text holding a control marker (never parsed as one)
+
+
+def _split_markers(text: str, pattern) -> List[Piece]:
+    """``text`` as pieces: each occurrence of a control marker its own protected piece."""
+    if pattern is None or not pattern.search(text):
+        return [(text, False)]
+    pieces, prev = [], 0
+    for m in pattern.finditer(text):
+        pieces += [(text[prev:m.start()], False), (m.group(), True)]
+        prev = m.end()
+    return [p for p in pieces + [(text[prev:], False)] if p[0]]
+
+
+def _fill(fmt: str, field: str, pieces: List[Piece]) -> List[Piece]:
+    """A template format with its one field filled by ``pieces``."""
+    before, after = fmt.format(**{field: '\0'}).split('\0')
+    return [p for p in [(before, False)] + pieces + [(after, False)] if p[0]]
+
+
+def _render_pieces(conversation: Conversation, image_text: str, pattern) -> List[Tuple[str, List[Piece]]]:
+    """:func:`render_turns` as pieces: the data's text split at control markers (``pattern``; None: not split)."""
+    tpl = conversation.template
+
+    def value(text: str, images: bool) -> List[Piece]:
+        return [(t.replace(IMAGE_PLACEHOLDER, image_text) if images and not protected else t, protected)
+                for t, protected in _split_markers(text, pattern)]
+    out = [('system', _fill(tpl.system, 'system', value(conversation.system, False)))] if tpl.system else []
+    for role, text in conversation.turns:
+        if role == 'gpt':
+            out.append((role, _fill(tpl.assistant, 'answer', value(text, False))))
+        else:
+            out.append((role, _fill(tpl.user, 'query', value(text, True))))
+    return out
+
+
 def render_turns(conversation: Conversation, image_text: str) -> List[Tuple[str, str]]:
     """``(role, text)`` of each turn as the template writes it (the system turn first when the template has one),
     each ``<image>`` tag written as ``image_text``."""
-    tpl = conversation.template
-    out = [('system', tpl.render_system(conversation.system))] if tpl.system else []
-    for role, value in conversation.turns:
-        if role == 'gpt':
-            out.append((role, tpl.render_assistant(value)))
-        else:
-            out.append((role, tpl.render_user(value.replace(IMAGE_PLACEHOLDER, image_text))))
-    return out
+    return [(role, ''.join(t for t, _ in pieces)) for role, pieces in _render_pieces(conversation, image_text, None)]
 
 
 def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
@@ -74,15 +104,59 @@ def _text_ids(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
+def _literal_ids(tokenizer, text: str, controls: Sequence[int]) -> List[int]:
+    """Ids of data text holding a control marker, with special tokens not parsed (``split_special_tokens``)."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    if any(i in controls for i in ids):
+        raise ValueError(f'the tokenizer ({type(tokenizer).__name__}) cannot tokenise {text!r} as plain text')
+    return list(ids)
+
+
+def _marker_pattern(tokenizer, template):
+    """A regex of the control markers data text may not turn into (cached with them on the tokenizer)."""
+    markers = control_markers(tokenizer, template)
+    cached = getattr(tokenizer, '_xtuner_plugins_marker_pattern', None)
+    if cached is None or cached[0] != markers:
+        ids = tokenizer.convert_tokens_to_ids(list(markers))
+        unk = getattr(tokenizer, 'unk_token_id', None)
+        known = [i for i, m in zip(ids, markers) if i is not None and (i != unk or m == tokenizer.unk_token)]
+        cached = (markers, re.compile('|'.join(map(re.escape, markers))), frozenset(known))
+        try:
+            tokenizer._xtuner_plugins_marker_pattern = cached
+        except AttributeError:
+            pass
+    return cached[1], cached[2]
+
+
 def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List[Tuple[str, str, List[int]]]:
     """``(role, text, ids)`` of each rendered turn (:func:`render_turns`), tokenised as InternVL does; an
-    assistant turn's ids start with its prefix's own ids (see :func:`_split_at_prefix`)."""
-    rendered = render_turns(conversation, image_text)
-    turn_ids = _tokenize_turns(tokenizer, [text for _, text in rendered])
+    assistant turn's ids start with its prefix's own ids (see :func:`_split_at_prefix`).
+
+    Control markers inside the data's text (``<|im_end|>`` in an answer: refused by the data set unless it allows
+    them, see :func:`~xtuner_plugins.data.template.control_markers`) never become control tokens: such a turn is
+    tokenised in pieces, each marker as plain text."""
+    pattern, controls = _marker_pattern(tokenizer, conversation.template)
+    rendered = _render_pieces(conversation, image_text, pattern)
+    texts = [''.join(t for t, _ in pieces) for _, pieces in rendered]
     prefix = conversation.template.assistant_prefix
     prefix_ids = _text_ids(tokenizer, prefix)
-    return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
-            for (role, text), ids in zip(rendered, turn_ids)]
+    if not any(protected for _, pieces in rendered for _, protected in pieces):
+        turn_ids = _tokenize_turns(tokenizer, texts)
+        return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
+                for (role, _), text, ids in zip(rendered, texts, turn_ids)]
+
+    def pieces_ids(pieces: List[Piece]) -> List[int]:
+        return [i for t, protected in pieces
+                for i in (_literal_ids(tokenizer, t, controls) if protected else _text_ids(tokenizer, t))]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, 'add_bos_token', False) else []
+    out = []
+    for k, ((role, pieces), text) in enumerate(zip(rendered, texts)):
+        ids = (bos if k == 0 else []) + pieces_ids(pieces)
+        if role == 'gpt' and ids[:len(prefix_ids)] != prefix_ids:  # as _split_at_prefix: prefix + rest
+            (first, _), rest = pieces[0], pieces[1:]
+            ids = prefix_ids + pieces_ids([(first[len(prefix):], False)] * (len(first) > len(prefix)) + rest)
+        out.append((role, text, ids))
+    return out
 
 
 def _conversation(conversations: Conversations, num_images: int, template, system) -> Conversation:

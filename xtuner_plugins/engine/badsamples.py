@@ -20,6 +20,10 @@ reason)``, see ``data/collate.py``), and :class:`BadSampleHook` adds these up in
 * each reason is logged with its ``FILE:LINE`` the first time it is seen on each rank, then only counted;
 * after every epoch and at the end: a summary by reason, also written to ``WORK_DIR/skipped_samples.json``
   (every ``FILE:LINE`` with its reason; those refused at start-up under ``at_start_up``).
+
+Samples trained on but changed to fit ``max_length`` are listed too, not counted as bad: ``fewer_tiles``
+(``FILE:LINE`` -> tiles per image) and ``truncated`` (``FILE:LINE`` -> ``tokens_lost`` and ``detail``: an answer
+cut, with the data set's ``truncation='keep'``; with ``'drop'`` they are skipped as bad, reason ``truncated``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class BadSampleHook(Hook):
         self.at_start: Dict[str, str] = {}      # refused when the files were read
         self.logged: Set[Tuple[int, str]] = set()
         self.reduced: Dict[str, int] = {}       # FILE:LINE -> tiles per image it was cut to (too long)
+        self.truncated: Dict[str, dict] = {}    # FILE:LINE -> tokens_lost and detail of an answer cut, kept
         self.limit, self.total = None, 0
 
     def before_train(self, runner) -> None:
@@ -86,12 +91,15 @@ class BadSampleHook(Hook):
         local = [tuple(s) for s in data.get('skipped') or ()]
         new = [s for s in dict.fromkeys(local) if s[0] not in self.bad]
         reduced = [tuple(r) for r in data.get('reduced') or () if r[0] not in self.reduced]
-        count = torch.tensor([len(new) + len(reduced)], dtype=torch.long)
+        truncated = [tuple(t) for t in data.get('truncated') or () if t[0] not in self.truncated]
+        count = torch.tensor([len(new) + len(reduced) + len(truncated)], dtype=torch.long)
         all_reduce(count)
         if int(count.item()) == 0:
             return
-        for source_rank, (entries, cut) in enumerate(all_gather_object((new, reduced))):
+        for source_rank, (entries, cut, trunc) in enumerate(all_gather_object((new, reduced, truncated))):
             self.reduced.update(dict(cut))
+            for where, lost, detail in trunc:
+                self.truncated[where] = dict(tokens_lost=lost, detail=detail)
             for where, reason in entries:
                 if where in self.bad:
                     continue
@@ -124,7 +132,12 @@ class BadSampleHook(Hook):
         if self.reduced:
             print_log(f'{len(self.reduced)} samples too long for max_length were given fewer tiles per image '
                       f'{when} (listed in {self.summary_file})', logger='current')
-        if not self.bad and not self.at_start and not self.reduced:
+        if self.truncated:
+            lost = sum(t['tokens_lost'] for t in self.truncated.values())
+            print_log(f'{len(self.truncated)} samples were trained with an answer cut to max_length {when} ({lost} '
+                      f'tokens lost; listed under truncated in {self.summary_file}; the data set\'s '
+                      f"truncation='drop' skips them)", logger='current', level=30)
+        if not self.bad and not self.at_start and not self.reduced and not self.truncated:
             return
         path = os.path.join(runner.work_dir, self.summary_file)
         print_log(f'bad samples {when}: {len(self.bad) + len(self.at_start)} of {self.total} '
@@ -135,7 +148,8 @@ class BadSampleHook(Hook):
                 by_reason.setdefault(reason, []).append(where)
             with open(path, 'w', encoding='utf-8') as f:
                 json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
-                               at_start_up=self.at_start, fewer_tiles=self.reduced), f, indent=1)
+                               at_start_up=self.at_start, fewer_tiles=self.reduced, truncated=self.truncated), f,
+                          indent=1)
 
 
 def manifest(dataset) -> dict:

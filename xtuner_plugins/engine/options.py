@@ -7,6 +7,10 @@ run goes on with the old value; and a misspelt setting of a component (``model.v
 fails only when the component is built, deep in a traceback. :func:`check_cfg_options` names both, with the
 entries to set instead or the closest valid names. Keys a component does not declare but may accept (a
 ``**kwargs`` or a function MMEngine cannot inspect), and new sub-dicts, are left alone.
+
+A value of the wrong kind (``max_length=abc``, which MMEngine keeps as the text ``'abc'``) is named with the kind
+expected: a number where the config (or, for a setting it leaves out, the component's default) has a number,
+``true``/``false`` where it has a boolean. ``None`` is always let through (many settings take it).
 """
 
 from __future__ import annotations
@@ -61,6 +65,31 @@ def _accepted(component) -> List[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def _default(component, name: str):
+    try:
+        param = inspect.signature(component).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is param.empty else param.default
+
+
+def _wrong_kind(key: str, value, current, where: str) -> Optional[str]:
+    """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
+    if value is None or current is None:
+        return None
+    if isinstance(current, bool):
+        if not isinstance(value, str):
+            return None
+        expected = 'true or false'
+    elif isinstance(current, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        expected = 'a number'
+    else:
+        return None
+    return f'{key}: expected {expected} ({where} {current!r}), got {value!r} ({type(value).__name__})'
+
+
 def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
     """Problems of ``options`` (``--cfg-options``) against ``cfg`` (the config as read), one line each."""
     cfg = getattr(cfg, '_cfg_dict', cfg)  # an mmengine Config holds its ConfigDict
@@ -85,6 +114,16 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
             else:
                 node = None
                 break
+        if isinstance(node, Mapping) and parts[-1] in node:
+            wrong = _wrong_kind(key, options[key], node[parts[-1]], 'the config has')
+        elif isinstance(node, Mapping) and 'type' in node:
+            name = getattr(node['type'], '__name__', str(node['type']))
+            wrong = _wrong_kind(key, options[key], _default(node['type'], parts[-1]), f'{name}\'s default is')
+        else:
+            wrong = None
+        if wrong:
+            problems.append(wrong)
+            continue
         if not isinstance(node, Mapping) or parts[-1] in node or 'type' not in node:
             continue
         accepted = _accepted(node['type'])

@@ -1,0 +1,156 @@
+"""What training does with a sample that may not fit ``max_length``: one decision (:func:`fit_sample`), made the
+same way for training (``InternVLDataset.load_sample``) and for ``tools/check_dataset.py``.
+
+In order: the sample with its full tiles; while too long, fewer tiles per image (halving down to one, the
+thumbnail kept): ``fewer_tiles``; at one tile per image, the text after the last image cut to ``max_length``
+(never inside an image; ``too_long`` when the text and images up to the last image do not fit). A cut that takes
+supervised tokens (an answer, or part of one) is a ``truncated`` sample: kept and counted with the tokens it lost
+(``truncation='keep'``, the default) or dropped (``truncation='drop'``). A cut that takes only the unsupervised
+``\\n`` after the last ``<|im_end|>`` is not a truncation. The data set decides what a cut means
+(``InternVLDataset.judge_cut``; preference pairs have their own rules, ``data/preference.py``).
+
+Only image sizes are needed (tile counts come from :func:`~xtuner_plugins.data.tiling.num_tiles`): the check tool
+decides without cutting tiles, and training cuts exactly the tiles decided here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mmengine.logging import print_log
+
+from .errors import SampleError
+from .template import IGNORE_INDEX
+from .tokenize import tokenize_conversation
+
+__all__ = ['Cut', 'Fit', 'fit_sample', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit', 'TRUNCATION']
+
+TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
+
+
+def final_answer(labels: Sequence[int]) -> Tuple[int, int]:
+    """``(start, end)`` of the last run of supervised labels (the final answer and its stop word); ``(0, 0)``
+    when nothing is supervised."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What ``max_length`` cut from one token sequence: its length and supervised tokens before and after, and
+    those of its final answer."""
+
+    length: int
+    kept: int
+    supervised: int
+    supervised_kept: int
+    answer: int
+    answer_kept: int
+
+    @classmethod
+    def of(cls, full: Dict[str, List[int]], cut: Dict[str, List[int]]) -> 'Cut':
+        def count(labels):
+            start, end = final_answer(labels)
+            return sum(x != IGNORE_INDEX for x in labels), end - start
+        (sup, ans), (sup_kept, _) = count(full['labels']), count(cut['labels'])
+        start = final_answer(full['labels'])[0]
+        ans_kept = max(0, min(len(cut['labels']), start + ans) - start)
+        return cls(len(full['input_ids']), len(cut['input_ids']), sup, sup_kept, ans, ans_kept)
+
+    @property
+    def lost(self) -> int:
+        return self.length - self.kept
+
+    @property
+    def answer_cut(self) -> bool:
+        """Whether the cut took supervised tokens (not only the unsupervised tail)."""
+        return self.supervised_kept < self.supervised
+
+
+@dataclass
+class Fit:
+    """A sample as training takes it: each conversation's ``input_ids``/``labels``, the tiles of each image,
+    the tiles per image allowed, whether that is fewer than the sample's own, and each conversation's cut."""
+
+    encoded: List[Dict[str, List[int]]]
+    tiles: List[int]
+    max_num: int
+    reduced: bool
+    cuts: List[Optional[Cut]] = field(default_factory=list)
+    truncated: Optional[str] = None  # what was cut, when training keeps a sample whose answer was cut
+
+    @property
+    def tokens_lost(self) -> int:
+        return max((c.lost for c in self.cuts if c is not None), default=0)
+
+
+def fit_sample(ds, record, checked, sizes: Sequence[Tuple[int, int]]) -> Fit:
+    """The :class:`Fit` of a checked record whose images have ``sizes`` (``(width, height)`` each), for data set
+    ``ds``; raises :class:`~xtuner_plugins.data.errors.SampleError` (``too_long``, ``no_supervised_tokens``,
+    ``truncated`` with ``truncation='drop'``, and whatever ``ds.judge_cut`` refuses)."""
+    conversations = checked.conversations
+    own = max_num = ds.max_tiles_per_image(record, len(sizes))
+    cuts: List[Optional[Cut]] = [None] * len(conversations)
+    while True:
+        tiles = [ds.tile_count(size, max_num) for size in sizes]
+        counts = [t * ds.num_image_token for t in tiles]
+        encoded = [tokenize_conversation(c, ds.tokenizer, counts) for c in conversations]
+        if ds.max_length is None or all(len(e['input_ids']) <= ds.max_length for e in encoded):
+            break
+        if max_num <= 1 or all(t == 1 for t in tiles):  # as small as it gets: cut, or too_long
+            full = encoded
+            encoded = [tokenize_conversation(c, ds.tokenizer, counts, max_length=ds.max_length)
+                       for c in conversations]
+            cuts = [Cut.of(f, e) if len(f['input_ids']) > ds.max_length else None for f, e in zip(full, encoded)]
+            break
+        max_num = max(1, max_num // 2)
+    fit = Fit(encoded, tiles, max_num, max_num < own, cuts)
+    fit.truncated = ds.judge_cut(fit)
+    return fit
+
+
+def keep_or_drop(ds, detail: str) -> str:
+    """``detail`` of a cut answer, kept (``truncation='keep'``), or a ``truncated`` SampleError (``'drop'``)."""
+    if ds.truncation == 'drop':
+        raise SampleError('truncated', f"{detail} (truncation='drop')")
+    return detail
+
+
+def judge_sft_cut(ds, fit: Fit) -> Optional[str]:
+    """What a cut means for one conversation: None when no supervised token was cut, else :func:`keep_or_drop`
+    of what was cut."""
+    cut = fit.cuts[0]
+    if cut is None or not cut.answer_cut:
+        return None
+    return keep_or_drop(ds, f'{cut.length} tokens cut to max_length={ds.max_length}: {cut.lost} tokens lost, '
+                            f'{cut.supervised - cut.supervised_kept} of its {cut.supervised} supervised')
+
+
+def note_fit(ds, record, fit: Fit) -> dict:
+    """An item's ``reduced`` and ``truncated`` entries (collated for ``BadSampleHook``), each counted in the data
+    set (``ds.reduced``, ``ds.truncated``) and the first of each logged."""
+    where, out = ds.where(record), {}
+    if fit.reduced:
+        out['reduced'] = [(where, fit.max_num)]
+        first = not ds.reduced
+        ds.reduced[where] = fit.max_num
+        if first:
+            print_log(f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to at most '
+                      f'{fit.max_num} tiles per image (first such sample; the rest are counted in dataset.reduced)',
+                      logger='current', level=logging.WARNING)
+    if fit.truncated:
+        out['truncated'] = [(where, fit.tokens_lost, fit.truncated)]
+        first = not ds.truncated
+        ds.truncated[where] = fit.tokens_lost
+        if first:
+            print_log(f'{where}: answer cut (first such sample; the rest are counted in dataset.truncated and '
+                      f"skipped_samples.json; truncation='drop' skips them): {fit.truncated} [truncated]",
+                      logger='current', level=logging.WARNING)
+    return out

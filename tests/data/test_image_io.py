@@ -200,3 +200,16 @@ class TestImpossiblePaths:
         out = capsys.readouterr().out
         assert code == 1
         assert f"{path}:2: bad_image_path: image path 'bad\\x00.png' contains a NUL byte" in out, out
+
+
+def test_mmbench_images_follow_the_same_rule(tmp_path):
+    """tools/eval.py's MMBench rows (base64 image files) decode by load_image's rule: a 16-bit PNG is not white."""
+    import base64
+
+    from tests.eval.test_data import ROWS, write_tsv
+    from xtuner_plugins.eval.data import read_mmbench_tsv
+    path = write_image(tmp_path / 'x16.png', size=(30, 20), mode='I;16', seed=4)
+    with open(path, 'rb') as f:
+        row = dict(ROWS[0], image=base64.b64encode(f.read()).decode())
+    (question,) = read_mmbench_tsv(write_tsv(tmp_path / 'm.tsv', [row]))
+    assert question.images[0].tobytes() == load_image(path).tobytes()

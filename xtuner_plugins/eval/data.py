@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import os
 import sys
@@ -105,9 +104,9 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
 
 
 def _decode_image(data: str, where: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
-            return im.convert('RGB')
+    from xtuner_plugins.data.image_io import load_image
+    try:  # the package's one image loader (and pixel rule), on the file's bytes
+        return load_image(base64.b64decode(data, validate=False), name='the image')
     except Exception as err:  # noqa: BLE001 (any decoding failure is the row's)
         raise ValueError(f'{where}: the image does not decode ({type(err).__name__}: {err})') from None
 

@@ -120,3 +120,96 @@ def test_load_image_tiles_is_internvl_load_image(tmp_path):
     got = load_image_tiles(path, image_size=56, max_num=6, use_thumbnail=True)
     assert got.shape == expected.shape and got.shape[0] > 1
     assert torch.equal(got, expected)
+
+
+def exif_rotated_jpeg(path, mode='L', size=(90, 40)):
+    """A JPEG stored ``size``, tagged EXIF orientation 6 (a viewer shows it turned 90 degrees clockwise)."""
+    img = Image.open(write_image(path, size=size, mode=mode, fmt='JPEG', seed=3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, format='JPEG', exif=exif.tobytes())
+    return str(path)
+
+
+class TestOneRule:
+
+    @pytest.mark.parametrize('mode', ['L', 'CMYK', 'RGB'])
+    def test_exif_orientation_is_not_applied(self, tmp_path, mode):
+        """The stored pixels, as InternVL's loader (Image.open().convert('RGB')) and the header size see them."""
+        path = exif_rotated_jpeg(tmp_path / 'tagged.jpg', mode)
+        with Image.open(path) as raw:
+            assert raw.getexif()[0x0112] == 6
+            expected = raw.convert('RGB').tobytes()
+        img = load_image(path)
+        assert img.size == read_image_size(path) == (90, 40)
+        assert img.tobytes() == expected
+
+    @pytest.mark.parametrize('mode,fmt', [('I;16', 'PNG'), ('P', 'PNG'), ('LA', 'PNG'), ('CMYK', 'JPEG')])
+    def test_bytes_and_open_images_follow_the_same_rule(self, tmp_path, mode, fmt):
+        path = write_image(tmp_path / f'x.{fmt.lower()}', size=(30, 20), mode=mode, fmt=fmt, seed=2)
+        expected = load_image(path).tobytes()
+        with open(path, 'rb') as f:
+            assert load_image(f.read()).tobytes() == expected
+        with Image.open(path) as img:
+            assert load_image(img).tobytes() == expected
+
+    def test_bad_bytes_are_a_corrupt_image(self):
+        with pytest.raises(SampleError, match='cannot decode image row 3') as info:
+            load_image(b'not an image', name='row 3')
+        assert info.value.reason == 'corrupt_image'
+
+
+IMPOSSIBLE = {'nul': ('a\x00b.png', 'NUL byte'), 'surrogate': ('\ud800.png', "character '\\\\ud800'"),
+              'long_name': ('x' * 300 + '.png', '304-byte name part'),
+              'long_path': ('/'.join(['d' * 200] * 25), 'bytes long')}
+
+
+class TestImpossiblePaths:
+
+    @pytest.mark.parametrize('case', sorted(IMPOSSIBLE))
+    @pytest.mark.parametrize('folder', [True, False])
+    def test_resolve_and_load_refuse_them(self, tmp_path, case, folder):
+        path, words = IMPOSSIBLE[case]
+        with pytest.raises(SampleError, match=words) as info:
+            resolve_image_path(path, str(tmp_path) if folder else None, str(tmp_path))
+        assert info.value.reason == 'bad_image_path'
+        assert '\x00' not in str(info.value) and len(str(info.value)) < 400  # printable, shortened
+        with pytest.raises(SampleError, match=words) as info:
+            load_image(path)
+        assert info.value.reason == 'bad_image_path'
+
+    def nul_data(self, tmp_path):
+        from tests.helpers import conv, write_jsonl
+        write_image(tmp_path / 'images' / 'good.png', size=(56, 28))
+        return write_jsonl(tmp_path / 'd.jsonl', [{'image': 'good.png', 'conversations': conv()},
+                                                  {'image': 'bad\x00.png', 'conversations': conv()},
+                                                  {'image': 'good.png', 'conversations': conv()}])
+
+    def test_training_counts_a_nul_byte_path(self, tmp_path, tiny_tokenizer):
+        from xtuner_plugins.data.dataset import InternVLDataset
+        path = self.nul_data(tmp_path)
+        ds = InternVLDataset(path, str(tmp_path / 'images'), tokenizer=tiny_tokenizer, image_size=28,
+                             max_bad_fraction=0.5, cache_dir=str(tmp_path / 'cache'))
+        assert [(p.reason, p.source) for p in ds.load_problems] == [('bad_image_path', f'{path}:2')]
+        assert len(ds) == 2 and all(ds[i]['pixel_values'].shape[0] == 3 for i in range(2))
+
+    def test_check_dataset_names_file_and_line(self, tmp_path, capsys):
+        from tools import check_dataset
+        path = self.nul_data(tmp_path)
+        code = check_dataset.main(['--data', path, '--image-folder', str(tmp_path / 'images'), '--image-size', '28'])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert f"{path}:2: bad_image_path: image path 'bad\\x00.png' contains a NUL byte" in out, out
+
+
+def test_mmbench_images_follow_the_same_rule(tmp_path):
+    """tools/eval.py's MMBench rows (base64 image files) decode by load_image's rule: a 16-bit PNG is not white."""
+    import base64
+
+    from tests.eval.test_data import ROWS, write_tsv
+    from xtuner_plugins.eval.data import read_mmbench_tsv
+    path = write_image(tmp_path / 'x16.png', size=(30, 20), mode='I;16', seed=4)
+    with open(path, 'rb') as f:
+        row = dict(ROWS[0], image=base64.b64encode(f.read()).decode())
+    (question,) = read_mmbench_tsv(write_tsv(tmp_path / 'm.tsv', [row]))
+    assert question.images[0].tobytes() == load_image(path).tobytes()

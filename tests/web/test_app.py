@@ -4,6 +4,7 @@ the answer, browser sessions keep their own conversations, one answer's settings
 import threading
 
 import pytest
+import torch
 
 from tests.helpers import converted_tiny_folder, write_image
 from xtuner_plugins.models.inference import ConvertedModel
@@ -106,3 +107,86 @@ def test_one_question_at_a_time(setup):
         t.join(timeout=120)
     assert [results[0], results[1]] == [fresh_answers(setup['folder'], [('Describe the image.', [p])])[0]
                                         for p in images]
+
+
+# ------------------------------------------------------------------ one pixel rule on every path
+def odd_images(folder):
+    """Images that are not plain RGB, 90x40 (a rotation would show as a 40x90 grid): what gradio's image
+    component used to rotate, whiten or re-encode before our loader saw it."""
+    from PIL import Image
+
+    def tagged(path, mode):  # stored 90x40, tagged "rotate 90 degrees clockwise to view" (EXIF orientation 6)
+        img = Image.open(write_image(path, size=(90, 40), mode=mode, fmt='JPEG', seed=7))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(path, format='JPEG', exif=exif.tobytes())
+        return str(path)
+
+    return [write_image(folder / 'grey16.png', size=(90, 40), mode='I;16', seed=1),
+            write_image(folder / 'palette.png', size=(90, 40), mode='P', seed=2),
+            write_image(folder / 'rgba.png', size=(90, 40), mode='RGBA', seed=3),
+            write_image(folder / 'la.png', size=(90, 40), mode='LA', seed=4),
+            write_image(folder / 'cmyk.jpg', size=(90, 40), mode='CMYK', fmt='JPEG', seed=5),
+            tagged(folder / 'grey_exif.jpg', 'L'), tagged(folder / 'cmyk_exif.jpg', 'CMYK')]
+
+
+def web_call(app, pick, inputs):
+    """A call as a request to the page runs it: gradio's own preprocessing of ``inputs`` (JSON payloads; the
+    upload copied into gradio's cache), then the handler ``pick`` chooses; a stream is read to its end."""
+    import asyncio
+    import inspect
+    fn = next(f for f in app.fns.values() if pick(f))
+    args = asyncio.run(app.preprocess_data(fn, inputs, None, explicit_call=True))
+    out = fn.fn(*args)
+    return list(out) if inspect.isgenerator(out) else out
+
+
+def file_payload(path):
+    return {'path': path, 'orig_name': path.rsplit('/', 1)[-1], 'meta': {'_type': 'gradio.FileData'}}
+
+
+def test_every_path_sees_the_same_pixels(setup, tmp_path, monkeypatch, tiny_tokenizer, capsys):
+    """Training's data set, tools/chat.py, the page and the /chat endpoint tile the same pixels of each file:
+    16-bit, palette, alpha, CMYK, and EXIF-rotated greyscale/CMYK JPEGs (the tag not applied, anywhere)."""
+    from tests.helpers import conv, write_jsonl
+    from tools.chat import main as chat_main
+    from xtuner_plugins.data import dataset as dataset_module
+    from xtuner_plugins.data.dataset import InternVLDataset
+    from xtuner_plugins.models import inference
+    from xtuner_plugins.web.app import build_app
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    images = odd_images(tmp_path / 'images')
+    seen = []
+    for module in (inference, dataset_module):  # every path tiles through tiling.image_tiles
+        def spy(image, *args, _tiles=module.image_tiles, **kwargs):
+            seen.append(_tiles(image, *args, **kwargs))
+            return seen[-1]
+        monkeypatch.setattr(module, 'image_tiles', spy)
+
+    def tiles_of(run):
+        seen.clear()
+        run()
+        return list(seen)
+
+    tiling = setup['chat'].model.tiling
+    data = write_jsonl(tmp_path / 'd.jsonl', [{'image': p.rsplit('/', 1)[-1], 'conversations': conv()}
+                                              for p in images])
+    ds = InternVLDataset(data, str(tmp_path / 'images'), tokenizer=tiny_tokenizer, max_length=None,
+                         image_size=tiling['image_size'], max_dynamic_patch=tiling['max_num'],
+                         min_dynamic_patch=tiling['min_num'], use_thumbnail=tiling['use_thumbnail'],
+                         cache_dir=str(tmp_path / 'cache'))
+    training = tiles_of(lambda: [ds[i] for i in range(len(images))])
+    chat_tool = tiles_of(lambda: chat_main([setup['folder'], '--image', *images, '--prompt', 'Hi',
+                                            '--max-new-tokens', '1']))
+    capsys.readouterr()
+    app = build_app(setup['chat'])
+    endpoint = tiles_of(lambda: [web_call(app, lambda f: f.api_name == 'chat', [file_payload(p), 'Hi'])
+                                 for p in images])
+    page = tiles_of(lambda: web_call(app, lambda f: f.fn.__name__ == 'send', [
+        'Hi', [file_payload(p) for p in images], [], None, tiling['max_num'], tiling['use_thumbnail'], False,
+        0.7, 0.9, 1]))
+    assert len(training) == len(chat_tool) == len(endpoint) == len(page) == len(images)
+    for path, a, b, c, d in zip(images, training, chat_tool, endpoint, page):
+        assert a.shape[0] == 3, (path, a.shape)  # a 2x1 grid plus the thumbnail
+        for other in (b, c, d):
+            assert torch.equal(a, other), path

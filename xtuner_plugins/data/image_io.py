@@ -1,29 +1,47 @@
-"""Reading images safely: path containment, header-only sizes, decoding with clear errors.
+"""Reading images safely: path checks, header-only sizes, decoding with clear errors, one pixel rule.
+
+:func:`load_image` is the one image loader of the package: training (the data set), ``tools/check_dataset.py``,
+``tools/chat.py``, ``tools/eval.py`` and the web demo (which hands it the uploaded file, never gradio's decoded
+copy) all give it the file (a path, or its bytes) and get the same RGB pixels.
 
 Every failure is a :class:`~xtuner_plugins.data.errors.SampleError` with a countable reason:
 
 ==========================  =====================================================================
 reason                      when
 ==========================  =====================================================================
+``bad_image_field``         the image field is not a non-empty string
+``bad_image_path``          the path cannot name a file: a NUL byte, a character the file system's
+                            encoding cannot hold (a lone surrogate), a name part or a whole path
+                            longer than the system allows
 ``unsafe_image_path``       the path leaves its image folder (``../``, or an absolute path outside)
 ``missing_image``           no file at the resolved path
 ``corrupt_image``           Pillow cannot identify or decode the file, or it is truncated
 ``image_too_large``         more pixels than the decompression-bomb limit
 ==========================  =====================================================================
 
-Modes other than RGB are converted to RGB. Most go through Pillow's own ``convert('RGB')``, as
-InternVL's loader does, so the pixels stay identical to it (RGBA/LA drop alpha, P uses its palette,
-CMYK uses Pillow's conversion). 16-bit greyscale (``I;16*``, and ``I`` holding values above 255) is
-scaled by 255/65535 and float greyscale in [0, 1] (``F``) by 255 first: Pillow's ``convert`` would clip
-them to 255 and give a white image.
+The pixel rule, the same on every path:
+
+* **Modes.** Modes other than RGB are converted to RGB. Most go through Pillow's own ``convert('RGB')``, as
+  InternVL's loader does, so the pixels stay identical to it (RGBA/LA drop alpha, P uses its palette, CMYK uses
+  Pillow's conversion, L/1 are repeated into three channels). 16-bit greyscale (``I;16*``, and ``I`` holding
+  values above 255) is scaled by 255/65535 and float greyscale in [0, 1] (``F``) by 255 first: Pillow's
+  ``convert`` would clip them to 255 and give a white image.
+* **EXIF orientation is not applied, anywhere**: the pixels are used as the file stores them. InternVL's own
+  loader (the model card's ``load_image``, which serves the released models and the folders converted here)
+  does ``Image.open(path).convert('RGB')`` without ``ImageOps.exif_transpose``; honouring the tag here would
+  make a model fine-tuned here see other pixels than it is served with. The header-only sizes (the length
+  pass, ``check_dataset``) then agree with the decoded ones too. A photo whose camera only tagged it as rotated
+  is seen as stored (sideways): rotate such files once before use if it matters (``exiftran -ai``, or
+  ``ImageOps.exif_transpose`` and save).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,6 +50,43 @@ from .errors import SampleError
 
 #: Pillow's own decompression-bomb threshold (pixels); images above it are refused by default.
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+#: What :func:`load_image` takes: a file's path, its bytes, or an image already open (only converted).
+ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
+
+
+def _shown(path: str, most: int = 80) -> str:
+    """``path`` for a message: ``repr`` (NUL bytes and surrogates escaped), shortened when long."""
+    return repr(path) if len(path) <= most else f'{path[:most]!r}... ({len(path)} characters)'
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return int(os.pathconf('/', name))
+    except (OSError, ValueError, AttributeError):  # not POSIX, or no such limit
+        return default
+
+
+def check_path_string(path: str) -> None:
+    """Refuse a path no file can have (``bad_image_path``): a NUL byte, a character the file system's encoding
+    cannot hold, a name part or the whole path over the system's limits. Without this the first ``os`` call
+    raises ``ValueError`` ("embedded null byte") or ``UnicodeEncodeError`` outside any sample's accounting."""
+    if '\0' in path:
+        raise SampleError('bad_image_path', f'image path {_shown(path)} contains a NUL byte; no file can have it')
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise SampleError('bad_image_path', f'image path {_shown(path)} has character {path[exc.start]!r} at '
+                                            f'{exc.start}, which the file system\'s encoding cannot hold '
+                                            f'({exc.reason})') from None
+    name_max, path_max = _limit('PC_NAME_MAX', 255), _limit('PC_PATH_MAX', 4096)
+    longest = max(raw.split(os.fsencode(os.sep)), key=len)
+    if len(longest) > name_max:
+        raise SampleError('bad_image_path', f'image path {_shown(path)} has a {len(longest)}-byte name part, over '
+                                            f'the system\'s limit of {name_max} bytes')
+    if len(raw) >= path_max:
+        raise SampleError('bad_image_path', f'image path {_shown(path)} is {len(raw)} bytes long, over the '
+                                            f'system\'s limit of {path_max - 1} bytes')
 
 
 def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optional[str] = None,
@@ -45,13 +100,20 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
             it), unless ``allow_links_outside`` (for data linked in on purpose). The folder itself may be a link.
         base_dir: where relative paths are resolved when there is no ``image_folder`` (the annotation
             file's folder); absolute paths are then taken as they are.
+
+    Raises:
+        SampleError: ``bad_image_field``, ``bad_image_path`` (also for the joined path) or ``unsafe_image_path``.
     """
     if not isinstance(path, str) or not path:
         raise SampleError('bad_image_field', f'image path must be a non-empty string, got {path!r}')
+    check_path_string(path)
     if image_folder is None:
-        return os.path.normpath(os.path.join(base_dir or '', path))
+        full = os.path.normpath(os.path.join(base_dir or '', path))
+        check_path_string(full)
+        return full
     root = os.path.normpath(os.path.abspath(image_folder))
     full = os.path.normpath(os.path.join(root, path))
+    check_path_string(full)
     if os.path.commonpath([root, full]) != root:
         raise SampleError('unsafe_image_path',
                           f'image path {path!r} escapes its image folder {image_folder!r} (resolves to {full})')
@@ -64,35 +126,47 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     return full
 
 
-def _check_pixels(path: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:
+def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:
     if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise SampleError(
             'image_too_large',
-            f'{path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the decompression-bomb limit of '
+            f'{name}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the decompression-bomb limit of '
             f'{max_pixels} pixels (raise max_image_pixels if the image is trusted)')
 
 
 @contextlib.contextmanager
-def _open_image(path: str, max_pixels: Optional[int], action: str):
-    """``Image.open`` with every failure turned into a :class:`SampleError` (``action`` names the step)."""
-    if not os.path.isfile(path):
-        raise SampleError('missing_image', f'image file not found: {path}')
+def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[str] = None):
+    """``Image.open`` of a path or of a file's bytes, every failure a :class:`SampleError` (``action`` names the
+    step; ``name`` the bytes' origin in messages)."""
+    if isinstance(source, (bytes, bytearray)):
+        name, source = name or f'<{len(source)} bytes>', io.BytesIO(source)
+    else:
+        if not isinstance(source, (str, os.PathLike)):
+            raise SampleError('bad_image_field', f'an image is a path or a file\'s bytes, got {type(source).__name__}')
+        source = os.fspath(source)
+        if not isinstance(source, str) or not source:
+            raise SampleError('bad_image_field', f'image path must be a non-empty string, got {source!r}')
+        check_path_string(source)
+        name = name or source
+        if not os.path.isfile(source):
+            raise SampleError('missing_image', f'image file not found: {source}')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_pixels(path, img.size, max_pixels)
+            with Image.open(source) as img:
+                _check_pixels(name, img.size, max_pixels)
                 yield img
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:
-        raise SampleError('image_too_large', f'{path}: {exc}') from None
+        raise SampleError('image_too_large', f'{name}: {exc}') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SampleError('corrupt_image', f'cannot {action} {path}: {exc}') from None
+        raise SampleError('corrupt_image', f'cannot {action} {name}: {exc}') from None
 
 
 def read_image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
-    """Return ``(width, height)`` from the file header, without decoding the pixels."""
+    """Return ``(width, height)`` from the file header, without decoding the pixels (the stored size: no EXIF
+    orientation, as :func:`load_image`)."""
     with _open_image(path, max_pixels, 'read image header of') as img:
         return img.size
 
@@ -112,18 +186,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def load_image(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image fully and return it as RGB.
+def load_image(source: ImageSource, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+               name: Optional[str] = None) -> Image.Image:
+    """The package's one image loader: a file (its path, or its bytes; ``name`` says where the bytes come from in
+    messages) decoded fully and returned as RGB by the module's rule (modes converted, EXIF orientation not
+    applied). An image already open is only converted by that rule.
 
     Raises:
-        SampleError: ``missing_image``, ``corrupt_image`` (unreadable or truncated) or ``image_too_large``.
+        SampleError: ``bad_image_field``, ``bad_image_path``, ``missing_image``, ``corrupt_image`` (unreadable or
+            truncated) or ``image_too_large``.
     """
-    with _open_image(path, max_pixels, 'decode image') as img:
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    with _open_image(source, max_pixels, 'decode image', name) as img:
         img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
         return to_rgb(img)
 
 
-def load_image_tiles(path: str, image_size: int = 448, max_num: int = 12, min_num: int = 1,
+def load_image_tiles(path: ImageSource, image_size: int = 448, max_num: int = 12, min_num: int = 1,
                      use_thumbnail: bool = True, dtype=None):
     """InternVL's ``load_image`` for inference: the image's tiles (and thumbnail), normalised with the
     ImageNet mean and std, as a ``[N, 3, S, S]`` tensor (float32 unless ``dtype``)."""

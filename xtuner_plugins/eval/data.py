@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 from PIL import Image
 
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.image_io import read_image_size, resolve_image_path
+from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import sample_images
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
@@ -163,9 +162,8 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
 
 
 def _decode_image(data: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
-            return im.convert('RGB')
+    try:  # the package's one image loader (and pixel rule), on the file's bytes
+        return load_image(base64.b64decode(data, validate=False), name='the image')
     except Exception as err:  # noqa: BLE001 (any decoding failure is the row's)
         raise SampleError('corrupt_image', f'the image does not decode ({type(err).__name__}: {err})') from None
 

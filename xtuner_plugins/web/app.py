@@ -165,7 +165,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         chatbot.clear(clear, None, outputs, api_visibility='private')  # the chat panel's own bin button
         # The scripted endpoint: components that never show, an event no button on the page fires.
         with gr.Row(visible=False):
-            api_image = gr.Image(type='filepath', label='image')
+            # The upload as a file: gr.Image would decode it and, for any mode but RGB, rotate it by its EXIF tag
+            # and re-encode it as RGB (a 16-bit PNG white, a CMYK JPEG re-compressed) before our loader runs.
+            api_image = gr.File(type='filepath', file_count='single', label='image')
             api_question = gr.Textbox(label='question')
             api_answer = gr.Textbox(label='answer')
             api_button = gr.Button(visible=False)

@@ -12,7 +12,7 @@ log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
 max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
 
-custom_hooks = [dict(type=ModelDataCheckHook), dict(type=LineageHook), dict(type=ThroughputHook),
+custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
                 dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
@@ -28,6 +28,8 @@ default_hooks = dict(
     checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit,
                     save_last=True),
     sampler_seed=dict(type=DistSamplerSeedHook),
+    # what the model was trained from, in every checkpoint; a stage meant to follow another stops without it
+    lineage=dict(type=LineageHook),
 )
 
 # DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)

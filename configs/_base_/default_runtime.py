@@ -5,16 +5,22 @@ from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visua
 
 from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
                                    ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
+from xtuner_plugins.engine.runlock import RunLockHook
+from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
 max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
+stall_timeout = 300       # s without progress on a rank (a stopped rank, a hung collective): stop the run (0: off)
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
-                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
+                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook),
+                # one run per work folder (WORK_DIR/run.lock); a stalled rank stops the run, named, after
+                # `stall_timeout` s: --cfg-options custom_hooks.6.timeout=900 (engine/runlock.py, watchdog.py)
+                dict(type=RunLockHook), dict(type=StallWatchdogHook, timeout=stall_timeout)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
 # every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
 #   from xtuner_plugins.eval import EvalHook

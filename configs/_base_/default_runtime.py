@@ -17,10 +17,7 @@ stall_timeout = 300       # s without progress on a rank (a stopped rank, a hung
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
-                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook),
-                # one run per work folder (WORK_DIR/run.lock); a stalled rank stops the run, named, after
-                # `stall_timeout` s: --cfg-options custom_hooks.6.timeout=900 (engine/runlock.py, watchdog.py)
-                dict(type=RunLockHook), dict(type=StallWatchdogHook, timeout=stall_timeout)]
+                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
 # every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
 #   from xtuner_plugins.eval import EvalHook
@@ -34,6 +31,10 @@ default_hooks = dict(
     checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit,
                     save_last=True),
     sampler_seed=dict(type=DistSamplerSeedHook),
+    # one run per work folder (WORK_DIR/run.lock); a rank without progress for `stall_timeout` s stops the run,
+    # named: --cfg-options default_hooks.stall_watchdog.timeout=900 (xtuner_plugins/engine/runlock.py, watchdog.py)
+    run_lock=dict(type=RunLockHook),
+    stall_watchdog=dict(type=StallWatchdogHook, timeout=stall_timeout),
 )
 
 # DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)

@@ -153,7 +153,7 @@ def test_a_stopped_rank_stops_the_run_within_the_stall_timeout(tmp_path):
     let it do for 30 minutes. With a 5 s stall timeout the run ends at once after, naming rank 1."""
     work = str(tmp_path / 'work')
     options = {'model.pause_at_iter': 3, 'model.pause_rank': 1, 'model.pause_how': 'stop',
-               'custom_hooks.2.timeout': 5}
+               'default_hooks.stall_watchdog.timeout': 5}
     beat1 = os.path.join(work, HEARTBEAT_DIR, 'rank_1.json')
     try:
         out = run_train(GUARDED, work, nproc=2, cfg_options=options, timeout=150, require_checkpoint=False)

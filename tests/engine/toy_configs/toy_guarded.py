@@ -4,7 +4,6 @@
 from mmengine.config import read_base
 
 from tests.engine.pausing_toy import PausingToyModel
-from xtuner_plugins.engine.hooks import ThroughputHook
 from xtuner_plugins.engine.runlock import RunLockHook
 from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
@@ -13,4 +12,5 @@ with read_base():
 
 stall_timeout = 300
 model = dict(type=PausingToyModel, in_dim=8, hidden=16, pause_at_iter=0, pause_rank=0, pause_how='stop')
-custom_hooks = [dict(type=ThroughputHook), dict(type=RunLockHook), dict(type=StallWatchdogHook, timeout=stall_timeout)]
+default_hooks.update(run_lock=dict(type=RunLockHook),  # noqa: F405
+                     stall_watchdog=dict(type=StallWatchdogHook, timeout=stall_timeout))

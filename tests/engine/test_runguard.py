@@ -63,8 +63,9 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, monkeypatch):
     _write_lock(str(tmp_path), pid=gone.pid, process_start=1.0)
     lock = RunLock(str(tmp_path), command='mine')
     lock.acquire()
-    assert logged == [(30, f'{tmp_path / LOCK_NAME}: taking over the lock of a run that is gone (pid {gone.pid} on '
-                           f'host {HOST}, started 2024-01-02 03:04:05 (train.py cfg)); its checkpoints stay as they are')]
+    assert logged == [(30, f'{tmp_path / LOCK_NAME}: taking over the lock of a run that is gone (pid {gone.pid} '
+                           f'on host {HOST}, started 2024-01-02 03:04:05 (train.py cfg)); its checkpoints stay as '
+                           'they are')]
     mine = _lock_record(str(tmp_path))
     assert mine['pid'] == os.getpid() and mine['host'] == HOST and mine['command'] == 'mine'
     lock.release()

@@ -64,6 +64,11 @@ def test_judge(tmp_path):
     assert launch.judge(_outcome(tmp_path, '$ torchrun\n'), lead=False) == []  # rank 0 logs, on another node
     assert launch.judge(_outcome(tmp_path, '$ torchrun\n')) == ['no training iteration was logged',
                                                                  'no checkpoint saved']
+    # the run guards' lines (engine/runlock.py, engine/watchdog.py)
+    assert launch.judge(_outcome(tmp_path, 'train: refused: w is in use by another run: pid 1 ...\n', returncode=2),
+                        lead=False) == ['exit code 2', 'refused: the work folder is in use by another run']
+    stalled = LOG + 'E - train: STALLED: rank 1 (pid 7 on host h, last heard 6 s ago) silent for more than 5 s ...\n'
+    assert launch.judge(_outcome(tmp_path, stalled, ['w/iter_6.pth'])) == ['a rank stalled']
 
 
 def test_train_command_and_environment(tmp_path, monkeypatch):

@@ -45,6 +45,9 @@ CRASH_MARKS = ('Traceback (most recent call last)', 'ChildFailedError')
 # node's agent logs this with a traceback (each line behind the record's prefix) after its workers all
 # succeeded, and exits 0: no crash (seen on a loaded 2-core machine in the two-node test).
 EXIT_BARRIER_ERROR = 'Error waiting on exit barrier'
+# lines of the run guards (engine/runlock.py, engine/watchdog.py): a run refused or stopped by them
+GUARD_MARKS = {'train: refused: ': 'refused: the work folder is in use by another run',
+               'train: STALLED: ': 'a rank stalled'}
 
 ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
 _LOSS_IN_LINE = re.compile(r'(?<![\w/])loss:\s*([-+0-9.eE]+|nan|inf)')
@@ -363,6 +366,7 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
         reasons.append('traceback in the log')
     if CRASH_MARKS[1] in outcome.log:
         reasons.append('torchrun reported a failed child')
+    reasons += [reason for mark, reason in GUARD_MARKS.items() if mark in outcome.log]
     if not lead:
         return reasons
     target = expect_iters or outcome.max_iters

@@ -5,12 +5,15 @@ from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visua
 
 from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
                                    LineageHook, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
+from xtuner_plugins.engine.runlock import RunLockHook
+from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
 save_steps = 500          # checkpoint every N iterations (and at the end)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
 max_skipped_steps = 10    # with 'skip': stop once more steps than this were dropped
+stall_timeout = 300       # s without a word from a rank (stopped or frozen): stop the run (0: off)
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
@@ -30,6 +33,10 @@ default_hooks = dict(
     sampler_seed=dict(type=DistSamplerSeedHook),
     # what the model was trained from, in every checkpoint; a stage meant to follow another stops without it
     lineage=dict(type=LineageHook),
+    # one run per work folder (WORK_DIR/run.lock); a rank not heard from for `stall_timeout` s stops the run,
+    # named: --cfg-options default_hooks.stall_watchdog.timeout=900 (xtuner_plugins/engine/runlock.py, watchdog.py)
+    run_lock=dict(type=RunLockHook),
+    stall_watchdog=dict(type=StallWatchdogHook, timeout=stall_timeout),
 )
 
 # DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)

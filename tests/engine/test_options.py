@@ -45,3 +45,7 @@ def test_a_value_of_the_wrong_kind_is_named_with_the_kind_expected():
                                    'train_dataloader.dataset.repeat_times': 2,
                                    'train_dataloader.dataset.use_thumbnail': False}) == []
     assert check_cfg_options(CFG, {'train_dataloader.dataset.max_length': 4096.0}) == []
+    # a list where the argument takes one (repeat_times: one per file), as the README passes it; not elsewhere
+    assert check_cfg_options(CFG, {'train_dataloader.dataset.repeat_times': [16, 2]}) == []
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.max_length': [16]})
+    assert problem.startswith('train_dataloader.dataset.max_length: expected a number')

@@ -73,9 +73,21 @@ def _default(component, name: str):
     return None if param is None or param.default is param.empty else param.default
 
 
-def _wrong_kind(key: str, value, current, where: str) -> Optional[str]:
+def _takes_sequence(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a list (``repeat_times``: one per file)."""
+    try:
+        param = inspect.signature(component).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    text = str(param.annotation) if param is not None and param.annotation is not param.empty else ''
+    return any(word in text for word in ('Sequence', 'List', 'list', 'Tuple', 'tuple', 'Iterable'))
+
+
+def _wrong_kind(key: str, value, current, where: str, component=None) -> Optional[str]:
     """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
     if value is None or current is None:
+        return None
+    if isinstance(value, (list, tuple)) and component is not None and _takes_sequence(component, key.split('.')[-1]):
         return None
     if isinstance(current, bool):
         if not isinstance(value, str):
@@ -115,7 +127,7 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
                 node = None
                 break
         if isinstance(node, Mapping) and parts[-1] in node:
-            wrong = _wrong_kind(key, options[key], node[parts[-1]], 'the config has')
+            wrong = _wrong_kind(key, options[key], node[parts[-1]], 'the config has', node.get('type'))
         elif isinstance(node, Mapping) and 'type' in node:
             name = getattr(node['type'], '__name__', str(node['type']))
             wrong = _wrong_kind(key, options[key], _default(node['type'], parts[-1]), f'{name}\'s default is')

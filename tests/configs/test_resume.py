@@ -24,10 +24,16 @@ def options(tiny, batch_size=2):
     return opts
 
 
+def paused(config: str) -> str:
+    """``config`` held still for a minute once its iteration-4 checkpoint is saved (tests/configs/paused/): an
+    iteration of the tiny runs takes ~20 ms, less than the polling below, so an unpaused run may finish first."""
+    return os.path.join(ROOT, 'tests', 'configs', 'paused', os.path.basename(config))
+
+
 def kill_after_checkpoint(tiny, work_dir, name='iter_4.pth', timeout=240, config=CONFIG, opts=None):
-    """Start training (the launcher's command and environment) and SIGKILL it, launcher and all, as soon as
-    `last_checkpoint` points at `name`."""
-    cmd, env = train_command(config, work_dir, cfg_options=opts or options(tiny))
+    """Start training ``config`` paused after its iteration-4 save (the launcher's command and environment) and
+    SIGKILL it, launcher and all, as soon as `last_checkpoint` points at `name`."""
+    cmd, env = train_command(paused(config), work_dir, cfg_options=opts or options(tiny))
     os.makedirs(work_dir, exist_ok=True)
     job = TrainJob(cmd, train_env(extra_env=env), os.path.join(work_dir, 'killed_run.log'))
     pointer = os.path.join(work_dir, 'last_checkpoint')

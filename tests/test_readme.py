@@ -241,12 +241,11 @@ def test_readme_commands_run_as_written(reader):
     # LoRA from an official InternVL folder (the converted one has that layout)
     shutil.copytree(os.path.join(reader.root, 'work_dirs', 'my_internvl'),
                     os.path.join(reader.root, 'models', 'InternVL2_5-1B'))
-    shutil.rmtree(work)
     (official,) = commands(block('model.official_checkpoint=models/InternVL2_5-1B'))
     reader.run(official)
-    assert glob.glob(os.path.join(work, 'iter_*.pth'))
+    assert glob.glob(os.path.join(reader.root, 'work_dirs', 'finetune_lora_official', 'iter_*.pth'))
 
-    # Preference training from that LoRA checkpoint, on the reader's pairs
+    # Preference training from the LoRA checkpoint of the warm-up chain, on the reader's pairs
     with open(os.path.join(reader.root, 'data', 'my_pairs.jsonl'), 'w') as f:
         for i in range(4):
             f.write(json.dumps({'image': 'q.jpg', 'question': 'What colour is it?', 'chosen': 'Red.',

@@ -114,7 +114,7 @@ def _parameter(component, name: str) -> Optional[inspect.Parameter]:
     return None
 
 
-_KINDS = {int: 0, float: 0.0, bool: False, 'int': 0, 'float': 0.0, 'bool': False}
+_KINDS = {'int': 0, 'float': 0.0, 'bool': False}  # by the annotation's name
 
 
 def _default(component, name: str) -> Tuple[object, str]:
@@ -124,14 +124,14 @@ def _default(component, name: str) -> Tuple[object, str]:
     if param is None:
         return None, ''
     if param.default is not param.empty and param.default is not None:
-        return param.default, f"{_name(component)}'s default is"
+        return param.default, f"{_name(component)}'s default is {param.default!r}"
     annotation = param.annotation
     if isinstance(annotation, str) and annotation.startswith('Optional[') and annotation.endswith(']'):
         annotation = annotation[len('Optional['):-1]
     elif getattr(annotation, '__args__', None) and type(None) in annotation.__args__ and len(annotation.__args__) == 2:
         annotation = next(a for a in annotation.__args__ if a is not type(None))
-    kind = _KINDS.get(annotation) if isinstance(annotation, (str, type)) else None
-    return kind, f'{_name(component)} takes a {type(kind).__name__}, e.g.'
+    kind = _KINDS.get(getattr(annotation, '__name__', annotation)) if isinstance(annotation, (str, type)) else None
+    return kind, f'{_name(component)} takes {getattr(annotation, "__name__", annotation)}'
 
 
 def _wrong_kind(key: str, value, current, where: str) -> Optional[str]:
@@ -148,7 +148,7 @@ def _wrong_kind(key: str, value, current, where: str) -> Optional[str]:
         expected = 'a number'
     else:
         return None
-    return f'{key}: expected {expected} ({where} {current!r}), got {value!r} ({type(value).__name__})'
+    return f'{key}: expected {expected} ({where}), got {value!r} ({type(value).__name__})'
 
 
 def _name(component) -> str:
@@ -182,12 +182,26 @@ def _as_component(node, path: List[str]):
     return node
 
 
-def _file_variable(cfg: Mapping, key: str) -> str:
-    value = cfg[key]
-    holders = [path for path, v in _leaves({k: v for k, v in cfg.items() if k in RUNNER_KEYS})
+def _nodes(node, prefix: str = '') -> Iterator[Tuple[str, object]]:
+    """Every entry under ``node``, sub-dicts included, with its path."""
+    if prefix:
+        yield prefix[:-1], node
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _nodes(value, f'{prefix}{key}.')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _nodes(value, f'{prefix}{i}.')
+
+
+def _file_variable(cfg: Mapping, parts: List[str]) -> str:
+    """``parts[0]`` is a variable of the file: name the entries that hold its value (``llm_lora.r``: the
+    ``r`` of the entries that hold the ``llm_lora`` dict)."""
+    value, rest = cfg[parts[0]], ''.join(f'.{p}' for p in parts[1:])
+    holders = [path + rest for path, v in _nodes({k: v for k, v in cfg.items() if k in RUNNER_KEYS})
                if v == value and v not in (None, True, False)] if value is not None else []
     where = f'set {", ".join(holders[:6])} instead' if holders else 'set the entries that use it instead'
-    return (f'{key}: a variable of the config file, already used when the file was read; '
+    return (f'{".".join(parts)}: a variable of the config file, already used when the file was read; '
             f'--cfg-options cannot change what it set: {where}')
 
 
@@ -222,8 +236,8 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
         top = parts[0]
         if len(parts) == 1 and top in LENGTH_KEYS:
             problem = length_value_problem(top, options[key])
-        elif len(parts) == 1 and top in cfg and top not in known and not isinstance(cfg[top], Mapping):
-            problem = _file_variable(cfg, top)
+        elif top in cfg and top not in known:
+            problem = _file_variable(cfg, parts)
         elif top not in cfg and top not in known:
             settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
             problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
@@ -239,7 +253,7 @@ def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> 
     if problem or not isinstance(node, Mapping):
         return problem
     if parts[-1] in node:
-        return _wrong_kind(key, options[key], node[parts[-1]], 'the config has')
+        return _wrong_kind(key, options[key], node[parts[-1]], f'the config has {node[parts[-1]]!r}')
     if 'type' not in node:
         return None
     current, where = _default(node['type'], parts[-1])

@@ -42,8 +42,8 @@ def lrs(options, epoch_length=100):
 
 
 def peak(values):
-    """The iteration the warm-up reaches the full learning rate."""
-    return next(i for i, v in enumerate(values) if v > 0.99)
+    """How many iterations the warm-up takes to reach the full learning rate."""
+    return next(i for i, v in enumerate(values) if v > 0.99) + 1
 
 
 @pytest.mark.parametrize('options', [{'max_epochs': 3}, {'train_cfg.max_epochs': 3}])

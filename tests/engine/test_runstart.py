@@ -88,3 +88,16 @@ def test_a_short_run_follows_max_epochs_and_save_every(tmp_path):
     assert lr[1] < base * 1e-3 and lr[2] == pytest.approx(base, rel=0.02)  # warm-up: at least two iterations
     assert lr[30] == pytest.approx(base / 2, rel=0.15)  # half-way through the decay at half the run
     assert lr[60] < base * 0.01  # near eta_min (0) at the last iteration
+
+
+def test_a_failed_run_ends_naming_its_log_and_what_to_do(tmp_path):
+    from xtuner_plugins.cli.train import _next_steps
+    work = tmp_path / 'work'
+    assert _next_steps(str(work), time.time()).startswith(f'no run log was written (the run stopped before it '
+                                                          f'started; its log would be under {work}/<timestamp>/)')
+    (work / '20260101_000000').mkdir(parents=True)
+    (work / '20260101_000000' / '20260101_000000.log').write_text('...')
+    (work / 'iter_20.pth').write_bytes(b'x')
+    assert _next_steps(str(work), time.time()) == (
+        f"the run's log: {work}/20260101_000000/20260101_000000.log; the traceback is above: fix its cause and run "
+        f"again; --cfg-options resume=True continues from {work}/iter_20.pth")

@@ -7,7 +7,7 @@ Usage::
 
 The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
 ``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback and a closing
-``train: FAILED: ...`` line; and
+summary (``train: FAILED: ...``, the run's log, what to do); and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
 next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
@@ -15,8 +15,6 @@ and ``--cfg-options`` are checked before anything loads: a variable of the confi
 which changes nothing once the file is read), a key nothing reads (a misspelt setting of the model, the data
 set, a hook, the loop: named with the closest valid ones) or a value of the wrong kind is refused in one line,
 and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``).
-
-On failure the last two lines say what failed, where the run's log is and what to do.
 """
 
 import glob

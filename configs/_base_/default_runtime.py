@@ -8,7 +8,7 @@ from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook,
 from xtuner_plugins.engine.runlock import RunLockHook
 from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
-save_steps = 500          # checkpoint every N iterations (and at the end)
+save_every = 500          # checkpoint every N iterations (and at the end); --cfg-options save_every=50
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)
@@ -28,8 +28,8 @@ default_hooks = dict(
     timer=dict(type=IterTimerHook),
     logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=log_interval),
     param_scheduler=dict(type=ParamSchedulerHook),
-    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit,
-                    save_last=True),
+    # its interval: save_every, filled in when the runner is built (so --cfg-options save_every=N reaches it)
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, max_keep_ckpts=save_total_limit, save_last=True),
     sampler_seed=dict(type=DistSamplerSeedHook),
     # what the model was trained from, in every checkpoint; a stage meant to follow another stops without it
     lineage=dict(type=LineageHook),

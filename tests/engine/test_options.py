@@ -49,3 +49,57 @@ def test_a_value_of_the_wrong_kind_is_named_with_the_kind_expected():
     assert check_cfg_options(CFG, {'train_dataloader.dataset.repeat_times': [16, 2]}) == []
     (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.max_length': [16]})
     assert problem.startswith('train_dataloader.dataset.max_length: expected a number')
+
+
+def test_a_hooks_setting_is_checked_against_its_class():
+    # CheckpointHook takes **kwargs (for save_checkpoint, which the hook gives every argument): its documented
+    # arguments are the valid set
+    assert check_cfg_options(CFG, {'default_hooks.checkpoint.intervall': 10}) == [
+        "default_hooks.checkpoint.intervall: CheckpointHook has no setting 'intervall'; closest: "
+        "default_hooks.checkpoint.interval"]
+    (problem,) = check_cfg_options(CFG, {'custom_hooks.2.polcy': 'skip'})
+    assert problem.startswith("custom_hooks.2.polcy: NonFiniteGuardHook has no setting 'polcy'; closest: "
+                              "custom_hooks.2.policy")
+    (problem,) = check_cfg_options(CFG, {'default_hooks.chekpoint.interval': 10})  # an entry, not a setting
+    assert problem.startswith("default_hooks.chekpoint.interval: default_hooks has no entry 'chekpoint'")
+    assert problem.endswith('closest: default_hooks.checkpoint')
+    assert check_cfg_options(CFG, {'default_hooks.checkpoint.interval': 10, 'default_hooks.checkpoint.save_begin': 5,
+                                   'default_hooks.stall_watchdog.timeout': 900, 'custom_hooks.2.policy': 'skip',
+                                   'default_hooks.mine.type': 'x', 'default_hooks.mine.every': 2}) == []
+
+
+def test_every_other_key_is_checked_too():
+    # a setting the class passes on with **kwargs: the loop's base class takes it or not
+    (problem,) = check_cfg_options(CFG, {'train_cfg.max_epoch': 3})
+    assert problem == "train_cfg.max_epoch: TrainLoop has no setting 'max_epoch'; closest: train_cfg.max_epochs"
+    assert check_cfg_options(CFG, {'train_cfg.val_interval': 10, 'param_scheduler.1.eta_min': 1e-6}) == []
+    (problem,) = check_cfg_options(CFG, {'param_scheduler.1.eta_mim': 1e-6})
+    assert 'CosineAnnealingLR has no setting' in problem and 'param_scheduler.1.eta_min' in problem
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.batchsize': 2})  # torch's DataLoader settings
+    assert problem.startswith("train_dataloader.batchsize: DataLoader has no setting 'batchsize'; closest: "
+                              "train_dataloader.batch_size")
+    (problem,) = check_cfg_options(CFG, {'model.llm_lorra.r': 4})  # a missing sub-dict of a component
+    assert problem == "model.llm_lorra: VisionLanguageModel has no setting 'llm_lorra'; closest: model.llm_lora"
+    (problem,) = check_cfg_options(CFG, {'llm_lora.r': 8})  # inside a variable of the file: its holders' key
+    assert problem.startswith('llm_lora.r: a variable of the config file') and problem.endswith(
+        'set model.llm_lora.r instead')
+    (problem,) = check_cfg_options(CFG, {'max_epoch': 3})  # a top-level name nothing reads
+    assert problem.startswith("max_epoch: 'max_epoch' is not a setting the run reads; closest: max_epochs")
+
+
+def test_a_setting_without_a_default_is_checked_by_its_annotation():
+    (problem,) = check_cfg_options(CFG, {'train_dataloader.sampler.mega_batch_mult': 'x'})
+    assert problem == ("train_dataloader.sampler.mega_batch_mult: expected a number (LengthGroupedSampler takes "
+                       "int), got 'x' (str)")
+    (problem,) = check_cfg_options(CFG, {'model.zero3_init': 'yes'})
+    assert problem.startswith('model.zero3_init: expected true or false (VisionLanguageModel takes bool)')
+
+
+def test_training_length_settings_are_checked():
+    assert check_cfg_options(CFG, {'max_epochs': 3}) == []
+    assert check_cfg_options(CFG, {'max_iters': 200, 'save_every': 50, 'train_cfg.max_epochs': 2}) == []
+    (problem,) = check_cfg_options(CFG, {'max_epochs': 3, 'max_iters': 200})
+    assert problem.startswith('max_epochs=3 and max_iters=200: give one of them')
+    assert check_cfg_options(CFG, {'max_iters': 'abc', 'save_every': 0}) == [
+        "max_iters: expected a positive whole number, got 'abc' (str)",
+        'save_every: expected a positive whole number, got 0 (int)']

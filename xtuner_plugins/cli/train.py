@@ -7,22 +7,27 @@ Usage::
 
 The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
 ``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback and a closing
-``train: FAILED: ...`` line; and
+summary (``train: FAILED: ...``, the run's log, what to do); and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
 next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
-and ``--cfg-options`` are checked first: a variable of the config file (``llm_path=...``, which changes nothing
-once the file is read) or a misspelt setting of a component is refused with what to set instead.
+and ``--cfg-options`` are checked before anything loads: a variable of the config file (``llm_path=...``,
+which changes nothing once the file is read), a key nothing reads (a misspelt setting of the model, the data
+set, a hook, the loop: named with the closest valid ones) or a value of the wrong kind is refused in one line,
+and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``).
 """
 
+import glob
 import os
 import sys
+import time
 import traceback
 from unittest import mock
 
 import torch
 
-import xtuner_plugins.engine  # noqa: F401  (the checkpoint patches: atomic writes, resume loading)
+import xtuner_plugins.engine  # noqa: F401  (checkpoint patches; cfg-options and training length at runner build)
+from xtuner_plugins.launch import find_checkpoints
 
 
 def main() -> int:
@@ -38,23 +43,52 @@ def main() -> int:
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     args = xtuner_train.parse_args()
     if args.cfg_options and os.path.isfile(args.config):
-        from mmengine.config import Config
-
-        from xtuner_plugins.engine.options import check_cfg_options
-        problems = check_cfg_options(Config.fromfile(args.config), args.cfg_options)
+        problems = option_problems(args.config, args.cfg_options)
         if problems:
-            print('train: error: --cfg-options:\n  ' + '\n  '.join(problems), file=sys.stderr)
+            print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
+                  'and run again)', file=sys.stderr)
             return 2
+    started = time.time()
     try:
         xtuner_train.main()
     except Exception as exc:  # the traceback first, then a short summary a person sees at the end
         traceback.print_exc()
         work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
         message = str(exc).splitlines()[0] if str(exc) else ''
-        print(f'\ntrain: FAILED: {type(exc).__name__}: {message}\n  the traceback is above; the run\'s log is under '
-              f'{work_dir}/<timestamp>/', file=sys.stderr)
+        print(f'\ntrain: FAILED: {type(exc).__name__}: {message}\n  {_next_steps(work_dir, started)}', file=sys.stderr)
         return 1
     return 0
+
+
+def option_problems(config: str, options: dict) -> list:
+    """What is wrong with ``--cfg-options`` for ``config``, one line each: the keys and values
+    (``engine/options.py``) and the training length they give (``engine/length.py``)."""
+    import copy
+
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.length import resolve_training_length
+    from xtuner_plugins.engine.options import check_cfg_options
+    written = Config.fromfile(config)
+    problems = check_cfg_options(written, options)
+    if not problems:
+        merged = copy.deepcopy(written)
+        merged.merge_from_dict(options)
+        try:
+            resolve_training_length(merged._cfg_dict, options)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _next_steps(work_dir: str, since: float) -> str:
+    """Where this run's log is, and what to do."""
+    logs = [p for p in glob.glob(os.path.join(work_dir, '*', '*.log')) if os.path.getmtime(p) >= since - 1]
+    where = f'the run\'s log: {max(logs, key=os.path.getmtime)}' if logs else \
+        f'no run log was written (the run stopped before it started; its log would be under {work_dir}/<timestamp>/)'
+    checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
+    resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
+    return f'{where}; the traceback is above: fix its cause and run again{resume}'
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """Start-up checks that the data pipeline and the model agree, before the first batch is drawn: the geometry
-(below), the tokenizer (the same vocabulary and InternVL token ids) and the chat template; and that the run's
-``--cfg-options`` changed what they meant to (``engine/options.py``), also under ``xtuner train``, whose
-command line does not check them.
+(below), the tokenizer (the same vocabulary and InternVL token ids) and the chat template. The run's
+``--cfg-options`` are checked earlier, when the runner is built (:func:`check_run_options`, called by
+``engine/runstart.py``), also under ``xtuner train``, whose command line does not check them.
 
 The vision encoder and projector fix the tile size, the ``<IMG_CONTEXT>`` tokens per tile, the image mode and
 (for ``'pad'``) the padding colour (``VisionLanguageModel.geometry``); the data set tiles and counts with its own
@@ -54,21 +54,24 @@ def check_templates(model_template, data_template) -> None:
                          f'train_dataloader.dataset.template to the same name)')
 
 
-def check_run_options(cfg) -> None:
+def check_run_options(cfg) -> dict:
     """Compare the run's config with its file as written: every entry the command line changed must be one
-    the run reads (see :func:`xtuner_plugins.engine.options.check_cfg_options`)."""
+    the run reads (see :func:`xtuner_plugins.engine.options.check_cfg_options`). Returns what it changed,
+    ``{key: value}`` ({} for a config that is no file's); raises ValueError naming every problem.
+    ``engine/runstart.py`` calls it when the runner is built, before the model is."""
     from mmengine.config import Config
 
     from xtuner_plugins.engine.options import _leaves, check_cfg_options
     filename = getattr(cfg, 'filename', None)
     if not filename or not os.path.isfile(filename):
-        return
+        return {}
     written = Config.fromfile(filename)
     flat = dict(_leaves(written.to_dict()))
     changed = {key: value for key, value in _leaves(cfg.to_dict()) if key not in flat or flat[key] != value}
     problems = check_cfg_options(written, changed)
     if problems:
         raise ValueError('--cfg-options: ' + '; '.join(problems))
+    return changed
 
 
 def _norm(value):
@@ -91,7 +94,6 @@ class ModelDataCheckHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_run(self, runner) -> None:
-        check_run_options(getattr(runner, 'cfg', None))
         model = _unwrap(runner.model, 'module', 'model')
         loop = getattr(runner, '_train_loop', None)
         dataloader = getattr(loop, 'dataloader', None)

@@ -11,6 +11,13 @@ entries to set instead or the closest valid names. Keys a component does not dec
 A value of the wrong kind (``max_length=abc``, which MMEngine keeps as the text ``'abc'``) is named with the kind
 expected: a number where the config (or, for a setting it leaves out, the component's default) has a number,
 ``true``/``false`` where it has a boolean. ``None`` is always let through (many settings take it).
+
+Every other key is checked too: a top-level name the run does not read (``max_epoch=3``), an entry missing from
+a set of components (``default_hooks.chekpoint.interval``) and a setting a component's class does not take,
+through the classes it passes ``**kwargs`` on to (``train_cfg.max_epoch``), named with the closest valid ones.
+MMEngine's ``CheckpointHook`` passes its ``**kwargs`` to ``Runner.save_checkpoint``, which gets every argument
+it has from the hook already: its documented arguments are all it takes (``default_hooks.checkpoint.intervall``).
+The training length in the user's words (``max_epochs``, ``max_iters``, ``save_every``) is ``engine/length.py``'s.
 """
 
 from __future__ import annotations
@@ -20,14 +27,19 @@ import inspect
 import os
 from typing import Iterator, List, Mapping, Optional, Tuple
 
+from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
+
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
 RUNNER_KEYS = {
     'model', 'work_dir', 'train_dataloader', 'val_dataloader', 'test_dataloader', 'train_cfg', 'val_cfg',
     'test_cfg', 'auto_scale_lr', 'optim_wrapper', 'param_scheduler', 'val_evaluator', 'test_evaluator',
     'default_hooks', 'custom_hooks', 'data_preprocessor', 'load_from', 'resume', 'launcher', 'env_cfg',
     'log_processor', 'log_level', 'visualizer', 'default_scope', 'randomness', 'experiment_name', 'strategy',
-    'runner_type', 'compile', 'cfg', 'train_dataset',
+    'runner_type', 'compile', 'cfg', 'train_dataset', 'model_wrapper_cfg',
 }
+# what XTuner's train script reads besides
+XTUNER_KEYS = {'framework', 'training_args', 'trainer', 'lora', 'use_varlen_attn', 'sequence_parallel',
+               'sequence_parallel_size'}
 
 
 def load_config(config: str, cfg_options: Optional[dict] = None):
@@ -52,25 +64,74 @@ def _leaves(node, prefix: str = '') -> Iterator[Tuple[str, object]]:
         yield prefix[:-1], node
 
 
+def _signatures(component) -> Iterator[inspect.Signature]:
+    """The signature of ``component``, then, while it takes ``**kwargs``, those of the classes it passes them on
+    to: the next ``__init__`` up its class hierarchy."""
+    try:
+        yield inspect.signature(component)
+    except (TypeError, ValueError):
+        return
+    if not inspect.isclass(component):
+        return
+    for base in component.__mro__[1:]:
+        if base is object:
+            return
+        if '__init__' in vars(base):
+            try:
+                yield inspect.signature(vars(base)['__init__'])
+            except (TypeError, ValueError):
+                return
+
+
+def _takes_no_more(component) -> bool:
+    """MMEngine's CheckpointHook passes its ``**kwargs`` to ``runner.save_checkpoint``, which it gives every
+    argument of already: its documented arguments are the valid set."""
+    from mmengine.hooks import CheckpointHook
+    return inspect.isclass(component) and issubclass(component, CheckpointHook)
+
+
 def _accepted(component) -> List[str]:
-    """The keyword arguments ``component`` declares, or [] when it takes any (``**kwargs``) or cannot tell."""
+    """The keyword arguments ``component`` takes, or [] when it takes any (``**kwargs`` that reach no class
+    that says) or cannot tell."""
     if not callable(component):
         return []
-    try:
-        params = inspect.signature(component).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = []
+    for signature in _signatures(component):
+        params = signature.parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in ('self', 'cls') and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params) or _takes_no_more(component):
+            return names
+    return []
 
 
-def _default(component, name: str):
-    try:
-        param = inspect.signature(component).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    return None if param is None or param.default is param.empty else param.default
+def _parameter(component, name: str) -> Optional[inspect.Parameter]:
+    for signature in _signatures(component) if callable(component) else ():
+        if name in signature.parameters:
+            return signature.parameters[name]
+        if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            return None
+    return None
+
+
+_KINDS = {'int': 0, 'float': 0.0, 'bool': False}  # by the annotation's name
+
+
+def _default(component, name: str) -> Tuple[object, str]:
+    """The default of ``component``'s setting ``name`` and how to name it; for a default of None, a value of
+    the kind its annotation names (``Optional[int]``: a number), so that the kind can be checked."""
+    param = _parameter(component, name)
+    if param is None:
+        return None, ''
+    if param.default is not param.empty and param.default is not None:
+        return param.default, f"{_name(component)}'s default is {param.default!r}"
+    annotation = param.annotation
+    if isinstance(annotation, str) and annotation.startswith('Optional[') and annotation.endswith(']'):
+        annotation = annotation[len('Optional['):-1]
+    elif getattr(annotation, '__args__', None) and type(None) in annotation.__args__ and len(annotation.__args__) == 2:
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    kind = _KINDS.get(getattr(annotation, '__name__', annotation)) if isinstance(annotation, (str, type)) else None
+    return kind, f'{_name(component)} takes {getattr(annotation, "__name__", annotation)}'
 
 
 def _takes_sequence(component, name: str) -> bool:
@@ -99,49 +160,115 @@ def _wrong_kind(key: str, value, current, where: str, component=None) -> Optiona
         expected = 'a number'
     else:
         return None
-    return f'{key}: expected {expected} ({where} {current!r}), got {value!r} ({type(value).__name__})'
+    return f'{key}: expected {expected} ({where}), got {value!r} ({type(value).__name__})'
+
+
+def _name(component) -> str:
+    return getattr(component, '__name__', str(component))
+
+
+def _closest(word: str, choices, prefix: List[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=3, cutoff=0.6)
+    return f'; closest: {", ".join(".".join(prefix + [c]) for c in close)}' if close else ''
+
+
+def _unknown_setting(parts: List[str], component) -> Optional[str]:
+    """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``), or None."""
+    accepted = _accepted(component)
+    if not accepted or parts[-1] in accepted:
+        return None
+    return (f'{".".join(parts)}: {_name(component)} has no setting {parts[-1]!r}'
+            f'{_closest(parts[-1], accepted, parts[:-1])}')
+
+
+def _is_component(node) -> bool:
+    return isinstance(node, Mapping) and 'type' in node
+
+
+def _as_component(node, path: List[str]):
+    """``node`` with a ``type``; a data loader's settings (``train_dataloader``, no type) are torch's
+    ``DataLoader``'s."""
+    if isinstance(node, Mapping) and 'type' not in node and len(path) == 1 and path[0].endswith('_dataloader'):
+        from torch.utils.data import DataLoader
+        return dict(node, type=DataLoader)
+    return node
+
+
+def _nodes(node, prefix: str = '') -> Iterator[Tuple[str, object]]:
+    """Every entry under ``node``, sub-dicts included, with its path."""
+    if prefix:
+        yield prefix[:-1], node
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _nodes(value, f'{prefix}{key}.')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _nodes(value, f'{prefix}{i}.')
+
+
+def _file_variable(cfg: Mapping, parts: List[str]) -> str:
+    """``parts[0]`` is a variable of the file: name the entries that hold its value (``llm_lora.r``: the
+    ``r`` of the entries that hold the ``llm_lora`` dict)."""
+    value, rest = cfg[parts[0]], ''.join(f'.{p}' for p in parts[1:])
+    holders = [path + rest for path, v in _nodes({k: v for k, v in cfg.items() if k in RUNNER_KEYS})
+               if v == value and v not in (None, True, False)] if value is not None else []
+    where = f'set {", ".join(holders[:6])} instead' if holders else 'set the entries that use it instead'
+    return (f'{".".join(parts)}: a variable of the config file, already used when the file was read; '
+            f'--cfg-options cannot change what it set: {where}')
+
+
+def _walk(cfg: Mapping, parts: List[str], options: Mapping):
+    """The entry that holds ``parts[-1]`` (None when there is none), or the problem of a missing entry on the
+    way: a setting its component does not take, or an entry missing from a set of components."""
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        node = _as_component(node, parts[:i]) if i else node
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif _is_component(node):
+            return None, _unknown_setting(parts[:i + 1], node['type'])
+        elif (isinstance(node, Mapping) and node and i and all(_is_component(v) for v in node.values())
+              and '.'.join(parts[:i + 1] + ['type']) not in options):
+            return None, (f'{".".join(parts)}: {".".join(parts[:i])} has no entry {part!r} (a new one needs '
+                          f'a type){_closest(part, node, parts[:i])}')
+        else:
+            return None, None
+    return _as_component(node, parts[:-1]), None
 
 
 def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
     """Problems of ``options`` (``--cfg-options``) against ``cfg`` (the config as read), one line each."""
     cfg = getattr(cfg, '_cfg_dict', cfg)  # an mmengine Config holds its ConfigDict
-    problems = []
+    problems = [p for p in [both_lengths_problem(options)] if p]
+    known = RUNNER_KEYS | XTUNER_KEYS | set(LENGTH_KEYS)
     for key in options:
         parts = key.split('.')
         top = parts[0]
-        if len(parts) == 1 and top in cfg and top not in RUNNER_KEYS and not isinstance(cfg[top], Mapping):
-            value = cfg[top]
-            holders = [path for path, v in _leaves({k: v for k, v in cfg.items() if k in RUNNER_KEYS})
-                       if v == value and v not in (None, True, False)] if value is not None else []
-            where = f'set {", ".join(holders[:6])} instead' if holders else 'set the entries that use it instead'
-            problems.append(f'{key}: a variable of the config file, already used when the file was read; '
-                            f'--cfg-options cannot change what it set: {where}')
-            continue
-        node = cfg
-        for part in parts[:-1]:
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                node = None
-                break
-        if isinstance(node, Mapping) and parts[-1] in node:
-            wrong = _wrong_kind(key, options[key], node[parts[-1]], 'the config has', node.get('type'))
-        elif isinstance(node, Mapping) and 'type' in node:
-            name = getattr(node['type'], '__name__', str(node['type']))
-            wrong = _wrong_kind(key, options[key], _default(node['type'], parts[-1]), f'{name}\'s default is')
+        if len(parts) == 1 and top in LENGTH_KEYS:
+            problem = length_value_problem(top, options[key])
+        elif top in cfg and top not in known:
+            problem = _file_variable(cfg, parts)
+        elif top not in cfg and top not in known:
+            settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
+            problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
         else:
-            wrong = None
-        if wrong:
-            problems.append(wrong)
-            continue
-        if not isinstance(node, Mapping) or parts[-1] in node or 'type' not in node:
-            continue
-        accepted = _accepted(node['type'])
-        if accepted and parts[-1] not in accepted:
-            close = difflib.get_close_matches(parts[-1], accepted, n=3, cutoff=0.6)
-            name = getattr(node['type'], '__name__', str(node['type']))
-            hint = f'; closest: {", ".join(".".join(parts[:-1] + [c]) for c in close)}' if close else ''
-            problems.append(f'{key}: {name} has no setting {parts[-1]!r}{hint}')
+            problem = _check_entry(cfg, parts, key, options)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
+    node, problem = _walk(cfg, parts, options)
+    if problem or not isinstance(node, Mapping):
+        return problem
+    if parts[-1] in node:
+        return _wrong_kind(key, options[key], node[parts[-1]], f'the config has {node[parts[-1]]!r}',
+                           node.get('type'))
+    if 'type' not in node:
+        return None
+    current, where = _default(node['type'], parts[-1])
+    return (_wrong_kind(key, options[key], current, where, node['type'])
+            or _unknown_setting(parts, node['type']))

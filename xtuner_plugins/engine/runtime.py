@@ -304,3 +304,7 @@ def memoize_config_formatting(keep: int = 8) -> bool:
 apply_cpu_patches()
 die_with_launcher()
 memoize_config_formatting()
+# --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py)
+from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
+
+apply_runstart_patches()

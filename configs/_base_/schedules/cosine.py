@@ -10,8 +10,12 @@ weight_decay = 0.01
 betas = (0.9, 0.999)
 max_norm = 1.0            # gradient clipping
 accumulative_counts = 1   # gradient accumulation
+# How long to train, in your words: max_epochs=N passes over the data, or max_iters=N optimizer steps (when set
+# it wins over max_epochs); also --cfg-options max_epochs=3 or max_iters=200. The loop, the warm-up and the
+# cosine decay follow the final value (filled in when the runner is built: xtuner_plugins/engine/length.py).
 max_epochs = 1
-warmup_ratio = 0.03
+max_iters = None
+warmup_ratio = 0.03       # share of the run spent warming up
 
 # bf16 autocast when CUDA is available, plain fp32 on a CPU (AutoOptimWrapper decides).
 optim_wrapper = dict(
@@ -22,12 +26,14 @@ optim_wrapper = dict(
     dtype='bfloat16',
 )
 
+# begin/end in fractions of the run (schedule_unit='run'): stretched over max_epochs epochs, or over max_iters
+# iterations, when the runner is built; the learning rate reaches eta_min at the end of the run.
+schedule_unit = 'run'
 param_scheduler = [
-    # WarmupLR: MMEngine's LinearLR, lasting at least one iteration on short runs
-    dict(type=WarmupLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
-         convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs, end=max_epochs,
+    # WarmupLR: MMEngine's LinearLR, lasting at least two iterations on short runs
+    dict(type=WarmupLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio, convert_to_iter_based=True),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio, end=1,
          convert_to_iter_based=True),
 ]
 
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+train_cfg = dict(type=TrainLoop)  # its max_epochs / max_iters: from the settings above

@@ -1,0 +1,103 @@
+"""--cfg-options checked and the training length filled in when the runner is built, before the model is
+(engine/runstart.py): through Runner.from_cfg (tools/train.py, xtuner train --deepspeed), and from inside
+Runner.__init__ (plain xtuner train, which imports this package only there); then tools/train.py for real."""
+
+import functools
+import os
+import time
+
+import pytest
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+import xtuner_plugins.engine  # noqa: F401  (the patches)
+from tests.engine.toy import ToyRegressionModel
+from tests.train_utils import REPO_ROOT, run_train
+
+TOY = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_schedule.py')
+TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')
+
+
+def run_cfg(tmp_path, **options):
+    """The config as ``xtuner train`` hands it to the runner: the file read, the options merged."""
+    cfg = Config.fromfile(TOY)
+    cfg.merge_from_dict(dict(options, work_dir=str(tmp_path / 'work')))
+    return cfg
+
+
+def build(cfg, through_init: bool):
+    """``Runner.from_cfg``; ``through_init``: MMEngine's own from_cfg, as when the patches arrive during
+    ``Runner.__init__`` (plain ``xtuner train``)."""
+    if through_init:
+        return Runner.from_cfg.__func__.__wrapped__(Runner, cfg)
+    return Runner.from_cfg(cfg)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    @functools.wraps(ToyRegressionModel.__init__)  # the same signature, which the check reads
+    def refuse(self, *args, **kwargs):
+        raise AssertionError('the model was built before the options were checked')
+    monkeypatch.setattr(ToyRegressionModel, '__init__', refuse)
+
+
+@pytest.mark.parametrize('through_init', [False, True])
+@pytest.mark.parametrize('key, message', [
+    ('model.hiden', "model.hiden: ToyRegressionModel has no setting 'hiden'; closest: model.hidden"),
+    ('default_hooks.checkpoint.intervall', "default_hooks.checkpoint.intervall: CheckpointHook has no setting "
+                                           "'intervall'; closest: default_hooks.checkpoint.interval"),
+])
+def test_an_unknown_key_stops_the_runner_before_the_model_is_built(tmp_path, no_model, through_init, key, message):
+    with pytest.raises(ValueError) as info:
+        build(run_cfg(tmp_path, **{key: 10}), through_init)
+    assert str(info.value) == f'--cfg-options: {message}'
+
+
+@pytest.mark.parametrize('through_init', [False, True])
+def test_the_runner_gets_the_length_and_checkpoint_interval(tmp_path, through_init):
+    runner = build(run_cfg(tmp_path, max_iters=40, save_every=10), through_init)
+    assert runner._train_loop['max_iters'] == 40 and 'max_epochs' not in runner._train_loop
+    assert [(s['begin'], s['end'], s['by_epoch']) for s in runner.param_schedulers] == [(0, 2, False), (2, 40, False)]
+    (hook,) = [h for h in runner.hooks if type(h).__name__ == 'CheckpointHook']
+    assert hook.interval == 10
+    assert runner.cfg.train_cfg.max_iters == 40  # the config it logs and saves says so too
+
+
+def test_our_train_command_refuses_bad_keys_in_one_line_before_anything_loads(tmp_path):
+    start = time.perf_counter()
+    out = run_train(TOY, str(tmp_path / 'work'), script=TRAIN_TOOL, require_checkpoint=False, timeout=120,
+                    cfg_options={'default_hooks.checkpoint.intervall': 10, 'model.hiden': 3})
+    lines = [line for line in out.log.splitlines() if line.strip()]
+    assert out.returncode == 2 and out.max_iters is None and not out.checkpoints, out.summary()
+    assert lines[-1] == ("train: FAILED before loading anything: --cfg-options: default_hooks.checkpoint.intervall: "
+                         "CheckpointHook has no setting 'intervall'; closest: default_hooks.checkpoint.interval; "
+                         "model.hiden: ToyRegressionModel has no setting 'hiden'; closest: model.hidden (fix the keys "
+                         "named and run again)"), out.summary()
+    assert 'Traceback' not in out.log and time.perf_counter() - start < 60, out.summary()
+
+
+def test_a_short_run_follows_max_epochs_and_save_every(tmp_path):
+    # 8 samples, batch 4: two iterations an epoch, 30 epochs; the stage configs' schedule and checkpoint setting
+    out = run_train(TOY, str(tmp_path / 'work'), script=TRAIN_TOOL, timeout=240,
+                    cfg_options={'max_epochs': 30, 'save_every': 20})
+    assert out.ok, out.summary()
+    assert [os.path.basename(p) for p in out.checkpoints] == ['iter_20.pth', 'iter_40.pth', 'iter_60.pth']
+    lr = out.scalar_series('lr')  # the learning rate of each iteration, 1-based
+    assert sorted(lr) == list(range(1, 61)), lr
+    base = 0.05
+    assert lr[1] < base * 1e-3 and lr[2] == pytest.approx(base, rel=0.02)  # warm-up: at least two iterations
+    assert lr[30] == pytest.approx(base / 2, rel=0.15)  # half-way through the decay at half the run
+    assert lr[60] < base * 0.01  # near eta_min (0) at the last iteration
+
+
+def test_a_failed_run_ends_naming_its_log_and_what_to_do(tmp_path):
+    from xtuner_plugins.cli.train import _next_steps
+    work = tmp_path / 'work'
+    assert _next_steps(str(work), time.time()).startswith(f'no run log was written (the run stopped before it '
+                                                          f'started; its log would be under {work}/<timestamp>/)')
+    (work / '20260101_000000').mkdir(parents=True)
+    (work / '20260101_000000' / '20260101_000000.log').write_text('...')
+    (work / 'iter_20.pth').write_bytes(b'x')
+    assert _next_steps(str(work), time.time()) == (
+        f"the run's log: {work}/20260101_000000/20260101_000000.log; the traceback is above: fix its cause and run "
+        f"again; --cfg-options resume=True continues from {work}/iter_20.pth")

@@ -14,7 +14,14 @@ BNB = 'bitsandbytes.backends.cpu.ops'
 # bitsandbytes' own call (bitsandbytes/backends/cpu/ops.py), with the exception it gets without `kernels`
 BNB_CALL = ('logging.getLogger({name!r}).warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. '
             'Please make sure you already `pip install kernels` and the kernels >= 0.11.1", {exc})')
-SILENCED = [start for starts in SILENCED_LOGS.values() for start in starts]
+# DeepSpeed's (deepspeed/accelerator/real_accelerator.py, through deepspeed.utils.logger) and torch's data loader's
+DEEPSPEED_CALL = ('from deepspeed.utils import logger; logger.warning("Setting accelerator to CPU. If you have GPU or '
+                  'other accelerator, we were unable to detect it.")')
+PIN_MEMORY_CALL = ('import warnings; warnings.warn_explicit("\'pin_memory\' argument is set as true but no accelerator '
+                   'is found, then device pinned memory won\'t be used.", UserWarning, "dataloader.py", 1, '
+                   'module="torch.utils.data.dataloader")')
+SILENCED = ["'pin_memory' argument is set as true but no accelerator is found"] + [
+    start for starts in SILENCED_LOGS.values() for start in starts]
 TOOLS = sorted(n for n in os.listdir(os.path.join(ROOT, 'tools')) if n.endswith('.py'))
 
 
@@ -36,7 +43,8 @@ def test_a_tool_starts_without_the_silenced_lines(tool):
             'except SystemExit as exit:\n'
             '    assert exit.code in (0, None), exit.code\n'
             'import bitsandbytes\n'
-            + BNB_CALL.format(name=BNB, exc='ModuleNotFoundError("No module named \'kernels\'")') + '\n')
+            + BNB_CALL.format(name=BNB, exc='ModuleNotFoundError("No module named \'kernels\'")') + '\n'
+            + PIN_MEMORY_CALL + '\n')
     code_, output = run(['-c', code])
     assert code_ == 0, output[-3000:]
     assert 'usage:' in output.lower()
@@ -45,12 +53,18 @@ def test_a_tool_starts_without_the_silenced_lines(tool):
 
 
 def test_the_same_loggers_other_messages_still_show():
+    """Each silenced line (DeepSpeed's as it logs it when imported here without CUDA) against another message of
+    the same logger or module."""
     code = ('import logging, xtuner_plugins\n'
             + BNB_CALL.format(name=BNB, exc='ModuleNotFoundError("No module named \'kernels\'")') + '\n'
             + BNB_CALL.format(name=BNB, exc='RuntimeError("kernel built for another torch")') + '\n'
-            f'logging.getLogger({BNB!r}).warning("a genuine warning")\n')
+            f'logging.getLogger({BNB!r}).warning("a genuine warning")\n'
+            + DEEPSPEED_CALL + '\nlogger.warning("a genuine DeepSpeed warning")\n'
+            + PIN_MEMORY_CALL + '\n' + PIN_MEMORY_CALL.replace('pin_memory', 'num_workers') + '\n')
     code_, output = run(['-c', code])
     assert code_ == 0, output
+    assert 'Setting accelerator to CPU' not in output and 'a genuine DeepSpeed warning' in output
+    assert "'pin_memory' argument" not in output and "'num_workers' argument is set as true" in output
     assert "No module named 'kernels'" not in output
     assert 'Failed to load CPU gemm_4bit_forward from kernels-community: kernel built for another torch' in output
     assert 'a genuine warning' in output

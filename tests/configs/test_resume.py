@@ -4,6 +4,7 @@ sampler state all come back), for SFT and for preference training. Checkpoint wr
 during a save leaves nothing half-written under a checkpoint's name."""
 
 import os
+import re
 import time
 
 import pytest
@@ -84,6 +85,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, stage
     resumed = run_train(config, work, cfg_options={**opts, 'resume': True})
     assert resumed.ok, resumed.summary()
     assert 'Auto resumed from the latest checkpoint' in resumed.log and 'resumed epoch: 0, iter: 4' in resumed.log
+    assert 'missing keys in source state_dict' not in resumed.log  # MMEngine's list of the frozen keys
+    assert 'Hooks will be executed' not in resumed.log and 'RuntimeInfoHook' not in resumed.log  # log file only
+    if stage == 'sft':  # one line instead: the projector loaded, the frozen encoder and LLM left out by design
+        line = (r'resumed from \S+/iter_4\.pth: \d+ tensors loaded; \d+ frozen parameters( and \d+ buffers)? '
+                r'not in checkpoints by design \(vision_model\.\*, language_model\.\*\)')
+        assert re.search(line, resumed.log), resumed.log[-3000:]
     after = {i: v for i, v in resumed.losses.items() if i > 4}
     assert sorted(after) == [5, 6, 7, 8], resumed.losses
     for i in after:

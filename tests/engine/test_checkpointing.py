@@ -5,6 +5,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from xtuner_plugins.engine.checkpointing import CheckpointCleanupHook, save_then_rename, stale_temporaries
 from xtuner_plugins.models.checkpoint import load_trained_state_dict
@@ -46,3 +47,69 @@ def test_a_killed_save_leaves_no_folder_under_the_final_name(tmp_path):
 def test_deepspeeds_save_goes_through_it():
     from mmengine._strategy.deepspeed import DeepSpeedStrategy
     assert getattr(DeepSpeedStrategy.save_checkpoint, '_xtuner_plugins_checkpoint_patch', False)
+
+
+class Frozen(torch.nn.Module):
+    """The shape of a training model: frozen encoder and LLM, a trained projector, a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_model = torch.nn.Linear(3, 3).requires_grad_(False)
+        self.mlp1 = torch.nn.Linear(3, 3)
+        self.language_model = torch.nn.Linear(3, 3).requires_grad_(False)
+        self.register_buffer('scale', torch.ones(1))
+
+
+def load_through_the_runner(tmp_path, state_dict, name):
+    """``Runner.load_checkpoint`` of ``{'state_dict': state_dict}`` saved as ``name``; what the log says."""
+    from mmengine.logging import MMLogger
+    from mmengine.runner import Runner
+    from mmengine.runner.checkpoint import save_checkpoint
+    path = str(tmp_path / name)
+    save_checkpoint({'state_dict': state_dict, 'meta': {}}, path)
+    log = tmp_path / f'{name}.log'
+    MMLogger.get_instance(f'load-{name}', log_file=str(log))  # the current logger, as a runner's
+    model = Frozen()
+    fake_runner = SimpleNamespace(model=model, call_hook=lambda *a, **k: None, logger=MMLogger.get_current_instance())
+    Runner.load_checkpoint(fake_runner, path)
+    return model, path, log.read_text()
+
+
+def test_a_checkpoint_of_the_trained_parameters_loads_with_one_line(tmp_path):
+    trained = Frozen()
+    model, path, log = load_through_the_runner(tmp_path, {k: v for k, v in trained.state_dict().items()
+                                                           if k.startswith('mlp1.')}, 'iter_2.pth')
+    assert torch.equal(model.mlp1.weight, trained.mlp1.weight)
+    assert (f'loaded {path}: 2 tensors loaded; 4 frozen parameters and 1 buffers not in checkpoints by design '
+            '(vision_model.*, language_model.*, scale)') in log
+    assert 'missing keys' not in log and 'WARNING' not in log
+    assert len([line for line in log.splitlines() if line.strip()]) == 2  # that line and the runner's own
+
+
+def test_trained_parameters_missing_from_a_checkpoint_are_named_loudly(tmp_path):
+    trained = Frozen()
+    state = {'mlp1.weight': trained.mlp1.weight.detach(), 'stray.weight': torch.zeros(1)}
+    _, path, log = load_through_the_runner(tmp_path, state, 'iter_4.pth')
+    assert f'loaded {path}: 1 tensors loaded;' in log
+    assert (f'WARNING - 1 TRAINED parameters are NOT in {path}: they keep the values they had before this load '
+            '(mlp1.*): mlp1.bias') in log
+    assert f'WARNING - 1 tensors of {path} match no parameter of the model and were not loaded (stray.*): ' \
+           'stray.weight' in log
+
+
+def test_resume_names_the_checkpoint_it_resumed_from():
+    """The runners' ``resume`` calls their ``load_checkpoint``: the line says ``resumed from``, a plain load
+    ``loaded``."""
+    from mmengine.runner import FlexibleRunner, Runner
+
+    from xtuner_plugins.engine import checkpointing
+    for runner in (Runner, FlexibleRunner):
+        assert runner.resume.__wrapped__ and runner.load_checkpoint.__wrapped__
+    seen = []
+    load = checkpointing._naming_the_source(lambda self, filename: seen.append(checkpointing._LOADING.get()),
+                                            'loaded')
+    resume = checkpointing._naming_the_source(lambda self, filename: load(self, filename), 'resumed from')
+    resume(None, 'work/iter_4.pth')
+    load(None, 'work/iter_6.pth')
+    assert seen == [('resumed from', 'work/iter_4.pth'), ('loaded', 'work/iter_6.pth')]
+    assert checkpointing._LOADING.get() is None

@@ -201,3 +201,46 @@ def test_chat_tool_names_a_bad_image_in_one_line(tmp_path, capsys, problem):
     err = capsys.readouterr().err
     reason = 'missing_image' if problem == 'missing' else 'corrupt_image'
     assert err.startswith(f'chat: error: {path}: ') and err.endswith(f'[{reason}]\n') and err.count('\n') == 1, err
+
+
+class EmptyAnswers:
+    """A model that generates nothing but its end token (decoded: ''), or ``text``."""
+    tokenizer = None
+
+    def __init__(self, text=''):
+        self.text, self.generations = text, []
+
+    def ask(self, question, images, generation, streamer=None):
+        self.generations.append(generation)
+        if streamer is not None:
+            streamer.end()
+        return self.text
+
+    def reset(self):
+        pass
+
+
+@pytest.mark.parametrize('text', ['', 'A red square.'])
+@pytest.mark.parametrize('interactive', [False, True])
+def test_chat_tool_says_when_the_answer_is_empty(monkeypatch, capsys, tmp_path, interactive, text):
+    """A blank answer comes with a hint line (interactive: after the answer; one-shot: on stderr, the output
+    stays the answer alone); an answer with text comes alone."""
+    import xtuner_plugins.cli.chat as chat
+    model = EmptyAnswers(text)
+    monkeypatch.setattr(chat, 'run_tool', lambda args, prog, use, errors, **tiling: use(model) or 0)
+    hints = []
+    for sampling in ([], ['--do-sample']):
+        lines = iter(['Hi', '/exit'])
+        monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+        assert chat_main([str(tmp_path)] + ([] if interactive else ['--prompt', 'Hi']) + sampling) == 0
+        out, err = capsys.readouterr()
+        if not interactive:
+            assert out == text + '\n'
+        hints.append([line for line in (out if interactive else err).splitlines() if 'empty answer' in line])
+    if text:
+        assert hints == [[], []]
+    else:
+        start = ('(empty answer: the model generated no text, only special tokens such as its end token; an '
+                 'untrained or mismatched model? ')
+        assert hints == [[start + 'try --do-sample)'], [start + 'try another --seed or a higher --temperature)']]
+    assert [g['do_sample'] for g in model.generations] == [False, True]

@@ -31,8 +31,8 @@ import torch
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments, run_tool,
-                                             tool_error)
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
+                                             empty_answer_hint, run_tool, tool_error)
 
 
 def generation_settings(args) -> dict:
@@ -52,6 +52,12 @@ def image_problem(paths: Sequence[str]) -> str:
         except SampleError as err:
             return str(err.with_source(path))
     return ''
+
+
+def empty_hint(answer: str, generation: dict) -> str:
+    """What to try when ``answer`` is empty (``''`` otherwise), in this tool's flags."""
+    advice = 'try another --seed or a higher --temperature' if generation.get('do_sample') else 'try --do-sample'
+    return empty_answer_hint(answer, advice)
 
 
 HELP = ('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
@@ -109,6 +115,8 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
         print()
         if 'error' in result:
             print(f'(error: {result["error"]})')
+        elif empty_hint(result['answer'], generation):
+            print(empty_hint(result['answer'], generation))
         pending = []
 
 
@@ -145,7 +153,11 @@ def main(argv=None) -> int:
         if args.prompt is None:
             interactive(chat, args.image, generation_settings(args))
         else:
-            print(chat.ask(args.prompt, args.image, generation_settings(args)))
+            generation = generation_settings(args)
+            answer = chat.ask(args.prompt, args.image, generation)
+            print(answer)
+            if empty_hint(answer, generation):  # on stderr: the output stays the answer alone
+                print(empty_hint(answer, generation), file=sys.stderr)
 
     return run_tool(args, 'chat', answer, (ValueError, SampleError), image_size=args.image_size, max_num=args.max_num,
                     min_num=args.min_num, use_thumbnail=False if args.no_thumbnail else None)

@@ -5,6 +5,7 @@ CUDA is not available (see ``runtime``'s docstring), and ``checkpointing``, whic
 atomic and lets resume load MMEngine checkpoints under torch >= 2.6.
 """
 
+from . import console  # noqa: F401  (the runners' console: MMEngine's start-up dumps in the log file only)
 from .badsamples import BadSampleHook
 from .checkpointing import CheckpointCleanupHook, apply_checkpoint_patches, atomic_write
 from .checks import ModelDataCheckHook, check_geometry

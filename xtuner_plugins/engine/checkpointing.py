@@ -17,14 +17,23 @@ Applied when ``xtuner_plugins.engine`` is imported (configs import it), on GPUs 
   weights). MMEngine's loader for local files is re-registered to load with ``weights_only=False``;
   allow-listing the globals instead would mean allowing ``builtins.getattr``. Only load checkpoints you
   trust (your own runs).
+* **One line on what a load brought back.** MMEngine's ``load_state_dict`` warns with every missing key
+  (thousands of characters on a resume, worded as a mismatch), yet this project's checkpoints hold only the
+  trained parameters by design (``VisionLanguageModel.state_dict``): the frozen ones come from their source
+  checkpoints. A non-strict load now logs one line, ``resumed from X: N tensors loaded; M frozen parameters not in
+  checkpoints by design (vision_model.*, language_model.*)``, and warns loudly, by name, about what was not
+  expected: trained parameters the checkpoint lacks (they keep the values they had before the load) and tensors
+  of the checkpoint that match nothing in the model. DeepSpeed checkpoints load through DeepSpeed, not this.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -146,9 +155,111 @@ def _patch_local_checkpoint_loader() -> bool:
     return True
 
 
+# (verb, checkpoint) of the load under way in this thread: set by the runners' resume / load_checkpoint
+_LOADING: contextvars.ContextVar = contextvars.ContextVar('xtuner_plugins_loading', default=None)
+SHOWN_NAMES = 10  # names listed in a warning about unexpected keys, then a count of the rest
+
+
+def _named(keys: Sequence[str]) -> str:
+    more = f' ... and {len(keys) - SHOWN_NAMES} more' if len(keys) > SHOWN_NAMES else ''
+    return ', '.join(keys[:SHOWN_NAMES]) + more
+
+
+def _groups(keys: Sequence[str]) -> str:
+    """``vision_model.*, language_model.*``: the top-level modules the keys belong to, in order of appearance."""
+    return ', '.join(dict.fromkeys(k.split('.')[0] + ('.*' if '.' in k else '') for k in keys))
+
+
+def load_report(model, loaded: int, missing: Sequence[str], unexpected: Sequence[str],
+                source: Optional[Tuple[str, str]] = None) -> List[Tuple[int, str]]:
+    """``(level, line)``s on a non-strict load into ``model``: one INFO line with the tensors loaded and the frozen
+    parameters and buffers left out by design; a WARNING for trained parameters missing from the checkpoint and
+    one for the checkpoint's tensors that match nothing. ``source``: ``(verb, path)`` (``('resumed from', X)``)."""
+    trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    missing = [k for k in missing if 'num_batches_tracked' not in k]
+    trained_missing = [k for k in missing if k in trained]
+    frozen = [k for k in missing if k in params and k not in trained]
+    buffers = [k for k in missing if k not in params]
+    verb, where = source or ('loaded', 'a state dict')
+    line = f'{verb} {where}: {loaded} tensors loaded'
+    if frozen or buffers:
+        line += (f'; {len(frozen)} frozen parameters' + (f' and {len(buffers)} buffers' if buffers else '')
+                 + f' not in checkpoints by design ({_groups(frozen + buffers)})')
+    lines = [(logging.INFO, line)]
+    if trained_missing:
+        lines.append((logging.WARNING, f'{len(trained_missing)} TRAINED parameters are NOT in {where}: they keep '
+                      f'the values they had before this load ({_groups(trained_missing)}): '
+                      f'{_named(trained_missing)}'))
+    if unexpected:
+        lines.append((logging.WARNING, f'{len(unexpected)} tensors of {where} match no parameter of the model and '
+                      f'were not loaded ({_groups(unexpected)}): {_named(unexpected)}'))
+    return lines
+
+
+def _unwrap(module):
+    from mmengine.model import BaseTTAModel, is_model_wrapper
+    while is_model_wrapper(module) or isinstance(module, BaseTTAModel):
+        module = module.module
+    return module
+
+
+def _patch_load_report() -> bool:
+    from mmengine.runner import checkpoint
+    original = checkpoint.load_state_dict
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    def load_state_dict(module, state_dict, strict=False, logger=None):
+        if strict:  # MMEngine raises with its message
+            return original(module, state_dict, strict, logger)
+        seen = {}
+        target = _unwrap(module)
+
+        def record(_, incompatible):  # the top module's hook runs last, with every key the load met
+            seen.update(missing=list(incompatible.missing_keys), unexpected=list(incompatible.unexpected_keys))
+
+        handle = target.register_load_state_dict_post_hook(record)
+        try:
+            original(module, state_dict, strict, 'silent')
+        finally:
+            handle.remove()
+        from mmengine.dist import get_dist_info
+        if get_dist_info()[0] != 0:  # as MMEngine: rank 0 reports
+            return
+        unexpected = seen.get('unexpected', [])
+        for level, line in load_report(target, len(state_dict) - len(unexpected), seen.get('missing', []),
+                                       unexpected, _LOADING.get()):
+            print_log(line, logger=logger or 'current', level=level)
+
+    setattr(load_state_dict, _PATCH_MARK, True)
+    checkpoint.load_state_dict = load_state_dict
+    from mmengine.runner import FlexibleRunner, Runner
+    for runner in (Runner, FlexibleRunner):
+        for method, verb in (('resume', 'resumed from'), ('load_checkpoint', 'loaded')):
+            setattr(runner, method, _naming_the_source(getattr(runner, method), verb))
+    return True
+
+
+def _naming_the_source(method, verb: str):
+    """``method(self, filename, ...)`` with ``(verb, filename)`` as the load under way (an outer one kept)."""
+    import functools
+
+    @functools.wraps(method)
+    def named(self, filename, *args, **kwargs):
+        token = _LOADING.set(_LOADING.get() or (verb, str(filename)))
+        try:
+            return method(self, filename, *args, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+    return named
+
+
 def apply_checkpoint_patches() -> List[str]:
     """Apply the patches once; returns the names newly applied."""
-    patches = (_patch_local_backend_atomic, _patch_local_checkpoint_loader, _patch_deepspeed_save_rename)
+    patches = (_patch_local_backend_atomic, _patch_local_checkpoint_loader, _patch_deepspeed_save_rename,
+               _patch_load_report)
     newly = [p.__name__.lstrip('_') for p in patches if p()]
     _applied.extend(newly)
     return newly

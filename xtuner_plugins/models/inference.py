@@ -157,6 +157,16 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
                              log=log)
 
 
+def empty_answer_hint(answer: str, advice: str) -> str:
+    """A line that says why an answer shows nothing (``''`` for an answer with text): a greedy decode of an untrained
+    or mismatched model often picks the end token first, and the decoded special tokens are dropped.
+    ``advice``: what to try in the tool at hand (its flag or setting)."""
+    if answer.strip():
+        return ''
+    return (f'(empty answer: the model generated no text, only special tokens such as its end token; an untrained or '
+            f'mismatched model? {advice})')
+
+
 def tool_error(prog: str, problem: Union[str, Exception]) -> int:
     """A tool's error printed as argparse prints its own (``PROG: error: ...``); the exit status 2."""
     print(f'{prog}: error: {problem}', file=sys.stderr)

@@ -1,0 +1,73 @@
+"""Third-party start-up noise, silenced message by message; installed when ``xtuner_plugins`` is imported.
+
+Each entry names one logger (or warning category and module) and the start of one message; every other
+message of the same logger or module still shows. Only lines that say nothing a user of this project can act on
+are listed here, each with the reason:
+
+* bitsandbytes, on a CPU with AVX512-BF16, logs at import (``bitsandbytes/backends/cpu/ops.py``)
+  ``Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'``: the optional
+  ``kernels`` package (a fused 4-bit CPU kernel fetched from the Hugging Face Hub) is not installed, so
+  bitsandbytes uses its own CPU code. Nothing here runs 4-bit models on a CPU; ``pip install kernels`` would
+  only fetch a kernel over the network. Any other failure to load that kernel (``kernels`` installed but
+  broken) still shows.
+* DeepSpeed, imported without CUDA: ``Setting accelerator to CPU. If you have GPU or other accelerator, we were
+  unable to detect it.`` (its logger ``DeepSpeed``): ``xtuner_plugins.engine`` (which imports DeepSpeed) says
+  the same in its own line, ``xtuner_plugins: CUDA is not available, applied CPU patches: ...``.
+* torch, training on a CPU: ``'pin_memory' argument is set as true but no accelerator is found, then device
+  pinned memory won't be used.`` (a UserWarning from the data loader): the configs pin memory for GPUs.
+
+MMEngine's start-up blocks and its notes about its own internals during training are left to the run's log
+file or dropped by ``xtuner_plugins.engine.console``.
+
+The filters sit on the loggers themselves, so they hold whenever the message is logged after this package was
+imported: ``tools/*.py`` and the ``xtuner-plugins-*`` console scripts import it first. ``xtuner train CONFIG``
+imports XTuner before it reads the config (which imports this package): what XTuner's own imports log comes
+before the filters exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Dict, Tuple
+
+#: logger name -> starts of the messages of that logger that are dropped
+SILENCED_LOGS: Dict[str, Tuple[str, ...]] = {
+    'bitsandbytes.backends.cpu.ops': (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'",),
+    'DeepSpeed': ('Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.',),
+}
+
+#: (the start of a warning's message, its category, the module that warns) of the ``warnings.warn`` lines dropped
+SILENCED_WARNINGS: Tuple[Tuple[str, type, str], ...] = (
+    # training on a CPU: the configs pin memory for GPUs; there is no accelerator to pin for, nothing to do
+    ("'pin_memory' argument is set as true but no accelerator is found", UserWarning,
+     'torch.utils.data.dataloader'),
+)
+
+
+class DropMessages(logging.Filter):
+    """Drops the records whose formatted message starts with one of ``starts``; lets every other through."""
+
+    def __init__(self, starts: Tuple[str, ...]):
+        super().__init__()
+        self.starts = tuple(starts)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's to report, not ours to drop
+            return True
+        return not message.startswith(self.starts)
+
+
+def install() -> None:
+    """Add the filters (once per logger; importing twice adds nothing)."""
+    for name, starts in SILENCED_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(starts))
+    for message, category, module in SILENCED_WARNINGS:
+        warnings.filterwarnings('ignore', message=re.escape(message), category=category,
+                                module=re.escape(module) + '$')

@@ -88,10 +88,10 @@ def _tokens_per_tile(projector, grid: int) -> int:
         return int(build_projector(projector, 4, 4).tokens_per_tile(grid))
 
 
-def model_data_settings(model_cfg, image_size: Optional[int] = None) -> Dict[str, object]:
+def model_data_settings(model_cfg, image_size: Optional[int] = None) -> Optional[Dict[str, object]]:
     """What the model of ``model_cfg`` (a ``VisionLanguageModel`` config) implies for its data set: each of
     :data:`DERIVED_KEYS` and ``source`` (the settings read, for messages); ``num_image_token`` for tiles of
-    ``image_size`` (default the encoder's)."""
+    ``image_size`` (default the encoder's). None for a vision tower given as a module (no folder to read)."""
     from xtuner_plugins.models.vision import InternViTEncoder
     from xtuner_plugins.models.vision.base import read_json
     from xtuner_plugins.models.vision.internvit_layout import official_to_hf_vision_config
@@ -112,6 +112,8 @@ def model_data_settings(model_cfg, image_size: Optional[int] = None) -> Dict[str
         source = [f'model.official_checkpoint={official}']
     else:
         vision = get('vision_encoder')
+        if not isinstance(vision, (str, dict)):
+            return None
         encoder = encoder_conventions(vision, get('select_layer'))
         projector = get('projector')
         if projector == 'pixel_shuffle_mlp':  # as VisionLanguageModel builds it
@@ -159,6 +161,8 @@ def fill_dataset(dataset_cfg, model_cfg, log: bool = True) -> Dict[str, object]:
     if not unset:
         return {}
     implied = model_data_settings(model_cfg, image_size=dataset.get('image_size'))
+    if implied is None:
+        return {}
     filled = {key: implied[key] for key in unset if implied[key] is not None}
     dataset.update(filled)
     if log and filled:

@@ -62,6 +62,8 @@ def test_one_process_through_the_xtuner_cli(tiny, tmp_path):
     out = run_train(CONFIG, str(tmp_path / 'work'), use_cli=True,
                     cfg_options=tiny_options(tiny, tiny['same'], repeat=12))
     losses = check_outcome(out, tiny)
+    # only the model paths and the data given: the data set took the tiny tower's 56 px tiles (4 tokens each)
+    assert 'data set: image_size 56, num_image_token 4, image_mode tile, template internvl2_5, ' in out.log
     assert len(losses) == 6
     # the same batch every iteration; only mlp1 learns, so the random tiny LLM moves little (6.231 -> 6.197)
     assert losses[-1] < losses[0] - 0.02 and losses[1:] == sorted(losses[1:], reverse=True), losses

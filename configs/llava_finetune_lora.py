@@ -19,5 +19,4 @@ projector_lr = 1e-3       # the projector: larger, so a fresh one catches up
 llm_lora = dict(r=128, lora_alpha=256, lora_dropout=0.05, target_modules='all-linear')  # LLaVA-1.5's LoRA
 model.update(vision_encoder=vision_encoder, projector=projector, image_mode=image_mode, llm=llm_path,
              llm_lora=llm_lora)
-train_dataloader.dataset.update(tokenizer=llm_path, **data_geometry)
 optim_wrapper.optimizer.update(lr=lr, paramwise_cfg=dict(custom_keys={'mlp1': dict(lr_mult=projector_lr / lr)}))

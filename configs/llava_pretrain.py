@@ -12,5 +12,4 @@ with read_base():
 
 lr = 1e-3
 model.update(vision_encoder=vision_encoder, projector=projector, image_mode=image_mode, llm=llm_path)
-train_dataloader.dataset.update(tokenizer=llm_path, **data_geometry)
 optim_wrapper.optimizer.update(lr=lr)

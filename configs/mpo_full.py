@@ -7,7 +7,7 @@
 #       train_dataloader.dataset.data_files=[data/my_pairs.jsonl] train_dataloader.dataset.image_folders=[data/images]
 #
 # From an official InternVL folder instead: model.official_checkpoint=models/InternVL2_5-1B model.vision_encoder=None
-# model.llm=None train_dataloader.dataset.tokenizer=models/InternVL2_5-1B. Pairs: see configs/dpo_lora.py.
+# model.llm=None (the data set takes its tokenizer from it). Pairs: see configs/dpo_lora.py.
 from mmengine.config import read_base
 
 from xtuner_plugins.data import InternVLPreferenceDataset, preference_collate_fn

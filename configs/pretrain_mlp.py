@@ -33,7 +33,7 @@ max_dynamic_patch = 12
 
 train_dataloader.update(batch_size=batch_size)
 train_dataloader.sampler.update(per_device_batch_size=batch_size)
-train_dataloader.dataset.update(data_files=data_files, image_folders=image_folders, tokenizer=llm_path,
-                                max_length=max_length, max_dynamic_patch=max_dynamic_patch)
+train_dataloader.dataset.update(data_files=data_files, image_folders=image_folders, max_length=max_length,
+                                max_dynamic_patch=max_dynamic_patch)  # tile size, tokenizer...: the model's
 optim_wrapper.update(accumulative_counts=accumulative_counts)
 optim_wrapper.optimizer.update(lr=lr, weight_decay=weight_decay)

@@ -15,5 +15,4 @@ with read_base():
 
 lr = 2e-5                 # LLaVA-1.5's stage-2 lr
 model.update(vision_encoder=vision_encoder, projector=projector, image_mode=image_mode, llm=llm_path)
-train_dataloader.dataset.update(tokenizer=llm_path, **data_geometry)
 optim_wrapper.optimizer.update(lr=lr)

@@ -11,5 +11,4 @@ with read_base():
 
 lr = 1e-3                 # a fresh projector (LLaVA-1.5's stage-1 lr)
 model.update(vision_encoder=vision_encoder, projector=projector, image_mode=image_mode, llm=llm_path)
-train_dataloader.dataset.update(tokenizer=llm_path, **data_geometry)
 optim_wrapper.optimizer.update(lr=lr)

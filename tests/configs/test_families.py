@@ -1,9 +1,9 @@
 """The family configs (SigLIP + bilinear MLP, LLaVA-1.5 with CLIP) and the start-up check of data against model.
 
-Each family config declares its data geometry next to its model parts; a model built with the config's parts
-at the real encoders' image and patch sizes must agree with it. Each config trains through XTuner's own entry
-point on tiny look-alikes of its encoder; a data set that disagrees with the model stops start-up, naming
-both values."""
+Each family config names its model parts once; the data set's geometry and tokenizer are derived from them
+(engine/derive.py), and at the real encoders' image and patch sizes they are what a model built with those parts
+reports. Each config trains through XTuner's own entry point on tiny look-alikes of its encoder, given only the
+model paths and the data; a data set that disagrees with the model stops start-up, naming both values."""
 
 import os
 
@@ -13,6 +13,7 @@ from mmengine.config import Config
 
 from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import load_checkpoint_state, run_train
+from xtuner_plugins.engine.derive import derive_data_settings
 from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 
@@ -24,31 +25,30 @@ FAMILY_CONFIGS = {
 }
 
 
-def family_options(cfg, vision_folder, tiny, model):
-    """tiny_options for a family config: its own encoder type, the tiny encoder's geometry for the data."""
+def family_options(tiny, vision_folder):
+    """tiny_options for a family config: its own encoder type, pointed at the tiny encoder; nothing else."""
     options = tiny_options(tiny, tiny['same'], repeat=12)
     options['model.vision_encoder.path'] = vision_folder
     del options['model.vision_encoder']
-    options.update({f'train_dataloader.dataset.{k}': (list(v) if isinstance(v, tuple) else v)
-                    for k, v in model.geometry.items()})
     return options
 
 
 @pytest.mark.parametrize('name', sorted(FAMILY_CONFIGS))
-def test_declared_data_geometry_is_what_the_model_computes(name, tiny, tmp_path):
+def test_derived_data_geometry_is_what_the_model_computes(name, tiny, tmp_path):
     cfg = Config.fromfile(os.path.join(ROOT, 'configs', name))
     vision, writer, size = FAMILY_CONFIGS[name]
     assert cfg.model.vision_encoder['type'] == vision
     # the real encoder's tile and patch size, tiny widths
     folder = writer(str(tmp_path / vision), image_size=size, hidden_size=16, num_layers=3, num_heads=2,
                     intermediate_size=32)
-    model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
+    cfg.merge_from_dict({'model.vision_encoder.path': folder, 'model.llm': tiny['llm']})
+    model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder), llm=tiny['llm'],
                                 projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
-    data = cfg.train_dataloader.dataset
+    derived = derive_data_settings(cfg, log=False)
+    assert derived['image_size'] == size
     for key, value in model.geometry.items():
-        if key != 'image_mean' or model.image_mode == 'pad':
-            assert data[key] == (list(value) if isinstance(value, tuple) else value), key
-    assert cfg.train_dataloader.dataset.tokenizer == cfg.model.llm
+        assert derived[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert (derived['tokenizer'], derived['template']) == (tiny['llm'], model.template)
 
 
 def test_llava_lora_config_gives_the_projector_a_larger_lr():
@@ -62,12 +62,11 @@ def test_llava_lora_config_gives_the_projector_a_larger_lr():
 def test_family_config_trains(name, tiny, tmp_path):
     vision, writer, _ = FAMILY_CONFIGS[name]
     config = os.path.join(ROOT, 'configs', name)
-    cfg = Config.fromfile(config)
     folder = writer(str(tmp_path / vision))
-    model = VisionLanguageModel(vision_encoder=dict(cfg.model.vision_encoder, path=folder), llm=tiny['llm'],
-                                projector=cfg.model.projector, image_mode=cfg.model.image_mode, torch_dtype='float32')
-    out = run_train(config, str(tmp_path / 'work'), cfg_options=family_options(cfg, folder, tiny, model))
+    out = run_train(config, str(tmp_path / 'work'), cfg_options=family_options(tiny, folder))
     assert out.ok, out.summary()
+    tokens = 4 if vision == 'siglip' else 16  # 56 px tiles, patch 14: bilinear 4x4 -> 2x2, LLaVA's MLP 4x4
+    assert f'data set: image_size 56, num_image_token {tokens}, ' in out.log
     state = load_checkpoint_state(out.final_checkpoint)
     assert any(k.startswith('mlp1.linear_1') for k in state), sorted(state)[:5]
     losses = [out.losses[i] for i in sorted(out.losses)]

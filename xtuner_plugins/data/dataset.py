@@ -51,6 +51,11 @@ from .template import (add_internvl_tokens, check_tokenizer_fits, control_marker
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
 
 
+# What a data set built directly (not from a training config, which takes the model's) uses for None.
+DEFAULT_IMAGE_SIZE = 448          # InternViT-300M-448px's tiles
+DEFAULT_TEMPLATE = 'internvl2_5'
+
+
 @dataclass
 class CheckedSample:
     """A record parsed and validated once (:meth:`InternVLDataset.check_record`)."""
@@ -103,6 +108,11 @@ class InternVLDataset(Dataset):
         image_mode: ``'tile'`` (InternVL's dynamic tiling), ``'resize'`` (one tile per image, resized) or
             ``'pad'`` (one tile, padded to a square with the ``image_mean`` colour first, as LLaVA).
         image_mean: the encoder's normalisation mean; only ``'pad'`` uses it (its padding colour).
+
+    In training, ``image_size``, ``num_image_token``, ``image_mode``, ``image_mean``, ``template`` and
+    ``tokenizer`` left None come from the model's config before the data set is built
+    (``xtuner_plugins.engine.derive``); a data set built directly takes None as InternVL 2.5's value
+    (448 px tiles, ``'tile'``, ImageNet's mean, ``'internvl2_5'``; no tokenizer).
         min_dynamic_patch, max_dynamic_patch: tile-count range; a sample with N images uses
             ``max(1, max_dynamic_patch // N)`` tiles per image.
         use_thumbnail: append a whole-image thumbnail tile when an image has more than one tile.
@@ -123,17 +133,17 @@ class InternVLDataset(Dataset):
                  repeat_times: Union[float, Sequence[float]] = 1.0,
                  max_dynamic_patches: Union[None, int, Sequence[Optional[int]]] = None,
                  tokenizer=None,
-                 template='internvl2_5',
+                 template=None,
                  system: Optional[str] = None,
                  max_length: Optional[int] = 8192,
                  truncation: str = 'keep',
                  allow_control_text: bool = False,
-                 image_size: int = 448,
+                 image_size: Optional[int] = None,
                  num_image_token: Optional[int] = None,
                  patch_size: int = 14,
                  downsample_ratio: float = 0.5,
-                 image_mode: str = 'tile',
-                 image_mean: Sequence[float] = IMAGENET_MEAN,
+                 image_mode: Optional[str] = None,
+                 image_mean: Optional[Sequence[float]] = None,
                  min_dynamic_patch: int = 1,
                  max_dynamic_patch: int = 12,
                  use_thumbnail: bool = True,
@@ -155,6 +165,10 @@ class InternVLDataset(Dataset):
         self.tokenizer = build_tokenizer(tokenizer)
         if self.tokenizer is not None:
             add_internvl_tokens(self.tokenizer)
+        template = DEFAULT_TEMPLATE if template is None else template
+        image_size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+        image_mode = 'tile' if image_mode is None else image_mode
+        image_mean = IMAGENET_MEAN if image_mean is None else image_mean
         self.template = get_template(template)
         if self.tokenizer is not None:
             check_tokenizer_fits(self.tokenizer, self.template,

@@ -29,7 +29,9 @@ On a machine with CUDA nothing is patched: ``DIST_BACKEND`` is ``'nccl'`` and ``
 MMEngine's ``AmpOptimWrapper``. On a CPU (``torch.cuda.is_available()`` is False) the patches below are applied
 once at import; each is idempotent and can be listed with :func:`applied_patches`. On any machine, a rank
 started by ``torchrun`` is set to end with its launcher (:func:`die_with_launcher`) and the config's text is
-formatted once per text (:func:`memoize_config_formatting`).
+formatted once per text (:func:`memoize_config_formatting`), and both runners' ``build_train_loop`` fill the
+training data set's unset geometry, template and tokenizer from the model (``derive.py``,
+:func:`~xtuner_plugins.engine.derive.apply_derive_patches`): this import comes before either runner trains.
 """
 
 from __future__ import annotations
@@ -304,7 +306,10 @@ def memoize_config_formatting(keep: int = 8) -> bool:
 apply_cpu_patches()
 die_with_launcher()
 memoize_config_formatting()
-# --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py)
+# --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py); the data
+# set's unset geometry, template and tokenizer taken from the model when it is built (engine/derive.py)
+from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
 
 apply_runstart_patches()
+apply_derive_patches()

@@ -233,7 +233,14 @@ class ConvertedModel:
                 folder, trust_remote_code=True, dtype=dtype)).eval().to(device)
             cfg = self.config
             given = {k: v for k, v in tiling.items() if v is not None}
-            self.tiling = dict(image_size=int(given.get('image_size') or cfg.get('force_image_size') or 448),
+            # the tile size the folder records: InternVL's force_image_size, else its vision tower's own
+            tower_size = (cfg.get('vision_config') or {}).get('image_size')
+            tower_size = tower_size[0] if isinstance(tower_size, (list, tuple)) else tower_size
+            size = given.get('image_size') or cfg.get('force_image_size') or tower_size
+            if not size:
+                raise ValueError(f'{folder}/config.json: no force_image_size nor vision_config.image_size; '
+                                 f'give the tile size (--image-size)')
+            self.tiling = dict(image_size=int(size),
                                max_num=int(given.get('max_num') or cfg.get('max_dynamic_patch', 12)),
                                min_num=int(given.get('min_num') or cfg.get('min_dynamic_patch', 1)),
                                use_thumbnail=bool(given.get('use_thumbnail', cfg.get('use_thumbnail', True))),

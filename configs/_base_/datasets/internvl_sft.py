@@ -4,13 +4,16 @@ from xtuner.dataset.samplers import LengthGroupedSampler
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.engine import DATALOADER_WORKERS
 
+# The tile size, tokens per tile, image mode, padding colour, template and tokenizer are the model's: left None
+# here, each is read from the stage config's `model` (its encoder's config.json, projector, LLM folder) before the
+# data set is built (xtuner_plugins/engine/derive.py), and logged (`data set: image_size 448, ...`). Setting one
+# (here or --cfg-options train_dataloader.dataset.KEY=...) keeps it; one that disagrees with the model stops
+# start-up, naming both values (ModelDataCheckHook).
 data_files = ['data/llava_pretrain/blip_laion_cc_sbu_558k.json']
 image_folders = ['data/llava_pretrain/images']
-tokenizer_path = None      # the LLM's tokenizer: the stage config sets its model's llm_path
 batch_size = 4          # per device
 num_workers = DATALOADER_WORKERS   # 4, or the core count where smaller
 max_length = 8192
-image_size = 448        # the vision encoder's tile size
 max_dynamic_patch = 12
 
 train_dataset = dict(
@@ -18,12 +21,13 @@ train_dataset = dict(
     data_files=data_files,
     image_folders=image_folders,
     repeat_times=1.0,
-    tokenizer=tokenizer_path,
-    template='internvl2_5',
+    tokenizer=None,         # the model's: model.tokenizer, model.llm or model.official_checkpoint
+    template=None,          # the model's: model.template
     max_length=max_length,
-    image_size=image_size,
-    patch_size=14,
-    downsample_ratio=0.5,
+    image_size=None,        # the vision encoder's tile size
+    num_image_token=None,   # the projector's tokens per tile
+    image_mode=None,        # the model's: model.image_mode
+    image_mean=None,        # the encoder's mean (the padding colour of image_mode 'pad')
     min_dynamic_patch=1,
     max_dynamic_patch=max_dynamic_patch,
     use_thumbnail=True,

@@ -7,6 +7,4 @@ vision_encoder = dict(type='clip', path='models/clip-vit-large-patch14-336', sel
 projector = 'mlp'
 image_mode = 'pad'
 llm_path = 'models/Qwen2.5-0.5B-Instruct'
-# What the model's geometry is (VisionLanguageModel.geometry); ModelDataCheckHook stops start-up on a mismatch.
-data_geometry = dict(image_size=336, num_image_token=576, image_mode=image_mode, 
-                     image_mean=[0.48145466, 0.4578275, 0.40821073])  # CLIP's mean: the padding colour
+# The data set takes its tile size, tokens per tile, image mode (and padding colour) and tokenizer from these.

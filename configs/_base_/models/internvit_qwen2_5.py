@@ -4,8 +4,8 @@
 # folders, so that nothing is downloaded at run time. Fetch them once:
 #   huggingface-cli download OpenGVLab/InternViT-300M-448px-V2_5 --local-dir models/InternViT-300M-448px-V2_5
 #   huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir models/Qwen2.5-1.5B-Instruct
-# or point a run elsewhere: --cfg-options model.vision_encoder=DIR model.llm=DIR train_dataloader.dataset.tokenizer=DIR
-# (the stage configs copy llm_path into the data set's tokenizer; `llm_path=` itself changes nothing once read).
+# or point a run elsewhere: --cfg-options model.vision_encoder=DIR model.llm=DIR (the data set takes its tile size,
+# tokens per tile and tokenizer from them; `llm_path=` itself changes nothing once read).
 from xtuner_plugins.models import VisionLanguageModel
 
 vision_encoder_path = 'models/InternViT-300M-448px-V2_5'

@@ -7,5 +7,4 @@ vision_encoder = dict(type='siglip', path='models/siglip-so400m-patch14-384')
 projector = 'bilinear_mlp'
 image_mode = 'resize'
 llm_path = 'models/Qwen2.5-0.5B-Instruct'
-# What the model's geometry is (VisionLanguageModel.geometry); ModelDataCheckHook stops start-up on a mismatch.
-data_geometry = dict(image_size=384, num_image_token=169, image_mode=image_mode)
+# The data set takes its tile size, tokens per tile, image mode (and padding colour) and tokenizer from these.

@@ -18,8 +18,9 @@ from ..lineage import previous_stage_for
 from ..provenance import check_trained_settings
 from .files import Log, _print
 
-# What the converted folder falls back to when the training config's data set does not say.
-DEFAULT_TILING = dict(image_size=448, min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+# What the converted folder falls back to when the training config's data set does not say (the tile size falls
+# back to the model's encoder's, see tiling_settings).
+DEFAULT_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
 
 
 def _training_dataset(cfg) -> dict:
@@ -30,10 +31,14 @@ def _training_dataset(cfg) -> dict:
     return dataset
 
 
-def tiling_settings(cfg) -> dict:
-    """Tile size and tiling settings of the training config's data set."""
+def tiling_settings(cfg, model: VisionLanguageModel) -> dict:
+    """Tile size and tiling settings of the training config's data set; the tile size is ``model``'s encoder's
+    where the data set leaves it to the model (``engine/derive.py``), as training did."""
     dataset = _training_dataset(cfg)
-    return {key: dataset.get(key, default) for key, default in DEFAULT_TILING.items()}
+    settings = {key: default if dataset.get(key) is None else dataset[key] for key, default in DEFAULT_TILING.items()}
+    image_size = dataset.get('image_size')
+    settings['image_size'] = int(model.vision.image_size if image_size is None else image_size)
+    return settings
 
 
 def training_system_message(cfg) -> Optional[str]:

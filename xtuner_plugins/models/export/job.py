@@ -97,7 +97,7 @@ def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt:
     os.makedirs(tmp)
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
-        WRITERS[fmt](model, tiling_settings(cfg), tmp, dtype, max_shard_size, log,
+        WRITERS[fmt](model, tiling_settings(cfg, model), tmp, dtype, max_shard_size, log,
                      system=training_system_message(cfg))
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)

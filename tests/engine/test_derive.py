@@ -1,0 +1,123 @@
+"""The training data set takes its tile size, tokens per tile, image mode, padding colour, template and tokenizer
+from the model (``engine/derive.py``) unless the config sets them; both runners fill them before building the
+data set; the converter takes the tile size from the model when the data set leaves it to the model.
+
+Each family's stage config, pointed at tiny models by the model paths alone, gets what the model itself reports
+(``VisionLanguageModel.geometry``, its tokenizer folder and template)."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+from mmengine.config import Config
+
+from tests.helpers import tiny_workspace
+from xtuner_plugins.engine import runtime  # noqa: F401  (applies the runner patches, as a config's import does)
+from xtuner_plugins.engine.derive import DERIVED_KEYS, derive_data_settings
+from xtuner_plugins.models import VisionLanguageModel
+from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# config -> the tiny encoder it is pointed at (internvit + pixel shuffle, siglip + bilinear, clip + LLaVA's MLP)
+FAMILIES = {'pretrain_mlp.py': 'internvit', 'siglip_pretrain.py': 'siglip', 'llava_pretrain.py': 'clip'}
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('derive')
+    paths = tiny_workspace(root)
+    paths['siglip'] = write_tiny_siglip(str(root / 'siglip'))
+    paths['clip'] = write_tiny_clip(str(root / 'clip'))
+    return paths
+
+
+def stage_config(name, tiny, vision=None, **options):
+    """The stage config with only the model paths set (and ``options``), as a user runs it on other models."""
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', name))
+    vision = tiny[vision or FAMILIES[name]]
+    key = 'model.vision_encoder.path' if isinstance(cfg.model.vision_encoder, dict) else 'model.vision_encoder'
+    cfg.merge_from_dict({key: vision, 'model.llm': tiny['llm'], **options})
+    return cfg
+
+
+def model_of(cfg):
+    spec = {k: v for k, v in cfg.model.items() if k != 'type'}
+    return VisionLanguageModel(**dict(spec, torch_dtype='float32', pretrained_pth=None))
+
+
+def as_model_reports(model):
+    return dict(model.geometry, image_mean=list(model.geometry['image_mean']), template=model.template,
+                tokenizer=model.tokenizer.name_or_path)
+
+
+@pytest.mark.parametrize('name', sorted(FAMILIES))
+def test_each_family_takes_what_the_model_reports(name, tiny):
+    cfg = stage_config(name, tiny)
+    assert all(cfg.train_dataloader.dataset.get(key) is None for key in DERIVED_KEYS)  # set once: in the model
+    filled = derive_data_settings(cfg)
+    assert filled == as_model_reports(model_of(cfg))
+    assert {k: cfg.train_dataloader.dataset[k] for k in DERIVED_KEYS} == filled
+
+
+def test_the_tokenizer_follows_model_llm(tiny):
+    """--cfg-options model.llm=X alone moves the data set to X's tokenizer (it used to keep the config's)."""
+    cfg = stage_config('pretrain_mlp.py', tiny)
+    assert derive_data_settings(cfg)['tokenizer'] == tiny['llm']
+
+
+def test_explicit_values_are_kept_and_the_rest_derived(tiny):
+    cfg = stage_config('pretrain_mlp.py', tiny, **{'train_dataloader.dataset.image_size': 448,
+                                                   'train_dataloader.dataset.template': 'internvl2_5'})
+    filled = derive_data_settings(cfg)
+    assert 'image_size' not in filled and 'template' not in filled
+    dataset = cfg.train_dataloader.dataset
+    # tokens for the data set's own (explicit) tiles: a wrong tile size is named with the count it implies
+    assert (dataset.image_size, dataset.num_image_token, dataset.tokenizer) == (448, 256, tiny['llm'])
+
+
+def test_a_packed_data_set_gets_them_inside_its_wrapper(tiny):
+    cfg = stage_config('finetune_full_packed.py', tiny, vision='internvit')
+    filled = derive_data_settings(cfg)
+    inner = cfg.train_dataloader.dataset.dataset
+    assert (inner.image_size, inner.num_image_token) == (56, 4) and filled['image_size'] == 56
+
+
+def test_an_official_checkpoint_gives_them(tiny, tmp_path):
+    from tests.models.conftest import write_official
+    model = model_of(stage_config('pretrain_mlp.py', tiny))
+    folder = str(tmp_path / 'official')
+    write_official(model, folder)
+    cfg = stage_config('finetune_lora.py', tiny, vision='internvit', **{
+        'model.official_checkpoint': folder, 'model.vision_encoder': None, 'model.llm': None})
+    assert derive_data_settings(cfg) == as_model_reports(model_of(cfg))
+    assert cfg.train_dataloader.dataset.tokenizer == folder
+
+
+@pytest.mark.parametrize('runner', ['Runner', 'FlexibleRunner'])
+def test_both_runners_fill_the_data_set_before_building_it(runner, tiny):
+    """XTuner's train script (and so tools/train.py) builds one of the two; each builds the data loader in
+    build_train_loop, from its dict, with the run's config at hand."""
+    import mmengine.runner
+    from mmengine.runner import BaseLoop
+    cfg = stage_config('siglip_pretrain.py', tiny)
+    dataloader = dict(cfg.train_dataloader)
+    fake = SimpleNamespace(_train_dataloader=dataloader, cfg=cfg)
+    loop = object.__new__(type('BuiltLoop', (BaseLoop,), {'run': lambda self: None}))  # built: nothing else to do
+    assert getattr(mmengine.runner, runner).build_train_loop(fake, loop) is loop
+    assert dataloader['dataset']['image_size'] == 56 and dataloader['dataset']['num_image_token'] == 4
+
+
+def test_a_model_that_is_not_ours_is_left_alone(tiny):
+    cfg = stage_config('pretrain_mlp.py', tiny)
+    cfg.model.type = 'SomeOtherModel'
+    assert derive_data_settings(cfg) == {} and cfg.train_dataloader.dataset.image_size is None
+
+
+def test_the_converter_takes_the_towers_tile_size(tiny):
+    from xtuner_plugins.models.export.build import tiling_settings
+    cfg = stage_config('finetune_lora.py', tiny, vision='internvit')
+    model = SimpleNamespace(vision=SimpleNamespace(image_size=56))
+    assert tiling_settings(cfg, model)['image_size'] == 56
+    cfg.merge_from_dict({'train_dataloader.dataset.image_size': 112})  # what the data set says, it trained on
+    assert tiling_settings(cfg, model)['image_size'] == 112

@@ -36,12 +36,15 @@ def test_the_training_model_answers_as_its_converted_folder(tiny, tmp_path):
     from tests.helpers import write_image
     from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
     from xtuner_plugins.eval import TrainingModelAnswerer
+    from xtuner_plugins.engine.derive import derive_data_settings
     from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.models.inference import ConvertedModel
     opts = options(tiny)
     model = trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3)
     folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'official', opts)
-    dataset = load_config(LORA, opts).train_dataloader.dataset
+    cfg = load_config(LORA, opts)
+    derive_data_settings(cfg, log=False)  # as the runner does: the data set's tiles and tokens are the model's
+    dataset = cfg.train_dataloader.dataset
     dataset.update(data_files=[tiny['mixed']], image_folders=[tiny['images']])  # the options hold them as text
     answerer = TrainingModelAnswerer(model, DATASETS.build(dataset))
     converted = ConvertedModel(folder)

@@ -137,7 +137,9 @@ def ask_in_page(driver, question, image=None):
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, uploaded), 30, 'the upload')
     driver.find_element(By.CSS_SELECTOR, '#question textarea').send_keys(question)
     driver.find_element(By.ID, 'send').click()
-    wait_until(lambda: 'Answered' in driver.find_element(By.ID, 'status').text, 120, 'the answer')
+    # the status and the chat panel are updated apart: the answer's bubble may show a moment after 'Answered'
+    wait_until(lambda: 'Answered' in driver.find_element(By.ID, 'status').text and len(
+        driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')) > before, 120, 'the answer')
     bots = driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')
     assert len(bots) == before + 1
     return bots[-1].text

@@ -52,6 +52,15 @@ def tiny_workspace(root):
     return paths
 
 
+def tiny_families(root):
+    """:func:`tiny_workspace` plus a tiny SigLIP and CLIP tower (``siglip``, ``clip``) under ``root``."""
+    from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
+    paths = tiny_workspace(root)
+    paths['siglip'] = write_tiny_siglip(os.path.join(str(root), 'siglip'))
+    paths['clip'] = write_tiny_clip(os.path.join(str(root), 'clip'))
+    return paths
+
+
 def converted_tiny_folder(root, scale=0.3):
     """A tiny InternViT + LLM trained with LoRA (every trained tensor perturbed by ``scale``) and converted to
     the official layout under ``root``: the folder the chat, eval and web tools are tested on."""

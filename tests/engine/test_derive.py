@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import pytest
 from mmengine.config import Config
 
-from tests.helpers import tiny_workspace
+from tests.helpers import tiny_families
 from xtuner_plugins.engine import runtime  # noqa: F401  (applies the runner patches, as a config's import does)
 from xtuner_plugins.engine.derive import DERIVED_KEYS, derive_data_settings
 from xtuner_plugins.models import VisionLanguageModel
-from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,11 +24,7 @@ FAMILIES = {'pretrain_mlp.py': 'internvit', 'siglip_pretrain.py': 'siglip', 'lla
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('derive')
-    paths = tiny_workspace(root)
-    paths['siglip'] = write_tiny_siglip(str(root / 'siglip'))
-    paths['clip'] = write_tiny_clip(str(root / 'clip'))
-    return paths
+    return tiny_families(tmp_path_factory.mktemp('derive'))
 
 
 def stage_config(name, tiny, vision=None, **options):

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import tiny_workspace, write_image
+from tests.helpers import tiny_families, write_image
 from tests.tools.test_convert_to_official import (FULL, LORA, QLORA, TOL, convert, max_diff, options,
                                                   trained_checkpoint)
 from tools.chat import main as chat_main
@@ -27,7 +27,6 @@ from xtuner_plugins.data.tiling import image_tiles, normalize_tiles
 from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.models.export import build_for_export, choose_format
 from xtuner_plugins.models.inference import ConvertedModel
-from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
 
 # name -> (config, encoder, projector, image mode, the format auto picks)
 FAMILIES = {
@@ -41,9 +40,7 @@ FAMILIES = {
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp('families')
-    paths = tiny_workspace(root)
-    paths['clip'] = write_tiny_clip(str(root / 'clip'))
-    paths['siglip'] = write_tiny_siglip(str(root / 'siglip'))
+    paths = tiny_families(root)
     paths['photo'] = write_image(root / 'photo.png', size=(90, 50), seed=7)
     return paths
 

@@ -139,18 +139,19 @@ def note_fit(ds, record, fit: Fit) -> dict:
     where, out = ds.where(record), {}
     if fit.reduced:
         out['reduced'] = [(where, fit.max_num)]
-        first = not ds.reduced
-        ds.reduced[where] = fit.max_num
-        if first:
-            print_log(f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to at most '
-                      f'{fit.max_num} tiles per image (first such sample; the rest are counted in dataset.reduced)',
-                      logger='current', level=logging.WARNING)
+        _count(ds.reduced, where, fit.max_num,
+               f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to at most {fit.max_num} '
+               f'tiles per image (first such sample; the rest are counted in dataset.reduced)')
     if fit.truncated:
         out['truncated'] = [(where, fit.tokens_lost, fit.truncated)]
-        first = not ds.truncated
-        ds.truncated[where] = fit.tokens_lost
-        if first:
-            print_log(f'{where}: answer cut (first such sample; the rest are counted in dataset.truncated and '
-                      f"skipped_samples.json; truncation='drop' skips them): {fit.truncated} [truncated]",
-                      logger='current', level=logging.WARNING)
+        _count(ds.truncated, where, fit.tokens_lost,
+               f'{where}: answer cut (first such sample; the rest are counted in dataset.truncated and '
+               f"skipped_samples.json; truncation='drop' skips them): {fit.truncated} [truncated]")
     return out
+
+
+def _count(counts: dict, where: str, value, first_message: str) -> None:
+    """``counts[where] = value``, logging ``first_message`` (a warning) for the first sample counted."""
+    if not counts:
+        print_log(first_message, logger='current', level=logging.WARNING)
+    counts[where] = value

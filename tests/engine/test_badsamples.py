@@ -97,6 +97,23 @@ def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_t
         BadSampleHook(on_data_change='stop').before_train(runner(True))
 
 
+def test_the_manifest_is_replaced_whole_never_seen_half_written(tmp_path, monkeypatch):
+    """On resume the other ranks read the manifest while rank 0 writes the new one: it is written to a temporary
+    file and renamed (a rank once read it empty and crashed), so a write that fails leaves the old one whole."""
+    work = tmp_path / 'work'
+    os.makedirs(work)
+    (work / 'data_manifest.json').write_text('{"sources": []}')
+    runner = SimpleNamespace(work_dir=str(work), _resume=False)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt('killed while writing')
+    monkeypatch.setattr(os, 'fsync', crash)
+    with pytest.raises(KeyboardInterrupt):
+        BadSampleHook()._manifest(runner, {'sources': [{'samples': 6}]})
+    assert json.loads((work / 'data_manifest.json').read_text()) == {'sources': []}
+    assert os.listdir(work) == ['data_manifest.json']
+
+
 def test_truncated_samples_are_listed_with_the_tokens_lost_not_counted_as_bad(tmp_path):
     hook, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.0)
     hook.before_train(runner)

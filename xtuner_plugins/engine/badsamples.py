@@ -40,6 +40,8 @@ from mmengine.logging import print_log
 
 from xtuner_plugins.data.errors import TooManyBadSamplesError
 
+from .checkpointing import atomic_write
+
 __all__ = ['BadSampleHook']
 
 
@@ -82,9 +84,8 @@ class BadSampleHook(Hook):
                 if self.on_data_change == 'stop':
                     raise RuntimeError(message + ' (on_data_change=\'stop\')')
                 print_log(message, logger='current', level=30)
-        if get_dist_info()[0] == 0:
-            with open(path, 'w', encoding='utf-8') as f:
-                json.dump(current, f, indent=1)
+        if get_dist_info()[0] == 0:  # atomically: the other ranks may be reading the resumed run's copy now
+            atomic_write(json.dumps(current, indent=1), path)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         data = (data_batch or {}).get('data') or {}

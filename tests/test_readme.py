@@ -90,7 +90,8 @@ def guide_blocks():
 
 def block(marker: str, lang: str = 'bash') -> str:
     """The one ``lang`` block of README.md and docs/*.md holding ``marker``."""
-    found = [(name, i, code) for name, i, _, block_lang, code in guide_blocks() if block_lang == lang and marker in code]
+    found = [(name, i, code) for name, i, _, block_lang, code in guide_blocks()
+             if block_lang == lang and marker in code]
     assert len(found) == 1, (f'README.md, docs/*.md: {len(found)} {lang} blocks hold {marker!r} '
                              f'({[name for name, _, _ in found]}), expected 1')
     USED.add(found[0][:2])

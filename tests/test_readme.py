@@ -1,22 +1,29 @@
-"""README.md's commands, run as written, on tiny models in the paths the README names, so it cannot drift.
+"""The commands of README.md and of the guides in docs/, run as written on tiny models in the paths they name, so
+they cannot drift.
 
 In a temporary folder that links ``configs/`` and ``tools/`` of this checkout, tiny look-alikes are written where
-the README puts the real checkpoints (``models/InternViT-300M-448px-V2_5`` with the real 448 px tiles,
-``models/Qwen2.5-1.5B-Instruct``) with a small LLaVA-Pretrain-like json under ``data/llava_pretrain/``, and the
-README's code blocks are taken from README.md and run in its order with the venv first on ``PATH`` (as after
-``source .venv/bin/activate``): the small data example, ``check_dataset.py`` of stage 1, stage 1 on one process,
-LoRA fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights
-move), the same from an official InternVL folder, the converter, every chat command, the loading snippet,
-every web demo command (each served, then asked through the README's client snippet), every evaluation command
-and preference training.
+the guides put the real checkpoints (``models/InternViT-300M-448px-V2_5`` with the real 448 px tiles,
+``models/Qwen2.5-1.5B-Instruct``) with a small LLaVA-Pretrain-like json under ``data/llava_pretrain/``; the code
+blocks are taken from README.md and docs/*.md, each found by a marker it alone holds, and run in the
+quickstart's order with the venv first on ``PATH`` (as after ``source .venv/bin/activate``). The README's
+quickstart: the small data example and its check, ``check_dataset.py`` of stage 1, the MLP warm-up (one process;
+then docs/distributed.md's two processes under ZeRO-3, whose checkpoint the next stage starts from), LoRA
+fine-tuning on ``my_data`` (it must really train: the learning rate reaches its peak, the LoRA weights move),
+convert, chat and eval; then the guides': docs/training.md's stage 1 (the same command) and LoRA from an official
+InternVL folder, docs/conversion.md's chat commands and loading snippet, docs/evaluation.md's web demo commands
+(each served, then asked through its client snippet) and evaluation commands, docs/preference.md's preference
+training. The README's tiny-model quickstart runs in its own test (make the tiny models, warm-up, LoRA,
+convert, chat, eval, given only the model folders and the data). A last test checks that every bash block
+with a command is run or listed in ``NOT_RUN`` with its reason; a fast one that every relative link of
+README.md and docs/*.md (and its heading anchor) exists, and that the README stays under 220 lines.
 
 Placeholders are filled the way a reader fills them: ``work_dirs/<stage>/iter_N.pth`` (and ``iter_M``) is that
-stage's newest checkpoint, ``model.pretrained_pth=...`` the warm-up's, ``photo.jpg``/``a.jpg``/``b.jpg`` the
-reader's own pictures (``data/test.jsonl``, ``MMBench_DEV_EN.tsv``, ``data/my_pairs.jsonl`` their files),
-``models/InternVL2_5-1B`` an official folder (the converter's output, which has InternVL's layout). Not run:
-downloads (internet), commands for several GPUs (``NPROC_PER_NODE=4``, ``deepspeed_zero*``), ``tensorboard``,
-the installation (``make test`` just did it) and the LLaVA loading snippet
-(another family's folder; ``tests/tools/test_export_families.py`` loads it the same way).
+stage's newest checkpoint, ``photo.jpg``/``a.jpg``/``b.jpg`` the reader's own pictures (``data/test.jsonl``,
+``MMBench_DEV_EN.tsv``, ``data/my_pairs.jsonl`` their files), ``models/InternVL2_5-1B`` an official folder (the
+converter's output, which has InternVL's layout). Not run: downloads (internet), commands for several GPUs
+(``NPROC_PER_NODE=4``, ``deepspeed_zero*``: every ``torchrun`` line), ``tensorboard``, the installation
+(``make test`` just did it), synopses with placeholders, and the LLaVA loading snippet (another family's
+folder; ``tests/tools/test_export_families.py`` loads it the same way).
 """
 
 from __future__ import annotations
@@ -41,8 +48,25 @@ from tests.train_utils import REPO_ROOT, find_checkpoints, read_scalars, train_e
 _SKIP = ('huggingface-cli', 'unzip', 'NPROC_PER_NODE=4', 'deepspeed_zero', 'tensorboard')
 
 
+GUIDES = ('README.md', *sorted(os.path.relpath(p, REPO_ROOT)
+                               for p in glob.glob(os.path.join(REPO_ROOT, 'docs', '*.md'))))
+#: bash blocks with commands that no test runs, by a marker each, and why
+NOT_RUN = {
+    'make demo   # the whole life': 'the demo (tests/demo/test_demo.py runs a shortened one) and the suite itself',
+    'make setup && source .venv/bin/activate': 'the installation: `make test` just did it',
+    'python3 -m venv .venv': 'the installation by hand: `make test` just did it',
+    'make test TEST_WORKERS=1': 'the test suite itself',
+    'CONFIG [--work-dir DIR]': "the train command's synopsis (placeholders)",
+    'CONFIG CHECKPOINT OUT_DIR': "the converter's synopsis (placeholders)",
+    'max_iters=200 save_every=50 ...': 'examples of options on an elided command line',
+    'FILE.jsonl|FILE.json|META.json': "check_dataset's synopsis (placeholders)",
+}
+#: (file, index) of every block a test took by its marker
+USED = set()
+
+
 def readme_blocks(path: str = os.path.join(REPO_ROOT, 'README.md')):
-    """``[(heading, language, code)]`` of every fenced block of the README."""
+    """``[(heading, language, code)]`` of every fenced block of a markdown file."""
     blocks, heading, lang, code = [], '', None, []
     with open(path, encoding='utf-8') as f:
         for line in f:
@@ -59,11 +83,19 @@ def readme_blocks(path: str = os.path.join(REPO_ROOT, 'README.md')):
     return blocks
 
 
+def guide_blocks():
+    """``[(file, index, heading, language, code)]`` of README.md's and docs/*.md's fenced blocks."""
+    return [(name, i, *b) for name in GUIDES for i, b in enumerate(readme_blocks(os.path.join(REPO_ROOT, name)))]
+
+
 def block(marker: str, lang: str = 'bash') -> str:
-    """The one ``lang`` block holding ``marker``."""
-    found = [code for _, block_lang, code in readme_blocks() if block_lang == lang and marker in code]
-    assert len(found) == 1, f'README.md: {len(found)} {lang} blocks hold {marker!r}, expected 1'
-    return found[0]
+    """The one ``lang`` block of README.md and docs/*.md holding ``marker``."""
+    found = [(name, i, code) for name, i, _, block_lang, code in guide_blocks()
+             if block_lang == lang and marker in code]
+    assert len(found) == 1, (f'README.md, docs/*.md: {len(found)} {lang} blocks hold {marker!r} '
+                             f'({[name for name, _, _ in found]}), expected 1')
+    USED.add(found[0][:2])
+    return found[0][2]
 
 
 def commands(code: str):
@@ -162,24 +194,27 @@ def reader(tmp_path_factory):
 
 def test_readme_commands_run_as_written(reader):
     # Data: the small example, then its check and stage 1's
-    reader.run(block('What colour is the circle?'))
+    reader.run(block('ImageDraw.Draw(img).ellipse'))
     assert sum(1 for _ in open(os.path.join(reader.root, 'my_data', 'train.jsonl'))) == 4
-    (stage1,) = [c for c in commands(block('--image-folder data/llava_pretrain/images'))]
+    (stage1,) = commands(block('--image-folder data/llava_pretrain/images'))
     out = reader.run(stage1)
     assert 'blip_laion_cc_sbu_558k.json' in out
 
-    # Stage 1 on a CPU: one process, then two under ZeRO-3 (a fresh work folder: its checkpoint is a folder
-    # of the same name as the first run's file), whose checkpoint the next stage starts from
-    one, zero3 = commands(block('configs/deepspeed/zero3_cpu.json'))
-    assert one == 'xtuner train configs/pretrain_mlp.py', one
-    reader.run(one)
+    # Stage 1 on a CPU: the quickstart's one process, then two under ZeRO-3 (docs/distributed.md; a fresh work
+    # folder: its checkpoint is a folder of the same name as the first run's file), whose checkpoint the
+    # quickstart's LoRA starts from
+    warmup, lora = commands(block('train_dataloader.dataset.repeat_times=[16]'))
+    assert warmup == 'python tools/train.py configs/pretrain_mlp.py', warmup
+    # docs/training.md's stage 1 block: the same one-process command (its torchrun line needs GPUs)
+    assert commands(block('tools/train.py configs/pretrain_mlp.py --launcher pytorch')) == [warmup]
+    reader.run(warmup)
     assert os.path.isfile(os.path.join(reader.root, reader.newest('pretrain_mlp')))
     shutil.rmtree(os.path.join(reader.root, 'work_dirs', 'pretrain_mlp'))
+    (zero3,) = commands(block('configs/deepspeed/zero3_cpu.json'))
     reader.run(zero3)
     assert os.path.isdir(os.path.join(reader.root, reader.newest('pretrain_mlp')))
 
     # LoRA on the small example, from the warm-up: it must really train
-    (lora,) = commands(block('train_dataloader.dataset.image_folders=[my_data/images] \\\n    train_dataloader'))
     reader.run(lora)
     work = os.path.join(reader.root, 'work_dirs', 'finetune_lora')
     lrs = [r['lr'] for r in read_scalars(work) if 'lr' in r]
@@ -190,17 +225,29 @@ def test_readme_commands_run_as_written(reader):
     lora_b = [v for k, v in state.items() if 'lora_B' in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b), 'the LoRA B weights (zero at the start) never moved'
 
-    # Convert, chat, load
-    (convert,) = commands(block('tools/convert_to_official.py configs/finetune_lora.py'))
+    # The quickstart's convert, chat and eval (on the reader's own test file, a jsonl)
+    os.makedirs(os.path.join(reader.root, 'data', 'images'))
+    shutil.copy(os.path.join(reader.root, 'photo.jpg'), os.path.join(reader.root, 'data', 'images', 'q.jpg'))
+    with open(os.path.join(reader.root, 'data', 'test.jsonl'), 'w') as f:
+        f.write(json.dumps({'image': 'q.jpg', 'conversations': [
+            {'from': 'human', 'value': '<image>\nWhat colour is it?'}, {'from': 'gpt', 'value': 'Red.'}]}) + '\n')
+    convert, chat_one, eval_one = commands(block('configs/finetune_lora.py work_dirs/finetune_lora/iter_N.pth'))
+    assert convert.startswith('python tools/convert_to_official.py'), convert
     reader.run(convert)
     assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'my_internvl', 'config.json'))
-    chat = commands(block('python tools/chat.py work_dirs/my_internvl --image photo.jpg'))
-    assert len(chat) == 4, chat
-    # each prints the folder's own greedy answer (which a tiny model may end at once: then an empty one); the
-    # shell hands the prompt's \n over as two characters, as it does to the README's command
+    # each chat prints the folder's own greedy answer (which a tiny model may end at once: then an empty one);
+    # the shell hands the prompt's \n over as two characters, as it does to the guide's command
     expected = chat_answers(reader.root, [('What is in the picture?', ['photo.jpg']),
                                           ('Image-1: <image>\\nImage-2: <image>\\nWhat differs?', ['a.jpg', 'b.jpg'])])
-    for i, command in enumerate(chat):
+    reader.run(chat_one + ' --max-new-tokens 8')
+    assert reader.stdout.strip() == expected[0].strip(), (chat_one, reader.stdout, expected[0])
+    check_eval(reader, eval_one)
+    assert os.path.isfile(os.path.join(reader.root, 'report.json'))
+
+    # docs/conversion.md's chat commands (the first is the quickstart's, just run) and loading snippet
+    chat = commands(block('/image PATH, /reset, /exit'))
+    assert len(chat) == 4 and chat[0] == chat_one, chat
+    for i, command in enumerate(chat[1:], 1):
         # the interactive ones get a question and /exit
         reader.run(command + ' --max-new-tokens 8', stdin='What is in the picture?\n/exit\n')
         if i < 2:  # one shot: the answer alone
@@ -210,7 +257,7 @@ def test_readme_commands_run_as_written(reader):
     assert 'model> ' + expected[0].strip() in reader.stdout, (reader.stdout, expected[0])  # from the checkpoint
     reader.run('python -', stdin=block("AutoModel.from_pretrained('work_dirs/my_internvl'", 'python'))
 
-    # The web demo: each command serves (on a free port); the README's client snippet gets an answer from it
+    # The web demo: each command serves (on a free port); the guide's client snippet gets an answer from it
     web = commands(block('python tools/web_demo.py work_dirs/my_internvl'))
     assert len(web) == 3, web
     client = block("Client('http://127.0.0.1:7860/')", 'python')
@@ -222,21 +269,12 @@ def test_readme_commands_run_as_written(reader):
                                 if not line.startswith('Loaded as API:')).strip()
             assert answer == expected[0].strip(), f'{command}: /chat gave {answer!r}, the folder {expected[0]!r}'
 
-    # Evaluation, on the reader's own test files (a jsonl, an MMBench TSV)
-    os.makedirs(os.path.join(reader.root, 'data', 'images'))
-    shutil.copy(os.path.join(reader.root, 'photo.jpg'), os.path.join(reader.root, 'data', 'images', 'q.jpg'))
-    with open(os.path.join(reader.root, 'data', 'test.jsonl'), 'w') as f:
-        f.write(json.dumps({'image': 'q.jpg', 'conversations': [
-            {'from': 'human', 'value': '<image>\nWhat colour is it?'}, {'from': 'gpt', 'value': 'Red.'}]}) + '\n')
+    # docs/evaluation.md's commands (the first is the quickstart's, just run), on an MMBench TSV too
     write_tsv(Path(reader.root) / 'MMBench_DEV_EN.tsv', ROWS)
-    evals = commands(block('python tools/eval.py work_dirs/my_internvl --data data/test.jsonl'))
-    assert len(evals) == 3, evals
-    for command in evals:
-        reader.run(command + ' --max-new-tokens 8')
-        last = reader.stdout.strip().splitlines()[-1]
-        pattern = r'accuracy: [0-9.]+ \(\d+ questions\); blind: [0-9.]+; image reliance: -?[0-9.]+'
-        assert re.fullmatch(pattern, last), last
-    assert os.path.isfile(os.path.join(reader.root, 'report.json'))
+    evals = commands(block('MMBench_DEV_EN.tsv --circular'))
+    assert len(evals) == 3 and evals[0] == eval_one, evals
+    for command in evals[1:]:
+        check_eval(reader, command)
 
     # LoRA from an official InternVL folder (the converted one has that layout)
     shutil.copytree(os.path.join(reader.root, 'work_dirs', 'my_internvl'),
@@ -250,6 +288,79 @@ def test_readme_commands_run_as_written(reader):
         for i in range(4):
             f.write(json.dumps({'image': 'q.jpg', 'question': 'What colour is it?', 'chosen': 'Red.',
                                 'rejected': f'Blue {i}.'}) + '\n')
-    (dpo,) = commands(block('xtuner train configs/dpo_lora.py'))
+    (dpo,) = commands(block('tools/train.py configs/dpo_lora.py'))
     out = reader.run(dpo)
     assert 'rewards_margin' in out and glob.glob(os.path.join(reader.root, 'work_dirs', 'dpo_lora', 'iter_*.pth'))
+
+
+def check_eval(reader, command):
+    """An evaluation command runs (8 new tokens) and ends with its accuracy line."""
+    reader.run(command + ' --max-new-tokens 8')
+    last = reader.stdout.strip().splitlines()[-1]
+    pattern = r'accuracy: [0-9.]+ \(\d+ questions\); blind: [0-9.]+; image reliance: -?[0-9.]+'
+    assert re.fullmatch(pattern, last), (command, last)
+
+
+def test_tiny_quickstart_runs_as_written(reader):
+    """The README's quickstart with tiny models: only the model folders and the data are given."""
+    if not os.path.isfile(os.path.join(reader.root, 'my_data', 'train.jsonl')):
+        reader.run(block('ImageDraw.Draw(img).ellipse'))
+    steps = commands(block('python tools/make_tiny_models.py tiny'))
+    assert [s.split()[1] for s in steps] == ['tools/make_tiny_models.py', 'tools/train.py', 'tools/train.py',
+                                            'tools/convert_to_official.py', 'tools/chat.py', 'tools/eval.py'], steps
+    make, warmup, lora, convert, chat, evaluate = steps
+    reader.run(make)
+    for folder in ('internvit', 'llm'):
+        assert os.path.isfile(os.path.join(reader.root, 'tiny', folder, 'config.json'))
+    for command in (warmup, lora):
+        out = reader.run(command)
+        assert 'data set: image_size 56' in out, 'the data set did not take its tile size from the tiny model'
+    assert reader.newest('tiny_pretrain') and reader.newest('tiny_lora')
+    reader.run(convert)
+    assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'tiny_internvl', 'config.json'))
+    reader.run(chat + ' --max-new-tokens 8')
+    check_eval(reader, evaluate)
+
+
+def test_every_command_block_is_run_or_listed():
+    """Each bash block of README.md and docs/*.md with a command in it is run above, or listed in NOT_RUN."""
+    if not USED:
+        pytest.skip('the tests that run the guides did not run in this session')
+    left = []
+    for name, i, heading, lang, code in guide_blocks():
+        if lang == 'bash' and (name, i) not in USED and commands(code):
+            if not any(marker in code for marker in NOT_RUN):
+                left.append(f'{name} ({heading}): {commands(code)[0]}')
+    assert not left, 'blocks no test runs (run them in tests/test_readme.py or list them in NOT_RUN):\n' + \
+        '\n'.join(left)
+
+
+def _anchors(path: str) -> set:
+    """GitHub's anchors of a markdown file's headings (outside code blocks)."""
+    anchors, fenced = set(), False
+    for line in open(path, encoding='utf-8'):
+        if line.startswith('```'):
+            fenced = not fenced
+        elif not fenced and line.startswith('#'):
+            title = line.strip('#').strip().lower()
+            anchors.add(re.sub(r'[^\w\- ]', '', title).replace(' ', '-'))
+    return anchors
+
+
+def test_links_point_to_files_and_the_readme_stays_short():
+    problems = []
+    for name in GUIDES:
+        path = os.path.join(REPO_ROOT, name)
+        text = re.sub(r'```.*?```', '', open(path, encoding='utf-8').read(), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+:', target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition('#')
+            full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            if not os.path.exists(full):
+                problems.append(f'{name}: {target}: no such file')
+            elif anchor and full.endswith('.md') and anchor not in _anchors(full):
+                problems.append(f'{name}: {target}: no such heading')
+    assert not problems, '\n'.join(problems)
+    lines = sum(1 for _ in open(os.path.join(REPO_ROOT, 'README.md'), encoding='utf-8'))
+    assert lines <= 220, f'README.md has {lines} lines; keep it under 220 (details go to docs/)'

@@ -7,7 +7,7 @@
 #       train_dataloader.dataset.data_files=[data/sft.jsonl] train_dataloader.dataset.image_folders=[data/images]
 #
 # configs/pretrain_mlp.py (models, batch, sequence length, tiles) with the LLM trained on SFT data.
-# Data: LLaVA-format json/jsonl or InternVL meta files (README, "Data").
+# Data: LLaVA-format json/jsonl or InternVL meta files (docs/data.md).
 from mmengine.config import read_base
 
 with read_base():

@@ -9,7 +9,7 @@
 #   NPROC_PER_NODE=4 xtuner train configs/finetune_lora.py --deepspeed deepspeed_zero2 --cfg-options ...
 #
 # configs/finetune_full.py (models, lr 4e-5, batch) with the LLM frozen under LoRA adapters.
-# Data: LLaVA-format json/jsonl (README, "Data").
+# Data: LLaVA-format json/jsonl (docs/data.md).
 from mmengine.config import read_base
 
 with read_base():

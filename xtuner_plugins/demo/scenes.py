@@ -30,8 +30,8 @@ SHAPES: Tuple[str, ...] = ('circle', 'square', 'triangle')
 DIGITS: Tuple[str, ...] = tuple('0123456789')
 # Mid grey, near the vision tower's normalisation mean (ImageNet's, x 255: 124, 116, 104), so the background
 # normalises to about zero and the objects carry the signal. On white, every patch of a random tiny InternViT
-# gives nearly the same feature (the background's), and digits were not learned at all (see the README's demo
-# section for the measurement).
+# gives nearly the same feature (the background's), and digits were not learned at all (see docs/demo.md
+# for the measurement).
 BACKGROUND: Tuple[int, int, int] = (128, 128, 128)
 INK: Tuple[int, int, int] = (0, 0, 0)
 

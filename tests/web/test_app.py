@@ -190,3 +190,26 @@ def test_every_path_sees_the_same_pixels(setup, tmp_path, monkeypatch, tiny_toke
         assert a.shape[0] == 3, (path, a.shape)  # a 2x1 grid plus the thumbnail
         for other in (b, c, d):
             assert torch.equal(a, other), path
+
+
+class _Silent(WebChat):
+    """A WebChat whose model answers nothing (only its end token: the decoded text is empty), or ``text``."""
+
+    def __init__(self, chat, text=''):
+        super().__init__(chat.model, max_new_tokens=6)
+        self.text = text
+
+    def stream(self, question, images, conversation, generation, tiling=None):
+        yield self.text, {'history': []}
+
+
+@pytest.mark.parametrize('text, hinted', [('', True), ('Red.', False)])
+def test_the_page_says_when_the_answer_is_empty(setup, text, hinted):
+    from xtuner_plugins.web.app import build_app
+    app = build_app(_Silent(setup['chat'], text))
+    send = next(f for f in app.fns.values() if f.fn.__name__ == 'send').fn
+    *_, last = send('Hi', [], [], None, 6, True, False, 0.7, 0.9, 6)
+    status = last[-1]
+    assert status.startswith('Answered in ')
+    assert ('(empty answer: the model generated no text' in status) == hinted, status
+    assert ("tick 'Sample (otherwise greedy)'" in status) == hinted, status

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Iterator, List, Optional, Sequence
 
-from xtuner_plugins.models.inference import ConvertedModel
+from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
@@ -127,7 +127,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                     conversation = after
         except ValueError as exc:  # e.g. <image> tags that do not match the images
             raise gr.Error(str(exc))
-        yield history, conversation, '', None, f'Answered in {time.perf_counter() - start:.1f} s.'
+        hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
+        yield history, conversation, '', None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
 
     def clear():
         return [], None, '', None, 'History cleared.'

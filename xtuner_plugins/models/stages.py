@@ -46,16 +46,14 @@ def load_trained(model, path: str, strict: bool = False) -> None:
     checkpoint) any subset of the model's parameters is accepted.
     """
     state = load_trained_state_dict(path, lazy=True)
+    # earlier stages load before this stage's adapters go on (load_stages), each into adapters of its own
+    # settings: the checkpoint's names are the model's
     own = dict(model.named_parameters())
-    # a tower wrapped by LoRA here but not in the checkpoint's run (LoRA or DPO after full fine-tuning): its
-    # weights are the PEFT wrapper's base layers
-    wrapped = {k.replace('.base_model.model.', '.').replace('.base_layer.', '.'): k for k in own}
-    names = {k: k if k in own else wrapped.get(k, k) for k in state}
-    unexpected = sorted(k for k in state if names[k] not in own)
+    unexpected = sorted(k for k in state if k not in own)
     if strict:
         trained = model.trainable_keys()
-        unexpected = sorted(k for k in state if names[k] not in trained)
-        missing = sorted(trained - set(names.values()))
+        unexpected = sorted(k for k in state if k not in trained)
+        missing = sorted(trained - set(state))
         if missing:
             raise ValueError(f'{path}: {len(missing)} trained parameters of this config are missing from '
                              f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
@@ -63,8 +61,8 @@ def load_trained(model, path: str, strict: bool = False) -> None:
         raise ValueError(f'{path}: {len(unexpected)} keys do not belong to '
                          f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
                          f'was it trained with another config or options?')
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[names[k]]))}'
-                  for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[names[k]]))]
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[k]))}'
+                  for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[k]))]
     if mismatched:
         raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
                          f'{len(mismatched)} keys: {mismatched[:5]}')
@@ -74,7 +72,7 @@ def load_trained(model, path: str, strict: bool = False) -> None:
         for key in list(state):
             value = state.pop(key).contiguous()
             bad += non_finite_tensors([(key, value)])  # one tensor in memory at a time
-            param = own[names[key]]
+            param = own[key]
             with gathered([param], modify=True):
                 param.copy_(value.to(param.dtype))
             numel += value.numel()

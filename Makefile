@@ -14,7 +14,9 @@ export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
 .PHONY: setup browser test demo bench clean-venv
 
+# xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
 setup: $(STAMP)
+	@$(PY) -c 'from xtuner_plugins.quiet import write_startup_file; write_startup_file()'
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,16 +39,16 @@ $(BROWSER):
 # Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
-test: $(STAMP) $(BROWSER)
+test: setup $(BROWSER)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
 NPROC_PER_NODE ?= 1
 DEEPSPEED ?=
-demo: $(STAMP)
+demo: setup
 	NPROC_PER_NODE=$(NPROC_PER_NODE) DEEPSPEED=$(DEEPSPEED) $(PY) tools/demo.py
 
-bench: $(STAMP)
+bench: setup
 	$(PY) benchmarks/bench_data.py
 
 clean-venv:

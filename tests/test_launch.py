@@ -32,6 +32,19 @@ def test_parse_log():
     assert losses[1] == 1.7262 and losses[3] == 2.0655 and losses[2] != losses[2]  # nan; not base/loss
 
 
+def test_parse_log_reads_the_consoles_progress_lines():
+    """The console's lines (engine/progress.py) give what MMEngine's give; a line that merely mentions an
+    iteration does not count."""
+    log = ('11/24 00:37:01 - mmengine - INFO - training x: 40 iterations (1 epoch of 40)\n'
+           '11/24 00:37:01 - mmengine - INFO - iter 10/40  loss 6.267  lr 1.80e-04  3.3k tokens/s  eta 0:00:27\n'
+           '11/24 00:37:18 - mmengine - INFO - iter 20/40  loss nan  lr 1.12e-04\n'
+           '11/24 00:37:28 - mmengine - INFO - iter 40/40  loss 6.264  lr 3.24e-07  eta 0:00:00  mem 1.04 GiB\n'
+           '11/24 00:37:29 - mmengine - ERROR - rank 1 stopped after iter 50/60 loss 1.0\n')
+    losses, max_iters, last_iter = launch.parse_log(log)
+    assert (max_iters, last_iter) == (40, 40)
+    assert set(losses) == {10, 20, 40} and losses[10] == 6.267 and losses[40] == 6.264 and losses[20] != losses[20]
+
+
 def test_find_checkpoints(tmp_path):
     for name in ('iter_10.pth', 'iter_2.pth', 'epoch_1.pth', 'iter_3.pth.tmp', 'last_checkpoint'):
         (tmp_path / name).write_text('x')
@@ -185,7 +198,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(tmp_path, one_node):
     assert node0.ok, node0.summary()
     assert node1.ok, node1.summary()
     assert os.path.basename(node1.command[0]) == 'xtuner' and node0.log_path != node1.log_path
-    assert 'GPU number: 2' in node0.log  # one world of two ranks
+    assert 'GPU number: 2' in node0.full_log()  # one world of two ranks (MMEngine's log file)
     assert set(node0.losses) == set(range(1, 7)), node0.losses
     assert node0.losses == pytest.approx(one_node.losses, rel=1e-6, abs=0)
     # one checkpoint folder with both ranks' parts (rank 0 renamed it once every rank had written)

@@ -20,7 +20,11 @@ DEEPSPEED_CALL = ('from deepspeed.utils import logger; logger.warning("Setting a
 PIN_MEMORY_CALL = ('import warnings; warnings.warn_explicit("\'pin_memory\' argument is set as true but no accelerator '
                    'is found, then device pinned memory won\'t be used.", UserWarning, "dataloader.py", 1, '
                    'module="torch.utils.data.dataloader")')
-SILENCED = ["'pin_memory' argument is set as true but no accelerator is found"] + [
+SCHEDULER_CALL = ('import warnings; warnings.warn_explicit("Detected call of `scheduler.step()` before '
+                  '`optimizer.step()`. In PyTorch 1.1.0 and later, you should call them in the opposite order", '
+                  'UserWarning, "param_scheduler.py", 198, module="mmengine.optim.scheduler.param_scheduler")')
+SILENCED = ["'pin_memory' argument is set as true but no accelerator is found",
+            'Detected call of `scheduler.step()` before `optimizer.step()`'] + [
     start for starts in SILENCED_LOGS.values() for start in starts]
 TOOLS = sorted(n for n in os.listdir(os.path.join(ROOT, 'tools')) if n.endswith('.py'))
 
@@ -44,7 +48,7 @@ def test_a_tool_starts_without_the_silenced_lines(tool):
             '    assert exit.code in (0, None), exit.code\n'
             'import bitsandbytes\n'
             + BNB_CALL.format(name=BNB, exc='ModuleNotFoundError("No module named \'kernels\'")') + '\n'
-            + PIN_MEMORY_CALL + '\n')
+            + PIN_MEMORY_CALL + '\n' + SCHEDULER_CALL + '\n')
     code_, output = run(['-c', code])
     assert code_ == 0, output[-3000:]
     assert 'usage:' in output.lower()
@@ -60,11 +64,28 @@ def test_the_same_loggers_other_messages_still_show():
             + BNB_CALL.format(name=BNB, exc='RuntimeError("kernel built for another torch")') + '\n'
             f'logging.getLogger({BNB!r}).warning("a genuine warning")\n'
             + DEEPSPEED_CALL + '\nlogger.warning("a genuine DeepSpeed warning")\n'
-            + PIN_MEMORY_CALL + '\n' + PIN_MEMORY_CALL.replace('pin_memory', 'num_workers') + '\n')
+            + PIN_MEMORY_CALL + '\n' + PIN_MEMORY_CALL.replace('pin_memory', 'num_workers') + '\n'
+            + SCHEDULER_CALL + '\n' + SCHEDULER_CALL.replace('mmengine.optim', 'my_project') + '\n')
     code_, output = run(['-c', code])
     assert code_ == 0, output
+    assert output.count('Detected call of `scheduler.step()`') == 1, output  # another module's warning shows
     assert 'Setting accelerator to CPU' not in output and 'a genuine DeepSpeed warning' in output
     assert "'pin_memory' argument" not in output and "'num_workers' argument is set as true" in output
     assert "No module named 'kernels'" not in output
     assert 'Failed to load CPU gemm_4bit_forward from kernels-community: kernel built for another torch' in output
     assert 'a genuine warning' in output
+
+
+def test_xtuner_trains_imports_are_quiet_too():
+    """``xtuner train`` imports bitsandbytes and DeepSpeed before any config imports this package: the start-up
+    file ``make setup`` writes (``xtuner_plugins_quiet.pth``) imports it first, in every process of the venv."""
+    import sysconfig
+
+    from xtuner_plugins.quiet import STARTUP_FILE
+    assert os.path.isfile(os.path.join(sysconfig.get_paths()['purelib'], STARTUP_FILE)), 'run `make setup`'
+    code = ('import sys; assert "xtuner_plugins" in sys.modules\nimport logging, bitsandbytes\n'
+            + BNB_CALL.format(name=BNB, exc='ModuleNotFoundError("No module named \'kernels\'")') + '\n'
+            + DEEPSPEED_CALL + '\n')
+    code_, output = run(['-c', code])
+    assert code_ == 0, output
+    assert "No module named 'kernels'" not in output and 'Setting accelerator to CPU' not in output, output

@@ -301,10 +301,34 @@ def check_eval(reader, command):
     assert re.fullmatch(pattern, last), (command, last)
 
 
-def test_tiny_quickstart_runs_as_written(reader):
-    """The README's quickstart with tiny models: only the model folders and the data are given."""
-    if not os.path.isfile(os.path.join(reader.root, 'my_data', 'train.jsonl')):
-        reader.run(block('ImageDraw.Draw(img).ellipse'))
+@pytest.fixture(scope='module')
+def fresh_clone(tmp_path_factory):
+    """A fresh clone of this checkout: the files git would hand out (tracked, and new ones not ignored: the state
+    a commit of the working tree would have), nothing else: no models, caches, work folders or linked trees; the
+    venv linked (``make setup`` would make the same one) and the copy's package first on the path."""
+    root = str(tmp_path_factory.mktemp('clone'))
+    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=REPO_ROOT,
+                            capture_output=True, check=True).stdout.decode().split('\0')
+    for name in filter(None, listed):
+        source = os.path.join(REPO_ROOT, name)
+        if os.path.isfile(source):  # a deleted, not yet committed file is listed but gone
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(root, name))
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), os.path.join(root, '.venv'))
+    reader = Reader(root)
+    reader.env['PYTHONPATH'] = os.pathsep.join([root] + [p for p in reader.env['PYTHONPATH'].split(os.pathsep)
+                                                          if os.path.abspath(p) != REPO_ROOT])
+    return reader
+
+
+def test_tiny_quickstart_runs_as_written(fresh_clone):
+    """The README's quickstart with tiny models in a fresh clone: only the model folders and the data are given;
+    each training's console is the short one (a start line, progress lines, an end line)."""
+    reader = fresh_clone
+    assert not os.path.exists(os.path.join(reader.root, 'work_dirs'))
+    used = reader.run('python -c "import xtuner_plugins; print(xtuner_plugins.__file__)"').strip()
+    assert used == os.path.join(reader.root, 'xtuner_plugins', '__init__.py'), used  # the clone's code, not ours
+    reader.run(block('ImageDraw.Draw(img).ellipse'))
     steps = commands(block('python tools/make_tiny_models.py tiny'))
     assert [s.split()[1] for s in steps] == ['tools/make_tiny_models.py', 'tools/train.py', 'tools/train.py',
                                             'tools/convert_to_official.py', 'tools/chat.py', 'tools/eval.py'], steps
@@ -312,10 +336,18 @@ def test_tiny_quickstart_runs_as_written(reader):
     reader.run(make)
     for folder in ('internvit', 'llm'):
         assert os.path.isfile(os.path.join(reader.root, 'tiny', folder, 'config.json'))
-    for command in (warmup, lora):
+    for command, stage in ((warmup, 'tiny_pretrain'), (lora, 'tiny_lora')):
         out = reader.run(command)
         assert 'data set: image_size 56' in out, 'the data set did not take its tile size from the tiny model'
-    assert reader.newest('tiny_pretrain') and reader.newest('tiny_lora')
+        lines = [line.split(' - INFO - ', 1)[-1] for line in out.splitlines()]
+        progress = [line for line in lines if line.startswith('iter ')]
+        assert progress and re.match(r'iter \d+/\d+  loss \S+  lr \S+  \S+ tokens/s  eta \S+  mem \S+ GiB$',
+                                     progress[-1]), progress
+        assert sum(line.startswith('training ') for line in lines) == 1 and lines[-1].startswith('done: '), lines
+        assert len(out.splitlines()) <= 12 + len(progress), out  # no dumps: environment, config, hooks
+        assert not any(s in out for s in ('Iter(train)', 'System environment', 'Config:', 'Hooks will be executed',
+                                          'kernels-community', 'Setting accelerator to CPU', 'UserWarning')), out
+        assert reader.newest(stage)
     reader.run(convert)
     assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'tiny_internvl', 'config.json'))
     reader.run(chat + ' --max-new-tokens 8')

@@ -49,8 +49,9 @@ EXIT_BARRIER_ERROR = 'Error waiting on exit barrier'
 GUARD_MARKS = {'train: refused: ': 'refused: the work folder is in use by another run',
                'train: STALLED: ': 'a rank stalled'}
 
-ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]')
-_LOSS_IN_LINE = re.compile(r'(?<![\w/])loss:\s*([-+0-9.eE]+|nan|inf)')
+# MMEngine's iteration line (the log file) and the console's progress line (engine/progress.py)
+ITER_LINE = re.compile(r'Iter\(train\)\s*\[\s*(\d+)/(\d+)\]|(?:^| - INFO - )iter (\d+)/(\d+)(?:\s|$)')
+_LOSS_IN_LINE = re.compile(r'(?<![\w/])loss:?\s+([-+0-9.eE]+|nan|inf)\b')
 _CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 _PORT_IN_USE = ('EADDRINUSE', 'address already in use', 'Address already in use')
 Options = Union[None, Mapping[str, object], Sequence[str]]
@@ -284,7 +285,8 @@ def read_scalars(work_dir: str) -> List[dict]:
 
 
 def parse_log(log: str):
-    """``(losses {iter: loss}, max_iters, last_iter)`` from MMEngine's ``Iter(train) [k/N] ... loss: x`` lines.
+    """``(losses {iter: loss}, max_iters, last_iter)`` from MMEngine's ``Iter(train) [k/N] ... loss: x`` lines
+    (the run's log file) or the console's ``iter k/N  loss x`` lines (``engine/progress.py``).
 
     The logged loss is ``LogProcessor``'s mean over ``window_size`` iterations (10 by default): compare
     per-iteration losses with ``log_processor=dict(by_epoch=False, window_size=1)``.
@@ -294,7 +296,7 @@ def parse_log(log: str):
         m = ITER_LINE.search(line)
         if not m:
             continue
-        k, n = int(m.group(1)), int(m.group(2))
+        k, n = (int(g) for g in (m.group(1, 2) if m.group(1) else m.group(3, 4)))
         max_iters, last_iter = n, max(k, last_iter or 0)
         lm = _LOSS_IN_LINE.search(line[m.end():])
         if lm:
@@ -342,6 +344,16 @@ class TrainOutcome:
 
     def vis_dir(self) -> Optional[str]:
         return latest_vis_dir(self.work_dir)
+
+    def full_log(self) -> str:
+        """The newest run log MMEngine wrote, ``<work_dir>/<timestamp>/<timestamp>.log`` (rank 0's; '' when
+        none): the environment, the config and every ``Iter(train)`` line, which the console does not show."""
+        logs = sorted(glob.glob(os.path.join(self.work_dir, '*', '*.log')))
+        logs = [p for p in logs if os.path.basename(p) == os.path.basename(os.path.dirname(p)) + '.log']
+        if not logs:
+            return ''
+        with open(logs[-1], encoding='utf-8', errors='replace') as f:
+            return f.read()
 
     def scalar_series(self, name: str) -> Dict[int, float]:
         """``{step: value}`` of one scalar of ``vis_data/scalars.json`` (e.g. ``tokens_per_sec``)."""

@@ -15,20 +15,28 @@ are listed here, each with the reason:
   the same in its own line, ``xtuner_plugins: CUDA is not available, applied CPU patches: ...``.
 * torch, training on a CPU: ``'pin_memory' argument is set as true but no accelerator is found, then device
   pinned memory won't be used.`` (a UserWarning from the data loader): the configs pin memory for GPUs.
+* MMEngine, with gradient accumulation: ``Detected call of `scheduler.step()` before `optimizer.step()```: its
+  schedulers step every iteration and the optimizer every ``accumulative_counts``-th, so the first iterations
+  step the schedule first, by design.
 
 MMEngine's start-up blocks and its notes about its own internals during training are left to the run's log
 file or dropped by ``xtuner_plugins.engine.console``.
 
 The filters sit on the loggers themselves, so they hold whenever the message is logged after this package was
 imported: ``tools/*.py`` and the ``xtuner-plugins-*`` console scripts import it first. ``xtuner train CONFIG``
-imports XTuner before it reads the config (which imports this package): what XTuner's own imports log comes
-before the filters exist.
+imports XTuner (and with it bitsandbytes and DeepSpeed) before it reads the config, which imports this package;
+for it, :func:`write_startup_file` (a step of ``make setup``) writes ``xtuner_plugins_quiet.pth`` into
+the environment's site-packages, whose one line imports this package when Python starts, when it is installed.
+Importing it costs only ``logging``, ``re`` and
+``warnings``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sysconfig
 import warnings
 from typing import Dict, Tuple
 
@@ -44,6 +52,10 @@ SILENCED_WARNINGS: Tuple[Tuple[str, type, str], ...] = (
     # training on a CPU: the configs pin memory for GPUs; there is no accelerator to pin for, nothing to do
     ("'pin_memory' argument is set as true but no accelerator is found", UserWarning,
      'torch.utils.data.dataloader'),
+    # gradient accumulation (`accumulative_counts` > 1): the schedule moves every iteration, the optimizer steps
+    # every A-th, so the first iterations step the schedule before any optimizer step, by design
+    ('Detected call of `scheduler.step()` before `optimizer.step()`', UserWarning,
+     'mmengine.optim.scheduler.param_scheduler'),
 )
 
 
@@ -71,3 +83,18 @@ def install() -> None:
     for message, category, module in SILENCED_WARNINGS:
         warnings.filterwarnings('ignore', message=re.escape(message), category=category,
                                 module=re.escape(module) + '$')
+
+
+#: the file Python's ``site`` reads at start-up, and its one line: this package imported when it is installed
+STARTUP_FILE = 'xtuner_plugins_quiet.pth'
+STARTUP_LINE = ("import importlib.util as _u; _u.find_spec('xtuner_plugins') is not None "
+                "and __import__('xtuner_plugins')\n")
+
+
+def write_startup_file(site_dir: str = '') -> str:
+    """Write :data:`STARTUP_FILE` into ``site_dir`` (default: this environment's site-packages); its path."""
+    path = os.path.join(site_dir or sysconfig.get_paths()['purelib'], STARTUP_FILE)
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(STARTUP_LINE)
+    return path
+

@@ -5,6 +5,7 @@ from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visua
 
 from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
                                    LineageHook, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
+from xtuner_plugins.engine.progress import ProgressHook
 from xtuner_plugins.engine.runlock import RunLockHook
 from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
@@ -37,6 +38,9 @@ default_hooks = dict(
     # named: --cfg-options default_hooks.stall_watchdog.timeout=900 (xtuner_plugins/engine/runlock.py, watchdog.py)
     run_lock=dict(type=RunLockHook),
     stall_watchdog=dict(type=StallWatchdogHook, timeout=stall_timeout),
+    # the console: a start line, `iter k/N  loss  lr  tokens/s  eta  mem` every `log_interval` iterations and
+    # at the last, an end line (MMEngine's full lines and start-up dumps: the work dir's log file)
+    progress=dict(type=ProgressHook),
 )
 
 # DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)

@@ -231,7 +231,7 @@ def test_throughput_scalars_in_log_and_tensorboard(plain_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert plain_run.ok, plain_run.summary()
-    iter_lines = [line for line in plain_run.log.splitlines() if 'Iter(train)' in line]
+    iter_lines = [line for line in plain_run.full_log().splitlines() if 'Iter(train)' in line]
     assert len(iter_lines) == MAX_ITERS
     for key in THROUGHPUT_KEYS:
         assert all(f'{key}: ' in line for line in iter_lines), (key, iter_lines[0])

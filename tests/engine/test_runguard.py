@@ -122,7 +122,8 @@ def test_a_second_run_in_a_busy_work_dir_is_refused_and_a_killed_runs_lock_taken
     first = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'first.log'))
     try:
         deadline = time.time() + 240
-        while not ('Iter(train) [3/6]' in first.read_log() and os.path.exists(os.path.join(work, 'last_checkpoint'))):
+        while not ((launch.parse_log(first.read_log())[2] or 0) >= 3
+                   and os.path.exists(os.path.join(work, 'last_checkpoint'))):
             assert first.poll() is None and time.time() < deadline, first.read_log()[-3000:]
             time.sleep(0.5)
         time.sleep(1)

@@ -11,7 +11,6 @@ JSONs of that folder's ``deepspeed/``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
@@ -38,7 +37,6 @@ PREFERENCE_LOSSES = {'dpo': dict(types=['sigmoid'], weights=[1.0]),
                      'mpo': dict(types=['sigmoid', 'bco_pair', 'sft'], weights=[0.8, 0.2, 1.0])}
 VISION_WRITERS = {'internvit': 'write_tiny_internvit', 'siglip': 'write_tiny_siglip', 'clip': 'write_tiny_clip'}
 
-_FIELD = re.compile(r'\b(lr|eta|loss|time):\s*(\S+)')
 
 
 # ------------------------------------------------------------------------------------------ 0. configs
@@ -197,20 +195,10 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
 
 
 def _progress_line(stage: str, line: str) -> Optional[str]:
-    m = ITER_LINE.search(line)
-    if not m:
+    """The training console's progress line (``iter k/N  loss ...``, engine/progress.py), under the stage's name."""
+    if not ITER_LINE.search(line):
         return None
-    fields = dict(_FIELD.findall(line[m.end():]))
-    parts = [f'  [{stage}] iter {int(m.group(1)):>4d}/{m.group(2)}']
-    if 'loss' in fields:
-        parts.append(f'loss {float(fields["loss"]):.4f}')
-    if 'lr' in fields:
-        parts.append(f'lr {float(fields["lr"]):.2e}')
-    if 'time' in fields:
-        parts.append(f'{float(fields["time"]):.2f} s/iter')
-    if 'eta' in fields:
-        parts.append(f'eta {fields["eta"]}')
-    return '  '.join(parts)
+    return f'  [{stage}] ' + line.split(' - INFO - ')[-1].strip()
 
 
 @dataclass
@@ -249,7 +237,7 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
             cmd = line[2:].split(' ')
             console(f'  $ {" ".join(os.path.relpath(c, REPO_ROOT) if c.startswith(REPO_ROOT) else c for c in cmd[:8])}'
                     f' ... ({len(options)} --cfg-options; full command in {os.path.relpath(log_path, REPO_ROOT)})')
-        elif 'Saving checkpoint' in line or 'Checkpoints will be saved' in line:
+        elif 'Saving checkpoint' in line:
             console(f'  [{name}] ' + line.split(' - INFO - ')[-1].strip())
 
     # caches not set in this environment go under cache_root

@@ -1,17 +1,15 @@
-"""A training console without MMEngine's hook-order dump and notes about its own internals; the log file keeps
-the dump.
+"""A training console without MMEngine's start-up dumps and iteration lines; the run's log file keeps them.
 
 Applied when ``xtuner_plugins.engine`` is imported (configs import it), to every runner's logger as it is built
 (``Runner.build_logger``; ``FlexibleRunner``'s comes from its strategy's, ``BaseStrategy.build_logger``):
 
-* **Console only** (the terminal, and ``train_output.log`` of the launcher): MMEngine's list of the hooks in the
-  order they run (~90 lines) is left to the run's log file, ``WORK_DIR/<timestamp>/<timestamp>.log``; one line
-  says where it is. The environment block and the config dump stay on the console for now: tests read them
-  there (``GPU number: 2`` in ``tests/test_launch.py``, ``loss_reduction='square'`` in
-  ``tests/configs/test_finetune_full.py``); once those read the log file (or the config xtuner writes into the
-  work folder), adding their starts (``'Config:\\n'``, ``'\\n' + '-' * 60 + '\\nSystem environment:'``) to
-  :data:`LOG_FILE_ONLY` takes them off the console too. The iteration lines (``Iter(train) [k/N] ... loss:
-  ...``, which ``xtuner_plugins.launch`` reads from the console), warnings and errors are untouched.
+* **Console only** (the terminal, and ``train_output.log`` of the launcher): MMEngine's environment block, the
+  config dump, the list of the hooks in the order they run, its notes on the sampler, SyncBN and the checkpoint
+  folder, and its optimizer's line per trainable tensor (``paramwise_options -- NAME:lr=...``) are left to the run's log file, ``WORK_DIR/<timestamp>/<timestamp>.log`` (:data:`LOG_FILE_ONLY`).
+  With ``engine/progress.py``'s ``ProgressHook`` (the stage configs' ``default_hooks.progress``) MMEngine's
+  iteration lines (``Iter(train) [k/N]  lr: ...`` with every scalar) and ``Exp name:`` lines go there too
+  (:func:`keep_off_console`), replaced on the console by the hook's lines; a config without the hook keeps them.
+  Warnings and errors are untouched. Without a log file (a logger built without one) nothing is held back.
 * **Console and log file**: MMEngine's own deprecation notes about its internals (``"FileClient" will be
   deprecated``, ``"HardDiskBackend" is the alias of "LocalBackend"``: its checkpoint hook uses them) and its
   note that this project's data sets carry no ``metainfo`` (nothing here reads a visualizer's
@@ -29,7 +27,10 @@ from xtuner_plugins.quiet import DropMessages
 _PATCH_MARK = '_xtuner_plugins_console_patch'
 
 #: starts of the messages kept out of the console (the log file has them)
-LOG_FILE_ONLY = ('Hooks will be executed in the following order',)
+LOG_FILE_ONLY = ('Hooks will be executed in the following order', '\n' + '-' * 60 + '\nSystem environment:',
+                 'Config:\n', 'Distributed training is not used, all SyncBatchNorm',
+                 'LengthGroupedSampler is used.', 'LengthGroupedSampler construction is complete',
+                 'Checkpoints will be saved to ', 'paramwise_options -- ')
 #: starts of the messages dropped (console and log file)
 DROPPED = ('"FileClient" will be deprecated in future.', '"HardDiskBackend" is the alias of "LocalBackend"',
            *(f'Dataset {name} has no metainfo.' for name in
@@ -47,16 +48,22 @@ def log_files(logger: logging.Logger) -> List[str]:
 
 
 def quiet_console(logger: logging.Logger) -> logging.Logger:
-    """Add the filters to a runner's ``logger`` (once); say where the start-up blocks are."""
+    """Add the filters to a runner's ``logger`` (once)."""
     if any(isinstance(f, DropMessages) for f in logger.filters):
         return logger
     logger.addFilter(DropMessages(DROPPED))
-    files = log_files(logger)
-    if files:  # without a log file the console is the only copy: keep it whole
-        for handler in console_handlers(logger):
-            handler.addFilter(DropMessages(LOG_FILE_ONLY))
-        logger.info(f'the order of the hooks is in {files[0]}, not on the console')
+    keep_off_console(logger, LOG_FILE_ONLY)  # without a log file the console is the only copy: kept whole
     return logger
+
+
+def keep_off_console(logger: logging.Logger, starts) -> bool:
+    """Keep the messages starting with ``starts`` off ``logger``'s console handlers when it writes a log file
+    (which keeps them); whether it does."""
+    if not log_files(logger):
+        return False
+    for handler in console_handlers(logger):
+        handler.addFilter(DropMessages(tuple(starts)))
+    return True
 
 
 def _patch_build_logger() -> bool:

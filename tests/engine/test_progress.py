@@ -1,0 +1,62 @@
+"""The training console of ``engine/progress.py``: a start line, ``iter k/N  loss ...`` at the logger's interval
+and at the last iteration, an end line; MMEngine's own iteration lines in the run's log file only (one toy run,
+the same run without the hook for the other side)."""
+
+import os
+import re
+
+import pytest
+
+from tests.train_utils import REPO_ROOT, run_train
+
+TOY_CONFIG = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py')
+WITH_HOOK = {'default_hooks.progress.type': 'xtuner_plugins.engine.progress.ProgressHook',
+             'default_hooks.logger.interval': 4}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('progress')
+    return (run_train(TOY_CONFIG, str(root / 'hook'), cfg_options=WITH_HOOK),
+            run_train(TOY_CONFIG, str(root / 'plain'), cfg_options={'default_hooks.logger.interval': 4}))
+
+
+def _messages(log):
+    return [line.split(' - INFO - ', 1)[1] for line in log.splitlines() if ' - INFO - ' in line]
+
+
+def test_the_console_has_one_line_per_interval_and_the_last(runs):
+    run, _ = runs
+    assert run.ok, run.summary()
+    console = _messages(run.log)
+    progress = [m for m in console if m.startswith('iter ')]
+    assert [m.split()[1] for m in progress] == ['4/6', '6/6'], progress  # 6 is the last, not a multiple of 4
+    # window_size=1 (toy runtime): the line's numbers are the iteration's, as MMEngine logs them (at 4, and at 2
+    # where its two-batch data loader's "epoch" ends; not at 6)
+    scalars = {int(r['step']): r for r in run.scalars if 'loss' in r}
+    assert 4 in scalars and 6 not in scalars, scalars
+    assert progress[0].startswith(f'iter 4/6  loss {scalars[4]["loss"]:.4g}  lr {scalars[4]["lr"]:.2e}  '), progress
+    for line in progress:
+        assert re.fullmatch(r'iter \d/6  loss [0-9.e+-]+  lr [0-9.e+-]+  [0-9.k]+ tokens/s  eta 0:00:0\d  '
+                            r'mem [0-9.]+ GiB', line), line
+    start = [m for m in console if m.startswith('training toy_regression: ')]
+    assert start == [f'training toy_regression: 6 iterations (3 epochs of 2); 4 samples per iteration (batch 4 x 1 process); '
+                     f'checkpoint every 6 and at the end -> {run.work_dir}; full log (config, environment, every '
+                     f'iteration) {start[0].rsplit(" ", 1)[1]}'], console
+    assert start[0].endswith('.log') and os.path.dirname(os.path.dirname(start[0].rsplit(' ', 1)[1])) == run.work_dir
+    done = [m for m in console if m.startswith('done: ')]
+    last_loss = progress[1].split()[3]
+    assert len(done) == 1 and re.fullmatch(
+        rf'done: 6 iterations in 0:00:\d\d, loss {last_loss} \(first logged {scalars[4]["loss"]:.4g}\); '
+        rf'last checkpoint {re.escape(run.final_checkpoint)}', done[0]), done  # outside the cwd: whole
+    assert not any('Iter(train)' in line for line in run.log.splitlines()), 'MMEngine iteration line on the console'
+    assert [line.split('Iter(train) ')[1][:5] for line in run.full_log().splitlines() if 'Iter(train)' in line] \
+        == [f'[{k}/6]' for k in sorted(scalars)]  # the log file keeps MMEngine's lines
+    assert max(run.losses) == 4 and (run.max_iters, run.last_iter) == (6, 6)  # the launcher reads the console
+
+
+def test_without_the_hook_the_console_keeps_mmengines_lines(runs):
+    _, plain = runs
+    assert plain.ok, plain.summary()
+    assert sum('Iter(train)' in line for line in plain.log.splitlines()) >= 1
+    assert not any(m.startswith('iter ') for m in _messages(plain.log))

@@ -1,0 +1,164 @@
+"""The training console: a start line, one short progress line per logging interval, and an end line.
+
+MMEngine's own iteration line (``Iter(train) [10/40]  lr: ...  eta: ...  time: ...  data_time: ...  loss: ...
+tokens_per_sec: ...`` with every scalar at four decimals) goes to the run's log file only, once this hook runs
+(``engine/console.py``'s ``keep_off_console``; a config without the hook keeps MMEngine's lines); the console gets, from the same message-hub scalars, at the same interval
+(``default_hooks.logger.interval``) and at the last iteration::
+
+    training pretrain_mlp: 40 iterations (1 epoch of 40), 4 samples per iteration (batch 4 x 1 process), ...
+    iter 10/40  loss 6.267  lr 1.80e-04  18.4k tokens/s  eta 0:00:01  mem 1.04 GiB
+    ...
+    done: 40 iterations in 0:00:02, loss 6.264 (first logged 6.267); last checkpoint work_dirs/.../iter_40.pth
+
+``xtuner_plugins.launch.parse_log`` reads both line forms. The numbers are the ones MMEngine logs: the loss is
+the mean over the log processor's window (``log_processor.window_size``, 10), the learning rate the current one,
+tokens/s and memory ``ThroughputHook``'s (all ranks), the ETA the window's mean iteration time times the
+iterations left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Optional
+
+from mmengine.hooks import Hook, LoggerHook
+from mmengine.registry import HOOKS
+
+PROGRESS_START = 'iter '
+#: MMEngine's lines this hook stands in for on the console (the run's log file keeps them)
+REPLACED = ('Iter(train) [', 'Exp name: ')
+
+
+def _scalar(runner, name: str, window: Optional[int] = None) -> Optional[float]:
+    hub = runner.message_hub
+    if f'train/{name}' not in hub.log_scalars:
+        return None
+    history = hub.get_scalar(f'train/{name}')
+    return float(history.current() if window is None else history.mean(window))
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
+
+
+def _iterations(n: int) -> str:
+    return f'{n} iteration{"" if n == 1 else "s"}'
+
+
+def _rate(value: float) -> str:
+    return f'{value / 1000:.1f}k' if value >= 1000 else f'{value:.0f}'
+
+
+def progress_line(runner, window: int = 10) -> str:
+    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  mem M GiB`` from the message hub (absent parts left out)."""
+    done, total = runner.iter + 1, runner.max_iters
+    parts = [f'{PROGRESS_START}{done}/{total}']
+    loss = _scalar(runner, 'loss', window)
+    if loss is not None:
+        parts.append(f'loss {loss:.4g}')
+    lr = _scalar(runner, 'lr')
+    if lr is not None:
+        parts.append(f'lr {lr:.2e}')
+    tokens = _scalar(runner, 'tokens_per_sec', window)
+    if tokens is not None:
+        parts.append(f'{_rate(tokens)} tokens/s')
+    step = _scalar(runner, 'time', window)
+    if step is not None:
+        parts.append(f'eta {_duration(step * (total - done))}')
+    mem = _scalar(runner, 'peak_mem_mb')
+    if mem is not None:
+        parts.append(f'mem {mem / 1024:.2f} GiB')
+    return '  '.join(parts)
+
+
+@HOOKS.register_module()
+class ProgressHook(Hook):
+    """The console's start, progress and end lines (see the module's docstring). Runs after every other hook of
+    an iteration (``LOWEST``), so the scalars of ``ThroughputHook`` and the checkpoint of ``CheckpointHook`` are
+    there when it writes."""
+
+    priority = 'LOWEST'
+
+    def __init__(self) -> None:
+        self._started = None
+        self._first_loss: Optional[float] = None
+
+    def _interval(self, runner) -> int:
+        loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
+        return loggers[0].interval if loggers else 10
+
+    def _window(self, runner) -> int:
+        return int(getattr(runner.log_processor, 'window_size', 10) or 10)
+
+    def before_train(self, runner) -> None:
+        from xtuner_plugins.engine.console import keep_off_console
+        self._started, self._first_loss = time.time(), None
+        keep_off_console(runner.logger, REPLACED)
+        runner.logger.info(start_line(runner))
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        done = runner.iter + 1
+        if done % self._interval(runner) and done != runner.max_iters:
+            return
+        if self._first_loss is None:
+            self._first_loss = _scalar(runner, 'loss', self._window(runner))
+        runner.logger.info(progress_line(runner, self._window(runner)))
+
+    def after_train(self, runner) -> None:
+        elapsed = time.time() - (self._started or time.time())
+        line = f'done: {_iterations(runner.iter)} in {_duration(elapsed)}'
+        loss = _scalar(runner, 'loss', self._window(runner))
+        if loss is not None:
+            first = f' (first logged {self._first_loss:.4g})' if self._first_loss is not None else ''
+            line += f', loss {loss:.4g}{first}'
+        checkpoint = last_checkpoint(runner.work_dir)
+        runner.logger.info(line + (f'; last checkpoint {checkpoint}' if checkpoint else '; no checkpoint saved'))
+
+
+def last_checkpoint(work_dir: str) -> Optional[str]:
+    """The path MMEngine's ``WORK_DIR/last_checkpoint`` names, when it exists."""
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding='utf-8') as f:
+        path = f.read().strip()
+    if not path:
+        return None
+    relative = os.path.relpath(path)
+    return path if relative.startswith('..') else relative
+
+
+def start_line(runner) -> str:
+    """``training NAME: N iterations (E epochs of I), S samples per iteration (batch B x W processes), an
+    optimizer step every A; checkpoint every C -> WORK_DIR; full log FILE``."""
+    from mmengine.dist import get_world_size
+
+    from xtuner_plugins.engine.console import log_files
+    name = os.path.splitext(os.path.basename(runner.cfg.filename or 'config'))[0] if runner.cfg else 'model'
+    total = runner.max_iters
+    parts = [f'training {name}: {_iterations(total)}']
+    try:
+        per_epoch = len(runner.train_dataloader)
+    except TypeError:
+        per_epoch = None
+    if per_epoch:
+        epochs = total / per_epoch
+        parts[0] += f' ({epochs:g} epoch{"" if epochs == 1 else "s"} of {per_epoch})'
+    batch = getattr(runner.train_dataloader, 'batch_size', None)
+    world = get_world_size()
+    if batch:
+        parts.append(f'{batch * world} samples per iteration (batch {batch} x {world} '
+                     f'process{"" if world == 1 else "es"})')
+    accumulate = getattr(runner.optim_wrapper, '_accumulative_counts', 1) or 1
+    if accumulate > 1:
+        parts.append(f'an optimizer step every {accumulate} iterations')
+    from mmengine.hooks import CheckpointHook
+    saves = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
+    if saves:
+        parts.append(f'checkpoint every {saves[0].interval} and at the end -> {runner.work_dir}')
+    files = log_files(runner.logger)
+    if files:
+        parts.append(f'full log (config, environment, every iteration) {files[0]}')
+    return '; '.join(parts)

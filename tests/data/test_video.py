@@ -295,3 +295,16 @@ def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
     if when == 'use':
         assert dict(ds.failures) == {reason: 1}
     assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
+
+
+def test_preference_pairs_on_a_video(tmp_path, tiny_tokenizer, videos):
+    from xtuner_plugins.data.preference import InternVLPreferenceDataset
+    path = write_jsonl(tmp_path / 'p.jsonl', [{'video': videos['file'], 'question': 'Where does it go?',
+                                               'chosen': 'Left.', 'rejected': 'Right.'}])
+    ds = InternVLPreferenceDataset(path, tokenizer=tiny_tokenizer, image_size=S, cache_dir=str(tmp_path / 'c'),
+                                   min_num_frame=3, max_num_frame=3)
+    item = ds[0]
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    assert item['pixel_values'].shape[0] == 3
+    assert (item['chosen']['input_ids'] == ctx).sum() == (item['rejected']['input_ids'] == ctx).sum() == 3
+    assert ds.length == [max(len(item['chosen']['input_ids']), len(item['rejected']['input_ids']))]

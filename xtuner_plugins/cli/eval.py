@@ -15,7 +15,10 @@ Every question is asked greedily through the converted folder (any format: offic
 as ``tools/chat.py`` loads it), then again with each image replaced by a blank one of the same size (the
 blind control; ``--no-blind`` skips it). The console shows a per-category table; the last line is
 ``accuracy: A (N questions); blind: B; image reliance: R`` (reliance = accuracy - blind accuracy: what the
-image adds). ``--out`` writes a JSON report with every answer, reference and score.
+image adds). A jsonl sample with a ``video`` (and ``clip``) is a video question: asked with ``--frames`` frames
+(one tile each, at the middles of equal spans), blind on blank frames, and again with every frame replaced by the
+middle one (the single-frame control; ``--no-single-frame`` skips it): the last line adds ``videos: V (N),
+single frame: F, time reliance: T`` (what the order of the frames adds). ``--out`` writes a JSON report with every answer, reference and score.
 
 Nothing is asked before the input is checked: the data (every problem listed at once: duplicate ids, image
 paths leaving ``--image-folder``, missing images or images whose header does not decode; see
@@ -54,6 +57,9 @@ def parse_args(argv=None):
     blind.add_argument('--blind', dest='blind', action='store_true', default=True,
                        help='also ask on blank images (the default)')
     blind.add_argument('--no-blind', dest='blind', action='store_false', help='skip the blind control')
+    p.add_argument('--frames', type=int, default=8, help='frames of each video question (default 8)')
+    p.add_argument('--no-single-frame', dest='single_frame', action='store_false',
+                   help='skip the single-frame control of video questions (every frame the middle one)')
     p.add_argument('--limit', type=int, default=None, help='the first N questions only')
     p.add_argument('--max-new-tokens', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=1,
@@ -98,7 +104,8 @@ def settings(args) -> dict:
                                                              f'{os.path.abspath(args.checkpoint)}'
     return dict(model=model, cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
                 image_folder=args.image_folder and os.path.abspath(args.image_folder), metric=args.metric,
-                circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens)
+                circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens, frames=args.frames,
+                single_frame=args.single_frame)
 
 
 def main(argv=None) -> int:
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
         failures = []
         results = evaluate(model, todo, blind=args.blind, metric=args.metric, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=progress, failures=failures,
-                           on_answer=answers and answers.append)
+                           on_answer=answers and answers.append, num_frames=args.frames,
+                           single_frame=args.single_frame)
         report = Report(answers.results(questions, results) if answers else results, failures)
         if args.out:
             report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,

@@ -54,7 +54,7 @@ from xtuner_plugins.launch import cache_env
 from .console import Console, DemoError, fmt_time
 from .recipe import PROJECTOR_TYPES, RECIPES, VISION_TYPES, Recipe, recipe_from_args
 from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, per_kind,
-                      summary_line)
+                      single_frame_accuracy, summary_line)
 from .stages import (DEFAULT_CONFIGS, PREFERENCE_LOSSES, REPO_ROOT, StageResult, deepspeed_json, demo_configs,
                      make_data, make_models, model_geometry, repeat_for, run_converter, stage_options, train_stage)
 
@@ -190,8 +190,12 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     how = ('LlavaForConditionalGeneration + its processor' if converted_format == 'llava' else
            'AutoModel.from_pretrained(..., trust_remote_code=True) + model.chat')
     console.step(f'6/{steps} answers: {how}, greedy; blind control: the same questions on blank grey images')
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
     timings['answers'] = time.perf_counter() - t
+    if recipe.video:
+        console(f'  video questions ({recipe.video_frames} frames each): single-frame control (every frame the '
+                f'middle one): {single_frame_accuracy(answers):.3f}')
     preference = None
     if recipe.preference:
         preference = preference_stage(recipe, models, data, geometry, stages, ft_options, work_dir, console, nproc,
@@ -202,7 +206,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     result = DemoResult(accuracy=accuracy(answers), blind=accuracy(answers, blind=True), chance=chance,
                         n=len(answers), answers=answers, stages=stages, converted_dir=converted,
                         converted_format=converted_format, work_dir=work_dir,
-                        wall_s=console.elapsed(), timings=timings, preference=preference)
+                        wall_s=console.elapsed(), timings=timings, preference=preference,
+                        single=single_frame_accuracy(answers) if recipe.video else None)
     with open(os.path.join(work_dir, 'answers.jsonl'), 'w', encoding='utf-8') as f:
         for a in answers:
             f.write(json.dumps(dataclasses.asdict(a)) + '\n')
@@ -263,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'preference': None if result.preference is None else {
                        'accuracy': result.preference.accuracy, 'before': result.preference.before,
                        'n': result.preference.n, 'accuracy_after_finetuning': result.preference.sft_accuracy},
+                   'single_frame': single_frame_accuracy(result.answers),
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)
     console(f'converted: {result.converted_dir} ({result.converted_format})')

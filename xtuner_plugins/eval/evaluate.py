@@ -4,7 +4,11 @@
 ``ask(prompt, images, generation)`` and a ``reset()`` (:class:`~xtuner_plugins.models.inference.ConvertedModel`:
 every export format), greedily, one question at a time, and with ``blind=True`` once more with every image
 replaced by a blank one of the same size (mid grey: zero after the usual normalisation). The blind accuracy is
-what the model gets from the text alone; **image reliance** = accuracy - blind accuracy.
+what the model gets from the text alone; **image reliance** = accuracy - blind accuracy. A video question
+(``Question.video``) is asked with ``num_frames`` frames (``middle`` sampling, one tile each, ``ask(...,
+video=frames)``); its blind control blanks every frame, and with ``single_frame=True`` it is asked once more with
+every frame replaced by the middle one: **time reliance** = accuracy - single-frame accuracy, what the order of
+the frames adds (over the video questions).
 
 Open questions are scored by :data:`~xtuner_plugins.eval.scoring.METRICS` (``exact`` or ``anls``); multiple
 choice by the option read from the answer; circular groups count right when every rotation is.
@@ -26,6 +30,7 @@ from PIL import Image
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import read_image_size
+from xtuner_plugins.data.video import load_video
 
 from .data import Question
 from .scoring import METRICS, extract_option
@@ -47,6 +52,8 @@ class Result:
     blind_score: Optional[float] = None
     group: str = ''
     source: str = ''
+    single_answer: Optional[str] = None  # a video question asked on its middle frame only
+    single_score: Optional[float] = None
 
 
 @dataclass
@@ -78,7 +85,8 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
              max_new_tokens: int = 64, batch_size: int = 1,
              progress: Optional[Callable[[int, int, List[Result]], None]] = None,
              failures: Optional[List[Failure]] = None,
-             on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None) -> List[Result]:
+             on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None,
+             num_frames: int = 8, single_frame: bool = True) -> List[Result]:
     """Ask every question (``batch_size`` at a time through ``model.ask_batch`` where the model has it) and
     score the answers; with ``blind``, ask again on blank images. A :class:`SampleError` while asking goes to
     ``failures`` when given (the module docstring), else it is raised."""
@@ -89,17 +97,28 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
     if pad is not None:
         generation['pad_token_id'] = pad
 
+    frames_of: Dict[int, list] = {}
+
+    def frames(q: Question) -> list:  # a video question's frames, read once for the question and its controls
+        if id(q) not in frames_of:
+            frames_of.clear()
+            frames_of[id(q)] = load_video(q.video, num_frames, 'middle', q.clip)[0]
+        return frames_of[id(q)]
+
     def ask(q: Question, images) -> Union[str, SampleError]:
         model.reset()
         try:
-            return model.ask(q.prompt, images() if callable(images) else images, generation)
+            images = images() if callable(images) else images
+            if q.video is not None:
+                return model.ask(q.prompt, [], generation, video=images)
+            return model.ask(q.prompt, images, generation)
         except SampleError as err:
             if failures is None:
                 raise
             return err
 
     def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
-        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch'):
+        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch') and not any(q.video for q in batch):
             try:
                 return model.ask_batch([q.prompt for q in batch], [i() if callable(i) else i for i in images],
                                        generation)
@@ -114,20 +133,25 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
     done = 0
     for start in range(0, len(questions), max(1, batch_size)):
         batch = questions[start:start + max(1, batch_size)]
-        answers = answer(batch, [list(q.images) for q in batch])
+        answers = answer(batch, [(lambda q=q: frames(q)) if q.video else list(q.images) for q in batch])
         asked = [(q, a) for q, a in zip(batch, answers) if not isinstance(a, SampleError)]
-        blinds = (answer([q for q, _ in asked], [lambda q=q: [_blank(im) for im in q.images] for q, _ in asked])
-                  if blind else [None] * len(asked))
+        blinds = (answer([q for q, _ in asked], [lambda q=q: [_blank(im) for im in (frames(q) if q.video else q.images)]
+                                                 for q, _ in asked]) if blind else [None] * len(asked))
         blinds = iter(blinds)
+        videos = [q for q, _ in asked if q.video] if single_frame else []
+        singles = dict(zip(map(id, videos), answer(videos, [lambda q=q: [frames(q)[len(frames(q)) // 2]] * len(
+            frames(q)) for q in videos])))
         for q, given in zip(batch, answers):
             blank = None if isinstance(given, SampleError) else next(blinds)
-            error = given if isinstance(given, SampleError) else blank if isinstance(blank, SampleError) else None
+            single = singles.get(id(q))
+            error = next((e for e in (given, blank, single) if isinstance(e, SampleError)), None)
             if error is not None:
                 item = Failure(q.id, q.category, q.source, error.reason, error.message, q.group)
                 failures.append(item)
             else:
                 item = Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric), blank,
-                              None if blank is None else score(q, blank, metric), group=q.group, source=q.source)
+                              None if blank is None else score(q, blank, metric), group=q.group, source=q.source,
+                              single_answer=single, single_score=None if single is None else score(q, single, metric))
                 results.append(item)
             if on_answer is not None:
                 on_answer(item)
@@ -145,6 +169,7 @@ class Report:
     def __init__(self, results: Sequence[Result], failures: Sequence[Failure] = ()):
         self.results, self.failures = list(results), list(failures)
         self.blind = bool(self.results) and all(r.blind_score is not None for r in self.results)
+        self.single = any(r.single_score is not None for r in self.results)
 
     def _units(self, results) -> List[Tuple[str, float, Optional[float]]]:
         failed = {f.group or f.id for f in self.failures}
@@ -162,6 +187,12 @@ class Report:
         if self.blind:
             out['blind'] = sum(u[2] for u in units) / n if n else 0.0
             out['reliance'] = out['accuracy'] - out['blind']
+        videos = [r for r in (self.results if results is None else results) if r.single_score is not None]
+        if self.single and videos:  # over the video questions (circular groups are multiple choice, not videos)
+            out['videos'] = len(videos)
+            out['video_accuracy'] = sum(r.score for r in videos) / len(videos)
+            out['single_frame'] = sum(r.single_score for r in videos) / len(videos)
+            out['time_reliance'] = out['video_accuracy'] - out['single_frame']
         if self.failures:
             out['not_scored'] = len({f.group or f.id for f in self.failures
                                      if category is None or f.category == category})
@@ -180,6 +211,9 @@ class Report:
         line = f'accuracy: {s["accuracy"]:.3f} ({s["n"]} questions)'
         if self.blind:
             line += f'; blind: {s["blind"]:.3f}; image reliance: {s["reliance"]:.3f}'
+        if 'videos' in s:
+            line += (f'; videos: {s["video_accuracy"]:.3f} ({s["videos"]}), single frame: {s["single_frame"]:.3f}, '
+                     f'time reliance: {s["time_reliance"]:.3f}')
         if self.failures:
             line += f'; {s["not_scored"]} not scored'
         return line

@@ -8,7 +8,7 @@ Usage (after ``benchmarks/realsize.sh`` wrote the models into ``--work``)::
 Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning, ViT frozen, LLM checkpointing,
 bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
 step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
-one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 100 supervised) for the tiles series; for the
+one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the increase of the
 process's resident set during the step over its value before (``realsize.RssSampler``), beside the planner's
 activations for the same batch. Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
@@ -30,11 +30,11 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.realsize import SETTINGS, RssSampler  # noqa: E402
 
-TEXT, SUPERVISED = 200, 100
+TEXT, SUPERVISED = 200, 50
 
 
 def sample(model, tiles: int, gen: torch.Generator) -> dict:
-    """One item as the data set makes it: ``<IMG_CONTEXT>`` x 256 per tile, then text, the last 100 supervised."""
+    """One item as the data set makes it: ``<IMG_CONTEXT>`` x 256 per tile, then text, the last 50 supervised."""
     size = model.geometry['image_size']
     image = torch.full((tiles * model.num_image_token,), model.img_context_token_id)
     ids = torch.cat([image, torch.randint(0, 500, (TEXT,), generator=gen)])

@@ -13,7 +13,8 @@ the published configs and random weights, loaded by the code that loads the real
 
 Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense block-diagonal mask, SDPA),
 ``packed_segments`` (packs, ``attn_implementation='sdpa_segments'``: each sample attended on its own, no mask),
-``xtuner``. The closing line's "ours" is our fastest row, its "packed" the faster packed row (both named).
+``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
+``xtuner`` (its own default: the LLM checkpointed). Every other row checkpoints the LLM. The closing line's "ours" is our fastest row, its "packed" the faster packed row (both named).
 
 Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) and (b) tile every image to 12
 tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``);
@@ -165,9 +166,11 @@ def child(args) -> dict:
 
     def build(**settings):
         return VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=s['projector'],
-                                   image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
+                                   image_mode=s['image_mode'], freeze_vision=True,
+                                   llm_grad_ckpt=not args.row.endswith('_nockpt'),
                                    torch_dtype='bfloat16', from_scratch=True,
-                                   attn_implementation='sdpa_segments' if args.row == 'packed_segments' else args.attn,
+                                   attn_implementation='sdpa_segments' if args.row.startswith('packed_segments')
+                                   else args.attn,
                                    **settings)
     official = os.path.join(shared, 'official')
     if args.row == 'unpacked' and s['xtuner'] and 'llm_lora' in s['model']:
@@ -266,9 +269,8 @@ def main() -> None:
     p.add_argument('--work', default='work_dirs/realsize')
     p.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument('--rows', nargs='+', default=None,
-                   help='unpacked packed packed_segments xtuner (default: all; for b all but packed, to keep the run '
-                        'short: the dense mask is measured on a); packed: the dense block-diagonal mask (sdpa); '
-                        'packed_segments: attn sdpa_segments')
+                   help='unpacked packed packed_segments packed_segments_nockpt xtuner (default: all; for b all but '
+                        'packed and packed_segments_nockpt, to keep the run short)')
     p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
     p.add_argument('--batch', type=int, default=1, help='unpacked samples per step (default 1)')
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
@@ -287,8 +289,8 @@ def main() -> None:
     ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
     results = {}
     for setting in args.settings:
-        rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'xtuner')
-                             if not (setting == 'b' and r == 'packed')]
+        rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner')
+                             if not (setting == 'b' and r in ('packed', 'packed_segments_nockpt'))]
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
                 continue
@@ -326,8 +328,10 @@ def print_row(setting, row, r, roof, flush=False):
 
 def closing(results, settings, roof):
     for s in settings:
-        un, dense, seg, xt = (results.get((s, r), {}) for r in ('unpacked', 'packed', 'packed_segments', 'xtuner'))
-        pk = max((x for x in (dense, seg) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
+        un, dense, seg, nockpt, xt = (results.get((s, r), {}) for r in (
+            'unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner'))
+        pk = max((x for x in (dense, seg, nockpt) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'],
+                 default={})
         best = max((x for x in (un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
         if best:
             print(f'rows of {s}: ours = {best["row"]}, packed = {pk.get("row")}')

@@ -250,6 +250,9 @@ def child(args) -> dict:
     r = run_with_marks()
     start, peak = marks[-1]
     result.update(r, act_measured=peak - start)
+    if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
+        torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
+                   os.path.join(shared, 'lora.pth'))
     # the planner's activations for the last step's batch shape (ours; XTuner's path is not the model planned)
     last = next(iter(loader(dataset, batch)))['data']
     rows, length = last['input_ids'].shape
@@ -308,10 +311,39 @@ def main() -> None:
                 results[(setting, row)] = json.loads(lines[-1][7:])
             results[(setting, row)]['wall_s'] = time.perf_counter() - t
             print_row(setting, row, results[(setting, row)], roof, flush=True)
+    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')):
+        convert(args)
     closing(results, args.settings, roof)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(dict(roofline=roof, rows={f'{s} {r}': v for (s, r), v in results.items()}), f, indent=1,
                   default=float)
+
+
+def convert(args) -> None:
+    """The converter on (b)'s LoRA checkpoint (adapters merged, bf16, official layout): time and peak RSS against
+    the model's size in bf16."""
+    s = SETTINGS['b']
+    shared = os.path.join(args.work, 'rows', 'b')
+    out = os.path.join(args.work, 'converted_b')
+    cmd = ['/usr/bin/time', '-v', sys.executable, os.path.join(ROOT, 'tools', 'convert_to_official.py'),
+           os.path.join(ROOT, 'configs', 'finetune_lora.py'), os.path.join(shared, 'lora.pth'), out, '--dtype', 'bf16',
+           '--overwrite', '--cfg-options', f'model.vision_encoder={os.path.join(args.work, "models", s["vision"])}',
+           f'model.llm={os.path.join(args.work, "models", s["llm"])}', 'model.llm_lora.lora_dropout=0.0',
+           'model.from_scratch=True']
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    with open(os.path.join(args.out, 'b-convert.log'), 'w') as f:
+        f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
+    rss = [int(x.split(':')[1]) for x in proc.stderr.splitlines() if 'Maximum resident set size' in x]
+    if proc.returncode or not rss:
+        print(f'conversion (b): FAILED (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [""])[-1]}')
+        return
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.safetensors'))
+    peak = rss[0] * 1024
+    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS {peak / 2 ** 30:.2f} GiB '
+          f'= {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; target <= 1.5)', flush=True)
+    subprocess.run(['rm', '-rf', out])
 
 
 def print_row(setting, row, r, roof, flush=False):

@@ -60,6 +60,8 @@ NOT_RUN = {
     'CONFIG CHECKPOINT OUT_DIR': "the converter's synopsis (placeholders)",
     'max_iters=200 save_every=50 ...': 'examples of options on an elided command line',
     'FILE.jsonl|FILE.json|META.json': "check_dataset's synopsis (placeholders)",
+    'python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24': 'needs the real models\' config.json in '
+    'models/ (tests/test_planner.py runs the same CLI on the stage configs with tiny models)',
 }
 #: (file, index) of every block a test took by its marker
 USED = set()

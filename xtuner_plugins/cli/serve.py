@@ -225,7 +225,7 @@ def main(argv=None) -> int:
             f.write(s['chat_template'])
         cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']))
         print('serve: ' + ' '.join(cmd), file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=2)  # its log on stderr
         base = f'http://{"127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host}:{args.port}'
         try:
             problem = wait_ready(proc, base, args.served_model_name, args.startup_timeout)

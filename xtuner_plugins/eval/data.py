@@ -18,6 +18,7 @@ header that does not decode (``corrupt_image``), as many ``<image>`` tags as ima
 * **MMBench TSV** (``index, question, hint, A, B, C, D[, E...], answer, category, image``; ``image`` base64,
   or the ``index`` of an earlier row with the same image, as MMBench's files do): the prompt is VLMEvalKit's
   (hint, question, ``Options:`` one per line, then the instruction to answer with the letter).
+  The question without its options (``stem``: hint and question) is what ``--mc likelihood`` asks.
   ``circular=True`` also asks every rotation of the options (MMBench's CircularEval): a question counts as
   right only when all its rotations are right.
 """
@@ -60,6 +61,7 @@ class Question:
     source: str = ''  # FILE:LINE (a TSV: FILE:LINE (index N))
     video: Optional[str] = None  # a video question: its video (file, GIF or frame folder) and clip
     clip: Optional[Tuple[float, float]] = None
+    stem: str = ''  # multiple choice: the question without its options and instruction (``--mc likelihood``)
 
     @property
     def multiple_choice(self) -> bool:
@@ -221,12 +223,12 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
             rotated = {letters[i]: texts[(i + shift) % len(texts)] for i in range(len(texts))}
             right = letters[(letters.index(answer) - shift) % len(letters)]
             hint = (row.get('hint') or '').strip()
-            prompt = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
-            prompt += '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
+            stem = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
+            prompt = stem + '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
             out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular else ''),
                                 category=(row.get('category') or 'all').strip() or 'all', prompt=prompt,
                                 images=[image], references=[right], options=rotated, group=str(row['index']),
-                                source=where))
+                                source=where, stem=stem))
     if problems:
         raise QuestionsError(path, problems)
     if not out:

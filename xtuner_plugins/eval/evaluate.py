@@ -11,7 +11,13 @@ every frame replaced by the middle one: **time reliance** = accuracy - single-fr
 the frames adds (over the video questions).
 
 Open questions are scored by :data:`~xtuner_plugins.eval.scoring.METRICS` (``exact`` or ``anls``); multiple
-choice by the option read from the answer; circular groups count right when every rotation is.
+choice (``mc='generate'``) by the option read from the answer as VLMEvalKit reads it (its letter, else the
+option's text; :func:`~xtuner_plugins.eval.scoring.read_option`), each result saying how (``read_by``), which
+the report counts; circular groups count right when every rotation is. ``mc='likelihood'`` generates nothing for
+multiple choice: the model's ``option_logprobs(stem, images, texts)`` gives the log-likelihood of each option's
+text as the answer to the question without its options (lm-eval-harness's way), and the highest is the choice
+(``read_by`` ``likelihood``, the figures in ``option_scores``): a model that never learned to answer with a
+letter, or one in mid-training, is still measured.
 
 Given a ``failures`` list, a question whose image fails to decode when it is asked (a truncated file whose
 header reads) becomes a :class:`Failure` there (counted and named in the :class:`Report`, with its circular
@@ -33,9 +39,12 @@ from xtuner_plugins.data.image_io import read_image_size
 from xtuner_plugins.data.video import load_video
 
 from .data import Question
-from .scoring import METRICS, extract_option
+from .scoring import METRICS, READ_BY, read_option
 
-__all__ = ['Result', 'Failure', 'Report', 'evaluate', 'score', 'BLANK']
+__all__ = ['Result', 'Failure', 'Report', 'Ranked', 'evaluate', 'judge', 'score', 'BLANK', 'MC_MODES']
+
+#: How multiple choice is answered: generated and read (``generate``), or ranked by likelihood.
+MC_MODES = ('generate', 'likelihood')
 
 BLANK: Tuple[int, int, int] = (128, 128, 128)
 
@@ -54,6 +63,18 @@ class Result:
     source: str = ''
     single_answer: Optional[str] = None  # a video question asked on its middle frame only
     single_score: Optional[float] = None
+    read_by: str = ''  # multiple choice: letter, text, unmatched (generated) or likelihood
+    option_scores: Optional[Dict[str, float]] = None  # --mc likelihood: each option's log-likelihood
+
+
+@dataclass
+class Ranked:
+    """A multiple-choice answer by likelihood: the letter of the likeliest option, and each option's figure."""
+    letter: str
+    scores: Dict[str, float]
+
+    def __str__(self) -> str:
+        return self.letter
 
 
 @dataclass
@@ -70,10 +91,27 @@ class Failure:
         return f'{self.source} (id {self.id}): {self.message} [{self.reason}]'
 
 
-def score(question: Question, answer: str, metric: str = 'exact') -> float:
+def judge(question: Question, answer: Union[str, Ranked], metric: str = 'exact') -> Tuple[float, str]:
+    """``(score, read_by)``: ``read_by`` says how a multiple-choice answer was read ('' for open questions)."""
+    if isinstance(answer, Ranked):
+        return float(answer.letter == question.references[0]), 'likelihood'
     if question.multiple_choice:
-        return float(extract_option(answer, question.options) == question.references[0])
-    return METRICS[metric](answer, question.references)
+        letter, how = read_option(answer, question.options)
+        return float(letter == question.references[0]), how
+    return METRICS[metric](answer, question.references), ''
+
+
+def score(question: Question, answer: Union[str, Ranked], metric: str = 'exact') -> float:
+    return judge(question, answer, metric)[0]
+
+
+def rank_options(model, question: Question, images) -> Ranked:
+    """The question's options ranked by ``model.option_logprobs`` on its stem (module docstring)."""
+    letters = list(question.options)
+    figures = model.option_logprobs(question.stem or question.prompt, images,
+                                    [question.options[k] for k in letters])
+    scores = {k: float(v) for k, v in zip(letters, figures)}
+    return Ranked(max(letters, key=lambda k: scores[k]), scores)
 
 
 def _blank(image) -> Image.Image:
@@ -86,12 +124,15 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
              progress: Optional[Callable[[int, int, List[Result]], None]] = None,
              failures: Optional[List[Failure]] = None,
              on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None,
-             num_frames: int = 8, single_frame: bool = True) -> List[Result]:
+             num_frames: int = 8, single_frame: bool = True, mc: str = 'generate') -> List[Result]:
     """Ask every question (``batch_size`` at a time through ``model.ask_batch`` where the model has it) and
-    score the answers; with ``blind``, ask again on blank images. A :class:`SampleError` while asking goes to
-    ``failures`` when given (the module docstring), else it is raised."""
+    score the answers; with ``blind``, ask again on blank images; multiple choice as ``mc`` says (module
+    docstring). A :class:`SampleError` while asking goes to ``failures`` when given (the module docstring), else
+    it is raised."""
     if metric not in METRICS:
         raise ValueError(f'unknown metric {metric!r}; use one of {sorted(METRICS)}')
+    if mc not in MC_MODES:
+        raise ValueError(f'unknown multiple-choice mode {mc!r}; use one of {", ".join(MC_MODES)}')
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     pad = getattr(getattr(model, 'tokenizer', None), 'pad_token_id', None)
     if pad is not None:
@@ -105,12 +146,14 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
             frames_of[id(q)] = load_video(q.video, num_frames, 'middle', q.clip)[0]
         return frames_of[id(q)]
 
-    def ask(q: Question, images) -> Union[str, SampleError]:
+    def ask(q: Question, images) -> Union[str, Ranked, SampleError]:
         model.reset()
         try:
             images = images() if callable(images) else images
             if q.video is not None:
                 return model.ask(q.prompt, [], generation, video=images)
+            if mc == 'likelihood' and q.multiple_choice:
+                return rank_options(model, q, images)
             return model.ask(q.prompt, images, generation)
         except SampleError as err:
             if failures is None:
@@ -118,7 +161,9 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
             return err
 
     def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
-        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch') and not any(q.video for q in batch):
+        ranked = mc == 'likelihood' and any(q.multiple_choice for q in batch)
+        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch') and not ranked \
+                and not any(q.video for q in batch):
             try:
                 return model.ask_batch([q.prompt for q in batch], [i() if callable(i) else i for i in images],
                                        generation)
@@ -149,9 +194,13 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
                 item = Failure(q.id, q.category, q.source, error.reason, error.message, q.group)
                 failures.append(item)
             else:
-                item = Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric), blank,
-                              None if blank is None else score(q, blank, metric), group=q.group, source=q.source,
-                              single_answer=single, single_score=None if single is None else score(q, single, metric))
+                value, how = judge(q, given, metric)
+                item = Result(q.id, q.category, q.prompt, q.references[0], str(given), value,
+                              None if blank is None else str(blank), None if blank is None else score(q, blank, metric),
+                              group=q.group, source=q.source, read_by=how,
+                              option_scores=given.scores if isinstance(given, Ranked) else None,
+                              single_answer=None if single is None else str(single),
+                              single_score=None if single is None else score(q, single, metric))
                 results.append(item)
             if on_answer is not None:
                 on_answer(item)
@@ -196,7 +245,33 @@ class Report:
         if self.failures:
             out['not_scored'] = len({f.group or f.id for f in self.failures
                                      if category is None or f.category == category})
+        out.update(self.read_counts(self.results if results is None else results))
         return out
+
+    @staticmethod
+    def read_counts(results: Sequence[Result]) -> Dict[str, int]:
+        """How the multiple-choice answers were read, each answer (each rotation) once: ``by_letter``,
+        ``by_text``, ``unmatched`` for generated answers, ``by_likelihood`` for ranked ones; empty without
+        multiple choice."""
+        hows = [r.read_by for r in results if r.read_by]
+        out = {}
+        if any(h in READ_BY for h in hows):
+            out.update({('unmatched' if h == 'unmatched' else f'by_{h}'): hows.count(h) for h in READ_BY})
+        if 'likelihood' in hows:
+            out['by_likelihood'] = hows.count('likelihood')
+        return out
+
+    def read_line(self) -> str:
+        """``multiple choice: L read by the letter, T by the option's text, U unmatched`` (or ``N ranked by
+        likelihood``); empty without multiple choice."""
+        counts = self.read_counts(self.results)
+        parts = []
+        if 'by_letter' in counts:
+            parts.append(f'{counts["by_letter"]} read by the letter, {counts["by_text"]} by the option\'s text, '
+                         f'{counts["unmatched"]} unmatched')
+        if 'by_likelihood' in counts:
+            parts.append(f'{counts["by_likelihood"]} ranked by likelihood')
+        return 'multiple choice: ' + '; '.join(parts) if parts else ''
 
     def per_category(self) -> Dict[str, Dict[str, float]]:
         by: Dict[str, List[Result]] = defaultdict(list)

@@ -356,6 +356,12 @@ class ConvertedModel:
             self.images += new
         return answer
 
+    def option_logprobs(self, question: str, images: Sequence[ImageLike], texts: Sequence[str]) -> List[float]:
+        """Each text's log-likelihood as the answer to ``question`` on ``images`` (a new single-turn conversation;
+        :mod:`xtuner_plugins.eval.likelihood`)."""
+        from xtuner_plugins.eval.likelihood import option_logprobs
+        return option_logprobs(self, question, images, texts)
+
     def ask_batch(self, questions: Sequence[str], images: Sequence[Sequence[ImageLike]],
                   generation: Optional[dict] = None) -> List[str]:
         """Single-turn questions answered in one left-padded batch (``batch_chat`` of the remote code, or the

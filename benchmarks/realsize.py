@@ -270,7 +270,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default='work_dirs/realsize/out')
     p.add_argument('--work', default='work_dirs/realsize')
-    p.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument('--settings', nargs='+', default=['a', 'c', 'b'], choices=list(SETTINGS),
+                   help='in this order (default a c b: the 1.5B rows, the longest, last)')
     p.add_argument('--rows', nargs='+', default=None,
                    help='unpacked packed packed_segments packed_segments_nockpt xtuner (default: all; for b all but '
                         'packed and packed_segments_nockpt, to keep the run short)')
@@ -279,6 +280,8 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
     p.add_argument('--attn', default='sdpa')
+    p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
+                   help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -297,6 +300,10 @@ def main() -> None:
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
                 continue
+            if args.deadline and time.time() > args.deadline:
+                results[(setting, row)] = dict(error=['not run: past --deadline'], wall_s=0.0)
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
+                continue
             t = time.perf_counter()
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
@@ -311,7 +318,8 @@ def main() -> None:
                 results[(setting, row)] = json.loads(lines[-1][7:])
             results[(setting, row)]['wall_s'] = time.perf_counter() - t
             print_row(setting, row, results[(setting, row)], roof, flush=True)
-    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')):
+    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
+            args.deadline and time.time() > args.deadline):
         convert(args)
     closing(results, args.settings, roof)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:

@@ -33,6 +33,7 @@ no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,17 @@ SETTINGS = {
 }
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens(bt.ModelShapes):
+    """Shapes of a projector that is no pixel shuffle (the bilinear MLP of (c)): its tokens per tile given, its
+    input the ViT width (``downsample_ratio`` 1); FLOPs as ``bench_train.train_step_flops`` counts them."""
+    tokens: int = 0
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        return self.tokens
 
 
 def roofline(n: int = 4096, reps: int = 3) -> dict:
@@ -161,7 +173,7 @@ def child(args) -> dict:
     s = SETTINGS[args.setting]
     models = {k: os.path.join(args.work, 'models', s[k]) for k in ('vision', 'llm')}
     sampler = RssSampler()
-    shared = os.path.join(args.work, 'rows', args.setting)
+    shared = os.path.abspath(os.path.join(args.work, 'rows', args.setting))  # a file:// rendezvous needs it absolute
     os.makedirs(shared, exist_ok=True)
 
     def build(**settings):
@@ -186,8 +198,11 @@ def child(args) -> dict:
                          max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache', args.setting),
                          **model.geometry)
     packed = PackedInternVLDataset(ds, max_tokens=args.max_tokens, max_tiles=None, seed=0)
-    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 0.5,
+    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 1.0,
                              vocab_size=model.language_model.get_output_embeddings().weight.shape[0])
+    if shapes.image_tokens_per_tile != model.num_image_token:  # bilinear MLP: 27 x 27 patches -> 13 x 13 tokens
+        shapes = _Tokens(**{f.name: getattr(shapes, f.name) for f in dataclasses.fields(shapes)},
+                         tokens=model.num_image_token)
     order = torch.Generator().manual_seed(0)
 
     def loader(dataset, batch):
@@ -282,6 +297,8 @@ def main() -> None:
     p.add_argument('--attn', default='sdpa')
     p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
                    help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
+    p.add_argument('--reuse', action='store_true',
+                   help="keep the rows of --out's results.json that ran without error; run only the others")
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -294,11 +311,18 @@ def main() -> None:
           f'TFLOP/s; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads', flush=True)
     ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
     results = {}
+    saved = os.path.join(args.out, 'results.json')
+    if args.reuse and os.path.exists(saved):  # rows measured before, without error, are not run again
+        with open(saved) as f:
+            results = {tuple(k.split(' ')): v for k, v in json.load(f)['rows'].items() if 'error' not in v}
     for setting in args.settings:
         rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner')
                              if not (setting == 'b' and r in ('packed', 'packed_segments_nockpt'))]
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
+                continue
+            if (setting, row) in results:
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
                 continue
             if args.deadline and time.time() > args.deadline:
                 results[(setting, row)] = dict(error=['not run: past --deadline'], wall_s=0.0)

@@ -24,8 +24,8 @@ batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the G
 
 First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
 tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
-bf16 roofline, the data-time share, and the planner's predicted activations beside the measured increment of
-RSS during a step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
+bf16 roofline, the data-time share, and the planner's step peak (activations + autocast copies, or AdamW's
+temporaries: ``planner.plan_memory``) beside the measured rise of RSS during the last timed step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
 gradient norm on one batch, before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
 no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
 """
@@ -168,7 +168,7 @@ def child(args) -> dict:
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset
     from xtuner_plugins.models import VisionLanguageModel
-    from xtuner_plugins.planner import Batch, activation_bytes
+    from xtuner_plugins.planner import Batch, plan_memory
     torch.manual_seed(0)
     s = SETTINGS[args.setting]
     models = {k: os.path.join(args.work, 'models', s[k]) for k in ('vision', 'llm')}
@@ -274,10 +274,11 @@ def child(args) -> dict:
     tiles = int(last['pixel_values'].shape[0])
     sup = int((last['labels'][:, 1:] != -100).sum())
     if xt is None:
-        parts = activation_bytes(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
-                                              packed=args.row.startswith('packed')), 'bf16')
-        result['act_predicted'] = sum(parts.values())
-        result['act_parts'] = parts
+        plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
+                                        packed=args.row.startswith('packed')), 'bf16')
+        result['act_predicted'] = plan['step_peak']  # the step's rise: activations + copies, or temporaries
+        result['act_parts'] = dict(plan['parts'], autocast_copies=plan['autocast_copies'],
+                                   optimizer_temporaries=plan['optimizer_temporaries'])
     return result
 
 

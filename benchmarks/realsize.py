@@ -24,8 +24,8 @@ batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the G
 
 First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
 tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
-bf16 roofline, the data-time share, and the planner's predicted activations beside the measured increment of
-RSS during a step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
+bf16 roofline, the data-time share, and the planner's step peak (activations + autocast copies, or AdamW's
+temporaries: ``planner.plan_memory``) beside the measured rise of RSS during the last timed step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
 gradient norm on one batch, before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
 no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
 """
@@ -33,6 +33,7 @@ no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,17 @@ SETTINGS = {
 }
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens(bt.ModelShapes):
+    """Shapes of a projector that is no pixel shuffle (the bilinear MLP of (c)): its tokens per tile given, its
+    input the ViT width (``downsample_ratio`` 1); FLOPs as ``bench_train.train_step_flops`` counts them."""
+    tokens: int = 0
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        return self.tokens
 
 
 def roofline(n: int = 4096, reps: int = 3) -> dict:
@@ -156,12 +168,12 @@ def child(args) -> dict:
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset
     from xtuner_plugins.models import VisionLanguageModel
-    from xtuner_plugins.planner import Batch, activation_bytes
+    from xtuner_plugins.planner import Batch, plan_memory
     torch.manual_seed(0)
     s = SETTINGS[args.setting]
     models = {k: os.path.join(args.work, 'models', s[k]) for k in ('vision', 'llm')}
     sampler = RssSampler()
-    shared = os.path.join(args.work, 'rows', args.setting)
+    shared = os.path.abspath(os.path.join(args.work, 'rows', args.setting))  # a file:// rendezvous needs it absolute
     os.makedirs(shared, exist_ok=True)
 
     def build(**settings):
@@ -186,8 +198,11 @@ def child(args) -> dict:
                          max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache', args.setting),
                          **model.geometry)
     packed = PackedInternVLDataset(ds, max_tokens=args.max_tokens, max_tiles=None, seed=0)
-    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 0.5,
+    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 1.0,
                              vocab_size=model.language_model.get_output_embeddings().weight.shape[0])
+    if shapes.image_tokens_per_tile != model.num_image_token:  # bilinear MLP: 27 x 27 patches -> 13 x 13 tokens
+        shapes = _Tokens(**{f.name: getattr(shapes, f.name) for f in dataclasses.fields(shapes)},
+                         tokens=model.num_image_token)
     order = torch.Generator().manual_seed(0)
 
     def loader(dataset, batch):
@@ -259,10 +274,11 @@ def child(args) -> dict:
     tiles = int(last['pixel_values'].shape[0])
     sup = int((last['labels'][:, 1:] != -100).sum())
     if xt is None:
-        parts = activation_bytes(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
-                                              packed=args.row.startswith('packed')), 'bf16')
-        result['act_predicted'] = sum(parts.values())
-        result['act_parts'] = parts
+        plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
+                                        packed=args.row.startswith('packed')), 'bf16')
+        result['act_predicted'] = plan['step_peak']  # the step's rise: activations + copies, or temporaries
+        result['act_parts'] = dict(plan['parts'], autocast_copies=plan['autocast_copies'],
+                                   optimizer_temporaries=plan['optimizer_temporaries'])
     return result
 
 
@@ -270,7 +286,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default='work_dirs/realsize/out')
     p.add_argument('--work', default='work_dirs/realsize')
-    p.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument('--settings', nargs='+', default=['a', 'c', 'b'], choices=list(SETTINGS),
+                   help='in this order (default a c b: the 1.5B rows, the longest, last)')
     p.add_argument('--rows', nargs='+', default=None,
                    help='unpacked packed packed_segments packed_segments_nockpt xtuner (default: all; for b all but '
                         'packed and packed_segments_nockpt, to keep the run short)')
@@ -279,6 +296,10 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
     p.add_argument('--attn', default='sdpa')
+    p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
+                   help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
+    p.add_argument('--reuse', action='store_true',
+                   help="keep the rows of --out's results.json that ran without error; run only the others")
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -291,11 +312,22 @@ def main() -> None:
           f'TFLOP/s; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads', flush=True)
     ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
     results = {}
+    saved = os.path.join(args.out, 'results.json')
+    if args.reuse and os.path.exists(saved):  # rows measured before, without error, are not run again
+        with open(saved) as f:
+            results = {tuple(k.split(' ')): v for k, v in json.load(f)['rows'].items() if 'error' not in v}
     for setting in args.settings:
         rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner')
                              if not (setting == 'b' and r in ('packed', 'packed_segments_nockpt'))]
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
+                continue
+            if (setting, row) in results:
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
+                continue
+            if args.deadline and time.time() > args.deadline:
+                results[(setting, row)] = dict(error=['not run: past --deadline'], wall_s=0.0)
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
                 continue
             t = time.perf_counter()
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
@@ -311,7 +343,8 @@ def main() -> None:
                 results[(setting, row)] = json.loads(lines[-1][7:])
             results[(setting, row)]['wall_s'] = time.perf_counter() - t
             print_row(setting, row, results[(setting, row)], roof, flush=True)
-    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')):
+    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
+            args.deadline and time.time() > args.deadline):
         convert(args)
     closing(results, args.settings, roof)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:

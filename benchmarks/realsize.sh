@@ -7,7 +7,7 @@
 #   bash benchmarks/realsize.sh [--out DIR] [--no-scaling] [realsize.py options, e.g. --settings a --steps 2]
 #
 # Then the scaling series (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and
-# a PNG in DIR); --no-scaling leaves it out.
+# a PNG in DIR); --no-scaling leaves it out. REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
 #
 # Run it alone on the machine (timings taken beside another heavy process are not figures).
 set -euo pipefail
@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
 "$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
-if [ "$SCALING" = 1 ]; then
+if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
     "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 fi
 echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

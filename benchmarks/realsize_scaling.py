@@ -10,8 +10,9 @@ bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one 
 step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the increase of the
-process's resident set during the step over its value before (``realsize.RssSampler``), beside the planner's
-activations for the same batch. Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
+process's resident set during the step over its value before (``realsize.RssSampler``; run it with
+``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS), beside the
+planner's step peak for the same batch (``planner.plan_memory``). Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
 variable) into ``--out``.
 """
 
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument('--pack-tokens', type=int, nargs='*', default=[2048, 4096, 8192, 16384])
     args = p.parse_args()
     from xtuner_plugins.models import VisionLanguageModel
-    from xtuner_plugins.planner import Batch, activation_bytes
+    from xtuner_plugins.planner import Batch, plan_memory
     s = SETTINGS['a']
     sampler = RssSampler()
     model = VisionLanguageModel(vision_encoder=os.path.join(args.work, 'models', s['vision']),
@@ -85,9 +86,9 @@ def main() -> None:
             opt.step()
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
-        planned = sum(activation_bytes(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
-                                                    supervised=int((data['labels'][:, 1:] != -100).sum()),
-                                                    packed=data.get('seq_lens') is not None), 'bf16').values())
+        planned = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
+                                           supervised=int((data['labels'][:, 1:] != -100).sum()),
+                                           packed=data.get('seq_lens') is not None), 'bf16')['step_peak']
         rows.append(dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
                          measured_gib=(sampler.peak - sampler.start) / 2 ** 30, planned_gib=planned / 2 ** 30))
         r = rows[-1]

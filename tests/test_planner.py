@@ -87,8 +87,13 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
 def test_plan_total_and_largest_fitting(tiny):
     meta = build_meta_model(settings(tiny, freeze_llm=False))
     r = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), reserve_gib=0.5)
-    assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'gradients', 'optimizer', 'activations'))
+    trained, _ = counts(meta)
+    assert r['autocast_copies'] == 2 * trained and r['optimizer_temporaries'] == 4 * trained
+    assert r['step_peak'] == max(r['activations'] + 2 * trained, 4 * trained)
+    assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'gradients', 'optimizer', 'step_peak'))
                                        + 0.5 * GIB)
+    z2 = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), zero=2, gpus=2)
+    assert z2['autocast_copies'] == z2['optimizer_temporaries'] == 0 and z2['step_peak'] == z2['activations']
     assert largest_fitting(lambda x: x * x <= 50, 1, 100) == 7
     assert largest_fitting(lambda x: False, 1, 100) is None
     assert largest_fitting(lambda x: True, 1, 100) == 100

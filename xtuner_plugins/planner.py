@@ -32,6 +32,12 @@ heads, ``d`` head dim, ``V`` vocabulary):
   encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``); trained: ``11C + 2I`` per layer (``C`` with
   checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed);
 * the projector: ``(8C' + 2H)`` per image token (``C'`` its input width).
+
+Two transients that are not activations come on top, and the step's peak is the larger of
+``activations + autocast copies`` (during the forward and backward) and ``optimizer temporaries`` (during the
+step): without DeepSpeed, autocast keeps a bf16 copy of every trained fp32 weight it casts until the forward
+ends (2 bytes per trained parameter), and torch's AdamW (foreach) makes one fp32 temporary per trained parameter
+(4 bytes); DeepSpeed keeps bf16 weights and updates its fp32 partition in place (neither counted).
 """
 
 from __future__ import annotations
@@ -131,7 +137,10 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1) ->
     weights = (frozen * b + quant * (0.5 + 4 / 128) + trained * (b if deepspeed else 4)) / shard
     grads = trained * b / opt_shard if deepspeed else trained * 4
     optim = trained * (12 if deepspeed else 8) / opt_shard
-    return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant)
+    copies = 0 if deepspeed or b == 4 else trained * 2
+    temporaries = 0 if deepspeed else trained * 4
+    return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
+                autocast_copies=copies, optimizer_temporaries=temporaries)
 
 
 def _llm_shapes(model):
@@ -187,12 +196,16 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
 def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
                 reserve_gib: float = 1.0) -> Dict[str, float]:
     """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (and its parts under
-    ``parts``), ``reserve`` and ``total``."""
+    ``parts``), ``autocast_copies``, ``optimizer_temporaries``, ``step_peak`` (the larger of activations + copies
+    and the temporaries), ``reserve`` and ``total`` (weights + gradients + optimizer + step peak + reserve)."""
     p = parameter_bytes(model, dtype, zero, gpus)
     parts = activation_bytes(model, batch, dtype)
-    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'],
-               activations=sum(parts.values()), reserve=reserve_gib * GIB)
-    out['total'] = sum(out.values())
+    acts = sum(parts.values())
+    step = max(acts + p['autocast_copies'], p['optimizer_temporaries'])
+    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'], activations=acts,
+               autocast_copies=p['autocast_copies'], optimizer_temporaries=p['optimizer_temporaries'],
+               step_peak=step, reserve=reserve_gib * GIB)
+    out['total'] = p['weights'] + p['gradients'] + p['optimizer'] + step + out['reserve']
     out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
     return out
 

@@ -39,11 +39,8 @@ class Recipe:
     vit_init_std: float = 0.1
     llm_hidden: int = 64
     llm_layers: int = 2
-    # 2 heads of 32 (and one key/value head): vLLM's CPU attention takes head sizes of 32 and up, not 16, so the
-    # demo's model can be served (tools/serve.py); the same parameters and cost as 4 heads of 16 with 2 key/value
-    # heads (q 64x64, k and v 64x32 either way)
-    llm_heads: int = 2
-    llm_kv_heads: int = 1
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
     llm_intermediate: int = 128
     # std of the LLM's random weights (Qwen2's initializer_range is 0.02, made for wide models: a 64-wide
     # LLM initialised at 0.02 is nearly constant and takes thousands of steps to start reading the image)

@@ -27,6 +27,8 @@ from mmengine.hooks import Hook, LoggerHook
 from mmengine.registry import HOOKS
 
 PROGRESS_START = 'iter '
+#: preference training's scalars shown after the throughput (DPO/MPO: ``models/preference.py``)
+PREFERENCE_SCALARS = ('rewards_accuracy', 'rewards_margin')
 #: MMEngine's lines this hook stands in for on the console (the run's log file keeps them)
 REPLACED = ('Iter(train) [', 'Exp name: ')
 
@@ -52,7 +54,8 @@ def _rate(value: float) -> str:
 
 
 def progress_line(runner, window: int = 10) -> str:
-    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  mem M GiB`` from the message hub (absent parts left out)."""
+    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  [rewards_accuracy A  rewards_margin M]  mem M GiB`` from
+    the message hub (absent parts left out)."""
     done, total = runner.iter + 1, runner.max_iters
     parts = [f'{PROGRESS_START}{done}/{total}']
     loss = _scalar(runner, 'loss', window)
@@ -67,6 +70,10 @@ def progress_line(runner, window: int = 10) -> str:
     step = _scalar(runner, 'time', window)
     if step is not None:
         parts.append(f'eta {_duration(step * (total - done))}')
+    for name in PREFERENCE_SCALARS:  # preference training: how the pairs are told apart
+        value = _scalar(runner, name, window)
+        if value is not None:
+            parts.append(f'{name} {value:.3g}')
     mem = _scalar(runner, 'peak_mem_mb')
     if mem is not None:
         parts.append(f'mem {mem / 1024:.2f} GiB')

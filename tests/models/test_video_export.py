@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers import tiny_workspace, write_jsonl, write_video
 from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+from tests.tools.test_export_families import greedy_decode
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
@@ -39,20 +40,6 @@ def setup(tmp_path_factory):
                 ids=item['input_ids'][:first].tolist(), tiles=item['pixel_values'])
 
 
-def greedy(model, ids, tiles, steps=8):
-    ids, stop, out = torch.tensor([ids]), model.tokenizer.convert_tokens_to_ids('<|im_end|>'), []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=tiles,
-                                image_flags=torch.ones(tiles.shape[0], dtype=torch.long)), mode='tensor')
-            token = int(logits[0, -1].argmax())
-            if token == stop:
-                break
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return model.tokenizer.decode(out, skip_special_tokens=True).strip()
-
-
 @pytest.fixture(scope='module')
 def official(setup):
     return convert(LORA, setup['ckpt'], setup['root'] / 'official', setup['opts'])
@@ -77,7 +64,7 @@ def test_official_chat_with_frames_is_the_training_prompt_and_answer(setup, offi
     answer = converted.model.chat(converted.tokenizer, pixel_values, prefix + QUESTION,
                                   dict(max_new_tokens=8, do_sample=False), num_patches_list=num_patches)
     assert seen['ids'] == setup['ids']
-    expected = greedy(setup['model'], setup['ids'], setup['tiles'])
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'])
     assert answer == expected and expected
     converted.reset()
     assert converted.ask(QUESTION, video=frames, generation=dict(max_new_tokens=8, do_sample=False)) == expected
@@ -95,7 +82,7 @@ def test_hf_processor_gives_the_training_ids_and_pixels(setup):
     assert inputs['input_ids'][0].tolist() == setup['ids']
     assert torch.allclose(inputs['pixel_values'], normalize_tiles(setup['tiles'], IMAGENET_MEAN, IMAGENET_STD),
                           atol=1e-5)
-    expected = greedy(setup['model'], setup['ids'], setup['tiles'])
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'])
     converted = ConvertedModel(folder)
     assert converted.ask(QUESTION, video=frames, generation=dict(max_new_tokens=8, do_sample=False)) == expected
 

@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data import _balanced
 from .scenes import BACKGROUND, COLOURS, SHAPES
 
 __all__ = ['VIDEO_ANSWERS', 'VIDEO_KINDS', 'VIDEO_QUESTIONS', 'make_video_data', 'video_chance']
@@ -102,15 +103,6 @@ def _write_mp4(path: str, images: Sequence[Image.Image], fps: int = 8) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-
-
-def _balanced(rng: random.Random, values: Sequence, n: int) -> list:
-    out: list = []
-    while len(out) < n:
-        block = list(values)
-        rng.shuffle(block)
-        out.extend(block)
-    return out[:n]
 
 
 def make_video_data(out_dir: str, n_sft: int = 3000, n_test: int = 120, seed: int = 0, tile_size: int = 56,

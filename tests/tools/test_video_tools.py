@@ -3,12 +3,13 @@ video item (the fixtures of tests/models/test_video_export.py); a bad video stop
 
 import pytest
 
-from tests.models.test_video_export import QUESTION, greedy, official, setup  # noqa: F401 (fixtures)
+from tests.models.test_video_export import QUESTION, official, setup  # noqa: F401 (fixtures)
+from tests.tools.test_export_families import greedy_decode
 from tools.chat import main as chat_main
 
 
 def test_chat_tool_answers_about_a_video(setup, official, capsys):  # noqa: F811
-    expected = greedy(setup['model'], setup['ids'], setup['tiles'])
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'])
     capsys.readouterr()
     assert chat_main([official, '--video', setup['video'], '--frames', '4', '--prompt', QUESTION,
                       '--max-new-tokens', '8']) == 0
@@ -38,5 +39,5 @@ def test_eval_tool_asks_video_questions_with_both_controls(setup, official, tmp_
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert 'blind: ' in closing and 'videos: ' in closing and 'time reliance: ' in closing
     result = json.load(open(out))['results'][0]
-    expected = greedy(setup['model'], setup['ids'], setup['tiles'], steps=4)
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'], steps=4)
     assert result['answer'] == expected and result['single_answer'] is not None

@@ -113,20 +113,34 @@ def _dequantize(model: nn.Module, dtype: torch.dtype) -> int:
 
 @torch.no_grad()
 def _merge_peft(peft_model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Add each LoRA layer's delta (peft's ``get_delta_weight``) to its base weight, dequantising a 4-bit
-    base first; returns the plain model without adapters."""
+    """Add each LoRA layer's delta (peft's ``get_delta_weight``, summed over adapters in fp32) to its base
+    weight, dequantising a 4-bit base first; returns the plain model without adapters.
+
+    A plain base weight takes its delta at once, layer by layer: at most one layer's fp32 delta exists at a
+    time (holding them all is the LLM's linear weights again in fp32: 5.2 GB for a 1.5B model). A 4-bit base
+    keeps its deltas until the layers are dequantised, after ``unload``.
+    """
     from peft.tuners.lora import LoraLayer
-    deltas = {}
+    pending = {}
     for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter).to(torch.float32)
-                    deltas[name] = deltas[name] + delta if name in deltas else delta
+        if not isinstance(module, LoraLayer):
+            continue
+        delta = None
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                step = module.get_delta_weight(adapter).to(torch.float32)
+                delta = step if delta is None else delta + step
+        if delta is None:
+            continue
+        weight = module.get_base_layer().weight
+        if type(weight) is nn.Parameter:  # not a bitsandbytes Params4bit
+            weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
+        else:
+            pending[name] = delta
     base = peft_model.unload()  # the base model with its original layers back, adapters dropped
     _dequantize(base, dtype)
     prefix = 'base_model.model.'
-    for name, delta in deltas.items():
+    for name, delta in pending.items():
         layer = base.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
         layer.weight.copy_((layer.weight.to(torch.float32) + delta).to(layer.weight.dtype))
     return base

@@ -85,6 +85,13 @@ class Recipe:
     # prompts for the training pairs: new questions (data/preference.jsonl, on images no other split has) that
     # the fine-tuned model answers first; its wrong answers become rejected answers
     preference_prompts: int = 4800
+    # rejected answers as MMPR draws them: each prompt answered greedily and preference_samples times sampled
+    # at preference_temperature; a pair per distinct wrong answer (at most preference_pairs_per_prompt); a
+    # prompt never answered wrong gets a random wrong answer of its kind when preference_fallback, else no pair
+    preference_samples: int = 8
+    preference_temperature: float = 1.0
+    preference_pairs_per_prompt: int = 3
+    preference_fallback: bool = True
     preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 3e-4

@@ -162,3 +162,16 @@ def test_sampled_wrong_answers_become_pairs_as_mmpr_draws_them(data, tmp_path):
     # no fallback: the question the model never got wrong has no pair
     assert make_pairs(str(path), str(out), rejected=own, per_prompt=5, fallback=False) == 4
     assert [p['id'] for p in _read(out)] == [ids[0]] * 3 + [ids[2]]
+
+
+def test_kind_changes_shows_a_loss_that_the_total_hides():
+    from xtuner_plugins.demo.scoring import Answer, accuracy, kind_changes
+
+    def answers(right):   # right: {kind: questions right of 3}
+        return [Answer(f'{k}{i}', k, 'q', 'a', 'a' if i < n else 'b', score=float(i < n))
+                for k, n in right.items() for i in range(3)]
+    before, after = answers({'colour': 3, 'digit': 1}), answers({'colour': 1, 'digit': 3})
+    assert accuracy(before) == accuracy(after)
+    rows = [line.split() for line in kind_changes(before, after).splitlines()]
+    assert rows == [['kind', 'questions', 'before', 'after', 'change'], ['colour', '3', '3', '1', '-2'],
+                    ['digit', '3', '1', '3', '+2']]

@@ -170,9 +170,11 @@ def wrong_answers(model, samples_path: str, image_folder: str, limit: Optional[i
 
 @torch.no_grad()
 def preference_accuracy(config: str, options: Mapping[str, object], checkpoint: Optional[str], pairs_path: str,
-                        image_folder: str, batch_pairs: int = 16) -> Tuple[float, int]:
+                        image_folder: str, batch_pairs: int = 16,
+                        by_kind: Optional[Dict[str, float]] = None) -> Tuple[float, int]:
     """``(accuracy, number of pairs)`` of the preference config's model (``options`` as trained; ``checkpoint``
-    None: before preference training) on the pairs of ``pairs_path``."""
+    None: before preference training) on the pairs of ``pairs_path``; ``by_kind``, a dict, gets the accuracy of
+    each kind of question (the pairs' ``kind``)."""
     from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.models.export import build_for_export
     cfg = load_config(config, dict(options, **{'train_dataloader.dataset.data_files': [pairs_path],
@@ -183,9 +185,19 @@ def preference_accuracy(config: str, options: Mapping[str, object], checkpoint: 
     dataset = dataset_cfg.pop('type')(**dataset_cfg)
     collate = dict(cfg.train_dataloader.collate_fn)
     collate_fn = collate.pop('type')
-    preferred, n = 0.0, len(dataset)
-    for start in range(0, n, batch_pairs):
-        items = [dataset[i] for i in range(start, min(n, start + batch_pairs))]
-        out = model(collate_fn(items, **collate)['data'], mode='loss')
-        preferred += out['rewards_accuracy'].item() * len(items)
-    return preferred / max(n, 1), n
+    with open(pairs_path, encoding='utf-8') as f:   # the data set keeps the file's order (repeat_times 1)
+        kinds = [json.loads(line).get('kind', '') for line in f]
+    groups: Dict[str, List[int]] = defaultdict(list)
+    for i, kind in enumerate(kinds[:len(dataset)]):
+        groups[kind].append(i)
+    preferred: Dict[str, float] = {}
+    for kind, idx in groups.items():   # batches of one kind: each kind's accuracy
+        preferred[kind] = 0.0
+        for start in range(0, len(idx), batch_pairs):
+            items = [dataset[i] for i in idx[start:start + batch_pairs]]
+            out = model(collate_fn(items, **collate)['data'], mode='loss')
+            preferred[kind] += out['rewards_accuracy'].item() * len(items)
+    if by_kind is not None:
+        by_kind.update({k: preferred[k] / len(groups[k]) for k in groups})
+    n = len(dataset)
+    return sum(preferred.values()) / max(n, 1), n

@@ -100,9 +100,13 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
         repeat_for(recipe.preference_iters, recipe.preference_batch, counts['preference']), 6)
     stages['preference'] = train_stage('preference', CONFIGS['preference'], os.path.join(work_dir, 'preference'),
                                        options, console, nproc, deepspeed, cache_root, stage_timeout)
-    before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'])
+    kinds: Dict[str, Dict[str, float]] = {'before': {}, 'after': {}}
+    before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'],
+                                    by_kind=kinds['before'])
     after, _ = preference_accuracy(CONFIGS['preference'], options, stages['preference'].checkpoint, pairs['test'],
-                                   data['images'])
+                                   data['images'], by_kind=kinds['after'])
+    console(f'  held-out preference accuracy {before:.3f} -> {after:.3f}; per kind: '
+            + ', '.join(f'{k} {kinds["before"][k]:.2f} -> {v:.2f}' for k, v in kinds['after'].items()))
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
     console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
@@ -111,7 +115,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
     timings['answers_preference'] = time.perf_counter() - t
     return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
-                            converted_format=folder_format(converted), pairs=pair_counts(pairs['preference']))
+                            converted_format=folder_format(converted), pairs=pair_counts(pairs['preference']),
+                            by_kind=kinds['after'])
 
 
 def pairs_report(by_kind: Mapping[str, Mapping[str, int]], counts: Mapping[str, int], pairs: Mapping[str, str],
@@ -360,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        'accuracy': result.preference.accuracy, 'before': result.preference.before,
                        'n': result.preference.n, 'accuracy_after_finetuning': result.preference.sft_accuracy,
                        'per_kind_after_finetuning': per_kind(result.preference.sft_answers),
-                       'pairs': result.preference.pairs},
+                       'pairs': result.preference.pairs, 'per_kind': result.preference.by_kind},
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)
     console(f'converted: {result.converted_dir} ({result.converted_format})')

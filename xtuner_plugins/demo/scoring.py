@@ -151,6 +151,7 @@ class PreferenceResult:
     sft_accuracy: float = 0.0
     sft_answers: List[Answer] = field(default_factory=list)   # the same questions, before the stage
     pairs: Dict[str, Dict[str, int]] = field(default_factory=dict)  # training pairs per kind (pair_counts)
+    by_kind: Dict[str, float] = field(default_factory=dict)          # held-out preference accuracy per kind
 
     def line(self) -> str:
         return (f'preference accuracy: {self.accuracy:.3f} ({self.n} held-out pairs); '

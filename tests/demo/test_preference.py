@@ -175,3 +175,27 @@ def test_kind_changes_shows_a_loss_that_the_total_hides():
     rows = [line.split() for line in kind_changes(before, after).splitlines()]
     assert rows == [['kind', 'questions', 'before', 'after', 'change'], ['colour', '3', '3', '1', '-2'],
                     ['digit', '3', '1', '3', '+2']]
+
+
+def test_random_too_adds_a_random_pair_to_on_policy_ones(data, tmp_path):
+    samples = _read(data['sft'])
+    # the model wrong on every other sample, with the first wrong answer of its kind
+    own = {s['id']: [[a for a in ANSWERS[s['kind']] if a != s['conversations'][1]['value']][0]]
+           for s in samples[::2]}
+    plain, mixed = tmp_path / 'plain.jsonl', tmp_path / 'mixed.jsonl'
+    make_pairs(data['sft'], str(plain), rejected=own)
+    make_pairs(data['sft'], str(mixed), rejected=own, random_too=True)
+    randoms = {p['id']: p['rejected'] for p in _read(plain) if p['source'] == 'random'}
+    pairs = _read(mixed)
+    assert [p for p in pairs if p['source'] == 'model'] == [p for p in _read(plain) if p['source'] == 'model']
+    # the same random draw as without the model's answers, unless it is the model's own answer
+    fresh = tmp_path / 'fresh.jsonl'
+    make_pairs(data['sft'], str(fresh))
+    drawn = {p['id']: p['rejected'] for p in _read(fresh)}
+    for s in samples:
+        got = [p['rejected'] for p in pairs if p['id'] == s['id'] and p['source'] == 'random']
+        if s['id'] not in own:
+            assert got == [randoms[s['id']]] == [drawn[s['id']]]
+        else:
+            assert got == ([] if drawn[s['id']] in own[s['id']] else [drawn[s['id']]])
+    assert sum(p['source'] == 'random' for p in pairs) > len(samples) // 2 + 2

@@ -92,9 +92,11 @@ class Recipe:
     preference_temperature: float = 1.0
     preference_pairs_per_prompt: int = 3
     preference_fallback: bool = True
-    preference_iters: int = 600
+    # every prompt also gets a pair with a random wrong answer of its kind (a prompt the model erred on, too)
+    preference_random_too: bool = True
+    preference_iters: int = 1200
     preference_batch: int = 8      # pairs per step (twice the rows)
-    preference_lr: float = 3e-4
+    preference_lr: float = 1e-3
     preference_beta: float = 0.1
     # runtime
     num_workers: int = 1

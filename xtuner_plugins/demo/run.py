@@ -87,7 +87,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     asking = time.perf_counter() - asking
     counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own,
                                        per_prompt=recipe.preference_pairs_per_prompt,
-                                       fallback=recipe.preference_fallback),
+                                       fallback=recipe.preference_fallback,
+                                       random_too=recipe.preference_random_too),
               'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
     console(f'  rejected answers as MMPR draws them: the fine-tuned model answered {asked} new questions greedily '
             f'and {recipe.preference_samples} times at temperature {recipe.preference_temperature} '

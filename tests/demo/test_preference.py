@@ -177,14 +177,14 @@ def test_kind_changes_shows_a_loss_that_the_total_hides():
                     ['digit', '3', '1', '3', '+2']]
 
 
-def test_random_too_adds_a_random_pair_to_on_policy_ones(data, tmp_path):
+def test_random_pairs_add_to_on_policy_ones(data, tmp_path):
     samples = _read(data['sft'])
     # the model wrong on every other sample, with the first wrong answer of its kind
     own = {s['id']: [[a for a in ANSWERS[s['kind']] if a != s['conversations'][1]['value']][0]]
            for s in samples[::2]}
     plain, mixed = tmp_path / 'plain.jsonl', tmp_path / 'mixed.jsonl'
     make_pairs(data['sft'], str(plain), rejected=own)
-    make_pairs(data['sft'], str(mixed), rejected=own, random_too=True)
+    make_pairs(data["sft"], str(mixed), rejected=own, random_pairs=1)
     randoms = {p['id']: p['rejected'] for p in _read(plain) if p['source'] == 'random'}
     pairs = _read(mixed)
     assert [p for p in pairs if p['source'] == 'model'] == [p for p in _read(plain) if p['source'] == 'model']
@@ -196,6 +196,17 @@ def test_random_too_adds_a_random_pair_to_on_policy_ones(data, tmp_path):
         got = [p['rejected'] for p in pairs if p['id'] == s['id'] and p['source'] == 'random']
         if s['id'] not in own:
             assert got == [randoms[s['id']]] == [drawn[s['id']]]
+        elif drawn[s['id']] in own[s['id']]:   # another one, not the model's (none left: position has 2 answers)
+            assert len(got) == min(1, len(ANSWERS[s['kind']]) - 2)
+            assert not set(got) & set(own[s['id']] + [s['conversations'][1]['value']])
         else:
-            assert got == ([] if drawn[s['id']] in own[s['id']] else [drawn[s['id']]])
-    assert sum(p['source'] == 'random' for p in pairs) > len(samples) // 2 + 2
+            assert got == [drawn[s['id']]]
+    assert sum(p['source'] == 'random' for p in pairs) > len(samples) * 3 // 4
+    # two random pairs a prompt: distinct, the first as with one
+    two = tmp_path / 'two.jsonl'
+    make_pairs(data['sft'], str(two), rejected=own, random_pairs=2)
+    for s in samples:
+        got = [p['rejected'] for p in _read(two) if p['id'] == s['id'] and p['source'] == 'random']
+        one = [p['rejected'] for p in pairs if p['id'] == s['id'] and p['source'] == 'random']
+        assert got[:1] == one and len(set(got)) == len(got) == min(2, len(ANSWERS[s['kind']]) - 1 -
+                                                                     len(own.get(s['id'], [])))

@@ -48,13 +48,14 @@ def _first_questions(samples_path: str, limit: Optional[int]):
 
 def make_pairs(samples_path: str, out_path: str, seed: int = 0,
                rejected: Optional[Mapping[str, Union[str, Sequence[str]]]] = None, limit: Optional[int] = None,
-               per_prompt: int = 1, fallback: bool = True, random_too: bool = False) -> int:
+               per_prompt: int = 1, fallback: bool = True, random_pairs: int = 0) -> int:
     """Write the pairs of the first ``limit`` samples of ``samples_path`` (None: every one) to ``out_path``;
     returns how many. ``rejected``: sample id -> the model's wrong answer, or its wrong answers best first
     (:func:`wrong_answers`): a pair for each of the first ``per_prompt`` (blank ones and the right answer
     skipped); a sample without one gets a random wrong answer of its kind (drawn for every sample, so those
-    pairs are the same with or without ``rejected``), or no pair when not ``fallback``. ``random_too``: the
-    samples with the model's wrong answers get that random pair too (unless it is one of theirs)."""
+    pairs are the same with or without ``rejected``), or no pair when not ``fallback``. ``random_pairs``: every
+    sample also gets that many pairs with random wrong answers of its kind that are not the model's (the first
+    the draw above; a sample without the model's answers gets at least the one)."""
     if per_prompt < 1:
         raise ValueError(f'per_prompt must be >= 1, got {per_prompt}')
     rejected = rejected or {}
@@ -68,9 +69,10 @@ def make_pairs(samples_path: str, out_path: str, seed: int = 0,
             own = [a for a in own if a.strip() and a != answer][:per_prompt]
             if not own and not fallback:
                 continue
-            chosen = [(a, 'model') for a in own]
-            if not own or (random_too and choice not in own):
-                chosen.append((choice, 'random'))
+            others = [a for a in ANSWERS[sample['kind']] if a != answer and a != choice and a not in own]
+            random.Random(f'{seed}:{sample["id"]}').shuffle(others)   # its own stream: the draws above stay
+            randoms = ([] if choice in own else [choice]) + others
+            chosen = [(a, 'model') for a in own] + [(a, 'random') for a in randoms[:max(random_pairs, int(not own))]]
             for wrong, source in chosen:
                 out.write(json.dumps({'id': sample['id'], 'image': sample['image'], 'question': question,
                                       'chosen': answer, 'rejected': wrong, 'kind': sample['kind'],

@@ -92,8 +92,11 @@ class Recipe:
     preference_temperature: float = 1.0
     preference_pairs_per_prompt: int = 3
     preference_fallback: bool = True
-    # every prompt also gets a pair with a random wrong answer of its kind (a prompt the model erred on, too)
-    preference_random_too: bool = True
+    # every prompt also gets this many pairs with random wrong answers of its kind (a prompt the model erred on,
+    # too): the held-out pairs' kind of rejected answer
+    preference_random_pairs: int = 1
+    # the loss's weights, comma-separated ('' = PREFERENCE_LOSSES's: mpo 0.8,0.2,1.0 for sigmoid, bco_pair, sft)
+    preference_weights: str = ''
     preference_iters: int = 1200
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3

@@ -73,8 +73,9 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     from xtuner_plugins.demo.preference import make_pairs, pair_counts, preference_accuracy, wrong_answers
     from xtuner_plugins.models.inference import ConvertedModel, folder_format
     t = time.perf_counter()
-    losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'],
-                                                   PREFERENCE_LOSSES[recipe.preference]['weights']))
+    weights = ([float(w) for w in recipe.preference_weights.split(',')] if recipe.preference_weights else
+               PREFERENCE_LOSSES[recipe.preference]['weights'])
+    losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'], weights))
     console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
                  f'configs/demo/dpo_lora.py, LoRA from the fine-tuned model, which is the reference')
     folder = os.path.join(work_dir, 'data')
@@ -88,7 +89,7 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own,
                                        per_prompt=recipe.preference_pairs_per_prompt,
                                        fallback=recipe.preference_fallback,
-                                       random_too=recipe.preference_random_too),
+                                       random_pairs=recipe.preference_random_pairs),
               'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
     console(f'  rejected answers as MMPR draws them: the fine-tuned model answered {asked} new questions greedily '
             f'and {recipe.preference_samples} times at temperature {recipe.preference_temperature} '

@@ -97,7 +97,7 @@ class Recipe:
     preference_random_pairs: int = 1
     # the loss's weights, comma-separated ('' = PREFERENCE_LOSSES's: mpo 0.8,0.2,1.0 for sigmoid, bco_pair, sft)
     preference_weights: str = ''
-    preference_iters: int = 1200
+    preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3
     preference_beta: float = 0.1

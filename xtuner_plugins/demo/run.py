@@ -128,10 +128,10 @@ def pairs_report(by_kind: Mapping[str, Mapping[str, int]], counts: Mapping[str, 
     model, fallback = (sum(c[key] for c in by_kind.values()) for key in ('model', 'random'))
     lines = [f'  pairs (chosen: the right answer): {counts["preference"]} for training in '
              f'{os.path.relpath(pairs["preference"], REPO_ROOT)}: {model} on-policy (the model\'s own wrong '
-             f'answers, at most {recipe.preference_pairs_per_prompt} a question), {fallback} random fallback '
-             f'(another answer of its kind, for questions the model never got wrong'
-             f'{"" if recipe.preference_fallback else ": off"}); {counts["test"]} held out (random wrong answers)',
-             f'  {"kind":<12} {"questions":>9} {"on-policy":>9} {"random":>7}']
+             f'answers, at most {recipe.preference_pairs_per_prompt} a question), {fallback} random (another answer '
+             f'of its kind: {recipe.preference_random_pairs} a question, and one for a question the model never got '
+             f'wrong{"" if recipe.preference_fallback else ": off"}); {counts["test"]} held out (random wrong answers)',
+             f'  {"kind":<12} {"questions":>9} {"on-policy":>9} {"random":>7}  (questions: those with a pair)']
     for kind, c in by_kind.items():
         lines.append(f'  {kind:<12} {c["prompts"]:>9d} {c["model"]:>9d} {c["random"]:>7d}')
     return '\n'.join(lines)

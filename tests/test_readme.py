@@ -60,6 +60,13 @@ NOT_RUN = {
     'CONFIG CHECKPOINT OUT_DIR': "the converter's synopsis (placeholders)",
     'max_iters=200 save_every=50 ...': 'examples of options on an elided command line',
     'FILE.jsonl|FILE.json|META.json': "check_dataset's synopsis (placeholders)",
+    'python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24': 'needs the real models\' config.json in '
+    'models/ (tests/test_planner.py runs the same CLI on the stage configs with tiny models)',
+    'make vllm ': 'serving through vLLM: tests/serve/test_vllm.py serves a converted folder with tools/serve.py and '
+                  'asks it through the OpenAI API (make test builds .venv-vllm first)',
+    'IMG=$(base64 -w0 photo.png)': 'a request to a running server: tests/serve/test_vllm.py sends the same request',
+    'pip install lmdeploy': 'LMDeploy: not installed here (docs/serving.md says so)',
+    'pip install "sglang[all]"': 'SGLang: not installed here (docs/serving.md says so)',
 }
 #: (file, index) of every block a test took by its marker
 USED = set()
@@ -272,7 +279,7 @@ def test_readme_commands_run_as_written(reader):
     # docs/evaluation.md's commands (the first is the quickstart's, just run), on an MMBench TSV too
     write_tsv(Path(reader.root) / 'MMBench_DEV_EN.tsv', ROWS)
     evals = commands(block('MMBench_DEV_EN.tsv --circular'))
-    assert len(evals) == 3 and evals[0] == eval_one, evals
+    assert len(evals) == 4 and evals[0] == eval_one, evals
     for command in evals[1:]:
         check_eval(reader, command)
 

@@ -51,7 +51,10 @@ def check_outcome(out, tiny):
         assert torch.allclose(model.state_dict()[key], value.float()), key
     for name in ('loss', 'lr', 'data_time', 'tokens_per_sec', 'samples_per_sec', 'peak_mem_mb'):
         assert out.scalar_series(name), f'{name} missing from the logged scalars'
-        assert f'{name}: ' in out.log, f'{name} missing from the console log'
+        assert f'{name}: ' in out.full_log(), f'{name} missing from MMEngine\'s log file'
+    progress = [line for line in out.log.splitlines() if ' - INFO - iter ' in line]
+    assert progress and all(' loss ' in line and ' lr ' in line and ' tokens/s ' in line for line in progress), \
+        progress  # the console's short lines (engine/progress.py)
     lrs = out.scalar_series('lr')
     assert max(lrs.values()) >= 0.4 * 0.01, lrs  # near the configured lr (tiny_options) right after warm-up
     return [out.losses[i] for i in sorted(out.losses)]

@@ -124,7 +124,7 @@ BAD_CASES = {
     'bad_conversation': ({'conversations': [{'from': 'human', 'value': 'a'}, {'from': 'human', 'value': 'b'}]},
                          'load'),
     'unsafe_image_path': ({'image': '../outside.png', 'conversations': conv()}, 'load'),
-    'unsupported_video': ({'video': 'clip.mp4', 'conversations': conv()}, 'load'),
+    'image_and_video': ({'image': 'good.png', 'video': 'clip.mp4', 'conversations': conv()}, 'load'),
 }
 REASON = {'truncated_image': 'corrupt_image'}
 

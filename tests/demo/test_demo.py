@@ -75,11 +75,58 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path, capsys, vision, pr
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f'accuracy: {result.accuracy:.3f} (40 questions); blind: {result.blind:.3f}; '
         f'image reliance: {result.accuracy - result.blind:.3f}')
+    check_multiple_choice(result, tmp_path, capsys)
     # learned: chance (the most common answer per kind) is (1/4 + 1/2) / 2 = 0.375 here
     assert result.chance == pytest.approx(0.375)
     assert result.blind <= 0.5, result.summary()
     assert result.accuracy >= 0.75 and result.accuracy >= result.blind + 0.3, (result.summary(),
                                                                                 per_kind(result.answers))
+
+
+def check_multiple_choice(result, tmp_path, capsys):
+    """The test questions as an MMBench TSV (the kind's answers as options): the model, trained on free-form
+    answers, is read by the options' text where it answers in words (VLMEvalKit's rule, counted apart), and
+    ranked by likelihood (--mc likelihood, nothing generated) it scores as a model that learned."""
+    import base64
+    from tests.eval.test_data import write_tsv
+    from tools.eval import main as eval_main
+    from xtuner_plugins.demo.scenes import ANSWERS
+    data = os.path.join(result.work_dir, 'data')
+    rows = []
+    with open(os.path.join(data, 'test.jsonl')) as f:
+        for i, line in enumerate(f):
+            sample = json.loads(line)
+            options = dict(zip('ABCD', ANSWERS[sample['kind']]))
+            with open(os.path.join(data, 'images', sample['image']), 'rb') as image:
+                encoded = base64.b64encode(image.read()).decode()
+            rows.append(dict(options, index=i, question=sample['conversations'][0]['value'].split('\n', 1)[1],
+                             answer={v: k for k, v in options.items()}[sample['conversations'][1]['value']],
+                             category=sample['kind'], image=encoded))
+    tsv = write_tsv(tmp_path / 'mc.tsv', rows)
+    reports = {}
+    for mode in ('generate', 'likelihood'):
+        out = str(tmp_path / f'mc_{mode}.json')
+        assert eval_main([result.converted_dir, '--data', tsv, '--no-blind', '--max-new-tokens', '4', '--mc', mode,
+                          '--out', out]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        with open(out) as f:
+            reports[mode] = json.load(f)
+        counts = {k: v for k, v in reports[mode]['summary'].items() if k.startswith('by_') or k == 'unmatched'}
+        assert lines[-2] == reports_line(counts), lines
+    generated = reports['generate']['results']
+    assert {r['read_by'] for r in generated} <= {'letter', 'text', 'unmatched'} and len(generated) == 40
+    by_text = [r for r in generated if r['read_by'] == 'text']
+    assert by_text and all(r['answer'].strip() for r in by_text)  # free-form words read by the option's text
+    ranked = reports['likelihood']
+    assert all(r['read_by'] == 'likelihood' and len(r['option_scores']) in (2, 4) for r in ranked['results'])
+    assert ranked['summary']['accuracy'] >= 0.75, ranked['summary']
+
+
+def reports_line(counts):
+    if 'by_likelihood' in counts:
+        return f'multiple choice: {counts["by_likelihood"]} ranked by likelihood'
+    return (f'multiple choice: {counts["by_letter"]} read by the letter, {counts["by_text"]} by the option\'s text, '
+            f'{counts["unmatched"]} unmatched')
 
 
 def test_demo_command_line_help():

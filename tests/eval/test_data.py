@@ -35,6 +35,7 @@ def test_mmbench_rows_prompts_and_shared_images(tmp_path):
     assert q0.prompt == f'A square.\nWhat colour?\nOptions:\nA. red\nB. green\nC. blue\n{MC_INSTRUCTION}'
     assert q0.options == {'A': 'red', 'B': 'green', 'C': 'blue'} and q0.references == ['B']
     assert q1.prompt.startswith('Which shape?\nOptions:\nA. square\nB. circle\n')  # a 'nan' hint is none
+    assert (q0.stem, q1.stem) == ('A square.\nWhat colour?', 'Which shape?')  # what --mc likelihood asks
     assert q1.images[0].getpixel((0, 0)) == (0, 128, 0) and q1.category == 'shape'
 
 

@@ -58,6 +58,11 @@ def test_the_training_model_answers_as_its_converted_folder(tiny, tmp_path):
     assert answerer.ask('Say something.', [], dict(max_new_tokens=8)) == converted.ask(
         'Say something.', [], dict(max_new_tokens=8, do_sample=False))
     assert len(answers) > 1, answers  # the answers depend on the image
+    # --mc likelihood: the training model's log-likelihood of each option is the converted folder's
+    texts = ['red', 'a blue circle', expected, 'left']
+    theirs = converted.option_logprobs('Describe the image.', [image], texts)
+    assert answerer.option_logprobs('Describe the image.', [image], texts) == pytest.approx(theirs, abs=1e-4)
+    assert max(theirs) < 0 and len(set(theirs)) == 4, theirs
 
 
 def test_eval_during_training_equals_tools_eval_on_the_converted_checkpoint(tiny, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from xtuner_plugins.eval.scoring import anls, edit_distance, exact_match, extract_option, normalize_answer
+from xtuner_plugins.eval.scoring import anls, edit_distance, exact_match, extract_option, normalize_answer, read_option
 
 
 @pytest.mark.parametrize('given, normalised', [
@@ -29,12 +29,24 @@ def test_anls():
 OPTIONS = {'A': 'a dog', 'B': 'a cat', 'C': 'dark red', 'D': 'red'}
 
 
-@pytest.mark.parametrize('answer, letter', [
-    ('B', 'B'), ('(B)', 'B'), ('B.', 'B'), ('Answer: C', 'C'), ('The answer is D.', 'D'),
-    ('It is a cat.', 'B'),             # no lone letter: the option's text
-    ('A cat', 'B'),                    # "A" is an article here: another option's text is named
-    ('dark red', 'C'),                 # "red" is inside "dark red": the longer option
-    ('I cannot tell', None), ('A or B', None),
+@pytest.mark.parametrize('answer, letter, how', [
+    # by the letter: exactly one option letter among the words (after VLMEvalKit's marks become spaces),
+    # among the last four words
+    ('B', 'B', 'letter'), ('(B)', 'B', 'letter'), ('B.', 'B', 'letter'), ('Answer: C', 'C', 'letter'),
+    ('B. a cat', 'B', 'letter'), ('**D**', 'D', 'letter'), ('A cat', 'A', 'letter'),  # VLMEvalKit reads "A" here
+    ('The answer is D.', 'D', 'letter'),
+    ('The answer is B because the animal on the mat looks like a cat', 'B', 'letter'),  # "answer is B": last try
+    # by the text: no letter read, exactly one option's text inside the answer (case ignored)
+    ('It is a cat.', 'B', 'text'), ('RED', 'D', 'text'),
+    ('D? no, it is a cat, I think so', 'B', 'text'),  # "D" too early to count
+    # unmatched
+    ('dark red', None, 'unmatched'),  # "red" and "dark red" are both inside: VLMEvalKit reads neither
+    ('I cannot tell', None, 'unmatched'), ('A or B', None, 'unmatched'),
+    ('Z', None, 'unmatched'), ('Z: not a cat', None, 'unmatched'),  # VLMEvalKit's "no option": text not read
+    ('Cannot determine the answer, maybe a cat', None, 'unmatched'),  # a refusal
+    ('a cat ' * 20, None, 'unmatched'),  # longer than twice the options' texts: not read by text
+    ('the answer is a cat', 'B', 'text'),  # a lower-case "a" is an article, not the letter
 ])
-def test_the_chosen_option_is_read_from_the_answer(answer, letter):
+def test_the_chosen_option_is_read_as_vlmevalkit_reads_it(answer, letter, how):
+    assert read_option(answer, OPTIONS) == (letter, how)
     assert extract_option(answer, OPTIONS) == letter

@@ -169,3 +169,21 @@ def test_an_old_checkpoint_without_lineage_gives_its_recorded_config(tiny, chain
     stages = resolve_chain(str(tmp_path / 'old.pth'))
     assert [s.path for s in stages] == [chain['warm'], str(tmp_path / 'old.pth')]
     assert stages[1].get('llm_lora') == LORA and stages[1].get('partial')
+
+
+def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """A conversion fingerprints the same sources more than once: the digest is reused while the file's size and
+    modification time stay; a rewrite of the same size is hashed again and seen."""
+    import time
+
+    from xtuner_plugins.models import lineage
+    calls = []
+    real = lineage._hash_file
+    monkeypatch.setattr(lineage, '_hash_file', lambda path, size: calls.append(path) or real(path, size))
+    path = tmp_path / 'model.safetensors'
+    path.write_bytes(b'a' * 1000)
+    first = lineage.fingerprint(str(path))
+    assert lineage.fingerprint(str(path)) == first and len(calls) == 1
+    time.sleep(0.01)
+    path.write_bytes(b'b' * 1000)
+    assert lineage.fingerprint_differences(first, lineage.fingerprint(str(path))) and len(calls) == 2

@@ -1,5 +1,6 @@
 """A pack gives each sample the logits, loss and gradients it gets alone, under each attention implementation
-(SDPA and eager with the dense block-diagonal mask, FlexAttention with its document-causal ``BlockMask``).
+(SDPA and eager with the dense block-diagonal mask, FlexAttention with its document-causal ``BlockMask``, and
+``sdpa_segments``: SDPA on each sample of a pack in turn, with no mask at all).
 
 (RoPE makes attention scores depend only on relative positions, so with the block-diagonal mask the
 restarting position ids do not change these logits; they matter to flash attention's varlen path, which
@@ -31,7 +32,7 @@ def split_batch(batch):
     return items
 
 
-ATTNS = ['sdpa', 'eager', 'flex_attention']
+ATTNS = ['sdpa', 'eager', 'flex_attention', 'sdpa_segments']
 
 
 @pytest.mark.parametrize('attn', ATTNS)
@@ -96,6 +97,32 @@ def test_pack_gradients_equal_unpacked_gradients(tiny, batch, attn, reduction='s
     assert any(g.abs().max() > 0 for g in unpacked.values())
     for name in trained:
         torch.testing.assert_close(packed[name], unpacked[name], rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
+
+
+def test_segment_attention_builds_no_dense_mask(tiny, batch, monkeypatch):
+    """``sdpa_segments`` never makes the ``L x L`` mask (ours, nor transformers' packed-sequence one), and its
+    attention function sees each sample's bounds."""
+    import xtuner_plugins.models.attention as attention
+    model = build(tiny, attn_implementation='sdpa_segments').eval()
+    monkeypatch.setattr(attention, 'block_causal_mask', lambda *a, **k: pytest.fail('a dense mask was built'))
+    seen = []
+    real = attention.segment_sdpa
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs.get('segment_bounds')))
+        return real(module, query, key, value, attention_mask, **kwargs)
+    from transformers import AttentionInterface
+    AttentionInterface.register('sdpa_segments', spy)
+    try:
+        items = split_batch(batch)
+        packed = internvl_collate_fn([pack_items(items)])['data']
+        with torch.no_grad():
+            model(packed, mode='loss')
+    finally:
+        AttentionInterface.register('sdpa_segments', real)
+    lengths = [int(n) for n in packed['seq_lens'][0]]
+    assert seen and all(mask is None for mask, _ in seen)
+    assert seen[0][1] == [[0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]]
 
 
 def test_sample_index_numbers_the_samples_of_the_batch_row_after_row():

@@ -149,7 +149,7 @@ def _away_from_reference(model, seed=0):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
-@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+@pytest.mark.parametrize('attn', ['sdpa', 'eager', 'sdpa_segments'])
 def test_packed_pairs_give_the_losses_and_gradients_of_unpacked_pairs(tiny, pair_items, attn):
     """Pairs packed into rows (one row of all three, or rows of two and one) give every loss term, metric and
     LoRA gradient of the same pairs one per row; rows that do not pack the pairs alike are refused."""

@@ -129,3 +129,30 @@ def test_it_says_what_training_does_with_each_sample(tmp_path, tiny_tokenizer_di
     out = capsys.readouterr().out
     assert 'dropped (truncated): 1' in out and f'{path}:2: truncated:' in out and 'kept: 1' in out
     assert check_dataset.main(args + ['--allow-truncation']) == 1 and 'problems: 2' in capsys.readouterr().out
+
+
+def test_videos_listed_with_frames_duration_and_size_and_their_problems(tmp_path, tiny_tokenizer_dir, capsys):
+    from tests.helpers import write_video
+    folder = tmp_path / 'media'
+    write_video(folder / 'v.mp4', [6 * i for i in range(40)], size=(32, 24))
+    write_video(folder / 'frames', [0, 50, 100], size=(20, 10))
+    (folder / 'broken.mp4').write_bytes(b'not a video' * 20)
+    path = write_jsonl(tmp_path / 'v.jsonl', [
+        {'video': 'v.mp4', 'conversations': conv(image=False)},
+        {'video': 'frames', 'conversations': conv(image=False)},
+        {'video': 'v.mp4', 'clip': [1, 2.5], 'conversations': conv(image=False)},
+        {'video': 'v.mp4', 'clip': [3, 9], 'conversations': conv(image=False)},
+        {'video': 'broken.mp4', 'conversations': conv(image=False)},
+        {'video': 'v.mp4', 'image': 'x.png', 'conversations': conv()},
+        {'conversations': conv('<video>\nWhat?', image=False)},
+    ])
+    code = check_dataset.main(['--data', path, '--image-folder', str(folder), '--tokenizer', tiny_tokenizer_dir,
+                               '--image-size', '28', '--min-num-frame', '4', '--max-num-frame', '4'])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f'{path}:1: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, 4 frames trained on' in out
+    assert f'{path}:2: video {folder}/frames: 3 frames, a folder of frames, 20x10, 3 frames trained on' in out
+    assert f'{path}:3: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, clip frames 10..24' in out
+    for line, reason in [(4, 'bad_clip'), (5, 'corrupt_video'), (6, 'image_and_video'), (7, 'video_tag_mismatch')]:
+        assert f'{path}:{line}: {reason}: ' in out
+    assert 'videos found: 3' in out and 'kept: 3' in out

@@ -117,7 +117,12 @@ def training_prompt_and_pixels(model, image, question):
 
 
 def greedy_with_training_model(model, image, question, steps=8):
-    ids, tiles = training_prompt_and_pixels(model, image, question)
+    return greedy_decode(model, *training_prompt_and_pixels(model, image, question), steps=steps)
+
+
+def greedy_decode(model, ids, tiles, steps=8):
+    """The training model's greedy answer (up to ``steps`` tokens, to ``<|im_end|>``) to prompt ``ids`` with
+    ``tiles`` (one image's tiles, or a video's frames)."""
     ids = torch.tensor([ids])
     stop = model.tokenizer.convert_tokens_to_ids('<|im_end|>')
     out = []

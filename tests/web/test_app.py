@@ -184,7 +184,7 @@ def test_every_path_sees_the_same_pixels(setup, tmp_path, monkeypatch, tiny_toke
                                  for p in images])
     page = tiles_of(lambda: web_call(app, lambda f: f.fn.__name__ == 'send', [
         'Hi', [file_payload(p) for p in images], [], None, tiling['max_num'], tiling['use_thumbnail'], False,
-        0.7, 0.9, 1]))
+        0.7, 0.9, 1, None, 8]))
     assert len(training) == len(chat_tool) == len(endpoint) == len(page) == len(images)
     for path, a, b, c, d in zip(images, training, chat_tool, endpoint, page):
         assert a.shape[0] == 3, (path, a.shape)  # a 2x1 grid plus the thumbnail

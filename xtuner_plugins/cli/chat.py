@@ -9,7 +9,10 @@ Usage::
     # straight from training: the config (with the run's --cfg-options) and a checkpoint
     python tools/chat.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth \\
         --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth --image photo.jpg
-    # interactive (no --prompt): answers stream as they are generated; /image PATH ..., /reset, /exit
+    # a video (a file, a GIF or a folder of frames): --frames frames at the middles of equal spans, one tile each,
+    # a Frame{i}: <image> line each in place of <video> (added in front when the prompt has none)
+    python tools/chat.py work_dirs/my_internvl --video clip.mp4 --frames 8 --prompt "What happens?"
+    # interactive (no --prompt): answers stream as they are generated; /image PATH ..., /video PATH, /reset, /exit
 
 The folder's format is read from its ``config.json``: ``official`` and ``remote`` folders load with
 ``trust_remote_code`` and answer through their ``chat``; ``llava`` and ``hf`` folders through transformers' own
@@ -31,6 +34,7 @@ import torch
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
                                              empty_answer_hint, run_tool, tool_error)
 
@@ -60,11 +64,24 @@ def empty_hint(answer: str, generation: dict) -> str:
     return empty_answer_hint(answer, advice)
 
 
-HELP = ('Type a message; /image PATH ... attaches images to the next message, /reset clears the history, '
-        '/help shows this, /exit quits.')
+HELP = ('Type a message; /image PATH ... attaches images to the next message, /video PATH a video, /reset clears the '
+        'history, /help shows this, /exit quits.')
 
 
-def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -> None:
+def video_frames(path: str, frames: int):
+    """``(frames, None)`` of a video, or ``(None, 'FILE: what is wrong [reason]')``."""
+    try:
+        return load_video(path, frames)[0], None
+    except SampleError as err:
+        return None, str(err.with_source(path))
+
+
+def with_video(frames) -> dict:
+    """``ask``'s video argument, only when there is a video."""
+    return {} if frames is None else dict(video=frames)
+
+
+def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, video=None, frames: int = 8) -> None:
     from transformers import TextIteratorStreamer
     pending = list(images)
     print(HELP, flush=True)
@@ -79,12 +96,12 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
         if line in ('/exit', '/quit'):
             return
         command = line.split()[0]
-        if command.startswith('/') and command not in ('/image', '/reset'):
+        if command.startswith('/') and command not in ('/image', '/video', '/reset'):
             print(HELP if command == '/help' else f'(unknown command {command}) ' + HELP)
             continue
         if line == '/reset':
             chat.reset()
-            pending = []
+            pending, video = [], None
             print('(history cleared)')
             continue
         if command == '/image':
@@ -96,12 +113,20 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
             pending.extend(paths)
             print(f'(attached to the next message: {", ".join(pending)})')
             continue
+        if command == '/video':
+            loaded, problem = video_frames(line[len('/video'):].strip(), frames)
+            if problem:
+                print(f'(not attached: {problem})')
+                continue
+            video = loaded
+            print(f'(video attached to the next message: {len(video)} frames)')
+            continue
         streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 
-        def run(line=line, images=tuple(pending)):
+        def run(line=line, images=tuple(pending), video=video):
             try:
-                result['answer'] = chat.ask(line, images, generation, streamer=streamer)
+                result['answer'] = chat.ask(line, images, generation, streamer=streamer, **with_video(video))
             except Exception as exc:  # reported below, after the stream ends
                 result['error'] = exc
                 streamer.end()
@@ -117,7 +142,7 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict) -
             print(f'(error: {result["error"]})')
         elif empty_hint(result['answer'], generation):
             print(empty_hint(result['answer'], generation))
-        pending = []
+        pending, video = [], None
 
 
 def parse_args(argv=None):
@@ -125,6 +150,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument('--image', nargs='+', default=[], help='image file(s) for the (first) prompt')
+    parser.add_argument('--video', help='a video (file, GIF or folder of frames) for the (first) prompt')
+    parser.add_argument('--frames', type=int, default=8, help='frames taken from --video (default 8, as the model '
+                                                              'card; one tile each)')
     parser.add_argument('--prompt', help='answer this and exit (otherwise: interactive)')
     parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
     parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
@@ -139,6 +167,10 @@ def parse_args(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
+    if args.video and args.image:
+        parser.error('give --image or --video, not both: a turn holds images or one video')
+    if args.frames < 1:
+        parser.error(f'--frames must be >= 1, got {args.frames}')
     return args
 
 
@@ -148,13 +180,18 @@ def main(argv=None) -> int:
     problem = image_problem(args.image)  # before the model loads
     if problem:
         return tool_error('chat', problem)
+    video = None
+    if args.video:
+        video, problem = video_frames(args.video, args.frames)  # decoded before the model loads
+        if problem:
+            return tool_error('chat', problem)
 
     def answer(chat: ConvertedModel) -> None:
         if args.prompt is None:
-            interactive(chat, args.image, generation_settings(args))
+            interactive(chat, args.image, generation_settings(args), video, args.frames)
         else:
             generation = generation_settings(args)
-            answer = chat.ask(args.prompt, args.image, generation)
+            answer = chat.ask(args.prompt, args.image, generation, **with_video(video))
             print(answer)
             if empty_hint(answer, generation):  # on stderr: the output stays the answer alone
                 print(empty_hint(answer, generation), file=sys.stderr)

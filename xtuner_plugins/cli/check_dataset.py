@@ -14,7 +14,8 @@ what training will do with each sample by the data set's own decision (``InternV
 ``data/fitting.py``): kept, kept with fewer tiles, kept with its answer cut (``truncated``), or dropped and why.
 Each problem is printed as ``FILE:LINE: reason: details`` (samples given fewer tiles as ``fewer_tiles`` notes),
 then per file: samples, what training does with them, images found / missing / corrupt, and the token lengths
-trained on. Exit status 0 only when nothing is wrong (a kept truncation counts as wrong unless
+trained on. Each video (a file, a GIF or a folder of frames) is read from its headers and its frames decoded;
+it is listed as ``FILE:LINE: video PATH: N frames, D s at F fps, WxH, K frames trained on``. Exit status 0 only when nothing is wrong (a kept truncation counts as wrong unless
 ``--allow-truncation``); 1 otherwise; 2 for bad arguments.
 """
 
@@ -31,6 +32,7 @@ from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.fitting import TRUNCATION
 from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.video import choose_frames, read_frames
 
 
 def parse_args(argv=None):
@@ -61,6 +63,8 @@ def parse_args(argv=None):
                    help='the data set\'s truncation: keep (default) or drop samples whose answer --max-length cuts')
     p.add_argument('--allow-control-text', action='store_true',
                    help='the data set\'s allow_control_text: control markers in the text are trained on as text')
+    p.add_argument('--min-num-frame', type=int, default=8, help='fewest frames a video gets (default 8)')
+    p.add_argument('--max-num-frame', type=int, default=32, help='most frames a video gets (default 32)')
     p.add_argument('--show', type=int, default=50,
                    help='print at most this many problems per reason (default 50; 0 = all)')
     return p.parse_args(argv)
@@ -70,6 +74,44 @@ def percentile_line(values):
     arr = np.asarray(values)
     return (f'min {arr.min()}, mean {arr.mean():.0f}, p50 {np.percentile(arr, 50):.0f}, '
             f'p95 {np.percentile(arr, 95):.0f}, max {arr.max()}')
+
+
+def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths, allow_truncation: bool) -> None:
+    """One video sample: its headers, its frames decoded (those training samples), what training does with it."""
+    where = ds.where(record)
+    st['video samples'] += 1
+    try:
+        info = ds.probe(checked)
+        frames = ds.num_frames(record, info)
+        read_frames(info, choose_frames(info, frames, 'middle'))
+    except SampleError as err:
+        st[f'dropped ({err.reason.replace("_", " ")})'] += 1
+        problems.append(err.with_source(where))
+        return
+    st['videos found'] += 1
+    timing = f'{info.duration:.2f} s at {info.fps:g} fps' if info.fps else 'a folder of frames'
+    clip = f', clip frames {info.start}..{info.start + info.length - 1}' if checked.clip else ''
+    line = f'{where}: video {checked.video}: {info.total} frames, {timing}, {info.size[0]}x{info.size[1]}{clip}'
+    if fit_it:
+        try:
+            fit = ds.fit(record, checked, [], info)
+        except SampleError as err:
+            st[f'dropped ({err.reason.replace("_", " ")})'] += 1
+            problems.append(err.with_source(where))
+            lines.append(line)
+            return
+        line += f', {fit.max_num} frames trained on'
+        lengths[ds.sources[record.source].annotation].append(max(len(e['input_ids']) for e in fit.encoded))
+        if fit.reduced:
+            st['kept with fewer frames'] += 1
+            line += f' (of {fit.frames_of}: fewer to fit --max-length)'
+        if fit.truncated:
+            st['kept truncated'] += 1
+            if not allow_truncation:
+                problems.append(SampleError('truncated', fit.truncated, where))
+        if not fit.reduced and not fit.truncated:
+            st['kept'] += 1
+    lines.append(line)
 
 
 def main(argv=None) -> int:
@@ -88,6 +130,7 @@ def main(argv=None) -> int:
                              image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
                              max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
                              truncation=args.truncation, allow_control_text=args.allow_control_text,
+                             min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
                              max_bad_fraction=1.0)
     except (ValueError, FileNotFoundError) as exc:
         print(f'error: {exc}', file=sys.stderr)
@@ -96,6 +139,7 @@ def main(argv=None) -> int:
     problems, notes = list(ds.load_problems), []
     stats = defaultdict(Counter)
     lengths = defaultdict(list)
+    video_lines = []
     for prob in problems:
         stats[prob.source.rsplit(':', 1)[0]][f'dropped ({prob.reason.replace("_", " ")})'] += 1
     for record in tqdm(ds.records, desc='checking', unit='sample', file=sys.stderr):
@@ -104,6 +148,10 @@ def main(argv=None) -> int:
         where = ds.where(record)
         checked = ds.check_record(record)  # the data set's parse and checks, once
         st['samples'] += 1
+        if checked.video is not None:
+            check_video(ds, record, checked, st, problems, video_lines, tokenizer is not None, lengths,
+                        args.allow_truncation)
+            continue
         st['text-only samples' if not checked.image_paths else 'image samples'] += 1
         sizes = []
         for path in checked.image_paths:
@@ -148,6 +196,12 @@ def main(argv=None) -> int:
         if len(shown) < len(probs):
             print(f'... and {len(probs) - len(shown)} more [{reason}]')
 
+    if video_lines:
+        print('\nVideos')
+        for line in video_lines if not args.show else video_lines[:args.show]:
+            print(line)
+        if args.show and len(video_lines) > args.show:
+            print(f'... and {len(video_lines) - args.show} more videos')
     print('\nSummary')
     after_repeats = Counter(ds.record_at(i).source for i in range(len(ds)))
     for i, src in enumerate(ds.sources):

@@ -7,6 +7,8 @@ Usage::
     python tools/eval.py work_dirs/my_internvl --data data/test.jsonl --image-folder data/images --out report.json
     # multiple choice in MMBench's TSV layout (base64 images), with CircularEval
     python tools/eval.py work_dirs/my_internvl --data MMBench_DEV_EN.tsv --circular
+    # the same ranked by each option's log-likelihood (nothing generated; small or mid-training models)
+    python tools/eval.py work_dirs/my_internvl --data MMBench_DEV_EN.tsv --mc likelihood
     # straight from training: the config (with the run's --cfg-options) and a checkpoint
     python tools/eval.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_N.pth \\
         --data data/test.jsonl
@@ -15,7 +17,16 @@ Every question is asked greedily through the converted folder (any format: offic
 as ``tools/chat.py`` loads it), then again with each image replaced by a blank one of the same size (the
 blind control; ``--no-blind`` skips it). The console shows a per-category table; the last line is
 ``accuracy: A (N questions); blind: B; image reliance: R`` (reliance = accuracy - blind accuracy: what the
-image adds). ``--out`` writes a JSON report with every answer, reference and score.
+image adds). A jsonl sample with a ``video`` (and ``clip``) is a video question: asked with ``--frames`` frames
+(one tile each, at the middles of equal spans), blind on blank frames, and again with every frame replaced by the
+middle one (the single-frame control; ``--no-single-frame`` skips it): the last line adds ``videos: V (N),
+single frame: F, time reliance: T`` (what the order of the frames adds). Multiple choice is read from the
+generated answer as VLMEvalKit reads it: the option's letter,
+else the option's text found in the answer; the line before the last counts each way (``multiple choice: L
+read by the letter, T by the option's text, U unmatched``). ``--mc likelihood`` generates nothing for multiple
+choice: each option's text is scored by the model's log-likelihood as the answer to the question without its
+options (the sum over its tokens, as lm-eval-harness's ``acc``), and the likeliest is the choice. ``--out``
+writes a JSON report with every answer, reference and score (and how each multiple-choice answer was read).
 
 Nothing is asked before the input is checked: the data (every problem listed at once: duplicate ids, image
 paths leaving ``--image-folder``, missing images or images whose header does not decode; see
@@ -37,6 +48,7 @@ import time
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
+from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
 from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
@@ -50,10 +62,16 @@ def parse_args(argv=None):
     p.add_argument('--image-folder', help='folder the jsonl\'s image paths are relative to (default: its folder)')
     p.add_argument('--metric', choices=sorted(METRICS), default='exact', help='open questions: exact or anls')
     p.add_argument('--circular', action='store_true', help='MMBench: ask every rotation of the options')
+    p.add_argument('--mc', choices=MC_MODES, default='generate',
+                   help='multiple choice: generate and read the answer (letter, else option text), or rank the '
+                        'options by log-likelihood')
     blind = p.add_mutually_exclusive_group()
     blind.add_argument('--blind', dest='blind', action='store_true', default=True,
                        help='also ask on blank images (the default)')
     blind.add_argument('--no-blind', dest='blind', action='store_false', help='skip the blind control')
+    p.add_argument('--frames', type=int, default=8, help='frames of each video question (default 8)')
+    p.add_argument('--no-single-frame', dest='single_frame', action='store_false',
+                   help='skip the single-frame control of video questions (every frame the middle one)')
     p.add_argument('--limit', type=int, default=None, help='the first N questions only')
     p.add_argument('--max-new-tokens', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=1,
@@ -98,7 +116,8 @@ def settings(args) -> dict:
                                                              f'{os.path.abspath(args.checkpoint)}'
     return dict(model=model, cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
                 image_folder=args.image_folder and os.path.abspath(args.image_folder), metric=args.metric,
-                circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens)
+                circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens, frames=args.frames,
+                single_frame=args.single_frame, mc=args.mc)
 
 
 def main(argv=None) -> int:
@@ -135,11 +154,12 @@ def main(argv=None) -> int:
         failures = []
         results = evaluate(model, todo, blind=args.blind, metric=args.metric, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=progress, failures=failures,
-                           on_answer=answers and answers.append)
+                           on_answer=answers and answers.append, num_frames=args.frames,
+                           single_frame=args.single_frame, mc=args.mc)
         report = Report(answers.results(questions, results) if answers else results, failures)
         if args.out:
             report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,
-                         metric=args.metric, circular=args.circular, blind=args.blind)
+                         metric=args.metric, circular=args.circular, blind=args.blind, mc=args.mc)
         if answers is not None:
             answers.close()
             if not args.keep_answers:
@@ -147,6 +167,8 @@ def main(argv=None) -> int:
         if failures:
             print(report.not_scored())
         print(report.table())
+        if report.read_line():
+            print(report.read_line())
         print(report.closing_line())
 
     try:

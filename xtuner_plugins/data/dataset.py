@@ -17,7 +17,8 @@ real tiles, 0 for the dummy tile a text-only sample carries so that every rank r
 
 Bad samples never shift images against text: a sample either comes out whole or not at all. Problems
 found while reading the files (a line that is not JSON, a malformed conversation, ``<image>`` tags that
-do not match the images, a path escaping its image folder, a video sample) are counted and logged once
+do not match the images, a path escaping its image folder, ``<video>`` tags that do not match the video, a
+sample with both images and a video) are counted and logged once
 per reason at start-up; problems found while loading a sample (missing, corrupt, truncated or oversized
 image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
 is served instead. What ``max_length`` does to a sample (fewer tiles, an answer cut) is decided in
@@ -45,10 +46,12 @@ from .lengths import compute_source_lengths
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
 from .conversation import Conversation, parse_conversation
-from .fitting import TRUNCATION, Fit, fit_sample, judge_sft_cut, note_fit
+from .fitting import TRUNCATION, Fit, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
                        get_template)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
+from .video import (VideoInfo, check_sampling, choose_frames, draw_num_frames, frame_rng, frames_for, probe_video,
+                    read_frames, video_field, video_turns)
 
 
 # What a data set built directly (not from a training config, which takes the model's) uses for None.
@@ -62,7 +65,9 @@ class CheckedSample:
 
     sample: dict                       # the parsed record
     image_paths: List[str]             # its images, resolved against the source's folders
-    conversations: List[Conversation]  # what it is trained on, parsed for those images
+    conversations: List[Conversation]  # what it is trained on, parsed for those images (a video's: ``<video>``)
+    video: Optional[str] = None        # its video (file or frame folder), resolved like images
+    clip: Optional[tuple] = None       # its clip, (start_s, end_s)
 
 
 def build_tokenizer(tokenizer):
@@ -123,6 +128,12 @@ class InternVLDataset(Dataset):
         cache_dir: where per-file length caches go (for the length-grouped sampler).
         allow_links_outside: follow symbolic links inside an image folder to files outside it (refused as
             ``unsafe_image_path`` by default).
+        min_num_frame, max_num_frame: a video sample's frame count is drawn in this range (InternVL's 8 and 32),
+            per sample from ``seed`` (the same in every epoch); each frame is one tile (``data/video.py``).
+        video_sampling: where the frames are taken: ``'rand'`` (one at random in each of N equal intervals, from
+            ``seed``, the epoch and the sample), ``'middle'`` (each interval's middle) or ``'fpsX'`` (X per second).
+        frame_prefix: the text before each frame's ``<image>`` (``{i}`` from 1); None: the template's
+            (``'Frame{i}: '``).
 
     The model checks at start-up (``ModelDataCheckHook``) that :attr:`geometry` matches its own.
     """
@@ -152,8 +163,17 @@ class InternVLDataset(Dataset):
                  max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  seed: int = 0,
                  cache_dir: Optional[str] = None,
-                 allow_links_outside: bool = False):
+                 allow_links_outside: bool = False,
+                 min_num_frame: int = 8,
+                 max_num_frame: int = 32,
+                 video_sampling: str = 'rand',
+                 frame_prefix: Optional[str] = None):
         super().__init__()
+        if not 1 <= min_num_frame <= max_num_frame:
+            raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}')
+        self.min_num_frame, self.max_num_frame = int(min_num_frame), int(max_num_frame)
+        self.video_sampling = check_sampling(video_sampling)
+        self.epoch = 0  # set_epoch: what 'rand' frame positions are drawn with besides the seed and the sample
         if truncation not in TRUNCATION:
             raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
@@ -170,6 +190,9 @@ class InternVLDataset(Dataset):
         image_mode = 'tile' if image_mode is None else image_mode
         image_mean = IMAGENET_MEAN if image_mean is None else image_mean
         self.template = get_template(template)
+        self.frame_prefix = self.template.frame_prefix if frame_prefix is None else str(frame_prefix)
+        if '{i}' not in self.frame_prefix:
+            raise ValueError(f'frame_prefix {self.frame_prefix!r} must hold {{i}}, the frame\'s number')
         if self.tokenizer is not None:
             check_tokenizer_fits(self.tokenizer, self.template,
                                  where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer')
@@ -260,14 +283,34 @@ class InternVLDataset(Dataset):
         """The record parsed and checked once (no image decoding, no tokenizer): what loading and the length
         count read. Raises :class:`SampleError`."""
         sample = self.parse(record)
-        if 'video' in sample:
-            raise SampleError('unsupported_video', 'video samples are not supported yet')
         src = self.sources[record.source]
+        video = video_field(sample)
+        images = sample_images(sample)
+        if video and images:
+            raise SampleError('image_and_video', f'the sample has {len(images)} image(s) and a video; a sample holds '
+                                                 f'images or one video, not both')
         paths = [resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
-                 for path in sample_images(sample)]
-        conversations = [parse_conversation(c, len(paths), self.template, self.system, self.control_markers)
-                         for c in self.conversations_of(sample)]
-        return CheckedSample(sample, paths, conversations)
+                 for path in images]
+        conversations = [parse_conversation(video_turns(c, video is not None), len(paths), self.template,
+                                            self.system, self.control_markers) for c in self.conversations_of(sample)]
+        if video is None:
+            return CheckedSample(sample, paths, conversations)
+        path = resolve_image_path(video[0], src.image_folder, src.base_dir, self.allow_links_outside)
+        return CheckedSample(sample, [], conversations, path, video[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch ``'rand'`` video frames are drawn for (0 until set; a DataLoader's persistent workers keep the
+        value they started with)."""
+        self.epoch = int(epoch)
+
+    def probe(self, checked: 'CheckedSample') -> VideoInfo:
+        """A checked video sample's :class:`~xtuner_plugins.data.video.VideoInfo` (headers only)."""
+        return probe_video(checked.video, checked.clip, self.max_image_pixels)
+
+    def num_frames(self, record: Record, info: VideoInfo) -> int:
+        """The frames a video sample gets before ``max_length`` has its say: drawn from the seed and its place."""
+        drawn = draw_num_frames(self.min_num_frame, self.max_num_frame, self.seed, record.source, record.line)
+        return frames_for(info, drawn, self.video_sampling, self.max_num_frame)
 
     def record_at(self, index: int) -> Record:
         """The record of item ``index`` (after repeats)."""
@@ -313,10 +356,13 @@ class InternVLDataset(Dataset):
         return num_tiles(size[0], size[1], min(self.min_dynamic_patch, max_num), max_num, self.image_size,
                          self.use_thumbnail)
 
-    def fit(self, record: Record, checked: 'CheckedSample', sizes) -> Fit:
-        """What training does with a checked record whose images have ``sizes`` (``fitting.fit_sample``)."""
+    def fit(self, record: Record, checked: 'CheckedSample', sizes, video: Optional[VideoInfo] = None) -> Fit:
+        """What training does with a checked record whose images have ``sizes`` (``fitting.fit_sample``), or whose
+        video is ``video`` (``fitting.fit_video``)."""
         if self.tokenizer is None:
             raise ValueError(f'{type(self).__name__} needs a tokenizer to load samples for training')
+        if checked.video is not None:
+            return fit_video(self, record, checked, self.num_frames(record, video or self.probe(checked)))
         return fit_sample(self, record, checked, sizes)
 
     def judge_cut(self, fit: Fit) -> Optional[str]:
@@ -326,6 +372,8 @@ class InternVLDataset(Dataset):
     def load_fit(self, record: Record):
         """``(fit, tiles)``: the record checked, its images decoded, fitted to ``max_length`` and tiled."""
         checked = self.check_record(record)
+        if checked.video is not None:
+            return self.load_video_fit(record, checked)
         pictures = [load_image(p, self.max_image_pixels) for p in checked.image_paths]
         fit = self.fit(record, checked, [p.size for p in pictures])
         tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
@@ -334,6 +382,16 @@ class InternVLDataset(Dataset):
         if [t.shape[0] for t in tiles] != fit.tiles:
             raise RuntimeError(f'{self.where(record)}: {[t.shape[0] for t in tiles]} tiles cut, {fit.tiles} counted')
         return fit, tiles
+
+    def load_video_fit(self, record: Record, checked: 'CheckedSample'):
+        """``(fit, tiles)`` of a video sample: its frame count fitted to ``max_length``, then only those frames
+        decoded, each one tile (resized, or padded first in ``image_mode='pad'``)."""
+        info = self.probe(checked)
+        fit = self.fit(record, checked, [], info)
+        rng = frame_rng(self.seed, self.epoch, record.source, record.line)
+        frames = read_frames(info, choose_frames(info, fit.max_num, self.video_sampling, rng))
+        mode = 'pad' if self.image_mode == 'pad' else 'resize'
+        return fit, [image_tiles(f, mode, image_size=self.image_size, mean=self.image_mean) for f in frames]
 
     def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),

@@ -25,7 +25,7 @@ from .errors import SampleError
 from .template import IGNORE_INDEX
 from .tokenize import tokenize_conversation
 
-__all__ = ['Cut', 'Fit', 'fit_sample', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit', 'TRUNCATION']
+__all__ = ['Cut', 'Fit', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit', 'TRUNCATION']
 
 TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
 
@@ -85,6 +85,7 @@ class Fit:
     reduced: bool
     cuts: List[Optional[Cut]] = field(default_factory=list)
     truncated: Optional[str] = None  # what was cut, when training keeps a sample whose answer was cut
+    frames_of: Optional[int] = None  # a video's own frame count (``max_num`` is then the frames it keeps)
 
     @property
     def tokens_lost(self) -> int:
@@ -116,6 +117,41 @@ def fit_sample(ds, record, checked, sizes: Sequence[Tuple[int, int]]) -> Fit:
     return fit
 
 
+def fit_video(ds, record, checked, num_frames: int) -> Fit:
+    """The :class:`Fit` of a checked video sample of ``num_frames`` frames (one tile each): while too long, fewer
+    frames (the most that fit, sampled over the whole video: ``fewer_frames``), then, at one frame, the text after
+    it cut as for images. ``max_num`` is the frames kept, ``frames_of`` the video's own count."""
+    from .video import expand_video
+    prefix = ds.frame_prefix
+
+    def encode(n: int, max_length: Optional[int] = None):
+        return [tokenize_conversation(expand_video(c, n, prefix), ds.tokenizer, [ds.num_image_token] * n,
+                                      max_length=max_length) for c in checked.conversations]
+
+    def fits(enc) -> bool:
+        return ds.max_length is None or all(len(e['input_ids']) <= ds.max_length for e in enc)
+    n, encoded = num_frames, encode(num_frames)
+    cuts: List[Optional[Cut]] = [None] * len(encoded)
+    if not fits(encoded):
+        lo, hi = 0, num_frames - 1  # the most frames in [1, hi] that fit: lo (0 = none does)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(encode(mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+        n = max(lo, 1)
+        full = encode(n)
+        if lo:
+            encoded = full
+        else:
+            encoded = encode(1, ds.max_length)
+            cuts = [Cut.of(f, e) if len(f['input_ids']) > ds.max_length else None for f, e in zip(full, encoded)]
+    fit = Fit(encoded, [1] * n, n, n < num_frames, cuts, frames_of=num_frames)
+    fit.truncated = ds.judge_cut(fit)
+    return fit
+
+
 def keep_or_drop(ds, detail: str) -> str:
     """``detail`` of a cut answer, kept (``truncation='keep'``), or a ``truncated`` SampleError (``'drop'``)."""
     if ds.truncation == 'drop':
@@ -139,9 +175,11 @@ def note_fit(ds, record, fit: Fit) -> dict:
     where, out = ds.where(record), {}
     if fit.reduced:
         out['reduced'] = [(where, fit.max_num)]
+        cut_to = (f'{fit.max_num} of its {fit.frames_of} video frames' if fit.frames_of else
+                  f'at most {fit.max_num} tiles per image')
         _count(ds.reduced, where, fit.max_num,
-               f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to at most {fit.max_num} '
-               f'tiles per image (first such sample; the rest are counted in dataset.reduced)')
+               f'{where}: too long for max_length={ds.max_length} with its tiles; reduced to {cut_to} '
+               f'(first such sample; the rest are counted in dataset.reduced)')
     if fit.truncated:
         out['truncated'] = [(where, fit.tokens_lost, fit.truncated)]
         _count(ds.truncated, where, fit.tokens_lost,

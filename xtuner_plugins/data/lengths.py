@@ -31,8 +31,8 @@ from .sources import DataSource, Record
 from .tiling import num_tiles
 from .tokenize import count_text_tokens
 
-CACHE_VERSION = 5  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
-#                   5: control text in data refused or tokenised as plain text (allow_control_text)
+CACHE_VERSION = 6  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
+#                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos
 
 
 def default_cache_dir() -> str:
@@ -52,12 +52,16 @@ def _cache_key(ds, src: DataSource) -> str:
         image_size=ds.image_size, thumbnail=ds.use_thumbnail, num_image_token=ds.num_image_token,
         max_length=ds.max_length, template=ds.template.name, system=ds.system,
         allow_control_text=getattr(ds, 'allow_control_text', False),
+        video=[getattr(ds, 'min_num_frame', None), getattr(ds, 'max_num_frame', None),
+               getattr(ds, 'video_sampling', None), getattr(ds, 'frame_prefix', None), getattr(ds, 'seed', None)],
         tokenizer=[type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _sample_length(ds, record: Record, checked) -> List[int]:
     """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample)."""
+    if checked.video is not None:
+        return _video_length(ds, record, checked)
     # a preference pair is as long as its longer answer (both share the prompt and the tiles)
     text = max(count_text_tokens(c, ds.tokenizer) for c in checked.conversations)
     image_tokens = 0
@@ -77,6 +81,21 @@ def _sample_length(ds, record: Record, checked) -> List[int]:
         total = min(total, ds.max_length)
     total = max(total, 1)
     return [total, all_tiles] if checked.image_paths else [-total, 1]
+
+
+def _video_length(ds, record: Record, checked) -> List[int]:
+    """``[length, frames]`` of a video sample: its drawn frames, one tile each, and their ``Frame{i}:`` lines (an
+    unreadable video: its text alone, reported when it is loaded)."""
+    from .video import expand_video
+    try:
+        frames = ds.num_frames(record, ds.probe(checked))
+    except SampleError:
+        frames = 0
+    conversations = [expand_video(c, frames, ds.frame_prefix) for c in checked.conversations]
+    text = max(count_text_tokens(c, ds.tokenizer) for c in conversations)
+    total = text + frames * (ds.num_image_token + 2)
+    total = max(min(total, ds.max_length) if ds.max_length else total, 1)
+    return [total, max(frames, 1)]
 
 
 def _stats(files: List[List[str]]) -> List[list]:
@@ -126,7 +145,7 @@ def compute_source_lengths(ds, src: DataSource, records: List[Record],
                   f'written; computing those again', logger='current')
     for i in tqdm(stale, desc=f'lengths {src.name}', disable=not is_main_process() or len(stale) < 2000):
         checked = ds.check_record(records[i])  # parsed and checked once: its image paths and its conversation
-        files[i] = checked.image_paths
+        files[i] = checked.image_paths if checked.video is None else [checked.video]
         lengths[i] = _sample_length(ds, records[i], checked)
     _write_cache(cache_dir, cache_file, dict(annotation=os.path.abspath(src.annotation), lines=lines,
                                              lengths=lengths, images=files, stats=_stats(files)))

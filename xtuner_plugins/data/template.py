@@ -36,6 +36,8 @@ IMG_START_TOKEN = '<img>'
 IMG_END_TOKEN = '</img>'
 IMG_CONTEXT_TOKEN = '<IMG_CONTEXT>'
 IMAGE_PLACEHOLDER = '<image>'
+# Before each frame's <image> of a video ({i} from 1): the model card's and transformers' InternVLProcessor's.
+DEFAULT_FRAME_PREFIX = 'Frame{i}: '
 IGNORE_INDEX = -100
 
 # InternVL's added tokens, in the order InternVL adds them (ids 151665..151673 in Qwen2.5's tokenizer).
@@ -78,6 +80,9 @@ class Template:
             supervised; of what follows it, ``stop_word`` is supervised and the rest is not.
         default_system: the system message used when neither the data nor the caller gives one.
         stop_word: the token that ends an answer (generation stops there).
+        frame_prefix: what stands before each frame's ``<image>`` of a video, ``{i}`` its number from 1
+            (``'Frame{i}: '``: OpenGVLab's model card and transformers' ``InternVLProcessor``; InternVL's SFT
+            script writes ``'Frame-{i}: '``).
     """
 
     name: str
@@ -86,6 +91,7 @@ class Template:
     assistant: str
     default_system: str
     stop_word: str
+    frame_prefix: str = DEFAULT_FRAME_PREFIX
 
     def __post_init__(self):
         if self.system and '{system}' not in self.system:

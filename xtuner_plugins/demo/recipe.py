@@ -112,6 +112,11 @@ class Recipe:
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3
     preference_beta: float = 0.1
+    # videos instead of the image questions (xtuner_plugins.demo.videos): '' (off), 'all' or kinds among motion_x,
+    # motion_y, first_colour; n_sft / n_test then count videos (the warm-up stays on image captions), each of
+    # video_frames frames (one tile each), and the answers add the single-frame control (every frame the middle one)
+    video: str = ''
+    video_frames: int = 8
     # runtime
     num_workers: int = 1
     log_interval: int = 50
@@ -132,6 +137,8 @@ RECIPES: Dict[str, Recipe] = {
     # a shortened run for the test suite: fewer samples and iterations, the same pipeline
     'quick': Recipe(n_pretrain=400, n_sft=3000, n_test=60, pretrain_iters=50, finetune_iters=600,
                     log_interval=20),
+    # videos whose answers need more than one frame (docs/demo.md)
+    'video': Recipe(video='all', n_sft=3000, n_test=120, finetune_iters=2000),
 }
 
 

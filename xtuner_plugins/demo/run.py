@@ -55,7 +55,7 @@ from xtuner_plugins.launch import cache_env
 from .console import Console, DemoError, fmt_time
 from .recipe import PROJECTOR_TYPES, RECIPES, VISION_TYPES, Recipe, recipe_from_args
 from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, kind_changes,
-                      per_kind, summary_line)
+                      per_kind, single_frame_accuracy, summary_line)
 from .stages import (DEFAULT_CONFIGS, PREFERENCE_LOSSES, REPO_ROOT, StageResult, deepspeed_json, demo_configs,
                      make_data, make_models, model_geometry, repeat_for, run_converter, stage_options, train_stage)
 
@@ -114,7 +114,8 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
     converted = run_converter(CONFIGS['preference'], stages['preference'].checkpoint, options,
                               os.path.join(work_dir, 'converted_preference'), console)
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
     timings['answers_preference'] = time.perf_counter() - t
     return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
                             converted_format=folder_format(converted), pairs=pair_counts(pairs['preference']),
@@ -220,8 +221,12 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     how = ('LlavaForConditionalGeneration + its processor' if converted_format == 'llava' else
            'AutoModel.from_pretrained(..., trust_remote_code=True) + model.chat')
     console.step(f'6/{steps} answers: {how}, greedy; blind control: the same questions on blank grey images')
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
     timings['answers'] = time.perf_counter() - t
+    if recipe.video:
+        console(f'  video questions ({recipe.video_frames} frames each): single-frame control (every frame the '
+                f'middle one): {single_frame_accuracy(answers):.3f}')
     return _finish(recipe, work_dir, console, models, data, geometry, stages, ft_options, answers, converted,
                    converted_format, chance, timings, nproc, ds, stage_timeout)
 
@@ -243,7 +248,8 @@ def _finish(recipe: Recipe, work_dir: str, console: Console, models, data, geome
     result = DemoResult(accuracy=accuracy(answers), blind=accuracy(answers, blind=True), chance=chance,
                         n=len(answers), answers=answers, stages=stages, converted_dir=converted,
                         converted_format=converted_format, work_dir=work_dir,
-                        wall_s=console.elapsed(), timings=timings, preference=preference)
+                        wall_s=console.elapsed(), timings=timings, preference=preference,
+                        single=single_frame_accuracy(answers) if recipe.video else None)
     with open(os.path.join(work_dir, 'answers.jsonl'), 'w', encoding='utf-8') as f:
         for a in answers:
             f.write(json.dumps(dataclasses.asdict(a)) + '\n')
@@ -306,7 +312,8 @@ def rerun_preference(work_dir: str, recipe: Recipe, nproc: int = 1, deepspeed: O
                                nproc, geometry=geometry)
     converted = os.path.join(work_dir, 'converted')
     t = time.perf_counter()
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
     timings['answers'] = time.perf_counter() - t
     return _finish(recipe, work_dir, console, models, data, geometry, stages, ft_options, answers, converted,
                    folder_format(converted), chance_accuracy(data['test']), timings, nproc, ds, stage_timeout)
@@ -368,6 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        'n': result.preference.n, 'accuracy_after_finetuning': result.preference.sft_accuracy,
                        'per_kind_after_finetuning': per_kind(result.preference.sft_answers),
                        'pairs': result.preference.pairs, 'per_kind': result.preference.by_kind},
+                   'single_frame': single_frame_accuracy(result.answers),
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)
     console(f'converted: {result.converted_dir} ({result.converted_format})')

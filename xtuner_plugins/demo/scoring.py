@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .stages import StageResult
 
 __all__ = ['Answer', 'DemoResult', 'PreferenceResult', 'SUMMARY_FORMAT', 'accuracy', 'answer_questions',
-           'answer_table', 'kind_changes', 'per_kind', 'summary_line']
+           'answer_table', 'kind_changes', 'per_kind', 'single_frame_accuracy', 'summary_line']
 
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
@@ -29,6 +29,8 @@ class Answer:
     blind: str = ''
     score: float = 0.0        # by the project's scorer (xtuner_plugins.eval): exact match after normalisation
     blind_score: float = 0.0
+    single: Optional[str] = None          # a video question asked on its middle frame alone
+    single_score: Optional[float] = None
 
     @property
     def correct(self) -> bool:
@@ -40,7 +42,7 @@ class Answer:
 
 
 def answer_questions(folder: str, test_path: str, image_folder: str, console: Console,
-                     max_new_tokens: int = 8) -> List[Answer]:
+                     max_new_tokens: int = 8, num_frames: int = 8) -> List[Answer]:
     """Every question of ``test_path`` through the converted folder, loaded the way its format is meant to be
     (:class:`~xtuner_plugins.models.inference.ConvertedModel`: ``chat`` of the remote code, or transformers'
     LLaVA with its processor), and scored, by ``xtuner_plugins.eval`` (what ``tools/eval.py`` runs): once with
@@ -58,9 +60,17 @@ def answer_questions(folder: str, test_path: str, image_folder: str, console: Co
         if i % step == 0 or i == n:
             console(f'  answered {i}/{n} ({sum(r.score == 1.0 for r in results)} right so far)')
 
-    results = evaluate(model, questions, blind=True, max_new_tokens=max_new_tokens, progress=progress)
-    return [Answer(r.id, r.category, r.prompt.replace('<image>\n', ''), r.reference, r.answer, r.blind_answer,
-                   r.score, r.blind_score) for r in results]
+    results = evaluate(model, questions, blind=True, max_new_tokens=max_new_tokens, progress=progress,
+                       num_frames=num_frames)
+    return [Answer(r.id, r.category, r.prompt.replace('<image>\n', '').replace('<video>\n', ''), r.reference,
+                   r.answer, r.blind_answer, r.score, r.blind_score, r.single_answer, r.single_score)
+            for r in results]
+
+
+def single_frame_accuracy(answers: Sequence[Answer]) -> Optional[float]:
+    """The video questions' accuracy on their middle frame alone (None without video questions)."""
+    scores = [a.single_score for a in answers if a.single_score is not None]
+    return sum(scores) / len(scores) if scores else None
 
 
 def accuracy(answers: Sequence[Answer], blind: bool = False) -> float:
@@ -135,9 +145,11 @@ class DemoResult:
     wall_s: float
     timings: Dict[str, float]
     preference: Optional['PreferenceResult'] = None
+    single: Optional[float] = None  # the video recipe: the single-frame control's accuracy
 
     def summary(self) -> str:
-        return summary_line(self.accuracy, self.n, self.blind)
+        line = summary_line(self.accuracy, self.n, self.blind)
+        return line if self.single is None else f'{line}; single-frame control: {self.single:.3f}'
 
 
 @dataclass

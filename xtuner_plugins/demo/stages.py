@@ -104,6 +104,15 @@ def make_data(out_dir: str, recipe: Recipe) -> Dict[str, object]:
     kinds = tuple(recipe.kinds) if recipe.kinds else KINDS
     # weights of kinds the recipe leaves out do not apply
     weights = {k: w for k, w in (recipe.sft_weights or {}).items() if k in kinds}
+    if recipe.video:  # the warm-up's image captions, then video questions for fine-tuning and the answers
+        from xtuner_plugins.demo.videos import VIDEO_KINDS, make_video_data
+        images = make_demo_data(out_dir, n_pretrain=recipe.n_pretrain, n_sft=0, n_test=0, seed=recipe.seed,
+                                tile_size=recipe.tile_size, max_dynamic_patch=recipe.max_dynamic_patch, kinds=kinds)
+        videos = make_video_data(out_dir, n_sft=recipe.n_sft, n_test=recipe.n_test, seed=recipe.seed,
+                                 tile_size=recipe.tile_size, frames=recipe.video_frames,
+                                 kinds=VIDEO_KINDS if recipe.video == 'all' else recipe.video.split(','))
+        return dict(images, sft=videos['sft'], test=videos['test'],
+                    counts=dict(images['counts'], sft=recipe.n_sft, test=recipe.n_test, videos=recipe.n_sft + recipe.n_test))
     return make_demo_data(out_dir, n_pretrain=recipe.n_pretrain, n_sft=recipe.n_sft, n_test=recipe.n_test,
                           seed=recipe.seed, tile_size=recipe.tile_size, max_dynamic_patch=recipe.max_dynamic_patch,
                           kinds=kinds, sft_weights=weights, sft_extra_questions=recipe.sft_extra_questions,
@@ -155,6 +164,8 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         'train_dataloader.dataset.image_mode': geometry['image_mode'],
         'train_dataloader.dataset.image_mean': list(geometry['image_mean']),
         'train_dataloader.dataset.max_dynamic_patch': recipe.max_dynamic_patch,
+        'train_dataloader.dataset.min_num_frame': recipe.video_frames,   # videos (the video recipe): N frames
+        'train_dataloader.dataset.max_num_frame': recipe.video_frames,
         'train_dataloader.dataset.max_length': 1024,
         'train_dataloader.dataset.seed': recipe.seed,
         'train_dataloader.dataset.cache_dir': cache_dir,

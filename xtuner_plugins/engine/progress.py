@@ -5,7 +5,7 @@ tokens_per_sec: ...`` with every scalar at four decimals) goes to the run's log 
 (``engine/console.py``'s ``keep_off_console``; a config without the hook keeps MMEngine's lines); the console gets, from the same message-hub scalars, at the same interval
 (``default_hooks.logger.interval``) and at the last iteration::
 
-    training pretrain_mlp: 40 iterations (1 epoch of 40), 4 samples per iteration (batch 4 x 1 process), ...
+    training pretrain_mlp: 40 iterations (1 epoch of 40); 4 samples per iteration (batch 4 x 1 process); ...
     iter 10/40  loss 6.267  lr 1.80e-04  18.4k tokens/s  eta 0:00:01  mem 1.04 GiB
     ...
     done: 40 iterations in 0:00:02, loss 6.264 (first logged 6.267); last checkpoint work_dirs/.../iter_40.pth
@@ -27,6 +27,8 @@ from mmengine.hooks import Hook, LoggerHook
 from mmengine.registry import HOOKS
 
 PROGRESS_START = 'iter '
+#: preference training's scalars shown after the throughput (DPO/MPO: ``models/preference.py``)
+PREFERENCE_SCALARS = ('rewards_accuracy', 'rewards_margin')
 #: MMEngine's lines this hook stands in for on the console (the run's log file keeps them)
 REPLACED = ('Iter(train) [', 'Exp name: ')
 
@@ -52,7 +54,8 @@ def _rate(value: float) -> str:
 
 
 def progress_line(runner, window: int = 10) -> str:
-    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  mem M GiB`` from the message hub (absent parts left out)."""
+    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  [rewards_accuracy A  rewards_margin M]  mem M GiB`` from
+    the message hub (absent parts left out)."""
     done, total = runner.iter + 1, runner.max_iters
     parts = [f'{PROGRESS_START}{done}/{total}']
     loss = _scalar(runner, 'loss', window)
@@ -67,6 +70,10 @@ def progress_line(runner, window: int = 10) -> str:
     step = _scalar(runner, 'time', window)
     if step is not None:
         parts.append(f'eta {_duration(step * (total - done))}')
+    for name in PREFERENCE_SCALARS:  # preference training: how the pairs are told apart
+        value = _scalar(runner, name, window)
+        if value is not None:
+            parts.append(f'{name} {value:.3g}')
     mem = _scalar(runner, 'peak_mem_mb')
     if mem is not None:
         parts.append(f'mem {mem / 1024:.2f} GiB')

@@ -12,10 +12,13 @@ header that does not decode (``corrupt_image``), as many ``<image>`` tags as ima
   turn is the question (its ``<image>`` tags, or ``<image>\\n`` in front for the sample's images). The
   category is the sample's ``category`` or ``kind`` (the demo's), else ``all``; the id its ``id``, else its
   line number. Image paths are resolved as training resolves them: inside ``image_folder`` when given, else
-  relative to the file's folder.
+  relative to the file's folder. A sample with a ``video`` (and ``clip``) is a video question: its video is
+  checked from its headers here (``missing_video``, ``corrupt_video``, ``bad_clip``, ... as training names them)
+  and its frames are read when it is asked.
 * **MMBench TSV** (``index, question, hint, A, B, C, D[, E...], answer, category, image``; ``image`` base64,
   or the ``index`` of an earlier row with the same image, as MMBench's files do): the prompt is VLMEvalKit's
   (hint, question, ``Options:`` one per line, then the instruction to answer with the letter).
+  The question without its options (``stem``: hint and question) is what ``--mc likelihood`` asks.
   ``circular=True`` also asks every rotation of the options (MMBench's CircularEval): a question counts as
   right only when all its rotations are right.
 """
@@ -35,6 +38,7 @@ from PIL import Image
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import sample_images
+from xtuner_plugins.data.video import probe_video, video_field
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
            'MC_INSTRUCTION']
@@ -55,6 +59,9 @@ class Question:
     options: Dict[str, str] = field(default_factory=dict)  # multiple choice: letter -> text
     group: str = ''  # circular evaluation: the rotations of one question share it
     source: str = ''  # FILE:LINE (a TSV: FILE:LINE (index N))
+    video: Optional[str] = None  # a video question: its video (file, GIF or frame folder) and clip
+    clip: Optional[Tuple[float, float]] = None
+    stem: str = ''  # multiple choice: the question without its options and instruction (``--mc likelihood``)
 
     @property
     def multiple_choice(self) -> bool:
@@ -148,12 +155,25 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
         id_ = str(sample.get('id', line_no))
         ids.check(id_, line_no, problems)
         try:
-            paths = _image_paths(sample, prompt, image_folder, os.path.dirname(path))
+            video = video_field(sample)
+            if video is not None:
+                if sample_images(sample):
+                    raise SampleError('image_and_video', 'the question has images and a video; one or the other')
+                if '<image>' in prompt:
+                    raise SampleError('video_tag_mismatch', 'a video question has no <image> tags')
+                video = (resolve_image_path(video[0], image_folder, os.path.dirname(path)), video[1])
+                probe_video(*video)  # exists, and its headers read
+                paths = []
+            else:
+                paths = _image_paths(sample, prompt, image_folder, os.path.dirname(path))
+                if '<video>' in prompt:
+                    raise SampleError('video_tag_mismatch', 'the question has <video> but the sample no "video"')
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue
         out.append(Question(id=id_, category=str(sample.get('category', sample.get('kind', 'all'))),
-                            prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))], source=where))
+                            prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))], source=where,
+                            video=video[0] if video else None, clip=video[1] if video else None))
     if problems:
         raise QuestionsError(path, problems)
     if not out:
@@ -203,12 +223,12 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
             rotated = {letters[i]: texts[(i + shift) % len(texts)] for i in range(len(texts))}
             right = letters[(letters.index(answer) - shift) % len(letters)]
             hint = (row.get('hint') or '').strip()
-            prompt = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
-            prompt += '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
+            stem = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
+            prompt = stem + '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
             out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular else ''),
                                 category=(row.get('category') or 'all').strip() or 'all', prompt=prompt,
                                 images=[image], references=[right], options=rotated, group=str(row['index']),
-                                source=where))
+                                source=where, stem=stem))
     if problems:
         raise QuestionsError(path, problems)
     if not out:

@@ -4,10 +4,20 @@
 ``ask(prompt, images, generation)`` and a ``reset()`` (:class:`~xtuner_plugins.models.inference.ConvertedModel`:
 every export format), greedily, one question at a time, and with ``blind=True`` once more with every image
 replaced by a blank one of the same size (mid grey: zero after the usual normalisation). The blind accuracy is
-what the model gets from the text alone; **image reliance** = accuracy - blind accuracy.
+what the model gets from the text alone; **image reliance** = accuracy - blind accuracy. A video question
+(``Question.video``) is asked with ``num_frames`` frames (``middle`` sampling, one tile each, ``ask(...,
+video=frames)``); its blind control blanks every frame, and with ``single_frame=True`` it is asked once more with
+every frame replaced by the middle one: **time reliance** = accuracy - single-frame accuracy, what the order of
+the frames adds (over the video questions).
 
 Open questions are scored by :data:`~xtuner_plugins.eval.scoring.METRICS` (``exact`` or ``anls``); multiple
-choice by the option read from the answer; circular groups count right when every rotation is.
+choice (``mc='generate'``) by the option read from the answer as VLMEvalKit reads it (its letter, else the
+option's text; :func:`~xtuner_plugins.eval.scoring.read_option`), each result saying how (``read_by``), which
+the report counts; circular groups count right when every rotation is. ``mc='likelihood'`` generates nothing for
+multiple choice: the model's ``option_logprobs(stem, images, texts)`` gives the log-likelihood of each option's
+text as the answer to the question without its options (lm-eval-harness's way), and the highest is the choice
+(``read_by`` ``likelihood``, the figures in ``option_scores``): a model that never learned to answer with a
+letter, or one in mid-training, is still measured.
 
 Given a ``failures`` list, a question whose image fails to decode when it is asked (a truncated file whose
 header reads) becomes a :class:`Failure` there (counted and named in the :class:`Report`, with its circular
@@ -26,11 +36,15 @@ from PIL import Image
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import read_image_size
+from xtuner_plugins.data.video import load_video
 
 from .data import Question
-from .scoring import METRICS, extract_option
+from .scoring import METRICS, READ_BY, read_option
 
-__all__ = ['Result', 'Failure', 'Report', 'evaluate', 'score', 'BLANK']
+__all__ = ['Result', 'Failure', 'Report', 'Ranked', 'evaluate', 'judge', 'score', 'BLANK', 'MC_MODES']
+
+#: How multiple choice is answered: generated and read (``generate``), or ranked by likelihood.
+MC_MODES = ('generate', 'likelihood')
 
 BLANK: Tuple[int, int, int] = (128, 128, 128)
 
@@ -47,6 +61,20 @@ class Result:
     blind_score: Optional[float] = None
     group: str = ''
     source: str = ''
+    single_answer: Optional[str] = None  # a video question asked on its middle frame only
+    single_score: Optional[float] = None
+    read_by: str = ''  # multiple choice: letter, text, unmatched (generated) or likelihood
+    option_scores: Optional[Dict[str, float]] = None  # --mc likelihood: each option's log-likelihood
+
+
+@dataclass
+class Ranked:
+    """A multiple-choice answer by likelihood: the letter of the likeliest option, and each option's figure."""
+    letter: str
+    scores: Dict[str, float]
+
+    def __str__(self) -> str:
+        return self.letter
 
 
 @dataclass
@@ -63,10 +91,27 @@ class Failure:
         return f'{self.source} (id {self.id}): {self.message} [{self.reason}]'
 
 
-def score(question: Question, answer: str, metric: str = 'exact') -> float:
+def judge(question: Question, answer: Union[str, Ranked], metric: str = 'exact') -> Tuple[float, str]:
+    """``(score, read_by)``: ``read_by`` says how a multiple-choice answer was read ('' for open questions)."""
+    if isinstance(answer, Ranked):
+        return float(answer.letter == question.references[0]), 'likelihood'
     if question.multiple_choice:
-        return float(extract_option(answer, question.options) == question.references[0])
-    return METRICS[metric](answer, question.references)
+        letter, how = read_option(answer, question.options)
+        return float(letter == question.references[0]), how
+    return METRICS[metric](answer, question.references), ''
+
+
+def score(question: Question, answer: Union[str, Ranked], metric: str = 'exact') -> float:
+    return judge(question, answer, metric)[0]
+
+
+def rank_options(model, question: Question, images) -> Ranked:
+    """The question's options ranked by ``model.option_logprobs`` on its stem (module docstring)."""
+    letters = list(question.options)
+    figures = model.option_logprobs(question.stem or question.prompt, images,
+                                    [question.options[k] for k in letters])
+    scores = {k: float(v) for k, v in zip(letters, figures)}
+    return Ranked(max(letters, key=lambda k: scores[k]), scores)
 
 
 def _blank(image) -> Image.Image:
@@ -78,28 +123,47 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
              max_new_tokens: int = 64, batch_size: int = 1,
              progress: Optional[Callable[[int, int, List[Result]], None]] = None,
              failures: Optional[List[Failure]] = None,
-             on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None) -> List[Result]:
+             on_answer: Optional[Callable[[Union[Result, Failure]], None]] = None,
+             num_frames: int = 8, single_frame: bool = True, mc: str = 'generate') -> List[Result]:
     """Ask every question (``batch_size`` at a time through ``model.ask_batch`` where the model has it) and
-    score the answers; with ``blind``, ask again on blank images. A :class:`SampleError` while asking goes to
-    ``failures`` when given (the module docstring), else it is raised."""
+    score the answers; with ``blind``, ask again on blank images; multiple choice as ``mc`` says (module
+    docstring). A :class:`SampleError` while asking goes to ``failures`` when given (the module docstring), else
+    it is raised."""
     if metric not in METRICS:
         raise ValueError(f'unknown metric {metric!r}; use one of {sorted(METRICS)}')
+    if mc not in MC_MODES:
+        raise ValueError(f'unknown multiple-choice mode {mc!r}; use one of {", ".join(MC_MODES)}')
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     pad = getattr(getattr(model, 'tokenizer', None), 'pad_token_id', None)
     if pad is not None:
         generation['pad_token_id'] = pad
 
-    def ask(q: Question, images) -> Union[str, SampleError]:
+    frames_of: Dict[int, list] = {}
+
+    def frames(q: Question) -> list:  # a video question's frames, read once for the question and its controls
+        if id(q) not in frames_of:
+            frames_of.clear()
+            frames_of[id(q)] = load_video(q.video, num_frames, 'middle', q.clip)[0]
+        return frames_of[id(q)]
+
+    def ask(q: Question, images) -> Union[str, Ranked, SampleError]:
         model.reset()
         try:
-            return model.ask(q.prompt, images() if callable(images) else images, generation)
+            images = images() if callable(images) else images
+            if q.video is not None:
+                return model.ask(q.prompt, [], generation, video=images)
+            if mc == 'likelihood' and q.multiple_choice:
+                return rank_options(model, q, images)
+            return model.ask(q.prompt, images, generation)
         except SampleError as err:
             if failures is None:
                 raise
             return err
 
     def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
-        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch'):
+        ranked = mc == 'likelihood' and any(q.multiple_choice for q in batch)
+        if batch_size > 1 and len(batch) > 1 and hasattr(model, 'ask_batch') and not ranked \
+                and not any(q.video for q in batch):
             try:
                 return model.ask_batch([q.prompt for q in batch], [i() if callable(i) else i for i in images],
                                        generation)
@@ -114,20 +178,29 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
     done = 0
     for start in range(0, len(questions), max(1, batch_size)):
         batch = questions[start:start + max(1, batch_size)]
-        answers = answer(batch, [list(q.images) for q in batch])
+        answers = answer(batch, [(lambda q=q: frames(q)) if q.video else list(q.images) for q in batch])
         asked = [(q, a) for q, a in zip(batch, answers) if not isinstance(a, SampleError)]
-        blinds = (answer([q for q, _ in asked], [lambda q=q: [_blank(im) for im in q.images] for q, _ in asked])
-                  if blind else [None] * len(asked))
+        blinds = (answer([q for q, _ in asked], [lambda q=q: [_blank(im) for im in (frames(q) if q.video else q.images)]
+                                                 for q, _ in asked]) if blind else [None] * len(asked))
         blinds = iter(blinds)
+        videos = [q for q, _ in asked if q.video] if single_frame else []
+        singles = dict(zip(map(id, videos), answer(videos, [lambda q=q: [frames(q)[len(frames(q)) // 2]] * len(
+            frames(q)) for q in videos])))
         for q, given in zip(batch, answers):
             blank = None if isinstance(given, SampleError) else next(blinds)
-            error = given if isinstance(given, SampleError) else blank if isinstance(blank, SampleError) else None
+            single = singles.get(id(q))
+            error = next((e for e in (given, blank, single) if isinstance(e, SampleError)), None)
             if error is not None:
                 item = Failure(q.id, q.category, q.source, error.reason, error.message, q.group)
                 failures.append(item)
             else:
-                item = Result(q.id, q.category, q.prompt, q.references[0], given, score(q, given, metric), blank,
-                              None if blank is None else score(q, blank, metric), group=q.group, source=q.source)
+                value, how = judge(q, given, metric)
+                item = Result(q.id, q.category, q.prompt, q.references[0], str(given), value,
+                              None if blank is None else str(blank), None if blank is None else score(q, blank, metric),
+                              group=q.group, source=q.source, read_by=how,
+                              option_scores=given.scores if isinstance(given, Ranked) else None,
+                              single_answer=None if single is None else str(single),
+                              single_score=None if single is None else score(q, single, metric))
                 results.append(item)
             if on_answer is not None:
                 on_answer(item)
@@ -145,6 +218,7 @@ class Report:
     def __init__(self, results: Sequence[Result], failures: Sequence[Failure] = ()):
         self.results, self.failures = list(results), list(failures)
         self.blind = bool(self.results) and all(r.blind_score is not None for r in self.results)
+        self.single = any(r.single_score is not None for r in self.results)
 
     def _units(self, results) -> List[Tuple[str, float, Optional[float]]]:
         failed = {f.group or f.id for f in self.failures}
@@ -162,10 +236,42 @@ class Report:
         if self.blind:
             out['blind'] = sum(u[2] for u in units) / n if n else 0.0
             out['reliance'] = out['accuracy'] - out['blind']
+        videos = [r for r in (self.results if results is None else results) if r.single_score is not None]
+        if self.single and videos:  # over the video questions (circular groups are multiple choice, not videos)
+            out['videos'] = len(videos)
+            out['video_accuracy'] = sum(r.score for r in videos) / len(videos)
+            out['single_frame'] = sum(r.single_score for r in videos) / len(videos)
+            out['time_reliance'] = out['video_accuracy'] - out['single_frame']
         if self.failures:
             out['not_scored'] = len({f.group or f.id for f in self.failures
                                      if category is None or f.category == category})
+        out.update(self.read_counts(self.results if results is None else results))
         return out
+
+    @staticmethod
+    def read_counts(results: Sequence[Result]) -> Dict[str, int]:
+        """How the multiple-choice answers were read, each answer (each rotation) once: ``by_letter``,
+        ``by_text``, ``unmatched`` for generated answers, ``by_likelihood`` for ranked ones; empty without
+        multiple choice."""
+        hows = [r.read_by for r in results if r.read_by]
+        out = {}
+        if any(h in READ_BY for h in hows):
+            out.update({('unmatched' if h == 'unmatched' else f'by_{h}'): hows.count(h) for h in READ_BY})
+        if 'likelihood' in hows:
+            out['by_likelihood'] = hows.count('likelihood')
+        return out
+
+    def read_line(self) -> str:
+        """``multiple choice: L read by the letter, T by the option's text, U unmatched`` (or ``N ranked by
+        likelihood``); empty without multiple choice."""
+        counts = self.read_counts(self.results)
+        parts = []
+        if 'by_letter' in counts:
+            parts.append(f'{counts["by_letter"]} read by the letter, {counts["by_text"]} by the option\'s text, '
+                         f'{counts["unmatched"]} unmatched')
+        if 'by_likelihood' in counts:
+            parts.append(f'{counts["by_likelihood"]} ranked by likelihood')
+        return 'multiple choice: ' + '; '.join(parts) if parts else ''
 
     def per_category(self) -> Dict[str, Dict[str, float]]:
         by: Dict[str, List[Result]] = defaultdict(list)
@@ -180,6 +286,9 @@ class Report:
         line = f'accuracy: {s["accuracy"]:.3f} ({s["n"]} questions)'
         if self.blind:
             line += f'; blind: {s["blind"]:.3f}; image reliance: {s["reliance"]:.3f}'
+        if 'videos' in s:
+            line += (f'; videos: {s["video_accuracy"]:.3f} ({s["videos"]}), single frame: {s["single_frame"]:.3f}, '
+                     f'time reliance: {s["time_reliance"]:.3f}')
         if self.failures:
             line += f'; {s["not_scored"]} not scored'
         return line

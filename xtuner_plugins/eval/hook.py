@@ -6,13 +6,17 @@
 The questions (``xtuner_plugins.eval.data``: a training-format jsonl or an MMBench TSV) are asked of the model
 being trained, through :class:`TrainingModelAnswerer`: the training data set's prompt (template, system
 message) and tiles (tile size, tiling, image mode), greedy decoding, with and without the image (blind
-control). Accuracy, blind accuracy and image reliance go to the console and to the visualizer (TensorBoard:
-``eval/accuracy``, ``eval/blind``, ``eval/reliance``), with a few sample answers; a reliance below
+control); multiple choice (an MMBench TSV) is generated and read as VLMEvalKit reads it, or with
+``mc='likelihood'`` ranked by the log-likelihood of each option (nothing generated: a model in mid-training
+that does not answer with a letter yet is still measured). Accuracy, blind accuracy and image reliance go to the
+console and to the visualizer (TensorBoard: ``eval/accuracy``, ``eval/blind``, ``eval/reliance``, and how
+multiple-choice answers were read, ``eval/by_letter``, ...), with a few sample answers; a reliance below
 ``min_reliance`` warns, or stops training (``on_low_reliance='stop'``).
 
 Several ranks, DDP or DeepSpeed ZeRO-2/3: the questions are split over the ranks and the results gathered.
 Every rank runs the same number of forward passes (questions padded to an equal count per rank, and a fixed
-``max_new_tokens`` decoding steps without stopping early), because ZeRO-3 gathers parameters in every forward
+``max_new_tokens`` decoding steps without stopping early, or as many likelihood passes as the file's most
+options), because ZeRO-3 gathers parameters in every forward
 pass collectively: unequal counts would hang.
 """
 
@@ -33,7 +37,7 @@ from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 
 from .data import read_questions
-from .evaluate import Report, evaluate
+from .evaluate import MC_MODES, Report, evaluate
 
 __all__ = ['EvalHook', 'TrainingModelAnswerer']
 
@@ -41,8 +45,9 @@ __all__ = ['EvalHook', 'TrainingModelAnswerer']
 class TrainingModelAnswerer:
     """``ask``/``reset`` (as ``ConvertedModel``) on the training model, prompting and tiling as its data set."""
 
-    def __init__(self, model, dataset, fixed_steps: bool = False):
+    def __init__(self, model, dataset, fixed_steps: bool = False, max_options: int = 0):
         self.model, self.dataset, self.fixed_steps = model, dataset, fixed_steps
+        self.max_options = max_options  # fixed_steps: every question's options padded to this many forwards
         self.tokenizer = model.tokenizer
 
     def reset(self) -> None:
@@ -54,8 +59,8 @@ class TrainingModelAnswerer:
                            max_num=max(1, d.max_dynamic_patch // num_images) if d.dynamic_image_size else 1,
                            use_thumbnail=d.use_thumbnail, mean=d.image_mean)
 
-    @torch.no_grad()
-    def ask(self, prompt: str, images: Sequence = (), generation: Optional[dict] = None) -> str:
+    def _prompt(self, prompt: str, images: Sequence):
+        """The data set's prompt ids up to the answer, the tiles and their flags."""
         images = [load_image(i) if isinstance(i, str) else i.convert('RGB') for i in images]
         tiles = [self._tiles(im, len(images)) for im in images]
         if images and '<image>' not in prompt:
@@ -70,13 +75,32 @@ class TrainingModelAnswerer:
         else:  # the dummy tile a text-only sample carries
             size = self.dataset.image_size
             pixels, flags = torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+        return ids, pixels, flags
+
+    def _logits(self, ids: torch.Tensor, pixels: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
+        batch = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                     pixel_values=pixels.to(device), image_flags=flags.to(device))
+        return self.model(batch, mode='tensor')
+
+    @torch.no_grad()
+    def option_logprobs(self, prompt: str, images: Sequence, texts: Sequence[str]) -> List[float]:
+        """Each text's log-likelihood as the answer (:mod:`xtuner_plugins.eval.likelihood`); with ``fixed_steps``,
+        ``max_options`` forward passes whatever the number of texts (equal counts on every rank)."""
+        from .likelihood import continuation_logprob
+        ids, pixels, flags = self._prompt(prompt, images)
+        padded = list(texts) + [texts[0]] * (max(self.max_options, len(texts)) - len(texts) if self.fixed_steps else 0)
+        out = [continuation_logprob(lambda x: self._logits(x, pixels, flags), ids,
+                                    self.tokenizer(text, add_special_tokens=False)['input_ids']) for text in padded]
+        return out[:len(texts)]
+
+    @torch.no_grad()
+    def ask(self, prompt: str, images: Sequence = (), generation: Optional[dict] = None) -> str:
+        ids, pixels, flags = self._prompt(prompt, images)
         stop = self.tokenizer.convert_tokens_to_ids(self.dataset.template.stop_word)
         out: List[int] = []
         for _ in range((generation or {}).get('max_new_tokens', 16)):
-            batch = dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                         pixel_values=pixels.to(device), image_flags=flags.to(device))
-            token = int(self.model(batch, mode='tensor')[0, -1].argmax())
+            token = int(self._logits(ids, pixels, flags)[0, -1].argmax())
             if token == stop and not self.fixed_steps:
                 break
             out.append(token)
@@ -94,12 +118,14 @@ class EvalHook(Hook):
     def __init__(self, data_file: str, image_folder: Optional[str] = None, interval: int = 500,
                  max_questions: Optional[int] = None, max_new_tokens: int = 16, blind: bool = True,
                  metric: str = 'exact', circular: bool = False, show: int = 3, min_reliance: Optional[float] = None,
-                 on_low_reliance: str = 'warn'):
+                 on_low_reliance: str = 'warn', mc: str = 'generate'):
         if on_low_reliance not in ('warn', 'stop'):
             raise ValueError(f"EvalHook: on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'")
+        if mc not in MC_MODES:
+            raise ValueError(f'EvalHook: mc={mc!r}; use one of {", ".join(MC_MODES)}')
         self.questions = read_questions(data_file, image_folder, circular=circular)[:max_questions]
         self.data_file, self.interval, self.max_new_tokens = data_file, interval, max_new_tokens
-        self.blind, self.metric, self.show = blind, metric, show
+        self.blind, self.metric, self.show, self.mc = blind, metric, show, mc
         self.min_reliance, self.on_low_reliance = min_reliance, on_low_reliance
         self.history: List[dict] = []
         self._last_iter = -1
@@ -126,9 +152,10 @@ class EvalHook(Hook):
         was_training = model.training
         model.eval()
         try:
-            answerer = TrainingModelAnswerer(model, dataset, fixed_steps=world > 1)
+            answerer = TrainingModelAnswerer(model, dataset, fixed_steps=world > 1,
+                                             max_options=max((len(q.options) for q in self.questions), default=0))
             results = evaluate(answerer, padded, blind=self.blind, metric=self.metric,
-                               max_new_tokens=self.max_new_tokens)[:len(mine)]
+                               max_new_tokens=self.max_new_tokens, mc=self.mc)[:len(mine)]
         finally:
             model.train(was_training)
         gathered = [r for part in all_gather_object(results) for r in part]
@@ -140,8 +167,9 @@ class EvalHook(Hook):
         samples = '\n'.join(f'    {r.id}: {r.prompt[-60:]!r} -> {r.answer!r} (reference {r.reference!r}'
                              + (f', blind {r.blind_answer!r})' if r.blind_answer is not None else ')')
                              for r in gathered[:self.show])
+        read = f'  {report.read_line()}\n' if report.read_line() else ''
         print_log(f'eval at iteration {iteration} on {self.data_file}: {report.closing_line()}\n{report.table()}\n'
-                  f'  samples:\n{samples}', logger='current')
+                  f'{read}  samples:\n{samples}', logger='current')
         reliance = summary.get('reliance')
         if self.min_reliance is not None and reliance is not None and reliance < self.min_reliance:
             message = (f'image reliance {reliance:.3f} is below {self.min_reliance} at iteration {iteration}: the '

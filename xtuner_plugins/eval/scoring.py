@@ -6,9 +6,10 @@
 * :func:`exact_match`: the normalised answer equals a normalised reference.
 * :func:`anls`: Average Normalized Levenshtein Similarity (ST-VQA, DocVQA): ``1 - d / max(len)`` of the best
   reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings.
-* :func:`extract_option`: the option a free answer chose, as VLMEvalKit reads it: its letter (``B``, ``(B)``,
-  ``B.``, ``Answer: B``) when exactly one option letter stands alone in it, or else the one option whose text
-  it contains.
+* :func:`read_option` (and :func:`extract_option`, its letter): the option a free answer chose, as VLMEvalKit's
+  ``can_infer`` reads it: by its letter (``B``, ``(B)``, ``B. red``, ``Answer: B``: exactly one option letter
+  among the answer's words, near its end), else by the one option whose text the answer contains; and how it
+  was read (``letter``, ``text`` or ``unmatched``), which the report counts.
 
 Hand-written: the pinned packages hold no VQA normaliser or edit distance (the Levenshtein packages are not
 in the tested set), and each is a few lines.
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
-__all__ = ['normalize_answer', 'exact_match', 'anls', 'edit_distance', 'extract_option', 'METRICS']
+__all__ = ['normalize_answer', 'exact_match', 'anls', 'edit_distance', 'extract_option', 'option_by_letter',
+           'option_by_text', 'read_option', 'READ_BY', 'METRICS']
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
@@ -79,25 +81,64 @@ def anls(answer: str, references: Sequence[str], threshold: float = 0.5) -> floa
 METRICS = {'exact': exact_match, 'anls': anls}
 
 
+# VLMEvalKit's rule (``vlmeval/utils/matching_util.py``: ``can_infer`` = ``can_infer_option``, else
+# ``can_infer_text``), restated: these punctuation marks become spaces before the answer is split into words
+_LETTER_PUNCT = str.maketrans({c: ' ' for c in '.()[],:;!*#{}'})
+# answers that refuse: VLMEvalKit reads them as its "Z" (no option), never by the options' text
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", 'Cannot determine the answer')
+# "... answer is B": VLMEvalKit's last try; its letter taken upper-case only here ("the answer is a cat" is no "A")
+_ANSWER_IS = re.compile(r'(?i:(?:correct\s+)?answer\s+is)\s+\**([A-Z])\**')
+#: How a multiple-choice answer was read: by its letter, by an option's text in it, or not at all.
+READ_BY = ('letter', 'text', 'unmatched')
+
+
+def _letter(answer: str, options: Mapping[str, str]) -> Tuple[Optional[str], bool]:
+    """The letter read, and whether the answer said "no option" (a refusal, or VLMEvalKit's ``Z``)."""
+    text = str(answer)
+    if any(r in text for r in _REFUSALS):
+        return None, True
+    words = text.translate(_LETTER_PUNCT).split()
+    named = [k for k in options if k in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0], False
+    if not named and 'Z' in words:
+        return None, True
+    found = _ANSWER_IS.search(text)
+    return (found.group(1) if found and found.group(1) in options else None), False
+
+
+def option_by_letter(answer: str, options: Mapping[str, str]) -> Optional[str]:
+    """The option letter ``answer`` names, as VLMEvalKit's ``can_infer_option`` reads it: after the marks
+    ``.()[],:;!*#{}`` become spaces, exactly one option letter is a word of the answer and it is among its last
+    four words (``B``, ``(B)``, ``B. red``, ``Answer: B``); else ``... answer is B`` anywhere. None when it
+    names none or several, and for a refusal or a lone ``Z`` (VLMEvalKit's "no option")."""
+    return _letter(answer, options)[0]
+
+
+def option_by_text(answer: str, options: Mapping[str, str]) -> Optional[str]:
+    """The option whose text ``answer`` contains, as VLMEvalKit's ``can_infer_text`` reads it: case ignored,
+    exactly one option's text inside the answer (two, as ``red`` and ``dark red`` in "dark red", is none), and
+    only for an answer at most twice as long as all the options' texts together."""
+    text = str(answer).lower()
+    if len(text) > 2 * sum(len(str(v)) for v in options.values()):
+        return None
+    inside = [k for k, v in options.items() if str(v).lower() in text]
+    return inside[0] if len(inside) == 1 else None
+
+
+def read_option(answer: str, options: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """``(letter, how)``: the option ``answer`` chose and how it was read (:data:`READ_BY`): by its letter
+    (:func:`option_by_letter`), else by the option's text (:func:`option_by_text`; not after a refusal or a
+    lone ``Z``, as in VLMEvalKit), else ``(None, 'unmatched')``."""
+    options = {k: v for k, v in options.items() if v is not None}
+    letter, refused = _letter(answer, options)
+    if letter is not None:
+        return letter, 'letter'
+    letter = None if refused else option_by_text(answer, options)
+    return (letter, 'text') if letter is not None else (None, 'unmatched')
+
+
 def extract_option(answer: str, options: Mapping[str, str]) -> Optional[str]:
-    """The letter of the option ``answer`` chose, or None when it cannot be told (see the module docstring)."""
-    letters = [k for k in options if options[k] is not None]
-    text = str(answer).strip()
-    # a letter standing alone: "B", "(B)", "B.", "B:", "Answer: B", "The answer is B."
-    alone = {k for k in letters if re.search(rf'(?:^|[\s(\[:]){re.escape(k)}(?:$|[\s).\]:,])', text)}
-    if len(alone) == 1 and (len(text) <= 3 or not _mentions_text_of_other(text, options, alone)):
-        return alone.pop()
-    lowered = normalize_answer(text)
-    matches = [k for k in letters if normalize_answer(options[k]) and normalize_answer(options[k]) in lowered]
-    if len(matches) > 1:  # "red" inside "dark red": the longest option text wins when it contains the others
-        longest = max(matches, key=lambda k: len(normalize_answer(options[k])))
-        if all(normalize_answer(options[k]) in normalize_answer(options[longest]) for k in matches):
-            matches = [longest]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _mentions_text_of_other(text: str, options: Mapping[str, str], chosen) -> bool:
-    """Whether a long answer names another option's text (then its lone letter may be an article "A")."""
-    lowered = normalize_answer(text)
-    return any(k not in chosen and normalize_answer(v) and normalize_answer(v) in lowered
-               for k, v in options.items() if v is not None)
+    """The letter of the option ``answer`` chose, or None when it cannot be told (:func:`read_option`)."""
+    return read_option(answer, options)[0]

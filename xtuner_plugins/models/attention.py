@@ -7,7 +7,8 @@
 * packed rows (``seq_lens``, see ``data/packing.py``): :func:`packed_segments` gives each token its sample,
   then a dense block-diagonal causal mask (``sdpa``, ``eager``: ``L x L`` per row), FlexAttention's
   ``BlockMask`` (blocks across samples skipped), or no mask at all for flash attention's varlen kernels, which
-  read the samples from the restarting ``position_ids``.
+  read the samples from the restarting ``position_ids``, and for ``sdpa_segments`` (:func:`segment_sdpa`: causal
+  SDPA on each sample of the row in turn, memory linear in the row's length; the CPU's packed attention).
 
 The segments also tell the loss which sample a token belongs to: :func:`sample_index` numbers the samples of
 the whole batch (``loss.token_weights``, ``preference.sequence_logps``).
@@ -19,10 +20,58 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['ATTN_IMPLEMENTATIONS', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments',
+__all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'segment_sdpa', 'segment_bounds', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments',
            'sample_index']
 
-ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention')
+SEGMENT_ATTENTION = 'sdpa_segments'
+ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION)
+
+
+def segment_bounds(seq_lens, length: int):
+    """Per row, the token offsets where its samples (and its padding tail) start and end: ``[0, n1, n1 + n2, ...,
+    length]``."""
+    rows = []
+    for lens in seq_lens:
+        bounds = [0]
+        for n in lens:
+            bounds.append(bounds[-1] + int(n))
+        if bounds[-1] < length:
+            bounds.append(length)
+        rows.append(bounds)
+    return rows
+
+
+def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                 **kwargs):
+    """transformers' attention interface for ``sdpa_segments``: with ``segment_bounds`` (packed rows) causal SDPA
+    on each sample's own queries, keys and values, so no ``L x L`` mask and no score across samples is ever made;
+    without (padded rows, right padding as the collate function pads) plain causal SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    bounds = kwargs.pop('segment_bounds', None)
+    if bounds is None or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=True if attention_mask is None else is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for row, cuts in enumerate(bounds):
+        parts = []
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            k = key[row:row + 1, :, start:end]
+            v = value[row:row + 1, :, start:end]
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], k, v, dropout_p=dropout, scale=scaling, is_causal=True))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
+
+
+_register()
 
 
 def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
@@ -32,8 +81,8 @@ def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
     attention_mask = data.get('attention_mask')
     if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
         segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
-        if attn == 'flash_attention_2':
-            return None, segments  # varlen kernels, from the restarting position ids
+        if attn in ('flash_attention_2', SEGMENT_ATTENTION):
+            return None, segments  # varlen kernels from the restarting position ids; segment_sdpa from seq_lens
         if attn == 'flex_attention':
             return document_block_mask(segments), segments
         return block_causal_mask(segments, embeds.dtype), segments

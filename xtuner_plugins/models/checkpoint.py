@@ -47,14 +47,27 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
 def read_meta(checkpoint: str) -> dict:
     """The ``meta`` MMEngine stores in a checkpoint (a file, or under DeepSpeed the folder's
     ``*model_states.pt``): the run's config text (``cfg``), its lineage (``models/lineage.py``), ...; {} if none.
-    The file is memory-mapped: the weights are not read."""
+    The file is memory-mapped: the weights are not read.
+
+    Raises:
+        ValueError: naming the file, when it is not a checkpoint torch can read (a safetensors file, a
+            converted folder's weights, a truncated copy).
+    """
     path = checkpoint
     if os.path.isdir(checkpoint):
         found = sorted(name for name in os.listdir(checkpoint) if name.endswith('model_states.pt'))
         if not found:
             return {}
         path = os.path.join(checkpoint, found[0])
-    ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch's unpickling and zip errors alike
+        reason = (str(exc).splitlines() or [''])[0][:200]
+        raise ValueError(f'{path} is not a training checkpoint torch can read ({type(exc).__name__}: {reason}); '
+                         'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder '
+                         'DeepSpeed saves)') from exc
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     return meta if isinstance(meta, dict) else {}
 

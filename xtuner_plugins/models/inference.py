@@ -12,7 +12,10 @@
   the folder's processor: ``apply_chat_template`` on list-of-parts messages, then ``generate``.
 
 Every way builds the prompt the training pipeline builds for the same question (tested); multi-turn history
-is kept until :meth:`ConvertedModel.reset`.
+is kept until :meth:`ConvertedModel.reset`. A video (its frames, ``ask(..., video=frames)``) is asked about as
+training sees it: one tile per frame and a ``Frame{i}: <image>`` line each in place of ``<video>`` (prepended when
+the question has none): ``chat`` with ``num_patches_list`` of ones, as OpenGVLab's model card does, or the ``hf``
+processor's video input; a ``llava`` folder refuses it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import torch
 from PIL import Image
 
 from xtuner_plugins.data.image_io import ImageSource, load_image
+from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
+from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .dtypes import resolve_dtype
 
@@ -257,13 +262,14 @@ class ConvertedModel:
         self.reset()
 
     def reset(self) -> None:
-        self.history, self.messages, self.images = None, [], []
+        self.history, self.messages, self.images, self.frames, self.videos = None, [], [], [], []
 
     def conversation(self) -> dict:
         """The multi-turn state (history, messages, images so far), for a caller that keeps several
         conversations on one model (the web demo: one per browser session); see :meth:`resume`."""
         history = None if self.history is None else list(self.history)
-        return dict(history=history, messages=list(self.messages), images=list(self.images))
+        return dict(history=history, messages=list(self.messages), images=list(self.images),
+                    frames=list(self.frames), videos=list(self.videos))
 
     def resume(self, conversation: Optional[dict]) -> None:
         """Continue a conversation saved by :meth:`conversation` (``None``: a new one)."""
@@ -271,36 +277,75 @@ class ConvertedModel:
         if conversation:  # copied: the model's chat() appends the next turn to the history it is given
             self.history = None if conversation['history'] is None else list(conversation['history'])
             self.messages, self.images = list(conversation['messages']), list(conversation['images'])
+            self.frames = list(conversation.get('frames') or [False] * len(self.images))
+            self.videos = list(conversation.get('videos') or [])
 
-    def pixels(self, images: Sequence[Image.Image]) -> Tuple[Optional[torch.Tensor], List[int]]:
-        """Tiles of each image as the folder's config says, normalised; and the tile count of each."""
-        tiles = [image_tiles(img, **self.tiling) for img in images]
+    def pixels(self, images: Sequence[Image.Image], frames: Sequence[bool] = ()) -> Tuple[Optional[torch.Tensor],
+                                                                                          List[int]]:
+        """Tiles of each image as the folder's config says, normalised; and the tile count of each. An image
+        marked in ``frames`` is a video frame: one tile (resized; padded first in the ``pad`` mode)."""
+        frames = list(frames) + [False] * (len(images) - len(frames))
+        one = dict(self.tiling, mode='pad' if self.tiling['mode'] == 'pad' else 'resize', max_num=1, min_num=1)
+        tiles = [image_tiles(img, **(one if frame else self.tiling)) for img, frame in zip(images, frames)]
         if not tiles:
             return None, []
         pixels = normalize_tiles(torch.cat(tiles), self.tiling['mean'], self.std, dtype=self.dtype)
         return pixels.to(self.device), [t.shape[0] for t in tiles]
 
     def ask(self, question: str, images: Sequence[ImageLike] = (), generation: Optional[dict] = None,
-            streamer=None) -> str:
-        """One turn; ``images`` are new in this turn (every turn sees all the conversation's images so far)."""
+            streamer=None, video: Optional[Sequence[ImageLike]] = None) -> str:
+        """One turn; ``images`` are new in this turn (every turn sees all the conversation's images so far);
+        ``video``: a video's frames (``data/video.py``'s ``load_video``) instead of images."""
+        if video is not None and self.format == 'llava':
+            from .export.files import NO_VIDEO
+            raise ValueError(f'{self.folder}: {NO_VIDEO}')
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
+        frames = [load_image(f) for f in video] if video is not None else None
+        if frames is not None and (new or not frames):
+            raise ValueError('a turn takes images or one video (at least one frame), not both')
+        if frames is None and VIDEO_PLACEHOLDER in question:
+            raise ValueError(f'the question has {VIDEO_PLACEHOLDER} but no video is given')
         generation = dict(generation or {})
         if streamer is not None:
             generation['streamer'] = streamer
-        if self.format in ('official', 'remote'):
-            split_images(question, len(new))  # the tags must match the images
-            if new and '<image>' not in question:
-                question = '<image>\n' * len(new) + question
-            pixel_values, num_patches = self.pixels(self.images + new)
+        if frames is not None:
+            if question.count(VIDEO_PLACEHOLDER) > 1:
+                raise ValueError(f'the question has {question.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} tags '
+                                 f'for one video')
+            if VIDEO_PLACEHOLDER not in question:
+                question = f'{VIDEO_PLACEHOLDER}\n' + question
+            if '<image>' in question:
+                raise ValueError('a question about a video has no <image> tags (its frames take their place)')
+        if frames is not None and self.format in ('official', 'remote'):
+            question = question.replace(VIDEO_PLACEHOLDER, video_prompt(len(frames), DEFAULT_FRAME_PREFIX))
+            pixel_values, num_patches = self.pixels(self.images + frames, self.frames + [True] * len(frames))
             answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
                                                    history=self.history, return_history=True,
                                                    num_patches_list=num_patches)
+            self.images, self.frames = self.images + frames, self.frames + [True] * len(frames)
+        elif self.format in ('official', 'remote'):
+            split_images(question, len(new))  # the tags must match the images
+            if new and '<image>' not in question:
+                question = '<image>\n' * len(new) + question
+            pixel_values, num_patches = self.pixels(self.images + new, self.frames)
+            answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
+                                                   history=self.history, return_history=True,
+                                                   num_patches_list=num_patches)
+            self.images, self.frames = self.images + new, self.frames + [False] * len(new)
         else:
-            content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text}
-                       for kind, text in split_images(question, len(new))]
+            if frames is not None:
+                before, _, after = question.partition(VIDEO_PLACEHOLDER)
+                after = after[1:] if after.startswith('\n') else after  # the video part ends with a newline
+                content = ([{'type': 'text', 'text': before}] if before else []) + [{'type': 'video'}] + (
+                    [{'type': 'text', 'text': after}] if after else [])
+                self.videos = self.videos + [frames]
+            else:
+                content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text}
+                           for kind, text in split_images(question, len(new))]
             messages = self.messages + [{'role': 'user', 'content': content}]
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=prompt, images=(self.images + new) or None, return_tensors='pt')
+            inputs = self.processor(text=prompt, images=(self.images + new) or None, videos=self.videos or None,
+                                    return_tensors='pt')
             inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                       for k, v in inputs.items()}
             generation.setdefault('do_sample', False)
@@ -308,8 +353,14 @@ class ConvertedModel:
                 out = self.model.generate(**inputs, **generation)
             answer = self.tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True).strip()
             self.messages = messages + [{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}]
-        self.images += new
+            self.images += new
         return answer
+
+    def option_logprobs(self, question: str, images: Sequence[ImageLike], texts: Sequence[str]) -> List[float]:
+        """Each text's log-likelihood as the answer to ``question`` on ``images`` (a new single-turn conversation;
+        :mod:`xtuner_plugins.eval.likelihood`)."""
+        from xtuner_plugins.eval.likelihood import option_logprobs
+        return option_logprobs(self, question, images, texts)
 
     def ask_batch(self, questions: Sequence[str], images: Sequence[Sequence[ImageLike]],
                   generation: Optional[dict] = None) -> List[str]:

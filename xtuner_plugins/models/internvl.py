@@ -35,7 +35,7 @@ from torch import nn
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, llm_attention, sample_index
+from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, sample_index, segment_bounds
 from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
@@ -84,7 +84,9 @@ class VisionLanguageModel(BaseModel):
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers, or
             ``"flex_attention"``: PyTorch's FlexAttention for the LLM (packed rows get a document-causal
             ``BlockMask``: sample boundaries without flash-attn; GPU training only, as torch's FlexAttention has no
-            backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip).
+            backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip);
+            ``"sdpa_segments"``: packed rows' samples attended one by one with causal SDPA (no ``L x L`` mask: the
+            CPU's packed path; ``attention.segment_sdpa``), padded rows causal SDPA (right padding; training).
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
             ``preference.MPO``). The reference policy: with ``llm_lora`` (everything else frozen), this model
@@ -143,7 +145,7 @@ class VisionLanguageModel(BaseModel):
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
-        vision_attn = 'sdpa' if attn_implementation == 'flex_attention' else attn_implementation
+        vision_attn = 'sdpa' if attn_implementation in ('flex_attention', SEGMENT_ATTENTION) else attn_implementation
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
         if llm_quantization is not None and (llm_lora is None or not freeze_llm):
@@ -336,6 +338,8 @@ class VisionLanguageModel(BaseModel):
         if mode == 'loss' and data.get('num_pairs') is not None:
             return self.preference_loss(embeds, data, attention_mask, position_ids, segments)
         kwargs, positions = {}, None
+        if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
+            kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
         if mode == 'loss' and self.llm_keeps_logits:
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
@@ -367,6 +371,8 @@ class VisionLanguageModel(BaseModel):
                                  f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
             pairs = int(samples[:rows].sum())
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
+        if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
+            kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
         logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels, segments)
         with torch.no_grad():
             if self.reference is None:

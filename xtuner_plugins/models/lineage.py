@@ -43,7 +43,20 @@ MODEL_FILE_NAMES = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'v
 SOURCE_KEYS = ('vision_encoder', 'llm', 'tokenizer', 'official_checkpoint')
 
 
+#: digests this process computed, by (real path, size, modification time): a conversion checks the same sources
+#: and checkpoints more than once (the chain, then the stage's own lineage)
+_DIGESTS: Dict[tuple, str] = {}
+
+
 def _file_digest(path: str, size: int) -> str:
+    stat = os.stat(path)
+    key = (os.path.realpath(path), size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path, size)
+    return _DIGESTS[key]
+
+
+def _hash_file(path: str, size: int) -> str:
     sha = hashlib.sha256()
     with open(path, 'rb') as f:
         if size <= WHOLE_HASH_BYTES:

@@ -2,7 +2,9 @@
 
 ``tools/web_demo.py`` builds it with :func:`build_app` and serves it on 127.0.0.1. In the page: upload one or more
 images (they go with the next message, as ``/image`` does in ``tools/chat.py``), chat over several turns with the
-answer streamed as it is generated, change tiling and sampling settings, clear the history. Each browser session
+answer streamed as it is generated, change tiling and sampling settings, clear the history. A video upload (a file
+or a GIF) goes with the next message instead: its frames (``Frames`` of them, at the middles of equal spans, one
+tile each, as ``tools/chat.py --video``) are shown in the chat and asked about. Each browser session
 has its own conversation (kept in a ``gr.State`` and swapped into the one model under a lock).
 
 For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the whole answer
@@ -19,10 +21,13 @@ wiring to the model is ours.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from typing import Iterator, List, Optional, Sequence
 
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
@@ -43,7 +48,7 @@ class WebChat:
         return self.model.format in ('official', 'remote')
 
     def _ask(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
-             tiling: Optional[dict] = None, streamer=None):
+             tiling: Optional[dict] = None, streamer=None, video: Optional[list] = None):
         """Answer one turn of ``conversation`` under the lock; returns the answer and the conversation after it."""
         with self.lock:
             saved = dict(getattr(self.model, 'tiling', {}))
@@ -51,7 +56,8 @@ class WebChat:
                 self.model.tiling.update(tiling)
             self.model.resume(conversation)
             try:
-                answer = self.model.ask(question, list(images), generation, streamer=streamer)
+                answer = self.model.ask(question, list(images), generation, streamer=streamer,
+                                        **({} if video is None else dict(video=video)))
                 return answer, self.model.conversation()
             finally:
                 if self.tiles_apply:
@@ -67,9 +73,9 @@ class WebChat:
         return answer
 
     def stream(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
-               tiling: Optional[dict] = None) -> Iterator[tuple]:
+               tiling: Optional[dict] = None, video: Optional[list] = None) -> Iterator[tuple]:
         """Yield ``(text so far, None)`` while generating, then ``(answer, conversation after it)``; an error in
-        generation is raised here, after the stream ends."""
+        generation is raised here, after the stream ends. ``video``: a video's frames, instead of images."""
         from transformers import TextIteratorStreamer
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
@@ -77,7 +83,7 @@ class WebChat:
         def run():
             try:
                 result['answer'], result['conversation'] = self._ask(question, images, conversation, generation,
-                                                                     tiling, streamer)
+                                                                     tiling, streamer, video)
             except Exception as exc:  # raised below, in the caller's thread
                 result['error'] = exc
                 streamer.end()
@@ -94,6 +100,21 @@ class WebChat:
         yield result['answer'], result['conversation']
 
 
+def video_frames(path: str, num_frames: int, folder: str):
+    """``(frames, files)``: ``num_frames`` frames of the video at ``path`` (as ``tools/chat.py --video`` takes
+    them) and each saved as a PNG in ``folder``, for the page to show; ``ValueError`` naming what is wrong."""
+    try:
+        frames, _ = load_video(path, int(num_frames))
+    except SampleError as err:
+        raise ValueError(str(err.with_source(os.path.basename(path)))) from None
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    for i, frame in enumerate(frames):
+        files.append(os.path.join(folder, f'frame_{i + 1:03d}.png'))
+        frame.save(files[-1])
+    return frames, files
+
+
 def user_message(question: str, images: Sequence[str]) -> dict:
     return {'role': 'user', 'content': [{'path': p} for p in images] + ([question] if question else [])}
 
@@ -104,34 +125,45 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
 
     model = chat.model
     tiling = getattr(model, 'tiling', {})
+    frame_dir = tempfile.mkdtemp(prefix='internvl-web-')  # the frames shown for uploaded videos
 
     def send(question, files, history, conversation, max_num, thumbnail, do_sample, temperature, top_p,
-             max_new_tokens):
+             max_new_tokens, video_file=None, num_frames=8):
         images = [f if isinstance(f, str) else f.name for f in (files or [])]
         question = (question or '').strip()
         if not question:
             raise gr.Error('Type a question first.')
-        history = list(history or []) + [user_message(question, images), {'role': 'assistant', 'content': ''}]
+        frames, shown = None, images
+        if video_file:
+            if images:
+                raise gr.Error('Upload images or a video for one message, not both.')
+            path = video_file if isinstance(video_file, str) else video_file.name
+            try:
+                frames, shown = video_frames(path, num_frames, tempfile.mkdtemp(prefix='frames-', dir=frame_dir))
+            except ValueError as exc:
+                raise gr.Error(str(exc))
+        history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]
         generation = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
         if do_sample:
             generation.update(temperature=float(temperature), top_p=float(top_p))
         start = time.perf_counter()
-        yield history, conversation, '', None, 'Generating...'
+        yield history, conversation, '', None, None, 'Generating...'
         try:
             for text, after in chat.stream(question, images, conversation, generation,
-                                           dict(max_num=int(max_num), use_thumbnail=bool(thumbnail))):
+                                           dict(max_num=int(max_num), use_thumbnail=bool(thumbnail)),
+                                           **({} if frames is None else dict(video=frames))):
                 history[-1] = {'role': 'assistant', 'content': text}
                 if after is None:
-                    yield history, conversation, '', None, 'Generating...'
+                    yield history, conversation, '', None, None, 'Generating...'
                 else:
                     conversation = after
         except ValueError as exc:  # e.g. <image> tags that do not match the images
             raise gr.Error(str(exc))
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
-        yield history, conversation, '', None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
+        yield history, conversation, '', None, None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
 
     def clear():
-        return [], None, '', None, 'History cleared.'
+        return [], None, '', None, None, 'History cleared.'
 
     with gr.Blocks(title=title) as app:
         gr.Markdown(f'## {title}\n`{model.folder}` ({model.format} format). Images you upload go with your next '
@@ -141,6 +173,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             with gr.Column(scale=1):
                 files = gr.File(label='Images', file_count='multiple', file_types=['image'], type='filepath',
                                 elem_id='images')
+                video = gr.File(label='Video (instead of images; its frames are shown in the chat)',
+                                file_count='single', file_types=['video', '.gif'], type='filepath', elem_id='video')
+                num_frames = gr.Slider(1, 32, value=8, step=1, label='Frames of the video')
                 with gr.Accordion('Settings', open=False):
                     max_num = gr.Slider(1, 40, value=int(tiling.get('max_num', 12)), step=1,
                                         label='Most tiles per image', interactive=chat.tiles_apply)
@@ -158,8 +193,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                     clear_button = gr.Button('Clear history', elem_id='clear')
                 status = gr.Markdown('', elem_id='status')
         inputs = [question, files, chatbot, conversation, max_num, thumbnail, do_sample, temperature, top_p,
-                  max_new_tokens]
-        outputs = [chatbot, conversation, question, files, status]
+                  max_new_tokens, video, num_frames]
+        outputs = [chatbot, conversation, question, files, video, status]
         for trigger in (send_button.click, question.submit):
             trigger(send, inputs, outputs, api_visibility='private', concurrency_id='model', concurrency_limit=1)
         clear_button.click(clear, None, outputs, api_visibility='private')

@@ -42,13 +42,21 @@ def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: 
             json.dump(index, f, indent=2, sort_keys=True)
 
 
-def chat_template(template_name: str, default_system: Optional[str] = None, image_text: str = '<image>\n') -> str:
+NO_VIDEO = ('this folder\'s format cannot hold a video (transformers\' LLaVA has no video input); convert to the '
+            'official InternVL format or --format hf to ask about videos')
+
+
+def chat_template(template_name: str, default_system: Optional[str] = None, image_text: str = '<image>\n',
+                  video_text: Optional[str] = '<video>\n') -> str:
     """A Jinja chat template for the tokenizer that renders what the training template renders (a leading
     ``system`` message replaces ``default_system``, by default the template's own).
 
     A message's content is a string, or a list of parts (``{'type': 'text', 'text': ...}``, ``{'type':
     'image'}``): each image part renders as ``image_text``, what the folder's processor expands into the
     image's tokens (LLaVA: ``<img><IMG_CONTEXT></img>\\n``, expanded to the training's ``<IMG_CONTEXT>`` run).
+    A ``{'type': 'video'}`` part renders as ``video_text`` (``<video>\\n``: transformers' InternVL processor writes
+    the frames' ``Frame{i}: <img>...</img>`` lines in its place, as training does); ``None``: a format that cannot
+    hold a video, whose template refuses one with an error.
     """
     template = get_template(template_name)
     if default_system is None:
@@ -63,7 +71,10 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
     content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for part in c %}"
                "{% if part['type'] == 'image' %}{{ " + lit(image_text) + " }}"
-               "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}")
+               "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+               + ("{% elif part['type'] == 'video' %}{{ " + lit(video_text) + " }}" if video_text is not None else
+                  "{% elif part['type'] == 'video' %}{{ raise_exception(" + lit(NO_VIDEO) + ") }}")
+               + "{% endif %}{% endfor %}{% endif %}{% endmacro %}")
     return (
         content +
         "{% if messages and messages[0]['role'] == 'system' %}{% set system = content(messages[0]['content']) %}"

@@ -85,7 +85,7 @@ def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard
     write_weights(llava_state_dict(model), out_dir, max_shard_size, log)
     llava_config(model, dtype).save_pretrained(out_dir)
     generation_config(model).save_pretrained(out_dir)
-    template = chat_template(model.template, system, image_text=LLAVA_IMAGE_TEXT)
+    template = chat_template(model.template, system, image_text=LLAVA_IMAGE_TEXT, video_text=None)
     model.tokenizer.chat_template = template
     model.tokenizer.save_pretrained(out_dir)
     processor = LlavaProcessor(image_processor=llava_image_processor(model),

@@ -1,0 +1,119 @@
+"""Throughput of the video data path: seeking to the sampled frames versus decoding every frame.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_video.py [--seconds 60] [--fps 30] [--size 640x360] [--videos 4] [--repeat 3]
+
+It writes ``--videos`` H.264 ``.mp4`` files of ``--seconds`` s (a moving gradient with a moving square, x264's
+default keyframe interval, 250 frames) into a temporary directory, and times per sample, on the same files and the same frames:
+
+(a) ours, the training path: ``probe_video`` (headers), InternVL's ``rand`` sampling of N frames (N in [8, 32]
+    drawn per sample as the data set draws it), ``read_frames`` (seeking to the keyframe before each frame, decoding
+    on when the next one is near), then one 448 px tile per frame (``image_tiles``, uint8);
+(b) decoding every frame of the file to RGB, then keeping the same N frames and tiling them alike (what a reader
+    without seeking does: the whole video through the decoder for every sample).
+
+The two must give the same tiles (checked on the first pass). One warm-up pass, then ``--repeat`` timed passes; the
+best counts. FFmpeg decodes on one thread (as the data set's workers do). The last line printed is
+``speedup vs decoding every frame: X.XX``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xtuner_plugins.data.tiling import image_tiles  # noqa: E402
+from xtuner_plugins.data.video import (choose_frames, draw_num_frames, frame_rng, probe_video,  # noqa: E402
+                                       read_frames)
+
+
+def make_video(path: str, seconds: float, fps: int, size, seed: int) -> str:
+    import av
+    w, h = size
+    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None].repeat(h, 0).repeat(3, 2).astype(np.uint8)
+    with av.open(path, 'w') as container:
+        stream = container.add_stream('libx264', rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, 'yuv420p'
+        for i in range(int(seconds * fps)):
+            data = np.roll(base, 4 * i + seed, axis=1)
+            x, y = (7 * i) % (w - 40), (3 * i) % (h - 40)
+            data[y:y + 40, x:x + 40] = (255, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(data, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def ours(path: str, key: int) -> torch.Tensor:
+    info = probe_video(path)
+    n = draw_num_frames(8, 32, 0, 0, key)
+    frames = read_frames(info, choose_frames(info, n, 'rand', frame_rng(0, 0, 0, key)))
+    return torch.cat([image_tiles(f, 'resize', image_size=448) for f in frames])
+
+
+def every_frame(path: str, key: int) -> torch.Tensor:
+    import av
+    info = probe_video(path)
+    n = draw_num_frames(8, 32, 0, 0, key)
+    wanted = choose_frames(info, n, 'rand', frame_rng(0, 0, 0, key))
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        decoded = [frame.to_image() for frame in container.decode(stream)]
+    return torch.cat([image_tiles(decoded[i], 'resize', image_size=448) for i in wanted])
+
+
+def timed(fn, paths, repeat: int) -> tuple:
+    tiles = 0
+    for key, path in enumerate(paths):  # warm-up
+        fn(path, key)
+    best = float('inf')
+    for _ in range(repeat):
+        start = time.perf_counter()
+        tiles = sum(fn(path, key).shape[0] for key, path in enumerate(paths))
+        best = min(best, time.perf_counter() - start)
+    return best, tiles
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--seconds', type=float, default=60)
+    p.add_argument('--fps', type=int, default=30)
+    p.add_argument('--size', default='640x360')
+    p.add_argument('--videos', type=int, default=4)
+    p.add_argument('--repeat', type=int, default=3)
+    args = p.parse_args(argv)
+    size = tuple(int(x) for x in args.size.split('x'))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        paths = [make_video(os.path.join(tmp, f'{i}.mp4'), args.seconds, args.fps, size, i) for i in range(args.videos)]
+        print(f'{args.videos} videos of {args.seconds:g} s, {args.fps} fps, {size[0]}x{size[1]} written in '
+              f'{time.perf_counter() - start:.1f} s ({os.path.getsize(paths[0]) / 1e6:.1f} MB each)', flush=True)
+        for key, path in enumerate(paths):
+            assert torch.equal(ours(path, key), every_frame(path, key)), f'{path}: the two paths disagree'
+        t_ours, tiles = timed(ours, paths, args.repeat)
+        t_all, _ = timed(every_frame, paths, args.repeat)
+    print(f'{datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}')
+    print(f'(a) ours, seeking:        {args.videos / t_ours:8.2f} samples/s, {t_ours / args.videos * 1000:8.1f} ms a '
+          f'sample ({tiles / args.videos:.1f} frames a sample)')
+    print(f'(b) decoding every frame: {args.videos / t_all:8.2f} samples/s, {t_all / args.videos * 1000:8.1f} ms a '
+          f'sample')
+    print(f'speedup vs decoding every frame: {t_all / t_ours:.2f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Real sizes on the CPU: ours unpacked, ours packed and XTuner 0.2.0's InternVL_V1_5, each row in its own process.
+
+Usage (``benchmarks/realsize.sh`` runs it)::
+
+    python benchmarks/realsize.py --out DIR [--work DIR] [--settings a b c] [--steps 1]
+
+Settings (the seeds' real pairs, written once by ``xtuner_plugins.tiny.realsize`` into ``--work/models``, with
+the published configs and random weights, loaded by the code that loads the real checkpoints):
+
+* ``a``: InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct, full fine-tuning (projector + LLM; ViT frozen);
+* ``b``: InternViT-300M-448px-V2_5 + Qwen2.5-1.5B-Instruct, LoRA r=16 on every LLM linear layer (+ projector);
+* ``c``: SigLIP-so400m-patch14-384 + bilinear MLP (169 tokens) + Qwen2.5-0.5B-Instruct, full fine-tuning.
+
+Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense block-diagonal mask, SDPA),
+``packed_segments`` (packs, ``attn_implementation='sdpa_segments'``: each sample attended on its own, no mask),
+``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
+``xtuner`` (its own default: the LLM checkpointed). Every other row checkpoints the LLM. The closing line's "ours" is our fastest row, its "packed" the faster packed row (both named).
+
+Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) and (b) tile every image to 12
+tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``);
+(c) resizes each image to one 384 px tile. Every row trains on the same samples in the same order: unpacked
+``--batch`` samples per step (padded), packed one pack of up to ``--max-tokens`` tokens; XTuner the unpacked
+batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row.
+
+First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
+tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
+bf16 roofline, the data-time share, and the planner's step peak (activations + autocast copies, or AdamW's
+temporaries: ``planner.plan_memory``) beside the measured rise of RSS during the last timed step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
+gradient norm on one batch, before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
+no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import bench_train as bt  # noqa: E402
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
+SETTINGS = {
+    'a': dict(vision='InternViT-300M-448px-V2_5', llm='Qwen2.5-0.5B-Instruct', projector='pixel_shuffle_mlp',
+              image_mode='tile', model=dict(freeze_llm=False), xtuner=True),
+    'b': dict(vision='InternViT-300M-448px-V2_5', llm='Qwen2.5-1.5B-Instruct', projector='pixel_shuffle_mlp',
+              image_mode='tile', model=dict(freeze_llm=True, llm_lora=LORA), xtuner=True),
+    'c': dict(vision='siglip-so400m-patch14-384', llm='Qwen2.5-0.5B-Instruct', projector='bilinear_mlp',
+              image_mode='resize', model=dict(freeze_llm=False), xtuner=False),
+}
+NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
+         'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens(bt.ModelShapes):
+    """Shapes of a projector that is no pixel shuffle (the bilinear MLP of (c)): its tokens per tile given, its
+    input the ViT width (``downsample_ratio`` 1); FLOPs as ``bench_train.train_step_flops`` counts them."""
+    tokens: int = 0
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        return self.tokens
+
+
+def roofline(n: int = 4096, reps: int = 3) -> dict:
+    """Achieved FLOP/s of an ``n x n`` ``torch.mm`` in bf16 and fp32 (best of ``reps`` after a warm-up)."""
+    out = {}
+    for name, dtype in (('bf16', torch.bfloat16), ('fp32', torch.float32)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+        out[name] = 2 * n ** 3 / best / 1e12
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write_mix(folder: str, n: int, tiled: bool, seed: int = 0) -> str:
+    """``n`` samples drawn like LLaVA-665K's mix: 70% one short question and a short answer (VQAv2/GQA/OCR-VQA
+    style: 1-12 words), 20% multi-turn conversations of 2-5 turns with 10-60 word answers (LLaVA-Instruct
+    conversations), 10% one long detailed description of 80-250 words (LLaVA-Instruct detail/reasoning);
+    every sample has one image (4:3, so 12 tiles + thumbnail when ``tiled``). Text-only samples (ShareGPT,
+    6% of 665K) are left out: every row then runs the same tower batch."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
+    path = os.path.join(folder, 'data.jsonl')
+    size = (4 * 448, 3 * 448) if tiled else (640, 480)
+
+    def words(lo, hi):
+        return ' '.join(['word'] * int(rng.integers(lo, hi + 1)))
+    with open(path, 'w') as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                os.path.join(folder, 'images', f'{i}.jpg'))
+            kind = rng.random()
+            turns = (1, 1, 12) if kind < 0.7 else ((int(rng.integers(2, 6)), 10, 60) if kind < 0.9 else (1, 80, 250))
+            conv = []
+            for t in range(turns[0]):
+                q = ('<image>\n' if t == 0 else '') + 'Question ' + words(4, 15) + '?'
+                conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': words(turns[1], turns[2])}]
+            f.write(json.dumps({'id': i, 'image': f'{i}.jpg', 'conversations': conv}) + '\n')
+    return path
+
+
+def ensure_models(work: str, names) -> dict:
+    from xtuner_plugins.tiny.realsize import write_real_model
+    out = {}
+    for name in names:
+        folder = os.path.join(work, 'models', name)
+        if not os.path.exists(os.path.join(folder, 'config.json')):
+            print(f'writing {name} (random weights) into {folder}', flush=True)
+            write_real_model(name, folder)
+        out[name] = folder
+    return out
+
+
+class RssSampler:
+    """Resident set size sampled every ``period`` s in a thread: ``mark()`` starts a window, ``peak`` its
+    largest value, ``start`` its first."""
+
+    def __init__(self, period: float = 0.02):
+        self.period, self.start, self.peak, self._stop = period, 0, 0, False
+        self._page = os.sysconf('SC_PAGE_SIZE')
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def rss(self) -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * self._page
+
+    def mark(self):
+        self.start = self.peak = self.rss()
+
+    def _loop(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.period)
+
+
+def build_data(setting: str, work: str, models: dict, samples: int):
+    from xtuner_plugins.data import InternVLDataset
+    s = SETTINGS[setting]
+    tiled = s['image_mode'] == 'tile'
+    folder = os.path.join(work, 'data', 'tiled' if tiled else 'single')
+    data = os.path.join(folder, 'data.jsonl')
+    if not os.path.exists(data):
+        write_mix(folder, samples, tiled)
+    return data, os.path.join(folder, 'images')
+
+
+def child(args) -> dict:
+    """One row of one setting, in this process."""
+    from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+    from xtuner_plugins.data.packing import PackedInternVLDataset
+    from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.planner import Batch, plan_memory
+    torch.manual_seed(0)
+    s = SETTINGS[args.setting]
+    models = {k: os.path.join(args.work, 'models', s[k]) for k in ('vision', 'llm')}
+    sampler = RssSampler()
+    shared = os.path.abspath(os.path.join(args.work, 'rows', args.setting))  # a file:// rendezvous needs it absolute
+    os.makedirs(shared, exist_ok=True)
+
+    def build(**settings):
+        return VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=s['projector'],
+                                   image_mode=s['image_mode'], freeze_vision=True,
+                                   llm_grad_ckpt=not args.row.endswith('_nockpt'),
+                                   torch_dtype='bfloat16', from_scratch=True,
+                                   attn_implementation='sdpa_segments' if args.row.startswith('packed_segments')
+                                   else args.attn,
+                                   **settings)
+    official = os.path.join(shared, 'official')
+    if args.row == 'unpacked' and s['xtuner'] and 'llm_lora' in s['model']:
+        # the official folder holds plain weights: written from the model before its adapters (B = 0 at the
+        # start, so the adapted model computes the same); the same seed gives the same projector
+        plain = build(**{k: v for k, v in s['model'].items() if k != 'llm_lora'})
+        bt.write_official_folder(plain, official, plain.geometry['image_size'])
+        del plain
+    model = build(**s['model'])
+    model.train()
+    data, images = build_data(args.setting, args.work, models, args.samples)
+    ds = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=12,
+                         max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache', args.setting),
+                         **model.geometry)
+    packed = PackedInternVLDataset(ds, max_tokens=args.max_tokens, max_tiles=None, seed=0)
+    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 1.0,
+                             vocab_size=model.language_model.get_output_embeddings().weight.shape[0])
+    if shapes.image_tokens_per_tile != model.num_image_token:  # bilinear MLP: 27 x 27 patches -> 13 x 13 tokens
+        shapes = _Tokens(**{f.name: getattr(shapes, f.name) for f in dataclasses.fields(shapes)},
+                         tokens=model.num_image_token)
+    order = torch.Generator().manual_seed(0)
+
+    def loader(dataset, batch):
+        sampler_ = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6, generator=order)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler_, num_workers=1,
+                                           collate_fn=internvl_collate_fn)
+    check_batch = internvl_collate_fn([ds[i] for i in range(args.batch)])['data']
+    result = dict(setting=args.setting, row=args.row)
+    step_loss, xt = None, None
+    if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from, and our check
+        if 'llm_lora' not in s['model']:
+            bt.write_official_folder(model, official, model.geometry['image_size'])
+        torch.save({k: v.detach().clone() for k, v in bt.trained_parameters(model).items()},
+                   os.path.join(shared, 'trained.pt'))
+        result['check'] = bt.check_step(lambda b: bt.ours_loss(model, b), bt.trained_parameters(model), check_batch,
+                                        'cpu', autocast=True)
+    if args.row == 'xtuner':
+        del model
+        bt.ensure_process_group(shared)
+        model = xt = bt.build_xtuner_model(official, 'cpu', grad_ckpt=True, attn=args.attn,
+                                           trained=dict(freeze_vision=True, freeze_projector=False, freeze_llm=True)
+                                           if 'llm_lora' in s['model'] else None)
+        if 'llm_lora' in s['model']:
+            from peft import LoraConfig
+            xt._prepare_llm_for_lora(LoraConfig(**{k: v for k, v in LORA.items() if k != 'target_modules'},
+                                                target_modules=None), use_activation_checkpointing=True)
+            xt.model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={'use_reentrant': False})
+        ours = torch.load(os.path.join(shared, 'trained.pt'))
+        own = bt.trained_parameters(xt.model)
+        with torch.no_grad():
+            for k, v in ours.items():
+                if k in own:
+                    own[k].copy_(v.to(own[k].dtype))
+        result['check_xtuner'] = bt.check_step(lambda b: bt.xtuner_loss(xt, b), own, check_batch, 'cpu',
+                                               autocast=True)
+        step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
+    dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
+    base_run = bt.run
+    marks = []
+
+    def run_with_marks():  # the RSS window of the last timed step: its start and peak
+        orig_step = torch.optim.AdamW.step
+
+        def step(self, *a, **k):
+            out = orig_step(self, *a, **k)
+            marks.append((sampler.start, sampler.peak))
+            sampler.mark()
+            return out
+        torch.optim.AdamW.step = step
+        try:
+            return base_run(model, loader(dataset, batch), args.steps, 'cpu', shapes, step_loss=step_loss,
+                            freeze=dict(freeze_vision=True, freeze_projector=False,
+                                        freeze_llm='llm_lora' in s['model']) if xt is not None else None,
+                            img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
+                            autocast=True)
+        finally:
+            torch.optim.AdamW.step = orig_step
+    sampler.mark()
+    r = run_with_marks()
+    start, peak = marks[-1]
+    result.update(r, act_measured=peak - start)
+    if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
+        torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
+                   os.path.join(shared, 'lora.pth'))
+    # the planner's activations for the last step's batch shape (ours; XTuner's path is not the model planned)
+    last = next(iter(loader(dataset, batch)))['data']
+    rows, length = last['input_ids'].shape
+    tiles = int(last['pixel_values'].shape[0])
+    sup = int((last['labels'][:, 1:] != -100).sum())
+    if xt is None:
+        plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
+                                        packed=args.row.startswith('packed')), 'bf16')
+        result['act_predicted'] = plan['step_peak']  # the step's rise: activations + copies, or temporaries
+        result['act_parts'] = dict(plan['parts'], autocast_copies=plan['autocast_copies'],
+                                   optimizer_temporaries=plan['optimizer_temporaries'])
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default='work_dirs/realsize/out')
+    p.add_argument('--work', default='work_dirs/realsize')
+    p.add_argument('--settings', nargs='+', default=['a', 'c', 'b'], choices=list(SETTINGS),
+                   help='in this order (default a c b: the 1.5B rows, the longest, last)')
+    p.add_argument('--rows', nargs='+', default=None,
+                   help='unpacked packed packed_segments packed_segments_nockpt xtuner (default: all; for b all but '
+                        'packed and packed_segments_nockpt, to keep the run short)')
+    p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
+    p.add_argument('--batch', type=int, default=1, help='unpacked samples per step (default 1)')
+    p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
+    p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
+    p.add_argument('--attn', default='sdpa')
+    p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
+                   help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
+    p.add_argument('--reuse', action='store_true',
+                   help="keep the rows of --out's results.json that ran without error; run only the others")
+    p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.setting, args.row = args.child
+        print('RESULT ' + json.dumps(child(args), default=float), flush=True)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    roof = roofline()
+    print(f'roofline (torch.mm 4096^3, this process): bf16 {roof["bf16"]:.3f} TFLOP/s, fp32 {roof["fp32"]:.3f} '
+          f'TFLOP/s; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads', flush=True)
+    ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
+    results = {}
+    saved = os.path.join(args.out, 'results.json')
+    if args.reuse and os.path.exists(saved):  # rows measured before, without error, are not run again
+        with open(saved) as f:
+            results = {tuple(k.split(' ')): v for k, v in json.load(f)['rows'].items() if 'error' not in v}
+    for setting in args.settings:
+        rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner')
+                             if not (setting == 'b' and r in ('packed', 'packed_segments_nockpt'))]
+        for row in rows:
+            if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
+                continue
+            if (setting, row) in results:
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
+                continue
+            if args.deadline and time.time() > args.deadline:
+                results[(setting, row)] = dict(error=['not run: past --deadline'], wall_s=0.0)
+                print_row(setting, row, results[(setting, row)], roof, flush=True)
+                continue
+            t = time.perf_counter()
+            cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
+                   '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
+                   '--max-tokens', str(args.max_tokens), '--attn', args.attn]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
+                f.write(proc.stdout + proc.stderr)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
+            if proc.returncode or not lines:
+                results[(setting, row)] = dict(error=(proc.stderr or proc.stdout)[-400:].strip().splitlines()[-1:])
+            else:
+                results[(setting, row)] = json.loads(lines[-1][7:])
+            results[(setting, row)]['wall_s'] = time.perf_counter() - t
+            print_row(setting, row, results[(setting, row)], roof, flush=True)
+    if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
+            args.deadline and time.time() > args.deadline):
+        convert(args)
+    closing(results, args.settings, roof)
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(dict(roofline=roof, rows={f'{s} {r}': v for (s, r), v in results.items()}), f, indent=1,
+                  default=float)
+
+
+def convert(args) -> None:
+    """The converter on (b)'s LoRA checkpoint (adapters merged, bf16, official layout): time and peak RSS against
+    the model's size in bf16."""
+    s = SETTINGS['b']
+    shared = os.path.join(args.work, 'rows', 'b')
+    out = os.path.join(args.work, 'converted_b')
+    cmd = ['/usr/bin/time', '-v', sys.executable, os.path.join(ROOT, 'tools', 'convert_to_official.py'),
+           os.path.join(ROOT, 'configs', 'finetune_lora.py'), os.path.join(shared, 'lora.pth'), out, '--dtype', 'bf16',
+           '--overwrite', '--cfg-options', f'model.vision_encoder={os.path.join(args.work, "models", s["vision"])}',
+           f'model.llm={os.path.join(args.work, "models", s["llm"])}', 'model.llm_lora.lora_dropout=0.0',
+           'model.from_scratch=True']
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    with open(os.path.join(args.out, 'b-convert.log'), 'w') as f:
+        f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
+    rss = [int(x.split(':')[1]) for x in proc.stderr.splitlines() if 'Maximum resident set size' in x]
+    if proc.returncode or not rss:
+        print(f'conversion (b): FAILED (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [""])[-1]}')
+        return
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.safetensors'))
+    peak = rss[0] * 1024
+    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS {peak / 2 ** 30:.2f} GiB '
+          f'= {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; target <= 1.5)', flush=True)
+    subprocess.run(['rm', '-rf', out])
+
+
+def print_row(setting, row, r, roof, flush=False):
+    if 'error' in r:
+        print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
+        return
+    pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
+    print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
+          f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
+          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
+          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)',
+          flush=flush)
+
+
+def closing(results, settings, roof):
+    for s in settings:
+        un, dense, seg, nockpt, xt = (results.get((s, r), {}) for r in (
+            'unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner'))
+        pk = max((x for x in (dense, seg, nockpt) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'],
+                 default={})
+        best = max((x for x in (un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
+        if best:
+            print(f'rows of {s}: ours = {best["row"]}, packed = {pk.get("row")}')
+
+        def ratio(a, b, key):
+            return f'{a[key] / b[key]:.2f}' if key in a and key in b else 'n/a'
+        comparable = ''
+        if 'check' in un and 'check_xtuner' in xt:
+            c = bt.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
+            print(bt.format_check(c))
+            comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
+        share = f'{best["tflops"] / roof["bf16"]:.0%}' if best else 'n/a'
+        print(f'real-size {s}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; peak memory '
+              f'ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked {ratio(pk, un, "tokens_per_s")}; roofline '
+              f'share {share}')
+
+
+if __name__ == '__main__':
+    main()

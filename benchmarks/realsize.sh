@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Real sizes on this CPU, one command: ours unpacked, ours packed and XTuner 0.2.0's InternVL_V1_5 for
+# (a) InternViT-300M + Qwen2.5-0.5B full, (b) InternViT-300M + Qwen2.5-1.5B LoRA, (c) SigLIP-so400m + bilinear
+# MLP + Qwen2.5-0.5B (benchmarks/realsize.py says what each row does). Random-weight look-alikes with the
+# published configs are written once into work_dirs/realsize/models (about 9 GB).
+#
+#   bash benchmarks/realsize.sh [--out DIR] [--no-scaling] [realsize.py options, e.g. --settings a --steps 2]
+#
+# Then the scaling series (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and
+# a PNG in DIR); --no-scaling leaves it out. REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
+#
+# Run it alone on the machine (timings taken beside another heavy process are not figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=work_dirs/realsize/out
+SCALING=1
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUT="$2"; shift 2 ;;
+        --no-scaling) SCALING=0; shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+start=$(date +%s)
+echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
+"$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
+    "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+fi
+echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

@@ -1,0 +1,133 @@
+"""Scaling at real size on the CPU: time and memory of one training step against tiles per sample and tokens per pack.
+
+Usage (after ``benchmarks/realsize.sh`` wrote the models into ``--work``)::
+
+    python benchmarks/realsize_scaling.py --out DIR [--work work_dirs/realsize] [--tiles 1 4 7 13]
+        [--pack-tokens 2048 4096 8192 16384]
+
+Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning, ViT frozen, LLM checkpointing,
+bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
+step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
+one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
+pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the increase of the
+process's resident set during the step over its value before (``realsize.RssSampler``; run it with
+``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS), beside the
+planner's step peak for the same batch (``planner.plan_memory``). Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
+variable) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.realsize import SETTINGS, RssSampler  # noqa: E402
+
+TEXT, SUPERVISED = 200, 50
+
+
+def sample(model, tiles: int, gen: torch.Generator) -> dict:
+    """One item as the data set makes it: ``<IMG_CONTEXT>`` x 256 per tile, then text, the last 50 supervised."""
+    size = model.geometry['image_size']
+    image = torch.full((tiles * model.num_image_token,), model.img_context_token_id)
+    ids = torch.cat([image, torch.randint(0, 500, (TEXT,), generator=gen)])
+    labels = torch.full_like(ids, -100)
+    labels[-SUPERVISED:] = ids[-SUPERVISED:]
+    return dict(input_ids=ids, labels=labels, num_tiles=tiles, image_flags=torch.ones(tiles, dtype=torch.long),
+                pixel_values=torch.randint(0, 256, (tiles, 3, size, size), dtype=torch.uint8, generator=gen))
+
+
+def batch_for(model, kind: str, value: int, gen: torch.Generator):
+    from xtuner_plugins.data import internvl_collate_fn
+    from xtuner_plugins.data.packing import pack_items
+    if kind == 'tiles':
+        return internvl_collate_fn([sample(model, value, gen)])['data']
+    per = model.num_image_token + TEXT
+    return internvl_collate_fn([pack_items([sample(model, 1, gen) for _ in range(max(1, value // per))])])['data']
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default='work_dirs/realsize/out')
+    p.add_argument('--work', default='work_dirs/realsize')
+    p.add_argument('--tiles', type=int, nargs='*', default=[1, 4, 7, 13])
+    p.add_argument('--pack-tokens', type=int, nargs='*', default=[2048, 4096, 8192, 16384])
+    args = p.parse_args()
+    from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.planner import Batch, plan_memory
+    s = SETTINGS['a']
+    sampler = RssSampler()
+    model = VisionLanguageModel(vision_encoder=os.path.join(args.work, 'models', s['vision']),
+                                llm=os.path.join(args.work, 'models', s['llm']), projector=s['projector'],
+                                image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
+                                torch_dtype='bfloat16', attn_implementation='sdpa_segments', from_scratch=True,
+                                **s['model']).train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    points = [('tiles', t) for t in args.tiles] + [('pack tokens', n) for n in args.pack_tokens]
+    for kind, value in points:
+        data = batch_for(model, kind, value, gen)
+        for warm in (True, False):
+            sampler.mark()
+            t = time.perf_counter()
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                loss = model(data, mode='loss')['loss']
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seconds = time.perf_counter() - t
+        rows_, length = data['input_ids'].shape
+        planned = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
+                                           supervised=int((data['labels'][:, 1:] != -100).sum()),
+                                           packed=data.get('seq_lens') is not None), 'bf16')['step_peak']
+        rows.append(dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
+                         measured_gib=(sampler.peak - sampler.start) / 2 ** 30, planned_gib=planned / 2 ** 30))
+        r = rows[-1]
+        print(f'{kind:12s} {value:6d}: {r["tokens"]:6d} tokens, {r["tiles"]:3d} tiles, {r["s"]:7.1f} s/step, '
+              f'{r["measured_gib"]:6.2f} GiB measured, {r["planned_gib"]:6.2f} GiB planned', flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'scaling.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, 'scaling.md'), 'w') as f:
+        f.write('| series | value | tokens | tiles | s/step | step memory GiB (measured) | planned GiB | '
+                'measured GiB per 1k tokens |\n|---|---|---|---|---|---|---|---|\n')
+        for r in rows:
+            f.write(f'| {r["kind"]} | {r["value"]} | {r["tokens"]} | {r["tiles"]} | {r["s"]:.1f} | '
+                    f'{r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {1000 * r["measured_gib"] / r["tokens"]:.3f} |\n')
+    plot(rows, os.path.join(args.out, 'scaling.png'))
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind, label in ((axes[0], 'tiles', 'tiles per sample'), (axes[1], 'pack tokens', 'tokens per pack')):
+        pts = [r for r in rows if r['kind'] == kind]
+        if not pts:
+            continue
+        x = [r['value'] for r in pts]
+        ax.plot(x, [r['s'] for r in pts], 'o-', color='tab:blue', label='s/step')
+        ax.set_xlabel(label)
+        ax.set_ylabel('s/step', color='tab:blue')
+        twin = ax.twinx()
+        twin.plot(x, [r['measured_gib'] for r in pts], 's-', color='tab:red', label='step memory (measured)')
+        twin.plot(x, [r['planned_gib'] for r in pts], 's--', color='tab:orange', label='planner')
+        twin.set_ylabel('GiB', color='tab:red')
+        twin.legend(loc='upper left', fontsize=8)
+    fig.suptitle('InternViT-300M + Qwen2.5-0.5B full fine-tuning, one step on the CPU (sdpa_segments)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == '__main__':
+    main()

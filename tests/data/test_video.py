@@ -1,0 +1,310 @@
+"""Videos: InternVL's frame sampling, reading files / GIFs / frame folders by seeking, the Frame{i} prompt, the data
+set's video samples (frame counts, lengths, packing, fewer frames for max_length) and every bad input named.
+
+Videos are made here: frame i is a grey of level 6*i (lossless H.264), so a decoded frame tells its number."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import conv, write_image, write_jsonl, write_video
+from xtuner_plugins.data import dataset as dataset_module
+from xtuner_plugins.data.dataset import InternVLDataset
+from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.packing import PackedInternVLDataset
+from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from xtuner_plugins.data import video as video_module
+from xtuner_plugins.data.video import (choose_frames, draw_num_frames, frame_indices, load_video, probe_video,
+                                       read_frames, video_prompt)
+
+S = 28
+LEVELS = [6 * i for i in range(40)]
+
+
+def numbers(frames):
+    """The frame number each decoded frame shows."""
+    return [int(round(np.asarray(f)[0, 0, 0] / 6)) for f in frames]
+
+
+def reference_indices(num_frames, vlen, sample, pick=None):
+    """InternVL's get_frame_indices as its code and the REFERENCE notes state it (rand: ``pick(lo, hi)``)."""
+    acc = min(num_frames, vlen)
+    intervals = np.linspace(start=0, stop=vlen, num=acc + 1).astype(int)
+    ranges = [(intervals[i], intervals[i + 1] - 1) for i in range(acc)]
+    out = [(lo + hi) // 2 for lo, hi in ranges] if sample == 'middle' else [pick(lo, hi) for lo, hi in ranges]
+    return out + [out[-1]] * (num_frames - len(out))
+
+
+@pytest.fixture(scope='module')
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp('videos')
+    return {kind: write_video(root / name, LEVELS) for kind, name in
+            (('file', 'v.mp4'), ('gif', 'v.gif'), ('folder', 'frames'))}
+
+
+class TestSampling:
+
+    @pytest.mark.parametrize('num_frames,vlen', [(8, 40), (8, 30), (32, 300), (5, 7), (8, 3), (1, 1)])
+    def test_middle_is_the_formula(self, num_frames, vlen):
+        assert frame_indices(num_frames, vlen, 'middle') == reference_indices(num_frames, vlen, 'middle')
+
+    def test_rand_picks_in_each_interval_and_pads(self):
+        rng = np.random.default_rng(0)
+        for num_frames, vlen in [(8, 40), (16, 100), (8, 20)]:
+            got = frame_indices(num_frames, vlen, 'rand', rng)
+            lows_highs = reference_indices(num_frames, vlen, 'middle', None)  # for the count
+            intervals = np.linspace(0, vlen, min(num_frames, vlen) + 1).astype(int)
+            assert len(got) == len(lows_highs) == num_frames
+            # one per interval, in range(lo, hi) with hi = next interval start - 1 (InternVL's range)
+            assert all(intervals[i] <= g < intervals[i + 1] - 1 for i, g in enumerate(got))
+        # an interval of one frame: InternVL's fallback, a sorted random subset, padded with the last
+        got = frame_indices(8, 5, 'rand', np.random.default_rng(1))
+        assert got[:5] == sorted(got[:5]) and len(set(got[:5])) == 5 and got[5:] == [got[4]] * 3
+
+    def test_fps_sampling(self):
+        # 4 s at 10 fps, one frame every 2 s at the middle of its span: t = 1 s, 3 s
+        assert frame_indices(8, 40, 'fps0.5', input_fps=10) == [10, 30]
+        assert frame_indices(8, 40, 'fps2', input_fps=10, max_num_frames=3) == [2, 8, 12]
+
+    def test_frame_count_is_deterministic_and_in_range(self):
+        counts = [draw_num_frames(8, 32, 0, 0, line) for line in range(200)]
+        assert counts == [draw_num_frames(8, 32, 0, 0, line) for line in range(200)]
+        assert min(counts) == 8 and max(counts) == 32
+        assert counts != [draw_num_frames(8, 32, 1, 0, line) for line in range(200)]
+
+
+class TestReading:
+
+    @pytest.mark.parametrize('kind', ['file', 'gif', 'folder'])
+    def test_reads_the_sampled_frames(self, videos, kind):
+        info = probe_video(videos[kind])
+        assert (info.total, info.size, info.kind) == (40, (32, 24), kind)
+        idx = choose_frames(info, 8, 'middle')
+        assert idx == reference_indices(8, 40, 'middle')
+        assert numbers(read_frames(info, idx)) == idx
+        rand = choose_frames(info, 12, 'rand', np.random.default_rng(3))
+        assert numbers(read_frames(info, rand)) == rand
+
+    def test_short_video_is_padded_with_its_last_frame(self, tmp_path):
+        info = probe_video(write_video(tmp_path / 's.mp4', LEVELS[:3]))
+        frames = read_frames(info, choose_frames(info, 8, 'middle'))
+        assert numbers(frames) == [0, 1, 2, 2, 2, 2, 2, 2]
+
+    def test_seeks_instead_of_decoding_everything(self, tmp_path, monkeypatch):
+        path = write_video(tmp_path / 'long.mp4', [i % 40 * 6 for i in range(400)], gop=10)
+        decoded = []
+        real = video_module._open_stream
+
+        class Counting:  # the container, counting the frames decoded
+            def __init__(self, container):
+                self.container = container
+
+            def __getattr__(self, name):
+                return getattr(self.container, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.container.close()
+
+            def decode(self, *args, **kw):
+                for frame in self.container.decode(*args, **kw):
+                    decoded.append(frame.pts)
+                    yield frame
+
+        def counting(p):
+            container, stream = real(p)
+            return Counting(container), stream
+        monkeypatch.setattr(video_module, '_open_stream', counting)
+        info = probe_video(path)
+        idx = choose_frames(info, 8, 'middle')
+        assert [n % 40 for n in idx] == numbers(read_frames(info, idx))
+        assert len(decoded) <= 8 * 10  # at most a keyframe interval per frame asked for, not 400
+
+    def test_clip(self, videos):
+        frames, info = load_video(videos['file'], 4, clip=(1.0, 3.0))
+        assert (info.start, info.length) == (10, 20)
+        assert numbers(frames) == [10 + i for i in reference_indices(4, 20, 'middle')]
+
+
+class TestPrompt:
+
+    def test_frame_lines_as_the_model_card_and_internvl_sft(self, tiny_tokenizer, tmp_path, videos):
+        # the model card: ''.join(f'Frame{i+1}: <image>\n' for each frame) + question
+        assert video_prompt(3) + '\nWhat?' == ''.join(f'Frame{i + 1}: <image>\n' for i in range(3)) + 'What?'
+        # InternVL's SFT script: '<video>\n' -> '\n'.join('Frame-{i}: <image>') + '\n'
+        sft = '\n'.join(f'Frame-{i + 1}: <image>' for i in range(3)) + '\n'
+        assert video_prompt(3, 'Frame-{i}: ') + '\n' == sft
+
+
+# ---------------------------------------------------------------------------------------------- the data set
+def make_ds(files, tokenizer, tmp_path, **kw):
+    kw.setdefault('image_size', S)
+    kw.setdefault('patch_size', 14)
+    kw.setdefault('max_length', 4096)
+    kw.setdefault('min_num_frame', 3)
+    kw.setdefault('max_num_frame', 6)
+    kw.setdefault('cache_dir', str(tmp_path / 'cache'))
+    return InternVLDataset(files, tokenizer=tokenizer, **kw)
+
+
+def question_of(item, tokenizer):
+    ids = [i for i, l in zip(item['input_ids'].tolist(), item['labels'].tolist()) if l == IGNORE_INDEX]
+    return tokenizer.decode(ids)
+
+
+@pytest.fixture
+def mixed(tmp_path, videos):
+    folder = tmp_path / 'media'
+    write_image(folder / 'i.png', size=(56, 28))
+    for kind, path in videos.items():
+        os.symlink(path, folder / os.path.basename(path))
+    path = write_jsonl(tmp_path / 'mixed.jsonl', [
+        {'video': 'v.mp4', 'conversations': conv('Where does it go?', 'VIDEO', image=False)},
+        {'image': 'i.png', 'conversations': conv(answer='IMAGE')},
+        {'conversations': conv('Hi', 'TEXT', image=False)},
+        {'video': 'frames', 'conversations': [{'from': 'human', 'value': 'Look: <video>\nNow?'},
+                                              {'from': 'gpt', 'value': 'FOLDER'}]},
+        {'video': 'v.gif', 'clip': [1, 3], 'conversations': conv('Clip?', 'GIF', image=False)},
+    ])
+    return path, str(folder)
+
+
+class TestDataset:
+
+    def test_video_samples_beside_images_and_text(self, mixed, tiny_tokenizer, tmp_path):
+        path, folder = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True)
+        ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        for i in (0, 3, 4):
+            item = ds[i]
+            n = item['pixel_values'].shape[0]
+            assert 3 <= n <= 6 and item['image_flags'].tolist() == [1] * n
+            assert (item['input_ids'] == ctx).sum() == n  # one token per 28 px frame tile
+            text = question_of(item, tiny_tokenizer)
+            assert ''.join(f'Frame{k + 1}: <img><IMG_CONTEXT></img>\n' for k in range(n)) in text
+        assert 'Look: Frame1: <img>' in question_of(ds[3], tiny_tokenizer)
+        assert ds[1]['pixel_values'].shape[0] == 3 and ds[2]['image_flags'].tolist() == [0]
+        # the frames are the sampled ones, each resized to one tile
+        first = ds[0]['pixel_values'][:, 0, 0, 0].tolist()
+        assert first == sorted(first) and len(set(first)) == len(first)
+        # lengths (the sampler's, the length cache's) are the items' own, frames counted
+        assert ds.length == [len(ds[i]['input_ids']) for i in range(len(ds))]
+        assert ds.num_tiles_per_item == [ds[i]['pixel_values'].shape[0] for i in range(len(ds))]
+
+    def test_deterministic_per_seed_and_epoch(self, mixed, tiny_tokenizer, tmp_path):
+        path, folder = mixed
+        a = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True,
+                    min_num_frame=8, max_num_frame=8)
+        b = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True,
+                    min_num_frame=8, max_num_frame=8)
+        assert torch.equal(a[0]['pixel_values'], b[0]['pixel_values'])
+        b.set_epoch(1)
+        assert not torch.equal(a[0]['pixel_values'], b[0]['pixel_values'])
+        assert a[0]['input_ids'].shape == b[0]['input_ids'].shape  # the count stays: lengths hold every epoch
+        c = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True, seed=5,
+                    min_num_frame=8, max_num_frame=8)
+        assert not torch.equal(a[0]['pixel_values'], c[0]['pixel_values'])
+
+    def test_too_long_gets_fewer_frames_counted(self, mixed, tiny_tokenizer, tmp_path, monkeypatch):
+        path, folder = mixed
+        full = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True,
+                       min_num_frame=30, max_num_frame=30)
+        n = len(full[0]['input_ids'])
+        logs = []
+        monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+        monkeypatch.setattr('xtuner_plugins.data.fitting.print_log', lambda msg, **kw: logs.append(msg))
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True,
+                     min_num_frame=30, max_num_frame=30, max_length=n - 20)
+        item = ds[0]
+        kept = item['pixel_values'].shape[0]
+        assert len(item['input_ids']) <= n - 20 and kept < 30
+        # the most frames that fit: one more would not
+        assert len(item['input_ids']) + len(full[0]['input_ids']) / 30 > n - 20
+        assert ds.reduced == {f'{path}:1': kept} and item['reduced'] == [(f'{path}:1', kept)]
+        assert any(f'{kept} of its 30 video frames' in m for m in logs)
+
+    def test_packing_counts_frames(self, mixed, tiny_tokenizer, tmp_path):
+        path, folder = mixed
+        ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=folder, allow_links_outside=True)
+        packed = PackedInternVLDataset(ds, max_tokens=100000, max_tiles=8, shuffle=False)
+        tiles = ds.num_tiles_per_item
+        assert all(sum(tiles[i] for i in p) <= 8 or len(p) == 1 for p in packed.packs)
+        assert sum(packed[i]['pixel_values'].shape[0] for i in range(len(packed))) == sum(tiles)
+
+    def test_meta_file_and_repeats(self, mixed, tiny_tokenizer, tmp_path):
+        path, folder = mixed
+        meta = tmp_path / 'meta.json'
+        meta.write_text(json.dumps({'v': {'root': folder, 'annotation': path, 'repeat_time': 2}}))
+        ds = make_ds(str(meta), tiny_tokenizer, tmp_path, allow_links_outside=True)
+        assert len(ds) == 10 and ds[5]['pixel_values'].shape == ds[0]['pixel_values'].shape
+
+
+# Each bad case: (sample, reason, at load or at use). The good samples around it stay aligned.
+BAD = {
+    'missing_video': ({'video': 'nope.mp4', 'conversations': conv(image=False)}, 'use'),
+    'corrupt_video': ({'video': 'garbage.mp4', 'conversations': conv(image=False)}, 'use'),
+    'truncated_video': ({'video': 'truncated.mp4', 'conversations': conv(image=False)}, 'use'),
+    'empty_video': ({'video': 'empty', 'conversations': conv(image=False)}, 'use'),
+    'bad_clip': ({'video': 'v.mp4', 'clip': [3, 9], 'conversations': conv(image=False)}, 'use'),
+    'malformed_clip': ({'video': 'v.mp4', 'clip': [3, 1], 'conversations': conv(image=False)}, 'load'),
+    'clip_on_frames': ({'video': 'frames', 'clip': [0, 1], 'conversations': conv(image=False)}, 'use'),
+    'video_tag_without_video': ({'conversations': conv('<video>\nWhat?', image=False)}, 'load'),
+    'two_video_tags': ({'video': 'v.mp4', 'conversations': conv('<video><video>', image=False)}, 'load'),
+    'image_tag_in_video': ({'video': 'v.mp4', 'conversations': conv()}, 'load'),
+    'image_and_video': ({'video': 'v.mp4', 'image': 'i.png', 'conversations': conv()}, 'load'),
+    'bad_video_field': ({'video': ['a.mp4'], 'conversations': conv(image=False)}, 'load'),
+}
+REASON = {'truncated_video': 'corrupt_video', 'malformed_clip': 'bad_clip', 'clip_on_frames': 'bad_clip',
+          'video_tag_without_video': 'video_tag_mismatch', 'two_video_tags': 'video_tag_mismatch',
+          'image_tag_in_video': 'video_tag_mismatch'}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
+    folder = tmp_path / 'media'
+    write_video(folder / 'v.mp4', LEVELS)
+    write_video(folder / 'frames', LEVELS[:4])
+    write_image(folder / 'i.png')
+    (folder / 'garbage.mp4').write_bytes(b'not a video at all' * 10)
+    (folder / 'empty').mkdir()
+    data = open(write_video(folder / 'long.mp4', [i % 40 * 6 for i in range(200)]), 'rb').read()
+    (folder / 'truncated.mp4').write_bytes(data[:len(data) // 3])
+    bad, when = BAD[case]
+    good = {'video': 'v.mp4', 'conversations': conv(answer='GOOD', image=False)}
+    path = write_jsonl(tmp_path / 'd.jsonl', [good, bad, good])
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder), max_bad_fraction=1.0)
+    reason = REASON.get(case, case)
+    if when == 'load':
+        assert len(ds) == 2 and [p.reason for p in ds.load_problems] == [reason]
+        assert ds.load_problems[0].source == f'{path}:2'
+    else:
+        with pytest.raises(SampleError) as err:
+            ds.load_sample(ds.records[1])
+        assert err.value.reason == reason
+        assert len(ds) == 3
+    answers = [ds[i] for i in range(len(ds))]
+    assert all(tiny_tokenizer.decode([t for t, l in zip(a['input_ids'].tolist(), a['labels'].tolist())
+                                      if l != IGNORE_INDEX]) == 'GOOD<|im_end|>' for a in answers)
+    if when == 'use':
+        assert dict(ds.failures) == {reason: 1}
+    assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
+
+
+def test_preference_pairs_on_a_video(tmp_path, tiny_tokenizer, videos):
+    from xtuner_plugins.data.preference import InternVLPreferenceDataset
+    path = write_jsonl(tmp_path / 'p.jsonl', [{'video': videos['file'], 'question': 'Where does it go?',
+                                               'chosen': 'Left.', 'rejected': 'Right.'}])
+    ds = InternVLPreferenceDataset(path, tokenizer=tiny_tokenizer, image_size=S, cache_dir=str(tmp_path / 'c'),
+                                   min_num_frame=3, max_num_frame=3)
+    item = ds[0]
+    ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    assert item['pixel_values'].shape[0] == 3
+    assert (item['chosen']['input_ids'] == ctx).sum() == (item['rejected']['input_ids'] == ctx).sum() == 3
+    assert ds.length == [max(len(item['chosen']['input_ids']), len(item['rejected']['input_ids']))]

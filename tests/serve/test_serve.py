@@ -1,0 +1,130 @@
+"""tools/serve.py without vLLM: the settings it reads from a converted folder, the command it gives vLLM, its
+health check before "ready", and the errors (no vLLM: how to install it; a format vLLM does not read).
+
+A stand-in ``vllm`` package (``vllm.entrypoints.openai.api_server`` answering ``/health`` and ``/v1/models``, and
+writing down its command line) takes vLLM's place; tests/serve/test_vllm.py serves with vLLM itself."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from tests.helpers import tiny_workspace
+from xtuner_plugins.cli.serve import main as serve_main
+from xtuner_plugins.cli.serve import settings
+
+
+def write_folders(root, formats=('official', 'hf')):
+    """A tiny InternViT + LLM with 32-wide heads (vLLM's CPU attention takes no narrower), LoRA-trained (every
+    trained tensor perturbed), converted to each of ``formats``: ``{format: folder}``."""
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    from xtuner_plugins.tiny import write_tiny_llm
+    tiny = tiny_workspace(os.path.join(str(root), 'tiny'))
+    tiny['llm'] = write_tiny_llm(os.path.join(str(root), 'llm'), num_heads=2, num_kv_heads=1)
+    opts = options(tiny, **{'model.llm': tiny['llm']})
+    ckpt = os.path.join(str(root), 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt, scale=0.3)
+    return {fmt: convert(LORA, ckpt, os.path.join(str(root), fmt), opts, '--format', fmt) for fmt in formats}
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    return write_folders(tmp_path_factory.mktemp('serve'), ('official', 'hf', 'remote'))
+
+
+def test_settings_are_read_from_the_folder(folders, tmp_path):
+    from transformers import AutoTokenizer
+    for fmt in ('official', 'hf'):
+        s = settings(folders[fmt])
+        assert (s['format'], s['dtype'], s['max_model_len']) == (fmt, 'float32', 8192)
+        # 4 tokens per 56-px tile, 4 tiles + thumbnail: 20 a picture; 8192 // 20 > 8, so the cap
+        assert s['images'] == 8
+        with open(os.path.join(folders[fmt], 'chat_template.jinja')) as f:
+            assert s['chat_template'] == f.read()
+    # a system message of our own: the chat template's default becomes it, as the tokenizer renders it
+    s = settings(folders['official'], system_message='You are "tiny".\nBe brief.')
+    tokenizer = AutoTokenizer.from_pretrained(folders['official'])
+    rendered = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], chat_template=s['chat_template'],
+                                             tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith('<|im_start|>system\nYou are "tiny".\nBe brief.<|im_end|>\n<|im_start|>user\nHi')
+    # config.json's system_message (vLLM ignores it) wins over a template that says otherwise
+    config = json.load(open(os.path.join(folders['official'], 'config.json')))
+    json.dump(dict(config, system_message='From the config.'), open(tmp_path / 'config.json', 'w'))
+    for name in os.listdir(folders['official']):
+        if name != 'config.json':
+            os.symlink(os.path.join(folders['official'], name), tmp_path / name)
+    assert settings(str(tmp_path))['system_message'] == 'From the config.'
+    assert '{% set system = "From the config." %}' in settings(str(tmp_path))['chat_template']
+
+
+def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys):
+    assert serve_main([folders['remote']]) == 2
+    assert "a 'remote' folder; vLLM serves the official and hf formats" in capsys.readouterr().err
+    assert serve_main([folders['official'], '--vllm-python', sys.executable]) == 2  # this venv has no vLLM
+    err = capsys.readouterr().err
+    assert f'vLLM is not installed for {sys.executable}' in err and '`make vllm`' in err and 'pip install vllm' in err
+
+
+STAND_IN = '''
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+argv = sys.argv[1:]
+with open(os.environ['STAND_IN_LOG'], 'w') as f:
+    json.dump(dict(argv=argv, env={k: os.environ.get(k) for k in ('VLLM_HOST_IP', 'VLLM_CPU_KVCACHE_SPACE')}), f)
+if os.environ.get('STAND_IN_FAIL'):
+    sys.exit(3)
+name = argv[argv.index('--served-model-name') + 1]
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = {'/health': b'', '/v1/models': json.dumps({'data': [{'id': name}]}).encode()}.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(body or b'')
+        if self.path == '/v1/models':
+            os._exit(0)  # the test is over once serve.py said ready
+    def log_message(self, *args):
+        pass
+server = HTTPServer((argv[argv.index('--host') + 1], int(argv[argv.index('--port') + 1])), Handler)
+server.timeout = 60
+server.handle_request()  # /health (none within 60 s: exit 4)
+server.handle_request()  # /v1/models
+sys.exit(4)
+'''
+
+
+def stand_in(tmp_path, monkeypatch):
+    package = tmp_path / 'stand_in' / 'vllm' / 'entrypoints' / 'openai'
+    package.mkdir(parents=True)
+    for folder in (package, package.parent, package.parent.parent):
+        (folder / '__init__.py').write_text('')
+    (package / 'api_server.py').write_text(textwrap.dedent(STAND_IN))
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'stand_in') + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    monkeypatch.setenv('STAND_IN_LOG', str(tmp_path / 'argv.json'))
+    monkeypatch.delenv('VLLM_HOST_IP', raising=False)
+
+
+def test_the_server_gets_the_folders_settings_and_is_checked_before_ready(folders, tmp_path, monkeypatch, capsys):
+    stand_in(tmp_path, monkeypatch)
+    assert serve_main([folders['official'], '--port', '0', '--vllm-python', sys.executable, '--images', '2',
+                       '--', '--seed', '7']) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    seen = json.load(open(tmp_path / 'argv.json'))
+    argv = seen['argv']
+    port = argv[argv.index('--port') + 1]
+    assert out == [f'ready: http://127.0.0.1:{port}/v1 (model official)'] and port != '0'
+    given = dict(zip(argv[:-1], argv[1:]))
+    assert given['--model'] == os.path.abspath(folders['official']) and given['--host'] == '127.0.0.1'
+    assert (given['--dtype'], given['--max-model-len'], given['--limit-mm-per-prompt']) == ('float32', '8192',
+                                                                                            '{"image": 2}')
+    assert '--trust-remote-code' in argv and argv[-2:] == ['--seed', '7']
+    assert seen['env']['VLLM_HOST_IP'] == '127.0.0.1'
+    # the hf format needs no remote code
+    assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable]) == 0
+    assert '--trust-remote-code' not in json.load(open(tmp_path / 'argv.json'))['argv']
+    # a server that dies is reported, not waited for
+    monkeypatch.setenv('STAND_IN_FAIL', '1')
+    capsys.readouterr()
+    assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable]) == 2
+    assert 'vLLM exited with code 3 before it was ready' in capsys.readouterr().err

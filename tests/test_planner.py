@@ -1,0 +1,113 @@
+"""The memory planner (xtuner_plugins/planner.py, tools/plan.py): the model built on the meta device has the real
+model's trained and frozen parameters; the bytes per part follow them, divided by the devices as ZeRO shards;
+the activation model grows linearly with tokens except for a dense packed mask; the CLI's verdict and searches."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from xtuner_plugins.planner import (GIB, Batch, activation_bytes, build_meta_model, largest_fitting,
+                                    parameter_bytes, plan_memory)
+from xtuner_plugins.tiny import make_tiny_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return make_tiny_models(str(tmp_path_factory.mktemp('plan')))
+
+
+def settings(tiny, **kw):
+    return dict(dict(vision_encoder=tiny['internvit'], llm=tiny['llm'], freeze_vision=True, freeze_llm=True,
+                     llm_grad_ckpt=True), **kw)
+
+
+def counts(model):
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trained, sum(p.numel() for p in model.parameters()) - trained
+
+
+@pytest.mark.parametrize('kw', [dict(freeze_llm=False), dict(llm_lora=LORA), dict(freeze_vision=False),
+                                dict()], ids=['full', 'lora', 'full+vision', 'mlp'])
+def test_meta_model_has_the_real_models_parameters(tiny, kw):
+    from xtuner_plugins.models import VisionLanguageModel
+    real = VisionLanguageModel(**settings(tiny, torch_dtype='float32', **kw))
+    meta = build_meta_model(settings(tiny, **kw), 'float32')
+    assert all(p.device.type == 'meta' for p in meta.parameters())
+    trained, frozen = counts(real)
+    assert counts(meta) == (trained, frozen)
+    b = parameter_bytes(meta, 'bf16', zero=0)
+    assert b['weights'] == frozen * 2 + trained * 4  # trained parameters stay fp32 without DeepSpeed
+    assert b['gradients'] == trained * 4 and b['optimizer'] == trained * 8
+    # the model's own bytes in fp32: its real tensors
+    real_bytes = sum(p.numel() * p.element_size() for p in real.parameters())
+    assert parameter_bytes(meta, 'fp32', zero=0)['weights'] == real_bytes
+
+
+def test_zero_stages_divide_what_they_shard(tiny):
+    meta = build_meta_model(settings(tiny, freeze_llm=False))
+    trained, frozen = counts(meta)
+    z2, z3 = parameter_bytes(meta, 'bf16', zero=2, gpus=4), parameter_bytes(meta, 'bf16', zero=3, gpus=4)
+    assert z2['weights'] == frozen * 2 + trained * 2  # replicated
+    assert z2['gradients'] == trained * 2 / 4 and z2['optimizer'] == trained * 12 / 4
+    assert z3['weights'] == (frozen * 2 + trained * 2) / 4
+    assert z3['gradients'] == z2['gradients'] and z3['optimizer'] == z2['optimizer']
+    one = parameter_bytes(meta, 'bf16', zero=2, gpus=1)
+    assert one['optimizer'] == trained * 12
+    with pytest.raises(ValueError):
+        parameter_bytes(meta, zero=1)
+
+
+def test_activations_linear_in_tokens_but_the_dense_packed_mask(tiny):
+    meta = build_meta_model(settings(tiny, freeze_llm=False))
+    b = Batch(rows=1, length=1024, tiles=2, supervised=100)
+    one, two = activation_bytes(meta, b), activation_bytes(meta, dataclasses.replace(b, length=2048))
+    assert two['llm layers'] == 2 * one['llm layers'] and two['embeddings'] == 2 * one['embeddings']
+    assert 'dense packed mask' not in two
+    packed = [activation_bytes(meta, dataclasses.replace(b, length=n, packed=True)) for n in (1024, 2048)]
+    assert packed[1]['dense packed mask'] == 4 * packed[0]['dense packed mask'] == 4 * 1024 ** 2 * 5
+    assert one['lm head + loss'] == 100 * meta.language_model.get_output_embeddings().weight.shape[0] * 12
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
+    on = build_meta_model(settings(tiny, freeze_llm=False))
+    off = build_meta_model(settings(tiny, freeze_llm=False, llm_grad_ckpt=False))
+    c = on.language_model.config
+    per_layer = (6 * c.hidden_size + 6 * c.hidden_size + 3 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+                 + 4 * c.intermediate_size)
+    b = Batch(rows=2, length=100, tiles=2, supervised=10)
+    assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2
+    assert activation_bytes(on, b)['llm layers'] == 200 * (c.num_hidden_layers * c.hidden_size + 2 * per_layer) * 2
+
+
+def test_plan_total_and_largest_fitting(tiny):
+    meta = build_meta_model(settings(tiny, freeze_llm=False))
+    r = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), reserve_gib=0.5)
+    trained, _ = counts(meta)
+    assert r['autocast_copies'] == 2 * trained and r['optimizer_temporaries'] == 4 * trained
+    assert r['step_peak'] == max(r['activations'] + 2 * trained, 4 * trained)
+    assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'gradients', 'optimizer', 'step_peak'))
+                                       + 0.5 * GIB)
+    z2 = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), zero=2, gpus=2)
+    assert z2['autocast_copies'] == z2['optimizer_temporaries'] == 0 and z2['step_peak'] == z2['activations']
+    assert largest_fitting(lambda x: x * x <= 50, 1, 100) == 7
+    assert largest_fitting(lambda x: False, 1, 100) is None
+    assert largest_fitting(lambda x: True, 1, 100) == 100
+
+
+def test_cli_verdict(tiny, capsys):
+    from xtuner_plugins.cli.plan import main
+    opts = ['--cfg-options', f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}']
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '2', '--gpu-mem', '80', '--zero', '3']
+                + opts) == 0
+    out = capsys.readouterr().out
+    assert 'DeepSpeed ZeRO-3' in out and ': fits' in out and 'largest max_length at 4 per device' in out
+    assert main([os.path.join(ROOT, 'configs/finetune_full_packed.py'), '--gpus', '1', '--gpu-mem', '1.2']
+                + opts) == 1
+    out = capsys.readouterr().out
+    assert 'DOES NOT FIT' in out and 'dense packed mask' in out and 'largest max_tokens' in out
+    assert torch.tensor(0).device.type == 'cpu'  # the meta device did not leak out of the planner

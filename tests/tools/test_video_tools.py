@@ -1,0 +1,43 @@
+"""tools/chat.py --video on a converted folder: the answer is the training model's greedy answer on the data set's
+video item (the fixtures of tests/models/test_video_export.py); a bad video stops before the model loads."""
+
+import pytest
+
+from tests.models.test_video_export import QUESTION, official, setup  # noqa: F401 (fixtures)
+from tests.tools.test_export_families import greedy_decode
+from tools.chat import main as chat_main
+
+
+def test_chat_tool_answers_about_a_video(setup, official, capsys):  # noqa: F811
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'])
+    capsys.readouterr()
+    assert chat_main([official, '--video', setup['video'], '--frames', '4', '--prompt', QUESTION,
+                      '--max-new-tokens', '8']) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_chat_tool_names_a_bad_video(setup, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / 'bad.mp4'
+    bad.write_bytes(b'not a video' * 30)
+    assert chat_main([str(tmp_path), '--video', str(bad), '--prompt', 'x']) == 2
+    assert f'chat: error: {bad}: cannot read video' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        chat_main([str(tmp_path), '--video', str(bad), '--image', 'a.png', '--prompt', 'x'])
+    assert 'give --image or --video, not both' in capsys.readouterr().err
+
+
+def test_eval_tool_asks_video_questions_with_both_controls(setup, official, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from tests.helpers import write_jsonl
+    from tools.eval import main as eval_main
+    data = write_jsonl(tmp_path / 'q.jsonl', [
+        {'id': 'v', 'video': setup['video'], 'conversations': [{'from': 'human', 'value': QUESTION},
+                                                              {'from': 'gpt', 'value': 'left'}]}])
+    out = str(tmp_path / 'report.json')
+    assert eval_main([official, '--data', data, '--frames', '4', '--out', out, '--max-new-tokens', '4']) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 'blind: ' in closing and 'videos: ' in closing and 'time reliance: ' in closing
+    result = json.load(open(out))['results'][0]
+    expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'], steps=4)
+    assert result['answer'] == expected and result['single_answer'] is not None

@@ -1,0 +1,63 @@
+"""The web demo with a video: the frames it shows are the frames asked about (as tools/chat.py --video takes them),
+and the streamed answer is a fresh model's answer to the same frames; a bad upload is one clear error."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import converted_tiny_folder, write_video
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.video import load_video
+from xtuner_plugins.models.inference import ConvertedModel
+from xtuner_plugins.web.app import WebChat, build_app, video_frames
+
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('webvideo')
+    folder = converted_tiny_folder(root)
+    video = write_video(root / 'v.mp4', [(37 * i) % 256 for i in range(30)], size=(90, 50))
+    return dict(folder=folder, video=video, root=root, chat=WebChat(ConvertedModel(folder), max_new_tokens=6))
+
+
+def test_shown_frames_are_the_asked_frames_and_the_answer_a_fresh_models(setup):
+    frames, files = video_frames(setup['video'], 5, str(setup['root'] / 'shown'))
+    expected_frames, _ = load_video(setup['video'], 5)
+    assert len(files) == 5
+    for shown, frame, expected in zip(files, frames, expected_frames):
+        assert np.array_equal(np.asarray(load_image(shown)), np.asarray(expected))
+        assert np.array_equal(np.asarray(frame), np.asarray(expected))
+    *_, (answer, conversation) = setup['chat'].stream('What happens?', [], None, dict(GREEDY), video=frames)
+    fresh = ConvertedModel(setup['folder']).ask('What happens?', [], dict(GREEDY), video=expected_frames)
+    assert answer == fresh and conversation['frames'] == [True] * 5
+
+
+def test_a_bad_video_upload_is_one_clear_error(setup, tmp_path):
+    bad = tmp_path / 'bad.mp4'
+    bad.write_bytes(b'not a video' * 20)
+    with pytest.raises(ValueError, match=r'bad.mp4: cannot read video .*\[corrupt_video\]'):
+        video_frames(str(bad), 4, str(tmp_path / 'shown'))
+
+
+def test_the_page_has_a_video_upload(setup):
+    app = build_app(setup['chat'])
+    ids = [getattr(block, 'elem_id', None) for block in app.blocks.values()]
+    assert 'video' in ids and 'images' in ids
+
+
+def test_the_page_shows_the_frames_and_answers_about_them(setup, tmp_path, monkeypatch):
+    from tests.web.test_app import file_payload, web_call
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    app = build_app(setup['chat'])
+    tiling = setup['chat'].model.tiling
+    *_, last = web_call(app, lambda f: f.fn.__name__ == 'send', [
+        'What happens?', [], [], None, tiling['max_num'], tiling['use_thumbnail'], False, 0.7, 0.9, 6,
+        file_payload(setup['video']), 5])
+    history, status = last[0], last[-1]
+    shown = [part['path'] for part in history[-2]['content'] if isinstance(part, dict)]
+    expected_frames, _ = load_video(setup['video'], 5)
+    assert len(shown) == 5 and all(np.array_equal(np.asarray(load_image(p)), np.asarray(f))
+                                   for p, f in zip(shown, expected_frames))
+    fresh = ConvertedModel(setup['folder']).ask('What happens?', [], dict(GREEDY), video=expected_frames)
+    assert history[-1]['content'] == fresh and status.startswith('Answered in ')

@@ -1,0 +1,126 @@
+"""Will it fit: per-device memory of a training config, and the largest sequence length and batch that fit.
+
+Usage::
+
+    python tools/plan.py CONFIG --gpus N --gpu-mem GiB [--zero 0|2|3] [--cfg-options key=value ...]
+        [--dtype bf16|fp32] [--reserve GiB]
+
+    python tools/plan.py configs/finetune_full.py --gpus 4 --gpu-mem 80 --zero 2
+    python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24 --cfg-options model.llm=models/Qwen2.5-0.5B-Instruct
+
+The model is the config's own (``VisionLanguageModel``'s constructor: freezing, LoRA, QLoRA's 4-bit LLM, the
+untied and resized embeddings, gradient checkpointing, attention implementation), built on the meta device from
+the ``config.json`` files of its folders: no weight is read and nothing is allocated, so a plan for a 78B model
+runs on a laptop. The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with
+``max_dynamic_patch`` tiles (+ the thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles``
+tiles for packed configs; every text token counts as supervised (the worst case for the LM head's logits).
+``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
+How each part is counted: ``xtuner_plugins/planner.py``. The estimate is of torch's own memory plus
+``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmengine.config import DictAction
+
+GIB = 2 ** 30
+
+
+def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
+    """``(Batch, packed settings)`` of the config's data loader (module docstring)."""
+    from xtuner_plugins.planner import Batch
+    loader = cfg.train_dataloader
+    ds = loader.dataset
+    rows = int(loader.get('batch_size', 1))
+    packed = 'max_tokens' in ds
+    inner = ds.get('dataset', ds) if packed else ds
+    if packed:
+        length = int(ds['max_tokens'])
+        tiles = ds.get('max_tiles') or length // tokens_per_tile
+        return Batch(rows=rows, length=length, tiles=int(tiles) * rows, supervised=0, packed=True)
+    length = int(inner.get('max_length', 8192))
+    return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
+
+
+def with_supervised(batch, tokens_per_tile: int):
+    from dataclasses import replace
+    text = max(batch.rows * batch.length - batch.tiles * tokens_per_tile, 0)
+    return replace(batch, supervised=text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('config', help='a training config (configs/*.py)')
+    p.add_argument('--gpus', type=int, required=True, help='devices the run uses')
+    p.add_argument('--gpu-mem', type=float, required=True, help='memory per device in GiB (e.g. 80)')
+    p.add_argument('--zero', type=int, choices=(0, 2, 3), default=0,
+                   help='0: no DeepSpeed (default); 2 or 3: DeepSpeed ZeRO stage')
+    p.add_argument('--dtype', choices=('bf16', 'fp32'), default='bf16', help='weights and activations (bf16)')
+    p.add_argument('--reserve', type=float, default=1.0, help='GiB not counted by torch (default 1)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                   help='override config settings, as for training (key=value)')
+    args = p.parse_args(argv)
+    if args.gpus < 1 or args.gpu_mem <= 0:
+        p.error('--gpus must be >= 1 and --gpu-mem > 0')
+    from dataclasses import replace
+
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.planner import build_meta_model, largest_fitting, plan_memory
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+        model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f'plan: error: {exc}', file=sys.stderr)
+        return 2
+    per_tile = model.num_image_token
+    ds = cfg.train_dataloader.dataset
+    inner = ds.get('dataset', ds)
+    patches = int(inner.get('max_dynamic_patch', 12))
+    tiles = 1 if model.image_mode != 'tile' else patches + (1 if inner.get('use_thumbnail', True) and patches > 1
+                                                               else 0)
+    batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
+    budget = args.gpu_mem * GIB
+
+    def plan(b):
+        return plan_memory(model, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve)
+
+    r = plan(batch)
+    lm = model.language_model
+    what = 'packs of' if batch.packed else 'rows of'
+    print(f'plan: {args.config} on {args.gpus} device(s) of {args.gpu_mem:g} GiB, '
+          f'{"no DeepSpeed" if args.zero == 0 else f"DeepSpeed ZeRO-{args.zero}"}, {args.dtype}')
+    print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
+          f'checkpointing {"on" if getattr(lm, "is_gradient_checkpointing", False) else "off"}; attention '
+          f'{lm.config._attn_implementation}')
+    print(f'batch per device: {batch.rows} {what} {batch.length} tokens, {batch.tiles} tiles '
+          f'({per_tile} tokens each), {batch.supervised} supervised tokens')
+    print(f'{"":22s} {"GiB":>8s}')
+    for key in ('weights', 'gradients', 'optimizer', 'activations'):
+        print(f'{key if key != "optimizer" else "optimizer states":22s} {r[key] / GIB:8.2f}')
+        if key == 'activations':
+            for part, v in r['parts'].items():
+                print(f'  {part:20s} {v / GIB:8.2f}')
+    print(f'{"autocast bf16 copies":22s} {r["autocast_copies"] / GIB:8.2f}  (during the forward, with activations)')
+    print(f'{"optimizer temporaries":22s} {r["optimizer_temporaries"] / GIB:8.2f}  (during the step)')
+    print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the larger of activations + copies and temporaries)')
+    print(f'{"reserve":22s} {r["reserve"] / GIB:8.2f}')
+    fits = r['total'] <= budget
+    print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"}')
+    step = 256
+    longest = largest_fitting(lambda n: plan(replace(batch, length=n * step))['total'] <= budget,
+                              max(1, (batch.tiles // batch.rows * per_tile) // step + 1), 4096)
+    name = 'max_tokens (tokens per pack)' if batch.packed else 'max_length'
+    print(f'largest {name} at {batch.rows} per device: '
+          + (f'{longest * step}' if longest else 'none (not even the images fit)'))
+    most = largest_fitting(lambda k: plan(replace(batch, rows=k, tiles=batch.tiles // batch.rows * k))['total']
+                           <= budget, 1, 4096)
+    print(f'largest batch per device at {batch.length} tokens: {most or 0}')
+    return 0 if fits else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

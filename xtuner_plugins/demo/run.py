@@ -43,18 +43,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from xtuner_plugins.launch import cache_env
 
 from .console import Console, DemoError, fmt_time
 from .recipe import PROJECTOR_TYPES, RECIPES, VISION_TYPES, Recipe, recipe_from_args
-from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, per_kind,
-                      single_frame_accuracy, summary_line)
+from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, kind_changes,
+                      per_kind, single_frame_accuracy, summary_line)
 from .stages import (DEFAULT_CONFIGS, PREFERENCE_LOSSES, REPO_ROOT, StageResult, deepspeed_json, demo_configs,
                      make_data, make_models, model_geometry, repeat_for, run_converter, stage_options, train_stage)
 
@@ -69,25 +70,31 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
                      timings: Dict[str, float], steps: int) -> PreferenceResult:
     """Steps 7 and 8: pairs, LoRA DPO/MPO from the fine-tuned checkpoint, held-out preference accuracy before
     and after, conversion and the demo's questions again."""
-    from xtuner_plugins.demo.preference import make_pairs, preference_accuracy, wrong_answers
+    from xtuner_plugins.demo.preference import make_pairs, pair_counts, preference_accuracy, wrong_answers
     from xtuner_plugins.models.inference import ConvertedModel, folder_format
     t = time.perf_counter()
-    losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'],
-                                                   PREFERENCE_LOSSES[recipe.preference]['weights']))
+    weights = ([float(w) for w in recipe.preference_weights.split(',')] if recipe.preference_weights else
+               PREFERENCE_LOSSES[recipe.preference]['weights'])
+    losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'], weights))
     console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
                  f'configs/demo/dpo_lora.py, LoRA from the fine-tuned model, which is the reference')
     folder = os.path.join(work_dir, 'data')
     pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('preference', 'test')}
     asking = time.perf_counter()
     own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['preference'],
-                               data['images'], None, recipe.max_new_tokens, batch_size=16)
+                               data['images'], None, recipe.max_new_tokens, batch_size=16,
+                               samples=recipe.preference_samples, temperature=recipe.preference_temperature,
+                               seed=recipe.seed)
     asking = time.perf_counter() - asking
-    counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own),
+    counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own,
+                                       per_prompt=recipe.preference_pairs_per_prompt,
+                                       fallback=recipe.preference_fallback,
+                                       random_pairs=recipe.preference_random_pairs),
               'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
-    console(f'  pairs (chosen: the right answer; rejected: the fine-tuned model\'s own wrong answer, {len(own)} of '
-            f'{asked} new questions asked in {asking:.0f} s, else another answer of its kind): '
-            f'{counts["preference"]} for training in {os.path.relpath(pairs["preference"], REPO_ROOT)}, '
-            f'{counts["test"]} held out (random wrong answers)')
+    console(f'  rejected answers as MMPR draws them: the fine-tuned model answered {asked} new questions greedily '
+            f'and {recipe.preference_samples} times at temperature {recipe.preference_temperature} '
+            f'({asking:.0f} s); wrong on {len(own)} of them')
+    console(pairs_report(pair_counts(pairs['preference']), counts, pairs, recipe))
     options = stage_options('preference', recipe, models, pairs['preference'], data['images'],
                             ft_options['train_dataloader.dataset.cache_dir'], nproc,
                             pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)
@@ -95,18 +102,40 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
         repeat_for(recipe.preference_iters, recipe.preference_batch, counts['preference']), 6)
     stages['preference'] = train_stage('preference', CONFIGS['preference'], os.path.join(work_dir, 'preference'),
                                        options, console, nproc, deepspeed, cache_root, stage_timeout)
-    before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'])
+    kinds: Dict[str, Dict[str, float]] = {'before': {}, 'after': {}}
+    before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'],
+                                    by_kind=kinds['before'])
     after, _ = preference_accuracy(CONFIGS['preference'], options, stages['preference'].checkpoint, pairs['test'],
-                                   data['images'])
+                                   data['images'], by_kind=kinds['after'])
+    console(f'  held-out preference accuracy {before:.3f} -> {after:.3f}; per kind: '
+            + ', '.join(f'{k} {kinds["before"][k]:.2f} -> {v:.2f}' for k, v in kinds['after'].items()))
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
     console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
     converted = run_converter(CONFIGS['preference'], stages['preference'].checkpoint, options,
                               os.path.join(work_dir, 'converted_preference'), console)
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens)
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
     timings['answers_preference'] = time.perf_counter() - t
     return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
-                            converted_format=folder_format(converted))
+                            converted_format=folder_format(converted), pairs=pair_counts(pairs['preference']),
+                            by_kind=kinds['after'])
+
+
+def pairs_report(by_kind: Mapping[str, Mapping[str, int]], counts: Mapping[str, int], pairs: Mapping[str, str],
+                 recipe: Recipe) -> str:
+    """The training pairs in a few lines: how many, on-policy (the model's own wrong answers) or random, per
+    kind."""
+    model, fallback = (sum(c[key] for c in by_kind.values()) for key in ('model', 'random'))
+    lines = [f'  pairs (chosen: the right answer): {counts["preference"]} for training in '
+             f'{os.path.relpath(pairs["preference"], REPO_ROOT)}: {model} on-policy (the model\'s own wrong '
+             f'answers, at most {recipe.preference_pairs_per_prompt} a question), {fallback} random (another answer '
+             f'of its kind: {recipe.preference_random_pairs} a question, and one for a question the model never got '
+             f'wrong{"" if recipe.preference_fallback else ": off"}); {counts["test"]} held out (random wrong answers)',
+             f'  {"kind":<12} {"questions":>9} {"on-policy":>9} {"random":>7}  (questions: those with a pair)']
+    for kind, c in by_kind.items():
+        lines.append(f'  {kind:<12} {c["prompts"]:>9d} {c["model"]:>9d} {c["random"]:>7d}')
+    return '\n'.join(lines)
 
 
 def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recipe: Optional[Recipe] = None,
@@ -122,6 +151,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     console = console or Console(os.path.join(work_dir, 'demo.log'))
+    with open(os.path.join(work_dir, 'recipe.json'), 'w', encoding='utf-8') as f:   # for --preference-only
+        json.dump(dataclasses.asdict(recipe), f, indent=1)
     cache_root = os.path.join(work_dir, '.cache')
     for key, value in cache_env(cache_root).items():
         os.environ.setdefault(key, value)
@@ -196,12 +227,23 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     if recipe.video:
         console(f'  video questions ({recipe.video_frames} frames each): single-frame control (every frame the '
                 f'middle one): {single_frame_accuracy(answers):.3f}')
+    return _finish(recipe, work_dir, console, models, data, geometry, stages, ft_options, answers, converted,
+                   converted_format, chance, timings, nproc, ds, stage_timeout)
+
+
+def _finish(recipe: Recipe, work_dir: str, console: Console, models, data, geometry, stages, ft_options,
+            answers, converted: str, converted_format: str, chance: float, timings: Dict[str, float], nproc: int,
+            ds: Optional[str], stage_timeout: float) -> DemoResult:
+    """After the fine-tuned model's answers: the preference stage when the recipe has one, then the result,
+    ``answers.jsonl`` and the tables."""
     preference = None
     if recipe.preference:
         preference = preference_stage(recipe, models, data, geometry, stages, ft_options, work_dir, console, nproc,
-                                      ds, cache_root, stage_timeout, timings, steps)
+                                      ds, os.path.join(work_dir, '.cache'), stage_timeout, timings, 8)
         console(f'  after fine-tuning: {summary_line(accuracy(answers), len(answers), accuracy(answers, True))}')
-        preference.sft_accuracy = accuracy(answers)
+        console('  per kind, questions right before and after the preference stage:')
+        console(kind_changes(answers, preference.answers))
+        preference.sft_accuracy, preference.sft_answers = accuracy(answers), answers
         answers, converted, converted_format = preference.answers, preference.converted, preference.converted_format
     result = DemoResult(accuracy=accuracy(answers), blind=accuracy(answers, blind=True), chance=chance,
                         n=len(answers), answers=answers, stages=stages, converted_dir=converted,
@@ -218,6 +260,63 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
             f'; total {fmt_time(result.wall_s)}. Chance: {chance:.3f}. TensorBoard: tensorboard --logdir '
             f'{os.path.relpath(work_dir, REPO_ROOT)}')
     return result
+
+
+def rerun_preference(work_dir: str, recipe: Recipe, nproc: int = 1, deepspeed: Optional[str] = None,
+                     console: Optional[Console] = None, stage_timeout: float = 3600,
+                     configs_dir: Optional[str] = None) -> DemoResult:
+    """Only the preference stage (and what it needs: the data, the fine-tuned model's answers), from the
+    fine-tuned checkpoint and converted folder a run of the same recipe left in ``work_dir``
+    (``--preference-only``: to try preference settings without fine-tuning again). The recipe must equal that
+    run's but for its ``preference*`` fields (its ``recipe.json``).
+
+    Raises:
+        DemoError: no such run in ``work_dir``, or it was made with another recipe.
+    """
+    CONFIGS.update(demo_configs(configs_dir))
+    ds = deepspeed_json(deepspeed, CONFIGS)
+    work_dir = os.path.abspath(work_dir)
+    console = console or Console(os.path.join(work_dir, 'demo.log'))
+    try:
+        with open(os.path.join(work_dir, 'recipe.json'), encoding='utf-8') as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DemoError(f'--preference-only needs a demo run in {work_dir} (its recipe.json): {exc}') from exc
+    differ = [k for k, v in dataclasses.asdict(recipe).items()
+              if not k.startswith('preference') and k in recorded and json.loads(json.dumps(v)) != recorded[k]]
+    if differ:
+        raise DemoError(f'--preference-only: the recipe differs from the run in {work_dir} in '
+                        + ', '.join(f'{k} ({recorded[k]!r} there, {getattr(recipe, k)!r} here)' for k in differ))
+    ft = recipe.finetune
+    checkpoints = sorted(glob.glob(os.path.join(work_dir, f'finetune_{ft}', 'iter_*.pth')),
+                         key=lambda p: int(os.path.basename(p)[5:-4]))
+    if not checkpoints:
+        raise DemoError(f'--preference-only: no fine-tuned checkpoint in {work_dir}/finetune_{ft}')
+    for key, value in cache_env(os.path.join(work_dir, '.cache')).items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+    timings: Dict[str, float] = {}
+    console(f'xtuner-plugins demo, the preference stage only, from the fine-tuned model in '
+            f'{os.path.relpath(work_dir, REPO_ROOT)}')
+    models = {'vision': os.path.join(work_dir, 'models', recipe.vision), 'llm': os.path.join(work_dir, 'models', 'llm')}
+    t = time.perf_counter()
+    data = make_data(os.path.join(work_dir, 'data'), recipe)   # the same files again, with the preference prompts
+    timings['data'] = time.perf_counter() - t
+    from xtuner_plugins.demo.data import chance_accuracy
+    from xtuner_plugins.models.inference import folder_format
+    geometry = model_geometry(models, recipe)
+    stages = {'finetune': StageResult('fine-tune', os.path.dirname(checkpoints[-1]), '', checkpoints[-1],
+                                      int(os.path.basename(checkpoints[-1])[5:-4]))}
+    ft_options = stage_options(ft, recipe, models, data['sft'], data['images'], os.path.join(work_dir, 'cache'),
+                               nproc, geometry=geometry)
+    converted = os.path.join(work_dir, 'converted')
+    t = time.perf_counter()
+    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
+                               recipe.video_frames)
+    timings['answers'] = time.perf_counter() - t
+    return _finish(recipe, work_dir, console, models, data, geometry, stages, ft_options, answers, converted,
+                   folder_format(converted), chance_accuracy(data['test']), timings, nproc, ds, stage_timeout)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -243,6 +342,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f'family: vision={"|".join(VISION_TYPES)} projector={"|".join(PROJECTOR_TYPES)} '
                              '[image_mode=tile|resize|pad]')
     parser.add_argument('--seed', type=int, default=None, help='random seed (default: the recipe\'s, 0)')
+    parser.add_argument('--preference-only', action='store_true',
+                        help='rerun only the preference stage, from the fine-tuned model a whole run of the same '
+                             'recipe left in --work-dir (to try --set preference_* settings)')
     parser.add_argument('--min-accuracy', type=float, default=None,
                         help='exit 1 when the accuracy is below this (default: no check)')
     args = parser.parse_args(argv)
@@ -257,8 +359,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console = Console(os.path.join(os.path.abspath(args.work_dir), 'demo.log'))
     console(f'recipe: {recipe.describe()}')
     try:
-        result = run_demo(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
-                          console=console, configs_dir=args.configs)
+        if args.preference_only and not recipe.preference:
+            raise DemoError('--preference-only needs --set preference=mpo (or dpo)')
+        run = rerun_preference if args.preference_only else run_demo
+        result = run(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
+                     console=console, configs_dir=args.configs)
     except DemoError as exc:
         console(f'demo failed: {exc}')
         return 1
@@ -267,7 +372,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'per_kind': per_kind(result.answers), 'wall_s': result.wall_s, 'timings': result.timings,
                    'preference': None if result.preference is None else {
                        'accuracy': result.preference.accuracy, 'before': result.preference.before,
-                       'n': result.preference.n, 'accuracy_after_finetuning': result.preference.sft_accuracy},
+                       'n': result.preference.n, 'accuracy_after_finetuning': result.preference.sft_accuracy,
+                       'per_kind_after_finetuning': per_kind(result.preference.sft_answers),
+                       'pairs': result.preference.pairs, 'per_kind': result.preference.by_kind},
                    'single_frame': single_frame_accuracy(result.answers),
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)

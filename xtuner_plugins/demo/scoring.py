@@ -5,7 +5,7 @@ blind control; accuracies, the per-kind table and the summary line the demo ends
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from .console import Console
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .stages import StageResult
 
 __all__ = ['Answer', 'DemoResult', 'PreferenceResult', 'SUMMARY_FORMAT', 'accuracy', 'answer_questions',
-           'answer_table', 'per_kind', 'single_frame_accuracy', 'summary_line']
+           'answer_table', 'kind_changes', 'per_kind', 'single_frame_accuracy', 'summary_line']
 
 SUMMARY_FORMAT = 'demo accuracy: {accuracy:.3f} ({n} questions); blind control: {blind:.3f}'
 
@@ -112,6 +112,21 @@ def answer_table(answers: Sequence[Answer], max_rows: Optional[int] = 24) -> str
     return '\n'.join(rows)
 
 
+def kind_changes(before: Sequence[Answer], after: Sequence[Answer]) -> str:
+    """Per kind, the questions answered right before and after a stage (the same questions), and the change,
+    so that a loss on one kind cannot hide behind a gain on another."""
+    counts: Dict[str, List[int]] = defaultdict(lambda: [0, 0, 0])   # kind -> questions, right before, after
+    for a in before:
+        counts[a.kind][0] += 1
+        counts[a.kind][1] += a.correct
+    for a in after:
+        counts[a.kind][2] += a.correct
+    rows = [f'  {"kind":<12} {"questions":>9} {"before":>7} {"after":>7} {"change":>7}']
+    for kind, (n, was, now) in counts.items():
+        rows.append(f'  {kind:<12} {n:>9d} {was:>7d} {now:>7d} {now - was:>+7d}')
+    return '\n'.join(rows)
+
+
 def summary_line(accuracy_value: float, n: int, blind_value: float) -> str:
     return SUMMARY_FORMAT.format(accuracy=accuracy_value, n=n, blind=blind_value)
 
@@ -146,6 +161,9 @@ class PreferenceResult:
     converted: str
     converted_format: str
     sft_accuracy: float = 0.0
+    sft_answers: List[Answer] = field(default_factory=list)   # the same questions, before the stage
+    pairs: Dict[str, Dict[str, int]] = field(default_factory=dict)  # training pairs per kind (pair_counts)
+    by_kind: Dict[str, float] = field(default_factory=dict)          # held-out preference accuracy per kind
 
     def line(self) -> str:
         return (f'preference accuracy: {self.accuracy:.3f} ({self.n} held-out pairs); '

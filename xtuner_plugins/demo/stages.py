@@ -200,7 +200,14 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
     elif stage == 'preference':
         if recipe.preference not in PREFERENCE_LOSSES:
             raise ValueError(f'preference={recipe.preference!r}: use one of {", ".join(PREFERENCE_LOSSES)}')
-        for key, value in dict(PREFERENCE_LOSSES[recipe.preference], beta=recipe.preference_beta).items():
+        loss = dict(PREFERENCE_LOSSES[recipe.preference], beta=recipe.preference_beta)
+        if recipe.preference_weights:
+            weights = [float(w) for w in recipe.preference_weights.split(',')]
+            if len(weights) != len(loss['types']):
+                raise ValueError(f'preference_weights={recipe.preference_weights!r}: give {len(loss["types"])} '
+                                 f'weights, for {", ".join(loss["types"])}')
+            loss['weights'] = weights
+        for key, value in loss.items():
             options[f'model.preference.{key}'] = value
     return options
 

@@ -21,10 +21,9 @@ from xtuner_plugins.demo.scoring import kind_changes, per_kind
 
 pytestmark = pytest.mark.slow
 
-# the quick recipe's model and data, every kind; 2 x 32-wide attention heads (what vLLM serves)
+# the quick recipe's model and data, every kind
 RECIPE = dict(n_pretrain=400, n_sft=3000, n_test=60, pretrain_iters=50, finetune_iters=600, log_interval=50,
-              max_new_tokens=4, llm_heads=2, llm_kv_heads=1, preference='mpo', preference_prompts=600,
-              preference_iters=200)
+              max_new_tokens=4, preference='mpo', preference_prompts=600, preference_iters=200)
 
 
 def lost_questions(before, after):

@@ -128,3 +128,22 @@ def test_the_server_gets_the_folders_settings_and_is_checked_before_ready(folder
     capsys.readouterr()
     assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable]) == 2
     assert 'vLLM exited with code 3 before it was ready' in capsys.readouterr().err
+
+
+def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders, tmp_path, monkeypatch, capsys):
+    """16-wide heads (the demo's default LLM): vLLM's CPU build would start and fail at the first request."""
+    from xtuner_plugins.cli import serve
+    assert settings(folders['official'])['head_dim'] == settings(folders['hf'])['head_dim'] == 32
+    config = json.load(open(os.path.join(folders['official'], 'config.json')))
+    config['llm_config']['num_attention_heads'] = 2 * config['llm_config']['num_attention_heads']
+    json.dump(config, open(tmp_path / 'config.json', 'w'))
+    for name in os.listdir(folders['official']):
+        if name != 'config.json':
+            os.symlink(os.path.join(folders['official'], name), tmp_path / name)
+    assert settings(str(tmp_path))['head_dim'] == 16
+    monkeypatch.setattr(serve, 'probe', lambda python: dict(found=True, cpu='0.32.0'))
+    monkeypatch.setattr(serve.subprocess, 'Popen', lambda *a, **k: pytest.fail('the server was started'))
+    assert serve_main([str(tmp_path), '--port', '0', '--vllm-python', sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: its LLM's attention heads are 16 wide; vLLM's CPU build takes head sizes 32, 64" in err
+    assert '--set llm_heads=2 llm_kv_heads=1' in err

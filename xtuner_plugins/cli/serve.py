@@ -114,11 +114,11 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
                 chat_template=template, system_message=wanted, head_dim=head_dim)
 
 
-def cpu_head_problem(folder: str, head_dim: Optional[int]) -> Optional[str]:
+def cpu_head_problem(head_dim: Optional[int]) -> Optional[str]:
     """Why vLLM's CPU build cannot serve a folder whose LLM has ``head_dim``-wide heads (None: it can)."""
     if head_dim is None or head_dim in CPU_HEAD_SIZES:
         return None
-    return (f'{folder}: its LLM\'s attention heads are {head_dim} wide; vLLM\'s CPU build takes head sizes '
+    return (f'its LLM\'s attention heads are {head_dim} wide; vLLM\'s CPU build takes head sizes '
             f'{", ".join(map(str, CPU_HEAD_SIZES))} only (it would start, then fail at the first request). Serve it '
             f'with vLLM on a GPU, or train an LLM with heads of one of those sizes (the demo: --set llm_heads=2 '
             f'llm_kv_heads=1)')
@@ -232,9 +232,9 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
     if found['cpu']:
-        problem = cpu_head_problem(args.folder, s['head_dim'])
+        problem = cpu_head_problem(s['head_dim'])
         if problem:
-            return tool_error('serve', problem)
+            return tool_error('serve', f'{args.folder}: {problem}')
         env.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')  # GiB for the KV cache; set it higher for long prompts
     with tempfile.TemporaryDirectory(prefix='xtuner-serve-') as tmp:
         template_path = os.path.join(tmp, 'chat_template.jinja')

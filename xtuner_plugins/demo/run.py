@@ -30,8 +30,9 @@ log, not by the exit code alone. Logs and TensorBoard events stay in each stage'
 those of the repository checkout the package sits in, or of the folder ``--configs DIR`` names (the
 repository's ``configs/``; needed when the package is installed without its checkout).
 
-The last two lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind
-control: B``.
+Its closing lines: ``serving: python tools/serve.py PATH`` (and why vLLM's CPU build cannot serve it, where
+it cannot), ``converted: PATH (FORMAT)``, the preference stage's ``preference accuracy: ...`` where it ran, and
+last ``demo accuracy: A (N questions); blind control: B``.
 
 This module is the orchestration; its parts: :mod:`~xtuner_plugins.demo.recipe` (the recipe and ``--set``),
 :mod:`~xtuner_plugins.demo.stages` (configs, models, data, ``--cfg-options``, training and conversion),
@@ -378,6 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'single_frame': single_frame_accuracy(result.answers),
                    'nproc': args.nproc_per_node, 'deepspeed': args.deepspeed,
                    'recipe': dataclasses.asdict(recipe)}, f, indent=1)
+    console(serving_line(result.converted_dir, result.converted_format))
     console(f'converted: {result.converted_dir} ({result.converted_format})')
     if result.preference:
         console(result.preference.line())
@@ -385,6 +387,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.min_accuracy is not None and result.accuracy < args.min_accuracy:
         return 1
     return 0
+
+
+def serving_line(folder: str, fmt: str) -> str:
+    """How to serve the converted folder with vLLM, or why vLLM's CPU build cannot (docs/serving.md)."""
+    from xtuner_plugins.cli.serve import SERVABLE, cpu_head_problem, settings
+    if fmt not in SERVABLE:
+        return f'serving: vLLM does not read the {fmt} layout (it serves the official and hf layouts)'
+    problem = cpu_head_problem(settings(folder)['head_dim'])
+    return f'serving: python tools/serve.py {os.path.relpath(folder, REPO_ROOT)}' + (
+        f' (on a GPU: {problem})' if problem else '')
 
 
 if __name__ == '__main__':

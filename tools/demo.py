@@ -11,8 +11,8 @@ Usage::
     xtuner-plugins-demo --recipe quick               # the same, installed as a console script
 
 Outputs (logs, TensorBoard events, checkpoints, the converted folder, answers) go to ``work_dirs/demo/``;
-the last lines printed are ``converted: PATH (FORMAT)`` and ``demo accuracy: A (N questions); blind control:
-B``. ``--configs DIR`` names the repository's ``configs/`` when the package is installed without its
+the last lines printed are ``serving: ...`` (how to serve it with vLLM), ``converted: PATH (FORMAT)`` and
+``demo accuracy: A (N questions); blind control: B``. ``--configs DIR`` names the repository's ``configs/`` when the package is installed without its
 checkout. The orchestration is ``xtuner_plugins/demo/run.py``; its parts are beside it in ``xtuner_plugins/demo/``.
 """
 

@@ -193,8 +193,10 @@ def preference_accuracy(config: str, options: Mapping[str, object], checkpoint: 
     collate_fn = collate.pop('type')
     with open(pairs_path, encoding='utf-8') as f:   # the data set keeps the file's order (repeat_times 1)
         kinds = [json.loads(line).get('kind', '') for line in f]
+    if len(kinds) != len(dataset):   # a pair the data set dropped would shift every kind after it
+        raise ValueError(f'{pairs_path}: {len(kinds)} pairs in the file, {len(dataset)} in the data set')
     groups: Dict[str, List[int]] = defaultdict(list)
-    for i, kind in enumerate(kinds[:len(dataset)]):
+    for i, kind in enumerate(kinds):
         groups[kind].append(i)
     preferred: Dict[str, float] = {}
     for kind, idx in groups.items():   # batches of one kind: each kind's accuracy

@@ -40,6 +40,7 @@ import torch
 from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
+from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import compute_source_lengths
@@ -299,8 +300,9 @@ class InternVLDataset(Dataset):
         return CheckedSample(sample, [], conversations, path, video[1])
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch ``'rand'`` video frames are drawn for (0 until set; a DataLoader's persistent workers keep the
-        value they started with)."""
+        """The epoch ``'rand'`` video frames are drawn for (0 until set). In training each item's index carries its
+        epoch and ``__getitem__`` calls this in the process that loads it, DataLoader workers included
+        (``data/epochs.py``)."""
         self.epoch = int(epoch)
 
     def probe(self, checked: 'CheckedSample') -> VideoInfo:
@@ -423,8 +425,10 @@ class InternVLDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         """The sample at ``index``; a bad one is counted and replaced by a sample drawn with a generator seeded
-        by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped."""
-        n, position, skipped, rng = len(self._index), index, [], None
+        by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped. An
+        index from training's sampler carries its epoch (``data/epochs.py``), which this data set takes."""
+        take_epoch(self, index)
+        n, position, skipped, rng = len(self._index), int(index), [], None
         for _ in range(n):
             record = self.record_at(position % n)
             try:

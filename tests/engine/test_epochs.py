@@ -121,8 +121,24 @@ def test_epoch_index_reaches_the_data_set(data, tiny_tokenizer_dir):
     packed = PackedInternVLDataset(ds, max_tokens=1, shuffle=False)  # one sample a pack
     assert [frames(packed[EpochIndex(i, 1)]) for i in range(VIDEOS)] == later and ds.epoch == 1
 
-    sampler = EpochSampler(ds, dict(type='DefaultSampler', shuffle=False), seed=0)
+    from mmengine.dataset import DefaultSampler
+    sampler = EpochSampler(ds, dict(type=DefaultSampler, shuffle=False), seed=0)
     sampler.set_epoch(3)
     got = list(sampler)
     assert got == list(range(VIDEOS)) and {i.epoch for i in got} == {3} and ds.epoch == 3
     assert np.all(np.asarray(got) == np.arange(VIDEOS))
+
+
+def test_the_configs_sampler_is_wrapped_once():
+    from mmengine.config import Config
+    from xtuner.dataset.samplers import LengthGroupedSampler
+
+    from tests.configs.conftest import ROOT
+    from xtuner_plugins.engine.derive import wrap_sampler
+    loader = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py')).train_dataloader
+    inner = dict(loader.sampler)
+    assert wrap_sampler(loader) and loader.sampler.type is EpochSampler and loader.sampler.sampler == inner
+    assert inner['type'] is LengthGroupedSampler
+    assert not wrap_sampler(loader) and loader.sampler.sampler == inner  # once
+    other = dict(dataset=dict(type='ToyRegressionDataset'), sampler=dict(type='DefaultSampler'))
+    assert not wrap_sampler(other) and other['sampler'] == dict(type='DefaultSampler')

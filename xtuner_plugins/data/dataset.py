@@ -40,9 +40,10 @@ import torch
 from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
+from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
-from .lengths import compute_source_lengths
+from .lengths import LengthStats
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
 from .conversation import Conversation, parse_conversation
@@ -50,8 +51,8 @@ from .fitting import TRUNCATION, Fit, fit_sample, fit_video, judge_sft_cut, note
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
                        get_template)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
-from .video import (VideoInfo, check_sampling, choose_frames, draw_num_frames, frame_rng, frames_for, probe_video,
-                    read_frames, video_field, video_turns)
+from .video import VideoInfo, video_field, video_turns
+from .video_sample import VideoSamples
 
 
 # What a data set built directly (not from a training config, which takes the model's) uses for None.
@@ -82,8 +83,9 @@ def build_tokenizer(tokenizer):
     return BUILDER.build(tokenizer)
 
 
-class InternVLDataset(Dataset):
-    """LLaVA-format samples with InternVL 2.5 dynamic high-resolution tiling.
+class InternVLDataset(VideoSamples, LengthStats, Dataset):
+    """LLaVA-format samples with InternVL 2.5 dynamic high-resolution tiling (videos: :class:`VideoSamples`;
+    lengths for the length-grouped sampler: :class:`~xtuner_plugins.data.lengths.LengthStats`).
 
     Args:
         data_files: one path or a list: ``.jsonl``, ``.json`` (a list of samples) or InternVL meta
@@ -169,11 +171,7 @@ class InternVLDataset(Dataset):
                  video_sampling: str = 'rand',
                  frame_prefix: Optional[str] = None):
         super().__init__()
-        if not 1 <= min_num_frame <= max_num_frame:
-            raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}')
-        self.min_num_frame, self.max_num_frame = int(min_num_frame), int(max_num_frame)
-        self.video_sampling = check_sampling(video_sampling)
-        self.epoch = 0  # set_epoch: what 'rand' frame positions are drawn with besides the seed and the sample
+        self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
             raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
@@ -190,9 +188,7 @@ class InternVLDataset(Dataset):
         image_mode = 'tile' if image_mode is None else image_mode
         image_mean = IMAGENET_MEAN if image_mean is None else image_mean
         self.template = get_template(template)
-        self.frame_prefix = self.template.frame_prefix if frame_prefix is None else str(frame_prefix)
-        if '{i}' not in self.frame_prefix:
-            raise ValueError(f'frame_prefix {self.frame_prefix!r} must hold {{i}}, the frame\'s number')
+        self.init_frame_prefix(frame_prefix)
         if self.tokenizer is not None:
             check_tokenizer_fits(self.tokenizer, self.template,
                                  where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer')
@@ -286,31 +282,14 @@ class InternVLDataset(Dataset):
         src = self.sources[record.source]
         video = video_field(sample)
         images = sample_images(sample)
-        if video and images:
-            raise SampleError('image_and_video', f'the sample has {len(images)} image(s) and a video; a sample holds '
-                                                 f'images or one video, not both')
+        self.refuse_images_with_video(video, images)
         paths = [resolve_image_path(path, src.image_folder, src.base_dir, self.allow_links_outside)
                  for path in images]
         conversations = [parse_conversation(video_turns(c, video is not None), len(paths), self.template,
                                             self.system, self.control_markers) for c in self.conversations_of(sample)]
         if video is None:
             return CheckedSample(sample, paths, conversations)
-        path = resolve_image_path(video[0], src.image_folder, src.base_dir, self.allow_links_outside)
-        return CheckedSample(sample, [], conversations, path, video[1])
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch ``'rand'`` video frames are drawn for (0 until set; a DataLoader's persistent workers keep the
-        value they started with)."""
-        self.epoch = int(epoch)
-
-    def probe(self, checked: 'CheckedSample') -> VideoInfo:
-        """A checked video sample's :class:`~xtuner_plugins.data.video.VideoInfo` (headers only)."""
-        return probe_video(checked.video, checked.clip, self.max_image_pixels)
-
-    def num_frames(self, record: Record, info: VideoInfo) -> int:
-        """The frames a video sample gets before ``max_length`` has its say: drawn from the seed and its place."""
-        drawn = draw_num_frames(self.min_num_frame, self.max_num_frame, self.seed, record.source, record.line)
-        return frames_for(info, drawn, self.video_sampling, self.max_num_frame)
+        return CheckedSample(sample, [], conversations, self.resolve_video(record, video), video[1])
 
     def record_at(self, index: int) -> Record:
         """The record of item ``index`` (after repeats)."""
@@ -373,7 +352,7 @@ class InternVLDataset(Dataset):
         """``(fit, tiles)``: the record checked, its images decoded, fitted to ``max_length`` and tiled."""
         checked = self.check_record(record)
         if checked.video is not None:
-            return self.load_video_fit(record, checked)
+            return self.load_video_fit(record, checked)  # video_sample.py
         pictures = [load_image(p, self.max_image_pixels) for p in checked.image_paths]
         fit = self.fit(record, checked, [p.size for p in pictures])
         tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
@@ -382,16 +361,6 @@ class InternVLDataset(Dataset):
         if [t.shape[0] for t in tiles] != fit.tiles:
             raise RuntimeError(f'{self.where(record)}: {[t.shape[0] for t in tiles]} tiles cut, {fit.tiles} counted')
         return fit, tiles
-
-    def load_video_fit(self, record: Record, checked: 'CheckedSample'):
-        """``(fit, tiles)`` of a video sample: its frame count fitted to ``max_length``, then only those frames
-        decoded, each one tile (resized, or padded first in ``image_mode='pad'``)."""
-        info = self.probe(checked)
-        fit = self.fit(record, checked, [], info)
-        rng = frame_rng(self.seed, self.epoch, record.source, record.line)
-        frames = read_frames(info, choose_frames(info, fit.max_num, self.video_sampling, rng))
-        mode = 'pad' if self.image_mode == 'pad' else 'resize'
-        return fit, [image_tiles(f, mode, image_size=self.image_size, mean=self.image_mean) for f in frames]
 
     def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
         return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),
@@ -423,8 +392,10 @@ class InternVLDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         """The sample at ``index``; a bad one is counted and replaced by a sample drawn with a generator seeded
-        by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped."""
-        n, position, skipped, rng = len(self._index), index, [], None
+        by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped. An
+        index from training's sampler carries its epoch (``data/epochs.py``), which this data set takes."""
+        take_epoch(self, index)
+        n, position, skipped, rng = len(self._index), int(index), [], None
         for _ in range(n):
             record = self.record_at(position % n)
             try:
@@ -443,32 +414,3 @@ class InternVLDataset(Dataset):
         """Tile size, tokens per tile, image mode and mean colour, as ``VisionLanguageModel.geometry``."""
         return dict(image_size=self.image_size, num_image_token=self.num_image_token, image_mode=self.image_mode,
                     image_mean=self.image_mean)
-
-    # ------------------------------------------------------------------ lengths for grouping
-    def _record_stats(self) -> np.ndarray:
-        """``[records, 2]``: token length of every record (text plus image tokens, negative for text-only
-        samples) and its number of tiles."""
-        if self._lengths is None:
-            if self.tokenizer is None:
-                raise ValueError('sample lengths need a tokenizer')
-            parts = []
-            for src, rng in zip(self.sources, self._source_ranges):
-                parts.append(compute_source_lengths(self, src, [self.records[i] for i in rng]))
-            self._lengths = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
-        return self._lengths
-
-    @property
-    def modality_length(self) -> List[int]:
-        """Per-item lengths, positive with images and negative without (XTuner's LengthGroupedSampler
-        with ``length_property='modality_length'`` then keeps image and text-only batches apart)."""
-        return self._record_stats()[self._index, 0].tolist()
-
-    @property
-    def length(self) -> List[int]:
-        """Per-item lengths, all positive (groups by length with modalities mixed)."""
-        return np.abs(self._record_stats()[self._index, 0]).tolist()
-
-    @property
-    def num_tiles_per_item(self) -> List[int]:
-        """Per-item tile counts estimated from image headers (1 for a text-only sample's dummy tile)."""
-        return self._record_stats()[self._index, 1].tolist()

@@ -167,3 +167,38 @@ def _write_cache(cache_dir: str, cache_file: str, content: dict) -> None:
             os.unlink(tmp)
         print_log(f'the sample-length cache {cache_file} could not be written ({exc}); going on without it',
                   logger='current', level=30)
+
+
+class LengthStats:
+    """Per-item lengths and tile counts of :class:`~xtuner_plugins.data.dataset.InternVLDataset` (which inherits
+    this), computed once per source (:func:`compute_source_lengths`, cached) and read by the length-grouped sampler and
+    packing; the class using it has ``tokenizer``, ``sources``, ``records``, ``_source_ranges``, ``_index`` and
+    ``_lengths`` (None until computed)."""
+
+    def _record_stats(self) -> np.ndarray:
+        """``[records, 2]``: token length of every record (text plus image tokens, negative for text-only
+        samples) and its number of tiles."""
+        if self._lengths is None:
+            if self.tokenizer is None:
+                raise ValueError('sample lengths need a tokenizer')
+            parts = []
+            for src, rng in zip(self.sources, self._source_ranges):
+                parts.append(compute_source_lengths(self, src, [self.records[i] for i in rng]))
+            self._lengths = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        return self._lengths
+
+    @property
+    def modality_length(self) -> List[int]:
+        """Per-item lengths, positive with images and negative without (XTuner's LengthGroupedSampler
+        with ``length_property='modality_length'`` then keeps image and text-only batches apart)."""
+        return self._record_stats()[self._index, 0].tolist()
+
+    @property
+    def length(self) -> List[int]:
+        """Per-item lengths, all positive (groups by length with modalities mixed)."""
+        return np.abs(self._record_stats()[self._index, 0]).tolist()
+
+    @property
+    def num_tiles_per_item(self) -> List[int]:
+        """Per-item tile counts estimated from image headers (1 for a text-only sample's dummy tile)."""
+        return self._record_stats()[self._index, 1].tolist()

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
 
 
@@ -74,6 +75,15 @@ class PackedInternVLDataset(Dataset):
         return len(self.packs)
 
     @property
+    def epoch(self) -> int:
+        return getattr(self.dataset, 'epoch', 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the packed samples are loaded for (``InternVLDataset.set_epoch``)."""
+        if hasattr(self.dataset, 'set_epoch'):
+            self.dataset.set_epoch(epoch)
+
+    @property
     def length(self) -> List[int]:
         lengths = self.dataset.length
         return [sum(lengths[i] for i in pack) for pack in self.packs]
@@ -91,7 +101,9 @@ class PackedInternVLDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         """A pack without its bad samples (counted; listed in ``skipped``); a pack with none left is replaced
-        by the next."""
+        by the next. An index from training's sampler carries its epoch (``data/epochs.py``): the samples are
+        loaded for it."""
+        take_epoch(self, index)
         skipped: list = []
         for attempt in range(len(self.packs)):
             items = self._load_pack(self.packs[(index + attempt) % len(self.packs)], skipped)

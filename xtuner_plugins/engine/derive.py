@@ -20,6 +20,10 @@ and ``FlexibleRunner``, which ``xtuner train --deepspeed`` uses), from the data 
 run's config (``runner.cfg``) at hand. :func:`apply_derive_patches` wraps that method of both classes; importing
 ``runtime`` applies it, which every stage config does before the runner trains (``runtime``'s docstring), under
 ``xtuner train`` as under ``tools/train.py``. :func:`derive_data_settings` does the same on a whole config.
+
+The same patch wraps that data loader's sampler in :class:`~xtuner_plugins.data.epochs.EpochSampler`
+(:func:`wrap_sampler`): each index then carries its epoch to the DataLoader worker that loads it, where the data set
+takes it (``set_epoch``: a video's ``'rand'`` frames differ from epoch to epoch, and come back the same on a resume).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = ['DERIVED_KEYS', 'apply_derive_patches', 'derive_data_settings', 'encoder_conventions', 'fill_dataset',
-           'model_data_settings']
+           'model_data_settings', 'wrap_sampler']
 
 #: the data set's settings the model decides (``InternVLDataset`` arguments)
 DERIVED_KEYS = ('image_size', 'num_image_token', 'image_mode', 'image_mean', 'template', 'tokenizer')
@@ -181,6 +185,21 @@ def derive_data_settings(cfg, log: bool = True) -> Dict[str, object]:
     return fill_dataset(dataloader.get('dataset'), cfg.get('model'), log)
 
 
+def wrap_sampler(dataloader_cfg) -> bool:
+    """Wrap the sampler config of a data loader of an ``InternVLDataset`` (or a packing wrapper's) in
+    :class:`~xtuner_plugins.data.epochs.EpochSampler`, once; returns whether it did."""
+    if not isinstance(dataloader_cfg, dict) or not isinstance(dataloader_cfg.get('sampler'), dict):
+        return False
+    from xtuner_plugins.data.dataset import InternVLDataset
+    from xtuner_plugins.data.epochs import EpochSampler
+    dataset, sampler = _inner(dataloader_cfg.get('dataset')), dataloader_cfg['sampler']
+    if not isinstance(dataset, dict) or not _is(dataset.get('type'), InternVLDataset) or _is(sampler.get('type'),
+                                                                                              EpochSampler):
+        return False
+    dataloader_cfg['sampler'] = dict(type=EpochSampler, sampler=sampler)
+    return True
+
+
 def _patch_build_train_loop(runner_cls) -> bool:
     original = runner_cls.build_train_loop
     if getattr(original, _PATCH_MARK, False):
@@ -192,6 +211,7 @@ def _patch_build_train_loop(runner_cls) -> bool:
         cfg = getattr(self, 'cfg', None)
         if isinstance(dataloader, dict) and cfg is not None:
             fill_dataset(dataloader.get('dataset'), cfg.get('model'))
+        wrap_sampler(dataloader)
         return original(self, loop)
 
     setattr(build_train_loop, _PATCH_MARK, True)
@@ -201,7 +221,8 @@ def _patch_build_train_loop(runner_cls) -> bool:
 
 def apply_derive_patches() -> List[str]:
     """Wrap ``build_train_loop`` of MMEngine's ``Runner`` and ``FlexibleRunner`` (once each) so that the training
-    data set takes the model's settings it leaves unset; returns the classes newly patched."""
+    data set takes the model's settings it leaves unset and its items their epoch; returns the classes newly
+    patched."""
     from mmengine.runner import Runner
     classes = [Runner]
     try:

@@ -1,0 +1,144 @@
+"""Each epoch draws other 'rand' video frames, in a real MMEngine run with XTuner's TrainLoop and a persistent
+DataLoader worker (which never sees an attribute set on the main process's data set): the epoch reaches the worker
+with each index (data/epochs.py, wrapped in by engine/derive.py). The same run repeated, or resumed from a
+checkpoint in its second epoch, draws the same frames.
+
+Videos are made here: frame i is a grey of level 6*i (lossless H.264), so a tile tells its frame's number."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from mmengine.hooks import CheckpointHook, Hook
+from mmengine.model import BaseModel
+
+from tests.helpers import conv, write_jsonl, write_video
+from xtuner_plugins.data.dataset import InternVLDataset
+from xtuner_plugins.data.epochs import EpochIndex, EpochSampler
+from xtuner_plugins.data.packing import PackedInternVLDataset
+
+VIDEOS = 3    # one a batch: 3 iterations an epoch
+FRAMES = 4    # of 40, one drawn in each tenth
+
+
+class FrameModel(BaseModel):
+    """A model of one weight, trained on nothing: the run is about the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, data, data_samples=None, mode='loss'):
+        return dict(loss=(self.w - 1).pow(2).sum())
+
+
+class FrameLog(Hook):
+    """``(iteration, sample, frame numbers)`` of every batch the run trains on (main process)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        data = data_batch['data']
+        frames = [int(round(float(t[0, 0, 0]) / 6)) for t in data['pixel_values']]
+        self.seen.append((runner.iter, data['samples'][0], tuple(frames)))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('epochs')
+    samples = []
+    for k in range(VIDEOS):
+        write_video(root / f'v{k}.mp4', [6 * i for i in range(40)], size=(28, 28))
+        samples.append({'video': f'v{k}.mp4', 'conversations': conv(f'Video {k}?', 'grey', image=False)})
+    return write_jsonl(root / 'videos.jsonl', samples)
+
+
+def train(work_dir, data, tokenizer, resume_from=None):
+    from mmengine.dataset import DefaultSampler
+    from mmengine.runner import Runner
+    from xtuner.engine.runner import TrainLoop
+
+    import xtuner_plugins.engine  # noqa: F401  (the runner patches: derive.py wraps the sampler)
+    from xtuner_plugins.data import internvl_collate_fn
+    log = FrameLog()
+    runner = Runner(
+        model=FrameModel(), work_dir=str(work_dir),
+        train_dataloader=dict(
+            batch_size=1, num_workers=1, persistent_workers=True,
+            dataset=dict(type=InternVLDataset, data_files=[data], tokenizer=tokenizer, image_size=28,
+                         min_num_frame=FRAMES, max_num_frame=FRAMES, video_sampling='rand', seed=5),
+            sampler=dict(type=DefaultSampler, shuffle=True), collate_fn=dict(type=internvl_collate_fn)),
+        train_cfg=dict(type=TrainLoop, max_epochs=2),
+        optim_wrapper=dict(optimizer=dict(type=torch.optim.SGD, lr=0.1)),
+        default_hooks=dict(checkpoint=dict(type=CheckpointHook, interval=1, by_epoch=False)),
+        custom_hooks=[log], env_cfg=dict(mp_cfg=dict(mp_start_method='fork')),
+        randomness=dict(seed=3), resume=resume_from is not None, load_from=resume_from)
+    runner.train()
+    return log.seen
+
+
+def by_epoch(seen):
+    """``{(epoch, sample): frames}``."""
+    return {(i // VIDEOS, name): frames for i, name, frames in seen}
+
+
+@pytest.mark.slow
+def test_epochs_draw_other_frames_and_runs_repeat_them(data, tiny_tokenizer_dir, tmp_path):
+    first = train(tmp_path / 'a', data, tiny_tokenizer_dir)
+    assert [i for i, _, _ in first] == list(range(2 * VIDEOS))
+    frames = by_epoch(first)
+    names = sorted({name for _, name, _ in first})
+    assert len(names) == VIDEOS and len(frames) == 2 * VIDEOS
+    for name in names:
+        assert len(frames[0, name]) == FRAMES and list(frames[0, name]) == sorted(frames[0, name])
+        assert frames[0, name] != frames[1, name], (name, frames[0, name])  # epoch 1 drew its own
+
+    assert train(tmp_path / 'b', data, tiny_tokenizer_dir) == first  # the same run: the same frames
+
+    # resumed in the second epoch: MMEngine replays 4 iterations (across the epoch's end), then trains on the same
+    resumed = train(tmp_path / 'c', data, tiny_tokenizer_dir, resume_from=str(tmp_path / 'a' / 'iter_4.pth'))
+    assert resumed == first[4:]
+
+
+def test_epoch_index_reaches_the_data_set(data, tiny_tokenizer_dir):
+    index = EpochIndex(2, 7)
+    assert index == 2 and int(index) == 2 and pickle.loads(pickle.dumps(index)).epoch == 7
+    ds = InternVLDataset(data, tokenizer=tiny_tokenizer_dir, image_size=28, min_num_frame=FRAMES,
+                         max_num_frame=FRAMES, seed=5)
+
+    def frames(item):
+        return [int(round(float(t[0, 0, 0]) / 6)) for t in item['pixel_values']]
+    plain = [frames(ds[i]) for i in range(VIDEOS)]
+    assert ds.epoch == 0
+    later = [frames(ds[EpochIndex(i, 1)]) for i in range(VIDEOS)]
+    assert ds.epoch == 1 and later != plain
+    ds.set_epoch(0)
+    assert [frames(ds[i]) for i in range(VIDEOS)] == plain
+
+    packed = PackedInternVLDataset(ds, max_tokens=1, shuffle=False)  # one sample a pack
+    assert [frames(packed[EpochIndex(i, 1)]) for i in range(VIDEOS)] == later and ds.epoch == 1
+
+    from mmengine.dataset import DefaultSampler
+    sampler = EpochSampler(ds, dict(type=DefaultSampler, shuffle=False), seed=0)
+    sampler.set_epoch(3)
+    got = list(sampler)
+    assert got == list(range(VIDEOS)) and {i.epoch for i in got} == {3} and ds.epoch == 3
+    assert np.all(np.asarray(got) == np.arange(VIDEOS))
+
+
+def test_the_configs_sampler_is_wrapped_once():
+    from mmengine.config import Config
+    from xtuner.dataset.samplers import LengthGroupedSampler
+
+    from tests.configs.conftest import ROOT
+    from xtuner_plugins.engine.derive import wrap_sampler
+    loader = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py')).train_dataloader
+    inner = dict(loader.sampler)
+    assert wrap_sampler(loader) and loader.sampler.type is EpochSampler and loader.sampler.sampler == inner
+    assert inner['type'] is LengthGroupedSampler
+    assert not wrap_sampler(loader) and loader.sampler.sampler == inner  # once
+    other = dict(dataset=dict(type='ToyRegressionDataset'), sampler=dict(type='DefaultSampler'))
+    assert not wrap_sampler(other) and other['sampler'] == dict(type='DefaultSampler')

@@ -111,7 +111,7 @@ class Recipe:
     preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3
-    preference_beta: float = 0.1
+    preference_beta: float = 2.0
     # videos instead of the image questions (xtuner_plugins.demo.videos): '' (off), 'all' or kinds among motion_x,
     # motion_y, first_colour; n_sft / n_test then count videos (the warm-up stays on image captions), each of
     # video_frames frames (one tile each), and the answers add the single-frame control (every frame the middle one)

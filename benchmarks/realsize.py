@@ -337,7 +337,11 @@ def main() -> None:
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
-            if proc.returncode or not lines:
+            if proc.returncode < 0:  # a signal: SIGKILL is most likely the kernel's OOM killer (see dmesg)
+                results[(setting, row)] = dict(error=[f'killed by signal {-proc.returncode}' + (
+                    ' (the kernel\'s out-of-memory killer, most likely: `dmesg | grep -i killed`)'
+                    if proc.returncode == -9 else '')])
+            elif proc.returncode or not lines:
                 results[(setting, row)] = dict(error=(proc.stderr or proc.stdout)[-400:].strip().splitlines()[-1:])
             else:
                 results[(setting, row)] = json.loads(lines[-1][7:])

@@ -61,14 +61,22 @@ def tiny_families(root):
     return paths
 
 
-def converted_tiny_folder(root, scale=0.3):
-    """A tiny InternViT + LLM trained with LoRA (every trained tensor perturbed by ``scale``) and converted to
-    the official layout under ``root``: the folder the chat, eval and web tools are tested on."""
-    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+def lora_trained_tiny(root, scale=0.3):
+    """A tiny InternViT + LLM under ``root`` with a LoRA checkpoint ``root/iter_1.pth`` (every trained tensor
+    perturbed by ``scale``): ``dict(tiny=..., opts=..., ckpt=..., model=...)``, ``model`` the training model."""
+    from tests.tools.test_convert_to_official import LORA, options, trained_checkpoint
     tiny = tiny_workspace(os.path.join(str(root), 'tiny'))
+    opts = options(tiny)
     ckpt = os.path.join(str(root), 'iter_1.pth')
-    trained_checkpoint(LORA, options(tiny), ckpt, scale=scale)
-    return convert(LORA, ckpt, os.path.join(str(root), 'official'), options(tiny))
+    return dict(tiny=tiny, opts=opts, ckpt=ckpt, model=trained_checkpoint(LORA, opts, ckpt, scale=scale))
+
+
+def converted_tiny_folder(root, scale=0.3):
+    """:func:`lora_trained_tiny` converted to the official layout under ``root``: the folder the chat, eval and
+    web tools are tested on."""
+    from tests.tools.test_convert_to_official import LORA, convert
+    trained = lora_trained_tiny(root, scale)
+    return convert(LORA, trained['ckpt'], os.path.join(str(root), 'official'), trained['opts'])
 
 
 def write_video(path, levels, fps=10, size=(32, 24), gop=5):

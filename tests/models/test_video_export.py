@@ -9,8 +9,8 @@ and no resize filter tells two ways apart): the converted model must see the sam
 import pytest
 import torch
 
-from tests.helpers import tiny_workspace, write_jsonl, write_video
-from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+from tests.helpers import lora_trained_tiny, write_jsonl, write_video
+from tests.tools.test_convert_to_official import LORA, convert
 from tests.tools.test_export_families import greedy_decode
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.template import IGNORE_INDEX
@@ -25,19 +25,16 @@ QUESTION = 'Which way does it move?'
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('video_export')
-    tiny = tiny_workspace(root / 'tiny')
-    opts = options(tiny)
-    ckpt = str(root / 'iter_1.pth')
-    model = trained_checkpoint(LORA, opts, ckpt, scale=0.3)
+    trained = lora_trained_tiny(root)
     video = write_video(root / 'media' / 'v.mp4', [(37 * i) % 256 for i in range(30)], size=(112, 56))
     data = write_jsonl(root / 'v.jsonl', [{'video': 'v.mp4', 'conversations': [
         {'from': 'human', 'value': QUESTION}, {'from': 'gpt', 'value': 'x'}]}])
+    tiny = trained['tiny']
     ds = InternVLDataset(data, image_folders=str(root / 'media'), tokenizer=tiny['llm'], image_size=56,
                          min_num_frame=4, max_num_frame=4, video_sampling='middle', cache_dir=tiny['cache'])
     item = ds[0]
     first = next(i for i, label in enumerate(item['labels'].tolist()) if label != IGNORE_INDEX)
-    return dict(tiny=tiny, opts=opts, ckpt=ckpt, model=model, video=video, root=root,
-                ids=item['input_ids'][:first].tolist(), tiles=item['pixel_values'])
+    return dict(trained, video=video, root=root, ids=item['input_ids'][:first].tolist(), tiles=item['pixel_values'])
 
 
 @pytest.fixture(scope='module')

@@ -9,8 +9,8 @@ training model's forward (``test_export_families.greedy_with_training_model``).
 import pytest
 import torch
 
-from tests.helpers import tiny_workspace, write_image
-from tests.tools.test_convert_to_official import LORA, as_args, convert, options, trained_checkpoint
+from tests.helpers import lora_trained_tiny, write_image
+from tests.tools.test_convert_to_official import LORA, as_args, convert
 from tests.tools.test_export_families import greedy_with_training_model
 from tools.chat import main as chat_main
 from xtuner_plugins.data.image_io import load_image, load_image_tiles
@@ -20,18 +20,14 @@ from xtuner_plugins.data.tokenize import tokenize_conversation
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('chat')
-    tiny = tiny_workspace(root / 'tiny')
-    opts = options(tiny)
-    ckpt = str(root / 'iter_1.pth')
-    model = trained_checkpoint(LORA, opts, ckpt, scale=0.3)
-    folder = convert(LORA, ckpt, root / 'official', opts)
+    trained = lora_trained_tiny(root)
+    folder = convert(LORA, trained['ckpt'], root / 'official', trained['opts'])
     from transformers import AutoModel, AutoTokenizer
     official = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     images = [write_image(root / 'img' / f'{i}.png', size=size, seed=i)
               for i, size in enumerate([(120, 60), (50, 90), (56, 56)])]
-    return dict(tiny=tiny, opts=opts, ckpt=ckpt, model=model, folder=folder, official=official,
-                tokenizer=tokenizer, images=images)
+    return dict(trained, folder=folder, official=official, tokenizer=tokenizer, images=images)
 
 
 def tiles(path):

@@ -29,6 +29,8 @@ start=$(date +%s)
 echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
 "$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
-    "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+    # glibc returns freed blocks to the kernel at once: the resident set then follows what the step holds
+    MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0 \
+        "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 fi
 echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

@@ -10,9 +10,10 @@ bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one 
 step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the increase of the
-process's resident set during the step over its value before (``realsize.RssSampler``; run it with
-``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS), beside the
-planner's step peak for the same batch (``planner.plan_memory``). Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
+process's resident set during the step (gradients set to None before it, so they count) over its value before
+(``realsize.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0``
+so that freed memory leaves the RSS), beside the planner's gradients + step peak for the same batch
+(``planner.plan_memory``). Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
 variable) into ``--out``.
 """
 
@@ -77,33 +78,39 @@ def main() -> None:
     for kind, value in points:
         data = batch_for(model, kind, value, gen)
         for warm in (True, False):
+            opt.zero_grad(set_to_none=True)   # the step's own gradients count in its memory
             sampler.mark()
             t = time.perf_counter()
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 loss = model(data, mode='loss')['loss']
-            opt.zero_grad()
             loss.backward()
             opt.step()
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
-        planned = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
-                                           supervised=int((data['labels'][:, 1:] != -100).sum()),
-                                           packed=data.get('seq_lens') is not None), 'bf16')['step_peak']
+        plan = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
+                                        supervised=int((data['labels'][:, 1:] != -100).sum()),
+                                        packed=data.get('seq_lens') is not None), 'bf16')
+        planned = plan['gradients'] + plan['step_peak']
         rows.append(dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
                          measured_gib=(sampler.peak - sampler.start) / 2 ** 30, planned_gib=planned / 2 ** 30))
         r = rows[-1]
         print(f'{kind:12s} {value:6d}: {r["tokens"]:6d} tokens, {r["tiles"]:3d} tiles, {r["s"]:7.1f} s/step, '
               f'{r["measured_gib"]:6.2f} GiB measured, {r["planned_gib"]:6.2f} GiB planned', flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'scaling.json'), 'w') as f:
+        write(rows, args.out)   # after every point: a point killed for memory keeps the ones before it
+
+
+def write(rows, out: str) -> None:
+    """``scaling.json``, ``scaling.md`` (with memory per 1k tokens, the linearity check) and ``scaling.png``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'scaling.json'), 'w') as f:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, 'scaling.md'), 'w') as f:
+    with open(os.path.join(out, 'scaling.md'), 'w') as f:
         f.write('| series | value | tokens | tiles | s/step | step memory GiB (measured) | planned GiB | '
                 'measured GiB per 1k tokens |\n|---|---|---|---|---|---|---|---|\n')
         for r in rows:
             f.write(f'| {r["kind"]} | {r["value"]} | {r["tokens"]} | {r["tiles"]} | {r["s"]:.1f} | '
                     f'{r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {1000 * r["measured_gib"] / r["tokens"]:.3f} |\n')
-    plot(rows, os.path.join(args.out, 'scaling.png'))
+    plot(rows, os.path.join(out, 'scaling.png'))
 
 
 def plot(rows, path: str) -> None:

@@ -17,7 +17,26 @@ def test_the_checkouts_configs_by_default():
     assert stages.demo_configs() == {'pretrain': os.path.join(ROOT, 'configs', 'demo', 'pretrain_mlp.py'),
                                      'full': os.path.join(ROOT, 'configs', 'demo', 'finetune_full.py'),
                                      'lora': os.path.join(ROOT, 'configs', 'demo', 'finetune_lora.py'),
-                                     'preference': os.path.join(ROOT, 'configs', 'demo', 'dpo_lora.py')}
+                                     'preference': os.path.join(ROOT, 'configs', 'demo', 'dpo_lora.py'),
+                                     'preference_full': os.path.join(ROOT, 'configs', 'demo', 'mpo_full.py')}
+
+
+def test_the_preference_stage_trains_lora_or_projector_and_llm():
+    from xtuner_plugins.demo.recipe import Recipe
+    configs = stages.demo_configs()
+    assert stages.preference_config(Recipe(preference='mpo'), configs) == configs['preference']
+    full = Recipe(preference='mpo', preference_train='full')
+    assert stages.preference_config(full, configs) == configs['preference_full']
+    models = {'vision': 'V', 'llm': 'L'}
+    geometry = {'image_size': 56, 'num_image_token': 4, 'image_mode': 'tile', 'image_mean': (0.5, 0.5, 0.5)}
+    options = stages.stage_options('preference', full, models, 'pairs.jsonl', 'images', 'cache', geometry=geometry)
+    assert options['model.freeze_vision'] is True and options['model.preference.beta'] == full.preference_beta
+    assert 'model.freeze_vision' not in stages.stage_options('preference', Recipe(preference='mpo'), models,
+                                                             'pairs.jsonl', 'images', 'cache', geometry=geometry)
+    with pytest.raises(DemoError, match='preference_train=full needs finetune=full'):
+        stages.preference_config(Recipe(preference='mpo', preference_train='full', finetune='lora'), configs)
+    with pytest.raises(DemoError, match="preference_train='qlora': use lora or full"):
+        stages.preference_config(Recipe(preference='mpo', preference_train='qlora'), configs)
 
 
 def test_configs_from_a_given_folder_and_its_deepspeed_jsons(tmp_path):

@@ -100,6 +100,10 @@ class Recipe:
     preference_batch: int = 8      # pairs per step (twice the rows)
     preference_lr: float = 1e-3
     preference_beta: float = 2.0   # see above; DPO's usual 0.1 lowered the demo's accuracy
+    # what the stage trains: 'lora' (adapters on the LLM, configs/demo/dpo_lora.py; the reference is the model
+    # with them off) or 'full' (projector and LLM, configs/demo/mpo_full.py, as InternVL 2.5's MPO; the reference
+    # a frozen copy; needs finetune='full')
+    preference_train: str = 'lora'
     # videos instead of the image questions (xtuner_plugins.demo.videos): '' (off), 'all' or kinds among motion_x,
     # motion_y, first_colour; n_sft / n_test then count videos (the warm-up stays on image captions), each of
     # video_frames frames (one tile each), and the answers add the single-frame control (every frame the middle one)

@@ -58,7 +58,8 @@ from .recipe import PROJECTOR_TYPES, RECIPES, VISION_TYPES, Recipe, recipe_from_
 from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, kind_changes,
                       per_kind, single_frame_accuracy, summary_line)
 from .stages import (DEFAULT_CONFIGS, PREFERENCE_LOSSES, REPO_ROOT, StageResult, deepspeed_json, demo_configs,
-                     make_data, make_models, model_geometry, repeat_for, run_converter, stage_options, train_stage)
+                     make_data, make_models, model_geometry, preference_config, repeat_for, run_converter,
+                     stage_options, train_stage)
 
 __all__ = ['Answer', 'CONFIGS', 'REPO_ROOT', 'Recipe', 'RECIPES', 'main', 'per_kind', 'run_demo']
 
@@ -77,8 +78,11 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
     weights = ([float(w) for w in recipe.preference_weights.split(',')] if recipe.preference_weights else
                PREFERENCE_LOSSES[recipe.preference]['weights'])
     losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'], weights))
+    config = preference_config(recipe, CONFIGS)
+    trained = ('LoRA from the fine-tuned model, which is the reference' if recipe.preference_train == 'lora' else
+               'projector and LLM from the fine-tuned model, a frozen copy of it the reference')
     console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
-                 f'configs/demo/dpo_lora.py, LoRA from the fine-tuned model, which is the reference')
+                 f'{os.path.relpath(config, os.path.dirname(os.path.dirname(config)))}, {trained}')
     folder = os.path.join(work_dir, 'data')
     pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('preference', 'test')}
     asking = time.perf_counter()
@@ -101,19 +105,19 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
                             pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)
     options['train_dataloader.dataset.repeat_times'] = round(
         repeat_for(recipe.preference_iters, recipe.preference_batch, counts['preference']), 6)
-    stages['preference'] = train_stage('preference', CONFIGS['preference'], os.path.join(work_dir, 'preference'),
+    stages['preference'] = train_stage('preference', config, os.path.join(work_dir, 'preference'),
                                        options, console, nproc, deepspeed, cache_root, stage_timeout)
     kinds: Dict[str, Dict[str, float]] = {'before': {}, 'after': {}}
-    before, n = preference_accuracy(CONFIGS['preference'], options, None, pairs['test'], data['images'],
+    before, n = preference_accuracy(config, options, None, pairs['test'], data['images'],
                                     by_kind=kinds['before'])
-    after, _ = preference_accuracy(CONFIGS['preference'], options, stages['preference'].checkpoint, pairs['test'],
+    after, _ = preference_accuracy(config, options, stages['preference'].checkpoint, pairs['test'],
                                    data['images'], by_kind=kinds['after'])
     console(f'  held-out preference accuracy {before:.3f} -> {after:.3f}; per kind: '
             + ', '.join(f'{k} {kinds["before"][k]:.2f} -> {v:.2f}' for k, v in kinds['after'].items()))
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
-    console.step(f'8/{steps} the preference-trained model: conversion (adapters merged) and the same questions')
-    converted = run_converter(CONFIGS['preference'], stages['preference'].checkpoint, options,
+    console.step(f'8/{steps} the preference-trained model: conversion and the same questions')
+    converted = run_converter(config, stages['preference'].checkpoint, options,
                               os.path.join(work_dir, 'converted_preference'), console)
     answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
                                recipe.video_frames)
@@ -149,6 +153,8 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
         raise ValueError(f'nproc must be >= 1, got {nproc}')
     CONFIGS.update(demo_configs(configs_dir))   # preference_stage reads them here too
     ds = deepspeed_json(deepspeed, CONFIGS)
+    if recipe.preference:
+        preference_config(recipe, CONFIGS)   # a wrong preference_train fails now, not after fine-tuning
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     console = console or Console(os.path.join(work_dir, 'demo.log'))

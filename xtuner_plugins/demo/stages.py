@@ -21,7 +21,8 @@ from .console import Console, DemoError
 from .recipe import VISION_TYPES, Recipe
 
 __all__ = ['CONFIG_FILES', 'DEFAULT_CONFIGS', 'PREFERENCE_LOSSES', 'REPO_ROOT', 'StageResult', 'demo_configs',
-           'deepspeed_json', 'make_data', 'make_models', 'model_geometry', 'repeat_for', 'run_converter',
+           'deepspeed_json', 'make_data', 'make_models', 'model_geometry', 'preference_config', 'repeat_for',
+           'run_converter',
            'stage_options', 'train_stage']
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +33,8 @@ REPO_ROOT = _CHECKOUT if os.path.isdir(os.path.join(_CHECKOUT, 'configs', 'demo'
 DEFAULT_CONFIGS: Optional[str] = os.path.join(_CHECKOUT, 'configs') if REPO_ROOT == _CHECKOUT else None
 #: Each stage's config, relative to the configs folder.
 CONFIG_FILES = {'pretrain': 'demo/pretrain_mlp.py', 'full': 'demo/finetune_full.py',
-                'lora': 'demo/finetune_lora.py', 'preference': 'demo/dpo_lora.py'}
+                'lora': 'demo/finetune_lora.py', 'preference': 'demo/dpo_lora.py',
+                'preference_full': 'demo/mpo_full.py'}
 PREFERENCE_LOSSES = {'dpo': dict(types=['sigmoid'], weights=[1.0]),
                      'mpo': dict(types=['sigmoid', 'bco_pair', 'sft'], weights=[0.8, 0.2, 1.0])}
 VISION_WRITERS = {'internvit': 'write_tiny_internvit', 'siglip': 'write_tiny_siglip', 'clip': 'write_tiny_clip'}
@@ -57,6 +59,21 @@ def demo_configs(configs_dir: Optional[str] = None) -> Dict[str, str]:
     if missing:
         raise DemoError(f'--configs {folder}: no {", ".join(missing)}; pass the repository\'s configs/ folder')
     return configs
+
+
+def preference_config(recipe: Recipe, configs: Mapping[str, str]) -> str:
+    """The preference stage's config among ``configs`` (:func:`demo_configs`) for ``recipe.preference_train``.
+
+    Raises:
+        DemoError: an unknown ``preference_train``, or ``'full'`` after a LoRA fine-tune (its checkpoint holds
+            adapters that the full config does not build).
+    """
+    if recipe.preference_train not in ('lora', 'full'):
+        raise DemoError(f'preference_train={recipe.preference_train!r}: use lora or full')
+    if recipe.preference_train == 'full' and recipe.finetune != 'full':
+        raise DemoError('preference_train=full needs finetune=full (a LoRA fine-tune\'s adapters are merged only '
+                        'by the LoRA preference stage)')
+    return configs['preference' if recipe.preference_train == 'lora' else 'preference_full']
 
 
 def deepspeed_json(deepspeed: Optional[str], configs: Mapping[str, str]) -> Optional[str]:
@@ -209,6 +226,8 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
             loss['weights'] = weights
         for key, value in loss.items():
             options[f'model.preference.{key}'] = value
+        if recipe.preference_train == 'full':
+            options['model.freeze_vision'] = not recipe.train_vision
     return options
 
 

@@ -9,12 +9,13 @@ Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning,
 bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
 step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
-pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the increase of the
-process's resident set during the step (gradients set to None before it, so they count) over its value before
-(``realsize.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0``
-so that freed memory leaves the RSS), beside the planner's gradients + step peak for the same batch
-(``planner.plan_memory``). Writes ``scaling.md`` and ``scaling.png`` (time and memory against each
-variable) into ``--out``.
+pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the rise of the
+process's resident set (``realsize.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072
+MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS) in two windows, the gradients already allocated
+(zeroed, not freed): forward + backward (the activations and autocast's weight copies: what grows with the
+batch) and the optimizer step (AdamW's temporaries), each beside the planner's figure for the same batch
+(``planner.plan_memory``: activations + autocast copies; optimizer temporaries). Writes ``scaling.json``,
+``scaling.md`` and ``scaling.png`` (time and memory against each variable) into ``--out`` after every point.
 """
 
 from __future__ import annotations
@@ -78,24 +79,31 @@ def main() -> None:
     for kind, value in points:
         data = batch_for(model, kind, value, gen)
         for warm in (True, False):
-            opt.zero_grad(set_to_none=True)   # the step's own gradients count in its memory
+            opt.zero_grad(set_to_none=False)   # gradients stay allocated: the windows see what the step adds
             sampler.mark()
             t = time.perf_counter()
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 loss = model(data, mode='loss')['loss']
             loss.backward()
+            graph = sampler.peak - sampler.start
+            sampler.mark()
             opt.step()
+            update = sampler.peak - sampler.start
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
         plan = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
                                         supervised=int((data['labels'][:, 1:] != -100).sum()),
                                         packed=data.get('seq_lens') is not None), 'bf16')
-        planned = plan['gradients'] + plan['step_peak']
+        gib = 2 ** 30
         rows.append(dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
-                         measured_gib=(sampler.peak - sampler.start) / 2 ** 30, planned_gib=planned / 2 ** 30))
+                         measured_gib=graph / gib, planned_gib=(plan['activations'] + plan['autocast_copies']) / gib,
+                         step_measured_gib=update / gib, step_planned_gib=plan['optimizer_temporaries'] / gib,
+                         parts={k: v / gib for k, v in plan['parts'].items()}))
         r = rows[-1]
-        print(f'{kind:12s} {value:6d}: {r["tokens"]:6d} tokens, {r["tiles"]:3d} tiles, {r["s"]:7.1f} s/step, '
-              f'{r["measured_gib"]:6.2f} GiB measured, {r["planned_gib"]:6.2f} GiB planned', flush=True)
+        print(f'{kind:12s} {value:6d}: {r["tokens"]:6d} tokens, {r["tiles"]:3d} tiles, {r["s"]:7.1f} s/step; '
+              f'forward+backward {r["measured_gib"]:6.2f} GiB measured, {r["planned_gib"]:6.2f} planned; '
+              f'optimizer step {r["step_measured_gib"]:5.2f} measured, {r["step_planned_gib"]:5.2f} planned',
+              flush=True)
         write(rows, args.out)   # after every point: a point killed for memory keeps the ones before it
 
 
@@ -105,11 +113,13 @@ def write(rows, out: str) -> None:
     with open(os.path.join(out, 'scaling.json'), 'w') as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out, 'scaling.md'), 'w') as f:
-        f.write('| series | value | tokens | tiles | s/step | step memory GiB (measured) | planned GiB | '
-                'measured GiB per 1k tokens |\n|---|---|---|---|---|---|---|---|\n')
+        f.write('| series | value | tokens | tiles | s/step | forward+backward GiB measured | planned | '
+                'measured GiB per 1k tokens | optimizer step GiB measured | planned |\n'
+                '|---|---|---|---|---|---|---|---|---|---|\n')
         for r in rows:
             f.write(f'| {r["kind"]} | {r["value"]} | {r["tokens"]} | {r["tiles"]} | {r["s"]:.1f} | '
-                    f'{r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {1000 * r["measured_gib"] / r["tokens"]:.3f} |\n')
+                    f'{r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {1000 * r["measured_gib"] / r["tokens"]:.3f} | '
+                    f'{r["step_measured_gib"]:.2f} | {r["step_planned_gib"]:.2f} |\n')
     plot(rows, os.path.join(out, 'scaling.png'))
 
 
@@ -127,7 +137,7 @@ def plot(rows, path: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel('s/step', color='tab:blue')
         twin = ax.twinx()
-        twin.plot(x, [r['measured_gib'] for r in pts], 's-', color='tab:red', label='step memory (measured)')
+        twin.plot(x, [r['measured_gib'] for r in pts], 's-', color='tab:red', label='forward+backward (measured)')
         twin.plot(x, [r['planned_gib'] for r in pts], 's--', color='tab:orange', label='planner')
         twin.set_ylabel('GiB', color='tab:red')
         twin.legend(loc='upper left', fontsize=8)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from xtuner_plugins.planner import (GIB, Batch, activation_bytes, build_meta_model, largest_fitting,
-                                    parameter_bytes, plan_memory)
+from xtuner_plugins.planner import (GIB, LM_HEAD, RECOMPUTED, Batch, activation_bytes, build_meta_model,
+                                    largest_fitting, parameter_bytes, plan_memory)
 from xtuner_plugins.tiny import make_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,15 +81,37 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
                  + 4 * c.intermediate_size)
     b = Batch(rows=2, length=100, tiles=2, supervised=10)
     assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2
-    assert activation_bytes(on, b)['llm layers'] == 200 * (c.num_hidden_layers * c.hidden_size + 2 * per_layer) * 2
+    assert RECOMPUTED not in activation_bytes(off, b)
+    on_parts = activation_bytes(on, b)
+    assert on_parts['llm layers'] == 200 * c.num_hidden_layers * c.hidden_size * 2
+    assert on_parts[RECOMPUTED] == 200 * 2 * per_layer * 2   # the backward's one layer, recomputed
 
 
 def test_plan_total_and_largest_fitting(tiny):
     meta = build_meta_model(settings(tiny, freeze_llm=False))
     r = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), reserve_gib=0.5)
     trained, _ = counts(meta)
-    assert r['autocast_copies'] == 2 * trained and r['optimizer_temporaries'] == 4 * trained
-    assert r['step_peak'] == max(r['activations'] + 2 * trained, 4 * trained)
+    lm = meta.language_model
+    table = lm.get_input_embeddings().weight
+    uncast = table.numel() if table is not lm.get_output_embeddings().weight else 0   # autocast skips a lookup
+    assert uncast > 0   # the tiny LLM's embedding is untied: the case is tested
+    assert r['autocast_copies'] == 2 * (trained - uncast) and r['optimizer_temporaries'] == 4 * trained
+    # autograd keeps the copies of weights outside the checkpointed decoder layers (LM head, projector)
+    saved = sum(p.numel() for n, p in meta.named_parameters()
+                if p.requires_grad and p is not table and not n.startswith('language_model.model.layers.'))
+    assert 0 < saved < trained - uncast and r['saved_copies'] == 2 * saved
+    parts = r['parts']
+    kept = sum(parts.values()) - parts['vision tower'] - parts[LM_HEAD] - parts[RECOMPUTED]
+    assert r['forward_peak'] == max(parts['vision tower'], kept + parts[LM_HEAD]) + 2 * (trained - uncast)
+    assert r['backward_peak'] == kept + max(parts[LM_HEAD], parts[RECOMPUTED]) + 2 * saved
+    assert r['step_peak'] == max(r['forward_peak'], r['backward_peak'], 4 * trained)
+    # on the CPU torch's AdamW takes its single-tensor path: two temporaries of the largest parameter at a time
+    cpu = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device='cpu')
+    assert cpu['optimizer_temporaries'] == 8 * max(p.numel() for p in meta.parameters() if p.requires_grad)
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+    assert _default_to_fused_or_foreach([torch.zeros(2)], differentiable=False) == (False, False)
+    with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
+        plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device='tpu')
     assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'gradients', 'optimizer', 'step_peak'))
                                        + 0.5 * GIB)
     z2 = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), zero=2, gpus=2)

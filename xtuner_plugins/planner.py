@@ -20,24 +20,31 @@ heads, ``d`` head dim, ``V`` vocabulary):
 
 * an LLM layer keeps ``E = 6H + 6ad + 3kv*d + 4F`` elements per token for its backward (norm inputs/outputs,
   q, k, v before and after RoPE, k/v repeated to the query heads, attention output, the MLP's gate, up, act and
-  product); with gradient checkpointing it keeps its input (``H``) and the layer being recomputed holds ``2E``
-  (its activations and their gradients);
-* the LM head and the loss: ``12 V`` bytes per supervised token (fp32 logits, the log-softmax the loss keeps, the
-  logits' gradient);
+  product); with gradient checkpointing it keeps its input (``H``), and in the backward the layer being
+  recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``);
+* the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
+  keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU);
 * the token embeddings: ``3H`` (the lookup, the copy the image features go into, the sum);
 * packed rows with a dense mask (``sdpa``/``eager``): ``(b + 3) L^2`` bytes per row (the additive mask and the
   boolean masks it is built from); ``eager`` also keeps ``a L^2`` attention probabilities per layer (one layer
-  with checkpointing). Padded rows and flash/flex attention: nothing quadratic;
+  with checkpointing). Padded rows, per-sample (``sdpa_segments``), flash and flex attention: nothing quadratic;
 * the vision tower, frozen (no graph): one layer's transient ``3C + I`` per token plus the hidden states the
-  encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``); trained: ``11C + 2I`` per layer (``C`` with
-  checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed);
+  encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``), gone before the LLM runs; trained: ``11C + 2I``
+  per layer (``C`` with checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed);
 * the projector: ``(8C' + 2H)`` per image token (``C'`` its input width).
 
-Two transients that are not activations come on top, and the step's peak is the larger of
-``activations + autocast copies`` (during the forward and backward) and ``optimizer temporaries`` (during the
-step): without DeepSpeed, autocast keeps a bf16 copy of every trained fp32 weight it casts until the forward
-ends (2 bytes per trained parameter), and torch's AdamW (foreach) makes one fp32 temporary per trained parameter
-(4 bytes); DeepSpeed keeps bf16 weights and updates its fp32 partition in place (neither counted).
+The parts do not all live at once (:func:`phases`): the forward's peak holds what the backward keeps plus the
+loss (or, earlier, a frozen tower's transient); the backward's holds what it keeps plus the larger of the loss
+and the layer recomputed.
+
+Two transients that are not activations come on top, and the step's peak is the largest of the forward's
+(activations + autocast copies), the backward's (activations + the copies autograd saved) and the optimizer
+step's (its temporaries): without DeepSpeed, autocast keeps a bf16 copy of every trained fp32 weight it casts
+until the forward ends (2 bytes per trained parameter; lookup tables, which it does not cast, excluded), and
+into the backward those autograd saved (the weights outside checkpointed layers); torch's AdamW on CUDA
+(foreach) makes one fp32 temporary per trained parameter (4 bytes; on the CPU, single-tensor, two of the largest
+parameter: 2 x 0.51 GiB for Qwen2.5-0.5B's embedding, measured by benchmarks/realsize_scaling.py); DeepSpeed keeps
+bf16 weights and updates its fp32 partition in place (neither counted).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ import torch
 
 GIB = 2 ** 30
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
+RECOMPUTED = 'llm layer recomputed'
+LM_HEAD = 'lm head + loss'
 
 
 @contextlib.contextmanager
@@ -116,16 +125,32 @@ class Batch:
     packed: bool = False
 
 
-def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1) -> Dict[str, float]:
-    """Per-device bytes of weights, gradients and optimizer states (module docstring)."""
+def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
+                    device: str = 'cuda') -> Dict[str, float]:
+    """Per-device bytes of weights, gradients and optimizer states, autocast's copies and AdamW's temporaries
+    on ``device`` (``'cuda'`` or ``'cpu'``; module docstring)."""
     if zero not in (0, 2, 3):
         raise ValueError(f'zero must be 0, 2 or 3, got {zero}')
+    if device not in ('cuda', 'cpu'):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     b = DTYPE_BYTES[dtype]
     frozen = trained = quant = 0.0
     lm = model.language_model
+    head = lm.get_output_embeddings().weight
+    # lookup tables autocast does not cast (an embedding is not a matmul); a table tied to the LM head is
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    cast = saved = largest = 0
+    checkpointed = [prefix for prefix, module in (('language_model.', lm), ('vision_model.', model.vision_model))
+                    if getattr(module, 'is_gradient_checkpointing', False)]
     for name, p in model.named_parameters():
         if p.requires_grad:
             trained += p.numel()
+            largest = max(largest, p.numel())
+            if id(p) not in lookups:
+                cast += p.numel()
+                # autograd keeps the cast copy for the backward, but in a checkpointed layer (recast there)
+                if not any(name.startswith(prefix) and '.layers.' in name for prefix in checkpointed):
+                    saved += p.numel()
         elif getattr(model, 'planned_4bit', False) and name.startswith('language_model.') and p.dim() == 2 \
                 and 'lora_' not in name and 'embed' not in name and p is not lm.get_output_embeddings().weight:
             quant += p.numel()
@@ -137,10 +162,13 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1) ->
     weights = (frozen * b + quant * (0.5 + 4 / 128) + trained * (b if deepspeed else 4)) / shard
     grads = trained * b / opt_shard if deepspeed else trained * 4
     optim = trained * (12 if deepspeed else 8) / opt_shard
-    copies = 0 if deepspeed or b == 4 else trained * 2
-    temporaries = 0 if deepspeed else trained * 4
+    copies = 0 if deepspeed or b == 4 else cast * 2
+    saved_copies = 0 if deepspeed or b == 4 else saved * 2
+    # torch's AdamW: on CUDA the foreach path, one fp32 temporary of every trained parameter at once (its
+    # sqrt(v)); elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division)
+    temporaries = 0 if deepspeed else trained * 4 if device == 'cuda' else largest * 8
     return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
-                autocast_copies=copies, optimizer_temporaries=temporaries)
+                autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries)
 
 
 def _llm_shapes(model):
@@ -166,11 +194,12 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
         or not model.freeze_vision
     out = {}
     if trains_llm_graph:
-        layers = s['L'] * s['H'] + 2 * per_layer if ckpt else s['L'] * per_layer
-        out['llm layers'] = tokens * layers * b
+        out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
+        if ckpt:   # the backward's one layer recomputed: its activations and their gradients
+            out[RECOMPUTED] = tokens * 2 * per_layer * b
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
-    out['lm head + loss'] = batch.supervised * s['V'] * 12
+    out[LM_HEAD] = batch.supervised * s['V'] * 12
     out['embeddings'] = tokens * 3 * s['H'] * b
     attn = lm.config._attn_implementation
     if batch.packed and attn in ('sdpa', 'eager'):
@@ -193,18 +222,33 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
     return out
 
 
+def phases(model, parts: Dict[str, float]) -> Dict[str, float]:
+    """The activations alive at the forward's peak and at the backward's (module docstring): ``forward`` (what
+    the backward keeps and the loss, or a frozen tower's transient, which runs before the LLM) and ``backward``
+    (what it keeps, and the larger of the loss and the layer recomputed)."""
+    vision = parts.get('vision tower', 0.0) if model.freeze_vision else 0.0
+    lm, recomputed = parts.get(LM_HEAD, 0.0), parts.get(RECOMPUTED, 0.0)
+    kept = sum(parts.values()) - vision - lm - recomputed
+    return dict(forward=max(vision, kept + lm), backward=kept + max(lm, recomputed))
+
+
 def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
-                reserve_gib: float = 1.0) -> Dict[str, float]:
-    """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (and its parts under
-    ``parts``), ``autocast_copies``, ``optimizer_temporaries``, ``step_peak`` (the larger of activations + copies
-    and the temporaries), ``reserve`` and ``total`` (weights + gradients + optimizer + step peak + reserve)."""
-    p = parameter_bytes(model, dtype, zero, gpus)
+                reserve_gib: float = 1.0, device: str = 'cuda') -> Dict[str, float]:
+    """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (the larger phase's; its parts
+    under ``parts``), ``autocast_copies``, ``saved_copies``, ``optimizer_temporaries``, ``forward_peak``,
+    ``backward_peak``, ``step_peak`` (the largest of the two and the temporaries), ``reserve`` and ``total``
+    (weights + gradients + optimizer + step peak + reserve).
+    ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine)."""
+    p = parameter_bytes(model, dtype, zero, gpus, device)
     parts = activation_bytes(model, batch, dtype)
-    acts = sum(parts.values())
-    step = max(acts + p['autocast_copies'], p['optimizer_temporaries'])
-    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'], activations=acts,
-               autocast_copies=p['autocast_copies'], optimizer_temporaries=p['optimizer_temporaries'],
-               step_peak=step, reserve=reserve_gib * GIB)
+    phase = phases(model, parts)
+    forward = phase['forward'] + p['autocast_copies']
+    backward = phase['backward'] + p['saved_copies']
+    step = max(forward, backward, p['optimizer_temporaries'])
+    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'],
+               activations=max(phase.values()), autocast_copies=p['autocast_copies'],
+               saved_copies=p['saved_copies'], optimizer_temporaries=p['optimizer_temporaries'],
+               forward_peak=forward, backward_peak=backward, step_peak=step, reserve=reserve_gib * GIB)
     out['total'] = p['weights'] + p['gradients'] + p['optimizer'] + step + out['reserve']
     out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
     return out

@@ -24,15 +24,19 @@ def test_the_checkouts_configs_by_default():
 def test_the_preference_stage_trains_lora_or_projector_and_llm():
     from xtuner_plugins.demo.recipe import Recipe
     configs = stages.demo_configs()
-    assert stages.preference_config(Recipe(preference='mpo'), configs) == configs['preference']
-    full = Recipe(preference='mpo', preference_train='full')
-    assert stages.preference_config(full, configs) == configs['preference_full']
+    full = Recipe(preference='mpo')   # by default, what the fine-tune trained: full
+    assert stages.preference_config(full, configs) == configs['preference_full'] and full.preference_rate == 1e-4
+    lora = Recipe(preference='mpo', finetune='lora')
+    assert stages.preference_config(lora, configs) == configs['preference'] and lora.preference_rate == 1e-3
+    lora = Recipe(preference='mpo', preference_train='lora', preference_lr=3e-4)
+    assert stages.preference_config(lora, configs) == configs['preference'] and lora.preference_rate == 3e-4
     models = {'vision': 'V', 'llm': 'L'}
     geometry = {'image_size': 56, 'num_image_token': 4, 'image_mode': 'tile', 'image_mean': (0.5, 0.5, 0.5)}
     options = stages.stage_options('preference', full, models, 'pairs.jsonl', 'images', 'cache', geometry=geometry)
     assert options['model.freeze_vision'] is True and options['model.preference.beta'] == full.preference_beta
-    assert 'model.freeze_vision' not in stages.stage_options('preference', Recipe(preference='mpo'), models,
-                                                             'pairs.jsonl', 'images', 'cache', geometry=geometry)
+    assert options['optim_wrapper.optimizer.lr'] == 1e-4
+    options = stages.stage_options('preference', lora, models, 'pairs.jsonl', 'images', 'cache', geometry=geometry)
+    assert 'model.freeze_vision' not in options and options['optim_wrapper.optimizer.lr'] == 3e-4
     with pytest.raises(DemoError, match='preference_train=full needs finetune=full'):
         stages.preference_config(Recipe(preference='mpo', preference_train='full', finetune='lora'), configs)
     with pytest.raises(DemoError, match="preference_train='qlora': use lora or full"):

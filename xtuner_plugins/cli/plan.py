@@ -104,9 +104,11 @@ def main(argv=None) -> int:
         if key == 'activations':
             for part, v in r['parts'].items():
                 print(f'  {part:20s} {v / GIB:8.2f}')
-    print(f'{"autocast bf16 copies":22s} {r["autocast_copies"] / GIB:8.2f}  (during the forward, with activations)')
+    print(f'{"autocast bf16 copies":22s} {r["autocast_copies"] / GIB:8.2f}  (the forward; '
+          f'{r["saved_copies"] / GIB:.2f} kept into the backward)')
     print(f'{"optimizer temporaries":22s} {r["optimizer_temporaries"] / GIB:8.2f}  (during the step)')
-    print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the larger of activations + copies and temporaries)')
+    print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the largest of the forward {r["forward_peak"] / GIB:.2f}, '
+          f'the backward {r["backward_peak"] / GIB:.2f} and the optimizer step)')
     print(f'{"reserve":22s} {r["reserve"] / GIB:8.2f}')
     fits = r['total'] <= budget
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"}')

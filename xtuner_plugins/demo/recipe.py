@@ -72,14 +72,13 @@ class Recipe:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     # stage 3, off unless set: preference training on pairs (chosen: the right answer; rejected: the fine-tuned
-    # model's own wrong answers to new questions, greedy and sampled, and random answers of the same kind), LoRA
-    # on the LLM from the fine-tuned model, which is also the reference (xtuner_plugins.demo.preference): ''
-    # (off), 'dpo' (sigmoid DPO) or 'mpo' (InternVL 2.5's sigmoid 0.8 + bco_pair 0.2 + sft 1.0). Off by default:
-    # it adds about 1.5 minutes (91 s measured, 2026-11-24).
-    # Measured (benchmarks/RESULTS.md, "three seeds: beta 2.0"): at beta 0.1 every setting tried (lr, steps,
-    # pairs, loss weights) lost the demo 2-6 questions, and held-out preference accuracy stayed at 0.77-0.90;
-    # beta (the KL weight: how near its reference the policy stays) raised both: seed 0, beta 0.1 / 0.5 / 1.0 /
-    # 2.0: held out 0.806 / 0.894 / 0.922 / 0.939, demo 0.917 / 0.917 / 0.928 / 0.939 (0.939 before).
+    # model's own wrong answers to new questions, greedy and sampled, and random answers of the same kind) from
+    # the fine-tuned model (xtuner_plugins.demo.preference): '' (off), 'dpo' (sigmoid DPO) or 'mpo' (InternVL 2.5's
+    # sigmoid 0.8 + bco_pair 0.2 + sft 1.0). Off by default: it adds about 1.5 minutes (77 s measured, 2026-11-24).
+    # Measured (benchmarks/RESULTS.md, "the demo's preference stage"): with LoRA on the LLM, every setting at beta
+    # 0.1 lost the demo 2-6 questions; beta 2.0 kept seed 0 but lost one question on seeds 1 and 2; training the
+    # projector and LLM (preference_train='full', as InternVL 2.5's MPO) at lr 1e-4, beta 2.0 kept or raised all
+    # three: seeds 0 / 1 / 2 held out 0.950 / 0.917 / 0.922, demo 0.939 -> 0.944, 0.861 -> 0.867, 0.861 -> 0.861.
     preference: str = ''
     # prompts for the training pairs: new questions (data/preference.jsonl, on images no other split has) that
     # the fine-tuned model answers first; its wrong answers become rejected answers
@@ -98,12 +97,12 @@ class Recipe:
     preference_weights: str = ''
     preference_iters: int = 600
     preference_batch: int = 8      # pairs per step (twice the rows)
-    preference_lr: float = 1e-3
+    preference_lr: float = 0.0     # 0: 1e-4 when preference_train is full, 1e-3 with LoRA
     preference_beta: float = 2.0   # see above; DPO's usual 0.1 lowered the demo's accuracy
-    # what the stage trains: 'lora' (adapters on the LLM, configs/demo/dpo_lora.py; the reference is the model
-    # with them off) or 'full' (projector and LLM, configs/demo/mpo_full.py, as InternVL 2.5's MPO; the reference
-    # a frozen copy; needs finetune='full')
-    preference_train: str = 'lora'
+    # what the stage trains: 'full' (projector and LLM, configs/demo/mpo_full.py, as InternVL 2.5's MPO; the
+    # reference a frozen copy; after finetune='full'), 'lora' (adapters on the LLM, configs/demo/dpo_lora.py; the
+    # reference the model with them off; after either fine-tune) or '' (what the fine-tune trained)
+    preference_train: str = ''
     # videos instead of the image questions (xtuner_plugins.demo.videos): '' (off), 'all' or kinds among motion_x,
     # motion_y, first_colour; n_sft / n_test then count videos (the warm-up stays on image captions), each of
     # video_frames frames (one tile each), and the answers add the single-frame control (every frame the middle one)
@@ -117,6 +116,16 @@ class Recipe:
 
     def describe(self) -> str:
         return ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(self))
+
+    @property
+    def preference_mode(self) -> str:
+        """What the preference stage trains: ``preference_train``, or else the fine-tune's ``'full'``/``'lora'``."""
+        return self.preference_train or self.finetune
+
+    @property
+    def preference_rate(self) -> float:
+        """The preference stage's learning rate: ``preference_lr``, or else its mode's (measured) default."""
+        return self.preference_lr or (1e-4 if self.preference_mode == 'full' else 1e-3)
 
     @property
     def mode(self) -> str:

@@ -79,7 +79,7 @@ def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options,
                PREFERENCE_LOSSES[recipe.preference]['weights'])
     losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'], weights))
     config = preference_config(recipe, CONFIGS)
-    trained = ('LoRA from the fine-tuned model, which is the reference' if recipe.preference_train == 'lora' else
+    trained = ('LoRA from the fine-tuned model, which is the reference' if recipe.preference_mode == 'lora' else
                'projector and LLM from the fine-tuned model, a frozen copy of it the reference')
     console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
                  f'{os.path.relpath(config, os.path.dirname(os.path.dirname(config)))}, {trained}')

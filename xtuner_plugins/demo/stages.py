@@ -62,18 +62,19 @@ def demo_configs(configs_dir: Optional[str] = None) -> Dict[str, str]:
 
 
 def preference_config(recipe: Recipe, configs: Mapping[str, str]) -> str:
-    """The preference stage's config among ``configs`` (:func:`demo_configs`) for ``recipe.preference_train``.
+    """The preference stage's config among ``configs`` (:func:`demo_configs`) for ``recipe.preference_mode``.
 
     Raises:
         DemoError: an unknown ``preference_train``, or ``'full'`` after a LoRA fine-tune (its checkpoint holds
             adapters that the full config does not build).
     """
-    if recipe.preference_train not in ('lora', 'full'):
-        raise DemoError(f'preference_train={recipe.preference_train!r}: use lora or full')
-    if recipe.preference_train == 'full' and recipe.finetune != 'full':
+    mode = recipe.preference_mode
+    if mode not in ('lora', 'full'):
+        raise DemoError(f'preference_train={mode!r}: use lora or full')
+    if mode == 'full' and recipe.finetune != 'full':
         raise DemoError('preference_train=full needs finetune=full (a LoRA fine-tune\'s adapters are merged only '
                         'by the LoRA preference stage)')
-    return configs['preference' if recipe.preference_train == 'lora' else 'preference_full']
+    return configs['preference' if mode == 'lora' else 'preference_full']
 
 
 def deepspeed_json(deepspeed: Optional[str], configs: Mapping[str, str]) -> Optional[str]:
@@ -158,7 +159,7 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
         batch, lr = recipe.pretrain_batch, recipe.pretrain_lr
         repeat = repeat_for(recipe.pretrain_iters, batch, recipe.n_pretrain)
     elif stage == 'preference':
-        batch, lr = recipe.preference_batch, recipe.preference_lr
+        batch, lr = recipe.preference_batch, recipe.preference_rate
         repeat = repeat_for(recipe.preference_iters, batch, recipe.preference_prompts)  # a pair per prompt
     else:
         batch, lr = recipe.finetune_batch, recipe.finetune_lr
@@ -226,7 +227,7 @@ def stage_options(stage: str, recipe: Recipe, models: Mapping[str, str], data_fi
             loss['weights'] = weights
         for key, value in loss.items():
             options[f'model.preference.{key}'] = value
-        if recipe.preference_train == 'full':
+        if recipe.preference_mode == 'full':
             options['model.freeze_vision'] = not recipe.train_vision
     return options
 

@@ -4,6 +4,7 @@ Usage (after ``benchmarks/realsize.sh`` wrote the models into ``--work``)::
 
     python benchmarks/realsize_scaling.py --out DIR [--work work_dirs/realsize] [--tiles 1 4 7 13]
         [--pack-tokens 2048 4096 8192 16384]
+    python benchmarks/realsize_scaling.py --out DIR --replan    # the planner's columns again, no training
 
 Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning, ViT frozen, LLM checkpointing,
 bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
@@ -62,9 +63,12 @@ def main() -> None:
     p.add_argument('--work', default='work_dirs/realsize')
     p.add_argument('--tiles', type=int, nargs='*', default=[1, 4, 7, 13])
     p.add_argument('--pack-tokens', type=int, nargs='*', default=[2048, 4096, 8192, 16384])
+    p.add_argument('--replan', action='store_true',
+                   help='only recompute the planner\'s columns of --out\'s scaling.json (no training)')
     args = p.parse_args()
+    if args.replan:
+        return replan(args.out, args.work)
     from xtuner_plugins.models import VisionLanguageModel
-    from xtuner_plugins.planner import Batch, plan_memory
     s = SETTINGS['a']
     sampler = RssSampler()
     model = VisionLanguageModel(vision_encoder=os.path.join(args.work, 'models', s['vision']),
@@ -91,14 +95,10 @@ def main() -> None:
             update = sampler.peak - sampler.start
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
-        plan = plan_memory(model, Batch(rows=rows_, length=length, tiles=int(data['num_tiles'].sum()),
-                                        supervised=int((data['labels'][:, 1:] != -100).sum()),
-                                        packed=data.get('seq_lens') is not None), 'bf16')
-        gib = 2 ** 30
-        rows.append(dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
-                         measured_gib=graph / gib, planned_gib=(plan['activations'] + plan['autocast_copies']) / gib,
-                         step_measured_gib=update / gib, step_planned_gib=plan['optimizer_temporaries'] / gib,
-                         parts={k: v / gib for k, v in plan['parts'].items()}))
+        row = dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
+                   supervised=int((data['labels'][:, 1:] != -100).sum()), rows=rows_,
+                   measured_gib=graph / 2 ** 30, step_measured_gib=update / 2 ** 30)
+        rows.append(planned(model, row))
         r = rows[-1]
         print(f'{kind:12s} {value:6d}: {r["tokens"]:6d} tokens, {r["tiles"]:3d} tiles, {r["s"]:7.1f} s/step; '
               f'forward+backward {r["measured_gib"]:6.2f} GiB measured, {r["planned_gib"]:6.2f} planned; '
@@ -107,18 +107,50 @@ def main() -> None:
         write(rows, args.out)   # after every point: a point killed for memory keeps the ones before it
 
 
+def planned(model, row: dict) -> dict:
+    """``row`` with the planner's figures for its batch (on the CPU): forward+backward (the larger of its forward
+    and backward peaks, gradients apart) and the optimizer step's temporaries."""
+    from xtuner_plugins.planner import Batch, plan_memory
+    plan = plan_memory(model, Batch(rows=row.get('rows', 1), length=row['tokens'], tiles=row['tiles'],
+                                    supervised=row['supervised'], packed=row['kind'] != 'tiles'), 'bf16',
+                       device='cpu')
+    gib = 2 ** 30
+    return dict(row, planned_gib=max(plan['forward_peak'], plan['backward_peak']) / gib,
+                step_planned_gib=plan['optimizer_temporaries'] / gib,
+                parts={k: v / gib for k, v in plan['parts'].items()})
+
+
+def replan(out: str, work: str) -> None:
+    """``--replan``: the planner's columns of ``out/scaling.json`` again (the model on the meta device), for a
+    planner changed after the measurement; rewrites the table and the plot."""
+    from xtuner_plugins.planner import build_meta_model
+    s = SETTINGS['a']
+    model = build_meta_model(dict(vision_encoder=os.path.join(work, 'models', s['vision']),
+                                  llm=os.path.join(work, 'models', s['llm']), projector=s['projector'],
+                                  image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
+                                  attn_implementation='sdpa_segments', **s['model']))
+    with open(os.path.join(out, 'scaling.json')) as f:
+        rows = json.load(f)
+    for r in rows:   # rows measured before 'supervised' was recorded: 50 a sample, packs of 1-tile samples
+        r.setdefault('supervised', SUPERVISED * (1 if r['kind'] == 'tiles' else r['tiles']))
+    write([planned(model, r) for r in rows], out)
+
+
 def write(rows, out: str) -> None:
     """``scaling.json``, ``scaling.md`` (with memory per 1k tokens, the linearity check) and ``scaling.png``."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'scaling.json'), 'w') as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out, 'scaling.md'), 'w') as f:
-        f.write('| series | value | tokens | tiles | s/step | forward+backward GiB measured | planned | '
-                'measured GiB per 1k tokens | optimizer step GiB measured | planned |\n'
-                '|---|---|---|---|---|---|---|---|---|---|\n')
-        for r in rows:
+        f.write('| series | value | tokens | tiles | s/step | s per 1k tokens | forward+backward GiB measured | '
+                'planned | GiB per 1k tokens more than the point before (linear: constant) | optimizer step GiB '
+                'measured | planned |\n|---|---|---|---|---|---|---|---|---|---|---|\n')
+        for i, r in enumerate(rows):
+            before = rows[i - 1] if i and rows[i - 1]['kind'] == r['kind'] else None
+            slope = (f'{1000 * (r["measured_gib"] - before["measured_gib"]) / (r["tokens"] - before["tokens"]):.3f}'
+                     if before else '')
             f.write(f'| {r["kind"]} | {r["value"]} | {r["tokens"]} | {r["tiles"]} | {r["s"]:.1f} | '
-                    f'{r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {1000 * r["measured_gib"] / r["tokens"]:.3f} | '
+                    f'{1000 * r["s"] / r["tokens"]:.1f} | {r["measured_gib"]:.2f} | {r["planned_gib"]:.2f} | {slope} | '
                     f'{r["step_measured_gib"]:.2f} | {r["step_planned_gib"]:.2f} |\n')
     plot(rows, os.path.join(out, 'scaling.png'))
 

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument('--work', default='work_dirs/realsize')
     p.add_argument('--tiles', type=int, nargs='*', default=[1, 4, 7, 13])
     p.add_argument('--pack-tokens', type=int, nargs='*', default=[2048, 4096, 8192, 16384])
+    p.add_argument('--loss-chunk', type=int, default=0,
+                   help='the model\'s loss_chunk (default 0: the LM head on every supervised position at once)')
     p.add_argument('--replan', action='store_true',
                    help='only recompute the planner\'s columns of --out\'s scaling.json (no training)')
     args = p.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
                                 llm=os.path.join(args.work, 'models', s['llm']), projector=s['projector'],
                                 image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
                                 torch_dtype='bfloat16', attn_implementation='sdpa_segments', from_scratch=True,
-                                **s['model']).train()
+                                loss_chunk=args.loss_chunk, **s['model']).train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -95,7 +97,8 @@ def main() -> None:
             update = sampler.peak - sampler.start
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
-        row = dict(kind=kind, value=value, tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
+        row = dict(kind=kind, value=value, loss_chunk=args.loss_chunk, tokens=length,
+                   tiles=int(data['num_tiles'].sum()), s=seconds,
                    supervised=int((data['labels'][:, 1:] != -100).sum()), rows=rows_,
                    measured_gib=graph / 2 ** 30, step_measured_gib=update / 2 ** 30)
         rows.append(planned(model, row))
@@ -131,6 +134,9 @@ def replan(out: str, work: str) -> None:
                                   attn_implementation='sdpa_segments', **s['model']))
     with open(os.path.join(out, 'scaling.json')) as f:
         rows = json.load(f)
+    if len({r.get('loss_chunk', 0) for r in rows}) > 1:
+        raise SystemExit(f'{out}/scaling.json: rows of several loss_chunk settings')
+    model.loss_chunk = rows[0].get('loss_chunk', 0) if rows else 0
     for r in rows:   # rows measured before 'supervised' was recorded: 50 a sample, packs of 1-tile samples
         r.setdefault('supervised', SUPERVISED * (1 if r['kind'] == 'tiles' else r['tiles']))
     write([planned(model, r) for r in rows], out)

@@ -70,7 +70,13 @@ def test_activations_linear_in_tokens_but_the_dense_packed_mask(tiny):
     assert 'dense packed mask' not in two
     packed = [activation_bytes(meta, dataclasses.replace(b, length=n, packed=True)) for n in (1024, 2048)]
     assert packed[1]['dense packed mask'] == 4 * packed[0]['dense packed mask'] == 4 * 1024 ** 2 * 5
-    assert one['lm head + loss'] == 100 * meta.language_model.get_output_embeddings().weight.shape[0] * 12
+    vocab = meta.language_model.get_output_embeddings().weight.shape[0]
+    assert one['lm head + loss'] == 100 * vocab * 12
+    # loss_chunk: the logits of one chunk of supervised positions a row at a time
+    chunked = build_meta_model(settings(tiny, freeze_llm=False, loss_chunk=8))
+    assert activation_bytes(chunked, b)['lm head + loss'] == 8 * vocab * 12
+    assert activation_bytes(chunked, dataclasses.replace(b, rows=2))['lm head + loss'] == 16 * vocab * 12
+    assert activation_bytes(chunked, dataclasses.replace(b, supervised=5))['lm head + loss'] == 5 * vocab * 12
 
 
 def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):

@@ -23,7 +23,8 @@ heads, ``d`` head dim, ``V`` vocabulary):
   product); with gradient checkpointing it keeps its input (``H``), and in the backward the layer being
   recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``);
 * the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
-  keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU);
+  keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU); with the model's
+  ``loss_chunk``, per supervised token of one chunk a row;
 * the token embeddings: ``3H`` (the lookup, the copy the image features go into, the sum);
 * packed rows with a dense mask (``sdpa``/``eager``): ``(b + 3) L^2`` bytes per row (the additive mask and the
   boolean masks it is built from); ``eager`` also keeps ``a L^2`` attention probabilities per layer (one layer
@@ -199,7 +200,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
             out[RECOMPUTED] = tokens * 2 * per_layer * b
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
-    out[LM_HEAD] = batch.supervised * s['V'] * 12
+    chunk = getattr(model, 'loss_chunk', 0)   # at most this many positions' logits a row at once
+    out[LM_HEAD] = (min(batch.supervised, batch.rows * chunk) if chunk else batch.supervised) * s['V'] * 12
     out['embeddings'] = tokens * 3 * s['H'] * b
     attn = lm.config._attn_implementation
     if batch.packed and attn in ('sdpa', 'eager'):

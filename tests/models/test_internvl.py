@@ -205,3 +205,31 @@ def test_lora_loss_keeps_supervised_logits_only(tiny, batch):
     with torch.no_grad():
         assert model(batch, mode='loss')['loss'].item() == pytest.approx(
             causal_lm_loss(model(batch, mode='tensor'), batch['labels']).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize('kw', [dict(freeze_llm=False, llm_grad_ckpt=True),
+                                dict(llm_lora=dict(r=4, lora_alpha=8)),
+                                dict(freeze_llm=False, attn_implementation='sdpa_segments', packed=True)],
+                         ids=['full+ckpt', 'lora', 'packed'])
+def test_loss_chunk_gives_the_loss_and_gradients_of_whole_logits(tiny, batch, kw):
+    """loss_chunk=2: the decoder's hidden states through the LM head and the loss two supervised positions at a
+    time (no [B, K, V] logits) give what the whole logits give: the loss and every trained gradient."""
+    from tests.models.test_packing import split_batch
+    from xtuner_plugins.data import internvl_collate_fn
+    from xtuner_plugins.data.packing import pack_items
+    kw = dict(kw)
+    data = internvl_collate_fn([pack_items(split_batch(batch))])['data'] if kw.pop('packed', False) else batch
+    results = []
+    for chunk in (0, 2):
+        torch.manual_seed(0)
+        model = build(tiny, loss_reduction='square', loss_chunk=chunk, **kw).eval()
+        loss = model(data, mode='loss')['loss']
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    assert whole_grads.keys() == chunked_grads.keys() and any(g.abs().max() > 0 for g in whole_grads.values())
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
+    with pytest.raises(ValueError, match='loss_chunk must be >= 0'):
+        build(tiny, loss_chunk=-1)

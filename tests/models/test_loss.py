@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xtuner_plugins.models.loss import causal_lm_loss, supervised_positions, token_weights
+from xtuner_plugins.models.loss import causal_lm_loss, chunked_causal_lm_loss, supervised_positions, token_weights
 
 IGN = -100
 
@@ -83,6 +83,33 @@ def test_logits_of_supervised_positions_only(reduction):
         assert torch.allclose(grad_kept, grad_full, atol=1e-7)
     with pytest.raises(ValueError, match='3 positions of logits for 4 positions'):
         causal_lm_loss(logits[:, :3], labels, reduction, positions=positions)
+
+
+@pytest.mark.parametrize('reduction', ['token', 'sample', 'square'])
+def test_chunked_head_and_loss_equal_the_whole_logits(reduction):
+    """loss_chunk: the LM head and the cross-entropy a few supervised positions at a time (each chunk recomputed
+    in the backward) give the loss and the gradients (hidden states and head) of the whole logits, packed rows
+    and chunks that split a sample included."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(2, 9, 6, requires_grad=True)
+    labels = torch.full((2, 9), IGN)
+    labels[0, [2, 3, 7]] = torch.tensor([1, 4, 0])
+    labels[1, [3, 4, 8]] = torch.tensor([2, 2, 9])
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    positions = supervised_positions(labels)
+    for segs in (None, segments):
+        full = causal_lm_loss(head(hidden), labels, reduction, segments=segs)
+        grads_full = torch.autograd.grad(full, (hidden, head.weight))
+        for chunk in (1, 2, 100):
+            for pos in (positions, None):   # the supervised positions, or every one
+                h = hidden[:, positions] if pos is not None else hidden
+                loss = chunked_causal_lm_loss(h, head, labels, chunk, reduction, segments=segs, positions=pos)
+                grads = torch.autograd.grad(loss, (hidden, head.weight))
+                assert loss.item() == pytest.approx(full.item(), rel=1e-6), (chunk, pos)
+                assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_full)), (chunk, pos)
+    with pytest.raises(ValueError, match='chunk must be >= 1, got 0'):
+        chunked_causal_lm_loss(hidden, head, labels, 0)
 
 
 def _rank(rank, world, port, reduction, shards, out_dir):

@@ -40,7 +40,7 @@ from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
-from .loss import REDUCTIONS, causal_lm_loss, supervised_positions
+from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .projector import InternVLProjector, build_projector
 from .stages import load_stages, load_trained
 from .vision import InternViTEncoder, build_vision_encoder
@@ -94,6 +94,10 @@ class VisionLanguageModel(BaseModel):
             once ``pretrained_pth`` is loaded (``preference.frozen_copies``), never in checkpoints.
         loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
+        loss_chunk: 0 (the LM head's logits at every supervised position at once), or the LM head and the
+            cross-entropy that many supervised positions at a time, each chunk recomputed in the backward
+            (``loss.chunked_causal_lm_loss``): the logits of a step (12 bytes x vocabulary per supervised
+            token, 1.7 MB for Qwen2.5's) are bounded by the chunk, for one more LM head matmul.
         zero3_init: under DeepSpeed ZeRO-3, build the LLM partitioned (``deepspeed.zero.Init``) instead of
             whole on every rank; ``None``: only with CUDA (see ``zero3.hf_zero3_init``).
         trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
@@ -126,6 +130,7 @@ class VisionLanguageModel(BaseModel):
                  attn_implementation: str = 'sdpa',
                  zero3_init: Optional[bool] = None,
                  loss_reduction: str = 'token',
+                 loss_chunk: int = 0,
                  preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
                  data_preprocessor: Optional[dict] = None):
@@ -158,6 +163,9 @@ class VisionLanguageModel(BaseModel):
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f'unknown loss_reduction {loss_reduction!r}; use one of {REDUCTIONS}')
         self.loss_reduction = loss_reduction
+        if loss_chunk < 0:
+            raise ValueError(f'loss_chunk must be >= 0 (0: off), got {loss_chunk}')
+        self.loss_chunk = loss_chunk
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
         self.lineage = lineage_record(source_paths(vision_encoder, llm, tokenizer, official_checkpoint),
@@ -345,6 +353,11 @@ class VisionLanguageModel(BaseModel):
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
             positions = supervised_positions(data['labels'].to(embeds.device))
             kwargs['logits_to_keep'] = positions
+        if mode == 'loss' and self.loss_chunk:
+            kwargs.pop('logits_to_keep', None)
+            return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], self.loss_chunk,
+                                                 self.loss_reduction, segments, attention_mask=attention_mask,
+                                                 position_ids=position_ids, **kwargs)}
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False, return_dict=True, **kwargs)
         if mode == 'tensor':

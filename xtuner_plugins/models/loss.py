@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
@@ -51,6 +52,26 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
+def _shifted(labels: torch.Tensor, n: int, segments: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
+    """The targets ``[B, n]`` of ``n`` logit positions (all but the last, or ``positions``) and their segments."""
+    if positions is None:
+        return labels[:, 1:], None if segments is None else segments[:, 1:]
+    if n != positions.numel():
+        raise ValueError(f'{n} positions of logits for {positions.numel()} positions')
+    return labels[:, positions + 1], None if segments is None else segments[:, positions.to(segments.device) + 1]
+
+
+def _normalised(numerator: torch.Tensor, weights: torch.Tensor, global_denominator: bool) -> torch.Tensor:
+    denominator = weights.sum().detach()
+    scale = 1.0
+    if global_denominator and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(denominator, op=dist.ReduceOp.SUM)
+        scale = float(dist.get_world_size())
+    if denominator.item() == 0:
+        raise ValueError('the batch has no supervised token on any rank')
+    return numerator * scale / denominator
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'token',
                    global_denominator: bool = True, segments: Optional[torch.Tensor] = None,
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -62,25 +83,69 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     """
     labels = labels.to(logits.device)
     if positions is None:
-        shift_logits, targets = logits[:, :-1], labels[:, 1:]
-        segments = None if segments is None else segments[:, 1:]
-    else:
-        positions = positions.to(logits.device)
-        if logits.shape[1] != positions.numel():
-            raise ValueError(f'{logits.shape[1]} positions of logits for {positions.numel()} positions')
-        shift_logits, targets = logits, labels[:, positions + 1]
-        segments = None if segments is None else segments[:, positions.to(segments.device) + 1]
-    shift_logits = shift_logits.float()
+        logits = logits[:, :-1]
+    targets, segments = _shifted(labels, logits.shape[1], segments,
+                                 None if positions is None else positions.to(logits.device))
     mask = targets != IGNORE_INDEX
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                          targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none')
     weights = token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
-    numerator = (weights.reshape(-1) * ce).sum()
-    denominator = weights.sum().detach()
-    scale = 1.0
-    if global_denominator and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(denominator, op=dist.ReduceOp.SUM)
-        scale = float(dist.get_world_size())
-    if denominator.item() == 0:
-        raise ValueError('the batch has no supervised token on any rank')
-    return numerator * scale / denominator
+    return _normalised((weights.reshape(-1) * ce).sum(), weights, global_denominator)
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int,
+                           reduction: str = 'token', global_denominator: bool = True,
+                           segments: Optional[torch.Tensor] = None,
+                           positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``head(hidden)`` without its logits: ``hidden [B, K, H]`` (the last hidden
+    states at ``positions``, or at every position) goes through ``head`` (the LM head) and the cross-entropy
+    ``chunk`` positions at a time, each chunk checkpointed (its logits made again in the backward), so that at
+    most ``B x chunk x V`` logits exist at once instead of ``B x K x V``. The same loss and gradients.
+    (Hand-written: transformers has no chunked loss, and Liger's fused linear cross-entropy is Triton, GPU-only.)
+    """
+    if chunk < 1:
+        raise ValueError(f'chunk must be >= 1, got {chunk}')
+    labels = labels.to(hidden.device)
+    if positions is None:
+        hidden = hidden[:, :-1]
+    targets, segments = _shifted(labels, hidden.shape[1], segments,
+                                 None if positions is None else positions.to(hidden.device))
+    mask = targets != IGNORE_INDEX
+    weights = token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
+
+    def part(h, t, w):
+        logits = head(h).float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction='none')
+        return (w.reshape(-1) * ce).sum()
+
+    numerator = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        numerator = numerator + checkpoint(part, hidden[:, piece], targets[:, piece], weights[:, piece],
+                                           use_reentrant=False)
+    return _normalised(numerator, weights, global_denominator)
+
+
+def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, chunk: int,
+                         reduction: str = 'token', segments: Optional[torch.Tensor] = None,
+                         **llm_kwargs) -> torch.Tensor:
+    """The SFT loss of a causal LM (a transformers model, or a PEFT wrapper of one) on ``embeds`` without its
+    whole logits: its decoder gives the last hidden states, and :func:`chunked_causal_lm_loss` runs its LM head
+    and the cross-entropy on those at the supervised positions, ``chunk`` at a time.
+
+    Raises:
+        ValueError: the LLM transforms its logits after the head (soft-capping, a logit scale), which its own
+            forward would apply and this does not.
+    """
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    config = base.config.get_text_config() if hasattr(base.config, 'get_text_config') else base.config
+    for name in ('final_logit_softcapping', 'logit_scale'):
+        if getattr(config, name, None):
+            raise ValueError(f'loss_chunk: {type(base).__name__} transforms its logits after the LM head '
+                             f'({name}={getattr(config, name)}); use loss_chunk=0')
+    hidden = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True,
+                                **llm_kwargs).last_hidden_state
+    positions = supervised_positions(labels.to(hidden.device))
+    return chunked_causal_lm_loss(hidden[:, positions], base.get_output_embeddings(), labels, chunk, reduction,
+                                  segments=segments, positions=positions)

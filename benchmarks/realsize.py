@@ -275,8 +275,10 @@ def child(args) -> dict:
     sup = int((last['labels'][:, 1:] != -100).sum())
     if xt is None:
         plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
-                                        packed=args.row.startswith('packed')), 'bf16')
-        result['act_predicted'] = plan['step_peak']  # the step's rise: activations + copies, or temporaries
+                                        packed=args.row.startswith('packed')), 'bf16', device='cpu')
+        # the window's rise (from the previous step's end, its gradients held until zero_grad frees them before
+        # the backward makes them again): the forward's or the backward's peak, or the optimizer's temporaries
+        result['act_predicted'] = plan['step_peak']
         result['act_parts'] = dict(plan['parts'], autocast_copies=plan['autocast_copies'],
                                    optimizer_temporaries=plan['optimizer_temporaries'])
     return result

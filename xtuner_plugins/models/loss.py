@@ -52,13 +52,29 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
-def _shifted(labels: torch.Tensor, n: int, segments: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
-    """The targets ``[B, n]`` of ``n`` logit positions (all but the last, or ``positions``) and their segments."""
+def _targets_and_weights(states: torch.Tensor, labels: torch.Tensor, reduction: str,
+                         segments: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
+    """``(states, targets, weights)``: ``states [B, L or K, ...]`` (logits or hidden states) without the last
+    position (``positions`` None) or as given (those ``K`` positions), the targets ``[B, n]`` they predict and
+    the tokens' weights (:func:`token_weights`)."""
+    labels = labels.to(states.device)
     if positions is None:
-        return labels[:, 1:], None if segments is None else segments[:, 1:]
-    if n != positions.numel():
-        raise ValueError(f'{n} positions of logits for {positions.numel()} positions')
-    return labels[:, positions + 1], None if segments is None else segments[:, positions.to(segments.device) + 1]
+        states, targets = states[:, :-1], labels[:, 1:]
+        segments = None if segments is None else segments[:, 1:]
+    else:
+        positions = positions.to(states.device)
+        if states.shape[1] != positions.numel():
+            raise ValueError(f'{states.shape[1]} positions of logits for {positions.numel()} positions')
+        targets = labels[:, positions + 1]
+        segments = None if segments is None else segments[:, positions.to(segments.device) + 1]
+    mask = targets != IGNORE_INDEX
+    return states, targets, token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
+
+
+def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction='none')
+    return (weights.reshape(-1) * ce).sum()
 
 
 def _normalised(numerator: torch.Tensor, weights: torch.Tensor, global_denominator: bool) -> torch.Tensor:
@@ -81,16 +97,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     ``positions``: the logits are ``[B, K, V]``, those of these ``K`` positions only
     (:func:`supervised_positions` of ``labels``, or any superset); the loss is the same as with all of them.
     """
-    labels = labels.to(logits.device)
-    if positions is None:
-        logits = logits[:, :-1]
-    targets, segments = _shifted(labels, logits.shape[1], segments,
-                                 None if positions is None else positions.to(logits.device))
-    mask = targets != IGNORE_INDEX
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                         targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction='none')
-    weights = token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
-    return _normalised((weights.reshape(-1) * ce).sum(), weights, global_denominator)
+    logits, targets, weights = _targets_and_weights(logits, labels, reduction, segments, positions)
+    return _normalised(_weighted_ce(logits, targets, weights), weights, global_denominator)
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int,
@@ -105,25 +113,12 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
     """
     if chunk < 1:
         raise ValueError(f'chunk must be >= 1, got {chunk}')
-    labels = labels.to(hidden.device)
-    if positions is None:
-        hidden = hidden[:, :-1]
-    targets, segments = _shifted(labels, hidden.shape[1], segments,
-                                 None if positions is None else positions.to(hidden.device))
-    mask = targets != IGNORE_INDEX
-    weights = token_weights(mask, reduction, None if segments is None else segments.to(mask.device))
-
-    def part(h, t, w):
-        logits = head(h).float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction='none')
-        return (w.reshape(-1) * ce).sum()
-
+    hidden, targets, weights = _targets_and_weights(hidden, labels, reduction, segments, positions)
     numerator = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk):
         piece = slice(start, start + chunk)
-        numerator = numerator + checkpoint(part, hidden[:, piece], targets[:, piece], weights[:, piece],
-                                           use_reentrant=False)
+        numerator = numerator + checkpoint(lambda h, t, w: _weighted_ce(head(h), t, w), hidden[:, piece],
+                                           targets[:, piece], weights[:, piece], use_reentrant=False)
     return _normalised(numerator, weights, global_denominator)
 
 

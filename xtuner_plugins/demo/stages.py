@@ -22,8 +22,7 @@ from .recipe import VISION_TYPES, Recipe
 
 __all__ = ['CONFIG_FILES', 'DEFAULT_CONFIGS', 'PREFERENCE_LOSSES', 'REPO_ROOT', 'StageResult', 'demo_configs',
            'deepspeed_json', 'make_data', 'make_models', 'model_geometry', 'preference_config', 'repeat_for',
-           'run_converter',
-           'stage_options', 'train_stage']
+           'run_converter', 'stage_options', 'train_stage']
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: The repository checkout this package sits in (an editable install), or else the current folder: the

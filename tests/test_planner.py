@@ -4,6 +4,7 @@ the activation model grows linearly with tokens except for a dense packed mask; 
 
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -138,4 +139,12 @@ def test_cli_verdict(tiny, capsys):
                 + opts) == 1
     out = capsys.readouterr().out
     assert 'DOES NOT FIT' in out and 'dense packed mask' in out and 'largest max_tokens' in out
+    # where the LM head's logits are much of the total, it says what loss_chunk would plan
+    small = ['--gpus', '1', '--gpu-mem', '0.1', '--reserve', '0']
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py')] + small + opts) == 1
+    hint = re.search(r"the LM head's logits are [\d.]+ GiB of it: with --cfg-options model.loss_chunk=1024 the "
+                     r"total is ([\d.]+) GiB instead of ([\d.]+) \((fits|does not fit)", capsys.readouterr().out)
+    assert hint and float(hint[1]) < float(hint[2])
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py')] + small + opts + ['model.loss_chunk=1024']) == 1
+    assert 'model.loss_chunk=1024 the total' not in capsys.readouterr().out   # already chunked: no hint
     assert torch.tensor(0).device.type == 'cpu'  # the meta device did not leak out of the planner

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from xtuner_plugins.engine.options import load_config
-    from xtuner_plugins.planner import build_meta_model, largest_fitting, plan_memory
+    from xtuner_plugins.planner import LM_HEAD, build_meta_model, largest_fitting, plan_memory
     try:
         cfg = load_config(args.config, args.cfg_options)
         model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
@@ -121,7 +121,17 @@ def main(argv=None) -> int:
     most = largest_fitting(lambda k: plan(replace(batch, rows=k, tiles=batch.tiles // batch.rows * k))['total']
                            <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}')
+    if not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
+        model.loss_chunk = CHUNK_HINT   # the same batch with the LM head and the loss in chunks
+        chunked = plan(batch)['total']
+        print(f'the LM head\'s logits are {r["parts"][LM_HEAD] / GIB:.2f} GiB of it: with '
+              f'--cfg-options model.loss_chunk={CHUNK_HINT} the total is {chunked / GIB:.3f} GiB instead of '
+              f'{r["total"] / GIB:.3f} ({"fits" if chunked <= budget else "does not fit"}; the same loss, one more '
+              f'LM-head matmul a chunk)')
     return 0 if fits else 1
+
+
+CHUNK_HINT = 1024   # supervised positions a row per chunk in the hint
 
 
 if __name__ == '__main__':

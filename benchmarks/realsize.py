@@ -242,7 +242,12 @@ def child(args) -> dict:
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
     base_run = bt.run
-    marks = []
+    marks, seen = [], []
+
+    def remembered(batches):  # the batches the run takes, the last one kept: the planner's is the measured step's
+        for item in batches:
+            seen[:] = [item]
+            yield item
 
     def run_with_marks():  # the RSS window of the last timed step: its start and peak
         orig_step = torch.optim.AdamW.step
@@ -254,7 +259,8 @@ def child(args) -> dict:
             return out
         torch.optim.AdamW.step = step
         try:
-            return base_run(model, loader(dataset, batch), args.steps, 'cpu', shapes, step_loss=step_loss,
+            return base_run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
+                            step_loss=step_loss,
                             freeze=dict(freeze_vision=True, freeze_projector=False,
                                         freeze_llm='llm_lora' in s['model']) if xt is not None else None,
                             img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
@@ -268,8 +274,8 @@ def child(args) -> dict:
     if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
         torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
                    os.path.join(shared, 'lora.pth'))
-    # the planner's activations for the last step's batch shape (ours; XTuner's path is not the model planned)
-    last = next(iter(loader(dataset, batch)))['data']
+    # the planner's activations for the last (measured) step's batch (ours; XTuner's path is not the model planned)
+    last = seen[-1]['data']
     rows, length = last['input_ids'].shape
     tiles = int(last['pixel_values'].shape[0])
     sup = int((last['labels'][:, 1:] != -100).sum())

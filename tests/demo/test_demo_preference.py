@@ -1,7 +1,7 @@
 """The embedded demo's preference stage end to end, shortened, on every kind of question the full demo asks
 (``python tools/demo.py --set preference=mpo``; the families' shortened runs are in tests/demo/test_demo.py):
 pairs made as MMPR makes them (the fine-tuned model's own wrong answers, greedy and sampled), MPO of the projector
-and LLM from the fine-tuned model (the default after a full fine-tune; the LoRA stage: tests/configs/test_dpo.py),
+and LLM from the fine-tuned model (the default after a full fine-tune; the LoRA stage: tests/demo/test_demo.py),
 the held-out preference accuracy before and after, and the demo's questions again.
 
 It checks that the stage does not hurt, kind by kind: no kind of question loses more than one question to the

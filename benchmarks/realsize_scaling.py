@@ -15,7 +15,8 @@ process's resident set (``realsize.RssSampler``; ``realsize.sh`` runs it with ``
 MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS) in two windows, the gradients already allocated
 (zeroed, not freed): forward + backward (the activations and autocast's weight copies: what grows with the
 batch) and the optimizer step (AdamW's temporaries), each beside the planner's figure for the same batch
-(``planner.plan_memory``: activations + autocast copies; optimizer temporaries). Writes ``scaling.json``,
+(``planner.plan_memory(..., device='cpu')``: the larger of its forward and backward peaks; optimizer
+temporaries). Writes ``scaling.json``,
 ``scaling.md`` and ``scaling.png`` (time and memory against each variable) into ``--out`` after every point.
 """
 
@@ -71,13 +72,9 @@ def main() -> None:
     if args.replan:
         return replan(args.out, args.work)
     from xtuner_plugins.models import VisionLanguageModel
-    s = SETTINGS['a']
     sampler = RssSampler()
-    model = VisionLanguageModel(vision_encoder=os.path.join(args.work, 'models', s['vision']),
-                                llm=os.path.join(args.work, 'models', s['llm']), projector=s['projector'],
-                                image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
-                                torch_dtype='bfloat16', attn_implementation='sdpa_segments', from_scratch=True,
-                                loss_chunk=args.loss_chunk, **s['model']).train()
+    model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True,
+                                **model_settings(args.work, args.loss_chunk)).train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -110,6 +107,14 @@ def main() -> None:
         write(rows, args.out)   # after every point: a point killed for memory keeps the ones before it
 
 
+def model_settings(work: str, loss_chunk: int) -> dict:
+    """``VisionLanguageModel``'s settings for the series: setting (a), the LLM checkpointed, ``sdpa_segments``."""
+    s = SETTINGS['a']
+    return dict(vision_encoder=os.path.join(work, 'models', s['vision']), llm=os.path.join(work, 'models', s['llm']),
+                projector=s['projector'], image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
+                attn_implementation='sdpa_segments', loss_chunk=loss_chunk, **s['model'])
+
+
 def planned(model, row: dict) -> dict:
     """``row`` with the planner's figures for its batch (on the CPU): forward+backward (the larger of its forward
     and backward peaks, gradients apart) and the optimizer step's temporaries."""
@@ -127,23 +132,19 @@ def replan(out: str, work: str) -> None:
     """``--replan``: the planner's columns of ``out/scaling.json`` again (the model on the meta device), for a
     planner changed after the measurement; rewrites the table and the plot."""
     from xtuner_plugins.planner import build_meta_model
-    s = SETTINGS['a']
-    model = build_meta_model(dict(vision_encoder=os.path.join(work, 'models', s['vision']),
-                                  llm=os.path.join(work, 'models', s['llm']), projector=s['projector'],
-                                  image_mode=s['image_mode'], freeze_vision=True, llm_grad_ckpt=True,
-                                  attn_implementation='sdpa_segments', **s['model']))
     with open(os.path.join(out, 'scaling.json')) as f:
         rows = json.load(f)
     if len({r.get('loss_chunk', 0) for r in rows}) > 1:
         raise SystemExit(f'{out}/scaling.json: rows of several loss_chunk settings')
-    model.loss_chunk = rows[0].get('loss_chunk', 0) if rows else 0
+    model = build_meta_model(model_settings(work, rows[0].get('loss_chunk', 0) if rows else 0))
     for r in rows:   # rows measured before 'supervised' was recorded: 50 a sample, packs of 1-tile samples
         r.setdefault('supervised', SUPERVISED * (1 if r['kind'] == 'tiles' else r['tiles']))
     write([planned(model, r) for r in rows], out)
 
 
 def write(rows, out: str) -> None:
-    """``scaling.json``, ``scaling.md`` (with memory per 1k tokens, the linearity check) and ``scaling.png``."""
+    """``scaling.json``, ``scaling.md`` (with each point's memory per 1k tokens over the point before: the linearity
+    check) and ``scaling.png``."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'scaling.json'), 'w') as f:
         json.dump(rows, f, indent=1)

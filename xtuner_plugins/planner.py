@@ -138,7 +138,7 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     frozen = trained = quant = 0.0
     lm = model.language_model
     head = lm.get_output_embeddings().weight
-    # lookup tables autocast does not cast (an embedding is not a matmul); a table tied to the LM head is
+    # lookup tables autocast does not cast (an embedding is not a matmul); a table tied to the LM head is cast
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
     cast = saved = largest = 0
     checkpointed = [prefix for prefix, module in (('language_model.', lm), ('vision_model.', model.vision_model))
@@ -153,7 +153,7 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
                 if not any(name.startswith(prefix) and '.layers.' in name for prefix in checkpointed):
                     saved += p.numel()
         elif getattr(model, 'planned_4bit', False) and name.startswith('language_model.') and p.dim() == 2 \
-                and 'lora_' not in name and 'embed' not in name and p is not lm.get_output_embeddings().weight:
+                and 'lora_' not in name and 'embed' not in name and p is not head:
             quant += p.numel()
         else:
             frozen += p.numel()

@@ -27,6 +27,7 @@ import sys
 from mmengine.config import DictAction
 
 GIB = 2 ** 30
+CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
 
 
 def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
@@ -129,9 +130,6 @@ def main(argv=None) -> int:
               f'{r["total"] / GIB:.3f} ({"fits" if chunked <= budget else "does not fit"}; the same loss, one more '
               f'LM-head matmul a chunk)')
     return 0 if fits else 1
-
-
-CHUNK_HINT = 1024   # supervised positions a row per chunk in the hint
 
 
 if __name__ == '__main__':

@@ -348,16 +348,16 @@ class VisionLanguageModel(BaseModel):
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-        if mode == 'loss' and self.llm_keeps_logits:
+        if mode == 'loss' and (self.loss_chunk or self.llm_keeps_logits):
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
             positions = supervised_positions(data['labels'].to(embeds.device))
+            if self.loss_chunk:
+                return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], positions,
+                                                     self.loss_chunk, self.loss_reduction, segments,
+                                                     attention_mask=attention_mask, position_ids=position_ids,
+                                                     **kwargs)}
             kwargs['logits_to_keep'] = positions
-        if mode == 'loss' and self.loss_chunk:
-            kwargs.pop('logits_to_keep', None)
-            return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], self.loss_chunk,
-                                                 self.loss_reduction, segments, attention_mask=attention_mask,
-                                                 position_ids=position_ids, **kwargs)}
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False, return_dict=True, **kwargs)
         if mode == 'tensor':

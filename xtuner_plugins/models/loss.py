@@ -122,12 +122,13 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
     return _normalised(numerator, weights, global_denominator)
 
 
-def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, chunk: int,
-                         reduction: str = 'token', segments: Optional[torch.Tensor] = None,
+def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                         chunk: int, reduction: str = 'token', segments: Optional[torch.Tensor] = None,
                          **llm_kwargs) -> torch.Tensor:
     """The SFT loss of a causal LM (a transformers model, or a PEFT wrapper of one) on ``embeds`` without its
     whole logits: its decoder gives the last hidden states, and :func:`chunked_causal_lm_loss` runs its LM head
-    and the cross-entropy on those at the supervised positions, ``chunk`` at a time.
+    and the cross-entropy on those at ``positions`` (:func:`supervised_positions` of ``labels``), ``chunk`` at
+    a time.
 
     Raises:
         ValueError: the LLM transforms its logits after the head (soft-capping, a logit scale), which its own
@@ -141,6 +142,5 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
                              f'({name}={getattr(config, name)}); use loss_chunk=0')
     hidden = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True,
                                 **llm_kwargs).last_hidden_state
-    positions = supervised_positions(labels.to(hidden.device))
     return chunked_causal_lm_loss(hidden[:, positions], base.get_output_embeddings(), labels, chunk, reduction,
                                   segments=segments, positions=positions)

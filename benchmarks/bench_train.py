@@ -671,19 +671,30 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def ours_adamw() -> dict:
+    """The AdamW options our configs set beyond the rates (``configs/_base_/schedules/cosine.py``: ``fused``), for
+    the rows that stand for our training; XTuner's rows keep torch's defaults, as its configs do."""
+    from mmengine.config import Config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    opt = Config.fromfile(os.path.join(root, 'configs', '_base_', 'schedules', 'cosine.py')).optim_wrapper.optimizer
+    return {k: opt[k] for k in ('fused',) if k in opt}
+
+
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
-        img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None) -> dict:
+        img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
+        warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None) -> dict:
     """``steps`` timed training steps (after one untimed warm-up step) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
-    on cuda only)."""
+    on cuda only); ``warmup_batch`` (a collated batch): the warm-up step's, in place of the loader's first;
+    ``adamw``: options of torch's AdamW beyond the rate (``ours_adamw()`` for our rows; default torch's own)."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
                       freeze_llm=model.freeze_llm)
     if img_context_token_id is None:
         img_context_token_id = model.img_context_token_id
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **(adamw or {}))
     tokens = samples = flops = padded = 0
     data_time = 0.0
     if device == 'cuda':
@@ -691,7 +702,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     it = iter(loader)
     for step in range(steps + 1):  # step 0 warms up and is not counted
         t0 = time.perf_counter()
-        batch = next(it)['data']
+        batch = (warmup_batch if step == 0 and warmup_batch is not None else next(it))['data']
         t1 = time.perf_counter()
         seq_lens, tiles = batch_samples(batch, img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -704,6 +715,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
             torch.cuda.synchronize()
         if step == 0:
             start = time.perf_counter()
+            warmup_s = start - t0
             continue
         data_time += t1 - t0
         tokens += sum(seq_lens)
@@ -714,7 +726,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     total = time.perf_counter() - start
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
-                peak_mib=peak_memory_mib(device))
+                peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps)
 
 
 def step_plans(ds, packed, batch: int) -> Dict[str, List[Tuple[List[int], List[int]]]]:
@@ -880,9 +892,10 @@ def main() -> None:
                 xtuner_skip = f'could not run: preparing its folder and check failed: {type(e).__name__}: {e}'
         results = {}
         if 'unpacked' in paths:
-            results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes)
+            results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes,
+                                      adamw=ours_adamw())
         if 'packed' in paths:
-            results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes)
+            results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes, adamw=ours_adamw())
         if xtuner_skip is None:
             del model  # one model on the device at a time
             gc.collect()

@@ -14,13 +14,20 @@ the published configs and random weights, loaded by the code that loads the real
 Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense block-diagonal mask, SDPA),
 ``packed_segments`` (packs, ``attn_implementation='sdpa_segments'``: each sample attended on its own, no mask),
 ``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
-``xtuner`` (its own default: the LLM checkpointed). Every other row checkpoints the LLM. The closing line's "ours" is our fastest row, its "packed" the faster packed row (both named).
+``xtuner`` (its own default: the LLM checkpointed). Every other row checkpoints the LLM. By default ``unpacked``,
+``packed_segments`` and ``xtuner`` run (``--rows``). The closing line's "ours" is our fastest row, its "packed" the
+faster packed row (both named).
 
 Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) and (b) tile every image to 12
 tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``);
 (c) resizes each image to one 384 px tile. Every row trains on the same samples in the same order: unpacked
 ``--batch`` samples per step (padded), packed one pack of up to ``--max-tokens`` tokens; XTuner the unpacked
-batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row.
+batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row. The
+optimizer: torch's AdamW with our configs' options for our rows (``fused=True``: ``bench_train.ours_adamw``),
+with torch's defaults for XTuner's (as its configs build it). Each row's untimed warm-up step (gradients and
+AdamW's states made) trains the first sample at one tile (``--warmup short``; ``full``: a full-size batch), which
+keeps the run short; the data come in the row's own process (a forked loader worker would keep a copy-on-write
+image of the 10-20 GB process).
 
 First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
 tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
@@ -59,6 +66,7 @@ SETTINGS = {
     'c': dict(vision='siglip-so400m-patch14-384', llm='Qwen2.5-0.5B-Instruct', projector='bilinear_mlp',
               image_mode='resize', model=dict(freeze_llm=False), xtuner=False),
 }
+DEFAULT_ROWS = ('unpacked', 'packed_segments', 'xtuner')
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
 
@@ -166,7 +174,7 @@ def build_data(setting: str, work: str, models: dict, samples: int):
 def child(args) -> dict:
     """One row of one setting, in this process."""
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
-    from xtuner_plugins.data.packing import PackedInternVLDataset
+    from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
     from xtuner_plugins.models import VisionLanguageModel
     from xtuner_plugins.planner import Batch, plan_memory
     torch.manual_seed(0)
@@ -205,11 +213,20 @@ def child(args) -> dict:
                          tokens=model.num_image_token)
     order = torch.Generator().manual_seed(0)
 
-    def loader(dataset, batch):
+    def loader(dataset, batch):  # in this process: a forked worker keeps a copy-on-write image of a 10+ GB
+        # process, and every page the step rewrites is then held twice (the kernel killed XTuner's (a) row with
+        # its worker at 9 GB); the data time is measured either way (the tiles come from the cache)
         sampler_ = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6, generator=order)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler_, num_workers=1,
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler_, num_workers=0,
                                            collate_fn=internvl_collate_fn)
     check_batch = internvl_collate_fn([ds[i] for i in range(args.batch)])['data']
+    warmup = None
+    if args.warmup == 'short':   # the first sample at one tile (packed rows: packed alone), not a full-size step
+        small = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=1,
+                                max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache',
+                                                                                   args.setting + '-1tile'),
+                                **model.geometry)
+        warmup = internvl_collate_fn([pack_items([small[0]]) if args.row.startswith('packed') else small[0]])
     result = dict(setting=args.setting, row=args.row)
     step_loss, xt = None, None
     if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from, and our check
@@ -237,6 +254,7 @@ def child(args) -> dict:
             for k, v in ours.items():
                 if k in own:
                     own[k].copy_(v.to(own[k].dtype))
+        del ours   # 2.5 GB for (a): not held through XTuner's steps
         result['check_xtuner'] = bt.check_step(lambda b: bt.xtuner_loss(xt, b), own, check_batch, 'cpu',
                                                autocast=True)
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
@@ -264,7 +282,7 @@ def child(args) -> dict:
                             freeze=dict(freeze_vision=True, freeze_projector=False,
                                         freeze_llm='llm_lora' in s['model']) if xt is not None else None,
                             img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                            autocast=True)
+                            autocast=True, warmup_batch=warmup, adamw=bt.ours_adamw() if xt is None else None)
         finally:
             torch.optim.AdamW.step = orig_step
     sampler.mark()
@@ -281,7 +299,8 @@ def child(args) -> dict:
     sup = int((last['labels'][:, 1:] != -100).sum())
     if xt is None:
         plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
-                                        packed=args.row.startswith('packed')), 'bf16', device='cpu')
+                                        packed=args.row.startswith('packed')), 'bf16', device='cpu',
+                           fused=bt.ours_adamw().get('fused', False))
         # the window's rise (from the previous step's end, its gradients held until zero_grad frees them before
         # the backward makes them again): the forward's or the backward's peak, or the optimizer's temporaries
         result['act_predicted'] = plan['step_peak']
@@ -297,9 +316,13 @@ def main() -> None:
     p.add_argument('--settings', nargs='+', default=['a', 'c', 'b'], choices=list(SETTINGS),
                    help='in this order (default a c b: the 1.5B rows, the longest, last)')
     p.add_argument('--rows', nargs='+', default=None,
-                   help='unpacked packed packed_segments packed_segments_nockpt xtuner (default: all; for b all but '
-                        'packed and packed_segments_nockpt, to keep the run short)')
+                   help='of unpacked packed packed_segments packed_segments_nockpt xtuner (default: unpacked '
+                        'packed_segments xtuner; the dense-mask and no-checkpointing rows are levers, measured once '
+                        'in benchmarks/RESULTS.md)')
     p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
+    p.add_argument('--warmup', choices=('short', 'full'), default='short',
+                   help="the warm-up step: 'short' the first sample at one tile (default), 'full' the loader's "
+                        "first batch (a full-size step, as long as the timed one)")
     p.add_argument('--batch', type=int, default=1, help='unpacked samples per step (default 1)')
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
@@ -325,8 +348,7 @@ def main() -> None:
         with open(saved) as f:
             results = {tuple(k.split(' ')): v for k, v in json.load(f)['rows'].items() if 'error' not in v}
     for setting in args.settings:
-        rows = args.rows or [r for r in ('unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner')
-                             if not (setting == 'b' and r in ('packed', 'packed_segments_nockpt'))]
+        rows = args.rows or DEFAULT_ROWS
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
                 continue
@@ -340,7 +362,7 @@ def main() -> None:
             t = time.perf_counter()
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
-                   '--max-tokens', str(args.max_tokens), '--attn', args.attn]
+                   '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)

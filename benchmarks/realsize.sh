@@ -4,21 +4,23 @@
 # MLP + Qwen2.5-0.5B (benchmarks/realsize.py says what each row does). Random-weight look-alikes with the
 # published configs are written once into work_dirs/realsize/models (about 9 GB).
 #
-#   bash benchmarks/realsize.sh [--out DIR] [--no-scaling] [realsize.py options, e.g. --settings a --steps 2]
+#   bash benchmarks/realsize.sh [--out DIR] [--scaling] [realsize.py options, e.g. --settings a --steps 2]
 #
-# Then the scaling series (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and
-# a PNG in DIR); --no-scaling leaves it out. REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
+# The rows take about 20 minutes on a 2-core CPU. --scaling then runs the scaling series too
+# (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and a PNG in DIR; about 16
+# minutes more). REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
 #
 # Run it alone on the machine (timings taken beside another heavy process are not figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=work_dirs/realsize/out
-SCALING=1
+SCALING=0
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
-        --no-scaling) SCALING=0; shift ;;
+        --scaling) SCALING=1; shift ;;
+        --no-scaling) SCALING=0; shift ;;   # the default (kept for older command lines)
         *) args+=("$1"); shift ;;
     esac
 done

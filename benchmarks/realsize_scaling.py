@@ -8,7 +8,8 @@ Usage (after ``benchmarks/realsize.sh`` wrote the models into ``--work``)::
 
 Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning, ViT frozen, LLM checkpointing,
 bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
-step (forward, backward, AdamW) after a warm-up step of the same shape, on a synthetic batch built directly:
+step (forward, backward, AdamW: our configs' options, ``--optimizer torch`` torch's defaults) after a warm-up
+step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the rise of the
 process's resident set (``realsize.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072
@@ -33,6 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import bench_train as bt  # noqa: E402
 from benchmarks.realsize import SETTINGS, RssSampler  # noqa: E402
 
 TEXT, SUPERVISED = 200, 50
@@ -66,6 +68,8 @@ def main() -> None:
     p.add_argument('--pack-tokens', type=int, nargs='*', default=[2048, 4096, 8192, 16384])
     p.add_argument('--loss-chunk', type=int, default=0,
                    help='the model\'s loss_chunk (default 0: the LM head on every supervised position at once)')
+    p.add_argument('--optimizer', choices=('ours', 'torch'), default='ours',
+                   help="AdamW with our configs' options (default: fused) or torch's defaults")
     p.add_argument('--replan', action='store_true',
                    help='only recompute the planner\'s columns of --out\'s scaling.json (no training)')
     args = p.parse_args()
@@ -75,7 +79,8 @@ def main() -> None:
     sampler = RssSampler()
     model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True,
                                 **model_settings(args.work, args.loss_chunk)).train()
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    adamw = bt.ours_adamw() if args.optimizer == 'ours' else {}
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, **adamw)
     gen = torch.Generator().manual_seed(0)
     rows = []
     points = [('tiles', t) for t in args.tiles] + [('pack tokens', n) for n in args.pack_tokens]
@@ -94,8 +99,8 @@ def main() -> None:
             update = sampler.peak - sampler.start
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
-        row = dict(kind=kind, value=value, loss_chunk=args.loss_chunk, tokens=length,
-                   tiles=int(data['num_tiles'].sum()), s=seconds,
+        row = dict(kind=kind, value=value, loss_chunk=args.loss_chunk, fused=adamw.get('fused', False),
+                   tokens=length, tiles=int(data['num_tiles'].sum()), s=seconds,
                    supervised=int((data['labels'][:, 1:] != -100).sum()), rows=rows_,
                    measured_gib=graph / 2 ** 30, step_measured_gib=update / 2 ** 30)
         rows.append(planned(model, row))
@@ -121,7 +126,7 @@ def planned(model, row: dict) -> dict:
     from xtuner_plugins.planner import Batch, plan_memory
     plan = plan_memory(model, Batch(rows=row.get('rows', 1), length=row['tokens'], tiles=row['tiles'],
                                     supervised=row['supervised'], packed=row['kind'] != 'tiles'), 'bf16',
-                       device='cpu')
+                       device='cpu', fused=row.get('fused', False))
     gib = 2 ** 30
     return dict(row, planned_gib=max(plan['forward_peak'], plan['backward_peak']) / gib,
                 step_planned_gib=plan['optimizer_temporaries'] / gib,

@@ -117,6 +117,11 @@ def test_plan_total_and_largest_fitting(tiny):
     assert cpu['optimizer_temporaries'] == 8 * max(p.numel() for p in meta.parameters() if p.requires_grad)
     from torch.optim.optimizer import _default_to_fused_or_foreach
     assert _default_to_fused_or_foreach([torch.zeros(2)], differentiable=False) == (False, False)
+    # AdamW's fused kernel (our configs' choice) makes no temporaries, on either device
+    for device in ('cuda', 'cpu'):
+        fused = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device=device, fused=True)
+        assert fused['optimizer_temporaries'] == 0
+        assert fused['step_peak'] == max(fused['forward_peak'], fused['backward_peak'])
     with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
         plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device='tpu')
     assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'gradients', 'optimizer', 'step_peak'))
@@ -135,6 +140,12 @@ def test_cli_verdict(tiny, capsys):
                 + opts) == 0
     out = capsys.readouterr().out
     assert 'DeepSpeed ZeRO-3' in out and ': fits' in out and 'largest max_length at 4 per device' in out
+    # the config's AdamW is fused (configs/_base_/schedules/cosine.py): no optimizer temporaries planned
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80'] + opts) == 0
+    assert re.search(r'optimizer temporaries +[\d.]+ +\(during the step; AdamW fused\)', capsys.readouterr().out)
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80'] + opts
+                + ['optim_wrapper.optimizer.fused=False']) == 0
+    assert re.search(r'optimizer temporaries +[\d.]+ +\(during the step; AdamW not fused', capsys.readouterr().out)
     assert main([os.path.join(ROOT, 'configs/finetune_full_packed.py'), '--gpus', '1', '--gpu-mem', '1.2']
                 + opts) == 1
     out = capsys.readouterr().out

@@ -44,8 +44,9 @@ step's (its temporaries): without DeepSpeed, autocast keeps a bf16 copy of every
 until the forward ends (2 bytes per trained parameter; lookup tables, which it does not cast, excluded), and
 into the backward those autograd saved (the weights outside checkpointed layers); torch's AdamW on CUDA
 (foreach) makes one fp32 temporary per trained parameter (4 bytes; on the CPU, single-tensor, two of the largest
-parameter: 2 x 0.51 GiB for Qwen2.5-0.5B's embedding, measured by benchmarks/realsize_scaling.py); DeepSpeed keeps
-bf16 weights and updates its fp32 partition in place (neither counted).
+parameter: 2 x 0.51 GiB for Qwen2.5-0.5B's embedding, measured by benchmarks/realsize_scaling.py), its fused kernel
+(``fused=True``, our configs' default) none; DeepSpeed keeps bf16 weights and updates its fp32 partition in place
+(neither counted).
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ class Batch:
 
 
 def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
-                    device: str = 'cuda') -> Dict[str, float]:
+                    device: str = 'cuda', fused: bool = False) -> Dict[str, float]:
     """Per-device bytes of weights, gradients and optimizer states, autocast's copies and AdamW's temporaries
-    on ``device`` (``'cuda'`` or ``'cpu'``; module docstring)."""
+    on ``device`` (``'cuda'`` or ``'cpu'``; ``fused``: AdamW's fused kernel, no temporaries; module docstring)."""
     if zero not in (0, 2, 3):
         raise ValueError(f'zero must be 0, 2 or 3, got {zero}')
     if device not in ('cuda', 'cpu'):
@@ -166,8 +167,9 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     copies = 0 if deepspeed or b == 4 else cast * 2
     saved_copies = 0 if deepspeed or b == 4 else saved * 2
     # torch's AdamW: on CUDA the foreach path, one fp32 temporary of every trained parameter at once (its
-    # sqrt(v)); elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division)
-    temporaries = 0 if deepspeed else trained * 4 if device == 'cuda' else largest * 8
+    # sqrt(v)); elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division);
+    # the fused kernel (our configs' choice) none
+    temporaries = 0 if deepspeed or fused else trained * 4 if device == 'cuda' else largest * 8
     return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
                 autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries)
 
@@ -235,13 +237,14 @@ def phases(model, parts: Dict[str, float]) -> Dict[str, float]:
 
 
 def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
-                reserve_gib: float = 1.0, device: str = 'cuda') -> Dict[str, float]:
+                reserve_gib: float = 1.0, device: str = 'cuda', fused: bool = False) -> Dict[str, float]:
     """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (the larger phase's; its parts
     under ``parts``), ``autocast_copies``, ``saved_copies``, ``optimizer_temporaries``, ``forward_peak``,
     ``backward_peak``, ``step_peak`` (the largest of the two and the temporaries), ``reserve`` and ``total``
     (weights + gradients + optimizer + step peak + reserve).
-    ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine)."""
-    p = parameter_bytes(model, dtype, zero, gpus, device)
+    ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine);
+    ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries)."""
+    p = parameter_bytes(model, dtype, zero, gpus, device, fused)
     parts = activation_bytes(model, batch, dtype)
     phase = phases(model, parts)
     forward = phase['forward'] + p['autocast_copies']

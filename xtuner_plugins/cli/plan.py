@@ -86,8 +86,11 @@ def main(argv=None) -> int:
     batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
     budget = args.gpu_mem * GIB
 
+    fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))
+
     def plan(b):
-        return plan_memory(model, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve)
+        return plan_memory(model, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve,
+                           fused=fused)
 
     r = plan(batch)
     lm = model.language_model
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
                 print(f'  {part:20s} {v / GIB:8.2f}')
     print(f'{"autocast bf16 copies":22s} {r["autocast_copies"] / GIB:8.2f}  (the forward; '
           f'{r["saved_copies"] / GIB:.2f} kept into the backward)')
-    print(f'{"optimizer temporaries":22s} {r["optimizer_temporaries"] / GIB:8.2f}  (during the step)')
+    print(f'{"optimizer temporaries":22s} {r["optimizer_temporaries"] / GIB:8.2f}  (during the step; AdamW '
+          f'{"fused" if fused else "not fused: optim_wrapper.optimizer.fused=True makes none"})')
     print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the largest of the forward {r["forward_peak"] / GIB:.2f}, '
           f'the backward {r["backward_peak"] / GIB:.2f} and the optimizer step)')
     print(f'{"reserve":22s} {r["reserve"] / GIB:8.2f}')

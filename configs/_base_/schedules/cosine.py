@@ -20,7 +20,10 @@ warmup_ratio = 0.03       # share of the run spent warming up
 # bf16 autocast when CUDA is available, plain fp32 on a CPU (AutoOptimWrapper decides).
 optim_wrapper = dict(
     type=AutoOptimWrapper,
-    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+    # fused: one kernel per step over every tensor (CUDA and CPU), no temporaries; torch's default (foreach on
+    # CUDA) holds an fp32 copy of every trained parameter during the step (2.4 GiB for Qwen2.5-0.5B), and its
+    # single-tensor CPU path took 1.7-2.4 s a step against 0.17 s fused (benchmarks/RESULTS.md)
+    optimizer=dict(type=AdamW, lr=lr, betas=betas, weight_decay=weight_decay, fused=True),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
     dtype='bfloat16',

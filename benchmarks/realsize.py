@@ -31,15 +31,19 @@ image of the 10-20 GB process).
 
 First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
 tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
-bf16 roofline, the data-time share, and the planner's step peak (activations + autocast copies, or AdamW's
-temporaries: ``planner.plan_memory``) beside the measured rise of RSS during the last timed step. XTuner's rows are checked first (``bench_train.check_step``: loss and every trained tensor's
-gradient norm on one batch, before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
+bf16 roofline, the LLM's share (its layers' and LM head's FLOPs over the step's time less the vision tower's
+forward, timed by hooks; the closing line's roofline share), the data-time share, and the planner's step peak
+(activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
+malloc's bytes in use during the last timed step (``RssSampler``; the RSS where malloc is not glibc's). XTuner's
+rows are checked first (``bench_train.check_step``: loss and every trained tensor's gradient norm on one batch,
+before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
 no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
@@ -138,12 +142,37 @@ def ensure_models(work: str, names) -> dict:
     return out
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
+                                               'uordblks', 'fordblks', 'keepcost')]
+
+
+def _heap_in_use():
+    """glibc's ``mallinfo2``: bytes the process's malloc has handed out and not taken back (``uordblks`` in its
+    arenas + ``hblkhd`` mapped), which torch's CPU allocator draws on; None off glibc."""
+    try:
+        fn = ctypes.CDLL('libc.so.6').mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        m = fn()
+        return m.uordblks + m.hblkhd
+    return read
+
+
 class RssSampler:
-    """Resident set size sampled every ``period`` s in a thread: ``mark()`` starts a window, ``peak`` its
-    largest value, ``start`` its first."""
+    """Resident set size, and the bytes malloc has in use, sampled every ``period`` s in a thread: ``mark()``
+    starts a window; ``peak``/``start`` its largest and first RSS, ``live_peak``/``live_start`` the same of the
+    bytes in use. The RSS keeps what glibc retains after a free, so a window's RSS rise after a smaller step
+    counts the heap's growth; the bytes in use rise by what the window allocates and holds at once, whatever
+    glibc retains (the activations the planner predicts)."""
 
     def __init__(self, period: float = 0.02):
         self.period, self.start, self.peak, self._stop = period, 0, 0, False
+        self.live_start = self.live_peak = 0
+        self._live = _heap_in_use()
         self._page = os.sysconf('SC_PAGE_SIZE')
         threading.Thread(target=self._loop, daemon=True).start()
 
@@ -151,12 +180,17 @@ class RssSampler:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * self._page
 
+    def live(self) -> int:
+        return self._live() if self._live else 0
+
     def mark(self):
         self.start = self.peak = self.rss()
+        self.live_start = self.live_peak = self.live()
 
     def _loop(self):
         while not self._stop:
             self.peak = max(self.peak, self.rss())
+            self.live_peak = max(self.live_peak, self.live())
             time.sleep(self.period)
 
 
@@ -262,17 +296,22 @@ def child(args) -> dict:
     base_run = bt.run
     marks, seen = [], []
 
-    def remembered(batches):  # the batches the run takes, the last one kept: the planner's is the measured step's
-        for item in batches:
-            seen[:] = [item]
+    def remembered(batches):  # the batches the run takes: the planner's is the measured step's, the LLM's FLOPs
+        for item in batches:   # those of the timed steps'
+            seen.append(item)
             yield item
+    vision_s = []   # each vision-tower forward's seconds: the LLM's time is the step's less these (one a step)
+    tower = (xt.model if xt is not None else model).vision_model
+    tower.register_forward_pre_hook(lambda *_: vision_s.append(-time.perf_counter()))
+    tower.register_forward_hook(lambda *_: vision_s.__setitem__(-1, vision_s[-1] + time.perf_counter()))
 
     def run_with_marks():  # the RSS window of the last timed step: its start and peak
         orig_step = torch.optim.AdamW.step
 
         def step(self, *a, **k):
             out = orig_step(self, *a, **k)
-            marks.append((sampler.start, sampler.peak))
+            marks.append((sampler.live_start, sampler.live_peak) if sampler.live()   # glibc: bytes in use
+                         else (sampler.start, sampler.peak))
             sampler.mark()
             return out
         torch.optim.AdamW.step = step
@@ -289,6 +328,18 @@ def child(args) -> dict:
     r = run_with_marks()
     start, peak = marks[-1]
     result.update(r, act_measured=peak - start)
+    # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
+    # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
+    freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])
+    ctx = xt.model.img_context_token_id if xt is not None else model.img_context_token_id
+    llm_flops = 0
+    for item in seen[-args.steps:]:
+        b = item['data']
+        lens, tiles_ = bt.batch_samples(b, ctx, shapes.image_tokens_per_tile)
+        f = bt.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
+        llm_flops += f['llm'] + f['lm_head']
+    result.update(vision_s=sum(vision_s[-args.steps:]),
+                  llm_tflops=llm_flops / (r['s_per_step'] * args.steps - sum(vision_s[-args.steps:])) / 1e12)
     if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
         torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
                    os.path.join(shared, 'lora.pth'))
@@ -420,7 +471,8 @@ def print_row(setting, row, r, roof, flush=False):
     pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
     print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
           f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
-          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
+          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
+          f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
           f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)',
           flush=flush)
 
@@ -442,7 +494,7 @@ def closing(results, settings, roof):
             c = bt.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
             print(bt.format_check(c))
             comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
-        share = f'{best["tflops"] / roof["bf16"]:.0%}' if best else 'n/a'
+        share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
         print(f'real-size {s}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; peak memory '
               f'ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked {ratio(pk, un, "tokens_per_s")}; roofline '
               f'share {share}')

@@ -35,5 +35,9 @@ def test_realsize_rows_and_closing_lines(tmp_path):
     closing = {m.group(1): m for m in map(CLOSING.match, lines) if m}
     assert set(closing) == {'a', 'c'}, out.stdout
     assert closing['a'].group(2) != 'n/a' and closing['a'].group(5) != 'n/a'
+    # the roofline share is the LLM's (the step's time less the vision tower's forward, timed by hooks)
+    rows = [x for x in lines if re.match(r'^[ac] (unpacked|packed_segments|xtuner) +s/step', x)]
+    assert len(rows) == 5 and all(re.search(r"the LLM's \d+%, vision tower \d+\.\d s\)", x) for x in rows), rows
+    assert 0 < float(closing['a'].group(6)) < 100
     assert closing['c'].group(2) == 'n/a' and closing['c'].group(5) != 'n/a'  # XTuner has no bilinear projector
     assert (tmp_path / 'out' / 'results.json').exists()

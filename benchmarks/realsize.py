@@ -43,13 +43,11 @@ no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -60,6 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import bench_train as bt  # noqa: E402
+from benchmarks.rss import RssSampler  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
 SETTINGS = {
@@ -140,58 +139,6 @@ def ensure_models(work: str, names) -> dict:
             write_real_model(name, folder)
         out[name] = folder
     return out
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
-                                               'uordblks', 'fordblks', 'keepcost')]
-
-
-def _heap_in_use():
-    """glibc's ``mallinfo2``: bytes the process's malloc has handed out and not taken back (``uordblks`` in its
-    arenas + ``hblkhd`` mapped), which torch's CPU allocator draws on; None off glibc."""
-    try:
-        fn = ctypes.CDLL('libc.so.6').mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-
-    def read() -> int:
-        m = fn()
-        return m.uordblks + m.hblkhd
-    return read
-
-
-class RssSampler:
-    """Resident set size, and the bytes malloc has in use, sampled every ``period`` s in a thread: ``mark()``
-    starts a window; ``peak``/``start`` its largest and first RSS, ``live_peak``/``live_start`` the same of the
-    bytes in use. The RSS keeps what glibc retains after a free, so a window's RSS rise after a smaller step
-    counts the heap's growth; the bytes in use rise by what the window allocates and holds at once, whatever
-    glibc retains (the activations the planner predicts)."""
-
-    def __init__(self, period: float = 0.02):
-        self.period, self.start, self.peak, self._stop = period, 0, 0, False
-        self.live_start = self.live_peak = 0
-        self._live = _heap_in_use()
-        self._page = os.sysconf('SC_PAGE_SIZE')
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def rss(self) -> int:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * self._page
-
-    def live(self) -> int:
-        return self._live() if self._live else 0
-
-    def mark(self):
-        self.start = self.peak = self.rss()
-        self.live_start = self.live_peak = self.live()
-
-    def _loop(self):
-        while not self._stop:
-            self.peak = max(self.peak, self.rss())
-            self.live_peak = max(self.live_peak, self.live())
-            time.sleep(self.period)
 
 
 def build_data(setting: str, work: str, models: dict, samples: int):

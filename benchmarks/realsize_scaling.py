@@ -12,7 +12,7 @@ step (forward, backward, AdamW: our configs' options, ``--optimizer torch`` torc
 step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the rise of the
-process's resident set (``realsize.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072
+process's resident set (``rss.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072
 MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS) in two windows, the gradients already allocated
 (zeroed, not freed): forward + backward (the activations and autocast's weight copies: what grows with the
 batch) and the optimizer step (AdamW's temporaries), each beside the planner's figure for the same batch
@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import bench_train as bt  # noqa: E402
-from benchmarks.realsize import SETTINGS, RssSampler  # noqa: E402
+from benchmarks.realsize import SETTINGS  # noqa: E402
+from benchmarks.rss import RssSampler  # noqa: E402
 
 TEXT, SUPERVISED = 200, 50
 

@@ -1,0 +1,63 @@
+"""Memory of this process while it trains, sampled in a thread: the resident set, and the bytes glibc's malloc
+has in use (which torch's CPU allocator draws on). Used by ``realsize.py`` and ``realsize_scaling.py``."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
+                                               'uordblks', 'fordblks', 'keepcost')]
+
+
+def _heap_in_use():
+    """glibc's ``mallinfo2``: bytes the process's malloc has handed out and not taken back (``uordblks`` in its
+    arenas + ``hblkhd`` mapped), which torch's CPU allocator draws on; None off glibc."""
+    try:
+        fn = ctypes.CDLL('libc.so.6').mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        m = fn()
+        return m.uordblks + m.hblkhd
+    return read
+
+
+class RssSampler:
+    """Resident set size, and the bytes malloc has in use, sampled every ``period`` s in a thread: ``mark()``
+    starts a window; ``peak``/``start`` its largest and first RSS, ``live_peak``/``live_start`` the same of the
+    bytes in use. The RSS keeps what glibc retains after a free, so a window's RSS rise after a smaller step
+    counts the heap's growth; the bytes in use rise by what the window allocates and holds at once, whatever
+    glibc retains (the activations the planner predicts). The thread takes the GIL at every sample: every 20 ms it
+    slowed a real-size training step by 10% (51.7 and 50.9 s against 45.6 and 46.8 s without it); every 0.25 s
+    (the default) by nothing measurable (48.5 s against 49.6 and 46.4 s). A step's peaks last seconds."""
+
+    def __init__(self, period: float = 0.25):
+        self.period, self.start, self.peak, self._stop = period, 0, 0, False
+        self.live_start = self.live_peak = 0
+        self._live = _heap_in_use()
+        self._page = os.sysconf('SC_PAGE_SIZE')
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def rss(self) -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * self._page
+
+    def live(self) -> int:
+        return self._live() if self._live else 0
+
+    def mark(self):
+        self.start = self.peak = self.rss()
+        self.live_start = self.live_peak = self.live()
+
+    def _loop(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.rss())
+            self.live_peak = max(self.live_peak, self.live())
+            time.sleep(self.period)

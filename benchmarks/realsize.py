@@ -240,6 +240,7 @@ def child(args) -> dict:
                                                autocast=True)
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
+    adamw = bt.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's defaults
     base_run = bt.run
     marks, seen = [], []
 
@@ -268,7 +269,7 @@ def child(args) -> dict:
                             freeze=dict(freeze_vision=True, freeze_projector=False,
                                         freeze_llm='llm_lora' in s['model']) if xt is not None else None,
                             img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                            autocast=True, warmup_batch=warmup, adamw=bt.ours_adamw() if xt is None else None)
+                            autocast=True, warmup_batch=warmup, adamw=adamw)
         finally:
             torch.optim.AdamW.step = orig_step
     sampler.mark()
@@ -298,7 +299,7 @@ def child(args) -> dict:
     if xt is None:
         plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
                                         packed=args.row.startswith('packed')), 'bf16', device='cpu',
-                           fused=bt.ours_adamw().get('fused', False))
+                           fused=adamw.get('fused', False))
         # the window's rise (from the previous step's end, its gradients held until zero_grad frees them before
         # the backward makes them again): the forward's or the backward's peak, or the optimizer's temporaries
         result['act_predicted'] = plan['step_peak']

@@ -89,9 +89,17 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
     b = Batch(rows=2, length=100, tiles=2, supervised=10)
     assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2
     assert RECOMPUTED not in activation_bytes(off, b)
-    on_parts = activation_bytes(on, b)
-    assert on_parts['llm layers'] == 200 * c.num_hidden_layers * c.hidden_size * 2
-    assert on_parts[RECOMPUTED] == 200 * 2 * per_layer * 2   # the backward's one layer, recomputed
+    full = build_meta_model(settings(tiny, freeze_llm=False, llm_grad_ckpt='full'))
+    for model in (on, full):
+        parts = activation_bytes(model, b)
+        assert parts['llm layers'] == 200 * c.num_hidden_layers * c.hidden_size * 2
+        assert parts[RECOMPUTED] == 200 * 2 * per_layer * 2   # the backward's one layer, recomputed
+    # True keeps each layer's attention output (bf16) and its fp32 log-sum-exp per head; 'full' does not
+    heads, d = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    assert activation_bytes(on, b)['attention kept'] == 200 * c.num_hidden_layers * heads * (2 * d + 4)
+    assert 'attention kept' not in activation_bytes(full, b)
+    eager = build_meta_model(settings(tiny, freeze_llm=False, attn_implementation='eager'))
+    assert 'attention kept' not in activation_bytes(eager, b)   # no kernel to keep: recomputed
 
 
 def test_plan_total_and_largest_fitting(tiny):

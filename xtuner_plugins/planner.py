@@ -21,7 +21,9 @@ heads, ``d`` head dim, ``V`` vocabulary):
 * an LLM layer keeps ``E = 6H + 6ad + 3kv*d + 4F`` elements per token for its backward (norm inputs/outputs,
   q, k, v before and after RoPE, k/v repeated to the query heads, attention output, the MLP's gate, up, act and
   product); with gradient checkpointing it keeps its input (``H``), and in the backward the layer being
-  recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``);
+  recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``); checkpointing that
+  keeps the attention kernel's output (``'keep_attention'``, ``models/recompute.py``; SDPA and flash kernels)
+  keeps ``ad`` more, and ``4a`` bytes of fp32 log-sum-exp, per token and layer (``attention kept``);
 * the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
   keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU); with the model's
   ``loss_chunk``, per supervised token of one chunk a row;
@@ -31,7 +33,8 @@ heads, ``d`` head dim, ``V`` vocabulary):
   with checkpointing). Padded rows, per-sample (``sdpa_segments``), flash and flex attention: nothing quadratic;
 * the vision tower, frozen (no graph): one layer's transient ``3C + I`` per token plus the hidden states the
   encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``), gone before the LLM runs; trained: ``11C + 2I``
-  per layer (``C`` with checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed);
+  per layer (``C`` with checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed; ``'keep_attention'``
+  ``C`` more, and ``4`` bytes a head, per layer);
 * the projector: ``(8C' + 2H)`` per image token (``C'`` its input width).
 
 The parts do not all live at once (:func:`phases`): the forward's peak holds what the backward keeps plus the
@@ -184,6 +187,12 @@ def _llm_shapes(model):
                 .weight.shape[0])
 
 
+def _keeps_attention(mode: Optional[str], attn: Optional[str]) -> bool:
+    """Whether checkpointing in ``mode`` keeps the attention kernel's output with ``attn`` (``recompute.py``:
+    SDPA's and flash-attn's kernels; eager and flex attention are recomputed)."""
+    return mode == 'keep_attention' and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
+
+
 def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, float]:
     """One step's activations per part, in bytes (module docstring), for ``model`` as built (its checkpointing,
     frozen parts and attention implementation)."""
@@ -200,6 +209,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
         out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
         if ckpt:   # the backward's one layer recomputed: its activations and their gradients
             out[RECOMPUTED] = tokens * 2 * per_layer * b
+            if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation):
+                out['attention kept'] = tokens * s['L'] * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
     chunk = getattr(model, 'loss_chunk', 0)   # at most this many positions' logits a row at once
@@ -221,6 +232,9 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
         layer = 11 * c + 2 * inter
         vckpt = bool(getattr(model.vision_model, 'is_gradient_checkpointing', False))
         out['vision tower'] = vit_tokens * ((nl * c + 2 * layer) if vckpt else nl * layer) * b
+        if vckpt and _keeps_attention(getattr(model, 'vision_recompute', None),
+                                     getattr(vc, '_attn_implementation', None)):
+            out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     proj_in = getattr(model.mlp1, 'in_features', None) or c * 4
     out['projector'] = batch.tiles * model.num_image_token * (8 * proj_in + 2 * s['H']) * b
     return out

@@ -42,6 +42,7 @@ from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_em
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .projector import InternVLProjector, build_projector
+from .recompute import checkpointing_kwargs, recompute_mode
 from .stages import load_stages, load_trained
 from .vision import InternViTEncoder, build_vision_encoder
 from .zero3 import hf_zero3_init
@@ -67,7 +68,9 @@ class VisionLanguageModel(BaseModel):
         downsample_ratio, ps_version: the pixel-shuffle projector's ratio (0.5) and version (``"v2"``).
         template: conversation template name, recorded for the converter and chat tools.
         freeze_vision, freeze_projector, freeze_llm: what is not trained.
-        vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM.
+        vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM: True (or
+            ``'keep_attention'``: every layer recomputed in the backward except its attention kernel, whose
+            output is kept), ``'full'`` (everything recomputed: the least memory) or False (``recompute.py``).
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
@@ -118,8 +121,8 @@ class VisionLanguageModel(BaseModel):
                  freeze_vision: bool = True,
                  freeze_projector: bool = False,
                  freeze_llm: bool = True,
-                 vision_grad_ckpt: bool = False,
-                 llm_grad_ckpt: bool = False,
+                 vision_grad_ckpt: Union[bool, str] = False,
+                 llm_grad_ckpt: Union[bool, str] = False,
                  vision_drop_path: float = 0.0,
                  llm_lora: Optional[dict] = None,
                  vision_lora: Optional[dict] = None,
@@ -158,6 +161,8 @@ class VisionLanguageModel(BaseModel):
                              'through LoRA adapters only (QLoRA)')
         if image_mode not in IMAGE_MODES:
             raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
+        self.llm_recompute = recompute_mode(llm_grad_ckpt, 'llm_grad_ckpt')
+        self.vision_recompute = recompute_mode(vision_grad_ckpt, 'vision_grad_ckpt')
         self.image_mode = image_mode
         self.template = template
         if loss_reduction not in REDUCTIONS:
@@ -236,16 +241,18 @@ class VisionLanguageModel(BaseModel):
             from peft import prepare_model_for_kbit_training
             # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
             self.language_model = prepare_model_for_kbit_training(
-                self.language_model, use_gradient_checkpointing=llm_grad_ckpt,
-                gradient_checkpointing_kwargs={'use_reentrant': False})
+                self.language_model, use_gradient_checkpointing=self.llm_recompute is not None,
+                gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute or 'full'))
         if llm_lora is not None:
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
-        if llm_grad_ckpt:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-        if vision_grad_ckpt:
-            self.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        if self.llm_recompute:
+            self.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
+        if self.vision_recompute:
+            self.vision_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=checkpointing_kwargs(self.vision_recompute))
         self.language_model.config.use_cache = False
         self.reference = None
         if self.preference is not None and llm_lora is None:
@@ -425,7 +432,9 @@ class VisionLanguageModel(BaseModel):
         return 'logits_to_keep' in inspect.signature(base.forward).parameters
 
     def gradient_checkpointing_enable(self):
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        self.llm_recompute = self.llm_recompute or 'keep_attention'
+        self.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
 
 
 # The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.

@@ -1,0 +1,67 @@
+"""Gradient checkpointing that keeps the attention kernels' outputs (models/recompute.py): the same loss and
+gradients as no checkpointing and as full recomputation, the attention kernel run once a layer instead of twice,
+and a clear error for a mode that does not exist."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.models.conftest import build
+from xtuner_plugins.models.recompute import KEPT_OPS, checkpointing_kwargs, recompute_mode
+
+
+class CountAttention(TorchDispatchMode):
+    """Counts the attention kernels the step runs (the operators ``recompute.py`` keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.name() in KEPT_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def step(tiny, batch, vision_grad_ckpt=False, **kw):
+    torch.manual_seed(0)
+    model = build(tiny, freeze_llm=False, freeze_vision=vision_grad_ckpt is False, vision_grad_ckpt=vision_grad_ckpt,
+                  **kw).train()
+    with CountAttention() as count:
+        loss = model(batch, mode='loss')['loss']
+        loss.backward()
+    return model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, count.calls
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'sdpa_segments'])
+def test_keep_attention_gives_the_same_gradients_with_one_kernel_run_a_layer(tiny, batch, attn):
+    plain, loss, grads, plain_calls = step(tiny, batch, llm_grad_ckpt=False, attn_implementation=attn)
+    layers = plain.language_model.config.num_hidden_layers
+    for mode in ('full', True, 'keep_attention'):
+        model, l2, g2, seen = step(tiny, batch, llm_grad_ckpt=mode, attn_implementation=attn)
+        assert model.language_model.is_gradient_checkpointing
+        if mode == 'full':   # the LLM's kernels (one a layer, or a layer and sample) again in the backward
+            assert seen - plain_calls >= layers, (seen, plain_calls)
+        else:                # kept: never run again (the frozen tower's run once either way)
+            assert seen == plain_calls, (mode, seen, plain_calls)
+        assert l2 == pytest.approx(loss, rel=1e-6)
+        assert g2.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{mode} {name}: {m}')
+
+
+def test_vision_tower_keeps_its_attention_too(tiny, batch):
+    _, loss, grads, full = step(tiny, batch, vision_grad_ckpt='full')
+    _, l2, g2, kept = step(tiny, batch, vision_grad_ckpt=True)
+    assert kept < full and l2 == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{name}: {m}')
+
+
+def test_modes_and_errors(tiny):
+    assert recompute_mode(False) is None and recompute_mode(None) is None
+    assert recompute_mode(True) == 'keep_attention' and recompute_mode('full') == 'full'
+    assert checkpointing_kwargs('full') == {'use_reentrant': False}
+    assert 'context_fn' in checkpointing_kwargs('keep_attention')
+    with pytest.raises(ValueError, match=r"llm_grad_ckpt='selective': expected True, False or one of "
+                                         r"'keep_attention', 'full'"):
+        build(tiny, llm_grad_ckpt='selective')

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     print(f'plan: {args.config} on {args.gpus} device(s) of {args.gpu_mem:g} GiB, '
           f'{"no DeepSpeed" if args.zero == 0 else f"DeepSpeed ZeRO-{args.zero}"}, {args.dtype}')
     print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
-          f'checkpointing {"on" if getattr(lm, "is_gradient_checkpointing", False) else "off"}; attention '
+          f'checkpointing {getattr(model, "llm_recompute", None) or "off"}; attention '
           f'{lm.config._attn_implementation}')
     print(f'batch per device: {batch.rows} {what} {batch.length} tokens, {batch.tiles} tiles '
           f'({per_tile} tokens each), {batch.supervised} supervised tokens')

@@ -397,7 +397,9 @@ def convert(args) -> None:
            f'model.llm={os.path.join(args.work, "models", s["llm"])}', 'model.llm_lora.lora_dropout=0.0',
            'model.from_scratch=True']
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # as a user runs it: glibc's own malloc settings, not the rows' (realsize.sh), which keep what is freed
+    env = {k: v for k, v in os.environ.items() if k not in ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t
     with open(os.path.join(args.out, 'b-convert.log'), 'w') as f:
         f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)

@@ -10,7 +10,7 @@
 # default glibc returns every block over 32 MB to the kernel when it is freed, and each new activation of that size
 # is page-faulted in again (an elementwise op on a fresh [3611, 8960] bf16 tensor: 15 ms against 4 ms; growing
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
-# --malloc default leaves glibc's defaults.
+# --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
 #
 # The rows take about 20 minutes on a 2-core CPU. --scaling then runs the scaling series too
 # (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and a PNG in DIR; about 16

@@ -193,9 +193,10 @@ def _keeps_attention(mode: Optional[str], attn: Optional[str]) -> bool:
     return mode == 'keep_attention' and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
 
 
-def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, float]:
+def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) -> Dict[str, float]:
     """One step's activations per part, in bytes (module docstring), for ``model`` as built (its checkpointing,
-    frozen parts and attention implementation)."""
+    frozen parts and attention implementation); under ZeRO-3 (``zero=3``) checkpointing recomputes attention too
+    (``models/recompute.py``)."""
     b = DTYPE_BYTES[dtype]
     s = _llm_shapes(model)
     tokens = batch.rows * batch.length
@@ -209,7 +210,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
         out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
         if ckpt:   # the backward's one layer recomputed: its activations and their gradients
             out[RECOMPUTED] = tokens * 2 * per_layer * b
-            if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation):
+            if zero != 3 and _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation):
                 out['attention kept'] = tokens * s['L'] * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
@@ -232,7 +233,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16') -> Dict[str, floa
         layer = 11 * c + 2 * inter
         vckpt = bool(getattr(model.vision_model, 'is_gradient_checkpointing', False))
         out['vision tower'] = vit_tokens * ((nl * c + 2 * layer) if vckpt else nl * layer) * b
-        if vckpt and _keeps_attention(getattr(model, 'vision_recompute', None),
+        if vckpt and zero != 3 and _keeps_attention(getattr(model, 'vision_recompute', None),
                                      getattr(vc, '_attn_implementation', None)):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     proj_in = getattr(model.mlp1, 'in_features', None) or c * 4
@@ -259,7 +260,7 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
     ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine);
     ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries)."""
     p = parameter_bytes(model, dtype, zero, gpus, device, fused)
-    parts = activation_bytes(model, batch, dtype)
+    parts = activation_bytes(model, batch, dtype, zero)
     phase = phases(model, parts)
     forward = phase['forward'] + p['autocast_copies']
     backward = phase['backward'] + p['saved_copies']

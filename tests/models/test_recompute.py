@@ -1,12 +1,13 @@
 """Gradient checkpointing that keeps the attention kernels' outputs (models/recompute.py): the same loss and
 gradients as no checkpointing and as full recomputation, the attention kernel run once a layer instead of twice,
-and a clear error for a mode that does not exist."""
+full recomputation under DeepSpeed ZeRO-3, and a clear error for a mode that does not exist."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models.conftest import build
+from xtuner_plugins.models import recompute
 from xtuner_plugins.models.recompute import KEPT_OPS, checkpointing_kwargs, recompute_mode
 
 
@@ -65,3 +66,12 @@ def test_modes_and_errors(tiny):
     with pytest.raises(ValueError, match=r"llm_grad_ckpt='selective': expected True, False or one of "
                                          r"'keep_attention', 'full'"):
         build(tiny, llm_grad_ckpt='selective')
+
+
+def test_zero3_recomputes_attention_too(tiny, monkeypatch):
+    """Under ZeRO-3 the recomputation gathers weights (a collective selective checkpointing cannot replay: the
+    two-process ZeRO-3 run of tests/eval/test_hook.py stops without this): True means 'full' there."""
+    monkeypatch.setattr(recompute, '_zero3', lambda: True)
+    model = build(tiny, freeze_llm=False, llm_grad_ckpt=True)
+    assert model.llm_recompute == 'full' and model.language_model.is_gradient_checkpointing
+    assert recompute_mode('full') == 'full' and recompute_mode(False) is None

@@ -432,7 +432,7 @@ class VisionLanguageModel(BaseModel):
         return 'logits_to_keep' in inspect.signature(base.forward).parameters
 
     def gradient_checkpointing_enable(self):
-        self.llm_recompute = self.llm_recompute or 'keep_attention'
+        self.llm_recompute = self.llm_recompute or recompute_mode(True)
         self.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
 

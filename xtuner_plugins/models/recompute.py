@@ -10,6 +10,11 @@ recomputed as before, but the attention kernel's outputs saved in the forward ar
 computed again. ``'full'`` recomputes everything (transformers' default; the least memory). Both compute the same
 gradients. The planner counts what each keeps (``planner.activation_bytes``).
 
+Under DeepSpeed ZeRO-3 ``'keep_attention'`` becomes ``'full'`` (:func:`recompute_mode`, logged): ZeRO-3 gathers
+a layer's weights again inside its recomputation, a collective the forward did not run there, and PyTorch's
+selective checkpointing replays only the operators it recorded (it stops with ``c10d._allgather_base_ ...
+encountered during backward but not found in storage``).
+
 Kernels kept (by their operator names, whichever this build and the installed packages have): SDPA's flash,
 memory-efficient and cuDNN kernels (CPU and CUDA) and flash-attn's forward where it registers itself as a torch
 operator (flash-attn >= 2.7); anything else (the math fallback, eager attention) is recomputed.
@@ -36,14 +41,27 @@ KEPT_OPS = frozenset({
 
 
 def recompute_mode(flag: Union[bool, str, None], where: str = 'llm_grad_ckpt') -> Optional[str]:
-    """None (no checkpointing) for False/None, ``'keep_attention'`` for True, or the mode named."""
+    """None (no checkpointing) for False/None, ``'keep_attention'`` for True, or the mode named; ``'full'``
+    instead of ``'keep_attention'`` when DeepSpeed ZeRO-3 is set up (module docstring)."""
     if flag is None or flag is False:
         return None
-    if flag is True:
-        return 'keep_attention'
-    if isinstance(flag, str) and flag in RECOMPUTE_MODES:
-        return flag
-    raise ValueError(f'{where}={flag!r}: expected True, False or one of {", ".join(map(repr, RECOMPUTE_MODES))}')
+    mode = 'keep_attention' if flag is True else flag
+    if not (isinstance(mode, str) and mode in RECOMPUTE_MODES):
+        raise ValueError(f'{where}={flag!r}: expected True, False or one of {", ".join(map(repr, RECOMPUTE_MODES))}')
+    if mode == 'keep_attention' and _zero3():
+        from mmengine.logging import print_log
+        print_log(f"{where}: DeepSpeed ZeRO-3 gathers weights inside each layer's recomputation, which checkpointing "
+                  "that keeps attention cannot replay: every layer is recomputed whole ('full')", logger='current')
+        mode = 'full'
+    return mode
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
 
 
 def _keep_attention(ctx, op, *args, **kwargs):

@@ -70,6 +70,9 @@ SETTINGS = {
               image_mode='resize', model=dict(freeze_llm=False), xtuner=False),
 }
 DEFAULT_ROWS = ('unpacked', 'packed_segments', 'xtuner')
+# glibc keeping what is freed (no block handed back to the kernel, so no page faults on every large activation;
+# benchmarks/RESULTS.md): the rows' processes, ours and XTuner's, with --malloc keep
+KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
 
@@ -326,6 +329,8 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
     p.add_argument('--attn', default='sdpa')
+    p.add_argument('--malloc', choices=('keep', 'default'), default='keep',
+                   help="the rows' glibc malloc: 'keep' what is freed (default; KEEP_FREED), or glibc's 'default'")
     p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
                    help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
     p.add_argument('--reuse', action='store_true',
@@ -339,7 +344,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     roof = roofline()
     print(f'roofline (torch.mm 4096^3, this process): bf16 {roof["bf16"]:.3f} TFLOP/s, fp32 {roof["fp32"]:.3f} '
-          f'TFLOP/s; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads', flush=True)
+          f'TFLOP/s; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; rows\' '
+          f'malloc: {args.malloc}', flush=True)
     ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
     results = {}
     saved = os.path.join(args.out, 'results.json')
@@ -362,7 +368,8 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
                    '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
@@ -397,9 +404,7 @@ def convert(args) -> None:
            f'model.llm={os.path.join(args.work, "models", s["llm"])}', 'model.llm_lora.lora_dropout=0.0',
            'model.from_scratch=True']
     t = time.perf_counter()
-    # as a user runs it: glibc's own malloc settings, not the rows' (realsize.sh), which keep what is freed
-    env = {k: v for k, v in os.environ.items() if k not in ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)   # as a user runs it: glibc's own malloc settings
     seconds = time.perf_counter() - t
     with open(os.path.join(args.out, 'b-convert.log'), 'w') as f:
         f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)

@@ -4,9 +4,9 @@
 # MLP + Qwen2.5-0.5B (benchmarks/realsize.py says what each row does). Random-weight look-alikes with the
 # published configs are written once into work_dirs/realsize/models (about 9 GB).
 #
-#   bash benchmarks/realsize.sh [--out DIR] [--scaling] [--malloc default] [realsize.py options, e.g. --settings a]
+#   bash benchmarks/realsize.sh [--out DIR] [--scaling] [realsize.py options, e.g. --settings a, --malloc default]
 #
-# Every row, ours and XTuner's, runs with glibc's malloc keeping what is freed (MALLOC_MMAP_MAX_=0, no trim): by
+# Every row, ours and XTuner's, runs with glibc's malloc keeping what is freed (realsize.py's KEEP_FREED): by
 # default glibc returns every block over 32 MB to the kernel when it is freed, and each new activation of that size
 # is page-faulted in again (an elementwise op on a fresh [3611, 8960] bf16 tensor: 15 ms against 4 ms; growing
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
@@ -21,14 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=work_dirs/realsize/out
 SCALING=0
-MALLOC=keep
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
         --scaling) SCALING=1; shift ;;
         --no-scaling) SCALING=0; shift ;;   # the default (kept for older command lines)
-        --malloc) MALLOC="$2"; shift 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -36,13 +34,8 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 start=$(date +%s)
-echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg); malloc: $MALLOC" | tee "$OUT/realsize.txt"
-case "$MALLOC" in
-    keep) rows_env=(MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736) ;;
-    default) rows_env=() ;;
-    *) echo "realsize.sh: --malloc keep|default, got '$MALLOC'" >&2; exit 2 ;;
-esac
-env "${rows_env[@]}" "$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
+"$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
     # glibc returns freed blocks to the kernel at once: the resident set then follows what the step holds
     MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0 \

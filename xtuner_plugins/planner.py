@@ -187,10 +187,10 @@ def _llm_shapes(model):
                 .weight.shape[0])
 
 
-def _keeps_attention(mode: Optional[str], attn: Optional[str]) -> bool:
+def _keeps_attention(mode: Optional[str], attn: Optional[str], zero: int) -> bool:
     """Whether checkpointing in ``mode`` keeps the attention kernel's output with ``attn`` (``recompute.py``:
-    SDPA's and flash-attn's kernels; eager and flex attention are recomputed)."""
-    return mode == 'keep_attention' and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
+    SDPA's and flash-attn's kernels; eager and flex attention are recomputed, and everything under ZeRO-3)."""
+    return mode == 'keep_attention' and zero != 3 and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
 
 
 def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) -> Dict[str, float]:
@@ -210,7 +210,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
         out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
         if ckpt:   # the backward's one layer recomputed: its activations and their gradients
             out[RECOMPUTED] = tokens * 2 * per_layer * b
-            if zero != 3 and _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation):
+            if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):
                 out['attention kept'] = tokens * s['L'] * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
@@ -233,8 +233,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
         layer = 11 * c + 2 * inter
         vckpt = bool(getattr(model.vision_model, 'is_gradient_checkpointing', False))
         out['vision tower'] = vit_tokens * ((nl * c + 2 * layer) if vckpt else nl * layer) * b
-        if vckpt and zero != 3 and _keeps_attention(getattr(model, 'vision_recompute', None),
-                                     getattr(vc, '_attn_implementation', None)):
+        if vckpt and _keeps_attention(getattr(model, 'vision_recompute', None),
+                                      getattr(vc, '_attn_implementation', None), zero):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     proj_in = getattr(model.mlp1, 'in_features', None) or c * 4
     out['projector'] = batch.tiles * model.num_image_token * (8 * proj_in + 2 * s['H']) * b

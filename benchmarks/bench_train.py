@@ -91,6 +91,7 @@ from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
 from xtuner_plugins.data.template import IGNORE_INDEX  # noqa: E402
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles  # noqa: E402
 from xtuner_plugins.models import VisionLanguageModel  # noqa: E402
+from xtuner_plugins.models.attention import SEGMENT_ATTENTION  # noqa: E402
 
 # (cols, rows) grids of exactly 12 tiles; an image of 448*cols x 448*rows px is tiled into that grid (its
 # ratio is matched exactly; 6x2 and 2x6 tie with 3x1 and 1x3 and win the tie by area), plus a thumbnail.
@@ -682,12 +683,14 @@ def ours_adamw() -> dict:
 
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
         img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
-        warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None) -> dict:
+        warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None) -> dict:
     """``steps`` timed training steps (after one untimed warm-up step) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
     on cuda only); ``warmup_batch`` (a collated batch): the warm-up step's, in place of the loader's first;
-    ``adamw``: options of torch's AdamW beyond the rate (``ours_adamw()`` for our rows; default torch's own)."""
+    ``adamw``: options of torch's AdamW beyond the rate (``ours_adamw()`` for our rows; default torch's own);
+    ``profile``: a path to write torch.profiler's table of the timed steps' operators by device time to (a
+    diagnosis: the profiled row's timings are not figures)."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -696,9 +699,11 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         img_context_token_id = model.img_context_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **(adamw or {}))
     tokens = samples = flops = padded = 0
-    data_time = 0.0
+    data_time, step_s = 0.0, []
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device == 'cuda' else [])) if profile else None
     it = iter(loader)
     for step in range(steps + 1):  # step 0 warms up and is not counted
         t0 = time.perf_counter()
@@ -713,9 +718,12 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         opt.step()
         if device == 'cuda':
             torch.cuda.synchronize()
+        step_s.append(time.perf_counter() - t0)
         if step == 0:
             start = time.perf_counter()
             warmup_s = start - t0
+            if prof is not None:
+                prof.start()
             continue
         data_time += t1 - t0
         tokens += sum(seq_lens)
@@ -724,9 +732,15 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         supervised = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
         flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
     total = time.perf_counter() - start
+    if prof is not None:
+        prof.stop()
+        with open(profile, 'w') as f:
+            f.write(prof.key_averages().table(sort_by='self_cuda_time_total' if device == 'cuda' else
+                                              'self_cpu_time_total', row_limit=40, max_name_column_width=70))
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
-                peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps)
+                peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps,
+                step_s=[round(x, 3) for x in step_s])
 
 
 def step_plans(ds, packed, batch: int) -> Dict[str, List[Tuple[List[int], List[int]]]]:
@@ -789,11 +803,16 @@ def main() -> None:
                    help='tokens per pack (default: 16384 with --real, else 4 x the mean sample length)')
     p.add_argument('--steps', type=int, default=20, help='timed steps each way (default 20)')
     p.add_argument('--workers', type=int, default=None, help='DataLoader workers (default 8 with --real, else 2)')
-    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager', 'flex_attention'], default=None,
+    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION],
+                   default=None,
                    help='attention kernels (default: flash_attention_2 on cuda when flash_attn is installed, '
                         'else sdpa, whose packed rows use a dense block-diagonal mask); flex_attention: the LLM '
                         'on compiled FlexAttention with a document-causal BlockMask (no flash_attn needed; '
-                        'cuda only, as FlexAttention has no backward on a CPU)')
+                        f'cuda only, as FlexAttention has no backward on a CPU); {SEGMENT_ATTENTION}: causal SDPA '
+                        'on each packed sample (no mask); XTuner\'s row runs sdpa for the last two')
+    p.add_argument('--llm-ckpt', choices=['keep_attention', 'full', 'none'], default='keep_attention',
+                   help="our LLM's gradient checkpointing with --real (default keep_attention; models/recompute.py); "
+                        "XTuner's row always recomputes whole layers, as XTuner does")
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
@@ -810,6 +829,12 @@ def main() -> None:
                    help='keep the written models and data set here and reuse them in later runs (default: a '
                         'temporary folder)')
     p.add_argument('--json', default=None, metavar='PATH', help='also write the raw figures to PATH as JSON')
+    p.add_argument('--no-cudnn-sdpa', action='store_true',
+                   help="turn PyTorch's cuDNN SDPA backend off (torch.backends.cuda.enable_cudnn_sdp(False)): "
+                        'attention then runs on its FlashAttention-2 kernel')
+    p.add_argument('--profile', default=None, metavar='PATH',
+                   help="profile our first row's timed steps with torch.profiler and write its table of operators "
+                        'by device time to PATH (a diagnosis: that row\'s timings are not figures)')
     args = p.parse_args()
     if args.llm is not None and not args.real:
         p.error('--llm selects the real-size LLM; it needs --real')
@@ -822,6 +847,8 @@ def main() -> None:
     if args.precision_check is not None and args.precision_check < 1:
         p.error('--precision-check needs at least 1 step')
     paths = [x for x in PATHS if x in args.paths and not (x == 'xtuner' and args.no_xtuner)]
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     llm_size = args.llm or '0.5b'
     workers = args.workers if args.workers is not None else (8 if args.real else 2)
     attn = args.attn or ('flash_attention_2' if args.device == 'cuda' and importlib.util.find_spec('flash_attn')
@@ -842,7 +869,8 @@ def main() -> None:
         max_tokens = args.max_tokens or (16384 if args.real else int(4 * np.mean(ds.length)))
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
         tiles = '/'.join(map(str, sorted(set(ds.num_tiles_per_item))))
-        header = (f'models: {size}; device: {args.device}; attention: {attn}; {args.samples} samples of {tiles} '
+        header = (f'models: {size}; device: {args.device}; attention: {attn}; LLM checkpointing: '
+                  f'{args.llm_ckpt if args.real else "none"}{"; cuDNN SDPA off" if args.no_cudnn_sdpa else ""}; {args.samples} samples of {tiles} '
                   f'tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs of <= '
                   f'{max_tokens} tokens ({len(packed)} packs)')
         if args.dry_run:
@@ -853,7 +881,8 @@ def main() -> None:
             return
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
-                                    llm_grad_ckpt=args.real, attn_implementation=attn,
+                                    llm_grad_ckpt=args.real and (False if args.llm_ckpt == 'none' else args.llm_ckpt),
+                                    attn_implementation=attn,
                                     torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
             model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
@@ -893,9 +922,10 @@ def main() -> None:
         results = {}
         if 'unpacked' in paths:
             results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes,
-                                      adamw=ours_adamw())
+                                      adamw=ours_adamw(), profile=args.profile)
         if 'packed' in paths:
-            results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes, adamw=ours_adamw())
+            results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes, adamw=ours_adamw(),
+                                    profile=None if 'unpacked' in paths else args.profile)
         if xtuner_skip is None:
             del model  # one model on the device at a time
             gc.collect()
@@ -904,7 +934,8 @@ def main() -> None:
             created = False
             try:
                 created = ensure_process_group(tmp)
-                xt = build_xtuner_model(folder, args.device, grad_ckpt=args.real, attn=attn)
+                xt = build_xtuner_model(folder, args.device, grad_ckpt=args.real,
+                                        attn='sdpa' if attn in ('flex_attention', SEGMENT_ATTENTION) else attn)
                 check = compare_checks(ours_check, check_step(lambda b: xtuner_loss(xt, b),
                                                               trained_parameters(xt.model), check_batch, args.device),
                                        CHECK_TOLERANCE[args.device])

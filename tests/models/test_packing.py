@@ -132,3 +132,31 @@ def test_sample_index_numbers_the_samples_of_the_batch_row_after_row():
     index, per_row = sample_index(segments)
     assert per_row.tolist() == [2, 1, 0, 3]
     assert index.tolist() == [[0, 0, 1, 1, -1], [2, 2, 2, -1, -1], [-1] * 5, [3, 4, 5, 5, 5]]
+
+
+@pytest.mark.parametrize('length', [1, 127, 128, 129, 700, 1024])
+def test_document_block_mask_equals_the_mask_evaluated_on_every_pair(length):
+    """The tile-level ``BlockMask`` allows exactly the pairs of ``create_block_mask`` run on every pair (the
+    dense mask), and marks the same tiles full (where the kernel skips the mask function), for packs of samples
+    shorter and longer than a tile, with and without trailing padding."""
+    import random
+    from torch.nn.attention.flex_attention import create_block_mask
+    from xtuner_plugins.models.attention import document_block_mask, packed_segments
+    rng = random.Random(length)
+    for _ in range(8):
+        rows = []
+        for _ in range(rng.randint(1, 3)):
+            lens, left = [], length - min(rng.choice([0, 0, 1, 130, length // 2]), length - 1)
+            while left > 0:
+                lens.append(min(left, rng.choice([1, 3, 50, 128, 256, 400])))
+                left -= lens[-1]
+            rows.append(lens)
+        segments = packed_segments(rows, length, 'cpu')
+
+        def mask_mod(b, h, q, kv):
+            return (segments[b, q] == segments[b, kv]) & (kv <= q)
+        expected = create_block_mask(mask_mod, len(rows), None, length, length, device='cpu', _compile=False)
+        got = document_block_mask(segments)
+        assert torch.equal(got.to_dense(), expected.to_dense()), rows
+        assert torch.equal(got.full_kv_num_blocks, expected.full_kv_num_blocks), rows
+        assert torch.equal(got.kv_num_blocks, expected.kv_num_blocks), rows

@@ -121,15 +121,35 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def document_block_mask(segments: torch.Tensor):
+def document_block_mask(segments: torch.Tensor, block: int = 128):
     """FlexAttention's ``BlockMask`` of :func:`block_causal_mask` from ``[B, L]`` sample ids: a token sees the
-    earlier tokens of its own sample; padding (-1) sees the earlier padding, so no row is empty. Blocks with no
-    allowed pair are skipped by the kernel. Built by ``torch.compile`` on a GPU (no dense ``L x L`` mask), eagerly
-    on a CPU (no C++ compiler needed)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    earlier tokens of its own sample; padding (-1) sees the earlier padding, so no row is empty.
+
+    Built from each ``block``-token tile's first and last sample, with no ``L x L`` pass: sample ids never
+    decrease along a row (padding comes last), so a query tile sees a key tile at or before it iff the key
+    tile's last sample is at least the query tile's first, and every pair of the two is allowed (the kernel
+    skips the mask function there) when both tiles hold one and the same sample and the key tile is earlier.
+    Hand-written because ``create_block_mask`` evaluates the mask on every pair: compiled, on an H100 with
+    torch 2.11 its Triton build took over two minutes for a 16384-token pack (measured, benchmarks/RESULTS.md);
+    eagerly it materialises ``L x L`` tensors."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def same_sample_causal(b, h, q, kv):
         return (segments[b, q] == segments[b, kv]) & (kv <= q)
     batch, length = segments.shape
-    return create_block_mask(same_sample_causal, batch, None, length, length, device=segments.device,
-                             _compile=segments.device.type == 'cuda')
+    tiles = -(-length // block)
+    ids = torch.where(segments >= 0, segments, segments.max() + 1)  # padding: one more sample, last
+    ids = torch.cat([ids, ids[:, -1:].expand(batch, tiles * block - length)], dim=1).view(batch, tiles, block)
+    first, last = ids.amin(-1), ids.amax(-1)
+    causal = torch.ones(tiles, tiles, dtype=torch.bool, device=segments.device).tril()
+    seen = causal & (last[:, None, :] >= first[:, :, None])  # [B, query tile, key tile]
+    one = (first == last)
+    one[:, -1] &= length % block == 0  # a tile past the row's end is masked by the mask function
+    full = seen & causal.tril(-1) & one[:, :, None] & one[:, None, :]  # seen: then both hold the same sample
+    partial = seen & ~full
+
+    def blocks(allowed):  # counts and indices (allowed ones first, in order) per query tile, one head
+        order = torch.argsort((~allowed).to(torch.int8), dim=-1, stable=True)
+        return allowed.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=same_sample_causal,
+                                    seq_lengths=(length, length))

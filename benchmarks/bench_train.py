@@ -683,14 +683,16 @@ def ours_adamw() -> dict:
 
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
         img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
-        warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None) -> dict:
-    """``steps`` timed training steps (after one untimed warm-up step) of ``model`` on ``loader``'s batches.
+        warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None,
+        warmup: int = 1) -> dict:
+    """``steps`` timed training steps (after ``warmup`` untimed ones) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
     on cuda only); ``warmup_batch`` (a collated batch): the warm-up step's, in place of the loader's first;
     ``adamw``: options of torch's AdamW beyond the rate (``ours_adamw()`` for our rows; default torch's own);
     ``profile``: a path to write torch.profiler's table of the timed steps' operators by device time to (a
-    diagnosis: the profiled row's timings are not figures)."""
+    diagnosis: the profiled row's timings are not figures); ``warmup``: 2 for compiled attention, which
+    ``torch.compile`` builds for the first shape and again, with dynamic shapes, at the second."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -705,7 +707,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device == 'cuda' else [])) if profile else None
     it = iter(loader)
-    for step in range(steps + 1):  # step 0 warms up and is not counted
+    for step in range(steps + warmup):  # the warm-up steps are not counted
         t0 = time.perf_counter()
         batch = (warmup_batch if step == 0 and warmup_batch is not None else next(it))['data']
         t1 = time.perf_counter()
@@ -719,10 +721,10 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         if device == 'cuda':
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t0)
-        if step == 0:
+        if step < warmup:
             start = time.perf_counter()
-            warmup_s = start - t0
-            if prof is not None:
+            warmup_s = sum(step_s)
+            if prof is not None and step == warmup - 1:
                 prof.start()
             continue
         data_time += t1 - t0
@@ -829,9 +831,9 @@ def main() -> None:
                    help='keep the written models and data set here and reuse them in later runs (default: a '
                         'temporary folder)')
     p.add_argument('--json', default=None, metavar='PATH', help='also write the raw figures to PATH as JSON')
-    p.add_argument('--no-cudnn-sdpa', action='store_true',
-                   help="turn PyTorch's cuDNN SDPA backend off (torch.backends.cuda.enable_cudnn_sdp(False)): "
-                        'attention then runs on its FlashAttention-2 kernel')
+    p.add_argument('--cudnn-sdpa', action='store_true',
+                   help="leave PyTorch's cuDNN SDPA backend on (our model's cudnn_attention=True; it turns it off "
+                        'by default, process-wide, so the XTuner row runs the same attention kernels as ours)')
     p.add_argument('--profile', default=None, metavar='PATH',
                    help="profile our first row's timed steps with torch.profiler and write its table of operators "
                         'by device time to PATH (a diagnosis: that row\'s timings are not figures)')
@@ -847,8 +849,6 @@ def main() -> None:
     if args.precision_check is not None and args.precision_check < 1:
         p.error('--precision-check needs at least 1 step')
     paths = [x for x in PATHS if x in args.paths and not (x == 'xtuner' and args.no_xtuner)]
-    if args.no_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     llm_size = args.llm or '0.5b'
     workers = args.workers if args.workers is not None else (8 if args.real else 2)
     attn = args.attn or ('flash_attention_2' if args.device == 'cuda' and importlib.util.find_spec('flash_attn')
@@ -870,7 +870,8 @@ def main() -> None:
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
         tiles = '/'.join(map(str, sorted(set(ds.num_tiles_per_item))))
         header = (f'models: {size}; device: {args.device}; attention: {attn}; LLM checkpointing: '
-                  f'{args.llm_ckpt if args.real else "none"}{"; cuDNN SDPA off" if args.no_cudnn_sdpa else ""}; {args.samples} samples of {tiles} '
+                  f'{args.llm_ckpt if args.real else "none"}; cuDNN SDPA {"on" if args.cudnn_sdpa else "off"}; '
+                  f'{args.samples} samples of {tiles} '
                   f'tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs of <= '
                   f'{max_tokens} tokens ({len(packed)} packs)')
         if args.dry_run:
@@ -882,7 +883,7 @@ def main() -> None:
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
                                     llm_grad_ckpt=args.real and (False if args.llm_ckpt == 'none' else args.llm_ckpt),
-                                    attn_implementation=attn,
+                                    attn_implementation=attn, cudnn_attention=args.cudnn_sdpa,
                                     torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
             model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
@@ -919,13 +920,13 @@ def main() -> None:
                                         args.device)
             except Exception as e:  # noqa: BLE001 -- the reason is printed instead of XTuner's numbers
                 xtuner_skip = f'could not run: preparing its folder and check failed: {type(e).__name__}: {e}'
-        results = {}
+        results, warmup = {}, 2 if attn == 'flex_attention' else 1
         if 'unpacked' in paths:
             results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes,
-                                      adamw=ours_adamw(), profile=args.profile)
+                                      adamw=ours_adamw(), profile=args.profile, warmup=warmup)
         if 'packed' in paths:
             results['packed'] = run(model, loader(packed, 1), args.steps, args.device, shapes, adamw=ours_adamw(),
-                                    profile=None if 'unpacked' in paths else args.profile)
+                                    profile=None if 'unpacked' in paths else args.profile, warmup=warmup)
         if xtuner_skip is None:
             del model  # one model on the device at a time
             gc.collect()

@@ -13,9 +13,10 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
   the synthetic data set (JPEGs of 12-tile grids), written once into ``--work`` and reused by every row (and by
   later runs);
 * full fine-tuning (projector + LLM trained, ViT frozen; bf16 autocast, LLM gradient checkpointing), per LLM:
-  ``unpacked`` (padded batches), ``packed flex`` (packs, ``--attn flex_attention``), ``packed sdpa`` (packs,
-  SDPA with a dense block-diagonal mask) and ``xtuner`` (XTuner 0.2.0's ``InternVL_V1_5`` on the unpacked
-  batches): ``bench_train.py --paths ... --json``: tokens/s, samples/s, model FLOPs, MFU, data-time share (JPEG
+  ``unpacked`` (padded batches), ``packed flex`` (packs, ``--attn flex_attention``), ``packed segments`` (packs,
+  causal SDPA on each sample: ``--attn sdpa_segments``), ``packed sdpa`` (packs, SDPA with a dense
+  block-diagonal mask) and ``xtuner`` (XTuner 0.2.0's ``InternVL_V1_5`` on the unpacked batches, with the same
+  SDPA backends as ours: cuDNN's off): ``bench_train.py --paths ... --json``: tokens/s, samples/s, model FLOPs, MFU, data-time share (JPEG
   decoding in DataLoader workers), peak memory;
 * ``bf16 vs fp32``: ``bench_train.py --precision-check`` (losses of a few steps and first-step gradients, on
   packs of the first LLM size);
@@ -49,6 +50,7 @@ sys.path.insert(0, ROOT)
 MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
 TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
               ('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
+              ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
               ('packed sdpa', ['--paths', 'packed', '--attn', 'sdpa']),
               ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']))
 # Settings per mode: LLM sizes in order, bench_train/bench_memory sizes, per-row budgets (s), the run's budget.
@@ -251,11 +253,11 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
         r = by.get(f'{first} {name}')
         return r['figures']['rows'][next(iter(r['figures']['rows']))] if r and r['status'] == 'ok' else None
 
-    flex, sdpa, xt = tps('packed flex'), tps('packed sdpa'), tps('xtuner')
+    flex, seg, sdpa, xt = tps('packed flex'), tps('packed segments'), tps('packed sdpa'), tps('xtuner')
     shares = [r['figures']['rows'][k]['data_share'] for r in rows if r['kind'] == 'train' and r['status'] == 'ok'
               for k in r['figures']['rows']]
     over = ', '.join(f'{k} {p["tokens_per_s"] / xt["tokens_per_s"]:.2f}' if p and xt else f'{k} n/a'
-                     for k, p in (('flex', flex), ('sdpa', sdpa)))
+                     for k, p in (('flex', flex), ('segments', seg), ('sdpa', sdpa)))
     lines += ['', ('Goals (smoke run: tiny models on a CPU, the figures are not the goals):' if tiny else 'Goals:'),
               f'- MFU of {first} packed flex: {_pct(flex.get("mfu")) if flex else "n/a"} (goal >= 45% on an H100)',
               f'- tokens/s of {first} packed over xtuner: {over} (goal >= 1.5)',

@@ -3,8 +3,10 @@
 #   bash benchmarks/gpu.sh --out work_dirs/gpu          # on one GPU machine, under 10 minutes
 #   bash benchmarks/gpu.sh --tiny --out work_dirs/gpu   # tiny models on the CPU: a smoke run of every row
 # On an offline GPU image with torch but not our stack (../shared/gpu/README.md), the wheels in .whl/ are
-# installed into /tmp/site first (once per machine). PYTHON picks the interpreter (default: .venv/bin/python
-# when there is one, else python3).
+# installed into /tmp/site first (once per machine). ../shared/gpu/fetch-wheels.sh leaves out platformdirs (yapf
+# needs it; mmengine imports yapf): fetch it beside them once, from the project's root:
+#   python3 -m pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 platformdirs
+# PYTHON picks the interpreter (default: .venv/bin/python when there is one, else python3).
 set -euo pipefail
 export GPU_BENCH_START="${GPU_BENCH_START:-$(date +%s)}"  # the run's budget counts from here
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,4 +29,9 @@ if ! "$py" -c 'import xtuner' >/dev/null 2>&1; then
   fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if ! err="$("$py" -c 'import xtuner.model, mmengine.runner, peft, transformers' 2>&1)"; then
+  echo "error: the stack does not import (every row would fail): $(echo "$err" | tail -1)" >&2
+  echo "a missing module: add its wheel to .whl/ (see the top of benchmarks/gpu.sh) and rm -rf /tmp/site" >&2
+  exit 1
+fi
 exec "$py" "$root/benchmarks/gpu.py" "$@"

@@ -6,7 +6,8 @@
 #       train_dataloader.dataset.dataset.data_files=[data/my_pairs.jsonl] \
 #       train_dataloader.dataset.dataset.image_folders=[data/images]
 #
-# attn_implementation as in configs/finetune_full_packed.py ('flex_attention' or 'flash_attention_2' on a GPU).
+# attn_implementation as in configs/finetune_full_packed.py ('sdpa_segments' anywhere; 'flex_attention' or
+# 'flash_attention_2' on a GPU).
 from mmengine.config import read_base
 
 from xtuner_plugins.data.packing import PackedInternVLDataset
@@ -17,7 +18,7 @@ with read_base():
 # ---------------------------------------------------------------- settings users edit
 max_tokens = 16384        # tokens per row (each pair counted by its longer answer)
 max_tiles = 48            # tiles per pack
-attn_implementation = 'sdpa'
+attn_implementation = 'sdpa_segments'
 # ---------------------------------------------------------------------------------------
 
 model.update(attn_implementation=attn_implementation)

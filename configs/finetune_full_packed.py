@@ -6,11 +6,12 @@
 #       train_dataloader.dataset.dataset.data_files=[data/sft.jsonl] \
 #       train_dataloader.dataset.dataset.image_folders=[data/images]
 #
-# Attention inside packs (attn_implementation below, or --cfg-options model.attn_implementation=NAME): on a GPU
-# with flash-attn, 'flash_attention_2' (varlen kernels); on a GPU without flash-attn, 'flex_attention'
-# (PyTorch's FlexAttention with a document-causal BlockMask: blocks across samples are skipped, no L x L mask);
-# 'sdpa' (a dense block-diagonal mask, L x L per pack) is the baseline and the one that trains on a CPU
-# (FlexAttention has no CPU backward).
+# Attention inside packs (attn_implementation below, or --cfg-options model.attn_implementation=NAME):
+# 'sdpa_segments' (the default: causal SDPA on each sample in turn, no mask; trains on a CPU and a GPU), on a GPU
+# with flash-attn 'flash_attention_2' (varlen kernels), on a GPU without it 'flex_attention' (PyTorch's
+# FlexAttention with a document-causal BlockMask; compiled, about 30 s at the start; no CPU backward); 'sdpa'
+# (a dense block-diagonal mask, L x L per pack) is the baseline. On an H100, 1.5B, 16k-token packs: segments
+# 17.0k tokens/s, flex about 19.7k once compiled, sdpa 11.8k in an earlier run (benchmarks/RESULTS.md, GPU).
 from mmengine.config import read_base
 
 from xtuner_plugins.data.packing import PackedInternVLDataset
@@ -22,7 +23,7 @@ with read_base():
 max_tokens = 16384        # tokens per pack (InternVL 2.5)
 max_tiles = 48            # tiles per pack: bounds the vision tower's batch
 loss_reduction = 'square'  # InternVL 2.5's square averaging, per sample inside the packs
-attn_implementation = 'sdpa'  # 'flex_attention' on a GPU without flash-attn, 'flash_attention_2' with it
+attn_implementation = 'sdpa_segments'  # 'flex_attention' on a GPU without flash-attn, 'flash_attention_2' with it
 # ---------------------------------------------------------------------------------------
 
 model.update(loss_reduction=loss_reduction, attn_implementation=attn_implementation)

@@ -12,7 +12,7 @@ import pytest
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed sdpa', 'tiny unpacked']
+TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed sdpa', 'tiny unpacked']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny bf16 vs fp32', 'memory pretrain_mlp', 'memory finetune_lora',
         'memory finetune_full']
 
@@ -90,6 +90,7 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
         assert 0 <= x['data_share'] < 1 and 0 <= x['pad_share'] < 1
         assert 100 < x['tokens_per_s'] / x['samples_per_s'] < 2000  # tokens per sample: 13 tiles of 4 + text
     assert train['tiny packed sdpa']['packed']['pad_share'] == 0 < train['tiny unpacked']['unpacked']['pad_share']
+    assert train['tiny packed segments']['packed']['pad_share'] == 0
     # XTuner trained the unpacked row's batches: the same FLOPs and padding, and its loss check passed
     assert train['tiny xtuner']['xtuner']['flops_per_step'] == train['tiny unpacked']['unpacked']['flops_per_step']
     assert train['tiny xtuner']['xtuner']['pad_share'] == train['tiny unpacked']['unpacked']['pad_share']

@@ -57,7 +57,7 @@ def test_lora_under_zero2(tiny, tmp_path):
 
 def test_packed_attention_is_one_setting(tiny):
     cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full_packed.py'))
-    assert cfg.model.attn_implementation == 'sdpa'  # the default trains on a CPU too
+    assert cfg.model.attn_implementation == 'sdpa_segments'  # the default trains on a CPU too, with no L x L mask
     cfg.merge_from_dict({'model.attn_implementation': 'flex_attention', 'model.vision_encoder': tiny['internvit'],
                          'model.llm': tiny['llm'], 'model.torch_dtype': 'float32'})
     model = VisionLanguageModel(**{k: v for k, v in cfg.model.items() if k != 'type'})

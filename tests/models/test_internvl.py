@@ -233,3 +233,17 @@ def test_loss_chunk_gives_the_loss_and_gradients_of_whole_logits(tiny, batch, kw
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
     with pytest.raises(ValueError, match='loss_chunk must be >= 0'):
         build(tiny, loss_chunk=-1)
+
+
+def test_cudnn_attention_is_off_unless_asked_for(tiny):
+    """Building the model turns PyTorch's cuDNN SDPA backend off (it builds kernels for every new sequence
+    length); ``cudnn_attention=True`` leaves it as it was."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        build(tiny, cudnn_attention=True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        build(tiny)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

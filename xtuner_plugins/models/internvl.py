@@ -90,6 +90,11 @@ class VisionLanguageModel(BaseModel):
             backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip);
             ``"sdpa_segments"``: packed rows' samples attended one by one with causal SDPA (no ``L x L`` mask: the
             CPU's packed path; ``attention.segment_sdpa``), padded rows causal SDPA (right padding; training).
+        cudnn_attention: leave PyTorch's cuDNN SDPA backend on. Off by default (process-wide,
+            ``torch.backends.cuda.enable_cudnn_sdp(False)``; SDPA then runs FlashAttention-2 on a GPU): cuDNN
+            builds kernels for each sequence length it has not seen on the machine, 3-4 s each, and a training
+            run's lengths change at every step (measured on an H100, torch 2.11, 10 steps of a 1.5B model on new
+            lengths: 8.3k tokens/s with it, 15.3k without; benchmarks/RESULTS.md).
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
             ``preference.MPO``). The reference policy: with ``llm_lora`` (everything else frozen), this model
@@ -131,6 +136,7 @@ class VisionLanguageModel(BaseModel):
                  from_scratch: bool = False,
                  torch_dtype: Union[str, torch.dtype] = 'auto',
                  attn_implementation: str = 'sdpa',
+                 cudnn_attention: bool = False,
                  zero3_init: Optional[bool] = None,
                  loss_reduction: str = 'token',
                  loss_chunk: int = 0,
@@ -152,6 +158,11 @@ class VisionLanguageModel(BaseModel):
                              'vision_lora')
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
+        if not cudnn_attention and torch.backends.cuda.cudnn_sdp_enabled():
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            if torch.cuda.is_available():
+                print_log("cuDNN SDPA off (cudnn_attention=False): attention on PyTorch's flash kernel",
+                          logger='current')
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
         vision_attn = 'sdpa' if attn_implementation in ('flex_attention', SEGMENT_ATTENTION) else attn_implementation
         self.preference = None if preference is None else dict(preference)

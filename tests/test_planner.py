@@ -155,8 +155,12 @@ def test_cli_verdict(tiny, capsys):
     assert main([os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80'] + opts
                 + ['optim_wrapper.optimizer.fused=False']) == 0
     assert re.search(r'optimizer temporaries +[\d.]+ +\(during the step; AdamW not fused', capsys.readouterr().out)
+    # the packed config's default (sdpa_segments) has no L x L mask; with sdpa's dense mask it does not fit
     assert main([os.path.join(ROOT, 'configs/finetune_full_packed.py'), '--gpus', '1', '--gpu-mem', '1.2']
-                + opts) == 1
+                + opts) == 0
+    assert 'dense packed mask' not in capsys.readouterr().out
+    assert main([os.path.join(ROOT, 'configs/finetune_full_packed.py'), '--gpus', '1', '--gpu-mem', '1.2']
+                + opts + ['model.attn_implementation=sdpa']) == 1
     out = capsys.readouterr().out
     assert 'DOES NOT FIT' in out and 'dense packed mask' in out and 'largest max_tokens' in out
     # where the LM head's logits are much of the total, it says what loss_chunk would plan

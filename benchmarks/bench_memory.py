@@ -93,8 +93,10 @@ def write_models(out: str, real: bool) -> dict:
     return dict(internvit=models['vision'], llm=models['llm'], image_size=models['image_size'])
 
 
-def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> dict:
-    """Runs in the child process."""
+def measure(stage: str, models: dict, device: str, batch: int, steps: int, snapshot: str = None) -> dict:
+    """Runs in the child process. ``snapshot``: on cuda, record the allocator's history over the steps and dump
+    it there (``torch.cuda.memory._dump_snapshot``: every allocation with its stack, for finding what is live at
+    the peak; ``python -m torch.cuda._memory_viz trace_plot PATH -o trace.html`` draws it)."""
     import torch
 
     from xtuner_plugins.models import VisionLanguageModel
@@ -127,6 +129,8 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+        if snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200000)
     start = time.perf_counter()
     for _ in range(steps):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
@@ -135,6 +139,9 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int) -> di
         loss.backward()
         opt.step()
     seconds = (time.perf_counter() - start) / steps
+    if device == 'cuda' and snapshot:
+        torch.cuda.memory._dump_snapshot(snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
     if device == 'cuda':
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -151,11 +158,14 @@ def main() -> None:
     parser.add_argument('--stages', nargs='*', default=list(STAGES), help='stages to measure (default: all)')
     parser.add_argument('--families', nargs='*', default=list(FAMILIES), choices=list(FAMILIES),
                         help='model families to measure (default: all)')
+    parser.add_argument('--snapshot', metavar='DIR', default=None,
+                        help="on cuda: dump each stage's allocator history to DIR/FAMILY_STAGE.pickle (what is live "
+                             'at the peak, with stacks; a diagnosis of a stage the planner misses)')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, json.loads(os.environ['BENCH_MODELS']), args.device, args.batch,
-                                 args.steps)))
+                                 args.steps, args.snapshot)))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix='bench_memory_') as tmp:
@@ -163,8 +173,11 @@ def main() -> None:
             models = write_family_models(tmp, family, args.real)
             for stage in args.stages:
                 env = dict(os.environ, BENCH_MODELS=json.dumps(models), TOKENIZERS_PARALLELISM='false')
+                snap = ['--snapshot', os.path.join(args.snapshot, f'{family}_{stage}.pickle')] if args.snapshot else []
+                if args.snapshot:
+                    os.makedirs(args.snapshot, exist_ok=True)
                 out = subprocess.run([sys.executable, __file__, '--child', stage, '--device', args.device,
-                                      '--batch', str(args.batch), '--steps', str(args.steps)],
+                                      '--batch', str(args.batch), '--steps', str(args.steps), *snap],
                                      capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     raise SystemExit(f'{family} {stage} failed:\n{out.stderr[-3000:]}')

@@ -172,3 +172,14 @@ def test_cli_verdict(tiny, capsys):
     assert main([os.path.join(ROOT, 'configs/finetune_full.py')] + small + opts + ['model.loss_chunk=1024']) == 1
     assert 'model.loss_chunk=1024 the total' not in capsys.readouterr().out   # already chunked: no hint
     assert torch.tensor(0).device.type == 'cpu'  # the meta device did not leak out of the planner
+
+
+def test_cli_cautions_lora_plans(tiny, capsys):
+    """LoRA plans carry the measured GPU under-estimate (RESULTS.md); other stages do not."""
+    from xtuner_plugins.cli.plan import main
+    opts = ['--gpus', '1', '--gpu-mem', '80', '--cfg-options', f'model.vision_encoder={tiny["internvit"]}',
+            f'model.llm={tiny["llm"]}']
+    assert main([os.path.join(ROOT, 'configs/finetune_lora.py')] + opts) == 0
+    assert 'caution: LoRA on the LLM' in capsys.readouterr().out
+    assert main([os.path.join(ROOT, 'configs/finetune_full.py')] + opts) == 0
+    assert 'caution: LoRA' not in capsys.readouterr().out

@@ -55,6 +55,9 @@ def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
     folders = [r['cmd'][i + 1] for r in rows for i, a in enumerate(r['cmd']) if a in ('--work', '--workdir')]
     assert len(folders) == len(rows) - 3  # all but the memory stages
     assert all(f.startswith(str(tmp_path / 'work')) for f in folders)  # checkpoints never go under --out
+    # the LoRA stage (measured over its plan on an H100) dumps its allocator history beside the raw figures
+    snaps = {r['name']: r['cmd'][r['cmd'].index('--snapshot') + 1] for r in rows if '--snapshot' in r['cmd']}
+    assert snaps == {'memory finetune_lora': str(tmp_path / 'out' / 'raw' / 'memory_finetune_lora.pickle')}
 
 
 @pytest.mark.slow

@@ -75,3 +75,27 @@ def test_zero3_recomputes_attention_too(tiny, monkeypatch):
     model = build(tiny, freeze_llm=False, llm_grad_ckpt=True)
     assert model.llm_recompute == 'full' and model.language_model.is_gradient_checkpointing
     assert recompute_mode('full') == 'full' and recompute_mode(False) is None
+
+
+@pytest.mark.parametrize('quantized', [False, True], ids=['lora_dropout', 'qlora'])
+def test_lora_and_qlora_keep_attention_give_the_gradients_of_no_checkpointing(tiny, batch, quantized):
+    """LoRA adapters with dropout (its masks drawn again in the recomputation) and QLoRA's 4-bit layers under
+    checkpointing that keeps attention: the adapters' and projector's gradients of a step without checkpointing."""
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.1)
+    qlora = dict(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True) if quantized else None
+    runs = {}
+    for mode in (False, True):
+        torch.manual_seed(0)
+        model = build(tiny, llm_lora=lora, llm_quantization=qlora, llm_grad_ckpt=mode).train()
+        assert model.language_model.is_gradient_checkpointing == mode and model.llm_recompute == (
+            'keep_attention' if mode else None)
+        with CountAttention() as count:
+            torch.manual_seed(1)
+            loss = model(batch, mode='loss')['loss']
+            loss.backward()
+        runs[mode] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, count.calls)
+    (loss, grads, calls), (l2, g2, calls2) = runs[False], runs[True]
+    assert calls2 == calls and l2 == pytest.approx(loss, rel=1e-6)
+    assert any('lora_A' in n for n in grads) and g2.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f'{name}: {m}')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xtuner_plugins.planner import (GIB, LM_HEAD, RECOMPUTED, Batch, activation_bytes, build_meta_model,
-                                    largest_fitting, parameter_bytes, plan_memory)
+                                    largest_fitting, layer_elements, parameter_bytes, plan_memory)
 from xtuner_plugins.tiny import make_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,8 +84,7 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
     on = build_meta_model(settings(tiny, freeze_llm=False))
     off = build_meta_model(settings(tiny, freeze_llm=False, llm_grad_ckpt=False))
     c = on.language_model.config
-    per_layer = (6 * c.hidden_size + 6 * c.hidden_size + 3 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-                 + 4 * c.intermediate_size)
+    per_layer = layer_elements(on)
     b = Batch(rows=2, length=100, tiles=2, supervised=10)
     assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2
     assert RECOMPUTED not in activation_bytes(off, b)
@@ -101,6 +100,39 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
     assert 'attention kept' not in activation_bytes(on, b, zero=3)   # ZeRO-3 recomputes it (models/recompute.py)
     eager = build_meta_model(settings(tiny, freeze_llm=False, attn_implementation='eager'))
     assert 'attention kept' not in activation_bytes(eager, b)   # no kernel to keep: recomputed
+
+
+def saved_elements_per_token(model, tokens=96):
+    """What the LLM's first layer saves for its backward under bf16 autocast, in bf16-sized elements per token:
+    autograd's saved tensors by storage, the weights and the layer's input left out."""
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, 'get_base_model') else lm
+    x = torch.randn(1, tokens, base.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    rope = base.model.rotary_emb(x, positions)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
+        base.model.layers[0](x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+    return sum(seen.values()) / tokens / 2
+
+
+@pytest.mark.parametrize('kw', [dict(freeze_llm=False), dict(), dict(llm_lora=LORA),
+                                dict(llm_lora=dict(LORA, lora_dropout=0.05))],
+                         ids=['trained', 'frozen', 'lora', 'lora_dropout'])
+def test_layer_elements_are_what_autograd_saves(tiny, kw):
+    """The planner's per-layer count (``layer_elements``, on the meta model) against the tensors a real layer of the
+    same model saves: trained, frozen, and with LoRA adapters with and without dropout."""
+    from xtuner_plugins.models import VisionLanguageModel
+    real = VisionLanguageModel(**settings(tiny, torch_dtype='bfloat16', trainable_fp32=False, **kw))
+    measured = saved_elements_per_token(real)
+    planned = layer_elements(build_meta_model(settings(tiny, **kw)))
+    assert planned == pytest.approx(measured, rel=0.03), (planned, measured)
 
 
 def test_plan_total_and_largest_fitting(tiny):

@@ -18,9 +18,13 @@ embeddings are the config's. :func:`plan_memory` then counts per device, in byte
 The activation model (elements per token; ``b`` bytes per element, ``H`` hidden, ``F`` intermediate, ``a``/``kv``
 heads, ``d`` head dim, ``V`` vocabulary):
 
-* an LLM layer keeps ``E = 6H + 6ad + 3kv*d + 4F`` elements per token for its backward (norm inputs/outputs,
-  q, k, v before and after RoPE, k/v repeated to the query heads, attention output, the MLP's gate, up, act and
-  product); with gradient checkpointing it keeps its input (``H``), and in the backward the layer being
+* an LLM layer keeps ``E`` elements (2 bytes in bf16) per token for its backward (:func:`layer_elements`,
+  counted from the tensors autograd saves, under bf16 autocast): frozen weights ``4H + 2ad + 2kv*d + 3F + 2d + 2a``
+  (the two norms' fp32 inputs, q and k after RoPE and v, the attention output and its log-sum-exp, the MLP's gate,
+  up and act, RoPE's cos/sin); trained weights ``2H + 2ad + F`` more (the matmuls' inputs, for the weights'
+  gradients); peft's LoRA adapters, per adapted linear layer of input width ``n``, ``n`` more (its input cast for
+  the adapter), ``3n`` with dropout (the dropout's output and mask too); with gradient checkpointing it keeps its
+  input (``H``), and in the backward the layer being
   recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``); checkpointing that
   keeps the attention kernel's output (``'keep_attention'``, ``models/recompute.py``; SDPA and flash kernels)
   keeps ``ad`` more, and ``4a`` bytes of fp32 log-sum-exp, per token and layer (``attention kept``);
@@ -187,6 +191,32 @@ def _llm_shapes(model):
                 .weight.shape[0])
 
 
+def _decoder_layer(lm):
+    """The LLM's first decoder layer (through peft's wrapper), or None."""
+    return next((m for name, m in lm.named_modules() if name.endswith('layers.0')), None)
+
+
+def layer_elements(model) -> float:
+    """``E``: the elements (bf16-sized) one LLM decoder layer keeps per token for its backward, by what its first
+    layer trains (module docstring). Measured by ``saved_tensors_hooks`` on a Qwen2.5-1.5B layer under bf16
+    autocast (benchmarks/RESULTS.md): frozen 36.9k, trained 52.0k, LoRA on every linear layer 55.4k, 91.7k with
+    dropout; tests/test_planner.py checks the formula against the tiny model's layer."""
+    s = _llm_shapes(model)
+    H, F, A, K = s['H'], s['F'], s['a'] * s['d'], s['kv'] * s['d']
+    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
+    layer = _decoder_layer(model.language_model)
+    if layer is None:  # not a decoder we can read: as trained
+        return e + 2 * H + 2 * A + F
+    adapted = [m for m in layer.modules() if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict)
+               and len(m.lora_A)]
+    for m in adapted:
+        dropout = any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values())
+        e += m.in_features * (3 if dropout else 1) + 2 * sum(m.r.values())
+    if not adapted and any(p.requires_grad for p in layer.parameters()):
+        e += 2 * H + 2 * A + F
+    return e
+
+
 def _keeps_attention(mode: Optional[str], attn: Optional[str], zero: int) -> bool:
     """Whether checkpointing in ``mode`` keeps the attention kernel's output with ``attn`` (``recompute.py``:
     SDPA's and flash-attn's kernels; eager and flex attention are recomputed, and everything under ZeRO-3)."""
@@ -202,7 +232,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
     tokens = batch.rows * batch.length
     lm = model.language_model
     ckpt = bool(getattr(lm, 'is_gradient_checkpointing', False))
-    per_layer = 6 * s['H'] + 6 * s['a'] * s['d'] + 3 * s['kv'] * s['d'] + 4 * s['F']
+    per_layer = layer_elements(model)
     trains_llm_graph = any(p.requires_grad for p in lm.parameters()) or not model.freeze_projector \
         or not model.freeze_vision
     out = {}

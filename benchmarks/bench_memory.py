@@ -168,14 +168,14 @@ def main() -> None:
                                  args.steps, args.snapshot)))
         return
     rows = []
+    if args.snapshot:
+        os.makedirs(args.snapshot, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix='bench_memory_') as tmp:
         for family in args.families:
             models = write_family_models(tmp, family, args.real)
             for stage in args.stages:
                 env = dict(os.environ, BENCH_MODELS=json.dumps(models), TOKENIZERS_PARALLELISM='false')
                 snap = ['--snapshot', os.path.join(args.snapshot, f'{family}_{stage}.pickle')] if args.snapshot else []
-                if args.snapshot:
-                    os.makedirs(args.snapshot, exist_ok=True)
                 out = subprocess.run([sys.executable, __file__, '--child', stage, '--device', args.device,
                                       '--batch', str(args.batch), '--steps', str(args.steps), *snap],
                                      capture_output=True, text=True, env=env)

@@ -204,15 +204,13 @@ def layer_elements(model) -> float:
     s = _llm_shapes(model)
     H, F, A, K = s['H'], s['F'], s['a'] * s['d'], s['kv'] * s['d']
     e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
-    layer = _decoder_layer(model.language_model)
-    if layer is None:  # not a decoder we can read: as trained
-        return e + 2 * H + 2 * A + F
-    adapted = [m for m in layer.modules() if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict)
-               and len(m.lora_A)]
+    layer = _decoder_layer(model.language_model)   # None: not a decoder we can read, counted as trained
+    adapted = [m for m in (layer.modules() if layer is not None else ())
+               if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict) and len(m.lora_A)]
     for m in adapted:
         dropout = any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values())
         e += m.in_features * (3 if dropout else 1) + 2 * sum(m.r.values())
-    if not adapted and any(p.requires_grad for p in layer.parameters()):
+    if not adapted and (layer is None or any(p.requires_grad for p in layer.parameters())):
         e += 2 * H + 2 * A + F
     return e
 

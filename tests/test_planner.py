@@ -92,7 +92,8 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
     for model in (on, full):
         parts = activation_bytes(model, b)
         assert parts['llm layers'] == 200 * c.num_hidden_layers * c.hidden_size * 2
-        assert parts[RECOMPUTED] == 200 * 2 * per_layer * 2   # the backward's one layer, recomputed
+        # the backward's one layer, recomputed, and its MLP's gradients in flight
+        assert parts[RECOMPUTED] == 200 * (per_layer + 3 * c.intermediate_size) * 2
     # True keeps each layer's attention output (bf16) and its fp32 log-sum-exp per head; 'full' does not
     heads, d = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     assert activation_bytes(on, b)['attention kept'] == 200 * c.num_hidden_layers * heads * (2 * d + 4)
@@ -132,6 +133,33 @@ def test_layer_elements_are_what_autograd_saves(tiny, kw):
     real = VisionLanguageModel(**settings(tiny, torch_dtype='bfloat16', trainable_fp32=False, **kw))
     measured = saved_elements_per_token(real)
     planned = layer_elements(build_meta_model(settings(tiny, **kw)))
+    assert planned == pytest.approx(measured, rel=0.03), (planned, measured)
+
+
+@pytest.mark.parametrize('projector', ['pixel_shuffle_mlp', 'mlp', 'bilinear_mlp'])
+def test_projector_elements_are_what_autograd_saves(tiny, projector):
+    """The planner's projector term (per image token, on the meta model) against the tensors the real projector
+    saves for its backward under bf16 autocast, fed the frozen tower's bf16 features (the weights and autocast's
+    casts of them, counted as autocast copies, left out)."""
+    from xtuner_plugins.models import VisionLanguageModel
+    kw = dict(projector=projector, image_mode='tile' if projector == 'pixel_shuffle_mlp' else 'resize')
+    real = VisionLanguageModel(**settings(tiny, torch_dtype='bfloat16', **kw))   # trained weights in fp32
+    grid, width = real.vision.grid, real.vision_model.config.hidden_size
+    features = torch.randn(2, grid * grid, width, dtype=torch.bfloat16)
+    weights = {tuple(p.shape) for p in real.mlp1.parameters()} | {tuple(p.shape[::-1]) for p in real.mlp1.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.dim() > 1 and tuple(t.shape) not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = real.mlp1(features)
+    assert out.shape[1] == real.num_image_token
+    measured = sum(seen.values()) / (2 * real.num_image_token) / 2
+    meta = build_meta_model(settings(tiny, **kw))
+    planned = activation_bytes(meta, Batch(rows=1, length=64, tiles=2, supervised=1))['projector'] \
+        / (2 * meta.num_image_token) / 2
     assert planned == pytest.approx(measured, rel=0.03), (planned, measured)
 
 

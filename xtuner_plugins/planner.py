@@ -24,8 +24,9 @@ heads, ``d`` head dim, ``V`` vocabulary):
   up and act, RoPE's cos/sin); trained weights ``2H + 2ad + F`` more (the matmuls' inputs, for the weights'
   gradients); peft's LoRA adapters, per adapted linear layer of input width ``n``, ``n`` more (its input cast for
   the adapter), ``3n`` with dropout (the dropout's output and mask too); with gradient checkpointing it keeps its
-  input (``H``), and in the backward the layer being
-  recomputed holds ``2E`` (its activations and their gradients: ``llm layer recomputed``); checkpointing that
+  input (``H``), and in the backward the layer being recomputed holds its ``E`` again and the gradients in flight
+  through its MLP, ``3F`` (the down projection's input's, the gate's and the up projection's: ``llm layer
+  recomputed``; measured within 1% on a real-size step, benchmarks/RESULTS.md); checkpointing that
   keeps the attention kernel's output (``'keep_attention'``, ``models/recompute.py``; SDPA and flash kernels)
   keeps ``ad`` more, and ``4a`` bytes of fp32 log-sum-exp, per token and layer (``attention kept``);
 * the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
@@ -39,7 +40,10 @@ heads, ``d`` head dim, ``V`` vocabulary):
   encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``), gone before the LLM runs; trained: ``11C + 2I``
   per layer (``C`` with checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed; ``'keep_attention'``
   ``C`` more, and ``4`` bytes a head, per layer);
-* the projector: ``(8C' + 2H)`` per image token (``C'`` its input width).
+* the projector (:func:`projector_elements`), trained or on a trained tower's features, per image token: its
+  first linear layer's input ``C'`` (the ViT's width, four times it after InternVL's pixel shuffle), a LayerNorm's
+  input before it (``2C'`` in fp32 weights, ``C'`` in bf16 under DeepSpeed), and its GELU's and second layer's
+  inputs (``2H``).
 
 The parts do not all live at once (:func:`phases`): the forward's peak holds what the backward keeps plus the
 loss (or, earlier, a frozen tower's transient); the backward's holds what it keeps plus the larger of the loss
@@ -215,6 +219,18 @@ def layer_elements(model) -> float:
     return e
 
 
+def projector_elements(projector: torch.nn.Module, hidden: int, fp32: bool = True) -> int:
+    """The elements (bf16-sized) a trained projector keeps per image token for its backward under bf16 autocast
+    (module docstring): its first linear layer's input (bf16), a LayerNorm's input before it in the weights'
+    dtype (``fp32``: trained weights kept in fp32, as without DeepSpeed; the projector casts its input to them),
+    and ``2 x hidden`` (the GELU's input and the last linear layer's). tests/test_planner.py checks it against
+    the tensors each registered projector saves."""
+    first = next(m for m in projector.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    width = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear)).in_features
+    norm = width * (2 if fp32 else 1) if isinstance(first, torch.nn.LayerNorm) else 0
+    return norm + width + 2 * hidden
+
+
 def _keeps_attention(mode: Optional[str], attn: Optional[str], zero: int) -> bool:
     """Whether checkpointing in ``mode`` keeps the attention kernel's output with ``attn`` (``recompute.py``:
     SDPA's and flash-attn's kernels; eager and flex attention are recomputed, and everything under ZeRO-3)."""
@@ -236,8 +252,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
     out = {}
     if trains_llm_graph:
         out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
-        if ckpt:   # the backward's one layer recomputed: its activations and their gradients
-            out[RECOMPUTED] = tokens * 2 * per_layer * b
+        if ckpt:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
+            out[RECOMPUTED] = tokens * (per_layer + 3 * s['F']) * b
             if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):
                 out['attention kept'] = tokens * s['L'] * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
@@ -264,8 +280,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
         if vckpt and _keeps_attention(getattr(model, 'vision_recompute', None),
                                       getattr(vc, '_attn_implementation', None), zero):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
-    proj_in = getattr(model.mlp1, 'in_features', None) or c * 4
-    out['projector'] = batch.tiles * model.num_image_token * (8 * proj_in + 2 * s['H']) * b
+    if not model.freeze_projector or not model.freeze_vision:   # a frozen projector on frozen features: no graph
+        out['projector'] = batch.tiles * model.num_image_token * projector_elements(model.mlp1, s['H'], zero == 0) * b
     return out
 
 

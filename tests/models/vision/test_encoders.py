@@ -55,6 +55,18 @@ def test_transformers_tower_features_are_the_selected_hidden_state(folders, name
     assert torch.equal(feats, hidden[:, 1:] if enc.drop_cls else hidden)
 
 
+def test_siglip_pooling_head_is_kept_but_never_run(folders):
+    """SigLIP's attention-pooling head (whose output nothing reads) does not run in the tower's forward, in
+    training mode with autograd on included; its weights stay, so the tower saves as published."""
+    module, enc = build_vision_encoder(folders['siglip'], torch.float32)
+    calls = []
+    module.vision_model.head.register_forward_hook(lambda *_: calls.append(1))
+    module.train()
+    enc.features(module, _pixels())
+    assert not calls
+    assert any(k.startswith('vision_model.head.') for k in module.state_dict())
+
+
 def test_mean_and_std_are_read_from_the_folders_preprocessor_config(folders, tmp_path):
     import shutil
     folder = shutil.copytree(folders['siglip'], tmp_path / 'siglip')

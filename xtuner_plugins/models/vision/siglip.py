@@ -3,8 +3,16 @@ folder; only ``vision_model.*`` is read) or a ``SiglipVisionModel`` folder.
 
 No CLS token (27 x 27 = 729 tokens for 384 px tiles), mean/std 0.5 (from ``preprocessor_config.json`` when
 the folder has one), the last encoder layer's hidden state by default (``hidden_states[-1]``, before the
-post-LayerNorm, as transformers' LLaVA-OneVision takes it). The attention-pooling head is never used.
+post-LayerNorm, as transformers' LLaVA-OneVision takes it). The attention-pooling head is never used, and its
+forward is skipped (its weights stay in the tower, so a saved tower is the published one): transformers runs it
+in every forward, and with autograd on (a frozen tower in training) its key/value projection of the transposed
+hidden states ran as a batched matmul over a copy of the weight per position, a 3.9 GB transient for 8 so400m
+tiles (benchmarks/RESULTS.md).
 """
+
+from typing import Optional, Sequence
+
+from torch import nn
 
 from transformers import SiglipVisionModel
 
@@ -17,3 +25,8 @@ class SiglipEncoder(TransformersVisionEncoder):
     model_types = ('siglip', 'siglip_vision_model')
     module_class = SiglipVisionModel
     # the base's defaults are SigLIP's: the last layer (-1), no CLS token, mean/std 0.5
+
+    def __init__(self, module: nn.Module, select_layer: Optional[int] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        super().__init__(module, select_layer=select_layer, mean=mean, std=std)
+        module.vision_model.use_head = False   # the pooling head's output is never read (module docstring)

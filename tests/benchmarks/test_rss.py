@@ -22,3 +22,18 @@ def test_window_rise_is_what_was_held_at_once():
     rise = sampler.live_peak - sampler.live_start
     assert 190 * mib < rise < 260 * mib, rise / mib
     assert sampler.live() - sampler.live_start < 20 * mib   # freed: no longer in use
+
+
+@pytest.mark.skipif(_heap_in_use() is None, reason='malloc is not glibc (no mallinfo2): the RSS is used instead')
+def test_ops_catch_a_peak_shorter_than_the_period():
+    """A 200 MiB tensor that lives between two operators, far shorter than the thread's period: the window's
+    rise still counts it when the bytes in use are read after every operator."""
+    mib = 2 ** 20
+    sampler = RssSampler(period=3600)
+    time.sleep(0.05)   # the thread's first read is done; the next is an hour away
+    for ops, expect in ((False, False), (True, True)):
+        sampler.mark()
+        with sampler.ops() if ops else torch.no_grad():
+            torch.ones(50 * mib).sum()
+        rise = sampler.live_peak - sampler.live_start
+        assert (rise > 190 * mib) == expect, (ops, rise / mib)

@@ -34,8 +34,8 @@ tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flo
 bf16 roofline, the LLM's share (its layers' and LM head's FLOPs over the step's time less the vision tower's
 forward, timed by hooks; the closing line's roofline share), the data-time share, and the planner's step peak
 (activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
-malloc's bytes in use over one more, untimed forward and backward of the last timed batch (:func:`step_activations`,
-read after every operator too; the RSS where malloc is not glibc's). XTuner's
+malloc's bytes in use during the last timed step (``RssSampler``, read by its thread and, in our rows, after every
+operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's). XTuner's
 rows are checked first (``bench_train.check_step``: loss and every trained tensor's gradient norm on one batch,
 before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
 no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
@@ -44,6 +44,7 @@ no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -156,23 +157,6 @@ def build_data(setting: str, work: str, models: dict, samples: int):
     return data, os.path.join(folder, 'images')
 
 
-def step_activations(sampler: RssSampler, loss_fn, params, batch: dict) -> int:
-    """The bytes one more (untimed) forward and backward of ``batch`` holds at its peak beyond what it starts
-    with, from the state the timed steps started in (the previous step's gradients held through the forward,
-    ``zero_grad`` after it, as ``bench_train.run`` steps): the activations the planner predicts. glibc's bytes in
-    use, read by ``sampler``'s thread and after every operator: a step's peak at the loss lasts less than the
-    thread's period, and reading after every operator costs ~10% of a step, so the timed steps do not (the RSS
-    where malloc is not glibc's)."""
-    sampler.mark()
-    with sampler.ops():
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            loss = loss_fn(batch)
-        for p in params.values():
-            p.grad = None
-        loss.backward()
-    return sampler.live_peak - sampler.live_start if sampler.live() else sampler.peak - sampler.start
-
-
 def child(args) -> dict:
     """One row of one setting, in this process."""
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
@@ -262,7 +246,8 @@ def child(args) -> dict:
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
     adamw = bt.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's defaults
-    seen = []
+    base_run = bt.run
+    marks, seen = [], []
 
     def remembered(batches):  # the batches the run takes: the planner's is the measured step's, the LLM's FLOPs
         for item in batches:   # those of the timed steps'
@@ -272,15 +257,31 @@ def child(args) -> dict:
     tower = (xt.model if xt is not None else model).vision_model
     tower.register_forward_pre_hook(lambda *_: vision_s.append(-time.perf_counter()))
     tower.register_forward_hook(lambda *_: vision_s.__setitem__(-1, vision_s[-1] + time.perf_counter()))
-    r = bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
-               freeze=dict(freeze_vision=True, freeze_projector=False,
-                           freeze_llm='llm_lora' in s['model']) if xt is not None else None,
-               img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-               autocast=True, warmup_batch=warmup, adamw=adamw)
-    timed_vision = sum(vision_s[-args.steps:])   # before the step below adds its own
-    result.update(r, act_measured=step_activations(sampler, step_loss or (lambda b: bt.ours_loss(model, b)),
-                                                   bt.trained_parameters(xt.model if xt is not None else model),
-                                                   seen[-1]['data']))
+
+    def run_with_marks():  # the RSS window of the last timed step: its start and peak
+        orig_step = torch.optim.AdamW.step
+
+        def step(self, *a, **k):
+            out = orig_step(self, *a, **k)
+            marks.append((sampler.live_start, sampler.live_peak) if sampler.live()   # glibc: bytes in use
+                         else (sampler.start, sampler.peak))
+            sampler.mark()
+            return out
+        torch.optim.AdamW.step = step
+        try:
+            return base_run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
+                            step_loss=step_loss,
+                            freeze=dict(freeze_vision=True, freeze_projector=False,
+                                        freeze_llm='llm_lora' in s['model']) if xt is not None else None,
+                            img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
+                            autocast=True, warmup_batch=warmup, adamw=adamw)
+        finally:
+            torch.optim.AdamW.step = orig_step
+    sampler.mark()
+    with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
+        r = run_with_marks()
+    start, peak = marks[-1]
+    result.update(r, act_measured=peak - start)
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
     freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])
@@ -291,8 +292,8 @@ def child(args) -> dict:
         lens, tiles_ = bt.batch_samples(b, ctx, shapes.image_tokens_per_tile)
         f = bt.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
         llm_flops += f['llm'] + f['lm_head']
-    result.update(vision_s=timed_vision,
-                  llm_tflops=llm_flops / (r['s_per_step'] * args.steps - timed_vision) / 1e12)
+    result.update(vision_s=sum(vision_s[-args.steps:]),
+                  llm_tflops=llm_flops / (r['s_per_step'] * args.steps - sum(vision_s[-args.steps:])) / 1e12)
     if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
         torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
                    os.path.join(shared, 'lora.pth'))

@@ -9,6 +9,8 @@ import os
 import threading
 import time
 
+import torch
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
@@ -57,20 +59,23 @@ class RssSampler:
         self.start = self.peak = self.rss()
         self.live_start = self.live_peak = self.live()
 
-    def ops(self):
-        """A context in which the bytes in use are also read after every operator torch dispatches (a
-        ``TorchDispatchMode``), so that a peak shorter than the thread's period is not missed: the loss's logits
-        (a real-size (b) step's forward peak lasted less than 0.25 s: the thread saw 1.04 GiB of the 1.36 GiB
-        read after every operator; benchmarks/RESULTS.md). Inside one operator only the thread sees."""
+    def ops(self, large: int = 16 * 2 ** 20):
+        """A context in which the bytes in use are also read after every operator torch dispatches whose output
+        holds ``large`` bytes or more (a ``TorchDispatchMode``), so that a peak shorter than the thread's period
+        is not missed: a real-size step's forward peaks at the loss, for less than 0.25 s (benchmarks/RESULTS.md).
+        Only after large outputs: reading after every operator cost 10% of a real-size step. Inside one operator
+        only the thread sees."""
         from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
         sampler = self
 
-        class AfterEveryOperator(TorchDispatchMode):
+        class AfterLargeOutputs(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                sampler.live_peak = max(sampler.live_peak, sampler.live())
+                if any(torch.is_tensor(t) and t.nbytes >= large for t in tree_leaves(out)):
+                    sampler.live_peak = max(sampler.live_peak, sampler.live())
                 return out
-        return AfterEveryOperator() if self._live else contextlib.nullcontext()
+        return AfterLargeOutputs() if self._live else contextlib.nullcontext()
 
     def _loop(self):
         while not self._stop:

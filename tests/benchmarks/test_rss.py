@@ -27,7 +27,7 @@ def test_window_rise_is_what_was_held_at_once():
 @pytest.mark.skipif(_heap_in_use() is None, reason='malloc is not glibc (no mallinfo2): the RSS is used instead')
 def test_ops_catch_a_peak_shorter_than_the_period():
     """A 200 MiB tensor that lives between two operators, far shorter than the thread's period: the window's
-    rise still counts it when the bytes in use are read after every operator."""
+    rise still counts it when the bytes in use are read after operators with large outputs."""
     mib = 2 ** 20
     sampler = RssSampler(period=3600)
     time.sleep(0.05)   # the thread's first read is done; the next is an hour away

@@ -107,6 +107,8 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int, snaps
     model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
                                 image_mode=models['image_mode'], llm_grad_ckpt=True,
                                 torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
+    model.train()   # as the runner does: from_pretrained leaves the LLM in eval mode, where transformers does not
+    # checkpoint its layers and dropout is off (this benchmark measured so before 2026-11-24)
     if 'llm_quantization' not in settings:
         model.to(device)
     else:

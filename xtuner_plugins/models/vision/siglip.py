@@ -6,8 +6,8 @@ the folder has one), the last encoder layer's hidden state by default (``hidden_
 post-LayerNorm, as transformers' LLaVA-OneVision takes it). The attention-pooling head is never used, and its
 forward is skipped (its weights stay in the tower, so a saved tower is the published one): transformers runs it
 in every forward, and with autograd on (a frozen tower in training) its key/value projection of the transposed
-hidden states ran as a batched matmul over a copy of the weight per position, a 3.9 GB transient for 8 so400m
-tiles (benchmarks/RESULTS.md).
+hidden states ran as a batched matmul with the weight broadcast over the 729 positions, a 3.9 GB transient for 8
+so400m tiles (benchmarks/RESULTS.md).
 """
 
 from typing import Optional, Sequence

@@ -118,9 +118,10 @@ def main(argv=None) -> int:
     fits = r['total'] <= budget
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"}')
     if hasattr(model.language_model, 'peft_config'):
-        print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.55x the total '
-              'planned here (27.1 against 17.4 GiB; MLP warm-up and full fine-tuning of the same model and batch '
-              'within 3%); the cause is not found (not on a CPU): leave that headroom (benchmarks/RESULTS.md)')
+        print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '
+              'planned here (27.1 against 17.2 GiB; MLP warm-up and full fine-tuning of the same model and batch '
+              'within 4%); the cause is not found (not on a CPU; that benchmark left the LLM in eval mode then): '
+              'leave that headroom (benchmarks/RESULTS.md)')
     step = 256
     longest = largest_fitting(lambda n: plan(replace(batch, length=n * step))['total'] <= budget,
                               max(1, (batch.tiles // batch.rows * per_tile) // step + 1), 4096)

@@ -281,7 +281,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
                                       getattr(vc, '_attn_implementation', None), zero):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     if not model.freeze_projector or not model.freeze_vision:   # a frozen projector on frozen features: no graph
-        out['projector'] = batch.tiles * model.num_image_token * projector_elements(model.mlp1, s['H'], zero == 0) * b
+        fp32 = zero == 0 and not model.freeze_projector   # trained weights in fp32 without DeepSpeed
+        out['projector'] = batch.tiles * model.num_image_token * projector_elements(model.mlp1, s['H'], fp32) * b
     return out
 
 

@@ -10,8 +10,7 @@ hidden states ran as a batched matmul with the weight broadcast over the 729 pos
 so400m tiles (benchmarks/RESULTS.md).
 """
 
-from typing import Optional, Sequence
-
+import torch
 from torch import nn
 
 from transformers import SiglipVisionModel
@@ -26,7 +25,6 @@ class SiglipEncoder(TransformersVisionEncoder):
     module_class = SiglipVisionModel
     # the base's defaults are SigLIP's: the last layer (-1), no CLS token, mean/std 0.5
 
-    def __init__(self, module: nn.Module, select_layer: Optional[int] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-        super().__init__(module, select_layer=select_layer, mean=mean, std=std)
+    def features(self, module: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         module.vision_model.use_head = False   # the pooling head's output is never read (module docstring)
+        return super().features(module, pixel_values)

@@ -47,7 +47,7 @@ def measure(sizes, fused: bool, steps: int, sampler: RssSampler):
         opt.step()
         times.append(time.perf_counter() - t)
         time.sleep(3 * sampler.period)
-        rises.append(sampler.live_peak - sampler.live_start)
+        rises.append(sampler.rise())
     return min(times), max(rises), [p.detach()[:4].clone() for p in params]
 
 

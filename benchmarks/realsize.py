@@ -258,13 +258,12 @@ def child(args) -> dict:
     tower.register_forward_pre_hook(lambda *_: vision_s.append(-time.perf_counter()))
     tower.register_forward_hook(lambda *_: vision_s.__setitem__(-1, vision_s[-1] + time.perf_counter()))
 
-    def run_with_marks():  # the RSS window of the last timed step: its start and peak
+    def run_with_marks():  # each step's window: the rise of the bytes in use (or the RSS) over the step
         orig_step = torch.optim.AdamW.step
 
         def step(self, *a, **k):
             out = orig_step(self, *a, **k)
-            marks.append((sampler.live_start, sampler.live_peak) if sampler.live()   # glibc: bytes in use
-                         else (sampler.start, sampler.peak))
+            marks.append(sampler.rise())   # of the bytes in use (glibc), else of the RSS
             sampler.mark()
             return out
         torch.optim.AdamW.step = step
@@ -280,8 +279,7 @@ def child(args) -> dict:
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
         r = run_with_marks()
-    start, peak = marks[-1]
-    result.update(r, act_measured=peak - start)
+    result.update(r, act_measured=marks[-1])
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
     freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])

@@ -37,8 +37,8 @@ start=$(date +%s)
 echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
 "$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
-    # glibc returns freed blocks to the kernel at once: the resident set then follows what the step holds
-    MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0 \
+    # glibc keeping what is freed, as the rows (realsize.py's KEEP_FREED): the series reads malloc's bytes in use
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
         "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 fi
 echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

@@ -12,10 +12,11 @@ step (forward, backward, AdamW: our configs' options, ``--optimizer torch`` torc
 step of the same shape, on a synthetic batch built directly:
 one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
 pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the rise of the
-process's resident set (``rss.RssSampler``; ``realsize.sh`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072
-MALLOC_TRIM_THRESHOLD_=0`` so that freed memory leaves the RSS) in two windows, the gradients already allocated
-(zeroed, not freed): forward + backward (the activations and autocast's weight copies: what grows with the
-batch) and the optimizer step (AdamW's temporaries), each beside the planner's figure for the same batch
+bytes glibc's malloc has in use (``rss.RssSampler``: read by its thread and after every operator with a large
+output, ``RssSampler.ops``, as realsize.py's rows; the resident set's rise where malloc is not glibc's) in two
+windows, the gradients already allocated (zeroed, not freed): forward + backward (the activations and
+autocast's weight copies: what grows with the batch) and the optimizer step (AdamW's temporaries), each beside
+the planner's figure for the same batch
 (``planner.plan_memory(..., device='cpu')``: the larger of its forward and backward peaks; optimizer
 temporaries). Writes ``scaling.json``,
 ``scaling.md`` and ``scaling.png`` (time and memory against each variable) into ``--out`` after every point.
@@ -91,13 +92,14 @@ def main() -> None:
             opt.zero_grad(set_to_none=False)   # gradients stay allocated: the windows see what the step adds
             sampler.mark()
             t = time.perf_counter()
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                loss = model(data, mode='loss')['loss']
-            loss.backward()
-            graph = sampler.peak - sampler.start
-            sampler.mark()
-            opt.step()
-            update = sampler.peak - sampler.start
+            with sampler.ops():
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    loss = model(data, mode='loss')['loss']
+                loss.backward()
+                graph = sampler.rise()
+                sampler.mark()
+                opt.step()
+                update = sampler.rise()
             seconds = time.perf_counter() - t
         rows_, length = data['input_ids'].shape
         row = dict(kind=kind, value=value, loss_chunk=args.loss_chunk, fused=adamw.get('fused', False),

@@ -59,6 +59,10 @@ class RssSampler:
         self.start = self.peak = self.rss()
         self.live_start = self.live_peak = self.live()
 
+    def rise(self) -> int:
+        """The window's rise: of the bytes in use (glibc), else of the resident set."""
+        return self.live_peak - self.live_start if self._live else self.peak - self.start
+
     def ops(self, large: int = 16 * 2 ** 20):
         """A context in which the bytes in use are also read after every operator torch dispatches whose output
         holds ``large`` bytes or more (a ``TorchDispatchMode``), so that a peak shorter than the thread's period

@@ -106,6 +106,22 @@ def test_converted_logits_equal_training_logits(family, tiny):
         assert max_diff(base(dict(batch), mode='tensor'), expected, batch['attention_mask']) > 100 * TOL
 
 
+@pytest.mark.parametrize('family', ['siglip_bilinear_tiles'], indirect=True)   # the remote-code SigLIP family
+def test_remote_siglip_never_runs_its_pooling_head(family, tiny):
+    """The converted SigLIP tower keeps its attention-pooling head's weights (the published tower) but does not run
+    it, with autograd on too (a user fine-tuning the converted folder): its output is never read."""
+    from transformers import AutoModel
+    converted = AutoModel.from_pretrained(family['folder'], trust_remote_code=True, dtype=torch.float32).train()
+    head = converted.vision_model.vision_model.head
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    batch = data_batch(family, tiny)
+    model = family['model']
+    converted.features(normalize_tiles(batch['pixel_values'], model.vision.mean, model.vision.std)).sum().backward()
+    assert not calls
+    assert any(k.startswith('vision_model.vision_model.head.') for k in converted.state_dict())
+
+
 def training_prompt_and_pixels(model, image, question):
     """The ids the training pipeline puts before the answer of a one-image question, and its uint8 tiles."""
     tiles = image_tiles(image, model.image_mode, image_size=model.vision.image_size, max_num=4, use_thumbnail=True,

@@ -40,6 +40,9 @@ class VLMChatModel(InternVLChatModel):
         self.template = config.template
         self.num_image_token = config.num_image_token
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        inner = getattr(self.vision_model, 'vision_model', None)
+        if getattr(inner, 'use_head', False):   # SigLIP's attention-pooling head: its output is never read, and
+            inner.use_head = False               # with autograd on it makes a large transient (weights kept)
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.llm_config))
         self.mlp1 = build_projector(config.projector, config.vision_config.hidden_size, config.llm_config.hidden_size)

@@ -12,19 +12,22 @@
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
 # --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
 #
-# The rows take about 20 minutes on a 2-core CPU. --scaling then runs the scaling series too
-# (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and a PNG in DIR; about 16
-# minutes more). REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
+# The rows take about 16-20 minutes on a 2-core CPU whose bf16 roofline (the first line) is 0.8-0.9 TFLOP/s, 31 at
+# 0.40. --scaling then runs the scaling series too (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack
+# 2k..16k; a table and a PNG in DIR; about 16 minutes more at 0.8-0.9). REALSIZE_DEADLINE=<epoch seconds>: no row
+# or series starts after it.
 #
 # Run it alone on the machine (timings taken beside another heavy process are not figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=work_dirs/realsize/out
+WORK=work_dirs/realsize
 SCALING=0
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; shift 2 ;;
+        --work) WORK="$2"; shift 2 ;;   # the models, data and rows' files: the rows' and the series' own
         --scaling) SCALING=1; shift ;;
         --no-scaling) SCALING=0; shift ;;   # the default (kept for older command lines)
         *) args+=("$1"); shift ;;
@@ -35,10 +38,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMER
 mkdir -p "$OUT"
 start=$(date +%s)
 echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
-"$PY" benchmarks/realsize.py --out "$OUT" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+"$PY" benchmarks/realsize.py --out "$OUT" --work "$WORK" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
-    # glibc keeping what is freed, as the rows (realsize.py's KEEP_FREED): the series reads malloc's bytes in use
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
-        "$PY" benchmarks/realsize_scaling.py --out "$OUT" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+    # glibc handing freed blocks back to the kernel: the series grows its batches in one process, and with the
+    # rows' setting (freed memory kept) the heap's free pieces did not serve the larger batches (the 16k-token
+    # pack was killed at 24.3 GB resident; RESULTS.md). It reads malloc's bytes in use either way.
+    MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0 \
+        "$PY" benchmarks/realsize_scaling.py --out "$OUT" --work "$WORK" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 fi
 echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

@@ -9,17 +9,17 @@ Usage (after ``benchmarks/realsize.sh`` wrote the models into ``--work``)::
 Setting (a) of ``realsize.py`` (InternViT-300M + Qwen2.5-0.5B, full fine-tuning, ViT frozen, LLM checkpointing,
 bf16 autocast) with ``attn_implementation='sdpa_segments'``, loaded once in one process. Each point is one
 step (forward, backward, AdamW: our configs' options, ``--optimizer torch`` torch's defaults) after a warm-up
-step of the same shape, on a synthetic batch built directly:
-one sample of ``T`` tiles (``256 T`` image tokens + 200 text tokens, 50 supervised) for the tiles series; for the
-pack series, packs of 1-tile samples (456 tokens each) up to the token budget. Memory is the rise of the
-bytes glibc's malloc has in use (``rss.RssSampler``: read by its thread and after every operator with a large
-output, ``RssSampler.ops``, as realsize.py's rows; the resident set's rise where malloc is not glibc's) in two
-windows, the gradients already allocated (zeroed, not freed): forward + backward (the activations and
-autocast's weight copies: what grows with the batch) and the optimizer step (AdamW's temporaries), each beside
-the planner's figure for the same batch
+step of the same shape, on a synthetic batch built directly: one sample of ``T`` tiles (``256 T`` image tokens +
+200 text tokens, 50 supervised) for the tiles series; for the pack series, packs of 1-tile samples (456 tokens
+each) up to the token budget. Memory is the rise of the bytes glibc's malloc has in use (``rss.RssSampler``: read
+by its thread and after every operator with a large output, ``RssSampler.ops``, as realsize.py's rows; the
+resident set's rise where malloc is not glibc's) in two windows, the gradients already allocated (zeroed, not
+freed): forward + backward (the activations and autocast's weight copies: what grows with the batch) and the
+optimizer step (AdamW's temporaries), each beside the planner's figure for the same batch
 (``planner.plan_memory(..., device='cpu')``: the larger of its forward and backward peaks; optimizer
-temporaries). Writes ``scaling.json``,
-``scaling.md`` and ``scaling.png`` (time and memory against each variable) into ``--out`` after every point.
+temporaries). ``realsize.sh --scaling`` runs it with ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0``:
+glibc hands freed blocks back, as the batches grow in one process. Writes ``scaling.json``, ``scaling.md`` and
+``scaling.png`` (time and memory against each variable) into ``--out`` after every point.
 """
 
 from __future__ import annotations

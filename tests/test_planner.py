@@ -49,6 +49,22 @@ def test_meta_model_has_the_real_models_parameters(tiny, kw):
     assert parameter_bytes(meta, 'fp32', zero=0)['weights'] == real_bytes
 
 
+def test_trained_parameters_are_planned_in_the_dtype_the_model_keeps_them(tiny):
+    """``trainable_fp32=False`` keeps the trained parameters in bf16: weights, gradients and AdamW's moments are
+    then 2 + 2 + 4 bytes each, autocast casts none of them, and the projector's LayerNorm keeps a bf16 input."""
+    kw = dict(freeze_llm=False)
+    fp32, bf16 = (build_meta_model(settings(tiny, trainable_fp32=t, **kw)) for t in (True, False))
+    trained, frozen = counts(bf16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    low, high = parameter_bytes(bf16, 'bf16'), parameter_bytes(fp32, 'bf16')
+    assert (low['weights'], low['gradients'], low['optimizer']) == (frozen * 2 + trained * 2, trained * 2, trained * 4)
+    assert low['autocast_copies'] == 0 and high['autocast_copies'] > 0
+    batch = Batch(rows=1, length=64, tiles=2, supervised=1)
+    width = 4 * bf16.vision_model.config.hidden_size   # the LayerNorm's input after the pixel shuffle: C' fewer
+    assert activation_bytes(fp32, batch)['projector'] - activation_bytes(bf16, batch)['projector'] \
+        == 2 * bf16.num_image_token * width * 2
+
+
 def test_zero_stages_divide_what_they_shard(tiny):
     meta = build_meta_model(settings(tiny, freeze_llm=False))
     trained, frozen = counts(meta)

@@ -5,12 +5,14 @@
 embeddings are the config's. :func:`plan_memory` then counts per device, in bytes:
 
 * **weights**: frozen parameters in the weights' dtype (4-bit NF4 linear weights of a QLoRA LLM at 0.5 byte plus
-  their fp32 block scales, 1/64 per value... double quantisation makes it ~1/128); trained ones in fp32 without
-  DeepSpeed (the model keeps them fp32, autocast casts on the fly), in the dtype with DeepSpeed (its fp32 master
-  copy is an optimizer state); ZeRO-3 divides every weight by the device count;
-* **gradients**: trained parameters, fp32 without DeepSpeed; in the dtype, divided by the devices, under ZeRO-2/3;
-* **optimizer states**: AdamW's two fp32 moments (8 bytes per trained parameter), plus the fp32 master copy (4)
-  under DeepSpeed; ZeRO-2/3 divide them by the devices;
+  their fp32 block scales, 1/64 per value... double quantisation makes it ~1/128); trained ones without DeepSpeed
+  in the dtype the model keeps them in (fp32 by default, autocast casting on the fly; the dtype with
+  ``trainable_fp32=False``), in the dtype with DeepSpeed (its fp32 master copy is an optimizer state); ZeRO-3
+  divides every weight by the device count;
+* **gradients**: trained parameters, in their own dtype without DeepSpeed; in the dtype, divided by the devices,
+  under ZeRO-2/3;
+* **optimizer states**: AdamW's two moments in the trained parameters' dtype (8 bytes per fp32 parameter), the
+  fp32 moments and master copy (12) under DeepSpeed; ZeRO-2/3 divide them by the devices;
 * **activations** of one step (:func:`activation_bytes`), from the batch shape: ``rows`` rows of ``length``
   tokens (a pack, or padded samples), ``tiles`` tiles, ``supervised`` tokens with logits;
 * a fixed ``reserve`` (the CUDA context, allocator slack) that is not torch's memory.
@@ -153,13 +155,15 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     # lookup tables autocast does not cast (an embedding is not a matmul); a table tied to the LM head is cast
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
     cast = saved = largest = 0
+    held = 0   # bytes of the trained parameters as the model keeps them (without DeepSpeed)
     checkpointed = [prefix for prefix, module in (('language_model.', lm), ('vision_model.', model.vision_model))
                     if getattr(module, 'is_gradient_checkpointing', False)]
     for name, p in model.named_parameters():
         if p.requires_grad:
             trained += p.numel()
-            largest = max(largest, p.numel())
-            if id(p) not in lookups:
+            held += p.numel() * p.element_size()
+            largest = max(largest, p.numel() * p.element_size())
+            if id(p) not in lookups and p.dtype == torch.float32:   # what autocast casts to a 2-byte dtype
                 cast += p.numel()
                 # autograd keeps the cast copy for the backward, but in a checkpointed layer (recast there)
                 if not any(name.startswith(prefix) and '.layers.' in name for prefix in checkpointed):
@@ -172,15 +176,15 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     shard = gpus if zero == 3 else 1
     opt_shard = gpus if zero in (2, 3) else 1
     deepspeed = zero > 0
-    weights = (frozen * b + quant * (0.5 + 4 / 128) + trained * (b if deepspeed else 4)) / shard
-    grads = trained * b / opt_shard if deepspeed else trained * 4
-    optim = trained * (12 if deepspeed else 8) / opt_shard
+    weights = (frozen * b + quant * (0.5 + 4 / 128) + (trained * b if deepspeed else held)) / shard
+    grads = trained * b / opt_shard if deepspeed else held
+    optim = trained * 12 / opt_shard if deepspeed else 2 * held
     copies = 0 if deepspeed or b == 4 else cast * 2
     saved_copies = 0 if deepspeed or b == 4 else saved * 2
-    # torch's AdamW: on CUDA the foreach path, one fp32 temporary of every trained parameter at once (its
-    # sqrt(v)); elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division);
-    # the fused kernel (our configs' choice) none
-    temporaries = 0 if deepspeed or fused else trained * 4 if device == 'cuda' else largest * 8
+    # torch's AdamW: on CUDA the foreach path, one temporary of every trained parameter at once (its sqrt(v));
+    # elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division); the fused
+    # kernel (our configs' choice) none
+    temporaries = 0 if deepspeed or fused else held if device == 'cuda' else largest * 2
     return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
                 autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries)
 
@@ -281,7 +285,8 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
                                       getattr(vc, '_attn_implementation', None), zero):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     if not model.freeze_projector or not model.freeze_vision:   # a frozen projector on frozen features: no graph
-        fp32 = zero == 0 and not model.freeze_projector   # trained weights in fp32 without DeepSpeed
+        # the LayerNorm's input in its weights' dtype: fp32 trained weights without DeepSpeed
+        fp32 = zero == 0 and next(model.mlp1.parameters()).dtype == torch.float32
         out['projector'] = batch.tiles * model.num_image_token * projector_elements(model.mlp1, s['H'], fp32) * b
     return out
 

@@ -38,12 +38,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMER
 mkdir -p "$OUT"
 start=$(date +%s)
 echo "realsize: $(date -u '+%Y-%m-%d %H:%M UTC'); load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/realsize.txt"
-"$PY" benchmarks/realsize.py --out "$OUT" --work "$WORK" "${args[@]}" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+"$PY" benchmarks/realsize.py --out "$OUT" --work "$WORK" "${args[@]}" 2>&1 | grep --line-buffered -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 if [ "$SCALING" = 1 ] && { [ -z "${REALSIZE_DEADLINE:-}" ] || [ "$(date +%s)" -lt "${REALSIZE_DEADLINE%.*}" ]; }; then
     # glibc handing freed blocks back to the kernel: the series grows its batches in one process, and with the
     # rows' setting (freed memory kept) the heap's free pieces did not serve the larger batches (the 16k-token
     # pack was killed at 24.3 GB resident; RESULTS.md). It reads malloc's bytes in use either way.
     MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0 \
-        "$PY" benchmarks/realsize_scaling.py --out "$OUT" --work "$WORK" 2>&1 | grep -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
+        "$PY" benchmarks/realsize_scaling.py --out "$OUT" --work "$WORK" 2>&1 | grep --line-buffered -v "^\(Warning\|.*INFO\)" | tee -a "$OUT/realsize.txt"
 fi
 echo "realsize wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/realsize.txt"

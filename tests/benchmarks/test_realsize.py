@@ -4,6 +4,7 @@ Real sizes run in the benchmark only."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -41,3 +42,28 @@ def test_realsize_rows_and_closing_lines(tmp_path):
     assert 0 < float(closing['a'].group(6)) < 100
     assert closing['c'].group(2) == 'n/a' and closing['c'].group(5) != 'n/a'  # XTuner has no bilinear projector
     assert (tmp_path / 'out' / 'results.json').exists()
+
+
+def test_realsize_sh_gives_its_folders_to_the_rows_and_the_scaling_series(tmp_path):
+    """``realsize.sh --scaling --work DIR``: the rows and the scaling series both read the models from DIR (the
+    series once looked in its own default folder and failed), and the series writes its table."""
+    tiny = make_tiny_models(str(tmp_path / 'tiny'))
+    models = tmp_path / 'w' / 'models'
+    models.mkdir(parents=True)
+    for name, target in (('InternViT-300M-448px-V2_5', tiny['internvit']), ('Qwen2.5-0.5B-Instruct', tiny['llm'])):
+        os.symlink(target, models / name)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    proc = subprocess.Popen(['bash', os.path.join(ROOT, 'benchmarks', 'realsize.sh'), '--scaling', '--out',
+                             str(tmp_path / 'out'), '--work', str(tmp_path / 'w'), '--settings', 'a', '--rows',
+                             'unpacked', '--samples', '2', '--max-tokens', '1024'], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=300)   # about a minute with tiny models
+    except subprocess.TimeoutExpired:   # e.g. a series reading real-size models from its default folder: stopped
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, log[-3000:]
+    table = (tmp_path / 'out' / 'scaling.md').read_text().splitlines()
+    assert [line.split(' | ')[:2] for line in table[2:]] == [['| tiles', str(t)] for t in (1, 4, 7, 13)] + [
+        ['| pack tokens', str(n)] for n in (2048, 4096, 8192, 16384)]
+    assert 'realsize wall:' in (tmp_path / 'out' / 'realsize.txt').read_text()

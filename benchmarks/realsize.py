@@ -159,6 +159,8 @@ def build_data(setting: str, work: str, models: dict, samples: int):
 
 def child(args) -> dict:
     """One row of one setting, in this process."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
     from xtuner_plugins.models import VisionLanguageModel
@@ -246,7 +248,6 @@ def child(args) -> dict:
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
     adamw = bt.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's defaults
-    base_run = bt.run
     marks, seen = [], []
 
     def remembered(batches):  # the batches the run takes: the planner's is the measured step's, the LLM's FLOPs
@@ -259,23 +260,18 @@ def child(args) -> dict:
     tower.register_forward_hook(lambda *_: vision_s.__setitem__(-1, vision_s[-1] + time.perf_counter()))
 
     def run_with_marks():  # each step's window: the rise of the bytes in use (or the RSS) over the step
-        orig_step = torch.optim.AdamW.step
-
-        def step(self, *a, **k):
-            out = orig_step(self, *a, **k)
+        def after_step(*_):
             marks.append(sampler.rise())   # of the bytes in use (glibc), else of the RSS
             sampler.mark()
-            return out
-        torch.optim.AdamW.step = step
+        hook = register_optimizer_step_post_hook(after_step)
         try:
-            return base_run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
-                            step_loss=step_loss,
-                            freeze=dict(freeze_vision=True, freeze_projector=False,
-                                        freeze_llm='llm_lora' in s['model']) if xt is not None else None,
-                            img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                            autocast=True, warmup_batch=warmup, adamw=adamw)
+            return bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
+                          freeze=dict(freeze_vision=True, freeze_projector=False,
+                                      freeze_llm='llm_lora' in s['model']) if xt is not None else None,
+                          img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
+                          autocast=True, warmup_batch=warmup, adamw=adamw)
         finally:
-            torch.optim.AdamW.step = orig_step
+            hook.remove()
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
         r = run_with_marks()
@@ -290,8 +286,8 @@ def child(args) -> dict:
         lens, tiles_ = bt.batch_samples(b, ctx, shapes.image_tokens_per_tile)
         f = bt.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
         llm_flops += f['llm'] + f['lm_head']
-    result.update(vision_s=sum(vision_s[-args.steps:]),
-                  llm_tflops=llm_flops / (r['s_per_step'] * args.steps - sum(vision_s[-args.steps:])) / 1e12)
+    timed_vision = sum(vision_s[-args.steps:])
+    result.update(vision_s=timed_vision, llm_tflops=llm_flops / (r['s_per_step'] * args.steps - timed_vision) / 1e12)
     if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
         torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
                    os.path.join(shared, 'lora.pth'))

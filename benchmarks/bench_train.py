@@ -71,6 +71,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -566,9 +567,21 @@ def check_step(loss_fn, params: Dict[str, torch.nn.Parameter], batch: dict, devi
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda' if autocast is None else autocast):
         loss = loss_fn(batch)
     loss.backward()
-    norms = {name: float(p.grad.float().norm()) for name, p in params.items() if p.grad is not None}
+    result = checked(loss, params)
     for p in params.values():
         p.grad = None
+    return result
+
+
+def checked(loss: torch.Tensor, params: Dict[str, torch.nn.Parameter]) -> dict:
+    """:func:`check_step`'s record of a backward that has run: the loss and each trained tensor's gradient norm,
+    in fp32 a block of rows at a time (no fp32 copy of a whole gradient: the embedding's is 0.5 GB at 151k x 896,
+    and :func:`run` takes this inside a step whose memory is measured)."""
+    norms = {}
+    for name, p in params.items():
+        if p.grad is not None:
+            g = p.grad.detach().reshape(p.grad.shape[0], -1) if p.grad.dim() else p.grad.detach().reshape(1, 1)
+            norms[name] = math.sqrt(sum(float(b.float().square().sum()) for b in g.split(4096)))
     return dict(loss=float(loss.detach()), grad_norms=norms, trained=sorted(params))
 
 
@@ -684,7 +697,7 @@ def ours_adamw() -> dict:
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
         img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
         warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None,
-        warmup: int = 1) -> dict:
+        warmup: int = 1, check: Optional[Dict[str, torch.nn.Parameter]] = None) -> dict:
     """``steps`` timed training steps (after ``warmup`` untimed ones) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
@@ -692,7 +705,11 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     ``adamw``: options of torch's AdamW beyond the rate (``ours_adamw()`` for our rows; default torch's own);
     ``profile``: a path to write torch.profiler's table of the timed steps' operators by device time to (a
     diagnosis: the profiled row's timings are not figures); ``warmup``: 2 for compiled attention, which
-    ``torch.compile`` builds for the first shape and again, with dynamic shapes, at the second."""
+    ``torch.compile`` builds for the first shape and again, with dynamic shapes, at the second; ``check`` (the
+    trained parameters by name): the warm-up steps run at rate 0 (AdamW's states are made, no weight moves) and
+    the first timed step's loss and gradient norms, taken before its optimizer step and outside its time, are
+    returned as ``check`` (:func:`check_step`'s record, of the weights the run started from) - the check costs
+    no step of its own."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -701,7 +718,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         img_context_token_id = model.img_context_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **(adamw or {}))
     tokens = samples = flops = padded = 0
-    data_time, step_s = 0.0, []
+    data_time, step_s, check_s, record = 0.0, [], 0.0, None
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
@@ -717,10 +734,16 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
             loss = step_loss(batch)
         opt.zero_grad()
         loss.backward()
+        if check is not None and step == warmup:   # the first timed step: its batch, the run's first weights
+            c0 = time.perf_counter()
+            record = checked(loss, check)
+            check_s = time.perf_counter() - c0
+        for group in opt.param_groups:   # with a check: no weight moves before it
+            group['lr'] = 0.0 if check is not None and step < warmup else 1e-5
         opt.step()
         if device == 'cuda':
             torch.cuda.synchronize()
-        step_s.append(time.perf_counter() - t0)
+        step_s.append(time.perf_counter() - t0 - (check_s if step == warmup else 0.0))
         if step < warmup:
             start = time.perf_counter()
             warmup_s = sum(step_s)
@@ -733,7 +756,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         padded += batch['input_ids'].numel() - sum(seq_lens)
         supervised = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
         flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
-    total = time.perf_counter() - start
+    total = time.perf_counter() - start - check_s
     if prof is not None:
         prof.stop()
         with open(profile, 'w') as f:
@@ -742,7 +765,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
                 peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps,
-                step_s=[round(x, 3) for x in step_s])
+                step_s=[round(x, 3) for x in step_s], **({'check': record} if check is not None else {}))
 
 
 def step_plans(ds, packed, batch: int) -> Dict[str, List[Tuple[List[int], List[int]]]]:

@@ -36,8 +36,10 @@ forward, timed by hooks; the closing line's roofline share), the data-time share
 (activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
 malloc's bytes in use during the last timed step (``RssSampler``, read by its thread and, in our rows, after every
 operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's). XTuner's
-rows are checked first (``bench_train.check_step``: loss and every trained tensor's gradient norm on one batch,
-before training); a failed check marks the ratios not comparable. XTuner 0.2.0 has
+rows are checked against our unpacked row on the first timed step (``bench_train.run``'s ``check``: the warm-up
+at rate 0, then the loss and every trained tensor's gradient norm of that step's batch before its update, out of
+its time; the same batch in both processes, no step of its own); a failed check marks the ratios not comparable.
+XTuner 0.2.0 has
 no bilinear projector and no SigLIP path in InternVL_V1_5: (c) has no XTuner row.
 """
 
@@ -207,7 +209,6 @@ def child(args) -> dict:
         sampler_ = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6, generator=order)
         return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler_, num_workers=0,
                                            collate_fn=internvl_collate_fn)
-    check_batch = internvl_collate_fn([ds[i] for i in range(args.batch)])['data']
     warmup = None
     if args.warmup == 'short':   # the first sample at one tile (packed rows: packed alone), not a full-size step
         small = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=1,
@@ -216,14 +217,12 @@ def child(args) -> dict:
                                 **model.geometry)
         warmup = internvl_collate_fn([pack_items([small[0]]) if args.row.startswith('packed') else small[0]])
     result = dict(setting=args.setting, row=args.row)
-    step_loss, xt = None, None
-    if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from, and our check
+    step_loss, xt, check = None, None, None
+    if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from; checked in run
         if 'llm_lora' not in s['model']:
             bt.write_official_folder(model, official, model.geometry['image_size'])
-        torch.save({k: v.detach().clone() for k, v in bt.trained_parameters(model).items()},
-                   os.path.join(shared, 'trained.pt'))
-        result['check'] = bt.check_step(lambda b: bt.ours_loss(model, b), bt.trained_parameters(model), check_batch,
-                                        'cpu', autocast=True)
+        check = bt.trained_parameters(model)
+        torch.save({k: v.detach().clone() for k, v in check.items()}, os.path.join(shared, 'trained.pt'))
     if args.row == 'xtuner':
         del model
         bt.ensure_process_group(shared)
@@ -243,8 +242,7 @@ def child(args) -> dict:
                 if k in own:
                     own[k].copy_(v.to(own[k].dtype))
         del ours   # 2.5 GB for (a): not held through XTuner's steps
-        result['check_xtuner'] = bt.check_step(lambda b: bt.xtuner_loss(xt, b), own, check_batch, 'cpu',
-                                               autocast=True)
+        check = own
         step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
     adamw = bt.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's defaults
@@ -269,12 +267,14 @@ def child(args) -> dict:
                           freeze=dict(freeze_vision=True, freeze_projector=False,
                                       freeze_llm='llm_lora' in s['model']) if xt is not None else None,
                           img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                          autocast=True, warmup_batch=warmup, adamw=adamw)
+                          autocast=True, warmup_batch=warmup, adamw=adamw, check=check)
         finally:
             hook.remove()
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
         r = run_with_marks()
+    if check is not None:   # the first timed step's, before its update: the same batch in both processes
+        result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)

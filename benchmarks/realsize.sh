@@ -4,7 +4,10 @@
 # MLP + Qwen2.5-0.5B (benchmarks/realsize.py says what each row does). Random-weight look-alikes with the
 # published configs are written once into work_dirs/realsize/models (about 9 GB).
 #
-#   bash benchmarks/realsize.sh [--out DIR] [--scaling] [realsize.py options, e.g. --settings a, --malloc default]
+#   bash benchmarks/realsize.sh [--out DIR] [--work DIR] [--scaling] [realsize.py options, e.g. --settings a]
+#
+# --out (default work_dirs/realsize/out) and --work (the models, data and rows' files; default work_dirs/realsize)
+# are relative to the caller's folder; the defaults are the checkout's.
 #
 # Every row, ours and XTuner's, runs with glibc's malloc keeping what is freed (realsize.py's KEEP_FREED): by
 # default glibc returns every block over 32 MB to the kernel when it is freed, and each new activation of that size
@@ -19,9 +22,9 @@
 #
 # Run it alone on the machine (timings taken beside another heavy process are not figures).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=work_dirs/realsize/out
-WORK=work_dirs/realsize
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT=$ROOT/work_dirs/realsize/out
+WORK=$ROOT/work_dirs/realsize
 SCALING=0
 args=()
 while [ $# -gt 0 ]; do
@@ -33,6 +36,8 @@ while [ $# -gt 0 ]; do
         *) args+=("$1"); shift ;;
     esac
 done
+OUT=$(realpath -m "$OUT") WORK=$(realpath -m "$WORK")   # given paths are the caller's, the defaults the checkout's
+cd "$ROOT"
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"

@@ -6,6 +6,7 @@ weights and on the images, not only on the vocabulary size, and a check that pas
 computation: the same tensors trained, the same token-mean loss and the same gradients on a padded batch.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import torch
 
 from benchmarks.bench_memory import write_models
 from benchmarks.bench_train import (CHECK_TOLERANCE, TRAINED, build_xtuner_model, check_step, compare_checks,
-                                    ensure_process_group, ours_loss, trained_parameters, write_data,
-                                    write_official_folder, xtuner_inputs, xtuner_loss)
+                                    ensure_process_group, model_shapes, ours_loss, run, trained_parameters,
+                                    write_data, write_official_folder, xtuner_inputs, xtuner_loss)
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.models.export import official_state_dict
@@ -136,6 +137,23 @@ def test_check_fails_on_other_images_weights_or_trained_parts(setup):
     frozen_llm = build_xtuner_model(folder, 'cpu', grad_ckpt=False, attn='sdpa', trained=dict(TRAINED, freeze_llm=True))
     check = compare_checks(ours, xtuner_check(frozen_llm, batch), TOL)
     assert check['loss_rel'] < 1e-6 and not check['same_trained'] and not check['ok']
+
+
+def test_run_checks_its_first_timed_step_on_the_weights_it_started_from(setup):
+    """``run(check=...)`` (the real-size rows' check, no step of its own): the warm-up moves no weight, and the
+    first timed step's loss and gradient norms are :func:`check_step`'s on that batch from the first weights;
+    the timed step itself still trains."""
+    model, ds = copy.deepcopy(setup['model']), setup['ds']
+    batches = [internvl_collate_fn([ds[i], ds[i + 1]]) for i in (0, 2)]   # the warm-up's, then the checked step's
+    expected = ours_check(setup['model'], batches[1]['data'])
+    first = {k: v.detach().clone() for k, v in trained_parameters(model).items()}
+    shapes = model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio)
+    r = run(model, batches, 1, 'cpu', shapes, check=trained_parameters(model))
+    assert r['check']['trained'] == expected['trained'] and len(expected['grad_norms']) > 10
+    assert r['check']['loss'] == expected['loss']
+    assert r['check']['grad_norms'] == expected['grad_norms']
+    assert all(not torch.equal(first[k], v) for k, v in trained_parameters(model).items())   # trained after it
+    assert 'check' not in run(copy.deepcopy(setup['model']), batches, 1, 'cpu', shapes)
 
 
 def test_xtuner_inputs_match_its_collate_and_image_flags(setup):

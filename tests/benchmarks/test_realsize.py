@@ -46,16 +46,17 @@ def test_realsize_rows_and_closing_lines(tmp_path):
 
 def test_realsize_sh_gives_its_folders_to_the_rows_and_the_scaling_series(tmp_path):
     """``realsize.sh --scaling --work DIR``: the rows and the scaling series both read the models from DIR (the
-    series once looked in its own default folder and failed), and the series writes its table."""
+    series once looked in its own default folder and failed), and the series writes its table. Relative folders
+    are the caller's (they once resolved in the checkout's root)."""
     tiny = make_tiny_models(str(tmp_path / 'tiny'))
     models = tmp_path / 'w' / 'models'
     models.mkdir(parents=True)
     for name, target in (('InternViT-300M-448px-V2_5', tiny['internvit']), ('Qwen2.5-0.5B-Instruct', tiny['llm'])):
         os.symlink(target, models / name)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
-    proc = subprocess.Popen(['bash', os.path.join(ROOT, 'benchmarks', 'realsize.sh'), '--scaling', '--out',
-                             str(tmp_path / 'out'), '--work', str(tmp_path / 'w'), '--settings', 'a', '--rows',
-                             'unpacked', '--samples', '2', '--max-tokens', '1024'], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(['bash', os.path.join(ROOT, 'benchmarks', 'realsize.sh'), '--scaling', '--out', 'out',
+                             '--work', 'w', '--settings', 'a', '--rows', 'unpacked', '--samples', '2',
+                             '--max-tokens', '1024'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=300)   # about a minute with tiny models

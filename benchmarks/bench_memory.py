@@ -137,9 +137,9 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int, snaps
     for _ in range(steps):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
             loss = model(data, mode='loss')['loss']
-        opt.zero_grad()
         loss.backward()
         opt.step()
+        opt.zero_grad()   # as MMEngine's OptimWrapper.update_params: no gradients held through the next forward
     seconds = (time.perf_counter() - start) / steps
     if device == 'cuda' and snapshot:
         torch.cuda.memory._dump_snapshot(snapshot)

@@ -78,7 +78,7 @@ import resource
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -697,7 +697,8 @@ def ours_adamw() -> dict:
 def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freeze: Optional[dict] = None,
         img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
         warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None,
-        warmup: int = 1, check: Optional[Dict[str, torch.nn.Parameter]] = None) -> dict:
+        warmup: int = 1, check: Optional[Dict[str, torch.nn.Parameter]] = None,
+        after_step: Optional[Callable[[], None]] = None) -> dict:
     """``steps`` timed training steps (after ``warmup`` untimed ones) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
@@ -709,7 +710,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     trained parameters by name): the warm-up steps run at rate 0 (AdamW's states are made, no weight moves) and
     the first timed step's loss and gradient norms, taken before its optimizer step and outside its time, are
     returned as ``check`` (:func:`check_step`'s record, of the weights the run started from) - the check costs
-    no step of its own."""
+    no step of its own; ``after_step()``: called at the end of every step, its gradients freed (as MMEngine's
+    ``OptimWrapper.update_params`` frees them after the optimizer step), outside the step's time."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -718,7 +720,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         img_context_token_id = model.img_context_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **(adamw or {}))
     tokens = samples = flops = padded = 0
-    data_time, step_s, check_s, record = 0.0, [], 0.0, None
+    data_time, step_s, untimed, record = 0.0, [], 0.0, None   # untimed: the check's and after_step's seconds
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
@@ -732,31 +734,37 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda' if autocast is None else autocast):
             loss = step_loss(batch)
-        opt.zero_grad()
         loss.backward()
+        skip = 0.0
         if check is not None and step == warmup:   # the first timed step: its batch, the run's first weights
             c0 = time.perf_counter()
             record = checked(loss, check)
-            check_s = time.perf_counter() - c0
+            skip = time.perf_counter() - c0
         for group in opt.param_groups:   # with a check: no weight moves before it
             group['lr'] = 0.0 if check is not None and step < warmup else 1e-5
         opt.step()
+        opt.zero_grad()   # as MMEngine's OptimWrapper.update_params: no gradients held through the next forward
         if device == 'cuda':
             torch.cuda.synchronize()
-        step_s.append(time.perf_counter() - t0 - (check_s if step == warmup else 0.0))
+        step_s.append(time.perf_counter() - t0 - skip)
+        if after_step is not None:
+            c0 = time.perf_counter()
+            after_step()
+            skip += time.perf_counter() - c0
         if step < warmup:
             start = time.perf_counter()
             warmup_s = sum(step_s)
             if prof is not None and step == warmup - 1:
                 prof.start()
             continue
+        untimed += skip
         data_time += t1 - t0
         tokens += sum(seq_lens)
         samples += len(seq_lens)
         padded += batch['input_ids'].numel() - sum(seq_lens)
         supervised = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
         flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
-    total = time.perf_counter() - start - check_s
+    total = time.perf_counter() - start - untimed
     if prof is not None:
         prof.stop()
         with open(profile, 'w') as f:

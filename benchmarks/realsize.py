@@ -149,7 +149,6 @@ def ensure_models(work: str, names) -> dict:
 
 
 def build_data(setting: str, work: str, models: dict, samples: int):
-    from xtuner_plugins.data import InternVLDataset
     s = SETTINGS[setting]
     tiled = s['image_mode'] == 'tile'
     folder = os.path.join(work, 'data', 'tiled' if tiled else 'single')
@@ -161,7 +160,6 @@ def build_data(setting: str, work: str, models: dict, samples: int):
 
 def child(args) -> dict:
     """One row of one setting, in this process."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
@@ -257,22 +255,16 @@ def child(args) -> dict:
     tower.register_forward_pre_hook(lambda *_: vision_s.append(-time.perf_counter()))
     tower.register_forward_hook(lambda *_: vision_s.__setitem__(-1, vision_s[-1] + time.perf_counter()))
 
-    def run_with_marks():  # each step's window: the rise of the bytes in use (or the RSS) over the step
-        def after_step(*_):
-            marks.append(sampler.rise())   # of the bytes in use (glibc), else of the RSS
-            sampler.mark()
-        hook = register_optimizer_step_post_hook(after_step)
-        try:
-            return bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
-                          freeze=dict(freeze_vision=True, freeze_projector=False,
-                                      freeze_llm='llm_lora' in s['model']) if xt is not None else None,
-                          img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                          autocast=True, warmup_batch=warmup, adamw=adamw, check=check)
-        finally:
-            hook.remove()
+    def mark():   # each step's window, from the end of the one before (its gradients freed): the rise of
+        marks.append(sampler.rise())   # the bytes in use (glibc), else of the RSS
+        sampler.mark()
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
-        r = run_with_marks()
+        r = bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
+                   freeze=dict(freeze_vision=True, freeze_projector=False,
+                               freeze_llm='llm_lora' in s['model']) if xt is not None else None,
+                   img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
+                   autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
@@ -300,8 +292,8 @@ def child(args) -> dict:
         plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
                                         packed=args.row.startswith('packed')), 'bf16', device='cpu',
                            fused=adamw.get('fused', False))
-        # the window's rise (from the previous step's end, its gradients held until zero_grad frees them before
-        # the backward makes them again): the forward's or the backward's peak, or the optimizer's temporaries
+        # the window's rise (from the previous step's end, its gradients freed as MMEngine frees them): the
+        # forward's peak, or the backward's or the optimizer step's with the gradients
         result['act_predicted'] = plan['step_peak']
         result['act_parts'] = dict(plan['parts'], autocast_copies=plan['autocast_copies'],
                                    optimizer_temporaries=plan['optimizer_temporaries'])

@@ -13,8 +13,8 @@ import tempfile
 from typing import Dict, Optional
 
 from xtuner_plugins import launch
-from xtuner_plugins.launch import (DS_CPU_CONFIGS, REPO_ROOT, TrainOutcome, find_checkpoints,  # noqa: F401
-                                          free_port, parse_log, read_scalars, xtuner_train_script)
+from xtuner_plugins.launch import DS_CPU_CONFIGS, REPO_ROOT, free_port, xtuner_train_script  # noqa: F401
+from xtuner_plugins.outcome import TrainOutcome, find_checkpoints, parse_log, read_scalars  # noqa: F401
 
 _CACHE_DIR: Optional[str] = None
 

@@ -10,7 +10,9 @@ embeddings are the config's. :func:`plan_memory` then counts per device, in byte
   ``trainable_fp32=False``), in the dtype with DeepSpeed (its fp32 master copy is an optimizer state); ZeRO-3
   divides every weight by the device count;
 * **gradients**: trained parameters, in their own dtype without DeepSpeed; in the dtype, divided by the devices,
-  under ZeRO-2/3;
+  under ZeRO-2/3. Without DeepSpeed and without gradient accumulation they live from the backward to the
+  optimizer step only: MMEngine's loop frees them after each step (``zero_grad``, ``set_to_none``), so the
+  forward runs without them; DeepSpeed and accumulation keep them through the forward (:func:`plan_memory`);
 * **optimizer states**: AdamW's two moments in the trained parameters' dtype (8 bytes per fp32 parameter), the
   fp32 moments and master copy (12) under DeepSpeed; ZeRO-2/3 divide them by the devices;
 * **activations** of one step (:func:`activation_bytes`), from the batch shape: ``rows`` rows of ``length``
@@ -302,24 +304,32 @@ def phases(model, parts: Dict[str, float]) -> Dict[str, float]:
 
 
 def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
-                reserve_gib: float = 1.0, device: str = 'cuda', fused: bool = False) -> Dict[str, float]:
+                reserve_gib: float = 1.0, device: str = 'cuda', fused: bool = False,
+                accumulation: int = 1) -> Dict[str, float]:
     """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (the larger phase's; its parts
-    under ``parts``), ``autocast_copies``, ``saved_copies``, ``optimizer_temporaries``, ``forward_peak``,
-    ``backward_peak``, ``step_peak`` (the largest of the two and the temporaries), ``reserve`` and ``total``
-    (weights + gradients + optimizer + step peak + reserve).
+    under ``parts``), ``autocast_copies``, ``saved_copies``, ``optimizer_temporaries``, ``forward_peak`` and
+    ``backward_peak`` (activations and copies, gradients apart), ``step_peak`` (over the weights and optimizer
+    states: the largest of the forward's, the backward's with the gradients and the optimizer step's with the
+    gradients; the forward's with them too where they are kept, ``gradients_kept``), ``reserve`` and ``total``
+    (weights + optimizer + step peak + reserve).
     ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine);
-    ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries)."""
+    ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries); ``accumulation``: the config's
+    ``optim_wrapper.accumulative_counts`` (above 1 the gradients are kept from one micro-step's forward to the
+    next, as DeepSpeed keeps its partitions; otherwise MMEngine frees them after each step)."""
     p = parameter_bytes(model, dtype, zero, gpus, device, fused)
     parts = activation_bytes(model, batch, dtype, zero)
     phase = phases(model, parts)
     forward = phase['forward'] + p['autocast_copies']
     backward = phase['backward'] + p['saved_copies']
-    step = max(forward, backward, p['optimizer_temporaries'])
-    out = dict(weights=p['weights'], gradients=p['gradients'], optimizer=p['optimizer'],
+    kept = zero > 0 or accumulation > 1
+    grads = p['gradients']
+    step = max(forward + (grads if kept else 0), backward + grads, p['optimizer_temporaries'] + grads)
+    out = dict(weights=p['weights'], gradients=grads, optimizer=p['optimizer'],
                activations=max(phase.values()), autocast_copies=p['autocast_copies'],
                saved_copies=p['saved_copies'], optimizer_temporaries=p['optimizer_temporaries'],
-               forward_peak=forward, backward_peak=backward, step_peak=step, reserve=reserve_gib * GIB)
-    out['total'] = p['weights'] + p['gradients'] + p['optimizer'] + step + out['reserve']
+               forward_peak=forward, backward_peak=backward, step_peak=step, gradients_kept=kept,
+               reserve=reserve_gib * GIB)
+    out['total'] = p['weights'] + p['optimizer'] + step + out['reserve']
     out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
     return out
 

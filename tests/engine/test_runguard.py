@@ -14,6 +14,7 @@ import pytest
 
 from tests.train_utils import REPO_ROOT, run_train, train_env
 from xtuner_plugins import launch
+from xtuner_plugins.outcome import parse_log
 from xtuner_plugins.engine.runlock import LOCK_NAME, RunLock, RunLockError, _process_start
 from xtuner_plugins.engine.watchdog import HEARTBEAT_DIR, diagnose_stall
 
@@ -122,7 +123,7 @@ def test_a_second_run_in_a_busy_work_dir_is_refused_and_a_killed_runs_lock_taken
     first = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'first.log'))
     try:
         deadline = time.time() + 240
-        while not ((launch.parse_log(first.read_log())[2] or 0) >= 3
+        while not ((parse_log(first.read_log())[2] or 0) >= 3
                    and os.path.exists(os.path.join(work, 'last_checkpoint'))):
             assert first.poll() is None and time.time() < deadline, first.read_log()[-3000:]
             time.sleep(0.5)

@@ -87,10 +87,11 @@ def main(argv=None) -> int:
     budget = args.gpu_mem * GIB
 
     fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))
+    accumulation = int(cfg.optim_wrapper.get('accumulative_counts', 1) or 1)
 
     def plan(b):
         return plan_memory(model, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve,
-                           fused=fused)
+                           fused=fused, accumulation=accumulation)
 
     r = plan(batch)
     lm = model.language_model
@@ -112,11 +113,14 @@ def main(argv=None) -> int:
           f'{r["saved_copies"] / GIB:.2f} kept into the backward)')
     print(f'{"optimizer temporaries":22s} {r["optimizer_temporaries"] / GIB:8.2f}  (during the step; AdamW '
           f'{"fused" if fused else "not fused: optim_wrapper.optimizer.fused=True makes none"})')
+    kept = ('kept through it: DeepSpeed' if args.zero else f'kept through it: {accumulation} accumulated micro-steps'
+            ) if r['gradients_kept'] else 'freed after each step, as MMEngine does'
     print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the largest of the forward {r["forward_peak"] / GIB:.2f}, '
-          f'the backward {r["backward_peak"] / GIB:.2f} and the optimizer step)')
+          f'gradients {kept}; the backward {r["backward_peak"] / GIB:.2f} and the optimizer step, with the gradients)')
     print(f'{"reserve":22s} {r["reserve"] / GIB:8.2f}')
     fits = r['total'] <= budget
-    print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"}')
+    print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"} '
+          '(weights + optimizer states + step peak + reserve)')
     if hasattr(model.language_model, 'peft_config'):
         print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '
               'planned here (27.1 against 17.2 GiB; MLP warm-up and full fine-tuning of the same model and batch '

@@ -15,7 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
-from xtuner_plugins.launch import ITER_LINE, cache_env, cfg_options_args, run_train
+from xtuner_plugins.launch import cache_env, cfg_options_args, run_train
+from xtuner_plugins.outcome import ITER_LINE
 
 from .console import Console, DemoError
 from .recipe import VISION_TYPES, Recipe

@@ -10,7 +10,7 @@ tokens_per_sec: ...`` with every scalar at four decimals) goes to the run's log 
     ...
     done: 40 iterations in 0:00:02, loss 6.264 (first logged 6.267); last checkpoint work_dirs/.../iter_40.pth
 
-``xtuner_plugins.launch.parse_log`` reads both line forms. The numbers are the ones MMEngine logs: the loss is
+``xtuner_plugins.outcome.parse_log`` reads both line forms. The numbers are the ones MMEngine logs: the loss is
 the mean over the log processor's window (``log_processor.window_size``, 10), the learning rate the current one,
 tokens/s and memory ``ThroughputHook``'s (all ranks), the ETA the window's mean iteration time times the
 iterations left.

@@ -288,6 +288,7 @@ def child(args) -> dict:
     rows, length = last['input_ids'].shape
     tiles = int(last['pixel_values'].shape[0])
     sup = int((last['labels'][:, 1:] != -100).sum())
+    result['batch'] = dict(rows=rows, length=length, tiles=tiles, supervised=sup)   # the measured step's
     if xt is None:
         plan = plan_memory(model, Batch(rows=rows, length=length, tiles=tiles, supervised=sup,
                                         packed=args.row.startswith('packed')), 'bf16', device='cpu',

@@ -199,7 +199,10 @@ def test_plan_total_and_largest_fitting(tiny):
     # MMEngine frees the gradients after each step: the forward runs without them, the backward and AdamW with
     grads = r['gradients']
     assert grads == 4 * trained and not r['gradients_kept']
-    assert r['step_peak'] == max(r['forward_peak'], r['backward_peak'] + grads, 4 * trained + grads)
+    head = 4 * lm.get_output_embeddings().weight.numel()
+    assert r['head_gradients'] == head > 0
+    end = grads + max(parts[RECOMPUTED], parts['embeddings'] + parts['projector'])   # the tower is frozen
+    assert r['step_peak'] == max(r['forward_peak'], r['backward_peak'] + head, end, 4 * trained + grads)
     assert r['forward_peak'] > r['backward_peak']   # (the case where keeping them through the forward shows)
     # accumulating over micro-steps keeps them through the next forward
     acc = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), reserve_gib=0.5, accumulation=2)
@@ -208,7 +211,7 @@ def test_plan_total_and_largest_fitting(tiny):
     fused = [plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), fused=True, accumulation=n)
              for n in (1, 2)]   # no AdamW temporaries to hide the difference
     assert fused[1]['total'] - fused[0]['total'] == pytest.approx(
-        grads + r['forward_peak'] - max(r['forward_peak'], r['backward_peak'] + grads)) and grads > 0
+        grads + r['forward_peak'] - max(r['forward_peak'], r['backward_peak'] + head, end)) and grads > 0
     # on the CPU torch's AdamW takes its single-tensor path: two temporaries of the largest parameter at a time
     cpu = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device='cpu')
     assert cpu['optimizer_temporaries'] == 8 * max(p.numel() for p in meta.parameters() if p.requires_grad)
@@ -218,7 +221,7 @@ def test_plan_total_and_largest_fitting(tiny):
     for device in ('cuda', 'cpu'):
         fused = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device=device, fused=True)
         assert fused['optimizer_temporaries'] == 0
-        assert fused['step_peak'] == max(fused['forward_peak'], fused['backward_peak'] + grads)
+        assert fused['step_peak'] == max(fused['forward_peak'], fused['backward_peak'] + head, end)
     with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
         plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=10), device='tpu')
     assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'optimizer', 'step_peak')) + 0.5 * GIB)
@@ -228,6 +231,26 @@ def test_plan_total_and_largest_fitting(tiny):
     assert largest_fitting(lambda x: x * x <= 50, 1, 100) == 7
     assert largest_fitting(lambda x: False, 1, 100) is None
     assert largest_fitting(lambda x: True, 1, 100) == 100
+
+
+def test_without_deepspeed_the_backward_makes_the_gradients_as_it_goes(tiny):
+    """Each term of the step's peak where MMEngine frees the gradients after every step, made the largest in
+    turn (activations given; fp32, so no autocast copies): the backward's start with the LM head's gradient, its
+    end with every gradient beside the input side's activations or the layer recomputed, the forward alone."""
+    from unittest import mock
+    meta = build_meta_model(settings(tiny, freeze_llm=False))
+    batch = Batch(rows=1, length=64, tiles=1, supervised=10)
+    grads = parameter_bytes(meta, 'fp32', fused=True)['gradients']
+    head = 4 * meta.language_model.get_output_embeddings().weight.numel()
+    cases = [({LM_HEAD: 3 * grads, 'embeddings': 1.0, 'projector': 1.0}, 3 * grads + 2 + head),   # the start
+             ({LM_HEAD: 1.0, 'embeddings': grads / 2, 'projector': grads / 4}, grads + grads * 3 / 4),   # the end
+             ({LM_HEAD: 1.0, RECOMPUTED: grads / 2, 'embeddings': 1.0, 'projector': 1.0}, grads + grads / 2),
+             ({'vision tower': 5 * grads, LM_HEAD: 1.0, 'embeddings': 1.0, 'projector': 1.0}, 5 * grads)]  # forward
+    for parts, peak in cases:
+        with mock.patch('xtuner_plugins.planner.activation_bytes', return_value=dict(parts)):
+            r = plan_memory(meta, batch, 'fp32', fused=True)
+        assert r['autocast_copies'] == r['saved_copies'] == 0 and not r['gradients_kept']
+        assert r['step_peak'] == pytest.approx(peak), parts
 
 
 def test_cli_verdict(tiny, capsys):

@@ -12,7 +12,8 @@ embeddings are the config's. :func:`plan_memory` then counts per device, in byte
 * **gradients**: trained parameters, in their own dtype without DeepSpeed; in the dtype, divided by the devices,
   under ZeRO-2/3. Without DeepSpeed and without gradient accumulation they live from the backward to the
   optimizer step only: MMEngine's loop frees them after each step (``zero_grad``, ``set_to_none``), so the
-  forward runs without them; DeepSpeed and accumulation keep them through the forward (:func:`plan_memory`);
+  forward runs without them and the backward makes them as it goes, the LM head's first; DeepSpeed and
+  accumulation keep them through the forward (:func:`plan_memory`);
 * **optimizer states**: AdamW's two moments in the trained parameters' dtype (8 bytes per fp32 parameter), the
   fp32 moments and master copy (12) under DeepSpeed; ZeRO-2/3 divide them by the devices;
 * **activations** of one step (:func:`activation_bytes`), from the batch shape: ``rows`` rows of ``length``
@@ -187,8 +188,11 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     # elsewhere the single-tensor path, two of one parameter at a time (sqrt(v), then its division); the fused
     # kernel (our configs' choice) none
     temporaries = 0 if deepspeed or fused else held if device == 'cuda' else largest * 2
+    # the LM head's gradient: the first the backward makes (without DeepSpeed, where gradients come and go)
+    head_grads = head.numel() * head.element_size() if head.requires_grad and not deepspeed else 0
     return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
-                autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries)
+                autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries,
+                head_gradients=head_grads)
 
 
 def _llm_shapes(model):
@@ -309,9 +313,11 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
     """Per-device bytes: ``weights``, ``gradients``, ``optimizer``, ``activations`` (the larger phase's; its parts
     under ``parts``), ``autocast_copies``, ``saved_copies``, ``optimizer_temporaries``, ``forward_peak`` and
     ``backward_peak`` (activations and copies, gradients apart), ``step_peak`` (over the weights and optimizer
-    states: the largest of the forward's, the backward's with the gradients and the optimizer step's with the
-    gradients; the forward's with them too where they are kept, ``gradients_kept``), ``reserve`` and ``total``
-    (weights + optimizer + step peak + reserve).
+    states; where the gradients are kept between steps, ``gradients_kept``, they and the largest of the
+    forward's, the backward's and the optimizer step's; otherwise the largest of the forward's, the backward's
+    with the LM head's gradient (``head_gradients``), the backward's end (every gradient, and the larger of the
+    layer recomputed and the input side's activations) and the optimizer step's with the gradients),
+    ``reserve`` and ``total`` (weights + optimizer + step peak + reserve).
     ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine);
     ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries); ``accumulation``: the config's
     ``optim_wrapper.accumulative_counts`` (above 1 the gradients are kept from one micro-step's forward to the
@@ -323,12 +329,20 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
     backward = phase['backward'] + p['saved_copies']
     kept = zero > 0 or accumulation > 1
     grads = p['gradients']
-    step = max(forward + (grads if kept else 0), backward + grads, p['optimizer_temporaries'] + grads)
+    if kept:
+        step = grads + max(forward, backward, p['optimizer_temporaries'])
+    else:   # the gradients come during the backward: at its start the LM head's beside its activations, at its
+        # end all of them beside the last layer recomputed or the input side's (embeddings, projector, a trained
+        # tower's) activations
+        inputs = parts.get('embeddings', 0.0) + parts.get('projector', 0.0) + (
+            0.0 if model.freeze_vision else parts.get('vision tower', 0.0))
+        step = max(forward, backward + p['head_gradients'], grads + max(parts.get(RECOMPUTED, 0.0), inputs),
+                   grads + p['optimizer_temporaries'])
     out = dict(weights=p['weights'], gradients=grads, optimizer=p['optimizer'],
                activations=max(phase.values()), autocast_copies=p['autocast_copies'],
                saved_copies=p['saved_copies'], optimizer_temporaries=p['optimizer_temporaries'],
                forward_peak=forward, backward_peak=backward, step_peak=step, gradients_kept=kept,
-               reserve=reserve_gib * GIB)
+               head_gradients=p['head_gradients'], reserve=reserve_gib * GIB)
     out['total'] = p['weights'] + p['optimizer'] + step + out['reserve']
     out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
     return out

@@ -253,6 +253,18 @@ def test_without_deepspeed_the_backward_makes_the_gradients_as_it_goes(tiny):
         assert r['step_peak'] == pytest.approx(peak), parts
 
 
+def test_cli_reads_the_configs_gradient_accumulation(tiny, capsys):
+    """``optim_wrapper.accumulative_counts`` above 1 keeps the gradients through the forward; 1 frees them."""
+    from xtuner_plugins.cli.plan import main
+    for n in (1, 4):
+        main([os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80', '--cfg-options',
+              f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}',
+              f'optim_wrapper.accumulative_counts={n}'])
+        out = capsys.readouterr().out
+        assert ('freed after each step, as MMEngine does' in out) == (n == 1), out
+        assert ('gradients kept through it: 4 accumulated micro-steps' in out) == (n == 4), out
+
+
 def test_cli_verdict(tiny, capsys):
     from xtuner_plugins.cli.plan import main
     opts = ['--cfg-options', f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}']

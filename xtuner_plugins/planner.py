@@ -62,7 +62,9 @@ into the backward those autograd saved (the weights outside checkpointed layers)
 (foreach) makes one fp32 temporary per trained parameter (4 bytes; on the CPU, single-tensor, two of the largest
 parameter: 2 x 0.51 GiB for Qwen2.5-0.5B's embedding, measured by benchmarks/realsize_scaling.py), its fused kernel
 (``fused=True``, our configs' default) none; DeepSpeed keeps bf16 weights and updates its fp32 partition in place
-(neither counted).
+(neither counted). The gradients come on top where they live (``gradients`` above; :func:`plan_memory`):
+checked against real-size CPU steps (benchmarks/realsize.sh) with MMEngine's order, the gradients freed after
+each step (full fine-tuning of Qwen2.5-0.5B: the peak is the backward's end, every gradient made).
 """
 
 from __future__ import annotations

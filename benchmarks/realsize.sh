@@ -15,8 +15,8 @@
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
 # --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
 #
-# The rows take about 16-20 minutes on a 2-core CPU whose bf16 roofline (the first line) is 0.8-0.9 TFLOP/s, 31 at
-# 0.40. --scaling then runs the scaling series too (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack
+# The rows took 22 minutes on a 2-core CPU whose bf16 roofline (the first line) is 0.40 TFLOP/s (16-20 at 0.8-0.9
+# when XTuner's check still took a step of its own). --scaling then runs the scaling series too (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack
 # 2k..16k; a table and a PNG in DIR; about 16 minutes more at 0.8-0.9). REALSIZE_DEADLINE=<epoch seconds>: no row
 # or series starts after it.
 #

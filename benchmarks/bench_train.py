@@ -718,7 +718,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
                       freeze_llm=model.freeze_llm)
     if img_context_token_id is None:
         img_context_token_id = model.img_context_token_id
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **(adamw or {}))
+    rate = 1e-5
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rate, **(adamw or {}))
     tokens = samples = flops = padded = 0
     data_time, step_s, untimed, record = 0.0, [], 0.0, None   # untimed: the check's and after_step's seconds
     if device == 'cuda':
@@ -741,7 +742,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
             record = checked(loss, check)
             skip = time.perf_counter() - c0
         for group in opt.param_groups:   # with a check: no weight moves before it
-            group['lr'] = 0.0 if check is not None and step < warmup else 1e-5
+            group['lr'] = 0.0 if check is not None and step < warmup else rate
         opt.step()
         opt.zero_grad()   # as MMEngine's OptimWrapper.update_params: no gradients held through the next forward
         if device == 'cuda':

@@ -160,7 +160,6 @@ def build_data(setting: str, work: str, models: dict, samples: int):
 
 def child(args) -> dict:
     """One row of one setting, in this process."""
-
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
     from xtuner_plugins.models import VisionLanguageModel

@@ -16,9 +16,9 @@
 # --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
 #
 # The rows took 22 minutes on a 2-core CPU whose bf16 roofline (the first line) is 0.40 TFLOP/s (16-20 at 0.8-0.9
-# when XTuner's check still took a step of its own). --scaling then runs the scaling series too (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack
-# 2k..16k; a table and a PNG in DIR; about 16 minutes more at 0.8-0.9). REALSIZE_DEADLINE=<epoch seconds>: no row
-# or series starts after it.
+# when XTuner's check still took a step of its own). --scaling then runs the scaling series too
+# (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and a PNG in DIR; about 16
+# minutes more at 0.8-0.9). REALSIZE_DEADLINE=<epoch seconds>: no row or series starts after it.
 #
 # Run it alone on the machine (timings taken beside another heavy process are not figures).
 set -euo pipefail

@@ -575,13 +575,13 @@ def check_step(loss_fn, params: Dict[str, torch.nn.Parameter], batch: dict, devi
 
 def checked(loss: torch.Tensor, params: Dict[str, torch.nn.Parameter]) -> dict:
     """:func:`check_step`'s record of a backward that has run: the loss and each trained tensor's gradient norm,
-    in fp32 a block of rows at a time (no fp32 copy of a whole gradient: the embedding's is 0.5 GB at 151k x 896,
-    and :func:`run` takes this inside a step whose memory is measured)."""
+    in fp32 a block at a time (no fp32 copy of a whole gradient: the embedding's is 0.5 GB at 151k x 896, and
+    :func:`run` takes this inside a step whose memory is measured)."""
     norms = {}
     for name, p in params.items():
         if p.grad is not None:
-            g = p.grad.detach().reshape(p.grad.shape[0], -1) if p.grad.dim() else p.grad.detach().reshape(1, 1)
-            norms[name] = math.sqrt(sum(float(b.float().square().sum()) for b in g.split(4096)))
+            blocks = p.grad.detach().reshape(-1).split(1 << 22)
+            norms[name] = math.sqrt(sum(float(b.float().square().sum()) for b in blocks))
     return dict(loss=float(loss.detach()), grad_norms=norms, trained=sorted(params))
 
 

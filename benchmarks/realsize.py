@@ -257,20 +257,18 @@ def child(args) -> dict:
     def mark():   # each step's window, from the end of the one before (its gradients freed): the rise of
         marks.append(sampler.rise())   # the bytes in use (glibc), else of the RSS
         sampler.mark()
+    freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])
+    ctx = xt.model.img_context_token_id if xt is not None else model.img_context_token_id
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
         r = bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
-                   freeze=dict(freeze_vision=True, freeze_projector=False,
-                               freeze_llm='llm_lora' in s['model']) if xt is not None else None,
-                   img_context_token_id=xt.model.img_context_token_id if xt is not None else None,
-                   autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
+                   freeze=freeze if xt is not None else None, img_context_token_id=ctx, autocast=True,
+                   warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
-    freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])
-    ctx = xt.model.img_context_token_id if xt is not None else model.img_context_token_id
     llm_flops = 0
     for item in seen[-args.steps:]:
         b = item['data']

@@ -20,7 +20,7 @@ best counts. FFmpeg decodes on one thread (as the data set's workers do). The la
 ``--step``: the video path's share of a training step instead. The same videos as samples of an ``InternVLDataset``
 (``--frames`` frames each, ``rand``, one tile per frame at the tiny InternViT's tile size, the project's tiny
 tokenizer), and the tiny InternViT + LLM of ``bench_train.py`` trained as it trains them (full fine-tuning: projector +
-LLM, the tower frozen; ``bench_train.run``: one untimed warm-up step, then ``--steps`` timed steps of ``--batch``
+LLM, the tower frozen; ``train_loop.run``: one untimed warm-up step, then ``--steps`` timed steps of ``--batch``
 samples drawn at random, loaded in the training process, ``num_workers=0``, so that the data time is the whole loading
 cost). Printed: the data set's ``__getitem__`` per sample (decoding, sampling, tiling, tokenising), the same items
 decoded, sampled and tiled alone (:func:`ours` at that tile size), the training step with and without its data, and
@@ -101,7 +101,9 @@ def timed(fn, paths, repeat: int) -> tuple:
 def step_share(paths, args) -> None:
     """``--step``: see the module docstring."""
     from benchmarks.bench_memory import write_models
-    from benchmarks.bench_train import TRAINED, model_shapes, run
+    from benchmarks.flops import model_shapes
+    from benchmarks.synthetic import TRAINED
+    from benchmarks.train_loop import run
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.models import VisionLanguageModel
     folder = os.path.dirname(paths[0])

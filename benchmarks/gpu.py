@@ -116,7 +116,7 @@ def child(args) -> None:
     """The steps that are not a bench_train.py run: writing models and data, one bench_memory.py stage."""
     figures = {}
     if args.child == 'prepare-train':
-        from benchmarks.bench_train import prepare
+        from benchmarks.synthetic import prepare
         tiny = args.size == 'tiny'
         models, data = prepare(args.work, not tiny, None if tiny else args.size, args.samples)
         figures = dict(models=models, data=data)
@@ -247,7 +247,7 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
     for r in (r for r in rows if r['kind'] in ('prepare', 'precision')):
         text = r['reason']
         if r['kind'] == 'precision' and r['figures']:
-            from benchmarks.bench_train import format_precision
+            from benchmarks.train_loop import format_precision
             text = format_precision(r['figures']['precision'])
         lines.append(f'- {r["name"]}: {r["status"]} ({r["seconds"]} s){": " + text if text else ""}')
     first = MODES['tiny' if tiny else 'real']['sizes'][0]

@@ -23,20 +23,20 @@ tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under
 (c) resizes each image to one 384 px tile. Every row trains on the same samples in the same order: unpacked
 ``--batch`` samples per step (padded), packed one pack of up to ``--max-tokens`` tokens; XTuner the unpacked
 batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row. The
-optimizer: torch's AdamW with our configs' options for our rows (``fused=True``: ``bench_train.ours_adamw``),
+optimizer: torch's AdamW with our configs' options for our rows (``fused=True``: ``train_loop.ours_adamw``),
 with torch's defaults for XTuner's (as its configs build it). Each row's untimed warm-up step (gradients and
 AdamW's states made) trains the first sample at one tile (``--warmup short``; ``full``: a full-size batch), which
 keeps the run short; the data come in the row's own process (a forked loader worker would keep a copy-on-write
 image of the 10-20 GB process).
 
 First the roofline: a large ``torch.mm`` (bf16, and fp32) timed in this process. Each row prints s/step,
-tokens/s, its own peak RSS, achieved model TFLOP/s (``bench_train.train_step_flops``) and its share of the
+tokens/s, its own peak RSS, achieved model TFLOP/s (``flops.train_step_flops``) and its share of the
 bf16 roofline, the LLM's share (its layers' and LM head's FLOPs over the step's time less the vision tower's
 forward, timed by hooks; the closing line's roofline share), the data-time share, and the planner's step peak
 (activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
 malloc's bytes in use during the last timed step (``RssSampler``, read by its thread and, in our rows, after every
 operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's). XTuner's
-rows are checked against our unpacked row on the first timed step (``bench_train.run``'s ``check``: the warm-up
+rows are checked against our unpacked row on the first timed step (``train_loop.run``'s ``check``: the warm-up
 at rate 0, then the loss and every trained tensor's gradient norm of that step's batch before its update, out of
 its time; the same batch in both processes, no step of its own); a failed check marks the ratios not comparable.
 XTuner 0.2.0 has
@@ -61,7 +61,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_train as bt  # noqa: E402
+from benchmarks import flops, train_loop, xtuner_row  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
@@ -82,9 +82,9 @@ NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tokens(bt.ModelShapes):
+class _Tokens(flops.ModelShapes):
     """Shapes of a projector that is no pixel shuffle (the bilinear MLP of (c)): its tokens per tile given, its
-    input the ViT width (``downsample_ratio`` 1); FLOPs as ``bench_train.train_step_flops`` counts them."""
+    input the ViT width (``downsample_ratio`` 1); FLOPs as ``flops.train_step_flops`` counts them."""
     tokens: int = 0
 
     @property
@@ -184,7 +184,7 @@ def child(args) -> dict:
         # the official folder holds plain weights: written from the model before its adapters (B = 0 at the
         # start, so the adapted model computes the same); the same seed gives the same projector
         plain = build(**{k: v for k, v in s['model'].items() if k != 'llm_lora'})
-        bt.write_official_folder(plain, official, plain.geometry['image_size'])
+        xtuner_row.write_official_folder(plain, official, plain.geometry['image_size'])
         del plain
     model = build(**s['model'])
     model.train()
@@ -193,8 +193,9 @@ def child(args) -> dict:
                          max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache', args.setting),
                          **model.geometry)
     packed = PackedInternVLDataset(ds, max_tokens=args.max_tokens, max_tiles=None, seed=0)
-    shapes = bt.model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio or 1.0,
-                             vocab_size=model.language_model.get_output_embeddings().weight.shape[0])
+    shapes = flops.model_shapes(model.vision_model.config, model.language_model.config,
+                                model.downsample_ratio or 1.0,
+                                vocab_size=model.language_model.get_output_embeddings().weight.shape[0])
     if shapes.image_tokens_per_tile != model.num_image_token:  # bilinear MLP: 27 x 27 patches -> 13 x 13 tokens
         shapes = _Tokens(**{f.name: getattr(shapes, f.name) for f in dataclasses.fields(shapes)},
                          tokens=model.num_image_token)
@@ -217,15 +218,16 @@ def child(args) -> dict:
     step_loss, xt, check = None, None, None
     if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from; checked in run
         if 'llm_lora' not in s['model']:
-            bt.write_official_folder(model, official, model.geometry['image_size'])
-        check = bt.trained_parameters(model)
+            xtuner_row.write_official_folder(model, official, model.geometry['image_size'])
+        check = train_loop.trained_parameters(model)
         torch.save({k: v.detach().clone() for k, v in check.items()}, os.path.join(shared, 'trained.pt'))
     if args.row == 'xtuner':
         del model
-        bt.ensure_process_group(shared)
-        model = xt = bt.build_xtuner_model(official, 'cpu', grad_ckpt=True, attn=args.attn,
-                                           trained=dict(freeze_vision=True, freeze_projector=False, freeze_llm=True)
-                                           if 'llm_lora' in s['model'] else None)
+        xtuner_row.ensure_process_group(shared)
+        model = xt = xtuner_row.build_xtuner_model(
+            official, 'cpu', grad_ckpt=True, attn=args.attn,
+            trained=dict(freeze_vision=True, freeze_projector=False, freeze_llm=True)
+            if 'llm_lora' in s['model'] else None)
         if 'llm_lora' in s['model']:
             from peft import LoraConfig
             xt._prepare_llm_for_lora(LoraConfig(**{k: v for k, v in LORA.items() if k != 'target_modules'},
@@ -233,16 +235,16 @@ def child(args) -> dict:
             xt.model.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={'use_reentrant': False})
         ours = torch.load(os.path.join(shared, 'trained.pt'))
-        own = bt.trained_parameters(xt.model)
+        own = train_loop.trained_parameters(xt.model)
         with torch.no_grad():
             for k, v in ours.items():
                 if k in own:
                     own[k].copy_(v.to(own[k].dtype))
         del ours   # 2.5 GB for (a): not held through XTuner's steps
         check = own
-        step_loss = lambda b: bt.xtuner_loss(xt, b)  # noqa: E731
+        step_loss = lambda b: xtuner_row.xtuner_loss(xt, b)  # noqa: E731
     dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
-    adamw = bt.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's defaults
+    adamw = train_loop.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's
     marks, seen = [], []
 
     def remembered(batches):  # the batches the run takes: the planner's is the measured step's, the LLM's FLOPs
@@ -261,9 +263,9 @@ def child(args) -> dict:
     ctx = xt.model.img_context_token_id if xt is not None else model.img_context_token_id
     sampler.mark()
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
-        r = bt.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes, step_loss=step_loss,
-                   freeze=freeze if xt is not None else None, img_context_token_id=ctx, autocast=True,
-                   warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
+        r = train_loop.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
+                           step_loss=step_loss, freeze=freeze if xt is not None else None, img_context_token_id=ctx,
+                           autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
@@ -272,8 +274,8 @@ def child(args) -> dict:
     llm_flops = 0
     for item in seen[-args.steps:]:
         b = item['data']
-        lens, tiles_ = bt.batch_samples(b, ctx, shapes.image_tokens_per_tile)
-        f = bt.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
+        lens, tiles_ = flops.batch_samples(b, ctx, shapes.image_tokens_per_tile)
+        f = flops.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
         llm_flops += f['llm'] + f['lm_head']
     timed_vision = sum(vision_s[-args.steps:])
     result.update(vision_s=timed_vision, llm_tflops=llm_flops / (r['s_per_step'] * args.steps - timed_vision) / 1e12)
@@ -433,8 +435,8 @@ def closing(results, settings, roof):
             return f'{a[key] / b[key]:.2f}' if key in a and key in b else 'n/a'
         comparable = ''
         if 'check' in un and 'check_xtuner' in xt:
-            c = bt.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
-            print(bt.format_check(c))
+            c = train_loop.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
+            print(train_loop.format_check(c))
             comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
         share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
         print(f'real-size {s}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; peak memory '

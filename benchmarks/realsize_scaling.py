@@ -35,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_train as bt  # noqa: E402
+from benchmarks import train_loop  # noqa: E402
 from benchmarks.realsize import SETTINGS  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
     sampler = RssSampler()
     model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True,
                                 **model_settings(args.work, args.loss_chunk)).train()
-    adamw = bt.ours_adamw() if args.optimizer == 'ours' else {}
+    adamw = train_loop.ours_adamw() if args.optimizer == 'ours' else {}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, **adamw)
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -1,13 +1,14 @@
-"""bench_train.py's bf16-against-fp32 check (``precision_check``, ``--precision-check``) and its reusable work
-folder (``prepare``, ``--workdir``), on tiny models on the CPU."""
+"""train_loop.py's bf16-against-fp32 check (``precision_check``, ``bench_train.py --precision-check``) and
+synthetic.py's reusable work folder (``prepare``, ``--workdir``), on tiny models on the CPU."""
 
 import os
 
 import pytest
 import torch
 
-from benchmarks import bench_train
-from benchmarks.bench_train import PRECISION_TOLERANCE, TRAINED, precision_check, prepare
+from benchmarks import train_loop
+from benchmarks.synthetic import TRAINED, prepare
+from benchmarks.train_loop import PRECISION_TOLERANCE, precision_check
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.packing import PackedInternVLDataset
 from xtuner_plugins.models import VisionLanguageModel
@@ -32,30 +33,30 @@ def build(models):
 
 def test_bf16_training_stays_within_tolerance_of_fp32_from_the_same_weights(setup):
     model = build(setup['models'])
-    start = {k: v.detach().clone() for k, v in bench_train.trained_parameters(model).items()}
+    start = {k: v.detach().clone() for k, v in train_loop.trained_parameters(model).items()}
     result = precision_check(model, setup['batches'], 'cpu')
     assert result['ok'], result
     assert 0 < result['loss_rel'] < PRECISION_TOLERANCE['loss'] and result['grad_rel'] < PRECISION_TOLERANCE['grad']
     assert result['tensors'] == len(start) and result['same_trained']
     # the second run trained as the timed rows do: the frozen ViT in bf16, the trained parts in fp32 (moved)
     assert next(model.vision_model.parameters()).dtype == torch.bfloat16
-    params = bench_train.trained_parameters(model)
+    params = train_loop.trained_parameters(model)
     assert all(p.dtype == torch.float32 for p in params.values())
     assert any(not torch.equal(params[k], start[k]) for k in start)
     # both runs started from the same weights: a fresh fp32 model's first loss is the reference's first loss
     fresh = build(setup['models'])
-    first = float(bench_train.ours_loss(fresh, setup['batches'][0]).detach())
+    first = float(train_loop.ours_loss(fresh, setup['batches'][0]).detach())
     assert first == pytest.approx(result['losses_fp32'][0], rel=1e-6)
 
 
 def test_a_bf16_only_difference_of_one_percent_fails_the_check(setup, monkeypatch):
-    ours = bench_train.ours_loss
+    ours = train_loop.ours_loss
 
     def skewed(model, batch):
         loss = ours(model, batch)
         return loss * 1.01 if torch.is_autocast_enabled('cpu') else loss
 
-    monkeypatch.setattr(bench_train, 'ours_loss', skewed)
+    monkeypatch.setattr(train_loop, 'ours_loss', skewed)
     result = precision_check(build(setup['models']), setup['batches'], 'cpu')
     assert not result['ok'] and result['loss_rel'] == pytest.approx(0.01, rel=0.05)
 

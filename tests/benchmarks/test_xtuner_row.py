@@ -1,5 +1,5 @@
-"""bench_train.py's XTuner row: XTuner 0.2.0's ``InternVL_V1_5`` built on an official folder written from our
-model must compute what ours computes (tiny models, fp32, CPU).
+"""The XTuner row (benchmarks/xtuner_row.py): XTuner 0.2.0's ``InternVL_V1_5`` built on an official folder written
+from our model must compute what ours computes (tiny models, fp32, CPU).
 
 The trained tensors of our model are moved away from their initial values first, so the loss depends on the
 weights and on the images, not only on the vocabulary size, and a check that passes means the same
@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from benchmarks.bench_memory import write_models
-from benchmarks.bench_train import (CHECK_TOLERANCE, TRAINED, build_xtuner_model, check_step, compare_checks,
-                                    ensure_process_group, model_shapes, ours_loss, run, trained_parameters,
-                                    write_data, write_official_folder, xtuner_inputs, xtuner_loss)
+from benchmarks.flops import model_shapes
+from benchmarks.synthetic import TRAINED, write_data
+from benchmarks.train_loop import check_step, compare_checks, ours_loss, run, trained_parameters
+from benchmarks.xtuner_row import (CHECK_TOLERANCE, build_xtuner_model, ensure_process_group, write_official_folder,
+                                   xtuner_inputs, xtuner_loss)
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.models import VisionLanguageModel
 from xtuner_plugins.models.export import official_state_dict

@@ -1,4 +1,4 @@
-"""The FLOPs accounting of benchmarks/bench_train.py: hand-computed values, shapes against built modules."""
+"""The FLOPs accounting of benchmarks/flops.py: hand-computed values, shapes against built modules."""
 
 import os
 import subprocess
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_train import (ModelShapes, batch_samples, default_peak_tflops, matmul_parameters,
-                                    meta_matmul_parameters, model_shapes, real_configs, train_step_flops)
+from benchmarks.flops import (ModelShapes, batch_samples, default_peak_tflops, matmul_parameters,
+                              meta_matmul_parameters, model_shapes, train_step_flops)
+from benchmarks.synthetic import real_configs
 from xtuner_plugins.data import internvl_collate_fn
 from xtuner_plugins.data.packing import pack_items
 

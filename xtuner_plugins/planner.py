@@ -101,8 +101,8 @@ def _meta_loaders():
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
 
     with torch.device('meta'), \
-            mock.patch('xtuner_plugins.models.internvl.build_vision_encoder', vision), \
-            mock.patch('xtuner_plugins.models.internvl.load_llm', llm), \
+            mock.patch('xtuner_plugins.models.parts.build_vision_encoder', vision), \
+            mock.patch('xtuner_plugins.models.parts.load_llm', llm), \
             mock.patch('xtuner_plugins.models.internvl.lineage_record', lambda *a, **k: {}), \
             mock.patch('xtuner_plugins.models.internvl.log_parameter_counts', lambda *a, **k: None):
         yield

@@ -32,20 +32,18 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
-from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, check_tokenizer_fits
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, sample_index, segment_bounds
+from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, segment_bounds
 from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
-from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
-from .projector import InternVLProjector, build_projector
+from .parts import build_parts
 from .recompute import checkpointing_kwargs, recompute_mode
 from .stages import load_stages, load_trained
-from .vision import InternViTEncoder, build_vision_encoder
-from .zero3 import hf_zero3_init
+
 
 class VisionLanguageModel(BaseModel):
     """Vision encoder + projector (``mlp1``) + LLM, trained by MMEngine's runner.
@@ -98,8 +96,9 @@ class VisionLanguageModel(BaseModel):
         preference: preference training on pairs (``data/preference.py``) instead of SFT:
             ``dict(types=('sigmoid',), weights=None, beta=0.1)`` (``models/preference.py``; MPO is
             ``preference.MPO``). The reference policy: with ``llm_lora`` (everything else frozen), this model
-            with its LLM's adapters off (the previous stages' adapters are merged, so this is the SFT model); without, ``reference``: frozen copies of the trained parts as they are
-            once ``pretrained_pth`` is loaded (``preference.frozen_copies``), never in checkpoints.
+            with its LLM's adapters off (the previous stages' adapters are merged, so this is the SFT model);
+            without, ``reference``: frozen copies of the trained parts as they are once ``pretrained_pth`` is
+            loaded (``preference.frozen_copies``), never in checkpoints.
         loss_reduction: ``'token'`` (mean over supervised tokens), ``'sample'`` or ``'square'`` (InternVL
             2.5's square averaging), with the denominator summed over ranks (see ``loss.py``).
         loss_chunk: 0 (the LM head's logits at every supervised position at once), or the LM head and the
@@ -146,16 +145,9 @@ class VisionLanguageModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
         init_seed = torch.initial_seed()
-        if preference is not None and llm_lora is not None and (
-                not (freeze_llm and freeze_projector and freeze_vision) or vision_lora is not None):
-            raise ValueError('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
-                             'no vision_lora (the reference policy is the model with its LLM adapters off); for '
-                             'full preference training (a frozen copy as the reference) leave out llm_lora')
-        if preference is not None and llm_lora is None and (vision_lora is not None or
-                                                            (freeze_llm and freeze_projector and freeze_vision)):
-            raise ValueError('full preference training (the reference policy a frozen copy of the trained parts) '
-                             'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
-                             'vision_lora')
+        if preference is not None:
+            from .preference import check_setting
+            check_setting(llm_lora, vision_lora, frozen=freeze_llm and freeze_projector and freeze_vision)
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
         if not cudnn_attention and torch.backends.cuda.cudnn_sdp_enabled():
@@ -192,41 +184,12 @@ class VisionLanguageModel(BaseModel):
         self.expects_previous_stage = (trains_more_than_projector and official_checkpoint is None
                                        and not pretrained_pth and not from_scratch)
 
-        with hf_zero3_init(torch.cuda.is_available() if zero3_init is None else zero3_init):
-            if official_checkpoint is not None:
-                if vision_encoder is not None or llm is not None:
-                    raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
-                from .official import load_official_parts
-                self.vision_model, self.mlp1, self.language_model, official_layer = load_official_parts(
-                    official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path,
-                    vision_attn_implementation=vision_attn)
-                self.vision = InternViTEncoder(self.vision_model,
-                                               official_layer if select_layer is None else select_layer)
-                tokenizer_path = tokenizer or official_checkpoint
-            else:
-                if vision_encoder is None or llm is None:
-                    raise ValueError('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
-                # drop path is set explicitly (default 0), never taken from the encoder's config.json
-                self.vision_model, self.vision = build_vision_encoder(
-                    vision_encoder, dtype, vision_attn, drop_path_rate=vision_drop_path,
-                    select_layer=select_layer)
-                self.language_model = (load_llm(llm, dtype, attn_implementation, llm_quantization)
-                                       if isinstance(llm, str) else llm)
-                tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
-                # Initialised from the seed the run started with, whatever the loading above consumed
-                # (DeepSpeed ZeRO-3 builds the LLM inside zero.Init, which draws random numbers differently).
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(init_seed)
-                    if isinstance(projector, str) and projector == InternVLProjector.name:
-                        projector = dict(type=projector, downsample_ratio=downsample_ratio, ps_version=ps_version)
-                    self.mlp1 = build_projector(projector, self.vision.hidden_size,
-                                                self.language_model.config.hidden_size)
-            if tokenizer_path is None:
-                raise ValueError('tokenizer is required when llm is a module')
-            self.tokenizer, num_added = load_tokenizer(tokenizer_path)
-            check_tokenizer_fits(self.tokenizer, template, where=str(tokenizer_path))
-            untie_embeddings(self.language_model)
-            fit_embeddings_to_tokenizer(self.language_model, self.tokenizer, len(self.tokenizer) - num_added)
+        self.vision_model, self.vision, self.mlp1, self.language_model, self.tokenizer = build_parts(
+            vision_encoder, llm, tokenizer, official_checkpoint, projector, dtype=dtype,
+            attn_implementation=attn_implementation, vision_attn=vision_attn, select_layer=select_layer,
+            downsample_ratio=downsample_ratio, ps_version=ps_version, vision_drop_path=vision_drop_path,
+            llm_quantization=llm_quantization, template=template, init_seed=init_seed,
+            zero3=torch.cuda.is_available() if zero3_init is None else zero3_init)
         self.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         self.num_image_token = self.mlp1.tokens_per_tile(self.vision.grid)
         # InternVL's names for the pixel-shuffle settings, read by the exporters (None for other projectors)
@@ -362,7 +325,8 @@ class VisionLanguageModel(BaseModel):
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
         if mode == 'loss' and data.get('num_pairs') is not None:
-            return self.preference_loss(embeds, data, attention_mask, position_ids, segments)
+            from .preference import pair_loss
+            return pair_loss(self, embeds, data, attention_mask, position_ids, segments)
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
@@ -384,44 +348,6 @@ class VisionLanguageModel(BaseModel):
             return out.logits, data_samples
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
                                        positions=positions)}
-
-    def preference_loss(self, embeds, data, attention_mask, position_ids, segments=None) -> Dict[str, torch.Tensor]:
-        """The preference loss of a batch of pairs (``num_pairs`` chosen rows, then as many rejected rows; packed
-        rows hold several pairs, row ``i`` and row ``num_pairs + i`` the same pairs in the same order) and its
-        metrics; the reference log-probabilities come from the same forward with the LLM's adapters off (LoRA) or
-        from the frozen copies in ``self.reference`` (full training)."""
-        from .preference import RunningMean, preference_losses, sequence_logps
-        if self.preference is None:
-            raise ValueError('a batch of preference pairs, but the model has no preference= setting')
-        rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
-        pairs = rows  # one pair per row, unless packed
-        if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
-            samples = sample_index(segments)[1]
-            if not torch.equal(samples[:rows], samples[rows:]):
-                raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
-                                 f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
-            pairs = int(samples[:rows].sum())
-        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
-        if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
-            kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-        logps, counts = sequence_logps(self.language_model(inputs_embeds=embeds, **kwargs).logits, labels, segments)
-        with torch.no_grad():
-            if self.reference is None:
-                with self.language_model.disable_adapter():
-                    ref_logits = self.language_model(inputs_embeds=embeds.detach(), **kwargs).logits
-            else:
-                ref_embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
-                                               parts=self.reference)
-                ref_logits = self.part('language_model', self.reference)(inputs_embeds=ref_embeds, **kwargs).logits
-            ref, _ = sequence_logps(ref_logits, labels, segments)
-        settings = dict(self.preference)
-        types = tuple(settings.pop('types', ('sigmoid',)))
-        if 'bco_pair' in types and self._reward_baseline is None:
-            self._reward_baseline = RunningMean()
-        nll = -logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
-        loss, metrics = preference_losses(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], types=types,
-                                          chosen_nll=nll, running=self._reward_baseline, **settings)
-        return dict(loss=loss, **metrics)
 
     def parse_losses(self, losses):
         """MMEngine's sum of the losses, then the non-finite check of every path (plain, DDP, DeepSpeed), before

@@ -18,6 +18,8 @@ on per-sequence sums of the answer tokens' log-probabilities:
   each averaged over the pairs, then summed with ``weights``. InternVL 2.5's MPO is
   ``types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1``.
 
+* :func:`pair_loss`: the model's loss on a batch of pairs (the policy's and the reference's log-probabilities,
+  then :func:`preference_losses`); :func:`check_setting`: which trained parts each reference policy allows.
 * :func:`frozen_copies`: the reference policy of full fine-tuning: a frozen copy of each trained part (the
   usual choice, TRL's ``ref_model`` as InternVL's MPO scripts use it), in the pretrained weights' dtype; its
   memory cost is measured by ``benchmarks/bench_memory.py`` (stages ``dpo_lora`` and ``mpo_full``).
@@ -38,10 +40,10 @@ from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
-from .attention import sample_index
+from .attention import SEGMENT_ATTENTION, sample_index, segment_bounds
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'frozen_copies', 'preference_losses', 'reward_accuracy',
-           'sequence_logps']
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_setting', 'frozen_copies', 'pair_loss', 'preference_losses',
+           'reward_accuracy', 'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
@@ -161,3 +163,58 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
             raise ValueError(f'{name} ({type(part).__name__}) was partitioned by DeepSpeed ZeRO-3 while it was built '
                              f'and is not a Hugging Face model: no frozen reference copy can be made of it')
     return copies.requires_grad_(False).eval()
+
+
+def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen: bool) -> None:
+    """Refuse a ``preference=`` setting whose reference policy cannot be built: with ``llm_lora`` the reference is
+    the model with its LLM's adapters off, so nothing else may train; without it the reference is a frozen copy
+    of the trained parts, so something must train (``frozen``: the LLM, projector and tower all frozen)."""
+    if llm_lora is not None and (not frozen or vision_lora is not None):
+        raise ValueError('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
+                         'no vision_lora (the reference policy is the model with its LLM adapters off); for '
+                         'full preference training (a frozen copy as the reference) leave out llm_lora')
+    if llm_lora is None and (vision_lora is not None or frozen):
+        raise ValueError('full preference training (the reference policy a frozen copy of the trained parts) '
+                         'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
+                         'vision_lora')
+
+
+def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attention_mask, position_ids,
+              segments: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """The preference loss of ``model`` (a ``VisionLanguageModel`` with ``preference=``) on a batch of pairs
+    (``num_pairs`` chosen rows, then as many rejected rows; packed rows hold several pairs, row ``i`` and row
+    ``num_pairs + i`` the same pairs in the same order) and its metrics; the reference log-probabilities come from
+    the same forward with the LLM's adapters off (LoRA) or from the frozen copies in ``model.reference`` (full
+    training)."""
+    if model.preference is None:
+        raise ValueError('a batch of preference pairs, but the model has no preference= setting')
+    rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
+    pairs = rows  # one pair per row, unless packed
+    if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
+        samples = sample_index(segments)[1]
+        if not torch.equal(samples[:rows], samples[rows:]):
+            raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
+                             f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
+        pairs = int(samples[:rows].sum())
+    llm = model.language_model
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
+    if segments is not None and llm.config._attn_implementation == SEGMENT_ATTENTION:
+        kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
+    logps, counts = sequence_logps(llm(inputs_embeds=embeds, **kwargs).logits, labels, segments)
+    with torch.no_grad():
+        if model.reference is None:
+            with llm.disable_adapter():
+                ref_logits = llm(inputs_embeds=embeds.detach(), **kwargs).logits
+        else:
+            ref_embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
+                                            parts=model.reference)
+            ref_logits = model.part('language_model', model.reference)(inputs_embeds=ref_embeds, **kwargs).logits
+        ref, _ = sequence_logps(ref_logits, labels, segments)
+    settings = dict(model.preference)
+    types = tuple(settings.pop('types', ('sigmoid',)))
+    if 'bco_pair' in types and model._reward_baseline is None:
+        model._reward_baseline = RunningMean()
+    nll = -logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
+    loss, metrics = preference_losses(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], types=types,
+                                      chosen_nll=nll, running=model._reward_baseline, **settings)
+    return dict(loss=loss, **metrics)

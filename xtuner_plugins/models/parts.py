@@ -1,0 +1,65 @@
+"""The three parts of a :class:`~xtuner_plugins.models.internvl.VisionLanguageModel` and its tokenizer, built from
+their sources: an official InternVL folder, or a vision encoder and a causal LM each from its own folder with a
+new projector between them (:func:`build_parts`). Under DeepSpeed ZeRO-3 they are built partitioned
+(``zero3.hf_zero3_init``). The tokenizer must fit the template, and the LLM's embeddings are untied and resized to
+it (``llm.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from xtuner_plugins.data.template import check_tokenizer_fits
+
+from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
+from .projector import InternVLProjector, build_projector
+from .vision import InternViTEncoder, build_vision_encoder
+from .zero3 import hf_zero3_init
+
+__all__ = ['build_parts']
+
+
+def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.Module, None],
+                tokenizer: Optional[str], official_checkpoint: Optional[str], projector: Union[str, dict], *,
+                dtype: torch.dtype, attn_implementation: str, vision_attn: str, select_layer: Optional[int],
+                downsample_ratio: float, ps_version: str, vision_drop_path: float, llm_quantization: Optional[dict],
+                template: str, zero3: bool, init_seed: int):
+    """``(vision_model, vision, mlp1, language_model, tokenizer)``: the tower, its encoder conventions
+    (``vision/base.py``), the projector, the LLM and the tokenizer (``VisionLanguageModel``'s arguments of the
+    same names; ``vision_attn``: the tower's attention implementation; ``zero3``: build under ZeRO-3's
+    ``zero.Init``). A new projector is initialised from ``init_seed``, the seed the run started with, whatever the
+    loading consumed (ZeRO-3 builds the LLM inside ``zero.Init``, which draws random numbers differently)."""
+    with hf_zero3_init(zero3):
+        if official_checkpoint is not None:
+            if vision_encoder is not None or llm is not None:
+                raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
+            from .official import load_official_parts
+            vision_model, mlp1, language_model, official_layer = load_official_parts(
+                official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path,
+                vision_attn_implementation=vision_attn)
+            vision = InternViTEncoder(vision_model, official_layer if select_layer is None else select_layer)
+            tokenizer_path = tokenizer or official_checkpoint
+        else:
+            if vision_encoder is None or llm is None:
+                raise ValueError('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
+            # drop path is set explicitly (default 0), never taken from the encoder's config.json
+            vision_model, vision = build_vision_encoder(vision_encoder, dtype, vision_attn,
+                                                        drop_path_rate=vision_drop_path, select_layer=select_layer)
+            language_model = (load_llm(llm, dtype, attn_implementation, llm_quantization)
+                              if isinstance(llm, str) else llm)
+            tokenizer_path = tokenizer or (llm if isinstance(llm, str) else None)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                if isinstance(projector, str) and projector == InternVLProjector.name:
+                    projector = dict(type=projector, downsample_ratio=downsample_ratio, ps_version=ps_version)
+                mlp1 = build_projector(projector, vision.hidden_size, language_model.config.hidden_size)
+        if tokenizer_path is None:
+            raise ValueError('tokenizer is required when llm is a module')
+        tok, num_added = load_tokenizer(tokenizer_path)
+        check_tokenizer_fits(tok, template, where=str(tokenizer_path))
+        untie_embeddings(language_model)
+        fit_embeddings_to_tokenizer(language_model, tok, len(tok) - num_added)
+    return vision_model, vision, mlp1, language_model, tok

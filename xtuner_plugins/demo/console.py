@@ -3,11 +3,14 @@ stage."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
-__all__ = ['Console', 'DemoError', 'fmt_time']
+__all__ = ['Console', 'DemoError', 'fmt_time', 'quiet_mmengine_info']
 
 
 class Console:
@@ -34,6 +37,33 @@ class Console:
 
     def step(self, title: str) -> None:
         self(f'\n== [{fmt_time(self.elapsed())}] {title}')
+
+    @contextlib.contextmanager
+    def under_step(self, indent: str = '    ') -> Iterator[None]:
+        """A tool run in this process (the converter, a model built to read its geometry): what it prints goes
+        under the step, indented, and into ``demo.log``; MMEngine's INFO lines (the CPU patches, the parameter
+        counts, the tensors loaded) are left out, its warnings and errors still print."""
+        out = io.StringIO()
+        try:
+            with quiet_mmengine_info(), contextlib.redirect_stdout(out):
+                yield
+        finally:
+            for line in out.getvalue().splitlines():
+                self(indent + line)
+
+
+@contextlib.contextmanager
+def quiet_mmengine_info() -> Iterator[None]:
+    """MMEngine's current logger at WARNING for the block: its INFO lines are for a training run's log, not for
+    the demo's terminal."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fmt_time(seconds: float) -> str:

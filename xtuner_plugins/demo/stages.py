@@ -18,7 +18,7 @@ from typing import Dict, Mapping, Optional
 from xtuner_plugins.launch import cache_env, cfg_options_args, run_train
 from xtuner_plugins.outcome import ITER_LINE
 
-from .console import Console, DemoError
+from .console import Console, DemoError, quiet_mmengine_info
 from .recipe import VISION_TYPES, Recipe
 
 __all__ = ['CONFIG_FILES', 'DEFAULT_CONFIGS', 'PREFERENCE_LOSSES', 'REPO_ROOT', 'StageResult', 'demo_configs',
@@ -111,8 +111,9 @@ def model_geometry(models: Mapping[str, str], recipe: Recipe) -> Dict[str, objec
     """The model's geometry (tile size, tokens per tile, image mode, mean), read from the model itself so the
     data set is given exactly what the model expects."""
     from xtuner_plugins.models import VisionLanguageModel
-    model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
-                                image_mode=recipe.mode, torch_dtype='float32')
+    with quiet_mmengine_info():   # its parameter counts are not the demo's
+        model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=recipe.projector,
+                                    image_mode=recipe.mode, torch_dtype='float32')
     return model.geometry
 
 
@@ -303,7 +304,8 @@ def run_converter(config: str, checkpoint: str, options: Mapping[str, object], o
     console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
             f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
             f'--overwrite --cfg-options ...')
-    code = convert_main(argv)
+    with console.under_step():
+        code = convert_main(argv)
     if code:
         raise DemoError(f'tools/convert_to_official.py exited with {code}')
     return out_dir

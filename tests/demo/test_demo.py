@@ -63,6 +63,9 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path, capsys, vision, pr
         assert result.stages[stage].checkpoint and os.path.exists(result.stages[stage].checkpoint)
         assert result.stages[stage].losses, f'{stage}: no losses logged'
     assert result.converted_format == fmt and os.path.isfile(os.path.join(result.converted_dir, only_file))
+    with open(os.path.join(result.work_dir, 'demo.log')) as f:   # the converter ran in the demo's process: its
+        log = f.read()                                          # lines are under its step, MMEngine's INFO not
+    assert '\n    [4/4] done: ' in log and ' - mmengine - INFO - ' not in capsys.readouterr().out
     # the converted model is prompted with the training system message (configs/demo/*.py set a short one)
     assert recorded_system_message(result.converted_dir, fmt) == Config.fromfile(CONFIGS['full']).demo_system_message
     with open(os.path.join(result.work_dir, 'answers.jsonl')) as f:

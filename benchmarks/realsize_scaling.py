@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import train_loop  # noqa: E402
-from benchmarks.realsize import SETTINGS  # noqa: E402
+from benchmarks.realsize import SETTINGS, model_weights, roofline, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 TEXT, SUPERVISED = 200, 50
@@ -77,6 +77,9 @@ def main() -> None:
     args = p.parse_args()
     if args.replan:
         return replan(args.out, args.work)
+    refusal = slow_bf16_refusal(roofline(), model_weights(args.work, SETTINGS['a']['llm']))
+    if refusal:
+        sys.exit(f'realsize_scaling: not run: {refusal}')
     from xtuner_plugins.models import VisionLanguageModel
     sampler = RssSampler()
     model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True,

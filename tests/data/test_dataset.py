@@ -125,6 +125,8 @@ BAD_CASES = {
                          'load'),
     'unsafe_image_path': ({'image': '../outside.png', 'conversations': conv()}, 'load'),
     'image_and_video': ({'image': 'good.png', 'video': 'clip.mp4', 'conversations': conv()}, 'load'),
+    # another tool's name for the images (ms-swift's, LLaMA-Factory's): refused, not trained on as text-only
+    'unknown_media_field': ({'images': ['good.png'], 'conversations': conv(image=False)}, 'load'),
 }
 REASON = {'truncated_image': 'corrupt_image'}
 
@@ -357,6 +359,22 @@ def test_empty_or_vanishing_data_is_named_at_start_up(tmp_path, tiny_tokenizer, 
     monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
     ds = make_ds([good, good], tiny_tokenizer, tmp_path, repeat_times=[1, 0.04])  # 0.4 of a sample: none
     assert len(ds) == 10 and any('repeat_time 0.04 of its 10 samples rounds to 0' in m for m in logs), logs
+
+
+def test_one_good_sample_among_bad_ones_is_always_found(tmp_path, tiny_tokenizer):
+    """With most samples bad (max_bad_fraction=1), the random replacement draws can all miss the good one: every
+    index still comes out as the good sample, and "none could be loaded" only when none can."""
+    write_image(tmp_path / 'images' / 'good.png')
+    rows = [{'image': 'good.png', 'conversations': conv(answer='GOOD')}] + [
+        {'image': f'missing{i}.png', 'conversations': conv()} for i in range(7)]
+    ds = make_ds(write_jsonl(tmp_path / 'd.jsonl', rows), tiny_tokenizer, tmp_path,
+                 image_folders=str(tmp_path / 'images'), max_bad_fraction=1.0)
+    assert [answer_of(ds[i], tiny_tokenizer) for i in range(len(ds))] == ['GOOD<|im_end|>'] * 8
+    assert dict(ds.failures) == {'missing_image': 7}
+    bad = make_ds(write_jsonl(tmp_path / 'e.jsonl', rows[1:]), tiny_tokenizer, tmp_path,
+                  image_folders=str(tmp_path / 'images'), max_bad_fraction=1.0)
+    with pytest.raises(TooManyBadSamplesError, match=r"none of the 7 samples could be loaded: {'missing_image': 7}"):
+        bad[3]
 
 
 def test_a_link_out_of_the_image_folder_is_unsafe_unless_allowed(tmp_path, tiny_tokenizer):

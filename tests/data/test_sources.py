@@ -71,6 +71,24 @@ class TestExpandSources:
         with pytest.raises(ValueError, match=r"meta.json: meta file is not UTF-8 text \(byte 0xff at byte offset 26\)"):
             expand_sources(str(meta))
 
+    def test_a_json_file_holding_something_else_than_a_list_or_a_meta_file_says_what_it_holds(self, tmp_path):
+        """JSON lines named .json, one sample, a list inside an object: each named for what it is, not as a bad
+        meta file."""
+        sample = {'id': 1, 'image': 'a.jpg', 'conversations': conv()}
+        lines = tmp_path / 'lines.json'
+        lines.write_text(json.dumps(sample) + '\n' + json.dumps(sample) + '\n')
+        with pytest.raises(ValueError, match=r'lines.json: holds more than one JSON value \(a second starts at line '
+                                             r'2\): one sample a line is JSON lines, name the file .jsonl'):
+            expand_sources(str(lines))
+        one = tmp_path / 'one.json'
+        one.write_text(json.dumps(sample, indent=2))
+        with pytest.raises(ValueError, match=r'one.json: holds one sample, not a list of samples'):
+            expand_sources(str(one))
+        wrapped = tmp_path / 'wrapped.json'
+        wrapped.write_text(json.dumps({'data': [sample]}))
+        with pytest.raises(ValueError, match=r"wrapped.json: 'data' holds a list inside an object"):
+            expand_sources(str(wrapped))
+
 
 class TestReadRecords:
 

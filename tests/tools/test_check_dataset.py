@@ -156,3 +156,13 @@ def test_videos_listed_with_frames_duration_and_size_and_their_problems(tmp_path
     for line, reason in [(4, 'bad_clip'), (5, 'corrupt_video'), (6, 'image_and_video'), (7, 'video_tag_mismatch')]:
         assert f'{path}:{line}: {reason}: ' in out
     assert 'videos found: 3' in out and 'kept: 3' in out
+
+
+def test_a_tokenizer_that_is_not_there_is_one_line_naming_the_option(tmp_path, capsys):
+    """A mistyped --tokenizer: one error line naming the option and the path, exit 2 (transformers would raise
+    about an internet connection)."""
+    path, img = good_data(tmp_path, n=1)
+    code = check_dataset.main(['--data', path, '--image-folder', img, '--tokenizer', str(tmp_path / 'nonexistent')])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --tokenizer: '") and 'nonexistent' in err, err
+    assert 'neither a folder nor in the local Hugging Face cache' in err and 'Traceback' not in err

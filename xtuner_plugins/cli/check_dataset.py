@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xtuner_plugins.data.dataset import InternVLDataset
-from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.errors import SampleError, from_pretrained_named
 from xtuner_plugins.data.fitting import TRUNCATION
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import choose_frames, read_frames
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     if folders is not None and len(folders) == 1:
         folders = folders[0]
     tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     try:
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+            tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
                              max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
                              downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,

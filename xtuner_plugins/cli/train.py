@@ -54,10 +54,23 @@ def main() -> int:
     except Exception as exc:  # the traceback first, then a short summary a person sees at the end
         traceback.print_exc()
         work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
-        message = str(exc).splitlines()[0] if str(exc) else ''
-        print(f'\ntrain: FAILED: {type(exc).__name__}: {message}\n  {_next_steps(work_dir, started)}', file=sys.stderr)
+        print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  {_next_steps(work_dir, started)}',
+              file=sys.stderr)
         return 1
     return 0
+
+
+def failure_message(exc: BaseException) -> str:
+    """The first line of the exception's message; for one a DataLoader worker raised, which torch re-raises as
+    "Caught X in DataLoader worker process N." with the worker's traceback below, the worker's own message (a bad
+    sample met while loading: the file, line and reason)."""
+    text = str(exc)
+    if 'Original Traceback' in text:
+        name = type(exc).__name__ + ': '
+        for line in reversed(text.splitlines()):
+            if not line.startswith(' ') and name in line:
+                return line.split(name, 1)[1]
+    return text.splitlines()[0] if text else ''
 
 
 def option_problems(config: str, options: dict) -> list:

@@ -396,8 +396,13 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         index from training's sampler carries its epoch (``data/epochs.py``), which this data set takes."""
         take_epoch(self, index)
         n, position, skipped, rng = len(self._index), int(index), [], None
-        for _ in range(n):
+        # n random draws, then (most samples bad: draws can miss the good ones) every sample not yet known bad in turn
+        scan = ((int(index) + k) % n for k in range(n))
+        for attempt in range(2 * n):
             record = self.record_at(position % n)
+            if attempt >= n and self.where(record) in self.failed:
+                position = next(scan, 0)
+                continue
             try:
                 item = self.load_sample(record)
                 item['skipped'] = skipped
@@ -406,8 +411,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
                 self.count_failure(err.with_source(self.where(record)))
                 skipped.append((err.source, err.reason))
                 rng = rng or random.Random(self.seed * 1_000_003 + index)
-                position = rng.randrange(n)
-        raise TooManyBadSamplesError(f'no sample of {n} could be loaded: {dict(self.failures)}')
+                position = rng.randrange(n) if attempt < n - 1 else next(scan, 0)
+        raise TooManyBadSamplesError(f'none of the {n} samples could be loaded: {dict(self.failures)}')
 
     @property
     def geometry(self) -> Dict[str, object]:

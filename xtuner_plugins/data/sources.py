@@ -86,7 +86,19 @@ def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
         raise ValueError(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
                          f'offset {start + exc.start})') from None
     except json.JSONDecodeError as exc:
+        if exc.msg == 'Extra data':   # an object, then more: one sample a line
+            raise ValueError(f'{path}: holds more than one JSON value (a second starts at line {exc.lineno}): one '
+                             f'sample a line is JSON lines, name the file .jsonl (a .json file holds one list of '
+                             f'samples, or is an InternVL meta file)') from None
         raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
+    if 'conversations' in meta:
+        raise ValueError(f'{path}: holds one sample, not a list of samples: a .json annotation file is a list of '
+                         f'samples ([{{...}}, {{...}}]) or an InternVL meta file; use .jsonl for one sample a line')
+    listed = [name for name, entry in meta.items() if isinstance(entry, list)]
+    if listed:
+        raise ValueError(f'{path}: {listed[0]!r} holds a list inside an object: a .json annotation file is the list '
+                         f'of samples itself ([{{...}}, {{...}}]), and a meta file maps names to objects with '
+                         f'"annotation" and "root"')
     meta_dir = os.path.dirname(os.path.abspath(path))
     return [_meta_source(path, meta_dir, name, entry, default_repeat) for name, entry in meta.items()]
 
@@ -267,10 +279,24 @@ def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:
     return indices
 
 
+# Fields other tools name a sample's images or video with (ms-swift's and LLaMA-Factory's ``images``/``videos``, ...):
+# a sample holding one of them and not ``image``/``video`` is refused, not trained on as text-only.
+OTHER_MEDIA_FIELDS = {'images': 'image', 'image_path': 'image', 'image_paths': 'image', 'image_file': 'image',
+                      'img': 'image', 'imgs': 'image', 'videos': 'video', 'video_path': 'video'}
+
+
 def sample_images(sample: dict) -> List[str]:
-    """The image paths of a sample (``image`` may be absent, a string or a list of strings)."""
+    """The image paths of a sample (``image`` may be absent, a string or a list of strings). A sample with neither
+    ``image`` nor ``video`` but another tool's name for them (:data:`OTHER_MEDIA_FIELDS`) is ``unknown_media_field``:
+    its images would otherwise be left out without a word."""
     image = sample.get('image')
     if image is None:
+        other = [k for k in OTHER_MEDIA_FIELDS if k in sample]
+        if other and sample.get('video') is None:
+            raise SampleError('unknown_media_field', f'the sample has {other[0]!r} and no "image" or "video": this '
+                              f'format reads images from "image" (one path or a list) and a video from "video"; '
+                              f'rename {other[0]!r} to "{OTHER_MEDIA_FIELDS[other[0]]}" (as it is, the sample would '
+                              f'train without its {OTHER_MEDIA_FIELDS[other[0]]})')
         return []
     if isinstance(image, str):
         return [image]

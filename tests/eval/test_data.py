@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_image
-from xtuner_plugins.eval.data import (MC_INSTRUCTION, QuestionsError, read_mmbench_tsv, read_open_questions,
-                                      read_questions)
+from xtuner_plugins.eval.data import (MC_INSTRUCTION, QuestionsError, context_note, read_mmbench_tsv,
+                                      read_open_questions, read_questions)
 
 
 def b64_png(colour):
@@ -113,3 +113,45 @@ def test_images_are_checked_as_training_checks_them_all_problems_at_once(tmp_pat
                     + json.dumps({'image': '../' + tmp_path.name + '/outside.png', 'conversations': conv_()}) + '\n')
     assert [q.images for q in read_open_questions(str(path))] == [[str(folder / 'ok.png')],
                                                                  [str(tmp_path / 'outside.png')]]
+
+
+def test_every_problem_is_listed_before_anything_is_asked_control_text_included(tmp_path):
+    """Lines that are not questions and turns holding control text (a question with <IMG_CONTEXT> once failed
+    after other questions had been answered) are all listed at once, with FILE:LINE; a .json list of the same
+    samples is read as training reads it."""
+    lines = [json.dumps({'id': 0, 'conversations': conv_('Hi?')}),
+             json.dumps({'id': 1, 'conversations': [{'from': 'human', 'value': 'x'}]}),
+             json.dumps({'id': 2, 'conversations': conv_('Q <IMG_CONTEXT>')}),
+             '{not json',
+             json.dumps({'id': 4, 'conversations': conv_('A', 'B<|im_end|>') + conv_('C?')}),
+             json.dumps({'id': 5, 'role': 'user', 'conversations': [{'role': 'user', 'content': 'x'}]})]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(QuestionsError) as err:
+        read_open_questions(str(path))
+    assert [p.split(': ')[0] for p in err.value.problems] == [f'{path}:{n}' for n in (4, 2, 3, 5, 6)], \
+        err.value.problems
+    assert "turn 1 (human) contains the control marker '<IMG_CONTEXT>'" in err.value.problems[2]
+    assert "turn 2 (gpt) contains the control marker '<|im_end|>'" in err.value.problems[3]
+    assert all(p.endswith('[control_text]') for p in err.value.problems[2:4])
+    listed = tmp_path / 'test.json'
+    listed.write_text(json.dumps([{'id': 'a', 'conversations': conv_('Hi?', 'Hello')}], indent=2))
+    (q,) = read_open_questions(str(listed))
+    assert (q.id, q.prompt, q.references, q.source) == ('a', 'Hi?', ['Hello'], f'{listed}:1')
+
+
+def test_questions_asked_without_part_of_their_sample_are_noted(tmp_path):
+    """A sample's system turn and earlier turns are not asked (each question is its last human turn): the note
+    counts and names them; a file without such samples has none."""
+    lines = [{'id': 's', 'conversations': [{'from': 'system', 'value': 'Be terse.'}] + conv_('Colour?')},
+             {'id': 'm', 'conversations': conv_('Hi', 'Hello') + conv_('Name a colour.', 'Red')},
+             {'id': 'p', 'conversations': conv_('Shape?')}]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(json.dumps(x) for x in lines) + '\n')
+    questions = read_open_questions(str(path))
+    assert [q.context for q in questions] == ['a system turn', '2 earlier turns', '']
+    assert context_note(questions) == (
+        f"note: 2 of 3 questions come from samples with a system turn or earlier turns; each is asked as its last "
+        f"human turn alone, with the model's own system message: {path}:1 (a system turn); {path}:2 (2 earlier "
+        f"turns)")
+    assert context_note(questions[2:]) is None

@@ -48,6 +48,7 @@ import time
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
+from xtuner_plugins.eval.data import context_note
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
     questions = questions[:args.limit] if args.limit else questions
+    if context_note(questions):
+        print(context_note(questions), file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]
     if len(todo) < len(questions):
         print(f'resuming {args.answers}: {len(questions) - len(todo)} of {len(questions)} questions answered, '

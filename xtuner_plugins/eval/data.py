@@ -8,8 +8,11 @@ input stops before any question is asked (:class:`QuestionsError`), every proble
 ``xtuner_plugins.data.image_io``): a path leaving the image folder (``unsafe_image_path``), a missing file, a
 header that does not decode (``corrupt_image``), as many ``<image>`` tags as images (``image_tag_mismatch``).
 
-* **jsonl** (the training format): the last turn must be ``gpt``: it is the reference; the last ``human``
-  turn is the question (its ``<image>`` tags, or ``<image>\\n`` in front for the sample's images). The
+* **jsonl** or a **json** list (the training format, read by training's reader): the last turn must be ``gpt``:
+  it is the reference; the last ``human`` turn is the question (its ``<image>`` tags, or ``<image>\\n`` in front for
+  the sample's images), asked alone with the model's own system message (a sample's system turn and earlier turns
+  are not asked: :func:`context_note` says which); any turn holding InternVL's image tokens or a template's turn
+  markers is refused as ``control_text``, as training refuses it. The
   category is the sample's ``category`` or ``kind`` (the demo's), else ``all``; the id its ``id``, else its
   line number. Image paths are resolved as training resolves them: inside ``image_folder`` when given, else
   relative to the file's folder. A sample with a ``video`` (and ``clip``) is a video question: its video is
@@ -31,17 +34,19 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
+from xtuner_plugins.data.conversation import refuse_control_text
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
-from xtuner_plugins.data.sources import sample_images
+from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
+from xtuner_plugins.data.template import RESERVED_IN_TEXT, TEMPLATES, template_markers
 from xtuner_plugins.data.video import probe_video, video_field
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
-           'MC_INSTRUCTION']
+           'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note']
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MMBENCH_COLUMNS = ('index', 'question', 'A', 'B', 'answer')
@@ -62,6 +67,7 @@ class Question:
     video: Optional[str] = None  # a video question: its video (file, GIF or frame folder) and clip
     clip: Optional[Tuple[float, float]] = None
     stem: str = ''  # multiple choice: the question without its options and instruction (``--mc likelihood``)
+    context: str = ''  # what of the sample is not asked (its system turn, its earlier turns): see context_note
 
     @property
     def multiple_choice(self) -> bool:
@@ -107,32 +113,39 @@ def read_questions(path: str, image_folder: Optional[str] = None, circular: bool
     return read_open_questions(path, image_folder)
 
 
-def open_samples(path: str) -> Iterator[Tuple[str, int, dict, List[dict]]]:
-    """The samples of a training-format jsonl that ask a question: ``(where, line_no, sample, turns)`` for
-    each non-blank line, ``where`` being ``FILE:LINE``.
+def open_samples(path: str, problems: Optional[List[str]] = None) -> Iterator[Tuple[str, int, dict, List[dict]]]:
+    """The samples of a training-format file (``.jsonl``, or a ``.json`` list, read by training's reader) that ask a
+    question: ``(where, line_no, sample, turns)`` each, ``where`` being ``FILE:LINE``. A line that is not a sample,
+    has no list of turns, does not end with a ``gpt`` turn (the reference answer) or has no ``human`` turn is a
+    problem naming ``FILE:LINE``: appended to ``problems`` (and the line left out) when a list is given, else
+    raised as a ``ValueError``."""
+    def refuse(message: str) -> None:
+        if problems is None:
+            raise ValueError(message)
+        problems.append(message)
 
-    Raises:
-        ValueError: naming ``FILE:LINE`` for a line that is not JSON, has no list of turns, does not end with
-        a ``gpt`` turn (the reference answer) or has no ``human`` turn.
-    """
-    with open(path, encoding='utf-8-sig') as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f'{path}:{line_no}'
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f'{where}: not JSON: {err}') from None
-            turns = sample.get('conversations') if isinstance(sample, dict) else None
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
-                raise ValueError(f'{where}: no "conversations" list of turns')
-            if turns[-1].get('from') != 'gpt':
-                raise ValueError(f'{where}: the last turn is {turns[-1].get("from")!r}, not "gpt" (the reference '
-                                 f'answer)')
-            if not any(t.get('from') == 'human' for t in turns):
-                raise ValueError(f'{where}: no "human" turn to ask')
-            yield where, line_no, sample, turns
+    records, bad = read_records(0, DataSource(name=path, annotation=path, image_folder=None))
+    for err in bad:
+        refuse(str(err))
+    for record in records:
+        where = f'{path}:{record.line}'
+        sample = parse_record(record)
+        turns = sample.get('conversations')
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            refuse(f'{where}: no "conversations" list of turns')
+        elif turns[-1].get('from') != 'gpt':
+            refuse(f'{where}: the last turn is {turns[-1].get("from")!r}, not "gpt" (the reference answer; turns are '
+                   f'{{"from": "human" | "gpt", "value": ...}})')
+        elif not any(t.get('from') == 'human' for t in turns):
+            refuse(f'{where}: no "human" turn to ask')
+        else:
+            yield where, record.line, sample, turns
+
+
+# Text only the pipeline writes: InternVL's image tokens and every template's turn markers (a question holding
+# <IMG_CONTEXT> once failed after other questions were asked; training refuses it as control_text)
+CONTROL_MARKERS = tuple(sorted(set(RESERVED_IN_TEXT).union(*(template_markers(t) for t in TEMPLATES)),
+                               key=lambda m: (-len(m), m)))
 
 
 def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str) -> List[str]:
@@ -140,7 +153,9 @@ def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str
     paths = [resolve_image_path(p, folder, base_dir) for p in sample_images(sample)]
     tags = prompt.count('<image>')
     if tags not in (0, len(paths)):
-        raise SampleError('image_tag_mismatch', f'the question has {tags} <image> tags for {len(paths)} images')
+        raise SampleError('image_tag_mismatch', f'the question (the sample\'s last human turn, asked alone) has '
+                                                f'{tags} <image> tags for the sample\'s {len(paths)} images; give it '
+                                                f'one for every image, or none (the images then go in front of it)')
     for path in paths:
         read_image_size(path)  # exists, and its header decodes
     return paths
@@ -149,12 +164,15 @@ def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str
 def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Question]:
     """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line."""
     out, problems, ids = [], [], _Ids(path, 'id')
-    for where, line_no, sample, turns in open_samples(path):
+    for where, line_no, sample, turns in open_samples(path, problems):
         human = [t for t in turns if t.get('from') == 'human'][-1]
         prompt = str(human.get('value', ''))  # without <image> tags, the images go in front of it
         id_ = str(sample.get('id', line_no))
         ids.check(id_, line_no, problems)
         try:
+            for k, turn in enumerate(turns):
+                refuse_control_text(f'turn {k + 1} ({turn.get("from")})', str(turn.get('value', '')),
+                                    CONTROL_MARKERS)
             video = video_field(sample)
             if video is not None:
                 if sample_images(sample):
@@ -171,14 +189,29 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue
+        earlier = len(turns) - 2 - (turns[0].get('from') == 'system')
+        context = ', '.join(x for x in ('a system turn' if turns[0].get('from') == 'system' else '',
+                                        f'{earlier} earlier turns' if earlier > 0 else '') if x)
         out.append(Question(id=id_, category=str(sample.get('category', sample.get('kind', 'all'))),
                             prompt=prompt, images=paths, references=[str(turns[-1].get('value', ''))], source=where,
-                            video=video[0] if video else None, clip=video[1] if video else None))
+                            video=video[0] if video else None, clip=video[1] if video else None, context=context))
     if problems:
         raise QuestionsError(path, problems)
     if not out:
         raise ValueError(f'{path}: no questions')
     return out
+
+
+def context_note(questions: Sequence[Question]) -> Optional[str]:
+    """One line on the questions asked without part of their sample (a system turn, earlier turns), or None:
+    each question is its sample's last human turn, asked alone with the model's own system message."""
+    partial = [q for q in questions if q.context]
+    if not partial:
+        return None
+    shown = '; '.join(f'{q.source} ({q.context})' for q in partial[:3])
+    more = f'; and {len(partial) - 3} more' if len(partial) > 3 else ''
+    return (f'note: {len(partial)} of {len(questions)} questions come from samples with a system turn or earlier '
+            f'turns; each is asked as its last human turn alone, with the model\'s own system message: {shown}{more}')
 
 
 def _decode_image(data: str) -> Image.Image:

@@ -166,3 +166,22 @@ def test_a_tokenizer_that_is_not_there_is_one_line_naming_the_option(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --tokenizer: '") and 'nonexistent' in err, err
     assert 'neither a folder nor in the local Hugging Face cache' in err and 'Traceback' not in err
+
+
+def test_preference_pairs_are_checked_as_preference_training_reads_them(tmp_path, tiny_tokenizer_dir, capsys):
+    """MMPR-style pairs (which the SFT reader refuses whole, as bad_conversation): checked as DPO / MPO training
+    reads them, so a pair with the same answers is named bad_pair at FILE:LINE and the good ones are kept."""
+    write_image(tmp_path / 'images' / '0.png', size=(60, 40))
+    pairs = write_jsonl(tmp_path / 'pairs.jsonl', [
+        {'id': 0, 'image': '0.png', 'question': '<image>\nWhat colour?', 'chosen': 'Red.', 'rejected': 'Blue.'},
+        {'id': 1, 'image': '0.png', 'question': '<image>\nWhat colour?', 'chosen': 'Red.', 'rejected': 'Red.'},
+        {'id': 2, 'question': 'Name a colour.', 'chosen': 'Green.', 'rejected': 'A cat.'}])
+    code = check_dataset.main(['--data', pairs, '--image-folder', str(tmp_path / 'images'), '--tokenizer',
+                               tiny_tokenizer_dir, '--image-size', '28'])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert out.startswith('preference pairs: checked as DPO / MPO training reads them')
+    assert f'{pairs}:2: bad_pair: chosen and rejected are the same answer' in out
+    assert '  kept: 2' in out and 'problems: 1' in out and 'bad_conversation' not in out
+    assert check_dataset.main(['--data', pairs, '--image-folder', str(tmp_path / 'images'), '--pairs', 'no']) == 2
+    assert '3 were refused' in capsys.readouterr().err   # as SFT samples: none has conversations

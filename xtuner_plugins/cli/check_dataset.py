@@ -6,6 +6,7 @@ Usage::
     python tools/check_dataset.py --data a.jsonl b.json --image-folder imgs_a imgs_b \\
         --tokenizer Qwen/Qwen2.5-1.5B-Instruct --max-length 8192 --max-dynamic-patch 12
     python tools/check_dataset.py --data meta.json          # an InternVL meta file (its own roots)
+    python tools/check_dataset.py --data pairs.jsonl --image-folder imgs --tokenizer DIR   # DPO / MPO pairs
     python tools/check_dataset.py --data my.jsonl --image-folder imgs --tokenizer models/Qwen2.5-0.5B-Instruct \
         --image-mode pad --image-size 336 --num-image-token 576   # LLaVA-1.5 on CLIP-336 (one padded tile)
 
@@ -31,6 +32,8 @@ from tqdm import tqdm
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError, from_pretrained_named
 from xtuner_plugins.data.fitting import TRUNCATION
+from xtuner_plugins.data.preference import InternVLPreferenceDataset
+from xtuner_plugins.data.sources import expand_sources, parse_record, read_records
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import choose_frames, read_frames
 
@@ -65,9 +68,19 @@ def parse_args(argv=None):
                    help='the data set\'s allow_control_text: control markers in the text are trained on as text')
     p.add_argument('--min-num-frame', type=int, default=8, help='fewest frames a video gets (default 8)')
     p.add_argument('--max-num-frame', type=int, default=32, help='most frames a video gets (default 32)')
+    p.add_argument('--pairs', choices=('auto', 'yes', 'no'), default='auto',
+                   help='preference pairs (chosen / rejected), read as DPO/MPO training reads them (default auto: '
+                        'yes when the first sample has "chosen" and "rejected")')
     p.add_argument('--show', type=int, default=50,
                    help='print at most this many problems per reason (default 50; 0 = all)')
     return p.parse_args(argv)
+
+
+def first_is_pair(data_files) -> bool:
+    """Whether the first sample of the first file (a meta file's first entry) has "chosen" and "rejected"."""
+    source = expand_sources(data_files)[0]
+    records, _ = read_records(0, source)
+    return bool(records) and {'chosen', 'rejected'} <= set(parse_record(records[0]))
 
 
 def percentile_line(values):
@@ -124,7 +137,10 @@ def main(argv=None) -> int:
         if args.tokenizer:
             from transformers import AutoTokenizer
             tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
-        ds = InternVLDataset(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
+        pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))
+        if pairs:
+            print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
+        ds = (InternVLPreferenceDataset if pairs else InternVLDataset)(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
                              max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
                              downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
                              image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,

@@ -47,6 +47,19 @@ class TestExpandSources:
         assert sources[1].image_folder == str(tmp_path / 'sub' / 'imgs')
         assert sources[1].repeat_time == 0.5 and sources[1].max_dynamic_patch == 4
 
+    def test_an_image_folder_given_for_a_meta_file_is_said_to_be_unused(self, tmp_path, monkeypatch):
+        write_jsonl(tmp_path / 'b.jsonl', [{'conversations': conv(image=False)}])
+        meta = tmp_path / 'meta.json'
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl'}}))
+        logs = []
+        monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: logs.append(msg))
+        (src,) = expand_sources(str(meta), image_folders=str(tmp_path))
+        assert src.image_folder is None
+        assert logs == [f'{meta}: a meta file: its entries\' "root" are the image folders, the image folder given for '
+                        f'it ({tmp_path}) is not used']
+        expand_sources(str(meta))
+        assert len(logs) == 1
+
     def test_mismatched_lists(self, tmp_path):
         a = write_jsonl(tmp_path / 'a.jsonl', [])
         with pytest.raises(ValueError, match='image_folders has 2 entries but data_files has 1'):

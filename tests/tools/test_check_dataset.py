@@ -185,3 +185,26 @@ def test_preference_pairs_are_checked_as_preference_training_reads_them(tmp_path
     assert '  kept: 2' in out and 'problems: 1' in out and 'bad_conversation' not in out
     assert check_dataset.main(['--data', pairs, '--image-folder', str(tmp_path / 'images'), '--pairs', 'no']) == 2
     assert '3 were refused' in capsys.readouterr().err   # as SFT samples: none has conversations
+
+
+def test_the_data_sets_image_settings_are_options_and_a_folder_is_no_image(tmp_path, capsys):
+    """The settings its messages name are the checker's options: images linked out of their folder (the Hugging
+    Face cache's layout) with --allow-links-outside, a pixel limit with --max-image-pixels; an image path that
+    is a folder says so; without --tokenizer the summary says what was not checked."""
+    os.rename(write_image(tmp_path / 'blobs' / 'x.png', size=(60, 40)), tmp_path / 'blobs' / 'abc123')
+    (tmp_path / 'snap').mkdir()
+    os.symlink(tmp_path / 'blobs' / 'abc123', tmp_path / 'snap' / 'a.png')
+    (tmp_path / 'snap' / 'dir.png').mkdir()
+    data = write_jsonl(tmp_path / 'd.jsonl', [{'image': 'a.png', 'conversations': conv()},
+                                              {'image': 'dir.png', 'conversations': conv()}])
+    args = ['--data', data, '--image-folder', str(tmp_path / 'snap')]
+    assert check_dataset.main(args) == 1
+    out = capsys.readouterr().out
+    assert f'{data}:1: unsafe_image_path: ' in out and f'{data}:2: missing_image: image path is a folder, not a ' \
+        f'file: {tmp_path / "snap" / "dir.png"}' in out
+    assert 'not checked without --tokenizer: token lengths' in out
+    assert check_dataset.main(args + ['--allow-links-outside']) == 1
+    out = capsys.readouterr().out
+    assert 'unsafe_image_path' not in out and 'problems: 1' in out
+    assert check_dataset.main(args + ['--allow-links-outside', '--max-image-pixels', '100']) == 1
+    assert f'{data}:1: image_too_large: ' in capsys.readouterr().out

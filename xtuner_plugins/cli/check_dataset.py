@@ -32,9 +32,9 @@ from tqdm import tqdm
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError, from_pretrained_named
 from xtuner_plugins.data.fitting import TRUNCATION
+from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
 from xtuner_plugins.data.sources import expand_sources, parse_record, read_records
-from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import choose_frames, read_frames
 
 
@@ -68,6 +68,12 @@ def parse_args(argv=None):
                    help='the data set\'s allow_control_text: control markers in the text are trained on as text')
     p.add_argument('--min-num-frame', type=int, default=8, help='fewest frames a video gets (default 8)')
     p.add_argument('--max-num-frame', type=int, default=32, help='most frames a video gets (default 32)')
+    p.add_argument('--allow-links-outside', action='store_true',
+                   help='the data set\'s allow_links_outside: follow symbolic links in an image folder to files '
+                        'outside it (the Hugging Face cache\'s layout)')
+    p.add_argument('--max-image-pixels', type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f'the data set\'s max_image_pixels: larger images are refused (default Pillow\'s '
+                        f'{DEFAULT_MAX_IMAGE_PIXELS}; 0: no limit)')
     p.add_argument('--pairs', choices=('auto', 'yes', 'no'), default='auto',
                    help='preference pairs (chosen / rejected), read as DPO/MPO training reads them (default auto: '
                         'yes when the first sample has "chosen" and "rejected")')
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
                              max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
                              truncation=args.truncation, allow_control_text=args.allow_control_text,
                              min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
+                             allow_links_outside=args.allow_links_outside,
+                             max_image_pixels=args.max_image_pixels or None,
                              max_bad_fraction=1.0)
     except (ValueError, FileNotFoundError) as exc:
         print(f'error: {exc}', file=sys.stderr)
@@ -230,6 +238,9 @@ def main(argv=None) -> int:
             print(f'  tokens trained on (text + image): {percentile_line(lengths[src.annotation])}')
     if notes:
         print(f'notes: {len(notes)} samples get fewer tiles to fit --max-length (training keeps them)')
+    if tokenizer is None:
+        print('not checked without --tokenizer: token lengths (what --max-length does to each sample) and the '
+              'tokenizer\'s own special tokens (<|endoftext|>, ...) written in the text')
     print(f'problems: {len(problems)}' + (f' ({dict(Counter(p.reason for p in problems))})' if problems else ''))
     return 1 if problems else 0
 

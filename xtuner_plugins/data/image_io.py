@@ -149,7 +149,8 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
         check_path_string(source)
         name = name or source
         if not os.path.isfile(source):
-            raise SampleError('missing_image', f'image file not found: {source}')
+            raise SampleError('missing_image', f'image path is a folder, not a file: {source}' if os.path.isdir(source)
+                              else f'image file not found: {source}')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)

@@ -10,6 +10,7 @@ silently dropped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -154,6 +155,10 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
         if _is_meta_file(path):
             sources.extend(_meta_sources(path, float(repeat)))
+            if folder is not None:
+                from mmengine.logging import print_log
+                print_log(f'{path}: a meta file: its entries\' "root" are the image folders, the image folder given '
+                          f'for it ({folder}) is not used', logger='current', level=logging.WARNING)
         else:
             sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
                                       repeat_time=float(repeat), max_dynamic_patch=patch))

@@ -31,6 +31,16 @@ def test_a_misspelt_setting_names_the_closest():
     assert 'InternVLDataset has no setting' in problem and 'train_dataloader.dataset.image_folders' in problem
 
 
+def test_a_setting_of_an_inner_entry_names_that_entry():
+    """The packed config wraps the data set (train_dataloader.dataset.dataset): its data files set one level up
+    are named where they go, not as the closest setting of the wrapper."""
+    packed = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full_packed.py'))
+    (problem,) = check_cfg_options(packed, {'train_dataloader.dataset.data_files': ['x.jsonl']})
+    assert problem == ("train_dataloader.dataset.data_files: PackedInternVLDataset has no setting 'data_files'; it is "
+                       "train_dataloader.dataset.dataset.data_files")
+    assert check_cfg_options(packed, {'train_dataloader.dataset.dataset.data_files': ['x.jsonl']}) == []
+
+
 def test_a_value_of_the_wrong_kind_is_named_with_the_kind_expected():
     (problem,) = check_cfg_options(CFG, {'train_dataloader.dataset.max_length': 'abc'})
     assert problem == ("train_dataloader.dataset.max_length: expected a number (the config has 8192), got 'abc' "

@@ -169,7 +169,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise ValueError(f'{src.annotation}: max_dynamic_patch must be >= 1, got {src.max_dynamic_patch}')
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
             raise FileNotFoundError(f'{src.annotation}: its image folder {src.image_folder} does not exist (set '
-                                    f'train_dataloader.dataset.image_folders, or the meta file\'s "root")')
+                                    f'train_dataloader.dataset.image_folders, --image-folder of '
+                                    f'tools/check_dataset.py, or the meta file\'s "root")')
     return sources
 
 

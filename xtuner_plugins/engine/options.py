@@ -172,13 +172,16 @@ def _closest(word: str, choices, prefix: List[str]) -> str:
     return f'; closest: {", ".join(".".join(prefix + [c]) for c in close)}' if close else ''
 
 
-def _unknown_setting(parts: List[str], component) -> Optional[str]:
-    """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``), or None."""
+def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
+    """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``, ``node``), or None. Where an
+    entry inside ``node`` has that setting (a packed data set wraps the data set: ``dataset.dataset.data_files``),
+    that entry is named first."""
     accepted = _accepted(component)
     if not accepted or parts[-1] in accepted:
         return None
-    return (f'{".".join(parts)}: {_name(component)} has no setting {parts[-1]!r}'
-            f'{_closest(parts[-1], accepted, parts[:-1])}')
+    inner = [path for path, value in _nodes(node or {}) if path.endswith('.' + parts[-1]) or path == parts[-1]]
+    hint = f'; it is {".".join(parts[:-1] + [inner[0]])}' if inner else _closest(parts[-1], accepted, parts[:-1])
+    return f'{".".join(parts)}: {_name(component)} has no setting {parts[-1]!r}{hint}'
 
 
 def _is_component(node) -> bool:
@@ -271,4 +274,4 @@ def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> 
         return None
     current, where = _default(node['type'], parts[-1])
     return (_wrong_kind(key, options[key], current, where, node['type'])
-            or _unknown_setting(parts, node['type']))
+            or _unknown_setting(parts, node['type'], node))

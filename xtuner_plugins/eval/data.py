@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import os
 import sys
 from dataclasses import dataclass, field

@@ -27,8 +27,8 @@ folder for any encoder and projector, with the same ``chat`` as ``official``.
 import argparse
 import sys
 
-from mmengine.config import DictAction
 
+from xtuner_plugins.engine.options import CfgOptions
 from xtuner_plugins.models.dtypes import resolve_dtype
 
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument('--dtype', default='bf16', help='bf16 (default), fp16 or fp32')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='override config settings, as for xtuner train (key=value)')
     return parser.parse_args(argv)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmengine.config import DictAction
 
 GIB = 2 ** 30
 CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
@@ -53,6 +52,7 @@ def with_supervised(batch, tokens_per_tile: int):
 
 
 def main(argv=None) -> int:
+    from xtuner_plugins.engine.options import CfgOptions
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', help='a training config (configs/*.py)')
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                    help='0: no DeepSpeed (default); 2 or 3: DeepSpeed ZeRO stage')
     p.add_argument('--dtype', choices=('bf16', 'fp32'), default='bf16', help='weights and activations (bf16)')
     p.add_argument('--reserve', type=float, default=1.0, help='GiB not counted by torch (default 1)')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                    help='override config settings, as for training (key=value)')
     args = p.parse_args(argv)
     if args.gpus < 1 or args.gpu_mem <= 0:

@@ -27,6 +27,7 @@ from unittest import mock
 import torch
 
 import xtuner_plugins.engine  # noqa: F401  (checkpoint patches; cfg-options and training length at runner build)
+from xtuner_plugins.engine.options import cfg_options_words, spaced_values
 from xtuner_plugins.outcome import find_checkpoints
 
 
@@ -43,7 +44,7 @@ def main() -> int:
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     args = xtuner_train.parse_args()
     if args.cfg_options and os.path.isfile(args.config):
-        problems = option_problems(args.config, args.cfg_options)
+        problems = spaced_values(cfg_options_words(sys.argv[1:])) or option_problems(args.config, args.cfg_options)
         if problems:
             print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
                   'and run again)', file=sys.stderr)

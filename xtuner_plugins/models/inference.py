@@ -203,11 +203,11 @@ def add_model_arguments(parser) -> None:
     """The arguments by which every tool (chat, eval, web demo) names its model: a converted folder, or a
     training ``--config`` + ``--checkpoint`` (+ the run's ``--cfg-options``); ``--dtype``, ``--device``.
     :func:`check_model_arguments` checks them after parsing."""
-    from mmengine.config import DictAction
+    from xtuner_plugins.engine.options import CfgOptions
     parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
     parser.add_argument('--config', help='a training config (instead of a folder), with --checkpoint')
     parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='the training run\'s config overrides (key=value)')
     parser.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

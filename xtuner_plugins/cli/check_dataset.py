@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))
         if pairs:
             print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
-        ds = (InternVLPreferenceDataset if pairs else InternVLDataset)(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
+        dataset_class = InternVLPreferenceDataset if pairs else InternVLDataset
+        ds = dataset_class(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
                              max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
                              downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
                              image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 GIB = 2 ** 30
 CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
 

@@ -148,15 +148,15 @@ def main(argv=None) -> int:
             print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
         dataset_class = InternVLPreferenceDataset if pairs else InternVLDataset
         ds = dataset_class(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
-                             max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
-                             downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
-                             image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
-                             max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
-                             truncation=args.truncation, allow_control_text=args.allow_control_text,
-                             min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
-                             allow_links_outside=args.allow_links_outside,
-                             max_image_pixels=args.max_image_pixels or None,
-                             max_bad_fraction=1.0)
+                           max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
+                           downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
+                           image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
+                           max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
+                           truncation=args.truncation, allow_control_text=args.allow_control_text,
+                           min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
+                           allow_links_outside=args.allow_links_outside,
+                           max_image_pixels=args.max_image_pixels or None,
+                           max_bad_fraction=1.0)
     except (ValueError, FileNotFoundError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from mmengine.config import DictAction
 
 from xtuner_plugins.outcome import CRASH_MARKS, TrainOutcome, job_outcome
 
@@ -72,6 +75,44 @@ def cfg_options_args(options: Options) -> List[str]:
             value = '[' + ','.join(str(v) for v in value) + ']'
         items.append(f'{key}={value}')
     return ['--cfg-options', *items]
+
+
+_AROUND_SEPARATORS = re.compile(r'\s*([,\[\]()])\s*')
+
+
+def spaced_values(words: Sequence[str]) -> List[str]:
+    """Problems of ``--cfg-options`` words (``key=value``) whose value holds a space inside an item: MMEngine's
+    ``DictAction`` removes every space of a value, so ``[my data/a.jsonl]`` would become ``mydata/a.jsonl`` and a
+    system message lose its spaces (spaces around ``,`` and brackets are fine)."""
+    problems = []
+    for word in words:
+        key, _, value = word.partition('=')
+        if any(c.isspace() for c in _AROUND_SEPARATORS.sub(r'\1', value.strip('\'"').strip())):
+            problems.append(f'{key}: the value {value!r} holds a space, and MMEngine\'s --cfg-options removes every '
+                            f'space from a value ({value.replace(" ", "")!r} would be used): give a path without '
+                            f'spaces (a link to it), or set the value in a config file')
+    return problems
+
+
+def cfg_options_words(argv: Sequence[str]) -> List[str]:
+    """The words given to ``--cfg-options`` in ``argv`` (up to the next ``--option``)."""
+    words, inside = [], False
+    for word in argv:
+        if word.startswith('--'):
+            inside = word == '--cfg-options'
+        elif inside:
+            words.append(word)
+    return words
+
+
+class CfgOptions(DictAction):
+    """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        problems = spaced_values(values)
+        if problems:
+            parser.error('; '.join(problems))
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _existing(path: str) -> Optional[str]:

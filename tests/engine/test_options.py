@@ -114,26 +114,3 @@ def test_training_length_settings_are_checked():
         "max_iters: expected a positive whole number, got 'abc' (str)",
         'save_every: expected a positive whole number, got 0 (int)']
 
-
-def test_a_value_whose_spaces_mmengine_would_remove_is_refused():
-    """MMEngine's DictAction removes every space of a value ('[my data/a.jsonl]' became 'mydata/a.jsonl', an
-    annotation file the user never named): such a value is refused with what would have been used; spaces
-    around commas and brackets are fine."""
-    import argparse
-
-    import pytest
-
-    from xtuner_plugins.engine.options import CfgOptions, cfg_options_words, spaced_values
-    words = cfg_options_words(['cfg.py', '--cfg-options', 'train_dataloader.dataset.data_files=[my data/a.jsonl]',
-                               'model.llm=x', '--work-dir', 'w y'])
-    assert words == ['train_dataloader.dataset.data_files=[my data/a.jsonl]', 'model.llm=x']
-    (problem,) = spaced_values(words + ['a=[x, y]', 'b=( 1 , 2 )', 'c=" q "'])
-    assert problem.startswith("train_dataloader.dataset.data_files: the value '[my data/a.jsonl]' holds a space, "
-                              "and MMEngine's --cfg-options removes every space from a value ('[mydata/a.jsonl]' "
-                              "would be used)")
-    assert spaced_values(['demo_system_message=You are helpful.'])   # a sentence would lose its spaces
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions)
-    assert parser.parse_args(['--cfg-options', 'a=[x, y]']).cfg_options == {'a': ['x', 'y']}
-    with pytest.raises(SystemExit):
-        parser.parse_args(['--cfg-options', 'a=[my data/a.jsonl]'])

@@ -27,7 +27,7 @@ folder for any encoder and projector, with the same ``chat`` as ``official``.
 import argparse
 import sys
 
-from xtuner_plugins.engine.options import CfgOptions
+from xtuner_plugins.launch import CfgOptions
 from xtuner_plugins.models.dtypes import resolve_dtype
 
 

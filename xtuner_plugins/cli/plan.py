@@ -51,7 +51,7 @@ def with_supervised(batch, tokens_per_tile: int):
 
 
 def main(argv=None) -> int:
-    from xtuner_plugins.engine.options import CfgOptions
+    from xtuner_plugins.launch import CfgOptions
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', help='a training config (configs/*.py)')

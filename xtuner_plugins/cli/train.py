@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 
 import xtuner_plugins.engine  # noqa: F401  (checkpoint patches; cfg-options and training length at runner build)
-from xtuner_plugins.engine.options import cfg_options_words, spaced_values
+from xtuner_plugins.launch import cfg_options_words, spaced_values
 from xtuner_plugins.outcome import find_checkpoints
 
 

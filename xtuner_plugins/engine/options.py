@@ -25,10 +25,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-import re
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
-
-from mmengine.config import DictAction
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
 
@@ -164,44 +161,6 @@ def _wrong_kind(key: str, value, current, where: str, component=None) -> Optiona
     else:
         return None
     return f'{key}: expected {expected} ({where}), got {value!r} ({type(value).__name__})'
-
-
-_AROUND_SEPARATORS = re.compile(r'\s*([,\[\]()])\s*')
-
-
-def spaced_values(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words (``key=value``) whose value holds a space inside an item: MMEngine's
-    ``DictAction`` removes every space of a value, so ``[my data/a.jsonl]`` would become ``mydata/a.jsonl`` and a
-    system message lose its spaces (spaces around ``,`` and brackets are fine)."""
-    problems = []
-    for word in words:
-        key, _, value = word.partition('=')
-        if any(c.isspace() for c in _AROUND_SEPARATORS.sub(r'\1', value.strip('\'"').strip())):
-            problems.append(f'{key}: the value {value!r} holds a space, and MMEngine\'s --cfg-options removes every '
-                            f'space from a value ({value.replace(" ", "")!r} would be used): give a path without '
-                            f'spaces (a link to it), or set the value in a config file')
-    return problems
-
-
-def cfg_options_words(argv: Sequence[str]) -> List[str]:
-    """The words given to ``--cfg-options`` in ``argv`` (up to the next ``--option``)."""
-    words, inside = [], False
-    for word in argv:
-        if word.startswith('--'):
-            inside = word == '--cfg-options'
-        elif inside:
-            words.append(word)
-    return words
-
-
-class CfgOptions(DictAction):
-    """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        problems = spaced_values(values)
-        if problems:
-            parser.error('; '.join(problems))
-        super().__call__(parser, namespace, values, option_string)
 
 
 def _name(component) -> str:

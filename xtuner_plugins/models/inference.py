@@ -203,7 +203,7 @@ def add_model_arguments(parser) -> None:
     """The arguments by which every tool (chat, eval, web demo) names its model: a converted folder, or a
     training ``--config`` + ``--checkpoint`` (+ the run's ``--cfg-options``); ``--dtype``, ``--device``.
     :func:`check_model_arguments` checks them after parsing."""
-    from xtuner_plugins.engine.options import CfgOptions
+    from xtuner_plugins.launch import CfgOptions
     parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
     parser.add_argument('--config', help='a training config (instead of a folder), with --checkpoint')
     parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')

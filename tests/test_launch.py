@@ -1,6 +1,7 @@
 """The launcher (``xtuner_plugins/launch.py``): commands, killing, port retries, and two nodes on this machine
 over loopback (``slow``: each run trains the toy config in fresh subprocesses); tests/test_outcome.py judges logs."""
 
+import argparse
 import os
 import signal
 import sys
@@ -156,21 +157,17 @@ def test_a_value_whose_spaces_mmengine_would_remove_is_refused():
     """MMEngine's DictAction removes every space of a value ('[my data/a.jsonl]' became 'mydata/a.jsonl', an
     annotation file the user never named): such a value is refused with what would have been used; spaces
     around commas and brackets are fine."""
-    import argparse
-
-    import pytest
-
-    from xtuner_plugins.launch import CfgOptions, cfg_options_words, spaced_values
-    words = cfg_options_words(['cfg.py', '--cfg-options', 'train_dataloader.dataset.data_files=[my data/a.jsonl]',
-                               'model.llm=x', '--work-dir', 'w y'])
+    words = launch.cfg_options_words(['cfg.py', '--cfg-options',
+                                      'train_dataloader.dataset.data_files=[my data/a.jsonl]', 'model.llm=x',
+                                      '--work-dir', 'w y'])
     assert words == ['train_dataloader.dataset.data_files=[my data/a.jsonl]', 'model.llm=x']
-    (problem,) = spaced_values(words + ['a=[x, y]', 'b=( 1 , 2 )', 'c=" q "'])
+    (problem,) = launch.spaced_values(words + ['a=[x, y]', 'b=( 1 , 2 )', 'c=" q "'])
     assert problem.startswith("train_dataloader.dataset.data_files: the value '[my data/a.jsonl]' holds a space, "
                               "and MMEngine's --cfg-options removes every space from a value ('[mydata/a.jsonl]' "
                               "would be used)")
-    assert spaced_values(['demo_system_message=You are helpful.'])   # a sentence would lose its spaces
+    assert launch.spaced_values(['demo_system_message=You are helpful.'])   # a sentence would lose its spaces
     parser = argparse.ArgumentParser()
-    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions)
+    parser.add_argument('--cfg-options', nargs='+', action=launch.CfgOptions)
     assert parser.parse_args(['--cfg-options', 'a=[x, y]']).cfg_options == {'a': ['x', 'y']}
     with pytest.raises(SystemExit):
         parser.parse_args(['--cfg-options', 'a=[my data/a.jsonl]'])

@@ -134,8 +134,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
     questions = questions[:args.limit] if args.limit else questions
-    if context_note(questions):
-        print(context_note(questions), file=sys.stderr)
+    note = context_note(questions)
+    if note:
+        print(note, file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]
     if len(todo) < len(questions):
         print(f'resuming {args.answers}: {len(questions) - len(todo)} of {len(questions)} questions answered, '

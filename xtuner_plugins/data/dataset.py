@@ -33,7 +33,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -395,13 +395,10 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         by ``seed`` and ``index`` (the same replacement in every run). ``skipped`` lists what was skipped. An
         index from training's sampler carries its epoch (``data/epochs.py``), which this data set takes."""
         take_epoch(self, index)
-        n, position, skipped, rng = len(self._index), int(index), [], None
-        # n random draws, then (most samples bad: draws can miss the good ones) every sample not yet known bad in turn
-        scan = ((int(index) + k) % n for k in range(n))
-        for attempt in range(2 * n):
-            record = self.record_at(position % n)
-            if attempt >= n and self.where(record) in self.failed:
-                position = next(scan, 0)
+        n, skipped = len(self._index), []
+        for position, scanning in self._candidates(int(index), n):
+            record = self.record_at(position)
+            if scanning and self.where(record) in self.failed:
                 continue
             try:
                 item = self.load_sample(record)
@@ -410,9 +407,17 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
             except SampleError as err:
                 self.count_failure(err.with_source(self.where(record)))
                 skipped.append((err.source, err.reason))
-                rng = rng or random.Random(self.seed * 1_000_003 + index)
-                position = rng.randrange(n) if attempt < n - 1 else next(scan, 0)
         raise TooManyBadSamplesError(f'none of the {n} samples could be loaded: {dict(self.failures)}')
+
+    def _candidates(self, index: int, n: int) -> Iterator[Tuple[int, bool]]:
+        """``(position, scanning)``: ``index``, then n - 1 replacement draws seeded by ``seed`` and ``index``, then
+        (most samples bad: the draws can miss the good ones) every position in turn from ``index``, scanning."""
+        yield index % n, False
+        rng = random.Random(self.seed * 1_000_003 + index)
+        for _ in range(n - 1):
+            yield rng.randrange(n), False
+        for k in range(n):
+            yield (index + k) % n, True
 
     @property
     def geometry(self) -> Dict[str, object]:

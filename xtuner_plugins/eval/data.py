@@ -41,7 +41,7 @@ from xtuner_plugins.data.conversation import refuse_control_text
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
-from xtuner_plugins.data.template import RESERVED_IN_TEXT, TEMPLATES, template_markers
+from xtuner_plugins.data.template import TEMPLATES, control_markers
 from xtuner_plugins.data.video import probe_video, video_field
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
@@ -143,8 +143,7 @@ def open_samples(path: str, problems: Optional[List[str]] = None) -> Iterator[Tu
 
 # Text only the pipeline writes: InternVL's image tokens and every template's turn markers (a question holding
 # <IMG_CONTEXT> once failed after other questions were asked; training refuses it as control_text)
-CONTROL_MARKERS = tuple(sorted(set(RESERVED_IN_TEXT).union(*(template_markers(t) for t in TEMPLATES)),
-                               key=lambda m: (-len(m), m)))
+CONTROL_MARKERS = tuple(sorted(set().union(*(control_markers(None, t) for t in TEMPLATES)), key=lambda m: (-len(m), m)))
 
 
 def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str) -> List[str]:

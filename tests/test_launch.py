@@ -12,7 +12,7 @@ import torch
 
 from tests.train_utils import REPO_ROOT, load_checkpoint_state, run_local_nodes, run_train, train_env
 from xtuner_plugins import launch
-from xtuner_plugins.outcome import job_outcome
+from xtuner_plugins.launch import job_outcome
 
 TOY_CONFIG = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py')
 def test_train_command_and_environment(tmp_path, monkeypatch):

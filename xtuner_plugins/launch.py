@@ -9,9 +9,9 @@ the demo and the tests (:func:`run_train`, :func:`run_local_nodes`).
 * **environment** (:func:`train_env`): no variables of an enclosing launcher, Hugging Face offline, caches
   under one folder when given, the repository root on ``PYTHONPATH``, the venv's ``bin`` first on ``PATH``;
 * **port**: a free one, and a rerun on a fresh one when the launcher found it taken;
-* **outcome** (:class:`~xtuner_plugins.outcome.TrainOutcome`, judged in :mod:`xtuner_plugins.outcome`):
-  ``xtuner train`` **exits 0 even when training crashed**, so a run also fails on a traceback or
-  ``ChildFailedError`` in its output, iterations missing or no final checkpoint.
+* **outcome** (:func:`job_outcome`: a :class:`~xtuner_plugins.outcome.TrainOutcome`, judged in
+  :mod:`xtuner_plugins.outcome`): ``xtuner train`` **exits 0 even when training crashed**, so a run also fails on
+  a traceback or ``ChildFailedError`` in its output, iterations missing or no final checkpoint.
 
 Every launcher runs in its own session; on a timeout, or when another node failed, it is killed with every
 process under it, so nothing is left training and nothing waits forever.
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from mmengine.config import DictAction
 
-from xtuner_plugins.outcome import CRASH_MARKS, TrainOutcome, job_outcome
+from xtuner_plugins.outcome import CRASH_MARKS, TrainOutcome, find_checkpoints, judge, parse_log, read_scalars
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -243,6 +243,25 @@ class TrainJob:
     @property
     def wall_s(self) -> float:
         return (self.end or time.perf_counter()) - self.start
+
+
+def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
+                expect_iters: Optional[int] = None, lead: bool = True) -> TrainOutcome:
+    """What ``job`` left in its log and ``work_dir``, judged (:func:`~xtuner_plugins.outcome.judge`)."""
+    log = job.read_log()
+    if job.stopped_because:
+        log += f'\n[launch] {job.stopped_because}: SIGKILL to the launcher and its ranks\n'
+    losses, max_iters, last_iter = parse_log(log)
+    scalars = read_scalars(work_dir) if lead else []
+    scalar_losses = {int(r['step']): float(r['loss']) for r in scalars if 'loss' in r and 'step' in r}
+    outcome = TrainOutcome(command=job.cmd, returncode=job.proc.returncode, timed_out=job.timed_out,
+                           wall_s=job.wall_s, work_dir=work_dir, log_path=job.log_path, log=log,
+                           checkpoints=find_checkpoints(work_dir), losses=scalar_losses or losses, scalars=scalars,
+                           max_iters=max_iters, last_iter=last_iter, pid=job.proc.pid)
+    outcome.failure_reasons = judge(outcome, require_checkpoint, expect_iters, lead)
+    if job.stopped_because and not job.timed_out:
+        outcome.failure_reasons.append(job.stopped_because)
+    return outcome
 
 
 def wait_jobs(jobs: Sequence[TrainJob], timeout: float, grace: float = 120, interval: float = 0.2) -> None:

@@ -1,7 +1,8 @@
 """What came of a training run: ``xtuner train`` **exits 0 even when training crashed**, so a run is judged by
-what it left behind (:func:`job_outcome`, :func:`judge`): a traceback or ``ChildFailedError`` in its output, a run
-guard's line, iterations missing (MMEngine's ``Iter(train) [k/N]`` lines or the console's, :func:`parse_log`) or no
-final checkpoint (:func:`find_checkpoints`). :mod:`xtuner_plugins.launch` starts the runs judged here.
+what it left behind (:func:`judge`): a traceback or ``ChildFailedError`` in its output, a run guard's line,
+iterations missing (MMEngine's ``Iter(train) [k/N]`` lines or the console's, :func:`parse_log`) or no final
+checkpoint (:func:`find_checkpoints`). :mod:`xtuner_plugins.launch` starts the runs judged here and reads what one
+left behind into a :class:`TrainOutcome` (its ``job_outcome``); nothing here knows how a run is started.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
-
-if TYPE_CHECKING:
-    from xtuner_plugins.launch import TrainJob
+from typing import Dict, List, Optional
 
 CRASH_MARKS = ('Traceback (most recent call last)', 'ChildFailedError')
 # torchrun's agents meet at exit through the store of node 0's agent; when that agent has already gone, another
@@ -172,21 +170,3 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
                 n.startswith('epoch_') for n in names):
             reasons.append(f'final checkpoint iter_{target}.pth missing (found {names})')
     return reasons
-
-
-def job_outcome(job: TrainJob, work_dir: str, require_checkpoint: bool = True,
-                expect_iters: Optional[int] = None, lead: bool = True) -> TrainOutcome:
-    log = job.read_log()
-    if job.stopped_because:
-        log += f'\n[launch] {job.stopped_because}: SIGKILL to the launcher and its ranks\n'
-    losses, max_iters, last_iter = parse_log(log)
-    scalars = read_scalars(work_dir) if lead else []
-    scalar_losses = {int(r['step']): float(r['loss']) for r in scalars if 'loss' in r and 'step' in r}
-    outcome = TrainOutcome(command=job.cmd, returncode=job.proc.returncode, timed_out=job.timed_out,
-                           wall_s=job.wall_s, work_dir=work_dir, log_path=job.log_path, log=log,
-                           checkpoints=find_checkpoints(work_dir), losses=scalar_losses or losses, scalars=scalars,
-                           max_iters=max_iters, last_iter=last_iter, pid=job.proc.pid)
-    outcome.failure_reasons = judge(outcome, require_checkpoint, expect_iters, lead)
-    if job.stopped_because and not job.timed_out:
-        outcome.failure_reasons.append(job.stopped_because)
-    return outcome

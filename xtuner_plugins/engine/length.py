@@ -20,6 +20,8 @@ from __future__ import annotations
 from numbers import Number
 from typing import Mapping, MutableMapping, Optional
 
+from xtuner_plugins.engine.signatures import accepted
+
 #: the top-level settings this module reads (``schedule_unit``: the config's own, not for the command line)
 LENGTH_KEYS = ('max_epochs', 'max_iters', 'save_every', 'schedule_unit')
 _LOOP = ('max_epochs', 'max_iters')
@@ -117,9 +119,8 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
     if target is not None:
         key, n = target
         other = 'max_iters' if key == 'max_epochs' else 'max_epochs'
-        from xtuner_plugins.engine.options import _accepted
-        accepted = _accepted(loop.get('type'))
-        if accepted and key not in accepted:
+        takes = accepted(loop.get('type'))
+        if takes and key not in takes:
             name = getattr(loop['type'], '__name__', loop['type'])
             raise ValueError(f'{key}={n}: train_cfg\'s {name} takes {other}, not {key}: set {other} instead')
         loop.pop(other, None)

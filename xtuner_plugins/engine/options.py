@@ -17,7 +17,8 @@ a set of components (``default_hooks.chekpoint.interval``) and a setting a compo
 through the classes it passes ``**kwargs`` on to (``train_cfg.max_epoch``), named with the closest valid ones.
 MMEngine's ``CheckpointHook`` passes its ``**kwargs`` to ``Runner.save_checkpoint``, which gets every argument
 it has from the hook already: its documented arguments are all it takes (``default_hooks.checkpoint.intervall``).
-The training length in the user's words (``max_epochs``, ``max_iters``, ``save_every``) is ``engine/length.py``'s.
+The training length in the user's words (``max_epochs``, ``max_iters``, ``save_every``) is ``engine/length.py``'s;
+what a component takes, ``engine/signatures.py``'s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
+from xtuner_plugins.engine.signatures import accepted, parameter
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
 RUNNER_KEYS = {
@@ -64,63 +66,13 @@ def _leaves(node, prefix: str = '') -> Iterator[Tuple[str, object]]:
         yield prefix[:-1], node
 
 
-def _signatures(component) -> Iterator[inspect.Signature]:
-    """The signature of ``component``, then, while it takes ``**kwargs``, those of the classes it passes them on
-    to: the next ``__init__`` up its class hierarchy."""
-    try:
-        yield inspect.signature(component)
-    except (TypeError, ValueError):
-        return
-    if not inspect.isclass(component):
-        return
-    for base in component.__mro__[1:]:
-        if base is object:
-            return
-        if '__init__' in vars(base):
-            try:
-                yield inspect.signature(vars(base)['__init__'])
-            except (TypeError, ValueError):
-                return
-
-
-def _takes_no_more(component) -> bool:
-    """MMEngine's CheckpointHook passes its ``**kwargs`` to ``runner.save_checkpoint``, which it gives every
-    argument of already: its documented arguments are the valid set."""
-    from mmengine.hooks import CheckpointHook
-    return inspect.isclass(component) and issubclass(component, CheckpointHook)
-
-
-def _accepted(component) -> List[str]:
-    """The keyword arguments ``component`` takes, or [] when it takes any (``**kwargs`` that reach no class
-    that says) or cannot tell."""
-    if not callable(component):
-        return []
-    names = []
-    for signature in _signatures(component):
-        params = signature.parameters.values()
-        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and p.name not in ('self', 'cls') and p.name not in names]
-        if not any(p.kind == p.VAR_KEYWORD for p in params) or _takes_no_more(component):
-            return names
-    return []
-
-
-def _parameter(component, name: str) -> Optional[inspect.Parameter]:
-    for signature in _signatures(component) if callable(component) else ():
-        if name in signature.parameters:
-            return signature.parameters[name]
-        if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
-            return None
-    return None
-
-
 _KINDS = {'int': 0, 'float': 0.0, 'bool': False}  # by the annotation's name
 
 
 def _default(component, name: str) -> Tuple[object, str]:
     """The default of ``component``'s setting ``name`` and how to name it; for a default of None, a value of
     the kind its annotation names (``Optional[int]``: a number), so that the kind can be checked."""
-    param = _parameter(component, name)
+    param = parameter(component, name)
     if param is None:
         return None, ''
     if param.default is not param.empty and param.default is not None:
@@ -176,11 +128,11 @@ def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
     """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``, ``node``), or None. Where an
     entry inside ``node`` has that setting (a packed data set wraps the data set: ``dataset.dataset.data_files``),
     that entry is named first."""
-    accepted = _accepted(component)
-    if not accepted or parts[-1] in accepted:
+    takes = accepted(component)
+    if not takes or parts[-1] in takes:
         return None
     inner = [path for path, value in _nodes(node or {}) if path.endswith('.' + parts[-1]) or path == parts[-1]]
-    hint = f'; it is {".".join(parts[:-1] + [inner[0]])}' if inner else _closest(parts[-1], accepted, parts[:-1])
+    hint = f'; it is {".".join(parts[:-1] + [inner[0]])}' if inner else _closest(parts[-1], takes, parts[:-1])
     return f'{".".join(parts)}: {_name(component)} has no setting {parts[-1]!r}{hint}'
 
 

@@ -122,3 +122,15 @@ def test_multiple_choice_by_likelihood_ranks_the_options_on_the_stem(tmp_path):
     assert report.read_line() == 'multiple choice: 16 ranked by likelihood'
     with pytest.raises(ValueError, match='unknown multiple-choice mode'):
         evaluate(model, questions, mc='loglik')
+
+
+def test_a_model_that_answers_nothing_scores_nothing():
+    """References of articles only ('A', 'an') once matched the empty answer: 0.667 for a silent model."""
+
+    class Silent(Model):
+        def ask(self, prompt, images, generation):
+            return ''
+
+    qs = [Question(str(i), 'c', 'Which?', [], [ref]) for i, ref in enumerate(['A', 'an', 'cat'])]
+    report = Report(evaluate(Silent(), qs, blind=True))
+    assert report.closing_line() == 'accuracy: 0.000 (3 questions); blind: 0.000; image reliance: 0.000'

@@ -50,3 +50,16 @@ OPTIONS = {'A': 'a dog', 'B': 'a cat', 'C': 'dark red', 'D': 'red'}
 def test_the_chosen_option_is_read_as_vlmevalkit_reads_it(answer, letter, how):
     assert read_option(answer, OPTIONS) == (letter, how)
     assert extract_option(answer, OPTIONS) == letter
+
+
+@pytest.mark.parametrize('answer, references, right', [
+    # an empty answer once matched a reference of articles only ('A', 'an': both normalise to ''): a model that
+    # answered nothing scored 0.667 on three questions
+    ('', ['A'], 0.0), ('', ['an'], 0.0), ('   \n', ['A'], 0.0), ('', [''], 0.0),
+    ('the', ['A'], 0.0), ('B', ['A'], 0.0), ('a', ['A'], 1.0), ('A.', ['a'], 1.0),  # compared with articles kept
+    ('An', ['A', 'an'], 1.0), ('the cat', ['A cat'], 1.0),  # articles still dropped where words remain
+])
+def test_an_empty_answer_is_never_right(answer, references, right):
+    assert exact_match(answer, references) == right
+    if not answer.strip():
+        assert anls(answer, references) == 0.0

@@ -3,9 +3,13 @@
 * :func:`normalize_answer`: the VQA evaluation's normalisation, written from its description: lower case,
   punctuation removed (a full stop or comma between digits kept: ``2.5``, ``1,000``), number words to digits,
   articles dropped, common contractions fixed, whitespace collapsed.
-* :func:`exact_match`: the normalised answer equals a normalised reference.
+* :func:`exact_match`: the normalised answer equals a normalised reference. An empty (or whitespace-only)
+  answer is never right. Where dropping articles empties the answer or the reference (``A``, ``an``: a letter
+  answer), both are compared with their articles kept, else their articles alone would match an empty answer
+  or any other article.
 * :func:`anls`: Average Normalized Levenshtein Similarity (ST-VQA, DocVQA): ``1 - d / max(len)`` of the best
-  reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings.
+  reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings; 0 for an empty
+  answer.
 * :func:`read_option` (and :func:`extract_option`, its letter): the option a free answer chose, as VLMEvalKit's
   ``can_infer`` reads it: by its letter (``B``, ``(B)``, ``B. red``, ``Answer: B``: exactly one option letter
   among the answer's words, near its end), else by the one option whose text the answer contains; and how it
@@ -35,8 +39,8 @@ _PUNCT = re.compile('[' + re.escape(string.punctuation.replace("'", '')) + ']')
 _DIGIT_SEP = re.compile(r'(?<=\d)[.,](?=\d)')
 
 
-def normalize_answer(text: str) -> str:
-    """VQA-style normalisation (see the module docstring)."""
+def normalize_answer(text: str, articles: bool = True) -> str:
+    """VQA-style normalisation (see the module docstring); ``articles=False`` keeps the articles."""
     text = str(text).strip().lower().replace('\n', ' ').replace('\t', ' ')
     kept = _DIGIT_SEP.sub(lambda m: {'.': '\x00', ',': ''}[m.group(0)], text)  # 2.5 stays, 1,000 -> 1000
     kept = _PUNCT.sub(' ', kept).replace('\x00', '.')
@@ -44,14 +48,22 @@ def normalize_answer(text: str) -> str:
     for word in kept.split():
         word = _NUMBERS.get(word, word)
         word = _CONTRACTIONS.get(word, word)
-        if word not in _ARTICLES:
+        if not articles or word not in _ARTICLES:
             words.append(word)
     return ' '.join(words)
 
 
+def _same(answer: str, reference: str) -> bool:
+    given, wanted = normalize_answer(answer), normalize_answer(reference)
+    if not given or not wanted:  # only articles (or marks) on one side: compared with the articles kept
+        given, wanted = normalize_answer(answer, articles=False), normalize_answer(reference, articles=False)
+    return bool(given) and given == wanted
+
+
 def exact_match(answer: str, references: Sequence[str]) -> float:
-    given = normalize_answer(answer)
-    return float(any(given == normalize_answer(r) for r in references))
+    if not str(answer).strip():
+        return 0.0  # an answer that says nothing is never right
+    return float(any(_same(answer, r) for r in references))
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -69,6 +81,8 @@ def edit_distance(a: str, b: str) -> int:
 
 def anls(answer: str, references: Sequence[str], threshold: float = 0.5) -> float:
     given = ' '.join(str(answer).strip().lower().split())
+    if not given:
+        return 0.0  # an answer that says nothing is never right (against an empty reference it would be 1)
     best = 0.0
     for ref in references:
         ref = ' '.join(str(ref).strip().lower().split())

@@ -131,8 +131,9 @@ def test_every_problem_is_listed_before_anything_is_asked_control_text_included(
         read_open_questions(str(path))
     assert [p.split(': ')[0] for p in err.value.problems] == [f'{path}:{n}' for n in (4, 2, 3, 5, 6)], \
         err.value.problems
-    assert "turn 1 (human) contains the control marker '<IMG_CONTEXT>'" in err.value.problems[2]
-    assert "turn 2 (gpt) contains the control marker '<|im_end|>'" in err.value.problems[3]
+    # training's check and its turn numbers (from 0), as check_dataset prints them
+    assert "turn 0 (human) contains the control marker '<IMG_CONTEXT>'" in err.value.problems[2]
+    assert "turn 1 (gpt) contains the control marker '<|im_end|>'" in err.value.problems[3]
     assert all(p.endswith('[control_text]') for p in err.value.problems[2:4])
     listed = tmp_path / 'test.json'
     listed.write_text(json.dumps([{'id': 'a', 'conversations': conv_('Hi?', 'Hello')}], indent=2))
@@ -155,3 +156,18 @@ def test_questions_asked_without_part_of_their_sample_are_noted(tmp_path):
         f"human turn alone, with the model's own system message: {path}:1 (a system turn); {path}:2 (2 earlier "
         f"turns)")
     assert context_note(questions[2:]) is None
+
+
+def test_turns_that_are_not_text_are_refused_as_training_refuses_them(tmp_path):
+    """A null or list reference, an int question were scored against 'None' / "['x']": now every such line is
+    named, FILE:LINE, with training's reason (its conversation check, as check_dataset's)."""
+    lines = [conv_('Q?', None), conv_('Q?', ['x']), conv_(7, 'x'), conv_('Q?', '  '), conv_('Q?', 'fine')]
+    path = tmp_path / 'test.jsonl'
+    path.write_text('\n'.join(json.dumps({'id': i, 'conversations': c}) for i, c in enumerate(lines)) + '\n')
+    with pytest.raises(QuestionsError) as err:
+        read_open_questions(str(path))
+    assert err.value.problems == [
+        f'{path}:1: turn 1 (gpt) has a value of type NoneType, expected str [bad_conversation]',
+        f'{path}:2: turn 1 (gpt) has a value of type list, expected str [bad_conversation]',
+        f'{path}:3: turn 0 (human) has a value of type int, expected str [bad_conversation]',
+        f'{path}:4: turn 1 (gpt) has an empty value [empty_conversation]'], err.value.problems

@@ -11,8 +11,10 @@ header that does not decode (``corrupt_image``), as many ``<image>`` tags as ima
 * **jsonl** or a **json** list (the training format, read by training's reader): the last turn must be ``gpt``:
   it is the reference; the last ``human`` turn is the question (its ``<image>`` tags, or ``<image>\\n`` in front for
   the sample's images), asked alone with the model's own system message (a sample's system turn and earlier turns
-  are not asked: :func:`context_note` says which); any turn holding InternVL's image tokens or a template's turn
-  markers is refused as ``control_text``, as training refuses it. The
+  are not asked: :func:`context_note` says which). The turns are checked by training's own check
+  (``parse_conversation``, as ``tools/check_dataset.py`` checks them): a value that is not text (a ``null`` or list
+  reference, a number for a question) or is empty, roles out of turn, ``<image>`` tags that do not match the images,
+  InternVL's image tokens or a template's turn markers in any turn (``control_text``) are refused. The
   category is the sample's ``category`` or ``kind`` (the demo's), else ``all``; the id its ``id``, else its
   line number. Image paths are resolved as training resolves them: inside ``image_folder`` when given, else
   relative to the file's folder. A sample with a ``video`` (and ``clip``) is a video question: its video is
@@ -37,12 +39,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
-from xtuner_plugins.data.conversation import refuse_control_text
+from xtuner_plugins.data.conversation import parse_conversation
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
 from xtuner_plugins.data.template import TEMPLATES, control_markers
-from xtuner_plugins.data.video import probe_video, video_field
+from xtuner_plugins.data.video import probe_video, video_field, video_turns
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
            'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note']
@@ -168,22 +170,19 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
         id_ = str(sample.get('id', line_no))
         ids.check(id_, line_no, problems)
         try:
-            for k, turn in enumerate(turns):
-                refuse_control_text(f'turn {k + 1} ({turn.get("from")})', str(turn.get('value', '')),
-                                    CONTROL_MARKERS)
             video = video_field(sample)
+            if video is not None and sample_images(sample):
+                raise SampleError('image_and_video', 'the question has images and a video; one or the other')
+            # training's checks of the turns (check_dataset's too): roles, str values (a null or list reference,
+            # an int question, were scored as 'None' / "['x']"), empty turns, tags, control text
+            parse_conversation(video_turns(turns, video is not None), 0 if video else len(sample_images(sample)),
+                               markers=CONTROL_MARKERS)
             if video is not None:
-                if sample_images(sample):
-                    raise SampleError('image_and_video', 'the question has images and a video; one or the other')
-                if '<image>' in prompt:
-                    raise SampleError('video_tag_mismatch', 'a video question has no <image> tags')
                 video = (resolve_image_path(video[0], image_folder, os.path.dirname(path)), video[1])
                 probe_video(*video)  # exists, and its headers read
                 paths = []
             else:
                 paths = _image_paths(sample, prompt, image_folder, os.path.dirname(path))
-                if '<video>' in prompt:
-                    raise SampleError('video_tag_mismatch', 'the question has <video> but the sample no "video"')
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue

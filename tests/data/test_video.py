@@ -38,6 +38,31 @@ def reference_indices(num_frames, vlen, sample, pick=None):
     return out + [out[-1]] * (num_frames - len(out))
 
 
+def write_vfr(path, levels, gaps_ms, size=(32, 24)):
+    """An H.264 ``.mp4`` whose frame i (grey ``levels[i]``) is stamped after the gaps ``gaps_ms`` (cycled): a
+    variable frame rate, as phones record."""
+    import fractions
+
+    import av
+    w, h = size
+    ms = fractions.Fraction(1, 1000)
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('libx264', rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, 'yuv444p'
+        stream.time_base = stream.codec_context.time_base = ms
+        stream.options = {'g': '5', 'qp': '0', 'bf': '0'}
+        t = 0
+        for i, level in enumerate(levels):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), level, np.uint8), format='rgb24')
+            frame.pts, frame.time_base = t, ms
+            t += gaps_ms[i % len(gaps_ms)]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
 @pytest.fixture(scope='module')
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp('videos')
@@ -124,6 +149,18 @@ class TestReading:
         idx = choose_frames(info, 8, 'middle')
         assert [n % 40 for n in idx] == numbers(read_frames(info, idx))
         assert len(decoded) <= 8 * 10  # at most a keyframe interval per frame asked for, not 400
+
+    def test_a_variable_frame_rate_gives_the_frames_asked_for(self, tmp_path):
+        """Frame i is the i-th by presentation timestamp, not the one at i / average fps: bursts of 4 frames 10 ms
+        apart, then 200 ms gaps (the average rate, 18 fps, lands between them)."""
+        path = write_vfr(tmp_path / 'vfr.mp4', LEVELS, gaps_ms=[10, 10, 10, 200])
+        info = probe_video(path)
+        assert info.total == 40 and 15 < info.fps < 20
+        everything = list(range(40))
+        assert numbers(read_frames(info, everything)) == everything
+        for idx in (choose_frames(info, 32, 'middle'), choose_frames(info, 12, 'rand', np.random.default_rng(5)),
+                    [39, 0, 17, 17, 4]):
+            assert numbers(read_frames(info, idx)) == idx
 
     def test_clip(self, videos):
         frames, info = load_video(videos['file'], 4, clip=(1.0, 3.0))

@@ -251,20 +251,45 @@ def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
     return [info.start + i for i in found]
 
 
+def _frame_stamps(container, stream) -> Optional[List[int]]:
+    """The presentation timestamps of the stream's frames, in order, from its packets (read, not decoded): frame
+    ``i`` is the one stamped ``stamps[i]``, whatever the gaps (a variable frame rate). None when a packet has no
+    timestamp (the frames are then placed at the average rate)."""
+    stamps = []
+    for packet in container.demux(stream):
+        if not packet.size or packet.is_discard:  # the end-of-stream packet; a packet an edit list drops
+            continue
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        if stamp is None:
+            return None
+        stamps.append(int(stamp))
+    return sorted(stamps)
+
+
 def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
     """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file: a seek
     to the keyframe before a frame whenever the next frame asked for is further ahead than the longest keyframe
-    interval seen, else decoding on. Frames are told by their timestamps (a GIF: by their order)."""
+    interval seen, else decoding on. Frame ``i`` of a file is the one with the ``i``-th presentation timestamp
+    (:func:`_frame_stamps`), so a variable frame rate gives the frames asked for; a GIF's frames go by order."""
     av = _av()
     out: dict = {}
     container, stream = _open_stream(info.path)
     with container:
         tb = float(stream.time_base or 0) or 1.0 / info.fps
         origin = stream.start_time or 0
-        step = 1.0 / (info.fps * tb)  # one frame, in timestamp units
+        step = 1.0 / (info.fps * tb)  # one frame at the average rate, in timestamp units
+        try:
+            stamps = _frame_stamps(container, stream) if info.kind != 'gif' else None
+        except av.FFmpegError as exc:
+            raise SampleError('corrupt_video', f'cannot read video {info.path}: {exc}') from None
+        if stamps is not None and wanted[-1] >= len(stamps):
+            raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames '
+                                               f'({info.duration:.3f} s) but holds {len(stamps)}: frame '
+                                               f'{wanted[-1]} cannot be decoded')
+        slack = step / 2 if stamps is None else 0  # exact stamps: the frame itself, not its neighbour
 
         def stamp(i: int) -> float:
-            return origin + i * step
+            return stamps[i] if stamps is not None else origin + i * step
         k, frames, gop, last_key, pos, order, sought = 0, None, 0.0, None, None, -1, 0
         try:
             while k < len(wanted):
@@ -281,7 +306,7 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
                         last_key = pos
                     elif last_key is not None:
                         gop = max(gop, pos - last_key)
-                    while k < len(wanted) and pos + step / 2 >= stamp(wanted[k]):
+                    while k < len(wanted) and pos + slack >= stamp(wanted[k]):
                         out[wanted[k]] = frame.to_image()
                         k += 1
                     if k == len(wanted) or (info.kind != 'gif' and k > sought

@@ -171,3 +171,33 @@ def test_turns_that_are_not_text_are_refused_as_training_refuses_them(tmp_path):
         f'{path}:2: turn 1 (gpt) has a value of type list, expected str [bad_conversation]',
         f'{path}:3: turn 0 (human) has a value of type int, expected str [bad_conversation]',
         f'{path}:4: turn 1 (gpt) has an empty value [empty_conversation]'], err.value.problems
+
+
+def test_tsv_problems_name_the_file_and_row(tmp_path):
+    """A short row was a traceback; a header-only file 'missing' columns it has; a latin-1 file no file name; an
+    empty image cell Pillow's '<_io.BytesIO object at 0x...>'. Now each names the file (and row, and numbers)."""
+    path = write_tsv(tmp_path / 'short.tsv', ROWS)
+    lines = open(path).read().splitlines()
+    lines[1] = '\t'.join(lines[1].split('\t')[:1])  # the index alone
+    (tmp_path / 'short.tsv').write_text('\n'.join(lines) + '\n')
+    with pytest.raises(QuestionsError) as err:
+        read_mmbench_tsv(path)
+    assert err.value.problems[0] == f'{path}:2: 1 fields where the header has 10 (a tab missing, or one too many) ' \
+                                    f'[bad_row]', err.value.problems
+    with pytest.raises(ValueError, match=r'head.tsv: holds no rows \(only its header line\)'):
+        read_mmbench_tsv(write_tsv(tmp_path / 'head.tsv', []))
+    latin = tmp_path / 'latin.tsv'
+    text = open(write_tsv(latin, [dict(ROWS[0], question='Café?')]), encoding='utf-8').read()
+    latin.write_bytes(text.encode('latin-1'))
+    offset = text.encode('latin-1').index(b'\xe9')
+    with pytest.raises(ValueError, match=rf'latin.tsv:2: not UTF-8 \(byte 0xe9 at byte offset {offset}\); MMBench '
+                                         rf'TSVs are UTF-8'):
+        read_mmbench_tsv(str(latin))
+    with pytest.raises(QuestionsError) as err:
+        read_mmbench_tsv(write_tsv(tmp_path / 'noimg.tsv', [dict(ROWS[0], image=''), dict(ROWS[0], index=1,
+                                                                                           image='QUJD' * 30)]))
+    assert err.value.problems == [
+        f'{tmp_path}/noimg.tsv:2 (index 0): no image: its image column is empty [missing_image]',
+        f'{tmp_path}/noimg.tsv:3 (index 1): the image does not decode (cannot decode image its base64: cannot '
+        f'identify image file of 90 bytes) [corrupt_image]'], err.value.problems
+    assert 'image-folder' not in str(err.value)  # the jsonl's hint: no folder here

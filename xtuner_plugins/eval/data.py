@@ -21,7 +21,8 @@ header that does not decode (``corrupt_image``), as many ``<image>`` tags as ima
   checked from its headers here (``missing_video``, ``corrupt_video``, ``bad_clip``, ... as training names them)
   and its frames are read when it is asked.
 * **MMBench TSV** (``index, question, hint, A, B, C, D[, E...], answer, category, image``; ``image`` base64,
-  or the ``index`` of an earlier row with the same image, as MMBench's files do): the prompt is VLMEvalKit's
+  or the ``index`` of an earlier row with the same image, as MMBench's files do; UTF-8, every row as many fields
+  as the header, ``bad_row`` otherwise; an empty ``image`` is ``missing_image``): the prompt is VLMEvalKit's
   (hint, question, ``Options:`` one per line, then the instruction to answer with the letter).
   The question without its options (``stem``: hint and question) is what ``--mc likelihood`` asks.
   ``circular=True`` also asks every rotation of the options (MMBench's CircularEval): a question counts as
@@ -31,8 +32,11 @@ header that does not decode (``corrupt_image``), as many ``<image>`` tags as ima
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
+import io
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -87,7 +91,7 @@ class QuestionsError(ValueError):
             shown = ''.join(f'\n  {p}' for p in problems[:_SHOWN])
             more = f'\n  ... and {len(problems) - _SHOWN} more' if len(problems) > _SHOWN else ''
             message = f'{path}: {len(problems)} problems, no question asked:{shown}{more}'
-        if any('[missing_image]' in p for p in problems):
+        if any('[missing_image]' in p for p in problems) and not path.endswith('.tsv'):
             message += '\n(image paths are read inside --image-folder, by default the data file\'s folder)'
         super().__init__(message)
 
@@ -212,24 +216,68 @@ def context_note(questions: Sequence[Question]) -> Optional[str]:
 
 
 def _decode_image(data: str) -> Image.Image:
-    try:  # the package's one image loader (and pixel rule), on the file's bytes
-        return load_image(base64.b64decode(data, validate=False), name='the image')
+    """A row's base64 image decoded by the package's one image loader (and pixel rule); a :class:`SampleError`
+    that names what did not decode (a short value that could be an index: that no earlier row has it)."""
+    try:
+        raw = base64.b64decode(data, validate=False)
+        return load_image(raw, name='its base64')
     except Exception as err:  # noqa: BLE001 (any decoding failure is the row's)
-        raise SampleError('corrupt_image', f'the image does not decode ({type(err).__name__}: {err})') from None
+        reason = err.reason if isinstance(err, SampleError) else 'corrupt_image'
+        if isinstance(err, SampleError):  # Pillow names the bytes' buffer (<_io.BytesIO object at 0x...>)
+            detail = _BUFFER.sub(f'of {len(raw)} bytes', err.message)
+        else:
+            detail = f'not base64: {err}' if isinstance(err, binascii.Error) else f'{type(err).__name__}: {err}'
+        index = f', and {data!r} is not the index of an earlier row either' if len(data) < 64 else ''
+        raise SampleError(reason, f'the image does not decode ({detail}){index}') from None
+
+
+_BUFFER = re.compile(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>')
+
+
+def _tsv_rows(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
+    """The header and ``(line, fields)`` of each row of a UTF-8 TSV (a row's line: where it starts; a quoted
+    field may hold newlines); a ``ValueError`` naming the file, and the line and byte of a non-UTF-8 one."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        text = data.decode('utf-8-sig')
+    except UnicodeDecodeError as err:
+        line = data.count(b'\n', 0, err.start) + 1
+        raise ValueError(f'{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at byte offset {err.start}); '
+                         f'MMBench TSVs are UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)') from None
+    reader = csv.reader(io.StringIO(text, newline=''), delimiter='\t')
+    header, rows, line = None, [], 1
+    for fields in reader:
+        if header is None:
+            header = fields
+        elif fields:  # a blank line is no row
+            rows.append((line, fields))
+        line = reader.line_num + 1
+    if not header:
+        raise ValueError(f'{path}: empty (no header line); {_LAYOUT}')
+    return header, rows
+
+
+_LAYOUT = "MMBench's layout: index, question, hint, A, B, C, D, answer, category, image"
 
 
 def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long fields
-    with open(path, encoding='utf-8-sig', newline='') as f:
-        rows = list(csv.DictReader(f, delimiter='\t'))
-        columns = rows[0].keys() if rows else []
-    missing = [c for c in _MMBENCH_COLUMNS + ('image',) if c not in columns]
+    header, table = _tsv_rows(path)
+    missing = [c for c in _MMBENCH_COLUMNS + ('image',) if c not in header]
     if missing:
-        raise ValueError(f'{path}: missing column(s) {", ".join(missing)} (MMBench\'s layout: index, question, hint, '
-                         f'A, B, C, D, answer, category, image)')
+        raise ValueError(f'{path}: missing column(s) {", ".join(missing)} ({_LAYOUT})')
+    if not table:
+        raise ValueError(f'{path}: holds no rows (only its header line): no questions')
     images: Dict[str, str] = {}
     out, problems, ids = [], [], _Ids(path, 'index')
-    for row_no, row in enumerate(rows, 2):  # line 1 is the header
+    for row_no, fields in table:
+        extra = [v for v in fields[len(header):] if v.strip()]
+        if len(fields) < len(header) or extra:  # its values would be read as other columns'
+            problems.append(str(SampleError('bad_row', f'{len(fields)} fields where the header has {len(header)} '
+                                                       f'(a tab missing, or one too many)', f'{path}:{row_no}')))
+            continue
+        row = dict(zip(header, fields))
         where = f'{path}:{row_no} (index {row["index"]})'
         ids.check(row['index'], row_no, problems)
         data = (row.get('image') or '').strip()
@@ -240,6 +288,8 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
                    != 'nan'}
         answer = (row.get('answer') or '').strip()
         try:
+            if not data:
+                raise SampleError('missing_image', 'no image: its image column is empty')
             image = _decode_image(data)
             if answer not in options:
                 raise SampleError('bad_answer', f'answer {answer!r} is not one of its options {sorted(options)}')

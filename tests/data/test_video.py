@@ -345,3 +345,46 @@ def test_preference_pairs_on_a_video(tmp_path, tiny_tokenizer, videos):
     assert item['pixel_values'].shape[0] == 3
     assert (item['chosen']['input_ids'] == ctx).sum() == (item['rejected']['input_ids'] == ctx).sum() == 3
     assert ds.length == [max(len(item['chosen']['input_ids']), len(item['rejected']['input_ids']))]
+
+
+def test_a_frame_linked_out_of_the_image_folder_is_unsafe_unless_allowed(tmp_path, tiny_tokenizer):
+    """A frame folder's frames follow the images' rule: a frame that is a symbolic link out of the image folder is
+    refused (``unsafe_image_path``) unless ``allow_links_outside``; a link inside the folder is fine."""
+    folder = tmp_path / 'media'
+    write_video(folder / 'frames', LEVELS[:4])
+    secret = write_image(tmp_path / 'outside' / 'secret.png', size=(32, 24))
+    os.symlink(secret, folder / 'frames' / '0005.png')
+    write_video(folder / 'inside', LEVELS[:3])
+    os.symlink(folder / 'frames' / '0001.png', folder / 'inside' / '0004.png')
+    path = write_jsonl(tmp_path / 'd.jsonl', [
+        {'video': 'frames', 'conversations': conv(image=False)},
+        {'video': 'inside', 'conversations': conv(image=False)}])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder), max_bad_fraction=1.0)
+    with pytest.raises(SampleError) as err:
+        ds.load_sample(ds.records[0])
+    assert err.value.reason == 'unsafe_image_path'
+    assert f'frame 0005.png of frame folder {folder / "frames"} is a symbolic link to {secret}' in str(err.value)
+    assert ds.load_sample(ds.records[1])['pixel_values'].shape[0] == 4  # linked inside: its 4 frames
+    allowed = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder), allow_links_outside=True)
+    assert allowed.load_sample(allowed.records[0])['pixel_values'].shape[0] == 5
+    assert probe_video(str(folder / 'frames')).total == 5  # no image folder (chat, eval): nothing to leave
+
+
+def test_a_symbolic_link_loop_or_a_link_to_nothing_is_named(tmp_path):
+    from xtuner_plugins.data.image_io import load_image
+    os.symlink(tmp_path / 'loop.mp4', tmp_path / 'loop.mp4')
+    os.symlink(tmp_path / 'loop.png', tmp_path / 'loop.png')
+    os.symlink(tmp_path / 'gone.mp4', tmp_path / 'dangling.mp4')
+    cases = [(probe_video, 'loop.mp4', 'missing_video', 'video is a symbolic link loop (ELOOP): '),
+             (load_image, 'loop.png', 'missing_image', 'image file is a symbolic link loop (ELOOP): '),
+             (probe_video, 'dangling.mp4', 'missing_video', 'video is a symbolic link to nothing: ')]
+    for fn, name, reason, message in cases:
+        with pytest.raises(SampleError) as err:
+            fn(str(tmp_path / name))
+        assert err.value.reason == reason and f'{message}{tmp_path / name}' in str(err.value)
+    frames = write_video(tmp_path / 'frames', LEVELS[:3])
+    os.symlink(os.path.join(frames, '0009.png'), os.path.join(frames, '0009.png'))
+    with pytest.raises(SampleError) as err:  # not a frame silently left out
+        probe_video(frames)
+    assert err.value.reason == 'corrupt_video'
+    assert f'frame folder {frames}: frame 0009.png is a symbolic link loop (ELOOP): {frames}/0009.png' in str(err.value)

@@ -69,6 +69,7 @@ class CheckedSample:
     conversations: List[Conversation]  # what it is trained on, parsed for those images (a video's: ``<video>``)
     video: Optional[str] = None        # its video (file or frame folder), resolved like images
     clip: Optional[tuple] = None       # its clip, (start_s, end_s)
+    links_within: Optional[str] = None  # the folder a frame folder's frames may not link out of (None: unchecked)
 
 
 def build_tokenizer(tokenizer):
@@ -289,7 +290,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
                                             self.system, self.control_markers) for c in self.conversations_of(sample)]
         if video is None:
             return CheckedSample(sample, paths, conversations)
-        return CheckedSample(sample, [], conversations, self.resolve_video(record, video), video[1])
+        return CheckedSample(sample, [], conversations, self.resolve_video(record, video), video[1],
+                             self.links_within(record))
 
     def record_at(self, index: int) -> Record:
         """The record of item ``index`` (after repeats)."""

@@ -14,7 +14,8 @@ reason                      when
                             encoding cannot hold (a lone surrogate), a name part or a whole path
                             longer than the system allows
 ``unsafe_image_path``       the path leaves its image folder (``../``, or an absolute path outside)
-``missing_image``           no file at the resolved path
+``missing_image``           no file at the resolved path (a symbolic link loop or a broken link is
+                            named as such)
 ``corrupt_image``           Pillow cannot identify or decode the file, or it is truncated
 ``image_too_large``         more pixels than the decompression-bomb limit
 ==========================  =====================================================================
@@ -38,6 +39,7 @@ The pixel rule, the same on every path:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import warnings
@@ -118,12 +120,33 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
         raise SampleError('unsafe_image_path',
                           f'image path {path!r} escapes its image folder {image_folder!r} (resolves to {full})')
     if not allow_links_outside:
-        real_root, real = os.path.realpath(root), os.path.realpath(full)
-        if os.path.commonpath([real_root, real]) != real_root:
-            raise SampleError('unsafe_image_path',
-                              f'image path {path!r} is a symbolic link to {real}, outside its image folder '
-                              f'{image_folder!r} (set the data set\'s allow_links_outside=True to allow it)')
+        refuse_link_outside(full, image_folder, f'image path {path!r}')
     return full
+
+
+def refuse_link_outside(full: str, image_folder: str, what: str) -> None:
+    """``unsafe_image_path`` when ``full`` (a path inside ``image_folder``) resolves, through symbolic links, to a
+    file outside it; ``what`` names it in the message."""
+    real_root, real = os.path.realpath(image_folder), os.path.realpath(full)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise SampleError('unsafe_image_path',
+                          f'{what} is a symbolic link to {real}, outside its image folder {image_folder!r} (set '
+                          f'the data set\'s allow_links_outside=True to allow it)')
+
+
+def why_missing(path: str, what: str) -> str:
+    """Why there is no file at ``path``, for a message naming it as ``what``: not found, a symbolic link loop
+    (``ELOOP``), a symbolic link to nothing, or the system's own reason (a permission)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f'{what} is a symbolic link loop (ELOOP): {path}'
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return f'{what} is a symbolic link to nothing: {path} -> {os.readlink(path)}'
+        if exc.errno != errno.ENOENT:
+            return f'{what} cannot be read: {path}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})'
+    return f'{what} not found: {path}'
 
 
 def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:
@@ -150,7 +173,7 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
         name = name or source
         if not os.path.isfile(source):
             raise SampleError('missing_image', f'image path is a folder, not a file: {source}' if os.path.isdir(source)
-                              else f'image file not found: {source}')
+                              else why_missing(source, 'image file'))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)

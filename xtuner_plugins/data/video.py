@@ -17,8 +17,9 @@ becomes one line per frame, ``Frame{i}: <image>`` for i from 1 (:func:`video_pro
 ``frame_prefix``), and each ``<image>`` then InternVL's ``<img><IMG_CONTEXT>...</img>``.
 
 Failures are :class:`~xtuner_plugins.data.errors.SampleError`: ``bad_video_field``, ``missing_video``,
-``corrupt_video`` (unreadable, no video stream, or a frame that cannot be decoded: a truncated file), ``empty_video``
-(zero frames), ``bad_clip`` (malformed, or outside the video), ``image_too_large`` (frames over the pixel limit).
+``corrupt_video`` (unreadable, no video stream, or a frame that cannot be decoded: a truncated file; a frame folder's
+link to nothing), ``empty_video`` (zero frames), ``bad_clip`` (malformed, or outside the video), ``image_too_large``
+(frames over the pixel limit), ``unsafe_image_path`` (a frame folder's frame linked out of the image folder).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import SampleError
-from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, to_rgb
+from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, refuse_link_outside, to_rgb,
+                       why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 
 __all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoInfo', 'video_field', 'probe_video', 'frame_indices',
@@ -134,9 +136,23 @@ def _probe_file(path: str) -> VideoInfo:
     return VideoInfo(path, kind, total, fps or 1.0, (width, height), 0, total)
 
 
-def _probe_folder(path: str, max_pixels: Optional[int]) -> VideoInfo:
-    names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)
-                    and os.path.isfile(os.path.join(path, n))), key=_frame_key)
+def _probe_folder(path: str, max_pixels: Optional[int], image_folder: Optional[str]) -> VideoInfo:
+    """A frame folder's frames; each that is a symbolic link must stay inside ``image_folder`` (when given) as an
+    image does (``unsafe_image_path``), and one that leads nowhere (a loop, a broken link) is ``corrupt_video``
+    rather than a frame silently left out."""
+    with os.scandir(path) as entries:
+        found = sorted((e for e in entries if e.name.lower().endswith(FRAME_EXTENSIONS)),
+                       key=lambda e: _frame_key(e.name))
+    names = []
+    for entry in found:
+        if entry.is_symlink():
+            if not os.path.exists(entry.path):
+                raise SampleError('corrupt_video', f'frame folder {path}: '
+                                                   + why_missing(entry.path, f'frame {entry.name}'))
+            if image_folder is not None:
+                refuse_link_outside(entry.path, image_folder, f'frame {entry.name} of frame folder {path}')
+        if entry.is_file():
+            names.append(entry.name)
     if not names:
         raise SampleError('empty_video', f'frame folder {path} holds no image files ({", ".join(FRAME_EXTENSIONS)})')
     frames = tuple(os.path.join(path, n) for n in names)
@@ -145,19 +161,22 @@ def _probe_folder(path: str, max_pixels: Optional[int]) -> VideoInfo:
 
 
 def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
-                max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> VideoInfo:
+                max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, image_folder: Optional[str] = None) -> VideoInfo:
     """The :class:`VideoInfo` of a video file or frame folder, from headers only. With ``clip`` (seconds) the
     clip's frames as InternVL counts them: ``start = int(start_s * fps)``, ``length = int((end_s - start_s) * fps)``.
+    With ``image_folder`` a frame folder's frames may not be symbolic links out of it (the data set's rule for
+    images, unless ``allow_links_outside``).
 
     Raises:
-        SampleError: ``missing_video``, ``corrupt_video``, ``empty_video``, ``bad_clip``, ``image_too_large``.
+        SampleError: ``missing_video``, ``corrupt_video``, ``empty_video``, ``bad_clip``, ``image_too_large``,
+            ``unsafe_image_path``.
     """
     if os.path.isdir(path):
-        info = _probe_folder(path, max_pixels)
+        info = _probe_folder(path, max_pixels, image_folder)
     elif os.path.isfile(path):
         info = _probe_file(path)
     else:
-        raise SampleError('missing_video', f'video not found: {path}')
+        raise SampleError('missing_video', why_missing(path, 'video'))
     width, height = info.size
     if max_pixels is not None and width * height > max_pixels:
         raise SampleError('image_too_large', f'{path}: {width}x{height} frames are over the decompression-bomb '

@@ -52,6 +52,11 @@ class VideoSamples:
         src = self.sources[record.source]
         return resolve_image_path(video[0], src.image_folder, src.base_dir, self.allow_links_outside)
 
+    def links_within(self, record: Record) -> Optional[str]:
+        """The folder a frame folder's frames may not be symbolic links out of: the sample's image folder, as for
+        its images (None: no image folder, or ``allow_links_outside``)."""
+        return None if self.allow_links_outside else self.sources[record.source].image_folder
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch ``'rand'`` video frames are drawn for (0 until set). In training each item's index carries its
         epoch and ``__getitem__`` calls this in the process that loads it, DataLoader workers included
@@ -60,7 +65,7 @@ class VideoSamples:
 
     def probe(self, checked) -> VideoInfo:
         """A checked video sample's :class:`~xtuner_plugins.data.video.VideoInfo` (headers only)."""
-        return probe_video(checked.video, checked.clip, self.max_image_pixels)
+        return probe_video(checked.video, checked.clip, self.max_image_pixels, checked.links_within)
 
     def num_frames(self, record: Record, info: VideoInfo) -> int:
         """The frames a video sample gets before ``max_length`` has its say: drawn from the seed and its place."""

@@ -50,7 +50,7 @@ class TestExpandSources:
     def test_an_image_folder_given_for_a_meta_file_is_said_to_be_unused(self, tmp_path, monkeypatch):
         write_jsonl(tmp_path / 'b.jsonl', [{'conversations': conv(image=False)}])
         meta = tmp_path / 'meta.json'
-        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl'}}))
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl', 'repeat_time': 1}}))
         logs = []
         monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: logs.append(msg))
         (src,) = expand_sources(str(meta), image_folders=str(tmp_path))
@@ -59,6 +59,19 @@ class TestExpandSources:
                         f'it ({tmp_path}) is not used']
         expand_sources(str(meta))
         assert len(logs) == 1
+        (src,) = expand_sources(str(meta), repeat_times=2)
+        assert src.repeat_time == 1 and logs[1] == (f'{meta}: a meta file: its entries\' "repeat_time" are the '
+                                                    f'repeats, the repeat_times given for it (2) is not used')
+
+    def test_a_meta_entry_without_repeat_time_is_refused_as_internvl_does(self, tmp_path):
+        write_jsonl(tmp_path / 'b.jsonl', [{'conversations': conv(image=False)}])
+        meta = tmp_path / 'meta.json'
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl', 'repeat_time': 1},
+                                    'wasp': {'annotation': 'b.jsonl'}}))
+        with pytest.raises(ValueError) as info:
+            expand_sources(str(meta))
+        assert str(info.value) == (f'{meta}: entry \'wasp\': no "repeat_time" (InternVL\'s meta files require it): 1 '
+                                   f'uses each sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
 
     def test_mismatched_lists(self, tmp_path):
         a = write_jsonl(tmp_path / 'a.jsonl', [])
@@ -136,7 +149,7 @@ def test_a_missing_image_folder_is_named_at_start_up(tmp_path):
                                                 r'train_dataloader.dataset.image_folders'):
         expand_sources([path], [str(tmp_path / 'nope')])
     meta = tmp_path / 'meta.json'
-    meta.write_text(json.dumps({'d': {'root': 'gone', 'annotation': 'a.jsonl'}}))
+    meta.write_text(json.dumps({'d': {'root': 'gone', 'annotation': 'a.jsonl', 'repeat_time': 1}}))
     with pytest.raises(FileNotFoundError, match=r'its image folder .*gone does not exist'):
         expand_sources([str(meta)])
     (tmp_path / 'imgs').mkdir()
@@ -188,16 +201,16 @@ def test_a_lone_surrogate_is_counted_in_training_and_in_check_dataset(tmp_path, 
                                                                     'half), got null'),
     ({'annotation': 'a.jsonl', 'repeat_time': 'twice'}, 'repeat_time', 'a number >= 0'),
     ({'annotation': 'a.jsonl', 'repeat_time': -1}, 'repeat_time', 'a number >= 0'),
-    ({'annotation': 'a.jsonl', 'root': 3}, 'root', 'the image folder\'s path (a string), got 3'),
+    ({'annotation': 'a.jsonl', 'root': 3, 'repeat_time': 1}, 'root', 'the image folder\'s path (a string), got 3'),
     ({'annotation': ['a.jsonl', 'b.jsonl']}, 'annotation', 'the path of one annotation file (one entry per file), '
                                                            'got ["a.jsonl", "b.jsonl"]'),
     ({'root': 'imgs'}, 'annotation', 'the path of one annotation file (one entry per file), got nothing'),
-    ({'annotation': 'a.jsonl', 'max_dynamic_patch': 'many'}, 'max_dynamic_patch', 'a whole number >= 1'),
+    ({'annotation': 'a.jsonl', 'repeat_time': 1, 'max_dynamic_patch': 'many'}, 'max_dynamic_patch', 'a whole number >= 1'),
 ])
 def test_a_bad_meta_entry_is_one_line_naming_the_file_the_entry_and_the_key(tmp_path, entry, key, message):
     write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
     meta = tmp_path / 'meta.json'
-    meta.write_text(json.dumps({'good': {'annotation': 'a.jsonl'}, 'mine': entry}))
+    meta.write_text(json.dumps({'good': {'annotation': 'a.jsonl', 'repeat_time': 1}, 'mine': entry}))
     with pytest.raises(ValueError) as info:
         expand_sources(str(meta))
     assert str(info.value).startswith(f'{meta}: entry \'mine\': "{key}" must be {message}')

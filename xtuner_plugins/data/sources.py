@@ -77,7 +77,7 @@ def _is_meta_file(path: str) -> bool:
     return head.startswith('{')
 
 
-def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
+def _meta_sources(path: str) -> List[DataSource]:
     with open(path, 'rb') as f:
         raw = f.read()
     start = len(BOM) if raw.startswith(BOM) else 0
@@ -101,11 +101,12 @@ def _meta_sources(path: str, default_repeat: float) -> List[DataSource]:
                          f'of samples itself ([{{...}}, {{...}}]), and a meta file maps names to objects with '
                          f'"annotation" and "root"')
     meta_dir = os.path.dirname(os.path.abspath(path))
-    return [_meta_source(path, meta_dir, name, entry, default_repeat) for name, entry in meta.items()]
+    return [_meta_source(path, meta_dir, name, entry) for name, entry in meta.items()]
 
 
-def _meta_source(path: str, meta_dir: str, name: str, entry: Any, default_repeat: float) -> DataSource:
-    """One entry of a meta file; a wrong value is one line naming the meta file, the entry and the key."""
+def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
+    """One entry of a meta file; a wrong or missing value is one line naming the meta file, the entry and the key.
+    ``repeat_time`` is required, as InternVL's own loader requires it (it fails with a bare ``KeyError``)."""
     def bad(key: str, expected: str):
         value = json.dumps(entry.get(key)) if key in entry else 'nothing'
         return ValueError(f'{path}: entry {name!r}: "{key}" must be {expected}, got {value:.200}')
@@ -117,7 +118,10 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any, default_repeat
     root = entry.get('root')
     if root is not None and (not isinstance(root, str) or not root):
         raise bad('root', 'the image folder\'s path (a string)')
-    repeat = entry.get('repeat_time', default_repeat)
+    if 'repeat_time' not in entry:
+        raise ValueError(f'{path}: entry {name!r}: no "repeat_time" (InternVL\'s meta files require it): 1 uses each '
+                         f'sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
+    repeat = entry['repeat_time']
     if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not math.isfinite(repeat) or repeat < 0:
         raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
     patch = entry.get('max_dynamic_patch')
@@ -135,7 +139,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
 
     ``data_files`` entries are ``.jsonl`` files, ``.json`` files holding a list of samples, or InternVL
     meta ``.json`` files (an object mapping names to ``root``/``annotation``/``repeat_time``/...). The
-    other arguments are one value for all files or one per file; for a meta file, its own entries win.
+    other arguments are one value for all files or one per file; a meta file's entries carry their own
+    (``repeat_time`` required, as InternVL requires it; ``root`` and ``max_dynamic_patch`` optional).
     """
     if isinstance(data_files, str):
         data_files = [data_files]
@@ -154,11 +159,14 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         if not path.endswith(('.json', '.jsonl')):
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
         if _is_meta_file(path):
-            sources.extend(_meta_sources(path, float(repeat)))
+            sources.extend(_meta_sources(path))
+            from mmengine.logging import print_log
             if folder is not None:
-                from mmengine.logging import print_log
                 print_log(f'{path}: a meta file: its entries\' "root" are the image folders, the image folder given '
                           f'for it ({folder}) is not used', logger='current', level=logging.WARNING)
+            if repeat != 1:
+                print_log(f'{path}: a meta file: its entries\' "repeat_time" are the repeats, the repeat_times given '
+                          f'for it ({repeat:g}) is not used', logger='current', level=logging.WARNING)
         else:
             sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
                                       repeat_time=float(repeat), max_dynamic_patch=patch))

@@ -199,3 +199,20 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, ca
     assert len(asked) == 2 and 'resuming' in captured.err and '3 of 4 questions answered' in captured.err
     assert captured.out.strip().splitlines()[-1] == closing
     assert json.load(open(out))['results'] == whole and not os.path.exists(tmp_path / 'r.answers.jsonl')
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('--limit', '-1', 'argument --limit: must be at least 1, got -1'),  # asked 5 of 6 questions
+    ('--limit', '0', 'argument --limit: must be at least 1, got 0'),  # asked them all
+    ('--frames', '0', 'argument --frames: must be at least 1, got 0'),  # a traceback at the first video
+    ('--max-new-tokens', '0', 'argument --max-new-tokens: must be at least 1, got 0'),
+    ('--batch-size', '0', 'argument --batch-size: must be at least 1, got 0'),
+    ('--limit', '2.5', "argument --limit: '2.5' is not a whole number"),
+    ('--dtype', 'fp8', "--dtype: unknown dtype 'fp8'"),  # a traceback once the data was read
+    ('--device', 'gpu', '--device gpu: Expected one of cpu, cuda'),
+])
+def test_numbers_and_settings_that_mean_nothing_are_refused_at_parsing(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(tmp_path / 'no_model'), '--data', str(tmp_path / 'no.jsonl'), option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f'error: {message}' in err and 'Traceback' not in err, err

@@ -52,7 +52,20 @@ from xtuner_plugins.eval.data import context_note
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
+from xtuner_plugins.models.dtypes import resolve_dtype
 from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--limit -1`` asked 5 of 6 questions, ``--frames 0`` failed
+    mid-run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
 
 
 def parse_args(argv=None):
@@ -70,12 +83,12 @@ def parse_args(argv=None):
     blind.add_argument('--blind', dest='blind', action='store_true', default=True,
                        help='also ask on blank images (the default)')
     blind.add_argument('--no-blind', dest='blind', action='store_false', help='skip the blind control')
-    p.add_argument('--frames', type=int, default=8, help='frames of each video question (default 8)')
+    p.add_argument('--frames', type=count, default=8, help='frames of each video question (default 8)')
     p.add_argument('--no-single-frame', dest='single_frame', action='store_false',
                    help='skip the single-frame control of video questions (every frame the middle one)')
-    p.add_argument('--limit', type=int, default=None, help='the first N questions only')
-    p.add_argument('--max-new-tokens', type=int, default=64)
-    p.add_argument('--batch-size', type=int, default=1,
+    p.add_argument('--limit', type=count, default=None, help='the first N questions only')
+    p.add_argument('--max-new-tokens', type=count, default=64)
+    p.add_argument('--batch-size', type=count, default=1,
                    help='questions per generation batch (one image each; others go one at a time)')
     p.add_argument('--out', help='write a JSON report here')
     p.add_argument('--answers', help='append each answer here as it comes (default with --out: OUT.answers.jsonl, '
@@ -83,9 +96,17 @@ def parse_args(argv=None):
     p.add_argument('--resume', action='store_true',
                    help='continue the evaluation whose answers file exists: ask only the questions not answered')
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error('--batch-size must be at least 1')
     check_model_arguments(p, args)
+    try:  # here, not when the model loads after the data is read (a traceback there)
+        resolve_dtype(args.dtype)
+    except ValueError as exc:
+        p.error(f'--dtype: {exc}')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f'--device {args.device}: {exc}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: no CUDA device here (use --device cpu)')
     if args.answers is None and args.out:
         args.answers = os.path.splitext(args.out)[0] + '.answers.jsonl'
         args.keep_answers = False

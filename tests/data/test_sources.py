@@ -127,7 +127,19 @@ class TestReadRecords:
         assert [parse_record(r)['id'] for r in records] == [1, 2]
         assert [p.source for p in problems] == [f'{path}:2', f'{path}:3']
         assert all(p.reason == 'bad_json' for p in problems)
-        assert 'not valid JSON' in str(problems[0]) and 'list, not an object' in str(problems[1])
+        assert str(problems[0]) == (f"{path}:2: invalid JSON at column 2, at 'not json': Expecting property name "
+                                    f"enclosed in double quotes [bad_json]")
+        assert 'list, not an object' in str(problems[1])
+
+    def test_bad_json_names_the_lines_own_column(self, tmp_path):
+        """The column within the line, not the parser's "line 2 column 1" (the newline ending a cut line)."""
+        path = tmp_path / 'a.jsonl'
+        path.write_text('{"id": 1}\n{"id": "é",\n{"id": "é" "x": 2}\n')
+        _, problems = read_records(0, expand_sources(str(path))[0])
+        assert [str(p) for p in problems] == [
+            f'{path}:2: invalid JSON at column 12, the end of the line: Expecting property name enclosed in double '
+            f'quotes [bad_json]',
+            f"{path}:3: invalid JSON at column 12, at '\"x\": 2}}': Expecting ',' delimiter [bad_json]"]
 
     def test_json_list(self, tmp_path):
         path = tmp_path / 'a.json'

@@ -211,8 +211,11 @@ def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
                                       f'{exc.start + 1})', where) from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SampleError('bad_json', f'line is not valid JSON: {exc}', where) from None
+    except json.JSONDecodeError as exc:  # its own "line 2 column 1" counts a newline inside the text: the line's
+        body = text.rstrip('\r\n')        # column instead, and where it is
+        pos = min(exc.pos, len(body))
+        at = 'the end of the line' if pos == len(body) else f'at {body[pos:pos + 20]!r}'
+        raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}', where) from None
     if not isinstance(obj, dict):
         raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object', where)
     if _SURROGATE_ESCAPE.search(text):

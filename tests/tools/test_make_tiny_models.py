@@ -30,3 +30,24 @@ def test_writes_both_checkpoints_in_their_real_layouts_deterministically(tmp_pat
     assert tok['tokenizer_class'] == 'Qwen2Tokenizer' and tok['eos_token'] == '<|im_end|>'
     for part in ('internvit', 'llm'):
         assert digest(tmp_path / 'a' / part) == digest(tmp_path / 'b' / part), part
+
+
+def test_head_options_set_the_heads_and_bad_ones_are_one_line_errors(tmp_path):
+    """--llm-heads 2 --llm-kv-heads 1: 32-wide heads, which vLLM's CPU build serves (docs/serving.md)."""
+    def run(*options):
+        return subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'out'), *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run('--llm-heads', '2', '--llm-kv-heads', '1', '--vision-heads', '2', '--llm', 'qwen3')
+    assert result.returncode == 0, result.stderr[-2000:]
+    llm = json.load(open(tmp_path / 'out' / 'llm' / 'config.json'))
+    assert (llm['num_attention_heads'], llm['num_key_value_heads'], llm['head_dim']) == (2, 1, 32)
+    assert json.load(open(tmp_path / 'out' / 'internvit' / 'config.json'))['num_attention_heads'] == 2
+    for options, line in (
+            (['--llm-heads', '3'], '--llm-heads 3: the tiny LLM is 64 wide, so its heads must divide 64 (1, 2, 4,'),
+            (['--vision-heads', '0'], '--vision-heads 0: the tiny vision encoder is 64 wide, so its heads must '
+                                      'divide 64'),
+            (['--llm-heads', '2', '--llm-kv-heads', '4'], '--llm-kv-heads 4: must divide --llm-heads 2'),
+            (['--image-size', '50'], '--image-size 50: image_size 50 must be a multiple of patch_size 14')):
+        result = run(*options)
+        assert result.returncode == 2 and result.stderr.startswith('make_tiny_models: error: ' + line), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

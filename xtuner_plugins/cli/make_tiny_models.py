@@ -3,21 +3,38 @@
 Usage::
 
     python tools/make_tiny_models.py OUT_DIR [--vision internvit|siglip|clip] [--llm qwen2|qwen3|llama]
-        [--seed 0] [--image-size 56]
+        [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2] [--vision-heads 4]
 
 Writes ``OUT_DIR/<vision>``: InternViT in OpenGVLab's on-disk layout (config.json + model.safetensors with
 the official keys), or a whole SigLIP / CLIP folder as google/siglip-so400m-patch14-384 and
 openai/clip-vit-large-patch14-336 are published (with preprocessor_config.json); and ``OUT_DIR/llm``: a Qwen2,
 Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying Qwen's
-special tokens. The model classes load them with the same code that loads the real checkpoints.
+special tokens. The model classes load them with the same code that loads the real checkpoints. Both are 64
+wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2
+--llm-kv-heads 1`` gives 32-wide heads, a model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
-from xtuner_plugins.tiny import TINY_LLM_ARCHS, TINY_VISION_TYPES, make_tiny_models
+from xtuner_plugins.models.inference import tool_error
+from xtuner_plugins.tiny import LLM_WIDTH, TINY_LLM_ARCHS, TINY_VISION_TYPES, VISION_WIDTH, make_tiny_models
+
+
+def heads_problem(args) -> Optional[str]:
+    """Why the head options cannot build the models (None: they can), naming the option and the numbers."""
+    for option, heads, part, width in (('--llm-heads', args.llm_heads, 'LLM', LLM_WIDTH),
+                                       ('--vision-heads', args.vision_heads, 'vision encoder', VISION_WIDTH)):
+        if heads < 1 or width % heads:
+            divisors = ', '.join(str(d) for d in range(1, width + 1) if width % d == 0)
+            return f'{option} {heads}: the tiny {part} is {width} wide, so its heads must divide {width} ({divisors})'
+    if args.llm_kv_heads < 1 or args.llm_heads % args.llm_kv_heads:
+        return (f'--llm-kv-heads {args.llm_kv_heads}: must divide --llm-heads {args.llm_heads} (each key/value head '
+                f'serves a whole number of heads)')
+    return None
 
 
 def main(argv=None) -> int:
@@ -29,9 +46,23 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,
                    help='tile size of the tiny encoder in pixels, a multiple of 28 (default 56)')
+    p.add_argument('--llm-heads', type=int, default=4,
+                   help=f'the LLM\'s attention heads, a divisor of its width {LLM_WIDTH} (default 4: 16 wide; vLLM\'s '
+                        f'CPU build needs 32 or wider: 2)')
+    p.add_argument('--llm-kv-heads', type=int, default=2,
+                   help='the LLM\'s key/value heads, a divisor of --llm-heads (default 2)')
+    p.add_argument('--vision-heads', type=int, default=4,
+                   help=f'the vision encoder\'s attention heads, a divisor of its width {VISION_WIDTH} (default 4)')
     args = p.parse_args(argv)
-    paths = make_tiny_models(args.out_dir, seed=args.seed, image_size=args.image_size, vision=args.vision,
-                             llm=args.llm)
+    problem = heads_problem(args)
+    if problem:
+        return tool_error('make_tiny_models', problem)
+    try:
+        paths = make_tiny_models(args.out_dir, seed=args.seed, image_size=args.image_size, vision=args.vision,
+                                 llm=args.llm, llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads,
+                                 vision_heads=args.vision_heads)
+    except ValueError as exc:  # --image-size not a multiple of the patch size
+        return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
     for name, path in paths.items():
         print(f'{name}: {path}')
     return 0

@@ -23,7 +23,7 @@ _TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_h
 
 
 def check_vit_sizes(image_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:
-    if image_size % patch_size or hidden_size % num_heads:
+    if image_size % patch_size or num_heads < 1 or hidden_size % num_heads:
         raise ValueError(f'image_size {image_size} must be a multiple of patch_size {patch_size} and hidden_size '
                          f'{hidden_size} a multiple of num_heads {num_heads}')
 

@@ -33,6 +33,9 @@ def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num
     """
     if arch not in _CLASSES:
         raise ValueError(f'unknown tiny LLM arch {arch!r}; use one of {TINY_LLM_ARCHS}')
+    if num_heads < 1 or hidden_size % num_heads or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f'hidden_size {hidden_size} must be a multiple of num_heads {num_heads} and num_heads a '
+                         f'multiple of num_kv_heads {num_kv_heads}')
     config_class, model_class = _CLASSES[arch]
     tokenizer = build_tiny_tokenizer(add_internvl_tokens=False)
     kwargs = dict(

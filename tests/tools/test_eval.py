@@ -216,3 +216,32 @@ def test_numbers_and_settings_that_mean_nothing_are_refused_at_parsing(tmp_path,
         eval_main([str(tmp_path / 'no_model'), '--data', str(tmp_path / 'no.jsonl'), option, value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f'error: {message}' in err and 'Traceback' not in err, err
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--out set to the --data file replaced the data with the report (exit 0). Now any output that is an input
+    (the data, an image, a model file; through a symlink too) is refused in one line naming both, and nothing is
+    written."""
+    data = write_questions(tmp_path, 2)
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'config.json').write_text('{}')
+    os.symlink(data, tmp_path / 'link.json')
+    before = {p: open(p, 'rb').read() for p in (data, str(tmp_path / '1.png'), str(model / 'config.json'))}
+    for extra, message in [
+            (['--out', data], f'--out {data} is the --data file {data}: eval would write over its input'),
+            (['--out', str(tmp_path / 'link.json')], f'--out {tmp_path}/link.json is the --data file {data}'),
+            (['--answers', str(tmp_path / '1.png')],
+             f'the answers file {tmp_path}/1.png is an image of {data}:2 ({tmp_path}/1.png)'),
+            (['--out', str(model / 'config.json')],
+             f'--out {model}/config.json is {model}/config.json of the model folder {model}')]:
+        assert eval_main([str(model), '--data', data] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f'eval: error: {message}') and err.endswith(': eval would write over its input; give '
+                                                                          'another path\n'), err
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text('')
+    assert eval_main(['--config', str(cfg), '--checkpoint', str(tmp_path / 'iter_1.pth'), '--data', data,
+                      '--out', str(cfg)]) == 2
+    assert f'--out {cfg} is the --config file {cfg}: eval would' in capsys.readouterr().err
+    assert before == {p: open(p, 'rb').read() for p in before} and not os.path.exists(tmp_path / 'test.answers.jsonl')

@@ -44,6 +44,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Iterator, Tuple
 
 import torch
 
@@ -132,6 +133,46 @@ def check_output(path: str) -> None:
         raise OSError(f'{path}: its folder {folder} is not writable')
 
 
+def inputs(args, questions) -> Iterator[Tuple[str, str]]:
+    """``(what, path)`` of every file eval reads: the data, each question's images or video, the model (a folder's
+    files, or the config and checkpoint; a folder walked)."""
+    yield f'the --data file {args.data}', args.data
+    for q in questions:
+        for image in q.images:
+            if isinstance(image, str):
+                yield f'an image of {q.source} ({image})', image
+        if q.video:
+            yield f'the video of {q.source} ({q.video})', q.video
+    for what, path in (('the model folder', args.folder), ('the --config file', args.config),
+                       ('the --checkpoint', args.checkpoint)):
+        if path and os.path.isdir(path):
+            for root, _, files in os.walk(path):
+                for name in files:
+                    yield f'{os.path.join(root, name)} of {what} {path}', os.path.join(root, name)
+        elif path:
+            yield f'{what} {path}', path
+
+
+def check_not_inputs(args, questions) -> None:
+    """No output (``--out``, the answers file) is one of eval's inputs, symlinks and hard links included: the
+    report written over the data file once lost it (exit 0). Checked before the model loads."""
+    outputs = [(f'--out {args.out}', args.out), (f'the answers file {args.answers}', args.answers)]
+    outputs = [(name, path, os.stat(path)) for name, path in outputs if path and os.path.exists(path)]
+    if len(outputs) == 2 and os.path.samestat(outputs[0][2], outputs[1][2]):
+        raise ValueError(f'--out {args.out} and --answers {args.answers} are one file (the report would overwrite '
+                         f'the answers); give two')
+    if not outputs:
+        return
+    for what, path in inputs(args, questions):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        for name, out, out_st in outputs:
+            if os.path.samestat(st, out_st):
+                raise ValueError(f'{name} is {what}: eval would write over its input; give another path')
+
+
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
     model = os.path.abspath(args.folder) if args.folder else f'{os.path.abspath(args.config)} + ' \
@@ -149,6 +190,7 @@ def main(argv=None) -> int:
             if path:
                 check_output(path)
         questions = read_questions(args.data, args.image_folder, circular=args.circular)
+        check_not_inputs(args, questions)
         answers = AnswersFile(args.answers, settings(args), args.resume) if args.answers else None
         if answers is not None:
             answers.check(questions)

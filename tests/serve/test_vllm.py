@@ -125,7 +125,7 @@ if __name__ == '__main__':  # vLLM starts its engine in a new process
 
 
 def test_offline_llm_chat_prompt_ids_equal_ours(setup, capsys):
-    from xtuner_plugins.eval.likelihood import prompt_inputs
+    from xtuner_plugins.models.prompt import prompt_inputs
     from xtuner_plugins.models.inference import ConvertedModel
     folder = setup['folders']['official']
     script = setup['root'] / 'offline.py'

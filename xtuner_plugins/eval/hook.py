@@ -85,9 +85,9 @@ class TrainingModelAnswerer:
 
     @torch.no_grad()
     def option_logprobs(self, prompt: str, images: Sequence, texts: Sequence[str]) -> List[float]:
-        """Each text's log-likelihood as the answer (:mod:`xtuner_plugins.eval.likelihood`); with ``fixed_steps``,
+        """Each text's log-likelihood as the answer (:mod:`xtuner_plugins.models.likelihood`); with ``fixed_steps``,
         ``max_options`` forward passes whatever the number of texts (equal counts on every rank)."""
-        from .likelihood import continuation_logprob
+        from xtuner_plugins.models.likelihood import continuation_logprob
         ids, pixels, flags = self._prompt(prompt, images)
         padded = list(texts) + [texts[0]] * (max(self.max_options, len(texts)) - len(texts) if self.fixed_steps else 0)
         out = [continuation_logprob(lambda x: self._logits(x, pixels, flags), ids,

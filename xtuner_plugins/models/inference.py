@@ -35,6 +35,7 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles,
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .dtypes import resolve_dtype
+from .prompt import context_length, split_images
 
 FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
@@ -133,24 +134,6 @@ def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...]
                          f'{AGAIN}') from None
 
 
-def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
-    """``question`` as ordered parts ``('image', '')`` / ``('text', t)``: one ``<image>`` tag per image (added
-    in front as ``<image>\\n`` when the question has none); the newline after a tag belongs to the image part,
-    whose rendering ends with one."""
-    if num_images and '<image>' not in question:
-        question = '<image>\n' * num_images + question
-    if question.count('<image>') != num_images:
-        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {num_images} images')
-    parts: List[Tuple[str, str]] = []
-    for i, text in enumerate(question.split('<image>')):
-        if i:
-            parts.append(('image', ''))
-            text = text[1:] if text.startswith('\n') else text
-        if text:
-            parts.append(('text', text))
-    return parts
-
-
 def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
                  dtype: torch.dtype, log=print) -> str:
     """The folder to load: ``folder`` itself, or a training ``config`` + ``checkpoint`` converted into ``tmp``
@@ -230,6 +213,8 @@ class ConvertedModel:
         check_folder(folder)
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             self.config = json.load(f)
+        context, key = context_length(self.config)
+        self.context = (context, f'{os.path.join(folder, "config.json")} {key}')  # the LLM's, and where it is read
         if self.format in ('official', 'remote'):
             from transformers import AutoModel, AutoTokenizer
             self.tokenizer = from_folder('tokenizer', folder, lambda: AutoTokenizer.from_pretrained(
@@ -358,8 +343,8 @@ class ConvertedModel:
 
     def option_logprobs(self, question: str, images: Sequence[ImageLike], texts: Sequence[str]) -> List[float]:
         """Each text's log-likelihood as the answer to ``question`` on ``images`` (a new single-turn conversation;
-        :mod:`xtuner_plugins.eval.likelihood`)."""
-        from xtuner_plugins.eval.likelihood import option_logprobs
+        ``likelihood.py``)."""
+        from .likelihood import option_logprobs
         return option_logprobs(self, question, images, texts)
 
     def ask_batch(self, questions: Sequence[str], images: Sequence[Sequence[ImageLike]],

@@ -2,58 +2,26 @@
 as its answer, with nothing generated.
 
 For a question (its stem: no options, no "answer with the letter") and one option's text, the prompt is the one
-the model answers that question with (its chat template, system message and image tokens: :func:`prompt_inputs`
-for a converted folder, the training data set's for the model being trained), and the option's tokens (the text
-tokenized alone, as generation would produce it) follow it; the figure is the sum of the log-probabilities of
-those tokens (:func:`continuation_logprob`), the end token not included. lm-eval-harness scores multiple choice
-the same way (its ``acc``); the highest figure is the model's choice.
+the model answers that question with (its chat template, system message and image tokens: ``prompt.py``'s
+:func:`~xtuner_plugins.models.prompt.prompt_inputs` for a converted folder, the training data set's for the model
+being trained: ``eval/hook.py``), and the option's tokens (the text tokenized alone, as generation would produce
+it) follow it; the figure is the sum of the log-probabilities of those tokens (:func:`continuation_logprob`), the
+end token not included. lm-eval-harness scores multiple choice the same way (its ``acc``); the highest figure is
+the model's choice.
 
-:func:`prompt_inputs` is also what the serving test compares with vLLM's prompt: the ids ``chat()`` of an
-official or remote-code folder builds (its ``conversation.py`` template, ``<img>`` + ``<IMG_CONTEXT>`` x tokens
-per tile + ``</img>`` per image), and the processor's for ``llava`` / ``hf``.
+``ConvertedModel.option_logprobs`` is :func:`option_logprobs`; the training-time evaluation (``eval/hook.py``)
+sums with :func:`continuation_logprob` over its own prompt.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
-from xtuner_plugins.data.image_io import load_image
+from .prompt import check_context, prompt_inputs
 
-__all__ = ['continuation_logprob', 'option_logprobs', 'prompt_inputs']
-
-
-def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torch.Tensor]:
-    """The inputs (``input_ids``, ``attention_mask``, pixels) of a :class:`~xtuner_plugins.models.inference.
-    ConvertedModel` for one new question, up to where its answer starts, as its ``ask`` builds them."""
-    from xtuner_plugins.models.inference import split_images
-    new = [load_image(i) for i in images]
-    parts = split_images(question, len(new))  # the tags must match the images
-    if model.format in ('official', 'remote'):
-        net = model.model
-        if new and '<image>' not in question:
-            question = '<image>\n' * len(new) + question
-        pixel_values, num_patches = model.pixels(new)
-        template = sys.modules[type(net).__module__].get_conv_template(net.template)  # the folder's conversation.py
-        template.system_message = net.system_message
-        template.append_message(template.roles[0], question)
-        template.append_message(template.roles[1], None)
-        query = net._image_query(template.get_prompt(), num_patches, '<img>', '</img>', '<IMG_CONTEXT>')
-        net.img_context_token_id = model.tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')
-        encoded = model.tokenizer(query, return_tensors='pt')
-        inputs = dict(input_ids=encoded['input_ids'], attention_mask=encoded['attention_mask'])
-        if pixel_values is not None:
-            inputs.update(pixel_values=pixel_values,
-                          image_flags=torch.ones(pixel_values.shape[0], dtype=torch.long))
-        return {k: v.to(model.device) for k, v in inputs.items()}
-    content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text} for kind, text in parts]
-    prompt = model.processor.apply_chat_template([{'role': 'user', 'content': content}], add_generation_prompt=True,
-                                                 tokenize=False)
-    inputs = model.processor(text=prompt, images=new or None, return_tensors='pt')
-    return {k: (v.to(model.device, model.dtype) if k == 'pixel_values' else v.to(model.device))
-            for k, v in inputs.items()}
+__all__ = ['continuation_logprob', 'option_logprobs']
 
 
 @torch.no_grad()
@@ -76,10 +44,12 @@ def option_logprobs(model, question: str, images: Sequence, texts: Sequence[str]
     inputs = prompt_inputs(model, question, images)
     prompt_ids = inputs.pop('input_ids')
     inputs.pop('attention_mask')
+    options = [model.tokenizer(text, add_special_tokens=False)['input_ids'] for text in texts]
+    check_context(prompt_ids.shape[1], max(map(len, options), default=0), *model.context,
+                  new=None)
 
     def logits_of(ids: torch.Tensor) -> torch.Tensor:
         mask = torch.ones_like(ids)
         return model.model(input_ids=ids, attention_mask=mask, **inputs).logits
 
-    return [continuation_logprob(logits_of, prompt_ids, model.tokenizer(text, add_special_tokens=False)['input_ids'])
-            for text in texts]
+    return [continuation_logprob(logits_of, prompt_ids, option) for option in options]

@@ -1,0 +1,155 @@
+"""What a converted folder's model is given to answer: the prompt as its ``chat()`` builds it, measured against the
+LLM's context, and a stop for answers that are only whitespace.
+
+* :func:`official_query` is the text ``chat()`` of an official or remote-code folder tokenizes (its
+  ``conversation.py`` template, the history, ``<img>`` + ``<IMG_CONTEXT>`` x tokens per tile + ``</img>`` per
+  image); :func:`prompt_inputs` the ids and pixels of one new question, for every format (the serving test
+  compares them with vLLM's prompt; ``likelihood.py`` scores answers after them).
+* :func:`check_context`: a prompt plus the tokens to generate over the LLM's ``max_position_embeddings`` is
+  refused (:class:`PromptTooLong`, naming both numbers and what to lower) before anything runs: past its context
+  a model answers with noise, and the vision encoder's work for a 3000-frame video is wasted.
+* :func:`blank_run_stop`: generation stops once the answer's last :data:`BLANK_RUN` tokens are all whitespace.
+  An untrained model (the README's tiny one) often repeats a newline until ``max_new_tokens``: 512 steps of
+  nothing; a trained model's text has no such run (a run of spaces or newlines is one token of its vocabulary).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from xtuner_plugins.data.image_io import load_image
+
+#: Whitespace-only tokens in a row after which generation stops (:func:`blank_run_stop`).
+BLANK_RUN = 32
+
+
+def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
+    """``question`` as ordered parts ``('image', '')`` / ``('text', t)``: one ``<image>`` tag per image (added
+    in front as ``<image>\\n`` when the question has none); the newline after a tag belongs to the image part,
+    whose rendering ends with one."""
+    if num_images and '<image>' not in question:
+        question = '<image>\n' * num_images + question
+    if question.count('<image>') != num_images:
+        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {num_images} images')
+    parts: List[Tuple[str, str]] = []
+    for i, text in enumerate(question.split('<image>')):
+        if i:
+            parts.append(('image', ''))
+            text = text[1:] if text.startswith('\n') else text
+        if text:
+            parts.append(('text', text))
+    return parts
+
+
+def official_query(net, question: str, num_patches: Sequence[int], history: Optional[list] = None) -> str:
+    """The text ``net.chat()`` (official / remote code) tokenizes for ``question`` after ``history``, its
+    images of ``num_patches`` tiles each: the folder's own template (``conversation.py``) and image tokens."""
+    if history is None and num_patches and '<image>' not in question:  # as chat() adds it
+        question = '<image>\n' + question
+    template = sys.modules[type(net).__module__].get_conv_template(net.template)
+    template.system_message = net.system_message
+    for old_question, old_answer in history or []:
+        template.append_message(template.roles[0], old_question)
+        template.append_message(template.roles[1], old_answer)
+    template.append_message(template.roles[0], question)
+    template.append_message(template.roles[1], None)
+    return net._image_query(template.get_prompt(), list(num_patches), '<img>', '</img>', '<IMG_CONTEXT>')
+
+
+def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torch.Tensor]:
+    """The inputs (``input_ids``, ``attention_mask``, pixels) of a :class:`~xtuner_plugins.models.inference.
+    ConvertedModel` for one new question, up to where its answer starts, as its ``ask`` builds them."""
+    new = [load_image(i) for i in images]
+    parts = split_images(question, len(new))  # the tags must match the images
+    if model.format in ('official', 'remote'):
+        net = model.model
+        if new and '<image>' not in question:
+            question = '<image>\n' * len(new) + question
+        pixel_values, num_patches = model.pixels(new)
+        net.img_context_token_id = model.tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')
+        encoded = model.tokenizer(official_query(net, question, num_patches), return_tensors='pt', verbose=False)
+        inputs = dict(input_ids=encoded['input_ids'], attention_mask=encoded['attention_mask'])
+        if pixel_values is not None:
+            inputs.update(pixel_values=pixel_values,
+                          image_flags=torch.ones(pixel_values.shape[0], dtype=torch.long))
+        return {k: v.to(model.device) for k, v in inputs.items()}
+    content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text} for kind, text in parts]
+    prompt = model.processor.apply_chat_template([{'role': 'user', 'content': content}], add_generation_prompt=True,
+                                                 tokenize=False)
+    inputs = model.processor(text=prompt, images=new or None, return_tensors='pt')
+    return {k: (v.to(model.device, model.dtype) if k == 'pixel_values' else v.to(model.device))
+            for k, v in inputs.items()}
+
+
+def context_length(config: dict) -> Tuple[Optional[int], str]:
+    """The LLM's context (``max_position_embeddings`` of a folder's ``config.json``: ``llm_config`` for official
+    and remote folders, ``text_config`` for hf and llava) and the key it was read from; ``(None, '')`` when the
+    config records none."""
+    for key in ('llm_config', 'text_config'):
+        value = (config.get(key) or {}).get('max_position_embeddings')
+        if value:
+            return int(value), f'{key}.max_position_embeddings'
+    value = config.get('max_position_embeddings')
+    return (int(value), 'max_position_embeddings') if value else (None, '')
+
+
+class PromptTooLong(ValueError):
+    """A prompt that, with the tokens to generate, does not fit the LLM's context. ``str()`` names the command
+    line's options; :meth:`message` takes other names (the web page's settings). ``new``: the setting that asks
+    for the new tokens (``None``: they are an answer's, scored by likelihood, and not a setting)."""
+
+    def __init__(self, prompt_tokens: int, new_tokens: int, context: int, source: str, turns: int = 0,
+                 new: Optional[str] = '--max-new-tokens'):
+        self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
+        self.source, self.turns, self.new = source, turns, new
+        super().__init__(self.message())
+
+    def message(self, frames: str = '--frames', tiles: Optional[str] = '--max-num', new: Optional[str] = None,
+                reset: str = '/reset') -> str:
+        """The one line; ``frames``, ``tiles`` (``None``: not offered), ``new``, ``reset``: the settings named."""
+        new = new or self.new
+        lower = f'{frames} (frames of a video)' + (f' or {tiles} (tiles per image)' if tiles else '')
+        earlier = f'; the {self.turns} earlier turns count too: {reset} starts anew' if self.turns else ''
+        where = f"the LLM's context of {self.context} tokens ({self.source})"
+        if self.prompt_tokens > self.context or not new:
+            more = f' (+ {self.new_tokens} of the longest answer scored)' if self.new_tokens and not new else ''
+            return f'the prompt is {self.prompt_tokens} tokens{more}, over {where}; lower {lower}{earlier}'
+        return (f'the prompt is {self.prompt_tokens} tokens and {new} asks for {self.new_tokens} more: '
+                f'{self.prompt_tokens + self.new_tokens} is over {where}; lower {new} to '
+                f'{self.context - self.prompt_tokens} or less, or {lower}{earlier}')
+
+
+def check_context(prompt_tokens: int, new_tokens: int, context: Optional[int], source: str, turns: int = 0,
+                  new: Optional[str] = '--max-new-tokens') -> None:
+    """:class:`PromptTooLong` when ``prompt_tokens + new_tokens`` is over ``context`` (``None``: not known)."""
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise PromptTooLong(prompt_tokens, new_tokens, context, source, turns, new)
+
+
+class BlankRun:
+    """Whether a row's last ``run`` tokens after ``start`` (the prompt's length, where the ids passed in hold the
+    prompt) all decode to whitespace: :func:`blank_run_stop`'s test."""
+
+    def __init__(self, tokenizer, run: int = BLANK_RUN, start: int = 0):
+        self.tokenizer, self.run, self.start, self.blank = tokenizer, run, start, {}
+
+    def _blank(self, token: int) -> bool:
+        if token not in self.blank:  # each token decoded once
+            self.blank[token] = not self.tokenizer.decode([token]).strip()
+        return self.blank[token]
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        if input_ids.shape[1] - self.start < self.run:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tails = input_ids[:, -self.run:].tolist()
+        return torch.tensor([all(self._blank(t) for t in tail) for tail in tails], device=input_ids.device)
+
+
+def blank_run_stop(tokenizer, start: int = 0, run: int = BLANK_RUN):
+    """``generate``'s ``stopping_criteria``: stop a row after ``run`` whitespace-only tokens in a row (``generate``
+    calls each entry with the ids so far and asks for one flag per row)."""
+    from transformers import StoppingCriteriaList
+    return StoppingCriteriaList([BlankRun(tokenizer, run, start)])

@@ -1,5 +1,7 @@
 """The answers file tools/eval.py resumes from: read back as written, refused when it would mislead or be lost."""
 
+import os
+
 import pytest
 
 from xtuner_plugins.eval import Question, Result
@@ -40,3 +42,38 @@ def test_a_file_that_is_not_an_answers_file_is_never_overwritten(tmp_path):
         with pytest.raises(ValueError, match='not an answers file of tools/eval.py'):
             AnswersFile(str(tmp_path / 'notes.jsonl'), SETTINGS)
         assert (tmp_path / 'notes.jsonl').read_text() == text
+
+
+def test_an_answer_whose_image_changed_since_is_dropped_and_asked_again(tmp_path):
+    """--resume kept the answers to images replaced in place since (0.400 reported against 0.200 fresh): each
+    answer records its images' size and modification time (ns), or an in-memory image's pixel hash; a kept answer
+    whose images are not those any more is dropped (to be asked again) and its source named in ``changed``."""
+    from PIL import Image
+    paths = [str(tmp_path / f'{i}.bmp') for i in range(3)]  # a BMP's size: its pixels' count
+    for i, path in enumerate(paths):
+        Image.new('RGB', (4, 4), (200, 0, 0)).save(path)
+    pixels = Image.new('RGB', (4, 4), (0, 0, 200))
+
+    def questions(memory=pixels):
+        return [Question(str(i), 'c', 'What?', [p], ['x'], source=f'd.jsonl:{i + 1}') for i, p in enumerate(paths)] \
+            + [Question('m', 'c', 'What?', [memory], ['x'], source='m.tsv:2 (index m)')]
+
+    path = str(tmp_path / 'a.jsonl')
+    answers = AnswersFile(path, SETTINGS)
+    answers.check(questions())
+    for q in questions():
+        answers.append(result(q.id))
+    answers.close()
+    st = os.stat(paths[1])
+    Image.new('RGB', (4, 4), (0, 200, 0)).save(paths[1])  # the same size in bytes: told by its time alone
+    assert os.path.getsize(paths[1]) == st.st_size
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    Image.new('RGB', (5, 4), (200, 0, 0)).save(paths[2])
+    os.utime(paths[2], ns=(st.st_atime_ns, os.stat(paths[0]).st_mtime_ns))  # the old time kept: told by its size
+    again = AnswersFile(path, SETTINGS, resume=True)
+    again.check(questions(Image.new('RGB', (4, 4), (0, 0, 201))))
+    assert sorted(again.done) == ['0'] and again.changed == ['d.jsonl:2', 'd.jsonl:3', 'm.tsv:2 (index m)']
+    again.close()
+    unchanged = AnswersFile(path, SETTINGS, resume=True)
+    unchanged.check(questions(Image.new('RGB', (4, 4), (0, 0, 200))))  # equal pixels: the same image
+    assert sorted(unchanged.done) == ['0', 'm'] and len(unchanged.changed) == 2

@@ -245,3 +245,42 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_the_model_loads(t
                       '--out', str(cfg)]) == 2
     assert f'--out {cfg} is the --config file {cfg}: eval would' in capsys.readouterr().err
     assert before == {p: open(p, 'rb').read() for p in before} and not os.path.exists(tmp_path / 'test.answers.jsonl')
+
+
+class ColourModel:
+    """A stand-in for the converted model: answers the colour of the image's first pixel."""
+
+    def reset(self):
+        pass
+
+    def ask(self, prompt, images, generation, video=None):
+        from xtuner_plugins.data.image_io import load_image
+        return 'red' if load_image(images[0]).getpixel((0, 0))[0] > 128 else 'blue'
+
+
+def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, capsys, monkeypatch):
+    """Images replaced in place between an evaluation and its --resume: the kept answers to the old images were
+    reported (0.400 against 0.200 fresh). Now they are dropped, counted and named, and asked again."""
+    import xtuner_plugins.cli.eval as cli
+    monkeypatch.setattr(cli, 'run_tool', lambda args, prog, use: use(ColourModel()) or 0)
+
+    def paint(reds, width):
+        for i in range(5):
+            Image.new('RGB', (width, 8), (255, 0, 0) if i < reds else (0, 0, 255)).save(tmp_path / f'{i}.png')
+
+    data = write_questions(tmp_path, 5, **{str(i): {'conversations': [
+        {'from': 'human', 'value': '<image>\nWhich colour?'}, {'from': 'gpt', 'value': 'red'}]} for i in range(5)})
+    paint(2, 8)
+    run = ['model', '--data', data, '--no-blind', '--answers', str(tmp_path / 'a.jsonl')]
+    assert eval_main(run) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == 'accuracy: 0.400 (5 questions)'
+    paint(1, 9)  # another size, and another modification time
+    assert eval_main(run + ['--resume']) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == 'accuracy: 0.200 (5 questions)'
+    assert f'resuming {tmp_path}/a.jsonl: 5 kept answers dropped and asked again: their images changed since ' \
+           f'they were answered (size or modification time): {data}:1, {data}:2, {data}:3 and 2 more' in captured.err
+    assert eval_main(run + ['--resume']) == 0  # nothing changed since: nothing asked, nothing dropped
+    captured = capsys.readouterr()
+    assert 'dropped' not in captured.err and '5 of 5 questions answered' in captured.err
+    assert captured.out.strip().splitlines()[-1] == 'accuracy: 0.200 (5 questions)'

@@ -201,6 +201,11 @@ def main(argv=None) -> int:
     if note:
         print(note, file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]
+    if answers is not None and answers.changed:
+        shown = ', '.join(answers.changed[:3]) + (f' and {len(answers.changed) - 3} more' if len(answers.changed) > 3
+                                                  else '')
+        print(f'resuming {args.answers}: {len(answers.changed)} kept answers dropped and asked again: their images '
+              f'changed since they were answered (size or modification time): {shown}', file=sys.stderr)
     if len(todo) < len(questions):
         print(f'resuming {args.answers}: {len(questions) - len(todo)} of {len(questions)} questions answered, '
               f'asking the other {len(todo)}', file=sys.stderr, flush=True)

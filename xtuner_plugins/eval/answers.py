@@ -12,21 +12,70 @@ fixed), and the report counts them all. It refuses, naming the file, to
   another question (the data file changed since: prompt or reference differ);
 * read a line that is not JSON, except a last line cut short by the interruption (dropped, and cut off the
   file before anything is appended).
+
+Each answer also records the identity of the files it was answered on (``image_files``, :func:`file_identity`):
+each image's (or the video's) size and modification time in nanoseconds, not a hash of its content, so that
+resuming does not read every image again (a data set of many images on a network disk); any write of a file
+(a new image copied, saved or unpacked over the old one) changes its modification time. An in-memory image (a
+TSV's, which has no file) is identified by a hash of its pixels. A kept answer whose images are not those any
+more (replaced in place since) is dropped and its question asked again; :attr:`AnswersFile.changed` names them.
+What this misses: a replacement of the same size that keeps the old file's modification time (``cp -p``,
+``rsync -t`` of a file stamped with the same time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, fields
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from PIL import Image
 
 from .data import Question
 from .evaluate import Failure, Result
 
-__all__ = ['AnswersFile']
+__all__ = ['AnswersFile', 'file_identity']
 
 _RESULT_FIELDS = {f.name for f in fields(Result)}
+_IDENTITY = 'image_files'  # the key of an answer's file identities in the answers file
+
+
+def _stat(path: str) -> Optional[list]:
+    """``[path, size, mtime_ns]`` of a file; a folder (a video's frames): its files' names, sizes and times hashed;
+    None for a path that cannot be read (asked again, when it fails as it should)."""
+    try:
+        if not os.path.isdir(path):
+            st = os.stat(path)
+            return [path, st.st_size, st.st_mtime_ns]
+        listing = sorted((name, st.st_size, st.st_mtime_ns) for name, st in
+                         ((n, os.stat(os.path.join(path, n))) for n in os.listdir(path)))
+        return [path, hashlib.blake2b(json.dumps(listing).encode(), digest_size=16).hexdigest()]
+    except OSError:
+        return None
+
+
+def _pixels(image: Image.Image) -> list:
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f'{image.mode} {image.size}'.encode())
+    return ['pixels', digest.hexdigest()]
+
+
+def file_identity(question: Question, hashed: Optional[Dict[int, list]] = None) -> list:
+    """What a question's answer depends on besides its text (module docstring): each image file's path, size
+    and modification time (ns), an in-memory image's pixel hash (kept in ``hashed``: a TSV's rotations share
+    their image), the video's file (or frame folder); JSON."""
+    hashed = {} if hashed is None else hashed
+    out = []
+    for image in question.images:
+        if isinstance(image, str):
+            out.append(_stat(image))
+        else:
+            if id(image) not in hashed:
+                hashed[id(image)] = _pixels(image)
+            out.append(hashed[id(image)])
+    return out + ([_stat(question.video)] if question.video else [])
 
 
 class AnswersFile:
@@ -36,7 +85,10 @@ class AnswersFile:
         self.path, self.settings = path, json.loads(json.dumps(settings))  # as read back (tuples as lists)
         self.done: Dict[str, Result] = {}
         self.written = 0  # answers appended by this run (failures are written too, and asked again)
+        self.changed: List[str] = []  # the sources of kept answers dropped by check(): their images changed
         self._lines: Dict[str, int] = {}
+        self._files: Dict[str, object] = {}  # the file identities each kept answer recorded
+        self._identity: Dict[str, list] = {}  # each question's, now (check)
         records, cut = self._read() if os.path.isfile(path) and os.path.getsize(path) else ([], 0)
         if records or cut:
             first = records[0][1] if records else None
@@ -50,10 +102,12 @@ class AnswersFile:
             self._check_settings(records[0][1]['settings'])
             for line_no, record in records[1:]:
                 if isinstance(record, dict) and 'failure' not in record:
+                    files = record.pop(_IDENTITY, None)
                     if not _RESULT_FIELDS >= set(record) or not {'id', 'answer', 'score'} <= set(record):
                         raise ValueError(f'{path}:{line_no}: not an answer of tools/eval.py')
                     self.done[str(record['id'])] = Result(**record)
                     self._lines[str(record['id'])] = line_no
+                    self._files[str(record['id'])] = files
             if cut:  # the last line cut short by the interruption: dropped, cut off before appending
                 with open(path, 'r+b') as f:
                     f.truncate(os.path.getsize(path) - cut)
@@ -83,15 +137,21 @@ class AnswersFile:
                              f'same ones, or remove the file to start again')
 
     def check(self, questions: Sequence[Question]) -> None:
-        """Every answer read back was to the question that has its id now."""
+        """Every answer read back was to the question that has its id now; one whose images changed since it was
+        answered (module docstring) is dropped, to be asked again, and its source kept in :attr:`changed`."""
         by_id = {q.id: q for q in questions}
-        for id_, r in self.done.items():
+        hashed: Dict[int, list] = {}
+        self._identity = {q.id: file_identity(q, hashed) for q in questions}
+        for id_, r in list(self.done.items()):
             q = by_id.get(id_)
             if q is None or q.prompt != r.prompt or q.references[0] != r.reference:
                 change = 'is not in the data any more' if q is None else 'was to another question (prompt or ' \
                                                                            'reference differ)'
                 raise ValueError(f'{self.path}:{self._lines[id_]}: the answer to id {id_!r} {change}: the data '
                                  f'changed since; remove the file to start again')
+            if (self._files.get(id_) or []) != self._identity[id_]:  # none recorded: no files (or written before)
+                del self.done[id_]
+                self.changed.append(q.source or id_)
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
@@ -99,7 +159,8 @@ class AnswersFile:
 
     def append(self, item: Union[Result, Failure]) -> None:
         self.written += isinstance(item, Result)
-        self._write(asdict(item) if isinstance(item, Result) else dict(failure=asdict(item)))
+        self._write(dict(asdict(item), **{_IDENTITY: self._identity.get(item.id)}) if isinstance(item, Result)
+                    else dict(failure=asdict(item)))
 
     def results(self, questions: Sequence[Question], new: List[Result]) -> List[Result]:
         """The results of ``questions`` in their order: read back, or among ``new``."""

@@ -158,6 +158,8 @@ def test_bad_input_is_counted_and_never_misaligned(case, tmp_path, tiny_tokenize
     assert answers == ['GOOD<|im_end|>'] * len(ds)  # the bad sample never comes out, images stay with text
     if when == 'use':
         assert dict(ds.failures) == {reason: 1}
+    if case == 'missing_image':  # counted at start-up too
+        assert logs.pop(0).startswith(f'{path}: 1 of 3 samples name images not found under {img} (first: {path}:2: ')
     assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
 
 
@@ -171,7 +173,10 @@ def test_logged_once_per_reason_and_counted(tmp_path, tiny_tokenizer, monkeypatc
     for i in range(len(ds)):
         ds[i]
     assert dict(ds.failures) == {'missing_image': 3}
-    assert len(logs) == 1 and 'missing0.png' in logs[0]
+    assert len(logs) == 2 and 'missing0.png' in logs[1]
+    assert logs[0].endswith('3 of 9 samples name images not found under ' + str(tmp_path / 'i') +
+                            f' (first: {tmp_path / "a.jsonl"}:1: missing0.png); each is skipped when drawn '
+                            f'(missing_image)')
 
 
 def test_too_many_bad_samples_at_use(tmp_path, tiny_tokenizer):
@@ -371,10 +376,35 @@ def test_one_good_sample_among_bad_ones_is_always_found(tmp_path, tiny_tokenizer
                  image_folders=str(tmp_path / 'images'), max_bad_fraction=1.0)
     assert [answer_of(ds[i], tiny_tokenizer) for i in range(len(ds))] == ['GOOD<|im_end|>'] * 8
     assert dict(ds.failures) == {'missing_image': 7}
+    for i in range(7):  # every image missing is a wrong folder, refused at start-up: corrupt ones are met in use
+        (tmp_path / 'images' / f'missing{i}.png').write_bytes(b'not an image')
     bad = make_ds(write_jsonl(tmp_path / 'e.jsonl', rows[1:]), tiny_tokenizer, tmp_path,
                   image_folders=str(tmp_path / 'images'), max_bad_fraction=1.0)
-    with pytest.raises(TooManyBadSamplesError, match=r"none of the 7 samples could be loaded: {'missing_image': 7}"):
+    with pytest.raises(TooManyBadSamplesError, match=r"none of the 7 samples could be loaded: {'corrupt_image': 7}"):
         bad[3]
+
+
+def test_images_not_found_are_counted_at_start_up_and_a_wrong_folder_is_refused(tmp_path, tiny_tokenizer,
+                                                                                 monkeypatch):
+    """A wrong image folder (every image missing) stops start-up in one line with the count, the folder and the
+    first sample; some missing are one warning with the real count (each is still skipped when drawn)."""
+    for i in range(20):
+        write_image(tmp_path / 'images' / f'x{i}.png', seed=i)
+    (tmp_path / 'wrong').mkdir()
+    rows = [{'image': f'x{i}.png', 'conversations': conv()} for i in range(24)]  # x20..x23 are missing
+    rows.insert(3, {'conversations': conv(image=False)})  # text-only: not counted
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    with pytest.raises(ValueError) as info:
+        make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'wrong'))
+    assert str(info.value) == (f'{path}: 24 of 24 samples name images not found under {tmp_path / "wrong"} (first: '
+                               f'{path}:1: x0.png): is the image folder right? (train_dataloader.dataset.'
+                               f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'images'), max_bad_fraction=1.0)
+    assert logs == [f'{path}: 4 of 24 samples name images not found under {tmp_path / "images"} (first: {path}:22: '
+                    f'x20.png); each is skipped when drawn (missing_image)']
+    assert len(ds) == 25 and not ds.load_problems
 
 
 def test_a_link_out_of_the_image_folder_is_unsafe_unless_allowed(tmp_path, tiny_tokenizer):

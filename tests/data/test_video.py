@@ -331,6 +331,9 @@ def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
                                       if l != IGNORE_INDEX]) == 'GOOD<|im_end|>' for a in answers)
     if when == 'use':
         assert dict(ds.failures) == {reason: 1}
+    if case == 'missing_video':  # counted at start-up too (all missing: a wrong folder, refused)
+        assert logs.pop(0) == (f'{path}: 1 of 3 samples name videos not found under {folder} (first: {path}:2: '
+                               f'nope.mp4); each is skipped when drawn (missing_video)')
     assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
 
 

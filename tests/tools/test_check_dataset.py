@@ -208,3 +208,28 @@ def test_the_data_sets_image_settings_are_options_and_a_folder_is_no_image(tmp_p
     assert 'unsafe_image_path' not in out and 'problems: 1' in out
     assert check_dataset.main(args + ['--allow-links-outside', '--max-image-pixels', '100']) == 1
     assert f'{data}:1: image_too_large: ' in capsys.readouterr().out
+
+
+def test_a_wrong_image_folder_is_one_line_with_the_count(tmp_path, capsys):
+    """Every image missing: the folder is wrong, said once with the count (exit 2), not once per sample."""
+    path, img = good_data(tmp_path)
+    (tmp_path / 'wrong').mkdir()
+    assert check_dataset.main(['--data', path, '--image-folder', str(tmp_path / 'wrong')]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f'error: {path}: 3 of 3 samples name images not found under '
+                                   f'{tmp_path / "wrong"} (first: {path}:1: 0.png): is the image folder right?')
+    assert 'missing_image' not in captured.out
+
+
+def test_a_frame_linked_out_of_the_image_folder_is_listed_unless_allowed(tmp_path, capsys):
+    from tests.helpers import write_video
+    frames = write_video(tmp_path / 'media' / 'frames', [0, 60, 120])
+    write_image(tmp_path / 'outside' / 'x.png', size=(32, 24))
+    os.symlink(tmp_path / 'outside' / 'x.png', os.path.join(frames, '0004.png'))
+    data = write_jsonl(tmp_path / 'd.jsonl', [{'video': 'frames', 'conversations': conv(image=False)}])
+    args = ['--data', data, '--image-folder', str(tmp_path / 'media'), '--min-num-frame', '2', '--max-num-frame', '2']
+    assert check_dataset.main(args) == 1
+    assert f'{data}:1: unsafe_image_path: frame 0004.png of frame folder {frames} is a symbolic link to ' \
+        f'{tmp_path / "outside" / "x.png"}' in capsys.readouterr().out
+    assert check_dataset.main(args + ['--allow-links-outside']) == 0
+    assert f'{data}:1: video {frames}: 4 frames' in capsys.readouterr().out

@@ -19,7 +19,8 @@ Bad samples never shift images against text: a sample either comes out whole or 
 found while reading the files (a line that is not JSON, a malformed conversation, ``<image>`` tags that
 do not match the images, a path escaping its image folder, ``<video>`` tags that do not match the video, a
 sample with both images and a video) are counted and logged once
-per reason at start-up; problems found while loading a sample (missing, corrupt, truncated or oversized
+per reason at start-up, as is the count of images and videos not found (``presence.py``; none found, a wrong
+image folder, stops start-up); problems found while loading a sample (missing, corrupt, truncated or oversized
 image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
 is served instead. What ``max_length`` does to a sample (fewer tiles, an answer cut) is decided in
 ``fitting.py``, for training and ``tools/check_dataset.py`` alike, and counted (``reduced``, ``truncated``).
@@ -44,6 +45,7 @@ from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import LengthStats
+from .presence import missing_media
 from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
                       sample_images)
 from .conversation import Conversation, parse_conversation
@@ -224,17 +226,22 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         for i, src in enumerate(self.sources):
             records, problems = read_records(i, src)
             self.load_problems.extend(problems)
-            good = []
+            good, media = [], []
             for rec in records:
                 try:
-                    self.check_record(rec)
+                    checked = self.check_record(rec)
                 except SampleError as err:
                     self.load_problems.append(err.with_source(self.where(rec)))
                     continue
                 good.append(rec)
+                if checked.image_paths or checked.video is not None:
+                    media.append((self.where(rec), checked.image_paths or [checked.video], checked.video is not None))
             if not records and not problems:
                 raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
                                  f'data files or fill it')
+            missing = missing_media(src, media) if src.repeat_time > 0 else None  # a wrong folder: refused here
+            if missing:
+                print_log(missing, logger='current', level=logging.WARNING)
             start = len(self.records)
             self.records.extend(good)
             self._source_ranges.append(range(start, len(self.records)))

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
@@ -101,3 +102,96 @@ def test_a_failed_run_ends_naming_its_log_and_what_to_do(tmp_path):
     assert _next_steps(str(work), time.time()) == (
         f"the run's log: {work}/20260101_000000/20260101_000000.log; the traceback is above: fix its cause and run "
         f"again; --cfg-options resume=True continues from {work}/iter_20.pth")
+
+
+class Killed(Exception):
+    """What a SIGKILL right after the first checkpoint does to a run: it stops there."""
+
+
+def stop_after_first_save():
+    """A hook run after the checkpoint hook that stops the run once a checkpoint is written."""
+    from mmengine.hooks import Hook
+
+    class StopAfterFirstSave(Hook):
+        priority = 'LOWEST'
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if os.path.exists(os.path.join(runner.work_dir, 'last_checkpoint')):
+                raise Killed(runner.iter)
+
+    return StopAfterFirstSave()
+
+
+def trained_weights(tmp_path, name, stop=False, **options):
+    cfg = run_cfg(tmp_path, max_iters=12, save_every=6, **{'optim_wrapper.accumulative_counts': 4}, **options)
+    cfg.work_dir, cfg.experiment_name = str(tmp_path / name), f'accumulate-{name}-{options.get("resume", False)}'
+    runner = Runner.from_cfg(cfg)
+    if stop:
+        runner.register_hook(stop_after_first_save())
+    runner.train()
+    return runner.iter, {k: v.clone() for k, v in runner.model.state_dict().items()}
+
+
+def test_a_resume_under_gradient_accumulation_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, caplog):
+    """save_every=6 with accumulation 4: a checkpoint at iteration 6 would hold two iterations' gradients nowhere,
+    and the resumed run would end elsewhere; checkpoints come every 8 iterations instead, at optimizer steps."""
+    done, full = trained_weights(tmp_path, 'full')
+    assert done == 12
+    with pytest.raises(Killed) as killed:
+        trained_weights(tmp_path, 'killed', stop=True)
+    assert killed.value.args == (7,)  # in iteration 8 (0-based 7), after its save
+    assert sorted(n for n in os.listdir(tmp_path / 'killed') if n.endswith('.pth')) == ['iter_8.pth']
+    done, resumed = trained_weights(tmp_path, 'killed', resume=True)
+    assert done == 12
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), (key, (resumed[key] - full[key]).abs().max())
+
+
+def test_a_checkpoint_interval_between_optimizer_steps_is_raised_to_the_next_one(tmp_path):
+    from xtuner_plugins.engine.runstart import align_checkpoints
+    cfg = dict(save_every=50, optim_wrapper=dict(accumulative_counts=4),
+               default_hooks=dict(checkpoint=dict(interval=50, by_epoch=False)))
+    assert align_checkpoints(cfg) == (
+        'save_every=50 is not a multiple of the gradient accumulation (optim_wrapper.accumulative_counts=4): a '
+        'checkpoint between optimizer steps lacks the gradients accumulated since the last step, and a resume from '
+        'it would end with other weights than an uninterrupted run; checkpoints every 52 iterations instead '
+        '(save_every=48 or 52: multiples of 4)')
+    assert cfg['default_hooks']['checkpoint']['interval'] == 52 and cfg['save_every'] == 52
+    assert align_checkpoints(cfg) is None  # a multiple: left as it is
+    deepspeed = dict(strategy=dict(gradient_accumulation_steps=8), optim_wrapper=dict(type='DeepSpeedOptimWrapper'),
+                     default_hooks=dict(checkpoint=dict(interval=3, by_epoch=False)))
+    assert align_checkpoints(deepspeed).endswith('checkpoints every 8 iterations instead (save_every=8: multiples '
+                                                 'of 8)')
+    by_epoch = dict(optim_wrapper=dict(accumulative_counts=4), default_hooks=dict(checkpoint=dict(interval=3)))
+    assert align_checkpoints(by_epoch) is None  # every 3 epochs: nothing to tell from the config
+
+
+def _checkpoint(path, pretrained=None):
+    """A training checkpoint whose lineage names ``pretrained`` as its previous stage."""
+    from xtuner_plugins.models.lineage import lineage_record
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'meta': {'lineage': lineage_record({}, pretrained)}, 'state_dict': {}}, path)
+    return path
+
+
+def test_a_stage_whose_work_dir_holds_a_checkpoint_of_its_lineage_is_refused(tmp_path, capsys):
+    """Issue 46: ``model.pretrained_pth=WD/iter_6.pth --work-dir WD`` replaced the parent's iter_6.pth."""
+    work = tmp_path / 'warmup'
+    parent = _checkpoint(str(work / 'iter_6.pth'))
+    cfg = Config(dict(model=dict(pretrained_pth=parent), work_dir=str(work)))
+    with pytest.raises(SystemExit) as stopped:
+        Runner.from_cfg(cfg)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train: refused: model.pretrained_pth={parent} is in this run's work folder {work}: the run's own "
+        "checkpoints (iter_N.pth, last_checkpoint) would write over it; give this stage another --work-dir"]
+    # an earlier stage, recorded in the lineage of the one given
+    child = _checkpoint(str(tmp_path / 'sft' / 'iter_4.pth'), parent)
+    with pytest.raises(SystemExit):
+        Runner.from_cfg(Config(dict(model=dict(pretrained_pth=child), work_dir=str(work))))
+    assert capsys.readouterr().err.startswith(
+        f'train: refused: {parent} (an earlier stage of model.pretrained_pth={child}, recorded in its lineage) is in '
+        f"this run's work folder {work}")
+    from xtuner_plugins.engine.runstart import lineage_in_work_dir
+    assert lineage_in_work_dir(dict(model=dict(pretrained_pth=child), work_dir=str(tmp_path / 'dpo'))) is None
+    assert os.listdir(work) == ['iter_6.pth']

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.registry import HOOKS
@@ -120,18 +120,21 @@ class ProgressHook(Hook):
         if loss is not None:
             first = f' (first logged {self._first_loss:.4g})' if self._first_loss is not None else ''
             line += f', loss {loss:.4g}{first}'
-        checkpoint = last_checkpoint(runner.work_dir)
+        from xtuner_plugins.engine.checkpointing import checkpoint_dirs
+        checkpoint = last_checkpoint(runner.work_dir, checkpoint_dirs(runner))
         runner.logger.info(line + (f'; last checkpoint {checkpoint}' if checkpoint else '; no checkpoint saved'))
 
 
-def last_checkpoint(work_dir: str) -> Optional[str]:
-    """The path MMEngine's ``WORK_DIR/last_checkpoint`` names, when it exists."""
-    pointer = os.path.join(work_dir, 'last_checkpoint')
-    if not os.path.isfile(pointer):
+def last_checkpoint(work_dir: str, out_dirs: Sequence[str] = ()) -> Optional[str]:
+    """The checkpoint MMEngine's ``WORK_DIR/last_checkpoint`` names, read as ``resume=True`` reads it
+    (``checkpointing.resume_target``; ``out_dirs``: the checkpoint hook's), relative to the current folder when it
+    is below it; None when there is none."""
+    from xtuner_plugins.engine.checkpointing import ResumeError, resume_target
+    try:
+        path = resume_target(work_dir, out_dirs)[0]
+    except ResumeError:
         return None
-    with open(pointer, encoding='utf-8') as f:
-        path = f.read().strip()
-    if not path:
+    if path is None:
         return None
     relative = os.path.relpath(path)
     return path if relative.startswith('..') else relative

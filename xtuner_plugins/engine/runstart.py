@@ -1,9 +1,20 @@
 """What happens to a run's config when its runner is built, before the model is: the ``--cfg-options`` are
 checked against the config file (``checks.check_run_options``: unknown keys with the closest valid ones, values
 of the wrong kind) and the training length is filled in from its final values (``length.py``: ``max_epochs``,
-``max_iters``, ``save_every``, the learning-rate schedule that follows them).
+``max_iters``, ``save_every``, the learning-rate schedule that follows them). Then two things a resume or a
+later stage relies on:
 
-:func:`prepare_run` does both; :func:`apply_runstart_patches` (called from ``runtime.py`` at import) makes
+* **Checkpoints at optimizer steps** (:func:`align_checkpoints`). With gradient accumulation
+  (``optim_wrapper.accumulative_counts``, DeepSpeed's ``gradient_accumulation_steps``) a checkpoint between two
+  optimizer steps holds the weights without the gradients accumulated since the last step; a resume from it
+  loses them and ends with other weights than an uninterrupted run. A checkpoint interval that is not a multiple
+  of the accumulation is raised to the next multiple, with a warning naming both numbers, so every checkpoint is
+  one a resume continues exactly.
+* **No stage writes over its parents** (:func:`lineage_in_work_dir`): a run whose work folder holds a
+  checkpoint of its own lineage (``model.pretrained_pth`` and the earlier stages it records) would replace it
+  with its own ``iter_N.pth`` and ``last_checkpoint``; it stops before anything is built, naming both.
+
+:func:`prepare_run` does all this; :func:`apply_runstart_patches` (called from ``runtime.py`` at import) makes
 MMEngine's runners call it:
 
 * ``Runner.from_cfg`` and ``FlexibleRunner.from_cfg`` (DeepSpeed): before the original, on a copy of the config.
@@ -19,22 +30,94 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+import os
+import sys
 import threading
-from typing import List
+from typing import List, Mapping, Optional
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'
 _building = threading.local()  # inside a patched from_cfg: the config is prepared already
 _applied: List[str] = []
 
 
+def refuse(message: str) -> None:
+    """Stop the run at start-up with one line on rank 0 (``train: refused: ...``) and exit code 2 on every rank."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(f'train: refused: {message}', file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def prepare_run(cfg):
-    """Check the run's ``--cfg-options`` and fill in its training length, in place; returns ``cfg``.
-    Raises ValueError naming every problem."""
+    """Check the run's ``--cfg-options``, fill in its training length and align its checkpoints, in place;
+    returns ``cfg``. Raises ValueError naming every problem; a work folder holding a checkpoint of the run's
+    lineage stops it (:func:`refuse`)."""
     from xtuner_plugins.engine.checks import check_run_options
     from xtuner_plugins.engine.length import resolve_training_length
     changed = check_run_options(cfg)
-    resolve_training_length(getattr(cfg, '_cfg_dict', cfg), changed)
+    plain = getattr(cfg, '_cfg_dict', cfg)
+    resolve_training_length(plain, changed)
+    note = align_checkpoints(plain)
+    if note:
+        from mmengine.logging import print_log
+        print_log(note, logger='current', level=logging.WARNING)
+    problem = lineage_in_work_dir(plain)
+    if problem:
+        refuse(problem)
     return cfg
+
+
+def accumulation(cfg: Mapping) -> int:
+    """Iterations per optimizer step: DeepSpeed's ``gradient_accumulation_steps`` (``xtuner train --deepspeed``
+    moves ``optim_wrapper.accumulative_counts`` there), else ``optim_wrapper.accumulative_counts``."""
+    strategy, wrapper = cfg.get('strategy'), cfg.get('optim_wrapper')
+    if isinstance(strategy, Mapping) and isinstance(strategy.get('gradient_accumulation_steps'), int):
+        return max(strategy['gradient_accumulation_steps'], 1)
+    counts = wrapper.get('accumulative_counts', 1) if isinstance(wrapper, Mapping) else 1
+    return counts if isinstance(counts, int) and counts > 0 else 1
+
+
+def align_checkpoints(cfg: Mapping) -> Optional[str]:
+    """Raise an iteration checkpoint interval that is not a multiple of :func:`accumulation` to the next multiple
+    (module docstring); the warning to log, or None when nothing changed."""
+    hooks = cfg.get('default_hooks')
+    hook = hooks.get('checkpoint') if isinstance(hooks, Mapping) else None
+    every, steps = (hook or {}).get('interval'), accumulation(cfg)
+    if (not isinstance(hook, Mapping) or hook.get('by_epoch', True) or not isinstance(every, int) or every <= 0
+            or every % steps == 0):
+        return None
+    lower, upper = every // steps * steps, -(-every // steps) * steps
+    hook['interval'] = upper
+    if cfg.get('save_every') is not None:
+        cfg['save_every'] = upper
+    nearest = f'{lower} or {upper}' if lower else f'{upper}'
+    return (f'save_every={every} is not a multiple of the gradient accumulation (optim_wrapper.accumulative_counts='
+            f'{steps}): a checkpoint between optimizer steps lacks the gradients accumulated since the last step, '
+            f'and a resume from it would end with other weights than an uninterrupted run; checkpoints every '
+            f'{upper} iterations instead (save_every={nearest}: multiples of {steps})')
+
+
+def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
+    """Why the run's work folder must not be used: it holds a checkpoint the run is trained from
+    (``model.pretrained_pth``, or an earlier stage its lineage records); None when it holds none."""
+    model, work_dir = cfg.get('model'), cfg.get('work_dir')
+    pretrained = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(pretrained, str) or not pretrained or not isinstance(work_dir, str) \
+            or not os.path.isdir(work_dir):
+        return None
+    from xtuner_plugins.models.lineage import resolve_chain
+    try:
+        chain = [stage.path for stage in resolve_chain(pretrained)]
+    except (OSError, ValueError):  # the model's build says what is wrong with the chain
+        chain = [pretrained]
+    for path in reversed(chain):
+        if os.path.exists(path) and os.path.realpath(os.path.dirname(os.path.abspath(path))) == \
+                os.path.realpath(work_dir):
+            what = (f'model.pretrained_pth={path}' if path == chain[-1] else
+                    f'{path} (an earlier stage of model.pretrained_pth={pretrained}, recorded in its lineage)')
+            return (f"{what} is in this run's work folder {work_dir}: the run's own checkpoints (iter_N.pth, "
+                    'last_checkpoint) would write over it; give this stage another --work-dir')
+    return None
 
 
 def _patch_from_cfg(runner_cls) -> bool:

@@ -142,3 +142,37 @@ def test_the_configs_sampler_is_wrapped_once():
     assert not wrap_sampler(loader) and loader.sampler.sampler == inner  # once
     other = dict(dataset=dict(type='ToyRegressionDataset'), sampler=dict(type='DefaultSampler'))
     assert not wrap_sampler(other) and other['sampler'] == dict(type='DefaultSampler')
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return int(index)
+
+
+def _restart_warnings(tmp_path, sampler):
+    """The lines an iteration-based loop's data loader iterator logs over two passes of ``sampler``'s loader
+    (MMEngine's iterator, as ``IterBasedTrainLoop`` builds it, under the runner's logger)."""
+    from mmengine.logging import MMLogger
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+
+    import xtuner_plugins.engine  # noqa: F401  (the patches)
+    from xtuner_plugins.engine.epochs import RESTART_WARNING
+    log = tmp_path / f'{type(sampler).__name__}.log'
+    MMLogger.get_instance(f'restarts-{type(sampler).__name__}', log_file=str(log))  # the current logger
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, sampler=sampler)
+    iterator = _InfiniteDataloaderIterator(loader)
+    for _ in range(2):  # one batch a pass: the second restarts the loader (and sleeps 2 s, as MMEngine does)
+        next(iterator)
+    return [line for line in log.read_text().splitlines() if RESTART_WARNING in line]
+
+
+def test_the_restart_warning_is_dropped_where_restarts_are_the_epochs(tmp_path):
+    """An EpochSampler (this project's training data) takes its epoch from each restart: MMEngine's advice to use
+    InfiniteSampler, which never calls set_epoch, is dropped; any other sampler keeps the warning."""
+    from mmengine.dataset import DefaultSampler
+    epochs = EpochSampler(_Numbers(), DefaultSampler(_Numbers(), shuffle=False))
+    assert _restart_warnings(tmp_path, epochs) == [] and epochs.epoch == 1  # restarted: the next epoch
+    assert len(_restart_warnings(tmp_path, DefaultSampler(_Numbers(), shuffle=False))) == 1

@@ -31,7 +31,9 @@ once at import; each is idempotent and can be listed with :func:`applied_patches
 started by ``torchrun`` is set to end with its launcher (:func:`die_with_launcher`) and the config's text is
 formatted once per text (:func:`memoize_config_formatting`), and both runners' ``build_train_loop`` fill the
 training data set's unset geometry, template and tokenizer from the model (``derive.py``,
-:func:`~xtuner_plugins.engine.derive.apply_derive_patches`): this import comes before either runner trains.
+:func:`~xtuner_plugins.engine.derive.apply_derive_patches`), and an iteration-based loop's data loader restarts
+each epoch without MMEngine's warning when its sampler carries the epoch (``epochs.py``): this import comes before
+either runner trains.
 """
 
 from __future__ import annotations
@@ -307,9 +309,12 @@ apply_cpu_patches()
 die_with_launcher()
 memoize_config_formatting()
 # --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py); the data
-# set's unset geometry, template and tokenizer taken from the model when it is built (engine/derive.py)
+# set's unset geometry, template and tokenizer taken from the model when it is built (engine/derive.py); the data
+# loader's restart at each epoch of an iteration-based run without MMEngine's warning about it (engine/epochs.py)
 from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
+from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
 
 apply_runstart_patches()
 apply_derive_patches()
+apply_epoch_patches()

@@ -1,0 +1,68 @@
+"""Epochs of an iteration-based run: the data loader's restart is how the next epoch begins.
+
+A run of ``max_iters`` iterations over a data set shorter than that (``max_epochs`` too: XTuner's ``TrainLoop``
+turns it into iterations) runs in MMEngine's ``IterBasedTrainLoop``, whose ``_InfiniteDataloaderIterator`` starts
+the data loader over at its end and gives the sampler the next epoch (``set_epoch``). At each restart MMEngine
+warns ``Reach the end of the dataloader, it will be restarted and continue to iterate. It is recommended to use
+`mmengine.dataset.InfiniteSampler` ...``. For this project's data sets that advice is wrong: their sampler is an
+``EpochSampler`` (``data/epochs.py``, wrapped in by ``engine/derive.py``) whose ``set_epoch`` is what gives each
+epoch its own order and video frames, and ``InfiniteSampler`` never calls it. There the restart is the design, so
+that line is dropped, by its exact text, from the logger of the run that builds such a loop
+(:func:`apply_epoch_patches`, applied when ``runtime`` is imported). A data loader with any other sampler keeps
+MMEngine's warning.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List
+
+__all__ = ['RESTART_WARNING', 'apply_epoch_patches', 'restarts_are_epochs']
+
+#: MMEngine's warning at each restart of an iteration-based loop's data loader (``mmengine/runner/loops.py``)
+RESTART_WARNING = ('Reach the end of the dataloader, it will be restarted and continue to iterate. It is recommended '
+                   'to use `mmengine.dataset.InfiniteSampler` to enable the dataloader to iterate infinitely.')
+_PATCH_MARK = '_xtuner_plugins_epochs_patch'
+_applied: List[str] = []
+
+
+def restarts_are_epochs(dataloader) -> bool:
+    """Whether the data loader's sampler takes its epoch from the restarts (an ``EpochSampler``)."""
+    from xtuner_plugins.data.epochs import EpochSampler
+    batch_sampler = getattr(dataloader, 'batch_sampler', None)
+    return any(isinstance(s, EpochSampler) for s in (getattr(dataloader, 'sampler', None),
+                                                     getattr(batch_sampler, 'sampler', None)))
+
+
+def _quiet_restarts() -> None:
+    """Drop :data:`RESTART_WARNING` from the current MMEngine logger (the runner's), once."""
+    from mmengine.logging import MMLogger
+
+    from xtuner_plugins.quiet import DropMessages
+    logger = MMLogger.get_current_instance()
+    if not any(isinstance(f, DropMessages) and f.starts == (RESTART_WARNING,) for f in logger.filters):
+        logger.addFilter(DropMessages((RESTART_WARNING,)))
+
+
+def _patch_infinite_iterator() -> bool:
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+    original = _InfiniteDataloaderIterator.__init__
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def __init__(self, dataloader, *args, **kwargs):
+        original(self, dataloader, *args, **kwargs)
+        if restarts_are_epochs(dataloader):
+            _quiet_restarts()
+
+    setattr(__init__, _PATCH_MARK, True)
+    _InfiniteDataloaderIterator.__init__ = __init__
+    return True
+
+
+def apply_epoch_patches() -> List[str]:
+    """Apply the patch once (see the module docstring); returns the names newly applied."""
+    newly = ['infinite_iterator'] if _patch_infinite_iterator() else []
+    _applied.extend(newly)
+    return newly

@@ -306,3 +306,167 @@ def test_cli_cautions_lora_plans(tiny, capsys):
     assert 'caution: LoRA on the LLM' in capsys.readouterr().out
     assert main([os.path.join(ROOT, 'configs/finetune_full.py')] + opts) == 0
     assert 'caution: LoRA' not in capsys.readouterr().out
+
+
+def run_cli(argv, capsys):
+    from xtuner_plugins.cli.plan import main
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--reserve', '-1000'], '--reserve must be a finite number of GiB >= 0, got -1000'),
+    (['--reserve', 'nan'], '--reserve must be a finite number of GiB >= 0, got nan'),
+    (['--gpu-mem', 'nan'], '--gpu-mem must be a finite number of GiB > 0, got nan'),
+    (['--gpu-mem', 'inf'], '--gpu-mem must be a finite number of GiB > 0, got inf'),
+    (['--gpu-mem', '0'], '--gpu-mem must be a finite number of GiB > 0, got 0'),
+    (['--gpus', '0'], '--gpus must be >= 1, got 0'),
+    (['--cfg-options', 'train_dataloader.dataset.max_length=-5'],
+     'train_dataloader.dataset.max_length must be a whole number >= 1, got -5'),
+    (['--cfg-options', 'train_dataloader.batch_size=[1,2]'],
+     'train_dataloader.batch_size must be a whole number >= 1, got [1, 2]'),
+    (['--cfg-options', 'train_dataloader.batch_size=0'], 'train_dataloader.batch_size must be a whole number >= 1, got 0'),
+    (['--cfg-options', 'train_dataloader.dataset.max_dynamic_patch=0'],
+     'train_dataloader.dataset.max_dynamic_patch must be a whole number >= 1, got 0'),
+], ids=['reserve<0', 'reserve-nan', 'mem-nan', 'mem-inf', 'mem-0', 'gpus-0', 'max_length<0', 'batch-list', 'batch-0',
+        'patches-0'])
+def test_cli_refuses_bad_numbers_in_one_line(tiny, capsys, args, message):
+    """Each bad number is one line naming the option and its value, exit 2, and no plan printed (before: a plan
+    'total -999.78 ... fits', 'largest batch at -5 tokens: 4096', the search caps as the largest, or a traceback)."""
+    base = {'--gpus': '1', '--gpu-mem': '80'}
+    for flag in ('--gpus', '--gpu-mem'):
+        if flag in args:
+            base.pop(flag)
+    argv = [os.path.join(ROOT, 'configs/finetune_full.py'), '--vision', tiny['internvit'], '--llm', tiny['llm']]
+    argv += [x for kv in base.items() for x in kv] + args
+    rc, out, err = run_cli(argv, capsys)
+    assert (rc, err) == (2, f'plan: error: {message}\n') and 'plan:' not in out and 'total' not in out
+
+
+@pytest.mark.parametrize('key, value', [('max_tokens', 0), ('max_tiles', -1)])
+def test_cli_refuses_bad_pack_sizes(tiny, capsys, key, value):
+    argv = [os.path.join(ROOT, 'configs/finetune_full_packed.py'), '--gpus', '1', '--gpu-mem', '80', '--vision',
+            tiny['internvit'], '--llm', tiny['llm'], '--cfg-options', f'train_dataloader.dataset.{key}={value}']
+    rc, out, err = run_cli(argv, capsys)
+    assert (rc, err) == (2, f'plan: error: train_dataloader.dataset.{key} must be a whole number >= 1, got {value}\n')
+
+
+def test_shipped_configs_are_the_published_ones():
+    """Every shipped ``config.json`` has the fields the planner reads and builds its transformers config; the five
+    that tiny/realsize.py writes are the same files."""
+    import json
+
+    from transformers import AutoConfig
+
+    from xtuner_plugins.models.vision.internvit_layout import official_to_hf_vision_config
+    from xtuner_plugins.plan_configs import HERE, read_part_config, shipped
+    from xtuner_plugins.tiny.realsize import PUBLISHED_CONFIGS
+    models = shipped()
+    assert {'internvit-300m', 'internvit-6b', 'siglip-so400m', 'clip-vit-l-336', 'qwen2.5-0.5b', 'qwen2.5-1.5b',
+            'qwen2.5-3b', 'qwen2.5-7b', 'qwen2.5-14b', 'qwen2.5-32b', 'qwen2.5-72b', 'qwen3-8b', 'llama3-8b',
+            'llama3-70b'} <= set(models)
+    for name, entry in models.items():
+        folder = os.path.join(HERE, name)
+        part = read_part_config(folder, entry['kind'], name)
+        assert entry['source'] and entry['hub'], name
+        if entry['kind'] == 'llm':
+            assert AutoConfig.from_pretrained(folder).hidden_size == part['hidden_size']
+        elif part.get('model_type', 'intern_vit_6b') == 'intern_vit_6b':
+            assert official_to_hf_vision_config(part).hidden_size == part['hidden_size']
+        hub = entry['hub'].split('/')[-1]
+        if hub in PUBLISHED_CONFIGS:
+            with open(os.path.join(folder, 'config.json')) as f:
+                assert json.load(f) == PUBLISHED_CONFIGS[hub], name
+    seven = read_part_config(os.path.join(HERE, 'qwen2.5-7b'), 'llm', 'x')
+    assert (seven['hidden_size'], seven['intermediate_size'], seven['num_hidden_layers'],
+            seven['num_attention_heads'], seven['num_key_value_heads'], seven['vocab_size'],
+            seven['tie_word_embeddings']) == (3584, 18944, 28, 28, 4, 152064, False)
+
+
+@pytest.fixture(scope='module')
+def realsize_7b(tmp_path_factory):
+    """The old way's folders for InternViT-300M + Qwen2.5-7B-Instruct: tiny/realsize.py's InternViT-300M folder
+    (its published config; the planner reads no weights) and the published 7B config.json beside a tokenizer with
+    Qwen2.5's id layout (151,665 tokens); ``padded``: the same with a tokenizer of 152,055 tokens, which InternVL's
+    9 take to the config's 152,064 rows (the geometry a folder holding only config.json plans)."""
+    import shutil
+
+    from xtuner_plugins.plan_configs import HERE
+    from xtuner_plugins.tiny.realsize import build_qwen25_tokenizer, write_real_model
+    root = tmp_path_factory.mktemp('realsize')
+    vit = write_real_model('InternViT-300M-448px-V2_5', root / 'vit', weights=False)
+    tok = build_qwen25_tokenizer()
+    dirs = dict(vit=vit)
+    for name, extra in (('llm', 0), ('padded', 152064 - 9 - len(tok))):
+        os.makedirs(root / name)
+        shutil.copy(os.path.join(HERE, 'qwen2.5-7b', 'config.json'), root / name)
+        if extra:
+            tok.add_tokens([f'<|plan_pad_{i}|>' for i in range(extra)])
+        tok.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    for name, src in (('vit_only', vit), ('llm_only', dirs['llm'])):   # config.json and nothing else
+        os.makedirs(root / name)
+        shutil.copy(os.path.join(src, 'config.json'), root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def plan_lines(out):
+    """The plan's lines, the vocabulary's source left out (the numbers stay)."""
+    return [re.sub(r'^(vocabulary: [\d,]+ rows).*', r'\1', line) for line in out.splitlines()]
+
+
+def test_plan_without_weights_or_tokenizer_equals_the_old_way(realsize_7b, capsys):
+    """``--vision internvit-300m --llm qwen2.5-7b`` with no folders at all plans what the config built from real-size
+    folders (config + tokenizer) plans, to the byte; folders holding only config.json plan the config's vocabulary,
+    the same as the old way with a tokenizer that fills it."""
+    from xtuner_plugins.plan_configs import resolve
+    spec = dict(freeze_vision=True, freeze_llm=False, llm_grad_ckpt=True)
+    old = build_meta_model(dict(spec, vision_encoder=realsize_7b['vit'], llm=realsize_7b['llm']))
+    new = build_meta_model(dict(spec, vision_encoder=resolve('internvit-300m', 'vision', '--vision'),
+                                llm=resolve('qwen2.5-7b', 'llm', '--llm')))
+    assert new.language_model.get_output_embeddings().weight.shape[0] == 151674   # REFERENCE.md: after the resize
+    batch = Batch(rows=2, length=4096, tiles=26, supervised=1000)
+    for zero in (0, 3):
+        assert plan_memory(new, batch, zero=zero, gpus=4) == plan_memory(old, batch, zero=zero, gpus=4)
+    assert counts(new) == counts(old)
+    cfg = os.path.join(ROOT, 'configs/finetune_full.py')
+    common = [cfg, '--gpus', '4', '--gpu-mem', '24', '--zero', '3']
+    rc_new, out_new, _ = run_cli(common + ['--vision', 'internvit-300m', '--llm', 'qwen2.5-7b'], capsys)
+    rc_old, out_old, _ = run_cli(common + ['--cfg-options', f'model.vision_encoder={realsize_7b["vit"]}',
+                                           f'model.llm={realsize_7b["llm"]}'], capsys)
+    assert rc_new == rc_old == 1 and plan_lines(out_new) == plan_lines(out_old)
+    assert "vocabulary: 151,674 rows (Qwen/Qwen2.5-7B-Instruct's tokenizer (151,665 tokens) + InternVL's 9)" in out_new
+    assert 'DOES NOT FIT' in out_new and 'lm head + loss' in out_new
+    # folders holding only config.json: the config's 152,064 rows, as the old way with a tokenizer that fills them
+    rc_bare, out_bare, err = run_cli(common + ['--vision', realsize_7b['vit_only'], '--llm', realsize_7b['llm_only']],
+                                     capsys)
+    rc_pad, out_pad, _ = run_cli(common + ['--vision', realsize_7b['vit'], '--llm', realsize_7b['padded']], capsys)
+    assert err == '' and rc_bare == rc_pad == 1 and plan_lines(out_bare) == plan_lines(out_pad)
+    assert re.search(r"vocabulary: 152,064 rows \(\S+/llm_only/config.json's vocab_size; no tokenizer", out_bare)
+
+
+def test_missing_config_field_is_one_line(realsize_7b, tmp_path, capsys):
+    """A config.json without a field the planner reads is one line naming the field and the file, exit 2 (the
+    model classes would take a default); an unknown name lists the shipped ones; a folder without config.json."""
+    import json
+    cfg = [os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80']
+    for kind, src, field in (('llm', realsize_7b['llm_only'], 'num_hidden_layers'),
+                             ('vision', realsize_7b['vit_only'], 'image_size')):
+        folder = tmp_path / kind
+        folder.mkdir()
+        with open(os.path.join(src, 'config.json')) as f:
+            data = json.load(f)
+        del data[field]
+        (folder / 'config.json').write_text(json.dumps(data))
+        other = ['--vision', 'internvit-300m'] if kind == 'llm' else ['--llm', 'qwen2.5-0.5b']
+        rc, out, err = run_cli(cfg + [f'--{kind}', str(folder)] + other, capsys)
+        assert rc == 2 and 'total' not in out and err.count('\n') == 1, err
+        assert err.startswith(f"plan: error: {folder / 'config.json'} has no '{field}'"), err
+    rc, out, err = run_cli(cfg + ['--vision', 'internvit-300m', '--llm', 'qwen9'], capsys)
+    assert rc == 2 and "--llm 'qwen9': no such folder, nor a shipped model (qwen2.5-0.5b" in err
+    rc, out, err = run_cli(cfg + ['--vision', 'qwen2.5-7b', '--llm', 'qwen2.5-7b'], capsys)
+    assert (rc, err) == (2, "plan: error: --vision 'qwen2.5-7b' is an LLM, not a vision tower\n")
+    rc, out, err = run_cli(cfg + ['--vision', 'internvit-300m', '--llm', str(tmp_path)], capsys)
+    assert (rc, err) == (2, f'plan: error: model.llm: {tmp_path} has no config.json\n')

@@ -82,9 +82,24 @@ RECOMPUTED = 'llm layer recomputed'
 LM_HEAD = 'lm head + loss'
 
 
+class _Vocabulary:
+    """Stands in for a tokenizer where the LLM's folder has none: its length, the rows the embeddings are resized
+    to, is all the planner reads of it."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def convert_tokens_to_ids(self, token) -> int:
+        return self.rows - 1
+
+
 @contextlib.contextmanager
-def _meta_loaders():
-    """``VisionLanguageModel``'s loaders replaced by builders from ``config.json`` on the meta device."""
+def _meta_loaders(vocabulary: Optional[int] = None):
+    """``VisionLanguageModel``'s loaders replaced by builders from ``config.json`` on the meta device; with
+    ``vocabulary``, the tokenizer by a :class:`_Vocabulary` of that many rows (no tokenizer files read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from xtuner_plugins.engine.derive import encoder_conventions
@@ -100,11 +115,16 @@ def _meta_loaders():
         config = AutoConfig.from_pretrained(path)
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
 
-    with torch.device('meta'), \
-            mock.patch('xtuner_plugins.models.parts.build_vision_encoder', vision), \
-            mock.patch('xtuner_plugins.models.parts.load_llm', llm), \
-            mock.patch('xtuner_plugins.models.internvl.lineage_record', lambda *a, **k: {}), \
-            mock.patch('xtuner_plugins.models.internvl.log_parameter_counts', lambda *a, **k: None):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.device('meta'))
+        for target, value in (('models.parts.build_vision_encoder', vision), ('models.parts.load_llm', llm),
+                              ('models.internvl.lineage_record', lambda *a, **k: {}),
+                              ('models.internvl.log_parameter_counts', lambda *a, **k: None)):
+            stack.enter_context(mock.patch(f'xtuner_plugins.{target}', value))
+        if vocabulary is not None:
+            stack.enter_context(mock.patch('xtuner_plugins.models.parts.load_tokenizer',
+                                           lambda path: (_Vocabulary(vocabulary), 0)))
+            stack.enter_context(mock.patch('xtuner_plugins.models.parts.check_tokenizer_fits', lambda *a, **k: None))
         yield
 
 
@@ -120,17 +140,41 @@ def _reread_config(spec):
     return official_to_hf_vision_config(read_json(os.path.join(spec['path'], 'config.json')))
 
 
+def _planned_vocabulary(cfg: dict):
+    """``(rows, where from)`` for a config whose LLM folder has no tokenizer (``plan_configs``), else
+    ``(None, where from)``: the tokenizer is loaded as training loads it. Checks the towers' ``config.json``
+    first: a missing or unusable field is a ValueError naming it and the file."""
+    from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
+    from xtuner_plugins.plan_configs import has_tokenizer, planned_vocabulary, read_part_config
+    if cfg.get('official_checkpoint') is not None:
+        return None, f"the tokenizer of {cfg.get('tokenizer') or cfg['official_checkpoint']}"
+    vision, llm = cfg.get('vision_encoder'), cfg.get('llm')
+    vision = vision.get('path') if isinstance(vision, dict) else vision
+    if isinstance(vision, str):
+        read_part_config(vision, 'vision', 'model.vision_encoder')
+    if not isinstance(llm, str):
+        return None, 'the tokenizer given'
+    read_part_config(llm, 'llm', 'model.llm')
+    if cfg.get('tokenizer') is not None or has_tokenizer(llm):
+        return None, f"the tokenizer of {cfg.get('tokenizer') or llm} + InternVL's tokens it lacks"
+    return planned_vocabulary(llm, len(INTERNVL_ADDED_TOKENS))
+
+
 def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
-    """The config's ``VisionLanguageModel`` on the meta device (its settings; no previous stage loaded)."""
+    """The config's ``VisionLanguageModel`` on the meta device (its settings; no previous stage loaded), from the
+    folders' ``config.json`` alone: where the LLM's folder has no tokenizer, its vocabulary is
+    :func:`xtuner_plugins.plan_configs.planned_vocabulary`'s (``model.planned_vocabulary`` says which)."""
     from xtuner_plugins.models import VisionLanguageModel
     cfg = {k: v for k, v in dict(model_cfg).items() if k != 'type'}
     quantized = cfg.pop('llm_quantization', None) is not None
     cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
     if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
         cfg['attn_implementation'] = 'sdpa'
-    with _meta_loaders():
+    rows, source = _planned_vocabulary(cfg)
+    with _meta_loaders(rows):
         model = VisionLanguageModel(**cfg)
     model.planned_4bit = quantized
+    model.planned_vocabulary = source
     return model
 
 

@@ -2,16 +2,19 @@
 
 Usage::
 
-    python tools/plan.py CONFIG --gpus N --gpu-mem GiB [--zero 0|2|3] [--cfg-options key=value ...]
-        [--dtype bf16|fp32] [--reserve GiB]
+    python tools/plan.py CONFIG --gpus N --gpu-mem GiB [--vision NAME|DIR] [--llm NAME|DIR] [--zero 0|2|3]
+        [--cfg-options key=value ...] [--dtype bf16|fp32] [--reserve GiB]
 
-    python tools/plan.py configs/finetune_full.py --gpus 4 --gpu-mem 80 --zero 2
-    python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24 --cfg-options model.llm=models/Qwen2.5-0.5B-Instruct
+    python tools/plan.py configs/finetune_full.py --gpus 4 --gpu-mem 24 --zero 3 --vision internvit-300m --llm qwen2.5-7b
+    python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24 --llm models/Qwen2.5-0.5B-Instruct
 
 The model is the config's own (``VisionLanguageModel``'s constructor: freezing, LoRA, QLoRA's 4-bit LLM, the
 untied and resized embeddings, gradient checkpointing, attention implementation), built on the meta device from
 the ``config.json`` files of its folders: no weight is read and nothing is allocated, so a plan for a 78B model
-runs on a laptop. The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with
+runs on a laptop. ``--vision`` and ``--llm`` replace ``model.vision_encoder`` and ``model.llm``: a folder holding
+at least a ``config.json``, or the name of a published one shipped in ``xtuner_plugins/plan_configs`` (listed
+below), so the question can be asked before any download. Without a tokenizer in the LLM's folder the vocabulary
+is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``. The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with
 ``max_dynamic_patch`` tiles (+ the thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles``
 tiles for packed configs; every text token counts as supervised (the worst case for the LM head's logits).
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
@@ -22,10 +25,18 @@ How each part is counted: ``xtuner_plugins/planner.py``. The estimate is of torc
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 GIB = 2 ** 30
 CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
+
+
+def whole(value, name: str, low: int = 1) -> int:
+    """``value`` as a config setting that must be a whole number ``>= low``; ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f'{name} must be a whole number >= {low}, got {value!r}')
+    return value
 
 
 def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
@@ -33,15 +44,51 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     from xtuner_plugins.planner import Batch
     loader = cfg.train_dataloader
     ds = loader.dataset
-    rows = int(loader.get('batch_size', 1))
+    rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size')
     packed = 'max_tokens' in ds
     inner = ds.get('dataset', ds) if packed else ds
     if packed:
-        length = int(ds['max_tokens'])
-        tiles = ds.get('max_tiles') or length // tokens_per_tile
-        return Batch(rows=rows, length=length, tiles=int(tiles) * rows, supervised=0, packed=True)
-    length = int(inner.get('max_length', 8192))
+        length = whole(ds['max_tokens'], 'train_dataloader.dataset.max_tokens')
+        tiles = ds.get('max_tiles')
+        tiles = length // tokens_per_tile if tiles is None else whole(tiles, 'train_dataloader.dataset.max_tiles')
+        return Batch(rows=rows, length=length, tiles=tiles * rows, supervised=0, packed=True)
+    length = whole(inner.get('max_length', 8192), 'train_dataloader.dataset.max_length')
     return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
+
+
+def check_args(args) -> None:
+    """The numbers on the command line: ValueError naming the option and its value."""
+    if args.gpus < 1:
+        raise ValueError(f'--gpus must be >= 1, got {args.gpus}')
+    if not math.isfinite(args.gpu_mem) or args.gpu_mem <= 0:
+        raise ValueError(f'--gpu-mem must be a finite number of GiB > 0, got {args.gpu_mem:g}')
+    if not math.isfinite(args.reserve) or args.reserve < 0:
+        raise ValueError(f'--reserve must be a finite number of GiB >= 0, got {args.reserve:g}')
+
+
+def use_models(cfg, vision, llm) -> None:
+    """``--vision`` / ``--llm`` into the config's model: folders or shipped names (``plan_configs.resolve``)."""
+    from xtuner_plugins.plan_configs import resolve
+    model = cfg.model
+    if (vision or llm) and model.get('official_checkpoint') is not None:
+        if not (vision and llm):
+            raise ValueError('the config plans an official_checkpoint: give both --vision and --llm to replace it')
+        model['official_checkpoint'] = None
+    if vision:
+        folder = resolve(vision, 'vision', '--vision')
+        spec = model.get('vision_encoder')
+        model['vision_encoder'] = dict(spec, path=folder) if isinstance(spec, dict) else folder
+    if llm:
+        model['llm'] = resolve(llm, 'llm', '--llm')
+        model['tokenizer'] = None   # the LLM's own (or none: plan_configs.planned_vocabulary)
+
+
+def _names_epilog() -> str:
+    from xtuner_plugins.plan_configs import shipped
+    models = shipped()
+    return 'shipped models (--vision / --llm NAME):\n' + '\n'.join(
+        f'  {kind:6s} ' + ', '.join(f'{n} ({e["hub"]})' for n, e in models.items() if e['kind'] == kind)
+        for kind in ('vision', 'llm'))
 
 
 def with_supervised(batch, tokens_per_tile: int):
@@ -52,9 +99,13 @@ def with_supervised(batch, tokens_per_tile: int):
 
 def main(argv=None) -> int:
     from xtuner_plugins.launch import CfgOptions
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=_names_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', help='a training config (configs/*.py)')
+    p.add_argument('--vision', metavar='NAME|DIR', help='the vision tower instead of model.vision_encoder: a folder '
+                   'holding its config.json, or a shipped name (below)')
+    p.add_argument('--llm', metavar='NAME|DIR', help='the LLM instead of model.llm: a folder holding its config.json '
+                   '(a tokenizer there is used for the vocabulary), or a shipped name (below)')
     p.add_argument('--gpus', type=int, required=True, help='devices the run uses')
     p.add_argument('--gpu-mem', type=float, required=True, help='memory per device in GiB (e.g. 80)')
     p.add_argument('--zero', type=int, choices=(0, 2, 3), default=0,
@@ -64,25 +115,26 @@ def main(argv=None) -> int:
     p.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                    help='override config settings, as for training (key=value)')
     args = p.parse_args(argv)
-    if args.gpus < 1 or args.gpu_mem <= 0:
-        p.error('--gpus must be >= 1 and --gpu-mem > 0')
     from dataclasses import replace
 
     from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.planner import LM_HEAD, build_meta_model, largest_fitting, plan_memory
     try:
+        check_args(args)
         cfg = load_config(args.config, args.cfg_options)
+        config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
+        use_models(cfg, args.vision, args.llm)
         model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
+        per_tile = model.num_image_token
+        ds = cfg.train_dataloader.dataset
+        inner = ds.get('dataset', ds)
+        patches = whole(inner.get('max_dynamic_patch', 12), 'train_dataloader.dataset.max_dynamic_patch')
+        tiles = 1 if model.image_mode != 'tile' else patches + (
+            1 if inner.get('use_thumbnail', True) and patches > 1 else 0)
+        batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f'plan: error: {exc}', file=sys.stderr)
         return 2
-    per_tile = model.num_image_token
-    ds = cfg.train_dataloader.dataset
-    inner = ds.get('dataset', ds)
-    patches = int(inner.get('max_dynamic_patch', 12))
-    tiles = 1 if model.image_mode != 'tile' else patches + (1 if inner.get('use_thumbnail', True) and patches > 1
-                                                               else 0)
-    batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
     budget = args.gpu_mem * GIB
 
     fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))
@@ -100,6 +152,7 @@ def main(argv=None) -> int:
     print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
           f'checkpointing {getattr(model, "llm_recompute", None) or "off"}; attention '
           f'{lm.config._attn_implementation}')
+    print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
     print(f'batch per device: {batch.rows} {what} {batch.length} tokens, {batch.tiles} tiles '
           f'({per_tile} tokens each), {batch.supervised} supervised tokens')
     print(f'{"":22s} {"GiB":>8s}')

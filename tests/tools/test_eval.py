@@ -208,8 +208,8 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, ca
     ('--max-new-tokens', '0', 'argument --max-new-tokens: must be at least 1, got 0'),
     ('--batch-size', '0', 'argument --batch-size: must be at least 1, got 0'),
     ('--limit', '2.5', "argument --limit: '2.5' is not a whole number"),
-    ('--dtype', 'fp8', "--dtype: unknown dtype 'fp8'"),  # a traceback once the data was read
-    ('--device', 'gpu', '--device gpu: Expected one of cpu, cuda'),
+    ('--dtype', 'fp8', "argument --dtype: 'fp8' is not a dtype"),  # a traceback once the data was read
+    ('--device', 'gpu', "argument --device: 'gpu' is not a device"),
 ])
 def test_numbers_and_settings_that_mean_nothing_are_refused_at_parsing(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_:
@@ -284,3 +284,26 @@ def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, ca
     captured = capsys.readouterr()
     assert 'dropped' not in captured.err and '5 of 5 questions answered' in captured.err
     assert captured.out.strip().splitlines()[-1] == 'accuracy: 0.200 (5 questions)'
+
+
+@pytest.mark.parametrize('error', [
+    None,  # the real converter: the checkpoint is not there
+    FileNotFoundError('/w/warm/iter_5.pth: the previous stage of /w/sft/iter_9.pth (recorded in it) is not found'),
+    ValueError('model.llm: /m/other is not the folder /w/sft/iter_9.pth was trained with'),
+])
+def test_a_config_and_checkpoint_that_do_not_convert_is_one_line(tmp_path, capsys, monkeypatch, error):
+    """--config --checkpoint: a missing checkpoint, a previous stage not found, a settings mismatch were
+    tracebacks. Now the converter's own message, as convert_to_official prints it: one line, exit 2, no answers
+    file left."""
+    from tests.tools.test_convert_to_official import LORA
+    import xtuner_plugins.models.export as export
+    if error is not None:
+        def fails(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(export, 'export_checkpoint', fails)
+    data = write_questions(tmp_path, 1)
+    ckpt = str(tmp_path / 'iter_9.pth')
+    assert eval_main(['--config', LORA, '--checkpoint', ckpt, '--data', data, '--out', str(tmp_path / 'r.json')]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f'eval: error: {error or f"checkpoint not found: {ckpt}"}', err
+    assert 'Traceback' not in err and sorted(os.listdir(tmp_path)) == ['0.png', 'test.jsonl'], os.listdir(tmp_path)

@@ -53,7 +53,6 @@ from xtuner_plugins.eval.data import context_note
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.models.dtypes import resolve_dtype
 from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
 
 
@@ -97,17 +96,7 @@ def parse_args(argv=None):
     p.add_argument('--resume', action='store_true',
                    help='continue the evaluation whose answers file exists: ask only the questions not answered')
     args = p.parse_args(argv)
-    check_model_arguments(p, args)
-    try:  # here, not when the model loads after the data is read (a traceback there)
-        resolve_dtype(args.dtype)
-    except ValueError as exc:
-        p.error(f'--dtype: {exc}')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f'--device {args.device}: {exc}')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        p.error(f'--device {args.device}: no CUDA device here (use --device cpu)')
+    check_model_arguments(p, args)  # --dtype and --device: checked by their types (add_model_arguments)
     if args.answers is None and args.out:
         args.answers = os.path.splitext(args.out)[0] + '.answers.jsonl'
         args.keep_answers = False

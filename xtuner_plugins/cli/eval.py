@@ -30,12 +30,13 @@ writes a JSON report with every answer, reference and score (and how each multip
 
 Nothing is asked before the input is checked: the data (every problem listed at once: duplicate ids, image
 paths leaving ``--image-folder``, missing images or images whose header does not decode; see
-``xtuner_plugins.eval.data``) and the output paths (their folders created). Each answer is appended to the
-answers file as it comes (``--answers``; by default ``OUT.answers.jsonl`` next to ``--out``, removed once the
-report is written): after an interruption, the same command with ``--resume`` asks only the questions not
-answered yet, and the report counts them all (``xtuner_plugins.eval.answers``). A question whose image fails
-to decode when it is asked is not scored: named in the report (``FILE:LINE``) and counted on the last line
-(``; K not scored``).
+``xtuner_plugins.eval.data``) and the output paths (their folders created; an output that is one of eval's
+inputs, the data, an image or a model file, refused). Each answer is appended to the answers file as it comes
+(``--answers``; by default ``OUT.answers.jsonl`` next to ``--out``, removed once the report is written): after an
+interruption, the same command with ``--resume`` asks only the questions not answered yet (and again those whose
+images were replaced since), and the report counts them all (``xtuner_plugins.eval.answers``). A question whose
+image fails to decode when it is asked is not scored: named in the report (``FILE:LINE``) and counted on the
+last line (``; K not scored``).
 """
 
 from __future__ import annotations

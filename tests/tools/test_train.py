@@ -1,9 +1,24 @@
-"""tools/train.py's closing summary: the reason a run failed, on one line."""
+"""tools/train.py's closing summary: the reason a run failed, on one line; Ctrl-C: where the run stopped and how
+to resume, on one line."""
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
+
+from tests.train_utils import REPO_ROOT, train_env
+from xtuner_plugins import launch
 
 from xtuner_plugins.cli.train import failure_message
 from xtuner_plugins.data.errors import TooManyBadSamplesError
+
+GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
+TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')
 
 
 class _BadData(torch.utils.data.Dataset):
@@ -28,3 +43,45 @@ def test_a_data_loader_worker_error_is_summed_up_by_the_worker_message():
                                        "not found: x.jpg")
     assert failure_message(ValueError('model.llm: no such folder\nmore')) == 'model.llm: no such folder'
     assert failure_message(RuntimeError()) == ''
+
+
+def test_the_resume_command_continues_from_the_checkpoint():
+    from xtuner_plugins.cli.train import resume_command
+    argv = ['tools/train.py', 'configs/x.py', '--work-dir', 'w d', '--cfg-options', 'a=1', 'resume=True',
+            '--resume', 'old/iter_2.pth']
+    assert resume_command(argv, 'w d/iter_4.pth') == \
+        "python tools/train.py configs/x.py --work-dir 'w d' --cfg-options a=1 --resume 'w d/iter_4.pth'"
+    assert resume_command(['/venv/bin/xtuner-plugins-train', 'x.py', '--cfg-options', 'resume=True'], None) == \
+        'xtuner-plugins-train x.py'
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
+    """SIGINT to the training's process group, as Ctrl-C in a terminal, while the toy run sleeps in iteration 5
+    (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes."""
+    work = str(tmp_path / 'work')
+    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options={
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2})
+    os.makedirs(work)
+    job = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'interrupted.log'))
+    pointer, checkpoint = os.path.join(work, 'last_checkpoint'), os.path.join(work, 'iter_4.pth')
+    try:
+        deadline = time.time() + 240
+        while not (os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint):
+            assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # into iteration 5's sleep
+        os.killpg(job.proc.pid, signal.SIGINT)
+        code = job.proc.wait(timeout=60)
+    finally:
+        job.kill('test over')
+        job.close()
+    log = job.read_log()
+    lines = [line for line in log.splitlines() if line.strip()]
+    resume = shlex.join(['python', *cmd[1:], '--resume', checkpoint])
+    assert code == 130 and 'Traceback' not in log, log[-3000:]
+    assert lines[-1] == f'train: interrupted at iteration 5; last checkpoint {checkpoint}; resume: {resume}', log[-3000:]
+    resumed = subprocess.run([sys.executable, *shlex.split(resume)[1:]], env=train_env(extra_env=env), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and f'resumed from {checkpoint}' in out and 'Iter(train) [6/6]' in out, out[-3000:]

@@ -14,11 +14,14 @@ next to the weights) before any training code runs (only resume from checkpoints
 and ``--cfg-options`` are checked before anything loads: a variable of the config file (``llm_path=...``,
 which changes nothing once the file is read), a key nothing reads (a misspelt setting of the model, the data
 set, a hook, the loop: named with the closest valid ones) or a value of the wrong kind is refused in one line,
-and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``).
+and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``). Ctrl-C (SIGINT) ends
+with one line instead of a traceback, exit code 130: ``train: interrupted at iteration N; last checkpoint PATH;
+resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint).
 """
 
 import glob
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -50,15 +53,60 @@ def main() -> int:
                   'and run again)', file=sys.stderr)
             return 2
     started = time.time()
+    work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
     try:
         xtuner_train.main()
+    except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, no traceback
+        if int(os.environ.get('RANK', '0')) == 0:
+            print(f'\n{interrupted_line(work_dir, sys.argv)}', file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:  # the traceback first, then a short summary a person sees at the end
         traceback.print_exc()
-        work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
         print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  {_next_steps(work_dir, started)}',
               file=sys.stderr)
         return 1
     return 0
+
+
+def interrupted_line(work_dir: str, argv) -> str:
+    """``train: interrupted at iteration N; last checkpoint PATH (or none); resume: COMMAND``: the iteration under
+    way (MMEngine's message hub), the work folder's last checkpoint and ``argv`` run again from it."""
+    from mmengine.logging import MessageHub
+
+    from xtuner_plugins.engine.progress import last_checkpoint
+    info = MessageHub.get_current_instance().runtime_info
+    where = f'at iteration {info["iter"] + 1}' if isinstance(info.get('iter'), int) else 'before training started'
+    checkpoint = last_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    if checkpoint is None:
+        return (f'train: interrupted {where}; last checkpoint none; resume: nothing saved to resume from, '
+                f'{resume_command(argv, None)} starts over')
+    return f'train: interrupted {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
+
+
+def resume_command(argv, checkpoint) -> str:
+    """``argv`` (this process's, ``sys.argv``) as a command to type, continuing from ``checkpoint``: ``--resume``
+    and a ``resume=`` of ``--cfg-options`` replaced by ``--resume CHECKPOINT``."""
+    words, option, skip = [], None, False
+    for word in argv[1:]:
+        if skip or word == '--resume' or word.startswith('--resume='):
+            skip = word == '--resume'
+            continue
+        if word.startswith('-'):
+            option = word
+        elif option == '--cfg-options' and word.split('=', 1)[0] == 'resume':
+            continue
+        words.append(word)
+    words = [w for i, w in enumerate(words)  # a --cfg-options left without a value
+             if w != '--cfg-options' or (i + 1 < len(words) and not words[i + 1].startswith('-'))]
+    if checkpoint:
+        words += ['--resume', checkpoint]
+    script = argv[0]
+    launcher = f'python {script}' if script.endswith('.py') else os.path.basename(script)
+    world, local = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    if world > 1:  # a rank of torchrun: its launcher options are torchrun's
+        launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
+                    f'torchrun <your launcher options> {script}')
+    return ' '.join([launcher, shlex.join(words)]).strip()
 
 
 def failure_message(exc: BaseException) -> str:

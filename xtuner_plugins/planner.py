@@ -140,37 +140,18 @@ def _reread_config(spec):
     return official_to_hf_vision_config(read_json(os.path.join(spec['path'], 'config.json')))
 
 
-def _planned_vocabulary(cfg: dict):
-    """``(rows, where from)`` for a config whose LLM folder has no tokenizer (``plan_configs``), else
-    ``(None, where from)``: the tokenizer is loaded as training loads it. Checks the towers' ``config.json``
-    first: a missing or unusable field is a ValueError naming it and the file."""
-    from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
-    from xtuner_plugins.plan_configs import has_tokenizer, planned_vocabulary, read_part_config
-    if cfg.get('official_checkpoint') is not None:
-        return None, f"the tokenizer of {cfg.get('tokenizer') or cfg['official_checkpoint']}"
-    vision, llm = cfg.get('vision_encoder'), cfg.get('llm')
-    vision = vision.get('path') if isinstance(vision, dict) else vision
-    if isinstance(vision, str):
-        read_part_config(vision, 'vision', 'model.vision_encoder')
-    if not isinstance(llm, str):
-        return None, 'the tokenizer given'
-    read_part_config(llm, 'llm', 'model.llm')
-    if cfg.get('tokenizer') is not None or has_tokenizer(llm):
-        return None, f"the tokenizer of {cfg.get('tokenizer') or llm} + InternVL's tokens it lacks"
-    return planned_vocabulary(llm, len(INTERNVL_ADDED_TOKENS))
-
-
 def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
     """The config's ``VisionLanguageModel`` on the meta device (its settings; no previous stage loaded), from the
     folders' ``config.json`` alone: where the LLM's folder has no tokenizer, its vocabulary is
-    :func:`xtuner_plugins.plan_configs.planned_vocabulary`'s (``model.planned_vocabulary`` says which)."""
+    :func:`xtuner_plugins.plan_configs.model_vocabulary`'s (``model.planned_vocabulary`` says which)."""
     from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.plan_configs import model_vocabulary
     cfg = {k: v for k, v in dict(model_cfg).items() if k != 'type'}
     quantized = cfg.pop('llm_quantization', None) is not None
     cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
     if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
         cfg['attn_implementation'] = 'sdpa'
-    rows, source = _planned_vocabulary(cfg)
+    rows, source = model_vocabulary(cfg)
     with _meta_loaders(rows):
         model = VisionLanguageModel(**cfg)
     model.planned_4bit = quantized

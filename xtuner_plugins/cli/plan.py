@@ -5,7 +5,8 @@ Usage::
     python tools/plan.py CONFIG --gpus N --gpu-mem GiB [--vision NAME|DIR] [--llm NAME|DIR] [--zero 0|2|3]
         [--cfg-options key=value ...] [--dtype bf16|fp32] [--reserve GiB]
 
-    python tools/plan.py configs/finetune_full.py --gpus 4 --gpu-mem 24 --zero 3 --vision internvit-300m --llm qwen2.5-7b
+    python tools/plan.py configs/finetune_full.py --gpus 4 --gpu-mem 24 --zero 3 \
+        --vision internvit-300m --llm qwen2.5-7b
     python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24 --llm models/Qwen2.5-0.5B-Instruct
 
 The model is the config's own (``VisionLanguageModel``'s constructor: freezing, LoRA, QLoRA's 4-bit LLM, the
@@ -14,9 +15,11 @@ the ``config.json`` files of its folders: no weight is read and nothing is alloc
 runs on a laptop. ``--vision`` and ``--llm`` replace ``model.vision_encoder`` and ``model.llm``: a folder holding
 at least a ``config.json``, or the name of a published one shipped in ``xtuner_plugins/plan_configs`` (listed
 below), so the question can be asked before any download. Without a tokenizer in the LLM's folder the vocabulary
-is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``. The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with
-``max_dynamic_patch`` tiles (+ the thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles``
-tiles for packed configs; every text token counts as supervised (the worst case for the LM head's logits).
+is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``.
+The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with ``max_dynamic_patch`` tiles (+ the
+thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles`` tiles for packed configs; every
+text token counts as supervised (the worst case for the LM head's logits). A bad number (on the command line or
+in the config's batch settings) is one line naming it, exit status 2.
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
 How each part is counted: ``xtuner_plugins/planner.py``. The estimate is of torch's own memory plus
 ``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.
@@ -86,9 +89,8 @@ def use_models(cfg, vision, llm) -> None:
 def _names_epilog() -> str:
     from xtuner_plugins.plan_configs import shipped
     models = shipped()
-    return 'shipped models (--vision / --llm NAME):\n' + '\n'.join(
-        f'  {kind:6s} ' + ', '.join(f'{n} ({e["hub"]})' for n, e in models.items() if e['kind'] == kind)
-        for kind in ('vision', 'llm'))
+    return 'shipped config.json (--vision / --llm NAME; xtuner_plugins/plan_configs/models.json: sources):\n' + \
+        '\n'.join(f'  {"--" + e["kind"]:9s} {n:15s} {e["hub"]}' for n, e in models.items())
 
 
 def with_supervised(batch, tokens_per_tile: int):

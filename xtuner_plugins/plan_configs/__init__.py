@@ -100,3 +100,23 @@ def planned_vocabulary(folder: str, added: int) -> Tuple[int, str]:
     where = f"{entry['hub']}'s" if entry is not None else os.path.join(folder, 'config.json') + "'s"
     return int(part['vocab_size']), (f"{where} vocab_size; no tokenizer: training resizes to the tokenizer's "
                                      f"length + InternVL's {added} tokens")
+
+
+def model_vocabulary(cfg: dict) -> Tuple[Optional[int], str]:
+    """``(rows, where from)`` for a model config (``VisionLanguageModel``'s arguments) whose LLM folder has no
+    tokenizer (:func:`planned_vocabulary`), else ``(None, where from)``: the tokenizer is loaded as training loads
+    it. Checks the towers' ``config.json`` first: a missing or unusable field is a ValueError naming it and the
+    file."""
+    from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
+    if cfg.get('official_checkpoint') is not None:
+        return None, f"the tokenizer of {cfg.get('tokenizer') or cfg['official_checkpoint']}"
+    vision, llm = cfg.get('vision_encoder'), cfg.get('llm')
+    vision = vision.get('path') if isinstance(vision, dict) else vision
+    if isinstance(vision, str):
+        read_part_config(vision, 'vision', 'model.vision_encoder')
+    if not isinstance(llm, str):
+        return None, 'the tokenizer given'
+    read_part_config(llm, 'llm', 'model.llm')
+    if cfg.get('tokenizer') is not None or has_tokenizer(llm):
+        return None, f"the tokenizer of {cfg.get('tokenizer') or llm} + InternVL's tokens it lacks"
+    return planned_vocabulary(llm, len(INTERNVL_ADDED_TOKENS))

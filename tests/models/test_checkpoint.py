@@ -1,10 +1,13 @@
-"""``models/checkpoint.read_meta``: a training checkpoint's ``meta``, and a clear error naming any other file."""
+"""``models/checkpoint.read_meta``: a training checkpoint's ``meta``, and a clear error naming any other file;
+reading a checkpoint runs none of its code (its pickle, its recorded config)."""
+
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from xtuner_plugins.models.checkpoint import read_meta
+from xtuner_plugins.models.checkpoint import config_settings, load_trained_state_dict, read_meta, recorded_model_config
 
 
 def test_the_meta_of_a_checkpoint_and_of_a_deepspeed_folder(tmp_path):
@@ -32,3 +35,71 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path, kind):
         read_meta(str(path))
     with pytest.raises(FileNotFoundError):
         read_meta(str(tmp_path / 'missing.pth'))
+
+
+class Marker:
+    """Pickles as a call of ``touch`` (what a tampered checkpoint could hold): loading it must not run it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return touch, (self.path,)
+
+
+def touch(path):
+    with open(path, 'w') as f:
+        f.write('ran')
+    return path
+
+
+@pytest.mark.parametrize('where', ['message_hub', 'state_dict', 'meta'])
+def test_reading_a_checkpoint_runs_none_of_its_code(tmp_path, where):
+    marker = tmp_path / 'ran'
+    ckpt = {'meta': {'cfg': 'x = 1'}, 'state_dict': {'w': torch.ones(2)}, 'message_hub': {}}
+    if where == 'meta':
+        ckpt['meta']['cfg'] = Marker(str(marker))
+    elif where == 'state_dict':
+        ckpt['state_dict']['extra'] = Marker(str(marker))
+    else:
+        ckpt['message_hub']['log_scalars'] = Marker(str(marker))
+    torch.save(ckpt, tmp_path / 'iter_2.pth')
+    if where == 'meta':
+        with pytest.raises(ValueError, match=r"iter_2.pth: its meta\['cfg'\] \(the training config\) is a pickled "
+                                             r"tests.models.test_checkpoint.touch object \(not loaded\), not text"):
+            read_meta(str(tmp_path / 'iter_2.pth'))
+    else:
+        assert read_meta(str(tmp_path / 'iter_2.pth')) == {'cfg': 'x = 1'}
+        state = load_trained_state_dict(str(tmp_path / 'iter_2.pth'))
+        assert torch.equal(state['w'], torch.ones(2))
+    assert not marker.exists()
+
+
+def test_a_meta_that_is_not_a_mapping_is_named(tmp_path):
+    torch.save({'meta': ['cfg', 'x = 1'], 'state_dict': {}}, tmp_path / 'iter_2.pth')
+    with pytest.raises(ValueError, match=r"iter_2.pth: its meta is list \['cfg', 'x = 1'\], not the mapping"):
+        read_meta(str(tmp_path / 'iter_2.pth'))
+
+
+def test_the_recorded_config_is_read_as_data_never_run(tmp_path):
+    marker = tmp_path / 'ran'
+    text = ("model = dict(type='xtuner_plugins.models.VisionLanguageModel', select_layer=-1, llm_lora=dict(r=16),\n"
+            "             mean=(0.5, 0.5), layers=[1, 2], flags={'a': True}, path=None)\n")
+    assert config_settings(text, 'here') == {'model': dict(
+        type='xtuner_plugins.models.VisionLanguageModel', select_layer=-1, llm_lora=dict(r=16), mean=(0.5, 0.5),
+        layers=[1, 2], flags={'a': True}, path=None)}
+    for bad, line, code in [(f'import os\nx = os.system("touch {marker}")\n', 1, 'import os'),
+                            (f'x = 1\ny = open("{marker}", "w")\n', 2, f'open("{marker}", "w")'),
+                            ('x = 1\ndef f():\n    pass\n', 2, 'def f():'),
+                            ('x = dict(**y)\n', 1, 'dict(**y)'),
+                            ('x = {[1]: 2}\n', 1, 'x = {[1]: 2}')]:
+        torch.save({'meta': {'cfg': bad}, 'state_dict': {}}, tmp_path / 'iter_2.pth')
+        with pytest.raises(ValueError, match=rf"iter_2.pth: meta\['cfg'\] \(the training config\): line {line} is "
+                                             rf"not a plain setting \({re.escape(repr(code))}\); .* never run"):
+            recorded_model_config(str(tmp_path / 'iter_2.pth'))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"^here: not Python settings \(line 1: "):
+        config_settings('x = (', 'here')
+    torch.save({'meta': {'cfg': 'model = [1]'}, 'state_dict': {}}, tmp_path / 'iter_2.pth')
+    with pytest.raises(ValueError, match=r"iter_2.pth: meta\['cfg'\] \(the training config\) sets model to list"):
+        recorded_model_config(str(tmp_path / 'iter_2.pth'))

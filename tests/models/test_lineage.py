@@ -12,7 +12,7 @@ import torch
 from tests.models.conftest import build
 from tests.models.test_preference import pair_items, pairs  # noqa: F401 (fixtures)
 from xtuner_plugins.models.lineage import (fingerprint, fingerprint_differences, previous_stage_for,
-                                           resolve_chain)
+                                           recorded_inputs, resolve_chain)
 from xtuner_plugins.tiny import make_tiny_models
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
@@ -187,3 +187,47 @@ def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatc
     time.sleep(0.01)
     path.write_bytes(b'b' * 1000)
     assert lineage.fingerprint_differences(first, lineage.fingerprint(str(path))) and len(calls) == 2
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('sources', ['vision_encoder', 'llm'], "sources: expected a mapping of source folders, got list"),
+    ('sources', {'llm': 'tiny/llm'}, "sources.llm: expected a mapping, got str 'tiny/llm'"),
+    ('sources', {'llm': {'path': 'l', 'files': {'config.json': 7}}},
+     r"sources.llm.files\['config.json'\]: expected \[size, digest\], got int 7"),
+    ('pretrained', 'warm.pth', "pretrained: expected a mapping, got str 'warm.pth'"),
+    ('pretrained', {'path': 3}, 'pretrained.path: expected a path, got int 3'),
+    ('llm_lora', [4, 8], r'llm_lora: expected a mapping of LoRA settings or None, got list \[4, 8\]'),
+    ('from_scratch', 'no', "from_scratch: expected true or false, got str 'no'"),
+    (None, ['sources'], r"expected a mapping, got list \['sources'\]"),
+])
+def test_a_tampered_lineage_is_named_by_checkpoint_and_field(tiny, chain, tmp_path, field, value, message):
+    meta = torch.load(chain['sft'], weights_only=False)['meta']
+    lineage = value if field is None else dict(meta['lineage'], **{field: value})
+    torch.save({'meta': {'lineage': lineage}, 'state_dict': {}}, tmp_path / 'iter_3.pth')
+    path = str(tmp_path / 'iter_3.pth')
+    pattern = rf"^{path}: its recorded lineage \(meta\['lineage'\]\) is not what training writes: {message}"
+    with pytest.raises(ValueError, match=pattern):
+        resolve_chain(path)
+    with pytest.raises(ValueError, match=pattern):
+        previous_stage_for(dict(vision_encoder=tiny['internvit'], llm=tiny['llm']), path)
+
+
+def test_an_old_checkpoints_config_is_read_as_data_never_run(tmp_path):
+    marker = tmp_path / 'ran'
+    text = f'import os\nmodel = dict(pretrained_pth=os.system("touch {marker}"))\n'
+    torch.save({'meta': {'cfg': text}, 'state_dict': {}}, tmp_path / 'old.pth')
+    with pytest.raises(ValueError, match=r"old.pth: meta\['cfg'\] \(the training config\): line 1 is not a plain "
+                                         r"setting \('import os'\)"):
+        resolve_chain(str(tmp_path / 'old.pth'))
+    assert not marker.exists()
+    torch.save({'meta': {'cfg': 'model = dict(pretrained_pth=[1])'}, 'state_dict': {}}, tmp_path / 'old.pth')
+    with pytest.raises(ValueError, match=r"old.pth: meta\['cfg'\] .* sets model.pretrained_pth to \[1\], not a path"):
+        resolve_chain(str(tmp_path / 'old.pth'))
+
+
+def test_the_inputs_a_lineage_names(tiny, chain):
+    """What a conversion of the SFT checkpoint reads besides the command line: the warm-up checkpoint (through
+    the lineage) and the source folders recorded along the chain."""
+    found = recorded_inputs(chain['sft'])
+    assert chain['warm'] in found and tiny['internvit'] in found and tiny['llm'] in found
+    assert chain['warm'] not in recorded_inputs(chain['warm'])

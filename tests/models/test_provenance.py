@@ -56,3 +56,13 @@ def test_a_checkpoint_without_a_recorded_config_is_converted_with_a_note(tmp_pat
     notes = []
     check_trained_settings(lora_cfg(), str(tmp_path / 'plain.pth'), notes.append)
     assert notes and 'no training config recorded' in notes[0]
+
+
+def test_a_recorded_config_with_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / 'ran'
+    text = f'import os\nmarker = os.system("touch {marker}")\n' + lora_cfg().pretty_text
+    torch.save({'meta': {'cfg': text}, 'state_dict': {}}, tmp_path / 'iter_4.pth')
+    with pytest.raises(ValueError, match=r"iter_4.pth: meta\['cfg'\] \(the training config\): line 1 is not a plain "
+                                         r"setting \('import os'\)"):
+        check_trained_settings(lora_cfg(), str(tmp_path / 'iter_4.pth'))
+    assert not marker.exists()

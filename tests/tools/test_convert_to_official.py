@@ -284,3 +284,70 @@ def test_lora_on_an_official_checkpoint_converts(tiny, batch, tmp_path):
     folder = convert(LORA, str(tmp_path / 'lora.pth'), tmp_path / 'out', lora_opts)
     assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
     assert max_diff(official_logits(official, batch), expected, batch['attention_mask']) > 10 * TOL
+
+
+def test_out_dir_a_link_is_written_through(tiny, tmp_path, capsys):
+    """A link to an empty folder as OUT_DIR: the folder it points at gets the converted files, the link stays
+    (the whole conversion used to run and then fail on removing the link)."""
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    (tmp_path / 'real').mkdir()
+    os.symlink(tmp_path / 'real', tmp_path / 'link')
+    assert convert_main([LORA, ckpt, str(tmp_path / 'link'), '--dtype', 'fp32'] + as_args(opts)) == 0
+    assert f'OUT_DIR {tmp_path / "link"} is a link: writing into the folder it points at, {tmp_path / "real"}' in \
+        capsys.readouterr().out
+    assert os.path.islink(tmp_path / 'link') and (tmp_path / 'real' / 'config.json').exists()
+    assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def test_overwrite_never_replaces_an_input_or_a_training_work_folder(tiny, tmp_path, capsys):
+    """Issue 46: ``convert --overwrite`` into the previous stage's work folder (found through the lineage, not on
+    the command line) deleted its checkpoints and logs. Any folder holding an input, or a training run's files,
+    is refused before anything is built."""
+    from xtuner_plugins.models.lineage import lineage_record
+    opts = options(tiny)
+    warm_dir, sft_dir = tmp_path / 'pretrain', tmp_path / 'finetune'
+    warm_dir.mkdir(), sft_dir.mkdir()
+    warm = str(warm_dir / 'iter_2.pth')
+    torch.save({'meta': {}, 'state_dict': {}}, warm)
+    (warm_dir / 'train_output.log').write_text('log')
+    ckpt = str(sft_dir / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state['meta'] = {'lineage': lineage_record({}, pretrained_pth=warm)}
+    torch.save(state, ckpt)
+
+    def refused(out):
+        code = convert_main([LORA, ckpt, str(out), '--dtype', 'fp32', '--overwrite'] + as_args(opts))
+        out_err = capsys.readouterr()
+        assert code == 2 and '[1/4]' not in out_err.out, out_err
+        (line,) = out_err.err.splitlines()
+        return line
+
+    assert refused(warm_dir) == (f'convert_to_official: error: OUT_DIR {warm_dir} is, holds or lies inside an input '
+                                 f'({warm}); choose another folder')
+    assert os.path.exists(warm) and (warm_dir / 'train_output.log').exists()
+    assert 'is, holds or lies inside an input' in refused(tmp_path)
+    for i, name in enumerate(('last_checkpoint', 'run.lock', os.path.join('sub', 'epoch_1.pth'))):
+        folder = tmp_path / f'run_{i}'
+        (folder / name).parent.mkdir(parents=True)
+        (folder / name).write_text('x')
+        assert refused(folder) == (f'convert_to_official: error: OUT_DIR {folder} holds a training run\'s files '
+                                   f'({folder / name}); a conversion never replaces a training work folder, '
+                                   '--overwrite or not: choose another folder')
+        assert (folder / name).exists()
+
+
+def test_a_tampered_checkpoint_is_one_line(tiny, tmp_path, capsys):
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    for meta, field in [({'lineage': {'sources': ['llm']}}, "meta['lineage']"),
+                        ({'cfg': 'import os\nmodel = dict()'}, "meta['cfg']")]:
+        torch.save(dict(state, meta=meta), ckpt)
+        assert convert_main([LORA, ckpt, str(tmp_path / 'out'), '--dtype', 'fp32'] + as_args(opts)) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f'convert_to_official: error: {ckpt}') and field in line, line
+    assert not (tmp_path / 'out').exists()

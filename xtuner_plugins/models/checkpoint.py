@@ -5,15 +5,80 @@ DeepSpeed a *folder* of that name holding DeepSpeed's own files (ZeRO-2/3 optimi
 module states). Both give back the model's state dict here, consolidated to fp32 on the CPU (no GPU
 needed). XTuner saves DeepSpeed checkpoints with ``exclude_frozen_parameters``: they hold only what was
 trained, like our ``VisionLanguageModel.state_dict``.
+
+A checkpoint is read as data: nothing in it runs. Its pickle builds torch's tensors and plain containers only
+(torch's own ``weights_only`` list); any other class or function it names (MMEngine's ``HistoryBuffer``, numpy
+arrays of the message hub, or a tampered file's ``os.system``) becomes an inert placeholder, never called. The
+training config MMEngine records in it (``meta['cfg']``, Python text) is parsed as ``name = value`` lines of
+literals and ``dict(...)`` (:func:`config_settings`), never executed; anything else is refused by line.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import pickle
+import types
 from typing import Dict, Optional
 
 import torch
+
+
+class _Inert:
+    """Built in place of a class or function a checkpoint's pickle names outside torch's tensor list: it takes
+    whatever the pickle hands it and calls nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+_INERT: Dict[str, type] = {}
+
+
+def _inert(name: str) -> type:
+    if name not in _INERT:
+        _INERT[name] = type(name, (_Inert,), {'__module__': __name__, '__qualname__': f'inert {name}'})
+    return _INERT[name]
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = _get_allowed_globals()
+        full = f'{module}.{name}'
+        return allowed[full] if full in allowed else _inert(full)
+
+
+#: ``torch.load``'s ``pickle_module``: the checkpoint's pickle with :class:`_Unpickler`
+_SAFE_PICKLE = types.ModuleType('xtuner_plugins_safe_pickle')
+_SAFE_PICKLE.Unpickler = _Unpickler
+_SAFE_PICKLE.load = lambda f, **kwargs: _Unpickler(f, **kwargs).load()
+
+
+def load_checkpoint_file(path: str, mmap: bool = False):
+    """What ``torch.load`` gives for an MMEngine or DeepSpeed checkpoint file, without running any of its code:
+    tensors and plain values; anything else an inert placeholder (module docstring)."""
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
+
+
+def _kind(value) -> str:
+    """How to name a value of the wrong type in a message."""
+    if isinstance(value, _Inert):
+        return f'a pickled {type(value).__name__} object (not loaded)'
+    return f'{type(value).__name__} {value!r}'[:120]
 
 
 def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Tensor]:
@@ -36,8 +101,8 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
         state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
     else:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
-        # which torch's weights_only loader refuses; they are this project's own outputs.
-        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=lazy)
+        # which torch's weights_only loader refuses: they become inert placeholders here
+        ckpt = load_checkpoint_file(path, mmap=lazy)
         state = (ckpt.get('state_dict', ckpt.get('module', ckpt)) if isinstance(ckpt, dict) else None)
         if not isinstance(state, dict):
             raise ValueError(f'{path}: no state dict found (keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})')
@@ -51,7 +116,8 @@ def read_meta(checkpoint: str) -> dict:
 
     Raises:
         ValueError: naming the file, when it is not a checkpoint torch can read (a safetensors file, a
-            converted folder's weights, a truncated copy).
+            converted folder's weights, a truncated copy), or its ``meta`` or ``meta['cfg']`` is not what
+            training writes (a mapping; text).
     """
     path = checkpoint
     if os.path.isdir(checkpoint):
@@ -60,16 +126,85 @@ def read_meta(checkpoint: str) -> dict:
             return {}
         path = os.path.join(checkpoint, found[0])
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+        ckpt = load_checkpoint_file(path, mmap=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # torch's unpickling and zip errors alike
+    except Exception as exc:  # unpickling and zip errors alike
         reason = (str(exc).splitlines() or [''])[0][:200]
         raise ValueError(f'{path} is not a training checkpoint torch can read ({type(exc).__name__}: {reason}); '
                          'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder '
                          'DeepSpeed saves)') from exc
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its meta is {_kind(meta)}, not the mapping training writes; use a checkpoint "
+                         'as training wrote it')
+    if meta.get('cfg') is not None and not isinstance(meta['cfg'], str):
+        raise ValueError(f"{path}: its meta['cfg'] (the training config) is {_kind(meta['cfg'])}, not text; use a "
+                         'checkpoint as training wrote it')
+    return meta
+
+
+class _NotPlain(Exception):
+    """A part of a config text that is not a plain setting (``args[0]``: its node)."""
+
+
+def _literal(node: ast.AST):
+    """The value of a settings expression: literals, lists, tuples, sets, ``{...}`` and ``dict(key=...)``."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [_literal(e) for e in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else set(items) if isinstance(node, ast.Set) else items
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float))):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict' and not node.args
+            and all(k.arg is not None for k in node.keywords)):
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    raise _NotPlain(node)
+
+
+def config_settings(text: str, where: str) -> dict:
+    """The settings of a config text MMEngine dumped (``name = value`` lines, see :func:`_literal`), read as data:
+    nothing of it runs. ``where`` names the text in the error.
+
+    Raises:
+        ValueError: naming ``where`` and the line, for text that is not such settings (an ``import``, a call).
+    """
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as exc:
+        raise ValueError(f'{where}: not Python settings (line {exc.lineno}: {exc.msg})') from exc
+    settings = {}
+    for stmt in tree.body:
+        try:
+            if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+                raise _NotPlain(stmt)
+            settings[stmt.targets[0].id] = _literal(stmt.value)
+        except (_NotPlain, TypeError) as exc:  # TypeError: an unhashable key ({[1]: 2})
+            node = exc.args[0] if isinstance(exc, _NotPlain) else stmt
+            code = (ast.get_source_segment(text, node) or '').splitlines()[0][:80]
+            raise ValueError(f'{where}: line {getattr(node, "lineno", stmt.lineno)} is not a plain setting '
+                             f'({code!r}); a checkpoint\'s config is read as data, never run: use a checkpoint as '
+                             'training wrote it') from None
+    return settings
+
+
+def recorded_model_config(checkpoint: str, meta: Optional[dict] = None) -> Optional[dict]:
+    """The ``model`` settings of the training config recorded in ``checkpoint`` (``meta``: its :func:`read_meta`,
+    when read already), parsed as data (:func:`config_settings`); None when it records no config."""
+    meta = read_meta(checkpoint) if meta is None else meta
+    if not meta.get('cfg'):
+        return None
+    model = config_settings(meta['cfg'], f"{checkpoint}: meta['cfg'] (the training config)").get('model', {})
+    if not isinstance(model, dict):
+        raise ValueError(f"{checkpoint}: meta['cfg'] (the training config) sets model to {_kind(model)}, not the "
+                         'settings training writes; use a checkpoint as training wrote it')
+    return model
 
 
 _WEIGHT_FILES = ('model.safetensors.index.json', 'model.safetensors', 'pytorch_model.bin.index.json',

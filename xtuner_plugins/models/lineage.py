@@ -139,21 +139,84 @@ def _plain(value):
 
 
 def read_lineage(checkpoint: str) -> Optional[dict]:
-    """The lineage recorded in ``checkpoint``; for one written before lineage was recorded, what its recorded
-    config says (paths and adapters, no fingerprints, ``partial: True``); None when neither is there."""
-    from .checkpoint import read_meta
+    """The lineage recorded in ``checkpoint``, checked (:func:`lineage_problem`); for one written before lineage
+    was recorded, what its recorded config says (paths and adapters, no fingerprints, ``partial: True``); None
+    when neither is there.
+
+    Raises:
+        ValueError: naming the checkpoint and the field, for a record that is not what training writes.
+    """
+    from .checkpoint import read_meta, recorded_model_config
     meta = read_meta(checkpoint)
-    if isinstance(meta.get('lineage'), dict):
+    if meta.get('lineage') is not None:
+        problem = lineage_problem(meta['lineage'])
+        if problem:
+            raise ValueError(f"{checkpoint}: its recorded lineage (meta['lineage']) is not what training writes: "
+                             f'{problem}; use a checkpoint as training wrote it')
         return meta['lineage']
-    if not meta.get('cfg'):
+    model = recorded_model_config(checkpoint, meta)
+    if model is None:
         return None
-    from mmengine.config import Config
-    model = Config.fromstring(meta['cfg'], '.py').get('model', {})
     pretrained = model.get('pretrained_pth')
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise ValueError(f"{checkpoint}: meta['cfg'] (the training config) sets model.pretrained_pth to "
+                         f'{pretrained!r}, not a path; use a checkpoint as training wrote it')
     return dict(version=0, partial=True, sources={},
                 pretrained=dict(path=pretrained, abspath=None) if pretrained else None,
                 llm_lora=_plain(model.get('llm_lora')), vision_lora=_plain(model.get('vision_lora')),
                 from_scratch=False)
+
+
+def _kind(value) -> str:
+    return f'{type(value).__name__} {value!r}'[:100]
+
+
+def _fingerprint_problem(value, field: str) -> Optional[str]:
+    """The problem of a recorded fingerprint (:func:`fingerprint`: path, abspath, files), or None."""
+    if not isinstance(value, dict):
+        return f'{field}: expected a mapping, got {_kind(value)}'
+    for key in ('path', 'abspath'):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            return f'{field}.{key}: expected a path, got {_kind(value[key])}'
+    if not isinstance(value.get('path'), str):
+        return f'{field}.path: expected a path, got {_kind(value.get("path"))}'
+    files = value.get('files')
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f'{field}.files: expected a mapping, got {_kind(files)}'
+    for name, entry in files.items():
+        if not (isinstance(name, str) and isinstance(entry, (list, tuple)) and len(entry) == 2
+                and isinstance(entry[0], int) and not isinstance(entry[0], bool) and isinstance(entry[1], str)):
+            return f'{field}.files[{name!r}]: expected [size, digest], got {_kind(entry)}'
+    return None
+
+
+def lineage_problem(record) -> Optional[str]:
+    """What is wrong with a lineage record read from a checkpoint (field and value), or None: the types
+    :func:`lineage_record` writes, so that a tampered or damaged record is named, not met deep in a traceback."""
+    if not isinstance(record, dict):
+        return f'expected a mapping, got {_kind(record)}'
+    sources = record.get('sources', {})
+    if not isinstance(sources, dict):
+        return f'sources: expected a mapping of source folders, got {_kind(sources)}'
+    for key, value in sources.items():
+        problem = _fingerprint_problem(value, f'sources.{key}')
+        if problem:
+            return problem
+    if record.get('pretrained') is not None:
+        problem = _fingerprint_problem(record['pretrained'], 'pretrained')
+        if problem:
+            return problem
+    for key in ('llm_lora', 'vision_lora'):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f'{key}: expected a mapping of LoRA settings or None, got {_kind(record[key])}'
+    for key in ('from_scratch', 'partial'):
+        if key in record and not isinstance(record[key], bool):
+            return f'{key}: expected true or false, got {_kind(record[key])}'
+    if 'version' in record and (not isinstance(record['version'], int) or isinstance(record['version'], bool)):
+        return f'version: expected a whole number, got {_kind(record["version"])}'
+    return None
 
 
 @dataclass
@@ -239,4 +302,21 @@ def previous_stage_for(cfg_model, checkpoint: str, log: Callable[[str], None] = 
     found = locate_previous(record, checkpoint, given)
     if given is None:
         log(f'previous stage (recorded in {checkpoint}): {found}')
+    return found
+
+
+def recorded_inputs(checkpoint: str) -> List[str]:
+    """Every file and folder on disk that ``checkpoint``'s lineage names: its previous stages, back to the first
+    (as recorded, before any fingerprint check), and their source folders. What a conversion reads besides the
+    command line: ``convert`` refuses to write over any of them."""
+    found, seen, current = [], set(), checkpoint
+    while current is not None and os.path.realpath(current) not in seen:
+        seen.add(os.path.realpath(current))
+        record = read_lineage(current)
+        if record is None:
+            break
+        recorded = [*record.get('sources', {}).values(), record.get('pretrained') or {}]
+        found += [p for r in recorded for p in (r.get('abspath'), r.get('path')) if p and os.path.exists(p)]
+        previous = record.get('pretrained') or {}
+        current = next((p for p in (previous.get('abspath'), previous.get('path')) if p and os.path.exists(p)), None)
     return found

@@ -4,8 +4,8 @@ Key names and shapes catch most mismatches (``VisionLanguageModel.load_pretraine
 settings that leave them alone and change the result: a LoRA checkpoint trained with ``lora_alpha=32`` and
 merged with 64 has the same tensors and gives weights off by up to 0.05. MMEngine records the run's whole
 config in every checkpoint (``meta['cfg']``, its text; under DeepSpeed in the folder's ``*model_states.pt``);
-:func:`check_trained_settings` reads it back and refuses any of :data:`RESULT_SETTINGS` that differs from the
-config given to the converter, naming both values.
+:func:`check_trained_settings` reads it back, as data (``checkpoint.config_settings``: never run), and refuses any
+of :data:`RESULT_SETTINGS` that differs from the config given to the converter, naming both values.
 """
 
 from __future__ import annotations
@@ -70,13 +70,12 @@ def setting_differences(trained_model_cfg, given_model_cfg) -> List[str]:
 
 def check_trained_settings(cfg, checkpoint: str, log: Callable[[str], None] = print) -> None:
     """Raise ValueError when ``checkpoint`` was trained with other result-changing settings than ``cfg``."""
-    text = recorded_config_text(checkpoint)
-    if not text:
+    from .checkpoint import recorded_model_config
+    trained = recorded_model_config(checkpoint)
+    if trained is None:
         log(f'{checkpoint}: no training config recorded in it; its settings are not compared with the config')
         return
-    from mmengine.config import Config
-    trained = Config.fromstring(text, '.py')
-    problems = setting_differences(trained.get('model', {}), cfg.model)
+    problems = setting_differences(trained, cfg.model)
     if problems:
         raise ValueError(f'{checkpoint} was trained with other settings than the config gives (pass the training '
                          f'run\'s config and --cfg-options): ' + '; '.join(problems))

@@ -9,6 +9,7 @@ Peak memory is about the model's size plus the largest tensor being converted.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import time
@@ -18,8 +19,10 @@ import torch
 
 from xtuner_plugins.engine.hooks import peak_rss_mb
 from xtuner_plugins.engine.options import load_config
+from xtuner_plugins.engine.runlock import LOCK_NAME
 
 from ..dtypes import dtype_name
+from ..lineage import recorded_inputs
 from .build import build_for_export, merge_adapters, tiling_settings, training_system_message
 from .files import Log, _print
 from .hf import write_hf
@@ -28,25 +31,49 @@ from .official import internvl_misfit, write_official
 from .remote import write_remote
 
 
-def _inputs(cfg, checkpoint: Optional[str]):
-    """The existing files and folders the conversion reads."""
+def _inputs(config: str, cfg, checkpoint: Optional[str]):
+    """The existing files and folders the conversion reads: the config, the checkpoint, the config's sources and
+    everything the checkpoint's lineage names (its previous stages and their sources, not on the command line)."""
     model = cfg.model
     vision = model.get('vision_encoder')
-    paths = [checkpoint, vision.get('path') if isinstance(vision, dict) else vision, model.get('llm'),
+    paths = [config, checkpoint, vision.get('path') if isinstance(vision, dict) else vision, model.get('llm'),
              model.get('official_checkpoint'), model.get('pretrained_pth'), model.get('tokenizer')]
-    return [os.path.realpath(p) for p in paths if isinstance(p, str) and os.path.exists(p)]
+    if checkpoint is not None:
+        paths += recorded_inputs(checkpoint)
+    return sorted({os.path.realpath(p) for p in paths if isinstance(p, str) and os.path.exists(p)})
 
 
-def check_out_dir(out_dir: str, inputs, overwrite: bool) -> None:
-    """Refuse an output folder that is an input, holds an input, or is not empty (without ``overwrite``)."""
+#: what a training work folder holds (checkpoints, MMEngine's pointer to the last one, the run lock)
+TRAINING_FILES = ('*.pth', 'last_checkpoint', LOCK_NAME)
+
+
+def training_file(folder: str) -> Optional[str]:
+    """The first file in ``folder`` or below that marks a training work folder (:data:`TRAINING_FILES`), or None."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_FILES):
+                return os.path.join(root, name)
+    return None
+
+
+def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
+    """The folder to write (``out_dir``, or the folder it links to); refuses one that is an input, holds an input
+    or lies inside one, one that holds a training run's files (``--overwrite`` never deletes a work folder), and
+    a non-empty one without ``overwrite``."""
     out = os.path.realpath(out_dir)
     for path in inputs:
         if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
             raise ValueError(f'OUT_DIR {out_dir} is, holds or lies inside an input ({path}); choose another folder')
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f'OUT_DIR {out_dir} exists and is not a folder')
+    found = training_file(out) if os.path.isdir(out) else None
+    if found:
+        raise ValueError(f'OUT_DIR {out_dir} holds a training run\'s files ({found}); a conversion never replaces a '
+                         'training work folder, --overwrite or not: choose another folder')
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f'OUT_DIR {out_dir} is not empty; pass --overwrite to replace its contents')
+    return out
 
 
 FORMATS = ('auto', 'official', 'hf', 'llava', 'remote')
@@ -77,8 +104,8 @@ def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt:
 
     ``fmt``: ``'official'`` (InternVL's remote-code layout), ``'hf'`` (transformers' InternVL), ``'llava'``
     (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
-    one that fits, see :func:`choose_format`). The folder is written next to ``out_dir`` and moved into place
-    only when complete.
+    one that fits, see :func:`choose_format`). The folder is written next to ``out_dir`` (the folder it links to,
+    for a link) and moved into place only when complete.
     """
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
@@ -86,22 +113,24 @@ def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt:
     cfg = load_config(config, cfg_options)
     if checkpoint is not None and not os.path.exists(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    check_out_dir(out_dir, _inputs(cfg, checkpoint), overwrite)
+    out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite)
+    if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
+        log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
     log(f'[1/4] building the model of {config} in {dtype_name(dtype)}')
     model = build_for_export(cfg, checkpoint, dtype, log)
     fmt = choose_format(model, fmt)
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     merge_adapters(model, dtype, log)
-    tmp = os.path.realpath(out_dir).rstrip(os.sep) + f'.tmp-{os.getpid()}'
+    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
         WRITERS[fmt](model, tiling_settings(cfg, model), tmp, dtype, max_shard_size, log,
                      system=training_system_message(cfg))
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

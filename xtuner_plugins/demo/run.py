@@ -36,6 +36,7 @@ last ``demo accuracy: A (N questions); blind control: B``.
 
 This module is the orchestration; its parts: :mod:`~xtuner_plugins.demo.recipe` (the recipe and ``--set``),
 :mod:`~xtuner_plugins.demo.stages` (configs, models, data, ``--cfg-options``, training and conversion),
+:mod:`~xtuner_plugins.demo.preference_stage` (steps 7 and 8, the recipe's preference stage),
 :mod:`~xtuner_plugins.demo.scoring` (answers and their scores), :mod:`~xtuner_plugins.demo.console` (output),
 :mod:`~xtuner_plugins.demo.data` (the synthetic data), :mod:`~xtuner_plugins.demo.preference` (pairs).
 """
@@ -49,98 +50,22 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from xtuner_plugins.launch import cache_env
 
 from .console import Console, DemoError, fmt_time
+from .preference_stage import preference_stage
 from .recipe import PROJECTOR_TYPES, RECIPES, VISION_TYPES, Recipe, recipe_from_args
-from .scoring import (Answer, DemoResult, PreferenceResult, accuracy, answer_questions, answer_table, kind_changes,
-                      per_kind, single_frame_accuracy, summary_line)
-from .stages import (DEFAULT_CONFIGS, PREFERENCE_LOSSES, REPO_ROOT, StageResult, deepspeed_json, demo_configs,
-                     make_data, make_models, model_geometry, preference_config, repeat_for, run_converter,
-                     stage_options, train_stage)
+from .scoring import (Answer, DemoResult, accuracy, answer_questions, answer_table, kind_changes, per_kind,
+                      single_frame_accuracy, summary_line)
+from .stages import (DEFAULT_CONFIGS, REPO_ROOT, StageResult, deepspeed_json, demo_configs, make_data, make_models,
+                     model_geometry, preference_config, run_converter, stage_options, train_stage)
 
 __all__ = ['Answer', 'CONFIGS', 'REPO_ROOT', 'Recipe', 'RECIPES', 'main', 'per_kind', 'run_demo']
 
 #: The stage configs of the demo (the checkout's by default; a run with ``configs_dir`` puts its own here).
 CONFIGS: Dict[str, str] = demo_configs() if DEFAULT_CONFIGS else {}
-
-
-def preference_stage(recipe: Recipe, models, data, geometry, stages, ft_options, work_dir: str, console: Console,
-                     nproc: int, deepspeed: Optional[str], cache_root: str, stage_timeout: float,
-                     timings: Dict[str, float], steps: int) -> PreferenceResult:
-    """Steps 7 and 8: pairs, LoRA DPO/MPO from the fine-tuned checkpoint, held-out preference accuracy before
-    and after, conversion and the demo's questions again."""
-    from xtuner_plugins.demo.preference import make_pairs, pair_counts, preference_accuracy, wrong_answers
-    from xtuner_plugins.models.inference import ConvertedModel, folder_format
-    t = time.perf_counter()
-    weights = ([float(w) for w in recipe.preference_weights.split(',')] if recipe.preference_weights else
-               PREFERENCE_LOSSES[recipe.preference]['weights'])
-    losses = ' + '.join(f'{w} {k}' for k, w in zip(PREFERENCE_LOSSES[recipe.preference]['types'], weights))
-    config = preference_config(recipe, CONFIGS)
-    trained = ('LoRA from the fine-tuned model, which is the reference' if recipe.preference_mode == 'lora' else
-               'projector and LLM from the fine-tuned model, a frozen copy of it the reference')
-    console.step(f'7/{steps} preference training ({recipe.preference}: {losses}, beta {recipe.preference_beta}): '
-                 f'{os.path.relpath(config, os.path.dirname(os.path.dirname(config)))}, {trained}')
-    folder = os.path.join(work_dir, 'data')
-    pairs = {split: os.path.join(folder, f'{split}_pairs.jsonl') for split in ('preference', 'test')}
-    asking = time.perf_counter()
-    own, asked = wrong_answers(ConvertedModel(os.path.join(work_dir, 'converted')), data['preference'],
-                               data['images'], None, recipe.max_new_tokens, batch_size=16,
-                               samples=recipe.preference_samples, temperature=recipe.preference_temperature,
-                               seed=recipe.seed)
-    asking = time.perf_counter() - asking
-    counts = {'preference': make_pairs(data['preference'], pairs['preference'], recipe.seed, own,
-                                       per_prompt=recipe.preference_pairs_per_prompt,
-                                       fallback=recipe.preference_fallback,
-                                       random_pairs=recipe.preference_random_pairs),
-              'test': make_pairs(data['test'], pairs['test'], recipe.seed)}
-    console(f'  rejected answers as MMPR draws them: the fine-tuned model answered {asked} new questions greedily '
-            f'and {recipe.preference_samples} times at temperature {recipe.preference_temperature} '
-            f'({asking:.0f} s); wrong on {len(own)} of them')
-    console(pairs_report(pair_counts(pairs['preference']), counts, pairs, recipe))
-    options = stage_options('preference', recipe, models, pairs['preference'], data['images'],
-                            ft_options['train_dataloader.dataset.cache_dir'], nproc,
-                            pretrained_pth=stages['finetune'].checkpoint, geometry=geometry)
-    options['train_dataloader.dataset.repeat_times'] = round(
-        repeat_for(recipe.preference_iters, recipe.preference_batch, counts['preference']), 6)
-    stages['preference'] = train_stage('preference', config, os.path.join(work_dir, 'preference'),
-                                       options, console, nproc, deepspeed, cache_root, stage_timeout)
-    kinds: Dict[str, Dict[str, float]] = {'before': {}, 'after': {}}
-    before, n = preference_accuracy(config, options, None, pairs['test'], data['images'],
-                                    by_kind=kinds['before'])
-    after, _ = preference_accuracy(config, options, stages['preference'].checkpoint, pairs['test'],
-                                   data['images'], by_kind=kinds['after'])
-    console(f'  held-out preference accuracy {before:.3f} -> {after:.3f}; per kind: '
-            + ', '.join(f'{k} {kinds["before"][k]:.2f} -> {v:.2f}' for k, v in kinds['after'].items()))
-    timings['preference'] = time.perf_counter() - t
-    t = time.perf_counter()
-    console.step(f'8/{steps} the preference-trained model: conversion and the same questions')
-    converted = run_converter(config, stages['preference'].checkpoint, options,
-                              os.path.join(work_dir, 'converted_preference'), console)
-    answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
-                               recipe.video_frames)
-    timings['answers_preference'] = time.perf_counter() - t
-    return PreferenceResult(accuracy=after, before=before, n=n, answers=answers, converted=converted,
-                            converted_format=folder_format(converted), pairs=pair_counts(pairs['preference']),
-                            by_kind=kinds['after'])
-
-
-def pairs_report(by_kind: Mapping[str, Mapping[str, int]], counts: Mapping[str, int], pairs: Mapping[str, str],
-                 recipe: Recipe) -> str:
-    """The training pairs in a few lines: how many, on-policy (the model's own wrong answers) or random, per
-    kind."""
-    model, fallback = (sum(c[key] for c in by_kind.values()) for key in ('model', 'random'))
-    lines = [f'  pairs (chosen: the right answer): {counts["preference"]} for training in '
-             f'{os.path.relpath(pairs["preference"], REPO_ROOT)}: {model} on-policy (the model\'s own wrong '
-             f'answers, at most {recipe.preference_pairs_per_prompt} a question), {fallback} random (another answer '
-             f'of its kind: {recipe.preference_random_pairs} a question, and one for a question the model never got '
-             f'wrong{"" if recipe.preference_fallback else ": off"}); {counts["test"]} held out (random wrong answers)',
-             f'  {"kind":<12} {"questions":>9} {"on-policy":>9} {"random":>7}  (questions: those with a pair)']
-    for kind, c in by_kind.items():
-        lines.append(f'  {kind:<12} {c["prompts"]:>9d} {c["model"]:>9d} {c["random"]:>7d}')
-    return '\n'.join(lines)
 
 
 def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recipe: Optional[Recipe] = None,
@@ -245,8 +170,8 @@ def _finish(recipe: Recipe, work_dir: str, console: Console, models, data, geome
     ``answers.jsonl`` and the tables."""
     preference = None
     if recipe.preference:
-        preference = preference_stage(recipe, models, data, geometry, stages, ft_options, work_dir, console, nproc,
-                                      ds, os.path.join(work_dir, '.cache'), stage_timeout, timings, 8)
+        preference = preference_stage(recipe, CONFIGS, models, data, geometry, stages, ft_options, work_dir, console,
+                                      nproc, ds, os.path.join(work_dir, '.cache'), stage_timeout, timings, 8)
         console(f'  after fine-tuning: {summary_line(accuracy(answers), len(answers), accuracy(answers, True))}')
         console('  per kind, questions right before and after the preference stage:')
         console(kind_changes(answers, preference.answers))

@@ -179,3 +179,21 @@ def test_our_entry_point_refuses_cfg_options_that_would_change_nothing(tiny, tmp
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=opts, script=TRAIN_TOOL, require_checkpoint=False)
     assert out.returncode == 2 and 'llm_path: a variable of the config file' in out.log
     assert 'model.llm' in out.log.split('llm_path: a variable')[1] and 'instead' in out.log, out.log[-2000:]
+
+
+def test_a_stage_is_refused_a_work_dir_holding_its_parent(tmp_path):
+    """Issue 46: `model.pretrained_pth=WD/iter_6.pth --work-dir WD` wrote over the parent's iter_6.pth; now one line
+    before anything is built or written."""
+    from xtuner_plugins.models.lineage import lineage_record
+    work = tmp_path / 'warmup'
+    work.mkdir()
+    parent = str(work / 'iter_6.pth')
+    torch.save({'meta': {'lineage': lineage_record({}, None)}, 'state_dict': {}}, parent)
+    out = run_train(os.path.join(ROOT, 'configs', 'finetune_lora.py'), str(work), script=TRAIN_TOOL,
+                    cfg_options={'model.pretrained_pth': parent}, require_checkpoint=False, timeout=240)
+    lines = [line for line in out.log.splitlines() if line.strip()]
+    assert out.returncode == 2 and 'Traceback' not in out.log, out.summary()
+    assert lines[-1] == (f"train: refused: model.pretrained_pth={parent} is in this run's work folder {work}: the run's "
+                         "own checkpoints (iter_N.pth, last_checkpoint) would write over it; give this stage another "
+                         "--work-dir"), out.summary()
+    assert sorted(os.listdir(work)) == ['iter_6.pth', 'train_output.log']  # run_train's copy of the output

@@ -10,6 +10,7 @@ from xtuner_plugins.engine.runlock import RunLockHook
 from xtuner_plugins.engine.watchdog import StallWatchdogHook
 
 save_every = 500          # checkpoint every N iterations (and at the end); --cfg-options save_every=50
+                          # (raised to a multiple of optim_wrapper.accumulative_counts: checkpoints at optimizer steps)
 save_total_limit = 2      # keep the last N checkpoints (-1: all)
 log_interval = 10
 nonfinite_policy = 'stop'  # a NaN/inf loss or gradient norm: 'stop' at once, or 'skip' the step (not DeepSpeed)

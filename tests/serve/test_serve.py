@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import tiny_workspace
 from xtuner_plugins.cli.serve import main as serve_main
-from xtuner_plugins.cli.serve import settings
+from xtuner_plugins.cli.serve import NO_LOCAL_MEDIA, NO_REMOTE_MEDIA, settings
 
 
 def write_folders(root, formats=('official', 'hf')):
@@ -68,28 +68,32 @@ def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys
 
 
 STAND_IN = '''
-import json, os, sys
+import json, os, sys, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 argv = sys.argv[1:]
 with open(os.environ['STAND_IN_LOG'], 'w') as f:
-    json.dump(dict(argv=argv, env={k: os.environ.get(k) for k in ('VLLM_HOST_IP', 'VLLM_CPU_KVCACHE_SPACE')}), f)
+    json.dump(dict(argv=argv, env={k: os.environ.get(k) for k in ('VLLM_HOST_IP', 'VLLM_CPU_KVCACHE_SPACE',
+                                                                 'VLLM_MEDIA_URL_ALLOW_REDIRECTS')},
+                   local_media=os.listdir(argv[argv.index('--allowed-local-media-path') + 1])), f)
 if os.environ.get('STAND_IN_FAIL'):
     sys.exit(3)
-name = argv[argv.index('--served-model-name') + 1]
+name, root = argv[argv.index('--served-model-name') + 1], argv[argv.index('--model') + 1]
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        body = {'/health': b'', '/v1/models': json.dumps({'data': [{'id': name}]}).encode()}.get(self.path)
+        body = {'/health': b'', '/v1/models': json.dumps({'data': [{'id': name, 'root': root}]}).encode()}.get(
+            self.path)
         self.send_response(200 if body is not None else 404)
         self.end_headers()
         self.wfile.write(body or b'')
-        if self.path == '/v1/models':
-            os._exit(0)  # the test is over once serve.py said ready
+        if self.path == '/v1/models':  # the test is over once serve.py said ready (it checks this is still running)
+            threading.Timer(3, os._exit, [0]).start()
     def log_message(self, *args):
         pass
 server = HTTPServer((argv[argv.index('--host') + 1], int(argv[argv.index('--port') + 1])), Handler)
 server.timeout = 60
 server.handle_request()  # /health (none within 60 s: exit 4)
 server.handle_request()  # /v1/models
+threading.Event().wait(60)
 sys.exit(4)
 '''
 
@@ -120,9 +124,17 @@ def test_the_server_gets_the_folders_settings_and_is_checked_before_ready(folder
                                                                                             '{"image": 2}')
     assert '--trust-remote-code' in argv and argv[-2:] == ['--seed', '7']
     assert seen['env']['VLLM_HOST_IP'] == '127.0.0.1'
-    # the hf format needs no remote code
-    assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable]) == 0
-    assert '--trust-remote-code' not in json.load(open(tmp_path / 'argv.json'))['argv']
+    # no image fetched from a URL (a domain no URL has), no redirects, file:// refused with 400 (an empty folder)
+    assert given['--allowed-media-domains'] == NO_REMOTE_MEDIA and '/' in NO_REMOTE_MEDIA
+    assert seen['env']['VLLM_MEDIA_URL_ALLOW_REDIRECTS'] == '0' and seen['local_media'] == []
+    assert os.path.basename(given['--allowed-local-media-path']) == NO_LOCAL_MEDIA
+    # the hf format needs no remote code; named domains are passed on
+    assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable, '--allowed-media-domains',
+                       'example.com', 'images.example.org']) == 0
+    argv = json.load(open(tmp_path / 'argv.json'))['argv']
+    assert '--trust-remote-code' not in argv
+    at = argv.index('--allowed-media-domains')
+    assert argv[at + 1:at + 4] == ['example.com', 'images.example.org', '--allowed-local-media-path']
     # a server that dies is reported, not waited for
     monkeypatch.setenv('STAND_IN_FAIL', '1')
     capsys.readouterr()
@@ -147,6 +159,7 @@ def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders
     err = capsys.readouterr().err
     assert f"{tmp_path}: its LLM's attention heads are 16 wide; vLLM's CPU build takes head sizes 32, 64" in err
     assert '--set llm_heads=2 llm_kv_heads=1' in err
+    assert 'tools/make_tiny_models.py --llm-heads 2 --llm-kv-heads 1' in err
     # the demo's closing lines say the same (xtuner_plugins/demo/run.py)
     from xtuner_plugins.demo.run import serving_line
     line = serving_line(str(tmp_path), 'official')
@@ -154,3 +167,56 @@ def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders
     assert serving_line(folders['official'], 'official').endswith(os.path.basename(folders['official']))
     assert serving_line(folders['remote'], 'remote') == ('serving: vLLM does not read the remote layout (it serves '
                                                           'the official and hf layouts)')
+
+
+class OtherServer:
+    """Another server on a port, answering /health and /v1/models as vLLM does, with ``models``' cards."""
+
+    def __init__(self, models):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = {'/health': b'', '/v1/models': json.dumps({'data': models}).encode()}.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b'')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_port_another_server_holds_is_refused_and_not_taken_for_ours(folders, monkeypatch, capsys):
+    """Its /health and /v1/models would have said ready; vLLM would then die with "Address already in use"."""
+    from xtuner_plugins.cli import serve
+    other = OtherServer([{'id': 'official', 'root': '/elsewhere/official'}])
+    popen = serve.subprocess.Popen
+    monkeypatch.setattr(serve, 'probe', lambda python: dict(found=True, cpu='0.32.0'))
+    try:
+        monkeypatch.setattr(serve.subprocess, 'Popen', lambda *a, **k: pytest.fail('the server was started'))
+        assert serve_main([folders['official'], '--port', str(other.port), '--vllm-python', sys.executable]) == 2
+        captured = capsys.readouterr()
+        assert 'ready' not in captured.out
+        assert captured.err.strip() == (f'serve: error: port {other.port} on 127.0.0.1 is in use; give another with '
+                                        f'--port (0: any free one)')
+        # taken in the moment between that check and vLLM's start (here: a vLLM that has not bound it yet):
+        # the other server's model is not taken for ours
+        monkeypatch.setattr(serve, 'port_free', lambda host, port: True)
+        monkeypatch.setattr(serve.subprocess, 'Popen', lambda cmd, **k: popen(
+            [sys.executable, '-c', 'import time; time.sleep(120)'], **k))
+        assert serve_main([folders['official'], '--port', str(other.port), '--vllm-python', sys.executable]) == 2
+        captured = capsys.readouterr()
+        assert 'ready' not in captured.out
+        assert (f"[('official', '/elsewhere/official')], not 'official' from {os.path.abspath(folders['official'])}: "
+                'another server answers on that port') in captured.err
+    finally:
+        other.close()

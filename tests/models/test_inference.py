@@ -1,19 +1,36 @@
-"""ConvertedModel on a broken converted folder (a half-written weights file, no weights, no tokenizer files): chat,
-eval and the web demo each say in one line which folder and what is wrong, and exit 2, without a traceback."""
+"""ConvertedModel on a broken converted folder (a half-written weights file, no weights, no tokenizer files) or a
+training config + checkpoint that does not convert: chat, eval and the web demo each say in one line what is wrong,
+and exit 2, without a traceback. A prompt over the LLM's context is refused with both numbers; generation stops
+after a run of whitespace-only tokens."""
 
 import json
+import math
 import os
 import shutil
 
 import pytest
+import torch
 
-from tests.helpers import converted_tiny_folder, write_image
+from tests.helpers import lora_trained_tiny, write_image, write_video
+from tests.tools.test_convert_to_official import FULL, LORA, as_args, convert
 from xtuner_plugins.launch import free_port
+from xtuner_plugins.models.prompt import BLANK_RUN, BlankRun, PromptTooLong
 
 
 @pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    return converted_tiny_folder(tmp_path_factory.mktemp('inference'))
+def trained(tmp_path_factory):
+    return lora_trained_tiny(tmp_path_factory.mktemp('inference'))
+
+
+@pytest.fixture(scope='module')
+def folder(trained):
+    return convert(LORA, trained['ckpt'], os.path.join(os.path.dirname(trained['ckpt']), 'official'), trained['opts'])
+
+
+@pytest.fixture(scope='module')
+def hf_folder(trained):
+    return convert(LORA, trained['ckpt'], os.path.join(os.path.dirname(trained['ckpt']), 'hf'), trained['opts'],
+                   '--format', 'hf')
 
 
 def truncated(path):
@@ -76,3 +93,165 @@ def test_a_whole_folder_still_loads(folder):
     from xtuner_plugins.models.inference import ConvertedModel, check_folder
     check_folder(folder)
     assert ConvertedModel(folder).ask('Hi', [], dict(max_new_tokens=1, do_sample=False)) is not None
+
+
+# ------------------------------------------------------------------ a config + checkpoint that does not convert
+def stage_with_lineage(trained, tmp_path):
+    """A LoRA checkpoint recording a previous stage (a warm-up checkpoint), as training writes it; its path and
+    the warm-up's."""
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
+    warm = str(tmp_path / 'warm.pth')
+    torch.save({'meta': {}, 'state_dict': {}}, warm)
+    opts = dict(trained['opts'], **{'model.pretrained_pth': warm})
+    model = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()}, tmp_path / 'sft.pth')
+    return str(tmp_path / 'sft.pth'), warm
+
+
+@pytest.mark.parametrize('case', ['checkpoint_missing', 'previous_stage_gone', 'another_config'])
+def test_a_model_that_does_not_convert_is_one_line(trained, tmp_path, case, capsys):
+    """tools/convert_to_official.py's one-line errors, from chat, eval and the web demo given --config."""
+    config, ckpt, says = LORA, trained['ckpt'], None
+    if case == 'checkpoint_missing':
+        ckpt, says = str(tmp_path / 'iter_9.pth'), f'checkpoint not found: {tmp_path}/iter_9.pth'
+    elif case == 'previous_stage_gone':
+        ckpt, warm = stage_with_lineage(trained, tmp_path)
+        os.remove(warm)
+        says = f'{warm}: the previous stage of {ckpt} (recorded in it) is not found'
+    else:
+        config, says = FULL, 'trained parameters of this config are missing from the checkpoint'
+    for prog, (main, args) in tools(tmp_path).items():
+        assert main(['--config', config, '--checkpoint', ckpt, *as_args(trained['opts']), *args]) == 2, prog
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f'{prog}: error: ') and says in line, line
+
+
+# ------------------------------------------------------------------ the LLM's context
+def prompt_lengths(model, turns, generation):
+    """The prompt lengths the model's generate is given for each turn of one conversation."""
+    seen, net = [], model.model
+    generate = net.generate
+
+    def spy(*args, **kwargs):
+        ids = kwargs.get('input_ids', args[1] if len(args) > 1 else None)
+        seen.append(ids.shape[1])
+        return generate(*args, **kwargs)
+
+    net.generate = spy
+    try:
+        for question, images in turns:
+            model.ask(question, images, dict(generation))
+    finally:
+        del net.generate
+    model.reset()
+    return seen
+
+
+@pytest.mark.parametrize('fmt', ['official', 'hf'])
+def test_the_context_check_counts_the_prompt_the_model_is_given(folder, hf_folder, tmp_path, fmt):
+    """Prompt + max_new_tokens equal to the context is answered; one token more is refused, naming the prompt's
+    length (the model's own, two turns with an image) and what to lower."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    image = write_image(tmp_path / 'a.png', size=(120, 60))
+    model = ConvertedModel(folder if fmt == 'official' else hf_folder)
+    assert model.context == (8192, f'{model.folder}/config.json '
+                                   f'{"llm_config" if fmt == "official" else "text_config"}.max_position_embeddings')
+    turns, generation = [('Describe the image.', [image]), ('And now?', [])], dict(max_new_tokens=3, do_sample=False)
+    lengths = prompt_lengths(model, turns, generation)
+    assert len(lengths) == 2 and lengths[1] > lengths[0] > 20
+    for turn, length in enumerate(lengths):
+        for context in (length + 3, length + 2):
+            model.reset()
+            model.context = (10 ** 6, 'x')
+            for question, images in turns[:turn]:  # the same earlier turns (greedy)
+                model.ask(question, images, dict(generation))
+            model.context = (context, "the test's")
+            if context == length + 3:
+                model.ask(*turns[turn], dict(generation))  # fits exactly
+                continue
+            with pytest.raises(PromptTooLong) as refused:
+                model.ask(*turns[turn], dict(generation))
+        assert (refused.value.prompt_tokens, refused.value.new_tokens) == (length, 3)
+        assert str(refused.value) == (
+            f"the prompt is {length} tokens and --max-new-tokens asks for 3 more: {length + 3} is over the LLM's "
+            f"context of {length + 2} tokens (the test's); lower --max-new-tokens to 2 or less, or --frames (frames "
+            f"of a video) or --max-num (tiles per image)" + ('; the 1 earlier turns count too: /reset starts anew'
+                                                             if turn else ''))
+
+
+def test_batches_and_likelihood_are_checked_too(folder, hf_folder, tmp_path):
+    from xtuner_plugins.models.inference import ConvertedModel
+    images = [[write_image(tmp_path / f'{i}.png', size=(60 + 30 * i, 60))] for i in range(2)]
+    for path in (folder, hf_folder):
+        model = ConvertedModel(path)
+        model.context = (30, 'x')
+        with pytest.raises(PromptTooLong, match='over the LLM.s context of 30 tokens'):
+            model.ask_batch(['What?', 'Why?'], images, dict(max_new_tokens=2))
+        with pytest.raises(PromptTooLong, match=r'tokens \(\+ \d+ of the longest answer scored\), over'):
+            model.option_logprobs('What?', images[0], ['a red one', 'blue'])
+
+
+def test_a_video_over_the_context_is_one_line_naming_both_numbers(folder, tmp_path, capsys):
+    """tools/chat.py --video with more frames than the LLM's context holds: refused before generating."""
+    from tools.chat import main as chat_main
+    small = str(tmp_path / 'small')
+    shutil.copytree(folder, small)
+    with open(os.path.join(small, 'config.json')) as f:
+        config = json.load(f)
+    config['llm_config']['max_position_embeddings'] = 200
+    with open(os.path.join(small, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    video = write_video(tmp_path / 'v.mp4', [(37 * i) % 256 for i in range(40)], size=(64, 48))
+    assert chat_main([small, '--video', video, '--frames', '30', '--prompt', 'What happens?']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('chat: error: the prompt is ') and "over the LLM's context of 200 tokens (" in err, err
+    assert 'llm_config.max_position_embeddings); lower --frames (frames of a video) or --max-num' in err, err
+    assert chat_main([small, '--video', video, '--frames', '2', '--prompt', 'What happens?',
+                      '--max-new-tokens', '4']) == 0
+
+
+# ------------------------------------------------------------------ whitespace runs
+class Always:
+    """A logits processor that makes ``token`` the only choice; counts the steps."""
+
+    def __init__(self, token):
+        self.token, self.steps = token, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        forced = torch.full_like(scores, -math.inf)
+        forced[:, self.token] = 0
+        return forced
+
+
+@pytest.mark.parametrize('fmt', ['official', 'hf'])
+def test_generation_stops_after_a_run_of_whitespace_tokens(folder, hf_folder, fmt):
+    """A model that only emits newlines (the README's random tiny one) stops after BLANK_RUN of them, not at
+    max_new_tokens; the prompt's own trailing newline does not count."""
+    from transformers import LogitsProcessorList
+
+    from xtuner_plugins.models.inference import ConvertedModel
+    model = ConvertedModel(folder if fmt == 'official' else hf_folder)
+    newline = model.tokenizer('\n', add_special_tokens=False)['input_ids']
+    assert len(newline) == 1
+    force = Always(newline[0])
+    generation = dict(max_new_tokens=200, do_sample=False, logits_processor=LogitsProcessorList([force]))
+    assert model.ask('Hi', [], generation) == '' and force.steps == BLANK_RUN
+    force.steps = 0
+    assert model.ask_batch(['Hi', 'Why?'], [[], []], generation) == ['', ''] and force.steps == 2 * BLANK_RUN
+
+
+def test_a_token_with_text_breaks_the_run(folder):
+    """BlankRun counts generated tokens only (after ``start``), and any token with text restarts the run."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    nl, = tokenizer('\n', add_special_tokens=False)['input_ids']
+    word = tokenizer('red', add_special_tokens=False)['input_ids'][0]
+    stop = BlankRun(tokenizer, run=4, start=2)
+    ids = torch.tensor([[word, word, nl, nl, nl, nl], [nl, nl, nl, nl, nl, word]])  # 2 prompt tokens, then 4
+    assert stop(ids[:, :5]).tolist() == [False, False]  # 3 generated: the prompt's newlines do not count
+    assert stop(ids).tolist() == [True, False]

@@ -240,3 +240,52 @@ def test_chat_tool_says_when_the_answer_is_empty(monkeypatch, capsys, tmp_path, 
                  'untrained or mismatched model? ')
         assert hints == [[start + 'try --do-sample)'], [start + 'try another --seed or a higher --temperature)']]
     assert [g['do_sample'] for g in model.generations] == [False, True]
+
+
+# ------------------------------------------------------------------ option values
+BAD_OPTIONS = {  # option, value: what the one line says after "argument OPTION: "
+    ('--max-num', '0'): "'0': give a whole number, 1 or more",
+    ('--min-num', '-1'): "'-1': give a whole number, 1 or more",
+    ('--frames', 'x'): "'x': give a whole number, 1 or more",
+    ('--max-new-tokens', '0'): "'0': give a whole number, 1 or more",
+    ('--image-size', '0'): "'0': give the model's tile size in px (force_image_size in its config.json), or leave "
+                           "--image-size out",
+    ('--dtype', 'int8'): "'int8' is not a dtype; use auto, bf16, fp16 or fp32",
+    ('--device', 'cuda'): 'cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False); use cpu',
+    ('--device', 'tpu'): "'tpu' is not a device; use cpu, or cuda (cuda:N: the N-th GPU)",
+}
+
+
+def refused_line(main, argv, capsys):
+    """The one line a parser's refusal prints (its usage lines above it), and the exit status 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.startswith('usage: '), err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('option, value', sorted(BAD_OPTIONS))
+def test_a_bad_option_value_is_one_argparse_line(tmp_path, monkeypatch, capsys, option, value):
+    """Refused when parsed, before a model loads (``--device cuda`` on a machine without a GPU)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    line = refused_line(chat_main, [str(tmp_path), '--prompt', 'x', option, value], capsys)
+    assert line.endswith(f'error: argument {option}: {BAD_OPTIONS[option, value]}'), line
+
+
+def test_fewer_tiles_than_the_least_is_refused(tmp_path, capsys):
+    assert refused_line(chat_main, [str(tmp_path), '--min-num', '3', '--max-num', '2'], capsys).endswith(
+        'error: --min-num 3 is over --max-num 2')
+
+
+@pytest.mark.parametrize('option, says', [
+    (['--image-size', '7'], 'chat: error: --image-size 7: this model takes tiles of 56 px only (its vision tokens '
+                            'per tile are fixed by {folder}/config.json\'s tile size); leave --image-size out'),
+    (['--min-num', '9'], "chat: error: --min-num 9 (given) is over --max-num 4 ({folder}/config.json's "
+                         "max_dynamic_patch); give a --min-num of at most 4")])
+def test_tiling_the_model_cannot_take_is_one_line(setup, capsys, option, says):
+    """Checked against the folder's config.json before its weights load."""
+    assert chat_main([setup['folder'], '--image', setup['images'][0], '--prompt', 'x', *option]) == 2
+    err = capsys.readouterr().err
+    assert err == says.format(folder=setup['folder']) + '\n', err

@@ -14,6 +14,7 @@ import time
 import unicodedata
 
 import pytest
+import torch
 
 from tests.helpers import converted_tiny_folder, write_image
 from tests.train_utils import train_env
@@ -208,3 +209,15 @@ def test_a_folder_that_is_not_a_converted_model_is_named(tmp_path):
     result = run_tool(str(tmp_path), '--port', str(free_port()))
     assert result.returncode == 2
     assert str(tmp_path / 'config.json') in result.stderr and "'qwen2' is not a converted" in result.stderr
+
+
+@pytest.mark.parametrize('option, value', [('--max-num', '0'), ('--min-num', '0'), ('--max-new-tokens', '0'),
+                                           ('--dtype', 'int8'), ('--device', 'cuda')])
+def test_a_bad_option_value_is_one_argparse_line(tmp_path, monkeypatch, capsys, option, value):
+    """As tools/chat.py refuses the same options (one parser for both), before a model loads."""
+    from tests.tools.test_chat import BAD_OPTIONS, refused_line
+    from tools.web_demo import main
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    says = BAD_OPTIONS.get((option, value), "'0': give a whole number, 1 or more")
+    line = refused_line(main, [str(tmp_path), '--port', str(free_port()), option, value], capsys)
+    assert line.endswith(f'error: argument {option}: {says}'), line

@@ -130,15 +130,19 @@ def odd_images(folder):
             tagged(folder / 'grey_exif.jpg', 'L'), tagged(folder / 'cmyk_exif.jpg', 'CMYK')]
 
 
-def web_call(app, pick, inputs):
+def web_call(app, pick, inputs, postprocess=False):
     """A call as a request to the page runs it: gradio's own preprocessing of ``inputs`` (JSON payloads; the
-    upload copied into gradio's cache), then the handler ``pick`` chooses; a stream is read to its end."""
+    upload copied into gradio's cache), then the handler ``pick`` chooses; a stream is read to its end.
+    ``postprocess``: each output as gradio sends it to the page, when it comes (the files shown copied into its
+    cache)."""
     import asyncio
     import inspect
     fn = next(f for f in app.fns.values() if pick(f))
     args = asyncio.run(app.preprocess_data(fn, inputs, None, explicit_call=True))
     out = fn.fn(*args)
-    return list(out) if inspect.isgenerator(out) else out
+    if not postprocess:
+        return list(out) if inspect.isgenerator(out) else out
+    return [asyncio.run(app.postprocess_data(fn, list(o), None)) for o in (out if inspect.isgenerator(out) else [out])]
 
 
 def file_payload(path):
@@ -213,3 +217,20 @@ def test_the_page_says_when_the_answer_is_empty(setup, text, hinted):
     assert status.startswith('Answered in ')
     assert ('(empty answer: the model generated no text' in status) == hinted, status
     assert ("tick 'Sample (otherwise greedy)'" in status) == hinted, status
+
+
+def test_a_prompt_over_the_context_is_an_error_on_the_page(setup, monkeypatch):
+    """Not a crash: gradio's error box, naming the page's settings (the prompt fits, its new tokens do not)."""
+    import gradio as gr
+
+    from xtuner_plugins.web.app import build_app
+    chat, image = setup['chat'], setup['images'][0]
+    tokens = len(chat.model.tokenizer(chat.model.model.system_message)['input_ids'])  # fewer than the prompt's
+    monkeypatch.setattr(chat.model, 'context', (tokens + 100, 'config.json'))
+    send = next(f for f in build_app(chat).fns.values() if f.fn.__name__ == 'send').fn
+    with pytest.raises(gr.Error) as error:
+        list(send('Describe the image.', [image], [], None, 12, True, False, 0.7, 0.9, 4000))
+    assert error.value.message.startswith('the prompt is ') and "'Max new tokens' asks for 4000 more" in \
+        error.value.message, error.value.message
+    assert "lower 'Max new tokens' to " in error.value.message and "'Frames of the video'" in error.value.message
+    assert not chat.lock.locked() and chat.model.history is None

@@ -1,6 +1,8 @@
 """The web demo with a video: the frames it shows are the frames asked about (as tools/chat.py --video takes them),
 and the streamed answer is a fresh model's answer to the same frames; a bad upload is one clear error."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -47,17 +49,26 @@ def test_the_page_has_a_video_upload(setup):
 
 
 def test_the_page_shows_the_frames_and_answers_about_them(setup, tmp_path, monkeypatch):
+    """As served: the frames shown come from gradio's cache, and the PNGs written for the request are gone when it
+    ends (none left under the temporary folder)."""
+    import glob
+    import tempfile
+
     from tests.web.test_app import file_payload, web_call
     monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    os.makedirs(tmp_path / 'tmp')
     app = build_app(setup['chat'])
     tiling = setup['chat'].model.tiling
     *_, last = web_call(app, lambda f: f.fn.__name__ == 'send', [
         'What happens?', [], [], None, tiling['max_num'], tiling['use_thumbnail'], False, 0.7, 0.9, 6,
-        file_payload(setup['video']), 5])
+        file_payload(setup['video']), 5], postprocess=True)
     history, status = last[0], last[-1]
-    shown = [part['path'] for part in history[-2]['content'] if isinstance(part, dict)]
+    shown = [part['file']['path'] for part in history[-2]['content'] if part['type'] == 'file']
     expected_frames, _ = load_video(setup['video'], 5)
     assert len(shown) == 5 and all(np.array_equal(np.asarray(load_image(p)), np.asarray(f))
                                    for p, f in zip(shown, expected_frames))
+    assert all(p.startswith(str(tmp_path / 'gradio')) for p in shown)
+    assert glob.glob(str(tmp_path / 'tmp' / 'internvl-web-*')) == []
     fresh = ConvertedModel(setup['folder']).ask('What happens?', [], dict(GREEDY), video=expected_frames)
-    assert history[-1]['content'] == fresh and status.startswith('Answered in ')
+    assert history[-1]['content'][0]['text'] == fresh and status.startswith('Answered in ')

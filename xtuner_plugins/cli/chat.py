@@ -35,8 +35,9 @@ import torch
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import load_video
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, check_model_arguments,
-                                             empty_answer_hint, run_tool, tool_error)
+from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, add_tiling_arguments,
+                                             check_model_arguments, count_argument, empty_answer_hint, run_tool,
+                                             tool_error)
 
 
 def generation_settings(args) -> dict:
@@ -151,14 +152,14 @@ def parse_args(argv=None):
     add_model_arguments(parser)
     parser.add_argument('--image', nargs='+', default=[], help='image file(s) for the (first) prompt')
     parser.add_argument('--video', help='a video (file, GIF or folder of frames) for the (first) prompt')
-    parser.add_argument('--frames', type=int, default=8, help='frames taken from --video (default 8, as the model '
-                                                              'card; one tile each)')
+    parser.add_argument('--frames', type=count_argument, default=8,
+                        help='frames taken from --video (default 8, as the model card; one tile each)')
     parser.add_argument('--prompt', help='answer this and exit (otherwise: interactive)')
-    parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
-    parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
-    parser.add_argument('--image-size', type=int, default=None, help='tile size in px (default: config)')
+    add_tiling_arguments(parser)
     parser.add_argument('--no-thumbnail', action='store_true', help='no thumbnail tile')
-    parser.add_argument('--max-new-tokens', type=int, default=512)
+    parser.add_argument('--max-new-tokens', type=count_argument, default=512,
+                        help='most tokens to generate (default 512; generation stops sooner at the end token, or '
+                             'after 32 whitespace-only tokens in a row)')
     parser.add_argument('--do-sample', action='store_true', help='sample instead of greedy decoding')
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--top-p', type=float, default=0.9)
@@ -169,8 +170,6 @@ def parse_args(argv=None):
     check_model_arguments(parser, args)
     if args.video and args.image:
         parser.error('give --image or --video, not both: a turn holds images or one video')
-    if args.frames < 1:
-        parser.error(f'--frames must be >= 1, got {args.frames}')
     return args
 
 

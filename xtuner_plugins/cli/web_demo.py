@@ -24,7 +24,8 @@ from xtuner_plugins.web.app import environment_defaults
 
 environment_defaults()
 
-from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
+from xtuner_plugins.models.inference import (add_model_arguments, add_tiling_arguments, check_model_arguments,
+                                             count_argument, run_tool, tool_error)
 from xtuner_plugins.web.app import WebChat, build_app, launch, port_free
 
 
@@ -34,9 +35,10 @@ def parse_args(argv=None):
     add_model_arguments(parser)
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
     parser.add_argument('--port', type=int, default=7860)
-    parser.add_argument('--max-num', type=int, default=None, help='most tiles per image (default: config)')
-    parser.add_argument('--min-num', type=int, default=None, help='fewest tiles per image (default: config)')
-    parser.add_argument('--max-new-tokens', type=int, default=512)
+    add_tiling_arguments(parser, image_size=False)
+    parser.add_argument('--max-new-tokens', type=count_argument, default=512,
+                        help='the page\'s starting value (default 512; generation stops sooner at the end token, '
+                             'or after 32 whitespace-only tokens in a row)')
     parser.add_argument('--title', default='InternVL chat')
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)

@@ -16,10 +16,15 @@ is kept until :meth:`ConvertedModel.reset`. A video (its frames, ``ask(..., vide
 training sees it: one tile per frame and a ``Frame{i}: <image>`` line each in place of ``<video>`` (prepended when
 the question has none): ``chat`` with ``num_patches_list`` of ones, as OpenGVLab's model card does, or the ``hf``
 processor's video input; a ``llava`` folder refuses it.
+
+Before anything runs, the folder's files are checked (``folder.py``) and a prompt that with ``max_new_tokens`` does
+not fit the LLM's context is refused (``prompt.py``'s ``PromptTooLong``, a ``ValueError``); generation stops once
+the answer's last 32 tokens are all whitespace (an untrained model's endless newlines, ``prompt.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,109 +40,23 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles,
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .dtypes import resolve_dtype
-from .prompt import context_length, split_images
+from .folder import TOKENIZER_ERRORS, check_folder, folder_format, from_folder  # noqa: F401 (the tools' names)
+from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
-FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
 
-def folder_format(folder: str) -> str:
-    """The format of a converted folder, from its ``config.json``; a clear error for anything else."""
-    path = os.path.join(folder, 'config.json')
-    if not os.path.isdir(folder):
-        raise ValueError(f'{folder}: no such folder; give a folder written by tools/convert_to_official.py')
-    if not os.path.isfile(path):
-        raise ValueError(f'{folder}: no config.json; give a folder written by tools/convert_to_official.py')
-    try:
-        with open(path, encoding='utf-8') as f:
-            model_type = json.load(f).get('model_type')
-    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
-        raise ValueError(f'{path}: not a JSON object ({exc}); {AGAIN}') from None
-    if model_type not in FOLDER_FORMATS:
-        raise ValueError(f'{path}: model_type {model_type!r} is not a converted vision-language model '
-                         f'(expected one of {sorted(FOLDER_FORMATS)}); give a folder written by '
-                         f'tools/convert_to_official.py')
-    return FOLDER_FORMATS[model_type]
-
-
-#: Files one of which a folder's tokenizer is read from (fast tokenizers, sentencepiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json', 'vocab.txt', 'tokenizer.tiktoken')
-# A tokenizer class given a missing file's path as None fails anywhere in its __init__ (TypeError, ...).
-TOKENIZER_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError)
-AGAIN = 'convert the model again (tools/convert_to_official.py) or copy the folder whole'
-
-
-def safetensors_problem(path: str) -> Optional[str]:
-    """Why ``path`` is not a whole safetensors file (the size its header promises, against the file's), or
-    ``None``. Reads the header only: 8 bytes of length, then the JSON naming each tensor's byte range."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(8)
-        length = int.from_bytes(head, 'little') if len(head) == 8 else None
-        if length is None or 8 + length > size:
-            return f'{size} bytes, shorter than its own header: a truncated (half-written) file'
-        try:
-            header = json.loads(f.read(length))
-            end = max([int(t['data_offsets'][1]) for k, t in header.items() if k != '__metadata__'] or [0])
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            return f'its header does not read ({type(exc).__name__}: {exc}): a corrupt file'
-    if 8 + length + end != size:
-        return (f'{size} bytes where its header promises {8 + length + end}: a '
-                f'{"truncated (half-written)" if size < 8 + length + end else "corrupt"} file')
-    return None
-
-
-def check_folder(folder: str) -> None:
-    """A converted folder's weights and tokenizer files there and whole, before transformers reads them (whose
-    errors, for a half-written copy, are tracebacks from deep inside); ``ValueError`` naming what is wrong."""
-    def there(name):
-        return os.path.isfile(os.path.join(folder, name))
-
-    shards = []
-    for index, single in (('model.safetensors.index.json', 'model.safetensors'),
-                          ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
-        if there(index):
-            try:
-                with open(os.path.join(folder, index), encoding='utf-8') as f:
-                    shards = sorted(set(json.load(f)['weight_map'].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f'{os.path.join(folder, index)}: not a weight index ({type(exc).__name__}: '
-                                 f'{exc}); {AGAIN}') from None
-            missing = [s for s in shards if not there(s)]
-            if missing:
-                raise ValueError(f'{folder}: {len(missing)} of the {len(shards)} weight files {index} lists are '
-                                 f'missing ({", ".join(missing[:3])}{", ..." if len(missing) > 3 else ""}); {AGAIN}')
-            break
-        if there(single):
-            shards = [single]
-            break
-    if not shards:
-        raise ValueError(f'{folder}: no weights (model.safetensors, model.safetensors.index.json with its shards, '
-                         f'or pytorch_model.bin); {AGAIN}')
-    for shard in shards:
-        problem = safetensors_problem(os.path.join(folder, shard)) if shard.endswith('.safetensors') else None
-        if problem:
-            raise ValueError(f'{os.path.join(folder, shard)}: {problem}; {AGAIN}')
-    if not any(there(name) for name in TOKENIZER_FILES):
-        raise ValueError(f'{folder}: no tokenizer files (one of {", ".join(TOKENIZER_FILES)}); {AGAIN}')
-
-
-def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...] = (OSError, ValueError)):
-    """``load()``; an error of the folder's files (``errors``, or safetensors' own) as one ``ValueError`` naming
-    the folder and what did not load, not transformers' traceback from deep inside."""
-    try:
-        return load()
-    except Exception as exc:
-        if not isinstance(exc, errors) and type(exc).__module__.split('.')[0] != 'safetensors':
-            raise
-        raise ValueError(f'{folder}: the {what} does not load ({type(exc).__name__}: {str(exc).strip()}); '
-                         f'{AGAIN}') from None
+#: The errors a training config + checkpoint that do not convert are (a checkpoint or a previous stage of its
+#: lineage not found, a config or source folder the checkpoint was not trained with): the converter's own, one
+#: line each, which tools/convert_to_official.py prints as its error (``cli/convert.py``) and the tools too.
+EXPORT_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 
 
 def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
                  dtype: torch.dtype, log=print) -> str:
     """The folder to load: ``folder`` itself, or a training ``config`` + ``checkpoint`` converted into ``tmp``
-    first (the converter's code path, so both ways run the same model code)."""
+    first (the converter's code path, so both ways run the same model code); :data:`EXPORT_ERRORS` when they do
+    not convert."""
     if config is None:
         return folder
     from xtuner_plugins.models.export import export_checkpoint
@@ -166,20 +85,68 @@ def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: T
     """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
     :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
     first, removed after), then ``use(model)``. The exit status: 0, or 2 with the error printed
-    (:func:`tool_error`) when the folder does not load or ``use`` raises one of ``errors``."""
+    (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
+    of ``errors``."""
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
-        folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                              log=lambda m: print(m, file=sys.stderr))
         try:
+            folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
+                                  log=lambda m: print(m, file=sys.stderr))
             model = ConvertedModel(folder, dtype, args.device, **tiling)
-        except ValueError as exc:
+        except EXPORT_ERRORS as exc:
             return tool_error(prog, exc)
         try:
             use(model)
         except errors as exc:
             return tool_error(prog, exc)
     return 0
+
+
+def dtype_argument(text: str) -> str:
+    """``--dtype``: a name :func:`~xtuner_plugins.models.dtypes.resolve_dtype` knows, kept as given."""
+    try:
+        resolve_dtype(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; use auto, bf16, fp16 or fp32") from None
+    return text
+
+
+def device_argument(text: str) -> str:
+    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` of a GPU torch sees here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, or cuda (cuda:N: the N-th GPU)")
+    count = torch.cuda.device_count() if device.type == 'cuda' and torch.cuda.is_available() else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text}: no CUDA GPU is visible here (torch.cuda.is_available() is '
+                                         f'False); use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text}: {count} GPU{"s" * (count > 1)} here; use cuda:0 to '
+                                         f'cuda:{count - 1}')
+    return text
+
+
+def count_argument(text: str) -> int:
+    """A count or size option: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return value
+
+
+def image_size_argument(text: str) -> int:
+    """``--image-size``: 1 or more here; :class:`ConvertedModel` takes the folder's tile size only."""
+    try:
+        return count_argument(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the model's tile size in px (force_image_size in its "
+                                         f"config.json), or leave --image-size out") from None
 
 
 def add_model_arguments(parser) -> None:
@@ -192,8 +159,23 @@ def add_model_arguments(parser) -> None:
     parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='the training run\'s config overrides (key=value)')
-    parser.add_argument('--dtype', default='auto', help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--dtype', default='auto', type=dtype_argument,
+                        help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,
+                        help='cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)')
+
+
+def add_tiling_arguments(parser, image_size: bool = True) -> None:
+    """The tiling options of the tools that take them (chat: all; web demo: the tile counts), each 1 or more;
+    :func:`check_model_arguments` checks ``--min-num`` against ``--max-num``, :class:`ConvertedModel` against
+    the folder."""
+    parser.add_argument('--max-num', type=count_argument, default=None, help='most tiles per image (default: config)')
+    parser.add_argument('--min-num', type=count_argument, default=None,
+                        help='fewest tiles per image (default: config)')
+    if image_size:
+        parser.add_argument('--image-size', type=image_size_argument, default=None,
+                            help="tile size in px: the folder's own (config.json's force_image_size; its vision "
+                                 "tokens per tile are fixed by it), the default")
 
 
 def check_model_arguments(parser, args) -> None:
@@ -201,6 +183,9 @@ def check_model_arguments(parser, args) -> None:
         parser.error('give a converted folder, or --config (with --checkpoint), not both')
     if args.config and not args.checkpoint:
         parser.error('--config needs --checkpoint')
+    low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
+    if low is not None and high is not None and low > high:
+        parser.error(f'--min-num {low} is over --max-num {high}')
 
 
 class ConvertedModel:
@@ -215,28 +200,18 @@ class ConvertedModel:
             self.config = json.load(f)
         context, key = context_length(self.config)
         self.context = (context, f'{os.path.join(folder, "config.json")} {key}')  # the LLM's, and where it is read
+        given = {k: v for k, v in tiling.items() if v is not None}
         if self.format in ('official', 'remote'):
+            self.tiling, self.std = self._tiling(given), self.config.get('image_std', IMAGENET_STD)  # before loading
             from transformers import AutoModel, AutoTokenizer
             self.tokenizer = from_folder('tokenizer', folder, lambda: AutoTokenizer.from_pretrained(
                 folder, trust_remote_code=True), TOKENIZER_ERRORS)
             self.model = from_folder('model', folder, lambda: AutoModel.from_pretrained(
                 folder, trust_remote_code=True, dtype=dtype)).eval().to(device)
-            cfg = self.config
-            given = {k: v for k, v in tiling.items() if v is not None}
-            # the tile size the folder records: InternVL's force_image_size, else its vision tower's own
-            tower_size = (cfg.get('vision_config') or {}).get('image_size')
-            tower_size = tower_size[0] if isinstance(tower_size, (list, tuple)) else tower_size
-            size = given.get('image_size') or cfg.get('force_image_size') or tower_size
-            if not size:
-                raise ValueError(f'{folder}/config.json: no force_image_size nor vision_config.image_size; '
-                                 f'give the tile size (--image-size)')
-            self.tiling = dict(image_size=int(size),
-                               max_num=int(given.get('max_num') or cfg.get('max_dynamic_patch', 12)),
-                               min_num=int(given.get('min_num') or cfg.get('min_dynamic_patch', 1)),
-                               use_thumbnail=bool(given.get('use_thumbnail', cfg.get('use_thumbnail', True))),
-                               mode=cfg.get('image_mode', 'tile'), mean=cfg.get('image_mean', IMAGENET_MEAN))
-            self.std = cfg.get('image_std', IMAGENET_STD)
         else:
+            if given:
+                raise ValueError(f'{folder} is a {self.format} folder: its processor tiles the images, and the '
+                                 f'tiling options ({", ".join(sorted(given))}) are for official and remote folders')
             from transformers import AutoModelForImageTextToText, AutoProcessor
             self.processor = from_folder('processor', folder, lambda: AutoProcessor.from_pretrained(folder),
                                          TOKENIZER_ERRORS)
@@ -245,6 +220,32 @@ class ConvertedModel:
             self.tokenizer = self.processor.tokenizer
         self.dtype = dtype
         self.reset()
+
+    def _tiling(self, given: dict) -> dict:
+        """The folder's tiling (``config.json``) with ``given``'s settings over it; a tile size other than the
+        folder's is refused: the model's vision tokens per tile (``num_image_token``) are fixed by it."""
+        cfg, path = self.config, os.path.join(self.folder, 'config.json')
+        # the tile size the folder records: InternVL's force_image_size, else its vision tower's own
+        tower_size = (cfg.get('vision_config') or {}).get('image_size')
+        tower_size = tower_size[0] if isinstance(tower_size, (list, tuple)) else tower_size
+        size = cfg.get('force_image_size') or tower_size
+        if not size and not given.get('image_size'):
+            raise ValueError(f'{path}: no force_image_size nor vision_config.image_size; give the tile size '
+                             f'(--image-size)')
+        if size and given.get('image_size', size) != size:
+            raise ValueError(f'--image-size {given["image_size"]}: this model takes tiles of {size} px only (its '
+                             f'vision tokens per tile are fixed by {path}\'s tile size); leave --image-size out')
+        tiling = dict(image_size=int(given.get('image_size') or size),
+                      max_num=int(given.get('max_num') or cfg.get('max_dynamic_patch', 12)),
+                      min_num=int(given.get('min_num') or cfg.get('min_dynamic_patch', 1)),
+                      use_thumbnail=bool(given.get('use_thumbnail', cfg.get('use_thumbnail', True))),
+                      mode=cfg.get('image_mode', 'tile'), mean=cfg.get('image_mean', IMAGENET_MEAN))
+        if tiling['min_num'] > tiling['max_num']:
+            which = {k: 'given' if k in given else f'{path}\'s {k[:3]}_dynamic_patch' for k in ('min_num', 'max_num')}
+            raise ValueError(f'--min-num {tiling["min_num"]} ({which["min_num"]}) is over --max-num '
+                             f'{tiling["max_num"]} ({which["max_num"]}); give a --min-num of at most '
+                             f'{tiling["max_num"]}')
+        return tiling
 
     def reset(self) -> None:
         self.history, self.messages, self.images, self.frames, self.videos = None, [], [], [], []
@@ -301,45 +302,56 @@ class ConvertedModel:
                 question = f'{VIDEO_PLACEHOLDER}\n' + question
             if '<image>' in question:
                 raise ValueError('a question about a video has no <image> tags (its frames take their place)')
-        if frames is not None and self.format in ('official', 'remote'):
-            question = question.replace(VIDEO_PLACEHOLDER, video_prompt(len(frames), DEFAULT_FRAME_PREFIX))
-            pixel_values, num_patches = self.pixels(self.images + frames, self.frames + [True] * len(frames))
+        if self.format in ('official', 'remote'):
+            if frames is not None:
+                question = question.replace(VIDEO_PLACEHOLDER, video_prompt(len(frames), DEFAULT_FRAME_PREFIX))
+                images, marks = self.images + frames, self.frames + [True] * len(frames)
+            else:
+                split_images(question, len(new))  # the tags must match the images
+                if new and '<image>' not in question:
+                    question = '<image>\n' * len(new) + question
+                images, marks = self.images + new, self.frames + [False] * len(new)
+            pixel_values, num_patches = self.pixels(images, marks)
+            query = official_query(self.model, question, num_patches, self.history)
+            self.check_context(len(self.tokenizer(query, verbose=False)['input_ids']), generation)
+            generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer))
             answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
                                                    history=self.history, return_history=True,
                                                    num_patches_list=num_patches)
-            self.images, self.frames = self.images + frames, self.frames + [True] * len(frames)
-        elif self.format in ('official', 'remote'):
-            split_images(question, len(new))  # the tags must match the images
-            if new and '<image>' not in question:
-                question = '<image>\n' * len(new) + question
-            pixel_values, num_patches = self.pixels(self.images + new, self.frames)
-            answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
-                                                   history=self.history, return_history=True,
-                                                   num_patches_list=num_patches)
-            self.images, self.frames = self.images + new, self.frames + [False] * len(new)
+            self.images, self.frames = images, marks
         else:
+            videos = self.videos
             if frames is not None:
                 before, _, after = question.partition(VIDEO_PLACEHOLDER)
                 after = after[1:] if after.startswith('\n') else after  # the video part ends with a newline
                 content = ([{'type': 'text', 'text': before}] if before else []) + [{'type': 'video'}] + (
                     [{'type': 'text', 'text': after}] if after else [])
-                self.videos = self.videos + [frames]
+                videos = videos + [frames]
             else:
                 content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text}
                            for kind, text in split_images(question, len(new))]
             messages = self.messages + [{'role': 'user', 'content': content}]
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=prompt, images=(self.images + new) or None, videos=self.videos or None,
+            inputs = self.processor(text=prompt, images=(self.images + new) or None, videos=videos or None,
                                     return_tensors='pt')
             inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                       for k, v in inputs.items()}
+            start = inputs['input_ids'].shape[1]
+            self.check_context(start, generation)
             generation.setdefault('do_sample', False)
+            generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer, start))
             with torch.no_grad():
                 out = self.model.generate(**inputs, **generation)
-            answer = self.tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+            answer = self.tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
             self.messages = messages + [{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}]
-            self.images += new
+            self.images, self.videos = self.images + new, videos
         return answer
+
+    def check_context(self, prompt_tokens: int, generation: dict) -> None:
+        """:class:`~xtuner_plugins.models.prompt.PromptTooLong` when the prompt and ``max_new_tokens`` do not fit
+        the LLM's context."""
+        turns = len(self.history or []) if self.format in ('official', 'remote') else len(self.messages) // 2
+        check_context(prompt_tokens, int(generation.get('max_new_tokens') or 0), *self.context, turns=turns)
 
     def option_logprobs(self, question: str, images: Sequence[ImageLike], texts: Sequence[str]) -> List[float]:
         """Each text's log-likelihood as the answer to ``question`` on ``images`` (a new single-turn conversation;
@@ -362,8 +374,13 @@ class ConvertedModel:
                 answers.append(self.ask(question, imgs, generation))
             self.reset()
             return answers
+        new_tokens = int(generation.get('max_new_tokens') or 0)
         if self.format in ('official', 'remote'):
             pixel_values, num_patches = self.pixels([imgs[0] for imgs in loaded])
+            for question, tiles in zip(questions, num_patches):
+                query = official_query(self.model, question, [tiles])
+                check_context(len(self.tokenizer(query, verbose=False)['input_ids']), new_tokens, *self.context)
+            generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer))
             return self.model.batch_chat(self.tokenizer, pixel_values, list(questions), generation,
                                          num_patches_list=num_patches)
         prompts = []
@@ -380,7 +397,9 @@ class ConvertedModel:
             self.tokenizer.padding_side = side
         inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                   for k, v in inputs.items()}
+        start = inputs['input_ids'].shape[1]
+        check_context(start, new_tokens, *self.context)  # the longest prompt, the others padded to it
+        generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer, start))
         with torch.no_grad():
             out = self.model.generate(**inputs, **generation)
-        return [a.strip() for a in self.tokenizer.batch_decode(out[:, inputs['input_ids'].shape[1]:],
-                                                               skip_special_tokens=True)]
+        return [a.strip() for a in self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)]

@@ -4,8 +4,10 @@
 images (they go with the next message, as ``/image`` does in ``tools/chat.py``), chat over several turns with the
 answer streamed as it is generated, change tiling and sampling settings, clear the history. A video upload (a file
 or a GIF) goes with the next message instead: its frames (``Frames`` of them, at the middles of equal spans, one
-tile each, as ``tools/chat.py --video``) are shown in the chat and asked about. Each browser session
-has its own conversation (kept in a ``gr.State`` and swapped into the one model under a lock).
+tile each, as ``tools/chat.py --video``) are shown in the chat and asked about (their PNGs written for the request
+and removed after it). A prompt longer than the LLM's context is an error on the page that names the settings to
+lower. Each browser session has its own conversation (kept in a ``gr.State`` and swapped into the one model under
+a lock).
 
 For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the whole answer
 out, asked greedily in a new conversation with the folder's tiling, so it equals ``tools/chat.py FOLDER --image
@@ -29,6 +31,7 @@ from typing import Iterator, List, Optional, Sequence
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
+from xtuner_plugins.models.prompt import PromptTooLong
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
@@ -125,10 +128,16 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
 
     model = chat.model
     tiling = getattr(model, 'tiling', {})
-    frame_dir = tempfile.mkdtemp(prefix='internvl-web-')  # the frames shown for uploaded videos
 
     def send(question, files, history, conversation, max_num, thumbnail, do_sample, temperature, top_p,
              max_new_tokens, video_file=None, num_frames=8):
+        # a video's frames are shown from a folder of this request: gradio copies what it shows into its cache
+        with tempfile.TemporaryDirectory(prefix='internvl-web-') as frame_dir:
+            yield from turn(question, files, history, conversation, max_num, thumbnail, do_sample, temperature,
+                            top_p, max_new_tokens, video_file, num_frames, frame_dir)
+
+    def turn(question, files, history, conversation, max_num, thumbnail, do_sample, temperature, top_p,
+             max_new_tokens, video_file, num_frames, frame_dir):
         images = [f if isinstance(f, str) else f.name for f in (files or [])]
         question = (question or '').strip()
         if not question:
@@ -139,7 +148,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 raise gr.Error('Upload images or a video for one message, not both.')
             path = video_file if isinstance(video_file, str) else video_file.name
             try:
-                frames, shown = video_frames(path, num_frames, tempfile.mkdtemp(prefix='frames-', dir=frame_dir))
+                frames, shown = video_frames(path, num_frames, frame_dir)
             except ValueError as exc:
                 raise gr.Error(str(exc))
         history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]
@@ -157,6 +166,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                     yield history, conversation, '', None, None, 'Generating...'
                 else:
                     conversation = after
+        except PromptTooLong as exc:  # named by the page's settings
+            raise gr.Error(exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
+                                       new="'Max new tokens'", reset="'Clear history'"))
         except ValueError as exc:  # e.g. <image> tags that do not match the images
             raise gr.Error(str(exc))
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")

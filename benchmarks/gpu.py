@@ -24,7 +24,9 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
 
 The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
 ``--out``: ``table.md`` (what is printed), ``results.json`` (every row's command, status, reason, seconds and raw
-figures), ``raw/*.json`` (each child's own output) and ``logs/*.log``. Exits 1 when a row did not succeed.
+figures), ``raw/*.json`` (each child's own output) and ``logs/*.log``. Exits 1 when a row did not succeed. A row
+that trains on CUDA only (``packed flex``: torch's FlexAttention has no backward on a CPU) takes the GPU in a
+``--tiny`` run where there is one, and is skipped, with the reason printed, where there is none.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
+#: why a row runs on CUDA only (a --tiny run on a machine without CUDA skips it, naming the reason)
+CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU"}
 TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
               ('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
@@ -75,10 +79,10 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
     me, bench = os.path.join(ROOT, 'benchmarks', 'gpu.py'), os.path.join(ROOT, 'benchmarks', 'bench_train.py')
     rows = []
 
-    def add(name, kind, cmd, budget, group=None):
+    def add(name, kind, cmd, budget, group=None, cuda_only=None):
         path = os.path.join(raw, re.sub(r'[^a-z0-9.]+', '_', name) + '.json')
         rows.append(dict(name=name, kind=kind, cmd=[py] + cmd + ['--json', path], budget=budget, json=path,
-                         group=group))
+                         group=group, cuda_only=cuda_only))
 
     def train_args(size):
         real = [] if size == 'tiny' else ['--real', '--llm', size]
@@ -95,8 +99,10 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
     for i, size in enumerate(m['sizes']):
         for name, extra in TRAIN_ROWS:
             kind = 'flex' if 'flex' in name else 'xtuner' if name == 'xtuner' else 'train'
-            add(f'{size} {name}', 'train', train_args(size) + ['--steps', str(m['steps'])] + extra,
-                m['budget'][kind])
+            # a --tiny run trains on the CPU, but a row that trains on CUDA only takes the GPU when there is one
+            device = ['--device', 'cuda'] if name in CUDA_ONLY and not gpu else []
+            add(f'{size} {name}', 'train', train_args(size) + device + ['--steps', str(m['steps'])] + extra,
+                m['budget'][kind], cuda_only=CUDA_ONLY.get(name))
         if i == 0:  # the checks on the first (goal) size, before the other sizes
             packs = ['--max-tokens', str(m['precision_tokens'])] if m.get('precision_tokens') else []
             add(f'{size} bf16 vs fp32', 'precision', train_args(size) + ['--attn', 'sdpa', '--precision-check',
@@ -188,9 +194,24 @@ def finish(row: dict) -> None:
         row.update(status='ok', reason='')
 
 
-def execute(rows: List[dict], out: str, deadline: float, min_start: float, jobs: int) -> None:
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def execute(rows: List[dict], out: str, deadline: float, min_start: float, jobs: int,
+            cuda: Optional[bool] = None) -> None:
     """Runs the prepare rows together, then the others ``jobs`` at a time, each within its budget and the
-    run's ``deadline``; a row that would start with less than ``min_start`` seconds left is not run."""
+    run's ``deadline``; a row that would start with less than ``min_start`` seconds left is not run, and one that
+    trains on CUDA only (``cuda_only``) is skipped without CUDA (``cuda``: whether there is; None: find out)."""
+    if cuda is None and any(r.get('cuda_only') for r in rows):
+        cuda = cuda_available()
+    skipped = [r for r in rows if r.get('cuda_only') and not cuda]
+    for row in skipped:
+        row.update(status='skipped', reason=f'needs CUDA ({row["cuda_only"]}) and this machine has none',
+                   seconds=0, figures=None)
+        print(f'[   0.0 s] {row["name"]}: {row["status"]}: {row["reason"]}', flush=True)
+    rows = [r for r in rows if not any(r is s for s in skipped)]
     logs = os.path.join(out, 'logs')
     os.makedirs(logs, exist_ok=True)
     os.makedirs(os.path.join(out, 'raw'), exist_ok=True)
@@ -316,6 +337,8 @@ def main() -> None:
     deadline = t0 + (args.budget if args.budget is not None else MODES[mode]['run_budget'])
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.work or os.path.join(tempfile.gettempdir(), 'xtuner_plugins_gpu', mode))
+    if not args.tiny and not cuda_available():
+        p.error('no CUDA device here: the real run needs a GPU (--tiny is the smoke run of every row on the CPU)')
     rows = plan(mode, out, work)
     if args.only:
         rows = [r for r in rows if r['kind'] == 'prepare' or any(fnmatch.fnmatch(r['name'], q) for q in args.only)]
@@ -333,7 +356,7 @@ def main() -> None:
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(dict(header=header, mode=mode, wall_s=round(time.time() - t0, 1), rows=rows), f, indent=1)
     print(text, end='')
-    sys.exit(0 if all(r['status'] == 'ok' for r in rows) else 1)
+    sys.exit(0 if all(r['status'] in ('ok', 'skipped') for r in rows) else 1)
 
 
 if __name__ == '__main__':

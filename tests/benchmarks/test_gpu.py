@@ -1,5 +1,6 @@
-"""benchmarks/gpu.sh: every row of the GPU run, end to end on the CPU with tiny models (--tiny), and the
-runner's handling of rows that fail, run past their budget or no longer fit in the run's."""
+"""benchmarks/gpu.sh: every row of the GPU run, end to end on the CPU with tiny models (--tiny; about 100 s on a
+2-core CPU), and the runner's handling of rows that fail, run past their budget, no longer fit in the run's or
+need CUDA where there is none."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import gpu
 
@@ -41,6 +43,32 @@ def test_a_failing_or_slow_row_is_that_rows_result_and_the_run_goes_on(tmp_path)
     assert late[0]['status'] == 'not run' and 'out of time' in late[0]['reason']
 
 
+def test_a_row_that_needs_cuda_is_skipped_without_it_by_name(tmp_path, capsys):
+    ok = 'import json; json.dump(dict(x=1), open(PATH, "w"))'
+    rows = [dict(fake_row(tmp_path, 'flex', ok), cuda_only='no CPU backward'), fake_row(tmp_path, 'fine', ok)]
+    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=False)
+    assert [r['status'] for r in rows] == ['skipped', 'ok']
+    assert rows[0]['reason'] == 'needs CUDA (no CPU backward) and this machine has none'
+    assert 'flex: skipped: needs CUDA (no CPU backward)' in capsys.readouterr().out
+    assert not os.path.exists(rows[0]['json'])  # never started
+    gpu.execute(rows[:1], str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=True)
+    assert rows[0]['status'] == 'ok'
+    tiny = {r['name']: r for r in gpu.plan('tiny', str(tmp_path / 'out'), str(tmp_path / 'work'))}
+    assert tiny['tiny packed flex']['cuda_only'] and 'cuda' in tiny['tiny packed flex']['cmd']
+    assert [n for n, r in tiny.items() if r['cuda_only']] == ['tiny packed flex']
+    assert all('cuda' not in r['cmd'] for n, r in tiny.items() if n != 'tiny packed flex')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal of a machine without CUDA')
+def test_the_real_run_without_cuda_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu.py'), '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        'gpu.py: error: no CUDA device here: the real run needs a GPU (--tiny is the smoke run of every row on the '
+        'CPU)'), proc.stderr
+    assert not os.listdir(tmp_path)
+
+
 def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
     rows = gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work'))
     names = [r['name'] for r in rows]
@@ -62,6 +90,8 @@ def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
+    """The smoke run that proves gpu.sh before a GPU is lent: every row, and exit 0 on a CPU (the flex row, which
+    trains on CUDA only, skipped by name)."""
     out = tmp_path / 'out'
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop('GPU_BENCH_START', None)
@@ -76,12 +106,14 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     for name in ROWS:
         assert name in table
     flex = by.pop('tiny packed flex')
-    # the flex row may only fail on a CPU, for the one reason: torch's FlexAttention has no CPU backward
-    assert flex['status'] == 'ok' or 'trains on cuda only' in flex['reason'], flex
+    if not torch.cuda.is_available():
+        assert flex['status'] == 'skipped', flex
+        assert ("tiny packed flex: skipped: needs CUDA (torch's FlexAttention has no backward on a CPU) and this "
+                'machine has none') in proc.stdout
     assert all(r['status'] == 'ok' for r in by.values()), {k: r['reason'] for k, r in by.items()}
-    assert proc.returncode == (0 if flex['status'] == 'ok' else 1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in results['rows']:
-        assert os.path.exists(r['log'])
+        assert r['status'] == 'skipped' or os.path.exists(r['log'])
         if r['status'] == 'ok':
             assert os.path.exists(r['json'])
     train = {n: by[n]['figures']['rows'] for n in TRAIN if n in by}

@@ -193,7 +193,7 @@ def test_a_stage_is_refused_a_work_dir_holding_its_parent(tmp_path):
                     cfg_options={'model.pretrained_pth': parent}, require_checkpoint=False, timeout=240)
     lines = [line for line in out.log.splitlines() if line.strip()]
     assert out.returncode == 2 and 'Traceback' not in out.log, out.summary()
-    assert lines[-1] == (f"train: refused: model.pretrained_pth={parent} is in this run's work folder {work}: the run's "
-                         "own checkpoints (iter_N.pth, last_checkpoint) would write over it; give this stage another "
-                         "--work-dir"), out.summary()
+    assert lines[-1] == (f"train: refused: model.pretrained_pth={parent} is in this run's work folder {work}: the "
+                         "run's own checkpoints (iter_N.pth, last_checkpoint) would write over it; give this stage "
+                         "another --work-dir"), out.summary()
     assert sorted(os.listdir(work)) == ['iter_6.pth', 'train_output.log']  # run_train's copy of the output

@@ -80,7 +80,8 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
     lines = [line for line in log.splitlines() if line.strip()]
     resume = shlex.join(['python', *cmd[1:], '--resume', checkpoint])
     assert code == 130 and 'Traceback' not in log, log[-3000:]
-    assert lines[-1] == f'train: interrupted at iteration 5; last checkpoint {checkpoint}; resume: {resume}', log[-3000:]
+    assert lines[-1] == f'train: interrupted at iteration 5; last checkpoint {checkpoint}; resume: {resume}', \
+        log[-3000:]
     resumed = subprocess.run([sys.executable, *shlex.split(resume)[1:]], env=train_env(extra_env=env), cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=300)
     out = resumed.stdout + resumed.stderr

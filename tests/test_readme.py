@@ -65,6 +65,8 @@ NOT_RUN = {
     'make vllm ': 'serving through vLLM: tests/serve/test_vllm.py serves a converted folder with tools/serve.py and '
                   'asks it through the OpenAI API (make test builds .venv-vllm first)',
     'IMG=$(base64 -w0 photo.png)': 'a request to a running server: tests/serve/test_vllm.py sends the same request',
+    'make_tiny_models.py tiny32': "docs/serving.md's tiny path: tests/serve/test_vllm.py runs it as written",
+    'base64 -w0 my_data/images/0.jpg': "its question to the server: tests/serve/test_vllm.py asks it as written",
     'pip install lmdeploy': 'LMDeploy: not installed here (docs/serving.md says so)',
     'pip install "sglang[all]"': 'SGLang: not installed here (docs/serving.md says so)',
 }

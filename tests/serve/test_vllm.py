@@ -5,17 +5,23 @@ perturbed, so answers depend on the image) and converted to each format vLLM rea
 code; hf), is served by tools/serve.py; through the OpenAI API (the image as a data URL, greedy) every answer
 equals tools/chat.py's. And vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this project
 builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``).
+Image URLs: none fetched by default (an ``http://127.0.0.1`` one and a ``file://`` one refused with 400),
+``--allowed-media-domains 127.0.0.1`` fetches from there. And docs/serving.md's tiny path runs as written.
 
 Not skipped when vLLM is missing: it fails, saying to run ``make vllm`` (``XTUNER_PLUGINS_SKIP_VLLM=1`` skips it
-on purpose). About 2.5 minutes on 2 cores: each server is healthy after ~20-50 s.
+on purpose). About 4 minutes on 2 cores: each server is healthy after ~20-50 s.
 """
 
 import base64
+import contextlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -33,12 +39,16 @@ QUESTION = 'Describe the image.'
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def need_vllm():
     if os.environ.get('XTUNER_PLUGINS_SKIP_VLLM'):
         pytest.skip('XTUNER_PLUGINS_SKIP_VLLM is set')
     if not os.path.exists(VLLM_PYTHON):
         pytest.fail(f'no vLLM environment ({VLLM_PYTHON}): run `make vllm` (make test does)')
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    need_vllm()
     root = tmp_path_factory.mktemp('vllm')
     folders = write_folders(root)
     images = [write_image(root / f'{i}.png', size=size, seed=i) for i, size in
@@ -70,46 +80,96 @@ def data_url(path):
         return 'data:image/png;base64,' + base64.b64encode(f.read()).decode()
 
 
-def messages(image):
-    return [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': data_url(image)}},
+def messages(image, url=None):
+    return [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': url or data_url(image)}},
                                          {'type': 'text', 'text': QUESTION}]}]
 
 
-def serve(folder, root):
+def serve(folder, root, *options):
     """tools/serve.py on ``folder``: the process and its base URL once it printed ``ready``."""
-    proc = subprocess.Popen([sys.executable, SERVE, folder, '--port', '0', '--vllm-python', VLLM_PYTHON],
+    proc = subprocess.Popen([sys.executable, SERVE, folder, '--port', '0', '--vllm-python', VLLM_PYTHON, *options],
                             stdout=subprocess.PIPE, text=True, env=dict(env(root), PYTHONPATH=REPO_ROOT))
+    return proc, ready(proc)
+
+
+def ready(proc):
+    """The base URL a tools/serve.py process printed when ready."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line.startswith('ready: '):
-            return proc, line.split()[1].rstrip('/')
+            return line.split()[1].rstrip('/')
         if not line and proc.poll() is not None:
             pytest.fail(f'tools/serve.py exited with {proc.returncode} before ready (its output is above)')
     proc.terminate()
     pytest.fail('tools/serve.py was not ready within 600 s')
 
 
-def completion(base, model, image):
-    body = json.dumps({'model': model, 'messages': messages(image), 'temperature': 0,
+def completion(base, model, image, url=None):
+    """The greedy answer to ``image`` (sent as a data URL, or as ``url``); ``(status, error message)`` for a
+    refused request."""
+    body = json.dumps({'model': model, 'messages': messages(image, url), 'temperature': 0,
                        'max_tokens': MAX_TOKENS}).encode()
     request = urllib.request.Request(base + '/chat/completions', body, {'Content-Type': 'application/json'})
-    with urllib.request.urlopen(request, timeout=300) as r:
-        return text(json.load(r)['choices'][0]['message']['content'])
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return text(json.load(r)['choices'][0]['message']['content'])
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)['error']['message']
+
+
+@contextlib.contextmanager
+def image_server(folder):
+    """An HTTP server of ``folder``'s files on 127.0.0.1 (a service of the server's own network); yields its URL
+    and the paths it was asked for."""
+    asked = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self):
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}', asked
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize('fmt', ['official', 'hf'])
 def test_openai_answers_equal_the_chat_tools(setup, fmt, capsys):
+    """And URLs: by default the server fetches none (a local service's URL, a file:// URL: refused with 400, nothing
+    fetched); the hf server is started with --allowed-media-domains 127.0.0.1 and fetches from there."""
     folder = setup['folders'][fmt]
     expected = [chat_answer(folder, image, capsys) for image in setup['images']]
     assert len(set(expected)) > 1, expected  # the answers depend on the image
-    proc, base = serve(folder, setup['root'])
-    try:
-        got = [completion(base, fmt, image) for image in setup['images']]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    image, name = setup['images'][0], os.path.basename(setup['images'][0])
+    with image_server(os.path.dirname(image)) as (local, asked):
+        proc, base = serve(folder, setup['root'], *(['--allowed-media-domains', '127.0.0.1'] if fmt == 'hf' else []))
+        try:
+            got = [completion(base, fmt, image) for image in setup['images']]
+            fetched = completion(base, fmt, image, f'{local}/{name}')
+            from_file = completion(base, fmt, image, 'file://' + os.path.abspath(image))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     assert got == expected
+    if fmt == 'hf':
+        assert fetched == expected[0] and asked == [f'/{name}']
+    else:
+        assert fetched == (400, "The URL must be from one of the allowed domains: ['none: images as data URLs only "
+                                "(tools/serve.py --allowed-media-domains DOMAIN to fetch from it)']. Input URL "
+                                "domain: 127.0.0.1") and asked == []
+    assert from_file[0] == 400 and from_file[1].endswith('(file URLs are refused: send images as data URLs)`.'), \
+        from_file
 
 
 OFFLINE = '''
@@ -140,3 +200,33 @@ def test_offline_llm_chat_prompt_ids_equal_ours(setup, capsys):
     assert [r['ids'] for r in results] == ours
     assert len({len(ids) for ids in ours}) > 1  # images of different tile counts
     assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in setup['images']]
+
+
+def test_the_tiny_path_of_the_serving_guide_runs_as_written(tmp_path):
+    """docs/serving.md's tiny models: made with --llm-heads 2 --llm-kv-heads 1, trained one iteration on the README's
+    my_data/, converted, served by tools/serve.py and asked its question with curl (on a free port, not 8000)."""
+    from tests.test_readme import Reader, block, commands
+    from xtuner_plugins.launch import free_port
+    need_vllm()
+    for name in ('configs', 'tools'):
+        os.symlink(os.path.join(REPO_ROOT, name), tmp_path / name)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), tmp_path / '.venv')
+    reader = Reader(str(tmp_path))
+    reader.run(block('ImageDraw.Draw(img).ellipse'))  # the README's my_data/
+    *steps, serve_command = commands(block('make_tiny_models.py tiny32 --llm-heads 2 --llm-kv-heads 1'))
+    assert serve_command == 'python tools/serve.py work_dirs/tiny32_internvl', serve_command
+    for step in steps:
+        reader.run(step)
+    port = free_port()
+    proc = subprocess.Popen(['bash', '-c', f'exec {serve_command} --port {port}'], cwd=reader.root, text=True,
+                            env=dict(reader.env, VLLM_CACHE_ROOT=str(tmp_path / 'vllm')), stdout=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert ready(proc) == f'http://127.0.0.1:{port}/v1'
+        question = block('base64 -w0 my_data/images/0.jpg')
+        assert question.count('127.0.0.1:8000') == 1
+        answer = json.loads(reader.run(question.replace('127.0.0.1:8000', f'127.0.0.1:{port}')))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert answer['model'] == 'tiny32_internvl' and answer['usage']['completion_tokens'] == 8, answer

@@ -120,16 +120,16 @@ class ProgressHook(Hook):
         if loss is not None:
             first = f' (first logged {self._first_loss:.4g})' if self._first_loss is not None else ''
             line += f', loss {loss:.4g}{first}'
-        from xtuner_plugins.engine.checkpointing import checkpoint_dirs
+        from xtuner_plugins.engine.resume import checkpoint_dirs
         checkpoint = last_checkpoint(runner.work_dir, checkpoint_dirs(runner))
         runner.logger.info(line + (f'; last checkpoint {checkpoint}' if checkpoint else '; no checkpoint saved'))
 
 
 def last_checkpoint(work_dir: str, out_dirs: Sequence[str] = ()) -> Optional[str]:
     """The checkpoint MMEngine's ``WORK_DIR/last_checkpoint`` names, read as ``resume=True`` reads it
-    (``checkpointing.resume_target``; ``out_dirs``: the checkpoint hook's), relative to the current folder when it
+    (``resume.resume_target``; ``out_dirs``: the checkpoint hook's), relative to the current folder when it
     is below it; None when there is none."""
-    from xtuner_plugins.engine.checkpointing import ResumeError, resume_target
+    from xtuner_plugins.engine.resume import ResumeError, resume_target
     try:
         path = resume_target(work_dir, out_dirs)[0]
     except ResumeError:

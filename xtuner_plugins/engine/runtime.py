@@ -32,8 +32,8 @@ started by ``torchrun`` is set to end with its launcher (:func:`die_with_launche
 formatted once per text (:func:`memoize_config_formatting`), and both runners' ``build_train_loop`` fill the
 training data set's unset geometry, template and tokenizer from the model (``derive.py``,
 :func:`~xtuner_plugins.engine.derive.apply_derive_patches`), and an iteration-based loop's data loader restarts
-each epoch without MMEngine's warning when its sampler carries the epoch (``epochs.py``): this import comes before
-either runner trains.
+each epoch without MMEngine's warning when its sampler carries the epoch (``epochs.py``), and ``resume=True``
+reads ``last_checkpoint`` against its work folder (``resume.py``): this import comes before either runner trains.
 """
 
 from __future__ import annotations
@@ -310,11 +310,14 @@ die_with_launcher()
 memoize_config_formatting()
 # --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py); the data
 # set's unset geometry, template and tokenizer taken from the model when it is built (engine/derive.py); the data
-# loader's restart at each epoch of an iteration-based run without MMEngine's warning about it (engine/epochs.py)
+# loader's restart at each epoch of an iteration-based run without MMEngine's warning about it (engine/epochs.py);
+# last_checkpoint written atomically and read against its work folder (engine/resume.py)
 from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
+from xtuner_plugins.engine.resume import apply_resume_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
 
 apply_runstart_patches()
 apply_derive_patches()
 apply_epoch_patches()
+apply_resume_patches()

@@ -1,0 +1,172 @@
+"""``WORK_DIR/last_checkpoint``, the pointer ``resume=True`` follows: written atomically, read against the work
+folder it is in.
+
+* **Written atomically.** MMEngine's checkpoint hook writes it with a plain ``open`` after each save: a kill during
+  that write leaves it empty or cut. The one ``open`` of ``mmengine.hooks.checkpoint_hook`` is this module's, which
+  writes the pointer through ``checkpointing.atomic_write`` (temporary file, fsync, rename) and opens anything
+  else as before.
+* **Read against its work folder.** The pointer holds the absolute path MMEngine wrote: in a work folder moved
+  elsewhere it names a file that is gone (resume failed on it), in a copied one the original folder's checkpoint,
+  which ``resume=True`` loaded without a word. :func:`resume_target` reads it: a path in the work folder (or in the
+  checkpoint hook's ``out_dir``) as it is, a relative one against the work folder; one outside it is replaced by
+  the work folder's own file of that name, with a warning; when there is none (or the pointer is empty, or names
+  a file that is gone), start-up stops with one line (``train: refused: resume=True: ...``, exit code 2).
+
+Applied when ``runtime`` is imported (:func:`apply_resume_patches`), with the other runner patches.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import io
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from mmengine.logging import print_log
+
+from xtuner_plugins.engine.checkpointing import atomic_write
+
+__all__ = ['POINTER', 'ResumeError', 'apply_resume_patches', 'checkpoint_dirs', 'find_latest_checkpoint',
+           'resume_target']
+
+_PATCH_MARK = '_xtuner_plugins_resume_patch'
+_applied: List[str] = []
+POINTER = 'last_checkpoint'
+
+
+class _AtomicPointer(io.StringIO):
+    """What MMEngine's checkpoint hook gets from ``open(WORK_DIR/last_checkpoint, 'w')``: written on close."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def close(self) -> None:
+        if not self.closed:
+            atomic_write(self.getvalue(), self.path)
+        super().close()
+
+    def __exit__(self, kind, *args) -> None:
+        if kind is not None:  # the write failed: the old pointer stays
+            super().close()
+        self.close()
+
+
+def _pointer_open(file, mode='r', *args, **kwargs):
+    if isinstance(file, (str, Path)) and os.path.basename(str(file)) == POINTER and mode == 'w':
+        return _AtomicPointer(str(file))
+    return open(file, mode, *args, **kwargs)
+
+
+def _patch_pointer_write() -> bool:
+    """The one ``open`` of ``mmengine.hooks.checkpoint_hook`` writes the pointer: that module's name ``open``
+    is this project's, which writes ``last_checkpoint`` atomically and opens anything else as before."""
+    from mmengine.hooks import checkpoint_hook
+    if getattr(checkpoint_hook.__dict__.get('open'), _PATCH_MARK, False):
+        return False
+    setattr(_pointer_open, _PATCH_MARK, True)
+    checkpoint_hook.open = _pointer_open
+    return True
+
+
+# the runner whose load_or_resume is under way in this thread (its checkpoint hook's out_dir is a checkpoint's
+# legitimate place outside the work folder)
+_RESUMING: contextvars.ContextVar = contextvars.ContextVar('xtuner_plugins_resuming', default=None)
+
+
+class ResumeError(ValueError):
+    """``resume=True`` cannot tell which checkpoint to load (the message says what to do)."""
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional[str], str]:
+    """``(checkpoint, note)``: what ``WORK_DIR/last_checkpoint`` names, read against ``work_dir`` (module
+    docstring); ``(None, '')`` without a pointer; ``note`` says when a checkpoint of the same name in the work
+    folder replaced one outside it. ``out_dirs``: other folders the run saves its checkpoints to.
+    Raises :class:`ResumeError` when the pointer names nothing that can be loaded."""
+    pointer = os.path.join(work_dir, POINTER)
+    if not os.path.isfile(pointer):
+        return None, ''
+    with open(pointer, encoding='utf-8') as f:
+        named = f.read().strip()
+    restart = (f'give the checkpoint to resume from with --resume PATH, or delete {pointer} to start this run '
+               'over')
+    if not named:
+        raise ResumeError(f'resume=True: {pointer} is empty; {restart}')
+    if not os.path.isabs(named):
+        found, note = os.path.join(work_dir, named), ''
+    elif any(_same_dir(os.path.dirname(named), d) for d in (work_dir, *out_dirs)):
+        found, note = named, ''
+    else:
+        found = os.path.join(work_dir, os.path.basename(named))
+        if not os.path.exists(found):
+            raise ResumeError(f'resume=True: {pointer} names {named}, which is not in this work folder ({work_dir}; '
+                              f'moved or copied from elsewhere?), and {work_dir} has no {os.path.basename(named)}; '
+                              f'{restart}')
+        note = (f'{pointer} names {named}, outside this work folder (it was moved or copied): resuming from '
+                f'{found}, its own checkpoint of that name')
+    if not os.path.exists(found):
+        raise ResumeError(f'resume=True: {pointer} names {found}, which does not exist; {restart}')
+    return found, note
+
+
+def checkpoint_dirs(runner) -> List[str]:
+    """Where ``runner``'s checkpoint hooks save other than its work folder (their ``out_dir``: before training
+    as configured, MMEngine adds the work folder's name when training starts: both)."""
+    from mmengine.hooks import CheckpointHook
+    dirs = []
+    for hook in getattr(runner, '_hooks', []) if runner is not None else []:
+        out = getattr(hook, 'out_dir', None) if isinstance(hook, CheckpointHook) else None
+        if isinstance(out, str) and not _same_dir(out, runner.work_dir):
+            dirs += [out, os.path.join(out, os.path.basename(runner.work_dir.rstrip(os.sep)))]
+    return dirs
+
+
+def find_latest_checkpoint(path: str) -> Optional[str]:
+    """MMEngine's ``find_latest_checkpoint`` for ``resume=True``, through :func:`resume_target`; a pointer that
+    names nothing loadable stops the run with one line (``train: refused: ...``, exit code 2)."""
+    from xtuner_plugins.engine.runstart import refuse
+    try:
+        found, note = resume_target(path, checkpoint_dirs(_RESUMING.get()))
+    except ResumeError as exc:
+        refuse(str(exc))
+    if found is None:
+        print_log('Did not find last_checkpoint to be resumed.', logger='current')
+    if note:
+        print_log(note, logger='current', level=logging.WARNING)
+    return found
+
+
+def _patch_resume_pointer() -> bool:
+    from mmengine.runner import FlexibleRunner, Runner, _flexible_runner
+    from mmengine.runner import runner as runner_module
+    if getattr(runner_module.find_latest_checkpoint, _PATCH_MARK, False):
+        return False
+    setattr(find_latest_checkpoint, _PATCH_MARK, True)
+    runner_module.find_latest_checkpoint = _flexible_runner.find_latest_checkpoint = find_latest_checkpoint
+    for cls in (Runner, FlexibleRunner):
+        original = cls.load_or_resume
+
+        @functools.wraps(original)
+        def load_or_resume(self, _original=original):
+            token = _RESUMING.set(self)
+            try:
+                return _original(self)
+            finally:
+                _RESUMING.reset(token)
+
+        cls.load_or_resume = load_or_resume
+    return True
+
+
+def apply_resume_patches() -> List[str]:
+    """Apply the patches once (module docstring); returns the names newly applied."""
+    newly = [p.__name__.lstrip('_') for p in (_patch_pointer_write, _patch_resume_pointer) if p()]
+    _applied.extend(newly)
+    return newly

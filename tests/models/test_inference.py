@@ -212,6 +212,13 @@ def test_a_video_over_the_context_is_one_line_naming_both_numbers(folder, tmp_pa
     assert 'llm_config.max_position_embeddings); lower --frames (frames of a video) or --max-num' in err, err
     assert chat_main([small, '--video', video, '--frames', '2', '--prompt', 'What happens?',
                       '--max-new-tokens', '4']) == 0
+    capsys.readouterr()
+    for prog, (main, args) in tools(tmp_path).items():  # eval too (the web demo: tests/web/test_app.py)
+        if prog == 'eval':
+            assert main([small, *args, '--max-new-tokens', '200']) == 2
+            err = capsys.readouterr().err
+            assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith(
+                'eval: error: the prompt is '), err
 
 
 # ------------------------------------------------------------------ whitespace runs

@@ -41,7 +41,7 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .dtypes import resolve_dtype
 from .folder import TOKENIZER_ERRORS, check_folder, folder_format, from_folder  # noqa: F401 (the tools' names)
-from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
+from .prompt import PromptTooLong, blank_run_stop, check_context, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -86,7 +86,7 @@ def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: T
     :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
     first, removed after), then ``use(model)``. The exit status: 0, or 2 with the error printed
     (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
-    of ``errors``."""
+    of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
         try:
@@ -97,7 +97,7 @@ def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: T
             return tool_error(prog, exc)
         try:
             use(model)
-        except errors as exc:
+        except (PromptTooLong, *errors) as exc:
             return tool_error(prog, exc)
     return 0
 

@@ -118,7 +118,7 @@ def test_a_model_that_does_not_convert_is_one_line(trained, tmp_path, case, caps
     elif case == 'previous_stage_gone':
         ckpt, warm = stage_with_lineage(trained, tmp_path)
         os.remove(warm)
-        says = f'{warm}: the previous stage of {ckpt} (recorded in it) is not found'
+        says = f'{warm}: the previous stage of {ckpt} (recorded in it, at {warm}) is not found'
     else:
         config, says = FULL, 'trained parameters of this config are missing from the checkpoint'
     for prog, (main, args) in tools(tmp_path).items():
@@ -127,6 +127,30 @@ def test_a_model_that_does_not_convert_is_one_line(trained, tmp_path, case, caps
         assert 'Traceback' not in err, err
         line = err.strip().splitlines()[-1]
         assert line.startswith(f'{prog}: error: ') and says in line, line
+
+
+def test_the_checkpoint_alone_is_enough_for_chat_and_eval(trained, folder, tmp_path, capsys):
+    """``--checkpoint`` without ``--config``: the settings the checkpoint records, the same answers as the folder
+    converted from it; options on top that disagree with them are refused."""
+    from xtuner_plugins.engine.options import load_config
+    ckpt = str(tmp_path / 'iter_1.pth')
+    state = torch.load(trained['ckpt'], weights_only=False)  # what training records beside the tensors
+    state['meta'] = {'cfg': load_config(LORA, trained['opts']).pretty_text, 'lineage': trained['model'].lineage}
+    torch.save(state, ckpt)
+    chat_main, chat_args = tools(tmp_path)['chat']
+    question = ['--image', str(tmp_path / 'a.png'), '--prompt', 'What is it?', '--max-new-tokens', '6']
+    assert chat_main([folder, *question]) == 0
+    from_folder = capsys.readouterr().out.strip().splitlines()[-1]
+    assert chat_main(['--checkpoint', ckpt, *question]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == from_folder
+    eval_main, eval_args = tools(tmp_path)['eval']
+    assert eval_main(['--checkpoint', ckpt, *eval_args, '--out', str(tmp_path / 'r.json')]) == 0
+    assert len(json.load(open(tmp_path / 'r.json'))['results']) == 1
+    assert chat_main(['--checkpoint', ckpt, *question, '--cfg-options', 'model.llm_lora.r=8']) == 2
+    assert 'model.llm_lora.r: trained 16, given 8' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a config alone names no trained weights
+        chat_main(['--config', LORA, *question])
+    assert '--config, --cfg-options and --remap go with --checkpoint' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the LLM's context

@@ -12,7 +12,7 @@ import torch
 from tests.models.conftest import build
 from tests.models.test_preference import pair_items, pairs  # noqa: F401 (fixtures)
 from xtuner_plugins.models.lineage import (fingerprint, fingerprint_differences, previous_stage_for,
-                                           recorded_inputs, resolve_chain)
+                                           recorded_inputs, resolve_chain, set_remap)
 from xtuner_plugins.tiny import make_tiny_models
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
@@ -135,6 +135,7 @@ def test_the_converter_takes_the_previous_stage_from_the_checkpoint(tiny, chain,
 
 def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     warm = save_stage(build(tiny), tmp_path / 'warm.pth')
+    first = shutil.copy(warm, tmp_path / 'first.pth')
     sft = save_stage(build(tiny, llm_lora=LORA, pretrained_pth=warm), tmp_path / 'sft.pth')
     again = build(tiny)
     perturb(again, seed=5)
@@ -142,9 +143,18 @@ def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=rf'{warm} is not the checkpoint {sft} was trained from'):
         resolve_chain(sft)
     os.remove(warm)
-    with pytest.raises(FileNotFoundError, match=rf'{warm}: the previous stage of {sft} \(recorded in it\) is not '
-                                                r'found'):
+    with pytest.raises(FileNotFoundError, match=rf'{warm}: the previous stage of {sft} \(recorded in it, at {warm}\) '
+                                                r'is not found; put it back, or give --remap OLD=NEW'):
         resolve_chain(sft)
+    # a moved folder is found with --remap's pairs, the earlier stages' too
+    moved = os.path.join(os.path.dirname(warm), 'moved')
+    os.makedirs(moved)
+    shutil.copy(first, os.path.join(moved, os.path.basename(warm)))
+    set_remap([(os.path.dirname(warm), moved)])
+    try:
+        assert [s.path for s in resolve_chain(sft)] == [os.path.join(moved, os.path.basename(warm)), sft]
+    finally:
+        set_remap([])
 
 
 def test_a_stage_meant_to_follow_another_is_stopped_without_one(tiny):

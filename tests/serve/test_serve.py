@@ -220,3 +220,38 @@ def test_a_port_another_server_holds_is_refused_and_not_taken_for_ours(folders, 
                 'another server answers on that port') in captured.err
     finally:
         other.close()
+
+
+def test_a_training_checkpoint_is_converted_with_its_recorded_settings_and_served(tmp_path, monkeypatch, capsys):
+    """``--checkpoint`` alone: converted (official, bf16) with the config it records, its system message included,
+    then served under its work folder's name."""
+    import torch
+
+    from tests.tools.test_convert_to_official import LORA, options, trained_checkpoint
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.tiny import write_tiny_llm
+    tiny = tiny_workspace(tmp_path / 'tiny')
+    tiny['llm'] = write_tiny_llm(str(tmp_path / 'llm'), num_heads=2, num_kv_heads=1)
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'train_dataloader.dataset.system': 'Be brief.'})
+    ckpt = str(tmp_path / 'my_run' / 'iter_1.pth')
+    os.makedirs(os.path.dirname(ckpt))
+    model = trained_checkpoint(LORA, opts, ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state['meta'] = {'cfg': load_config(LORA, opts).pretty_text, 'lineage': model.lineage}
+    torch.save(state, ckpt)
+    stand_in(tmp_path, monkeypatch)
+    seen = {}
+    from xtuner_plugins.cli import serve
+    real_settings = serve.settings
+    monkeypatch.setattr(serve, 'settings', lambda folder, system=None: seen.setdefault('s', real_settings(folder, system)))
+    assert serve_main(['--checkpoint', ckpt, '--port', '0', '--vllm-python', sys.executable]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].endswith('(model my_run)')
+    assert (seen['s']['format'], seen['s']['dtype'], seen['s']['system_message']) == ('official', 'bfloat16',
+                                                                                     'Be brief.')
+    argv = json.load(open(tmp_path / 'argv.json'))['argv']
+    assert argv[argv.index('--dtype') + 1] == 'bfloat16'
+    assert not os.path.exists(argv[argv.index('--model') + 1])  # the converted folder is removed after
+    with pytest.raises(SystemExit):
+        serve_main(['--remap', 'a=b', '--port', '0'])
+    assert 'give a converted folder or --checkpoint' in capsys.readouterr().err

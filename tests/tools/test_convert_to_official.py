@@ -9,6 +9,7 @@ and its logits are compared with the training model's on a real batch of the dat
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -351,3 +352,76 @@ def test_a_tampered_checkpoint_is_one_line(tiny, tmp_path, capsys):
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f'convert_to_official: error: {ckpt}') and field in line, line
     assert not (tmp_path / 'out').exists()
+
+
+def recorded_checkpoint(config, opts, path, seed=0):
+    """:func:`trained_checkpoint` with what training records in it: the run's config text (MMEngine's
+    ``meta['cfg']``) and its lineage (``LineageHook``)."""
+    model = trained_checkpoint(config, opts, path, seed)
+    state = torch.load(path, weights_only=False)
+    state['meta'] = {'cfg': load_config(config, opts).pretty_text, 'lineage': model.lineage}
+    torch.save(state, path)
+    return model
+
+
+def test_the_checkpoint_alone_converts_with_what_it_was_trained_with(tiny, batch, tmp_path, capsys):
+    """No config: the model, the tiling and the system message come from the checkpoint (a config given with
+    other data settings used to be converted without a word: max_dynamic_patch 12 for a run trained with 6,
+    its system message dropped)."""
+    opts = options(tiny, **{'train_dataloader.dataset.max_dynamic_patch': 6,
+                            'train_dataloader.dataset.system': 'Answer in one word.'})
+    ckpt = str(tmp_path / 'iter_1.pth')
+    expected = training_logits(recorded_checkpoint(LORA, opts, ckpt), batch)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)  # the recorded paths are absolute or found through the lineage, not the current folder
+    try:
+        assert convert_main([ckpt, 'out', '--dtype', 'fp32']) == 0
+    finally:
+        os.chdir(cwd)
+    folder = str(elsewhere / 'out')
+    config = json.load(open(os.path.join(folder, 'config.json')))
+    assert config['max_dynamic_patch'] == 6 and config['system_message'] == 'Answer in one word.'
+    assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
+
+    def refused(*args):
+        assert convert_main(list(args) + ['--dtype', 'fp32']) == 2
+        return capsys.readouterr().err
+
+    # a config (or options) that disagrees with the recorded settings is refused, each setting with both values
+    err = refused(LORA, ckpt, str(tmp_path / 'a'), *as_args(options(tiny)))
+    assert 'train_dataloader.dataset.max_dynamic_patch: trained 6, given 4' in err
+    assert "train_dataloader.dataset.system: trained 'Answer in one word.', given None" in err
+    err = refused(ckpt, str(tmp_path / 'b'), '--cfg-options', 'model.llm_lora.lora_alpha=64')
+    assert 'model.llm_lora.lora_alpha: trained 32, given 64' in err and len(err.strip().splitlines()) == 1
+    # the same config and options as training are accepted (a value with spaces cannot pass --cfg-options)
+    from xtuner_plugins.models.export import export_checkpoint
+    export_checkpoint(LORA, ckpt, str(tmp_path / 'c'), dtype=torch.float32, cfg_options=opts, log=lambda m: None)
+
+
+def test_moved_source_folders_are_found_with_remap(tiny, tmp_path, capsys):
+    work = tmp_path / 'work'
+    shutil.copytree(os.path.dirname(tiny['llm']), work / 'models')
+    moved = dict(tiny, llm=str(work / 'models' / os.path.basename(tiny['llm'])),
+                 internvit=str(work / 'models' / os.path.basename(tiny['internvit'])))
+    ckpt = str(tmp_path / 'iter_1.pth')
+    recorded_checkpoint(LORA, options(moved), ckpt)
+    os.rename(work / 'models', work / 'models2')
+    assert convert_main([ckpt, str(tmp_path / 'a'), '--dtype', 'fp32']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--remap OLD=NEW' in err and moved['internvit'] in err
+    assert convert_main([ckpt, str(tmp_path / 'b'), '--dtype', 'fp32',
+                         '--remap', f'{work / "models"}={work / "models2"}']) == 0
+    out = capsys.readouterr().out
+    assert f'model.llm: {work / "models2"}' in out
+    # a folder remapped onto other weights is refused by the recorded fingerprints
+    other = tmp_path / 'other'
+    shutil.copytree(work / 'models2', other)
+    weights = next(p for p in os.listdir(other / os.path.basename(tiny['llm'])) if p.endswith('.safetensors'))
+    with open(other / os.path.basename(tiny['llm']) / weights, 'r+b') as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b'\x01' * 8)
+    assert convert_main([ckpt, str(tmp_path / 'c'), '--dtype', 'fp32',
+                         '--remap', f'{work / "models"}={other}']) == 2
+    assert 'is not the folder' in capsys.readouterr().err

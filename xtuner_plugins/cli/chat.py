@@ -6,9 +6,8 @@ Usage::
     python tools/chat.py work_dirs/my_internvl --image photo.jpg --prompt "What is in the picture?"
     # several images in one prompt: one <image> tag each (added in front when the prompt has none)
     python tools/chat.py work_dirs/my_internvl --image a.jpg b.jpg --prompt "Image-1: <image>\\nImage-2: <image>\\nCompare."
-    # straight from training: the config (with the run's --cfg-options) and a checkpoint
-    python tools/chat.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth \\
-        --cfg-options model.pretrained_pth=work_dirs/pretrain_mlp/iter_500.pth --image photo.jpg
+    # straight from training: the checkpoint alone (it records its config; --remap OLD=NEW for moved folders)
+    python tools/chat.py --checkpoint work_dirs/finetune_lora/iter_1000.pth --image photo.jpg
     # a video (a file, a GIF or a folder of frames): --frames frames at the middles of equal spans, one tile each,
     # a Frame{i}: <image> line each in place of <video> (added in front when the prompt has none)
     python tools/chat.py work_dirs/my_internvl --video clip.mp4 --frames 8 --prompt "What happens?"

@@ -2,19 +2,21 @@
 
 Usage::
 
-    python tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR [--dtype bf16]
-        [--format auto|official|hf|llava|remote]
-        [--overwrite] [--max-shard-size 5GB] [--cfg-options key=value ...]
+    python tools/convert_to_official.py CHECKPOINT OUT_DIR [--dtype bf16]
+        [--format auto|official|hf|llava|remote] [--remap OLD=NEW ...]
+        [--overwrite] [--max-shard-size 5GB]
 
     # e.g. a LoRA run: merged into the base weights, official layout, loadable with trust_remote_code
-    python tools/convert_to_official.py configs/finetune_lora.py work_dirs/finetune_lora/iter_1000.pth \\
-        work_dirs/my_internvl
+    python tools/convert_to_official.py work_dirs/finetune_lora/iter_1000.pth work_dirs/my_internvl
 
-CONFIG is the training config with the same ``--cfg-options`` as the training run (the converter rebuilds
-the model from it: frozen parts come from the config's sources, earlier stages from the checkpoint's recorded
-lineage, which also refuses source folders other than those it was trained with). CHECKPOINT
-is an MMEngine ``.pth`` or a DeepSpeed ZeRO-2/3 checkpoint folder (``iter_N.pth/``, consolidated on the
-CPU). LoRA adapters are merged; a QLoRA 4-bit base is dequantised first.
+CHECKPOINT is an MMEngine ``.pth`` or a DeepSpeed ZeRO-2/3 checkpoint folder (``iter_N.pth/``, consolidated on
+the CPU). It is enough: the converter rebuilds the model from the config the checkpoint records (the run's,
+with its ``--cfg-options``), finds the frozen parts' folders and the earlier stages through its recorded lineage
+(``--remap OLD=NEW`` for folders moved since; the fingerprints refuse other folders) and writes the tiling,
+template and system message it was trained with. LoRA adapters are merged; a QLoRA 4-bit base is dequantised
+first. ``CONFIG CHECKPOINT OUT_DIR`` (the form before checkpoints recorded their config) still works: the config
+and ``--cfg-options`` are then checked against the recorded settings, and any that differ are refused, naming
+both values; a checkpoint recording no config takes them as given.
 
 ``--format auto`` (default) picks the layout that fits the model and prints it. ``official`` is InternVL's
 layout (InternViT + pixel shuffle, ``InternVLChatModel`` remote code): ``AutoModel.from_pretrained(OUT_DIR,
@@ -33,10 +35,13 @@ from xtuner_plugins.models.dtypes import resolve_dtype
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     usage='%(prog)s [CONFIG] CHECKPOINT OUT_DIR [options]',
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('config', help='the training config file')
-    parser.add_argument('checkpoint', help='iter_N.pth file, or a DeepSpeed checkpoint folder')
-    parser.add_argument('out_dir', help='the folder to write (must be new or empty; see --overwrite)')
+    parser.add_argument('paths', nargs='+', metavar='PATH',
+                        help='the checkpoint (iter_N.pth file, or a DeepSpeed checkpoint folder) and the folder to '
+                             'write (new or empty; see --overwrite); a training config before them is optional')
+    parser.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
+                        help='a folder the checkpoint was trained with, moved since: its old and new path')
     parser.add_argument('--format', choices=('auto', 'official', 'hf', 'llava', 'remote'), default='auto',
                         help='auto (default): the layout that fits the model; official: InternVL remote code; '
                              'hf: InternVLForConditionalGeneration; llava: LlavaForConditionalGeneration; '
@@ -45,17 +50,24 @@ def parse_args(argv=None):
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
-                        help='override config settings, as for xtuner train (key=value)')
-    return parser.parse_args(argv)
+                        help='where source folders are now (model.llm=DIR); settings that differ from the '
+                             'recorded ones are refused')
+    args = parser.parse_args(argv)
+    if len(args.paths) not in (2, 3):
+        parser.error(f'give CHECKPOINT OUT_DIR (or CONFIG CHECKPOINT OUT_DIR), not {len(args.paths)} paths')
+    args.config = args.paths[0] if len(args.paths) == 3 else None
+    args.checkpoint, args.out_dir = args.paths[-2:]
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from xtuner_plugins.models.export import export_checkpoint
+    from xtuner_plugins.models.runconfig import parse_remap
     try:
         export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,
                           dtype=resolve_dtype(args.dtype), overwrite=args.overwrite, cfg_options=args.cfg_options,
-                          max_shard_size=args.max_shard_size)
+                          max_shard_size=args.max_shard_size, remap=parse_remap(args.remap))
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2

@@ -9,9 +9,8 @@ Usage::
     python tools/eval.py work_dirs/my_internvl --data MMBench_DEV_EN.tsv --circular
     # the same ranked by each option's log-likelihood (nothing generated; small or mid-training models)
     python tools/eval.py work_dirs/my_internvl --data MMBench_DEV_EN.tsv --mc likelihood
-    # straight from training: the config (with the run's --cfg-options) and a checkpoint
-    python tools/eval.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_N.pth \\
-        --data data/test.jsonl
+    # straight from training: the checkpoint alone (it records its config)
+    python tools/eval.py --checkpoint work_dirs/finetune_lora/iter_N.pth --data data/test.jsonl
 
 Every question is asked greedily through the converted folder (any format: official, remote, llava, hf; loaded
 as ``tools/chat.py`` loads it), then again with each image replaced by a blank one of the same size (the
@@ -165,8 +164,7 @@ def check_not_inputs(args, questions) -> None:
 
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
-    model = os.path.abspath(args.folder) if args.folder else f'{os.path.abspath(args.config)} + ' \
-                                                             f'{os.path.abspath(args.checkpoint)}'
+    model = os.path.abspath(args.folder or args.checkpoint)  # a checkpoint records its config
     return dict(model=model, cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
                 image_folder=args.image_folder and os.path.abspath(args.image_folder), metric=args.metric,
                 circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens, frames=args.frames,

@@ -4,6 +4,7 @@ Usage::
 
     python tools/serve.py work_dirs/my_internvl                  # http://127.0.0.1:8000/v1, when it says ready
     python tools/serve.py work_dirs/my_internvl --port 8001 --host 0.0.0.0 -- --gpu-memory-utilization 0.8
+    python tools/serve.py --checkpoint work_dirs/finetune_lora/iter_1000.pth    # converted first, as it was trained
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "my_internvl",
       "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
@@ -11,7 +12,10 @@ Usage::
 
 ``FOLDER`` is a folder ``tools/convert_to_official.py`` wrote in a format vLLM reads: ``official`` (InternVL's
 ``InternVLChatModel``, with its remote code: ``--trust-remote-code`` is passed) or ``hf`` (transformers'
-``InternVLForConditionalGeneration``). The server's settings are read from the folder (:func:`settings`): the
+``InternVLForConditionalGeneration``). ``--checkpoint CHECKPOINT`` (a training checkpoint, ``--remap OLD=NEW`` for
+folders moved since) is converted first, into a temporary ``official`` folder in bf16 (``--dtype`` for another),
+with the settings the checkpoint records, as ``tools/convert_to_official.py CHECKPOINT`` converts it; it is
+served under the checkpoint's work folder's name. The server's settings are read from the folder (:func:`settings`): the
 dtype the weights were written in, the LLM's maximum length, the number of images a prompt may hold (as many
 as fit in that length at the most tiles, at most 8), the folder's chat template, and its system message (vLLM
 ignores ``system_message`` in ``config.json`` and renders the chat template: where the two differ, or with
@@ -224,8 +228,12 @@ def parse_args(argv=None):
     argv = argv[:argv.index('--')] if '--' in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage='%(prog)s FOLDER [options] [-- VLLM_ARGS ...]')
-    p.add_argument('folder', help='a converted folder (tools/convert_to_official.py; official or hf format)')
+                                usage='%(prog)s (FOLDER | --checkpoint CHECKPOINT) [options] [-- VLLM_ARGS ...]')
+    p.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py; official or hf format)')
+    p.add_argument('--checkpoint', help='a training checkpoint instead of a folder: converted first (official '
+                                        'format), with the settings it records')
+    p.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
+                   help='with --checkpoint: a folder it was trained with, moved since: its old and new path')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
     p.add_argument('--port', type=int, default=8000, help='port (0: a free one; default 8000)')
     p.add_argument('--served-model-name', help='the model\'s name in the API (default: the folder\'s name)')
@@ -239,13 +247,43 @@ def parse_args(argv=None):
     p.add_argument('--vllm-python', help='the interpreter with vLLM (default: .venv-vllm\'s, see --help)')
     p.add_argument('--startup-timeout', type=float, default=900.0, help='seconds to wait for the server (900)')
     args = p.parse_args(argv)
+    if (args.folder is None) == (args.checkpoint is None):
+        p.error('give a converted folder or --checkpoint, one of them')
+    if args.remap and not args.checkpoint:
+        p.error('--remap goes with --checkpoint')
     args.vllm_args = extra
-    args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(args.folder))
+    named = args.folder or os.path.dirname(os.path.abspath(args.checkpoint))  # a checkpoint: its work folder's name
+    args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(named))
     return args
+
+
+def converted(args, tmp: str) -> str:
+    """The folder to serve: ``args.folder``, or ``args.checkpoint`` converted into ``tmp`` (official format,
+    ``--dtype`` or bf16) with the settings it records."""
+    if args.checkpoint is None:
+        return args.folder
+    from xtuner_plugins.models.dtypes import resolve_dtype
+    from xtuner_plugins.models.export import export_checkpoint
+    from xtuner_plugins.models.runconfig import parse_remap
+    out = os.path.join(tmp, 'model')
+    export_checkpoint(None, args.checkpoint, out, fmt='official', dtype=resolve_dtype(args.dtype or 'bf16'),
+                      remap=parse_remap(args.remap), log=lambda m: print(m, file=sys.stderr))
+    args.dtype = None  # vLLM takes the dtype the weights were written in (it names dtypes its own way)
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix='xtuner-serve-model-') as tmp:
+        try:
+            args.folder = converted(args, tmp)
+        except (OSError, ValueError, NotImplementedError) as exc:
+            return tool_error('serve', exc)
+        return serve(args)
+
+
+def serve(args) -> int:
+    """Start vLLM on ``args.folder``, wait until it is ready, and serve until it stops (the exit status)."""
     try:
         s = settings(args.folder, args.system_message)
         python = vllm_python(args.vllm_python)

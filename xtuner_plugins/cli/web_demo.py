@@ -5,7 +5,7 @@ Usage::
     python tools/web_demo.py work_dirs/my_internvl                # then open http://127.0.0.1:7860
     python tools/web_demo.py work_dirs/my_internvl --port 7861 --max-new-tokens 256
     # straight from training, as tools/chat.py takes it
-    python tools/web_demo.py --config configs/finetune_lora.py --checkpoint work_dirs/finetune_lora/iter_1000.pth
+    python tools/web_demo.py --checkpoint work_dirs/finetune_lora/iter_1000.pth
     # from a script: the /chat endpoint (an image and a question in, the greedy answer out)
     python -c "from gradio_client import Client, handle_file; \\
                print(Client('http://127.0.0.1:7860/').predict(handle_file('photo.jpg'), 'What is it?', api_name='/chat'))"

@@ -66,8 +66,8 @@ def preference_stage(recipe: Recipe, configs: Mapping[str, str], models, data, g
     timings['preference'] = time.perf_counter() - t
     t = time.perf_counter()
     console.step(f'8/{steps} the preference-trained model: conversion and the same questions')
-    converted = run_converter(config, stages['preference'].checkpoint, options,
-                              os.path.join(work_dir, 'converted_preference'), console)
+    converted = run_converter(stages['preference'].checkpoint, os.path.join(work_dir, 'converted_preference'),
+                              console)
     answers = answer_questions(converted, data['test'], data['images'], console, recipe.max_new_tokens,
                                recipe.video_frames)
     timings['answers_preference'] = time.perf_counter() - t

@@ -143,8 +143,7 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     console.step(f'5/{steps} conversion: tools/convert_to_official.py --format auto (the layout that fits the '
                  f'family)')
     from xtuner_plugins.models.inference import folder_format
-    converted = run_converter(CONFIGS[ft], stages['finetune'].checkpoint, ft_options,
-                              os.path.join(work_dir, 'converted'), console)
+    converted = run_converter(stages['finetune'].checkpoint, os.path.join(work_dir, 'converted'), console)
     converted_format = folder_format(converted)
     console(f'  {converted_format} layout in {os.path.relpath(converted, REPO_ROOT)}')
     timings['convert'] = time.perf_counter() - t

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
-from xtuner_plugins.launch import cache_env, cfg_options_args, run_train
+from xtuner_plugins.launch import cache_env, run_train
 from xtuner_plugins.outcome import ITER_LINE
 
 from .console import Console, DemoError, quiet_mmengine_info
@@ -295,15 +295,14 @@ def train_stage(name: str, config: str, work_dir: str, options: Mapping[str, obj
 
 
 # ------------------------------------------------------------------------------------------ 5. conversion
-def run_converter(config: str, checkpoint: str, options: Mapping[str, object], out_dir: str,
-                  console: Console) -> str:
-    """``tools/convert_to_official.py CONFIG CHECKPOINT OUT_DIR --dtype fp32 --overwrite --cfg-options ...``
-    (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits the family)."""
+def run_converter(checkpoint: str, out_dir: str, console: Console) -> str:
+    """``tools/convert_to_official.py CHECKPOINT OUT_DIR --dtype fp32 --overwrite``: the checkpoint alone, which
+    records its config (the tool's own ``main``, in this process; ``--format auto`` picks the layout that fits
+    the family)."""
     from xtuner_plugins.cli.convert import main as convert_main
-    argv = [config, checkpoint, out_dir, '--dtype', 'fp32', '--overwrite', *cfg_options_args(options)]
-    console(f'  $ python tools/convert_to_official.py {os.path.relpath(config, REPO_ROOT)} '
-            f'{os.path.relpath(checkpoint, REPO_ROOT)} {os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 '
-            f'--overwrite --cfg-options ...')
+    argv = [checkpoint, out_dir, '--dtype', 'fp32', '--overwrite']
+    console(f'  $ python tools/convert_to_official.py {os.path.relpath(checkpoint, REPO_ROOT)} '
+            f'{os.path.relpath(out_dir, REPO_ROOT)} --dtype fp32 --overwrite')
     with console.under_step():
         code = convert_main(argv)
     if code:

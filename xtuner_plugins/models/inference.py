@@ -53,15 +53,16 @@ EXPORT_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 
 
 def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
-                 dtype: torch.dtype, log=print) -> str:
-    """The folder to load: ``folder`` itself, or a training ``config`` + ``checkpoint`` converted into ``tmp``
-    first (the converter's code path, so both ways run the same model code); :data:`EXPORT_ERRORS` when they do
+                 dtype: torch.dtype, log=print, remap=()) -> str:
+    """The folder to load: ``folder`` itself, or a training ``checkpoint`` converted into ``tmp`` first with the
+    settings it records (``config`` and ``cfg_options``, when given, checked against them; ``remap``: moved
+    folders), the converter's code path, so both ways run the same model code; :data:`EXPORT_ERRORS` when it does
     not convert."""
-    if config is None:
+    if checkpoint is None:
         return folder
     from xtuner_plugins.models.export import export_checkpoint
     return export_checkpoint(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options,
-                             log=log)
+                             log=log, remap=remap)
 
 
 def empty_answer_hint(answer: str, advice: str) -> str:
@@ -90,8 +91,9 @@ def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: T
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
         try:
+            from .runconfig import parse_remap
             folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                                  log=lambda m: print(m, file=sys.stderr))
+                                  log=lambda m: print(m, file=sys.stderr), remap=parse_remap(args.remap))
             model = ConvertedModel(folder, dtype, args.device, **tiling)
         except EXPORT_ERRORS as exc:
             return tool_error(prog, exc)
@@ -151,14 +153,20 @@ def image_size_argument(text: str) -> int:
 
 def add_model_arguments(parser) -> None:
     """The arguments by which every tool (chat, eval, web demo) names its model: a converted folder, or a
-    training ``--config`` + ``--checkpoint`` (+ the run's ``--cfg-options``); ``--dtype``, ``--device``.
+    training ``--checkpoint`` (its recorded config is used; ``--remap`` for folders moved since; a ``--config``
+    and ``--cfg-options`` given too are checked against it); ``--dtype``, ``--device``.
     :func:`check_model_arguments` checks them after parsing."""
     from xtuner_plugins.launch import CfgOptions
     parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
-    parser.add_argument('--config', help='a training config (instead of a folder), with --checkpoint')
-    parser.add_argument('--checkpoint', help='the training checkpoint (.pth or DeepSpeed folder) with --config')
+    parser.add_argument('--checkpoint', help='a training checkpoint (.pth or DeepSpeed folder) instead of a folder: '
+                                             'it is converted with the settings it records')
+    parser.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
+                        help='a folder the checkpoint was trained with, moved since: its old and new path')
+    parser.add_argument('--config', help='optional with --checkpoint: a training config, checked against the '
+                                         'settings the checkpoint records (needed for a checkpoint recording none)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
-                        help='the training run\'s config overrides (key=value)')
+                        help='with --checkpoint: where source folders are now (model.llm=DIR); settings that '
+                             'differ from the recorded ones are refused')
     parser.add_argument('--dtype', default='auto', type=dtype_argument,
                         help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,
@@ -179,10 +187,10 @@ def add_tiling_arguments(parser, image_size: bool = True) -> None:
 
 
 def check_model_arguments(parser, args) -> None:
-    if (args.folder is None) == (args.config is None):
-        parser.error('give a converted folder, or --config (with --checkpoint), not both')
-    if args.config and not args.checkpoint:
-        parser.error('--config needs --checkpoint')
+    if (args.config or args.cfg_options or args.remap) and not args.checkpoint:
+        parser.error('--config, --cfg-options and --remap go with --checkpoint')
+    if (args.folder is None) == (args.checkpoint is None):
+        parser.error('give a converted folder or --checkpoint, one of them')
     low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
     if low is not None and high is not None and low > high:
         parser.error(f'--min-num {low} is over --max-num {high}')

@@ -229,6 +229,26 @@ class Stage:
         return (self.lineage or {}).get(key, default)
 
 
+#: folders moved since training, as ``(OLD, NEW)`` path prefixes: the tools' ``--remap OLD=NEW``
+#: (``runconfig.run_config`` sets them), applied to every recorded path this process looks up, the previous
+#: stages' too (they are found while the model is built, far from the command line)
+_REMAP: List[tuple] = []
+
+
+def set_remap(pairs) -> None:
+    """Set the process's ``--remap`` pairs (see :data:`_REMAP`)."""
+    _REMAP[:] = list(pairs)
+
+
+def moved(path: str) -> List[str]:
+    """Where ``path`` is now under each ``--remap`` pair that covers it (empty when none does)."""
+    out = []
+    for old, new in _REMAP:
+        if path == old or path.startswith(old.rstrip(os.sep) + os.sep):
+            out.append(new + path[len(old):])
+    return out
+
+
 def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None) -> str:
     """The previous stage's checkpoint that ``recorded_by`` names (``given``: one the user passed instead),
     checked against the recorded fingerprint."""
@@ -236,11 +256,12 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
     if given is not None:
         candidates = [given]
     else:
-        candidates = [p for p in (previous.get('abspath'), previous.get('path')) if p]
+        candidates = [c for p in (previous.get('abspath'), previous.get('path')) if p for c in moved(p) + [p]]
     found = next((p for p in candidates if os.path.exists(p)), None)
     if found is None:
-        raise FileNotFoundError(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it) is not '
-                                f'found; put it back or pass model.pretrained_pth=PATH to where it is now')
+        raise FileNotFoundError(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it, at '
+                                f'{previous.get("abspath")}) is not found; put it back, or give --remap OLD=NEW '
+                                f'for a moved folder (or model.pretrained_pth=PATH)')
     if previous.get('files'):
         diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))
         if diffs:

@@ -77,5 +77,5 @@ def check_trained_settings(cfg, checkpoint: str, log: Callable[[str], None] = pr
         return
     problems = setting_differences(trained, cfg.model)
     if problems:
-        raise ValueError(f'{checkpoint} was trained with other settings than the config gives (pass the training '
-                         f'run\'s config and --cfg-options): ' + '; '.join(problems))
+        raise ValueError(f'{checkpoint} was trained with other settings than the config gives (leave the config '
+                         f'out: the checkpoint records its own): ' + '; '.join(problems))

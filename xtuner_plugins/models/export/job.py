@@ -23,6 +23,7 @@ from xtuner_plugins.engine.runlock import LOCK_NAME
 
 from ..dtypes import dtype_name
 from ..lineage import recorded_inputs
+from ..runconfig import run_config
 from .build import build_for_export, merge_adapters, tiling_settings, training_system_message
 from .files import Log, _print
 from .hf import write_hf
@@ -97,10 +98,15 @@ def choose_format(model, fmt: str = 'auto') -> str:
 WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote}
 
 
-def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
+def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
                       dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
-                      cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print) -> str:
-    """Rebuild the config's model, load ``checkpoint``, merge adapters, write ``out_dir``; returns it.
+                      cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print,
+                      remap=()) -> str:
+    """Rebuild the model ``checkpoint`` was trained as, load it, merge adapters, write ``out_dir``; returns it.
+
+    The settings are the ones recorded in the checkpoint (``runconfig.run_config``: ``config`` and
+    ``cfg_options``, when given, must agree with them; ``remap``: ``(OLD, NEW)`` prefixes of moved folders);
+    without a checkpoint (an official folder converted as is), ``config``'s.
 
     ``fmt``: ``'official'`` (InternVL's remote-code layout), ``'hf'`` (transformers' InternVL), ``'llava'``
     (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
@@ -110,13 +116,16 @@ def export_checkpoint(config: str, checkpoint: Optional[str], out_dir: str, fmt:
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
     start = time.time()
-    cfg = load_config(config, cfg_options)
-    if checkpoint is not None and not os.path.exists(checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    if checkpoint is not None:
+        cfg = run_config(checkpoint, config, cfg_options, remap, log)
+    elif config is None:
+        raise ValueError('give a checkpoint, or a config that starts from an official folder')
+    else:
+        cfg = load_config(config, cfg_options)
     out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite)
     if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
-    log(f'[1/4] building the model of {config} in {dtype_name(dtype)}')
+    log(f'[1/4] building the model of {checkpoint or config} in {dtype_name(dtype)}')
     model = build_for_export(cfg, checkpoint, dtype, log)
     fmt = choose_format(model, fmt)
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')

@@ -1,0 +1,159 @@
+"""A checkpoint's own training config: the tools use a checkpoint by its path alone.
+
+MMEngine stores the run's whole config, the ``--cfg-options`` applied, in every checkpoint (``meta['cfg']``), and
+``LineageHook`` stores where its sources and previous stage were (``meta['lineage']``, ``models/lineage.py``). So
+the converter, chat, eval, the web demo and serving need nothing but the checkpoint::
+
+    cfg = run_config('work_dirs/finetune_lora/iter_1000.pth')                     # what training used
+    cfg = run_config(ckpt, remap=parse_remap(['/old/models=/new/models']))       # folders moved since
+
+:func:`run_config` reads that config as data (``checkpoint.config_settings``: nothing of it runs) and finds each
+source folder where it is now: a path the user gives on top (a config, or ``model.llm=DIR``), the recorded path
+moved by ``--remap OLD=NEW``, the recorded absolute path, then the recorded path as written; the fingerprints
+recorded in the lineage are checked later, where the model is built (``lineage.check_sources``).
+
+A config or options given on top are checked, not trusted: every setting that shapes the model or its inputs
+(:data:`provenance.RESULT_SETTINGS` of the model; :data:`DATA_SETTINGS` of the data set: tiling, tile size,
+template, system message, image mode, frame prefix) that differs from the recorded one is refused, naming both
+values. A checkpoint that records no config (written before MMEngine stored it) takes the given config, with a
+note; without one it is refused in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import lineage
+from .checkpoint import config_settings, read_meta
+
+#: data set settings that shape what the model sees (``train_dataloader.dataset``, the packed wrapper's inner one)
+DATA_SETTINGS = ('min_dynamic_patch', 'max_dynamic_patch', 'use_thumbnail', 'image_size', 'template', 'system',
+                 'image_mode', 'frame_prefix')
+#: what a data set setting that is not set means (``InternVLDataset``'s defaults); others mean "the model's"
+_DATA_DEFAULTS = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+
+
+def parse_remap(pairs: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
+    """``['OLD=NEW', ...]`` (``--remap``) as path-prefix pairs; one-line ValueError for a malformed one."""
+    out = []
+    for pair in pairs or ():
+        old, sep, new = pair.partition('=')
+        if not sep or not old.strip() or not new.strip():
+            raise ValueError(f'--remap {pair!r}: give OLD=NEW, the folder as training saw it and where it is now')
+        out.append((old.rstrip(os.sep) or os.sep, new.rstrip(os.sep) or os.sep))
+    return out
+
+
+def training_dataset(cfg) -> dict:
+    """A config's data set settings (the packed wrapper's inner one); {} when it has none."""
+    loader = cfg.get('train_dataloader') if hasattr(cfg, 'get') else None
+    dataset = loader.get('dataset') if isinstance(loader, dict) else None
+    if isinstance(dataset, dict) and isinstance(dataset.get('dataset'), dict):
+        dataset = dataset['dataset']
+    return dataset if isinstance(dataset, dict) else {}
+
+
+def _data_value(dataset: dict, key: str):
+    value = dataset.get(key)
+    return _DATA_DEFAULTS.get(key) if value is None else value
+
+
+def setting_conflicts(recorded: dict, given) -> List[str]:
+    """``'key: trained A, given B'`` for every model or data setting of ``given`` that differs from ``recorded``."""
+    from .provenance import setting_differences
+    out = setting_differences(recorded.get('model') or {}, given.get('model') or {})
+    trained, now = training_dataset(recorded), training_dataset(given)
+    for key in DATA_SETTINGS:
+        a, b = _data_value(trained, key), _data_value(now, key)
+        if a != b:
+            out.append(f'train_dataloader.dataset.{key}: trained {a!r}, given {b!r}')
+    return out
+
+
+def _source(model: dict, key: str) -> Optional[str]:
+    value = model.get(key)
+    return value.get('path') if isinstance(value, dict) else value
+
+
+def _set_source(model: dict, key: str, path: str) -> None:
+    if isinstance(model.get(key), dict):
+        model[key]['path'] = path
+    else:
+        model[key] = path
+
+
+def _find_sources(model: dict, given_model: dict, record: Optional[dict], checkpoint: str,
+                  log: Callable[[str], None]) -> None:
+    """Point each source of ``model`` (the recorded settings) at where the folder is now (module docstring)."""
+    recorded_sources = (record or {}).get('sources') or {}
+    for key in lineage.SOURCE_KEYS:
+        path = _source(model, key)
+        if not isinstance(path, str):
+            continue
+        mine = _source(given_model, key)
+        then = recorded_sources.get(key) or {}
+        candidates = [mine] if isinstance(mine, str) and mine != path else []
+        for p in (then.get('abspath'), path):
+            if isinstance(p, str):
+                candidates += lineage.moved(p) + [p]
+        found = next((p for p in candidates if os.path.exists(p)), None)
+        if found is None:
+            if not then.get('abspath') and not os.path.isabs(path):
+                continue  # a hub id, or a relative path of an old record: the builder says what is missing
+            raise FileNotFoundError(
+                f'model.{key}: {path!r}, which {checkpoint} was trained with (at {then.get("abspath") or path}), is '
+                f'not found; give --remap OLD=NEW for a moved folder (or model.{key}=DIR)')
+        if found != path:
+            log(f'model.{key}: {found} (trained with {path})')
+        _set_source(model, key, found)
+
+
+def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optional[dict] = None,
+               remap: Sequence[Tuple[str, str]] = (), log: Callable[[str], None] = print):
+    """The MMEngine ``Config`` ``checkpoint`` was trained with, its source folders found (module docstring).
+
+    Raises:
+        ValueError: a given config or option that disagrees with the recorded settings (each named with both
+            values); a checkpoint that records no config when none is given.
+        FileNotFoundError: the checkpoint, the config, or a recorded source folder, not found.
+    """
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.options import load_config
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    lineage.set_remap(remap)
+    meta = read_meta(checkpoint)
+    given = load_config(config, cfg_options) if config else None
+    if not meta.get('cfg'):
+        if given is None:
+            raise ValueError(f'{checkpoint} records no training config (it was not written by training\'s '
+                             'CheckpointHook); give the training config and its --cfg-options with it')
+        log(f'{checkpoint}: no training config recorded in it; the settings are taken from {config}')
+        return given
+    recorded = config_settings(meta['cfg'], f"{checkpoint}: meta['cfg'] (the training config)")
+    if given is None:
+        given = Config(copy.deepcopy(recorded))
+        if cfg_options:
+            given.merge_from_dict(cfg_options)
+    conflicts = setting_conflicts(recorded, given)
+    if conflicts:
+        what = f'{config} and --cfg-options' if config and cfg_options else config or '--cfg-options'
+        raise ValueError(f'{checkpoint} was trained with other settings than {what} give (leave them out: '
+                         f'the checkpoint records its own): ' + '; '.join(conflicts))
+    cfg = Config(copy.deepcopy(recorded))
+    given_model = dict(given.get('model') or {}) if (config or cfg_options) else {}
+    _find_sources(cfg.model, given_model, lineage.read_lineage(checkpoint), checkpoint, log)
+    # the previous stage: the one the lineage records (found and checked by lineage.previous_stage_for), unless
+    # the user points at it on top
+    mine = given_model.get('pretrained_pth')
+    cfg.model['pretrained_pth'] = mine if mine != recorded.get('model', {}).get('pretrained_pth') else None
+    return cfg
+
+
+def recorded_settings(checkpoint: str) -> Dict[str, object]:
+    """The recorded config's settings as data ({} when it records none): for tools that only read them."""
+    meta = read_meta(checkpoint)
+    return config_settings(meta['cfg'], f"{checkpoint}: meta['cfg']") if meta.get('cfg') else {}

@@ -95,3 +95,29 @@ def test_llava_refuses_a_video():
     converted.reset()
     with pytest.raises(ValueError, match='llava_folder: .*cannot hold a video'):
         converted.ask(QUESTION, video=[torch.zeros(1)])
+
+
+def test_a_trained_frame_prefix_is_recorded_and_used(setup, tmp_path, monkeypatch):
+    """A run trained with InternVL's SFT prefix (``Frame-{i}: ``): the folder records it, the tools ask with it;
+    the hf layout, whose processor writes ``Frame{i}: ``, is refused."""
+    from xtuner_plugins.models.export import export_checkpoint
+    prefix = 'Frame-{i}: '
+    opts = dict(setup['opts'], **{'train_dataloader.dataset.frame_prefix': prefix})
+    folder = export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'official'), dtype=torch.float32,
+                               cfg_options=opts, log=lambda m: None)
+    ds = InternVLDataset(str(setup['root'] / 'v.jsonl'), image_folders=str(setup['root'] / 'media'),
+                         tokenizer=setup['tiny']['llm'], image_size=56, min_num_frame=4, max_num_frame=4,
+                         video_sampling='middle', frame_prefix=prefix, cache_dir=setup['tiny']['cache'])
+    item = ds[0]
+    first = next(i for i, label in enumerate(item['labels'].tolist()) if label != IGNORE_INDEX)
+    converted = ConvertedModel(folder)
+    assert converted.config['frame_prefix'] == prefix
+    seen, real = {}, converted.model.generate
+    monkeypatch.setattr(converted.model, 'generate', lambda **kw: seen.setdefault('ids', kw['input_ids'][0].tolist())
+                        and real(**kw))
+    frames, _ = load_video(setup['video'], 4)
+    converted.ask(QUESTION, video=frames, generation=dict(max_new_tokens=2, do_sample=False))
+    assert seen['ids'] == item['input_ids'][:first].tolist() != setup['ids']
+    with pytest.raises(ValueError, match="video frame prefix 'Frame-{i}: '.*--format official or remote"):
+        export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'hf'), fmt='hf', dtype=torch.float32,
+                          cfg_options=opts, log=lambda m: None)

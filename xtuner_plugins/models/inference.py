@@ -312,7 +312,8 @@ class ConvertedModel:
                 raise ValueError('a question about a video has no <image> tags (its frames take their place)')
         if self.format in ('official', 'remote'):
             if frames is not None:
-                question = question.replace(VIDEO_PLACEHOLDER, video_prompt(len(frames), DEFAULT_FRAME_PREFIX))
+                prefix = self.config.get('frame_prefix') or DEFAULT_FRAME_PREFIX  # the one trained with
+                question = question.replace(VIDEO_PLACEHOLDER, video_prompt(len(frames), prefix))
                 images, marks = self.images + frames, self.frames + [True] * len(frames)
             else:
                 split_images(question, len(new))  # the tags must match the images

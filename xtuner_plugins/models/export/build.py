@@ -41,6 +41,14 @@ def tiling_settings(cfg, model: VisionLanguageModel) -> dict:
     return settings
 
 
+def training_frame_prefix(cfg, model: VisionLanguageModel) -> str:
+    """The text before each video frame's ``<image>`` in training: the data set's ``frame_prefix``, else the
+    model's template's."""
+    from xtuner_plugins.data.template import get_template
+    given = _training_dataset(cfg).get('frame_prefix')
+    return str(given) if given is not None else get_template(model.template).frame_prefix
+
+
 def training_system_message(cfg) -> Optional[str]:
     """The system message the training data set was given (``dataset.system``), or None for the template's."""
     return _training_dataset(cfg).get('system')

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.engine.hooks import peak_rss_mb
 from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.engine.runlock import LOCK_NAME
@@ -24,7 +25,7 @@ from xtuner_plugins.engine.runlock import LOCK_NAME
 from ..dtypes import dtype_name
 from ..lineage import recorded_inputs
 from ..runconfig import run_config
-from .build import build_for_export, merge_adapters, tiling_settings, training_system_message
+from .build import build_for_export, merge_adapters, tiling_settings, training_frame_prefix, training_system_message
 from .files import Log, _print
 from .hf import write_hf
 from .llava import llava_misfit, write_llava
@@ -128,6 +129,13 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     log(f'[1/4] building the model of {checkpoint or config} in {dtype_name(dtype)}')
     model = build_for_export(cfg, checkpoint, dtype, log)
     fmt = choose_format(model, fmt)
+    tiling = tiling_settings(cfg, model)
+    prefix = training_frame_prefix(cfg, model)
+    if prefix != DEFAULT_FRAME_PREFIX:  # what stands before each video frame: recorded where a format can hold it
+        if fmt == 'hf':
+            raise ValueError(f'trained with the video frame prefix {prefix!r}; transformers\' InternVL processor '
+                             f'(--format hf) writes {DEFAULT_FRAME_PREFIX!r}: use --format official or remote')
+        tiling['frame_prefix'] = prefix
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     merge_adapters(model, dtype, log)
     tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
@@ -135,7 +143,7 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     os.makedirs(tmp)
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
-        WRITERS[fmt](model, tiling_settings(cfg, model), tmp, dtype, max_shard_size, log,
+        WRITERS[fmt](model, tiling, tmp, dtype, max_shard_size, log,
                      system=training_system_message(cfg))
         if os.path.isdir(out):
             shutil.rmtree(out)

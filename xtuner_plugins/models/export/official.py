@@ -63,6 +63,8 @@ def official_config(model: VisionLanguageModel, tiling: dict, dtype: torch.dtype
     }
     if system is not None:
         config['system_message'] = system
+    if tiling.get('frame_prefix'):  # a video frame prefix other than 'Frame{i}: ' (this project's tools read it)
+        config['frame_prefix'] = tiling['frame_prefix']
     return config
 
 

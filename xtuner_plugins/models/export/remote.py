@@ -47,7 +47,8 @@ def remote_config(model, tiling: dict, dtype: torch.dtype, system: Optional[str]
                vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
                architectures=[type(model.language_model).__name__])
     enc = model.vision
-    return {
+    extra = {'frame_prefix': tiling['frame_prefix']} if tiling.get('frame_prefix') else {}
+    return {**extra,
         'architectures': ['VLMChatModel'], 'auto_map': dict(VLM_CHAT_AUTO_MAP), 'model_type': 'xtuner_vlm_chat',
         'vision_config': vision, 'llm_config': llm, 'vision_type': enc.name, 'select_layer': enc.select_layer,
         'drop_cls': enc.drop_cls, 'projector': projector_settings(model.mlp1),

@@ -53,6 +53,28 @@ def test_a_failed_question_leaves_its_group_out_and_is_named(batch_size):
                                   'truncated [corrupt_image]'
 
 
+@pytest.mark.parametrize('batch_size', [1, 4])
+def test_a_question_too_long_for_the_context_is_counted_not_the_end_of_the_run(batch_size):
+    """A prompt over the LLM's context (a long question, a video of many frames) is that question's problem: it is
+    named and counted as ``too_long``; the other questions are still asked (before, it ended the run)."""
+    from xtuner_plugins.models.prompt import PromptTooLong
+
+    class LongModel(Model):
+        def ask(self, prompt, images, generation):
+            if 'bad' in images:
+                raise PromptTooLong(9000, 64, 8192, 'config.json max_position_embeddings')
+            return 'A'
+
+    failures = []
+    results = evaluate(LongModel(), questions(), blind=False, batch_size=batch_size, failures=failures)
+    assert [r.id for r in results] == ['0-0', '0-1', '1-0', '2-0', '2-1']
+    assert [(f.id, f.reason) for f in failures] == [('1-1', 'too_long')]
+    assert failures[0].message.startswith('the prompt is 9000 tokens, over the LLM\'s context of 8192 tokens')
+    assert '--max-num' not in failures[0].message  # eval has no such option
+    with pytest.raises(PromptTooLong):
+        evaluate(LongModel(), questions(), blind=False)
+
+
 def test_without_a_failures_list_the_error_stops_it():
     with pytest.raises(SampleError, match='truncated'):
         evaluate(Model(), questions(), blind=False)

@@ -37,6 +37,7 @@ from PIL import Image
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import read_image_size
 from xtuner_plugins.data.video import load_video
+from xtuner_plugins.models.prompt import PromptTooLong
 
 from .data import Question
 from .scoring import METRICS, READ_BY, read_option
@@ -159,6 +160,10 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
             if failures is None:
                 raise
             return err
+        except PromptTooLong as err:  # this question's prompt is too long: counted, the others still asked
+            if failures is None:
+                raise
+            return SampleError('too_long', err.message(tiles=None))
 
     def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
         ranked = mc == 'likelihood' and any(q.multiple_choice for q in batch)
@@ -167,7 +172,7 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
             try:
                 return model.ask_batch([q.prompt for q in batch], [i() if callable(i) else i for i in images],
                                        generation)
-            except SampleError:
+            except (SampleError, PromptTooLong):
                 if failures is None:
                     raise  # else one at a time, to tell which question it was
         out = [ask(q, imgs) for q, imgs in zip(batch, images)]

@@ -316,10 +316,17 @@ def child(args) -> dict:
     freeze = dict(freeze_vision=True, freeze_projector=False, freeze_llm='llm_lora' in s['model'])
     ctx = xt.model.img_context_token_id if xt is not None else model.img_context_token_id
     sampler.mark()
+    profile = None
+    if args.profile:
+        from benchmarks.profile_kinds import mark_modules
+        os.makedirs(args.profile, exist_ok=True)
+        profile = os.path.join(args.profile, f'{args.setting}-{args.row}.txt')
+        mark_modules(xt.model if xt is not None else model, tower)
     with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
         r = train_loop.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
                            step_loss=step_loss, freeze=freeze if xt is not None else None, img_context_token_id=ctx,
-                           autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark)
+                           autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark,
+                           profile=profile)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
@@ -378,6 +385,10 @@ def main() -> None:
                    help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
     p.add_argument('--reuse', action='store_true',
                    help="keep the rows of --out's results.json that ran without error; run only the others")
+    p.add_argument('--profile', default=None, metavar='DIR',
+                   help='each row\'s timed step under torch.profiler: its operators in DIR/SETTING-ROW.txt and the '
+                        'split by kind (benchmarks/profile_kinds.py) in DIR/kinds.md; the rows\' timings are then '
+                        'not figures')
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -415,6 +426,8 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
                    '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup]
+            if args.profile:
+                cmd += ['--profile', os.path.abspath(args.profile)]
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
@@ -434,6 +447,12 @@ def main() -> None:
             args.deadline and time.time() > args.deadline):
         convert(args)
     closing(results, args.settings, roof)
+    if args.profile:
+        from benchmarks.profile_kinds import table
+        kinds = {f'({s}) {r}': v['kinds'] for (s, r), v in results.items() if 'kinds' in v}
+        with open(os.path.join(args.profile, 'kinds.md'), 'w') as f:
+            f.write(table(kinds) + '\n')
+        print('where the timed steps went, by kind (torch.profiler, self time):\n' + table(kinds), flush=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(dict(roofline=roof, rows={f'{s} {r}': v for (s, r), v in results.items()}), f, indent=1,
                   default=float)

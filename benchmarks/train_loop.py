@@ -194,7 +194,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     it = iter(loader)
     for step in range(steps + warmup):  # the warm-up steps are not counted
         t0 = time.perf_counter()
-        batch = (warmup_batch if step == 0 and warmup_batch is not None else next(it))['data']
+        with torch.profiler.record_function('data'):
+            batch = (warmup_batch if step == 0 and warmup_batch is not None else next(it))['data']
         t1 = time.perf_counter()
         seq_lens, tiles = batch_samples(batch, img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -204,18 +205,21 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         skip = 0.0
         if check is not None and step == warmup:   # the first timed step: its batch, the run's first weights
             c0 = time.perf_counter()
-            record = checked(loss, check)
+            with torch.profiler.record_function('untimed'):
+                record = checked(loss, check)
             skip = time.perf_counter() - c0
         for group in opt.param_groups:   # with a check: no weight moves before it
             group['lr'] = 0.0 if check is not None and step < warmup else rate
-        opt.step()
-        opt.zero_grad()   # as MMEngine's OptimWrapper.update_params: no gradients held through the next forward
+        with torch.profiler.record_function('optimizer'):
+            opt.step()
+            opt.zero_grad()   # as MMEngine's OptimWrapper.update_params: no gradients held through the next forward
         if device == 'cuda':
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t0 - skip)
         if after_step is not None:
             c0 = time.perf_counter()
-            after_step()
+            with torch.profiler.record_function('untimed'):
+                after_step()
             skip += time.perf_counter() - c0
         if step < warmup:
             start = time.perf_counter()
@@ -231,12 +235,17 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         supervised = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
         flops += train_step_flops(shapes, seq_lens, tiles, **freeze, supervised=supervised)['total']
     total = time.perf_counter() - start - untimed
+    kinds = None
     if prof is not None:
         prof.stop()
         with open(profile, 'w') as f:
             f.write(prof.key_averages().table(sort_by='self_cuda_time_total' if device == 'cuda' else
                                               'self_cpu_time_total', row_limit=40, max_name_column_width=70))
+        if device != 'cuda':   # on a GPU the kernels' time is not the operators' CPU time
+            from benchmarks.profile_kinds import split
+            kinds = split(prof.events(), total * 1e6)
     return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
                 peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps,
-                step_s=[round(x, 3) for x in step_s], **({'check': record} if check is not None else {}))
+                step_s=[round(x, 3) for x in step_s], **({'check': record} if check is not None else {}),
+                **({'kinds': kinds} if kinds is not None else {}))

@@ -242,7 +242,8 @@ def test_a_video_over_the_context_is_one_line_naming_both_numbers(folder, tmp_pa
             assert main([small, *args, '--max-new-tokens', '200']) == 2
             err = capsys.readouterr().err
             assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith(
-                'eval: error: the prompt is '), err
+                'eval: error: none of the 1 questions could be scored; the first, ') and \
+                "--max-new-tokens asks for 200 more" in err and '[too_long]' in err, err
 
 
 # ------------------------------------------------------------------ whitespace runs

@@ -262,7 +262,7 @@ def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, ca
     """Images replaced in place between an evaluation and its --resume: the kept answers to the old images were
     reported (0.400 against 0.200 fresh). Now they are dropped, counted and named, and asked again."""
     import xtuner_plugins.cli.eval as cli
-    monkeypatch.setattr(cli, 'run_tool', lambda args, prog, use: use(ColourModel()) or 0)
+    monkeypatch.setattr(cli, 'run_tool', lambda args, prog, use, errors=(): use(ColourModel()) or 0)
 
     def paint(reds, width):
         for i in range(5):

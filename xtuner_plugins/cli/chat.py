@@ -34,9 +34,9 @@ import torch
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import load_video
-from xtuner_plugins.models.inference import (ConvertedModel, add_model_arguments, add_tiling_arguments,
-                                             check_model_arguments, count_argument, empty_answer_hint, run_tool,
-                                             tool_error)
+from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
+                                          count_argument, run_tool, tool_error)
+from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 
 
 def generation_settings(args) -> dict:

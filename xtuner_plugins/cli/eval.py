@@ -53,7 +53,7 @@ from xtuner_plugins.eval.data import context_note
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.models.inference import add_model_arguments, check_model_arguments, run_tool, tool_error
+from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
 
 
 def count(text: str) -> int:
@@ -162,6 +162,10 @@ def check_not_inputs(args, questions) -> None:
                 raise ValueError(f'{name} is {what}: eval would write over its input; give another path')
 
 
+class NoneScored(ValueError):
+    """Every question failed when asked (a wrong image folder, prompts over the LLM's context): eval fails."""
+
+
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
     model = os.path.abspath(args.folder or args.checkpoint)  # a checkpoint records its config
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
                            single_frame=args.single_frame, mc=args.mc)
         report = Report(answers.results(questions, results) if answers else results, failures)
         if args.out:
-            report.write(args.out, folder=args.folder or f'{args.config} + {args.checkpoint}', data=args.data,
+            report.write(args.out, folder=args.folder or args.checkpoint, data=args.data,
                          metric=args.metric, circular=args.circular, blind=args.blind, mc=args.mc)
         if answers is not None:
             answers.close()
@@ -230,9 +234,13 @@ def main(argv=None) -> int:
         if report.read_line():
             print(report.read_line())
         print(report.closing_line())
+        if failures and not results:  # nothing scored: not a result
+            first = failures[0]
+            raise NoneScored(f'none of the {len(failures)} questions could be scored; the first, {first.source}: '
+                             f'{first.message} [{first.reason}]')
 
     try:
-        return run_tool(args, 'eval', run)
+        return run_tool(args, 'eval', run, (NoneScored,))
     except KeyboardInterrupt:
         if answers is None:
             print('eval: interrupted (no answers file kept: give --out or --answers to resume)', file=sys.stderr)

@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Optional
 
-from xtuner_plugins.models.inference import tool_error
+from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.tiny import LLM_WIDTH, TINY_LLM_ARCHS, TINY_VISION_TYPES, VISION_WIDTH, make_tiny_models
 
 

@@ -55,7 +55,8 @@ import urllib.error
 import urllib.request
 from typing import Dict, List, Optional
 
-from xtuner_plugins.models.inference import check_folder, folder_format, tool_error
+from xtuner_plugins.cli.tool_args import tool_error
+from xtuner_plugins.models.inference import check_folder, folder_format
 from xtuner_plugins.web.app import port_free
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

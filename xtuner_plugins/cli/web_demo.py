@@ -24,8 +24,8 @@ from xtuner_plugins.web.app import environment_defaults
 
 environment_defaults()
 
-from xtuner_plugins.models.inference import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                             count_argument, run_tool, tool_error)
+from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
+                                          count_argument, run_tool, tool_error)
 from xtuner_plugins.web.app import WebChat, build_app, launch, port_free
 
 

@@ -24,12 +24,9 @@ the answer's last 32 tokens are all whitespace (an untrained model's endless new
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import tempfile
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -39,30 +36,10 @@ from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
-from .dtypes import resolve_dtype
 from .folder import TOKENIZER_ERRORS, check_folder, folder_format, from_folder  # noqa: F401 (the tools' names)
-from .prompt import PromptTooLong, blank_run_stop, check_context, context_length, official_query, split_images
+from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
-
-
-#: The errors a training config + checkpoint that do not convert are (a checkpoint or a previous stage of its
-#: lineage not found, a config or source folder the checkpoint was not trained with): the converter's own, one
-#: line each, which tools/convert_to_official.py prints as its error (``cli/convert.py``) and the tools too.
-EXPORT_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
-
-
-def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
-                 dtype: torch.dtype, log=print, remap=()) -> str:
-    """The folder to load: ``folder`` itself, or a training ``checkpoint`` converted into ``tmp`` first with the
-    settings it records (``config`` and ``cfg_options``, when given, checked against them; ``remap``: moved
-    folders), the converter's code path, so both ways run the same model code; :data:`EXPORT_ERRORS` when it does
-    not convert."""
-    if checkpoint is None:
-        return folder
-    from xtuner_plugins.models.export import export_checkpoint
-    return export_checkpoint(config, checkpoint, os.path.join(tmp, 'model'), dtype=dtype, cfg_options=cfg_options,
-                             log=log, remap=remap)
 
 
 def empty_answer_hint(answer: str, advice: str) -> str:
@@ -73,127 +50,6 @@ def empty_answer_hint(answer: str, advice: str) -> str:
         return ''
     return (f'(empty answer: the model generated no text, only special tokens such as its end token; an untrained or '
             f'mismatched model? {advice})')
-
-
-def tool_error(prog: str, problem: Union[str, Exception]) -> int:
-    """A tool's error printed as argparse prints its own (``PROG: error: ...``); the exit status 2."""
-    print(f'{prog}: error: {problem}', file=sys.stderr)
-    return 2
-
-
-def run_tool(args, prog: str, use: Callable[['ConvertedModel'], None], errors: Tuple[type, ...] = (),
-             **tiling) -> int:
-    """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
-    :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
-    first, removed after), then ``use(model)``. The exit status: 0, or 2 with the error printed
-    (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
-    of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
-    dtype = resolve_dtype(args.dtype)
-    with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
-        try:
-            from .runconfig import parse_remap
-            folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
-                                  log=lambda m: print(m, file=sys.stderr), remap=parse_remap(args.remap))
-            model = ConvertedModel(folder, dtype, args.device, **tiling)
-        except EXPORT_ERRORS as exc:
-            return tool_error(prog, exc)
-        try:
-            use(model)
-        except (PromptTooLong, *errors) as exc:
-            return tool_error(prog, exc)
-    return 0
-
-
-def dtype_argument(text: str) -> str:
-    """``--dtype``: a name :func:`~xtuner_plugins.models.dtypes.resolve_dtype` knows, kept as given."""
-    try:
-        resolve_dtype(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; use auto, bf16, fp16 or fp32") from None
-    return text
-
-
-def device_argument(text: str) -> str:
-    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` of a GPU torch sees here."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, or cuda (cuda:N: the N-th GPU)")
-    count = torch.cuda.device_count() if device.type == 'cuda' and torch.cuda.is_available() else 0
-    if device.type == 'cuda' and not count:
-        raise argparse.ArgumentTypeError(f'{text}: no CUDA GPU is visible here (torch.cuda.is_available() is '
-                                         f'False); use cpu')
-    if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text}: {count} GPU{"s" * (count > 1)} here; use cuda:0 to '
-                                         f'cuda:{count - 1}')
-    return text
-
-
-def count_argument(text: str) -> int:
-    """A count or size option: a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
-    return value
-
-
-def image_size_argument(text: str) -> int:
-    """``--image-size``: 1 or more here; :class:`ConvertedModel` takes the folder's tile size only."""
-    try:
-        return count_argument(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the model's tile size in px (force_image_size in its "
-                                         f"config.json), or leave --image-size out") from None
-
-
-def add_model_arguments(parser) -> None:
-    """The arguments by which every tool (chat, eval, web demo) names its model: a converted folder, or a
-    training ``--checkpoint`` (its recorded config is used; ``--remap`` for folders moved since; a ``--config``
-    and ``--cfg-options`` given too are checked against it); ``--dtype``, ``--device``.
-    :func:`check_model_arguments` checks them after parsing."""
-    from xtuner_plugins.launch import CfgOptions
-    parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
-    parser.add_argument('--checkpoint', help='a training checkpoint (.pth or DeepSpeed folder) instead of a folder: '
-                                             'it is converted with the settings it records')
-    parser.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
-                        help='a folder the checkpoint was trained with, moved since: its old and new path')
-    parser.add_argument('--config', help='optional with --checkpoint: a training config, checked against the '
-                                         'settings the checkpoint records (needed for a checkpoint recording none)')
-    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
-                        help='with --checkpoint: where source folders are now (model.llm=DIR); settings that '
-                             'differ from the recorded ones are refused')
-    parser.add_argument('--dtype', default='auto', type=dtype_argument,
-                        help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,
-                        help='cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)')
-
-
-def add_tiling_arguments(parser, image_size: bool = True) -> None:
-    """The tiling options of the tools that take them (chat: all; web demo: the tile counts), each 1 or more;
-    :func:`check_model_arguments` checks ``--min-num`` against ``--max-num``, :class:`ConvertedModel` against
-    the folder."""
-    parser.add_argument('--max-num', type=count_argument, default=None, help='most tiles per image (default: config)')
-    parser.add_argument('--min-num', type=count_argument, default=None,
-                        help='fewest tiles per image (default: config)')
-    if image_size:
-        parser.add_argument('--image-size', type=image_size_argument, default=None,
-                            help="tile size in px: the folder's own (config.json's force_image_size; its vision "
-                                 "tokens per tile are fixed by it), the default")
-
-
-def check_model_arguments(parser, args) -> None:
-    if (args.config or args.cfg_options or args.remap) and not args.checkpoint:
-        parser.error('--config, --cfg-options and --remap go with --checkpoint')
-    if (args.folder is None) == (args.checkpoint is None):
-        parser.error('give a converted folder or --checkpoint, one of them')
-    low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
-    if low is not None and high is not None and low > high:
-        parser.error(f'--min-num {low} is over --max-num {high}')
 
 
 class ConvertedModel:

@@ -316,8 +316,13 @@ from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
 from xtuner_plugins.engine.resume import apply_resume_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
+# under Slurm: a checkpoint saved on SIGTERM (engine/preempt.py), MMEngine's slurm launcher checked (slurm.py)
+from xtuner_plugins.engine.preempt import apply_preempt_patches  # noqa: E402
+from xtuner_plugins.slurm import apply_slurm_patches  # noqa: E402
 
 apply_runstart_patches()
 apply_derive_patches()
 apply_epoch_patches()
 apply_resume_patches()
+apply_preempt_patches()
+apply_slurm_patches()

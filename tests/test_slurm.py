@@ -1,0 +1,213 @@
+"""Training under Slurm (``xtuner_plugins/slurm.py``, ``engine/preempt.py``), on a real one: Debian's slurm-wlm
+(``make slurm``), one node with 2 CPUs, configured and started by this module's fixture (``tests/slurm/cluster.py``)
+and stopped after; skipped, saying why, only where it cannot be started.
+
+* ``srun -n2 xtuner train CFG --launcher slurm`` trains the tiny models on both ranks, on the job's own port;
+* a task SIGKILLed mid-run makes ``srun --kill-on-bad-exit=1`` fail, and the last complete checkpoint stays;
+* ``sbatch --requeue`` (DeepSpeed ZeRO-2, ``tools/train.py``) resumes from it with ``resume=True``; ``scontrol
+  requeue`` (SIGTERM to every task, as preemption and scancel) makes the ranks save the iteration under way and
+  stop, and the job's next run (``SLURM_RESTART_COUNT=1``) resumes from that checkpoint by itself and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.helpers import tiny_workspace
+from tests.slurm.cluster import Unavailable, start_cluster, wait_for
+from tests.train_utils import load_checkpoint_state, train_env
+from xtuner_plugins import slurm
+from xtuner_plugins.engine import preempt
+from xtuner_plugins.launch import DS_CPU_CONFIGS, TrainJob, job_outcome, wait_jobs
+
+CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
+SLOW_CONFIG = os.path.join(ROOT, 'tests', 'slurm', 'slow_pretrain_mlp.py')  # 0.5 s more per iteration
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Without a cluster: what is read from Slurm's environment
+# ----------------------------------------------------------------------------------------------------------
+def test_port_from_the_job_id_and_tasks_per_node():
+    assert slurm.job_port({'SLURM_JOB_ID': '1234567'}) == 24567
+    assert slurm.job_port({'SLURM_JOB_ID': '41'}) != slurm.job_port({'SLURM_JOB_ID': '42'})
+    assert slurm.job_port({}) is None
+    assert slurm.expand_counts('2(x3),1') == [2, 2, 2, 1] and slurm.expand_counts('bad') == []
+    assert slurm.tasks_on_node({'SLURM_TASKS_PER_NODE': '8(x2)', 'SLURM_NODEID': '1'}) == 8
+    assert slurm.tasks_on_node({'SLURM_STEP_TASKS_PER_NODE': '4,2', 'SLURM_TASKS_PER_NODE': '8(x2)',
+                                'SLURM_NODEID': '1'}) == 2
+
+
+def test_tasks_that_do_not_match_the_gpus_are_refused_in_one_line():
+    env = {'SLURM_STEP_TASKS_PER_NODE': '8', 'SLURM_NODEID': '0', 'CUDA_VISIBLE_DEVICES': '3',
+           'SLURMD_NODENAME': 'gpu7'}
+    problem = slurm.gpu_problem(env, gpus=1)  # --gpus-per-task=1: each task sees its own GPU only
+    assert problem.startswith('Slurm runs 8 tasks on gpu7 but each sees 1 GPU (CUDA_VISIBLE_DEVICES=3)')
+    assert '--ntasks-per-node=N with --gpus-per-node=N' in problem and '\n' not in problem
+    assert slurm.gpu_problem(env, gpus=8) is None and slurm.gpu_problem({}, gpus=0) is None
+
+
+def test_launcher_slurm_outside_a_step_is_refused(monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith('SLURM_')] + ['MASTER_PORT', 'MASTER_ADDR']:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        slurm.prepare_slurm_env()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith('train: refused: --launcher slurm needs the environment of a Slurm task')
+    # the batch script of a job of 16 tasks runs the command itself, not through srun: it would wait forever
+    monkeypatch.setenv('SLURM_JOB_ID', '77')
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('SLURM_NTASKS', '16')
+    monkeypatch.setenv('SLURM_NODELIST', 'node[1-2]')
+    with pytest.raises(SystemExit):
+        slurm.prepare_slurm_env()
+    err = capsys.readouterr().err
+    assert 'runs in the batch script of job 77 itself, one process for 16 tasks' in err and err.count('\n') == 1
+
+
+def test_save_on_signal_is_wanted_under_slurm_or_when_asked():
+    assert preempt.wanted({'SLURM_JOB_ID': '3'}) and not preempt.wanted({})
+    assert preempt.wanted({preempt.SAVE_ON_SIGNAL_ENV: '1'})
+    assert not preempt.wanted({'SLURM_JOB_ID': '3', preempt.SAVE_ON_SIGNAL_ENV: '0'})
+    assert preempt.requeued({'SLURM_RESTART_COUNT': '2'}) == 2 and preempt.requeued({}) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real Slurm
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory):
+    try:
+        started = start_cluster(str(tmp_path_factory.mktemp('slurm')))
+    except Unavailable as exc:
+        pytest.skip(f'no Slurm cluster: {exc}')
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp('tiny'))
+
+
+def options(tiny, repeat, interval):
+    # 2 processes x 1 sample per iteration: `repeat` x 2 samples give `repeat` iterations
+    opts = tiny_options(tiny, tiny['mixed'], repeat=repeat, batch_size=1)
+    opts.update({'default_hooks.checkpoint.interval': interval, 'default_hooks.checkpoint.max_keep_ckpts': -1,
+                 'default_hooks.logger.interval': 1})
+    return [f'{k}={v}' for k, v in opts.items()]
+
+
+def srun(cluster, log, *command):
+    """``srun -n2 --kill-on-bad-exit=1 COMMAND`` in its own session (a training subprocess's environment), its
+    output in ``log``."""
+    return TrainJob(['srun', '-n2', '--kill-on-bad-exit=1', *command], train_env(2, extra_env=cluster.env), log)
+
+
+def test_srun_trains_on_both_ranks_with_the_jobs_port(cluster, tiny, tmp_path):
+    """``xtuner train CFG --launcher slurm`` under ``srun -n2``: MMEngine's slurm launcher, gloo, DDP."""
+    work = str(tmp_path / 'work')
+    os.makedirs(work)
+    job = srun(cluster, os.path.join(work, 'train_output.log'), os.path.join(os.path.dirname(sys.executable), 'xtuner'),
+               'train', CONFIG, '--launcher', 'slurm', '--work-dir', work, '--cfg-options', *options(tiny, 4, 4))
+    wait_jobs([job], timeout=240)
+    out = job_outcome(job, work, expect_iters=4)
+    assert out.ok, out.summary()
+    ranks = re.findall(r'slurm: rank (\d) of 2 \(task \d on localhost\), master localhost:(\d+), job (\d+)', out.log)
+    assert sorted(r for r, _, _ in ranks) == ['0', '1'], out.log[-3000:]
+    port, job_id = ranks[0][1], ranks[0][2]
+    assert int(port) == slurm.job_port({'SLURM_JOB_ID': job_id})
+    assert os.path.basename(out.checkpoints[-1]) == 'iter_4.pth'
+
+
+def _rank_pid(work: str, rank: int):
+    """The pid of ``rank`` from its heartbeat (engine/watchdog.py), once it is there."""
+    try:
+        with open(os.path.join(work, 'heartbeats', f'rank_{rank}.json'), encoding='utf-8') as f:
+            return int(json.load(f)['pid'])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _pointer(work: str) -> str:
+    try:
+        with open(os.path.join(work, 'last_checkpoint'), encoding='utf-8') as f:
+            return os.path.basename(f.read().strip())
+    except OSError:
+        return ''
+
+
+def _iteration(name: str) -> int:
+    m = re.fullmatch(r'iter_(\d+)\.pth', name)
+    return int(m.group(1)) if m else 0
+
+
+def test_killed_task_then_requeued_job_resume_and_finish(cluster, tiny, tmp_path):
+    work = str(tmp_path / 'work')
+    os.makedirs(work)
+    train = [sys.executable, os.path.join(ROOT, 'tools', 'train.py'), SLOW_CONFIG, '--launcher', 'slurm',
+             '--work-dir', work, '--deepspeed', DS_CPU_CONFIGS['zero2']]
+    opts = options(tiny, 40, 4)
+
+    # 1. rank 1 SIGKILLed once iter_4 is saved: srun fails, iter_4 stays whole
+    job = srun(cluster, os.path.join(work, 'killed.log'), *train, '--cfg-options', *opts)
+    try:
+        assert wait_for(lambda: job.poll() is not None or _iteration(_pointer(work)) >= 4, 200), job.read_log()[-3000:]
+        os.kill(_rank_pid(work, 1), signal.SIGKILL)
+        assert wait_for(lambda: job.poll() is not None, 60)
+    finally:
+        wait_jobs([job], timeout=5)
+    assert job.proc.returncode != 0, job.read_log()[-3000:]
+    kept = _pointer(work)
+    assert _iteration(kept) >= 4 and load_checkpoint_state(os.path.join(work, kept)), kept
+
+    # 2. sbatch --requeue resumes from it; `scontrol requeue` mid-run: the ranks save and stop; the next run resumes
+    script = tmp_path / 'train.sbatch'
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --ntasks=2
+        #SBATCH --requeue
+        #SBATCH --open-mode=append
+        echo "run ${{SLURM_RESTART_COUNT:-0}} of job $SLURM_JOB_ID"
+        srun --kill-on-bad-exit=1 {shlex.join(train)} --cfg-options {shlex.join(opts)} resume=True
+        """))
+    output = str(tmp_path / 'job.out')
+    # the job's environment: a training subprocess's (sbatch passes the caller's on to the tasks)
+    submitted = cluster.run('sbatch', '--parsable', '-o', output, str(script), env=train_env(2))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    try:
+        resumed_at = _iteration(kept)
+        assert wait_for(lambda: _iteration(_pointer(work)) > resumed_at, 200), _read(output)[-3000:]
+        requeue = cluster.run('scontrol', 'requeue', job_id)
+        assert requeue.returncode == 0, requeue.stderr
+        assert wait_for(lambda: cluster.job(job_id).get('JobState') in ('COMPLETED', 'FAILED', 'CANCELLED'), 240,
+                        interval=1), _read(output)[-3000:]
+    finally:
+        cluster.run('scancel', job_id)
+    log, state = _read(output), cluster.job(job_id)
+    assert state.get('JobState') == 'COMPLETED' and state.get('Restarts') == '1', (state, log[-3000:])
+    assert f'Auto resumed from the latest checkpoint {os.path.join(work, kept)}' in log, log[-3000:]
+    stopped = re.search(r'train: stopped by SIGTERM at iteration (\d+): saved (\S+); resume=True', log)
+    assert stopped, log[-4000:]
+    saved = stopped.group(2)
+    assert os.path.basename(saved) == f'iter_{stopped.group(1)}.pth' and os.path.isdir(saved)
+    assert 'run 1 of job' in log and f'requeued (1x): resuming from the last checkpoint of {work}' in log
+    assert f'Auto resumed from the latest checkpoint {saved}' in log, log[-4000:]
+    assert os.path.isdir(os.path.join(work, 'iter_40.pth')) and _pointer(work) == 'iter_40.pth'
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+    except OSError:
+        return ''

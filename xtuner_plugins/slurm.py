@@ -1,0 +1,182 @@
+"""Training under Slurm: ``srun ... python tools/train.py CFG --launcher slurm`` (docs/distributed.md#slurm).
+
+MMEngine's slurm launcher (``mmengine.dist.utils._init_dist_slurm``) takes each rank's place from Slurm:
+``SLURM_PROCID`` (the rank), ``SLURM_NTASKS`` (the world size), ``SLURM_LOCALID`` (the GPU on its node),
+``SLURM_NODELIST`` (``MASTER_ADDR``: its first host, by ``scontrol show hostname``, unless ``MASTER_ADDR`` is
+set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_patches` (called from
+``engine/runtime.py`` at import, before either runner starts its process group) wraps it:
+
+* **a port per job**: without ``MASTER_PORT`` (nor ``env_cfg.dist_cfg.port``) the port is derived from
+  ``SLURM_JOB_ID`` (:func:`job_port`), so two jobs sharing a node do not both take 29500; a requeued job keeps
+  its id, and its port;
+* **one line instead of a hang or a traceback** (``train: refused: ...``, exit code 2) when the run cannot
+  start: ``--launcher slurm`` outside Slurm, a batch script with several tasks that runs the command itself
+  instead of through ``srun`` (its one process would wait for the others forever), a node list ``scontrol``
+  cannot resolve, or more tasks on a GPU node than GPUs its tasks see (:func:`gpu_problem`); fewer tasks than
+  GPUs is a warning (the rest stay idle);
+* **on a CPU** ``torch.cuda.set_device`` is a no-op for the call (as for ``--launcher pytorch``, runtime.py's
+  patch 1); the backend is the config's ``DIST_BACKEND``, gloo there;
+* each rank says where it is, one line: ``slurm: rank 1 of 16 (task 1 on node-a), master node-a:21234, job 1234``.
+
+A stop asked by Slurm (scancel, preemption, the time limit, ``scontrol requeue``) saves a checkpoint first:
+``engine/preempt.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+from typing import List, Mapping, Optional
+
+_PATCH_MARK = '_xtuner_plugins_slurm_patch'
+_applied: List[str] = []
+
+PORT_BASE, PORT_SPAN = 20000, 10000  # 20000-29999: below Linux's ephemeral range (32768-60999)
+
+
+def job_port(env: Mapping[str, str]) -> Optional[int]:
+    """``MASTER_PORT`` of a job without one: ``20000 + SLURM_JOB_ID % 10000`` (None without a job id)."""
+    job = env.get('SLURM_JOB_ID', '')
+    return PORT_BASE + int(job) % PORT_SPAN if job.isdigit() else None
+
+
+def expand_counts(text: str) -> List[int]:
+    """Slurm's per-node counts, ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for part in filter(None, text.split(',')):
+        m = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
+    """Tasks of this step on this node (``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, indexed by
+    ``SLURM_NODEID``); None when Slurm did not say."""
+    for key in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
+        counts = expand_counts(env.get(key, ''))
+        node = int(env.get('SLURM_NODEID', '0') or 0)
+        if counts and node < len(counts):
+            return counts[node]
+    return None
+
+
+def gpu_problem(env: Mapping[str, str], gpus: int) -> Optional[str]:
+    """Why the tasks of this node cannot have a GPU each (``gpus``: the GPUs a task sees), or None."""
+    tasks = tasks_on_node(env)
+    if tasks is None or tasks <= gpus:
+        return None
+    host = env.get('SLURMD_NODENAME') or env.get('HOSTNAME') or 'this node'
+    seen = env.get('CUDA_VISIBLE_DEVICES')
+    return (f'Slurm runs {tasks} tasks on {host} but each sees {gpus} GPU{"s" * (gpus != 1)}'
+            f'{f" (CUDA_VISIBLE_DEVICES={seen})" if seen is not None else ""}: one task per GPU is needed; ask for '
+            f'--ntasks-per-node=N with --gpus-per-node=N (or --gres=gpu:N), not --gpus-per-task, which shows each '
+            f'task its own GPU only')
+
+
+def launch_problem(env: Mapping[str, str]) -> Optional[str]:
+    """Why ``--launcher slurm`` cannot start here (outside a Slurm step, or the batch script itself), or None."""
+    missing = [k for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST') if not env.get(k)]
+    if missing:
+        return (f'--launcher slurm needs the environment of a Slurm task ({", ".join(missing)} not set): start '
+                f'the command with srun (srun -N NODES --ntasks-per-node=GPUS python tools/train.py CONFIG '
+                f'--launcher slurm), or use torchrun with --launcher pytorch')
+    if not env.get('SLURM_STEP_ID') and int(env['SLURM_NTASKS']) > 1:
+        return (f'--launcher slurm runs in the batch script of job {env.get("SLURM_JOB_ID", "?")} itself, one '
+                f'process for {env["SLURM_NTASKS"]} tasks (it would wait for the others forever): start it with '
+                f'srun in the script (srun python tools/train.py CONFIG --launcher slurm; tools/slurm/*.sbatch)')
+    return None
+
+
+def master_addr(node_list: str) -> str:
+    """The first host of ``node_list`` (``scontrol show hostnames``); ValueError saying why it failed."""
+    try:
+        done = subprocess.run(['scontrol', 'show', 'hostnames', node_list], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f'scontrol show hostnames {node_list}: {exc}') from None
+    hosts = done.stdout.split()
+    if done.returncode != 0 or not hosts:
+        raise ValueError(f'scontrol show hostnames {node_list} failed (exit code {done.returncode}: '
+                         f'{done.stderr.strip() or "no host"})')
+    return hosts[0]
+
+
+def _refuse(message: str) -> None:
+    """One line per node (its first task), exit code 2 on every task (``runstart.refuse``'s form)."""
+    if os.environ.get('SLURM_LOCALID', '0') in ('0', ''):
+        print(f'train: refused: {message}', file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def prepare_slurm_env(port: Optional[int] = None) -> None:
+    """Check this task's environment and set ``MASTER_PORT``/``MASTER_ADDR`` where Slurm gives none (module
+    docstring); refuses in one line what cannot start."""
+    import torch
+    env = os.environ
+    problem = launch_problem(env)
+    if problem is None and torch.cuda.is_available():
+        problem = gpu_problem(env, torch.cuda.device_count())
+    if problem:
+        _refuse(problem)
+    if port is None and 'MASTER_PORT' not in env and job_port(env):
+        env['MASTER_PORT'] = str(job_port(env))
+    if 'MASTER_ADDR' not in env:
+        try:
+            env['MASTER_ADDR'] = master_addr(env['SLURM_NODELIST'])
+        except ValueError as exc:
+            _refuse(f'{exc}; set MASTER_ADDR to the first node\'s address')
+
+
+def _where(port: Optional[int]) -> str:
+    env = os.environ
+    host = env.get('SLURMD_NODENAME') or os.uname().nodename
+    return (f'slurm: rank {env["SLURM_PROCID"]} of {env["SLURM_NTASKS"]} (task {env.get("SLURM_LOCALID", "?")} '
+            f'on {host}), master {env.get("MASTER_ADDR")}:{port or env.get("MASTER_PORT", 29500)}, '
+            f'job {env.get("SLURM_JOB_ID", "?")}')
+
+
+def _idle_gpus_note() -> Optional[str]:
+    import torch
+    tasks = tasks_on_node(os.environ)
+    if not torch.cuda.is_available() or tasks is None or tasks >= torch.cuda.device_count():
+        return None
+    return (f'slurm: WARNING: {tasks} tasks on this node see {torch.cuda.device_count()} GPUs: '
+            f'{torch.cuda.device_count() - tasks} stay idle (--ntasks-per-node=GPUs uses them all)')
+
+
+def _patch_init_dist_slurm() -> bool:
+    from mmengine.dist import utils as dist_utils
+    original = dist_utils._init_dist_slurm
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
+        import torch
+
+        from xtuner_plugins.engine.runtime import _cuda_set_device_is_noop
+        prepare_slurm_env(port)
+        print(_where(port), file=sys.stderr, flush=True)
+        note = _idle_gpus_note()
+        if note and os.environ.get('SLURM_LOCALID') == '0':
+            print(note, file=sys.stderr, flush=True)
+        if torch.cuda.is_available():
+            return original(backend, port=port, init_backend=init_backend, **kwargs)
+        with _cuda_set_device_is_noop():
+            return original(backend, port=port, init_backend=init_backend, **kwargs)
+
+    setattr(_init_dist_slurm, _PATCH_MARK, True)
+    dist_utils._init_dist_slurm = _init_dist_slurm
+    return True
+
+
+def apply_slurm_patches() -> List[str]:
+    """Wrap MMEngine's slurm launcher once (module docstring); returns the names newly applied."""
+    newly = [p.__name__.lstrip('_') for p in (_patch_init_dist_slurm,) if p()]
+    _applied.extend(newly)
+    return newly

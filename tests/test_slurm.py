@@ -4,9 +4,10 @@ and stopped after; skipped, saying why, only where it cannot be started.
 
 * ``srun -n2 xtuner train CFG --launcher slurm`` trains the tiny models on both ranks, on the job's own port;
 * a task SIGKILLed mid-run makes ``srun --kill-on-bad-exit=1`` fail, and the last complete checkpoint stays;
-* ``sbatch --requeue`` (DeepSpeed ZeRO-2, ``tools/train.py``) resumes from it with ``resume=True``; ``scontrol
+* ``sbatch --requeue`` (DeepSpeed ZeRO-2, ``tools/train.py``) resumes from it (``--resume PATH``); ``scontrol
   requeue`` (SIGTERM to every task, as preemption and scancel) makes the ranks save the iteration under way and
-  stop, and the job's next run (``SLURM_RESTART_COUNT=1``) resumes from that checkpoint by itself and finishes.
+  stop, and the job's next run (``SLURM_RESTART_COUNT=1``) resumes from that newer checkpoint by itself and
+  finishes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
+import subprocess
 import signal
 import sys
-import textwrap
 
 import pytest
 
@@ -30,7 +30,9 @@ from xtuner_plugins.engine import preempt
 from xtuner_plugins.launch import DS_CPU_CONFIGS, TrainJob, job_outcome, wait_jobs
 
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
-SLOW_CONFIG = os.path.join(ROOT, 'tests', 'slurm', 'slow_pretrain_mlp.py')  # 0.5 s more per iteration
+SLOW_CONFIG = os.path.join(ROOT, 'tests', 'slurm', 'slow_pretrain_mlp.py')  # 0.3 s more per iteration
+EXAMPLES = [os.path.join(ROOT, 'tools', 'slurm', name) for name in ('train_1node_8gpus.sbatch', 'train_2nodes_8gpus.sbatch')]
+EXAMPLE = EXAMPLES[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,6 +80,23 @@ def test_save_on_signal_is_wanted_under_slurm_or_when_asked():
     assert preempt.wanted({preempt.SAVE_ON_SIGNAL_ENV: '1'})
     assert not preempt.wanted({'SLURM_JOB_ID': '3', preempt.SAVE_ON_SIGNAL_ENV: '0'})
     assert preempt.requeued({'SLURM_RESTART_COUNT': '2'}) == 2 and preempt.requeued({}) == 0
+
+
+@pytest.mark.parametrize('script', EXAMPLES, ids=os.path.basename)
+def test_example_scripts_say_how_to_run_them_and_parse(script):
+    with open(script, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    name = os.path.relpath(script, ROOT)
+    assert lines[0] == '#!/bin/bash' and f'#   sbatch {name} CONFIG [tools/train.py options]' in lines[:8]
+    options = [line for line in lines if line.startswith('#SBATCH ')]
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith('#'))
+    assert all(lines.index(line) < first_command for line in options)  # sbatch reads them up to the first command
+    nodes = 2 if '2nodes' in name else 1
+    for option in (f'--nodes={nodes}', '--ntasks-per-node=8', '--gpus-per-node=8', '--partition=gpu', '--requeue',
+                   '--signal=B:USR1@180'):
+        assert f'#SBATCH {option}' in options, option
+    assert any(line.startswith('#SBATCH --cpus-per-task=') for line in options)
+    assert subprocess.run(['bash', '-n', script]).returncode == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,12 +172,12 @@ def _iteration(name: str) -> int:
 def test_killed_task_then_requeued_job_resume_and_finish(cluster, tiny, tmp_path):
     work = str(tmp_path / 'work')
     os.makedirs(work)
-    train = [sys.executable, os.path.join(ROOT, 'tools', 'train.py'), SLOW_CONFIG, '--launcher', 'slurm',
-             '--work-dir', work, '--deepspeed', DS_CPU_CONFIGS['zero2']]
-    opts = options(tiny, 40, 4)
+    opts = options(tiny, 24, 4)
 
     # 1. rank 1 SIGKILLed once iter_4 is saved: srun fails, iter_4 stays whole
-    job = srun(cluster, os.path.join(work, 'killed.log'), *train, '--cfg-options', *opts)
+    job = srun(cluster, os.path.join(work, 'killed.log'), sys.executable, os.path.join(ROOT, 'tools', 'train.py'),
+               SLOW_CONFIG, '--launcher', 'slurm', '--work-dir', work, '--deepspeed', DS_CPU_CONFIGS['zero2'],
+               '--cfg-options', *opts)
     try:
         assert wait_for(lambda: job.poll() is not None or _iteration(_pointer(work)) >= 4, 200), job.read_log()[-3000:]
         os.kill(_rank_pid(work, 1), signal.SIGKILL)
@@ -169,40 +188,39 @@ def test_killed_task_then_requeued_job_resume_and_finish(cluster, tiny, tmp_path
     kept = _pointer(work)
     assert _iteration(kept) >= 4 and load_checkpoint_state(os.path.join(work, kept)), kept
 
-    # 2. sbatch --requeue resumes from it; `scontrol requeue` mid-run: the ranks save and stop; the next run resumes
-    script = tmp_path / 'train.sbatch'
-    script.write_text(textwrap.dedent(f"""\
-        #!/bin/bash
-        #SBATCH --ntasks=2
-        #SBATCH --requeue
-        #SBATCH --open-mode=append
-        echo "run ${{SLURM_RESTART_COUNT:-0}} of job $SLURM_JOB_ID"
-        srun --kill-on-bad-exit=1 {shlex.join(train)} --cfg-options {shlex.join(opts)} resume=True
-        """))
+    # 2. tools/slurm/train_1node_8gpus.sbatch, made to fit this node by sbatch's options, resumes from it (--resume
+    # PATH); USR1 to the batch script (as --signal=B:USR1@180 near the time limit) requeues the job: SIGTERM to
+    # every task, the ranks save the iteration under way and stop; the job's next run resumes from that newer
+    # checkpoint by itself (not from the --resume PATH of its command) and finishes
     output = str(tmp_path / 'job.out')
-    # the job's environment: a training subprocess's (sbatch passes the caller's on to the tasks)
-    submitted = cluster.run('sbatch', '--parsable', '-o', output, str(script), env=train_env(2))
+    env = train_env(2, extra_env={'WORK_DIR': work, 'PYTHON': sys.executable})  # sbatch passes it on to the tasks
+    submitted = cluster.run('sbatch', '--parsable', '-o', output, '--chdir', ROOT, '-p', 'debug', '--ntasks-per-node=2',
+                            '--gpus-per-node=0', '--cpus-per-task=1', EXAMPLE, SLOW_CONFIG,
+                            '--deepspeed', DS_CPU_CONFIGS['zero2'], '--resume', os.path.join(work, kept),
+                            '--cfg-options', *opts, env=env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     try:
         resumed_at = _iteration(kept)
         assert wait_for(lambda: _iteration(_pointer(work)) > resumed_at, 200), _read(output)[-3000:]
-        requeue = cluster.run('scontrol', 'requeue', job_id)
-        assert requeue.returncode == 0, requeue.stderr
+        signalled = cluster.run('scancel', '--signal=USR1', '--batch', job_id)
+        assert signalled.returncode == 0, signalled.stderr
         assert wait_for(lambda: cluster.job(job_id).get('JobState') in ('COMPLETED', 'FAILED', 'CANCELLED'), 240,
                         interval=1), _read(output)[-3000:]
     finally:
         cluster.run('scancel', job_id)
     log, state = _read(output), cluster.job(job_id)
     assert state.get('JobState') == 'COMPLETED' and state.get('Restarts') == '1', (state, log[-3000:])
-    assert f'Auto resumed from the latest checkpoint {os.path.join(work, kept)}' in log, log[-3000:]
-    stopped = re.search(r'train: stopped by SIGTERM at iteration (\d+): saved (\S+); resume=True', log)
-    assert stopped, log[-4000:]
-    saved = stopped.group(2)
-    assert os.path.basename(saved) == f'iter_{stopped.group(1)}.pth' and os.path.isdir(saved)
-    assert 'run 1 of job' in log and f'requeued (1x): resuming from the last checkpoint of {work}' in log
-    assert f'Auto resumed from the latest checkpoint {saved}' in log, log[-4000:]
-    assert os.path.isdir(os.path.join(work, 'iter_40.pth')) and _pointer(work) == 'iter_40.pth'
+    first, _, second = log.partition(f'job {job_id}, run 1,')
+    assert f'job {job_id}: time limit near, requeued' in first, first[-3000:]
+    assert f'resumed epoch: 0, iter: {resumed_at}' in first and 'Auto resumed' not in first, first[-3000:]
+    stopped = re.search(r'train: stopped by SIGTERM at iteration (\d+): saved (\S+); resume=True', first)
+    assert stopped, first[-4000:]
+    at, saved = int(stopped.group(1)), stopped.group(2)
+    assert at > resumed_at and os.path.basename(saved) == f'iter_{at}.pth' and os.path.isdir(saved)
+    assert f'requeued (1x): resuming from the last checkpoint of {work}' in second, second[-3000:]
+    assert f'Auto resumed from the latest checkpoint {saved}' in second and f'resumed epoch: 0, iter: {at}' in second
+    assert os.path.isdir(os.path.join(work, 'iter_24.pth')) and _pointer(work) == 'iter_24.pth'
 
 
 def _read(path: str) -> str:

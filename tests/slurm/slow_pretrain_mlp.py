@@ -6,4 +6,4 @@ from tests.slurm.slow_hook import SlowIterHook
 with read_base():
     from ...configs.pretrain_mlp import *  # noqa: F401,F403
 
-custom_hooks.append(dict(type=SlowIterHook, seconds=0.5))
+custom_hooks.append(dict(type=SlowIterHook, seconds=0.3))

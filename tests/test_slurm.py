@@ -31,7 +31,8 @@ from xtuner_plugins.launch import DS_CPU_CONFIGS, TrainJob, job_outcome, wait_jo
 
 CONFIG = os.path.join(ROOT, 'configs', 'pretrain_mlp.py')
 SLOW_CONFIG = os.path.join(ROOT, 'tests', 'slurm', 'slow_pretrain_mlp.py')  # 0.3 s more per iteration
-EXAMPLES = [os.path.join(ROOT, 'tools', 'slurm', name) for name in ('train_1node_8gpus.sbatch', 'train_2nodes_8gpus.sbatch')]
+EXAMPLES = [os.path.join(ROOT, 'tools', 'slurm', name)
+            for name in ('train_1node_8gpus.sbatch', 'train_2nodes_8gpus.sbatch')]
 EXAMPLE = EXAMPLES[0]
 
 
@@ -73,6 +74,15 @@ def test_launcher_slurm_outside_a_step_is_refused(monkeypatch, capsys):
         slurm.prepare_slurm_env()
     err = capsys.readouterr().err
     assert 'runs in the batch script of job 77 itself, one process for 16 tasks' in err and err.count('\n') == 1
+
+
+def test_the_resume_command_of_an_interrupted_task_is_srun(monkeypatch):
+    from xtuner_plugins.cli.train import resume_command
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('WORLD_SIZE', '16')  # set by MMEngine's slurm launcher; LOCAL_WORLD_SIZE is not
+    argv = ['tools/train.py', 'c.py', '--launcher', 'slurm', '--work-dir', 'w']
+    assert resume_command(argv, 'w/iter_4.pth') == \
+        'srun <your srun options> python tools/train.py c.py --launcher slurm --work-dir w --resume w/iter_4.pth'
 
 
 def test_save_on_signal_is_wanted_under_slurm_or_when_asked():
@@ -131,6 +141,7 @@ def srun(cluster, log, *command):
     return TrainJob(['srun', '-n2', '--kill-on-bad-exit=1', *command], train_env(2, extra_env=cluster.env), log)
 
 
+@pytest.mark.slow
 def test_srun_trains_on_both_ranks_with_the_jobs_port(cluster, tiny, tmp_path):
     """``xtuner train CFG --launcher slurm`` under ``srun -n2``: MMEngine's slurm launcher, gloo, DDP."""
     work = str(tmp_path / 'work')
@@ -169,6 +180,7 @@ def _iteration(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+@pytest.mark.slow
 def test_killed_task_then_requeued_job_resume_and_finish(cluster, tiny, tmp_path):
     work = str(tmp_path / 'work')
     os.makedirs(work)

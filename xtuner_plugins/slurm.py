@@ -101,8 +101,9 @@ def master_addr(node_list: str) -> str:
         raise ValueError(f'scontrol show hostnames {node_list}: {exc}') from None
     hosts = done.stdout.split()
     if done.returncode != 0 or not hosts:
+        said = '; '.join(line.strip() for line in done.stderr.splitlines() if line.strip())
         raise ValueError(f'scontrol show hostnames {node_list} failed (exit code {done.returncode}: '
-                         f'{done.stderr.strip() or "no host"})')
+                         f'{said or "no host"})')
     return hosts[0]
 
 

@@ -54,7 +54,10 @@ def slurm_conf(root: str, cpus: int, ctld_port: int, slurmd_port: int) -> str:
         f'SlurmctldLogFile={root}/slurmctld.log', f'SlurmdLogFile={root}/slurmd.log',
         'ProctrackType=proctrack/linuxproc', 'TaskPlugin=task/none', 'JobAcctGatherType=jobacct_gather/none',
         'AccountingStorageType=accounting_storage/none', 'SelectType=select/cons_tres', 'SelectTypeParameters=CR_CPU',
-        'MpiDefault=none', 'AuthInfo=cred_expire=5', 'ReturnToService=2', 'KillWait=20', 'MinJobAge=600', 'SchedulerParameters=sched_interval=1',
+        f'FirstJobId={1000 + os.getpid() % 8000}',  # ports come from job ids: two clusters here take different ones
+        # a requeued job starts again cred_expire s later (120 by default); KillWait: the grace after SIGTERM
+        'MpiDefault=none', 'AuthInfo=cred_expire=5', 'ReturnToService=2', 'KillWait=20', 'MinJobAge=600',
+        'SchedulerParameters=sched_interval=1',
         f'NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN',
         'PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES', ''])
 
@@ -164,8 +167,8 @@ def start_cluster(root: str, timeout: float = 60) -> Cluster:
         while time.time() < deadline:
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
             if dead:
-                raise Unavailable(f'{", ".join(dead)} stopped at start-up: {_tail(os.path.join(root, dead[0] + ".out"))}'
-                                  f'; {cluster.logs()}')
+                started = _tail(os.path.join(root, dead[0] + '.out'))
+                raise Unavailable(f'{", ".join(dead)} stopped at start-up: {started}; {cluster.logs()}')
             state = cluster.run('sinfo', '-h', '-o', '%T', timeout=20).stdout.strip()
             if state == 'idle':
                 return cluster

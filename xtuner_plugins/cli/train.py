@@ -103,7 +103,9 @@ def resume_command(argv, checkpoint) -> str:
     script = argv[0]
     launcher = f'python {script}' if script.endswith('.py') else os.path.basename(script)
     world, local = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    if world > 1:  # a rank of torchrun: its launcher options are torchrun's
+    if 'SLURM_PROCID' in os.environ and 'slurm' in argv:  # a task of srun (--launcher slurm): srun starts it again
+        launcher = f'srun <your srun options> python {script}'
+    elif world > 1:  # a rank of torchrun: its launcher options are torchrun's
         launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
                     f'torchrun <your launcher options> {script}')
     return ' '.join([launcher, shlex.join(words)]).strip()

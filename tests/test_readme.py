@@ -338,7 +338,7 @@ def test_tiny_quickstart_runs_as_written(fresh_clone):
     used = reader.run('python -c "import xtuner_plugins; print(xtuner_plugins.__file__)"').strip()
     assert used == os.path.join(reader.root, 'xtuner_plugins', '__init__.py'), used  # the clone's code, not ours
     reader.run(block('ImageDraw.Draw(img).ellipse'))
-    steps = commands(block('python tools/make_tiny_models.py tiny'))
+    steps = commands(block('python tools/make_tiny_models.py tiny      # writes tiny/internvit'))
     assert [s.split()[1] for s in steps] == ['tools/make_tiny_models.py', 'tools/train.py', 'tools/train.py',
                                             'tools/convert_to_official.py', 'tools/chat.py', 'tools/eval.py'], steps
     make, warmup, lora, convert, chat, evaluate = steps

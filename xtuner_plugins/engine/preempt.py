@@ -84,7 +84,7 @@ class SaveOnSignalHook(Hook):
         if not self._asked() or runner.iter + 1 >= runner.max_iters:  # the last iteration: the run ends anyway
             return
         from xtuner_plugins.engine.runstart import accumulation
-        if False:
+        if (runner.iter + 1) % accumulation(runner.cfg):  # not at an optimizer step: the next one is
             return
         name = signal.Signals(self.received[0]).name if self.received else 'a signal (to another rank)'
         saved = self._save(runner)

@@ -1,4 +1,4 @@
-"""Training under Slurm (``xtuner_plugins/slurm.py``, ``engine/preempt.py``), on a real one: Debian's slurm-wlm
+"""Training under Slurm (``xtuner_plugins/engine/slurm.py``, ``engine/preempt.py``), on a real one: Debian's slurm-wlm
 (``make slurm``), one node with 2 CPUs, configured and started by this module's fixture (``tests/slurm/cluster.py``)
 and stopped after; skipped, saying why, only where it cannot be started.
 
@@ -25,7 +25,7 @@ from tests.configs.conftest import ROOT, tiny_options
 from tests.helpers import tiny_workspace
 from tests.slurm.cluster import Unavailable, start_cluster, wait_for
 from tests.train_utils import load_checkpoint_state, train_env
-from xtuner_plugins import slurm
+from xtuner_plugins.engine import slurm
 from xtuner_plugins.engine import preempt
 from xtuner_plugins.launch import DS_CPU_CONFIGS, TrainJob, job_outcome, wait_jobs
 

@@ -316,9 +316,9 @@ from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
 from xtuner_plugins.engine.resume import apply_resume_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
-# under Slurm: a checkpoint saved on SIGTERM (engine/preempt.py), MMEngine's slurm launcher checked (slurm.py)
+# under Slurm: a checkpoint saved on SIGTERM (engine/preempt.py), MMEngine's slurm launcher checked (engine/slurm.py)
 from xtuner_plugins.engine.preempt import apply_preempt_patches  # noqa: E402
-from xtuner_plugins.slurm import apply_slurm_patches  # noqa: E402
+from xtuner_plugins.engine.slurm import apply_slurm_patches  # noqa: E402
 
 apply_runstart_patches()
 apply_derive_patches()

@@ -4,7 +4,7 @@ MMEngine's slurm launcher (``mmengine.dist.utils._init_dist_slurm``) takes each 
 ``SLURM_PROCID`` (the rank), ``SLURM_NTASKS`` (the world size), ``SLURM_LOCALID`` (the GPU on its node),
 ``SLURM_NODELIST`` (``MASTER_ADDR``: its first host, by ``scontrol show hostname``, unless ``MASTER_ADDR`` is
 set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_patches` (called from
-``engine/runtime.py`` at import, before either runner starts its process group) wraps it:
+``runtime.py`` at import, before either runner starts its process group) wraps it:
 
 * **a port per job**: without ``MASTER_PORT`` (nor ``env_cfg.dist_cfg.port``) the port is derived from
   ``SLURM_JOB_ID`` (:func:`job_port`), so two jobs sharing a node do not both take 29500; a requeued job keeps
@@ -19,11 +19,12 @@ set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_p
 * each rank says where it is, one line: ``slurm: rank 1 of 16 (task 1 on node-a), master node-a:21234, job 1234``.
 
 A stop asked by Slurm (scancel, preemption, the time limit, ``scontrol requeue``) saves a checkpoint first:
-``engine/preempt.py``.
+``preempt.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -150,6 +151,18 @@ def _idle_gpus_note() -> Optional[str]:
             f'{torch.cuda.device_count() - tasks} stay idle (--ntasks-per-node=GPUs uses them all)')
 
 
+@contextlib.contextmanager
+def _no_cuda_device():
+    """``torch.cuda.set_device`` a no-op for the call (MMEngine's launcher calls it on a CPU as well)."""
+    import torch
+    original = torch.cuda.set_device
+    torch.cuda.set_device = lambda device: None
+    try:
+        yield
+    finally:
+        torch.cuda.set_device = original
+
+
 def _patch_init_dist_slurm() -> bool:
     from mmengine.dist import utils as dist_utils
     original = dist_utils._init_dist_slurm
@@ -159,8 +172,6 @@ def _patch_init_dist_slurm() -> bool:
     @functools.wraps(original)
     def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
         import torch
-
-        from xtuner_plugins.engine.runtime import _cuda_set_device_is_noop
         prepare_slurm_env(port)
         print(_where(port), file=sys.stderr, flush=True)
         note = _idle_gpus_note()
@@ -168,7 +179,7 @@ def _patch_init_dist_slurm() -> bool:
             print(note, file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             return original(backend, port=port, init_backend=init_backend, **kwargs)
-        with _cuda_set_device_is_noop():
+        with _no_cuda_device():
             return original(backend, port=port, init_backend=init_backend, **kwargs)
 
     setattr(_init_dist_slurm, _PATCH_MARK, True)

@@ -192,7 +192,9 @@ def test_killed_task_then_requeued_job_resume_and_finish(cluster, tiny, tmp_path
                '--cfg-options', *opts)
     try:
         assert wait_for(lambda: job.poll() is not None or _iteration(_pointer(work)) >= 4, 200), job.read_log()[-3000:]
-        os.kill(_rank_pid(work, 1), signal.SIGKILL)
+        pid = _rank_pid(work, 1)
+        assert pid, job.read_log()[-3000:]
+        os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: job.poll() is not None, 60)
     finally:
         wait_jobs([job], timeout=5)

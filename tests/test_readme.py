@@ -240,7 +240,8 @@ def test_readme_commands_run_as_written(reader):
     with open(os.path.join(reader.root, 'data', 'test.jsonl'), 'w') as f:
         f.write(json.dumps({'image': 'q.jpg', 'conversations': [
             {'from': 'human', 'value': '<image>\nWhat colour is it?'}, {'from': 'gpt', 'value': 'Red.'}]}) + '\n')
-    convert, chat_one, eval_one = commands(block('convert_to_official.py work_dirs/finetune_lora/iter_N.pth work_dirs/my_internvl'))
+    convert, chat_one, eval_one = commands(block(
+        'convert_to_official.py work_dirs/finetune_lora/iter_N.pth work_dirs/my_internvl'))
     assert convert.startswith('python tools/convert_to_official.py'), convert
     reader.run(convert)
     assert os.path.isfile(os.path.join(reader.root, 'work_dirs', 'my_internvl', 'config.json'))

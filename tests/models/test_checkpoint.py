@@ -95,7 +95,7 @@ def test_the_recorded_config_is_read_as_data_never_run(tmp_path):
                             ('x = {[1]: 2}\n', 1, 'x = {[1]: 2}')]:
         torch.save({'meta': {'cfg': bad}, 'state_dict': {}}, tmp_path / 'iter_2.pth')
         with pytest.raises(ValueError, match=rf"iter_2.pth: meta\['cfg'\] \(the training config\): line {line} is "
-                                             rf"not a plain setting \({re.escape(repr(code))}\); .* never run"):
+                                             rf"not a plain setting \({re.escape(repr(code[:80]))}\); .* never run"):
             recorded_model_config(str(tmp_path / 'iter_2.pth'))
     assert not marker.exists()
     with pytest.raises(ValueError, match=r"^here: not Python settings \(line 1: "):

@@ -1,5 +1,6 @@
 """Where a training step's time goes, by kind: matmul, attention, elementwise, norm, cast/copy, loss, optimizer,
-vision forward, data, and what no operator accounts for (Python, dispatch, hooks).
+vision forward, data, Python dispatch modes (selective checkpointing's policy, a benchmark's memory reads), and what
+no operator accounts for (Python, hooks).
 
 Used by ``benchmarks/realsize.py --profile DIR`` (each row's timed step under ``torch.profiler``)::
 
@@ -22,7 +23,7 @@ from typing import Dict, Iterable, Optional
 import torch
 
 KINDS = ('matmul', 'attention', 'elementwise', 'norm', 'cast/copy', 'loss', 'optimizer', 'vision forward', 'data',
-         'not in an operator')
+         'Python dispatch modes', 'not in an operator')
 REGIONS = {'vision': 'vision forward', 'optimizer': 'optimizer', 'data': 'data', 'norm': 'norm'}
 _MATMUL = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_addmm_activation', 'aten::linear',
            'aten::matmul', 'aten::addbmm', 'onednn', 'mkldnn')
@@ -42,6 +43,8 @@ _COPY = ('aten::copy_', 'aten::_to_copy', 'aten::to', 'aten::clone', 'aten::cont
 def kind_of(name: str) -> str:
     """The kind of an operator outside the regions, by its name."""
     low = name.lower()
+    if 'dispatchmode' in low:   # TorchDispatchMode's Python: selective checkpointing's policy, the rows' memory reads
+        return 'Python dispatch modes'
     if any(k in low for k in _ATTENTION):
         return 'attention'
     if any(k in low for k in _LOSS):

@@ -322,7 +322,7 @@ def child(args) -> dict:
         os.makedirs(args.profile, exist_ok=True)
         profile = os.path.join(args.profile, f'{args.setting}-{args.row}.txt')
         mark_modules(xt.model if xt is not None else model, tower)
-    with sampler.ops() if xt is None else contextlib.nullcontext():   # beside the plan: ours only
+    with sampler.ops() if xt is None and args.op_reads else contextlib.nullcontext():   # beside the plan: ours
         r = train_loop.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
                            step_loss=step_loss, freeze=freeze if xt is not None else None, img_context_token_id=ctx,
                            autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark,
@@ -389,6 +389,10 @@ def main() -> None:
                    help='each row\'s timed step under torch.profiler: its operators in DIR/SETTING-ROW.txt and the '
                         'split by kind (benchmarks/profile_kinds.py) in DIR/kinds.md; the rows\' timings are then '
                         'not figures')
+    p.add_argument('--no-op-reads', dest='op_reads', action='store_false',
+                   help='our rows without the bytes-in-use read after every large operator (a Python dispatch mode '
+                        'in the timed step, which XTuner\'s rows do not run): their time without it, their peak '
+                        'from the sampling thread only')
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -428,6 +432,8 @@ def main() -> None:
                    '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup]
             if args.profile:
                 cmd += ['--profile', os.path.abspath(args.profile)]
+            if not args.op_reads:
+                cmd += ['--no-op-reads']
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:

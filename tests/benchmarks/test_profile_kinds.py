@@ -16,6 +16,7 @@ def test_operator_names_have_their_kind():
     assert kind_of('aten::_to_copy') == kind_of('aten::copy_') == kind_of('aten::cat') == 'cast/copy'
     assert kind_of('aten::mul') == kind_of('aten::silu') == 'elementwise'
     assert kind_of('aten::native_layer_norm') == 'norm'
+    assert kind_of('PythonDispatchMode') == 'Python dispatch modes'
 
 
 class Tiny(nn.Module):

@@ -22,7 +22,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 
 # The longest modules, longest first (minutes each on two workers; `pytest --durations=30` shows their tests).
 LONGEST = ('tests/demo/test_demo.py', 'tests/test_readme.py', 'tests/serve/test_vllm.py',
-           'tests/configs/test_resume.py', 'tests/test_launch.py', 'tests/engine/test_cpu_training.py',
+           'tests/test_slurm.py', 'tests/configs/test_resume.py', 'tests/test_launch.py', 'tests/engine/test_cpu_training.py',
            'tests/configs/test_pretrain_mlp.py', 'tests/benchmarks/test_gpu.py', 'tests/models/test_preference.py',
            'tests/configs/test_mpo_full.py', 'tests/configs/test_dpo.py')
 

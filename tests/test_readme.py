@@ -57,7 +57,7 @@ NOT_RUN = {
     'python3 -m venv .venv': 'the installation by hand: `make test` just did it',
     'make test TEST_WORKERS=1': 'the test suite itself',
     'CONFIG [--work-dir DIR]': "the train command's synopsis (placeholders)",
-    'CONFIG CHECKPOINT OUT_DIR': "the converter's synopsis (placeholders)",
+    'convert_to_official.py CHECKPOINT OUT_DIR': "the converter's synopsis (placeholders)",
     'max_iters=200 save_every=50 ...': 'examples of options on an elided command line',
     'FILE.jsonl|FILE.json|META.json': "check_dataset's synopsis (placeholders)",
     'python tools/plan.py configs/finetune_lora.py --gpus 1 --gpu-mem 24': 'needs the real models\' config.json in '

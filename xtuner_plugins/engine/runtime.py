@@ -72,7 +72,7 @@ _applied: List[str] = []
 
 
 # --------------------------------------------------------------------------------------------------------
-# Patch 1: mmengine's pytorch launcher calls torch.cuda.set_device on a CPU.
+# Patch 1: mmengine's pytorch and slurm launchers call torch.cuda.set_device on a CPU.
 # --------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _cuda_set_device_is_noop():
@@ -84,30 +84,38 @@ def _cuda_set_device_is_noop():
         torch.cuda.set_device = original
 
 
-def _patch_mmengine_init_dist_pytorch() -> bool:
-    """Fixes ``RuntimeError: Found no NVIDIA driver on your system`` from ``--launcher pytorch`` on a CPU.
-
-    ``mmengine.dist.utils._init_dist_pytorch`` calls ``torch.cuda.set_device(local_rank)`` unconditionally
-    (when no MLU/NPU/MUSA is found) before ``init_process_group``. The wrapper runs mmengine's own function
-    unchanged, with ``torch.cuda.set_device`` a no-op only for the duration of that call (single-threaded
-    start-up); ``init_dist`` looks the function up as a module global, so replacing it there is enough.
-    """
+def _launcher_without_set_device(name: str) -> bool:
+    """Replace ``mmengine.dist.utils.<name>`` by mmengine's own function run with ``torch.cuda.set_device`` a
+    no-op for the duration of the call (single-threaded start-up) where CUDA is not available; ``init_dist``
+    looks the function up as a module global, so replacing it there is enough."""
     from mmengine.dist import utils as dist_utils
 
-    original = dist_utils._init_dist_pytorch
+    original = getattr(dist_utils, name)
     if getattr(original, _PATCH_MARK, False):
         return False
 
     @functools.wraps(original)
-    def _init_dist_pytorch(backend, init_backend='torch', **kwargs):
+    def launcher(*args, **kwargs):
         if torch.cuda.is_available():
-            return original(backend, init_backend=init_backend, **kwargs)
+            return original(*args, **kwargs)
         with _cuda_set_device_is_noop():
-            return original(backend, init_backend=init_backend, **kwargs)
+            return original(*args, **kwargs)
 
-    setattr(_init_dist_pytorch, _PATCH_MARK, True)
-    dist_utils._init_dist_pytorch = _init_dist_pytorch
+    setattr(launcher, _PATCH_MARK, True)
+    setattr(dist_utils, name, launcher)
     return True
+
+
+def _patch_mmengine_init_dist_pytorch() -> bool:
+    """Fixes ``RuntimeError: Found no NVIDIA driver on your system`` from ``--launcher pytorch`` on a CPU:
+    ``mmengine.dist.utils._init_dist_pytorch`` calls ``torch.cuda.set_device(local_rank)`` unconditionally (when
+    no MLU/NPU/MUSA is found) before ``init_process_group``."""
+    return _launcher_without_set_device('_init_dist_pytorch')
+
+
+def _patch_mmengine_init_dist_slurm() -> bool:
+    """The same for ``--launcher slurm`` (``_init_dist_slurm``, which ``engine/slurm.py`` wraps as well)."""
+    return _launcher_without_set_device('_init_dist_slurm')
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,8 +208,8 @@ def apply_cpu_patches() -> List[str]:
     if torch.cuda.is_available() or os.environ.get(NO_CPU_PATCHES_ENV, '') == '1':
         return []
     newly = []
-    for patch in (_patch_mmengine_init_dist_pytorch, _patch_mmengine_ddp_cpu_device_ids,
-                  _patch_torch_cpu_is_bf16_supported, _patch_deepspeed_shm_comm):
+    for patch in (_patch_mmengine_init_dist_pytorch, _patch_mmengine_init_dist_slurm,
+                  _patch_mmengine_ddp_cpu_device_ids, _patch_torch_cpu_is_bf16_supported, _patch_deepspeed_shm_comm):
         if patch():
             name = patch.__name__.lstrip('_')
             newly.append(name)

@@ -24,7 +24,6 @@ A stop asked by Slurm (scancel, preemption, the time limit, ``scontrol requeue``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -151,18 +150,6 @@ def _idle_gpus_note() -> Optional[str]:
             f'{torch.cuda.device_count() - tasks} stay idle (--ntasks-per-node=GPUs uses them all)')
 
 
-@contextlib.contextmanager
-def _no_cuda_device():
-    """``torch.cuda.set_device`` a no-op for the call (MMEngine's launcher calls it on a CPU as well)."""
-    import torch
-    original = torch.cuda.set_device
-    torch.cuda.set_device = lambda device: None
-    try:
-        yield
-    finally:
-        torch.cuda.set_device = original
-
-
 def _patch_init_dist_slurm() -> bool:
     from mmengine.dist import utils as dist_utils
     original = dist_utils._init_dist_slurm
@@ -171,16 +158,13 @@ def _patch_init_dist_slurm() -> bool:
 
     @functools.wraps(original)
     def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
-        import torch
         prepare_slurm_env(port)
         print(_where(port), file=sys.stderr, flush=True)
         note = _idle_gpus_note()
         if note and os.environ.get('SLURM_LOCALID') == '0':
             print(note, file=sys.stderr, flush=True)
-        if torch.cuda.is_available():
-            return original(backend, port=port, init_backend=init_backend, **kwargs)
-        with _no_cuda_device():
-            return original(backend, port=port, init_backend=init_backend, **kwargs)
+        # on a CPU, torch.cuda.set_device is a no-op inside it (engine/runtime.py's CPU patches wrap it too)
+        return original(backend, port=port, init_backend=init_backend, **kwargs)
 
     setattr(_init_dist_slurm, _PATCH_MARK, True)
     dist_utils._init_dist_slurm = _init_dist_slurm

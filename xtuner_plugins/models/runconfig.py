@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import lineage
 from .checkpoint import config_settings, read_meta
@@ -31,8 +31,9 @@ from .checkpoint import config_settings, read_meta
 #: data set settings that shape what the model sees (``train_dataloader.dataset``, the packed wrapper's inner one)
 DATA_SETTINGS = ('min_dynamic_patch', 'max_dynamic_patch', 'use_thumbnail', 'image_size', 'template', 'system',
                  'image_mode', 'frame_prefix')
-#: what a data set setting that is not set means (``InternVLDataset``'s defaults); others mean "the model's"
-_DATA_DEFAULTS = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+#: what a tiling setting the data set leaves unset means (``InternVLDataset``'s defaults, which the converted folder
+#: records too); the other data settings left unset mean "the model's" (tile size, template) or the template's
+DEFAULT_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
 
 
 def parse_remap(pairs: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
@@ -57,7 +58,7 @@ def training_dataset(cfg) -> dict:
 
 def _data_value(dataset: dict, key: str):
     value = dataset.get(key)
-    return _DATA_DEFAULTS.get(key) if value is None else value
+    return DEFAULT_TILING.get(key) if value is None else value
 
 
 def setting_conflicts(recorded: dict, given) -> List[str]:
@@ -152,8 +153,3 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
     cfg.model['pretrained_pth'] = mine if mine != recorded.get('model', {}).get('pretrained_pth') else None
     return cfg
 
-
-def recorded_settings(checkpoint: str) -> Dict[str, object]:
-    """The recorded config's settings as data ({} when it records none): for tools that only read them."""
-    meta = read_meta(checkpoint)
-    return config_settings(meta['cfg'], f"{checkpoint}: meta['cfg']") if meta.get('cfg') else {}

@@ -16,19 +16,8 @@ from torch import nn
 from ..internvl import VisionLanguageModel
 from ..lineage import previous_stage_for
 from ..provenance import check_trained_settings
+from ..runconfig import DEFAULT_TILING, training_dataset as _training_dataset
 from .files import Log, _print
-
-# What the converted folder falls back to when the training config's data set does not say (the tile size falls
-# back to the model's encoder's, see tiling_settings).
-DEFAULT_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
-
-
-def _training_dataset(cfg) -> dict:
-    """The training config's data set settings (the packed wrapper's inner one)."""
-    dataset = cfg.get('train_dataloader', {}).get('dataset', {}) if hasattr(cfg, 'get') else {}
-    if isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']
-    return dataset
 
 
 def tiling_settings(cfg, model: VisionLanguageModel) -> dict:

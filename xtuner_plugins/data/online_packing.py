@@ -1,0 +1,126 @@
+"""Online packing, as InternVL's ``PackedDataset``: packs made as samples stream in, no global lengths.
+
+:class:`PackedInternVLDataset` (``packing.py``) plans every pack before training from the whole data set's
+estimated lengths. :class:`OnlinePackedDataset` needs none: each reading unit (a rank's DataLoader worker,
+``streaming.py``) loads its own part of the epoch's order, one sample after another, and keeps a buffer of at most
+``max_buffer_size`` open packs. A sample goes into the first open pack it fits (``max_tokens`` tokens,
+``max_tiles`` tiles); when none has room it opens a new one. A pack that reaches ``max_tokens`` is emitted at
+once; when the buffer holds more than ``max_buffer_size`` packs, the fullest is emitted. A sample is never split
+(so never inside an image); one over a budget alone is a pack of its own. Items are the packed items of
+``packing.py`` (``input_ids``, ``labels``, ``position_ids`` restarting per sample, ``seq_lens``, tiles, ``samples``,
+``skipped``), so the packed collate, model and loss are the same.
+
+Epochs follow one another inside the stream (the order of each is reshuffled, ``streaming.epoch_order``); the
+buffer carries over. The training length is given in iterations (``max_iters``): the number of packs is not known
+before they are made. A resumed run restores each unit's epoch, position and buffer from the checkpoint
+(``engine/streamstate.py``): it sees the packs the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from .errors import SampleError
+from .packing import pack_items
+from .streaming import StreamingDataset, epoch_order, unit_part
+
+__all__ = ['OnlinePackedDataset']
+
+
+class OnlinePackedDataset(StreamingDataset):
+    """Packs of an :class:`~xtuner_plugins.data.dataset.InternVLDataset` made online (module docstring).
+
+    Args:
+        dataset: the data set (or its config dict) whose samples are packed.
+        max_tokens: tokens per pack (InternVL's ``max_packed_tokens``, 8192 by default there).
+        max_tiles: tiles per pack; None: no limit.
+        max_buffer_size: open packs a unit keeps (InternVL's 20).
+        seed, shuffle: the epochs' order.
+        rank, world_size: see :class:`~xtuner_plugins.data.streaming.StreamingDataset`.
+    """
+
+    def __init__(self, dataset, max_tokens: int = 8192, max_tiles: Optional[int] = None, max_buffer_size: int = 20,
+                 seed: int = 0, shuffle: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__(rank, world_size)
+        if isinstance(dataset, dict):
+            from xtuner.registry import BUILDER
+            dataset = BUILDER.build(dataset)
+        if max_tokens < 1 or (max_tiles is not None and max_tiles < 1) or max_buffer_size < 1:
+            raise ValueError(f'online packing budgets must be positive, got max_tokens={max_tokens}, '
+                             f'max_tiles={max_tiles}, max_buffer_size={max_buffer_size}')
+        self.dataset = dataset
+        self.max_tokens, self.max_tiles, self.max_buffer_size = max_tokens, max_tiles, max_buffer_size
+        self.seed, self.shuffle = seed, shuffle
+
+    def __len__(self) -> int:
+        from xtuner_plugins.engine.runstart import refuse
+        refuse('online packing (OnlinePackedDataset) does not know its number of packs before it makes them: give '
+               'the training length as max_iters=N (optimizer steps), not max_epochs')
+        return 0
+
+    @property
+    def epoch(self) -> int:
+        return getattr(self.dataset, 'epoch', 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epochs are the stream's own (module docstring): the loop's restarts do not set them."""
+
+    def _load(self, index: int, epoch: int, skipped: list) -> Optional[Dict]:
+        ds = self.dataset
+        if getattr(ds, 'epoch', epoch) != epoch and hasattr(ds, 'set_epoch'):
+            ds.set_epoch(epoch)
+        record = ds.record_at(index)
+        try:
+            return ds.load_sample(record)
+        except SampleError as err:
+            ds.count_failure(err.with_source(ds.where(record)))
+            skipped.append((err.source, err.reason))
+            return None
+
+    def _fits(self, pack: List[Tuple[int, int, Dict]], item: Dict) -> bool:
+        tokens = sum(len(x['input_ids']) for _, _, x in pack) + len(item['input_ids'])
+        tiles = sum(x['pixel_values'].shape[0] for _, _, x in pack) + item['pixel_values'].shape[0]
+        return tokens <= self.max_tokens and (self.max_tiles is None or tiles <= self.max_tiles)
+
+    def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
+        n = len(self.dataset)
+        epoch, j, held = (0, 0, []) if state is None else (state['epoch'], state['next'], state['buffer'])
+        skipped: list = []
+        # a pack: [(epoch, index, item)]; the buffer's packs come back from the indices the state names
+        buffer = [[(e, i, x) for e, i in pack if (x := self._load(i, e, skipped)) is not None] for pack in held]
+        buffer = [pack for pack in buffer if pack]
+
+        def state_now() -> Dict:
+            return dict(epoch=epoch, next=j, buffer=[[(e, i) for e, i, _ in pack] for pack in buffer])
+
+        def emit(k: int) -> Tuple[Any, Dict]:
+            nonlocal skipped
+            pack = buffer.pop(k)
+            item = dict(pack_items([x for _, _, x in pack]), skipped=skipped)
+            skipped = []
+            return state_now(), item
+
+        while True:
+            part = unit_part(n, unit, units)
+            if not len(part):
+                raise ValueError(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
+                                 f'workers) one; use fewer workers or more data')
+            order = epoch_order(n, self.seed, epoch, self.shuffle)
+            while j < len(part):
+                index = order(part[j])
+                j += 1
+                item = self._load(index, epoch, skipped)
+                if item is None:
+                    continue
+                where = next((k for k, pack in enumerate(buffer) if self._fits(pack, item)), None)
+                if where is None:
+                    buffer.append([(epoch, index, item)])
+                    where = len(buffer) - 1
+                else:
+                    buffer[where].append((epoch, index, item))
+                if sum(len(x['input_ids']) for _, _, x in buffer[where]) >= self.max_tokens:
+                    yield emit(where)
+                while len(buffer) > self.max_buffer_size:
+                    yield emit(max(range(len(buffer)),
+                                   key=lambda k: (sum(len(x['input_ids']) for _, _, x in buffer[k]), -k)))
+            epoch, j = epoch + 1, 0

@@ -1,0 +1,103 @@
+"""What the streaming data sets share (online packing, ``online_packing.py``; tar shards, ``shards.py``): who reads
+what, and where a stream stands.
+
+**Who reads what.** Training reads a stream in ``R x W`` *units*: each rank's DataLoader workers (one unit per rank
+without workers). Unit ``u = rank * W + w`` reads positions ``u, u + R*W, u + 2*R*W, ...`` of the epoch's order
+(:func:`unit_part`): the units' parts are disjoint and together they are all of it.
+
+**Where a stream stands.** Each item a unit yields carries ``stream_state``: ``(unit, state)``, the unit's state
+*after* that item (its epoch, the next position, what its buffer holds). :func:`stream_collate_fn` hands the
+states on in the batch (``data['stream_state']``), and ``engine/streamstate.py``'s ``StreamStateHook`` keeps the
+last state of each unit whose batch was trained on, saves them with each checkpoint and, on a resume, gives them
+back to the data set (:meth:`StreamingDataset.resume_from`) instead of MMEngine's replay of every batch.
+
+**The order batches come in.** A DataLoader takes batch ``k`` from worker ``k % W``. A run resumed after ``i``
+batches must take its next one from the unit the interrupted run would have: worker ``w`` then plays unit
+``(w + i) % W`` (the *rotation*), so the resumed run's batches are the uninterrupted run's, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .collate import internvl_collate_fn
+
+__all__ = ['StreamingDataset', 'epoch_order', 'stream_collate_fn', 'unit_part']
+
+
+def unit_part(n: int, unit: int, units: int) -> range:
+    """The positions ``0..n-1`` unit ``unit`` of ``units`` reads: every ``units``-th from ``unit``."""
+    if not 0 <= unit < units:
+        raise ValueError(f'unit {unit} of {units}')
+    return range(unit, n, units)
+
+
+def _coprime_step(n: int, seed: int) -> int:
+    import math
+    import random
+    rng = random.Random(seed)
+    while True:
+        a = rng.randrange(1, max(2, n))
+        if math.gcd(a, n) == 1:
+            return a
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True):
+    """The epoch's order as a function ``position -> item``: ``(a * p + b) mod n`` with ``a`` coprime to ``n``,
+    seeded by ``seed`` and ``epoch`` (a permutation that holds no array of ``n`` entries); ``p`` itself unshuffled."""
+    if not shuffle or n <= 1:
+        return lambda p: p
+    a, b = _coprime_step(n, seed * 1_000_003 + epoch), (seed * 7919 + epoch * 104_729) % n
+    return lambda p: (a * p + b) % n
+
+
+def stream_collate_fn(instances: Sequence[Dict], **kwargs) -> Dict:
+    """:func:`~xtuner_plugins.data.collate.internvl_collate_fn`, with the items' ``stream_state`` in
+    ``data['stream_state']`` (for ``StreamStateHook``)."""
+    batch = internvl_collate_fn(instances, **kwargs)
+    batch['data']['stream_state'] = [x['stream_state'] for x in instances if 'stream_state' in x]
+    return batch
+
+
+class StreamingDataset(IterableDataset):
+    """An endless stream of items (epoch after epoch) read in units (module docstring). A subclass yields from
+    :meth:`stream` ``(state_after, item)`` for its unit, starting from ``state`` (None: the first epoch's start).
+
+    Args:
+        rank, world_size: this rank and the number of ranks; None: the distributed run's (``mmengine.dist``).
+    """
+
+    def __init__(self, rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+        self.resume_states: Dict[int, Any] = {}  # unit -> its state, from a checkpoint
+        self.rotation = 0                         # batches trained before the resume (module docstring)
+
+    def dist_info(self) -> Tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return int(self.rank), int(self.world_size)
+        from mmengine.dist import get_dist_info
+        return get_dist_info()
+
+    def unit(self) -> Tuple[int, int, int]:
+        """``(unit, units, workers)`` of the calling process (a DataLoader worker, or the rank itself)."""
+        rank, world = self.dist_info()
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        logical = (worker + self.rotation) % workers
+        return rank * workers + logical, world * workers, workers
+
+    def resume_from(self, states: Dict[int, Any], consumed: int) -> None:
+        """Start each unit at its saved state; ``consumed``: batches the run trained on (the rotation)."""
+        self.resume_states, self.rotation = dict(states), int(consumed)
+
+    def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Dict]:
+        unit, units, _ = self.unit()
+        for state, item in self.stream(unit, units, self.resume_states.get(unit)):
+            item['stream_state'] = (unit, state)
+            yield item

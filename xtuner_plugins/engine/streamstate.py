@@ -1,0 +1,116 @@
+"""Exact mid-epoch resume of a streaming training data set (``data/streaming.py``: online packing, tar shards).
+
+MMEngine resumes an iteration-based run by drawing, and throwing away, every batch the run had trained on. For a
+stream that is exact but as slow as the training's data loading. :class:`StreamStateHook` instead:
+
+* keeps, from each batch trained on (``data['stream_state']``, put there by ``stream_collate_fn``), the last state
+  of each reading unit of this rank;
+* saves them with each checkpoint (``checkpoint['stream_state']``: every rank's, gathered, with the number of ranks
+  and of DataLoader workers);
+* on a resume, gives this rank's states back to the data set (``StreamingDataset.resume_from``), starts its
+  DataLoader workers over with them, and answers MMEngine's replay of the trained batches without drawing them.
+
+A checkpoint of a run with another number of ranks or workers cannot be continued exactly: start-up stops with one
+line naming both. A checkpoint without stream states (a run without this hook) is replayed as MMEngine does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.registry import HOOKS
+
+__all__ = ['StreamStateHook']
+
+KEY = 'stream_state'
+
+
+class _Replayed:
+    """MMEngine's replay of ``n`` trained batches answered with None, then the data loader's own batches."""
+
+    def __init__(self, iterator, n: int):
+        self.iterator, self.n = iterator, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n > 0:
+            self.n -= 1
+            return None
+        return next(self.iterator)
+
+
+def _streaming(runner):
+    from xtuner_plugins.data.streaming import StreamingDataset
+    loop = getattr(runner, 'train_loop', None)
+    dataloader = getattr(loop, 'dataloader', None)
+    dataset = getattr(dataloader, 'dataset', None)
+    return (loop, dataloader, dataset) if isinstance(dataset, StreamingDataset) else (None, None, None)
+
+
+@HOOKS.register_module()
+class StreamStateHook(Hook):
+    """Saves and restores where a streaming data set's units stand (module docstring)."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self) -> None:
+        self.states: Dict[int, Any] = {}
+        self.loaded: Optional[dict] = None
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        data = data_batch.get('data') if isinstance(data_batch, dict) else None
+        for unit, state in (data or {}).get(KEY) or ():
+            self.states[int(unit)] = state
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        loop, dataloader, dataset = _streaming(runner)
+        if dataset is None:
+            return
+        from mmengine.dist import all_gather_object, get_dist_info
+        rank, world = get_dist_info()
+        gathered = all_gather_object(self.states) if world > 1 else [self.states]
+        checkpoint[KEY] = dict(world_size=world, workers=max(1, dataloader.num_workers),
+                               units={u: s for states in gathered for u, s in states.items()})
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self.loaded = checkpoint.get(KEY)
+
+    def before_train(self, runner) -> None:
+        loop, dataloader, dataset = _streaming(runner)
+        if dataset is None or not getattr(loop, 'iter', 0):
+            return
+        if self.loaded is None:
+            print_log('the checkpoint holds no data stream state (saved without StreamStateHook): the trained '
+                      'batches are drawn again to skip them', logger='current', level=logging.WARNING)
+            return
+        from mmengine.dist import get_dist_info
+        rank, world = get_dist_info()
+        workers = max(1, dataloader.num_workers)
+        saved = (self.loaded['world_size'], self.loaded['workers'])
+        if saved != (world, workers):
+            from xtuner_plugins.engine.runstart import refuse
+            refuse(f'resume: the checkpoint\'s data stream was read by {saved[0]} rank(s) x {saved[1]} DataLoader '
+                   f'worker(s), this run has {world} x {workers}: resume with the same numbers (the stream\'s parts '
+                   f'are cut by them)')
+        mine = {u: s for u, s in self.loaded['units'].items() if rank * workers <= int(u) < (rank + 1) * workers}
+        self.states = dict(mine)
+        dataset.resume_from(mine, consumed=loop.iter)
+        restart_loader(loop, dataloader, loop.iter)
+        print_log(f'data stream resumed at iteration {loop.iter} from the checkpoint\'s state of {len(mine)} '
+                  f'reading unit(s) of this rank (no batch drawn again)', logger='current')
+
+
+def restart_loader(loop, dataloader, trained: int) -> None:
+    """Stop the loop's DataLoader workers (started with the data set as it was before the resume), start new ones
+    from the resumed data set, and answer the ``trained`` batches MMEngine replays without drawing them."""
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+    old = getattr(getattr(loop, 'dataloader_iterator', None), '_iterator', None)
+    if old is not None and hasattr(old, '_shutdown_workers'):
+        old._shutdown_workers()
+    dataloader._iterator = None  # persistent workers: built anew, not reused
+    loop.dataloader_iterator = _Replayed(_InfiniteDataloaderIterator(dataloader), trained)

@@ -45,9 +45,11 @@ from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import LengthStats
-from .presence import missing_media
-from .sources import (DataSource, Record, expand_sources, parse_record, read_records, repeat_indices,
-                      sample_images)
+from .index import source_index
+from .lengths import default_cache_dir
+from .records import RecordView
+from .sources import DataSource, Record, expand_sources, parse_record, repeat_array, sample_images
+from .startcheck import check_source
 from .conversation import Conversation, parse_conversation
 from .fitting import TRUNCATION, Fit, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
@@ -130,7 +132,12 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         max_bad_fraction: stop when more than this fraction of the samples is bad (0 stops at the first).
         max_image_pixels: decompression-bomb limit (Pillow's by default); ``None`` disables it.
         seed: seed for fractional repeats.
-        cache_dir: where per-file length caches go (for the length-grouped sampler).
+        cache_dir: where the per-file caches go: the sample index, the start-up check and the lengths (for the
+            length-grouped sampler); default ``~/.cache/xtuner_plugins/lengths``.
+        length_field: a field holding a sample's token length (InternVL's ``'length'``): where a sample has it, the
+            length-grouped sampler uses it, untokenised (None, the default: every length is counted, as packing
+            needs).
+        workers: processes for the start-up check and the lengths, once per node (default: every core).
         allow_links_outside: follow symbolic links inside an image folder to files outside it (refused as
             ``unsafe_image_path`` by default).
         min_num_frame, max_num_frame: a video sample's frame count is drawn in this range (InternVL's 8 and 32),
@@ -172,7 +179,9 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
                  min_num_frame: int = 8,
                  max_num_frame: int = 32,
                  video_sampling: str = 'rand',
-                 frame_prefix: Optional[str] = None):
+                 frame_prefix: Optional[str] = None,
+                 length_field: Optional[str] = None,
+                 workers: Optional[int] = None):
         super().__init__()
         self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
@@ -216,46 +225,40 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.seed = seed
         self.cache_dir = cache_dir
         self.allow_links_outside = allow_links_outside
+        self.length_field = length_field
+        self.workers = workers
 
         self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
                                                         max_dynamic_patches)
-        self.records: List[Record] = []
         self.load_problems: List[SampleError] = []
         self._source_ranges: List[range] = []
-        index: List[int] = []
+        indexes, good, index = [], [], []
         for i, src in enumerate(self.sources):
-            records, problems = read_records(i, src)
-            self.load_problems.extend(problems)
-            good, media = [], []
-            for rec in records:
-                try:
-                    checked = self.check_record(rec)
-                except SampleError as err:
-                    self.load_problems.append(err.with_source(self.where(rec)))
-                    continue
-                good.append(rec)
-                if checked.image_paths or checked.video is not None:
-                    media.append((self.where(rec), checked.image_paths or [checked.video], checked.video is not None))
-            if not records and not problems:
+            entries = source_index(src.annotation, self.cache_dir or default_cache_dir())
+            if not len(entries):
                 raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
                                  f'data files or fill it')
-            missing = missing_media(src, media) if src.repeat_time > 0 else None  # a wrong folder: refused here
+            checked = check_source(self, i, src, entries)  # startcheck.py: once per node, cached
+            self.load_problems.extend(checked.problems)
+            missing = checked.missing_message(src)  # a wrong folder: refused here
             if missing:
                 print_log(missing, logger='current', level=logging.WARNING)
-            start = len(self.records)
-            self.records.extend(good)
-            self._source_ranges.append(range(start, len(self.records)))
-            repeated = repeat_indices(len(good), src.repeat_time, seed + i)
-            if good and not repeated:
-                print_log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(good)} samples rounds to 0: '
-                          f'this source is not used', logger='current', level=logging.WARNING)
-            index.extend(start + j for j in repeated)
-        if not index:
+            start = sum(len(g) for g in good)
+            indexes.append(entries)
+            good.append(checked.good)
+            self._source_ranges.append(range(start, start + len(checked.good)))
+            repeated = repeat_array(len(checked.good), src.repeat_time, seed + i)
+            if len(checked.good) and not len(repeated):
+                print_log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(checked.good)} samples '
+                          f'rounds to 0: this source is not used', logger='current', level=logging.WARNING)
+            index.append(start + repeated)
+        self.records = RecordView(indexes, good)
+        self._index = np.concatenate(index)
+        if not len(self._index):
             raise ValueError('no samples to train on in ' + ', '.join(
                 f'{src.annotation} (repeat_time {src.repeat_time})' for src in self.sources) +
                 (f'; {len(self.load_problems)} were refused, first: {self.load_problems[0]}'
                  if self.load_problems else ''))
-        self._index = np.asarray(index, dtype=np.int64)
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
         self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length
@@ -302,7 +305,11 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
 
     def record_at(self, index: int) -> Record:
         """The record of item ``index`` (after repeats)."""
-        return self.records[self._index[index]]
+        return self.records[int(self._index[index])]
+
+    def items_per_source(self) -> List[int]:
+        """How many items (after repeats) each source gives, without reading a sample."""
+        return np.bincount(self.records.source_of(self._index), minlength=len(self.sources)).tolist()
 
     def _report_load_problems(self) -> None:
         if not self.load_problems:

@@ -5,11 +5,14 @@ A sample's length is its text tokens (the template around its turns) plus, for e
 count comes from the image's size read from its file header (no pixels are decoded). Text-only samples
 get a negative length so that XTuner's ``LengthGroupedSampler`` can keep modalities apart.
 
-Reading 500k image headers takes minutes, so results are cached in one JSON file per annotation file,
-keyed by everything that changes the numbers (the file's size and modification time, the image folder,
-tiling settings, template and tokenizer) and checked against the size and modification time of every image
-(one ``stat`` each): the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens
-here; the sample is reported when it is loaded.
+Reading 500k image headers and tokenising their text takes minutes, so it is done once per node over every core
+(``nodepass.py``: the first process to need it builds, the others wait on a file lock) and cached as ``.npy``
+files per annotation file (memory-mapped: a 16M-sample cache loads in a moment), keyed by everything that changes
+the numbers (the file's size and modification time, the image folder, tiling settings, template and tokenizer)
+and checked against the size and modification time of every distinct image file (one ``stat`` each): the samples
+whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
+sample is reported when it is loaded. With ``length_field`` set (InternVL's ``length``), a sample carrying that
+field is given it as its length, untokenised (for the length-grouped sampler; packing needs exact lengths).
 """
 
 from __future__ import annotations
@@ -18,21 +21,22 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from mmengine.dist import is_main_process
 from mmengine.logging import print_log
-from tqdm import tqdm
 
 from .errors import SampleError
 from .image_io import read_image_size
+from .index import load_array, save_array
+from .nodepass import node_once, run_slices
 from .sources import DataSource, Record
 from .tiling import num_tiles
 from .tokenize import count_text_tokens
 
-CACHE_VERSION = 6  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
-#                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos
+CACHE_VERSION = 7  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
+#                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos;
+#                   7: binary (.npy), the start-up check beside it, length_field
 
 
 def default_cache_dir() -> str:
@@ -51,10 +55,11 @@ def _cache_key(ds, src: DataSource) -> str:
         min_dynamic_patch=ds.min_dynamic_patch, dynamic=ds.dynamic_image_size,
         image_size=ds.image_size, thumbnail=ds.use_thumbnail, num_image_token=ds.num_image_token,
         max_length=ds.max_length, template=ds.template.name, system=ds.system,
-        allow_control_text=getattr(ds, 'allow_control_text', False),
+        allow_control_text=getattr(ds, 'allow_control_text', False), length_field=getattr(ds, 'length_field', None),
+        allow_links_outside=getattr(ds, 'allow_links_outside', False),
         video=[getattr(ds, 'min_num_frame', None), getattr(ds, 'max_num_frame', None),
                getattr(ds, 'video_sampling', None), getattr(ds, 'frame_prefix', None), getattr(ds, 'seed', None)],
-        tokenizer=[type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
+        tokenizer=None if tok is None else [type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -98,75 +103,130 @@ def _video_length(ds, record: Record, checked) -> List[int]:
     return [total, max(frames, 1)]
 
 
-def _stats(files: List[List[str]]) -> List[list]:
-    """``[size, mtime_ns]`` (or None: missing) of every image file, per record: what the lengths depend on."""
-    out = []
-    for record_files in files:
-        row = []
-        for path in record_files:
-            try:
-                st = os.stat(path)
-                row.append([st.st_size, st.st_mtime_ns])
-            except OSError:
-                row.append(None)
-        out.append(row)
-    return out
+def _stat(path: str) -> List[int]:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
 
 
-def compute_source_lengths(ds, src: DataSource, records: List[Record],
+def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]) -> Tuple[np.ndarray, List[List[str]]]:
+    """``([n, 2] lengths, image files of each)`` of the records at ``todo``; a ``length_field`` the data carries is
+    taken as it is (no tokenising, no image header read; tiles: one per image)."""
+    lengths, files = np.zeros((len(todo), 2), dtype=np.int64), []
+    field = getattr(ds, 'length_field', None)
+    for k, i in enumerate(todo):
+        checked = ds.check_record(records[i])  # parsed and checked once: its image paths and its conversation
+        given = checked.sample.get(field) if field else None
+        if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+            total = max(1, min(given, ds.max_length) if ds.max_length else given)
+            has_media = bool(checked.image_paths) or checked.video is not None
+            lengths[k] = [total, max(1, len(checked.image_paths))] if has_media else [-total, 1]
+            files.append([])
+            continue
+        files.append(checked.image_paths if checked.video is None else [checked.video])
+        lengths[k] = _sample_length(ds, records[i], checked)
+    return lengths, files
+
+
+def _lines_digest(records: Sequence[Record]) -> str:
+    lines = records.lines() if hasattr(records, 'lines') else np.asarray([r.line for r in records], dtype=np.int64)
+    return hashlib.sha1(np.ascontiguousarray(lines, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _load_cache(base: str, count: int, digest: str):
+    """``(lengths, paths, stats, refs, ids)`` of a cache matching these records, or None."""
+    try:
+        with open(base + '.images.json', encoding='utf-8') as f:
+            meta = json.load(f)
+        if meta.get('count') != count or meta.get('lines') != digest:
+            return None
+        arrays = [load_array(base + suffix) for suffix in ('.lengths.npy', '.refs.npy', '.ids.npy')]
+    except (OSError, ValueError):
+        return None
+    if any(a is None for a in arrays) or len(arrays[0]) != count or len(arrays[1]) != count + 1:
+        return None
+    return arrays[0], meta['paths'], meta['stats'], arrays[1], arrays[2]
+
+
+def _write_lengths(cache_dir: str, base: str, lengths: np.ndarray, paths: List[str], stats: list,
+                   refs: np.ndarray, ids: np.ndarray, count: int, digest: str, annotation: str) -> None:
+    """Atomically, each file (concurrent ranks never read a half-written cache; the ``.images.json`` written last
+    says the set is whole); an optional cache that cannot be written (a full disk, no permission) is skipped with
+    one warning, leaving no temporary file."""
+    try:
+        for suffix, array in (('.lengths.npy', lengths), ('.refs.npy', refs), ('.ids.npy', ids)):
+            save_array(base + suffix, array)
+        write_text_atomically(base + '.images.json', json.dumps(dict(
+            annotation=os.path.abspath(annotation), count=count, lines=digest, paths=paths, stats=stats)))
+    except OSError as exc:
+        print_log(f'the sample-length cache {base}.lengths.npy could not be written ({exc}); going on without it',
+                  logger='current', level=30)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cache_dir: str, digest: str):
+    print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {base}.*)',
+              logger='current')
+    parts = run_slices(lambda a, b: _length_slice(ds, records, range(a, b)), len(records),
+                       getattr(ds, 'workers', None), f'lengths of {src.annotation}')
+    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 2), dtype=np.int64)
+    table: Dict[str, int] = {}
+    counts, ids = [], []
+    for _, files in parts:
+        for record_files in files:
+            counts.append(len(record_files))
+            ids.extend(table.setdefault(path, len(table)) for path in record_files)
+    refs = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+    paths = list(table)
+    stats = [_stat(p) for p in paths]
+    _write_lengths(cache_dir, base, lengths, paths, stats, refs, np.asarray(ids, dtype=np.int64), len(records),
+                   digest, src.annotation)
+    return lengths
+
+
+def compute_source_lengths(ds, src: DataSource, records: Sequence[Record],
                            cache_dir: Optional[str] = None) -> np.ndarray:
     """``[N, 2]``: signed length and tile count of each of one source's (valid) records, from the cache or
-    computed and cached. The cache is keyed on the annotation file and the settings, and holds the size and
-    modification time of every image it read: records whose images changed, appeared or vanished since are
-    computed again (never a stale length); a cache that cannot be written is skipped with a warning."""
+    computed (once per node, over every core: ``nodepass``) and cached. The cache is keyed on the annotation file
+    and the settings, and holds the size and modification time of every image it read: records whose images
+    changed, appeared or vanished since are computed again (never a stale length); a cache that cannot be written
+    is skipped with a warning."""
     cache_dir = cache_dir or ds.cache_dir or default_cache_dir()
-    key = _cache_key(ds, src)
-    cache_file = os.path.join(cache_dir, f'{key}.json')
-    lines = [r.line for r in records]
-    lengths, files, stale = None, None, range(len(records))
-    if os.path.isfile(cache_file):
-        try:
-            with open(cache_file) as f:
-                cached = json.load(f)
-            if cached.get('lines') == lines and len(cached.get('images', ())) == len(records):
-                lengths, files = [list(x) for x in cached['lengths']], cached['images']
-                now = _stats(files)
-                stale = [i for i, (a, b) in enumerate(zip(now, cached['stats'])) if a != b]
-                if not stale:
-                    return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
-        except (OSError, ValueError, KeyError, TypeError):
-            lengths, files, stale = None, None, range(len(records))  # unreadable cache: recompute
-    if lengths is None:
-        print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {cache_file})',
-                  logger='current')
-        files, lengths = [None] * len(records), [None] * len(records)
-    else:
-        print_log(f'{src.annotation}: the images of {len(stale)} samples changed since the length cache was '
-                  f'written; computing those again', logger='current')
-    for i in tqdm(stale, desc=f'lengths {src.name}', disable=not is_main_process() or len(stale) < 2000):
-        checked = ds.check_record(records[i])  # parsed and checked once: its image paths and its conversation
-        files[i] = checked.image_paths if checked.video is None else [checked.video]
-        lengths[i] = _sample_length(ds, records[i], checked)
-    _write_cache(cache_dir, cache_file, dict(annotation=os.path.abspath(src.annotation), lines=lines,
-                                             lengths=lengths, images=files, stats=_stats(files)))
-    return np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
-
-
-def _write_cache(cache_dir: str, cache_file: str, content: dict) -> None:
-    """Atomically (concurrent ranks never read a half-written cache); an optional cache that cannot be
-    written (a full disk, no permission) is skipped with one warning, leaving no temporary file."""
-    tmp = None
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.tmp')
-        with os.fdopen(fd, 'w') as f:
-            json.dump(content, f)
-        os.replace(tmp, cache_file)
-    except OSError as exc:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        print_log(f'the sample-length cache {cache_file} could not be written ({exc}); going on without it',
-                  logger='current', level=30)
+    base = os.path.join(cache_dir, _cache_key(ds, src))
+    digest = _lines_digest(records)
+    cached = node_once(base + '.lengths.npy', lambda: _load_cache(base, len(records), digest),
+                       lambda: _compute_all(ds, src, records, base, cache_dir, digest),
+                       f'the sample lengths of {src.annotation}')
+    if isinstance(cached, np.ndarray):
+        return cached
+    lengths, paths, stats, refs, ids = cached
+    now = [_stat(p) for p in paths]
+    changed = np.asarray([i for i, (a, b) in enumerate(zip(now, stats)) if a != list(b)], dtype=np.int64)
+    if not len(changed):
+        return lengths
+    owners = np.searchsorted(refs, np.flatnonzero(np.isin(ids, changed)), side='right') - 1
+    stale = np.unique(owners).tolist()
+    print_log(f'{src.annotation}: the images of {len(stale)} samples changed since the length cache was '
+              f'written; computing those again', logger='current')
+    lengths = np.array(lengths)
+    lengths[stale] = _length_slice(ds, records, stale)[0]
+    _write_lengths(cache_dir, base, lengths, paths, now, refs, ids, len(records), digest, src.annotation)
+    return lengths
 
 
 class LengthStats:
@@ -183,7 +243,7 @@ class LengthStats:
                 raise ValueError('sample lengths need a tokenizer')
             parts = []
             for src, rng in zip(self.sources, self._source_ranges):
-                parts.append(compute_source_lengths(self, src, [self.records[i] for i in rng]))
+                parts.append(compute_source_lengths(self, src, self.records.part(rng)))
             self._lengths = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
         return self._lengths
 

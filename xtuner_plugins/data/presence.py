@@ -2,9 +2,10 @@
 training, in one line with the count and the folder, rather than met sample by sample (``missing_image``) once
 training runs and summed up as "1 samples failed to load".
 
-Every path is looked up (one ``stat`` each), no sample drawn: 100,000 paths took 0.2-0.3 s on a local ext4 disk,
-where the folder check that start-up already does for them (:func:`~xtuner_plugins.data.image_io.resolve_image_path`,
-a ``realpath`` each) took 5.9 s. A network file system adds its round trip per file to both.
+Every path is looked up (one ``stat`` each, no sample drawn) by the start-up check (``startcheck.py``), once per
+node and cached with it: 100,000 paths took 0.2-0.3 s on a local ext4 disk, where the folder check that start-up
+already does for them (:func:`~xtuner_plugins.data.image_io.resolve_image_path`, a ``realpath`` each) took 5.9 s. A
+network file system adds its round trip per file to both.
 """
 
 from __future__ import annotations
@@ -14,35 +15,41 @@ from typing import List, Optional, Sequence, Tuple
 
 from .sources import DataSource
 
-__all__ = ['missing_media']
+__all__ = ['missing_media', 'missing_line']
 
 
-def missing_media(src: DataSource, samples: Sequence[Tuple[str, Sequence[str], bool]]) -> Optional[str]:
-    """How many of a source's ``samples`` (``(FILE:LINE, resolved paths, is a video)`` of those naming images or a
-    video) name a path with nothing there, as a line for the log (None: all there). Those samples are still
-    counted and skipped when drawn, as any missing image.
+def missing_line(src: DataSource, samples: int, videos: int, missing: int, where: str, gone: str) -> Optional[str]:
+    """The line for the log about ``missing`` of a source's ``samples`` naming images or a video (``videos`` of them a
+    video) that name a path with nothing there, the first at ``where`` (``FILE:LINE``) naming ``gone``; None when
+    none is missing. Those samples are still counted and skipped when drawn, as any missing image.
 
     Raises:
         ValueError: none of them is there (a wrong image folder), before training.
     """
+    if not missing:
+        return None
+    noun = 'videos' if videos == samples else 'images or videos' if videos else 'images'
+    folder = src.image_folder if src.image_folder is not None else src.base_dir
+    root = os.path.abspath(folder)
+    shown = os.path.relpath(gone, root) if os.path.commonpath([root, os.path.abspath(gone)]) == root else gone
+    line = (f'{src.annotation}: {missing} of {samples} samples name {noun} not found under {folder}'
+            + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
+            + f' (first: {where}: {shown})')
+    if missing == samples:
+        raise ValueError(f'{line}: is the image folder right? (train_dataloader.dataset.image_folders, '
+                         f'--image-folder of tools/check_dataset.py, or the meta file\'s "root")')
+    reasons = ' / '.join(r for r, n in (('missing_image', samples - videos), ('missing_video', videos)) if n)
+    return f'{line}; each is skipped when drawn ({reasons})'
+
+
+def missing_media(src: DataSource, samples: Sequence[Tuple[str, Sequence[str], bool]]) -> Optional[str]:
+    """:func:`missing_line` of ``samples`` (``(FILE:LINE, resolved paths, is a video)`` of those naming images or a
+    video), each looked up here."""
     missing: List[Tuple[str, str]] = []
-    videos = sum(1 for _, _, video in samples if video)
     for where, paths, _ in samples:
         gone = next((p for p in paths if not os.path.exists(p)), None)
         if gone is not None:
             missing.append((where, gone))
     if not missing:
         return None
-    noun = 'videos' if videos == len(samples) else 'images or videos' if videos else 'images'
-    folder = src.image_folder if src.image_folder is not None else src.base_dir
-    where, gone = missing[0]
-    root = os.path.abspath(folder)
-    shown = os.path.relpath(gone, root) if os.path.commonpath([root, os.path.abspath(gone)]) == root else gone
-    line = (f'{src.annotation}: {len(missing)} of {len(samples)} samples name {noun} not found under {folder}'
-            + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
-            + f' (first: {where}: {shown})')
-    if len(missing) == len(samples):
-        raise ValueError(f'{line}: is the image folder right? (train_dataloader.dataset.image_folders, '
-                         f'--image-folder of tools/check_dataset.py, or the meta file\'s "root")')
-    reasons = ' / '.join(r for r, n in (('missing_image', len(samples) - videos), ('missing_video', videos)) if n)
-    return f'{line}; each is skipped when drawn ({reasons})'
+    return missing_line(src, len(samples), sum(1 for _, _, video in samples if video), len(missing), *missing[0])

@@ -18,7 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from .errors import SampleError
+from .index import BOM
 
 PathList = Union[str, Sequence[Optional[str]], None]
 
@@ -183,7 +186,6 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
 
 
 _SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # a UTF-16 surrogate written as a JSON escape
-BOM = b'\xef\xbb\xbf'
 
 
 def _lone_surrogate(obj) -> Optional[str]:
@@ -225,55 +227,52 @@ def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
     return text, obj
 
 
-def read_records(source_idx: int, source: DataSource) -> Tuple[List[Record], List[SampleError]]:
-    """Read one annotation file. Returns the records and the problems (lines that are not JSON objects, not
-    UTF-8, or with invalid text), each a ``bad_json`` naming ``FILE:LINE``. A UTF-8 byte-order mark is read
-    over."""
+def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
+    """``(text, sample)`` of one entry of an annotation file (a jsonl line or an element of a json list), or raise
+    a ``bad_json`` SampleError naming what is wrong; an element of a list that is not JSON makes the whole file
+    invalid (``ValueError``), as a ``json.load`` of it would."""
+    if is_jsonl:
+        return _parse_line(raw, where)
+    try:
+        text, bad_bytes = raw.decode('utf-8'), False
+    except UnicodeDecodeError:  # kept as lone surrogates: the item is refused below
+        text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        path, item = where.rsplit(':', 1)
+        raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '
+                         f'samples, use .jsonl for one sample per line') from None
+    if not isinstance(obj, dict):
+        raise SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object', where)
+    found = _lone_surrogate(obj) if bad_bytes or _SURROGATE_ESCAPE.search(text) else None
+    if found:
+        raise SampleError('bad_json', f'item holds bytes that are not UTF-8 text or a lone UTF-16 surrogate: '
+                                      f'{found}', where)
+    return text, obj
+
+
+def read_records(source_idx: int, source: DataSource,
+                 cache_dir: Optional[str] = None) -> Tuple[List[Record], List[SampleError]]:
+    """Read one annotation file whole (for small files: evaluation sets, a first sample). Returns the records and
+    the problems (entries that are not JSON objects, not UTF-8, or with invalid text), each a ``bad_json`` naming
+    ``FILE:LINE``. A UTF-8 byte-order mark is read over. Training reads samples one at a time instead
+    (:class:`~xtuner_plugins.data.index.SourceIndex`)."""
+    from .index import source_index
     path = source.annotation
     if not os.path.isfile(path):
         raise FileNotFoundError(f'annotation file not found: {path} (source {source.name!r})')
+    index = source_index(path, cache_dir)
     records: List[Record] = []
     problems: List[SampleError] = []
-    if path.endswith('.jsonl'):
-        with open(path, 'rb') as f:
-            for line_no, raw in enumerate(f, 1):
-                if line_no == 1 and raw.startswith(BOM):
-                    raw = raw[len(BOM):]
-                if not raw.strip():
-                    continue
-                try:
-                    text, _ = _parse_line(raw, f'{path}:{line_no}')
-                except SampleError as err:
-                    problems.append(err)
-                    continue
-                records.append(Record(source_idx, line_no, text))
-        return records, problems
-    with open(path, 'rb') as f:
-        raw = f.read()
-    raw = raw[len(BOM):] if raw.startswith(BOM) else raw
-    try:
-        text, bad_bytes = raw.decode('utf-8'), False
-    except UnicodeDecodeError:  # kept as lone surrogates: the items holding them are refused below
-        text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'{path}: not valid JSON ({exc}); a .json annotation file must hold a list of '
-                         f'samples, use .jsonl for one sample per line') from None
-    if not isinstance(data, list):
-        raise ValueError(f'{path}: a .json annotation file must hold a list of samples, got {type(data).__name__}')
-    check_text = bad_bytes or bool(_SURROGATE_ESCAPE.search(text))
-    for i, obj in enumerate(data, 1):
-        if not isinstance(obj, dict):
-            problems.append(SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object',
-                                        f'{path}:{i}'))
+    for i in range(len(index)):
+        line = index.line(i)
+        try:
+            text, obj = parse_entry(index.read(i), path.endswith('.jsonl'), f'{path}:{line}')
+        except SampleError as err:
+            problems.append(err)
             continue
-        found = _lone_surrogate(obj) if check_text else None
-        if found:
-            problems.append(SampleError('bad_json', f'item holds bytes that are not UTF-8 text or a lone UTF-16 '
-                                                    f'surrogate: {found}', f'{path}:{i}'))
-            continue
-        records.append(Record(source_idx, i, obj))
+        records.append(Record(source_idx, line, text if path.endswith('.jsonl') else obj))
     return records, problems
 
 
@@ -294,6 +293,16 @@ def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:
     if extra:
         indices += sorted(random.Random(seed).sample(range(n), extra))
     return indices
+
+
+def repeat_array(n: int, repeat_time: float, seed: int) -> np.ndarray:
+    """:func:`repeat_indices` as an ``int64`` array, without a Python int per index for the whole copies."""
+    whole = int(math.floor(repeat_time))
+    extra = int(round((repeat_time - whole) * n))
+    parts = [np.tile(np.arange(n, dtype=np.int64), whole)]
+    if extra:
+        parts.append(np.asarray(sorted(random.Random(seed).sample(range(n), extra)), dtype=np.int64))
+    return np.concatenate(parts)
 
 
 # Fields other tools name a sample's images or video with (ms-swift's and LLaMA-Factory's ``images``/``videos``, ...):

@@ -1,0 +1,192 @@
+"""A sample index with no Python object per sample: where each sample's bytes are in its annotation file.
+
+One ``int64`` array ``[N, 3]`` per annotation file: each entry's byte offset, byte size and ``LINE`` (the 1-based
+line of a ``.jsonl`` file, blank lines skipped but counted; the 1-based position in a ``.json`` list). It is found by
+scanning the bytes with numpy (newlines; for a list, quotes, escapes and nesting depth), saved as ``.npy`` beside the
+length cache, keyed by the file's path, size and modification time, and memory-mapped: every rank of a node and every
+DataLoader worker share its pages (forked processes do not copy them, as they copy Python objects they touch). A sample
+is read (``os.pread`` of its bytes) and parsed when it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import List, Optional
+
+import numpy as np
+
+from .nodepass import node_once
+
+INDEX_VERSION = 1
+BOM = b'\xef\xbb\xbf'
+WINDOW = 1 << 24  # bytes scanned at a time: the scan's memory stays ~10x this whatever the file's size
+_WHITESPACE = np.array([32, 9, 10, 13, 11, 12], dtype=np.uint8)  # what bytes.strip() strips
+_OPEN, _CLOSE = (ord('['), ord('{')), (ord(']'), ord('}'))
+
+
+def _file(path: str) -> np.ndarray:
+    size = os.path.getsize(path)
+    return np.memmap(path, dtype=np.uint8, mode='r') if size else np.zeros(0, dtype=np.uint8)
+
+
+def scan_jsonl(path: str) -> np.ndarray:
+    """``[N, 3]`` (offset, size, line) of each non-blank line (a line holding only whitespace is blank, as
+    ``bytes.strip()``), without its newline; a UTF-8 byte-order mark opening the file is left out."""
+    data = _file(path)
+    newlines = [np.flatnonzero(data[a:a + WINDOW] == 10) + a for a in range(0, len(data), WINDOW)]
+    ends = np.concatenate(newlines + [np.array([len(data)], dtype=np.int64)]).astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    lines = np.arange(1, len(starts) + 1, dtype=np.int64)
+    if len(data) >= 3 and bytes(data[:3]) == BOM:
+        starts[0] = 3
+    keep = ends > starts
+    starts, ends, lines = starts[keep], ends[keep], lines[keep]
+    # a line is blank only if its first byte is whitespace: look at those one by one (few in real files)
+    maybe = np.flatnonzero(np.isin(data[starts], _WHITESPACE)) if len(starts) else np.zeros(0, dtype=np.int64)
+    blank = [i for i in maybe if not bytes(data[starts[i]:ends[i]]).strip()]
+    if blank:
+        keep = np.ones(len(starts), dtype=bool)
+        keep[blank] = False
+        starts, ends, lines = starts[keep], ends[keep], lines[keep]
+    return np.stack([starts, ends - starts, lines], axis=1) if len(starts) else np.zeros((0, 3), dtype=np.int64)
+
+
+def _real_quotes(data: np.ndarray, quotes: np.ndarray) -> np.ndarray:
+    """The quotes not escaped by an odd run of backslashes before them."""
+    escaped = quotes[(quotes > 0) & (data[np.maximum(quotes - 1, 0)] == 92)]
+    drop = []
+    for q in escaped.tolist():
+        run = 0
+        while q - run - 1 >= 0 and data[q - run - 1] == 92:
+            run += 1
+        if run % 2:
+            drop.append(q)
+    return np.setdiff1d(quotes, np.asarray(drop, dtype=np.int64), assume_unique=True) if drop else quotes
+
+
+def scan_json_list(path: str) -> np.ndarray:
+    """``[N, 3]`` (offset, size, position) of each element of the top-level list of a ``.json`` file, by a scan
+    of its bytes that follows strings (and their escapes) and the nesting depth; raises ``ValueError`` naming the
+    file when it is not one list. Each element is parsed (and any JSON error in it found) when it is read."""
+    data = _file(path)
+    start = 3 if len(data) >= 3 and bytes(data[:3]) == BOM else 0
+    tops: List[np.ndarray] = []    # brackets opening or closing the top level (a valid file: its '[' and ']')
+    commas: List[np.ndarray] = []  # commas between the list's elements
+    in_string, depth = 0, 0
+
+    def invalid(why: str) -> ValueError:
+        return ValueError(f'{path}: not valid JSON ({why}); a .json annotation file must hold a list of samples, use '
+                          f'.jsonl for one sample per line')
+    for a in range(start, len(data), WINDOW):
+        w = data[a:a + WINDOW]
+        quotes = _real_quotes(data, np.flatnonzero(w == 34) + a)
+        marks = np.flatnonzero((w == 91) | (w == 93) | (w == 123) | (w == 125) | (w == 44)) + a
+        marks = marks[(np.searchsorted(quotes, marks) + in_string) % 2 == 0]  # outside strings
+        in_string = (in_string + len(quotes)) % 2
+        chars = data[marks]
+        delta = np.isin(chars, _OPEN).astype(np.int64) - np.isin(chars, _CLOSE).astype(np.int64)
+        after = depth + np.cumsum(delta)
+        if len(after) and after.min() < 0:
+            raise invalid(f'a closing bracket with none open, at byte {int(marks[np.argmax(after < 0)])}')
+        tops.append(marks[(after - delta == 0) | (after == 0)])
+        commas.append(marks[(after == 1) & (chars == 44)])
+        depth = int(after[-1]) if len(after) else depth
+    top = np.concatenate(tops) if tops else np.zeros(0, dtype=np.int64)
+    if not len(top) or data[top[0]] != 91 or bytes(data[start:top[0]]).strip():
+        raise invalid('the file is empty' if len(data) <= start or not bytes(data[start:]).strip()
+                      else 'the top level is not a list')
+    if len(top) == 1 or depth:
+        raise invalid('the list is not closed at the end of the file')
+    closed = int(top[1])
+    if len(top) > 2 or bytes(data[closed + 1:]).strip():
+        raise invalid(f'more data after the list, at byte {int(top[2]) if len(top) > 2 else closed + 1}')
+    b = np.concatenate([top[:1]] + commas + [top[1:2]]).astype(np.int64)
+    b = b[(b >= top[0]) & (b <= closed)]
+    starts, sizes = b[:-1] + 1, b[1:] - b[:-1] - 1
+    if len(starts) == 1 and not bytes(data[starts[0]:starts[0] + sizes[0]]).strip():
+        return np.zeros((0, 3), dtype=np.int64)   # []
+    return np.stack([starts, sizes, np.arange(1, len(starts) + 1, dtype=np.int64)], axis=1)
+
+
+def scan(path: str) -> np.ndarray:
+    """The index of one annotation file (``.jsonl`` or a ``.json`` list)."""
+    return scan_jsonl(path) if path.endswith('.jsonl') else scan_json_list(path)
+
+
+def index_key(path: str) -> str:
+    st = os.stat(path)
+    parts = dict(version=INDEX_VERSION, annotation=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def save_array(path: str, array: np.ndarray) -> None:
+    """Write an ``.npy`` atomically (a reader never sees half of it)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.save(f, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_array(path: str) -> Optional[np.ndarray]:
+    """An ``.npy`` memory-mapped (an empty one read), or None when it is not there or unreadable."""
+    try:
+        array = np.load(path, mmap_mode='r')
+    except (OSError, ValueError):
+        try:
+            array = np.load(path)
+        except (OSError, ValueError):
+            return None
+    return array
+
+
+class SourceIndex:
+    """The entries of one annotation file and the means to read one: ``entries`` ``[N, 3]`` (offset, size, line)."""
+
+    def __init__(self, path: str, entries: np.ndarray):
+        self.path, self.entries = path, entries
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def line(self, i: int) -> int:
+        return int(self.entries[i, 2])
+
+    def read(self, i: int) -> bytes:
+        """The bytes of entry ``i`` (a file descriptor per process: DataLoader workers open their own)."""
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        offset, size, _ = (int(x) for x in self.entries[i])
+        return os.pread(self._fd, size, offset)
+
+    def __getstate__(self):
+        return dict(path=self.path, entries=self.entries, _fd=None, _pid=None)
+
+
+def source_index(path: str, cache_dir: Optional[str]) -> SourceIndex:
+    """The index of ``path``: memory-mapped from ``cache_dir`` (built there once per node, under a file lock, by the
+    first process to ask), or scanned in memory when there is no cache folder or it cannot be written."""
+    if not cache_dir:
+        return SourceIndex(path, scan(path))
+    file = os.path.join(cache_dir, f'index-{index_key(path)}.npy')
+    entries = node_once(file, lambda: load_array(file), lambda: _build(path, file), f'the index of {path}')
+    return SourceIndex(path, entries)
+
+
+def _build(path: str, file: str) -> np.ndarray:
+    entries = scan(path)
+    try:
+        save_array(file, entries)
+    except OSError:
+        return entries
+    return load_array(file)

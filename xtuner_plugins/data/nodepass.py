@@ -1,0 +1,102 @@
+"""Work done once per node, over every core: the sample index, the start-up check and the sample lengths.
+
+:func:`node_once` makes the first process on a node (rank or not) that needs a cache build it, while the others
+wait on a file lock (``fcntl.flock``, polled, with a log line every minute) and then read what it wrote. No rank
+waits in a collective (an NCCL or gloo barrier with its 30-minute timeout): a rank waits on a file, and when the
+builder dies its lock is released by the kernel and the next waiter builds. Once the lock is free, every rank goes
+on within the seconds it takes to map the cache, so their first collective finds them all.
+
+:func:`run_slices` splits ``n`` samples into contiguous slices, disjoint and together complete, and runs them on
+a pool of forked processes (every core by default: the other ranks of the node are waiting meanwhile), the
+results in slice order.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import time
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+from mmengine.logging import print_log
+
+T = TypeVar('T')
+MIN_SLICE = 2000        # fewer samples than this per process: no pool (forking costs more than it saves)
+LOG_EVERY_S = 60.0
+_TASK: Optional[Callable] = None  # what the forked pool processes run, set before the pool forks
+
+
+def default_workers() -> int:
+    """Every core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def slices(n: int, k: int) -> List[Tuple[int, int]]:
+    """``k`` (or fewer) contiguous ``(start, stop)`` slices of ``range(n)``, disjoint and together complete."""
+    k = max(1, min(k, n))
+    bounds = [n * i // k for i in range(k + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _run(bounds: Tuple[int, int]):
+    return _TASK(*bounds)
+
+
+def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = None, what: str = '') -> List[T]:
+    """``task(start, stop)`` over slices of ``range(n)``, in a pool of ``workers`` forked processes (default: every
+    core; in this process when one is enough); the results in slice order. Progress is logged every minute."""
+    global _TASK
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, max(1, n // MIN_SLICE))
+    if workers == 1:
+        return [task(0, n)] if n else []
+    parts = slices(n, workers * 8)  # small slices: a slow one does not hold up the end
+    _TASK = task
+    results: List[T] = [None] * len(parts)
+    begun, logged, done = time.monotonic(), time.monotonic(), 0
+    try:
+        with multiprocessing.get_context('fork').Pool(workers) as pool:
+            for i, result in enumerate(pool.imap(_run, parts)):
+                results[i] = result
+                done += parts[i][1] - parts[i][0]
+                if time.monotonic() - logged > LOG_EVERY_S:
+                    logged = time.monotonic()
+                    print_log(f'{what}: {done} of {n} samples in {logged - begun:.0f} s on {workers} processes',
+                              logger='current')
+    finally:
+        _TASK = None
+    return results
+
+
+def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[[], T], what: str) -> T:
+    """``load()`` if it finds the cache, else ``build()`` by one process of the node at a time (the others wait on
+    ``cache_file + '.lock'``, then ``load()`` what it wrote). Without a writable cache folder, each builds its own."""
+    found = load()
+    if found is not None:
+        return found
+    lock_file = cache_file + '.lock'
+    try:
+        os.makedirs(os.path.dirname(lock_file) or '.', exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return build()
+    try:
+        begun = logged = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.5)
+                if time.monotonic() - logged > LOG_EVERY_S:
+                    logged = time.monotonic()
+                    print_log(f'waiting {logged - begun:.0f} s for another process of this node computing {what} '
+                              f'(lock {lock_file})', logger='current')
+        found = load()  # another process built it while this one waited
+        return found if found is not None else build()
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,0 +1,127 @@
+"""The start-up check of every sample, once per node and cached: which samples are trained on, which are refused.
+
+Every entry of an annotation file is parsed and checked by the data set's own ``check_record`` (JSON, the
+conversation against its images, image paths inside their folder, control text, ...), and each image or video it
+names is looked up (``presence.py``). That is Python work per sample, so it is done once per node (``nodepass``:
+a file lock, every core) and cached beside the length cache under the same key (the annotation file's path, size and
+modification time, the image folder, the settings and the tokenizer): ``KEY.good.npy`` holds the entries trained on
+(memory-mapped, shared by every rank and worker), ``KEY.check.json`` the problems (``FILE:LINE``, reason, message)
+and the counts of images not found. A warm start reads those two files and checks nothing per sample; a sample is
+checked again whenever it is loaded, so an image that vanished or changed since is met then (counted, skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+from mmengine.logging import print_log
+
+from .errors import SampleError
+from .index import SourceIndex, load_array, save_array
+from .lengths import _cache_key, default_cache_dir, write_text_atomically
+from .nodepass import node_once, run_slices
+from .presence import missing_line
+from .sources import DataSource, Record, parse_entry
+
+CHECK_VERSION = 1
+
+
+@dataclass
+class SourceCheck:
+    """One source checked: ``good`` (its entries trained on, in file order) and what was refused or is missing."""
+
+    good: np.ndarray
+    problems: List[SampleError] = field(default_factory=list)
+    media: int = 0          # samples naming images or a video
+    videos: int = 0         # of those, samples naming a video
+    missing: int = 0        # of those, samples naming a path with nothing there
+    first_missing: Optional[list] = None  # [FILE:LINE, path] of the first of those
+
+    def missing_message(self, src: DataSource) -> Optional[str]:
+        """The line to log about images not found (None: all there, or the source is not used); raises
+        ``ValueError`` when none is there (``presence.missing_line``)."""
+        if src.repeat_time <= 0 or not self.missing:
+            return None
+        return missing_line(src, self.media, self.videos, self.missing, *self.first_missing)
+
+
+def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start: int, stop: int) -> dict:
+    is_jsonl = src.annotation.endswith('.jsonl')
+    good, parse_problems, check_problems = [], [], []
+    media = videos = missing = 0
+    first = None
+    for e in range(start, stop):
+        line = index.line(e)
+        where = f'{src.annotation}:{line}'
+        try:
+            _, sample = parse_entry(index.read(e), is_jsonl, where)
+            try:
+                checked = ds.check_record(Record(source_idx, line, sample))
+            except SampleError as err:
+                check_problems.append([err.reason, err.message, where])
+                continue
+        except SampleError as err:
+            parse_problems.append([err.reason, err.message, err.source or where])
+            continue
+        good.append(e)
+        paths = checked.image_paths or ([checked.video] if checked.video is not None else [])
+        if paths:
+            media += 1
+            videos += checked.video is not None
+            gone = next((p for p in paths if not os.path.exists(p)), None)
+            if gone is not None:
+                missing += 1
+                first = first or [where, gone]
+    return dict(good=np.asarray(good, dtype=np.int64), parse=parse_problems, check=check_problems, media=media,
+                videos=videos, missing=missing, first=first)
+
+
+def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) -> SourceCheck:
+    parts = run_slices(lambda a, b: _check_slice(ds, source_idx, src, index, a, b), len(index),
+                       getattr(ds, 'workers', None), f'checking {src.annotation}')
+    good = np.concatenate([p['good'] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    summary = dict(version=CHECK_VERSION, entries=len(index), good=len(good),
+                   problems=[q for p in parts for q in p['parse']] + [q for p in parts for q in p['check']],
+                   media=sum(p['media'] for p in parts), videos=sum(p['videos'] for p in parts),
+                   missing=sum(p['missing'] for p in parts),
+                   first_missing=next((p['first'] for p in parts if p['first']), None))
+    try:
+        save_array(base + '.good.npy', good)
+        write_text_atomically(base + '.check.json', json.dumps(summary))
+        good = load_array(base + '.good.npy')
+    except OSError as exc:
+        print_log(f'the start-up check of {src.annotation} could not be cached in {os.path.dirname(base)} ({exc}); '
+                  f'going on without it', logger='current', level=logging.WARNING)
+    return _as_check(summary, good)
+
+
+def _as_check(summary: dict, good: np.ndarray) -> SourceCheck:
+    return SourceCheck(good, [SampleError(r, m, w) for r, m, w in summary['problems']], summary['media'],
+                       summary['videos'], summary['missing'], summary['first_missing'])
+
+
+def _load(base: str, entries: int) -> Optional[SourceCheck]:
+    try:
+        with open(base + '.check.json', encoding='utf-8') as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    good = load_array(base + '.good.npy')
+    if (good is None or summary.get('version') != CHECK_VERSION or summary.get('entries') != entries
+            or summary.get('good') != len(good)):
+        return None
+    return _as_check(summary, good)
+
+
+def check_source(ds, source_idx: int, src: DataSource, index: SourceIndex) -> SourceCheck:
+    """The check of one source, from the node's cache or computed (once per node, over every core) and cached."""
+    cache_dir = ds.cache_dir or default_cache_dir()
+    base = os.path.join(cache_dir, _cache_key(ds, src))
+    checked = node_once(base + '.good.npy', lambda: _load(base, len(index)),
+                        lambda: _build(ds, source_idx, src, index, base), f'the start-up check of {src.annotation}')
+    return checked

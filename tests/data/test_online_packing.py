@@ -26,7 +26,7 @@ def dataset(tmp_path_factory, tiny_tokenizer):
 
 
 def packer(ds, **kw):
-    return OnlinePackedDataset(ds, **dict(dict(max_tokens=60, max_tiles=8, max_buffer_size=3, seed=1), **kw))
+    return OnlinePackedDataset(ds, **dict(dict(max_tokens=450, max_tiles=8, max_buffer_size=3, seed=1), **kw))
 
 
 def lines(batch):
@@ -61,7 +61,7 @@ def test_ranks_and_workers_read_disjoint_parts_that_cover_the_data(dataset):
 
 def test_packs_keep_the_budgets(dataset):
     for _, item in zip(range(10), packer(dataset, rank=0, world_size=1)):
-        assert len(item['seq_lens']) == 1 or (int(item['seq_lens'].sum()) <= 60 and item['num_tiles'] <= 8)
+        assert len(item['seq_lens']) == 1 or (int(item['seq_lens'].sum()) <= 450 and item['num_tiles'] <= 8)
         assert int(item['seq_lens'].sum()) == item['input_ids'].shape[0] == item['position_ids'].shape[0]
 
 

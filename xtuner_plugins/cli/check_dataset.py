@@ -34,7 +34,10 @@ from xtuner_plugins.data.errors import SampleError, from_pretrained_named
 from xtuner_plugins.data.fitting import TRUNCATION
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
-from xtuner_plugins.data.sources import expand_sources, parse_record, read_records
+from xtuner_plugins.data.index import source_index
+from xtuner_plugins.data.lengths import default_cache_dir
+from xtuner_plugins.data.nodepass import default_workers, run_slices
+from xtuner_plugins.data.sources import expand_sources, parse_entry
 from xtuner_plugins.data.video import choose_frames, read_frames
 
 
@@ -77,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument('--pairs', choices=('auto', 'yes', 'no'), default='auto',
                    help='preference pairs (chosen / rejected), read as DPO/MPO training reads them (default auto: '
                         'yes when the first sample has "chosen" and "rejected")')
+    p.add_argument('--workers', type=int, default=None,
+                   help='processes checking samples (default: every core); the report is the same for any number')
     p.add_argument('--show', type=int, default=50,
                    help='print at most this many problems per reason (default 50; 0 = all)')
     return p.parse_args(argv)
@@ -85,8 +90,14 @@ def parse_args(argv=None):
 def first_is_pair(data_files) -> bool:
     """Whether the first sample of the first file (a meta file's first entry) has "chosen" and "rejected"."""
     source = expand_sources(data_files)[0]
-    records, _ = read_records(0, source)
-    return bool(records) and {'chosen', 'rejected'} <= set(parse_record(records[0]))
+    index = source_index(source.annotation, default_cache_dir())  # the data set's own, built once
+    for i in range(len(index)):
+        try:
+            _, sample = parse_entry(index.read(i), source.annotation.endswith('.jsonl'), f'{source.annotation}:{i}')
+        except SampleError:
+            continue
+        return {'chosen', 'rejected'} <= set(sample)
+    return False
 
 
 def percentile_line(values):
@@ -133,41 +144,15 @@ def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths,
     lines.append(line)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    folders = args.image_folder
-    if folders is not None and len(folders) == 1:
-        folders = folders[0]
-    tokenizer = None
-    try:
-        if args.tokenizer:
-            from transformers import AutoTokenizer
-            tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
-        pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))
-        if pairs:
-            print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
-        dataset_class = InternVLPreferenceDataset if pairs else InternVLDataset
-        ds = dataset_class(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
-                           max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
-                           downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
-                           image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
-                           max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
-                           truncation=args.truncation, allow_control_text=args.allow_control_text,
-                           min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
-                           allow_links_outside=args.allow_links_outside,
-                           max_image_pixels=args.max_image_pixels or None,
-                           max_bad_fraction=1.0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-
-    problems, notes = list(ds.load_problems), []
-    stats = defaultdict(Counter)
-    lengths = defaultdict(list)
-    video_lines = []
-    for prob in problems:
-        stats[prob.source.rsplit(':', 1)[0]][f'dropped ({prob.reason.replace("_", " ")})'] += 1
-    for record in tqdm(ds.records, desc='checking', unit='sample', file=sys.stderr):
+def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
+    """Records ``start..stop`` checked (images decoded, each fitted with a tokenizer): their counts per file, token
+    lengths, video lines, problems and notes (``(reason, message, FILE:LINE)``, to cross processes)."""
+    stats, lengths, video_lines, problems, notes = defaultdict(Counter), defaultdict(list), [], [], []
+    tokenizer = ds.tokenizer
+    for r in range(start, stop):
+        record = ds.records[r]
+        if bar is not None:
+            bar.update()
         src = ds.sources[record.source]
         st = stats[src.annotation]
         where = ds.where(record)
@@ -210,6 +195,60 @@ def main(argv=None) -> int:
                 problems.append(SampleError('truncated', fit.truncated, where))
         if not fit.reduced and not fit.truncated:
             st['kept'] += 1
+    return dict(stats=dict(stats), lengths=dict(lengths), videos=video_lines,
+                problems=[(p.reason, p.message, p.source) for p in problems],
+                notes=[(n.reason, n.message, n.source) for n in notes])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workers = default_workers() if args.workers is None else args.workers
+    if args.workers < 1:
+        print(f'error: --workers must be at least 1, got {args.workers}', file=sys.stderr)
+        return 2
+    folders = args.image_folder
+    if folders is not None and len(folders) == 1:
+        folders = folders[0]
+    tokenizer = None
+    try:
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+            tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
+        pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))
+        if pairs:
+            print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
+        dataset_class = InternVLPreferenceDataset if pairs else InternVLDataset
+        ds = dataset_class(args.data, image_folders=folders, tokenizer=tokenizer, template=args.template,
+                           max_length=args.max_length, image_size=args.image_size, patch_size=args.patch_size,
+                           downsample_ratio=args.downsample_ratio, num_image_token=args.num_image_token,
+                           image_mode=args.image_mode, min_dynamic_patch=args.min_dynamic_patch,
+                           max_dynamic_patch=args.max_dynamic_patch, use_thumbnail=not args.no_thumbnail,
+                           truncation=args.truncation, allow_control_text=args.allow_control_text,
+                           min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame,
+                           allow_links_outside=args.allow_links_outside,
+                           max_image_pixels=args.max_image_pixels or None,
+                           max_bad_fraction=1.0, workers=args.workers)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+
+    problems, notes = list(ds.load_problems), []
+    stats = defaultdict(Counter)
+    lengths = defaultdict(list)
+    video_lines = []
+    for prob in problems:
+        stats[prob.source.rsplit(':', 1)[0]][f'dropped ({prob.reason.replace("_", " ")})'] += 1
+    bar = tqdm(total=len(ds.records), desc='checking', unit='sample', file=sys.stderr)
+    for part in run_slices(lambda a, b: check_slice(ds, args, a, b, bar if args.workers == 1 else None),
+                           len(ds.records), args.workers, 'checking', progress=bar.update):
+        for annotation, counts in part['stats'].items():
+            stats[annotation].update(counts)
+        for annotation, values in part['lengths'].items():
+            lengths[annotation].extend(values)
+        video_lines.extend(part['videos'])
+        problems.extend(SampleError(*p) for p in part['problems'])
+        notes.extend(SampleError(*n) for n in part['notes'])
+    bar.close()
 
     by_reason = defaultdict(list)
     for prob in notes + problems:
@@ -228,7 +267,7 @@ def main(argv=None) -> int:
         if args.show and len(video_lines) > args.show:
             print(f'... and {len(video_lines) - args.show} more videos')
     print('\nSummary')
-    after_repeats = Counter(ds.record_at(i).source for i in range(len(ds)))
+    after_repeats = ds.items_per_source()
     for i, src in enumerate(ds.sources):
         st = stats[src.annotation]
         print(f'{src.annotation} (image folder {src.image_folder}, repeat_time {src.repeat_time}, '

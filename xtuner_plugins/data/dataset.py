@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,15 +41,13 @@ from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
 from .epochs import take_epoch
-from .errors import SampleError, TooManyBadSamplesError, from_pretrained_named
+from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import LengthStats
-from .index import source_index
-from .lengths import default_cache_dir
-from .records import RecordView
-from .sources import DataSource, Record, expand_sources, parse_record, repeat_array, sample_images
-from .startcheck import check_source
-from .conversation import Conversation, parse_conversation
+from .sources import DataSource, Record, expand_sources, parse_record, sample_images
+from .checked import CheckedSample, build_tokenizer
+from .startcheck import read_sources
+from .conversation import parse_conversation
 from .fitting import TRUNCATION, Fit, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
                        get_template)
@@ -62,30 +59,6 @@ from .video_sample import VideoSamples
 # What a data set built directly (not from a training config, which takes the model's) uses for None.
 DEFAULT_IMAGE_SIZE = 448          # InternViT-300M-448px's tiles
 DEFAULT_TEMPLATE = 'internvl2_5'
-
-
-@dataclass
-class CheckedSample:
-    """A record parsed and validated once (:meth:`InternVLDataset.check_record`)."""
-
-    sample: dict                       # the parsed record
-    image_paths: List[str]             # its images, resolved against the source's folders
-    conversations: List[Conversation]  # what it is trained on, parsed for those images (a video's: ``<video>``)
-    video: Optional[str] = None        # its video (file or frame folder), resolved like images
-    clip: Optional[tuple] = None       # its clip, (start_s, end_s)
-    links_within: Optional[str] = None  # the folder a frame folder's frames may not link out of (None: unchecked)
-
-
-def build_tokenizer(tokenizer):
-    """Accept a tokenizer object, a tokenizer folder, or an XTuner/MMEngine config dict for one."""
-    if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
-        return tokenizer
-    if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-        return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), tokenizer,
-                                     'train_dataloader.dataset.tokenizer')
-    from xtuner.registry import BUILDER
-    return BUILDER.build(tokenizer)
 
 
 class InternVLDataset(VideoSamples, LengthStats, Dataset):
@@ -230,35 +203,9 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
 
         self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
                                                         max_dynamic_patches)
-        self.load_problems: List[SampleError] = []
-        self._source_ranges: List[range] = []
-        indexes, good, index = [], [], []
-        for i, src in enumerate(self.sources):
-            entries = source_index(src.annotation, self.cache_dir or default_cache_dir())
-            if not len(entries):
-                raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
-                                 f'data files or fill it')
-            checked = check_source(self, i, src, entries)  # startcheck.py: once per node, cached
-            self.load_problems.extend(checked.problems)
-            missing = checked.missing_message(src)  # a wrong folder: refused here
-            if missing:
-                print_log(missing, logger='current', level=logging.WARNING)
-            start = sum(len(g) for g in good)
-            indexes.append(entries)
-            good.append(checked.good)
-            self._source_ranges.append(range(start, start + len(checked.good)))
-            repeated = repeat_array(len(checked.good), src.repeat_time, seed + i)
-            if len(checked.good) and not len(repeated):
-                print_log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(checked.good)} samples '
-                          f'rounds to 0: this source is not used', logger='current', level=logging.WARNING)
-            index.append(start + repeated)
-        self.records = RecordView(indexes, good)
-        self._index = np.concatenate(index)
-        if not len(self._index):
-            raise ValueError('no samples to train on in ' + ', '.join(
-                f'{src.annotation} (repeat_time {src.repeat_time})' for src in self.sources) +
-                (f'; {len(self.load_problems)} were refused, first: {self.load_problems[0]}'
-                 if self.load_problems else ''))
+        # startcheck.py: each file's index and start-up check, once per node and cached
+        self.records, self._index, self._source_ranges, self.load_problems = read_sources(
+            self, seed, lambda *args, **kw: print_log(*args, **kw))
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
         self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length

@@ -46,9 +46,11 @@ def _run(bounds: Tuple[int, int]):
     return _TASK(*bounds)
 
 
-def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = None, what: str = '') -> List[T]:
+def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = None, what: str = '',
+               progress: Optional[Callable[[int], object]] = None) -> List[T]:
     """``task(start, stop)`` over slices of ``range(n)``, in a pool of ``workers`` forked processes (default: every
-    core; in this process when one is enough); the results in slice order. Progress is logged every minute."""
+    core; in this process when one is enough); the results in slice order. Progress is logged every minute, or
+    given to ``progress`` (the samples each finished slice held)."""
     global _TASK
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, n // MIN_SLICE))
@@ -63,7 +65,9 @@ def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = N
             for i, result in enumerate(pool.imap(_run, parts)):
                 results[i] = result
                 done += parts[i][1] - parts[i][0]
-                if time.monotonic() - logged > LOG_EVERY_S:
+                if progress is not None:
+                    progress(parts[i][1] - parts[i][0])
+                elif time.monotonic() - logged > LOG_EVERY_S:
                     logged = time.monotonic()
                     print_log(f'{what}: {done} of {n} samples in {logged - begun:.0f} s on {workers} processes',
                               logger='current')

@@ -16,17 +16,18 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from mmengine.logging import print_log
 
 from .errors import SampleError
-from .index import SourceIndex, load_array, save_array
+from .index import SourceIndex, load_array, save_array, source_index
 from .lengths import _cache_key, default_cache_dir, write_text_atomically
 from .nodepass import node_once, run_slices
 from .presence import missing_line
-from .sources import DataSource, Record, parse_entry
+from .records import RecordView
+from .sources import DataSource, Record, parse_entry, repeat_array
 
 CHECK_VERSION = 1
 
@@ -125,3 +126,36 @@ def check_source(ds, source_idx: int, src: DataSource, index: SourceIndex) -> So
     checked = node_once(base + '.good.npy', lambda: _load(base, len(index)),
                         lambda: _build(ds, source_idx, src, index, base), f'the start-up check of {src.annotation}')
     return checked
+
+
+def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], List[SampleError]]:
+    """``(records, index, source_ranges, load_problems)`` of a data set's ``sources``: each file's index and
+    start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
+    then the items after repeats (``index``: a record number per item). Raises ``ValueError`` for an empty file,
+    a wrong image folder (none of a source's images found) or no sample to train on at all."""
+    indexes, good, index, ranges, problems = [], [], [], [], []
+    for i, src in enumerate(ds.sources):
+        entries = source_index(src.annotation, ds.cache_dir or default_cache_dir())
+        if not len(entries):
+            raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
+                             f'data files or fill it')
+        checked = check_source(ds, i, src, entries)
+        problems.extend(checked.problems)
+        missing = checked.missing_message(src)  # a wrong folder: refused here
+        if missing:
+            log(missing, logger='current', level=logging.WARNING)
+        start = sum(len(g) for g in good)
+        indexes.append(entries)
+        good.append(checked.good)
+        ranges.append(range(start, start + len(checked.good)))
+        repeated = repeat_array(len(checked.good), src.repeat_time, seed + i)
+        if len(checked.good) and not len(repeated):
+            log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(checked.good)} samples rounds to 0: '
+                f'this source is not used', logger='current', level=logging.WARNING)
+        index.append(start + repeated)
+    index = np.concatenate(index)
+    if not len(index):
+        raise ValueError('no samples to train on in ' + ', '.join(
+            f'{src.annotation} (repeat_time {src.repeat_time})' for src in ds.sources) +
+            (f'; {len(problems)} were refused, first: {problems[0]}' if problems else ''))
+    return RecordView(indexes, good), index, ranges, problems

@@ -155,7 +155,8 @@ class BadSampleHook(Hook):
 
 def manifest(dataset) -> dict:
     """Per source of an ``InternVLDataset``: the annotation file's identity and the sample counts."""
-    used = Counter(dataset.record_at(i).source for i in range(len(dataset)))
+    used = (dict(enumerate(dataset.items_per_source())) if hasattr(dataset, 'items_per_source')  # no sample read
+            else Counter(dataset.record_at(i).source for i in range(len(dataset))))
     refused: Dict[str, Counter] = {}
     for problem in dataset.load_problems:
         refused.setdefault((problem.source or '?').rsplit(':', 1)[0], Counter())[problem.reason] += 1

@@ -1,0 +1,36 @@
+"""What a data set makes of one record once it is checked (:class:`CheckedSample`), and its tokenizer built from
+what a config gives (:func:`build_tokenizer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .conversation import Conversation
+from .errors import from_pretrained_named
+
+__all__ = ['CheckedSample', 'build_tokenizer']
+
+
+@dataclass
+class CheckedSample:
+    """A record parsed and validated once (:meth:`InternVLDataset.check_record`)."""
+
+    sample: dict                       # the parsed record
+    image_paths: List[str]             # its images, resolved against the source's folders
+    conversations: List[Conversation]  # what it is trained on, parsed for those images (a video's: ``<video>``)
+    video: Optional[str] = None        # its video (file or frame folder), resolved like images
+    clip: Optional[tuple] = None       # its clip, (start_s, end_s)
+    links_within: Optional[str] = None  # the folder a frame folder's frames may not link out of (None: unchecked)
+
+
+def build_tokenizer(tokenizer):
+    """Accept a tokenizer object, a tokenizer folder, or an XTuner/MMEngine config dict for one."""
+    if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
+        return tokenizer
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+        return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), tokenizer,
+                                     'train_dataloader.dataset.tokenizer')
+    from xtuner.registry import BUILDER
+    return BUILDER.build(tokenizer)

@@ -122,7 +122,7 @@ def test_segment_attention_builds_no_dense_mask(tiny, batch, monkeypatch):
         AttentionInterface.register('sdpa_segments', real)
     lengths = [int(n) for n in packed['seq_lens'][0]]
     assert seen and all(mask is None for mask, _ in seen)
-    assert seen[0][1] == [[0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]]
+    assert seen[0][1].tolist() == [[0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]]
 
 
 def test_sample_index_numbers_the_samples_of_the_batch_row_after_row():

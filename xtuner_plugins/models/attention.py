@@ -27,9 +27,11 @@ SEGMENT_ATTENTION = 'sdpa_segments'
 ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION)
 
 
-def segment_bounds(seq_lens, length: int):
-    """Per row, the token offsets where its samples (and its padding tail) start and end: ``[0, n1, n1 + n2, ...,
-    length]``."""
+def segment_bounds(seq_lens, length: int) -> torch.Tensor:
+    """Per row, the token offsets where its samples (and its padding tail) start and end, ``[0, n1, n1 + n2, ...,
+    length]``, as one CPU ``int64`` tensor ``[B, S + 1]`` (rows with fewer samples repeat ``length``: empty
+    segments). A tensor and not Python lists: a compiled block (``compile.py``) passes it through as one input
+    whatever the packing, where lists would be guarded on, element by element, and compiled again."""
     rows = []
     for lens in seq_lens:
         bounds = [0]
@@ -38,9 +40,11 @@ def segment_bounds(seq_lens, length: int):
         if bounds[-1] < length:
             bounds.append(length)
         rows.append(bounds)
-    return rows
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [length] * (width - len(r)) for r in rows], dtype=torch.int64)
 
 
+@torch.compiler.disable   # the loop over samples stays eager inside a compiled block: one graph for any packing
 def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                  **kwargs):
     """transformers' attention interface for ``sdpa_segments``: with ``segment_bounds`` (packed rows) causal SDPA
@@ -53,9 +57,11 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
                                       is_causal=True if attention_mask is None else is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
     rows = []
-    for row, cuts in enumerate(bounds):
+    for row, cuts in enumerate(bounds.tolist()):
         parts = []
         for start, end in zip(cuts[:-1], cuts[1:]):
+            if end == start:   # a row with fewer samples than the widest
+                continue
             k = key[row:row + 1, :, start:end]
             v = value[row:row + 1, :, start:end]
             if groups > 1:

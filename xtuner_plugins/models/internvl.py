@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from mmengine.logging import print_log
@@ -36,6 +36,7 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, segment_bounds
+from .compile import compile_parts, compile_stacks
 from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
@@ -109,6 +110,8 @@ class VisionLanguageModel(BaseModel):
             whole on every rank; ``None``: only with CUDA (see ``zero3.hf_zero3_init``).
         trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
             ``torch_dtype`` (the converter and chat tools, which only run the model).
+        compile_blocks: ``torch.compile`` each transformer block (``compile.py``): True for the LLM's and the
+            vision tower's, ``'llm'`` or ``'vision'`` for one; False (the default) runs eager.
     """
 
     def __init__(self,
@@ -141,6 +144,7 @@ class VisionLanguageModel(BaseModel):
                  loss_chunk: int = 0,
                  preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
+                 compile_blocks: Union[bool, str, Sequence[str]] = False,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
@@ -227,6 +231,11 @@ class VisionLanguageModel(BaseModel):
         if self.vision_recompute:
             self.vision_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.vision_recompute))
+        self.compile_blocks = compile_parts(compile_blocks)
+        for part in self.compile_blocks:   # after LoRA and checkpointing: their wrappers stay outside the blocks
+            n = compile_stacks(self.language_model if part == 'llm' else self.vision_model)
+            print_log(f'compile_blocks: {n} {part} blocks compiled (torch.compile, dynamic shapes; the first '
+                      'steps pay the compilation)', logger='current')
         self.language_model.config.use_cache = False
         self.reference = None
         if self.preference is not None and llm_lora is None:

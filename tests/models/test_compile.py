@@ -1,0 +1,60 @@
+"""Regional compilation (models/compile.py, ``compile_blocks``): the same losses and gradients as eager, with and
+without checkpointing and LoRA, every block compiled and the state dict's names unchanged, and new lengths that do
+not compile again past a bound."""
+
+import pytest
+import torch
+
+from tests.models.conftest import build
+from xtuner_plugins.models.compile import compile_parts, compiled_graphs, repeated_blocks, reset_compiled
+
+
+def step(tiny, batch, **kw):
+    torch.manual_seed(0)
+    model = build(tiny, freeze_llm=False, **kw).train()
+    loss = model(batch, mode='loss')['loss']
+    loss.backward()
+    return model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('kw', [dict(llm_grad_ckpt=False), dict(llm_grad_ckpt=True),
+                                dict(llm_grad_ckpt=True, attn_implementation='sdpa_segments'),
+                                dict(llm_lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules='all-linear'))])
+def test_compiled_blocks_give_eager_losses_and_gradients(tiny, batch, kw):
+    reset_compiled()
+    eager, loss, grads = step(tiny, batch, **kw)
+    compiled, loss_c, grads_c = step(tiny, batch, compile_blocks=True, **kw)
+    blocks = list(repeated_blocks(compiled.language_model)) + list(repeated_blocks(compiled.vision_model))
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert compiled_graphs() > 0   # dynamo ran: the blocks were not left eager
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert loss_c == pytest.approx(loss, rel=1e-5)
+    assert grads_c.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'sdpa_segments'])
+def test_new_lengths_and_packings_do_not_compile_again(tiny, attn):
+    """Six rows of new lengths (packed: new numbers of samples) through the compiled, checkpointed LLM: graphs are
+    made for the first two (torch specialises a length of one), none after."""
+    from xtuner_plugins.models.attention import segment_bounds
+    reset_compiled()
+    torch.manual_seed(0)
+    model = build(tiny, freeze_llm=False, compile_blocks='llm', llm_grad_ckpt=True, attn_implementation=attn).train()
+    counts = []
+    for lens in ([5, 9], [7, 3, 10], [20], [4, 4, 4, 4], [11, 13], [6, 6, 6, 6, 6]):
+        ids = torch.randint(0, 100, (1, sum(lens)))
+        kw = dict(position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                  segment_bounds=segment_bounds([lens], sum(lens))) if attn == 'sdpa_segments' else {}
+        out = model.language_model(input_ids=ids, use_cache=False, **kw).logits
+        out.float().mean().backward()
+        counts.append(compiled_graphs())
+    assert counts[0] > 0 and counts[-1] == counts[1], counts
+
+
+def test_compile_blocks_values():
+    assert compile_parts(False) == () and compile_parts(None) == ()
+    assert compile_parts(True) == ('llm', 'vision') and compile_parts('vision') == ('vision',)
+    with pytest.raises(ValueError, match='compile_blocks=.*llm, vision'):
+        compile_parts('projector')

@@ -94,6 +94,12 @@ def test_resume_mid_epoch_gives_the_uninterrupted_packs(dataset):
 
 
 def test_max_epochs_is_refused_with_one_line(dataset, capsys):
+    ds = packer(dataset, rank=1, world_size=2)
+    assert len(ds) == len(dataset) // 2  # the samples rank 1 reads: an upper bound of its packs
+    runner = SimpleNamespace(cfg={'train_cfg': {'max_epochs': 1}}, train_loop=SimpleNamespace(
+        dataloader=SimpleNamespace(dataset=ds)))
     with pytest.raises(SystemExit):
-        len(packer(dataset))
+        StreamStateHook().before_run(runner)
     assert 'give the training length as max_iters=N' in capsys.readouterr().err
+    runner.cfg['train_cfg'] = {'max_iters': 5}
+    StreamStateHook().before_run(runner)

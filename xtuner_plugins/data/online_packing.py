@@ -52,11 +52,14 @@ class OnlinePackedDataset(StreamingDataset):
         self.max_tokens, self.max_tiles, self.max_buffer_size = max_tokens, max_tiles, max_buffer_size
         self.seed, self.shuffle = seed, shuffle
 
+    #: the number of packs an epoch gives is not known before they are made: the run is counted in max_iters
+    counts_epochs = False
+
     def __len__(self) -> int:
-        from xtuner_plugins.engine.runstart import refuse
-        refuse('online packing (OnlinePackedDataset) does not know its number of packs before it makes them: give '
-               'the training length as max_iters=N (optimizer steps), not max_epochs')
-        return 0
+        """The samples this rank reads in an epoch: an upper bound of its packs, for MMEngine's counters (a run
+        given in ``max_epochs`` is refused by ``StreamStateHook``)."""
+        rank, world = self.dist_info()
+        return len(unit_part(len(self.dataset), rank, world))
 
     @property
     def epoch(self) -> int:

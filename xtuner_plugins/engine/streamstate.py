@@ -7,6 +7,7 @@ stream that is exact but as slow as the training's data loading. :class:`StreamS
   of each reading unit of this rank;
 * saves them with each checkpoint (``checkpoint['stream_state']``: every rank's, gathered, with the number of ranks
   and of DataLoader workers);
+* refuses a run of ``max_epochs`` over a stream that cannot count its epoch's batches (online packing);
 * on a resume, gives this rank's states back to the data set (``StreamingDataset.resume_from``), starts its
   DataLoader workers over with them, and answers MMEngine's replay of the trained batches without drawing them.
 
@@ -61,6 +62,14 @@ class StreamStateHook(Hook):
     def __init__(self) -> None:
         self.states: Dict[int, Any] = {}
         self.loaded: Optional[dict] = None
+
+    def before_run(self, runner) -> None:
+        loop, dataloader, dataset = _streaming(runner)
+        epochs = (getattr(runner, 'cfg', None) or {}).get('train_cfg', {}).get('max_epochs')
+        if dataset is not None and not getattr(dataset, 'counts_epochs', True) and epochs is not None:
+            from xtuner_plugins.engine.runstart import refuse
+            refuse(f'max_epochs={epochs}: {type(dataset).__name__} does not know how many batches an epoch gives '
+                   f'before it makes them; give the training length as max_iters=N (optimizer steps)')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         data = data_batch.get('data') if isinstance(data_batch, dict) else None

@@ -153,7 +153,8 @@ class SourceIndex:
     """The entries of one annotation file and the means to read one: ``entries`` ``[N, 3]`` (offset, size, line)."""
 
     def __init__(self, path: str, entries: np.ndarray):
-        self.path, self.entries = path, entries
+        self.path = path
+        self.entries = entries.view(np.ndarray)  # the same mapped pages; indexing it makes no memmap object
         self._fd, self._pid = None, None
 
     def __len__(self) -> int:

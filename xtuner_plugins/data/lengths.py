@@ -117,7 +117,8 @@ def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]) -> Tuple[n
     lengths, files = np.zeros((len(todo), 2), dtype=np.int64), []
     field = getattr(ds, 'length_field', None)
     for k, i in enumerate(todo):
-        checked = ds.check_record(records[i])  # parsed and checked once: its image paths and its conversation
+        record = records[i]
+        checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
         given = checked.sample.get(field) if field else None
         if isinstance(given, int) and not isinstance(given, bool) and given > 0:
             total = max(1, min(given, ds.max_length) if ds.max_length else given)
@@ -126,7 +127,7 @@ def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]) -> Tuple[n
             files.append([])
             continue
         files.append(checked.image_paths if checked.video is None else [checked.video])
-        lengths[k] = _sample_length(ds, records[i], checked)
+        lengths[k] = _sample_length(ds, record, checked)
     return lengths, files
 
 

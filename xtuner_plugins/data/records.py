@@ -23,7 +23,8 @@ class RecordView(Sequence):
 
     def __init__(self, indexes: List[SourceIndex], good: List[np.ndarray], first: int = 0,
                  stop: Optional[int] = None):
-        self.indexes, self.good = indexes, good
+        self.indexes = indexes
+        self.good = [g.view(np.ndarray) for g in good]  # the same mapped pages; indexing makes no memmap object
         self.starts = np.concatenate([[0], np.cumsum([len(g) for g in good])]).astype(np.int64).tolist()
         self.first = first
         self.stop = self.starts[-1] if stop is None else stop

@@ -1,0 +1,167 @@
+"""Turn annotation files and their images into WebDataset tar shards, for training at scale (``data/shards.py``).
+
+Usage::
+
+    python tools/shard_dataset.py --data data/llava_v1_5_mix665k.json --image-folder data/images --out data/shards
+    python tools/shard_dataset.py --data a.jsonl b.json --image-folder imgs_a imgs_b --out shards \\
+        --samples-per-shard 2000 --max-shard-bytes 2000000000
+    python tools/shard_dataset.py --data meta.json --out shards     # an InternVL meta file (its roots and repeats)
+
+The files are read as ``InternVLDataset`` reads them (its checks, ``repeat_time`` applied): each sample it would
+train on is written once per repeat, with its images' bytes, in its order. Samples the data set refuses are printed
+as ``FILE:LINE: reason: details`` and counted; a sample whose image is missing is skipped, counted, and printed the
+same way, as is a video sample (videos are not sharded). ``--out`` must be a new or empty folder: nothing is
+written over. ``shards.json`` is written last. Exit status 0 when shards were written, 1 when no sample was, 2 for
+bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from typing import List
+
+from xtuner_plugins.cli.tool_args import tool_error
+from xtuner_plugins.data.errors import SampleError
+
+PROG = 'shard_dataset'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', nargs='+', required=True,
+                   help='annotation files: .jsonl, .json (a list of samples) or InternVL meta .json')
+    p.add_argument('--image-folder', nargs='*', default=None,
+                   help='image folder, one for all files or one per file (default: beside each file)')
+    p.add_argument('--out', required=True, help='the shard set\'s folder (new or empty)')
+    p.add_argument('--samples-per-shard', type=int, default=1000, help='samples per shard at most (default 1000)')
+    p.add_argument('--max-shard-bytes', type=int, default=1 << 30,
+                   help='a shard is closed once it holds this many bytes (default 1 GiB)')
+    p.add_argument('--allow-links-outside', action='store_true',
+                   help='follow symbolic links in an image folder to files outside it')
+    p.add_argument('--show', type=int, default=20, help='problems printed per reason (default 20; 0: all)')
+    return p.parse_args(argv)
+
+
+def out_problem(out: str) -> str:
+    """Why ``out`` cannot take a new shard set ('' when it can)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f'--out {out}: a file, not a folder'
+    if os.path.isdir(out) and os.listdir(out):
+        return f'--out {out}: not empty ({len(os.listdir(out))} entries); give a new or empty folder (nothing is ' \
+               f'written over)'
+    return ''
+
+
+class _Shards:
+    """Shards written one after another: a new one past ``count`` samples or ``size`` bytes."""
+
+    def __init__(self, out: str, count: int, size: int):
+        self.out, self.count, self.size = out, count, size
+        self.written: List[dict] = []
+        self.writer, self.bytes = None, 0
+
+    def write(self, sample: dict) -> None:
+        from webdataset import TarWriter
+        if self.writer is not None and (self.written[-1]['samples'] >= self.count or self.bytes >= self.size):
+            self.close()
+        if self.writer is None:
+            name = f'shard-{len(self.written):06d}.tar'
+            self.writer, self.bytes = TarWriter(os.path.join(self.out, name), encoder=False), 0
+            self.written.append(dict(file=name, samples=0))
+        self.writer.write(sample)
+        self.written[-1]['samples'] += 1
+        self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith('__'))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20) -> Counter:
+    """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``; returns the skips by reason
+    (each printed as ``FILE:LINE: reason: details``, ``show`` per reason)."""
+    from xtuner_plugins.data.image_io import why_missing
+    from xtuner_plugins.data.shards import FORMAT, INDEX
+    skipped: Counter = Counter()
+
+    def skip(err: SampleError) -> None:
+        skipped[err.reason] += 1
+        if not show or skipped[err.reason] <= show:
+            print(f'{err.source}: {err.reason}: {err.message}')
+
+    for problem in ds.load_problems:
+        skip(problem)
+    os.makedirs(out, exist_ok=True)
+    shards, written = _Shards(out, samples_per_shard, max_shard_bytes), 0
+    for i in range(len(ds)):
+        record = ds.record_at(i)
+        where = ds.where(record)
+        checked = ds.check_record(record)
+        if checked.video is not None:
+            skip(SampleError('video_not_sharded', 'a video sample: shards hold image and text samples', where))
+            continue
+        sample, names = {'__key__': f'{i:09d}'}, []
+        try:
+            for j, path in enumerate(checked.image_paths):
+                if not os.path.isfile(path):
+                    raise SampleError('missing_image', why_missing(path, 'image file'), where)
+                names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
+                with open(path, 'rb') as f:
+                    sample[names[-1]] = f.read()
+        except OSError as exc:
+            skip(SampleError('missing_image', f'image file cannot be read: {exc}', where))
+            continue
+        except SampleError as err:
+            skip(err)
+            continue
+        sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,
+                                         images=names), ensure_ascii=False).encode('utf-8')
+        shards.write(sample)
+        written += 1
+    shards.close()
+    index = dict(format=FORMAT, samples=written, shards=shards.written, skipped=dict(skipped),
+                 sources=[dict(annotation=os.path.abspath(s.annotation), max_dynamic_patch=s.max_dynamic_patch)
+                          for s in ds.sources])
+    if written:
+        tmp = os.path.join(out, INDEX + '.tmp')
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(out, INDEX))
+    return skipped
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
+        return tool_error(PROG, f'--samples-per-shard {args.samples_per_shard} and --max-shard-bytes '
+                                f'{args.max_shard_bytes} must be positive')
+    problem = out_problem(args.out)
+    if problem:
+        return tool_error(PROG, problem)
+    folders = args.image_folder[0] if args.image_folder and len(args.image_folder) == 1 else args.image_folder
+    from xtuner_plugins.data.dataset import InternVLDataset
+    try:
+        ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
+                             allow_links_outside=args.allow_links_outside)
+    except (ValueError, FileNotFoundError) as exc:
+        return tool_error(PROG, exc)
+    skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
+    from xtuner_plugins.data.shards import INDEX
+    if not os.path.isfile(os.path.join(args.out, INDEX)):
+        print(f'no sample to write: {sum(skipped.values())} skipped ({dict(skipped)})', file=sys.stderr)
+        return 1
+    with open(os.path.join(args.out, INDEX), encoding='utf-8') as f:
+        index = json.load(f)
+    print(f'wrote {index["samples"]} samples in {len(index["shards"])} shards to {args.out}; skipped '
+          f'{sum(skipped.values())}' + (f' ({dict(skipped)})' if skipped else ''))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""tools/shard_dataset.py (cli/shard_dataset.py): annotations (jsonl, json list, InternVL meta) and their images into
+WebDataset tar shards; counted, named skips; nothing written over."""
+
+import json
+import os
+import tarfile
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.cli.shard_dataset import main
+from xtuner_plugins.data.shards import read_index
+
+
+def files(tmp_path):
+    write_image(tmp_path / 'i' / 'a.png', size=(40, 30))
+    jsonl = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'a.png', 'conversations': conv()},
+                                               {'image': 'gone.png', 'conversations': conv()},
+                                               {'conversations': conv(image=False)}])
+    listed = tmp_path / 'b.json'
+    listed.write_text(json.dumps([{'image': 'a.png', 'conversations': conv(answer='B')}]))
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'m': {'root': str(tmp_path / 'i'), 'annotation': str(listed), 'repeat_time': 2}}))
+    return jsonl, str(listed), str(meta)
+
+
+def test_writes_shards_and_names_each_skip(tmp_path, capsys):
+    jsonl, listed, meta = files(tmp_path)
+    out = tmp_path / 'shards'
+    code = main(['--data', jsonl, meta, '--image-folder', str(tmp_path / 'i'), str(tmp_path / 'i'), '--out', str(out),
+                 '--samples-per-shard', '2'])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f'{jsonl}:2: missing_image: image file not found: {tmp_path}/i/gone.png' in printed
+    assert f'wrote 4 samples in 2 shards to {out}; skipped 1 ({{\'missing_image\': 1}})' in printed
+    index = read_index(str(out))
+    assert [s['samples'] for s in index['shards']] == [2, 2] and index['skipped'] == {'missing_image': 1}
+    assert [s['annotation'] for s in index['sources']] == [jsonl, listed]  # the meta file's entry, repeated twice
+    with tarfile.open(out / 'shard-000000.tar') as tar:
+        assert tar.getnames() == ['000000000.img0.png', '000000000.json', '000000002.json']
+        first = json.loads(tar.extractfile('000000000.json').read())
+    assert first['line'] == 1 and first['images'] == ['img0.png'] and first['sample']['image'] == 'a.png'
+    assert (out / 'shard-000000.tar').stat().st_size > 0
+
+
+def test_refuses_a_folder_that_holds_anything(tmp_path, capsys):
+    jsonl, _, _ = files(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code = main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count('\n') == 1 and 'not empty' in err and 'nothing is written over' in err, err
+    assert sorted(os.listdir(tmp_path)) == before
+    assert main(['--data', jsonl, '--out', jsonl]) == 2 and 'a file, not a folder' in capsys.readouterr().err
+
+
+def test_no_image_found_is_refused_in_one_line(tmp_path, capsys):
+    only = write_jsonl(tmp_path / 'c.jsonl', [{'image': 'gone.png', 'conversations': conv()}])
+    os.makedirs(tmp_path / 'i')
+    assert main(['--data', only, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('shard_dataset: error: ') and only in err and err.count('\n') == 1, err
+    assert not os.path.exists(tmp_path / 'o')

@@ -233,3 +233,28 @@ def test_a_frame_linked_out_of_the_image_folder_is_listed_unless_allowed(tmp_pat
         f'{tmp_path / "outside" / "x.png"}' in capsys.readouterr().out
     assert check_dataset.main(args + ['--allow-links-outside']) == 0
     assert f'{data}:1: video {frames}: 4 frames' in capsys.readouterr().out
+
+
+def test_workers_give_the_same_report(tmp_path, tiny_tokenizer_dir, capsys, monkeypatch):
+    """--workers 2 (every slice in a pool of processes) prints what one process prints: problems in file order,
+    counts, lengths; --workers 0 is refused."""
+    from xtuner_plugins.data import nodepass
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    monkeypatch.setattr(nodepass, 'MIN_SLICE', 1)
+    _, img = good_data(tmp_path, n=3)
+    rows = [{'image': f'{i % 4}.png' if i % 4 < 3 else 'missing.png', 'conversations': conv(answer='x ' * (i % 9))}
+            if i % 5 else {'conversations': conv(answer=f'text {i}', image=False)} for i in range(40)]
+    rows[11] = '{oops'
+    path = write_jsonl(tmp_path / 'mixed.jsonl', rows)
+    args = ['--data', path, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir, '--image-size', '28',
+            '--max-length', '40', '--show', '0']
+    reports = []
+    for workers in ('1', '2'):
+        assert check_dataset.main(args + ['--workers', workers]) == 1
+        reports.append([line for line in capsys.readouterr().out.splitlines() if ' - mmengine - ' not in line])
+    assert reports[0] == reports[1]
+    reports = ['\n'.join(r) for r in reports]
+    assert f'{path}:12: bad_json' in reports[0] and f'{path}:4: missing_image' in reports[0]
+    assert 'too_long' in reports[0] and '  samples: ' in reports[0], reports[0]
+    assert check_dataset.main(args + ['--workers', '0']) == 2
+    assert '--workers must be at least 1, got 0' in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""Work once per node: slices disjoint and complete, a pool of forked processes giving the results in order, and a
+cache built by one process while the others wait on its file lock (no collective)."""
+
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from xtuner_plugins.data import nodepass
+from xtuner_plugins.data.nodepass import node_once, run_slices, slices
+
+
+@pytest.mark.parametrize('n, k', [(0, 3), (1, 4), (10, 3), (10, 10), (7, 20), (1000, 16)])
+def test_slices_are_disjoint_and_complete(n, k):
+    parts = slices(n, k)
+    covered = [i for a, b in parts for i in range(a, b)]
+    assert covered == list(range(n)) and all(b > a for a, b in parts) and len(parts) <= max(1, k)
+
+
+def test_a_pool_of_processes_computes_every_slice_once_in_order(monkeypatch):
+    monkeypatch.setattr(nodepass, 'MIN_SLICE', 1)
+    done = run_slices(lambda a, b: (os.getpid(), list(range(a, b))), 100, workers=2)
+    assert [i for _, part in done for i in part] == list(range(100))
+    assert os.getpid() not in {pid for pid, _ in done}  # computed in the pool, not here
+    assert run_slices(lambda a, b: [(a, b)], 100, workers=1) == [[(0, 100)]]  # one process: here, one slice
+
+
+def _racer(cache, log):
+    def build():
+        with open(log, 'a') as f:
+            f.write(f'{os.getpid()}\n')
+        time.sleep(0.5)
+        with open(cache, 'w') as f:
+            f.write('built')
+        return 'built'
+
+    def load():
+        return open(cache).read() if os.path.exists(cache) else None
+    result = node_once(cache, load, build, 'a test cache')
+    assert result == 'built'
+
+
+def test_one_process_of_the_node_builds_while_the_others_wait(tmp_path):
+    cache, log = str(tmp_path / 'c' / 'cache.txt'), str(tmp_path / 'builders.txt')
+    ctx = multiprocessing.get_context('fork')
+    procs = [ctx.Process(target=_racer, args=(cache, log)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert len(open(log).read().split()) == 1  # built once; the other three read it
+
+
+def test_without_a_writable_cache_folder_each_process_builds_its_own(tmp_path):
+    blocked = tmp_path / 'file'
+    blocked.write_text('')
+    assert node_once(str(blocked / 'x' / 'cache'), lambda: None, lambda: 'mine', 'a test cache') == 'mine'

@@ -1,0 +1,111 @@
+"""The start-up check and the lengths, once per node over a pool of processes and cached: the same records,
+problems (FILE:LINE) and lengths as one process, the lengths those of the items themselves, nothing checked per
+sample on a warm start, no Python object held per sample, and ranks x workers reading each sample once."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.data.test_dataset import S, make_ds
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.data import internvl_collate_fn, nodepass, startcheck
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A jsonl of 60 lines: image and text-only samples, a blank line, bad JSON, a list, a tag mismatch and a
+    missing image, and a json list of 12 (one not an object)."""
+    img = tmp_path / 'images'
+    for k in range(3):
+        write_image(img / f'{k}.png', size=(28 + 28 * k, 28), seed=k)
+    rows = []
+    for i in range(60):
+        if i % 4 == 0:
+            rows.append({'conversations': conv(f'q{i}', 'a' * (i % 7 + 1), image=False)})
+        else:
+            rows.append({'image': f'{i % 3}.png', 'conversations': conv(f'question {i}', 'answer ' * (i % 5 + 1))})
+    rows[7], rows[19], rows[33] = '{not json', '[1, 2]', {
+        'image': '0.png', 'conversations': conv('<image> twice', image=True)}
+    rows[41] = {'image': 'gone.png', 'conversations': conv()}
+    rows.insert(50, '')
+    lines = write_jsonl(tmp_path / 'a.jsonl', rows)
+    items = [{'image': f'{k % 3}.png', 'conversations': conv(f'item {k}')} for k in range(12)]
+    items[5] = 'not an object'
+    (tmp_path / 'b.json').write_text(json.dumps(items))
+    return [lines, str(tmp_path / 'b.json')], str(img)
+
+
+def summary(ds):
+    return dict(lines=[(r.source, r.line) for r in ds.records], index=ds._index.tolist(),
+                problems=[str(p) for p in ds.load_problems], length=ds.modality_length,
+                tiles=ds.num_tiles_per_item)
+
+
+def test_a_pool_gives_what_one_process_gives_and_the_lengths_are_the_items(data, tiny_tokenizer, tmp_path,
+                                                                          monkeypatch):
+    files, img = data
+    kw = dict(image_folders=img, repeat_times=[1.5, 2], max_dynamic_patch=4, max_bad_fraction=0.5)
+    one = summary(make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'one'), workers=1, **kw))
+    monkeypatch.setattr(nodepass, 'MIN_SLICE', 1)
+    pooled = make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'pool'), workers=2, **kw)
+    assert summary(pooled) == one
+    assert [p.split(': ')[0] for p in one['problems']] == [f'{files[0]}:8', f'{files[0]}:20', f'{files[0]}:34',
+                                                           f'{files[1]}:6']
+    items = [pooled[i] for i in range(len(pooled))]
+    assert {reason for x in items for _, reason in x['skipped']} == {'missing_image'}, [x['skipped'] for x in items]
+    good = [i for i, x in enumerate(items) if not x['skipped']]
+    assert [abs(one['length'][i]) for i in good] == [len(items[i]['input_ids']) for i in good]
+    assert [one['length'][i] < 0 for i in good] == [not bool(items[i]['image_flags'][0]) for i in good]
+    assert [one['tiles'][i] for i in good] == [items[i]['num_tiles'] for i in good]
+
+
+def test_a_warm_start_checks_no_sample_and_says_the_same(data, tiny_tokenizer, tmp_path, monkeypatch):
+    files, img = data
+    logs = []
+    monkeypatch.setattr('xtuner_plugins.data.dataset.print_log', lambda msg, **kw: logs.append(msg))
+    cold = make_ds(files, tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
+    cold_summary, cold_logs = summary(cold), list(logs)
+    assert any('1 of 42 samples name images not found' in m for m in cold_logs), cold_logs
+    logs.clear()
+    monkeypatch.setattr(startcheck, '_check_slice', lambda *a: pytest.fail('a warm start checked samples'))
+    monkeypatch.setattr('xtuner_plugins.data.lengths._length_slice', lambda *a: pytest.fail('lengths recomputed'))
+    warm = make_ds(files, tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
+    assert summary(warm) == cold_summary and logs == cold_logs
+
+
+def test_no_python_object_per_sample(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', image=False)} for i in range(500)])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, repeat_times=2.5)
+    ds.length
+    sizes = {k: len(v) for k, v in vars(ds).items() if isinstance(v, (list, dict, tuple, set))}
+    assert max(sizes.values()) < 50, sizes
+    assert all(isinstance(g.base, np.memmap) for g in ds.records.good)
+    assert isinstance(ds._index, np.ndarray) and len(ds) == 1250
+
+
+def test_a_length_field_is_used_when_asked_for(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / 'a.png', size=(S, S))
+    rows = [{'image': 'a.png', 'length': 777, 'conversations': conv()},
+            {'length': 5, 'conversations': conv(image=False)},
+            {'conversations': conv(image=False)}]                      # none: counted
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    exact = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'))
+    given = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), length_field='length')
+    assert given.modality_length[:2] == [777, -5] and given.length[2] == exact.length[2]
+    assert exact.length[:2] == [len(exact[0]['input_ids']), len(exact[1]['input_ids'])]
+
+
+def test_ranks_and_workers_read_each_sample_once(data, tiny_tokenizer, tmp_path):
+    from torch.utils.data import DataLoader, DistributedSampler
+    files, img = data
+    ds = make_ds(files[1], tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(ds, batch_size=2, num_workers=2, sampler=sampler, collate_fn=internvl_collate_fn)
+        for batch in loader:
+            seen.extend(batch['data']['samples'])
+    assert set(seen) == {f'{files[1]}:{n}' for n in range(1, 13) if n != 6} and len(seen) == 12  # 1 padding
+    assert torch.utils.data.get_worker_info() is None

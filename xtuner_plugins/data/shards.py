@@ -95,7 +95,8 @@ class ShardSamples(InternVLDataset):
             path = os.path.join(stub, 'stub.jsonl')
             with open(path, 'w', encoding='utf-8') as f:
                 f.write(json.dumps(_STUB) + '\n')
-            super().__init__(path, **{k: v for k, v in settings.items() if k not in ('data_files', 'image_folders')})
+            unused = ('data_files', 'image_folders', 'repeat_times')  # the shards' own (a config may carry them)
+            super().__init__(path, **{k: v for k, v in settings.items() if k not in unused})
         finally:
             shutil.rmtree(stub, ignore_errors=True)
         self.shard_folder, self.index = shards, index

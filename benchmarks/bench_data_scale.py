@@ -129,11 +129,15 @@ def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: flo
         time.sleep(0.5)
     time.sleep(every * 2)  # the step's own memory
     done.set()
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(30)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
     if step is None:
         print(log_path.read_text(errors='replace')[-3000:])
         raise SystemExit(f'{name}: no first step within {timeout:.0f} s (log {log_path})')

@@ -16,7 +16,8 @@ what training will do with each sample by the data set's own decision (``InternV
 Each problem is printed as ``FILE:LINE: reason: details`` (samples given fewer tiles as ``fewer_tiles`` notes),
 then per file: samples, what training does with them, images found / missing / corrupt, and the token lengths
 trained on. Each video (a file, a GIF or a folder of frames) is read from its headers and its frames decoded;
-it is listed as ``FILE:LINE: video PATH: N frames, D s at F fps, WxH, K frames trained on``. Exit status 0 only when nothing is wrong (a kept truncation counts as wrong unless
+it is listed as ``FILE:LINE: video PATH: N frames, D s at F fps, WxH, K frames trained on``. The samples are checked
+by ``--workers`` processes (default: every core), each a slice of them; the report is the same for any number. Exit status 0 only when nothing is wrong (a kept truncation counts as wrong unless
 ``--allow-truncation``); 1 otherwise; 2 for bad arguments.
 """
 

@@ -20,7 +20,9 @@ found while reading the files (a line that is not JSON, a malformed conversation
 do not match the images, a path escaping its image folder, ``<video>`` tags that do not match the video, a
 sample with both images and a video) are counted and logged once
 per reason at start-up, as is the count of images and videos not found (``presence.py``; none found, a wrong
-image folder, stops start-up); problems found while loading a sample (missing, corrupt, truncated or oversized
+image folder, stops start-up). That check of every sample runs once per node over every core and is cached
+(``startcheck.py``); the samples themselves stay in their files, found by a memory-mapped byte index
+(``index.py``, ``records.py``), and are read when loaded; problems found while loading a sample (missing, corrupt, truncated or oversized
 image, a sample too long for ``max_length``) are counted and logged once per reason, and the next sample
 is served instead. What ``max_length`` does to a sample (fewer tiles, an answer cut) is decided in
 ``fitting.py``, for training and ``tools/check_dataset.py`` alike, and counted (``reduced``, ``truncated``).

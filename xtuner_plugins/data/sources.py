@@ -2,9 +2,10 @@
 
 A *source* is one annotation file with its image folder, ``repeat_time`` and ``max_dynamic_patch``.
 :func:`expand_sources` turns the dataset's arguments (several files, or meta files that list several
-files) into sources; :func:`read_records` reads one source's samples, keeping each one's ``FILE:LINE``
-so that every later error can name it. Lines that are not JSON objects are returned as problems, not
-silently dropped.
+files) into sources. Each file's samples are found by a byte index (``index.py``) and read one at a time;
+:func:`parse_entry` parses one (a jsonl line or a json list's element), naming its ``FILE:LINE`` in every
+problem: entries that are not JSON objects are problems, not silently dropped. :func:`read_records` reads a
+small file whole.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class DataSource:
 
 @dataclass
 class Record:
-    """One sample as read from disk. ``raw`` is the jsonl line (parsed on use, to keep memory low) or
-    the already-parsed object of a json list."""
+    """One sample as read from disk, made when it is asked for. ``raw`` is its text (a jsonl line or a json list's
+    element, parsed on use) or an already-parsed object."""
 
     source: int
     line: int  # 1-based line of a jsonl file, or 1-based position in a json list

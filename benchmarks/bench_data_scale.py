@@ -43,7 +43,7 @@ CAPTION = 'a {} view of the {} with {} in the background, taken on a {} day'
 WORDS = ['red', 'old', 'busy', 'quiet', 'city', 'garden', 'harbour', 'mountains', 'trees', 'sunny', 'grey', 'cold']
 
 
-def write_data(folder: Path, samples: int, images: int, fmt: str) -> Path:
+def write_data(folder: Path, samples: int, images: int, fmt: str, length: bool = False) -> Path:
     """The tiny models, the shared images and the annotation file (each kept once written)."""
     from tests.helpers import write_image
     from xtuner_plugins.tiny import make_tiny_models
@@ -54,7 +54,7 @@ def write_data(folder: Path, samples: int, images: int, fmt: str) -> Path:
         path = folder / 'images' / f'{k // 100:05d}' / f'{k:09d}.jpg'
         if not path.is_file():
             write_image(str(path), size=(96 + k % 7 * 16, 64 + k % 5 * 16), seed=k)
-    path = folder / f'llava_{samples}.{fmt}'
+    path = folder / f'llava_{samples}{"_length" if length else ""}.{fmt}'
     if path.is_file() and path.with_suffix('.done').is_file():
         return path
     t = time.perf_counter()
@@ -66,6 +66,8 @@ def write_data(folder: Path, samples: int, images: int, fmt: str) -> Path:
             sample = {'id': f'{i:09d}', 'image': f'{k // 100:05d}/{k:09d}.jpg',
                       'conversations': [{'from': 'human', 'value': QUESTIONS[i % 4] + '\n<image>'},
                                         {'from': 'gpt', 'value': CAPTION.format(*w)}]}
+            if length:
+                sample['length'] = 60 + i % 40  # InternVL's field: a token count the data carries
             line = json.dumps(sample)
             f.write(line + (',\n' if fmt == 'json' and i < samples - 1 else '\n'))
         f.write(']\n' if fmt == 'json' else '')
@@ -93,7 +95,8 @@ def pss_of_tree(root: int):
     return sum(e[2] for e in each), each
 
 
-def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: float, name: str) -> None:
+def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: float, name: str,
+               length_field: bool = False) -> None:
     """Launch the 2-rank training, time the launch to the first logged step, sample the summed PSS; stop it."""
     from xtuner_plugins.launch import train_command
     m = folder / 'models'
@@ -105,6 +108,8 @@ def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: flo
                'train_dataloader.sampler.per_device_batch_size': 2, 'max_iters': 5,
                'default_hooks.logger.interval': 1, 'log_processor.window_size': 1,
                'default_hooks.checkpoint.interval': 1000}
+    if length_field:
+        options['train_dataloader.dataset.length_field'] = 'length'
     cmd, env = train_command(str(ROOT / 'configs' / 'pretrain_mlp.py'), str(folder / f'work_{name}'), nproc=2,
                              cfg_options=options)
     log_path = folder / f'{name}.log'
@@ -171,18 +176,20 @@ def main(argv=None) -> int:
     p.add_argument('--every', type=float, default=1.0, help='seconds between PSS samples (default 1)')
     p.add_argument('--timeout', type=float, default=1800)
     p.add_argument('--workers', type=int, default=0, help='check_dataset --workers (default: its own, every core)')
+    p.add_argument('--length-field', action='store_true',
+                   help='samples carry InternVL\'s "length" and the data set uses it (length_field=\'length\')')
     p.add_argument('--skip-cold', action='store_true', help='keep the cache of an earlier run (warm only)')
     p.add_argument('--skip-check', action='store_true')
     p.add_argument('--skip-train', action='store_true')
     args = p.parse_args(argv)
     folder = Path(args.workdir)
-    data = write_data(folder, args.samples, args.images, args.format)
-    cache = folder / f'cache_{args.samples}'
+    data = write_data(folder, args.samples, args.images, args.format, args.length_field)
+    cache = folder / f'cache_{data.stem}'
     if not args.skip_train:
         if not args.skip_cold:
             shutil.rmtree(cache, ignore_errors=True)
-            first_step(folder, data, cache, args.every, args.timeout, f'{args.samples} cold')
-        first_step(folder, data, cache, args.every, args.timeout, f'{args.samples} warm')
+            first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} cold', args.length_field)
+        first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} warm', args.length_field)
     if not args.skip_check:
         check(folder, data, args.workers)
     return 0

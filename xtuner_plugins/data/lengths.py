@@ -111,10 +111,14 @@ def _stat(path: str) -> List[int]:
         return [-1, -1]
 
 
-def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]) -> Tuple[np.ndarray, List[List[str]]]:
-    """``([n, 2] lengths, image files of each)`` of the records at ``todo``; a ``length_field`` the data carries is
-    taken as it is (no tokenising, no image header read; tiles: one per image)."""
-    lengths, files = np.zeros((len(todo), 2), dtype=np.int64), []
+def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):
+    """``([n, 2] lengths, paths, counts, ids)`` of the records at ``todo``: their image files as this slice's own
+    table (``paths``), each record's number of files (``counts``) and their places in it (``ids``), compact to
+    send back from a pool process. A ``length_field`` the data carries is taken as it is (no tokenising, no image
+    header read; tiles: one per image)."""
+    lengths, counts = np.zeros((len(todo), 2), dtype=np.int64), np.zeros(len(todo), dtype=np.int64)
+    table: Dict[str, int] = {}
+    ids: List[int] = []
     field = getattr(ds, 'length_field', None)
     for k, i in enumerate(todo):
         record = records[i]
@@ -124,11 +128,12 @@ def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]) -> Tuple[n
             total = max(1, min(given, ds.max_length) if ds.max_length else given)
             has_media = bool(checked.image_paths) or checked.video is not None
             lengths[k] = [total, max(1, len(checked.image_paths))] if has_media else [-total, 1]
-            files.append([])
             continue
-        files.append(checked.image_paths if checked.video is None else [checked.video])
+        files = checked.image_paths if checked.video is None else [checked.video]
+        counts[k] = len(files)
+        ids.extend(table.setdefault(path, len(table)) for path in files)
         lengths[k] = _sample_length(ds, record, checked)
-    return lengths, files
+    return lengths, list(table), counts, np.asarray(ids, dtype=np.int64)
 
 
 def _lines_digest(records: Sequence[Record]) -> str:
@@ -187,16 +192,15 @@ def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cach
                        getattr(ds, 'workers', None), f'lengths of {src.annotation}')
     lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 2), dtype=np.int64)
     table: Dict[str, int] = {}
-    counts, ids = [], []
-    for _, files in parts:
-        for record_files in files:
-            counts.append(len(record_files))
-            ids.extend(table.setdefault(path, len(table)) for path in record_files)
+    ids = []
+    for _, paths, _, local in parts:  # each slice's own table of files, mapped into one
+        ids.append(np.asarray([table.setdefault(path, len(table)) for path in paths], dtype=np.int64)[local])
+    counts = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     refs = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
     paths = list(table)
     stats = [_stat(p) for p in paths]
-    _write_lengths(cache_dir, base, lengths, paths, stats, refs, np.asarray(ids, dtype=np.int64), len(records),
-                   digest, src.annotation)
+    _write_lengths(cache_dir, base, lengths, paths, stats, refs,
+                   np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), len(records), digest, src.annotation)
     return lengths
 
 

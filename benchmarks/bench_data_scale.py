@@ -67,7 +67,7 @@ def write_data(folder: Path, samples: int, images: int, fmt: str, length: bool =
                       'conversations': [{'from': 'human', 'value': QUESTIONS[i % 4] + '\n<image>'},
                                         {'from': 'gpt', 'value': CAPTION.format(*w)}]}
             if length:
-                sample['length'] = 60 + i % 40  # InternVL's field: a token count the data carries
+                sample['length'] = 300 + i % 500  # InternVL's field: a token count the data carries
             line = json.dumps(sample)
             f.write(line + (',\n' if fmt == 'json' and i < samples - 1 else '\n'))
         f.write(']\n' if fmt == 'json' else '')

@@ -122,13 +122,17 @@ def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):
     field = getattr(ds, 'length_field', None)
     for k, i in enumerate(todo):
         record = records[i]
+        if field:  # the start-up check passed it: its JSON and fields are read, nothing else
+            sample = ds.parse(record)
+            given = sample.get(field)
+            if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+                total = max(1, min(given, ds.max_length) if ds.max_length else given)
+                images = sample.get('image')
+                images = [images] if isinstance(images, str) else images if isinstance(images, list) else []
+                media = bool(images) or sample.get('video') is not None
+                lengths[k] = [total, max(1, len(images))] if media else [-total, 1]
+                continue
         checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
-        given = checked.sample.get(field) if field else None
-        if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-            total = max(1, min(given, ds.max_length) if ds.max_length else given)
-            has_media = bool(checked.image_paths) or checked.video is not None
-            lengths[k] = [total, max(1, len(checked.image_paths))] if has_media else [-total, 1]
-            continue
         files = checked.image_paths if checked.video is None else [checked.video]
         counts[k] = len(files)
         ids.extend(table.setdefault(path, len(table)) for path in files)

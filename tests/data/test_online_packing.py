@@ -83,6 +83,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_packs(dataset):
         hook.before_train_iter(None, 0, b)
     checkpoint = {}
     loop = SimpleNamespace(dataloader=SimpleNamespace(num_workers=2, dataset=make()), iter=5)
+    hook.after_train_iter(SimpleNamespace(train_loop=loop), 4)  # every rank's states, gathered (one rank here)
     hook.before_save_checkpoint(SimpleNamespace(train_loop=loop), checkpoint)
     assert checkpoint['stream_state']['workers'] == 2 and set(checkpoint['stream_state']['units']) == {0, 1}
     resumed = run(make, 7, start=5, states=checkpoint['stream_state']['units'])

@@ -5,8 +5,8 @@ stream that is exact but as slow as the training's data loading. :class:`StreamS
 
 * keeps, from each batch trained on (``data['stream_state']``, put there by ``stream_collate_fn``), the last state
   of each reading unit of this rank;
-* saves them with each checkpoint (``checkpoint['stream_state']``: every rank's, gathered, with the number of ranks
-  and of DataLoader workers);
+* saves them with each checkpoint (``checkpoint['stream_state']``: every rank's, gathered after each iteration,
+  with the number of ranks and of DataLoader workers);
 * refuses a run of ``max_epochs`` over a stream that cannot count its epoch's batches (online packing);
 * on a resume, gives this rank's states back to the data set (``StreamingDataset.resume_from``), starts its
   DataLoader workers over with them, and answers MMEngine's replay of the trained batches without drawing them.
@@ -61,6 +61,7 @@ class StreamStateHook(Hook):
 
     def __init__(self) -> None:
         self.states: Dict[int, Any] = {}
+        self.gathered: Optional[Dict[int, Any]] = None  # every rank's states (after_train_iter)
         self.loaded: Optional[dict] = None
 
     def before_run(self, runner) -> None:
@@ -76,15 +77,23 @@ class StreamStateHook(Hook):
         for unit, state in (data or {}).get(KEY) or ():
             self.states[int(unit)] = state
 
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        """Every rank's states, gathered on every rank after each iteration: MMEngine's ``Runner`` saves on rank 0
+        alone (no collective can run there), and every save (the checkpoint hook's, the preemption hook's) comes
+        after this hook's ``after_train_iter``. One all-gather of a few small dicts per iteration."""
+        from mmengine.dist import all_gather_object, get_world_size
+        if _streaming(runner)[2] is None:
+            return
+        parts = all_gather_object(self.states) if get_world_size() > 1 else [self.states]
+        self.gathered = {u: s for states in parts for u, s in states.items()}
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         loop, dataloader, dataset = _streaming(runner)
         if dataset is None:
             return
-        from mmengine.dist import all_gather_object, get_dist_info
-        rank, world = get_dist_info()
-        gathered = all_gather_object(self.states) if world > 1 else [self.states]
-        checkpoint[KEY] = dict(world_size=world, workers=max(1, dataloader.num_workers),
-                               units={u: s for states in gathered for u, s in states.items()})
+        from mmengine.dist import get_world_size
+        checkpoint[KEY] = dict(world_size=get_world_size(), workers=max(1, dataloader.num_workers),
+                               units=dict(self.gathered if self.gathered is not None else self.states))
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self.loaded = checkpoint.get(KEY)

@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/work_dirs/.cache/torch_extensions
 export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
-.PHONY: setup browser slurm vllm test demo bench clean-venv
+.PHONY: setup browser slurm vllm gguf test demo bench clean-venv
 
 # xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
 setup: $(STAMP)
@@ -66,10 +66,37 @@ $(VLLM_STAMP): requirements-vllm.txt
 	$(VLLM_PY) -c 'import vllm.entrypoints.openai.api_server, torchvision.transforms'
 	@touch $(VLLM_STAMP)
 
+# llama.cpp through llama-cpp-python for the GGUF export and tools/chat.py / tools/eval.py on a GGUF folder
+# (docs/conversion.md, "GGUF"), in its own venv. pip builds llama.cpp from the source distribution, once: pip keeps
+# the wheel in its cache, so a rebuild with the same pins takes seconds. Portable build (GGML_NATIVE=OFF: AVX2, FMA,
+# F16C): a wheel cached on an AMX machine must also run on an AVX2-only one (-march=native would not). No tests,
+# tools, examples or server: the Python package needs only libllama, ggml and libmtmd.
+# llama.cpp's converter (convert_hf_to_gguf.py with its gguf-py) comes from the same source distribution, unpacked
+# into $(GGUF_VENV)/llama.cpp; it runs in .venv, whose torch and transformers 4.57.6 are the ones it wants.
+GGUF_VENV := .venv-gguf
+GGUF_PY := $(GGUF_VENV)/bin/python
+GGUF_STAMP := $(GGUF_VENV)/.installed
+GGUF_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): requirements-gguf.txt
+	@test -x $(GGUF_PY) || $(PYTHON) -m venv $(GGUF_VENV)
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(GGUF_PY) -m pip install -q --disable-pip-version-check --no-binary llama-cpp-python -r requirements-gguf.txt
+	rm -rf $(GGUF_VENV)/src $(GGUF_VENV)/llama.cpp
+	$(GGUF_PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d $(GGUF_VENV)/src \
+	  -r requirements-gguf.txt
+	mkdir -p $(GGUF_VENV)/llama.cpp && tar -xzf $(GGUF_VENV)/src/llama_cpp_python-*.tar.gz -C $(GGUF_VENV)/llama.cpp \
+	  --strip-components=3 --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' \
+	  '*/vendor/llama.cpp/gguf-py' && rm -rf $(GGUF_VENV)/src
+	$(GGUF_PY) -c 'import llama_cpp.mtmd_cpp, llama_cpp.llama_chat_format as f; f.MTMDChatHandler'
+	@touch $(GGUF_STAMP)
+
 # Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
-test: setup $(BROWSER) $(VLLM_STAMP) slurm
+test: setup $(BROWSER) $(VLLM_STAMP) $(GGUF_STAMP) slurm
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
@@ -82,4 +109,4 @@ bench: setup
 	$(PY) benchmarks/bench_data.py
 
 clean-venv:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(GGUF_VENV)

@@ -15,7 +15,8 @@ Usage::
 
 The folder's format is read from its ``config.json``: ``official`` and ``remote`` folders load with
 ``trust_remote_code`` and answer through their ``chat``; ``llava`` and ``hf`` folders through transformers' own
-classes and the folder's processor (``xtuner_plugins.models.inference``). Tiling flags (``--max-num``,
+classes and the folder's processor (``xtuner_plugins.models.inference``); a GGUF folder (``--format gguf``) through
+llama.cpp, greedily (``xtuner_plugins.models.gguf_model``). Tiling flags (``--max-num``,
 ``--min-num``, ``--image-size``, ``--no-thumbnail``) default to the folder's ``config.json`` (official/remote).
 Decoding is greedy unless ``--do-sample`` (with ``--temperature``, ``--top-p``, ``--top-k``).
 A config plus checkpoint is converted into a temporary folder first (the converter's code path), so both
@@ -121,7 +122,8 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             video = loaded
             print(f'(video attached to the next message: {len(video)} frames)')
             continue
-        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = chat.text_streamer() if hasattr(chat, 'text_streamer') else TextIteratorStreamer(  # GGUF: its own
+            chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 
         def run(line=line, images=tuple(pending), video=video):

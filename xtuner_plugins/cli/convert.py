@@ -3,8 +3,9 @@
 Usage::
 
     python tools/convert_to_official.py CHECKPOINT OUT_DIR [--dtype bf16]
-        [--format auto|official|hf|llava|remote] [--remap OLD=NEW ...]
+        [--format auto|official|hf|llava|remote|gguf] [--quant f16|q8_0|q4_k_m|f32] [--remap OLD=NEW ...]
         [--overwrite] [--max-shard-size 5GB]
+    python tools/convert_to_official.py OFFICIAL_FOLDER OUT_DIR --format gguf [--quant q4_k_m]
 
     # e.g. a LoRA run: merged into the base weights, official layout, loadable with trust_remote_code
     python tools/convert_to_official.py work_dirs/finetune_lora/iter_1000.pth work_dirs/my_internvl
@@ -23,7 +24,10 @@ layout (InternViT + pixel shuffle, ``InternVLChatModel`` remote code): ``AutoMod
 trust_remote_code=True)`` and ``model.chat(...)``. ``hf`` is transformers' ``InternVLForConditionalGeneration``
 (no remote code). ``llava`` is transformers' ``LlavaForConditionalGeneration`` with its processor (CLIP or
 SigLIP + LLaVA's MLP, one image per ``<image>``; no remote code). ``remote`` is a self-contained remote-code
-folder for any encoder and projector, with the same ``chat`` as ``official``.
+folder for any encoder and projector, with the same ``chat`` as ``official``. ``gguf`` is llama.cpp's pair, the
+LLM's GGUF (``--quant``: f16, the default, q8_0, q4_k_m, or f32) and the mmproj GGUF, written by llama.cpp's own
+converter and quantiser (``make gguf`` builds them; InternVL models only), from a checkpoint or from an official
+folder given in its place; ``tools/chat.py`` and ``tools/eval.py`` take the folder (docs/conversion.md, "GGUF").
 """
 
 import argparse
@@ -42,11 +46,15 @@ def parse_args(argv=None):
                              'write (new or empty; see --overwrite); a training config before them is optional')
     parser.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
                         help='a folder the checkpoint was trained with, moved since: its old and new path')
-    parser.add_argument('--format', choices=('auto', 'official', 'hf', 'llava', 'remote'), default='auto',
+    parser.add_argument('--format', choices=('auto', 'official', 'hf', 'llava', 'remote', 'gguf'), default='auto',
                         help='auto (default): the layout that fits the model; official: InternVL remote code; '
                              'hf: InternVLForConditionalGeneration; llava: LlavaForConditionalGeneration; '
-                             'remote: self-contained remote code for any encoder/projector')
-    parser.add_argument('--dtype', default='bf16', help='bf16 (default), fp16 or fp32')
+                             'remote: self-contained remote code for any encoder/projector; gguf: llama.cpp\'s '
+                             'text + mmproj GGUF (from a checkpoint or an official folder)')
+    parser.add_argument('--quant', choices=('f16', 'q8_0', 'q4_k_m', 'f32'), default=None,
+                        help='with --format gguf: the LLM\'s type (default f16; the mmproj stays f16, f32 with f32)')
+    parser.add_argument('--dtype', default=None, help='bf16 (default; fp32 for gguf, whose --quant rounds), fp16 or '
+                                                      'fp32')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
@@ -57,6 +65,10 @@ def parse_args(argv=None):
         parser.error(f'give CHECKPOINT OUT_DIR (or CONFIG CHECKPOINT OUT_DIR), not {len(args.paths)} paths')
     args.config = args.paths[0] if len(args.paths) == 3 else None
     args.checkpoint, args.out_dir = args.paths[-2:]
+    if args.quant and args.format != 'gguf':
+        parser.error('--quant goes with --format gguf')
+    args.quant = args.quant or 'f16'
+    args.dtype = args.dtype or ('fp32' if args.format == 'gguf' else 'bf16')
     return args
 
 
@@ -64,10 +76,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from xtuner_plugins.models.export import export_checkpoint
     from xtuner_plugins.models.runconfig import parse_remap
+    from xtuner_plugins.models.export.gguf_job import export_folder_gguf, is_official_folder
     try:
+        if args.format == 'gguf' and args.config is None and is_official_folder(args.checkpoint):
+            export_folder_gguf(args.checkpoint, args.out_dir, args.quant, args.overwrite)
+            return 0
         export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,
                           dtype=resolve_dtype(args.dtype), overwrite=args.overwrite, cfg_options=args.cfg_options,
-                          max_shard_size=args.max_shard_size, remap=parse_remap(args.remap))
+                          max_shard_size=args.max_shard_size, remap=parse_remap(args.remap), quant=args.quant)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2

@@ -12,8 +12,8 @@ Usage::
     # straight from training: the checkpoint alone (it records its config)
     python tools/eval.py --checkpoint work_dirs/finetune_lora/iter_N.pth --data data/test.jsonl
 
-Every question is asked greedily through the converted folder (any format: official, remote, llava, hf; loaded
-as ``tools/chat.py`` loads it), then again with each image replaced by a blank one of the same size (the
+Every question is asked greedily through the converted folder (any format: official, remote, llava, hf, or a GGUF
+folder through llama.cpp; loaded as ``tools/chat.py`` loads it), then again with each image replaced by a blank one of the same size (the
 blind control; ``--no-blind`` skips it). The console shows a per-category table; the last line is
 ``accuracy: A (N questions); blind: B; image reliance: R`` (reliance = accuracy - blind accuracy: what the
 image adds). A jsonl sample with a ``video`` (and ``clip``) is a video question: asked with ``--frames`` frames

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from xtuner_plugins.models.dtypes import resolve_dtype
+from xtuner_plugins.models.gguf_model import GGUFModel, gguf_pair
 from xtuner_plugins.models.inference import ConvertedModel
 from xtuner_plugins.models.prompt import PromptTooLong
 
@@ -55,7 +56,7 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
              **tiling) -> int:
     """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
     :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
-    first, removed after), then ``use(model)``. The exit status: 0, or 2 with the error printed
+    first, removed after; a GGUF folder as a :class:`GGUFModel`, answering through llama.cpp), then ``use(model)``. The exit status: 0, or 2 with the error printed
     (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
     of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
     dtype = resolve_dtype(args.dtype)
@@ -64,13 +65,16 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
             from xtuner_plugins.models.runconfig import parse_remap
             folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
                                   log=lambda m: print(m, file=sys.stderr), remap=parse_remap(args.remap))
-            model = ConvertedModel(folder, dtype, args.device, **tiling)
+            model = GGUFModel(folder, **tiling) if gguf_pair(folder) else ConvertedModel(folder, dtype, args.device,
+                                                                                           **tiling)
         except EXPORT_ERRORS as exc:
             return tool_error(prog, exc)
         try:
             use(model)
         except (PromptTooLong, *errors) as exc:
             return tool_error(prog, exc)
+        finally:
+            getattr(model, 'close', lambda: None)()  # a GGUF folder's llama.cpp worker
     return 0
 
 

@@ -27,6 +27,7 @@ from ..lineage import recorded_inputs
 from ..runconfig import run_config
 from .build import build_for_export, merge_adapters, tiling_settings, training_frame_prefix, training_system_message
 from .files import Log, _print
+from .gguf import QUANTS, model_misfit as gguf_misfit, tools as gguf_tools, write_gguf
 from .hf import write_hf
 from .llava import llava_misfit, write_llava
 from .official import internvl_misfit, write_official
@@ -78,7 +79,7 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
     return out
 
 
-FORMATS = ('auto', 'official', 'hf', 'llava', 'remote')
+FORMATS = ('auto', 'official', 'hf', 'llava', 'remote', 'gguf')
 
 
 def choose_format(model, fmt: str = 'auto') -> str:
@@ -86,7 +87,7 @@ def choose_format(model, fmt: str = 'auto') -> str:
     ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination."""
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
-    misfit = {'official': internvl_misfit, 'hf': internvl_misfit, 'llava': llava_misfit}
+    misfit = {'official': internvl_misfit, 'hf': internvl_misfit, 'llava': llava_misfit, 'gguf': gguf_misfit}
     if fmt == 'auto':
         return next((f for f in ('official', 'llava') if misfit[f](model) is None), 'remote')
     if fmt in misfit and misfit[fmt](model):
@@ -96,13 +97,13 @@ def choose_format(model, fmt: str = 'auto') -> str:
     return fmt
 
 
-WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote}
+WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote, 'gguf': write_gguf}
 
 
 def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
                       dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
                       cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print,
-                      remap=()) -> str:
+                      remap=(), quant: str = 'f16') -> str:
     """Rebuild the model ``checkpoint`` was trained as, load it, merge adapters, write ``out_dir``; returns it.
 
     The settings are the ones recorded in the checkpoint (``runconfig.run_config``: ``config`` and
@@ -111,11 +112,16 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
 
     ``fmt``: ``'official'`` (InternVL's remote-code layout), ``'hf'`` (transformers' InternVL), ``'llava'``
     (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
-    one that fits, see :func:`choose_format`). The folder is written next to ``out_dir`` (the folder it links to,
-    for a link) and moved into place only when complete.
+    one that fits, see :func:`choose_format`); ``'gguf'``: llama.cpp's pair (``gguf.py``), ``quant`` its LLM's type.
+    The folder is written next to ``out_dir`` (the folder it links to, for a link) and moved into place only when
+    complete.
     """
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
+    if fmt == 'gguf':  # before the model is built
+        gguf_tools()
+        if quant not in QUANTS:
+            raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
     start = time.time()
     if checkpoint is not None:
         cfg = run_config(checkpoint, config, cfg_options, remap, log)
@@ -143,8 +149,8 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     os.makedirs(tmp)
     try:
         log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
-        WRITERS[fmt](model, tiling, tmp, dtype, max_shard_size, log,
-                     system=training_system_message(cfg))
+        WRITERS[fmt](model, tiling, tmp, dtype, max_shard_size, log, system=training_system_message(cfg),
+                     **({'quant': quant} if fmt == 'gguf' else {}))
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

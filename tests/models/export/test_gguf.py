@@ -1,0 +1,271 @@
+"""GGUF export (``tools/convert_to_official.py ... --format gguf``) answered through llama.cpp (``.venv-gguf``,
+``make gguf``; ``XTUNER_PLUGINS_SKIP_GGUF=1`` skips the tests that need it, which otherwise fail saying to build it).
+
+The model is the demo's size (56 px tiles, 64 wide, 2 layers; ``converted_tiny_folder``), random. Its images are
+one tile under both tilings: an image no larger than the tile is one tile (no thumbnail) in InternVL's
+``dynamic_preprocess`` and in llama.cpp's mtmd, and at exactly the tile size neither resizes it.
+
+A random model's top two logits are often closer than the rounding between two libraries: llama.cpp's GELU is
+tanh's approximation read from an f16 table (InternViT's is erf's), and its KV cache is f16 by default. Measured on
+this model: logits 4.9e-4 apart with the f16 KV cache, 1.4e-6 with an f32 one (text only); the smallest top-2
+margins of its greedy answers 2.6e-3. So the answers are compared token for token wherever the official model's
+choice is clear (its top two logits :data:`CLEAR` or more apart, 20 times the widest rounding seen), and at least
+:data:`COVERED` of all the tokens must be so compared; a decided model (the demo's, trained) answers alike in full
+(docs/conversion.md, "GGUF").
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.helpers import converted_tiny_folder, write_image, write_jsonl
+from tools.chat import main as chat_main
+from tools.convert_to_official import main as convert_main
+from tools.eval import main as eval_main
+from xtuner_plugins.models.export import gguf as gguf_export
+from xtuner_plugins.models.gguf_model import GGUFModel, gguf_pair
+from xtuner_plugins.models.inference import ConvertedModel
+
+QUESTIONS = ('Describe the image.', 'What colour is it?', 'How many are there?')
+STEPS = 8
+CLEAR = 0.01
+COVERED = 0.5
+
+
+def need_llama_cpp():
+    if os.environ.get('XTUNER_PLUGINS_SKIP_GGUF'):
+        pytest.skip('XTUNER_PLUGINS_SKIP_GGUF is set')
+    try:
+        gguf_export.tools()
+    except ValueError as exc:
+        pytest.fail(f'{exc} (make test does)')
+
+
+def official_greedy(model, image, question):
+    """``model.ask``'s greedy answer (chat()'s), its token ids and each step's top-2 logit margin."""
+    lm, seen = model.model.language_model, {}
+    generate = lm.generate
+
+    def recording(**kwargs):
+        out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        seen.update(ids=out.sequences[0].tolist(), margins=[float(s[0].topk(2).values.diff().abs()) for s in out.scores])
+        return out.sequences
+
+    lm.generate = recording
+    try:
+        model.reset()
+        answer = model.ask(question, [image], dict(max_new_tokens=STEPS))
+    finally:
+        del lm.generate
+    end = model.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    ids = seen['ids'][:-1] if seen['ids'] and seen['ids'][-1] == end else seen['ids']
+    return answer, ids, seen['margins']
+
+
+def convert(*argv):
+    return convert_main([str(a) for a in argv])
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    need_llama_cpp()
+    root = tmp_path_factory.mktemp('gguf')
+    folder = converted_tiny_folder(root)
+    images = [write_image(root / 'img' / f'{i}.png', size=(56, 56), seed=10 + i) for i in range(4)]
+    official = ConvertedModel(folder)
+    expected = {(i, q): official_greedy(official, img, q) for i, img in enumerate(images) for q in QUESTIONS}
+    out = root / 'f32'
+    assert convert(folder, out, '--format', 'gguf', '--quant', 'f32') == 0
+    return dict(root=root, folder=folder, images=images, expected=expected, f32=str(out))
+
+
+def gguf_answers(folder, setup):
+    """``(answer, token ids)`` of each question through llama.cpp."""
+    model = GGUFModel(folder)
+    try:
+        answers = {}
+        for i, img in enumerate(setup['images']):
+            for q in QUESTIONS:
+                model.reset()
+                answers[(i, q)] = (model.ask(q, [img], dict(max_new_tokens=STEPS)), model.last_tokens)
+        return answers
+    finally:
+        model.close()
+
+
+def assert_answers_alike(got, expected):
+    """Token for token up to the official model's first unclear step; the whole answer when it has none."""
+    compared = total = 0
+    for key, (answer, ids, margins) in expected.items():
+        clear = next((i for i, m in enumerate(margins) if m < CLEAR), None)
+        if clear is None:
+            assert got[key] == (answer, ids), key
+            compared += len(ids)
+        else:
+            assert got[key][1][:clear] == ids[:clear], (key, clear)
+            compared += clear
+        total += max(len(ids), 1)
+    assert compared >= COVERED * total, f'only {compared} of {total} tokens compared: the test model is undecided'
+
+
+@pytest.fixture(scope='module')
+def f32_answers(setup):
+    return gguf_answers(setup['f32'], setup)
+
+
+def test_f32_gguf_answers_as_the_official_folder(setup, f32_answers):
+    assert sorted(os.listdir(setup['f32'])) == ['f32-F32.gguf', 'mmproj-f32-F32.gguf']
+    assert_answers_alike(f32_answers, setup['expected'])
+
+
+def test_chat_tool_answers_through_llama_cpp_and_streams(setup, f32_answers, capsys, monkeypatch):
+    image, question = setup['images'][2], QUESTIONS[1]
+    answer = f32_answers[(2, question)][0]
+    assert chat_main([setup['f32'], '--image', image, '--prompt', question, '--max-new-tokens', str(STEPS)]) == 0
+    assert capsys.readouterr().out.rstrip('\n') == answer
+    lines = iter([f'/image {image}', question, '/exit'])
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert chat_main([setup['f32'], '--max-new-tokens', str(STEPS)]) == 0
+    assert f'model> {answer}\n' in capsys.readouterr().out
+
+
+def test_eval_tool_asks_through_llama_cpp(setup, f32_answers, tmp_path):
+    question = QUESTIONS[1]
+    samples = [{'id': f'q{i}', 'image': os.path.basename(img),
+                'conversations': [{'from': 'human', 'value': '<image>\n' + question},
+                                  {'from': 'gpt', 'value': setup['expected'][(i, question)][0] or 'x'}]}
+               for i, img in enumerate(setup['images'])]
+    data = write_jsonl(tmp_path / 'test.jsonl', samples)
+    out = tmp_path / 'report.json'
+    assert eval_main([setup['f32'], '--data', data, '--image-folder', os.path.dirname(setup['images'][0]),
+                      '--out', str(out), '--no-blind', '--max-new-tokens', str(STEPS)]) == 0
+    report = json.loads(out.read_text())
+    assert [r['answer'] for r in report['results']] == [f32_answers[(i, question)][0] for i in range(4)]
+
+
+def test_quantised_ggufs_shrink_answer_and_say_what_fell_back(setup, capsys):
+    """f16 answers as the official folder does; q4_k_m's rows of 64 and 128 are not multiples of 256: llama.cpp's
+    quantiser falls back for them, and the export says so."""
+    sizes = {}
+    for quant in ('f16', 'q4_k_m'):
+        out = setup['root'] / quant
+        assert convert(setup['folder'], out, '--format', 'gguf', '--quant', quant) == 0
+        text, mmproj = gguf_pair(str(out))
+        assert os.path.basename(text) == f'{quant}-{quant.upper()}.gguf'
+        assert os.path.basename(mmproj) == f'mmproj-{quant}-F16.gguf'
+        sizes[quant] = os.path.getsize(text)
+        printed = capsys.readouterr().out
+        assert f'wrote {os.path.basename(text)} (' in printed and f'wrote {os.path.basename(mmproj)} (' in printed
+        answers = gguf_answers(str(out), setup)
+        if quant == 'f16':
+            assert_answers_alike(answers, setup['expected'])
+        else:
+            assert "instead of q4_k_m: llama.cpp's own fallback" in printed
+            assert len(answers) == len(setup['expected'])
+    sizes['f32'] = os.path.getsize(gguf_pair(setup['f32'])[0])
+    assert sizes['f32'] > sizes['f16'] > sizes['q4_k_m']
+
+
+def test_missing_fields_are_filled_in_a_staged_copy(setup, capsys):
+    """A folder without architectures, preprocessor_config.json and chat template converts; it is not written."""
+    bare = setup['root'] / 'bare'
+    shutil.copytree(setup['folder'], bare)
+    config = json.loads((bare / 'config.json').read_text())
+    for part in (config, config['vision_config'], config['llm_config']):
+        part.pop('architectures')
+    (bare / 'config.json').write_text(json.dumps(config))
+    (bare / 'preprocessor_config.json').unlink()
+    (bare / 'chat_template.jinja').unlink()
+    tok_cfg = json.loads((bare / 'tokenizer_config.json').read_text())
+    tok_cfg.pop('chat_template', None)
+    (bare / 'tokenizer_config.json').write_text(json.dumps(tok_cfg))
+    before = {p: p.read_bytes() for p in bare.iterdir()}
+    out = setup['root'] / 'from_bare'
+    assert convert(bare, out, '--format', 'gguf', '--quant', 'f32') == 0
+    assert 'filled in for llama.cpp\'s converter' in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in bare.iterdir()} == before
+    assert_answers_alike(gguf_answers(str(out), setup), setup['expected'])
+
+
+def refused(tmp_path, capsys, folder, *why):
+    out = tmp_path / 'out'
+    assert convert(folder, out, '--format', 'gguf') == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob('out.tmp-*'))
+    for words in why:
+        assert words in err, err
+    return err
+
+
+def edited(tmp_path, setup, edit):
+    folder = tmp_path / 'model'
+    shutil.copytree(setup['folder'], folder)
+    config = json.loads((folder / 'config.json').read_text())
+    edit(config)
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+def test_llava_folders_are_refused_before_anything_is_written(setup, tmp_path, capsys):
+    folder = edited(tmp_path, setup, lambda c: c.update(model_type='llava', vision_config={'model_type': 'clip'}))
+    refused(tmp_path, capsys, folder, 'Pixtral', 'CLIP or SigLIP')
+
+
+@pytest.mark.parametrize('edit, why', [
+    (lambda c: c['llm_config'].update(architectures=['GPTBigMambaForCausalLM']),
+     "LLM 'GPTBigMambaForCausalLM', a family llama.cpp's converter does not know"),
+    (lambda c: c['vision_config'].update(hidden_act='relu'), "vision hidden_act 'relu'"),
+    (lambda c: c.update(ps_version='v1'), "ps_version 'v1'"),
+    (lambda c: c.update(select_layer=-2), 'select_layer -2'),
+    (lambda c: c.update(model_type='internvl'), "transformers' InternVL layout"),
+])
+def test_what_llama_cpp_cannot_take_is_refused_with_the_reason(setup, tmp_path, capsys, edit, why):
+    refused(tmp_path, capsys, edited(tmp_path, setup, edit), 'cannot be converted to GGUF', why)
+
+
+def test_a_clip_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The checkpoint route: a CLIP + LLaVA-MLP model is refused after it is built, before OUT_DIR is made."""
+    need_llama_cpp()
+    from tests.helpers import tiny_families
+    from tests.tools.test_convert_to_official import LORA, as_args, options, trained_checkpoint
+    tiny = tiny_families(tmp_path / 'tiny')
+    opts = options(tiny, **{'model.vision_encoder': tiny['clip'], 'model.projector': 'mlp', 'model.image_mode': 'pad'})
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    out = tmp_path / 'out'
+    assert convert_main([LORA, ckpt, str(out), '--format', 'gguf'] + as_args(opts)) == 2
+    err = capsys.readouterr().err
+    assert '--format gguf does not fit this model' in err and 'CLIP or SigLIP' in err
+    assert not out.exists() and not list(tmp_path.glob('out.tmp-*'))
+
+
+def test_without_llama_cpp_the_export_says_to_build_it(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))
+    err = refused(tmp_path, capsys, setup['folder'], 'make gguf')
+    assert 'llama.cpp is not built here' in err
+
+
+def test_tiling_options_are_refused_for_a_gguf_folder(setup, capsys):
+    assert chat_main([setup['f32'], '--image', setup['images'][0], '--prompt', 'Hi', '--max-num', '2']) == 2
+    assert 'llama.cpp tiles the images as its mmproj says' in capsys.readouterr().err
+
+
+def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    assert gguf_export.pre_tokenizer(str(tmp_path)) == 'qwen2'
+    data = json.loads((tmp_path / 'tokenizer.json').read_text())
+    data['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] = r'\s+'
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(data))
+    assert gguf_export.pre_tokenizer(str(tmp_path)) == '-'
+
+
+def test_a_folder_of_other_ggufs_is_named(tmp_path):
+    for name in ('a.gguf', 'b.gguf', 'mmproj-a.gguf'):
+        (tmp_path / name).write_bytes(b'')
+    with pytest.raises(ValueError, match='found 2 and 1'):
+        gguf_pair(str(tmp_path))
+    assert gguf_pair(str(tmp_path / 'nothing')) is None

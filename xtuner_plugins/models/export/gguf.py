@@ -1,0 +1,275 @@
+"""``--format gguf``: the text model's GGUF and its mmproj GGUF, for llama.cpp (and what is built on it), written by
+llama.cpp's own converter and quantiser from the official InternVL layout::
+
+    OUT_DIR/NAME-F16.gguf (or -Q8_0, -Q4_K_M, -F32)   the LLM, its tokenizer and the chat template it was trained with
+    OUT_DIR/mmproj-NAME-F16.gguf                       InternViT + the projector, projector type "internvl"
+
+llama.cpp comes from ``make gguf`` (``.venv-gguf``: llama-cpp-python built from its source distribution, and the
+converter of the same llama.cpp tree in ``.venv-gguf/llama.cpp``). The converter runs in this venv's Python
+(``gguf_convert.py``; its torch and transformers are the ones it wants), the quantiser and the answers in
+``.venv-gguf`` (``models/gguf_worker.py``).
+
+What llama.cpp cannot take is refused before anything is written, with the reason (:func:`config_misfit`): a family
+other than InternViT + pixel shuffle (its converter reads ``LlavaForConditionalGeneration`` for Pixtral towers only,
+not CLIP or SigLIP), an LLM family its converter does not know, an activation or a pixel-shuffle version it does not
+implement. A folder that lacks what the converter reads (``architectures``, ``preprocessor_config.json`` with
+``image_mean``/``image_std``, the tokenizer's chat template) is converted from a staged copy with them filled in
+(links to its files; the folder itself is never written). The mmproj stays F16 (F32 with ``--quant f32``): only the
+LLM is quantised, as llama.cpp's published GGUFs do. ``q4_k_m`` needs rows of a multiple of 256: llama.cpp's
+quantiser falls back to another type for the tensors that have not, and the fallbacks are printed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from .files import Log, _print
+
+QUANTS = ('f16', 'q8_0', 'q4_k_m', 'f32')
+#: the converter's --outtype for each quant (q8_0 and q4_k_m: quantised from the F16 file by llama.cpp's quantiser)
+OUTTYPE = {'f16': 'f16', 'f32': 'f32', 'q8_0': 'f16', 'q4_k_m': 'f16'}
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+WORKER = os.path.join(os.path.dirname(HERE), 'gguf_worker.py')
+MAKE_GGUF = 'run `make gguf` first (it builds llama.cpp into .venv-gguf once; docs/conversion.md, "GGUF")'
+VISION_FIELDS = ('image_size', 'patch_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+                 'num_attention_heads', 'layer_norm_eps', 'hidden_act')
+#: llm_config.model_type -> the architecture the converter looks up, for a folder whose llm_config names none
+LLM_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM',
+                     'internlm2': 'InternLM2ForCausalLM', 'phi3': 'Phi3ForCausalLM'}
+#: the pre-tokenizer of Qwen2's tokenizer.json (and of this project's tiny tokenizer): llama.cpp's "qwen2"
+QWEN2_PRE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def venv() -> str:
+    return os.environ.get('XTUNER_GGUF_VENV') or os.path.join(ROOT, '.venv-gguf')
+
+
+def tools() -> Tuple[str, str]:
+    """``(python, tree)``: ``.venv-gguf``'s Python and llama.cpp's converter tree; ``ValueError`` naming
+    ``make gguf`` when it has not been built."""
+    python, tree = os.path.join(venv(), 'bin', 'python'), os.path.join(venv(), 'llama.cpp')
+    for path in (python, os.path.join(tree, 'convert_hf_to_gguf.py'), os.path.join(venv(), '.installed')):
+        if not os.path.exists(path):
+            raise ValueError(f'llama.cpp is not built here ({path} is missing): {MAKE_GGUF}')
+    return python, tree
+
+
+def converter_maps(tree: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """The architectures the converter knows: ``(TEXT_MODEL_MAP, MMPROJ_MODEL_MAP)`` of its ``conversion``
+    package, read as literals (importing it needs torch and its own gguf-py)."""
+    with open(os.path.join(tree, 'conversion', '__init__.py'), encoding='utf-8') as f:
+        module = ast.parse(f.read())
+    maps = {}
+    for node in module.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                        else None)
+        if isinstance(target, ast.Name) and target.id in ('TEXT_MODEL_MAP', 'MMPROJ_MODEL_MAP'):
+            maps[target.id] = ast.literal_eval(node.value)
+    return maps['TEXT_MODEL_MAP'], maps['MMPROJ_MODEL_MAP']
+
+
+OTHER_LAYOUTS = {
+    'llava': 'llama.cpp\'s converter reads LlavaForConditionalGeneration only with a Pixtral vision tower '
+             '(conversion/llava.py); a CLIP or SigLIP LLaVA model is not read (its legacy llava scripts are not '
+             'run here)',
+    'internvl': 'transformers\' InternVL layout (--format hf) is not read by llama.cpp (tools/mtmd/README.md); '
+                'convert the checkpoint with --format gguf, or give an official folder',
+    'xtuner_vlm_chat': 'a remote-code folder of another encoder or projector: llama.cpp reads InternVL\'s official '
+                       'layout only (InternViT + pixel shuffle)',
+}
+
+
+def llm_architecture(llm: dict) -> Optional[str]:
+    names = llm.get('architectures') or []
+    return names[0] if names else LLM_ARCHITECTURES.get(llm.get('model_type'))
+
+
+def config_misfit(config: dict, tree: str) -> Optional[str]:
+    """Why llama.cpp cannot take the model ``config`` (an official folder's ``config.json``) describes, or None."""
+    kind = config.get('model_type')
+    if kind in OTHER_LAYOUTS:
+        return OTHER_LAYOUTS[kind]
+    if kind != 'internvl_chat':
+        return f'model_type {kind!r}: llama.cpp reads InternVL\'s official layout (internvl_chat) only'
+    text_map, mmproj_map = converter_maps(tree)
+    vision, llm, reasons = config.get('vision_config') or {}, config.get('llm_config') or {}, []
+    tower = (vision.get('architectures') or ['InternVisionModel'])[0]
+    if mmproj_map.get(tower) != 'internvl':
+        reasons.append(f'vision tower {tower} (llama.cpp\'s InternVL mmproj takes InternVisionModel)')
+    arch = llm_architecture(llm)
+    if arch not in text_map:
+        reasons.append(f'LLM {arch or llm.get("model_type")!r}, a family llama.cpp\'s converter does not know')
+    missing = [k for k in VISION_FIELDS if k not in vision] + [k for k in ('downsample_ratio',) if k not in config]
+    if missing:
+        reasons.append(f'no {", ".join(missing)} in config.json (the converter reads them)')
+    if vision.get('hidden_act', 'gelu') not in ('gelu', 'silu'):
+        reasons.append(f'vision hidden_act {vision["hidden_act"]!r} (llama.cpp\'s InternVL takes gelu or silu)')
+    if vision.get('norm_type', 'layer_norm') != 'layer_norm' and (vision.get('hidden_size'),
+                                                                  vision.get('num_hidden_layers')) != (3200, 45):
+        reasons.append(f'vision norm_type {vision["norm_type"]!r} (llama.cpp uses RMSNorm for the 6B InternViT only)')
+    if config.get('ps_version', 'v2') != 'v2':
+        reasons.append(f'ps_version {config["ps_version"]!r} (llama.cpp implements pixel shuffle v2)')
+    if config.get('select_layer', -1) != -1:
+        reasons.append(f'select_layer {config["select_layer"]} (llama.cpp takes the last layer\'s features)')
+    return '; '.join(reasons) or None
+
+
+def model_misfit(model) -> Optional[str]:
+    """:func:`config_misfit` for a model about to be exported (before anything is written)."""
+    from ..vision import hf_to_official_vision_config
+    from .official import internvl_misfit
+    _, tree = tools()
+    if model.vision.name in ('clip', 'siglip'):
+        return OTHER_LAYOUTS['llava']
+    misfit = internvl_misfit(model)
+    if misfit:
+        return f'llama.cpp reads InternVL\'s official layout only: {misfit}'
+    config = {'model_type': 'internvl_chat', 'vision_config': hf_to_official_vision_config(model.vision_model.config),
+              'llm_config': {'architectures': [type(model.language_model).__name__]},
+              'downsample_ratio': model.downsample_ratio, 'ps_version': model.ps_version,
+              'select_layer': model.select_layer}
+    return config_misfit(config, tree)
+
+
+def pre_tokenizer(folder: str) -> str:
+    """``qwen2`` when the folder's tokenizer.json pre-tokenizes as Qwen2's (a ``Split`` on Qwen2's pattern, then
+    byte-level), else ``-`` (the converter then needs to recognise the tokenizer itself)."""
+    try:
+        with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
+            pre = json.load(f).get('pre_tokenizer') or {}
+    except (OSError, ValueError):
+        return '-'
+    steps = pre.get('pretokenizers') or []
+    if pre.get('type') == 'Sequence' and len(steps) == 2 and steps[0].get('type') == 'Split' \
+            and (steps[0].get('pattern') or {}).get('Regex') == QWEN2_PRE and steps[0].get('behavior') == 'Isolated' \
+            and not steps[0].get('invert') and steps[1].get('type') == 'ByteLevel' \
+            and not steps[1].get('add_prefix_space') and not steps[1].get('use_regex'):
+        return 'qwen2'
+    return '-'
+
+
+def stage(folder: str, staging: str, log: Log = _print) -> None:
+    """``staging``: links to ``folder``'s files, with what the converter reads and the folder lacks filled in
+    (``architectures``, ``preprocessor_config.json``'s mean/std, the tokenizer's chat template)."""
+    from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+    from .files import chat_template
+    os.makedirs(staging)
+    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    filled = []
+    if not config.get('architectures'):
+        config['architectures'] = ['InternVLChatModel']
+        filled.append('architectures')
+    if not config['vision_config'].get('architectures'):
+        config['vision_config']['architectures'] = ['InternVisionModel']
+        filled.append('vision_config.architectures')
+    if not config['llm_config'].get('architectures'):
+        config['llm_config']['architectures'] = [llm_architecture(config['llm_config'])]
+        filled.append('llm_config.architectures')
+    written = {'config.json': config}
+    try:
+        with open(os.path.join(folder, 'preprocessor_config.json'), encoding='utf-8') as f:
+            pre = json.load(f)
+    except (OSError, ValueError):
+        pre = {}
+    if 'image_mean' not in pre or 'image_std' not in pre:
+        pre.setdefault('image_mean', list(config.get('image_mean', IMAGENET_MEAN)))
+        pre.setdefault('image_std', list(config.get('image_std', IMAGENET_STD)))
+        written['preprocessor_config.json'] = pre
+        filled.append('preprocessor_config.json image_mean/image_std')
+    tok_cfg_path = os.path.join(folder, 'tokenizer_config.json')
+    tok_cfg = {}
+    if os.path.isfile(tok_cfg_path):
+        with open(tok_cfg_path, encoding='utf-8') as f:
+            tok_cfg = json.load(f)
+    if not tok_cfg.get('chat_template') and not os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
+        tok_cfg['chat_template'] = chat_template(config.get('template', 'internvl2_5'), config.get('system_message'))
+        written['tokenizer_config.json'] = tok_cfg
+        filled.append(f'the chat template ({config.get("template", "internvl2_5")})')
+    for name in os.listdir(folder):
+        if name not in written and os.path.isfile(os.path.join(folder, name)):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(staging, name))
+    for name, content in written.items():
+        with open(os.path.join(staging, name), 'w', encoding='utf-8') as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+    if filled:
+        log(f'filled in for llama.cpp\'s converter (a staged copy; {folder} is not written): {", ".join(filled)}')
+
+
+def _run(command: List[str], what: str, env: Optional[dict] = None) -> str:
+    """``command``'s stderr; ``ValueError`` with its last lines when it fails."""
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
+                          env=env)
+    if done.returncode:
+        tail = '\n'.join(done.stdout.strip().splitlines()[-6:])
+        raise ValueError(f'{what} failed (exit {done.returncode}):\n{tail}')
+    return done.stdout
+
+
+FALLBACK = re.compile(r'not divisible by (\d+).*fallback quantization (\w+)')
+
+
+def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log = _print) -> List[str]:
+    """The GGUF pair of the staged folder, into ``out_dir``; returns the files written."""
+    python, tree = tools()
+    kind = OUTTYPE[quant]
+    text = os.path.join(out_dir, f'{name}-{kind.upper()}.gguf')
+    mmproj = os.path.join(out_dir, f'mmproj-{name}-{kind.upper()}.gguf')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+    log(f'llama.cpp\'s converter: {os.path.basename(text)}, {os.path.basename(mmproj)}')
+    _run([sys.executable, os.path.join(HERE, 'gguf_convert.py'), tree, pre_tokenizer(staging),
+          '--', staging, '--outfile', text, '--outtype', kind,
+          '--', staging, '--mmproj', '--outfile', mmproj, '--outtype', kind], 'llama.cpp\'s converter', env)
+    if quant in ('f16', 'f32'):
+        return [text, mmproj]
+    quantised = os.path.join(out_dir, f'{name}-{quant.upper()}.gguf')
+    log(f'llama.cpp\'s quantiser (llama_model_quantize): {os.path.basename(quantised)}')
+    output = _run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env)
+    fallbacks = FALLBACK.findall(output)
+    if fallbacks:
+        kinds = sorted({f'{t} (rows not a multiple of {n})' for n, t in fallbacks})
+        log(f'{len(fallbacks)} tensors quantised to {", ".join(kinds)} instead of {quant}: llama.cpp\'s own '
+            f'fallback')
+    os.remove(text)
+    return [quantised, mmproj]
+
+
+def write_gguf_from_folder(folder: str, out_dir: str, quant: str = 'f16', log: Log = _print,
+                           name: Optional[str] = None) -> List[str]:
+    """An official folder's GGUF pair, into the (new, empty) ``out_dir``, its files named after ``name`` (by
+    default the folder's); the staged copy is made inside it and removed. Returns the files written."""
+    if quant not in QUANTS:
+        raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
+    staging = os.path.join(out_dir, '.staging')
+    try:
+        stage(folder, staging, log)
+        files = convert_staged(staging, out_dir, name or os.path.basename(os.path.normpath(folder)) or 'model', quant,
+                               log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for path in files:
+        log(f'wrote {os.path.basename(path)} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)')
+    return files
+
+
+def write_gguf(model, tiling: dict, out_dir: str, dtype, max_shard_size: str = '5GB', log: Log = _print,
+               system: Optional[str] = None, quant: str = 'f16') -> None:
+    """A trained model's GGUF pair: the official layout written into ``out_dir/official`` first (the converter
+    reads it), converted, then removed."""
+    from .official import write_official
+    source = os.path.join(out_dir, 'official')
+    os.makedirs(source)
+    try:
+        write_official(model, tiling, source, dtype, max_shard_size, log, system=system)
+        name = re.sub(r'\.tmp-\d+$', '', os.path.basename(os.path.normpath(out_dir)))  # export_checkpoint's temporary
+        write_gguf_from_folder(source, out_dir, quant, log, name)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)

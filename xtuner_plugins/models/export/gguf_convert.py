@@ -1,0 +1,69 @@
+"""llama.cpp's converter (``convert_hf_to_gguf.py`` of the tree ``make gguf`` unpacks) run on a staged folder, once per
+output, in one process. Run as a script by ``gguf.py``, with the main venv's Python (its torch and transformers 4.57
+are the ones the converter wants; the converter brings its own gguf-py)::
+
+    python gguf_convert.py LLAMA_CPP_DIR PRE -- CONVERTER ARGS ... [-- CONVERTER ARGS ...]
+
+Two of the converter's limits are lifted here, its code left as it is:
+
+* ``PRE``: the name of the BPE pre-tokenizer to write when llama.cpp does not recognise the tokenizer by the hash of
+its test encoding (``-``: none, the converter's own error stands). The hash is over token ids, so any vocabulary but
+the published ones misses it (this project's tiny tokenizer among them) even when its pre-tokenizer is one llama.cpp
+implements; ``gguf.py`` names it only when the tokenizer's pre-tokenizer is that one, rule for rule.
+* The mmproj's tensor names are looked up in a table built for as many blocks as the vision tower has layers, and
+  InternVL's projector is named by block (``mlp1.{bid}``: ``mlp1.0``, ``mlp1.1``, ``mlp1.3``): a tower of fewer than
+  4 layers (the demo's has 2) fails on ``mlp1.3`` ("Can not map tensor"). The table is built for at least 4 blocks;
+  the GGUF's block count stays the tower's.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv) -> int:
+    tree, pre, *rest = argv
+    jobs, job = [], None
+    for arg in rest:
+        if arg == '--':
+            job = []
+            jobs.append(job)
+        else:
+            job.append(arg)
+    sys.path.insert(0, tree)
+    import convert_hf_to_gguf as converter  # inserts its own gguf-py into sys.path
+    from conversion.base import TextModel
+
+    recognised = TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return recognised(self, tokenizer)
+        except NotImplementedError:
+            if pre == '-':
+                raise
+            logging.getLogger('gguf_convert').info('tokenizer not recognised by its hash; its pre-tokenizer is %s '
+                                                   '(checked rule for rule)', pre)
+            return pre
+
+    TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+    import gguf
+    from conversion.base import MmprojModel
+    built = MmprojModel.__init__
+
+    def init(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        if self.block_count < 4:  # the table's names only: the GGUF's block count is the tower's
+            self.tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, 4)
+
+    MmprojModel.__init__ = init
+    for job in jobs:
+        sys.argv = ['convert_hf_to_gguf.py', *job]
+        converter.main()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,54 @@
+"""An official InternVL folder (written by this converter, or OpenGVLab's) converted to GGUF as it is:
+``tools/convert_to_official.py FOLDER OUT_DIR --format gguf [--quant ...]``. A checkpoint goes through
+:func:`~xtuner_plugins.models.export.job.export_checkpoint` instead (built, merged, then the same writer).
+
+Checked before anything is written: llama.cpp is built, the folder is one llama.cpp reads (``gguf.config_misfit``),
+``OUT_DIR`` is not the folder nor inside it. The pair is written next to ``OUT_DIR`` and moved into place when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import List
+
+from .files import Log, _print
+from .gguf import config_misfit, tools, write_gguf_from_folder
+from .job import check_out_dir
+
+
+def is_official_folder(path: str) -> bool:
+    """A folder with a ``config.json`` (a converted folder, not a DeepSpeed checkpoint folder)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite: bool = False,
+                       log: Log = _print) -> List[str]:
+    """``folder``'s GGUF pair in ``out_dir``; returns the files."""
+    start = time.time()
+    _, tree = tools()
+    path = os.path.join(folder, 'config.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f'{path}: does not read ({exc})') from None
+    misfit = config_misfit(config, tree)
+    if misfit:
+        raise ValueError(f'{folder} cannot be converted to GGUF: {misfit}')
+    out = check_out_dir(out_dir, [os.path.realpath(folder)], overwrite)
+    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = write_gguf_from_folder(folder, tmp, quant, log, name=os.path.basename(out.rstrip(os.sep)))
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f'done: {out_dir} (gguf, {quant}; {time.time() - start:.1f}s)')
+    return [os.path.join(out, os.path.basename(f)) for f in files]

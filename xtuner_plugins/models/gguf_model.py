@@ -1,0 +1,184 @@
+"""A GGUF folder (``tools/convert_to_official.py ... --format gguf``) answering through llama.cpp, for
+``tools/chat.py`` and ``tools/eval.py``::
+
+    model = GGUFModel('work_dirs/my_gguf')          # NAME-<QUANT>.gguf + mmproj-NAME-<TYPE>.gguf
+    print(model.ask('What is in the picture?', ['photo.jpg'], dict(max_new_tokens=64)))
+
+The model runs in ``.venv-gguf`` (``make gguf``), in a worker process (``gguf_worker.py``) this class talks to one
+JSON line at a time; this venv's torch and transformers are not involved. The prompt is the GGUF's own chat template
+(the one the model was trained with) rendered by llama-cpp-python's ``MTMDChatHandler``, each image where its
+``<image>`` tag stands (``<img>``, its tiles' features, ``</img>``, as InternVL's ``chat`` writes it); decoding is
+greedy; the tiles are llama.cpp's (docs/conversion.md, "GGUF": they differ from InternVL's for most images).
+Images are read by the package's one pixel rule (``load_image``) and handed over as PNG, losslessly.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import io
+import json
+import os
+import queue
+import subprocess
+import tempfile
+from typing import Optional, Sequence, Tuple
+
+from xtuner_plugins.data.image_io import load_image
+
+
+def gguf_pair(folder: str) -> Optional[Tuple[str, str]]:
+    """``(model, mmproj)`` of a GGUF folder; None for a folder with no ``.gguf`` file; ``ValueError`` for one
+    whose ``.gguf`` files are not one model and one ``mmproj-*``."""
+    if not os.path.isdir(folder):
+        return None
+    files = sorted(glob.glob(os.path.join(folder, '*.gguf')))
+    if not files:
+        return None
+    mmproj = [f for f in files if os.path.basename(f).startswith('mmproj')]
+    text = [f for f in files if f not in mmproj]
+    if len(mmproj) != 1 or len(text) != 1:
+        raise ValueError(f'{folder}: a GGUF folder holds one model .gguf and one mmproj-*.gguf; found '
+                         f'{len(text)} and {len(mmproj)} ({", ".join(os.path.basename(f) for f in files)}); '
+                         f'convert again with tools/convert_to_official.py --format gguf')
+    return text[0], mmproj[0]
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    load_image(image).save(buffer, format='PNG')
+    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
+
+
+def user_content(question: str, images: Sequence) -> list:
+    """The turn's parts: text, and each image where its ``<image>`` tag stands (``<image>\\n`` in front of the
+    question when it has none, as InternVL's ``chat`` adds it)."""
+    if images and '<image>' not in question:
+        question = '<image>\n' * len(images) + question
+    if question.count('<image>') != len(images):
+        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {len(images)} images')
+    parts = []
+    for i, text in enumerate(question.split('<image>')):
+        if i:
+            parts.append({'type': 'image_url', 'image_url': {'url': data_url(images[i - 1])}})
+        if text:
+            parts.append({'type': 'text', 'text': text})
+    return parts
+
+
+class TextStreamer:
+    """What ``tools/chat.py`` iterates to print an answer as it comes (``put`` a piece, ``end``)."""
+
+    def __init__(self):
+        self.pieces = queue.Queue()
+
+    def put(self, piece: str) -> None:
+        self.pieces.put(piece)
+
+    def end(self) -> None:
+        self.pieces.put(None)
+
+    def __iter__(self):
+        while True:
+            piece = self.pieces.get()
+            if piece is None:
+                return
+            yield piece
+
+
+class GGUFModel:
+    """A GGUF folder ready to answer (:meth:`ask`, :meth:`reset`, as ``ConvertedModel``'s)."""
+
+    format = 'gguf'
+
+    def __init__(self, folder: str, **tiling):
+        from .export.gguf import WORKER, tools
+        given = sorted(k for k, v in tiling.items() if v is not None)
+        if given:
+            raise ValueError(f'{folder} is a GGUF folder: llama.cpp tiles the images as its mmproj says, and the '
+                             f'tiling options ({", ".join(given)}) are for official and remote folders')
+        self.folder, (self.model_file, self.mmproj_file) = folder, gguf_pair(folder)
+        python, _ = tools()
+        self.log = tempfile.TemporaryFile(mode='w+', encoding='utf-8', errors='replace')  # llama.cpp's own lines
+        self.worker = subprocess.Popen([python, WORKER, 'serve', self.model_file, self.mmproj_file],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                       encoding='utf-8', bufsize=1)
+        self.ready = self._read()
+        if 'ready' not in self.ready:
+            problem = self._problem()
+            self.close()
+            raise ValueError(f'{folder}: llama.cpp did not load it: {problem}')
+        self.context = self.ready['ready']['n_ctx']
+        self.reset()
+
+    def _read(self) -> dict:
+        line = self.worker.stdout.readline()
+        return json.loads(line) if line.strip() else {}
+
+    def _problem(self) -> str:
+        self.worker.poll()
+        self.log.seek(0)
+        lines = [l for l in self.log.read().splitlines() if l.strip()]
+        return '; '.join(lines[-3:]) or f'the worker exited with {self.worker.returncode}'
+
+    def reset(self) -> None:
+        self.messages, self.last_tokens = [], []
+
+    def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
+            video=None) -> str:
+        """One greedy turn (the conversation's earlier turns and images are part of the prompt);
+        ``streamer`` (:meth:`text_streamer`) gets the answer's pieces as they come."""
+        generation = dict(generation or {})
+        try:
+            if video is not None:
+                raise ValueError(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL '
+                                 f'mmproj reads no video here); use the official folder for videos')
+            if generation.get('do_sample'):
+                raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
+            messages = self.messages + [{'role': 'user', 'content': user_content(question, list(images))}]
+            request = {'messages': messages, 'max_tokens': int(generation.get('max_new_tokens') or 512)}
+            try:
+                self.worker.stdin.write(json.dumps(request) + '\n')
+                self.worker.stdin.flush()
+            except (BrokenPipeError, OSError):
+                raise ValueError(f'{self.folder}: llama.cpp\'s worker stopped: {self._problem()}') from None
+            while True:
+                reply = self._read()
+                if 'piece' in reply:
+                    if streamer is not None:
+                        streamer.put(reply['piece'])
+                elif 'answer' in reply:
+                    answer, self.last_tokens = reply['answer'].strip(), reply['tokens']
+                    break
+                elif 'too_long' in reply:
+                    from .prompt import PromptTooLong
+                    raise PromptTooLong(reply['too_long'][0], request['max_tokens'], reply['too_long'][1],
+                                        f'{self.model_file} (its context as llama.cpp loads it)',
+                                        turns=len(self.messages) // 2)
+                elif 'error' in reply:
+                    raise ValueError(f'{self.folder}: llama.cpp: {reply["error"]}')
+                else:
+                    raise ValueError(f'{self.folder}: llama.cpp\'s worker stopped: {self._problem()}')
+        finally:
+            if streamer is not None:
+                streamer.end()
+        self.messages = messages + [{'role': 'assistant', 'content': answer}]
+        return answer
+
+    @staticmethod
+    def text_streamer() -> TextStreamer:
+        return TextStreamer()
+
+    def option_logprobs(self, question, images, texts):
+        raise ValueError(f'{self.folder}: --mc likelihood reads the model\'s log-likelihoods, which this GGUF path '
+                         f'does not; leave --mc at its default (the answer is generated)')
+
+    def close(self) -> None:
+        if self.worker.poll() is None:
+            self.worker.stdin.close()
+            try:
+                self.worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.log.close()

@@ -35,7 +35,8 @@ from .errors import SampleError
 from .sources import DataSource, Record
 from .streaming import StreamingDataset, epoch_order, unit_part
 
-__all__ = ['INDEX', 'ShardDataset', 'check_shards', 'ShardRecord', 'ShardSamples', 'read_index', 'read_shard', 'shard_units']
+__all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'read_index', 'read_shard',
+           'shard_units']
 
 INDEX = 'shards.json'
 FORMAT = 'xtuner-plugins-shards/1'

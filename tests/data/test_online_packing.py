@@ -104,3 +104,23 @@ def test_max_epochs_is_refused_with_one_line(dataset, capsys):
     assert 'give the training length as max_iters=N' in capsys.readouterr().err
     runner.cfg['train_cfg'] = {'max_iters': 5}
     StreamStateHook().before_run(runner)
+
+
+def test_a_resume_restarts_persistent_workers_with_the_saved_state(dataset):
+    """The hook's restart of a loop's DataLoader (persistent workers, started before the checkpoint was loaded):
+    MMEngine's replay of the 3 trained batches draws nothing, the next batches are the uninterrupted run's."""
+    from mmengine.runner.loops import _InfiniteDataloaderIterator
+
+    from xtuner_plugins.engine.streamstate import restart_loader
+    whole = run(lambda: packer(dataset), 6)
+    hook = StreamStateHook()
+    for b in run(lambda: packer(dataset), 3):
+        hook.before_train_iter(None, 0, b)
+    loader = DataLoader(packer(dataset), batch_size=2, num_workers=2, collate_fn=stream_collate_fn,
+                        persistent_workers=True)
+    loop = SimpleNamespace(dataloader_iterator=_InfiniteDataloaderIterator(loader))
+    next(loop.dataloader_iterator)  # workers started, from the data set's start
+    loader.dataset.resume_from(hook.states, consumed=3)
+    restart_loader(loop, loader, 3)
+    assert [next(loop.dataloader_iterator) for _ in range(3)] == [None] * 3
+    assert [lines(next(loop.dataloader_iterator)) for _ in range(3)] == [lines(b) for b in whole[3:]]

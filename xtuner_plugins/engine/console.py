@@ -34,7 +34,8 @@ LOG_FILE_ONLY = ('Hooks will be executed in the following order', '\n' + '-' * 6
 #: starts of the messages dropped (console and log file)
 DROPPED = ('"FileClient" will be deprecated in future.', '"HardDiskBackend" is the alias of "LocalBackend"',
            *(f'Dataset {name} has no metainfo.' for name in
-             ('InternVLDataset', 'InternVLPreferenceDataset', 'PackedInternVLDataset')))
+             ('InternVLDataset', 'InternVLPreferenceDataset', 'PackedInternVLDataset', 'OnlinePackedDataset',
+              'ShardDataset')))
 
 
 def console_handlers(logger: logging.Logger) -> List[logging.Handler]:

@@ -105,7 +105,7 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int, snaps
     if models['family'] != 'internvit':
         settings.pop('vision_drop_path', None)  # stochastic depth is InternViT's (InternVL stage 1.5)
     model = VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=models['projector'],
-                                image_mode=models['image_mode'], llm_grad_ckpt=True,
+                                image_mode=models['image_mode'], llm_grad_ckpt=True, compile_blocks=False,
                                 torch_dtype='bfloat16' if device == 'cuda' else 'float32', **settings)
     model.train()   # as the runner does: from_pretrained leaves the LLM in eval mode, where transformers does not
     # checkpoint its layers and dropout is off (this benchmark measured so before 2026-11-24)

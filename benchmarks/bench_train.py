@@ -234,6 +234,7 @@ def main() -> None:
             return
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
+                                    compile_blocks=False,
                                     llm_grad_ckpt=args.real and (False if args.llm_ckpt == 'none' else args.llm_ckpt),
                                     attn_implementation=attn, cudnn_attention=args.cudnn_sdpa,
                                     torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')

@@ -128,7 +128,8 @@ def step_share(paths, args) -> None:
         ds[i]
     t_item = min(_timed_items(ds) for _ in range(args.repeat))
     t_tiles, _ = timed(tiles_only, paths, args.repeat)
-    model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED).train()
+    model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
+                                compile_blocks=False).train()
     shapes = model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio)
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10 ** 6,
                                              generator=torch.Generator().manual_seed(0))

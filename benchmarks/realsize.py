@@ -14,7 +14,10 @@ the published configs and random weights, loaded by the code that loads the real
 Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense block-diagonal mask, SDPA),
 ``packed_segments`` (packs, ``attn_implementation='sdpa_segments'``: each sample attended on its own, no mask),
 ``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
-``xtuner`` (its own default: the LLM checkpointed). Every other row checkpoints the LLM. By default ``unpacked``,
+``xtuner`` (its own default: the LLM checkpointed); any of ours with ``_compiled`` added (``unpacked_compiled``,
+``packed_segments_compiled``): the model's ``compile_blocks=True`` (each LLM and vision block under
+``torch.compile``), warmed up by a second step of other sizes so that no graph is compiled in the timed steps (the
+row says how many were). Every other row checkpoints the LLM. By default ``unpacked``,
 ``packed_segments`` and ``xtuner`` run (``--rows``). The closing line's "ours" is our fastest row, its "packed" the
 faster packed row (both named).
 
@@ -217,6 +220,7 @@ def child(args) -> dict:
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
     from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
     from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.models.compile import compiled_graphs
     from xtuner_plugins.planner import Batch, plan_memory
     torch.manual_seed(0)
     s = SETTINGS[args.setting]
@@ -228,7 +232,8 @@ def child(args) -> dict:
     def build(**settings):
         return VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=s['projector'],
                                    image_mode=s['image_mode'], freeze_vision=True,
-                                   llm_grad_ckpt=not args.row.endswith('_nockpt'),
+                                   llm_grad_ckpt='_nockpt' not in args.row,
+                                   compile_blocks=args.row.endswith('_compiled'),
                                    torch_dtype='bfloat16', from_scratch=True,
                                    attn_implementation='sdpa_segments' if args.row.startswith('packed_segments')
                                    else args.attn,
@@ -243,7 +248,7 @@ def child(args) -> dict:
     model = build(**s['model'])
     model.train()
     data, images = build_data(args.setting, args.work, models, args.samples)
-    ds = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=12,
+    ds = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=args.tiles,
                          max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache', args.setting),
                          **model.geometry)
     packed = PackedInternVLDataset(ds, max_tokens=args.max_tokens, max_tiles=None, seed=0)
@@ -268,6 +273,15 @@ def child(args) -> dict:
                                                                                    args.setting + '-1tile'),
                                 **model.geometry)
         warmup = internvl_collate_fn([pack_items([small[0]]) if args.row.startswith('packed') else small[0]])
+        if args.row.endswith('_compiled'):   # a second warm-up of other sizes (the 4:3 images at 2 x 2 tiles +
+            # thumbnail, two samples a pack): graphs for sizes of one (torch specialises them) and for any other
+            # size are made before the timed step
+            two = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=4,
+                                  max_length=args.max_tokens, cache_dir=os.path.join(args.work, 'cache',
+                                                                                     args.setting + '-4tile'),
+                                  **model.geometry)
+            warmup = [warmup, internvl_collate_fn([pack_items([two[0], two[1]]) if args.row.startswith('packed')
+                                                   else two[0]])]
     result = dict(setting=args.setting, row=args.row)
     step_loss, xt, check = None, None, None
     if args.row == 'unpacked' and s['xtuner']:  # before any step: the weights XTuner starts from; checked in run
@@ -326,7 +340,8 @@ def child(args) -> dict:
         r = train_loop.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
                            step_loss=step_loss, freeze=freeze if xt is not None else None, img_context_token_id=ctx,
                            autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark,
-                           profile=profile)
+                           profile=profile, warmup=len(warmup) if isinstance(warmup, list) else 1,
+                           graphs=compiled_graphs if args.row.endswith('_compiled') else None)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
     result.update(r, act_measured=marks[-1])
@@ -368,7 +383,8 @@ def main() -> None:
     p.add_argument('--settings', nargs='+', default=['a', 'c', 'b'], choices=list(SETTINGS),
                    help='in this order (default a c b: the 1.5B rows, the longest, last)')
     p.add_argument('--rows', nargs='+', default=None,
-                   help='of unpacked packed packed_segments packed_segments_nockpt xtuner (default: unpacked '
+                   help='of unpacked packed packed_segments packed_segments_nockpt xtuner, ours with _compiled '
+                        '(unpacked_compiled, packed_segments_compiled; default: unpacked '
                         'packed_segments xtuner; the dense-mask and no-checkpointing rows are levers, measured once '
                         'in benchmarks/RESULTS.md)')
     p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
@@ -379,6 +395,9 @@ def main() -> None:
     p.add_argument('--samples', type=int, default=8, help='samples in the data set (default 8)')
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
     p.add_argument('--attn', default='sdpa')
+    p.add_argument('--max-dynamic-patch', nargs='+', default=[], metavar='SETTING=N',
+                   help='tiles per image of a setting, for every row of it (a=6 b=6; default 12 for each, the '
+                        'tiled settings at 12 + thumbnail): fewer where XTuner\'s row does not fit in memory')
     p.add_argument('--malloc', choices=('keep', 'default'), default='keep',
                    help="the rows' glibc malloc: 'keep' what is freed (default; KEEP_FREED), or glibc's 'default'")
     p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
@@ -394,7 +413,9 @@ def main() -> None:
                         'in the timed step, which XTuner\'s rows do not run): their time without it, their peak '
                         'from the sampling thread only')
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
+    p.add_argument('--tiles', type=int, default=12, help=argparse.SUPPRESS)   # a child's max_dynamic_patch
     args = p.parse_args()
+    tiles = parse_tiles(p, args.max_dynamic_patch)
     if args.child:
         args.setting, args.row = args.child
         print('RESULT ' + json.dumps(child(args), default=float), flush=True)
@@ -429,22 +450,24 @@ def main() -> None:
             t = time.perf_counter()
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
-                   '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup]
+                   '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup,
+                   '--tiles', str(tiles[setting])]
             if args.profile:
                 cmd += ['--profile', os.path.abspath(args.profile)]
             if not args.op_reads:
                 cmd += ['--no-op-reads']
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
+            proc, peak = run_watched(cmd, env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]
+            at_peak = f'; its RSS peaked at {peak / 2 ** 30:.2f} GiB of {total_memory() / 2 ** 30:.1f}'
             if proc.returncode < 0:  # a signal: SIGKILL is most likely the kernel's OOM killer (see dmesg)
                 results[(setting, row)] = dict(error=[f'killed by signal {-proc.returncode}' + (
                     ' (the kernel\'s out-of-memory killer, most likely: `dmesg | grep -i killed`)'
-                    if proc.returncode == -9 else '')])
+                    if proc.returncode == -9 else '') + at_peak])
             elif proc.returncode or not lines:
-                results[(setting, row)] = dict(error=(proc.stderr or proc.stdout)[-400:].strip().splitlines()[-1:])
+                results[(setting, row)] = dict(error=[line + at_peak for line in (
+                    proc.stderr or proc.stdout)[-400:].strip().splitlines()[-1:]])
             else:
                 results[(setting, row)] = json.loads(lines[-1][7:])
             results[(setting, row)]['wall_s'] = time.perf_counter() - t
@@ -452,7 +475,7 @@ def main() -> None:
     if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
             args.deadline and time.time() > args.deadline):
         convert(args)
-    closing(results, args.settings, roof)
+    closing(results, args.settings, roof, tiles)
     if args.profile:
         from benchmarks.profile_kinds import table
         kinds = {f'({s}) {r}': v['kinds'] for (s, r), v in results.items() if 'kinds' in v}
@@ -462,6 +485,46 @@ def main() -> None:
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(dict(roofline=roof, rows={f'{s} {r}': v for (s, r), v in results.items()}), f, indent=1,
                   default=float)
+
+
+def parse_tiles(parser, values) -> dict:
+    """``--max-dynamic-patch a=6 b=6`` -> each setting's tiles per image (12 where not given)."""
+    tiles = {s: 12 for s in SETTINGS}
+    for value in values:
+        setting, _, n = value.partition('=')
+        if setting not in SETTINGS or not n.isdigit() or not 1 <= int(n) <= 40:
+            parser.error(f'--max-dynamic-patch {value!r}: expected SETTING=N with SETTING one of '
+                         f'{", ".join(SETTINGS)} and N from 1 to 40')
+        tiles[setting] = int(n)
+    return tiles
+
+
+def total_memory() -> int:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def run_watched(cmd, env=None):
+    """Run a row's process; returns ``(CompletedProcess, its peak RSS in bytes)``, the peak read from /proc every
+    0.2 s, so a row the kernel kills still says how far it got."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        chunks = {'out': [], 'err': []}
+        import threading
+        readers = [threading.Thread(target=lambda f=f, k=k: chunks[k].append(f.read()), daemon=True)
+                   for f, k in ((proc.stdout, 'out'), (proc.stderr, 'err'))]
+        for t in readers:
+            t.start()
+        peak = 0
+        while proc.poll() is None:
+            try:
+                with open(f'/proc/{proc.pid}/status') as f:
+                    rss = next((int(x.split()[1]) * 1024 for x in f if x.startswith('VmRSS:')), 0)
+                peak = max(peak, rss)
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.2)
+        for t in readers:
+            t.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, ''.join(chunks['out']), ''.join(chunks['err'])), peak
 
 
 def convert(args) -> None:
@@ -486,8 +549,9 @@ def convert(args) -> None:
         return
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.safetensors'))
     peak = rss[0] * 1024
-    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS {peak / 2 ** 30:.2f} GiB '
-          f'= {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; target <= 1.5)', flush=True)
+    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS '
+          f'{peak / 2 ** 30:.2f} GiB = {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; '
+          'target <= 1.5)', flush=True)
     subprocess.run(['rm', '-rf', out])
 
 
@@ -500,17 +564,20 @@ def print_row(setting, row, r, roof, flush=False):
           f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
           f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
           f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
-          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)',
-          flush=flush)
+          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)'
+          + (f'  compiled: warm-up steps {r["warmup_s"]:.0f} s, graphs compiled in the timed steps '
+             f'{r["graphs_in_timed"]}' if 'graphs_in_timed' in r else ''), flush=flush)
 
 
-def closing(results, settings, roof):
+def closing(results, settings, roof, tiles=None):
     for s in settings:
-        un, dense, seg, nockpt, xt = (results.get((s, r), {}) for r in (
-            'unpacked', 'packed', 'packed_segments', 'packed_segments_nockpt', 'xtuner'))
-        pk = max((x for x in (dense, seg, nockpt) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'],
-                 default={})
-        best = max((x for x in (un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
+        fewer = f' (at {tiles[s]} tiles per image, not 12, in every row of it)' if tiles and tiles[s] != 12 else ''
+        un, xt = results.get((s, 'unpacked'), {}), results.get((s, 'xtuner'), {})
+        ours = [v for (s_, r), v in results.items() if s_ == s and r != 'xtuner' and 'tokens_per_s' in v]
+        pk = max((x for x in ours if x['row'].startswith('packed')), key=lambda x: x['tokens_per_s'], default={})
+        best_un = max((x for x in ours if x['row'].startswith('unpacked')), key=lambda x: x['tokens_per_s'],
+                      default={})
+        best = max((x for x in (best_un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
         if best:
             print(f'rows of {s}: ours = {best["row"]}, packed = {pk.get("row")}')
 
@@ -522,9 +589,9 @@ def closing(results, settings, roof):
             print(train_loop.format_check(c))
             comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
         share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
-        print(f'real-size {s}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; peak memory '
-              f'ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked {ratio(pk, un, "tokens_per_s")}; roofline '
-              f'share {share}')
+        print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
+              f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
+              f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')
 
 
 if __name__ == '__main__':

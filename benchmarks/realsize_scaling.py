@@ -82,7 +82,7 @@ def main() -> None:
         sys.exit(f'realsize_scaling: not run: {refusal}')
     from xtuner_plugins.models import VisionLanguageModel
     sampler = RssSampler()
-    model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True,
+    model = VisionLanguageModel(torch_dtype='bfloat16', from_scratch=True, compile_blocks=False,
                                 **model_settings(args.work, args.loss_chunk)).train()
     adamw = train_loop.ours_adamw() if args.optimizer == 'ours' else {}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, **adamw)

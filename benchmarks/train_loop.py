@@ -163,7 +163,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         img_context_token_id: Optional[int] = None, autocast: Optional[bool] = None,
         warmup_batch: Optional[dict] = None, adamw: Optional[dict] = None, profile: Optional[str] = None,
         warmup: int = 1, check: Optional[Dict[str, torch.nn.Parameter]] = None,
-        after_step: Optional[Callable[[], None]] = None) -> dict:
+        after_step: Optional[Callable[[], None]] = None, graphs: Optional[Callable[[], int]] = None) -> dict:
     """``steps`` timed training steps (after ``warmup`` untimed ones) of ``model`` on ``loader``'s batches.
     ``step_loss(batch on the device) -> loss`` defaults to our model's; ``freeze`` (what is frozen, for the
     FLOPs) and ``img_context_token_id`` default to the model's attributes; ``autocast``: bf16 autocast (default:
@@ -176,7 +176,10 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     the first timed step's loss and gradient norms, taken before its optimizer step and outside its time, are
     returned as ``check`` (:func:`check_step`'s record, of the weights the run started from) - the check costs
     no step of its own; ``after_step()``: called at the end of every step, its gradients freed (as MMEngine's
-    ``OptimWrapper.update_params`` frees them after the optimizer step), outside the step's time."""
+    ``OptimWrapper.update_params`` frees them after the optimizer step), outside the step's time. ``warmup_batch``
+    may be a list, one batch per warm-up step; ``graphs()`` (compiled rows: the graphs compiled so far): the
+    graphs compiled during the timed steps are returned as ``graphs_in_timed``, which must be 0 for the time to
+    hold no compilation."""
     step_loss = step_loss or (lambda batch: ours_loss(model, batch))
     if freeze is None:
         freeze = dict(freeze_vision=model.freeze_vision, freeze_projector=model.freeze_projector,
@@ -192,10 +195,13 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device == 'cuda' else [])) if profile else None
     it = iter(loader)
+    warmups = list(warmup_batch) if isinstance(warmup_batch, (list, tuple)) else (
+        [] if warmup_batch is None else [warmup_batch])
+    graphs_at = None
     for step in range(steps + warmup):  # the warm-up steps are not counted
         t0 = time.perf_counter()
         with torch.profiler.record_function('data'):
-            batch = (warmup_batch if step == 0 and warmup_batch is not None else next(it))['data']
+            batch = (warmups[step] if step < len(warmups) else next(it))['data']
         t1 = time.perf_counter()
         seq_lens, tiles = batch_samples(batch, img_context_token_id, shapes.image_tokens_per_tile)
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -222,6 +228,7 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
                 after_step()
             skip += time.perf_counter() - c0
         if step < warmup:
+            graphs_at = graphs() if graphs is not None else None
             start = time.perf_counter()
             warmup_s = sum(step_s)
             if prof is not None and step == warmup - 1:
@@ -248,4 +255,5 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
                 peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps,
                 step_s=[round(x, 3) for x in step_s], **({'check': record} if check is not None else {}),
-                **({'kinds': kinds} if kinds is not None else {}))
+                **({'kinds': kinds} if kinds is not None else {}),
+                **({'graphs_in_timed': graphs() - graphs_at} if graphs is not None else {}))

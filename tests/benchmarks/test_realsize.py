@@ -12,7 +12,8 @@ from xtuner_plugins.tiny import make_tiny_models
 from xtuner_plugins.tiny.vision import write_tiny_siglip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLOSING = re.compile(r'^real-size (\w): tokens/s ours/xtuner (\S+?)( \(check FAILED[^)]*\))?; peak memory ours/xtuner '
+CLOSING = re.compile(r'^real-size (\w)(?: \(at \d+ tiles per image, not 12, in every row of it\))?: '
+                     r'tokens/s ours/xtuner (\S+?)( \(check FAILED[^)]*\))?; peak memory ours/xtuner '
                      r'(\S+); packed/unpacked (\S+); roofline share (\S+)%$')
 
 
@@ -27,14 +28,15 @@ def test_realsize_rows_and_closing_lines(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'realsize.py'), '--work', 'w',  # relative
                           '--out', 'out', '--settings', 'a', 'c', '--rows', 'unpacked', 'packed_segments', 'xtuner',
-                          '--samples', '3', '--max-tokens', '1024'], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=900)
+                          '--samples', '3', '--max-tokens', '1024', '--max-dynamic-patch', 'a=4'], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert not [x for x in lines if 'FAILED' in x], out.stdout
     assert any(x.startswith('loss check') and x.endswith('(tolerance 0.02)') and '-> OK' in x for x in lines)
     closing = {m.group(1): m for m in map(CLOSING.match, lines) if m}
     assert set(closing) == {'a', 'c'}, out.stdout
+    assert 'real-size a (at 4 tiles per image, not 12' in out.stdout and 'real-size c: ' in out.stdout
     assert closing['a'].group(2) != 'n/a' and closing['a'].group(5) != 'n/a'
     # the roofline share is the LLM's (the step's time less the vision tower's forward, timed by hooks)
     rows = [x for x in lines if re.match(r'^[ac] (unpacked|packed_segments|xtuner) +s/step', x)]
@@ -73,6 +75,27 @@ def test_realsize_sh_gives_its_folders_to_the_rows_and_the_scaling_series(tmp_pa
     assert [line.split(' | ')[:2] for line in table[2:]] == [['| tiles', str(t)] for t in (1, 4, 7, 13)] + [
         ['| pack tokens', str(n)] for n in (2048, 4096, 8192, 16384)]
     assert 'realsize wall:' in (tmp_path / 'out' / 'realsize.txt').read_text()
+
+
+def test_a_killed_row_says_how_far_its_memory_got():
+    """A row's process is watched from outside: one the kernel kills (here: itself, with SIGKILL) still reports
+    its peak RSS, read from /proc while it ran."""
+    from benchmarks.realsize import run_watched
+    code = 'import os, signal, time; b = bytearray(300 * 2 ** 20); time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)'
+    proc, peak = run_watched([sys.executable, '-c', code])
+    assert proc.returncode == -9 and 300 * 2 ** 20 < peak < 1024 * 2 ** 20, (proc.returncode, peak)
+
+
+def test_max_dynamic_patch_values():
+    import argparse
+
+    import pytest
+
+    from benchmarks.realsize import parse_tiles
+    assert parse_tiles(argparse.ArgumentParser(), ['a=6', 'b=4']) == {'a': 6, 'b': 4, 'c': 12}
+    for bad in ('a=0', 'd=6', 'a6', 'a=x'):
+        with pytest.raises(SystemExit):
+            parse_tiles(argparse.ArgumentParser(), [bad])
 
 
 def test_the_roofline_size_keeps_one_product_within_its_budget():

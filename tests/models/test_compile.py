@@ -53,8 +53,31 @@ def test_new_lengths_and_packings_do_not_compile_again(tiny, attn):
     assert counts[0] > 0 and counts[-1] == counts[1], counts
 
 
-def test_compile_blocks_values():
+def test_compile_blocks_values(monkeypatch):
+    from xtuner_plugins.models import compile as compile_
     assert compile_parts(False) == () and compile_parts(None) == ()
     assert compile_parts(True) == ('llm', 'vision') and compile_parts('vision') == ('vision',)
-    with pytest.raises(ValueError, match='compile_blocks=.*llm, vision'):
+    with pytest.raises(ValueError, match="compile_blocks=.*'auto', or some of llm, vision"):
         compile_parts('projector')
+    # 'auto': where it was measured to pay, a CPU with native bf16 and an LLM of 100M parameters or more
+    big = compile_.AUTO_MIN_LLM_PARAMETERS
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    assert compile_parts('auto', big) == ('llm', 'vision')
+    assert compile_parts('auto', big - 1) == ()                                # the tiny look-alikes stay eager
+    assert compile_parts('auto', big, why_not=['DeepSpeed ZeRO-3']) == ()
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
+    assert compile_parts('auto', big) == ()                                    # no bf16 hardware: not measured
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert compile_parts('auto', big) == ()                                    # CUDA: not measured yet
+
+
+def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
+    from xtuner_plugins.models import compile as compile_
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 1)
+    assert build(tiny, freeze_llm=False).compile_blocks == ('llm', 'vision')   # the default is 'auto'
+    assert build(tiny, trainable_fp32=False).compile_blocks == ()
+    monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 10 ** 8)
+    assert build(tiny, freeze_llm=False).compile_blocks == ()

@@ -71,7 +71,7 @@ def test_modes_and_errors(tiny):
 def test_zero3_recomputes_attention_too(tiny, monkeypatch):
     """Under ZeRO-3 the recomputation gathers weights (a collective selective checkpointing cannot replay: the
     two-process ZeRO-3 run of tests/eval/test_hook.py stops without this): True means 'full' there."""
-    monkeypatch.setattr(recompute, '_zero3', lambda: True)
+    monkeypatch.setattr(recompute, 'zero3_enabled', lambda: True)
     model = build(tiny, freeze_llm=False, llm_grad_ckpt=True)
     assert model.llm_recompute == 'full' and model.language_model.is_gradient_checkpointing
     assert recompute_mode('full') == 'full' and recompute_mode(False) is None

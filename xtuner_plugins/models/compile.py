@@ -18,24 +18,47 @@ seconds on 2 cores; inductor caches the kernels on disk, ``TORCHINDUCTOR_CACHE_D
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 COMPILE_PARTS = ('llm', 'vision')
+# 'auto' compiles an LLM of at least this many parameters: a step of a smaller one is too short to pay back the
+# compilation (tens of seconds on 2 cores) within a short run, and the tiny look-alikes of the tests stay eager
+AUTO_MIN_LLM_PARAMETERS = 100_000_000
 
 
-def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None]) -> Tuple[str, ...]:
-    """``compile_blocks`` -> the parts compiled: False/None none, True both, or the parts named."""
+def native_bf16_cpu() -> bool:
+    """Whether this CPU runs bf16 matrix products in hardware (AMX or AVX-512 BF16, from /proc/cpuinfo)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+
+def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_parameters: int = 0,
+                  why_not: Optional[List[str]] = None) -> Tuple[str, ...]:
+    """``compile_blocks`` -> the parts compiled: False/None none, True both, or the parts named. ``'auto'`` (the
+    default): both where it was measured to pay (benchmarks/RESULTS.md), a CPU with native bf16 and an LLM of
+    at least :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``); not on CUDA until ``benchmarks/gpu.sh`` has
+    measured it, nor with ``why_not`` reasons (a quantised LLM, DeepSpeed ZeRO-3)."""
     if flag is None or flag is False:
         return ()
+    if flag == 'auto':
+        import torch
+        pays = (not why_not and not torch.cuda.is_available() and native_bf16_cpu()
+                and llm_parameters >= AUTO_MIN_LLM_PARAMETERS)
+        return COMPILE_PARTS if pays else ()
     if flag is True:
         return COMPILE_PARTS
     parts = (flag,) if isinstance(flag, str) else tuple(flag)
     unknown = [p for p in parts if p not in COMPILE_PARTS]
     if unknown or not parts:
-        raise ValueError(f'compile_blocks={flag!r}: expected True, False, or some of {", ".join(COMPILE_PARTS)}')
+        raise ValueError(f'compile_blocks={flag!r}: expected True, False, \'auto\', or some of '
+                         f'{", ".join(COMPILE_PARTS)}')
     return parts
 
 

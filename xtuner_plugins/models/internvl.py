@@ -42,7 +42,7 @@ from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts
-from .recompute import checkpointing_kwargs, recompute_mode
+from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
 
 
@@ -111,7 +111,9 @@ class VisionLanguageModel(BaseModel):
         trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
             ``torch_dtype`` (the converter and chat tools, which only run the model).
         compile_blocks: ``torch.compile`` each transformer block (``compile.py``): True for the LLM's and the
-            vision tower's, ``'llm'`` or ``'vision'`` for one; False (the default) runs eager.
+            vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) where it
+            was measured to pay: a CPU with native bf16 (AMX, AVX-512 BF16) and an LLM of 100M parameters or
+            more, not quantised, not under ZeRO-3 (``compile.compile_parts``).
     """
 
     def __init__(self,
@@ -144,7 +146,7 @@ class VisionLanguageModel(BaseModel):
                  loss_chunk: int = 0,
                  preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
-                 compile_blocks: Union[bool, str, Sequence[str]] = False,
+                 compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = resolve_dtype(torch_dtype)
@@ -231,11 +233,6 @@ class VisionLanguageModel(BaseModel):
         if self.vision_recompute:
             self.vision_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.vision_recompute))
-        self.compile_blocks = compile_parts(compile_blocks)
-        for part in self.compile_blocks:   # after LoRA and checkpointing: their wrappers stay outside the blocks
-            n = compile_stacks(self.language_model if part == 'llm' else self.vision_model)
-            print_log(f'compile_blocks: {n} {part} blocks compiled (torch.compile, dynamic shapes; the first '
-                      'steps pay the compilation)', logger='current')
         self.language_model.config.use_cache = False
         self.reference = None
         if self.preference is not None and llm_lora is None:
@@ -243,6 +240,14 @@ class VisionLanguageModel(BaseModel):
             self.reference = frozen_copies({name: getattr(self, name) for name, frozen in (
                 ('vision_model', freeze_vision), ('mlp1', freeze_projector), ('language_model', freeze_llm))
                 if not frozen}, dtype)
+        why_not = [why for why, cond in (('a quantised LLM', llm_quantization is not None),
+                                         ('DeepSpeed ZeRO-3', zero3_enabled()),
+                                         ('a model only run, not trained', not trainable_fp32)) if cond]
+        self.compile_blocks = compile_parts(compile_blocks, count_parameters(self.language_model)['total'], why_not)
+        for part in self.compile_blocks:   # after LoRA, checkpointing and the reference's copies (eager)
+            n = compile_stacks(self.language_model if part == 'llm' else self.vision_model)
+            print_log(f'compile_blocks: {n} {part} blocks compiled (torch.compile, dynamic shapes; the first '
+                      'steps pay the compilation)', logger='current')
         log_parameter_counts(self)
 
     def init_weights(self):

@@ -48,7 +48,7 @@ def recompute_mode(flag: Union[bool, str, None], where: str = 'llm_grad_ckpt') -
     mode = 'keep_attention' if flag is True else flag
     if not (isinstance(mode, str) and mode in RECOMPUTE_MODES):
         raise ValueError(f'{where}={flag!r}: expected True, False or one of {", ".join(map(repr, RECOMPUTE_MODES))}')
-    if mode == 'keep_attention' and _zero3():
+    if mode == 'keep_attention' and zero3_enabled():
         from mmengine.logging import print_log
         print_log(f"{where}: DeepSpeed ZeRO-3 gathers weights inside each layer's recomputation, which checkpointing "
                   "that keeps attention cannot replay: every layer is recomputed whole ('full')", logger='current')
@@ -56,7 +56,7 @@ def recompute_mode(flag: Union[bool, str, None], where: str = 'llm_grad_ckpt') -
     return mode
 
 
-def _zero3() -> bool:
+def zero3_enabled() -> bool:
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:

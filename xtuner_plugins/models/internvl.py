@@ -24,7 +24,6 @@ trained (``state_dict`` drops frozen parameters); frozen parts come back from th
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -41,7 +40,7 @@ from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
-from .parts import build_parts
+from .parts import build_parts, count_parameters, log_parameter_counts
 from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
 
@@ -390,18 +389,3 @@ class VisionLanguageModel(BaseModel):
 
 # The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.
 InternVLModel = VisionLanguageModel
-
-
-def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Total and trainable parameter counts (a 4-bit weight stores two values per byte: its values count)."""
-    def numel(p):
-        return p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel()
-    total = sum(numel(p) for p in model.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    return dict(total=total, trainable=trainable)
-
-
-def log_parameter_counts(model: nn.Module) -> None:
-    counts = count_parameters(model)
-    print_log(f'Parameters: {counts["total"]:,} total, {counts["trainable"]:,} trainable', logger='current',
-              level=logging.INFO)

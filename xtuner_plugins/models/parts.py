@@ -7,9 +7,11 @@ it (``llm.py``).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import logging
+from typing import Dict, Optional, Union
 
 import torch
+from mmengine.logging import print_log
 from torch import nn
 
 from xtuner_plugins.data.template import check_tokenizer_fits
@@ -63,3 +65,18 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
         untie_embeddings(language_model)
         fit_embeddings_to_tokenizer(language_model, tok, len(tok) - num_added)
     return vision_model, vision, mlp1, language_model, tok
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """Total and trainable parameter counts (a 4-bit weight stores two values per byte: its values count)."""
+    def numel(p):
+        return p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel()
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return dict(total=total, trainable=trainable)
+
+
+def log_parameter_counts(model: nn.Module) -> None:
+    counts = count_parameters(model)
+    print_log(f'Parameters: {counts["total"]:,} total, {counts["trainable"]:,} trainable', logger='current',
+              level=logging.INFO)

@@ -214,7 +214,8 @@ def _run(command: List[str], what: str, env: Optional[dict] = None) -> str:
     return done.stdout
 
 
-FALLBACK = re.compile(r'not divisible by (\d+).*fallback quantization (\w+)')
+#: llama.cpp's quantiser's line for a tensor whose rows do not fit the type asked for
+FALLBACK = re.compile(r'ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\) -> falling back to\s+(\w+)')
 
 
 def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log = _print) -> List[str]:
@@ -235,9 +236,10 @@ def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log =
     output = _run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env)
     fallbacks = FALLBACK.findall(output)
     if fallbacks:
-        kinds = sorted({f'{t} (rows not a multiple of {n})' for n, t in fallbacks})
-        log(f'{len(fallbacks)} tensors quantised to {", ".join(kinds)} instead of {quant}: llama.cpp\'s own '
-            f'fallback')
+        moves = ', '.join(sorted({f'{want} -> {got}' for _, _, want, got in fallbacks}))
+        widths = ', '.join(sorted({cols for cols, _, _, _ in fallbacks}, key=int))
+        log(f'{len(fallbacks)} tensors quantised to another type than {quant} asks ({moves}): their rows ({widths} '
+            f'wide) are not multiples of {fallbacks[0][1]}; llama.cpp\'s own fallback')
     os.remove(text)
     return [quantised, mmproj]
 

@@ -64,6 +64,9 @@ NOT_RUN = {
     'models/ (tests/test_planner.py runs the same CLI on the stage configs with tiny models)',
     'make vllm ': 'serving through vLLM: tests/serve/test_vllm.py serves a converted folder with tools/serve.py and '
                   'asks it through the OpenAI API (make test builds .venv-vllm first)',
+    'make gguf ': 'the GGUF export and answers through llama.cpp: tests/models/export/test_gguf.py converts a demo-size '
+                  'model with --format gguf and asks it with tools/chat.py and tools/eval.py (make test builds '
+                  '.venv-gguf first)',
     'IMG=$(base64 -w0 photo.png)': 'a request to a running server: tests/serve/test_vllm.py sends the same request',
     'make_tiny_models.py tiny32': "docs/serving.md's tiny path: tests/serve/test_vllm.py runs it as written",
     'base64 -w0 my_data/images/0.jpg': "its question to the server: tests/serve/test_vllm.py asks it as written",

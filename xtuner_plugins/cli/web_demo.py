@@ -45,15 +45,22 @@ def parse_args(argv=None):
     return args
 
 
+class GGUFFolder(ValueError):
+    """A GGUF folder given to the web demo."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not port_free(args.host, args.port):  # before the model loads, so the error comes at once
         return tool_error('web_demo', f'port {args.port} on {args.host} is in use; give another with --port')
 
     def serve(model) -> None:
+        if model.format == 'gguf':  # llama.cpp's worker keeps no per-session conversations
+            raise GGUFFolder(f'{args.folder} is a GGUF folder: it answers through tools/chat.py and tools/eval.py; '
+                             f'the web demo takes the official folder it was converted from')
         launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port)
 
-    return run_tool(args, 'web_demo', serve, (OSError,), max_num=args.max_num, min_num=args.min_num)
+    return run_tool(args, 'web_demo', serve, (OSError, GGUFFolder), max_num=args.max_num, min_num=args.min_num)
 
 
 if __name__ == '__main__':

@@ -254,6 +254,12 @@ def test_tiling_options_are_refused_for_a_gguf_folder(setup, capsys):
     assert 'llama.cpp tiles the images as its mmproj says' in capsys.readouterr().err
 
 
+def test_the_web_demo_refuses_a_gguf_folder_in_one_line(setup, capsys):
+    from tools.web_demo import main as web_main
+    assert web_main([setup['f32'], '--port', '0']) == 2
+    assert 'is a GGUF folder: it answers through tools/chat.py and tools/eval.py' in capsys.readouterr().err
+
+
 def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):
     from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
     build_tiny_tokenizer().save_pretrained(tmp_path)

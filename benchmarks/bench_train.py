@@ -172,6 +172,9 @@ def main() -> None:
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
     p.add_argument('--no-xtuner', action='store_true',
                    help="leave out XTuner 0.2.0's InternVL path (InternVL_V1_5 on the unpacked batches)")
+    p.add_argument('--compile-blocks', action='store_true',
+                   help="the model's compile_blocks=True (each LLM and vision block under torch.compile; two "
+                        "warm-up steps); default eager")
     p.add_argument('--dry-run', action='store_true',
                    help='build configs, data and meta-device modules and print the FLOPs per step; no weights, '
                         'no training')
@@ -234,7 +237,7 @@ def main() -> None:
             return
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
-                                    compile_blocks=False,
+                                    compile_blocks=args.compile_blocks,
                                     llm_grad_ckpt=args.real and (False if args.llm_ckpt == 'none' else args.llm_ckpt),
                                     attn_implementation=attn, cudnn_attention=args.cudnn_sdpa,
                                     torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
@@ -273,7 +276,8 @@ def main() -> None:
                                         args.device)
             except Exception as e:  # noqa: BLE001 -- the reason is printed instead of XTuner's numbers
                 xtuner_skip = f'could not run: preparing its folder and check failed: {type(e).__name__}: {e}'
-        results, warmup = {}, 2 if attn == 'flex_attention' else 1
+        # compiled code is built at the first shape and again, with dynamic shapes, at the second
+        results, warmup = {}, 2 if attn == 'flex_attention' or args.compile_blocks else 1
         if 'unpacked' in paths:
             results['unpacked'] = run(model, loader(ds, args.batch), args.steps, args.device, shapes,
                                       adamw=ours_adamw(), profile=args.profile, warmup=warmup)

@@ -51,12 +51,14 @@ sys.path.insert(0, ROOT)
 
 MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
 #: why a row runs on CUDA only (a --tiny run on a machine without CUDA skips it, naming the reason)
-CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU"}
+CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
+             'packed segments compiled': "compile_blocks is measured on the CPU by realsize.sh's _compiled rows"}
 TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
               ('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
               ('packed sdpa', ['--paths', 'packed', '--attn', 'sdpa']),
-              ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']))
+              ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']),
+              ('packed segments compiled', ['--paths', 'packed', '--attn', 'sdpa_segments', '--compile-blocks']))
 # Settings per mode: LLM sizes in order, bench_train/bench_memory sizes, per-row budgets (s), the run's budget.
 MODES = {
     # the fp32 reference runs on packs of <= 8192 tokens: fp32 attention with a dense mask over 16384 tokens
@@ -98,7 +100,7 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
     models = os.path.join(work, 'memory', 'models.json')
     for i, size in enumerate(m['sizes']):
         for name, extra in TRAIN_ROWS:
-            kind = 'flex' if 'flex' in name else 'xtuner' if name == 'xtuner' else 'train'
+            kind = 'flex' if 'flex' in name or 'compiled' in name else 'xtuner' if name == 'xtuner' else 'train'
             # a --tiny run trains on the CPU, but a row that trains on CUDA only takes the GPU when there is one
             device = ['--device', 'cuda'] if name in CUDA_ONLY and not gpu else []
             add(f'{size} {name}', 'train', train_args(size) + device + ['--steps', str(m['steps'])] + extra,

@@ -14,7 +14,9 @@ import torch
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed sdpa', 'tiny unpacked']
+TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed sdpa', 'tiny unpacked',
+         'tiny packed segments compiled']
+CUDA_ONLY = ['tiny packed flex', 'tiny packed segments compiled']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny bf16 vs fp32', 'memory pretrain_mlp', 'memory finetune_lora',
         'memory finetune_full']
 
@@ -55,8 +57,9 @@ def test_a_row_that_needs_cuda_is_skipped_without_it_by_name(tmp_path, capsys):
     assert rows[0]['status'] == 'ok'
     tiny = {r['name']: r for r in gpu.plan('tiny', str(tmp_path / 'out'), str(tmp_path / 'work'))}
     assert tiny['tiny packed flex']['cuda_only'] and 'cuda' in tiny['tiny packed flex']['cmd']
-    assert [n for n, r in tiny.items() if r['cuda_only']] == ['tiny packed flex']
-    assert all('cuda' not in r['cmd'] for n, r in tiny.items() if n != 'tiny packed flex')
+    assert [n for n, r in tiny.items() if r['cuda_only']] == CUDA_ONLY
+    assert all('cuda' not in r['cmd'] for n, r in tiny.items() if n not in CUDA_ONLY)
+    assert '--compile-blocks' in tiny['tiny packed segments compiled']['cmd']
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal of a machine without CUDA')
@@ -106,7 +109,9 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     for name in ROWS:
         assert name in table
     flex = by.pop('tiny packed flex')
+    compiled = by.pop('tiny packed segments compiled')
     if not torch.cuda.is_available():
+        assert compiled['status'] == 'skipped', compiled
         assert flex['status'] == 'skipped', flex
         assert ("tiny packed flex: skipped: needs CUDA (torch's FlexAttention has no backward on a CPU) and this "
                 'machine has none') in proc.stdout

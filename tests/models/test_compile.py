@@ -63,9 +63,13 @@ def test_compile_blocks_values(monkeypatch):
     big = compile_.AUTO_MIN_LLM_PARAMETERS
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     assert compile_parts('auto', big) == ('llm', 'vision')
     assert compile_parts('auto', big - 1) == ()                                # the tiny look-alikes stay eager
     assert compile_parts('auto', big, why_not=['DeepSpeed ZeRO-3']) == ()
+    monkeypatch.setattr(compile_, 'cxx_compiler', lambda: False)
+    assert compile_parts('auto', big) == ()                                    # inductor could not build
+    monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
     assert compile_parts('auto', big) == ()                                    # no bf16 hardware: not measured
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
@@ -76,6 +80,7 @@ def test_compile_blocks_values(monkeypatch):
 def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
     from xtuner_plugins.models import compile as compile_
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 1)
     assert build(tiny, freeze_llm=False).compile_blocks == ('llm', 'vision')   # the default is 'auto'
     assert build(tiny, trainable_fp32=False).compile_blocks == ()

@@ -39,18 +39,25 @@ def native_bf16_cpu() -> bool:
     return 'amx_bf16' in flags or 'avx512_bf16' in flags
 
 
+def cxx_compiler() -> bool:
+    """Whether inductor finds a C++ compiler (``$CXX``, g++ or clang++), which it needs on a CPU."""
+    import os
+    import shutil
+    return any(shutil.which(c) for c in (os.environ.get('CXX', ''), 'g++', 'clang++', 'c++') if c)
+
+
 def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_parameters: int = 0,
                   why_not: Optional[List[str]] = None) -> Tuple[str, ...]:
     """``compile_blocks`` -> the parts compiled: False/None none, True both, or the parts named. ``'auto'`` (the
     default): both where it was measured to pay (benchmarks/RESULTS.md), a CPU with native bf16 and an LLM of
-    at least :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``); not on CUDA until ``benchmarks/gpu.sh`` has
+    at least :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and a C++ compiler; not on CUDA until ``benchmarks/gpu.sh`` has
     measured it, nor with ``why_not`` reasons (a quantised LLM, DeepSpeed ZeRO-3)."""
     if flag is None or flag is False:
         return ()
     if flag == 'auto':
         import torch
         pays = (not why_not and not torch.cuda.is_available() and native_bf16_cpu()
-                and llm_parameters >= AUTO_MIN_LLM_PARAMETERS)
+                and llm_parameters >= AUTO_MIN_LLM_PARAMETERS and cxx_compiler())
         return COMPILE_PARTS if pays else ()
     if flag is True:
         return COMPILE_PARTS

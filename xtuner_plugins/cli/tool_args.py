@@ -56,8 +56,8 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
              **tiling) -> int:
     """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
     :class:`ConvertedModel` (``tiling`` as there; a config + checkpoint converted into a temporary folder
-    first, removed after; a GGUF folder as a :class:`GGUFModel`, answering through llama.cpp), then ``use(model)``. The exit status: 0, or 2 with the error printed
-    (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
+    first, removed after; a GGUF folder as a :class:`GGUFModel`, answering through llama.cpp), then
+    ``use(model)``. The exit status: 0, or 2 with the error printed (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
     of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
     dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:

@@ -8,8 +8,8 @@ Two commands::
 
 ``serve`` reads one request a line on stdin, ``{"messages": [...], "max_tokens": N}`` (OpenAI-style messages, images
 as ``data:`` URLs), answers through ``MTMDChatHandler`` (the GGUF's own chat template, mtmd's tiling), greedily, and
-writes ``{"piece": TEXT}`` lines as the answer streams, then ``{"answer": TEXT, "tokens": [ID, ...]}`` (or ``{"error": TEXT}``, or
-``{"too_long": [PROMPT_TOKENS, N_CTX]}``). It writes
+writes ``{"piece": TEXT}`` lines as the answer streams, then ``{"answer": TEXT, "tokens": [ID, ...]}`` (or
+``{"error": TEXT}``, or ``{"too_long": [PROMPT_TOKENS, N_CTX]}``). It writes
 ``{"ready": {...}}`` once the model is loaded. Generation stops at the end token, at ``max_tokens``, or after
 ``BLANK_RUN`` whitespace-only pieces in a row (an untrained model's endless newlines, as ``prompt.py``'s
 ``blank_run_stop`` does for the other formats).

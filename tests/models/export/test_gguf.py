@@ -19,7 +19,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from tests.helpers import converted_tiny_folder, write_image, write_jsonl
 from tools.chat import main as chat_main
@@ -51,7 +50,8 @@ def official_greedy(model, image, question):
 
     def recording(**kwargs):
         out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
-        seen.update(ids=out.sequences[0].tolist(), margins=[float(s[0].topk(2).values.diff().abs()) for s in out.scores])
+        seen.update(ids=out.sequences[0].tolist(),
+                    margins=[float(s[0].topk(2).values.diff().abs()) for s in out.scores])
         return out.sequences
 
     lm.generate = recording

@@ -45,7 +45,8 @@ VISION_FIELDS = ('image_size', 'patch_size', 'hidden_size', 'intermediate_size',
 LLM_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM',
                      'internlm2': 'InternLM2ForCausalLM', 'phi3': 'Phi3ForCausalLM'}
 #: the pre-tokenizer of Qwen2's tokenizer.json (and of this project's tiny tokenizer): llama.cpp's "qwen2"
-QWEN2_PRE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PRE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+             r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def venv() -> str:

@@ -109,3 +109,11 @@ def test_ranks_and_workers_read_each_sample_once(data, tiny_tokenizer, tmp_path)
             seen.extend(batch['data']['samples'])
     assert set(seen) == {f'{files[1]}:{n}' for n in range(1, 13) if n != 6} and len(seen) == 12  # 1 padding
     assert torch.utils.data.get_worker_info() is None
+
+
+@pytest.mark.parametrize('repeat, items, distinct', [(2.5, 25, 10), (0.3, 3, 3), (1, 10, 10)])
+def test_distinct_samples_count_each_repeated_sample_once(tmp_path, tiny_tokenizer, repeat, items, distinct):
+    """max_bad_fraction is a fraction of the distinct samples: repeats count once."""
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', image=False)} for i in range(10)])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, repeat_times=repeat)
+    assert (len(ds), ds.num_distinct) == (items, distinct)

@@ -212,7 +212,9 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
         self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length
         self.truncated: Dict[str, int] = {}  # FILE:LINE -> tokens max_length cut from it (its answer cut, kept)
-        self.num_distinct = len(np.unique(self._index))  # samples the limit is a fraction of (repeats once)
+        used = np.zeros(len(self.records), dtype=bool)
+        used[self._index] = True  # (np.unique: 19 s at 16M items)
+        self.num_distinct = int(used.sum())  # samples the limit is a fraction of (repeats once)
         self._report_load_problems()
         self._lengths: Optional[np.ndarray] = None
 

@@ -93,7 +93,9 @@ class GGUFModel:
 
     def __init__(self, folder: str, **tiling):
         from .export.gguf import WORKER, tools
-        given = sorted(k for k, v in tiling.items() if v is not None)
+        flags = {'max_num': '--max-num', 'min_num': '--min-num', 'image_size': '--image-size',
+                 'use_thumbnail': '--no-thumbnail'}
+        given = sorted(flags.get(k, k) for k, v in tiling.items() if v is not None)
         if given:
             raise ValueError(f'{folder} is a GGUF folder: llama.cpp tiles the images as its mmproj says, and the '
                              f'tiling options ({", ".join(given)}) are for official and remote folders')

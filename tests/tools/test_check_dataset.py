@@ -258,3 +258,27 @@ def test_workers_give_the_same_report(tmp_path, tiny_tokenizer_dir, capsys, monk
     assert 'too_long' in reports[0] and '  samples: ' in reports[0], reports[0]
     assert check_dataset.main(args + ['--workers', '0']) == 2
     assert '--workers must be at least 1, got 0' in capsys.readouterr().err
+
+
+def test_a_shard_folder_gets_the_report_of_the_annotation_it_came_from(tmp_path, tiny_tokenizer_dir, capsys):
+    """``--data SHARD_FOLDER`` (tools/shard_dataset.py's --out): every sample read from its shard, the same counts
+    and token lengths as the annotation file gives; a folder that is no shard set is one line."""
+    from xtuner_plugins.cli import shard_dataset
+    path, img = good_data(tmp_path, n=4)
+    options = ['--tokenizer', tiny_tokenizer_dir, '--image-size', '28']
+    assert check_dataset.main(['--data', path, '--image-folder', img] + options) == 0
+    direct = capsys.readouterr().out
+    assert shard_dataset.main(['--data', path, '--image-folder', img, '--out', str(tmp_path / 'shards'),
+                               '--samples-per-shard', '3']) == 0
+    capsys.readouterr()
+    assert check_dataset.main(['--data', str(tmp_path / 'shards')] + options) == 0
+    sharded = capsys.readouterr().out
+    assert f'from the shards in {tmp_path / "shards"}' in sharded and 'left out when sharded: none' in sharded
+
+    def counts(out):
+        return sorted(x.strip() for x in out.split('\nSummary\n')[1].splitlines() if x.startswith('  '))
+    assert counts(sharded) == counts(direct) and 'samples: 4' in sharded, (direct, sharded)
+    (tmp_path / 'empty').mkdir()
+    assert check_dataset.main(['--data', str(tmp_path / 'empty')] + options) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and str(tmp_path / 'empty') in err and err.count('\n') == 1, err

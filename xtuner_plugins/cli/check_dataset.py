@@ -24,6 +24,7 @@ by ``--workers`` processes (default: every core), each a slice of them; the repo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter, defaultdict
 
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
         if args.tokenizer:
             from transformers import AutoTokenizer
             tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
+        if len(args.data) == 1 and os.path.isdir(args.data[0]):   # a shard set (tools/shard_dataset.py)
+            return check_shard_set(args, tokenizer)
         pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))
         if pairs:
             print('preference pairs: checked as DPO / MPO training reads them (--pairs no: as SFT samples)')
@@ -251,15 +254,7 @@ def main(argv=None) -> int:
         notes.extend(SampleError(*n) for n in part['notes'])
     bar.close()
 
-    by_reason = defaultdict(list)
-    for prob in notes + problems:
-        by_reason[prob.reason].append(prob)
-    for reason, probs in sorted(by_reason.items()):
-        shown = probs if not args.show else probs[:args.show]
-        for prob in shown:
-            print(f'{prob.source}: {reason}: {prob.message}')
-        if len(shown) < len(probs):
-            print(f'... and {len(probs) - len(shown)} more [{reason}]')
+    print_problems(notes + problems, args.show)
 
     if video_lines:
         print('\nVideos')
@@ -277,6 +272,45 @@ def main(argv=None) -> int:
             print(f'  {key}: {st[key]}')
         if lengths[src.annotation]:
             print(f'  tokens trained on (text + image): {percentile_line(lengths[src.annotation])}')
+    return closing_lines(problems, notes, tokenizer)
+
+
+def print_problems(probs_and_notes, show: int) -> None:
+    by_reason = defaultdict(list)
+    for prob in probs_and_notes:
+        by_reason[prob.reason].append(prob)
+    for reason, probs in sorted(by_reason.items()):
+        shown = probs if not show else probs[:show]
+        for prob in shown:
+            print(f'{prob.source}: {reason}: {prob.message}')
+        if len(shown) < len(probs):
+            print(f'... and {len(probs) - len(shown)} more [{reason}]')
+
+
+def check_shard_set(args, tokenizer) -> int:
+    """The same report for a shard folder (``data/shards.check_shards``): each sample read from its shard."""
+    from xtuner_plugins.data.shards import check_shards
+    report = check_shards(args.data[0], allow_truncation=args.allow_truncation, tokenizer=tokenizer,
+                          template=args.template, max_length=args.max_length, image_size=args.image_size,
+                          patch_size=args.patch_size, downsample_ratio=args.downsample_ratio,
+                          num_image_token=args.num_image_token, image_mode=args.image_mode,
+                          min_dynamic_patch=args.min_dynamic_patch, max_dynamic_patch=args.max_dynamic_patch,
+                          use_thumbnail=not args.no_thumbnail, truncation=args.truncation,
+                          allow_control_text=args.allow_control_text, max_image_pixels=args.max_image_pixels or None)
+    problems, notes, stats, lengths = (report[k] for k in ('problems', 'notes', 'stats', 'lengths'))
+    print_problems(notes + problems, args.show)
+    print('\nSummary')
+    for annotation in sorted(stats):
+        print(f'{annotation} (from the shards in {args.data[0]})')
+        for key in sorted(stats[annotation]):
+            print(f'  {key}: {stats[annotation][key]}')
+        if lengths[annotation]:
+            print(f'  tokens trained on (text + image): {percentile_line(lengths[annotation])}')
+    print(f'left out when sharded: {dict(report["skipped"]) or "none"}')
+    return closing_lines(problems, notes, tokenizer)
+
+
+def closing_lines(problems, notes, tokenizer) -> int:
     if notes:
         print(f'notes: {len(notes)} samples get fewer tiles to fit --max-length (training keeps them)')
     if tokenizer is None:

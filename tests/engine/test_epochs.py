@@ -131,9 +131,8 @@ def test_epoch_index_reaches_the_data_set(data, tiny_tokenizer_dir):
 
 def test_the_configs_sampler_is_wrapped_once():
     from mmengine.config import Config
-    from xtuner.dataset.samplers import LengthGroupedSampler
-
     from tests.configs.conftest import ROOT
+    from xtuner_plugins.data.sampler import LengthGroupedSampler
     from xtuner_plugins.engine.derive import wrap_sampler
     loader = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py')).train_dataloader
     inner = dict(loader.sampler)

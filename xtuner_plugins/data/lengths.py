@@ -268,6 +268,16 @@ class LengthStats:
         return np.abs(self._record_stats()[self._index, 0]).tolist()
 
     @property
+    def modality_length_array(self) -> np.ndarray:
+        """:attr:`modality_length` as an int64 array (``data/sampler.py`` reads it: no Python int per item)."""
+        return self._record_stats()[self._index, 0]
+
+    @property
+    def length_array(self) -> np.ndarray:
+        """:attr:`length` as an int64 array."""
+        return np.abs(self._record_stats()[self._index, 0])
+
+    @property
     def num_tiles_per_item(self) -> List[int]:
         """Per-item tile counts estimated from image headers (1 for a text-only sample's dummy tile)."""
         return self._record_stats()[self._index, 1].tolist()

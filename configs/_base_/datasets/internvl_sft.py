@@ -1,7 +1,6 @@
 # LLaVA-format json/jsonl (or InternVL meta files) with InternVL 2.5 dynamic tiling.
-from xtuner.dataset.samplers import LengthGroupedSampler
-
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
+from xtuner_plugins.data.sampler import LengthGroupedSampler  # XTuner's order, numpy arrays (no list per sample)
 from xtuner_plugins.engine import DATALOADER_WORKERS
 
 # The tile size, tokens per tile, image mode, padding colour, template and tokenizer are the model's: left None

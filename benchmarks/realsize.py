@@ -15,8 +15,8 @@ Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense bloc
 ``packed_segments`` (packs, ``attn_implementation='sdpa_segments'``: each sample attended on its own, no mask),
 ``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
 ``xtuner`` (its own default: the LLM checkpointed); any of ours with ``_compiled`` added (``unpacked_compiled``,
-``packed_segments_compiled``): the model's ``compile_blocks=True`` (each LLM and vision block under
-``torch.compile``), warmed up by a second step of other sizes so that no graph is compiled in the timed steps (the
+``packed_segments_compiled``): the model's ``compile_blocks='llm'`` (each LLM block under ``torch.compile``, what
+``'auto'`` gives on a CPU with native bf16), warmed up by a second step of other sizes so that no graph is compiled in the timed steps (the
 row says how many were). Every other row checkpoints the LLM. By default ``unpacked``,
 ``packed_segments`` and ``xtuner`` run (``--rows``). The closing line's "ours" is our fastest row, its "packed" the
 faster packed row (both named).
@@ -233,7 +233,7 @@ def child(args) -> dict:
         return VisionLanguageModel(vision_encoder=models['vision'], llm=models['llm'], projector=s['projector'],
                                    image_mode=s['image_mode'], freeze_vision=True,
                                    llm_grad_ckpt='_nockpt' not in args.row,
-                                   compile_blocks=args.row.endswith('_compiled'),
+                                   compile_blocks='llm' if args.row.endswith('_compiled') else False,
                                    torch_dtype='bfloat16', from_scratch=True,
                                    attn_implementation='sdpa_segments' if args.row.startswith('packed_segments')
                                    else args.attn,

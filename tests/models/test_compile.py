@@ -59,12 +59,12 @@ def test_compile_blocks_values(monkeypatch):
     assert compile_parts(True) == ('llm', 'vision') and compile_parts('vision') == ('vision',)
     with pytest.raises(ValueError, match="compile_blocks=.*'auto', or some of llm, vision"):
         compile_parts('projector')
-    # 'auto': where it was measured to pay, a CPU with native bf16 and an LLM of 100M parameters or more
+    # 'auto': the LLM where it was measured to pay, a CPU with native bf16 and an LLM of 100M parameters or more
     big = compile_.AUTO_MIN_LLM_PARAMETERS
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
-    assert compile_parts('auto', big) == ('llm', 'vision')
+    assert compile_parts('auto', big) == ('llm',)
     assert compile_parts('auto', big - 1) == ()                                # the tiny look-alikes stay eager
     assert compile_parts('auto', big, why_not=['DeepSpeed ZeRO-3']) == ()
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: False)
@@ -82,7 +82,7 @@ def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 1)
-    assert build(tiny, freeze_llm=False).compile_blocks == ('llm', 'vision')   # the default is 'auto'
+    assert build(tiny, freeze_llm=False).compile_blocks == ('llm',)   # the default is 'auto'
     assert build(tiny, trainable_fp32=False).compile_blocks == ()
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 10 ** 8)
     assert build(tiny, freeze_llm=False).compile_blocks == ()

@@ -49,16 +49,17 @@ def cxx_compiler() -> bool:
 def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_parameters: int = 0,
                   why_not: Optional[List[str]] = None) -> Tuple[str, ...]:
     """``compile_blocks`` -> the parts compiled: False/None none, True both, or the parts named. ``'auto'`` (the
-    default): both where it was measured to pay (benchmarks/RESULTS.md), a CPU with native bf16 and an LLM of
-    at least :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and a C++ compiler; not on CUDA until ``benchmarks/gpu.sh`` has
-    measured it, nor with ``why_not`` reasons (a quantised LLM, DeepSpeed ZeRO-3)."""
+    default): the LLM's blocks where that was measured to pay (benchmarks/RESULTS.md; the vision tower's forward
+    gained nothing compiled and once lost time), which is a CPU with native bf16, an LLM of at least
+    :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and a C++ compiler; not on CUDA until
+    ``benchmarks/gpu.sh`` has measured it, nor with ``why_not`` reasons (a quantised LLM, DeepSpeed ZeRO-3)."""
     if flag is None or flag is False:
         return ()
     if flag == 'auto':
         import torch
         pays = (not why_not and not torch.cuda.is_available() and native_bf16_cpu()
                 and llm_parameters >= AUTO_MIN_LLM_PARAMETERS and cxx_compiler())
-        return COMPILE_PARTS if pays else ()
+        return ('llm',) if pays else ()
     if flag is True:
         return COMPILE_PARTS
     parts = (flag,) if isinstance(flag, str) else tuple(flag)

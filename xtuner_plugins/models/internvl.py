@@ -110,9 +110,9 @@ class VisionLanguageModel(BaseModel):
         trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
             ``torch_dtype`` (the converter and chat tools, which only run the model).
         compile_blocks: ``torch.compile`` each transformer block (``compile.py``): True for the LLM's and the
-            vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) where it
-            was measured to pay: a CPU with native bf16 (AMX, AVX-512 BF16) and an LLM of 100M parameters or
-            more, not quantised, not under ZeRO-3 (``compile.compile_parts``).
+            vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) the LLM's
+            where it was measured to pay: a CPU with native bf16 (AMX, AVX-512 BF16) and an LLM of 100M
+            parameters or more, not quantised, not under ZeRO-3 (``compile.compile_parts``).
     """
 
     def __init__(self,

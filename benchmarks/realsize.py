@@ -16,8 +16,9 @@ Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense bloc
 ``packed_segments_nockpt`` (the same without the LLM's gradient checkpointing: no recomputation; (a) and (c)),
 ``xtuner`` (its own default: the LLM checkpointed); any of ours with ``_compiled`` added (``unpacked_compiled``,
 ``packed_segments_compiled``): the model's ``compile_blocks='llm'`` (each LLM block under ``torch.compile``, what
-``'auto'`` gives on a CPU with native bf16), warmed up by a second step of other sizes so that no graph is compiled in the timed steps (the
-row says how many were). Every other row checkpoints the LLM. By default ``unpacked``,
+``'auto'`` gives on a CPU with native bf16), warmed up by a second step of other sizes so that no graph is
+compiled in the timed steps (the row says how many were). Every other row checkpoints the LLM. By default
+``unpacked``,
 ``packed_segments`` and ``xtuner`` run (``--rows``). The closing line's "ours" is our fastest row, its "packed" the
 faster packed row (both named).
 
@@ -56,16 +57,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import flops, train_loop, xtuner_row  # noqa: E402
+from benchmarks.realsize_data import ensure_models, write_mix  # noqa: E402
+from benchmarks.realsize_report import closing, parse_tiles, print_row, run_watched, total_memory  # noqa: E402
+from benchmarks.roofline import model_weights, roofline, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
@@ -94,115 +95,6 @@ class _Tokens(flops.ModelShapes):
     @property
     def image_tokens_per_tile(self) -> int:
         return self.tokens
-
-
-def roofline(largest: int = 4096, reps: int = 3, probe: int = 512, budget_s: float = 2.0) -> dict:
-    """Achieved FLOP/s of a large square ``torch.mm`` in bf16 and fp32 (best of ``reps`` after a warm-up), and
-    the size timed for each (``size``). The size is ``largest`` unless a ``probe``-sized product says one would
-    take over ``budget_s``: on a CPU without bf16 instructions (no AVX-512 BF16 or AMX) torch multiplies bf16
-    in its reference kernel, about 1 GFLOP/s on 2 AVX2 cores, and a 4096^3 product takes over 2 minutes."""
-    out = {'size': {}}
-    for name, dtype in (('bf16', torch.bfloat16), ('fp32', torch.float32)):
-        a, b = torch.randn(probe, probe).to(dtype), torch.randn(probe, probe).to(dtype)
-        torch.mm(a, b)
-        n = roofline_size(2 * probe ** 3 / _timed(lambda: torch.mm(a, b)), largest, probe, budget_s)
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-        out[name] = 2 * n ** 3 / best / 1e12
-        out['size'][name] = n
-    return out
-
-
-def roofline_size(flops_per_s: float, largest: int = 4096, smallest: int = 512, budget_s: float = 2.0) -> int:
-    """The largest square size, a multiple of 256 from ``smallest`` to ``largest``, whose product takes at most
-    ``budget_s`` at ``flops_per_s``."""
-    n = int((budget_s * flops_per_s / 2) ** (1 / 3)) // 256 * 256
-    return max(smallest, min(largest, n))
-
-
-# A CPU whose bf16 products run under half its fp32 rate has no bf16 instructions: the rows (bf16, as on a GPU)
-# would take hours a step at real size. Such a run stops before its rows when the LLM has over this many weights.
-SLOW_BF16_LLM_WEIGHTS = 50_000_000
-
-
-def slow_bf16_refusal(roof: dict, llm_weights: int, tokens: int = 3700) -> Optional[str]:
-    """Why the rows cannot run on this CPU (None when they can): bf16 products under half the fp32 rate, and an
-    LLM of real size (over :data:`SLOW_BF16_LLM_WEIGHTS` weights). The time given is a lower bound: a sample of
-    ``tokens`` through the LLM's forward and backward (6 FLOPs a weight and token) at the bf16 rate."""
-    if roof['bf16'] >= roof['fp32'] / 2 or llm_weights <= SLOW_BF16_LLM_WEIGHTS:
-        return None
-    hours = 6 * llm_weights * tokens / (roof['bf16'] * 1e12) / 3600
-    return (f'this CPU has no bf16 matmul instructions (torch\'s CPU capability: '
-            f'{torch.backends.cpu.get_cpu_capability()}): bf16 torch.mm runs at {roof["bf16"] * 1e3:.1f} GFLOP/s, '
-            f'fp32 at {roof["fp32"] * 1e3:.1f}. The rows train in bf16 (the GPU recipe, and XTuner\'s); one step of '
-            f'the {llm_weights / 1e9:.2f}B-weight LLM on {tokens} tokens would take over {hours:.1f} hours here. '
-            f'Run the real-size benchmark on a CPU with AVX-512 BF16 or AMX (benchmarks/RESULTS.md), or '
-            f'benchmarks/gpu.sh on a GPU.')
-
-
-def model_weights(work: str, name: str) -> int:
-    """Weights of a real-size model: read from the safetensors headers of its folder under ``work`` (no tensor
-    loaded; tiny stand-ins linked there in tests count as what they are), or, before it is written, from the
-    published config on the meta device."""
-    import glob
-
-    from safetensors import safe_open
-
-    from xtuner_plugins.tiny.realsize import meta_state_shapes
-    folder = os.path.join(work, 'models', name)
-    if not os.path.exists(os.path.join(folder, 'config.json')):
-        return sum(int(np.prod(shape)) for shape in meta_state_shapes(name).values())
-    total = 0
-    for path in glob.glob(os.path.join(folder, '*.safetensors')):
-        with safe_open(path, 'pt') as f:
-            total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-    return total
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def write_mix(folder: str, n: int, tiled: bool, seed: int = 0) -> str:
-    """``n`` samples drawn like LLaVA-665K's mix: 70% one short question and a short answer (VQAv2/GQA/OCR-VQA
-    style: 1-12 words), 20% multi-turn conversations of 2-5 turns with 10-60 word answers (LLaVA-Instruct
-    conversations), 10% one long detailed description of 80-250 words (LLaVA-Instruct detail/reasoning);
-    every sample has one image (4:3, so 12 tiles + thumbnail when ``tiled``). Text-only samples (ShareGPT,
-    6% of 665K) are left out: every row then runs the same tower batch."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
-    path = os.path.join(folder, 'data.jsonl')
-    size = (4 * 448, 3 * 448) if tiled else (640, 480)
-
-    def words(lo, hi):
-        return ' '.join(['word'] * int(rng.integers(lo, hi + 1)))
-    with open(path, 'w') as f:
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-                os.path.join(folder, 'images', f'{i}.jpg'))
-            kind = rng.random()
-            turns = (1, 1, 12) if kind < 0.7 else ((int(rng.integers(2, 6)), 10, 60) if kind < 0.9 else (1, 80, 250))
-            conv = []
-            for t in range(turns[0]):
-                q = ('<image>\n' if t == 0 else '') + 'Question ' + words(4, 15) + '?'
-                conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': words(turns[1], turns[2])}]
-            f.write(json.dumps({'id': i, 'image': f'{i}.jpg', 'conversations': conv}) + '\n')
-    return path
-
-
-def ensure_models(work: str, names) -> dict:
-    from xtuner_plugins.tiny.realsize import write_real_model
-    out = {}
-    for name in names:
-        folder = os.path.join(work, 'models', name)
-        if not os.path.exists(os.path.join(folder, 'config.json')):
-            print(f'writing {name} (random weights) into {folder}', flush=True)
-            write_real_model(name, folder)
-        out[name] = folder
-    return out
 
 
 def build_data(setting: str, work: str, models: dict, samples: int):
@@ -487,46 +379,6 @@ def main() -> None:
                   default=float)
 
 
-def parse_tiles(parser, values) -> dict:
-    """``--max-dynamic-patch a=6 b=6`` -> each setting's tiles per image (12 where not given)."""
-    tiles = {s: 12 for s in SETTINGS}
-    for value in values:
-        setting, _, n = value.partition('=')
-        if setting not in SETTINGS or not n.isdigit() or not 1 <= int(n) <= 40:
-            parser.error(f'--max-dynamic-patch {value!r}: expected SETTING=N with SETTING one of '
-                         f'{", ".join(SETTINGS)} and N from 1 to 40')
-        tiles[setting] = int(n)
-    return tiles
-
-
-def total_memory() -> int:
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-def run_watched(cmd, env=None):
-    """Run a row's process; returns ``(CompletedProcess, its peak RSS in bytes)``, the peak read from /proc every
-    0.2 s, so a row the kernel kills still says how far it got."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        chunks = {'out': [], 'err': []}
-        import threading
-        readers = [threading.Thread(target=lambda f=f, k=k: chunks[k].append(f.read()), daemon=True)
-                   for f, k in ((proc.stdout, 'out'), (proc.stderr, 'err'))]
-        for t in readers:
-            t.start()
-        peak = 0
-        while proc.poll() is None:
-            try:
-                with open(f'/proc/{proc.pid}/status') as f:
-                    rss = next((int(x.split()[1]) * 1024 for x in f if x.startswith('VmRSS:')), 0)
-                peak = max(peak, rss)
-            except (OSError, StopIteration):
-                pass
-            time.sleep(0.2)
-        for t in readers:
-            t.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, ''.join(chunks['out']), ''.join(chunks['err'])), peak
-
-
 def convert(args) -> None:
     """The converter on (b)'s LoRA checkpoint (adapters merged, bf16, official layout): time and peak RSS against
     the model's size in bf16."""
@@ -555,43 +407,6 @@ def convert(args) -> None:
     subprocess.run(['rm', '-rf', out])
 
 
-def print_row(setting, row, r, roof, flush=False):
-    if 'error' in r:
-        print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
-        return
-    pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
-    print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
-          f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
-          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
-          f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
-          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)'
-          + (f'  compiled: warm-up steps {r["warmup_s"]:.0f} s, graphs compiled in the timed steps '
-             f'{r["graphs_in_timed"]}' if 'graphs_in_timed' in r else ''), flush=flush)
-
-
-def closing(results, settings, roof, tiles=None):
-    for s in settings:
-        fewer = f' (at {tiles[s]} tiles per image, not 12, in every row of it)' if tiles and tiles[s] != 12 else ''
-        un, xt = results.get((s, 'unpacked'), {}), results.get((s, 'xtuner'), {})
-        ours = [v for (s_, r), v in results.items() if s_ == s and r != 'xtuner' and 'tokens_per_s' in v]
-        pk = max((x for x in ours if x['row'].startswith('packed')), key=lambda x: x['tokens_per_s'], default={})
-        best_un = max((x for x in ours if x['row'].startswith('unpacked')), key=lambda x: x['tokens_per_s'],
-                      default={})
-        best = max((x for x in (best_un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
-        if best:
-            print(f'rows of {s}: ours = {best["row"]}, packed = {pk.get("row")}')
-
-        def ratio(a, b, key):
-            return f'{a[key] / b[key]:.2f}' if key in a and key in b else 'n/a'
-        comparable = ''
-        if 'check' in un and 'check_xtuner' in xt:
-            c = train_loop.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
-            print(train_loop.format_check(c))
-            comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
-        share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
-        print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
-              f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
-              f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')
 
 
 if __name__ == '__main__':

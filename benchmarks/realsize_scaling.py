@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import train_loop  # noqa: E402
-from benchmarks.realsize import SETTINGS, model_weights, roofline, slow_bf16_refusal  # noqa: E402
+from benchmarks.realsize import SETTINGS  # noqa: E402
+from benchmarks.roofline import model_weights, roofline, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 TEXT, SUPERVISED = 200, 50

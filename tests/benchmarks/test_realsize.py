@@ -80,7 +80,7 @@ def test_realsize_sh_gives_its_folders_to_the_rows_and_the_scaling_series(tmp_pa
 def test_a_killed_row_says_how_far_its_memory_got():
     """A row's process is watched from outside: one the kernel kills (here: itself, with SIGKILL) still reports
     its peak RSS, read from /proc while it ran."""
-    from benchmarks.realsize import run_watched
+    from benchmarks.realsize_report import run_watched
     code = 'import os, signal, time; b = bytearray(300 * 2 ** 20); time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)'
     proc, peak = run_watched([sys.executable, '-c', code])
     assert proc.returncode == -9 and 300 * 2 ** 20 < peak < 1024 * 2 ** 20, (proc.returncode, peak)
@@ -91,7 +91,7 @@ def test_max_dynamic_patch_values():
 
     import pytest
 
-    from benchmarks.realsize import parse_tiles
+    from benchmarks.realsize_report import parse_tiles
     assert parse_tiles(argparse.ArgumentParser(), ['a=6', 'b=4']) == {'a': 6, 'b': 4, 'c': 12}
     for bad in ('a=0', 'd=6', 'a6', 'a=x'):
         with pytest.raises(SystemExit):
@@ -101,7 +101,7 @@ def test_max_dynamic_patch_values():
 def test_the_roofline_size_keeps_one_product_within_its_budget():
     """4096^3 where a product takes under 2 s; smaller where bf16 runs in torch's reference kernel (about
     1 GFLOP/s on an AVX2 CPU, where a 4096^3 product took minutes and the rows' test ran out of time)."""
-    from benchmarks.realsize import roofline_size
+    from benchmarks.roofline import roofline_size
     assert roofline_size(4e11) == roofline_size(7e10) == 4096       # the CPUs of RESULTS.md's runs
     assert roofline_size(1.2e9) == 1024 and 2 * 1024 ** 3 / 1.2e9 <= 2.0
     assert roofline_size(1e6) == 512
@@ -110,7 +110,7 @@ def test_the_roofline_size_keeps_one_product_within_its_budget():
 def test_real_size_rows_are_refused_where_bf16_has_no_instructions(tmp_path):
     """On a CPU whose bf16 products run far under fp32 (no AVX-512 BF16 / AMX), a real-size LLM is refused with
     the rates and a lower bound of a step's time; tiny stand-ins (the tests') and CPUs with bf16 run."""
-    from benchmarks.realsize import model_weights, slow_bf16_refusal
+    from benchmarks.roofline import model_weights, slow_bf16_refusal
     weights = model_weights(str(tmp_path), 'Qwen2.5-0.5B-Instruct')   # not written: the published config on meta
     assert 490e6 < weights < 500e6
     message = slow_bf16_refusal({'bf16': 0.0012, 'fp32': 0.082}, weights)

@@ -1,0 +1,91 @@
+"""``realsize.py``'s rows from the outside: each row's process watched for its peak memory, the tiles option, and
+the lines printed (a row's line, the closing lines with the ratios)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from benchmarks import train_loop
+
+SETTING_NAMES = ('a', 'b', 'c')
+
+
+def parse_tiles(parser, values) -> dict:
+    """``--max-dynamic-patch a=6 b=6`` -> each setting's tiles per image (12 where not given)."""
+    tiles = {s: 12 for s in SETTING_NAMES}
+    for value in values:
+        setting, _, n = value.partition('=')
+        if setting not in SETTING_NAMES or not n.isdigit() or not 1 <= int(n) <= 40:
+            parser.error(f'--max-dynamic-patch {value!r}: expected SETTING=N with SETTING one of '
+                         f'{", ".join(SETTING_NAMES)} and N from 1 to 40')
+        tiles[setting] = int(n)
+    return tiles
+
+
+def total_memory() -> int:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def run_watched(cmd, env=None):
+    """Run a row's process; returns ``(CompletedProcess, its peak RSS in bytes)``, the peak read from /proc every
+    0.2 s, so a row the kernel kills still says how far it got."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        chunks = {'out': [], 'err': []}
+        import threading
+        readers = [threading.Thread(target=lambda f=f, k=k: chunks[k].append(f.read()), daemon=True)
+                   for f, k in ((proc.stdout, 'out'), (proc.stderr, 'err'))]
+        for t in readers:
+            t.start()
+        peak = 0
+        while proc.poll() is None:
+            try:
+                with open(f'/proc/{proc.pid}/status') as f:
+                    rss = next((int(x.split()[1]) * 1024 for x in f if x.startswith('VmRSS:')), 0)
+                peak = max(peak, rss)
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.2)
+        for t in readers:
+            t.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, ''.join(chunks['out']), ''.join(chunks['err'])), peak
+
+
+def print_row(setting, row, r, roof, flush=False):
+    if 'error' in r:
+        print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
+        return
+    pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
+    print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
+          f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
+          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
+          f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
+          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)'
+          + (f'  compiled: warm-up steps {r["warmup_s"]:.0f} s, graphs compiled in the timed steps '
+             f'{r["graphs_in_timed"]}' if 'graphs_in_timed' in r else ''), flush=flush)
+
+
+def closing(results, settings, roof, tiles=None):
+    for s in settings:
+        fewer = f' (at {tiles[s]} tiles per image, not 12, in every row of it)' if tiles and tiles[s] != 12 else ''
+        un, xt = results.get((s, 'unpacked'), {}), results.get((s, 'xtuner'), {})
+        ours = [v for (s_, r), v in results.items() if s_ == s and r != 'xtuner' and 'tokens_per_s' in v]
+        pk = max((x for x in ours if x['row'].startswith('packed')), key=lambda x: x['tokens_per_s'], default={})
+        best_un = max((x for x in ours if x['row'].startswith('unpacked')), key=lambda x: x['tokens_per_s'],
+                      default={})
+        best = max((x for x in (best_un, pk) if 'tokens_per_s' in x), key=lambda x: x['tokens_per_s'], default={})
+        if best:
+            print(f'rows of {s}: ours = {best["row"]}, packed = {pk.get("row")}')
+
+        def ratio(a, b, key):
+            return f'{a[key] / b[key]:.2f}' if key in a and key in b else 'n/a'
+        comparable = ''
+        if 'check' in un and 'check_xtuner' in xt:
+            c = train_loop.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
+            print(train_loop.format_check(c))
+            comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
+        share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
+        print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
+              f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
+              f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError, from_pretrained_named
-from xtuner_plugins.data.fitting import TRUNCATION
+from xtuner_plugins.data.fitting import TRUNCATION, tally_fit
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
 from xtuner_plugins.data.index import source_index
@@ -186,17 +186,8 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
             problems.append(err.with_source(where))
             continue
         lengths[src.annotation].append(max(len(e['input_ids']) for e in fit.encoded))
-        if fit.reduced:
-            st['kept with fewer tiles'] += 1
-            notes.append(SampleError('fewer_tiles', f'at most {fit.max_num} tiles per image (of '
-                                                    f'{ds.max_tiles_per_image(record, len(sizes))}) to fit '
-                                                    f'--max-length {args.max_length}', where))
-        if fit.truncated:
-            st['kept truncated'] += 1
-            if not args.allow_truncation:
-                problems.append(SampleError('truncated', fit.truncated, where))
-        if not fit.reduced and not fit.truncated:
-            st['kept'] += 1
+        tally_fit(fit, st, notes, problems, where, ds.max_tiles_per_image(record, len(sizes)), args.max_length,
+                  args.allow_truncation)
     return dict(stats=dict(stats), lengths=dict(lengths), videos=video_lines,
                 problems=[(p.reason, p.message, p.source) for p in problems],
                 notes=[(n.reason, n.message, n.source) for n in notes])

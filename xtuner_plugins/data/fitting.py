@@ -25,7 +25,8 @@ from .errors import SampleError
 from .template import IGNORE_INDEX
 from .tokenize import tokenize_conversation
 
-__all__ = ['Cut', 'Fit', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit', 'TRUNCATION']
+__all__ = ['Cut', 'Fit', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit',
+           'tally_fit', 'TRUNCATION']
 
 TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
 
@@ -193,3 +194,20 @@ def _count(counts: dict, where: str, value, first_message: str) -> None:
     if not counts:
         print_log(first_message, logger='current', level=logging.WARNING)
     counts[where] = value
+
+
+def tally_fit(fit: Fit, counts: dict, notes: list, problems: list, where: str, of_tiles: int, max_length: int,
+              allow_truncation: bool) -> None:
+    """``tools/check_dataset.py``'s record of what ``max_length`` did to a sample training keeps (annotation files
+    and shard sets alike): ``counts`` (kept, with fewer tiles, truncated), a ``fewer_tiles`` note, and a cut answer
+    as a problem unless ``allow_truncation``."""
+    if fit.reduced:
+        counts['kept with fewer tiles'] += 1
+        notes.append(SampleError('fewer_tiles', f'at most {fit.max_num} tiles per image (of {of_tiles}) to fit '
+                                                f'--max-length {max_length}', where))
+    if fit.truncated:
+        counts['kept truncated'] += 1
+        if not allow_truncation:
+            problems.append(SampleError('truncated', fit.truncated, where))
+    if not fit.reduced and not fit.truncated:
+        counts['kept'] += 1

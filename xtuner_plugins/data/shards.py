@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .dataset import InternVLDataset
 from .errors import SampleError
+from .fitting import tally_fit
 from .sources import DataSource, Record
 from .streaming import StreamingDataset, epoch_order, unit_part
 
@@ -244,16 +245,7 @@ def check_shards(folder: str, allow_truncation: bool = False, **settings) -> Dic
                 drop(err)
                 continue
             lengths[samples.sources[record.source].annotation].append(max(len(e['input_ids']) for e in fit.encoded))
-            if fit.reduced:
-                st['kept with fewer tiles'] += 1
-                notes.append(SampleError('fewer_tiles', f'at most {fit.max_num} tiles per image (of '
-                                         f'{samples.max_tiles_per_image(record, len(sizes))}) to fit max_length '
-                                         f'{samples.max_length}', where))
-            if fit.truncated:
-                st['kept truncated'] += 1
-                if not allow_truncation:
-                    problems.append(SampleError('truncated', fit.truncated, where))
-            if not fit.reduced and not fit.truncated:
-                st['kept'] += 1
+            tally_fit(fit, st, notes, problems, where, samples.max_tiles_per_image(record, len(sizes)),
+                      samples.max_length, allow_truncation)
     return dict(problems=problems, notes=notes, stats=dict(stats), lengths=dict(lengths),
                 skipped=dict(samples.index.get('skipped', {})))

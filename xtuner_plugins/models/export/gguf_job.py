@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import List
 
 from .files import Log, _print
 from .gguf import config_misfit, tools, write_gguf_from_folder
-from .job import check_out_dir
+from .job import check_out_dir, written_whole
 
 
 def is_official_folder(path: str) -> bool:
@@ -39,16 +38,7 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     if misfit:
         raise ValueError(f'{folder} cannot be converted to GGUF: {misfit}')
     out = check_out_dir(out_dir, [os.path.realpath(folder)], overwrite)
-    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        files = write_gguf_from_folder(folder, tmp, quant, log, name=os.path.basename(out.rstrip(os.sep)))
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = written_whole(out, lambda tmp: write_gguf_from_folder(folder, tmp, quant, log,
+                                                                 name=os.path.basename(out.rstrip(os.sep))))
     log(f'done: {out_dir} (gguf, {quant}; {time.time() - start:.1f}s)')
     return [os.path.join(out, os.path.basename(f)) for f in files]

@@ -100,6 +100,24 @@ def choose_format(model, fmt: str = 'auto') -> str:
 WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 'remote': write_remote, 'gguf': write_gguf}
 
 
+def written_whole(out: str, write):
+    """``write(tmp)`` into a temporary folder beside ``out``, moved into place (the old ``out`` removed) only once
+    it is whole; a failure removes the temporary folder and leaves ``out`` as it was. Returns what ``write``
+    returns."""
+    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        result = write(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
 def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
                       dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
                       cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print,
@@ -144,18 +162,9 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         tiling['frame_prefix'] = prefix
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     merge_adapters(model, dtype, log)
-    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
-        WRITERS[fmt](model, tiling, tmp, dtype, max_shard_size, log, system=training_system_message(cfg),
-                     **({'quant': quant} if fmt == 'gguf' else {}))
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log(f'[3/4] writing the {fmt} layout ({time.time() - start:.1f}s)')
+    written_whole(out, lambda tmp: WRITERS[fmt](model, tiling, tmp, dtype, max_shard_size, log,
+                                                system=training_system_message(cfg),
+                                                **({'quant': quant} if fmt == 'gguf' else {})))
     log(f'[4/4] done: {out_dir} ({fmt} format; {time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     return out_dir

@@ -18,6 +18,8 @@ seconds on 2 cores; inductor caches the kernels on disk, ``TORCHINDUCTOR_CACHE_D
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -41,8 +43,6 @@ def native_bf16_cpu() -> bool:
 
 def cxx_compiler() -> bool:
     """Whether inductor finds a C++ compiler (``$CXX``, g++ or clang++), which it needs on a CPU."""
-    import os
-    import shutil
     return any(shutil.which(c) for c in (os.environ.get('CXX', ''), 'g++', 'clang++', 'c++') if c)
 
 
@@ -56,7 +56,6 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     if flag is None or flag is False:
         return ()
     if flag == 'auto':
-        import torch
         pays = (not why_not and not torch.cuda.is_available() and native_bf16_cpu()
                 and llm_parameters >= AUTO_MIN_LLM_PARAMETERS and cxx_compiler())
         return ('llm',) if pays else ()

@@ -82,7 +82,9 @@ def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 1)
-    assert build(tiny, freeze_llm=False).compile_blocks == ('llm',)   # the default is 'auto'
-    assert build(tiny, trainable_fp32=False).compile_blocks == ()
+    bf16 = dict(torch_dtype='bfloat16')
+    assert build(tiny, freeze_llm=False, **bf16).compile_blocks == ('llm',)   # the default is 'auto'
+    assert build(tiny, freeze_llm=False).compile_blocks == ()                  # fp32 weights: not measured
+    assert build(tiny, trainable_fp32=False, **bf16).compile_blocks == ()
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 10 ** 8)
-    assert build(tiny, freeze_llm=False).compile_blocks == ()
+    assert build(tiny, freeze_llm=False, **bf16).compile_blocks == ()

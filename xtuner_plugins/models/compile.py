@@ -52,7 +52,7 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     default): the LLM's blocks where that was measured to pay (benchmarks/RESULTS.md; the vision tower's forward
     gained nothing compiled and once lost time), which is a CPU with native bf16, an LLM of at least
     :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and a C++ compiler; not on CUDA until
-    ``benchmarks/gpu.sh`` has measured it, nor with ``why_not`` reasons (a quantised LLM, DeepSpeed ZeRO-3)."""
+    ``benchmarks/gpu.sh`` has measured it, nor with ``why_not`` reasons (fp32 weights, a quantised LLM, ZeRO-3)."""
     if flag is None or flag is False:
         return ()
     if flag == 'auto':

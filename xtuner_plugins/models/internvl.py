@@ -111,8 +111,9 @@ class VisionLanguageModel(BaseModel):
             ``torch_dtype`` (the converter and chat tools, which only run the model).
         compile_blocks: ``torch.compile`` each transformer block (``compile.py``): True for the LLM's and the
             vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) the LLM's
-            where it was measured to pay: a CPU with native bf16 (AMX, AVX-512 BF16) and an LLM of 100M
-            parameters or more, not quantised, not under ZeRO-3 (``compile.compile_parts``).
+            where it was measured to pay: bf16 weights (``torch_dtype``) on a CPU with native bf16 (AMX,
+            AVX-512 BF16), an LLM of 100M parameters or more, not quantised, not under ZeRO-3
+            (``compile.compile_parts``).
     """
 
     def __init__(self,
@@ -241,7 +242,8 @@ class VisionLanguageModel(BaseModel):
                 if not frozen}, dtype)
         why_not = [why for why, cond in (('a quantised LLM', llm_quantization is not None),
                                          ('DeepSpeed ZeRO-3', zero3_enabled()),
-                                         ('a model only run, not trained', not trainable_fp32)) if cond]
+                                         ('a model only run, not trained', not trainable_fp32),
+                                         ('fp32 weights (measured: the bf16 recipe)', dtype != torch.bfloat16)) if cond]
         self.compile_blocks = compile_parts(compile_blocks, count_parameters(self.language_model)['total'], why_not)
         for part in self.compile_blocks:   # after LoRA, checkpointing and the reference's copies (eager)
             n = compile_stacks(self.language_model if part == 'llm' else self.vision_model)

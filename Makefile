@@ -67,10 +67,11 @@ $(VLLM_STAMP): requirements-vllm.txt
 	@touch $(VLLM_STAMP)
 
 # llama.cpp through llama-cpp-python for the GGUF export and tools/chat.py / tools/eval.py on a GGUF folder
-# (docs/conversion.md, "GGUF"), in its own venv. pip builds llama.cpp from the source distribution, once: pip keeps
-# the wheel in its cache, so a rebuild with the same pins takes seconds. Portable build (GGML_NATIVE=OFF: AVX2, FMA,
-# F16C): a wheel cached on an AMX machine must also run on an AVX2-only one (-march=native would not). No tests,
-# tools, examples or server: the Python package needs only libllama, ggml and libmtmd.
+# (docs/conversion.md, "GGUF"), in its own venv. pip builds llama.cpp from the source distribution, once (7.5 min
+# on 2 cores): pip keeps the wheel in its cache, so a rebuild with the same pins takes about a minute. Portable build
+# (GGML_NATIVE=OFF: AVX2, FMA, F16C): a wheel cached on an AMX machine must also run on an AVX2-only one
+# (-march=native would not). No tests, tools, examples or server: the Python package needs only libllama, ggml and
+# libmtmd.
 # llama.cpp's converter (convert_hf_to_gguf.py with its gguf-py) comes from the same source distribution, unpacked
 # into $(GGUF_VENV)/llama.cpp; it runs in .venv, whose torch and transformers 4.57.6 are the ones it wants.
 GGUF_VENV := .venv-gguf

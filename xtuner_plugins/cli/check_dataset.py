@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError, from_pretrained_named
-from xtuner_plugins.data.fitting import TRUNCATION, tally_fit
+from xtuner_plugins.data.fitting import TRUNCATION, tally_cut, tally_fit
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
 from xtuner_plugins.data.index import source_index
@@ -137,12 +137,7 @@ def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths,
         if fit.reduced:
             st['kept with fewer frames'] += 1
             line += f' (of {fit.frames_of}: fewer to fit --max-length)'
-        if fit.truncated:
-            st['kept truncated'] += 1
-            if not allow_truncation:
-                problems.append(SampleError('truncated', fit.truncated, where))
-        if not fit.reduced and not fit.truncated:
-            st['kept'] += 1
+        tally_cut(fit, st, problems, where, allow_truncation)
     lines.append(line)
 
 

@@ -26,7 +26,7 @@ from .template import IGNORE_INDEX
 from .tokenize import tokenize_conversation
 
 __all__ = ['Cut', 'Fit', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit',
-           'tally_fit', 'TRUNCATION']
+           'tally_cut', 'tally_fit', 'TRUNCATION']
 
 TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
 
@@ -205,6 +205,12 @@ def tally_fit(fit: Fit, counts: dict, notes: list, problems: list, where: str, o
         counts['kept with fewer tiles'] += 1
         notes.append(SampleError('fewer_tiles', f'at most {fit.max_num} tiles per image (of {of_tiles}) to fit '
                                                 f'--max-length {max_length}', where))
+    tally_cut(fit, counts, problems, where, allow_truncation)
+
+
+def tally_cut(fit: Fit, counts: dict, problems: list, where: str, allow_truncation: bool) -> None:
+    """The part of :func:`tally_fit` images and videos share: a cut answer (a problem unless
+    ``allow_truncation``), or a sample kept whole."""
     if fit.truncated:
         counts['kept truncated'] += 1
         if not allow_truncation:

@@ -24,7 +24,8 @@ def test_every_stage_config_loads(path):
     cfg = Config.fromfile(path)
     # the package's model and data set, given only settings they take (a misspelt key fails here, not at build)
     dataset = cfg.train_dataloader.dataset
-    dataset = dataset.dataset if isinstance(dataset.get('dataset'), dict) else dataset  # a packing wrapper's
+    while isinstance(dataset.get('dataset'), dict):  # a packing or streaming wrapper's
+        dataset = dataset.dataset
     for spec, base in ((cfg.model, VisionLanguageModel), (dataset, InternVLDataset)):
         assert isinstance(spec.type, type) and issubclass(spec.type, base), spec.type
         accepted = dict(inspect.signature(spec.type).parameters)

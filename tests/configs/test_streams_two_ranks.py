@@ -102,13 +102,25 @@ def test_shards_on_two_ranks_read_disjoint_complete_parts_and_resume_exactly(tin
 
 
 @pytest.mark.slow
-def test_online_packing_on_two_ranks_reads_disjoint_complete_parts_and_resumes_exactly(tiny, data, tmp_path):
-    """Unshuffled (each epoch the same order, so each unit reads the same part every epoch): the units' samples
-    are disjoint and together all 8; packs of up to 2 samples from a buffer of 2 open packs."""
+@pytest.mark.parametrize('source', ['annotation', 'shards'])
+def test_online_packing_on_two_ranks_reads_disjoint_complete_parts_and_resumes_exactly(tiny, data, tmp_path, source):
+    """Online packing over the annotation (finetune_full_packed_online.py) or over 8 one-sample shards
+    (finetune_full_packed_shards.py). Unshuffled (each epoch the same order, so each unit reads the same part every
+    epoch): the units' samples are disjoint and together all 8; packs of up to 2 samples from a buffer of 2 open
+    packs, which the resumed run loads again."""
     opts = common(tiny, data)
     opts.update({'train_dataloader.dataset.shuffle': False, 'train_dataloader.dataset.max_tokens': 300,
                  'train_dataloader.dataset.max_tiles': 12, 'train_dataloader.dataset.max_buffer_size': 2})
     config = os.path.join(RECORDED, 'finetune_full_packed_online.py')
+    if source == 'shards':
+        shards = str(tmp_path / 'shards')
+        assert shard_dataset(['--data', data['file'], '--image-folder', data['images'], '--out', shards,
+                              '--samples-per-shard', '1']) == 0
+        opts = {k.replace('dataset.dataset.', 'dataset.dataset.dataset.'): v for k, v in opts.items()
+                if not k.endswith(('data_files', 'image_folders', 'repeat_times'))}
+        opts.update({'train_dataloader.dataset.dataset.shards': shards,
+                     'train_dataloader.dataset.dataset.shuffle': False})
+        config = os.path.join(RECORDED, 'finetune_full_packed_shards.py')
     full, before = train(config, opts, tmp_path)
     per_unit = {}
     for rank, lines in before.items():
@@ -119,4 +131,6 @@ def test_online_packing_on_two_ranks_reads_disjoint_complete_parts_and_resumes_e
     assert sorted(per_unit) == list(range(RANKS * WORKERS))
     assert sorted(n for names in per_unit.values() for n in names) == sorted(data['names']), per_unit
     assert any(len(line['samples']) > 1 for lines in before.values() for line in lines)  # packs of several samples
+    assert any(state['buffer'] for lines in before.values() for line in lines[:3]
+               for _, state in line['stream_state'])  # held packs at the checkpoint: the resume loads them again
     resumes_exactly(config, opts, tmp_path, full, before)

@@ -124,3 +124,52 @@ def test_a_resume_restarts_persistent_workers_with_the_saved_state(dataset):
     restart_loader(loop, loader, 3)
     assert [next(loop.dataloader_iterator) for _ in range(3)] == [None] * 3
     assert [lines(next(loop.dataloader_iterator)) for _ in range(3)] == [lines(b) for b in whole[3:]]
+
+
+@pytest.fixture(scope='module')
+def shards(dataset, tiny_tokenizer, tmp_path_factory):
+    """The data set as 5 tar shards (the sample with a missing image is left out by the writer)."""
+    from xtuner_plugins.cli.shard_dataset import write_shards
+    out = str(tmp_path_factory.mktemp('online_shards') / 'out')
+    assert write_shards(dataset, out, samples_per_shard=5, max_shard_bytes=1 << 20) == {'missing_image': 1}
+    return out
+
+
+def shard_packer(shards, tiny_tokenizer, **kw):
+    from xtuner_plugins.data.shards import ShardDataset
+    stream = ShardDataset(shards, dict(tokenizer=tiny_tokenizer, image_size=28, max_bad_fraction=1), seed=2,
+                          rank=kw.get('rank', 0), world_size=kw.get('world_size', 1))
+    return packer(stream, **kw)
+
+
+def test_packs_over_shards_cover_the_shards_once_per_epoch(dataset, shards, tiny_tokenizer):
+    """2 ranks x 2 workers over 5 shards, one sample per pack: the units' first-epoch packs are every sharded
+    sample once."""
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(shard_packer(shards, tiny_tokenizer, rank=rank, world_size=2, max_tokens=1),
+                            batch_size=None, num_workers=2)
+        for _, item in zip(range(24), loader):
+            if item['stream_state'][1]['epoch'] == 0:  # one sample per pack: the epoch it was read in
+                seen += item['samples']
+    gone = dataset.where(dataset.record_at(len(dataset) - 1))
+    assert sorted(seen) == sorted(dataset.where(dataset.record_at(i)) for i in range(len(dataset) - 1))
+    assert gone not in seen
+
+
+def test_packs_over_shards_resume_mid_epoch_with_their_buffer(shards, tiny_tokenizer):
+    """Stop after 5 batches with packs held in the buffers; the resumed units load them again from their shards
+    and give the uninterrupted run's packs, item for item."""
+    make = lambda: shard_packer(shards, tiny_tokenizer)  # noqa: E731
+    whole = run(make, 12)
+    hook = StreamStateHook()
+    for b in run(make, 5):
+        hook.before_train_iter(None, 0, b)
+    assert any(state['buffer'] for state in hook.states.values())  # the resume has buffered samples to reload
+    assert all(set(state) == {'epoch', 'shard', 'sample', 'buffer'} for state in hook.states.values())
+    resumed = run(make, 7, start=5, states=hook.states)
+    assert [lines(b) for b in resumed] == [lines(b) for b in whole[5:]]
+    for a, b in zip(resumed, whole[5:]):
+        assert torch.equal(a['data']['input_ids'], b['data']['input_ids'])
+        assert torch.equal(a['data']['pixel_values'], b['data']['pixel_values'])
+    assert len({s for b in whole for s in lines(b)}) > 12

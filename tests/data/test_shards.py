@@ -59,7 +59,7 @@ def test_units_read_disjoint_parts_that_cover_the_shards(data, ranks, workers):
     ds, units = shard_ds(data, shuffle=True), ranks * workers
     seen = Counter()
     for unit in range(units):
-        for state, record in ds.records(unit, units, None):
+        for state, _, record in ds.keyed_records(unit, units, None):
             if state['epoch'] > 0 or state['shard'] >= len(shard_units(5, unit, units)[0]):
                 break
             seen[ds.samples.where(record)] += 1

@@ -10,6 +10,11 @@ once; when the buffer holds more than ``max_buffer_size`` packs, the fullest is 
 ``packing.py`` (``input_ids``, ``labels``, ``position_ids`` restarting per sample, ``seq_lens``, tiles, ``samples``,
 ``skipped``), so the packed collate, model and loss are the same.
 
+**Where the samples come from.** An ``InternVLDataset`` (each unit its part of each epoch's order,
+:class:`IndexedStream`), or the tar shards of a :class:`~xtuner_plugins.data.shards.ShardDataset` (each unit its
+shards, ``configs/finetune_full_packed_shards.py``). Either gives each sample a small *key* (its epoch and index;
+its epoch, shard and place in the shard) from which a resume loads the samples the buffer held again.
+
 Epochs follow one another inside the stream (the order of each is reshuffled, ``streaming.epoch_order``); the
 buffer carries over. The training length is given in iterations (``max_iters``): the number of packs is not known
 before they are made. A resumed run restores each unit's epoch, position and buffer from the checkpoint
@@ -24,14 +29,46 @@ from .errors import SampleError
 from .packing import pack_items
 from .streaming import StreamingDataset, epoch_order, unit_part
 
-__all__ = ['OnlinePackedDataset']
+__all__ = ['IndexedStream', 'OnlinePackedDataset']
+
+
+class IndexedStream:
+    """The samples of an indexable data set (``InternVLDataset``) a unit reads: its part of each epoch's order
+    (``streaming.unit_part``). A state is ``{'epoch', 'next'}`` (the next position in the part), a key
+    ``(epoch, index)``."""
+
+    def __init__(self, dataset, seed: int = 0, shuffle: bool = True):
+        self.samples, self.seed, self.shuffle = dataset, seed, shuffle
+
+    def rank_samples(self, rank: int, world: int) -> int:
+        return len(unit_part(len(self.samples), rank, world))
+
+    def keyed_records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Dict, Tuple, Any]]:
+        """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``."""
+        n = len(self.samples)
+        epoch, j = (0, 0) if state is None else (state['epoch'], state['next'])
+        while True:
+            part = unit_part(n, unit, units)
+            if not len(part):
+                raise ValueError(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
+                                 f'workers) one; use fewer workers or more data')
+            order = epoch_order(n, self.seed, epoch, self.shuffle)
+            while j < len(part):
+                index = order(part[j])
+                j += 1
+                yield dict(epoch=epoch, next=j), (epoch, index), self.samples.record_at(index)
+            epoch, j = epoch + 1, 0
+
+    def reload(self, keys: List[Tuple]) -> List[Any]:
+        return [self.samples.record_at(index) for _, index in keys]
 
 
 class OnlinePackedDataset(StreamingDataset):
     """Packs of an :class:`~xtuner_plugins.data.dataset.InternVLDataset` made online (module docstring).
 
     Args:
-        dataset: the data set (or its config dict) whose samples are packed.
+        dataset: the data set (or its config dict) whose samples are packed: an ``InternVLDataset``, or a
+            ``ShardDataset`` (its own order: its ``seed`` and ``shuffle``).
         max_tokens: tokens per pack (InternVL's ``max_packed_tokens``, 8192 by default there).
         max_tiles: tiles per pack; None: no limit.
         max_buffer_size: open packs a unit keeps (InternVL's 20).
@@ -48,7 +85,9 @@ class OnlinePackedDataset(StreamingDataset):
         if max_tokens < 1 or (max_tiles is not None and max_tiles < 1) or max_buffer_size < 1:
             raise ValueError(f'online packing budgets must be positive, got max_tokens={max_tokens}, '
                              f'max_tiles={max_tiles}, max_buffer_size={max_buffer_size}')
+        from .shards import ShardDataset
         self.dataset = dataset
+        self.source = dataset if isinstance(dataset, ShardDataset) else IndexedStream(dataset, seed, shuffle)
         self.max_tokens, self.max_tiles, self.max_buffer_size = max_tokens, max_tiles, max_buffer_size
         self.seed, self.shuffle = seed, shuffle
 
@@ -58,21 +97,19 @@ class OnlinePackedDataset(StreamingDataset):
     def __len__(self) -> int:
         """The samples this rank reads in an epoch: an upper bound of its packs, for MMEngine's counters (a run
         given in ``max_epochs`` is refused by ``StreamStateHook``)."""
-        rank, world = self.dist_info()
-        return len(unit_part(len(self.dataset), rank, world))
+        return self.source.rank_samples(*self.dist_info())
 
     @property
     def epoch(self) -> int:
-        return getattr(self.dataset, 'epoch', 0)
+        return getattr(self.source.samples, 'epoch', 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Epochs are the stream's own (module docstring): the loop's restarts do not set them."""
 
-    def _load(self, index: int, epoch: int, skipped: list) -> Optional[Dict]:
-        ds = self.dataset
+    def _load(self, record, epoch: int, skipped: list) -> Optional[Dict]:
+        ds = self.source.samples
         if getattr(ds, 'epoch', epoch) != epoch and hasattr(ds, 'set_epoch'):
             ds.set_epoch(epoch)
-        record = ds.record_at(index)
         try:
             return ds.load_sample(record)
         except SampleError as err:
@@ -80,50 +117,48 @@ class OnlinePackedDataset(StreamingDataset):
             skipped.append((err.source, err.reason))
             return None
 
-    def _fits(self, pack: List[Tuple[int, int, Dict]], item: Dict) -> bool:
-        tokens = sum(len(x['input_ids']) for _, _, x in pack) + len(item['input_ids'])
-        tiles = sum(x['pixel_values'].shape[0] for _, _, x in pack) + item['pixel_values'].shape[0]
+    def _fits(self, pack: List[Tuple[Tuple, Dict]], item: Dict) -> bool:
+        tokens = sum(len(x['input_ids']) for _, x in pack) + len(item['input_ids'])
+        tiles = sum(x['pixel_values'].shape[0] for _, x in pack) + item['pixel_values'].shape[0]
         return tokens <= self.max_tokens and (self.max_tiles is None or tiles <= self.max_tiles)
 
     def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
-        n = len(self.dataset)
-        epoch, j, held = (0, 0, []) if state is None else (state['epoch'], state['next'], state['buffer'])
+        held = [] if state is None else state['buffer']
+        source_state = None if state is None else {k: v for k, v in state.items() if k != 'buffer'}
         skipped: list = []
-        # a pack: [(epoch, index, item)]; the buffer's packs come back from the indices the state names
-        buffer = [[(e, i, x) for e, i in pack if (x := self._load(i, e, skipped)) is not None] for pack in held]
+        # a pack: [(key, item)], a key's first entry its epoch; the buffer's packs come back from their keys
+        keys = [tuple(key) for pack in held for key in pack]
+        loaded = dict(zip(keys, self.source.reload(keys))) if keys else {}
+        buffer = [[(k, x) for k in map(tuple, pack) if (x := self._load(loaded[k], k[0], skipped)) is not None]
+                  for pack in held]
         buffer = [pack for pack in buffer if pack]
+        where_now: Dict = dict(source_state or {})
 
         def state_now() -> Dict:
-            return dict(epoch=epoch, next=j, buffer=[[(e, i) for e, i, _ in pack] for pack in buffer])
+            return dict(where_now, buffer=[[k for k, _ in pack] for pack in buffer])
 
         def emit(k: int) -> Tuple[Any, Dict]:
             nonlocal skipped
             pack = buffer.pop(k)
-            item = dict(pack_items([x for _, _, x in pack]), skipped=skipped)
+            item = dict(pack_items([x for _, x in pack]), skipped=skipped)
             skipped = []
             return state_now(), item
 
-        while True:
-            part = unit_part(n, unit, units)
-            if not len(part):
-                raise ValueError(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
-                                 f'workers) one; use fewer workers or more data')
-            order = epoch_order(n, self.seed, epoch, self.shuffle)
-            while j < len(part):
-                index = order(part[j])
-                j += 1
-                item = self._load(index, epoch, skipped)
-                if item is None:
-                    continue
-                where = next((k for k, pack in enumerate(buffer) if self._fits(pack, item)), None)
-                if where is None:
-                    buffer.append([(epoch, index, item)])
-                    where = len(buffer) - 1
-                else:
-                    buffer[where].append((epoch, index, item))
-                if sum(len(x['input_ids']) for _, _, x in buffer[where]) >= self.max_tokens:
-                    yield emit(where)
-                while len(buffer) > self.max_buffer_size:
-                    yield emit(max(range(len(buffer)),
-                                   key=lambda k: (sum(len(x['input_ids']) for _, _, x in buffer[k]), -k)))
-            epoch, j = epoch + 1, 0
+        def tokens(pack) -> int:
+            return sum(len(x['input_ids']) for _, x in pack)
+
+        for after, key, record in self.source.keyed_records(unit, units, source_state):
+            where_now = after
+            item = self._load(record, key[0], skipped)
+            if item is None:
+                continue
+            where = next((k for k, pack in enumerate(buffer) if self._fits(pack, item)), None)
+            if where is None:
+                buffer.append([(key, item)])
+                where = len(buffer) - 1
+            else:
+                buffer[where].append((key, item))
+            if tokens(buffer[where]) >= self.max_tokens:
+                yield emit(where)
+            while len(buffer) > self.max_buffer_size:
+                yield emit(max(range(len(buffer)), key=lambda k: (tokens(buffer[k]), -k)))

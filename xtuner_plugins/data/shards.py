@@ -166,23 +166,48 @@ class ShardDataset(StreamingDataset):
     def set_epoch(self, epoch: int) -> None:
         """Epochs are the stream's own (``streaming.py``): the loop's restarts do not set them."""
 
-    def records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, ShardRecord]]:
-        """``(state after, record)`` of this unit's samples, epoch after epoch, from ``state``."""
+    def rank_samples(self, rank: int, world: int) -> int:
+        return int(self.index['samples']) // world
+
+    def keyed_records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Dict, Tuple, ShardRecord]]:
+        """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``; a key is
+        ``(epoch, shard, place in the shard)`` (:meth:`reload`)."""
         epoch, j, done = (0, 0, 0) if state is None else (state['epoch'], state['shard'], state['sample'])
         while True:
             order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle)
             mine, k, m = shard_units(len(self.shards), unit, units)
             while j < len(mine):
-                for position, sample in enumerate(read_shard(self.shards[order(mine[j])], done), done):
+                shard = order(mine[j])
+                for position, sample in enumerate(read_shard(self.shards[shard], done), done):
                     done = position + 1
                     if position % m == k:
-                        yield dict(epoch=epoch, shard=j, sample=done), shard_record(sample)
+                        yield dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position), shard_record(sample)
                 j, done = j + 1, 0
             epoch, j = epoch + 1, 0
 
+    def reload(self, keys: List[Tuple]) -> List[ShardRecord]:
+        """The records of ``keys`` (:meth:`keyed_records`'): a resumed online-packing buffer's samples, each shard
+        read once, up to the last one asked of it."""
+        wanted: Dict[int, set] = {}
+        for _, shard, position in keys:
+            wanted.setdefault(int(shard), set()).add(int(position))
+        found = {}
+        for shard, positions in wanted.items():
+            first = min(positions)
+            for position, sample in enumerate(read_shard(self.shards[shard], first), first):
+                if position in positions:
+                    found[shard, position] = shard_record(sample)
+                if position >= max(positions):
+                    break
+            missing = sorted(positions - {p for s, p in found if s == shard})
+            if missing:
+                raise ValueError(f'{self.shards[shard]}: the checkpoint\'s stream state names its sample {missing[0]}, '
+                                 f'which it does not hold: was the shard set changed since the checkpoint was saved?')
+        return [found[int(shard), int(position)] for _, shard, position in keys]
+
     def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
         skipped: list = []
-        for after, record in self.records(unit, units, state):
+        for after, _, record in self.keyed_records(unit, units, state):
             if getattr(self.samples, 'epoch', after['epoch']) != after['epoch']:
                 self.samples.set_epoch(after['epoch'])
             try:

@@ -42,8 +42,9 @@ import contextlib
 import errno
 import io
 import os
+import time
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -124,10 +125,38 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     return full
 
 
+REAL_DIR_TTL_S = 5.0  # how long a folder's resolved path is reused (samples share a few folders)
+_real_dirs: Dict[str, Tuple[float, str]] = {}
+
+
+def _real_dir(folder: str) -> str:
+    """``os.path.realpath(folder)``, reused for :data:`REAL_DIR_TTL_S` seconds: resolving every component of
+    every sample's path (an ``lstat`` each) was a tenth of the start-up check."""
+    now = time.monotonic()
+    hit = _real_dirs.get(folder)
+    if hit is not None and now - hit[0] < REAL_DIR_TTL_S:
+        return hit[1]
+    if len(_real_dirs) >= 4096:
+        _real_dirs.clear()
+    real = os.path.realpath(folder)
+    _real_dirs[folder] = (now, real)
+    return real
+
+
+def real_path(full: str) -> str:
+    """``os.path.realpath(full)``: for a normalised absolute path, its folder's (:func:`_real_dir`) and one
+    ``lstat`` of its last part (resolved when it is a link)."""
+    if not os.path.isabs(full) or os.path.normpath(full) != full:
+        return os.path.realpath(full)
+    folder, name = os.path.split(full)
+    path = os.path.join(_real_dir(folder), name)
+    return os.path.realpath(path) if name and os.path.islink(path) else path
+
+
 def refuse_link_outside(full: str, image_folder: str, what: str) -> None:
     """``unsafe_image_path`` when ``full`` (a path inside ``image_folder``) resolves, through symbolic links, to a
     file outside it; ``what`` names it in the message."""
-    real_root, real = os.path.realpath(image_folder), os.path.realpath(full)
+    real_root, real = _real_dir(image_folder), real_path(full)
     if os.path.commonpath([real_root, real]) != real_root:
         raise SampleError('unsafe_image_path',
                           f'{what} is a symbolic link to {real}, outside its image folder {image_folder!r} (set '

@@ -63,8 +63,23 @@ def _cache_key(ds, src: DataSource) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _sample_length(ds, record: Record, checked) -> List[int]:
-    """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample)."""
+def _image_size(ds, path: str, sizes: Optional[dict]) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from the header of ``path``, None when it cannot be read; ``sizes`` (a pass's own
+    dict) keeps each answer, so that samples sharing an image read its header once."""
+    if sizes is not None and path in sizes:
+        return sizes[path]
+    try:
+        size = read_image_size(path, ds.max_image_pixels)
+    except SampleError:
+        size = None
+    if sizes is not None:
+        sizes[path] = size
+    return size
+
+
+def _sample_length(ds, record: Record, checked, sizes: Optional[dict] = None) -> List[int]:
+    """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample);
+    ``sizes``: image headers already read in this pass."""
     if checked.video is not None:
         return _video_length(ds, record, checked)
     # a preference pair is as long as its longer answer (both share the prompt and the tiles)
@@ -73,11 +88,10 @@ def _sample_length(ds, record: Record, checked) -> List[int]:
     all_tiles = 0
     max_num = ds.max_tiles_per_image(record, len(checked.image_paths))
     for path in checked.image_paths:
-        try:
-            width, height = read_image_size(path, ds.max_image_pixels)
-        except SampleError:
+        size = _image_size(ds, path, sizes)
+        if size is None:
             continue
-        tiles = num_tiles(width, height, min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
+        tiles = num_tiles(size[0], size[1], min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
                           ds.use_thumbnail)
         image_tokens += tiles * ds.num_image_token + 2
         all_tiles += tiles
@@ -111,38 +125,71 @@ def _stat(path: str) -> List[int]:
         return [-1, -1]
 
 
-def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):
-    """``([n, 2] lengths, paths, counts, ids)`` of the records at ``todo``: their image files as this slice's own
-    table (``paths``), each record's number of files (``counts``) and their places in it (``ids``), compact to
-    send back from a pool process. A ``length_field`` the data carries is taken as it is (no tokenising, no image
-    header read; tiles: one per image)."""
-    lengths, counts = np.zeros((len(todo), 2), dtype=np.int64), np.zeros(len(todo), dtype=np.int64)
-    table: Dict[str, int] = {}
-    ids: List[int] = []
-    field = getattr(ds, 'length_field', None)
-    for k, i in enumerate(todo):
-        record = records[i]
-        if field:  # the start-up check passed it: its JSON and fields are read, nothing else
-            sample = ds.parse(record)
-            given = sample.get(field)
-            if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-                total = max(1, min(given, ds.max_length) if ds.max_length else given)
-                images = sample.get('image')
-                images = [images] if isinstance(images, str) else images if isinstance(images, list) else []
-                media = bool(images) or sample.get('video') is not None
-                lengths[k] = [total, max(1, len(images))] if media else [-total, 1]
-                continue
-        checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
+def _field_length(ds, sample: dict) -> Optional[List[int]]:
+    """``[signed length, tiles]`` from the ``length_field`` a sample carries (tiles: one per image), or None."""
+    given = sample.get(ds.length_field)
+    if not isinstance(given, int) or isinstance(given, bool) or given <= 0:
+        return None
+    total = max(1, min(given, ds.max_length) if ds.max_length else given)
+    images = sample.get('image')
+    images = [images] if isinstance(images, str) else images if isinstance(images, list) else []
+    media = bool(images) or sample.get('video') is not None
+    return [total, max(1, len(images))] if media else [-total, 1]
+
+
+class LengthSlice:
+    """The lengths of a slice of records, added one by one (by the start-up check's pass, ``startcheck.py``, or
+    :func:`_length_slice`), with their image files as the slice's own table: compact to send back from a pool
+    process. Each distinct image's header is read once in the slice (samples share images)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.rows: List[List[int]] = []
+        self.counts: List[int] = []
+        self.table: Dict[str, int] = {}
+        self.ids: List[int] = []
+        self.sizes: Dict[str, Optional[Tuple[int, int]]] = {}
+
+    def add(self, record: Record, checked=None) -> None:
+        """Add ``record`` (``checked``: its ``check_record``, when the caller has it). A ``length_field`` the data
+        carries is taken as it is (no tokenising, no image header read)."""
+        ds = self.ds
+        if getattr(ds, 'length_field', None):  # the start-up check passed it: its JSON and fields are read
+            row = _field_length(ds, checked.sample if checked is not None else ds.parse(record))
+            if row is not None:
+                self.rows.append(row)
+                self.counts.append(0)
+                return
+        if checked is None:
+            checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
         files = checked.image_paths if checked.video is None else [checked.video]
-        counts[k] = len(files)
-        ids.extend(table.setdefault(path, len(table)) for path in files)
-        lengths[k] = _sample_length(ds, record, checked)
-    return lengths, list(table), counts, np.asarray(ids, dtype=np.int64)
+        self.counts.append(len(files))
+        self.ids.extend(self.table.setdefault(path, len(self.table)) for path in files)
+        self.rows.append(_sample_length(ds, record, checked, self.sizes))
+
+    def result(self):
+        """``([n, 2] lengths, paths, counts, ids)``: each record's number of files (``counts``) and their places
+        in ``paths`` (``ids``)."""
+        return (np.asarray(self.rows, dtype=np.int64).reshape(-1, 2), list(self.table),
+                np.asarray(self.counts, dtype=np.int64), np.asarray(self.ids, dtype=np.int64))
+
+
+def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):
+    """:meth:`LengthSlice.result` of the records at ``todo``."""
+    part = LengthSlice(ds)
+    for i in todo:
+        part.add(records[i])
+    return part.result()
+
+
+def lines_digest(lines: np.ndarray) -> str:
+    """What a length cache is of: the LINE of each of its records, in order."""
+    return hashlib.sha1(np.ascontiguousarray(lines, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _lines_digest(records: Sequence[Record]) -> str:
-    lines = records.lines() if hasattr(records, 'lines') else np.asarray([r.line for r in records], dtype=np.int64)
-    return hashlib.sha1(np.ascontiguousarray(lines, dtype=np.int64).tobytes()).hexdigest()
+    return lines_digest(records.lines() if hasattr(records, 'lines')
+                        else np.asarray([r.line for r in records], dtype=np.int64))
 
 
 def _load_cache(base: str, count: int, digest: str):
@@ -189,11 +236,9 @@ def write_text_atomically(path: str, text: str) -> None:
         raise
 
 
-def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cache_dir: str, digest: str):
-    print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {base}.*)',
-              logger='current')
-    parts = run_slices(lambda a, b: _length_slice(ds, records, range(a, b)), len(records),
-                       getattr(ds, 'workers', None), f'lengths of {src.annotation}')
+def save_slices(src: DataSource, base: str, cache_dir: str, parts: list, count: int, digest: str) -> np.ndarray:
+    """The lengths of ``parts`` (:meth:`LengthSlice.result` of consecutive slices), their tables of image files
+    mapped into one with each file's stat, written as the cache of ``count`` records (``digest``: their lines)."""
     lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 2), dtype=np.int64)
     table: Dict[str, int] = {}
     ids = []
@@ -204,8 +249,16 @@ def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cach
     paths = list(table)
     stats = [_stat(p) for p in paths]
     _write_lengths(cache_dir, base, lengths, paths, stats, refs,
-                   np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), len(records), digest, src.annotation)
+                   np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), count, digest, src.annotation)
     return lengths
+
+
+def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cache_dir: str, digest: str):
+    print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {base}.*)',
+              logger='current')
+    parts = run_slices(lambda a, b: _length_slice(ds, records, range(a, b)), len(records),
+                       getattr(ds, 'workers', None), f'lengths of {src.annotation}')
+    return save_slices(src, base, cache_dir, parts, len(records), digest)
 
 
 def compute_source_lengths(ds, src: DataSource, records: Sequence[Record],
@@ -243,6 +296,9 @@ class LengthStats:
     this), computed once per source (:func:`compute_source_lengths`, cached) and read by the length-grouped sampler and
     packing; the class using it has ``tokenizer``, ``sources``, ``records``, ``_source_ranges``, ``_index`` and
     ``_lengths`` (None until computed)."""
+
+    # the start-up check's pass computes the lengths too (``startcheck.py``: each sample parsed and checked once)
+    lengths_with_check = True
 
     def _record_stats(self) -> np.ndarray:
         """``[records, 2]``: token length of every record (text plus image tokens, negative for text-only

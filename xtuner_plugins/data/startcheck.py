@@ -23,7 +23,7 @@ from mmengine.logging import print_log
 
 from .errors import SampleError
 from .index import SourceIndex, load_array, save_array, source_index
-from .lengths import _cache_key, default_cache_dir, write_text_atomically
+from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
@@ -51,8 +51,12 @@ class SourceCheck:
         return missing_line(src, self.media, self.videos, self.missing, *self.first_missing)
 
 
-def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start: int, stop: int) -> dict:
+def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start: int, stop: int,
+                 lengths: bool = False) -> dict:
+    """The check of entries ``start:stop``; with ``lengths``, the lengths of those trained on too (the same parse
+    and ``check_record``, not a second pass: ``lengths.LengthSlice``)."""
     is_jsonl = src.annotation.endswith('.jsonl')
+    part = LengthSlice(ds) if lengths else None
     good, parse_problems, check_problems = [], [], []
     media = videos = missing = 0
     first = None
@@ -70,6 +74,8 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
             parse_problems.append([err.reason, err.message, err.source or where])
             continue
         good.append(e)
+        if part is not None:
+            part.add(Record(source_idx, line, sample), checked)
         paths = checked.image_paths or ([checked.video] if checked.video is not None else [])
         if paths:
             media += 1
@@ -79,13 +85,20 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
                 missing += 1
                 first = first or [where, gone]
     return dict(good=np.asarray(good, dtype=np.int64), parse=parse_problems, check=check_problems, media=media,
-                videos=videos, missing=missing, first=first)
+                videos=videos, missing=missing, first=first, lengths=None if part is None else part.result())
 
 
 def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) -> SourceCheck:
-    parts = run_slices(lambda a, b: _check_slice(ds, source_idx, src, index, a, b), len(index),
+    lengths = ds.tokenizer is not None and getattr(ds, 'lengths_with_check', False)
+    if lengths:
+        print_log(f'Checking the {len(index)} samples of {src.annotation} and computing their lengths (cached in '
+                  f'{base}.*)', logger='current')
+    parts = run_slices(lambda a, b: _check_slice(ds, source_idx, src, index, a, b, lengths), len(index),
                        getattr(ds, 'workers', None), f'checking {src.annotation}')
     good = np.concatenate([p['good'] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    if lengths:  # the lengths cache (lengths.py) of these records, as compute_source_lengths would write it
+        save_slices(src, base, os.path.dirname(base), [p['lengths'] for p in parts], len(good),
+                    lines_digest(index.entries[good, 2]))
     summary = dict(version=CHECK_VERSION, entries=len(index), good=len(good),
                    problems=[q for p in parts for q in p['parse']] + [q for p in parts for q in p['check']],
                    media=sum(p['media'] for p in parts), videos=sum(p['videos'] for p in parts),

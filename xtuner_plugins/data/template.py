@@ -29,7 +29,7 @@ disable_tokenizer_parallelism()
 __all__ = [
     'IMG_START_TOKEN', 'IMG_END_TOKEN', 'IMG_CONTEXT_TOKEN', 'IMAGE_PLACEHOLDER', 'IGNORE_INDEX',
     'INTERNVL_ADDED_TOKENS', 'INTERNVL_SYSTEM_MESSAGE', 'Template', 'TEMPLATES', 'add_internvl_tokens',
-    'get_template', 'image_token_string', 'check_tokenizer_fits', 'template_markers', 'control_markers',
+    'get_template', 'image_token_string', 'check_tokenizer_fits', 'template_markers', 'control_markers', 'vocab_key',
 ]
 
 IMG_START_TOKEN = '<img>'
@@ -170,13 +170,20 @@ def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:
                         | {template.stop_word}))
 
 
+def vocab_key(tokenizer) -> int:
+    """What changes when tokens are added to a tokenizer: its count of added tokens (a few microseconds; the
+    ``len`` of a fast tokenizer builds its whole vocabulary, a fifth of a sample's length count)."""
+    decoder = getattr(tokenizer, 'added_tokens_decoder', None)
+    return len(decoder) if decoder is not None else len(tokenizer)
+
+
 def control_markers(tokenizer, template: Union[str, Template]) -> Tuple[str, ...]:
     """Text that only the pipeline may write into a sequence, longest first: the template's markers, InternVL's
     image tokens and, with a tokenizer, its special tokens and special added tokens (Qwen2.5's ``<|endoftext|>``,
     ``<|vision_start|>``, ...). InternVL's grounding tokens (``<ref>``, ``<box>``, ``<quad>`` and their ends) are
     not among them: data means them. Cached on the tokenizer (until tokens are added to it)."""
     template = get_template(template)
-    key = (len(tokenizer), template) if tokenizer is not None else None
+    key = (vocab_key(tokenizer), template) if tokenizer is not None else None
     cached = getattr(tokenizer, '_xtuner_plugins_control_markers', None)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]

@@ -13,12 +13,13 @@ encoder (:func:`encode_turns`):
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .conversation import Conversation, lenient_conversation, parse_conversation
 from .errors import SampleError
 from .template import (IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Template,
-                       control_markers, image_token_string)
+                       control_markers, image_token_string, vocab_key)
 
 __all__ = ['render_turns', 'encode_turns', 'tokenize_conversation', 'count_text_tokens']
 
@@ -67,6 +68,54 @@ def render_turns(conversation: Conversation, image_text: str) -> List[Tuple[str,
     return [(role, ''.join(t for t, _ in pieces)) for role, pieces in _render_pieces(conversation, image_text, None)]
 
 
+TURN_CACHE = 256        # rendered turns whose ids are kept per tokenizer (the system turn, the question templates)
+TURN_CACHE_CHARS = 512  # longer turns are not kept
+
+
+def _ids(tokenizer, texts: List[str], special: bool) -> List[List[int]]:
+    """``tokenizer(texts, add_special_tokens=special).input_ids``; for a fast tokenizer whose backend pads,
+    truncates and splits special tokens as that call would have it (nothing of the three), straight from the
+    backend's ``encode_batch``, as that call does it (without its ~20 us a call around it)."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None) if getattr(tokenizer, 'is_fast', False) else None
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and getattr(backend, 'encode_special_tokens', None) is False):
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+    return tokenizer(texts, add_special_tokens=special, padding=False, truncation=False).input_ids
+
+
+def _encode(tokenizer, texts: List[str], special: bool) -> List[List[int]]:
+    """``tokenizer(texts, add_special_tokens=special).input_ids``, each short text's ids kept (an LRU on the
+    tokenizer, dropped when tokens are added to it): most samples repeat the system turn and one of a few
+    questions, and tokenising those was half a sample's length count."""
+    key = vocab_key(tokenizer)
+    cache = getattr(tokenizer, '_xtuner_plugins_turn_ids', None)
+    if cache is None or cache[0] != key:
+        cache = (key, OrderedDict())
+        try:
+            tokenizer._xtuner_plugins_turn_ids = cache
+        except AttributeError:
+            return [list(x) for x in _ids(tokenizer, texts, special)]
+    known = cache[1]
+    out: List[Optional[List[int]]] = [None] * len(texts)
+    todo = []
+    for k, text in enumerate(texts):
+        hit = known.get((text, special))
+        if hit is None:
+            todo.append(k)
+        else:
+            known.move_to_end((text, special))
+            out[k] = list(hit)
+    if todo:
+        ids = _ids(tokenizer, [texts[k] for k in todo], special)
+        for k, x in zip(todo, ids):
+            out[k] = list(x)
+            if len(texts[k]) <= TURN_CACHE_CHARS:
+                known[(texts[k], special)] = tuple(x)
+                if len(known) > TURN_CACHE:
+                    known.popitem(last=False)
+    return out
+
+
 def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
     """Tokenise each turn on its own, exactly like InternVL (bos once at the very start when the tokenizer
     has ``add_bos_token``)."""
@@ -75,7 +124,7 @@ def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
     add_bos = bool(getattr(tokenizer, 'add_bos_token', False))
     if add_bos:
         texts = [tokenizer.bos_token + texts[0]] + texts[1:]
-    ids = tokenizer(texts, padding=False, truncation=False).input_ids
+    ids = _encode(tokenizer, texts, True)
     if add_bos:
         # InternVL drops the first token of every turn, which is the bos the tokenizer adds itself.
         bos = tokenizer.bos_token_id
@@ -101,7 +150,7 @@ def _split_at_prefix(tokenizer, text: str, ids: List[int], prefix: str, prefix_i
 
 def _text_ids(tokenizer, text: str) -> List[int]:
     """``text``'s ids without special tokens added by the tokenizer (none for empty text)."""
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+    return _encode(tokenizer, [text], False)[0] if text else []
 
 
 def _literal_ids(tokenizer, text: str, controls: Sequence[int]) -> List[int]:

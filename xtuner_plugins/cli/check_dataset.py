@@ -242,12 +242,7 @@ def main(argv=None) -> int:
 
     print_problems(notes + problems, args.show)
 
-    if video_lines:
-        print('\nVideos')
-        for line in video_lines if not args.show else video_lines[:args.show]:
-            print(line)
-        if args.show and len(video_lines) > args.show:
-            print(f'... and {len(video_lines) - args.show} more videos')
+    print_videos(video_lines, args.show)
     print('\nSummary')
     after_repeats = ds.items_per_source()
     for i, src in enumerate(ds.sources):
@@ -273,10 +268,21 @@ def print_problems(probs_and_notes, show: int) -> None:
             print(f'... and {len(probs) - len(shown)} more [{reason}]')
 
 
+def print_videos(lines, show: int) -> None:
+    """Each video's line (``show`` of them; 0: all)."""
+    if lines:
+        print('\nVideos')
+        for line in lines if not show else lines[:show]:
+            print(line)
+        if show and len(lines) > show:
+            print(f'... and {len(lines) - show} more videos')
+
+
 def check_shard_set(args, tokenizer) -> int:
     """The same report for a shard folder (``data/shards.check_shards``): each sample read from its shard."""
     from xtuner_plugins.data.shards import check_shards
-    report = check_shards(args.data[0], allow_truncation=args.allow_truncation, tokenizer=tokenizer,
+    report = check_shards(args.data[0], allow_truncation=args.allow_truncation, check_video=check_video,
+                          min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame, tokenizer=tokenizer,
                           template=args.template, max_length=args.max_length, image_size=args.image_size,
                           patch_size=args.patch_size, downsample_ratio=args.downsample_ratio,
                           num_image_token=args.num_image_token, image_mode=args.image_mode,
@@ -285,6 +291,7 @@ def check_shard_set(args, tokenizer) -> int:
                           allow_control_text=args.allow_control_text, max_image_pixels=args.max_image_pixels or None)
     problems, notes, stats, lengths = (report[k] for k in ('problems', 'notes', 'stats', 'lengths'))
     print_problems(notes + problems, args.show)
+    print_videos(report['videos'], args.show)
     print('\nSummary')
     for annotation in sorted(stats):
         print(f'{annotation} (from the shards in {args.data[0]})')

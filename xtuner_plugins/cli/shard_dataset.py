@@ -10,9 +10,10 @@ Usage::
 The files are read as ``InternVLDataset`` reads them (its checks, ``repeat_time`` applied): each sample it would
 train on is written once per repeat, with its images' bytes, in its order. Samples the data set refuses are printed
 as ``FILE:LINE: reason: details`` and counted; a sample whose image is missing is skipped, counted, and printed the
-same way, as is a video sample (videos are not sharded). ``--out`` must be a new or empty folder: nothing is
-written over. ``shards.json`` is written last. Exit status 0 when shards were written, 1 when no sample was, 2 for
-bad arguments.
+same way. A video sample's video file goes into the shard as it is (``KEY.video.mp4``); a video given as a
+folder of frames is skipped, counted and printed (``video_folder_not_sharded``). ``--out`` must be a new or empty
+folder: nothing is written over. ``shards.json`` is written last, with each shard's samples and bytes. Exit status 0
+when shards were written, 1 when no sample was, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -81,12 +82,28 @@ class _Shards:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self.written[-1]['bytes'] = os.path.getsize(os.path.join(self.out, self.written[-1]['file']))
+
+
+def media_bytes(path: str, what: str, where: str) -> bytes:
+    """An image's or a video file's bytes; ``missing_image`` / ``missing_video`` (``video_folder_not_sharded`` for a
+    folder of frames) naming ``where`` when there are none."""
+    from xtuner_plugins.data.image_io import why_missing
+    if what == 'video' and os.path.isdir(path):
+        raise SampleError('video_folder_not_sharded', f'{path} is a folder of frames: shards hold video files (make '
+                                                      f'it a video file, or train from the annotation)', where)
+    if not os.path.isfile(path):
+        raise SampleError(f'missing_{what}', why_missing(path, f'{what} file' if what == 'image' else what), where)
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as exc:
+        raise SampleError(f'missing_{what}', f'{what} file cannot be read: {exc}', where) from None
 
 
 def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20) -> Counter:
     """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``; returns the skips by reason
     (each printed as ``FILE:LINE: reason: details``, ``show`` per reason)."""
-    from xtuner_plugins.data.image_io import why_missing
     from xtuner_plugins.data.shards import FORMAT, INDEX
     skipped: Counter = Counter()
 
@@ -103,25 +120,20 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
         record = ds.record_at(i)
         where = ds.where(record)
         checked = ds.check_record(record)
-        if checked.video is not None:
-            skip(SampleError('video_not_sharded', 'a video sample: shards hold image and text samples', where))
-            continue
-        sample, names = {'__key__': f'{i:09d}'}, []
+        sample, names, video = {'__key__': f'{i:09d}'}, [], None
         try:
+            if checked.video is not None:
+                video = 'video' + os.path.splitext(checked.video)[1].lower()
+                sample[video] = media_bytes(checked.video, 'video', where)
             for j, path in enumerate(checked.image_paths):
-                if not os.path.isfile(path):
-                    raise SampleError('missing_image', why_missing(path, 'image file'), where)
                 names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
-                with open(path, 'rb') as f:
-                    sample[names[-1]] = f.read()
-        except OSError as exc:
-            skip(SampleError('missing_image', f'image file cannot be read: {exc}', where))
-            continue
+                sample[names[-1]] = media_bytes(path, 'image', where)
         except SampleError as err:
             skip(err)
             continue
         sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,
-                                         images=names), ensure_ascii=False).encode('utf-8')
+                                         images=names, **(dict(video=video) if video else {})),
+                                    ensure_ascii=False).encode('utf-8')
         shards.write(sample)
         written += 1
     shards.close()

@@ -203,20 +203,25 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.length_field = length_field
         self.workers = workers
 
-        self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
-                                                        max_dynamic_patches)
-        # startcheck.py: each file's index and start-up check, once per node and cached
-        self.records, self._index, self._source_ranges, self.load_problems = read_sources(
-            self, seed, lambda *args, **kw: print_log(*args, **kw))
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once
         self.reduced: Dict[str, int] = {}    # FILE:LINE -> tiles per image it was cut to, to fit max_length
         self.truncated: Dict[str, int] = {}  # FILE:LINE -> tokens max_length cut from it (its answer cut, kept)
+        self._lengths: Optional[np.ndarray] = None
+        self.read_files(data_files, image_folders, repeat_times, max_dynamic_patches)
+
+    def read_files(self, data_files, image_folders, repeat_times, max_dynamic_patches) -> None:
+        """The annotation files: their sources, the index of their samples and its start-up check; a subclass
+        reading its samples elsewhere (``shards.ShardSamples``) sets ``sources`` and ``num_distinct`` its way."""
+        self.sources: List[DataSource] = expand_sources(data_files, image_folders, repeat_times,
+                                                        max_dynamic_patches)
+        # startcheck.py: each file's index and start-up check, once per node and cached
+        self.records, self._index, self._source_ranges, self.load_problems = read_sources(
+            self, self.seed, lambda *args, **kw: print_log(*args, **kw))
         used = np.zeros(len(self.records), dtype=bool)
         used[self._index] = True  # (np.unique: 19 s at 16M items)
         self.num_distinct = int(used.sum())  # samples the limit is a fraction of (repeats once)
         self._report_load_problems()
-        self._lengths: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------------ reading and checking
     def where(self, record: Record) -> str:

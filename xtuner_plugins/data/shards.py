@@ -4,15 +4,22 @@ annotation file.
 **The format.** A shard set is a folder: ``shard-000000.tar``, ``shard-000001.tar``, ... and ``shards.json``
 (written last: a folder without it is refused as incomplete). Each tar holds samples as WebDataset lays them out,
 the files of one sample one after another under one key (``000000042.json``, ``000000042.img0.jpg``, ...): the
-``json`` is ``{"sample": the annotation's sample, "source": k, "line": L, "images": [the image files' names]}``,
-each image the original file's bytes. ``shards.json`` lists the shards with their sample counts and the sources
-(``annotation``, ``max_dynamic_patch``): a sample is named ``FILE:LINE`` of the annotation it came from, as
+``json`` is ``{"sample": the annotation's sample, "source": k, "line": L, "images": [the image files' names]}``
+(and ``"video": "video.mp4"`` for a video sample), each image or video the original file's bytes. ``shards.json``
+lists the shards with their sample counts and sizes, and the sources (``annotation``, ``max_dynamic_patch``): a
+sample is named ``FILE:LINE`` of the annotation it came from, as
 :class:`~xtuner_plugins.data.dataset.InternVLDataset` names it. Read with the ``webdataset`` package's tar reader;
 ``tar tf`` lists a shard.
 
 **The items.** :class:`ShardDataset` yields what ``InternVLDataset`` yields for the same sample: the per-sample
-code is that class's (``check_record``, ``load_sample``: template, fitting, tiling), with the images' bytes
-from the shard instead of paths (:class:`ShardSamples`).
+code is that class's (``check_record``, ``load_sample``: template, fitting, tiling, a video's frames), with the
+images' and the video's bytes from the shard instead of paths (:class:`ShardSamples`; a video read from memory as
+its file would be, ``video.VideoBytes``).
+
+**Damage** is named, never read past: a shard whose size is not the one ``shards.json`` records stops start-up
+with one line, a tar that ends early or cannot be read stops the stream with one line naming it and the samples
+read (:func:`read_shard`), and a sample missing one of its files is a bad sample (``missing_image`` /
+``missing_video``, naming the shard and the member), counted and skipped as in annotation files.
 
 **Who reads what** (``streaming.py``): each epoch orders the shards anew (seeded). With ``S`` shards and ``U`` reading
 units (ranks x DataLoader workers), unit ``u`` reads every ``U``-th shard from ``u`` when ``S >= U``; when
@@ -25,26 +32,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
 
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import tally_fit
 from .sources import DataSource, Record
 from .streaming import StreamingDataset, epoch_order, unit_part
+from .video import VideoBytes
 
 __all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'read_index', 'read_shard',
            'shard_units']
 
 INDEX = 'shards.json'
 FORMAT = 'xtuner-plugins-shards/1'
+REWRITE = 'write the shard set again with tools/shard_dataset.py'
 
 
 def read_index(folder: str) -> dict:
-    """A shard set's ``shards.json``; a ValueError naming the folder when it is not a complete shard set."""
+    """A shard set's ``shards.json``; a ValueError naming the folder when it is not a complete shard set, or a
+    shard's size is not the one recorded (truncated or changed after it was written)."""
     path = os.path.join(folder, INDEX)
     if not os.path.isfile(path):
         raise ValueError(f'{folder}: no {INDEX}: not a shard set, or one whose writing did not finish '
@@ -57,65 +67,98 @@ def read_index(folder: str) -> dict:
     if missing:
         raise ValueError(f'{folder}: {len(missing)} of its {len(index["shards"])} shards are missing, first '
                          f'{missing[0]}')
+    for shard in index['shards']:
+        size = os.path.getsize(os.path.join(folder, shard['file']))
+        if shard.get('bytes') is not None and size != shard['bytes']:
+            raise ValueError(f'{os.path.join(folder, shard["file"])}: {size} bytes, {INDEX} says {shard["bytes"]}: '
+                             f'truncated or changed after it was written; {REWRITE}')
     return index
 
 
-def read_shard(path: str, skip: int = 0) -> Iterator[Dict[str, Any]]:
-    """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``."""
+def read_shard(path: str, skip: int = 0, expected: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
+    A tar that cannot be read, or that ends before its ``expected`` samples, is a ValueError naming it and the
+    samples read."""
+    import tarfile
+
     from webdataset.tariterators import group_by_keys, tar_file_expander
+    k = -1
     with open(path, 'rb') as stream:
-        for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
-            if k >= skip:
-                yield sample
+        try:
+            for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
+                if k >= skip:
+                    yield sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            raise ValueError(f'{path}: the tar cannot be read after its {k + 1} samples ({str(exc).split(" @ ")[0]}): '
+                             f'damaged or truncated; {REWRITE}') from None
+    if expected is not None and k + 1 < expected:
+        raise ValueError(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')
 
 
 @dataclass
 class ShardRecord(Record):
-    """A record read from a shard: ``raw`` its sample, ``media`` its images' bytes."""
+    """A record read from a shard: ``raw`` its sample, ``media`` its images' bytes (None for a member missing from
+    the shard), ``video`` its video's (``VideoBytes``), ``where`` the shard and key (``SHARD:KEY``)."""
 
-    media: Tuple[bytes, ...] = ()
+    media: Tuple[Optional[bytes], ...] = ()
+    names: Tuple[str, ...] = ()
+    video: Optional[VideoBytes] = None
+    video_name: Optional[str] = None
+    where: str = ''
 
 
 def shard_record(sample: Dict[str, Any]) -> ShardRecord:
+    where = f'{sample.get("__url__", "?")}:{sample["__key__"]}'
+    if 'json' not in sample:
+        raise ValueError(f'{where}: no {sample["__key__"]}.json (the sample\'s annotation) in the shard, only '
+                         f'{sorted(k for k in sample if not k.startswith("__"))}: damaged; {REWRITE}')
     meta = json.loads(sample['json'])
+    names = tuple(name.lower() for name in meta['images'])
+    video = meta.get('video')
+    data = None if video is None else sample.get(video.lower())
     return ShardRecord(int(meta['source']), int(meta['line']), meta['sample'],
-                       tuple(sample[name.lower()] for name in meta['images']))
-
-
-_STUB = {'conversations': [{'from': 'human', 'value': 'x'}, {'from': 'gpt', 'value': 'x'}]}
+                       tuple(sample.get(name) for name in names), names,
+                       None if data is None else VideoBytes(f'{where}.{video}', data), video, where)
 
 
 class ShardSamples(InternVLDataset):
     """``InternVLDataset``'s per-sample code over a shard set's sources (the module docstring). It takes that class's
-    settings (tokenizer, template, ``max_length``, tiling, ...); its own records come from the shards, so it is
-    built over a one-sample stub file and then given the shard set's sources."""
+    settings (tokenizer, template, ``max_length``, tiling, video frames, ...); its samples come from the shards
+    (``ShardDataset``), its sources from ``shards.json``."""
 
     def __init__(self, shards: str, **settings):
-        index = read_index(shards)
-        stub = tempfile.mkdtemp(prefix='shard-samples-')
-        try:
-            path = os.path.join(stub, 'stub.jsonl')
-            with open(path, 'w', encoding='utf-8') as f:
-                f.write(json.dumps(_STUB) + '\n')
-            unused = ('data_files', 'image_folders', 'repeat_times')  # the shards' own (a config may carry them)
-            super().__init__(path, **{k: v for k, v in settings.items() if k not in unused})
-        finally:
-            shutil.rmtree(stub, ignore_errors=True)
-        self.shard_folder, self.index = shards, index
+        unused = ('data_files', 'image_folders', 'repeat_times')  # the shards' own (a config may carry them)
+        super().__init__(shards, **{k: v for k, v in settings.items() if k not in unused})
+
+    def read_files(self, shards, image_folders, repeat_times, max_dynamic_patches) -> None:
+        """The shard set's sources and sample count, from its ``shards.json`` (no annotation file is read)."""
+        self.shard_folder, self.index = shards, read_index(shards)
         self.sources = [DataSource(name=os.path.basename(s['annotation']), annotation=s['annotation'],
                                    image_folder=None, max_dynamic_patch=s.get('max_dynamic_patch'))
-                        for s in index['sources']]
-        self.num_distinct = int(index['samples'])  # what max_bad_fraction is a fraction of
+                        for s in self.index['sources']]
+        self.records, self._source_ranges, self.load_problems = [], [], []
+        self._index = np.zeros(0, dtype=np.int64)  # no annotation index: ShardDataset streams the samples
+        self.num_distinct = int(self.index['samples'])  # what max_bad_fraction is a fraction of
 
     def check_record(self, record: Record):
-        """``InternVLDataset.check_record``, the images its shard's bytes (named by their sample in messages)."""
+        """``InternVLDataset.check_record``, the images and the video its shard's bytes (named by their shard and
+        key in messages); a member missing from the shard is ``missing_image`` / ``missing_video``."""
         checked = super().check_record(record)
-        media = getattr(record, 'media', None)
-        if media is not None:
-            if len(media) != len(checked.image_paths):
-                raise SampleError('missing_image', f'the shard holds {len(media)} images for the sample\'s '
-                                                   f'{len(checked.image_paths)}')
-            checked.image_paths = list(media)
+        if not isinstance(record, ShardRecord):
+            return checked
+        if len(record.media) != len(checked.image_paths):
+            raise SampleError('missing_image', f'{record.where}: the shard holds {len(record.media)} images for the '
+                                               f'sample\'s {len(checked.image_paths)}')
+        gone = [name for name, data in zip(record.names, record.media) if data is None]
+        if gone:
+            raise SampleError('missing_image', f'{record.where}: no member {record.where.rsplit(":", 1)[1]}.'
+                                               f'{gone[0]} in the shard')
+        checked.image_paths = list(record.media)
+        if checked.video is not None:
+            if record.video is None:
+                raise SampleError('missing_video', f'{record.where}: no video member '
+                                                   f'({record.video_name or "none named"}) in the shard')
+            checked.video, checked.links_within = record.video, None
         return checked
 
 
@@ -150,6 +193,7 @@ class ShardDataset(StreamingDataset):
         self.samples, self.seed, self.shuffle = dataset, seed, shuffle
         self.folder, self.index = shards, dataset.index
         self.shards = [os.path.join(shards, s['file']) for s in self.index['shards']]
+        self.expected = [int(s['samples']) for s in self.index['shards']]
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
     geometry = property(lambda self: self.samples.geometry)
@@ -178,7 +222,7 @@ class ShardDataset(StreamingDataset):
             mine, k, m = shard_units(len(self.shards), unit, units)
             while j < len(mine):
                 shard = order(mine[j])
-                for position, sample in enumerate(read_shard(self.shards[shard], done), done):
+                for position, sample in enumerate(read_shard(self.shards[shard], done, self.expected[shard]), done):
                     done = position + 1
                     if position % m == k:
                         yield dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position), shard_record(sample)
@@ -220,12 +264,15 @@ class ShardDataset(StreamingDataset):
             yield after, item
 
 
-def check_shards(folder: str, allow_truncation: bool = False, **settings) -> Dict[str, Any]:
+def check_shards(folder: str, allow_truncation: bool = False, check_video: Optional[Callable] = None,
+                 **settings) -> Dict[str, Any]:
     """What ``tools/check_dataset.py`` reports, for a shard set: every sample read from its shard, checked and its
     images decoded as training does; with a ``tokenizer`` in ``settings``, what ``max_length`` does to each
-    (``InternVLDataset.fit``). Returns ``problems`` and ``notes`` (``SampleError`` naming ``FILE:LINE``), ``stats``
-    (annotation -> Counter, check_dataset's keys) and ``lengths`` (annotation -> tokens trained on), and
-    ``skipped`` (what the shard writer left out, by reason)."""
+    (``InternVLDataset.fit``). A video sample goes to ``check_video`` (check_dataset's, called as it calls it for
+    an annotation file; without one it is loaded as training loads it). Returns ``problems`` and ``notes``
+    (``SampleError`` naming ``FILE:LINE``), ``stats`` (annotation -> Counter, check_dataset's keys), ``lengths``
+    (annotation -> tokens trained on), ``videos`` (check_video's lines) and ``skipped`` (what the shard writer left
+    out, by reason)."""
     from collections import Counter, defaultdict
 
     from .image_io import load_image
@@ -234,8 +281,9 @@ def check_shards(folder: str, allow_truncation: bool = False, **settings) -> Dic
     notes: List[SampleError] = []
     stats: Dict[str, Counter] = defaultdict(Counter)
     lengths: Dict[str, List[int]] = defaultdict(list)
+    videos: List[str] = []
     for shard in samples.index['shards']:
-        for raw in read_shard(os.path.join(folder, shard['file'])):
+        for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples'])):
             record = shard_record(raw)
             where, st = samples.where(record), stats[samples.sources[record.source].annotation]
             st['samples'] += 1
@@ -248,13 +296,24 @@ def check_shards(folder: str, allow_truncation: bool = False, **settings) -> Dic
             except SampleError as err:
                 drop(err)
                 continue
+            if checked.video is not None:
+                if check_video is not None:
+                    check_video(samples, record, checked, st, problems, videos, samples.tokenizer is not None,
+                                lengths, allow_truncation)
+                    continue
+                st['video samples'] += 1
+                try:
+                    samples.load_sample(record)
+                    st['videos found'] += 1
+                except SampleError as err:
+                    drop(err)
+                continue
             st['text-only samples' if not checked.image_paths else 'image samples'] += 1
             sizes = []
-            for name, data in zip(json.loads(raw['json'])['images'], checked.image_paths):
+            for name, data in zip(record.names, checked.image_paths):
                 st['images'] += 1
                 try:
-                    sizes.append(load_image(data, samples.max_image_pixels, f'{shard["file"]}:{raw["__key__"]}.'
-                                                                            f'{name}').size)
+                    sizes.append(load_image(data, samples.max_image_pixels, f'{record.where}.{name}').size)
                     st['images found'] += 1
                 except SampleError as err:
                     st[f'images {err.reason.replace("_", " ")}'] += 1
@@ -272,5 +331,5 @@ def check_shards(folder: str, allow_truncation: bool = False, **settings) -> Dic
             lengths[samples.sources[record.source].annotation].append(max(len(e['input_ids']) for e in fit.encoded))
             tally_fit(fit, st, notes, problems, where, samples.max_tiles_per_image(record, len(sizes)),
                       samples.max_length, allow_truncation)
-    return dict(problems=problems, notes=notes, stats=dict(stats), lengths=dict(lengths),
+    return dict(problems=problems, notes=notes, stats=dict(stats), lengths=dict(lengths), videos=videos,
                 skipped=dict(samples.index.get('skipped', {})))

@@ -25,6 +25,7 @@ link to nothing), ``empty_video`` (zero frames), ``bad_clip`` (malformed, or out
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -39,12 +40,25 @@ from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, re
                        why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 
-__all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoInfo', 'video_field', 'probe_video', 'frame_indices',
-           'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for', 'choose_frames', 'read_frames',
-           'video_prompt', 'video_turns', 'expand_video', 'load_video']
+__all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoInfo', 'video_field', 'probe_video',
+           'frame_indices', 'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for', 'choose_frames',
+           'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+class VideoBytes(str):
+    """A video file's bytes held in memory (a tar shard's member, ``data/shards.py``), read as the file would be;
+    the string is its name in messages (``SHARD:KEY.video.mp4``)."""
+
+    def __new__(cls, name: str, data: bytes) -> 'VideoBytes':
+        self = super().__new__(cls, name)
+        self.data = data
+        return self
+
+    def __reduce__(self):
+        return VideoBytes, (str(self), self.data)
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ def _open_stream(path: str):
     """``(container, video stream)``; ``corrupt_video`` when FFmpeg cannot read it or it has no video stream."""
     av = _av()
     try:
-        container = av.open(path)
+        container = av.open(io.BytesIO(path.data) if isinstance(path, VideoBytes) else path)
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
         raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
     if not container.streams.video:
@@ -171,9 +185,9 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
         SampleError: ``missing_video``, ``corrupt_video``, ``empty_video``, ``bad_clip``, ``image_too_large``,
             ``unsafe_image_path``.
     """
-    if os.path.isdir(path):
+    if not isinstance(path, VideoBytes) and os.path.isdir(path):
         info = _probe_folder(path, max_pixels, image_folder)
-    elif os.path.isfile(path):
+    elif isinstance(path, VideoBytes) or os.path.isfile(path):
         info = _probe_file(path)
     else:
         raise SampleError('missing_video', why_missing(path, 'video'))

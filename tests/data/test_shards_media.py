@@ -1,0 +1,137 @@
+"""Tar shards with videos (the video file's bytes, decoded from memory as the file is) and damaged shards: a
+truncated tar, a shard missing a member, a corrupt video, each named (data/shards.py, cli/shard_dataset.py)."""
+
+import json
+import os
+import tarfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers import conv, write_image, write_jsonl, write_video
+from xtuner_plugins.cli.shard_dataset import write_shards
+from xtuner_plugins.data import InternVLDataset
+from xtuner_plugins.data.shards import INDEX, ShardDataset, read_index, read_shard
+
+SETTINGS = dict(image_size=28, max_bad_fraction=1, min_num_frame=3, max_num_frame=5)
+
+
+@pytest.fixture(scope='module')
+def media(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp('shard_media')
+    folder = root / 'm'
+    write_video(folder / 'up.mp4', [6 * i for i in range(30)], size=(40, 30))
+    write_video(folder / 'down.gif', [200 - 8 * i for i in range(12)], size=(32, 32))
+    write_video(folder / 'frames', [10 * i for i in range(6)])
+    write_image(folder / 'i.png', size=(56, 28))
+    (folder / 'garbage.mp4').write_bytes(b'not a video at all' * 10)
+    samples = [{'video': 'up.mp4', 'conversations': conv('Brighter?', 'brighter', image=False)},
+               {'image': 'i.png', 'conversations': conv()},
+               {'video': 'down.gif', 'clip': [0.2, 1.0], 'conversations': conv('<video>\nDarker?', 'yes', image=False)},
+               {'video': 'frames', 'conversations': conv('Frames?', 'folder', image=False)},
+               {'video': 'garbage.mp4', 'conversations': conv('Broken?', 'broken', image=False)},
+               {'conversations': conv('Say something.', 'something', image=False)}]
+    path = write_jsonl(root / 'd.jsonl', samples)
+    source = InternVLDataset(path, image_folders=str(folder), tokenizer=tiny_tokenizer, **SETTINGS)
+    out = str(root / 'out')
+    skipped = write_shards(source, out, samples_per_shard=2, max_shard_bytes=1 << 20)
+    return SimpleNamespace(root=root, folder=folder, path=path, source=source, out=out, skipped=skipped,
+                           settings=dict(SETTINGS, tokenizer=tiny_tokenizer))
+
+
+def items(folder, settings, n):
+    ds = ShardDataset(folder, dict(settings), shuffle=False, rank=0, world_size=1)
+    return [item for _, item in zip(range(n), ds)]
+
+
+def test_videos_are_sharded_as_their_files_and_give_the_annotations_items(media):
+    assert dict(media.skipped) == {'video_folder_not_sharded': 1}
+    with tarfile.open(os.path.join(media.out, 'shard-000000.tar')) as tar:
+        assert tar.getnames() == ['000000000.json', '000000000.video.mp4', '000000001.img0.png', '000000001.json']
+        assert tar.extractfile('000000000.video.mp4').read() == (media.folder / 'up.mp4').read_bytes()
+        assert json.loads(tar.extractfile('000000000.json').read())['video'] == 'video.mp4'
+    src = media.source
+    good = [src.where(src.record_at(i)) for i in (0, 1, 2, 5)]
+    got = items(media.out, media.settings, 4)
+    assert [x['samples'] for x in got] == [[w] for w in good]
+    for x, i in zip(got, (0, 1, 2, 5)):
+        y = src.load_sample(src.record_at(i))
+        for key in ('input_ids', 'labels', 'pixel_values', 'image_flags'):
+            assert torch.equal(x[key], y[key]), (i, key)
+    assert got[0]['pixel_values'].shape[0] >= 3  # the video's frames, one tile each
+    # the corrupt video is a counted skip, named by its line and its shard member
+    assert [s for x in got for s in x['skipped']] == [(f'{media.path}:5', 'corrupt_video')]
+
+
+def test_check_dataset_reads_the_videos_in_shards(media, tiny_tokenizer_dir, capsys):
+    from xtuner_plugins.cli.check_dataset import main
+    code = main(['--data', media.out, '--tokenizer', tiny_tokenizer_dir, '--image-size', '28',
+                 '--num-image-token', '4', '--min-num-frame', '3', '--max-num-frame', '5'])
+    out = capsys.readouterr().out
+    assert code == 1, out  # the corrupt video
+    assert f'{media.path}:5: corrupt_video: cannot read video {media.out}/shard-000001.tar:000000004.video.mp4' \
+        in out, out
+    assert f'{media.path}:1: video {media.out}/shard-000000.tar:000000000.video.mp4: 30 frames, 3.00 s at 10 fps, ' \
+        f'40x30, ' in out, out
+    assert 'video samples: 3' in out and 'videos found: 2' in out and 'image samples: 1' in out, out
+    assert "left out when sharded: {'video_folder_not_sharded': 1}" in out
+
+
+def copy_shards(media, tmp_path, edit):
+    """The shard set copied, ``edit(tar_name, members) -> members`` rewriting each shard (members as
+    ``(TarInfo, bytes)``), the index's sizes brought up to date."""
+    out = tmp_path / 'edited'
+    out.mkdir()
+    index = read_index(media.out)
+    for shard in index['shards']:
+        with tarfile.open(os.path.join(media.out, shard['file'])) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(out / shard['file'], 'w') as tar:
+            for info, data in edit(shard['file'], members):
+                info.size = len(data)
+                tar.addfile(info, __import__('io').BytesIO(data))
+        shard['bytes'] = os.path.getsize(out / shard['file'])
+    (out / INDEX).write_text(json.dumps(index))
+    return str(out)
+
+
+def test_a_member_missing_from_a_shard_is_a_named_counted_skip(media, tmp_path):
+    out = copy_shards(media, tmp_path, lambda name, members: [(i, d) for i, d in members
+                                                              if i.name not in ('000000001.img0.png',
+                                                                                '000000002.video.gif')])
+    got = items(out, media.settings, 2)
+    assert [x['samples'] for x in got] == [[f'{media.path}:1'], [f'{media.path}:6']]
+    assert [s for x in got for s in x['skipped']] == [(f'{media.path}:2', 'missing_image'),
+                                                      (f'{media.path}:3', 'missing_video'),
+                                                      (f'{media.path}:5', 'corrupt_video')]
+    ds = ShardDataset(out, dict(media.settings), shuffle=False, rank=0, world_size=1)
+    [_ for _, _ in zip(range(2), ds)]
+    assert set(ds.samples.failed) == {f'{media.path}:{k}' for k in (2, 3, 5)}
+
+
+def test_a_shard_missing_a_samples_json_is_one_line(media, tmp_path):
+    out = copy_shards(media, tmp_path, lambda name, members: [(i, d) for i, d in members
+                                                              if i.name != '000000001.json'])
+    with pytest.raises(ValueError) as err:
+        items(out, media.settings, 3)
+    assert str(err.value).startswith(f'{out}/shard-000000.tar:000000001: no 000000001.json (the sample\'s '
+                                     f'annotation) in the shard, only [\'img0.png\']: damaged; write the shard set '
+                                     f'again with tools/shard_dataset.py'), err.value
+
+
+def test_a_truncated_shard_is_refused_at_start_up_and_while_read(media, tmp_path):
+    out = copy_shards(media, tmp_path, lambda name, members: members)
+    shard = os.path.join(out, 'shard-000001.tar')
+    data = open(shard, 'rb').read()
+    open(shard, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(ValueError) as err:
+        read_index(out)
+    assert str(err.value) == (f'{shard}: {len(data) // 2} bytes, shards.json says {len(data)}: truncated or changed '
+                              f'after it was written; write the shard set again with tools/shard_dataset.py')
+    with pytest.raises(ValueError, match=r'shard-000001.tar: the tar (cannot be read after its \d samples .*|ends '
+                                         r'after \d of its 2 samples: truncated); write the shard set again'):
+        list(read_shard(shard, expected=2))
+    open(shard, 'wb').write(data[:512 * 3])  # cut at a member's end: the tar reader alone would stop quietly
+    with pytest.raises(ValueError, match=r'shard-000001.tar: the tar (ends after \d of its 2 samples|cannot be read)'):
+        list(read_shard(shard, expected=2))

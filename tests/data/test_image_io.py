@@ -27,6 +27,28 @@ class TestResolvePath:
         path = resolve_image_path('x.png', str(tmp_path / 'link'))
         assert read_image_size(path) == (64, 48)
 
+    def test_real_path_is_realpath_with_each_folder_resolved_once(self, tmp_path, monkeypatch):
+        """The link check resolves a path from its folder's resolved path (kept a few seconds: samples share
+        folders) and one look at its last part: always ``os.path.realpath``'s answer."""
+        from xtuner_plugins.data import image_io
+        write_image(tmp_path / 'outside' / 'o.png')
+        write_image(tmp_path / 'i' / 'sub' / 'a.png')
+        (tmp_path / 'i' / 'sub' / 'out.png').symlink_to(tmp_path / 'outside' / 'o.png')
+        (tmp_path / 'i' / 'rel.png').symlink_to('sub/a.png')
+        (tmp_path / 'i' / 'dirlink').symlink_to(tmp_path / 'outside')
+        (tmp_path / 'i' / 'loop').symlink_to('loop')
+        paths = [str(tmp_path / 'i' / p) for p in ('sub/a.png', 'sub/out.png', 'rel.png', 'dirlink/o.png',
+                                                     'dirlink/none.png', 'none/x.png', 'loop')] + ['rel', '.']
+        assert [image_io.real_path(p) for p in paths] == [os.path.realpath(p) for p in paths]
+        with pytest.raises(SampleError, match='symbolic link to .*outside'):
+            resolve_image_path('sub/out.png', str(tmp_path / 'i'))
+        calls = []
+        monkeypatch.setattr(image_io.os.path, 'realpath', lambda p: calls.append(p) or p)
+        monkeypatch.setattr(image_io, '_real_dirs', {})
+        for _ in range(3):
+            resolve_image_path('sub/a.png', str(tmp_path / 'i'))
+        assert sorted(calls) == sorted([str(tmp_path / 'i'), str(tmp_path / 'i' / 'sub')])
+
     def test_no_folder_resolves_against_base_dir(self, tmp_path):
         assert resolve_image_path('x.png', None, str(tmp_path)) == os.path.join(str(tmp_path), 'x.png')
         assert resolve_image_path('/abs/x.png', None, str(tmp_path)) == '/abs/x.png'

@@ -3,6 +3,8 @@ problems (FILE:LINE) and lengths as one process, the lengths those of the items 
 sample on a warm start, no Python object held per sample, and ranks x workers reading each sample once."""
 
 import json
+import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -117,3 +119,31 @@ def test_distinct_samples_count_each_repeated_sample_once(tmp_path, tiny_tokeniz
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', image=False)} for i in range(10)])
     ds = make_ds(path, tiny_tokenizer, tmp_path, repeat_times=repeat)
     assert (len(ds), ds.num_distinct) == (items, distinct)
+
+
+def test_the_check_pass_computes_the_lengths_reading_each_image_header_once(data, tiny_tokenizer, tmp_path,
+                                                                           monkeypatch):
+    """One pass over the samples, not two: the start-up check (pooled or not) leaves the length cache, equal to
+    the lengths' own pass, and each distinct image's header is read once in a slice (the samples share images)."""
+    from xtuner_plugins.data import lengths
+    from xtuner_plugins.data.dataset import InternVLDataset
+    files, img = data
+    kw = dict(image_folders=img, max_dynamic_patch=4, max_bad_fraction=0.5, workers=1)
+    monkeypatch.setattr(InternVLDataset, 'lengths_with_check', False)
+    apart = make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'apart'), **kw)
+    want = apart._record_stats().tolist()
+    monkeypatch.undo()
+    reads = []
+    real = lengths.read_image_size
+    monkeypatch.setattr(lengths, 'read_image_size', lambda path, *a: reads.append(path) or real(path, *a))
+    monkeypatch.setattr(lengths, '_length_slice', lambda *a: pytest.fail('a second pass for the lengths'))
+    for workers in (1, 2):
+        reads.clear()
+        monkeypatch.setattr(nodepass, 'MIN_SLICE', 1 if workers == 2 else nodepass.MIN_SLICE)
+        one = make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / f'with{workers}'),
+                      **dict(kw, workers=workers))
+        assert one._record_stats().tolist() == want
+    reads.clear()
+    make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'again'), **kw)
+    counts = Counter(os.path.basename(p) for p in reads)  # per file: 0, 1, 2.png and the missing gone.png; 0-2
+    assert counts == {'0.png': 2, '1.png': 2, '2.png': 2, 'gone.png': 1}, counts  # again in b.json

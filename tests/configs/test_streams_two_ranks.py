@@ -1,7 +1,7 @@
-"""The streaming configs on 2 ranks (torchrun, gloo, CPU), 2 DataLoader workers each, on the tiny models: every
-rank x worker reads a disjoint part of an epoch and together all of it, and a run rolled back to a mid-epoch
-checkpoint and resumed on 2 ranks trains on the uninterrupted run's samples, batch for batch (each rank's samples
-recorded by tests/configs/recorded/record_hook.py)."""
+"""The streaming configs on 2 ranks (torchrun, gloo, CPU), 2 DataLoader workers each, on the tiny models and a
+data set of images, a video and text: every rank x worker reads a disjoint part of an epoch and together all of
+it, and a run rolled back to a mid-epoch checkpoint and resumed on 2 ranks trains on the uninterrupted run's
+samples, batch for batch (each rank's samples recorded by tests/configs/recorded/record_hook.py)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.configs.conftest import ROOT, tiny_options
-from tests.helpers import conv, write_image, write_jsonl
+from tests.helpers import conv, write_image, write_jsonl, write_video
 from tests.train_utils import run_train
 from xtuner_plugins.cli.shard_dataset import main as shard_dataset
 from xtuner_plugins.engine.checkpointing import atomic_write
@@ -22,11 +22,13 @@ RANKS, WORKERS = 2, 2
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    """8 samples (6 with an image, 2 text-only), each its own FILE:LINE."""
+    """8 samples (5 with an image, 1 with a video, 2 text-only), each its own FILE:LINE."""
     root = tmp_path_factory.mktemp('streams')
     for k in range(3):
         write_image(root / 'images' / f'{k}.png', size=(56 + 28 * k, 56), seed=k)
-    samples = [{'image': f'{i % 3}.png', 'conversations': conv(answer=f'answer {i} ' + 'x' * i)} for i in range(6)]
+    write_video(root / 'images' / 'v.mp4', [8 * i for i in range(12)], size=(40, 30))
+    samples = [{'image': f'{i % 3}.png', 'conversations': conv(answer=f'answer {i} ' + 'x' * i)} for i in range(5)]
+    samples += [{'video': 'v.mp4', 'conversations': conv('Brighter?', 'brighter', image=False)}]
     samples += [{'conversations': conv(question=f'say {i}', answer='text only', image=False)} for i in range(2)]
     path = write_jsonl(root / 'data.jsonl', samples)
     return dict(file=path, images=str(root / 'images'), names=[f'{path}:{line}' for line in range(1, 9)], root=root)
@@ -71,6 +73,8 @@ def common(tiny, data):
     opts = {k.replace('train_dataloader.dataset.', 'train_dataloader.dataset.dataset.'): v
             for k, v in tiny_options(tiny, data['file'], repeat=1, batch_size=1).items() if 'sampler' not in k}
     opts.update({'train_dataloader.dataset.dataset.image_folders': f'[{data["images"]}]',
+                 'train_dataloader.dataset.dataset.min_num_frame': 2,
+                 'train_dataloader.dataset.dataset.max_num_frame': 3,
                  'train_dataloader.num_workers': WORKERS, 'train_dataloader.persistent_workers': True,
                  'max_iters': 6, 'default_hooks.checkpoint.interval': 3, 'default_hooks.checkpoint.max_keep_ckpts': -1})
     return opts

@@ -12,7 +12,7 @@ import torch
 from tests.helpers import conv, write_image, write_jsonl, write_video
 from xtuner_plugins.cli.shard_dataset import write_shards
 from xtuner_plugins.data import InternVLDataset
-from xtuner_plugins.data.shards import INDEX, ShardDataset, read_index, read_shard
+from xtuner_plugins.data.shards import INDEX, ShardDataset, check_shards, read_index, read_shard
 
 SETTINGS = dict(image_size=28, max_bad_fraction=1, min_num_frame=3, max_num_frame=5)
 
@@ -46,20 +46,24 @@ def items(folder, settings, n):
 
 
 def test_videos_are_sharded_as_their_files_and_give_the_annotations_items(media):
-    assert dict(media.skipped) == {'video_folder_not_sharded': 1}
+    assert dict(media.skipped) == {}
     with tarfile.open(os.path.join(media.out, 'shard-000000.tar')) as tar:
         assert tar.getnames() == ['000000000.json', '000000000.video.mp4', '000000001.img0.png', '000000001.json']
         assert tar.extractfile('000000000.video.mp4').read() == (media.folder / 'up.mp4').read_bytes()
         assert json.loads(tar.extractfile('000000000.json').read())['video'] == 'video.mp4'
+    with tarfile.open(os.path.join(media.out, 'shard-000001.tar')) as tar:
+        frames = [f'000000003.frame{k:04d}.png' for k in range(6)]
+        assert tar.getnames() == ['000000002.json', '000000002.video.gif', *frames, '000000003.json']
+        assert tar.extractfile(frames[5]).read() == (media.folder / 'frames' / '0006.png').read_bytes()
     src = media.source
-    good = [src.where(src.record_at(i)) for i in (0, 1, 2, 5)]
-    got = items(media.out, media.settings, 4)
+    good = [src.where(src.record_at(i)) for i in (0, 1, 2, 3, 5)]
+    got = items(media.out, media.settings, 5)
     assert [x['samples'] for x in got] == [[w] for w in good]
-    for x, i in zip(got, (0, 1, 2, 5)):
+    for x, i in zip(got, (0, 1, 2, 3, 5)):
         y = src.load_sample(src.record_at(i))
         for key in ('input_ids', 'labels', 'pixel_values', 'image_flags'):
             assert torch.equal(x[key], y[key]), (i, key)
-    assert got[0]['pixel_values'].shape[0] >= 3  # the video's frames, one tile each
+    assert got[0]['pixel_values'].shape[0] >= 3 and got[3]['pixel_values'].shape[0] >= 3  # frames, a tile each
     # the corrupt video is a counted skip, named by its line and its shard member
     assert [s for x in got for s in x['skipped']] == [(f'{media.path}:5', 'corrupt_video')]
 
@@ -70,12 +74,14 @@ def test_check_dataset_reads_the_videos_in_shards(media, tiny_tokenizer_dir, cap
                  '--num-image-token', '4', '--min-num-frame', '3', '--max-num-frame', '5'])
     out = capsys.readouterr().out
     assert code == 1, out  # the corrupt video
-    assert f'{media.path}:5: corrupt_video: cannot read video {media.out}/shard-000001.tar:000000004.video.mp4' \
+    assert f'{media.path}:5: corrupt_video: cannot read video {media.out}/shard-000002.tar:000000004.video.mp4' \
         in out, out
     assert f'{media.path}:1: video {media.out}/shard-000000.tar:000000000.video.mp4: 30 frames, 3.00 s at 10 fps, ' \
         f'40x30, ' in out, out
-    assert 'video samples: 3' in out and 'videos found: 2' in out and 'image samples: 1' in out, out
-    assert "left out when sharded: {'video_folder_not_sharded': 1}" in out
+    assert f'{media.path}:4: video {media.out}/shard-000001.tar:000000003.frame*: 6 frames, a folder of frames, ' \
+        f'32x24, ' in out, out
+    assert 'video samples: 4' in out and 'videos found: 3' in out and 'image samples: 1' in out, out
+    assert 'left out when sharded: none' in out
 
 
 def copy_shards(media, tmp_path, edit):
@@ -97,17 +103,25 @@ def copy_shards(media, tmp_path, edit):
 
 
 def test_a_member_missing_from_a_shard_is_a_named_counted_skip(media, tmp_path):
-    out = copy_shards(media, tmp_path, lambda name, members: [(i, d) for i, d in members
-                                                              if i.name not in ('000000001.img0.png',
-                                                                                '000000002.video.gif')])
-    got = items(out, media.settings, 2)
+    gone = ('000000001.img0.png', '000000002.video.gif', '000000003.frame0002.png')
+    out = copy_shards(media, tmp_path, lambda name, members: [(i, d) for i, d in members if i.name not in gone])
+    ds = ShardDataset(out, dict(media.settings), shuffle=False, rank=0, world_size=1)
+    got = [item for _, item in zip(range(2), ds)]
     assert [x['samples'] for x in got] == [[f'{media.path}:1'], [f'{media.path}:6']]
     assert [s for x in got for s in x['skipped']] == [(f'{media.path}:2', 'missing_image'),
                                                       (f'{media.path}:3', 'missing_video'),
+                                                      (f'{media.path}:4', 'missing_video'),
                                                       (f'{media.path}:5', 'corrupt_video')]
-    ds = ShardDataset(out, dict(media.settings), shuffle=False, rank=0, world_size=1)
-    [_ for _, _ in zip(range(2), ds)]
-    assert set(ds.samples.failed) == {f'{media.path}:{k}' for k in (2, 3, 5)}
+    assert ds.samples.failed == {f'{media.path}:2': 'missing_image', f'{media.path}:3': 'missing_video',
+                                 f'{media.path}:4': 'missing_video', f'{media.path}:5': 'corrupt_video'}
+    report = check_shards(out, **media.settings)
+    assert [(p.source, p.reason, p.message) for p in report['problems']][:3] == [
+        (f'{media.path}:2', 'missing_image', f'{out}/shard-000000.tar:000000001: no member 000000001.img0.png in the '
+                                             f'shard'),
+        (f'{media.path}:3', 'missing_video', f'{out}/shard-000001.tar:000000002: no member 000000002.video.gif in '
+                                             f'the shard'),
+        (f'{media.path}:4', 'missing_video', f'{out}/shard-000001.tar:000000003: no member 000000003.frame0002.png '
+                                             f'in the shard')]
 
 
 def test_a_shard_missing_a_samples_json_is_one_line(media, tmp_path):

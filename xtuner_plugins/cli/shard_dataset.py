@@ -10,8 +10,9 @@ Usage::
 The files are read as ``InternVLDataset`` reads them (its checks, ``repeat_time`` applied): each sample it would
 train on is written once per repeat, with its images' bytes, in its order. Samples the data set refuses are printed
 as ``FILE:LINE: reason: details`` and counted; a sample whose image is missing is skipped, counted, and printed the
-same way. A video sample's video file goes into the shard as it is (``KEY.video.mp4``); a video given as a
-folder of frames is skipped, counted and printed (``video_folder_not_sharded``). ``--out`` must be a new or empty
+same way. A video sample's video file goes into the shard as it is (``KEY.video.mp4``), a folder of frames as its
+frames in their order (``KEY.frame0000.jpg``, ...); a video the data set could not read (an empty folder, a frame
+linked out of the image folder, a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty
 folder: nothing is written over. ``shards.json`` is written last, with each shard's samples and bytes. Exit status 0
 when shards were written, 1 when no sample was, 2 for bad arguments.
 """
@@ -86,12 +87,9 @@ class _Shards:
 
 
 def media_bytes(path: str, what: str, where: str) -> bytes:
-    """An image's or a video file's bytes; ``missing_image`` / ``missing_video`` (``video_folder_not_sharded`` for a
-    folder of frames) naming ``where`` when there are none."""
+    """An image's or a video's file's bytes; ``missing_image`` / ``missing_video`` naming ``where`` when there are
+    none."""
     from xtuner_plugins.data.image_io import why_missing
-    if what == 'video' and os.path.isdir(path):
-        raise SampleError('video_folder_not_sharded', f'{path} is a folder of frames: shards hold video files (make '
-                                                      f'it a video file, or train from the annotation)', where)
     if not os.path.isfile(path):
         raise SampleError(f'missing_{what}', why_missing(path, f'{what} file' if what == 'image' else what), where)
     try:
@@ -120,19 +118,24 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
         record = ds.record_at(i)
         where = ds.where(record)
         checked = ds.check_record(record)
-        sample, names, video = {'__key__': f'{i:09d}'}, [], None
+        sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
         try:
-            if checked.video is not None:
+            if checked.video is not None and os.path.isdir(checked.video):  # a frame folder: its frames, in order
+                for k, path in enumerate(ds.probe(checked).frames):
+                    frames.append(f'frame{k:04d}{os.path.splitext(path)[1].lower()}')
+                    sample[frames[-1]] = media_bytes(path, 'video', where)
+            elif checked.video is not None:
                 video = 'video' + os.path.splitext(checked.video)[1].lower()
                 sample[video] = media_bytes(checked.video, 'video', where)
             for j, path in enumerate(checked.image_paths):
                 names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
                 sample[names[-1]] = media_bytes(path, 'image', where)
         except SampleError as err:
-            skip(err)
+            skip(err if err.source else err.with_source(where))
             continue
         sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,
-                                         images=names, **(dict(video=video) if video else {})),
+                                         images=names, **(dict(video=video) if video else {}),
+                                         **(dict(frames=frames) if frames else {})),
                                     ensure_ascii=False).encode('utf-8')
         shards.write(sample)
         written += 1

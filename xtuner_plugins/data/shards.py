@@ -5,24 +5,24 @@ annotation file.
 (written last: a folder without it is refused as incomplete). Each tar holds samples as WebDataset lays them out,
 the files of one sample one after another under one key (``000000042.json``, ``000000042.img0.jpg``, ...): the
 ``json`` is ``{"sample": the annotation's sample, "source": k, "line": L, "images": [the image files' names]}``
-(and ``"video": "video.mp4"`` for a video sample), each image or video the original file's bytes. ``shards.json``
-lists the shards with their sample counts and sizes, and the sources (``annotation``, ``max_dynamic_patch``): a
-sample is named ``FILE:LINE`` of the annotation it came from, as
-:class:`~xtuner_plugins.data.dataset.InternVLDataset` names it. Read with the ``webdataset`` package's tar reader;
-``tar tf`` lists a shard.
+(and ``"video": "video.mp4"`` for a video file, ``"frames": ["frame0000.jpg", ...]`` for a folder of frames), each
+image, video or frame the original file's bytes. ``shards.json`` lists the shards with their sample counts and
+sizes, and the sources (``annotation``, ``max_dynamic_patch``): a sample is named ``FILE:LINE`` of the annotation
+it came from, as :class:`~xtuner_plugins.data.dataset.InternVLDataset` names it. Read with the ``webdataset``
+package's tar reader; ``tar tf`` lists a shard.
 
 **The items.** :class:`ShardDataset` yields what ``InternVLDataset`` yields for the same sample: the per-sample
 code is that class's (``check_record``, ``load_sample``: template, fitting, tiling, a video's frames), with the
 images' and the video's bytes from the shard instead of paths (:class:`ShardSamples`; a video read from memory as
-its file would be, ``video.VideoBytes``).
+its file or folder would be, ``video.VideoBytes`` and ``video.VideoFrames``).
 
 **Damage** is named, never read past: a shard whose size is not the one ``shards.json`` records stops start-up
 with one line, a tar that ends early or cannot be read stops the stream with one line naming it and the samples
 read (:func:`read_shard`), and a sample missing one of its files is a bad sample (``missing_image`` /
 ``missing_video``, naming the shard and the member), counted and skipped as in annotation files.
 
-**Who reads what** (``streaming.py``): each epoch orders the shards anew (seeded). With ``S`` shards and ``U`` reading
-units (ranks x DataLoader workers), unit ``u`` reads every ``U``-th shard from ``u`` when ``S >= U``; when
+**Who reads what** (``streaming.py``): each epoch orders the shards anew (seeded). With ``S`` shards and ``U``
+reading units (ranks x DataLoader workers), unit ``u`` reads every ``U``-th shard from ``u`` when ``S >= U``; when
 ``S < U`` the units share shards, unit ``u`` reading shard ``u mod S``'s samples of index ``k`` with
 ``k mod m = u div S`` (``m`` units on that shard): disjoint, complete, each unit reading its shard's bytes through.
 A unit's state is its epoch, shard and sample; a resume reads the shard up to that sample without decoding.
@@ -42,7 +42,7 @@ from .errors import SampleError
 from .fitting import tally_fit
 from .sources import DataSource, Record
 from .streaming import StreamingDataset, epoch_order, unit_part
-from .video import VideoBytes
+from .video import VideoBytes, VideoFrames
 
 __all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'read_index', 'read_shard',
            'shard_units']
@@ -98,12 +98,13 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None) -> Iter
 @dataclass
 class ShardRecord(Record):
     """A record read from a shard: ``raw`` its sample, ``media`` its images' bytes (None for a member missing from
-    the shard), ``video`` its video's (``VideoBytes``), ``where`` the shard and key (``SHARD:KEY``)."""
+    the shard), ``video`` its video's (``VideoBytes``, or ``VideoFrames`` for a frame folder's), ``gone`` the first
+    video member missing from the shard, ``where`` the shard and key (``SHARD:KEY``)."""
 
     media: Tuple[Optional[bytes], ...] = ()
     names: Tuple[str, ...] = ()
-    video: Optional[VideoBytes] = None
-    video_name: Optional[str] = None
+    video: Optional[str] = None
+    gone: Optional[str] = None
     where: str = ''
 
 
@@ -114,11 +115,14 @@ def shard_record(sample: Dict[str, Any]) -> ShardRecord:
                          f'{sorted(k for k in sample if not k.startswith("__"))}: damaged; {REWRITE}')
     meta = json.loads(sample['json'])
     names = tuple(name.lower() for name in meta['images'])
-    video = meta.get('video')
-    data = None if video is None else sample.get(video.lower())
+    members = [m.lower() for m in ([meta['video']] if meta.get('video') else meta.get('frames') or [])]
+    gone = next((m for m in members if m not in sample), None)
+    video = None
+    if members and gone is None:
+        video = (VideoBytes(f'{where}.{members[0]}', sample[members[0]]) if meta.get('video') else
+                 VideoFrames(f'{where}.frame*', [sample[m] for m in members]))
     return ShardRecord(int(meta['source']), int(meta['line']), meta['sample'],
-                       tuple(sample.get(name) for name in names), names,
-                       None if data is None else VideoBytes(f'{where}.{video}', data), video, where)
+                       tuple(sample.get(name) for name in names), names, video, gone, where)
 
 
 class ShardSamples(InternVLDataset):
@@ -156,8 +160,8 @@ class ShardSamples(InternVLDataset):
         checked.image_paths = list(record.media)
         if checked.video is not None:
             if record.video is None:
-                raise SampleError('missing_video', f'{record.where}: no video member '
-                                                   f'({record.video_name or "none named"}) in the shard')
+                raise SampleError('missing_video', f'{record.where}: no member {record.where.rsplit(":", 1)[1]}.'
+                                                   f'{record.gone or "video"} in the shard')
             checked.video, checked.links_within = record.video, None
         return checked
 

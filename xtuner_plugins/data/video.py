@@ -40,9 +40,9 @@ from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, re
                        why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 
-__all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoInfo', 'video_field', 'probe_video',
-           'frame_indices', 'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for', 'choose_frames',
-           'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
+__all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoFrames', 'VideoInfo', 'video_field',
+           'probe_video', 'frame_indices', 'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for',
+           'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -59,6 +59,19 @@ class VideoBytes(str):
 
     def __reduce__(self):
         return VideoBytes, (str(self), self.data)
+
+
+class VideoFrames(str):
+    """A frame folder's frames held in memory, in the folder's order (a tar shard's members), read as the folder's
+    files would be; the string is its name in messages."""
+
+    def __new__(cls, name: str, frames: Sequence[bytes]) -> 'VideoFrames':
+        self = super().__new__(cls, name)
+        self.frames = tuple(frames)
+        return self
+
+    def __reduce__(self):
+        return VideoFrames, (str(self), self.frames)
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,12 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
         SampleError: ``missing_video``, ``corrupt_video``, ``empty_video``, ``bad_clip``, ``image_too_large``,
             ``unsafe_image_path``.
     """
-    if not isinstance(path, VideoBytes) and os.path.isdir(path):
+    if isinstance(path, VideoFrames):
+        if not path.frames:
+            raise SampleError('empty_video', f'{path} holds no frames')
+        size = read_image_size(path.frames[0], max_pixels)
+        info = VideoInfo(path, 'folder', len(path.frames), None, size, 0, len(path.frames), path.frames)
+    elif not isinstance(path, VideoBytes) and os.path.isdir(path):
         info = _probe_folder(path, max_pixels, image_folder)
     elif isinstance(path, VideoBytes) or os.path.isfile(path):
         info = _probe_file(path)
@@ -363,7 +381,8 @@ def read_frames(info: VideoInfo, indices: Sequence[int]) -> List[Image.Image]:
     if wanted and not 0 <= wanted[0] <= wanted[-1] < info.total:
         raise ValueError(f'frames {wanted[0]}..{wanted[-1]} asked of {info.path}, which has {info.total}')
     if info.kind == 'folder':
-        got = {i: load_image(info.frames[i]) for i in wanted}
+        got = {i: load_image(info.frames[i], name=f'{info.path} frame {i + 1}'
+                              if isinstance(info.path, VideoFrames) else None) for i in wanted}
     else:
         got = {i: to_rgb(im) for i, im in _decode_wanted(info, wanted).items()}
     return [got[int(i)] for i in indices]

@@ -15,7 +15,9 @@ file shaped like LLaVA-Pretrain's ``blip_laion_cc_sbu_558k.json`` (one image, a 
   every ``--every`` s;
 - ``tools/check_dataset.py --tokenizer`` on the same file (every core, an empty cache): its seconds.
 
-Each result is one line ``RESULT name: value``.
+``--launcher env`` (a launcher without torch, ``env_launch.py``) and ``--no-import deepspeed,bitsandbytes``
+(packages MMEngine imports eagerly, left out as if not installed) measure what the memory floor would be without
+them; both are measurement only. Each result is one line ``RESULT name: value``.
 """
 
 from __future__ import annotations
@@ -95,8 +97,39 @@ def pss_of_tree(root: int):
     return sum(e[2] for e in each), each
 
 
+NO_IMPORT = '''# written by benchmarks/bench_data_scale.py --no-import: these packages fail to import, as if not installed
+import importlib.abc, importlib.machinery, sys
+NAMES = {names!r}
+class _Loader(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f'{{spec.name}} is left out of this run (--no-import)', name=spec.name)
+    def exec_module(self, module):
+        pass
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, _Loader()) if name.split('.')[0] in NAMES else None
+sys.meta_path.insert(0, _Finder())
+'''
+
+
+def launch_variant(cmd: list, env: dict, folder: Path, launcher: str, no_import: list):
+    """``(cmd, env)`` with torchrun swapped for ``env_launch.py`` (``launcher='env'``) and, with ``no_import``,
+    a ``sitecustomize`` that makes those packages fail to import in every process of the run."""
+    if launcher == 'env':
+        at = cmd.index('torch.distributed.run')
+        nproc = next(int(a.split('=')[1]) for a in cmd[at:] if a.startswith('--nproc_per_node='))
+        script = next(i for i in range(at + 1, len(cmd)) if not cmd[i].startswith('--'))
+        cmd = [cmd[0], str(ROOT / 'benchmarks' / 'env_launch.py'), str(nproc)] + cmd[script:]
+    if no_import:
+        site = folder / 'no_import'
+        site.mkdir(parents=True, exist_ok=True)
+        (site / 'sitecustomize.py').write_text(NO_IMPORT.format(names=sorted(no_import)))
+        env = dict(env, PYTHONPATH=os.pathsep.join([str(site)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    return cmd, env
+
+
 def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: float, name: str,
-               length_field: bool = False) -> None:
+               length_field: bool = False, launcher: str = 'torchrun', no_import: list = ()) -> None:
     """Launch the 2-rank training, time the launch to the first logged step, sample the summed PSS; stop it."""
     from xtuner_plugins.launch import train_command
     m = folder / 'models'
@@ -112,6 +145,7 @@ def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: flo
         options['train_dataloader.dataset.length_field'] = 'length'
     cmd, env = train_command(str(ROOT / 'configs' / 'pretrain_mlp.py'), str(folder / f'work_{name}'), nproc=2,
                              cfg_options=options)
+    cmd, env = launch_variant(cmd, env, folder, launcher, list(no_import))
     log_path = folder / f'{name}.log'
     start = time.perf_counter()
     with open(log_path, 'w') as log:
@@ -178,6 +212,11 @@ def main(argv=None) -> int:
     p.add_argument('--workers', type=int, default=0, help='check_dataset --workers (default: its own, every core)')
     p.add_argument('--length-field', action='store_true',
                    help='samples carry InternVL\'s "length" and the data set uses it (length_field=\'length\')')
+    p.add_argument('--launcher', choices=('torchrun', 'env'), default='torchrun',
+                   help="'env': benchmarks/env_launch.py, a launcher without torch (measurement only)")
+    p.add_argument('--no-import', default='', metavar='PKG,...',
+                   help='packages the run\'s processes may not import, as if not installed (measurement only; '
+                        'e.g. deepspeed,bitsandbytes, which MMEngine imports eagerly)')
     p.add_argument('--skip-cold', action='store_true', help='keep the cache of an earlier run (warm only)')
     p.add_argument('--skip-check', action='store_true')
     p.add_argument('--skip-train', action='store_true')
@@ -185,11 +224,16 @@ def main(argv=None) -> int:
     folder = Path(args.workdir)
     data = write_data(folder, args.samples, args.images, args.format, args.length_field)
     cache = folder / f'cache_{data.stem}'
+    variant = dict(launcher=args.launcher, no_import=[x for x in args.no_import.split(',') if x])
+    tag = (f' {args.launcher}' if args.launcher != 'torchrun' else '') + (
+        f' no-import={args.no_import}' if args.no_import else '')
     if not args.skip_train:
         if not args.skip_cold:
             shutil.rmtree(cache, ignore_errors=True)
-            first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} cold', args.length_field)
-        first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} warm', args.length_field)
+            first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} cold{tag}', args.length_field,
+                       **variant)
+        first_step(folder, data, cache, args.every, args.timeout, f'{data.stem} warm{tag}', args.length_field,
+                   **variant)
     if not args.skip_check:
         check(folder, data, args.workers)
     return 0

@@ -6,7 +6,9 @@ count comes from the image's size read from its file header (no pixels are decod
 get a negative length so that XTuner's ``LengthGroupedSampler`` can keep modalities apart.
 
 Reading 500k image headers and tokenising their text takes minutes, so it is done once per node over every core
-(``nodepass.py``: the first process to need it builds, the others wait on a file lock) and cached as ``.npy``
+(``nodepass.py``: the first process to need it builds, the others wait on a file lock), in the start-up check's
+own pass (``startcheck.py``: each sample parsed and checked once, each distinct image's header read once a slice,
+the repeated turns of a template tokenised once, ``tokenize.py``) and cached as ``.npy``
 files per annotation file (memory-mapped: a 16M-sample cache loads in a moment), keyed by everything that changes
 the numbers (the file's size and modification time, the image folder, tiling settings, template and tokenizer)
 and checked against the size and modification time of every distinct image file (one ``stat`` each): the samples

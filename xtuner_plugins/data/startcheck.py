@@ -6,7 +6,9 @@ names is looked up (``presence.py``). That is Python work per sample, so it is d
 a file lock, every core) and cached beside the length cache under the same key (the annotation file's path, size and
 modification time, the image folder, the settings and the tokenizer): ``KEY.good.npy`` holds the entries trained on
 (memory-mapped, shared by every rank and worker), ``KEY.check.json`` the problems (``FILE:LINE``, reason, message)
-and the counts of images not found. A warm start reads those two files and checks nothing per sample; a sample is
+and the counts of images not found. With a tokenizer, the same pass computes the sample lengths (``lengths.py``)
+and writes their cache: one parse and one ``check_record`` a sample, not two passes. A warm start reads those
+files and checks nothing per sample; a sample is
 checked again whenever it is loaded, so an image that vanished or changed since is met then (counted, skipped).
 """
 

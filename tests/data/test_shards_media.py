@@ -82,6 +82,9 @@ def test_check_dataset_reads_the_videos_in_shards(media, tiny_tokenizer_dir, cap
         f'32x24, ' in out, out
     assert 'video samples: 4' in out and 'videos found: 3' in out and 'image samples: 1' in out, out
     assert 'left out when sharded: none' in out
+    assert main(['--data', media.out, '--image-size', '28', '--min-num-frame', '3']) == 1  # no tokenizer
+    out = capsys.readouterr().out
+    assert 'videos found: 3' in out and 'not checked without --tokenizer' in out, out
 
 
 def copy_shards(media, tmp_path, edit):

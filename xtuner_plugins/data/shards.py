@@ -335,5 +335,5 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
             lengths[samples.sources[record.source].annotation].append(max(len(e['input_ids']) for e in fit.encoded))
             tally_fit(fit, st, notes, problems, where, samples.max_tiles_per_image(record, len(sizes)),
                       samples.max_length, allow_truncation)
-    return dict(problems=problems, notes=notes, stats=dict(stats), lengths=dict(lengths), videos=videos,
-                skipped=dict(samples.index.get('skipped', {})))
+    return dict(problems=problems, notes=notes, stats=dict(stats), lengths={a: lengths[a] for a in stats},
+                videos=videos, skipped=dict(samples.index.get('skipped', {})))

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+from array import array
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -146,10 +147,10 @@ class LengthSlice:
 
     def __init__(self, ds):
         self.ds = ds
-        self.rows: List[List[int]] = []
-        self.counts: List[int] = []
+        self.rows = array('q')    # length, tiles, ... (flat: 16 bytes a record, no Python list per record)
+        self.counts = array('q')
         self.table: Dict[str, int] = {}
-        self.ids: List[int] = []
+        self.ids = array('q')
         self.sizes: Dict[str, Optional[Tuple[int, int]]] = {}
 
     def add(self, record: Record, checked=None) -> None:
@@ -159,7 +160,7 @@ class LengthSlice:
         if getattr(ds, 'length_field', None):  # the start-up check passed it: its JSON and fields are read
             row = _field_length(ds, checked.sample if checked is not None else ds.parse(record))
             if row is not None:
-                self.rows.append(row)
+                self.rows.extend(row)
                 self.counts.append(0)
                 return
         if checked is None:
@@ -167,13 +168,13 @@ class LengthSlice:
         files = checked.image_paths if checked.video is None else [checked.video]
         self.counts.append(len(files))
         self.ids.extend(self.table.setdefault(path, len(self.table)) for path in files)
-        self.rows.append(_sample_length(ds, record, checked, self.sizes))
+        self.rows.extend(_sample_length(ds, record, checked, self.sizes))
 
     def result(self):
         """``([n, 2] lengths, paths, counts, ids)``: each record's number of files (``counts``) and their places
         in ``paths`` (``ids``)."""
-        return (np.asarray(self.rows, dtype=np.int64).reshape(-1, 2), list(self.table),
-                np.asarray(self.counts, dtype=np.int64), np.asarray(self.ids, dtype=np.int64))
+        return (np.array(self.rows, dtype=np.int64).reshape(-1, 2), list(self.table),
+                np.array(self.counts, dtype=np.int64), np.array(self.ids, dtype=np.int64))
 
 
 def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):

@@ -103,7 +103,10 @@ def _encode(tokenizer, texts: List[str], special: bool) -> List[List[int]]:
         if hit is None:
             todo.append(k)
         else:
-            known.move_to_end((text, special))
+            try:
+                known.move_to_end((text, special))
+            except KeyError:  # evicted meanwhile by another thread (the web demo's)
+                pass
             out[k] = list(hit)
     if todo:
         ids = _ids(tokenizer, [texts[k] for k in todo], special)
@@ -111,8 +114,11 @@ def _encode(tokenizer, texts: List[str], special: bool) -> List[List[int]]:
             out[k] = list(x)
             if len(texts[k]) <= TURN_CACHE_CHARS:
                 known[(texts[k], special)] = tuple(x)
-                if len(known) > TURN_CACHE:
-                    known.popitem(last=False)
+                while len(known) > TURN_CACHE:
+                    try:
+                        known.popitem(last=False)
+                    except KeyError:
+                        break
     return out
 
 

@@ -147,3 +147,32 @@ def test_the_check_pass_computes_the_lengths_reading_each_image_header_once(data
     make_ds(files, tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'again'), **kw)
     counts = Counter(os.path.basename(p) for p in reads)  # per file: 0, 1, 2.png and the missing gone.png; 0-2
     assert counts == {'0.png': 2, '1.png': 2, '2.png': 2, 'gone.png': 1}, counts  # again in b.json
+
+
+def test_a_warm_start_reads_no_index_page_to_match_the_length_cache(data, tiny_tokenizer, tmp_path, monkeypatch):
+    """The length cache is matched to its records by a digest of their lines: the start-up check records it, so a
+    warm start does not read every line of the index for it (384 MB of pages at 16M samples); a view that is not
+    one whole source still computes it."""
+    from xtuner_plugins.data import lengths
+    from xtuner_plugins.data.records import RecordView
+    files, img = data
+    kw = dict(image_folders=img, max_dynamic_patch=4, max_bad_fraction=0.5)
+    cold = make_ds(files, tiny_tokenizer, tmp_path, **kw)._record_stats().tolist()
+    lines = RecordView.lines
+    monkeypatch.setattr(RecordView, 'lines', lambda self: pytest.fail('the index read for the digest'))
+    warm = make_ds(files, tiny_tokenizer, tmp_path, **kw)
+    assert warm._record_stats().tolist() == cold
+    monkeypatch.setattr(RecordView, 'lines', lines)
+    part = warm.records.part(range(1, 5))
+    assert part.lines_digest() is None and lengths._lines_digest(part) == lengths.lines_digest(part.lines())
+    whole = warm.records.part(warm._source_ranges[1])
+    assert whole.lines_digest() == lengths.lines_digest(whole.lines())
+    # a check cache from before the digest was kept gets it on its first warm start
+    for name in os.listdir(tmp_path / 'cache'):
+        if name.endswith('.check.json'):
+            summary = json.loads((tmp_path / 'cache' / name).read_text())
+            del summary['lines']
+            (tmp_path / 'cache' / name).write_text(json.dumps(summary))
+    assert make_ds(files, tiny_tokenizer, tmp_path, **kw)._record_stats().tolist() == cold
+    assert all('lines' in json.loads((tmp_path / 'cache' / n).read_text())
+               for n in os.listdir(tmp_path / 'cache') if n.endswith('.check.json'))

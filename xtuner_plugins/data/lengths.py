@@ -191,8 +191,9 @@ def lines_digest(lines: np.ndarray) -> str:
 
 
 def _lines_digest(records: Sequence[Record]) -> str:
-    return lines_digest(records.lines() if hasattr(records, 'lines')
-                        else np.asarray([r.line for r in records], dtype=np.int64))
+    known = records.lines_digest() if hasattr(records, 'lines_digest') else None  # the start-up check's
+    return known or lines_digest(records.lines() if hasattr(records, 'lines')
+                                 else np.asarray([r.line for r in records], dtype=np.int64))
 
 
 def _load_cache(base: str, count: int, digest: str):

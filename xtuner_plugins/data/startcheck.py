@@ -44,6 +44,7 @@ class SourceCheck:
     videos: int = 0         # of those, samples naming a video
     missing: int = 0        # of those, samples naming a path with nothing there
     first_missing: Optional[list] = None  # [FILE:LINE, path] of the first of those
+    lines: Optional[str] = None  # lengths.lines_digest of the good entries' lines (None: an older cache)
 
     def missing_message(self, src: DataSource) -> Optional[str]:
         """The line to log about images not found (None: all there, or the source is not used); raises
@@ -98,10 +99,10 @@ def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) 
     parts = run_slices(lambda a, b: _check_slice(ds, source_idx, src, index, a, b, lengths), len(index),
                        getattr(ds, 'workers', None), f'checking {src.annotation}')
     good = np.concatenate([p['good'] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    digest = lines_digest(index.entries[good, 2])
     if lengths:  # the lengths cache (lengths.py) of these records, as compute_source_lengths would write it
-        save_slices(src, base, os.path.dirname(base), [p['lengths'] for p in parts], len(good),
-                    lines_digest(index.entries[good, 2]))
-    summary = dict(version=CHECK_VERSION, entries=len(index), good=len(good),
+        save_slices(src, base, os.path.dirname(base), [p['lengths'] for p in parts], len(good), digest)
+    summary = dict(version=CHECK_VERSION, entries=len(index), good=len(good), lines=digest,
                    problems=[q for p in parts for q in p['parse']] + [q for p in parts for q in p['check']],
                    media=sum(p['media'] for p in parts), videos=sum(p['videos'] for p in parts),
                    missing=sum(p['missing'] for p in parts),
@@ -118,19 +119,25 @@ def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) 
 
 def _as_check(summary: dict, good: np.ndarray) -> SourceCheck:
     return SourceCheck(good, [SampleError(r, m, w) for r, m, w in summary['problems']], summary['media'],
-                       summary['videos'], summary['missing'], summary['first_missing'])
+                       summary['videos'], summary['missing'], summary['first_missing'], summary.get('lines'))
 
 
-def _load(base: str, entries: int) -> Optional[SourceCheck]:
+def _load(base: str, index: SourceIndex) -> Optional[SourceCheck]:
     try:
         with open(base + '.check.json', encoding='utf-8') as f:
             summary = json.load(f)
     except (OSError, ValueError):
         return None
     good = load_array(base + '.good.npy')
-    if (good is None or summary.get('version') != CHECK_VERSION or summary.get('entries') != entries
+    if (good is None or summary.get('version') != CHECK_VERSION or summary.get('entries') != len(index)
             or summary.get('good') != len(good)):
         return None
+    if summary.get('lines') is None:  # a cache written before the digest was kept: added once
+        summary['lines'] = lines_digest(index.entries[good, 2])
+        try:
+            write_text_atomically(base + '.check.json', json.dumps(summary))
+        except OSError:
+            pass
     return _as_check(summary, good)
 
 
@@ -138,7 +145,7 @@ def check_source(ds, source_idx: int, src: DataSource, index: SourceIndex) -> So
     """The check of one source, from the node's cache or computed (once per node, over every core) and cached."""
     cache_dir = ds.cache_dir or default_cache_dir()
     base = os.path.join(cache_dir, _cache_key(ds, src))
-    checked = node_once(base + '.good.npy', lambda: _load(base, len(index)),
+    checked = node_once(base + '.good.npy', lambda: _load(base, index),
                         lambda: _build(ds, source_idx, src, index, base), f'the start-up check of {src.annotation}')
     return checked
 
@@ -148,7 +155,7 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
     start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
     then the items after repeats (``index``: a record number per item). Raises ``ValueError`` for an empty file,
     a wrong image folder (none of a source's images found) or no sample to train on at all."""
-    indexes, good, index, ranges, problems = [], [], [], [], []
+    indexes, good, index, ranges, problems, digests = [], [], [], [], [], []
     for i, src in enumerate(ds.sources):
         entries = source_index(src.annotation, ds.cache_dir or default_cache_dir())
         if not len(entries):
@@ -162,6 +169,7 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         start = sum(len(g) for g in good)
         indexes.append(entries)
         good.append(checked.good)
+        digests.append(checked.lines)
         ranges.append(range(start, start + len(checked.good)))
         repeated = repeat_array(len(checked.good), src.repeat_time, seed + i)
         if len(checked.good) and not len(repeated):
@@ -173,4 +181,4 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         raise ValueError('no samples to train on in ' + ', '.join(
             f'{src.annotation} (repeat_time {src.repeat_time})' for src in ds.sources) +
             (f'; {len(problems)} were refused, first: {problems[0]}' if problems else ''))
-    return RecordView(indexes, good), index, ranges, problems
+    return RecordView(indexes, good, digests=digests), index, ranges, problems

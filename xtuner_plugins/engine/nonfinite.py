@@ -19,6 +19,7 @@ checkpoint; ``'skip'`` drops the step (no backward, no update) and counts it, st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import List, Optional, Sequence
@@ -135,7 +136,17 @@ class _GuardedMixin:
 
 
 class GuardedOptimWrapper(_GuardedMixin, OptimWrapper):
-    """MMEngine's fp32 ``OptimWrapper`` with the guard's checks; a dropped step leaves the weights alone."""
+    """MMEngine's ``OptimWrapper`` (the CPU's: ``AmpOptimWrapper`` needs a GPU) with the guard's checks; a dropped
+    step leaves the weights alone. A model that trains bf16 weights (``autocast_dtype``, ``models/precision.py``)
+    runs its forward under the CPU's autocast, as ``AmpOptimWrapper`` runs it on a GPU: no loss scaling, bf16
+    has fp32's range."""
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        dtype = getattr(unwrap_model(model), 'autocast_dtype', None)
+        with super().optim_context(model), torch.autocast('cpu', dtype=dtype or torch.bfloat16,
+                                                          enabled=dtype is not None):
+            yield
 
     def step(self, **kwargs) -> None:
         if self.clip_grad_kwargs:

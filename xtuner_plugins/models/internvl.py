@@ -36,11 +36,11 @@ from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, segment_bounds
 from .compile import compile_parts, compile_stacks
-from .dtypes import resolve_dtype
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts, count_parameters, log_parameter_counts
+from .precision import training_dtype
 from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
 
@@ -80,8 +80,9 @@ class VisionLanguageModel(BaseModel):
         from_scratch: this stage starts without a previous stage on purpose. Without it, a stage that trains more
             than the projector (full, LoRA, preference) and has no ``pretrained_pth`` (nor ``official_checkpoint``)
             is stopped at start-up (``LineageHook``): its projector would be random.
-        torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, fp32 on a CPU);
-            trained parameters are kept in fp32 (mixed precision casts them on the fly).
+        torch_dtype: dtype of the pretrained weights (``"auto"``: bf16 on a GPU, and in training on a CPU with
+            native bf16 for an LLM of 100M parameters or more, else fp32: ``precision.training_dtype``); trained
+            parameters are kept in fp32 and bf16 weights train under bf16 autocast (:attr:`autocast_dtype`).
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"`` for both towers, or
             ``"flex_attention"``: PyTorch's FlexAttention for the LLM (packed rows get a document-causal
             ``BlockMask``: sample boundaries without flash-attn; GPU training only, as torch's FlexAttention has no
@@ -149,7 +150,10 @@ class VisionLanguageModel(BaseModel):
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
-        dtype = resolve_dtype(torch_dtype)
+        dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
+                               quantized=llm_quantization is not None, zero3=zero3_enabled())
+        #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones
+        self.autocast_dtype = torch.bfloat16 if trainable_fp32 and dtype == torch.bfloat16 else None
         init_seed = torch.initial_seed()
         if preference is not None:
             from .preference import check_setting

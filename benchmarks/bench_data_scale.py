@@ -97,7 +97,7 @@ def pss_of_tree(root: int):
     return sum(e[2] for e in each), each
 
 
-NO_IMPORT = '''# written by benchmarks/bench_data_scale.py --no-import: these packages fail to import, as if not installed
+NO_IMPORT = '''# by benchmarks/bench_data_scale.py --no-import: these packages fail to import, as if not installed
 import importlib.abc, importlib.machinery, sys
 NAMES = {names!r}
 class _Loader(importlib.abc.Loader):

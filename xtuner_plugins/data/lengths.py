@@ -217,8 +217,8 @@ def _write_lengths(cache_dir: str, base: str, lengths: np.ndarray, paths: List[s
     says the set is whole); an optional cache that cannot be written (a full disk, no permission) is skipped with
     one warning, leaving no temporary file."""
     try:
-        for suffix, array in (('.lengths.npy', lengths), ('.refs.npy', refs), ('.ids.npy', ids)):
-            save_array(base + suffix, array)
+        for suffix, values in (('.lengths.npy', lengths), ('.refs.npy', refs), ('.ids.npy', ids)):
+            save_array(base + suffix, values)
         write_text_atomically(base + '.images.json', json.dumps(dict(
             annotation=os.path.abspath(annotation), count=count, lines=digest, paths=paths, stats=stats)))
     except OSError as exc:

@@ -173,3 +173,16 @@ def test_packs_over_shards_resume_mid_epoch_with_their_buffer(shards, tiny_token
         assert torch.equal(a['data']['input_ids'], b['data']['input_ids'])
         assert torch.equal(a['data']['pixel_values'], b['data']['pixel_values'])
     assert len({s for b in whole for s in lines(b)}) > 12
+
+
+def test_built_from_a_config_it_computes_no_lengths(tmp_path, tiny_tokenizer, monkeypatch):
+    """Online packing never reads global lengths: the data set it builds from a config skips them in the start-up
+    check's pass (what the length-grouped sampler and offline packing need), and nothing computes them later."""
+    from xtuner_plugins.data import lengths
+    write_image(tmp_path / 'i' / '0.png', size=(28, 28), seed=0)
+    path = write_jsonl(tmp_path / 'd.jsonl', [{'image': '0.png', 'conversations': conv()}] * 4)
+    monkeypatch.setattr(lengths, '_write_lengths', lambda *a, **k: pytest.fail('lengths computed'))
+    packed = packer(dict(type=InternVLDataset, data_files=str(path), image_folders=str(tmp_path / 'i'),
+                         tokenizer=tiny_tokenizer, image_size=28, cache_dir=str(tmp_path / 'cache')))
+    assert packed.dataset.lengths_with_check is False
+    assert len(next(iter(packed))['seq_lens']) == 3                           # it packs: 3 of 148 tokens in 450

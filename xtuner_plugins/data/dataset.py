@@ -113,6 +113,9 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
             length-grouped sampler uses it, untokenised (None, the default: every length is counted, as packing
             needs).
         workers: processes for the start-up check and the lengths, once per node (default: every core).
+        lengths_with_check: the start-up check's pass computes every sample's length too (what the length-grouped
+            sampler and packing read); False leaves them to be computed when first asked for (online packing, which
+            never asks, sets it).
         allow_links_outside: follow symbolic links inside an image folder to files outside it (refused as
             ``unsafe_image_path`` by default).
         min_num_frame, max_num_frame: a video sample's frame count is drawn in this range (InternVL's 8 and 32),
@@ -156,7 +159,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
                  video_sampling: str = 'rand',
                  frame_prefix: Optional[str] = None,
                  length_field: Optional[str] = None,
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None,
+                 lengths_with_check: bool = True):
         super().__init__()
         self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
@@ -202,6 +206,7 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.allow_links_outside = allow_links_outside
         self.length_field = length_field
         self.workers = workers
+        self.lengths_with_check = lengths_with_check
 
         self.failures: Counter = Counter()  # samples that failed to load in this process, by reason
         self.failed: Dict[str, str] = {}     # FILE:LINE -> reason of those samples: each is counted once

@@ -81,6 +81,10 @@ class OnlinePackedDataset(StreamingDataset):
         super().__init__(rank, world_size)
         if isinstance(dataset, dict):
             from xtuner.registry import BUILDER
+
+            from .dataset import InternVLDataset
+            if dataset.get('type') in (InternVLDataset, 'InternVLDataset'):  # no global lengths: none computed
+                dataset = dict(dataset, lengths_with_check=dataset.get('lengths_with_check', False))
             dataset = BUILDER.build(dataset)
         if max_tokens < 1 or (max_tiles is not None and max_tiles < 1) or max_buffer_size < 1:
             raise ValueError(f'online packing budgets must be positive, got max_tokens={max_tokens}, '

@@ -113,9 +113,7 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
             length-grouped sampler uses it, untokenised (None, the default: every length is counted, as packing
             needs).
         workers: processes for the start-up check and the lengths, once per node (default: every core).
-        lengths_with_check: the start-up check's pass computes every sample's length too (what the length-grouped
-            sampler and packing read); False leaves them to be computed when first asked for (online packing, which
-            never asks, sets it).
+        lengths_with_check: the start-up check computes the lengths too (False: online packing, never reading them).
         allow_links_outside: follow symbolic links inside an image folder to files outside it (refused as
             ``unsafe_image_path`` by default).
         min_num_frame, max_num_frame: a video sample's frame count is drawn in this range (InternVL's 8 and 32),

@@ -76,13 +76,14 @@ def main() -> None:
     p.add_argument('--tiles', type=int, default=4)
     p.add_argument('--steps', type=int, default=4)
     p.add_argument('--skip', type=int, default=2)
+    p.add_argument('--variants', nargs='+', choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument('--child', choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
-    for variant in VARIANTS:
+    for variant in args.variants:
         cmd = [sys.executable, __file__, '--child', variant] + [
-            f'--{k.replace("_", "-")}={v}' for k, v in vars(args).items() if k != 'child']
+            f'--{k.replace("_", "-")}={v}' for k, v in vars(args).items() if k not in ('child', 'variants')]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith('CHILD ')), None)
         if out.returncode != 0 or line is None:

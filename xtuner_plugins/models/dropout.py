@@ -47,7 +47,7 @@ class CpuDropout(nn.Dropout):
         if not self.training or self.p <= 0 or self.p >= 1 or x.device.type != 'cpu':
             return super().forward(x)
         dropped = round(self.p * LEVELS) / LEVELS
-        return torch.where(keep_mask(x.shape, self.p), x, 0.0) * (1.0 / (1.0 - dropped))
+        return torch.where(keep_mask(x.shape, self.p), x, 0.0).mul_(1.0 / (1.0 - dropped))  # in place: one pass less
 
 
 def use_cpu_dropout(model: nn.Module) -> int:

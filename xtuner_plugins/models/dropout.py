@@ -1,18 +1,19 @@
-"""LoRA's input dropout on a CPU at a third of ``nn.Dropout``'s cost.
+"""LoRA's input dropout on a CPU, its mask drawn at a third of ``nn.Dropout``'s cost.
 
 PEFT drops the input of every LoRA adapter (``lora_dropout``, 0.05 in InternVL's and XTuner's recipes) with its own
 ``nn.Dropout``: one Bernoulli draw per input element, for seven adapters a decoder layer, again in the recompute of
-a checkpointed layer. On a CPU torch draws each element from its Mersenne Twister (~5 ns an element on 2 cores; a
-compiled block's inductor RNG ~8 ns), which cost more than the frozen matmuls the adapters sit beside: measured on
-the Xeon with AMX (benchmarks/RESULTS.md), a LoRA step of InternViT-300M + Qwen2.5-0.5B, bf16, compiled LLM blocks,
-took 19.5 s with dropout 0.05 and 10.0 s without.
+a checkpointed layer. On a CPU torch draws each element from its Mersenne Twister (5-6 ns an element on 2 cores;
+inductor's dropout in a compiled block ~4 ns), more than the frozen matmuls the adapters sit beside: on the Xeon
+with AMX (benchmarks/RESULTS.md, ``bench_lora_dropout.py``) a LoRA step of InternViT-300M + Qwen2.5-0.5B, bf16,
+compiled LLM blocks, took 18.4 s with dropout 0.05 and 9.6 s without.
 
 :class:`CpuDropout` draws 64 random bits per *four* elements from the same generator (``random_`` on int64) and
 keeps an element when its 16 bits are at least ``p`` of their range: the drop probability is ``p`` rounded to
 1/65536 (0.05 -> 0.0500030518), and the kept elements are scaled by the inverse of that probability's complement,
-so the expectation is unchanged. The draws come from torch's default generator: ``torch.manual_seed`` repeats them,
-and a checkpointed layer's recompute (which restores the RNG state) draws the same mask. Off a CPU, in eval mode
-or at ``p=0`` it is ``nn.Dropout`` itself.
+so the expectation is unchanged. That step took 15.6 s with it: the draws stay eager inside a compiled block, which
+breaks the block at each adapter. The draws come from torch's default generator: ``torch.manual_seed`` repeats
+them, and a checkpointed layer's recompute (which restores the RNG state) draws the same mask. Off a CPU, in eval
+mode or at ``p=0`` it is ``nn.Dropout`` itself.
 """
 
 from __future__ import annotations

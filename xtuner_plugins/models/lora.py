@@ -4,7 +4,7 @@ Settings are peft ``LoraConfig`` arguments as a plain dict (``type=LoraConfig`` 
 ignored, as in XTuner configs); ``target_modules`` defaults to ``'all-linear'`` (for a causal LM peft
 leaves ``lm_head`` out). The base weights are frozen by peft; the adapters stay in fp32 when the base is
 bf16/fp16 (peft's ``autocast_adapter_dtype``). Their input dropout draws its mask 16 bits an element on a CPU
-(``dropout.CpuDropout``: a third of ``nn.Dropout``'s cost, which was half a LoRA step's).
+(``dropout.CpuDropout``: the draws a third of ``nn.Dropout``'s; dropout was half a CPU LoRA step).
 """
 
 from __future__ import annotations

@@ -38,6 +38,23 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_on_a_closed_stream():
+    """An MMLogger made while a test captured its output (``capsys``) writes to that capture, which is closed when
+    the test ends; a later test's ``print_log`` would then print a logging error among its own output (seen when the
+    modules' order on the workers changed). Such handlers are dropped after each test."""
+    yield
+    import logging
+    import sys
+    if 'mmengine.logging' not in sys.modules:
+        return
+    from mmengine.logging import MMLogger
+    for logger in [*MMLogger._instance_dict.values(), logging.getLogger()]:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, 'stream', None), 'closed', False):
+                logger.removeHandler(handler)
+
+
 @pytest.fixture(scope='session')
 def tiny_tokenizer():
     from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer

@@ -28,7 +28,8 @@ heads, ``d`` head dim, ``V`` vocabulary):
   (the two norms' fp32 inputs, q and k after RoPE and v, the attention output and its log-sum-exp, the MLP's gate,
   up and act, RoPE's cos/sin); trained weights ``2H + 2ad + F`` more (the matmuls' inputs, for the weights'
   gradients); peft's LoRA adapters, per adapted linear layer of input width ``n``, ``n`` more (its input cast for
-  the adapter), ``3n`` with dropout (the dropout's output and mask too); with gradient checkpointing it keeps its
+  the adapter), ``3n`` with dropout (the dropout's output and mask too; ``1.5n`` on a CPU, where the mask is our
+  ``CpuDropout``'s bool and its output is not kept beside the adapter's cast); with gradient checkpointing it keeps its
   input (``H``), and in the backward the layer being recomputed holds its ``E`` again and the gradients in flight
   through its MLP, ``3F`` (the down projection's input's, the gate's and the up projection's: ``llm layer
   recomputed``; measured within 1% on a real-size step, benchmarks/RESULTS.md); checkpointing that
@@ -75,6 +76,8 @@ from typing import Dict, Optional
 from unittest import mock
 
 import torch
+
+from xtuner_plugins.models.dropout import CpuDropout
 
 GIB = 2 ** 30
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
@@ -237,11 +240,12 @@ def _decoder_layer(lm):
     return next((m for name, m in lm.named_modules() if name.endswith('layers.0')), None)
 
 
-def layer_elements(model) -> float:
+def layer_elements(model, device: str = 'cuda') -> float:
     """``E``: the elements (bf16-sized) one LLM decoder layer keeps per token for its backward, by what its first
     layer trains (module docstring). Measured by ``saved_tensors_hooks`` on a Qwen2.5-1.5B layer under bf16
     autocast (benchmarks/RESULTS.md): frozen 36.9k, trained 52.0k, LoRA on every linear layer 55.4k, 91.7k with
-    dropout; tests/test_planner.py checks the formula against the tiny model's layer."""
+    dropout; tests/test_planner.py checks the formula against the tiny model's layer (``device='cpu'``: LoRA's
+    dropout is ``models/dropout.CpuDropout``, off a CPU torch's)."""
     s = _llm_shapes(model)
     H, F, A, K = s['H'], s['F'], s['a'] * s['d'], s['kv'] * s['d']
     e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
@@ -250,7 +254,8 @@ def layer_elements(model) -> float:
                if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict) and len(m.lora_A)]
     for m in adapted:
         dropout = any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values())
-        e += m.in_features * (3 if dropout else 1) + 2 * sum(m.r.values())
+        cpu_dropout = device == 'cpu' and any(type(x) is CpuDropout for x in m.lora_dropout.values())
+        e += m.in_features * (1.5 if cpu_dropout else 3 if dropout else 1) + 2 * sum(m.r.values())
     if not adapted and (layer is None or any(p.requires_grad for p in layer.parameters())):
         e += 2 * H + 2 * A + F
     return e
@@ -274,7 +279,7 @@ def _keeps_attention(mode: Optional[str], attn: Optional[str], zero: int) -> boo
     return mode == 'keep_attention' and zero != 3 and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
 
 
-def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) -> Dict[str, float]:
+def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, device: str = 'cuda') -> Dict[str, float]:
     """One step's activations per part, in bytes (module docstring), for ``model`` as built (its checkpointing,
     frozen parts and attention implementation); under ZeRO-3 (``zero=3``) checkpointing recomputes attention too
     (``models/recompute.py``)."""
@@ -283,7 +288,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0) ->
     tokens = batch.rows * batch.length
     lm = model.language_model
     ckpt = bool(getattr(lm, 'is_gradient_checkpointing', False))
-    per_layer = layer_elements(model)
+    per_layer = layer_elements(model, device)
     trains_llm_graph = any(p.requires_grad for p in lm.parameters()) or not model.freeze_projector \
         or not model.freeze_vision
     out = {}
@@ -350,7 +355,7 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
     ``optim_wrapper.accumulative_counts`` (above 1 the gradients are kept from one micro-step's forward to the
     next, as DeepSpeed keeps its partitions; otherwise MMEngine frees them after each step)."""
     p = parameter_bytes(model, dtype, zero, gpus, device, fused)
-    parts = activation_bytes(model, batch, dtype, zero)
+    parts = activation_bytes(model, batch, dtype, zero, device)
     phase = phases(model, parts)
     forward = phase['forward'] + p['autocast_copies']
     backward = phase['backward'] + p['saved_copies']

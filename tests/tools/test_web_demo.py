@@ -138,9 +138,17 @@ def ask_in_page(driver, question, image=None):
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, uploaded), 30, 'the upload')
     driver.find_element(By.CSS_SELECTOR, '#question textarea').send_keys(question)
     driver.find_element(By.ID, 'send').click()
-    # the status and the chat panel are updated apart: the answer's bubble may show a moment after 'Answered'
-    wait_until(lambda: 'Answered' in driver.find_element(By.ID, 'status').text and len(
-        driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')) > before, 120, 'the answer')
+    # the status and the chat panel are updated apart: the answer's bubble may show a moment after 'Answered', and
+    # its text a moment after the bubble (an empty bubble was read once, CI 2026-11-25)
+    def answered():
+        from selenium.common.exceptions import StaleElementReferenceException
+        try:
+            bots = driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')
+            return ('Answered' in driver.find_element(By.ID, 'status').text and len(bots) > before
+                    and bots[-1].text.strip())
+        except StaleElementReferenceException:  # re-rendered between the lookup and the read
+            return False
+    wait_until(answered, 120, 'the answer')
     bots = driver.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')
     assert len(bots) == before + 1
     return bots[-1].text

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import compile as compiling
 from .dtypes import resolve_dtype
+from .parts import count_parameters
 
 __all__ = ['llm_parameters', 'training_dtype']
 
@@ -57,7 +58,7 @@ def llm_parameters(llm: Union[str, nn.Module, None], official_checkpoint: Option
     its ``.safetensors`` files (the ``language_model.`` tensors of an official InternVL folder); other weight
     files are counted by size over the element size their ``config.json`` records. 0 when nothing is found."""
     if isinstance(llm, nn.Module):
-        return sum(p.numel() for p in llm.parameters())
+        return count_parameters(llm)['total']
     folder, prefix = (official_checkpoint, 'language_model.') if official_checkpoint else (llm, '')
     if not isinstance(folder, str) or not os.path.isdir(folder):
         return 0

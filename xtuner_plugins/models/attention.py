@@ -55,19 +55,16 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     if bounds is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=True if attention_mask is None else is_causal, **kwargs)
-    groups = query.shape[1] // key.shape[1]
+    gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     rows = []
     for row, cuts in enumerate(bounds.tolist()):
         parts = []
         for start, end in zip(cuts[:-1], cuts[1:]):
             if end == start:   # a row with fewer samples than the widest
                 continue
-            k = key[row:row + 1, :, start:end]
-            v = value[row:row + 1, :, start:end]
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             parts.append(torch.nn.functional.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], k, v, dropout_p=dropout, scale=scaling, is_causal=True))
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

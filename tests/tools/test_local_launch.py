@@ -1,0 +1,164 @@
+"""The launcher without torch (``xtuner_plugins/cli/local_launch.py``) and ``tools/train.py --nproc-per-node``:
+torchrun's ``env://`` variables, every rank stopped when one fails, signals passed on, no torch in the launcher."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train_utils import REPO_ROOT
+
+LAUNCH = [sys.executable, '-m', 'xtuner_plugins.cli.local_launch']
+KEYS = ('RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT '
+        'OMP_NUM_THREADS').split()
+# a rank: writes its variables and pid to OUT<RANK>, then does what argv[2] says
+RANK = '''import os, signal, sys, time
+rank = os.environ["RANK"]
+open(sys.argv[1] + rank, "w").write(" ".join([str(os.getpid())] + [os.environ[k] for k in {keys!r}]))
+what = sys.argv[2]
+if what == "fail" and rank == "1":
+    time.sleep(1); sys.exit(3)
+def got(sig, frame):
+    open(sys.argv[1] + "got" + rank, "w").write(signal.Signals(sig).name)
+    sys.exit(128 + sig)
+if what == "interrupt":
+    signal.signal(signal.SIGINT, got)
+    signal.signal(signal.SIGTERM, got)
+time.sleep(0 if what == "ok" else 120)
+'''
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in KEYS}
+    return dict(env, PYTHONPATH=REPO_ROOT)
+
+
+@pytest.fixture
+def rank_script(tmp_path):
+    path = tmp_path / 'rank.py'
+    path.write_text(RANK.format(keys=KEYS))
+    return str(path)
+
+
+def _seen(prefix, n, wait=60):
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        if all(os.path.isfile(f'{prefix}{k}') and os.path.getsize(f'{prefix}{k}') for k in range(n)):
+            return [open(f'{prefix}{k}').read().split() for k in range(n)]
+        time.sleep(0.1)
+    raise AssertionError('the ranks did not start')
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().split(')')[-1].split()[0] != 'Z'
+
+
+def _gone(pids, wait=20):
+    deadline = time.time() + wait
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+def test_each_rank_gets_the_rendezvous_variables_of_torchrun(tmp_path, rank_script):
+    out = subprocess.run(LAUNCH + ['--nproc-per-node', '3', rank_script, str(tmp_path / 'r'), 'ok'], env=_env(),
+                         timeout=60)
+    seen = [dict(zip(KEYS, s[1:])) for s in _seen(tmp_path / 'r', 3)]
+    assert out.returncode == 0
+    assert [(s['RANK'], s['LOCAL_RANK'], s['ROLE_RANK']) for s in seen] == [(str(k),) * 3 for k in range(3)]
+    assert {(s['WORLD_SIZE'], s['LOCAL_WORLD_SIZE'], s['ROLE_WORLD_SIZE'], s['GROUP_RANK']) for s in seen} == \
+        {('3', '3', '3', '0')}
+    assert {(s['MASTER_ADDR'], s['MASTER_PORT'], s['OMP_NUM_THREADS']) for s in seen} == \
+        {('127.0.0.1', seen[0]['MASTER_PORT'], '1')} and int(seen[0]['MASTER_PORT']) > 0
+
+
+def test_a_failing_rank_stops_the_others_and_gives_its_exit_code(tmp_path, rank_script):
+    start = time.time()
+    out = subprocess.run(LAUNCH + ['--nproc-per-node=2', rank_script, str(tmp_path / 'r'), 'fail'], env=_env(),
+                         timeout=100, capture_output=True, text=True)
+    pids = [int(s[0]) for s in _seen(tmp_path / 'r', 2)]
+    assert out.returncode == 3 and time.time() - start < 60, out.stderr
+    assert 'local_launch: rank 1 exited with code 3: stopping the 1 other rank(s)' in out.stderr
+    assert _gone(pids)
+
+
+@pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_a_signal_is_passed_on_to_every_rank(tmp_path, rank_script, sig, code):
+    """Each rank gets the signal and ends on it (exit 130 after SIGINT, as tools/train.py after Ctrl-C)."""
+    proc = subprocess.Popen(LAUNCH + ['--nproc-per-node', '2', rank_script, str(tmp_path / 'r'), 'interrupt'],
+                            env=_env(), stderr=subprocess.PIPE, text=True)
+    pids = [int(s[0]) for s in _seen(tmp_path / 'r', 2)]
+    time.sleep(0.5)  # the ranks' handlers in place
+    proc.send_signal(sig)
+    assert proc.wait(60) == code and _gone(pids)
+    assert [(tmp_path / f'rgot{k}').read_text() for k in range(2)] == [sig.name] * 2
+    assert f'local_launch: {sig.name} received: passed on to the 2 ranks' in proc.stderr.read()
+
+
+def test_no_rank_outlives_a_killed_launcher(tmp_path, rank_script):
+    proc = subprocess.Popen(LAUNCH + ['--nproc-per-node', '2', rank_script, str(tmp_path / 'r'), 'hang'], env=_env())
+    pids = [int(s[0]) for s in _seen(tmp_path / 'r', 2)]
+    proc.kill()
+    proc.wait(10)
+    assert _gone(pids)
+
+
+def test_a_port_in_use_is_one_line(tmp_path, rank_script):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(LAUNCH + ['--nproc-per-node', '2', '--master-port', str(port), rank_script,
+                                       str(tmp_path / 'r'), 'ok'], env=_env(), capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 1 and not list(tmp_path.glob('r[0-9]'))
+    assert out.stderr == (f'local_launch: --master-port {port} on 127.0.0.1: address already in use (EADDRINUSE): '
+                          'choose another port\n')
+
+
+def test_the_launchers_import_no_torch(tmp_path, rank_script):
+    """``-X importtime`` of the launcher alone (its ranks run without it), and ``tools/train.py --nproc-per-node``
+    up to the launch."""
+    out = subprocess.run([sys.executable, '-X', 'importtime'] + LAUNCH[1:] + ['--nproc-per-node', '2', rank_script,
+                          str(tmp_path / 'r'), 'ok'], env=_env(), capture_output=True, text=True, timeout=60)
+    imported = {line.split('|')[-1].strip() for line in out.stderr.splitlines() if line.startswith('import time:')}
+    assert out.returncode == 0 and 'xtuner_plugins.cli' in imported
+    assert not {m.split('.')[0] for m in imported} & {'torch', 'numpy', 'mmengine', 'xtuner', 'psutil'}
+    probe = ('import sys\nimport xtuner_plugins.cli.local_launch as l\ncalls = []\n'
+             'l.launch = lambda cmd, n: calls.append((cmd, n)) or 0\n'
+             'sys.argv = ["tools/train.py", "cfg.py", "--nproc-per-node", "2", "--work-dir", "w"]\n'
+             'from xtuner_plugins.cli import train\nassert train.main() == 0\n'
+             'print(calls[0][0][1:], calls[0][1], sorted({m.split(".")[0] for m in sys.modules} & '
+             '{"torch", "mmengine", "xtuner", "numpy"}))')
+    out = subprocess.run([sys.executable, '-c', probe], env=_env(), capture_output=True, text=True, timeout=60,
+                         cwd=str(tmp_path))
+    assert out.stdout.strip() == (f"[{str(tmp_path / 'tools' / 'train.py')!r}, 'cfg.py', '--work-dir', 'w', "
+                                  "'--launcher', 'pytorch'] 2 []"), out.stderr
+
+
+def test_nproc_option_and_its_bad_values():
+    from xtuner_plugins.cli.train import nproc_option
+    assert nproc_option(['c.py', '--nproc-per-node', '4', '--work-dir', 'w']) == (4, ['c.py', '--work-dir', 'w'])
+    assert nproc_option(['c.py', '--nproc_per_node=2']) == (2, ['c.py'])
+    assert nproc_option(['c.py']) == (None, ['c.py'])
+    for bad in (['--nproc-per-node', '0'], ['--nproc-per-node=two'], ['--nproc-per-node']):
+        with pytest.raises(SystemExit, match='give the number of processes on this machine'):
+            nproc_option(['c.py'] + bad)
+
+
+def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):
+    from xtuner_plugins.cli.train import resume_command
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setenv('XTUNER_PLUGINS_LAUNCHER', 'local_launch')
+    assert resume_command(['tools/train.py', 'c.py', '--work-dir', 'w', '--launcher', 'pytorch'], 'w/iter_4.pth') \
+        == 'python tools/train.py --nproc-per-node 2 c.py --work-dir w --resume w/iter_4.pth'

@@ -36,6 +36,17 @@ def test_train_command_and_environment(tmp_path, monkeypatch):
     assert full['PYTHONPATH'].split(os.pathsep)[0] == REPO_ROOT
 
 
+def test_one_node_without_deepspeed_starts_tools_train_without_torchrun(tmp_path):
+    cmd, env = launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, port=29999)
+    assert cmd == [sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node=2',
+                   '--master-addr=127.0.0.1', '--master-port=29999', launch.TRAIN_TOOL, TOY_CONFIG, '--work-dir',
+                   str(tmp_path), '--launcher', 'pytorch'] and env == {}
+    assert launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, launcher='torchrun')[0][1:3] == \
+        ['-m', 'torch.distributed.run']
+    assert launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, deepspeed='zero2')[0][1:3] == \
+        ['-m', 'torch.distributed.run']
+
+
 def _gone(pgid, wait=10):
     """No process is left in the group (killed ones may stay zombies until init reaps them)."""
     deadline = time.time() + wait

@@ -2,10 +2,13 @@
 the demo and the tests (:func:`run_train`, :func:`run_local_nodes`).
 
 * **command** (:func:`train_command`): ``python TRAIN_SCRIPT CFG`` (XTuner's ``xtuner/tools/train.py`` by
-  default) for one process; ``python -m torch.distributed.run --nnodes --node_rank --nproc_per_node
-  --master_addr --master_port TRAIN_SCRIPT CFG ... --launcher pytorch`` for several processes or nodes or
-  DeepSpeed; or the real ``xtuner train CFG`` with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR``,
-  ``PORT`` in the environment, from which XTuner's CLI builds the same ``torchrun`` command;
+  default) for one process; ``python -m xtuner_plugins.cli.local_launch --nproc-per-node --master-addr
+  --master-port TRAIN_SCRIPT CFG ... --launcher pytorch`` for several processes on one node without DeepSpeed (a
+  launcher without torch; ``tools/train.py`` by default, whose processes defer DeepSpeed and bitsandbytes);
+  ``python -m torch.distributed.run --nnodes --node_rank --nproc_per_node --master_addr --master_port
+  TRAIN_SCRIPT CFG ... --launcher pytorch`` for several nodes or DeepSpeed; or the real ``xtuner train CFG``
+  with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR``, ``PORT`` in the environment, from which XTuner's
+  CLI builds the same ``torchrun`` command;
 * **environment** (:func:`train_env`): no variables of an enclosing launcher, Hugging Face offline, caches
   under one folder when given, the repository root on ``PYTHONPATH``, the venv's ``bin`` first on ``PATH``;
 * **port**: a free one, and a rerun on a fresh one when the launcher found it taken;
@@ -35,11 +38,13 @@ from xtuner_plugins.outcome import CRASH_MARKS, TrainOutcome, find_checkpoints, 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
+TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')  # the ranks of the local launcher: imports deferred
 DS_CPU_CONFIGS = {name: os.path.join(REPO_ROOT, 'configs', 'deepspeed', f'{name}_cpu.json')
                   for name in ('zero2', 'zero3')}
 # variables of an enclosing launcher that must not leak into a training subprocess
 DIST_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'ROLE_RANK', 'MASTER_ADDR',
-            'MASTER_PORT', 'TORCHELASTIC_RUN_ID', 'NPROC_PER_NODE', 'NNODES', 'NODE_RANK', 'PORT', 'ADDR')
+            'MASTER_PORT', 'TORCHELASTIC_RUN_ID', 'NPROC_PER_NODE', 'NNODES', 'NODE_RANK', 'PORT', 'ADDR',
+            'XTUNER_PLUGINS_LAUNCHER')
 CACHE_DIRS = {'HF_HOME': 'huggingface', 'TORCH_EXTENSIONS_DIR': 'torch_extensions', 'XDG_CACHE_HOME': 'xdg',
               'MPLCONFIGDIR': 'matplotlib', 'TRITON_CACHE_DIR': 'triton'}
 _PORT_IN_USE = ('EADDRINUSE', 'address already in use', 'Address already in use')
@@ -154,8 +159,9 @@ def train_env(nproc: int = 1, cache_dir: Optional[str] = None,
 def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optional[str] = None,
                   cfg_options: Options = None, extra_args: Sequence[str] = (), use_cli: bool = False,
                   script: Optional[str] = None, nnodes: int = 1, node_rank: int = 0, addr: str = '127.0.0.1',
-                  port: Optional[int] = None):
-    """``(argv, environment variables it needs)`` of one node's launcher (see the module docstring)."""
+                  port: Optional[int] = None, launcher: str = 'auto'):
+    """``(argv, environment variables it needs)`` of one node's launcher (see the module docstring);
+    ``launcher``: ``'torchrun'`` or ``'local'`` instead of the default choice."""
     ds = resolve_deepspeed(deepspeed)
     args = [_existing(config) or config, '--work-dir', os.path.abspath(work_dir)]
     args += (['--deepspeed', ds] if ds else []) + cfg_options_args(cfg_options) + list(extra_args)
@@ -166,6 +172,10 @@ def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optiona
         return [os.path.join(VENV_BIN, 'xtuner'), 'train', *args], dict(env, **({'PORT': port} if port else {}))
     if not distributed:
         return [sys.executable, script or xtuner_train_script(), *args], {}
+    if launcher == 'local' or (launcher == 'auto' and nnodes == 1 and not ds):
+        return [sys.executable, '-m', 'xtuner_plugins.cli.local_launch', f'--nproc-per-node={nproc}',
+                f'--master-addr={addr}', f'--master-port={port}', script or TRAIN_TOOL, *args,
+                '--launcher', 'pytorch'], {}
     return [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nnodes}', f'--node_rank={node_rank}',
             f'--nproc_per_node={nproc}', f'--master_addr={addr}', f'--master_port={port}',
             script or xtuner_train_script(), *args, '--launcher', 'pytorch'], {}

@@ -3,6 +3,7 @@
 Usage::
 
     python tools/train.py CONFIG [--work-dir DIR] [--deepspeed JSON|NAME] [--resume CKPT] [--cfg-options ...]
+    python tools/train.py CONFIG --nproc-per-node 2 ...   (2 processes on this machine, no torchrun)
     torchrun --nproc_per_node=4 tools/train.py CONFIG --launcher pytorch --deepspeed deepspeed_zero2
 
 The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
@@ -17,6 +18,11 @@ set, a hook, the loop: named with the closest valid ones) or a value of the wron
 and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``). Ctrl-C (SIGINT) ends
 with one line instead of a traceback, exit code 130: ``train: interrupted at iteration N; last checkpoint PATH;
 resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint).
+
+``--nproc-per-node N`` (N > 1) runs this tool N times on this machine as the ranks of one run (``--launcher
+pytorch``, the variables torchrun gives) from a launcher that imports no torch (``cli/local_launch.py``; torchrun's
+costs ~350 MiB); a rank that fails stops the others and its exit code is the launcher's. Each process imports
+DeepSpeed and bitsandbytes only when the run uses them (``xtuner_plugins/deferred_imports.py``).
 """
 
 import glob
@@ -25,17 +31,27 @@ import shlex
 import sys
 import time
 import traceback
+from typing import List, Optional, Tuple
 from unittest import mock
 
-import torch
-
-import xtuner_plugins.engine  # noqa: F401  (checkpoint patches; cfg-options and training length at runner build)
-from xtuner_plugins.launch import cfg_options_words, spaced_values
 from xtuner_plugins.outcome import find_checkpoints
+
+NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
 
 def main() -> int:
+    nproc, rest = nproc_option(sys.argv[1:])
+    if nproc is not None and nproc > 1:  # the launcher: no torch here (cli/local_launch.py)
+        return launch_ranks(nproc, rest)
+    sys.argv[1:] = rest
+    from xtuner_plugins import deferred_imports
+    deferred_imports.install(rest)  # before MMEngine is imported: DeepSpeed/bitsandbytes only when used
+    import torch
+
+    import importlib
+    importlib.import_module('xtuner_plugins.engine')  # checkpoint patches; cfg-options, training length at build
     from xtuner.tools import train as xtuner_train
+    from xtuner_plugins.launch import cfg_options_words, spaced_values
     read_seed = xtuner_train.get_seed_from_checkpoint
 
     def seed_from_checkpoint(path):
@@ -66,6 +82,39 @@ def main() -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
+    """``(N of --nproc-per-node N, argv without it)``; ``(None, argv)`` without the option. A value that is not
+    a whole number >= 1 ends the program with one line, exit code 2."""
+    nproc, rest, words = None, [], list(argv)
+    while words:
+        word = words.pop(0)
+        name, eq, value = word.partition('=')
+        if name not in NPROC_OPTIONS:
+            rest.append(word)
+            continue
+        if not eq:
+            value = words.pop(0) if words else ''
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f'train: {name} {value!r}: give the number of processes on this machine (1 or more)')
+        nproc = int(value)
+    return nproc, rest
+
+
+def launch_ranks(nproc: int, argv) -> int:
+    """Run this tool ``nproc`` times on this machine as the ranks of one run (``--launcher pytorch``), started by
+    :mod:`xtuner_plugins.cli.local_launch` from this process, which does not import torch."""
+    from xtuner_plugins.cli.local_launch import launch
+    if 'RANK' in os.environ and 'LOCAL_RANK' in os.environ:
+        print(f'train: --nproc-per-node {nproc} given to a process that is already rank {os.environ["RANK"]} of a '
+              'launcher (torchrun, srun, local_launch): give one or the other', file=sys.stderr)
+        return 2
+    script = os.path.abspath(sys.argv[0])
+    here = os.path.abspath(__file__).rsplit('.', 1)[0]
+    cmd = [sys.executable] + (['-m', __spec__.name] if script.rsplit('.', 1)[0] == here and __spec__ else [script])
+    launcher = [] if any(a == '--launcher' or a.startswith('--launcher=') for a in argv) else ['--launcher', 'pytorch']
+    return launch(cmd + list(argv) + launcher, nproc)
 
 
 def interrupted_line(work_dir: str, argv) -> str:
@@ -105,6 +154,9 @@ def resume_command(argv, checkpoint) -> str:
     world, local = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     if 'SLURM_PROCID' in os.environ and 'slurm' in argv:  # a task of srun (--launcher slurm): srun starts it again
         launcher = f'srun <your srun options> python {script}'
+    elif world > 1 and os.environ.get('XTUNER_PLUGINS_LAUNCHER') == 'local_launch':  # --nproc-per-node N
+        launcher = f'python {script} --nproc-per-node {local}'
+        words = [w for i, w in enumerate(words) if w != '--launcher' and (i == 0 or words[i - 1] != '--launcher')]
     elif world > 1:  # a rank of torchrun: its launcher options are torchrun's
         launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
                     f'torchrun <your launcher options> {script}')

@@ -9,15 +9,17 @@ It writes, under ``--workdir``, the tiny models, ``--images`` small images that 
 file shaped like LLaVA-Pretrain's ``blip_laion_cc_sbu_558k.json`` (one image, a short question and caption each;
 ``--format jsonl`` writes InternVL's one-sample-a-line form), each once (kept for later runs). Then:
 
-- ``configs/pretrain_mlp.py`` on the tiny models, 2 ranks (``torchrun``) x the config's DataLoader workers, from an
+- ``configs/pretrain_mlp.py`` on the tiny models, 2 ranks x the config's DataLoader workers, from an
   empty cache (cold) and again with it (warm): the seconds from the launch to the first logged step (then the run
   is stopped), and the peak of the summed PSS (``/proc/PID/smaps_rollup``) of every process of the run, sampled
   every ``--every`` s;
 - ``tools/check_dataset.py --tokenizer`` on the same file (every core, an empty cache): its seconds.
 
-``--launcher env`` (a launcher without torch, ``env_launch.py``) and ``--no-import deepspeed,bitsandbytes``
-(packages MMEngine imports eagerly, left out as if not installed) measure what the memory floor would be without
-them; both are measurement only. Each result is one line ``RESULT name: value``.
+The ranks start as the product starts them (``xtuner_plugins.launch.train_command``): ``tools/train.py`` under
+``xtuner_plugins.cli.local_launch`` (a launcher without torch; DeepSpeed and bitsandbytes deferred in the ranks).
+``--launcher torchrun`` (XTuner's train script under torchrun, as before), ``--eager-imports``
+(``XTUNER_PLUGINS_EAGER_IMPORTS=1``) and ``--no-import PKG,...`` (packages left out as if not installed) measure
+the alternatives. Each result is one line ``RESULT name: value``.
 """
 
 from __future__ import annotations
@@ -112,24 +114,20 @@ sys.meta_path.insert(0, _Finder())
 '''
 
 
-def launch_variant(cmd: list, env: dict, folder: Path, launcher: str, no_import: list):
-    """``(cmd, env)`` with torchrun swapped for ``env_launch.py`` (``launcher='env'``) and, with ``no_import``,
-    a ``sitecustomize`` that makes those packages fail to import in every process of the run."""
-    if launcher == 'env':
-        at = cmd.index('torch.distributed.run')
-        nproc = next(int(a.split('=')[1]) for a in cmd[at:] if a.startswith('--nproc_per_node='))
-        script = next(i for i in range(at + 1, len(cmd)) if not cmd[i].startswith('--'))
-        cmd = [cmd[0], str(ROOT / 'benchmarks' / 'env_launch.py'), str(nproc)] + cmd[script:]
+def launch_variant(env: dict, folder: Path, no_import: list) -> dict:
+    """``env`` with, for ``no_import``, a ``sitecustomize`` that makes those packages fail to import in every
+    process of the run."""
     if no_import:
         site = folder / 'no_import'
         site.mkdir(parents=True, exist_ok=True)
         (site / 'sitecustomize.py').write_text(NO_IMPORT.format(names=sorted(no_import)))
         env = dict(env, PYTHONPATH=os.pathsep.join([str(site)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    return cmd, env
+    return env
 
 
 def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: float, name: str,
-               length_field: bool = False, launcher: str = 'torchrun', no_import: list = ()) -> None:
+               length_field: bool = False, launcher: str = 'local', no_import: list = (),
+               eager_imports: bool = False) -> None:
     """Launch the 2-rank training, time the launch to the first logged step, sample the summed PSS; stop it."""
     from xtuner_plugins.launch import train_command
     m = folder / 'models'
@@ -144,8 +142,10 @@ def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: flo
     if length_field:
         options['train_dataloader.dataset.length_field'] = 'length'
     cmd, env = train_command(str(ROOT / 'configs' / 'pretrain_mlp.py'), str(folder / f'work_{name}'), nproc=2,
-                             cfg_options=options)
-    cmd, env = launch_variant(cmd, env, folder, launcher, list(no_import))
+                             cfg_options=options, launcher='torchrun' if launcher == 'torchrun' else 'auto')
+    env = launch_variant(env, folder, list(no_import))
+    if eager_imports:
+        env['XTUNER_PLUGINS_EAGER_IMPORTS'] = '1'
     log_path = folder / f'{name}.log'
     start = time.perf_counter()
     with open(log_path, 'w') as log:
@@ -212,8 +212,11 @@ def main(argv=None) -> int:
     p.add_argument('--workers', type=int, default=0, help='check_dataset --workers (default: its own, every core)')
     p.add_argument('--length-field', action='store_true',
                    help='samples carry InternVL\'s "length" and the data set uses it (length_field=\'length\')')
-    p.add_argument('--launcher', choices=('torchrun', 'env'), default='torchrun',
-                   help="'env': benchmarks/env_launch.py, a launcher without torch (measurement only)")
+    p.add_argument('--launcher', choices=('local', 'torchrun'), default='local',
+                   help="'local' (default): the product's, tools/train.py under xtuner_plugins.cli.local_launch; "
+                        "'torchrun': XTuner's train script under torchrun")
+    p.add_argument('--eager-imports', action='store_true',
+                   help='the ranks import DeepSpeed and bitsandbytes at start-up (XTUNER_PLUGINS_EAGER_IMPORTS=1)')
     p.add_argument('--no-import', default='', metavar='PKG,...',
                    help='packages the run\'s processes may not import, as if not installed (measurement only; '
                         'e.g. deepspeed,bitsandbytes, which MMEngine imports eagerly)')
@@ -224,9 +227,10 @@ def main(argv=None) -> int:
     folder = Path(args.workdir)
     data = write_data(folder, args.samples, args.images, args.format, args.length_field)
     cache = folder / f'cache_{data.stem}'
-    variant = dict(launcher=args.launcher, no_import=[x for x in args.no_import.split(',') if x])
-    tag = (f' {args.launcher}' if args.launcher != 'torchrun' else '') + (
-        f' no-import={args.no_import}' if args.no_import else '')
+    variant = dict(launcher=args.launcher, no_import=[x for x in args.no_import.split(',') if x],
+                   eager_imports=args.eager_imports)
+    tag = (f' {args.launcher}' if args.launcher != 'local' else '') + (
+        ' eager-imports' if args.eager_imports else '') + (f' no-import={args.no_import}' if args.no_import else '')
     if not args.skip_train:
         if not args.skip_cold:
             shutil.rmtree(cache, ignore_errors=True)

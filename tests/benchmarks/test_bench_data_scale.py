@@ -28,37 +28,32 @@ def test_pss_of_a_process_tree():
     assert total > 0 and each[0][0] == os.getpid() and total == sum(pss for _, _, pss in each)
 
 
-def test_env_launch_gives_each_rank_the_rendezvous_variables_and_stops_all_when_one_fails(tmp_path):
-    """The torch-free launcher of ``--launcher env``: ranks 0..N-1 with torchrun's ``env://`` variables; one rank
-    failing stops the others and is the launcher's exit code."""
-    import subprocess
-    import sys
-    script = tmp_path / 'rank.py'
-    script.write_text('import os, sys, time\n'
-                      'keys = "RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT OMP_NUM_THREADS".split()\n'
-                      'open(sys.argv[1] + os.environ["RANK"], "w").write(" ".join(os.environ[k] for k in keys))\n'
-                      'if sys.argv[2] == "fail" and os.environ["RANK"] == "1": sys.exit(3)\n'
-                      'time.sleep(0 if sys.argv[2] == "ok" else 60)\n')
-    launcher = os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks', 'env_launch.py')
-    out = subprocess.run([sys.executable, launcher, '2', str(script), str(tmp_path / 'r'), 'ok'], timeout=60)
-    seen = sorted((tmp_path / f'r{k}').read_text().split() for k in range(2))
-    assert out.returncode == 0 and [s[:3] for s in seen] == [['0', '0', '2'], ['1', '1', '2']]
-    assert seen[0][3:] == seen[1][3:] and seen[0][3] == '127.0.0.1' and seen[0][5] == '1'
-    failed = subprocess.run([sys.executable, launcher, '2', str(script), str(tmp_path / 'f'), 'fail'], timeout=30)
-    assert failed.returncode == 3  # rank 0 (sleeping a minute) was stopped
-
-
-def test_launch_variant_swaps_torchrun_and_leaves_packages_out(tmp_path):
+def test_the_default_launcher_is_the_products_and_packages_can_be_left_out(tmp_path, monkeypatch):
+    """The 2-rank run starts as ``run_train`` starts it (local_launch, tools/train.py); ``--no-import`` makes
+    packages fail to import in every process."""
     import subprocess
     import sys
 
-    from benchmarks.bench_data_scale import ROOT, launch_variant
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2',
-                '--master_port=1', '/x/train.py', 'cfg.py', '--work-dir', 'w', '--launcher', 'pytorch']
-    cmd, env = launch_variant(torchrun, {}, tmp_path, 'env', ['json'])
-    assert cmd == [sys.executable, str(ROOT / 'benchmarks' / 'env_launch.py'), '2', '/x/train.py', 'cfg.py',
-                   '--work-dir', 'w', '--launcher', 'pytorch']
-    assert launch_variant(torchrun, {}, tmp_path, 'torchrun', []) == (torchrun, {})
+    import benchmarks.bench_data_scale as bench
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def popen(cmd, **kwargs):
+        seen.append((cmd, kwargs['env']))
+        raise Stop
+    monkeypatch.setattr(bench.subprocess, 'Popen', popen)
+    for launcher, eager in (('local', False), ('torchrun', True)):
+        with pytest.raises(Stop):
+            bench.first_step(tmp_path, tmp_path / 'd.json', tmp_path / 'c', 1, 1, 'x', launcher=launcher,
+                             eager_imports=eager)
+    (local, local_env), (torchrun, torchrun_env) = seen
+    assert local[1:4] == ['-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node=2']
+    assert local[6] == str(bench.ROOT / 'tools' / 'train.py') and 'XTUNER_PLUGINS_EAGER_IMPORTS' not in local_env
+    assert torchrun[1:3] == ['-m', 'torch.distributed.run'] and torchrun_env['XTUNER_PLUGINS_EAGER_IMPORTS'] == '1'
+    monkeypatch.undo()
+    env = bench.launch_variant({}, tmp_path, ['json'])
     probe = 'import sys\ntry:\n import json\nexcept ImportError: sys.exit(7)'
     run = subprocess.run([sys.executable, '-c', probe], env=dict(os.environ, **env))
     assert run.returncode == 7

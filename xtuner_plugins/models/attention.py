@@ -57,14 +57,14 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
                                       is_causal=True if attention_mask is None else is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     rows = []
-    for row, cuts in enumerate(bounds.tolist()):
-        parts = []
-        for start, end in zip(cuts[:-1], cuts[1:]):
-            if end == start:   # a row with fewer samples than the widest
-                continue
-            parts.append(torch.nn.functional.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))
+    # split, not slices: a slice's backward writes its gradient into a zero-filled copy of the whole input, once
+    # per sample and input, where split's backward concatenates the pieces once
+    for cuts, q_row, k_row, v_row in zip(bounds.tolist(), query.split(1), key.split(1), value.split(1)):
+        sizes = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
+        parts = [torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+            for q, k, v in zip(q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2))
+            if q.shape[2]]   # a row with fewer samples than the widest has empty segments
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

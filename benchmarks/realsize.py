@@ -18,12 +18,14 @@ Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense bloc
 ``packed_segments_compiled``): the model's ``compile_blocks='llm'`` (each LLM block under ``torch.compile``, what
 ``'auto'`` gives on a CPU with native bf16), warmed up by a second step of other sizes so that no graph is
 compiled in the timed steps (the row says how many were). Every other row checkpoints the LLM. By default
-``unpacked``,
-``packed_segments`` and ``xtuner`` run (``--rows``). The closing line's "ours" is our fastest row, its "packed" the
-faster packed row (both named).
+``unpacked``, ``packed_segments`` and ``xtuner`` run, and the two ``_compiled`` rows too where ``'auto'`` compiles
+on this machine (:func:`default_rows`; ``--rows`` to choose). The closing line's "ours" is our fastest row, its
+"packed" the faster packed row (both named).
 
 Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) and (b) tile every image to 12
-tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``);
+tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``), or to
+6 + thumbnail in every row of them on a machine under 32 GiB, where XTuner's rows do not fit at 12
+(``realsize_report.default_tiles``; ``--max-dynamic-patch`` to choose; the closing line says which);
 (c) resizes each image to one 384 px tile. Every row trains on the same samples in the same order: unpacked
 ``--batch`` samples per step (padded), packed one pack of up to ``--max-tokens`` tokens; XTuner the unpacked
 batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row. The
@@ -79,6 +81,15 @@ SETTINGS = {
               image_mode='resize', model=dict(freeze_llm=False), xtuner=False),
 }
 DEFAULT_ROWS = ('unpacked', 'packed_segments', 'xtuner')
+COMPILED_ROWS = ('unpacked', 'unpacked_compiled', 'packed_segments', 'packed_segments_compiled', 'xtuner')
+
+
+def default_rows() -> tuple:
+    """The rows run without ``--rows``: the eager ones, and beside them the compiled ones where the models'
+    default (``compile_blocks='auto'``) compiles the LLM's blocks on this machine (a CPU with native bf16 and a
+    C++ compiler), so that the run measures what training does by default."""
+    from xtuner_plugins.models.compile import AUTO_MIN_LLM_PARAMETERS, compile_parts
+    return COMPILED_ROWS if compile_parts('auto', AUTO_MIN_LLM_PARAMETERS) else DEFAULT_ROWS
 # glibc keeping what is freed (no block handed back to the kernel, so no page faults on every large activation;
 # benchmarks/RESULTS.md): the rows' processes, ours and XTuner's, with --malloc keep
 KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
@@ -277,7 +288,8 @@ def main() -> None:
     p.add_argument('--rows', nargs='+', default=None,
                    help='of unpacked packed packed_segments packed_segments_nockpt xtuner, ours with _compiled '
                         '(unpacked_compiled, packed_segments_compiled; default: unpacked '
-                        'packed_segments xtuner; the dense-mask and no-checkpointing rows are levers, measured once '
+                        'packed_segments xtuner, and the _compiled two where compile_blocks=\'auto\' compiles on '
+                        'this machine; the dense-mask and no-checkpointing rows are levers, measured once '
                         'in benchmarks/RESULTS.md)')
     p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
     p.add_argument('--warmup', choices=('short', 'full'), default='short',
@@ -288,8 +300,8 @@ def main() -> None:
     p.add_argument('--max-tokens', type=int, default=8192, help='tokens per pack (and max_length; default 8192)')
     p.add_argument('--attn', default='sdpa')
     p.add_argument('--max-dynamic-patch', nargs='+', default=[], metavar='SETTING=N',
-                   help='tiles per image of a setting, for every row of it (a=6 b=6; default 12 for each, the '
-                        'tiled settings at 12 + thumbnail): fewer where XTuner\'s row does not fit in memory')
+                   help='tiles per image of a setting, for every row of it (a=6 b=6; default for a and b: 12 + '
+                        'thumbnail, 6 on a machine under 32 GiB, where XTuner\'s rows do not fit at 12)')
     p.add_argument('--malloc', choices=('keep', 'default'), default='keep',
                    help="the rows' glibc malloc: 'keep' what is freed (default; KEEP_FREED), or glibc's 'default'")
     p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
@@ -307,7 +319,7 @@ def main() -> None:
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     p.add_argument('--tiles', type=int, default=12, help=argparse.SUPPRESS)   # a child's max_dynamic_patch
     args = p.parse_args()
-    tiles = parse_tiles(p, args.max_dynamic_patch)
+    tiles = parse_tiles(p, args.max_dynamic_patch, total_memory())
     if args.child:
         args.setting, args.row = args.child
         print('RESULT ' + json.dumps(child(args), default=float), flush=True)
@@ -328,7 +340,7 @@ def main() -> None:
         with open(saved) as f:
             results = {tuple(k.split(' ')): v for k, v in json.load(f)['rows'].items() if 'error' not in v}
     for setting in args.settings:
-        rows = args.rows or DEFAULT_ROWS
+        rows = args.rows or default_rows()
         for row in rows:
             if row == 'xtuner' and not SETTINGS[setting]['xtuner']:
                 continue

@@ -15,6 +15,9 @@
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
 # --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
 #
+# Without options it runs what fits and what training does by default on this machine: (a) and (b) at 6 tiles per
+# image under 32 GiB of memory (XTuner's rows do not fit at 12), and the compiled rows beside the eager ones where
+# compile_blocks='auto' compiles (a CPU with native bf16: 13 minutes on the 2-core AMX Xeon, benchmarks/RESULTS.md).
 # The rows took 22 minutes on a 2-core CPU whose bf16 roofline (the first line) is 0.40 TFLOP/s (16-20 at 0.8-0.9
 # when XTuner's check still took a step of its own). --scaling then runs the scaling series too
 # (benchmarks/realsize_scaling.py: tiles 1/4/7/13, tokens per pack 2k..16k; a table and a PNG in DIR; about 16

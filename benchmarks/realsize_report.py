@@ -12,9 +12,22 @@ from benchmarks import train_loop
 SETTING_NAMES = ('a', 'b', 'c')
 
 
-def parse_tiles(parser, values) -> dict:
-    """``--max-dynamic-patch a=6 b=6`` -> each setting's tiles per image (12 where not given)."""
-    tiles = {s: 12 for s in SETTING_NAMES}
+# below this much memory XTuner's rows of the tiled settings do not fit at 12 tiles per image (killed at 24 GiB,
+# benchmarks/RESULTS.md; 17.4-21.2 GiB at 6), so every row of those settings takes 6 unless told
+FULL_TILES_MEMORY = 32 * 2 ** 30
+TILED = ('a', 'b')
+
+
+def default_tiles(memory: int) -> int:
+    """The tiled settings' tiles per image on a machine of ``memory`` bytes: 12 (the seeds' COCO images), or 6
+    below :data:`FULL_TILES_MEMORY`."""
+    return 12 if memory >= FULL_TILES_MEMORY else 6
+
+
+def parse_tiles(parser, values, memory: int = FULL_TILES_MEMORY) -> dict:
+    """``--max-dynamic-patch a=6 b=6`` -> each setting's tiles per image (where not given: 12 for (c)'s resized
+    images; :func:`default_tiles` of ``memory`` for the tiled settings)."""
+    tiles = {s: default_tiles(memory) if s in TILED else 12 for s in SETTING_NAMES}
     for value in values:
         setting, _, n = value.partition('=')
         if setting not in SETTING_NAMES or not n.isdigit() or not 1 <= int(n) <= 40:

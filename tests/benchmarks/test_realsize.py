@@ -124,3 +124,24 @@ def test_real_size_rows_are_refused_where_bf16_has_no_instructions(tmp_path):
     from transformers import AutoModelForCausalLM
     assert small == AutoModelForCausalLM.from_pretrained(tiny['llm']).num_parameters()   # tied weights once
     assert slow_bf16_refusal({'bf16': 0.0012, 'fp32': 0.082}, small) is None
+
+
+def test_defaults_follow_the_machine(monkeypatch):
+    """Without options the run measures what fits and what training does by default here: 6 tiles in the tiled
+    settings under 32 GiB (XTuner's rows were killed at 12 on 24 GiB), 12 above; the compiled rows beside the
+    eager ones where compile_blocks='auto' compiles."""
+    import argparse
+
+    from benchmarks import realsize
+    from benchmarks.realsize_report import parse_tiles
+    from xtuner_plugins.models import compile as compile_
+    assert parse_tiles(argparse.ArgumentParser(), [], 24 * 2 ** 30) == {'a': 6, 'b': 6, 'c': 12}
+    assert parse_tiles(argparse.ArgumentParser(), [], 64 * 2 ** 30) == {'a': 12, 'b': 12, 'c': 12}
+    assert parse_tiles(argparse.ArgumentParser(), ['a=12'], 24 * 2 ** 30) == {'a': 12, 'b': 6, 'c': 12}
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
+    monkeypatch.setattr(compile_.torch.cuda, 'is_available', lambda: False)
+    assert realsize.default_rows() == ('unpacked', 'unpacked_compiled', 'packed_segments', 'packed_segments_compiled',
+                                       'xtuner')
+    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
+    assert realsize.default_rows() == ('unpacked', 'packed_segments', 'xtuner')

@@ -29,7 +29,9 @@ heads, ``d`` head dim, ``V`` vocabulary):
   up and act, RoPE's cos/sin); trained weights ``2H + 2ad + F`` more (the matmuls' inputs, for the weights'
   gradients); peft's LoRA adapters, per adapted linear layer of input width ``n``, ``n`` more (its input cast for
   the adapter), ``3n`` with dropout (the dropout's output and mask too; ``1.5n`` on a CPU, where the mask is our
-  ``CpuDropout``'s bool and its output is not kept beside the adapter's cast); with gradient checkpointing it keeps its
+  ``CpuDropout``'s bool and its output is not kept beside the adapter's cast). Compiled (``compile_blocks``; inductor
+  recomputes elementwise work, saves a shared input once): ``2H + ad + 2kv*d + 2F + 2d + 2a + 4``, ``H + ad + F``
+  more trained, each LoRA input once (q/k/v's, gate/up's); with LoRA dropout as eager. Checkpointed it keeps its
   input (``H``), and in the backward the layer being recomputed holds its ``E`` again and the gradients in flight
   through its MLP, ``3F`` (the down projection's input's, the gate's and the up projection's: ``llm layer
   recomputed``; measured within 1% on a real-size step, benchmarks/RESULTS.md); checkpointing that
@@ -240,25 +242,32 @@ def _decoder_layer(lm):
     return next((m for name, m in lm.named_modules() if name.endswith('layers.0')), None)
 
 
+_SHARED_INPUT = {'q_proj': 'qkv', 'k_proj': 'qkv', 'v_proj': 'qkv', 'gate_proj': 'mlp', 'up_proj': 'mlp'}  # one input
+
+
 def layer_elements(model, device: str = 'cuda') -> float:
     """``E``: the elements (bf16-sized) one LLM decoder layer keeps per token for its backward, by what its first
     layer trains (module docstring). Measured by ``saved_tensors_hooks`` on a Qwen2.5-1.5B layer under bf16
     autocast (benchmarks/RESULTS.md): frozen 36.9k, trained 52.0k, LoRA on every linear layer 55.4k, 91.7k with
-    dropout; tests/test_planner.py checks the formula against the tiny model's layer (``device='cpu'``: LoRA's
-    dropout is ``models/dropout.CpuDropout``, off a CPU torch's)."""
+    dropout; tests/test_planner.py checks it against the tiny model's layer, eager and compiled (``device='cpu'``:
+    LoRA's dropout is ``models/dropout.CpuDropout``, off a CPU torch's)."""
     s = _llm_shapes(model)
     H, F, A, K = s['H'], s['F'], s['a'] * s['d'], s['kv'] * s['d']
-    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
     layer = _decoder_layer(model.language_model)   # None: not a decoder we can read, counted as trained
-    adapted = [m for m in (layer.modules() if layer is not None else ())
+    adapted = [(name, m) for name, m in (layer.named_modules() if layer is not None else ())
                if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict) and len(m.lora_A)]
-    for m in adapted:
-        dropout = any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values())
+    dropouts = [any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values()) for _, m in adapted]
+    compiled = getattr(layer, '_compiled_call_impl', None) is not None and not any(dropouts)
+    trained = not adapted and (layer is None or any(p.requires_grad for p in layer.parameters()))
+    if compiled:   # measured on compiled Qwen2 layers of two widths (tests/test_planner.py)
+        e = 2 * H + A + 2 * K + 2 * F + 2 * s['d'] + 2 * s['a'] + 4 + (H + A + F if trained else 0)
+        inputs = {_SHARED_INPUT.get(name.rsplit('.', 1)[-1], name): m.in_features for name, m in adapted}
+        return e + sum(inputs.values()) + sum(2 * sum(m.r.values()) for _, m in adapted)
+    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
+    for (_, m), dropout in zip(adapted, dropouts):
         cpu_dropout = device == 'cpu' and any(type(x) is CpuDropout for x in m.lora_dropout.values())
         e += m.in_features * (1.5 if cpu_dropout else 3 if dropout else 1) + 2 * sum(m.r.values())
-    if not adapted and (layer is None or any(p.requires_grad for p in layer.parameters())):
-        e += 2 * H + 2 * A + F
-    return e
+    return e + (2 * H + 2 * A + F if trained else 0)
 
 
 def projector_elements(projector: torch.nn.Module, hidden: int, fp32: bool = True) -> int:

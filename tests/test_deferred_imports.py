@@ -30,6 +30,10 @@ if sys.argv[2] == 'use':
     strategy.DeepSpeedStrategy(config=dict(train_micro_batch_size_per_gpu=1))
     out['strategy'] = strategy.deepspeed is sys.modules.get('deepspeed')
     out['end'] = sorted(m for m in ('deepspeed', 'bitsandbytes') if m in sys.modules)
+if sys.argv[2] == 'scoped':   # a config's default_scope: its package's child registry of OPTIMIZERS
+    from mmengine.registry import OPTIMIZERS, Registry
+    child = Registry('optimizer', parent=OPTIMIZERS, scope='userscope')
+    out['child PagedAdamW8bit'] = child.get('PagedAdamW8bit').__module__
 print('PROBE ' + json.dumps(out))
 '''
 
@@ -49,6 +53,14 @@ def test_a_run_without_them_imports_neither_until_it_uses_them():
     assert out['PagedAdamW8bit'] == 'bitsandbytes.optim.adamw'  # registered by name as MMEngine does
     assert out['peft bnb'] and out['strategy before'] and out['strategy']  # put back where they were refused
     assert out['end'] == ['bitsandbytes', 'deepspeed']
+
+
+@pytest.mark.slow
+def test_a_scopes_child_registry_finds_bitsandbytes_optimizers():
+    """A config with ``default_scope`` builds its optimizer through its package's child registry, which reads the
+    root's tables directly: the name still brings bitsandbytes in, as with eager imports."""
+    out = _probe('configs/pretrain_mlp.py --launcher pytorch', 'scoped')
+    assert out['start'] == [] and out['child PagedAdamW8bit'] == 'bitsandbytes.optim.adamw'
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ shared-memory op. Measured on a 2-rank run (benchmarks/RESULTS.md, "Data at scal
 from exactly those modules (:data:`DEFERRED_AT`), fail as if the package were not installed, which each of them
 handles, and then undoes the difference the moment the run needs the package (:func:`load`):
 
-* an optimizer name the registry does not know (``type='PagedAdamW8bit'``, ``'bnb_Adam'``): bitsandbytes is
-  imported, its optimizers registered as MMEngine would have, and the name looked up again (DeepSpeed's
-  optimizers are registered by ``DeepSpeedStrategy`` itself);
+* an optimizer name the registry (or a scope's child of it) does not know (``type='PagedAdamW8bit'``,
+  ``'bnb_Adam'``): bitsandbytes is imported, its optimizers registered as MMEngine would have, and the name looked
+  up again (DeepSpeed's optimizers are registered by ``DeepSpeedStrategy`` itself);
 * a ``DeepSpeedStrategy`` being built: DeepSpeed is imported and set where MMEngine keeps it (its optimizers are
   registered by the strategy itself), and the CPU patch of ``engine/runtime.py`` applied;
 * any other import of the packages (``transformers`` loading a 4-bit model, XTuner's ZeRO code, a config's
@@ -160,18 +160,20 @@ def _fix(module) -> None:
     if name in DEFERRED_AT.values():
         _restore(name, module)
     elif name == 'mmengine.optim.optimizer.builder':
-        from mmengine.registry import OPTIMIZERS
-        if not getattr(OPTIMIZERS.get, '_deferred_hook', False):
-            lookup = OPTIMIZERS.get
+        # on the class: a config's default_scope builds through its own child registry of OPTIMIZERS, which
+        # reads its parents' tables directly, past any hook on the root registry's instance
+        from mmengine.registry import OPTIMIZERS, Registry
+        if not getattr(Registry.get, '_deferred_hook', False):
+            lookup = Registry.get
 
-            def get(key):
-                found = lookup(key)
-                if found is None and 'bitsandbytes' in deferred():  # one of its optimizers, perhaps
-                    load('bitsandbytes')
-                    found = lookup(key)
+            def get(self, key):
+                found = lookup(self, key)
+                if found is None and 'bitsandbytes' in deferred() and _under(self, OPTIMIZERS):
+                    load('bitsandbytes')   # one of its optimizers, perhaps
+                    found = lookup(self, key)
                 return found
             get._deferred_hook = True
-            OPTIMIZERS.get = get
+            Registry.get = get
     elif name == 'mmengine._strategy.deepspeed':
         init = module.DeepSpeedStrategy.__init__
 
@@ -179,3 +181,10 @@ def _fix(module) -> None:
             load('deepspeed')
             init(self, *args, **kwargs)
         module.DeepSpeedStrategy.__init__ = __init__
+
+
+def _under(registry, root) -> bool:
+    """Whether ``registry`` is ``root`` or one of its descendants (a scope's child registry)."""
+    while registry is not None and registry is not root:
+        registry = registry.parent
+    return registry is root

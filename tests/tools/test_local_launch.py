@@ -1,11 +1,14 @@
 """The launcher without torch (``xtuner_plugins/cli/local_launch.py``) and ``tools/train.py --nproc-per-node``:
 torchrun's ``env://`` variables, every rank stopped when one fails, signals passed on, no torch in the launcher."""
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from unittest import mock
 
 import pytest
 
@@ -134,7 +137,7 @@ def test_the_launchers_import_no_torch(tmp_path, rank_script):
     assert out.returncode == 0 and 'xtuner_plugins.cli' in imported
     assert not {m.split('.')[0] for m in imported} & {'torch', 'numpy', 'mmengine', 'xtuner', 'psutil'}
     probe = ('import sys\nimport xtuner_plugins.cli.local_launch as l\ncalls = []\n'
-             'l.launch = lambda cmd, n: calls.append((cmd, n)) or 0\n'
+             'l.launch = lambda cmd, n, **kw: calls.append((cmd, n)) or 0\n'
              'sys.argv = ["tools/train.py", "cfg.py", "--nproc-per-node", "2", "--work-dir", "w"]\n'
              'from xtuner_plugins.cli import train\nassert train.main() == 0\n'
              'print(calls[0][0][1:], calls[0][1], sorted({m.split(".")[0] for m in sys.modules} & '
@@ -150,9 +153,30 @@ def test_nproc_option_and_its_bad_values():
     assert nproc_option(['c.py', '--nproc-per-node', '4', '--work-dir', 'w']) == (4, ['c.py', '--work-dir', 'w'])
     assert nproc_option(['c.py', '--nproc_per_node=2']) == (2, ['c.py'])
     assert nproc_option(['c.py']) == (None, ['c.py'])
-    for bad in (['--nproc-per-node', '0'], ['--nproc-per-node=two'], ['--nproc-per-node']):
-        with pytest.raises(SystemExit, match='give the number of processes on this machine'):
+    for bad in (['--nproc-per-node', '0'], ['--nproc-per-node=two'], ['--nproc-per-node'], ['--nproc-per-node=\u00b2'],
+                ['--nproc-per-node=2', '--nproc-per-node=3']):
+        with pytest.raises(SystemExit) as exit_:
             nproc_option(['c.py'] + bad)
+        assert exit_.value.code == 2, bad
+    assert nproc_option(['c.py', '--nproc-per-node=2', '--nproc-per-node', '2']) == (2, ['c.py'])   # the same twice
+
+
+@pytest.mark.parametrize('launcher', [['--launcher', 'none'], ['--launcher=slurm']])
+def test_nproc_with_another_launcher_is_refused(tmp_path, launcher):
+    """``--launcher none`` with ``--nproc-per-node 2`` would start two separate trainings into one folder."""
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'), 'c.py', '--nproc-per-node',
+                          '2'] + launcher, env=_env(), timeout=100, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and 'leave --launcher out' in out.stderr and 'Traceback' not in out.stderr, out.stderr
+
+
+def test_ranks_that_failed_together_are_all_named(tmp_path, rank_script):
+    """Ranks that ended between two of the launcher's looks (a loaded machine): one line names each."""
+    from xtuner_plugins.cli.local_launch import launch
+    script = tmp_path / 'both.py'
+    script.write_text('import os, sys, time\ntime.sleep(0.5)\nsys.exit(5 + int(os.environ["RANK"]))\n')
+    with mock.patch('sys.stderr', new=io.StringIO()) as err:
+        code = launch([sys.executable, str(script)], 2, poll_s=3)
+    assert code == 5 and 'rank 0 exited with code 5, rank 1 exited with code 6' in err.getvalue(), err.getvalue()
 
 
 def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):

@@ -12,7 +12,8 @@ PyTorch's ``env://`` rendezvous as torchrun sets them for one node (``RANK``, ``
 ``OMP_NUM_THREADS=1`` unless set); rank 0's ``init_process_group`` serves the store on the port.
 
 * a rank that fails stops the others (SIGTERM to each rank's process group, SIGKILL ``STOP_GRACE_S`` later) and
-  the launcher exits with that rank's code (128 + N for a rank killed by signal N);
+  the launcher exits with that rank's code (128 + N for a rank killed by signal N), after one line naming every
+  rank seen failed (ranks that ended between two looks, 0.1 s apart, are named together, lowest first);
 * SIGINT and SIGTERM are passed on to every rank (each runs in a session of its own, so a terminal's Ctrl-C
   reaches a rank once), then the launcher waits for them as above;
 * a rank is killed when the launcher dies, even by SIGKILL (``PR_SET_PDEATHSIG`` on Linux).
@@ -137,12 +138,11 @@ def _watch(ranks: Ranks, received: List[int], poll_s: float, grace: float) -> in
             return failed[0] if failed else 128 + sig
         codes = ranks.codes()
         failed = [(rank, c) for rank, c in enumerate(codes) if c]
-        if failed:
+        if failed:   # seen in one look: several may have ended since the last (a loaded machine, a rank's peers)
             rank, code = failed[0]
             running = sum(c is None for c in codes)
-            if running:
-                print(f'local_launch: rank {rank} exited with code {exit_code(code)}: stopping the {running} '
-                      f'other rank(s)', file=sys.stderr, flush=True)
+            print(f'local_launch: {", ".join(f"rank {r} exited with code {exit_code(c)}" for r, c in failed)}'
+                  + (f': stopping the {running} other rank(s)' if running else ''), file=sys.stderr, flush=True)
             ranks.stop(signal.SIGTERM, grace)
             return exit_code(code)
         if all(c == 0 for c in codes):

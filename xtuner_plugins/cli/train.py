@@ -19,9 +19,10 @@ and so are training lengths that contradict each other (``max_epochs=3 max_iters
 with one line instead of a traceback, exit code 130: ``train: interrupted at iteration N; last checkpoint PATH;
 resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint).
 
-``--nproc-per-node N`` (N > 1) runs this tool N times on this machine as the ranks of one run (``--launcher
-pytorch``, the variables torchrun gives) from a launcher that imports no torch (``cli/local_launch.py``; torchrun's
-costs ~350 MiB); a rank that fails stops the others and its exit code is the launcher's. Each process imports
+``--nproc-per-node N`` (N > 1, or 1 with ``--deepspeed``) runs this tool N times on this machine as the ranks of
+one run (``--launcher pytorch``, the variables torchrun gives; ``MASTER_PORT`` in the environment sets the port)
+from a launcher that imports no torch (``cli/local_launch.py``; torchrun's costs ~350 MiB); a rank that fails
+stops the others and its exit code is the launcher's. Each process imports
 DeepSpeed and bitsandbytes only when the run uses them (``xtuner_plugins/deferred_imports.py``).
 """
 
@@ -41,11 +42,23 @@ NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
 def main() -> int:
     nproc, rest = nproc_option(sys.argv[1:])
-    if nproc is not None and nproc > 1:  # the launcher: no torch here (cli/local_launch.py)
-        return launch_ranks(nproc, rest)
+    if nproc is not None and (nproc > 1 or _has_option(rest, '--deepspeed')):  # the launcher: no torch here
+        return launch_ranks(nproc, rest)   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
+    try:
+        return _train()
+    except KeyboardInterrupt:   # Ctrl-C while the libraries are still loading
+        print('\ntrain: interrupted before training started; nothing saved', file=sys.stderr, flush=True)
+        return 130
+
+
+def _has_option(argv, name: str) -> bool:
+    return any(a == name or a.startswith(name + '=') for a in argv)
+
+
+def _train() -> int:
     from xtuner_plugins import deferred_imports
-    deferred_imports.install(rest)  # before MMEngine is imported: DeepSpeed/bitsandbytes only when used
+    deferred_imports.install(sys.argv[1:])  # before MMEngine is imported: DeepSpeed/bitsandbytes only when used
     import torch
 
     import importlib
@@ -86,7 +99,7 @@ def main() -> int:
 
 def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
     """``(N of --nproc-per-node N, argv without it)``; ``(None, argv)`` without the option. A value that is not
-    a whole number >= 1 ends the program with one line, exit code 2."""
+    a whole number >= 1, or two different values, end the program with one line, exit code 2."""
     nproc, rest, words = None, [], list(argv)
     while words:
         word = words.pop(0)
@@ -96,8 +109,10 @@ def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
             continue
         if not eq:
             value = words.pop(0) if words else ''
-        if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f'train: {name} {value!r}: give the number of processes on this machine (1 or more)')
+        if not (value.isascii() and value.isdigit()) or int(value) < 1 or nproc not in (None, int(value)):
+            print(f'train: {name} {value!r}: give the number of processes on this machine (1 or more), once',
+                  file=sys.stderr)
+            raise SystemExit(2)
         nproc = int(value)
     return nproc, rest
 
@@ -110,11 +125,18 @@ def launch_ranks(nproc: int, argv) -> int:
         print(f'train: --nproc-per-node {nproc} given to a process that is already rank {os.environ["RANK"]} of a '
               'launcher (torchrun, srun, local_launch): give one or the other', file=sys.stderr)
         return 2
+    given = [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
+             for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
+    if any(g != 'pytorch' for g in given):
+        print(f'train: --nproc-per-node {nproc} with --launcher {given[0]}: the ranks of --nproc-per-node are '
+              'started with --launcher pytorch; leave --launcher out', file=sys.stderr)
+        return 2
     script = os.path.abspath(sys.argv[0])
     here = os.path.abspath(__file__).rsplit('.', 1)[0]
     cmd = [sys.executable] + (['-m', __spec__.name] if script.rsplit('.', 1)[0] == here and __spec__ else [script])
-    launcher = [] if any(a == '--launcher' or a.startswith('--launcher=') for a in argv) else ['--launcher', 'pytorch']
-    return launch(cmd + list(argv) + launcher, nproc)
+    port = os.environ.get('MASTER_PORT', '')   # the user's own port, as torchrun's --master-port
+    return launch(cmd + list(argv) + ([] if given else ['--launcher', 'pytorch']), nproc,
+                  port=int(port) if port.isascii() and port.isdigit() else 0)
 
 
 def interrupted_line(work_dir: str, argv) -> str:

@@ -40,9 +40,9 @@ tokens/s, its own peak RSS, achieved model TFLOP/s (``flops.train_step_flops``) 
 bf16 roofline, the LLM's share (its layers' and LM head's FLOPs over the step's time less the vision tower's
 forward, timed by hooks; the closing line's roofline share), the data-time share, and the planner's step peak
 (activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
-malloc's bytes in use during the last timed step (``RssSampler``, read by its thread and, in our rows, after every
-operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's). XTuner's
-rows are checked against our unpacked row on the first timed step (``train_loop.run``'s ``check``: the warm-up
+malloc's bytes in use during the last timed step (``RssSampler``, read by its thread; with ``--op-reads``, in our
+rows, also after every operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's).
+XTuner's rows are checked against our unpacked row on the first timed step (``train_loop.run``'s ``check``: the warm-up
 at rate 0, then the loss and every trained tensor's gradient norm of that step's batch before its update, out of
 its time; the same batch in both processes, no step of its own); a failed check marks the ratios not comparable.
 XTuner 0.2.0 has
@@ -312,10 +312,12 @@ def main() -> None:
                    help='each row\'s timed step under torch.profiler: its operators in DIR/SETTING-ROW.txt and the '
                         'split by kind (benchmarks/profile_kinds.py) in DIR/kinds.md; the rows\' timings are then '
                         'not figures')
-    p.add_argument('--no-op-reads', dest='op_reads', action='store_false',
-                   help='our rows without the bytes-in-use read after every large operator (a Python dispatch mode '
-                        'in the timed step, which XTuner\'s rows do not run): their time without it, their peak '
-                        'from the sampling thread only')
+    p.add_argument('--op-reads', dest='op_reads', action='store_true',
+                   help='our rows with a bytes-in-use read after every large operator (a Python dispatch mode in '
+                        'the timed step, which XTuner\'s rows do not run: 5-10%% of an eager step, and it keeps '
+                        'compiled blocks from running compiled; benchmarks/RESULTS.md); default: the sampling '
+                        'thread alone, which caught the same activations within 1%%')
+    p.add_argument('--no-op-reads', dest='op_reads', action='store_false', help=argparse.SUPPRESS)   # the default
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     p.add_argument('--tiles', type=int, default=12, help=argparse.SUPPRESS)   # a child's max_dynamic_patch
     args = p.parse_args()
@@ -358,8 +360,8 @@ def main() -> None:
                    '--tiles', str(tiles[setting])]
             if args.profile:
                 cmd += ['--profile', os.path.abspath(args.profile)]
-            if not args.op_reads:
-                cmd += ['--no-op-reads']
+            if args.op_reads:
+                cmd += ['--op-reads']
             proc, peak = run_watched(cmd, env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)

@@ -137,17 +137,15 @@ def _restore(name: str, package) -> None:
     if _finder is None or name not in _finder.deferred or name in _finder.loaded:
         return
     _finder.loaded.add(name)
+    where = {'deepspeed': ('mmengine._strategy.deepspeed', 'deepspeed'), 'bitsandbytes': ('peft.helpers', 'bnb')}
+    site = sys.modules.get(where[name][0])   # the module-level name a refused `import` left None
+    if site is not None and getattr(site, where[name][1], None) is None:
+        setattr(site, where[name][1], package)
     if name == 'deepspeed':
-        strategy = sys.modules.get('mmengine._strategy.deepspeed')
-        if strategy is not None and getattr(strategy, 'deepspeed', None) is None:
-            strategy.deepspeed = package
         runtime = sys.modules.get('xtuner_plugins.engine.runtime')
         if runtime is not None:
             runtime.apply_cpu_patches()  # the DeepSpeed one, skipped while DeepSpeed was deferred
     if name == 'bitsandbytes':
-        helpers = sys.modules.get('peft.helpers')
-        if helpers is not None and getattr(helpers, 'bnb', None) is None:
-            helpers.bnb = package
         builder = sys.modules.get('mmengine.optim.optimizer.builder')
         if builder is not None:
             builder.BITSANDBYTES_OPTIMIZERS.extend(builder.register_bitsandbytes_optimizers())

@@ -316,7 +316,8 @@ def main() -> None:
                    help='our rows with a bytes-in-use read after every large operator (a Python dispatch mode in '
                         'the timed step, which XTuner\'s rows do not run: 5-10%% of an eager step, and it keeps '
                         'compiled blocks from running compiled; benchmarks/RESULTS.md); default: the sampling '
-                        'thread alone, which caught the same activations within 1%%')
+                        'thread alone, which can miss a short peak (15%% of (b) unpacked\'s activations once): use '
+                        'it to check the planner, not to time')
     p.add_argument('--no-op-reads', dest='op_reads', action='store_false', help=argparse.SUPPRESS)   # the default
     p.add_argument('--child', nargs=2, metavar=('SETTING', 'ROW'), help=argparse.SUPPRESS)
     p.add_argument('--tiles', type=int, default=12, help=argparse.SUPPRESS)   # a child's max_dynamic_patch

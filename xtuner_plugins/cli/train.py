@@ -127,8 +127,9 @@ def launch_ranks(nproc: int, argv) -> int:
         return 2
     given = [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
              for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
-    if any(g != 'pytorch' for g in given):
-        print(f'train: --nproc-per-node {nproc} with --launcher {given[0]}: the ranks of --nproc-per-node are '
+    other = [g for g in given if g != 'pytorch']
+    if other:
+        print(f'train: --nproc-per-node {nproc} with --launcher {other[0]}: the ranks of --nproc-per-node are '
               'started with --launcher pytorch; leave --launcher out', file=sys.stderr)
         return 2
     script = os.path.abspath(sys.argv[0])

@@ -72,6 +72,8 @@ NOT_RUN = {
     'base64 -w0 my_data/images/0.jpg': "its question to the server: tests/serve/test_vllm.py asks it as written",
     'pip install lmdeploy': 'LMDeploy: not installed here (docs/serving.md says so)',
     'pip install "sglang[all]"': 'SGLang: not installed here (docs/serving.md says so)',
+    '--nproc-per-node 4 --cfg-options ...': 'four processes, placeholders: tests/test_deferred_imports.py trains '
+                                            'the tiny QLoRA on 2 ranks of the same launcher',
 }
 #: (file, index) of every block a test took by its marker
 USED = set()

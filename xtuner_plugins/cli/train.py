@@ -42,7 +42,8 @@ NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
 def main() -> int:
     nproc, rest = nproc_option(sys.argv[1:])
-    if nproc is not None and (nproc > 1 or _has_option(rest, '--deepspeed')):  # the launcher: no torch here
+    from xtuner_plugins.deferred_imports import used_packages   # the standard library only: no torch here
+    if nproc is not None and (nproc > 1 or 'deepspeed' in used_packages(rest)):  # the launcher
         return launch_ranks(nproc, rest)   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
     try:
@@ -50,10 +51,6 @@ def main() -> int:
     except KeyboardInterrupt:   # Ctrl-C while the libraries are still loading
         print('\ntrain: interrupted before training started; nothing saved', file=sys.stderr, flush=True)
         return 130
-
-
-def _has_option(argv, name: str) -> bool:
-    return any(a == name or a.startswith(name + '=') for a in argv)
 
 
 def _train() -> int:

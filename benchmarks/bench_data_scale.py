@@ -16,7 +16,8 @@ file shaped like LLaVA-Pretrain's ``blip_laion_cc_sbu_558k.json`` (one image, a 
 - ``tools/check_dataset.py --tokenizer`` on the same file (every core, an empty cache): its seconds.
 
 The ranks start as the product starts them (``xtuner_plugins.launch.train_command``): ``tools/train.py`` under
-``xtuner_plugins.cli.local_launch`` (a launcher without torch; DeepSpeed and bitsandbytes deferred in the ranks).
+``xtuner_plugins.cli.local_launch`` (ranks forked from a launcher that loaded their libraries, on a machine
+without a GPU; DeepSpeed and bitsandbytes deferred in the ranks).
 ``--launcher torchrun`` (XTuner's train script under torchrun, as before), ``--eager-imports``
 (``XTUNER_PLUGINS_EAGER_IMPORTS=1``) and ``--no-import PKG,...`` (packages left out as if not installed) measure
 the alternatives. Each result is one line ``RESULT name: value``.

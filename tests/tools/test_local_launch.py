@@ -186,3 +186,103 @@ def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):
     monkeypatch.setenv('XTUNER_PLUGINS_LAUNCHER', 'local_launch')
     assert resume_command(['tools/train.py', 'c.py', '--work-dir', 'w', '--launcher', 'pytorch'], 'w/iter_4.pth') \
         == 'python tools/train.py --nproc-per-node 2 c.py --work-dir w --resume w/iter_4.pth'
+
+
+# ------------------------------------------------------------------ ranks forked from a launcher that preloaded
+# The launcher (no RANK in its environment) preloads (records its pid; 'thread' also starts a thread), then launches
+# this same file as 2 ranks; a rank (forked, or started anew when forking is refused) writes OUT<RANK>: its pid,
+# parent pid, the preloading process's pid (None when it preloaded nothing), argv[1] and the variables; it then does
+# what argv[2] says, and an atexit handler writes OUT<RANK>exit.
+FORKING = '''import atexit, os, sys, threading, time
+from xtuner_plugins.cli import local_launch
+KEYS, out, what = {keys!r}, sys.argv[1], sys.argv[2]
+loaded = {{}}
+
+def preload():
+    loaded['by'] = os.getpid()
+    if what == 'thread':
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    return entry
+
+def entry():
+    rank = os.environ['RANK']
+    atexit.register(lambda: open(out + rank + 'exit', 'w').write('atexit'))
+    open(out + rank, 'w').write(' '.join([str(os.getpid()), str(os.getppid()), str(loaded.get('by')), sys.argv[2]]
+                                         + [os.environ[k] for k in KEYS]))
+    if rank == '1' and what == 'fail':
+        sys.exit(3)
+    if rank == '1' and what == 'raise':
+        raise ValueError('boom in rank 1')
+    if what == 'wait':
+        time.sleep(120)
+    return 0
+
+if 'RANK' in os.environ:
+    sys.exit(entry())
+sys.exit(local_launch.launch([sys.executable, __file__, out, what], 2, preload=preload))
+'''
+
+
+@pytest.fixture
+def forking(tmp_path):
+    path = tmp_path / 'forking.py'
+    path.write_text(FORKING.format(keys=KEYS))
+    return str(path)
+
+
+def _forking(forking, tmp_path, what, env=None, **kw):
+    return subprocess.run([sys.executable, forking, str(tmp_path / 'r'), what], env=dict(_env(), **(env or {})),
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_ranks_are_forked_from_the_launcher_after_its_preload(tmp_path, forking):
+    out = _forking(forking, tmp_path, 'ok')
+    assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr
+    seen = _seen(str(tmp_path / 'r'), 2)
+    launcher = seen[0][1]
+    for rank, (pid, ppid, loaded_by, what, *values) in enumerate(seen):
+        assert ppid == launcher and loaded_by == launcher != pid and what == 'ok'   # preloaded once, in the parent
+        assert values == [str(rank), str(rank), '2', '2', '0', str(rank), '2', '127.0.0.1', values[8], '1']
+        assert open(tmp_path / f'r{rank}exit').read() == 'atexit'   # the interpreter's exit, though os._exit ends it
+
+
+@pytest.mark.parametrize('what, code, said', [('fail', 3, ''), ('raise', 1, 'ValueError: boom in rank 1')])
+def test_a_forked_rank_that_fails_stops_the_others_with_its_code(tmp_path, forking, what, code, said):
+    out = _forking(forking, tmp_path, what)
+    assert out.returncode == code and f'rank 1 exited with code {code}' in out.stderr, out.stderr
+    assert said in out.stderr
+
+
+@pytest.mark.parametrize('what, env, why', [('thread', {}, '2 threads in the launcher after loading'),
+                                            ('ok', {'XTUNER_PLUGINS_FORK_RANKS': '0'}, 'XTUNER_PLUGINS_FORK_RANKS=0')])
+def test_ranks_start_anew_where_forking_is_refused(tmp_path, forking, what, env, why):
+    out = _forking(forking, tmp_path, what, env)
+    assert out.returncode == 0 and f'local_launch: the ranks start as new processes ({why})' in out.stderr, out.stderr
+    assert [loaded_by for _, _, loaded_by, *_ in _seen(str(tmp_path / 'r'), 2)] == ['None', 'None']
+
+
+@pytest.mark.parametrize('sig, code', [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_forked_ranks_are_stopped_with_the_launcher(tmp_path, forking, sig, code):
+    """A signal to the launcher reaches the forked ranks (their own handlers, not the launcher's); SIGKILL to the
+    launcher kills them (PR_SET_PDEATHSIG)."""
+    proc = subprocess.Popen([sys.executable, forking, str(tmp_path / 'r'), 'wait'], env=_env(),
+                            stderr=subprocess.PIPE, text=True)
+    pids = [int(s[0]) for s in _seen(str(tmp_path / 'r'), 2)]
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code and _gone(pids)
+    proc = subprocess.Popen([sys.executable, forking, str(tmp_path / 'k'), 'wait'], env=_env(),
+                            stderr=subprocess.DEVNULL)
+    pids = [int(s[0]) for s in _seen(str(tmp_path / 'k'), 2)]
+    proc.kill()
+    proc.wait(timeout=60)
+    assert _gone(pids)
+
+
+def test_the_train_tools_ranks_are_forked(tmp_path):
+    """``tools/train.py --nproc-per-node 2`` trains the toy config on two forked ranks."""
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'),
+                          os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py'),
+                          '--work-dir', str(tmp_path / 'w'), '--nproc-per-node', '2'],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr[-3000:]
+    assert (tmp_path / 'w' / 'iter_6.pth').is_file() and 'nanobind: leaked' not in out.stderr

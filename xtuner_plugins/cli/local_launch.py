@@ -1,15 +1,24 @@
-"""Start N training processes on this machine without importing torch in the launcher: one node's ``torchrun``.
+"""Start N training processes on this machine, sharing what they load: one node's ``torchrun``, in less memory.
 
 Usage::
 
     python -m xtuner_plugins.cli.local_launch --nproc-per-node N [--master-addr A] [--master-port P] SCRIPT ARGS...
     python tools/train.py CONFIG --nproc-per-node N ...   (the same, each rank running tools/train.py)
 
-``torchrun`` imports torch to start its ranks: 351 MiB of PSS measured on a 2-rank run whose floor is ~1.85 GiB
-(benchmarks/RESULTS.md, "Data at scale"). This starts ``python SCRIPT ARGS...`` ``N`` times with the variables of
-PyTorch's ``env://`` rendezvous as torchrun sets them for one node (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``ROLE_RANK``, ``ROLE_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, and
-``OMP_NUM_THREADS=1`` unless set); rank 0's ``init_process_group`` serves the store on the port.
+``torchrun`` imports torch to start its ranks: 351 MiB of PSS measured on a 2-rank run whose floor is ~1.85 GiB,
+and each rank's own imports are ~585 MiB private (benchmarks/RESULTS.md, "Data at scale"). This starts ``N``
+ranks with the variables of PyTorch's ``env://`` rendezvous as torchrun sets them for one node (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``ROLE_RANK``, ``ROLE_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``, and ``OMP_NUM_THREADS=1`` unless set); rank 0's ``init_process_group`` serves
+the store on the port. Each rank is
+
+* for this project's ``tools/train.py``: forked from the launcher once the launcher has imported the rank's
+  libraries (``cli/train.py``'s ``rank_preload``; ``gc.freeze()`` after), so their pages are shared by the
+  launcher and every rank instead of loaded N times, as a DataLoader's workers share their rank's. Not where
+  forking is unsafe (:func:`fork_refusal`: a GPU device on the machine, whose driver must not be initialised
+  before a fork; a thread in the launcher after loading) nor with ``XTUNER_PLUGINS_FORK_RANKS=0``: one line says
+  so and the ranks start as below;
+* otherwise ``python SCRIPT ARGS...`` started anew, the launcher importing no torch.
 
 * a rank that fails stops the others (SIGTERM to each rank's process group, SIGKILL ``STOP_GRACE_S`` later) and
   the launcher exits with that rank's code (128 + N for a rank killed by signal N), after one line naming every
@@ -19,24 +28,34 @@ PyTorch's ``env://`` rendezvous as torchrun sets them for one node (``RANK``, ``
 * a rank is killed when the launcher dies, even by SIGKILL (``PR_SET_PDEATHSIG`` on Linux).
 
 No restarts and no multi-node rendezvous: for those, torchrun. Importing this module imports no third-party
-package (``xtuner_plugins/__init__`` adds only ``logging``, ``re`` and ``warnings``).
+package (``xtuner_plugins/__init__`` adds only ``logging``, ``re`` and ``warnings``); the launcher imports torch
+only in the forked case, to share it.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import errno
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+import traceback
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
+FORK_ENV = 'XTUNER_PLUGINS_FORK_RANKS'  # 0: ranks of a preloading script start as new processes (exec)
 _PR_SET_PDEATHSIG = 1
+TRAIN_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'tools',
+                          'train.py')
+#: loads a rank's libraries in the launcher and returns the rank's entry (run in each forked rank: its exit code)
+Preload = Callable[[], Callable[[], int]]
 
 
 def rendezvous_env(rank: int, nproc: int, addr: str, port: int, base: Mapping[str, str]) -> Dict[str, str]:
@@ -64,6 +83,76 @@ def _pdeathsig():
     return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def fork_refusal() -> Optional[str]:
+    """Why ranks may not be forked from this process (None: they may): threads would not survive a fork, holding
+    what locks they held; a GPU driver initialised here would be unusable in the ranks."""
+    if os.environ.get(FORK_ENV, '') == '0':
+        return f'{FORK_ENV}=0'
+    if not os.path.isdir('/proc/self/task') or not hasattr(os, 'fork'):
+        return 'not Linux'
+    if any(os.path.exists(p) for p in ('/dev/nvidiactl', '/dev/kfd')):   # NVIDIA or ROCm devices on this machine
+        return 'a GPU is present'
+    threads = len(os.listdir('/proc/self/task'))
+    return f'{threads} threads in the launcher after loading' if threads > 1 else None
+
+
+class Forked:
+    """A rank forked from the launcher, read as :class:`subprocess.Popen` is (``pid``, ``poll``, ``wait``)."""
+
+    def __init__(self, entry: Callable[[], int], argv: Sequence[str], env: Mapping[str, str], pdeathsig):
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.returncode: Optional[int] = None
+        launcher = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            _run_forked(entry, argv, env, pdeathsig, launcher)  # never returns
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def _run_forked(entry, argv, env, pdeathsig, launcher: int) -> None:
+    """The forked rank: a session of its own, the rank's variables and argv, ``entry()``, then ``os._exit``."""
+    code = 1
+    try:
+        os.setsid()
+        if pdeathsig is not None:
+            pdeathsig()
+        if os.getppid() != launcher:   # the launcher died before the line above
+            return
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # the launcher's handlers are not the rank's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv[:] = list(argv)
+        code = entry()
+    except SystemExit as exc:   # as the interpreter reads it: None 0, a number itself, anything else printed, 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException as exc:   # noqa: B036 -- a rank's end, whatever ended it, is its exit code
+        traceback.print_exc()
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        try:   # what an interpreter's exit does (non-daemon threads joined, atexit: logs, worker processes)
+            getattr(threading, '_shutdown', lambda: None)()
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:   # never back into the launcher's frames this process was forked in
+            os._exit(int(code) & 0xFF if isinstance(code, int) else 1)
+
+
 def exit_code(returncode: int) -> int:
     """A process's exit status as a shell reports it (a signal N: 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -72,12 +161,14 @@ def exit_code(returncode: int) -> int:
 class Ranks:
     """The started ranks; :meth:`signal_all` and :meth:`stop` reach every process of each rank's group."""
 
-    def __init__(self, cmd: Sequence[str], nproc: int, addr: str, port: int):
-        self.procs: List[subprocess.Popen] = []
+    def __init__(self, cmd: Sequence[str], nproc: int, addr: str, port: int,
+                 entry: Optional[Callable[[], int]] = None):
+        self.procs: List[Union[subprocess.Popen, Forked]] = []
         pdeathsig = _pdeathsig()
         for rank in range(nproc):
-            self.procs.append(subprocess.Popen(list(cmd), env=rendezvous_env(rank, nproc, addr, port, os.environ),
-                                               start_new_session=True, preexec_fn=pdeathsig))
+            env = rendezvous_env(rank, nproc, addr, port, os.environ)
+            self.procs.append(Forked(entry, _rank_argv(cmd), env, pdeathsig) if entry is not None else
+                              subprocess.Popen(list(cmd), env=env, start_new_session=True, preexec_fn=pdeathsig))
 
     def codes(self) -> List[Optional[int]]:
         return [p.poll() for p in self.procs]
@@ -101,9 +192,42 @@ class Ranks:
             p.wait()
 
 
+def _rank_argv(cmd: Sequence[str]) -> List[str]:
+    """``sys.argv`` of a forked rank of ``cmd`` (``python SCRIPT ARGS`` or ``python -m MODULE ARGS``)."""
+    if cmd[1] == '-m':
+        import importlib.util
+        spec = importlib.util.find_spec(cmd[2])
+        return [spec.origin if spec and spec.origin else cmd[2], *cmd[3:]]
+    return list(cmd[1:])
+
+
+def preloaded(preload: Optional[Preload]) -> Optional[Callable[[], int]]:
+    """The rank's entry after ``preload`` ran here, to fork the ranks from this process; None (ranks exec'd)
+    without a preload or where forking is refused (:func:`fork_refusal`, said in one line)."""
+    if preload is None:
+        return None
+    refusal = fork_refusal()
+    if refusal is None:
+        os.environ.setdefault('OMP_NUM_THREADS', '1')   # read by OpenMP when torch loads: before, as for a rank
+        # no purging thread in pyarrow's jemalloc (XTuner imports pyarrow through HF datasets; the ranks use neither)
+        os.environ.setdefault('JE_ARROW_MALLOC_CONF', 'background_thread:false')
+        started = time.monotonic()
+        entry = preload()
+        refusal = fork_refusal()
+        if refusal is None:
+            gc.collect()
+            gc.freeze()   # the loaded objects out of the ranks' collections: their pages stay shared
+            print(f'local_launch: the ranks\' libraries loaded in {time.monotonic() - started:.1f} s; the ranks are '
+                  'forked from here, sharing them', file=sys.stderr, flush=True)
+            return entry
+    print(f'local_launch: the ranks start as new processes ({refusal})', file=sys.stderr, flush=True)
+    return None
+
+
 def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 0,
-           poll_s: float = 0.1, grace: float = STOP_GRACE_S) -> int:
-    """Run ``cmd`` as ``nproc`` ranks until all ended; the first failure's exit code, else 0."""
+           poll_s: float = 0.1, grace: float = STOP_GRACE_S, preload: Optional[Preload] = None) -> int:
+    """Run ``cmd`` as ``nproc`` ranks until all ended; the first failure's exit code, else 0. With ``preload``,
+    the ranks are forked from this process after it ran ``preload`` (:func:`preloaded`)."""
     try:
         port = free_port(addr, port)
     except OSError as exc:
@@ -111,13 +235,19 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
         print(f'local_launch: --master-port {port} on {addr}: '
               f'{"address already in use (EADDRINUSE)" if taken else exc}: choose another port', file=sys.stderr)
         return 1
+    try:
+        entry = preloaded(preload)
+    except KeyboardInterrupt:
+        print('\nlocal_launch: interrupted while loading the ranks\' libraries; no rank started', file=sys.stderr,
+              flush=True)
+        return 130
     received: List[int] = []
 
     def on_signal(sig, _frame):
         received.append(sig)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ranks = Ranks(cmd, nproc, addr, port)
+        ranks = Ranks(cmd, nproc, addr, port, entry)
         try:
             return _watch(ranks, received, poll_s, grace)
         finally:
@@ -125,6 +255,8 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if entry is not None:
+            gc.unfreeze()   # the ranks ended: what was loaded is freed as usual at exit
 
 
 def _watch(ranks: Ranks, received: List[int], poll_s: float, grace: float) -> int:
@@ -167,8 +299,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f'--nproc-per-node {args.nproc_per_node}: give 1 or more processes')
     if not os.path.isfile(args.script):
         p.error(f'{args.script}: no such file')
+    preload = None
+    if os.path.realpath(args.script) == os.path.realpath(TRAIN_TOOL):   # this project's train tool
+        from xtuner_plugins.cli.train import rank_preload
+        preload = rank_preload(args.args)
     return launch([sys.executable, args.script, *args.args], args.nproc_per_node, args.master_addr,
-                  args.master_port)
+                  args.master_port, preload=preload)
 
 
 if __name__ == '__main__':

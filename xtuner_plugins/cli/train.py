@@ -53,13 +53,28 @@ def main() -> int:
         return 130
 
 
-def _train() -> int:
+def _load(argv) -> None:
+    """The libraries a training process of ``argv`` imports before it reads its config."""
     from xtuner_plugins import deferred_imports
-    deferred_imports.install(sys.argv[1:])  # before MMEngine is imported: DeepSpeed/bitsandbytes only when used
-    import torch
-
+    deferred_imports.install(argv)  # before MMEngine is imported: DeepSpeed/bitsandbytes only when used
     import importlib
-    importlib.import_module('xtuner_plugins.engine')  # checkpoint patches; cfg-options, training length at build
+    for name in ('torch', 'xtuner_plugins.engine', 'xtuner.tools.train', 'xtuner_plugins.launch'):
+        importlib.import_module(name)  # xtuner_plugins.engine: checkpoint patches; cfg-options, length at build
+
+
+def rank_preload(argv):
+    """For :func:`xtuner_plugins.cli.local_launch.launch`: the ranks' libraries loaded once in the launcher, which
+    forks the ranks from itself, so the ranks share those pages (~585 MiB private a rank when each imports them,
+    benchmarks/RESULTS.md, "Data at scale"); each rank then runs :func:`main`."""
+    def preload():
+        _load(list(argv))
+        return main
+    return preload
+
+
+def _train() -> int:
+    _load(sys.argv[1:])
+    import torch
     from xtuner.tools import train as xtuner_train
     from xtuner_plugins.launch import cfg_options_words, spaced_values
     read_seed = xtuner_train.get_seed_from_checkpoint
@@ -133,8 +148,9 @@ def launch_ranks(nproc: int, argv) -> int:
     here = os.path.abspath(__file__).rsplit('.', 1)[0]
     cmd = [sys.executable] + (['-m', __spec__.name] if script.rsplit('.', 1)[0] == here and __spec__ else [script])
     port = os.environ.get('MASTER_PORT', '')   # the user's own port, as torchrun's --master-port
-    return launch(cmd + list(argv) + ([] if given else ['--launcher', 'pytorch']), nproc,
-                  port=int(port) if port.isascii() and port.isdigit() else 0)
+    rank_argv = list(argv) + ([] if given else ['--launcher', 'pytorch'])
+    return launch(cmd + rank_argv, nproc, port=int(port) if port.isascii() and port.isdigit() else 0,
+                  preload=rank_preload(rank_argv))
 
 
 def interrupted_line(work_dir: str, argv) -> str:

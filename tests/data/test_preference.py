@@ -1,9 +1,6 @@
 """Preference pairs (MMPR and the conversation form): both answers share the prompt's tokens and tiles, only the
 answers are supervised, bad pairs are named and counted, and the collate makes chosen rows then rejected rows."""
 
-import json
-
-import pytest
 import torch
 
 from tests.helpers import write_image, write_jsonl

@@ -1,4 +1,4 @@
-"""Videos: InternVL's frame sampling, reading files / GIFs / frame folders by seeking, the Frame{i} prompt, the data
+"""Videos: reading files / GIFs / frame folders by seeking, the Frame{i} prompt, the data
 set's video samples (frame counts, lengths, packing, fewer frames for max_length) and every bad input named.
 
 Videos are made here: frame i is a grey of level 6*i (lossless H.264), so a decoded frame tells its number."""
@@ -17,8 +17,9 @@ from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.packing import PackedInternVLDataset
 from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from xtuner_plugins.data import video as video_module
-from xtuner_plugins.data.video import (choose_frames, draw_num_frames, frame_indices, load_video, probe_video,
-                                       read_frames, video_prompt)
+from tests.data.test_frame_sampling import reference_indices
+from xtuner_plugins.data.frame_sampling import choose_frames
+from xtuner_plugins.data.video import load_video, probe_video, read_frames, video_prompt
 
 S = 28
 LEVELS = [6 * i for i in range(40)]
@@ -27,15 +28,6 @@ LEVELS = [6 * i for i in range(40)]
 def numbers(frames):
     """The frame number each decoded frame shows."""
     return [int(round(np.asarray(f)[0, 0, 0] / 6)) for f in frames]
-
-
-def reference_indices(num_frames, vlen, sample, pick=None):
-    """InternVL's get_frame_indices as its code and the REFERENCE notes state it (rand: ``pick(lo, hi)``)."""
-    acc = min(num_frames, vlen)
-    intervals = np.linspace(start=0, stop=vlen, num=acc + 1).astype(int)
-    ranges = [(intervals[i], intervals[i + 1] - 1) for i in range(acc)]
-    out = [(lo + hi) // 2 for lo, hi in ranges] if sample == 'middle' else [pick(lo, hi) for lo, hi in ranges]
-    return out + [out[-1]] * (num_frames - len(out))
 
 
 def write_vfr(path, levels, gaps_ms, size=(32, 24)):
@@ -68,37 +60,6 @@ def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp('videos')
     return {kind: write_video(root / name, LEVELS) for kind, name in
             (('file', 'v.mp4'), ('gif', 'v.gif'), ('folder', 'frames'))}
-
-
-class TestSampling:
-
-    @pytest.mark.parametrize('num_frames,vlen', [(8, 40), (8, 30), (32, 300), (5, 7), (8, 3), (1, 1)])
-    def test_middle_is_the_formula(self, num_frames, vlen):
-        assert frame_indices(num_frames, vlen, 'middle') == reference_indices(num_frames, vlen, 'middle')
-
-    def test_rand_picks_in_each_interval_and_pads(self):
-        rng = np.random.default_rng(0)
-        for num_frames, vlen in [(8, 40), (16, 100), (8, 20)]:
-            got = frame_indices(num_frames, vlen, 'rand', rng)
-            lows_highs = reference_indices(num_frames, vlen, 'middle', None)  # for the count
-            intervals = np.linspace(0, vlen, min(num_frames, vlen) + 1).astype(int)
-            assert len(got) == len(lows_highs) == num_frames
-            # one per interval, in range(lo, hi) with hi = next interval start - 1 (InternVL's range)
-            assert all(intervals[i] <= g < intervals[i + 1] - 1 for i, g in enumerate(got))
-        # an interval of one frame: InternVL's fallback, a sorted random subset, padded with the last
-        got = frame_indices(8, 5, 'rand', np.random.default_rng(1))
-        assert got[:5] == sorted(got[:5]) and len(set(got[:5])) == 5 and got[5:] == [got[4]] * 3
-
-    def test_fps_sampling(self):
-        # 4 s at 10 fps, one frame every 2 s at the middle of its span: t = 1 s, 3 s
-        assert frame_indices(8, 40, 'fps0.5', input_fps=10) == [10, 30]
-        assert frame_indices(8, 40, 'fps2', input_fps=10, max_num_frames=3) == [2, 8, 12]
-
-    def test_frame_count_is_deterministic_and_in_range(self):
-        counts = [draw_num_frames(8, 32, 0, 0, line) for line in range(200)]
-        assert counts == [draw_num_frames(8, 32, 0, 0, line) for line in range(200)]
-        assert min(counts) == 8 and max(counts) == 32
-        assert counts != [draw_num_frames(8, 32, 1, 0, line) for line in range(200)]
 
 
 class TestReading:

@@ -1,4 +1,4 @@
-"""Videos as samples: reading (PyAV, seeking to the frames used), InternVL's frame sampling, the frame prompt.
+"""Videos as samples: reading (PyAV, seeking to the frames used), the frame prompt.
 
 A sample's ``"video"`` is a video file (anything FFmpeg reads: ``.mp4``, ``.webm``, ``.mkv``, ``.gif``, ...) or a
 folder of frames (image files, in the order of the numbers in their names), with an optional ``"clip": [start_s,
@@ -7,10 +7,7 @@ frame; :func:`read_frames` decodes only the frames asked for, seeking to them (a
 up to its last frame asked for); each frame goes through :func:`~xtuner_plugins.data.image_io.load_image`'s pixel
 rule.
 
-Sampling is InternVL 2.5's ``get_frame_indices`` (:func:`frame_indices`): ``rand`` (training), ``middle``
-(evaluation), ``fpsX``. The number of frames is drawn in ``[min_num_frame, max_num_frame]`` per sample by
-:func:`draw_num_frames`, from the seed and the sample's place only (the same in every epoch, so the length cache
-holds); the frame positions that ``rand`` picks come from the seed, the epoch and the sample (:func:`frame_rng`).
+Which frames: :mod:`xtuner_plugins.data.frame_sampling` (InternVL 2.5's ``get_frame_indices``).
 
 Each frame is one tile; the first human turn's ``<video>`` (prepended when missing, as ``<image>`` is for images)
 becomes one line per frame, ``Frame{i}: <image>`` for i from 1 (:func:`video_prompt`; the prefix is the template's
@@ -36,13 +33,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import SampleError
+from .frame_sampling import check_sampling, choose_frames, frames_for
 from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, refuse_link_outside, to_rgb,
                        why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 
 __all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoFrames', 'VideoInfo', 'video_field',
-           'probe_video', 'frame_indices', 'check_sampling', 'draw_num_frames', 'frame_rng', 'frames_for',
-           'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
+           'probe_video', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -223,83 +220,6 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
                                       f'{info.duration:.3f} s long ({info.total} frames at {info.fps:g} fps): frames '
                                       f'{start}..{start + length - 1} asked for')
     return dataclasses.replace(info, start=start, length=length)
-
-
-def check_sampling(sample: str) -> str:
-    """``sample`` if it is ``rand``, ``middle`` or ``fpsX`` (X > 0), else ``ValueError``."""
-    if sample in ('rand', 'middle'):
-        return sample
-    try:
-        if sample.startswith('fps') and float(sample[3:]) > 0:
-            return sample
-    except ValueError:
-        pass
-    raise ValueError(f'unknown frame sampling {sample!r}; use rand, middle or fpsX (fps0.5: one frame every 2 s)')
-
-
-def frame_indices(num_frames: int, vlen: int, sample: str = 'rand', rng: Optional[np.random.Generator] = None,
-                  input_fps: float = 1.0, max_num_frames: int = -1) -> List[int]:
-    """InternVL's ``get_frame_indices`` (0-based, within ``vlen`` frames).
-
-    ``rand``/``middle``: ``acc = min(num_frames, vlen)`` intervals ``np.linspace(0, vlen, acc + 1).astype(int)``,
-    ranges ``(lo, hi) = (intervals[i], intervals[i + 1] - 1)``; ``middle`` takes ``(lo + hi) // 2``, ``rand`` one of
-    ``range(lo, hi)`` each (when any such range is empty: the first ``acc`` of a random permutation, sorted); fewer
-    than ``num_frames`` are padded with the last. ``fpsX``: one frame every ``1/X`` s at the middle of its span,
-    ``round(t * input_fps)``, those below ``vlen``, at most ``max_num_frames`` (at least the first frame).
-    """
-    check_sampling(sample)
-    if vlen < 1 or num_frames < 1:
-        raise ValueError(f'need vlen >= 1 and num_frames >= 1, got {vlen} and {num_frames}')
-    if sample.startswith('fps'):
-        delta = 1.0 / float(sample[3:])
-        seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
-        out = [int(i) for i in np.around(seconds * input_fps).astype(int) if i < vlen]
-        if max_num_frames > 0:
-            out = out[:max_num_frames]
-        return out or [0]
-    acc = min(num_frames, vlen)
-    intervals = np.linspace(0, vlen, acc + 1).astype(int)
-    ranges = [(int(intervals[i]), int(intervals[i + 1]) - 1) for i in range(acc)]
-    if sample == 'middle':
-        out = [(lo + hi) // 2 for lo, hi in ranges]
-    else:
-        rng = rng if rng is not None else np.random.default_rng()
-        if all(lo < hi for lo, hi in ranges):
-            out = [int(rng.integers(lo, hi)) for lo, hi in ranges]
-        else:
-            out = sorted(int(i) for i in rng.permutation(vlen)[:acc])
-    return out + [out[-1]] * (num_frames - len(out))
-
-
-def draw_num_frames(min_num: int, max_num: int, seed: int, *key: int) -> int:
-    """The number of frames of a sample, uniform in ``[min_num, max_num]``, from ``seed`` and ``key`` (the sample's
-    source and line) only: the same in every epoch and process."""
-    if not 1 <= min_num <= max_num:
-        raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num} and {max_num}')
-    return int(np.random.default_rng([int(seed), 0x51DE0, *map(int, key)]).integers(min_num, max_num + 1))
-
-
-def frame_rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
-    """The generator ``rand`` sampling draws a sample's frame positions from: ``(seed, epoch, key)``."""
-    return np.random.default_rng([int(seed), int(epoch), 0xF4A3E, *map(int, key)])
-
-
-def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int = 32) -> int:
-    """The frames a video gets: ``drawn`` (padded when the video is shorter), for a frame folder at most its frame
-    count (InternVL's folder reader), for ``fpsX`` as many as that rate gives (at most ``max_num``)."""
-    if sample.startswith('fps'):
-        return len(frame_indices(1, info.length, sample, input_fps=info.fps or 1.0, max_num_frames=max_num))
-    return min(drawn, info.length) if info.kind == 'folder' else drawn
-
-
-def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
-                  rng: Optional[np.random.Generator] = None) -> List[int]:
-    """Frame numbers in the whole video (the clip's start added) of ``num_frames`` frames sampled in the clip."""
-    if info.kind == 'folder' and num_frames >= info.length and not sample.startswith('fps'):
-        return list(range(info.length))
-    found = frame_indices(num_frames, info.length, sample, rng, input_fps=info.fps or 1.0,
-                          max_num_frames=num_frames)
-    return [info.start + i for i in found]
 
 
 def _frame_stamps(container, stream) -> Optional[List[int]]:

@@ -193,7 +193,7 @@ def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):
 # this same file as 2 ranks; a rank (forked, or started anew when forking is refused) writes OUT<RANK>: its pid,
 # parent pid, the preloading process's pid (None when it preloaded nothing), argv[1] and the variables; it then does
 # what argv[2] says, and an atexit handler writes OUT<RANK>exit.
-FORKING = '''import atexit, os, sys, threading, time
+FORKING = '''import atexit, os, signal, sys, threading, time
 from xtuner_plugins.cli import local_launch
 KEYS, out, what = {keys!r}, sys.argv[1], sys.argv[2]
 loaded = {{}}
@@ -202,6 +202,9 @@ def preload():
     loaded['by'] = os.getpid()
     if what == 'thread':
         threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    if what == 'early':   # each rank, just forked, sends SIGTERM to the launcher and is slow to set itself up
+        setsid = os.setsid
+        os.setsid = lambda: (os.kill(os.getppid(), signal.SIGTERM), time.sleep(1), setsid())
     return entry
 
 def entry():
@@ -213,7 +216,7 @@ def entry():
         sys.exit(3)
     if rank == '1' and what == 'raise':
         raise ValueError('boom in rank 1')
-    if what == 'wait':
+    if what in ('wait', 'early'):
         time.sleep(120)
     return 0
 
@@ -276,6 +279,16 @@ def test_forked_ranks_are_stopped_with_the_launcher(tmp_path, forking, sig, code
     proc.kill()
     proc.wait(timeout=60)
     assert _gone(pids)
+
+
+def test_a_signal_to_the_launcher_while_it_forks_reaches_the_ranks(tmp_path, forking):
+    """A rank is forked (and the signal passed on) only once it has its own session and handlers: a signal to a
+    rank just forked would otherwise miss it (no process group yet) or meet the launcher's handler, and the rank
+    would run on until SIGKILL ``STOP_GRACE_S`` later (exit 137)."""
+    start = time.time()
+    out = _forking(forking, tmp_path, 'early')
+    assert out.returncode == 128 + signal.SIGTERM and time.time() - start < 12, out.stderr
+    assert 'local_launch: SIGTERM received: passed on to the 2 ranks' in out.stderr
 
 
 def test_the_train_tools_ranks_are_forked(tmp_path):

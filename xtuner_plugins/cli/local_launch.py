@@ -104,9 +104,16 @@ class Forked:
             stream.flush()
         self.returncode: Optional[int] = None
         launcher = os.getpid()
+        ready, told = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
-            _run_forked(entry, argv, env, pdeathsig, launcher)  # never returns
+            os.close(ready)
+            _run_forked(entry, argv, env, pdeathsig, launcher, told)  # never returns
+        os.close(told)
+        try:   # as Popen returns once its child exec'd: a signal passed on from now on finds the rank's group and
+            os.read(ready, 1)   # handlers (EOF: the rank ended before that, its code is read as any other's)
+        finally:
+            os.close(ready)
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
@@ -121,8 +128,9 @@ class Forked:
         return self.returncode
 
 
-def _run_forked(entry, argv, env, pdeathsig, launcher: int) -> None:
-    """The forked rank: a session of its own, the rank's variables and argv, ``entry()``, then ``os._exit``."""
+def _run_forked(entry, argv, env, pdeathsig, launcher: int, told: int) -> None:
+    """The forked rank: a session of its own and its own signal handlers (then ``told``, the launcher's pipe, is
+    written and closed), the rank's variables and argv, ``entry()``, then ``os._exit``."""
     code = 1
     try:
         os.setsid()
@@ -132,6 +140,8 @@ def _run_forked(entry, argv, env, pdeathsig, launcher: int) -> None:
             return
         signal.signal(signal.SIGINT, signal.default_int_handler)   # the launcher's handlers are not the rank's
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.write(told, b'1')
+        os.close(told)
         os.environ.clear()
         os.environ.update(env)
         sys.argv[:] = list(argv)

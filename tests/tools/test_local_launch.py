@@ -196,12 +196,15 @@ def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):
 FORKING = '''import atexit, os, signal, sys, threading, time
 from xtuner_plugins.cli import local_launch
 KEYS, out, what = {keys!r}, sys.argv[1], sys.argv[2]
+SETTINGS = ('OPENBLAS_NUM_THREADS', 'JE_ARROW_MALLOC_CONF')   # what the launcher sets for its own loading
 loaded = {{}}
 
 def preload():
     loaded['by'] = os.getpid()
     if what == 'thread':
         threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    if what == 'numpy':   # OpenBLAS starts its threads when loaded, as many as OMP_NUM_THREADS says
+        import numpy
     if what == 'early':   # each rank, just forked, sends SIGTERM to the launcher and is slow to set itself up
         setsid = os.setsid
         os.setsid = lambda: (os.kill(os.getppid(), signal.SIGTERM), time.sleep(1), setsid())
@@ -210,6 +213,7 @@ def preload():
 def entry():
     rank = os.environ['RANK']
     atexit.register(lambda: open(out + rank + 'exit', 'w').write('atexit'))
+    open(out + rank + 'env', 'w').write(' '.join(k + '=' + str(os.environ.get(k)) for k in sorted(SETTINGS)))
     open(out + rank, 'w').write(' '.join([str(os.getpid()), str(os.getppid()), str(loaded.get('by')), sys.argv[2]]
                                          + [os.environ[k] for k in KEYS]))
     if rank == '1' and what == 'fail':
@@ -279,6 +283,20 @@ def test_forked_ranks_are_stopped_with_the_launcher(tmp_path, forking, sig, code
     proc.kill()
     proc.wait(timeout=60)
     assert _gone(pids)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason='OpenBLAS starts no thread on one core')
+def test_ranks_are_forked_with_more_than_one_openmp_thread_asked(tmp_path, forking):
+    """``OMP_NUM_THREADS=2`` (for torch's own threads in each rank) does not start numpy's OpenBLAS threads in the
+    launcher, which would refuse the fork (and leave torch loaded in the launcher for nothing); what the launcher
+    sets for its loading is not passed on to the ranks: their variables are those of a rank started anew."""
+    env = {k: v for k, v in _env().items() if k not in ('OPENBLAS_NUM_THREADS', 'GOTO_NUM_THREADS')}
+    out = subprocess.run([sys.executable, forking, str(tmp_path / 'r'), 'numpy'], env=dict(env, OMP_NUM_THREADS='2'),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr
+    assert [s[-1] for s in _seen(str(tmp_path / 'r'), 2)] == ['2', '2']   # OMP_NUM_THREADS as given
+    assert {open(tmp_path / f'r{k}env').read() for k in range(2)} == \
+        {'JE_ARROW_MALLOC_CONF=None OPENBLAS_NUM_THREADS=None'}
 
 
 def test_a_signal_to_the_launcher_while_it_forks_reaches_the_ranks(tmp_path, forking):

@@ -51,6 +51,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
 FORK_ENV = 'XTUNER_PLUGINS_FORK_RANKS'  # 0: ranks of a preloading script start as new processes (exec)
+#: set (where not set) while the launcher loads the ranks' libraries: no thread that would forbid the fork
+LOADING_ENV = {
+    # pyarrow's jemalloc purging thread (XTuner imports pyarrow through HF datasets; the ranks use neither)
+    'JE_ARROW_MALLOC_CONF': 'background_thread:false',
+    # OpenBLAS (numpy's, scipy's) starts OMP_NUM_THREADS - 1 threads when loaded: numpy's BLAS is single-threaded
+    # in forked ranks, torch's own threads (OMP_NUM_THREADS) start in each rank as before
+    'OPENBLAS_NUM_THREADS': '1',
+}
 _PR_SET_PDEATHSIG = 1
 TRAIN_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'tools',
                           'train.py')
@@ -219,10 +227,14 @@ def preloaded(preload: Optional[Preload]) -> Optional[Callable[[], int]]:
     refusal = fork_refusal()
     if refusal is None:
         os.environ.setdefault('OMP_NUM_THREADS', '1')   # read by OpenMP when torch loads: before, as for a rank
-        # no purging thread in pyarrow's jemalloc (XTuner imports pyarrow through HF datasets; the ranks use neither)
-        os.environ.setdefault('JE_ARROW_MALLOC_CONF', 'background_thread:false')
+        loading = {k: v for k, v in LOADING_ENV.items() if k not in os.environ}
+        os.environ.update(loading)
         started = time.monotonic()
-        entry = preload()
+        try:
+            entry = preload()
+        finally:   # read when the libraries loaded; the ranks get the variables a rank started anew gets
+            for key in loading:
+                os.environ.pop(key, None)
         refusal = fork_refusal()
         if refusal is None:
             gc.collect()

@@ -317,3 +317,17 @@ def test_the_train_tools_ranks_are_forked(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr[-3000:]
     assert (tmp_path / 'w' / 'iter_6.pth').is_file() and 'nanobind: leaked' not in out.stderr
+
+
+def test_bad_cfg_options_are_refused_once_by_the_launcher(tmp_path):
+    """A misspelt ``--cfg-options`` key: one line, exit 2, from the launcher that loaded the libraries anyway,
+    before any rank is forked (not the same line from each rank and the launcher's own after them)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'),
+                          os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py'),
+                          '--work-dir', str(tmp_path / 'w'), '--nproc-per-node', '2', '--cfg-options', 'model.hiddn=3'],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.startswith(('train:', 'local_launch:'))]
+    assert out.returncode == 2 and lines == [
+        "train: FAILED before loading anything: --cfg-options: model.hiddn: ToyRegressionModel has no setting "
+        "'hiddn'; closest: model.hidden (fix the keys named and run again)"], out.stderr
+    assert not (tmp_path / 'w').exists()

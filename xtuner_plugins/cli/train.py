@@ -21,9 +21,10 @@ resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint).
 
 ``--nproc-per-node N`` (N > 1, or 1 with ``--deepspeed``) runs this tool N times on this machine as the ranks of
 one run (``--launcher pytorch``, the variables torchrun gives; ``MASTER_PORT`` in the environment sets the port)
-from a launcher that imports no torch (``cli/local_launch.py``; torchrun's costs ~350 MiB); a rank that fails
-stops the others and its exit code is the launcher's. Each process imports
-DeepSpeed and bitsandbytes only when the run uses them (``xtuner_plugins/deferred_imports.py``).
+from our launcher (``cli/local_launch.py``; torchrun's costs ~350 MiB), which on a machine without a GPU loads
+the ranks' libraries once and forks the ranks from itself (:func:`rank_preload`; bad ``--cfg-options`` are then
+refused once, before any rank starts); a rank that fails stops the others and its exit code is the launcher's.
+Each process imports DeepSpeed and bitsandbytes only when the run uses them (``xtuner_plugins/deferred_imports.py``).
 """
 
 import glob
@@ -68,6 +69,16 @@ def rank_preload(argv):
     benchmarks/RESULTS.md, "Data at scale"); each rank then runs :func:`main`."""
     def preload():
         _load(list(argv))
+        from xtuner.tools import train as xtuner_train
+        with mock.patch.object(sys, 'argv', [sys.argv[0], *argv]):
+            args = xtuner_train.parse_args()   # a bad option: argparse's one message, once
+        try:
+            refusal = options_refusal(args, argv)
+        except Exception:  # noqa: BLE001 -- a config that fails to read: each rank says so as without a launcher
+            refusal = None
+        if refusal:   # once, before any rank starts, rather than from each rank
+            print(refusal, file=sys.stderr)
+            raise SystemExit(2)
         return main
     return preload
 
@@ -76,7 +87,6 @@ def _train() -> int:
     _load(sys.argv[1:])
     import torch
     from xtuner.tools import train as xtuner_train
-    from xtuner_plugins.launch import cfg_options_words, spaced_values
     read_seed = xtuner_train.get_seed_from_checkpoint
 
     def seed_from_checkpoint(path):
@@ -87,12 +97,10 @@ def _train() -> int:
     torch_load = torch.load
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     args = xtuner_train.parse_args()
-    if args.cfg_options and os.path.isfile(args.config):
-        problems = spaced_values(cfg_options_words(sys.argv[1:])) or option_problems(args.config, args.cfg_options)
-        if problems:
-            print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
-                  'and run again)', file=sys.stderr)
-            return 2
+    refusal = options_refusal(args, sys.argv[1:])
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     started = time.time()
     work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
     try:
@@ -107,6 +115,17 @@ def _train() -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def options_refusal(args, argv) -> Optional[str]:
+    """The line refusing the ``--cfg-options`` of ``argv`` (``args``: XTuner's reading of it); None: none given,
+    or nothing wrong with them."""
+    if not (args.cfg_options and os.path.isfile(args.config)):
+        return None
+    from xtuner_plugins.launch import cfg_options_words, spaced_values
+    problems = spaced_values(cfg_options_words(argv)) or option_problems(args.config, args.cfg_options)
+    return (f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
+            'and run again)') if problems else None
 
 
 def nproc_option(argv) -> Tuple[Optional[int], List[str]]:

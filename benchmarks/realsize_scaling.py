@@ -143,7 +143,7 @@ def planned(model, row: dict) -> dict:
 def replan(out: str, work: str) -> None:
     """``--replan``: the planner's columns of ``out/scaling.json`` again (the model on the meta device), for a
     planner changed after the measurement; rewrites the table and the plot."""
-    from xtuner_plugins.planner import build_meta_model
+    from xtuner_plugins.plan_configs.meta import build_meta_model
     with open(os.path.join(out, 'scaling.json')) as f:
         rows = json.load(f)
     if len({r.get('loss_chunk', 0) for r in rows}) > 1:

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from xtuner_plugins.engine.options import load_config
-    from xtuner_plugins.planner import LM_HEAD, build_meta_model, largest_fitting, plan_memory
+    from xtuner_plugins.plan_configs.meta import build_meta_model
+    from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
         check_args(args)
         cfg = load_config(args.config, args.cfg_options)

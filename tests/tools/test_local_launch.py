@@ -13,6 +13,11 @@ from unittest import mock
 import pytest
 
 from tests.train_utils import REPO_ROOT
+from xtuner_plugins.cli.local_launch import GPU_DEVICES
+
+# where the ranks are forked: not on a machine with a GPU device (started anew there, fork_refusal)
+forks = pytest.mark.skipif(any(os.path.exists(p) for p in GPU_DEVICES),
+                           reason='a GPU device on this machine: the ranks start anew')
 
 LAUNCH = [sys.executable, '-m', 'xtuner_plugins.cli.local_launch']
 KEYS = ('RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT '
@@ -242,6 +247,7 @@ def _forking(forking, tmp_path, what, env=None, **kw):
                           capture_output=True, text=True, timeout=120, **kw)
 
 
+@forks
 def test_ranks_are_forked_from_the_launcher_after_its_preload(tmp_path, forking):
     out = _forking(forking, tmp_path, 'ok')
     assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr
@@ -260,7 +266,8 @@ def test_a_forked_rank_that_fails_stops_the_others_with_its_code(tmp_path, forki
     assert said in out.stderr
 
 
-@pytest.mark.parametrize('what, env, why', [('thread', {}, '2 threads in the launcher after loading'),
+@pytest.mark.parametrize('what, env, why', [pytest.param('thread', {}, '2 threads in the launcher after loading',
+                                                         marks=forks),
                                             ('ok', {'XTUNER_PLUGINS_FORK_RANKS': '0'}, 'XTUNER_PLUGINS_FORK_RANKS=0')])
 def test_ranks_start_anew_where_forking_is_refused(tmp_path, forking, what, env, why):
     out = _forking(forking, tmp_path, what, env)
@@ -285,6 +292,7 @@ def test_forked_ranks_are_stopped_with_the_launcher(tmp_path, forking, sig, code
     assert _gone(pids)
 
 
+@forks
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason='OpenBLAS starts no thread on one core')
 def test_ranks_are_forked_with_more_than_one_openmp_thread_asked(tmp_path, forking):
     """``OMP_NUM_THREADS=2`` (for torch's own threads in each rank) does not start numpy's OpenBLAS threads in the
@@ -299,6 +307,7 @@ def test_ranks_are_forked_with_more_than_one_openmp_thread_asked(tmp_path, forki
         {'JE_ARROW_MALLOC_CONF=None OPENBLAS_NUM_THREADS=None'}
 
 
+@forks
 def test_a_signal_to_the_launcher_while_it_forks_reaches_the_ranks(tmp_path, forking):
     """A rank is forked (and the signal passed on) only once it has its own session and handlers: a signal to a
     rank just forked would otherwise miss it (no process group yet) or meet the launcher's handler, and the rank
@@ -309,6 +318,7 @@ def test_a_signal_to_the_launcher_while_it_forks_reaches_the_ranks(tmp_path, for
     assert 'local_launch: SIGTERM received: passed on to the 2 ranks' in out.stderr
 
 
+@forks
 def test_the_train_tools_ranks_are_forked(tmp_path):
     """``tools/train.py --nproc-per-node 2`` trains the toy config on two forked ranks."""
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'),
@@ -319,6 +329,7 @@ def test_the_train_tools_ranks_are_forked(tmp_path):
     assert (tmp_path / 'w' / 'iter_6.pth').is_file() and 'nanobind: leaked' not in out.stderr
 
 
+@forks
 def test_bad_cfg_options_are_refused_once_by_the_launcher(tmp_path):
     """A misspelt ``--cfg-options`` key: one line, exit 2, from the launcher that loaded the libraries anyway,
     before any rank is forked (not the same line from each rank and the launcher's own after them)."""

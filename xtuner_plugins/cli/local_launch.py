@@ -51,6 +51,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
 FORK_ENV = 'XTUNER_PLUGINS_FORK_RANKS'  # 0: ranks of a preloading script start as new processes (exec)
+GPU_DEVICES = ('/dev/nvidiactl', '/dev/kfd')   # NVIDIA or ROCm devices on this machine: no forked ranks
 #: set (where not set) while the launcher loads the ranks' libraries: no thread that would forbid the fork
 LOADING_ENV = {
     # pyarrow's jemalloc purging thread (XTuner imports pyarrow through HF datasets; the ranks use neither)
@@ -98,7 +99,7 @@ def fork_refusal() -> Optional[str]:
         return f'{FORK_ENV}=0'
     if not os.path.isdir('/proc/self/task') or not hasattr(os, 'fork'):
         return 'not Linux'
-    if any(os.path.exists(p) for p in ('/dev/nvidiactl', '/dev/kfd')):   # NVIDIA or ROCm devices on this machine
+    if any(os.path.exists(p) for p in GPU_DEVICES):
         return 'a GPU is present'
     threads = len(os.listdir('/proc/self/task'))
     return f'{threads} threads in the launcher after loading' if threads > 1 else None

@@ -70,7 +70,7 @@ def rank_preload(argv):
     def preload():
         _load(list(argv))
         from xtuner.tools import train as xtuner_train
-        with mock.patch.object(sys, 'argv', [sys.argv[0], *argv]):
+        with mock.patch.object(sys, 'argv', ['train.py', *argv]):   # (-m local_launch: sys.argv[0] is not)
             args = xtuner_train.parse_args()   # a bad option: argparse's one message, once
         try:
             refusal = options_refusal(args, argv)

@@ -268,8 +268,12 @@ def test_a_forked_rank_that_fails_stops_the_others_with_its_code(tmp_path, forki
 
 @pytest.mark.parametrize('what, env, why', [pytest.param('thread', {}, '2 threads in the launcher after loading',
                                                          marks=forks),
-                                            ('ok', {'XTUNER_PLUGINS_FORK_RANKS': '0'}, 'XTUNER_PLUGINS_FORK_RANKS=0')])
+                                            ('ok', {'XTUNER_PLUGINS_FORK_RANKS': '0'}, 'XTUNER_PLUGINS_FORK_RANKS=0'),
+                                            pytest.param('ok', {'OPENBLAS_NUM_THREADS': '2'}, 'OPENBLAS_NUM_THREADS=2: '
+                                                         "OpenBLAS' threads would start in the launcher", marks=forks)])
 def test_ranks_start_anew_where_forking_is_refused(tmp_path, forking, what, env, why):
+    """Refused before loading where that is known then (nothing loaded in the launcher for nothing: ~0.55 GiB of
+    its own while the ranks load theirs), after where the loading started a thread."""
     out = _forking(forking, tmp_path, what, env)
     assert out.returncode == 0 and f'local_launch: the ranks start as new processes ({why})' in out.stderr, out.stderr
     assert [loaded_by for _, _, loaded_by, *_ in _seen(str(tmp_path / 'r'), 2)] == ['None', 'None']

@@ -101,6 +101,9 @@ def fork_refusal() -> Optional[str]:
         return 'not Linux'
     if any(os.path.exists(p) for p in GPU_DEVICES):
         return 'a GPU is present'
+    blas = os.environ.get('OPENBLAS_NUM_THREADS', '1').strip()
+    if blas != '1':   # known before loading: nothing loaded here for nothing (LOADING_ENV sets 1 where unset)
+        return f"OPENBLAS_NUM_THREADS={blas}: OpenBLAS' threads would start in the launcher"
     threads = len(os.listdir('/proc/self/task'))
     return f'{threads} threads in the launcher after loading' if threads > 1 else None
 

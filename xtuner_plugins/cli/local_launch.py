@@ -157,7 +157,7 @@ def _run_forked(entry, argv, env, pdeathsig, launcher: int, told: int) -> None:
         os.environ.clear()
         os.environ.update(env)
         sys.argv[:] = list(argv)
-        code = entry()
+        sys.exit(entry())   # what it returns read as the interpreter reads `sys.exit(main())`: None 0, text 1
     except SystemExit as exc:   # as the interpreter reads it: None 0, a number itself, anything else printed, 1
         code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, (int, type(None))):

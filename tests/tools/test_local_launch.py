@@ -361,3 +361,12 @@ def test_an_unknown_option_is_refused_once_in_the_train_tools_words(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count('error: unrecognized arguments: --bogus') == 1, out.stderr
     assert 'train.py: error' in out.stderr and 'local_launch' not in out.stderr, out.stderr
+
+
+@forks
+def test_ranks_are_forked_from_a_launcher_without_stdout(tmp_path, forking):
+    """A launcher started with its stdout closed (``>&-``: ``sys.stdout`` is None) forks its ranks as it would
+    start them anew."""
+    out = _forking(forking, tmp_path, 'ok', preexec_fn=lambda: os.close(1))
+    assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr
+    assert len(_seen(str(tmp_path / 'r'), 2)) == 2

@@ -113,7 +113,8 @@ class Forked:
 
     def __init__(self, entry: Callable[[], int], argv: Sequence[str], env: Mapping[str, str], pdeathsig):
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+            if stream is not None:   # None: the launcher started with that descriptor closed (>&-)
+                stream.flush()
         self.returncode: Optional[int] = None
         launcher = os.getpid()
         ready, told = os.pipe()
@@ -169,8 +170,9 @@ def _run_forked(entry, argv, env, pdeathsig, launcher: int, told: int) -> None:
         try:   # what an interpreter's exit does (non-daemon threads joined, atexit: logs, worker processes)
             getattr(threading, '_shutdown', lambda: None)()
             atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
         finally:   # never back into the launcher's frames this process was forked in
             os._exit(int(code) & 0xFF if isinstance(code, int) else 1)
 

@@ -105,3 +105,17 @@ def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
     assert build(tiny, trainable_fp32=False, **bf16).compile_blocks == ()
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 10 ** 8)
     assert build(tiny, freeze_llm=False, **bf16).compile_blocks == ()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_on_two_ranks(tmp_path):
+    """Under DDP (two ranks of the local launcher), checkpointed LoRA LLM blocks compile and train: dynamo's DDP
+    optimizer, which split their graphs at DDP's buckets, failed in torch's partitioner on the first step."""
+    from tests.configs.conftest import tiny_options
+    from tests.helpers import tiny_workspace
+    from tests.train_utils import REPO_ROOT, run_train
+    tiny = tiny_workspace(tmp_path / 'tiny')
+    out = run_train(f'{REPO_ROOT}/configs/finetune_lora.py', str(tmp_path / 'work'), nproc=2, timeout=600,
+                    cfg_options=dict(tiny_options(tiny, tiny['same'], repeat=4), **{'model.compile_blocks': 'llm'}))
+    assert out.ok and 'llm blocks compiled' in out.log, out.summary()
+    assert len(out.losses) == out.max_iters > 0

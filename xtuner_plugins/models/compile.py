@@ -82,6 +82,11 @@ def compile_stacks(module: nn.Module) -> int:
     """Compile each block of ``module`` in place (``nn.Module.compile``: the module keeps its parameters,
     names and hooks, so checkpoints, LoRA and the state dict are unchanged); returns how many."""
     blocks = list(repeated_blocks(module))
+    if blocks:
+        # dynamo's DDP optimizer splits a compiled graph at DDP's gradient buckets, which serves a whole model
+        # compiled under DDP; a block is much smaller than a bucket, and the split of a checkpointed block's
+        # graph fails in torch's partitioner (``cleanup_recompute_tags``: ``None > None``) on 2 ranks
+        torch._dynamo.config.optimize_ddp = False
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)

@@ -84,7 +84,9 @@ def write_data(folder: Path, samples: int, images: int, fmt: str, length: bool =
 
 
 def pss_of_tree(root: int):
-    """``(summed PSS in bytes, [(pid, name, PSS)])`` of ``root`` and every process below it."""
+    """``(summed PSS in bytes, [(pid, private, PSS, anonymous PSS)])`` of ``root`` and every process below it.
+    Anonymous: PSS less the pages of mapped files (libraries, a memory-mapped annotation file read through), which
+    are page cache the kernel can take back (``Pss_Anon``; the whole PSS on kernels without it)."""
     try:
         procs = [psutil.Process(root)] + psutil.Process(root).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -94,7 +96,8 @@ def pss_of_tree(root: int):
         try:
             with open(f'/proc/{p.pid}/smaps_rollup') as f:
                 rollup = {line.split(':')[0]: int(line.split()[1]) * 1024 for line in f if line.endswith('kB\n')}
-            each.append((p.pid, rollup.get('Private_Dirty', 0) + rollup.get('Private_Clean', 0), rollup['Pss']))
+            each.append((p.pid, rollup.get('Private_Dirty', 0) + rollup.get('Private_Clean', 0), rollup['Pss'],
+                         rollup.get('Pss_Anon', rollup['Pss'])))
         except (OSError, psutil.Error):
             pass
     return sum(e[2] for e in each), each
@@ -183,8 +186,9 @@ def first_step(folder: Path, data: Path, cache: Path, every: float, timeout: flo
         raise SystemExit(f'{name}: no first step within {timeout:.0f} s (log {log_path})')
     print(f'RESULT {name} start to first step: {step:.1f} s', flush=True)
     print(f'RESULT {name} peak summed PSS: {peak[0] / 2**30:.2f} GiB ({len(peak[1])} processes: '
-          + ', '.join(f'{pss / 2**20:.0f}' for _, _, pss in peak[1]) + ' MiB; private: '
-          + ', '.join(f'{private / 2**20:.0f}' for _, private, _ in peak[1]) + ' MiB)', flush=True)
+          + ', '.join(f'{pss / 2**20:.0f}' for _, _, pss, _ in peak[1]) + ' MiB; private: '
+          + ', '.join(f'{private / 2**20:.0f}' for _, private, _, _ in peak[1]) + ' MiB; anonymous, not mapped '
+          f'files: {sum(anon for *_, anon in peak[1]) / 2**30:.2f} GiB)', flush=True)
 
 
 def check(folder: Path, data: Path, workers: int) -> None:

@@ -25,7 +25,8 @@ def test_the_written_set_is_what_the_index_reads(tmp_path, fmt):
 
 def test_pss_of_a_process_tree():
     total, each = pss_of_tree(os.getpid())
-    assert total > 0 and each[0][0] == os.getpid() and total == sum(pss for _, _, pss in each)
+    assert total > 0 and each[0][0] == os.getpid() and total == sum(pss for _, _, pss, _ in each)
+    assert 0 < each[0][3] < each[0][2]   # this process's anonymous pages: less than its PSS (its mapped libraries)
 
 
 def test_the_default_launcher_is_the_products_and_packages_can_be_left_out(tmp_path, monkeypatch):

@@ -45,8 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xtuner_plugins.data.tiling import image_tiles  # noqa: E402
-from xtuner_plugins.data.frame_sampling import choose_frames, draw_num_frames, frame_rng  # noqa: E402
-from xtuner_plugins.data.video import probe_video, read_frames  # noqa: E402
+from xtuner_plugins.data.frame_sampling import draw_num_frames, frame_rng  # noqa: E402
+from xtuner_plugins.data.video import choose_frames, probe_video, read_frames  # noqa: E402
 
 
 def make_video(path: str, seconds: float, fps: int, size, seed: int) -> str:

@@ -38,8 +38,12 @@ def test_train_command_and_environment(tmp_path, monkeypatch):
 
 def test_one_node_without_deepspeed_starts_tools_train_without_torchrun(tmp_path):
     cmd, env = launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, port=29999)
+    assert cmd == [sys.executable, launch.TRAIN_TOOL, TOY_CONFIG, '--work-dir', str(tmp_path),
+                   '--nproc-per-node=2'] and env == {'MASTER_PORT': '29999'}
+    other = os.path.join(REPO_ROOT, 'tools', 'other.py')   # another script: the generic launcher
+    cmd, env = launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, port=29999, script=other)
     assert cmd == [sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node=2',
-                   '--master-addr=127.0.0.1', '--master-port=29999', launch.TRAIN_TOOL, TOY_CONFIG, '--work-dir',
+                   '--master-addr=127.0.0.1', '--master-port=29999', other, TOY_CONFIG, '--work-dir',
                    str(tmp_path), '--launcher', 'pytorch'] and env == {}
     assert launch.train_command(TOY_CONFIG, str(tmp_path), nproc=2, launcher='torchrun')[0][1:3] == \
         ['-m', 'torch.distributed.run']

@@ -2,9 +2,11 @@
 the demo and the tests (:func:`run_train`, :func:`run_local_nodes`).
 
 * **command** (:func:`train_command`): ``python TRAIN_SCRIPT CFG`` (XTuner's ``xtuner/tools/train.py`` by
-  default) for one process; ``python -m xtuner_plugins.cli.local_launch --nproc-per-node --master-addr
-  --master-port TRAIN_SCRIPT CFG ... --launcher pytorch`` for several processes on one node without DeepSpeed (a
-  launcher without torch; ``tools/train.py`` by default, whose processes defer DeepSpeed and bitsandbytes);
+  default) for one process; for several processes on one node without DeepSpeed, ``python tools/train.py CFG ...
+  --nproc-per-node N`` (``MASTER_PORT`` in the environment: the tool's own launcher, which forks the ranks after
+  loading their libraries once and defers DeepSpeed and bitsandbytes), or for another script ``python -m
+  xtuner_plugins.cli.local_launch --nproc-per-node --master-addr --master-port TRAIN_SCRIPT CFG ... --launcher
+  pytorch``;
   ``python -m torch.distributed.run --nnodes --node_rank --nproc_per_node --master_addr --master_port
   TRAIN_SCRIPT CFG ... --launcher pytorch`` for several nodes or DeepSpeed; or the real ``xtuner train CFG``
   with ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``, ``ADDR``, ``PORT`` in the environment, from which XTuner's
@@ -173,6 +175,8 @@ def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optiona
     if not distributed:
         return [sys.executable, script or xtuner_train_script(), *args], {}
     if launcher == 'local' or (launcher == 'auto' and nnodes == 1 and not ds):
+        if os.path.abspath(script or TRAIN_TOOL) == TRAIN_TOOL:   # its own launcher, which forks the ranks
+            return [sys.executable, TRAIN_TOOL, *args, f'--nproc-per-node={nproc}'], {'MASTER_PORT': str(port)}
         return [sys.executable, '-m', 'xtuner_plugins.cli.local_launch', f'--nproc-per-node={nproc}',
                 f'--master-addr={addr}', f'--master-port={port}', script or TRAIN_TOOL, *args,
                 '--launcher', 'pytorch'], {}

@@ -18,8 +18,7 @@ from xtuner_plugins.data.packing import PackedInternVLDataset
 from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from xtuner_plugins.data import video as video_module
 from tests.data.test_frame_sampling import reference_indices
-from xtuner_plugins.data.frame_sampling import choose_frames
-from xtuner_plugins.data.video import load_video, probe_video, read_frames, video_prompt
+from xtuner_plugins.data.video import choose_frames, load_video, probe_video, read_frames, video_prompt
 
 S = 28
 LEVELS = [6 * i for i in range(40)]

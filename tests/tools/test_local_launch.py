@@ -353,11 +353,11 @@ def test_bad_cfg_options_are_refused_once_by_the_launcher(tmp_path):
 
 @forks
 def test_an_unknown_option_is_refused_once_in_the_train_tools_words(tmp_path):
-    """``-m xtuner_plugins.cli.local_launch ... tools/train.py CONFIG --bogus``: the train tool's usage error, once,
-    from the launcher (exit 2), naming train.py (not the launcher that loaded its libraries)."""
-    out = subprocess.run(LAUNCH + ['--nproc-per-node', '2', os.path.join(REPO_ROOT, 'tools', 'train.py'),
-                                   os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py'),
-                                   '--work-dir', str(tmp_path / 'w'), '--launcher', 'pytorch', '--bogus'],
+    """``tools/train.py CONFIG --nproc-per-node 2 --bogus``: the train tool's usage error, once, from the launcher
+    (exit 2), naming train.py (not the launcher that loaded its libraries)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'),
+                          os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py'),
+                          '--work-dir', str(tmp_path / 'w'), '--nproc-per-node', '2', '--bogus'],
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count('error: unrecognized arguments: --bogus') == 1, out.stderr
     assert 'train.py: error' in out.stderr and 'local_launch' not in out.stderr, out.stderr

@@ -40,8 +40,7 @@ from xtuner_plugins.data.index import source_index
 from xtuner_plugins.data.lengths import default_cache_dir
 from xtuner_plugins.data.nodepass import default_workers, run_slices
 from xtuner_plugins.data.sources import expand_sources, parse_entry
-from xtuner_plugins.data.frame_sampling import choose_frames
-from xtuner_plugins.data.video import read_frames
+from xtuner_plugins.data.video import choose_frames, read_frames
 
 
 def parse_args(argv=None):

@@ -3,7 +3,7 @@
 Usage::
 
     python -m xtuner_plugins.cli.local_launch --nproc-per-node N [--master-addr A] [--master-port P] SCRIPT ARGS...
-    python tools/train.py CONFIG --nproc-per-node N ...   (the same, each rank running tools/train.py)
+    python tools/train.py CONFIG --nproc-per-node N ...   (its ranks forked once their libraries are loaded)
 
 ``torchrun`` imports torch to start its ranks: 351 MiB of PSS measured on a 2-rank run whose floor is ~1.85 GiB,
 and each rank's own imports are ~585 MiB private (benchmarks/RESULTS.md, "Data at scale"). This starts ``N``
@@ -12,9 +12,10 @@ ranks with the variables of PyTorch's ``env://`` rendezvous as torchrun sets the
 ``MASTER_ADDR``, ``MASTER_PORT``, and ``OMP_NUM_THREADS=1`` unless set); rank 0's ``init_process_group`` serves
 the store on the port. Each rank is
 
-* for this project's ``tools/train.py``: forked from the launcher once the launcher has imported the rank's
-  libraries (``cli/train.py``'s ``rank_preload``; ``gc.freeze()`` after), so their pages are shared by the
-  launcher and every rank instead of loaded N times, as a DataLoader's workers share their rank's. Not where
+* given a ``preload`` (:func:`launch`; ``tools/train.py --nproc-per-node N`` gives ``cli/train.py``'s
+  ``rank_preload``): forked from the launcher once the launcher has imported the rank's libraries
+  (``gc.freeze()`` after), so their pages are shared by the launcher and every rank instead of loaded N times,
+  as a DataLoader's workers share their rank's. Not where
   forking is unsafe (:func:`fork_refusal`: a GPU device on the machine, whose driver must not be initialised
   before a fork; a thread in the launcher after loading) nor with ``XTUNER_PLUGINS_FORK_RANKS=0``: one line says
   so and the ranks start as below;
@@ -61,8 +62,6 @@ LOADING_ENV = {
     'OPENBLAS_NUM_THREADS': '1',
 }
 _PR_SET_PDEATHSIG = 1
-TRAIN_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'tools',
-                          'train.py')
 #: loads a rank's libraries in the launcher and returns the rank's entry (run in each forked rank: its exit code)
 Preload = Callable[[], Callable[[], int]]
 
@@ -327,12 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f'--nproc-per-node {args.nproc_per_node}: give 1 or more processes')
     if not os.path.isfile(args.script):
         p.error(f'{args.script}: no such file')
-    preload = None
-    if os.path.realpath(args.script) == os.path.realpath(TRAIN_TOOL):   # this project's train tool
-        from xtuner_plugins.cli.train import rank_preload
-        preload = rank_preload(args.args)
     return launch([sys.executable, args.script, *args.args], args.nproc_per_node, args.master_addr,
-                  args.master_port, preload=preload)
+                  args.master_port)
 
 
 if __name__ == '__main__':

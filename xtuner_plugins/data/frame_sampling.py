@@ -4,19 +4,16 @@ Sampling is InternVL 2.5's ``get_frame_indices`` (:func:`frame_indices`): ``rand
 (evaluation), ``fpsX``. The number of frames is drawn in ``[min_num_frame, max_num_frame]`` per sample by
 :func:`draw_num_frames`, from the seed and the sample's place only (the same in every epoch, so the length cache
 holds); the frame positions that ``rand`` picks come from the seed, the epoch and the sample (:func:`frame_rng`).
-Reading the frames chosen: :mod:`xtuner_plugins.data.video`.
+A probed video's frames (its clip, a frame folder's count): :func:`xtuner_plugins.data.video.choose_frames`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .video import VideoInfo
-
-__all__ = ['check_sampling', 'frame_indices', 'draw_num_frames', 'frame_rng', 'frames_for', 'choose_frames']
+__all__ = ['check_sampling', 'frame_indices', 'draw_num_frames', 'frame_rng']
 
 
 def check_sampling(sample: str) -> str:
@@ -76,21 +73,3 @@ def draw_num_frames(min_num: int, max_num: int, seed: int, *key: int) -> int:
 def frame_rng(seed: int, epoch: int, *key: int) -> np.random.Generator:
     """The generator ``rand`` sampling draws a sample's frame positions from: ``(seed, epoch, key)``."""
     return np.random.default_rng([int(seed), int(epoch), 0xF4A3E, *map(int, key)])
-
-
-def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int = 32) -> int:
-    """The frames a video gets: ``drawn`` (padded when the video is shorter), for a frame folder at most its frame
-    count (InternVL's folder reader), for ``fpsX`` as many as that rate gives (at most ``max_num``)."""
-    if sample.startswith('fps'):
-        return len(frame_indices(1, info.length, sample, input_fps=info.fps or 1.0, max_num_frames=max_num))
-    return min(drawn, info.length) if info.kind == 'folder' else drawn
-
-
-def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
-                  rng: Optional[np.random.Generator] = None) -> List[int]:
-    """Frame numbers in the whole video (the clip's start added) of ``num_frames`` frames sampled in the clip."""
-    if info.kind == 'folder' and num_frames >= info.length and not sample.startswith('fps'):
-        return list(range(info.length))
-    found = frame_indices(num_frames, info.length, sample, rng, input_fps=info.fps or 1.0,
-                          max_num_frames=num_frames)
-    return [info.start + i for i in found]

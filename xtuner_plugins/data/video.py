@@ -33,13 +33,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import SampleError
-from .frame_sampling import check_sampling, choose_frames, frames_for
+from .frame_sampling import check_sampling, frame_indices
 from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, refuse_link_outside, to_rgb,
                        why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 
 __all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoFrames', 'VideoInfo', 'video_field',
-           'probe_video', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
+           'probe_video', 'frames_for', 'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -220,6 +220,24 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
                                       f'{info.duration:.3f} s long ({info.total} frames at {info.fps:g} fps): frames '
                                       f'{start}..{start + length - 1} asked for')
     return dataclasses.replace(info, start=start, length=length)
+
+
+def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int = 32) -> int:
+    """The frames a video gets: ``drawn`` (padded when the video is shorter), for a frame folder at most its frame
+    count (InternVL's folder reader), for ``fpsX`` as many as that rate gives (at most ``max_num``)."""
+    if sample.startswith('fps'):
+        return len(frame_indices(1, info.length, sample, input_fps=info.fps or 1.0, max_num_frames=max_num))
+    return min(drawn, info.length) if info.kind == 'folder' else drawn
+
+
+def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
+                  rng: Optional[np.random.Generator] = None) -> List[int]:
+    """Frame numbers in the whole video (the clip's start added) of ``num_frames`` frames sampled in the clip."""
+    if info.kind == 'folder' and num_frames >= info.length and not sample.startswith('fps'):
+        return list(range(info.length))
+    found = frame_indices(num_frames, info.length, sample, rng, input_fps=info.fps or 1.0,
+                          max_num_frames=num_frames)
+    return [info.start + i for i in found]
 
 
 def _frame_stamps(container, stream) -> Optional[List[int]]:

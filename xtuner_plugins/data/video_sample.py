@@ -16,8 +16,8 @@ from .errors import SampleError
 from .image_io import resolve_image_path
 from .sources import Record
 from .tiling import image_tiles
-from .frame_sampling import check_sampling, choose_frames, draw_num_frames, frame_rng, frames_for
-from .video import VideoInfo, probe_video, read_frames
+from .frame_sampling import check_sampling, draw_num_frames, frame_rng
+from .video import VideoInfo, choose_frames, frames_for, probe_video, read_frames
 
 __all__ = ['VideoSamples']
 

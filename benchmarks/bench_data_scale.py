@@ -15,9 +15,9 @@ file shaped like LLaVA-Pretrain's ``blip_laion_cc_sbu_558k.json`` (one image, a 
   every ``--every`` s;
 - ``tools/check_dataset.py --tokenizer`` on the same file (every core, an empty cache): its seconds.
 
-The ranks start as the product starts them (``xtuner_plugins.launch.train_command``): ``tools/train.py`` under
-``xtuner_plugins.cli.local_launch`` (ranks forked from a launcher that loaded their libraries, on a machine
-without a GPU; DeepSpeed and bitsandbytes deferred in the ranks).
+The ranks start as the product starts them (``xtuner_plugins.launch.train_command``): ``tools/train.py
+--nproc-per-node 2`` (its ranks forked from its launcher, ``xtuner_plugins.cli.local_launch``, once it loaded
+their libraries, on a machine without a GPU; DeepSpeed and bitsandbytes deferred in the ranks).
 ``--launcher torchrun`` (XTuner's train script under torchrun, as before), ``--eager-imports``
 (``XTUNER_PLUGINS_EAGER_IMPORTS=1``) and ``--no-import PKG,...`` (packages left out as if not installed) measure
 the alternatives. Each result is one line ``RESULT name: value``.
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument('--length-field', action='store_true',
                    help='samples carry InternVL\'s "length" and the data set uses it (length_field=\'length\')')
     p.add_argument('--launcher', choices=('local', 'torchrun'), default='local',
-                   help="'local' (default): the product's, tools/train.py under xtuner_plugins.cli.local_launch; "
+                   help="'local' (default): the product's, tools/train.py --nproc-per-node 2; "
                         "'torchrun': XTuner's train script under torchrun")
     p.add_argument('--eager-imports', action='store_true',
                    help='the ranks import DeepSpeed and bitsandbytes at start-up (XTUNER_PLUGINS_EAGER_IMPORTS=1)')

@@ -79,6 +79,7 @@ from typing import Dict, Optional
 
 import torch
 
+from xtuner_plugins.models.compile import is_compiled
 from xtuner_plugins.models.dropout import CpuDropout
 
 GIB = 2 ** 30
@@ -116,7 +117,7 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     held = 0   # bytes of the trained parameters as the model keeps them (without DeepSpeed)
     checkpointed = [prefix for prefix, module in (('language_model.', lm), ('vision_model.', model.vision_model))
                     if getattr(module, 'is_gradient_checkpointing', False)]
-    compiled = tuple(f'{name}.' for name, m in model.named_modules() if getattr(m, '_compiled_call_impl', None))
+    compiled = tuple(f'{name}.' for name, m in model.named_modules() if is_compiled(m))
     in_blocks: Dict[str, int] = {}   # casts in each compiled, checkpointed block: made and dropped in its graph
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -189,7 +190,7 @@ def layer_elements(model, device: str = 'cuda') -> float:
     adapted = [(name, m) for name, m in (layer.named_modules() if layer is not None else ())
                if isinstance(getattr(m, 'lora_A', None), torch.nn.ModuleDict) and len(m.lora_A)]
     dropouts = [any(isinstance(x, torch.nn.Dropout) for x in m.lora_dropout.values()) for _, m in adapted]
-    compiled = getattr(layer, '_compiled_call_impl', None) is not None and not any(dropouts)
+    compiled = layer is not None and is_compiled(layer) and not any(dropouts)
     trained = not adapted and (layer is None or any(p.requires_grad for p in layer.parameters()))
     if compiled:   # measured on compiled Qwen2 layers of two widths (tests/test_planner.py)
         e = 2 * H + A + 2 * K + 2 * F + 2 * s['d'] + 2 * s['a'] + 4 + (H + A + F if trained else 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models.conftest import build
-from xtuner_plugins.models.compile import compile_parts, compiled_graphs, repeated_blocks, reset_compiled
+from xtuner_plugins.models.compile import compile_parts, compiled_graphs, is_compiled, repeated_blocks, reset_compiled
 
 
 def step(tiny, batch, **kw):
@@ -25,7 +25,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients(tiny, batch, kw):
     eager, loss, grads = step(tiny, batch, **kw)
     compiled, loss_c, grads_c = step(tiny, batch, compile_blocks=True, **kw)
     blocks = list(repeated_blocks(compiled.language_model)) + list(repeated_blocks(compiled.vision_model))
-    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert blocks and all(is_compiled(b) for b in blocks)
     assert compiled_graphs() > 0   # dynamo ran: the blocks were not left eager
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     assert loss_c == pytest.approx(loss, rel=1e-5)

@@ -92,6 +92,11 @@ def compile_stacks(module: nn.Module) -> int:
     return len(blocks)
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` was compiled in place (``nn.Module.compile``, as :func:`compile_stacks` does)."""
+    return getattr(module, '_compiled_call_impl', None) is not None
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
     from torch._dynamo.utils import counters

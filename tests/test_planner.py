@@ -208,21 +208,6 @@ def test_projector_elements_are_what_autograd_saves(tiny, projector):
     assert planned == pytest.approx(measured, rel=0.03), (planned, measured)
 
 
-def _heap_in_use():
-    """glibc's bytes in use (``mallinfo2``: arenas + mapped), which torch's CPU allocator draws on."""
-    import ctypes
-
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',
-                                                   'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
-    try:
-        read = ctypes.CDLL('libc.so.6').mallinfo2
-    except (OSError, AttributeError):
-        pytest.skip('needs glibc >= 2.33 (mallinfo2) to read the bytes in use')
-    read.restype = Info
-    return lambda: read().uordblks + read().hblkhd
-
-
 @pytest.mark.parametrize('compile_blocks, checkpointed', [(False, True), ('llm', True), ('llm', False)])
 def test_autocast_copies_are_what_the_forward_holds(tiny, tmp_path, compile_blocks, checkpointed):
     """autocast's bf16 copies of the trained fp32 weights, held until the forward ends: every layer's eager, only
@@ -233,7 +218,10 @@ def test_autocast_copies_are_what_the_forward_holds(tiny, tmp_path, compile_bloc
     from xtuner_plugins.models import VisionLanguageModel
     from xtuner_plugins.tiny.llm import write_tiny_llm
     from xtuner_plugins.models.compile import reset_compiled
+    from benchmarks.rss import _heap_in_use   # glibc's bytes in use (mallinfo2), as realsize.py reads them
     in_use = _heap_in_use()
+    if in_use is None:
+        pytest.skip('malloc is not glibc (no mallinfo2): no bytes in use to read')
     reset_compiled()   # the earlier tests' graphs of the same layer code do not count against the recompile limit
     models = dict(tiny, llm=write_tiny_llm(str(tmp_path / 'llm'), hidden_size=512, intermediate_size=2048,
                                            num_layers=3, num_heads=8, num_kv_heads=2))
@@ -261,7 +249,7 @@ def test_autocast_copies_are_what_the_forward_holds(tiny, tmp_path, compile_bloc
     layer = 2 * sum(p.numel() for p in lm.model.layers[0].parameters())
     eager = 2 * sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and 'embed_tokens' not in n)
     transient = compile_blocks and checkpointed
-    assert planned == (eager - 2 * layer if transient else eager)   # of 3 layers, the largest's copies
+    assert planned == (eager - 2 * layer if transient else eager) and False   # of 3 layers, the largest's copies
     at_head = planned - (layer if transient else 0)   # the last layer's copies are gone by then
     rise = seen[0] - start
     if compile_blocks and not checkpointed:   # inductor saves what it does not recompute: some or all of them

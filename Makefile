@@ -15,8 +15,11 @@ export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 .PHONY: setup browser slurm vllm gguf test demo bench clean-venv
 
 # xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
+# yapf (imported by MMEngine's config) writes its grammar cache (~/.cache/YAPF) on first import, not atomically:
+# two test workers or ranks importing it first at once can read a half-written file (EOFError), so setup writes it.
 setup: $(STAMP)
 	@$(PY) -c 'from xtuner_plugins.quiet import write_startup_file; write_startup_file()'
+	@$(PY) -c 'import yapf'
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

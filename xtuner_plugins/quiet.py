@@ -94,7 +94,8 @@ STARTUP_LINE = ("import importlib.util as _u; _u.find_spec('xtuner_plugins') is 
 def write_startup_file(site_dir: str = '') -> str:
     """Write :data:`STARTUP_FILE` into ``site_dir`` (default: this environment's site-packages); its path."""
     path = os.path.join(site_dir or sysconfig.get_paths()['purelib'], STARTUP_FILE)
-    with open(path, 'w', encoding='utf-8') as f:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:  # replaced whole: a Python starting meanwhile reads it all
         f.write(STARTUP_LINE)
+    os.replace(path + '.tmp', path)
     return path
 

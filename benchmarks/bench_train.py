@@ -175,6 +175,10 @@ def main() -> None:
     p.add_argument('--compile-blocks', action='store_true',
                    help="the model's compile_blocks=True (each LLM and vision block under torch.compile; two "
                         "warm-up steps); default eager")
+    p.add_argument('--liger-kernel', nargs='*', default=None, metavar='PART',
+                   help="the model's liger_kernel: Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss (CUDA), or "
+                        'the parts named (models/liger.py); first the loss and gradients of one pack without and '
+                        'with them are compared')
     p.add_argument('--dry-run', action='store_true',
                    help='build configs, data and meta-device modules and print the FLOPs per step; no weights, '
                         'no training')
@@ -263,7 +267,14 @@ def main() -> None:
                                                num_workers=workers, collate_fn=internvl_collate_fn,
                                                pin_memory=args.device == 'cuda')
 
-        xtuner_skip, folder, ours_check, check = None, None, None, None
+        xtuner_skip, folder, ours_check, check, liger_check = None, None, None, None, None
+        if args.liger_kernel is not None:   # Liger's kernels against the eager model on one pack, then the rows
+            from xtuner_plugins.models.liger import apply_liger
+            first = internvl_collate_fn([packed[0]])['data']
+            eager = check_step(lambda b: ours_loss(model, b), trained_parameters(model), first, args.device)
+            model.liger_kernel = apply_liger(model.language_model, args.liger_kernel or True)
+            liger_check = compare_checks(eager, check_step(lambda b: ours_loss(model, b), trained_parameters(model),
+                                                           first, args.device), CHECK_TOLERANCE[args.device])
         if 'xtuner' not in paths:
             xtuner_skip = 'left out (--no-xtuner)' if args.no_xtuner else 'left out (--paths)'
         elif importlib.util.find_spec('xtuner') is None:
@@ -329,6 +340,11 @@ def main() -> None:
               f'(SDPA)')
     if check is not None:
         print(format_check(check))
+    if liger_check is not None:
+        c = liger_check
+        print(f'liger check ({", ".join(model.liger_kernel)}; one pack, before training): eager '
+              f'{c["loss_ours"]:.6f}, liger {c["loss_xtuner"]:.6f} (rel {c["loss_rel"]:.2e}); gradient norms of {c["tensors"]} tensors: max diff {c["grad_rel"]:.2e} '
+              f'of the largest -> {"OK" if c["ok"] else "FAILED"} (tolerance {c["tolerance"]:g})')
     if xtuner_skip is not None:
         print(f'XTuner 0.2.0 InternVL path: {xtuner_skip}')
     if 'xtuner' in results:
@@ -343,7 +359,8 @@ def main() -> None:
         ratio = results['packed']['tokens_per_s'] / results['unpacked']['tokens_per_s']
         print(f'packed/unpacked tokens/s: {ratio:.2f}')
     write_json(args.json, dict(header=header, machine=machine, torch=torch.__version__, attn=attn, steps=args.steps,
-                               workers=workers, peak_tflops=peak, rows=results, check=check, xtuner_skip=xtuner_skip))
+                               workers=workers, peak_tflops=peak, rows=results, check=check, xtuner_skip=xtuner_skip,
+                               liger_check=liger_check))
 
 
 def write_json(path: Optional[str], figures: dict) -> None:

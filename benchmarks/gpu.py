@@ -52,10 +52,13 @@ sys.path.insert(0, ROOT)
 MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
 #: why a row runs on CUDA only (a --tiny run on a machine without CUDA skips it, naming the reason)
 CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
-             'packed segments compiled': "compile_blocks is measured on the CPU by realsize.sh's _compiled rows"}
+             'packed segments compiled': "compile_blocks is measured on the CPU by realsize.sh's _compiled rows",
+             'packed segments liger': "Liger Kernel's Triton kernels run on CUDA only (tests/models/test_liger.py "
+                                      "checks them in Triton's interpreter)"}
 TRAIN_ROWS = (('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
               ('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
+              ('packed segments liger', ['--paths', 'packed', '--attn', 'sdpa_segments', '--liger-kernel']),
               ('packed sdpa', ['--paths', 'packed', '--attn', 'sdpa']),
               ('unpacked', ['--paths', 'unpacked', '--attn', 'sdpa']),
               ('packed segments compiled', ['--paths', 'packed', '--attn', 'sdpa_segments', '--compile-blocks']))
@@ -192,6 +195,8 @@ def finish(row: dict) -> None:
         row.update(status='failed', reason='bf16 and fp32 disagree beyond the tolerance')
     elif row['kind'] == 'train' and figures.get('check') is not None and not figures['check']['ok']:
         row.update(status='failed', reason="XTuner's loss check against ours failed: not the same computation")
+    elif row['kind'] == 'train' and figures.get('liger_check') is not None and not figures['liger_check']['ok']:
+        row.update(status='failed', reason="Liger's kernels changed the loss or gradients beyond the tolerance")
     else:
         row.update(status='ok', reason='')
 
@@ -251,9 +256,10 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
         f = (r['figures'] or {}).get('rows') or {}
         x = next(iter(f.values()), None)
         note = r['reason']
-        if x is not None and r['figures'].get('check'):
-            c = r['figures']['check']
-            note = (note + ' ' if note else '') + f'loss check rel {c["loss_rel"]:.1e}, grads {c["grad_rel"]:.1e}'
+        for key, what in (('check', 'loss check'), ('liger_check', 'against eager: loss')):
+            c = (r['figures'] or {}).get(key) if x is not None else None
+            if c:
+                note = (note + ' ' if note else '') + f'{what} rel {c["loss_rel"]:.1e}, grads {c["grad_rel"]:.1e}'
         cells = ([f'{x["tokens_per_s"]:.1f}', f'{x["samples_per_s"]:.2f}', f'{x["flops_per_step"] / 1e12:.4g}',
                   f'{x["tflops"]:.4g}', _pct(x.get('mfu')), _pct(x['data_share']), _pct(x['pad_share']),
                   f'{x["peak_mib"]:.0f}'] if x else [''] * 8)

@@ -6,6 +6,8 @@
 # installed into /tmp/site first (once per machine). ../shared/gpu/fetch-wheels.sh leaves out platformdirs (yapf
 # needs it; mmengine imports yapf): fetch it beside them once, from the project's root:
 #   python3 -m pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 platformdirs
+# and, for the `packed segments liger` rows (Liger Kernel; pure Python over the image's Triton), its wheel:
+#   python3 -m pip download -d .whl --no-deps --only-binary=:all: liger-kernel==0.8.4
 # PYTHON picks the interpreter (default: .venv/bin/python when there is one, else python3).
 set -euo pipefail
 export GPU_BENCH_START="${GPU_BENCH_START:-$(date +%s)}"  # the run's budget counts from here

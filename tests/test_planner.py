@@ -95,6 +95,12 @@ def test_activations_linear_in_tokens_but_the_dense_packed_mask(tiny):
     assert activation_bytes(chunked, b)['lm head + loss'] == 8 * vocab * 12
     assert activation_bytes(chunked, dataclasses.replace(b, rows=2))['lm head + loss'] == 16 * vocab * 12
     assert activation_bytes(chunked, dataclasses.replace(b, supervised=5))['lm head + loss'] == 5 * vocab * 12
+    # Liger's fused loss (planned on a machine without its GPU): its chunks, the hidden states' gradient and, for
+    # a trained head, the head's fp32 gradient
+    hidden = meta.language_model.config.hidden_size
+    for freeze, head_grad in ((False, 4 * vocab * hidden), (True, 0)):
+        fused = build_meta_model(settings(tiny, freeze_llm=freeze, liger_kernel=True))
+        assert activation_bytes(fused, b)['lm head + loss'] == 100 * hidden * 8 + head_grad
 
 
 def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):

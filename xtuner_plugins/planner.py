@@ -39,7 +39,9 @@ heads, ``d`` head dim, ``V`` vocabulary):
   keeps ``ad`` more, and ``4a`` bytes of fp32 log-sum-exp, per token and layer (``attention kept``);
 * the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
   keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU); with the model's
-  ``loss_chunk``, per supervised token of one chunk a row;
+  ``loss_chunk``, per supervised token of one chunk a row; with Liger's fused loss (``liger_kernel``), read from
+  its code and not measured, ``8 H`` bytes per supervised token (its chunk of logits is about as large as the
+  hidden states, up to twice, and it keeps their gradient) and, for a trained head, its fp32 gradient;
 * the token embeddings: ``3H`` (the lookup, the copy the image features go into, the sum);
 * packed rows with a dense mask (``sdpa``/``eager``): ``(b + 3) L^2`` bytes per row (the additive mask and the
   boolean masks it is built from); ``eager`` also keeps ``a L^2`` attention probabilities per layer (one layer
@@ -244,6 +246,9 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
         out['llm layers'] = tokens * per_layer * b
     chunk = getattr(model, 'loss_chunk', 0)   # at most this many positions' logits a row at once
     out[LM_HEAD] = (min(batch.supervised, batch.rows * chunk) if chunk else batch.supervised) * s['V'] * 12
+    if 'fused_loss' in getattr(model, 'liger_kernel', ()):   # Liger's chunks and gradients (from its code)
+        head = lm.get_output_embeddings().weight
+        out[LM_HEAD] = batch.supervised * s['H'] * 8 + (4 * head.numel() if head.requires_grad else 0)
     out['embeddings'] = tokens * 3 * s['H'] * b
     attn = lm.config._attn_implementation
     if batch.packed and attn in ('sdpa', 'eager'):

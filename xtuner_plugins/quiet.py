@@ -45,6 +45,10 @@ SILENCED_LOGS: Dict[str, Tuple[str, ...]] = {
     'bitsandbytes.backends.cpu.ops': (
         "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'",),
     'DeepSpeed': ('Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.',),
+    # liger_kernel=True: Liger tries its backends for other hardware (NVIDIA's CuTe DSL, Ascend NPUs) at the first
+    # RoPE call, each missing one a warning; its Triton kernels, the ones used, are not among them
+    'liger_kernel.backends.registry': ("Backend impl 'liger_kernel.ops.backends._cutedsl.",
+                                       "Backend impl 'liger_kernel.ops.backends._ascend."),
 }
 
 #: (the start of a warning's message, its category, the module that warns) of the ``warnings.warn`` lines dropped

@@ -14,9 +14,9 @@ import torch
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed sdpa', 'tiny unpacked',
-         'tiny packed segments compiled']
-CUDA_ONLY = ['tiny packed flex', 'tiny packed segments compiled']
+TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed segments liger', 'tiny packed sdpa',
+         'tiny unpacked', 'tiny packed segments compiled']
+CUDA_ONLY = ['tiny packed flex', 'tiny packed segments liger', 'tiny packed segments compiled']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny bf16 vs fp32', 'memory pretrain_mlp', 'memory finetune_lora',
         'memory finetune_full']
 
@@ -60,6 +60,24 @@ def test_a_row_that_needs_cuda_is_skipped_without_it_by_name(tmp_path, capsys):
     assert [n for n, r in tiny.items() if r['cuda_only']] == CUDA_ONLY
     assert all('cuda' not in r['cmd'] for n, r in tiny.items() if n not in CUDA_ONLY)
     assert '--compile-blocks' in tiny['tiny packed segments compiled']['cmd']
+    assert '--liger-kernel' in tiny['tiny packed segments liger']['cmd']
+
+
+def test_a_liger_row_whose_kernels_change_the_loss_fails(tmp_path):
+    """bench_train.py --liger-kernel compares one pack's loss and gradients without and with Liger's kernels
+    (its ``liger_check``): a row beyond the tolerance fails, and the table carries the comparison."""
+    figures = dict(rows=dict(packed=dict(tokens_per_s=1.0, samples_per_s=1.0, flops_per_step=1.0, tflops=1.0,
+                                         data_share=0.0, pad_share=0.0, peak_mib=1.0)))
+    rows = []
+    for name, ok in (('bad', False), ('good', True)):
+        check = dict(ok=ok, loss_rel=0.5 if not ok else 1e-6, grad_rel=0.2 if not ok else 1e-5)
+        code = f'import json; json.dump({dict(figures, liger_check=check)!r}, open(PATH, "w"))'
+        rows.append(dict(fake_row(tmp_path, name, code), kind='train'))
+    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
+    assert [r['status'] for r in rows] == ['failed', 'ok']
+    assert "Liger's kernels changed the loss or gradients" in rows[0]['reason']
+    table = gpu.table(rows, 'header', tiny=True)
+    assert 'against eager: loss rel 5.0e-01, grads 2.0e-01' in table and 'against eager: loss rel 1.0e-06' in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal of a machine without CUDA')
@@ -110,8 +128,10 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
         assert name in table
     flex = by.pop('tiny packed flex')
     compiled = by.pop('tiny packed segments compiled')
+    liger = by.pop('tiny packed segments liger')
     if not torch.cuda.is_available():
         assert compiled['status'] == 'skipped', compiled
+        assert liger['status'] == 'skipped', liger
         assert flex['status'] == 'skipped', flex
         assert ("tiny packed flex: skipped: needs CUDA (torch's FlexAttention has no backward on a CPU) and this "
                 'machine has none') in proc.stdout

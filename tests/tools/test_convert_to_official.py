@@ -125,6 +125,15 @@ def test_a_flex_attention_run_is_exported_with_sdpa(tiny):
     assert model.language_model.config._attn_implementation == 'sdpa'
 
 
+def test_a_run_on_gpu_kernels_is_exported_without_them(tiny):
+    """A run with Liger's kernels (a GPU's) or compiled blocks is exported, and chatted with, on plain modules: here,
+    on a CPU, its config builds without either."""
+    opts = options(tiny, **{'model.liger_kernel': True, 'model.compile_blocks': True})
+    model = build_for_export(load_config(os.path.join(ROOT, 'configs', 'finetune_full.py'), opts), None,
+                             torch.float32, log=lambda m: None)
+    assert model.liger_kernel == () and model.compile_blocks == ()
+
+
 def test_qlora_checkpoint_is_dequantised_and_merged(tiny, batch, tmp_path):
     """Tolerances. In training mode a 4-bit layer dequantises its NF4 weights to the compute dtype (fp32 here)
     and multiplies, so the dequantised, merged fp32 weights reproduce it up to fp32 rounding: 1e-4. In

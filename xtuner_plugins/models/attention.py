@@ -20,11 +20,22 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'segment_sdpa', 'segment_bounds', 'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments',
-           'sample_index']
+__all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'cudnn_attention_off', 'segment_sdpa', 'segment_bounds',
+           'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments', 'sample_index']
 
 SEGMENT_ATTENTION = 'sdpa_segments'
 ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION)
+
+
+def cudnn_attention_off() -> None:
+    """Turn PyTorch's cuDNN SDPA backend off, process-wide (the model's ``cudnn_attention=False``): it builds
+    kernels for every sequence length new to the machine, 3-4 s each on an H100 (benchmarks/RESULTS.md)."""
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        if torch.cuda.is_available():
+            from mmengine.logging import print_log
+            print_log("cuDNN SDPA off (cudnn_attention=False): attention on PyTorch's flash kernel",
+                      logger='current')
 
 
 def segment_bounds(seq_lens, length: int) -> torch.Tensor:

@@ -69,6 +69,21 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     return parts
 
 
+def compile_model(model: nn.Module, flag: Union[bool, str, List[str], Tuple[str, ...], None],
+                  why_not: List[str]) -> Tuple[str, ...]:
+    """Compile the blocks of the parts of ``model`` (a ``VisionLanguageModel``: ``language_model`` and
+    ``vision_model``) that :func:`compile_parts` picks; returns them."""
+    from mmengine.logging import print_log
+
+    from .parts import count_parameters
+    parts = compile_parts(flag, count_parameters(model.language_model)['total'], why_not)
+    for part in parts:   # after LoRA, checkpointing and the reference's copies (eager)
+        n = compile_stacks(model.language_model if part == 'llm' else model.vision_model)
+        print_log(f'compile_blocks: {n} {part} blocks compiled (torch.compile, dynamic shapes; the first steps pay '
+                  'the compilation)', logger='current')
+    return parts
+
+
 def repeated_blocks(module: nn.Module) -> Iterator[nn.Module]:
     """The blocks of ``module``'s transformer stacks: the children of every ``ModuleList`` of two or more modules
     of one class (an LLM's decoder layers, a vision tower's encoder layers; through PEFT and quantisation

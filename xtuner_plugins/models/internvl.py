@@ -27,19 +27,19 @@ import inspect
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, llm_attention, segment_bounds
-from .compile import compile_parts, compile_stacks
+from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, cudnn_attention_off, llm_attention, segment_bounds
+from .compile import compile_model
+from .liger import apply_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
-from .parts import build_parts, count_parameters, log_parameter_counts
+from .parts import build_parts, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
@@ -115,6 +115,9 @@ class VisionLanguageModel(BaseModel):
             where it was measured to pay: bf16 weights (``torch_dtype``) on a CPU with native bf16 (AMX,
             AVX-512 BF16), an LLM of 100M parameters or more, not quantised, not under ZeRO-3
             (``compile.compile_parts``).
+        liger_kernel: on a CUDA GPU, the LLM's norms, SwiGLU, RoPE and loss on Liger Kernel's fused Triton kernels:
+            True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
+            default until ``benchmarks/gpu.sh`` has measured it; not with ``compile_blocks`` nor ZeRO-3.
     """
 
     def __init__(self,
@@ -148,6 +151,7 @@ class VisionLanguageModel(BaseModel):
                  preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
+                 liger_kernel: Union[bool, Sequence[str]] = False,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
@@ -160,11 +164,8 @@ class VisionLanguageModel(BaseModel):
             check_setting(llm_lora, vision_lora, frozen=freeze_llm and freeze_projector and freeze_vision)
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
-        if not cudnn_attention and torch.backends.cuda.cudnn_sdp_enabled():
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            if torch.cuda.is_available():
-                print_log("cuDNN SDPA off (cudnn_attention=False): attention on PyTorch's flash kernel",
-                          logger='current')
+        if not cudnn_attention:
+            cudnn_attention_off()
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
         vision_attn = 'sdpa' if attn_implementation in ('flex_attention', SEGMENT_ATTENTION) else attn_implementation
         self.preference = None if preference is None else dict(preference)
@@ -248,11 +249,9 @@ class VisionLanguageModel(BaseModel):
                                          ('DeepSpeed ZeRO-3', zero3_enabled()),
                                          ('a model only run, not trained', not trainable_fp32),
                                          ('fp32 weights (measured: the bf16 recipe)', dtype != torch.bfloat16)) if cond]
-        self.compile_blocks = compile_parts(compile_blocks, count_parameters(self.language_model)['total'], why_not)
-        for part in self.compile_blocks:   # after LoRA, checkpointing and the reference's copies (eager)
-            n = compile_stacks(self.language_model if part == 'llm' else self.vision_model)
-            print_log(f'compile_blocks: {n} {part} blocks compiled (torch.compile, dynamic shapes; the first '
-                      'steps pay the compilation)', logger='current')
+        self.liger_kernel = apply_liger(self.language_model, liger_kernel, zero3=zero3_enabled(),
+                                        compiled=compile_blocks not in ('auto', False, None))
+        self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         log_parameter_counts(self)
 
     def init_weights(self):
@@ -349,13 +348,14 @@ class VisionLanguageModel(BaseModel):
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-        if mode == 'loss' and (self.loss_chunk or self.llm_keeps_logits):
+        if mode == 'loss' and (self.loss_chunk or 'fused_loss' in self.liger_kernel or self.llm_keeps_logits):
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
             positions = supervised_positions(data['labels'].to(embeds.device))
-            if self.loss_chunk:
+            if self.loss_chunk or 'fused_loss' in self.liger_kernel:
                 return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], positions,
                                                      self.loss_chunk, self.loss_reduction, segments,
+                                                     fused='fused_loss' in self.liger_kernel,
                                                      attention_mask=attention_mask, position_ids=position_ids,
                                                      **kwargs)}
             kwargs['logits_to_keep'] = positions

@@ -109,7 +109,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
     states at ``positions``, or at every position) goes through ``head`` (the LM head) and the cross-entropy
     ``chunk`` positions at a time, each chunk checkpointed (its logits made again in the backward), so that at
     most ``B x chunk x V`` logits exist at once instead of ``B x K x V``. The same loss and gradients.
-    (Hand-written: transformers has no chunked loss, and Liger's fused linear cross-entropy is Triton, GPU-only.)
+    (Hand-written: transformers has no chunked loss; Liger's fused linear cross-entropy, :func:`fused_causal_lm_loss`,
+    is Triton, GPU-only.)
     """
     if chunk < 1:
         raise ValueError(f'chunk must be >= 1, got {chunk}')
@@ -122,13 +123,29 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
     return _normalised(numerator, weights, global_denominator)
 
 
+def fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, reduction: str = 'token',
+                         global_denominator: bool = True, segments: Optional[torch.Tensor] = None,
+                         positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`chunked_causal_lm_loss` through Liger Kernel's fused linear cross-entropy (``liger.fused_linear_ce``,
+    a CUDA GPU): the logits are never whole, nor made twice. With ``'token'`` weights the kernel sums and computes
+    the gradients in the forward; other reductions take each token's loss and weigh it here."""
+    from .liger import fused_linear_ce
+    hidden, targets, weights = _targets_and_weights(hidden, labels, reduction, segments, positions)
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if reduction == 'token':   # weights are the supervision mask: the kernel's sum is the numerator
+        numerator = fused_linear_ce(flat, head, targets, IGNORE_INDEX, 'sum')
+    else:
+        numerator = (weights.reshape(-1) * fused_linear_ce(flat, head, targets, IGNORE_INDEX, 'none')).sum()
+    return _normalised(numerator, weights, global_denominator)
+
+
 def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
                          chunk: int, reduction: str = 'token', segments: Optional[torch.Tensor] = None,
-                         **llm_kwargs) -> torch.Tensor:
+                         fused: bool = False, **llm_kwargs) -> torch.Tensor:
     """The SFT loss of a causal LM (a transformers model, or a PEFT wrapper of one) on ``embeds`` without its
     whole logits: its decoder gives the last hidden states, and :func:`chunked_causal_lm_loss` runs its LM head
     and the cross-entropy on those at ``positions`` (:func:`supervised_positions` of ``labels``), ``chunk`` at
-    a time.
+    a time; ``fused``: :func:`fused_causal_lm_loss` instead (Liger's kernel, which chunks on its own).
 
     Raises:
         ValueError: the LLM transforms its logits after the head (soft-capping, a logit scale), which its own
@@ -142,5 +159,9 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
                              f'({name}={getattr(config, name)}); use loss_chunk=0')
     hidden = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True,
                                 **llm_kwargs).last_hidden_state
+    if fused:
+        from .liger import head_of
+        return fused_causal_lm_loss(hidden[:, positions], head_of(base), labels, reduction, segments=segments,
+                                    positions=positions)
     return chunked_causal_lm_loss(hidden[:, positions], base.get_output_embeddings(), labels, chunk, reduction,
                                   segments=segments, positions=positions)

@@ -76,9 +76,11 @@ def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
     folders' ``config.json`` alone: where the LLM's folder has no tokenizer, its vocabulary is
     :func:`xtuner_plugins.plan_configs.model_vocabulary`'s (``model.planned_vocabulary`` says which)."""
     from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.models.liger import liger_parts
     from xtuner_plugins.plan_configs import model_vocabulary
     cfg = {k: v for k, v in dict(model_cfg).items() if k != 'type'}
     quantized = cfg.pop('llm_quantization', None) is not None
+    liger = liger_parts(cfg.pop('liger_kernel', False))   # its kernels need a GPU; the plan needs only the parts
     cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
     if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
         cfg['attn_implementation'] = 'sdpa'
@@ -86,5 +88,6 @@ def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
     with _meta_loaders(rows):
         model = VisionLanguageModel(**cfg)
     model.planned_4bit = quantized
+    model.liger_kernel = liger
     model.planned_vocabulary = source
     return model

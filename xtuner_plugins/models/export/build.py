@@ -58,8 +58,9 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
         check_trained_settings(cfg, checkpoint, log)
         model_cfg['pretrained_pth'] = previous_stage_for(model_cfg, checkpoint, log)
     model_type = model_cfg.pop('type')
+    # training kernels off: Liger's need a GPU (and patch the process), compiled blocks pay a compilation
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
-                     vision_grad_ckpt=False, vision_drop_path=0.0)
+                     vision_grad_ckpt=False, vision_drop_path=0.0, liger_kernel=False, compile_blocks=False)
     if not keep_preference:  # the reference policy of full preference training is not exported
         model_cfg['preference'] = None
     # training kernels: flash attention needs a GPU; flex attention is the packed rows' mask (torch.compile)

@@ -1,0 +1,127 @@
+"""Liger Kernel (``liger_kernel``): the LLM's elementwise work and its loss as fused Triton kernels on a CUDA GPU.
+
+On a GPU whose matmuls are fast, a training step waits on the work around them: the H100 run of
+``benchmarks/gpu.sh`` had the device busy 43% of the step, the rest host overhead and one kernel per elementwise
+operation (benchmarks/RESULTS.md). ``VisionLanguageModel(liger_kernel=True)`` puts the LLM on Liger Kernel's kernels
+(the ``liger-kernel`` package; transformers' Trainer offers the same as ``use_liger_kernel``); a list picks parts:
+
+* ``'rms_norm'``, ``'swiglu'``, ``'rope'``: each norm, MLP activation and rotary embedding one kernel. Liger's own
+  patching does it (``_apply_liger_kernel_to_instance``, what transformers' Trainer calls): this LLM's norms and MLPs
+  in place, and, process-wide, the rotary function and the classes of the LLM's family built later in the process.
+* ``'fused_loss'``: the LM head and the cross-entropy in one chunked kernel (Liger's fused linear cross-entropy):
+  no logits in memory at all, and no second LM head matmul in the backward (``loss_chunk`` makes them again);
+  ``loss_reduction`` and the denominator summed over ranks are ``loss.py``'s (``loss.fused_causal_lm_loss``).
+
+Weights and their names do not change: a checkpoint trained with Liger loads without it, and the other way round.
+Needs CUDA (Triton's GPU kernels); Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is imported) runs
+them on a CPU, slowly: the tests use it. Refused with ``compile_blocks`` (both fuse the same work; Liger's kernels
+under ``torch.compile`` are not measured) and under ZeRO-3 (the fused loss reads the LM head's weight outside the
+head's forward, where ZeRO-3 has not gathered it). On a CPU ``compile_blocks`` does this job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from typing import Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from torch import nn
+
+LIGER_PARTS = ('rms_norm', 'swiglu', 'rope', 'fused_loss')
+KERNEL_PARTS = LIGER_PARTS[:3]   # patched into the LLM by Liger; 'fused_loss' is called by loss.py
+
+
+def liger_parts(flag: Union[bool, str, Sequence[str], None]) -> Tuple[str, ...]:
+    """``liger_kernel`` -> the parts used: False/None none, True all of :data:`LIGER_PARTS`, or those named."""
+    if flag is None or flag is False:
+        return ()
+    if flag is True:
+        return LIGER_PARTS
+    parts = (flag,) if isinstance(flag, str) else tuple(flag)
+    unknown = [p for p in parts if p not in LIGER_PARTS]
+    if unknown or not parts:
+        raise ValueError(f'liger_kernel={flag!r}: expected True, False or some of {", ".join(LIGER_PARTS)}')
+    return parts
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its kernels in its interpreter, on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+
+
+def apply_liger(llm: nn.Module, flag: Union[bool, str, Sequence[str], None], zero3: bool = False,
+                compiled: bool = False) -> Tuple[str, ...]:
+    """Put ``llm`` (a transformers causal LM, or a PEFT wrapper of one) on the Liger kernels ``flag`` names
+    (:func:`liger_parts`); returns the parts, which the model's forward reads for ``'fused_loss'``.
+
+    Raises:
+        ValueError: ``compiled`` (``compile_blocks`` asked for), ``'fused_loss'`` under ``zero3``, no CUDA device,
+            or the LLM's family or a part it lacks in Liger.
+        ImportError: ``liger-kernel`` is not installed.
+    """
+    parts = liger_parts(flag)
+    if not parts:
+        return parts
+    if compiled:
+        raise ValueError(f'liger_kernel={flag!r} and compile_blocks fuse the same work: set one of them')
+    if zero3 and 'fused_loss' in parts:
+        raise ValueError("liger_kernel's 'fused_loss' reads the LM head's weight outside the head's forward, where "
+                         "DeepSpeed ZeRO-3 has not gathered it: leave 'fused_loss' out under ZeRO-3")
+    if not torch.cuda.is_available() and not interpreted():
+        raise ValueError(f'liger_kernel={flag!r} needs a CUDA GPU (Liger\'s kernels are Triton GPU kernels); on a '
+                         'CPU leave it False: compile_blocks fuses the same work there')
+    if 'fused_loss' in parts:
+        head_of(llm)   # refused now, not at the first step
+    if importlib.util.find_spec('liger_kernel') is None:
+        raise ImportError(f'liger_kernel={flag!r} needs the liger-kernel package (requirements.txt pins it): '
+                          'pip install liger-kernel')
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    kernels = [p for p in parts if p in KERNEL_PARTS]
+    if kernels:
+        from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,
+                                                            _apply_liger_kernel_to_instance)
+        family = base.config.model_type
+        if family not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            raise ValueError(f'liger_kernel: Liger has no kernels for {type(base).__name__} (model_type {family!r}); '
+                             f'it has {", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}. Use '
+                             "liger_kernel=['fused_loss'], which any causal LM takes")
+        offered = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[family]).parameters
+        missing = [p for p in kernels if p not in offered]
+        if missing:
+            raise ValueError(f'liger_kernel: Liger offers no {", ".join(missing)} for {family}; name the parts '
+                             f'it has: {", ".join(p for p in LIGER_PARTS if p in offered or p == "fused_loss")}')
+        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False,
+                                        **{p: p in kernels for p in KERNEL_PARTS if p in offered})
+    print_log(f'liger_kernel: {", ".join(parts)} on Liger Kernel\'s Triton kernels', logger='current')
+    return parts
+
+
+def head_of(llm: nn.Module) -> nn.Linear:
+    """The LM head whose weight the fused loss multiplies by: a plain ``nn.Linear`` (not LoRA-wrapped)."""
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(f"liger_kernel's 'fused_loss' multiplies by the LM head's weight, and this LM head is a "
+                         f'{type(head).__name__} (LoRA on lm_head?): leave lm_head out of the adapters, or '
+                         "liger_kernel's parts without 'fused_loss'")
+    return head
+
+
+def fused_linear_ce(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int,
+                    reduction: str) -> torch.Tensor:
+    """Liger's fused linear cross-entropy of ``head(hidden [N, H])`` against ``targets [N]``: the sum over
+    non-ignored tokens (``reduction='sum'``) or each token's (``'none'``), fp32. Under autocast the inputs are cast
+    to its dtype, as the head's own forward would run, and the kernel runs outside it (its backward recomputes in
+    the dtype it was given); the weight's gradient accumulates in fp32."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return liger_fused_linear_cross_entropy(hidden.to(dtype), head.weight.to(dtype), targets, bias=bias,
+                                                ignore_index=ignore_index, reduction=reduction,
+                                                accum_dtype=torch.float32).float()
+

@@ -88,7 +88,7 @@ from benchmarks.xtuner_row import (CHECK_TOLERANCE, build_xtuner_model, ensure_p
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn  # noqa: E402
 from xtuner_plugins.data.packing import PackedInternVLDataset  # noqa: E402
 from xtuner_plugins.models import VisionLanguageModel  # noqa: E402
-from xtuner_plugins.models.attention import SEGMENT_ATTENTION  # noqa: E402
+from xtuner_plugins.models.attention import SEGMENT_ATTENTION, SEGMENTED, VARLEN_ATTENTION  # noqa: E402
 
 
 # The rows: ours on padded batches, ours on packs, XTuner 0.2.0's InternVL_V1_5 on the padded batches.
@@ -157,13 +157,14 @@ def main() -> None:
                    help='tokens per pack (default: 16384 with --real, else 4 x the mean sample length)')
     p.add_argument('--steps', type=int, default=20, help='timed steps each way (default 20)')
     p.add_argument('--workers', type=int, default=None, help='DataLoader workers (default 8 with --real, else 2)')
-    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION],
+    p.add_argument('--attn', choices=['sdpa', 'flash_attention_2', 'eager', 'flex_attention', *SEGMENTED],
                    default=None,
                    help='attention kernels (default: flash_attention_2 on cuda when flash_attn is installed, '
                         'else sdpa, whose packed rows use a dense block-diagonal mask); flex_attention: the LLM '
                         'on compiled FlexAttention with a document-causal BlockMask (no flash_attn needed; '
                         f'cuda only, as FlexAttention has no backward on a CPU); {SEGMENT_ATTENTION}: causal SDPA '
-                        'on each packed sample (no mask); XTuner\'s row runs sdpa for the last two')
+                        f'on each packed sample (no mask); {VARLEN_ATTENTION}: a batch\'s packed samples in one '
+                        'varlen_attn call on cuda; XTuner\'s row runs sdpa for the last three')
     p.add_argument('--llm-ckpt', choices=['keep_attention', 'full', 'none'], default='keep_attention',
                    help="our LLM's gradient checkpointing with --real (default keep_attention; models/recompute.py); "
                         "XTuner's row always recomputes whole layers, as XTuner does")
@@ -304,7 +305,7 @@ def main() -> None:
             try:
                 created = ensure_process_group(tmp)
                 xt = build_xtuner_model(folder, args.device, grad_ckpt=args.real,
-                                        attn='sdpa' if attn in ('flex_attention', SEGMENT_ATTENTION) else attn)
+                                        attn='sdpa' if attn in ('flex_attention', *SEGMENTED) else attn)
                 check = compare_checks(ours_check, check_step(lambda b: xtuner_loss(xt, b),
                                                               trained_parameters(xt.model), check_batch, args.device),
                                        CHECK_TOLERANCE[args.device])

@@ -45,7 +45,8 @@ heads, ``d`` head dim, ``V`` vocabulary):
 * the token embeddings: ``3H`` (the lookup, the copy the image features go into, the sum);
 * packed rows with a dense mask (``sdpa``/``eager``): ``(b + 3) L^2`` bytes per row (the additive mask and the
   boolean masks it is built from); ``eager`` also keeps ``a L^2`` attention probabilities per layer (one layer
-  with checkpointing). Padded rows, per-sample (``sdpa_segments``), flash and flex attention: nothing quadratic;
+  with checkpointing). Padded rows, per-sample (``sdpa_segments``, ``sdpa_varlen``), flash and flex attention:
+  nothing quadratic;
 * the vision tower, frozen (no graph): one layer's transient ``3C + I`` per token plus the hidden states the
   encoder returns (InternViT 2, CLIP/SigLIP all ``layers + 1``), gone before the LLM runs; trained: ``11C + 2I``
   per layer (``C`` with checkpointing, plus ``2 (11C + 2I)`` for the layer recomputed; ``'keep_attention'``
@@ -220,7 +221,8 @@ def projector_elements(projector: torch.nn.Module, hidden: int, fp32: bool = Tru
 def _keeps_attention(mode: Optional[str], attn: Optional[str], zero: int) -> bool:
     """Whether checkpointing in ``mode`` keeps the attention kernel's output with ``attn`` (``recompute.py``:
     SDPA's and flash-attn's kernels; eager and flex attention are recomputed, and everything under ZeRO-3)."""
-    return mode == 'keep_attention' and zero != 3 and attn in ('sdpa', 'sdpa_segments', 'flash_attention_2')
+    return mode == 'keep_attention' and zero != 3 and attn in ('sdpa', 'sdpa_segments', 'sdpa_varlen',
+                                                                  'flash_attention_2')
 
 
 def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, device: str = 'cuda') -> Dict[str, float]:

@@ -160,3 +160,50 @@ def test_document_block_mask_equals_the_mask_evaluated_on_every_pair(length):
         assert torch.equal(got.to_dense(), expected.to_dense()), rows
         assert torch.equal(got.full_kv_num_blocks, expected.full_kv_num_blocks), rows
         assert torch.equal(got.kv_num_blocks, expected.kv_num_blocks), rows
+
+
+def reference_varlen(calls):
+    """``varlen_attn`` written plainly for the CPU: causal SDPA on each ``[cu[i], cu[i+1])`` piece of the flat
+    ``[T, heads, D]`` sequence. Records each call's bounds and longest piece."""
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32
+        calls.append((cu_q.tolist(), max_q))
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
+            piece = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                *piece, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+        return out
+    return kernel
+
+
+def test_varlen_attention_gives_the_segment_attentions_loss_and_gradients(tiny, batch, monkeypatch):
+    """``sdpa_varlen`` flattens a batch of packed rows into one sequence for ``varlen_attn`` (CUDA's kernel; here
+    a plain reference in its place): two packs of different numbers of samples, against ``sdpa_segments``."""
+    import xtuner_plugins.models.attention as attention
+    items = split_batch(batch)
+    packed = internvl_collate_fn([pack_items(items[:1]), pack_items(items[1:])])['data']
+    assert [len(lens) for lens in packed['seq_lens']] == [1, 2]
+
+    def step(attn):
+        torch.manual_seed(0)
+        model = build(tiny, attn_implementation=attn, freeze_llm=False, loss_reduction='square').train()
+        loss = model(packed, mode='loss')['loss']
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step('sdpa_segments')
+    calls = []
+    monkeypatch.setattr(attention, 'varlen_usable', lambda query, dropout: not dropout)
+    monkeypatch.setattr(attention, 'varlen_attn', reference_varlen(calls))
+    loss_v, grads_v = step('sdpa_varlen')
+    length = packed['input_ids'].shape[1]
+    (first,), (second, third) = [[int(n) for n in lens] for lens in packed['seq_lens']]
+    cuts = [0, first] + ([length] if first < length else []) + [length + second, length + second + third]
+    cuts += [2 * length] if second + third < length else []
+    layers = build(tiny).language_model.config.num_hidden_layers
+    assert calls == [(cuts, max(first, second, third, length - first, length - second - third))] * layers
+    assert loss_v == pytest.approx(loss, rel=1e-6)
+    assert grads_v.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_v[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{name}: {m}')

@@ -99,3 +99,14 @@ def test_lora_and_qlora_keep_attention_give_the_gradients_of_no_checkpointing(ti
     assert any('lora_A' in n for n in grads) and g2.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f'{name}: {m}')
+
+
+def test_the_kept_kernels_are_named_as_torch_names_them():
+    """Every kept operator exists under that name (a misspelt one would be recomputed, silently), and torch's
+    ``varlen_attn`` (``sdpa_varlen``'s kernel on a GPU, which this CPU cannot run) is among them."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    assert torch.ops.torch_attn._varlen_attn.default.name() in KEPT_OPS
+    for name in KEPT_OPS:
+        space, op = name.split('::')
+        if space != 'flash_attn':   # flash-attn, a CUDA package, is not installed here
+            assert getattr(getattr(torch.ops, space), op).default.name() == name

@@ -8,7 +8,9 @@
   then a dense block-diagonal causal mask (``sdpa``, ``eager``: ``L x L`` per row), FlexAttention's
   ``BlockMask`` (blocks across samples skipped), or no mask at all for flash attention's varlen kernels, which
   read the samples from the restarting ``position_ids``, and for ``sdpa_segments`` (:func:`segment_sdpa`: causal
-  SDPA on each sample of the row in turn, memory linear in the row's length; the CPU's packed attention).
+  SDPA on each sample of the row in turn, memory linear in the row's length; the CPU's packed attention) and
+  ``sdpa_varlen`` (:func:`varlen_sdpa`: every sample of the batch in one call of PyTorch's ``varlen_attn``, its
+  FlashAttention varlen kernel, on a CUDA GPU; elsewhere :func:`segment_sdpa`).
 
 The segments also tell the loss which sample a token belongs to: :func:`sample_index` numbers the samples of
 the whole batch (``loss.token_weights``, ``preference.sequence_logps``).
@@ -20,11 +22,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'cudnn_attention_off', 'segment_sdpa', 'segment_bounds',
-           'block_causal_mask', 'document_block_mask', 'llm_attention', 'packed_segments', 'sample_index']
+__all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'VARLEN_ATTENTION', 'SEGMENTED', 'cudnn_attention_off',
+           'segment_sdpa', 'varlen_sdpa', 'segment_bounds', 'block_causal_mask', 'document_block_mask',
+           'llm_attention', 'packed_segments', 'sample_index']
 
 SEGMENT_ATTENTION = 'sdpa_segments'
-ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention', SEGMENT_ATTENTION)
+VARLEN_ATTENTION = 'sdpa_varlen'
+SEGMENTED = (SEGMENT_ATTENTION, VARLEN_ATTENTION)   # the implementations that read packed rows' segment_bounds
+ATTN_IMPLEMENTATIONS = ('sdpa', 'flash_attention_2', 'eager', 'flex_attention', *SEGMENTED)
 
 
 def cudnn_attention_off() -> None:
@@ -80,9 +85,47 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
+def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    """Whether :func:`varlen_sdpa` can give ``query``'s attention to ``varlen_attn``: FlashAttention's kernel takes
+    half-precision CUDA tensors and has no dropout."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+
+
+def varlen_attn(*args, **kwargs):
+    """PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (imported on use; tests put a reference in its place)."""
+    from torch.nn.attention.varlen import varlen_attn as kernel
+    return kernel(*args, **kwargs)
+
+
+@torch.compiler.disable
+def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                **kwargs):
+    """transformers' attention interface for ``sdpa_varlen``: packed rows (``segment_bounds``) flattened into one
+    sequence of samples, ``[B x L, heads, D]`` with their cumulative bounds, and attended in one call of
+    ``varlen_attn`` (causal within each sample; grouped key/value heads read in place), where
+    :func:`segment_sdpa` calls SDPA once per sample: no Python loop over samples and no small kernels. A row's
+    padding tail is one more sample, as in :func:`segment_sdpa`. Where the kernel cannot run
+    (:func:`varlen_usable`: a CPU, fp32, dropout) and for padded rows, :func:`segment_sdpa`."""
+    bounds = kwargs.get('segment_bounds')
+    if bounds is None or attention_mask is not None or not varlen_usable(query, dropout):
+        return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
+    rows, heads, length, width = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * length, t.shape[1], width) for t in (query, key, value)]
+    # each row's bounds shifted to where the row starts in the flat sequence; a row's end is the next one's start,
+    # and a row with fewer samples than the widest repeats its end: both collapse to one bound
+    cuts = torch.unique_consecutive((bounds + torch.arange(rows)[:, None] * length).reshape(-1))
+    longest = int((bounds[:, 1:] - bounds[:, :-1]).max())
+    cuts = cuts.to(device=query.device, dtype=torch.int32)
+    out = varlen_attn(*flat, cuts, cuts, longest, longest, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=key.shape[1] != heads)
+    return out.view(rows, length, heads, width), None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)
 
 
 _register()
@@ -95,8 +138,8 @@ def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
     attention_mask = data.get('attention_mask')
     if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
         segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
-        if attn in ('flash_attention_2', SEGMENT_ATTENTION):
-            return None, segments  # varlen kernels from the restarting position ids; segment_sdpa from seq_lens
+        if attn in ('flash_attention_2', *SEGMENTED):
+            return None, segments  # varlen kernels from the restarting position ids; ours from segment_bounds
         if attn == 'flex_attention':
             return document_block_mask(segments), segments
         return block_causal_mask(segments, embeds.dtype), segments

@@ -33,7 +33,7 @@ from torch import nn
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, SEGMENT_ATTENTION, cudnn_attention_off, llm_attention, segment_bounds
+from .attention import ATTN_IMPLEMENTATIONS, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
 from .liger import apply_liger
 from .lineage import lineage_record, source_paths
@@ -88,7 +88,8 @@ class VisionLanguageModel(BaseModel):
             ``BlockMask``: sample boundaries without flash-attn; GPU training only, as torch's FlexAttention has no
             backward on a CPU) with SDPA for the vision tower (whole tiles, no mask: nothing for flex to skip);
             ``"sdpa_segments"``: packed rows' samples attended one by one with causal SDPA (no ``L x L`` mask: the
-            CPU's packed path; ``attention.segment_sdpa``), padded rows causal SDPA (right padding; training).
+            CPU's packed path; ``attention.segment_sdpa``), padded rows causal SDPA (right padding; training);
+            ``"sdpa_varlen"``: on a CUDA GPU a batch's packed samples in one ``varlen_attn`` call, else as segments.
         cudnn_attention: leave PyTorch's cuDNN SDPA backend on. Off by default (process-wide,
             ``torch.backends.cuda.enable_cudnn_sdp(False)``; SDPA then runs FlashAttention-2 on a GPU): cuDNN
             builds kernels for each sequence length it has not seen on the machine, 3-4 s each, and a training
@@ -167,7 +168,7 @@ class VisionLanguageModel(BaseModel):
         if not cudnn_attention:
             cudnn_attention_off()
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
-        vision_attn = 'sdpa' if attn_implementation in ('flex_attention', SEGMENT_ATTENTION) else attn_implementation
+        vision_attn = 'sdpa' if attn_implementation in ('flex_attention', *SEGMENTED) else attn_implementation
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
         if llm_quantization is not None and (llm_lora is None or not freeze_llm):
@@ -346,7 +347,7 @@ class VisionLanguageModel(BaseModel):
             from .preference import pair_loss
             return pair_loss(self, embeds, data, attention_mask, position_ids, segments)
         kwargs, positions = {}, None
-        if segments is not None and self.language_model.config._attn_implementation == SEGMENT_ATTENTION:
+        if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
         if mode == 'loss' and (self.loss_chunk or 'fused_loss' in self.liger_kernel or self.llm_keeps_logits):
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question

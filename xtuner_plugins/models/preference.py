@@ -40,7 +40,7 @@ from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 
-from .attention import SEGMENT_ATTENTION, sample_index, segment_bounds
+from .attention import SEGMENTED, sample_index, segment_bounds
 
 __all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_setting', 'frozen_copies', 'pair_loss', 'preference_losses',
            'reward_accuracy', 'sequence_logps']
@@ -198,7 +198,7 @@ def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attent
         pairs = int(samples[:rows].sum())
     llm = model.language_model
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
-    if segments is not None and llm.config._attn_implementation == SEGMENT_ATTENTION:
+    if segments is not None and llm.config._attn_implementation in SEGMENTED:
         kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
     logps, counts = sequence_logps(llm(inputs_embeds=embeds, **kwargs).logits, labels, segments)
     with torch.no_grad():

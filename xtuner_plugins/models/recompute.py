@@ -37,6 +37,7 @@ KEPT_OPS = frozenset({
     'aten::_efficient_attention_forward',
     'flash_attn::_flash_attn_forward',
     'flash_attn::_flash_attn_varlen_forward',
+    'torch_attn::_varlen_attn',   # torch.nn.attention.varlen.varlen_attn (``sdpa_varlen``)
 })
 
 

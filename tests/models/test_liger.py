@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.models.conftest import build
-from xtuner_plugins.models.liger import LIGER_PARTS, apply_liger, liger_parts
+from xtuner_plugins.models.liger import LIGER_PARTS, apply_liger, check_liger, liger_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,7 +101,9 @@ def test_liger_kernels_in_tritons_interpreter(tiny, batch, tmp_path):
 def test_parts_named():
     assert liger_parts(False) == () and liger_parts(None) == ()
     assert liger_parts(True) == LIGER_PARTS and liger_parts('fused_loss') == ('fused_loss',)
-    for bad in ('flash', ['rope', 'layer_norm'], []):
+    # --cfg-options model.liger_kernel=1 (or 0) reads as an int: True (False), not a raw TypeError
+    assert liger_parts(1) == LIGER_PARTS and liger_parts(0) == ()
+    for bad in ('flash', ['rope', 'layer_norm'], [], 2, 1.0, {'rope': True, 'fused_loss': False}):
         with pytest.raises(ValueError, match='liger_kernel='):
             liger_parts(bad)
 
@@ -129,3 +131,39 @@ def test_fused_loss_refuses_a_wrapped_lm_head(tiny, monkeypatch):
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=['q_proj', 'lm_head'])
     with pytest.raises(ValueError, match='LoRA on lm_head'):
         build(tiny, llm_lora=lora, liger_kernel=['fused_loss'])
+
+
+def test_refused_before_the_llm_loads(tiny, monkeypatch):
+    """No GPU, or beside compile_blocks: refused before any weight loads (minutes for a large LLM), not after."""
+    import xtuner_plugins.models.internvl as internvl
+
+    def loaded(*args, **kwargs):
+        raise AssertionError('the model was loaded before liger_kernel was refused')
+    monkeypatch.setattr(internvl, 'build_parts', loaded)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='needs a CUDA GPU'):
+            build(tiny, liger_kernel=True)
+    with pytest.raises(ValueError, match='compile_blocks fuse the same work'):
+        build(tiny, liger_kernel=['rope'], compile_blocks='llm')
+    with pytest.raises(ValueError, match='liger_kernel='):
+        build(tiny, liger_kernel='flash')
+
+
+def test_preference_training_leaves_the_fused_loss_out(tiny, monkeypatch):
+    """The fused loss is the SFT loss; preference training's log-probabilities take the whole logits
+    (``preference.pair_loss``): 'fused_loss' is left out with a log line, so neither the model nor the planner
+    counts on it, and ZeRO-3 (which refuses it) is not refused for it."""
+    from xtuner_plugins.models import liger
+    from xtuner_plugins.plan_configs.meta import build_meta_model
+    monkeypatch.setenv('TRITON_INTERPRET', '1')   # past the device check; 'fused_loss' alone patches nothing
+    assert check_liger(True, zero3=True, preference=True) == ('rms_norm', 'swiglu', 'rope')
+    lines = []
+    monkeypatch.setattr(liger, 'print_log', lambda msg, *a, **k: lines.append(msg))
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=['q_proj'])
+    settings = dict(llm_lora=lora, freeze_projector=True, preference=dict(beta=0.1), liger_kernel=['fused_loss'])
+    model = build(tiny, **settings)
+    assert model.liger_kernel == ()
+    assert any("'fused_loss' left out" in line for line in lines), lines
+    meta = build_meta_model(dict(settings, vision_encoder=tiny['internvit'], llm=tiny['llm']), 'float32')
+    assert 'fused_loss' not in meta.liger_kernel

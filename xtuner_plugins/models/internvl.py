@@ -35,7 +35,7 @@ from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
 
 from .attention import ATTN_IMPLEMENTATIONS, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
-from .liger import apply_liger
+from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
@@ -167,6 +167,9 @@ class VisionLanguageModel(BaseModel):
             raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
         if not cudnn_attention:
             cudnn_attention_off()
+        # before any weight loads: a refusal (no GPU, compile_blocks, ZeRO-3) costs seconds, not the LLM's loading
+        liger = check_liger(liger_kernel, zero3=zero3_enabled(), compiled=compile_blocks not in ('auto', False, None),
+                            preference=preference is not None)
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
         vision_attn = 'sdpa' if attn_implementation in ('flex_attention', *SEGMENTED) else attn_implementation
         self.preference = None if preference is None else dict(preference)
@@ -250,8 +253,7 @@ class VisionLanguageModel(BaseModel):
                                          ('DeepSpeed ZeRO-3', zero3_enabled()),
                                          ('a model only run, not trained', not trainable_fp32),
                                          ('fp32 weights (measured: the bf16 recipe)', dtype != torch.bfloat16)) if cond]
-        self.liger_kernel = apply_liger(self.language_model, liger_kernel, zero3=zero3_enabled(),
-                                        compiled=compile_blocks not in ('auto', False, None))
+        self.liger_kernel = apply_liger(self.language_model, liger)
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         log_parameter_counts(self)
 

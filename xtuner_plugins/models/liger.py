@@ -34,17 +34,25 @@ LIGER_PARTS = ('rms_norm', 'swiglu', 'rope', 'fused_loss')
 KERNEL_PARTS = LIGER_PARTS[:3]   # patched into the LLM by Liger; 'fused_loss' is called by loss.py
 
 
-def liger_parts(flag: Union[bool, str, Sequence[str], None]) -> Tuple[str, ...]:
-    """``liger_kernel`` -> the parts used: False/None none, True all of :data:`LIGER_PARTS`, or those named."""
-    if flag is None or flag is False:
+def liger_parts(flag: Union[bool, str, Sequence[str], None], preference: bool = False) -> Tuple[str, ...]:
+    """``liger_kernel`` -> the parts used: False/None (or 0) none, True (or 1) all of :data:`LIGER_PARTS`, or
+    those named (one name, or a list of them); ``preference``: without ``'fused_loss'``, which computes the SFT loss
+    only, where preference training needs the whole logits (``preference.pair_loss``)."""
+    if flag is None or flag is False or (type(flag) is int and flag == 0):
         return ()
-    if flag is True:
-        return LIGER_PARTS
-    parts = (flag,) if isinstance(flag, str) else tuple(flag)
-    unknown = [p for p in parts if p not in LIGER_PARTS]
-    if unknown or not parts:
-        raise ValueError(f'liger_kernel={flag!r}: expected True, False or some of {", ".join(LIGER_PARTS)}')
-    return parts
+    if flag is True or (type(flag) is int and flag == 1):   # --cfg-options model.liger_kernel=1 reads as an int
+        parts = LIGER_PARTS
+    elif isinstance(flag, str):
+        parts = (flag,)
+    elif isinstance(flag, (list, tuple)):   # not a dict (its keys, whatever their values) nor a number
+        parts = tuple(flag)
+    else:
+        parts = None
+    unknown = None if parts is None else [p for p in parts if p not in LIGER_PARTS]
+    if parts is None or unknown or not parts:
+        raise ValueError(f'liger_kernel={flag!r}: expected True, False or some of {", ".join(LIGER_PARTS)} '
+                         "(one name, or a list: ['rope', 'fused_loss'])")
+    return tuple(p for p in parts if p != 'fused_loss') if preference else parts
 
 
 def interpreted() -> bool:
@@ -52,17 +60,20 @@ def interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
-def apply_liger(llm: nn.Module, flag: Union[bool, str, Sequence[str], None], zero3: bool = False,
-                compiled: bool = False) -> Tuple[str, ...]:
-    """Put ``llm`` (a transformers causal LM, or a PEFT wrapper of one) on the Liger kernels ``flag`` names
-    (:func:`liger_parts`); returns the parts, which the model's forward reads for ``'fused_loss'``.
+def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False, compiled: bool = False,
+                preference: bool = False) -> Tuple[str, ...]:
+    """The parts of ``flag`` (:func:`liger_parts`) this run can use, checked before any weight loads (the model
+    calls it first, so a refusal costs seconds, not the LLM's loading). Under ``preference`` ``'fused_loss'`` is
+    left out, and logged.
 
     Raises:
-        ValueError: ``compiled`` (``compile_blocks`` asked for), ``'fused_loss'`` under ``zero3``, no CUDA device,
-            or the LLM's family or a part it lacks in Liger.
+        ValueError: ``compiled`` (``compile_blocks`` asked for), ``'fused_loss'`` under ``zero3``, no CUDA device.
         ImportError: ``liger-kernel`` is not installed.
     """
-    parts = liger_parts(flag)
+    parts = liger_parts(flag, preference=preference)
+    if preference and 'fused_loss' in liger_parts(flag):
+        print_log("liger_kernel: 'fused_loss' left out: it computes the SFT loss, and preference training's "
+                  'log-probabilities need the whole logits', logger='current')
     if not parts:
         return parts
     if compiled:
@@ -73,11 +84,29 @@ def apply_liger(llm: nn.Module, flag: Union[bool, str, Sequence[str], None], zer
     if not torch.cuda.is_available() and not interpreted():
         raise ValueError(f'liger_kernel={flag!r} needs a CUDA GPU (Liger\'s kernels are Triton GPU kernels); on a '
                          'CPU leave it False: compile_blocks fuses the same work there')
-    if 'fused_loss' in parts:
-        head_of(llm)   # refused now, not at the first step
     if importlib.util.find_spec('liger_kernel') is None:
         raise ImportError(f'liger_kernel={flag!r} needs the liger-kernel package (requirements.txt pins it): '
                           'pip install liger-kernel')
+    return parts
+
+
+def apply_liger(llm: nn.Module, flag: Union[bool, str, Sequence[str], None], zero3: bool = False,
+                compiled: bool = False, preference: bool = False) -> Tuple[str, ...]:
+    """Put ``llm`` (a transformers causal LM, or a PEFT wrapper of one) on the Liger kernels ``flag`` names
+    (:func:`check_liger`; ``()``: none); returns the parts, which the model's forward reads for ``'fused_loss'``.
+
+    Raises:
+        ValueError: :func:`check_liger`'s, a LoRA-wrapped LM head under ``'fused_loss'``, or the LLM's family or a
+            part it lacks in Liger.
+        ImportError: ``liger-kernel`` is not installed.
+    """
+    if isinstance(flag, tuple) and not flag:   # check_liger's answer: nothing to use
+        return ()
+    parts = check_liger(flag, zero3=zero3, compiled=compiled, preference=preference)
+    if not parts:
+        return parts
+    if 'fused_loss' in parts:
+        head_of(llm)   # refused now, not at the first step
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
     kernels = [p for p in parts if p in KERNEL_PARTS]
     if kernels:

@@ -80,7 +80,8 @@ def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
     from xtuner_plugins.plan_configs import model_vocabulary
     cfg = {k: v for k, v in dict(model_cfg).items() if k != 'type'}
     quantized = cfg.pop('llm_quantization', None) is not None
-    liger = liger_parts(cfg.pop('liger_kernel', False))   # its kernels need a GPU; the plan needs only the parts
+    liger = liger_parts(cfg.pop('liger_kernel', False),   # its kernels need a GPU; the plan needs only the parts
+                        preference=cfg.get('preference') is not None)
     cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
     if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
         cfg['attn_implementation'] = 'sdpa'

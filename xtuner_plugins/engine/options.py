@@ -96,6 +96,26 @@ def _takes_sequence(component, name: str) -> bool:
     return any(word in text for word in ('Sequence', 'List', 'list', 'Tuple', 'tuple', 'Iterable'))
 
 
+def _takes_text(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a string beside a boolean
+    (``Union[bool, str]``: ``llm_grad_ckpt='keep_attention'``, ``liger_kernel='fused_loss'``)."""
+    param = parameter(component, name) if component is not None else None
+    if param is None or param.annotation is param.empty:
+        return False
+    text = (param.annotation if isinstance(param.annotation, str) else str(param.annotation)).replace('typing.', '')
+    if text.startswith('Union[') and text.endswith(']'):
+        text = text[len('Union['):-1]
+    depth, word, words = 0, '', []   # the Union's members, at the top level of its brackets
+    for char in text + ',':
+        depth += (char == '[') - (char == ']')
+        if char in ',|' and depth == 0:
+            words.append(word.strip())
+            word = ''
+        else:
+            word += char
+    return 'str' in words or "<class 'str'>" in words
+
+
 def _wrong_kind(key: str, value, current, where: str, component=None) -> Optional[str]:
     """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
     if value is None or current is None:
@@ -103,7 +123,7 @@ def _wrong_kind(key: str, value, current, where: str, component=None) -> Optiona
     if isinstance(value, (list, tuple)) and component is not None and _takes_sequence(component, key.split('.')[-1]):
         return None
     if isinstance(current, bool):
-        if not isinstance(value, str):
+        if not isinstance(value, str) or _takes_text(component, key.split('.')[-1]):
             return None
         expected = 'true or false'
     elif isinstance(current, (int, float)):

@@ -152,7 +152,7 @@ class VisionLanguageModel(BaseModel):
                  preference: Optional[dict] = None,
                  trainable_fp32: bool = True,
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
-                 liger_kernel: Union[bool, Sequence[str]] = False,
+                 liger_kernel: Union[bool, str, Sequence[str]] = False,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,

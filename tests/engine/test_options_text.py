@@ -1,0 +1,22 @@
+"""check_cfg_options and the settings that take a boolean or a name (``Union[bool, str]``): the name given on the
+command line passes (``model.liger_kernel=fused_loss``, ``model.llm_grad_ckpt=keep_attention``), a word given to
+a plain boolean is still refused."""
+
+import os
+
+from mmengine.config import Config
+
+from xtuner_plugins.engine.options import check_cfg_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full.py'))
+
+
+def test_a_setting_that_takes_a_boolean_or_a_name_takes_the_name():
+    # liger_kernel's default (False) and llm_grad_ckpt's value in the file (True) are booleans
+    assert check_cfg_options(CFG, {'model.liger_kernel': 'fused_loss', 'model.llm_grad_ckpt': 'keep_attention',
+                                   'model.compile_blocks': 'llm'}) == []
+    (problem,) = check_cfg_options(CFG, {'model.freeze_llm': 'yes'})
+    assert problem.startswith("model.freeze_llm: expected true or false (the config has False), got 'yes'")
+    (problem,) = check_cfg_options(CFG, {'model.cudnn_attention': 'on'})
+    assert problem.startswith('model.cudnn_attention: expected true or false')

@@ -118,7 +118,7 @@ class VisionLanguageModel(BaseModel):
             (``compile.compile_parts``).
         liger_kernel: on a CUDA GPU, the LLM's norms, SwiGLU, RoPE and loss on Liger Kernel's fused Triton kernels:
             True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
-            default until ``benchmarks/gpu.sh`` has measured it; not with ``compile_blocks`` nor ZeRO-3.
+            default until ``benchmarks/gpu.sh`` has measured it; not with ``compile_blocks``, its loss not with ZeRO-3.
     """
 
     def __init__(self,

@@ -167,3 +167,17 @@ def test_preference_training_leaves_the_fused_loss_out(tiny, monkeypatch):
     assert any("'fused_loss' left out" in line for line in lines), lines
     meta = build_meta_model(dict(settings, vision_encoder=tiny['internvit'], llm=tiny['llm']), 'float32')
     assert 'fused_loss' not in meta.liger_kernel
+
+
+def test_the_planner_refuses_what_training_refuses(tiny, capsys):
+    """tools/plan.py plans on a machine without the GPU, but a run that training would refuse (the fused loss
+    under ZeRO-3, Liger beside compile_blocks) is refused there too, in one line, not planned."""
+    from xtuner_plugins.cli.plan import main
+    cmd = [os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '2', '--gpu-mem', '80', '--cfg-options',
+           f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}']
+    assert main(cmd + ['model.liger_kernel=True', '--zero', '3']) == 2
+    assert "leave 'fused_loss' out under ZeRO-3" in capsys.readouterr().err
+    assert main(cmd + ['model.liger_kernel=[rope]', 'model.compile_blocks=llm']) == 2
+    assert 'compile_blocks fuse the same work' in capsys.readouterr().err
+    assert main(cmd + ['model.liger_kernel=[rope,swiglu]', '--zero', '3']) == 0   # planned without a GPU
+    assert ': fits' in capsys.readouterr().out

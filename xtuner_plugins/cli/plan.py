@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.liger import check_liger
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
         use_models(cfg, args.vision, args.llm)
         model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
+        check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
+                    compiled=cfg.model.get('compile_blocks', 'auto') not in ('auto', False, None),
+                    preference=cfg.model.get('preference') is not None)
         per_tile = model.num_image_token
         ds = cfg.train_dataloader.dataset
         inner = ds.get('dataset', ds)

@@ -61,10 +61,11 @@ def interpreted() -> bool:
 
 
 def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False, compiled: bool = False,
-                preference: bool = False) -> Tuple[str, ...]:
+                preference: bool = False, device: bool = True) -> Tuple[str, ...]:
     """The parts of ``flag`` (:func:`liger_parts`) this run can use, checked before any weight loads (the model
     calls it first, so a refusal costs seconds, not the LLM's loading). Under ``preference`` ``'fused_loss'`` is
-    left out, and logged.
+    left out, and logged. ``device=False``: not this machine's GPU and package (the planner, ``tools/plan.py``,
+    runs where the training does not).
 
     Raises:
         ValueError: ``compiled`` (``compile_blocks`` asked for), ``'fused_loss'`` under ``zero3``, no CUDA device.
@@ -81,6 +82,8 @@ def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False
     if zero3 and 'fused_loss' in parts:
         raise ValueError("liger_kernel's 'fused_loss' reads the LM head's weight outside the head's forward, where "
                          "DeepSpeed ZeRO-3 has not gathered it: leave 'fused_loss' out under ZeRO-3")
+    if not device:
+        return parts
     if not torch.cuda.is_available() and not interpreted():
         raise ValueError(f'liger_kernel={flag!r} needs a CUDA GPU (Liger\'s kernels are Triton GPU kernels); on a '
                          'CPU leave it False: compile_blocks fuses the same work there')

@@ -195,3 +195,19 @@ def test_a_stage_whose_work_dir_holds_a_checkpoint_of_its_lineage_is_refused(tmp
     from xtuner_plugins.engine.runstart import lineage_in_work_dir
     assert lineage_in_work_dir(dict(model=dict(pretrained_pth=child), work_dir=str(tmp_path / 'dpo'))) is None
     assert os.listdir(work) == ['iter_6.pth']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """``model.liger_kernel`` needs CUDA: the run stops before the model loads, in one line (no traceback)."""
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    cfg = Config(dict(model=dict(liger_kernel=['rope', 'fused_loss']), work_dir=str(tmp_path / 'work')))
+    with pytest.raises(SystemExit) as stopped:
+        Runner.from_cfg(cfg)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "train: refused: liger_kernel=['rope', 'fused_loss'] needs a CUDA GPU (Liger's kernels are Triton GPU "
+        "kernels); on a CPU leave it False: compile_blocks fuses the same work there"]
+    from xtuner_plugins.engine.runstart import liger_refusal
+    assert liger_refusal(dict(model=dict(liger_kernel=False))) is None
+    assert 'fuse the same work' in liger_refusal(dict(model=dict(liger_kernel=True, compile_blocks='llm')))

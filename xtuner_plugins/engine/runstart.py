@@ -13,6 +13,7 @@ later stage relies on:
 * **No stage writes over its parents** (:func:`lineage_in_work_dir`): a run whose work folder holds a
   checkpoint of its own lineage (``model.pretrained_pth`` and the earlier stages it records) would replace it
   with its own ``iter_N.pth`` and ``last_checkpoint``; it stops before anything is built, naming both.
+  A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too.
 
 :func:`prepare_run` does all this; :func:`apply_runstart_patches` (called from ``runtime.py`` at import) makes
 MMEngine's runners call it:
@@ -61,10 +62,26 @@ def prepare_run(cfg):
     if note:
         from mmengine.logging import print_log
         print_log(note, logger='current', level=logging.WARNING)
-    problem = lineage_in_work_dir(plain)
+    problem = lineage_in_work_dir(plain) or liger_refusal(plain)
     if problem:
         refuse(problem)
     return cfg
+
+
+def liger_refusal(cfg: Mapping) -> Optional[str]:
+    """Why ``model.liger_kernel`` cannot run here (no CUDA device, beside ``compile_blocks``, not installed:
+    ``models/liger.check_liger``), found before the model loads; None when it can or is off. ZeRO-3 and the LM
+    head are checked when the model is built."""
+    model = cfg.get('model')
+    flag = model.get('liger_kernel') if isinstance(model, Mapping) else None
+    if not flag:
+        return None
+    from xtuner_plugins.models.liger import check_liger
+    try:
+        check_liger(flag, compiled=model.get('compile_blocks', 'auto') not in ('auto', False, None))
+    except (ValueError, ImportError) as e:
+        return str(e)
+    return None
 
 
 def accumulation(cfg: Mapping) -> int:

@@ -276,6 +276,7 @@ def main() -> None:
             model.liger_kernel = apply_liger(model.language_model, args.liger_kernel or True)
             liger_check = compare_checks(eager, check_step(lambda b: ours_loss(model, b), trained_parameters(model),
                                                            first, args.device), CHECK_TOLERANCE[args.device])
+            liger_check['parts'] = list(model.liger_kernel)
         if 'xtuner' not in paths:
             xtuner_skip = 'left out (--no-xtuner)' if args.no_xtuner else 'left out (--paths)'
         elif importlib.util.find_spec('xtuner') is None:
@@ -343,9 +344,10 @@ def main() -> None:
         print(format_check(check))
     if liger_check is not None:
         c = liger_check
-        print(f'liger check ({", ".join(model.liger_kernel)}; one pack, before training): eager '
-              f'{c["loss_ours"]:.6f}, liger {c["loss_xtuner"]:.6f} (rel {c["loss_rel"]:.2e}); gradient norms of {c["tensors"]} tensors: max diff {c["grad_rel"]:.2e} '
-              f'of the largest -> {"OK" if c["ok"] else "FAILED"} (tolerance {c["tolerance"]:g})')
+        print(f'liger check ({", ".join(c["parts"])}; one pack, before training): eager {c["loss_ours"]:.6f}, '
+              f'liger {c["loss_xtuner"]:.6f} (rel {c["loss_rel"]:.2e}); gradient norms of {c["tensors"]} tensors: '
+              f'max diff {c["grad_rel"]:.2e} of the largest -> {"OK" if c["ok"] else "FAILED"} '
+              f'(tolerance {c["tolerance"]:g})')
     if xtuner_skip is not None:
         print(f'XTuner 0.2.0 InternVL path: {xtuner_skip}')
     if 'xtuner' in results:

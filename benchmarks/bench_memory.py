@@ -100,7 +100,7 @@ def measure(stage: str, models: dict, device: str, batch: int, steps: int, snaps
     import torch
 
     from xtuner_plugins.models import VisionLanguageModel
-    from xtuner_plugins.models.internvl import count_parameters
+    from xtuner_plugins.models.parts import count_parameters
     settings = dict(STAGES[stage])
     if models['family'] != 'internvit':
         settings.pop('vision_drop_path', None)  # stochastic depth is InternViT's (InternVL stage 1.5)

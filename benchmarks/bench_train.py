@@ -270,10 +270,10 @@ def main() -> None:
 
         xtuner_skip, folder, ours_check, check, liger_check = None, None, None, None, None
         if args.liger_kernel is not None:   # Liger's kernels against the eager model on one pack, then the rows
-            from xtuner_plugins.models.liger import apply_liger
+            from xtuner_plugins.models.liger import apply_liger, check_liger
             first = internvl_collate_fn([packed[0]])['data']
             eager = check_step(lambda b: ours_loss(model, b), trained_parameters(model), first, args.device)
-            model.liger_kernel = apply_liger(model.language_model, args.liger_kernel or True)
+            model.liger_kernel = apply_liger(model.language_model, check_liger(args.liger_kernel or True))
             liger_check = compare_checks(eager, check_step(lambda b: ours_loss(model, b), trained_parameters(model),
                                                            first, args.device), CHECK_TOLERANCE[args.device])
             liger_check['parts'] = list(model.liger_kernel)

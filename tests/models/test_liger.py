@@ -117,11 +117,11 @@ def test_refused_without_a_gpu_or_beside_what_it_cannot_join(tiny, monkeypatch):
     with pytest.raises(ValueError, match='compile_blocks fuse the same work'):
         build(tiny, liger_kernel=True, compile_blocks='llm')
     with pytest.raises(ValueError, match='ZeRO-3'):
-        apply_liger(llm, ['rope', 'fused_loss'], zero3=True)
+        check_liger(['rope', 'fused_loss'], zero3=True)
     monkeypatch.setenv('TRITON_INTERPRET', '1')   # past the device check, refused before anything is patched
     llm.config = type('Config', (), {'model_type': 'nonesuch'})()
     with pytest.raises(ValueError, match="no kernels for Module \\(model_type 'nonesuch'\\).*'fused_loss'"):
-        apply_liger(llm, ['rope', 'rms_norm'])
+        apply_liger(llm, ('rope', 'rms_norm'))
 
 
 def test_fused_loss_refuses_a_wrapped_lm_head(tiny, monkeypatch):

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         use_models(cfg, args.vision, args.llm)
         model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
-                    compiled=cfg.model.get('compile_blocks', 'auto') not in ('auto', False, None),
+                    compile_blocks=cfg.model.get('compile_blocks', 'auto'),
                     preference=cfg.model.get('preference') is not None)
         per_tile = model.num_image_token
         ds = cfg.train_dataloader.dataset

@@ -78,7 +78,7 @@ def liger_refusal(cfg: Mapping) -> Optional[str]:
         return None
     from xtuner_plugins.models.liger import check_liger
     try:
-        check_liger(flag, compiled=model.get('compile_blocks', 'auto') not in ('auto', False, None))
+        check_liger(flag, compile_blocks=model.get('compile_blocks', 'auto'))
     except (ValueError, ImportError) as e:
         return str(e)
     return None

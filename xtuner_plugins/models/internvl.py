@@ -168,7 +168,7 @@ class VisionLanguageModel(BaseModel):
         if not cudnn_attention:
             cudnn_attention_off()
         # before any weight loads: a refusal (no GPU, compile_blocks, ZeRO-3) costs seconds, not the LLM's loading
-        liger = check_liger(liger_kernel, zero3=zero3_enabled(), compiled=compile_blocks not in ('auto', False, None),
+        liger = check_liger(liger_kernel, zero3=zero3_enabled(), compile_blocks=compile_blocks,
                             preference=preference is not None)
         # tiles never cross samples and carry no mask: the vision tower keeps SDPA under flex attention
         vision_attn = 'sdpa' if attn_implementation in ('flex_attention', *SEGMENTED) else attn_implementation

@@ -60,15 +60,17 @@ def interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
-def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False, compiled: bool = False,
-                preference: bool = False, device: bool = True) -> Tuple[str, ...]:
+def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False,
+                compile_blocks: Union[bool, str, Sequence[str], None] = False, preference: bool = False,
+                device: bool = True) -> Tuple[str, ...]:
     """The parts of ``flag`` (:func:`liger_parts`) this run can use, checked before any weight loads (the model
     calls it first, so a refusal costs seconds, not the LLM's loading). Under ``preference`` ``'fused_loss'`` is
-    left out, and logged. ``device=False``: not this machine's GPU and package (the planner, ``tools/plan.py``,
-    runs where the training does not).
+    left out, and logged. ``compile_blocks``: the model's setting (``'auto'`` gives way to Liger; asked for, it is
+    refused). ``device=False``: not this machine's GPU and package (the planner, ``tools/plan.py``, runs where the
+    training does not).
 
     Raises:
-        ValueError: ``compiled`` (``compile_blocks`` asked for), ``'fused_loss'`` under ``zero3``, no CUDA device.
+        ValueError: ``compile_blocks`` asked for, ``'fused_loss'`` under ``zero3``, no CUDA device.
         ImportError: ``liger-kernel`` is not installed.
     """
     parts = liger_parts(flag, preference=preference)
@@ -77,7 +79,7 @@ def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False
                   'log-probabilities need the whole logits', logger='current')
     if not parts:
         return parts
-    if compiled:
+    if compile_blocks not in ('auto', False, None):
         raise ValueError(f'liger_kernel={flag!r} and compile_blocks fuse the same work: set one of them')
     if zero3 and 'fused_loss' in parts:
         raise ValueError("liger_kernel's 'fused_loss' reads the LM head's weight outside the head's forward, where "
@@ -93,19 +95,13 @@ def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False
     return parts
 
 
-def apply_liger(llm: nn.Module, flag: Union[bool, str, Sequence[str], None], zero3: bool = False,
-                compiled: bool = False, preference: bool = False) -> Tuple[str, ...]:
-    """Put ``llm`` (a transformers causal LM, or a PEFT wrapper of one) on the Liger kernels ``flag`` names
-    (:func:`check_liger`; ``()``: none); returns the parts, which the model's forward reads for ``'fused_loss'``.
+def apply_liger(llm: nn.Module, parts: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Put ``llm`` (a transformers causal LM, or a PEFT wrapper of one) on the Liger kernels of ``parts``, what
+    :func:`check_liger` answered (``()``: none); returns them, which the model's forward reads for ``'fused_loss'``.
 
     Raises:
-        ValueError: :func:`check_liger`'s, a LoRA-wrapped LM head under ``'fused_loss'``, or the LLM's family or a
-            part it lacks in Liger.
-        ImportError: ``liger-kernel`` is not installed.
+        ValueError: a LoRA-wrapped LM head under ``'fused_loss'``, or the LLM's family or a part it lacks in Liger.
     """
-    if isinstance(flag, tuple) and not flag:   # check_liger's answer: nothing to use
-        return ()
-    parts = check_liger(flag, zero3=zero3, compiled=compiled, preference=preference)
     if not parts:
         return parts
     if 'fused_loss' in parts:

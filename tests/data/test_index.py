@@ -95,3 +95,31 @@ def test_the_index_is_built_once_and_memory_mapped_then_rebuilt_when_the_file_ch
     with open(path, 'a') as f:
         f.write('{"a": 3}\n')
     assert len(source_index(str(path), str(tmp_path / 'cache'))) == 3
+
+
+def test_a_file_changed_after_indexing_is_named_never_read_at_other_bytes(tmp_path):
+    """Written back under the same size and modification time (a shuffle, ``cp -p``), the file is indexed again; one
+    written over while a run reads it stops the read in one line; one replaced (``sed -i``) is not read at all."""
+    import os
+    path = tmp_path / 'a.jsonl'
+    rows = [json.dumps({'n': 'x' * k}) for k in range(1, 9)]
+    path.write_text('\n'.join(rows) + '\n')
+    st = os.stat(path)
+    first = source_index(str(path), str(tmp_path / 'cache'))
+    path.write_text('\n'.join(rows[::-1]) + '\n')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = source_index(str(path), str(tmp_path / 'cache'))
+    assert [json.loads(again.read(i))['n'] for i in range(len(again))] == [json.loads(r)['n'] for r in rows[::-1]]
+    with pytest.raises(index_module.AnnotationChanged, match=r'a.jsonl: changed after its samples were indexed '
+                                                             r'\(line 1 is no longer 10 bytes at byte 0\)'):
+        first.read(0)  # its file was written over in place
+    (tmp_path / 'b.jsonl').write_text('{"n": "other"}\n')
+    os.replace(tmp_path / 'b.jsonl', path)
+    assert json.loads(again.read(7))['n'] == 'x'  # the file it indexed, still open
+    assert pytest.raises(index_module.AnnotationChanged, index_module.SourceIndex(str(path), again.entries).read, 1)
+    items = tmp_path / 'a.json'
+    items.write_text(json.dumps([{'n': 1}, {'n': 22}]))
+    listed = source_index(str(items), None)
+    items.write_text(json.dumps([{'n': 22}, {'n': 1}]))
+    with pytest.raises(index_module.AnnotationChanged, match=r'item 1 is no longer 8 bytes at byte 1'):
+        listed.read(0)

@@ -233,3 +233,14 @@ def test_repeat_times_not_a_number_names_the_file(tmp_path):
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
     with pytest.raises(ValueError, match=r"a.jsonl: repeat_times gives it None; give a number >= 0 per file"):
         expand_sources([path], repeat_times=[None])
+
+
+@pytest.mark.parametrize('raw, why', [('{"conversations": [', 'invalid JSON at column 20, the end of the line'),
+                                      ('[1, 2]', 'line is JSON list, not an object')])
+def test_a_line_no_longer_an_object_when_loaded_is_bad_json(raw, why):
+    """A line checked at start-up and changed before it is loaded is counted as bad_json, not a raw traceback."""
+    from xtuner_plugins.data.errors import SampleError
+    from xtuner_plugins.data.sources import Record
+    with pytest.raises(SampleError, match=why) as err:
+        parse_record(Record(0, 3, raw))
+    assert err.value.reason == 'bad_json'

@@ -5,7 +5,10 @@ line of a ``.jsonl`` file, blank lines skipped but counted; the 1-based position
 scanning the bytes with numpy (newlines; for a list, quotes, escapes and nesting depth), saved as ``.npy`` beside the
 length cache, keyed by the file's path, size and modification time, and memory-mapped: every rank of a node and every
 DataLoader worker share its pages (forked processes do not copy them, as they copy Python objects they touch). A sample
-is read (``os.pread`` of its bytes) and parsed when it is used.
+is read (``os.pread`` of its bytes) and parsed when it is used; the bytes around it must still be its line's or
+item's bounds (a newline; a comma or bracket), else the file changed after it was indexed (:class:`AnnotationChanged`).
+The key holds the file's inode and change time too: content written back under the same size and modification time
+(``cp -p``, ``rsync --inplace``, a coarse-grained clock) is indexed again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from .nodepass import node_once
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the inode and change time in the key
 BOM = b'\xef\xbb\xbf'
 WINDOW = 1 << 24  # bytes scanned at a time: the scan's memory stays ~10x this whatever the file's size
 _WHITESPACE = np.array([32, 9, 10, 13, 11, 12], dtype=np.uint8)  # what bytes.strip() strips
@@ -116,9 +119,14 @@ def scan(path: str) -> np.ndarray:
     return scan_jsonl(path) if path.endswith('.jsonl') else scan_json_list(path)
 
 
+def file_identity(st: os.stat_result) -> dict:
+    """What says an annotation file's bytes are the ones a cache was made of: its size, modification time, inode
+    and change time (which no copy tool sets: any write, even one restoring the modification time, changes it)."""
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=[st.st_dev, st.st_ino], ctime_ns=st.st_ctime_ns)
+
+
 def index_key(path: str) -> str:
-    st = os.stat(path)
-    parts = dict(version=INDEX_VERSION, annotation=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    parts = dict(version=INDEX_VERSION, annotation=os.path.abspath(path), **file_identity(os.stat(path)))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -149,13 +157,19 @@ def load_array(path: str) -> Optional[np.ndarray]:
     return array
 
 
+class AnnotationChanged(RuntimeError):
+    """An annotation file no longer holds its samples where its index says: it changed after it was indexed."""
+
+
 class SourceIndex:
     """The entries of one annotation file and the means to read one: ``entries`` ``[N, 3]`` (offset, size, line)."""
 
-    def __init__(self, path: str, entries: np.ndarray):
+    def __init__(self, path: str, entries: np.ndarray, cache_file: Optional[str] = None):
         self.path = path
         self.entries = entries.view(np.ndarray)  # the same mapped pages; indexing it makes no memmap object
-        self._fd, self._pid = None, None
+        self.cache_file = cache_file
+        self._jsonl = path.endswith('.jsonl')
+        self._fd = os.open(path, os.O_RDONLY)  # opened now: forked ranks' DataLoader workers read the same file
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -164,14 +178,35 @@ class SourceIndex:
         return int(self.entries[i, 2])
 
     def read(self, i: int) -> bytes:
-        """The bytes of entry ``i`` (a file descriptor per process: DataLoader workers open their own)."""
-        if self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        offset, size, _ = (int(x) for x in self.entries[i])
-        return os.pread(self._fd, size, offset)
+        """The bytes of entry ``i``. The file was opened with the index: a forked DataLoader worker reads through that
+        descriptor (``pread``, no shared position), so a file replaced meanwhile (``sed -i``, an editor) is not read."""
+        if self._fd is None:  # unpickled (a spawned process)
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset, size, line = (int(x) for x in self.entries[i])
+        lead = 1 if offset else 0
+        got = os.pread(self._fd, size + lead + 1, offset - lead)  # the byte before and after it too
+        before, body, after = got[:lead], got[lead:lead + size], got[lead + size:]
+        if self._jsonl:
+            whole = (before in (b'', b'\n') or (offset == len(BOM) and before == BOM[-1:])) and \
+                after in (b'', b'\n') and len(body) == size and b'\n' not in body
+        else:
+            whole = before in (b'[', b',') and after in (b',', b']')
+        if not whole:
+            cache = f'; delete its index {self.cache_file} if the file changed under the same size and time' \
+                if self.cache_file else ''
+            raise AnnotationChanged(
+                f'{self.path}: changed after its samples were indexed ({"line" if self._jsonl else "item"} {line} '
+                f'is no longer {size} bytes at byte {offset}): an annotation file must not change while a run reads '
+                f'it; write new data to a new file, or start the run again to index the file anew{cache}')
+        return body
 
     def __getstate__(self):
-        return dict(path=self.path, entries=self.entries, _fd=None, _pid=None)
+        return dict(path=self.path, entries=self.entries, cache_file=self.cache_file, _jsonl=self._jsonl, _fd=None)
+
+    def __del__(self):
+        if getattr(self, '_fd', None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def source_index(path: str, cache_dir: Optional[str]) -> SourceIndex:
@@ -181,7 +216,7 @@ def source_index(path: str, cache_dir: Optional[str]) -> SourceIndex:
         return SourceIndex(path, scan(path))
     file = os.path.join(cache_dir, f'index-{index_key(path)}.npy')
     entries = node_once(file, lambda: load_array(file), lambda: _build(path, file), f'the index of {path}')
-    return SourceIndex(path, entries)
+    return SourceIndex(path, entries, file)
 
 
 def _build(path: str, file: str) -> np.ndarray:

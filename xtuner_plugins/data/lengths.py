@@ -10,9 +10,9 @@ Reading 500k image headers and tokenising their text takes minutes, so it is don
 own pass (``startcheck.py``: each sample parsed and checked once, each distinct image's header read once a slice,
 the repeated turns of a template tokenised once, ``tokenize.py``) and cached as ``.npy``
 files per annotation file (memory-mapped: a 16M-sample cache loads in a moment), keyed by everything that changes
-the numbers (the file's size and modification time, the image folder, tiling settings, template and tokenizer)
-and checked against the size and modification time of every distinct image file (one ``stat`` each): the samples
-whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
+the numbers (the file's size, modification time, inode and change time, the image folder, tiling settings, template
+and tokenizer) and checked against the size and modification time of every distinct image file (one ``stat`` each):
+the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
 sample is reported when it is loaded. With ``length_field`` set (InternVL's ``length``), a sample carrying that
 field is given it as its length, untokenised (for the length-grouped sampler; packing needs exact lengths).
 """
@@ -31,7 +31,7 @@ from mmengine.logging import print_log
 
 from .errors import SampleError
 from .image_io import read_image_size
-from .index import load_array, save_array
+from .index import file_identity, load_array, save_array
 from .nodepass import node_once, run_slices
 from .sources import DataSource, Record
 from .tiling import num_tiles
@@ -52,7 +52,7 @@ def _cache_key(ds, src: DataSource) -> str:
     tok = ds.tokenizer
     parts = dict(
         version=CACHE_VERSION, dataset=type(ds).__name__,   # a pair counts its longer answer
-        annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
+        annotation=os.path.abspath(src.annotation), **file_identity(st),
         image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
         max_dynamic_patch=src.max_dynamic_patch or ds.max_dynamic_patch,
         min_dynamic_patch=ds.min_dynamic_patch, dynamic=ds.dynamic_image_size,

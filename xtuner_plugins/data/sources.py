@@ -278,8 +278,11 @@ def read_records(source_idx: int, source: DataSource,
 
 
 def parse_record(record: Record) -> dict:
-    """The sample dict of a record (jsonl lines are parsed here, on use)."""
-    return json.loads(record.raw) if isinstance(record.raw, str) else record.raw
+    """The sample dict of a record (jsonl lines are parsed here, on use: a line that is no longer a JSON object, the
+    file changed since start-up, is ``bad_json`` like any other)."""
+    if not isinstance(record.raw, str):
+        return record.raw
+    return _parse_line(record.raw.encode('utf-8', errors='surrogateescape'), None)[1]
 
 
 def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:

@@ -3,13 +3,13 @@
 Every entry of an annotation file is parsed and checked by the data set's own ``check_record`` (JSON, the
 conversation against its images, image paths inside their folder, control text, ...), and each image or video it
 names is looked up (``presence.py``). That is Python work per sample, so it is done once per node (``nodepass``:
-a file lock, every core) and cached beside the length cache under the same key (the annotation file's path, size and
-modification time, the image folder, the settings and the tokenizer): ``KEY.good.npy`` holds the entries trained on
-(memory-mapped, shared by every rank and worker), ``KEY.check.json`` the problems (``FILE:LINE``, reason, message)
-and the counts of images not found. With a tokenizer, the same pass computes the sample lengths (``lengths.py``)
-and writes their cache: one parse and one ``check_record`` a sample, not two passes. A warm start reads those
-files and checks nothing per sample; a sample is
-checked again whenever it is loaded, so an image that vanished or changed since is met then (counted, skipped).
+a file lock, every core) and cached beside the length cache under the same key (the annotation file's path, size,
+modification time, inode and change time, the image folder, the settings and the tokenizer): ``KEY.good.npy`` holds
+the entries trained on (memory-mapped, shared by every rank and worker), ``KEY.check.json`` the problems
+(``FILE:LINE``, reason, message) and the counts of images not found. With a tokenizer, the same pass computes the
+sample lengths (``lengths.py``) and writes their cache: one parse and one ``check_record`` a sample, not two passes.
+A warm start reads those files and checks nothing per sample; a sample is checked again whenever it is loaded, so
+an image that vanished or changed since is met then (counted, skipped).
 """
 
 from __future__ import annotations

@@ -282,3 +282,11 @@ def test_a_shard_folder_gets_the_report_of_the_annotation_it_came_from(tmp_path,
     assert check_dataset.main(['--data', str(tmp_path / 'empty')] + options) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and str(tmp_path / 'empty') in err and err.count('\n') == 1, err
+
+
+def test_a_json_item_that_is_not_json_is_named_as_training_names_it(tmp_path, capsys):
+    """The N-th item, counted from 1 (the pair check reads the first items before the data set does)."""
+    path = tmp_path / 'a.json'
+    path.write_text('[{"conversations": tru}, {"conversations": []}]')
+    assert check_dataset.main(['--data', str(path)]) == 2
+    assert f'error: {path}: not valid JSON (item 1: Expecting value' in capsys.readouterr().err

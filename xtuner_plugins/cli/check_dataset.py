@@ -95,7 +95,8 @@ def first_is_pair(data_files) -> bool:
     index = source_index(source.annotation, default_cache_dir())  # the data set's own, built once
     for i in range(len(index)):
         try:
-            _, sample = parse_entry(index.read(i), source.annotation.endswith('.jsonl'), f'{source.annotation}:{i}')
+            _, sample = parse_entry(index.read(i), source.annotation.endswith('.jsonl'),
+                                    f'{source.annotation}:{index.line(i)}')
         except SampleError:
             continue
         return {'chosen', 'rejected'} <= set(sample)

@@ -5,6 +5,8 @@ import json
 import os
 import tarfile
 
+import pytest
+
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.cli.shard_dataset import main
 from xtuner_plugins.data.shards import read_index
@@ -58,3 +60,17 @@ def test_no_image_found_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('shard_dataset: error: ') and only in err and err.count('\n') == 1, err
     assert not os.path.exists(tmp_path / 'o')
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_data_is_checked(tmp_path, capsys, monkeypatch):
+    jsonl, _, _ = files(tmp_path)
+    os.symlink(tmp_path / 'nowhere', tmp_path / 'dangling')
+    monkeypatch.setattr('xtuner_plugins.data.dataset.InternVLDataset.__init__',
+                        lambda *a, **k: pytest.fail('the data was checked before --out was found unusable'))
+    assert main(['--data', jsonl, '--out', str(tmp_path / 'dangling')]) == 2
+    err = capsys.readouterr().err
+    assert err == (f'shard_dataset: error: --out {tmp_path}/dangling: cannot be made a folder: File exists (a symbolic '
+                   f'link to nothing: {tmp_path}/nowhere)\n')
+    assert main(['--data', jsonl, '--out', f'{jsonl}/shards']) == 2
+    assert capsys.readouterr().err == f'shard_dataset: error: --out {jsonl}/shards: cannot be made a folder: Not a ' \
+                                      f'directory\n'

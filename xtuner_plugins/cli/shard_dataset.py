@@ -159,12 +159,20 @@ def main(argv=None) -> int:
     problem = out_problem(args.out)
     if problem:
         return tool_error(PROG, problem)
+    made = not os.path.isdir(args.out)
+    try:  # before the data set's check, which can take long: a folder that cannot be made is said now
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        link = f' (a symbolic link to nothing: {os.readlink(args.out)})' if os.path.islink(args.out) else ''
+        return tool_error(PROG, f'--out {args.out}: cannot be made a folder: {exc.strerror}{link}')
     folders = args.image_folder[0] if args.image_folder and len(args.image_folder) == 1 else args.image_folder
     from xtuner_plugins.data.dataset import InternVLDataset
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
                              allow_links_outside=args.allow_links_outside)
     except (ValueError, FileNotFoundError) as exc:
+        if made:
+            os.rmdir(args.out)
         return tool_error(PROG, exc)
     skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
     from xtuner_plugins.data.shards import INDEX

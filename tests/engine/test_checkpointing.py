@@ -114,3 +114,12 @@ def test_resume_names_the_checkpoint_it_resumed_from():
     assert seen == [('resumed from', 'work/iter_4.pth'), ('loaded', 'work/iter_6.pth')]
     assert checkpointing._LOADING.get() is None
 
+
+
+def test_tensors_of_another_shape_are_named_not_counted_as_loaded(tmp_path):
+    """A checkpoint of another config (another width, a LoRA rank): MMEngine's quiet non-strict load skips them."""
+    state = {'mlp1.weight': torch.zeros(5, 3), 'mlp1.bias': torch.zeros(3)}
+    model, path, log = load_through_the_runner(tmp_path, state, 'iter_6.pth')
+    assert f'loaded {path}: 1 tensors loaded;' in log and not model.mlp1.weight.eq(0).all()
+    assert (f'WARNING - 1 tensors of {path} have another shape than the model\'s and were NOT loaded (a checkpoint '
+            f'of another config?): mlp1.weight [5, 3] vs [3, 3]') in log

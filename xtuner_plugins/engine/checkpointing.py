@@ -172,7 +172,7 @@ def _groups(keys: Sequence[str]) -> str:
 
 
 def load_report(model, loaded: int, missing: Sequence[str], unexpected: Sequence[str],
-                source: Optional[Tuple[str, str]] = None) -> List[Tuple[int, str]]:
+                source: Optional[Tuple[str, str]] = None, mismatched: Sequence[str] = ()) -> List[Tuple[int, str]]:
     """``(level, line)``s on a non-strict load into ``model``: one INFO line with the tensors loaded and the frozen
     parameters and buffers left out by design; a WARNING for trained parameters missing from the checkpoint and
     one for the checkpoint's tensors that match nothing. ``source``: ``(verb, path)`` (``('resumed from', X)``)."""
@@ -195,7 +195,19 @@ def load_report(model, loaded: int, missing: Sequence[str], unexpected: Sequence
     if unexpected:
         lines.append((logging.WARNING, f'{len(unexpected)} tensors of {where} match no parameter of the model and '
                       f'were not loaded ({_groups(unexpected)}): {_named(unexpected)}'))
+    if mismatched:  # ``NAME [checkpoint shape] vs [model shape]``: a checkpoint of another config
+        lines.append((logging.WARNING, f'{len(mismatched)} tensors of {where} have another shape than the model\'s '
+                      f'and were NOT loaded (a checkpoint of another config?): {_named(mismatched)}'))
     return lines
+
+
+def _shape_mismatches(model, state_dict) -> List[str]:
+    """``NAME [checkpoint shape] vs [model shape]`` of each tensor the load skips for its shape (MMEngine says it
+    only in the message a non-strict load keeps quiet)."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
+    return [f'{k} {list(v.shape)} vs {list(own[k].shape)}' for k, v in state_dict.items()
+            if k in own and hasattr(v, 'shape') and own[k].numel() and tuple(v.shape) != tuple(own[k].shape)]
 
 
 def _unwrap(module):
@@ -228,9 +240,9 @@ def _patch_load_report() -> bool:
         from mmengine.dist import get_dist_info
         if get_dist_info()[0] != 0:  # as MMEngine: rank 0 reports
             return
-        unexpected = seen.get('unexpected', [])
-        for level, line in load_report(target, len(state_dict) - len(unexpected), seen.get('missing', []),
-                                       unexpected, _LOADING.get()):
+        unexpected, mismatched = seen.get('unexpected', []), _shape_mismatches(target, state_dict)
+        for level, line in load_report(target, len(state_dict) - len(unexpected) - len(mismatched),
+                                       seen.get('missing', []), unexpected, _LOADING.get(), mismatched):
             print_log(line, logger=logger or 'current', level=level)
 
     setattr(load_state_dict, _PATCH_MARK, True)

@@ -65,8 +65,8 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
     or lies inside one, one that holds a training run's files (``--overwrite`` never deletes a work folder), and
     a non-empty one without ``overwrite``."""
     out = os.path.realpath(out_dir)
-    for path in inputs:
-        if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
+    for path in inputs:  # by path parts: '/' holds every input ('/' + os.sep would not prefix one)
+        if os.path.commonpath([out, path]) in (out, path):
             raise ValueError(f'OUT_DIR {out_dir} is, holds or lies inside an input ({path}); choose another folder')
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f'OUT_DIR {out_dir} exists and is not a folder')

@@ -556,3 +556,24 @@ def test_missing_config_field_is_one_line(realsize_7b, tmp_path, capsys):
     assert (rc, err) == (2, "plan: error: --vision 'qwen2.5-7b' is an LLM, not a vision tower\n")
     rc, out, err = run_cli(cfg + ['--vision', 'internvit-300m', '--llm', str(tmp_path)], capsys)
     assert (rc, err) == (2, f'plan: error: model.llm: {tmp_path} has no config.json\n')
+
+
+def test_a_config_that_cannot_be_read_or_is_no_training_config_is_one_line(tmp_path, capsys):
+    """A stage config copied away from its base, one with a syntax error, a part of one (configs/_base_/): one line
+    naming the file, exit 2 (before: MMEngine's traceback, a syntax error naming '<unknown>', an AttributeError)."""
+    import shutil
+    copied = tmp_path / 'my configs ü' / 'finetune_lora.py'
+    copied.parent.mkdir()
+    shutil.copy(os.path.join(ROOT, 'configs/finetune_lora.py'), copied)
+    broken = tmp_path / 'broken.py'
+    broken.write_text('x = (\n')
+    part = os.path.join(ROOT, 'configs/_base_/datasets/internvl_sft.py')
+    common = ['--gpus', '1', '--gpu-mem', '80']
+    rc, out, err = run_cli([str(copied)] + common, capsys)
+    assert rc == 2 and err.startswith(f'plan: error: {copied.parent}/finetune_full.py not found!') and \
+        err.count('\n') == 1, err
+    assert run_cli([str(broken)] + common, capsys)[::2] == (2, f"plan: error: {broken}: line 1: '(' was never "
+                                                               f"closed\n")
+    assert run_cli([part] + common, capsys)[::2] == (2, f'plan: error: {part}: no model, optim_wrapper: not a training '
+                                                        f'config (a stage config, e.g. configs/finetune_lora.py, not a '
+                                                        f'part of one under configs/_base_/)\n')

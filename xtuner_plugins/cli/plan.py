@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from dataclasses import replace
 
+    from mmengine.config.utils import ConfigParsingError
+
     from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.models.liger import check_liger
     from xtuner_plugins.plan_configs.meta import build_meta_model
@@ -126,6 +128,10 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         cfg = load_config(args.config, args.cfg_options)
+        lacking = [key for key in ('model', 'train_dataloader', 'optim_wrapper') if key not in cfg]
+        if lacking:
+            raise ValueError(f'{args.config}: no {", ".join(lacking)}: not a training config (a stage config, '
+                             f'e.g. configs/finetune_lora.py, not a part of one under configs/_base_/)')
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
         use_models(cfg, args.vision, args.llm)
         model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
@@ -139,7 +145,11 @@ def main(argv=None) -> int:
         tiles = 1 if model.image_mode != 'tile' else patches + (
             1 if inner.get('use_thumbnail', True) and patches > 1 else 0)
         batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except SyntaxError as exc:  # in the config (MMEngine's message names no file)
+        print(f'plan: error: {exc.filename if exc.filename not in (None, "<unknown>") else args.config}: line '
+              f'{exc.lineno}: {exc.msg}', file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError, ConfigParsingError) as exc:  # ConfigParsingError: a base missing
         print(f'plan: error: {exc}', file=sys.stderr)
         return 2
     budget = args.gpu_mem * GIB

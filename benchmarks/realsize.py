@@ -26,9 +26,10 @@ Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) a
 tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``), or to
 6 + thumbnail in every row of them on a machine under 32 GiB, where XTuner's rows do not fit at 12
 (``realsize_report.default_tiles``; ``--max-dynamic-patch`` to choose; the closing line says which);
-(c) resizes each image to one 384 px tile. Every row trains on the same samples in the same order: unpacked
-``--batch`` samples per step (padded), packed one pack of up to ``--max-tokens`` tokens; XTuner the unpacked
-batches. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row. The
+(c) resizes each image to one 384 px tile. Every row of a setting times the same samples in the same order, those
+of ``--steps`` packs drawn at random (:func:`timed_steps`): packed one pack of up to ``--max-tokens`` tokens a
+step, unpacked and XTuner's rows the packs' samples, ``--batch`` a step (padded); so a ratio of two rows' tokens/s
+is over the same tokens. Precision: frozen weights bf16, trained ones fp32, bf16 autocast (the GPU recipe), for every row. The
 optimizer: torch's AdamW with our configs' options for our rows (``fused=True``: ``train_loop.ours_adamw``),
 with torch's defaults for XTuner's (as its configs build it). Each row's untimed warm-up step (gradients and
 AdamW's states made) trains the first sample at one tile (``--warmup short``; ``full``: a full-size batch), which
@@ -118,6 +119,28 @@ def build_data(setting: str, work: str, models: dict, samples: int):
     return data, os.path.join(folder, 'images')
 
 
+def timed_steps(packed, packs: int, order: torch.Generator, row: str, batch: int):
+    """The data set a row reads and its timed steps, each a list of indices into it. The same samples in every
+    row of a setting, in the same order: those of ``packs`` packs drawn at random (with replacement, ``order``'s
+    draws); the packed rows train each pack in a step, the others (ours unpacked, XTuner's) the packs' samples,
+    ``batch`` a step (padded). So the rows' tokens/s are over the same tokens: a ratio between two rows measures
+    the path, not which samples each row drew (samples differ in their share of image tokens)."""
+    picks = list(torch.utils.data.RandomSampler(packed, replacement=True, num_samples=packs, generator=order))
+    if row.startswith('packed'):
+        return packed, [[pick] for pick in picks]
+    samples = [index for pick in picks for index in packed.packs[pick]]
+    return packed.dataset, [samples[k:k + batch] for k in range(0, len(samples), batch)]
+
+
+def collated(dataset, batches):
+    """Each step's items, loaded and collated when the step asks (the data time is the step's; in this process:
+    a forked loader worker keeps a copy-on-write image of a 10+ GB process, and every page the step rewrites is
+    then held twice: the kernel killed XTuner's (a) row with its worker at 9 GB)."""
+    from xtuner_plugins.data import internvl_collate_fn
+    for step in batches:
+        yield internvl_collate_fn([dataset[index] for index in step])
+
+
 def child(args) -> dict:
     """One row of one setting, in this process."""
     from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
@@ -163,12 +186,7 @@ def child(args) -> dict:
                          tokens=model.num_image_token)
     order = torch.Generator().manual_seed(0)
 
-    def loader(dataset, batch):  # in this process: a forked worker keeps a copy-on-write image of a 10+ GB
-        # process, and every page the step rewrites is then held twice (the kernel killed XTuner's (a) row with
-        # its worker at 9 GB); the data time is measured either way (the tiles come from the cache)
-        sampler_ = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 6, generator=order)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler_, num_workers=0,
-                                           collate_fn=internvl_collate_fn)
+    dataset, batches = timed_steps(packed, args.steps, order, args.row, args.batch)
     warmup = None
     if args.warmup == 'short':   # the first sample at one tile (packed rows: packed alone), not a full-size step
         small = InternVLDataset(data, image_folders=images, tokenizer=models['llm'], max_dynamic_patch=1,
@@ -214,7 +232,7 @@ def child(args) -> dict:
         del ours   # 2.5 GB for (a): not held through XTuner's steps
         check = own
         step_loss = lambda b: xtuner_row.xtuner_loss(xt, b)  # noqa: E731
-    dataset, batch = (packed, 1) if args.row.startswith('packed') else (ds, args.batch)
+    steps = len(batches)
     adamw = train_loop.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's
     marks, seen = [], []
 
@@ -240,7 +258,7 @@ def child(args) -> dict:
         profile = os.path.join(args.profile, f'{args.setting}-{args.row}.txt')
         mark_modules(xt.model if xt is not None else model, tower)
     with sampler.ops() if xt is None and args.op_reads else contextlib.nullcontext():   # beside the plan: ours
-        r = train_loop.run(model, remembered(loader(dataset, batch)), args.steps, 'cpu', shapes,
+        r = train_loop.run(model, remembered(collated(dataset, batches)), steps, 'cpu', shapes,
                            step_loss=step_loss, freeze=freeze if xt is not None else None, img_context_token_id=ctx,
                            autocast=True, warmup_batch=warmup, adamw=adamw, check=check, after_step=mark,
                            profile=profile, warmup=len(warmup) if isinstance(warmup, list) else 1,
@@ -251,13 +269,14 @@ def child(args) -> dict:
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
     llm_flops = 0
-    for item in seen[-args.steps:]:
+    for item in seen[-steps:]:
         b = item['data']
         lens, tiles_ = flops.batch_samples(b, ctx, shapes.image_tokens_per_tile)
         f = flops.train_step_flops(shapes, lens, tiles_, **freeze, supervised=int((b['labels'][:, 1:] != -100).sum()))
         llm_flops += f['llm'] + f['lm_head']
-    timed_vision = sum(vision_s[-args.steps:])
-    result.update(vision_s=timed_vision, llm_tflops=llm_flops / (r['s_per_step'] * args.steps - timed_vision) / 1e12)
+    timed_vision = sum(vision_s[-steps:])
+    result.update(vision_s=timed_vision / steps, llm_tflops=llm_flops / (r['s_per_step'] * steps - timed_vision) / 1e12,
+                  timed_steps=steps)
     if xt is None and args.row == 'unpacked' and 'llm_lora' in s['model']:  # what the runner saves: for item 6
         torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()},
                    os.path.join(shared, 'lora.pth'))
@@ -291,7 +310,8 @@ def main() -> None:
                         'packed_segments xtuner, and the _compiled two where compile_blocks=\'auto\' compiles on '
                         'this machine; the dense-mask and no-checkpointing rows are levers, measured once '
                         'in benchmarks/RESULTS.md)')
-    p.add_argument('--steps', type=int, default=1, help='timed steps per row, after one warm-up step (default 1)')
+    p.add_argument('--steps', type=int, default=1, help='packs timed per row, after the warm-up step: the packed rows\' timed '
+                   'steps; the other rows time the same samples, --batch a step (default 1)')
     p.add_argument('--warmup', choices=('short', 'full'), default='short',
                    help="the warm-up step: 'short' the first sample at one tile (default), 'full' the loader's "
                         "first batch (a full-size step, as long as the timed one)")

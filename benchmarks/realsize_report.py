@@ -65,13 +65,18 @@ def run_watched(cmd, env=None):
     return subprocess.CompletedProcess(cmd, proc.returncode, ''.join(chunks['out']), ''.join(chunks['err'])), peak
 
 
+def over(r) -> str:
+    """What a row timed: its samples and steps (the same samples in every row of a setting)."""
+    return f' ({r["samples"]} samples, {r["timed_steps"]} steps)' if 'timed_steps' in r else ''
+
+
 def print_row(setting, row, r, roof, flush=False):
     if 'error' in r:
         print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
         return
     pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
     print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
-          f'tokens/s {r["tokens_per_s"]:7.1f} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
+          f'tokens/s {r["tokens_per_s"]:7.1f}{over(r)} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
           f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
           f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
           f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)'

@@ -251,7 +251,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
         if device != 'cuda':   # on a GPU the kernels' time is not the operators' CPU time
             from benchmarks.profile_kinds import split
             kinds = split(prof.events(), total * 1e6)
-    return dict(tokens_per_s=tokens / total, samples_per_s=samples / total, data_share=data_time / total,
+    return dict(tokens=tokens, samples=samples, tokens_per_s=tokens / total, samples_per_s=samples / total,
+                data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),
                 peak_mib=peak_memory_mib(device), warmup_s=warmup_s, s_per_step=total / steps,
                 step_s=[round(x, 3) for x in step_s], **({'check': record} if check is not None else {}),

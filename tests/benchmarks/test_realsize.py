@@ -28,7 +28,7 @@ def test_realsize_rows_and_closing_lines(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'realsize.py'), '--work', 'w',  # relative
                           '--out', 'out', '--settings', 'a', 'c', '--rows', 'unpacked', 'packed_segments', 'xtuner',
-                          '--samples', '3', '--max-tokens', '1024', '--max-dynamic-patch', 'a=4'], cwd=tmp_path,
+                          '--samples', '3', '--max-tokens', '4096', '--max-dynamic-patch', 'a=4'], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
@@ -48,7 +48,14 @@ def test_realsize_rows_and_closing_lines(tmp_path):
     if float(roof.group(1)) >= float(roof.group(3)) / 2:   # bf16 instructions: torch.mm's rate is the ceiling (on a
         assert float(closing['a'].group(6)) < 100         # CPU without them its reference kernel is under linear's)
     assert closing['c'].group(2) == 'n/a' and closing['c'].group(5) != 'n/a'  # XTuner has no bilinear projector
-    assert (tmp_path / 'out' / 'results.json').exists()
+    # every row of a setting times the same samples (a pack's, in the unpacked rows --batch a step): its ratios
+    # compare the paths over the same tokens
+    import json
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    for setting in 'ac':
+        timed = {(r['row'], r['tokens'], r['samples']) for r in results['rows'].values() if r['setting'] == setting}
+        assert len({(t, n) for _, t, n in timed}) == 1 and len(timed) == (3 if setting == 'a' else 2), timed
+        assert min(n for _, _, n in timed) >= 2, timed   # a pack of several samples, so the unpacked rows step
 
 
 def test_realsize_sh_gives_its_folders_to_the_rows_and_the_scaling_series(tmp_path):

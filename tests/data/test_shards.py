@@ -1,6 +1,9 @@
 """Tar shards (data/shards.py, written by cli/shard_dataset.py): the same items as the annotation they came from,
 disjoint and complete parts across ranks x workers, an exact mid-epoch resume, and check_shards."""
 
+import json
+import os
+import shutil
 from collections import Counter
 from types import SimpleNamespace
 
@@ -91,3 +94,77 @@ def test_check_shards_reports_as_check_dataset(data):
     assert [(p.reason, p.source) for p in report['problems']] == [('corrupt_image', f'{b}:3')] * 2
     assert report['stats'][a]['kept'] == 8 and len(report['lengths'][a]) == 8
     assert report['skipped'] == {'missing_image': 1}
+
+
+def shard_set_copy(data, tmp_path, edit=None, links=False):
+    """The shard set copied to ``tmp_path/set`` (its shards as symbolic links to the originals with ``links``),
+    ``edit(index)`` changing its ``shards.json`` (or ``edit`` its text)."""
+    folder = tmp_path / 'set'
+    folder.mkdir()
+    index = read_index(data.out)
+    for shard in index['shards']:
+        source = os.path.join(data.out, shard['file'])
+        os.symlink(source, folder / shard['file']) if links else shutil.copy(source, folder / shard['file'])
+    if callable(edit):
+        edit(index)
+    (folder / 'shards.json').write_text(edit if isinstance(edit, str) else json.dumps(index))
+    return str(folder)
+
+
+def outside(data, tmp_path, absolute):
+    """Shard 0 named by a path out of the set's folder, where a copy of it lies."""
+    (tmp_path / 'elsewhere').mkdir()
+    shutil.copy(f'{data.out}/shard-000000.tar', tmp_path / 'elsewhere' / 'x.tar')
+    name = str(tmp_path / 'elsewhere' / 'x.tar') if absolute else '../elsewhere/x.tar'
+    return lambda index: index['shards'][0].update(file=name)
+
+
+@pytest.mark.parametrize('case,edit,message', [
+    ('no shards', lambda index: index.pop('shards'),
+     '"shards" is missing, expected a non-empty list of {"file", "samples", "bytes"}'),
+    ('shards a string', lambda index: index.update(shards='shard-000000.tar'),
+     '"shards" is a str \'shard-000000.tar\', expected a non-empty list'),
+    ('a shard a string', lambda index: index['shards'].__setitem__(1, 'shard-000001.tar'),
+     'shards[1] is a str, expected {"file", "samples", "bytes"}'),
+    ('samples a string', lambda index: index['shards'][2].update(samples='3'),
+     'shards[2] (shard-000002.tar): samples \'3\', bytes'),
+    ('no file', lambda index: index['shards'][0].pop('file'), 'shards[0].file is None, expected the name of a tar'),
+    ('no sources', lambda index: index.pop('sources'), '"sources" is missing, expected a non-empty list'),
+    ('samples not adding up', lambda index: index.update(samples=99), 'samples 99, but its 5 shards hold 14'),
+    ('not an object', '[1, 2]',
+     'not a JSON object but a list; write the shard set again with tools/shard_dataset.py'),
+    ('not JSON', '{"format": "xtuner-plugins-shards/1", "shards": [',
+     'not valid JSON (line 1, column 50: Expecting value); write the shard set again'),
+])
+def test_a_malformed_shards_json_is_one_line_naming_it_and_the_key(data, tmp_path, case, edit, message):
+    """A shards.json missing a key or with one of the wrong kind stops start-up in one line naming the file and
+    the key (a KeyError or a TypeError before)."""
+    folder = shard_set_copy(data, tmp_path, edit)
+    with pytest.raises(ValueError) as err:
+        read_index(folder)
+    assert str(err.value).startswith(f'{folder}/shards.json: {message}'), str(err.value)
+    assert str(err.value).endswith('write the shard set again with tools/shard_dataset.py')
+
+
+@pytest.mark.parametrize('absolute', [False, True], ids=['dotdot', 'absolute'])
+def test_a_shard_named_outside_the_folder_is_refused_unread(data, tmp_path, absolute):
+    folder = shard_set_copy(data, tmp_path, outside(data, tmp_path, absolute))
+    with pytest.raises(ValueError) as err:
+        ShardDataset(folder, dict(data.settings, allow_links_outside=True), shuffle=False, rank=0, world_size=1)
+    name = f'{tmp_path}/elsewhere/x.tar' if absolute else '../elsewhere/x.tar'
+    assert str(err.value) == (f'{folder}/shards.json: shards[0].file {name!r} leads outside the shard set\'s folder '
+                              f'{folder} (to {tmp_path}/elsewhere/x.tar): not read; write the shard set again with '
+                              f'tools/shard_dataset.py')
+
+
+def test_a_shard_linked_out_of_the_folder_is_refused_unless_links_are_allowed(data, tmp_path):
+    folder = shard_set_copy(data, tmp_path, links=True)
+    with pytest.raises(ValueError) as err:
+        shard_ds(SimpleNamespace(**dict(vars(data), out=folder)))
+    assert str(err.value) == (f'{folder}/shards.json: shards[0].file \'shard-000000.tar\' is a symbolic link to '
+                              f'{data.out}/shard-000000.tar, outside the shard set\'s folder {folder}: not read (set '
+                              f'the data set\'s allow_links_outside=True to allow it)')
+    with pytest.raises(ValueError, match='is a symbolic link to'):
+        check_shards(folder, **{k: v for k, v in data.settings.items() if k != 'max_bad_fraction'})
+    ds = ShardDataset(folder, dict(data.settings, allow_links_outside=True), shuffle=False, rank=0, world_size=1)
+    assert len([item for _, item in zip(range(3), ds)]) == 3  # the data set's opt-in, as for image folders

@@ -12,7 +12,12 @@ N: saved PATH; resume=True in WORK_DIR continues from it``, and every rank exits
 When the grace time ends first, SIGKILL leaves the last complete checkpoint: every checkpoint write is atomic
 (``checkpointing.py``). A job submitted with ``sbatch --requeue`` goes back to the queue when preempted, and its
 next run (``SLURM_RESTART_COUNT`` > 0) continues from its work folder's ``last_checkpoint`` by itself, as with
-``--cfg-options resume=True`` (:func:`resume_requeued`, ``resume.py``; ``tools/slurm/*.sbatch``).
+``--cfg-options resume=True`` (:func:`resume_requeued`, ``resume.py``; ``tools/slurm/*.sbatch``), but only from a
+checkpoint this job saved: the first run of a job in a work folder records the job there (``slurm_job.json``, its
+``SLURM_JOB_ID``, written by rank 0 when training starts), and a pointer older than that record, or a record of
+another job, was left by an earlier job (this job's first run saved nothing): the requeued run then starts as its
+first run did (its command's ``resume``/``--resume``), with a log line saying why. Both times are the file
+system's (the files' modification times), so the nodes' clocks do not matter.
 
 The hook is added to every run under Slurm (``SLURM_JOB_ID`` set) when training starts (:func:`apply_preempt_patches`,
 called from ``runtime.py``); ``XTUNER_PLUGINS_SAVE_ON_SIGNAL=1`` adds it elsewhere (``torchrun`` passes SIGTERM on to
@@ -22,18 +27,22 @@ its ranks), ``=0`` never. A DataLoader worker (forked, it inherits the handler) 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
-from typing import List, Optional
+import time
+from typing import List, Optional, Tuple
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-__all__ = ['PREEMPTED_EXIT_CODE', 'SAVE_ON_SIGNAL_ENV', 'SaveOnSignalHook', 'apply_preempt_patches', 'wanted']
+__all__ = ['JOB_RECORD', 'PREEMPTED_EXIT_CODE', 'SAVE_ON_SIGNAL_ENV', 'SaveOnSignalHook', 'apply_preempt_patches',
+           'requeue_decision', 'resume_requeued', 'wanted']
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 SAVE_ON_SIGNAL_ENV = 'XTUNER_PLUGINS_SAVE_ON_SIGNAL'
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+JOB_RECORD = 'slurm_job.json'  # the Slurm job that first trained in a work folder (module docstring)
 _PATCH_MARK = '_xtuner_plugins_preempt_patch'
 _applied: List[str] = []
 
@@ -115,17 +124,73 @@ def requeued(env=None) -> int:
     return int(count) if count.isdigit() else 0
 
 
+def job_record(work_dir: str) -> Optional[Tuple[str, float]]:
+    """``(job id, when)`` of ``WORK_DIR/slurm_job.json`` (``when``: its modification time); None without one."""
+    path = os.path.join(work_dir, JOB_RECORD)
+    try:
+        with open(path, encoding='utf-8') as f:
+            job = json.load(f)['job']
+        return str(job), os.stat(path).st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def requeue_decision(work_dir: str, env=None) -> Tuple[bool, str]:
+    """``(resume, line)``: whether a run in ``work_dir`` resumes from its ``last_checkpoint`` because its job was
+    requeued, and the log line saying so or why not (module docstring); ``(False, '')`` for a job's first run, or
+    a work folder without a pointer."""
+    from xtuner_plugins.engine.resume import POINTER
+    env = os.environ if env is None else env
+    count, job = requeued(env), env.get('SLURM_JOB_ID', '?')
+    pointer = os.path.join(work_dir, POINTER)
+    if not count or not os.path.isfile(pointer):
+        return False, ''
+    head = f'slurm: job {job} requeued ({count}x)'
+    record = job_record(work_dir)
+    if record is not None and record[0] == job and os.stat(pointer).st_mtime >= record[1]:
+        return True, f'{head}: resuming from the last checkpoint of {work_dir} (resume=True)'
+    why = (f'{pointer} is older than this job\'s first run in it ({os.path.join(work_dir, JOB_RECORD)})'
+           if record is not None and record[0] == job else
+           f'{os.path.join(work_dir, JOB_RECORD)} names job {record[0]}' if record is not None else
+           f'{work_dir} has no {JOB_RECORD} (written when a job starts training)')
+    return False, (f'{head}: not resuming from {pointer}: {why}, so it was left by an earlier job, not saved by this '
+                   f'one; this run starts as the job\'s first run did')
+
+
+def note_job(runner, env=None) -> None:
+    """Rank 0 records this Slurm job in the work folder (``slurm_job.json``) unless it is there already, or the
+    run lock refused this run (the work folder is another run's)."""
+    from mmengine.dist import get_rank
+
+    from xtuner_plugins.engine.checkpointing import atomic_write
+    from xtuner_plugins.engine.runlock import RunLockHook
+    env = os.environ if env is None else env
+    job = env.get('SLURM_JOB_ID')
+    if not job or get_rank() != 0 or any(isinstance(h, RunLockHook) and h.refused for h in runner.hooks):
+        return
+    record = job_record(runner.work_dir)
+    if record is None or record[0] != job:
+        atomic_write(json.dumps(dict(job=job, started=time.strftime('%Y-%m-%d %H:%M:%S'))),
+                     os.path.join(runner.work_dir, JOB_RECORD))
+
+
 def resume_requeued(runner) -> bool:
     """A requeued job continues from its work folder's last checkpoint, as with ``resume=True`` (a ``--resume``
-    checkpoint of its first run is older); False, changing nothing, when it is a first run or nothing was saved."""
-    from xtuner_plugins.engine.resume import POINTER
-    count = requeued()
-    if not count or not os.path.isfile(os.path.join(runner.work_dir, POINTER)):
-        return False
-    runner._resume, runner._load_from = True, None
-    print_log(f'slurm: job {os.environ.get("SLURM_JOB_ID", "?")} requeued ({count}x): resuming from the last '
-              f'checkpoint of {runner.work_dir} (resume=True)', logger='current')
-    return True
+    checkpoint of its first run is older), when this job saved it; False, changing nothing, when it is a first
+    run, nothing was saved, or only an earlier job did (a log line says so). Rank 0 decides for every rank, then
+    records the job (:func:`note_job`)."""
+    from mmengine.dist import broadcast_object_list, get_dist_info
+    rank, world_size = get_dist_info()
+    decision = [requeue_decision(runner.work_dir) if rank == 0 else None]
+    if world_size > 1:
+        broadcast_object_list(decision, src=0)
+    resume, line = decision[0]
+    note_job(runner)
+    if line:
+        print_log(line, logger='current')
+    if resume:
+        runner._resume, runner._load_from = True, None
+    return resume
 
 
 def _patch_train() -> bool:

@@ -8,6 +8,7 @@ import torch
 from tests.models.conftest import build, train_steps, write_official
 from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
 from xtuner_plugins.data.tiling import normalize_tiles
+from xtuner_plugins.errors import Refused
 from xtuner_plugins.models import VisionLanguageModel
 
 
@@ -142,13 +143,13 @@ def test_start_from_official_checkpoint(tiny, batch, tmp_path):
 
 
 def test_bad_arguments(tiny, tmp_path):
-    with pytest.raises(ValueError, match='either official_checkpoint or vision_encoder'):
+    with pytest.raises(Refused, match='either official_checkpoint or vision_encoder'):
         VisionLanguageModel(official_checkpoint='x', llm=tiny['llm'])
-    with pytest.raises(ValueError, match='needs vision_encoder and llm'):
+    with pytest.raises(Refused, match='needs vision_encoder and llm'):
         VisionLanguageModel(llm=tiny['llm'])
-    with pytest.raises(ValueError, match='unknown dtype'):
+    with pytest.raises(Refused, match='unknown dtype'):
         build(tiny, torch_dtype='float8')
-    with pytest.raises(ValueError, match=r"unknown attn_implementation 'flex'; use one of .*'flex_attention'"):
+    with pytest.raises(Refused, match=r"unknown attn_implementation 'flex'; use one of .*'flex_attention'"):
         build(tiny, attn_implementation='flex')
     with pytest.raises(FileNotFoundError, match='no config.json'):
         VisionLanguageModel(official_checkpoint=str(tmp_path))
@@ -194,7 +195,7 @@ def test_loss_reduction_setting(tiny, batch):
             causal_lm_loss(logits, batch['labels'], 'square').item(), rel=1e-6)
         assert causal_lm_loss(logits, batch['labels'], 'square').item() != pytest.approx(
             causal_lm_loss(logits, batch['labels'], 'token').item(), rel=1e-4)
-    with pytest.raises(ValueError, match="unknown loss_reduction 'mean'"):
+    with pytest.raises(Refused, match="unknown loss_reduction 'mean'"):
         build(tiny, loss_reduction='mean')
 
 
@@ -231,7 +232,7 @@ def test_loss_chunk_gives_the_loss_and_gradients_of_whole_logits(tiny, batch, kw
     assert whole_grads.keys() == chunked_grads.keys() and any(g.abs().max() > 0 for g in whole_grads.values())
     for name, grad in whole_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
-    with pytest.raises(ValueError, match='loss_chunk must be >= 0'):
+    with pytest.raises(Refused, match='loss_chunk must be an integer >= 0'):
         build(tiny, loss_chunk=-1)
 
 

@@ -133,6 +133,16 @@ def test_fused_loss_refuses_a_wrapped_lm_head(tiny, monkeypatch):
         build(tiny, llm_lora=lora, liger_kernel=['fused_loss'])
 
 
+def test_fused_loss_refuses_logits_soft_capped_after_the_head_when_applied():
+    """Gemma-2's soft-capping after the LM head: the fused loss would leave it out; refused when Liger is applied
+    (the model's build), naming the part, not at the first step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, final_logit_softcapping=30.0))
+    with pytest.raises(ValueError, match="^liger_kernel's 'fused_loss': .*final_logit_softcapping=30.0"):
+        apply_liger(llm, ('fused_loss',))
+
+
 def test_refused_before_the_llm_loads(tiny, monkeypatch):
     """No GPU, or beside compile_blocks: refused before any weight loads (minutes for a large LLM), not after."""
     import xtuner_plugins.models.internvl as internvl

@@ -137,3 +137,24 @@ def test_global_denominator_across_ranks(reduction, tmp_path):
     for r in range(2):
         width = grads[r].shape[1]
         assert torch.allclose(grads[r][0] / 2, logits.grad[r, :width], atol=1e-6), (r, grads[r], logits.grad)
+
+
+@pytest.mark.parametrize('name,value', [('final_logit_softcapping', 30.0), ('logit_scale', 0.0625)])
+def test_a_loss_that_runs_the_head_itself_refuses_logits_transformed_after_it(name, value):
+    """Gemma-2's soft-capping and Cohere's logit scale come after the LM head in the model's own forward: the
+    chunked and the fused loss, which run the head themselves, would leave them out. The refusal names the
+    setting that asked for such a loss, and how to turn it off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xtuner_plugins.models.head import refuse_logit_transform
+    from xtuner_plugins.models.loss import decoder_chunked_loss
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    llm = LlamaForCausalLM(config)
+    refuse_logit_transform(llm, 'loss_chunk')   # the plain Llama: nothing to refuse
+    setattr(llm.config, name, value)
+    embeds, labels = torch.randn(1, 4, 16), torch.tensor([[-100, 3, 4, 5]])
+    with pytest.raises(ValueError, match=rf'^loss_chunk: .*{name}={value}.*use loss_chunk=0$'):
+        decoder_chunked_loss(llm, embeds, labels, supervised_positions(labels), chunk=2)
+    with pytest.raises(ValueError, match=rf"^liger_kernel's 'fused_loss': .*{name}.*leave 'fused_loss' out of"):
+        decoder_chunked_loss(llm, embeds, labels, supervised_positions(labels), chunk=0, fused=True)

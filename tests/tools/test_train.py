@@ -16,6 +16,8 @@ from xtuner_plugins import launch
 
 from xtuner_plugins.cli.train import failure_message
 from xtuner_plugins.data.errors import TooManyBadSamplesError
+from xtuner_plugins.data.index import AnnotationChanged
+from xtuner_plugins.errors import Refused
 
 GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
 TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')
@@ -43,6 +45,30 @@ def test_a_data_loader_worker_error_is_summed_up_by_the_worker_message():
                                        "not found: x.jpg")
     assert failure_message(ValueError('model.llm: no such folder\nmore')) == 'model.llm: no such folder'
     assert failure_message(RuntimeError()) == ''
+
+
+@pytest.mark.parametrize('error,rc,first,traceback', [
+    (Refused("unknown loss_reduction 'mean'; use one of ('token', 'sample', 'square')"), 2,
+     "train: refused: unknown loss_reduction 'mean'; use one of ('token', 'sample', 'square')", False),
+    (AnnotationChanged('d.jsonl: changed after its samples were indexed (line 3 is no longer 40 bytes at byte 80)'),
+     1, 'train: FAILED: AnnotationChanged: d.jsonl: changed after its samples were indexed', False),
+    (ValueError('math domain error'), 1, 'Traceback (most recent call last):', True)])
+def test_an_error_that_says_it_whole_is_one_line_without_its_traceback(tmp_path, monkeypatch, capsys, error, rc,
+                                                                      first, traceback):
+    """A setting or input refused (``errors.Refused``: one line, exit 2) and a failure the message explains whole
+    (``errors.Stated``) come without the traceback; any other error keeps it, and the summary points to it."""
+    from xtuner.tools import train as xtuner_train
+
+    from xtuner_plugins.cli import train
+
+    def fails():
+        raise error
+    monkeypatch.setattr(xtuner_train, 'main', fails)
+    monkeypatch.setattr(sys, 'argv', ['train.py', GUARDED, '--work-dir', str(tmp_path / 'w')])
+    assert train._train() == rc
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(first) and ('Traceback' in err) == traceback, err
+    assert ('the traceback is above' in err) == traceback and (rc == 2) == (len(err.splitlines()) == 1), err
 
 
 def test_the_resume_command_continues_from_the_checkpoint():

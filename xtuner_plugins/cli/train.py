@@ -8,7 +8,10 @@ Usage::
 
 The same options as ``xtuner train`` (it runs ``xtuner/tools/train.py``'s ``main``), with three differences:
 ``xtuner train`` exits 0 even when training crashed, this exits non-zero with the traceback and a closing
-summary (``train: FAILED: ...``, the run's log, what to do); and
+summary (``train: FAILED: ...``, the run's log, what to do), or with one line and no traceback for an error whose
+message says it whole (``xtuner_plugins/errors.py``): ``train: refused: ...``, exit code 2, for a setting or an
+input that cannot work (a model argument, a checkpoint that does not fit the config), ``train: FAILED: ...`` for
+such a failure during training (an annotation file changed under the run, too many bad samples); and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
 next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
@@ -110,9 +113,14 @@ def _train() -> int:
             print(f'\n{interrupted_line(work_dir, sys.argv)}', file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # the traceback first, then a short summary a person sees at the end
-        traceback.print_exc()
-        print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  {_next_steps(work_dir, started)}',
-              file=sys.stderr)
+        from xtuner_plugins.errors import Refused, Stated
+        if isinstance(exc, Refused):   # a setting or input the message names whole: one line
+            print(f'train: refused: {failure_message(exc)}', file=sys.stderr)
+            return 2
+        if not isinstance(exc, Stated):   # a failure the message alone may not explain (a bug's report needs it)
+            traceback.print_exc()
+        print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  '
+              f'{_next_steps(work_dir, started, traceback=not isinstance(exc, Stated))}', file=sys.stderr)
         return 1
     return 0
 
@@ -252,14 +260,14 @@ def option_problems(config: str, options: dict) -> list:
     return problems
 
 
-def _next_steps(work_dir: str, since: float) -> str:
-    """Where this run's log is, and what to do."""
+def _next_steps(work_dir: str, since: float, traceback: bool = True) -> str:
+    """Where this run's log is, and what to do (``traceback``: one was printed above)."""
     logs = [p for p in glob.glob(os.path.join(work_dir, '*', '*.log')) if os.path.getmtime(p) >= since - 1]
     where = f'the run\'s log: {max(logs, key=os.path.getmtime)}' if logs else \
         f'no run log was written (the run stopped before it started; its log would be under {work_dir}/<timestamp>/)'
     checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
     resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
-    return f'{where}; the traceback is above: fix its cause and run again{resume}'
+    return f'{where}; {"the traceback is above: " if traceback else ""}fix its cause and run again{resume}'
 
 
 if __name__ == '__main__':

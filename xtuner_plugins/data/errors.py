@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from xtuner_plugins.errors import Stated
+
 
 class SampleError(Exception):
     """A sample that cannot be used, with a countable reason.
@@ -36,7 +38,7 @@ class SampleError(Exception):
         return f'{prefix}{self.message} [{self.reason}]'
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(Stated, RuntimeError):
     """Raised when the fraction of bad samples passes the configured limit."""
 
 

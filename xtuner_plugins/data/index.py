@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from xtuner_plugins.errors import Stated
+
 from .nodepass import node_once
 
 INDEX_VERSION = 2  # 2: the inode and change time in the key
@@ -157,7 +159,7 @@ def load_array(path: str) -> Optional[np.ndarray]:
     return array
 
 
-class AnnotationChanged(RuntimeError):
+class AnnotationChanged(Stated, RuntimeError):
     """An annotation file no longer holds its samples where its index says: it changed after it was indexed."""
 
 

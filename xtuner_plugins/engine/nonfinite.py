@@ -30,13 +30,15 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+from xtuner_plugins.errors import Stated
+
 __all__ = ['NonFiniteError', 'NonFiniteGuard', 'NonFiniteGuardHook', 'all_ranks_finite', 'GuardedOptimWrapper',
            'GuardedAmpOptimWrapper', 'non_finite_tensors', 'unwrap_model']
 
 POLICIES = ('stop', 'skip')
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(Stated, RuntimeError):
     """Training met a non-finite loss, gradient norm or weight."""
 
 

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 from mmengine.logging import print_log
 
 from xtuner_plugins.engine.checkpointing import atomic_write
+from xtuner_plugins.errors import Refused
 
 __all__ = ['POINTER', 'ResumeError', 'apply_resume_patches', 'checkpoint_dirs', 'find_latest_checkpoint',
            'resume_target']
@@ -77,7 +78,7 @@ def _patch_pointer_write() -> bool:
 _RESUMING: contextvars.ContextVar = contextvars.ContextVar('xtuner_plugins_resuming', default=None)
 
 
-class ResumeError(ValueError):
+class ResumeError(Refused):
     """``resume=True`` cannot tell which checkpoint to load (the message says what to do)."""
 
 

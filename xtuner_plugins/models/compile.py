@@ -25,6 +25,8 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from xtuner_plugins.errors import Refused
+
 COMPILE_PARTS = ('llm', 'vision')
 # 'auto' compiles an LLM of at least this many parameters: a step of a smaller one is too short to pay back the
 # compilation (tens of seconds on 2 cores) within a short run, and the tiny look-alikes of the tests stay eager
@@ -64,8 +66,8 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     parts = (flag,) if isinstance(flag, str) else tuple(flag)
     unknown = [p for p in parts if p not in COMPILE_PARTS]
     if unknown or not parts:
-        raise ValueError(f'compile_blocks={flag!r}: expected True, False, \'auto\', or some of '
-                         f'{", ".join(COMPILE_PARTS)}')
+        raise Refused(f'compile_blocks={flag!r}: expected True, False, \'auto\', or some of '
+                      f'{", ".join(COMPILE_PARTS)}')
     return parts
 
 

@@ -6,6 +6,8 @@ from typing import Union
 
 import torch
 
+from xtuner_plugins.errors import Refused
+
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16}
 
@@ -29,7 +31,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], auto: Union[str, torch.d
         return dtype
     name = str(dtype).replace('torch.', '')
     if name not in DTYPES:
-        raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or "auto"')
+        raise Refused(f'unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or "auto"')
     return DTYPES[name]
 
 

@@ -31,15 +31,15 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
-from xtuner_plugins.data.tiling import IMAGE_MODES, normalize_tiles
+from xtuner_plugins.data.tiling import normalize_tiles
 
-from .attention import ATTN_IMPLEMENTATIONS, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
+from .attention import SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
-from .loss import REDUCTIONS, causal_lm_loss, decoder_chunked_loss, supervised_positions
-from .parts import build_parts, log_parameter_counts
+from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
+from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
@@ -155,6 +155,9 @@ class VisionLanguageModel(BaseModel):
                  liger_kernel: Union[bool, str, Sequence[str]] = False,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
+        check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
+                       loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
+                       freeze_llm=freeze_llm)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones
@@ -163,8 +166,6 @@ class VisionLanguageModel(BaseModel):
         if preference is not None:
             from .preference import check_setting
             check_setting(llm_lora, vision_lora, frozen=freeze_llm and freeze_projector and freeze_vision)
-        if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f'unknown attn_implementation {attn_implementation!r}; use one of {ATTN_IMPLEMENTATIONS}')
         if not cudnn_attention:
             cudnn_attention_off()
         # before any weight loads: a refusal (no GPU, compile_blocks, ZeRO-3) costs seconds, not the LLM's loading
@@ -174,20 +175,11 @@ class VisionLanguageModel(BaseModel):
         vision_attn = 'sdpa' if attn_implementation in ('flex_attention', *SEGMENTED) else attn_implementation
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
-        if llm_quantization is not None and (llm_lora is None or not freeze_llm):
-            raise ValueError('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
-                             'through LoRA adapters only (QLoRA)')
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
         self.llm_recompute = recompute_mode(llm_grad_ckpt, 'llm_grad_ckpt')
         self.vision_recompute = recompute_mode(vision_grad_ckpt, 'vision_grad_ckpt')
         self.image_mode = image_mode
         self.template = template
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(f'unknown loss_reduction {loss_reduction!r}; use one of {REDUCTIONS}')
         self.loss_reduction = loss_reduction
-        if loss_chunk < 0:
-            raise ValueError(f'loss_chunk must be >= 0 (0: off), got {loss_chunk}')
         self.loss_chunk = loss_chunk
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)

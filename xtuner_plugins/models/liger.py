@@ -30,6 +30,10 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
+from xtuner_plugins.errors import Refused
+
+from .head import head_of, refuse_logit_transform
+
 LIGER_PARTS = ('rms_norm', 'swiglu', 'rope', 'fused_loss')
 KERNEL_PARTS = LIGER_PARTS[:3]   # patched into the LLM by Liger; 'fused_loss' is called by loss.py
 
@@ -50,8 +54,8 @@ def liger_parts(flag: Union[bool, str, Sequence[str], None], preference: bool = 
         parts = None
     unknown = None if parts is None else [p for p in parts if p not in LIGER_PARTS]
     if parts is None or unknown or not parts:
-        raise ValueError(f'liger_kernel={flag!r}: expected True, False or some of {", ".join(LIGER_PARTS)} '
-                         "(one name, or a list: ['rope', 'fused_loss'])")
+        raise Refused(f'liger_kernel={flag!r}: expected True, False or some of {", ".join(LIGER_PARTS)} '
+                      "(one name, or a list: ['rope', 'fused_loss'])")
     return tuple(p for p in parts if p != 'fused_loss') if preference else parts
 
 
@@ -80,15 +84,15 @@ def check_liger(flag: Union[bool, str, Sequence[str], None], zero3: bool = False
     if not parts:
         return parts
     if compile_blocks not in ('auto', False, None):
-        raise ValueError(f'liger_kernel={flag!r} and compile_blocks fuse the same work: set one of them')
+        raise Refused(f'liger_kernel={flag!r} and compile_blocks fuse the same work: set one of them')
     if zero3 and 'fused_loss' in parts:
-        raise ValueError("liger_kernel's 'fused_loss' reads the LM head's weight outside the head's forward, where "
-                         "DeepSpeed ZeRO-3 has not gathered it: leave 'fused_loss' out under ZeRO-3")
+        raise Refused("liger_kernel's 'fused_loss' reads the LM head's weight outside the head's forward, where "
+                      "DeepSpeed ZeRO-3 has not gathered it: leave 'fused_loss' out under ZeRO-3")
     if not device:
         return parts
     if not torch.cuda.is_available() and not interpreted():
-        raise ValueError(f'liger_kernel={flag!r} needs a CUDA GPU (Liger\'s kernels are Triton GPU kernels); on a '
-                         'CPU leave it False: compile_blocks fuses the same work there')
+        raise Refused(f'liger_kernel={flag!r} needs a CUDA GPU (Liger\'s kernels are Triton GPU kernels); on a '
+                      'CPU leave it False: compile_blocks fuses the same work there')
     if importlib.util.find_spec('liger_kernel') is None:
         raise ImportError(f'liger_kernel={flag!r} needs the liger-kernel package (requirements.txt pins it): '
                           'pip install liger-kernel')
@@ -100,12 +104,14 @@ def apply_liger(llm: nn.Module, parts: Tuple[str, ...]) -> Tuple[str, ...]:
     :func:`check_liger` answered (``()``: none); returns them, which the model's forward reads for ``'fused_loss'``.
 
     Raises:
-        ValueError: a LoRA-wrapped LM head under ``'fused_loss'``, or the LLM's family or a part it lacks in Liger.
+        ValueError: a LoRA-wrapped LM head, or logits soft-capped or scaled after it, under ``'fused_loss'``; or
+            the LLM's family or a part it lacks in Liger.
     """
     if not parts:
         return parts
-    if 'fused_loss' in parts:
-        head_of(llm)   # refused now, not at the first step
+    if 'fused_loss' in parts:   # refused now, not at the first step
+        head_of(llm)
+        refuse_logit_transform(llm, "liger_kernel's 'fused_loss'")
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
     kernels = [p for p in parts if p in KERNEL_PARTS]
     if kernels:
@@ -113,29 +119,19 @@ def apply_liger(llm: nn.Module, parts: Tuple[str, ...]) -> Tuple[str, ...]:
                                                             _apply_liger_kernel_to_instance)
         family = base.config.model_type
         if family not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            raise ValueError(f'liger_kernel: Liger has no kernels for {type(base).__name__} (model_type {family!r}); '
-                             f'it has {", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}. Use '
-                             "liger_kernel=['fused_loss'], which any causal LM takes")
+            raise Refused(f'liger_kernel: Liger has no kernels for {type(base).__name__} (model_type {family!r}); '
+                          f'it has {", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}. Use '
+                          "liger_kernel=['fused_loss'], which any causal LM takes")
         offered = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[family]).parameters
         missing = [p for p in kernels if p not in offered]
         if missing:
-            raise ValueError(f'liger_kernel: Liger offers no {", ".join(missing)} for {family}; name the parts '
-                             f'it has: {", ".join(p for p in LIGER_PARTS if p in offered or p == "fused_loss")}')
+            raise Refused(f'liger_kernel: Liger offers no {", ".join(missing)} for {family}; name the parts '
+                          f'it has: {", ".join(p for p in LIGER_PARTS if p in offered or p == "fused_loss")}')
         _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False,
                                         **{p: p in kernels for p in KERNEL_PARTS if p in offered})
     print_log(f'liger_kernel: {", ".join(parts)} on Liger Kernel\'s Triton kernels', logger='current')
     return parts
 
-
-def head_of(llm: nn.Module) -> nn.Linear:
-    """The LM head whose weight the fused loss multiplies by: a plain ``nn.Linear`` (not LoRA-wrapped)."""
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    head = base.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ValueError(f"liger_kernel's 'fused_loss' multiplies by the LM head's weight, and this LM head is a "
-                         f'{type(head).__name__} (LoRA on lm_head?): leave lm_head out of the adapters, or '
-                         "liger_kernel's parts without 'fused_loss'")
-    return head
 
 
 def fused_linear_ce(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int,

@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+from xtuner_plugins.errors import Refused
+
 LINEAGE_VERSION = 1
 #: files up to this size are hashed whole; larger ones by their head (a safetensors header names every tensor,
 #: its dtype, shape and offsets) and evenly spaced samples
@@ -151,16 +153,16 @@ def read_lineage(checkpoint: str) -> Optional[dict]:
     if meta.get('lineage') is not None:
         problem = lineage_problem(meta['lineage'])
         if problem:
-            raise ValueError(f"{checkpoint}: its recorded lineage (meta['lineage']) is not what training writes: "
-                             f'{problem}; use a checkpoint as training wrote it')
+            raise Refused(f"{checkpoint}: its recorded lineage (meta['lineage']) is not what training writes: "
+                          f'{problem}; use a checkpoint as training wrote it')
         return meta['lineage']
     model = recorded_model_config(checkpoint, meta)
     if model is None:
         return None
     pretrained = model.get('pretrained_pth')
     if pretrained is not None and not isinstance(pretrained, str):
-        raise ValueError(f"{checkpoint}: meta['cfg'] (the training config) sets model.pretrained_pth to "
-                         f'{pretrained!r}, not a path; use a checkpoint as training wrote it')
+        raise Refused(f"{checkpoint}: meta['cfg'] (the training config) sets model.pretrained_pth to "
+                      f'{pretrained!r}, not a path; use a checkpoint as training wrote it')
     return dict(version=0, partial=True, sources={},
                 pretrained=dict(path=pretrained, abspath=None) if pretrained else None,
                 llm_lora=_plain(model.get('llm_lora')), vision_lora=_plain(model.get('vision_lora')),
@@ -265,8 +267,8 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
     if previous.get('files'):
         diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))
         if diffs:
-            raise ValueError(f'{found} is not the checkpoint {recorded_by} was trained from '
-                             f'({previous.get("abspath")}): {"; ".join(diffs)}')
+            raise Refused(f'{found} is not the checkpoint {recorded_by} was trained from '
+                          f'({previous.get("abspath")}): {"; ".join(diffs)}')
     return found
 
 
@@ -278,7 +280,7 @@ def resolve_chain(path: str) -> List[Stage]:
             raise FileNotFoundError(f'model.pretrained_pth: checkpoint not found: {current}')
         real = os.path.realpath(current)
         if real in seen:
-            raise ValueError(f'{current}: its recorded previous stages lead back to itself')
+            raise Refused(f'{current}: its recorded previous stages lead back to itself')
         seen.add(real)
         stage = Stage(current, read_lineage(current))
         chain.append(stage)
@@ -292,14 +294,14 @@ def check_sources(recorded: Optional[dict], sources: Dict[str, dict], what: str)
     for key, then in (recorded or {}).get('sources', {}).items():
         now = sources.get(key)
         if now is None:
-            raise ValueError(f'{what} was trained with model.{key}={then.get("path")!r}, which the config does '
-                             f'not set')
+            raise Refused(f'{what} was trained with model.{key}={then.get("path")!r}, which the config does '
+                          f'not set')
         if not then.get('files') or not now.get('files'):
             continue  # a hub id, or an old record: nothing to compare
         diffs = fingerprint_differences(then, now)
         if diffs:
-            raise ValueError(f'model.{key}: {now["path"]} is not the folder {what} was trained with '
-                             f'({then.get("abspath")}): {"; ".join(diffs[:6])}')
+            raise Refused(f'model.{key}: {now["path"]} is not the folder {what} was trained with '
+                          f'({then.get("abspath")}): {"; ".join(diffs[:6])}')
 
 
 def previous_stage_for(cfg_model, checkpoint: str, log: Callable[[str], None] = print) -> Optional[str]:
@@ -317,8 +319,8 @@ def previous_stage_for(cfg_model, checkpoint: str, log: Callable[[str], None] = 
     check_sources(record, own, checkpoint)
     if not record.get('pretrained'):
         if given:
-            raise ValueError(f'{checkpoint} was trained without a previous stage, but the config gives '
-                             f'model.pretrained_pth={given!r}; leave it out')
+            raise Refused(f'{checkpoint} was trained without a previous stage, but the config gives '
+                          f'model.pretrained_pth={given!r}; leave it out')
         return None
     found = locate_previous(record, checkpoint, given)
     if given is None:

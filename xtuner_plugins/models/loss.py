@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from xtuner_plugins.data.template import IGNORE_INDEX
 
 from .attention import sample_index
+from .head import head_of, refuse_logit_transform
 
 REDUCTIONS = ('token', 'sample', 'square')
 
@@ -152,15 +153,10 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
             forward would apply and this does not.
     """
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    config = base.config.get_text_config() if hasattr(base.config, 'get_text_config') else base.config
-    for name in ('final_logit_softcapping', 'logit_scale'):
-        if getattr(config, name, None):
-            raise ValueError(f'loss_chunk: {type(base).__name__} transforms its logits after the LM head '
-                             f'({name}={getattr(config, name)}); use loss_chunk=0')
+    refuse_logit_transform(base, "liger_kernel's 'fused_loss'" if fused else 'loss_chunk')
     hidden = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True,
                                 **llm_kwargs).last_hidden_state
     if fused:
-        from .liger import head_of
         return fused_causal_lm_loss(hidden[:, positions], head_of(base), labels, reduction, segments=segments,
                                     positions=positions)
     return chunked_causal_lm_loss(hidden[:, positions], base.get_output_embeddings(), labels, chunk, reduction,

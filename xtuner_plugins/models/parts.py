@@ -15,13 +15,32 @@ from mmengine.logging import print_log
 from torch import nn
 
 from xtuner_plugins.data.template import check_tokenizer_fits
+from xtuner_plugins.data.tiling import IMAGE_MODES
+from xtuner_plugins.errors import Refused
 
+from .attention import ATTN_IMPLEMENTATIONS
 from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
+from .loss import REDUCTIONS
 from .zero3 import hf_zero3_init
 
-__all__ = ['build_parts']
+__all__ = ['build_parts', 'check_settings']
+
+
+def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction: str, loss_chunk: int,
+                   llm_quantization: Optional[dict], llm_lora: Optional[dict], freeze_llm: bool) -> None:
+    """The model's settings no part checks on its own, refused (:class:`~xtuner_plugins.errors.Refused`) before
+    anything loads."""
+    for name, value, valid in (('attn_implementation', attn_implementation, ATTN_IMPLEMENTATIONS),
+                               ('image_mode', image_mode, IMAGE_MODES), ('loss_reduction', loss_reduction, REDUCTIONS)):
+        if value not in valid:
+            raise Refused(f'unknown {name} {value!r}; use one of {valid}')
+    if llm_quantization is not None and (llm_lora is None or not freeze_llm):
+        raise Refused('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
+                      'through LoRA adapters only (QLoRA)')
+    if not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise Refused(f'loss_chunk must be an integer >= 0 (0: off), got {loss_chunk!r}')
 
 
 def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.Module, None],
@@ -37,7 +56,7 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
     with hf_zero3_init(zero3):
         if official_checkpoint is not None:
             if vision_encoder is not None or llm is not None:
-                raise ValueError('give either official_checkpoint or vision_encoder + llm, not both')
+                raise Refused('give either official_checkpoint or vision_encoder + llm, not both')
             from .official import load_official_parts
             vision_model, mlp1, language_model, official_layer = load_official_parts(
                 official_checkpoint, dtype, attn_implementation, drop_path_rate=vision_drop_path,
@@ -46,7 +65,7 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
             tokenizer_path = tokenizer or official_checkpoint
         else:
             if vision_encoder is None or llm is None:
-                raise ValueError('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
+                raise Refused('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
             # drop path is set explicitly (default 0), never taken from the encoder's config.json
             vision_model, vision = build_vision_encoder(vision_encoder, dtype, vision_attn,
                                                         drop_path_rate=vision_drop_path, select_layer=select_layer)

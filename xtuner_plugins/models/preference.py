@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
+from xtuner_plugins.errors import Refused
 
 from .attention import SEGMENTED, sample_index, segment_bounds
 
@@ -102,8 +103,8 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
     weights = [1.0] * len(types) if weights is None else list(weights)
     unknown = [t for t in types if t not in LOSS_TYPES]
     if unknown or len(weights) != len(types):
-        raise ValueError(f'preference loss types {list(types)} with weights {weights}: use types from {LOSS_TYPES} '
-                         f'and one weight each')
+        raise Refused(f'preference loss types {list(types)} with weights {weights}: use types from {LOSS_TYPES} '
+                      f'and one weight each')
     chosen_r, rejected_r = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
     chosen_rewards, rejected_rewards = beta * chosen_r, beta * rejected_r
     metrics: Dict[str, torch.Tensor] = {}
@@ -160,8 +161,8 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
                     buffer.copy_(theirs[key])
             copies[name] = twin
         else:
-            raise ValueError(f'{name} ({type(part).__name__}) was partitioned by DeepSpeed ZeRO-3 while it was built '
-                             f'and is not a Hugging Face model: no frozen reference copy can be made of it')
+            raise Refused(f'{name} ({type(part).__name__}) was partitioned by DeepSpeed ZeRO-3 while it was built '
+                          f'and is not a Hugging Face model: no frozen reference copy can be made of it')
     return copies.requires_grad_(False).eval()
 
 
@@ -170,13 +171,13 @@ def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen:
     the model with its LLM's adapters off, so nothing else may train; without it the reference is a frozen copy
     of the trained parts, so something must train (``frozen``: the LLM, projector and tower all frozen)."""
     if llm_lora is not None and (not frozen or vision_lora is not None):
-        raise ValueError('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
-                         'no vision_lora (the reference policy is the model with its LLM adapters off); for '
-                         'full preference training (a frozen copy as the reference) leave out llm_lora')
+        raise Refused('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
+                      'no vision_lora (the reference policy is the model with its LLM adapters off); for '
+                      'full preference training (a frozen copy as the reference) leave out llm_lora')
     if llm_lora is None and (vision_lora is not None or frozen):
-        raise ValueError('full preference training (the reference policy a frozen copy of the trained parts) '
-                         'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
-                         'vision_lora')
+        raise Refused('full preference training (the reference policy a frozen copy of the trained parts) '
+                      'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
+                      'vision_lora')
 
 
 def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attention_mask, position_ids,

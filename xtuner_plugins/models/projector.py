@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xtuner_plugins.errors import Refused
+
 PROJECTORS: Dict[str, Type[nn.Module]] = {}
 
 
@@ -99,8 +101,8 @@ class InternVLProjector(nn.Sequential):
     def tokens_per_tile(self, grid: int) -> int:
         inv = round(1 / self.downsample_ratio)
         if grid % inv:
-            raise ValueError(f'pixel_shuffle with ratio {self.downsample_ratio} needs a patch grid divisible by '
-                             f'{inv}, got {grid}x{grid}')
+            raise Refused(f'pixel_shuffle with ratio {self.downsample_ratio} needs a patch grid divisible by '
+                          f'{inv}, got {grid}x{grid}')
         return (grid // inv) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,7 @@ class BilinearProjector(LlavaProjector):
 
     def tokens_per_tile(self, grid: int) -> int:
         if grid < 2:
-            raise ValueError(f'bilinear_mlp halves the patch grid; a {grid}x{grid} grid is too small')
+            raise Refused(f'bilinear_mlp halves the patch grid; a {grid}x{grid} grid is too small')
         return (grid // 2) ** 2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -158,8 +160,8 @@ def build_projector(spec: Union[str, dict], vision_hidden_size: int, llm_hidden_
     spec = {'type': spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop('type', None)
     if name not in PROJECTORS:
-        raise ValueError(f'unknown projector {name!r}; registered: {sorted(PROJECTORS)}')
+        raise Refused(f'unknown projector {name!r}; registered: {sorted(PROJECTORS)}')
     try:
         return PROJECTORS[name](vision_hidden_size, llm_hidden_size, **spec)
     except TypeError as err:
-        raise ValueError(f'projector {name!r}: {err}') from None
+        raise Refused(f'projector {name!r}: {err}') from None

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from typing import Optional, Union
 
+from xtuner_plugins.errors import Refused
+
 __all__ = ['RECOMPUTE_MODES', 'recompute_mode', 'checkpointing_kwargs']
 
 RECOMPUTE_MODES = ('keep_attention', 'full')
@@ -48,7 +50,7 @@ def recompute_mode(flag: Union[bool, str, None], where: str = 'llm_grad_ckpt') -
         return None
     mode = 'keep_attention' if flag is True else flag
     if not (isinstance(mode, str) and mode in RECOMPUTE_MODES):
-        raise ValueError(f'{where}={flag!r}: expected True, False or one of {", ".join(map(repr, RECOMPUTE_MODES))}')
+        raise Refused(f'{where}={flag!r}: expected True, False or one of {", ".join(map(repr, RECOMPUTE_MODES))}')
     if mode == 'keep_attention' and zero3_enabled():
         from mmengine.logging import print_log
         print_log(f"{where}: DeepSpeed ZeRO-3 gathers weights inside each layer's recomputation, which checkpointing "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from mmengine.logging import print_log
 
+from xtuner_plugins.errors import Refused
+
 from .checkpoint import load_trained_state_dict
 from .lineage import check_sources, resolve_chain
 from .lora import apply_lora
@@ -55,17 +57,17 @@ def load_trained(model, path: str, strict: bool = False) -> None:
         unexpected = sorted(k for k in state if k not in trained)
         missing = sorted(trained - set(state))
         if missing:
-            raise ValueError(f'{path}: {len(missing)} trained parameters of this config are missing from '
-                             f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
+            raise Refused(f'{path}: {len(missing)} trained parameters of this config are missing from '
+                          f'the checkpoint: {missing[:8]}; was it trained with another config or options?')
     if unexpected:
-        raise ValueError(f'{path}: {len(unexpected)} keys do not belong to '
-                         f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
-                         f'was it trained with another config or options?')
+        raise Refused(f'{path}: {len(unexpected)} keys do not belong to '
+                      f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
+                      f'was it trained with another config or options?')
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[k]))}'
                   for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[k]))]
     if mismatched:
-        raise ValueError(f'{path}: the checkpoint does not match the config: shape mismatch for '
-                         f'{len(mismatched)} keys: {mismatched[:5]}')
+        raise Refused(f'{path}: the checkpoint does not match the config: shape mismatch for '
+                      f'{len(mismatched)} keys: {mismatched[:5]}')
     from xtuner_plugins.engine.nonfinite import non_finite_tensors
     count, numel, bad = len(state), 0, []
     with torch.no_grad():
@@ -78,6 +80,6 @@ def load_trained(model, path: str, strict: bool = False) -> None:
             numel += value.numel()
             del value
     if bad:
-        raise ValueError(f'{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[:8]}); the run '
-                         f'that wrote it diverged: use an earlier checkpoint')
+        raise Refused(f'{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[:8]}); the run '
+                      f'that wrote it diverged: use an earlier checkpoint')
     print_log(f'Loaded {count} tensors ({numel} parameters) from {path}', logger='current')

@@ -1,0 +1,167 @@
+"""The run lock's takeover (``engine/runlock.py``): two runs taking over the same stale lock at once, only one
+gets it; a run in another PID namespace (another container sharing the hostname) is not taken for gone by its pid,
+its flock says whether it lives (a forked child of the run does not keep it); a lock of an earlier boot is gone.
+tests/engine/test_runguard.py has the rest."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.train_utils import train_env
+from xtuner_plugins.engine import runlock
+from xtuner_plugins.engine.runlock import LOCK_NAME, RunLock, RunLockError
+
+HOST = socket.gethostname()
+OTHER_NS = 'pid:[1]'  # no process's namespace
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    return gone.pid
+
+
+def write_record(path, **record):
+    """The lock's record written over in place (the same file: a holder's flock stays)."""
+    record = dict(dict(host=HOST, started='2024-01-02 03:04:05', command='train.py cfg'), **record)
+    with open(path, 'r+' if os.path.exists(path) else 'w', encoding='utf-8') as f:
+        f.truncate(0)
+        json.dump(record, f)
+    return record
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    lines = []
+    monkeypatch.setattr(runlock, 'print_log', lambda msg, logger=None, level=20: lines.append(msg))
+    return lines
+
+
+def test_two_runs_taking_over_one_stale_lock_at_once_one_gets_it(tmp_path, monkeypatch, logged):
+    """B has checked that the lock is stale and is about to remove it when A does the same: before, A removed it
+    and took the lock, then B removed A's lock and took it too (both ran in one work folder)."""
+    path = str(tmp_path / LOCK_NAME)
+    write_record(path, pid=dead_pid(), process_start=1.0)
+    monkeypatch.setattr(runlock, 'TAKEOVER_WAIT_S', 5.0, raising=False)
+    b_removing, a_done = threading.Event(), threading.Event()
+    unlink = os.unlink
+
+    def paused_unlink(target, *args, **kw):
+        if target == path and threading.current_thread().name == 'B' and not b_removing.is_set():
+            b_removing.set()
+            a_done.wait(timeout=1.0)  # A goes through meanwhile (or waits on B's flock of the stale file)
+        return unlink(target, *args, **kw)
+
+    monkeypatch.setattr(os, 'unlink', paused_unlink)
+    locks, outcome = {}, {}
+
+    def take(name):
+        locks[name] = RunLock(str(tmp_path), command=name)
+        try:
+            locks[name].acquire()
+            outcome[name] = 'held'
+        except RunLockError as exc:
+            outcome[name] = str(exc)
+        finally:
+            if name == 'A':
+                a_done.set()
+
+    b = threading.Thread(target=take, args=('B',), name='B')
+    b.start()
+    assert b_removing.wait(timeout=30)
+    a = threading.Thread(target=take, args=('A',), name='A')
+    a.start()
+    a.join(30)
+    b.join(30)
+    try:
+        assert outcome['B'] == 'held' and outcome['A'].startswith(f'{tmp_path} is in use by another run: pid '), outcome
+        assert json.load(open(path))['command'] == 'B'
+        assert len(logged) == 1 and 'taking over the lock of a run that is gone' in logged[0]
+    finally:
+        for lock in locks.values():
+            lock.release()
+    assert not os.path.exists(path)
+
+
+def test_a_run_in_another_pid_namespace_is_not_gone_for_a_pid_unseen_here(tmp_path, logged):
+    """A lock of this host whose pid is another namespace's (another container sharing the hostname): without a
+    flock it cannot be checked, and is refused, not taken over because no process here has that pid."""
+    path = str(tmp_path / LOCK_NAME)
+    write_record(path, pid=dead_pid(), process_start=1.0, boot_id=runlock._boot_id(), pid_ns=OTHER_NS)
+    with pytest.raises(RunLockError) as refused:
+        RunLock(str(tmp_path)).acquire()
+    assert str(refused.value) == (
+        f'{tmp_path} is in use by another run: pid {json.load(open(path))["pid"]} on host {HOST}, started '
+        f'2024-01-02 03:04:05 (train.py cfg) (in another PID namespace: another container on this host, whose pid '
+        f'cannot be checked from here); wait for it to end or choose another --work-dir (delete {path} only if '
+        f'that run is over)')
+    assert logged == []
+
+
+def test_a_runs_flock_says_whether_it_lives_wherever_its_pid_is(tmp_path, logged):
+    """A live run holds its lock file's flock: refused though its pid (made another namespace's here) is unseen;
+    once it is killed the flock is free and the lock is taken over (a container restarted)."""
+    code = ('import sys, time; from xtuner_plugins.engine.runlock import RunLock; RunLock(sys.argv[1]).acquire(); '
+            'print("held", flush=True); time.sleep(120)')
+    holder = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], env=train_env(), stdout=subprocess.PIPE,
+                              text=True)
+    path = str(tmp_path / LOCK_NAME)
+    try:
+        assert any(line.strip() == 'held' for line in holder.stdout)  # after the package's start-up lines
+        record = json.load(open(path))
+        assert record['flock'] is True and record['boot_id'] == runlock._boot_id()
+        write_record(path, **dict(record, pid=dead_pid(), pid_ns=OTHER_NS))  # as another container's run
+        with pytest.raises(RunLockError, match='is in use by another run: .*another container on this host\\);'):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(str(tmp_path), command='mine')
+    lock.acquire()
+    try:
+        assert json.load(open(path))['command'] == 'mine' and 'taking over the lock of a run that is gone' in logged[0]
+    finally:
+        lock.release()
+
+
+def test_a_lock_of_an_earlier_boot_is_gone(tmp_path, logged):
+    """This host restarted since: whatever lives here now under that pid is not that run."""
+    path = str(tmp_path / LOCK_NAME)
+    write_record(path, pid=os.getppid(), process_start=runlock._process_start(os.getppid()),
+                 boot_id='00000000-0000-0000-0000-000000000000', pid_ns=runlock._pid_namespace())
+    lock = RunLock(str(tmp_path), command='mine')
+    lock.acquire()
+    try:
+        assert json.load(open(path))['command'] == 'mine' and len(logged) == 1
+    finally:
+        lock.release()
+
+
+def test_a_dead_runs_forked_child_does_not_keep_its_lock(tmp_path, logged):
+    """A DataLoader worker forked by the run inherits the lock file: it closes its copy, so the flock ends with the
+    run (the worker living on a while after it would otherwise keep the run alive for the takeover)."""
+    code = ('import os, sys, time; from xtuner_plugins.engine.runlock import RunLock; RunLock(sys.argv[1]).acquire()\n'
+            'child = os.fork()\n'
+            'if child == 0:\n    time.sleep(120)\n    os._exit(0)\n'
+            'print("held", child, flush=True); time.sleep(120)')
+    holder = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], env=train_env(), stdout=subprocess.PIPE,
+                              text=True)
+    child = None
+    try:
+        child = int(next(line for line in holder.stdout if line.startswith('held ')).split()[1])
+        holder.kill()
+        holder.wait()
+        lock = RunLock(str(tmp_path), command='mine')
+        lock.acquire()
+        lock.release()
+        assert 'taking over the lock of a run that is gone' in logged[0]
+    finally:
+        holder.kill()
+        holder.wait()
+        if child:
+            os.kill(child, 9)

@@ -39,6 +39,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from xtuner_plugins.data.errors import TooManyBadSamplesError
+from xtuner_plugins.errors import Refused
 
 from .checkpointing import atomic_write
 
@@ -53,7 +54,7 @@ class BadSampleHook(Hook):
     def __init__(self, summary_file: str = 'skipped_samples.json', manifest_file: str = 'data_manifest.json',
                  on_data_change: str = 'warn'):
         if on_data_change not in ('warn', 'stop'):
-            raise ValueError(f"BadSampleHook: on_data_change={on_data_change!r}; use 'warn' or 'stop'")
+            raise Refused(f"BadSampleHook: on_data_change={on_data_change!r}; use 'warn' or 'stop'")
         self.summary_file, self.manifest_file, self.on_data_change = summary_file, manifest_file, on_data_change
         self.bad: Dict[str, str] = {}           # FILE:LINE -> reason, skipped while training, all ranks
         self.at_start: Dict[str, str] = {}      # refused when the files were read

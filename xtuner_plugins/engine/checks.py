@@ -17,6 +17,8 @@ from typing import Dict
 
 from mmengine.hooks import Hook
 
+from xtuner_plugins.errors import Refused
+
 __all__ = ['ModelDataCheckHook', 'check_geometry', 'check_run_options', 'check_tokenizers']
 
 
@@ -28,8 +30,8 @@ def check_geometry(model_geometry: Dict[str, object], data_geometry: Dict[str, o
     wrong = [f'{key}: model {model_geometry[key]!r}, data {data_geometry.get(key)!r}' for key in keys
              if _norm(model_geometry[key]) != _norm(data_geometry.get(key))]
     if wrong:
-        raise ValueError('the data set does not match the model (set train_dataloader.dataset.<key> to the '
-                         'model\'s value): ' + '; '.join(wrong))
+        raise Refused('the data set does not match the model (set train_dataloader.dataset.<key> to the '
+                      'model\'s value): ' + '; '.join(wrong))
 
 
 def check_tokenizers(model_tokenizer, data_tokenizer, where: str = 'train_dataloader.dataset.tokenizer') -> None:
@@ -41,17 +43,17 @@ def check_tokenizers(model_tokenizer, data_tokenizer, where: str = 'train_datalo
     ids = [t.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) for t in (model_tokenizer, data_tokenizer)]
     sizes = [len(t) for t in (model_tokenizer, data_tokenizer)]
     if ids[0] != ids[1] or sizes[0] != sizes[1] or model_tokenizer.get_vocab() != data_tokenizer.get_vocab():
-        raise ValueError(f'the data set\'s tokenizer is not the model\'s: {sizes[1]} tokens with {IMG_CONTEXT_TOKEN} '
-                         f'at id {ids[1]}, the model\'s {sizes[0]} tokens with it at id {ids[0]} '
-                         f'(set {where} to the LLM\'s folder)')
+        raise Refused(f'the data set\'s tokenizer is not the model\'s: {sizes[1]} tokens with {IMG_CONTEXT_TOKEN} '
+                      f'at id {ids[1]}, the model\'s {sizes[0]} tokens with it at id {ids[0]} '
+                      f'(set {where} to the LLM\'s folder)')
 
 
 def check_templates(model_template, data_template) -> None:
     """The data set must render conversations with the template the model records for the converter and chat."""
     name = getattr(data_template, 'name', data_template)
     if model_template is not None and name is not None and model_template != name:
-        raise ValueError(f'template: model {model_template!r}, data {name!r} (set model.template and '
-                         f'train_dataloader.dataset.template to the same name)')
+        raise Refused(f'template: model {model_template!r}, data {name!r} (set model.template and '
+                      f'train_dataloader.dataset.template to the same name)')
 
 
 def check_run_options(cfg) -> dict:
@@ -70,7 +72,7 @@ def check_run_options(cfg) -> dict:
     changed = {key: value for key, value in _leaves(cfg.to_dict()) if key not in flat or flat[key] != value}
     problems = check_cfg_options(written, changed)
     if problems:
-        raise ValueError('--cfg-options: ' + '; '.join(problems))
+        raise Refused('--cfg-options: ' + '; '.join(problems))
     return changed
 
 

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from xtuner_plugins.errors import Refused
+
 __all__ = ['DERIVED_KEYS', 'apply_derive_patches', 'derive_data_settings', 'encoder_conventions', 'fill_dataset',
            'model_data_settings', 'wrap_sampler']
 
@@ -73,7 +75,7 @@ def encoder_conventions(spec, select_layer: Optional[int] = None):
     spec = {'path': spec} if isinstance(spec, str) else dict(spec)
     path = spec.get('path')
     if not isinstance(path, str):
-        raise ValueError(f'model.vision_encoder needs a path (a folder), got {spec!r}')
+        raise Refused(f'model.vision_encoder needs a path (a folder), got {spec!r}')
     cls = encoder_type_for_folder(path, spec.get('type'))
     if issubclass(cls, TransformersVisionEncoder):  # a whole CLIP/SigLIP folder: its vision_config
         config = cls.module_class.config_class.from_pretrained(path)

@@ -18,6 +18,8 @@ import torch
 from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 
+from xtuner_plugins.errors import Refused
+
 __all__ = ['ThroughputHook', 'count_tokens_and_samples', 'peak_memory_mb', 'peak_rss_mb']
 
 
@@ -179,9 +181,9 @@ class LineageHook(Hook):
     def before_run(self, runner) -> None:
         from .nonfinite import unwrap_model
         if getattr(unwrap_model(runner.model), 'expects_previous_stage', False):
-            raise ValueError('this stage trains more than the projector but starts from no earlier stage: its '
-                             'projector (mlp1) would be random. Set model.pretrained_pth=CHECKPOINT (the warm-up '
-                             'or the previous stage), or model.from_scratch=True if starting from scratch is meant')
+            raise Refused('this stage trains more than the projector but starts from no earlier stage: its '
+                          'projector (mlp1) would be random. Set model.pretrained_pth=CHECKPOINT (the warm-up '
+                          'or the previous stage), or model.from_scratch=True if starting from scratch is meant')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         from .nonfinite import unwrap_model

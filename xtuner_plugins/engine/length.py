@@ -21,6 +21,7 @@ from numbers import Number
 from typing import Mapping, MutableMapping, Optional
 
 from xtuner_plugins.engine.signatures import accepted
+from xtuner_plugins.errors import Refused
 
 #: the top-level settings this module reads (``schedule_unit``: the config's own, not for the command line)
 LENGTH_KEYS = ('max_epochs', 'max_iters', 'save_every', 'schedule_unit')
@@ -56,17 +57,17 @@ def _target(cfg: Mapping, loop: Mapping, changed: Mapping):
     in_loop = {k: changed[f'train_cfg.{k}'] for k in _LOOP if changed.get(f'train_cfg.{k}') is not None}
     for problem in (both_lengths_problem(given), both_lengths_problem(in_loop)):
         if problem:
-            raise ValueError(problem)
+            raise Refused(problem)
     if given and in_loop and set(given.items()) != set(in_loop.items()):
         (key, value), (lkey, lvalue) = next(iter(given.items())), next(iter(in_loop.items()))
-        raise ValueError(f'{key}={value} and train_cfg.{lkey}={lvalue}: give {key} only (the learning-rate '
-                         'schedule follows it)')
+        raise Refused(f'{key}={value} and train_cfg.{lkey}={lvalue}: give {key} only (the learning-rate '
+                      'schedule follows it)')
     if given:
         return next(iter(given.items()))
     explicit = {k: loop[k] for k in _LOOP if loop.get(k) is not None}
     if len(explicit) == 2:
-        raise ValueError(f'train_cfg has max_epochs={explicit["max_epochs"]} and max_iters={explicit["max_iters"]}: '
-                         'set one of them (max_epochs=N or max_iters=N at the top level)')
+        raise Refused(f'train_cfg has max_epochs={explicit["max_epochs"]} and max_iters={explicit["max_iters"]}: '
+                      'set one of them (max_epochs=N or max_iters=N at the top level)')
     if explicit:
         return next(iter(explicit.items()))
     if cfg.get('max_iters') is not None:  # max_iters, when set, wins over the base's max_epochs
@@ -113,7 +114,7 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
     for key in LENGTH_KEYS:
         problem = length_value_problem(key, cfg.get(key)) if key in cfg else None
         if problem:
-            raise ValueError(problem)
+            raise Refused(problem)
     loop = cfg.get('train_cfg')
     target = _target(cfg, loop, changed) if isinstance(loop, MutableMapping) else None
     if target is not None:
@@ -122,7 +123,7 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
         takes = accepted(loop.get('type'))
         if takes and key not in takes:
             name = getattr(loop['type'], '__name__', loop['type'])
-            raise ValueError(f'{key}={n}: train_cfg\'s {name} takes {other}, not {key}: set {other} instead')
+            raise Refused(f'{key}={n}: train_cfg\'s {name} takes {other}, not {key}: set {other} instead')
         loop.pop(other, None)
         loop[key] = n
         if key in cfg or other in cfg:
@@ -139,13 +140,13 @@ def _resolve_checkpoint(cfg: MutableMapping, changed: Mapping) -> None:
     hook = hooks.get('checkpoint') if isinstance(hooks, Mapping) else None
     interval = 'default_hooks.checkpoint.interval'
     if 'save_every' in changed and interval in changed and changed['save_every'] != changed[interval]:
-        raise ValueError(f'save_every={changed["save_every"]} and {interval}={changed[interval]}: give save_every '
-                         'only')
+        raise Refused(f'save_every={changed["save_every"]} and {interval}={changed[interval]}: give save_every '
+                      'only')
     if every is None:
         return
     if not isinstance(hook, MutableMapping):
         if 'save_every' in changed:
-            raise ValueError(f'save_every={every}: the config has no default_hooks.checkpoint to set')
+            raise Refused(f'save_every={every}: the config has no default_hooks.checkpoint to set')
         return
     if 'save_every' in changed or hook.get('interval') is None:
         hook['interval'] = every

@@ -30,7 +30,7 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
-from xtuner_plugins.errors import Stated
+from xtuner_plugins.errors import Refused, Stated
 
 __all__ = ['NonFiniteError', 'NonFiniteGuard', 'NonFiniteGuardHook', 'all_ranks_finite', 'GuardedOptimWrapper',
            'GuardedAmpOptimWrapper', 'non_finite_tensors', 'unwrap_model']
@@ -63,7 +63,7 @@ class NonFiniteGuard:
 
     def __init__(self, policy: str = 'stop', max_skipped: int = 10):
         if policy not in POLICIES:
-            raise ValueError(f'non-finite policy {policy!r}: use one of {POLICIES}')
+            raise Refused(f'non-finite policy {policy!r}: use one of {POLICIES}')
         self.policy, self.max_skipped = policy, max_skipped
         self.iteration: Optional[int] = None
         self.work_dir: Optional[str] = None
@@ -183,8 +183,8 @@ class NonFiniteGuardHook(Hook):
         if isinstance(wrapper, _GuardedMixin):
             wrapper.guard = self.guard
         elif self.guard.policy == 'skip':
-            raise ValueError(f'non-finite policy \'skip\' needs AutoOptimWrapper; {type(wrapper).__name__} (e.g. '
-                             f'under --deepspeed) cannot drop a step: use policy=\'stop\'')
+            raise Refused(f'non-finite policy \'skip\' needs AutoOptimWrapper; {type(wrapper).__name__} (e.g. '
+                          f'under --deepspeed) cannot drop a step: use policy=\'stop\'')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         self.guard.iteration = runner.iter + 1

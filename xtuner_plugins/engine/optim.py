@@ -24,6 +24,8 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
+from xtuner_plugins.errors import Refused
+
 
 class _FrozenSkipCounter(logging.Filter):
     """Drops MMEngine's one-line-per-parameter "is skipped since its requires_grad=False" warnings, counting them."""
@@ -48,8 +50,8 @@ class OptimWrapperConstructor(DefaultOptimWrapperConstructor):
         inner = optimizer.pop('paramwise_cfg', None) if isinstance(optimizer, dict) else None
         if inner is not None:
             if paramwise_cfg:
-                raise ValueError('paramwise_cfg is given twice, in optim_wrapper and in optim_wrapper.optimizer; '
-                                 'keep the one in optimizer (it survives --deepspeed)')
+                raise Refused('paramwise_cfg is given twice, in optim_wrapper and in optim_wrapper.optimizer; '
+                              'keep the one in optimizer (it survives --deepspeed)')
             paramwise_cfg = inner
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
 

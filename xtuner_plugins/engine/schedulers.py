@@ -13,6 +13,8 @@ from __future__ import annotations
 from mmengine.optim import LinearLR
 from mmengine.registry import PARAM_SCHEDULERS
 
+from xtuner_plugins.errors import Refused
+
 INF = int(1e9)
 
 
@@ -23,8 +25,8 @@ class WarmupLR(LinearLR):
     @classmethod
     def build_iter_from_epoch(cls, *args, begin=0, end=INF, by_epoch=True, epoch_length=None, **kwargs):
         if not by_epoch or not epoch_length:
-            raise ValueError(f'{cls.__name__}.build_iter_from_epoch needs by_epoch=True and an epoch_length, '
-                             f'got by_epoch={by_epoch}, epoch_length={epoch_length}')
+            raise Refused(f'{cls.__name__}.build_iter_from_epoch needs by_epoch=True and an epoch_length, '
+                          f'got by_epoch={by_epoch}, epoch_length={epoch_length}')
         begin = int(begin * epoch_length)
         end = max(int(end * epoch_length), begin + 2) if end != INF else INF
         return cls(*args, begin=begin, end=end, by_epoch=False, **kwargs)

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Tuple
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from xtuner_plugins.errors import Refused
+
 from .runlock import _process_start, release_held_locks
 
 __all__ = ['HEARTBEAT_DIR', 'StallWatchdogHook', 'diagnose_stall', 'read_heartbeats']
@@ -82,7 +84,7 @@ class StallWatchdogHook(Hook):
 
     def __init__(self, timeout: float = 300) -> None:
         if not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f'StallWatchdogHook: timeout={timeout!r}; seconds >= 0 (0: off)')
+            raise Refused(f'StallWatchdogHook: timeout={timeout!r}; seconds >= 0 (0: off)')
         self.timeout = float(timeout)
         self.interval = min(max(self.timeout / 10, 0.2), 10.0)
         self._lock = threading.Lock()

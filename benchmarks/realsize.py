@@ -92,8 +92,21 @@ def default_rows() -> tuple:
     from xtuner_plugins.models.compile import AUTO_MIN_LLM_PARAMETERS, compile_parts
     return COMPILED_ROWS if compile_parts('auto', AUTO_MIN_LLM_PARAMETERS) else DEFAULT_ROWS
 # glibc keeping what is freed (no block handed back to the kernel, so no page faults on every large activation;
-# benchmarks/RESULTS.md): the rows' processes, ours and XTuner's, with --malloc keep
+# benchmarks/RESULTS.md): XTuner's rows (and ours where there is no jemalloc), :func:`row_env`
 KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
+
+
+def row_env(setting: str, row: str):
+    """A row's environment for ``--malloc SETTING``: 'train' runs ours under jemalloc as ``tools/train.py`` does
+    where it finds it (``malloc.jemalloc_env``), XTuner's (``xtuner train`` does nothing of the kind) and ours where
+    there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own."""
+    from xtuner_plugins.malloc import jemalloc_env
+    if setting == 'default':
+        return {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
+    keep = dict({k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}, **KEEP_FREED)
+    return (jemalloc_env(keep) or keep) if setting == 'train' and row != 'xtuner' else keep
+
+
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
 
@@ -322,8 +335,11 @@ def main() -> None:
     p.add_argument('--max-dynamic-patch', nargs='+', default=[], metavar='SETTING=N',
                    help='tiles per image of a setting, for every row of it (a=6 b=6; default for a and b: 12 + '
                         'thumbnail, 6 on a machine under 32 GiB, where XTuner\'s rows do not fit at 12)')
-    p.add_argument('--malloc', choices=('keep', 'default'), default='keep',
-                   help="the rows' glibc malloc: 'keep' what is freed (default; KEEP_FREED), or glibc's 'default'")
+    p.add_argument('--malloc', choices=('train', 'keep', 'default'), default='train',
+                   help="the rows' malloc: 'train' (default) ours as tools/train.py runs on this machine (jemalloc "
+                        "where installed: xtuner_plugins/malloc.py; else glibc keeping what is freed) and XTuner's "
+                        "with glibc keeping what is freed (KEEP_FREED); 'keep' every row on glibc keeping what is "
+                        "freed; 'default' glibc's own settings")
     p.add_argument('--deadline', type=float, default=float(os.environ.get('REALSIZE_DEADLINE', 0)),
                    help='epoch seconds after which no further row starts (default: $REALSIZE_DEADLINE, none)')
     p.add_argument('--reuse', action='store_true',
@@ -352,7 +368,8 @@ def main() -> None:
     sizes = roof['size']
     print(f'roofline (torch.mm, this process): bf16 {roof["bf16"]:.3f} TFLOP/s ({sizes["bf16"]}^3), fp32 '
           f'{roof["fp32"]:.3f} TFLOP/s ({sizes["fp32"]}^3); torch {torch.__version__}, {os.cpu_count()} CPUs, '
-          f'{torch.get_num_threads()} threads; rows\' malloc: {args.malloc}', flush=True)
+          f'{torch.get_num_threads()} threads; rows\' malloc: {args.malloc} (ours: '
+          f'{"jemalloc" if "LD_PRELOAD" in (row_env(args.malloc, "unpacked") or {}) else "glibc"})', flush=True)
     refusal = slow_bf16_refusal(roof, max(model_weights(args.work, SETTINGS[s]['llm']) for s in args.settings))
     if refusal:
         sys.exit(f'realsize: not run: {refusal}')
@@ -383,7 +400,7 @@ def main() -> None:
                 cmd += ['--profile', os.path.abspath(args.profile)]
             if args.op_reads:
                 cmd += ['--op-reads']
-            proc, peak = run_watched(cmd, env=dict(os.environ, **KEEP_FREED) if args.malloc == 'keep' else None)
+            proc, peak = run_watched(cmd, env=row_env(args.malloc, row))
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]

@@ -9,11 +9,13 @@
 # --out (default work_dirs/realsize/out) and --work (the models, data and rows' files; default work_dirs/realsize)
 # are relative to the caller's folder; the defaults are the checkout's.
 #
-# Every row, ours and XTuner's, runs with glibc's malloc keeping what is freed (realsize.py's KEEP_FREED): by
+# Our rows run under jemalloc, as tools/train.py runs on a CPU where it is installed (xtuner_plugins/malloc.py);
+# XTuner's rows (and ours without jemalloc) with glibc's malloc keeping what is freed (realsize.py's KEEP_FREED): by
 # default glibc returns every block over 32 MB to the kernel when it is freed, and each new activation of that size
 # is page-faulted in again (an elementwise op on a fresh [3611, 8960] bf16 tensor: 15 ms against 4 ms; growing
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.
-# --malloc default leaves glibc's defaults. The conversion after the rows runs with glibc's defaults, as a user runs it.
+# --malloc keep runs every row on glibc keeping what is freed; --malloc default leaves glibc's defaults. The
+# conversion after the rows runs with glibc's defaults, as a user runs it.
 #
 # Without options it runs what fits and what training does by default on this machine: (a) and (b) at 6 tiles per
 # image under 32 GiB of memory (XTuner's rows do not fit at 12), and the compiled rows beside the eager ones where

@@ -17,9 +17,29 @@ class _MallInfo2(ctypes.Structure):
                                                'uordblks', 'fordblks', 'keepcost')]
 
 
+def _jemalloc_in_use():
+    """jemalloc's ``stats.allocated`` (its statistics refreshed by writing ``epoch``): the bytes it has handed out,
+    when this process runs on it (``tools/train.py`` on a CPU: ``xtuner_plugins/malloc.py``); else None."""
+    from xtuner_plugins.malloc import jemalloc_loaded
+    if not jemalloc_loaded():
+        return None
+    mallctl = ctypes.CDLL(None).mallctl
+    epoch, value, size = ctypes.c_uint64(1), ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+
+    def read() -> int:
+        mallctl(b'epoch', None, None, ctypes.byref(epoch), ctypes.c_size_t(ctypes.sizeof(epoch)))
+        mallctl(b'stats.allocated', ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0))
+        return value.value
+    return read
+
+
 def _heap_in_use():
-    """glibc's ``mallinfo2``: bytes the process's malloc has handed out and not taken back (``uordblks`` in its
-    arenas + ``hblkhd`` mapped), which torch's CPU allocator draws on; None off glibc."""
+    """The bytes malloc has handed out and not taken back, which torch's CPU allocator draws on: jemalloc's where
+    it runs (:func:`_jemalloc_in_use`), else glibc's ``mallinfo2`` (``uordblks`` in its arenas + ``hblkhd``
+    mapped); None off both."""
+    jemalloc = _jemalloc_in_use()
+    if jemalloc is not None:
+        return jemalloc
     try:
         fn = ctypes.CDLL('libc.so.6').mallinfo2
     except (OSError, AttributeError):

@@ -45,6 +45,8 @@ NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
 
 def main() -> int:
+    from xtuner_plugins.malloc import run_under_jemalloc
+    run_under_jemalloc()   # on a CPU: this command again under jemalloc, before torch loads (xtuner_plugins/malloc.py)
     nproc, rest = nproc_option(sys.argv[1:])
     from xtuner_plugins.deferred_imports import used_packages   # the standard library only: no torch here
     if nproc is not None and (nproc > 1 or 'deepspeed' in used_packages(rest)):  # the launcher
@@ -100,6 +102,9 @@ def _train() -> int:
     torch_load = torch.load
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     args = xtuner_train.parse_args()
+    if not os.path.isfile(args.config):
+        print(f'train: refused: {args.config}: no such config file', file=sys.stderr)
+        return 2
     refusal = options_refusal(args, sys.argv[1:])
     if refusal:
         print(refusal, file=sys.stderr)

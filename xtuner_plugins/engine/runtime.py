@@ -216,7 +216,9 @@ def apply_cpu_patches() -> List[str]:
             _applied.append(name)
     if newly:
         from mmengine.logging import print_log
-        print_log(f'xtuner_plugins: CUDA is not available, applied CPU patches: {", ".join(newly)}',
+        from xtuner_plugins.malloc import jemalloc_loaded
+        memory = 'jemalloc' if jemalloc_loaded() else 'glibc (tools/train.py uses jemalloc where installed: malloc.py)'
+        print_log(f'xtuner_plugins: CUDA is not available, applied CPU patches: {", ".join(newly)}; malloc: {memory}',
                   logger='current')
     return newly
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.cli.shard_dataset import write_shards
 from xtuner_plugins.data import InternVLDataset
+from xtuner_plugins.data.errors import TooManyBadSamplesError
 from xtuner_plugins.data.shards import ShardDataset, check_shards, read_index, shard_units
 from xtuner_plugins.data.streaming import stream_collate_fn
 from xtuner_plugins.engine.streamstate import StreamStateHook
@@ -168,3 +169,66 @@ def test_a_shard_linked_out_of_the_folder_is_refused_unless_links_are_allowed(da
         check_shards(folder, **{k: v for k, v in data.settings.items() if k != 'max_bad_fraction'})
     ds = ShardDataset(folder, dict(data.settings, allow_links_outside=True), shuffle=False, rank=0, world_size=1)
     assert len([item for _, item in zip(range(3), ds)]) == 3  # the data set's opt-in, as for image folders
+
+
+def broken_json(folder, change):
+    """An edit for :func:`shard_set_copy` into ``folder``: its shard 0 written again, the first sample's
+    ``KEY.json`` bytes ``change(bytes)``, the shard's size in ``shards.json`` the new one (only the member is wrong)."""
+    from webdataset import TarWriter
+
+    from xtuner_plugins.data.shards import read_shard
+
+    def edit(index):
+        path = os.path.join(folder, 'shard-000000.tar')
+        samples = list(read_shard(path))
+        samples[0]['json'] = change(samples[0]['json'])
+        os.remove(path)  # the copy (never the original)
+        with TarWriter(path, encoder=False) as writer:
+            for sample in samples:
+                writer.write({k: v for k, v in sample.items() if k == '__key__' or not k.startswith('_')})
+        index['shards'][0]['bytes'] = os.path.getsize(path)
+    return edit
+
+
+def rewrite(**fields):
+    """A change of a ``KEY.json``: its ``fields`` set (None: removed)."""
+    def change(raw):
+        meta = json.loads(raw)
+        for key, value in fields.items():
+            meta.pop(key) if value is None else meta.update({key: value})
+        return json.dumps(meta).encode()
+    return change
+
+
+@pytest.mark.parametrize('case,change,message', [
+    ('no images', rewrite(images=None), '"images" is missing, expected a list of member names'),
+    ('images a string', rewrite(images='img0.png'), '"images" is \'img0.png\', expected a list of member names'),
+    ('source out of range', rewrite(source=2),
+     '"source" is 2, expected the number of one of shards.json\'s 2 sources (0..1)'),
+    ('line a string', rewrite(line='1'), '"line" is \'1\', expected a line number'),
+    ('sample a list', rewrite(sample=[1]), '"sample" is [1], expected an object (the annotation\'s sample)'),
+    ('not an object', lambda raw: b'[1, 2]', 'is a JSON list, not an object'),
+    ('not JSON', lambda raw: b'{"sample": ', 'is not JSON (Expecting value: line 1 column 12 (char 11))'),
+])
+def test_a_malformed_sample_json_is_a_bad_sample_named_by_its_shard_and_member(data, tmp_path, case, change,
+                                                                               message):
+    """A shard sample's KEY.json that is not the writer's is ``bad_shard_json``, named SHARD:KEY and counted as
+    any bad sample: training skips it (and stops past max_bad_fraction), check_shards lists it (a KeyError,
+    IndexError or JSONDecodeError stopped training before)."""
+    folder = shard_set_copy(data, tmp_path, broken_json(tmp_path / 'set', change))
+    tar, first = f'{folder}/shard-000000.tar', f'{data.files[0]}:1'
+    ds = ShardDataset(folder, dict(data.settings), shuffle=False, rank=0, world_size=1)
+    items = [item for _, item in zip(range(11), ds)]  # the 14 samples less this one and the corrupt image twice
+    assert items[0]['skipped'] == [(f'{tar}:000000000', 'bad_shard_json')]
+    assert first not in [s for x in items for s in x['samples']] and len({s for x in items for s in x['samples']}) == 9
+    assert ds.samples.failures == Counter(bad_shard_json=1, corrupt_image=1)
+    assert ds.samples.failed[f'{tar}:000000000'] == 'bad_shard_json'
+    strict = ShardDataset(folder, dict(data.settings, max_bad_fraction=0), shuffle=False, rank=0, world_size=1)
+    with pytest.raises(TooManyBadSamplesError, match=r"\{'bad_shard_json': 1\}"):
+        next(iter(strict))
+    report = check_shards(folder, **{k: v for k, v in data.settings.items() if k != 'max_bad_fraction'})
+    bad = [p for p in report['problems'] if p.reason == 'bad_shard_json']
+    assert [str(p) for p in bad] == [f'{tar}:000000000: member 000000000.json {message}: damaged; write the shard set '
+                                     f'again with tools/shard_dataset.py [bad_shard_json]']
+    assert report['stats'][tar] == {'samples': 1, 'dropped (bad shard json)': 1}
+    assert report['stats'][str(data.files[0])]['samples'] == 7

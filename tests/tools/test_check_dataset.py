@@ -290,3 +290,39 @@ def test_a_json_item_that_is_not_json_is_named_as_training_names_it(tmp_path, ca
     path.write_text('[{"conversations": tru}, {"conversations": []}]')
     assert check_dataset.main(['--data', str(path)]) == 2
     assert f'error: {path}: not valid JSON (item 1: Expecting value' in capsys.readouterr().err
+
+
+def shard_set(tmp_path, n=3):
+    """good_data(n) written as a shard set (tools/shard_dataset.py) in ``tmp_path/shards``."""
+    from xtuner_plugins.cli import shard_dataset
+    path, img = good_data(tmp_path, n)
+    assert shard_dataset.main(['--data', path, '--image-folder', img, '--out', str(tmp_path / 'shards')]) == 0
+    return path, str(tmp_path / 'shards')
+
+
+def test_a_sample_json_in_a_shard_that_is_not_the_writers_is_listed_as_training_skips_it(tmp_path, capsys):
+    """A shard sample's KEY.json with a ``source`` out of shards.json's sources: ``bad_shard_json`` named SHARD:KEY,
+    counted under its shard, exit 1 (an IndexError before)."""
+    from webdataset import TarWriter
+
+    from xtuner_plugins.data.shards import read_shard
+    path, shards = shard_set(tmp_path)
+    tar = os.path.join(shards, 'shard-000000.tar')
+    samples = list(read_shard(tar))
+    samples[1]['json'] = json.dumps(dict(json.loads(samples[1]['json']), source=5)).encode()
+    written = tmp_path / 'edited.tar'
+    with TarWriter(str(written), encoder=False) as writer:
+        for sample in samples:
+            writer.write({k: v for k, v in sample.items() if k == '__key__' or not k.startswith('_')})
+    os.replace(written, tar)
+    index = json.loads((tmp_path / 'shards' / 'shards.json').read_text())
+    index['shards'][0]['bytes'] = os.path.getsize(tar)
+    (tmp_path / 'shards' / 'shards.json').write_text(json.dumps(index))
+    capsys.readouterr()
+    assert check_dataset.main(['--data', shards]) == 1
+    out = capsys.readouterr().out
+    assert (f'{tar}:000000001: bad_shard_json: member 000000001.json "source" is 5, expected the number of one of '
+            f'shards.json\'s 1 sources (0..0): damaged; write the shard set again with tools/shard_dataset.py') in out
+    assert f'{tar} (from the shards in {shards})\n  dropped (bad shard json): 1\n  samples: 1\n' in out
+    assert f'{path} (from the shards in {shards})\n' in out and "problems: 1 ({'bad_shard_json': 1})" in out
+

@@ -19,7 +19,9 @@ its file or folder would be, ``video.VideoBytes`` and ``video.VideoFrames``).
 **Damage** is named, never read past: a shard whose size is not the one ``shards.json`` records stops start-up
 with one line, a tar that ends early or cannot be read stops the stream with one line naming it and the samples
 read (:func:`read_shard`), and a sample missing one of its files is a bad sample (``missing_image`` /
-``missing_video``, naming the shard and the member), counted and skipped as in annotation files. A
+``missing_video``, naming the shard and the member), counted and skipped as in annotation files; so is one whose
+``KEY.json`` is not the writer's (not JSON, a key missing or of the wrong kind, a ``source`` not in ``shards.json``:
+``bad_shard_json``, named ``SHARD:KEY``, :func:`meta_problem`). A
 ``shards.json`` that is not one (not JSON, a key missing or of the wrong kind) stops start-up with one line naming
 it and the key (:func:`index_problem`), and so does a shard named outside the folder (``../``, an absolute path,
 a symbolic link out of it): nothing outside the folder is read, unless the data set's ``allow_links_outside``
@@ -166,21 +168,59 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None) -> Iter
 class ShardRecord(Record):
     """A record read from a shard: ``raw`` its sample, ``media`` its images' bytes (None for a member missing from
     the shard), ``video`` its video's (``VideoBytes``, or ``VideoFrames`` for a frame folder's), ``gone`` the first
-    video member missing from the shard, ``where`` the shard and key (``SHARD:KEY``)."""
+    video member missing from the shard, ``where`` the shard and key (``SHARD:KEY``), ``problem`` what is wrong
+    with its ``KEY.json`` ('' when nothing: :func:`meta_problem`)."""
 
     media: Tuple[Optional[bytes], ...] = ()
     names: Tuple[str, ...] = ()
     video: Optional[str] = None
     gone: Optional[str] = None
     where: str = ''
+    problem: str = ''
 
 
-def shard_record(sample: Dict[str, Any]) -> ShardRecord:
+BAD_META = 'bad_shard_json'  # a sample whose KEY.json is not the writer's: a bad sample, named SHARD:KEY
+
+
+def meta_problem(meta: Any, sources: int) -> str:
+    """What is wrong with a shard sample's parsed ``KEY.json`` ('' when nothing): not an object, or ``sample``,
+    ``source`` (one of ``sources``), ``line``, ``images`` (member names), ``video`` or ``frames`` missing or of
+    the wrong kind. The reader trusts none of it unchecked: a key error here would stop training."""
+    if not isinstance(meta, dict):
+        return f'is a JSON {type(meta).__name__}, not an object'
+
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
+    checks = (('sample', isinstance(meta.get('sample'), dict), 'an object (the annotation\'s sample)'),
+              ('source', _count(meta.get('source')) and meta['source'] < sources,
+               f'the number of one of {INDEX}\'s {sources} sources (0..{sources - 1})'),
+              ('line', _count(meta.get('line')), 'a line number'),
+              ('images', names(meta.get('images')), 'a list of member names'),
+              ('video', meta.get('video') is None or (isinstance(meta['video'], str) and meta['video']),
+               'a member name'),
+              ('frames', meta.get('frames') is None or names(meta['frames']), 'a list of member names'))
+    for key, fine, expected in checks:
+        if not fine:
+            return f'"{key}" is {f"{meta[key]!r:.40}" if key in meta else "missing"}, expected {expected}'
+    return ''
+
+
+def shard_record(sample: Dict[str, Any], sources: int) -> ShardRecord:
+    """The record of a shard's sample (``read_shard``'s) of a set of ``sources``; a ``KEY.json`` that is not JSON
+    or not the writer's (:func:`meta_problem`) gives a record whose loading is a ``bad_shard_json`` bad sample."""
     where = f'{sample.get("__url__", "?")}:{sample["__key__"]}'
     if 'json' not in sample:
         raise ValueError(f'{where}: no {sample["__key__"]}.json (the sample\'s annotation) in the shard, only '
                          f'{sorted(k for k in sample if not k.startswith("__"))}: damaged; {REWRITE}')
-    meta = json.loads(sample['json'])
+    try:
+        meta = json.loads(sample['json'])
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser's depth
+        meta, problem = None, f'is not JSON ({exc})'
+    else:
+        problem = meta_problem(meta, sources)
+    if problem:
+        return ShardRecord(-1, 0, None, where=where,
+                           problem=f'member {sample["__key__"]}.json {problem}: damaged; {REWRITE}')
     names = tuple(name.lower() for name in meta['images'])
     members = [m.lower() for m in ([meta['video']] if meta.get('video') else meta.get('frames') or [])]
     gone = next((m for m in members if m not in sample), None)
@@ -188,7 +228,7 @@ def shard_record(sample: Dict[str, Any]) -> ShardRecord:
     if members and gone is None:
         video = (VideoBytes(f'{where}.{members[0]}', sample[members[0]]) if meta.get('video') else
                  VideoFrames(f'{where}.frame*', [sample[m] for m in members]))
-    return ShardRecord(int(meta['source']), int(meta['line']), meta['sample'],
+    return ShardRecord(meta['source'], meta['line'], meta['sample'],
                        tuple(sample.get(name) for name in names), names, video, gone, where)
 
 
@@ -211,9 +251,17 @@ class ShardSamples(InternVLDataset):
         self._index = np.zeros(0, dtype=np.int64)  # no annotation index: ShardDataset streams the samples
         self.num_distinct = int(self.index['samples'])  # what max_bad_fraction is a fraction of
 
+    def where(self, record: Record) -> str:
+        """``FILE:LINE`` of a record; ``SHARD:KEY`` of one whose ``KEY.json`` names no annotation line it can be
+        trusted for (``ShardRecord.problem``)."""
+        return record.where if isinstance(record, ShardRecord) and record.problem else super().where(record)
+
     def check_record(self, record: Record):
         """``InternVLDataset.check_record``, the images and the video its shard's bytes (named by their shard and
-        key in messages); a member missing from the shard is ``missing_image`` / ``missing_video``."""
+        key in messages); a member missing from the shard is ``missing_image`` / ``missing_video``, a ``KEY.json``
+        not the writer's ``bad_shard_json``."""
+        if isinstance(record, ShardRecord) and record.problem:
+            raise SampleError(BAD_META, record.problem, record.where)
         checked = super().check_record(record)
         if not isinstance(record, ShardRecord):
             return checked
@@ -296,7 +344,8 @@ class ShardDataset(StreamingDataset):
                 for position, sample in enumerate(read_shard(self.shards[shard], done, self.expected[shard]), done):
                     done = position + 1
                     if position % m == k:
-                        yield dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position), shard_record(sample)
+                        yield (dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position),
+                               shard_record(sample, len(self.samples.sources)))
                 j, done = j + 1, 0
             epoch, j = epoch + 1, 0
 
@@ -311,7 +360,7 @@ class ShardDataset(StreamingDataset):
             first = min(positions)
             for position, sample in enumerate(read_shard(self.shards[shard], first), first):
                 if position in positions:
-                    found[shard, position] = shard_record(sample)
+                    found[shard, position] = shard_record(sample, len(self.samples.sources))
                 if position >= max(positions):
                     break
             missing = sorted(positions - {p for s, p in found if s == shard})
@@ -355,8 +404,9 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     videos: List[str] = []
     for shard in samples.index['shards']:
         for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples'])):
-            record = shard_record(raw)
-            where, st = samples.where(record), stats[samples.sources[record.source].annotation]
+            record = shard_record(raw, len(samples.sources))
+            where = samples.where(record)  # a bad KEY.json's counts go under its shard: it names no annotation
+            st = stats[where.rsplit(':', 1)[0] if record.problem else samples.sources[record.source].annotation]
             st['samples'] += 1
 
             def drop(err: SampleError) -> None:

@@ -326,3 +326,25 @@ def test_a_sample_json_in_a_shard_that_is_not_the_writers_is_listed_as_training_
     assert f'{tar} (from the shards in {shards})\n  dropped (bad shard json): 1\n  samples: 1\n' in out
     assert f'{path} (from the shards in {shards})\n' in out and "problems: 1 ({'bad_shard_json': 1})" in out
 
+
+def test_allow_links_outside_reaches_a_shard_sets_check(tmp_path, capsys):
+    """--allow-links-outside is the shard set's allow_links_outside too, as in training: shards that are symbolic
+    links out of their folder are refused without it (one line, exit 2) and checked with it (refused either way
+    before)."""
+    _, shards = shard_set(tmp_path)
+    links = tmp_path / 'links'
+    links.mkdir()
+    for name in os.listdir(shards):
+        if name.endswith('.tar'):
+            os.symlink(os.path.join(shards, name), links / name)
+        else:
+            (links / name).write_bytes(open(os.path.join(shards, name), 'rb').read())
+    capsys.readouterr()
+    assert check_dataset.main(['--data', str(links)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f'error: {links}/shards.json: shards[0].file \'shard-000000.tar\' is a symbolic link to '
+                   f'{shards}/shard-000000.tar, outside the shard set\'s folder {links}: not read (set the data set\'s '
+                   f'allow_links_outside=True to allow it)\n')
+    assert check_dataset.main(['--data', str(links), '--allow-links-outside']) == 0
+    out = capsys.readouterr().out
+    assert 'samples: 3' in out and 'images found: 3' in out and 'problems: 0' in out, out

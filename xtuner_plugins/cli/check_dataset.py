@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument('--max-num-frame', type=int, default=32, help='most frames a video gets (default 32)')
     p.add_argument('--allow-links-outside', action='store_true',
                    help='the data set\'s allow_links_outside: follow symbolic links in an image folder to files '
-                        'outside it (the Hugging Face cache\'s layout)')
+                        'outside it (the Hugging Face cache\'s layout), and a shard set\'s shards linked out of its '
+                        'folder')
     p.add_argument('--max-image-pixels', type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=f'the data set\'s max_image_pixels: larger images are refused (default Pillow\'s '
                         f'{DEFAULT_MAX_IMAGE_PIXELS}; 0: no limit)')
@@ -289,7 +290,8 @@ def check_shard_set(args, tokenizer) -> int:
                           num_image_token=args.num_image_token, image_mode=args.image_mode,
                           min_dynamic_patch=args.min_dynamic_patch, max_dynamic_patch=args.max_dynamic_patch,
                           use_thumbnail=not args.no_thumbnail, truncation=args.truncation,
-                          allow_control_text=args.allow_control_text, max_image_pixels=args.max_image_pixels or None)
+                          allow_control_text=args.allow_control_text, max_image_pixels=args.max_image_pixels or None,
+                          allow_links_outside=args.allow_links_outside)
     problems, notes, stats, lengths = (report[k] for k in ('problems', 'notes', 'stats', 'lengths'))
     print_problems(notes + problems, args.show)
     print_videos(report['videos'], args.show)

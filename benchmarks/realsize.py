@@ -42,7 +42,8 @@ bf16 roofline, the LLM's share (its layers' and LM head's FLOPs over the step's 
 forward, timed by hooks; the closing line's roofline share), the data-time share, and the planner's step peak
 (activations + autocast copies, or AdamW's temporaries: ``planner.plan_memory``) beside the measured rise of
 malloc's bytes in use during the last timed step (``RssSampler``, read by its thread; with ``--op-reads``, in our
-rows, also after every operator with a large output, ``RssSampler.ops``; the RSS where malloc is not glibc's).
+rows, also after every operator with a large output, ``RssSampler.ops``, and on glibc; under jemalloc its
+``stats.allocated``, each large block at its size class, which the row line marks).
 XTuner's rows are checked against our unpacked row on the first timed step (``train_loop.run``'s ``check``: the warm-up
 at rate 0, then the loss and every trained tensor's gradient norm of that step's batch before its update, out of
 its time; the same batch in both processes, no step of its own); a failed check marks the ratios not comparable.
@@ -278,7 +279,8 @@ def child(args) -> dict:
                            graphs=compiled_graphs if args.row.endswith('_compiled') else None)
     if check is not None:   # the first timed step's, before its update: the same batch in both processes
         result['check' if xt is None else 'check_xtuner'] = r.pop('check')
-    result.update(r, act_measured=marks[-1])
+    from xtuner_plugins.malloc import jemalloc_loaded
+    result.update(r, act_measured=marks[-1], malloc='jemalloc' if jemalloc_loaded() else 'glibc')
     # the LLM's share: its matmul FLOPs (layers and LM head) over the timed steps' time less the vision tower's
     # forwards (projector, loss and optimizer step stay in the LLM's time: the share is a lower bound)
     llm_flops = 0
@@ -349,8 +351,8 @@ def main() -> None:
                         'split by kind (benchmarks/profile_kinds.py) in DIR/kinds.md; the rows\' timings are then '
                         'not figures')
     p.add_argument('--op-reads', dest='op_reads', action='store_true',
-                   help='our rows with a bytes-in-use read after every large operator (a Python dispatch mode in '
-                        'the timed step, which XTuner\'s rows do not run: 5-10%% of an eager step, and it keeps '
+                   help='our rows with a bytes-in-use read after every large operator, on glibc (--malloc '
+                        'keep: its exact bytes; a Python dispatch mode in the timed step, which XTuner\'s rows do not run: 5-10%% of an eager step, and it keeps '
                         'compiled blocks from running compiled; benchmarks/RESULTS.md); default: the sampling '
                         'thread alone, which can miss a short peak (15%% of (b) unpacked\'s activations once): use '
                         'it to check the planner, not to time')
@@ -400,7 +402,8 @@ def main() -> None:
                 cmd += ['--profile', os.path.abspath(args.profile)]
             if args.op_reads:
                 cmd += ['--op-reads']
-            proc, peak = run_watched(cmd, env=row_env(args.malloc, row))
+            # the planner is checked on glibc's exact bytes: jemalloc counts each block at its size class
+            proc, peak = run_watched(cmd, env=row_env('keep' if args.op_reads else args.malloc, row))
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]

@@ -70,6 +70,12 @@ def over(r) -> str:
     return f' ({r["samples"]} samples, {r["timed_steps"]} steps)' if 'timed_steps' in r else ''
 
 
+def rounded(r) -> str:
+    """A row measured under jemalloc: its bytes in use count each large block at its size class (up to 25% over
+    the bytes asked for, never touched), so the planner is checked on glibc's (``--op-reads``)."""
+    return ' (jemalloc\'s size classes)' if r.get('malloc') == 'jemalloc' else ''
+
+
 def print_row(setting, row, r, roof, flush=False):
     if 'error' in r:
         print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
@@ -79,7 +85,8 @@ def print_row(setting, row, r, roof, flush=False):
           f'tokens/s {r["tokens_per_s"]:7.1f}{over(r)} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
           f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
           f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
-          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB, planned {pred} GiB  (row {r["wall_s"]:.0f} s)'
+          f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB{rounded(r)}, planned {pred} GiB  '
+          f'(row {r["wall_s"]:.0f} s)'
           + (f'  compiled: warm-up steps {r["warmup_s"]:.0f} s, graphs compiled in the timed steps '
              f'{r["graphs_in_timed"]}' if 'graphs_in_timed' in r else ''), flush=flush)
 

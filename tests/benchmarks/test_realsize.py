@@ -169,3 +169,9 @@ def test_rows_run_as_each_tool_runs_its_memory(monkeypatch):
         keep = realsize.row_env('keep', row)
         assert 'LD_PRELOAD' not in keep and keep.items() >= realsize.KEEP_FREED.items()
         assert 'LD_PRELOAD' not in realsize.row_env('default', row)
+
+
+def test_bytes_counted_by_jemalloc_are_marked_and_the_planner_checks_run_on_glibc():
+    from benchmarks.realsize_report import rounded
+    assert rounded({'malloc': 'jemalloc'}) == " (jemalloc's size classes)" and rounded({'malloc': 'glibc'}) == ''
+    assert rounded({}) == ''   # rows of an earlier results.json (--reuse)

@@ -7,8 +7,9 @@ pages: on the AMX Xeon (benchmarks/RESULTS.md) the embedding gradient's zero fil
 of the head 238 ms, page faults for the most part (the same fill in a process that reuses its memory: 32-44 ms).
 jemalloc keeps large extents by size and, with the settings here (``dirty_decay_ms:-1``: freed pages are kept, as
 PyTorch's GPU caching allocator keeps device memory), gives them back to the next step already mapped; this is what
-Intel's guides for PyTorch on CPUs advise (``LD_PRELOAD`` of jemalloc). Setting (a) of ``realsize.sh``: 10.5 s a
-step against 11.5 (+9% tokens/s), its packed row +4%.
+Intel's guides for PyTorch on CPUs advise (``LD_PRELOAD`` of jemalloc). ``realsize.sh`` on the AMX Xeon, against
+the run before on glibc: +5 to +9% tokens/s in setting (a), +7 to +13% in (c) (models trained in full); LoRA's (b)
+within the noise.
 
 The library must be loaded before the process starts (``LD_PRELOAD``), so :func:`run_under_jemalloc` executes the
 same command again (``os.execv``: the same process id, for srun, torchrun and signals) with it preloaded, when:

@@ -102,7 +102,7 @@ def media_bytes(path: str, what: str, where: str) -> bytes:
 def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20) -> Counter:
     """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``; returns the skips by reason
     (each printed as ``FILE:LINE: reason: details``, ``show`` per reason)."""
-    from xtuner_plugins.data.shards import FORMAT, INDEX
+    from xtuner_plugins.data.shard_index import FORMAT, INDEX
     skipped: Counter = Counter()
 
     def skip(err: SampleError) -> None:
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             os.rmdir(args.out)
         return tool_error(PROG, exc)
     skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
-    from xtuner_plugins.data.shards import INDEX
+    from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):
         print(f'no sample to write: {sum(skipped.values())} skipped ({dict(skipped)})', file=sys.stderr)
         return 1

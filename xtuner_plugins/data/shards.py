@@ -46,123 +46,13 @@ import numpy as np
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import tally_fit
+from .shard_index import INDEX, REWRITE, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
 from .streaming import StreamingDataset, epoch_order, unit_part
 from .video import VideoBytes, VideoFrames
 
 __all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'index_problem', 'read_index',
            'read_shard', 'shard_units']
-
-INDEX = 'shards.json'
-FORMAT = 'xtuner-plugins-shards/1'
-REWRITE = 'write the shard set again with tools/shard_dataset.py'
-
-
-def read_index(folder: str, allow_links_outside: bool = False) -> dict:
-    """A shard set's ``shards.json``; a ValueError naming the folder when it is not a complete shard set, or a
-    shard's size is not the one recorded (truncated or changed after it was written), and naming ``shards.json``
-    when it is not one (:func:`index_problem`: a key missing or of the wrong kind, a shard outside the folder)."""
-    path = os.path.join(folder, INDEX)
-    if not os.path.isfile(path):
-        raise ValueError(f'{folder}: no {INDEX}: not a shard set, or one whose writing did not finish '
-                         f'(tools/shard_dataset.py writes {INDEX} last)')
-    try:
-        with open(path, encoding='utf-8') as f:
-            index = json.load(f)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f'{path}: not UTF-8 (byte {exc.start}); {REWRITE}') from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); '
-                         f'{REWRITE}') from None
-    if not isinstance(index, dict):
-        raise ValueError(f'{path}: not a JSON object but a {type(index).__name__}; {REWRITE}')
-    if index.get('format') != FORMAT:
-        raise ValueError(f'{path}: format {index.get("format")!r}, expected {FORMAT!r}')
-    problem = index_problem(index, folder, allow_links_outside)
-    if problem:
-        raise ValueError(f'{path}: {problem}')
-    missing = [s['file'] for s in index['shards'] if not os.path.isfile(os.path.join(folder, s['file']))]
-    if missing:
-        raise ValueError(f'{folder}: {len(missing)} of its {len(index["shards"])} shards are missing, first '
-                         f'{missing[0]}')
-    for shard in index['shards']:
-        size = os.path.getsize(os.path.join(folder, shard['file']))
-        if shard.get('bytes') is not None and size != shard['bytes']:
-            raise ValueError(f'{os.path.join(folder, shard["file"])}: {size} bytes, {INDEX} says {shard["bytes"]}: '
-                             f'truncated or changed after it was written; {REWRITE}')
-    return index
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def index_problem(index: dict, folder: str, allow_links_outside: bool = False) -> str:
-    """What is wrong with a ``shards.json`` of ``folder`` ('' when nothing): ``samples``, ``shards`` (each an
-    object with a ``file`` inside the folder and its ``samples``, ``bytes`` optional), ``sources`` (each with its
-    ``annotation``) and ``skipped`` missing or of the wrong kind, or the shards' samples not adding up. A shard's
-    ``file`` may not lead outside the folder, as written (``../``, an absolute path) nor through a symbolic link
-    (unless ``allow_links_outside``, the data set's setting for image folders): nothing outside is read."""
-    def kind(value: Any) -> str:
-        return type(value).__name__
-    shards, sources = index.get('shards'), index.get('sources')
-    if not isinstance(shards, list) or not shards:
-        return (f'"shards" is {"missing" if shards is None else f"a {kind(shards)} {shards!r:.40}"}, expected a '
-                f'non-empty list of {{"file", "samples", "bytes"}}; {REWRITE}')
-    root = os.path.abspath(folder)
-    real_root = os.path.realpath(root)
-    for k, shard in enumerate(shards):
-        if not isinstance(shard, dict):
-            return f'shards[{k}] is a {kind(shard)}, expected {{"file", "samples", "bytes"}}; {REWRITE}'
-        name = shard.get('file')
-        if not isinstance(name, str) or not name or '\0' in name:
-            return f'shards[{k}].file is {name!r}, expected the name of a tar in {folder}; {REWRITE}'
-        if not _count(shard.get('samples')) or not (shard.get('bytes') is None or _count(shard['bytes'])):
-            return (f'shards[{k}] ({name}): samples {shard.get("samples")!r}, bytes {shard.get("bytes")!r}, expected '
-                    f'counts; {REWRITE}')
-        full = os.path.normpath(os.path.join(root, name))
-        if os.path.commonpath([root, full]) != root or full == root:
-            return (f'shards[{k}].file {name!r} leads outside the shard set\'s folder {folder} (to {full}): not '
-                    f'read; {REWRITE}')
-        real = os.path.realpath(full)
-        if not allow_links_outside and os.path.commonpath([real_root, real]) != real_root:
-            return (f'shards[{k}].file {name!r} is a symbolic link to {real}, outside the shard set\'s folder '
-                    f'{folder}: not read (set the data set\'s allow_links_outside=True to allow it)')
-    if not _count(index.get('samples')) or index['samples'] != sum(s['samples'] for s in shards):
-        return (f'samples {index.get("samples")!r}, but its {len(shards)} shards hold '
-                f'{sum(s["samples"] for s in shards)}; {REWRITE}')
-    if not isinstance(sources, list) or not sources:
-        return (f'"sources" is {"missing" if sources is None else f"a {kind(sources)} {sources!r:.40}"}, expected '
-                f'a non-empty list of {{"annotation", "max_dynamic_patch"}}; {REWRITE}')
-    for k, source in enumerate(sources):
-        if (not isinstance(source, dict) or not isinstance(source.get('annotation'), str)
-                or not (source.get('max_dynamic_patch') is None or _count(source['max_dynamic_patch']))):
-            return (f'sources[{k}] is {source!r:.80}, expected {{"annotation": FILE, "max_dynamic_patch": N or '
-                    f'null}}; {REWRITE}')
-    if not isinstance(index.get('skipped', {}), dict):
-        return f'"skipped" is a {kind(index["skipped"])}, expected an object (reason: count); {REWRITE}'
-    return ''
-
-
-def read_shard(path: str, skip: int = 0, expected: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
-    A tar that cannot be read, or that ends before its ``expected`` samples, is a ValueError naming it and the
-    samples read."""
-    import tarfile
-
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-    k = -1
-    with open(path, 'rb') as stream:
-        try:
-            for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
-                if k >= skip:
-                    yield sample
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            raise ValueError(f'{path}: the tar cannot be read after its {k + 1} samples ({str(exc).split(" @ ")[0]}): '
-                             f'damaged or truncated; {REWRITE}') from None
-    if expected is not None and k + 1 < expected:
-        raise ValueError(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')
-
 
 @dataclass
 class ShardRecord(Record):
@@ -192,9 +82,9 @@ def meta_problem(meta: Any, sources: int) -> str:
     def names(value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
     checks = (('sample', isinstance(meta.get('sample'), dict), 'an object (the annotation\'s sample)'),
-              ('source', _count(meta.get('source')) and meta['source'] < sources,
+              ('source', is_count(meta.get('source')) and meta['source'] < sources,
                f'the number of one of {INDEX}\'s {sources} sources (0..{sources - 1})'),
-              ('line', _count(meta.get('line')), 'a line number'),
+              ('line', is_count(meta.get('line')), 'a line number'),
               ('images', names(meta.get('images')), 'a list of member names'),
               ('video', meta.get('video') is None or (isinstance(meta['video'], str) and meta['video']),
                'a member name'),

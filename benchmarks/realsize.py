@@ -58,7 +58,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -68,8 +67,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import flops, train_loop, xtuner_row  # noqa: E402
-from benchmarks.realsize_data import ensure_models, write_mix  # noqa: E402
-from benchmarks.realsize_report import closing, parse_tiles, print_row, run_watched, total_memory  # noqa: E402
+from benchmarks.realsize_data import ensure_models, timed_steps, write_mix  # noqa: E402
+from benchmarks.realsize_report import (closing, convert, parse_tiles, print_row, row_env,  # noqa: E402
+                                        run_watched, total_memory)
 from benchmarks.roofline import model_weights, roofline, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
@@ -92,22 +92,6 @@ def default_rows() -> tuple:
     C++ compiler), so that the run measures what training does by default."""
     from xtuner_plugins.models.compile import AUTO_MIN_LLM_PARAMETERS, compile_parts
     return COMPILED_ROWS if compile_parts('auto', AUTO_MIN_LLM_PARAMETERS) else DEFAULT_ROWS
-# glibc keeping what is freed (no block handed back to the kernel, so no page faults on every large activation;
-# benchmarks/RESULTS.md): XTuner's rows (and ours where there is no jemalloc), :func:`row_env`
-KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
-
-
-def row_env(setting: str, row: str):
-    """A row's environment for ``--malloc SETTING``: 'train' runs ours under jemalloc as ``tools/train.py`` does
-    where it finds it (``malloc.jemalloc_env``), XTuner's (``xtuner train`` does nothing of the kind) and ours where
-    there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own."""
-    from xtuner_plugins.malloc import jemalloc_env
-    if setting == 'default':
-        return {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
-    keep = dict({k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}, **KEEP_FREED)
-    return (jemalloc_env(keep) or keep) if setting == 'train' and row != 'xtuner' else keep
-
-
 NAMES = {'a': 'InternViT-300M + Qwen2.5-0.5B full', 'b': 'InternViT-300M + Qwen2.5-1.5B LoRA',
          'c': 'SigLIP-so400m + bilinear MLP + Qwen2.5-0.5B full'}
 
@@ -131,19 +115,6 @@ def build_data(setting: str, work: str, models: dict, samples: int):
     if not os.path.exists(data):
         write_mix(folder, samples, tiled)
     return data, os.path.join(folder, 'images')
-
-
-def timed_steps(packed, packs: int, order: torch.Generator, row: str, batch: int):
-    """The data set a row reads and its timed steps, each a list of indices into it. The same samples in every
-    row of a setting, in the same order: those of ``packs`` packs drawn at random (with replacement, ``order``'s
-    draws); the packed rows train each pack in a step, the others (ours unpacked, XTuner's) the packs' samples,
-    ``batch`` a step (padded). So the rows' tokens/s are over the same tokens: a ratio between two rows measures
-    the path, not which samples each row drew (samples differ in their share of image tokens)."""
-    picks = list(torch.utils.data.RandomSampler(packed, replacement=True, num_samples=packs, generator=order))
-    if row.startswith('packed'):
-        return packed, [[pick] for pick in picks]
-    samples = [index for pick in picks for index in packed.packs[pick]]
-    return packed.dataset, [samples[k:k + batch] for k in range(0, len(samples), batch)]
 
 
 def collated(dataset, batches):
@@ -421,7 +392,7 @@ def main() -> None:
             print_row(setting, row, results[(setting, row)], roof, flush=True)
     if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
             args.deadline and time.time() > args.deadline):
-        convert(args)
+        convert(args.work, args.out, SETTINGS['b'])
     closing(results, args.settings, roof, tiles)
     if args.profile:
         from benchmarks.profile_kinds import table
@@ -432,36 +403,6 @@ def main() -> None:
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(dict(roofline=roof, rows={f'{s} {r}': v for (s, r), v in results.items()}), f, indent=1,
                   default=float)
-
-
-def convert(args) -> None:
-    """The converter on (b)'s LoRA checkpoint (adapters merged, bf16, official layout): time and peak RSS against
-    the model's size in bf16."""
-    s = SETTINGS['b']
-    shared = os.path.join(args.work, 'rows', 'b')
-    out = os.path.join(args.work, 'converted_b')
-    cmd = ['/usr/bin/time', '-v', sys.executable, os.path.join(ROOT, 'tools', 'convert_to_official.py'),
-           os.path.join(ROOT, 'configs', 'finetune_lora.py'), os.path.join(shared, 'lora.pth'), out, '--dtype', 'bf16',
-           '--overwrite', '--cfg-options', f'model.vision_encoder={os.path.join(args.work, "models", s["vision"])}',
-           f'model.llm={os.path.join(args.work, "models", s["llm"])}', 'model.llm_lora.lora_dropout=0.0',
-           'model.from_scratch=True']
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)   # as a user runs it: glibc's own malloc settings
-    seconds = time.perf_counter() - t
-    with open(os.path.join(args.out, 'b-convert.log'), 'w') as f:
-        f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
-    rss = [int(x.split(':')[1]) for x in proc.stderr.splitlines() if 'Maximum resident set size' in x]
-    if proc.returncode or not rss:
-        print(f'conversion (b): FAILED (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [""])[-1]}')
-        return
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.safetensors'))
-    peak = rss[0] * 1024
-    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS '
-          f'{peak / 2 ** 30:.2f} GiB = {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; '
-          'target <= 1.5)', flush=True)
-    subprocess.run(['rm', '-rf', out])
-
-
 
 
 if __name__ == '__main__':

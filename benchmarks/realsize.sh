@@ -10,7 +10,7 @@
 # are relative to the caller's folder; the defaults are the checkout's.
 #
 # Our rows run under jemalloc, as tools/train.py runs on a CPU where it is installed (xtuner_plugins/malloc.py);
-# XTuner's rows (and ours without jemalloc) with glibc's malloc keeping what is freed (realsize.py's KEEP_FREED): by
+# XTuner's rows (and ours without jemalloc) with glibc's malloc keeping what is freed (realsize_report.py's KEEP_FREED): by
 # default glibc returns every block over 32 MB to the kernel when it is freed, and each new activation of that size
 # is page-faulted in again (an elementwise op on a fresh [3611, 8960] bf16 tensor: 15 ms against 4 ms; growing
 # worse than linearly with the process: benchmarks/RESULTS.md). A GPU's caching allocator does the same keeping.

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -46,3 +47,16 @@ def ensure_models(work: str, names) -> dict:
             write_real_model(name, folder)
         out[name] = folder
     return out
+
+
+def timed_steps(packed, packs: int, order: torch.Generator, row: str, batch: int):
+    """The data set a row reads and its timed steps, each a list of indices into it. The same samples in every
+    row of a setting, in the same order: those of ``packs`` packs drawn at random (with replacement, ``order``'s
+    draws); the packed rows train each pack in a step, the others (ours unpacked, XTuner's) the packs' samples,
+    ``batch`` a step (padded). So the rows' tokens/s are over the same tokens: a ratio between two rows measures
+    the path, not which samples each row drew (samples differ in their share of image tokens)."""
+    picks = list(torch.utils.data.RandomSampler(packed, replacement=True, num_samples=packs, generator=order))
+    if row.startswith('packed'):
+        return packed, [[pick] for pick in picks]
+    samples = [index for pick in picks for index in packed.packs[pick]]
+    return packed.dataset, [samples[k:k + batch] for k in range(0, len(samples), batch)]

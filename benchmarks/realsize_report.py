@@ -1,13 +1,31 @@
-"""``realsize.py``'s rows from the outside: each row's process watched for its peak memory, the tiles option, and
-the lines printed (a row's line, the closing lines with the ratios)."""
+"""``realsize.py``'s rows from the outside: each row's process environment (its malloc) and watched for its peak
+memory, the tiles option, and the lines printed (a row's line, the closing lines with the ratios; the conversion
+of (b)'s checkpoint, timed)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 from benchmarks import train_loop
+
+# glibc keeping what is freed (no block handed back to the kernel, so no page faults on every large activation;
+# benchmarks/RESULTS.md): XTuner's rows (and ours where there is no jemalloc), :func:`row_env`
+KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
+
+
+def row_env(setting: str, row: str):
+    """A row's environment for ``--malloc SETTING``: 'train' runs ours under jemalloc as ``tools/train.py`` does
+    where it finds it (``malloc.jemalloc_env``), XTuner's (``xtuner train`` does nothing of the kind) and ours where
+    there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own."""
+    from xtuner_plugins.malloc import jemalloc_env
+    if setting == 'default':
+        return {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
+    keep = dict({k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}, **KEEP_FREED)
+    return (jemalloc_env(keep) or keep) if setting == 'train' and row != 'xtuner' else keep
+
 
 SETTING_NAMES = ('a', 'b', 'c')
 
@@ -114,3 +132,31 @@ def closing(results, settings, roof, tiles=None):
         print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
               f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
               f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')
+
+
+def convert(work: str, out_dir: str, setting: dict) -> None:
+    """The converter on (b)'s LoRA checkpoint (adapters merged, bf16, official layout): time and peak RSS against
+    the model's size in bf16 (``setting``: (b)'s models, under ``work``; the log in ``out_dir``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shared = os.path.join(work, 'rows', 'b')
+    out = os.path.join(work, 'converted_b')
+    cmd = ['/usr/bin/time', '-v', sys.executable, os.path.join(root, 'tools', 'convert_to_official.py'),
+           os.path.join(root, 'configs', 'finetune_lora.py'), os.path.join(shared, 'lora.pth'), out, '--dtype', 'bf16',
+           '--overwrite', '--cfg-options', f'model.vision_encoder={os.path.join(work, "models", setting["vision"])}',
+           f'model.llm={os.path.join(work, "models", setting["llm"])}', 'model.llm_lora.lora_dropout=0.0',
+           'model.from_scratch=True']
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)   # as a user runs it: glibc's own malloc settings
+    seconds = time.perf_counter() - t
+    with open(os.path.join(out_dir, 'b-convert.log'), 'w') as f:
+        f.write(' '.join(cmd) + '\n' + proc.stdout + proc.stderr)
+    rss = [int(x.split(':')[1]) for x in proc.stderr.splitlines() if 'Maximum resident set size' in x]
+    if proc.returncode or not rss:
+        print(f'conversion (b): FAILED (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [""])[-1]}')
+        return
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith('.safetensors'))
+    peak = rss[0] * 1024
+    print(f'conversion (b: 1.5B LoRA merged, official layout, bf16): {seconds:.0f} s, peak RSS '
+          f'{peak / 2 ** 30:.2f} GiB = {peak / size:.2f} x the written model ({size / 2 ** 30:.2f} GiB in bf16; '
+          'target <= 1.5)', flush=True)
+    subprocess.run(['rm', '-rf', out])

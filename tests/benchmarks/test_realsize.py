@@ -157,7 +157,7 @@ def test_defaults_follow_the_machine(monkeypatch):
 def test_rows_run_as_each_tool_runs_its_memory(monkeypatch):
     """``--malloc train`` (the default): our rows as tools/train.py runs here (jemalloc where it finds it), XTuner's
     on glibc keeping what is freed; ``keep``: every row on the latter; neither leaks the caller's preload."""
-    from benchmarks import realsize
+    from benchmarks import realsize, realsize_report
     from xtuner_plugins import malloc
     monkeypatch.setenv('LD_PRELOAD', '/x/caller.so')
     monkeypatch.setenv('XTUNER_PLUGINS_JEMALLOC', __file__)   # an existing file stands for the library
@@ -167,7 +167,7 @@ def test_rows_run_as_each_tool_runs_its_memory(monkeypatch):
     assert 'LD_PRELOAD' not in theirs and theirs['MALLOC_MMAP_MAX_'] == '0'
     for row in ('unpacked', 'xtuner'):
         keep = realsize.row_env('keep', row)
-        assert 'LD_PRELOAD' not in keep and keep.items() >= realsize.KEEP_FREED.items()
+        assert 'LD_PRELOAD' not in keep and keep.items() >= realsize_report.KEEP_FREED.items()
         assert 'LD_PRELOAD' not in realsize.row_env('default', row)
 
 

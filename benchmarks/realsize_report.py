@@ -21,9 +21,10 @@ def row_env(setting: str, row: str):
     where it finds it (``malloc.jemalloc_env``), XTuner's (``xtuner train`` does nothing of the kind) and ours where
     there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own."""
     from xtuner_plugins.malloc import jemalloc_env
+    plain = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
     if setting == 'default':
-        return {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
-    keep = dict({k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}, **KEEP_FREED)
+        return plain
+    keep = dict(plain, **KEEP_FREED)
     return (jemalloc_env(keep) or keep) if setting == 'train' and row != 'xtuner' else keep
 
 

@@ -133,7 +133,6 @@ def apply_liger(llm: nn.Module, parts: Tuple[str, ...]) -> Tuple[str, ...]:
     return parts
 
 
-
 def fused_linear_ce(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int,
                     reduction: str) -> torch.Tensor:
     """Liger's fused linear cross-entropy of ``head(hidden [N, H])`` against ``targets [N]``: the sum over

@@ -197,25 +197,9 @@ def child(args) -> dict:
         torch.save({k: v.detach().clone() for k, v in check.items()}, os.path.join(shared, 'trained.pt'))
     if args.row == 'xtuner':
         del model
-        xtuner_row.ensure_process_group(shared)
-        model = xt = xtuner_row.build_xtuner_model(
-            official, 'cpu', grad_ckpt=True, attn=args.attn,
-            trained=dict(freeze_vision=True, freeze_projector=False, freeze_llm=True)
-            if 'llm_lora' in s['model'] else None)
-        if 'llm_lora' in s['model']:
-            from peft import LoraConfig
-            xt._prepare_llm_for_lora(LoraConfig(**{k: v for k, v in LORA.items() if k != 'target_modules'},
-                                                target_modules=None), use_activation_checkpointing=True)
-            xt.model.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={'use_reentrant': False})
-        ours = torch.load(os.path.join(shared, 'trained.pt'))
-        own = train_loop.trained_parameters(xt.model)
-        with torch.no_grad():
-            for k, v in ours.items():
-                if k in own:
-                    own[k].copy_(v.to(own[k].dtype))
-        del ours   # 2.5 GB for (a): not held through XTuner's steps
-        check = own
+        model = xt = xtuner_row.build_row(official, shared, args.attn,
+                                          LORA if 'llm_lora' in s['model'] else None)
+        check = train_loop.trained_parameters(xt.model)
         step_loss = lambda b: xtuner_row.xtuner_loss(xt, b)  # noqa: E731
     steps = len(batches)
     adamw = train_loop.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's
@@ -342,7 +326,7 @@ def main() -> None:
     print(f'roofline (torch.mm, this process): bf16 {roof["bf16"]:.3f} TFLOP/s ({sizes["bf16"]}^3), fp32 '
           f'{roof["fp32"]:.3f} TFLOP/s ({sizes["fp32"]}^3); torch {torch.__version__}, {os.cpu_count()} CPUs, '
           f'{torch.get_num_threads()} threads; rows\' malloc: {args.malloc} (ours: '
-          f'{"jemalloc" if "LD_PRELOAD" in (row_env(args.malloc, "unpacked") or {}) else "glibc"})', flush=True)
+          f'{"jemalloc" if "LD_PRELOAD" in (row_env(args.malloc, "unpacked", args.op_reads) or {}) else "glibc"})', flush=True)
     refusal = slow_bf16_refusal(roof, max(model_weights(args.work, SETTINGS[s]['llm']) for s in args.settings))
     if refusal:
         sys.exit(f'realsize: not run: {refusal}')
@@ -374,7 +358,7 @@ def main() -> None:
             if args.op_reads:
                 cmd += ['--op-reads']
             # the planner is checked on glibc's exact bytes: jemalloc counts each block at its size class
-            proc, peak = run_watched(cmd, env=row_env('keep' if args.op_reads else args.malloc, row))
+            proc, peak = run_watched(cmd, env=row_env(args.malloc, row, args.op_reads))
             with open(os.path.join(args.out, f'{setting}-{row}.log'), 'w') as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')]

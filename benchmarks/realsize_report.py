@@ -16,11 +16,15 @@ from benchmarks import train_loop
 KEEP_FREED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'}
 
 
-def row_env(setting: str, row: str):
+def row_env(setting: str, row: str, op_reads: bool = False):
     """A row's environment for ``--malloc SETTING``: 'train' runs ours under jemalloc as ``tools/train.py`` does
     where it finds it (``malloc.jemalloc_env``), XTuner's (``xtuner train`` does nothing of the kind) and ours where
-    there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own."""
+    there is no jemalloc on glibc keeping what is freed; 'keep' every row on the latter; 'default' glibc's own.
+    ``op_reads`` (``--op-reads``: the planner checked against the bytes in use) makes 'train' 'keep': jemalloc
+    counts each block at its size class, glibc the bytes asked for."""
     from xtuner_plugins.malloc import jemalloc_env
+    if op_reads and setting == 'train':
+        setting = 'keep'
     plain = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
     if setting == 'default':
         return plain

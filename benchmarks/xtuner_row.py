@@ -100,6 +100,29 @@ def build_xtuner_model(folder: str, device: str, *, grad_ckpt: bool, attn: str, 
     return xt.to(device).train()
 
 
+def build_row(official: str, shared: str, attn: str, lora: Optional[dict]):
+    """realsize's XTuner row: :func:`build_xtuner_model` on ``official`` (the LLM frozen under LoRA, whose
+    adapters ``InternVL_V1_5._prepare_llm_for_lora`` adds from ``lora``: peft's settings, every linear layer), its
+    trained tensors then set to the values our unpacked row saved before its first step (``shared/trained.pt``):
+    both tools start each setting from the same weights, and the first step's losses are compared."""
+    ensure_process_group(shared)
+    xt = build_xtuner_model(official, 'cpu', grad_ckpt=True, attn=attn,
+                            trained=None if lora is None else dict(freeze_vision=True, freeze_projector=False,
+                                                                   freeze_llm=True))
+    if lora is not None:
+        from peft import LoraConfig
+        xt._prepare_llm_for_lora(LoraConfig(**{k: v for k, v in lora.items() if k != 'target_modules'},
+                                            target_modules=None), use_activation_checkpointing=True)
+        xt.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    ours = torch.load(os.path.join(shared, 'trained.pt'))
+    own = {name: p for name, p in xt.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for key, value in ours.items():
+            if key in own:
+                own[key].copy_(value.to(own[key].dtype))
+    return xt
+
+
 def xtuner_inputs(batch: dict) -> dict:
     """One of our collated unpacked batches (on its device) as ``InternVL_V1_5.forward`` reads it, as XTuner's
     ``InternVL_V1_5_Dataset`` + ``default_collate_fn`` would make it: ``pixel_values`` a list of each sample's

@@ -165,6 +165,8 @@ def test_rows_run_as_each_tool_runs_its_memory(monkeypatch):
     if not os.path.exists('/dev/nvidia0'):
         assert ours['LD_PRELOAD'] == __file__ and ours['MALLOC_CONF'] == malloc.JEMALLOC_CONF
     assert 'LD_PRELOAD' not in theirs and theirs['MALLOC_MMAP_MAX_'] == '0'
+    # --op-reads: the planner is checked on glibc's exact bytes, so our rows leave jemalloc out
+    assert realsize.row_env('train', 'packed_segments', op_reads=True) == realsize.row_env('keep', 'packed_segments')
     for row in ('unpacked', 'xtuner'):
         keep = realsize.row_env('keep', row)
         assert 'LD_PRELOAD' not in keep and keep.items() >= realsize_report.KEEP_FREED.items()

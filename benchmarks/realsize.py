@@ -326,7 +326,8 @@ def main() -> None:
     print(f'roofline (torch.mm, this process): bf16 {roof["bf16"]:.3f} TFLOP/s ({sizes["bf16"]}^3), fp32 '
           f'{roof["fp32"]:.3f} TFLOP/s ({sizes["fp32"]}^3); torch {torch.__version__}, {os.cpu_count()} CPUs, '
           f'{torch.get_num_threads()} threads; rows\' malloc: {args.malloc} (ours: '
-          f'{"jemalloc" if "LD_PRELOAD" in (row_env(args.malloc, "unpacked", args.op_reads) or {}) else "glibc"})', flush=True)
+          f'{"jemalloc" if "LD_PRELOAD" in row_env(args.malloc, "unpacked", args.op_reads) else "glibc"})',
+          flush=True)
     refusal = slow_bf16_refusal(roof, max(model_weights(args.work, SETTINGS[s]['llm']) for s in args.settings))
     if refusal:
         sys.exit(f'realsize: not run: {refusal}')

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any, Dict, Iterator, Optional
 
+from .strictjson import DuplicateKey, loads
+
 __all__ = ['FORMAT', 'INDEX', 'REWRITE', 'index_problem', 'is_count', 'read_index', 'read_shard']
 
 INDEX = 'shards.json'
@@ -26,7 +28,9 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
                          f'(tools/shard_dataset.py writes {INDEX} last)')
     try:
         with open(path, encoding='utf-8') as f:
-            index = json.load(f)
+            index = loads(f.read())
+    except DuplicateKey as exc:
+        raise ValueError(f'{path}: {exc.describe()}; {REWRITE}') from None
     except UnicodeDecodeError as exc:
         raise ValueError(f'{path}: not UTF-8 (byte {exc.start}); {REWRITE}') from None
     except json.JSONDecodeError as exc:

@@ -36,7 +36,6 @@ A unit's state is its epoch, shard and sample; a resume reads the shard up to th
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -48,6 +47,7 @@ from .errors import SampleError
 from .fitting import tally_fit
 from .shard_index import INDEX, REWRITE, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
+from .strictjson import DuplicateKey, loads
 from .streaming import StreamingDataset, epoch_order, unit_part
 from .video import VideoBytes, VideoFrames
 
@@ -103,7 +103,9 @@ def shard_record(sample: Dict[str, Any], sources: int) -> ShardRecord:
         raise ValueError(f'{where}: no {sample["__key__"]}.json (the sample\'s annotation) in the shard, only '
                          f'{sorted(k for k in sample if not k.startswith("__"))}: damaged; {REWRITE}')
     try:
-        meta = json.loads(sample['json'])
+        meta = loads(sample['json'].decode('utf-8'))
+    except DuplicateKey as exc:
+        meta, problem = None, f'is not the writer\'s: {exc.describe()}'
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser's depth
         meta, problem = None, f'is not JSON ({exc})'
     else:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import SampleError
 from .index import BOM
+from .strictjson import DuplicateKey, loads
 
 PathList = Union[str, Sequence[Optional[str]], None]
 
@@ -86,7 +87,9 @@ def _meta_sources(path: str) -> List[DataSource]:
         raw = f.read()
     start = len(BOM) if raw.startswith(BOM) else 0
     try:
-        meta = json.loads(raw[start:].decode('utf-8'))
+        meta = loads(raw[start:].decode('utf-8'))
+    except DuplicateKey as exc:
+        raise ValueError(f'{path}: meta file: {exc.describe()}') from None
     except UnicodeDecodeError as exc:
         raise ValueError(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
                          f'offset {start + exc.start})') from None
@@ -213,7 +216,9 @@ def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
         raise SampleError('bad_json', f'line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column '
                                       f'{exc.start + 1})', where) from None
     try:
-        obj = json.loads(text)
+        obj = loads(text)
+    except DuplicateKey as exc:
+        raise SampleError('bad_json', exc.describe(), where) from None
     except json.JSONDecodeError as exc:  # its own "line 2 column 1" counts a newline inside the text: the line's
         body = text.rstrip('\r\n')        # column instead, and where it is
         pos = min(exc.pos, len(body))
@@ -239,7 +244,9 @@ def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
     except UnicodeDecodeError:  # kept as lone surrogates: the item is refused below
         text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
     try:
-        obj = json.loads(text)
+        obj = loads(text)
+    except DuplicateKey as exc:
+        raise SampleError('bad_json', exc.describe(), where) from None
     except json.JSONDecodeError as exc:
         path, item = where.rsplit(':', 1)
         raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '

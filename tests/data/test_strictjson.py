@@ -1,0 +1,70 @@
+"""A key named twice in one JSON object is refused wherever data is read, never read last-wins."""
+
+import json
+import os
+
+import pytest
+
+from tests.helpers import conv, write_image
+from xtuner_plugins.data.sources import expand_sources, read_records
+from xtuner_plugins.data.strictjson import DuplicateKey, loads
+
+GOOD = json.dumps({'image': 'a.png', 'conversations': conv()})
+TWO_IMAGES = GOOD.replace('"image": "a.png"', '"image": "a.png", "image": "b.png"')
+TWO_TURN_VALUES = GOOD.replace('"value": "A red square."', '"value": "A red square.", "value": "No."')
+
+
+def test_loads_refuses_a_key_named_twice_at_any_depth_and_is_json_loads_otherwise():
+    assert loads(GOOD) == json.loads(GOOD)
+    with pytest.raises(DuplicateKey, match=r'key "image" appears twice in one object \("a.png", then "b.png"\)'):
+        loads(TWO_IMAGES)
+    with pytest.raises(DuplicateKey, match=r'key "value" appears twice'):
+        loads(TWO_TURN_VALUES)
+    assert loads('{"a": {"x": 1}, "b": {"x": 2}}') == {'a': {'x': 1}, 'b': {'x': 2}}  # same key, other objects
+
+
+def test_a_sample_naming_a_key_twice_is_a_bad_sample_named_file_and_line(tmp_path):
+    """jsonl lines and .json items alike: counted as bad_json with FILE:LINE, the rest read."""
+    path = tmp_path / 'a.jsonl'
+    path.write_text('\n'.join([GOOD, TWO_IMAGES, GOOD, TWO_TURN_VALUES]) + '\n')
+    records, problems = read_records(0, expand_sources(str(path))[0])
+    assert [r.line for r in records] == [1, 3]
+    assert [(p.source, p.reason) for p in problems] == [(f'{path}:2', 'bad_json'), (f'{path}:4', 'bad_json')]
+    assert 'key "image" appears twice in one object ("a.png", then "b.png")' in problems[0].message
+    listed = tmp_path / 'b.json'
+    listed.write_text(f'[{GOOD}, {TWO_IMAGES}]')
+    records, problems = read_records(0, expand_sources(str(listed))[0])
+    assert [r.line for r in records] == [1] and [(p.source, p.reason) for p in problems] == [(f'{listed}:2',
+                                                                                             'bad_json')]
+
+
+def test_training_and_check_dataset_refuse_it_and_a_meta_file_naming_an_entry_twice_stops(tmp_path, capsys):
+    from tools.check_dataset import main as check_main
+    from xtuner_plugins.data import InternVLDataset
+    write_image(tmp_path / 'a.png', size=(40, 30))
+    write_image(tmp_path / 'b.png', size=(40, 30), seed=1)
+    path = tmp_path / 'a.jsonl'
+    path.write_text('\n'.join([GOOD, TWO_IMAGES, GOOD]) + '\n')
+    ds = InternVLDataset(str(path), image_folders=str(tmp_path), tokenizer=None, max_bad_fraction=0.5,
+                         cache_dir=str(tmp_path / 'cache'))
+    assert len(ds) == 2 and [(p.source, p.reason) for p in ds.load_problems] == [(f'{path}:2', 'bad_json')]
+    assert check_main(['--data', str(path), '--image-folder', str(tmp_path)]) == 1
+    assert f'{path}:2: bad_json: key "image" appears twice in one object' in capsys.readouterr().out
+    meta = tmp_path / 'meta.json'
+    meta.write_text('{"mine": {"annotation": "a.jsonl", "repeat_time": 1},\n'
+                    ' "mine": {"annotation": "a.jsonl", "repeat_time": 2}}')
+    with pytest.raises(ValueError, match=r'meta.json: meta file: key "mine" appears twice in one object'):
+        expand_sources(str(meta))
+
+
+def test_a_shard_sample_or_shards_json_naming_a_key_twice_is_damage(tmp_path):
+    from xtuner_plugins.data.shard_index import read_index
+    from xtuner_plugins.data.shards import shard_record
+    meta = {'sample': json.loads(GOOD), 'source': 0, 'line': 3, 'images': ['img0.png']}
+    text = json.dumps(meta).replace('"line": 3', '"line": 3, "line": 7')
+    record = shard_record({'__key__': '000000001', '__url__': 's.tar', 'json': text.encode()}, 1)
+    assert record.problem.startswith('member 000000001.json is not the writer\'s: key "line" appears twice')
+    os.makedirs(tmp_path / 'set')
+    (tmp_path / 'set' / 'shards.json').write_text('{"format": "x", "format": "y"}')
+    with pytest.raises(ValueError, match=r'shards.json: key "format" appears twice'):
+        read_index(str(tmp_path / 'set'))

@@ -52,7 +52,34 @@ def remove(*names, says):
     return breaks
 
 
+def edit_weights(edit, says):
+    """The weights file rewritten by ``edit`` (its tensors by name): loaded as it is, a tensor the model has and the
+    file lacks would be random (transformers only warns), one the file has and the model lacks dropped."""
+    def breaks(path):
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(os.path.join(path, 'model.safetensors'))
+        edit(tensors)
+        save_file(tensors, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+        return says
+    return breaks
+
+
+def edit_config(path):
+    with open(os.path.join(path, 'config.json')) as f:
+        config = json.load(f)
+    config['llm_config']['vocab_size'] += 8  # the embedding's rows: the weights' are 8 fewer
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    return 'the model does not load (RuntimeError: Error(s) in loading state_dict for'
+
+
 BROKEN = {
+    'a_tensor_missing': edit_weights(lambda t: t.pop('mlp1.0.bias'), 'its weights do not fit its config.json: 1 '
+                                     'tensors of the model its config.json describes are not in its weights '
+                                     '(mlp1.0.bias)'),
+    'a_tensor_not_the_models': edit_weights(lambda t: t.update({'mlp1.9.weight': torch.zeros(2)}),
+                                            '1 tensors in its weights are not the model\'s (mlp1.9.weight)'),
+    'a_tensor_of_another_shape': edit_config,
     'truncated_weights': truncated,
     'weights_cut_in_header': cut_in_header,
     'no_weights': remove('model.safetensors', says='no weights (model.safetensors'),
@@ -87,6 +114,45 @@ def test_a_broken_folder_is_one_line(folder, tmp_path, case, capsys):
         line = err.strip().splitlines()[-1]
         assert line.startswith(f'{prog}: error: {broken}') and says in line, line
         assert 'convert the model again' in line
+
+
+def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, capsys):
+    """chat, eval, the web demo and serve load an official folder with its own Python files (trust_remote_code):
+    a folder from someone else ran whatever they hold. Files other than this project's, byte for byte, are refused
+    before anything is imported, unless --trust-remote-code."""
+    from tools.chat import main as chat_main
+    from tools.serve import main as serve_main
+    marker = tmp_path / 'ran'
+    changed, added, remote = (str(tmp_path / name) for name in ('changed', 'added', 'remote_map'))
+    for copy in (changed, added, remote):
+        shutil.copytree(folder, copy)
+    with open(os.path.join(changed, 'modeling_internvl_chat.py'), 'a') as f:
+        f.write(f'\nopen({str(marker)!r}, "w").write("ran")\n')
+    with open(os.path.join(added, 'tokenization_x.py'), 'w') as f:
+        f.write(f'open({str(marker)!r}, "w").write("ran")\n')
+    with open(os.path.join(remote, 'tokenizer_config.json')) as f:
+        tok = json.load(f)
+    tok['auto_map'] = {'AutoTokenizer': ['someone/repo--tokenization_x.XTokenizer', None]}
+    with open(os.path.join(remote, 'tokenizer_config.json'), 'w') as f:
+        json.dump(tok, f)
+    says = {changed: f'{changed}/modeling_internvl_chat.py differs from this project\'s modeling_internvl_chat.py',
+            added: f'{added}/tokenization_x.py is code this project does not ship in a converted folder',
+            remote: f'{remote}/tokenizer_config.json\'s auto_map names code in another repository'}
+    for path, why in says.items():
+        for prog, (main, args) in tools(tmp_path).items():
+            assert main([path, *args]) == 2, prog
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line == (f'{prog}: error: {path}: loading it would run Python code that is not this project\'s '
+                             f'({why}); read them, then pass --trust-remote-code to run them; or convert the model '
+                             f'again with this project\'s tools/convert_to_official.py'), line
+        assert serve_main([path, '--vllm-python', '/nonexistent']) == 2
+        assert why in capsys.readouterr().err
+    assert not marker.exists()
+    assert chat_main([changed, '--trust-remote-code', '--prompt', 'Hi', '--max-new-tokens', '1']) == 0
+    assert marker.read_text() == 'ran'
+    # this project's own folders (official, and hf, whose .py files nothing runs) load as before
+    from xtuner_plugins.models.folder import foreign_code
+    assert foreign_code(folder) is None
 
 
 def test_a_whole_folder_still_loads(folder):

@@ -56,7 +56,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
-from xtuner_plugins.models.inference import check_folder, folder_format
+from xtuner_plugins.models.inference import check_code, check_folder, folder_format
 from xtuner_plugins.web.app import port_free
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -245,6 +245,9 @@ def parse_args(argv=None):
     p.add_argument('--allowed-media-domains', nargs='+', metavar='DOMAIN',
                    help='hosts whose http(s) image URLs the server fetches (default: none, images as data URLs only: '
                         'any other URL lets a request make the server fetch from its network)')
+    p.add_argument('--trust-remote-code', action='store_true',
+                   help='serve an official folder whose Python files are not this project\'s (vLLM runs them: read '
+                        'them first)')
     p.add_argument('--vllm-python', help='the interpreter with vLLM (default: .venv-vllm\'s, see --help)')
     p.add_argument('--startup-timeout', type=float, default=900.0, help='seconds to wait for the server (900)')
     args = p.parse_args(argv)
@@ -287,6 +290,8 @@ def serve(args) -> int:
     """Start vLLM on ``args.folder``, wait until it is ready, and serve until it stops (the exit status)."""
     try:
         s = settings(args.folder, args.system_message)
+        if s['format'] == 'official':  # vLLM runs its code (--trust-remote-code): this project's only, unless trusted
+            check_code(args.folder, args.trust_remote_code)
         python = vllm_python(args.vllm_python)
         found = probe(python)
     except (OSError, ValueError) as exc:

@@ -65,8 +65,9 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
             from xtuner_plugins.models.runconfig import parse_remap
             folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
                                   log=lambda m: print(m, file=sys.stderr), remap=parse_remap(args.remap))
-            model = GGUFModel(folder, **tiling) if gguf_pair(folder) else ConvertedModel(folder, dtype, args.device,
-                                                                                           **tiling)
+            trust = getattr(args, 'trust_remote_code', False)
+            model = GGUFModel(folder, **tiling) if gguf_pair(folder) else ConvertedModel(
+                folder, dtype, args.device, trust_remote_code=trust, **tiling)
         except EXPORT_ERRORS as exc:
             return tool_error(prog, exc)
         try:
@@ -141,6 +142,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='with --checkpoint: where source folders are now (model.llm=DIR); settings that '
                              'differ from the recorded ones are refused')
+    parser.add_argument('--trust-remote-code', action='store_true',
+                        help='run the folder\'s Python files even where they are not this project\'s (a folder '
+                             'from elsewhere: read them first)')
     parser.add_argument('--dtype', default='auto', type=dtype_argument,
                         help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,

@@ -4,6 +4,7 @@ these are one ``ValueError`` naming the folder, the file and what is wrong."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 from typing import Callable, Optional, Tuple
@@ -100,5 +101,101 @@ def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...]
     except Exception as exc:
         if not isinstance(exc, errors) and type(exc).__module__.split('.')[0] != 'safetensors':
             raise
-        raise ValueError(f'{folder}: the {what} does not load ({type(exc).__name__}: {str(exc).strip()}); '
-                         f'{AGAIN}') from None
+        said = ' '.join(str(exc).split())  # one line (torch's shape mismatches come a line each)
+        raise ValueError(f'{folder}: the {what} does not load ({type(exc).__name__}: {said}); {AGAIN}') from None
+
+
+#: what a model's load fails with when its weights do not fit its config (a tensor of another shape: RuntimeError)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def weights_fit(folder: str, loaded) -> object:
+    """The model of ``from_pretrained(..., output_loading_info=True)``'s ``(model, info)``; ``ValueError`` when the
+    folder's weights lack tensors the model has (transformers would fill them with random values, and only warn)
+    or hold tensors it has not (dropped): the weights are not this config's model, or are incomplete."""
+    model, info = loaded
+    missing, unexpected = list(info.get('missing_keys') or []), list(info.get('unexpected_keys') or [])
+
+    def some(keys):
+        return ', '.join(sorted(keys)[:3]) + (', ...' if len(keys) > 3 else '')
+    if missing or unexpected:
+        parts = ([f'{len(missing)} tensors of the model its config.json describes are not in its weights '
+                  f'({some(missing)})'] if missing else []) + \
+                ([f'{len(unexpected)} tensors in its weights are not the model\'s ({some(unexpected)})']
+                 if unexpected else [])
+        raise ValueError(f'{folder}: its weights do not fit its config.json: {"; ".join(parts)}; {AGAIN}')
+    return model
+
+
+#: what a folder that runs its code with this option gets told
+TRUST = ('read them, then pass --trust-remote-code to run them; or convert the model again with this project\'s '
+         'tools/convert_to_official.py')
+
+
+def our_code_file(name: str) -> Optional[str]:
+    """This checkout's copy of a code file a converted folder ships (``remote_code/``, ``projector.py``), or None."""
+    from xtuner_plugins.remote_code import FOLDER, PROJECTOR_FILE, VLM_FILES
+    if name == 'projector.py':
+        return PROJECTOR_FILE
+    return os.path.join(FOLDER, name) if name in VLM_FILES else None
+
+
+def foreign_code(folder: str) -> Optional[str]:
+    """Why loading ``folder`` with ``trust_remote_code`` would run code this project did not write, or None: a
+    ``.py`` file in it (at any depth) that is not byte for byte this checkout's file of that name, or an
+    ``auto_map`` naming code in another repository (``REPO--module.Class``). The tools run a folder's code only
+    when it is ours (a folder from someone else, or converted by another version, may run anything on import)."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith('.py'):
+                continue
+            path = os.path.join(root, name)
+            ours = our_code_file(name) if root == folder else None
+            if ours is None:
+                return f'{path} is code this project does not ship in a converted folder'
+            if not filecmp.cmp(path, ours, shallow=False):
+                return f'{path} differs from this project\'s {os.path.relpath(ours, os.path.dirname(ours))}'
+    for json_name in ('config.json', 'tokenizer_config.json', 'processor_config.json', 'preprocessor_config.json'):
+        try:
+            with open(os.path.join(folder, json_name), encoding='utf-8') as f:
+                text = f.read()
+        except OSError:
+            continue
+        if any('--' in value for value in _auto_map_values(text)):
+            return f'{os.path.join(folder, json_name)}\'s auto_map names code in another repository'
+    return None
+
+
+def _auto_map_values(text: str):
+    """Every string under an ``auto_map`` key of the JSON ``text`` (nothing when it does not read)."""
+    try:
+        stack, found = [json.loads(text)], []
+    except ValueError:
+        return []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                (found if key == 'auto_map' else stack).append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    strings = []
+    while found:  # the auto_maps' values: a class path, or a list of them (a tokenizer's slow and fast classes)
+        node = found.pop()
+        if isinstance(node, str):
+            strings.append(node)
+        elif isinstance(node, dict):
+            found.extend(node.values())
+        elif isinstance(node, list):
+            found.extend(node)
+    return strings
+
+
+def check_code(folder: str, trust_remote_code: bool) -> None:
+    """``ValueError`` when loading ``folder`` would run code not this project's (:func:`foreign_code`) and
+    ``trust_remote_code`` was not given."""
+    problem = None if trust_remote_code else foreign_code(folder)
+    if problem:
+        raise ValueError(f'{folder}: loading it would run Python code that is not this project\'s ({problem}); '
+                         f'{TRUST}')

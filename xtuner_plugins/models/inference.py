@@ -36,7 +36,8 @@ from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
-from .folder import TOKENIZER_ERRORS, check_folder, folder_format, from_folder  # noqa: F401 (the tools' names)
+from .folder import (MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, folder_format, from_folder,  # noqa: F401
+                     weights_fit)
 from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
@@ -53,13 +54,17 @@ def empty_answer_hint(answer: str, advice: str) -> str:
 
 
 class ConvertedModel:
-    """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``. ``tiling``
+    """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``; an ``official`` or
+    ``remote`` folder whose Python files are not this project's is refused unless ``trust_remote_code``. ``tiling``
     overrides the folder's tiling for ``official``/``remote`` (``image_size``, ``max_num``, ``min_num``,
     ``use_thumbnail``)."""
 
-    def __init__(self, folder: str, dtype: torch.dtype = torch.float32, device: str = 'cpu', **tiling):
+    def __init__(self, folder: str, dtype: torch.dtype = torch.float32, device: str = 'cpu',
+                 trust_remote_code: bool = False, **tiling):
         self.folder, self.format, self.device = folder, folder_format(folder), device
         check_folder(folder)
+        if self.format in ('official', 'remote'):  # their code is run: this project's only, unless trusted
+            check_code(folder, trust_remote_code)
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             self.config = json.load(f)
         context, key = context_length(self.config)
@@ -70,8 +75,8 @@ class ConvertedModel:
             from transformers import AutoModel, AutoTokenizer
             self.tokenizer = from_folder('tokenizer', folder, lambda: AutoTokenizer.from_pretrained(
                 folder, trust_remote_code=True), TOKENIZER_ERRORS)
-            self.model = from_folder('model', folder, lambda: AutoModel.from_pretrained(
-                folder, trust_remote_code=True, dtype=dtype)).eval().to(device)
+            self.model = weights_fit(folder, from_folder('model', folder, lambda: AutoModel.from_pretrained(
+                folder, trust_remote_code=True, dtype=dtype, output_loading_info=True), MODEL_ERRORS)).eval().to(device)
         else:
             if given:
                 raise ValueError(f'{folder} is a {self.format} folder: its processor tiles the images, and the '
@@ -79,8 +84,9 @@ class ConvertedModel:
             from transformers import AutoModelForImageTextToText, AutoProcessor
             self.processor = from_folder('processor', folder, lambda: AutoProcessor.from_pretrained(folder),
                                          TOKENIZER_ERRORS)
-            self.model = from_folder('model', folder, lambda: AutoModelForImageTextToText.from_pretrained(
-                folder, dtype=dtype)).eval().to(device)
+            self.model = weights_fit(folder, from_folder('model', folder, lambda: AutoModelForImageTextToText.
+                                                         from_pretrained(folder, dtype=dtype, output_loading_info=True),
+                                                         MODEL_ERRORS)).eval().to(device)
             self.tokenizer = self.processor.tokenizer
         self.dtype = dtype
         self.reset()

@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help='with --format gguf: the LLM\'s type (default f16; the mmproj stays f16, f32 with f32)')
     parser.add_argument('--dtype', default=None, help='bf16 (default; fp32 for gguf, whose --quant rounds), fp16 or '
                                                       'fp32')
-    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier conversion in OUT_DIR (never a folder of other files)')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='where source folders are now (model.llm=DIR); settings that differ from the '

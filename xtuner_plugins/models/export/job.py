@@ -76,7 +76,23 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
                          'training work folder, --overwrite or not: choose another folder')
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f'OUT_DIR {out_dir} is not empty; pass --overwrite to replace its contents')
+    not_ours = not_a_conversion(out) if os.path.isdir(out) else None
+    if not_ours:
+        raise ValueError(f'OUT_DIR {out_dir} is not a converted folder ({not_ours}); --overwrite replaces an earlier '
+                         f'conversion only (a config.json or .gguf files, no subfolders), never a folder of other '
+                         f'files: choose another folder, or empty it yourself')
     return out
+
+
+def not_a_conversion(folder: str) -> Optional[str]:
+    """Why the non-empty ``folder`` is not what a conversion writes (a folder with ``config.json`` or ``.gguf``
+    files and no subfolder), naming what it holds; None for a conversion or an empty folder."""
+    names = sorted(os.listdir(folder))
+    subfolders = [n + os.sep for n in names if os.path.isdir(os.path.join(folder, n))]
+    if not names or (not subfolders and any(n == 'config.json' or n.endswith('.gguf') for n in names)):
+        return None
+    shown = subfolders or names
+    return f'it holds {", ".join(shown[:3])}{", ..." if len(shown) > 3 else ""}'
 
 
 FORMATS = ('auto', 'official', 'hf', 'llava', 'remote', 'gguf')

@@ -446,3 +446,14 @@ def test_moved_source_folders_are_found_with_remap(tiny, tmp_path, capsys):
     assert convert_main([ckpt, str(tmp_path / 'c'), '--dtype', 'fp32',
                          '--remap', f'{work / "models"}={other}']) == 2
     assert 'is not the folder' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('size', ['abc', '0', '0GB', '100', '5 GiB'])
+def test_a_shard_size_that_does_not_read_is_refused_as_the_command_is_read(tmp_path, capsys, size):
+    """huggingface_hub's shard splitting failed on it after the model was built, naming no option ('Unit 'BC' not
+    supported'); 0 would have passed to it."""
+    with pytest.raises(SystemExit) as exc:
+        convert_main([str(tmp_path / 'iter_1.pth'), str(tmp_path / 'out'), '--max-shard-size', size])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f'error: --max-shard-size {size!r}: give a size over 0 in KB, MB, GB or TB (e.g. 5GB)')

@@ -31,10 +31,14 @@ folder given in its place; ``tools/chat.py`` and ``tools/eval.py`` take the fold
 """
 
 import argparse
+import re
 import sys
 
 from xtuner_plugins.launch import CfgOptions
 from xtuner_plugins.models.dtypes import resolve_dtype
+
+#: what huggingface_hub's shard splitting reads as a size (it fails on anything else, after the model is built)
+SHARD_SIZE = re.compile(r'\s*(\d+(?:\.\d+)?)\s*(?:KB|MB|GB|TB)\s*', re.IGNORECASE)
 
 
 def parse_args(argv=None):
@@ -55,7 +59,8 @@ def parse_args(argv=None):
                         help='with --format gguf: the LLM\'s type (default f16; the mmproj stays f16, f32 with f32)')
     parser.add_argument('--dtype', default=None, help='bf16 (default; fp32 for gguf, whose --quant rounds), fp16 or '
                                                       'fp32')
-    parser.add_argument('--overwrite', action='store_true', help='replace an earlier conversion in OUT_DIR (never a folder of other files)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an earlier conversion in OUT_DIR (never a folder of other files)')
     parser.add_argument('--max-shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                         help='where source folders are now (model.llm=DIR); settings that differ from the '
@@ -67,6 +72,8 @@ def parse_args(argv=None):
     args.checkpoint, args.out_dir = args.paths[-2:]
     if args.quant and args.format != 'gguf':
         parser.error('--quant goes with --format gguf')
+    if not SHARD_SIZE.fullmatch(args.max_shard_size) or not float(SHARD_SIZE.fullmatch(args.max_shard_size)[1]):
+        parser.error(f'--max-shard-size {args.max_shard_size!r}: give a size over 0 in KB, MB, GB or TB (e.g. 5GB)')
     args.quant = args.quant or 'f16'
     args.dtype = args.dtype or ('fp32' if args.format == 'gguf' else 'bf16')
     return args

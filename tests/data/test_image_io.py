@@ -235,3 +235,20 @@ def test_mmbench_images_follow_the_same_rule(tmp_path):
         row = dict(ROWS[0], image=base64.b64encode(f.read()).decode())
     (question,) = read_mmbench_tsv(write_tsv(tmp_path / 'm.tsv', [row]))
     assert question.images[0].tobytes() == load_image(path).tobytes()
+
+
+def test_a_windows_path_and_a_fifo_are_named_as_such(tmp_path):
+    """``sub\\a.png`` was "not found" / "is the image folder right?"; a FIFO "not found" (and is never opened)."""
+    from xtuner_plugins.data.image_io import why_missing
+    from xtuner_plugins.data.presence import missing_line
+    from xtuner_plugins.data.sources import DataSource
+    write_image(tmp_path / 'sub' / 'a.png')
+    gone = str(tmp_path / 'sub\\a.png')
+    assert why_missing(gone, 'image file') == (f'image file not found: {gone} (it separates folders with \\ as Windows '
+                                               f'does; {tmp_path}/sub/a.png exists: write / in the annotation)')
+    with pytest.raises(ValueError, match=r'a.jsonl:1: sub\\a.png \(it separates folders with \\ as Windows does'):
+        missing_line(DataSource('a', str(tmp_path / 'a.jsonl'), str(tmp_path)), 1, 0, 1, f'{tmp_path}/a.jsonl:1', gone)
+    assert why_missing(str(tmp_path / 'nothing\\b.png'), 'image file').endswith('b.png')  # no such file: no hint
+    os.mkfifo(tmp_path / 'pipe.png')
+    with pytest.raises(SampleError, match=r'image file is not a regular file \(a FIFO, socket or device\)'):
+        load_image(str(tmp_path / 'pipe.png'))

@@ -244,3 +244,32 @@ def test_a_line_no_longer_an_object_when_loaded_is_bad_json(raw, why):
     with pytest.raises(SampleError, match=why) as err:
         parse_record(Record(0, 3, raw))
     assert err.value.reason == 'bad_json'
+
+
+def test_a_file_named_twice_is_used_twice_as_internvl_does_and_said(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}])
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'repeat_time': 1},
+                                'y': {'annotation': './a.jsonl', 'repeat_time': 0.5}}))
+    logs = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: logs.append(msg))
+    assert len(expand_sources(str(meta))) == 2
+    assert logs == [f"{tmp_path}/a.jsonl is named 2 times ('x', 'y'): the samples of each naming are used (1.5 times "
+                    f"each in all); if that is not meant, name it once with the repeat_time you mean"]
+    expand_sources([str(tmp_path / 'a.jsonl')])
+    assert len(logs) == 1
+
+
+@pytest.mark.parametrize('sample, says', [
+    ({'question': 'q', 'chosen': 'a', 'rejected': 'b'}, 'it is a preference pair ("chosen" / "rejected"): train it '
+                                                        'with a DPO / MPO config'),
+    ({'messages': [{'role': 'user', 'content': 'q'}]}, 'it has "messages" (OpenAI\'s, ms-swift\'s format)'),
+    ({'id': 3, 'text': 'q'}, "its keys are 'id', 'text'"),
+])
+def test_a_sample_without_conversations_says_what_it_holds_instead(tmp_path, sample, says):
+    from xtuner_plugins.data import InternVLDataset
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}, sample])
+    ds = InternVLDataset(path, tokenizer=None, max_bad_fraction=1.0, cache_dir=str(tmp_path / 'cache'))
+    (problem,) = ds.load_problems
+    assert problem.reason == 'bad_conversation' and problem.source == f'{path}:2'
+    assert problem.message.startswith(f'the sample has no "conversations": {says}')

@@ -4,6 +4,7 @@ sample on a warm start, no Python object held per sample, and ranks x workers re
 
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -176,3 +177,15 @@ def test_a_warm_start_reads_no_index_page_to_match_the_length_cache(data, tiny_t
     assert make_ds(files, tiny_tokenizer, tmp_path, **kw)._record_stats().tolist() == cold
     assert all('lines' in json.loads((tmp_path / 'cache' / n).read_text())
                for n in os.listdir(tmp_path / 'cache') if n.endswith('.check.json'))
+
+
+@pytest.mark.parametrize('repeat', [1e12, 1e300])
+def test_a_repeat_time_past_what_can_be_indexed_is_one_line_before_the_check(tmp_path, repeat, monkeypatch):
+    """1e12 asked np.tile for 21.8 TiB (MemoryError), 1e300 overflowed a C long: a raw traceback either way."""
+    from xtuner_plugins.data import InternVLDataset
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 3)
+    monkeypatch.setattr(startcheck, 'check_source', lambda *a: pytest.fail('checked before the repeat was'))
+    says = f'a.jsonl: repeat_time {repeat:g} makes its 3 samples {3 * repeat:.4g} items, more than a data set indexes ' \
+           f'(4294967296, 8 bytes each)'
+    with pytest.raises(ValueError, match=re.escape(says)):
+        InternVLDataset(path, repeat_times=repeat, tokenizer=None, cache_dir=str(tmp_path / 'cache'))

@@ -68,3 +68,46 @@ def test_a_shard_sample_or_shards_json_naming_a_key_twice_is_damage(tmp_path):
     (tmp_path / 'set' / 'shards.json').write_text('{"format": "x", "format": "y"}')
     with pytest.raises(ValueError, match=r'shards.json: key "format" appears twice'):
         read_index(str(tmp_path / 'set'))
+
+
+def _refused(tmp_path, body: bytes, name='a.jsonl'):
+    """The problems of reading ``body`` as an annotation file (``name``)."""
+    path = tmp_path / name
+    path.write_bytes(body)
+    return read_records(0, expand_sources(str(path))[0])
+
+
+def test_a_line_nested_past_the_parsers_depth_is_a_bad_sample_not_a_traceback(tmp_path):
+    deep = '{"conversations": ' + '[' * 100000 + ']' * 100000 + '}'
+    records, problems = _refused(tmp_path, f'{GOOD}\n{deep}\n{GOOD}\n'.encode())
+    assert [r.line for r in records] == [1, 3]
+    assert [(p.source, p.reason) for p in problems] == [(f'{tmp_path}/a.jsonl:2', 'bad_json')]
+    assert 'nested deeper than the JSON reader follows' in problems[0].message
+    records, problems = _refused(tmp_path, f'[{GOOD}, {deep}]'.encode(), 'b.json')
+    assert [r.line for r in records] == [1] and [p.source for p in problems] == [f'{tmp_path}/b.json:2']
+
+
+def test_a_bom_opening_any_line_is_read_over_as_files_joined_with_cat_bring_them(tmp_path):
+    bom = b'\xef\xbb\xbf'
+    records, problems = _refused(tmp_path, bom + GOOD.encode() + b'\n' + bom + GOOD.encode() + b'\r\n')
+    assert [r.line for r in records] == [1, 2] and not problems
+
+
+@pytest.mark.parametrize('body, name, says', [
+    ((GOOD + '\n').encode('utf-16'), 'a.jsonl', 'the file is UTF-16 text'),
+    ((GOOD + '\n').encode('utf-16-le'), 'a.jsonl', 'the file is UTF-16 text'),
+    (f'{GOOD}\r{GOOD}\r'.encode(), 'a.jsonl', 'separated by a carriage return alone (\\r, old Mac line ends)'),
+    (json.dumps([json.loads(GOOD)], indent=1).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
+    (json.dumps([json.loads(GOOD)]).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
+])
+def test_a_file_that_is_not_json_lines_says_what_it_most_likely_is(tmp_path, body, name, says):
+    records, problems = _refused(tmp_path, body, name)
+    assert not records and says in problems[0].message and problems[0].source == f'{tmp_path}/{name}:1'
+
+
+def test_a_utf16_json_list_or_meta_file_says_so(tmp_path):
+    for body in (json.dumps([json.loads(GOOD)]).encode('utf-16'),
+                 json.dumps({'x': {'annotation': 'a.jsonl', 'repeat_time': 1}}).encode('utf-16')):
+        (tmp_path / 'b.json').write_bytes(body)
+        with pytest.raises(ValueError, match=r'b.json: not valid JSON \(UTF-16 text: .*iconv -f UTF-16 -t UTF-8'):
+            read_records(0, expand_sources(str(tmp_path / 'b.json'))[0])

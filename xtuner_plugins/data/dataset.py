@@ -46,7 +46,7 @@ from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import LengthStats
-from .sources import DataSource, Record, expand_sources, parse_record, sample_images
+from .sources import DataSource, Record, expand_sources, parse_record, sample_conversations, sample_images
 from .checked import CheckedSample, build_tokenizer
 from .startcheck import read_sources
 from .conversation import parse_conversation
@@ -243,7 +243,7 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
 
     def conversations_of(self, sample: dict) -> List[Any]:
         """The conversations a sample is trained on (one here; a preference pair's two)."""
-        return [sample.get('conversations')]
+        return [sample_conversations(sample)]
 
     def check_record(self, record: Record) -> 'CheckedSample':
         """The record parsed and checked once (no image decoding, no tokenizer): what loading and the length

@@ -42,6 +42,7 @@ import contextlib
 import errno
 import io
 import os
+import stat
 import time
 import warnings
 from typing import Dict, Optional, Tuple, Union
@@ -167,7 +168,7 @@ def why_missing(path: str, what: str) -> str:
     """Why there is no file at ``path``, for a message naming it as ``what``: not found, a symbolic link loop
     (``ELOOP``), a symbolic link to nothing, or the system's own reason (a permission)."""
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return f'{what} is a symbolic link loop (ELOOP): {path}'
@@ -175,7 +176,19 @@ def why_missing(path: str, what: str) -> str:
             return f'{what} is a symbolic link to nothing: {path} -> {os.readlink(path)}'
         if exc.errno != errno.ENOENT:
             return f'{what} cannot be read: {path}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})'
-    return f'{what} not found: {path}'
+    else:
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO, socket, device: never opened (a FIFO blocks)
+            return f'{what} is not a regular file (a FIFO, socket or device): {path}'
+    return f'{what} not found: {path}{windows_hint(path)}'
+
+
+def windows_hint(path: str) -> str:
+    """'' or, for a path naming ``\\`` as a folder separator (a Windows path) whose ``/`` spelling exists, what to
+    write instead."""
+    if '\\' not in path or not os.path.exists(path.replace('\\', '/')):
+        return ''
+    return f' (it separates folders with \\ as Windows does; {path.replace(chr(92), "/")} exists: write / in the ' \
+           f'annotation)'
 
 
 def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:

@@ -85,6 +85,9 @@ def scan_json_list(path: str) -> np.ndarray:
     def invalid(why: str) -> ValueError:
         return ValueError(f'{path}: not valid JSON ({why}); a .json annotation file must hold a list of samples, use '
                           f'.jsonl for one sample per line')
+    if bytes(data[:2]) in (b'\xff\xfe', b'\xfe\xff') or 0 in data[:64]:
+        raise invalid('UTF-16 text: a UTF-16 byte-order mark or NUL bytes; save it as UTF-8, iconv -f UTF-16 -t UTF-8 '
+                      'FILE > NEW')
     for a in range(start, len(data), WINDOW):
         w = data[a:a + WINDOW]
         quotes = _real_quotes(data, np.flatnonzero(w == 34) + a)

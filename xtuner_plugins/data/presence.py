@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from .image_io import windows_hint
 from .sources import DataSource
 
 __all__ = ['missing_media', 'missing_line']
@@ -34,7 +35,7 @@ def missing_line(src: DataSource, samples: int, videos: int, missing: int, where
     shown = os.path.relpath(gone, root) if os.path.commonpath([root, os.path.abspath(gone)]) == root else gone
     line = (f'{src.annotation}: {missing} of {samples} samples name {noun} not found under {folder}'
             + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
-            + f' (first: {where}: {shown})')
+            + f' (first: {where}: {shown}{windows_hint(gone)})')
     if missing == samples:
         raise ValueError(f'{line}: is the image folder right? (train_dataloader.dataset.image_folders, '
                          f'--image-folder of tools/check_dataset.py, or the meta file\'s "root")')

@@ -31,6 +31,8 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
             index = loads(f.read())
     except DuplicateKey as exc:
         raise ValueError(f'{path}: {exc.describe()}; {REWRITE}') from None
+    except RecursionError:
+        raise ValueError(f'{path}: nested deeper than the JSON reader follows: not the writer\'s; {REWRITE}') from None
     except UnicodeDecodeError as exc:
         raise ValueError(f'{path}: not UTF-8 (byte {exc.start}); {REWRITE}') from None
     except json.JSONDecodeError as exc:

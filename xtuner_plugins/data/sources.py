@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import SampleError
 from .index import BOM
-from .strictjson import DuplicateKey, loads
+from .strictjson import DEEP, DuplicateKey, line_hint, loads
 
 PathList = Union[str, Sequence[Optional[str]], None]
 
@@ -90,6 +90,8 @@ def _meta_sources(path: str) -> List[DataSource]:
         meta = loads(raw[start:].decode('utf-8'))
     except DuplicateKey as exc:
         raise ValueError(f'{path}: meta file: {exc.describe()}') from None
+    except RecursionError:
+        raise ValueError(f'{path}: meta file {DEEP}') from None
     except UnicodeDecodeError as exc:
         raise ValueError(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
                          f'offset {start + exc.start})') from None
@@ -177,6 +179,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         else:
             sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
                                       repeat_time=float(repeat), max_dynamic_patch=patch))
+    _warn_named_twice(sources)
     for src in sources:
         if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
             raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
@@ -187,6 +190,20 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
                                     f'train_dataloader.dataset.image_folders, --image-folder of '
                                     f'tools/check_dataset.py, or the meta file\'s "root")')
     return sources
+
+
+def _warn_named_twice(sources: List[DataSource]) -> None:
+    """A file named by several entries (or data files) is used once per naming, as InternVL does; said, in case
+    the second naming is a slip (a copied meta entry) rather than a repeat."""
+    named: dict = {}
+    for src in sources:
+        named.setdefault(os.path.realpath(src.annotation), []).append(src)
+    for path, srcs in named.items():
+        if len(srcs) > 1:
+            from mmengine.logging import print_log
+            print_log(f'{path} is named {len(srcs)} times ({", ".join(repr(s.name) for s in srcs)}): the samples of '
+                      f'each naming are used ({sum(s.repeat_time for s in srcs):g} times each in all); if that is not '
+                      f'meant, name it once with the repeat_time you mean', logger='current', level=logging.WARNING)
 
 
 _SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # a UTF-16 surrogate written as a JSON escape
@@ -209,23 +226,30 @@ def _lone_surrogate(obj) -> Optional[str]:
 
 
 def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
-    """``(text, object)`` of one jsonl line, or raise a ``bad_json`` SampleError naming what is wrong."""
+    """``(text, object)`` of one jsonl line, or raise a ``bad_json`` SampleError naming what is wrong. A UTF-8
+    byte-order mark opening the line is read over (files joined with ``cat`` each bring theirs)."""
     try:
         text = raw.decode('utf-8')
     except UnicodeDecodeError as exc:
         raise SampleError('bad_json', f'line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column '
-                                      f'{exc.start + 1})', where) from None
+                                      f'{exc.start + 1}){line_hint(raw, "", "")}', where) from None
+    if text.startswith('\ufeff'):
+        text = text[1:]
     try:
         obj = loads(text)
     except DuplicateKey as exc:
         raise SampleError('bad_json', exc.describe(), where) from None
+    except RecursionError:
+        raise SampleError('bad_json', f'line is {DEEP}: not a sample', where) from None
     except json.JSONDecodeError as exc:  # its own "line 2 column 1" counts a newline inside the text: the line's
         body = text.rstrip('\r\n')        # column instead, and where it is
         pos = min(exc.pos, len(body))
         at = 'the end of the line' if pos == len(body) else f'at {body[pos:pos + 20]!r}'
-        raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}', where) from None
+        raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}'
+                                      f'{line_hint(raw, body, exc.msg)}', where) from None
     if not isinstance(obj, dict):
-        raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object', where)
+        raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object'
+                                      f'{line_hint(raw, text, type(obj).__name__)}', where)
     if _SURROGATE_ESCAPE.search(text):
         found = _lone_surrogate(obj)
         if found:
@@ -247,6 +271,8 @@ def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
         obj = loads(text)
     except DuplicateKey as exc:
         raise SampleError('bad_json', exc.describe(), where) from None
+    except RecursionError:
+        raise SampleError('bad_json', f'item is {DEEP}: not a sample', where) from None
     except json.JSONDecodeError as exc:
         path, item = where.rsplit(':', 1)
         raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '
@@ -340,3 +366,19 @@ def sample_images(sample: dict) -> List[str]:
     if isinstance(image, list) and all(isinstance(p, str) and p for p in image):
         return list(image)
     raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')
+
+
+def sample_conversations(sample: dict) -> Any:
+    """A sample's ``conversations``; a sample without them is ``bad_conversation`` saying what it holds instead (a
+    preference pair, another tool's ``messages``), not "got NoneType"."""
+    if 'conversations' in sample:
+        return sample['conversations']
+    if 'chosen' in sample and 'rejected' in sample:
+        why = ('it is a preference pair ("chosen" / "rejected"): train it with a DPO / MPO config '
+               '(InternVLPreferenceDataset); check_dataset reads it so with --pairs yes')
+    elif 'messages' in sample:
+        why = ('it has "messages" (OpenAI\'s, ms-swift\'s format): this format is LLaVA\'s, "conversations": '
+               '[{"from": "human" | "gpt", "value": TEXT}, ...]; convert it')
+    else:
+        why = f'its keys are {", ".join(map(repr, list(sample)[:8])) or "none"}'
+    raise SampleError('bad_conversation', f'the sample has no "conversations": {why}')

@@ -32,6 +32,7 @@ from .records import RecordView
 from .sources import DataSource, Record, parse_entry, repeat_array
 
 CHECK_VERSION = 1
+MAX_ITEMS = 1 << 32  # items after repeats, per source
 
 
 @dataclass
@@ -161,6 +162,10 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         if not len(entries):
             raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
                              f'data files or fill it')
+        if len(entries) * src.repeat_time > MAX_ITEMS:  # before the check; np.tile would ask for terabytes or overflow
+            raise ValueError(f'{src.annotation}: repeat_time {src.repeat_time:g} makes its {len(entries)} samples '
+                             f'{len(entries) * src.repeat_time:.4g} items, more than a data set indexes ({MAX_ITEMS}, '
+                             f'8 bytes each): a typo? (2.5: two copies and a seeded half)')
         checked = check_source(ds, i, src, entries)
         problems.extend(checked.problems)
         missing = checked.missing_message(src)  # a wrong folder: refused here

@@ -273,3 +273,14 @@ def test_a_sample_without_conversations_says_what_it_holds_instead(tmp_path, sam
     (problem,) = ds.load_problems
     assert problem.reason == 'bad_conversation' and problem.source == f'{path}:2'
     assert problem.message.startswith(f'the sample has no "conversations": {says}')
+
+
+def test_a_folder_given_as_an_annotation_file_says_so_and_a_shard_set_where_it_is_read(tmp_path):
+    """It was "annotation file not found" for a folder that is there (shard_dataset --data SHARDS too)."""
+    (tmp_path / 'shards').mkdir()
+    with pytest.raises(ValueError, match=r'shards: a folder, not an annotation file$'):
+        expand_sources(str(tmp_path / 'shards'))
+    (tmp_path / 'shards' / 'shards.json').write_text('{}')
+    with pytest.raises(ValueError, match=r'shards: a folder, not an annotation file: a shard set .* it is not sharded '
+                                         r'again'):
+        expand_sources(str(tmp_path / 'shards'))

@@ -163,6 +163,12 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     for path, folder, repeat, patch in zip(data_files, folders, repeats, patches):
         if isinstance(repeat, bool) or not isinstance(repeat, (int, float)):
             raise ValueError(f'{path}: repeat_times gives it {repeat!r}; give a number >= 0 per file')
+        if os.path.isdir(path):
+            shards = os.path.isfile(os.path.join(path, 'shards.json'))
+            raise ValueError(f'{path}: a folder, not an annotation file' + (
+                ': a shard set (tools/shard_dataset.py\'s), read as one by training\'s shards= (configs/'
+                'finetune_lora_shards.py) and by check_dataset.py --data; it is not sharded again' if shards else
+                ''))
         if not os.path.isfile(path):
             raise FileNotFoundError(f'annotation file not found: {path}')
         if not path.endswith(('.json', '.jsonl')):

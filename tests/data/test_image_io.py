@@ -252,3 +252,12 @@ def test_a_windows_path_and_a_fifo_are_named_as_such(tmp_path):
     os.mkfifo(tmp_path / 'pipe.png')
     with pytest.raises(SampleError, match=r'image file is not a regular file \(a FIFO, socket or device\)'):
         load_image(str(tmp_path / 'pipe.png'))
+
+
+def test_an_empty_image_file_says_it_is_empty(tmp_path):
+    (tmp_path / 'a.jpg').write_bytes(b'')
+    for source in (str(tmp_path / 'a.jpg'), b''):
+        with pytest.raises(SampleError, match=r'is an empty file \(0 bytes\): a download or copy that did not '
+                                              r'finish\?') as info:
+            load_image(source)
+        assert info.value.reason == 'corrupt_image'

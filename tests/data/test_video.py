@@ -351,3 +351,19 @@ def test_a_symbolic_link_loop_or_a_link_to_nothing_is_named(tmp_path):
         probe_video(frames)
     assert err.value.reason == 'corrupt_video'
     assert f'frame folder {frames}: frame 0009.png is a symbolic link loop (ELOOP): {frames}/0009.png' in str(err.value)
+
+
+def test_an_empty_video_file_and_a_clip_shorter_than_a_frame_say_so(tmp_path):
+    """A 0-byte file was "Invalid data found when processing input"; clip [0, 0.01] at 10 fps was "outside the
+    video ... frames 0..-1 asked for"."""
+    (tmp_path / 'zero.mp4').write_bytes(b'')
+    with pytest.raises(SampleError, match=r'zero.mp4 is an empty file \(0 bytes\)') as info:
+        probe_video(str(tmp_path / 'zero.mp4'))
+    assert info.value.reason == 'corrupt_video'
+    path = write_video(tmp_path / 'v.mp4', list(range(0, 200, 10)))
+    with pytest.raises(SampleError, match=r'clip \[0, 0.01\] s of .*v.mp4 is shorter than one frame \(0.1 s at 10 '
+                                          r'fps\): no frame to take') as info:
+        probe_video(path, clip=(0.0, 0.01))
+    assert info.value.reason == 'bad_clip'
+    with pytest.raises(SampleError, match=r'clip \[5, 5.01\] s is outside'):  # past the end: outside, as before
+        probe_video(path, clip=(5.0, 5.01))

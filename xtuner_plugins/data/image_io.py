@@ -227,7 +227,18 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
     except Image.DecompressionBombError as exc:
         raise SampleError('image_too_large', f'{name}: {exc}') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if _empty(source):
+            raise SampleError('corrupt_image', f'{name} is an empty file (0 bytes): a download or copy that did not '
+                                               f'finish?') from None
         raise SampleError('corrupt_image', f'cannot {action} {name}: {exc}') from None
+
+
+def _empty(source) -> bool:
+    """Whether an image that failed to open is 0 bytes (asked only after a failure: no cost on the way in)."""
+    try:
+        return (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else os.path.getsize(source)) == 0
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def read_image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:

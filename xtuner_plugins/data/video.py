@@ -127,7 +127,9 @@ def _open_stream(path: str):
     try:
         container = av.open(io.BytesIO(path.data) if isinstance(path, VideoBytes) else path)
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
+        size = len(path.data) if isinstance(path, VideoBytes) else os.stat(path).st_size if os.path.isfile(path) else -1
+        raise SampleError('corrupt_video', f'video {path} is an empty file (0 bytes): a download or copy that did not '
+                                           f'finish?' if not size else f'cannot read video {path}: {exc}') from None
     if not container.streams.video:
         container.close()
         raise SampleError('corrupt_video', f'{path} has no video stream')
@@ -215,6 +217,9 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
     if info.kind == 'folder':
         raise SampleError('bad_clip', f'{path} is a folder of frames, which has no timing: "clip" needs a video file')
     start, length = int(clip[0] * info.fps), int((clip[1] - clip[0]) * info.fps)
+    if length < 1 and start < info.total:
+        raise SampleError('bad_clip', f'clip [{clip[0]:g}, {clip[1]:g}] s of {path} is shorter than one frame '
+                                      f'({1 / info.fps:.3g} s at {info.fps:g} fps): no frame to take')
     if length < 1 or start + length > info.total:
         raise SampleError('bad_clip', f'clip [{clip[0]:g}, {clip[1]:g}] s is outside {path}, which is '
                                       f'{info.duration:.3f} s long ({info.total} frames at {info.fps:g} fps): frames '

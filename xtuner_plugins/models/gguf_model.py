@@ -27,18 +27,66 @@ from typing import Optional, Sequence, Tuple
 from xtuner_plugins.data.image_io import load_image
 
 
+#: the bytes of each scalar value type of a GGUF key (GGUF's own numbering: 8 is a string, 9 an array)
+SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_architecture(path: str) -> Optional[str]:
+    """A GGUF file's ``general.architecture`` (``clip`` for an mmproj), read from its header; None for a file that
+    is not GGUF (another format, or cut short before the key)."""
+    import struct
+
+    def skip(f, kind):
+        if kind in SCALARS:
+            f.seek(SCALARS[kind], 1)
+        elif kind == 8:
+            f.seek(struct.unpack('<Q', f.read(8))[0], 1)
+        elif kind == 9:
+            item, count = struct.unpack('<IQ', f.read(12))
+            if item in SCALARS:
+                f.seek(SCALARS[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            raise ValueError(kind)
+
+    try:
+        with open(path, 'rb') as f:
+            magic, version = f.read(4), struct.unpack('<I', f.read(4))[0]
+            if magic != b'GGUF' or version < 2:
+                return None
+            _, keys = struct.unpack('<QQ', f.read(16))
+            for _ in range(min(keys, 64)):  # the converter writes general.architecture first
+                key = f.read(struct.unpack('<Q', f.read(8))[0]).decode('utf-8')
+                kind = struct.unpack('<I', f.read(4))[0]
+                if key == 'general.architecture' and kind == 8:
+                    return f.read(struct.unpack('<Q', f.read(8))[0]).decode('utf-8')
+                skip(f, kind)
+    except (OSError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
 def gguf_pair(folder: str) -> Optional[Tuple[str, str]]:
-    """``(model, mmproj)`` of a GGUF folder; None for a folder with no ``.gguf`` file; ``ValueError`` for one
-    whose ``.gguf`` files are not one model and one ``mmproj-*``."""
+    """``(model, mmproj)`` of a GGUF folder, told apart by their headers (an mmproj's architecture is ``clip``;
+    its name may be anything: ``OUT_DIR`` named ``mmproj-...`` names both files so); None for a folder with no
+    ``.gguf`` file; ``ValueError`` for one whose ``.gguf`` files are not one model and one mmproj."""
     if not os.path.isdir(folder):
         return None
-    files = sorted(glob.glob(os.path.join(folder, '*.gguf')))
+    files = sorted(f for f in glob.glob(os.path.join(folder, '*.gguf')) if os.path.isfile(f))
     if not files:
         return None
-    mmproj = [f for f in files if os.path.basename(f).startswith('mmproj')]
+    kinds = {f: gguf_architecture(f) for f in files}
+    unread = [os.path.basename(f) for f, kind in kinds.items() if kind is None]
+    if unread:
+        raise ValueError(f'{folder}: {", ".join(unread)} {"is" if len(unread) == 1 else "are"} not a GGUF file '
+                         f'(another format, or cut short: no general.architecture in its header); convert again '
+                         f'with tools/convert_to_official.py --format gguf')
+    mmproj = [f for f in files if kinds[f] == 'clip']
     text = [f for f in files if f not in mmproj]
     if len(mmproj) != 1 or len(text) != 1:
-        raise ValueError(f'{folder}: a GGUF folder holds one model .gguf and one mmproj-*.gguf; found '
+        raise ValueError(f'{folder}: a GGUF folder holds one model .gguf and one mmproj (a clip .gguf); found '
                          f'{len(text)} and {len(mmproj)} ({", ".join(os.path.basename(f) for f in files)}); '
                          f'convert again with tools/convert_to_official.py --format gguf')
     return text[0], mmproj[0]

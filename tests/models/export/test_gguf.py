@@ -297,9 +297,55 @@ def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):
     assert gguf_export.pre_tokenizer(str(tmp_path)) == '-'
 
 
+def gguf_header(architecture):
+    """The start of a GGUF file: its magic, version 3, no tensors, one key (general.architecture)."""
+    import struct
+    key, value = b'general.architecture', architecture.encode()
+    return (b'GGUF' + struct.pack('<IQQ', 3, 0, 1) + struct.pack('<Q', len(key)) + key + struct.pack('<I', 8) +
+            struct.pack('<Q', len(value)) + value)
+
+
 def test_a_folder_of_other_ggufs_is_named(tmp_path):
-    for name in ('a.gguf', 'b.gguf', 'mmproj-a.gguf'):
-        (tmp_path / name).write_bytes(b'')
+    for name, arch in (('a.gguf', 'llama'), ('b.gguf', 'qwen2'), ('mmproj-a.gguf', 'clip')):
+        (tmp_path / name).write_bytes(gguf_header(arch))
     with pytest.raises(ValueError, match='found 2 and 1'):
         gguf_pair(str(tmp_path))
     assert gguf_pair(str(tmp_path / 'nothing')) is None
+    (tmp_path / 'b.gguf').write_bytes(b'')  # not GGUF (an interrupted copy): named
+    with pytest.raises(ValueError, match='b.gguf is not a GGUF file'):
+        gguf_pair(str(tmp_path))
+
+
+def test_the_pair_is_told_apart_by_their_headers_not_their_names(setup, f32_answers, tmp_path):
+    """An OUT_DIR named mmproj-... names both files mmproj-...: the folder the converter had just written was
+    refused by chat and eval ('found 0 and 2'). The mmproj is the GGUF whose architecture is clip, whatever its
+    name."""
+    out = tmp_path / 'mmproj-x'
+    assert convert(setup['folder'], out, '--format', 'gguf') == 0
+    assert gguf_pair(str(out)) == (str(out / 'mmproj-x-F16.gguf'), str(out / 'mmproj-mmproj-x-F16.gguf'))
+    swapped = tmp_path / 'swapped'  # the names the other way round: answered as the pair it is
+    swapped.mkdir()
+    shutil.copy(os.path.join(setup['f32'], 'f32-F32.gguf'), swapped / 'mmproj-a-F32.gguf')
+    shutil.copy(os.path.join(setup['f32'], 'mmproj-f32-F32.gguf'), swapped / 'a.gguf')
+    model = GGUFModel(str(swapped))
+    try:
+        key = (0, QUESTIONS[0])
+        assert (model.ask(key[1], [setup['images'][0]], dict(max_new_tokens=STEPS)), model.last_tokens) == \
+            f32_answers[key]
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize('name, text, says', [
+    ('tokenizer_config.json', '{oops', 'tokenizer_config.json: does not read (Expecting property name'),
+    ('preprocessor_config.json', '[1]', 'preprocessor_config.json: holds a JSON list, not an object'),
+    ('config.json', '[2]', 'config.json: holds a JSON list, not an object'),
+    ('config.json', None, 'cannot be converted to GGUF: its vision_config in config.json is not a JSON object'),
+])
+def test_a_malformed_json_file_of_the_folder_is_one_line(setup, tmp_path, capsys, name, text, says):
+    """A traceback (AttributeError) or the JSON parser's message naming no file before."""
+    folder = edited(tmp_path, setup, lambda c: c.update(vision_config=[1]) if text is None else None)
+    if text is not None:
+        (folder / name).write_text(text)
+    err = refused(tmp_path, capsys, folder, says)
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err

@@ -102,6 +102,9 @@ def config_misfit(config: dict, tree: str) -> Optional[str]:
         return f'model_type {kind!r}: llama.cpp reads InternVL\'s official layout (internvl_chat) only'
     text_map, mmproj_map = converter_maps(tree)
     vision, llm, reasons = config.get('vision_config') or {}, config.get('llm_config') or {}, []
+    odd = [k for k, v in (('vision_config', vision), ('llm_config', llm)) if not isinstance(v, dict)]
+    if odd:
+        return f'its {" and ".join(odd)} in config.json {"is" if len(odd) == 1 else "are"} not a JSON object'
     tower = (vision.get('architectures') or ['InternVisionModel'])[0]
     if mmproj_map.get(tower) != 'internvl':
         reasons.append(f'vision tower {tower} (llama.cpp\'s InternVL mmproj takes InternVisionModel)')
@@ -157,14 +160,30 @@ def pre_tokenizer(folder: str) -> str:
     return '-'
 
 
+def json_object(path: str, missing: Optional[dict] = None) -> dict:
+    """The JSON object in ``path`` (``missing``, when given, for a file that is not there); ``ValueError`` naming
+    the file for one that does not read or holds something else."""
+    if missing is not None and not os.path.isfile(path):
+        return missing
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f'{path}: does not read ({exc})') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: holds a JSON {type(data).__name__}, not an object')
+    return data
+
+
 def stage(folder: str, staging: str, log: Log = _print) -> None:
     """``staging``: links to ``folder``'s files, with what the converter reads and the folder lacks filled in
     (``architectures``, ``preprocessor_config.json``'s mean/std, the tokenizer's chat template)."""
     from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
     from .files import chat_template
+    config = json_object(os.path.join(folder, 'config.json'))
+    pre = json_object(os.path.join(folder, 'preprocessor_config.json'), missing={})
+    tok_cfg = json_object(os.path.join(folder, 'tokenizer_config.json'), missing={})
     os.makedirs(staging)
-    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
-        config = json.load(f)
     filled = []
     if not config.get('architectures'):
         config['architectures'] = ['InternVLChatModel']
@@ -176,21 +195,11 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
         config['llm_config']['architectures'] = [llm_architecture(config['llm_config'])]
         filled.append('llm_config.architectures')
     written = {'config.json': config}
-    try:
-        with open(os.path.join(folder, 'preprocessor_config.json'), encoding='utf-8') as f:
-            pre = json.load(f)
-    except (OSError, ValueError):
-        pre = {}
     if 'image_mean' not in pre or 'image_std' not in pre:
         pre.setdefault('image_mean', list(config.get('image_mean', IMAGENET_MEAN)))
         pre.setdefault('image_std', list(config.get('image_std', IMAGENET_STD)))
         written['preprocessor_config.json'] = pre
         filled.append('preprocessor_config.json image_mean/image_std')
-    tok_cfg_path = os.path.join(folder, 'tokenizer_config.json')
-    tok_cfg = {}
-    if os.path.isfile(tok_cfg_path):
-        with open(tok_cfg_path, encoding='utf-8') as f:
-            tok_cfg = json.load(f)
     if not tok_cfg.get('chat_template') and not os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
         tok_cfg['chat_template'] = chat_template(config.get('template', 'internvl2_5'), config.get('system_message'))
         written['tokenizer_config.json'] = tok_cfg

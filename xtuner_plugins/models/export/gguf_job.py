@@ -8,13 +8,12 @@ Checked before anything is written: llama.cpp is built, the folder is one llama.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import List
 
 from .files import Log, _print
-from .gguf import config_misfit, tools, write_gguf_from_folder
+from .gguf import config_misfit, json_object, tools, write_gguf_from_folder
 from .job import check_out_dir, written_whole
 
 
@@ -28,12 +27,7 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     """``folder``'s GGUF pair in ``out_dir``; returns the files."""
     start = time.time()
     _, tree = tools()
-    path = os.path.join(folder, 'config.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f'{path}: does not read ({exc})') from None
+    config = json_object(os.path.join(folder, 'config.json'))
     misfit = config_misfit(config, tree)
     if misfit:
         raise ValueError(f'{folder} cannot be converted to GGUF: {misfit}')

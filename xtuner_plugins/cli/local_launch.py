@@ -257,10 +257,10 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
     the ranks are forked from this process after it ran ``preload`` (:func:`preloaded`)."""
     try:
         port = free_port(addr, port)
-    except OSError as exc:
-        taken = exc.errno == errno.EADDRINUSE
-        print(f'local_launch: --master-port {port} on {addr}: '
-              f'{"address already in use (EADDRINUSE)" if taken else exc}: choose another port', file=sys.stderr)
+    except (OSError, OverflowError) as exc:   # (OverflowError: a port over 65535)
+        why = ('address already in use (EADDRINUSE)' if getattr(exc, 'errno', None) == errno.EADDRINUSE else
+               'no such port (0 to 65535)' if isinstance(exc, OverflowError) else str(exc))
+        print(f'local_launch: --master-port {port} on {addr}: {why}: choose another port', file=sys.stderr)
         return 1
     try:
         entry = preloaded(preload)

@@ -33,6 +33,7 @@ Each process imports DeepSpeed and bitsandbytes only when the run uses them (``x
 import glob
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -53,10 +54,42 @@ def main() -> int:
         return launch_ranks(nproc, rest)   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
     try:
-        return _train()
+        with noting_interrupts():
+            return _train()
+    except Exception:
+        if not _INTERRUPTS:
+            raise   # (a Ctrl-C turned into another error while the libraries load: as Ctrl-C itself, below)
     except KeyboardInterrupt:   # Ctrl-C while the libraries are still loading
-        print('\ntrain: interrupted before training started; nothing saved', file=sys.stderr, flush=True)
-        return 130
+        pass
+    print('\ntrain: interrupted before training started; nothing saved', file=sys.stderr, flush=True)
+    return 130
+
+
+#: the SIGINTs this process received (:func:`noting_interrupts`)
+_INTERRUPTS: List[int] = []
+
+
+class noting_interrupts:
+    """Within it, SIGINT raises KeyboardInterrupt as Python's own handler does, and is noted: code that catches
+    every exception turns a Ctrl-C into another error (MMEngine's config formatting raises ``SyntaxError: Failed
+    to format the config file`` from any exception of yapf; numpy, interrupted while it imports, raises
+    ``ImportError: cannot load module more than once``), which :func:`_train` then reads as the interrupt it is."""
+
+    def __enter__(self):
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            self.previous = None   # SIGINT ignored, or handled by the caller: left as it is
+            return self
+
+        def on_sigint(sig, frame):
+            _INTERRUPTS.append(sig)
+            raise KeyboardInterrupt
+        self.previous = signal.signal(signal.SIGINT, on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _load(argv) -> None:
@@ -114,10 +147,10 @@ def _train() -> int:
     try:
         xtuner_train.main()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, no traceback
-        if int(os.environ.get('RANK', '0')) == 0:
-            print(f'\n{interrupted_line(work_dir, sys.argv)}', file=sys.stderr, flush=True)
-        return 130
+        return _interrupted(work_dir)
     except Exception as exc:  # the traceback first, then a short summary a person sees at the end
+        if _INTERRUPTS:   # a Ctrl-C that code on the way turned into another error (noting_interrupts)
+            return _interrupted(work_dir)
         from xtuner_plugins.errors import Refused, Stated
         if isinstance(exc, Refused):   # a setting or input the message names whole: one line
             print(f'train: refused: {failure_message(exc)}', file=sys.stderr)
@@ -128,6 +161,12 @@ def _train() -> int:
               f'{_next_steps(work_dir, started, traceback=not isinstance(exc, Stated))}', file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(work_dir: str) -> int:
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(f'\n{interrupted_line(work_dir, sys.argv)}', file=sys.stderr, flush=True)
+    return 130
 
 
 def options_refusal(args, argv) -> Optional[str]:
@@ -179,10 +218,13 @@ def launch_ranks(nproc: int, argv) -> int:
     script = os.path.abspath(sys.argv[0])
     here = os.path.abspath(__file__).rsplit('.', 1)[0]
     cmd = [sys.executable] + (['-m', __spec__.name] if script.rsplit('.', 1)[0] == here and __spec__ else [script])
-    port = os.environ.get('MASTER_PORT', '')   # the user's own port, as torchrun's --master-port
+    port = os.environ.get('MASTER_PORT', '').strip()   # the user's own port, as torchrun's --master-port
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        print(f'train: MASTER_PORT={port!r}: give a port number from 1 to 65535 for the ranks\' rendezvous, or '
+              'unset MASTER_PORT for a free one', file=sys.stderr)
+        return 2
     rank_argv = list(argv) + ([] if given else ['--launcher', 'pytorch'])
-    return launch(cmd + rank_argv, nproc, port=int(port) if port.isascii() and port.isdigit() else 0,
-                  preload=rank_preload(rank_argv))
+    return launch(cmd + rank_argv, nproc, port=int(port or 0), preload=rank_preload(rank_argv))
 
 
 def interrupted_line(work_dir: str, argv) -> str:

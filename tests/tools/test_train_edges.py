@@ -1,0 +1,81 @@
+"""tools/train.py at its edges (round four of the adversarial sweep): a Ctrl-C that code on the way turns into
+another error still ends as an interrupt; a MASTER_PORT that is no port is refused in one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_utils import REPO_ROOT
+from xtuner_plugins import malloc
+
+GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
+TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')
+
+# SIGINT arrives inside code that catches every exception and raises its own, as MMEngine's Config.pretty_text
+# does around yapf (``except: raise SyntaxError('Failed to format the config file ...')``) and numpy's import
+# does (``ImportError: cannot load module more than once per process``)
+SWALLOWING = '''
+import os, signal, sys, time
+from xtuner_plugins.cli import train
+
+def swallowing(error):
+    def run(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        except:  # noqa: E722 -- as the code named above
+            raise error('Failed to format the config file, please check the syntax of: ...')
+    return run
+
+where, config, work = sys.argv[1:4]
+if where == 'load':
+    train._load = swallowing(ImportError)
+else:
+    from xtuner.tools import train as xtuner_train
+    xtuner_train.main = swallowing(SyntaxError)
+sys.argv[1:] = [config, '--work-dir', work]
+sys.exit(train.main())
+'''
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF', 'MASTER_PORT')}
+    return dict(env, PYTHONPATH=REPO_ROOT, **{malloc.OFF: 'glibc'}, **extra)
+
+
+@pytest.mark.parametrize('where,last', [
+    ('load', 'train: interrupted before training started; nothing saved'),
+    ('run', 'train: interrupted before training started; last checkpoint none; resume: nothing saved to resume '
+            'from, ')])
+def test_a_ctrl_c_turned_into_another_error_is_still_an_interrupt(tmp_path, where, last):
+    """Before, Ctrl-C while MMEngine formatted the config (at start-up, and at every save) ended as
+    ``train: FAILED: SyntaxError: Failed to format the config file``, exit code 1, after two screens of traceback
+    and the whole config; and Ctrl-C while numpy imported ended in an ImportError's traceback."""
+    out = subprocess.run([sys.executable, '-c', SWALLOWING, where, GUARDED, str(tmp_path / 'w')], env=_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert 'Traceback' not in out.stderr and 'Failed to format' not in out.stderr, out.stderr[-3000:]
+    assert lines[-1].startswith(last), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize('port', ['abc', '99999', '0x10', '-1'])
+def test_a_master_port_that_is_no_port_is_refused_before_any_rank_starts(tmp_path, port):
+    """Before, MASTER_PORT=abc was dropped without a word (a free port taken instead) and 99999 ended in
+    ``OverflowError: bind(): port must be 0-65535`` with its traceback."""
+    out = subprocess.run([sys.executable, TRAIN_TOOL, GUARDED, '--nproc-per-node', '2'], env=_env(MASTER_PORT=port),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"train: MASTER_PORT={port!r}: give a port number from 1 to 65535 for the ranks' rendezvous, or unset "
+        'MASTER_PORT for a free one'), out.stderr
+
+
+def test_local_launch_refuses_a_port_over_65535_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node', '1',
+                          '--master-port', '99999', TRAIN_TOOL], env=_env(), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
+    assert out.stderr.strip() == ('local_launch: --master-port 99999 on 127.0.0.1: no such port (0 to 65535): '
+                                  'choose another port'), out.stderr

@@ -237,18 +237,34 @@ def test_mmbench_images_follow_the_same_rule(tmp_path):
     assert question.images[0].tobytes() == load_image(path).tobytes()
 
 
-def test_a_windows_path_and_a_fifo_are_named_as_such(tmp_path):
-    """``sub\\a.png`` was "not found" / "is the image folder right?"; a FIFO "not found" (and is never opened)."""
+def test_a_near_miss_of_a_missing_path_and_a_fifo_are_named_as_such(tmp_path):
+    """``sub\\a.png`` was "not found" / "is the image folder right?"; so were a name with spaces around it, a name
+    in the other Unicode normal form (macOS writes NFD) and one in other letter case; a FIFO was "not found" (and is
+    never opened)."""
+    import unicodedata
+
     from xtuner_plugins.data.image_io import why_missing
     from xtuner_plugins.data.presence import missing_line
     from xtuner_plugins.data.sources import DataSource
     write_image(tmp_path / 'sub' / 'a.png')
+    write_image(tmp_path / unicodedata.normalize('NFD', 'caf\u00e9.png'))
+    write_image(tmp_path / 'Photo.JPG')
     gone = str(tmp_path / 'sub\\a.png')
-    assert why_missing(gone, 'image file') == (f'image file not found: {gone} (it separates folders with \\ as Windows '
-                                               f'does; {tmp_path}/sub/a.png exists: write / in the annotation)')
-    with pytest.raises(ValueError, match=r'a.jsonl:1: sub\\a.png \(it separates folders with \\ as Windows does'):
-        missing_line(DataSource('a', str(tmp_path / 'a.jsonl'), str(tmp_path)), 1, 0, 1, f'{tmp_path}/a.jsonl:1', gone)
+    assert why_missing(gone, 'image file') == (f"image file not found: {gone} (it separates folders with \\ as Windows "
+                                               f"does; '{tmp_path}/sub/a.png' exists: write that in the annotation)")
+    assert why_missing(str(tmp_path / 'sub' / ' a.png '), 'x').endswith("(its name has spaces around it; "
+                                                                       f"'{tmp_path}/sub/a.png' exists: write that "
+                                                                       f"in the annotation)")
+    assert 'the file\'s name is in Unicode NFD (macOS writes NFD)' in why_missing(str(tmp_path / 'caf\u00e9.png'), 'x')
     assert why_missing(str(tmp_path / 'nothing\\b.png'), 'image file').endswith('b.png')  # no such file: no hint
+
+    def refusal(path):
+        with pytest.raises(ValueError) as info:
+            missing_line(DataSource('a', str(tmp_path / 'a.jsonl'), str(tmp_path)), 1, 0, 1, 'a.jsonl:1', path)
+        return str(info.value)
+    assert "a.jsonl:1: sub\\a.png (it separates folders with \\ as Windows does" in refusal(gone)
+    assert "a.jsonl:1: photo.jpg ('Photo.JPG' is there: names differ in letter case here)" in refusal(
+        str(tmp_path / 'photo.jpg'))
     os.mkfifo(tmp_path / 'pipe.png')
     with pytest.raises(SampleError, match=r'image file is not a regular file \(a FIFO, socket or device\)'):
         load_image(str(tmp_path / 'pipe.png'))

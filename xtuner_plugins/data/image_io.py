@@ -44,6 +44,7 @@ import io
 import os
 import stat
 import time
+import unicodedata
 import warnings
 from typing import Dict, Optional, Tuple, Union
 
@@ -179,16 +180,25 @@ def why_missing(path: str, what: str) -> str:
     else:
         if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO, socket, device: never opened (a FIFO blocks)
             return f'{what} is not a regular file (a FIFO, socket or device): {path}'
-    return f'{what} not found: {path}{windows_hint(path)}'
+    return f'{what} not found: {path}{near_miss(path)}'
 
 
-def windows_hint(path: str) -> str:
-    """'' or, for a path naming ``\\`` as a folder separator (a Windows path) whose ``/`` spelling exists, what to
-    write instead."""
-    if '\\' not in path or not os.path.exists(path.replace('\\', '/')):
-        return ''
-    return f' (it separates folders with \\ as Windows does; {path.replace(chr(92), "/")} exists: write / in the ' \
-           f'annotation)'
+def near_miss(path: str) -> str:
+    """'' or, for a missing path whose near spelling exists, what to write instead: ``\\`` as the folder separator
+    (a Windows path), spaces around the name, the name in the other Unicode normal form (macOS writes NFD). One
+    ``stat`` a guess, asked only for a path not found."""
+    folder, name = os.path.split(path)
+    guesses = [(path.replace('\\', '/'), 'it separates folders with \\ as Windows does')] if '\\' in path else []
+    if name.strip() != name:
+        guesses.append((os.path.join(folder, name.strip()), 'its name has spaces around it'))
+    for form in ('NFC', 'NFD'):
+        if unicodedata.normalize(form, path) != path:
+            guesses.append((unicodedata.normalize(form, path), f'the file\'s name is in Unicode {form} (macOS writes '
+                                                                f'NFD), the annotation\'s is not'))
+    for guess, why in guesses:
+        if os.path.exists(guess):
+            return f' ({why}; {guess!r} exists: write that in the annotation)'
+    return ''
 
 
 def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:

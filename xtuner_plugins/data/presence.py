@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from .image_io import windows_hint
+from .image_io import near_miss
 from .sources import DataSource
 
 __all__ = ['missing_media', 'missing_line']
@@ -35,12 +35,24 @@ def missing_line(src: DataSource, samples: int, videos: int, missing: int, where
     shown = os.path.relpath(gone, root) if os.path.commonpath([root, os.path.abspath(gone)]) == root else gone
     line = (f'{src.annotation}: {missing} of {samples} samples name {noun} not found under {folder}'
             + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
-            + f' (first: {where}: {shown}{windows_hint(gone)})')
+            + f' (first: {where}: {shown}{near_miss(gone) or _other_case(gone)})')
     if missing == samples:
         raise ValueError(f'{line}: is the image folder right? (train_dataloader.dataset.image_folders, '
                          f'--image-folder of tools/check_dataset.py, or the meta file\'s "root")')
     reasons = ' / '.join(r for r, n in (('missing_image', samples - videos), ('missing_video', videos)) if n)
     return f'{line}; each is skipped when drawn ({reasons})'
+
+
+def _other_case(path: str) -> str:
+    """'' or, for a missing path whose folder holds its name in other letter case (data made on a file system that
+    ignores case), which: one listing of one folder, for the first path not found only."""
+    folder, name = os.path.split(path)
+    try:
+        with os.scandir(folder or '.') as entries:
+            found = next((e.name for e in entries if e.name.lower() == name.lower() and e.name != name), None)
+    except OSError:
+        return ''
+    return f' ({found!r} is there: names differ in letter case here)' if found else ''
 
 
 def missing_media(src: DataSource, samples: Sequence[Tuple[str, Sequence[str], bool]]) -> Optional[str]:

@@ -306,17 +306,24 @@ class VisionLanguageModel(BaseModel):
         """Normalised tiles ``[T, 3, S, S]`` -> projected tokens ``[T, num_image_token, H]``."""
         return self.part('mlp1', parts)(self.vision.features(self.part('vision_model', parts), pixel_values))
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                     image_flags: torch.Tensor, parts: Optional[nn.ModuleDict] = None) -> torch.Tensor:
-        """Token embeddings with the ``<IMG_CONTEXT>`` positions filled, in order, by the projected tiles
-        whose image flag is 1. Every tile (dummies too) runs through the vision tower, so all ranks
-        run the same modules whatever their batch holds. ``parts``: see :meth:`part`."""
+    def tower_features(self, pixel_values: torch.Tensor, parts: Optional[nn.ModuleDict] = None) -> torch.Tensor:
+        """Tiles as collated (uint8, or already normalised) -> the vision tower's features, before the projector."""
         vision_dtype = next(self.part('vision_model', parts).parameters()).dtype
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize_tiles(pixel_values, self.vision.mean, self.vision.std, dtype=vision_dtype)
         else:
             pixel_values = pixel_values.to(vision_dtype)
-        vit_embeds = self.extract_feature(pixel_values, parts)
+        return self.vision.features(self.part('vision_model', parts), pixel_values)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_flags: torch.Tensor,
+                     parts: Optional[nn.ModuleDict] = None, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with the ``<IMG_CONTEXT>`` positions filled, in order, by the projected tiles
+        whose image flag is 1. Every tile (dummies too) runs through the vision tower, so all ranks
+        run the same modules whatever their batch holds. ``parts``: see :meth:`part`; ``features``: the tower's
+        output for these tiles (:meth:`tower_features`), made once for both answers of preference pairs."""
+        if features is None:
+            features = self.tower_features(pixel_values, parts)
+        vit_embeds = self.part('mlp1', parts)(features)
         embeds = self.part('language_model', parts).get_input_embeddings()(input_ids)
         real = vit_embeds[image_flags.to(vit_embeds.device) == 1]
         selected = input_ids == self.img_context_token_id
@@ -332,14 +339,14 @@ class VisionLanguageModel(BaseModel):
         return embeds + vit_embeds.sum().to(embeds.dtype) * 0.0
 
     def forward(self, data: Dict[str, torch.Tensor], data_samples=None, mode: str = 'loss'):
-        embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
-        position_ids = data.get('position_ids')
-        attention_mask, segments = llm_attention(data, embeds, self.language_model.config._attn_implementation)
         if mode not in ('loss', 'tensor', 'predict'):
             raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
         if mode == 'loss' and data.get('num_pairs') is not None:
             from .preference import pair_loss
-            return pair_loss(self, embeds, data, attention_mask, position_ids, segments)
+            return pair_loss(self, data)
+        embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
+        position_ids = data.get('position_ids')
+        attention_mask, segments = llm_attention(data, embeds, self.language_model.config._attn_implementation)
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])

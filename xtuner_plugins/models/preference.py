@@ -19,7 +19,9 @@ on per-sequence sums of the answer tokens' log-probabilities:
   ``types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1``.
 
 * :func:`pair_loss`: the model's loss on a batch of pairs (the policy's and the reference's log-probabilities,
-  then :func:`preference_losses`); :func:`check_setting`: which trained parts each reference policy allows.
+  then :func:`preference_losses`); the LM head runs at the answers' positions only (``logits_to_keep``: a row's
+  image and prompt need no logits), and a tower that is not trained runs once per pair (:func:`pair_features`:
+  both answers carry the same tiles); :func:`check_setting`: which trained parts each reference policy allows.
 * :func:`frozen_copies`: the reference policy of full fine-tuning: a frozen copy of each trained part (the
   usual choice, TRL's ``ref_model`` as InternVL's MPO scripts use it), in the pretrained weights' dtype; its
   memory cost is measured by ``benchmarks/bench_memory.py`` (stages ``dpo_lora`` and ``mpo_full``).
@@ -41,26 +43,35 @@ from torch import nn
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.errors import Refused
 
-from .attention import SEGMENTED, sample_index, segment_bounds
+from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds
+from .loss import supervised_positions
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_setting', 'frozen_copies', 'pair_loss', 'preference_losses',
-           'reward_accuracy', 'sequence_logps']
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_setting', 'frozen_copies', 'pair_features', 'pair_loss',
+           'preference_losses', 'reward_accuracy', 'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
-                   segments: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, segments: Optional[torch.Tensor] = None,
+                   positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(sum of the supervised tokens' log-probabilities, their count)`` in fp32: one per row, or, for packed
-    rows (``segments [R, L]``: sample ids within each row, -1 on padding), one per sample, row after row."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    rows (``segments [R, L]``: sample ids within each row, -1 on padding), one per sample, row after row.
+    ``positions``: ``logits [R, K, V]`` are those of these ``K`` positions only (:func:`supervised_positions`,
+    the LLM's ``logits_to_keep``), each predicting the next token."""
+    if positions is None:
+        logits, targets, after = logits[:, :-1].float(), labels[:, 1:], slice(1, None)
+    else:
+        if logits.shape[1] != positions.numel():
+            raise ValueError(f'{logits.shape[1]} positions of logits for {positions.numel()} positions')
+        after = positions.to(labels.device) + 1
+        logits, targets = logits.float(), labels[:, after]
     mask = targets != IGNORE_INDEX
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
     if segments is None:
         return token_logps.sum(-1), mask.sum(-1)
     index, per_row = sample_index(segments.to(targets.device))
-    index = index[:, 1:].flatten()                               # label t + 1 belongs to its sample
+    index = index[:, after].flatten()                            # label t + 1 belongs to its sample
     keep = index >= 0
     samples = int(per_row.sum())
     sums = token_logps.new_zeros(samples).index_add(0, index[keep], token_logps.flatten()[keep])
@@ -180,8 +191,22 @@ def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen:
                       'vision_lora')
 
 
-def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attention_mask, position_ids,
-              segments: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def pair_features(model, pixel_values: torch.Tensor) -> Optional[torch.Tensor]:
+    """The vision tower's features of a batch of pairs, made once: both answers of a pair carry copies of the
+    same tiles (``preference_collate_fn``: the chosen rows' tiles, then the same again for the rejected rows), so
+    a tower that is not trained runs on the first half and its features serve both halves (and the reference's
+    forward, whose tower is this one). None, and each row's tiles run as in SFT, for a trained tower (vision LoRA or
+    full; drop-path draws its own masks per run) or tiles whose halves differ."""
+    if any(p.requires_grad for p in model.vision_model.parameters()):
+        return None
+    half, odd = divmod(pixel_values.shape[0], 2)
+    if odd or not torch.equal(pixel_values[:half], pixel_values[half:]):
+        return None
+    features = model.tower_features(pixel_values[:half])
+    return torch.cat([features, features])
+
+
+def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The preference loss of ``model`` (a ``VisionLanguageModel`` with ``preference=``) on a batch of pairs
     (``num_pairs`` chosen rows, then as many rejected rows; packed rows hold several pairs, row ``i`` and row
     ``num_pairs + i`` the same pairs in the same order) and its metrics; the reference log-probabilities come from
@@ -189,6 +214,9 @@ def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attent
     training)."""
     if model.preference is None:
         raise ValueError('a batch of preference pairs, but the model has no preference= setting')
+    features = pair_features(model, data['pixel_values'])
+    embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'], features=features)
+    attention_mask, segments = llm_attention(data, embeds, model.language_model.config._attn_implementation)
     rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
     pairs = rows  # one pair per row, unless packed
     if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows
@@ -198,19 +226,24 @@ def pair_loss(model, embeds: torch.Tensor, data: Dict[str, torch.Tensor], attent
                              f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
         pairs = int(samples[:rows].sum())
     llm = model.language_model
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True)
+    kwargs = dict(attention_mask=attention_mask, position_ids=data.get('position_ids'), use_cache=False,
+                  return_dict=True)
     if segments is not None and llm.config._attn_implementation in SEGMENTED:
         kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-    logps, counts = sequence_logps(llm(inputs_embeds=embeds, **kwargs).logits, labels, segments)
+    positions = None
+    if model.llm_keeps_logits:   # the LM head at the answers' positions only: the image and prompt tokens, most
+        # of a row, need no logits (with a 150k vocabulary those are most of the step's memory and LM-head FLOPs)
+        positions = kwargs['logits_to_keep'] = supervised_positions(labels)
+    logps, counts = sequence_logps(llm(inputs_embeds=embeds, **kwargs).logits, labels, segments, positions)
     with torch.no_grad():
         if model.reference is None:
             with llm.disable_adapter():
                 ref_logits = llm(inputs_embeds=embeds.detach(), **kwargs).logits
         else:
             ref_embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
-                                            parts=model.reference)
+                                            parts=model.reference, features=features)
             ref_logits = model.part('language_model', model.reference)(inputs_embeds=ref_embeds, **kwargs).logits
-        ref, _ = sequence_logps(ref_logits, labels, segments)
+        ref, _ = sequence_logps(ref_logits, labels, segments, positions)
     settings = dict(model.preference)
     types = tuple(settings.pop('types', ('sigmoid',)))
     if 'bco_pair' in types and model._reward_baseline is None:

@@ -64,13 +64,17 @@ def edit_weights(edit, says):
     return breaks
 
 
-def edit_config(path):
-    with open(os.path.join(path, 'config.json')) as f:
-        config = json.load(f)
-    config['llm_config']['vocab_size'] += 8  # the embedding's rows: the weights' are 8 fewer
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-        json.dump(config, f)
-    return 'the model does not load (RuntimeError: Error(s) in loading state_dict for'
+def edit_config(edit, says):
+    """config.json changed by ``edit`` (a hand-edited or tampered file): a traceback from inside the model's code
+    before."""
+    def breaks(path):
+        with open(os.path.join(path, 'config.json')) as f:
+            config = json.load(f)
+        edit(config)
+        with open(os.path.join(path, 'config.json'), 'w') as f:
+            json.dump(config, f)
+        return says
+    return breaks
 
 
 BROKEN = {
@@ -79,7 +83,16 @@ BROKEN = {
                                      '(mlp1.0.bias)'),
     'a_tensor_not_the_models': edit_weights(lambda t: t.update({'mlp1.9.weight': torch.zeros(2)}),
                                             '1 tensors in its weights are not the model\'s (mlp1.9.weight)'),
-    'a_tensor_of_another_shape': edit_config,
+    'a_tensor_of_another_shape': edit_config(  # the embedding's rows: the weights' are 8 fewer
+        lambda c: c['llm_config'].update(vocab_size=c['llm_config']['vocab_size'] + 8),
+        'the model does not load (RuntimeError: Error(s) in loading state_dict for'),
+    'an_unknown_template': edit_config(lambda c: c.update(template='nope'),
+                                       'the model does not load (KeyError: "unknown conversation template \'nope\''),
+    'a_downsample_ratio_of_0': edit_config(lambda c: c.update(downsample_ratio=0),
+                                           'the model does not load (ZeroDivisionError: division by zero)'),
+    'a_context_not_a_number': edit_config(lambda c: c['llm_config'].update(max_position_embeddings='x'),
+                                          "config.json: llm_config.max_position_embeddings 'x' is not a number of "
+                                          'tokens (a whole number, 1 or more)'),
     'truncated_weights': truncated,
     'weights_cut_in_header': cut_in_header,
     'no_weights': remove('model.safetensors', says='no weights (model.safetensors'),

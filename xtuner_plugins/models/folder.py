@@ -105,8 +105,10 @@ def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...]
         raise ValueError(f'{folder}: the {what} does not load ({type(exc).__name__}: {said}); {AGAIN}') from None
 
 
-#: what a model's load fails with when its weights do not fit its config (a tensor of another shape: RuntimeError)
-MODEL_ERRORS = (OSError, ValueError, RuntimeError)
+#: what a model's load fails with when its files do not fit together: a tensor of another shape (RuntimeError); a
+#: config.json value the model's code cannot take (a template it does not know: KeyError; a downsample_ratio of 0:
+#: ZeroDivisionError; a field of the wrong kind: TypeError, AttributeError)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ArithmeticError)
 
 
 def weights_fit(folder: str, loaded) -> object:

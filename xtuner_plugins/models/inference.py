@@ -36,7 +36,7 @@ from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
-from .folder import (MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, folder_format, from_folder,  # noqa: F401
+from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, folder_format, from_folder,  # noqa: F401
                      weights_fit)
 from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
@@ -67,7 +67,10 @@ class ConvertedModel:
             check_code(folder, trust_remote_code)
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             self.config = json.load(f)
-        context, key = context_length(self.config)
+        try:
+            context, key = context_length(self.config)
+        except ValueError as exc:
+            raise ValueError(f'{os.path.join(folder, "config.json")}: {exc}; {AGAIN}') from None
         self.context = (context, f'{os.path.join(folder, "config.json")} {key}')  # the LLM's, and where it is read
         given = {k: v for k, v in tiling.items() if v is not None}
         if self.format in ('official', 'remote'):

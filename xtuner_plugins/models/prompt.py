@@ -88,12 +88,15 @@ def context_length(config: dict) -> Tuple[Optional[int], str]:
     """The LLM's context (``max_position_embeddings`` of a folder's ``config.json``: ``llm_config`` for official
     and remote folders, ``text_config`` for hf and llava) and the key it was read from; ``(None, '')`` when the
     config records none."""
-    for key in ('llm_config', 'text_config'):
-        value = (config.get(key) or {}).get('max_position_embeddings')
-        if value:
-            return int(value), f'{key}.max_position_embeddings'
-    value = config.get('max_position_embeddings')
-    return (int(value), 'max_position_embeddings') if value else (None, '')
+    for key in ('llm_config', 'text_config', None):
+        part = config.get(key) if key else config
+        value = part.get('max_position_embeddings') if isinstance(part, dict) else None
+        name = f'{key}.max_position_embeddings' if key else 'max_position_embeddings'
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # a tampered or hand-edited file
+                raise ValueError(f'{name} {value!r} is not a number of tokens (a whole number, 1 or more)')
+            return value, name
+    return None, ''
 
 
 class PromptTooLong(ValueError):

@@ -457,3 +457,18 @@ def test_a_shard_size_that_does_not_read_is_refused_as_the_command_is_read(tmp_p
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f'error: --max-shard-size {size!r}: give a size over 0 in KB, MB, GB or TB (e.g. 5GB)')
+
+
+@pytest.mark.parametrize('fmt', ['auto', 'hf'])
+def test_a_converted_folder_given_as_the_checkpoint_is_named_as_one(tmp_path, capsys, fmt):
+    """It was read as a DeepSpeed checkpoint folder: '... records no training config (it was not written by
+    training's CheckpointHook)', which sends a user who wants another layout the wrong way."""
+    folder = tmp_path / 'my_internvl'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{"model_type": "internvl_chat"}')
+    assert convert_main([str(folder), str(tmp_path / 'out'), '--format', fmt]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'convert_to_official: error: {folder} is a converted folder (it has a config.json), not a training '
+        'checkpoint: a converted folder converts to --format gguf only; for another layout convert the checkpoint '
+        'it was converted from')
+    assert not (tmp_path / 'out').exists()

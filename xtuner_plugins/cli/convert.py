@@ -85,7 +85,11 @@ def main(argv=None) -> int:
     from xtuner_plugins.models.runconfig import parse_remap
     from xtuner_plugins.models.export.gguf_job import export_folder_gguf, is_official_folder
     try:
-        if args.format == 'gguf' and args.config is None and is_official_folder(args.checkpoint):
+        if args.config is None and is_official_folder(args.checkpoint):
+            if args.format != 'gguf':  # it would be read as a DeepSpeed checkpoint folder, recording no config
+                raise ValueError(f'{args.checkpoint} is a converted folder (it has a config.json), not a training '
+                                 f'checkpoint: a converted folder converts to --format gguf only; for another '
+                                 f'layout convert the checkpoint it was converted from')
             export_folder_gguf(args.checkpoint, args.out_dir, args.quant, args.overwrite)
             return 0
         export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,

@@ -123,3 +123,52 @@ def test_tensors_of_another_shape_are_named_not_counted_as_loaded(tmp_path):
     assert f'loaded {path}: 1 tensors loaded;' in log and not model.mlp1.weight.eq(0).all()
     assert (f'WARNING - 1 tensors of {path} have another shape than the model\'s and were NOT loaded (a checkpoint '
             f'of another config?): mlp1.weight [5, 3] vs [3, 3]') in log
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o002, 0o077])
+def test_an_atomic_write_gets_the_mode_a_plain_write_gets(tmp_path, umask):
+    """Before, every checkpoint, last_checkpoint and data_manifest.json was 0600 (``mkstemp``'s mode): a work
+    folder shared with a group showed checkpoints its members could not read (convert, chat, eval)."""
+    from xtuner_plugins.engine.checkpointing import atomic_write
+    previous = os.umask(umask)
+    try:
+        atomic_write(b'x', tmp_path / 'iter_2.pth')
+        with open(tmp_path / 'plain', 'wb') as f:
+            f.write(b'x')
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(tmp_path / 'iter_2.pth').st_mode & 0o777) == oct(0o666 & ~umask)
+    assert os.stat(tmp_path / 'iter_2.pth').st_mode == os.stat(tmp_path / 'plain').st_mode
+
+
+FULL_DISK = '''
+import resource, sys
+from xtuner_plugins.engine.checkpointing import WriteFailed, atomic_write
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))   # as a full disk: the write fails part-way
+try:
+    atomic_write(b'n' * 200_000, sys.argv[1])
+except WriteFailed as exc:
+    print(exc, isinstance(exc, OSError), exc.errno)
+'''
+
+
+@pytest.mark.parametrize('existing', [True, False])
+def test_a_checkpoint_write_that_fails_names_the_file_and_leaves_the_old_one(tmp_path, existing):
+    """A full disk or a file-size limit (``ulimit -f``) during a save: before, ``OSError: [Errno 27] File too
+    large`` with a traceback and no file named; now one line (``errors.Stated``) naming the file, the previous
+    file of that name intact, no temporary left."""
+    import subprocess
+    import sys
+    target = tmp_path / 'last_checkpoint'
+    if existing:
+        target.write_text('/w/iter_4.pth')
+    out = subprocess.run([sys.executable, '-c', FULL_DISK, str(target)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__))))))
+    kept = 'the file of that name is unchanged' if existing else 'no partial file was left'
+    assert out.stdout.splitlines()[-1] == (
+        f"could not write {target} (200,000 bytes): File too large (over the file-size limit: ulimit -f, or the file "
+        f"system's largest file); {kept} True 27"), out.stdout + out.stderr
+    assert os.listdir(tmp_path) == (['last_checkpoint'] if existing else [])
+    if existing:
+        assert target.read_text() == '/w/iter_4.pth'

@@ -39,26 +39,66 @@ from typing import List, Optional, Sequence, Tuple, Union
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from xtuner_plugins.errors import Stated
+
 _PATCH_MARK = '_xtuner_plugins_checkpoint_patch'
 _applied: List[str] = []
 
 
+class WriteFailed(Stated, OSError):
+    """A checkpoint (or the pointer) that could not be written: a full disk, a file-size limit, a folder that
+    cannot be written. Its message names the file and says that the file of that name, if any, is unchanged."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(data: Union[bytes, str], filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
-    """Write ``data`` to ``filepath`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``filepath`` through a temporary file and an atomic rename. The file gets the mode a
+    plain write gives (``0o666`` less the umask; ``mkstemp``'s own 0600 would hide checkpoints from the group a
+    work folder is shared with); a write that fails raises :class:`WriteFailed`, leaving ``filepath`` as it was."""
     filepath = str(filepath)
     folder = os.path.dirname(os.path.abspath(filepath))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp')
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp')
         with os.fdopen(fd, 'wb') as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data.encode(encoding) if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, filepath)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):
+            kept = 'the file of that name is unchanged' if os.path.exists(filepath) else 'no partial file was left'
+            raise WriteFailed(exc.errno, f'could not write {filepath} ({len(data):,} bytes): {exc.strerror or exc}'
+                              f'{_hint(exc.errno)}; {kept}') from exc
         raise
+
+
+def _hint(code: Optional[int]) -> str:
+    import errno
+    return {errno.ENOSPC: ' (the disk is full)', errno.EDQUOT: ' (the disk quota is used up)',
+            errno.EFBIG: ' (over the file-size limit: ulimit -f, or the file system\'s largest file)',
+            errno.EROFS: ' (a read-only file system)', errno.EACCES: ' (no permission to write that folder)'}.get(
+        code, '')
 
 
 def _patch_local_backend_atomic() -> bool:

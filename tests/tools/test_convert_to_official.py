@@ -472,3 +472,27 @@ def test_a_converted_folder_given_as_the_checkpoint_is_named_as_one(tmp_path, ca
         'checkpoint: a converted folder converts to --format gguf only; for another layout convert the checkpoint '
         'it was converted from')
     assert not (tmp_path / 'out').exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """Under a file: a NotADirectoryError traceback once the model was built (minutes at real size); a disk that
+    fills while writing: an OSError traceback. Now one line each; nothing is left behind."""
+    import errno
+    from xtuner_plugins.models.export import job
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    (tmp_path / 'afile').write_text('x')
+    out = tmp_path / 'afile' / 'sub' / 'out'
+    assert convert_main([LORA, ckpt, str(out), '--dtype', 'fp32'] + as_args(opts)) == 2
+    out_err = capsys.readouterr()
+    assert '[1/4]' not in out_err.out and out_err.err.splitlines()[-1] == (
+        f'convert_to_official: error: OUT_DIR {out} cannot be made: {tmp_path / "afile"} is a file, not a folder')
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setitem(job.WRITERS, 'official', full)
+    assert convert_main([LORA, ckpt, str(tmp_path / 'out'), '--dtype', 'fp32'] + as_args(opts)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        'convert_to_official: error: [Errno 28] No space left on device'
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'iter_1.pth']

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,
                           dtype=resolve_dtype(args.dtype), overwrite=args.overwrite, cfg_options=args.cfg_options,
                           max_shard_size=args.max_shard_size, remap=parse_remap(args.remap), quant=args.quant)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+    except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
     return 0

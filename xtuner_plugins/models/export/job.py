@@ -70,6 +70,13 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
             raise ValueError(f'OUT_DIR {out_dir} is, holds or lies inside an input ({path}); choose another folder')
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f'OUT_DIR {out_dir} exists and is not a folder')
+    above = os.path.dirname(out)  # the folder the temporary copy is made in: checked before the model is built
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f'OUT_DIR {out_dir} cannot be made: {above} is a file, not a folder')
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f'OUT_DIR {out_dir} cannot be made: {above} is not writable here')
     found = training_file(out) if os.path.isdir(out) else None
     if found:
         raise ValueError(f'OUT_DIR {out_dir} holds a training run\'s files ({found}); a conversion never replaces a '

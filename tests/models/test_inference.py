@@ -129,6 +129,24 @@ def test_a_broken_folder_is_one_line(folder, tmp_path, case, capsys):
         assert 'convert the model again' in line
 
 
+@pytest.mark.parametrize('name, says', [
+    ('processor_config.json', 'no processor_config.json (the image tokens per image'),
+    ('preprocessor_config.json', 'no preprocessor_config.json (the image processor\'s settings'),
+    ('chat_template.jinja', 'no chat template (chat_template.jinja, or one in tokenizer_config.json)'),
+])
+def test_an_hf_folder_without_its_processor_files_is_one_line(hf_folder, tmp_path, capsys, name, says):
+    """Without processor_config.json the processor took transformers' default of 256 tokens an image and the
+    first question failed ('Image features and image tokens do not match: tokens: 256, features 4'); without the
+    chat template, a line naming no folder."""
+    broken = str(tmp_path / 'broken')
+    shutil.copytree(hf_folder, broken)
+    os.remove(os.path.join(broken, name))
+    for prog, (main, args) in tools(tmp_path).items():
+        assert main([broken, *args]) == 2, prog
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f'{prog}: error: {broken}: {says}') and 'convert the model again' in line, line
+
+
 def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, capsys):
     """chat, eval, the web demo and serve load an official folder with its own Python files (trust_remote_code):
     a folder from someone else ran whatever they hold. Files other than this project's, byte for byte, are refused

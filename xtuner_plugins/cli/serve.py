@@ -56,7 +56,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
-from xtuner_plugins.models.inference import check_code, check_folder, folder_format
+from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
 from xtuner_plugins.web.app import port_free
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,6 +96,8 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
         raise ValueError(f'{folder}: a {fmt!r} folder; vLLM serves the official and hf formats: convert again with '
                          f'tools/convert_to_official.py --format official (or hf)')
     check_folder(folder)
+    if fmt == 'hf':
+        check_processor_files(folder)
     cfg = _config(folder)
     llm = cfg.get('llm_config') or cfg.get('text_config') or {}
     dtype = cfg.get('torch_dtype') or cfg.get('dtype') or llm.get('torch_dtype') or llm.get('dtype') or 'auto'

@@ -93,6 +93,34 @@ def check_folder(folder: str) -> None:
         raise ValueError(f'{folder}: no tokenizer files (one of {", ".join(TOKENIZER_FILES)}); {AGAIN}')
 
 
+def check_processor_files(folder: str) -> None:
+    """An ``hf`` or ``llava`` folder's processor files there (the converter writes them): without
+    ``processor_config.json`` transformers' processor takes its defaults (256 image tokens an image, not the
+    model's: "Image features and image tokens do not match" at the first question), without a chat template it
+    cannot build a prompt; ``ValueError`` naming the file."""
+    def there(name):
+        return os.path.isfile(os.path.join(folder, name))
+
+    for name, holds in (('preprocessor_config.json', 'the image processor\'s settings'),
+                        ('processor_config.json', 'the image tokens per image')):
+        if not there(name):
+            raise ValueError(f'{folder}: no {name} ({holds}, which transformers would otherwise take at their '
+                             f'defaults, not this model\'s); {AGAIN}')
+    if not (there('chat_template.jinja') or there('chat_template.json')
+            or any('"chat_template"' in _text(os.path.join(folder, name))
+                   for name in ('tokenizer_config.json', 'processor_config.json'))):
+        raise ValueError(f'{folder}: no chat template (chat_template.jinja, or one in tokenizer_config.json): the '
+                         f'prompt cannot be built as training built it; {AGAIN}')
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, ValueError):
+        return ''
+
+
 def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...] = (OSError, ValueError)):
     """``load()``; an error of the folder's files (``errors``, or safetensors' own) as one ``ValueError`` naming
     the folder and what did not load, not transformers' traceback from deep inside."""

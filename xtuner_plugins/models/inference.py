@@ -36,8 +36,8 @@ from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
-from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, folder_format, from_folder,  # noqa: F401
-                     weights_fit)
+from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
+                     check_processor_files, folder_format, from_folder, weights_fit)
 from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
@@ -65,6 +65,8 @@ class ConvertedModel:
         check_folder(folder)
         if self.format in ('official', 'remote'):  # their code is run: this project's only, unless trusted
             check_code(folder, trust_remote_code)
+        else:
+            check_processor_files(folder)
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             self.config = json.load(f)
         try:

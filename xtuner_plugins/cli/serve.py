@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -56,6 +55,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
+from xtuner_plugins.models.export.files import template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
 from xtuner_plugins.web.app import port_free
 
@@ -73,18 +73,11 @@ NO_REMOTE_MEDIA = 'none: images as data URLs only (tools/serve.py --allowed-medi
 # the empty folder vLLM may read file:// images from (so that it refuses them with 400, not 500); vLLM's error
 # messages hide paths under /tmp up to the first character that is not a word's, so this name stays readable
 NO_LOCAL_MEDIA = '(file URLs are refused: send images as data URLs)'
-_DEFAULT_SYSTEM = re.compile(r'\{% set system = ("(?:[^"\\]|\\.)*") %\}')
 
 
 def _config(folder: str) -> dict:
     with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
         return json.load(f)
-
-
-def template_system(template: str) -> Optional[str]:
-    """The default system message of a chat template the converter wrote (None for another template)."""
-    found = _DEFAULT_SYSTEM.search(template)
-    return json.loads(found.group(1)) if found else None
 
 
 def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, object]:
@@ -128,8 +121,7 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     if wanted != current:
         if current is None:
             raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')
-        template = _DEFAULT_SYSTEM.sub(lambda m: '{% set system = ' + json.dumps(wanted, ensure_ascii=False) + ' %}',
-                                       template, count=1)
+        template = with_system(template, wanted)
     heads = llm.get('num_attention_heads')
     head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,

@@ -349,3 +349,38 @@ def test_a_malformed_json_file_of_the_folder_is_one_line(setup, tmp_path, capsys
         (folder / name).write_text(text)
     err = refused(tmp_path, capsys, folder, says)
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+
+
+def gguf_chat_template(path):
+    """The chat template a GGUF carries (llama.cpp prompts with it alone), read by the converter's own gguf-py."""
+    import sys
+    sys.path.insert(0, os.path.join(gguf_export.tools()[1], 'gguf-py'))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    field = GGUFReader(path).fields['tokenizer.chat_template']
+    return bytes(field.parts[field.data[0]]).decode('utf-8')
+
+
+def test_the_gguf_is_prompted_as_the_folders_chat_is(setup, tmp_path, capsys):
+    """llama.cpp prompts with the GGUF's chat template alone, which the converter copied from the tokenizer: a
+    folder whose config.json system_message differs from its template's default (chat() uses config.json's), or
+    whose tokenizer template is not InternVL's (OpenGVLab's folders carry the LLM's chatml), answered to another
+    prompt than the folder's chat()."""
+    from xtuner_plugins.models.export.files import chat_template
+    system = edited(tmp_path / 'a', setup, lambda c: c.update(system_message='Answer in one word.'))
+    other = edited(tmp_path / 'b', setup, lambda c: None)
+    os.remove(other / 'chat_template.jinja')
+    tok = json.loads((other / 'tokenizer_config.json').read_text())
+    tok['chat_template'] = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    (other / 'tokenizer_config.json').write_text(json.dumps(tok))
+    for folder, says, expected in (
+            (system, "the chat template's default system message (config.json's system_message, which chat() uses)",
+             chat_template('internvl2_5', 'Answer in one word.')),
+            (other, "the chat template (internvl2_5, as chat() prompts; the tokenizer's own is not it)",
+             chat_template('internvl2_5'))):
+        out = folder.parent / 'gguf'
+        assert convert(folder, out, '--format', 'gguf') == 0
+        assert says in capsys.readouterr().out
+        assert gguf_chat_template(str(out / 'gguf-F16.gguf')) == expected

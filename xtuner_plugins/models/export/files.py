@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Callable, Dict, Optional
 
@@ -86,6 +87,22 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ " + lit(bot_pre) + " }}{% endif %}"
     )
+
+
+#: the default system message in a chat template :func:`chat_template` wrote
+_DEFAULT_SYSTEM = re.compile(r'\{% set system = ("(?:[^"\\]|\\.)*") %\}')
+
+
+def template_system(template: str) -> Optional[str]:
+    """The default system message of a chat template the converter wrote (None for another template)."""
+    found = _DEFAULT_SYSTEM.search(template)
+    return json.loads(found.group(1)) if found else None
+
+
+def with_system(template: str, system: str) -> str:
+    """A chat template the converter wrote, with ``system`` as its default system message."""
+    return _DEFAULT_SYSTEM.sub(lambda m: '{% set system = ' + json.dumps(system, ensure_ascii=False) + ' %}',
+                               template, count=1)
 
 
 def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dict] = None,

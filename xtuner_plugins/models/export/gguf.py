@@ -175,11 +175,37 @@ def json_object(path: str, missing: Optional[dict] = None) -> dict:
     return data
 
 
+def chat_prompt(folder: str, config: dict, tok_cfg: dict) -> Tuple[Optional[str], str]:
+    """The chat template the GGUF is to carry where the folder's is not the prompt its ``chat()`` builds (the one
+    the model was trained with: ``config.json``'s ``template`` and ``system_message``), and what was changed;
+    ``(None, '')`` where it is. llama.cpp prompts with the GGUF's template alone: a folder whose ``system_message``
+    differs from its template's default, or whose tokenizer template is another (OpenGVLab's folders carry the
+    LLM's own), would otherwise answer to another prompt than the folder's ``chat()``."""
+    from xtuner_plugins.data.template import get_template
+    from .files import chat_template, template_system, with_system
+    name, system = config.get('template', 'internvl2_5'), config.get('system_message')
+    current = tok_cfg.get('chat_template')
+    if not current and os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
+        with open(os.path.join(folder, 'chat_template.jinja'), encoding='utf-8') as f:
+            current = f.read()
+    if not current:
+        return chat_template(name, system), f'the chat template ({name})'
+    if isinstance(current, str) and template_system(current) is not None:  # the converter's
+        if system and template_system(current) != system:
+            return with_system(current, system), 'the chat template\'s default system message (config.json\'s ' \
+                                                  'system_message, which chat() uses)'
+        return None, ''
+    try:
+        get_template(name)
+    except (KeyError, ValueError):
+        return None, ''  # a template this project does not know: the folder's own is kept
+    return chat_template(name, system), f'the chat template ({name}, as chat() prompts; the tokenizer\'s own is not it)'
+
+
 def stage(folder: str, staging: str, log: Log = _print) -> None:
     """``staging``: links to ``folder``'s files, with what the converter reads and the folder lacks filled in
     (``architectures``, ``preprocessor_config.json``'s mean/std, the tokenizer's chat template)."""
     from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
-    from .files import chat_template
     config = json_object(os.path.join(folder, 'config.json'))
     pre = json_object(os.path.join(folder, 'preprocessor_config.json'), missing={})
     tok_cfg = json_object(os.path.join(folder, 'tokenizer_config.json'), missing={})
@@ -200,10 +226,11 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
         pre.setdefault('image_std', list(config.get('image_std', IMAGENET_STD)))
         written['preprocessor_config.json'] = pre
         filled.append('preprocessor_config.json image_mean/image_std')
-    if not tok_cfg.get('chat_template') and not os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
-        tok_cfg['chat_template'] = chat_template(config.get('template', 'internvl2_5'), config.get('system_message'))
+    template, why = chat_prompt(folder, config, tok_cfg)
+    if template is not None:  # the converter reads tokenizer_config.json's before chat_template.jinja
+        tok_cfg['chat_template'] = template
         written['tokenizer_config.json'] = tok_cfg
-        filled.append(f'the chat template ({config.get("template", "internvl2_5")})')
+        filled.append(why)
     for name in os.listdir(folder):
         if name not in written and os.path.isfile(os.path.join(folder, name)):
             os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(staging, name))

@@ -496,3 +496,37 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, m
     assert capsys.readouterr().err.splitlines()[-1] == \
         'convert_to_official: error: [Errno 28] No space left on device'
     assert sorted(os.listdir(tmp_path)) == ['afile', 'iter_1.pth']
+
+
+@pytest.mark.parametrize('when', ['writing', 'moving in'])
+def test_an_interrupted_conversion_leaves_the_earlier_one_as_it_was(tiny, tmp_path, capsys, monkeypatch, when):
+    """Ctrl-C printed a traceback; with --overwrite, one between removing the old folder and moving the new one in
+    left no OUT_DIR at all. Now the old folder is moved aside first and back on an interrupt, and one line says so."""
+    from xtuner_plugins.models.export import job
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    out = tmp_path / 'out'
+    argv = [LORA, ckpt, str(out), '--dtype', 'fp32', '--overwrite'] + as_args(opts)
+    assert convert_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace, calls = os.replace, []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def interrupted_moving_in(src, dst):
+        calls.append(dst)
+        if dst == str(out) and calls.count(dst) == 1:  # the new folder moving in, once the old one is aside
+            raise KeyboardInterrupt
+        replace(src, dst)
+    if when == 'writing':
+        monkeypatch.setitem(job.WRITERS, 'official', interrupted)
+    else:
+        monkeypatch.setattr(job.os, 'replace', interrupted_moving_in)
+    capsys.readouterr()
+    assert convert_main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f'convert_to_official: interrupted; {out} is as it was before'
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ['iter_1.pth', 'out']

@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the folder is written aside and moved in whole: nothing half-written is left
+        print(f'convert_to_official: interrupted; {args.out_dir} is as it was before', file=sys.stderr)
+        return 130
     return 0
 
 

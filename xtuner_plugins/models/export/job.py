@@ -124,20 +124,24 @@ WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 're
 
 
 def written_whole(out: str, write):
-    """``write(tmp)`` into a temporary folder beside ``out``, moved into place (the old ``out`` removed) only once
-    it is whole; a failure removes the temporary folder and leaves ``out`` as it was. Returns what ``write``
+    """``write(tmp)`` into a temporary folder beside ``out``, moved into place only once it is whole: the old ``out``
+    is moved aside, the new one moved in, then the old removed; a failure or an interrupt (Ctrl-C) at any point
+    removes the temporary folder and leaves ``out`` as it was (the old one moved back). Returns what ``write``
     returns."""
-    tmp = out.rstrip(os.sep) + f'.tmp-{os.getpid()}'
+    tmp, old = (out.rstrip(os.sep) + f'.{kind}-{os.getpid()}' for kind in ('tmp', 'old'))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         result = write(tmp)
         if os.path.isdir(out):
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return result
 
 

@@ -147,6 +147,29 @@ def test_an_hf_folder_without_its_processor_files_is_one_line(hf_folder, tmp_pat
         assert line.startswith(f'{prog}: error: {broken}: {says}') and 'convert the model again' in line, line
 
 
+def test_a_tokenizer_of_another_model_is_one_line(trained, folder, tmp_path, capsys):
+    """The LLM's own tokenizer copied in (no InternVL image tokens) said 'set model.img_context_token_id ...',
+    naming no file; a tokenizer of more tokens than the embedding's rows failed mid-answer (IndexError)."""
+    from transformers import AutoTokenizer
+    other, bigger = str(tmp_path / 'other'), str(tmp_path / 'bigger')
+    for copy in (other, bigger):
+        shutil.copytree(folder, copy)
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'added_tokens.json', 'special_tokens_map.json'):
+        os.remove(os.path.join(other, name))
+    AutoTokenizer.from_pretrained(trained['tiny']['llm']).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(['<extra_1>', '<extra_2>'])
+    tokenizer.save_pretrained(bigger)
+    says = {other: "its tokenizer has no <img>, </img>, <IMG_CONTEXT> (InternVL's image tokens): a tokenizer of "
+                   'another model?',
+            bigger: f'its tokenizer has {len(tokenizer)} tokens, its model\'s embedding {len(tokenizer) - 2} rows'}
+    for path, why in says.items():
+        for prog, (main, args) in tools(tmp_path).items():
+            assert main([path, *args]) == 2, prog
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f'{prog}: error: {path}: {why}') and 'convert the model again' in line, line
+
+
 def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, capsys):
     """chat, eval, the web demo and serve load an official folder with its own Python files (trust_remote_code):
     a folder from someone else ran whatever they hold. Files other than this project's, byte for byte, are refused

@@ -157,6 +157,25 @@ def weights_fit(folder: str, loaded) -> object:
     return model
 
 
+
+def tokenizer_fits(folder: str, tokenizer, model, processor: bool = False) -> None:
+    """``ValueError`` when the folder's tokenizer is not its model's: InternVL's image tokens missing (a tokenizer of
+    another model copied in: the images would never reach the model, or a line naming no file), or ids beyond the
+    model's embedding rows (an IndexError in the middle of an answer), unless a ``processor`` stands between."""
+    from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+    embeddings = (model.get_input_embeddings() if hasattr(model, 'get_input_embeddings') else None) or \
+        model.language_model.get_input_embeddings()
+    rows = embeddings.weight.shape[0]
+    missing = [t for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+               if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ValueError(f'{folder}: its tokenizer has no {", ".join(missing)} (InternVL\'s image tokens): a '
+                         f'tokenizer of another model? {AGAIN}')
+    if len(tokenizer) > rows and not processor:  # an hf processor's <video>, past the rows, never reaches the model
+        raise ValueError(f'{folder}: its tokenizer has {len(tokenizer)} tokens, its model\'s embedding {rows} rows: '
+                         f'a tokenizer of another model? {AGAIN}')
+
+
 #: what a folder that runs its code with this option gets told
 TRUST = ('read them, then pass --trust-remote-code to run them; or convert the model again with this project\'s '
          'tools/convert_to_official.py')

@@ -37,7 +37,7 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles,
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
-                     check_processor_files, folder_format, from_folder, weights_fit)
+                     check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
 from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
@@ -93,6 +93,7 @@ class ConvertedModel:
                                                          from_pretrained(folder, dtype=dtype, output_loading_info=True),
                                                          MODEL_ERRORS)).eval().to(device)
             self.tokenizer = self.processor.tokenizer
+        tokenizer_fits(folder, self.tokenizer, self.model, processor=self.format in ('hf', 'llava'))
         self.dtype = dtype
         self.reset()
 

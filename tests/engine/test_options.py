@@ -114,3 +114,23 @@ def test_training_length_settings_are_checked():
         "max_iters: expected a positive whole number, got 'abc' (str)",
         'save_every: expected a positive whole number, got 0 (int)']
 
+
+
+def test_a_number_out_of_its_settings_range_is_refused():
+    """Before, ``lr=nan``, ``lr=-1`` and ``accumulative_counts=0`` went through the checks: the model loaded, then
+    torch's or MMEngine's traceback (``Invalid learning rate: nan``, ``AssertionError: _accumulative_counts at
+    least greater than or equal to 1``)."""
+    bad = {'optim_wrapper.optimizer.lr': float('nan'), 'optim_wrapper.optimizer.weight_decay': -0.1,
+           'optim_wrapper.clip_grad.max_norm': float('inf'), 'optim_wrapper.accumulative_counts': 0,
+           'train_dataloader.batch_size': 2.5, 'train_dataloader.sampler.per_device_batch_size': -1,
+           'train_dataloader.num_workers': -2}
+    assert check_cfg_options(CFG, bad) == [
+        'optim_wrapper.optimizer.lr: expected a finite number >= 0, got nan',
+        'optim_wrapper.optimizer.weight_decay: expected a finite number >= 0, got -0.1',
+        'optim_wrapper.clip_grad.max_norm: expected a finite number > 0, got inf',
+        'optim_wrapper.accumulative_counts: expected a whole number >= 1, got 0',
+        'train_dataloader.batch_size: expected a whole number >= 1, got 2.5',
+        'train_dataloader.sampler.per_device_batch_size: expected a whole number >= 1, got -1',
+        'train_dataloader.num_workers: expected a whole number >= 0, got -2']
+    assert check_cfg_options(CFG, {'optim_wrapper.optimizer.lr': 0, 'optim_wrapper.accumulative_counts': 8,
+                                   'train_dataloader.num_workers': 0, 'optim_wrapper.clip_grad.max_norm': 0.5}) == []

@@ -229,10 +229,37 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
             settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
             problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
         else:
-            problem = _check_entry(cfg, parts, key, options)
+            problem = _check_entry(cfg, parts, key, options) or _out_of_range(key, options[key])
         if problem:
             problems.append(problem)
     return problems
+
+
+#: settings whose values have a range, by the key's ending: (what is expected, whole numbers only, the least,
+#: the least excluded); torch and MMEngine refuse them only once the optimizer is built, with a traceback, or
+#: (a NaN learning rate) train on with it
+RANGES = {
+    'optim_wrapper.optimizer.lr': ('a finite number >= 0', False, 0, False),
+    'optim_wrapper.optimizer.weight_decay': ('a finite number >= 0', False, 0, False),
+    'optim_wrapper.clip_grad.max_norm': ('a finite number > 0', False, 0, True),
+    'optim_wrapper.accumulative_counts': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.sampler.per_device_batch_size': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.num_workers': ('a whole number >= 0', True, 0, False),
+}
+
+
+def _out_of_range(key: str, value) -> Optional[str]:
+    """The problem of a number outside its setting's range (:data:`RANGES`), or None."""
+    import math
+    rule = RANGES.get(key)
+    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    expected, whole, least, excluded = rule
+    if (math.isfinite(value) and (not whole or float(value).is_integer())
+            and (value > least if excluded else value >= least)):
+        return None
+    return f'{key}: expected {expected}, got {value!r}'
 
 
 def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:

@@ -229,8 +229,8 @@ def stage_with_lineage(trained, tmp_path):
     return str(tmp_path / 'sft.pth'), warm
 
 
-@pytest.mark.parametrize('case', ['checkpoint_missing', 'previous_stage_gone', 'another_config'])
-def test_a_model_that_does_not_convert_is_one_line(trained, tmp_path, case, capsys):
+@pytest.mark.parametrize('case', ['checkpoint_missing', 'previous_stage_gone', 'another_config', 'a_converted_folder'])
+def test_a_model_that_does_not_convert_is_one_line(trained, folder, tmp_path, case, capsys):
     """tools/convert_to_official.py's one-line errors, from chat, eval and the web demo given --config."""
     config, ckpt, says = LORA, trained['ckpt'], None
     if case == 'checkpoint_missing':
@@ -239,6 +239,9 @@ def test_a_model_that_does_not_convert_is_one_line(trained, tmp_path, case, caps
         ckpt, warm = stage_with_lineage(trained, tmp_path)
         os.remove(warm)
         says = f'{warm}: the previous stage of {ckpt} (recorded in it, at {warm}) is not found'
+    elif case == 'a_converted_folder':  # read as a DeepSpeed folder: '... records no training config'
+        ckpt, says = folder, (f'{folder} is a converted folder (it has a config.json), not a training checkpoint: give '
+                              'it as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py FOLDER)')
     else:
         config, says = FULL, 'trained parameters of this config are missing from the checkpoint'
     for prog, (main, args) in tools(tmp_path).items():

@@ -168,6 +168,10 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         if quant not in QUANTS:
             raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
     start = time.time()
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, 'config.json')):  # not DeepSpeed's folder
+        raise ValueError(f'{checkpoint} is a converted folder (it has a config.json), not a training checkpoint: '
+                         f'give it as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py FOLDER), not as '
+                         f'--checkpoint')
     if checkpoint is not None:
         cfg = run_config(checkpoint, config, cfg_options, remap, log)
     elif config is None:

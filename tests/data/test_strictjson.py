@@ -111,3 +111,18 @@ def test_a_utf16_json_list_or_meta_file_says_so(tmp_path):
         (tmp_path / 'b.json').write_bytes(body)
         with pytest.raises(ValueError, match=r'b.json: not valid JSON \(UTF-16 text: .*iconv -f UTF-16 -t UTF-8'):
             read_records(0, expand_sources(str(tmp_path / 'b.json'))[0])
+
+
+def test_a_number_past_pythons_digit_limit_is_a_bad_sample_not_a_traceback(tmp_path):
+    """json.loads raises a bare ValueError (not JSONDecodeError) for an int of more than 4300 digits."""
+    huge = GOOD.replace('{', '{"id": ' + '9' * 5000 + ', ', 1)
+    records, problems = _refused(tmp_path, f'{GOOD}\n{huge}\n'.encode())
+    assert [r.line for r in records] == [1] and [(p.source, p.reason) for p in problems] == [
+        (f'{tmp_path}/a.jsonl:2', 'bad_json')]
+    assert 'line cannot be read: Exceeds the limit (4300 digits)' in problems[0].message
+    records, problems = _refused(tmp_path, f'[{GOOD}, {huge}]'.encode(), 'b.json')
+    assert [r.line for r in records] == [1] and [p.source for p in problems] == [f'{tmp_path}/b.json:2']
+    meta = tmp_path / 'meta.json'
+    meta.write_text('{"x": {"annotation": "a.jsonl", "repeat_time": ' + '1' * 5000 + '}}')
+    with pytest.raises(ValueError, match=r'meta.json: meta file cannot be read: Exceeds the limit'):
+        expand_sources(str(meta))

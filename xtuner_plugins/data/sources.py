@@ -101,6 +101,8 @@ def _meta_sources(path: str) -> List[DataSource]:
                              f'sample a line is JSON lines, name the file .jsonl (a .json file holds one list of '
                              f'samples, or is an InternVL meta file)') from None
         raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise ValueError(f'{path}: meta file cannot be read: {exc}') from None
     if 'conversations' in meta:
         raise ValueError(f'{path}: holds one sample, not a list of samples: a .json annotation file is a list of '
                          f'samples ([{{...}}, {{...}}]) or an InternVL meta file; use .jsonl for one sample a line')
@@ -253,6 +255,8 @@ def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
         at = 'the end of the line' if pos == len(body) else f'at {body[pos:pos + 20]!r}'
         raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}'
                                       f'{line_hint(raw, body, exc.msg)}', where) from None
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise SampleError('bad_json', f'line cannot be read: {exc}', where) from None
     if not isinstance(obj, dict):
         raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object'
                                       f'{line_hint(raw, text, type(obj).__name__)}', where)
@@ -283,6 +287,8 @@ def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
         path, item = where.rsplit(':', 1)
         raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '
                          f'samples, use .jsonl for one sample per line') from None
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise SampleError('bad_json', f'item cannot be read: {exc}', where) from None
     if not isinstance(obj, dict):
         raise SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object', where)
     found = _lone_surrogate(obj) if bad_bytes or _SURROGATE_ESCAPE.search(text) else None

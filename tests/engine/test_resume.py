@@ -102,3 +102,34 @@ def test_a_copied_or_moved_work_folder_resumes_from_its_own_checkpoint(tmp_path)
     shutil.rmtree(next(p for p in moved.iterdir() if p.is_dir()))
     runner = toy_runner(moved, 'ptr-moved', max_iters=8, save_every=2, resume=True)
     assert runner.iter == 8 and f'resumed from {moved}/iter_6.pth' in _log(moved)
+
+
+def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch):
+    """Before, ``--resume CKPT --cfg-options optim_wrapper.optimizer.lr=0.5`` trained on with the checkpoint's 0.01
+    (MMEngine loads the optimizer's and schedulers' learning rates over the config's) without a word."""
+    import logging
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (applies the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.engine import resume as resume_module
+    said = []
+    monkeypatch.setattr(resume_module, 'print_log', lambda msg, logger=None, level=logging.INFO: said.append(msg))
+    groups = [{'lr': 5e-7, 'initial_lr': 0.5}, {'lr': 1e-7, 'initial_lr': 0.1}]
+    runner = SimpleNamespace(optim_wrapper=SimpleNamespace(param_groups=groups))
+
+    def loads(saved):
+        def load(self, filename, *args, **kwargs):   # what MMEngine's resume does to the groups
+            for group, lr in zip(self.optim_wrapper.param_groups, saved):
+                group.update(lr=lr * 1e-5, initial_lr=lr)
+        return load
+    Runner.resume(runner, 'w/iter_4.pth', _original=loads([0.01, 0.002]))
+    assert said == ["resumed from w/iter_4.pth: its optimizer and schedule go on with the learning rate they were "
+                    "saved with (0.01, and others), not this run's (0.5, optim_wrapper.optimizer.lr): a resume "
+                    "continues the saved run as it was; to train with the new learning rate, start a new run from "
+                    "the checkpoint's weights (load_from=PATH, resume=False, another --work-dir)"]
+    said.clear()
+    Runner.resume(runner, 'w/iter_4.pth', _original=loads([0.01, 0.002]))   # the same learning rates: nothing said
+    assert said == []
+    assert resume_module.lr_change_note('x', [], [0.1]) is None   # nothing read before the load (DeepSpeed)

@@ -166,8 +166,58 @@ def _patch_resume_pointer() -> bool:
     return True
 
 
+def _base_lrs(runner) -> List[float]:
+    """Each parameter group's learning rate before any schedule (``initial_lr``); [] where there is none to read
+    (an optimizer wrapper without param_groups, as DeepSpeed's may be)."""
+    try:
+        groups = runner.optim_wrapper.param_groups
+        return [float(g.get('initial_lr', g['lr'])) for g in groups]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return []
+
+
+def lr_change_note(filename: str, configured: Sequence[float], saved: Sequence[float]) -> Optional[str]:
+    """The warning for a resume whose checkpoint brought other learning rates than this run's config gives
+    (``configured``, read before the load; ``saved``, after it), or None."""
+    if not configured or len(configured) != len(saved):
+        return None
+    changed = [(c, s) for c, s in zip(configured, saved) if abs(c - s) > 1e-12 * max(abs(c), abs(s), 1.0)]
+    if not changed:
+        return None
+    mine, theirs = changed[0]
+    return (f'resumed from {filename}: its optimizer and schedule go on with the learning rate they were saved with '
+            f'({theirs:g}{", and others" if len(changed) > 1 else ""}), not this run\'s ({mine:g}, '
+            'optim_wrapper.optimizer.lr): a resume continues the saved run as it was; to train with the new '
+            'learning rate, start a new run from the checkpoint\'s weights (load_from=PATH, resume=False, '
+            'another --work-dir)')
+
+
+def _patch_resume_lr() -> bool:
+    """A resume with another learning rate in the config said in a warning (:func:`lr_change_note`): MMEngine
+    loads the optimizer's and the schedulers' state, learning rates included, over the config's without a word."""
+    from mmengine.runner import FlexibleRunner, Runner
+    if getattr(Runner.resume, _PATCH_MARK, False):
+        return False
+    for cls in (Runner, FlexibleRunner):
+        original = cls.resume
+
+        @functools.wraps(original)
+        def resume(self, filename, *args, _original=original, **kwargs):
+            configured = _base_lrs(self)
+            result = _original(self, filename, *args, **kwargs)
+            note = lr_change_note(str(filename), configured, _base_lrs(self))
+            if note:
+                print_log(note, logger='current', level=logging.WARNING)
+            return result
+
+        setattr(resume, _PATCH_MARK, True)
+        cls.resume = resume
+    return True
+
+
 def apply_resume_patches() -> List[str]:
     """Apply the patches once (module docstring); returns the names newly applied."""
-    newly = [p.__name__.lstrip('_') for p in (_patch_pointer_write, _patch_resume_pointer) if p()]
+    newly = [p.__name__.lstrip('_') for p in (_patch_pointer_write, _patch_resume_pointer, _patch_resume_lr)
+             if p()]
     _applied.extend(newly)
     return newly

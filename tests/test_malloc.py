@@ -67,3 +67,15 @@ def test_the_train_tool_runs_itself_again_first(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert 'cannot be preloaded' in lines[0] and __file__ in lines[0], out.stderr
     assert lines[1:] == ['train: refused: missing.py: no such config file'] and out.returncode == 2, out.stderr
+
+
+@pytest.mark.parametrize('given', ['/tmp', '/nonexistent/libjemalloc.so.2'])
+def test_a_library_named_that_is_no_file_is_said_once(given):
+    """Before, XTUNER_PLUGINS_JEMALLOC naming a folder or a missing file ran the training on glibc without a word
+    (the start-up line said only "malloc: glibc")."""
+    environ = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'MALLOC_CONF', malloc.RERUN)}
+    out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, timeout=120,
+                         env=dict(environ, PYTHONPATH=REPO_ROOT, XTUNER_PLUGINS_JEMALLOC=given))
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith('glibc'), out.stdout + out.stderr
+    assert out.stderr.strip() == (f'malloc: XTUNER_PLUGINS_JEMALLOC={given} is not a file (give the library, e.g. '
+                                  f"{malloc.CANDIDATES[0]}): this run uses glibc's malloc"), out.stderr

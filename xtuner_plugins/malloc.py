@@ -85,6 +85,10 @@ def run_under_jemalloc(argv: Optional[List[str]] = None) -> None:
     if os.environ.get(RERUN):   # once a process: not again in it, in ranks forked from it or commands it starts
         return
     os.environ[RERUN] = '1'   # (a library that does not load is not tried again)
+    given = os.environ.get('XTUNER_PLUGINS_JEMALLOC')
+    if given and not os.path.isfile(given) and os.environ.get(OFF, '').lower() != 'glibc':
+        print(f'malloc: XTUNER_PLUGINS_JEMALLOC={given} is not a file (give the library, e.g. '
+              f'{CANDIDATES[0]}): this run uses glibc\'s malloc', file=sys.stderr, flush=True)
     env = None if jemalloc_loaded() else jemalloc_env()
     if env is None:
         return

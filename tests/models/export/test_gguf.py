@@ -363,6 +363,15 @@ def gguf_chat_template(path):
     return bytes(field.parts[field.data[0]]).decode('utf-8')
 
 
+def test_a_half_written_folder_is_named_before_the_converter_runs(setup, tmp_path, capsys):
+    """The converter's own traceback (gguf-py: 'Could not read complete metadata') before."""
+    folder = edited(tmp_path, setup, lambda c: None)
+    os.truncate(folder / 'model.safetensors', 5000)
+    err = refused(tmp_path, capsys, folder, f'{folder}/model.safetensors: 5000 bytes, shorter than its own header: '
+                                            'a truncated (half-written) file')
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_gguf_is_prompted_as_the_folders_chat_is(setup, tmp_path, capsys):
     """llama.cpp prompts with the GGUF's chat template alone, which the converter copied from the tokenizer: a
     folder whose config.json system_message differs from its template's default (chat() uses config.json's), or

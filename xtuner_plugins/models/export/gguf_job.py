@@ -2,7 +2,8 @@
 ``tools/convert_to_official.py FOLDER OUT_DIR --format gguf [--quant ...]``. A checkpoint goes through
 :func:`~xtuner_plugins.models.export.job.export_checkpoint` instead (built, merged, then the same writer).
 
-Checked before anything is written: llama.cpp is built, the folder is one llama.cpp reads (``gguf.config_misfit``),
+Checked before anything is written: llama.cpp is built, the folder is one llama.cpp reads (``gguf.config_misfit``)
+and whole (``folder.check_folder``: its weights and tokenizer files),
 ``OUT_DIR`` is not the folder nor inside it. The pair is written next to ``OUT_DIR`` and moved into place when whole.
 """
 
@@ -12,6 +13,7 @@ import os
 import time
 from typing import List
 
+from ..folder import check_folder
 from .files import Log, _print
 from .gguf import config_misfit, json_object, tools, write_gguf_from_folder
 from .job import check_out_dir, written_whole
@@ -31,6 +33,7 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     misfit = config_misfit(config, tree)
     if misfit:
         raise ValueError(f'{folder} cannot be converted to GGUF: {misfit}')
+    check_folder(folder)  # a truncated or missing shard: one line naming it, not the converter's traceback
     out = check_out_dir(out_dir, [os.path.realpath(folder)], overwrite)
     files = written_whole(out, lambda tmp: write_gguf_from_folder(folder, tmp, quant, log,
                                                                  name=os.path.basename(out.rstrip(os.sep))))

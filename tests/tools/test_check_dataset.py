@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import conv, write_image, write_jsonl
 from tools import check_dataset
 
@@ -348,3 +350,23 @@ def test_allow_links_outside_reaches_a_shard_sets_check(tmp_path, capsys):
     assert check_dataset.main(['--data', str(links), '--allow-links-outside']) == 0
     out = capsys.readouterr().out
     assert 'samples: 3' in out and 'images found: 3' in out and 'problems: 0' in out, out
+
+
+@pytest.mark.parametrize('option, says', [
+    (['--max-length', '0'], 'max_length=0: a whole number of tokens >= 1'),
+    (['--max-length', '-5'], 'max_length=-5: a whole number of tokens >= 1'),
+    (['--patch-size', '0'], 'patch_size=0: a whole number of pixels >= 1'),
+    (['--downsample-ratio', '0'], 'downsample_ratio=0.0: a number > 0'),
+    (['--image-size', '14'], 'image_size=14, patch_size=14 and downsample_ratio=0.5 give a tile 0 LLM tokens'),
+    (['--num-image-token', '0'], 'num_image_token=0: a whole number of LLM tokens per tile >= 1'),
+    (['--max-image-pixels', '-1'], 'max_image_pixels=-1: a number of pixels >= 1'),
+])
+def test_a_setting_no_sample_can_have_is_one_line_before_any_sample(tmp_path, tiny_tokenizer_dir, capsys, option,
+                                                                    says):
+    """Each was a raw ValueError or ZeroDivisionError at the first sample (max_image_pixels -1: every image
+    "too large"), in training too."""
+    path, img = good_data(tmp_path, n=1)
+    assert check_dataset.main(['--data', path, '--image-folder', img, '--tokenizer', tiny_tokenizer_dir,
+                               '--workers', '1', *option]) == 2
+    err = capsys.readouterr().err
+    assert f'error: {says}' in err and 'Traceback' not in err, err

@@ -50,7 +50,7 @@ from .sources import DataSource, Record, expand_sources, parse_record, sample_co
 from .checked import CheckedSample, build_tokenizer
 from .startcheck import read_sources
 from .conversation import parse_conversation
-from .fitting import TRUNCATION, Fit, fit_sample, fit_video, judge_sft_cut, note_fit
+from .fitting import TRUNCATION, Fit, checked_geometry, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
                        get_template)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
@@ -191,8 +191,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.image_mode = image_mode if dynamic_image_size else 'resize'
         self.image_mean = tuple(float(x) for x in image_mean)
         self.image_size = image_size
-        self.num_image_token = (int(num_image_token) if num_image_token is not None
-                                else int((image_size // patch_size) ** 2 * downsample_ratio ** 2))
+        self.num_image_token = checked_geometry(max_length, image_size, patch_size, downsample_ratio, num_image_token,
+                                                max_image_pixels)
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.use_thumbnail = use_thumbnail

@@ -16,6 +16,7 @@ decides without cutting tiles, and training cuts exactly the tiles decided here.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,8 +26,8 @@ from .errors import SampleError
 from .template import IGNORE_INDEX
 from .tokenize import tokenize_conversation
 
-__all__ = ['Cut', 'Fit', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop', 'judge_sft_cut', 'note_fit',
-           'tally_cut', 'tally_fit', 'TRUNCATION']
+__all__ = ['Cut', 'Fit', 'checked_geometry', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop',
+           'judge_sft_cut', 'note_fit', 'tally_cut', 'tally_fit', 'TRUNCATION']
 
 TRUNCATION = ('keep', 'drop')  # what a data set does with a sample whose answer max_length cuts
 
@@ -41,6 +42,36 @@ def final_answer(labels: Sequence[int]) -> Tuple[int, int]:
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     return start, end
+
+
+def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int, downsample_ratio: float,
+                     num_image_token: Optional[int], max_image_pixels: Optional[int]) -> int:
+    """The LLM tokens a tile takes (``num_image_token``, else the pixel shuffle of ``image_size / patch_size`` by
+    ``downsample_ratio``), once the settings are checked: a value that can hold no sample is refused when the data set
+    is built, not met as a raw error (a division by zero, "must be positive") at the first sample."""
+    def bad(name, value, expected):
+        return ValueError(f'{name}={value!r}: {expected}')
+
+    def _whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if max_length is not None and (not _whole(max_length) or max_length < 1):
+        raise bad('max_length', max_length, 'a whole number of tokens >= 1 (or None: no limit)')
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels < 1):
+        raise bad('max_image_pixels', max_image_pixels, 'a number of pixels >= 1 (or None / 0 in check_dataset: no '
+                                                        'limit)')
+    if num_image_token is None:
+        if not _whole(patch_size) or patch_size < 1:
+            raise bad('patch_size', patch_size, 'a whole number of pixels >= 1')
+        if not downsample_ratio > 0:
+            raise bad('downsample_ratio', downsample_ratio, 'a number > 0 (0.5: InternVL\'s pixel shuffle)')
+        num_image_token = int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
+        if num_image_token < 1:
+            raise ValueError(f'image_size={image_size}, patch_size={patch_size} and downsample_ratio='
+                             f'{downsample_ratio:g} give a tile {num_image_token} LLM tokens: nothing of an image '
+                             f'would reach the model')
+    elif isinstance(num_image_token, bool) or int(num_image_token) != num_image_token or num_image_token < 1:
+        raise bad('num_image_token', num_image_token, 'a whole number of LLM tokens per tile >= 1')
+    return int(num_image_token)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ def test_a_shard_sample_or_shards_json_naming_a_key_twice_is_damage(tmp_path):
     (tmp_path / 'set' / 'shards.json').write_text('{"format": "x", "format": "y"}')
     with pytest.raises(ValueError, match=r'shards.json: key "format" appears twice'):
         read_index(str(tmp_path / 'set'))
+    (tmp_path / 'set' / 'shards.json').write_text('{"samples": ' + '9' * 5000 + '}')
+    with pytest.raises(ValueError, match=r'shards.json: cannot be read \(Exceeds the limit'):
+        read_index(str(tmp_path / 'set'))
 
 
 def _refused(tmp_path, body: bytes, name='a.jsonl'):

@@ -38,6 +38,8 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); '
                          f'{REWRITE}') from None
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise ValueError(f'{path}: cannot be read ({exc}); {REWRITE}') from None
     if not isinstance(index, dict):
         raise ValueError(f'{path}: not a JSON object but a {type(index).__name__}; {REWRITE}')
     if index.get('format') != FORMAT:

@@ -211,3 +211,25 @@ def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_pa
     from xtuner_plugins.engine.runstart import liger_refusal
     assert liger_refusal(dict(model=dict(liger_kernel=False))) is None
     assert 'fuse the same work' in liger_refusal(dict(model=dict(liger_kernel=True, compile_blocks='llm')))
+
+
+def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """Before, a missing ``model.pretrained_pth``, a folder that is no DeepSpeed checkpoint or a file torch cannot
+    read failed only once the vision tower and the LLM had loaded, in a traceback."""
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'junk.pth').write_text('hello')
+    what = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+    for path, said in [
+            (tmp_path / 'gone.pth', f'model.pretrained_pth={tmp_path / "gone.pth"}: no such file or folder; {what}'),
+            (tmp_path / 'folder', f'model.pretrained_pth={tmp_path / "folder"} is a folder but not a DeepSpeed '
+                                  f'checkpoint (no *model_states.pt); {what}'),
+            (tmp_path / 'junk.pth', f'model.pretrained_pth: {tmp_path / "junk.pth"} is not a training checkpoint '
+                                    'torch can read (')]:
+        with pytest.raises(SystemExit) as stopped:
+            Runner.from_cfg(Config(dict(model=dict(pretrained_pth=str(path)), work_dir=str(tmp_path / 'work'))))
+        err = capsys.readouterr().err.splitlines()
+        assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith(f'train: refused: {said}'), err
+    from xtuner_plugins.engine.runstart import pretrained_refusal
+    assert pretrained_refusal(dict(model=dict(pretrained_pth=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth'))))) \
+        is None
+    assert pretrained_refusal(dict(model=dict(pretrained_pth=None))) is None

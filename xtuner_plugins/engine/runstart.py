@@ -13,7 +13,8 @@ later stage relies on:
 * **No stage writes over its parents** (:func:`lineage_in_work_dir`): a run whose work folder holds a
   checkpoint of its own lineage (``model.pretrained_pth`` and the earlier stages it records) would replace it
   with its own ``iter_N.pth`` and ``last_checkpoint``; it stops before anything is built, naming both.
-  A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too.
+  A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too, and so does
+  a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint).
 
 :func:`prepare_run` does all this; :func:`apply_runstart_patches` (called from ``runtime.py`` at import) makes
 MMEngine's runners call it:
@@ -62,10 +63,34 @@ def prepare_run(cfg):
     if note:
         from mmengine.logging import print_log
         print_log(note, logger='current', level=logging.WARNING)
-    problem = lineage_in_work_dir(plain) or liger_refusal(plain)
+    problem = pretrained_refusal(plain) or lineage_in_work_dir(plain) or liger_refusal(plain)
     if problem:
         refuse(problem)
     return cfg
+
+
+def pretrained_refusal(cfg: Mapping) -> Optional[str]:
+    """Why ``model.pretrained_pth`` cannot be loaded (no such path, a folder that is no DeepSpeed checkpoint, a
+    file torch cannot read), found before anything is built: the model's build said it only after the vision
+    tower and the LLM had loaded, in a traceback. None: unset, or it reads."""
+    model = cfg.get('model')
+    path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(path, str) or not path:
+        return None
+    what = ('give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed '
+            'saves)')
+    if not os.path.exists(path):
+        return f'model.pretrained_pth={path}: no such file or folder; {what}'
+    if os.path.isdir(path):
+        if any(name.endswith('model_states.pt') for name in os.listdir(path)):
+            return None
+        return f'model.pretrained_pth={path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt); {what}'
+    from xtuner_plugins.models.checkpoint import read_meta
+    try:
+        read_meta(path)
+    except (OSError, ValueError) as exc:
+        return f'model.pretrained_pth: {exc}'
+    return None
 
 
 def liger_refusal(cfg: Mapping) -> Optional[str]:

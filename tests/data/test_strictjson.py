@@ -102,6 +102,7 @@ def test_a_bom_opening_any_line_is_read_over_as_files_joined_with_cat_bring_them
     (f'{GOOD}\r{GOOD}\r'.encode(), 'a.jsonl', 'separated by a carriage return alone (\\r, old Mac line ends)'),
     (json.dumps([json.loads(GOOD)], indent=1).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
     (json.dumps([json.loads(GOOD)]).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
+    (b'\0' * 300, 'a.jsonl', 'the line holds NUL bytes (a file cut short by a crash keeps zeros'),
 ])
 def test_a_file_that_is_not_json_lines_says_what_it_most_likely_is(tmp_path, body, name, says):
     records, problems = _refused(tmp_path, body, name)

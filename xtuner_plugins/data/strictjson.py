@@ -56,9 +56,13 @@ DEEP = 'nested deeper than the JSON reader follows (Python\'s recursion limit)'
 
 def line_hint(raw: bytes, body: str, msg: str) -> str:
     """What a line that is not one JSON object most likely is, for its message ('' when nothing is likely)."""
-    if raw.startswith(_UTF16_BOMS) or '\0' in body:
-        return ('; the file is UTF-16 text (a UTF-16 byte-order mark or NUL bytes): save it as UTF-8 '
-                '(iconv -f UTF-16 -t UTF-8 FILE > NEW)')
+    nuls = body.count('\0')
+    if raw.startswith(_UTF16_BOMS) or 0.3 <= nuls / max(1, len(body)) <= 0.7:  # UTF-16: a NUL by each ASCII letter
+        return ('; the file is UTF-16 text (a UTF-16 byte-order mark or NUL bytes between the letters): save it as '
+                'UTF-8 (iconv -f UTF-16 -t UTF-8 FILE > NEW)')
+    if nuls:
+        return ('; the line holds NUL bytes (a file cut short by a crash keeps zeros past what was written; a '
+                'preallocated file is zeros): not a sample')
     if msg == 'Extra data' and '\r' in body:
         return ('; its samples are separated by a carriage return alone (\\r, old Mac line ends), so the file '
                 'is one line to a JSON-lines reader: end the lines with \\n (tr "\\r" "\\n" < FILE > NEW)')

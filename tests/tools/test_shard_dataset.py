@@ -74,3 +74,14 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_data_is_checked(t
     assert main(['--data', jsonl, '--out', f'{jsonl}/shards']) == 2
     assert capsys.readouterr().err == f'shard_dataset: error: --out {jsonl}/shards: cannot be made a folder: Not a ' \
                                       f'directory\n'
+
+
+def test_an_out_folder_left_by_a_run_that_did_not_finish_says_so(tmp_path, capsys):
+    """Shards without shards.json (an interrupted run): refused as any full folder, saying what it holds."""
+    jsonl, _, _ = files(tmp_path)
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'shard-000000.tar').write_bytes(b'')
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert ('not empty (1 entries: the shards of a run that did not finish, no shards.json; remove the folder to '
+            'write them again)') in err and err.count('\n') == 1, err

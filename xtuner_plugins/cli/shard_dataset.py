@@ -54,8 +54,11 @@ def out_problem(out: str) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         return f'--out {out}: a file, not a folder'
     if os.path.isdir(out) and os.listdir(out):
-        return f'--out {out}: not empty ({len(os.listdir(out))} entries); give a new or empty folder (nothing is ' \
-               f'written over)'
+        names = os.listdir(out)
+        unfinished = 'shards.json' not in names and any(n.startswith('shard-') and n.endswith('.tar') for n in names)
+        return f'--out {out}: not empty ({len(names)} entries' + (
+            ': the shards of a run that did not finish, no shards.json; remove the folder to write them again'
+            if unfinished else '') + '); give a new or empty folder (nothing is written over)'
     return ''
 
 

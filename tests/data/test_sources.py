@@ -284,3 +284,16 @@ def test_a_folder_given_as_an_annotation_file_says_so_and_a_shard_set_where_it_i
     with pytest.raises(ValueError, match=r'shards: a folder, not an annotation file: a shard set .* it is not sharded '
                                          r'again'):
         expand_sources(str(tmp_path / 'shards'))
+
+
+def test_a_meta_entry_naming_a_meta_file_or_a_root_that_is_a_file_says_so(tmp_path):
+    """They were "not valid JSON (the top level is not a list)" and "its image folder ... does not exist"."""
+    write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}])
+    (tmp_path / 'x.png').write_bytes(b'')
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'x': {'annotation': 'meta.json', 'repeat_time': 1}}))
+    with pytest.raises(ValueError, match=rf"meta.json: entry 'x': \"annotation\" {meta} is a meta file itself"):
+        expand_sources(str(meta))
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'root': 'x.png', 'repeat_time': 1}}))
+    with pytest.raises(FileNotFoundError, match=r'its image folder .*x.png is a file, not a folder'):
+        expand_sources(str(meta))

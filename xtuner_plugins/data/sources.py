@@ -138,7 +138,11 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     patch = entry.get('max_dynamic_patch')
     if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
         raise bad('max_dynamic_patch', 'a whole number >= 1')
-    return DataSource(name=name, annotation=_resolve_meta_path(entry['annotation'], meta_dir),
+    annotation = _resolve_meta_path(entry['annotation'], meta_dir)
+    if os.path.isfile(annotation) and _is_meta_file(annotation):
+        raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
+                         f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
+    return DataSource(name=name, annotation=annotation,
                       image_folder=_resolve_meta_path(root, meta_dir) if root else None,
                       repeat_time=float(repeat), max_dynamic_patch=patch)
 
@@ -194,15 +198,15 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         if src.max_dynamic_patch is not None and int(src.max_dynamic_patch) < 1:
             raise ValueError(f'{src.annotation}: max_dynamic_patch must be >= 1, got {src.max_dynamic_patch}')
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
-            raise FileNotFoundError(f'{src.annotation}: its image folder {src.image_folder} does not exist (set '
+            what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
+            raise FileNotFoundError(f'{src.annotation}: its image folder {src.image_folder} {what} (set '
                                     f'train_dataloader.dataset.image_folders, --image-folder of '
                                     f'tools/check_dataset.py, or the meta file\'s "root")')
     return sources
 
 
 def _warn_named_twice(sources: List[DataSource]) -> None:
-    """A file named by several entries (or data files) is used once per naming, as InternVL does; said, in case
-    the second naming is a slip (a copied meta entry) rather than a repeat."""
+    """A file named twice is used once per naming, as InternVL does: said, in case it is a slip (a copied entry)."""
     named: dict = {}
     for src in sources:
         named.setdefault(os.path.realpath(src.annotation), []).append(src)

@@ -577,3 +577,19 @@ def test_a_config_that_cannot_be_read_or_is_no_training_config_is_one_line(tmp_p
     assert run_cli([part] + common, capsys)[::2] == (2, f'plan: error: {part}: no model, optim_wrapper: not a training '
                                                         f'config (a stage config, e.g. configs/finetune_lora.py, not a '
                                                         f'part of one under configs/_base_/)\n')
+
+
+@pytest.mark.parametrize('config,group', [('dpo_lora.py', 'pair(s)'), ('dpo_lora_packed.py', 'pack(s) of pairs')])
+def test_cli_plans_two_rows_a_pair(tiny, capsys, config, group):
+    """A preference config's batch_size counts pairs (or packs of pairs), and each is two rows (the chosen and
+    the rejected answers), each with the pair's tiles: planned as twice the rows and tiles of an SFT batch of
+    the same settings, and the largest batch is said in pairs."""
+    from xtuner_plugins.cli.plan import main
+    opts = ['--cfg-options', f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}']
+    assert main([os.path.join(ROOT, 'configs', config), '--gpus', '1', '--gpu-mem', '80'] + opts) == 0
+    out = capsys.readouterr().out
+    rows, tiles = (4, 52) if config == 'dpo_lora.py' else (2, 96)   # 2 pairs of 13 tiles; a pack of 48 tiles
+    assert re.search(rf'^batch per device: {rows} (rows|packs) of \d+ tokens \({rows // 2} {re.escape(group)}: a row '
+                     rf'of chosen and a row of rejected answers each\), {tiles} tiles', out, re.M), out
+    assert re.search(rf'^largest batch per device at \d+ tokens: \d+ {re.escape(group)} '
+                     r'\(train_dataloader.batch_size\)$', out, re.M), out

@@ -17,7 +17,8 @@ at least a ``config.json``, or the name of a published one shipped in ``xtuner_p
 below), so the question can be asked before any download. Without a tokenizer in the LLM's folder the vocabulary
 is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``.
 The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with ``max_dynamic_patch`` tiles (+ the
-thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles`` tiles for packed configs; every
+thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles`` tiles for packed configs (preference
+configs: twice the rows, a pair being a chosen and a rejected row, each with the pair's tiles); every
 text token counts as supervised (the worst case for the LM head's logits). A bad number (on the command line or
 in the config's batch settings) is one line naming it, exit status 2.
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
@@ -48,6 +49,8 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     loader = cfg.train_dataloader
     ds = loader.dataset
     rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size')
+    if cfg.model.get('preference') is not None:   # a pair (or a pack of pairs) is two rows, each with its tiles
+        rows *= 2
     packed = 'max_tokens' in ds
     inner = ds.get('dataset', ds) if packed else ds
     if packed:
@@ -170,7 +173,10 @@ def main(argv=None) -> int:
           f'checkpointing {getattr(model, "llm_recompute", None) or "off"}; attention '
           f'{lm.config._attn_implementation}')
     print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
-    print(f'batch per device: {batch.rows} {what} {batch.length} tokens, {batch.tiles} tiles '
+    unit = 2 if cfg.model.get('preference') is not None else 1   # rows a pair (or pack of pairs) makes
+    group = ('pack(s) of pairs' if batch.packed else 'pair(s)') if unit == 2 else ''
+    pairs = f' ({batch.rows // 2} {group}: a row of chosen and a row of rejected answers each)' if unit == 2 else ''
+    print(f'batch per device: {batch.rows} {what} {batch.length} tokens{pairs}, {batch.tiles} tiles '
           f'({per_tile} tokens each), {batch.supervised} supervised tokens')
     print(f'{"":22s} {"GiB":>8s}')
     for key in ('weights', 'gradients', 'optimizer', 'activations'):
@@ -199,11 +205,12 @@ def main(argv=None) -> int:
     longest = largest_fitting(lambda n: plan(replace(batch, length=n * step))['total'] <= budget,
                               max(1, (batch.tiles // batch.rows * per_tile) // step + 1), 4096)
     name = 'max_tokens (tokens per pack)' if batch.packed else 'max_length'
-    print(f'largest {name} at {batch.rows} per device: '
-          + (f'{longest * step}' if longest else 'none (not even the images fit)'))
-    most = largest_fitting(lambda k: plan(replace(batch, rows=k, tiles=batch.tiles // batch.rows * k))['total']
-                           <= budget, 1, 4096)
-    print(f'largest batch per device at {batch.length} tokens: {most or 0}')
+    per = f'{batch.rows // unit} {group + " " if group else ""}per device'
+    print(f'largest {name} at {per}: ' + (f'{longest * step}' if longest else 'none (not even the images fit)'))
+    most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
+                                          )['total'] <= budget, 1, 4096)
+    print(f'largest batch per device at {batch.length} tokens: {most or 0}'
+          + (f' {group} (train_dataloader.batch_size)' if unit == 2 else ''))
     if not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
         model.loss_chunk = CHUNK_HINT   # the same batch with the LM head and the loss in chunks
         chunked = plan(batch)['total']

@@ -40,7 +40,8 @@ heads, ``d`` head dim, ``V`` vocabulary):
 * the LM head and the loss: ``12 V`` bytes per supervised token (bf16 and fp32 logits, the log-softmax the loss
   keeps; in the backward, the logits' gradient in their place; measured ~11 V on the CPU; preference training's
   too: its forward peaks at ``12 V`` when the reference's logits are made beside the policy's log-softmax, and its
-  backward at ``12 V``, both measured on the CPU with ``logits_to_keep``; its batch is two rows a pair); with the model's
+  backward at ``12 V``, both measured on the CPU with ``logits_to_keep``; its batch is two rows a pair); with the
+  model's
   ``loss_chunk``, per supervised token of one chunk a row; with Liger's fused loss (``liger_kernel``), read from
   its code and not measured, ``8 H`` bytes per supervised token (its chunk of logits is about as large as the
   hidden states, up to twice, and it keeps their gradient) and, for a trained head, its fp32 gradient;

@@ -593,3 +593,7 @@ def test_cli_plans_two_rows_a_pair(tiny, capsys, config, group):
                      rf'of chosen and a row of rejected answers each\), {tiles} tiles', out, re.M), out
     assert re.search(rf'^largest batch per device at \d+ tokens: \d+ {re.escape(group)} '
                      r'\(train_dataloader.batch_size\)$', out, re.M), out
+    # no loss_chunk hint where the LM head is most of the plan: preference training refuses loss_chunk
+    small = ['--gpus', '1', '--gpu-mem', '0.1', '--reserve', '0']
+    assert main([os.path.join(ROOT, 'configs', config)] + small + opts) == 1
+    assert "the LM head's logits are" not in capsys.readouterr().out

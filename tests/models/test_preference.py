@@ -290,6 +290,9 @@ def test_preference_settings_that_leave_no_reference_are_refused(tiny):
         build(tiny, llm_lora=lora, freeze_projector=False, preference=dict(beta=0.1))
     with pytest.raises(ValueError, match='full preference training .* needs something trained'):
         build(tiny, freeze_projector=True, preference=dict(beta=0.1))
+    # its loss takes the answers' logits whole: a loss_chunk would do nothing, and plans would count it
+    with pytest.raises(ValueError, match=r'^loss_chunk=64 with preference training: .*leave loss_chunk at 0'):
+        build(tiny, freeze_projector=True, llm_lora=lora, preference=dict(beta=0.1), loss_chunk=64)
 
 
 def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
                                           )['total'] <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}'
           + (f' {group} (train_dataloader.batch_size)' if unit == 2 else ''))
-    if not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
+    if unit == 1 and not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
         model.loss_chunk = CHUNK_HINT   # the same batch with the LM head and the loss in chunks
         chunked = plan(batch)['total']
         print(f'the LM head\'s logits are {r["parts"][LM_HEAD] / GIB:.2f} GiB of it: with '

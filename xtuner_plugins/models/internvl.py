@@ -157,7 +157,7 @@ class VisionLanguageModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
                        loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
-                       freeze_llm=freeze_llm)
+                       freeze_llm=freeze_llm, preference=preference)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones

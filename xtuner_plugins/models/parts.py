@@ -29,7 +29,8 @@ __all__ = ['build_parts', 'check_settings']
 
 
 def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction: str, loss_chunk: int,
-                   llm_quantization: Optional[dict], llm_lora: Optional[dict], freeze_llm: bool) -> None:
+                   llm_quantization: Optional[dict], llm_lora: Optional[dict], freeze_llm: bool,
+                   preference: Optional[dict] = None) -> None:
     """The model's settings no part checks on its own, refused (:class:`~xtuner_plugins.errors.Refused`) before
     anything loads."""
     for name, value, valid in (('attn_implementation', attn_implementation, ATTN_IMPLEMENTATIONS),
@@ -41,6 +42,10 @@ def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction:
                       'through LoRA adapters only (QLoRA)')
     if not isinstance(loss_chunk, int) or loss_chunk < 0:
         raise Refused(f'loss_chunk must be an integer >= 0 (0: off), got {loss_chunk!r}')
+    if loss_chunk and preference is not None:
+        raise Refused(f'loss_chunk={loss_chunk} with preference training: its loss takes the logits at the answers\' '
+                      'positions whole (logits_to_keep), not in chunks; leave loss_chunk at 0 (lower the pairs per '
+                      'device, or max_length, to save memory)')
 
 
 def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.Module, None],

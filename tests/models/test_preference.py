@@ -181,54 +181,67 @@ def test_packed_pairs_give_the_losses_and_gradients_of_unpacked_pairs(tiny, pair
         model(dict(data), mode='loss')
 
 
+def _policy_away_from_reference(tiny, reference, **settings):
+    """An MPO model whose policy differs from its reference: LoRA's (``'lora'``: B drawn at random) or a frozen
+    copy's (``'copy'``: the LLM's weights moved; ``'copy+tower'``: the vision tower trained too)."""
+    from tests.models.conftest import build
+    torch.manual_seed(0)
+    if reference == 'lora':
+        model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+                      preference=dict(MPO), **settings)
+        _away_from_reference(model)
+        return model
+    model = build(tiny, freeze_projector=False, freeze_llm=False, freeze_vision=reference == 'copy',
+                  preference=dict(MPO), **settings)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _step(model, data, seen: list):
+    """One forward and backward on ``data`` (``seen`` cleared first, for the hooks to fill): the outputs, every
+    trained parameter's gradient and what ``seen`` got."""
+    seen.clear()
+    model.zero_grad()
+    model._reward_baseline = None   # BCO's running mean starts afresh
+    out = model(dict(data), mode='loss')
+    out['loss'].backward()
+    return ({k: v.item() for k, v in out.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(seen))
+
+
+def _assert_same_step(got, expected):
+    out, grads, _ = got
+    assert abs(expected[0]['rewards_margin']) > 1e-3   # a policy away from its reference
+    assert out == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[1][name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize('reference,packed', [('lora', False), ('lora', True), ('copy', False)])
 def test_the_lm_head_runs_at_the_answers_only_with_the_losses_of_whole_logits(tiny, pair_items, monkeypatch,
                                                                                reference, packed):
     """The policy's and the reference's LM head see only the positions whose next token is an answer token
     (``logits_to_keep``), and every loss term, metric and gradient equals those of the whole rows' logits."""
-    from tests.models.conftest import build
     from xtuner_plugins.data import preference_collate_fn
     from xtuner_plugins.data.packing import pack_items
     from xtuner_plugins.models import VisionLanguageModel
-    torch.manual_seed(0)
-    if reference == 'lora':
-        model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
-                      preference=dict(MPO), attn_implementation='sdpa_segments' if packed else 'sdpa')
-        _away_from_reference(model)
-        heads = [model.language_model.get_output_embeddings()]
-    else:
-        model = build(tiny, freeze_projector=False, freeze_llm=False, preference=dict(MPO))
-        with torch.no_grad():   # the policy away from its frozen copy
-            for p in model.language_model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        heads = [model.language_model.get_output_embeddings(),
-                 model.reference['language_model'].get_output_embeddings()]
+    model = _policy_away_from_reference(tiny, reference, attn_implementation='sdpa_segments' if packed else 'sdpa')
+    heads = [model.language_model] + ([model.reference['language_model']] if model.reference else [])
     seen = []
     for head in heads:
-        head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+        head.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
     data = preference_collate_fn([pack_items(pair_items)] if packed else pair_items[:2])['data']
-
-    def run():
-        seen.clear()
-        model.zero_grad()
-        model._reward_baseline = None
-        out = model(dict(data), mode='loss')
-        out['loss'].backward()
-        return ({k: v.item() for k, v in out.items()},
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(seen))
-
-    out, grads, shapes = run()
+    got = _step(model, data, seen)
     labels = data['labels']
     answers = int((labels[:, 1:] != IGNORE_INDEX).any(0).sum())
     assert answers < labels.shape[1] // 2   # the image and the prompt: most of each row
-    assert len(shapes) == 2 and all(shape[:2] == (labels.shape[0], answers) for shape in shapes), shapes
+    assert len(got[2]) == 2 and all(shape[:2] == (labels.shape[0], answers) for shape in got[2]), got[2]
     monkeypatch.setattr(VisionLanguageModel, 'llm_keeps_logits', property(lambda self: False))
-    expected, expected_grads, whole = run()
-    assert all(shape[:2] == labels.shape for shape in whole), whole
-    assert abs(expected['rewards_margin']) > 1e-3
-    assert out == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6)
+    expected = _step(model, data, seen)
+    assert all(shape[:2] == labels.shape for shape in expected[2]), expected[2]
+    _assert_same_step(got, expected)
 
 
 @pytest.mark.parametrize('reference', ['lora', 'copy', 'copy+tower'])
@@ -236,20 +249,9 @@ def test_a_tower_not_trained_runs_once_per_pair(tiny, pair_items, monkeypatch, r
     """Both answers of a pair carry the same tiles: a frozen tower runs on one copy (for the policy and the
     reference alike) with every loss term, metric and gradient of running it on each row; a trained tower runs
     on every row's tiles, as in SFT, and tiles whose halves differ are not shared."""
-    from tests.models.conftest import build
     from xtuner_plugins.data import preference_collate_fn
     from xtuner_plugins.models import preference
-    torch.manual_seed(0)
-    if reference == 'lora':
-        model = build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
-                      preference=dict(MPO))
-        _away_from_reference(model)
-    else:
-        model = build(tiny, freeze_projector=False, freeze_llm=False, freeze_vision=reference == 'copy',
-                      preference=dict(MPO))
-        with torch.no_grad():
-            for p in model.language_model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+    model = _policy_away_from_reference(tiny, reference)
     tiles, features = [], model.vision.features
 
     def counted(module, pixel_values):   # the tiles each run of a tower (the policy's or the reference's) takes
@@ -258,29 +260,16 @@ def test_a_tower_not_trained_runs_once_per_pair(tiny, pair_items, monkeypatch, r
     monkeypatch.setattr(model.vision, 'features', counted)
     data = preference_collate_fn(pair_items[:2])['data']
     total = data['pixel_values'].shape[0]
-
-    def run():
-        tiles.clear()
-        model.zero_grad()
-        model._reward_baseline = None
-        out = model(dict(data), mode='loss')
-        out['loss'].backward()
-        return ({k: v.item() for k, v in out.items()},
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, list(tiles))
-
-    out, grads, ran = run()
-    assert ran == ([total, total] if reference == 'copy+tower' else [total // 2]), ran
+    got = _step(model, data, tiles)
+    assert got[2] == ([total, total] if reference == 'copy+tower' else [total // 2]), got[2]
     monkeypatch.setattr(preference, 'pair_features', lambda model, pixel_values: None)
-    expected, expected_grads, every = run()
-    assert every == [total, total] if reference != 'lora' else every == [total]
-    assert abs(expected['rewards_margin']) > 1e-3
-    assert out == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6)
+    expected = _step(model, data, tiles)
+    assert expected[2] == ([total] if reference == 'lora' else [total, total]), expected[2]
+    _assert_same_step(got, expected)
     monkeypatch.undo()
-    other = dict(data, pixel_values=data['pixel_values'].clone())
-    other['pixel_values'][-1] = 255 - other['pixel_values'][-1]   # the halves differ: each row's own tiles
-    assert preference.pair_features(model, other['pixel_values']) is None
+    other = data['pixel_values'].clone()
+    other[-1] = 255 - other[-1]   # the halves differ: each row's own tiles
+    assert preference.pair_features(model, other) is None
 
 
 def test_preference_settings_that_leave_no_reference_are_refused(tiny):

@@ -60,3 +60,22 @@ def test_without_the_hook_the_console_keeps_mmengines_lines(runs):
     assert plain.ok, plain.summary()
     assert sum('Iter(train)' in line for line in plain.log.splitlines()) >= 1
     assert not any(m.startswith('iter ') for m in _messages(plain.log))
+
+
+def _loader(samples, batch, total):
+    from types import SimpleNamespace
+    inner = SimpleNamespace(total_size=total)
+    return SimpleNamespace(train_dataloader=SimpleNamespace(dataset=list(range(samples)), batch_size=batch,
+                                                            sampler=SimpleNamespace(sampler=inner)))
+
+
+def test_a_batch_that_makes_the_sampler_repeat_much_of_the_data_is_said():
+    """Before, a batch of 64 on 16 samples trained 1 iteration of each sample 4 times, and 17 samples at 16 an
+    iteration trained 32 a epoch, without a word (the sampler pads an epoch to whole iterations)."""
+    from xtuner_plugins.engine.progress import repeats_note
+    assert repeats_note(_loader(16, 64, 64)) == (
+        'the data set has 16 samples and an iteration takes 64 (batch 64 x 1 process): each epoch repeats 48 of them '
+        'to fill whole iterations (64 samples in 1 iteration, 4x the data); choose a batch size that fits the data '
+        '(train_dataloader.batch_size and train_dataloader.sampler.per_device_batch_size), or add data')
+    assert 'repeats 15 of them' in repeats_note(_loader(17, 16, 32))
+    assert repeats_note(_loader(16, 2, 16)) is None and repeats_note(_loader(1000, 16, 1008)) is None

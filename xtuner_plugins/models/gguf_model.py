@@ -31,9 +31,10 @@ from xtuner_plugins.data.image_io import load_image
 SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
-def gguf_architecture(path: str) -> Optional[str]:
-    """A GGUF file's ``general.architecture`` (``clip`` for an mmproj), read from its header; None for a file that
-    is not GGUF (another format, or cut short before the key)."""
+def gguf_keys(path: str, wanted=('general.architecture', 'general.file_type')) -> Optional[dict]:
+    """The ``wanted`` keys of a GGUF file's header that hold a string or a whole number (``general.architecture``:
+    ``clip`` for an mmproj; ``general.file_type``: 0 for all-F32); None for a file that is not GGUF (another format,
+    or cut short in its header)."""
     import struct
 
     def skip(f, kind):
@@ -51,21 +52,27 @@ def gguf_architecture(path: str) -> Optional[str]:
         else:
             raise ValueError(kind)
 
+    found = {}
     try:
         with open(path, 'rb') as f:
             magic, version = f.read(4), struct.unpack('<I', f.read(4))[0]
             if magic != b'GGUF' or version < 2:
                 return None
             _, keys = struct.unpack('<QQ', f.read(16))
-            for _ in range(min(keys, 64)):  # the converter writes general.architecture first
+            for _ in range(min(keys, 64)):  # the converter writes the general.* keys first
                 key = f.read(struct.unpack('<Q', f.read(8))[0]).decode('utf-8')
                 kind = struct.unpack('<I', f.read(4))[0]
-                if key == 'general.architecture' and kind == 8:
-                    return f.read(struct.unpack('<Q', f.read(8))[0]).decode('utf-8')
-                skip(f, kind)
+                if key in wanted and kind == 8:
+                    found[key] = f.read(struct.unpack('<Q', f.read(8))[0]).decode('utf-8')
+                elif key in wanted and kind in (4, 5):
+                    found[key] = struct.unpack('<I' if kind == 4 else '<i', f.read(4))[0]
+                else:
+                    skip(f, kind)
+                if len(found) == len(wanted):
+                    break
     except (OSError, struct.error, UnicodeDecodeError, ValueError):
         return None
-    return None
+    return found if 'general.architecture' in found else None
 
 
 def gguf_pair(folder: str) -> Optional[Tuple[str, str]]:
@@ -77,7 +84,7 @@ def gguf_pair(folder: str) -> Optional[Tuple[str, str]]:
     files = sorted(f for f in glob.glob(os.path.join(folder, '*.gguf')) if os.path.isfile(f))
     if not files:
         return None
-    kinds = {f: gguf_architecture(f) for f in files}
+    kinds = {f: (gguf_keys(f) or {}).get('general.architecture') for f in files}
     unread = [os.path.basename(f) for f, kind in kinds.items() if kind is None]
     if unread:
         raise ValueError(f'{folder}: {", ".join(unread)} {"is" if len(unread) == 1 else "are"} not a GGUF file '
@@ -150,7 +157,9 @@ class GGUFModel:
         self.folder, (self.model_file, self.mmproj_file) = folder, gguf_pair(folder)
         python, _ = tools()
         self.log = tempfile.TemporaryFile(mode='w+', encoding='utf-8', errors='replace')  # llama.cpp's own lines
-        self.worker = subprocess.Popen([python, WORKER, 'serve', self.model_file, self.mmproj_file],
+        # an F32 export (general.file_type 0, whatever the file's name) keeps its KV cache in F32 too
+        exact = ['f32'] if (gguf_keys(self.model_file) or {}).get('general.file_type') == 0 else []
+        self.worker = subprocess.Popen([python, WORKER, 'serve', self.model_file, self.mmproj_file, *exact],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                        encoding='utf-8', bufsize=1)
         self.ready = self._read()

@@ -4,7 +4,7 @@ it needs only llama-cpp-python and the standard library (the main venv's torch a
 Two commands::
 
     python gguf_worker.py quantize IN.gguf OUT.gguf q8_0|q4_k_m   # llama.cpp's quantiser (llama_model_quantize)
-    python gguf_worker.py serve MODEL.gguf MMPROJ.gguf            # answers requests, one JSON object a line
+    python gguf_worker.py serve MODEL.gguf MMPROJ.gguf [f32]      # answers requests, one JSON object a line
 
 ``serve`` reads one request a line on stdin, ``{"messages": [...], "max_tokens": N}`` (OpenAI-style messages, images
 as ``data:`` URLs), answers through ``MTMDChatHandler`` (the GGUF's own chat template, mtmd's tiling), greedily, and
@@ -94,11 +94,11 @@ def answer(llm, request: dict) -> str:
     return reply['choices'][0]['message']['content'], tokens
 
 
-def serve(model: str, mmproj: str) -> int:
+def serve(model: str, mmproj: str, exact: bool = False) -> int:
+    """``exact``: an F32 export, whose KV cache is kept in F32 too (llama.cpp's default: F16)."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
     handler = MTMDChatHandler(clip_model_path=mmproj, verbose=False, use_gpu=False)
-    exact = model.endswith('-F32.gguf')  # an F32 export keeps its KV cache in F32 too (llama.cpp's default: F16)
     llm = Llama(model_path=model, chat_handler=handler, n_ctx=0, n_threads=threads(), n_threads_batch=threads(),
                 n_gpu_layers=0, verbose=False, seed=0, **(dict(type_k=0, type_v=0) if exact else {}))
     send({'ready': {'n_ctx': llm.n_ctx(), 'template': bool(llm.metadata.get('tokenizer.chat_template')),
@@ -119,8 +119,8 @@ def serve(model: str, mmproj: str) -> int:
 def main(argv) -> int:
     if len(argv) == 4 and argv[0] == 'quantize' and argv[3] in QUANT_TYPES:
         return quantize(argv[1], argv[2], argv[3])
-    if len(argv) == 3 and argv[0] == 'serve':
-        return serve(argv[1], argv[2])
+    if len(argv) in (3, 4) and argv[0] == 'serve' and argv[3:] in ([], ['f32']):
+        return serve(argv[1], argv[2], exact=argv[3:] == ['f32'])
     print(__doc__, file=sys.stderr)
     return 2
 

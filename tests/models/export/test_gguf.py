@@ -323,12 +323,13 @@ def test_the_pair_is_told_apart_by_their_headers_not_their_names(setup, f32_answ
     out = tmp_path / 'mmproj-x'
     assert convert(setup['folder'], out, '--format', 'gguf') == 0
     assert gguf_pair(str(out)) == (str(out / 'mmproj-x-F16.gguf'), str(out / 'mmproj-mmproj-x-F16.gguf'))
-    swapped = tmp_path / 'swapped'  # the names the other way round: answered as the pair it is
+    swapped = tmp_path / 'swapped'  # the names the other way round, no -F32: answered as the F32 pair it is
     swapped.mkdir()
-    shutil.copy(os.path.join(setup['f32'], 'f32-F32.gguf'), swapped / 'mmproj-a-F32.gguf')
+    shutil.copy(os.path.join(setup['f32'], 'f32-F32.gguf'), swapped / 'mmproj-a.gguf')
     shutil.copy(os.path.join(setup['f32'], 'mmproj-f32-F32.gguf'), swapped / 'a.gguf')
     model = GGUFModel(str(swapped))
     try:
+        assert model.ready['ready']['kv_cache'] == 'f32'  # by its header's file type (it was by its name)
         key = (0, QUESTIONS[0])
         assert (model.ask(key[1], [setup['images'][0]], dict(max_new_tokens=STEPS)), model.last_tokens) == \
             f32_answers[key]

@@ -52,6 +52,14 @@ def remove(*names, says):
     return breaks
 
 
+def rewrite(name, text, says):
+    def breaks(path):
+        with open(os.path.join(path, name), 'w') as f:
+            f.write(text)
+        return says
+    return breaks
+
+
 def edit_weights(edit, says):
     """The weights file rewritten by ``edit`` (its tensors by name): loaded as it is, a tensor the model has and the
     file lacks would be random (transformers only warns), one the file has and the model lacks dropped."""
@@ -93,6 +101,9 @@ BROKEN = {
     'a_context_not_a_number': edit_config(lambda c: c['llm_config'].update(max_position_embeddings='x'),
                                           "config.json: llm_config.max_position_embeddings 'x' is not a number of "
                                           'tokens (a whole number, 1 or more)'),
+    'tokenizer_json_not_a_tokenizer': rewrite('tokenizer.json', '{"version": "1.0", "model": {"type": "Nope"}}',
+                                              says='the tokenizer does not load (Exception: data did not match any '
+                                                   'variant'),  # the tokenizers library's bare Exception
     'truncated_weights': truncated,
     'weights_cut_in_header': cut_in_header,
     'no_weights': remove('model.safetensors', says='no weights (model.safetensors'),

@@ -122,12 +122,14 @@ def _text(path: str) -> str:
 
 
 def from_folder(what: str, folder: str, load: Callable, errors: Tuple[type, ...] = (OSError, ValueError)):
-    """``load()``; an error of the folder's files (``errors``, or safetensors' own) as one ``ValueError`` naming
-    the folder and what did not load, not transformers' traceback from deep inside."""
+    """``load()``; an error of the folder's files (``errors``, safetensors' own, or the bare ``Exception`` the
+    tokenizers library raises for a ``tokenizer.json`` it cannot read) as one ``ValueError`` naming the folder and
+    what did not load, not transformers' traceback from deep inside."""
     try:
         return load()
     except Exception as exc:
-        if not isinstance(exc, errors) and type(exc).__module__.split('.')[0] != 'safetensors':
+        if not isinstance(exc, errors) and type(exc).__module__.split('.')[0] != 'safetensors' \
+                and type(exc) is not Exception:
             raise
         said = ' '.join(str(exc).split())  # one line (torch's shape mismatches come a line each)
         raise ValueError(f'{folder}: the {what} does not load ({type(exc).__name__}: {said}); {AGAIN}') from None

@@ -29,9 +29,18 @@ def swallowing(error):
             raise error('Failed to format the config file, please check the syntax of: ...')
     return run
 
+def going_on(*args, **kwargs):   # an import that catches the KeyboardInterrupt and goes on
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    except BaseException:
+        pass
+
 where, config, work = sys.argv[1:4]
 if where == 'load':
     train._load = swallowing(ImportError)
+elif where == 'caught':
+    train._load = going_on
 else:
     from xtuner.tools import train as xtuner_train
     xtuner_train.main = swallowing(SyntaxError)
@@ -47,12 +56,15 @@ def _env(**extra):
 
 @pytest.mark.parametrize('where,last', [
     ('load', 'train: interrupted before training started; nothing saved'),
+    ('caught', 'train: interrupted before training started; nothing saved'),
     ('run', 'train: interrupted before training started; last checkpoint none; resume: nothing saved to resume '
             'from, ')])
 def test_a_ctrl_c_turned_into_another_error_is_still_an_interrupt(tmp_path, where, last):
     """Before, Ctrl-C while MMEngine formatted the config (at start-up, and at every save) ended as
     ``train: FAILED: SyntaxError: Failed to format the config file``, exit code 1, after two screens of traceback
-    and the whole config; and Ctrl-C while numpy imported ended in an ImportError's traceback."""
+    and the whole config; Ctrl-C while numpy imported ended in an ImportError's traceback; and a Ctrl-C that an
+    import caught and went on from let the rank go on to the rendezvous, where it waited for peers that had
+    stopped."""
     out = subprocess.run([sys.executable, '-c', SWALLOWING, where, GUARDED, str(tmp_path / 'w')], env=_env(),
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = out.stderr.strip().splitlines()
@@ -79,3 +91,39 @@ def test_local_launch_refuses_a_port_over_65535_in_one_line(tmp_path):
     assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
     assert out.stderr.strip() == ('local_launch: --master-port 99999 on 127.0.0.1: no such port (0 to 65535): '
                                   'choose another port'), out.stderr
+
+
+# rank 1 blocked where a signal is not seen (SIGINT held pending, as in a C++ collective or the rendezvous waiting
+# for rank 0); rank 0 ends on SIGINT
+DEAF_RANK = '''import os, signal, sys, time
+rank = os.environ["RANK"]
+if rank == "1":
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+open(sys.argv[1] + rank, "w").write(str(os.getpid()))
+time.sleep(120)
+'''
+
+
+def test_ctrl_c_does_not_wait_the_full_grace_for_a_rank_blocked_on_an_ended_peer(tmp_path):
+    """Ctrl-C within about a second of the ranks' start (``--nproc-per-node 2`` with the ranks started anew): one
+    rank ended on it, the other, in the rendezvous waiting for it, never saw it, and the launcher waited its
+    15 s grace before SIGKILL (exit 137). Now the others get 5 s once one rank has ended."""
+    import signal
+    import time
+    script = tmp_path / 'rank.py'
+    script.write_text(DEAF_RANK)
+    proc = subprocess.Popen([sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node', '2',
+                             str(script), str(tmp_path / 'r')], env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / f'r{k}').is_file() for k in range(2)):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(60)
+    took = time.monotonic() - started
+    err = proc.stderr.read()
+    assert code == 130 and took < 10, (code, took, err)
+    assert ('local_launch: rank 1 still running 5 s after another rank ended on SIGINT: killed (waiting on the '
+            'ended rank in a collective, it could not see the signal)') in err, err

@@ -51,6 +51,9 @@ import traceback
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
+#: after SIGINT, seconds the other ranks have once one rank has ended: a rank blocked in a collective (gloo, NCCL)
+#: or in the rendezvous on a peer that has gone never returns to Python, which is where Ctrl-C is seen
+PEER_GRACE_S = 5.0
 FORK_ENV = 'XTUNER_PLUGINS_FORK_RANKS'  # 0: ranks of a preloading script start as new processes (exec)
 GPU_DEVICES = ('/dev/nvidiactl', '/dev/kfd')   # NVIDIA or ROCm devices on this machine: no forked ranks
 #: set (where not set) while the launcher loads the ranks' libraries: no thread that would forbid the fork
@@ -203,16 +206,23 @@ class Ranks:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:
-        """``sig`` to every rank still running, SIGKILL to what is left after ``grace`` s; waits for all."""
+    def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S,
+             peers: Optional[float] = None) -> List[int]:
+        """``sig`` to every rank still running, SIGKILL to what is left after ``grace`` s (or ``peers`` s after
+        the first rank that ended, when given); waits for all. Returns the ranks that were killed."""
         if any(c is None for c in self.codes()):
             self.signal_all(sig)
         deadline = time.monotonic() + grace
+        ended = any(c is not None for c in self.codes())
         while any(c is None for c in self.codes()) and time.monotonic() < deadline:
+            if peers is not None and not ended and any(c is not None for c in self.codes()):
+                ended, deadline = True, min(deadline, time.monotonic() + peers)
             time.sleep(0.05)
+        killed = [rank for rank, c in enumerate(self.codes()) if c is None]
         self.signal_all(signal.SIGKILL)  # also what a rank left behind in its group
         for p in self.procs:
             p.wait()
+        return killed
 
 
 def _rank_argv(cmd: Sequence[str]) -> List[str]:
@@ -290,9 +300,15 @@ def _watch(ranks: Ranks, received: List[int], poll_s: float, grace: float) -> in
     while True:
         if received:
             sig = received[0]
-            print(f'local_launch: {signal.Signals(sig).name} received: passed on to the {len(ranks.procs)} ranks',
+            name = signal.Signals(sig).name
+            print(f'local_launch: {name} received: passed on to the {len(ranks.procs)} ranks',
                   file=sys.stderr, flush=True)
-            ranks.stop(sig, grace)
+            # SIGINT ends a rank where it is; SIGTERM may save a checkpoint first (engine/preempt.py): its full grace
+            killed = ranks.stop(sig, grace, peers=PEER_GRACE_S if sig == signal.SIGINT else None)
+            if killed and len(killed) < len(ranks.procs):
+                print(f'local_launch: rank {", ".join(map(str, killed))} still running {PEER_GRACE_S:g} s after '
+                      f'another rank ended on {name}: killed (waiting on the ended rank in a collective, it could '
+                      'not see the signal)', file=sys.stderr, flush=True)
             failed = [exit_code(c) for c in ranks.codes() if c]
             return failed[0] if failed else 128 + sig
         codes = ranks.codes()

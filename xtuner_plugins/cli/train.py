@@ -123,6 +123,8 @@ def rank_preload(argv):
 
 def _train() -> int:
     _load(sys.argv[1:])
+    if _INTERRUPTS:   # a Ctrl-C that an import caught and went on from (noting_interrupts): stop before training
+        raise KeyboardInterrupt
     import torch
     from xtuner.tools import train as xtuner_train
     read_seed = xtuner_train.get_seed_from_checkpoint

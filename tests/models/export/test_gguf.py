@@ -373,6 +373,21 @@ def test_a_half_written_folder_is_named_before_the_converter_runs(setup, tmp_pat
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_out_dir_holding_files_the_folder_links_to_is_refused(setup, tmp_path, capsys):
+    """A folder whose weights are a link into an earlier conversion: --overwrite into that conversion replaced the
+    weights the folder reads, mid-export."""
+    earlier, folder = tmp_path / 'earlier', tmp_path / 'model'
+    shutil.copytree(setup['folder'], earlier)
+    shutil.copytree(setup['folder'], folder)
+    os.remove(folder / 'model.safetensors')
+    os.symlink(earlier / 'model.safetensors', folder / 'model.safetensors')
+    assert convert(folder, earlier, '--format', 'gguf', '--overwrite') == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'convert_to_official: error: OUT_DIR {earlier} is, holds or lies inside an input '
+        f'({earlier / "model.safetensors"}); choose another folder')
+    assert sorted(os.listdir(earlier)) == sorted(os.listdir(setup['folder']))
+
+
 def test_the_gguf_is_prompted_as_the_folders_chat_is(setup, tmp_path, capsys):
     """llama.cpp prompts with the GGUF's chat template alone, which the converter copied from the tokenizer: a
     folder whose config.json system_message differs from its template's default (chat() uses config.json's), or

@@ -185,7 +185,7 @@ def test_a_repeat_time_past_what_can_be_indexed_is_one_line_before_the_check(tmp
     from xtuner_plugins.data import InternVLDataset
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 3)
     monkeypatch.setattr(startcheck, 'check_source', lambda *a: pytest.fail('checked before the repeat was'))
-    says = f'a.jsonl: repeat_time {repeat:g} makes its 3 samples {3 * repeat:.4g} items, more than a data set indexes ' \
-           f'(4294967296, 8 bytes each)'
+    says = (f'a.jsonl: repeat_time {repeat:g} makes its 3 samples {3 * repeat:.4g} items, more than a data set '
+            f'indexes (4294967296, 8 bytes each)')
     with pytest.raises(ValueError, match=re.escape(says)):
         InternVLDataset(path, repeat_times=repeat, tokenizer=None, cache_dir=str(tmp_path / 'cache'))

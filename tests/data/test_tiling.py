@@ -520,3 +520,15 @@ def test_pad_mode_matches_transformers_llava_image_processor():
     ours = normalize_tiles(image_tiles(img, 'pad', image_size=28, mean=OPENAI_CLIP_MEAN), OPENAI_CLIP_MEAN,
                            OPENAI_CLIP_STD)
     assert theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-5)
+
+
+def test_candidate_grids_are_internvls_for_every_small_limit_and_fast_for_a_large_one():
+    """InternVL's generator is cubic in max_num (600: 3 s; a max_dynamic_patch typo of 6000 hung the data set for an
+    hour): the grids are added once each, where it first yields them, and the set's order is the same."""
+    import time
+    wrong = [(lo, hi) for lo in range(1, 25) for hi in range(lo, 70)
+             if candidate_grids(lo, hi) != ref_candidates(lo, hi)]
+    assert not wrong
+    start = time.perf_counter()
+    grids = candidate_grids(1, 3000)  # the literal construction: ~6 minutes here
+    assert time.perf_counter() - start < 10 and len(grids) == sum(3000 // c for c in range(1, 3001))

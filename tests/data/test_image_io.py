@@ -277,3 +277,22 @@ def test_an_empty_image_file_says_it_is_empty(tmp_path):
                                               r'finish\?') as info:
             load_image(source)
         assert info.value.reason == 'corrupt_image'
+
+
+def test_a_wrong_image_folder_says_the_near_folder_where_the_first_image_is(tmp_path):
+    """The whole-source refusal ("is the image folder right?") names the folder when the first path is under the
+    folder's parent (paths repeating the folder's last part) or under the folder less the path's first part."""
+    from xtuner_plugins.data.presence import missing_line
+    from xtuner_plugins.data.sources import DataSource
+    write_image(tmp_path / 'data' / 'coco' / 'x.jpg')
+    folder = str(tmp_path / 'data' / 'coco')
+
+    def refusal(rel):
+        with pytest.raises(ValueError) as info:
+            missing_line(DataSource('a', str(tmp_path / 'a.jsonl'), folder), 1, 0, 1, 'a.jsonl:1',
+                         os.path.join(folder, rel))
+        return str(info.value)
+    assert f'is the image folder right? coco/x.jpg is there under {tmp_path}/data: that is its folder' in \
+        refusal('coco/x.jpg')
+    assert f'right? x.jpg is there under {folder}: the paths name one folder too many' in refusal('train/x.jpg')
+    assert 'right? (train_dataloader' in refusal('y.jpg')

@@ -37,10 +37,23 @@ def missing_line(src: DataSource, samples: int, videos: int, missing: int, where
             + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
             + f' (first: {where}: {shown}{near_miss(gone) or _other_case(gone)})')
     if missing == samples:
-        raise ValueError(f'{line}: is the image folder right? (train_dataloader.dataset.image_folders, '
-                         f'--image-folder of tools/check_dataset.py, or the meta file\'s "root")')
+        raise ValueError(f'{line}: is the image folder right?{_other_folder(root, shown)} (train_dataloader.dataset.'
+                         f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
     reasons = ' / '.join(r for r, n in (('missing_image', samples - videos), ('missing_video', videos)) if n)
     return f'{line}; each is skipped when drawn ({reasons})'
+
+
+def _other_folder(root: str, shown: str) -> str:
+    """'' or, when the first path not found is there under the folder's parent (paths that repeat the folder's last
+    part) or under the folder without its first part (one folder too many), what to change."""
+    if os.path.isabs(shown) or shown.startswith('..'):
+        return ''
+    parent, rest = os.path.dirname(root), shown.replace(os.sep, '/').partition('/')[2]
+    if os.path.isfile(os.path.join(parent, shown)):
+        return f' {shown} is there under {parent}: that is its folder'
+    if rest and os.path.isfile(os.path.join(root, rest)):
+        return f' {rest} is there under {root}: the paths name one folder too many'
+    return ''
 
 
 def _other_case(path: str) -> str:

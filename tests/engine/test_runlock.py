@@ -165,3 +165,30 @@ def test_a_dead_runs_forked_child_does_not_keep_its_lock(tmp_path, logged):
         holder.wait()
         if child:
             os.kill(child, 9)
+
+
+def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path):
+    """``tools/train.py exp/cfg.py --work-dir exp``: before, MMEngine's copy of the config (WORK_DIR/cfg.py)
+    replaced the config file itself, comments and ``_base_`` gone, with its flattened text."""
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.engine.runlock import config_file_in_work_dir
+    config = tmp_path / 'exp' / 'cfg.py'
+    config.parent.mkdir()
+    config.write_text("_base_ = ['./base.py']  # mine\n")
+    dumped = []
+
+    def dump(runner):
+        dumped.append(runner.work_dir)
+        (tmp_path / runner.work_dir / 'cfg.py').write_text('flattened = 1\n')
+
+    for work_dir in (config.parent, tmp_path / 'other', tmp_path / 'link'):
+        work_dir.mkdir(exist_ok=True) if work_dir.name != 'link' else work_dir.symlink_to(config.parent)
+        runner = SimpleNamespace(_hooks=[], cfg=SimpleNamespace(filename=str(config)), work_dir=str(work_dir),
+                                 timestamp='T')
+        Runner.dump_config(runner, _original=dump)
+    assert dumped == [str(tmp_path / 'other')] and config.read_text() == "_base_ = ['./base.py']  # mine\n"
+    assert config_file_in_work_dir(None, str(tmp_path)) is False

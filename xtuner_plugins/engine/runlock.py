@@ -37,6 +37,7 @@ import atexit
 import fcntl
 import functools
 import json
+import logging
 import os
 import socket
 import sys
@@ -343,6 +344,19 @@ class RunLockHook(Hook):
             self.lock.release()
 
 
+def config_file_in_work_dir(config: Optional[str], work_dir: str) -> bool:
+    """Whether MMEngine's copy of the config (``WORK_DIR/<config's name>``) would be written over the config file
+    itself: a run whose ``--work-dir`` is its config's folder (before, the file with its comments and ``_base_``
+    was replaced by the flattened dump)."""
+    if not config:
+        return False
+    target = os.path.join(work_dir, os.path.basename(config))
+    try:
+        return os.path.samefile(target, config)
+    except OSError:   # either is not there
+        return False
+
+
 def _patch_dump_config() -> bool:
     """Take the lock before the runner writes into the work folder (its config dump); refused: no dump."""
     from mmengine.runner import FlexibleRunner, Runner
@@ -357,8 +371,16 @@ def _patch_dump_config() -> bool:
             hooks = [h for h in getattr(self, '_hooks', []) if isinstance(h, RunLockHook)]
             for hook in hooks:
                 hook.acquire(self)
-            if not any(h.refused for h in hooks):
-                _original(self)
+            if any(h.refused for h in hooks):
+                return
+            if config_file_in_work_dir(self.cfg.filename, self.work_dir):
+                if int(os.environ.get('RANK', '0')) == 0:
+                    print_log(f'the config is not copied into the work folder: {self.cfg.filename} is the config '
+                              'file itself (--work-dir is its folder), which the copy would replace with its '
+                              f'flattened text; the run\'s full config is in {self.work_dir}/{self.timestamp}/'
+                              'vis_data/config.py and in every checkpoint', logger='current', level=logging.WARNING)
+                return
+            _original(self)
 
         setattr(dump_config, _PATCH_MARK, True)
         cls.dump_config = dump_config

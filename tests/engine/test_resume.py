@@ -117,7 +117,7 @@ def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch)
     said = []
     monkeypatch.setattr(resume_module, 'print_log', lambda msg, logger=None, level=logging.INFO: said.append(msg))
     groups = [{'lr': 5e-7, 'initial_lr': 0.5}, {'lr': 1e-7, 'initial_lr': 0.1}]
-    runner = SimpleNamespace(optim_wrapper=SimpleNamespace(param_groups=groups))
+    runner = SimpleNamespace(optim_wrapper=SimpleNamespace(param_groups=groups), work_dir='w', iter=4, _load_from=None)
 
     def loads(saved):
         def load(self, filename, *args, **kwargs):   # what MMEngine's resume does to the groups
@@ -133,3 +133,35 @@ def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch)
     Runner.resume(runner, 'w/iter_4.pth', _original=loads([0.01, 0.002]))   # the same learning rates: nothing said
     assert said == []
     assert resume_module.lr_change_note('x', [], [0.1]) is None   # nothing read before the load (DeepSpeed)
+
+
+def test_a_resume_from_an_older_checkpoint_does_not_write_over_later_ones(tmp_path, monkeypatch):
+    """Before, ``--resume WD/iter_4.pth`` in a work folder holding iter_6.pth and iter_8.pth replaced them with this
+    run's saves without a word. A chosen older checkpoint is refused before training; ``resume=True`` (the pointer
+    behind the newest file: a kill between a save and its pointer, a requeued Slurm job) goes on, saying so."""
+    import logging
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (applies the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.engine import resume as resume_module
+    from xtuner_plugins.errors import Refused
+    said = []
+    monkeypatch.setattr(resume_module, 'print_log', lambda msg, logger=None, level=logging.INFO: said.append(msg))
+    for name in ('iter_2.pth', 'iter_4.pth', 'iter_6.pth', 'iter_10.pth', 'epoch_9.pth'):
+        (tmp_path / name).write_text('x')
+
+    def loaded(self, filename, *args, **kwargs):
+        self.iter = 4
+    chosen = SimpleNamespace(work_dir=str(tmp_path), iter=0, _load_from=str(tmp_path / 'iter_4.pth'))
+    with pytest.raises(Refused, match=r'^--resume .*iter_4\.pth \(iteration 4\): this work folder holds later '
+                                      r"checkpoints \(iter_6\.pth, iter_10\.pth\) that this run's saves would "
+                                      r'replace; give this run another --work-dir'):
+        Runner.resume(chosen, str(tmp_path / 'iter_4.pth'), _original=loaded)
+    pointer = SimpleNamespace(work_dir=str(tmp_path), iter=0, _load_from=None)
+    Runner.resume(pointer, str(tmp_path / 'iter_4.pth'), _original=loaded)
+    assert said == [f'resumed from {tmp_path / "iter_4.pth"} (iteration 4): later checkpoints in this work folder '
+                    "(iter_6.pth, iter_10.pth) will be replaced by this run's saves"]
+    elsewhere = SimpleNamespace(work_dir=str(tmp_path / 'new'), iter=0, _load_from=str(tmp_path / 'iter_4.pth'))
+    Runner.resume(elsewhere, str(tmp_path / 'iter_4.pth'), _original=loaded)   # another work folder: fine

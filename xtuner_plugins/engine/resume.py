@@ -11,6 +11,10 @@ folder it is in.
   checkpoint hook's ``out_dir``) as it is, a relative one against the work folder; one outside it is replaced by
   the work folder's own file of that name, with a warning; when there is none (or the pointer is empty, or names
   a file that is gone), start-up stops with one line (``train: refused: resume=True: ...``, exit code 2).
+* **What a resume keeps and replaces.** A config whose learning rate differs from the checkpoint's is a warning
+  (:func:`lr_change_note`: MMEngine loads the saved optimizer and schedule over it, so the new one is not used);
+  ``--resume PATH`` of a checkpoint older than others in the work folder is refused (this run's saves would
+  replace them: :func:`later_checkpoints`), and ``resume=True`` there (a pointer behind the newest file) warns.
 
 Applied when ``runtime`` is imported (:func:`apply_resume_patches`), with the other runner patches.
 """
@@ -192,6 +196,18 @@ def lr_change_note(filename: str, configured: Sequence[float], saved: Sequence[f
             'another --work-dir)')
 
 
+def later_checkpoints(work_dir: str, iteration: int) -> List[str]:
+    """The work folder's ``iter_N.pth`` with N above ``iteration``: what a run resumed there from ``iteration``
+    writes over."""
+    import re
+    found = []
+    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
+        match = re.fullmatch(r'iter_(\d+)\.pth', name)
+        if match and int(match.group(1)) > iteration:
+            found.append((int(match.group(1)), os.path.join(work_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
 def _patch_resume_lr() -> bool:
     """A resume with another learning rate in the config said in a warning (:func:`lr_change_note`): MMEngine
     loads the optimizer's and the schedulers' state, learning rates included, over the config's without a word."""
@@ -208,6 +224,16 @@ def _patch_resume_lr() -> bool:
             note = lr_change_note(str(filename), configured, _base_lrs(self))
             if note:
                 print_log(note, logger='current', level=logging.WARNING)
+            later = later_checkpoints(self.work_dir, self.iter)
+            if later and getattr(self, '_load_from', None):   # --resume PATH: an older checkpoint chosen
+                raise Refused(f'--resume {filename} (iteration {self.iter}): this work folder holds later '
+                              f'checkpoints ({", ".join(os.path.basename(p) for p in later)}) that this run\'s '
+                              'saves would replace; give this run another --work-dir (the checkpoint is read '
+                              'where it is), or move them away to go on here')
+            if later:   # the pointer behind the newest file (a kill between a save and its pointer): said
+                print_log(f'resumed from {filename} (iteration {self.iter}): later checkpoints in this work folder '
+                          f'({", ".join(os.path.basename(p) for p in later)}) will be replaced by this run\'s saves',
+                          logger='current', level=logging.WARNING)
             return result
 
         setattr(resume, _PATCH_MARK, True)

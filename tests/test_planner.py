@@ -597,3 +597,14 @@ def test_cli_plans_two_rows_a_pair(tiny, capsys, config, group):
     small = ['--gpus', '1', '--gpu-mem', '0.1', '--reserve', '0']
     assert main([os.path.join(ROOT, 'configs', config)] + small + opts) == 1
     assert "the LM head's logits are" not in capsys.readouterr().out
+
+
+def test_cli_refuses_a_misspelt_option_as_training_does(tiny, capsys):
+    """Before, ``--cfg-options train_dataloader.batch_sze=64`` was dropped without a word and the plan was of the
+    config's batch of 4: a verdict on settings the run would not have."""
+    argv = [os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80', '--vision',
+            tiny['internvit'], '--llm', tiny['llm'], '--cfg-options', 'train_dataloader.batch_sze=64']
+    rc, out, err = run_cli(argv, capsys)
+    assert (rc, err) == (2, "plan: error: --cfg-options: train_dataloader.batch_sze: DataLoader has no setting "
+                            "'batch_sze'; closest: train_dataloader.batch_size, train_dataloader.batch_sampler\n")
+    assert 'total' not in out

@@ -124,13 +124,21 @@ def main(argv=None) -> int:
 
     from mmengine.config.utils import ConfigParsingError
 
-    from xtuner_plugins.engine.options import load_config
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.options import check_cfg_options, load_config
     from xtuner_plugins.models.liger import check_liger
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
         check_args(args)
         cfg = load_config(args.config, args.cfg_options)
+        checked_here = ('batch_size', 'per_device_batch_size', 'max_length', 'max_dynamic_patch', 'max_tokens',
+                        'max_tiles')   # below, each in its own words
+        problems = check_cfg_options(Config.fromfile(args.config), {   # as training checks them: a misspelt key
+            k: v for k, v in (args.cfg_options or {}).items() if k.rsplit('.', 1)[-1] not in checked_here})
+        if problems:   # (was dropped without a word: a plan of settings the run would not have)
+            raise ValueError(f'--cfg-options: {"; ".join(problems)}')
         lacking = [key for key in ('model', 'train_dataloader', 'optim_wrapper') if key not in cfg]
         if lacking:
             raise ValueError(f'{args.config}: no {", ".join(lacking)}: not a training config (a stage config, '

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Dict, Mapping, Optional
 
-from .console import Console
+from .console import Console, quiet_mmengine_info
 from .recipe import Recipe
 from .scoring import PreferenceResult, answer_questions
 from .stages import (PREFERENCE_LOSSES, REPO_ROOT, preference_config, repeat_for, run_converter, stage_options,
@@ -57,10 +57,11 @@ def preference_stage(recipe: Recipe, configs: Mapping[str, str], models, data, g
     stages['preference'] = train_stage('preference', config, os.path.join(work_dir, 'preference'),
                                        options, console, nproc, deepspeed, cache_root, stage_timeout)
     kinds: Dict[str, Dict[str, float]] = {'before': {}, 'after': {}}
-    before, n = preference_accuracy(config, options, None, pairs['test'], data['images'],
-                                    by_kind=kinds['before'])
-    after, _ = preference_accuracy(config, options, stages['preference'].checkpoint, pairs['test'],
-                                   data['images'], by_kind=kinds['after'])
+    with quiet_mmengine_info():   # the model's build (tensors loaded, parameter counts) is not the demo's to print
+        before, n = preference_accuracy(config, options, None, pairs['test'], data['images'],
+                                        by_kind=kinds['before'])
+        after, _ = preference_accuracy(config, options, stages['preference'].checkpoint, pairs['test'],
+                                       data['images'], by_kind=kinds['after'])
     console(f'  held-out preference accuracy {before:.3f} -> {after:.3f}; per kind: '
             + ', '.join(f'{k} {kinds["before"][k]:.2f} -> {v:.2f}' for k, v in kinds['after'].items()))
     timings['preference'] = time.perf_counter() - t

@@ -77,7 +77,12 @@ with open(os.environ['STAND_IN_LOG'], 'w') as f:
                    local_media=os.listdir(argv[argv.index('--allowed-local-media-path') + 1])), f)
 if os.environ.get('STAND_IN_FAIL'):
     sys.exit(3)
-name, root = argv[argv.index('--served-model-name') + 1], argv[argv.index('--model') + 1]
+import argparse
+parser = argparse.ArgumentParser()   # as vLLM reads them: a value that starts with '-' must follow '='
+parser.add_argument('--served-model-name', nargs='+')
+parser.add_argument('--model')
+known = parser.parse_known_args(argv)[0]
+name, root = known.served_model_name[0], known.model
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = {'/health': b'', '/v1/models': json.dumps({'data': [{'id': name, 'root': root}]}).encode()}.get(
@@ -140,6 +145,16 @@ def test_the_server_gets_the_folders_settings_and_is_checked_before_ready(folder
     capsys.readouterr()
     assert serve_main([folders['hf'], '--port', '0', '--vllm-python', sys.executable]) == 2
     assert 'vLLM exited with code 3 before it was ready' in capsys.readouterr().err
+
+
+def test_a_folder_whose_name_starts_with_a_dash_is_served_under_it(folders, tmp_path, monkeypatch, capsys):
+    """The served name defaults to the folder's name; one that starts with '-' reaches vLLM as a value, not as
+    an option (vLLM's parser refused '--served-model-name -x')."""
+    stand_in(tmp_path, monkeypatch)
+    folder = tmp_path / '-x'
+    os.symlink(folders['official'], folder)
+    assert serve_main([str(folder), '--port', '0', '--vllm-python', sys.executable]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().endswith('/v1 (model -x)')
 
 
 def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders, tmp_path, monkeypatch, capsys):

@@ -174,7 +174,7 @@ def free_port(host: str) -> int:
 def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bool, no_local_media: str) -> List[str]:
     """vLLM's command line; ``no_local_media`` is an empty folder (file:// images refused with 400)."""
     cmd = [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', os.path.abspath(folder),
-           '--served-model-name', args.served_model_name, '--host', args.host, '--port', str(args.port),
+           f'--served-model-name={args.served_model_name}', '--host', args.host, '--port', str(args.port),
            '--dtype', args.dtype or s['dtype'], '--max-model-len', str(args.max_model_len or s['max_model_len']),
            '--limit-mm-per-prompt', json.dumps({'image': args.images or s['images']}),
            '--chat-template', template_path,

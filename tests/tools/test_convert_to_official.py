@@ -530,3 +530,34 @@ def test_an_interrupted_conversion_leaves_the_earlier_one_as_it_was(tiny, tmp_pa
         f'convert_to_official: interrupted; {out} is as it was before'
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ['iter_1.pth', 'out']
+
+
+def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, capsys):
+    """A conversion killed outright (SIGKILL: no except runs) leaves OUT_DIR.tmp-PID (half written) and, killed
+    between moving the old OUT_DIR aside and the new one in, OUT_DIR.old-PID with no OUT_DIR. The next conversion
+    removes the first, moves the earlier conversion back (then --overwrite replaces it as asked), and says both; a
+    live process's leftovers are not touched."""
+    import subprocess
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    out = tmp_path / 'out'
+    argv = [LORA, ckpt, str(out), '--dtype', 'fp32'] + as_args(opts)
+    assert convert_main(argv) == 0
+    gone = subprocess.Popen(['true'])
+    gone.wait()                                  # a pid no process holds any more
+    os.replace(out, tmp_path / f'out.old-{gone.pid}')
+    (tmp_path / f'out.tmp-{gone.pid}').mkdir()
+    (tmp_path / f'out.tmp-{gone.pid}' / 'model-00001-of-00002.safetensors').write_bytes(b'half')
+    live = tmp_path / f'out.tmp-{os.getpid()}x'   # not the pattern: left alone
+    live.mkdir()
+    capsys.readouterr()
+    assert convert_main(argv) == 2               # the earlier conversion is back: without --overwrite, refused
+    out_text = capsys.readouterr()
+    assert f'out.old-{gone.pid}: the earlier conversion, moved aside by a conversion that was killed' in out_text.out
+    assert f'out.tmp-{gone.pid}: left by a conversion that was killed (pid {gone.pid}); removed' in out_text.out
+    assert 'is not empty; pass --overwrite' in out_text.err
+    assert sorted(os.listdir(tmp_path)) == sorted(['iter_1.pth', 'out', live.name])
+    (tmp_path / f'out.old-{os.getppid()}').mkdir()   # a running process's (this one's parent): it stays
+    assert convert_main(argv + ['--overwrite']) == 0
+    assert (tmp_path / f'out.old-{os.getppid()}').is_dir() and (out / 'config.json').is_file()

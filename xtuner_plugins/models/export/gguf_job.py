@@ -36,7 +36,7 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     check_folder(folder)  # a truncated or missing shard: one line naming it, not the converter's traceback
     # the folder, and where its files are (a file linked from elsewhere, such as an earlier conversion, is an input)
     inputs = [os.path.realpath(folder)] + [os.path.realpath(os.path.join(folder, name)) for name in os.listdir(folder)]
-    out = check_out_dir(out_dir, inputs, overwrite)
+    out = check_out_dir(out_dir, inputs, overwrite, log)
     files = written_whole(out, lambda tmp: write_gguf_from_folder(folder, tmp, quant, log,
                                                                  name=os.path.basename(out.rstrip(os.sep))))
     log(f'done: {out_dir} (gguf, {quant}; {time.time() - start:.1f}s)')

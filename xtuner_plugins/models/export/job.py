@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import time
 from typing import Optional
@@ -60,11 +61,13 @@ def training_file(folder: str) -> Optional[str]:
     return None
 
 
-def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
+def check_out_dir(out_dir: str, inputs, overwrite: bool, log: Log = _print) -> str:
     """The folder to write (``out_dir``, or the folder it links to); refuses one that is an input, holds an input
     or lies inside one, one that holds a training run's files (``--overwrite`` never deletes a work folder), and
-    a non-empty one without ``overwrite``."""
+    a non-empty one without ``overwrite``. What a killed conversion left beside it is put right first
+    (:func:`recover_leftovers`)."""
     out = os.path.realpath(out_dir)
+    recover_leftovers(out, log)
     for path in inputs:  # by path parts: '/' holds every input ('/' + os.sep would not prefix one)
         if os.path.commonpath([out, path]) in (out, path):
             raise ValueError(f'OUT_DIR {out_dir} is, holds or lies inside an input ({path}); choose another folder')
@@ -89,6 +92,37 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool) -> str:
                          f'conversion only (a config.json or .gguf files, no subfolders), never a folder of other '
                          f'files: choose another folder, or empty it yourself')
     return out
+
+
+def recover_leftovers(out: str, log: Log) -> None:
+    """What a conversion killed outright (SIGKILL, a power cut: no ``except`` ran) left beside ``out``, put right
+    before another starts (:func:`written_whole`'s names): ``OUT.tmp-PID``, written in part, is removed;
+    ``OUT.old-PID``, the earlier conversion moved aside just before the new one was to move in, is moved back where
+    ``out`` is missing, else removed (the new one went in, as asked). Only for a PID no process holds; each said."""
+    parent, base = os.path.split(out)
+    left = re.compile(re.escape(base) + r'\.(tmp|old)-(\d+)$')
+    for name in sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []:
+        found = left.match(name)
+        path = os.path.join(parent, name)
+        if not found or os.path.islink(path) or not os.path.isdir(path) or _running(int(found.group(2))):
+            continue
+        if found.group(1) == 'old' and not os.path.lexists(out):
+            os.replace(path, out)
+            log(f'{path}: the earlier conversion, moved aside by a conversion that was killed (pid '
+                f'{found.group(2)}); moved back to {out}')
+        else:
+            shutil.rmtree(path)
+            log(f'{path}: left by a conversion that was killed (pid {found.group(2)}); removed')
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):   # another user's process; a number no pid can be
+        return True
+    return True
 
 
 def not_a_conversion(folder: str) -> Optional[str]:
@@ -178,7 +212,7 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         raise ValueError('give a checkpoint, or a config that starts from an official folder')
     else:
         cfg = load_config(config, cfg_options)
-    out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite)
+    out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite, log)
     if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
     log(f'[1/4] building the model of {checkpoint or config} in {dtype_name(dtype)}')

@@ -197,9 +197,8 @@ def child(args) -> dict:
         torch.save({k: v.detach().clone() for k, v in check.items()}, os.path.join(shared, 'trained.pt'))
     if args.row == 'xtuner':
         del model
-        model = xt = xtuner_row.build_row(official, shared, args.attn,
-                                          LORA if 'llm_lora' in s['model'] else None)
-        check = train_loop.trained_parameters(xt.model)
+        xt, check = xtuner_row.build_row(official, shared, args.attn, LORA if 'llm_lora' in s['model'] else None)
+        model = xt
         step_loss = lambda b: xtuner_row.xtuner_loss(xt, b)  # noqa: E731
     steps = len(batches)
     adamw = train_loop.ours_adamw() if xt is None else {}   # our configs' options (read once); XTuner's: torch's

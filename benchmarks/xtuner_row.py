@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from benchmarks.synthetic import TRAINED
+from benchmarks.train_loop import trained_parameters
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
 from xtuner_plugins.models import VisionLanguageModel
 
@@ -104,7 +105,8 @@ def build_row(official: str, shared: str, attn: str, lora: Optional[dict]):
     """realsize's XTuner row: :func:`build_xtuner_model` on ``official`` (the LLM frozen under LoRA, whose
     adapters ``InternVL_V1_5._prepare_llm_for_lora`` adds from ``lora``: peft's settings, every linear layer), its
     trained tensors then set to the values our unpacked row saved before its first step (``shared/trained.pt``):
-    both tools start each setting from the same weights, and the first step's losses are compared."""
+    both tools start each setting from the same weights, and the first step's losses are compared. Returns the
+    model and its trained parameters by name."""
     ensure_process_group(shared)
     xt = build_xtuner_model(official, 'cpu', grad_ckpt=True, attn=attn,
                             trained=None if lora is None else dict(freeze_vision=True, freeze_projector=False,
@@ -115,12 +117,12 @@ def build_row(official: str, shared: str, attn: str, lora: Optional[dict]):
                                             target_modules=None), use_activation_checkpointing=True)
         xt.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     ours = torch.load(os.path.join(shared, 'trained.pt'))
-    own = {name: p for name, p in xt.model.named_parameters() if p.requires_grad}
+    own = trained_parameters(xt.model)
     with torch.no_grad():
         for key, value in ours.items():
             if key in own:
                 own[key].copy_(value.to(own[key].dtype))
-    return xt
+    return xt, own
 
 
 def xtuner_inputs(batch: dict) -> dict:

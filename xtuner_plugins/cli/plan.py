@@ -48,9 +48,7 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     from xtuner_plugins.planner import Batch
     loader = cfg.train_dataloader
     ds = loader.dataset
-    rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size')
-    if cfg.model.get('preference') is not None:   # a pair (or a pack of pairs) is two rows, each with its tiles
-        rows *= 2
+    rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size') * rows_per_item(cfg)
     packed = 'max_tokens' in ds
     inner = ds.get('dataset', ds) if packed else ds
     if packed:
@@ -60,6 +58,12 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
         return Batch(rows=rows, length=length, tiles=tiles * rows, supervised=0, packed=True)
     length = whole(inner.get('max_length', 8192), 'train_dataloader.dataset.max_length')
     return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
+
+
+def rows_per_item(cfg) -> int:
+    """Rows a data-set item makes: 2 for a preference config (a pair, or a pack of pairs, is a row of chosen and a
+    row of rejected answers, each with the pair's tiles), else 1."""
+    return 2 if cfg.model.get('preference') is not None else 1
 
 
 def check_args(args) -> None:
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
           f'checkpointing {getattr(model, "llm_recompute", None) or "off"}; attention '
           f'{lm.config._attn_implementation}')
     print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
-    unit = 2 if cfg.model.get('preference') is not None else 1   # rows a pair (or pack of pairs) makes
+    unit = rows_per_item(cfg)
     group = ('pack(s) of pairs' if batch.packed else 'pair(s)') if unit == 2 else ''
     pairs = f' ({batch.rows // 2} {group}: a row of chosen and a row of rejected answers each)' if unit == 2 else ''
     print(f'batch per device: {batch.rows} {what} {batch.length} tokens{pairs}, {batch.tiles} tiles '

@@ -353,6 +353,20 @@ def test_a_symbolic_link_loop_or_a_link_to_nothing_is_named(tmp_path):
     assert f'frame folder {frames}: frame 0009.png is a symbolic link loop (ELOOP): {frames}/0009.png' in str(err.value)
 
 
+def test_a_fifo_among_the_frames_is_named_not_read_or_left_out(tmp_path):
+    """A FIFO named as a frame was left out of the video without a word (and opening it would block)."""
+    frames = write_video(tmp_path / 'frames', LEVELS[:3])
+    os.mkfifo(os.path.join(frames, '0002b.png'))
+    os.mkdir(os.path.join(frames, 'old.png'))  # a sub-folder is not a frame
+    with pytest.raises(SampleError) as err:
+        probe_video(frames)
+    assert err.value.reason == 'corrupt_video'
+    assert (f'frame folder {frames}: frame 0002b.png is not a regular file (a FIFO, socket or device): '
+            f'{frames}/0002b.png') in str(err.value)
+    os.unlink(os.path.join(frames, '0002b.png'))
+    assert probe_video(frames).total == 3
+
+
 def test_an_empty_video_file_and_a_clip_shorter_than_a_frame_say_so(tmp_path):
     """A 0-byte file was "Invalid data found when processing input"; clip [0, 0.01] at 10 fps was "outside the
     video ... frames 0..-1 asked for"."""

@@ -164,8 +164,8 @@ def _probe_file(path: str) -> VideoInfo:
 
 def _probe_folder(path: str, max_pixels: Optional[int], image_folder: Optional[str]) -> VideoInfo:
     """A frame folder's frames; each that is a symbolic link must stay inside ``image_folder`` (when given) as an
-    image does (``unsafe_image_path``), and one that leads nowhere (a loop, a broken link) is ``corrupt_video``
-    rather than a frame silently left out."""
+    image does (``unsafe_image_path``), and one that leads nowhere (a loop, a broken link) or to no regular file (a
+    FIFO, socket or device) is ``corrupt_video`` rather than a frame silently left out. A sub-folder is not a frame."""
     with os.scandir(path) as entries:
         found = sorted((e for e in entries if e.name.lower().endswith(FRAME_EXTENSIONS)),
                        key=lambda e: _frame_key(e.name))
@@ -179,6 +179,9 @@ def _probe_folder(path: str, max_pixels: Optional[int], image_folder: Optional[s
                 refuse_link_outside(entry.path, image_folder, f'frame {entry.name} of frame folder {path}')
         if entry.is_file():
             names.append(entry.name)
+        elif not entry.is_dir():  # a FIFO (reading it would block), socket or device named as a frame
+            raise SampleError('corrupt_video', f'frame folder {path}: '
+                                               + why_missing(entry.path, f'frame {entry.name}'))
     if not names:
         raise SampleError('empty_video', f'frame folder {path} holds no image files ({", ".join(FRAME_EXTENSIONS)})')
     frames = tuple(os.path.join(path, n) for n in names)

@@ -19,6 +19,8 @@ from mmengine.hooks import Hook
 
 from xtuner_plugins.errors import Refused
 
+from .dataagree import check_ranks_agree
+
 __all__ = ['ModelDataCheckHook', 'check_geometry', 'check_run_options', 'check_tokenizers']
 
 
@@ -91,7 +93,8 @@ def _unwrap(obj, *attrs: str):
 
 
 class ModelDataCheckHook(Hook):
-    """Stops training at start-up when the training data set's geometry is not the model's."""
+    """Stops training at start-up when the ranks' training data sets differ (``dataagree.py``) or the data set's
+    geometry is not the model's."""
 
     priority = 'VERY_HIGH'
 
@@ -99,6 +102,7 @@ class ModelDataCheckHook(Hook):
         model = _unwrap(runner.model, 'module', 'model')
         loop = getattr(runner, '_train_loop', None)
         dataloader = getattr(loop, 'dataloader', None)
+        check_ranks_agree(getattr(dataloader, 'dataset', None))  # every rank reads the same data (dataagree.py)
         dataset = _unwrap(getattr(dataloader, 'dataset', None), 'dataset')
         if hasattr(model, 'geometry') and hasattr(dataset, 'geometry'):
             check_geometry(model.geometry, dataset.geometry)

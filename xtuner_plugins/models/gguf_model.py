@@ -194,6 +194,8 @@ class GGUFModel:
                                  f'mmproj reads no video here); use the official folder for videos')
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
+            from .prompt import check_question
+            check_question(question)  # the templates' markers and image tokens (llama.cpp reads its specials too)
             messages = self.messages + [{'role': 'user', 'content': user_content(question, list(images))}]
             request = {'messages': messages, 'max_tokens': int(generation.get('max_new_tokens') or 512)}
             try:

@@ -38,7 +38,7 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
-from .prompt import blank_run_stop, check_context, context_length, official_query, split_images
+from .prompt import blank_run_stop, check_context, check_question, context_length, official_query, split_images
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -161,6 +161,7 @@ class ConvertedModel:
         if video is not None and self.format == 'llava':
             from .export.files import NO_VIDEO
             raise ValueError(f'{self.folder}: {NO_VIDEO}')
+        check_question(question, self.tokenizer)  # typed control tokens: a forged turn, image tokens without images
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
         frames = [load_image(f) for f in video] if video is not None else None
         if frames is not None and (new or not frames):
@@ -241,6 +242,8 @@ class ConvertedModel:
         """Single-turn questions answered in one left-padded batch (``batch_chat`` of the remote code, or the
         processor's batch for ``llava``/``hf``) when each has exactly one image; otherwise one at a time.
         The conversation history is neither used nor kept."""
+        for question in questions:
+            check_question(question, self.tokenizer)
         loaded = [[load_image(i) for i in imgs] for imgs in images]
         generation = dict(generation or {})
         generation.setdefault('do_sample', False)

@@ -20,10 +20,29 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.template import IMAGE_PLACEHOLDER, TEMPLATES, control_markers
+from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
 
 #: Whitespace-only tokens in a row after which generation stops (:func:`blank_run_stop`).
 BLANK_RUN = 32
+
+
+def check_question(question: str, tokenizer=None) -> None:
+    """``SampleError('control_text')`` when ``question`` holds text only the prompt builder writes: InternVL's image
+    tokens (``<IMG_CONTEXT>``, ``<img>``), a template's turn markers (``<|im_start|>``, ``<|im_end|>``) or, with
+    ``tokenizer``, its special tokens (``<|endoftext|>``). Typed into the web demo or ``tools/chat.py`` they would be
+    read as those tokens: image tokens without an image, or a forged turn. Training and ``tools/eval.py`` refuse
+    them the same way. ``<image>`` and ``<video>`` are the tags that place images and a video, not markers."""
+    markers = set().union(*(control_markers(tokenizer, t) for t in TEMPLATES)) - {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER}
+    found = [(question.find(m), m) for m in markers if m in question]
+    if found:
+        pos, marker = min(found, key=lambda f: (f[0], -len(f[1])))
+        raise SampleError('control_text', f'the question holds {marker!r} at character {pos} '
+                                          f'({question[max(0, pos - 20):pos + len(marker) + 20]!r}): text only the '
+                                          f'prompt builder writes (image tokens, turn markers), which the model would '
+                                          f'read as that control token, not as text; leave it out')
 
 
 def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
@@ -62,6 +81,7 @@ def official_query(net, question: str, num_patches: Sequence[int], history: Opti
 def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torch.Tensor]:
     """The inputs (``input_ids``, ``attention_mask``, pixels) of a :class:`~xtuner_plugins.models.inference.
     ConvertedModel` for one new question, up to where its answer starts, as its ``ask`` builds them."""
+    check_question(question, model.tokenizer)
     new = [load_image(i) for i in images]
     parts = split_images(question, len(new))  # the tags must match the images
     if model.format in ('official', 'remote'):

@@ -169,7 +169,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         except PromptTooLong as exc:  # named by the page's settings
             raise gr.Error(exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
                                        new="'Max new tokens'", reset="'Clear history'"))
-        except ValueError as exc:  # e.g. <image> tags that do not match the images
+        except (ValueError, SampleError) as exc:  # <image> tags that do not match the images, control tokens
             raise gr.Error(str(exc))
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
         yield history, conversation, '', None, None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
@@ -219,7 +219,15 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             api_question = gr.Textbox(label='question')
             api_answer = gr.Textbox(label='answer')
             api_button = gr.Button(visible=False)
-        api_button.click(chat.answer, [api_image, api_question], api_answer, api_name='chat',
+        def api_chat(image, question):  # a bad request is the caller's one-line error, not a traceback in the log
+            try:
+                return chat.answer(image, question)
+            except PromptTooLong as exc:
+                raise gr.Error(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
+            except (ValueError, SampleError) as exc:
+                raise gr.Error(str(exc))
+
+        api_button.click(api_chat, [api_image, api_question], api_answer, api_name='chat',
                          concurrency_id='model', concurrency_limit=1)
     return app
 

@@ -8,7 +8,8 @@ its epoch meets the others in another collective (a hang, or an error about some
 with "non-finite trained weights"). :func:`check_ranks_agree` gathers a small fingerprint of each rank's data set
 (:func:`data_fingerprint`: the items, each source's annotation file's size, the samples it keeps and the digest of
 their lines, the digest of the lengths the sampler orders by; a shard set's samples, shards and bytes) and stops
-start-up on every rank (exit code 2), in one line on rank 0 naming the first rank that differs from rank 0, its node and what differs.
+start-up on every rank (exit code 2), in one line on rank 0 naming the first rank that differs from rank 0, its
+node and what differs.
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ import json
 import os
 from typing import Any, Dict, Iterator, Optional
 
+from xtuner_plugins.errors import Stated
+
 from .strictjson import DuplicateKey, loads
 
-__all__ = ['FORMAT', 'INDEX', 'REWRITE', 'index_problem', 'is_count', 'read_index', 'read_shard']
+__all__ = ['FORMAT', 'INDEX', 'REWRITE', 'ShardDamaged', 'index_problem', 'is_count', 'read_index', 'read_shard']
 
 INDEX = 'shards.json'
 FORMAT = 'xtuner-plugins-shards/1'
@@ -111,21 +113,39 @@ def index_problem(index: dict, folder: str, allow_links_outside: bool = False) -
     return ''
 
 
-def read_shard(path: str, skip: int = 0, expected: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+class ShardDamaged(Stated, ValueError):
+    """A shard that cannot be read whole as ``shards.json`` describes it (gone, changed, truncated, damaged): the
+    stream stops with this one line (``tools/train.py`` prints it without a traceback)."""
+
+
+def read_shard(path: str, skip: int = 0, expected: Optional[int] = None,
+               size: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
-    A tar that cannot be read, or that ends before its ``expected`` samples, is a ValueError naming it and the
-    samples read."""
+    A shard no longer there, no longer of its ``size`` in bytes (``shards.json``'s, checked at start-up: a shard
+    written over since), that cannot be read, or that ends before its ``expected`` samples is a
+    :class:`ShardDamaged` naming it (and the samples read)."""
     import tarfile
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
     k = -1
-    with open(path, 'rb') as stream:
+    try:
+        stream = open(path, 'rb')
+    except OSError as exc:
+        gone = isinstance(exc, FileNotFoundError)
+        raise ShardDamaged(f'{path}: ' + ('no longer there: removed or renamed after the run started (its '
+                                          f'{INDEX} lists it)' if gone else f'cannot be opened ({exc.strerror})') +
+                           f'; {REWRITE}, or put it back') from None
+    with stream:
+        now = os.fstat(stream.fileno()).st_size
+        if size is not None and now != size:
+            raise ShardDamaged(f'{path}: {now} bytes, {INDEX} says {size}: written over or cut after the run started '
+                               f'(another shard job writing into this folder?); {REWRITE}, into a new folder')
         try:
             for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
                 if k >= skip:
                     yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            raise ValueError(f'{path}: the tar cannot be read after its {k + 1} samples ({str(exc).split(" @ ")[0]}): '
-                             f'damaged or truncated; {REWRITE}') from None
+            raise ShardDamaged(f'{path}: the tar cannot be read after its {k + 1} samples '
+                               f'({str(exc).split(" @ ")[0]}): damaged or truncated; {REWRITE}') from None
     if expected is not None and k + 1 < expected:
-        raise ValueError(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')
+        raise ShardDamaged(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')

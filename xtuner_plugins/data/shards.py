@@ -45,7 +45,7 @@ import numpy as np
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import tally_fit
-from .shard_index import INDEX, REWRITE, index_problem, is_count, read_index, read_shard
+from .shard_index import INDEX, REWRITE, ShardDamaged, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
 from .strictjson import DuplicateKey, loads
 from .streaming import StreamingDataset, epoch_order, unit_part
@@ -205,6 +205,7 @@ class ShardDataset(StreamingDataset):
         self.folder, self.index = shards, dataset.index
         self.shards = [os.path.join(shards, s['file']) for s in self.index['shards']]
         self.expected = [int(s['samples']) for s in self.index['shards']]
+        self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
     geometry = property(lambda self: self.samples.geometry)
@@ -233,7 +234,8 @@ class ShardDataset(StreamingDataset):
             mine, k, m = shard_units(len(self.shards), unit, units)
             while j < len(mine):
                 shard = order(mine[j])
-                for position, sample in enumerate(read_shard(self.shards[shard], done, self.expected[shard]), done):
+                samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard])
+                for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
                         yield (dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position),
@@ -250,15 +252,16 @@ class ShardDataset(StreamingDataset):
         found = {}
         for shard, positions in wanted.items():
             first = min(positions)
-            for position, sample in enumerate(read_shard(self.shards[shard], first), first):
+            for position, sample in enumerate(read_shard(self.shards[shard], first, size=self.sizes[shard]), first):
                 if position in positions:
                     found[shard, position] = shard_record(sample, len(self.samples.sources))
                 if position >= max(positions):
                     break
             missing = sorted(positions - {p for s, p in found if s == shard})
             if missing:
-                raise ValueError(f'{self.shards[shard]}: the checkpoint\'s stream state names its sample {missing[0]}, '
-                                 f'which it does not hold: was the shard set changed since the checkpoint was saved?')
+                raise ShardDamaged(f'{self.shards[shard]}: the checkpoint\'s stream state names its sample '
+                                   f'{missing[0]}, which it does not hold: was the shard set changed since the '
+                                   f'checkpoint was saved?')
         return [found[int(shard), int(position)] for _, shard, position in keys]
 
     def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
@@ -295,7 +298,8 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     lengths: Dict[str, List[int]] = defaultdict(list)
     videos: List[str] = []
     for shard in samples.index['shards']:
-        for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples'])):
+        for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples']),
+                              size=shard.get('bytes')):
             record = shard_record(raw, len(samples.sources))
             where = samples.where(record)  # a bad KEY.json's counts go under its shard: it names no annotation
             st = stats[where.rsplit(':', 1)[0] if record.problem else samples.sources[record.source].annotation]

@@ -1,0 +1,68 @@
+"""Shards that change under a running stream (data/shard_index.py's read_shard): a shard removed, or written over
+by another shard job, after start-up checked it, stops the stream in one line naming it (a ``Stated`` error,
+printed without a traceback), never read as if it were the shard ``shards.json`` describes."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.cli.shard_dataset import write_shards
+from xtuner_plugins.data import InternVLDataset
+from xtuner_plugins.data.shards import ShardDataset
+from xtuner_plugins.errors import Stated
+
+
+@pytest.fixture
+def shards(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / '0.png', size=(56, 28))
+    samples = [{'image': '0.png', 'conversations': conv(answer=f'answer {i}')} for i in range(6)]
+    settings = dict(tokenizer=tiny_tokenizer, image_size=28, max_dynamic_patch=4, max_bad_fraction=1)
+    source = InternVLDataset(write_jsonl(tmp_path / 'a.jsonl', samples), image_folders=str(tmp_path / 'i'),
+                             cache_dir=str(tmp_path / 'cache'), **settings)
+    write_shards(source, str(tmp_path / 'out'), samples_per_shard=2, max_shard_bytes=1 << 20)
+    more = InternVLDataset(write_jsonl(tmp_path / 'b.jsonl', samples * 2), image_folders=str(tmp_path / 'i'),
+                           cache_dir=str(tmp_path / 'cache'), **settings)
+    write_shards(more, str(tmp_path / 'other'), samples_per_shard=3, max_shard_bytes=1 << 20)
+    return ShardDataset(str(tmp_path / 'out'), settings, shuffle=False, rank=0, world_size=1), tmp_path
+
+
+def take(ds, n):
+    stream = iter(ds)
+    return [next(stream)['samples'][0] for _ in range(n)]
+
+
+def test_a_shard_removed_after_start_up_is_one_line(shards):
+    ds, root = shards
+    assert len(take(ds, 6)) == 6
+    os.remove(root / 'out' / 'shard-000001.tar')
+    with pytest.raises(Stated) as err:
+        take(ds, 6)
+    assert str(err.value) == (f'{root}/out/shard-000001.tar: no longer there: removed or renamed after the run '
+                              f'started (its shards.json lists it); write the shard set again with '
+                              f'tools/shard_dataset.py, or put it back')
+
+
+def test_a_shard_written_over_by_another_shard_job_is_not_read_as_the_one_listed(shards):
+    """Another job's shard-000001.tar (3 samples, not 2) in its place: its samples would be read as this set's."""
+    ds, root = shards
+    listed = os.path.getsize(root / 'out' / 'shard-000001.tar')
+    shutil.copy(root / 'other' / 'shard-000001.tar', root / 'out' / 'shard-000001.tar')
+    with pytest.raises(Stated) as err:
+        take(ds, 6)
+    now = os.path.getsize(root / 'out' / 'shard-000001.tar')
+    assert str(err.value) == (f'{root}/out/shard-000001.tar: {now} bytes, shards.json says {listed}: written over '
+                              f'or cut after the run started (another shard job writing into this folder?); write '
+                              f'the shard set again with tools/shard_dataset.py, into a new folder')
+
+
+def test_a_shard_cut_while_read_is_a_stated_error(shards):
+    ds, root = shards
+    path = root / 'out' / 'shard-000002.tar'
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    ds.sizes[2] = None  # as an older shards.json without sizes: the tar's own end is what says it
+    with pytest.raises(Stated, match=r'shard-000002.tar: the tar (cannot be read after its \d samples .*|ends '
+                                     r'after \d of its 2 samples: truncated)'):
+        take(ds, 6)

@@ -85,3 +85,40 @@ def test_an_out_folder_left_by_a_run_that_did_not_finish_says_so(tmp_path, capsy
     err = capsys.readouterr().err
     assert ('not empty (1 entries: the shards of a run that did not finish, no shards.json; remove the folder to '
             'write them again)') in err and err.count('\n') == 1, err
+
+
+def test_a_second_run_into_the_folder_another_writes_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """Two runs started at once into one folder both find it empty: the first to mark it writes, the other is
+    refused (it once wrote the same shard-000000.tar through its own descriptor, mixing both runs' bytes)."""
+    from xtuner_plugins.cli import shard_dataset
+    jsonl, _, _ = files(tmp_path)
+    out = tmp_path / 'out'
+    args = ['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]
+    real_check = shard_dataset.out_problem
+    calls = []
+
+    def the_other_run_marks_it_after_this_check(folder):
+        calls.append(folder)
+        if len(calls) > 1:
+            return real_check(folder)
+        os.makedirs(out)
+        (out / shard_dataset.WRITING).write_text(json.dumps(dict(pid=4242, host='node-7', started=0)))
+        (out / 'shard-000000.tar').write_bytes(b'the other run\'s bytes')
+        return ''   # this run found the folder empty a moment before
+    monkeypatch.setattr(shard_dataset, 'out_problem', the_other_run_marks_it_after_this_check)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'shard_dataset: error: --out {out}: another shard_dataset run is writing into it (pid 4242 '
+                          f'on node-7, since ') and err.count('\n') == 1, err
+    assert (out / 'shard-000000.tar').read_bytes() == b'the other run\'s bytes'  # not written over
+    monkeypatch.setattr(shard_dataset, 'out_problem', real_check)
+    assert main(args) == 2 and 'or was stopped before it finished (1 entries beside' in capsys.readouterr().err
+
+
+def test_a_finished_run_leaves_no_mark_and_a_failed_one_no_folder(tmp_path, capsys):
+    jsonl, _, _ = files(tmp_path)
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'out')]) == 0
+    assert sorted(os.listdir(tmp_path / 'out')) == ['shard-000000.tar', 'shards.json']
+    only = write_jsonl(tmp_path / 'c.jsonl', [{'image': 'gone.png', 'conversations': conv()}])
+    assert main(['--data', only, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'o')]) == 2
+    assert not os.path.exists(tmp_path / 'o')

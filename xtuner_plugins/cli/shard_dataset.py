@@ -13,8 +13,9 @@ as ``FILE:LINE: reason: details`` and counted; a sample whose image is missing i
 same way. A video sample's video file goes into the shard as it is (``KEY.video.mp4``), a folder of frames as its
 frames in their order (``KEY.frame0000.jpg``, ...); a video the data set could not read (an empty folder, a frame
 linked out of the image folder, a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty
-folder: nothing is written over. ``shards.json`` is written last, with each shard's samples and bytes. Exit status 0
-when shards were written, 1 when no sample was, 2 for bad arguments.
+folder: nothing is written over, and a run marks it as its own while it writes (``.shard_dataset.writing``: a second
+run into it is refused, even one started at the same moment). ``shards.json`` is written last, with each shard's
+samples and bytes. Exit status 0 when shards were written, 1 when no sample was, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import time
 from collections import Counter
 from typing import List
 
@@ -49,16 +52,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+WRITING = '.shard_dataset.writing'  # in --out while a run writes there: {"pid", "host", "started"}
+
+
+def _writer(out: str) -> str:
+    """Who the ``WRITING`` mark of ``out`` names, in words."""
+    try:
+        with open(os.path.join(out, WRITING), encoding='utf-8') as f:
+            mark = json.load(f)
+        return (f'pid {mark["pid"]} on {mark["host"]}, since '
+                f'{time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark["started"]))}')
+    except (OSError, ValueError, KeyError, TypeError):
+        return 'its mark unreadable'
+
+
 def out_problem(out: str) -> str:
     """Why ``out`` cannot take a new shard set ('' when it can)."""
     if os.path.exists(out) and not os.path.isdir(out):
         return f'--out {out}: a file, not a folder'
     if os.path.isdir(out) and os.listdir(out):
         names = os.listdir(out)
+        if WRITING in names and 'shards.json' not in names:
+            return (f'--out {out}: another shard_dataset run is writing into it ({_writer(out)}), or was stopped '
+                    f'before it finished ({len(names) - 1} entries beside its mark {WRITING}); give each run its own '
+                    f'folder, or remove this one to write it again')
         unfinished = 'shards.json' not in names and any(n.startswith('shard-') and n.endswith('.tar') for n in names)
         return f'--out {out}: not empty ({len(names)} entries' + (
             ': the shards of a run that did not finish, no shards.json; remove the folder to write them again'
             if unfinished else '') + '); give a new or empty folder (nothing is written over)'
+    return ''
+
+
+def claim(out: str) -> str:
+    """Mark ``out`` (new or empty) as this run's, atomically (``O_EXCL``: two runs started at once into one folder,
+    both seeing it empty, cannot both write there); '' when claimed, else why not."""
+    try:
+        fd = os.open(os.path.join(out, WRITING), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return out_problem(out) or f'--out {out}: another shard_dataset run is writing into it'
+    except OSError as exc:
+        return f'--out {out}: cannot be written: {exc.strerror}'
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time()), f)
+    if sorted(os.listdir(out)) != [WRITING]:  # another run's files came in before the mark
+        os.remove(os.path.join(out, WRITING))
+        return out_problem(out) or f'--out {out}: not empty; give a new or empty folder (nothing is written over)'
     return ''
 
 
@@ -168,16 +206,21 @@ def main(argv=None) -> int:
     except OSError as exc:
         link = f' (a symbolic link to nothing: {os.readlink(args.out)})' if os.path.islink(args.out) else ''
         return tool_error(PROG, f'--out {args.out}: cannot be made a folder: {exc.strerror}{link}')
+    problem = claim(args.out)
+    if problem:
+        return tool_error(PROG, problem)
     folders = args.image_folder[0] if args.image_folder and len(args.image_folder) == 1 else args.image_folder
     from xtuner_plugins.data.dataset import InternVLDataset
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
                              allow_links_outside=args.allow_links_outside)
     except (ValueError, FileNotFoundError) as exc:
+        os.remove(os.path.join(args.out, WRITING))
         if made:
             os.rmdir(args.out)
         return tool_error(PROG, exc)
     skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
+    os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):
         print(f'no sample to write: {sum(skipped.values())} skipped ({dict(skipped)})', file=sys.stderr)

@@ -90,3 +90,16 @@ def test_projector_errors():
         build_projector(dict(type='mlp', downsample_ratio=0.5), 8, 8)
     with pytest.raises(ValueError, match='5 tokens per tile, not a square grid'):
         build_projector('bilinear_mlp', 8, 8)(torch.zeros(1, 5, 8))
+
+
+@pytest.mark.parametrize('ratio', [0.3, 0.7, 0.0, -0.5, 1.5, 'half', True])
+def test_a_ratio_that_is_not_one_over_a_whole_number_is_refused(ratio):
+    """round(1/r) made 0.3 train as 1/3 and 0.7 as 1.0 (no shuffle) while the converted folders recorded 0.3 and
+    0.7, whose remote code then failed on the tensors' shapes."""
+    with pytest.raises(ValueError, match=r'downsample_ratio .*must be 1/n for a whole n'):
+        build_projector(dict(type='pixel_shuffle_mlp', downsample_ratio=ratio), 16, 24)
+
+
+@pytest.mark.parametrize('ratio,grid,tokens', [(0.5, 4, 4), (0.25, 8, 4), (1 / 3, 6, 4), (1.0, 4, 16)])
+def test_ratios_one_over_n_build(ratio, grid, tokens):
+    assert build_projector(dict(type='pixel_shuffle_mlp', downsample_ratio=ratio), 16, 24).tokens_per_tile(grid) == tokens

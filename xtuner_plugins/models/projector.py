@@ -65,6 +65,16 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = 'v2
     return x.contiguous()
 
 
+def check_downsample_ratio(ratio) -> None:
+    """Refuse a pixel-shuffle ratio that is not ``1/n`` for a whole ``n >= 1`` (0.5, 0.25, 1/3, 1.0): the shuffle
+    merges ``n x n`` neighbours, so 0.3 would train as 1/3 and 0.7 as 1.0 while the folders record 0.3 and 0.7."""
+    number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+    inv = round(1 / ratio) if number and 0 < ratio <= 1 else 0
+    if not inv or abs(inv * ratio - 1) > 1e-6:
+        raise Refused(f'downsample_ratio {ratio!r}: pixel shuffle merges n x n neighbouring patches into one token, '
+                      f'so the ratio must be 1/n for a whole n >= 1 (0.5: 2 x 2, InternVL\'s; 0.25; 1/3; 1.0: none)')
+
+
 def _grid(features: torch.Tensor) -> int:
     n = features.shape[1]
     side = int(round(n ** 0.5))
@@ -88,6 +98,7 @@ class InternVLProjector(nn.Sequential):
 
     def __init__(self, vision_hidden_size: int, llm_hidden_size: int, downsample_ratio: float = 0.5,
                  ps_version: str = 'v2'):
+        check_downsample_ratio(downsample_ratio)
         in_features = int(vision_hidden_size * round(1 / downsample_ratio) ** 2)
         super().__init__(
             nn.LayerNorm(in_features),

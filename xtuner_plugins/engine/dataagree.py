@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ['check_ranks_agree', 'data_fingerprint', 'disagreement']
+__all__ = ['check_ranks_agree', 'data_fingerprint', 'difference', 'disagreement']
 
 
 def _inner(dataset):
@@ -95,6 +95,11 @@ def _compared(fingerprint: Dict[str, Any]) -> Dict[str, Any]:
     """A fingerprint without the annotation files' paths, which only name them (a folder mounted elsewhere on one
     node holds the same data)."""
     return dict(fingerprint, sources=[entry[1:] for entry in fingerprint.get('sources') or []])
+
+
+def difference(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    """What differs between two fingerprints, in words ('' when they agree)."""
+    return '' if _compared(a) == _compared(b) else _differs(a, b)
 
 
 def disagreement(prints: List[Tuple[str, Dict[str, Any]]]) -> Optional[str]:

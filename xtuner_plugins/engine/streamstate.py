@@ -12,7 +12,10 @@ stream that is exact but as slow as the training's data loading. :class:`StreamS
   DataLoader workers over with them, and answers MMEngine's replay of the trained batches without drawing them.
 
 A checkpoint of a run with another number of ranks or workers cannot be continued exactly: start-up stops with one
-line naming both. A checkpoint without stream states (a run without this hook) is replayed as MMEngine does.
+line naming both. Nor can one whose data changed since (an annotation file of another size or other samples kept, a
+shard set of other shards: ``dataagree.data_fingerprint``, saved with the states): its positions would name other
+samples, so start-up stops saying what changed. A checkpoint without stream states (a run without this hook) is
+replayed as MMEngine does.
 """
 
 from __future__ import annotations
@@ -92,8 +95,11 @@ class StreamStateHook(Hook):
         if dataset is None:
             return
         from mmengine.dist import get_world_size
+
+        from xtuner_plugins.engine.dataagree import data_fingerprint
         checkpoint[KEY] = dict(world_size=get_world_size(), workers=max(1, dataloader.num_workers),
-                               units=dict(self.gathered if self.gathered is not None else self.states))
+                               units=dict(self.gathered if self.gathered is not None else self.states),
+                               data=data_fingerprint(dataset))
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self.loaded = checkpoint.get(KEY)
@@ -115,12 +121,28 @@ class StreamStateHook(Hook):
             refuse(f'resume: the checkpoint\'s data stream was read by {saved[0]} rank(s) x {saved[1]} DataLoader '
                    f'worker(s), this run has {world} x {workers}: resume with the same numbers (the stream\'s parts '
                    f'are cut by them)')
+        changed = data_change(self.loaded.get('data'), dataset)
+        if changed:
+            from xtuner_plugins.engine.runstart import refuse
+            refuse(f'resume: the data changed since the checkpoint\'s data stream state was saved (the checkpoint\'s '
+                   f'against this run\'s: {changed}): its '
+                   f'positions would name other samples now, some of the epoch seen twice and others not at all; '
+                   f'resume with the data it was saved with, or start a new run from its weights '
+                   f'(model.pretrained_pth=CHECKPOINT) to train on the new data')
         mine = {u: s for u, s in self.loaded['units'].items() if rank * workers <= int(u) < (rank + 1) * workers}
         self.states = dict(mine)
         dataset.resume_from(mine, consumed=loop.iter)
         restart_loader(loop, dataloader, loop.iter)
         print_log(f'data stream resumed at iteration {loop.iter} from the checkpoint\'s state of {len(mine)} '
                   f'reading unit(s) of this rank (no batch drawn again)', logger='current')
+
+
+def data_change(saved: Optional[dict], dataset) -> str:
+    """What differs between the data a checkpoint's stream state was saved with (``saved``: its
+    ``dataagree.data_fingerprint``; None in a checkpoint older than it) and ``dataset``'s, in words ('' when
+    nothing)."""
+    from xtuner_plugins.engine.dataagree import data_fingerprint, difference
+    return difference(saved, data_fingerprint(dataset)) if saved else ''
 
 
 def restart_loader(loop, dataloader, trained: int) -> None:

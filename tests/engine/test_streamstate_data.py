@@ -1,0 +1,95 @@
+"""A streaming run resumed over data that changed since its checkpoint (engine/streamstate.py): the saved positions
+would name other samples (some of the epoch seen twice, others never), so start-up stops saying what changed; the
+same data resumes as before."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from torch.utils.data import DataLoader
+
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.cli.shard_dataset import write_shards
+from xtuner_plugins.data import InternVLDataset
+from xtuner_plugins.data.online_packing import OnlinePackedDataset
+from xtuner_plugins.data.shards import ShardDataset
+from xtuner_plugins.data.streaming import stream_collate_fn
+from xtuner_plugins.engine.streamstate import StreamStateHook
+
+SETTINGS = dict(image_size=28, max_dynamic_patch=4, max_bad_fraction=1)
+
+
+@pytest.fixture
+def data(tmp_path, tiny_tokenizer):
+    write_image(tmp_path / 'i' / '0.png', size=(56, 28))
+    samples = [{'image': '0.png', 'conversations': conv(answer=f'answer {i}')} for i in range(12)]
+    return tmp_path, write_jsonl(tmp_path / 'a.jsonl', samples), dict(SETTINGS, tokenizer=tiny_tokenizer)
+
+
+def packed(path, settings, root):
+    ds = InternVLDataset(path, image_folders=str(root / 'i'), cache_dir=str(root / 'cache'), **settings)
+    return OnlinePackedDataset(ds, max_tokens=300, max_buffer_size=2, rank=0, world_size=1)
+
+
+def checkpoint_after(dataset, batches):
+    """The checkpoint StreamStateHook saves after ``batches`` batches of ``dataset`` (one rank, no workers)."""
+    hook = StreamStateHook()
+    loader = DataLoader(dataset, batch_size=1, collate_fn=stream_collate_fn)
+    for _, batch in zip(range(batches), loader):
+        hook.before_train_iter(None, 0, batch)
+    runner = SimpleNamespace(train_loop=SimpleNamespace(dataloader=SimpleNamespace(num_workers=0, dataset=dataset)))
+    checkpoint = {}
+    hook.before_save_checkpoint(runner, checkpoint)
+    return json.loads(json.dumps(checkpoint))  # as saved and loaded
+
+
+def resume(checkpoint, dataset):
+    hook = StreamStateHook()
+    hook.after_load_checkpoint(None, checkpoint)
+    loop = SimpleNamespace(iter=3, dataloader=DataLoader(dataset, batch_size=1, collate_fn=stream_collate_fn))
+    hook.before_train(SimpleNamespace(train_loop=loop))
+    return loop
+
+
+def test_online_packing_resumed_over_a_file_that_grew_is_refused_saying_what_changed(data, capsys):
+    root, path, settings = data
+    checkpoint = checkpoint_after(packed(path, settings, root), 3)
+    assert checkpoint['stream_state']['data']['sources'][0][2] == 12
+    loop = resume(checkpoint, packed(path, settings, root))  # the same data: resumed
+    assert next(loop.dataloader_iterator) is None  # MMEngine's replay of a trained batch, answered without drawing
+    with open(path, 'a') as f:
+        f.write(json.dumps({'image': '0.png', 'conversations': conv(answer='new')}) + '\n')
+    grown = packed(path, settings, root)
+    with pytest.raises(SystemExit) as stop:
+        resume(checkpoint, grown)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1, err
+    assert err.startswith(f'train: refused: resume: the data changed since the checkpoint\'s data stream state was '
+                          f'saved (the checkpoint\'s against this run\'s: 12 samples before packing against 13; '
+                          f'{path}: '), err
+    assert 'start a new run from its weights (model.pretrained_pth=CHECKPOINT)' in err
+
+
+def test_shards_resumed_over_a_shard_set_written_again_are_refused(data, capsys):
+    root, path, settings = data
+    source = InternVLDataset(path, image_folders=str(root / 'i'), cache_dir=str(root / 'cache'), **settings)
+    write_shards(source, str(root / 'shards'), samples_per_shard=4, max_shard_bytes=1 << 20)
+    stream = lambda: ShardDataset(str(root / 'shards'), settings, rank=0, world_size=1)  # noqa: E731
+    checkpoint = checkpoint_after(stream(), 3)
+    resume(checkpoint, stream())
+    shutil.rmtree(root / 'shards')
+    write_shards(source, str(root / 'shards'), samples_per_shard=3, max_shard_bytes=1 << 20)  # 4 shards, not 3
+    with pytest.raises(SystemExit):
+        resume(checkpoint, stream())
+    err = capsys.readouterr().err
+    assert 'against this run\'s: shard set of 3 shards, 12 samples' in err and ' against 4, 12, ' in err, err
+
+
+def test_a_checkpoint_saved_before_the_data_was_recorded_resumes_as_before(data):
+    root, path, settings = data
+    checkpoint = checkpoint_after(packed(path, settings, root), 3)
+    del checkpoint['stream_state']['data']
+    with open(path, 'a') as f:
+        f.write(json.dumps({'image': '0.png', 'conversations': conv(answer='new')}) + '\n')
+    resume(checkpoint, packed(path, settings, root))

@@ -76,6 +76,37 @@ def test_launcher_slurm_outside_a_step_is_refused(monkeypatch, capsys):
     assert 'runs in the batch script of job 77 itself, one process for 16 tasks' in err and err.count('\n') == 1
 
 
+@pytest.mark.parametrize('node_list, first', [('node[01-03,7]', 'node01'), ('gpu-a[001-002],cpu7', 'gpu-a001'),
+                                              ('rack[1-2]-n[01-02]', 'rack1-n01'), ('gpu-a7,cpu1', 'gpu-a7'),
+                                              ('n[1-2]-ib', 'n1-ib'), ('h7.example.org', 'h7.example.org')])
+def test_without_scontrol_the_master_is_the_node_lists_first_host(monkeypatch, node_list, first):
+    """Containers (Apptainer, Pyxis) often lack scontrol: the first host is read from the list as scontrol reads it
+    (this once refused the run: 'No such file or directory: scontrol')."""
+    monkeypatch.setenv('PATH', '/nonexistent')
+    assert slurm.master_addr(node_list) == first
+    with pytest.raises(ValueError, match=r"no scontrol here \(a container\?\) and the node list 'a\[1-2' is not one"):
+        slurm.master_addr('a[1-2')
+
+
+def test_a_loopback_master_addr_on_a_step_of_several_nodes_is_refused(monkeypatch, capsys):
+    """MASTER_ADDR=localhost from a shell profile: the other node's ranks would wait for a master on their own host."""
+    for key in [k for k in os.environ if k.startswith('SLURM_')] + ['MASTER_PORT', 'MASTER_ADDR']:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(SLURM_JOB_ID='77', SLURM_PROCID='9', SLURM_NTASKS='16', SLURM_STEP_ID='0',
+                           SLURM_NODELIST='node[01-02]', SLURM_STEP_NUM_NODES='2', MASTER_ADDR='localhost').items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stop:
+        slurm.prepare_slurm_env()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1, err
+    assert err.startswith('train: refused: MASTER_ADDR=localhost is in the environment (from the shell or the batch '
+                          'script?) but this step runs on 2 nodes (node[01-02]): the ranks of the other nodes would '
+                          'wait for a master on their own host'), err
+    monkeypatch.setenv('SLURM_STEP_NUM_NODES', '1')  # one node: localhost is its own
+    slurm.prepare_slurm_env()
+    assert os.environ['MASTER_ADDR'] == 'localhost' and os.environ['MASTER_PORT'] == str(slurm.job_port(os.environ))
+
+
 def test_the_resume_command_of_an_interrupted_task_is_srun(monkeypatch):
     from xtuner_plugins.cli.train import resume_command
     monkeypatch.setenv('SLURM_PROCID', '0')

@@ -12,8 +12,10 @@ set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_p
 * **one line instead of a hang or a traceback** (``train: refused: ...``, exit code 2) when the run cannot
   start: ``--launcher slurm`` outside Slurm, a batch script with several tasks that runs the command itself
   instead of through ``srun`` (its one process would wait for the others forever), a node list ``scontrol``
-  cannot resolve, or more tasks on a GPU node than GPUs its tasks see (:func:`gpu_problem`); fewer tasks than
-  GPUs is a warning (the rest stay idle);
+  cannot resolve, a loopback ``MASTER_ADDR`` inherited by a step of several nodes (:func:`master_problem`), or
+  more tasks on a GPU node than GPUs its tasks see (:func:`gpu_problem`); fewer tasks than GPUs is a warning (the
+  rest stay idle);
+* **no scontrol** (a container): ``MASTER_ADDR`` is read from the node list itself (:func:`first_host`);
 * **on a CPU** ``torch.cuda.set_device`` is a no-op for the call (as for ``--launcher pytorch``, runtime.py's
   patch 1); the backend is the config's ``DIST_BACKEND``, gloo there;
 * each rank says where it is, one line: ``slurm: rank 1 of 16 (task 1 on node-a), master node-a:21234, job 1234``.
@@ -92,11 +94,34 @@ def launch_problem(env: Mapping[str, str]) -> Optional[str]:
     return None
 
 
+def first_host(node_list: str) -> Optional[str]:
+    """The first host of a Slurm host list, read as ``scontrol show hostnames`` reads it (``node[01-03,7]`` ->
+    ``node01``, ``rack[1-2]-n[01-02]`` -> ``rack1-n01``, ``gpu-a7,cpu1`` -> ``gpu-a7``); None when it is not one."""
+    depth, end = 0, len(node_list)
+    for i, char in enumerate(node_list):  # the first entry: up to a comma outside brackets
+        depth += (char == '[') - (char == ']')
+        if depth < 0 or depth > 1:
+            return None
+        if char == ',' and depth == 0:
+            end = i
+            break
+    entry = node_list[:end].strip()
+    host = re.sub(r'\[\s*(\d+)(?:-\d+)?(?:,[\d,\-\s]*)?\]', lambda m: m.group(1), entry)
+    return host if host and re.fullmatch(r'[A-Za-z0-9._-]+', host) else None
+
+
 def master_addr(node_list: str) -> str:
-    """The first host of ``node_list`` (``scontrol show hostnames``); ValueError saying why it failed."""
+    """The first host of ``node_list`` (``scontrol show hostnames``; where there is no ``scontrol``, as in many
+    containers, :func:`first_host`); ValueError saying why it failed."""
     try:
         done = subprocess.run(['scontrol', 'show', 'hostnames', node_list], capture_output=True, text=True,
                               timeout=60)
+    except FileNotFoundError:
+        host = first_host(node_list)
+        if host is None:
+            raise ValueError(f'no scontrol here (a container?) and the node list {node_list!r} is not one this '
+                             f'reads') from None
+        return host
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ValueError(f'scontrol show hostnames {node_list}: {exc}') from None
     hosts = done.stdout.split()
@@ -105,6 +130,31 @@ def master_addr(node_list: str) -> str:
         raise ValueError(f'scontrol show hostnames {node_list} failed (exit code {done.returncode}: '
                          f'{said or "no host"})')
     return hosts[0]
+
+
+LOOPBACK = re.compile(r'(localhost(\.localdomain)?|127(\.\d{1,3}){3}|::1|0\.0\.0\.0)', re.IGNORECASE)
+
+
+def nodes_of_step(env: Mapping[str, str]) -> int:
+    """The nodes this step runs on (1 when Slurm does not say)."""
+    for key in ('SLURM_STEP_NUM_NODES', 'SLURM_NNODES', 'SLURM_JOB_NUM_NODES'):
+        if env.get(key, '').strip().isdigit():
+            return int(env[key])
+    return 1
+
+
+def master_problem(env: Mapping[str, str]) -> Optional[str]:
+    """Why a ``MASTER_ADDR`` the task inherited cannot be the master of this step (a loopback address on a step of
+    several nodes: the other nodes' ranks would wait for a master on their own host, for the process group's
+    timeout), or None."""
+    addr, nodes = env.get('MASTER_ADDR', '').strip(), nodes_of_step(env)
+    if nodes > 1 and LOOPBACK.fullmatch(addr):
+        hosts = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_NODELIST')
+        return (f'MASTER_ADDR={addr} is in the environment (from the shell or the batch script?) but this step runs on '
+                f'{nodes} nodes ({hosts}): the ranks of the other nodes would wait for a master on their own host; '
+                f'unset MASTER_ADDR (the first node of SLURM_NODELIST is then taken) or set it to that node\'s '
+                f'address')
+    return None
 
 
 def _refuse(message: str) -> None:
@@ -126,6 +176,9 @@ def prepare_slurm_env(port: Optional[int] = None) -> None:
         _refuse(problem)
     if port is None and 'MASTER_PORT' not in env and job_port(env):
         env['MASTER_PORT'] = str(job_port(env))
+    problem = master_problem(env)
+    if problem:
+        _refuse(problem)
     if 'MASTER_ADDR' not in env:
         try:
             env['MASTER_ADDR'] = master_addr(env['SLURM_NODELIST'])

@@ -57,3 +57,20 @@ def test_without_a_writable_cache_folder_each_process_builds_its_own(tmp_path):
     blocked = tmp_path / 'file'
     blocked.write_text('')
     assert node_once(str(blocked / 'x' / 'cache'), lambda: None, lambda: 'mine', 'a test cache') == 'mine'
+
+
+def test_a_cache_folder_without_file_locks_is_said_once_and_each_process_builds(tmp_path, monkeypatch):
+    """NFS mounted nolock (ENOLCK), Lustre without flock (ENOSYS): the lock once raised OSError, a traceback before
+    training; now each process builds its own, as without a writable folder, after one warning."""
+    import errno
+    import fcntl
+    logged = []
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    monkeypatch.setattr(nodepass, 'print_log', lambda msg, **kw: logged.append(msg))
+    for k in range(2):
+        assert node_once(str(tmp_path / 'c' / f'x{k}'), lambda: None, lambda: 'built', 'x') == 'built'
+    assert len(logged) == 1 and logged[0].startswith(f'the cache folder {tmp_path}/c takes no file locks (No locks '
+                                                     f'available: NFS mounted nolock')

@@ -76,9 +76,23 @@ def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = N
     return results
 
 
+_said_no_locks: set = set()
+
+
+def _no_locks(folder: str, exc: OSError) -> None:
+    """Say once per folder that its file system takes no file locks: each process then computes its own."""
+    if folder not in _said_no_locks:
+        _said_no_locks.add(folder)
+        print_log(f'the cache folder {folder} takes no file locks ({exc.strerror}: NFS mounted nolock, Lustre without '
+                  f'flock?): each process computes what it needs itself, at the same time as the others of its node; '
+                  f'set the data set\'s cache_dir to a local disk (/tmp/...) for one pass per node', logger='current',
+                  level=30)
+
+
 def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[[], T], what: str) -> T:
     """``load()`` if it finds the cache, else ``build()`` by one process of the node at a time (the others wait on
-    ``cache_file + '.lock'``, then ``load()`` what it wrote). Without a writable cache folder, each builds its own."""
+    ``cache_file + '.lock'``, then ``load()`` what it wrote). Without a writable cache folder, or on a file system
+    without file locks (one warning), each builds its own (the caches are written atomically)."""
     found = load()
     if found is not None:
         return found
@@ -96,6 +110,9 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
                 break
             except BlockingIOError:
                 time.sleep(0.5)
+            except OSError as exc:  # a file system without file locks (NFS mounted nolock, Lustre without flock)
+                _no_locks(os.path.dirname(lock_file), exc)
+                return build()
                 if time.monotonic() - logged > LOG_EVERY_S:
                     logged = time.monotonic()
                     print_log(f'waiting {logged - begun:.0f} s for another process of this node computing {what} '

@@ -3,8 +3,10 @@ and rank, against the run's limit.
 
 **Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records each source: its annotation file (path,
 size, modification time), image folder, ``repeat_time``, samples read, refused at start-up (by reason) and
-used after repeats. A run that resumes compares it with the manifest the interrupted run wrote and warns
-(``on_data_change='warn'``, the default) or stops (``'stop'``) when the data changed under it, naming what.
+used after repeats, and the ranks and batch size cutting its epochs into batches. A run that resumes compares it
+with the manifest the interrupted run wrote and warns (``on_data_change='warn'``, the default) or stops (``'stop'``)
+when the data changed under it, or is cut into other batches (MMEngine resumes by skipping as many batches as were
+trained: other batches than the ones trained on), naming what.
 
 **Bad samples.**
 
@@ -72,7 +74,11 @@ class BadSampleHook(Hook):
         distinct = getattr(dataset, 'num_distinct', None)
         self.total = (len(dataset) if distinct is None else distinct) + len(self.at_start)
         if hasattr(dataset, 'sources'):
-            self._manifest(runner, manifest(dataset))
+            current = manifest(dataset)
+            order = reading_order(runner.train_dataloader)
+            if order:
+                current['order'] = order
+            self._manifest(runner, current)
 
     def _manifest(self, runner, current: dict) -> None:
         path = os.path.join(runner.work_dir, self.manifest_file)
@@ -171,8 +177,24 @@ def manifest(dataset) -> dict:
     return dict(sources=sources, total_used=len(dataset))
 
 
+def reading_order(dataloader) -> Dict[str, int]:
+    """What cuts a map-style data set's epoch into batches: the ranks and the batch per rank ({} for a stream, whose
+    own state resumes it: ``streamstate.py``)."""
+    from torch.utils.data import IterableDataset
+    batch = getattr(dataloader, 'batch_size', None)
+    if isinstance(getattr(dataloader, 'dataset', None), IterableDataset) or not isinstance(batch, int):
+        return {}
+    return dict(ranks=get_dist_info()[1], batch_size=batch)
+
+
 def manifest_changes(before: dict, now: dict) -> List[str]:
     """What differs between two manifests, one phrase each."""
+    then, order = before.get('order'), now.get('order')
+    moved = [] if not then or not order or then == order else [
+        f'the batches: {then["ranks"]} ranks x {then["batch_size"]} samples then, {order["ranks"]} x '
+        f'{order["batch_size"]} now: the epoch under way is cut into other batches, so those skipped to resume are '
+        f'not the ones trained on (some of its samples are trained on twice, others not at all until the next '
+        f'epoch); resume with the same ranks and batch size for an exact resume']
     old = {s['annotation']: s for s in before.get('sources', [])}
     new = {s['annotation']: s for s in now.get('sources', [])}
     changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]
@@ -182,4 +204,4 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
                 if old[p].get(k) != new[p].get(k)]
         if diff:
             changes.append(f'{p}: ' + ', '.join(diff))
-    return changes
+    return changes + moved

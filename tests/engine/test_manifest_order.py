@@ -1,0 +1,58 @@
+"""A map-style run resumed with other ranks or another batch size (engine/badsamples.py's manifest): MMEngine skips as
+many batches as were trained, now cut otherwise, so some samples of the epoch under way are trained twice and others
+not at all; the resume says so (or stops, ``on_data_change='stop'``), naming both."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from tests.helpers import conv, write_jsonl
+from xtuner_plugins.data import InternVLDataset
+from xtuner_plugins.engine import badsamples
+from xtuner_plugins.engine.badsamples import BadSampleHook
+
+
+@pytest.fixture
+def start(tmp_path, tiny_tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)} for i in range(8)])
+    ds = InternVLDataset(path, tokenizer=tiny_tokenizer, cache_dir=str(tmp_path / 'cache'))
+    os.makedirs(tmp_path / 'work')
+
+    def run(ranks, batch, resume, on_data_change='warn'):
+        monkeypatch.setattr(badsamples, 'get_dist_info', lambda: (0, ranks))
+        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=batch), iter=0, epoch=0,
+                                 work_dir=str(tmp_path / 'work'), _resume=resume)
+        BadSampleHook(on_data_change=on_data_change).before_train(runner)
+    return run, tmp_path
+
+
+def test_a_resume_with_other_ranks_or_batch_size_says_the_epoch_is_cut_otherwise(start, monkeypatch):
+    run, root = start
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    run(8, 4, resume=False)
+    with open(root / 'work' / 'data_manifest.json') as f:
+        assert json.load(f)['order'] == {'ranks': 8, 'batch_size': 4}
+    run(8, 4, resume=True)
+    assert said == []  # the same: an exact resume
+    run(4, 4, resume=True)
+    assert len(said) == 1 and 'the batches: 8 ranks x 4 samples then, 4 x 4 now: the epoch under way is cut into ' \
+                               'other batches, so those skipped to resume are not the ones trained on' in said[0]
+    with pytest.raises(RuntimeError, match=r'the batches: 4 ranks x 4 samples then, 4 x 2 now: .*on_data_change'):
+        run(4, 2, resume=True, on_data_change='stop')
+
+
+def test_a_manifest_written_before_it_recorded_the_batches_resumes_without_a_word(start, monkeypatch):
+    run, root = start
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    run(8, 4, resume=False)
+    with open(root / 'work' / 'data_manifest.json') as f:
+        older = json.load(f)
+    del older['order']
+    with open(root / 'work' / 'data_manifest.json', 'w') as f:
+        json.dump(older, f)
+    run(2, 4, resume=True)
+    assert said == []

@@ -225,6 +225,17 @@ class ShardDataset(StreamingDataset):
     def rank_samples(self, rank: int, world: int) -> int:
         return int(self.index['samples']) // world
 
+    def epoch_parts(self, units: int) -> List[int]:
+        """The samples each of ``units`` reading units has in the first epoch's order (parts of unequal sizes, when
+        the shards do not divide among the units, make an epoch of ``max_epochs`` read some samples twice and
+        others not at all: :func:`balance_note`)."""
+        order = epoch_order(len(self.shards), self.seed, 0, self.shuffle)
+        parts = []
+        for unit in range(units):
+            mine, k, m = shard_units(len(self.shards), unit, units)
+            parts.append(sum(len(range(k, self.expected[order(p)], m)) for p in mine))
+        return parts
+
     def keyed_records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Dict, Tuple, ShardRecord]]:
         """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``; a key is
         ``(epoch, shard, place in the shard)`` (:meth:`reload`)."""
@@ -277,6 +288,23 @@ class ShardDataset(StreamingDataset):
                 continue
             item['skipped'], skipped = skipped, []
             yield after, item
+
+
+def balance_note(dataset: ShardDataset, world: int, workers: int) -> Optional[str]:
+    """What an epoch of ``max_epochs`` leaves out and reads twice when the shards do not divide among the ``world``
+    x ``workers`` reading units (each unit reads its part, and an epoch ends after the rank's even share), or None
+    when no more than the units' rounding is."""
+    units = world * workers
+    parts = dataset.epoch_parts(units)
+    quota = int(dataset.index['samples']) // world / workers
+    unread = int(sum(max(0.0, part - quota) for part in parts))
+    if unread <= units:
+        return None
+    return (f'the {len(dataset.shards)} shards of {dataset.folder} do not divide evenly among the {units} reading '
+            f'units ({world} ranks x {workers} DataLoader workers): their parts hold {min(parts)} to {max(parts)} samples, '
+            f'an epoch reads {quota:.0f} a unit, so each epoch leaves about {unread} samples unread and reads as '
+            f'many twice; write the shards again with a number of shards that is a multiple of {units} '
+            f'(tools/shard_dataset.py --samples-per-shard), or train for max_iters (an endless stream)')
 
 
 def check_shards(folder: str, allow_truncation: bool = False, check_video: Optional[Callable] = None,

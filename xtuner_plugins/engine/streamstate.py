@@ -74,6 +74,13 @@ class StreamStateHook(Hook):
             from xtuner_plugins.engine.runstart import refuse
             refuse(f'max_epochs={epochs}: {type(dataset).__name__} does not know how many batches an epoch gives '
                    f'before it makes them; give the training length as max_iters=N (optimizer steps)')
+        if dataset is not None and epochs is not None and hasattr(dataset, 'epoch_parts'):
+            from mmengine.dist import get_world_size
+
+            from xtuner_plugins.data.shards import balance_note
+            note = balance_note(dataset, get_world_size(), max(1, dataloader.num_workers))
+            if note:
+                print_log(note, logger='current', level=logging.WARNING)
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         data = data_batch.get('data') if isinstance(data_batch, dict) else None

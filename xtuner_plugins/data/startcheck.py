@@ -29,7 +29,7 @@ from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, s
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
-from .sources import DataSource, Record, parse_entry, repeat_array
+from .sources import DataSource, Record, parse_entry, repeat_array, repeat_subset
 
 CHECK_VERSION = 1
 MAX_ITEMS = 1 << 32  # items after repeats, per source
@@ -151,6 +151,28 @@ def check_source(ds, source_idx: int, src: DataSource, index: SourceIndex) -> So
     return checked
 
 
+CACHED_SUBSET = 200_000  # samples from which a fractional repeat's subset is cached (below: drawn in well under 1 s)
+
+
+def cached_subset(ds, n: int, repeat_time: float, seed: int) -> Optional[np.ndarray]:
+    """``sources.repeat_subset`` of ``n`` samples, drawn once per node and memory-mapped from the cache (it depends on
+    ``n``, ``repeat_time`` and ``seed`` alone); None (drawn by the caller) for small sources or whole repeats."""
+    if n < CACHED_SUBSET or repeat_time == int(repeat_time):
+        return None
+    import hashlib
+    key = hashlib.sha1(json.dumps(dict(version=1, n=n, repeat_time=repeat_time, seed=seed)).encode()).hexdigest()
+    file = os.path.join(ds.cache_dir or default_cache_dir(), f'subset-{key}.npy')
+
+    def build() -> np.ndarray:
+        subset = repeat_subset(n, repeat_time, seed)
+        try:
+            save_array(file, subset)
+        except OSError:
+            return subset
+        return load_array(file)
+    return node_once(file, lambda: load_array(file), build, f'the repeat_time {repeat_time:g} subset of {n} samples')
+
+
 def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], List[SampleError]]:
     """``(records, index, source_ranges, load_problems)`` of a data set's ``sources``: each file's index and
     start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
@@ -176,7 +198,8 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         good.append(checked.good)
         digests.append(checked.lines)
         ranges.append(range(start, start + len(checked.good)))
-        repeated = repeat_array(len(checked.good), src.repeat_time, seed + i)
+        repeated = repeat_array(len(checked.good), src.repeat_time, seed + i,
+                                subset=cached_subset(ds, len(checked.good), src.repeat_time, seed + i))
         if len(checked.good) and not len(repeated):
             log(f'{src.annotation}: repeat_time {src.repeat_time} of its {len(checked.good)} samples rounds to 0: '
                 f'this source is not used', logger='current', level=logging.WARNING)

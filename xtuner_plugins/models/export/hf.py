@@ -12,6 +12,25 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from ..internvl import VisionLanguageModel
 from .files import Log, _print, generation_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
+from .official import internvl_misfit, shuffle_arithmetic_misfit
+
+
+def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
+    """Why transformers' ``InternVLForConditionalGeneration`` cannot run ``model`` as it was trained, or None: an
+    InternVL model (:func:`~.official.internvl_misfit`) whose features are the last layer's (transformers 4.57's
+    ``get_image_features`` reads an earlier layer through ``self.vision_model``, which its ``InternVLModel`` has
+    not: an AttributeError at the first image) and whose ratio its pixel shuffle computes as training does."""
+    misfit = internvl_misfit(model)
+    if misfit:
+        return misfit
+    reasons = []
+    if model.select_layer != -1:
+        reasons.append(f'select_layer {model.select_layer} (transformers\' InternVL fails on a layer other than '
+                       f'the last, -1)')
+    arithmetic = shuffle_arithmetic_misfit(model, float_modulo=True)
+    if arithmetic:
+        reasons.append(arithmetic)
+    return '; '.join(reasons) or None
 
 
 def hf_config(model: VisionLanguageModel, dtype: torch.dtype):

@@ -29,7 +29,7 @@ from ..runconfig import run_config
 from .build import build_for_export, merge_adapters, tiling_settings, training_frame_prefix, training_system_message
 from .files import Log, _print
 from .gguf import QUANTS, model_misfit as gguf_misfit, tools as gguf_tools, write_gguf
-from .hf import write_hf
+from .hf import hf_misfit, write_hf
 from .llava import llava_misfit, write_llava
 from .official import internvl_misfit, write_official
 from .remote import write_remote
@@ -144,7 +144,7 @@ def choose_format(model, fmt: str = 'auto') -> str:
     ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination."""
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
-    misfit = {'official': internvl_misfit, 'hf': internvl_misfit, 'llava': llava_misfit, 'gguf': gguf_misfit}
+    misfit = {'official': internvl_misfit, 'hf': hf_misfit, 'llava': llava_misfit, 'gguf': gguf_misfit}
     if fmt == 'auto':
         return next((f for f in ('official', 'llava') if misfit[f](model) is None), 'remote')
     if fmt in misfit and misfit[fmt](model):

@@ -24,15 +24,35 @@ from .layouts import official_state_dict
 
 
 def internvl_misfit(model: VisionLanguageModel) -> Optional[str]:
-    """Why ``model`` is not an InternVL model (InternViT + pixel shuffle + tiles), or None."""
+    """Why ``model`` is not an InternVL model (InternViT + pixel shuffle + tiles, a ratio InternVL's code computes
+    as training does), or None."""
     reasons = []
     if model.vision.name != 'internvit':
         reasons.append(f'encoder {model.vision.name} (InternVL takes internvit)')
     if not isinstance(model.mlp1, InternVLProjector):
         reasons.append(f'projector {type(model.mlp1).name} (InternVL takes pixel_shuffle_mlp)')
+    elif shuffle_arithmetic_misfit(model):
+        reasons.append(shuffle_arithmetic_misfit(model))
     if model.image_mode != 'tile':
         reasons.append(f'image mode {model.image_mode} (InternVL tiles)')
     return '; '.join(reasons) or None
+
+
+def shuffle_arithmetic_misfit(model: VisionLanguageModel, float_modulo: bool = False) -> Optional[str]:
+    """Why InternVL's code (OpenGVLab's and this project's ``modeling_internvl_chat.py``; ``float_modulo``:
+    transformers' ``InternVLModel``, which also tests ``grid % ratio``) would not shuffle as training does:
+    it takes its shapes from ``int(grid * ratio)``, ``int(C / ratio)``, ``int(C / ratio**2)`` and
+    ``int(grid**2 * ratio**2)`` in floating point, which for a ratio such as 0.2 land one below the whole
+    numbers training uses (``round(1 / ratio)``); None when they agree."""
+    ratio, grid, channels = model.downsample_ratio, model.vision.grid, model.vision.hidden_size
+    inv = round(1 / ratio)
+    wanted = (grid // inv, channels * inv, channels * inv * inv, (grid // inv) ** 2, inv)
+    got = (int(grid * ratio), int(channels / ratio), int(channels / (ratio * ratio)), int(grid ** 2 * ratio ** 2),
+           int(1 / ratio))
+    if got == wanted and not (float_modulo and grid % ratio != 0):
+        return None
+    return (f'downsample_ratio {ratio} on a {grid}x{grid} patch grid of {channels} channels (its code computes '
+            f'the shapes in floating point: {got[:4]} where training has {wanted[:4]})')
 
 
 def official_config(model: VisionLanguageModel, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:

@@ -1,0 +1,43 @@
+"""Which formats fit a pixel-shuffle model whose code outside training would compute it otherwise: a ratio such as
+0.2 (InternVL's code takes its shapes from ``int(grid * ratio)`` and the like in floating point, one below the whole
+numbers training uses) and a feature layer other than the last (transformers' own InternVL fails on it). Such a
+model is refused for those formats, naming why, and ``auto`` picks the remote-code folder, which runs the training
+model's own projector."""
+
+import pytest
+import torch
+
+from xtuner_plugins.models import VisionLanguageModel
+from xtuner_plugins.models.export import choose_format
+from xtuner_plugins.tiny import make_tiny_models
+
+
+def model(root, image_size, **kw):
+    paths = make_tiny_models(str(root), image_size=image_size)
+    return VisionLanguageModel(vision_encoder=paths['internvit'], llm=paths['llm'], torch_dtype=torch.float32, **kw)
+
+
+def test_a_ratio_internvl_code_computes_otherwise_goes_to_the_remote_folder(tmp_path):
+    vlm = model(tmp_path, 70, downsample_ratio=0.2)  # a 5x5 grid: one token per tile in training
+    assert vlm.num_image_token == 1
+    assert choose_format(vlm, 'auto') == 'remote'
+    for fmt in ('official', 'hf'):
+        with pytest.raises(ValueError, match=r'--format .* does not fit this model: downsample_ratio 0.2 on a 5x5 '
+                                             r'patch grid .*formats that fit: remote'):
+            choose_format(vlm, fmt)
+
+
+def test_a_third_fits_internvl_code_but_not_transformers(tmp_path):
+    vlm = model(tmp_path, 84, downsample_ratio=1 / 3)  # 6x6 -> 2x2: InternVL's int() lands right, 6 % (1/3) != 0
+    assert choose_format(vlm, 'auto') == 'official'
+    with pytest.raises(ValueError, match=r'--format hf does not fit this model: downsample_ratio'):
+        choose_format(vlm, 'hf')
+
+
+def test_an_earlier_feature_layer_is_not_written_for_transformers_internvl(tmp_path):
+    vlm = model(tmp_path, 56, select_layer=-2)
+    assert choose_format(vlm, 'auto') == 'official'
+    with pytest.raises(ValueError, match=r'--format hf does not fit this model: select_layer -2 .*formats that fit: '
+                                         r'official, remote'):
+        choose_format(vlm, 'hf')
+    assert choose_format(model(tmp_path / 'last', 56), 'hf') == 'hf'

@@ -1,0 +1,85 @@
+"""What a browser session keeps of its images between turns: each file's bytes (or a PNG of a video's frames), not
+the decoded pixels, which gradio holds for as long as it keeps the session (without limit: its states never
+expire). A 9400 x 9400 PNG of one colour is a 280 kB upload that held 340 MB per session; later turns still
+answer as a fresh model given the same images."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import converted_tiny_folder, write_image, write_video
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.video import load_video
+from xtuner_plugins.models.inference import ConvertedModel
+from xtuner_plugins.web.app import WebChat, stored
+
+GREEDY = dict(max_new_tokens=4, do_sample=False)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('session_memory')
+    folder = converted_tiny_folder(root)
+    big = str(root / 'big.png')
+    Image.new('RGB', (3000, 2000), (40, 90, 200)).save(big)  # 18 MB decoded, a few kB as a file
+    return dict(folder=folder, root=root, big=big, small=write_image(root / 'small.png', size=(70, 40), seed=3),
+                video=write_video(root / 'v.mp4', [(53 * i) % 256 for i in range(20)], size=(64, 48)),
+                chat=WebChat(ConvertedModel(folder), max_new_tokens=4))
+
+
+def turn(chat, question, images, conversation, video=None):
+    return list(chat.stream(question, images, conversation, dict(GREEDY), video=video))[-1]
+
+
+def test_a_session_keeps_its_images_as_their_files(setup):
+    chat, big, small = setup['chat'], setup['big'], setup['small']
+    first, conversation = turn(chat, 'Describe the image.', [big], None)
+    assert conversation['images'] == [open(big, 'rb').read()]
+    assert sum(map(len, conversation['images'])) < os.path.getsize(big) + 1 < 3000 * 2000 * 3 / 100
+    second, conversation = turn(chat, 'And this one? <image>', [small], conversation)
+    third, conversation = turn(chat, 'Which is larger?', [], conversation)
+    assert conversation['images'] == [open(big, 'rb').read(), open(small, 'rb').read()]
+    model = ConvertedModel(setup['folder'])
+    fresh = [model.ask(q, imgs, dict(GREEDY)) for q, imgs in (('Describe the image.', [big]),
+                                                             ('And this one? <image>', [small]),
+                                                             ('Which is larger?', []))]
+    assert [first, second, third] == fresh
+
+
+def test_video_frames_are_kept_as_pngs_of_their_pixels(setup):
+    chat = setup['chat']
+    frames, _ = load_video(setup['video'], 4)
+    first, conversation = turn(chat, 'What happens?', [], None, video=frames)
+    kept = conversation['images']
+    assert all(isinstance(k, bytes) for k in kept) and len(kept) == 4 and conversation['frames'] == [True] * 4
+    assert all(np.array_equal(np.asarray(load_image(k)), np.asarray(f)) for k, f in zip(kept, frames))
+    second, _ = turn(chat, 'And then?', [], conversation)
+    model = ConvertedModel(setup['folder'])
+    assert [first, second] == [model.ask('What happens?', [], dict(GREEDY), video=frames),
+                               model.ask('And then?', [], dict(GREEDY))]
+
+
+def test_stored_reads_back_to_the_same_pixels(setup, tmp_path):
+    image = load_image(setup['small'])
+    assert stored(setup['small'], image) == open(setup['small'], 'rb').read()
+    assert np.array_equal(np.asarray(load_image(stored(image, image))), np.asarray(image))
+
+
+def test_an_hf_folder_continues_from_the_kept_files(setup):
+    from tests.helpers import lora_trained_tiny
+    from tests.tools.test_convert_to_official import LORA, convert
+    trained = lora_trained_tiny(setup['root'] / 'hf_run')
+    folder = convert(LORA, trained['ckpt'], str(setup['root'] / 'hf'), trained['opts'], '--format', 'hf')
+    chat, small = WebChat(ConvertedModel(folder), max_new_tokens=4), setup['small']
+    frames, _ = load_video(setup['video'], 3)
+    first, conversation = turn(chat, 'Describe the image.', [small], None)
+    second, conversation = turn(chat, 'What happens?', [], conversation, video=frames)
+    third, conversation = turn(chat, 'And the colour?', [], conversation)
+    assert conversation['images'] == [open(small, 'rb').read()]
+    assert all(isinstance(f, bytes) for f in conversation['videos'][0]) and len(conversation['videos'][0]) == 3
+    model = ConvertedModel(folder)
+    assert [first, second, third] == [model.ask('Describe the image.', [small], dict(GREEDY)),
+                                      model.ask('What happens?', [], dict(GREEDY), video=frames),
+                                      model.ask('And the colour?', [], dict(GREEDY))]

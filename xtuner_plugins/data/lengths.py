@@ -211,6 +211,9 @@ def _load_cache(base: str, count: int, digest: str):
     return arrays[0], meta['paths'], meta['stats'], arrays[1], arrays[2]
 
 
+_UNSAVED: Dict[str, Tuple[int, str, np.ndarray]] = {}  # base -> (count, digest, lengths) not cached: a full disk
+
+
 def _write_lengths(cache_dir: str, base: str, lengths: np.ndarray, paths: List[str], stats: list,
                    refs: np.ndarray, ids: np.ndarray, count: int, digest: str, annotation: str) -> None:
     """Atomically, each file (concurrent ranks never read a half-written cache; the ``.images.json`` written last
@@ -224,6 +227,7 @@ def _write_lengths(cache_dir: str, base: str, lengths: np.ndarray, paths: List[s
     except OSError as exc:
         print_log(f'the sample-length cache {base}.lengths.npy could not be written ({exc}); going on without it',
                   logger='current', level=30)
+        _UNSAVED[base] = (count, digest, lengths)  # this process need not compute them again (the start-up check's)
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -275,6 +279,9 @@ def compute_source_lengths(ds, src: DataSource, records: Sequence[Record],
     cache_dir = cache_dir or ds.cache_dir or default_cache_dir()
     base = os.path.join(cache_dir, _cache_key(ds, src))
     digest = _lines_digest(records)
+    unsaved = _UNSAVED.get(base)
+    if unsaved is not None and unsaved[:2] == (len(records), digest):  # computed here, not cached (a full disk)
+        return unsaved[2]
     cached = node_once(base + '.lengths.npy', lambda: _load_cache(base, len(records), digest),
                        lambda: _compute_all(ds, src, records, base, cache_dir, digest),
                        f'the sample lengths of {src.annotation}')

@@ -122,3 +122,24 @@ def test_a_finished_run_leaves_no_mark_and_a_failed_one_no_folder(tmp_path, caps
     only = write_jsonl(tmp_path / 'c.jsonl', [{'image': 'gone.png', 'conversations': conv()}])
     assert main(['--data', only, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'o')]) == 2
     assert not os.path.exists(tmp_path / 'o')
+
+
+def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_no_shard_set(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from xtuner_plugins.cli import shard_dataset
+    jsonl, _, _ = files(tmp_path)
+    out = tmp_path / 'out'
+    real = shard_dataset._Shards.write
+
+    def fills_up(self, sample):
+        if self.written:
+            raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'shard-000000.tar'))
+        real(self, sample)
+    monkeypatch.setattr(shard_dataset._Shards, 'write', fills_up)
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f'shard_dataset: error: writing into {out} failed: No space left on device '
+                   f'({out}/shard-000000.tar); what was written there is no shard set (no shards.json): remove the folder, then write it '
+                   f'again\n'), err
+    assert 'shards.json' not in os.listdir(out)

@@ -219,7 +219,14 @@ def main(argv=None) -> int:
         if made:
             os.rmdir(args.out)
         return tool_error(PROG, exc)
-    skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
+    try:
+        skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
+    except OSError as exc:  # a full disk, a quota, the folder removed: what was written is no shard set
+        os.remove(os.path.join(args.out, WRITING))
+        print(f'{PROG}: error: writing into {args.out} failed: {exc.strerror or exc}'
+              f'{f" ({exc.filename})" if exc.filename else ""}; what was written there is no shard set (no '
+              f'shards.json): remove the folder, then write it again', file=sys.stderr)
+        return 1
     os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):

@@ -135,12 +135,25 @@ def index_key(path: str) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def file_mode() -> int:
+    """The mode a plain ``open`` gives a new file (``0o666`` less the umask, read from ``/proc`` without changing it):
+    for caches written through ``mkstemp``, whose 0600 hid them from the others of a group sharing a cache folder
+    (each rebuilt them, and replaced them with files the first could not read)."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, ValueError, StopIteration):
+        mask = 0o022
+    return 0o666 & ~mask
+
+
 def save_array(path: str, array: np.ndarray) -> None:
-    """Write an ``.npy`` atomically (a reader never sees half of it)."""
+    """Write an ``.npy`` atomically (a reader never sees half of it), with a plain file's mode (:func:`file_mode`)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, 'wb') as f:
             np.save(f, np.ascontiguousarray(array))
         os.replace(tmp, path)

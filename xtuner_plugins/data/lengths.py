@@ -31,7 +31,7 @@ from mmengine.logging import print_log
 
 from .errors import SampleError
 from .image_io import read_image_size
-from .index import file_identity, load_array, save_array
+from .index import file_identity, file_mode, load_array, save_array
 from .nodepass import node_once, run_slices
 from .sources import DataSource, Record
 from .tiling import num_tiles
@@ -235,6 +235,7 @@ def write_text_atomically(path: str, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             f.write(text)
         os.replace(tmp, path)

@@ -99,7 +99,7 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
     lock_file = cache_file + '.lock'
     try:
         os.makedirs(os.path.dirname(lock_file) or '.', exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask: a group may share the folder
     except OSError:
         return build()
     try:

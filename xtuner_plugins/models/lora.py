@@ -23,5 +23,23 @@ def apply_lora(model: nn.Module, lora: dict, task_type: Optional[str] = None) ->
         cfg.setdefault('task_type', task_type)
     from .dropout import use_cpu_dropout
     model = get_peft_model(model, LoraConfig(**cfg))
+    if cfg.get('lora_bias'):
+        check_lora_bias(model)
     use_cpu_dropout(model)
     return model
+
+
+def check_lora_bias(model: nn.Module) -> None:
+    """Refuse ``lora_bias=True`` on layers without a bias of their own: the adapters' bias would train but no
+    exported model could hold it (a merge adds it to the layer's bias; transformers' Qwen2 has biases on
+    ``q_proj``/``k_proj``/``v_proj`` only, Llama on none)."""
+    from peft.tuners.lora import LoraLayer
+    bare = sorted({name.rsplit('.', 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, LoraLayer) and getattr(module.get_base_layer(), 'bias', None) is None})
+    if bare:
+        from xtuner_plugins.errors import Refused
+        with_bias = sorted({name.rsplit('.', 1)[-1] for name, module in model.named_modules()
+                            if isinstance(module, LoraLayer) and name.rsplit('.', 1)[-1] not in bare})
+        raise Refused(f'lora_bias=True: the adapted layers {", ".join(bare)} have no bias of their own, so the bias '
+                      f'their adapters would train could not be merged into any exported model; set target_modules to '
+                      f'layers with a bias ({", ".join(with_bias) or "none here"}) or leave lora_bias off')

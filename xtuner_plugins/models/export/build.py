@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from xtuner_plugins.errors import Refused
+
 from ..internvl import VisionLanguageModel
 from ..lineage import previous_stage_for
 from ..provenance import check_trained_settings
@@ -109,38 +111,92 @@ def _dequantize(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def _merged_weight(name: str, module: nn.Module, adapters, base: torch.Tensor):
+    """``(weight, bias delta)`` of a LoRA layer with a DoRA adapter or a LoRA bias, in fp32, by peft's own rule
+    (``DoraLinearVariant.merge_safe``: each DoRA adapter rescales the rows of ``W + delta`` by its magnitude over
+    the row norms of the unmerged ``W + delta``; a LoRA bias adds ``lora_B.bias * scaling`` to the layer's bias).
+    ``base``: the layer's unmerged weight in fp32 (a 4-bit one dequantised)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+    variants = getattr(module, 'lora_variant', {}) or {}
+    weight, bias = base, None
+    for adapter in adapters:
+        delta = module.get_delta_weight(adapter).to(torch.float32)
+        variant = variants.get(adapter)
+        if variant is None:
+            weight = weight + delta
+        elif isinstance(variant, DoraLinearVariant) and not getattr(module, 'fan_in_fan_out', False):
+            norm = torch.linalg.norm(base + delta, dim=1)
+            magnitude = module.lora_magnitude_vector[adapter].weight.to(torch.float32)
+            weight = (magnitude / norm).view(-1, 1) * (weight + delta)
+        else:
+            raise Refused(f'{name}: LoRA variant {type(variant).__name__} of adapter {adapter!r} cannot be merged '
+                          f'here (plain LoRA and DoRA on linear layers can)')
+        if (getattr(module, 'lora_bias', {}) or {}).get(adapter):
+            if getattr(module.get_base_layer(), 'bias', None) is None:
+                raise Refused(f'{name}: its LoRA bias (lora_bias=True) has no bias of the layer to merge into; '
+                              f'the exported model could not hold it')
+            step = module.lora_B[adapter].bias.to(torch.float32) * module.scaling[adapter]
+            bias = step if bias is None else bias + step
+    return weight, bias
+
+
+def _dequantized(weight) -> torch.Tensor:
+    import bitsandbytes as bnb
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+
+
 @torch.no_grad()
 def _merge_peft(peft_model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Add each LoRA layer's delta (peft's ``get_delta_weight``, summed over adapters in fp32) to its base
-    weight, dequantising a 4-bit base first; returns the plain model without adapters.
+    weight, dequantising a 4-bit base first; returns the plain model without adapters. A layer with a DoRA
+    adapter or a LoRA bias (``lora_bias``) is merged by peft's rule for it (:func:`_merged_weight`).
 
     A plain base weight takes its delta at once, layer by layer: at most one layer's fp32 delta exists at a
     time (holding them all is the LLM's linear weights again in fp32: 5.2 GB for a 1.5B model). A 4-bit base
-    keeps its deltas until the layers are dequantised, after ``unload``.
+    keeps its deltas (a DoRA layer: its merged weight) until the layers are dequantised, after ``unload``.
     """
     from peft.tuners.lora import LoraLayer
-    pending = {}
+    pending, replaced, biases = {}, {}, {}
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        delta = None
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                step = module.get_delta_weight(adapter).to(torch.float32)
-                delta = step if delta is None else delta + step
-        if delta is None:
+        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        if not adapters:
             continue
         weight = module.get_base_layer().weight
-        if type(weight) is nn.Parameter:  # not a bitsandbytes Params4bit
+        plain = type(weight) is nn.Parameter  # not a bitsandbytes Params4bit
+        if any(a in (getattr(module, 'lora_variant', {}) or {}) or (getattr(module, 'lora_bias', {}) or {}).get(a)
+               for a in adapters):
+            merged, biases[name] = _merged_weight(name, module, adapters,
+                                                  weight.to(torch.float32) if plain else _dequantized(weight))
+            if plain:
+                weight.copy_(merged.to(weight.dtype))
+            else:
+                replaced[name] = merged
+            continue
+        delta = None
+        for adapter in adapters:
+            step = module.get_delta_weight(adapter).to(torch.float32)
+            delta = step if delta is None else delta + step
+        if plain:
             weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
         else:
             pending[name] = delta
     base = peft_model.unload()  # the base model with its original layers back, adapters dropped
     _dequantize(base, dtype)
     prefix = 'base_model.model.'
+
+    def layer_of(name):
+        return base.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
     for name, delta in pending.items():
-        layer = base.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
+        layer = layer_of(name)
         layer.weight.copy_((layer.weight.to(torch.float32) + delta).to(layer.weight.dtype))
+    for name, merged in replaced.items():
+        layer_of(name).weight.copy_(merged.to(layer_of(name).weight.dtype))
+    for name, bias in biases.items():
+        if bias is not None:
+            layer = layer_of(name)
+            layer.bias.copy_((layer.bias.to(torch.float32) + bias).to(layer.bias.dtype))
     return base
 
 

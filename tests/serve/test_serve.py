@@ -225,7 +225,7 @@ def test_a_port_another_server_holds_is_refused_and_not_taken_for_ours(folders, 
                                         f'--port (0: any free one)')
         # taken in the moment between that check and vLLM's start (here: a vLLM that has not bound it yet):
         # the other server's model is not taken for ours
-        monkeypatch.setattr(serve, 'port_free', lambda host, port: True)
+        monkeypatch.setattr(serve, 'port_problem', lambda host, port, hint: '')
         monkeypatch.setattr(serve.subprocess, 'Popen', lambda cmd, **k: popen(
             [sys.executable, '-c', 'import time; time.sleep(120)'], **k))
         assert serve_main([folders['official'], '--port', str(other.port), '--vllm-python', sys.executable]) == 2

@@ -54,10 +54,10 @@ import urllib.error
 import urllib.request
 from typing import Dict, List, Optional
 
-from xtuner_plugins.cli.tool_args import tool_error
+from xtuner_plugins.cli.tool_args import port_argument, tool_error
 from xtuner_plugins.models.export.files import template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
-from xtuner_plugins.web.app import port_free
+from xtuner_plugins.web.app import listen_address, port_problem
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
@@ -166,8 +166,9 @@ def probe(python: str) -> dict:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+    family, address = listen_address(host, 0)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(address)
         return s.getsockname()[1]
 
 
@@ -230,7 +231,7 @@ def parse_args(argv=None):
     p.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
                    help='with --checkpoint: a folder it was trained with, moved since: its old and new path')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
-    p.add_argument('--port', type=int, default=8000, help='port (0: a free one; default 8000)')
+    p.add_argument('--port', type=port_argument, default=8000, help='port (0: a free one; default 8000)')
     p.add_argument('--served-model-name', help='the model\'s name in the API (default: the folder\'s name)')
     p.add_argument('--dtype', help='default: the dtype the folder\'s weights were written in')
     p.add_argument('--max-model-len', type=int, help='default: the LLM\'s max_position_embeddings')
@@ -290,11 +291,12 @@ def serve(args) -> int:
         found = probe(python)
     except (OSError, ValueError) as exc:
         return tool_error('serve', exc)
+    # vLLM would fail after a minute on a port in use, and another server answer for it
+    problem = port_problem(args.host, args.port, 'give another with --port (0: any free one)')
+    if problem:
+        return tool_error('serve', problem)
     if args.port == 0:
         args.port = free_port(args.host)
-    elif not port_free(args.host, args.port):  # vLLM would fail after a minute, and another server answer for it
-        return tool_error('serve', f'port {args.port} on {args.host} is in use; give another with --port (0: any free '
-                                   f'one)')
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the server is stopped too (finally)
     env = dict(os.environ)
     env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
@@ -313,7 +315,8 @@ def serve(args) -> int:
         cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']), no_local_media)
         print('serve: ' + shlex.join(cmd), file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=2)  # its log on stderr
-        base = f'http://{"127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host}:{args.port}'
+        host = '127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host
+        base = f'http://{f"[{host}]" if ":" in host else host}:{args.port}'  # an IPv6 address in brackets
         try:
             problem = wait_ready(proc, base, args.served_model_name, os.path.abspath(args.folder), args.startup_timeout)
             if problem:

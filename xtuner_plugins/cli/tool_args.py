@@ -117,6 +117,26 @@ def count_argument(text: str) -> int:
     return value
 
 
+def _port(text: str, least: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not least <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a whole number from {what} to 65535")
+    return value
+
+
+def port_argument(text: str) -> int:
+    """``--port`` of ``tools/serve.py``: 0 (a free one) to 65535 (a larger one was a traceback from the port check)."""
+    return _port(text, 0, '0 (any free one)')
+
+
+def fixed_port_argument(text: str) -> int:
+    """``--port`` of the web demo: 1 to 65535 (gradio cannot take 0, a free one: it then calls port 0)."""
+    return _port(text, 1, '1')
+
+
 def image_size_argument(text: str) -> int:
     """``--image-size``: 1 or more here; :class:`ConvertedModel` takes the folder's tile size only."""
     try:

@@ -25,8 +25,8 @@ from xtuner_plugins.web.app import environment_defaults
 environment_defaults()
 
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                          count_argument, run_tool, tool_error)
-from xtuner_plugins.web.app import WebChat, build_app, launch, port_free
+                                          count_argument, fixed_port_argument, run_tool, tool_error)
+from xtuner_plugins.web.app import WebChat, build_app, launch, port_problem
 
 
 def parse_args(argv=None):
@@ -34,7 +34,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
-    parser.add_argument('--port', type=int, default=7860)
+    parser.add_argument('--port', type=fixed_port_argument, default=7860, help='port (default 7860)')
     add_tiling_arguments(parser, image_size=False)
     parser.add_argument('--max-new-tokens', type=count_argument, default=512,
                         help='the page\'s starting value (default 512; generation stops sooner at the end token, '
@@ -51,8 +51,12 @@ class GGUFFolder(ValueError):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not port_free(args.host, args.port):  # before the model loads, so the error comes at once
-        return tool_error('web_demo', f'port {args.port} on {args.host} is in use; give another with --port')
+    problem = port_problem(args.host, args.port)
+    if ':' in args.host and not problem:  # gradio writes http://HOST:PORT, not [HOST], and fails after the model loads
+        problem = (f'--host {args.host}: gradio serves on IPv4 addresses and host names only (it cannot write an '
+                   f'IPv6 address into its URL); give 0.0.0.0 for every interface, or 127.0.0.1')
+    if problem:  # before the model loads, so the error comes at once
+        return tool_error('web_demo', problem)
 
     def serve(model) -> None:
         if model.format == 'gguf':  # llama.cpp's worker keeps no per-session conversations

@@ -262,22 +262,48 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
     return app
 
 
-def port_free(host: str, port: int) -> bool:
+def listen_address(host: str, port: int):
+    """``(family, address)`` to bind for ``host`` (a name, IPv4 or IPv6); ``OSError`` naming a host that does not
+    resolve."""
     import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OSError(f'--host {host} is not an address to listen on ({getattr(exc, "strerror", None) or exc})') \
+            from None
+    return family, address
+
+
+def port_problem(host: str, port: int, hint: str = 'give another with --port') -> str:
+    """Why the server cannot listen on ``host``:``port`` (``''``: it can): the port in use (``hint`` says what to
+    do), a host that does not resolve or is not this machine's (it was all "in use", IPv6 addresses too)."""
+    import errno
+    import socket
+    try:
+        family, address = listen_address(host, port)
+    except OSError as exc:
+        return str(exc)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f'port {port} on {host} is in use; {hint}'
+            return f'cannot listen on --host {host} --port {port}: {exc.strerror or exc}'
+    return ''
+
+
+def port_free(host: str, port: int) -> bool:
+    return not port_problem(host, port)
 
 
 def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None, **kwargs):
     """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
     gradio's search for another one."""
     import gradio as gr
-    if not port_free(host, port):
-        raise OSError(f'port {port} on {host} is in use; give another with --port')
+    problem = port_problem(host, port)
+    if problem:
+        raise OSError(problem)
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
     return app.queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                               theme=theme, allowed_paths=allowed_paths, footer_links=['api'], **kwargs)

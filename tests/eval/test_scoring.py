@@ -13,6 +13,26 @@ def test_normalisation(given, normalised):
     assert normalize_answer(given) == normalised
 
 
+@pytest.mark.parametrize('answer, reference', [
+    ('cafe\u0301', 'café'),        # the same text, decomposed (NFD) and composed: was no match
+    ('red\u200b', 'red'),          # a zero-width space after it
+    ('\u201cRed\u201d', 'red'),    # curly quotes
+    ('红色。', '红色'),               # an ideographic full stop
+    ('I don\u2019t know', "i dont know"),  # a typographic apostrophe
+    ('¿red?', 'red'),
+])
+def test_unicode_variants_of_one_answer_match(answer, reference):
+    assert exact_match(answer, [reference]) == 1.0
+    assert normalize_answer(answer) == normalize_answer(reference)
+
+
+def test_unicode_normalisation_keeps_what_differs():
+    assert anls('cafe\u0301', ['café']) == 1.0
+    assert exact_match('café', ['cafe']) == 0.0  # accents are letters, not marks
+    assert exact_match('ｒｅｄ', ['red']) == 0.0  # full-width letters are not folded (NFKC would also fold m² to m2)
+    assert exact_match('2.5', ['25']) == 0.0 and exact_match('。', ['']) == 0.0
+
+
 def test_exact_match_after_normalisation():
     assert exact_match('Two.', ['2']) == 1.0 and exact_match('the Circle', ['circle', 'disc']) == 1.0
     assert exact_match('three', ['2']) == 0.0 and exact_match('', ['2']) == 0.0

@@ -2,14 +2,16 @@
 
 * :func:`normalize_answer`: the VQA evaluation's normalisation, written from its description: lower case,
   punctuation removed (a full stop or comma between digits kept: ``2.5``, ``1,000``), number words to digits,
-  articles dropped, common contractions fixed, whitespace collapsed.
+  articles dropped, common contractions fixed, whitespace collapsed. Beyond ASCII (VQA's rule knows its marks
+  only): text compared in Unicode's composed form (NFC), invisible format characters dropped, other scripts'
+  and typographic punctuation (``。``, ``“ ”``, ``’``) treated as ASCII's; full-width letters stay as they are.
 * :func:`exact_match`: the normalised answer equals a normalised reference. An empty (or whitespace-only)
   answer is never right. Where dropping articles empties the answer or the reference (``A``, ``an``: a letter
   answer), both are compared with their articles kept, else their articles alone would match an empty answer
   or any other article.
 * :func:`anls`: Average Normalized Levenshtein Similarity (ST-VQA, DocVQA): ``1 - d / max(len)`` of the best
-  reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings; 0 for an empty
-  answer.
+  reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings (NFC, as above);
+  0 for an empty answer.
 * :func:`read_option` (and :func:`extract_option`, its letter): the option a free answer chose, as VLMEvalKit's
   ``can_infer`` reads it: by its letter (``B``, ``(B)``, ``B. red``, ``Answer: B``: exactly one option letter
   among the answer's words, near its end), else by the one option whose text the answer contains; and how it
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from typing import Mapping, Optional, Sequence, Tuple
 
 __all__ = ['normalize_answer', 'exact_match', 'anls', 'edit_distance', 'extract_option', 'option_by_letter',
@@ -39,9 +42,26 @@ _PUNCT = re.compile('[' + re.escape(string.punctuation.replace("'", '')) + ']')
 _DIGIT_SEP = re.compile(r'(?<=\d)[.,](?=\d)')
 
 
+def _unicode(text) -> str:
+    """``text`` in Unicode's composed form (NFC: ``e`` + a combining accent, as a macOS-written file or another
+    tool may hold it, is ``é``), without invisible format characters (a zero-width space)."""
+    text = unicodedata.normalize('NFC', str(text))
+    return ''.join(c for c in text if unicodedata.category(c) != 'Cf') if not text.isascii() else text
+
+
+def _unicode_punctuation(text: str) -> str:
+    """Punctuation beyond ASCII's as ASCII's rule treats it: typographic apostrophes as ``'`` (``don’t``), any
+    other mark (curly quotes, ``。``, ``，``, ``¿``) a space."""
+    if text.isascii():
+        return text
+    text = text.replace('\u2019', "'").replace('\u2018', "'")
+    return ''.join(' ' if unicodedata.category(c).startswith('P') and c != "'" and not c.isascii() else c
+                   for c in text)
+
+
 def normalize_answer(text: str, articles: bool = True) -> str:
     """VQA-style normalisation (see the module docstring); ``articles=False`` keeps the articles."""
-    text = str(text).strip().lower().replace('\n', ' ').replace('\t', ' ')
+    text = _unicode_punctuation(_unicode(text)).strip().lower().replace('\n', ' ').replace('\t', ' ')
     kept = _DIGIT_SEP.sub(lambda m: {'.': '\x00', ',': ''}[m.group(0)], text)  # 2.5 stays, 1,000 -> 1000
     kept = _PUNCT.sub(' ', kept).replace('\x00', '.')
     words = []
@@ -80,12 +100,12 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def anls(answer: str, references: Sequence[str], threshold: float = 0.5) -> float:
-    given = ' '.join(str(answer).strip().lower().split())
+    given = ' '.join(_unicode(answer).strip().lower().split())
     if not given:
         return 0.0  # an answer that says nothing is never right (against an empty reference it would be 1)
     best = 0.0
     for ref in references:
-        ref = ' '.join(str(ref).strip().lower().split())
+        ref = ' '.join(_unicode(ref).strip().lower().split())
         longest = max(len(given), len(ref))
         nl = edit_distance(given, ref) / longest if longest else 0.0
         best = max(best, 1.0 - nl if nl < threshold else 0.0)

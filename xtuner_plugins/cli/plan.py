@@ -214,11 +214,16 @@ def main(argv=None) -> int:
               'within 4%); the cause is not found (not on a CPU; that benchmark left the LLM in eval mode then): '
               'leave that headroom (benchmarks/RESULTS.md)')
     step = 256
+    # a row is one sample: longer than the LLM's context it would run past its positions (a pack's restart per sample)
+    context = None if batch.packed else getattr(lm.config, 'max_position_embeddings', None)
+    high = max(1, int(context) // step) if isinstance(context, int) and context > 0 else 4096
     longest = largest_fitting(lambda n: plan(replace(batch, length=n * step))['total'] <= budget,
-                              max(1, (batch.tiles // batch.rows * per_tile) // step + 1), 4096)
+                              max(1, (batch.tiles // batch.rows * per_tile) // step + 1), high)
     name = 'max_tokens (tokens per pack)' if batch.packed else 'max_length'
     per = f'{batch.rows // unit} {group + " " if group else ""}per device'
-    print(f'largest {name} at {per}: ' + (f'{longest * step}' if longest else 'none (not even the images fit)'))
+    capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)' if (
+        longest == high and high != 4096) else ''
+    print(f'largest {name} at {per}: ' + (f'{longest * step}{capped}' if longest else 'none (not even the images fit)'))
     most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
                                           )['total'] <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}'

@@ -1,0 +1,40 @@
+"""A ``--cfg-options`` key under a setting the config leaves unset (``model.vision_lora.r=4`` in
+configs/finetune_lora.py, whose ``vision_lora`` is None) is refused in one line naming the way to set it
+(``model.vision_lora._delete_=True`` beside it), by training, the planner and the converter alike: MMEngine's merge
+raised a TypeError traceback in each."""
+
+import os
+
+import pytest
+
+from xtuner_plugins.cli.train import option_problems
+from xtuner_plugins.models.runconfig import load_config_checked, option_into_unset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
+WANTED = (r"model.vision_lora.r: model.vision_lora is None in the config, not a dict of settings, so 'r' has "
+          r"nothing to go into; set it afresh with model.vision_lora._delete_=True beside model.vision_lora.r")
+
+
+def test_training_refuses_it_in_one_line():
+    problems = option_problems(LORA, {'model.vision_lora.r': 4})
+    assert len(problems) == 1
+    assert problems[0].startswith(WANTED.replace('\\', '').split(' (its')[0])
+
+
+def test_the_planner_and_the_converter_refuse_it():
+    with pytest.raises(ValueError, match=r'--cfg-options: ' + WANTED.replace('.', r'\.').replace('(', r'\(')):
+        load_config_checked(LORA, {'model.vision_lora.r': 4})
+
+
+def test_the_way_it_names_works():
+    options = {'model.vision_lora._delete_': True, 'model.vision_lora.r': 4, 'model.vision_lora.lora_alpha': 8}
+    assert option_problems(LORA, options) == []
+    assert dict(load_config_checked(LORA, options).model.vision_lora) == {'r': 4, 'lora_alpha': 8}
+
+
+def test_keys_into_lists_and_set_dicts_pass():
+    from mmengine.config import Config
+    cfg = Config.fromfile(LORA)
+    assert option_into_unset(cfg, {'custom_hooks.2.policy': 'skip', 'model.llm_lora.r': 8,
+                                   'train_dataloader.dataset.max_length': 1024}) is None

@@ -122,6 +122,24 @@ def check_output(path: str) -> None:
         raise OSError(f'{path}: its folder {folder} is not writable')
 
 
+REPORT_START = '{\n "settings": '  # how every report eval writes begins (Report.write: json.dump, indent 1)
+
+
+def check_report(path: str) -> None:
+    """An existing ``--out`` is replaced only when it is an earlier report of eval: another file there (notes,
+    another tool's results) was written over without a word."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, 'rb') as f:
+            start = f.read(len(REPORT_START)).decode('utf-8', 'replace')
+    except OSError as exc:
+        raise OSError(f'--out {path}: cannot read it ({exc.strerror or exc})') from None
+    if start != REPORT_START and os.path.getsize(path):
+        raise OSError(f'--out {path} exists and is not a report of tools/eval.py (it starts {start!r}): eval '
+                      f'would write over it; give another path, or remove the file')
+
+
 def inputs(args, questions) -> Iterator[Tuple[str, str]]:
     """``(what, path)`` of every file eval reads: the data, each question's images or video, the model (a folder's
     files, or the config and checkpoint; a folder walked)."""
@@ -183,6 +201,8 @@ def main(argv=None) -> int:
                 check_output(path)
         questions = read_questions(args.data, args.image_folder, circular=args.circular)
         check_not_inputs(args, questions)
+        if args.out:
+            check_report(args.out)
         answers = AnswersFile(args.answers, settings(args), args.resume) if args.answers else None
         if answers is not None:
             answers.check(questions)

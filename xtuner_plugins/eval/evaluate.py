@@ -28,6 +28,7 @@ as it comes (``tools/eval.py`` appends them to its answers file).
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -316,7 +317,16 @@ class Report:
         return '\n'.join(rows)
 
     def write(self, path: str, **settings) -> None:
-        with open(path, 'w', encoding='utf-8') as f:
-            json.dump(dict(settings=settings, summary=self.summary(), per_category=self.per_category(),
-                           results=[asdict(r) for r in self.results],
-                           not_scored=[asdict(f) for f in self.failures]), f, indent=1, ensure_ascii=False)
+        """The report as JSON at ``path``, whole or not at all (written beside it, then moved over it: an
+        interrupted or failed write leaves an earlier report as it was)."""
+        path = os.path.realpath(path)  # a link's target is replaced, not the link
+        part = f'{path}.part-{os.getpid()}'
+        try:
+            with open(part, 'w', encoding='utf-8') as f:
+                json.dump(dict(settings=settings, summary=self.summary(), per_category=self.per_category(),
+                               results=[asdict(r) for r in self.results],
+                               not_scored=[asdict(f) for f in self.failures]), f, indent=1, ensure_ascii=False)
+            os.replace(part, path)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)

@@ -1,7 +1,8 @@
-"""Where tools/serve.py and tools/web_demo.py listen: a port out of range, a host that does not resolve or is not
-this machine's, an IPv6 address. Each was a traceback (a port over 65535), "port N on HOST is in use" (a host
-name that does not resolve, an address of another machine, any IPv6 address), or a server never found ready
-(serve on ::1 asked http://::1:PORT, which is no URL, until --startup-timeout)."""
+"""Where tools/serve.py and tools/web_demo.py listen, and serve's numbers: a port out of range, a host that does not
+resolve or is not this machine's, an IPv6 address. Each was a traceback (a port over 65535), "port N on HOST is in
+use" (a host name that does not resolve, an address of another machine, any IPv6 address), or a server never found
+ready (serve on ::1 asked http://::1:PORT, which is no URL, until --startup-timeout); serve's --images -1 and
+--max-model-len 0 went to vLLM, --startup-timeout -1 started it and gave up at once."""
 
 import os
 import sys
@@ -78,3 +79,16 @@ def test_serve_on_an_ipv6_address_is_found_ready(folder, tmp_path, monkeypatch, 
                        '--startup-timeout', '30']) == 0, capsys.readouterr().err
     out = capsys.readouterr().out.strip()
     assert out.startswith('ready: http://[::1]:') and out.endswith('/v1 (model official)')
+
+
+@pytest.mark.parametrize('option, value, says', [
+    ('--images', '-1', 'give a whole number, 1 or more'),         # was given to vLLM as {"image": -1}
+    ('--max-model-len', '0', 'give a whole number, 1 or more'),   # was given to vLLM
+    ('--startup-timeout', '-1', 'give a number of seconds over 0'),  # vLLM was started, then "not ready after -1 s"
+    ('--startup-timeout', 'nan', 'give a number of seconds over 0'),
+])
+def test_serve_numbers_that_mean_nothing_are_refused_at_parsing(folder, capsys, no_server, option, value, says):
+    with pytest.raises(SystemExit) as exit_:
+        serve_main([folder, option, value, '--vllm-python', sys.executable])
+    assert exit_.value.code == 2
+    assert f"argument {option}: '{value}': {says}" in capsys.readouterr().err

@@ -54,7 +54,7 @@ import urllib.error
 import urllib.request
 from typing import Dict, List, Optional
 
-from xtuner_plugins.cli.tool_args import port_argument, tool_error
+from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
 from xtuner_plugins.models.export.files import template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
 from xtuner_plugins.web.app import listen_address, port_problem
@@ -218,6 +218,17 @@ def wait_ready(proc: subprocess.Popen, base: str, model: str, root: str, timeout
     return f'vLLM was not ready after {timeout:.0f} s (--startup-timeout)'
 
 
+def seconds_argument(text: str) -> float:
+    """``--startup-timeout``: a number of seconds over 0 (-1 ended the wait before it began)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not value > 0 or value == float('inf'):
+        raise argparse.ArgumentTypeError(f'{text!r}: give a number of seconds over 0')
+    return value
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
@@ -234,8 +245,8 @@ def parse_args(argv=None):
     p.add_argument('--port', type=port_argument, default=8000, help='port (0: a free one; default 8000)')
     p.add_argument('--served-model-name', help='the model\'s name in the API (default: the folder\'s name)')
     p.add_argument('--dtype', help='default: the dtype the folder\'s weights were written in')
-    p.add_argument('--max-model-len', type=int, help='default: the LLM\'s max_position_embeddings')
-    p.add_argument('--images', type=int, help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
+    p.add_argument('--max-model-len', type=count_argument, help='default: the LLM\'s max_position_embeddings')
+    p.add_argument('--images', type=count_argument, help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
     p.add_argument('--system-message', help='default: the folder\'s (config.json, else its chat template\'s)')
     p.add_argument('--allowed-media-domains', nargs='+', metavar='DOMAIN',
                    help='hosts whose http(s) image URLs the server fetches (default: none, images as data URLs only: '
@@ -244,7 +255,8 @@ def parse_args(argv=None):
                    help='serve an official folder whose Python files are not this project\'s (vLLM runs them: read '
                         'them first)')
     p.add_argument('--vllm-python', help='the interpreter with vLLM (default: .venv-vllm\'s, see --help)')
-    p.add_argument('--startup-timeout', type=float, default=900.0, help='seconds to wait for the server (900)')
+    p.add_argument('--startup-timeout', type=seconds_argument, default=900.0,
+                   help='seconds to wait for the server (900)')
     args = p.parse_args(argv)
     if (args.folder is None) == (args.checkpoint is None):
         p.error('give a converted folder or --checkpoint, one of them')

@@ -41,3 +41,17 @@ def test_an_earlier_feature_layer_is_not_written_for_transformers_internvl(tmp_p
                                          r'official, remote'):
         choose_format(vlm, 'hf')
     assert choose_format(model(tmp_path / 'last', 56), 'hf') == 'hf'
+
+
+def test_an_internvit_normalised_otherwise_goes_to_the_remote_folder(tmp_path):
+    """InternVL's code and its load_image normalise with ImageNet's mean/std whatever config.json says: a tower
+    trained with another (here 0.5/0.5) gave logits 8.3 off through an official folder; the remote folder records
+    its mean/std."""
+    paths = make_tiny_models(str(tmp_path), image_size=56)
+    vlm = VisionLanguageModel(vision_encoder=dict(type='internvit', path=paths['internvit'], mean=[0.5] * 3,
+                                                  std=[0.5] * 3), llm=paths['llm'], torch_dtype=torch.float32)
+    assert choose_format(vlm, 'auto') == 'remote'
+    for fmt in ('official', 'hf'):
+        with pytest.raises(ValueError, match=rf'--format {fmt} does not fit this model: pixel mean \[0.5, 0.5, 0.5\] '
+                                             r'and std \[0.5, 0.5, 0.5\] .*formats that fit: remote'):
+            choose_format(vlm, fmt)

@@ -35,6 +35,9 @@ def internvl_misfit(model: VisionLanguageModel) -> Optional[str]:
         reasons.append(shuffle_arithmetic_misfit(model))
     if model.image_mode != 'tile':
         reasons.append(f'image mode {model.image_mode} (InternVL tiles)')
+    if not all(abs(a - b) < 1e-6 for a, b in zip(model.vision.mean + model.vision.std, IMAGENET_MEAN + IMAGENET_STD)):
+        reasons.append(f'pixel mean {list(model.vision.mean)} and std {list(model.vision.std)} (InternVL\'s code and '
+                       f'load_image normalise with ImageNet\'s, {list(IMAGENET_MEAN)} and {list(IMAGENET_STD)})')
     return '; '.join(reasons) or None
 
 

@@ -80,3 +80,12 @@ def test_qlora_trains_adapters_on_a_4bit_llm(tiny, batch):
 def test_qlora_needs_frozen_base_and_adapters(tiny, kw):
     with pytest.raises(ValueError, match='llm_quantization needs llm_lora and freeze_llm=True'):
         build(tiny, **kw)
+
+
+def test_a_misspelt_target_module_is_refused(tiny):
+    """peft adapted v_proj alone and dropped 'qproj' without a word."""
+    with pytest.raises(ValueError, match=r"target_modules \['qproj', 'v_proj'\]: 'qproj' name no layer of the model.*"
+                                         r"'qproj': closest q_proj"):
+        build(tiny, llm_lora=dict(LORA, target_modules=['qproj', 'v_proj']))
+    model = build(tiny, llm_lora=dict(LORA, target_modules=['q_proj', 'v_proj']))
+    assert {k.split('.')[-4] for k in model.trainable_keys() if 'lora_A' in k} == {'q_proj', 'v_proj'}

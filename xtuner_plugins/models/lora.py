@@ -22,11 +22,30 @@ def apply_lora(model: nn.Module, lora: dict, task_type: Optional[str] = None) ->
     if task_type is not None:
         cfg.setdefault('task_type', task_type)
     from .dropout import use_cpu_dropout
+    check_target_modules(model, cfg['target_modules'])
     model = get_peft_model(model, LoraConfig(**cfg))
     if cfg.get('lora_bias'):
         check_lora_bias(model)
     use_cpu_dropout(model)
     return model
+
+
+def check_target_modules(model: nn.Module, targets) -> None:
+    """Refuse a ``target_modules`` list naming a layer the model has not (peft adapts the names it finds and drops a
+    misspelt one without a word, as long as one other matches: ``['qproj', 'v_proj']`` trained ``v_proj`` alone)."""
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple, set)):
+        return  # 'all-linear', or a regular expression: peft's own
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith('.' + str(t)) for n in names)]
+    if missing:
+        import difflib
+
+        from xtuner_plugins.errors import Refused
+        linear = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        near = {t: difflib.get_close_matches(str(t), linear, n=1) for t in missing}
+        hint = '; '.join(f'{t!r}: closest {near[t][0]}' for t in missing if near[t])
+        raise Refused(f'target_modules {list(targets)}: {", ".join(map(repr, missing))} name no layer of the model, so '
+                      f'no adapter would train there (its linear layers: {", ".join(linear)})' + (f'; {hint}' if hint else ''))
 
 
 def check_lora_bias(model: nn.Module) -> None:

@@ -3,6 +3,7 @@ would name other samples (some of the epoch seen twice, others never), so start-
 same data resumes as before."""
 
 import json
+import pickle
 import shutil
 from types import SimpleNamespace
 
@@ -15,7 +16,9 @@ from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.online_packing import OnlinePackedDataset
 from xtuner_plugins.data.shards import ShardDataset
 from xtuner_plugins.data.streaming import stream_collate_fn
+from xtuner_plugins.engine import streamstate
 from xtuner_plugins.engine.streamstate import StreamStateHook
+from xtuner_plugins.errors import Refused
 
 SETTINGS = dict(image_size=28, max_dynamic_patch=4, max_bad_fraction=1)
 
@@ -41,14 +44,14 @@ def checkpoint_after(dataset, batches):
     runner = SimpleNamespace(train_loop=SimpleNamespace(dataloader=SimpleNamespace(num_workers=0, dataset=dataset)))
     checkpoint = {}
     hook.before_save_checkpoint(runner, checkpoint)
-    return json.loads(json.dumps(checkpoint))  # as saved and loaded
+    return pickle.loads(pickle.dumps(checkpoint))  # as torch.save and torch.load give it back (int keys kept)
 
 
-def resume(checkpoint, dataset):
-    hook = StreamStateHook()
+def resume(checkpoint, dataset, cfg=None, **options):
+    hook = StreamStateHook(**options)
     hook.after_load_checkpoint(None, checkpoint)
     loop = SimpleNamespace(iter=3, dataloader=DataLoader(dataset, batch_size=1, collate_fn=stream_collate_fn))
-    hook.before_train(SimpleNamespace(train_loop=loop))
+    hook.before_train(SimpleNamespace(train_loop=loop, cfg=cfg))
     return loop
 
 
@@ -69,6 +72,30 @@ def test_online_packing_resumed_over_a_file_that_grew_is_refused_saying_what_cha
                           f'saved (the checkpoint\'s against this run\'s: 12 samples before packing against 13; '
                           f'{path}: '), err
     assert 'start a new run from its weights (model.pretrained_pth=CHECKPOINT)' in err
+    assert "(StreamStateHook's on_data_change='restart')" in err
+    hooks = [dict(type='BadSampleHook'), dict(type=StreamStateHook)]
+    with pytest.raises(SystemExit):
+        resume(checkpoint, grown, cfg=dict(custom_hooks=hooks))
+    assert '(--cfg-options custom_hooks.1.on_data_change=restart)' in capsys.readouterr().err
+
+
+def test_on_data_change_restart_goes_on_with_the_stream_from_its_beginning(data, monkeypatch):
+    """``on_data_change='restart'``: the changed data's stream starts again from its first batch (MMEngine's replay
+    of the 3 trained batches still answered without drawing), with a warning; an unknown value is refused."""
+    root, path, settings = data
+    checkpoint = checkpoint_after(packed(path, settings, root), 3)
+    with open(path, 'a') as f:
+        f.write(json.dumps({'image': '0.png', 'conversations': conv(answer='new')}) + '\n')
+    fresh = iter(DataLoader(packed(path, settings, root), batch_size=1, collate_fn=stream_collate_fn))
+    first = [next(fresh)['data']['input_ids'].tolist() for _ in range(4)]
+    said = []
+    monkeypatch.setattr(streamstate, 'print_log', lambda msg, **kw: said.append(msg))
+    loop = resume(checkpoint, packed(path, settings, root), on_data_change='restart')
+    assert [next(loop.dataloader_iterator) for _ in range(3)] == [None] * 3
+    assert [next(loop.dataloader_iterator)['data']['input_ids'].tolist() for _ in range(4)] == first
+    assert "on_data_change='restart': the weights, optimizer and schedule are the checkpoint's" in said[0]
+    with pytest.raises(Refused, match=r"on_data_change='go'; use 'stop' or 'restart'"):
+        StreamStateHook(on_data_change='go')
 
 
 def test_shards_resumed_over_a_shard_set_written_again_are_refused(data, capsys):

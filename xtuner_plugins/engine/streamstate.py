@@ -14,8 +14,10 @@ stream that is exact but as slow as the training's data loading. :class:`StreamS
 A checkpoint of a run with another number of ranks or workers cannot be continued exactly: start-up stops with one
 line naming both. Nor can one whose data changed since (an annotation file of another size or other samples kept, a
 shard set of other shards: ``dataagree.data_fingerprint``, saved with the states): its positions would name other
-samples, so start-up stops saying what changed. A checkpoint without stream states (a run without this hook) is
-replayed as MMEngine does.
+samples, so start-up stops saying what changed. With ``on_data_change='restart'`` such a resume goes on instead:
+the weights, optimizer, schedule and iteration count come from the checkpoint, and the stream starts again from its
+beginning over the data as it is now (a warning says so; the epoch's position is lost). A checkpoint without stream
+states (a run without this hook) is replayed as MMEngine does.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ class StreamStateHook(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self) -> None:
+    def __init__(self, on_data_change: str = 'stop') -> None:
+        if on_data_change not in ('stop', 'restart'):
+            from xtuner_plugins.errors import Refused
+            raise Refused(f"StreamStateHook: on_data_change={on_data_change!r}; use 'stop' or 'restart'")
+        self.on_data_change = on_data_change
         self.states: Dict[int, Any] = {}
         self.gathered: Optional[Dict[int, Any]] = None  # every rank's states (after_train_iter)
         self.loaded: Optional[dict] = None
@@ -124,24 +130,51 @@ class StreamStateHook(Hook):
         workers = max(1, dataloader.num_workers)
         saved = (self.loaded['world_size'], self.loaded['workers'])
         if saved != (world, workers):
-            from xtuner_plugins.engine.runstart import refuse
-            refuse(f'resume: the checkpoint\'s data stream was read by {saved[0]} rank(s) x {saved[1]} DataLoader '
-                   f'worker(s), this run has {world} x {workers}: resume with the same numbers (the stream\'s parts '
-                   f'are cut by them)')
+            self._cannot_continue(runner, f'the checkpoint\'s data stream was read by {saved[0]} rank(s) x {saved[1]} '
+                                          f'DataLoader worker(s), this run has {world} x {workers}', 'resume with '
+                                          'the same numbers (the stream\'s parts are cut by them)')
+            return self._restart(loop, dataloader)
         changed = data_change(self.loaded.get('data'), dataset)
         if changed:
-            from xtuner_plugins.engine.runstart import refuse
-            refuse(f'resume: the data changed since the checkpoint\'s data stream state was saved (the checkpoint\'s '
-                   f'against this run\'s: {changed}): its '
-                   f'positions would name other samples now, some of the epoch seen twice and others not at all; '
-                   f'resume with the data it was saved with, or start a new run from its weights '
-                   f'(model.pretrained_pth=CHECKPOINT) to train on the new data')
+            self._cannot_continue(runner, f'the data changed since the checkpoint\'s data stream state was saved (the '
+                                          f'checkpoint\'s against this run\'s: {changed}): its positions would name '
+                                          f'other samples now, some of the epoch seen twice and others not at all',
+                                  'resume with the data it was saved with')
+            return self._restart(loop, dataloader)
         mine = {u: s for u, s in self.loaded['units'].items() if rank * workers <= int(u) < (rank + 1) * workers}
         self.states = dict(mine)
         dataset.resume_from(mine, consumed=loop.iter)
         restart_loader(loop, dataloader, loop.iter)
         print_log(f'data stream resumed at iteration {loop.iter} from the checkpoint\'s state of {len(mine)} '
                   f'reading unit(s) of this rank (no batch drawn again)', logger='current')
+
+
+    def _cannot_continue(self, runner, why: str, remedy: str) -> None:
+        """Stop start-up (``on_data_change='stop'``), naming the setting that goes on anyway; or warn."""
+        if self.on_data_change == 'restart':
+            print_log(f'resume: {why}; on_data_change=\'restart\': the weights, optimizer and schedule are the '
+                      f'checkpoint\'s, the data stream starts again from its beginning', logger='current',
+                      level=logging.WARNING)
+            return
+        from xtuner_plugins.engine.runstart import refuse
+        refuse(f'resume: {why}; {remedy}, or go on with the checkpoint\'s weights, optimizer and schedule and the '
+               f'stream started again from its beginning ({_restart_option(runner)}), or start a new run from its '
+               f'weights (model.pretrained_pth=CHECKPOINT)')
+
+    def _restart(self, loop, dataloader) -> None:
+        """The stream from its beginning; MMEngine's replay of the trained batches answered without drawing."""
+        self.states = {}
+        restart_loader(loop, dataloader, loop.iter)
+
+
+def _restart_option(runner) -> str:
+    """The ``--cfg-options`` that sets this hook's ``on_data_change='restart'`` in ``runner``'s config."""
+    hooks = (getattr(runner, 'cfg', None) or {}).get('custom_hooks') or []
+    for index, hook in enumerate(hooks):
+        kind = hook.get('type') if isinstance(hook, dict) else None
+        if getattr(kind, '__name__', str(kind)).rsplit('.', 1)[-1] == 'StreamStateHook':
+            return f'--cfg-options custom_hooks.{index}.on_data_change=restart'
+    return "StreamStateHook's on_data_change='restart'"
 
 
 def data_change(saved: Optional[dict], dataset) -> str:

@@ -57,8 +57,16 @@ def test_the_page_and_the_api_say_it_in_one_line(setup):
         with pytest.raises(gr.Error, match=says):  # gradio's one-line error, no traceback in the server's log
             api(setup['image'], question)
     send = next(fn.fn for fn in app.fns.values() if fn.name == 'send')
+    earlier = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
+    shown = []
     with pytest.raises(gr.Error, match='control_text'):
-        list(send(TYPED[3], [setup['image']], [], None, 2, True, False, 0.7, 0.9, 4))
+        for outputs in send(TYPED[3], [setup['image']], list(earlier), None, 2, True, False, 0.7, 0.9, 4):
+            shown.append(outputs)
+    # the refused turn is taken back off the page (it showed a question the model never saw, with no answer), and
+    # the question and the upload are given back to edit (both were cleared)
+    history, _, question, files, _, status = shown[-1]
+    assert history == earlier and question == TYPED[3].strip() and files == [setup['image']]
+    assert status.startswith('Not asked: the question holds')
 
 
 def test_the_chat_tool_refuses_it_in_one_line(setup, capsys):
@@ -68,3 +76,23 @@ def test_the_chat_tool_refuses_it_in_one_line(setup, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('chat: error: the question holds \'<|im_end|>\'') and \
         'control_text' in err[0], err
+
+
+def test_the_taken_back_turn_is_what_gradio_sends_to_the_page(setup, tmp_path, monkeypatch):
+    """As served: the upload comes through gradio's cache, and the outputs that give it back pass its checks."""
+    import asyncio
+
+    import gradio as gr
+
+    from tests.web.test_app import file_payload
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    app = build_app(setup['chat'])
+    fn = next(f for f in app.fns.values() if f.name == 'send')
+    args = asyncio.run(app.preprocess_data(fn, [TYPED[0], [file_payload(setup['image'])], [], None, 2, True, False,
+                                                0.7, 0.9, 4, None, 8], None, explicit_call=True))
+    sent = []
+    with pytest.raises(gr.Error, match='control_text'):
+        for outputs in fn.fn(*args):
+            sent.append(asyncio.run(app.postprocess_data(fn, list(outputs), None)))
+    history, question, files = sent[-1][0], sent[-1][2], sent[-1][3]
+    assert history == [] and question == TYPED[0] and len(files) == 1

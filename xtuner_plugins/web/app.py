@@ -197,10 +197,15 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 else:
                     conversation = after
         except PromptTooLong as exc:  # named by the page's settings
-            raise gr.Error(exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
-                                       new="'Max new tokens'", reset="'Clear history'"))
+            problem = exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
+                                  new="'Max new tokens'", reset="'Clear history'")
         except (ValueError, SampleError) as exc:  # <image> tags that do not match the images, control tokens
-            raise gr.Error(str(exc))
+            problem = str(exc)
+        else:
+            problem = None
+        if problem:  # the turn taken back: the page shows what the model saw; the question and uploads to edit
+            yield history[:-2], conversation, question, files or None, video_file or None, f'Not asked: {problem}'
+            raise gr.Error(problem)
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
         yield history, conversation, '', None, None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
 

@@ -289,3 +289,26 @@ def test_tiling_the_model_cannot_take_is_one_line(setup, capsys, option, says):
     assert chat_main([setup['folder'], '--image', setup['images'][0], '--prompt', 'x', *option]) == 2
     err = capsys.readouterr().err
     assert err == says.format(folder=setup['folder']) + '\n', err
+
+
+def test_interactive_paths_with_spaces_and_quotes_are_attached(monkeypatch, capsys, tmp_path):
+    """/image my photo.jpg was two missing files ('my', 'photo.jpg'); now a whole rest that names a file is one path,
+    and several paths may be quoted as in a shell."""
+    import xtuner_plugins.cli.chat as chat
+    spaced, quoted = write_image(tmp_path / 'my photo.png'), write_image(tmp_path / "John's.png", seed=1)
+    plain = write_image(tmp_path / 'b.png', seed=2)
+    model = EmptyAnswers('Yes.')
+    asked = []
+    model.ask = lambda question, images, generation, streamer=None: (asked.append(list(images)), streamer.end(),
+                                                                      'Yes.')[-1]
+    monkeypatch.setattr(chat, 'run_tool', lambda args, prog, use, errors, **tiling: use(model) or 0)
+    lines = iter([f'/image {spaced}', f'/image {quoted} {plain}', f"/image '{quoted}' {plain}", 'Same?', '/exit'])
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert chat_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert asked == [[spaced, quoted, plain]], out
+    # an apostrophe inside single quotes is no shell quoting either: that line is refused, nothing attached from it
+    assert out.count('(not attached: ') == 1
+    from xtuner_plugins.cli.chat import typed_paths
+    assert typed_paths(f' {spaced} ') == [spaced] and typed_paths(f'"{spaced}" {plain}') == [spaced, plain]
+    assert typed_paths(f"{quoted}") == [quoted] and typed_paths("a 'b") == ['a', "'b"]

@@ -26,9 +26,11 @@ ways run the same model code.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import threading
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -69,6 +71,18 @@ HELP = ('Type a message; /image PATH ... attaches images to the next message, /v
         'history, /help shows this, /exit quits.')
 
 
+def typed_paths(rest: str) -> List[str]:
+    """The paths typed after ``/image`` or ``/video``: the whole rest when it names a file (a name with spaces or
+    an apostrophe: 'my photo.jpg' was two missing files), else its words, quoted as in a shell."""
+    rest = rest.strip()
+    if os.path.isfile(rest):
+        return [rest]
+    try:
+        return shlex.split(rest)
+    except ValueError:  # an unmatched quote
+        return rest.split()
+
+
 def video_frames(path: str, frames: int):
     """``(frames, None)`` of a video, or ``(None, 'FILE: what is wrong [reason]')``."""
     try:
@@ -106,7 +120,7 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             print('(history cleared)')
             continue
         if command == '/image':
-            paths = line.split()[1:]
+            paths = typed_paths(line[len('/image'):])
             problem = image_problem(paths)
             if problem:
                 print(f'(not attached: {problem})')
@@ -115,7 +129,8 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             print(f'(attached to the next message: {", ".join(pending)})')
             continue
         if command == '/video':
-            loaded, problem = video_frames(line[len('/video'):].strip(), frames)
+            typed = typed_paths(line[len('/video'):])
+            loaded, problem = video_frames(typed[0] if len(typed) == 1 else line[len('/video'):].strip(), frames)
             if problem:
                 print(f'(not attached: {problem})')
                 continue

@@ -26,7 +26,7 @@ environment_defaults()
 
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
-from xtuner_plugins.web.app import WebChat, build_app, launch, port_problem
+from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app, launch, port_problem
 
 
 def parse_args(argv=None):
@@ -40,9 +40,19 @@ def parse_args(argv=None):
                         help='the page\'s starting value (default 512; generation stops sooner at the end token, '
                              'or after 32 whitespace-only tokens in a row)')
     parser.add_argument('--title', default='InternVL chat')
+    parser.add_argument('--max-file-size', type=file_size_argument, default=MAX_FILE_SIZE,
+                        help=f'the largest upload taken (default {MAX_FILE_SIZE}; e.g. 200mb, 2gb)')
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     return args
+
+
+def file_size_argument(text: str) -> str:
+    """``--max-file-size``: a whole number of b, kb, mb, gb or tb (gradio's form), e.g. ``200mb``."""
+    import re
+    if not re.fullmatch(r'[1-9][0-9]*(b|kb|mb|gb|tb)', text.strip().lower()):
+        raise argparse.ArgumentTypeError(f'{text!r}: give a size such as 200mb or 2gb (b, kb, mb, gb, tb)')
+    return text.strip().lower()
 
 
 class GGUFFolder(ValueError):
@@ -62,7 +72,8 @@ def main(argv=None) -> int:
         if model.format == 'gguf':  # llama.cpp's worker keeps no per-session conversations
             raise GGUFFolder(f'{args.folder} is a GGUF folder: it answers through tools/chat.py and tools/eval.py; '
                              f'the web demo takes the official folder it was converted from')
-        launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port)
+        launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port,
+               max_file_size=args.max_file_size)
 
     return run_tool(args, 'web_demo', serve, (OSError, GGUFFolder), max_num=args.max_num, min_num=args.min_num)
 

@@ -34,6 +34,11 @@ from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 from xtuner_plugins.models.prompt import PromptTooLong
 
+#: gradio's cache of uploads: every hour, the files over a day old are removed (gradio kept them all, for ever)
+DELETE_CACHE = (3600, 86400)
+#: the largest upload the page and /chat take by default (gradio took any size into its cache, on /tmp's disk)
+MAX_FILE_SIZE = '1gb'
+
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
 MONO_FONTS = ('ui-monospace', 'monospace')
@@ -212,7 +217,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
     def clear():
         return [], None, '', None, None, 'History cleared.'
 
-    with gr.Blocks(title=title) as app:
+    # uploads are copied into gradio's cache and kept there; sessions keep their images' bytes, so older copies go
+    with gr.Blocks(title=title, delete_cache=DELETE_CACHE) as app:
         gr.Markdown(f'## {title}\n`{model.folder}` ({model.format} format). Images you upload go with your next '
                     'message; every later turn still sees them.')
         conversation = gr.State(None)

@@ -1,0 +1,50 @@
+"""Uploads to the web demo: at most --max-file-size (1gb by default; gradio took any size into its cache on /tmp's
+disk, as a remote user chose), and gradio's cache of them cleared of files over a day old (it kept every upload
+for as long as the server ran)."""
+
+import socket
+import types
+
+import pytest
+
+from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, WebChat, build_app, launch
+
+STUB = types.SimpleNamespace(folder='stub', format='official', tiling={'max_num': 4, 'use_thumbnail': True})
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_an_upload_over_the_limit_is_refused(tmp_path, monkeypatch):
+    import httpx
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    app = build_app(WebChat(STUB, max_new_tokens=4))
+    assert app.delete_cache == DELETE_CACHE == (3600, 86400)
+    port = free_port()
+    launch(app, '127.0.0.1', port, max_file_size='1kb', prevent_thread_lock=True, quiet=True)
+    try:
+        url = f'http://127.0.0.1:{port}/gradio_api/upload'
+        small = httpx.post(url, files={'files': ('a.png', b'x' * 500)}, timeout=30)
+        big = httpx.post(url, files={'files': ('b.png', b'x' * 5000)}, timeout=30)
+    finally:
+        app.close()
+    assert small.status_code == 200 and big.status_code == 413, (small.text, big.text)
+
+
+def test_the_web_demo_passes_its_limit(monkeypatch, capsys):
+    from xtuner_plugins.cli import web_demo
+    launched = []
+    monkeypatch.setattr(web_demo, 'run_tool', lambda args, prog, use, errors, **tiling: use(STUB) or 0)
+    monkeypatch.setattr(web_demo, 'build_app', lambda chat, title: 'app')
+    monkeypatch.setattr(web_demo, 'launch', lambda app, host, port, **kwargs: launched.append(kwargs))
+    port = str(free_port())
+    assert web_demo.main(['folder', '--port', port]) == 0
+    assert web_demo.main(['folder', '--port', port, '--max-file-size', '200MB']) == 0
+    assert launched == [dict(max_file_size=MAX_FILE_SIZE), dict(max_file_size='200mb')] and MAX_FILE_SIZE == '1gb'
+    for bad in ('0mb', '1.5gb', 'big', '-1kb'):
+        with pytest.raises(SystemExit):
+            web_demo.main(['folder', '--port', port, f'--max-file-size={bad}'])
+        assert f"argument --max-file-size: '{bad}': give a size such as 200mb" in capsys.readouterr().err

@@ -246,7 +246,8 @@ def parse_args(argv=None):
     p.add_argument('--served-model-name', help='the model\'s name in the API (default: the folder\'s name)')
     p.add_argument('--dtype', help='default: the dtype the folder\'s weights were written in')
     p.add_argument('--max-model-len', type=count_argument, help='default: the LLM\'s max_position_embeddings')
-    p.add_argument('--images', type=count_argument, help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
+    p.add_argument('--images', type=count_argument,
+                   help=f'images per prompt (default: as many as fit, at most {MAX_IMAGES})')
     p.add_argument('--system-message', help='default: the folder\'s (config.json, else its chat template\'s)')
     p.add_argument('--allowed-media-domains', nargs='+', metavar='DOMAIN',
                    help='hosts whose http(s) image URLs the server fetches (default: none, images as data URLs only: '

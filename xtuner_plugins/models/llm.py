@@ -76,8 +76,10 @@ def fit_embeddings_to_tokenizer(llm: PreTrainedModel, tokenizer, num_old_tokens:
     new_size = len(tokenizer)
     weight = llm.get_input_embeddings().weight
     old_rows = shape_of(weight)[0]
-    if num_old_tokens is None:
-        num_old_tokens = min(old_rows, new_size)
+    # rows the checkpoint lacks (a tokenizer longer than the embedding even before InternVL's tokens) are new too:
+    # resize_token_embeddings draws them at random, differently in every process that builds the model (a frozen
+    # LLM's rows are in no checkpoint, so the converter's model had other rows than the trained one's)
+    num_old_tokens = min(old_rows, new_size) if num_old_tokens is None else min(num_old_tokens, old_rows)
     if new_size != old_rows:
         llm.resize_token_embeddings(new_size, mean_resizing=False)
     if num_old_tokens < new_size:

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument('--llm', choices=TINY_LLM_ARCHS, default='qwen2', help='LLM architecture (default qwen2)')
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,
-                   help='tile size of the tiny encoder in pixels, a multiple of 28 (default 56)')
+                   help='tile size of the tiny encoder in pixels, a multiple of the 14 px patch; of 28 for '
+                        'pixel_shuffle_mlp, which halves the grid (default 56)')
     p.add_argument('--llm-heads', type=int, default=4,
                    help=f'the LLM\'s attention heads, a divisor of its width {LLM_WIDTH} (default 4: 16 wide; vLLM\'s '
                         f'CPU build needs 32 or wider: 2)')

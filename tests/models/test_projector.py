@@ -102,4 +102,5 @@ def test_a_ratio_that_is_not_one_over_a_whole_number_is_refused(ratio):
 
 @pytest.mark.parametrize('ratio,grid,tokens', [(0.5, 4, 4), (0.25, 8, 4), (1 / 3, 6, 4), (1.0, 4, 16)])
 def test_ratios_one_over_n_build(ratio, grid, tokens):
-    assert build_projector(dict(type='pixel_shuffle_mlp', downsample_ratio=ratio), 16, 24).tokens_per_tile(grid) == tokens
+    projector = build_projector(dict(type='pixel_shuffle_mlp', downsample_ratio=ratio), 16, 24)
+    assert projector.tokens_per_tile(grid) == tokens

@@ -45,7 +45,8 @@ def check_target_modules(model: nn.Module, targets) -> None:
         near = {t: difflib.get_close_matches(str(t), linear, n=1) for t in missing}
         hint = '; '.join(f'{t!r}: closest {near[t][0]}' for t in missing if near[t])
         raise Refused(f'target_modules {list(targets)}: {", ".join(map(repr, missing))} name no layer of the model, so '
-                      f'no adapter would train there (its linear layers: {", ".join(linear)})' + (f'; {hint}' if hint else ''))
+                      f'no adapter would train there (its linear layers: {", ".join(linear)})'
+                      + (f'; {hint}' if hint else ''))
 
 
 def check_lora_bias(model: nn.Module) -> None:

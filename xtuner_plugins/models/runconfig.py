@@ -43,7 +43,8 @@ def option_into_unset(cfg, options) -> Optional[str]:
             else:
                 break
             prefix = '.'.join(parts[:i + 1])
-            if not hasattr(node, 'keys') and not isinstance(node, (list, tuple)) and f'{prefix}._delete_' not in options:
+            unset = not hasattr(node, 'keys') and not isinstance(node, (list, tuple))
+            if unset and f'{prefix}._delete_' not in options:
                 return (f'{key}: {prefix} is {node!r} in the config, not a dict of settings, so {parts[i + 1]!r} has '
                         f'nothing to go into; set it afresh with {prefix}._delete_=True beside {key} (its other '
                         f'settings then take their defaults)')

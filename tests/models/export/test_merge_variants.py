@@ -28,7 +28,8 @@ def logits(model, batch):
         return model(dict(batch), mode='tensor')
 
 
-@pytest.mark.parametrize('lora', [dict(use_dora=True), dict(lora_bias=True, target_modules=['q_proj', 'k_proj', 'v_proj'])],
+@pytest.mark.parametrize('lora', [dict(use_dora=True),
+                                  dict(lora_bias=True, target_modules=['q_proj', 'k_proj', 'v_proj'])],
                          ids=['dora', 'lora_bias'])
 def test_merged_variant_equals_the_trained_model(tiny, batch, lora):
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from xtuner_plugins.cli.train import option_problems
-from xtuner_plugins.models.runconfig import load_config_checked, option_into_unset
+from xtuner_plugins.engine.options import load_config, option_into_unset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
@@ -24,13 +24,13 @@ def test_training_refuses_it_in_one_line():
 
 def test_the_planner_and_the_converter_refuse_it():
     with pytest.raises(ValueError, match=r'--cfg-options: ' + WANTED.replace('.', r'\.').replace('(', r'\(')):
-        load_config_checked(LORA, {'model.vision_lora.r': 4})
+        load_config(LORA, {'model.vision_lora.r': 4})
 
 
 def test_the_way_it_names_works():
     options = {'model.vision_lora._delete_': True, 'model.vision_lora.r': 4, 'model.vision_lora.lora_alpha': 8}
     assert option_problems(LORA, options) == []
-    assert dict(load_config_checked(LORA, options).model.vision_lora) == {'r': 4, 'lora_alpha': 8}
+    assert dict(load_config(LORA, options).model.vision_lora) == {'r': 4, 'lora_alpha': 8}
 
 
 def test_keys_into_lists_and_set_dicts_pass():

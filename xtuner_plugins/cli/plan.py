@@ -130,14 +130,13 @@ def main(argv=None) -> int:
 
     from mmengine.config import Config
 
-    from xtuner_plugins.engine.options import check_cfg_options
-    from xtuner_plugins.models.runconfig import load_config_checked
+    from xtuner_plugins.engine.options import check_cfg_options, load_config
     from xtuner_plugins.models.liger import check_liger
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
         check_args(args)
-        cfg = load_config_checked(args.config, args.cfg_options)
+        cfg = load_config(args.config, args.cfg_options)
         checked_here = ('batch_size', 'per_device_batch_size', 'max_length', 'max_dynamic_patch', 'max_tokens',
                         'max_tiles')   # below, each in its own words
         problems = check_cfg_options(Config.fromfile(args.config), {   # as training checks them: a misspelt key

@@ -25,42 +25,10 @@ import copy
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from xtuner_plugins.engine.options import load_config, option_into_unset
+
 from . import lineage
 from .checkpoint import config_settings, read_meta
-
-
-def option_into_unset(cfg, options) -> Optional[str]:
-    """Why MMEngine cannot merge ``options`` (``--cfg-options``) into ``cfg``, in one line, or None: a key under a
-    setting the config leaves unset or gives a plain value (``model.vision_lora.r=4`` where ``vision_lora = None``),
-    which MMEngine answers with a TypeError traceback."""
-    for key in options or {}:
-        parts, node = str(key).split('.'), cfg
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif hasattr(node, 'keys') and part in node:
-                node = node[part]
-            else:
-                break
-            prefix = '.'.join(parts[:i + 1])
-            unset = not hasattr(node, 'keys') and not isinstance(node, (list, tuple))
-            if unset and f'{prefix}._delete_' not in options:
-                return (f'{key}: {prefix} is {node!r} in the config, not a dict of settings, so {parts[i + 1]!r} has '
-                        f'nothing to go into; set it afresh with {prefix}._delete_=True beside {key} (its other '
-                        f'settings then take their defaults)')
-    return None
-
-
-def load_config_checked(config: str, cfg_options: Optional[dict] = None):
-    """``engine.options.load_config``, with :func:`option_into_unset` a ValueError of one line first."""
-    from mmengine.config import Config
-
-    from xtuner_plugins.engine.options import load_config
-    if cfg_options and os.path.isfile(config):
-        problem = option_into_unset(Config.fromfile(config), cfg_options)
-        if problem:
-            raise ValueError(f'--cfg-options: {problem}')
-    return load_config(config, cfg_options)
 
 #: data set settings that shape what the model sees (``train_dataloader.dataset``, the packed wrapper's inner one)
 DATA_SETTINGS = ('min_dynamic_patch', 'max_dynamic_patch', 'use_thumbnail', 'image_size', 'template', 'system',
@@ -160,7 +128,7 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     lineage.set_remap(remap)
     meta = read_meta(checkpoint)
-    given = load_config_checked(config, cfg_options) if config else None
+    given = load_config(config, cfg_options) if config else None
     if not meta.get('cfg'):
         if given is None:
             raise ValueError(f'{checkpoint} records no training config (it was not written by training\'s '

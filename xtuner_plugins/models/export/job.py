@@ -20,11 +20,12 @@ import torch
 
 from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.engine.hooks import peak_rss_mb
+from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.engine.runlock import LOCK_NAME
 
 from ..dtypes import dtype_name
 from ..lineage import recorded_inputs
-from ..runconfig import load_config_checked, run_config
+from ..runconfig import run_config
 from .build import build_for_export, merge_adapters, tiling_settings, training_frame_prefix, training_system_message
 from .files import Log, _print
 from .gguf import QUANTS, model_misfit as gguf_misfit, tools as gguf_tools, write_gguf
@@ -210,7 +211,7 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     elif config is None:
         raise ValueError('give a checkpoint, or a config that starts from an official folder')
     else:
-        cfg = load_config_checked(config, cfg_options)
+        cfg = load_config(config, cfg_options)
     out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite, log)
     if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')

@@ -233,11 +233,13 @@ def test_bos_once_at_start(bos_tok):
 
 
 def test_tokenizer_claiming_bos_without_adding_it():
+    """The bos is what the tokenizer adds (chat's prompt gets the same), not what its attribute claims."""
     t = build_tiny_tokenizer()
     t.add_special_tokens({'bos_token': '<s>'})
     t.add_bos_token = True  # but the post-processor adds nothing
-    with pytest.raises(ValueError, match='add_bos_token'):
-        tokenize_conversation([H('Hi'), G('Hello.')], t, [])
+    ids = tokenize_conversation([H('Hi'), G('Hello.')], t, [])['input_ids']
+    start = t('<|im_start|>system').input_ids
+    assert t.bos_token_id not in ids and ids[:len(start)] == start
 
 
 def test_tokenizer_without_internvl_tokens():

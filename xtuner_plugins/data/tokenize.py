@@ -7,7 +7,8 @@ encoder (:func:`encode_turns`):
 * in an assistant turn, the ``<|im_start|>assistant\\n`` prefix and the trailing ``\\n`` are not supervised,
   so the answer and ``<|im_end|>`` are;
 * each ``<image>`` in a human turn becomes ``<img>`` + ``<IMG_CONTEXT>`` * n + ``</img>``;
-* a tokenizer with ``add_bos_token`` gets its bos once, at the very start (not supervised).
+* a tokenizer that adds a bos (``add_bos_token``, or a post-processor that does, as Llama 3's) gets it once, at the
+  very start (not supervised).
 """
 
 from __future__ import annotations
@@ -122,12 +123,21 @@ def _encode(tokenizer, texts: List[str], special: bool) -> List[List[int]]:
     return out
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` starts a text with its bos, asked of the tokenizer itself (a text's ids, kept by
+    :func:`_encode`): ``add_bos_token`` says so for Llama 2's classes, but a Llama 3 style tokenizer adds it in its
+    post-processor and has no such attribute (InternVL's rule, which reads the attribute, put a bos at the start of
+    every turn of such a tokenizer, where chat puts one only at the very start)."""
+    bos = getattr(tokenizer, 'bos_token_id', None)
+    return bos is not None and _encode(tokenizer, ['a'], True)[0][:1] == [bos]
+
+
 def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
     """Tokenise each turn on its own, exactly like InternVL (bos once at the very start when the tokenizer
-    has ``add_bos_token``)."""
+    adds one: :func:`adds_bos`)."""
     if not texts:
         return []
-    add_bos = bool(getattr(tokenizer, 'add_bos_token', False))
+    add_bos = adds_bos(tokenizer)
     if add_bos:
         texts = [tokenizer.bos_token + texts[0]] + texts[1:]
     ids = _encode(tokenizer, texts, True)
@@ -136,7 +146,7 @@ def _tokenize_turns(tokenizer, texts: List[str]) -> List[List[int]]:
         bos = tokenizer.bos_token_id
         bad = [i for i, x in enumerate(ids) if not x or x[0] != bos]
         if bad:
-            raise ValueError(f'tokenizer says add_bos_token but does not start turn {bad[0]} with bos {bos}')
+            raise ValueError(f'tokenizer adds a bos but does not start turn {bad[0]} with bos {bos}')
         ids = [x[1:] for x in ids]
     return [list(x) for x in ids]
 
@@ -203,7 +213,7 @@ def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List
     def pieces_ids(pieces: List[Piece]) -> List[int]:
         return [i for t, protected in pieces
                 for i in (_literal_ids(tokenizer, t, controls) if protected else _text_ids(tokenizer, t))]
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, 'add_bos_token', False) else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
     for k, ((role, pieces), text) in enumerate(zip(rendered, texts)):
         ids = (bos if k == 0 else []) + pieces_ids(pieces)

@@ -1,0 +1,46 @@
+"""A tokenizer whose post-processor adds the bos (Llama 3's way: no ``add_bos_token`` attribute) gets it once, at
+the very start of a training sample, as chat's prompt has it; InternVL's rule read the attribute and put a bos at
+the start of every turn (``data/tokenize.py``: ``adds_bos``)."""
+
+from tokenizers import AddedToken, processors
+from transformers import PreTrainedTokenizerFast
+
+from xtuner_plugins.data.template import add_internvl_tokens, get_template
+from xtuner_plugins.data.tokenize import adds_bos, tokenize_conversation
+from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+
+BOS = '<|begin_of_text|>'
+
+
+def llama3_style_tokenizer():
+    backend = build_tiny_tokenizer(add_internvl_tokens=False).backend_tokenizer
+    backend.add_special_tokens([AddedToken(BOS, special=True, normalized=False)])
+    bos = backend.token_to_id(BOS)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f'{BOS} $A', pair=f'{BOS} $A {BOS} $B', special_tokens=[(BOS, bos)])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token='<|im_end|>',
+                                  additional_special_tokens=['<|im_start|>', '<|im_end|>'])
+    add_internvl_tokens(tok)
+    return tok
+
+
+def test_a_bos_added_by_the_post_processor_starts_the_sample_once():
+    tok = llama3_style_tokenizer()
+    assert not getattr(tok, 'add_bos_token', False) and adds_bos(tok)
+    conv = [{'from': 'human', 'value': 'Hi there'}, {'from': 'gpt', 'value': 'Hello'},
+            {'from': 'human', 'value': 'And now?'}, {'from': 'gpt', 'value': 'Bye'}]
+    ids = tokenize_conversation(conv, tok, [])['input_ids']
+    assert [i for i, x in enumerate(ids) if x == tok.bos_token_id] == [0]
+    template = get_template('internvl2_5')
+    prompt = template.render_system(template.default_system) + template.render_user('Hi there')
+    prompt += template.assistant_prefix
+    chat_ids = tok(prompt).input_ids  # chat's first prompt: the tokenizer's own bos, once
+    assert list(ids[:len(chat_ids)]) == chat_ids
+
+
+def test_a_tokenizer_without_a_bos_adds_none():
+    tok = build_tiny_tokenizer()
+    assert not adds_bos(tok)
+    ids = tokenize_conversation([{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Yes'}], tok, [])
+    assert tok.convert_ids_to_tokens(ids['input_ids'][:1]) == ['<|im_start|>']

@@ -1,13 +1,13 @@
 """Uploads to the web demo: at most --max-file-size (1gb by default; gradio took any size into its cache on /tmp's
 disk, as a remote user chose), and gradio's cache of them cleared of files over a day old (it kept every upload
-for as long as the server ran)."""
+for as long as the server ran); at most --max-queue requests wait at once (gradio's queue kept any number)."""
 
 import socket
 import types
 
 import pytest
 
-from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, WebChat, build_app, launch
+from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, launch
 
 STUB = types.SimpleNamespace(folder='stub', format='official', tiling={'max_num': 4, 'use_thumbnail': True})
 
@@ -32,6 +32,7 @@ def test_an_upload_over_the_limit_is_refused(tmp_path, monkeypatch):
     finally:
         app.close()
     assert small.status_code == 200 and big.status_code == 413, (small.text, big.text)
+    assert app._queue.max_size == MAX_QUEUE == 16
 
 
 def test_the_web_demo_passes_its_limit(monkeypatch, capsys):
@@ -42,8 +43,9 @@ def test_the_web_demo_passes_its_limit(monkeypatch, capsys):
     monkeypatch.setattr(web_demo, 'launch', lambda app, host, port, **kwargs: launched.append(kwargs))
     port = str(free_port())
     assert web_demo.main(['folder', '--port', port]) == 0
-    assert web_demo.main(['folder', '--port', port, '--max-file-size', '200MB']) == 0
-    assert launched == [dict(max_file_size=MAX_FILE_SIZE), dict(max_file_size='200mb')] and MAX_FILE_SIZE == '1gb'
+    assert web_demo.main(['folder', '--port', port, '--max-file-size', '200MB', '--max-queue', '3']) == 0
+    assert launched == [dict(max_file_size=MAX_FILE_SIZE, max_queue=MAX_QUEUE),
+                        dict(max_file_size='200mb', max_queue=3)] and MAX_FILE_SIZE == '1gb'
     for bad in ('0mb', '1.5gb', 'big', '-1kb'):
         with pytest.raises(SystemExit):
             web_demo.main(['folder', '--port', port, f'--max-file-size={bad}'])

@@ -26,7 +26,7 @@ environment_defaults()
 
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
-from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app, launch, port_problem
+from xtuner_plugins.web.app import MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, launch, port_problem
 
 
 def parse_args(argv=None):
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument('--title', default='InternVL chat')
     parser.add_argument('--max-file-size', type=file_size_argument, default=MAX_FILE_SIZE,
                         help=f'the largest upload taken (default {MAX_FILE_SIZE}; e.g. 200mb, 2gb)')
+    parser.add_argument('--max-queue', type=count_argument, default=MAX_QUEUE,
+                        help=f'requests waiting at once; past it a request is told the queue is full (default '
+                             f'{MAX_QUEUE}; each holds its uploads in memory)')
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     return args
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
             raise GGUFFolder(f'{args.folder} is a GGUF folder: it answers through tools/chat.py and tools/eval.py; '
                              f'the web demo takes the official folder it was converted from')
         launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port,
-               max_file_size=args.max_file_size)
+               max_file_size=args.max_file_size, max_queue=args.max_queue)
 
     return run_tool(args, 'web_demo', serve, (OSError, GGUFFolder), max_num=args.max_num, min_num=args.min_num)
 

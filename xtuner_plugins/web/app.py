@@ -38,6 +38,8 @@ from xtuner_plugins.models.prompt import PromptTooLong
 DELETE_CACHE = (3600, 86400)
 #: the largest upload the page and /chat take by default (gradio took any size into its cache, on /tmp's disk)
 MAX_FILE_SIZE = '1gb'
+#: requests waiting at once, each holding its uploads (gradio's queue keeps any number: a flood fills the memory)
+MAX_QUEUE = 16
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
@@ -308,15 +310,16 @@ def port_free(host: str, port: int) -> bool:
     return not port_problem(host, port)
 
 
-def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None, **kwargs):
+def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None,
+           max_queue: int = MAX_QUEUE, **kwargs):
     """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
-    gradio's search for another one."""
+    gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full."""
     import gradio as gr
     problem = port_problem(host, port)
     if problem:
         raise OSError(problem)
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
-    return app.queue().launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
+    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                               theme=theme, allowed_paths=allowed_paths, footer_links=['api'], **kwargs)
 
 

@@ -67,3 +67,14 @@ def test_the_finder_sees_relative_function_level_and_guarded_imports(tmp_path):
                                       'def f():\n    pass\n')
     (pkg / 'sub' / 'c.py').write_text('from . import b\nfrom pkg.sub import f\n')
     assert two_module_circles(str(tmp_path), 'pkg') == [('pkg.a', 'pkg.sub.b')]
+
+
+def test_chat_eval_and_the_web_demo_import_no_engine():
+    """The inference tools do not import the engine package: its import applies the CPU patches and logs them in
+    an INFO line, which chat printed before its answer (tests/test_readme.py saw it)."""
+    import subprocess
+    import sys
+    code = ('import sys, xtuner_plugins.cli.chat, xtuner_plugins.cli.eval, xtuner_plugins.cli.web_demo, '
+            'xtuner_plugins.models.runconfig; print(sorted(m for m in sys.modules if ".engine" in m))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == '[]', out

@@ -122,6 +122,28 @@ class CfgOptions(DictAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def option_into_unset(cfg, options) -> Optional[str]:
+    """Why MMEngine cannot merge ``options`` (``--cfg-options``) into ``cfg``, in one line, or None: a key under a
+    setting the config leaves unset or gives a plain value (``model.vision_lora.r=4`` where ``vision_lora = None``),
+    which MMEngine answers with a TypeError traceback."""
+    for key in options or {}:
+        parts, node = str(key).split('.'), cfg
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif hasattr(node, 'keys') and part in node:
+                node = node[part]
+            else:
+                break
+            prefix = '.'.join(parts[:i + 1])
+            unset = not hasattr(node, 'keys') and not isinstance(node, (list, tuple))
+            if unset and f'{prefix}._delete_' not in options:
+                return (f'{key}: {prefix} is {node!r} in the config, not a dict of settings, so {parts[i + 1]!r} has '
+                        f'nothing to go into; set it afresh with {prefix}._delete_=True beside {key} (its other '
+                        f'settings then take their defaults)')
+    return None
+
+
 def _existing(path: str) -> Optional[str]:
     for cand in (path, os.path.join(REPO_ROOT, path)):
         if os.path.isfile(cand):

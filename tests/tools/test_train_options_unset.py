@@ -8,7 +8,8 @@ import os
 import pytest
 
 from xtuner_plugins.cli.train import option_problems
-from xtuner_plugins.engine.options import load_config, option_into_unset
+from xtuner_plugins.engine.options import load_config
+from xtuner_plugins.launch import option_into_unset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')

@@ -297,7 +297,7 @@ def option_problems(config: str, options: dict) -> list:
 
     from xtuner_plugins.engine.length import resolve_training_length
     from xtuner_plugins.engine.options import check_cfg_options
-    from xtuner_plugins.engine.options import option_into_unset
+    from xtuner_plugins.launch import option_into_unset
     written = Config.fromfile(config)
     problems = check_cfg_options(written, options)
     if not problems and option_into_unset(written, options):   # MMEngine's merge would stop with a traceback

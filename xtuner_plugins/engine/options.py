@@ -29,6 +29,7 @@ import os
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
+from xtuner_plugins.launch import option_into_unset
 from xtuner_plugins.engine.signatures import accepted, parameter
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
@@ -57,28 +58,6 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
             raise ValueError(f'--cfg-options: {problem}')
         cfg.merge_from_dict(cfg_options)
     return cfg
-
-
-def option_into_unset(cfg, options) -> Optional[str]:
-    """Why MMEngine cannot merge ``options`` (``--cfg-options``) into ``cfg``, in one line, or None: a key under a
-    setting the config leaves unset or gives a plain value (``model.vision_lora.r=4`` where ``vision_lora = None``),
-    which MMEngine answers with a TypeError traceback."""
-    for key in options or {}:
-        parts, node = str(key).split('.'), cfg
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif hasattr(node, 'keys') and part in node:
-                node = node[part]
-            else:
-                break
-            prefix = '.'.join(parts[:i + 1])
-            unset = not hasattr(node, 'keys') and not isinstance(node, (list, tuple))
-            if unset and f'{prefix}._delete_' not in options:
-                return (f'{key}: {prefix} is {node!r} in the config, not a dict of settings, so {parts[i + 1]!r} has '
-                        f'nothing to go into; set it afresh with {prefix}._delete_=True beside {key} (its other '
-                        f'settings then take their defaults)')
-    return None
 
 
 def _leaves(node, prefix: str = '') -> Iterator[Tuple[str, object]]:

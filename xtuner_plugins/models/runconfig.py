@@ -25,7 +25,7 @@ import copy
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from xtuner_plugins.engine.options import load_config, option_into_unset
+from xtuner_plugins.launch import option_into_unset
 
 from . import lineage
 from .checkpoint import config_settings, read_meta
@@ -128,6 +128,8 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     lineage.set_remap(remap)
     meta = read_meta(checkpoint)
+    if config:  # the engine's load_config (chat and eval given a checkpoint alone import no engine: its CPU patches)
+        from xtuner_plugins.engine.options import load_config
     given = load_config(config, cfg_options) if config else None
     if not meta.get('cfg'):
         if given is None:

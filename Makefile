@@ -109,7 +109,7 @@ $(GGUF_STAMP): requirements-gguf.txt
 # fixtures are built once), longest first (tests/conftest.py: the order, one thread each).
 TEST_WORKERS ?= 2
 test: setup $(BROWSER) $(VLLM_STAMP) $(GGUF_STAMP) slurm jemalloc
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # make demo [NPROC_PER_NODE=2] [DEEPSPEED=zero3]
 NPROC_PER_NODE ?= 1

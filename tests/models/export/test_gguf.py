@@ -283,7 +283,8 @@ def test_tiling_options_are_refused_for_a_gguf_folder(setup, capsys):
 
 def test_the_web_demo_refuses_a_gguf_folder_in_one_line(setup, capsys):
     from tools.web_demo import main as web_main
-    assert web_main([setup['f32'], '--port', '0']) == 2
+    from xtuner_plugins.launch import free_port
+    assert web_main([setup['f32'], '--port', str(free_port())]) == 2
     assert 'is a GGUF folder: it answers through tools/chat.py and tools/eval.py' in capsys.readouterr().err
 
 

@@ -107,6 +107,33 @@ def test_a_loopback_master_addr_on_a_step_of_several_nodes_is_refused(monkeypatc
     assert os.environ['MASTER_ADDR'] == 'localhost' and os.environ['MASTER_PORT'] == str(slurm.job_port(os.environ))
 
 
+def test_a_port_in_use_on_rank_0s_node_is_refused_in_one_line(monkeypatch, capsys):
+    """Jobs 30042 and 40042 on one node both take port 20042: the second's rank 0 says so (torch failed there with a
+    traceback, and its other ranks could reach the first job's rendezvous)."""
+    import socket
+    for key in [k for k in os.environ if k.startswith('SLURM_')] + ['MASTER_PORT', 'MASTER_ADDR']:
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for key, value in dict(SLURM_PROCID='0', SLURM_NTASKS='2', SLURM_STEP_ID='0', SLURM_NODELIST='node1',
+                               SLURMD_NODENAME='node1', MASTER_ADDR='node1', MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(SystemExit) as stop:
+            slurm.prepare_slurm_env()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count('\n') == 1, err
+        assert err.startswith(f'train: refused: port {port} is in use on node1, where rank 0 hosts the rendezvous'), err
+        assert 'export MASTER_PORT to a free port' in err
+        monkeypatch.setenv('SLURM_PROCID', '1')  # another rank does not bind it: not checked there
+        slurm.prepare_slurm_env()
+        assert slurm.master_port_problem(dict(SLURM_PROCID='0', SLURM_JOB_ID='30042'), port, derived=True) \
+            .startswith(f'port {port} (from job id 30042: 20000 + id % 10000; jobs whose ids differ by a multiple')
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    slurm.prepare_slurm_env()  # free again
+
+
 def test_the_resume_command_of_an_interrupted_task_is_srun(monkeypatch):
     from xtuner_plugins.cli.train import resume_command
     monkeypatch.setenv('SLURM_PROCID', '0')

@@ -8,7 +8,8 @@ set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_p
 
 * **a port per job**: without ``MASTER_PORT`` (nor ``env_cfg.dist_cfg.port``) the port is derived from
   ``SLURM_JOB_ID`` (:func:`job_port`), so two jobs sharing a node do not both take 29500; a requeued job keeps
-  its id, and its port;
+  its id, and its port; rank 0 checks that port is free on its node first (:func:`master_port_problem`: jobs
+  whose ids differ by a multiple of 10000 share one);
 * **one line instead of a hang or a traceback** (``train: refused: ...``, exit code 2) when the run cannot
   start: ``--launcher slurm`` outside Slurm, a batch script with several tasks that runs the command itself
   instead of through ``srun`` (its one process would wait for the others forever), a node list ``scontrol``
@@ -157,6 +158,32 @@ def master_problem(env: Mapping[str, str]) -> Optional[str]:
     return None
 
 
+def master_port_problem(env: Mapping[str, str], port: Optional[int] = None, derived: bool = False) -> Optional[str]:
+    """Why rank 0 cannot host the rendezvous on its port (in use on this node: another job's, as two jobs whose ids
+    differ by a multiple of 10000 get one port, or another program's), or None. Checked on rank 0 only, which binds
+    it: torch would fail there with a traceback, and the other ranks might reach the other job's rendezvous.
+    ``derived``: the port was taken from the job id (:func:`job_port`)."""
+    if env.get('SLURM_PROCID') != '0':
+        return None
+    import errno
+    import socket
+    port = int(port or env.get('MASTER_PORT') or 29500)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: a requeued job's TIME_WAIT
+        try:
+            sock.bind(('', port))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return None  # torch says what else is wrong
+    host = env.get('SLURMD_NODENAME') or os.uname().nodename
+    whence = (f' (from job id {env.get("SLURM_JOB_ID")}: {PORT_BASE} + id % {PORT_SPAN}; jobs whose ids differ by a '
+              f'multiple of {PORT_SPAN} share it)' if derived else '')
+    return (f'port {port}{whence} is in use on {host}, where rank 0 hosts the rendezvous (another job or program '
+            f'listens there): export MASTER_PORT to a free port from {PORT_BASE} to {PORT_BASE + PORT_SPAN - 1} in the '
+            f'batch script, before srun')
+
+
 def _refuse(message: str) -> None:
     """One line per node (its first task), exit code 2 on every task (``runstart.refuse``'s form)."""
     if os.environ.get('SLURM_LOCALID', '0') in ('0', ''):
@@ -174,9 +201,10 @@ def prepare_slurm_env(port: Optional[int] = None) -> None:
         problem = gpu_problem(env, torch.cuda.device_count())
     if problem:
         _refuse(problem)
-    if port is None and 'MASTER_PORT' not in env and job_port(env):
+    derived = port is None and 'MASTER_PORT' not in env and job_port(env) is not None
+    if derived:
         env['MASTER_PORT'] = str(job_port(env))
-    problem = master_problem(env)
+    problem = master_problem(env) or master_port_problem(env, port, derived)
     if problem:
         _refuse(problem)
     if 'MASTER_ADDR' not in env:

@@ -11,12 +11,12 @@ network file system adds its round trip per file to both.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional
 
 from .image_io import near_miss
 from .sources import DataSource
 
-__all__ = ['missing_media', 'missing_line']
+__all__ = ['missing_line']
 
 
 def missing_line(src: DataSource, samples: int, videos: int, missing: int, where: str, gone: str) -> Optional[str]:
@@ -66,16 +66,3 @@ def _other_case(path: str) -> str:
     except OSError:
         return ''
     return f' ({found!r} is there: names differ in letter case here)' if found else ''
-
-
-def missing_media(src: DataSource, samples: Sequence[Tuple[str, Sequence[str], bool]]) -> Optional[str]:
-    """:func:`missing_line` of ``samples`` (``(FILE:LINE, resolved paths, is a video)`` of those naming images or a
-    video), each looked up here."""
-    missing: List[Tuple[str, str]] = []
-    for where, paths, _ in samples:
-        gone = next((p for p in paths if not os.path.exists(p)), None)
-        if gone is not None:
-            missing.append((where, gone))
-    if not missing:
-        return None
-    return missing_line(src, len(samples), sum(1 for _, _, video in samples if video), len(missing), *missing[0])

@@ -38,7 +38,8 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
-from .prompt import blank_run_stop, check_context, check_question, context_length, official_query, split_images
+from .prompt import (blank_run_stop, check_context, check_question, context_length, encode_prompt, official_query,
+                     split_images)
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -213,8 +214,8 @@ class ConvertedModel:
                            for kind, text in split_images(question, len(new))]
             messages = self.messages + [{'role': 'user', 'content': content}]
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=prompt, images=[load_image(i) for i in self.images + new] or None,
-                                    videos=[[load_image(f) for f in v] for v in videos] or None, return_tensors='pt')
+            inputs = encode_prompt(self.processor, prompt, images=[load_image(i) for i in self.images + new] or None,
+                                   videos=[[load_image(f) for f in v] for v in videos] or None, return_tensors='pt')
             inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                       for k, v in inputs.items()}
             start = inputs['input_ids'].shape[1]
@@ -274,8 +275,8 @@ class ConvertedModel:
                                                               add_generation_prompt=True, tokenize=False))
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, 'left'
         try:
-            inputs = self.processor(text=prompts, images=[imgs[0] for imgs in loaded], return_tensors='pt',
-                                    padding=True)
+            inputs = encode_prompt(self.processor, prompts, images=[imgs[0] for imgs in loaded], return_tensors='pt',
+                                   padding=True)
         finally:
             self.tokenizer.padding_side = side
         inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))

@@ -78,6 +78,19 @@ def official_query(net, question: str, num_patches: Sequence[int], history: Opti
     return net._image_query(template.get_prompt(), list(num_patches), '<img>', '</img>', '<IMG_CONTEXT>')
 
 
+def encode_prompt(processor, prompt, **kwargs):
+    """``processor(text=prompt, **kwargs)`` for a prompt its chat template rendered (one text, or a batch of them),
+    with the tokenizer's bos once: a converted folder's template writes the bos of a tokenizer that adds one
+    (``export/files.py``'s ``chat_template``), which the tokenizer must then not add again; a folder written before
+    that (no bos in its template) gets it from the tokenizer, as before. transformers' own
+    ``processor.apply_chat_template(..., tokenize=True)`` decides the same way."""
+    first = prompt[0] if isinstance(prompt, (list, tuple)) and prompt else prompt
+    bos = getattr(getattr(processor, 'tokenizer', None), 'bos_token', None)
+    if bos and isinstance(first, str) and first.startswith(bos):
+        kwargs['add_special_tokens'] = False
+    return processor(text=prompt, **kwargs)
+
+
 def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torch.Tensor]:
     """The inputs (``input_ids``, ``attention_mask``, pixels) of a :class:`~xtuner_plugins.models.inference.
     ConvertedModel` for one new question, up to where its answer starts, as its ``ask`` builds them."""
@@ -99,7 +112,7 @@ def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torc
     content = [{'type': kind} if kind == 'image' else {'type': 'text', 'text': text} for kind, text in parts]
     prompt = model.processor.apply_chat_template([{'role': 'user', 'content': content}], add_generation_prompt=True,
                                                  tokenize=False)
-    inputs = model.processor(text=prompt, images=new or None, return_tensors='pt')
+    inputs = encode_prompt(model.processor, prompt, images=new or None, return_tensors='pt')
     return {k: (v.to(model.device, model.dtype) if k == 'pixel_values' else v.to(model.device))
             for k, v in inputs.items()}
 

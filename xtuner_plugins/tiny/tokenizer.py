@@ -9,7 +9,9 @@ uses for its Qwen2.5 LLMs:
   ``add_prefix_space=False`` and ``use_regex=False``;
 * a full 256-byte initial alphabet, so any text (Chinese included) encodes and decodes back exactly;
 * ``ByteLevel`` decoder and post-processor, no unknown token;
-* special tokens ``<|endoftext|>`` (the pad token), ``<|im_start|>``, ``<|im_end|>`` (the eos token), no bos;
+* special tokens ``<|endoftext|>`` (the pad token), ``<|im_start|>``, ``<|im_end|>`` (the eos token), no bos
+  (``bos_token``: a variant whose post-processor starts every text with that bos, as Llama 3's and InternLM2's
+  tokenizers add theirs);
 * a ChatML chat template;
 * optionally InternVL's nine added tokens, added the way InternVL adds them (special added tokens, in
   InternVL's order).
@@ -22,7 +24,7 @@ then ``<|endoftext|>`` = 151643, ``<|im_start|>`` = 151644, ``<|im_end|>`` = 151
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import Qwen2TokenizerFast
@@ -121,7 +123,8 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512) -> Qwen2TokenizerFast:
+def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512,
+                         bos_token: Optional[str] = None) -> Qwen2TokenizerFast:
     """Build a tiny Qwen2.5-format tokenizer offline (deterministic, well under a second).
 
     This imitates the format of Qwen2.5's tokenizer (byte-level BPE, Qwen2's pre-tokenizer regex, ChatML
@@ -136,6 +139,9 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
             special added tokens, as InternVL does before training.
         vocab_size: size of the byte-level BPE vocabulary (256 bytes plus merges), special tokens excluded.
             Must be at least 256 and at most what the embedded corpus supports (977).
+        bos_token: a bos the tokenizer adds at the start of every text (a test variant: a special token after
+            ``<|im_end|>``, added by a ``TemplateProcessing`` post-processor as Llama 3's tokenizer adds
+            ``<|begin_of_text|>``; ``len(tokenizer)`` is one more). ``None`` (the default): no bos, as Qwen2.5's.
     """
     if vocab_size < 256:
         raise ValueError(f'vocab_size must be >= 256 (the byte alphabet), got {vocab_size}')
@@ -148,12 +154,18 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
     # (the wrapper's constructor would add eos and pad first otherwise).
     backend.add_special_tokens([
         AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-        for t in QWEN_SPECIAL_TOKENS
+        for t in QWEN_SPECIAL_TOKENS + ((bos_token,) if bos_token else ())
     ])
+    if bos_token:
+        bos_id = backend.token_to_id(bos_token)
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f'{bos_token} $A', pair=f'{bos_token} $A {bos_token} $B',
+                                          special_tokens=[(bos_token, bos_id)])])
 
     tokenizer = Qwen2TokenizerFast(
         tokenizer_object=backend,
-        bos_token=None,
+        bos_token=bos_token,
         eos_token='<|im_end|>',
         pad_token='<|endoftext|>',
         unk_token=None,

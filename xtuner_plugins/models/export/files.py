@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from xtuner_plugins.data.template import get_template
+from xtuner_plugins.data.tokenize import adds_bos
 
 from ..internvl import VisionLanguageModel
 
@@ -47,8 +48,12 @@ NO_VIDEO = ('this folder\'s format cannot hold a video (transformers\' LLaVA has
             'official InternVL format or --format hf to ask about videos')
 
 
+#: what :func:`chat_template` writes first for an LLM whose tokenizer adds a bos
+BOS = '{{ bos_token }}'
+
+
 def chat_template(template_name: str, default_system: Optional[str] = None, image_text: str = '<image>\n',
-                  video_text: Optional[str] = '<video>\n') -> str:
+                  video_text: Optional[str] = '<video>\n', bos: bool = False) -> str:
     """A Jinja chat template for the tokenizer that renders what the training template renders (a leading
     ``system`` message replaces ``default_system``, by default the template's own).
 
@@ -58,6 +63,13 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     A ``{'type': 'video'}`` part renders as ``video_text`` (``<video>\\n``: transformers' InternVL processor writes
     the frames' ``Frame{i}: <img>...</img>`` lines in its place, as training does); ``None``: a format that cannot
     hold a video, whose template refuses one with an error.
+
+    ``bos``: the template starts with the tokenizer's bos (``{{ bos_token }}``), for an LLM whose tokenizer adds one
+    (:func:`~xtuner_plugins.data.tokenize.adds_bos`: InternLM2's, Llama's): training puts it once at the start of a
+    sample, and vLLM's chat and ``tokenizer.apply_chat_template(..., tokenize=True)`` add no special tokens to the
+    rendered text, so only the template can give it (transformers' ``processor.apply_chat_template`` then adds none
+    either; this project's own callers pass ``add_special_tokens=False``: ``prompt.py``'s ``encode_prompt``).
+    Without a bos the template is what it always was.
     """
     template = get_template(template_name)
     if default_system is None:
@@ -77,7 +89,7 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
                   "{% elif part['type'] == 'video' %}{{ raise_exception(" + lit(NO_VIDEO) + ") }}")
                + "{% endif %}{% endfor %}{% endif %}{% endmacro %}")
     return (
-        content +
+        (BOS if bos else '') + content +
         "{% if messages and messages[0]['role'] == 'system' %}{% set system = content(messages[0]['content']) %}"
         "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(default_system) + " %}"
         "{% set turns = messages %}{% endif %}" + system +
@@ -99,6 +111,11 @@ def template_system(template: str) -> Optional[str]:
     return json.loads(found.group(1)) if found else None
 
 
+def without_bos(template: str) -> str:
+    """A chat template the converter wrote, without the bos it starts with (:func:`chat_template`'s ``bos``)."""
+    return template[len(BOS):] if template.startswith(BOS) else template
+
+
 def with_system(template: str, system: str) -> str:
     """A chat template the converter wrote, with ``system`` as its default system message."""
     return _DEFAULT_SYSTEM.sub(lambda m: '{% set system = ' + json.dumps(system, ensure_ascii=False) + ' %}',
@@ -106,11 +123,14 @@ def with_system(template: str, system: str) -> str:
 
 
 def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dict] = None,
-                    system: Optional[str] = None, image_text: str = '<image>\n') -> None:
-    """The model's tokenizer with a chat template rendering as training did (:func:`chat_template`);
-    ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``."""
+                    system: Optional[str] = None, image_text: str = '<image>\n',
+                    video_text: Optional[str] = '<video>\n') -> str:
+    """The model's tokenizer with a chat template rendering as training did (:func:`chat_template`, with the bos
+    when the tokenizer adds one);
+    ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``. Every format's writer saves its tokenizer
+    here; returns the chat template."""
     tokenizer = model.tokenizer
-    tokenizer.chat_template = chat_template(model.template, system, image_text)
+    tokenizer.chat_template = chat_template(model.template, system, image_text, video_text, bos=adds_bos(tokenizer))
     tokenizer.save_pretrained(out_dir)
     if extra:
         config_path = os.path.join(out_dir, 'tokenizer_config.json')
@@ -119,6 +139,7 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
         tok_cfg['extra_special_tokens'] = extra
         with open(config_path, 'w', encoding='utf-8') as f:
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+    return tokenizer.chat_template
 
 
 def generation_config(model: VisionLanguageModel):

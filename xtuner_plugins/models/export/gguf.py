@@ -180,9 +180,14 @@ def chat_prompt(folder: str, config: dict, tok_cfg: dict) -> Tuple[Optional[str]
     the model was trained with: ``config.json``'s ``template`` and ``system_message``), and what was changed;
     ``(None, '')`` where it is. llama.cpp prompts with the GGUF's template alone: a folder whose ``system_message``
     differs from its template's default, or whose tokenizer template is another (OpenGVLab's folders carry the
-    LLM's own), would otherwise answer to another prompt than the folder's ``chat()``."""
+    LLM's own), would otherwise answer to another prompt than the folder's ``chat()``.
+
+    The GGUF's template never writes the bos (a converted folder's does for a tokenizer that adds one: files.py's
+    ``chat_template``): llama.cpp puts it before the prompt itself when the GGUF's ``tokenizer.ggml.add_bos_token``
+    says so (its converter reads that from the tokenizer), and llama-cpp-python's chat handler (``MTMDChatHandler``:
+    the rendered template tokenised with ``add_special``) would then start the prompt with two."""
     from xtuner_plugins.data.template import get_template
-    from .files import chat_template, template_system, with_system
+    from .files import BOS, chat_template, template_system, with_system, without_bos
     name, system = config.get('template', 'internvl2_5'), config.get('system_message')
     current = tok_cfg.get('chat_template')
     if not current and os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
@@ -191,10 +196,13 @@ def chat_prompt(folder: str, config: dict, tok_cfg: dict) -> Tuple[Optional[str]
     if not current:
         return chat_template(name, system), f'the chat template ({name})'
     if isinstance(current, str) and template_system(current) is not None:  # the converter's
+        changed, why = without_bos(current), []
         if system and template_system(current) != system:
-            return with_system(current, system), 'the chat template\'s default system message (config.json\'s ' \
-                                                  'system_message, which chat() uses)'
-        return None, ''
+            changed = with_system(changed, system)
+            why.append('the chat template\'s default system message (config.json\'s system_message, which chat() uses)')
+        if current.startswith(BOS):
+            why.append('the chat template without its bos_token (llama.cpp adds the bos itself)')
+        return (changed, ', '.join(why)) if why else (None, '')
     try:
         get_template(name)
     except (KeyError, ValueError):

@@ -30,7 +30,7 @@ import torch
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 from ..projector import BilinearProjector, LlavaProjector
-from .files import Log, _print, chat_template, generation_config, write_weights
+from .files import Log, _print, generation_config, save_tokenizer, write_weights
 from .layouts import llava_state_dict
 
 LLAVA_IMAGE_TEXT = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}\n'
@@ -85,9 +85,7 @@ def write_llava(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shard
     write_weights(llava_state_dict(model), out_dir, max_shard_size, log)
     llava_config(model, dtype).save_pretrained(out_dir)
     generation_config(model).save_pretrained(out_dir)
-    template = chat_template(model.template, system, image_text=LLAVA_IMAGE_TEXT, video_text=None)
-    model.tokenizer.chat_template = template
-    model.tokenizer.save_pretrained(out_dir)
+    template = save_tokenizer(model, out_dir, system=system, image_text=LLAVA_IMAGE_TEXT, video_text=None)
     processor = LlavaProcessor(image_processor=llava_image_processor(model),
                                tokenizer=AutoTokenizer.from_pretrained(out_dir), patch_size=model.vision.patch_size,
                                vision_feature_select_strategy='default' if model.vision.drop_cls else 'full',

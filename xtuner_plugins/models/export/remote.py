@@ -22,7 +22,7 @@ from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_CHAT_AUTO_MAP, VLM_FILES
 
 from ..dtypes import dtype_name
-from .files import Log, _print, chat_template, generation_config, write_weights
+from .files import Log, _print, generation_config, save_tokenizer, write_weights
 from .layouts import remote_state_dict
 
 
@@ -69,6 +69,5 @@ def write_remote(model, tiling: dict, out_dir: str, dtype: torch.dtype, max_shar
     for name in VLM_FILES:
         shutil.copyfile(os.path.join(REMOTE_FOLDER, name), os.path.join(out_dir, name))
     shutil.copyfile(PROJECTOR_FILE, os.path.join(out_dir, 'projector.py'))
-    model.tokenizer.chat_template = chat_template(model.template, system)
-    model.tokenizer.save_pretrained(out_dir)
+    save_tokenizer(model, out_dir, system=system)
     generation_config(model).save_pretrained(out_dir)

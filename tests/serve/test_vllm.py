@@ -4,7 +4,8 @@ A tiny model (32-wide heads: vLLM's CPU attention takes no narrower), LoRA-train
 perturbed, so answers depend on the image) and converted to each format vLLM reads (official, with its remote
 code; hf), is served by tools/serve.py; through the OpenAI API (the image as a data URL, greedy) every answer
 equals tools/chat.py's. And vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this project
-builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``).
+builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``), also for
+an LLM whose tokenizer adds a bos (official and hf folders: the bos once, at the very start, as training has it).
 Image URLs: none fetched by default (an ``http://127.0.0.1`` one and a ``file://`` one refused with 400),
 ``--allowed-media-domains 127.0.0.1`` fetches from there. And docs/serving.md's tiny path runs as written.
 
@@ -184,22 +185,68 @@ if __name__ == '__main__':  # vLLM starts its engine in a new process
 ''' % MAX_TOKENS
 
 
-def test_offline_llm_chat_prompt_ids_equal_ours(setup, capsys):
-    from xtuner_plugins.models.prompt import prompt_inputs
-    from xtuner_plugins.models.inference import ConvertedModel
-    folder = setup['folders']['official']
-    script = setup['root'] / 'offline.py'
+def offline(folder, root, images):
+    """vLLM's offline ``LLM.chat`` on ``folder``, greedy, one request per image: ``[{ids, text}]``."""
+    script = root / 'offline.py'
     script.write_text(OFFLINE)
-    out = subprocess.run([VLLM_PYTHON, str(script), folder, json.dumps([messages(i) for i in setup['images']])],
-                         capture_output=True, text=True, env=env(setup['root']), timeout=600)
+    out = subprocess.run([VLLM_PYTHON, str(script), folder, json.dumps([messages(i) for i in images])],
+                         capture_output=True, text=True, env=env(root), timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
-    results = json.loads(lines[-1][len('RESULT '):])
+    return json.loads(lines[-1][len('RESULT '):])
+
+
+def our_prompt_ids(folder, images):
+    from xtuner_plugins.models.inference import ConvertedModel
+    from xtuner_plugins.models.prompt import prompt_inputs
     model = ConvertedModel(folder)
-    ours = [prompt_inputs(model, QUESTION, [image])['input_ids'][0].tolist() for image in setup['images']]
+    return model, [prompt_inputs(model, QUESTION, [image])['input_ids'][0].tolist() for image in images]
+
+
+def test_offline_llm_chat_prompt_ids_equal_ours(setup, capsys):
+    folder = setup['folders']['official']
+    results = offline(folder, setup['root'], setup['images'])
+    _, ours = our_prompt_ids(folder, setup['images'])
     assert [r['ids'] for r in results] == ours
     assert len({len(ids) for ids in ours}) > 1  # images of different tile counts
     assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in setup['images']]
+
+
+BOS = '<|begin_of_text|>'
+
+
+@pytest.fixture(scope='module')
+def bos_setup(tmp_path_factory):
+    """``setup``'s tiny model with an LLM whose tokenizer adds a bos (Llama 3's way: its post-processor), converted
+    to official and hf, and two images of different tile counts."""
+    from tests.helpers import tiny_workspace
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    from xtuner_plugins.tiny import write_tiny_llm
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    need_vllm()
+    root = tmp_path_factory.mktemp('vllm_bos')
+    tiny = tiny_workspace(root / 'tiny')
+    tiny['llm'] = write_tiny_llm(str(root / 'llm'), num_heads=2, num_kv_heads=1)
+    build_tiny_tokenizer(add_internvl_tokens=False, bos_token=BOS).save_pretrained(tiny['llm'])  # in the padding
+    opts = options(tiny, **{'model.llm': tiny['llm']})
+    trained_checkpoint(LORA, opts, str(root / 'iter_1.pth'), scale=0.3)
+    folders = {fmt: convert(LORA, str(root / 'iter_1.pth'), str(root / fmt), opts, '--format', fmt)
+               for fmt in ('official', 'hf')}
+    images = [write_image(root / f'{i}.png', size=size, seed=i) for i, size in enumerate([(120, 60), (56, 56)])]
+    return dict(root=root, folders=folders, images=images)
+
+
+@pytest.mark.parametrize('fmt', ['official', 'hf'])
+def test_a_tokenizer_with_a_bos_gets_it_once_from_vllms_chat(bos_setup, fmt, capsys):
+    """vLLM's chat tokenises the rendered chat template without adding special tokens: the converted folder's
+    template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do."""
+    folder, images = bos_setup['folders'][fmt], bos_setup['images']
+    results = offline(folder, bos_setup['root'], images)
+    model, ours = our_prompt_ids(folder, images)
+    bos = model.tokenizer.convert_tokens_to_ids(BOS)
+    assert all(ids[0] == bos and ids.count(bos) == 1 for ids in ours), ours
+    assert [r['ids'] for r in results] == ours
+    assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in images]
 
 
 def test_the_tiny_path_of_the_serving_guide_runs_as_written(tmp_path):

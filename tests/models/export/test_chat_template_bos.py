@@ -121,8 +121,9 @@ def test_a_folder_written_without_the_bos_in_its_template_still_gets_one(tmp_pat
 
 @pytest.mark.parametrize('system', [None, 'Answer in one word.'])
 def test_the_gguf_template_leaves_the_bos_to_llama_cpp(system, tmp_path):
-    """llama.cpp adds the GGUF's bos itself (``tokenizer.ggml.add_bos_token``) and llama-cpp-python's chat handler
-    tokenises the rendered template with ``add_special``: a bos in the GGUF's template would be a second one."""
+    """llama.cpp adds the GGUF's bos itself (``tokenizer.ggml.add_bos_token``): the GGUF's template leaves it out
+    (a runtime that wrote its text and tokenised with ``add_special`` would start with two; test_gguf_bos.py checks
+    llama-cpp-python's prompt)."""
     converted = chat_template('internvl2_5', bos=True)
     template, why = chat_prompt(str(tmp_path), {'template': 'internvl2_5', 'system_message': system},
                                 {'chat_template': converted})

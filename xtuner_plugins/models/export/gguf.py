@@ -183,9 +183,11 @@ def chat_prompt(folder: str, config: dict, tok_cfg: dict) -> Tuple[Optional[str]
     LLM's own), would otherwise answer to another prompt than the folder's ``chat()``.
 
     The GGUF's template never writes the bos (a converted folder's does for a tokenizer that adds one: files.py's
-    ``chat_template``): llama.cpp puts it before the prompt itself when the GGUF's ``tokenizer.ggml.add_bos_token``
-    says so (its converter reads that from the tokenizer), and llama-cpp-python's chat handler (``MTMDChatHandler``:
-    the rendered template tokenised with ``add_special``) would then start the prompt with two."""
+    ``chat_template``): llama.cpp puts it before the prompt itself where the GGUF's ``tokenizer.ggml.add_bos_token``
+    says so (its converter reads that from the tokenizer). A ``{{ bos_token }}`` would be dropped again by llama.cpp's
+    server (it strips a leading bos from the rendered template) and render as nothing in llama-cpp-python 0.3.36's
+    ``MTMDChatHandler`` (the bos detokenised without its special text), but a runtime that wrote the bos's text and
+    tokenised the prompt with ``add_special`` would start it with two."""
     from xtuner_plugins.data.template import get_template
     from .files import BOS, chat_template, template_system, with_system, without_bos
     name, system = config.get('template', 'internvl2_5'), config.get('system_message')

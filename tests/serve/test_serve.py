@@ -270,3 +270,32 @@ def test_a_training_checkpoint_is_converted_with_its_recorded_settings_and_serve
     with pytest.raises(SystemExit):
         serve_main(['--remap', 'a=b', '--port', '0'])
     assert 'give a converted folder or --checkpoint' in capsys.readouterr().err
+
+
+def test_a_folder_converted_before_templates_wrote_the_bos_gets_it_from_serve(folders, tmp_path, monkeypatch, capsys):
+    """A folder of an LLM whose tokenizer adds a bos, converted when templates did not write it: vLLM's chat adds
+    no special tokens, so the server gets a copy of the template with the bos in front, and says so."""
+    from xtuner_plugins.cli import serve
+    from xtuner_plugins.models.export.files import BOS
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    for name in os.listdir(folders['official']):
+        if not name.startswith(('tokenizer', 'special_tokens', 'vocab', 'merges', 'added_tokens', 'chat_template')):
+            os.symlink(os.path.join(folders['official'], name), tmp_path / name)
+    build_tiny_tokenizer(bos_token='<|begin_of_text|>').save_pretrained(tmp_path)
+    with open(os.path.join(folders['official'], 'chat_template.jinja')) as f:
+        older = f.read()
+    assert not older.startswith(BOS)
+    (tmp_path / 'chat_template.jinja').write_text(older)
+    s = settings(str(tmp_path))
+    assert s['bos_added'] and s['chat_template'] == BOS + older
+    assert not settings(folders['official'])['bos_added']  # a tokenizer without a bos: the template as it is
+    (tmp_path / 'chat_template.jinja').write_text(BOS + older)  # converted since: nothing added
+    assert settings(str(tmp_path))['chat_template'] == BOS + older
+    (tmp_path / 'chat_template.jinja').write_text(older)
+    monkeypatch.setattr(serve, 'probe', lambda python: {'cpu': False})
+    monkeypatch.setattr(serve, 'vllm_python', lambda given: sys.executable)
+    monkeypatch.setattr(serve, 'port_problem', lambda *a, **k: 'stop here')
+    assert serve_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"serve: {tmp_path}'s chat template does not write the bos its tokenizer adds" in err
+    assert err.rstrip().endswith('serve: error: stop here')

@@ -19,7 +19,8 @@ served under the checkpoint's work folder's name. The server's settings are read
 dtype the weights were written in, the LLM's maximum length, the number of images a prompt may hold (as many
 as fit in that length at the most tiles, at most 8), the folder's chat template, and its system message (vLLM
 ignores ``system_message`` in ``config.json`` and renders the chat template: where the two differ, or with
-``--system-message``, the server gets a chat template with that default). Each can be overridden; arguments
+``--system-message``, the server gets a chat template with that default; a template of a folder converted before
+templates wrote the bos of a tokenizer that adds one gets it in front). Each can be overridden; arguments
 after ``--`` go to vLLM as they are.
 
 vLLM runs in its own environment (it needs transformers 5.x; this project pins 4.57): ``make vllm`` makes
@@ -55,7 +56,7 @@ import urllib.request
 from typing import Dict, List, Optional
 
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
-from xtuner_plugins.models.export.files import template_system, with_system
+from xtuner_plugins.models.export.files import BOS, template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
 from xtuner_plugins.web.app import listen_address, port_problem
 
@@ -122,10 +123,28 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
         if current is None:
             raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')
         template = with_system(template, wanted)
+    bos_added = current is not None and not template.startswith(BOS) and tokenizer_adds_bos(folder)
+    if bos_added:  # a folder converted before templates wrote the bos: vLLM's chat adds no special tokens
+        template = BOS + template
     heads = llm.get('num_attention_heads')
     head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
-                chat_template=template, system_message=wanted, head_dim=head_dim)
+                chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added)
+
+
+def tokenizer_adds_bos(folder: str) -> bool:
+    """Whether the folder's tokenizer starts a text with its bos (``data/tokenize.adds_bos``; a tokenizer that needs
+    its folder's code, not run before ``check_code``: ``tokenizer_config.json``'s ``add_bos_token``)."""
+    from transformers import AutoTokenizer
+    from xtuner_plugins.data.tokenize import adds_bos
+    try:
+        return adds_bos(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+                return json.load(f).get('add_bos_token') is True
+        except (OSError, ValueError):
+            return False
 
 
 def cpu_head_problem(head_dim: Optional[int]) -> Optional[str]:
@@ -304,6 +323,10 @@ def serve(args) -> int:
         found = probe(python)
     except (OSError, ValueError) as exc:
         return tool_error('serve', exc)
+    if s['bos_added']:
+        print(f'serve: {args.folder}\'s chat template does not write the bos its tokenizer adds (converted before '
+              f'templates did; vLLM\'s chat adds no special tokens): the server gets a copy that does; convert '
+              f'again to mend the folder', file=sys.stderr, flush=True)
     # vLLM would fail after a minute on a port in use, and another server answer for it
     problem = port_problem(args.host, args.port, 'give another with --port (0: any free one)')
     if problem:

@@ -5,7 +5,7 @@ perturbed, so answers depend on the image) and converted to each format vLLM rea
 code; hf), is served by tools/serve.py; through the OpenAI API (the image as a data URL, greedy) every answer
 equals tools/chat.py's. And vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this project
 builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``), also for
-an LLM whose tokenizer adds a bos (official and hf folders: the bos once, at the very start, as training has it).
+an LLM whose tokenizer adds a bos (the official folder: the bos once, at the very start, as training has it).
 Image URLs: none fetched by default (an ``http://127.0.0.1`` one and a ``file://`` one refused with 400),
 ``--allowed-media-domains 127.0.0.1`` fetches from there. And docs/serving.md's tiny path runs as written.
 
@@ -218,7 +218,7 @@ BOS = '<|begin_of_text|>'
 @pytest.fixture(scope='module')
 def bos_setup(tmp_path_factory):
     """``setup``'s tiny model with an LLM whose tokenizer adds a bos (Llama 3's way: its post-processor), converted
-    to official and hf, and two images of different tile counts."""
+    to official, and two images of different tile counts."""
     from tests.helpers import tiny_workspace
     from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
     from xtuner_plugins.tiny import write_tiny_llm
@@ -231,15 +231,17 @@ def bos_setup(tmp_path_factory):
     opts = options(tiny, **{'model.llm': tiny['llm']})
     trained_checkpoint(LORA, opts, str(root / 'iter_1.pth'), scale=0.3)
     folders = {fmt: convert(LORA, str(root / 'iter_1.pth'), str(root / fmt), opts, '--format', fmt)
-               for fmt in ('official', 'hf')}
+               for fmt in ('official',)}
     images = [write_image(root / f'{i}.png', size=size, seed=i) for i, size in enumerate([(120, 60), (56, 56)])]
     return dict(root=root, folders=folders, images=images)
 
 
-@pytest.mark.parametrize('fmt', ['official', 'hf'])
+@pytest.mark.parametrize('fmt', ['official'])
 def test_a_tokenizer_with_a_bos_gets_it_once_from_vllms_chat(bos_setup, fmt, capsys):
     """vLLM's chat tokenises the rendered chat template without adding special tokens: the converted folder's
-    template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do."""
+    template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do.
+    The official folder only (the hf folder's template is the same one, rendered the same way by transformers:
+    tests/models/export/test_chat_template_bos.py; its vLLM run passed too, 2026-11-26, and cost 100 s a run)."""
     folder, images = bos_setup['folders'][fmt], bos_setup['images']
     results = offline(folder, bos_setup['root'], images)
     model, ours = our_prompt_ids(folder, images)

@@ -2,12 +2,13 @@
 
 A tiny model (32-wide heads: vLLM's CPU attention takes no narrower), LoRA-trained (every trained tensor
 perturbed, so answers depend on the image) and converted to each format vLLM reads (official, with its remote
-code; hf), is served by tools/serve.py; through the OpenAI API (the image as a data URL, greedy) every answer
-equals tools/chat.py's. And vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this project
-builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``), also for
-an LLM whose tokenizer adds a bos (the official folder: the bos once, at the very start, as training has it).
-Image URLs: none fetched by default (an ``http://127.0.0.1`` one and a ``file://`` one refused with 400),
-``--allowed-media-domains 127.0.0.1`` fetches from there. And docs/serving.md's tiny path runs as written.
+code; hf). The hf folder is served by tools/serve.py: through the OpenAI API (the image as a data URL, greedy)
+every answer equals tools/chat.py's. vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this
+project builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``)
+and gives tools/chat.py's answers, also for an LLM whose tokenizer adds a bos (the bos once, at the very start,
+as training has it). docs/serving.md's tiny path (an official folder, tools/serve.py, curl) runs as written.
+Image URLs: none fetched by default (there, an ``http://127.0.0.1`` one and a ``file://`` one refused with 400);
+``--allowed-media-domains 127.0.0.1`` (the hf server) fetches from there.
 
 Not skipped when vLLM is missing: it fails, saying to run ``make vllm`` (``XTUNER_PLUGINS_SKIP_VLLM=1`` skips it
 on purpose). About 4 minutes on 2 cores: each server is healthy after ~20-50 s.
@@ -145,16 +146,18 @@ def image_server(folder):
         server.server_close()
 
 
-@pytest.mark.parametrize('fmt', ['official', 'hf'])
-def test_openai_answers_equal_the_chat_tools(setup, fmt, capsys):
-    """And URLs: by default the server fetches none (a local service's URL, a file:// URL: refused with 400, nothing
-    fetched); the hf server is started with --allowed-media-domains 127.0.0.1 and fetches from there."""
+def test_openai_answers_equal_the_chat_tools(setup, capsys):
+    """The hf folder through the OpenAI API, started with --allowed-media-domains 127.0.0.1: it fetches from there
+    (file:// URLs still refused). The official folder: its prompt ids and answers through vLLM's LLM.chat
+    (test_offline_llm_chat_prompt_ids_equal_ours) and tools/serve.py's default refusals of URLs
+    (test_the_tiny_path_of_the_serving_guide_runs_as_written); its own OpenAI run cost 105 s of the suite."""
+    fmt = 'hf'
     folder = setup['folders'][fmt]
     expected = [chat_answer(folder, image, capsys) for image in setup['images']]
     assert len(set(expected)) > 1, expected  # the answers depend on the image
     image, name = setup['images'][0], os.path.basename(setup['images'][0])
     with image_server(os.path.dirname(image)) as (local, asked):
-        proc, base = serve(folder, setup['root'], *(['--allowed-media-domains', '127.0.0.1'] if fmt == 'hf' else []))
+        proc, base = serve(folder, setup['root'], '--allowed-media-domains', '127.0.0.1')
         try:
             got = [completion(base, fmt, image) for image in setup['images']]
             fetched = completion(base, fmt, image, f'{local}/{name}')
@@ -163,12 +166,11 @@ def test_openai_answers_equal_the_chat_tools(setup, fmt, capsys):
             proc.terminate()
             proc.wait(timeout=60)
     assert got == expected
-    if fmt == 'hf':
-        assert fetched == expected[0] and asked == [f'/{name}']
-    else:
-        assert fetched == (400, "The URL must be from one of the allowed domains: ['none: images as data URLs only "
-                                "(tools/serve.py --allowed-media-domains DOMAIN to fetch from it)']. Input URL "
-                                "domain: 127.0.0.1") and asked == []
+    assert fetched == expected[0] and asked == [f'/{name}']
+    check_file_url_refused(from_file)
+
+
+def check_file_url_refused(from_file):
     assert from_file[0] == 400 and from_file[1].endswith('(file URLs are refused: send images as data URLs)`.'), \
         from_file
 
@@ -270,12 +272,22 @@ def test_the_tiny_path_of_the_serving_guide_runs_as_written(tmp_path):
     proc = subprocess.Popen(['bash', '-c', f'exec {serve_command} --port {port}'], cwd=reader.root, text=True,
                             env=dict(reader.env, VLLM_CACHE_ROOT=str(tmp_path / 'vllm')), stdout=subprocess.PIPE,
                             start_new_session=True)
+    image = tmp_path / 'my_data' / 'images' / '0.jpg'
     try:
         assert ready(proc) == f'http://127.0.0.1:{port}/v1'
         question = block('base64 -w0 my_data/images/0.jpg')
         assert question.count('127.0.0.1:8000') == 1
         answer = json.loads(reader.run(question.replace('127.0.0.1:8000', f'127.0.0.1:{port}')))
+        # by default no URL is fetched: a service of the server's own network, a file:// URL: 400, nothing asked
+        with image_server(image.parent) as (local, asked):
+            base = f'http://127.0.0.1:{port}/v1'
+            fetched = completion(base, 'tiny32_internvl', image, f'{local}/0.jpg')
+            from_file = completion(base, 'tiny32_internvl', image, f'file://{image}')
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     assert answer['model'] == 'tiny32_internvl' and answer['usage']['completion_tokens'] == 8, answer
+    assert fetched == (400, "The URL must be from one of the allowed domains: ['none: images as data URLs only "
+                            "(tools/serve.py --allowed-media-domains DOMAIN to fetch from it)']. Input URL "
+                            "domain: 127.0.0.1") and asked == []
+    check_file_url_refused(from_file)

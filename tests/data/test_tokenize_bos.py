@@ -2,10 +2,7 @@
 the very start of a training sample, as chat's prompt has it; InternVL's rule read the attribute and put a bos at
 the start of every turn (``data/tokenize.py``: ``adds_bos``)."""
 
-from tokenizers import AddedToken, processors
-from transformers import PreTrainedTokenizerFast
-
-from xtuner_plugins.data.template import add_internvl_tokens, get_template
+from xtuner_plugins.data.template import get_template
 from xtuner_plugins.data.tokenize import adds_bos, tokenize_conversation
 from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
 
@@ -13,16 +10,8 @@ BOS = '<|begin_of_text|>'
 
 
 def llama3_style_tokenizer():
-    backend = build_tiny_tokenizer(add_internvl_tokens=False).backend_tokenizer
-    backend.add_special_tokens([AddedToken(BOS, special=True, normalized=False)])
-    bos = backend.token_to_id(BOS)
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f'{BOS} $A', pair=f'{BOS} $A {BOS} $B', special_tokens=[(BOS, bos)])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token='<|im_end|>',
-                                  additional_special_tokens=['<|im_start|>', '<|im_end|>'])
-    add_internvl_tokens(tok)
-    return tok
+    """The tiny tokenizer whose post-processor adds ``BOS`` (no ``add_bos_token`` attribute), with InternVL's tokens."""
+    return build_tiny_tokenizer(bos_token=BOS)
 
 
 def test_a_bos_added_by_the_post_processor_starts_the_sample_once():

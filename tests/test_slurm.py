@@ -132,6 +132,13 @@ def test_a_port_in_use_on_rank_0s_node_is_refused_in_one_line(monkeypatch, capsy
             .startswith(f'port {port} (from job id 30042: 20000 + id % 10000; jobs whose ids differ by a multiple')
     monkeypatch.setenv('SLURM_PROCID', '0')
     slurm.prepare_slurm_env()  # free again
+    monkeypatch.setenv('MASTER_PORT', '29500x')  # a typo: one line on every rank, not int()'s traceback
+    for rank in ('0', '3'):
+        monkeypatch.setenv('SLURM_PROCID', rank)
+        with pytest.raises(SystemExit):
+            slurm.prepare_slurm_env()
+        assert capsys.readouterr().err == ('train: refused: MASTER_PORT=29500x is not a port (a whole number from 1 '
+                                           'to 65535)\n')
 
 
 def test_the_resume_command_of_an_interrupted_task_is_srun(monkeypatch):

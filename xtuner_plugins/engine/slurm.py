@@ -161,13 +161,16 @@ def master_problem(env: Mapping[str, str]) -> Optional[str]:
 def master_port_problem(env: Mapping[str, str], port: Optional[int] = None, derived: bool = False) -> Optional[str]:
     """Why rank 0 cannot host the rendezvous on its port (in use on this node: another job's, as two jobs whose ids
     differ by a multiple of 10000 get one port, or another program's), or None. Checked on rank 0 only, which binds
-    it: torch would fail there with a traceback, and the other ranks might reach the other job's rendezvous.
-    ``derived``: the port was taken from the job id (:func:`job_port`)."""
+    it: torch would fail there with a traceback, and the other ranks might reach the other job's rendezvous. A
+    ``MASTER_PORT`` that is not a port number is refused on every rank. ``derived``: the port was taken from the job id (:func:`job_port`)."""
+    given = str(port or env.get('MASTER_PORT') or 29500).strip()
+    if not given.isdigit() or not 0 < int(given) < 65536:
+        return f'MASTER_PORT={given} is not a port (a whole number from 1 to 65535)'
     if env.get('SLURM_PROCID') != '0':
         return None
     import errno
     import socket
-    port = int(port or env.get('MASTER_PORT') or 29500)
+    port = int(given)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: a requeued job's TIME_WAIT
         try:

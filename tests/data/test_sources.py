@@ -47,6 +47,45 @@ class TestExpandSources:
         assert sources[1].image_folder == str(tmp_path / 'sub' / 'imgs')
         assert sources[1].repeat_time == 0.5 and sources[1].max_dynamic_patch == 4
 
+    def test_a_meta_path_naming_two_different_things_is_refused(self, tmp_path, monkeypatch):
+        """A relative path found beside the meta file and, as another file, in the current folder: InternVL reads
+        the current folder's, ours the one beside the meta file; neither is taken without a word."""
+        (tmp_path / 'meta').mkdir()
+        (tmp_path / 'run').mkdir()
+        for folder in ('meta', 'run'):
+            write_jsonl(tmp_path / folder / 'b.jsonl', [{'conversations': conv(image=False)}])
+        meta = tmp_path / 'meta' / 'meta.json'
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl', 'repeat_time': 1}}))
+        monkeypatch.chdir(tmp_path / 'run')
+        with pytest.raises(ValueError) as info:
+            expand_sources(str(meta))
+        assert str(info.value) == (
+            f'{meta}: entry \'bee\': "annotation" \'b.jsonl\' names two different things: {tmp_path}/meta/b.jsonl '
+            f'(beside the meta file) and {tmp_path}/run/b.jsonl (in the current folder, where InternVL would read '
+            f'it); write the one meant as an absolute path')
+        (tmp_path / 'run' / 'b.jsonl').unlink()   # only the current folder's image folder is another one
+        (tmp_path / 'meta' / 'imgs').mkdir()
+        (tmp_path / 'run' / 'imgs').mkdir()
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl', 'root': 'imgs', 'repeat_time': 1}}))
+        with pytest.raises(ValueError, match=r'"root" \'imgs\' names two different things: '):
+            expand_sources(str(meta))
+        (tmp_path / 'run' / 'imgs').rmdir()
+        (src,) = expand_sources(str(meta))
+        assert src.annotation == str(tmp_path / 'meta' / 'b.jsonl')
+        assert src.image_folder == str(tmp_path / 'meta' / 'imgs')
+
+    def test_a_meta_path_found_only_in_the_current_folder_or_the_same_there_is_taken(self, tmp_path, monkeypatch):
+        write_jsonl(tmp_path / 'b.jsonl', [{'conversations': conv(image=False)}])
+        (tmp_path / 'meta').mkdir()
+        meta = tmp_path / 'meta' / 'meta.json'
+        meta.write_text(json.dumps({'bee': {'annotation': 'b.jsonl', 'repeat_time': 1}}))
+        monkeypatch.chdir(tmp_path)
+        (src,) = expand_sources(str(meta))
+        assert src.annotation == 'b.jsonl'   # InternVL's way: the current folder's
+        meta.rename(tmp_path / 'meta.json')  # the meta file in the current folder: both are the same file
+        (src,) = expand_sources('meta.json')
+        assert src.annotation == str(tmp_path / 'b.jsonl')
+
     def test_an_image_folder_given_for_a_meta_file_is_said_to_be_unused(self, tmp_path, monkeypatch):
         write_jsonl(tmp_path / 'b.jsonl', [{'conversations': conv(image=False)}])
         meta = tmp_path / 'meta.json'

@@ -63,12 +63,19 @@ def _as_list(value, n: int, what: str) -> list:
     return value
 
 
-def _resolve_meta_path(path: str, meta_dir: str) -> str:
+def _resolve_meta_path(path: str, meta_dir: str, where: str) -> str:
     """Meta files written for InternVL often use paths relative to the training folder; ours resolve
-    relative paths against the meta file's folder first and fall back to the current folder."""
+    relative paths against the meta file's folder first and fall back to the current folder. A relative path
+    that names one thing beside the meta file and another in the current folder is refused (``where`` names the
+    meta file, the entry and the key): InternVL reads the current folder's, so either choice could read other
+    data than the one meant, without a word."""
     if os.path.isabs(path):
         return path
     beside = os.path.join(meta_dir, path)
+    if os.path.exists(beside) and os.path.exists(path) and not os.path.samefile(beside, path):
+        raise ValueError(f'{where} {path!r} names two different things: {beside} (beside the meta file) and '
+                         f'{os.path.abspath(path)} (in the current folder, where InternVL would read it); write '
+                         f'the one meant as an absolute path')
     if os.path.exists(beside) or not os.path.exists(path):
         return beside
     return path
@@ -138,12 +145,12 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     patch = entry.get('max_dynamic_patch')
     if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
         raise bad('max_dynamic_patch', 'a whole number >= 1')
-    annotation = _resolve_meta_path(entry['annotation'], meta_dir)
+    annotation = _resolve_meta_path(entry['annotation'], meta_dir, f'{path}: entry {name!r}: "annotation"')
     if os.path.isfile(annotation) and _is_meta_file(annotation):
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
                          f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
-    return DataSource(name=name, annotation=annotation,
-                      image_folder=_resolve_meta_path(root, meta_dir) if root else None,
+    folder = _resolve_meta_path(root, meta_dir, f'{path}: entry {name!r}: "root"') if root else None
+    return DataSource(name=name, annotation=annotation, image_folder=folder,
                       repeat_time=float(repeat), max_dynamic_patch=patch)
 
 

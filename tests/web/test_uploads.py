@@ -7,7 +7,8 @@ import types
 
 import pytest
 
-from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, launch
+from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, for_client, launch
 
 STUB = types.SimpleNamespace(folder='stub', format='official', tiling={'max_num': 4, 'use_thumbnail': True})
 
@@ -50,3 +51,47 @@ def test_the_web_demo_passes_its_limit(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             web_demo.main(['folder', '--port', port, f'--max-file-size={bad}'])
         assert f"argument --max-file-size: '{bad}': give a size such as 200mb" in capsys.readouterr().err
+
+
+class ReadsItsImage:
+    """A model that reads its image as every format does (``load_image``) and answers 'ok'."""
+    folder, format, tiling = 'stub', 'official', {}
+
+    def resume(self, conversation):
+        pass
+
+    def reset(self):
+        pass
+
+    def ask(self, question, images, generation, streamer=None):
+        for image in images:
+            load_image(image)
+        return 'ok'
+
+
+def test_an_error_names_an_upload_by_its_file_name_not_the_servers_folders(tmp_path, monkeypatch):
+    """The /chat endpoint's error for an upload that is not an image names the file the client sent; gradio's
+    cache folder (which gradio serves by path) is not the client's to learn."""
+    from gradio_client import Client, handle_file
+    cache = tmp_path / 'gradio'
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(cache))
+    bad = tmp_path / 'holiday.png'
+    bad.write_bytes(b'not an image at all')
+    app = build_app(WebChat(ReadsItsImage(), max_new_tokens=4))
+    port = free_port()
+    launch(app, '127.0.0.1', port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f'http://127.0.0.1:{port}/', verbose=False)
+        with pytest.raises(Exception) as info:
+            client.predict(handle_file(str(bad)), 'What is it?', api_name='/chat')
+    finally:
+        app.close()
+    message = str(info.value)
+    assert 'holiday.png' in message and 'image' in message, message
+    assert str(cache) not in message and str(tmp_path) not in message, message
+
+
+def test_for_client_keeps_file_names_only():
+    message = "/tmp/g/ab12/x.png: cannot decode image (/tmp/g/ab12/x.png); /tmp/g/cd/x.png.bak stays"
+    assert for_client(message, ['/tmp/g/ab12/x.png', '', None]) == \
+        "x.png: cannot decode image (x.png); /tmp/g/cd/x.png.bak stays"

@@ -155,6 +155,16 @@ def video_frames(path: str, num_frames: int, folder: str):
     return frames, files
 
 
+def for_client(message: str, paths: Sequence[str]) -> str:
+    """``message`` with each of the server's files in ``paths`` (uploads in gradio's cache, a video's frames in a
+    request's folder) named by its file name only: the client sent the file, and the server's folders are not
+    theirs to learn (gradio serves its cache by path)."""
+    for path in sorted({p for p in paths if p}, key=len, reverse=True):
+        for form in {path, os.path.realpath(path)}:
+            message = message.replace(form, os.path.basename(form))
+    return message
+
+
 def user_message(question: str, images: Sequence[str]) -> dict:
     return {'role': 'user', 'content': [{'path': p} for p in images] + ([question] if question else [])}
 
@@ -187,7 +197,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             try:
                 frames, shown = video_frames(path, num_frames, frame_dir)
             except ValueError as exc:
-                raise gr.Error(str(exc))
+                raise gr.Error(for_client(str(exc), [path]))
         history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]
         generation = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
         if do_sample:
@@ -207,7 +217,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             problem = exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
                                   new="'Max new tokens'", reset="'Clear history'")
         except (ValueError, SampleError) as exc:  # <image> tags that do not match the images, control tokens
-            problem = str(exc)
+            problem = for_client(str(exc), images + list(shown or ()))
         else:
             problem = None
         if problem:  # the turn taken back: the page shows what the model saw; the question and uploads to edit
@@ -268,7 +278,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             except PromptTooLong as exc:
                 raise gr.Error(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
             except (ValueError, SampleError) as exc:
-                raise gr.Error(str(exc))
+                raise gr.Error(for_client(str(exc), [image if isinstance(image, str) else getattr(image, 'name', '')]))
 
         api_button.click(api_chat, [api_image, api_question], api_answer, api_name='chat',
                          concurrency_id='model', concurrency_limit=1)
@@ -319,8 +329,9 @@ def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Option
     if problem:
         raise OSError(problem)
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
-    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
-                              theme=theme, allowed_paths=allowed_paths, footer_links=['api'], **kwargs)
+    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
+                                                show_error=True, theme=theme, allowed_paths=allowed_paths,
+                                                footer_links=['api'], **kwargs)
 
 
 def environment_defaults() -> None:

@@ -168,6 +168,7 @@ class GGUFModel:
             self.close()
             raise ValueError(f'{folder}: llama.cpp did not load it: {problem}')
         self.context = self.ready['ready']['n_ctx']
+        self.control = tuple(self.ready['ready']['control'])  # what llama.cpp reads as a control token in a prompt
         self.reset()
 
     def _read(self) -> dict:
@@ -195,7 +196,7 @@ class GGUFModel:
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
             from .prompt import check_question
-            check_question(question)  # the templates' markers and image tokens (llama.cpp reads its specials too)
+            check_question(question, extra=self.control)  # the templates' markers, image tokens, the vocabulary's
             messages = self.messages + [{'role': 'user', 'content': user_content(question, list(images))}]
             request = {'messages': messages, 'max_tokens': int(generation.get('max_new_tokens') or 512)}
             try:

@@ -94,6 +94,17 @@ def answer(llm, request: dict) -> str:
     return reply['choices'][0]['message']['content'], tokens
 
 
+def control_tokens(llm) -> list:
+    """The text of each control token of the model's vocabulary (``<|endoftext|>``, ``<|im_start|>``, ...): the
+    chat handler tokenizes the rendered prompt with special tokens parsed, so a question holding one of these texts
+    would be read as that token."""
+    import llama_cpp
+    vocab = llm._model.vocab
+    control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    return [llama_cpp.llama_vocab_get_text(vocab, i).decode('utf-8', errors='replace')
+            for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_get_attr(vocab, i) & control]
+
+
 def serve(model: str, mmproj: str, exact: bool = False) -> int:
     """``exact``: an F32 export, whose KV cache is kept in F32 too (llama.cpp's default: F16)."""
     from llama_cpp import Llama
@@ -102,7 +113,7 @@ def serve(model: str, mmproj: str, exact: bool = False) -> int:
     llm = Llama(model_path=model, chat_handler=handler, n_ctx=0, n_threads=threads(), n_threads_batch=threads(),
                 n_gpu_layers=0, verbose=False, seed=0, **(dict(type_k=0, type_v=0) if exact else {}))
     send({'ready': {'n_ctx': llm.n_ctx(), 'template': bool(llm.metadata.get('tokenizer.chat_template')),
-                    'kv_cache': 'f32' if exact else 'f16'}})
+                    'kv_cache': 'f32' if exact else 'f16', 'control': control_tokens(llm)}})
     for line in sys.stdin:
         if not line.strip():
             continue

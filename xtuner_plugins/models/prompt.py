@@ -22,20 +22,23 @@ import torch
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.template import IMAGE_PLACEHOLDER, TEMPLATES, control_markers
+from xtuner_plugins.data.template import GROUNDING_TOKENS, IMAGE_PLACEHOLDER, TEMPLATES, control_markers
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
 
 #: Whitespace-only tokens in a row after which generation stops (:func:`blank_run_stop`).
 BLANK_RUN = 32
 
 
-def check_question(question: str, tokenizer=None) -> None:
+def check_question(question: str, tokenizer=None, extra: Sequence[str] = ()) -> None:
     """``SampleError('control_text')`` when ``question`` holds text only the prompt builder writes: InternVL's image
     tokens (``<IMG_CONTEXT>``, ``<img>``), a template's turn markers (``<|im_start|>``, ``<|im_end|>``) or, with
-    ``tokenizer``, its special tokens (``<|endoftext|>``). Typed into the web demo or ``tools/chat.py`` they would be
-    read as those tokens: image tokens without an image, or a forged turn. Training and ``tools/eval.py`` refuse
-    them the same way. ``<image>`` and ``<video>`` are the tags that place images and a video, not markers."""
-    markers = set().union(*(control_markers(tokenizer, t) for t in TEMPLATES)) - {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER}
+    ``tokenizer``, its special tokens (``<|endoftext|>``); ``extra``: the control tokens of a vocabulary without a
+    transformers tokenizer (a GGUF's), InternVL's grounding tokens left out as ``control_markers`` leaves them.
+    Typed into the web demo or ``tools/chat.py`` they would be read as those tokens: image tokens without an image,
+    or a forged turn. Training and ``tools/eval.py`` refuse them the same way. ``<image>`` and ``<video>`` are the
+    tags that place images and a video, not markers."""
+    markers = set().union(*(control_markers(tokenizer, t) for t in TEMPLATES), set(extra) - set(GROUNDING_TOKENS))
+    markers -= {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ''}
     found = [(question.find(m), m) for m in markers if m in question]
     if found:
         pos, marker = min(found, key=lambda f: (f[0], -len(f[1])))

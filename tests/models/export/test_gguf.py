@@ -281,6 +281,23 @@ def test_tiling_options_are_refused_for_a_gguf_folder(setup, capsys):
     assert 'llama.cpp tiles the images as its mmproj says' in capsys.readouterr().err
 
 
+def test_a_control_token_of_the_gguf_vocabulary_in_a_question_is_refused(setup, f32_answers):
+    """llama.cpp's chat handler tokenizes the rendered prompt with special tokens parsed: '<|endoftext|>' typed in a
+    question (a control token of the vocabulary, not a template's marker) would be read as that token. Refused as
+    the other formats refuse it (their tokenizer's special tokens); grounding tokens stay data."""
+    from xtuner_plugins.data.errors import SampleError
+    model = GGUFModel(setup['f32'])
+    try:
+        assert {'<|endoftext|>', '<|im_start|>', '<|im_end|>'} <= set(model.control)
+        with pytest.raises(SampleError, match=r"the question holds '<\|endoftext\|>' at character 8 .*control_text"):
+            model.ask('Is this <|endoftext|> a cat?', [setup['images'][0]], dict(max_new_tokens=STEPS))
+        assert model.messages == []   # the turn was not asked
+        question = QUESTIONS[0]
+        assert model.ask(question, [setup['images'][1]], dict(max_new_tokens=STEPS)) == f32_answers[(1, question)][0]
+    finally:
+        model.close()
+
+
 def test_the_web_demo_refuses_a_gguf_folder_in_one_line(setup, capsys):
     from tools.web_demo import main as web_main
     from xtuner_plugins.launch import free_port

@@ -246,6 +246,26 @@ def test_deepspeed_zero3_folder_converts(tiny, batch, tmp_path):
     assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
     base = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
     assert max_diff(training_logits(base, batch), expected, batch['attention_mask']) > 10 * TOL
+    tampered_deepspeed_folder_runs_nothing(out.final_checkpoint, tmp_path)
+
+
+def tampered_deepspeed_folder_runs_nothing(folder, tmp_path):
+    """DeepSpeed's consolidation unpickles the folder's files whole (``weights_only=False``): a shared folder whose
+    model and optimizer states hold a call of ``touch`` gives the same weights, and nothing of it runs."""
+    from tests.models.test_checkpoint import Marker
+    from xtuner_plugins.models.checkpoint import load_trained_state_dict
+    expected = load_trained_state_dict(folder)
+    copy = tmp_path / 'shared' / os.path.basename(folder)
+    shutil.copytree(folder, copy)
+    for name in os.listdir(copy):
+        state = torch.load(copy / name, weights_only=False)   # our own run's files
+        state['ds_config'] = Marker(str(tmp_path / f'ran-{name}'))
+        torch.save(state, copy / name)
+    for lazy in (False, True):
+        state = load_trained_state_dict(str(copy), lazy=lazy)
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k].contiguous(), expected[k]) for k in expected)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('ran-')]
 
 
 # ------------------------------------------------------------------------------------------ refusals

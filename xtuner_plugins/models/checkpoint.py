@@ -7,8 +7,11 @@ needed). XTuner saves DeepSpeed checkpoints with ``exclude_frozen_parameters``: 
 trained, like our ``VisionLanguageModel.state_dict``.
 
 A checkpoint is read as data: nothing in it runs. Its pickle builds torch's tensors and plain containers only
-(torch's own ``weights_only`` list); any other class or function it names (MMEngine's ``HistoryBuffer``, numpy
-arrays of the message hub, or a tampered file's ``os.system``) becomes an inert placeholder, never called. The
+(torch's own ``weights_only`` list, and sets), and DeepSpeed's ZeRO stage number (an enum a ZeRO folder's files
+hold); any other class or function it names (MMEngine's ``HistoryBuffer``, numpy arrays of the message hub,
+DeepSpeed's loss scaler, or a tampered file's ``os.system``) becomes an inert placeholder, never called. A DeepSpeed
+folder's files are read so too: DeepSpeed's own consolidation (``zero_to_fp32``) unpickles them whole
+(``weights_only=False``), so it runs here with its ``torch.load`` reading through the same unpickler. The
 training config MMEngine records in it (``meta['cfg']``, Python text) is parsed as ``name = value`` lines of
 literals and ``dict(...)`` (:func:`config_settings`), never executed; anything else is refused by line.
 """
@@ -16,6 +19,7 @@ literals and ``dict(...)`` (:func:`config_settings`), never executed; anything e
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import pickle
@@ -54,12 +58,25 @@ def _inert(name: str) -> type:
     return _INERT[name]
 
 
+#: what a checkpoint's pickle may build besides torch's ``weights_only`` list: plain sets, and DeepSpeed's ZeRO
+#: stage (an ``IntEnum``: calling it looks a member up), which ``zero_to_fp32`` compares with numbers
+_ALSO_ALLOWED = {'builtins.set': lambda: set, '__builtin__.set': lambda: set,
+                 'deepspeed.runtime.zero.config.ZeroStageEnum': lambda: _zero_stage_enum()}
+
+
+def _zero_stage_enum() -> type:
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    return ZeroStageEnum
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         from torch._weights_only_unpickler import _get_allowed_globals
         allowed = _get_allowed_globals()
         full = f'{module}.{name}'
-        return allowed[full] if full in allowed else _inert(full)
+        if full in allowed:
+            return allowed[full]
+        return _ALSO_ALLOWED[full]() if full in _ALSO_ALLOWED else _inert(full)
 
 
 #: ``torch.load``'s ``pickle_module``: the checkpoint's pickle with :class:`_Unpickler`
@@ -72,6 +89,21 @@ def load_checkpoint_file(path: str, mmap: bool = False):
     """What ``torch.load`` gives for an MMEngine or DeepSpeed checkpoint file, without running any of its code:
     tensors and plain values; anything else an inert placeholder (module docstring)."""
     return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
+
+
+@contextlib.contextmanager
+def _loads_as_data():
+    """``torch.load`` reading through :class:`_Unpickler` while DeepSpeed's ``zero_to_fp32`` consolidates a folder
+    (it calls ``torch.load(file, map_location=..., weights_only=False[, mmap=True])``)."""
+    real = torch.load
+
+    def load(f, map_location=None, *args, mmap=None, **kwargs):
+        return real(f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def _kind(value) -> str:
@@ -98,7 +130,8 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
         parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))
         if not any(name.endswith('model_states.pt') for name in os.listdir(path)):
             raise ValueError(f'{path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside)')
-        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
+        with _loads_as_data():
+            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
     else:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
         # which torch's weights_only loader refuses: they become inert placeholders here

@@ -266,6 +266,18 @@ def tampered_deepspeed_folder_runs_nothing(folder, tmp_path):
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[k].contiguous(), expected[k]) for k in expected)
     assert not [n for n in os.listdir(tmp_path) if n.startswith('ran-')]
+    # a DeepSpeed that pickles a value it needs as a class this reader keeps inert: one line saying what to do
+    from xtuner_plugins.models import checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delitem(checkpoint._ALSO_ALLOWED, 'deepspeed.runtime.zero.config.ZeroStageEnum')
+        with pytest.raises(ValueError) as info:
+            load_trained_state_dict(folder)
+    parent, tag = os.path.split(folder)
+    assert str(info.value).startswith(f'{folder}: DeepSpeed could not consolidate it with its files read as data '
+                                      f'(TypeError: ')
+    assert str(info.value).endswith(f'python {parent}/zero_to_fp32.py {parent} OUT --tag {tag} --max_shard_size '
+                                    f'1000GB, and give OUT/pytorch_model.bin instead (it records no config: the '
+                                    f'converter takes it as CONFIG OUT/pytorch_model.bin OUT_DIR)')
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -130,8 +130,17 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
         parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))
         if not any(name.endswith('model_states.pt') for name in os.listdir(path)):
             raise ValueError(f'{path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside)')
-        with _loads_as_data():
-            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
+        try:
+            with _loads_as_data():
+                state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=lazy)
+        except (TypeError, AttributeError) as exc:   # a value it needs was pickled as another class: inert here
+            raise ValueError(
+                f'{path}: DeepSpeed could not consolidate it with its files read as data ({type(exc).__name__}: '
+                f'{exc}): a DeepSpeed version that pickles other objects than this one reads? If you trust the '
+                f'folder (your own run), consolidate it with DeepSpeed\'s own script, which runs its pickles: '
+                f'python {os.path.join(parent, "zero_to_fp32.py")} {parent} OUT --tag {tag} --max_shard_size '
+                f'1000GB, and give OUT/pytorch_model.bin instead (it records no config: the converter takes it as '
+                f'CONFIG OUT/pytorch_model.bin OUT_DIR)') from None
     else:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
         # which torch's weights_only loader refuses: they become inert placeholders here

@@ -1,0 +1,30 @@
+"""A slow SentencePiece tokenizer that adds a bos (Llama 2's ``LlamaTokenizer``, InternLM2's): training's
+turn-by-turn ids equal those of the whole rendered conversation, as chat tokenises its prompt (dummy prefix and
+legacy handling of text after special tokens included)."""
+
+import pytest
+
+from xtuner_plugins.data.template import get_template
+from xtuner_plugins.data.tokenize import tokenize_conversation
+from xtuner_plugins.tiny.sentencepiece_tokenizer import build_tiny_sentencepiece_tokenizer
+
+CONVERSATIONS = [
+    [('<image>\nHi there', ' yes ')],
+    [('<image>\nHi', ' yes '), ('how are you', 'café 你好'), (' über\n', '\nno')],
+    [('<image>\n leading and trailing ', 'b'), ('\n\nnewlines\n', 'd ')],
+]
+
+
+@pytest.mark.parametrize('legacy', [True, False])
+def test_training_ids_equal_the_whole_prompts_ids(legacy):
+    tok = build_tiny_sentencepiece_tokenizer(legacy=legacy)
+    template = get_template('internvl2_5')
+    for qs in CONVERSATIONS:
+        conv = [m for q, a in qs for m in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]
+        ids = list(tokenize_conversation(conv, tok, [1])['input_ids'])
+        n = ids.count(tok.convert_tokens_to_ids('<IMG_CONTEXT>'))
+        text = template.render_system(template.default_system)
+        text += ''.join(template.render_user(q) + template.render_assistant(a) for q, a in qs)
+        whole = tok(text.replace('<image>', '<img>' + '<IMG_CONTEXT>' * n + '</img>')).input_ids
+        assert ids == whole
+        assert [i for i, x in enumerate(ids) if x == tok.bos_token_id] == [0]

@@ -16,8 +16,8 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize('legacy', [True, False])
-def test_training_ids_equal_the_whole_prompts_ids(legacy):
-    tok = build_tiny_sentencepiece_tokenizer(legacy=legacy)
+def test_training_ids_equal_the_whole_prompts_ids(legacy, tmp_path):
+    tok = build_tiny_sentencepiece_tokenizer(legacy=legacy, folder=str(tmp_path))
     template = get_template('internvl2_5')
     for qs in CONVERSATIONS:
         conv = [m for q, a in qs for m in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]

@@ -3,15 +3,17 @@
 import os
 import tempfile
 
+from xtuner_plugins.data.template import INTERNVL_ADDED_TOKENS
+
 WORDS = ('hello world there how are you image picture describe the cat dog über café 你好 answer question yes no '
          'system user assistant a b c d').split()
-INTERNVL_TOKENS = ['<img>', '</img>', '<IMG_CONTEXT>', '<quad>', '</quad>', '<ref>', '</ref>', '<box>', '</box>']
 
 
 def build_tiny_sentencepiece_tokenizer(legacy: bool = True, folder: str = None):
     """A ``LlamaTokenizer`` (slow, ``add_bos_token=True``) on a 400-piece BPE SentencePiece model trained on a
     generated corpus (byte fallback, identity normalisation, no whitespace squeezing, as Llama 2's), with
-    ``<|im_start|>``, ``<|im_end|>`` and InternVL's tokens added as special tokens."""
+    ``<|im_start|>``, ``<|im_end|>`` and InternVL's tokens added as special tokens. Its files go into ``folder``
+    (a new temporary folder if none is given)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
     folder = folder or tempfile.mkdtemp(prefix='tiny_spm_')
@@ -24,5 +26,5 @@ def build_tiny_sentencepiece_tokenizer(legacy: bool = True, folder: str = None):
                                    character_coverage=1.0, byte_fallback=True, normalization_rule_name='identity',
                                    remove_extra_whitespaces=False, minloglevel=2)
     tok = LlamaTokenizer(prefix + '.model', add_bos_token=True, legacy=legacy)
-    tok.add_tokens(['<|im_start|>', '<|im_end|>'] + INTERNVL_TOKENS, special_tokens=True)
+    tok.add_tokens(['<|im_start|>', '<|im_end|>', *INTERNVL_ADDED_TOKENS], special_tokens=True)
     return tok

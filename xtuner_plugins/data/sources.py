@@ -72,13 +72,12 @@ def _resolve_meta_path(path: str, meta_dir: str, where: str) -> str:
     if os.path.isabs(path):
         return path
     beside = os.path.join(meta_dir, path)
-    if os.path.exists(beside) and os.path.exists(path) and not os.path.samefile(beside, path):
+    found_beside, found_here = os.path.exists(beside), os.path.exists(path)
+    if found_beside and found_here and not os.path.samefile(beside, path):
         raise ValueError(f'{where} {path!r} names two different things: {beside} (beside the meta file) and '
                          f'{os.path.abspath(path)} (in the current folder, where InternVL would read it); write '
                          f'the one meant as an absolute path')
-    if os.path.exists(beside) or not os.path.exists(path):
-        return beside
-    return path
+    return path if found_here and not found_beside else beside
 
 
 def _is_meta_file(path: str) -> bool:

@@ -278,7 +278,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             except PromptTooLong as exc:
                 raise gr.Error(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
             except (ValueError, SampleError) as exc:
-                raise gr.Error(for_client(str(exc), [image if isinstance(image, str) else getattr(image, 'name', '')]))
+                raise gr.Error(for_client(str(exc), [image]))   # a path (type='filepath'), or None
 
         api_button.click(api_chat, [api_image, api_question], api_answer, api_name='chat',
                          concurrency_id='model', concurrency_limit=1)

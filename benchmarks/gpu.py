@@ -128,6 +128,14 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
     return rows
 
 
+def only(rows: List[dict], patterns: List[str]) -> List[dict]:
+    """The rows whose names match one of ``patterns`` (fnmatch), and the prepare rows that write what they read:
+    ``prepare SIZE`` for the rows of that size, ``prepare memory`` for the ``memory`` rows."""
+    kept = [r for r in rows if r['kind'] != 'prepare' and any(fnmatch.fnmatch(r['name'], q) for q in patterns)]
+    sizes = {r['name'].split()[0] for r in kept}
+    return [r for r in rows if any(r is k for k in kept) or r['kind'] == 'prepare' and r['name'].split()[1] in sizes]
+
+
 def child(args) -> None:
     """The steps that are not a bench_train.py run: writing models and data, one bench_memory.py stage."""
     figures = {}
@@ -328,8 +336,8 @@ def main() -> None:
                    help='seconds for the whole run, counted from $GPU_BENCH_START when set (gpu.sh sets it '
                         'before installing): default 570 real, 900 tiny')
     p.add_argument('--only', nargs='+', default=None, metavar='PATTERN',
-                   help='run only the rows whose names match (fnmatch), e.g. "1.5b *" "memory *"; the prepare '
-                        'rows always run (they reuse what --work holds)')
+                   help='run only the rows whose names match (fnmatch), e.g. "1.5b *" "memory *", and the '
+                        'prepare rows that write what they read (they reuse what --work holds)')
     p.add_argument('--jobs', type=int, default=None,
                    help='rows at a time after the prepare rows (default 1: timings need the GPU alone; 2 with '
                         '--tiny, whose figures are not timings)')
@@ -359,7 +367,7 @@ def main() -> None:
         p.error('no CUDA device here: the real run needs a GPU (--tiny is the smoke run of every row on the CPU)')
     rows = plan(mode, out, work)
     if args.only:
-        rows = [r for r in rows if r['kind'] == 'prepare' or any(fnmatch.fnmatch(r['name'], q) for q in args.only)]
+        rows = only(rows, args.only)
     when = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
     commit = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or 'unknown'

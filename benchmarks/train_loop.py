@@ -245,9 +245,11 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
     kinds = None
     if prof is not None:
         prof.stop()
-        with open(profile, 'w') as f:
-            f.write(prof.key_averages().table(sort_by='self_cuda_time_total' if device == 'cuda' else
-                                              'self_cpu_time_total', row_limit=40, max_name_column_width=70))
+        averages = prof.key_averages()
+        with open(profile, 'w') as f:   # on a GPU, by device time and then by host time (what keeps it waiting)
+            f.write(f'{steps} profiled steps, {total:.3f} s\n')
+            for key in (['self_cuda_time_total'] if device == 'cuda' else []) + ['self_cpu_time_total']:
+                f.write(f'\nby {key}:\n' + averages.table(sort_by=key, row_limit=40, max_name_column_width=70))
         if device != 'cuda':   # on a GPU the kernels' time is not the operators' CPU time
             from benchmarks.profile_kinds import split
             kinds = split(prof.events(), total * 1e6)

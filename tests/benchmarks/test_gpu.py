@@ -164,3 +164,17 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     assert all(m['peak_mb'] > 100 and m['trainable'] < m['total'] for m in memory.values())
     assert memory['pretrain_mlp']['trainable'] < memory['finetune_lora']['trainable'] \
         < memory['finetune_full']['trainable']
+
+
+def test_only_keeps_the_rows_it_names_and_the_prepare_rows_they_read(tmp_path):
+    """``--only`` runs the rows it names and only the prepare rows that write their models and data (a prepare row
+    of another size would spend the GPU's minutes writing gigabytes nobody reads)."""
+    rows = gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work'))
+    names = lambda *patterns: [r['name'] for r in gpu.only(rows, list(patterns))]  # noqa: E731
+    assert names('1.5b xtuner', '1.5b packed s*') == ['prepare 1.5b', '1.5b xtuner', '1.5b packed segments',
+                                                      '1.5b packed segments liger', '1.5b packed sdpa',
+                                                      '1.5b packed segments compiled']
+    assert names('memory finetune_lora') == ['prepare memory', 'memory finetune_lora']
+    assert names('0.5b unpacked', 'memory *') == ['prepare 0.5b', 'prepare memory', 'memory pretrain_mlp',
+                                                  'memory finetune_lora', 'memory finetune_full', '0.5b unpacked']
+    assert names('nothing') == []

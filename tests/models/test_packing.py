@@ -207,3 +207,31 @@ def test_varlen_attention_gives_the_segment_attentions_loss_and_gradients(tiny, 
     assert grads_v.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_v[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('takes_gqa', [True, False])
+def test_varlen_attn_repeats_key_heads_for_a_kernel_without_enable_gqa(monkeypatch, takes_gqa):
+    """torch 2.11's ``varlen_attn`` has no ``enable_gqa`` (it came later) and takes as many key/value heads as query
+    heads: the wrapper repeats grouped key/value heads for such a kernel and passes ``enable_gqa`` to one that takes
+    it; the answers match causal SDPA with grouped heads either way."""
+    import torch.nn.attention.varlen as varlen
+    import xtuner_plugins.models.attention as attention
+    calls = []
+    reference = reference_varlen(calls)
+    if takes_gqa:
+        kernel = reference
+    else:
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+            assert k.shape[1] == v.shape[1] == q.shape[1], 'this kernel takes as many key/value heads as queries'
+            return reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+    monkeypatch.setattr(varlen, 'varlen_attn', kernel)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(9, 6, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cuts = torch.tensor([0, 4, 9], dtype=torch.int32)
+    got = attention.varlen_attn(q, k, v, cuts, cuts, 5, 5, scale=0.3, window_size=(-1, 0), enable_gqa=True)
+    for start, end in ((0, 4), (4, 9)):
+        piece = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        expected = torch.nn.functional.scaled_dot_product_attention(*piece, is_causal=True, scale=0.3,
+                                                                    enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(got[start:end], expected)
+    assert len(calls) == 1

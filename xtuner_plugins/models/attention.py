@@ -18,6 +18,7 @@ the whole batch (``loss.token_weights``, ``preference.sequence_logps``).
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -91,10 +92,17 @@ def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
 
 
-def varlen_attn(*args, **kwargs):
-    """PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (imported on use; tests put a reference in its place)."""
+def varlen_attn(query, key, value, *args, enable_gqa: bool = False, **kwargs):
+    """PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (imported on use; tests put a reference in its place).
+    Its ``enable_gqa`` came after torch 2.11, whose kernel takes as many key/value heads as query heads: there the
+    key/value heads are repeated for it."""
     from torch.nn.attention.varlen import varlen_attn as kernel
-    return kernel(*args, **kwargs)
+    if not enable_gqa:
+        return kernel(query, key, value, *args, **kwargs)
+    if 'enable_gqa' in inspect.signature(kernel).parameters:
+        return kernel(query, key, value, *args, enable_gqa=True, **kwargs)
+    key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    return kernel(query, key, value, *args, **kwargs)
 
 
 @torch.compiler.disable

@@ -14,9 +14,9 @@ import torch
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny packed flex', 'tiny xtuner', 'tiny packed segments', 'tiny packed varlen', 'tiny packed segments liger',
-         'tiny packed sdpa', 'tiny unpacked', 'tiny packed segments compiled']
-CUDA_ONLY = ['tiny packed flex', 'tiny packed varlen', 'tiny packed segments liger', 'tiny packed segments compiled']
+TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments', 'tiny packed varlen', 'tiny packed flex',
+         'tiny packed segments liger', 'tiny packed sdpa', 'tiny unpacked']
+CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed varlen', 'tiny packed flex', 'tiny packed segments liger']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny bf16 vs fp32', 'memory pretrain_mlp', 'memory finetune_lora',
         'memory finetune_full']
 
@@ -171,9 +171,9 @@ def test_only_keeps_the_rows_it_names_and_the_prepare_rows_they_read(tmp_path):
     of another size would spend the GPU's minutes writing gigabytes nobody reads)."""
     rows = gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work'))
     names = lambda *patterns: [r['name'] for r in gpu.only(rows, list(patterns))]  # noqa: E731
-    assert names('1.5b xtuner', '1.5b packed s*') == ['prepare 1.5b', '1.5b xtuner', '1.5b packed segments',
-                                                      '1.5b packed segments liger', '1.5b packed sdpa',
-                                                      '1.5b packed segments compiled']
+    assert names('1.5b xtuner', '1.5b packed s*') == ['prepare 1.5b', '1.5b xtuner', '1.5b packed segments compiled',
+                                                      '1.5b packed segments', '1.5b packed segments liger',
+                                                      '1.5b packed sdpa']
     assert names('memory finetune_lora') == ['prepare memory', 'memory finetune_lora']
     assert names('0.5b unpacked', 'memory *') == ['prepare 0.5b', 'prepare memory', 'memory pretrain_mlp',
                                                   'memory finetune_lora', 'memory finetune_full', '0.5b unpacked']

@@ -2,6 +2,8 @@
 without checkpointing and LoRA, every block compiled and the state dict's names unchanged, and new lengths that do
 not compile again past a bound."""
 
+import sys
+
 import pytest
 import torch
 
@@ -89,9 +91,18 @@ def test_compile_blocks_values(monkeypatch):
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
     assert compile_parts('auto', big) == ()                                    # no bf16 hardware: not measured
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    # CUDA: both parts (measured on an H100), on a GPU of compute capability 8.0 or more with Triton
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    assert compile_parts('auto', big) == ()                                    # CUDA: not measured yet
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    assert compile_parts('auto', big) == ('llm', 'vision')                     # whatever the CPU has
+    assert compile_parts('auto', big - 1) == ()
+    assert compile_parts('auto', big, why_not=['DeepSpeed ZeRO-3']) == ()
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    assert compile_parts('auto', big) == ()                                    # no bf16 matrix units: not measured
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    assert compile_parts('auto', big) == ('llm', 'vision')
+    monkeypatch.setitem(sys.modules, 'triton', None)                           # no Triton: inductor cannot build
+    assert compile_parts('auto', big) == ()
 
 
 def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):

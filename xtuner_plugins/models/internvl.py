@@ -112,13 +112,14 @@ class VisionLanguageModel(BaseModel):
         trainable_fp32: keep the trained parameters in fp32 (training); False keeps every weight in
             ``torch_dtype`` (the converter and chat tools, which only run the model).
         compile_blocks: ``torch.compile`` each transformer block (``compile.py``): True for the LLM's and the
-            vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) the LLM's
-            where it was measured to pay: bf16 weights (``torch_dtype``) on a CPU with native bf16 (AMX,
-            AVX-512 BF16), an LLM of 100M parameters or more, not quantised, not under ZeRO-3
-            (``compile.compile_parts``).
+            vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) where it
+            was measured to pay, for an LLM of 100M parameters or more, not quantised, not under ZeRO-3: both on a
+            CUDA GPU of compute capability 8.0 or more with Triton, the LLM's with bf16 weights (``torch_dtype``) on
+            a CPU with native bf16 (AMX, AVX-512 BF16) (``compile.compile_parts``).
         liger_kernel: on a CUDA GPU, the LLM's norms, SwiGLU, RoPE and loss on Liger Kernel's fused Triton kernels:
             True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
-            default until ``benchmarks/gpu.sh`` has measured it; not with ``compile_blocks``, its loss not with ZeRO-3.
+            default (on an H100 it was slower than eager, ``benchmarks/gpu.sh``); not with ``compile_blocks``, its
+            loss not with ZeRO-3.
     """
 
     def __init__(self,

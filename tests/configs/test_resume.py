@@ -167,6 +167,38 @@ def test_resume_from_a_named_checkpoint_through_our_entry_point(tiny, tmp_path):
         assert after[i] == pytest.approx(full.losses[i], abs=1e-6), (i, after[i], full.losses[i])
 
 
+class _Opens:
+    """Unpickled, opens (creates) a file: what a tampered checkpoint in a shared work folder carries."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_tampered_checkpoint_is_refused_by_resume_before_it_runs(tiny, tmp_path):
+    """`--resume PATH` (XTuner's seed reader, then the runner) and `resume=True` (the runner, following
+    last_checkpoint) read the checkpoint as training state: one that pickles anything else is refused in one
+    line naming the file and the global, and nothing in it runs (both unpickled it whole before)."""
+    full = run_train(CONFIG, str(tmp_path / 'full'), cfg_options=options(tiny))
+    assert full.ok, full.summary()
+    checkpoint = os.path.join(full.work_dir, 'iter_8.pth')
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    marker = str(tmp_path / 'ran')
+    state['meta']['note'] = _Opens(marker)
+    torch.save(state, checkpoint)
+    for how, extra in (('--resume', dict(extra_args=['--resume', checkpoint])),
+                       ('resume=True', dict(cfg_options=dict(options(tiny), resume=True), work_dir=full.work_dir))):
+        out = run_train(CONFIG, extra.pop('work_dir', str(tmp_path / 'resumed')), script=TRAIN_TOOL,
+                        require_checkpoint=False, **dict(dict(cfg_options=options(tiny)), **extra))
+        assert out.returncode == 2, (how, out.summary())
+        last = out.log.rstrip().splitlines()[-1]
+        assert last.startswith(f'train: refused: {checkpoint} names io.open, which training checkpoints never '
+                               'hold'), (how, last)
+        assert not os.path.exists(marker), how
+
+
 def test_our_entry_point_exits_non_zero_when_training_fails(tiny, tmp_path):
     bad = dict(tiny_options(tiny, tiny['same'], repeat=1), **{'model.llm': str(tmp_path / 'no_llm')})
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=bad, script=TRAIN_TOOL, require_checkpoint=False)

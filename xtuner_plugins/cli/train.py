@@ -14,7 +14,7 @@ input that cannot work (a model argument, a checkpoint that does not fit the con
 such a failure during training (an annotation file changed under the run, too many bad samples); and
 ``--resume work_dirs/<cfg>/iter_N.pth`` works under torch >= 2.6, where XTuner reads the checkpoint's seed with
 ``torch.load``'s new ``weights_only`` default, which refuses MMEngine checkpoints (they pickle training state
-next to the weights) before any training code runs (only resume from checkpoints you trust: your own runs);
+next to the weights) before any training code runs (it reads them as resume does: ``engine/resume_load.py``);
 and ``--cfg-options`` are checked before anything loads: a variable of the config file (``llm_path=...``,
 which changes nothing once the file is read), a key nothing reads (a misspelt setting of the model, the data
 set, a hook, the loop: named with the closest valid ones) or a value of the wrong kind is refused in one line,
@@ -125,16 +125,16 @@ def _train() -> int:
     _load(sys.argv[1:])
     if _INTERRUPTS:   # a Ctrl-C that an import caught and went on from (noting_interrupts): stop before training
         raise KeyboardInterrupt
-    import torch
     from xtuner.tools import train as xtuner_train
+
+    from xtuner_plugins.engine.resume_load import torch_load_for_resume
     read_seed = xtuner_train.get_seed_from_checkpoint
 
     def seed_from_checkpoint(path):
-        # MMEngine / DeepSpeed checkpoints of one's own runs: full unpickling, as the runner's resume does
-        with mock.patch.object(torch, 'load', lambda *a, **k: torch_load(*a, **{'weights_only': False, **k})):
+        # MMEngine / DeepSpeed checkpoints read as the runner's resume reads them: training state, not code
+        with torch_load_for_resume():
             return read_seed(path)
 
-    torch_load = torch.load
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     args = xtuner_train.parse_args()
     if not os.path.isfile(args.config):

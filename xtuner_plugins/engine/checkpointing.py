@@ -13,11 +13,10 @@ Applied when ``xtuner_plugins.engine`` is imported (configs import it), on GPUs 
   refuses an ``.incomplete`` one). Temporaries a killed save left behind are removed when the next run in
   that work folder starts (:class:`CheckpointCleanupHook`). The pointer itself is written atomically too, and
   read against the work folder it is in (``resume.py``).
-* **Resume under torch >= 2.6.** ``torch.load`` now defaults to ``weights_only=True``, which refuses
+* **Resume under torch >= 2.6, as data.** ``torch.load`` now defaults to ``weights_only=True``, which refuses
   MMEngine checkpoints (they pickle the message hub's ``HistoryBuffer`` and numpy values next to the
-  weights). MMEngine's loader for local files is re-registered to load with ``weights_only=False``;
-  allow-listing the globals instead would mean allowing ``builtins.getattr``. Only load checkpoints you
-  trust (your own runs).
+  weights). MMEngine's loader for local files and DeepSpeed's checkpoint engine are re-registered to read
+  through ``resume_load``'s unpickler, which builds those objects and refuses any other global.
 * **One line on what a load brought back.** MMEngine's ``load_state_dict`` warns with every missing key
   (thousands of characters on a resume, worded as a mismatch), yet this project's checkpoints hold only the
   trained parameters by design (``VisionLanguageModel.state_dict``): the frozen ones come from their source
@@ -39,6 +38,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from xtuner_plugins.engine import resume_load
 from xtuner_plugins.errors import Stated
 
 _PATCH_MARK = '_xtuner_plugins_checkpoint_patch'
@@ -179,7 +179,6 @@ def stale_temporaries(work_dir: str) -> List[str]:
 
 
 def _patch_local_checkpoint_loader() -> bool:
-    import torch
     from mmengine.runner.checkpoint import CheckpointLoader
     current = CheckpointLoader._schemes.get('')
     if getattr(current, _PATCH_MARK, False):
@@ -189,7 +188,7 @@ def _patch_local_checkpoint_loader() -> bool:
         filename = os.path.expanduser(filename)
         if not os.path.isfile(filename):
             raise FileNotFoundError(f'{filename} can not be found.')
-        return torch.load(filename, map_location=map_location, weights_only=False)
+        return resume_load.load(filename, map_location=map_location)
 
     setattr(load_from_local, _PATCH_MARK, True)
     CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
@@ -309,10 +308,27 @@ def _naming_the_source(method, verb: str):
     return named
 
 
+def _patch_deepspeed_load() -> bool:
+    """DeepSpeed's own reads of a checkpoint folder (model states, optimizer partitions) as resume reads files."""
+    try:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    except ImportError:   # DeepSpeed is optional
+        return False
+    if getattr(TorchCheckpointEngine.load, _PATCH_MARK, False):
+        return False
+
+    def load(self, path, map_location=None):
+        return resume_load.load(path, map_location=map_location)
+
+    setattr(load, _PATCH_MARK, True)
+    TorchCheckpointEngine.load = load
+    return True
+
+
 def apply_checkpoint_patches() -> List[str]:
     """Apply the patches once; returns the names newly applied."""
     patches = (_patch_local_backend_atomic, _patch_local_checkpoint_loader, _patch_deepspeed_save_rename,
-               _patch_load_report)
+               _patch_deepspeed_load, _patch_load_report)
     newly = [p.__name__.lstrip('_') for p in patches if p()]
     _applied.extend(newly)
     return newly

@@ -1,0 +1,127 @@
+"""engine/resume_load.py: resume reads a checkpoint's training state (message hub, numpy, ConfigDict, DeepSpeed's
+objects) for real and refuses every other global before it runs, through MMEngine's loader and DeepSpeed's."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import ConfigDict
+from mmengine.logging import HistoryBuffer, MessageHub
+
+from xtuner_plugins.engine import resume_load
+from xtuner_plugins.engine.resume_load import TRUST_ENV, UntrustedCheckpoint
+
+
+class Calls:
+    """Unpickled, calls ``func(*args)``: what a tampered checkpoint carries."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def training_state(tmp_path):
+    """What MMEngine's runner saves: meta with the config, the message hub's HistoryBuffers, optimizer and
+    scheduler states (protocol 2, as torch.save writes)."""
+    hub = MessageHub.get_instance('resume_load_test')
+    for i in range(5):
+        hub.update_scalar('train/loss', 1.0 / (i + 1))
+    hub.update_info('iter', 4)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return {'meta': {'cfg': 'model = dict(type=1)\n', 'seed': 7, 'iter': 4, 'dataset_meta': ConfigDict(a=1),
+                     'arrays': [np.arange(3, dtype=np.int64), np.float32(2.5)], 'tags': {'x', 'y'}},
+            'state_dict': model.state_dict(), 'message_hub': hub.state_dict(), 'optimizer': opt.state_dict(),
+            'param_schedulers': [{'last_step': 4, 'base_lrs': [1e-3]}]}
+
+
+def test_a_training_checkpoint_comes_back_whole(tmp_path):
+    state = training_state(tmp_path)
+    path = str(tmp_path / 'iter_4.pth')
+    torch.save(state, path)
+    got = resume_load.load(path, map_location='cpu')
+    buffer = got['message_hub']['log_scalars']['train/loss']
+    assert isinstance(buffer, HistoryBuffer) and buffer.mean() == pytest.approx(np.mean([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5]))
+    assert buffer.statistics('min') == pytest.approx(0.2)   # its statistics methods, pickled through getattr
+    assert isinstance(got['meta']['dataset_meta'], ConfigDict) and got['meta']['dataset_meta'].a == 1
+    assert got['meta']['arrays'][0].tolist() == [0, 1, 2] and got['meta']['arrays'][1] == np.float32(2.5)
+    assert got['meta']['tags'] == {'x', 'y'} and got['meta']['cfg'] == state['meta']['cfg']
+    for k, v in state['state_dict'].items():
+        assert torch.equal(got['state_dict'][k], v)
+    assert got['optimizer']['param_groups'] == state['optimizer']['param_groups']
+    hub = MessageHub.get_instance('resume_load_test_back')
+    hub.load_state_dict(got['message_hub'])   # as the runner's resume does
+    assert hub.get_info('iter') == 4
+
+
+@pytest.mark.parametrize('payload, named', [
+    (lambda marker: Calls(open, marker, 'w'), 'io.open'),
+    (lambda marker: Calls(os.system, f'touch {marker}'), 'posix.system'),
+    (lambda marker: Calls(getattr, HistoryBuffer, '_set_default_statistics'), "getattr(HistoryBuffer, "
+                                                                              "'_set_default_statistics')"),
+    (lambda marker: Calls(getattr, ConfigDict, 'to_dict'), "getattr(ConfigDict, 'to_dict')"),
+])
+def test_a_tampered_checkpoint_is_refused_before_it_runs(tmp_path, payload, named):
+    marker = str(tmp_path / 'ran')
+    state = training_state(tmp_path)
+    state['meta']['extra'] = payload(marker)
+    path = str(tmp_path / 'iter_4.pth')
+    torch.save(state, path)
+    with pytest.raises(UntrustedCheckpoint) as info:
+        resume_load.load(path, map_location='cpu')
+    message = str(info.value)
+    assert message.startswith(f'{path} ') and named in message and f'{TRUST_ENV}=1' in message, message
+    assert not os.path.exists(marker)
+
+
+def test_getattr_and_codecs_stay_narrow():
+    """``getattr`` only gives HistoryBuffer's statistics methods, ``_codecs.encode`` only latin-1."""
+    unpickler = resume_load.ResumeUnpickler.__new__(resume_load.ResumeUnpickler)
+    get, encode = unpickler.find_class('builtins', 'getattr'), unpickler.find_class('_codecs', 'encode')
+    assert get(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    for obj, name in ((HistoryBuffer, '__init__'), (HistoryBuffer, '_log_history'), (ConfigDict, 'max_length'),
+                      (os, 'system'), (HistoryBuffer, 'update'), (ConfigDict, 'to_dict')):
+        with pytest.raises(UntrustedCheckpoint):
+            get(obj, name)
+    assert encode('\xff\x00', 'latin1') == b'\xff\x00'
+    with pytest.raises(UntrustedCheckpoint):
+        encode('x', 'rot13')
+    with pytest.raises(UntrustedCheckpoint):
+        unpickler.find_class('subprocess', 'Popen')
+
+
+def test_trust_env_unpickles_whole(tmp_path, monkeypatch):
+    marker = str(tmp_path / 'ran')
+    path = str(tmp_path / 'iter_4.pth')
+    torch.save({'meta': {'extra': Calls(open, marker, 'w')}}, path)
+    monkeypatch.setenv(TRUST_ENV, '1')
+    resume_load.load(path, map_location='cpu')
+    assert os.path.exists(marker)
+
+
+def test_mmengine_and_deepspeed_loaders_read_through_it(tmp_path):
+    """The runner's resume / load_from (MMEngine's CheckpointLoader) and DeepSpeed's checkpoint engine, which
+    reads a ZeRO folder's files, both refuse a tampered file now (they unpickled it whole)."""
+    import xtuner_plugins.engine  # noqa: F401  (applies the patches)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from mmengine.runner.checkpoint import CheckpointLoader
+    marker = str(tmp_path / 'ran')
+    path = str(tmp_path / 'mp_rank_00_model_states.pt')
+    torch.save({'module': {'w': torch.ones(2)}, 'extra': Calls(open, marker, 'w')}, path)
+    with pytest.raises(UntrustedCheckpoint, match='io.open'):
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    with pytest.raises(UntrustedCheckpoint, match='io.open'):
+        TorchCheckpointEngine().load(path, map_location='cpu')
+    assert not os.path.exists(marker)
+    torch.save({'module': {'w': torch.ones(2)}}, path)
+    assert torch.equal(TorchCheckpointEngine().load(path, map_location='cpu')['module']['w'], torch.ones(2))
+
+
+def test_the_error_is_an_unpickling_error_and_a_refusal():
+    assert issubclass(UntrustedCheckpoint, pickle.UnpicklingError) and issubclass(UntrustedCheckpoint, ValueError)

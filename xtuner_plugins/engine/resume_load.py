@@ -1,0 +1,134 @@
+"""Resume reads a checkpoint as training state, never as a program.
+
+``resume=True``, ``--resume PATH``, ``load_from`` (MMEngine's loader for local files) and DeepSpeed's own loading
+of a checkpoint folder (``TorchCheckpointEngine.load``) used to unpickle the files whole (``torch.load(...,
+weights_only=False)``), so a tampered checkpoint in a shared work folder ran its code when resumed. They now read
+through :class:`ResumeUnpickler`: torch's ``weights_only`` list (tensors, plain containers) and the exact objects
+training checkpoints hold, built for real because the run needs them back, and nothing else:
+
+* MMEngine's message hub: ``HistoryBuffer`` (numpy arrays inside, and its statistics methods, pickled as
+  ``getattr(HistoryBuffer, 'mean')``: ``getattr`` gives those four methods and nothing else) and ``ConfigDict``;
+* numpy arrays, scalars and dtypes, and ``_codecs.encode`` with latin-1 (how protocol 2 writes their bytes);
+* DeepSpeed's loss scalers, ZeRO stage enum and ``fragment_address`` (a ZeRO folder's files);
+* sets and bytes.
+
+The list was read off real checkpoints (plain, preference, ZeRO-2 and ZeRO-3 runs) with ``pickletools``. Any
+other global a file names is refused, naming the file and the global, before anything of it runs. A checkpoint
+you wrote yourself that holds more (a hook of your own that stores its objects) loads whole again with
+``XTUNER_PLUGINS_TRUST_CHECKPOINTS=1``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import importlib
+import os
+import pickle
+import types
+from typing import Any, Optional
+
+import torch
+
+from xtuner_plugins.errors import Refused
+
+TRUST_ENV = 'XTUNER_PLUGINS_TRUST_CHECKPOINTS'
+
+#: the globals a training checkpoint may name beyond torch's ``weights_only`` list (module docstring)
+ALLOWED = frozenset({
+    'mmengine.logging.history_buffer.HistoryBuffer', 'mmengine.config.config.ConfigDict',
+    'numpy.ndarray', 'numpy.dtype', 'numpy._core.multiarray._reconstruct', 'numpy.core.multiarray._reconstruct',
+    'numpy._core.multiarray.scalar', 'numpy.core.multiarray.scalar',
+    'deepspeed.runtime.fp16.loss_scaler.LossScaler', 'deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler',
+    'deepspeed.runtime.zero.config.ZeroStageEnum', 'deepspeed.utils.tensor_fragment.fragment_address',
+    'builtins.set', 'builtins.frozenset', 'builtins.bytes', 'builtins.bytearray',
+})
+#: HistoryBuffer's statistics methods, which its state pickles as ``getattr(HistoryBuffer, name)``
+STATISTICS = ('min', 'max', 'current', 'mean')
+_ALIASES = {'__builtin__': 'builtins'}   # protocol 2 names Python 2's module
+
+
+class UntrustedCheckpoint(Refused, pickle.UnpicklingError):
+    """A checkpoint that names a global training checkpoints never hold: refused before any of it runs."""
+
+
+def trusted() -> bool:
+    """Whether the user asked for whole unpickling (:data:`TRUST_ENV`)."""
+    return os.environ.get(TRUST_ENV, '') not in ('', '0')
+
+
+def _resolve(full: str) -> Any:
+    module, _, name = full.rpartition('.')
+    return getattr(importlib.import_module(module), name)
+
+
+class ResumeUnpickler(pickle.Unpickler):
+    """Builds what :data:`ALLOWED` and torch's ``weights_only`` list name; refuses every other global."""
+
+    source = 'a checkpoint'   # the file being read, for the message (set per load)
+
+    def find_class(self, module: str, name: str) -> Any:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        module = _ALIASES.get(module, module)
+        full = f'{module}.{name}'
+        if full == 'builtins.getattr':
+            return self._getattr
+        if full == '_codecs.encode':   # (torch's list allows any codec)
+            return self._encode
+        torch_allowed = _get_allowed_globals()
+        if full in torch_allowed:
+            return torch_allowed[full]
+        if full in ALLOWED or (module == 'numpy.dtypes' and name.endswith('DType')):
+            return _resolve(full)
+        raise self.refusal(f'names {full}')
+
+    def refusal(self, what: str) -> UntrustedCheckpoint:
+        return UntrustedCheckpoint(
+            f'{self.source} {what}, which training checkpoints never hold: not loaded, so nothing in it ran (a '
+            f'tampered file, or one that a hook of your own filled). If you wrote it yourself and trust it, set '
+            f'{TRUST_ENV}=1 to unpickle it whole')
+
+    def _getattr(self, obj: Any, name: str) -> Any:
+        """``getattr`` for what pickle writes as ``getattr(HistoryBuffer, 'mean')``: HistoryBuffer's default
+        statistics methods, nothing else."""
+        from mmengine.logging.history_buffer import HistoryBuffer
+        if obj is HistoryBuffer and name in STATISTICS:
+            return getattr(obj, name)
+        raise self.refusal(f'asks for getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r})')
+
+    def _encode(self, text: str, encoding: str = 'utf-8', errors: str = 'strict') -> bytes:
+        """``_codecs.encode`` as protocol 2 writes bytes: latin-1 text only."""
+        if isinstance(text, str) and codecs.lookup(encoding).name == 'iso8859-1' and errors == 'strict':
+            return codecs.encode(text, 'latin-1')
+        raise self.refusal(f'asks for _codecs.encode(..., {encoding!r}, {errors!r})')
+
+
+def _pickle_module(source: str) -> types.ModuleType:
+    """``torch.load``'s ``pickle_module``: :class:`ResumeUnpickler` naming ``source`` in its refusals."""
+    unpickler = type('ResumeUnpickler', (ResumeUnpickler,), {'source': source})
+    module = types.ModuleType('xtuner_plugins_resume_pickle')
+    module.Unpickler = unpickler
+    module.load = lambda f, **kwargs: unpickler(f, **kwargs).load()
+    return module
+
+
+def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwargs) -> Any:
+    """``torch.load`` of a training checkpoint file for resuming (module docstring); ``kwargs`` as torch's
+    (``mmap``), ``weights_only`` and ``pickle_module`` excepted."""
+    kwargs.pop('weights_only', None)
+    kwargs.pop('pickle_module', None)
+    if not trusted():
+        kwargs['pickle_module'] = _pickle_module(
+            os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'a checkpoint')
+    return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
+
+
+@contextlib.contextmanager
+def torch_load_for_resume():
+    """``torch.load`` reading as :func:`load` does, for code that calls it itself (XTuner's seed reader)."""
+    real = torch.load
+    torch.load = lambda f, map_location=None, **kwargs: load(f, map_location, _torch_load=real, **kwargs)
+    try:
+        yield
+    finally:
+        torch.load = real

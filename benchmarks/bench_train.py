@@ -249,6 +249,9 @@ def main() -> None:
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back
             model.language_model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
         model.to(args.device).train()
+        if args.profile:   # the profile's split puts the tower's forward and the norms in their own kinds
+            from benchmarks.profile_kinds import mark_modules
+            mark_modules(model, model.vision_model)
         shapes = model_shapes(model.vision_model.config, model.language_model.config, model.downsample_ratio)
         if shapes.vocab_size != model.language_model.get_output_embeddings().weight.shape[0]:
             raise SystemExit(f'config vocab {shapes.vocab_size} != lm_head rows '

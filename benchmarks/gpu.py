@@ -22,6 +22,9 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
   decoding in DataLoader workers), peak memory;
 * ``bf16 vs fp32``: ``bench_train.py --precision-check`` (losses of a few steps and first-step gradients, on
   packs of the first LLM size);
+* ``profile``: the first size's packed step (``sdpa_segments``; on a GPU with its blocks compiled, the default
+  there) under torch.profiler: the split by kind (``benchmarks/profile_kinds.py``, the GPU's kernel time) and its
+  operators' table (``raw/profile_SIZE.txt``);
 * ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``).
 
 The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
@@ -115,6 +118,11 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
             device = ['--device', 'cuda'] if name in CUDA_ONLY and not gpu else []
             add(f'{size} {name}', 'train', train_args(size) + device + ['--steps', str(m['steps'])] + extra,
                 m['budget'][kind], cuda_only=CUDA_ONLY.get(name))
+            if i == 0 and name == 'packed segments':   # where the default's step goes (compiled: on a GPU)
+                add(f'{size} profile', 'profile', train_args(size) + [
+                    '--steps', '3', '--paths', 'packed', '--attn', 'sdpa_segments', *(['--compile-blocks'] if gpu
+                                                                                      else []),
+                    '--profile', os.path.join(raw, f'profile_{size}.txt')], m['budget']['flex'])
         if i == 0:  # the checks on the first (goal) size, before the other sizes
             packs = ['--max-tokens', str(m['precision_tokens'])] if m.get('precision_tokens') else []
             add(f'{size} bf16 vs fp32', 'precision', train_args(size) + ['--attn', 'sdpa', '--precision-check',
@@ -204,7 +212,7 @@ def finish(row: dict) -> None:
         row.update(status='timeout', reason=f'killed after its budget of {row["timeout"]} s')
     elif rc != 0 or figures is None:
         row.update(status='failed', reason=f'exit {rc}: {last_line(row["log"])}')
-    elif row['kind'] == 'train' and not figures.get('rows'):
+    elif row['kind'] in ('train', 'profile') and not figures.get('rows'):
         row.update(status='failed', reason=f'no figures: {figures.get("xtuner_skip") or last_line(row["log"])}')
     elif row['kind'] == 'precision' and not figures['precision']['ok']:
         row.update(status='failed', reason='bf16 and fp32 disagree beyond the tolerance')
@@ -266,7 +274,7 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
     by = {r['name']: r for r in rows}
     lines = [header, '', 'Full fine-tuning (projector + LLM trained, ViT frozen), one process per row:', '',
              '| row | status | tokens/s | samples/s | TFLOP/step | TFLOPS | MFU | data share | pad share | '
-             'peak MiB | s | note |', '|' + '---|' * 12]
+             'peak MiB | warm-up s | s | note |', '|' + '---|' * 13]
     for r in (r for r in rows if r['kind'] == 'train'):
         f = (r['figures'] or {}).get('rows') or {}
         x = next(iter(f.values()), None)
@@ -277,7 +285,7 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
                 note = (note + ' ' if note else '') + f'{what} rel {c["loss_rel"]:.1e}, grads {c["grad_rel"]:.1e}'
         cells = ([f'{x["tokens_per_s"]:.1f}', f'{x["samples_per_s"]:.2f}', f'{x["flops_per_step"] / 1e12:.4g}',
                   f'{x["tflops"]:.4g}', _pct(x.get('mfu')), _pct(x['data_share']), _pct(x['pad_share']),
-                  f'{x["peak_mib"]:.0f}'] if x else [''] * 8)
+                  f'{x["peak_mib"]:.0f}', f'{x["warmup_s"]:.1f}'] if x else [''] * 9)
         lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {note} |')
     lines += ['', 'Peak memory per stage (' + ('tiny InternViT + Qwen2' if tiny else 'InternViT-300M + Qwen2.5-1.5B') +
               ', one 13-tile image per sample):', '',
@@ -287,6 +295,14 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
         cells = ([f'{x["trainable"]:,}', f'{x["total"]:,}', f'{x["peak_mb"]:.0f}', f'{x["step_s"]:.3f}'] if x
                  else [''] * 4)
         lines.append(f'| {r["name"]} | {r["status"]} | ' + ' | '.join(cells) + f' | {r["seconds"]} | {r["reason"]} |')
+    profiles = {r['name']: next(iter(r['figures']['rows'].values()))['kinds'] for r in rows
+                if r['kind'] == 'profile' and r['status'] == 'ok'}
+    if profiles:
+        from benchmarks.profile_kinds import table as kinds_table
+        lines += ['', 'Where a step goes (torch.profiler over 3 packed steps, ' + (
+            "each operator's own time on the host" if tiny else "each operator's own kernels' time on the GPU; "
+            "'not in an operator': no kernel of the step running") + '; its operators in raw/profile_*.txt; '
+            'a diagnosis, not a timing):', '', kinds_table(profiles)]
     lines.append('')
     for r in (r for r in rows if r['kind'] in ('prepare', 'precision')):
         text = r['reason']

@@ -92,18 +92,23 @@ def _region(event) -> Optional[str]:
     return next((r for r in ('untimed', 'vision', 'optimizer', 'data', 'norm') if r in names), None)
 
 
-def split(events: Iterable, wall_us: float) -> Dict[str, float]:
+def split(events: Iterable, wall_us: float, device: bool = False) -> Dict[str, float]:
     """Seconds per kind (:data:`KINDS`) of a profile's events (``prof.events()``) over ``wall_us``, the timed
-    steps' wall time (microseconds)."""
+    steps' wall time (microseconds). ``device``: a GPU's time instead of the host's, each operator's own kernels
+    (its self device time; the kernels' own events are not counted again), and ``'not in an operator'`` is then
+    the time the GPU ran no kernel of the step (waiting for the host)."""
     out: Dict[str, float] = defaultdict(float)
     counted = 0.0
     for event in events:
+        if device and event.device_type != torch.autograd.DeviceType.CPU:
+            continue   # a kernel's or a GPU annotation's event: its time is its launching operator's
         region = _region(event)
         if region == 'untimed':
             continue
         kind = REGIONS[region] if region else kind_of(event.name)
-        out[kind] += event.self_cpu_time_total
-        counted += event.self_cpu_time_total
+        spent = event.self_device_time_total if device else event.self_cpu_time_total
+        out[kind] += spent
+        counted += spent
     out['not in an operator'] = max(0.0, wall_us - counted)
     return {k: out.get(k, 0.0) / 1e6 for k in KINDS}
 

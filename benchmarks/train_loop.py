@@ -250,9 +250,8 @@ def run(model, loader, steps, device, shapes: ModelShapes, step_loss=None, freez
             f.write(f'{steps} profiled steps, {total:.3f} s\n')
             for key in (['self_cuda_time_total'] if device == 'cuda' else []) + ['self_cpu_time_total']:
                 f.write(f'\nby {key}:\n' + averages.table(sort_by=key, row_limit=40, max_name_column_width=70))
-        if device != 'cuda':   # on a GPU the kernels' time is not the operators' CPU time
-            from benchmarks.profile_kinds import split
-            kinds = split(prof.events(), total * 1e6)
+        from benchmarks.profile_kinds import split   # on a GPU by the kernels' time, else the operators' CPU time
+        kinds = split(prof.events(), total * 1e6, device=device == 'cuda')
     return dict(tokens=tokens, samples=samples, tokens_per_s=tokens / total, samples_per_s=samples / total,
                 data_share=data_time / total,
                 flops_per_step=flops / steps, tflops=flops / total / 1e12, pad_share=padded / (tokens + padded),

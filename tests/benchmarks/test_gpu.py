@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments', 'tiny packed varlen', 'tiny packed flex',
          'tiny packed segments liger', 'tiny packed sdpa', 'tiny unpacked']
 CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed varlen', 'tiny packed flex', 'tiny packed segments liger']
-ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny bf16 vs fp32', 'memory pretrain_mlp', 'memory finetune_lora',
-        'memory finetune_full']
+ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny bf16 vs fp32', 'memory pretrain_mlp',
+        'memory finetune_lora', 'memory finetune_full']
 
 
 def fake_row(tmp_path, name, code, budget=30):
@@ -67,7 +67,7 @@ def test_a_liger_row_whose_kernels_change_the_loss_fails(tmp_path):
     """bench_train.py --liger-kernel compares one pack's loss and gradients without and with Liger's kernels
     (its ``liger_check``): a row beyond the tolerance fails, and the table carries the comparison."""
     figures = dict(rows=dict(packed=dict(tokens_per_s=1.0, samples_per_s=1.0, flops_per_step=1.0, tflops=1.0,
-                                         data_share=0.0, pad_share=0.0, peak_mib=1.0)))
+                                         data_share=0.0, pad_share=0.0, peak_mib=1.0, warmup_s=1.0)))
     rows = []
     for name, ok in (('bad', False), ('good', True)):
         check = dict(ok=ok, loss_rel=0.5 if not ok else 1e-6, grad_rel=0.2 if not ok else 1e-5)
@@ -152,6 +152,10 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
         assert 100 < x['tokens_per_s'] / x['samples_per_s'] < 2000  # tokens per sample: 13 tiles of 4 + text
     assert train['tiny packed sdpa']['packed']['pad_share'] == 0 < train['tiny unpacked']['unpacked']['pad_share']
     assert train['tiny packed segments']['packed']['pad_share'] == 0
+    # the profiled step, split by kind (on the CPU by host time), in the table
+    kinds = by['tiny profile']['figures']['rows']['packed']['kinds']
+    assert kinds['matmul'] > 0 and kinds['vision forward'] > 0 and 'Where a step goes' in table
+    assert os.path.getsize(tmp_path / 'out' / 'raw' / 'profile_tiny.txt') > 1000
     # XTuner trained the unpacked row's batches: the same FLOPs and padding, and its loss check passed
     assert train['tiny xtuner']['xtuner']['flops_per_step'] == train['tiny unpacked']['unpacked']['flops_per_step']
     assert train['tiny xtuner']['xtuner']['pad_share'] == train['tiny unpacked']['unpacked']['pad_share']

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,28 @@ def test_a_step_is_split_into_its_kinds():
         assert kinds[kind] > 0, kind
     assert abs(sum(kinds.values()) - wall / 1e6) < 1e-6   # everything counted once; the untimed part left out
     assert '| vision forward |' in table({'row': kinds})
+
+
+class FakeEvent:
+    """What ``split`` reads of a profiler event."""
+
+    def __init__(self, name, cpu_us, device_us, device_type=torch.autograd.DeviceType.CPU, parent=None):
+        self.name, self.self_cpu_time_total, self.self_device_time_total = name, cpu_us, device_us
+        self.device_type, self.cpu_parent = device_type, parent
+
+
+def test_device_split_counts_each_kernel_once_by_its_operator():
+    """On a GPU the split is by device time: an operator's own kernels, not the kernels' events again, and the
+    time no kernel ran (the GPU waiting for the host) in ``not in an operator``."""
+    opt = FakeEvent('Optimizer.step#AdamW.step', 50, 0)
+    events = [FakeEvent('aten::mm', 900, 3000), FakeEvent('aten::mul', 700, 1000),
+              FakeEvent('aten::_flash_attention_forward', 100, 2000), FakeEvent('PythonDispatchMode', 4000, 0),
+              FakeEvent('aten::_fused_adamw_', 10, 500, parent=opt), opt,
+              FakeEvent('void flash_fwd_kernel<...>', 0, 2000, torch.autograd.DeviceType.CUDA),
+              FakeEvent('gpu_user_annotation', 0, 500, torch.autograd.DeviceType.CUDA)]
+    got = split(events, wall_us=10000, device=True)
+    assert got['matmul'] == 0.003 and got['elementwise'] == 0.001 and got['attention'] == 0.002
+    assert got['optimizer'] == 0.0005 and got['Python dispatch modes'] == 0.0
+    assert got['not in an operator'] == pytest.approx(0.0035)
+    host = split(events[:6], wall_us=10000)
+    assert host['Python dispatch modes'] == 0.004 and host['matmul'] == 0.0009

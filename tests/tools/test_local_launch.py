@@ -336,6 +336,39 @@ def test_the_train_tools_ranks_are_forked(tmp_path):
     assert (tmp_path / 'w' / 'iter_6.pth').is_file() and 'nanobind: leaked' not in out.stderr
 
 
+class _Opens:
+    def __reduce__(self):
+        return open, (os.environ['OPENS_MARKER'], 'w')
+
+
+def test_a_rank_refused_leaves_the_others_one_line_each(tmp_path, monkeypatch):
+    """Rank 1 refuses its ZeRO-3 partition of a tampered checkpoint on resume; rank 0 then loses it inside a
+    collective (gloo: 'Connection closed by peer'). Rank 0 says so in one line after rank 1's refusal, where it
+    printed a traceback of DeepSpeed's all-gather and the gloo error as the run's last words."""
+    import torch
+    toy = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_regression.py')
+    train = [sys.executable, os.path.join(REPO_ROOT, 'tools', 'train.py'), toy, '--nproc-per-node', '2',
+             '--deepspeed', os.path.join(REPO_ROOT, 'configs', 'deepspeed', 'zero3_cpu.json')]
+    first = subprocess.run(train + ['--work-dir', str(tmp_path / 'w')], env=_env(), capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    part = tmp_path / 'w' / 'iter_6.pth' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'
+    monkeypatch.setenv('OPENS_MARKER', str(tmp_path / 'ran'))
+    state = torch.load(part, weights_only=False)
+    state['note'] = _Opens()
+    torch.save(state, part)
+    out = subprocess.run(train + ['--work-dir', str(tmp_path / 'r'), '--resume', str(tmp_path / 'w' / 'iter_6.pth'),
+                                  '--cfg-options', 'train_cfg.max_iters=8'],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.startswith(('train:', 'local_launch: rank'))]
+    assert out.returncode == 2 and len(lines) == 3, out.stderr[-4000:]
+    assert lines[0].startswith(f'train: refused: {part} names io.open'), lines
+    assert lines[1].startswith('train: FAILED on rank 0: another rank of the run stopped first (its own line says '
+                               'why); this one then lost it: RuntimeError: '), lines
+    assert lines[2] == 'local_launch: rank 1 exited with code 2: stopping the 1 other rank(s)', lines
+    assert 'Traceback' not in out.stderr and not (tmp_path / 'ran').exists()
+
+
 @forks
 def test_bad_cfg_options_are_refused_once_by_the_launcher(tmp_path):
     """A misspelt ``--cfg-options`` key: one line, exit 2, from the launcher that loaded the libraries anyway,

@@ -157,6 +157,11 @@ def _train() -> int:
         if isinstance(exc, Refused):   # a setting or input the message names whole: one line
             print(f'train: refused: {failure_message(exc)}', file=sys.stderr)
             return 2
+        if lost_peer(exc):   # the rank that stopped first printed why; this one's traceback adds nothing
+            print(f'train: FAILED on rank {os.environ.get("RANK", "?")}: another rank of the run stopped first (its '
+                  f'own line says why); this one then lost it: {type(exc).__name__}: {failure_message(exc)[:200]}',
+                  file=sys.stderr)
+            return 1
         if not isinstance(exc, Stated):   # a failure the message alone may not explain (a bug's report needs it)
             traceback.print_exc()
         print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  '
@@ -273,6 +278,16 @@ def resume_command(argv, checkpoint) -> str:
         launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
                     f'torchrun <your launcher options> {script}')
     return ' '.join([launcher, shlex.join(words)]).strip()
+
+
+#: what the collective backends say when another rank's process is gone (gloo, NCCL, the TCP store)
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited or there was a network '
+             'error', 'Broken pipe')
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a rank of a run of several losing another rank (which stopped first)."""
+    return int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and any(m in str(exc) for m in PEER_LOST)
 
 
 def failure_message(exc: BaseException) -> str:

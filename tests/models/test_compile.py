@@ -72,6 +72,22 @@ def test_new_lengths_and_packings_do_not_compile_again(tiny, attn):
     assert counts[0] > 0 and counts[-1] == counts[1], counts
 
 
+def test_new_tile_counts_do_not_compile_the_vision_blocks_again(tiny):
+    """On a GPU 'auto' compiles the vision tower's blocks too: batches of new numbers of tiles (frozen tower, no
+    gradient, as the stage configs run it) make graphs for the first two counts (a count of one is specialised),
+    none after."""
+    reset_compiled()
+    model = build(tiny, compile_blocks='vision').train()
+    size = model.vision_model.config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    counts = []
+    for tiles in (3, 1, 5, 2, 7, 4, 6):
+        with torch.no_grad():
+            model.tower_features(torch.randn(tiles, 3, size, size))
+        counts.append(compiled_graphs())
+    assert counts[0] > 0 and counts[-1] == counts[2], counts
+
+
 def test_compile_blocks_values(monkeypatch):
     from xtuner_plugins.models import compile as compile_
     assert compile_parts(False) == () and compile_parts(None) == ()

@@ -168,6 +168,9 @@ def main() -> None:
     p.add_argument('--llm-ckpt', choices=['keep_attention', 'full', 'none'], default='keep_attention',
                    help="our LLM's gradient checkpointing with --real (default keep_attention; models/recompute.py); "
                         "XTuner's row always recomputes whole layers, as XTuner does")
+    p.add_argument('--llm-ckpt-layers', type=int, default=None, metavar='N',
+                   help="only the LLM's first N decoder layers checkpointed (the model's llm_grad_ckpt_layers; "
+                        'default all; without --real it turns checkpointing on)')
     p.add_argument('--peak-tflops', type=float, default=None,
                    help='peak FLOPS of the device in TFLOPS for MFU (default on cuda: from the device name, '
                         f'{", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)} bf16 dense; on cpu: no MFU)')
@@ -200,6 +203,8 @@ def main() -> None:
     args = p.parse_args()
     if args.llm is not None and not args.real:
         p.error('--llm selects the real-size LLM; it needs --real')
+    if args.llm_ckpt_layers is not None and args.llm_ckpt == 'none':
+        p.error('--llm-ckpt-layers needs checkpointing (--llm-ckpt keep_attention or full)')
     if args.device == 'cuda' and not args.dry_run and not torch.cuda.is_available():
         p.error('--device cuda: no CUDA device is available')
     if args.attn == 'flex_attention' and args.device == 'cpu' and not args.dry_run:
@@ -230,7 +235,8 @@ def main() -> None:
         packed = PackedInternVLDataset(ds, max_tokens=max_tokens, max_tiles=None, seed=0)
         tiles = '/'.join(map(str, sorted(set(ds.num_tiles_per_item))))
         header = (f'models: {size}; device: {args.device}; attention: {attn}; LLM checkpointing: '
-                  f'{args.llm_ckpt if args.real else "none"}; cuDNN SDPA {"on" if args.cudnn_sdpa else "off"}; '
+                  f'{args.llm_ckpt if args.real or args.llm_ckpt_layers is not None else "none"}'
+                  f'{f" (first {args.llm_ckpt_layers} layers)" if args.llm_ckpt_layers is not None else ""}; cuDNN SDPA {"on" if args.cudnn_sdpa else "off"}; '
                   f'{args.samples} samples of {tiles} '
                   f'tiles, mean {np.mean(ds.length):.0f} tokens; unpacked batch {args.batch}, packs of <= '
                   f'{max_tokens} tokens ({len(packed)} packs)')
@@ -243,7 +249,9 @@ def main() -> None:
         precision = args.precision_check is not None
         model = VisionLanguageModel(vision_encoder=models['internvit'], llm=models['llm'], **TRAINED,
                                     compile_blocks=args.compile_blocks,
-                                    llm_grad_ckpt=args.real and (False if args.llm_ckpt == 'none' else args.llm_ckpt),
+                                    llm_grad_ckpt=(args.real or args.llm_ckpt_layers is not None) and (
+                                        False if args.llm_ckpt == 'none' else args.llm_ckpt),
+                                    llm_grad_ckpt_layers=args.llm_ckpt_layers,
                                     attn_implementation=attn, cudnn_attention=args.cudnn_sdpa,
                                     torch_dtype='bfloat16' if args.device == 'cuda' and not precision else 'float32')
         if args.real:  # the tiny tokenizer made the vocabulary small: give the LM head its real width back

@@ -58,6 +58,8 @@ MEMORY_STAGES = ('pretrain_mlp', 'finetune_lora', 'finetune_full')
 #: why a row runs on CUDA only (a --tiny run on a machine without CUDA skips it, naming the reason)
 CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
              'packed segments compiled': "compile_blocks is measured on the CPU by realsize.sh's _compiled rows",
+             'packed segments compiled half ckpt': "compile_blocks is measured on the CPU by realsize.sh's _compiled "
+                                                   'rows',
              'packed segments liger': "Liger Kernel's Triton kernels run on CUDA only (tests/models/test_liger.py "
                                       "checks them in Triton's interpreter)",
              'packed varlen': "varlen_attn is FlashAttention's CUDA kernel (on a CPU sdpa_varlen is the segments' "
@@ -67,6 +69,11 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
 TRAIN_ROWS = (('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments compiled', ['--paths', 'packed', '--attn', 'sdpa_segments', '--compile-blocks']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
+              # less recomputation: half the layers checkpointed (1.5B: ~24 GiB more, planned), or whole layers
+              # recomputed without selective checkpointing's Python dispatch mode (host time in the H100 profile)
+              ('packed segments compiled half ckpt', ['--paths', 'packed', '--attn', 'sdpa_segments',
+                                                      '--compile-blocks', '--llm-ckpt-layers', 'HALF']),
+              ('packed segments ckpt full', ['--paths', 'packed', '--attn', 'sdpa_segments', '--llm-ckpt', 'full']),
               ('packed varlen', ['--paths', 'packed', '--attn', 'sdpa_varlen']),
               ('packed flex', ['--paths', 'packed', '--attn', 'flex_attention']),
               ('packed segments liger', ['--paths', 'packed', '--attn', 'sdpa_segments', '--liger-kernel']),
@@ -116,6 +123,7 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
             kind = 'flex' if 'flex' in name or 'compiled' in name else 'xtuner' if name == 'xtuner' else 'train'
             # a --tiny run trains on the CPU, but a row that trains on CUDA only takes the GPU when there is one
             device = ['--device', 'cuda'] if name in CUDA_ONLY and not gpu else []
+            extra = [str(half_the_layers(size)) if a == 'HALF' else a for a in extra]
             add(f'{size} {name}', 'train', train_args(size) + device + ['--steps', str(m['steps'])] + extra,
                 m['budget'][kind], cuda_only=CUDA_ONLY.get(name))
             if i == 0 and name == 'packed segments':   # where the default's step goes (compiled: on a GPU)
@@ -136,6 +144,12 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
                                                   *gpu, '--batch', str(m['memory_batch']),
                                                   '--steps', str(m['memory_steps']), *snap], m['budget']['memory'])
     return rows
+
+
+def half_the_layers(size: str) -> int:
+    """Half the decoder layers of the real-size LLM ``size`` (the tiny one's: 1)."""
+    from benchmarks.synthetic import REAL_LLMS
+    return REAL_LLMS[size]['num_layers'] // 2 if size in REAL_LLMS else 1
 
 
 def only(rows: List[dict], patterns: List[str]) -> List[dict]:

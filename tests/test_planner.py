@@ -109,7 +109,12 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(tiny):
     c = on.language_model.config
     per_layer = layer_elements(on)
     b = Batch(rows=2, length=100, tiles=2, supervised=10)
-    assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2
+    # not checkpointed: every activation, the RMSNorms' fp32 (trained fp32 embeddings: an fp32 residual stream)
+    fp32_stream = 4 * c.hidden_size
+    assert activation_bytes(off, b)['llm layers'] == 200 * c.num_hidden_layers * (per_layer + fp32_stream) * 2
+    assert activation_bytes(off, b, zero=2)['llm layers'] == 200 * c.num_hidden_layers * per_layer * 2  # bf16
+    frozen = build_meta_model(settings(tiny, llm_grad_ckpt=False))   # bf16 embeddings: a bf16 stream
+    assert activation_bytes(frozen, b)['llm layers'] == 200 * c.num_hidden_layers * layer_elements(frozen) * 2
     assert RECOMPUTED not in activation_bytes(off, b)
     full = build_meta_model(settings(tiny, freeze_llm=False, llm_grad_ckpt='full'))
     for model in (on, full):
@@ -611,3 +616,48 @@ def test_cli_refuses_a_misspelt_option_as_training_does(tiny, capsys):
     assert (rc, err) == (2, "plan: error: --cfg-options: train_dataloader.batch_sze: DataLoader has no setting "
                             "'batch_sze'; closest: train_dataloader.batch_size, train_dataloader.batch_sampler\n")
     assert 'total' not in out
+
+
+def test_layers_left_out_of_checkpointing_keep_what_the_planner_counts(tiny, tmp_path):
+    """``llm_grad_ckpt_layers=k``: the first k decoder layers are checkpointed, the others keep every activation
+    for the backward. Measured as the bytes in use when the LM head has run (glibc's, as realsize reads them),
+    for 0, 2 and 4 checkpointed layers of 4, against the planner's 'llm layers' and 'attention kept'."""
+    import gc
+
+    from benchmarks.rss import _heap_in_use
+    from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.tiny.llm import write_tiny_llm
+    in_use = _heap_in_use()
+    if in_use is None:
+        pytest.skip('malloc is not glibc (no mallinfo2): no bytes in use to read')
+    models = dict(tiny, llm=write_tiny_llm(str(tmp_path / 'llm'), hidden_size=256, intermediate_size=1024,
+                                           num_layers=4, num_heads=4, num_kv_heads=2))
+    tokens = 512
+    ids = torch.randint(0, 100, (1, tokens))
+    rise, planned = {}, {}
+    for k in (4, 2, 0):
+        kw = settings(models, freeze_llm=False, llm_grad_ckpt_layers=k)
+        model = VisionLanguageModel(**kw).train()
+        lm = model.language_model
+        assert [layer.gradient_checkpointing for layer in lm.model.layers] == [True] * k + [False] * (4 - k)
+        seen = []
+        lm.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(in_use()) and None)
+        for _ in range(2):   # the second: the allocator settled
+            seen.clear()
+            gc.collect()
+            gc.disable()
+            try:
+                start = in_use()
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    loss = lm.get_output_embeddings()(lm.model(input_ids=ids).last_hidden_state[:, :1]).float().sum()
+            finally:
+                gc.enable()
+            loss.backward()
+            lm.zero_grad(set_to_none=True)
+        rise[k] = seen[0] - start
+        parts = activation_bytes(build_meta_model(kw), Batch(rows=1, length=tokens, tiles=0, supervised=1),
+                                 device='cpu')
+        planned[k] = parts['llm layers'] + parts.get('attention kept', 0)
+    for k in (2, 0):   # what leaving 4 - k layers out adds, measured and planned
+        assert rise[k] - rise[4] == pytest.approx(planned[k] - planned[4], rel=0.1), (k, rise, planned)
+    assert planned[0] > planned[2] > planned[4]

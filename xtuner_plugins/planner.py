@@ -81,6 +81,7 @@ each step (full fine-tuning of Qwen2.5-0.5B: the peak is the backward's end, eve
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Dict, Optional
 
 import torch
@@ -123,6 +124,7 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     held = 0   # bytes of the trained parameters as the model keeps them (without DeepSpeed)
     checkpointed = [prefix for prefix, module in (('language_model.', lm), ('vision_model.', model.vision_model))
                     if getattr(module, 'is_gradient_checkpointing', False)]
+    left_out = _unchecked_layers(model)   # LLM layers past llm_grad_ckpt_layers: not recomputed
     compiled = tuple(f'{name}.' for name, m in model.named_modules() if is_compiled(m))
     in_blocks: Dict[str, int] = {}   # casts in each compiled, checkpointed block: made and dropped in its graph
     for name, p in model.named_parameters():
@@ -131,7 +133,8 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
             held += p.numel() * p.element_size()
             largest = max(largest, p.numel() * p.element_size())
             if id(p) not in lookups and p.dtype == torch.float32:   # what autocast casts to a 2-byte dtype
-                recast = any(name.startswith(prefix) and '.layers.' in name for prefix in checkpointed)
+                recast = any(name.startswith(prefix) and '.layers.' in name for prefix in checkpointed) and not (
+                    name.startswith('language_model.') and _layer_index(name) in left_out)
                 block = next((prefix for prefix in compiled if name.startswith(prefix)), None) if recast else None
                 if block is None:
                     cast += p.numel()
@@ -164,6 +167,19 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     return dict(weights=weights, gradients=grads, optimizer=optim, trained=trained, frozen=frozen + quant,
                 autocast_copies=copies, saved_copies=saved_copies, optimizer_temporaries=temporaries,
                 head_gradients=head_grads)
+
+
+def _layer_index(name: str) -> Optional[int]:
+    """The decoder layer a parameter's name is in (``...layers.3.mlp...`` -> 3), or None."""
+    found = re.search(r'\.layers\.(\d+)\.', name)
+    return int(found.group(1)) if found else None
+
+
+def _unchecked_layers(model) -> range:
+    """The LLM layers that ``llm_grad_ckpt_layers`` leaves out of checkpointing (none when it is None)."""
+    k = getattr(model, 'llm_ckpt_layers', None)
+    n = _llm_shapes(model)['L']
+    return range(n, n) if k is None else range(k, n)
 
 
 def _llm_shapes(model):
@@ -242,11 +258,16 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
         or not model.freeze_vision
     out = {}
     if trains_llm_graph:
-        out['llm layers'] = tokens * (s['L'] * s['H'] if ckpt else s['L'] * per_layer) * b
-        if ckpt:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
+        # checkpointed layers keep their input; the others (llm_grad_ckpt_layers, or no checkpointing) every
+        # activation, and with fp32 embeddings (trained in fp32, without DeepSpeed) the residual stream is fp32:
+        # each RMSNorm's input and output then take twice the bytes (measured, tests/test_planner.py)
+        checked = s['L'] - len(_unchecked_layers(model)) if ckpt else 0
+        fp32_stream = 4 * s['H'] if zero == 0 and lm.get_input_embeddings().weight.dtype == torch.float32 else 0
+        out['llm layers'] = tokens * (checked * s['H'] + (s['L'] - checked) * (per_layer + fp32_stream)) * b
+        if checked:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
             out[RECOMPUTED] = tokens * (per_layer + 3 * s['F']) * b
             if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):
-                out['attention kept'] = tokens * s['L'] * (s['a'] * s['d'] * b + s['a'] * 4)
+                out['attention kept'] = tokens * checked * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
     chunk = getattr(model, 'loss_chunk', 0)   # at most this many positions' logits a row at once

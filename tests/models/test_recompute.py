@@ -110,3 +110,29 @@ def test_the_kept_kernels_are_named_as_torch_names_them():
         space, op = name.split('::')
         if space != 'flash_attn':   # flash-attn, a CUDA package, is not installed here
             assert getattr(getattr(torch.ops, space), op).default.name() == name
+
+
+def test_layers_left_out_of_checkpointing_run_once(tiny, batch):
+    """``llm_grad_ckpt_layers=k`` of the tiny LLM's 2 layers: the first k run again in the backward (their
+    attention kernels too, with ``'full'``), the others only in the forward; the loss and gradients are those of
+    checkpointing every layer (and of none)."""
+    _, loss, grads, plain = step(tiny, batch, llm_grad_ckpt=False)
+    again = {}
+    for k in (2, 1, 0):
+        model, l2, g2, seen = step(tiny, batch, llm_grad_ckpt='full', llm_grad_ckpt_layers=k)
+        assert [layer.gradient_checkpointing for layer in model.language_model.model.layers] == [True] * k + \
+            [False] * (2 - k)
+        again[k] = seen - plain
+        assert l2 == pytest.approx(loss, rel=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{k} {name}: {m}')
+    assert again[2] == 2 * again[1] > 0 and again[0] == 0, again
+
+
+@pytest.mark.parametrize('value', [3, -1, True, 1.5, '1'])
+def test_llm_grad_ckpt_layers_out_of_range_is_refused(tiny, value):
+    with pytest.raises(ValueError, match=rf"llm_grad_ckpt_layers={value!r}: expected a whole number of decoder "
+                                         r"layers to checkpoint, from 0 to 2 \(this LLM's layers\), or None"):
+        build(tiny, freeze_llm=False, llm_grad_ckpt=True, llm_grad_ckpt_layers=value)
+    with pytest.raises(ValueError, match='llm_grad_ckpt_layers=1 without llm_grad_ckpt'):
+        build(tiny, freeze_llm=False, llm_grad_ckpt=False, llm_grad_ckpt_layers=1)

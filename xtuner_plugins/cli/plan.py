@@ -181,8 +181,10 @@ def main(argv=None) -> int:
     what = 'packs of' if batch.packed else 'rows of'
     print(f'plan: {args.config} on {args.gpus} device(s) of {args.gpu_mem:g} GiB, '
           f'{"no DeepSpeed" if args.zero == 0 else f"DeepSpeed ZeRO-{args.zero}"}, {args.dtype}')
+    layers = getattr(model, 'llm_ckpt_layers', None)
     print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
-          f'checkpointing {getattr(model, "llm_recompute", None) or "off"}; attention '
+          f'checkpointing {getattr(model, "llm_recompute", None) or "off"}'
+          f'{f" (the first {layers} layers)" if layers is not None and model.llm_recompute else ""}; attention '
           f'{lm.config._attn_implementation}')
     print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
     unit = rows_per_item(cfg)

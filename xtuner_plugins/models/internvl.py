@@ -32,6 +32,7 @@ from torch import nn
 
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import normalize_tiles
+from xtuner_plugins.errors import Refused
 
 from .attention import SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
@@ -41,7 +42,7 @@ from .lora import apply_lora
 from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
-from .recompute import checkpointing_kwargs, recompute_mode, zero3_enabled
+from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import load_stages, load_trained
 
 
@@ -69,6 +70,9 @@ class VisionLanguageModel(BaseModel):
         vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM: True (or
             ``'keep_attention'``: every layer recomputed in the backward except its attention kernel, whose
             output is kept), ``'full'`` (everything recomputed: the least memory) or False (``recompute.py``).
+        llm_grad_ckpt_layers: how many of the LLM's decoder layers ``llm_grad_ckpt`` checkpoints, the first ones;
+            None (the default) all. The others keep their activations for the backward instead of running
+            again in it: less work, more memory (``tools/plan.py`` counts it; on a GPU with memory to spare).
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
@@ -138,6 +142,7 @@ class VisionLanguageModel(BaseModel):
                  freeze_llm: bool = True,
                  vision_grad_ckpt: Union[bool, str] = False,
                  llm_grad_ckpt: Union[bool, str] = False,
+                 llm_grad_ckpt_layers: Optional[int] = None,
                  vision_drop_path: float = 0.0,
                  llm_lora: Optional[dict] = None,
                  vision_lora: Optional[dict] = None,
@@ -177,6 +182,10 @@ class VisionLanguageModel(BaseModel):
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
         self.llm_recompute = recompute_mode(llm_grad_ckpt, 'llm_grad_ckpt')
+        if llm_grad_ckpt_layers is not None and not self.llm_recompute:
+            raise Refused(f'llm_grad_ckpt_layers={llm_grad_ckpt_layers!r} without llm_grad_ckpt: set '
+                          'llm_grad_ckpt=True too, or leave llm_grad_ckpt_layers out')
+        self.llm_ckpt_layers = llm_grad_ckpt_layers
         self.vision_recompute = recompute_mode(vision_grad_ckpt, 'vision_grad_ckpt')
         self.image_mode = image_mode
         self.template = template
@@ -232,6 +241,7 @@ class VisionLanguageModel(BaseModel):
         if self.llm_recompute:
             self.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
+            checkpoint_first_layers(self.language_model, self.llm_ckpt_layers)
         if self.vision_recompute:
             self.vision_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.vision_recompute))
@@ -394,6 +404,7 @@ class VisionLanguageModel(BaseModel):
         self.llm_recompute = self.llm_recompute or recompute_mode(True)
         self.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
+        checkpoint_first_layers(self.language_model, self.llm_ckpt_layers)
 
 
 # The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.

@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 from xtuner_plugins.errors import Refused
 
-__all__ = ['RECOMPUTE_MODES', 'recompute_mode', 'checkpointing_kwargs']
+__all__ = ['RECOMPUTE_MODES', 'recompute_mode', 'checkpointing_kwargs', 'checkpoint_first_layers']
 
 RECOMPUTE_MODES = ('keep_attention', 'full')
 KEPT_OPS = frozenset({
@@ -83,3 +83,26 @@ def checkpointing_kwargs(mode: str) -> dict:
     elif mode != 'full':
         raise ValueError(f'recompute mode {mode!r}: expected one of {RECOMPUTE_MODES}')
     return kwargs
+
+
+def checkpoint_first_layers(llm, layers: Optional[int], where: str = 'llm_grad_ckpt_layers') -> Optional[int]:
+    """Leave checkpointing on for the first ``layers`` decoder layers of ``llm`` only (None: all, as enabled):
+    each layer left out keeps its activations for the backward instead of running again in it (more memory, less
+    work: the planner counts both). Returns ``layers``.
+
+    Raises:
+        Refused: ``layers`` not a whole number from 0 to the LLM's layer count, or a layer without
+            transformers' per-layer switch (``gradient_checkpointing``).
+    """
+    if layers is None:
+        return None
+    from torch import nn
+    stacks = [m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and
+              len({type(x) for x in m}) == 1 and hasattr(m[0], 'gradient_checkpointing')]
+    blocks = list(stacks[0]) if stacks else []
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= len(blocks):
+        raise Refused(f'{where}={layers!r}: expected a whole number of decoder layers to checkpoint, from 0 to '
+                      f'{len(blocks)} (this LLM\'s layers), or None for all')
+    for block in blocks[layers:]:
+        block.gradient_checkpointing = False
+    return layers

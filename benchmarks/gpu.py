@@ -69,7 +69,7 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
 TRAIN_ROWS = (('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments compiled', ['--paths', 'packed', '--attn', 'sdpa_segments', '--compile-blocks']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
-              # less recomputation: half the layers checkpointed (1.5B: ~24 GiB more, planned), or whole layers
+              # less recomputation: half the layers checkpointed (1.5B: 15 GiB more, planned), or whole layers
               # recomputed without selective checkpointing's Python dispatch mode (host time in the H100 profile)
               ('packed segments compiled half ckpt', ['--paths', 'packed', '--attn', 'sdpa_segments',
                                                       '--compile-blocks', '--llm-ckpt-layers', 'HALF']),

@@ -149,6 +149,13 @@ def fit_sample(ds, record, checked, sizes: Sequence[Tuple[int, int]]) -> Fit:
     return fit
 
 
+def most_frames(ds, num_frames: int) -> int:
+    """The most frames that might fit ``max_length``: each takes its ``<img>``, ``</img>`` and ``num_image_token``
+    ``<IMG_CONTEXT>`` tokens at least. More are not encoded (``max_num_frame`` set to a million was a prompt of
+    millions of tokens tokenized for every video sample at start-up)."""
+    return num_frames if ds.max_length is None else ds.max_length // (ds.num_image_token + 2)
+
+
 def fit_video(ds, record, checked, num_frames: int) -> Fit:
     """The :class:`Fit` of a checked video sample of ``num_frames`` frames (one tile each): while too long, fewer
     frames (the most that fit, sampled over the whole video: ``fewer_frames``), then, at one frame, the text after
@@ -162,10 +169,11 @@ def fit_video(ds, record, checked, num_frames: int) -> Fit:
 
     def fits(enc) -> bool:
         return ds.max_length is None or all(len(e['input_ids']) <= ds.max_length for e in enc)
-    n, encoded = num_frames, encode(num_frames)
-    cuts: List[Optional[Cut]] = [None] * len(encoded)
-    if not fits(encoded):
-        lo, hi = 0, num_frames - 1  # the most frames in [1, hi] that fit: lo (0 = none does)
+    most = most_frames(ds, num_frames)
+    n, encoded = num_frames, encode(num_frames) if num_frames <= most else None
+    cuts: List[Optional[Cut]] = [None] * len(checked.conversations)
+    if encoded is None or not fits(encoded):
+        lo, hi = 0, min(num_frames - 1, most)  # the most frames in [1, hi] that fit: lo (0 = none does)
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if fits(encode(mid)):

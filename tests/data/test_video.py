@@ -227,13 +227,16 @@ class TestDataset:
 
     def test_a_huge_frame_setting_encodes_no_more_frames_than_can_fit(self, videos, tiny_tokenizer, tmp_path,
                                                                         monkeypatch):
-        """max_num_frame=3000 with max_length=200: each sample's prompt was tokenized with all 3000 frames first
-        (a million frames: millions of tokens a sample, a start-up that never ends); a frame takes at least
-        num_image_token + 2 tokens, so more than max_length // that are not encoded. The fit is the same."""
-        from xtuner_plugins.data import fitting
-        seen, real = [], fitting.tokenize_conversation
+        """max_num_frame=3000 with max_length=200: each sample's prompt was tokenized with all 3000 frames first,
+        in the length pass and the fit (a million frames: millions of tokens a sample, a start-up that never ends);
+        a frame takes at least num_image_token + 2 tokens, so more than max_length // that are not encoded. The fit
+        and the length are the same."""
+        from xtuner_plugins.data import fitting, lengths
+        seen, real, count = [], fitting.tokenize_conversation, lengths.count_text_tokens
         monkeypatch.setattr(fitting, 'tokenize_conversation',
                             lambda conv, tok, counts, **kw: seen.append(len(counts)) or real(conv, tok, counts, **kw))
+        monkeypatch.setattr(lengths, 'count_text_tokens',  # the length pass at start-up
+                            lambda conv, tok, **kw: seen.append(conv.num_images) or count(conv, tok, **kw))
         path = write_jsonl(tmp_path / 'v.jsonl', [{'video': videos['file'], 'conversations': conv(image=False)}])
         ds = make_ds(path, tiny_tokenizer, tmp_path, min_num_frame=3000, max_num_frame=3000, max_length=200)
         item = ds[0]
@@ -241,6 +244,7 @@ class TestDataset:
         assert max(seen) <= most, seen
         kept = item['pixel_values'].shape[0]
         assert 1 <= kept <= most and len(item['input_ids']) <= 200 and ds.reduced == {f'{path}:1': kept}
+        assert ds.length == [200]  # as long as max_length, as before
 
     def test_packing_counts_frames(self, mixed, tiny_tokenizer, tmp_path):
         path, folder = mixed

@@ -108,11 +108,14 @@ def _sample_length(ds, record: Record, checked, sizes: Optional[dict] = None) ->
 def _video_length(ds, record: Record, checked) -> List[int]:
     """``[length, frames]`` of a video sample: its drawn frames, one tile each, and their ``Frame{i}:`` lines (an
     unreadable video: its text alone, reported when it is loaded)."""
+    from .fitting import most_frames
     from .video import expand_video
     try:
         frames = ds.num_frames(record, ds.probe(checked))
     except SampleError:
         frames = 0
+    if frames > most_frames(ds, frames):  # over max_length by its image tokens alone: not tokenized
+        return [ds.max_length, frames]
     conversations = [expand_video(c, frames, ds.frame_prefix) for c in checked.conversations]
     text = max(count_text_tokens(c, ds.tokenizer) for c in conversations)
     total = text + frames * (ds.num_image_token + 2)

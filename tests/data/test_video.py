@@ -318,6 +318,17 @@ def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
     assert len(logs) == 1 and f'{path}:2' in logs[0] and reason in logs[0]
 
 
+@pytest.mark.parametrize('setting, value', [('min_num_frame', '8'), ('min_num_frame', 2.5), ('min_num_frame', True),
+                                            ('max_num_frame', 10 ** 19), ('max_num_frame', float('inf')),
+                                            ('min_num_frame', 0)])
+def test_a_frame_setting_that_is_no_frame_count_is_named(setting, value, videos, tiny_tokenizer, tmp_path):
+    """'8' was a raw TypeError, 2.5 silently 2 frames, True 1 frame, 10**19 numpy's "high is out of bounds for
+    int64" and inf "cannot convert float infinity to integer", at start-up."""
+    path = write_jsonl(tmp_path / 'v.jsonl', [{'video': videos['file'], 'conversations': conv(image=False)}])
+    with pytest.raises(ValueError, match=f'^{setting}={value!r}: a whole number of frames, 1 to '):
+        make_ds(path, tiny_tokenizer, tmp_path, **{setting: value})
+
+
 def test_preference_pairs_on_a_video(tmp_path, tiny_tokenizer, videos):
     from xtuner_plugins.data.preference import InternVLPreferenceDataset
     path = write_jsonl(tmp_path / 'p.jsonl', [{'video': videos['file'], 'question': 'Where does it go?',

@@ -10,6 +10,7 @@ the epoch (``'rand'``), each frame one tile.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple
 
 from .errors import SampleError
@@ -22,12 +23,24 @@ from .video import VideoInfo, choose_frames, frames_for, probe_video, read_frame
 __all__ = ['VideoSamples']
 
 
+MOST_FRAMES = 2 ** 62  # frame counts are drawn as int64 (frame_sampling.draw_num_frames)
+
+
+def check_frame_count(name: str, value) -> None:
+    """``ValueError`` naming the setting unless ``value`` is a whole number of frames, 1 to :data:`MOST_FRAMES`
+    (``'8'`` was a raw TypeError, ``2.5`` silently 2 frames, ``10**19`` numpy's "high is out of bounds")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MOST_FRAMES:
+        raise ValueError(f'{name}={value!r}: a whole number of frames, 1 to {MOST_FRAMES}')
+
+
 class VideoSamples:
     """The video side of a data set; the class using it has ``seed``, ``max_image_pixels``, ``image_mode``,
     ``image_size``, ``image_mean``, ``allow_links_outside``, ``sources`` and ``fit`` (``InternVLDataset``)."""
 
     def init_video(self, min_num_frame: int, max_num_frame: int, video_sampling: str) -> None:
         """The frame-count range and sampling, checked (``ValueError``); the epoch 0."""
+        for name, value in (('min_num_frame', min_num_frame), ('max_num_frame', max_num_frame)):
+            check_frame_count(name, value)
         if not 1 <= min_num_frame <= max_num_frame:
             raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}')
         self.min_num_frame, self.max_num_frame = int(min_num_frame), int(max_num_frame)

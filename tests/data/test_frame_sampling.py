@@ -4,7 +4,7 @@ frame count drawn per sample."""
 import numpy as np
 import pytest
 
-from xtuner_plugins.data.frame_sampling import draw_num_frames, frame_indices
+from xtuner_plugins.data.frame_sampling import check_sampling, draw_num_frames, frame_indices
 
 
 def reference_indices(num_frames, vlen, sample, pick=None):
@@ -39,6 +39,23 @@ class TestSampling:
         # 4 s at 10 fps, one frame every 2 s at the middle of its span: t = 1 s, 3 s
         assert frame_indices(8, 40, 'fps0.5', input_fps=10) == [10, 30]
         assert frame_indices(8, 40, 'fps2', input_fps=10, max_num_frames=3) == [2, 8, 12]
+
+    @pytest.mark.parametrize('sample', ['fpsinf', 'fps1e400', 'fps1e-320', 'fpsnan', 'fps', 'fps-1', 'Rand'])
+    def test_a_rate_with_no_finite_frame_spacing_is_refused(self, sample):
+        """fpsinf was accepted, then a ZeroDivisionError when a video was sampled; fps1e-320 an arange error."""
+        with pytest.raises(ValueError, match=f"unknown frame sampling '{sample}'"):
+            check_sampling(sample)
+
+    def test_a_huge_rate_samples_no_more_times_than_frames_asked(self):
+        """fps1e9 on 4 s made an array of 4e9 seconds (30 GB) before taking max_num_frames of them; the frames
+        are the same as with a lower cap."""
+        assert frame_indices(8, 40, 'fps1e9', input_fps=10, max_num_frames=3) == [0, 0, 0]
+        assert frame_indices(8, 40, 'fps2', input_fps=10, max_num_frames=100) == frame_indices(8, 40, 'fps2',
+                                                                                                input_fps=10)
+        for sample, vlen, fps in (('fps10', 40, 10), ('fps0.3', 1000, 29.97), ('fps3', 7, 1)):
+            every = frame_indices(1, vlen, sample, input_fps=fps)
+            for cap in (1, 2, 5, 8):  # the first cap of the uncapped frames
+                assert frame_indices(1, vlen, sample, input_fps=fps, max_num_frames=cap) == every[:cap]
 
     def test_frame_count_is_deterministic_and_in_range(self):
         counts = [draw_num_frames(8, 32, 0, 0, line) for line in range(200)]

@@ -9,6 +9,7 @@ A probed video's frames (its clip, a frame folder's count): :func:`xtuner_plugin
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import numpy as np
@@ -17,14 +18,17 @@ __all__ = ['check_sampling', 'frame_indices', 'draw_num_frames', 'frame_rng']
 
 
 def check_sampling(sample: str) -> str:
-    """``sample`` if it is ``rand``, ``middle`` or ``fpsX`` (X > 0), else ``ValueError``."""
+    """``sample`` if it is ``rand``, ``middle`` or ``fpsX`` (X > 0, and 1 / X a finite number of seconds), else
+    ``ValueError`` (``fpsinf`` was a ZeroDivisionError when a video was sampled, ``fps1e-320`` numpy's "arange:
+    cannot compute length")."""
     if sample in ('rand', 'middle'):
         return sample
     try:
-        if sample.startswith('fps') and float(sample[3:]) > 0:
-            return sample
+        rate = float(sample[3:]) if isinstance(sample, str) and sample.startswith('fps') else 0.0
     except ValueError:
-        pass
+        rate = 0.0
+    if 0 < rate < math.inf and 1.0 / rate < math.inf:
+        return sample
     raise ValueError(f'unknown frame sampling {sample!r}; use rand, middle or fpsX (fps0.5: one frame every 2 s)')
 
 
@@ -43,7 +47,10 @@ def frame_indices(num_frames: int, vlen: int, sample: str = 'rand', rng: Optiona
         raise ValueError(f'need vlen >= 1 and num_frames >= 1, got {vlen} and {num_frames}')
     if sample.startswith('fps'):
         delta = 1.0 / float(sample[3:])
-        seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
+        end = vlen / input_fps + delta / 2
+        if max_num_frames > 0:  # no more than max_num_frames times (fps1e9 was a 30 GB array for a 4 s video)
+            end = min(end, delta / 2 + delta * max_num_frames)
+        seconds = np.arange(delta / 2, end, delta)
         out = [int(i) for i in np.around(seconds * input_fps).astype(int) if i < vlen]
         if max_num_frames > 0:
             out = out[:max_num_frames]

@@ -160,6 +160,22 @@ def test_videos_listed_with_frames_duration_and_size_and_their_problems(tmp_path
     assert 'videos found: 3' in out and 'kept: 3' in out
 
 
+def test_a_huge_frame_setting_decodes_each_frame_once(tmp_path, capsys, monkeypatch):
+    """--max-num-frame 1000000 on a 40-frame video: a list of a million frame numbers was read (a billion: 8 GB);
+    the frames past the video's 40 repeat its last, so its 40 frames are read, once."""
+    from tests.helpers import write_video
+    from xtuner_plugins.cli import check_dataset as cli
+    write_video(tmp_path / 'media' / 'v.mp4', [6 * i for i in range(40)])
+    path = write_jsonl(tmp_path / 'v.jsonl', [{'video': 'v.mp4', 'conversations': conv(image=False)}])
+    asked, real = [], cli.read_frames
+    monkeypatch.setattr(cli, 'read_frames', lambda info, idx: asked.append(len(idx)) or real(info, idx))
+    code = check_dataset.main(['--data', path, '--image-folder', str(tmp_path / 'media'), '--workers', '1',
+                               '--min-num-frame', '1000000', '--max-num-frame', '1000000'])
+    out = capsys.readouterr().out
+    assert code == 0 and asked == [40], (asked, out)
+    assert f'{path}:1: video {tmp_path}/media/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24' in out
+
+
 def test_a_tokenizer_that_is_not_there_is_one_line_naming_the_option(tmp_path, capsys):
     """A mistyped --tokenizer: one error line naming the option and the path, exit 2 (transformers would raise
     about an internet connection)."""

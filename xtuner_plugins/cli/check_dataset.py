@@ -117,7 +117,9 @@ def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths,
     try:
         info = ds.probe(checked)
         frames = ds.num_frames(record, info)
-        read_frames(info, choose_frames(info, frames, 'middle'))
+        # its distinct frames: more than the clip's frames repeat the last (--max-num-frame 1000000000 was a list
+        # of a billion frames)
+        read_frames(info, choose_frames(info, min(frames, info.length), 'middle'))
     except SampleError as err:
         st[f'dropped ({err.reason.replace("_", " ")})'] += 1
         problems.append(err.with_source(where))

@@ -26,6 +26,22 @@ def test_chat_tool_names_a_bad_video(setup, tmp_path, capsys):  # noqa: F811
     assert 'give --image or --video, not both' in capsys.readouterr().err
 
 
+def test_chat_tool_refuses_more_frames_than_the_context_holds_before_reading_them(setup, official, capsys,  # noqa: F811
+                                                                                   monkeypatch):
+    """--frames 3000 (6 tokens a frame at least, 8192 in the context): every frame was loaded and tiled, and the
+    prompt built, before it was found too long (--frames 200000: past 5 minutes and 12 GB); now refused first."""
+    from xtuner_plugins.models import inference
+    loaded, real = [], inference.load_image
+    monkeypatch.setattr(inference, 'load_image', lambda im, *a, **kw: loaded.append(1) or real(im, *a, **kw))
+    capsys.readouterr()
+    assert chat_main([official, '--video', setup['video'], '--frames', '3000', '--prompt', QUESTION,
+                      '--max-new-tokens', '8']) == 2
+    err = capsys.readouterr().err
+    assert "chat: error: the prompt is at least 18000 tokens, over the LLM's context of 8192 tokens" in err, err
+    assert 'lower --frames (frames of a video)' in err and 'Traceback' not in err
+    assert not loaded
+
+
 def test_eval_tool_asks_video_questions_with_both_controls(setup, official, tmp_path, capsys):  # noqa: F811
     import json
 

@@ -166,6 +166,8 @@ class ConvertedModel:
             from .export.files import NO_VIDEO
             raise ValueError(f'{self.folder}: {NO_VIDEO}')
         check_question(question, self.tokenizer)  # typed control tokens: a forged turn, image tokens without images
+        if video is not None:  # over the context by its frames alone: refused before a frame is read or tiled (the
+            self.check_context(len(video) * self.frame_tokens(), {}, least=True)  # whole prompt is checked below)
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
         frames = [load_image(f) for f in video] if video is not None else None
         if frames is not None and (new or not frames):
@@ -229,11 +231,19 @@ class ConvertedModel:
             self.images, self.videos = self.images + new, videos
         return answer
 
-    def check_context(self, prompt_tokens: int, generation: dict) -> None:
+    def check_context(self, prompt_tokens: int, generation: dict, least: bool = False) -> None:
         """:class:`~xtuner_plugins.models.prompt.PromptTooLong` when the prompt and ``max_new_tokens`` do not fit
-        the LLM's context."""
+        the LLM's context (``least``: ``prompt_tokens`` is the fewest the prompt can be)."""
         turns = len(self.history or []) if self.format in ('official', 'remote') else len(self.messages) // 2
-        check_context(prompt_tokens, int(generation.get('max_new_tokens') or 0), *self.context, turns=turns)
+        check_context(prompt_tokens, int(generation.get('max_new_tokens') or 0), *self.context, turns=turns,
+                      least=least)
+
+    def frame_tokens(self) -> int:
+        """The fewest tokens a video frame takes: its vision tokens (one tile), ``<img>`` and ``</img>``
+        (``tools/chat.py --frames 200000`` ran past 5 minutes and 12 GB before the prompt was found too long)."""
+        per = getattr(self.model, 'num_image_token', None) or getattr(getattr(self, 'processor', None),
+                                                                     'image_seq_length', None)
+        return int(per or 0) + 2
 
     def option_logprobs(self, question: str, images: Sequence[ImageLike], texts: Sequence[str]) -> List[float]:
         """Each text's log-likelihood as the answer to ``question`` on ``images`` (a new single-turn conversation;

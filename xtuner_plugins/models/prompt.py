@@ -141,9 +141,9 @@ class PromptTooLong(ValueError):
     for the new tokens (``None``: they are an answer's, scored by likelihood, and not a setting)."""
 
     def __init__(self, prompt_tokens: int, new_tokens: int, context: int, source: str, turns: int = 0,
-                 new: Optional[str] = '--max-new-tokens'):
+                 new: Optional[str] = '--max-new-tokens', least: bool = False):
         self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
-        self.source, self.turns, self.new = source, turns, new
+        self.source, self.turns, self.new, self.least = source, turns, new, least  # least: a lower bound
         super().__init__(self.message())
 
     def message(self, frames: str = '--frames', tiles: Optional[str] = '--max-num', new: Optional[str] = None,
@@ -155,17 +155,19 @@ class PromptTooLong(ValueError):
         where = f"the LLM's context of {self.context} tokens ({self.source})"
         if self.prompt_tokens > self.context or not new:
             more = f' (+ {self.new_tokens} of the longest answer scored)' if self.new_tokens and not new else ''
-            return f'the prompt is {self.prompt_tokens} tokens{more}, over {where}; lower {lower}{earlier}'
-        return (f'the prompt is {self.prompt_tokens} tokens and {new} asks for {self.new_tokens} more: '
+            return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens{more}, over {where}; '
+                    f'lower {lower}{earlier}')
+        return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens and {new} asks for {self.new_tokens} more: '
                 f'{self.prompt_tokens + self.new_tokens} is over {where}; lower {new} to '
                 f'{self.context - self.prompt_tokens} or less, or {lower}{earlier}')
 
 
 def check_context(prompt_tokens: int, new_tokens: int, context: Optional[int], source: str, turns: int = 0,
-                  new: Optional[str] = '--max-new-tokens') -> None:
-    """:class:`PromptTooLong` when ``prompt_tokens + new_tokens`` is over ``context`` (``None``: not known)."""
+                  new: Optional[str] = '--max-new-tokens', least: bool = False) -> None:
+    """:class:`PromptTooLong` when ``prompt_tokens + new_tokens`` is over ``context`` (``None``: not known);
+    ``least``: ``prompt_tokens`` is the fewest the prompt can be (it is not built yet)."""
     if context is not None and prompt_tokens + new_tokens > context:
-        raise PromptTooLong(prompt_tokens, new_tokens, context, source, turns, new)
+        raise PromptTooLong(prompt_tokens, new_tokens, context, source, turns, new, least)
 
 
 class BlankRun:

@@ -157,7 +157,8 @@ class PromptTooLong(ValueError):
             more = f' (+ {self.new_tokens} of the longest answer scored)' if self.new_tokens and not new else ''
             return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens{more}, over {where}; '
                     f'lower {lower}{earlier}')
-        return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens and {new} asks for {self.new_tokens} more: '
+        return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens and {new} asks for '
+                f'{self.new_tokens} more: '
                 f'{self.prompt_tokens + self.new_tokens} is over {where}; lower {new} to '
                 f'{self.context - self.prompt_tokens} or less, or {lower}{earlier}')
 

@@ -108,8 +108,10 @@ def test_trust_env_unpickles_whole(tmp_path, monkeypatch):
 def test_mmengine_and_deepspeed_loaders_read_through_it(tmp_path):
     """The runner's resume / load_from (MMEngine's CheckpointLoader) and DeepSpeed's checkpoint engine, which
     reads a ZeRO folder's files, both refuse a tampered file now (they unpickled it whole)."""
-    import xtuner_plugins.engine  # noqa: F401  (applies the patches)
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from xtuner_plugins.engine.checkpointing import apply_checkpoint_patches
+    apply_checkpoint_patches()   # DeepSpeed's once it is imported (as the runners' resume does)
     from mmengine.runner.checkpoint import CheckpointLoader
     marker = str(tmp_path / 'ran')
     path = str(tmp_path / 'mp_rank_00_model_states.pt')

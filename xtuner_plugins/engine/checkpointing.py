@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -299,6 +300,7 @@ def _naming_the_source(method, verb: str):
 
     @functools.wraps(method)
     def named(self, filename, *args, **kwargs):
+        _patch_deepspeed_load()   # DeepSpeed imported by now where the run uses it
         token = _LOADING.set(_LOADING.get() or (verb, str(filename)))
         try:
             return method(self, filename, *args, **kwargs)
@@ -309,7 +311,11 @@ def _naming_the_source(method, verb: str):
 
 
 def _patch_deepspeed_load() -> bool:
-    """DeepSpeed's own reads of a checkpoint folder (model states, optimizer partitions) as resume reads files."""
+    """DeepSpeed's own reads of a checkpoint folder (model states, optimizer partitions) as resume reads files.
+    Only once DeepSpeed is imported (a run without it does not import it: ``deferred_imports.py``); the runners'
+    ``resume`` and ``load_checkpoint`` call this again before they load."""
+    if 'deepspeed' not in sys.modules:
+        return False
     try:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     except ImportError:   # DeepSpeed is optional

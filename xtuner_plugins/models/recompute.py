@@ -96,10 +96,8 @@ def checkpoint_first_layers(llm, layers: Optional[int], where: str = 'llm_grad_c
     """
     if layers is None:
         return None
-    from torch import nn
-    stacks = [m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and
-              len({type(x) for x in m}) == 1 and hasattr(m[0], 'gradient_checkpointing')]
-    blocks = list(stacks[0]) if stacks else []
+    from .compile import repeated_blocks   # the decoder layers, as compile_blocks finds them
+    blocks = [block for block in repeated_blocks(llm) if hasattr(block, 'gradient_checkpointing')]
     if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= len(blocks):
         raise Refused(f'{where}={layers!r}: expected a whole number of decoder layers to checkpoint, from 0 to '
                       f'{len(blocks)} (this LLM\'s layers), or None for all')

@@ -60,6 +60,8 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
              'packed segments compiled': "compile_blocks is measured on the CPU by realsize.sh's _compiled rows",
              'packed segments compiled half ckpt': "compile_blocks is measured on the CPU by realsize.sh's _compiled "
                                                    'rows',
+             'packed segments compiled no ckpt': "compile_blocks is measured on the CPU by realsize.sh's _compiled "
+                                                 'rows',
              'packed segments liger': "Liger Kernel's Triton kernels run on CUDA only (tests/models/test_liger.py "
                                       "checks them in Triton's interpreter)",
              'packed varlen': "varlen_attn is FlashAttention's CUDA kernel (on a CPU sdpa_varlen is the segments' "
@@ -68,6 +70,10 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
 # run that runs out of time loses the comparisons
 TRAIN_ROWS = (('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               ('packed segments compiled', ['--paths', 'packed', '--attn', 'sdpa_segments', '--compile-blocks']),
+              # no recomputation at all (1.5B on an 80 GB GPU: about 30 GiB more, planned): MFU counts model
+              # FLOPs, so what recomputation costs is what it takes off the MFU
+              ('packed segments compiled no ckpt', ['--paths', 'packed', '--attn', 'sdpa_segments',
+                                                    '--compile-blocks', '--llm-ckpt', 'none']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
               # less recomputation: half the layers checkpointed (1.5B: 15 GiB more, planned), or whole layers
               # recomputed without selective checkpointing's Python dispatch mode (host time in the H100 profile)

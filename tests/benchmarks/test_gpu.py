@@ -14,10 +14,12 @@ import torch
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments', 'tiny packed segments compiled half ckpt',
+TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments compiled no ckpt', 'tiny packed segments',
+         'tiny packed segments compiled half ckpt',
          'tiny packed segments ckpt full', 'tiny packed varlen', 'tiny packed flex', 'tiny packed segments liger',
          'tiny packed sdpa', 'tiny unpacked']
-CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed segments compiled half ckpt', 'tiny packed varlen',
+CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
+             'tiny packed segments compiled half ckpt', 'tiny packed varlen',
              'tiny packed flex', 'tiny packed segments liger']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny bf16 vs fp32', 'memory pretrain_mlp',
         'memory finetune_lora', 'memory finetune_full']
@@ -131,6 +133,7 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     flex = by.pop('tiny packed flex')
     compiled = by.pop('tiny packed segments compiled')
     by.pop('tiny packed segments compiled half ckpt')
+    by.pop('tiny packed segments compiled no ckpt')
     liger = by.pop('tiny packed segments liger')
     varlen = by.pop('tiny packed varlen')
     if not torch.cuda.is_available():
@@ -179,7 +182,7 @@ def test_only_keeps_the_rows_it_names_and_the_prepare_rows_they_read(tmp_path):
     rows = gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work'))
     names = lambda *patterns: [r['name'] for r in gpu.only(rows, list(patterns))]  # noqa: E731
     assert names('1.5b xtuner', '1.5b packed s*') == ['prepare 1.5b', '1.5b xtuner', '1.5b packed segments compiled',
-                                                      '1.5b packed segments', '1.5b packed segments compiled half ckpt',
+                                                      '1.5b packed segments compiled no ckpt', '1.5b packed segments', '1.5b packed segments compiled half ckpt',
                                                       '1.5b packed segments ckpt full', '1.5b packed segments liger',
                                                       '1.5b packed sdpa']
     half = next(r for r in rows if r['name'] == '1.5b packed segments compiled half ckpt')['cmd']

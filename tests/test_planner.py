@@ -661,3 +661,20 @@ def test_layers_left_out_of_checkpointing_keep_what_the_planner_counts(tiny, tmp
     for k in (2, 0):   # what leaving 4 - k layers out adds, measured and planned
         assert rise[k] - rise[4] == pytest.approx(planned[k] - planned[4], rel=0.1), (k, rise, planned)
     assert planned[0] > planned[2] > planned[4]
+
+
+def test_cli_says_the_fewest_checkpointed_layers_that_fit(tiny, capsys):
+    """With checkpointing on, the plan names the fewest first LLM layers to checkpoint within ``--gpu-mem``
+    (``llm_grad_ckpt_layers``; 'auto' chooses so at start-up on a GPU)."""
+    opts = ['--cfg-options', f'model.vision_encoder={tiny["internvit"]}', f'model.llm={tiny["llm"]}']
+    config = os.path.join(ROOT, 'configs/finetune_full_packed.py')
+    rc, out, _ = run_cli([config, '--gpus', '1', '--gpu-mem', '80'] + opts, capsys)
+    assert rc == 0 and 'fewest checkpointed LLM layers that fit: 0 of 2 (--cfg-options ' \
+                       'model.llm_grad_ckpt_layers=0' in out, out
+    total = float(re.search(r'^total +([\d.]+)', out, re.M)[1])   # all checkpointed (the config's 'auto' here)
+    rc, out, _ = run_cli([config, '--gpus', '1', '--gpu-mem', f'{total + 0.005:.3f}'] + opts, capsys)
+    assert 'fewest checkpointed LLM layers that fit: 2 of 2' in out, out
+    rc, out, _ = run_cli([config, '--gpus', '1', '--gpu-mem', f'{total - 0.02:.3f}'] + opts, capsys)
+    assert rc == 1 and 'checkpointed LLM layers: not even all of them fit' in out, out
+    rc, out, _ = run_cli([config, '--gpus', '1', '--gpu-mem', '80'] + opts + ['model.llm_grad_ckpt=False'], capsys)
+    assert rc == 0 and 'checkpointed LLM layers' not in out

@@ -361,3 +361,21 @@ def largest_fitting(fits, low: int, high: int) -> Optional[int]:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def fewest_checkpointed_layers(model, fits) -> Optional[int]:
+    """The fewest of the LLM's first decoder layers ``llm_grad_ckpt_layers`` can checkpoint with
+    ``fits(model)`` still true (the others keep their activations: the least recomputation that fits); None when
+    not even all checkpointed fits. ``model`` plans with checkpointing on; its ``llm_ckpt_layers`` is restored."""
+    layers = _llm_shapes(model)['L']
+    before = getattr(model, 'llm_ckpt_layers', None)
+
+    def fits_leaving_out(n: int) -> bool:
+        model.llm_ckpt_layers = layers - n
+        return fits(model)
+
+    try:
+        left_out = largest_fitting(fits_leaving_out, 0, layers)
+    finally:
+        model.llm_ckpt_layers = before
+    return None if left_out is None else layers - left_out

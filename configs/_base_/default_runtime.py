@@ -5,6 +5,7 @@ from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visua
 
 from xtuner_plugins.engine import (DIST_BACKEND, MP_START_METHOD, BadSampleHook, CheckpointCleanupHook,
                                    LineageHook, ModelDataCheckHook, NonFiniteGuardHook, ThroughputHook)
+from xtuner_plugins.engine.ckptfit import CheckpointFitHook
 from xtuner_plugins.engine.progress import ProgressHook
 from xtuner_plugins.engine.runlock import RunLockHook
 from xtuner_plugins.engine.watchdog import StallWatchdogHook
@@ -19,7 +20,9 @@ stall_timeout = 300       # s without a word from a rank (stopped or frozen): st
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
-                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
+                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook),
+                # model.llm_grad_ckpt_layers='auto': on a GPU, fewer LLM layers checkpointed where memory allows
+                dict(type=CheckpointFitHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
 # every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
 #   from xtuner_plugins.eval import EvalHook

@@ -36,36 +36,6 @@ GIB = 2 ** 30
 CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
 
 
-def whole(value, name: str, low: int = 1) -> int:
-    """``value`` as a config setting that must be a whole number ``>= low``; ValueError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f'{name} must be a whole number >= {low}, got {value!r}')
-    return value
-
-
-def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
-    """``(Batch, packed settings)`` of the config's data loader (module docstring)."""
-    from xtuner_plugins.planner import Batch
-    loader = cfg.train_dataloader
-    ds = loader.dataset
-    rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size') * rows_per_item(cfg)
-    packed = 'max_tokens' in ds
-    inner = ds.get('dataset', ds) if packed else ds
-    if packed:
-        length = whole(ds['max_tokens'], 'train_dataloader.dataset.max_tokens')
-        tiles = ds.get('max_tiles')
-        tiles = length // tokens_per_tile if tiles is None else whole(tiles, 'train_dataloader.dataset.max_tiles')
-        return Batch(rows=rows, length=length, tiles=tiles * rows, supervised=0, packed=True)
-    length = whole(inner.get('max_length', 8192), 'train_dataloader.dataset.max_length')
-    return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
-
-
-def rows_per_item(cfg) -> int:
-    """Rows a data-set item makes: 2 for a preference config (a pair, or a pack of pairs, is a row of chosen and a
-    row of rejected answers, each with the pair's tiles), else 1."""
-    return 2 if cfg.model.get('preference') is not None else 1
-
-
 def check_args(args) -> None:
     """The numbers on the command line: ValueError naming the option and its value."""
     if args.gpus < 1:
@@ -100,12 +70,6 @@ def _names_epilog() -> str:
         '\n'.join(f'  {"--" + e["kind"]:9s} {n:15s} {e["hub"]}' for n, e in models.items())
 
 
-def with_supervised(batch, tokens_per_tile: int):
-    from dataclasses import replace
-    text = max(batch.rows * batch.length - batch.tiles * tokens_per_tile, 0)
-    return replace(batch, supervised=text)
-
-
 def main(argv=None) -> int:
     from xtuner_plugins.launch import CfgOptions
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=_names_epilog(),
@@ -132,6 +96,8 @@ def main(argv=None) -> int:
 
     from xtuner_plugins.engine.options import check_cfg_options, load_config
     from xtuner_plugins.models.liger import check_liger
+    from xtuner_plugins.plan_configs.batch import (config_batch, model_batch, optimizer_settings, rows_per_item,
+                                                   with_supervised)
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
@@ -153,13 +119,7 @@ def main(argv=None) -> int:
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
                     compile_blocks=cfg.model.get('compile_blocks', 'auto'),
                     preference=cfg.model.get('preference') is not None)
-        per_tile = model.num_image_token
-        ds = cfg.train_dataloader.dataset
-        inner = ds.get('dataset', ds)
-        patches = whole(inner.get('max_dynamic_patch', 12), 'train_dataloader.dataset.max_dynamic_patch')
-        tiles = 1 if model.image_mode != 'tile' else patches + (
-            1 if inner.get('use_thumbnail', True) and patches > 1 else 0)
-        batch = with_supervised(config_batch(cfg, tiles, per_tile), per_tile)
+        batch, per_tile = model_batch(cfg, model)
     except SyntaxError as exc:  # in the config (MMEngine's message names no file)
         print(f'plan: error: {exc.filename if exc.filename not in (None, "<unknown>") else args.config}: line '
               f'{exc.lineno}: {exc.msg}', file=sys.stderr)
@@ -169,12 +129,14 @@ def main(argv=None) -> int:
         return 2
     budget = args.gpu_mem * GIB
 
-    fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))
-    accumulation = int(cfg.optim_wrapper.get('accumulative_counts', 1) or 1)
+    fused, accumulation = optimizer_settings(cfg)
+
+    def plan_with(m, b):
+        return plan_memory(m, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve,
+                           fused=fused, accumulation=accumulation)
 
     def plan(b):
-        return plan_memory(model, with_supervised(b, per_tile), args.dtype, args.zero, args.gpus, args.reserve,
-                           fused=fused, accumulation=accumulation)
+        return plan_with(model, b)
 
     r = plan(batch)
     lm = model.language_model
@@ -210,6 +172,8 @@ def main(argv=None) -> int:
     fits = r['total'] <= budget
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"} '
           '(weights + optimizer states + step peak + reserve)')
+    if model.llm_recompute:
+        print(checkpoint_line(model, lambda m: plan_with(m, batch)['total'] <= budget))
     if hasattr(model.language_model, 'peft_config'):
         print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '
               'planned here (27.1 against 17.2 GiB; MLP warm-up and full fine-tuning of the same model and batch '
@@ -238,6 +202,18 @@ def main(argv=None) -> int:
               f'{r["total"] / GIB:.3f} ({"fits" if chunked <= budget else "does not fit"}; the same loss, one more '
               f'LM-head matmul a chunk)')
     return 0 if fits else 1
+
+
+def checkpoint_line(model, fits) -> str:
+    """What ``llm_grad_ckpt_layers`` could be: the fewest checkpointed LLM layers that ``fits(model)``."""
+    from xtuner_plugins.planner import fewest_checkpointed_layers
+    layers = model.language_model.config.get_text_config().num_hidden_layers
+    fewest = fewest_checkpointed_layers(model, fits)
+    if fewest is None:
+        return 'checkpointed LLM layers: not even all of them fit'
+    return (f'fewest checkpointed LLM layers that fit: {fewest} of {layers} (--cfg-options '
+            f'model.llm_grad_ckpt_layers={fewest}, or \'auto\' to choose at start-up: the others keep their '
+            'activations instead of running again in the backward)')
 
 
 if __name__ == '__main__':

@@ -73,6 +73,8 @@ class VisionLanguageModel(BaseModel):
         llm_grad_ckpt_layers: how many of the LLM's decoder layers ``llm_grad_ckpt`` checkpoints, the first ones;
             None (the default) all. The others keep their activations for the backward instead of running
             again in it: less work, more memory (``tools/plan.py`` counts it; on a GPU with memory to spare).
+            ``'auto'`` (the stage configs'): on a CUDA GPU, the fewest that the planner fits in the GPU's memory,
+            chosen at start-up (``engine/ckptfit.py``); all on a CPU, under LoRA and without ``llm_grad_ckpt``.
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
@@ -142,7 +144,7 @@ class VisionLanguageModel(BaseModel):
                  freeze_llm: bool = True,
                  vision_grad_ckpt: Union[bool, str] = False,
                  llm_grad_ckpt: Union[bool, str] = False,
-                 llm_grad_ckpt_layers: Optional[int] = None,
+                 llm_grad_ckpt_layers: Union[int, str, None] = None,
                  vision_drop_path: float = 0.0,
                  llm_lora: Optional[dict] = None,
                  vision_lora: Optional[dict] = None,
@@ -182,6 +184,10 @@ class VisionLanguageModel(BaseModel):
         self.preference = None if preference is None else dict(preference)
         self._reward_baseline = None
         self.llm_recompute = recompute_mode(llm_grad_ckpt, 'llm_grad_ckpt')
+        #: llm_grad_ckpt_layers='auto': all checkpointed until engine/ckptfit.py leaves out what the GPU holds
+        self.llm_ckpt_auto = llm_grad_ckpt_layers == 'auto' and bool(self.llm_recompute)
+        if llm_grad_ckpt_layers == 'auto':
+            llm_grad_ckpt_layers = None
         if llm_grad_ckpt_layers is not None and not self.llm_recompute:
             raise Refused(f'llm_grad_ckpt_layers={llm_grad_ckpt_layers!r} without llm_grad_ckpt: set '
                           'llm_grad_ckpt=True too, or leave llm_grad_ckpt_layers out')

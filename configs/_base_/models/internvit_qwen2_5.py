@@ -25,6 +25,7 @@ model = dict(
     freeze_llm=True,
     vision_grad_ckpt=False,
     llm_grad_ckpt=True,               # recompute each layer but its attention kernel; 'full': everything
+    llm_grad_ckpt_layers='auto',      # on a GPU, only the first layers its memory needs; None: all; or a number
     torch_dtype='auto',               # bf16 on GPUs and CPUs with native bf16 (AMX), else fp32; 'float32': off
     attn_implementation='sdpa',       # or 'flash_attention_2' (GPU, flash-attn installed), 'eager'
     loss_reduction='token',           # 'token', 'sample' or 'square' (InternVL 2.5's square averaging)

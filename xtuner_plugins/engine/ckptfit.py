@@ -1,0 +1,148 @@
+"""``llm_grad_ckpt_layers='auto'`` (the stage configs'): on a CUDA GPU, only as many of the LLM's decoder layers
+checkpointed as its memory needs, chosen at start-up from the planner (``xtuner_plugins/planner.py``).
+
+Why: a layer left out of checkpointing keeps its activations instead of running again in the backward. On an H100
+(``benchmarks/RESULTS.md``, 2026-11-27) InternViT-300M + Qwen2.5-1.5B on packs of 16,384 tokens, blocks compiled,
+trained 24.7k tokens/s with all 28 layers checkpointed (28.8 GiB), 27.0k with 14 (43.2 GiB) and 31.8k with none
+(58.6 GiB); the planner was 2.6%, 4.1% and 5.3% over those peaks.
+
+How (:class:`CheckpointFitHook`, before the first step): the model as the config builds it, on the meta device
+(``plan_configs/meta.py``: no weight read), and the config's largest batch (``plan_configs/batch.py``: every pack
+full, every text token supervised) are planned with the run's DeepSpeed stage and number of ranks, against
+:data:`FRACTION` of the GPU's memory (at most what torch holds plus what is free now: a GPU shared with another
+process has less). The fewest first layers that keep the plan within it stay checkpointed. Every rank takes the
+largest count any rank chose: ranks recompute the same layers (under ZeRO-3 a recomputed layer gathers its
+weights again, a collective). All layers stay checkpointed, and the log says why:
+
+* on a CPU (the memory is the machine's, shared with the data loader's workers);
+* with LoRA or QLoRA on the LLM (a LoRA step's peak measured 1.58x the plan on an H100);
+* when the plan cannot be made (a config the planner cannot read; the reason is logged).
+
+``--cfg-options model.llm_grad_ckpt_layers=None`` checkpoints every layer without asking; a number sets it;
+``tools/plan.py`` prints what ``'auto'`` would weigh (the fewest that fit the whole ``--gpu-mem``).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Optional, Tuple
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import MMLogger, print_log
+
+from .checks import _unwrap
+
+__all__ = ['CheckpointFitHook', 'FRACTION', 'choose_layers']
+
+#: the share of the GPU's memory the plan may fill (the planner was up to 5% over measured GPU peaks; the rest
+#: is for what it does not count: NCCL's and DeepSpeed's buffers, fragmentation)
+FRACTION = 0.85
+GIB = 2 ** 30
+
+
+def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tuple[Optional[int], str]:
+    """``(layers, why)``: how many first LLM layers to checkpoint for the config ``cfg`` within ``budget`` bytes
+    per device (None: all, ``why`` says why), with DeepSpeed ZeRO stage ``zero`` (0: none) over ``gpus``."""
+    from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings
+    from xtuner_plugins.plan_configs.meta import build_meta_model
+    from xtuner_plugins.planner import fewest_checkpointed_layers, plan_memory
+    if hasattr(model.language_model, 'peft_config'):
+        return None, ('LoRA on the LLM: the planner was under a LoRA step\'s measured peak (1.58x on an H100, '
+                      'benchmarks/RESULTS.md)')
+    bf16 = model.autocast_dtype is not None or model.language_model.dtype == torch.bfloat16
+    try:
+        with _quiet():   # the meta model's own start-up lines (compile_blocks) are the real model's, said once
+            meta = build_meta_model(cfg.model, 'bfloat16' if bf16 else 'float32')
+        batch, _ = model_batch(cfg, meta)
+        fused, accumulation = optimizer_settings(cfg)
+    except Exception as exc:   # any config the planner cannot read: the run goes on as configured
+        return None, f'the plan could not be made ({type(exc).__name__}: {exc})'
+    plans = {}
+
+    def fits(m) -> bool:
+        plan = plan_memory(m, batch, 'bf16' if bf16 else 'fp32', zero, gpus, fused=fused,
+                           accumulation=accumulation)
+        plans[m.llm_ckpt_layers] = plan['total']
+        return plan['total'] <= budget
+
+    layers = fewest_checkpointed_layers(meta, fits)
+    total = meta.language_model.config.get_text_config().num_hidden_layers
+    what = (f'{batch.rows} {"pack" if batch.packed else "row"}{"s" if batch.rows > 1 else ""} of {batch.length} '
+            f'tokens and {batch.tiles} tiles')
+    if layers is None:
+        return None, (f'even all checkpointed, the plan ({plans.get(total, 0) / GIB:.1f} GiB for {what}) is over '
+                      f'the {budget / GIB:.1f} GiB allowed')
+    return layers, f'planned {plans[layers] / GIB:.1f} GiB of the {budget / GIB:.1f} GiB allowed for {what}'
+
+
+@contextmanager
+def _quiet():
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def device_budget() -> float:
+    """Bytes the plan may fill on this rank's GPU (module docstring)."""
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(FRACTION * total, free + torch.cuda.memory_reserved(device))
+
+
+def zero_stage(wrapped) -> int:
+    """DeepSpeed's ZeRO stage of the runner's model (0 without DeepSpeed)."""
+    for _ in range(4):
+        stage = getattr(wrapped, 'zero_optimization_stage', None)
+        if callable(stage):
+            return int(stage())
+        wrapped = getattr(wrapped, 'model', None) or getattr(wrapped, 'module', None)
+        if wrapped is None:
+            break
+    return 0
+
+
+def agree(layers: int) -> int:
+    """The largest of the ranks' ``layers`` (every rank recomputes the same layers)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return layers
+    device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+    value = torch.tensor([layers], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+class CheckpointFitHook(Hook):
+    """Resolves ``llm_grad_ckpt_layers='auto'`` before the first step (module docstring)."""
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        model = _unwrap(runner.model, 'module', 'model')
+        if not getattr(model, 'llm_ckpt_auto', False):
+            return
+        from xtuner_plugins.models.recompute import checkpoint_first_layers
+        total = model.language_model.config.get_text_config().num_hidden_layers
+        if not torch.cuda.is_available():
+            layers, why = None, 'on a CPU'
+        else:
+            from mmengine.dist import get_world_size
+            layers, why = choose_layers(runner.cfg, model, device_budget(), zero_stage(runner.model),
+                                        get_world_size())
+        chosen = agree(total if layers is None else layers)
+        if chosen != (total if layers is None else layers):
+            why = f'another rank needs {chosen}'
+        model.llm_ckpt_layers = chosen
+        model.llm_ckpt_auto = False
+        checkpoint_first_layers(model.language_model, chosen)
+        rest = ('the others keep their activations instead of running again in the backward' if chosen < total
+                else 'model.llm_grad_ckpt_layers=None says so without planning')
+        print_log(f"llm_grad_ckpt_layers='auto': {chosen} of the LLM's {total} decoder layers checkpointed ({why}); "
+                  f'{rest}', logger='current')

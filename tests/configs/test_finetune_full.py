@@ -76,6 +76,8 @@ def test_packed_full_finetuning(tiny, tmp_path):
     out = run_train(config, str(tmp_path / 'work'), cfg_options=options)
     assert out.ok, out.summary()
     assert "loss_reduction='square'" in out.full_log()  # the config dump, in MMEngine's log file
+    # the configs' llm_grad_ckpt_layers='auto' (engine/ckptfit.py) ran before the first step: all, on a CPU
+    assert "llm_grad_ckpt_layers='auto': 2 of the LLM's 2 decoder layers checkpointed (on a CPU)" in out.log
     losses = [out.losses[i] for i in sorted(out.losses)]
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     tokens, samples = out.scalar_series('tokens_per_sec'), out.scalar_series('samples_per_sec')

@@ -142,7 +142,7 @@ class CheckpointFitHook(Hook):
         model.llm_ckpt_layers = chosen
         model.llm_ckpt_auto = False
         checkpoint_first_layers(model.language_model, chosen)
-        rest = ('the others keep their activations instead of running again in the backward' if chosen < total
-                else 'model.llm_grad_ckpt_layers=None says so without planning')
-        print_log(f"llm_grad_ckpt_layers='auto': {chosen} of the LLM's {total} decoder layers checkpointed ({why}); "
+        rest = '; the others keep their activations instead of running again in the backward' if chosen < total \
+            else ''
+        print_log(f"llm_grad_ckpt_layers='auto': {chosen} of the LLM's {total} decoder layers checkpointed ({why})"
                   f'{rest}', logger='current')

@@ -678,3 +678,7 @@ def test_cli_says_the_fewest_checkpointed_layers_that_fit(tiny, capsys):
     assert rc == 1 and 'checkpointed LLM layers: not even all of them fit' in out, out
     rc, out, _ = run_cli([config, '--gpus', '1', '--gpu-mem', '80'] + opts + ['model.llm_grad_ckpt=False'], capsys)
     assert rc == 0 and 'checkpointed LLM layers' not in out
+    # under LoRA 'auto' keeps every layer (the planner is under LoRA's peaks): no count offered
+    rc, out, _ = run_cli([os.path.join(ROOT, 'configs/finetune_lora.py'), '--gpus', '1', '--gpu-mem', '80'] + opts,
+                         capsys)
+    assert rc == 0 and 'checkpointed LLM layers' not in out and 'caution: LoRA' in out

@@ -69,27 +69,59 @@ def test_the_fewest_layers_whose_plan_fits(models):
     for k in range(1, LAYERS + 1):   # just under what k - 1 layers need: k
         layers, why = ckptfit.choose_layers(cfg, model, (totals[k] + totals[k - 1]) / 2)
         assert layers == k, (k, why, totals)
-        assert f'planned {totals[k] / 2 ** 30:.1f} GiB' in why and '1 pack of 16384 tokens' in why
+        assert f'planned {totals[k] / 2 ** 30:.1f} GiB' in why and '1 pack of 16384 tokens and up to 48 tiles' in why
     layers, why = ckptfit.choose_layers(cfg, model, totals[LAYERS] * 0.99)
     assert layers is None and 'even all checkpointed' in why
     # ZeRO-3 over 8 ranks shards the weights and optimizer states: fewer layers need checkpointing
     assert ckptfit.choose_layers(cfg, model, (totals[2] + totals[1]) / 2, zero=3, gpus=8)[0] < 2
+    # DDP on 2 ranks holds a copy of every gradient in its buckets: more layers
+    assert ckptfit.choose_layers(cfg, model, totals[2] + 1, zero=0, gpus=2)[0] == 3
+    assert ckptfit.choose_layers(cfg, model, totals[2] + 1, zero=0, gpus=1)[0] == 2
 
 
-def test_lora_and_unreadable_configs_keep_every_layer(models):
+def test_unpacked_rows_are_planned_with_as_many_tiles_as_max_length_holds(models):
+    """Videos' frames and many images' tiles can pass max_dynamic_patch: each tile takes its tokens of the row,
+    so max_length bounds them; the plan is the worse of that and the config's tiles."""
+    cfg = config(models, 'finetune_full.py', **{'train_dataloader.dataset.max_length': 4096})
+    model = real_model(cfg)
+    layers, why = ckptfit.choose_layers(cfg, model, 1e15)
+    per_tile = model.num_image_token
+    assert layers == 0 and f'4 rows of 4096 tokens and up to {4 * (4096 // per_tile)} tiles' in why, why
+
+
+@pytest.mark.parametrize('zero, options, reason', [
+    (1, {}, 'DeepSpeed ZeRO-1: the planner counts no DeepSpeed, ZeRO-2 and ZeRO-3'),
+    (0, {'model.official_checkpoint': '/some/InternVL2_5-1B'}, 'an official_checkpoint'),
+    (0, {'model.llm': '/nonexistent/llm'}, 'the plan could not be made')])
+def test_what_is_not_planned_keeps_every_layer(models, zero, options, reason):
+    cfg = config(models)
+    model = real_model(cfg)
+    cfg.merge_from_dict(options)
+    layers, why = ckptfit.choose_layers(cfg, model, 1e15, zero=zero, gpus=2)
+    assert layers is None and why.startswith(reason), why
+
+
+def test_lora_keeps_every_layer(models):
     cfg = config(models, 'finetune_lora.py')
     layers, why = ckptfit.choose_layers(cfg, real_model(cfg), 1e15)
     assert layers is None and 'LoRA on the LLM' in why
-    cfg = config(models)
-    model = real_model(cfg)
-    cfg.model.llm = '/nonexistent/llm'
-    layers, why = ckptfit.choose_layers(cfg, model, 1e15)
-    assert layers is None and why.startswith('the plan could not be made')
 
 
-def run_hook(cfg, model, cuda: bool, budget: float = 0.0) -> str:
+class Forwarding:
+    """A wrapper that passes unknown attribute reads on, as MMEngine's DeepSpeed wrapper and DeepSpeed's engine
+    do (``model``, ``module``)."""
+
+    def __init__(self, name, inner):
+        setattr(self, name, inner)
+        self._name = name
+
+    def __getattr__(self, key):
+        return getattr(vars(self)[vars(self)['_name']], key)
+
+
+def run_hook(cfg, model, cuda: bool, budget: float = 0.0, wrapped=None) -> str:
     """What the hook logged."""
-    runner = types.SimpleNamespace(model=model, cfg=cfg)
+    runner = types.SimpleNamespace(model=model if wrapped is None else wrapped, cfg=cfg)
     with mock.patch.object(torch.cuda, 'is_available', return_value=cuda), \
             mock.patch.object(ckptfit, 'device_budget', return_value=budget), \
             mock.patch.object(ckptfit, 'print_log') as log:
@@ -101,9 +133,11 @@ def test_the_hook_sets_the_layers_and_says_why(models):
     cfg = config(models)
     totals = {k: planned(cfg, k) for k in (1, 2)}
     model = real_model(cfg)
-    said = run_hook(cfg, model, cuda=True, budget=(totals[1] + totals[2]) / 2)
+    wrapped = Forwarding('model', Forwarding('module', model))   # MMEngine's DeepSpeed wrapper, DeepSpeed's engine
+    said = run_hook(cfg, model, cuda=True, budget=(totals[1] + totals[2]) / 2, wrapped=wrapped)
     assert [layer.gradient_checkpointing for layer in model.language_model.model.layers] == [True, True, False, False]
-    assert model.llm_ckpt_layers == 2 and not model.llm_ckpt_auto
+    # set on the model itself, not on a wrapper that reads through to it
+    assert model.llm_ckpt_layers == 2 and not model.llm_ckpt_auto and 'llm_ckpt_layers' not in vars(wrapped)
     assert "llm_grad_ckpt_layers='auto': 2 of the LLM's 4 decoder layers checkpointed (planned" in said
     model = real_model(cfg)   # on a CPU: all, said
     said = run_hook(cfg, model, cuda=False)
@@ -112,6 +146,28 @@ def test_the_hook_sets_the_layers_and_says_why(models):
     model = real_model(config(models, **{'model.llm_grad_ckpt_layers': 1}))   # a number: the hook leaves it
     assert 'llm_grad_ckpt_layers' not in run_hook(cfg, model, cuda=True, budget=1e15)
     assert [layer.gradient_checkpointing for layer in model.language_model.model.layers] == [True] + [False] * 3
+
+
+def test_a_plan_that_raises_leaves_every_layer_and_still_agrees(models):
+    """Whatever one rank's plan meets, it reaches the ranks' agreement (a rank missing it would hang the others)."""
+    cfg = config(models)
+    model = real_model(cfg)
+    with mock.patch.object(ckptfit, 'choose_layers', side_effect=RuntimeError('CUDA error: busy')), \
+            mock.patch.object(ckptfit, 'agree', side_effect=lambda n: n) as agree:
+        said = run_hook(cfg, model, cuda=True, budget=1e15)
+    agree.assert_called_once_with(LAYERS)
+    assert 'the plan could not be made (RuntimeError: CUDA error: busy)' in said
+    assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+
+
+def test_the_budget_is_a_share_of_what_this_process_can_have():
+    with mock.patch.object(torch.cuda, 'current_device', return_value=0), \
+            mock.patch.object(torch.cuda, 'get_device_properties', return_value=types.SimpleNamespace(
+                total_memory=80 * 2 ** 30)), \
+            mock.patch.object(torch.cuda, 'memory_reserved', return_value=10 * 2 ** 30), \
+            mock.patch.object(torch.cuda, 'mem_get_info', side_effect=[(70 * 2 ** 30, 0), (30 * 2 ** 30, 0)]):
+        assert ckptfit.device_budget() == pytest.approx(0.85 * 80 * 2 ** 30)   # the GPU to itself
+        assert ckptfit.device_budget() == pytest.approx(0.85 * 40 * 2 ** 30)   # another process holds 40 GiB
 
 
 def test_zero_stage_is_read_through_the_wrappers():

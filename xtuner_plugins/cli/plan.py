@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     fits = r['total'] <= budget
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"} '
           '(weights + optimizer states + step peak + reserve)')
-    if model.llm_recompute:
+    if model.llm_recompute and not hasattr(model.language_model, 'peft_config'):   # 'auto' keeps all under LoRA
         print(checkpoint_line(model, lambda m: plan_with(m, batch)['total'] <= budget))
     if hasattr(model.language_model, 'peft_config'):
         print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '
@@ -212,8 +212,8 @@ def checkpoint_line(model, fits) -> str:
     if fewest is None:
         return 'checkpointed LLM layers: not even all of them fit'
     return (f'fewest checkpointed LLM layers that fit: {fewest} of {layers} (--cfg-options '
-            f'model.llm_grad_ckpt_layers={fewest}, or \'auto\' to choose at start-up: the others keep their '
-            'activations instead of running again in the backward)')
+            f'model.llm_grad_ckpt_layers={fewest}; the others keep their activations instead of running again in '
+            "the backward. The configs' 'auto' chooses so at start-up on a GPU, against 85% of its memory)")
 
 
 if __name__ == '__main__':

@@ -8,18 +8,21 @@ trained 24.7k tokens/s with all 28 layers checkpointed (28.8 GiB), 27.0k with 14
 
 How (:class:`CheckpointFitHook`, before the first step): the model as the config builds it, on the meta device
 (``plan_configs/meta.py``: no weight read), and the config's largest batch (``plan_configs/batch.py``: every pack
-full, every text token supervised) are planned with the run's DeepSpeed stage and number of ranks, against
-:data:`FRACTION` of the GPU's memory (at most what torch holds plus what is free now: a GPU shared with another
-process has less). The fewest first layers that keep the plan within it stay checkpointed. Every rank takes the
-largest count any rank chose: ranks recompute the same layers (under ZeRO-3 a recomputed layer gathers its
-weights again, a collective). All layers stay checkpointed, and the log says why:
+full, every text token supervised; unpacked rows also with as many tiles as ``max_length`` holds, as videos and
+many images can pass ``max_dynamic_patch``) are planned with the run's DeepSpeed stage and number of ranks (DDP's
+gradient buckets, a copy of every gradient, on several ranks without DeepSpeed), against :data:`FRACTION` of the
+GPU's memory (of what torch holds plus what is free now, where another process uses the GPU too). The fewest first
+layers that keep the plan within it stay checkpointed. Every rank takes the largest count any rank chose: ranks
+recompute the same layers (under ZeRO-3 a recomputed layer gathers its weights again, a collective). All layers
+stay checkpointed, and the log says why:
 
 * on a CPU (the memory is the machine's, shared with the data loader's workers);
 * with LoRA or QLoRA on the LLM (a LoRA step's peak measured 1.58x the plan on an H100);
-* when the plan cannot be made (a config the planner cannot read; the reason is logged).
+* under DeepSpeed ZeRO-1 and from an ``official_checkpoint`` (neither is planned);
+* when the plan cannot be made (a config the planner cannot read; the reason is logged, as a warning).
 
 ``--cfg-options model.llm_grad_ckpt_layers=None`` checkpoints every layer without asking; a number sets it;
-``tools/plan.py`` prints what ``'auto'`` would weigh (the fewest that fit the whole ``--gpu-mem``).
+``tools/plan.py`` prints the fewest that fit its ``--gpu-mem`` (``'auto'`` gives the plan 85% of the GPU).
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.logging import MMLogger, print_log
 
-from .checks import _unwrap
-
 __all__ = ['CheckpointFitHook', 'FRACTION', 'choose_layers']
 
 #: the share of the GPU's memory the plan may fill (the planner was up to 5% over measured GPU peaks; the rest
@@ -45,32 +46,47 @@ GIB = 2 ** 30
 def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tuple[Optional[int], str]:
     """``(layers, why)``: how many first LLM layers to checkpoint for the config ``cfg`` within ``budget`` bytes
     per device (None: all, ``why`` says why), with DeepSpeed ZeRO stage ``zero`` (0: none) over ``gpus``."""
+    from dataclasses import replace
+
     from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import fewest_checkpointed_layers, plan_memory
     if hasattr(model.language_model, 'peft_config'):
         return None, ('LoRA on the LLM: the planner was under a LoRA step\'s measured peak (1.58x on an H100, '
                       'benchmarks/RESULTS.md)')
+    if zero not in (0, 2, 3):
+        return None, f'DeepSpeed ZeRO-{zero}: the planner counts no DeepSpeed, ZeRO-2 and ZeRO-3'
+    if cfg.model.get('official_checkpoint') is not None:
+        return None, 'an official_checkpoint: the planner builds models from vision_encoder and llm folders'
     bf16 = model.autocast_dtype is not None or model.language_model.dtype == torch.bfloat16
     try:
         with _quiet():   # the meta model's own start-up lines (compile_blocks) are the real model's, said once
             meta = build_meta_model(cfg.model, 'bfloat16' if bf16 else 'float32')
-        batch, _ = model_batch(cfg, meta)
+        batch, per_tile = model_batch(cfg, meta)
+        batches = [batch]
+        if not batch.packed:   # videos' frames and many images' tiles can pass max_dynamic_patch: each tile takes
+            # per_tile of a row's tokens, so max_length bounds them (fewer text tokens then: both are planned)
+            most = replace(batch, tiles=batch.rows * max(1, batch.length // per_tile))
+            batches.append(replace(most, supervised=max(most.rows * most.length - most.tiles * per_tile, 0)))
         fused, accumulation = optimizer_settings(cfg)
+        plans = {}
+
+        def fits(m) -> bool:
+            worst = 0.0
+            for b in batches:
+                plan = plan_memory(m, b, 'bf16' if bf16 else 'fp32', zero, gpus, fused=fused,
+                                   accumulation=accumulation)
+                # without DeepSpeed on several ranks, DDP's gradient buckets: a copy of every gradient
+                worst = max(worst, plan['total'] + (plan['gradients'] if zero == 0 and gpus > 1 else 0))
+            plans[m.llm_ckpt_layers] = worst
+            return worst <= budget
+
+        layers = fewest_checkpointed_layers(meta, fits)
     except Exception as exc:   # any config the planner cannot read: the run goes on as configured
         return None, f'the plan could not be made ({type(exc).__name__}: {exc})'
-    plans = {}
-
-    def fits(m) -> bool:
-        plan = plan_memory(m, batch, 'bf16' if bf16 else 'fp32', zero, gpus, fused=fused,
-                           accumulation=accumulation)
-        plans[m.llm_ckpt_layers] = plan['total']
-        return plan['total'] <= budget
-
-    layers = fewest_checkpointed_layers(meta, fits)
     total = meta.language_model.config.get_text_config().num_hidden_layers
     what = (f'{batch.rows} {"pack" if batch.packed else "row"}{"s" if batch.rows > 1 else ""} of {batch.length} '
-            f'tokens and {batch.tiles} tiles')
+            f'tokens and up to {batches[-1].tiles} tiles')
     if layers is None:
         return None, (f'even all checkpointed, the plan ({plans.get(total, 0) / GIB:.1f} GiB for {what}) is over '
                       f'the {budget / GIB:.1f} GiB allowed')
@@ -93,7 +109,21 @@ def device_budget() -> float:
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).total_memory
     free, _ = torch.cuda.mem_get_info(device)
-    return min(FRACTION * total, free + torch.cuda.memory_reserved(device))
+    return FRACTION * min(total, free + torch.cuda.memory_reserved(device))
+
+
+def inner_model(wrapped):
+    """The model inside the runner's wrappers (DDP's and DeepSpeed's ``module``, MMEngine's DeepSpeed wrapper's
+    ``model``), found through their own attributes: those wrappers pass unknown attribute reads on to the model,
+    so an attribute set through them would land on the wrapper."""
+    for _ in range(5):
+        if 'llm_ckpt_auto' in vars(wrapped):
+            return wrapped
+        own = dict(getattr(wrapped, '_modules', None) or {}, **vars(wrapped))
+        wrapped = own.get('module', own.get('model'))
+        if wrapped is None:
+            return None
+    return None
 
 
 def zero_stage(wrapped) -> int:
@@ -125,24 +155,28 @@ class CheckpointFitHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_train(self, runner) -> None:
-        model = _unwrap(runner.model, 'module', 'model')
-        if not getattr(model, 'llm_ckpt_auto', False):
+        model = inner_model(runner.model)
+        if model is None or not model.llm_ckpt_auto:
             return
         from xtuner_plugins.models.recompute import checkpoint_first_layers
         total = model.language_model.config.get_text_config().num_hidden_layers
-        if not torch.cuda.is_available():
-            layers, why = None, 'on a CPU'
-        else:
-            from mmengine.dist import get_world_size
-            layers, why = choose_layers(runner.cfg, model, device_budget(), zero_stage(runner.model),
-                                        get_world_size())
-        chosen = agree(total if layers is None else layers)
-        if chosen != (total if layers is None else layers):
-            why = f'another rank needs {chosen}'
+        layers, why = None, 'on a CPU'
+        if torch.cuda.is_available():
+            try:   # every rank reaches agree() below, whatever its plan met
+                from mmengine.dist import get_world_size
+                layers, why = choose_layers(runner.cfg, model, device_budget(), zero_stage(runner.model),
+                                            get_world_size())
+            except Exception as exc:
+                layers, why = None, f'the plan could not be made ({type(exc).__name__}: {exc})'
+        mine = total if layers is None else layers
+        chosen = agree(mine)
+        if chosen != mine:
+            why = f'another rank needs {chosen}; its log says why'
         model.llm_ckpt_layers = chosen
         model.llm_ckpt_auto = False
         checkpoint_first_layers(model.language_model, chosen)
         rest = '; the others keep their activations instead of running again in the backward' if chosen < total \
             else ''
         print_log(f"llm_grad_ckpt_layers='auto': {chosen} of the LLM's {total} decoder layers checkpointed ({why})"
-                  f'{rest}', logger='current')
+                  f'{rest}', logger='current', level=logging.WARNING if why.startswith(('even', 'the plan')) else
+                  logging.INFO)

@@ -20,9 +20,7 @@ stall_timeout = 300       # s without a word from a rank (stopped or frozen): st
 
 custom_hooks = [dict(type=ModelDataCheckHook), dict(type=ThroughputHook),
                 dict(type=NonFiniteGuardHook, policy=nonfinite_policy, max_skipped=max_skipped_steps),
-                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook),
-                # model.llm_grad_ckpt_layers='auto': on a GPU, fewer LLM layers checkpointed where memory allows
-                dict(type=CheckpointFitHook)]
+                dict(type=CheckpointCleanupHook), dict(type=BadSampleHook)]
 # Evaluation during training (off by default): accuracy, blind accuracy and image reliance on a held-out file
 # every `interval` iterations and at the end, to the console and TensorBoard (xtuner_plugins/eval/hook.py):
 #   from xtuner_plugins.eval import EvalHook
@@ -45,6 +43,9 @@ default_hooks = dict(
     # the console: a start line, `iter k/N  loss  lr  tokens/s  eta  mem` every `log_interval` iterations and
     # at the last, an end line (MMEngine's full lines and start-up dumps: the work dir's log file)
     progress=dict(type=ProgressHook),
+    # model.llm_grad_ckpt_layers='auto': on a GPU, fewer LLM layers checkpointed where its memory allows
+    # (xtuner_plugins/engine/ckptfit.py; here, not in custom_hooks, so their --cfg-options indices stay)
+    ckpt_fit=dict(type=CheckpointFitHook),
 )
 
 # DIST_BACKEND is 'nccl' with CUDA and 'gloo' without; reading it or MP_START_METHOD (the runner does so first)

@@ -50,7 +50,7 @@ def planned(cfg, layers):
 def test_the_stage_configs_ask_for_it(models):
     cfg = config(models)
     assert cfg.model.llm_grad_ckpt_layers == 'auto' and cfg.model.llm_grad_ckpt is True
-    assert ckptfit.CheckpointFitHook in [h['type'] for h in cfg.custom_hooks]
+    assert cfg.default_hooks.ckpt_fit.type is ckptfit.CheckpointFitHook
     model = real_model(cfg)
     # until the hook decides, every layer is checkpointed
     assert model.llm_ckpt_auto and model.llm_ckpt_layers is None

@@ -21,7 +21,6 @@ you wrote yourself that holds more (a hook of your own that stores its objects) 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import importlib
 import os
 import pickle
@@ -31,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from xtuner_plugins.errors import Refused
+from xtuner_plugins.pickling import pickle_module, torch_load_as
 
 TRUST_ENV = 'XTUNER_PLUGINS_TRUST_CHECKPOINTS'
 
@@ -105,11 +105,7 @@ class ResumeUnpickler(pickle.Unpickler):
 
 def _pickle_module(source: str) -> types.ModuleType:
     """``torch.load``'s ``pickle_module``: :class:`ResumeUnpickler` naming ``source`` in its refusals."""
-    unpickler = type('ResumeUnpickler', (ResumeUnpickler,), {'source': source})
-    module = types.ModuleType('xtuner_plugins_resume_pickle')
-    module.Unpickler = unpickler
-    module.load = lambda f, **kwargs: unpickler(f, **kwargs).load()
-    return module
+    return pickle_module(type('ResumeUnpickler', (ResumeUnpickler,), {'source': source}))
 
 
 def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwargs) -> Any:
@@ -123,12 +119,7 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
     return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
 
 
-@contextlib.contextmanager
 def torch_load_for_resume():
-    """``torch.load`` reading as :func:`load` does, for code that calls it itself (XTuner's seed reader)."""
-    real = torch.load
-    torch.load = lambda f, map_location=None, **kwargs: load(f, map_location, _torch_load=real, **kwargs)
-    try:
-        yield
-    finally:
-        torch.load = real
+    """``torch.load`` reading as :func:`load` does, for code that calls it itself (XTuner's seed reader): a
+    context manager."""
+    return torch_load_as(lambda real, f, map_location, **kwargs: load(f, map_location, _torch_load=real, **kwargs))

@@ -19,14 +19,14 @@ literals and ``dict(...)`` (:func:`config_settings`), never executed; anything e
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import pickle
-import types
 from typing import Dict, Optional
 
 import torch
+
+from xtuner_plugins.pickling import pickle_module, torch_load_as
 
 
 class _Inert:
@@ -80,9 +80,7 @@ class _Unpickler(pickle.Unpickler):
 
 
 #: ``torch.load``'s ``pickle_module``: the checkpoint's pickle with :class:`_Unpickler`
-_SAFE_PICKLE = types.ModuleType('xtuner_plugins_safe_pickle')
-_SAFE_PICKLE.Unpickler = _Unpickler
-_SAFE_PICKLE.load = lambda f, **kwargs: _Unpickler(f, **kwargs).load()
+_SAFE_PICKLE = pickle_module(_Unpickler)
 
 
 def load_checkpoint_file(path: str, mmap: bool = False):
@@ -91,19 +89,11 @@ def load_checkpoint_file(path: str, mmap: bool = False):
     return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
 
 
-@contextlib.contextmanager
 def _loads_as_data():
     """``torch.load`` reading through :class:`_Unpickler` while DeepSpeed's ``zero_to_fp32`` consolidates a folder
-    (it calls ``torch.load(file, map_location=..., weights_only=False[, mmap=True])``)."""
-    real = torch.load
-
-    def load(f, map_location=None, *args, mmap=None, **kwargs):
-        return real(f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real
+    (it calls ``torch.load(file, map_location=..., weights_only=False[, mmap=True])``): a context manager."""
+    return torch_load_as(lambda real, f, map_location, mmap=None, **kwargs: real(
+        f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap))
 
 
 def _kind(value) -> str:

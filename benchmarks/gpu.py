@@ -25,7 +25,10 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
 * ``profile``: the first size's packed step (``sdpa_segments``; on a GPU with its blocks compiled, the default
   there) under torch.profiler: the split by kind (``benchmarks/profile_kinds.py``, the GPU's kernel time) and its
   operators' table (``raw/profile_SIZE.txt``);
-* ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``).
+* ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``);
+* ``stage``: ``configs/finetune_full_packed.py`` trained through ``tools/train.py`` on the first size's models
+  and data (``benchmarks/stage_run.py``): what its defaults choose on the machine (``llm_grad_ckpt_layers='auto'``)
+  and whether that run fits (peak memory, tokens/s).
 
 The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
 ``--out``: ``table.md`` (what is printed), ``results.json`` (every row's command, status, reason, seconds and raw
@@ -90,11 +93,13 @@ MODES = {
     # the fp32 reference runs on packs of <= 8192 tokens: fp32 attention with a dense mask over 16384 tokens
     # risks running out of memory beside the fp32 optimizer state
     'real': dict(sizes=('1.5b', '0.5b'), samples=48, batch=4, steps=10, precision_steps=4, precision_tokens=8192,
-                 memory_batch=2, memory_steps=2, budget=dict(prepare=200, train=110, flex=170, xtuner=160,
-                                                             precision=150, memory=100), run_budget=570, min_start=30),
+                 memory_batch=2, memory_steps=2, stage_steps=8,
+                 budget=dict(prepare=200, train=110, flex=170, xtuner=160, precision=150, memory=100, stage=180),
+                 run_budget=570, min_start=30),
     'tiny': dict(sizes=('tiny',), samples=8, batch=2, steps=2, precision_steps=2, memory_batch=1,
-                 memory_steps=1, budget=dict(prepare=120, train=120, flex=180, xtuner=150, precision=120,
-                                             memory=120), run_budget=900, min_start=5),
+                 memory_steps=1, stage_steps=3, budget=dict(prepare=120, train=120, flex=180, xtuner=150,
+                                                            precision=120, memory=120, stage=240),
+                 run_budget=900, min_start=5),
 }
 
 
@@ -138,6 +143,10 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
                                                                                       else []),
                     '--profile', os.path.join(raw, f'profile_{size}.txt')], m['budget']['flex'])
         if i == 0:  # the checks on the first (goal) size, before the other sizes
+            # the stage config through tools/train.py: what its defaults ('auto' checkpointing) choose, and fit
+            add(f'{size} stage', 'stage', [os.path.join(ROOT, 'benchmarks', 'stage_run.py'), '--work',
+                                           os.path.join(work, size), '--steps', str(m['stage_steps']),
+                                           '--timeout', str(m['budget']['stage'] - 15)], m['budget']['stage'])
             packs = ['--max-tokens', str(m['precision_tokens'])] if m.get('precision_tokens') else []
             add(f'{size} bf16 vs fp32', 'precision', train_args(size) + ['--attn', 'sdpa', '--precision-check',
                                                                           str(m['precision_steps']), *packs],
@@ -324,8 +333,13 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
             "'not in an operator': no kernel of the step running") + '; its operators in raw/profile_*.txt; '
             'a diagnosis, not a timing):', '', kinds_table(profiles)]
     lines.append('')
-    for r in (r for r in rows if r['kind'] in ('prepare', 'precision')):
+    for r in (r for r in rows if r['kind'] in ('prepare', 'precision', 'stage')):
         text = r['reason']
+        if r['kind'] == 'stage' and r['figures']:
+            x = r['figures']
+            text = (f'configs/finetune_full_packed.py through tools/train.py, {x["last_iter"]} iterations: '
+                    f'{x["auto"] or "no llm_grad_ckpt_layers line"}; peak {x["peak_mib"]} MiB; '
+                    f'{x["tokens_per_s"]} tokens/s' + (f'; {"; ".join(x["reasons"])}' if x['reasons'] else ''))
         if r['kind'] == 'precision' and r['figures']:
             from benchmarks.train_loop import format_precision
             text = format_precision(r['figures']['precision'])

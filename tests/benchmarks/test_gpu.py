@@ -14,15 +14,15 @@ import torch
 from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments compiled no ckpt', 'tiny packed segments',
-         'tiny packed segments compiled half ckpt',
+TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
+         'tiny packed segments', 'tiny packed segments compiled half ckpt',
          'tiny packed segments ckpt full', 'tiny packed varlen', 'tiny packed flex', 'tiny packed segments liger',
          'tiny packed sdpa', 'tiny unpacked']
 CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
              'tiny packed segments compiled half ckpt', 'tiny packed varlen',
              'tiny packed flex', 'tiny packed segments liger']
-ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny bf16 vs fp32', 'memory pretrain_mlp',
-        'memory finetune_lora', 'memory finetune_full']
+ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny stage', 'tiny bf16 vs fp32',
+        'memory pretrain_mlp', 'memory finetune_lora', 'memory finetune_full']
 
 
 def fake_row(tmp_path, name, code, budget=30):
@@ -167,6 +167,11 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     assert train['tiny xtuner']['xtuner']['pad_share'] == train['tiny unpacked']['unpacked']['pad_share']
     check = by['tiny xtuner']['figures']['check']
     assert check['ok'] and check['loss_rel'] < 1e-4
+    # the stage config through tools/train.py: 'auto' checkpointing said what it chose (on a CPU: every layer)
+    stage = by['tiny stage']['figures']
+    assert stage['ok'] and stage['last_iter'] == 3 and stage['peak_mib'] > 0 and stage['tokens_per_s'] > 0, stage
+    assert stage['auto'].startswith("llm_grad_ckpt_layers='auto': 2 of the LLM's 2 decoder layers checkpointed")
+    assert "tiny stage: ok" in table and 'through tools/train.py, 3 iterations' in table
     precision = by['tiny bf16 vs fp32']['figures']['precision']
     assert precision['ok'] and len(precision['losses_fp32']) == len(precision['losses_bf16']) == 2
     assert 0 < precision['loss_rel'] < precision['tolerance']['loss']  # bf16 differs, a little

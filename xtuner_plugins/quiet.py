@@ -33,12 +33,13 @@ Importing it costs only ``logging``, ``re`` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sysconfig
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 #: logger name -> starts of the messages of that logger that are dropped
 SILENCED_LOGS: Dict[str, Tuple[str, ...]] = {
@@ -103,3 +104,16 @@ def write_startup_file(site_dir: str = '') -> str:
     os.replace(path + '.tmp', path)
     return path
 
+
+@contextlib.contextmanager
+def quiet_mmengine_info() -> Iterator[None]:
+    """MMEngine's current logger at WARNING for the block: its INFO lines are for a training run's log, not for
+    the demo's terminal, nor a model built on the meta device only to be planned."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

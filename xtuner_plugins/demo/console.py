@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import time
 from typing import Iterator, Optional
+
+from xtuner_plugins.quiet import quiet_mmengine_info
 
 __all__ = ['Console', 'DemoError', 'fmt_time', 'quiet_mmengine_info']
 
@@ -50,20 +51,6 @@ class Console:
         finally:
             for line in out.getvalue().splitlines():
                 self(indent + line)
-
-
-@contextlib.contextmanager
-def quiet_mmengine_info() -> Iterator[None]:
-    """MMEngine's current logger at WARNING for the block: its INFO lines are for a training run's log, not for
-    the demo's terminal."""
-    from mmengine.logging import MMLogger
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def fmt_time(seconds: float) -> str:

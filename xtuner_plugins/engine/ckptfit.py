@@ -28,12 +28,13 @@ stay checkpointed, and the log says why:
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.logging import MMLogger, print_log
+from mmengine.logging import print_log
+
+from xtuner_plugins.quiet import quiet_mmengine_info
 
 __all__ = ['CheckpointFitHook', 'FRACTION', 'choose_layers']
 
@@ -60,7 +61,7 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
         return None, 'an official_checkpoint: the planner builds models from vision_encoder and llm folders'
     bf16 = model.autocast_dtype is not None or model.language_model.dtype == torch.bfloat16
     try:
-        with _quiet():   # the meta model's own start-up lines (compile_blocks) are the real model's, said once
+        with quiet_mmengine_info():   # the meta model's own start-up lines (compile_blocks) are the real model's, said once
             meta = build_meta_model(cfg.model, 'bfloat16' if bf16 else 'float32')
         batch, per_tile = model_batch(cfg, meta)
         batches = [batch]
@@ -91,17 +92,6 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
         return None, (f'even all checkpointed, the plan ({plans.get(total, 0) / GIB:.1f} GiB for {what}) is over '
                       f'the {budget / GIB:.1f} GiB allowed')
     return layers, f'planned {plans[layers] / GIB:.1f} GiB of the {budget / GIB:.1f} GiB allowed for {what}'
-
-
-@contextmanager
-def _quiet():
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def device_budget() -> float:

@@ -74,7 +74,8 @@ class VisionLanguageModel(BaseModel):
             None (the default) all. The others keep their activations for the backward instead of running
             again in it: less work, more memory (``tools/plan.py`` counts it; on a GPU with memory to spare).
             ``'auto'`` (the stage configs'): on a CUDA GPU, the fewest that the planner fits in the GPU's memory,
-            chosen at start-up (``engine/ckptfit.py``); all on a CPU, under LoRA and without ``llm_grad_ckpt``.
+            chosen at start-up (``engine/ckptfit.py``); all on a CPU, under LoRA or ZeRO-1, from an
+            ``official_checkpoint`` and where no plan can be made; nothing without ``llm_grad_ckpt``.
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
             the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.

@@ -178,8 +178,13 @@ def _layer_index(name: str) -> Optional[int]:
 def _unchecked_layers(model) -> range:
     """The LLM layers that ``llm_grad_ckpt_layers`` leaves out of checkpointing (none when it is None)."""
     k = getattr(model, 'llm_ckpt_layers', None)
-    n = _llm_shapes(model)['L']
+    n = llm_layers(model)
     return range(n, n) if k is None else range(k, n)
+
+
+def llm_layers(model) -> int:
+    """The LLM's decoder layers (its text config's count)."""
+    return _llm_shapes(model)['L']
 
 
 def _llm_shapes(model):
@@ -367,7 +372,7 @@ def fewest_checkpointed_layers(model, fits) -> Optional[int]:
     """The fewest of the LLM's first decoder layers ``llm_grad_ckpt_layers`` can checkpoint with
     ``fits(model)`` still true (the others keep their activations: the least recomputation that fits); None when
     not even all checkpointed fits. ``model`` plans with checkpointing on; its ``llm_ckpt_layers`` is restored."""
-    layers = _llm_shapes(model)['L']
+    layers = llm_layers(model)
     before = getattr(model, 'llm_ckpt_layers', None)
 
     def fits_leaving_out(n: int) -> bool:

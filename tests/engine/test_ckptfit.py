@@ -174,3 +174,21 @@ def test_zero_stage_is_read_through_the_wrappers():
     engine = types.SimpleNamespace(zero_optimization_stage=lambda: 3, module=object())
     assert ckptfit.zero_stage(types.SimpleNamespace(model=engine)) == 3
     assert ckptfit.zero_stage(types.SimpleNamespace(module=torch.nn.Linear(1, 1))) == 0
+
+
+def _agree_on_rank(rank, init, out):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init}', rank=rank, world_size=2)
+    try:
+        with open(f'{out}.{rank}', 'w') as f:
+            f.write(str(ckptfit.agree([3, 7][rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_the_largest_count(tmp_path):
+    """Two ranks (gloo) that chose 3 and 7 layers both checkpoint 7; one process keeps its own."""
+    import torch.multiprocessing as mp
+    mp.spawn(_agree_on_rank, args=(str(tmp_path / 'init'), str(tmp_path / 'chose')), nprocs=2)
+    assert [(tmp_path / f'chose.{r}').read_text() for r in (0, 1)] == ['7', '7']
+    assert ckptfit.agree(5) == 5

@@ -206,8 +206,8 @@ def main(argv=None) -> int:
 
 def checkpoint_line(model, fits) -> str:
     """What ``llm_grad_ckpt_layers`` could be: the fewest checkpointed LLM layers that ``fits(model)``."""
-    from xtuner_plugins.planner import fewest_checkpointed_layers
-    layers = model.language_model.config.get_text_config().num_hidden_layers
+    from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers
+    layers = llm_layers(model)
     fewest = fewest_checkpointed_layers(model, fits)
     if fewest is None:
         return 'checkpointed LLM layers: not even all of them fit'

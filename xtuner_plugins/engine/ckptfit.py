@@ -51,7 +51,7 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
 
     from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings
     from xtuner_plugins.plan_configs.meta import build_meta_model
-    from xtuner_plugins.planner import fewest_checkpointed_layers, plan_memory
+    from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers, plan_memory
     if hasattr(model.language_model, 'peft_config'):
         return None, ('LoRA on the LLM: the planner was under a LoRA step\'s measured peak (1.58x on an H100, '
                       'benchmarks/RESULTS.md)')
@@ -85,7 +85,7 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
         layers = fewest_checkpointed_layers(meta, fits)
     except Exception as exc:   # any config the planner cannot read: the run goes on as configured
         return None, f'the plan could not be made ({type(exc).__name__}: {exc})'
-    total = meta.language_model.config.get_text_config().num_hidden_layers
+    total = llm_layers(meta)
     what = (f'{batch.rows} {"pack" if batch.packed else "row"}{"s" if batch.rows > 1 else ""} of {batch.length} '
             f'tokens and up to {batches[-1].tiles} tiles')
     if layers is None:
@@ -129,13 +129,11 @@ def zero_stage(wrapped) -> int:
 
 
 def agree(layers: int) -> int:
-    """The largest of the ranks' ``layers`` (every rank recomputes the same layers)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return layers
-    device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
-    value = torch.tensor([layers], dtype=torch.int64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    """The largest of the ranks' ``layers`` (every rank recomputes the same layers; MMEngine's ``all_reduce``: no
+    collective on one rank, the tensor on the backend's device)."""
+    from mmengine.dist import all_reduce
+    value = torch.tensor([layers], dtype=torch.int64)
+    all_reduce(value, op='max')
     return int(value.item())
 
 
@@ -149,7 +147,8 @@ class CheckpointFitHook(Hook):
         if model is None or not model.llm_ckpt_auto:
             return
         from xtuner_plugins.models.recompute import checkpoint_first_layers
-        total = model.language_model.config.get_text_config().num_hidden_layers
+        from xtuner_plugins.planner import llm_layers
+        total = llm_layers(model)
         layers, why = None, 'on a CPU'
         if torch.cuda.is_available():
             try:   # every rank reaches agree() below, whatever its plan met

@@ -61,7 +61,7 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
         return None, 'an official_checkpoint: the planner builds models from vision_encoder and llm folders'
     bf16 = model.autocast_dtype is not None or model.language_model.dtype == torch.bfloat16
     try:
-        with quiet_mmengine_info():   # the meta model's own start-up lines (compile_blocks) are the real model's, said once
+        with quiet_mmengine_info():   # its start-up lines (compile_blocks) are the real model's, said once
             meta = build_meta_model(cfg.model, 'bfloat16' if bf16 else 'float32')
         batch, per_tile = model_batch(cfg, meta)
         batches = [batch]
@@ -102,30 +102,27 @@ def device_budget() -> float:
     return FRACTION * min(total, free + torch.cuda.memory_reserved(device))
 
 
-def inner_model(wrapped):
-    """The model inside the runner's wrappers (DDP's and DeepSpeed's ``module``, MMEngine's DeepSpeed wrapper's
-    ``model``), found through their own attributes: those wrappers pass unknown attribute reads on to the model,
-    so an attribute set through them would land on the wrapper."""
+def _wrapped(model):
+    """The runner's model and what it wraps, outside in (MMEngine's DeepSpeed wrapper's ``model``, DDP's and
+    DeepSpeed's ``module``), followed through each one's own attributes: those wrappers pass unknown attribute
+    reads on to the model, so an attribute set through them would land on the wrapper."""
     for _ in range(5):
-        if 'llm_ckpt_auto' in vars(wrapped):
-            return wrapped
-        own = dict(getattr(wrapped, '_modules', None) or {}, **vars(wrapped))
-        wrapped = own.get('module', own.get('model'))
-        if wrapped is None:
-            return None
-    return None
+        if model is None:
+            return
+        yield model
+        own = dict(getattr(model, '_modules', None) or {}, **vars(model))
+        model = own.get('module', own.get('model'))
+
+
+def inner_model(wrapped):
+    """Our model inside the runner's wrappers, or None."""
+    return next((m for m in _wrapped(wrapped) if 'llm_ckpt_auto' in vars(m)), None)
 
 
 def zero_stage(wrapped) -> int:
     """DeepSpeed's ZeRO stage of the runner's model (0 without DeepSpeed)."""
-    for _ in range(4):
-        stage = getattr(wrapped, 'zero_optimization_stage', None)
-        if callable(stage):
-            return int(stage())
-        wrapped = getattr(wrapped, 'model', None) or getattr(wrapped, 'module', None)
-        if wrapped is None:
-            break
-    return 0
+    return next((int(m.zero_optimization_stage()) for m in _wrapped(wrapped)
+                 if callable(getattr(m, 'zero_optimization_stage', None))), 0)
 
 
 def agree(layers: int) -> int:

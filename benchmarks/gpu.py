@@ -338,8 +338,9 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
         if r['kind'] == 'stage' and r['figures']:
             x = r['figures']
             text = (f'configs/finetune_full_packed.py through tools/train.py, {x["last_iter"]} iterations: '
-                    f'{x["auto"] or "no llm_grad_ckpt_layers line"}; peak {x["peak_mib"]} MiB; '
-                    f'{x["tokens_per_s"]} tokens/s' + (f'; {"; ".join(x["reasons"])}' if x['reasons'] else ''))
+                    f'{x["auto"] or "no llm_grad_ckpt_layers line"}; peak {x["peak_mib"] or 0:,.0f} MiB; '
+                    f'{x["tokens_per_s"] or 0:,.0f} tokens/s' + (f'; {"; ".join(x["reasons"])}' if x['reasons']
+                                                                else ''))
         if r['kind'] == 'precision' and r['figures']:
             from benchmarks.train_loop import format_precision
             text = format_precision(r['figures']['precision'])

@@ -74,3 +74,31 @@ def test_bad_video_questions_named_before_asking(tmp_path):
     for line, reason in enumerate(['missing_video', 'corrupt_video', 'bad_clip', 'image_and_video',
                                    'video_tag_mismatch'], 1):
         assert f'{path}:{line}: ' in err.value.problems[line - 1] and f'[{reason}]' in err.value.problems[line - 1]
+
+
+def test_frames_over_the_context_are_refused_before_one_is_decoded(data, monkeypatch):
+    """``--frames 1000000000`` listed a billion frame numbers (gigabytes, minutes) before the prompt was found too
+    long; the model's ``check_video`` now refuses them first: each video question counted as too long."""
+    import sys
+    module = sys.modules['xtuner_plugins.eval.evaluate']  # the package's name is the function's
+    from xtuner_plugins.models.prompt import PromptTooLong
+
+    class Short(Model):
+        def check_video(self, num_frames):
+            if num_frames * 258 > 8192:
+                raise PromptTooLong(num_frames * 258, 0, 8192, 'config.json max_position_embeddings', least=True)
+
+    decoded, real = [], module.load_video
+
+    def load_video(path, n, *a):
+        decoded.append(n)
+        assert n < 10 ** 6, 'a billion frame numbers listed (gigabytes): refused too late'
+        return real(path, n, *a)
+    monkeypatch.setattr(module, 'load_video', load_video)
+    failures = []
+    results = evaluate(Short(), read_questions(data), num_frames=10 ** 9, failures=failures)
+    assert [r.id for r in results] == ['i'] and not decoded
+    assert [(f.id, f.reason) for f in failures] == [('v', 'too_long'), ('c', 'too_long')]
+    assert 'the prompt is at least 258000000000 tokens' in failures[0].message
+    evaluate(Short(), read_questions(data), num_frames=4)
+    assert decoded == [4, 4]

@@ -30,16 +30,33 @@ def test_chat_tool_refuses_more_frames_than_the_context_holds_before_reading_the
                                                                                    monkeypatch):
     """--frames 3000 (6 tokens a frame at least, 8192 in the context): every frame was loaded and tiled, and the
     prompt built, before it was found too long (--frames 200000: past 5 minutes and 12 GB); now refused first."""
+    from xtuner_plugins.cli import chat
     from xtuner_plugins.models import inference
-    loaded, real = [], inference.load_image
+    loaded, decoded, real = [], [], inference.load_image
     monkeypatch.setattr(inference, 'load_image', lambda im, *a, **kw: loaded.append(1) or real(im, *a, **kw))
+    real_video = chat.load_video
+
+    def load_video(path, n, *a):
+        decoded.append(n)
+        assert n < 10 ** 6, 'a billion frame numbers listed (gigabytes): refused too late'
+        return real_video(path, n, *a)
+    monkeypatch.setattr(chat, 'load_video', load_video)
     capsys.readouterr()
     assert chat_main([official, '--video', setup['video'], '--frames', '3000', '--prompt', QUESTION,
                       '--max-new-tokens', '8']) == 2
     err = capsys.readouterr().err
     assert "chat: error: the prompt is at least 18000 tokens, over the LLM's context of 8192 tokens" in err, err
     assert 'lower --frames (frames of a video)' in err and 'Traceback' not in err
-    assert not loaded
+    assert not loaded and not decoded
+    # --frames 1000000000 built a list of a billion frame numbers (gigabytes) before the model loaded; the
+    # interactive /video the same
+    assert chat_main([official, '--video', setup['video'], '--frames', str(10 ** 9), '--prompt', QUESTION]) == 2
+    assert 'the prompt is at least 6000000000 tokens' in capsys.readouterr().err
+    lines = iter([f'/video {setup["video"]}', '/exit'])
+    monkeypatch.setattr('builtins.input', lambda prompt: next(lines))
+    assert chat_main([official, '--frames', str(10 ** 9)]) == 0
+    assert '(not attached: the prompt is at least 6000000000 tokens' in capsys.readouterr().out
+    assert not loaded and not decoded
 
 
 def test_eval_tool_asks_video_questions_with_both_controls(setup, official, tmp_path, capsys):  # noqa: F811

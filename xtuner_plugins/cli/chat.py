@@ -36,7 +36,7 @@ import torch
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.video import load_video
+from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, run_tool, tool_error)
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
@@ -83,12 +83,17 @@ def typed_paths(rest: str) -> List[str]:
         return rest.split()
 
 
-def video_frames(path: str, frames: int):
-    """``(frames, None)`` of a video, or ``(None, 'FILE: what is wrong [reason]')``."""
+def video_frames(chat: ConvertedModel, path: str, frames: int):
+    """``(frames, None)`` of a video, or ``(None, 'FILE: what is wrong [reason]')``; frames the model cannot take
+    (over its context, a folder that reads no video) are refused before one is decoded (``--frames 1000000000``
+    built a list of a billion frame numbers first)."""
     try:
+        chat.check_video(frames)
         return load_video(path, frames)[0], None
     except SampleError as err:
         return None, str(err.with_source(path))
+    except ValueError as err:
+        return None, str(err)
 
 
 def with_video(frames) -> dict:
@@ -130,7 +135,8 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             continue
         if command == '/video':
             typed = typed_paths(line[len('/video'):])
-            loaded, problem = video_frames(typed[0] if len(typed) == 1 else line[len('/video'):].strip(), frames)
+            loaded, problem = video_frames(chat, typed[0] if len(typed) == 1 else line[len('/video'):].strip(),
+                                           frames)
             if problem:
                 print(f'(not attached: {problem})')
                 continue
@@ -195,13 +201,18 @@ def main(argv=None) -> int:
     problem = image_problem(args.image)  # before the model loads
     if problem:
         return tool_error('chat', problem)
-    video = None
     if args.video:
-        video, problem = video_frames(args.video, args.frames)  # decoded before the model loads
-        if problem:
-            return tool_error('chat', problem)
+        try:
+            probe_video(args.video)  # a bad file is named before the model loads (headers only)
+        except SampleError as err:
+            return tool_error('chat', str(err.with_source(args.video)))
 
     def answer(chat: ConvertedModel) -> None:
+        video = None
+        if args.video:  # decoded once the model says how many frames its context holds
+            video, problem = video_frames(chat, args.video, args.frames)
+            if problem:
+                raise ValueError(problem)
         if args.prompt is None:
             interactive(chat, args.image, generation_settings(args), video, args.frames)
         else:

@@ -184,6 +184,11 @@ class GGUFModel:
     def reset(self) -> None:
         self.messages, self.last_tokens = [], []
 
+    def check_video(self, num_frames: int) -> None:
+        """Refuses any video (``ConvertedModel.check_video``'s place): llama.cpp's InternVL mmproj reads none here."""
+        raise ValueError(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL '
+                         f'mmproj reads no video here); use the official folder for videos')
+
     def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
             video=None) -> str:
         """One greedy turn (the conversation's earlier turns and images are part of the prompt);
@@ -191,8 +196,7 @@ class GGUFModel:
         generation = dict(generation or {})
         try:
             if video is not None:
-                raise ValueError(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL '
-                                 f'mmproj reads no video here); use the official folder for videos')
+                self.check_video(len(video))
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
             from .prompt import check_question

@@ -162,12 +162,9 @@ class ConvertedModel:
             streamer=None, video: Optional[Sequence[ImageLike]] = None) -> str:
         """One turn; ``images`` are new in this turn (every turn sees all the conversation's images so far);
         ``video``: a video's frames (``data/video.py``'s ``load_video``) instead of images."""
-        if video is not None and self.format == 'llava':
-            from .export.files import NO_VIDEO
-            raise ValueError(f'{self.folder}: {NO_VIDEO}')
+        if video is not None:
+            self.check_video(len(video))
         check_question(question, self.tokenizer)  # typed control tokens: a forged turn, image tokens without images
-        if video is not None:  # over the context by its frames alone: refused before a frame is read or tiled (the
-            self.check_context(len(video) * self.frame_tokens(), {}, least=True)  # whole prompt is checked below)
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
         frames = [load_image(f) for f in video] if video is not None else None
         if frames is not None and (new or not frames):
@@ -237,6 +234,15 @@ class ConvertedModel:
         turns = len(self.history or []) if self.format in ('official', 'remote') else len(self.messages) // 2
         check_context(prompt_tokens, int(generation.get('max_new_tokens') or 0), *self.context, turns=turns,
                       least=least)
+
+    def check_video(self, num_frames: int) -> None:
+        """A ``ValueError`` when this folder reads no video (``llava``) or ``num_frames`` frames alone are over the
+        LLM's context (:class:`~xtuner_plugins.models.prompt.PromptTooLong`), before a frame is decoded, read or
+        tiled (the whole prompt is checked once built)."""
+        if self.format == 'llava':
+            from .export.files import NO_VIDEO
+            raise ValueError(f'{self.folder}: {NO_VIDEO}')
+        self.check_context(num_frames * self.frame_tokens(), {}, least=True)
 
     def frame_tokens(self) -> int:
         """The fewest tokens a video frame takes: its vision tokens (one tile), ``<img>`` and ``</img>``

@@ -427,3 +427,10 @@ def test_the_gguf_is_prompted_as_the_folders_chat_is(setup, tmp_path, capsys):
         assert convert(folder, out, '--format', 'gguf') == 0
         assert says in capsys.readouterr().out
         assert gguf_chat_template(str(out / 'gguf-F16.gguf')) == expected
+
+
+def test_a_gguf_folder_refuses_a_video_before_a_frame_is_decoded():
+    """Chat and eval ask ``check_video`` first: a GGUF folder refuses any video there, as its ``ask`` does."""
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match='folder: a GGUF folder answers about images only'):
+        GGUFModel.check_video(SimpleNamespace(folder='folder'), 8)

@@ -413,3 +413,24 @@ def test_an_empty_video_file_and_a_clip_shorter_than_a_frame_say_so(tmp_path):
     assert info.value.reason == 'bad_clip'
     with pytest.raises(SampleError, match=r'clip \[5, 5.01\] s is outside'):  # past the end: outside, as before
         probe_video(path, clip=(5.0, 5.01))
+
+
+
+@pytest.mark.parametrize('rotation', [None, 0, 90, -90, 180, 45])
+def test_a_video_tagged_as_rotated_is_turned_upright_as_decord_does(tmp_path, rotation):
+    """A phone's portrait video is stored landscape with a display rotation; decord (which InternVL reads videos
+    with) turns the frames by it when it is a multiple of 90 degrees and leaves other angles. The frames were
+    used as stored (sideways): a model fine-tuned here saw other pixels than InternVL's training and model card."""
+    from PIL import Image
+    stored = np.full((24, 48, 3), 40, np.uint8)
+    stored[:, :12] = 255  # a white band on the left
+    stored[:4, 12:] = 140  # a grey band at the top: a flip would show
+    path = write_video(tmp_path / 'v.mp4', [stored] * 4, rotation=rotation)
+    frames, info = load_video(path, 2)
+    assert info.size == (48, 24)  # the probe reads headers only: the stored size
+    turned = rotation is not None and rotation % 90 == 0
+    expected = np.asarray(Image.fromarray(stored).rotate(rotation, expand=True)) if turned else stored  # counter-clockwise
+    for frame in frames:
+        got = np.asarray(frame)
+        assert got.shape == expected.shape, (rotation, got.shape)
+        assert np.abs(got.astype(int) - expected).max() <= 8, rotation

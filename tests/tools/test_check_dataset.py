@@ -139,7 +139,9 @@ def test_videos_listed_with_frames_duration_and_size_and_their_problems(tmp_path
     write_video(folder / 'v.mp4', [6 * i for i in range(40)], size=(32, 24))
     write_video(folder / 'frames', [0, 50, 100], size=(20, 10))
     (folder / 'broken.mp4').write_bytes(b'not a video' * 20)
+    write_video(folder / 'portrait.mp4', [9, 90], size=(32, 24), rotation=-90)  # a phone's: stored landscape
     path = write_jsonl(tmp_path / 'v.jsonl', [
+        {'video': 'portrait.mp4', 'conversations': conv(image=False)},
         {'video': 'v.mp4', 'conversations': conv(image=False)},
         {'video': 'frames', 'conversations': conv(image=False)},
         {'video': 'v.mp4', 'clip': [1, 2.5], 'conversations': conv(image=False)},
@@ -152,12 +154,14 @@ def test_videos_listed_with_frames_duration_and_size_and_their_problems(tmp_path
                                '--image-size', '28', '--min-num-frame', '4', '--max-num-frame', '4'])
     out = capsys.readouterr().out
     assert code == 1, out
-    assert f'{path}:1: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, 4 frames trained on' in out
-    assert f'{path}:2: video {folder}/frames: 3 frames, a folder of frames, 20x10, 3 frames trained on' in out
-    assert f'{path}:3: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, clip frames 10..24' in out
-    for line, reason in [(4, 'bad_clip'), (5, 'corrupt_video'), (6, 'image_and_video'), (7, 'video_tag_mismatch')]:
+    assert (f'{path}:1: video {folder}/portrait.mp4: 2 frames, 0.20 s at 10 fps, 24x32 (turned upright by its '
+            f'rotation tag), 4 frames trained on') in out
+    assert f'{path}:2: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, 4 frames trained on' in out
+    assert f'{path}:3: video {folder}/frames: 3 frames, a folder of frames, 20x10, 3 frames trained on' in out
+    assert f'{path}:4: video {folder}/v.mp4: 40 frames, 4.00 s at 10 fps, 32x24, clip frames 10..24' in out
+    for line, reason in [(5, 'bad_clip'), (6, 'corrupt_video'), (7, 'image_and_video'), (8, 'video_tag_mismatch')]:
         assert f'{path}:{line}: {reason}: ' in out
-    assert 'videos found: 3' in out and 'kept: 3' in out
+    assert 'videos found: 4' in out and 'kept: 4' in out
 
 
 def test_a_huge_frame_setting_decodes_each_frame_once(tmp_path, capsys, monkeypatch):

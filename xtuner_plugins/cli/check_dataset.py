@@ -119,7 +119,7 @@ def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths,
         frames = ds.num_frames(record, info)
         # its distinct frames: more than the clip's frames repeat the last (--max-num-frame 1000000000 was a list
         # of a billion frames)
-        read_frames(info, choose_frames(info, min(frames, info.length), 'middle'))
+        shown = read_frames(info, choose_frames(info, min(frames, info.length), 'middle'))
     except SampleError as err:
         st[f'dropped ({err.reason.replace("_", " ")})'] += 1
         problems.append(err.with_source(where))
@@ -127,7 +127,9 @@ def check_video(ds, record, checked, st, problems, lines, fit_it: bool, lengths,
     st['videos found'] += 1
     timing = f'{info.duration:.2f} s at {info.fps:g} fps' if info.fps else 'a folder of frames'
     clip = f', clip frames {info.start}..{info.start + info.length - 1}' if checked.clip else ''
-    line = f'{where}: video {checked.video}: {info.total} frames, {timing}, {info.size[0]}x{info.size[1]}{clip}'
+    width, height = shown[0].size  # as trained on: a video tagged as rotated is turned upright (data/video.py)
+    turned = ' (turned upright by its rotation tag)' if (width, height) != tuple(info.size) else ''
+    line = f'{where}: video {checked.video}: {info.total} frames, {timing}, {width}x{height}{turned}{clip}'
     if fit_it:
         try:
             fit = ds.fit(record, checked, [], info)

@@ -5,7 +5,10 @@ folder of frames (image files, in the order of the numbers in their names), with
 end_s]`` (seconds; files only). :func:`probe_video` reads what sampling needs from the headers, without decoding a
 frame; :func:`read_frames` decodes only the frames asked for, seeking to them (a GIF, which cannot seek, is decoded
 up to its last frame asked for); each frame goes through :func:`~xtuner_plugins.data.image_io.load_image`'s pixel
-rule.
+rule. A file's frames are turned upright by its display rotation (a phone's portrait video is stored landscape and
+tagged) when that is a multiple of 90 degrees, flips and other angles left, as decord does (InternVL reads videos
+through decord, in training and on the model card): :func:`upright`. The probed size is the stored one (the tag is
+only seen on decoded frames); frames of a folder are images, used as stored (no EXIF orientation, the image rule).
 
 Which frames: :mod:`xtuner_plugins.data.frame_sampling` (InternVL 2.5's ``get_frame_indices``).
 
@@ -263,6 +266,18 @@ def _frame_stamps(container, stream) -> Optional[List[int]]:
     return sorted(stamps)
 
 
+_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def upright(frame) -> Image.Image:
+    """A decoded PyAV frame as an image turned by its display matrix's rotation (``frame.rotation``, degrees
+    counter-clockwise) when that is 90, 180 or 270: decord's rule (the stream's rotation, its ``transpose`` filter;
+    a flip or another angle is not applied)."""
+    image = frame.to_image()
+    turn = _TURNS.get(int(getattr(frame, 'rotation', 0) or 0) % 360)
+    return image if turn is None else image.transpose(turn)
+
+
 def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
     """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file: a seek
     to the keyframe before a frame whenever the next frame asked for is further ahead than the longest keyframe
@@ -304,7 +319,7 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
                     elif last_key is not None:
                         gop = max(gop, pos - last_key)
                     while k < len(wanted) and pos + slack >= stamp(wanted[k]):
-                        out[wanted[k]] = frame.to_image()
+                        out[wanted[k]] = upright(frame)
                         k += 1
                     if k == len(wanted) or (info.kind != 'gif' and k > sought
                                             and stamp(wanted[k]) - pos > max(gop, 2 * step)):

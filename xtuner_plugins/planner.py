@@ -265,10 +265,14 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
     if trains_llm_graph:
         # checkpointed layers keep their input; the others (llm_grad_ckpt_layers, or no checkpointing) every
         # activation, and with fp32 embeddings (trained in fp32, without DeepSpeed) the residual stream is fp32:
-        # each RMSNorm's input and output then take twice the bytes (measured, tests/test_planner.py)
+        # the RMSNorms' inputs and outputs are fp32 and each projection casts its input to bf16 by itself, 10 H
+        # bytes a token more per layer (5 H elements; measured, tests/test_planner.py), and a checkpointed layer's
+        # kept input is fp32 too
         checked = s['L'] - len(_unchecked_layers(model)) if ckpt else 0
-        fp32_stream = 4 * s['H'] if zero == 0 and lm.get_input_embeddings().weight.dtype == torch.float32 else 0
-        out['llm layers'] = tokens * (checked * s['H'] + (s['L'] - checked) * (per_layer + fp32_stream)) * b
+        fp32 = zero == 0 and lm.get_input_embeddings().weight.dtype == torch.float32
+        fp32_stream = 5 * s['H'] if fp32 else 0
+        out['llm layers'] = tokens * (checked * s['H'] * (4 if fp32 else b)
+                                      + (s['L'] - checked) * (per_layer + fp32_stream) * b)
         if checked:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
             out[RECOMPUTED] = tokens * (per_layer + 3 * s['F']) * b
             if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):

@@ -1,6 +1,7 @@
 """``llm_grad_ckpt_layers='auto'`` (engine/ckptfit.py): the stage configs ask for it; on a GPU the hook checkpoints
 the fewest first LLM layers whose plan fits the memory allowed, on a CPU and under LoRA all of them, and says so."""
 
+import logging
 import os
 import types
 from unittest import mock
@@ -153,9 +154,9 @@ def test_a_plan_that_raises_leaves_every_layer_and_still_agrees(models):
     cfg = config(models)
     model = real_model(cfg)
     with mock.patch.object(ckptfit, 'choose_layers', side_effect=RuntimeError('CUDA error: busy')), \
-            mock.patch.object(ckptfit, 'agree', side_effect=lambda n: n) as agree:
+            mock.patch.object(ckptfit, 'agree', side_effect=lambda n, why: (n, why, None)) as agree:
         said = run_hook(cfg, model, cuda=True, budget=1e15)
-    agree.assert_called_once_with(LAYERS)
+    agree.assert_called_once_with(LAYERS, 'the plan could not be made (RuntimeError: CUDA error: busy)')
     assert 'the plan could not be made (RuntimeError: CUDA error: busy)' in said
     assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
 
@@ -181,14 +182,30 @@ def _agree_on_rank(rank, init, out):
     dist.init_process_group('gloo', init_method=f'file://{init}', rank=rank, world_size=2)
     try:
         with open(f'{out}.{rank}', 'w') as f:
-            f.write(str(ckptfit.agree([3, 7][rank])))
+            f.write(repr(ckptfit.agree([3, 7][rank], ['planned 9 GiB', 'planned 70 GiB'][rank])))
     finally:
         dist.destroy_process_group()
 
 
 def test_the_ranks_agree_on_the_largest_count(tmp_path):
-    """Two ranks (gloo) that chose 3 and 7 layers both checkpoint 7; one process keeps its own."""
+    """Two ranks (gloo) that chose 3 and 7 layers both checkpoint 7, and rank 0 learns why (rank 1's reason: it
+    logged only 'another rank needs 7; its log says why'); one process keeps its own."""
     import torch.multiprocessing as mp
     mp.spawn(_agree_on_rank, args=(str(tmp_path / 'init'), str(tmp_path / 'chose')), nprocs=2)
-    assert [(tmp_path / f'chose.{r}').read_text() for r in (0, 1)] == ['7', '7']
-    assert ckptfit.agree(5) == 5
+    assert [(tmp_path / f'chose.{r}').read_text() for r in (0, 1)] == [
+        "(7, 'planned 70 GiB', 1)", "(7, 'planned 70 GiB', None)"]
+    assert ckptfit.agree(5, 'why') == (5, 'why', None)
+
+
+def test_another_ranks_reason_is_logged_with_its_rank(models):
+    cfg = config(models)
+    model = real_model(cfg)
+    with mock.patch.object(ckptfit, 'choose_layers', return_value=(1, 'planned 9.0 GiB')), \
+            mock.patch.object(ckptfit, 'agree', return_value=(LAYERS, 'even all checkpointed, the plan is over', 3)), \
+            mock.patch.object(torch.cuda, 'is_available', return_value=True), \
+            mock.patch.object(ckptfit, 'device_budget', return_value=1e15), \
+            mock.patch.object(ckptfit, 'print_log') as log:
+        ckptfit.CheckpointFitHook().before_train(types.SimpleNamespace(model=model, cfg=cfg))
+    said, level = log.call_args.args[0], log.call_args.kwargs['level']
+    assert f"{LAYERS} of the LLM's {LAYERS} decoder layers checkpointed (rank 3 needs {LAYERS}: even all " in said
+    assert level == logging.WARNING   # that rank's plan did not fit: a warning here too

@@ -125,13 +125,16 @@ def zero_stage(wrapped) -> int:
                  if callable(getattr(m, 'zero_optimization_stage', None))), 0)
 
 
-def agree(layers: int) -> int:
-    """The largest of the ranks' ``layers`` (every rank recomputes the same layers; MMEngine's ``all_reduce``: no
-    collective on one rank, the tensor on the backend's device)."""
-    from mmengine.dist import all_reduce
-    value = torch.tensor([layers], dtype=torch.int64)
-    all_reduce(value, op='max')
-    return int(value.item())
+def agree(layers: int, why: str) -> Tuple[int, str, Optional[int]]:
+    """``(layers, why, rank)``: the largest of the ranks' ``layers`` (every rank recomputes the same layers), the
+    reason of the first rank that chose it and that rank (None: this one's own), so rank 0's log says why another
+    rank needs more (MMEngine's ``all_gather_object``: ``[(layers, why)]`` on one rank)."""
+    from mmengine.dist import all_gather_object
+    wants = all_gather_object((layers, why))
+    rank = max(range(len(wants)), key=lambda r: wants[r][0])   # the first of those that need the most
+    if wants[rank][0] == layers:
+        return layers, why, None
+    return wants[rank][0], wants[rank][1], rank
 
 
 class CheckpointFitHook(Hook):
@@ -154,15 +157,14 @@ class CheckpointFitHook(Hook):
                                             get_world_size())
             except Exception as exc:
                 layers, why = None, f'the plan could not be made ({type(exc).__name__}: {exc})'
-        mine = total if layers is None else layers
-        chosen = agree(mine)
-        if chosen != mine:
-            why = f'another rank needs {chosen}; its log says why'
+        chosen, why, rank = agree(total if layers is None else layers, why)
+        warn = why.startswith(('even', 'the plan'))
+        why = why if rank is None else f'rank {rank} needs {chosen}: {why}'
         model.llm_ckpt_layers = chosen
         model.llm_ckpt_auto = False
         checkpoint_first_layers(model.language_model, chosen)
         rest = '; the others keep their activations instead of running again in the backward' if chosen < total \
             else ''
         print_log(f"llm_grad_ckpt_layers='auto': {chosen} of the LLM's {total} decoder layers checkpointed ({why})"
-                  f'{rest}', logger='current', level=logging.WARNING if why.startswith(('even', 'the plan')) else
+                  f'{rest}', logger='current', level=logging.WARNING if warn else
                   logging.INFO)

@@ -173,7 +173,9 @@ def main(argv=None) -> int:
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"} '
           '(weights + optimizer states + step peak + reserve)')
     if model.llm_recompute and not hasattr(model.language_model, 'peft_config'):   # 'auto' keeps all under LoRA
-        print(checkpoint_line(model, lambda m: plan_with(m, batch)['total'] <= budget))
+        from xtuner_plugins.engine.ckptfit import FRACTION   # 'auto''s share: the planner's error kept as room
+        print(checkpoint_line(model, lambda m: plan_with(m, batch)['total'] <= FRACTION * budget,
+                              f'{FRACTION:.0%} of --gpu-mem ({FRACTION * args.gpu_mem:.1f} GiB)'))
     if hasattr(model.language_model, 'peft_config'):
         print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '
               'planned here (27.1 against 17.2 GiB; MLP warm-up and full fine-tuning of the same model and batch '
@@ -204,16 +206,19 @@ def main(argv=None) -> int:
     return 0 if fits else 1
 
 
-def checkpoint_line(model, fits) -> str:
-    """What ``llm_grad_ckpt_layers`` could be: the fewest checkpointed LLM layers that ``fits(model)``."""
+def checkpoint_line(model, fits, within: str) -> str:
+    """What ``llm_grad_ckpt_layers`` could be: the fewest checkpointed LLM layers that ``fits(model)``, the share of
+    the GPU ``within`` names (the configs' 'auto' plans against the same share, so both choose alike)."""
     from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers
     layers = llm_layers(model)
     fewest = fewest_checkpointed_layers(model, fits)
     if fewest is None:
-        return 'checkpointed LLM layers: not even all of them fit'
-    return (f'fewest checkpointed LLM layers that fit: {fewest} of {layers} (--cfg-options '
+        return (f'checkpointed LLM layers: not even all of them fit {within}; the configs\' \'auto\' checkpoints all '
+                f'and warns')
+    return (f'fewest checkpointed LLM layers that fit {within}: {fewest} of {layers} (--cfg-options '
             f'model.llm_grad_ckpt_layers={fewest}; the others keep their activations instead of running again in '
-            "the backward. The configs' 'auto' chooses so at start-up on a GPU, against 85% of its memory)")
+            "the backward. The configs' 'auto' chooses so at start-up on a GPU, against the same share of its "
+            'memory)')
 
 
 if __name__ == '__main__':

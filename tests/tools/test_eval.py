@@ -108,6 +108,26 @@ def test_batched_answers_equal_one_at_a_time(folder, llava_folder, tmp_path, fmt
     assert reports[0] == reports[1] and len({a for a, _ in reports[0]}) > 1, reports
 
 
+def test_a_video_question_to_a_folder_that_reads_no_video_is_counted_not_a_crash(llava_folder, tmp_path, capsys):
+    """A LLaVA folder holds no video: its video questions ended the run with a raw traceback (exit 1) at the first
+    of them. Each is now named and counted as not scored (no_video); the image questions are scored; with only
+    video questions nothing is scored, one line, exit 2."""
+    from tests.helpers import write_video
+    write_video(tmp_path / 'v.mp4', [10, 90, 200])
+    data = write_questions(tmp_path, 3, **{'1': {'image': None, 'video': 'v.mp4', 'conversations': [
+        {'from': 'human', 'value': '<video>\nWhat happens?'}, {'from': 'gpt', 'value': 'x'}]}})
+    assert eval_main([llava_folder, '--data', data, '--max-new-tokens', '2', '--out', str(tmp_path / 'r.json')]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f'not scored: {data}:2 (id 1): {llava_folder}: ') and out[0].endswith('[no_video]'), out
+    assert out[-1].endswith('; 1 not scored'), out
+    assert [r['id'] for r in json.load(open(tmp_path / 'r.json'))['results']] == ['0', '2']
+    only = write_questions(tmp_path, 1, name='v.jsonl', **{'0': {'image': None, 'video': 'v.mp4', 'conversations': [
+        {'from': 'human', 'value': '<video>\nWhat happens?'}, {'from': 'gpt', 'value': 'x'}]}})
+    assert eval_main([llava_folder, '--data', only, '--max-new-tokens', '2']) == 2
+    err = capsys.readouterr().err
+    assert 'none of the 1 questions could be scored' in err and '[no_video]' in err and 'Traceback' not in err, err
+
+
 def write_questions(tmp_path, n, name='test.jsonl', **overrides):
     """``n`` one-image questions (image ``i.png`` of different sizes); ``overrides``: line index -> fields."""
     with open(tmp_path / name, 'w') as f:

@@ -38,7 +38,7 @@ from PIL import Image
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import read_image_size
 from xtuner_plugins.data.video import load_video
-from xtuner_plugins.models.prompt import PromptTooLong
+from xtuner_plugins.models.prompt import NoVideo, PromptTooLong
 
 from .data import Question
 from .scoring import METRICS, READ_BY, read_option
@@ -167,6 +167,10 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
             if failures is None:
                 raise
             return SampleError('too_long', err.message(tiles=None))
+        except NoVideo as err:  # a video question to a folder that reads none: counted, the images still asked
+            if failures is None:
+                raise
+            return SampleError('no_video', str(err))
 
     def answer(batch: Sequence[Question], images: Sequence) -> List[Union[str, SampleError]]:
         ranked = mc == 'likelihood' and any(q.multiple_choice for q in batch)

@@ -186,8 +186,9 @@ class GGUFModel:
 
     def check_video(self, num_frames: int) -> None:
         """Refuses any video (``ConvertedModel.check_video``'s place): llama.cpp's InternVL mmproj reads none here."""
-        raise ValueError(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL '
-                         f'mmproj reads no video here); use the official folder for videos')
+        from .prompt import NoVideo
+        raise NoVideo(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL mmproj '
+                      f'reads no video here); use the official folder for videos')
 
     def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
             video=None) -> str:

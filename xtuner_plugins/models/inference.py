@@ -38,8 +38,8 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
-from .prompt import (blank_run_stop, check_context, check_question, context_length, encode_prompt, official_query,
-                     split_images)
+from .prompt import (NoVideo, blank_run_stop, check_context, check_question, context_length, encode_prompt,
+                     official_query, split_images)
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -241,7 +241,7 @@ class ConvertedModel:
         tiled (the whole prompt is checked once built)."""
         if self.format == 'llava':
             from .export.files import NO_VIDEO
-            raise ValueError(f'{self.folder}: {NO_VIDEO}')
+            raise NoVideo(f'{self.folder}: {NO_VIDEO}')
         self.check_context(num_frames * self.frame_tokens(), {}, least=True)
 
     def frame_tokens(self) -> int:

@@ -135,6 +135,11 @@ def context_length(config: dict) -> Tuple[Optional[int], str]:
     return None, ''
 
 
+class NoVideo(ValueError):
+    """A model folder that reads no video (``llava``, GGUF) asked about one: ``check_video`` of the chat models,
+    before a frame is decoded; evaluation counts each such question as not scored (``no_video``)."""
+
+
 class PromptTooLong(ValueError):
     """A prompt that, with the tokens to generate, does not fit the LLM's context. ``str()`` names the command
     line's options; :meth:`message` takes other names (the web page's settings). ``new``: the setting that asks

@@ -259,6 +259,24 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_the_model_loads(t
         err = capsys.readouterr().err
         assert err.startswith(f'eval: error: {message}') and err.endswith(': eval would write over its input; give '
                                                                           'another path\n'), err
+    # a frame of a video given as a folder of frames, and a new file in that folder (read as a frame next time):
+    # the answers file was opened as a resume ('not JSON ...; remove the file to start again': a frame)
+    from tests.helpers import write_video
+    frames = write_video(tmp_path / 'frames', [10, 90, 200])
+    with open(data, 'a') as f:
+        f.write(json.dumps({'id': 'v', 'video': 'frames', 'conversations': [
+            {'from': 'human', 'value': '<video>\nWhat?'}, {'from': 'gpt', 'value': 'x'}]}) + '\n')
+    before.update({p: open(p, 'rb').read() for p in (data, f'{frames}/0003.png')})
+    for extra, message in [
+            (['--answers', f'{frames}/0003.png'],
+             f'the answers file {frames}/0003.png is a frame of the video of {data}:3 ({frames}/0003.png)'),
+            (['--answers', f'{frames}/0004.png'],
+             f'the answers file {frames}/0004.png is in the frame folder of the video of {data}:3 ({frames})'),
+            (['--out', f'{frames}/r.json'], f'--out {frames}/r.json is in the frame folder of the video of {data}:3')]:
+        assert eval_main([str(model), '--data', data] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f'eval: error: {message}') and 'eval would' in err and 'remove' not in err, err
+    assert sorted(os.listdir(frames)) == ['0001.png', '0002.png', '0003.png']
     cfg = tmp_path / 'cfg.py'
     cfg.write_text('')
     assert eval_main(['--config', str(cfg), '--checkpoint', str(tmp_path / 'iter_1.pth'), '--data', data,

@@ -150,6 +150,10 @@ def inputs(args, questions) -> Iterator[Tuple[str, str]]:
                 yield f'an image of {q.source} ({image})', image
         if q.video:
             yield f'the video of {q.source} ({q.video})', q.video
+            if os.path.isdir(q.video):   # a folder of frames: each file in it
+                for name in sorted(os.listdir(q.video)):
+                    yield f'a frame of the video of {q.source} ({os.path.join(q.video, name)})', os.path.join(
+                        q.video, name)
     for what, path in (('the model folder', args.folder), ('the --config file', args.config),
                        ('the --checkpoint', args.checkpoint)):
         if path and os.path.isdir(path):
@@ -161,16 +165,15 @@ def inputs(args, questions) -> Iterator[Tuple[str, str]]:
 
 
 def check_not_inputs(args, questions) -> None:
-    """No output (``--out``, the answers file) is one of eval's inputs, symlinks and hard links included: the
-    report written over the data file once lost it (exit 0). Checked before the model loads."""
-    outputs = [(f'--out {args.out}', args.out), (f'the answers file {args.answers}', args.answers)]
-    outputs = [(name, path, os.stat(path)) for name, path in outputs if path and os.path.exists(path)]
+    """No output (``--out``, the answers file) is one of eval's inputs, symlinks and hard links included (the
+    report written over the data file once lost it, exit 0), nor a new file in a video's frame folder (read as one
+    of its frames next time). Checked before the model loads."""
+    named = [(f'--out {args.out}', args.out), (f'the answers file {args.answers}', args.answers)]
+    outputs = [(name, path, os.stat(path)) for name, path in named if path and os.path.exists(path)]
     if len(outputs) == 2 and os.path.samestat(outputs[0][2], outputs[1][2]):
         raise ValueError(f'--out {args.out} and --answers {args.answers} are one file (the report would overwrite '
                          f'the answers); give two')
-    if not outputs:
-        return
-    for what, path in inputs(args, questions):
+    for what, path in inputs(args, questions) if outputs else ():
         try:
             st = os.stat(path)
         except OSError:
@@ -178,6 +181,15 @@ def check_not_inputs(args, questions) -> None:
         for name, out, out_st in outputs:
             if os.path.samestat(st, out_st):
                 raise ValueError(f'{name} is {what}: eval would write over its input; give another path')
+    folders = {}
+    for q in questions:
+        if q.video and isinstance(q.video, str) and os.path.isdir(q.video):
+            folders.setdefault(os.path.realpath(q.video), q)
+    for name, path in named:
+        q = folders.get(os.path.realpath(os.path.dirname(os.path.abspath(path)))) if path else None
+        if q is not None:
+            raise ValueError(f'{name} is in the frame folder of the video of {q.source} ({q.video}): eval would '
+                             f'add a file to its input; give another path')
 
 
 class NoneScored(ValueError):

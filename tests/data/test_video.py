@@ -416,10 +416,14 @@ def test_an_empty_video_file_and_a_clip_shorter_than_a_frame_say_so(tmp_path):
 
 
 
-@pytest.mark.parametrize('rotation', [None, 0, 90, -90, 180, 45])
-def test_a_video_tagged_as_rotated_is_turned_upright_as_decord_does(tmp_path, rotation):
+@pytest.mark.parametrize('rotation, turned', [
+    (None, 0), (0, 0), (90, 90), (-90, -90), (180, 180), (45, 0),
+    # decord's arithmetic, the clockwise angle truncated to a whole degree: 89.6 counter-clockwise is 270.4
+    # clockwise, 270, turned; 90.4 is 269.6, 269, not turned; a horizontal flip alone reads as 180
+    (89.6, 90), (90.4, 0), (-90.4, -90), (-89.6, 0), (dict(degrees=0, hflip=True), 180)])
+def test_a_video_tagged_as_rotated_is_turned_upright_as_decord_does(tmp_path, rotation, turned):
     """A phone's portrait video is stored landscape with a display rotation; decord (which InternVL reads videos
-    with) turns the frames by it when it is a multiple of 90 degrees and leaves other angles. The frames were
+    with) turns the frames by it when it comes to 90, 180 or 270 degrees and leaves other angles. The frames were
     used as stored (sideways): a model fine-tuned here saw other pixels than InternVL's training and model card."""
     from PIL import Image
     stored = np.full((24, 48, 3), 40, np.uint8)
@@ -428,8 +432,7 @@ def test_a_video_tagged_as_rotated_is_turned_upright_as_decord_does(tmp_path, ro
     path = write_video(tmp_path / 'v.mp4', [stored] * 4, rotation=rotation)
     frames, info = load_video(path, 2)
     assert info.size == (48, 24)  # the probe reads headers only: the stored size
-    turned = rotation is not None and rotation % 90 == 0
-    expected = np.asarray(Image.fromarray(stored).rotate(rotation, expand=True)) if turned else stored  # counter-clockwise
+    expected = np.asarray(Image.fromarray(stored).rotate(turned, expand=True))  # counter-clockwise
     for frame in frames:
         got = np.asarray(frame)
         assert got.shape == expected.shape, (rotation, got.shape)

@@ -6,8 +6,8 @@ end_s]`` (seconds; files only). :func:`probe_video` reads what sampling needs fr
 frame; :func:`read_frames` decodes only the frames asked for, seeking to them (a GIF, which cannot seek, is decoded
 up to its last frame asked for); each frame goes through :func:`~xtuner_plugins.data.image_io.load_image`'s pixel
 rule. A file's frames are turned upright by its display rotation (a phone's portrait video is stored landscape and
-tagged) when that is a multiple of 90 degrees, flips and other angles left, as decord does (InternVL reads videos
-through decord, in training and on the model card): :func:`upright`. The probed size is the stored one (the tag is
+tagged) when that is 90, 180 or 270 degrees, other angles left, as decord does (InternVL reads videos through
+decord, in training and on the model card): :func:`upright`. The probed size is the stored one (the tag is
 only seen on decoded frames); frames of a folder are images, used as stored (no EXIF orientation, the image rule).
 
 Which frames: :mod:`xtuner_plugins.data.frame_sampling` (InternVL 2.5's ``get_frame_indices``).
@@ -29,6 +29,7 @@ import io
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -266,15 +267,33 @@ def _frame_stamps(container, stream) -> Optional[List[int]]:
     return sorted(stamps)
 
 
-_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+#: decord's turns, degrees clockwise (its ``transpose`` filters), as Pillow's counter-clockwise transposes
+_TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+
+
+def clockwise_turn(frame) -> int:
+    """The turn decord gives a decoded PyAV frame, whole degrees clockwise (0: none): the rotation of its display
+    matrix as FFmpeg's ``av_display_rotation_get`` computes it (counter-clockwise), negated, taken modulo 360 and
+    truncated (decord's ``GetRotation``: 89.6 degrees counter-clockwise is turned, 90.4 is not; a horizontal
+    flip alone reads as 180). 0 without a matrix or with a degenerate one."""
+    for data in getattr(frame, 'side_data', ()):
+        if data.type.name != 'DISPLAYMATRIX' or data.buffer_size < 36:
+            continue
+        m = [v / 65536.0 for v in struct.unpack('=9i', bytes(data)[:36])]   # 16.16 fixed point
+        across, down = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+        if not across or not down or not all(map(math.isfinite, (across, down))):
+            return 0
+        counter = -(math.atan2(m[1] / down, m[0] / across) * 180 / math.pi)
+        theta = math.fmod(-counter, 360)
+        return int(theta + 360 if theta < 0 else theta)
+    return 0
 
 
 def upright(frame) -> Image.Image:
-    """A decoded PyAV frame as an image turned by its display matrix's rotation (``frame.rotation``, degrees
-    counter-clockwise) when that is 90, 180 or 270: decord's rule (the stream's rotation, its ``transpose`` filter;
-    a flip or another angle is not applied)."""
+    """A decoded PyAV frame as an image turned by :func:`clockwise_turn` when that is 90, 180 or 270 (decord's
+    rule; other angles are left as stored, and the flips of a matrix are not applied as flips)."""
     image = frame.to_image()
-    turn = _TURNS.get(int(getattr(frame, 'rotation', 0) or 0) % 360)
+    turn = _TURNS.get(clockwise_turn(frame))
     return image if turn is None else image.transpose(turn)
 
 

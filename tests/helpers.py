@@ -79,12 +79,12 @@ def converted_tiny_folder(root, scale=0.3):
     return convert(LORA, trained['ckpt'], os.path.join(str(root), 'official'), trained['opts'])
 
 
-def write_video(path, levels, fps=10, size=(32, 24), gop=5, rotation=None):
+def write_video(path, levels, fps=10, size=(32, 24), gop=5, rotation=None, tags=None):
     """An H.264 ``.mp4`` (near-lossless) whose frame ``i`` is a grey of level ``levels[i]`` (or that RGB array,
     then of its size; one keyframe every ``gop`` frames), or a ``.gif`` of the same frames (Pillow); a path without
     an extension is a folder of frames ``0001.png``...; returns the path. ``rotation``: the ``.mp4``'s display
     rotation tag (degrees counter-clockwise, as a phone tags a portrait video stored landscape; or a dict of PyAV's
-    ``set_display_rotation`` arguments, flips included)."""
+    ``set_display_rotation`` arguments, flips included); ``tags``: the stream's metadata."""
     w, h = size
     frames = [np.full((h, w, 3), int(v), np.uint8) if np.ndim(v) == 0 else np.asarray(v, np.uint8) for v in levels]
     h, w = frames[0].shape[:2]
@@ -104,6 +104,7 @@ def write_video(path, levels, fps=10, size=(32, 24), gop=5, rotation=None):
         stream = container.add_stream('libx264', rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, 'yuv444p'
         stream.options = {'g': str(gop), 'qp': '0', 'bf': '0'}
+        stream.metadata.update(tags or {})   # the stream's tags (Matroska keeps any, as ROTATE=90)
         if rotation is not None:   # degrees, or set_display_rotation's arguments (flips)
             stream.set_display_rotation(**rotation) if isinstance(rotation, dict) else stream.set_display_rotation(
                 rotation)

@@ -271,29 +271,48 @@ def _frame_stamps(container, stream) -> Optional[List[int]]:
 _TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
-def clockwise_turn(frame) -> int:
-    """The turn decord gives a decoded PyAV frame, whole degrees clockwise (0: none): the rotation of its display
-    matrix as FFmpeg's ``av_display_rotation_get`` computes it (counter-clockwise), negated, taken modulo 360 and
-    truncated (decord's ``GetRotation``: 89.6 degrees counter-clockwise is turned, 90.4 is not; a horizontal
-    flip alone reads as 180). 0 without a matrix or with a degenerate one."""
-    for data in getattr(frame, 'side_data', ()):
-        if data.type.name != 'DISPLAYMATRIX' or data.buffer_size < 36:
-            continue
-        m = [v / 65536.0 for v in struct.unpack('=9i', bytes(data)[:36])]   # 16.16 fixed point
-        across, down = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
-        if not across or not down or not all(map(math.isfinite, (across, down))):
-            return 0
-        counter = -(math.atan2(m[1] / down, m[0] / across) * 180 / math.pi)
-        theta = math.fmod(-counter, 360)
-        return int(theta + 360 if theta < 0 else theta)
-    return 0
+_LEADING_NUMBER = re.compile(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')   # what C's atof reads
 
 
-def upright(frame) -> Image.Image:
+def _matrix_rotation(frame) -> float:
+    """FFmpeg's ``av_display_rotation_get`` of the frame's display matrix: degrees counter-clockwise (0 without
+    one, NaN for a degenerate one). PyAV lists the frame's side data by its own enum, which lacks kinds FFmpeg
+    8 attaches (a multiview HEVC frame's view id: ``ValueError``); then its whole-degree ``rotation``."""
+    try:
+        sides = list(getattr(frame, 'side_data', ()))
+    except ValueError:
+        return float(getattr(frame, 'rotation', 0) or 0)
+    for data in sides:
+        if data.type.name == 'DISPLAYMATRIX' and data.buffer_size >= 36:
+            m = [v / 65536.0 for v in struct.unpack('=9i', bytes(data)[:36])]   # 16.16 fixed point
+            across, down = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+            if not across or not down:
+                return math.nan
+            return -(math.atan2(m[1] / down, m[0] / across) * 180 / math.pi)
+    return 0.0
+
+
+def clockwise_turn(frame, rotate_tag: Optional[str] = None) -> int:
+    """The turn decord gives a decoded PyAV frame, whole degrees clockwise (0: none), by decord's ``GetRotation``:
+    the stream's ``rotate`` tag when set and not "0" (read as ``atof``), else the display matrix's rotation
+    (:func:`_matrix_rotation`) negated; taken modulo 360 and truncated (89.6 degrees counter-clockwise is turned,
+    90.4 is not; a horizontal flip alone reads as 180). decord reads the stream's matrix; FFmpeg puts it on each
+    frame (and a frame's own orientation SEI there too, which decord does not read)."""
+    found = _LEADING_NUMBER.match(rotate_tag) if rotate_tag and rotate_tag != '0' else None
+    theta = float(found.group(0)) if found else 0.0
+    if not theta:
+        theta = -_matrix_rotation(frame)
+    if not math.isfinite(theta):
+        return 0
+    theta = math.fmod(theta, 360)
+    return int(theta + 360 if theta < 0 else theta)
+
+
+def upright(frame, rotate_tag: Optional[str] = None) -> Image.Image:
     """A decoded PyAV frame as an image turned by :func:`clockwise_turn` when that is 90, 180 or 270 (decord's
     rule; other angles are left as stored, and the flips of a matrix are not applied as flips)."""
     image = frame.to_image()
-    turn = _TURNS.get(clockwise_turn(frame))
+    turn = _TURNS.get(clockwise_turn(frame, rotate_tag))
     return image if turn is None else image.transpose(turn)
 
 
@@ -318,6 +337,8 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
                                                f'({info.duration:.3f} s) but holds {len(stamps)}: frame '
                                                f'{wanted[-1]} cannot be decoded')
         slack = step / 2 if stamps is None else 0  # exact stamps: the frame itself, not its neighbour
+        tag = next((v for k, v in stream.metadata.items() if k.lower() == 'rotate'), None)   # decord reads it
+        # first (av_dict_get, any case: Matroska keeps it as ROTATE)
 
         def stamp(i: int) -> float:
             return stamps[i] if stamps is not None else origin + i * step
@@ -338,7 +359,7 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
                     elif last_key is not None:
                         gop = max(gop, pos - last_key)
                     while k < len(wanted) and pos + slack >= stamp(wanted[k]):
-                        out[wanted[k]] = upright(frame)
+                        out[wanted[k]] = upright(frame, tag)
                         k += 1
                     if k == len(wanted) or (info.kind != 'gif' and k > sought
                                             and stamp(wanted[k]) - pos > max(gop, 2 * step)):

@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import conv, write_image, write_jsonl, write_video
 from xtuner_plugins.eval import Report, evaluate, read_questions
+from xtuner_plugins.data import video as video_module
 from xtuner_plugins.eval.data import QuestionsError
 
 
@@ -79,8 +80,6 @@ def test_bad_video_questions_named_before_asking(tmp_path):
 def test_frames_over_the_context_are_refused_before_one_is_decoded(data, monkeypatch):
     """``--frames 1000000000`` listed a billion frame numbers (gigabytes, minutes) before the prompt was found too
     long; the model's ``check_video`` now refuses them first: each video question counted as too long."""
-    import sys
-    module = sys.modules['xtuner_plugins.eval.evaluate']  # the package's name is the function's
     from xtuner_plugins.models.prompt import PromptTooLong
 
     class Short(Model):
@@ -88,13 +87,13 @@ def test_frames_over_the_context_are_refused_before_one_is_decoded(data, monkeyp
             if num_frames * 258 > 8192:
                 raise PromptTooLong(num_frames * 258, 0, 8192, 'config.json max_position_embeddings', least=True)
 
-    decoded, real = [], module.load_video
+    decoded, real = [], video_module.choose_frames
 
-    def load_video(path, n, *a):
+    def choose_frames(info, n, *a):
         decoded.append(n)
         assert n < 10 ** 6, 'a billion frame numbers listed (gigabytes): refused too late'
-        return real(path, n, *a)
-    monkeypatch.setattr(module, 'load_video', load_video)
+        return real(info, n, *a)
+    monkeypatch.setattr(video_module, 'choose_frames', choose_frames)
     failures = []
     results = evaluate(Short(), read_questions(data), num_frames=10 ** 9, failures=failures)
     assert [r.id for r in results] == ['i'] and not decoded
@@ -102,3 +101,20 @@ def test_frames_over_the_context_are_refused_before_one_is_decoded(data, monkeyp
     assert 'the prompt is at least 258000000000 tokens' in failures[0].message
     evaluate(Short(), read_questions(data), num_frames=4)
     assert decoded == [4, 4]
+
+
+def test_a_frame_folder_is_checked_with_the_frames_it_gives(tmp_path):
+    """A folder of 3 frames asked for 40 gives 3 (InternVL's folder reader): the context check counts those 3,
+    not the 40 asked for (it refused such a folder that fits)."""
+    write_video(tmp_path / 'frames', [10, 90, 200])
+    path = write_jsonl(tmp_path / 'q.jsonl', [
+        {'id': 'f', 'video': 'frames', 'conversations': conv('Which way?', 'up', image=False)}])
+    asked = []
+
+    class Counting(Model):
+        def check_video(self, num_frames):
+            asked.append(num_frames)
+    model = Counting()
+    evaluate(model, read_questions(path), num_frames=40, blind=False, single_frame=False)
+    assert asked == [3] and len(model.seen[0][2]) == 3
+

@@ -30,17 +30,17 @@ def test_chat_tool_refuses_more_frames_than_the_context_holds_before_reading_the
                                                                                    monkeypatch):
     """--frames 3000 (6 tokens a frame at least, 8192 in the context): every frame was loaded and tiled, and the
     prompt built, before it was found too long (--frames 200000: past 5 minutes and 12 GB); now refused first."""
-    from xtuner_plugins.cli import chat
+    from xtuner_plugins.data import video
     from xtuner_plugins.models import inference
     loaded, decoded, real = [], [], inference.load_image
     monkeypatch.setattr(inference, 'load_image', lambda im, *a, **kw: loaded.append(1) or real(im, *a, **kw))
-    real_video = chat.load_video
+    real_choose = video.choose_frames
 
-    def load_video(path, n, *a):
+    def choose_frames(info, n, *a):
         decoded.append(n)
         assert n < 10 ** 6, 'a billion frame numbers listed (gigabytes): refused too late'
-        return real_video(path, n, *a)
-    monkeypatch.setattr(chat, 'load_video', load_video)
+        return real_choose(info, n, *a)
+    monkeypatch.setattr(video, 'choose_frames', choose_frames)
     capsys.readouterr()
     assert chat_main([official, '--video', setup['video'], '--frames', '3000', '--prompt', QUESTION,
                       '--max-new-tokens', '8']) == 2

@@ -88,8 +88,7 @@ def video_frames(chat: ConvertedModel, path: str, frames: int):
     (over its context, a folder that reads no video) are refused before one is decoded (``--frames 1000000000``
     built a list of a billion frame numbers first)."""
     try:
-        chat.check_video(frames)
-        return load_video(path, frames)[0], None
+        return load_video(path, frames, check=chat.check_video)[0], None
     except SampleError as err:
         return None, str(err.with_source(path))
     except ValueError as err:

@@ -31,7 +31,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -436,9 +436,13 @@ def expand_video(conversation, num_frames: int, prefix: str = DEFAULT_FRAME_PREF
 
 
 def load_video(path: str, num_frames: int = 8, sample: str = 'middle', clip: Optional[Tuple[float, float]] = None,
-               max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-               rng: Optional[np.random.Generator] = None) -> Tuple[List[Image.Image], VideoInfo]:
-    """``(frames, info)``: ``num_frames`` frames of a video (chat, evaluation, the web demo), ``middle`` by default."""
+               max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, rng: Optional[np.random.Generator] = None,
+               check: Optional[Callable[[int], None]] = None) -> Tuple[List[Image.Image], VideoInfo]:
+    """``(frames, info)``: ``num_frames`` frames of a video (chat, evaluation, the web demo), ``middle`` by default;
+    ``check(n)`` is called with the frames the video gives (a frame folder: at most its own) before one is chosen
+    or decoded (a model's ``check_video``: ``--frames 1000000000`` listed a billion frame numbers first)."""
     info = probe_video(path, clip, max_pixels)
     n = frames_for(info, num_frames, check_sampling(sample), max_num=num_frames)
+    if check is not None:
+        check(n)
     return read_frames(info, choose_frames(info, n, sample, rng)), info

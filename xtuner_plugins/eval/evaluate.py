@@ -145,9 +145,8 @@ def evaluate(model, questions: Sequence[Question], blind: bool = True, metric: s
     def frames(q: Question) -> list:  # a video question's frames, read once for the question and its controls
         if id(q) not in frames_of:
             frames_of.clear()
-            if hasattr(model, 'check_video'):  # frames over the context refused before one is decoded
-                model.check_video(num_frames)  # (--frames 1000000000 listed a billion frame numbers first)
-            frames_of[id(q)] = load_video(q.video, num_frames, 'middle', q.clip)[0]
+            frames_of[id(q)] = load_video(q.video, num_frames, 'middle', q.clip,  # frames over the context
+                                          check=getattr(model, 'check_video', None))[0]  # refused before decoding
         return frames_of[id(q)]
 
     def ask(q: Question, images) -> Union[str, Ranked, SampleError]:

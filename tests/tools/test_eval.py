@@ -272,11 +272,17 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_the_model_loads(t
              f'the answers file {frames}/0003.png is a frame of the video of {data}:3 ({frames}/0003.png)'),
             (['--answers', f'{frames}/0004.png'],
              f'the answers file {frames}/0004.png is in the frame folder of the video of {data}:3 ({frames})'),
-            (['--out', f'{frames}/r.json'], f'--out {frames}/r.json is in the frame folder of the video of {data}:3')]:
+            (['--answers', f'{tmp_path}/dangling.png'],   # a link to a new file there
+             f'the answers file {tmp_path}/dangling.png is in the frame folder of the video of {data}:3')]:
+        if 'dangling' in extra[1]:
+            os.symlink(f'{frames}/0005.png', tmp_path / 'dangling.png')
         assert eval_main([str(model), '--data', data] + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith(f'eval: error: {message}') and 'eval would' in err and 'remove' not in err, err
     assert sorted(os.listdir(frames)) == ['0001.png', '0002.png', '0003.png']
+    # a file there that is no frame (not an image's name) is not read as one: allowed
+    assert eval_main([str(model), '--data', data, '--out', f'{frames}/r.json']) == 2
+    assert 'frame folder' not in capsys.readouterr().err   # it goes on (to the model, not one here)
     cfg = tmp_path / 'cfg.py'
     cfg.write_text('')
     assert eval_main(['--config', str(cfg), '--checkpoint', str(tmp_path / 'iter_1.pth'), '--data', data,

@@ -181,15 +181,17 @@ def check_not_inputs(args, questions) -> None:
         for name, out, out_st in outputs:
             if os.path.samestat(st, out_st):
                 raise ValueError(f'{name} is {what}: eval would write over its input; give another path')
+    from xtuner_plugins.data.video import FRAME_EXTENSIONS
     folders = {}
     for q in questions:
         if q.video and isinstance(q.video, str) and os.path.isdir(q.video):
             folders.setdefault(os.path.realpath(q.video), q)
-    for name, path in named:
-        q = folders.get(os.path.realpath(os.path.dirname(os.path.abspath(path)))) if path else None
+    for name, path in named:   # where the file lands (through a link): a frame there when its name is one
+        real = os.path.realpath(path) if path else ''
+        q = folders.get(os.path.dirname(real)) if real.lower().endswith(FRAME_EXTENSIONS) else None
         if q is not None:
-            raise ValueError(f'{name} is in the frame folder of the video of {q.source} ({q.video}): eval would '
-                             f'add a file to its input; give another path')
+            raise ValueError(f'{name} is in the frame folder of the video of {q.source} ({q.video}), named as a '
+                             f'frame: eval would add a frame to its input; give another path')
 
 
 class NoneScored(ValueError):

@@ -205,12 +205,14 @@ def _decoder_layer(lm):
 _SHARED_INPUT = {'q_proj': 'qkv', 'k_proj': 'qkv', 'v_proj': 'qkv', 'gate_proj': 'mlp', 'up_proj': 'mlp'}  # one input
 
 
-def layer_elements(model, device: str = 'cuda') -> float:
+def layer_elements(model, device: str = 'cuda', fp32_stream: bool = False) -> float:
     """``E``: the elements (bf16-sized) one LLM decoder layer keeps per token for its backward, by what its first
     layer trains (module docstring). Measured by ``saved_tensors_hooks`` on a Qwen2.5-1.5B layer under bf16
     autocast (benchmarks/RESULTS.md): frozen 36.9k, trained 52.0k, LoRA on every linear layer 55.4k, 91.7k with
     dropout; tests/test_planner.py checks it against the tiny model's layer, eager and compiled (``device='cpu'``:
-    LoRA's dropout is ``models/dropout.CpuDropout``, off a CPU torch's)."""
+    LoRA's dropout is ``models/dropout.CpuDropout``, off a CPU torch's). ``fp32_stream``: the residual stream is
+    fp32 (trained fp32 embeddings under bf16 autocast): the RMSNorms' fp32 and each projection's own bf16 cast of
+    its input, 5 H more eager, 1.5 H compiled (inductor saves the stream once; measured, tests/test_planner.py)."""
     s = _llm_shapes(model)
     H, F, A, K = s['H'], s['F'], s['a'] * s['d'], s['kv'] * s['d']
     layer = _decoder_layer(model.language_model)   # None: not a decoder we can read, counted as trained
@@ -222,8 +224,8 @@ def layer_elements(model, device: str = 'cuda') -> float:
     if compiled:   # measured on compiled Qwen2 layers of two widths (tests/test_planner.py)
         e = 2 * H + A + 2 * K + 2 * F + 2 * s['d'] + 2 * s['a'] + 4 + (H + A + F if trained else 0)
         inputs = {_SHARED_INPUT.get(name.rsplit('.', 1)[-1], name): m.in_features for name, m in adapted}
-        return e + sum(inputs.values()) + sum(2 * sum(m.r.values()) for _, m in adapted)
-    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a']
+        return e + sum(inputs.values()) + sum(2 * sum(m.r.values()) for _, m in adapted) + 1.5 * H * fp32_stream
+    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a'] + 5 * H * fp32_stream
     for (_, m), dropout in zip(adapted, dropouts):
         cpu_dropout = device == 'cpu' and any(type(x) is CpuDropout for x in m.lora_dropout.values())
         e += m.in_features * (1.5 if cpu_dropout else 3 if dropout else 1) + 2 * sum(m.r.values())
@@ -258,21 +260,18 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
     tokens = batch.rows * batch.length
     lm = model.language_model
     ckpt = bool(getattr(lm, 'is_gradient_checkpointing', False))
-    per_layer = layer_elements(model, device)
+    # with fp32 embeddings (trained in fp32, without DeepSpeed) under bf16 autocast the residual stream is fp32:
+    # every layer keeps more (layer_elements), and a checkpointed layer's kept input is fp32
+    fp32 = b == 2 and zero == 0 and lm.get_input_embeddings().weight.dtype == torch.float32
+    per_layer = layer_elements(model, device, fp32_stream=fp32)
     trains_llm_graph = any(p.requires_grad for p in lm.parameters()) or not model.freeze_projector \
         or not model.freeze_vision
     out = {}
     if trains_llm_graph:
         # checkpointed layers keep their input; the others (llm_grad_ckpt_layers, or no checkpointing) every
-        # activation, and with fp32 embeddings (trained in fp32, without DeepSpeed) the residual stream is fp32:
-        # the RMSNorms' inputs and outputs are fp32 and each projection casts its input to bf16 by itself, 10 H
-        # bytes a token more per layer (5 H elements; measured, tests/test_planner.py), and a checkpointed layer's
-        # kept input is fp32 too
+        # activation
         checked = s['L'] - len(_unchecked_layers(model)) if ckpt else 0
-        fp32 = zero == 0 and lm.get_input_embeddings().weight.dtype == torch.float32
-        fp32_stream = 5 * s['H'] if fp32 else 0
-        out['llm layers'] = tokens * (checked * s['H'] * (4 if fp32 else b)
-                                      + (s['L'] - checked) * (per_layer + fp32_stream) * b)
+        out['llm layers'] = tokens * (checked * s['H'] * (4 if fp32 else b) + (s['L'] - checked) * per_layer * b)
         if checked:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
             out[RECOMPUTED] = tokens * (per_layer + 3 * s['F']) * b
             if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):

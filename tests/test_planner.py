@@ -324,7 +324,13 @@ def test_plan_total_and_largest_fitting(tiny):
     with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'tpu'"):
         plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=40), device='tpu')
     assert r['total'] == pytest.approx(sum(r[k] for k in ('weights', 'optimizer', 'step_peak')) + 0.5 * GIB)
+    # DDP on several ranks (no DeepSpeed) holds a copy of every gradient in its buckets: in the total, one place
+    # for tools/plan.py and 'auto' (ckptfit added it itself, plan.py did not)
+    ddp = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=40), reserve_gib=0.5, gpus=2)
+    assert r['ddp_buckets'] == 0 and ddp['ddp_buckets'] == ddp['gradients'] == grads > 0
+    assert ddp['total'] == pytest.approx(r['total'] + grads)
     z2 = plan_memory(meta, Batch(rows=1, length=64, tiles=1, supervised=40), zero=2, gpus=2)
+    assert z2['ddp_buckets'] == 0
     assert z2['autocast_copies'] == z2['optimizer_temporaries'] == 0 and z2['gradients_kept']   # DeepSpeed's
     assert z2['step_peak'] == z2['activations'] + z2['gradients']
     assert largest_fitting(lambda x: x * x <= 50, 1, 100) == 7

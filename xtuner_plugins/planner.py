@@ -334,7 +334,9 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
     ``device``: ``'cuda'`` (the GPUs it plans for) or ``'cpu'`` (the benchmarks that check it on this machine);
     ``fused``: the optimizer is AdamW with ``fused=True`` (no temporaries); ``accumulation``: the config's
     ``optim_wrapper.accumulative_counts`` (above 1 the gradients are kept from one micro-step's forward to the
-    next, as DeepSpeed keeps its partitions; otherwise MMEngine frees them after each step)."""
+    next, as DeepSpeed keeps its partitions; otherwise MMEngine frees them after each step). On several ranks
+    without DeepSpeed, ``ddp_buckets``: DDP's gradient buckets, a copy of every gradient held from the first
+    backward on (MMEngine's DDP wrapper leaves ``gradient_as_bucket_view`` off), in the total."""
     p = parameter_bytes(model, dtype, zero, gpus, device, fused)
     parts = activation_bytes(model, batch, dtype, zero, device)
     phase = phases(model, parts)
@@ -355,8 +357,9 @@ def plan_memory(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, gpus: i
                activations=max(phase.values()), autocast_copies=p['autocast_copies'],
                saved_copies=p['saved_copies'], optimizer_temporaries=p['optimizer_temporaries'],
                forward_peak=forward, backward_peak=backward, step_peak=step, gradients_kept=kept,
-               head_gradients=p['head_gradients'], reserve=reserve_gib * GIB)
-    out['total'] = p['weights'] + p['optimizer'] + step + out['reserve']
+               head_gradients=p['head_gradients'], reserve=reserve_gib * GIB,
+               ddp_buckets=grads if zero == 0 and gpus > 1 else 0.0)
+    out['total'] = p['weights'] + p['optimizer'] + step + out['ddp_buckets'] + out['reserve']
     out.update(parts=parts, trained=p['trained'], frozen=p['frozen'])
     return out
 

@@ -96,8 +96,8 @@ def main(argv=None) -> int:
 
     from xtuner_plugins.engine.options import check_cfg_options, load_config
     from xtuner_plugins.models.liger import check_liger
-    from xtuner_plugins.plan_configs.batch import (config_batch, model_batch, optimizer_settings, rows_per_item,
-                                                   with_supervised)
+    from xtuner_plugins.plan_configs.batch import (config_batch, model_batch, optimizer_settings, planned_batches,
+                                                   rows_per_item, with_supervised)
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
@@ -168,13 +168,17 @@ def main(argv=None) -> int:
             ) if r['gradients_kept'] else 'freed after each step, as MMEngine does'
     print(f'{"step peak":22s} {r["step_peak"] / GIB:8.2f}  (the largest of the forward {r["forward_peak"] / GIB:.2f}, '
           f'gradients {kept}; the backward {r["backward_peak"] / GIB:.2f} and the optimizer step, with the gradients)')
+    if r['ddp_buckets']:
+        print(f'{"DDP gradient buckets":22s} {r["ddp_buckets"] / GIB:8.2f}  (a copy of every gradient, on several '
+              f'ranks without DeepSpeed)')
     print(f'{"reserve":22s} {r["reserve"] / GIB:8.2f}')
     fits = r['total'] <= budget
     print(f'{"total":22s} {r["total"] / GIB:8.2f}  of {args.gpu_mem:g}: {"fits" if fits else "DOES NOT FIT"} '
-          '(weights + optimizer states + step peak + reserve)')
+          f'(weights + optimizer states + step peak{" + DDP buckets" if r["ddp_buckets"] else ""} + reserve)')
     if model.llm_recompute and not hasattr(model.language_model, 'peft_config'):   # 'auto' keeps all under LoRA
         from xtuner_plugins.engine.ckptfit import FRACTION   # 'auto''s share: the planner's error kept as room
-        print(checkpoint_line(model, lambda m: plan_with(m, batch)['total'] <= FRACTION * budget,
+        batches = planned_batches(batch, per_tile)   # as 'auto' plans them
+        print(checkpoint_line(model, lambda m: max(plan_with(m, b)['total'] for b in batches) <= FRACTION * budget,
                               f'{FRACTION:.0%} of --gpu-mem ({FRACTION * args.gpu_mem:.1f} GiB)'))
     if hasattr(model.language_model, 'peft_config'):
         print('caution: LoRA on the LLM. On one H100 (2026-11-24) a LoRA step of Qwen2.5-1.5B took 1.58x the total '

@@ -48,9 +48,7 @@ GIB = 2 ** 30
 def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tuple[Optional[int], str]:
     """``(layers, why)``: how many first LLM layers to checkpoint for the config ``cfg`` within ``budget`` bytes
     per device (None: all, ``why`` says why), with DeepSpeed ZeRO stage ``zero`` (0: none) over ``gpus``."""
-    from dataclasses import replace
-
-    from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings
+    from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings, planned_batches
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers, plan_memory
     if hasattr(model.language_model, 'peft_config'):
@@ -65,23 +63,14 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
         with quiet_mmengine_info():   # its start-up lines (compile_blocks) are the real model's, said once
             meta = build_meta_model(cfg.model, 'bfloat16' if bf16 else 'float32')
         batch, per_tile = model_batch(cfg, meta)
-        batches = [batch]
-        if not batch.packed:   # videos' frames and many images' tiles can pass max_dynamic_patch: each tile takes
-            # per_tile of a row's tokens, so max_length bounds them (fewer text tokens then: both are planned)
-            most = replace(batch, tiles=batch.rows * max(1, batch.length // per_tile))
-            batches.append(replace(most, supervised=max(most.rows * most.length - most.tiles * per_tile, 0)))
+        batches = planned_batches(batch, per_tile)   # unpacked rows: with the most tiles max_length holds too
         fused, accumulation = optimizer_settings(cfg)
         plans = {}
 
         def fits(m) -> bool:
-            worst = 0.0
-            for b in batches:
-                plan = plan_memory(m, b, 'bf16' if bf16 else 'fp32', zero, gpus, fused=fused,
-                                   accumulation=accumulation)
-                # without DeepSpeed on several ranks, DDP's gradient buckets: a copy of every gradient
-                worst = max(worst, plan['total'] + (plan['gradients'] if zero == 0 and gpus > 1 else 0))
-            plans[m.llm_ckpt_layers] = worst
-            return worst <= budget
+            plans[m.llm_ckpt_layers] = max(plan_memory(m, b, 'bf16' if bf16 else 'fp32', zero, gpus, fused=fused,
+                                                       accumulation=accumulation)['total'] for b in batches)
+            return plans[m.llm_ckpt_layers] <= budget
 
         layers = fewest_checkpointed_layers(meta, fits)
     except Exception as exc:   # any config the planner cannot read: the run goes on as configured

@@ -60,6 +60,17 @@ def model_batch(cfg, model):
     return with_supervised(config_batch(cfg, tiles, per_tile), per_tile), per_tile
 
 
+def planned_batches(batch, tokens_per_tile: int) -> list:
+    """The batches a run's plan must fit: the config's, and for unpacked rows also one with as many tiles as a row
+    of ``batch.length`` tokens holds (videos' frames and many images' tiles can pass ``max_dynamic_patch``), fewer
+    text tokens then; every text token supervised."""
+    out = [with_supervised(batch, tokens_per_tile)]
+    if not batch.packed:
+        out.append(with_supervised(replace(batch, tiles=batch.rows * max(1, batch.length // tokens_per_tile)),
+                                   tokens_per_tile))
+    return out
+
+
 def optimizer_settings(cfg) -> Tuple[bool, int]:
     """``(fused, accumulation)``: whether AdamW is the fused kernel, and ``accumulative_counts``."""
     fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))

@@ -29,7 +29,6 @@ import io
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -274,34 +273,20 @@ _TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: 
 _LEADING_NUMBER = re.compile(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')   # what C's atof reads
 
 
-def _matrix_rotation(frame) -> float:
-    """FFmpeg's ``av_display_rotation_get`` of the frame's display matrix: degrees counter-clockwise (0 without
-    one, NaN for a degenerate one). PyAV lists the frame's side data by its own enum, which lacks kinds FFmpeg
-    8 attaches (a multiview HEVC frame's view id: ``ValueError``); then its whole-degree ``rotation``."""
-    try:
-        sides = list(getattr(frame, 'side_data', ()))
-    except ValueError:
-        return float(getattr(frame, 'rotation', 0) or 0)
-    for data in sides:
-        if data.type.name == 'DISPLAYMATRIX' and data.buffer_size >= 36:
-            m = [v / 65536.0 for v in struct.unpack('=9i', bytes(data)[:36])]   # 16.16 fixed point
-            across, down = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
-            if not across or not down:
-                return math.nan
-            return -(math.atan2(m[1] / down, m[0] / across) * 180 / math.pi)
-    return 0.0
-
-
 def clockwise_turn(frame, rotate_tag: Optional[str] = None) -> int:
     """The turn decord gives a decoded PyAV frame, whole degrees clockwise (0: none), by decord's ``GetRotation``:
-    the stream's ``rotate`` tag when set and not "0" (read as ``atof``), else the display matrix's rotation
-    (:func:`_matrix_rotation`) negated; taken modulo 360 and truncated (89.6 degrees counter-clockwise is turned,
-    90.4 is not; a horizontal flip alone reads as 180). decord reads the stream's matrix; FFmpeg puts it on each
-    frame (and a frame's own orientation SEI there too, which decord does not read)."""
+    the stream's ``rotate`` tag when set and not "0" (read as ``atof``), else the display matrix's rotation negated;
+    taken modulo 360 and truncated (a horizontal flip alone reads as 180). The matrix's rotation is PyAV's
+    ``frame.rotation``, whole degrees counter-clockwise: decord truncates the clockwise angle of the exact one, so
+    the two differ for a matrix within a degree of a right angle and not on one (89.6 degrees: decord turns it,
+    this does not; phones write exact right angles). ``frame.side_data``, which holds the exact matrix, is not
+    read: it makes a reference cycle with the frame, whose FFmpeg scaler threads a forked DataLoader worker's
+    garbage collection then freed, and hung on (seen in CI). decord reads the stream's matrix; FFmpeg puts it on
+    each frame (and a frame's own orientation SEI there too, which decord does not read)."""
     found = _LEADING_NUMBER.match(rotate_tag) if rotate_tag and rotate_tag != '0' else None
     theta = float(found.group(0)) if found else 0.0
     if not theta:
-        theta = -_matrix_rotation(frame)
+        theta = -float(getattr(frame, 'rotation', 0) or 0)
     if not math.isfinite(theta):
         return 0
     theta = math.fmod(theta, 360)

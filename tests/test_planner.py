@@ -743,3 +743,16 @@ def test_cli_says_the_fewest_checkpointed_layers_that_fit(tiny, capsys):
     rc, out, _ = run_cli([os.path.join(ROOT, 'configs/finetune_lora.py'), '--gpus', '1', '--gpu-mem', '80'] + opts,
                          capsys)
     assert rc == 0 and 'checkpointed LLM layers' not in out and 'caution: LoRA' in out
+
+
+def test_the_cli_plans_compile_blocks_auto_as_a_gpu_resolves_it(capsys, monkeypatch):
+    """tools/plan.py plans a GPU run: 'auto' compiles both parts there. On a machine without native bf16 (or
+    without a C++ compiler) it planned eager layers, which a compiled GPU run does not keep; the model line says
+    what was planned. The same model on this machine is left as it resolves here (ckptfit runs on the GPU)."""
+    from xtuner_plugins.models import compile as compile_module
+    monkeypatch.setattr(compile_module, 'native_bf16_cpu', lambda: False)   # a laptop's CPU
+    config = os.path.join(ROOT, 'configs/finetune_full_packed.py')
+    rc, out, _ = run_cli([config, '--vision', 'internvit-300m', '--llm', 'qwen2.5-0.5b', '--gpus', '1',
+                          '--gpu-mem', '80'], capsys)
+    assert rc == 0 and 'blocks compiled: llm, vision' in out, out
+    assert compile_module.compile_parts('auto', 10 ** 9) == ()   # outside the plan: this machine's answer

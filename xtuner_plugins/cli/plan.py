@@ -115,7 +115,9 @@ def main(argv=None) -> int:
                              f'e.g. configs/finetune_lora.py, not a part of one under configs/_base_/)')
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
         use_models(cfg, args.vision, args.llm)
-        model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
+        from xtuner_plugins.models.compile import as_on_a_gpu
+        with as_on_a_gpu():   # compile_blocks='auto' as the GPU resolves it, not as this machine would
+            model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
                     compile_blocks=cfg.model.get('compile_blocks', 'auto'),
                     preference=cfg.model.get('preference') is not None)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
           f'checkpointing {getattr(model, "llm_recompute", None) or "off"}'
           f'{f" (the first {layers} layers)" if layers is not None and model.llm_recompute else ""}; attention '
-          f'{lm.config._attn_implementation}')
+          f'{lm.config._attn_implementation}; blocks compiled: {", ".join(model.compile_blocks) or "none"}')
     print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
     unit = rows_per_item(cfg)
     group = ('pack(s) of pairs' if batch.packed else 'pair(s)') if unit == 2 else ''

@@ -20,6 +20,7 @@ so a restart pays less).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Iterator, List, Optional, Tuple, Union
@@ -62,6 +63,21 @@ def cuda_compiles() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+_AS_ON_A_GPU = False
+
+
+@contextlib.contextmanager
+def as_on_a_gpu() -> Iterator[None]:
+    """``compile_blocks='auto'`` resolved as on a CUDA GPU that compiles, whatever this machine is: a GPU run
+    planned elsewhere (``tools/plan.py`` on a laptop planned eager layers where the GPU compiles them)."""
+    global _AS_ON_A_GPU
+    before, _AS_ON_A_GPU = _AS_ON_A_GPU, True
+    try:
+        yield
+    finally:
+        _AS_ON_A_GPU = before
+
+
 def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_parameters: int = 0,
                   why_not: Optional[List[str]] = None) -> Tuple[str, ...]:
     """``compile_blocks`` -> the parts compiled: False/None none, True both, or the parts named. ``'auto'`` (the
@@ -75,8 +91,8 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     if flag == 'auto':
         if why_not or llm_parameters < AUTO_MIN_LLM_PARAMETERS:
             return ()
-        if torch.cuda.is_available():
-            return COMPILE_PARTS if cuda_compiles() else ()
+        if _AS_ON_A_GPU or torch.cuda.is_available():
+            return COMPILE_PARTS if _AS_ON_A_GPU or cuda_compiles() else ()
         return ('llm',) if native_bf16_cpu() and cxx_compiler() else ()
     if flag is True:
         return COMPILE_PARTS

@@ -27,6 +27,7 @@ import inspect
 from typing import Dict, Optional, Sequence, Union
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
@@ -36,6 +37,7 @@ from xtuner_plugins.errors import Refused
 
 from .attention import SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
+from .cpu_attention import NAME, route_tower
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
@@ -127,6 +129,9 @@ class VisionLanguageModel(BaseModel):
             True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
             default (on an H100 it was slower than eager, ``benchmarks/gpu.sh``); not with ``compile_blocks``, its
             loss not with ZeRO-3.
+        vision_cpu_attention: a frozen tower's attention (no ``vision_lora``) on the AVX-512 BF16 kernel of
+            ``cpu_attention.py`` on a CPU with AVX-512 BF16 and no AMX, where torch's SDPA runs at a fifth of the
+            matmul rate (bf16, no gradient; any other call still takes SDPA). False: torch's SDPA everywhere.
     """
 
     def __init__(self,
@@ -162,6 +167,7 @@ class VisionLanguageModel(BaseModel):
                  trainable_fp32: bool = True,
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
                  liger_kernel: Union[bool, str, Sequence[str]] = False,
+                 vision_cpu_attention: bool = True,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
@@ -245,6 +251,9 @@ class VisionLanguageModel(BaseModel):
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
+        elif vision_cpu_attention and freeze_vision and route_tower(self.vision_model):
+            print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.vision_cpu_attention=False "
+                      "keeps torch's SDPA)", logger='current')
         if self.llm_recompute:
             self.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))

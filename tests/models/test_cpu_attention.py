@@ -1,4 +1,5 @@
-"""models/cpu_attention.py: the AVX-512 BF16 attention kernel for a frozen tower, and what it leaves to SDPA.
+"""models/cpu_attention.py: the AVX-512 BF16 attention kernels (a frozen tower's, the LLM's forward and backward),
+and what they leave to SDPA.
 
 The kernel runs only on CPUs with AVX-512 BF16 (it would stop on an illegal instruction elsewhere): on other CPUs
 the tests check that nothing is routed to it, and that it still builds.
@@ -9,8 +10,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models.conftest import build
+from tests.models.test_packing import split_batch
+from xtuner_plugins.data import internvl_collate_fn
+from xtuner_plugins.data.packing import pack_items
 from xtuner_plugins.models import cpu_attention as ca
 
 PAYS = ca.cpu_pays()
@@ -51,7 +56,7 @@ def test_no_compiler_warns_and_sdpa_runs(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match='not available.*/bin/false failed'):
             assert ca.library() is None
         q, k, v = qkv(1, 2, 9, 9, 16)
-        assert not ca.takes(q, k, v, None, 0.0, False, {})
+        assert not ca.takes(torch.nn.Module(), q, k, v, None, 0.0, False, {})
         out, _ = ca.attention(torch.nn.Module(), q, k, v, None, is_causal=False)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
     finally:
@@ -74,6 +79,81 @@ def test_matches_sdpa(shape, layout):
     assert ours <= 1.5 * sdpa + 2e-3, (ours, sdpa)
 
 
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+@pytest.mark.parametrize('shape,causal', [
+    ((1, 14, 2, 300, 300, 64), True),    # Qwen2.5-0.5B's heads: 7 query heads a key/value head
+    ((2, 3, 3, 100, 100, 80), False),
+    ((1, 4, 2, 37, 37, 64), True),        # fewer queries than a block
+    ((1, 2, 1, 5, 5, 16), True),
+    ((2, 2, 2, 50, 130, 72), False),      # more keys than queries
+])
+def test_gradients_match_sdpa(shape, causal):
+    """Output and dq, dk, dv against fp32 SDPA, no further off than bf16 SDPA (its dk and dv are summed over the
+    query heads of a key/value head in fp32: closer)."""
+    b, h, kv, n, m, d = shape
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(b, length, heads, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+               for length, heads in ((n, h), (m, kv), (m, kv)))
+    grad = torch.randn(b, n, h, d, generator=g).to(torch.bfloat16)
+
+    def run(kernel, dtype):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = ca.kernel_attention(qq, kk, vv, d ** -0.5, causal) if kernel else F.scaled_dot_product_attention(
+            qq, kk, vv, is_causal=causal, enable_gqa=kv != h).transpose(1, 2)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, qq.grad, kk.grad, vv.grad)]
+    ref, ours, sdpa = run(False, torch.float32), run(True, torch.bfloat16), run(False, torch.bfloat16)
+    for name, r, a, s in zip(('out', 'dq', 'dk', 'dv'), ref, ours, sdpa):
+        err, bound = (a - r).abs().max().item(), 1.5 * (s - r).abs().max().item() + 0.01 * r.abs().max().item()
+        assert err <= bound, (name, err, bound)
+
+
+@pytest.fixture
+def packed_batch(batch):
+    """The model tests' mixed batch as one pack of its three samples."""
+    return internvl_collate_fn([pack_items(split_batch(batch))])['data']
+
+
+class CountKernel(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith('xtuner_plugins::'):
+            self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(tiny, packed_batch):
+    """sdpa_segments in bf16: each sample of the packs on the kernel, forward and backward; checkpointing that keeps
+    attention never runs it again; the loss and gradients as with no checkpointing, and near SDPA's."""
+    runs = {}
+    for name, kw in (('sdpa', dict(cpu_attention=False)), ('kernel', {}), ('kept', dict(llm_grad_ckpt=True))):
+        torch.manual_seed(0)
+        model = build(tiny, torch_dtype='bfloat16', trainable_fp32=False, freeze_llm=False,
+                      attn_implementation='sdpa_segments', **kw).train()
+        with CountKernel() as count:
+            loss = model(packed_batch, mode='loss')['loss']
+            loss.backward()
+        runs[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}, \
+            count.calls
+    samples = sum(len(lens) for lens in packed_batch['seq_lens'])
+    layers = 2   # the tiny LLM's and the tiny tower's
+    assert runs['sdpa'][2] == {}
+    assert runs['kernel'][2] == {'xtuner_plugins::cpu_bf16_attention_train': samples * layers,
+                                 'xtuner_plugins::cpu_bf16_attention_backward': samples * layers,
+                                 'xtuner_plugins::cpu_bf16_attention': layers}   # the frozen tower's, forward only
+    assert runs['kept'][2] == runs['kernel'][2]
+    assert runs['kept'][0] == pytest.approx(runs['kernel'][0], rel=1e-3)
+    assert runs['kernel'][0] == pytest.approx(runs['sdpa'][0], rel=2e-2)
+    for name, g in runs['kernel'][1].items():
+        torch.testing.assert_close(runs['kept'][1][name], g, rtol=2e-2, atol=2e-3, msg=lambda m: f'kept {name}: {m}')
+        scale = g.abs().max().item()
+        assert (runs['sdpa'][1][name] - g).abs().max().item() <= 0.1 * scale + 1e-3, name
+
+
 def test_not_routed_where_it_does_not_pay(tiny, monkeypatch):
     monkeypatch.setattr(ca, 'cpu_pays', lambda: False)
     model = build(tiny, torch_dtype='bfloat16')
@@ -83,7 +163,7 @@ def test_not_routed_where_it_does_not_pay(tiny, monkeypatch):
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
 def test_a_frozen_tower_is_routed_and_gives_sdpas_features(tiny):
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    routed, plain = build(tiny, torch_dtype='bfloat16'), build(tiny, torch_dtype='bfloat16', vision_cpu_attention=False)
+    routed, plain = build(tiny, torch_dtype='bfloat16'), build(tiny, torch_dtype='bfloat16', cpu_attention=False)
     assert routed.vision_model.config._attn_implementation == ca.NAME
     assert plain.vision_model.config._attn_implementation == 'sdpa'
     calls = []
@@ -101,30 +181,35 @@ def test_a_frozen_tower_is_routed_and_gives_sdpas_features(tiny):
         assert build(tiny, torch_dtype='bfloat16', **kw).vision_model.config._attn_implementation == 'sdpa', kw
 
 
-@pytest.mark.parametrize('case', ['mask', 'dropout', 'causal', 'grad', 'fp32', 'gqa', 'odd width'])
+@pytest.mark.parametrize('case', ['mask', 'dropout', 'causal, more keys', 'odd width', 'fp32', 'opted out',
+                                  'heads not a multiple'])
 def test_what_the_kernel_does_not_compute_goes_to_sdpa(case, monkeypatch):
     def refuse(*a):
         raise AssertionError(f'the kernel was called for {case}')
     monkeypatch.setattr(ca, 'cpu_bf16_attention', refuse)
-    q, k, v = qkv(1, 2, 6, 6, 15 if case == 'odd width' else 16)
+    q, k, v = qkv(1, 3, 6, 8 if case.startswith('causal') else 6, 15 if case == 'odd width' else 16)
     kw = dict(attention_mask=None, dropout=0.0, is_causal=False)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
     if case == 'mask':
         kw['attention_mask'] = torch.zeros(1, 1, 6, 6, dtype=torch.bfloat16)
     elif case == 'dropout':
         kw['dropout'] = 0.1
-    elif case == 'causal':
+    elif case.startswith('causal'):
         kw['is_causal'] = True
-    elif case == 'grad':
-        q.requires_grad_(True)
     elif case == 'fp32':
         q, k, v = q.float(), k.float(), v.float()
-    elif case == 'gqa':
-        k, v = k[:, :1], v[:, :1]
-    module = torch.nn.Module()
-    module.num_key_value_groups = 2 if case == 'gqa' else 1
+    elif case == 'opted out':
+        ca.opt_out(module)
+    elif case == 'heads not a multiple':
+        k, v = k[:, :2], v[:, :2]
+        module.num_key_value_groups = 2   # transformers repeats them (3 / 2 heads: its own error), not the kernel
     torch.manual_seed(0)
+    if case == 'heads not a multiple':
+        assert not ca.takes(module, q, k, v, None, 0.0, False, {})
+        return
     out, _ = ca.attention(module, q, k, v, **kw)
-    assert out.shape == (1, 6, 2, q.shape[-1])
+    assert out.shape == (1, 6, 3, q.shape[-1])
     # what SDPA gives (not the kernel): the same call to transformers' function
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     torch.manual_seed(0)

@@ -23,6 +23,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import cpu_attention
+
 __all__ = ['ATTN_IMPLEMENTATIONS', 'SEGMENT_ATTENTION', 'VARLEN_ATTENTION', 'SEGMENTED', 'cudnn_attention_off',
            'segment_sdpa', 'varlen_sdpa', 'segment_bounds', 'block_causal_mask', 'document_block_mask',
            'llm_attention', 'packed_segments', 'sample_index']
@@ -67,21 +69,19 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     """transformers' attention interface for ``sdpa_segments``: with ``segment_bounds`` (packed rows) causal SDPA
     on each sample's own queries, keys and values, so no ``L x L`` mask and no score across samples is ever made;
     without (padded rows, right padding as the collate function pads) plain causal SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     bounds = kwargs.pop('segment_bounds', None)
-    if bounds is None or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=True if attention_mask is None else is_causal, **kwargs)
+    if bounds is None or attention_mask is not None:   # SDPA, or the CPU kernel where it computes the same
+        return cpu_attention.attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       is_causal=True if attention_mask is None else is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     rows = []
     # split, not slices: a slice's backward writes its gradient into a zero-filled copy of the whole input, once
     # per sample and input, where split's backward concatenates the pieces once
     for cuts, q_row, k_row, v_row in zip(bounds.tolist(), query.split(1), key.split(1), value.split(1)):
         sizes = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
-        parts = [torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-            for q, k, v in zip(q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2))
-            if q.shape[2]]   # a row with fewer samples than the widest has empty segments
+        parts = [cpu_attention.causal_sdpa(module, q, k, v, dropout, scaling, gqa)
+                 for q, k, v in zip(q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2))
+                 if q.shape[2]]   # a row with fewer samples than the widest has empty segments
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 

@@ -1,24 +1,32 @@
-"""A frozen vision tower's attention on CPUs with AVX-512 BF16 and no AMX (AMD Zen 4 and 5, Intel Cooper Lake).
+"""Attention on CPUs with AVX-512 BF16 and no AMX (AMD Zen 4 and 5, Intel Cooper Lake): forward and backward.
 
 There, torch's SDPA (its CPU flash kernel) runs InternViT-300M's attention (1,025 tokens, 16 heads of 64) at about
-a fifth of the bf16 matmul rate: a fifth of a real-size training step was the frozen tower's attention
-(benchmarks/RESULTS.md, the Zen 5 sections). ``csrc/cpu_attention.c`` is a forward-only attention written for
-``vdpbf16ps``; its header says how it works and why no library kernel was taken. On CPUs with AMX torch's kernel
-packs its blocks for AMX and is left in place; on GPUs nothing changes.
+a fifth of the bf16 matmul rate, and a Qwen2.5-0.5B layer's causal attention and its backward little faster: the
+frozen tower's attention was a fifth of a real-size training step (benchmarks/RESULTS.md, the Zen 5 sections).
+``csrc/cpu_attention.c`` is an attention written for ``vdpbf16ps``; its header says how it works and why no
+library kernel was taken. On CPUs with AMX torch's kernel packs its blocks for AMX and is left in place; on GPUs
+nothing changes.
 
-How it is used: :class:`~xtuner_plugins.models.internvl.VisionLanguageModel` routes a frozen tower's attention
-(no LoRA on it) through :func:`attention` where :func:`cpu_pays` (``vision_cpu_attention=True``, the default;
-False keeps torch's SDPA). :func:`attention` is registered with transformers' attention interface under
-:data:`NAME`; each call takes the kernel only for what it computes exactly (CPU tensors in bf16, no mask, no
-dropout, not causal, no gradient wanted, an even head width) and hands anything else to transformers' SDPA
-function, so a tower moved to a GPU, or run with gradients, runs as before.
+Where it is used (:class:`~xtuner_plugins.models.internvl.VisionLanguageModel`, ``cpu_attention=True``, the
+default; False keeps torch's SDPA for that model: :func:`opt_out`):
+
+* a frozen tower's attention (no LoRA on it): :func:`route_tower` registers :func:`attention` with transformers'
+  attention interface under :data:`NAME` and names it in the tower's config;
+* the LLM's under ``sdpa_segments`` (``attention.segment_sdpa``): each sample of a pack (:func:`causal_sdpa`), and
+  rows without padding.
+
+Each call takes the kernel only where :func:`takes`: this CPU (:func:`cpu_pays`), CPU tensors in bf16, no mask, no
+dropout, an even head width, query heads a multiple of the key/value heads, and causal only over as many queries
+as keys. Anything else goes to SDPA, so a model moved to a GPU runs as before. With a gradient wanted it runs
+:func:`cpu_bf16_attention_train`, whose backward is the kernel's too; gradient checkpointing that keeps attention
+keeps its outputs (``recompute.KEPT_OPS``).
 
 The kernel is compiled on first use with the system's C compiler (``$CC``, cc or gcc; about a second) into
 ``$XDG_CACHE_HOME/xtuner_plugins/kernels`` (``~/.cache`` without it), named by a hash of its source and flags.
 Without a compiler, or if the build fails, SDPA runs and one warning says why.
 
 Check it on this machine: ``python -m xtuner_plugins.models.cpu_attention`` (builds it, compares it with SDPA on
-InternViT-300M's shapes and times both).
+InternViT-300M's and Qwen2.5-0.5B's shapes and times both).
 """
 
 from __future__ import annotations
@@ -32,16 +40,20 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Optional
+import weakref
+from typing import Optional, Tuple
 
 import torch
 
 NAME = 'xtuner_cpu_bf16_sdpa'
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_attention.c')
+#: modules whose attention stays on SDPA (the model's ``cpu_attention=False``: :func:`opt_out`)
+_OPTED_OUT: 'weakref.WeakSet[torch.nn.Module]' = weakref.WeakSet()
 FLAGS = ('-O3', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq', '-mavx512bf16', '-mfma', '-fPIC', '-shared',
          '-pthread')
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_pays() -> bool:
     """Whether this machine's CPU is one the kernel was written for: x86-64 Linux with AVX-512 BF16 and no AMX."""
     if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
@@ -93,63 +105,165 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(build())
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f'the CPU attention kernel is not available ({e}); the vision tower uses torch\'s SDPA')
+        warnings.warn(f"the CPU attention kernel is not available ({e}); attention runs on torch's SDPA")
         return None
-    p, i, a = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-    lib.attn_fwd.argtypes = [p, p, p, p, i, i, i, i, i, a, a, a, a, ctypes.c_float, ctypes.c_int]
-    lib.attn_fwd.restype = ctypes.c_int
+    p, i, a, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int
+    lib.attn_fwd.argtypes = [p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, f, n, n]
+    lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, a, a, f, n, n]
+    lib.attn_fwd.restype = lib.attn_bwd.restype = ctypes.c_int
     return lib
 
 
-@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention', mutates_args=())
-def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` for q ``[B, H, N, D]``, k and v ``[B, H, M, D]`` (bf16, CPU), returned as
-    ``[B, N, H, D]`` (the layout transformers' attention functions return)."""
+def _lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError('the CPU attention kernel is not available (see the warning above)')
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    b, h, n, d = query.shape
-    out = torch.empty(b, n, h, d, dtype=query.dtype)
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (query, key, value, out.transpose(1, 2))]
-    rc = lib.attn_fwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), b, h, n, key.shape[2], d,
-                      *strides, scale, torch.get_num_threads())
+    return lib
+
+
+def _strides(*tensors):
+    return [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in tensors]
+
+
+def _rows(*tensors):
+    """The tensors with a contiguous last dimension (the kernel's one requirement on strides)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _check(rc: int, query, key) -> None:
     if rc:
         raise RuntimeError(f'the CPU attention kernel refused q {tuple(query.shape)}, k {tuple(key.shape)} '
                            f'({"out of memory" if rc == 2 else "sizes it does not take"})')
-    return out
+
+
+def _forward(query, key, value, scale: float, causal: bool, lse: bool):
+    query, key, value = _rows(query, key, value)
+    b, h, n, d = query.shape
+    out = torch.empty(b, n, h, d, dtype=query.dtype)
+    sums = torch.empty(b, h, n, dtype=torch.float32) if lse else None
+    rc = _lib().attn_fwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+                         sums.data_ptr() if lse else None, b, h, key.shape[1], n, key.shape[2], d,
+                         *_strides(query, key, value, out.transpose(1, 2)), scale, int(causal),
+                         torch.get_num_threads())
+    _check(rc, query, key)
+    return out, sums
+
+
+@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention', mutates_args=())
+def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                       causal: bool = False) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` for q ``[B, H, N, D]``, k and v ``[B, KVH, M, D]`` (bf16, CPU; the query heads
+    a multiple of the key/value heads, which serve ``H / KVH`` query heads each), returned as ``[B, N, H, D]``
+    (the layout transformers' attention functions return); causal: ``N == M``, query i sees keys 0..i. No
+    gradient: :func:`cpu_bf16_attention_train` is the one autograd goes through."""
+    return _forward(query, key, value, scale, causal, lse=False)[0]
 
 
 @cpu_bf16_attention.register_fake
-def _(query, key, value, scale):
+def _(query, key, value, scale, causal=False):
     b, h, n, d = query.shape
     return query.new_empty(b, n, h, d)
 
 
-def takes(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """Whether the kernel computes this call exactly as SDPA would (the rest goes to SDPA)."""
+@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_train', mutates_args=())
+def cpu_bf16_attention_train(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                             causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cpu_bf16_attention` and each query's log-sum-exp of its scaled scores (``[B, H, N]`` fp32), which
+    its backward reads; differentiable in q, k and v."""
+    return _forward(query, key, value, scale, causal, lse=True)
+
+
+@cpu_bf16_attention_train.register_fake
+def _(query, key, value, scale, causal):
+    b, h, n, d = query.shape
+    return query.new_empty(b, n, h, d), query.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_backward', mutates_args=())
+def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, scale: float,
+                                causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`cpu_bf16_attention_train` for ``grad`` (``[B, N, H, D]``, as its output)."""
+    query, key, value, out, grad = _rows(query, key, value, out, grad)
+    b, h, n, d = query.shape
+    dq = torch.empty(b, n, h, d, dtype=query.dtype).transpose(1, 2)
+    dk = torch.zeros(key.shape, dtype=torch.float32)
+    dv = torch.zeros(value.shape, dtype=torch.float32)
+    rc = _lib().attn_bwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), grad.data_ptr(),
+                         lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h,
+                         key.shape[1], n, key.shape[2], d,
+                         *_strides(query, key, value, out.transpose(1, 2), grad.transpose(1, 2), dq), scale,
+                         int(causal), torch.get_num_threads())
+    _check(rc, query, key)
+    return dq, dk.to(key.dtype), dv.to(value.dtype)
+
+
+@cpu_bf16_attention_backward.register_fake
+def _(grad, query, key, value, out, lse, scale, causal):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup(ctx, inputs, output):
+    query, key, value, scale, causal = inputs
+    ctx.save_for_backward(query, key, value, *output)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _backward(ctx, grad, _grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    dq, dk, dv = cpu_bf16_attention_backward(grad, query, key, value, out, lse, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd('xtuner_plugins::cpu_bf16_attention_train', _backward, setup_context=_setup)
+
+
+def kernel_attention(query, key, value, scale: float, causal: bool) -> torch.Tensor:
+    """``[B, N, H, D]``: the training op where autograd wants a gradient, else the forward-only one."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return cpu_bf16_attention_train(query, key, value, scale, causal)[0]
+    return cpu_bf16_attention(query, key, value, scale, causal)
+
+
+def opt_out(model: torch.nn.Module) -> None:
+    """Keep every attention module of ``model`` on SDPA."""
+    _OPTED_OUT.update(model.modules())
+
+
+def takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
+    """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA)."""
     tensors = (query, key, value)
-    if attention_mask is not None or dropout or is_causal or kwargs.get('output_attentions') \
+    if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout or kwargs.get('output_attentions') \
             or kwargs.get('head_mask') is not None:
         return False
     if any(t.device.type != 'cpu' or t.dtype != torch.bfloat16 or t.dim() != 4 for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    b, h, _, d = query.shape
-    return (key.shape[:2] == (b, h) and key.shape == value.shape and key.shape[-1] == d and d % 2 == 0
-            and key.shape[2] > 0 and query.shape[2] > 0 and library() is not None)
+    b, h, n, d = query.shape
+    kv = key.shape[1]
+    return (key.shape[0] == b and kv > 0 and h % kv == 0 and key.shape == value.shape and key.shape[-1] == d
+            and d % 2 == 0 and key.shape[2] > 0 and n > 0 and (not is_causal or n == key.shape[2])
+            and library() is not None)
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: the kernel where :func:`takes`, else transformers' SDPA."""
     causal = is_causal if is_causal is not None else getattr(module, 'is_causal', True) and query.shape[2] > 1
-    if takes(query, key, value, attention_mask, dropout, causal, kwargs):
+    if takes(module, query, key, value, attention_mask, dropout, causal, kwargs):
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        return cpu_bf16_attention(query, key, value, scale), None
+        return kernel_attention(query, key, value, scale, bool(causal)), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def causal_sdpa(module, query, key, value, dropout: float, scaling: Optional[float], gqa: bool) -> torch.Tensor:
+    """Causal ``F.scaled_dot_product_attention`` (``[B, H, N, D]`` in and out; ``gqa``: fewer key/value heads) for
+    ``module``, on the kernel where :func:`takes`."""
+    if takes(module, query, key, value, None, dropout, True, {}):
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        return kernel_attention(query, key, value, scale, True).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
+                                                            is_causal=True, enable_gqa=gqa)
 
 
 def route_tower(tower: torch.nn.Module) -> bool:
@@ -163,22 +277,48 @@ def route_tower(tower: torch.nn.Module) -> bool:
     return True
 
 
-def main() -> None:
+def _best(fn, repeats: int = 3) -> float:
     import time
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
     import torch.nn.functional as F
     print(f'CPU with AVX-512 BF16 and no AMX: {cpu_pays()}; kernel: {build()}')
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(7, 1025, 16, 64).to(torch.bfloat16).transpose(1, 2) for _ in range(3))
+    if not cpu_pays():
+        raise SystemExit('not run: the kernel is for CPUs with AVX-512 BF16 and no AMX')
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):   # [B, H, N, D] as transformers hands it over: a transposed [B, N, H, D]
+        return torch.randn(shape[0], shape[2], shape[1], shape[3], generator=g).to(torch.bfloat16).transpose(1, 2)
+
+    q, k, v = rand(7, 16, 1025, 64), rand(7, 16, 1025, 64), rand(7, 16, 1025, 64)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
+    print('InternViT-300M, 7 tiles (q, k, v [7, 16, 1025, 64]), forward, best of 3; largest error against fp32:')
     for name, fn in (('sdpa', lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2)),
                      ('kernel', lambda: cpu_bf16_attention(q, k, v, 0.125))):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - start)
-        print(f'{name}: best of 3 {min(times) * 1e3:.1f} ms (q, k, v [7, 16, 1025, 64] bf16), '
-              f'largest error against fp32 {(out.float() - ref).abs().max().item():.4f}')
+        print(f'  {name}: {_best(fn):.1f} ms, {(fn().float() - ref).abs().max().item():.4f}')
+    n = 2000
+    q, k, v = rand(1, 14, n, 64), rand(1, 2, n, 64), rand(1, 2, n, 64)
+    grad = torch.randn(1, n, 14, 64, generator=g).to(torch.bfloat16)
+
+    def step(kernel: bool, dtype=torch.bfloat16):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = kernel_attention(qq, kk, vv, 0.125, True) if kernel else F.scaled_dot_product_attention(
+            qq, kk, vv, is_causal=True, enable_gqa=True).transpose(1, 2)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, qq.grad, kk.grad, vv.grad)]
+    ref = step(False, torch.float32)
+    print(f'Qwen2.5-0.5B, one causal sample of {n} tokens (14 query heads, 2 key/value heads of 64), forward and '
+          'backward, best of 3; largest errors of out, dq, dk, dv against fp32:')
+    for name, kernel in (('sdpa', False), ('kernel', True)):
+        errors = ', '.join(f'{(a - b).abs().max().item():.4f}' for a, b in zip(step(kernel), ref))
+        print(f'  {name}: {_best(lambda: step(kernel)):.1f} ms, {errors}')
 
 
 if __name__ == '__main__':

@@ -35,8 +35,9 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
-from .attention import SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
+from .attention import SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
+from . import cpu_attention as cpu_kernels
 from .cpu_attention import NAME, route_tower
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
@@ -129,9 +130,10 @@ class VisionLanguageModel(BaseModel):
             True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
             default (on an H100 it was slower than eager, ``benchmarks/gpu.sh``); not with ``compile_blocks``, its
             loss not with ZeRO-3.
-        vision_cpu_attention: a frozen tower's attention (no ``vision_lora``) on the AVX-512 BF16 kernel of
-            ``cpu_attention.py`` on a CPU with AVX-512 BF16 and no AMX, where torch's SDPA runs at a fifth of the
-            matmul rate (bf16, no gradient; any other call still takes SDPA). False: torch's SDPA everywhere.
+        cpu_attention: on a CPU with AVX-512 BF16 and no AMX, where torch's SDPA runs at a fifth of the matmul
+            rate, attention on the AVX-512 BF16 kernels of ``cpu_attention.py`` (bf16 tensors, no mask, no
+            dropout; any other call still takes SDPA): a frozen tower's (no ``vision_lora``), and the LLM's under
+            ``sdpa_segments`` (each sample of a pack, and unpadded rows). False: torch's SDPA.
     """
 
     def __init__(self,
@@ -167,7 +169,7 @@ class VisionLanguageModel(BaseModel):
                  trainable_fp32: bool = True,
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
                  liger_kernel: Union[bool, str, Sequence[str]] = False,
-                 vision_cpu_attention: bool = True,
+                 cpu_attention: bool = True,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
@@ -251,9 +253,9 @@ class VisionLanguageModel(BaseModel):
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
-        elif vision_cpu_attention and freeze_vision and route_tower(self.vision_model):
-            print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.vision_cpu_attention=False "
-                      "keeps torch's SDPA)", logger='current')
+        if cpu_attention and freeze_vision and vision_lora is None and route_tower(self.vision_model):
+            print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.cpu_attention=False keeps "
+                      "torch's SDPA)", logger='current')
         if self.llm_recompute:
             self.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
@@ -274,6 +276,11 @@ class VisionLanguageModel(BaseModel):
                                          ('fp32 weights (measured: the bf16 recipe)', dtype != torch.bfloat16)) if cond]
         self.liger_kernel = apply_liger(self.language_model, liger)
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
+        if not cpu_attention:
+            cpu_kernels.opt_out(self)   # the reference copies too
+        elif attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays():
+            print_log("LLM: each sample's attention on the AVX-512 BF16 kernel in bf16 (model.cpu_attention=False "
+                      "keeps torch's SDPA)", logger='current')
         log_parameter_counts(self)
 
     def init_weights(self):

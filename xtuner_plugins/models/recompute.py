@@ -16,8 +16,9 @@ selective checkpointing replays only the operators it recorded (it stops with ``
 encountered during backward but not found in storage``).
 
 Kernels kept (by their operator names, whichever this build and the installed packages have): SDPA's flash,
-memory-efficient and cuDNN kernels (CPU and CUDA) and flash-attn's forward where it registers itself as a torch
-operator (flash-attn >= 2.7); anything else (the math fallback, eager attention) is recomputed.
+memory-efficient and cuDNN kernels (CPU and CUDA), flash-attn's forward where it registers itself as a torch
+operator (flash-attn >= 2.7), torch's ``varlen_attn`` and the AVX-512 BF16 kernel (``cpu_attention.py``);
+anything else (the math fallback, eager attention) is recomputed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ KEPT_OPS = frozenset({
     'flash_attn::_flash_attn_forward',
     'flash_attn::_flash_attn_varlen_forward',
     'torch_attn::_varlen_attn',   # torch.nn.attention.varlen.varlen_attn (``sdpa_varlen``)
+    'xtuner_plugins::cpu_bf16_attention_train',   # the AVX-512 BF16 kernel (``cpu_attention.py``)
 })
 
 

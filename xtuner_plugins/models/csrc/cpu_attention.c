@@ -1,29 +1,37 @@
-/* Attention forward for bf16 on x86 CPUs with AVX-512 BF16 (vdpbf16ps) and no AMX: a frozen vision tower's
- * attention (no mask, not causal, no dropout, no gradient). Built and loaded by models/cpu_attention.py.
+/* Attention in bf16 for x86 CPUs with AVX-512 BF16 (vdpbf16ps) and no AMX: forward (with the log-sum-exp a
+ * backward needs) and backward, optionally causal, with grouped key/value heads. Built and loaded by
+ * models/cpu_attention.py, which says when it is used.
  *
  * Why hand-written: on such CPUs torch's SDPA (its CPU flash kernel) runs a 1,025-token, 64-wide-head attention
- * at about a fifth of the bf16 matmul rate, and no torch or oneDNN kernel does better (benchmarks/RESULTS.md).
- * Here, per (batch, head): K and V are packed once into the pair layout vdpbf16ps reads; per block of 48 query
- * rows the scores of all keys are computed in fp32 (8 rows x 32 keys a register tile), exponentiated in place
- * (exact softmax, no online rescaling: a block's scores stay in the core's cache), rounded to bf16 and multiplied
- * by V (6 rows x 64 columns a tile), then divided by the fp32 row sums. The head width is padded to a multiple
- * of 16 with zeros, so any even width works. Threads split the (batch, head) pairs.
+ * at about a fifth of the bf16 matmul rate, its backward little better, and no torch or oneDNN kernel does better
+ * (benchmarks/RESULTS.md).
+ *
+ * How: per (batch, head), K and V are packed once into the pair layouts vdpbf16ps reads. Per block of QB query
+ * rows, the scores against every key the block sees are computed in fp32 (8 rows x 32 keys a register tile) and
+ * exponentiated in place: an exact softmax, no online rescaling, as a block's scores stay in the core's cache.
+ * Products whose reduction runs over keys or rows (P V, dS K, dS^T Q, P^T dO) take 6 rows x 64 columns a tile
+ * over pairs of the reduction; P and dS are rounded to bf16 for them, as flash attention does. The head width is
+ * padded with zeros to a multiple of 16, so any even width works. Threads split the (batch, head) pairs; the
+ * backward adds each head's dK and dV into its key/value head's fp32 sums under a lock.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
-#include <pthread.h>
 
 typedef uint16_t bf16;
 
-#define QB 48   /* query rows per block: a multiple of 8 (scores) and 6 (output) */
-#define KT 32   /* keys per score tile */
+#define QB 48   /* query rows per block: a multiple of 8 (NT tiles) and 6 (NN tiles) */
+#define KT 32   /* keys per NT tile */
+#define MAXT 256
+
+static inline int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 static inline __m512 exp512(__m512 x) {
-    /* e^x = 2^n * e^r, r = x - n ln2, |r| <= ln2 / 2; degree-6 polynomial */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    /* e^x = 2^n e^r, r = x - n ln2, |r| <= ln2 / 2: a degree-6 polynomial; e^-inf = 0 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -38,194 +46,377 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+static inline bf16 to_bf16(float x) {  /* round to nearest even, as vcvtneps2bf16 */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (bf16)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* ---------------------------------------------------------------------------------------------- packing */
+/* rows [n][d] (row stride rs) -> NT layout [np/16][dp/2][16][2], zeros past n and d (np: a multiple of 32) */
+static void pack_nt(const bf16 *src, int64_t rs, int64_t n, int64_t d, int64_t np, int64_t dp, bf16 *dst) {
+    for (int64_t b = 0; b < np / 16; b++) {
+        uint32_t *o = (uint32_t *)(dst + b * 16 * dp);
+        for (int64_t t = 0; t < 16; t++) {
+            const int64_t row = b * 16 + t;
+            for (int64_t p = 0; p < dp / 2; p++) {
+                uint32_t x = 0;
+                if (row < n && 2 * p < d) memcpy(&x, src + row * rs + 2 * p, 4);
+                o[p * 16 + t] = x;
+            }
+        }
+    }
+}
+
+/* rows [n][d] (row stride rs) -> NN layout [np/2][dp][2] (pairs of rows interleaved), zeros past n and d */
+static void pack_nn(const bf16 *src, int64_t rs, int64_t n, int64_t d, int64_t np, int64_t dp, bf16 *dst) {
+    for (int64_t r = 0; r < np; r += 2) {
+        bf16 *o = dst + r * dp;
+        const bf16 *a = r < n ? src + r * rs : NULL, *b = r + 1 < n ? src + (r + 1) * rs : NULL;
+        for (int64_t c = 0; c < dp; c++) {
+            o[2 * c] = a && c < d ? a[c] : 0;
+            o[2 * c + 1] = b && c < d ? b[c] : 0;
+        }
+    }
+}
+
+/* rows [n][d] (row stride rs) -> [QB][dp] row-major, zeros past n and d */
+static void copy_rows(const bf16 *src, int64_t rs, int64_t n, int64_t d, int64_t dp, bf16 *dst) {
+    for (int64_t r = 0; r < QB; r++) {
+        memset(dst + r * dp, 0, dp * sizeof(bf16));
+        if (r < n) memcpy(dst + r * dp, src + r * rs, d * sizeof(bf16));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- products */
+/* C[r][c] = sum_k A[r][k] B[c][k]: A [rows][dp] bf16 (rows a multiple of 8), B in NT layout with np columns
+ * (a multiple of 32), C fp32 with row stride ldc */
+static void gemm_nt(const bf16 *a, int64_t rows, const bf16 *bp, int64_t np, int64_t dp, float *c, int64_t ldc) {
+    const int64_t pairs = dp / 2;
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+        const uint32_t *ar = (const uint32_t *)(a + r0 * dp);
+        for (int64_t c0 = 0; c0 < np; c0 += KT) {
+            __m512 acc[8][2];
+            for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+            const bf16 *b0 = bp + c0 * dp, *b1 = bp + (c0 + 16) * dp;
+            for (int64_t p = 0; p < pairs; p++) {
+                __m512bh x0 = (__m512bh)_mm512_load_si512(b0 + p * 32);
+                __m512bh x1 = (__m512bh)_mm512_load_si512(b1 + p * 32);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    __m512bh ai = (__m512bh)_mm512_set1_epi32(ar[i * pairs + p]);
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, x0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, x1);
+                }
+            }
+            for (int i = 0; i < 8; i++) {
+                _mm512_storeu_ps(c + (r0 + i) * ldc + c0, acc[i][0]);
+                _mm512_storeu_ps(c + (r0 + i) * ldc + c0 + 16, acc[i][1]);
+            }
+        }
+    }
+}
+
+/* C[r][:] (+)= sum_t A[r][t] B[t][:]: A [rows][lda] bf16 (rows a multiple of 6, t < tn even), B in NN layout
+ * [tn/2][dp][2], C fp32 [rows][ldc] (dp columns); accumulate: add to C, else overwrite */
+static void gemm_nn(const bf16 *a, int64_t lda, int64_t rows, int64_t tn, const bf16 *bp, int64_t dp, float *c,
+                    int64_t ldc, int accumulate) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+        for (int64_t c0 = 0; c0 < dp; c0 += 64) {
+            const int nz = dp - c0 >= 64 ? 4 : (int)((dp - c0) / 16);
+            __m512 acc[6][4];
+            for (int i = 0; i < 6; i++)
+                for (int z = 0; z < 4; z++)
+                    acc[i][z] = accumulate && z < nz ? _mm512_loadu_ps(c + (r0 + i) * ldc + c0 + 16 * z)
+                                                     : _mm512_setzero_ps();
+            if (nz == 4) {
+                for (int64_t t = 0; t < tn; t += 2) {
+                    const bf16 *br = bp + t * dp + 2 * c0;
+                    __m512bh x0 = (__m512bh)_mm512_loadu_si512(br);
+                    __m512bh x1 = (__m512bh)_mm512_loadu_si512(br + 32);
+                    __m512bh x2 = (__m512bh)_mm512_loadu_si512(br + 64);
+                    __m512bh x3 = (__m512bh)_mm512_loadu_si512(br + 96);
+#pragma GCC unroll 6
+                    for (int i = 0; i < 6; i++) {
+                        uint32_t pair;
+                        memcpy(&pair, a + (r0 + i) * lda + t, 4);
+                        __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+                        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, x0);
+                        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, x1);
+                        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], ai, x2);
+                        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], ai, x3);
+                    }
+                }
+            } else {
+                for (int64_t t = 0; t < tn; t += 2) {
+                    const bf16 *br = bp + t * dp + 2 * c0;
+                    for (int z = 0; z < nz; z++) {
+                        __m512bh xz = (__m512bh)_mm512_loadu_si512(br + 32 * z);
+                        for (int i = 0; i < 6; i++) {
+                            uint32_t pair;
+                            memcpy(&pair, a + (r0 + i) * lda + t, 4);
+                            acc[i][z] = _mm512_dpbf16_ps(acc[i][z], (__m512bh)_mm512_set1_epi32(pair), xz);
+                        }
+                    }
+                }
+            }
+            for (int i = 0; i < 6; i++)
+                for (int z = 0; z < nz; z++) _mm512_storeu_ps(c + (r0 + i) * ldc + c0 + 16 * z, acc[i][z]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- jobs */
 typedef struct {
-    const bf16 *q, *k, *v; bf16 *o;
-    int64_t B, H, N, M, D;      /* D: the real head width */
-    int64_t qs[3], ks[3], vs[3], os[3];  /* strides (elements) of batch, head, row; the last dim is contiguous */
+    const bf16 *q, *k, *v, *o, *dout;
+    bf16 *out, *dq;
+    float *lse, *dk, *dv;            /* lse [B][H][N]; dk, dv [B][KVH][M][D] fp32 sums */
+    int64_t B, H, KVH, N, M, D;
+    int64_t qs[3], ks[3], vs[3], os[3], dos[3], dqs[3];  /* strides (elements) of batch, head, row */
     float scale;
-    int nthreads, tid, failed;
+    int causal, nthreads, tid, failed;
+    pthread_mutex_t *locks;          /* one per (batch, key/value head) */
 } job_t;
 
-static void *worker(void *arg) {
+/* the keys row r of a block starting at q0 sees: all M, or causally those up to its own position */
+static inline int64_t seen(const job_t *j, int64_t q0, int64_t r) {
+    return j->causal ? (q0 + r + 1 < j->M ? q0 + r + 1 : j->M) : j->M;
+}
+
+static void *forward_worker(void *arg) {
     job_t *j = (job_t *)arg;
-    const int64_t M = j->M, N = j->N;
-    const int64_t Mp = (M + KT - 1) / KT * KT;      /* keys padded to the score tile */
-    const int64_t Dp = (j->D + 15) / 16 * 16;       /* head width padded with zeros to whole vectors */
-    const int64_t DP = Dp / 2, DH = j->D / 2;        /* d pairs: padded, real */
-    /* K packed in VNNI tiles: [Mp/16][DP][16][2]; V packed: [Mp/2][D][2] */
-    bf16 *kp = aligned_alloc(64, Mp * Dp * sizeof(bf16));
-    bf16 *vp = aligned_alloc(64, Mp * Dp * sizeof(bf16));
-    bf16 *qb = aligned_alloc(64, QB * Dp * sizeof(bf16));
-    float *s = aligned_alloc(64, QB * Mp * sizeof(float));
-    bf16 *p = aligned_alloc(64, QB * Mp * sizeof(bf16));
+    const int64_t M = j->M, N = j->N, D = j->D, Dp = up(D, 16), MP = up(M, KT);
+    bf16 *kp = aligned_alloc(64, MP * Dp * 2), *vp = aligned_alloc(64, MP * Dp * 2);
+    bf16 *qb = aligned_alloc(64, QB * Dp * 2), *p = aligned_alloc(64, QB * MP * 2);
+    float *s = aligned_alloc(64, QB * MP * 4), *o = aligned_alloc(64, QB * Dp * 4);
     float rowsum[QB];
-    if (!kp || !vp || !qb || !s || !p) {
+    if (!kp || !vp || !qb || !p || !s || !o) {
         j->failed = 1;
-        free(kp); free(vp); free(qb); free(s); free(p);
-        return NULL;
+        goto done;
     }
-    const int64_t BH = j->B * j->H;
-    for (int64_t bh = j->tid; bh < BH; bh += j->nthreads) {
-        const int64_t b = bh / j->H, h = bh % j->H;
+    for (int64_t bh = j->tid; bh < j->B * j->H; bh += j->nthreads) {
+        const int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
         const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1];
-        const bf16 *k = j->k + b * j->ks[0] + h * j->ks[1];
-        const bf16 *v = j->v + b * j->vs[0] + h * j->vs[1];
-        bf16 *o = j->o + b * j->os[0] + h * j->os[1];
-        /* pack K */
-        for (int64_t kb = 0; kb < Mp / 16; kb++) {
-            uint32_t *dst = (uint32_t *)(kp + kb * 16 * Dp);
-            for (int64_t t = 0; t < 16; t++) {
-                int64_t key = kb * 16 + t;
-                if (key < M) {
-                    const bf16 *kr = k + key * j->ks[2];
-                    for (int64_t dp = 0; dp < DH; dp++) memcpy(dst + dp * 16 + t, kr + 2 * dp, 4);
-                    for (int64_t dp = DH; dp < DP; dp++) dst[dp * 16 + t] = 0;
-                } else {
-                    for (int64_t dp = 0; dp < DP; dp++) dst[dp * 16 + t] = 0;
-                }
-            }
-        }
-        /* pack V: pairs of keys interleaved per column */
-        for (int64_t kk = 0; kk < Mp; kk += 2) {
-            bf16 *dst = vp + kk * Dp;
-            const bf16 *v0 = kk < M ? v + kk * j->vs[2] : NULL;
-            const bf16 *v1 = kk + 1 < M ? v + (kk + 1) * j->vs[2] : NULL;
-            for (int64_t d = 0; d < Dp; d++) {
-                dst[2 * d] = v0 && d < j->D ? v0[d] : 0;
-                dst[2 * d + 1] = v1 && d < j->D ? v1[d] : 0;
-            }
-        }
+        pack_nt(j->k + b * j->ks[0] + g * j->ks[1], j->ks[2], M, D, MP, Dp, kp);
+        pack_nn(j->v + b * j->vs[0] + g * j->vs[1], j->vs[2], M, D, MP, Dp, vp);
         for (int64_t q0 = 0; q0 < N; q0 += QB) {
             const int64_t rows = N - q0 < QB ? N - q0 : QB;
-            for (int64_t r = 0; r < QB; r++) {
-                memset(qb + r * Dp, 0, Dp * sizeof(bf16));
-                if (r < rows) memcpy(qb + r * Dp, q + (q0 + r) * j->qs[2], j->D * sizeof(bf16));
-            }
-            /* scores: s[r][key] = q . k, 8 rows x 32 keys a tile */
-            for (int64_t r0 = 0; r0 < QB; r0 += 8) {
-                for (int64_t kt = 0; kt < Mp; kt += KT) {
-                    __m512 acc[8][2];
-                    for (int a = 0; a < 8; a++) { acc[a][0] = _mm512_setzero_ps(); acc[a][1] = _mm512_setzero_ps(); }
-                    const bf16 *k0 = kp + kt * Dp, *k1 = kp + (kt + 16) * Dp;
-                    const uint32_t *qr = (const uint32_t *)(qb + r0 * Dp);
-                    for (int64_t dp = 0; dp < DP; dp++) {
-                        __m512bh b0 = (__m512bh)_mm512_load_si512(k0 + dp * 32);
-                        __m512bh b1 = (__m512bh)_mm512_load_si512(k1 + dp * 32);
-#pragma GCC unroll 8
-                        for (int a = 0; a < 8; a++) {
-                            __m512bh qa = (__m512bh)_mm512_set1_epi32(qr[a * DP + dp]);
-                            acc[a][0] = _mm512_dpbf16_ps(acc[a][0], qa, b0);
-                            acc[a][1] = _mm512_dpbf16_ps(acc[a][1], qa, b1);
-                        }
-                    }
-                    for (int a = 0; a < 8; a++) {
-                        _mm512_store_ps(s + (r0 + a) * Mp + kt, acc[a][0]);
-                        _mm512_store_ps(s + (r0 + a) * Mp + kt + 16, acc[a][1]);
-                    }
-                }
-            }
-            /* softmax numerators in bf16, the sums kept in fp32 */
+            const int64_t kl = seen(j, q0, rows - 1), klp = up(kl, KT);
+            copy_rows(q + q0 * j->qs[2], j->qs[2], rows, D, Dp, qb);
+            gemm_nt(qb, QB, kp, klp, Dp, s, klp);
             const __m512 sc = _mm512_set1_ps(j->scale);
             for (int64_t r = 0; r < QB; r++) {
-                float *sr = s + r * Mp;
+                float *sr = s + r * klp;
+                bf16 *pr = p + r * klp;
+                const int64_t lim = r < rows ? seen(j, q0, r) : 0;
                 __m512 mx = _mm512_set1_ps(-INFINITY);
-                int64_t c = 0;
-                for (; c + 16 <= M; c += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + c));
-                __mmask16 tail = (__mmask16)((1u << (M - c)) - 1);
-                if (M - c) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(sr + c));
-                float m = _mm512_reduce_max_ps(mx) * j->scale;
-                __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
-                bf16 *pr = p + r * Mp;
-                for (c = 0; c < Mp; c += 16) {
-                    __m512 e = exp512(_mm512_fmsub_ps(_mm512_load_ps(sr + c), sc, mv));
-                    if (c + 16 > M) e = _mm512_maskz_mov_ps(c < M ? (__mmask16)((1u << (M - c)) - 1) : 0, e);
+                for (int64_t c = 0; c < lim; c += 16) {
+                    const __mmask16 m = lim - c >= 16 ? 0xffff : (__mmask16)((1u << (lim - c)) - 1);
+                    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(sr + c));
+                }
+                const float mrow = lim ? _mm512_reduce_max_ps(mx) * j->scale : 0.0f;
+                __m512 mv = _mm512_set1_ps(mrow), sum = _mm512_setzero_ps();
+                for (int64_t c = 0; c < klp; c += 16) {
+                    const __mmask16 m = c >= lim ? 0 : lim - c >= 16 ? 0xffff : (__mmask16)((1u << (lim - c)) - 1);
+                    __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), sc, mv)));
                     sum = _mm512_add_ps(sum, e);
-                    _mm256_store_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
+                    _mm256_storeu_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
                 }
                 rowsum[r] = _mm512_reduce_add_ps(sum);
+                if (j->lse && r < rows) j->lse[(b * j->H + h) * N + q0 + r] = mrow + logf(rowsum[r]);
             }
-            /* output: o[r][:] = sum_key p[r][key] v[key][:], 6 rows x 64 columns a tile */
-            for (int64_t r0 = 0; r0 < QB; r0 += 6) {
-                for (int64_t c0 = 0; c0 < Dp; c0 += 64) {
-                    const int nz = (Dp - c0) >= 64 ? 4 : (int)((Dp - c0) / 16);
-                    __m512 acc[6][4];
-                    for (int a = 0; a < 6; a++) for (int z = 0; z < 4; z++) acc[a][z] = _mm512_setzero_ps();
-                    if (nz == 4) {
-                        for (int64_t kk = 0; kk < Mp; kk += 2) {
-                            const bf16 *vr = vp + kk * Dp + 2 * c0;
-                            __m512bh v0 = (__m512bh)_mm512_load_si512(vr);
-                            __m512bh v1 = (__m512bh)_mm512_load_si512(vr + 32);
-                            __m512bh v2 = (__m512bh)_mm512_load_si512(vr + 64);
-                            __m512bh v3 = (__m512bh)_mm512_load_si512(vr + 96);
-#pragma GCC unroll 6
-                            for (int a = 0; a < 6; a++) {
-                                __m512bh pa = (__m512bh)_mm512_set1_epi32(*(const uint32_t *)(p + (r0 + a) * Mp + kk));
-                                acc[a][0] = _mm512_dpbf16_ps(acc[a][0], pa, v0);
-                                acc[a][1] = _mm512_dpbf16_ps(acc[a][1], pa, v1);
-                                acc[a][2] = _mm512_dpbf16_ps(acc[a][2], pa, v2);
-                                acc[a][3] = _mm512_dpbf16_ps(acc[a][3], pa, v3);
-                            }
-                        }
-                    } else {
-                        for (int64_t kk = 0; kk < Mp; kk += 2) {
-                            const bf16 *vr = vp + kk * Dp + 2 * c0;
-                            for (int z = 0; z < nz; z++) {
-                                __m512bh vz = (__m512bh)_mm512_loadu_si512(vr + 32 * z);
-                                for (int a = 0; a < 6; a++) {
-                                    __m512bh pa = (__m512bh)_mm512_set1_epi32(*(const uint32_t *)(p + (r0 + a) * Mp + kk));
-                                    acc[a][z] = _mm512_dpbf16_ps(acc[a][z], pa, vz);
-                                }
-                            }
-                        }
-                    }
-                    for (int a = 0; a < 6; a++) {
-                        if (r0 + a >= rows) break;
-                        __m512 inv = _mm512_set1_ps(1.0f / rowsum[r0 + a]);
-                        bf16 *orow = o + (q0 + r0 + a) * j->os[2] + c0;
-                        for (int z = 0; z < nz; z++) {
-                            const int64_t left = j->D - c0 - 16 * z;  /* real columns from here */
-                            if (left <= 0) break;
-                            __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[a][z], inv));
-                            if (left >= 16) _mm256_storeu_si256((__m256i *)(orow + 16 * z), out);
-                            else _mm256_mask_storeu_epi16(orow + 16 * z, (__mmask16)((1u << left) - 1), out);
-                        }
-                    }
-                }
+            gemm_nn(p, klp, QB, klp, vp, Dp, o, Dp, 0);
+            for (int64_t r = 0; r < rows; r++) {
+                bf16 *orow = j->out + b * j->os[0] + h * j->os[1] + (q0 + r) * j->os[2];
+                const float inv = 1.0f / rowsum[r];
+                for (int64_t c = 0; c < D; c++) orow[c] = to_bf16(o[r * Dp + c] * inv);
             }
         }
     }
-    free(kp); free(vp); free(qb); free(s); free(p);
+done:
+    free(kp); free(vp); free(qb); free(p); free(s); free(o);
     return NULL;
 }
 
-/* q: [B, H, N, D], k, v: [B, H, M, D], o: [B, H, N, D] in any strides (elements; batch, head, row) with a
-   contiguous last dim; D even. Returns 0; 1 for sizes it does not take, 2 when memory ran out. */
-int attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o,
-             int64_t B, int64_t H, int64_t N, int64_t M, int64_t D,
-             const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os,
-             float scale, int nthreads) {
-    if (D % 2 || D < 2 || M < 1 || N < 1 || B < 1 || H < 1) return 1;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > B * H) nthreads = (int)(B * H);
-    job_t jobs[256];
-    pthread_t th[256];
-    if (nthreads > 256) nthreads = 256;
-    for (int t = 0; t < nthreads; t++) {
-        job_t *j = &jobs[t];
-        j->q = q; j->k = k; j->v = v; j->o = o;
-        j->B = B; j->H = H; j->N = N; j->M = M; j->D = D;
-        memcpy(j->qs, qs, 3 * sizeof(int64_t)); memcpy(j->ks, ks, 3 * sizeof(int64_t));
-        memcpy(j->vs, vs, 3 * sizeof(int64_t)); memcpy(j->os, os, 3 * sizeof(int64_t));
-        j->scale = scale; j->nthreads = nthreads; j->tid = t; j->failed = 0;
+/* Backward, key-major: per block of KB keys, every query block that sees them (QBB queries) gives S^T and dP^T
+ * with keys as rows, so dV += P^T dO and dK += dS^T Q read P^T and dS^T as they are computed; dQ^T += K^T dS^T
+ * takes dS^T with pairs of key rows interleaved (built from two rows at once), summed over key blocks. */
+#define KB 96    /* keys per backward block: a multiple of 8 (NT rows) and 6 (NN rows) */
+#define QBB 64   /* queries per backward block: a multiple of 32 (NT columns) and 64 (NN columns) */
+
+static inline __mmask16 first(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
+static void *backward_worker(void *arg) {
+    job_t *j = (job_t *)arg;
+    const int64_t M = j->M, N = j->N, D = j->D, Dp = up(D, 16), D6 = up(Dp, 6);
+    const int64_t MP = up(M, KB), NP = up(N, QBB);
+    bf16 *qt = aligned_alloc(64, NP * Dp * 2), *qn = aligned_alloc(64, NP * Dp * 2);
+    bf16 *dot = aligned_alloc(64, NP * Dp * 2), *don = aligned_alloc(64, NP * Dp * 2);
+    bf16 *kr = aligned_alloc(64, MP * Dp * 2), *vr = aligned_alloc(64, MP * Dp * 2);
+    bf16 *ktr = aligned_alloc(64, D6 * MP * 2);
+    float *s = aligned_alloc(64, KB * QBB * 4), *dp = aligned_alloc(64, KB * QBB * 4);
+    bf16 *pb = aligned_alloc(64, KB * QBB * 2), *dsb = aligned_alloc(64, KB * QBB * 2);
+    bf16 *dsn = aligned_alloc(64, KB * QBB * 2);
+    float *dqt = aligned_alloc(64, D6 * NP * 4), *dkl = aligned_alloc(64, MP * Dp * 4);
+    float *dvl = aligned_alloc(64, MP * Dp * 4), *lse = aligned_alloc(64, NP * 4), *dd = aligned_alloc(64, NP * 4);
+    if (!qt || !qn || !dot || !don || !kr || !vr || !ktr || !s || !dp || !pb || !dsb || !dsn || !dqt || !dkl || !dvl
+        || !lse || !dd) {
+        j->failed = 1;
+        goto done;
     }
-    int started[256] = {0};
-    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&th[t], NULL, worker, &jobs[t]) == 0;
-    worker(&jobs[0]);
+    for (int64_t bh = j->tid; bh < j->B * j->H; bh += j->nthreads) {
+        const int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
+        const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1], *o = j->o + b * j->os[0] + h * j->os[1];
+        const bf16 *dout = j->dout + b * j->dos[0] + h * j->dos[1];
+        const bf16 *k = j->k + b * j->ks[0] + g * j->ks[1], *v = j->v + b * j->vs[0] + g * j->vs[1];
+        pack_nt(q, j->qs[2], N, D, NP, Dp, qt);
+        pack_nn(q, j->qs[2], N, D, NP, Dp, qn);
+        pack_nt(dout, j->dos[2], N, D, NP, Dp, dot);
+        pack_nn(dout, j->dos[2], N, D, NP, Dp, don);
+        for (int64_t r = 0; r < MP; r++) {
+            memset(kr + r * Dp, 0, Dp * 2);
+            memset(vr + r * Dp, 0, Dp * 2);
+            if (r < M) {
+                memcpy(kr + r * Dp, k + r * j->ks[2], D * 2);
+                memcpy(vr + r * Dp, v + r * j->vs[2], D * 2);
+            }
+        }
+        for (int64_t c = 0; c < D6; c++)
+            for (int64_t r = 0; r < MP; r++) ktr[c * MP + r] = c < D && r < M ? k[r * j->ks[2] + c] : 0;
+        for (int64_t i = 0; i < NP; i++) {
+            float acc = 0.0f;
+            if (i < N) {
+                const bf16 *orow = o + i * j->os[2], *drow = dout + i * j->dos[2];
+                for (int64_t c = 0; c < D; c++) {
+                    uint32_t x = (uint32_t)orow[c] << 16, y = (uint32_t)drow[c] << 16;
+                    float fx, fy;
+                    memcpy(&fx, &x, 4);
+                    memcpy(&fy, &y, 4);
+                    acc += fx * fy;
+                }
+            }
+            dd[i] = acc;
+            lse[i] = i < N ? j->lse[(b * j->H + h) * N + i] : 0.0f;
+        }
+        memset(dqt, 0, D6 * NP * 4);
+        memset(dkl, 0, MP * Dp * 4);
+        memset(dvl, 0, MP * Dp * 4);
+        const __m512 sc = _mm512_set1_ps(j->scale);
+        for (int64_t k0 = 0; k0 < MP; k0 += KB) {
+            for (int64_t q0 = j->causal ? k0 / QBB * QBB : 0; q0 < NP; q0 += QBB) {
+                gemm_nt(kr + k0 * Dp, KB, qt + q0 * Dp, QBB, Dp, s, QBB);    /* S^T */
+                gemm_nt(vr + k0 * Dp, KB, dot + q0 * Dp, QBB, Dp, dp, QBB);  /* dP^T = V dO^T */
+                for (int64_t r = 0; r < KB; r++) {
+                    const int64_t key = k0 + r;
+                    for (int64_t c = 0; c < QBB; c += 16) {
+                        /* query q0 + c + t is seen by this key when it is a real query and key (and, causally,
+                           the key is not after it) */
+                        int64_t from = j->causal ? key - (q0 + c) : 0;
+                        if (from < 0) from = 0;
+                        const __mmask16 m = key < M ? first(N - (q0 + c)) & ~first(from) : 0;
+                        __m512 pv = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(
+                            _mm512_loadu_ps(s + r * QBB + c), sc, _mm512_loadu_ps(lse + q0 + c))));
+                        __m512 dsv = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + r * QBB + c),
+                                                                     _mm512_loadu_ps(dd + q0 + c)));
+                        _mm256_storeu_si256((__m256i *)(pb + r * QBB + c), (__m256i)_mm512_cvtneps_pbh(pv));
+                        _mm256_storeu_si256((__m256i *)(dsb + r * QBB + c), (__m256i)_mm512_cvtneps_pbh(dsv));
+                    }
+                }
+                /* dS^T with pairs of key rows interleaved: [KB/2][QBB][2] */
+                for (int64_t r = 0; r < KB; r += 2)
+                    for (int64_t c = 0; c < QBB; c += 16) {
+                        __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(dsb + r * QBB + c)));
+                        __m512i hi = _mm512_cvtepu16_epi32(
+                            _mm256_loadu_si256((const __m256i *)(dsb + (r + 1) * QBB + c)));
+                        _mm512_storeu_si512(dsn + r * QBB + 2 * c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                    }
+                gemm_nn(pb, QBB, KB, QBB, don + q0 * Dp, Dp, dvl + k0 * Dp, Dp, 1);   /* dV += P^T dO */
+                gemm_nn(dsb, QBB, KB, QBB, qn + q0 * Dp, Dp, dkl + k0 * Dp, Dp, 1);   /* dK += dS^T Q */
+                gemm_nn(ktr + k0, MP, D6, KB, dsn, QBB, dqt + q0, NP, 1);             /* dQ^T += K^T dS^T */
+            }
+        }
+        for (int64_t i = 0; i < N; i++) {
+            bf16 *drow = j->dq + b * j->dqs[0] + h * j->dqs[1] + i * j->dqs[2];
+            for (int64_t c = 0; c < D; c++) drow[c] = to_bf16(dqt[c * NP + i] * j->scale);
+        }
+        pthread_mutex_lock(&j->locks[b * j->KVH + g]);
+        float *dks = j->dk + (b * j->KVH + g) * M * D, *dvs = j->dv + (b * j->KVH + g) * M * D;
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t c = 0; c < D; c++) {
+                dks[r * D + c] += dkl[r * Dp + c] * j->scale;
+                dvs[r * D + c] += dvl[r * Dp + c];
+            }
+        pthread_mutex_unlock(&j->locks[b * j->KVH + g]);
+    }
+done:
+    free(qt); free(qn); free(dot); free(don); free(kr); free(vr); free(ktr); free(s); free(dp); free(pb); free(dsb);
+    free(dsn); free(dqt); free(dkl); free(dvl); free(lse); free(dd);
+    return NULL;
+}
+
+static int run(job_t *proto, void *(*fn)(void *), int nthreads) {
+    job_t jobs[MAXT];
+    pthread_t th[MAXT];
+    int started[MAXT] = {0};
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    if (nthreads > proto->B * proto->H) nthreads = (int)(proto->B * proto->H);
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t] = *proto;
+        jobs[t].nthreads = nthreads;
+        jobs[t].tid = t;
+        jobs[t].failed = 0;
+    }
+    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&th[t], NULL, fn, &jobs[t]) == 0;
+    fn(&jobs[0]);
     for (int t = 1; t < nthreads; t++) {
         if (started[t]) pthread_join(th[t], NULL);
-        else worker(&jobs[t]);  /* no thread to be had: this one does its share */
+        else fn(&jobs[t]);  /* no thread to be had: this one does its share */
     }
     for (int t = 0; t < nthreads; t++)
         if (jobs[t].failed) return 2;
     return 0;
+}
+
+static int bad(int64_t B, int64_t H, int64_t KVH, int64_t N, int64_t M, int64_t D, int causal) {
+    return D % 2 || D < 2 || M < 1 || N < 1 || B < 1 || H < 1 || KVH < 1 || H % KVH || (causal && N != M);
+}
+
+/* q [B, H, N, D]; k, v [B, KVH, M, D]; out [B, H, N, D]: any strides (elements; batch, head, row) with a contiguous
+ * last dim; lse (NULL: not wanted) [B, H, N] fp32, contiguous. causal: N == M, row i sees keys 0..i. D even.
+ * Returns 0; 1 for sizes it does not take, 2 when memory ran out. */
+int attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, int64_t B, int64_t H, int64_t KVH,
+             int64_t N, int64_t M, int64_t D, const int64_t *qs, const int64_t *ks, const int64_t *vs,
+             const int64_t *os, float scale, int causal, int nthreads) {
+    if (bad(B, H, KVH, N, M, D, causal)) return 1;
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.q = q; j.k = k; j.v = v; j.out = out; j.lse = lse;
+    j.B = B; j.H = H; j.KVH = KVH; j.N = N; j.M = M; j.D = D;
+    memcpy(j.qs, qs, 24); memcpy(j.ks, ks, 24); memcpy(j.vs, vs, 24); memcpy(j.os, os, 24);
+    j.scale = scale; j.causal = causal;
+    return run(&j, forward_worker, nthreads);
+}
+
+/* The backward of attn_fwd: dq [B, H, N, D] bf16 written; dk, dv [B, KVH, M, D] fp32, contiguous, added to (zero
+ * them first); o, dout in the strides given, lse as attn_fwd wrote it. */
+int attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
+             bf16 *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t KVH, int64_t N, int64_t M, int64_t D,
+             const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os, const int64_t *dos,
+             const int64_t *dqs, float scale, int causal, int nthreads) {
+    if (bad(B, H, KVH, N, M, D, causal)) return 1;
+    pthread_mutex_t *locks = malloc(B * KVH * sizeof(pthread_mutex_t));
+    if (!locks) return 2;
+    for (int64_t i = 0; i < B * KVH; i++) pthread_mutex_init(&locks[i], NULL);
+    job_t j;
+    memset(&j, 0, sizeof j);
+    j.q = q; j.k = k; j.v = v; j.o = o; j.dout = dout; j.lse = (float *)lse; j.dq = dq; j.dk = dk; j.dv = dv;
+    j.B = B; j.H = H; j.KVH = KVH; j.N = N; j.M = M; j.D = D;
+    memcpy(j.qs, qs, 24); memcpy(j.ks, ks, 24); memcpy(j.vs, vs, 24); memcpy(j.os, os, 24);
+    memcpy(j.dos, dos, 24); memcpy(j.dqs, dqs, 24);
+    j.scale = scale; j.causal = causal; j.locks = locks;
+    const int rc = run(&j, backward_worker, nthreads);
+    for (int64_t i = 0; i < B * KVH; i++) pthread_mutex_destroy(&locks[i]);
+    free(locks);
+    return rc;
 }

@@ -51,6 +51,27 @@ def test_samples_refused_at_start_up_count_too(tmp_path):
         'a.jsonl:1': 'bad_json', 'a.jsonl:2': 'bad_json'}
 
 
+def test_an_earlier_runs_list_is_removed_and_a_resumed_runs_taken_over(tmp_path):
+    """A clean run in a folder where an earlier run skipped samples left that run's skipped_samples.json, which
+    then passed for the clean run's (found by an adversarial sweep). A resumed run starts from the list the
+    interrupted run wrote: its skips count for the whole run."""
+    first, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.3)
+    first.before_train(runner)
+    first.after_train_iter(runner, 0, batch(('a.jsonl:4', 'missing_image')))
+    first.after_train(runner)
+    path = tmp_path / 'skipped_samples.json'
+    resumed, runner._resume = BadSampleHook(), True
+    resumed.before_train(runner)
+    assert resumed.bad == {'a.jsonl:4': 'missing_image'}
+    resumed.after_train_iter(runner, 0, batch(('a.jsonl:6', 'corrupt_image')))
+    resumed.after_train(runner)
+    assert json.load(open(path))['skipped'] == {'missing_image': ['a.jsonl:4'], 'corrupt_image': ['a.jsonl:6']}
+    clean, runner._resume = BadSampleHook(), False
+    clean.before_train(runner)
+    clean.after_train(runner)
+    assert not path.exists() and clean.bad == {}
+
+
 def test_dataloader_workers_are_added_up(tmp_path):
     """8 bad images of 100 met by four DataLoader workers (each its own copy of the data set and its own
     counts): the run's summary has all 8, each once, with its FILE:LINE."""

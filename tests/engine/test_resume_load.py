@@ -80,6 +80,17 @@ def test_a_tampered_checkpoint_is_refused_before_it_runs(tmp_path, payload, name
     assert not os.path.exists(marker)
 
 
+@pytest.mark.parametrize('keep', [300, 0])
+def test_a_checkpoint_cut_short_is_refused_in_one_line(tmp_path, keep):
+    """A resume from a truncated iter_N.pth ended in torch's traceback, naming no file in its last line."""
+    from xtuner_plugins.errors import Refused
+    path = tmp_path / 'iter_2.pth'
+    torch.save(training_state(tmp_path), path)
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(Refused, match=rf'{path} does not read as a checkpoint \(.*\): cut short, perhaps'):
+        resume_load.load(str(path), map_location='cpu')
+
+
 def test_getattr_and_codecs_stay_narrow():
     """``getattr`` only gives HistoryBuffer's statistics methods, ``_codecs.encode`` only latin-1."""
     unpickler = resume_load.ResumeUnpickler.__new__(resume_load.ResumeUnpickler)

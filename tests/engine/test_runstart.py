@@ -233,3 +233,57 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
     assert pretrained_refusal(dict(model=dict(pretrained_pth=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth'))))) \
         is None
     assert pretrained_refusal(dict(model=dict(pretrained_pth=None))) is None
+
+
+def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
+    """A second run into the same --work-dir replaced the first run's iter_N.pth and pointed last_checkpoint at its
+    own, leaving two runs mixed in one folder (found by an adversarial sweep). A resume, and a requeued Slurm job
+    continuing its own checkpoints, go on."""
+    from xtuner_plugins.engine.preempt import JOB_RECORD
+    from xtuner_plugins.engine.runstart import earlier_run_in_work_dir
+    work = tmp_path / 'work'
+    work.mkdir()
+    for name in ('iter_2.pth', 'iter_10.pth', 'iter_4.pth', 'iter_6.pth', 'iter_8.pth'):
+        (work / name).write_bytes(name.encode())
+    (work / 'last_checkpoint').write_text(str(work / 'iter_10.pth'))
+    (work / 'notes.txt').write_text('mine')
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    with pytest.raises(SystemExit) as stopped:
+        Runner.from_cfg(Config(dict(work_dir=str(work))))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f'train: refused: the work folder {work} holds the checkpoints of an earlier run (iter_2.pth, iter_4.pth, '
+        f'iter_6.pth, ..., iter_10.pth; last_checkpoint -> {work / "iter_10.pth"}): this new run would write its own '
+        f'iter_N.pth over them and leave two runs mixed in one folder. Continue that run with --cfg-options '
+        f'resume=True (or --resume CHECKPOINT), give this run another --work-dir, or move them away first']
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+    assert earlier_run_in_work_dir(dict(work_dir=str(work), resume=True)) is None
+    assert earlier_run_in_work_dir(dict(work_dir=str(work), resume=str(work / 'iter_6.pth'))) is None
+    assert earlier_run_in_work_dir(dict(work_dir=str(tmp_path / 'new'))) is None
+    (tmp_path / 'logs_only').mkdir()
+    (tmp_path / 'logs_only' / '20261127_093000').mkdir()
+    assert earlier_run_in_work_dir(dict(work_dir=str(tmp_path / 'logs_only'))) is None
+    # a pointer alone (its checkpoints removed by max_keep_ckpts or by hand) is an earlier run's too
+    (tmp_path / 'pointer').mkdir()
+    (tmp_path / 'pointer' / 'last_checkpoint').write_text('gone/iter_4.pth')
+    assert 'last_checkpoint -> gone/iter_4.pth' in earlier_run_in_work_dir(dict(work_dir=str(tmp_path / 'pointer')))
+    # a requeued Slurm job whose own first run saved them continues (preempt.resume_requeued resumes it)
+    (work / JOB_RECORD).write_text('{"job": "77"}')
+    os.utime(work / JOB_RECORD, (time.time() - 60, time.time() - 60))
+    monkeypatch.setenv('SLURM_JOB_ID', '77')
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+    assert earlier_run_in_work_dir(dict(work_dir=str(work))) is None
+    monkeypatch.setenv('SLURM_JOB_ID', '78')   # another job's checkpoints: refused
+    assert earlier_run_in_work_dir(dict(work_dir=str(work))) is not None
+
+
+def test_no_dataloader_workers_turns_persistence_off(tmp_path):
+    """``train_dataloader.num_workers=0`` with the stage configs' persistent_workers=True ended in torch's traceback
+    (``persistent_workers option needs num_workers > 0``)."""
+    from xtuner_plugins.engine.runstart import workers_fit
+    cfg = dict(train_dataloader=dict(num_workers=0, persistent_workers=True))
+    assert 'persistent_workers=False' in workers_fit(cfg)
+    assert cfg['train_dataloader']['persistent_workers'] is False
+    for loader in (dict(num_workers=2, persistent_workers=True), dict(num_workers=0, persistent_workers=False)):
+        cfg = dict(train_dataloader=dict(loader))
+        assert workers_fit(cfg) is None and cfg['train_dataloader'] == loader

@@ -310,15 +310,20 @@ def test_refusals(tiny, tmp_path, capsys):
     assert '--overwrite' in refused(LORA, ckpt, str(tmp_path / 'full'))
     assert (tmp_path / 'full' / 'keep.txt').exists()
     # --overwrite replaces an earlier conversion, never a folder of the user's other files (it deleted them all)
-    for held in ('keep.txt', 'photos' + os.sep):  # the files, else the subfolders, are named
-        (tmp_path / 'full' / 'photos').mkdir(exist_ok=True) if held != 'keep.txt' else None
+    for held in ('keep.txt and no config.json', 'photos' + os.sep):  # the files, else the subfolders, are named
+        (tmp_path / 'full' / 'photos').mkdir(exist_ok=True) if held != 'keep.txt and no config.json' else None
         assert refused(LORA, ckpt, str(tmp_path / 'full'), '--overwrite').splitlines()[-1] == (
             f'convert_to_official: error: OUT_DIR {tmp_path / "full"} is not a converted folder (it holds {held}); '
-            '--overwrite replaces an earlier conversion only (a config.json or .gguf files, no subfolders), never a '
-            'folder of other files: choose another folder, or empty it yourself')
+            '--overwrite replaces an earlier conversion only (a converted config.json or .gguf files, no '
+            'subfolders), never a folder of other files: choose another folder, or empty it yourself')
     assert (tmp_path / 'full' / 'keep.txt').exists() and (tmp_path / 'full' / 'photos').is_dir()
     os.rmdir(tmp_path / 'full' / 'photos')
     os.remove(tmp_path / 'full' / 'keep.txt')
+    # a model of another kind (a plain transformers LLM: its config.json and no subfolder) was deleted too
+    plain = tmp_path / 'plain_llm'
+    shutil.copytree(tiny['llm'], plain)
+    assert "is of model_type 'qwen2', not one a conversion writes" in refused(LORA, ckpt, str(plain), '--overwrite')
+    assert sorted(os.listdir(plain)) == sorted(os.listdir(tiny['llm']))
     for _ in range(2):  # written, then replaced
         assert convert_main([LORA, ckpt, str(tmp_path / 'full'), '--dtype', 'fp32', '--overwrite'] +
                             as_args(opts)) == 0

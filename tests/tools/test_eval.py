@@ -330,6 +330,31 @@ def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, ca
     assert captured.out.strip().splitlines()[-1] == 'accuracy: 0.200 (5 questions)'
 
 
+def test_resume_refuses_answers_of_another_model_converted_into_the_same_folder(tmp_path, capsys, monkeypatch):
+    """A model converted again into the folder an evaluation was resumed on: the first model's answers were kept
+    and reported as the second's (found by an adversarial sweep). The model's files are in the settings now."""
+    import xtuner_plugins.cli.eval as cli
+    monkeypatch.setattr(cli, 'run_tool', lambda args, prog, use, errors=(): use(ColourModel()) or 0)
+    Image.new('RGB', (8, 8), (255, 0, 0)).save(tmp_path / '0.png')
+    data = write_questions(tmp_path, 1, **{'0': {'conversations': [
+        {'from': 'human', 'value': '<image>\nWhich colour?'}, {'from': 'gpt', 'value': 'red'}]}})
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'model.safetensors').write_bytes(b'first')
+    inside = [str(model), '--data', data, '--no-blind', '--answers', str(model / 'answers.jsonl')]
+    assert eval_main(inside) == 2   # a new file in the model's folder: the resume would take it for the model's
+    assert f'the answers file {model / "answers.jsonl"} is inside the model folder {model}: eval would add a file ' \
+           'to the model it reads; give a path outside it' in capsys.readouterr().err
+    answers = tmp_path / 'answers.jsonl'
+    run = [str(model), '--data', data, '--no-blind', '--answers', str(answers)]
+    assert eval_main(run) == 0
+    assert eval_main(run + ['--resume']) == 0 and '1 of 1 questions answered' in capsys.readouterr().err
+    (model / 'model.safetensors').write_bytes(b'second')
+    assert eval_main(run + ['--resume']) == 2
+    err = capsys.readouterr().err
+    assert f'{answers}: written with other settings (model_files: \'1 files, 6 bytes' in err, err
+
+
 @pytest.mark.parametrize('error', [
     None,  # the real converter: the checkpoint is not there
     FileNotFoundError('/w/warm/iter_5.pth: the previous stage of /w/sft/iter_9.pth (recorded in it) is not found'),

@@ -51,3 +51,23 @@ def test_head_options_set_the_heads_and_bad_ones_are_one_line_errors(tmp_path):
         result = run(*options)
         assert result.returncode == 2 and result.stderr.startswith('make_tiny_models: error: ' + line), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_folders_holding_files_are_refused_unless_overwrite(tmp_path):
+    """Run over a folder of models it replaced their files without asking (a real model's config.json, a shard
+    deleted by save_pretrained), and checkpoints trained on tiny/ stopped converting (an adversarial sweep)."""
+    def run(*options):
+        return subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'out'), *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    (tmp_path / 'out' / 'llm').mkdir(parents=True)
+    (tmp_path / 'out' / 'llm' / 'config.json').write_text('{"my": "precious real config"}')
+    result = run()
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f'make_tiny_models: error: {tmp_path / "out" / "llm"} is there already (config.json): its files would be '
+        'replaced, and checkpoints trained on it would no longer convert; give another OUT_DIR, or --overwrite')
+    assert (tmp_path / 'out' / 'llm' / 'config.json').read_text() == '{"my": "precious real config"}'
+    assert not (tmp_path / 'out' / 'internvit').exists()
+    result = run('--overwrite')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(tmp_path / 'out' / 'llm' / 'config.json'))['architectures'] == ['Qwen2ForCausalLM']
+    assert run().returncode == 2   # its own output too: a second run with another seed would replace it

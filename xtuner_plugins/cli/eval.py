@@ -51,7 +51,7 @@ import torch
 from xtuner_plugins.eval import Report, evaluate, read_questions
 from xtuner_plugins.eval.data import context_note
 from xtuner_plugins.eval.evaluate import MC_MODES
-from xtuner_plugins.eval.answers import AnswersFile
+from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS
 from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
 
@@ -167,7 +167,7 @@ def inputs(args, questions) -> Iterator[Tuple[str, str]]:
 def check_not_inputs(args, questions) -> None:
     """No output (``--out``, the answers file) is one of eval's inputs, symlinks and hard links included (the
     report written over the data file once lost it, exit 0), nor a new file in a video's frame folder (read as one
-    of its frames next time). Checked before the model loads."""
+    of its frames next time), nor a file inside the model's folder. Checked before the model loads."""
     named = [(f'--out {args.out}', args.out), (f'the answers file {args.answers}', args.answers)]
     outputs = [(name, path, os.stat(path)) for name, path in named if path and os.path.exists(path)]
     if len(outputs) == 2 and os.path.samestat(outputs[0][2], outputs[1][2]):
@@ -181,6 +181,13 @@ def check_not_inputs(args, questions) -> None:
         for name, out, out_st in outputs:
             if os.path.samestat(st, out_st):
                 raise ValueError(f'{name} is {what}: eval would write over its input; give another path')
+    for where, folder in (('the model folder', args.folder), ('the --checkpoint folder', args.checkpoint)):
+        inside = folder and os.path.isdir(folder) and [
+            name for name, path in named if path and os.path.realpath(path).startswith(
+                os.path.join(os.path.realpath(folder), ''))]
+        if inside:   # a new file there too: the resume that follows would read it as one of the model's
+            raise ValueError(f'{inside[0]} is inside {where} {folder}: eval would add a file to the model it reads; '
+                             f'give a path outside it')
     from xtuner_plugins.data.video import FRAME_EXTENSIONS
     folders = {}
     for q in questions:
@@ -201,7 +208,8 @@ class NoneScored(ValueError):
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
     model = os.path.abspath(args.folder or args.checkpoint)  # a checkpoint records its config
-    return dict(model=model, cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
+    return dict(model=model, model_files=model_identity(model),
+                cfg_options=args.cfg_options, dtype=args.dtype, data=os.path.abspath(args.data),
                 image_folder=args.image_folder and os.path.abspath(args.image_folder), metric=args.metric,
                 circular=args.circular, blind=args.blind, max_new_tokens=args.max_new_tokens, frames=args.frames,
                 single_frame=args.single_frame, mc=args.mc)

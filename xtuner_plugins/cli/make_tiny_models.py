@@ -12,16 +12,21 @@ Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2To
 special tokens. The model classes load them with the same code that loads the real checkpoints. Both are 64
 wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2
 --llm-kv-heads 1`` gives 32-wide heads, a model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
+
+A folder that is there already and not empty is refused (its files would be replaced, and checkpoints trained on
+it would no longer convert: the converter checks the source folders) unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.tiny import LLM_WIDTH, TINY_LLM_ARCHS, TINY_VISION_TYPES, VISION_WIDTH, make_tiny_models
+from xtuner_plugins.tiny.dual import check_vit_sizes
 
 
 def heads_problem(args) -> Optional[str]:
@@ -34,6 +39,17 @@ def heads_problem(args) -> Optional[str]:
     if args.llm_kv_heads < 1 or args.llm_heads % args.llm_kv_heads:
         return (f'--llm-kv-heads {args.llm_kv_heads}: must divide --llm-heads {args.llm_heads} (each key/value head '
                 f'serves a whole number of heads)')
+    return None
+
+
+def occupied(out_dir: str, vision: str) -> Optional[str]:
+    """Why writing into ``out_dir`` would replace files (a folder to write that is there and not empty), or None."""
+    for name in (vision, 'llm'):
+        folder = os.path.join(out_dir, name)
+        if os.path.lexists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+            held = ', '.join(sorted(os.listdir(folder))[:4]) if os.path.isdir(folder) else 'not a folder'
+            return (f'{folder} is there already ({held}): its files would be replaced, and checkpoints trained on it '
+                    f'would no longer convert; give another OUT_DIR, or --overwrite')
     return None
 
 
@@ -54,8 +70,17 @@ def main(argv=None) -> int:
                    help='the LLM\'s key/value heads, a divisor of --llm-heads (default 2)')
     p.add_argument('--vision-heads', type=int, default=4,
                    help=f'the vision encoder\'s attention heads, a divisor of its width {VISION_WIDTH} (default 4)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace OUT_DIR/<vision> and OUT_DIR/llm when they hold files already')
     args = p.parse_args(argv)
     problem = heads_problem(args)
+    if problem:
+        return tool_error('make_tiny_models', problem)
+    try:   # the options first, then the folder
+        check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
+    except ValueError as exc:
+        return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
+    problem = None if args.overwrite else occupied(args.out_dir, args.vision)
     if problem:
         return tool_error('make_tiny_models', problem)
     try:

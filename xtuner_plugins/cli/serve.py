@@ -118,7 +118,8 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     if not template:
         raise ValueError(f'{folder}: no chat template (chat_template.jinja); convert the model again')
     current = template_system(template)
-    wanted = system_message if system_message is not None else cfg.get('system_message') or current
+    recorded = cfg.get('system_message')   # '' is a message too: none at all
+    wanted = system_message if system_message is not None else current if recorded is None else recorded
     if wanted != current:
         if current is None:
             raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')

@@ -21,7 +21,9 @@ reason)``, see ``data/collate.py``), and :class:`BadSampleHook` adds these up in
   set's ``max_bad_fraction`` of all its samples (those refused at start-up included), for the whole run;
 * each reason is logged with its ``FILE:LINE`` the first time it is seen on each rank, then only counted;
 * after every epoch and at the end: a summary by reason, also written to ``WORK_DIR/skipped_samples.json``
-  (every ``FILE:LINE`` with its reason; those refused at start-up under ``at_start_up``).
+  (every ``FILE:LINE`` with its reason; those refused at start-up under ``at_start_up``). A resumed run starts
+  from the list the interrupted run wrote (its skips count for the whole run); a new run removes an earlier
+  run's list, which would otherwise pass for its own (logged).
 
 Samples trained on but changed to fit ``max_length`` are listed too, not counted as bad: ``fewer_tiles``
 (``FILE:LINE`` -> tiles per image) and ``truncated`` (``FILE:LINE`` -> ``tokens_lost`` and ``detail``: an answer
@@ -66,6 +68,7 @@ class BadSampleHook(Hook):
         self.limit, self.total = None, 0
 
     def before_train(self, runner) -> None:
+        self._earlier_summary(runner)
         dataset = runner.train_dataloader.dataset
         dataset = getattr(dataset, 'dataset', dataset)  # inside a packed data set
         self.limit = getattr(dataset, 'max_bad_fraction', None)
@@ -79,6 +82,24 @@ class BadSampleHook(Hook):
             if order:
                 current['order'] = order
             self._manifest(runner, current)
+
+    def _earlier_summary(self, runner) -> None:
+        """A resumed run takes over the interrupted run's skipped samples; a new run removes an earlier run's."""
+        path = os.path.join(runner.work_dir, self.summary_file)
+        if not os.path.isfile(path):
+            return
+        if getattr(runner, '_resume', False):
+            try:
+                with open(path, encoding='utf-8') as f:
+                    earlier = json.load(f).get('skipped', {})
+                self.bad.update({where: reason for reason, places in earlier.items() for where in places})
+            except (OSError, ValueError, AttributeError) as e:
+                print_log(f'{path}: the interrupted run\'s skipped samples do not read ({e}); counted from here on',
+                          logger='current', level=30)
+        elif get_dist_info()[0] == 0:
+            os.remove(path)
+            print_log(f'removed {path}: an earlier run\'s list of skipped samples, not this run\'s',
+                      logger='current')
 
     def _manifest(self, runner, current: dict) -> None:
         path = os.path.join(runner.work_dir, self.manifest_file)

@@ -25,6 +25,7 @@ import importlib
 import os
 import pickle
 import types
+import zipfile
 from typing import Any, Optional
 
 import torch
@@ -113,10 +114,19 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
     (``mmap``), ``weights_only`` and ``pickle_module`` excepted."""
     kwargs.pop('weights_only', None)
     kwargs.pop('pickle_module', None)
+    source = os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'a checkpoint'
     if not trusted():
-        kwargs['pickle_module'] = _pickle_module(
-            os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'a checkpoint')
-    return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
+        kwargs['pickle_module'] = _pickle_module(source)
+    try:
+        return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
+    except UntrustedCheckpoint:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if isinstance(e, RuntimeError) and 'PytorchStreamReader' not in str(e):
+            raise
+        raise Refused(f'{source} does not read as a checkpoint ({str(e).splitlines()[0]}): cut short, perhaps (a '
+                      f'copy or a save that was interrupted); resume from an earlier iter_N.pth (--resume PATH), or '
+                      f'start the run again') from None
 
 
 def torch_load_for_resume():

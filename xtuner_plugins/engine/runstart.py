@@ -13,6 +13,11 @@ later stage relies on:
 * **No stage writes over its parents** (:func:`lineage_in_work_dir`): a run whose work folder holds a
   checkpoint of its own lineage (``model.pretrained_pth`` and the earlier stages it records) would replace it
   with its own ``iter_N.pth`` and ``last_checkpoint``; it stops before anything is built, naming both.
+* **No run writes over an earlier run's checkpoints** (:func:`earlier_run_in_work_dir`): a new run (not a resume)
+  into a work folder that holds ``iter_N.pth``/``epoch_N.pth`` or ``last_checkpoint`` would replace some of them
+  with its own and point ``last_checkpoint`` at its own, leaving two runs mixed in one folder (a convert of the
+  newest ``iter_N.pth`` could then take the other run's model); it stops, naming them. A resume, and a requeued
+  Slurm job continuing its own checkpoints (``preempt.requeue_decision``), go on.
   A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too, and so does
   a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint).
 
@@ -34,6 +39,7 @@ import copy
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 from typing import List, Mapping, Optional
@@ -63,7 +69,12 @@ def prepare_run(cfg):
     if note:
         from mmengine.logging import print_log
         print_log(note, logger='current', level=logging.WARNING)
-    problem = pretrained_refusal(plain) or lineage_in_work_dir(plain) or liger_refusal(plain)
+    note = workers_fit(plain)
+    if note:
+        from mmengine.logging import print_log
+        print_log(note, logger='current')
+    problem = (pretrained_refusal(plain) or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain)
+               or liger_refusal(plain))
     if problem:
         refuse(problem)
     return cfg
@@ -139,6 +150,18 @@ def align_checkpoints(cfg: Mapping) -> Optional[str]:
             f'{upper} iterations instead (save_every={nearest}: multiples of {steps})')
 
 
+def workers_fit(cfg: Mapping) -> Optional[str]:
+    """``train_dataloader.num_workers=0`` (data loaded in the training process) with the stage configs'
+    ``persistent_workers=True``, which torch's DataLoader refuses without workers: persistence turned off, as
+    nothing is left to keep; the note to log, or None."""
+    loader = cfg.get('train_dataloader')
+    if not isinstance(loader, Mapping) or loader.get('num_workers') != 0 or not loader.get('persistent_workers'):
+        return None
+    loader['persistent_workers'] = False
+    return ('train_dataloader.num_workers=0: the data is loaded in the training process, so there are no workers to '
+            'keep between epochs (persistent_workers=False)')
+
+
 def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
     """Why the run's work folder must not be used: it holds a checkpoint the run is trained from
     (``model.pretrained_pth``, or an earlier stage its lineage records); None when it holds none."""
@@ -160,6 +183,35 @@ def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
             return (f"{what} is in this run's work folder {work_dir}: the run's own checkpoints (iter_N.pth, "
                     'last_checkpoint) would write over it; give this stage another --work-dir')
     return None
+
+
+CHECKPOINT_NAME = re.compile(r'(iter|epoch)_\d+\.pth$')
+
+
+def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
+    """Why a new run must not train into its work folder: it holds an earlier run's checkpoints (module
+    docstring); None for a resume, a requeued job that continues its own, or a folder without checkpoints."""
+    work_dir = cfg.get('work_dir')
+    if cfg.get('resume') or not isinstance(work_dir, str) or not os.path.isdir(work_dir):
+        return None
+    names = sorted((n for n in os.listdir(work_dir) if CHECKPOINT_NAME.match(n)),
+                   key=lambda n: (n.split('_')[0], int(n.split('_')[1].split('.')[0])))
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    if not names and not os.path.isfile(pointer):
+        return None
+    from xtuner_plugins.engine.preempt import requeue_decision
+    if requeue_decision(work_dir)[0]:
+        return None
+    shown = ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
+    try:
+        with open(pointer, encoding='utf-8') as f:
+            shown += f'{"; " if shown else ""}last_checkpoint -> {f.read().strip()}'
+    except OSError:
+        pass
+    return (f'the work folder {work_dir} holds the checkpoints of an earlier run ({shown}): this new run would '
+            f'write its own iter_N.pth over them and leave two runs mixed in one folder. Continue that run with '
+            f'--cfg-options resume=True (or --resume CHECKPOINT), give this run another --work-dir, or move them '
+            f'away first')
 
 
 def _patch_from_cfg(runner_cls) -> bool:
@@ -198,6 +250,9 @@ def _patch_runner_build_model() -> bool:
             if self.param_schedulers is not None and cfg.get('param_scheduler') is not None:
                 self.param_schedulers = copy.deepcopy(cfg['param_scheduler'])
             self._xtuner_plugins_hooks = copy.deepcopy(cfg.get('default_hooks'))
+            loader = getattr(self, '_train_dataloader', None)
+            if isinstance(loader, dict) and isinstance(cfg.get('train_dataloader'), Mapping):  # workers_fit's change
+                loader['persistent_workers'] = cfg['train_dataloader'].get('persistent_workers', False)
         return build_model(self, model)
 
     @functools.wraps(register_hooks)

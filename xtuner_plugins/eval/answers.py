@@ -21,6 +21,10 @@ TSV's, which has no file) is identified by a hash of its pixels. A kept answer w
 more (replaced in place since) is dropped and its question asked again; :attr:`AnswersFile.changed` names them.
 What this misses: a replacement of the same size that keeps the old file's modification time (``cp -p``,
 ``rsync -t`` of a file stamped with the same time).
+
+The model is identified the same way (:func:`model_identity`, in the settings): its path, and the number, total
+size and newest modification time of its files with a hash of their names, sizes and times. A model converted
+again into the same folder (or a checkpoint saved again under its name) is another model: resuming is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, fields
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -36,7 +41,7 @@ from PIL import Image
 from .data import Question
 from .evaluate import Failure, Result
 
-__all__ = ['AnswersFile', 'file_identity']
+__all__ = ['AnswersFile', 'file_identity', 'model_identity']
 
 _RESULT_FIELDS = {f.name for f in fields(Result)}
 _IDENTITY = 'image_files'  # the key of an answer's file identities in the answers file
@@ -54,6 +59,29 @@ def _stat(path: str) -> Optional[list]:
         return [path, hashlib.blake2b(json.dumps(listing).encode(), digest_size=16).hexdigest()]
     except OSError:
         return None
+
+
+def model_identity(path: str) -> str:
+    """``N files, B bytes, newest TIME (HASH)`` of a model folder's (or checkpoint's) files at any depth, from their
+    sizes and modification times (module docstring)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        return 'not found'   # loading it says so
+    listing = []
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                st = os.stat(full)
+                listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    else:
+        st = os.stat(path)
+        listing.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    newest = max((t for _, _, t in listing), default=0)
+    stamp = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest / 1e9))
+    digest = hashlib.blake2b(json.dumps(listing).encode(), digest_size=8).hexdigest()
+    return f'{len(listing)} files, {sum(n for _, n, _ in listing)} bytes, newest {stamp} ({digest})'
 
 
 def _pixels(image: Image.Image) -> list:

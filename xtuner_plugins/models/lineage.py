@@ -262,7 +262,9 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
     found = next((p for p in candidates if os.path.exists(p)), None)
     if found is None:
         raise FileNotFoundError(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it, at '
-                                f'{previous.get("abspath")}) is not found; put it back, or give --remap OLD=NEW '
+                                f'{previous.get("abspath")}) is not found; {recorded_by} holds only what its own '
+                                f'stage trained, so the weights that stage started from (a warm-up\'s projector, '
+                                f'LoRA merged before) are read from there: put it back, or give --remap OLD=NEW '
                                 f'for a moved folder (or model.pretrained_pth=PATH)')
     if previous.get('files'):
         diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))

@@ -79,8 +79,9 @@ class InternVLChatModel(PreTrainedModel):
         )
         self.img_context_token_id = None
         self.conv_template = get_conv_template(self.template)
-        # a converted model trained with its own system message records it in the config
-        self.system_message = getattr(config, 'system_message', None) or self.conv_template.system_message
+        # a converted model trained with its own system message records it in the config ('' too: none at all)
+        recorded = getattr(config, 'system_message', None)
+        self.system_message = self.conv_template.system_message if recorded is None else recorded
         self.post_init()
 
     def _init_weights(self, module):

@@ -48,7 +48,9 @@ class VLMChatModel(InternVLChatModel):
         self.mlp1 = build_projector(config.projector, config.vision_config.hidden_size, config.llm_config.hidden_size)
         self.img_context_token_id = None
         self.conv_template = get_conv_template(self.template)
-        self.system_message = config.system_message or self.conv_template.system_message
+        # the trained system message ('' too: none at all); None: the template's
+        recorded = config.system_message
+        self.system_message = self.conv_template.system_message if recorded is None else recorded
         self.post_init()
 
     def _init_weights(self, module):

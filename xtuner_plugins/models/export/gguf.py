@@ -199,7 +199,7 @@ def chat_prompt(folder: str, config: dict, tok_cfg: dict) -> Tuple[Optional[str]
         return chat_template(name, system), f'the chat template ({name})'
     if isinstance(current, str) and template_system(current) is not None:  # the converter's
         changed, why = without_bos(current), []
-        if system and template_system(current) != system:
+        if system is not None and template_system(current) != system:
             changed = with_system(changed, system)
             why.append('the chat template\'s default system message (config.json\'s system_message, which chat() uses)')
         if current.startswith(BOS):

@@ -10,6 +10,7 @@ Peak memory is about the model's size plus the largest tensor being converted.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -89,8 +90,8 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool, log: Log = _print) -> s
     not_ours = not_a_conversion(out) if os.path.isdir(out) else None
     if not_ours:
         raise ValueError(f'OUT_DIR {out_dir} is not a converted folder ({not_ours}); --overwrite replaces an earlier '
-                         f'conversion only (a config.json or .gguf files, no subfolders), never a folder of other '
-                         f'files: choose another folder, or empty it yourself')
+                         f'conversion only (a converted config.json or .gguf files, no subfolders), never a folder of '
+                         f'other files: choose another folder, or empty it yourself')
     return out
 
 
@@ -126,14 +127,33 @@ def _running(pid: int) -> bool:
 
 
 def not_a_conversion(folder: str) -> Optional[str]:
-    """Why the non-empty ``folder`` is not what a conversion writes (a folder with ``config.json`` or ``.gguf``
-    files and no subfolder), naming what it holds; None for a conversion or an empty folder."""
+    """Why the non-empty ``folder`` is not what a conversion writes, naming what it holds; None for a conversion or an
+    empty folder. A conversion holds no subfolder and either ``.gguf`` files or a ``config.json`` whose
+    ``model_type`` is one of the converted formats (``folder.FOLDER_FORMATS``): a plain transformers model (its
+    LLM saved with ``save_pretrained``), or a download with its README, is not one."""
+    from xtuner_plugins.models.folder import FOLDER_FORMATS
     names = sorted(os.listdir(folder))
-    subfolders = [n + os.sep for n in names if os.path.isdir(os.path.join(folder, n))]
-    if not names or (not subfolders and any(n == 'config.json' or n.endswith('.gguf') for n in names)):
+    if not names:
         return None
-    shown = subfolders or names
-    return f'it holds {", ".join(shown[:3])}{", ..." if len(shown) > 3 else ""}'
+    subfolders = [n + os.sep for n in names if os.path.isdir(os.path.join(folder, n))]
+    if subfolders:
+        return f'it holds {", ".join(subfolders[:3])}{", ..." if len(subfolders) > 3 else ""}'
+    if any(n.endswith('.gguf') for n in names):
+        return None
+    if 'config.json' not in names:
+        return f'it holds {", ".join(names[:3])}{", ..." if len(names) > 3 else ""} and no config.json'
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            model_type = json.load(f).get('model_type')
+    except (OSError, ValueError, AttributeError):
+        return 'its config.json does not read as a JSON object'
+    if model_type not in FOLDER_FORMATS:
+        return (f'its config.json is of model_type {model_type!r}, not one a conversion writes '
+                f'({", ".join(sorted(FOLDER_FORMATS))})')
+    docs = [n for n in names if n.lower().startswith(('readme', 'license')) or n.startswith('.git')]
+    if docs:
+        return f'it holds {", ".join(docs[:3])}, which a conversion never writes'
+    return None
 
 
 FORMATS = ('auto', 'official', 'hf', 'llava', 'remote', 'gguf')

@@ -87,6 +87,7 @@ from typing import Dict, Optional
 import torch
 
 from xtuner_plugins.models.compile import is_compiled
+from xtuner_plugins.models.cpu_attention import as_sdpa
 from xtuner_plugins.models.dropout import CpuDropout
 
 GIB = 2 ** 30
@@ -274,7 +275,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
         out['llm layers'] = tokens * (checked * s['H'] * (4 if fp32 else b) + (s['L'] - checked) * per_layer * b)
         if checked:   # the backward's one layer recomputed: its activations and the MLP's gradients in flight
             out[RECOMPUTED] = tokens * (per_layer + 3 * s['F']) * b
-            if _keeps_attention(getattr(model, 'llm_recompute', None), lm.config._attn_implementation, zero):
+            if _keeps_attention(getattr(model, 'llm_recompute', None), as_sdpa(lm.config._attn_implementation), zero):
                 out['attention kept'] = tokens * checked * (s['a'] * s['d'] * b + s['a'] * 4)
     else:  # nothing upstream trains: forward only, one layer at a time
         out['llm layers'] = tokens * per_layer * b
@@ -284,7 +285,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
         head = lm.get_output_embeddings().weight
         out[LM_HEAD] = batch.supervised * s['H'] * 8 + (4 * head.numel() if head.requires_grad else 0)
     out['embeddings'] = tokens * 3 * s['H'] * b
-    attn = lm.config._attn_implementation
+    attn = as_sdpa(lm.config._attn_implementation)
     if batch.packed and attn in ('sdpa', 'eager'):
         out['dense packed mask'] = batch.rows * batch.length ** 2 * (b + 3)
     if attn == 'eager':
@@ -301,7 +302,7 @@ def activation_bytes(model, batch: Batch, dtype: str = 'bf16', zero: int = 0, de
         vckpt = bool(getattr(model.vision_model, 'is_gradient_checkpointing', False))
         out['vision tower'] = vit_tokens * ((nl * c + 2 * layer) if vckpt else nl * layer) * b
         if vckpt and _keeps_attention(getattr(model, 'vision_recompute', None),
-                                      getattr(vc, '_attn_implementation', None), zero):
+                                      as_sdpa(getattr(vc, '_attn_implementation', None)), zero):
             out['vision tower'] += vit_tokens * nl * (c * b + vc.num_attention_heads * 4)
     if not model.freeze_projector or not model.freeze_vision:   # a frozen projector on frozen features: no graph
         # the LayerNorm's input in its weights' dtype: fp32 trained weights without DeepSpeed

@@ -126,16 +126,23 @@ class CountKernel(TorchDispatchMode):
 
 
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
-def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(tiny, packed_batch):
-    """sdpa_segments in bf16: each sample of the packs on the kernel, forward and backward; checkpointing that keeps
-    attention never runs it again; the loss and gradients as with no checkpointing, and near SDPA's."""
+@pytest.mark.parametrize('recipe', ['bf16 weights', 'fp32 trained weights under bf16 autocast'])
+def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(tiny, packed_batch, recipe):
+    """sdpa_segments: each sample of the packs on the kernel, forward and backward, with bf16 weights and with the
+    full fine-tuning recipe (fp32 trained weights under bf16 autocast, whose fp32 residual stream makes the queries
+    fp32 through RoPE: the kernel was left out there at first); checkpointing that keeps attention never runs it
+    again; the loss and gradients as with no checkpointing, and near SDPA's."""
+    import contextlib
+    autocast = recipe.startswith('fp32')
     runs = {}
     for name, kw in (('sdpa', dict(cpu_attention=False)), ('kernel', {}), ('kept', dict(llm_grad_ckpt=True))):
         torch.manual_seed(0)
-        model = build(tiny, torch_dtype='bfloat16', trainable_fp32=False, freeze_llm=False,
+        model = build(tiny, torch_dtype='bfloat16', trainable_fp32=autocast, freeze_llm=False,
                       attn_implementation='sdpa_segments', **kw).train()
+        context = torch.autocast('cpu', torch.bfloat16) if autocast else contextlib.nullcontext()
         with CountKernel() as count:
-            loss = model(packed_batch, mode='loss')['loss']
+            with context:
+                loss = model(packed_batch, mode='loss')['loss']
             loss.backward()
         runs[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}, \
             count.calls
@@ -154,10 +161,41 @@ def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(ti
         assert (runs['sdpa'][1][name] - g).abs().max().item() <= 0.1 * scale + 1e-3, name
 
 
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+def test_the_llm_under_sdpa_trains_on_the_kernel_and_plans_as_sdpa(tiny, batch):
+    """attn_implementation='sdpa' (the unpacked configs): the LLM's config names the kernel's function, whose masks
+    are SDPA's; a row without padding trains on the kernel, a padded batch (a mask) on SDPA; the planner and the
+    mask choice read it as 'sdpa'."""
+    from xtuner_plugins.planner import Batch, activation_bytes
+    one = internvl_collate_fn([pack_items(split_batch(batch)[:1])])['data']   # one sample: no padding
+    one.pop('seq_lens', None)
+    runs = {}
+    for name, kw in (('sdpa', dict(cpu_attention=False)), ('kernel', {})):
+        torch.manual_seed(0)
+        model = build(tiny, torch_dtype='bfloat16', trainable_fp32=False, freeze_llm=False, llm_grad_ckpt=True,
+                      **kw).train()
+        with CountKernel() as count:
+            loss = model(one, mode='loss')['loss']
+            loss.backward()
+            model(batch, mode='loss')['loss'].backward()   # padded rows: SDPA (the forward and its recomputation)
+        runs[name] = model, loss.item(), count.calls
+    routed, plain = runs['kernel'][0], runs['sdpa'][0]
+    assert routed.language_model.config._attn_implementation == ca.NAME
+    assert plain.language_model.config._attn_implementation == 'sdpa' and runs['sdpa'][2] == {}
+    layers = 2
+    assert runs['kernel'][2] == {'xtuner_plugins::cpu_bf16_attention_train': layers,
+                                 'xtuner_plugins::cpu_bf16_attention_backward': layers,
+                                 'xtuner_plugins::cpu_bf16_attention': 2 * layers}   # the tower, both batches
+    assert runs['kernel'][1] == pytest.approx(runs['sdpa'][1], rel=2e-2)
+    step = Batch(rows=2, length=64, tiles=4, supervised=20, packed=True)
+    assert activation_bytes(routed, step) == activation_bytes(plain, step)
+
+
 def test_not_routed_where_it_does_not_pay(tiny, monkeypatch):
     monkeypatch.setattr(ca, 'cpu_pays', lambda: False)
     model = build(tiny, torch_dtype='bfloat16')
     assert model.vision_model.config._attn_implementation == 'sdpa'
+    assert model.language_model.config._attn_implementation == 'sdpa'
 
 
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')

@@ -144,7 +144,9 @@ def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
         resolve_chain(sft)
     os.remove(warm)
     with pytest.raises(FileNotFoundError, match=rf'{warm}: the previous stage of {sft} \(recorded in it, at {warm}\) '
-                                                r'is not found; put it back, or give --remap OLD=NEW'):
+                                                rf'is not found; {sft} holds only what its own stage trained, so the '
+                                                r"weights that stage started from \(a warm-up's projector, LoRA "
+                                                r'merged before\) are read from there: put it back, or give --remap'):
         resolve_chain(sft)
     # a moved folder is found with --remap's pairs, the earlier stages' too
     moved = os.path.join(os.path.dirname(warm), 'moved')

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     from xtuner_plugins.models.liger import check_liger
     from xtuner_plugins.plan_configs.batch import (config_batch, model_batch, optimizer_settings, planned_batches,
                                                    rows_per_item, with_supervised)
+    from xtuner_plugins.models.cpu_attention import as_sdpa
     from xtuner_plugins.plan_configs.meta import build_meta_model
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     print(f'model (meta device): {r["trained"]:,.0f} trained and {r["frozen"]:,.0f} frozen parameters; LLM gradient '
           f'checkpointing {getattr(model, "llm_recompute", None) or "off"}'
           f'{f" (the first {layers} layers)" if layers is not None and model.llm_recompute else ""}; attention '
-          f'{lm.config._attn_implementation}; blocks compiled: {", ".join(model.compile_blocks) or "none"}')
+          f'{as_sdpa(lm.config._attn_implementation)}; blocks compiled: {", ".join(model.compile_blocks) or "none"}')
     print(f'vocabulary: {lm.get_output_embeddings().weight.shape[0]:,} rows ({model.planned_vocabulary})')
     unit = rows_per_item(cfg)
     group = ('pack(s) of pairs' if batch.packed else 'pair(s)') if unit == 2 else ''

@@ -10,14 +10,15 @@ nothing changes.
 Where it is used (:class:`~xtuner_plugins.models.internvl.VisionLanguageModel`, ``cpu_attention=True``, the
 default; False keeps torch's SDPA for that model: :func:`opt_out`):
 
-* a frozen tower's attention (no LoRA on it): :func:`route_tower` registers :func:`attention` with transformers'
-  attention interface under :data:`NAME` and names it in the tower's config;
+* a frozen tower's attention (no LoRA on it), and the LLM's under ``sdpa``: :func:`route` registers
+  :func:`attention` with transformers' attention interface under :data:`NAME` (its masks are SDPA's) and names it
+  in the part's config (read through :func:`as_sdpa` where the name matters);
 * the LLM's under ``sdpa_segments`` (``attention.segment_sdpa``): each sample of a pack (:func:`causal_sdpa`), and
   rows without padding.
 
-Each call takes the kernel only where :func:`takes`: this CPU (:func:`cpu_pays`), CPU tensors in bf16, no mask, no
-dropout, an even head width, query heads a multiple of the key/value heads, and causal only over as many queries
-as keys. Anything else goes to SDPA, so a model moved to a GPU runs as before. With a gradient wanted it runs
+Each call takes the kernel only where :func:`takes`: this CPU (:func:`cpu_pays`), CPU tensors in bf16 (or fp32 under
+bf16 autocast, which casts SDPA's inputs to bf16 too), no mask, no dropout, an even head width, query heads a
+multiple of the key/value heads, and causal only over as many queries as keys. Anything else goes to SDPA, so a model moved to a GPU runs as before. With a gradient wanted it runs
 :func:`cpu_bf16_attention_train`, whose backward is the kernel's too; gradient checkpointing that keeps attention
 keeps its outputs (``recompute.KEPT_OPS``).
 
@@ -218,8 +219,16 @@ def _backward(ctx, grad, _grad_lse):
 torch.library.register_autograd('xtuner_plugins::cpu_bf16_attention_train', _backward, setup_context=_setup)
 
 
+def _autocast_bf16() -> bool:
+    """Whether CPU autocast runs SDPA in bf16 here (it does under bf16 autocast: fp32 inputs are cast)."""
+    return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+
+
 def kernel_attention(query, key, value, scale: float, causal: bool) -> torch.Tensor:
-    """``[B, N, H, D]``: the training op where autograd wants a gradient, else the forward-only one."""
+    """``[B, N, H, D]``: the training op where autograd wants a gradient, else the forward-only one. fp32 inputs
+    under bf16 autocast are cast to bf16 first, as autocast casts SDPA's (the recipe's fp32 residual stream makes
+    the LLM's queries and keys fp32 through RoPE, its values bf16)."""
+    query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))   # no copy when bf16
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return cpu_bf16_attention_train(query, key, value, scale, causal)[0]
     return cpu_bf16_attention(query, key, value, scale, causal)
@@ -233,10 +242,11 @@ def opt_out(model: torch.nn.Module) -> None:
 def takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
     """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA)."""
     tensors = (query, key, value)
-    if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout or kwargs.get('output_attentions') \
-            or kwargs.get('head_mask') is not None:
+    if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout \
+            or kwargs.get('output_attentions') or kwargs.get('head_mask') is not None:
         return False
-    if any(t.device.type != 'cpu' or t.dtype != torch.bfloat16 or t.dim() != 4 for t in tensors):
+    dtypes = (torch.bfloat16, torch.float32) if _autocast_bf16() else (torch.bfloat16,)
+    if any(t.device.type != 'cpu' or t.dtype not in dtypes or t.dim() != 4 for t in tensors):
         return False
     b, h, n, d = query.shape
     kv = key.shape[1]
@@ -245,6 +255,7 @@ def takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
             and library() is not None)
 
 
+@torch.compiler.disable   # inside a compiled block the choice runs eager (as segment_sdpa's loop): one graph
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: the kernel where :func:`takes`, else transformers' SDPA."""
     causal = is_causal if is_causal is not None else getattr(module, 'is_causal', True) and query.shape[2] > 1
@@ -266,15 +277,25 @@ def causal_sdpa(module, query, key, value, dropout: float, scaling: Optional[flo
                                                             is_causal=True, enable_gqa=gqa)
 
 
-def route_tower(tower: torch.nn.Module) -> bool:
-    """Route a frozen tower's SDPA attention through :func:`attention` where :func:`cpu_pays` (True when done)."""
-    config = getattr(tower, 'config', None)
-    if config is None or getattr(config, '_attn_implementation', None) != 'sdpa' or not cpu_pays():
+def route(part: torch.nn.Module) -> bool:
+    """Route a tower's or an LLM's ``sdpa`` attention through :func:`attention` where :func:`cpu_pays`: registered
+    under :data:`NAME` with transformers' attention and mask interfaces (its masks are SDPA's) and named in the
+    part's config; True when done. Code that reads the implementation's name reads it through :func:`as_sdpa`."""
+    config = getattr(part, 'config', None)
+    if config is None or getattr(config, '_attn_implementation', None) != 'sdpa' or not cpu_pays() \
+            or torch.cuda.is_available():   # a GPU trains it (a compiled GPU block would break at the choice)
         return False
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     config._attn_implementation = NAME
     return True
+
+
+def as_sdpa(name: Optional[str]) -> Optional[str]:
+    """An attention implementation's name, :data:`NAME` read as the ``'sdpa'`` it stands in for."""
+    return 'sdpa' if name == NAME else name
 
 
 def _best(fn, repeats: int = 3) -> float:

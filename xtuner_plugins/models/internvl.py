@@ -38,7 +38,7 @@ from xtuner_plugins.errors import Refused
 from .attention import SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
 from . import cpu_attention as cpu_kernels
-from .cpu_attention import NAME, route_tower
+from .cpu_attention import NAME, as_sdpa, route
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
@@ -133,7 +133,7 @@ class VisionLanguageModel(BaseModel):
         cpu_attention: on a CPU with AVX-512 BF16 and no AMX, where torch's SDPA runs at a fifth of the matmul
             rate, attention on the AVX-512 BF16 kernels of ``cpu_attention.py`` (bf16 tensors, no mask, no
             dropout; any other call still takes SDPA): a frozen tower's (no ``vision_lora``), and the LLM's under
-            ``sdpa_segments`` (each sample of a pack, and unpadded rows). False: torch's SDPA.
+            ``sdpa`` and ``sdpa_segments`` (each sample of a pack, and unpadded rows). False: torch's SDPA.
     """
 
     def __init__(self,
@@ -253,7 +253,7 @@ class VisionLanguageModel(BaseModel):
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
-        if cpu_attention and freeze_vision and vision_lora is None and route_tower(self.vision_model):
+        if cpu_attention and freeze_vision and vision_lora is None and route(self.vision_model):
             print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.cpu_attention=False keeps "
                       "torch's SDPA)", logger='current')
         if self.llm_recompute:
@@ -278,9 +278,9 @@ class VisionLanguageModel(BaseModel):
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         if not cpu_attention:
             cpu_kernels.opt_out(self)   # the reference copies too
-        elif attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays():
-            print_log("LLM: each sample's attention on the AVX-512 BF16 kernel in bf16 (model.cpu_attention=False "
-                      "keeps torch's SDPA)", logger='current')
+        elif (attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays()) or route(self.language_model):
+            print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes SDPA's "
+                      "(model.cpu_attention=False keeps torch's SDPA)", logger='current')
         log_parameter_counts(self)
 
     def init_weights(self):
@@ -380,7 +380,7 @@ class VisionLanguageModel(BaseModel):
             return pair_loss(self, data)
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
         position_ids = data.get('position_ids')
-        attention_mask, segments = llm_attention(data, embeds, self.language_model.config._attn_implementation)
+        attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation))
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])

@@ -5,6 +5,7 @@ The kernel runs only on CPUs with AVX-512 BF16 (it would stop on an illegal inst
 the tests check that nothing is routed to it, and that it still builds.
 """
 
+import os
 import warnings
 
 import pytest
@@ -56,9 +57,25 @@ def test_no_compiler_warns_and_sdpa_runs(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match='not available.*/bin/false failed'):
             assert ca.library() is None
         q, k, v = qkv(1, 2, 9, 9, 16)
-        assert not ca.takes(torch.nn.Module(), q, k, v, None, 0.0, False, {})
+        assert not ca.takes(torch.nn.Module(), q, k, v, None, 0.0, False, 0.25, {})
         out, _ = ca.attention(torch.nn.Module(), q, k, v, None, is_causal=False)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+    finally:
+        ca.library.cache_clear()
+
+
+def test_a_cached_build_that_does_not_load_is_built_again(monkeypatch, tmp_path):
+    """A build cut short (an empty file under the final name) was loaded, failed, and kept SDPA for good."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setattr(ca, 'FLAGS', ca.FLAGS + ('-DTEST_REBUILD',))
+    path = ca.build()
+    open(path, 'wb').close()
+    ca.library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')   # no "not available" warning
+            assert ca.library() is not None
+        assert os.path.getsize(path) > 0
     finally:
         ca.library.cache_clear()
 
@@ -191,6 +208,16 @@ def test_the_llm_under_sdpa_trains_on_the_kernel_and_plans_as_sdpa(tiny, batch):
     assert activation_bytes(routed, step) == activation_bytes(plain, step)
 
 
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+def test_the_reference_policy_computes_as_the_policy(tiny, batch):
+    """Full preference training under sdpa: the reference LLM (a copy made before the LLM was routed) stayed on SDPA,
+    so the policy's and the reference's log-probabilities differed at step 0 (a review)."""
+    from xtuner_plugins.models.preference import MPO
+    model = build(tiny, torch_dtype='bfloat16', trainable_fp32=False, freeze_llm=False, preference=dict(MPO))
+    assert model.language_model.config._attn_implementation == ca.NAME
+    assert model.reference['language_model'].config._attn_implementation == ca.NAME
+
+
 def test_not_routed_where_it_does_not_pay(tiny, monkeypatch):
     monkeypatch.setattr(ca, 'cpu_pays', lambda: False)
     model = build(tiny, torch_dtype='bfloat16')
@@ -220,7 +247,7 @@ def test_a_frozen_tower_is_routed_and_gives_sdpas_features(tiny):
 
 
 @pytest.mark.parametrize('case', ['mask', 'dropout', 'causal, more keys', 'odd width', 'fp32', 'opted out',
-                                  'heads not a multiple'])
+                                  'heads not a multiple', 'negative scale', 'fp16 autocast'])
 def test_what_the_kernel_does_not_compute_goes_to_sdpa(case, monkeypatch):
     def refuse(*a):
         raise AssertionError(f'the kernel was called for {case}')
@@ -242,9 +269,15 @@ def test_what_the_kernel_does_not_compute_goes_to_sdpa(case, monkeypatch):
     elif case == 'heads not a multiple':
         k, v = k[:, :2], v[:, :2]
         module.num_key_value_groups = 2   # transformers repeats them (3 / 2 heads: its own error), not the kernel
+    elif case == 'negative scale':   # the kernel's row maximum assumes a positive one (it gave NaN)
+        kw['scaling'] = -0.25
     torch.manual_seed(0)
     if case == 'heads not a multiple':
-        assert not ca.takes(module, q, k, v, None, 0.0, False, {})
+        assert not ca.takes(module, q, k, v, None, 0.0, False, 0.25, {})
+        return
+    if case == 'fp16 autocast':   # SDPA runs (and returns) fp16 there
+        with torch.autocast('cpu', torch.float16):
+            assert ca.attention(module, q, k, v, **kw)[0].dtype == torch.float16
         return
     out, _ = ca.attention(module, q, k, v, **kw)
     assert out.shape == (1, 6, 3, q.shape[-1])
@@ -255,9 +288,15 @@ def test_what_the_kernel_does_not_compute_goes_to_sdpa(case, monkeypatch):
 
 
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
-def test_the_op_passes_torch_opcheck():
-    """Its fake (meta) implementation matches it, so a compiled tower keeps it in the graph."""
+def test_the_ops_pass_torch_opcheck():
+    """Their fake (meta) implementations match them, strides included, so a compiled graph keeps them whole."""
     q, k, v = qkv(2, 2, 9, 11, 16)
+    qc, kc, vc = qkv(1, 4, 12, 12, 16, layout='contiguous')   # dq comes back transposed all the same
+    kc, vc = kc[:, :2].contiguous(), vc[:, :2].contiguous()
+    out, lse = ca.cpu_bf16_attention_train(qc, kc, vc, 0.25, True)
+    grad = torch.randn(out.shape).to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         torch.library.opcheck(ca.cpu_bf16_attention, (q, k, v, 0.25))
+        torch.library.opcheck(ca.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True))
+        torch.library.opcheck(ca.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True))

@@ -17,14 +17,18 @@ default; False keeps torch's SDPA for that model: :func:`opt_out`):
   rows without padding.
 
 Each call takes the kernel only where :func:`takes`: this CPU (:func:`cpu_pays`), CPU tensors in bf16 (or fp32 under
-bf16 autocast, which casts SDPA's inputs to bf16 too), no mask, no dropout, an even head width, query heads a
-multiple of the key/value heads, and causal only over as many queries as keys. Anything else goes to SDPA, so a model moved to a GPU runs as before. With a gradient wanted it runs
-:func:`cpu_bf16_attention_train`, whose backward is the kernel's too; gradient checkpointing that keeps attention
-keeps its outputs (``recompute.KEPT_OPS``).
+bf16 autocast, which casts SDPA's inputs to bf16 too; not under fp16 autocast), no mask, no dropout, a positive
+scale, an even head width, query heads a multiple of the key/value heads, and causal only over as many queries as
+keys. Anything else goes to SDPA, so a model moved to a GPU runs as before, and nothing is routed where CUDA trains
+(a compiled GPU block would break at the choice). With a gradient wanted it runs :func:`cpu_bf16_attention_train`,
+whose backward is the kernel's too; gradient checkpointing that keeps attention keeps its outputs
+(``recompute.KEPT_OPS``). A preference run's reference LLM is routed with the policy's.
 
 The kernel is compiled on first use with the system's C compiler (``$CC``, cc or gcc; about a second) into
-``$XDG_CACHE_HOME/xtuner_plugins/kernels`` (``~/.cache`` without it), named by a hash of its source and flags.
-Without a compiler, or if the build fails, SDPA runs and one warning says why.
+``$XDG_CACHE_HOME/xtuner_plugins/kernels`` (``~/.cache`` without it), named by a hash of its source, compiler and
+flags, moved into place whole (ranks building at once each write their own file); a cached build that does not load
+is built again. Without a compiler, or if the build fails, SDPA runs and one warning says why. Out of memory for its
+small per-thread buffers it raises (``RuntimeError``) rather than falling back.
 
 Check it on this machine: ``python -m xtuner_plugins.models.cpu_attention`` (builds it, compares it with SDPA on
 InternViT-300M's and Qwen2.5-0.5B's shapes and times both).
@@ -37,12 +41,13 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -69,8 +74,12 @@ def cache_dir() -> str:
     return os.path.join(base, 'xtuner_plugins', 'kernels')
 
 
-def _compiler() -> Optional[str]:
-    return next((shutil.which(c) for c in (os.environ.get('CC', ''), 'cc', 'gcc') if c and shutil.which(c)), None)
+def _compiler() -> Optional[List[str]]:
+    """The C compiler's command: ``$CC`` (which may carry arguments, ``ccache gcc``), else cc or gcc."""
+    for command in (shlex.split(os.environ.get('CC', '')), ['cc'], ['gcc']):
+        if command and shutil.which(command[0]):
+            return [shutil.which(command[0]), *command[1:]]
+    return None
 
 
 def build(directory: Optional[str] = None) -> str:
@@ -81,7 +90,7 @@ def build(directory: Optional[str] = None) -> str:
         raise RuntimeError('no C compiler found ($CC, cc or gcc)')
     with open(SOURCE, 'rb') as f:
         source = f.read()
-    key = hashlib.sha256(source + ' '.join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + ' '.join(compiler + list(FLAGS)).encode()).hexdigest()[:16]
     directory = directory or cache_dir()
     path = os.path.join(directory, f'cpu_attention-{key}.so')
     if os.path.isfile(path):
@@ -90,9 +99,9 @@ def build(directory: Optional[str] = None) -> str:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.cpu_attention-', suffix='.so')
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, '-o', tmp, SOURCE], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*compiler, *FLAGS, '-o', tmp, SOURCE], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f'{compiler} failed on {SOURCE}: {done.stderr.strip()[-2000:]}')
+            raise RuntimeError(f'{" ".join(compiler)} failed on {SOURCE}: {done.stderr.strip()[-2000:]}')
         os.replace(tmp, path)   # whole or not at all: another process may be building the same file
     finally:
         if os.path.exists(tmp):
@@ -100,12 +109,24 @@ def build(directory: Optional[str] = None) -> str:
     return path
 
 
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.attn_fwd, lib.attn_bwd   # noqa: B018  (AttributeError: not this kernel)
+    return lib
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel, or None (with one warning) when it cannot be built here."""
+    """The loaded kernel, or None (with one warning) when it cannot be built here. A cached build that does not load
+    (cut short by a crash) is built again once."""
     try:
-        lib = ctypes.CDLL(build())
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        path = build()
+        try:
+            lib = _load(path)
+        except (OSError, AttributeError):
+            os.remove(path)
+            lib = _load(build())
+    except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as e:
         warnings.warn(f"the CPU attention kernel is not available ({e}); attention runs on torch's SDPA")
         return None
     p, i, a, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int
@@ -201,7 +222,9 @@ def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: to
 
 @cpu_bf16_attention_backward.register_fake
 def _(grad, query, key, value, out, lse, scale, causal):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    b, h, n, d = query.shape   # as the real one: dq a transposed [B, N, H, D], dk and dv contiguous
+    return (query.new_empty(b, n, h, d).transpose(1, 2), key.new_empty(key.shape, dtype=key.dtype),
+            value.new_empty(value.shape, dtype=value.dtype))
 
 
 def _setup(ctx, inputs, output):
@@ -239,11 +262,14 @@ def opt_out(model: torch.nn.Module) -> None:
     _OPTED_OUT.update(model.modules())
 
 
-def takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
-    """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA)."""
+def takes(module, query, key, value, attention_mask, dropout, is_causal, scale, kwargs) -> bool:
+    """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA); ``scale``:
+    the scores' factor (the kernel's row maximum assumes it positive)."""
     tensors = (query, key, value)
-    if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout \
+    if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout or not scale > 0 \
             or kwargs.get('output_attentions') or kwargs.get('head_mask') is not None:
+        return False
+    if torch.is_autocast_enabled('cpu') and not _autocast_bf16():   # SDPA would run (and return) fp16
         return False
     dtypes = (torch.bfloat16, torch.float32) if _autocast_bf16() else (torch.bfloat16,)
     if any(t.device.type != 'cpu' or t.dtype not in dtypes or t.dim() != 4 for t in tensors):
@@ -259,8 +285,8 @@ def takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: the kernel where :func:`takes`, else transformers' SDPA."""
     causal = is_causal if is_causal is not None else getattr(module, 'is_causal', True) and query.shape[2] > 1
-    if takes(module, query, key, value, attention_mask, dropout, causal, kwargs):
-        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if takes(module, query, key, value, attention_mask, dropout, causal, scale, kwargs):
         return kernel_attention(query, key, value, scale, bool(causal)), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -270,8 +296,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 def causal_sdpa(module, query, key, value, dropout: float, scaling: Optional[float], gqa: bool) -> torch.Tensor:
     """Causal ``F.scaled_dot_product_attention`` (``[B, H, N, D]`` in and out; ``gqa``: fewer key/value heads) for
     ``module``, on the kernel where :func:`takes`."""
-    if takes(module, query, key, value, None, dropout, True, {}):
-        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if takes(module, query, key, value, None, dropout, True, scale, {}):
         return kernel_attention(query, key, value, scale, True).transpose(1, 2)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                                             is_causal=True, enable_gqa=gqa)

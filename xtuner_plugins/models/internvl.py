@@ -278,7 +278,10 @@ class VisionLanguageModel(BaseModel):
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         if not cpu_attention:
             cpu_kernels.opt_out(self)   # the reference copies too
-        elif (attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays()) or route(self.language_model):
+        elif (attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays() and not torch.cuda.is_available()) \
+                or route(self.language_model):
+            if self.reference is not None and 'language_model' in self.reference:
+                route(self.reference['language_model'])   # the reference policy's copy computes as the policy
             print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes SDPA's "
                       "(model.cpu_attention=False keeps torch's SDPA)", logger='current')
         log_parameter_counts(self)

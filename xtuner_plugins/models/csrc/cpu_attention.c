@@ -46,9 +46,10 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline bf16 to_bf16(float x) {  /* round to nearest even, as vcvtneps2bf16 */
+static inline bf16 to_bf16(float x) {  /* round to nearest even, as vcvtneps2bf16 (a NaN stays a quiet NaN) */
     uint32_t u;
     memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
     return (bf16)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 

@@ -151,3 +151,13 @@ def _resolve_checkpoint(cfg: MutableMapping, changed: Mapping) -> None:
     if 'save_every' in changed or hook.get('interval') is None:
         hook['interval'] = every
         hook['by_epoch'] = False
+
+
+def accumulation(cfg: Mapping) -> int:
+    """Iterations per optimizer step: DeepSpeed's ``gradient_accumulation_steps`` (``xtuner train --deepspeed``
+    moves ``optim_wrapper.accumulative_counts`` there), else ``optim_wrapper.accumulative_counts``."""
+    strategy, wrapper = cfg.get('strategy'), cfg.get('optim_wrapper')
+    if isinstance(strategy, Mapping) and isinstance(strategy.get('gradient_accumulation_steps'), int):
+        return max(strategy['gradient_accumulation_steps'], 1)
+    counts = wrapper.get('accumulative_counts', 1) if isinstance(wrapper, Mapping) else 1
+    return counts if isinstance(counts, int) and counts > 0 else 1

@@ -92,7 +92,7 @@ class SaveOnSignalHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if not self._asked() or runner.iter + 1 >= runner.max_iters:  # the last iteration: the run ends anyway
             return
-        from xtuner_plugins.engine.runstart import accumulation
+        from xtuner_plugins.engine.length import accumulation
         if (runner.iter + 1) % accumulation(runner.cfg):  # not at an optimizer step: the next one is
             return
         name = signal.Signals(self.received[0]).name if self.received else 'a signal (to another rank)'

@@ -120,21 +120,12 @@ def liger_refusal(cfg: Mapping) -> Optional[str]:
     return None
 
 
-def accumulation(cfg: Mapping) -> int:
-    """Iterations per optimizer step: DeepSpeed's ``gradient_accumulation_steps`` (``xtuner train --deepspeed``
-    moves ``optim_wrapper.accumulative_counts`` there), else ``optim_wrapper.accumulative_counts``."""
-    strategy, wrapper = cfg.get('strategy'), cfg.get('optim_wrapper')
-    if isinstance(strategy, Mapping) and isinstance(strategy.get('gradient_accumulation_steps'), int):
-        return max(strategy['gradient_accumulation_steps'], 1)
-    counts = wrapper.get('accumulative_counts', 1) if isinstance(wrapper, Mapping) else 1
-    return counts if isinstance(counts, int) and counts > 0 else 1
-
-
 def align_checkpoints(cfg: Mapping) -> Optional[str]:
     """Raise an iteration checkpoint interval that is not a multiple of :func:`accumulation` to the next multiple
     (module docstring); the warning to log, or None when nothing changed."""
     hooks = cfg.get('default_hooks')
     hook = hooks.get('checkpoint') if isinstance(hooks, Mapping) else None
+    from xtuner_plugins.engine.length import accumulation
     every, steps = (hook or {}).get('interval'), accumulation(cfg)
     if (not isinstance(hook, Mapping) or hook.get('by_epoch', True) or not isinstance(every, int) or every <= 0
             or every % steps == 0):

@@ -449,8 +449,6 @@ def test_reading_a_video_leaves_no_frame_for_a_forked_process_to_collect(tmp_pat
     FFmpeg scaler outlived the read, and a DataLoader worker forked later collected them and hung for good on the
     scaler's threads, which a forked process does not have (a CI run stopped there). No cycle is left now."""
     import gc
-
-    import av
     path = write_video(tmp_path / 'v.mp4', [10, 90, 200, 30], rotation=90)
     gc.collect()
     gc.disable()

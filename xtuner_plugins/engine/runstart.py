@@ -39,7 +39,6 @@ import copy
 import functools
 import logging
 import os
-import re
 import sys
 import threading
 from typing import List, Mapping, Optional
@@ -65,14 +64,10 @@ def prepare_run(cfg):
     changed = check_run_options(cfg)
     plain = getattr(cfg, '_cfg_dict', cfg)
     resolve_training_length(plain, changed)
-    note = align_checkpoints(plain)
-    if note:
-        from mmengine.logging import print_log
-        print_log(note, logger='current', level=logging.WARNING)
-    note = workers_fit(plain)
-    if note:
-        from mmengine.logging import print_log
-        print_log(note, logger='current')
+    for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO)):
+        if note:
+            from mmengine.logging import print_log
+            print_log(note, logger='current', level=level)
     problem = (pretrained_refusal(plain) or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain)
                or liger_refusal(plain))
     if problem:
@@ -176,17 +171,14 @@ def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
     return None
 
 
-CHECKPOINT_NAME = re.compile(r'(iter|epoch)_\d+\.pth$')
-
-
 def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
     """Why a new run must not train into its work folder: it holds an earlier run's checkpoints (module
     docstring); None for a resume, a requeued job that continues its own, or a folder without checkpoints."""
     work_dir = cfg.get('work_dir')
     if cfg.get('resume') or not isinstance(work_dir, str) or not os.path.isdir(work_dir):
         return None
-    names = sorted((n for n in os.listdir(work_dir) if CHECKPOINT_NAME.match(n)),
-                   key=lambda n: (n.split('_')[0], int(n.split('_')[1].split('.')[0])))
+    from xtuner_plugins.outcome import find_checkpoints
+    names = [os.path.basename(path) for path in find_checkpoints(work_dir)]
     pointer = os.path.join(work_dir, 'last_checkpoint')
     if not names and not os.path.isfile(pointer):
         return None

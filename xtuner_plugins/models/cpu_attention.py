@@ -69,6 +69,12 @@ def cpu_pays() -> bool:
     return bf16 is not None and amx is not None and bool(bf16()) and not bool(amx())
 
 
+def serves_here() -> bool:
+    """Whether a model built here runs on the kernel: :func:`cpu_pays`, and no CUDA device (a GPU would train it,
+    and a compiled GPU block would break at the choice)."""
+    return cpu_pays() and not torch.cuda.is_available()
+
+
 def cache_dir() -> str:
     base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return os.path.join(base, 'xtuner_plugins', 'kernels')
@@ -308,8 +314,7 @@ def route(part: torch.nn.Module) -> bool:
     under :data:`NAME` with transformers' attention and mask interfaces (its masks are SDPA's) and named in the
     part's config; True when done. Code that reads the implementation's name reads it through :func:`as_sdpa`."""
     config = getattr(part, 'config', None)
-    if config is None or getattr(config, '_attn_implementation', None) != 'sdpa' or not cpu_pays() \
-            or torch.cuda.is_available():   # a GPU trains it (a compiled GPU block would break at the choice)
+    if config is None or getattr(config, '_attn_implementation', None) != 'sdpa' or not serves_here():
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -37,8 +37,7 @@ from xtuner_plugins.errors import Refused
 
 from .attention import SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
 from .compile import compile_model
-from . import cpu_attention as cpu_kernels
-from .cpu_attention import NAME, as_sdpa, route
+from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
@@ -277,9 +276,8 @@ class VisionLanguageModel(BaseModel):
         self.liger_kernel = apply_liger(self.language_model, liger)
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         if not cpu_attention:
-            cpu_kernels.opt_out(self)   # the reference copies too
-        elif (attn_implementation == SEGMENT_ATTENTION and cpu_kernels.cpu_pays() and not torch.cuda.is_available()) \
-                or route(self.language_model):
+            opt_out(self)   # the reference copies too
+        elif (attn_implementation == SEGMENT_ATTENTION and serves_here()) or route(self.language_model):
             if self.reference is not None and 'language_model' in self.reference:
                 route(self.reference['language_model'])   # the reference policy's copy computes as the policy
             print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes SDPA's "

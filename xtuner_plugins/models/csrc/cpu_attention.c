@@ -46,6 +46,9 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* the first n of 16 lanes */
+static inline __mmask16 first(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
 static inline bf16 to_bf16(float x) {  /* round to nearest even, as vcvtneps2bf16 (a NaN stays a quiet NaN) */
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -212,13 +215,13 @@ static void *forward_worker(void *arg) {
                 const int64_t lim = r < rows ? seen(j, q0, r) : 0;
                 __m512 mx = _mm512_set1_ps(-INFINITY);
                 for (int64_t c = 0; c < lim; c += 16) {
-                    const __mmask16 m = lim - c >= 16 ? 0xffff : (__mmask16)((1u << (lim - c)) - 1);
+                    const __mmask16 m = first(lim - c);
                     mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(sr + c));
                 }
                 const float mrow = lim ? _mm512_reduce_max_ps(mx) * j->scale : 0.0f;
                 __m512 mv = _mm512_set1_ps(mrow), sum = _mm512_setzero_ps();
                 for (int64_t c = 0; c < klp; c += 16) {
-                    const __mmask16 m = c >= lim ? 0 : lim - c >= 16 ? 0xffff : (__mmask16)((1u << (lim - c)) - 1);
+                    const __mmask16 m = first(lim - c);
                     __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), sc, mv)));
                     sum = _mm512_add_ps(sum, e);
                     _mm256_storeu_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
@@ -244,8 +247,6 @@ done:
  * takes dS^T with pairs of key rows interleaved (built from two rows at once), summed over key blocks. */
 #define KB 96    /* keys per backward block: a multiple of 8 (NT rows) and 6 (NN rows) */
 #define QBB 64   /* queries per backward block: a multiple of 32 (NT columns) and 64 (NN columns) */
-
-static inline __mmask16 first(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
 
 static void *backward_worker(void *arg) {
     job_t *j = (job_t *)arg;

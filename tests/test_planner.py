@@ -756,3 +756,11 @@ def test_the_cli_plans_compile_blocks_auto_as_a_gpu_resolves_it(capsys, monkeypa
                           '--gpu-mem', '80'], capsys)
     assert rc == 0 and 'blocks compiled: llm, vision' in out, out
     assert compile_module.compile_parts('auto', 10 ** 9) == ()   # outside the plan: this machine's answer
+    # 'auto' compiles nothing under ZeRO-3 or for a quantised LLM (the run's why_not): the plan had compiled
+    # blocks' peaks there
+    rc, out, _ = run_cli([config, '--vision', 'internvit-300m', '--llm', 'qwen2.5-0.5b', '--gpus', '4',
+                          '--gpu-mem', '80', '--zero', '3'], capsys)
+    assert rc == 0 and 'blocks compiled: none' in out, out
+    rc, out, _ = run_cli([os.path.join(ROOT, 'configs/finetune_qlora.py'), '--vision', 'internvit-300m', '--llm',
+                          'qwen2.5-0.5b', '--gpus', '1', '--gpu-mem', '80'], capsys)
+    assert rc == 0 and 'blocks compiled: none' in out, out

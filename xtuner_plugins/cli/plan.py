@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         use_models(cfg, args.vision, args.llm)
         from xtuner_plugins.models.compile import as_on_a_gpu
         with as_on_a_gpu():   # compile_blocks='auto' as the GPU resolves it, not as this machine would
-            model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32')
+            model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32',
+                                     zero3=args.zero == 3)
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
                     compile_blocks=cfg.model.get('compile_blocks', 'auto'),
                     preference=cfg.model.get('preference') is not None)

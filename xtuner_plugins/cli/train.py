@@ -286,8 +286,12 @@ PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'remote pr
 
 
 def lost_peer(exc: BaseException) -> bool:
-    """Whether ``exc`` is a rank of a run of several losing another rank (which stopped first)."""
-    return int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and any(m in str(exc) for m in PEER_LOST)
+    """Whether ``exc`` is a rank of a run of several losing another rank (which stopped first): a collective's
+    or the store's error (torch raises them as ``RuntimeError``s), not this rank's own broken pipe (a
+    ``BrokenPipeError`` writing a file, a log or a DataLoader worker's queue: its traceback is the run's cause)."""
+    text = str(exc)
+    return (int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and isinstance(exc, RuntimeError)
+            and 'DataLoader worker' not in text and any(m in text for m in PEER_LOST))
 
 
 def failure_message(exc: BaseException) -> str:

@@ -71,10 +71,12 @@ def _reread_config(spec):
     return official_to_hf_vision_config(read_json(os.path.join(spec['path'], 'config.json')))
 
 
-def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
+def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16', zero3: bool = False):
     """The config's ``VisionLanguageModel`` on the meta device (its settings; no previous stage loaded), from the
     folders' ``config.json`` alone: where the LLM's folder has no tokenizer, its vocabulary is
-    :func:`xtuner_plugins.plan_configs.model_vocabulary`'s (``model.planned_vocabulary`` says which)."""
+    :func:`xtuner_plugins.plan_configs.model_vocabulary`'s (``model.planned_vocabulary`` says which). ``zero3``:
+    planned for DeepSpeed ZeRO-3, where ``compile_blocks='auto'`` compiles nothing (as for a quantised LLM, which
+    the meta model is not)."""
     from xtuner_plugins.models import VisionLanguageModel
     from xtuner_plugins.models.liger import liger_parts
     from xtuner_plugins.plan_configs import model_vocabulary
@@ -83,6 +85,8 @@ def build_meta_model(model_cfg: dict, torch_dtype: str = 'bfloat16'):
     liger = liger_parts(cfg.pop('liger_kernel', False),   # its kernels need a GPU; the plan needs only the parts
                         preference=cfg.get('preference') is not None)
     cfg.update(pretrained_pth=None, from_scratch=True, torch_dtype=torch_dtype, zero3_init=False)
+    if cfg.get('compile_blocks', 'auto') == 'auto' and (quantized or zero3):
+        cfg['compile_blocks'] = False   # as the run resolves 'auto' (its why_not); the plan kept compiled blocks' peaks
     if cfg.get('attn_implementation') == 'flash_attention_2':  # not needed to build the shapes
         cfg['attn_implementation'] = 'sdpa'
     rows, source = model_vocabulary(cfg)

@@ -125,6 +125,49 @@ def test_gradients_match_sdpa(shape, causal):
         assert err <= bound, (name, err, bound)
 
 
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+@pytest.mark.parametrize('heads,width,bounds', [
+    ((14, 2), 64, [[0, 7, 100, 100, 299, 300]]),   # Qwen2.5-0.5B's heads; an empty sample; a 1-token one at the end
+    ((4, 4), 72, [[0, 50, 257, 257], [0, 1, 2, 257]]),   # two rows of their own bounds (SigLIP's width)
+    ((2, 1), 16, [[0, 130]]),   # one sample: the whole row
+])
+def test_packed_rows_in_one_call_match_sdpa_per_sample(heads, width, bounds):
+    """bounds: each sample of each row attended causally on its own in one call, output and gradients against fp32
+    SDPA run sample by sample, no further off than bf16 SDPA sample by sample."""
+    (h, kv), bounds = heads, torch.tensor(bounds)
+    b, n = bounds.shape[0], int(bounds[0, -1])
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, heads, width, generator=g).to(torch.bfloat16).transpose(1, 2)
+               for heads in (h, kv, kv))
+    grad = torch.randn(b, n, h, width, generator=g).to(torch.bfloat16)
+
+    def run(kernel, dtype):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        if kernel:
+            out = ca.kernel_attention(qq, kk, vv, width ** -0.5, True, bounds)
+        else:
+            out = torch.cat([torch.cat([F.scaled_dot_product_attention(
+                qq[r:r + 1, :, s:e], kk[r:r + 1, :, s:e], vv[r:r + 1, :, s:e], is_causal=True, enable_gqa=kv != h)
+                for s, e in zip(cuts[:-1], cuts[1:]) if e > s], 2) for r, cuts in enumerate(bounds.tolist())])
+            out = out.transpose(1, 2)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, qq.grad, kk.grad, vv.grad)]
+    ref, ours, sdpa = run(False, torch.float32), run(True, torch.bfloat16), run(False, torch.bfloat16)
+    for name, r, a, s in zip(('out', 'dq', 'dk', 'dv'), ref, ours, sdpa):
+        err, bound = (a - r).abs().max().item(), 1.5 * (s - r).abs().max().item() + 0.01 * r.abs().max().item()
+        assert err <= bound, (name, err, bound)
+
+
+@pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
+@pytest.mark.parametrize('bounds', [[[0, 5, 11]], [[1, 5, 12]], [[0, 7, 5, 12]], [[0, 12]] * 2])
+def test_bounds_that_do_not_cover_the_row_are_refused(bounds):
+    """Bounds that do not run from 0 to the row's length in order (or one row's bounds for two rows) are refused,
+    naming them, never read past."""
+    q, k, v = qkv(1, 2, 12, 12, 16)
+    with pytest.raises(RuntimeError, match=r'refused .*bounds .*sizes it does not take'):
+        ca.cpu_bf16_attention(q, k, v, 0.25, True, torch.tensor(bounds))
+
+
 @pytest.fixture
 def packed_batch(batch):
     """The model tests' mixed batch as one pack of its three samples."""
@@ -145,7 +188,8 @@ class CountKernel(TorchDispatchMode):
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel (see test_not_routed_where_it_does_not_pay)')
 @pytest.mark.parametrize('recipe', ['bf16 weights', 'fp32 trained weights under bf16 autocast'])
 def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(tiny, packed_batch, recipe):
-    """sdpa_segments: each sample of the packs on the kernel, forward and backward, with bf16 weights and with the
+    """sdpa_segments: every sample of a pack on the kernel in one call per row (no loop over samples), forward and
+    backward, with bf16 weights and with the
     full fine-tuning recipe (fp32 trained weights under bf16 autocast, whose fp32 residual stream makes the queries
     fp32 through RoPE: the kernel was left out there at first); checkpointing that keeps attention never runs it
     again; the loss and gradients as with no checkpointing, and near SDPA's."""
@@ -163,11 +207,11 @@ def test_packed_llm_attention_trains_on_the_kernel_and_checkpointing_keeps_it(ti
             loss.backward()
         runs[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}, \
             count.calls
-    samples = sum(len(lens) for lens in packed_batch['seq_lens'])
+    assert sum(len(lens) for lens in packed_batch['seq_lens']) > 1   # packs of samples: one call for them all
     layers = 2   # the tiny LLM's and the tiny tower's
     assert runs['sdpa'][2] == {}
-    assert runs['kernel'][2] == {'xtuner_plugins::cpu_bf16_attention_train': samples * layers,
-                                 'xtuner_plugins::cpu_bf16_attention_backward': samples * layers,
+    assert runs['kernel'][2] == {'xtuner_plugins::cpu_bf16_attention_train': layers,
+                                 'xtuner_plugins::cpu_bf16_attention_backward': layers,
                                  'xtuner_plugins::cpu_bf16_attention': layers}   # the frozen tower's, forward only
     assert runs['kept'][2] == runs['kernel'][2]
     assert runs['kept'][0] == pytest.approx(runs['kernel'][0], rel=1e-3)
@@ -300,3 +344,7 @@ def test_the_ops_pass_torch_opcheck():
         torch.library.opcheck(ca.cpu_bf16_attention, (q, k, v, 0.25))
         torch.library.opcheck(ca.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True))
         torch.library.opcheck(ca.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True))
+        bounds = torch.tensor([[0, 5, 12]])   # a packed row of two samples
+        out, lse = ca.cpu_bf16_attention_train(qc, kc, vc, 0.25, True, bounds)
+        torch.library.opcheck(ca.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True, bounds))
+        torch.library.opcheck(ca.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True, bounds))

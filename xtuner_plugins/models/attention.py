@@ -73,6 +73,9 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     if bounds is None or attention_mask is not None:   # SDPA, or the CPU kernel where it computes the same
         return cpu_attention.attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        is_causal=True if attention_mask is None else is_causal, **kwargs)
+    whole = cpu_attention.packed_causal(module, query, key, value, dropout, scaling, bounds)
+    if whole is not None:   # every sample in one call of the CPU kernel
+        return whole, None
     gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     rows = []
     # split, not slices: a slice's backward writes its gradient into a zero-filled copy of the whole input, once

@@ -136,8 +136,8 @@ def library() -> Optional[ctypes.CDLL]:
         warnings.warn(f"the CPU attention kernel is not available ({e}); attention runs on torch's SDPA")
         return None
     p, i, a, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int
-    lib.attn_fwd.argtypes = [p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, f, n, n]
-    lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, a, a, f, n, n]
+    lib.attn_fwd.argtypes = [p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, f, n, n, p, i]
+    lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, a, a, f, n, n, p, i]
     lib.attn_fwd.restype = lib.attn_bwd.restype = ctypes.c_int
     return lib
 
@@ -158,61 +158,77 @@ def _rows(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def _check(rc: int, query, key) -> None:
+def _check(rc: int, query, key, bounds) -> None:
     if rc:
-        raise RuntimeError(f'the CPU attention kernel refused q {tuple(query.shape)}, k {tuple(key.shape)} '
+        raise RuntimeError(f'the CPU attention kernel refused q {tuple(query.shape)}, k {tuple(key.shape)}'
+                           f'{"" if bounds is None else f", bounds {bounds.tolist()}"} '
                            f'({"out of memory" if rc == 2 else "sizes it does not take"})')
 
 
-def _forward(query, key, value, scale: float, causal: bool, lse: bool):
+def _bounds(bounds: Optional[torch.Tensor], query, key):
+    """``bounds`` as the kernel reads them (int64, contiguous, ``[B, S + 1]``: one row for each of ``query``'s) and
+    their pointer and row length; the kernel checks each row's values."""
+    if bounds is None:
+        return None, None, 0
+    bounds = bounds.to(torch.int64).contiguous()
+    if bounds.dim() != 2 or bounds.shape[0] != query.shape[0]:
+        _check(1, query, key, bounds)
+    return bounds, bounds.data_ptr(), bounds.shape[-1]
+
+
+def _forward(query, key, value, scale: float, causal: bool, lse: bool, bounds: Optional[torch.Tensor]):
     query, key, value = _rows(query, key, value)
     b, h, n, d = query.shape
     out = torch.empty(b, n, h, d, dtype=query.dtype)
     sums = torch.empty(b, h, n, dtype=torch.float32) if lse else None
+    kept, pointer, nb = _bounds(bounds, query, key)
     rc = _lib().attn_fwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
                          sums.data_ptr() if lse else None, b, h, key.shape[1], n, key.shape[2], d,
                          *_strides(query, key, value, out.transpose(1, 2)), scale, int(causal),
-                         torch.get_num_threads())
-    _check(rc, query, key)
+                         torch.get_num_threads(), pointer, nb)
+    _check(rc, query, key, kept)
     return out, sums
 
 
 @torch.library.custom_op('xtuner_plugins::cpu_bf16_attention', mutates_args=())
 def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                       causal: bool = False) -> torch.Tensor:
+                       causal: bool = False, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B, H, N, D]``, k and v ``[B, KVH, M, D]`` (bf16, CPU; the query heads
     a multiple of the key/value heads, which serve ``H / KVH`` query heads each), returned as ``[B, N, H, D]``
-    (the layout transformers' attention functions return); causal: ``N == M``, query i sees keys 0..i. No
-    gradient: :func:`cpu_bf16_attention_train` is the one autograd goes through."""
-    return _forward(query, key, value, scale, causal, lse=False)[0]
+    (the layout transformers' attention functions return); causal: ``N == M``, query i sees keys 0..i.
+    ``bounds`` (``[B, S + 1]``, each row's samples: 0, ends ascending, N; ``N == M``): each sample of a packed row
+    attended on its own, in one call (no Python loop over samples). No gradient: :func:`cpu_bf16_attention_train`
+    is the one autograd goes through."""
+    return _forward(query, key, value, scale, causal, lse=False, bounds=bounds)[0]
 
 
 @cpu_bf16_attention.register_fake
-def _(query, key, value, scale, causal=False):
+def _(query, key, value, scale, causal=False, bounds=None):
     b, h, n, d = query.shape
     return query.new_empty(b, n, h, d)
 
 
 @torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_train', mutates_args=())
 def cpu_bf16_attention_train(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                             causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                             causal: bool, bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`cpu_bf16_attention` and each query's log-sum-exp of its scaled scores (``[B, H, N]`` fp32), which
     its backward reads; differentiable in q, k and v."""
-    return _forward(query, key, value, scale, causal, lse=True)
+    return _forward(query, key, value, scale, causal, lse=True, bounds=bounds)
 
 
 @cpu_bf16_attention_train.register_fake
-def _(query, key, value, scale, causal):
+def _(query, key, value, scale, causal, bounds=None):
     b, h, n, d = query.shape
     return query.new_empty(b, n, h, d), query.new_empty(b, h, n, dtype=torch.float32)
 
 
 @torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_backward', mutates_args=())
 def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, scale: float,
-                                causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                                bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of :func:`cpu_bf16_attention_train` for ``grad`` (``[B, N, H, D]``, as its output)."""
     query, key, value, out, grad = _rows(query, key, value, out, grad)
+    kept, pointer, nb = _bounds(bounds, query, key)
     b, h, n, d = query.shape
     dq = torch.empty(b, n, h, d, dtype=query.dtype).transpose(1, 2)
     dk = torch.zeros(key.shape, dtype=torch.float32)
@@ -221,28 +237,28 @@ def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: to
                          lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h,
                          key.shape[1], n, key.shape[2], d,
                          *_strides(query, key, value, out.transpose(1, 2), grad.transpose(1, 2), dq), scale,
-                         int(causal), torch.get_num_threads())
-    _check(rc, query, key)
+                         int(causal), torch.get_num_threads(), pointer, nb)
+    _check(rc, query, key, kept)
     return dq, dk.to(key.dtype), dv.to(value.dtype)
 
 
 @cpu_bf16_attention_backward.register_fake
-def _(grad, query, key, value, out, lse, scale, causal):
+def _(grad, query, key, value, out, lse, scale, causal, bounds=None):
     b, h, n, d = query.shape   # as the real one: dq a transposed [B, N, H, D], dk and dv contiguous
     return (query.new_empty(b, n, h, d).transpose(1, 2), key.new_empty(key.shape, dtype=key.dtype),
             value.new_empty(value.shape, dtype=value.dtype))
 
 
 def _setup(ctx, inputs, output):
-    query, key, value, scale, causal = inputs
-    ctx.save_for_backward(query, key, value, *output)
+    query, key, value, scale, causal, bounds = inputs
+    ctx.save_for_backward(query, key, value, *output, bounds)
     ctx.scale, ctx.causal = scale, causal
 
 
 def _backward(ctx, grad, _grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
-    dq, dk, dv = cpu_bf16_attention_backward(grad, query, key, value, out, lse, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None
+    query, key, value, out, lse, bounds = ctx.saved_tensors
+    dq, dk, dv = cpu_bf16_attention_backward(grad, query, key, value, out, lse, ctx.scale, ctx.causal, bounds)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd('xtuner_plugins::cpu_bf16_attention_train', _backward, setup_context=_setup)
@@ -253,14 +269,15 @@ def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
 
 
-def kernel_attention(query, key, value, scale: float, causal: bool) -> torch.Tensor:
+def kernel_attention(query, key, value, scale: float, causal: bool,
+                     bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[B, N, H, D]``: the training op where autograd wants a gradient, else the forward-only one. fp32 inputs
     under bf16 autocast are cast to bf16 first, as autocast casts SDPA's (the recipe's fp32 residual stream makes
     the LLM's queries and keys fp32 through RoPE, its values bf16)."""
     query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))   # no copy when bf16
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        return cpu_bf16_attention_train(query, key, value, scale, causal)[0]
-    return cpu_bf16_attention(query, key, value, scale, causal)
+        return cpu_bf16_attention_train(query, key, value, scale, causal, bounds)[0]
+    return cpu_bf16_attention(query, key, value, scale, causal, bounds)
 
 
 def opt_out(model: torch.nn.Module) -> None:
@@ -307,6 +324,16 @@ def causal_sdpa(module, query, key, value, dropout: float, scaling: Optional[flo
         return kernel_attention(query, key, value, scale, True).transpose(1, 2)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                                             is_causal=True, enable_gqa=gqa)
+
+
+def packed_causal(module, query, key, value, dropout: float, scaling: Optional[float],
+                  bounds: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each sample of packed rows (``bounds``, ``[B, S + 1]``) attended causally on its own in one kernel call,
+    ``[B, N, H, D]``; None where the kernel does not compute what SDPA would (:func:`takes`)."""
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if not takes(module, query, key, value, None, dropout, True, scale, {}):
+        return None
+    return kernel_attention(query, key, value, scale, True, bounds)
 
 
 def route(part: torch.nn.Module) -> bool:

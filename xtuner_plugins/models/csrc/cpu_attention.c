@@ -171,6 +171,12 @@ static void gemm_nn(const bf16 *a, int64_t lda, int64_t rows, int64_t tn, const 
 }
 
 /* ---------------------------------------------------------------------------------------------- jobs */
+/* a sequence attended on its own: row b's queries start..start+n and keys start..start+m (a sample of a packed row
+ * with bounds; else the whole row, start 0) */
+typedef struct {
+    int64_t b, start, n, m;
+} seq_t;
+
 typedef struct {
     const bf16 *q, *k, *v, *o, *dout;
     bf16 *out, *dq;
@@ -179,17 +185,22 @@ typedef struct {
     int64_t qs[3], ks[3], vs[3], os[3], dos[3], dqs[3];  /* strides (elements) of batch, head, row */
     float scale;
     int causal, nthreads, tid, failed;
-    pthread_mutex_t *locks;          /* one per (batch, key/value head) */
+    const seq_t *seqs;               /* the sequences, longest first; tasks are (sequence, head) pairs */
+    int64_t nseq, maxn, maxm;
+    int64_t *next;                   /* the next task: threads take them in turn */
+    pthread_mutex_t *locks;          /* one per (sequence, key/value head) */
 } job_t;
 
-/* the keys row r of a block starting at q0 sees: all M, or causally those up to its own position */
-static inline int64_t seen(const job_t *j, int64_t q0, int64_t r) {
-    return j->causal ? (q0 + r + 1 < j->M ? q0 + r + 1 : j->M) : j->M;
+/* the keys row r of a block starting at q0 sees, of m: all, or causally those up to its own position */
+static inline int64_t seen(int causal, int64_t m, int64_t q0, int64_t r) {
+    return causal ? (q0 + r + 1 < m ? q0 + r + 1 : m) : m;
 }
+
+static inline int64_t take(job_t *j) { return __atomic_fetch_add(j->next, 1, __ATOMIC_RELAXED); }
 
 static void *forward_worker(void *arg) {
     job_t *j = (job_t *)arg;
-    const int64_t M = j->M, N = j->N, D = j->D, Dp = up(D, 16), MP = up(M, KT);
+    const int64_t D = j->D, Dp = up(D, 16), MP = up(j->maxm, KT);
     bf16 *kp = aligned_alloc(64, MP * Dp * 2), *vp = aligned_alloc(64, MP * Dp * 2);
     bf16 *qb = aligned_alloc(64, QB * Dp * 2), *p = aligned_alloc(64, QB * MP * 2);
     float *s = aligned_alloc(64, QB * MP * 4), *o = aligned_alloc(64, QB * Dp * 4);
@@ -198,21 +209,23 @@ static void *forward_worker(void *arg) {
         j->failed = 1;
         goto done;
     }
-    for (int64_t bh = j->tid; bh < j->B * j->H; bh += j->nthreads) {
-        const int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
-        const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1];
-        pack_nt(j->k + b * j->ks[0] + g * j->ks[1], j->ks[2], M, D, MP, Dp, kp);
-        pack_nn(j->v + b * j->vs[0] + g * j->vs[1], j->vs[2], M, D, MP, Dp, vp);
+    for (int64_t t = take(j); t < j->nseq * j->H; t = take(j)) {
+        const seq_t *sq = &j->seqs[t / j->H];
+        const int64_t b = sq->b, h = t % j->H, g = h / (j->H / j->KVH), N = sq->n, M = sq->m, s0 = sq->start;
+        const int64_t mp = up(M, KT);
+        const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1] + s0 * j->qs[2];
+        pack_nt(j->k + b * j->ks[0] + g * j->ks[1] + s0 * j->ks[2], j->ks[2], M, D, mp, Dp, kp);
+        pack_nn(j->v + b * j->vs[0] + g * j->vs[1] + s0 * j->vs[2], j->vs[2], M, D, mp, Dp, vp);
         for (int64_t q0 = 0; q0 < N; q0 += QB) {
             const int64_t rows = N - q0 < QB ? N - q0 : QB;
-            const int64_t kl = seen(j, q0, rows - 1), klp = up(kl, KT);
+            const int64_t kl = seen(j->causal, M, q0, rows - 1), klp = up(kl, KT);
             copy_rows(q + q0 * j->qs[2], j->qs[2], rows, D, Dp, qb);
             gemm_nt(qb, QB, kp, klp, Dp, s, klp);
             const __m512 sc = _mm512_set1_ps(j->scale);
             for (int64_t r = 0; r < QB; r++) {
                 float *sr = s + r * klp;
                 bf16 *pr = p + r * klp;
-                const int64_t lim = r < rows ? seen(j, q0, r) : 0;
+                const int64_t lim = r < rows ? seen(j->causal, M, q0, r) : 0;
                 __m512 mx = _mm512_set1_ps(-INFINITY);
                 for (int64_t c = 0; c < lim; c += 16) {
                     const __mmask16 m = first(lim - c);
@@ -227,11 +240,11 @@ static void *forward_worker(void *arg) {
                     _mm256_storeu_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
                 }
                 rowsum[r] = _mm512_reduce_add_ps(sum);
-                if (j->lse && r < rows) j->lse[(b * j->H + h) * N + q0 + r] = mrow + logf(rowsum[r]);
+                if (j->lse && r < rows) j->lse[(b * j->H + h) * j->N + s0 + q0 + r] = mrow + logf(rowsum[r]);
             }
             gemm_nn(p, klp, QB, klp, vp, Dp, o, Dp, 0);
             for (int64_t r = 0; r < rows; r++) {
-                bf16 *orow = j->out + b * j->os[0] + h * j->os[1] + (q0 + r) * j->os[2];
+                bf16 *orow = j->out + b * j->os[0] + h * j->os[1] + (s0 + q0 + r) * j->os[2];
                 const float inv = 1.0f / rowsum[r];
                 for (int64_t c = 0; c < D; c++) orow[c] = to_bf16(o[r * Dp + c] * inv);
             }
@@ -250,27 +263,32 @@ done:
 
 static void *backward_worker(void *arg) {
     job_t *j = (job_t *)arg;
-    const int64_t M = j->M, N = j->N, D = j->D, Dp = up(D, 16), D6 = up(Dp, 6);
-    const int64_t MP = up(M, KB), NP = up(N, QBB);
-    bf16 *qt = aligned_alloc(64, NP * Dp * 2), *qn = aligned_alloc(64, NP * Dp * 2);
-    bf16 *dot = aligned_alloc(64, NP * Dp * 2), *don = aligned_alloc(64, NP * Dp * 2);
-    bf16 *kr = aligned_alloc(64, MP * Dp * 2), *vr = aligned_alloc(64, MP * Dp * 2);
-    bf16 *ktr = aligned_alloc(64, D6 * MP * 2);
+    const int64_t D = j->D, Dp = up(D, 16), D6 = up(Dp, 6);
+    const int64_t MPX = up(j->maxm, KB), NPX = up(j->maxn, QBB);   /* the buffers' rows: the longest sequence's */
+    bf16 *qt = aligned_alloc(64, NPX * Dp * 2), *qn = aligned_alloc(64, NPX * Dp * 2);
+    bf16 *dot = aligned_alloc(64, NPX * Dp * 2), *don = aligned_alloc(64, NPX * Dp * 2);
+    bf16 *kr = aligned_alloc(64, MPX * Dp * 2), *vr = aligned_alloc(64, MPX * Dp * 2);
+    bf16 *ktr = aligned_alloc(64, D6 * MPX * 2);
     float *s = aligned_alloc(64, KB * QBB * 4), *dp = aligned_alloc(64, KB * QBB * 4);
     bf16 *pb = aligned_alloc(64, KB * QBB * 2), *dsb = aligned_alloc(64, KB * QBB * 2);
     bf16 *dsn = aligned_alloc(64, KB * QBB * 2);
-    float *dqt = aligned_alloc(64, D6 * NP * 4), *dkl = aligned_alloc(64, MP * Dp * 4);
-    float *dvl = aligned_alloc(64, MP * Dp * 4), *lse = aligned_alloc(64, NP * 4), *dd = aligned_alloc(64, NP * 4);
+    float *dqt = aligned_alloc(64, D6 * NPX * 4), *dkl = aligned_alloc(64, MPX * Dp * 4);
+    float *dvl = aligned_alloc(64, MPX * Dp * 4), *lse = aligned_alloc(64, NPX * 4), *dd = aligned_alloc(64, NPX * 4);
     if (!qt || !qn || !dot || !don || !kr || !vr || !ktr || !s || !dp || !pb || !dsb || !dsn || !dqt || !dkl || !dvl
         || !lse || !dd) {
         j->failed = 1;
         goto done;
     }
-    for (int64_t bh = j->tid; bh < j->B * j->H; bh += j->nthreads) {
-        const int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
-        const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1], *o = j->o + b * j->os[0] + h * j->os[1];
-        const bf16 *dout = j->dout + b * j->dos[0] + h * j->dos[1];
-        const bf16 *k = j->k + b * j->ks[0] + g * j->ks[1], *v = j->v + b * j->vs[0] + g * j->vs[1];
+    for (int64_t t = take(j); t < j->nseq * j->H; t = take(j)) {
+        const int64_t si = t / j->H;
+        const seq_t *sq = &j->seqs[si];
+        const int64_t b = sq->b, h = t % j->H, g = h / (j->H / j->KVH), N = sq->n, M = sq->m, s0 = sq->start;
+        const int64_t MP = up(M, KB), NP = up(N, QBB);
+        const bf16 *q = j->q + b * j->qs[0] + h * j->qs[1] + s0 * j->qs[2];
+        const bf16 *o = j->o + b * j->os[0] + h * j->os[1] + s0 * j->os[2];
+        const bf16 *dout = j->dout + b * j->dos[0] + h * j->dos[1] + s0 * j->dos[2];
+        const bf16 *k = j->k + b * j->ks[0] + g * j->ks[1] + s0 * j->ks[2];
+        const bf16 *v = j->v + b * j->vs[0] + g * j->vs[1] + s0 * j->vs[2];
         pack_nt(q, j->qs[2], N, D, NP, Dp, qt);
         pack_nn(q, j->qs[2], N, D, NP, Dp, qn);
         pack_nt(dout, j->dos[2], N, D, NP, Dp, dot);
@@ -298,7 +316,7 @@ static void *backward_worker(void *arg) {
                 }
             }
             dd[i] = acc;
-            lse[i] = i < N ? j->lse[(b * j->H + h) * N + i] : 0.0f;
+            lse[i] = i < N ? j->lse[(b * j->H + h) * j->N + s0 + i] : 0.0f;
         }
         memset(dqt, 0, D6 * NP * 4);
         memset(dkl, 0, MP * Dp * 4);
@@ -338,17 +356,17 @@ static void *backward_worker(void *arg) {
             }
         }
         for (int64_t i = 0; i < N; i++) {
-            bf16 *drow = j->dq + b * j->dqs[0] + h * j->dqs[1] + i * j->dqs[2];
+            bf16 *drow = j->dq + b * j->dqs[0] + h * j->dqs[1] + (s0 + i) * j->dqs[2];
             for (int64_t c = 0; c < D; c++) drow[c] = to_bf16(dqt[c * NP + i] * j->scale);
         }
-        pthread_mutex_lock(&j->locks[b * j->KVH + g]);
-        float *dks = j->dk + (b * j->KVH + g) * M * D, *dvs = j->dv + (b * j->KVH + g) * M * D;
+        pthread_mutex_lock(&j->locks[si * j->KVH + g]);
+        float *dks = j->dk + ((b * j->KVH + g) * j->M + s0) * D, *dvs = j->dv + ((b * j->KVH + g) * j->M + s0) * D;
         for (int64_t r = 0; r < M; r++)
             for (int64_t c = 0; c < D; c++) {
                 dks[r * D + c] += dkl[r * Dp + c] * j->scale;
                 dvs[r * D + c] += dvl[r * Dp + c];
             }
-        pthread_mutex_unlock(&j->locks[b * j->KVH + g]);
+        pthread_mutex_unlock(&j->locks[si * j->KVH + g]);
     }
 done:
     free(qt); free(qn); free(dot); free(don); free(kr); free(vr); free(ktr); free(s); free(dp); free(pb); free(dsb);
@@ -360,9 +378,11 @@ static int run(job_t *proto, void *(*fn)(void *), int nthreads) {
     job_t jobs[MAXT];
     pthread_t th[MAXT];
     int started[MAXT] = {0};
+    int64_t next = 0;
+    proto->next = &next;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
-    if (nthreads > proto->B * proto->H) nthreads = (int)(proto->B * proto->H);
+    if (nthreads > proto->nseq * proto->H) nthreads = (int)(proto->nseq * proto->H);
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = *proto;
         jobs[t].nthreads = nthreads;
@@ -373,7 +393,7 @@ static int run(job_t *proto, void *(*fn)(void *), int nthreads) {
     fn(&jobs[0]);
     for (int t = 1; t < nthreads; t++) {
         if (started[t]) pthread_join(th[t], NULL);
-        else fn(&jobs[t]);  /* no thread to be had: this one does its share */
+        else fn(&jobs[t]);  /* no thread to be had: this one takes the tasks left, if any */
     }
     for (int t = 0; t < nthreads; t++)
         if (jobs[t].failed) return 2;
@@ -384,12 +404,65 @@ static int bad(int64_t B, int64_t H, int64_t KVH, int64_t N, int64_t M, int64_t 
     return D % 2 || D < 2 || M < 1 || N < 1 || B < 1 || H < 1 || KVH < 1 || H % KVH || (causal && N != M);
 }
 
+static int longest_first(const void *x, const void *y) {
+    const seq_t *a = x, *b = y;
+    if (a->n != b->n) return a->n < b->n ? 1 : -1;
+    if (a->b != b->b) return a->b < b->b ? -1 : 1;
+    return a->start < b->start ? -1 : a->start > b->start;
+}
+
+/* The sequences of j (B rows; with bounds, [B][nb] each row's sample bounds, 0 .. N ascending, a self-attention
+ * N == M: each sample on its own; empty ones left out), longest first; NULL and j->nseq 0 for bounds that are not
+ * such, j->nseq -1 when memory ran out. */
+static seq_t *sequences(job_t *j, const int64_t *bounds, int64_t nb) {
+    seq_t *seqs = malloc((bounds ? j->B * (nb > 1 ? nb - 1 : 1) : j->B) * sizeof(seq_t));
+    j->nseq = 0;
+    j->maxn = j->maxm = 0;
+    if (!seqs) {
+        j->nseq = -1;
+        return NULL;
+    }
+    if (bounds && (nb < 2 || j->N != j->M)) {
+        free(seqs);
+        return NULL;
+    }
+    for (int64_t b = 0; b < j->B; b++) {
+        if (!bounds) {
+            seqs[j->nseq++] = (seq_t){b, 0, j->N, j->M};
+            continue;
+        }
+        const int64_t *row = bounds + b * nb;
+        if (row[0] != 0 || row[nb - 1] != j->N) {
+            free(seqs);
+            j->nseq = 0;
+            return NULL;
+        }
+        for (int64_t i = 0; i + 1 < nb; i++) {
+            const int64_t n = row[i + 1] - row[i];
+            if (n < 0) {
+                free(seqs);
+                j->nseq = 0;
+                return NULL;
+            }
+            if (n) seqs[j->nseq++] = (seq_t){b, row[i], n, n};
+        }
+    }
+    qsort(seqs, j->nseq, sizeof(seq_t), longest_first);
+    for (int64_t i = 0; i < j->nseq; i++) {
+        if (seqs[i].n > j->maxn) j->maxn = seqs[i].n;
+        if (seqs[i].m > j->maxm) j->maxm = seqs[i].m;
+    }
+    return seqs;
+}
+
 /* q [B, H, N, D]; k, v [B, KVH, M, D]; out [B, H, N, D]: any strides (elements; batch, head, row) with a contiguous
  * last dim; lse (NULL: not wanted) [B, H, N] fp32, contiguous. causal: N == M, row i sees keys 0..i. D even.
- * Returns 0; 1 for sizes it does not take, 2 when memory ran out. */
+ * bounds (NULL: none) [B][nb] int64: each row's samples (0 = bounds[0] <= ... <= bounds[nb - 1] = N; N == M),
+ * each attended on its own (causally within it when causal). Returns 0; 1 for sizes it does not take, 2 when
+ * memory ran out. */
 int attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, int64_t B, int64_t H, int64_t KVH,
              int64_t N, int64_t M, int64_t D, const int64_t *qs, const int64_t *ks, const int64_t *vs,
-             const int64_t *os, float scale, int causal, int nthreads) {
+             const int64_t *os, float scale, int causal, int nthreads, const int64_t *bounds, int64_t nb) {
     if (bad(B, H, KVH, N, M, D, causal)) return 1;
     job_t j;
     memset(&j, 0, sizeof j);
@@ -397,28 +470,40 @@ int attn_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse,
     j.B = B; j.H = H; j.KVH = KVH; j.N = N; j.M = M; j.D = D;
     memcpy(j.qs, qs, 24); memcpy(j.ks, ks, 24); memcpy(j.vs, vs, 24); memcpy(j.os, os, 24);
     j.scale = scale; j.causal = causal;
-    return run(&j, forward_worker, nthreads);
+    seq_t *seqs = sequences(&j, bounds, nb);
+    if (!seqs) return j.nseq < 0 ? 2 : 1;
+    j.seqs = seqs;
+    const int rc = j.nseq ? run(&j, forward_worker, nthreads) : 0;
+    free(seqs);
+    return rc;
 }
 
 /* The backward of attn_fwd: dq [B, H, N, D] bf16 written; dk, dv [B, KVH, M, D] fp32, contiguous, added to (zero
- * them first); o, dout in the strides given, lse as attn_fwd wrote it. */
+ * them first); o, dout in the strides given, lse as attn_fwd wrote it, bounds as attn_fwd took them. */
 int attn_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
              bf16 *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t KVH, int64_t N, int64_t M, int64_t D,
              const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os, const int64_t *dos,
-             const int64_t *dqs, float scale, int causal, int nthreads) {
+             const int64_t *dqs, float scale, int causal, int nthreads, const int64_t *bounds, int64_t nb) {
     if (bad(B, H, KVH, N, M, D, causal)) return 1;
-    pthread_mutex_t *locks = malloc(B * KVH * sizeof(pthread_mutex_t));
-    if (!locks) return 2;
-    for (int64_t i = 0; i < B * KVH; i++) pthread_mutex_init(&locks[i], NULL);
     job_t j;
     memset(&j, 0, sizeof j);
     j.q = q; j.k = k; j.v = v; j.o = o; j.dout = dout; j.lse = (float *)lse; j.dq = dq; j.dk = dk; j.dv = dv;
     j.B = B; j.H = H; j.KVH = KVH; j.N = N; j.M = M; j.D = D;
     memcpy(j.qs, qs, 24); memcpy(j.ks, ks, 24); memcpy(j.vs, vs, 24); memcpy(j.os, os, 24);
     memcpy(j.dos, dos, 24); memcpy(j.dqs, dqs, 24);
-    j.scale = scale; j.causal = causal; j.locks = locks;
-    const int rc = run(&j, backward_worker, nthreads);
-    for (int64_t i = 0; i < B * KVH; i++) pthread_mutex_destroy(&locks[i]);
+    j.scale = scale; j.causal = causal;
+    seq_t *seqs = sequences(&j, bounds, nb);
+    if (!seqs) return j.nseq < 0 ? 2 : 1;
+    pthread_mutex_t *locks = malloc((j.nseq ? j.nseq : 1) * KVH * sizeof(pthread_mutex_t));
+    if (!locks) {
+        free(seqs);
+        return 2;
+    }
+    for (int64_t i = 0; i < j.nseq * KVH; i++) pthread_mutex_init(&locks[i], NULL);
+    j.seqs = seqs; j.locks = locks;
+    const int rc = j.nseq ? run(&j, backward_worker, nthreads) : 0;
+    for (int64_t i = 0; i < j.nseq * KVH; i++) pthread_mutex_destroy(&locks[i]);
     free(locks);
+    free(seqs);
     return rc;
 }

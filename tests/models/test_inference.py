@@ -188,9 +188,23 @@ def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, ca
     from tools.chat import main as chat_main
     from tools.serve import main as serve_main
     marker = tmp_path / 'ran'
-    changed, added, remote = (str(tmp_path / name) for name in ('changed', 'added', 'remote_map'))
-    for copy in (changed, added, remote):
+    changed, added, remote, linked, pathlike = (str(tmp_path / name) for name in (
+        'changed', 'added', 'remote_map', 'linked', 'pathlike'))
+    for copy in (changed, added, remote, linked, pathlike):
         shutil.copytree(folder, copy)
+    # code in a folder reached through a symbolic link (os.walk did not follow it; transformers does), named by
+    # an auto_map entry with a path; and a path-like entry to a file beside the folder
+    payload = tmp_path / 'payload'
+    payload.mkdir()
+    (payload / 'evil.py').write_text(f'open({str(marker)!r}, "w").write("ran")\n')
+    os.symlink(payload, os.path.join(linked, 'sub'))
+    os.symlink(linked, os.path.join(linked, 'loop'))   # a link back to the folder: read once, no endless walk
+    for path, entry in ((linked, 'sub/evil.InternVLChatConfig'), (pathlike, '../payload/evil.InternVLChatConfig')):
+        with open(os.path.join(path, 'config.json')) as f:
+            cfg = json.load(f)
+        cfg['auto_map']['AutoConfig'] = entry
+        with open(os.path.join(path, 'config.json'), 'w') as f:
+            json.dump(cfg, f)
     with open(os.path.join(changed, 'modeling_internvl_chat.py'), 'a') as f:
         f.write(f'\nopen({str(marker)!r}, "w").write("ran")\n')
     with open(os.path.join(added, 'tokenization_x.py'), 'w') as f:
@@ -202,7 +216,10 @@ def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, ca
         json.dump(tok, f)
     says = {changed: f'{changed}/modeling_internvl_chat.py differs from this project\'s modeling_internvl_chat.py',
             added: f'{added}/tokenization_x.py is code this project does not ship in a converted folder',
-            remote: f'{remote}/tokenizer_config.json\'s auto_map names code in another repository'}
+            remote: f'{remote}/tokenizer_config.json\'s auto_map names code in another repository',
+            linked: f'{linked}/sub/evil.py is code this project does not ship in a converted folder',
+            pathlike: f'{pathlike}/config.json\'s auto_map names \'../payload/evil.InternVLChatConfig\': not a class '
+                      'of a module at the folder\'s top level (module.Class), where a converted folder\'s code is'}
     for path, why in says.items():
         for prog, (main, args) in tools(tmp_path).items():
             assert main([path, *args]) == 2, prog

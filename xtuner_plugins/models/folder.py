@@ -7,6 +7,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 from typing import Callable, Optional, Tuple
 
 FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
@@ -195,8 +196,16 @@ def foreign_code(folder: str) -> Optional[str]:
     """Why loading ``folder`` with ``trust_remote_code`` would run code this project did not write, or None: a
     ``.py`` file in it (at any depth) that is not byte for byte this checkout's file of that name, or an
     ``auto_map`` naming code in another repository (``REPO--module.Class``). The tools run a folder's code only
-    when it is ours (a folder from someone else, or converted by another version, may run anything on import)."""
-    for root, dirs, files in os.walk(folder):
+    when it is ours (a folder from someone else, or converted by another version, may run anything on import).
+    Symbolic links to folders are followed, as transformers follows them (each real folder read once), and an
+    ``auto_map`` entry must name a module at the folder's top level (``module.Class``), where ours are."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:   # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs.sort()
         for name in sorted(files):
             if not name.endswith('.py'):
@@ -213,9 +222,18 @@ def foreign_code(folder: str) -> Optional[str]:
                 text = f.read()
         except OSError:
             continue
-        if any('--' in value for value in _auto_map_values(text)):
+        values = _auto_map_values(text)
+        if any('--' in value for value in values):
             return f'{os.path.join(folder, json_name)}\'s auto_map names code in another repository'
+        outside = next((value for value in values if not _TOP_LEVEL_CLASS.fullmatch(value)), None)
+        if outside is not None:
+            return (f'{os.path.join(folder, json_name)}\'s auto_map names {outside!r}: not a class of a module at '
+                    'the folder\'s top level (module.Class), where a converted folder\'s code is')
     return None
+
+
+#: an ``auto_map`` entry of a converted folder: a class of a module at its top level
+_TOP_LEVEL_CLASS = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*')
 
 
 def _auto_map_values(text: str):

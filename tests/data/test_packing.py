@@ -41,3 +41,25 @@ def test_packed_items(tmp_path, tiny_tokenizer):
     assert count_tokens_and_samples({'data': batch}) == (2 * sum(lens), 8)  # throughput counts packed samples
     small = PackedInternVLDataset(ds, max_tokens=max(ds.length), max_tiles=3, seed=0)
     assert len(small) > 1 and all(sum(ds.num_tiles_per_item[i] for i in p) <= 3 for p in small.packs)
+
+
+def test_packing_counts_exact_lengths_and_tiles_with_a_length_field(tmp_path, tiny_tokenizer):
+    """length_field (InternVL's untokenised 'length', one tile an image) serves the length-grouped sampler;
+    packing planned its budgets from it: 8 samples of 9 tiles each claiming 10 tokens went into 2 packs of 36
+    tiles under max_tiles=6. Packs are planned from the samples as they load."""
+    write_image(tmp_path / 'i' / 'a.png', size=(84, 28))   # 3 tiles + a thumbnail at 28 px
+    samples = [{'image': 'a.png', 'length': 10, 'conversations': conv(answer='word ' * 20)} for _ in range(8)]
+    path = write_jsonl(tmp_path / 'd.jsonl', samples)
+
+    def packs(**kw):
+        ds = InternVLDataset(path, image_folders=str(tmp_path / 'i'), tokenizer=tiny_tokenizer, image_size=28,
+                             max_dynamic_patch=6, cache_dir=str(tmp_path / 'c'), **kw)
+        return ds, PackedInternVLDataset(ds, max_tokens=150, max_tiles=6, seed=0)
+    exact_ds, exact = packs()
+    given_ds, given = packs(length_field='length')
+    assert given_ds.length == [10] * 8 and given_ds.num_tiles_per_item == [1] * 8   # the sampler's, as given
+    item = exact[0]
+    tiles, tokens = item['num_tiles'], item['input_ids'].shape[0]
+    assert tiles == 4 and tokens > 75   # one sample a pack: two would pass both budgets
+    assert given.packs == exact.packs and len(given) == 8
+    assert given.length == exact.length == [tokens] * 8

@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -74,3 +75,41 @@ def test_installed_without_the_checkout_it_asks_for_configs(monkeypatch, tmp_pat
     assert 'demo failed: ' in capsys.readouterr().out and sorted(os.listdir(work)) == ['demo.log']
     assert run.main(['--work-dir', str(work), '--configs', str(tmp_path / 'nowhere')]) == 1
     assert 'nowhere' in capsys.readouterr().out
+
+
+def test_a_work_dir_that_is_no_demo_run_is_refused_untouched(tmp_path, capsys):
+    """--work-dir naming a folder of the user's (work_dirs, where the stage configs' own runs are): the demo
+    replaced its pretrain_mlp/ run and overwrote data/sft.jsonl. Refused before anything is written there; an
+    earlier demo run (its recipe.json) or a folder holding only a demo.log is run into as before."""
+    work = tmp_path / 'work_dirs'
+    (work / 'pretrain_mlp').mkdir(parents=True)
+    (work / 'pretrain_mlp' / 'iter_500.pth').write_bytes(b'weeks of training')
+    (work / 'data').mkdir()
+    (work / 'data' / 'sft.jsonl').write_text('hand-labelled\n')
+    before = sorted(p.name for p in work.rglob('*'))
+    assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f'demo: refused: --work-dir {work} holds data, pretrain_mlp and is no earlier demo run (no recipe.json): the '
+        'demo replaces its stage folders and data there; give a new or empty folder, or an earlier demo run\'s')
+    assert sorted(p.name for p in work.rglob('*')) == before
+    with pytest.raises(DemoError, match='is no earlier demo run'):
+        run.run_demo(str(work), run.RECIPES['quick'])
+    assert (work / 'data' / 'sft.jsonl').read_text() == 'hand-labelled\n'
+    (work / 'recipe.json').write_text('{}')   # an earlier demo run's
+    assert run.not_a_demo_run(str(work)) is None
+    only_log = tmp_path / 'fresh'
+    only_log.mkdir()
+    (only_log / 'demo.log').write_text('')
+    assert run.not_a_demo_run(str(only_log)) is None and run.not_a_demo_run(str(tmp_path / 'new')) is None
+
+
+def test_sigterm_stops_the_demo_as_ctrl_c_does():
+    """A SIGTERM left the demo's training running, orphaned (it runs in a session of its own; only an exception
+    on the way out stops it): inside the demo it raises KeyboardInterrupt, and the handler before is put back."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with run._sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)   # the handler raises here at once
+    assert signal.getsignal(signal.SIGTERM) is before

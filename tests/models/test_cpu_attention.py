@@ -64,6 +64,28 @@ def test_no_compiler_warns_and_sdpa_runs(monkeypatch, tmp_path):
         ca.library.cache_clear()
 
 
+def test_a_cc_that_does_not_parse_or_a_shared_cache_leaves_sdpa(monkeypatch, tmp_path):
+    """$CC with an unclosed quote raised shlex's ValueError out of the model's build; a library in a cache folder
+    others can write to (a shared $XDG_CACHE_HOME) was loaded, and ran as this process. Both warn and keep SDPA."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setenv('CC', 'gcc "')
+    ca.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match='not available .*CC .*does not read as a command'):
+            assert ca.library() is None
+        monkeypatch.delenv('CC')
+        ca.library.cache_clear()
+        path = ca.build()   # a good build, in a private folder
+        ca.library.cache_clear()
+        assert ca.library() is not None
+        os.chmod(os.path.dirname(path), 0o777)
+        ca.library.cache_clear()
+        with pytest.warns(UserWarning, match='writable by others: a kernel built there is not loaded'):
+            assert ca.library() is None
+    finally:
+        ca.library.cache_clear()
+
+
 def test_a_cached_build_that_does_not_load_is_built_again(monkeypatch, tmp_path):
     """A build cut short (an empty file under the final name) was loaded, failed, and kept SDPA for good."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))

@@ -325,6 +325,21 @@ def test_refusals(tiny, tmp_path, capsys):
     shutil.copytree(tiny['llm'], plain)
     assert "is of model_type 'qwen2', not one a conversion writes" in refused(LORA, ckpt, str(plain), '--overwrite')
     assert sorted(os.listdir(plain)) == sorted(os.listdir(tiny['llm']))
+    # one .gguf file among others (a folder of downloads) passed for a conversion and was emptied: only the pair a
+    # GGUF conversion into that folder writes is one
+    downloads = tmp_path / 'my_llms'
+    downloads.mkdir()
+    for name in ('llama-3-8b.Q4_K_M.gguf', 'notes.txt'):
+        (downloads / name).write_text('x')
+    assert ('not the two files a GGUF conversion into it writes (my_llms-TYPE.gguf and mmproj-my_llms-TYPE.gguf)'
+            in refused(LORA, ckpt, str(downloads), '--overwrite'))
+    os.remove(downloads / 'notes.txt')
+    assert 'not the two files' in refused(LORA, ckpt, str(downloads), '--overwrite')
+    assert sorted(os.listdir(downloads)) == ['llama-3-8b.Q4_K_M.gguf']
+    from xtuner_plugins.models.export.job import not_a_conversion
+    (downloads / 'llama-3-8b.Q4_K_M.gguf').rename(downloads / 'my_llms-F16.gguf')
+    (downloads / 'mmproj-my_llms-F16.gguf').write_text('x')
+    assert not_a_conversion(str(downloads)) is None   # what a GGUF conversion into it wrote
     for _ in range(2):  # written, then replaced
         assert convert_main([LORA, ckpt, str(tmp_path / 'full'), '--dtype', 'fp32', '--overwrite'] +
                             as_args(opts)) == 0
@@ -587,15 +602,34 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     os.replace(out, tmp_path / f'out.old-{gone.pid}')
     (tmp_path / f'out.tmp-{gone.pid}').mkdir()
     (tmp_path / f'out.tmp-{gone.pid}' / 'model-00001-of-00002.safetensors').write_bytes(b'half')
+    import json
+    import socket
+
+    def claim(pid, host=socket.gethostname()):   # what the killed conversion wrote beside OUT_DIR as it started
+        (tmp_path / f'out.converting-{pid}').write_text(json.dumps({'host': host, 'pid': pid}))
+    claim(gone.pid)
     live = tmp_path / f'out.tmp-{os.getpid()}x'   # not the pattern: left alone
     live.mkdir()
+    # named alike but claimed by no conversion of this machine: a user's backup (it was deleted), and another
+    # machine's conversion running into a shared folder (it was removed while it wrote)
+    backup, elsewhere = tmp_path / 'out.old-20241127', tmp_path / f'out.tmp-{gone.pid + 1}'
+    backup.mkdir()
+    (backup / 'NOTES.txt').write_text('mine')
+    elsewhere.mkdir()
+    claim(gone.pid + 1, host='another-node')
     capsys.readouterr()
     assert convert_main(argv) == 2               # the earlier conversion is back: without --overwrite, refused
     out_text = capsys.readouterr()
     assert f'out.old-{gone.pid}: the earlier conversion, moved aside by a conversion that was killed' in out_text.out
     assert f'out.tmp-{gone.pid}: left by a conversion that was killed (pid {gone.pid}); removed' in out_text.out
+    assert f"{backup}: named as a conversion's leftover, but no conversion claimed it; left as it is" in out_text.out
+    assert f"{elsewhere}: named as a conversion's leftover, but another machine's conversion claimed it" in out_text.out
     assert 'is not empty; pass --overwrite' in out_text.err
-    assert sorted(os.listdir(tmp_path)) == sorted(['iter_1.pth', 'out', live.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(['iter_1.pth', 'out', live.name, backup.name, elsewhere.name,
+                                                   f'out.converting-{gone.pid + 1}'])
     (tmp_path / f'out.old-{os.getppid()}').mkdir()   # a running process's (this one's parent): it stays
+    claim(os.getppid())
     assert convert_main(argv + ['--overwrite']) == 0
     assert (tmp_path / f'out.old-{os.getppid()}').is_dir() and (out / 'config.json').is_file()
+    assert (backup / 'NOTES.txt').read_text() == 'mine' and elsewhere.is_dir()
+    assert not (tmp_path / f'out.converting-{os.getpid()}').exists()   # this run's claim, removed as it ended

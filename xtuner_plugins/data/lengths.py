@@ -352,3 +352,18 @@ class LengthStats:
     def num_tiles_per_item(self) -> List[int]:
         """Per-item tile counts estimated from image headers (1 for a text-only sample's dummy tile)."""
         return self._record_stats()[self._index, 1].tolist()
+
+    def exact_stats(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-item lengths (positive) and tile counts as the samples load, for packing's budgets: with
+        ``length_field`` set, computed (and cached) once more without it, as the field is untokenised and counts
+        one tile an image (packs of 2,154 tokens and 54 tiles were planned under a budget of 400 and 6)."""
+        stats = self._record_stats()
+        if getattr(self, 'length_field', None):
+            if getattr(self, '_exact_lengths', None) is None:
+                field, given, self.length_field, self._lengths = self.length_field, self._lengths, None, None
+                try:
+                    self._exact_lengths = self._record_stats()
+                finally:
+                    self.length_field, self._lengths = field, given
+            stats = self._exact_lengths
+        return np.abs(stats[self._index, 0]), stats[self._index, 1]

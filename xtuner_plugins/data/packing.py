@@ -18,7 +18,7 @@ chosen answers and a row of rejected answers, the pairs in the same order in bot
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -47,6 +47,15 @@ def greedy_packs(lengths: Sequence[int], tiles: Sequence[int], max_tokens: int,
     return packs
 
 
+def _exact(dataset) -> Tuple[List[int], List[int]]:
+    """The items' lengths and tiles as they load (``LengthStats.exact_stats``, not a ``length_field``'s)."""
+    exact = getattr(dataset, 'exact_stats', None)
+    if exact is None:
+        return dataset.length, dataset.num_tiles_per_item
+    lengths, tiles = exact()
+    return lengths.tolist(), tiles.tolist()
+
+
 class PackedInternVLDataset(Dataset):
     """Packs of an :class:`InternVLDataset` (see the module docstring).
 
@@ -68,7 +77,8 @@ class PackedInternVLDataset(Dataset):
         order = list(range(len(dataset)))
         if shuffle:
             random.Random(seed).shuffle(order)
-        self.packs = greedy_packs(dataset.length, dataset.num_tiles_per_item, max_tokens, max_tiles, order)
+        self.item_lengths, tiles = _exact(dataset)
+        self.packs = greedy_packs(self.item_lengths, tiles, max_tokens, max_tiles, order)
         self.max_tokens, self.max_tiles = max_tokens, max_tiles
 
     def __len__(self) -> int:
@@ -85,7 +95,7 @@ class PackedInternVLDataset(Dataset):
 
     @property
     def length(self) -> List[int]:
-        lengths = self.dataset.length
+        lengths = self.item_lengths
         return [sum(lengths[i] for i in pack) for pack in self.packs]
 
     def _load_pack(self, pack: List[int], skipped: list) -> List[Dict[str, torch.Tensor]]:

@@ -44,11 +44,14 @@ This module is the orchestration; its parts: :mod:`~xtuner_plugins.demo.recipe` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Dict, Optional, Sequence
 
@@ -68,6 +71,41 @@ __all__ = ['Answer', 'CONFIGS', 'REPO_ROOT', 'Recipe', 'RECIPES', 'main', 'per_k
 CONFIGS: Dict[str, str] = demo_configs() if DEFAULT_CONFIGS else {}
 
 
+def not_a_demo_run(work_dir: str) -> Optional[str]:
+    """Why the demo may not run into ``work_dir``, or None: a folder holding files that no earlier demo run wrote
+    (its ``recipe.json``, written first) would lose them, as a run replaces its stage folders (named as the
+    stage configs' own work folders: ``--work-dir work_dirs`` replaced a real ``work_dirs/pretrain_mlp``) and its
+    data files."""
+    try:
+        names = sorted(os.listdir(work_dir))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f'--work-dir {work_dir}: {exc.strerror or exc}'
+    if 'recipe.json' in names or not set(names) - {'demo.log'}:
+        return None
+    return (f'--work-dir {work_dir} holds {", ".join(names[:4])}{", ..." if len(names) > 4 else ""} and is no '
+            'earlier demo run (no recipe.json): the demo replaces its stage folders and data there; give a new or '
+            'empty folder, or an earlier demo run\'s')
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A SIGTERM (``kill``, a job scheduler) stops the demo as Ctrl-C does: the training it runs is stopped with
+    it (started in a session of its own, it kept running, orphaned, into the work folder). Outside the main thread
+    (no signal handler can be set there) nothing changes."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f'signal {signum}')
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recipe: Optional[Recipe] = None,
              nproc: int = 1, deepspeed: Optional[str] = None, console: Optional[Console] = None,
              stage_timeout: float = 3600, configs_dir: Optional[str] = None) -> DemoResult:
@@ -81,6 +119,9 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
     if recipe.preference:
         preference_config(recipe, CONFIGS)   # a wrong preference_train fails now, not after fine-tuning
     work_dir = os.path.abspath(work_dir)
+    not_ours = not_a_demo_run(work_dir)
+    if not_ours:
+        raise DemoError(not_ours)
     os.makedirs(work_dir, exist_ok=True)
     console = console or Console(os.path.join(work_dir, 'demo.log'))
     with open(os.path.join(work_dir, 'recipe.json'), 'w', encoding='utf-8') as f:   # for --preference-only
@@ -287,17 +328,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     recipe = recipe_from_args(args)
+    not_ours = None if args.preference_only else not_a_demo_run(os.path.abspath(args.work_dir))
+    if not_ours:   # before demo.log is written into it
+        print(f'demo: refused: {not_ours}', file=sys.stderr)
+        return 2
     console = Console(os.path.join(os.path.abspath(args.work_dir), 'demo.log'))
     console(f'recipe: {recipe.describe()}')
     try:
         if args.preference_only and not recipe.preference:
             raise DemoError('--preference-only needs --set preference=mpo (or dpo)')
         run = rerun_preference if args.preference_only else run_demo
-        result = run(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
-                     console=console, configs_dir=args.configs)
+        with _sigterm_as_interrupt():
+            result = run(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
+                         console=console, configs_dir=args.configs)
     except DemoError as exc:
         console(f'demo failed: {exc}')
         return 1
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the training under way was stopped on the way out
+        console(f'demo stopped; what it wrote so far is in {args.work_dir}')
+        return 130
     with open(os.path.join(result.work_dir, 'result.json'), 'w', encoding='utf-8') as f:
         json.dump({'accuracy': result.accuracy, 'blind': result.blind, 'chance': result.chance, 'n': result.n,
                    'per_kind': per_kind(result.answers), 'wall_s': result.wall_s, 'timings': result.timings,

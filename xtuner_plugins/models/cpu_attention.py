@@ -82,7 +82,11 @@ def cache_dir() -> str:
 
 def _compiler() -> Optional[List[str]]:
     """The C compiler's command: ``$CC`` (which may carry arguments, ``ccache gcc``), else cc or gcc."""
-    for command in (shlex.split(os.environ.get('CC', '')), ['cc'], ['gcc']):
+    try:
+        given = shlex.split(os.environ.get('CC', ''))
+    except ValueError as e:
+        raise RuntimeError(f'$CC ({os.environ["CC"]!r}) does not read as a command: {e}') from e
+    for command in (given, ['cc'], ['gcc']):
         if command and shutil.which(command[0]):
             return [shutil.which(command[0]), *command[1:]]
     return None
@@ -100,8 +104,10 @@ def build(directory: Optional[str] = None) -> str:
     directory = directory or cache_dir()
     path = os.path.join(directory, f'cpu_attention-{key}.so')
     if os.path.isfile(path):
+        _check_private(path)
         return path
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _check_private(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.cpu_attention-', suffix='.so')
     os.close(fd)
     try:
@@ -113,6 +119,16 @@ def build(directory: Optional[str] = None) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _check_private(path: str) -> None:
+    """A library this process loads runs as it: refused (``RuntimeError``) where another user could have put it
+    there, its file or its folder another user's or writable by others (a shared ``$XDG_CACHE_HOME``)."""
+    for where in (path, os.path.dirname(path)) if os.path.isfile(path) else (path,):
+        st = os.stat(where)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise RuntimeError(f'{where} is {"not yours" if st.st_uid != os.getuid() else "writable by others"}: '
+                               'a kernel built there is not loaded (set XDG_CACHE_HOME to a folder of your own)')
 
 
 def _load(path: str) -> ctypes.CDLL:

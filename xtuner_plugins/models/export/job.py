@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from typing import Optional
 
@@ -95,25 +96,55 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool, log: Log = _print) -> s
     return out
 
 
+def _claim(out: str, pid: int) -> str:
+    """The file a conversion into ``out`` writes beside it while it runs (its host and pid): what it leaves when
+    killed is recognised by it, not by its name alone."""
+    return out.rstrip(os.sep) + f'.converting-{pid}'
+
+
+def _claimed_here(out: str, pid: int) -> Optional[bool]:
+    """Whether conversion ``pid``'s claim beside ``out`` is this machine's (None: no claim, or not a claim)."""
+    try:
+        with open(_claim(out, pid), encoding='utf-8') as f:
+            claim = json.load(f)
+        return claim['host'] == socket.gethostname() and claim['pid'] == pid
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def recover_leftovers(out: str, log: Log) -> None:
     """What a conversion killed outright (SIGKILL, a power cut: no ``except`` ran) left beside ``out``, put right
     before another starts (:func:`written_whole`'s names): ``OUT.tmp-PID``, written in part, is removed;
     ``OUT.old-PID``, the earlier conversion moved aside just before the new one was to move in, is moved back where
-    ``out`` is missing, else removed (the new one went in, as asked). Only for a PID no process holds; each said."""
+    ``out`` is missing, else removed (the new one went in, as asked). Only for a conversion whose claim
+    (:func:`_claim`) says it ran on this machine, as a PID no process holds now: a folder of the user's named
+    alike (``OUT.old-20241127``) or another machine's running conversion is left alone. Each said."""
     parent, base = os.path.split(out)
     left = re.compile(re.escape(base) + r'\.(tmp|old)-(\d+)$')
+    killed = set()
     for name in sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []:
         found = left.match(name)
         path = os.path.join(parent, name)
-        if not found or os.path.islink(path) or not os.path.isdir(path) or _running(int(found.group(2))):
+        if not found or os.path.islink(path) or not os.path.isdir(path):
             continue
+        pid = int(found.group(2))
+        here = _claimed_here(out, pid)
+        if not here:
+            whose = 'no conversion claimed it' if here is None else 'another machine\'s conversion claimed it'
+            log(f'{path}: named as a conversion\'s leftover, but {whose}; left as it is')
+            continue
+        if _running(pid):
+            continue
+        killed.add(pid)
         if found.group(1) == 'old' and not os.path.lexists(out):
             os.replace(path, out)
             log(f'{path}: the earlier conversion, moved aside by a conversion that was killed (pid '
-                f'{found.group(2)}); moved back to {out}')
+                f'{pid}); moved back to {out}')
         else:
             shutil.rmtree(path)
-            log(f'{path}: left by a conversion that was killed (pid {found.group(2)}); removed')
+            log(f'{path}: left by a conversion that was killed (pid {pid}); removed')
+    for pid in killed:
+        os.remove(_claim(out, pid))
 
 
 def _running(pid: int) -> bool:
@@ -139,7 +170,7 @@ def not_a_conversion(folder: str) -> Optional[str]:
     if subfolders:
         return f'it holds {", ".join(subfolders[:3])}{", ..." if len(subfolders) > 3 else ""}'
     if any(n.endswith('.gguf') for n in names):
-        return None
+        return _not_a_gguf_pair(folder, names)
     if 'config.json' not in names:
         return f'it holds {", ".join(names[:3])}{", ..." if len(names) > 3 else ""} and no config.json'
     try:
@@ -154,6 +185,18 @@ def not_a_conversion(folder: str) -> Optional[str]:
     if docs:
         return f'it holds {", ".join(docs[:3])}, which a conversion never writes'
     return None
+
+
+def _not_a_gguf_pair(folder: str, names) -> Optional[str]:
+    """Why ``names`` are not the two files a GGUF conversion into ``folder`` writes (``gguf.convert_staged``,
+    named after the folder: ``NAME-TYPE.gguf`` and ``mmproj-NAME-TYPE.gguf``), or None."""
+    base = os.path.basename(os.path.normpath(folder))
+    mmproj = [n for n in names if n.startswith(f'mmproj-{base}-') and n.endswith('.gguf')]
+    text = [n for n in names if n.startswith(f'{base}-') and n.endswith('.gguf')]
+    if len(names) == 2 and len(mmproj) == 1 and len(text) == 1:
+        return None
+    return (f'it holds {", ".join(names[:3])}{", ..." if len(names) > 3 else ""}, not the two files a GGUF '
+            f'conversion into it writes ({base}-TYPE.gguf and mmproj-{base}-TYPE.gguf)')
 
 
 FORMATS = ('auto', 'official', 'hf', 'llava', 'remote', 'gguf')
@@ -183,19 +226,25 @@ def written_whole(out: str, write):
     removes the temporary folder and leaves ``out`` as it was (the old one moved back). Returns what ``write``
     returns."""
     tmp, old = (out.rstrip(os.sep) + f'.{kind}-{os.getpid()}' for kind in ('tmp', 'old'))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    claim = _claim(out, os.getpid())
+    with open(claim, 'w', encoding='utf-8') as f:   # before anything is written or moved
+        json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}, f)
     try:
-        result = write(tmp)
-        if os.path.isdir(out):
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.isdir(old) and not os.path.exists(out):
-            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            result = write(tmp)
+            if os.path.isdir(out):
+                os.replace(out, old)
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.isdir(old) and not os.path.exists(out):
+                os.replace(old, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.remove(claim)
     return result
 
 

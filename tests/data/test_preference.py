@@ -151,3 +151,15 @@ def test_an_unbalanced_cut_of_a_pair_is_counted_and_named(tmp_path, tiny_tokeniz
     assert data['truncated'] == [(where, lost, detail)]
     dropping = make(path, tiny_tokenizer, tmp_path, max_length=prompt + 20, truncation='drop', max_bad_fraction=1)
     assert dropping[1]['skipped'][0] == (f'{path}:2', 'truncated')  # then a replacement, maybe line 1 (bad_pair)
+
+
+def test_online_packing_refuses_pairs_in_one_line(tmp_path, tiny_tokenizer):
+    """Pairs under online packing ended the first step with KeyError: 'input_ids'; offline packing packs them."""
+    import pytest
+
+    from xtuner_plugins.data.online_packing import OnlinePackedDataset
+    write_image(tmp_path / 'i' / 'a.png', size=(S, S))
+    ds = make(write_jsonl(tmp_path / 'p.jsonl', [{'image': 'a.png', 'question': '<image>\nWhat?', 'chosen': 'A.',
+                                                  'rejected': 'B.'}]), tiny_tokenizer, tmp_path)
+    with pytest.raises(ValueError, match='online packing takes samples, not preference pairs: pack pairs offline'):
+        OnlinePackedDataset(ds, max_tokens=512)

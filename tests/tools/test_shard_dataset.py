@@ -143,3 +143,36 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_no_shard_set(
                    f'({out}/shard-000000.tar); what was written there is no shard set (no shards.json): remove the folder, then write it '
                    f'again\n'), err
     assert 'shards.json' not in os.listdir(out)
+
+
+def test_an_image_changed_after_the_start_up_check_is_a_counted_skip(tmp_path, capsys):
+    """The start-up check is cached: an image made a link out of the image folder since the last run passed it,
+    and the check at write time raised out of the loop (a traceback), leaving the folder marked as another run's.
+    Now a counted skip; an error of any other kind is one line and takes the mark away."""
+    jsonl, _, _ = files(tmp_path)
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'first')]) == 0
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    write_image(outside / 'x.png', size=(40, 30))
+    os.remove(tmp_path / 'i' / 'a.png')
+    os.symlink(outside / 'x.png', tmp_path / 'i' / 'a.png')
+    capsys.readouterr()
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'second')]) == 0
+    printed = capsys.readouterr().out
+    assert f'{jsonl}:1: unsafe_image_path: ' in printed and 'skipped 2' in printed, printed
+    assert sorted(os.listdir(tmp_path / 'second')) == ['shard-000000.tar', 'shards.json']
+
+
+def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_path, capsys, monkeypatch):
+    from xtuner_plugins.cli import shard_dataset
+    jsonl, _, _ = files(tmp_path)
+    out = tmp_path / 'out'
+
+    def breaks(self, sample):
+        raise RuntimeError('tar writer broke')
+    monkeypatch.setattr(shard_dataset._Shards, 'write', breaks)
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f'shard_dataset: error: writing into {out} failed: RuntimeError: tar writer broke; what was written there '
+        'is no shard set (no shards.json): remove the folder, then write it again\n')
+    assert shard_dataset.WRITING not in os.listdir(out)

@@ -158,9 +158,9 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
     for i in range(len(ds)):
         record = ds.record_at(i)
         where = ds.where(record)
-        checked = ds.check_record(record)
         sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
-        try:
+        try:   # the check again: a file changed since the start-up check read it (cached) is a skip, counted
+            checked = ds.check_record(record)
             if checked.video is not None and os.path.isdir(checked.video):  # a frame folder: its frames, in order
                 for k, path in enumerate(ds.probe(checked).frames):
                     frames.append(f'frame{k:04d}{os.path.splitext(path)[1].lower()}')
@@ -221,12 +221,15 @@ def main(argv=None) -> int:
         return tool_error(PROG, exc)
     try:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
-    except OSError as exc:  # a full disk, a quota, the folder removed: what was written is no shard set
-        os.remove(os.path.join(args.out, WRITING))
-        print(f'{PROG}: error: writing into {args.out} failed: {exc.strerror or exc}'
-              f'{f" ({exc.filename})" if exc.filename else ""}; what was written there is no shard set (no '
+    except (Exception, KeyboardInterrupt) as exc:   # a full disk, the folder removed, Ctrl-C: no shard set
+        if os.path.exists(os.path.join(args.out, WRITING)):   # the mark said 'another run is writing' ever after
+            os.remove(os.path.join(args.out, WRITING))
+        why = ('stopped' if isinstance(exc, KeyboardInterrupt) else
+               f'failed: {exc.strerror or exc}{f" ({exc.filename})" if exc.filename else ""}'
+               if isinstance(exc, OSError) else f'failed: {type(exc).__name__}: {exc}')
+        print(f'{PROG}: error: writing into {args.out} {why}; what was written there is no shard set (no '
               f'shards.json): remove the folder, then write it again', file=sys.stderr)
-        return 1
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
     os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):

@@ -89,7 +89,11 @@ class OnlinePackedDataset(StreamingDataset):
         if max_tokens < 1 or (max_tiles is not None and max_tiles < 1) or max_buffer_size < 1:
             raise ValueError(f'online packing budgets must be positive, got max_tokens={max_tokens}, '
                              f'max_tiles={max_tiles}, max_buffer_size={max_buffer_size}')
+        from .preference import InternVLPreferenceDataset
         from .shards import ShardDataset
+        if isinstance(dataset, InternVLPreferenceDataset):   # its items are pairs: a KeyError at the first step
+            raise ValueError('online packing takes samples, not preference pairs: pack pairs offline '
+                             '(PackedInternVLDataset, as configs/dpo_lora_packed.py does)')
         self.dataset = dataset
         self.source = dataset if isinstance(dataset, ShardDataset) else IndexedStream(dataset, seed, shuffle)
         self.max_tokens, self.max_tiles, self.max_buffer_size = max_tokens, max_tiles, max_buffer_size

@@ -120,3 +120,40 @@ def test_a_checkpoint_saved_before_the_data_was_recorded_resumes_as_before(data)
     with open(path, 'a') as f:
         f.write(json.dumps({'image': '0.png', 'conversations': conv(answer='new')}) + '\n')
     resume(checkpoint, packed(path, settings, root))
+
+
+def test_a_file_reordered_in_place_and_shards_split_otherwise_are_refused(data, capsys):
+    """The same size, count and lines kept: a file whose lines were shuffled in place, and a shard set written
+    again as 6 + 6 samples where it was 7 + 5 (the same shards, samples and padded bytes), resumed at the saved
+    places over other samples (one read twice, another never). A fingerprint saved without the content digest (an
+    earlier version's checkpoint) is compared without it."""
+    import random
+    root, path, settings = data
+    checkpoint = checkpoint_after(packed(path, settings, root), 3)
+    with open(path) as f:
+        lines = f.readlines()
+    random.Random(0).shuffle(lines)
+    with open(path, 'w') as f:
+        f.writelines(lines)
+    with pytest.raises(SystemExit):
+        resume(checkpoint, packed(path, settings, root))
+    assert 'other contents (lines edited or reordered in place)' in capsys.readouterr().err
+    del checkpoint['stream_state']['data']['content']
+    resume(checkpoint, packed(path, settings, root))   # as an earlier version compared it
+
+    source = InternVLDataset(path, image_folders=str(root / 'i'), cache_dir=str(root / 'cache'), **settings)
+    stream = lambda: ShardDataset(str(root / 'shards'), settings, rank=0, world_size=1)  # noqa: E731
+    write_shards(source, str(root / 'shards'), samples_per_shard=7, max_shard_bytes=1 << 20)
+    checkpoint = checkpoint_after(stream(), 3)
+    shutil.rmtree(root / 'shards')
+    write_shards(source, str(root / 'shards'), samples_per_shard=6, max_shard_bytes=1 << 20)
+    assert checkpoint['stream_state']['data']['shards'] == \
+        streamstate_fingerprint(stream())['shards']   # what was compared before: alike
+    with pytest.raises(SystemExit):
+        resume(checkpoint, stream())
+    assert 'the samples split or ordered otherwise (the shard set written again)' in capsys.readouterr().err
+
+
+def streamstate_fingerprint(dataset):
+    from xtuner_plugins.engine.dataagree import data_fingerprint
+    return data_fingerprint(dataset)

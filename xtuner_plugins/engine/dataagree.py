@@ -7,7 +7,8 @@ samples out without a word, or give the ranks different numbers of iterations an
 its epoch meets the others in another collective (a hang, or an error about something else: a run once stopped
 with "non-finite trained weights"). :func:`check_ranks_agree` gathers a small fingerprint of each rank's data set
 (:func:`data_fingerprint`: the items, each source's annotation file's size, the samples it keeps and the digest of
-their lines, the digest of the lengths the sampler orders by; a shard set's samples, shards and bytes) and stops
+their lines, a digest of a sample of the files' bytes, the digest of the lengths the sampler orders by; a shard
+set's samples, shards and bytes and the digest of its list of shards) and stops
 start-up on every rank (exit code 2), in one line on rank 0 naming the first rank that differs from rank 0, its
 node and what differs.
 """
@@ -15,6 +16,7 @@ node and what differs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from typing import Any, Dict, List, Optional, Tuple
@@ -50,16 +52,46 @@ def data_fingerprint(dataset) -> Dict[str, Any]:
     if isinstance(index, dict) and isinstance(index.get('shards'), list):  # a shard set
         shards = index['shards']
         found['shards'] = [len(shards), index.get('samples'), sum(s.get('bytes') or 0 for s in shards)]
+        # which samples each shard holds, in order: a set written again with another --samples-per-shard has the
+        # same count and (tar padding) often the same bytes, and a resume read other samples at the saved places
+        found['content'] = _digest(json.dumps(shards, sort_keys=True).encode())
         return found
     sources, ranges = getattr(inner, 'sources', None), getattr(inner, '_source_ranges', None)
     if sources and ranges is not None and len(ranges) == len(sources):
         digests = getattr(getattr(inner, 'records', None), 'digests', None) or [None] * len(sources)
         found['sources'] = [[src.annotation, _size(src.annotation), len(rng), digest]
                             for src, rng, digest in zip(sources, ranges, digests)]
+        # a sample of each file's bytes: its lines reordered or edited in place keep its size and count
+        found['content'] = _digest(b''.join(_sampled(src.annotation) for src in sources))
     lengths = getattr(inner, '_lengths', None)
     if isinstance(lengths, np.ndarray):  # computed already (the sampler orders by them): they must agree too
         found['lengths'] = hashlib.sha1(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()[:16]
     return found
+
+
+#: the bytes :func:`_sampled` reads at each of a file's start, middle and end
+SAMPLED = 1 << 16
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def _sampled(path: str) -> bytes:
+    """``SAMPLED`` bytes at the start, middle and end of ``path`` (the whole of a smaller file): what every copy of
+    the file on any node holds alike, read in a moment at any size; empty when it cannot be read."""
+    try:
+        with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= 3 * SAMPLED:
+                return f.read()
+            parts = []
+            for at in (0, (size - SAMPLED) // 2, size - SAMPLED):
+                f.seek(at)
+                parts.append(f.read(SAMPLED))
+            return b''.join(parts)
+    except OSError:
+        return b''
 
 
 def _size(path: str) -> Optional[int]:
@@ -86,6 +118,10 @@ def _differs(a: Dict[str, Any], b: Dict[str, Any]) -> str:
             said.append(f'{path}: {size} bytes, {kept} samples kept against {size1} bytes, {kept1} samples kept')
         elif digest != digest1:
             said.append(f'{path}: the same size and count, other lines kept (a sample refused on one, not the other)')
+    if not said and a.get('content') != b.get('content'):
+        said.append('the same shards, samples and bytes, the samples split or ordered otherwise (the shard set '
+                    'written again)' if a.get('shards') else 'the same files, sizes and counts, other contents (lines '
+                    'edited or reordered in place)')
     if not said and a.get('lengths') != b.get('lengths'):
         said.append('the same samples, other lengths (their images differ: another copy of the image folder)')
     return '; '.join(said[:3]) or 'their data sets differ'
@@ -98,7 +134,10 @@ def _compared(fingerprint: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def difference(a: Dict[str, Any], b: Dict[str, Any]) -> str:
-    """What differs between two fingerprints, in words ('' when they agree)."""
+    """What differs between two fingerprints, in words ('' when they agree). ``content`` is compared where both
+    have it (a checkpoint's fingerprint saved before it was recorded has not)."""
+    if 'content' not in a or 'content' not in b:
+        a, b = ({k: v for k, v in f.items() if k != 'content'} for f in (a, b))
     return '' if _compared(a) == _compared(b) else _differs(a, b)
 
 

@@ -122,6 +122,19 @@ class TestReading:
                     [39, 0, 17, 17, 4]):
             assert numbers(read_frames(info, idx)) == idx
 
+    @pytest.mark.parametrize('gaps', [[10, 10, 10, 200], [10], [1000, 1000, 100]])
+    def test_a_matroska_file_counts_its_frames_at_any_frame_rate(self, tmp_path, gaps):
+        """Matroska and WebM carry no frame count: the duration times the declared rate (10 fps here) counted 3
+        frames of 40 at 100 fps (the rest never sampled), 148 of 40 at 2.5 fps (the video dropped as truncated).
+        The packets are counted; every frame reads as the one asked for."""
+        path = write_vfr(tmp_path / 'vfr.mkv', LEVELS, gaps_ms=gaps)
+        info = probe_video(path)
+        assert info.total == 40
+        everything = list(range(40))
+        assert numbers(read_frames(info, everything)) == everything
+        idx = choose_frames(info, 8, 'middle')
+        assert numbers(read_frames(info, idx)) == idx and idx[-1] > 30
+
     def test_clip(self, videos):
         frames, info = load_video(videos['file'], 4, clip=(1.0, 3.0))
         assert (info.start, info.length) == (10, 20)

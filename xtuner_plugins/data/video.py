@@ -147,13 +147,11 @@ def _probe_file(path: str) -> VideoInfo:
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         total = int(stream.frames or 0)
-        if not total and fps:
-            seconds = (float(stream.duration * stream.time_base) if stream.duration else
-                       container.duration / 1e6 if container.duration else 0.0)
-            total = int(round(seconds * fps))
-        if not total:  # no count in the headers: count the packets (no decoding)
+        if not total:  # no count in the headers (Matroska, WebM): the packets counted (no decoding), as the frames
+            # are then found by their stamps; the duration times the declared rate, a guess a variable frame rate
+            # makes wrong, left frames past it never sampled, or a whole video dropped as truncated
             try:
-                total = sum(1 for p in container.demux(stream) if p.size)
+                total = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
             except av.FFmpegError as exc:
                 raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
         width, height = stream.codec_context.width, stream.codec_context.height

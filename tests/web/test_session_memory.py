@@ -83,3 +83,30 @@ def test_an_hf_folder_continues_from_the_kept_files(setup):
     assert [first, second, third] == [model.ask('Describe the image.', [small], dict(GREEDY)),
                                       model.ask('What happens?', [], dict(GREEDY), video=frames),
                                       model.ask('And the colour?', [], dict(GREEDY))]
+
+
+def test_a_conversation_past_its_pixel_budget_is_refused_before_decoding(setup, monkeypatch):
+    """Every turn decodes all of a conversation's images again, and Pillow's limit is per image: six uploads of a
+    22 kB 9400 x 9400 PNG in one message held 3 GB. The pixels are read from the headers and a turn past
+    MAX_CONVERSATION_PIXELS is refused, saying how many, before anything is decoded; the session is unchanged."""
+    from xtuner_plugins.web import app
+    chat, big = setup['chat'], setup['big']   # 3000 x 2000: 6 megapixels
+    huge = str(setup['root'] / 'huge.png')
+    Image.new('1', (9400, 9400)).save(huge)
+    decoded = []
+    real = app.ConvertedModel.ask
+    monkeypatch.setattr(app.ConvertedModel, 'ask', lambda self, *a, **k: decoded.append(1) or real(self, *a, **k))
+    with pytest.raises(ValueError, match=r'too many pixels: this message brings 265\.1 megapixels and the '
+                                         r'conversation holds 0\.0; the server takes 192 per conversation'):
+        turn(chat, 'Compare them.', [huge] * 3, None)
+    assert not decoded
+    monkeypatch.setattr(app, 'MAX_CONVERSATION_PIXELS', 10_000_000)
+    _, conversation = turn(chat, 'Describe the image.', [big], None)
+    with pytest.raises(ValueError, match=r'brings 6\.0 megapixels and the conversation holds 6\.0; the server '
+                                         r'takes 10 per conversation'):
+        turn(chat, 'And this? <image>', [big], conversation)
+    assert conversation['images'] == [open(big, 'rb').read()] and len(decoded) == 1
+    frames, _ = load_video(setup['video'], 4)   # 64 x 48 each
+    with pytest.raises(ValueError, match=r'brings 0\.0 megapixels'):
+        app.check_pixels(frames, conversation, budget=6_000_000 + 3 * 64 * 48)
+    app.check_pixels(frames[:3], conversation, budget=6_000_000 + 3 * 64 * 48)

@@ -72,3 +72,18 @@ def test_the_page_shows_the_frames_and_answers_about_them(setup, tmp_path, monke
     assert glob.glob(str(tmp_path / 'tmp' / 'internvl-web-*')) == []
     fresh = ConvertedModel(setup['folder']).ask('What happens?', [], dict(GREEDY), video=expected_frames)
     assert history[-1]['content'][0]['text'] == fresh and status.startswith('Answered in ')
+
+
+def test_a_video_past_the_pixel_budget_is_refused_before_a_frame_is_decoded(setup, monkeypatch):
+    """A small GIF of 9400 x 9400 frames took 2.3 GB to extract one frame: the frames' pixels are counted from the
+    video's header, before any is decoded."""
+    import gradio as gr
+
+    from xtuner_plugins.web import app
+    decoded = []
+    monkeypatch.setattr(app, 'video_frames', lambda *a: decoded.append(a))
+    monkeypatch.setattr(app, 'MAX_CONVERSATION_PIXELS', 4 * 90 * 50)
+    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    with pytest.raises(gr.Error, match=r'too many pixels: this message brings 0\.0 megapixels'):
+        list(send('What happens?', [], [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], 5))
+    assert not decoded

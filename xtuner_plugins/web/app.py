@@ -27,10 +27,10 @@ import os
 import tempfile
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.video import load_video
+from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 from xtuner_plugins.models.prompt import PromptTooLong
 
@@ -40,6 +40,10 @@ DELETE_CACHE = (3600, 86400)
 MAX_FILE_SIZE = '1gb'
 #: requests waiting at once, each holding its uploads (gradio's queue keeps any number: a flood fills the memory)
 MAX_QUEUE = 16
+#: pixels one conversation may hold, summed over its images and a video's frames, every turn decoding them all
+#: again (six uploads of a 22 kB 9400 x 9400 PNG in one message held 3 GB; Pillow's own limit is per image):
+#: sixteen 12-megapixel photos, or a 4K video's 8 frames
+MAX_CONVERSATION_PIXELS = 192_000_000
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
@@ -60,7 +64,9 @@ class WebChat:
 
     def _ask(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
              tiling: Optional[dict] = None, streamer=None, video: Optional[list] = None):
-        """Answer one turn of ``conversation`` under the lock; returns the answer and the conversation after it."""
+        """Answer one turn of ``conversation`` under the lock; returns the answer and the conversation after it.
+        ``ValueError`` when its images would pass :data:`MAX_CONVERSATION_PIXELS` (read from their headers)."""
+        check_pixels(list(images) + list(video or ()), conversation)
         with self.lock:
             saved = dict(getattr(self.model, 'tiling', {}))
             if tiling and self.tiles_apply:
@@ -140,6 +146,36 @@ def stored(source, image) -> bytes:
     return buffer.getvalue()
 
 
+def pixels_of(source) -> int:
+    """An image's pixels from its header (a path or a file's bytes), before anything is decoded; one Pillow would
+    refuse as a decompression bomb counts as over any budget; one that does not open, 0 (its loading names it)."""
+    from PIL import Image
+    if isinstance(source, Image.Image):   # a video's frame, decoded already
+        return source.width * source.height
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+            return image.width * image.height
+    except Image.DecompressionBombError:
+        return 2 * MAX_CONVERSATION_PIXELS + 1
+    except Exception:
+        return 0
+
+
+def check_pixels(new: Sequence, conversation: Optional[dict], budget: Optional[int] = None,
+                 frames: Optional[Tuple[int, int]] = None) -> None:
+    """``ValueError`` when this turn's images (``new``; or ``frames``: a video's count and pixels each) and those
+    ``conversation`` holds pass ``budget`` pixels (:data:`MAX_CONVERSATION_PIXELS`), saying how many."""
+    budget = MAX_CONVERSATION_PIXELS if budget is None else budget
+    held = [i for i in (conversation or {}).get('images') or []]
+    held += [f for v in (conversation or {}).get('videos') or [] for f in v]
+    before = sum(pixels_of(i) for i in held)
+    now = frames[0] * frames[1] if frames else sum(pixels_of(i) for i in new)
+    if before + now > budget:
+        raise ValueError(f'too many pixels: this message brings {now / 1e6:.1f} megapixels and the conversation '
+                         f'holds {before / 1e6:.1f}; the server takes {budget / 1e6:.0f} per conversation (each turn '
+                         'reads them all again): send smaller images or fewer frames, or clear the history')
+
+
 def video_frames(path: str, num_frames: int, folder: str):
     """``(frames, files)``: ``num_frames`` frames of the video at ``path`` (as ``tools/chat.py --video`` takes
     them) and each saved as a PNG in ``folder``, for the page to show; ``ValueError`` naming what is wrong."""
@@ -195,7 +231,11 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 raise gr.Error('Upload images or a video for one message, not both.')
             path = video_file if isinstance(video_file, str) else video_file.name
             try:
+                size = probe_video(path).size   # before a frame is decoded
+                check_pixels((), conversation, frames=(int(num_frames), size[0] * size[1]))
                 frames, shown = video_frames(path, num_frames, frame_dir)
+            except SampleError as err:
+                raise gr.Error(for_client(str(err.with_source(os.path.basename(path))), [path]))
             except ValueError as exc:
                 raise gr.Error(for_client(str(exc), [path]))
         history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]

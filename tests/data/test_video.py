@@ -122,6 +122,16 @@ class TestReading:
                     [39, 0, 17, 17, 4]):
             assert numbers(read_frames(info, idx)) == idx
 
+    @pytest.mark.parametrize('sample', ['fps2', 'fps0.5', 'middle', 'rand'])
+    def test_a_short_frame_folder_gives_each_frame_once_at_any_sampling(self, tmp_path, sample):
+        """InternVL's folder reader takes every frame when there are no more than the frames drawn, whatever the
+        sampling: fpsX (a folder read at 1 fps) gave 9 frames of 5 with duplicates, or fewer than it holds."""
+        from xtuner_plugins.data.video import frames_for
+        info = probe_video(write_video(tmp_path / 'frames', LEVELS[:5]))
+        assert frames_for(info, 12, sample, max_num=12) == 5
+        idx = choose_frames(info, 5, sample, np.random.default_rng(0))
+        assert idx == [0, 1, 2, 3, 4] and numbers(read_frames(info, idx)) == idx
+
     @pytest.mark.parametrize('gaps', [[10, 10, 10, 200], [10], [1000, 1000, 100]])
     def test_a_matroska_file_counts_its_frames_at_any_frame_rate(self, tmp_path, gaps):
         """Matroska and WebM carry no frame count: the duration times the declared rate (10 fps here) counted 3

@@ -233,7 +233,10 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
 
 def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int = 32) -> int:
     """The frames a video gets: ``drawn`` (padded when the video is shorter), for a frame folder at most its frame
-    count (InternVL's folder reader), for ``fpsX`` as many as that rate gives (at most ``max_num``)."""
+    count (InternVL's folder reader: all its frames when they are no more than ``drawn``, whatever ``sample``), for
+    ``fpsX`` as many as that rate gives (at most ``max_num``)."""
+    if info.kind == 'folder' and drawn >= info.length:
+        return info.length
     if sample.startswith('fps'):
         return len(frame_indices(1, info.length, sample, input_fps=info.fps or 1.0, max_num_frames=max_num))
     return min(drawn, info.length) if info.kind == 'folder' else drawn
@@ -242,7 +245,7 @@ def frames_for(info: VideoInfo, drawn: int, sample: str = 'rand', max_num: int =
 def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
                   rng: Optional[np.random.Generator] = None) -> List[int]:
     """Frame numbers in the whole video (the clip's start added) of ``num_frames`` frames sampled in the clip."""
-    if info.kind == 'folder' and num_frames >= info.length and not sample.startswith('fps'):
+    if info.kind == 'folder' and num_frames >= info.length:   # InternVL's folder reader: all of them, once each
         return list(range(info.length))
     found = frame_indices(num_frames, info.length, sample, rng, input_fps=info.fps or 1.0,
                           max_num_frames=num_frames)

@@ -232,3 +232,20 @@ def test_a_malformed_sample_json_is_a_bad_sample_named_by_its_shard_and_member(d
                                      f'again with tools/shard_dataset.py [bad_shard_json]']
     assert report['stats'][tar] == {'samples': 1, 'dropped (bad shard json)': 1}
     assert report['stats'][str(data.files[0])]['samples'] == 7
+
+
+def test_a_bad_image_in_a_shard_is_named_by_its_member(data):
+    """An image member that does not decode was named '<12 bytes> ...' in the skip's message: its shard, key and
+    member now, as check_shards names it."""
+    from xtuner_plugins.data.errors import SampleError
+    ds = shard_ds(data)
+    said = []
+    for (after, _, record) in ds.keyed_records(0, 1, None):
+        if after['epoch']:   # one epoch: the stream goes on for ever
+            break
+        try:
+            ds.samples.load_sample(record)
+        except SampleError as err:
+            said.append((err.reason, str(err)))
+    assert [reason for reason, _ in said] == ['corrupt_image'] * 2, said   # b.jsonl's bad.png, repeated twice
+    assert f'{data.out}/shard-' in said[0][1] and '.img0.png' in said[0][1] and 'bytes>' not in said[0][1], said

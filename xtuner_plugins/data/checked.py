@@ -22,6 +22,7 @@ class CheckedSample:
     video: Optional[str] = None        # its video (file or frame folder), resolved like images
     clip: Optional[tuple] = None       # its clip, (start_s, end_s)
     links_within: Optional[str] = None  # the folder a frame folder's frames may not link out of (None: unchecked)
+    image_names: Optional[List[str]] = None  # where images given as bytes come from, for messages (a shard's members)
 
 
 def build_tokenizer(tokenizer):

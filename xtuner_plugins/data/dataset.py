@@ -328,7 +328,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         checked = self.check_record(record)
         if checked.video is not None:
             return self.load_video_fit(record, checked)  # video_sample.py
-        pictures = [load_image(p, self.max_image_pixels) for p in checked.image_paths]
+        pictures = [load_image(p, self.max_image_pixels, name) for p, name in
+                    zip(checked.image_paths, checked.image_names or [None] * len(checked.image_paths))]
         fit = self.fit(record, checked, [p.size for p in pictures])
         tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
                              min_num=min(self.min_dynamic_patch, fit.max_num), max_num=fit.max_num,

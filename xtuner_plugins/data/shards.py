@@ -165,6 +165,7 @@ class ShardSamples(InternVLDataset):
             raise SampleError('missing_image', f'{record.where}: no member {record.where.rsplit(":", 1)[1]}.'
                                                f'{gone[0]} in the shard')
         checked.image_paths = list(record.media)
+        checked.image_names = [f'{record.where}.{name}' for name in record.names]   # SHARD:KEY.img0.jpg in messages
         if checked.video is not None:
             if record.video is None:
                 raise SampleError('missing_video', f'{record.where}: no member {record.where.rsplit(":", 1)[1]}.'

@@ -77,3 +77,28 @@ def test_an_answer_whose_image_changed_since_is_dropped_and_asked_again(tmp_path
     unchanged = AnswersFile(path, SETTINGS, resume=True)
     unchanged.check(questions(Image.new('RGB', (4, 4), (0, 0, 200))))  # equal pixels: the same image
     assert sorted(unchanged.done) == ['0', 'm'] and len(unchanged.changed) == 2
+
+
+def test_another_clip_is_asked_again_and_a_kept_answer_takes_the_datas_category(tmp_path):
+    """A video question's clip edited between an evaluation and its --resume kept the answer to the old frames;
+    a category renamed in the data kept the old one in the report (found by a helper's sweep)."""
+    video = tmp_path / 'v.mp4'
+    video.write_bytes(b'a video')
+
+    def questions(clip, category='vid'):
+        return [Question('v', category, 'What?', [], ['x'], source='d.jsonl:1', video=str(video), clip=clip),
+                Question('i', category, 'Which?', [], ['x'], source='d.jsonl:2')]
+    path = str(tmp_path / 'a.jsonl')
+    answers = AnswersFile(path, SETTINGS)
+    answers.check(questions((0.0, 1.0)))
+    for id_, prompt in (('v', 'What?'), ('i', 'Which?')):
+        answers.append(Result(id_, 'vid', prompt, 'x', 'answer', 0.0, source='old.jsonl:9'))
+    answers.close()
+    again = AnswersFile(path, SETTINGS, resume=True)
+    again.check(questions((1.5, 2.4), category='renamed'))
+    assert sorted(again.done) == ['i'] and again.changed == ['d.jsonl:1']
+    assert (again.done['i'].category, again.done['i'].source) == ('renamed', 'd.jsonl:2')
+    again.close()
+    same = AnswersFile(path, SETTINGS, resume=True)
+    same.check(questions((0.0, 1.0)))
+    assert sorted(same.done) == ['i', 'v']

@@ -201,3 +201,38 @@ def test_tsv_problems_name_the_file_and_row(tmp_path):
         f'{tmp_path}/noimg.tsv:3 (index 1): the image does not decode (cannot decode image its base64: cannot '
         f'identify image file of 90 bytes) [corrupt_image]'], err.value.problems
     assert 'image-folder' not in str(err.value)  # the jsonl's hint: no folder here
+
+
+def test_a_limit_keeps_a_circular_questions_rotations_whole():
+    """--limit 5 over rotations of 4 and 2 asked 1-0..1-3 and 2-0, and scored 2's one rotation as the whole
+    question: the limit counts questions, each with all its rotations."""
+    from xtuner_plugins.eval.data import Question, first_questions
+    qs = [Question(f'{g}-{r}', 'c', 'Q', [], ['A'], group=str(g)) for g, n in ((1, 4), (2, 2), (3, 3)) for r in range(n)]
+    assert [q.id for q in first_questions(qs, 2)] == ['1-0', '1-1', '1-2', '1-3', '2-0', '2-1']
+    assert [q.id for q in first_questions(qs, 1)] == ['1-0', '1-1', '1-2', '1-3']
+    assert first_questions(qs, None) == qs and len(first_questions(qs, 9)) == 9
+    plain = [Question(str(i), 'c', 'Q', [], ['A']) for i in range(4)]
+    assert [q.id for q in first_questions(plain, 3)] == ['0', '1', '2']
+
+
+def test_tsv_rows_with_image_tags_or_control_text_are_refused_before_the_model_loads(tmp_path):
+    """A row asking 'Compare <image> and <image>' for its one image died after the model loaded (a traceback), or
+    reached a batch with a literal tag; '<|im_end|>' in a question failed the question only when it was asked. Both
+    are the row's problems now, named, before anything is asked; one tag is where the image goes."""
+    from xtuner_plugins.eval.data import QuestionsError
+    rows = [dict(ROWS[0], index=5, question='Compare <image> and <image> please'),
+            dict(ROWS[0], index=6, B='green<|im_end|>'),
+            dict(ROWS[0], index=7, hint='See <image>', question='What colour is <image>?')]
+    path = write_tsv(tmp_path / 'tags.tsv', rows)
+    with pytest.raises(QuestionsError) as err:
+        read_mmbench_tsv(path)
+    assert err.value.problems == [
+        f"{path}:2 (index 5): 2 <image> tags (question, hint and options) for the row's one image; give it one, or "
+        'none (the image then goes in front of the question) [image_tag_mismatch]',
+        f"{path}:3 (index 6): its B column contains the control marker '<|im_end|>' at character 5 "
+        "('green<|im_end|>'); it would be read as that control token and trained on; set the data set's "
+        'allow_control_text=True if the data means it (it is then plain text) [control_text]',
+        f"{path}:4 (index 7): 2 <image> tags (question, hint and options) for the row's one image; give it one, or "
+        'none (the image then goes in front of the question) [image_tag_mismatch]'], err.value.problems
+    one = read_mmbench_tsv(write_tsv(tmp_path / 'one.tsv', [dict(ROWS[0], question='What colour is <image>?')]))
+    assert one[0].prompt.startswith('A square.\nWhat colour is <image>?')

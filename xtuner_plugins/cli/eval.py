@@ -49,7 +49,7 @@ from typing import Iterator, Tuple
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
-from xtuner_plugins.eval.data import context_note
+from xtuner_plugins.eval.data import context_note, first_questions
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS
@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument('--frames', type=count, default=8, help='frames of each video question (default 8)')
     p.add_argument('--no-single-frame', dest='single_frame', action='store_false',
                    help='skip the single-frame control of video questions (every frame the middle one)')
-    p.add_argument('--limit', type=count, default=None, help='the first N questions only')
+    p.add_argument('--limit', type=count, default=None, help='the first N questions only (a circular question with all its '
+                   'rotations)')
     p.add_argument('--max-new-tokens', type=count, default=64)
     p.add_argument('--batch-size', type=count, default=1,
                    help='questions per generation batch (one image each; others go one at a time)')
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
             answers.check(questions)
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
-    questions = questions[:args.limit] if args.limit else questions
+    questions = first_questions(questions, args.limit)
     note = context_note(questions)
     if note:
         print(note, file=sys.stderr)

@@ -14,11 +14,12 @@ fixed), and the report counts them all. It refuses, naming the file, to
   file before anything is appended).
 
 Each answer also records the identity of the files it was answered on (``image_files``, :func:`file_identity`):
-each image's (or the video's) size and modification time in nanoseconds, not a hash of its content, so that
+each image's (or the video's, with its clip) size and modification time in nanoseconds, not a hash of its content, so that
 resuming does not read every image again (a data set of many images on a network disk); any write of a file
 (a new image copied, saved or unpacked over the old one) changes its modification time. An in-memory image (a
 TSV's, which has no file) is identified by a hash of its pixels. A kept answer whose images are not those any
-more (replaced in place since) is dropped and its question asked again; :attr:`AnswersFile.changed` names them.
+more (replaced in place since, or another clip of the video) is dropped and its question asked again;
+:attr:`AnswersFile.changed` names them. A kept answer is scored under its question's category now.
 What this misses: a replacement of the same size that keeps the old file's modification time (``cp -p``,
 ``rsync -t`` of a file stamped with the same time).
 
@@ -33,7 +34,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
@@ -103,7 +104,8 @@ def file_identity(question: Question, hashed: Optional[Dict[int, list]] = None) 
             if id(image) not in hashed:
                 hashed[id(image)] = _pixels(image)
             out.append(hashed[id(image)])
-    return out + ([_stat(question.video)] if question.video else [])
+    return out + ([_stat(question.video)] if question.video else []) + (
+        [list(question.clip)] if question.video and question.clip else [])   # another clip: other frames
 
 
 class AnswersFile:
@@ -180,6 +182,8 @@ class AnswersFile:
             if (self._files.get(id_) or []) != self._identity[id_]:  # none recorded: no files (or written before)
                 del self.done[id_]
                 self.changed.append(q.source or id_)
+            else:   # scored under the data's category and named by its line now (a category renamed was kept)
+                self.done[id_] = replace(r, category=q.category, source=q.source or r.source)
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + '\n')

@@ -43,7 +43,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
-from xtuner_plugins.data.conversation import parse_conversation
+from xtuner_plugins.data.conversation import parse_conversation, refuse_control_text
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
@@ -109,6 +109,23 @@ class _Ids:
                                             f'{self.path}:{line_no}')))
         else:
             self.first[id_] = line_no
+
+
+def first_questions(questions: List[Question], n: Optional[int]) -> List[Question]:
+    """The first ``n`` questions (all with ``None``), a circular question's rotations (one ``group``) counted as one
+    and kept whole: a limit that cut a group scored its first rotations as the whole question."""
+    if n is None:
+        return questions
+    out: List[Question] = []
+    seen: set = set()
+    for q in questions:
+        key = q.group or id(q)
+        if key not in seen:
+            if len(seen) == n:
+                break
+            seen.add(key)
+        out.append(q)
+    return out
 
 
 def read_questions(path: str, image_folder: Optional[str] = None, circular: bool = False) -> List[Question]:
@@ -288,6 +305,16 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
                    != 'nan'}
         answer = (row.get('answer') or '').strip()
         try:
+            # as a jsonl question is checked: no control text, at most one <image> tag for the row's one image
+            # (a second one reached the model after it loaded: a traceback, or literal text in a batch)
+            texts = {column: row.get(column) or '' for column in ('question', 'hint', *options)}
+            for column, text in texts.items():
+                refuse_control_text(f'its {column} column', text, CONTROL_MARKERS)
+            tags = sum(text.count('<image>') for text in texts.values())
+            if tags > 1:
+                raise SampleError('image_tag_mismatch', f'{tags} <image> tags (question, hint and options) for the '
+                                                        'row\'s one image; give it one, or none (the image then '
+                                                        'goes in front of the question)')
             if not data:
                 raise SampleError('missing_image', 'no image: its image column is empty')
             image = _decode_image(data)

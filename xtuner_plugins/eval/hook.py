@@ -36,7 +36,7 @@ from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 
-from .data import read_questions
+from .data import first_questions, read_questions
 from .evaluate import MC_MODES, Report, evaluate
 
 __all__ = ['EvalHook', 'TrainingModelAnswerer']
@@ -123,7 +123,7 @@ class EvalHook(Hook):
             raise ValueError(f"EvalHook: on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'")
         if mc not in MC_MODES:
             raise ValueError(f'EvalHook: mc={mc!r}; use one of {", ".join(MC_MODES)}')
-        self.questions = read_questions(data_file, image_folder, circular=circular)[:max_questions]
+        self.questions = first_questions(read_questions(data_file, image_folder, circular=circular), max_questions)
         self.data_file, self.interval, self.max_new_tokens = data_file, interval, max_new_tokens
         self.blind, self.metric, self.show, self.mc = blind, metric, show, mc
         self.min_reliance, self.on_low_reliance = min_reliance, on_low_reliance

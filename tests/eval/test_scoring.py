@@ -8,6 +8,7 @@ from xtuner_plugins.eval.scoring import anls, edit_distance, exact_match, extrac
 @pytest.mark.parametrize('given, normalised', [
     ('Red.', 'red'), ('  The RED circle!  ', 'red circle'), ('Two', '2'), ('an apple', 'apple'),
     ('2.5 m', '2.5 m'), ('1,000', '1000'), ('yes, it is', 'yes it is'), ("dont", "don't"), ('top-left', 'top left'),
+    ('.5', '.5'), ('It is 5.', 'it is 5'), ('0.5.', '0.5'),   # VQA's rule: a period before a digit stays
 ])
 def test_normalisation(given, normalised):
     assert normalize_answer(given) == normalised

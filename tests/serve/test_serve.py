@@ -61,7 +61,9 @@ def test_settings_are_read_from_the_folder(folders, tmp_path):
 
 def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys):
     assert serve_main([folders['remote']]) == 2
-    assert "a 'remote' folder; vLLM serves the official and hf formats" in capsys.readouterr().err
+    err = capsys.readouterr().err   # not 'convert again with --format official': refused for such a model
+    assert "a 'remote' folder, its own code for a vision tower and projector InternVL's layout has no place for: " \
+           "vLLM has no architecture for it" in err and 'tools/serve.py serves the official and hf' in err, err
     assert serve_main([folders['official'], '--vllm-python', sys.executable]) == 2  # this venv has no vLLM
     err = capsys.readouterr().err
     assert f'vLLM is not installed for {sys.executable}' in err and '`make vllm`' in err and 'pip install vllm' in err

@@ -5,7 +5,8 @@ Usage::
     # one shot, from a converted folder (tools/convert_to_official.py)
     python tools/chat.py work_dirs/my_internvl --image photo.jpg --prompt "What is in the picture?"
     # several images in one prompt: one <image> tag each (added in front when the prompt has none)
-    python tools/chat.py work_dirs/my_internvl --image a.jpg b.jpg --prompt "Image-1: <image>\\nImage-2: <image>\\nCompare."
+    python tools/chat.py work_dirs/my_internvl --image a.jpg b.jpg --prompt $'Image-1: <image>\\nImage-2: <image>\\nCompare.'
+    # ($'...' makes \\n a newline in bash; inside "..." it stays a backslash and an n)
     # straight from training: the checkpoint alone (it records its config; --remap OLD=NEW for moved folders)
     python tools/chat.py --checkpoint work_dirs/finetune_lora/iter_1000.pth --image photo.jpg
     # a video (a file, a GIF or a folder of frames): --frames frames at the middles of equal spans, one tile each,

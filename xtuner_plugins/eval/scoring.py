@@ -39,7 +39,7 @@ _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent":
                  "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
                  "ive": "i've", "youre": "you're", "theyre": "they're", "thats": "that's", "whats": "what's"}
 _PUNCT = re.compile('[' + re.escape(string.punctuation.replace("'", '')) + ']')
-_DIGIT_SEP = re.compile(r'(?<=\d)[.,](?=\d)')
+_DIGIT_SEP = re.compile(r'(?<=\d),(?=\d)|\.(?=\d)')   # VQA keeps a period before a digit: .5 is not 5
 
 
 def _unicode(text) -> str:

@@ -355,6 +355,16 @@ def test_the_pair_is_told_apart_by_their_headers_not_their_names(setup, f32_answ
         model.close()
 
 
+def test_the_files_are_named_as_the_model_in_their_headers(setup):
+    """llama.cpp's converter names the model after the folder it reads: every export said general.name '.Staging'
+    and general.finetune 'staging' (the staged copy's folder). The staged copy is named as the model now."""
+    from xtuner_plugins.models.gguf_model import gguf_keys
+    for name in ('f32-F32.gguf', 'mmproj-f32-F32.gguf'):
+        keys = gguf_keys(os.path.join(setup['f32'], name), ('general.architecture', 'general.name',
+                                                            'general.finetune'))
+        assert 'staging' not in str(keys).lower() and keys.get('general.name', '').lower().startswith('f32'), keys
+
+
 @pytest.mark.parametrize('name, text, says', [
     ('tokenizer_config.json', '{oops', 'tokenizer_config.json: does not read (Expecting property name'),
     ('preprocessor_config.json', '[1]', 'preprocessor_config.json: holds a JSON list, not an object'),

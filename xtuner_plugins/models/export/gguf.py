@@ -297,13 +297,15 @@ def write_gguf_from_folder(folder: str, out_dir: str, quant: str = 'f16', log: L
     default the folder's); the staged copy is made inside it and removed. Returns the files written."""
     if quant not in QUANTS:
         raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
-    staging = os.path.join(out_dir, '.staging')
+    name = name or os.path.basename(os.path.normpath(folder)) or 'model'
+    # llama.cpp's converter names the model (general.name, general.finetune) after the folder it reads: the staged
+    # copy is named as the model (a folder named .staging wrote '.Staging' into every file)
+    staging = os.path.join(out_dir, '.staging', name)
     try:
         stage(folder, staging, log)
-        files = convert_staged(staging, out_dir, name or os.path.basename(os.path.normpath(folder)) or 'model', quant,
-                               log)
+        files = convert_staged(staging, out_dir, name, quant, log)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(staging), ignore_errors=True)
     for path in files:
         log(f'wrote {os.path.basename(path)} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)')
     return files

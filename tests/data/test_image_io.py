@@ -296,3 +296,11 @@ def test_a_wrong_image_folder_says_the_near_folder_where_the_first_image_is(tmp_
         refusal('coco/x.jpg')
     assert f'right? x.jpg is there under {folder}: the paths name one folder too many' in refusal('train/x.jpg')
     assert 'right? (train_dataloader' in refusal('y.jpg')
+
+
+def test_a_data_url_is_named_as_one():
+    """A jsonl image given as a data URL was refused as 'a 401-byte name part, over the system's limit'."""
+    from xtuner_plugins.data.errors import SampleError
+    from xtuner_plugins.data.image_io import resolve_image_path
+    with pytest.raises(SampleError, match=r"is a data URL: a sample names its images by their files"):
+        resolve_image_path('data:image/png;base64,' + 'A' * 400, None, '/tmp')

@@ -111,6 +111,9 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     """
     if not isinstance(path, str) or not path:
         raise SampleError('bad_image_field', f'image path must be a non-empty string, got {path!r}')
+    if path[:5].lower() == 'data:':   # was 'a 401-byte name part, over the system's limit': it is no path at all
+        raise SampleError('bad_image_path', f'image {_shown(path, 40)} is a data URL: a sample names its images by '
+                                            'their files (inside the image folder); write the image to a file')
     check_path_string(path)
     if image_folder is None:
         full = os.path.normpath(os.path.join(base_dir or '', path))

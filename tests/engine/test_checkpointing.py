@@ -125,6 +125,32 @@ def test_tensors_of_another_shape_are_named_not_counted_as_loaded(tmp_path):
             f'of another config?): mlp1.weight [5, 3] vs [3, 3]') in log
 
 
+def test_a_resume_into_a_model_of_other_trained_shapes_is_refused_before_the_optimizer_loads(tmp_path):
+    """A LoRA rank changed on resume: a larger one crashed in the fused AdamW step (a segfault: the saved state is
+    of another size), a smaller one went on with its adapters reset and the state misread. Resuming is refused; a
+    plain load of the same checkpoint (a new run from its weights) still loads what fits, with its warning."""
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    from xtuner_plugins.engine import checkpointing
+    from xtuner_plugins.errors import Refused
+    path = str(tmp_path / 'iter_8.pth')
+    save_checkpoint({'state_dict': {'mlp1.weight': torch.zeros(5, 3), 'mlp1.bias': torch.zeros(3)}, 'meta': {}},
+                    path)
+    from mmengine.runner import Runner
+    from mmengine.logging import MMLogger
+    fake = SimpleNamespace(model=Frozen(), call_hook=lambda *a, **k: None, logger=MMLogger.get_current_instance())
+    resume = checkpointing._naming_the_source(lambda self, filename: Runner.load_checkpoint(self, filename),
+                                              'resumed from')
+    with pytest.raises(Refused, match=r"resume: .*iter_8.pth is not a checkpoint of this run's model: 1 of its "
+                                      r"tensors have another shape than this run's model \(mlp1.weight \[5, 3\] vs "
+                                      r"\[3, 3\]\)"):
+        resume(fake, path)
+    save_checkpoint({'state_dict': {'mlp1.weight': torch.zeros(3, 3)}, 'meta': {}}, path)
+    with pytest.raises(Refused, match=r'1 trained parameters of this run are not in it \(mlp1.bias\)'):
+        resume(fake, path)
+    Runner.load_checkpoint(fake, path)   # load_from: the fitting tensors, a warning for the rest
+
+
 @pytest.mark.parametrize('umask', [0o022, 0o002, 0o077])
 def test_an_atomic_write_gets_the_mode_a_plain_write_gets(tmp_path, umask):
     """Before, every checkpoint, last_checkpoint and data_manifest.json was 0600 (``mkstemp``'s mode): a work

@@ -165,3 +165,60 @@ def test_a_resume_from_an_older_checkpoint_does_not_write_over_later_ones(tmp_pa
                     "(iter_6.pth, iter_10.pth) will be replaced by this run's saves"]
     elsewhere = SimpleNamespace(work_dir=str(tmp_path / 'new'), iter=0, _load_from=str(tmp_path / 'iter_4.pth'))
     Runner.resume(elsewhere, str(tmp_path / 'iter_4.pth'), _original=loaded)   # another work folder: fine
+
+
+def test_a_resume_from_elsewhere_into_a_folder_of_another_runs_checkpoints_is_refused(tmp_path, monkeypatch):
+    """``--resume A/iter_4.pth --work-dir B`` (or B the default work_dirs/CONFIG) where B holds another run's
+    iter_2.pth: this run's saves replaced B's pointer and the rotation deleted iter_2.pth. Refused before anything
+    loads; B empty, or the checkpoint in B itself, goes on."""
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (applies the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.errors import Refused
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'iter_4.pth').write_text('x')
+    other = tmp_path / 'b'
+    other.mkdir()
+    (other / 'iter_2.pth').write_text('theirs')
+    loads = []
+
+    def loaded(self, filename, *args, **kwargs):
+        loads.append(filename)
+        self.iter = 4
+    into_b = SimpleNamespace(work_dir=str(other), iter=0, _load_from=str(tmp_path / 'a' / 'iter_4.pth'),
+                             optim_wrapper=None)
+    with pytest.raises(Refused, match=r"^--resume .*a/iter_4\.pth: this work folder \(.*b\) holds another run's "
+                                      r'checkpoints \(iter_2\.pth\), which this run.s saves and their rotation'):
+        Runner.resume(into_b, str(tmp_path / 'a' / 'iter_4.pth'), _original=loaded)
+    assert loads == [] and (other / 'iter_2.pth').read_text() == 'theirs'
+    own = SimpleNamespace(work_dir=str(tmp_path / 'a'), iter=0, _load_from=str(tmp_path / 'a' / 'iter_4.pth'),
+                          optim_wrapper=None)
+    Runner.resume(own, str(tmp_path / 'a' / 'iter_4.pth'), _original=loaded)
+    empty = SimpleNamespace(work_dir=str(tmp_path / 'c'), iter=0, _load_from=str(tmp_path / 'a' / 'iter_4.pth'),
+                            optim_wrapper=None)
+    Runner.resume(empty, str(tmp_path / 'a' / 'iter_4.pth'), _original=loaded)
+    assert len(loads) == 2
+
+
+def test_a_resume_with_another_length_says_the_saved_schedule_goes_on(tmp_path):
+    """max_iters raised from 4 to 8 on resume kept the saved schedule (its decay ended at 4; the rate stayed
+    there for iterations 5-8) without a word, where the docs say the schedule follows the final length."""
+    runner = toy_runner(tmp_path, 'len-first', max_iters=4, save_every=2)
+    assert runner.iter == 4
+    toy_runner(tmp_path, 'len-more', max_iters=8, save_every=2, resume=True)
+    log = _log_of(tmp_path, 'len-more')
+    assert f'resumed from {tmp_path}/iter_4.pth: its learning-rate schedule goes on as it was saved' in log, log
+    assert 'not at this run\'s 8' in log
+
+
+def _log_of(work_dir, name):
+    import glob
+    logs = sorted(glob.glob(os.path.join(str(work_dir), '*', '*.log')))
+    for path in reversed(logs):
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        if 'resumed from' in text:
+            return text
+    return ''

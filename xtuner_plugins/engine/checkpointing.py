@@ -40,7 +40,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from xtuner_plugins.engine import resume_load
-from xtuner_plugins.errors import Stated
+from xtuner_plugins.errors import Refused, Stated
 
 _PATCH_MARK = '_xtuner_plugins_checkpoint_patch'
 _applied: List[str] = []
@@ -250,6 +250,21 @@ def _shape_mismatches(model, state_dict) -> List[str]:
             if k in own and hasattr(v, 'shape') and own[k].numel() and tuple(v.shape) != tuple(own[k].shape)]
 
 
+def refuse_resume_into_another_model(model, where: str, missing: Sequence[str], mismatched: Sequence[str]) -> None:
+    """``Refused`` for a resume whose checkpoint does not hold every trained tensor of ``model`` at its shape (a
+    LoRA rank changed: a larger one crashed in the fused AdamW step on the saved state of another size, a smaller
+    one went on with its adapters reset and that state misread). Raised before the optimizer's state loads."""
+    trained = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    lacking = [k for k in missing if k in trained]
+    if not lacking and not mismatched:
+        return
+    what = (f'{len(mismatched)} of its tensors have another shape than this run\'s model ({_named(mismatched)})'
+            if mismatched else f'{len(lacking)} trained parameters of this run are not in it ({_named(lacking)})')
+    raise Refused(f'resume: {where} is not a checkpoint of this run\'s model: {what}; the settings differ from the '
+                  'ones it was trained with (a LoRA rank, the trained parts?). Resume with its settings, or start a '
+                  'new run from its weights (load_from=PATH, resume=False, another --work-dir)')
+
+
 def _unwrap(module):
     from mmengine.model import BaseTTAModel, is_model_wrapper
     while is_model_wrapper(module) or isinstance(module, BaseTTAModel):
@@ -278,9 +293,12 @@ def _patch_load_report() -> bool:
         finally:
             handle.remove()
         from mmengine.dist import get_dist_info
+        unexpected, mismatched = seen.get('unexpected', []), _shape_mismatches(target, state_dict)
+        source = _LOADING.get()
+        if source and source[0] == 'resumed from':   # every rank: none goes on to load the optimizer's state
+            refuse_resume_into_another_model(target, source[1], seen.get('missing', []), mismatched)
         if get_dist_info()[0] != 0:  # as MMEngine: rank 0 reports
             return
-        unexpected, mismatched = seen.get('unexpected', []), _shape_mismatches(target, state_dict)
         for level, line in load_report(target, len(state_dict) - len(unexpected) - len(mismatched),
                                        seen.get('missing', []), unexpected, _LOADING.get(), mismatched):
             print_log(line, logger=logger or 'current', level=level)

@@ -13,8 +13,11 @@ folder it is in.
   a file that is gone), start-up stops with one line (``train: refused: resume=True: ...``, exit code 2).
 * **What a resume keeps and replaces.** A config whose learning rate differs from the checkpoint's is a warning
   (:func:`lr_change_note`: MMEngine loads the saved optimizer and schedule over it, so the new one is not used);
+  so is a schedule whose length changed (:func:`schedule_change_note`: the saved one goes on);
   ``--resume PATH`` of a checkpoint older than others in the work folder is refused (this run's saves would
-  replace them: :func:`later_checkpoints`), and ``resume=True`` there (a pointer behind the newest file) warns.
+  replace them: :func:`later_checkpoints`), and ``resume=True`` there (a pointer behind the newest file) warns;
+  ``--resume PATH`` from another folder into a work folder holding checkpoints is refused before anything loads
+  (:func:`another_run_here`: another run's, which this run's saves and rotation would replace or delete).
 
 Applied when ``runtime`` is imported (:func:`apply_resume_patches`), with the other runner patches.
 """
@@ -208,6 +211,44 @@ def later_checkpoints(work_dir: str, iteration: int) -> List[str]:
     return [path for _, path in sorted(found)]
 
 
+def _schedule_ends(runner) -> List[Tuple[str, int]]:
+    """Each parameter scheduler's class and end (iterations, or epochs for one by epoch): what a resume loads over
+    the ones this run's length built."""
+    schedulers = getattr(runner, 'param_schedulers', None) or []
+    if isinstance(schedulers, dict):
+        schedulers = [s for group in schedulers.values() for s in group]
+    return [(type(s).__name__, int(getattr(s, 'end', 0))) for s in schedulers if hasattr(s, 'end')]
+
+
+def schedule_change_note(filename: str, configured: Sequence[Tuple[str, int]],
+                         saved: Sequence[Tuple[str, int]]) -> Optional[str]:
+    """The warning for a resume whose checkpoint's schedule ends elsewhere than this run's (``max_iters`` or
+    ``max_epochs`` changed: MMEngine goes on with the saved schedule, whose decay ended or ends at its old length),
+    or None."""
+    changed = [(c, s) for c, s in zip(configured, saved) if c[0] == s[0] and c[1] != s[1]]
+    if not changed or len(configured) != len(saved):
+        return None
+    (name, mine), (_, theirs) = changed[-1]
+    return (f'resumed from {filename}: its learning-rate schedule goes on as it was saved, {name} ending at '
+            f'{theirs}, not at this run\'s {mine} (max_iters or max_epochs changed): a resume continues the saved '
+            f'run, so the decay does not follow the new length (past {theirs} the rate stays where the schedule '
+            'ended); to train with a schedule of the new length, start a new run from the checkpoint\'s weights '
+            '(load_from=PATH, resume=False, another --work-dir)')
+
+
+def another_run_here(work_dir: str, filename: str) -> List[str]:
+    """The checkpoints of ``work_dir`` when ``filename`` (given to ``--resume``) is not among them: another run's,
+    which this run's saves and their rotation would replace (a resume from elsewhere into a folder of older work,
+    ``work_dirs/CONFIG`` when ``--work-dir`` is left out)."""
+    from xtuner_plugins.outcome import find_checkpoints
+    if not filename or not os.path.isdir(work_dir):
+        return []
+    here = os.path.realpath(work_dir)
+    if os.path.dirname(os.path.realpath(os.path.normpath(str(filename)))) == here:
+        return []
+    return find_checkpoints(work_dir)
+
+
 def _patch_resume_lr() -> bool:
     """A resume with another learning rate in the config said in a warning (:func:`lr_change_note`): MMEngine
     loads the optimizer's and the schedulers' state, learning rates included, over the config's without a word."""
@@ -219,11 +260,19 @@ def _patch_resume_lr() -> bool:
 
         @functools.wraps(original)
         def resume(self, filename, *args, _original=original, **kwargs):
-            configured = _base_lrs(self)
+            others = another_run_here(self.work_dir, filename) if getattr(self, '_load_from', None) else []
+            if others:   # before anything is loaded
+                raise Refused(f'--resume {filename}: this work folder ({self.work_dir}) holds another run\'s '
+                              f'checkpoints ({", ".join(os.path.basename(p) for p in others[-3:])}), which this '
+                              'run\'s saves and their rotation (max_keep_ckpts) would replace or delete; give this '
+                              'run another --work-dir (the checkpoint is read where it is), or resume in its own '
+                              'folder')
+            configured, ends = _base_lrs(self), _schedule_ends(self)
             result = _original(self, filename, *args, **kwargs)
-            note = lr_change_note(str(filename), configured, _base_lrs(self))
-            if note:
-                print_log(note, logger='current', level=logging.WARNING)
+            for note in (lr_change_note(str(filename), configured, _base_lrs(self)),
+                         schedule_change_note(str(filename), ends, _schedule_ends(self))):
+                if note:
+                    print_log(note, logger='current', level=logging.WARNING)
             later = later_checkpoints(self.work_dir, self.iter)
             if later and getattr(self, '_load_from', None):   # --resume PATH: an older checkpoint chosen
                 raise Refused(f'--resume {filename} (iteration {self.iter}): this work folder holds later '

@@ -129,8 +129,30 @@ def test_a_port_in_use_is_one_line(tmp_path, rank_script):
                                        str(tmp_path / 'r'), 'ok'], env=_env(), capture_output=True, text=True,
                              timeout=60)
     assert out.returncode == 1 and not list(tmp_path.glob('r[0-9]'))
-    assert out.stderr == (f'local_launch: --master-port {port} on 127.0.0.1: address already in use (EADDRINUSE): '
-                          'choose another port\n')
+    assert out.stderr == (f'local_launch: port {port} on 127.0.0.1 (--master-port, or MASTER_PORT): address already '
+                          'in use (EADDRINUSE): choose another port\n')
+
+
+def test_a_port_a_run_just_closed_is_free_again():
+    """A fixed MASTER_PORT was refused as in use for a minute after each run: its store's sockets in TIME_WAIT.
+    Bound as torch's store binds it (SO_REUSEADDR), it is free; a port something listens on is not."""
+    import errno
+    import socket
+
+    from xtuner_plugins.cli.local_launch import free_port
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(('127.0.0.1', 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(('127.0.0.1', port))
+        accepted, _ = server.accept()
+        accepted.close()   # the server's side closes first: its connection waits in TIME_WAIT
+        client.close()
+        with pytest.raises(OSError) as err:
+            free_port('127.0.0.1', port)   # still listened on
+        assert err.value.errno == errno.EADDRINUSE
+    assert free_port('127.0.0.1', port) == port
 
 
 def test_the_launchers_import_no_torch(tmp_path, rank_script):

@@ -89,8 +89,8 @@ def test_local_launch_refuses_a_port_over_65535_in_one_line(tmp_path):
                           '--master-port', '99999', TRAIN_TOOL], env=_env(), cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
-    assert out.stderr.strip() == ('local_launch: --master-port 99999 on 127.0.0.1: no such port (0 to 65535): '
-                                  'choose another port'), out.stderr
+    assert out.stderr.strip() == ('local_launch: port 99999 on 127.0.0.1 (--master-port, or MASTER_PORT): no such '
+                                  'port (0 to 65535): choose another port'), out.stderr
 
 
 # rank 1 blocked where a signal is not seen (SIGINT held pending, as in a C++ collective or the rendezvous waiting

@@ -79,8 +79,11 @@ def rendezvous_env(rank: int, nproc: int, addr: str, port: int, base: Mapping[st
 
 
 def free_port(addr: str, port: int = 0) -> int:
-    """``port`` (any free one when 0) after checking that it can be bound on ``addr``; OSError if not."""
+    """``port`` (any free one when 0) after checking that it can be bound on ``addr``; OSError if not. As torch's
+    store binds it (``SO_REUSEADDR``): the port of a run that just ended, its sockets in TIME_WAIT, is free (it was
+    refused as in use for a minute after each run with a fixed MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((addr, port))
         return s.getsockname()[1]
 
@@ -270,7 +273,8 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
     except (OSError, OverflowError) as exc:   # (OverflowError: a port over 65535)
         why = ('address already in use (EADDRINUSE)' if getattr(exc, 'errno', None) == errno.EADDRINUSE else
                'no such port (0 to 65535)' if isinstance(exc, OverflowError) else str(exc))
-        print(f'local_launch: --master-port {port} on {addr}: {why}: choose another port', file=sys.stderr)
+        print(f'local_launch: port {port} on {addr} (--master-port, or MASTER_PORT): {why}: choose another port',
+              file=sys.stderr)
         return 1
     try:
         entry = preloaded(preload)

@@ -175,3 +175,14 @@ def test_the_restart_warning_is_dropped_where_restarts_are_the_epochs(tmp_path):
     epochs = EpochSampler(_Numbers(), DefaultSampler(_Numbers(), shuffle=False))
     assert _restart_warnings(tmp_path, epochs) == [] and epochs.epoch == 1  # restarted: the next epoch
     assert len(_restart_warnings(tmp_path, DefaultSampler(_Numbers(), shuffle=False))) == 1
+
+
+def test_a_fractional_max_epochs_runs_whole_iterations(tmp_path):
+    """max_epochs=1.3 over 2 batches an epoch was 2.6 iterations, refused by MMEngine's loop with an
+    AssertionError after the model loaded; it runs 3, and says so."""
+    from tests.engine.test_resume import _log, toy_runner
+    from xtuner_plugins.engine.epochs import whole_iterations
+    runner = toy_runner(tmp_path, 'fractional', max_epochs=1.3, save_every=100)
+    assert runner.iter == 3 and runner.train_loop.max_iters == 3
+    assert 'max_epochs gives 2.6 iterations: 3 run (whole iterations)' in _log(tmp_path)
+    assert whole_iterations(0.2) == 1 and whole_iterations(4) == 4 and whole_iterations(4.0) == 4.0

@@ -10,6 +10,11 @@ epoch its own order and video frames, and ``InfiniteSampler`` never calls it. Th
 that line is dropped, by its exact text, from the logger of the run that builds such a loop
 (:func:`apply_epoch_patches`, applied when ``runtime`` is imported). A data loader with any other sampler keeps
 MMEngine's warning.
+
+A fractional ``max_epochs`` (1.3) is that many passes in iterations, ``max_epochs`` times the data loader's
+batches: XTuner's loop handed MMEngine's the product (5.2), which it refused with an ``AssertionError`` after the
+model had loaded. It is rounded to the nearest whole iteration (at least 1), said in the log
+(:func:`_patch_fractional_iterations`).
 """
 
 from __future__ import annotations
@@ -61,8 +66,36 @@ def _patch_infinite_iterator() -> bool:
     return True
 
 
+def whole_iterations(max_iters):
+    """``max_iters`` as MMEngine's loop takes it: a fractional count (``max_epochs`` times the batches of an epoch)
+    rounded to the nearest whole iteration, at least 1; anything else as it is."""
+    if isinstance(max_iters, float) and max_iters > 0 and not max_iters.is_integer():
+        return max(1, round(max_iters))
+    return max_iters
+
+
+def _patch_fractional_iterations() -> bool:
+    from mmengine.logging import print_log
+    from mmengine.runner.loops import IterBasedTrainLoop
+    original = IterBasedTrainLoop.__init__
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def __init__(self, runner, dataloader, max_iters, *args, **kwargs):
+        whole = whole_iterations(max_iters)
+        if whole != max_iters:
+            print_log(f'max_epochs gives {max_iters:g} iterations: {whole} run (whole iterations)', logger='current')
+        original(self, runner, dataloader, whole, *args, **kwargs)
+
+    setattr(__init__, _PATCH_MARK, True)
+    IterBasedTrainLoop.__init__ = __init__
+    return True
+
+
 def apply_epoch_patches() -> List[str]:
-    """Apply the patch once (see the module docstring); returns the names newly applied."""
-    newly = ['infinite_iterator'] if _patch_infinite_iterator() else []
+    """Apply the patches once (see the module docstring); returns the names newly applied."""
+    newly = [name for name, patch in (('infinite_iterator', _patch_infinite_iterator),
+                                      ('fractional_iterations', _patch_fractional_iterations)) if patch()]
     _applied.extend(newly)
     return newly

@@ -287,3 +287,18 @@ def test_no_dataloader_workers_turns_persistence_off(tmp_path):
     for loader in (dict(num_workers=2, persistent_workers=True), dict(num_workers=0, persistent_workers=False)):
         cfg = dict(train_dataloader=dict(loader))
         assert workers_fit(cfg) is None and cfg['train_dataloader'] == loader
+
+
+def test_the_length_grouped_sampler_takes_the_loaders_batch():
+    """``train_dataloader.batch_size=1`` alone left the sampler's per_device_batch_size at the config's 4: batches
+    of 4 grouped and filled (5 samples: 8 iterations, 'repeats 3 of them to fill whole iterations')."""
+    from xtuner_plugins.engine.runstart import sampler_fits
+    cfg = dict(train_dataloader=dict(batch_size=1, sampler=dict(type='LengthGroupedSampler', per_device_batch_size=4)))
+    assert sampler_fits(cfg) == ('train_dataloader.batch_size=1 and train_dataloader.sampler.per_device_batch_size=4: '
+                                 'the sampler groups the batches the loader makes, so it takes 1 too (set batch_size '
+                                 'alone)')
+    assert cfg['train_dataloader']['sampler']['per_device_batch_size'] == 1
+    for loader in (dict(batch_size=4, sampler=dict(per_device_batch_size=4)), dict(batch_size=2, sampler=dict()),
+                   dict(batch_size=2)):
+        cfg = dict(train_dataloader=loader)
+        assert sampler_fits(cfg) is None

@@ -41,7 +41,7 @@ import logging
 import os
 import sys
 import threading
-from typing import List, Mapping, Optional
+from typing import List, Mapping, MutableMapping, Optional
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'
 _building = threading.local()  # inside a patched from_cfg: the config is prepared already
@@ -64,7 +64,8 @@ def prepare_run(cfg):
     changed = check_run_options(cfg)
     plain = getattr(cfg, '_cfg_dict', cfg)
     resolve_training_length(plain, changed)
-    for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO)):
+    for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO),
+                        (sampler_fits(plain), logging.WARNING)):
         if note:
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
@@ -146,6 +147,23 @@ def workers_fit(cfg: Mapping) -> Optional[str]:
     loader['persistent_workers'] = False
     return ('train_dataloader.num_workers=0: the data is loaded in the training process, so there are no workers to '
             'keep between epochs (persistent_workers=False)')
+
+
+def sampler_fits(cfg: Mapping) -> Optional[str]:
+    """``train_dataloader.batch_size`` set alone (``=1``): the length-grouped sampler kept the config's
+    ``per_device_batch_size`` (4), grouped and filled batches of 4 (an epoch of 5 samples ran 8 iterations of 1,
+    and said 3 samples were repeated to fill whole batches). The sampler takes the loader's batch; the note to log,
+    or None."""
+    loader = cfg.get('train_dataloader')
+    sampler = loader.get('sampler') if isinstance(loader, Mapping) else None
+    if not isinstance(sampler, MutableMapping) or 'per_device_batch_size' not in sampler:
+        return None
+    size, grouped = loader.get('batch_size'), sampler.get('per_device_batch_size')
+    if not isinstance(size, int) or not isinstance(grouped, int) or size == grouped:
+        return None
+    sampler['per_device_batch_size'] = size
+    return (f'train_dataloader.batch_size={size} and train_dataloader.sampler.per_device_batch_size={grouped}: the '
+            f'sampler groups the batches the loader makes, so it takes {size} too (set batch_size alone)')
 
 
 def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
@@ -236,6 +254,10 @@ def _patch_runner_build_model() -> bool:
             loader = getattr(self, '_train_dataloader', None)
             if isinstance(loader, dict) and isinstance(cfg.get('train_dataloader'), Mapping):  # workers_fit's change
                 loader['persistent_workers'] = cfg['train_dataloader'].get('persistent_workers', False)
+                fitted = cfg['train_dataloader'].get('sampler')   # sampler_fits's
+                if isinstance(loader.get('sampler'), dict) and isinstance(fitted, Mapping) \
+                        and 'per_device_batch_size' in fitted:
+                    loader['sampler']['per_device_batch_size'] = fitted['per_device_batch_size']
         return build_model(self, model)
 
     @functools.wraps(register_hooks)

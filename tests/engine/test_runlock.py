@@ -192,3 +192,27 @@ def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path):
         Runner.dump_config(runner, _original=dump)
     assert dumped == [str(tmp_path / 'other')] and config.read_text() == "_base_ = ['./base.py']  # mine\n"
     assert config_file_in_work_dir(None, str(tmp_path)) is False
+
+
+def test_a_requeued_slurm_jobs_earlier_run_is_gone_on_any_node(tmp_path, logged, monkeypatch):
+    """A Slurm job killed before it could release its lock, then requeued onto another node: its own earlier run's
+    lock (host node07) refused it as 'in use by another run'. The same job at a higher SLURM_RESTART_COUNT takes
+    it over; another job's lock on another node is still not taken."""
+    path = str(tmp_path / LOCK_NAME)
+    monkeypatch.setenv('SLURM_JOB_ID', '777')
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+    write_record(path, host='node07', pid=4242, slurm_job='777', slurm_restart=0)
+    lock = RunLock(str(tmp_path), command='requeued')
+    lock.acquire()
+    try:
+        record = json.load(open(path))
+        assert (record['command'], record['slurm_job'], record['slurm_restart']) == ('requeued', '777', 1)
+    finally:
+        lock.release()
+    write_record(path, host='node07', pid=4242, slurm_job='778', slurm_restart=0)
+    with pytest.raises(RunLockError, match='pid 4242 on host node07'):
+        RunLock(str(tmp_path), command='other job').acquire()
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '0')
+    write_record(path, host='node07', pid=4242, slurm_job='777', slurm_restart=0)   # the same run: not gone
+    with pytest.raises(RunLockError):
+        RunLock(str(tmp_path), command='same restart').acquire()

@@ -82,6 +82,19 @@ def _boot_id() -> Optional[str]:
         return None
 
 
+def _slurm_run() -> dict:
+    """``slurm_job`` and ``slurm_restart`` (its requeues so far) of the Slurm job this process runs in; {} outside
+    one."""
+    job = os.environ.get('SLURM_JOB_ID')
+    if not job:
+        return {}
+    try:
+        restart = int(os.environ.get('SLURM_RESTART_COUNT') or 0)
+    except ValueError:
+        restart = 0
+    return dict(slurm_job=job, slurm_restart=restart)
+
+
 def _pid_namespace() -> Optional[str]:
     """This process's PID namespace (``pid:[INODE]``), None where there is none."""
     try:
@@ -127,7 +140,7 @@ class RunLock:
         pid = os.getpid()
         return dict(pid=pid, host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'),
                     process_start=_process_start(pid), command=self.command, boot_id=_boot_id(),
-                    pid_ns=_pid_namespace())
+                    pid_ns=_pid_namespace(), **_slurm_run())
 
     def read(self) -> Optional[dict]:
         """The lock's record; ``{}`` for an unreadable one; None when there is no lock."""
@@ -148,7 +161,13 @@ class RunLock:
     def is_stale(self, record: dict, unlocked: bool = False) -> bool:
         """The lock's process is gone (module docstring): on this host, under another boot; in this boot, its
         flock free (``unlocked``: this process holds it now) and, in this PID namespace, no live process with its
-        pid and start time."""
+        pid and start time. A Slurm job requeued (``SLURM_RESTART_COUNT`` above the lock's, the same
+        ``SLURM_JOB_ID``): its earlier run is gone, on whatever node it ran (Slurm ends every process of a job before
+        it starts it again); a requeued job on another node was refused by its own killed run's lock."""
+        now = _slurm_run()
+        if now and record.get('slurm_job') == now['slurm_job'] \
+                and isinstance(record.get('slurm_restart'), int) and now['slurm_restart'] > record['slurm_restart']:
+            return True
         if record.get('host') != socket.gethostname() or not isinstance(record.get('pid'), int):
             return False
         boot = _boot_id()

@@ -231,7 +231,7 @@ def set_drop_path(model: InternVLVisionModel, rate: float) -> List[float]:
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f'drop_path_rate must be in [0, 1], got {rate}')
     layers = model.encoder.layer
-    rates = [x.item() for x in torch.linspace(0, rate, len(layers))]
+    rates = torch.linspace(0, rate, len(layers), device='cpu').tolist()   # under a meta default device too (the planner)
     for i, (layer, layer_rate) in enumerate(zip(layers, rates)):
         if not isinstance(layer, InternVLVisionLayer):
             raise TypeError(f'encoder.layer.{i} is a {type(layer).__name__}, not an InternVLVisionLayer')

@@ -73,7 +73,22 @@ def prepare_run(cfg):
                or liger_refusal(plain))
     if problem:
         refuse(problem)
+    keep_what_this_run_starts_from(plain)
     return cfg
+
+
+def keep_what_this_run_starts_from(cfg: Mapping) -> None:
+    """Mark ``model.pretrained_pth`` kept (``engine/keep.py``: its run's rotation does not delete it), once, on
+    rank 0."""
+    model = cfg.get('model')
+    path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(path, str) or not path or os.environ.get('RANK', '0') != '0':
+        return
+    from xtuner_plugins.engine.keep import mark_kept
+    warning = mark_kept(path, cfg.get('work_dir') or '')
+    if warning:
+        from mmengine.logging import print_log
+        print_log(warning, logger='current', level=logging.WARNING)
 
 
 def pretrained_refusal(cfg: Mapping) -> Optional[str]:

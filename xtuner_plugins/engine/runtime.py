@@ -322,9 +322,11 @@ memoize_config_formatting()
 # --cfg-options checked and the training length filled in when a runner is built (engine/runstart.py); the data
 # set's unset geometry, template and tokenizer taken from the model when it is built (engine/derive.py); the data
 # loader's restart at each epoch of an iteration-based run without MMEngine's warning about it (engine/epochs.py);
-# last_checkpoint written atomically and read against its work folder (engine/resume.py)
+# last_checkpoint written atomically and read against its work folder (engine/resume.py); a checkpoint a later
+# stage was trained from kept out of its run's rotation (engine/keep.py)
 from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
+from xtuner_plugins.engine.keep import apply_keep_patches  # noqa: E402
 from xtuner_plugins.engine.resume import apply_resume_patches  # noqa: E402
 from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
 # under Slurm: a checkpoint saved on SIGTERM (engine/preempt.py), MMEngine's slurm launcher checked (engine/slurm.py)
@@ -334,6 +336,7 @@ from xtuner_plugins.engine.slurm import apply_slurm_patches  # noqa: E402
 apply_runstart_patches()
 apply_derive_patches()
 apply_epoch_patches()
+apply_keep_patches()
 apply_resume_patches()
 apply_preempt_patches()
 apply_slurm_patches()

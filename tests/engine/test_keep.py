@@ -1,0 +1,39 @@
+"""engine/keep.py: a checkpoint a later stage was trained from is kept out of its run's rotation."""
+
+import os
+
+from tests.engine.test_resume import _log_of, toy_runner
+from xtuner_plugins.engine.keep import KEPT_SUFFIX, kept_by, mark_kept
+
+
+def test_a_checkpoint_a_later_stage_started_from_survives_the_rotation(tmp_path):
+    """The warm-up resumed for more iterations after a fine-tune started from its iter_1: the rotation
+    (max_keep_ckpts=2) deleted iter_1, and the fine-tune could no longer be converted. Marked, it stays; the
+    others rotate as before."""
+    work = tmp_path / 'warmup'
+    keep = {'default_hooks.checkpoint.max_keep_ckpts': 2}
+    toy_runner(work, 'keep-first', max_iters=2, save_every=1, **keep)
+    assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_1.pth', 'iter_2.pth']
+    assert mark_kept(str(work / 'iter_1.pth'), str(tmp_path / 'finetune')) is None
+    assert mark_kept(str(work / 'iter_1.pth'), str(tmp_path / 'finetune')) is None   # once a folder
+    assert (work / f'iter_1.pth{KEPT_SUFFIX}').read_text() == f'{tmp_path / "finetune"}\n'
+    assert kept_by(str(work / 'iter_1.pth')) == str(tmp_path / 'finetune') and kept_by(str(work / 'iter_2.pth')) is None
+    toy_runner(work, 'keep-more', max_iters=5, save_every=1, resume=True, **keep)
+    assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_1.pth', 'iter_4.pth', 'iter_5.pth']
+    assert f'{work}/iter_1.pth is kept, not rotated out: {tmp_path / "finetune"} was trained from it' in \
+        _log_of(work, 'keep-more')
+
+
+def test_a_stage_in_its_own_folder_or_an_unwritable_one_keeps_no_mark(tmp_path):
+    (tmp_path / 'iter_2.pth').write_text('x')
+    assert mark_kept(str(tmp_path / 'iter_2.pth'), str(tmp_path)) is None
+    assert not os.path.exists(tmp_path / f'iter_2.pth{KEPT_SUFFIX}')
+    assert mark_kept(str(tmp_path / 'gone.pth'), str(tmp_path / 'b')) is None
+    os.chmod(tmp_path, 0o500)
+    try:
+        if os.access(tmp_path, os.W_OK):   # root writes anyway
+            return
+        warning = mark_kept(str(tmp_path / 'iter_2.pth'), str(tmp_path / 'b'))
+        assert warning.startswith(f'{tmp_path}/iter_2.pth{KEPT_SUFFIX}: cannot be written') and 'keep a copy' in warning
+    finally:
+        os.chmod(tmp_path, 0o700)

@@ -1,0 +1,90 @@
+"""A checkpoint a later stage was trained from is kept: its run's rotation (``max_keep_ckpts``) does not delete it.
+
+A fine-tuning stage records the checkpoint it starts from (``model.pretrained_pth``) in its own checkpoints'
+lineage, and converting it reads that checkpoint again. When the earlier stage's run went on afterwards (resumed
+for more iterations, or still running when the next stage started from one of its checkpoints), MMEngine's
+checkpoint rotation deleted that checkpoint like any other old one: the later stage could no longer be converted,
+and ``--remap`` to another checkpoint of the warm-up is refused (it is not the one trained from).
+
+So a run started from ``model.pretrained_pth=DIR/iter_N.pth`` writes ``DIR/iter_N.pth.kept`` (a line with its own
+work folder; :func:`mark_kept`), and the rotation of any run in ``DIR`` skips a checkpoint that has one, saying so
+once (:func:`apply_keep_patches`, applied when ``runtime`` is imported). Remove the ``.kept`` file to let the
+rotation delete it again. A folder that cannot be written keeps no mark (a warning says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import List, Optional
+
+from mmengine.logging import print_log
+
+__all__ = ['KEPT_SUFFIX', 'apply_keep_patches', 'kept_by', 'mark_kept']
+
+KEPT_SUFFIX = '.kept'
+_PATCH_MARK = '_xtuner_plugins_keep_patch'
+_applied: List[str] = []
+
+
+def mark_kept(checkpoint: str, by: str) -> Optional[str]:
+    """Write (append) ``checkpoint + '.kept'`` naming the work folder ``by`` trained from it, unless it is in ``by``
+    itself; the warning to log when it cannot be written, else None."""
+    if not checkpoint or not os.path.exists(checkpoint):
+        return None
+    if by and os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == os.path.realpath(by):
+        return None
+    mark = os.path.normpath(checkpoint) + KEPT_SUFFIX
+    line = os.path.abspath(by or '.') + '\n'
+    try:
+        with open(mark, 'a+', encoding='utf-8') as f:
+            f.seek(0)
+            if line not in f.readlines():
+                f.write(line)
+    except OSError as exc:
+        return (f'{mark}: cannot be written ({exc.strerror or exc}): the run of {os.path.dirname(checkpoint)} may '
+                f'delete {os.path.basename(checkpoint)} when it rotates its checkpoints, and this stage could then '
+                'not be converted; keep a copy of it')
+    return None
+
+
+def kept_by(checkpoint: str) -> Optional[str]:
+    """The first work folder a ``.kept`` mark of ``checkpoint`` names, or None when it has none."""
+    try:
+        with open(os.path.normpath(checkpoint) + KEPT_SUFFIX, encoding='utf-8') as f:
+            return next((line.strip() for line in f if line.strip()), '(a later stage)')
+    except OSError:
+        return None
+
+
+def _patch_rotation() -> bool:
+    from mmengine.hooks import CheckpointHook
+    original = CheckpointHook._save_checkpoint_with_step
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        ids = getattr(self, 'keep_ckpt_ids', None)
+        if self.max_keep_ckpts > 0 and ids:
+            for kept_step in list(ids):
+                path = os.path.join(self.out_dir, self.filename_tmpl.format(kept_step))
+                child = kept_by(path)
+                if child is not None:   # out of the rotation: never deleted by it
+                    ids.remove(kept_step)
+                    print_log(f'{path} is kept, not rotated out: {child} was trained from it (its {KEPT_SUFFIX} '
+                              'file; remove that file to let the rotation delete it)', logger='current',
+                              level=logging.WARNING)
+        return original(self, runner, step, meta)
+
+    setattr(_save_checkpoint_with_step, _PATCH_MARK, True)
+    CheckpointHook._save_checkpoint_with_step = _save_checkpoint_with_step
+    return True
+
+
+def apply_keep_patches() -> List[str]:
+    """Apply the patch once (module docstring); returns the names newly applied."""
+    newly = ['rotation'] if _patch_rotation() else []
+    _applied.extend(newly)
+    return newly

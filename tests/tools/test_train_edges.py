@@ -141,3 +141,38 @@ def test_only_a_collectives_error_reads_as_a_lost_rank(monkeypatch):
     assert not lost_peer(RuntimeError('Caught BrokenPipeError in DataLoader worker process 0.\nBroken pipe'))
     monkeypatch.setenv('WORLD_SIZE', '1')
     assert not lost_peer(RuntimeError('Connection closed by peer'))
+
+
+def test_a_failed_resume_is_not_told_to_resume(tmp_path):
+    """Every failed resume ended with '--cfg-options resume=True continues from ...': the command that had just
+    failed. A resume that saved nothing is told to start a new run from the weights; one that saved a checkpoint
+    of its own before failing is told to resume from it."""
+    import time
+
+    from xtuner_plugins.cli.train import _next_steps
+    (tmp_path / 'iter_4.pth').write_text('x')
+    os.utime(tmp_path / 'iter_4.pth', (time.time() - 100, time.time() - 100))
+    since = time.time()
+    fresh = _next_steps(str(tmp_path), since, argv=['cfg.py'])
+    assert fresh.endswith(f'--cfg-options resume=True continues from {tmp_path}/iter_4.pth'), fresh
+    for argv in (['cfg.py', '--resume', 'x/iter_4.pth'], ['cfg.py', '--cfg-options', 'resume=True']):
+        said = _next_steps(str(tmp_path), since, argv=argv)
+        assert 'resume=True continues' not in said and 'start a new run from its weights' in said, said
+    (tmp_path / 'iter_6.pth').write_text('x')   # saved by this run before it failed
+    said = _next_steps(str(tmp_path), since, argv=['cfg.py', '--resume', 'x/iter_4.pth'])
+    assert said.endswith(f'resume=True continues from {tmp_path}/iter_6.pth'), said
+
+
+def test_a_resume_path_that_names_no_checkpoint_is_one_line(tmp_path):
+    """``--resume auto`` (MMEngine's word is resume=True), ``--resume ''`` or a work folder: MMEngine's loader
+    raised after the model was built (FileNotFoundError: Cannot find auto)."""
+    from xtuner_plugins.cli.train import resume_refusal
+    assert resume_refusal(None) is None
+    for given in ('auto', '', str(tmp_path / 'iter_9.pth')):
+        said = resume_refusal(given)
+        assert said.startswith(f'train: refused: --resume {given!r}: no such checkpoint') and 'resume=True' in said
+    assert 'a folder, not a checkpoint' in resume_refusal(str(tmp_path))
+    (tmp_path / 'iter_2.pth').write_text('x')
+    (tmp_path / 'iter_4.pth').mkdir()
+    (tmp_path / 'iter_4.pth' / 'mp_rank_00_model_states.pt').write_text('x')
+    assert resume_refusal(str(tmp_path / 'iter_2.pth')) is None and resume_refusal(str(tmp_path / 'iter_4.pth')) is None

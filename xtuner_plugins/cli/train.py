@@ -140,7 +140,7 @@ def _train() -> int:
     if not os.path.isfile(args.config):
         print(f'train: refused: {args.config}: no such config file', file=sys.stderr)
         return 2
-    refusal = options_refusal(args, sys.argv[1:])
+    refusal = options_refusal(args, sys.argv[1:]) or resume_refusal(getattr(args, 'resume', None))
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
@@ -185,6 +185,20 @@ def options_refusal(args, argv) -> Optional[str]:
     problems = spaced_values(cfg_options_words(argv)) or option_problems(args.config, args.cfg_options)
     return (f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
             'and run again)') if problems else None
+
+
+def resume_refusal(path: Optional[str]) -> Optional[str]:
+    """The line refusing ``--resume PATH`` that names no checkpoint (``auto``, a work folder, a typo), before
+    anything loads (a traceback of MMEngine's loader came after the model was built); None: none given, or one."""
+    if path is None:
+        return None
+    auto = ('; to continue from the work folder\'s last checkpoint: --cfg-options resume=True (without --resume)')
+    if not path or not os.path.exists(path):
+        return f'train: refused: --resume {path!r}: no such checkpoint (work_dirs/<config>/iter_N.pth){auto}'
+    if os.path.isdir(path) and not any(n.endswith('model_states.pt') for n in os.listdir(path)):
+        return (f'train: refused: --resume {path}: a folder, not a checkpoint (a file iter_N.pth, or the folder '
+                f'DeepSpeed saves, holding *model_states.pt){auto}')
+    return None
 
 
 def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
@@ -331,13 +345,24 @@ def option_problems(config: str, options: dict) -> list:
     return problems
 
 
-def _next_steps(work_dir: str, since: float, traceback: bool = True) -> str:
-    """Where this run's log is, and what to do (``traceback``: one was printed above)."""
+def _resuming(argv) -> bool:
+    """Whether the command line resumes (``--resume``, ``resume=True`` among its options)."""
+    return any(a == '--resume' or a.startswith('--resume=') or a.replace(' ', '') in ('resume=True', 'resume=true')
+               for a in argv)
+
+
+def _next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) -> str:
+    """Where this run's log is, and what to do (``traceback``: one was printed above). A resume that failed before
+    it saved a checkpoint is not told to resume (it recommended the command that had just failed)."""
     logs = [p for p in glob.glob(os.path.join(work_dir, '*', '*.log')) if os.path.getmtime(p) >= since - 1]
     where = f'the run\'s log: {max(logs, key=os.path.getmtime)}' if logs else \
         f'no run log was written (the run stopped before it started; its log would be under {work_dir}/<timestamp>/)'
     checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
     resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
+    saved_here = bool(checkpoints) and os.path.getmtime(checkpoints[-1]) >= since - 1
+    if _resuming(sys.argv[1:] if argv is None else argv) and not saved_here:   # the resume itself failed
+        resume = ('; this run was a resume: if the checkpoint is the problem, start a new run from its weights '
+                  '(--cfg-options load_from=CHECKPOINT, without --resume, another --work-dir)')
     return f'{where}; {"the traceback is above: " if traceback else ""}fix its cause and run again{resume}'
 
 

@@ -101,6 +101,13 @@ def spaced_values(words: Sequence[str]) -> List[str]:
     return problems
 
 
+def unpaired_words(words: Sequence[str]) -> List[str]:
+    """Problems of ``--cfg-options`` words that are not ``KEY=VALUE`` (``max_iters`` alone, or a list's items split
+    by the shell at their spaces): MMEngine's ``DictAction`` raised a ValueError traceback on them."""
+    return [f'{word!r} is not KEY=VALUE (every word of --cfg-options is one setting: max_iters=200; a list without '
+            f'spaces, [a,b], or quoted)' for word in words if '=' not in word]
+
+
 def cfg_options_words(argv: Sequence[str]) -> List[str]:
     """The words given to ``--cfg-options`` in ``argv`` (up to the next ``--option``)."""
     words, inside = [], False
@@ -116,7 +123,7 @@ class CfgOptions(DictAction):
     """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        problems = spaced_values(values)
+        problems = unpaired_words(values) or spaced_values(values)
         if problems:
             parser.error('; '.join(problems))
         super().__call__(parser, namespace, values, option_string)
@@ -129,7 +136,12 @@ def option_into_unset(cfg, options) -> Optional[str]:
     for key in options or {}:
         parts, node = str(key).split('.'), cfg
         for i, part in enumerate(parts[:-1]):
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) >= len(node):
+                prefix = '.'.join(parts[:i])
+                return (f'{key}: {prefix} holds {len(node)} entries (0 to {len(node) - 1}), so there is no entry '
+                        f'{part} (a KeyError traceback in MMEngine\'s merge); to add one, set {prefix} whole in a '
+                        'config file')
+            if isinstance(node, (list, tuple)) and part.isdigit():
                 node = node[int(part)]
             elif hasattr(node, 'keys') and part in node:
                 node = node[part]

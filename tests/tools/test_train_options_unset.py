@@ -39,3 +39,17 @@ def test_keys_into_lists_and_set_dicts_pass():
     cfg = Config.fromfile(LORA)
     assert option_into_unset(cfg, {'custom_hooks.2.policy': 'skip', 'model.llm_lora.r': 8,
                                    'train_dataloader.dataset.max_length': 1024}) is None
+
+
+def test_an_index_past_a_lists_end_and_a_word_without_a_value_are_one_line():
+    """``custom_hooks.9.policy=skip`` (5 hooks) and ``--cfg-options max_iters`` (no value) were a KeyError and a
+    ValueError traceback from MMEngine's merge and parser."""
+    from xtuner_plugins.launch import unpaired_words
+    problems = option_problems(LORA, {'custom_hooks.9.policy': 'skip'})
+    assert problems == ['custom_hooks.9.policy: custom_hooks holds 5 entries (0 to 4), so there is no entry 9 (a '
+                        'KeyError traceback in MMEngine\'s merge); to add one, set custom_hooks whole in a config '
+                        'file'], problems
+    assert unpaired_words(['max_iters=4', 'max_iters', '2]']) == [
+        "'max_iters' is not KEY=VALUE (every word of --cfg-options is one setting: max_iters=200; a list without "
+        "spaces, [a,b], or quoted)", "'2]' is not KEY=VALUE (every word of --cfg-options is one setting: "
+        "max_iters=200; a list without spaces, [a,b], or quoted)"]

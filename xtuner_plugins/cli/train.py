@@ -136,6 +136,11 @@ def _train() -> int:
             return read_seed(path)
 
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
+    from xtuner_plugins.launch import cfg_options_words, unpaired_words
+    unpaired = unpaired_words(cfg_options_words(sys.argv[1:]))   # XTuner's parser raised a ValueError traceback
+    if unpaired:
+        print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(unpaired)}', file=sys.stderr)
+        return 2
     args = xtuner_train.parse_args()
     if not os.path.isfile(args.config):
         print(f'train: refused: {args.config}: no such config file', file=sys.stderr)

@@ -134,3 +134,19 @@ def test_a_number_out_of_its_settings_range_is_refused():
         'train_dataloader.num_workers: expected a whole number >= 0, got -2']
     assert check_cfg_options(CFG, {'optim_wrapper.optimizer.lr': 0, 'optim_wrapper.accumulative_counts': 8,
                                    'train_dataloader.num_workers': 0, 'optim_wrapper.clip_grad.max_norm': 0.5}) == []
+    # the data set's and the loop's (found by a sweep: tracebacks after the model loaded)
+    bad = {'train_dataloader.dataset.max_length': 0, 'train_dataloader.dataset.max_dynamic_patch': 0,
+           'default_hooks.logger.interval': 0, 'model.llm_lora.r': -4}
+    assert check_cfg_options(CFG, bad) == [
+        'train_dataloader.dataset.max_length: expected a whole number >= 1, got 0',
+        'train_dataloader.dataset.max_dynamic_patch: expected a whole number >= 1, got 0',
+        'default_hooks.logger.interval: expected a whole number >= 1, got 0',
+        'model.llm_lora.r: expected a whole number >= 1, got -4']
+
+
+def test_a_file_variable_is_not_traced_to_settings_by_a_number_alone():
+    """``save_total_limit=0`` (a file variable of 2) named train_dataloader.num_workers and max_keep_ckpts (both
+    2) as where to set it; a number matches unrelated settings, a dict or a path names its holders."""
+    (problem,) = check_cfg_options(CFG, {'save_total_limit': 0})
+    assert problem.endswith('set the entry that uses it instead; those holding its value (2) are '
+                            'train_dataloader.num_workers, default_hooks.checkpoint.max_keep_ckpts'), problem

@@ -192,7 +192,12 @@ def _file_variable(cfg: Mapping, parts: List[str]) -> str:
     value, rest = cfg[parts[0]], ''.join(f'.{p}' for p in parts[1:])
     holders = [path + rest for path, v in _nodes({k: v for k, v in cfg.items() if k in RUNNER_KEYS})
                if v == value and v not in (None, True, False)] if value is not None else []
-    where = f'set {", ".join(holders[:6])} instead' if holders else 'set the entries that use it instead'
+    # a dict, a list or a path names its holders; a number is only found among the settings of that value
+    # (save_total_limit=2 matched train_dataloader.num_workers, 2 as well, beside max_keep_ckpts)
+    telling = isinstance(value, (Mapping, list, tuple)) or (isinstance(value, str) and len(value) > 3)
+    where = ('set the entries that use it instead' if not holders else f'set {", ".join(holders[:6])} instead'
+             if telling else f'set the entry that uses it instead; those holding its value ({value!r}) are '
+             f'{", ".join(holders[:6])}')
     return (f'{".".join(parts)}: a variable of the config file, already used when the file was read; '
             f'--cfg-options cannot change what it set: {where}')
 
@@ -251,6 +256,15 @@ RANGES = {
     'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),
     'train_dataloader.sampler.per_device_batch_size': ('a whole number >= 1', True, 1, False),
     'train_dataloader.num_workers': ('a whole number >= 0', True, 0, False),
+    # the data set's and the loop's: a traceback after the model loaded, or a division by zero in the logger
+    'train_dataloader.dataset.max_length': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_dynamic_patch': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.min_dynamic_patch': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_tokens': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_tiles': ('a whole number >= 1', True, 1, False),
+    'default_hooks.logger.interval': ('a whole number >= 1', True, 1, False),
+    'model.llm_lora.r': ('a whole number >= 1', True, 1, False),
+    'model.vision_lora.r': ('a whole number >= 1', True, 1, False),
 }
 
 

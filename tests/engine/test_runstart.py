@@ -233,6 +233,12 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
     assert pretrained_refusal(dict(model=dict(pretrained_pth=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth'))))) \
         is None
     assert pretrained_refusal(dict(model=dict(pretrained_pth=None))) is None
+    converted = tmp_path / 'converted'   # a converted folder: the way to start from one named
+    converted.mkdir()
+    (converted / 'config.json').write_text('{}')
+    assert pretrained_refusal(dict(model=dict(pretrained_pth=str(converted)))).startswith(
+        f'model.pretrained_pth={converted} is a model folder (a config.json), not a checkpoint of training: start '
+        f'from it with model.official_checkpoint={converted}')
 
 
 def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, monkeypatch):

@@ -106,6 +106,10 @@ def pretrained_refusal(cfg: Mapping) -> Optional[str]:
     if os.path.isdir(path):
         if any(name.endswith('model_states.pt') for name in os.listdir(path)):
             return None
+        if os.path.isfile(os.path.join(path, 'config.json')):   # a converted (or downloaded) model folder
+            return (f'model.pretrained_pth={path} is a model folder (a config.json), not a checkpoint of training: '
+                    f'start from it with model.official_checkpoint={path} (an InternVL folder: its vision tower, '
+                    'projector and LLM), model.pretrained_pth left unset')
         return f'model.pretrained_pth={path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt); {what}'
     from xtuner_plugins.models.checkpoint import read_meta
     try:

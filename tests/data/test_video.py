@@ -144,6 +144,13 @@ class TestReading:
         assert numbers(read_frames(info, everything)) == everything
         idx = choose_frames(info, 8, 'middle')
         assert numbers(read_frames(info, idx)) == idx and idx[-1] > 30
+        # counted once per file as it is (a sample's video is probed at every load): the count kept is read back,
+        # until the file changes
+        (key,) = [k for k in video_module._COUNTED if k[0] == os.path.abspath(path)]
+        video_module._COUNTED[key] = 41
+        assert probe_video(path).total == 41
+        os.utime(path, ns=(key[2] + 1000, key[2] + 1000))
+        assert probe_video(path).total == 40
 
     def test_clip(self, videos):
         frames, info = load_video(videos['file'], 4, clip=(1.0, 3.0))

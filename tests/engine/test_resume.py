@@ -186,7 +186,7 @@ def test_a_resume_from_elsewhere_into_a_folder_of_another_runs_checkpoints_is_re
 
     def loaded(self, filename, *args, **kwargs):
         loads.append(filename)
-        self.iter = 4
+        self.iter = int(os.path.basename(filename)[5:-4])   # iter_N.pth
     into_b = SimpleNamespace(work_dir=str(other), iter=0, _load_from=str(tmp_path / 'a' / 'iter_4.pth'),
                              optim_wrapper=None)
     with pytest.raises(Refused, match=r"^--resume .*a/iter_4\.pth: this work folder \(.*b\) holds another run's "
@@ -199,7 +199,13 @@ def test_a_resume_from_elsewhere_into_a_folder_of_another_runs_checkpoints_is_re
     empty = SimpleNamespace(work_dir=str(tmp_path / 'c'), iter=0, _load_from=str(tmp_path / 'a' / 'iter_4.pth'),
                             optim_wrapper=None)
     Runner.resume(empty, str(tmp_path / 'a' / 'iter_4.pth'), _original=loaded)
-    assert len(loads) == 2
+    (tmp_path / 'scratch').mkdir()   # a checkpoint of the folder that is a link to a file elsewhere: its own
+    (tmp_path / 'scratch' / 'iter_6.pth').write_text('x')
+    os.symlink(tmp_path / 'scratch' / 'iter_6.pth', tmp_path / 'a' / 'iter_6.pth')
+    linked = SimpleNamespace(work_dir=str(tmp_path / 'a'), iter=0, _load_from=str(tmp_path / 'a' / 'iter_6.pth'),
+                             optim_wrapper=None)
+    Runner.resume(linked, str(tmp_path / 'a' / 'iter_6.pth'), _original=loaded)
+    assert len(loads) == 3
 
 
 def test_a_resume_with_another_length_says_the_saved_schedule_goes_on(tmp_path):
@@ -214,11 +220,11 @@ def test_a_resume_with_another_length_says_the_saved_schedule_goes_on(tmp_path):
 
 
 def _log_of(work_dir, name):
+    """The log of the run ``name``: the newest log of ``work_dir`` (the runs of a test run one after another), which
+    must be that run's (its config's experiment name in it)."""
     import glob
-    logs = sorted(glob.glob(os.path.join(str(work_dir), '*', '*.log')))
-    for path in reversed(logs):
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-        if 'resumed from' in text:
-            return text
-    return ''
+    path = max(glob.glob(os.path.join(str(work_dir), '*', '*.log')), key=os.path.getmtime)
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    assert f"experiment_name = '{name}'" in text, path
+    return text

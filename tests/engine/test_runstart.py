@@ -299,12 +299,17 @@ def test_the_length_grouped_sampler_takes_the_loaders_batch():
     """``train_dataloader.batch_size=1`` alone left the sampler's per_device_batch_size at the config's 4: batches
     of 4 grouped and filled (5 samples: 8 iterations, 'repeats 3 of them to fill whole iterations')."""
     from xtuner_plugins.engine.runstart import sampler_fits
+    given = {'train_dataloader.batch_size': 1}
     cfg = dict(train_dataloader=dict(batch_size=1, sampler=dict(type='LengthGroupedSampler', per_device_batch_size=4)))
-    assert sampler_fits(cfg) == ('train_dataloader.batch_size=1 and train_dataloader.sampler.per_device_batch_size=4: '
+    assert sampler_fits(cfg, given) == ('train_dataloader.batch_size=1 and train_dataloader.sampler.per_device_batch_size=4: '
                                  'the sampler groups the batches the loader makes, so it takes 1 too (set batch_size '
                                  'alone)')
     assert cfg['train_dataloader']['sampler']['per_device_batch_size'] == 1
     for loader in (dict(batch_size=4, sampler=dict(per_device_batch_size=4)), dict(batch_size=2, sampler=dict()),
                    dict(batch_size=2)):
         cfg = dict(train_dataloader=loader)
-        assert sampler_fits(cfg) is None
+        assert sampler_fits(cfg, given) is None
+    # a config's own pair (XTuner's: the batch times the accumulation), or both given: as they are
+    for changed in ({}, dict(given, **{'train_dataloader.sampler.per_device_batch_size': 8})):
+        cfg = dict(train_dataloader=dict(batch_size=1, sampler=dict(per_device_batch_size=8)))
+        assert sampler_fits(cfg, changed) is None and cfg['train_dataloader']['sampler']['per_device_batch_size'] == 8

@@ -65,8 +65,9 @@ def test_no_compiler_warns_and_sdpa_runs(monkeypatch, tmp_path):
 
 
 def test_a_cc_that_does_not_parse_or_a_shared_cache_leaves_sdpa(monkeypatch, tmp_path):
-    """$CC with an unclosed quote raised shlex's ValueError out of the model's build; a library in a cache folder
-    others can write to (a shared $XDG_CACHE_HOME) was loaded, and ran as this process. Both warn and keep SDPA."""
+    """$CC with an unclosed quote raised shlex's ValueError out of the model's build; a library in another user's
+    cache folder (a shared $XDG_CACHE_HOME) was loaded, and ran as this process. Both warn and keep SDPA; this
+    user's own folder that others could write is made private."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     monkeypatch.setenv('CC', 'gcc "')
     ca.library.cache_clear()
@@ -78,9 +79,12 @@ def test_a_cc_that_does_not_parse_or_a_shared_cache_leaves_sdpa(monkeypatch, tmp
         path = ca.build()   # a good build, in a private folder
         ca.library.cache_clear()
         assert ca.library() is not None
-        os.chmod(os.path.dirname(path), 0o777)
+        os.chmod(os.path.dirname(path), 0o777)   # this user's own, made by an earlier version: made private
         ca.library.cache_clear()
-        with pytest.warns(UserWarning, match='writable by others: a kernel built there is not loaded'):
+        assert ca.library() is not None and not os.stat(os.path.dirname(path)).st_mode & 0o022
+        monkeypatch.setattr(os, 'getuid', lambda: os.stat(path).st_uid + 1)   # another user's folder and file
+        ca.library.cache_clear()
+        with pytest.warns(UserWarning, match='is not yours: a kernel built there is not loaded'):
             assert ca.library() is None
     finally:
         ca.library.cache_clear()

@@ -633,3 +633,9 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     assert (tmp_path / f'out.old-{os.getppid()}').is_dir() and (out / 'config.json').is_file()
     assert (backup / 'NOTES.txt').read_text() == 'mine' and elsewhere.is_dir()
     assert not (tmp_path / f'out.converting-{os.getpid()}').exists()   # this run's claim, removed as it ended
+    gone2 = subprocess.Popen(['true'])
+    gone2.wait()
+    claim(gone2.pid)   # a claim alone (killed before it made a folder, or after it moved them): removed
+    assert convert_main(argv + ['--overwrite']) == 0
+    assert not (tmp_path / f'out.converting-{gone2.pid}').exists()
+    assert (tmp_path / f'out.converting-{gone.pid + 1}').exists()   # another machine's: kept

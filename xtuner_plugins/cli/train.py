@@ -108,10 +108,16 @@ def rank_preload(argv):
     def preload():
         _load(list(argv))
         from xtuner.tools import train as xtuner_train
+
+        from xtuner_plugins.launch import cfg_options_words, unpaired_words
+        unpaired = unpaired_words(cfg_options_words(argv))   # before XTuner's parser raises on them
+        if unpaired:
+            print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(unpaired)}', file=sys.stderr)
+            raise SystemExit(2)
         with mock.patch.object(sys, 'argv', ['train.py', *argv]):   # (-m local_launch: sys.argv[0] is not)
             args = xtuner_train.parse_args()   # a bad option: argparse's one message, once
         try:
-            refusal = options_refusal(args, argv)
+            refusal = options_refusal(args, argv) or resume_refusal(getattr(args, 'resume', None))
         except Exception:  # noqa: BLE001 -- a config that fails to read: each rank says so as without a launcher
             refusal = None
         if refusal:   # once, before any rank starts, rather than from each rank

@@ -30,7 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -141,6 +141,27 @@ def _open_stream(path: str):
     return container, stream
 
 
+#: packets counted per video file (path, size, modification time): counting reads the whole file, and a sample's
+#: video is probed at every load
+_COUNTED: Dict[Tuple[str, int, int], int] = {}
+
+
+def _packets(path, container, stream) -> int:
+    """The stream's frames, counted from its packets (read, not decoded), once per file as it is."""
+    key = None
+    if isinstance(path, str):
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key in _COUNTED:
+            return _COUNTED[key]
+    total = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
+    if key is not None:
+        if len(_COUNTED) >= 65536:
+            _COUNTED.clear()
+        _COUNTED[key] = total
+    return total
+
+
 def _probe_file(path: str) -> VideoInfo:
     av = _av()
     container, stream = _open_stream(path)
@@ -151,7 +172,7 @@ def _probe_file(path: str) -> VideoInfo:
             # are then found by their stamps; the duration times the declared rate, a guess a variable frame rate
             # makes wrong, left frames past it never sampled, or a whole video dropped as truncated
             try:
-                total = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
+                total = _packets(path, container, stream)
             except av.FFmpegError as exc:
                 raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
         width, height = stream.codec_context.width, stream.codec_context.height

@@ -33,9 +33,10 @@ def mark_kept(checkpoint: str, by: str) -> Optional[str]:
     itself; the warning to log when it cannot be written, else None."""
     if not checkpoint or not os.path.exists(checkpoint):
         return None
-    if by and os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == os.path.realpath(by):
+    checkpoint = os.path.realpath(checkpoint)   # beside the file its run rotates, not beside a link to it
+    if by and os.path.dirname(checkpoint) == os.path.realpath(by):
         return None
-    mark = os.path.normpath(checkpoint) + KEPT_SUFFIX
+    mark = checkpoint + KEPT_SUFFIX
     line = os.path.abspath(by or '.') + '\n'
     try:
         with open(mark, 'a+', encoding='utf-8') as f:
@@ -58,28 +59,53 @@ def kept_by(checkpoint: str) -> Optional[str]:
         return None
 
 
+def _kept_out(hook, out_dir: str, steps) -> list:
+    """``steps`` (a rotation's checkpoints, oldest first) without those kept (said, each), in order."""
+    left = []
+    for step in steps:
+        path = os.path.join(out_dir, hook.filename_tmpl.format(step))
+        child = kept_by(path)
+        if child is None:
+            left.append(step)
+        else:   # out of the rotation: never deleted by it
+            print_log(f'{path} is kept, not rotated out: {child} was trained from it (its {KEPT_SUFFIX} file; '
+                      'remove that file to let the rotation delete it)', logger='current', level=logging.WARNING)
+    return left
+
+
 def _patch_rotation() -> bool:
+    """Both places MMEngine's checkpoint hook deletes old checkpoints: each save (``_save_checkpoint_with_step``)
+    and a resume with fewer ``max_keep_ckpts`` than the saved run kept (``before_train``, from the message hub's
+    ``keep_ckpt_ids``)."""
     from mmengine.hooks import CheckpointHook
-    original = CheckpointHook._save_checkpoint_with_step
-    if getattr(original, _PATCH_MARK, False):
+    save, before_train = CheckpointHook._save_checkpoint_with_step, CheckpointHook.before_train
+    if getattr(save, _PATCH_MARK, False):
         return False
 
-    @functools.wraps(original)
+    @functools.wraps(save)
     def _save_checkpoint_with_step(self, runner, step, meta):
         ids = getattr(self, 'keep_ckpt_ids', None)
         if self.max_keep_ckpts > 0 and ids:
-            for kept_step in list(ids):
-                path = os.path.join(self.out_dir, self.filename_tmpl.format(kept_step))
-                child = kept_by(path)
-                if child is not None:   # out of the rotation: never deleted by it
-                    ids.remove(kept_step)
-                    print_log(f'{path} is kept, not rotated out: {child} was trained from it (its {KEPT_SUFFIX} '
-                              'file; remove that file to let the rotation delete it)', logger='current',
-                              level=logging.WARNING)
-        return original(self, runner, step, meta)
+            left = _kept_out(self, self.out_dir, list(ids))
+            if len(left) != len(ids):
+                ids.clear()
+                ids.extend(left)
+        return save(self, runner, step, meta)
 
-    setattr(_save_checkpoint_with_step, _PATCH_MARK, True)
+    @functools.wraps(before_train)
+    def patched_before_train(self, runner):
+        hub = runner.message_hub
+        if self.max_keep_ckpts > 0 and 'keep_ckpt_ids' in hub.runtime_info:
+            saved = list(hub.get_info('keep_ckpt_ids'))
+            left = _kept_out(self, self.out_dir or runner.work_dir, saved)
+            if len(left) != len(saved):
+                hub.update_info('keep_ckpt_ids', left)
+        return before_train(self, runner)
+
+    for fn in (_save_checkpoint_with_step, patched_before_train):
+        setattr(fn, _PATCH_MARK, True)
     CheckpointHook._save_checkpoint_with_step = _save_checkpoint_with_step
+    CheckpointHook.before_train = patched_before_train
     return True
 
 

@@ -244,7 +244,7 @@ def another_run_here(work_dir: str, filename: str) -> List[str]:
     if not filename or not os.path.isdir(work_dir):
         return []
     here = os.path.realpath(work_dir)
-    if os.path.dirname(os.path.realpath(os.path.normpath(str(filename)))) == here:
+    if os.path.realpath(os.path.dirname(os.path.abspath(str(filename)))) == here:   # the file may link elsewhere
         return []
     return find_checkpoints(work_dir)
 

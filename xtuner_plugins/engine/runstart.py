@@ -65,7 +65,7 @@ def prepare_run(cfg):
     plain = getattr(cfg, '_cfg_dict', cfg)
     resolve_training_length(plain, changed)
     for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO),
-                        (sampler_fits(plain), logging.WARNING)):
+                        (sampler_fits(plain, changed), logging.WARNING)):
         if note:
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
@@ -168,11 +168,14 @@ def workers_fit(cfg: Mapping) -> Optional[str]:
             'keep between epochs (persistent_workers=False)')
 
 
-def sampler_fits(cfg: Mapping) -> Optional[str]:
-    """``train_dataloader.batch_size`` set alone (``=1``): the length-grouped sampler kept the config's
-    ``per_device_batch_size`` (4), grouped and filled batches of 4 (an epoch of 5 samples ran 8 iterations of 1,
-    and said 3 samples were repeated to fill whole batches). The sampler takes the loader's batch; the note to log,
-    or None."""
+def sampler_fits(cfg: Mapping, changed: Mapping) -> Optional[str]:
+    """``train_dataloader.batch_size`` set alone in ``--cfg-options`` (``changed``; ``=1``): the length-grouped
+    sampler kept the config's ``per_device_batch_size`` (4), grouped and filled batches of 4 (an epoch of 5 samples
+    ran 8 iterations of 1, and said 3 samples were repeated to fill whole batches). The sampler takes the loader's
+    batch; the note to log, or None. A config's own two values (XTuner's set the sampler's to the batch times the
+    accumulation) and a sampler's value given too are left as they are."""
+    if 'train_dataloader.batch_size' not in changed or 'train_dataloader.sampler.per_device_batch_size' in changed:
+        return None
     loader = cfg.get('train_dataloader')
     sampler = loader.get('sampler') if isinstance(loader, Mapping) else None
     if not isinstance(sampler, MutableMapping) or 'per_device_batch_size' not in sampler:

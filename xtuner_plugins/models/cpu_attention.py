@@ -123,9 +123,17 @@ def build(directory: Optional[str] = None) -> str:
 
 def _check_private(path: str) -> None:
     """A library this process loads runs as it: refused (``RuntimeError``) where another user could have put it
-    there, its file or its folder another user's or writable by others (a shared ``$XDG_CACHE_HOME``)."""
+    there, its file or its folder another user's or writable by others (a shared ``$XDG_CACHE_HOME``). One of
+    this user's that others may write (an earlier version made the folder under umask 002) is made private
+    first."""
     for where in (path, os.path.dirname(path)) if os.path.isfile(path) else (path,):
         st = os.stat(where)
+        if st.st_uid == os.getuid() and st.st_mode & 0o022:
+            try:
+                os.chmod(where, st.st_mode & ~0o022)
+                st = os.stat(where)
+            except OSError:
+                pass
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise RuntimeError(f'{where} is {"not yours" if st.st_uid != os.getuid() else "writable by others"}: '
                                'a kernel built there is not loaded (set XDG_CACHE_HOME to a folder of your own)')

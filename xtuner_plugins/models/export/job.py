@@ -143,8 +143,12 @@ def recover_leftovers(out: str, log: Log) -> None:
         else:
             shutil.rmtree(path)
             log(f'{path}: left by a conversion that was killed (pid {pid}); removed')
-    for pid in killed:
-        os.remove(_claim(out, pid))
+    claims = re.compile(re.escape(base) + r'\.converting-(\d+)$')
+    for name in sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []:
+        found = claims.match(name)   # a claim left with no folder (killed before or after them): removed quietly
+        if found and (int(found.group(1)) in killed or (_claimed_here(out, int(found.group(1)))
+                                                        and not _running(int(found.group(1))))):
+            os.remove(os.path.join(parent, name))
 
 
 def _running(pid: int) -> bool:

@@ -151,6 +151,9 @@ class TestReading:
         assert probe_video(path).total == 41
         os.utime(path, ns=(key[2] + 1000, key[2] + 1000))
         assert probe_video(path).total == 40
+        from xtuner_plugins.data.video import VideoBytes   # a shard's member: its bytes, named SHARD:KEY.video.mkv
+        with open(path, 'rb') as f:
+            assert probe_video(VideoBytes('s.tar:000000001.video.mkv', f.read())).total == 40
 
     def test_clip(self, videos):
         frames, info = load_video(videos['file'], 4, clip=(1.0, 3.0))

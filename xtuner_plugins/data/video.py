@@ -149,9 +149,12 @@ _COUNTED: Dict[Tuple[str, int, int], int] = {}
 def _packets(path, container, stream) -> int:
     """The stream's frames, counted from its packets (read, not decoded), once per file as it is."""
     key = None
-    if isinstance(path, str):
-        st = os.stat(path)
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if isinstance(path, str) and not isinstance(path, VideoBytes):   # a shard's bytes: counted each time
+        try:
+            st = os.stat(path)
+            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
         if key in _COUNTED:
             return _COUNTED[key]
     total = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)

@@ -176,3 +176,15 @@ def test_a_resume_path_that_names_no_checkpoint_is_one_line(tmp_path):
     (tmp_path / 'iter_4.pth').mkdir()
     (tmp_path / 'iter_4.pth' / 'mp_rank_00_model_states.pt').write_text('x')
     assert resume_refusal(str(tmp_path / 'iter_2.pth')) is None and resume_refusal(str(tmp_path / 'iter_4.pth')) is None
+
+
+def test_a_config_outside_the_checkout_importing_configs_by_package_name_is_one_line(tmp_path):
+    """``from configs.finetune_lora import *`` in read_base() of a file outside the checkout ended in a traceback
+    about pkg_resources (MMEngine reads the name as an installed package's)."""
+    (tmp_path / 'mine.py').write_text('from mmengine.config import read_base\nwith read_base():\n'
+                                      '    from configs.finetune_lora import *  # noqa\n')
+    out = subprocess.run([sys.executable, TRAIN_TOOL, str(tmp_path / 'mine.py')], env=_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f'train: refused: {tmp_path / "mine.py"}: a base config imported by a package name in read_base()')

@@ -168,6 +168,10 @@ def _train() -> int:
         if isinstance(exc, Refused):   # a setting or input the message names whole: one line
             print(f'train: refused: {failure_message(exc)}', file=sys.stderr)
             return 2
+        hint = config_import_hint(exc, args.config)
+        if hint:
+            print(f'train: refused: {hint}', file=sys.stderr)
+            return 2
         if lost_peer(exc):   # the rank that stopped first printed why; this one's traceback adds nothing
             print(f'train: FAILED on rank {os.environ.get("RANK", "?")}: another rank of the run stopped first (its '
                   f'own line says why); this one then lost it: {type(exc).__name__}: {failure_message(exc)[:200]}',
@@ -317,6 +321,22 @@ def lost_peer(exc: BaseException) -> bool:
     text = str(exc)
     return (int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and isinstance(exc, RuntimeError)
             and 'DataLoader worker' not in text and any(m in text for m in PEER_LOST))
+
+
+def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
+    """The line for a config that imports another by a package name in ``read_base()`` (``from configs.x import
+    *`` in a file outside the checkout): MMEngine looks such a name up as an installed package, through
+    ``pkg_resources``, which this stack's setuptools no longer has (a ModuleNotFoundError naming it); None for
+    anything else."""
+    import traceback as tb
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == 'pkg_resources'):
+        return None
+    if not any('mmengine/config' in frame.filename.replace(os.sep, '/') for frame in tb.extract_tb(exc.__traceback__)):
+        return None
+    return (f'{config}: a base config imported by a package name in read_base() (from configs.NAME import *), which '
+            'MMEngine reads as an installed package\'s: import it relative to the file (from .NAME import *, the '
+            'file beside it, or from ..configs.NAME import * inside the checkout), or copy your config into the '
+            'checkout\'s configs/ folder')
 
 
 def failure_message(exc: BaseException) -> str:

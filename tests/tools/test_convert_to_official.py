@@ -612,11 +612,12 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     live.mkdir()
     # named alike but claimed by no conversion of this machine: a user's backup (it was deleted), and another
     # machine's conversion running into a shared folder (it was removed while it wrote)
-    backup, elsewhere = tmp_path / 'out.old-20241127', tmp_path / f'out.tmp-{gone.pid + 1}'
+    other_pid = 4194399   # another machine's conversion: a pid past Linux's pid_max (no pid of this test's own)
+    backup, elsewhere = tmp_path / 'out.old-20241127', tmp_path / f'out.tmp-{other_pid}'
     backup.mkdir()
     (backup / 'NOTES.txt').write_text('mine')
     elsewhere.mkdir()
-    claim(gone.pid + 1, host='another-node')
+    claim(other_pid, host='another-node')
     capsys.readouterr()
     assert convert_main(argv) == 2               # the earlier conversion is back: without --overwrite, refused
     out_text = capsys.readouterr()
@@ -626,7 +627,7 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     assert f"{elsewhere}: named as a conversion's leftover, but another machine's conversion claimed it" in out_text.out
     assert 'is not empty; pass --overwrite' in out_text.err
     assert sorted(os.listdir(tmp_path)) == sorted(['iter_1.pth', 'out', live.name, backup.name, elsewhere.name,
-                                                   f'out.converting-{gone.pid + 1}'])
+                                                   f'out.converting-{other_pid}'])
     (tmp_path / f'out.old-{os.getppid()}').mkdir()   # a running process's (this one's parent): it stays
     claim(os.getppid())
     assert convert_main(argv + ['--overwrite']) == 0
@@ -638,4 +639,4 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     claim(gone2.pid)   # a claim alone (killed before it made a folder, or after it moved them): removed
     assert convert_main(argv + ['--overwrite']) == 0
     assert not (tmp_path / f'out.converting-{gone2.pid}').exists()
-    assert (tmp_path / f'out.converting-{gone.pid + 1}').exists()   # another machine's: kept
+    assert (tmp_path / f'out.converting-{other_pid}').exists()   # another machine's: kept

@@ -29,6 +29,11 @@ _LOSS_IN_LINE = re.compile(r'(?<![\w/])loss:?\s+([-+0-9.eE]+|nan|inf)\b')
 _CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 
 
+def deepspeed_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a folder DeepSpeed saved a checkpoint into (it holds ``*model_states.pt``)."""
+    return os.path.isdir(path) and any(name.endswith('model_states.pt') for name in os.listdir(path))
+
+
 def find_checkpoints(work_dir: str) -> List[str]:
     """``iter_N.pth``/``epoch_N.pth`` in ``work_dir`` (files, or non-empty DeepSpeed folders), ordered by N."""
     found = []

@@ -40,7 +40,7 @@ import traceback
 from typing import List, Optional, Tuple
 from unittest import mock
 
-from xtuner_plugins.outcome import find_checkpoints
+from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
 
 NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
@@ -109,10 +109,9 @@ def rank_preload(argv):
         _load(list(argv))
         from xtuner.tools import train as xtuner_train
 
-        from xtuner_plugins.launch import cfg_options_words, unpaired_words
-        unpaired = unpaired_words(cfg_options_words(argv))   # before XTuner's parser raises on them
+        unpaired = unpaired_refusal(argv)   # before XTuner's parser raises on them
         if unpaired:
-            print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(unpaired)}', file=sys.stderr)
+            print(unpaired, file=sys.stderr)
             raise SystemExit(2)
         with mock.patch.object(sys, 'argv', ['train.py', *argv]):   # (-m local_launch: sys.argv[0] is not)
             args = xtuner_train.parse_args()   # a bad option: argparse's one message, once
@@ -142,10 +141,9 @@ def _train() -> int:
             return read_seed(path)
 
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
-    from xtuner_plugins.launch import cfg_options_words, unpaired_words
-    unpaired = unpaired_words(cfg_options_words(sys.argv[1:]))   # XTuner's parser raised a ValueError traceback
+    unpaired = unpaired_refusal(sys.argv[1:])   # XTuner's parser raised a ValueError traceback on them
     if unpaired:
-        print(f'train: FAILED before loading anything: --cfg-options: {"; ".join(unpaired)}', file=sys.stderr)
+        print(unpaired, file=sys.stderr)
         return 2
     args = xtuner_train.parse_args()
     if not os.path.isfile(args.config):
@@ -202,6 +200,14 @@ def options_refusal(args, argv) -> Optional[str]:
             'and run again)') if problems else None
 
 
+def unpaired_refusal(argv) -> Optional[str]:
+    """The line refusing ``--cfg-options`` words of ``argv`` that are not ``KEY=VALUE`` (``launch.unpaired_words``),
+    read before XTuner's parser, which raises on them; None when there are none."""
+    from xtuner_plugins.launch import cfg_options_words, unpaired_words
+    problems = unpaired_words(cfg_options_words(argv))
+    return f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)}' if problems else None
+
+
 def resume_refusal(path: Optional[str]) -> Optional[str]:
     """The line refusing ``--resume PATH`` that names no checkpoint (``auto``, a work folder, a typo), before
     anything loads (a traceback of MMEngine's loader came after the model was built); None: none given, or one."""
@@ -210,7 +216,7 @@ def resume_refusal(path: Optional[str]) -> Optional[str]:
     auto = ('; to continue from the work folder\'s last checkpoint: --cfg-options resume=True (without --resume)')
     if not path or not os.path.exists(path):
         return f'train: refused: --resume {path!r}: no such checkpoint (work_dirs/<config>/iter_N.pth){auto}'
-    if os.path.isdir(path) and not any(n.endswith('model_states.pt') for n in os.listdir(path)):
+    if os.path.isdir(path) and not deepspeed_checkpoint(path):
         return (f'train: refused: --resume {path}: a folder, not a checkpoint (a file iter_N.pth, or the folder '
                 f'DeepSpeed saves, holding *model_states.pt){auto}')
     return None

@@ -104,7 +104,8 @@ def pretrained_refusal(cfg: Mapping) -> Optional[str]:
     if not os.path.exists(path):
         return f'model.pretrained_pth={path}: no such file or folder; {what}'
     if os.path.isdir(path):
-        if any(name.endswith('model_states.pt') for name in os.listdir(path)):
+        from xtuner_plugins.outcome import deepspeed_checkpoint
+        if deepspeed_checkpoint(path):
             return None
         if os.path.isfile(os.path.join(path, 'config.json')):   # a converted (or downloaded) model folder
             return (f'model.pretrained_pth={path} is a model folder (a config.json), not a checkpoint of training: '

@@ -118,7 +118,8 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
     if os.path.isdir(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         parent, tag = os.path.split(os.path.normpath(os.path.abspath(path)))
-        if not any(name.endswith('model_states.pt') for name in os.listdir(path)):
+        from xtuner_plugins.outcome import deepspeed_checkpoint
+        if not deepspeed_checkpoint(path):
             raise ValueError(f'{path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside)')
         try:
             with _loads_as_data():

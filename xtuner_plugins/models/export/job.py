@@ -120,9 +120,9 @@ def recover_leftovers(out: str, log: Log) -> None:
     (:func:`_claim`) says it ran on this machine, as a PID no process holds now: a folder of the user's named
     alike (``OUT.old-20241127``) or another machine's running conversion is left alone. Each said."""
     parent, base = os.path.split(out)
+    names = sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []
     left = re.compile(re.escape(base) + r'\.(tmp|old)-(\d+)$')
-    killed = set()
-    for name in sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []:
+    for name in names:
         found = left.match(name)
         path = os.path.join(parent, name)
         if not found or os.path.islink(path) or not os.path.isdir(path):
@@ -135,7 +135,6 @@ def recover_leftovers(out: str, log: Log) -> None:
             continue
         if _running(pid):
             continue
-        killed.add(pid)
         if found.group(1) == 'old' and not os.path.lexists(out):
             os.replace(path, out)
             log(f'{path}: the earlier conversion, moved aside by a conversion that was killed (pid '
@@ -144,10 +143,9 @@ def recover_leftovers(out: str, log: Log) -> None:
             shutil.rmtree(path)
             log(f'{path}: left by a conversion that was killed (pid {pid}); removed')
     claims = re.compile(re.escape(base) + r'\.converting-(\d+)$')
-    for name in sorted(os.listdir(parent)) if base and os.path.isdir(parent) else []:
-        found = claims.match(name)   # a claim left with no folder (killed before or after them): removed quietly
-        if found and (int(found.group(1)) in killed or (_claimed_here(out, int(found.group(1)))
-                                                        and not _running(int(found.group(1))))):
+    for name in names:   # the claims of this machine's conversions that are gone (their folders put right above)
+        found = claims.match(name)
+        if found and _claimed_here(out, int(found.group(1))) and not _running(int(found.group(1))):
             os.remove(os.path.join(parent, name))
 
 

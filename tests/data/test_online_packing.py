@@ -166,7 +166,7 @@ def test_packs_over_shards_resume_mid_epoch_with_their_buffer(shards, tiny_token
     for b in run(make, 5):
         hook.before_train_iter(None, 0, b)
     assert any(state['buffer'] for state in hook.states.values())  # the resume has buffered samples to reload
-    assert all(set(state) == {'epoch', 'shard', 'sample', 'buffer'} for state in hook.states.values())
+    assert all(set(state) == {'epoch', 'shard', 'sample', 'order', 'buffer'} for state in hook.states.values())
     resumed = run(make, 7, start=5, states=hook.states)
     assert [lines(b) for b in resumed] == [lines(b) for b in whole[5:]]
     for a, b in zip(resumed, whole[5:]):

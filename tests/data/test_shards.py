@@ -16,7 +16,7 @@ from xtuner_plugins.cli.shard_dataset import write_shards
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.errors import TooManyBadSamplesError
 from xtuner_plugins.data.shards import ShardDataset, check_shards, read_index, shard_units
-from xtuner_plugins.data.streaming import stream_collate_fn
+from xtuner_plugins.data.streaming import epoch_order, stream_collate_fn
 from xtuner_plugins.engine.streamstate import StreamStateHook
 
 
@@ -33,7 +33,7 @@ def data(tmp_path_factory, tiny_tokenizer):
     files = [write_jsonl(root / 'a.jsonl', a), write_jsonl(root / 'b.jsonl', b)]
     settings = dict(tokenizer=tiny_tokenizer, image_size=28, max_dynamic_patch=4, max_bad_fraction=1)
     source = InternVLDataset(files, image_folders=str(root / 'i'), repeat_times=[1, 2], **settings)
-    skipped = write_shards(source, str(root / 'out'), samples_per_shard=3, max_shard_bytes=1 << 20)
+    skipped = write_shards(source, str(root / 'out'), samples_per_shard=3, max_shard_bytes=1 << 20, seed=None)
     return SimpleNamespace(root=root, files=files, source=source, skipped=skipped, out=str(root / 'out'),
                            settings=settings)
 
@@ -249,3 +249,23 @@ def test_a_bad_image_in_a_shard_is_named_by_its_member(data):
             said.append((err.reason, str(err)))
     assert [reason for reason, _ in said] == ['corrupt_image'] * 2, said   # b.jsonl's bad.png, repeated twice
     assert f'{data.out}/shard-' in said[0][1] and '.img0.png' in said[0][1] and 'bytes>' not in said[0][1], said
+
+
+def test_a_state_saved_in_the_first_shard_order_finishes_its_epoch_in_it(data):
+    """A checkpoint's stream state from before ``'order'`` (version 1) reads the rest of its epoch's shards in the
+    order that epoch began in; the next epoch, and a new state, in today's (``streaming.epoch_order``)."""
+    ds = shard_ds(data, shuffle=True, seed=3)
+    mine = shard_units(5, 0, 1)[0]
+    old, new = epoch_order(5, 3, 0, version=1), epoch_order(5, 3, 0)
+    assert [old(p) for p in mine] != [new(p) for p in mine]
+
+    def shards(state):
+        read = []
+        for after, (epoch, shard, _), _ in ds.keyed_records(0, 1, state):
+            if after['epoch'] > 1 or len(read) > 30:
+                return read
+            if not read or read[-1][:2] != (epoch, shard):
+                read.append((epoch, shard, after['order']))
+    got = shards({'epoch': 0, 'shard': 1, 'sample': 0})
+    assert got == [(0, old(p), 1) for p in mine[1:]] + [(1, epoch_order(5, 3, 1)(p), 2) for p in mine]
+    assert shards(None)[:5] == [(0, new(p), 2) for p in mine]

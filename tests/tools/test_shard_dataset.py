@@ -28,7 +28,7 @@ def test_writes_shards_and_names_each_skip(tmp_path, capsys):
     jsonl, listed, meta = files(tmp_path)
     out = tmp_path / 'shards'
     code = main(['--data', jsonl, meta, '--image-folder', str(tmp_path / 'i'), str(tmp_path / 'i'), '--out', str(out),
-                 '--samples-per-shard', '2'])
+                 '--samples-per-shard', '2', '--keep-order'])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert f'{jsonl}:2: missing_image: image file not found: {tmp_path}/i/gone.png' in printed
@@ -40,7 +40,40 @@ def test_writes_shards_and_names_each_skip(tmp_path, capsys):
         assert tar.getnames() == ['000000000.img0.png', '000000000.json', '000000002.json']
         first = json.loads(tar.extractfile('000000000.json').read())
     assert first['line'] == 1 and first['images'] == ['img0.png'] and first['sample']['image'] == 'a.png'
-    assert (out / 'shard-000000.tar').stat().st_size > 0
+    assert (out / 'shard-000000.tar').stat().st_size > 0 and index['order'] == {'shuffled': False}
+
+
+def shard_sources(out):
+    """Each shard's samples' sources, in the order they were written."""
+    index = read_index(str(out))
+    found = []
+    for shard in index['shards']:
+        with tarfile.open(out / shard['file']) as tar:
+            found.append([json.loads(tar.extractfile(m).read())['source'] for m in tar.getmembers()
+                          if m.name.endswith('.json')])
+    return index, found
+
+
+def test_samples_are_written_shuffled_unless_the_order_is_kept(tmp_path, capsys):
+    """Two files of 30 samples each, one after the other: in the files' order every shard holds one file's samples
+    (training reads a shard's samples in turn: batches of one source); shuffled (the default, seed 0) every shard
+    mixes both, the same seed writes the same order and another seed another."""
+    data = [str(write_jsonl(tmp_path / f'{name}.jsonl', [{'conversations': conv(answer=f'{name}{i}', image=False)}
+                                                         for i in range(30)])) for name in 'ab']
+    runs = {}
+    for name, extra in [('kept', ['--keep-order']), ('shuffled', []), ('again', ['--seed', '0']),
+                        ('other', ['--seed', '1'])]:
+        assert main(['--data', *data, '--out', str(tmp_path / name), '--samples-per-shard', '10', *extra]) == 0
+        runs[name] = shard_sources(tmp_path / name)
+    index, kept = runs['kept']
+    assert kept == [[0] * 10] * 3 + [[1] * 10] * 3
+    index, shuffled = runs['shuffled']
+    assert index['order'] == {'shuffled': True, 'seed': 0} and index['samples'] == 60
+    assert all(set(shard) == {0, 1} for shard in shuffled) and sorted(sum(shuffled, [])) == sorted(sum(kept, []))
+    assert runs['again'][1] == shuffled and runs['other'][1] != shuffled
+    with tarfile.open(tmp_path / 'shuffled' / 'shard-000000.tar') as tar:   # a sample keeps its file and line
+        first = json.loads(tar.extractfile(tar.getmembers()[0]).read())
+    assert first['sample']['conversations'][1]['value'] == f'{"ab"[first["source"]]}{first["line"] - 1}'
 
 
 def test_refuses_a_folder_that_holds_anything(tmp_path, capsys):

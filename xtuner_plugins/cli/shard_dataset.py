@@ -8,14 +8,18 @@ Usage::
     python tools/shard_dataset.py --data meta.json --out shards     # an InternVL meta file (its roots and repeats)
 
 The files are read as ``InternVLDataset`` reads them (its checks, ``repeat_time`` applied): each sample it would
-train on is written once per repeat, with its images' bytes, in its order. Samples the data set refuses are printed
-as ``FILE:LINE: reason: details`` and counted; a sample whose image is missing is skipped, counted, and printed the
-same way. A video sample's video file goes into the shard as it is (``KEY.video.mp4``), a folder of frames as its
-frames in their order (``KEY.frame0000.jpg``, ...); a video the data set could not read (an empty folder, a frame
-linked out of the image folder, a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty
-folder: nothing is written over, and a run marks it as its own while it writes (``.shard_dataset.writing``: a second
-run into it is refused, even one started at the same moment). ``shards.json`` is written last, with each shard's
-samples and bytes. Exit status 0 when shards were written, 1 when no sample was, 2 for bad arguments.
+train on is written once per repeat, with its images' bytes. The samples are written in a seeded shuffled order
+(``--seed``, 0 by default; ``--keep-order``: the annotations' order): training reads a shard's samples one after
+another, so shards written in the files' order would give batches of one source, or of one length band when a file
+is sorted, for a shard's length at a time (each epoch reshuffles the order of the shards, not their samples).
+Samples the data set refuses are printed as ``FILE:LINE: reason: details`` and counted; a sample whose image is
+missing is skipped, counted, and printed the same way. A video sample's video file goes into the shard as it is
+(``KEY.video.mp4``), a folder of frames as its frames in their order (``KEY.frame0000.jpg``, ...); a video the data
+set could not read (an empty folder, a frame linked out of the image folder, a clip on frames) is skipped, counted
+and printed. ``--out`` must be a new or empty folder: nothing is written over, and a run marks it as its own while
+it writes (``.shard_dataset.writing``: a second run into it is refused, even one started at the same moment).
+``shards.json`` is written last, with each shard's samples and bytes. Exit status 0 when shards were written, 1 when
+no sample was, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import List
+from typing import List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.data.errors import SampleError
@@ -46,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument('--samples-per-shard', type=int, default=1000, help='samples per shard at most (default 1000)')
     p.add_argument('--max-shard-bytes', type=int, default=1 << 30,
                    help='a shard is closed once it holds this many bytes (default 1 GiB)')
+    p.add_argument('--seed', type=int, default=0, help='the seed of the order the samples are written in (default 0)')
+    p.add_argument('--keep-order', action='store_true',
+                   help='write the samples in the annotations\' order (with their repeats) instead of shuffled')
     p.add_argument('--allow-links-outside', action='store_true',
                    help='follow symbolic links in an image folder to files outside it')
     p.add_argument('--show', type=int, default=20, help='problems printed per reason (default 20; 0: all)')
@@ -140,10 +147,13 @@ def media_bytes(path: str, what: str, where: str) -> bytes:
         raise SampleError(f'missing_{what}', f'{what} file cannot be read: {exc}', where) from None
 
 
-def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20) -> Counter:
-    """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``; returns the skips by reason
-    (each printed as ``FILE:LINE: reason: details``, ``show`` per reason)."""
+def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20,
+                 seed: Optional[int] = 0) -> Counter:
+    """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``, in the order
+    ``streaming.epoch_order`` gives ``seed`` (None: ``ds``'s order); returns the skips by reason (each printed as
+    ``FILE:LINE: reason: details``, ``show`` per reason)."""
     from xtuner_plugins.data.shard_index import FORMAT, INDEX
+    from xtuner_plugins.data.streaming import epoch_order
     skipped: Counter = Counter()
 
     def skip(err: SampleError) -> None:
@@ -155,7 +165,9 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
         skip(problem)
     os.makedirs(out, exist_ok=True)
     shards, written = _Shards(out, samples_per_shard, max_shard_bytes), 0
-    for i in range(len(ds)):
+    order = epoch_order(len(ds), seed or 0, 0, shuffle=seed is not None)
+    for position in range(len(ds)):
+        i = order(position)
         record = ds.record_at(i)
         where = ds.where(record)
         sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
@@ -182,6 +194,7 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
         written += 1
     shards.close()
     index = dict(format=FORMAT, samples=written, shards=shards.written, skipped=dict(skipped),
+                 order=dict(shuffled=True, seed=seed) if seed is not None else dict(shuffled=False),
                  sources=[dict(annotation=os.path.abspath(s.annotation), max_dynamic_patch=s.max_dynamic_patch)
                           for s in ds.sources])
     if written:
@@ -220,7 +233,8 @@ def main(argv=None) -> int:
             os.rmdir(args.out)
         return tool_error(PROG, exc)
     try:
-        skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show)
+        skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
+                               None if args.keep_order else args.seed)
     except (Exception, KeyboardInterrupt) as exc:   # a full disk, the folder removed, Ctrl-C: no shard set
         if os.path.exists(os.path.join(args.out, WRITING)):   # the mark said 'another run is writing' ever after
             os.remove(os.path.join(args.out, WRITING))

@@ -27,15 +27,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import SampleError
 from .packing import pack_items
-from .streaming import StreamingDataset, epoch_order, unit_part
+from .streaming import ORDER, StreamingDataset, epoch_order, unit_part
 
 __all__ = ['IndexedStream', 'OnlinePackedDataset']
 
 
 class IndexedStream:
     """The samples of an indexable data set (``InternVLDataset``) a unit reads: its part of each epoch's order
-    (``streaming.unit_part``). A state is ``{'epoch', 'next'}`` (the next position in the part), a key
-    ``(epoch, index)``."""
+    (``streaming.unit_part``). A state is ``{'epoch', 'next', 'order'}`` (the next position in the part, the version
+    of ``epoch_order`` the epoch is read in), a key ``(epoch, index)``."""
 
     def __init__(self, dataset, seed: int = 0, shuffle: bool = True):
         self.samples, self.seed, self.shuffle = dataset, seed, shuffle
@@ -47,17 +47,18 @@ class IndexedStream:
         """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``."""
         n = len(self.samples)
         epoch, j = (0, 0) if state is None else (state['epoch'], state['next'])
+        version = ORDER if state is None else state.get('order', 1)  # an epoch goes on in the order it began in
         while True:
             part = unit_part(n, unit, units)
             if not len(part):
                 raise ValueError(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
                                  f'workers) one; use fewer workers or more data')
-            order = epoch_order(n, self.seed, epoch, self.shuffle)
+            order = epoch_order(n, self.seed, epoch, self.shuffle, version)
             while j < len(part):
                 index = order(part[j])
                 j += 1
-                yield dict(epoch=epoch, next=j), (epoch, index), self.samples.record_at(index)
-            epoch, j = epoch + 1, 0
+                yield dict(epoch=epoch, next=j, order=version), (epoch, index), self.samples.record_at(index)
+            epoch, j, version = epoch + 1, 0, ORDER
 
     def reload(self, keys: List[Tuple]) -> List[Any]:
         return [self.samples.record_at(index) for _, index in keys]

@@ -48,7 +48,7 @@ from .fitting import tally_fit
 from .shard_index import INDEX, REWRITE, ShardDamaged, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
 from .strictjson import DuplicateKey, loads
-from .streaming import StreamingDataset, epoch_order, unit_part
+from .streaming import ORDER, StreamingDataset, epoch_order, unit_part
 from .video import VideoBytes, VideoFrames
 
 __all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'index_problem', 'read_index',
@@ -241,8 +241,9 @@ class ShardDataset(StreamingDataset):
         """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``; a key is
         ``(epoch, shard, place in the shard)`` (:meth:`reload`)."""
         epoch, j, done = (0, 0, 0) if state is None else (state['epoch'], state['shard'], state['sample'])
+        version = ORDER if state is None else state.get('order', 1)  # an epoch goes on in the order it began in
         while True:
-            order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle)
+            order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle, version)
             mine, k, m = shard_units(len(self.shards), unit, units)
             while j < len(mine):
                 shard = order(mine[j])
@@ -250,10 +251,10 @@ class ShardDataset(StreamingDataset):
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
-                        yield (dict(epoch=epoch, shard=j, sample=done), (epoch, shard, position),
+                        yield (dict(epoch=epoch, shard=j, sample=done, order=version), (epoch, shard, position),
                                shard_record(sample, len(self.samples.sources)))
                 j, done = j + 1, 0
-            epoch, j = epoch + 1, 0
+            epoch, j, version = epoch + 1, 0, ORDER
 
     def reload(self, keys: List[Tuple]) -> List[ShardRecord]:
         """The records of ``keys`` (:meth:`keyed_records`'): a resumed online-packing buffer's samples, each shard

@@ -44,13 +44,56 @@ def _coprime_step(n: int, seed: int) -> int:
             return a
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True):
-    """The epoch's order as a function ``position -> item``: ``(a * p + b) mod n`` with ``a`` coprime to ``n``,
-    seeded by ``seed`` and ``epoch`` (a permutation that holds no array of ``n`` entries); ``p`` itself unshuffled."""
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """A 64-bit integer hash (splitmix64's finaliser)."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+#: the order new stream states are read in (a state records it as ``'order'``; a state without it is version 1)
+ORDER = 2
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, version: int = ORDER):
+    """The epoch's order as a function ``position -> item``, a permutation of ``0..n-1`` seeded by ``seed`` and
+    ``epoch`` that holds no array of ``n`` entries (ranks and workers each compute the items of their positions);
+    ``shuffle=False``: ``p`` itself.
+
+    Version 2 (the default): a 4-round Feistel network on the smallest even number of bits that holds ``n - 1``,
+    walking the cycle until it lands below ``n`` (under 4 steps on average). Written here because no library we use
+    has a seeded permutation without the array (numpy's and torch's hold ``n`` entries, 400 MB per reading unit at
+    50 M samples). Version 1, ``(a * p + b) mod n``, is kept for the stream states saved with it (an epoch resumed
+    in the order it began in): consecutive positions were items ``a`` apart, so a file sorted by source or length
+    was read in a few evenly spaced runs rather than shuffled."""
     if not shuffle or n <= 1:
         return lambda p: p
-    a, b = _coprime_step(n, seed * 1_000_003 + epoch), (seed * 7919 + epoch * 104_729) % n
-    return lambda p: (a * p + b) % n
+    if version == 1:
+        a, b = _coprime_step(n, seed * 1_000_003 + epoch), (seed * 7919 + epoch * 104_729) % n
+        return lambda p: (a * p + b) % n
+    if version != ORDER:
+        raise ValueError(f'a stream state in order version {version}; this code reads versions 1 and {ORDER}')
+    bits = (n - 1).bit_length()
+    half = (bits + 1) // 2
+    mask = (1 << half) - 1
+    keys = [_mix(_mix(_mix(seed & _M64) ^ epoch) + r) for r in range(4)]
+
+    def order(p: int) -> int:
+        if not 0 <= p < n:
+            raise IndexError(f'position {p} of {n}')
+        x = p
+        while True:
+            left, right = x >> half, x & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right ^ key) & mask)
+            x = (left << half) | right
+            if x < n:
+                return x
+    return order
 
 
 def stream_collate_fn(instances: Sequence[Dict], **kwargs) -> Dict:

@@ -44,6 +44,7 @@ from PIL import Image
 
 from tests.eval.test_data import ROWS, write_tsv
 from tests.train_utils import REPO_ROOT, find_checkpoints, read_scalars, train_env
+from xtuner_plugins.engine.keep import kept_by
 
 _SKIP = ('huggingface-cli', 'unzip', 'NPROC_PER_NODE=4', 'deepspeed_zero', 'tensorboard')
 
@@ -231,6 +232,8 @@ def test_readme_commands_run_as_written(reader):
     # LoRA on the small example, from the warm-up: it must really train
     reader.run(lora)
     work = os.path.join(reader.root, 'work_dirs', 'finetune_lora')
+    kept = kept_by(os.path.join(reader.root, reader.newest('pretrain_mlp')))   # out of the warm-up's rotation
+    assert kept and os.path.realpath(kept) == os.path.realpath(work), kept
     lrs = [r['lr'] for r in read_scalars(work) if 'lr' in r]
     # the config's lr is 4e-5 and its warm-up starts at 4e-10
     assert lrs and max(lrs) > 0.2 * 4e-5, f'the learning rate never left the warm-up: {lrs}'

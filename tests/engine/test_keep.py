@@ -48,3 +48,37 @@ def test_a_resume_with_fewer_kept_checkpoints_keeps_a_marked_one(tmp_path):
     toy_runner(work, 'fewer-more', max_iters=4, save_every=1, resume=True,
                **{'default_hooks.checkpoint.max_keep_ckpts': 1})
     assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_1.pth', 'iter_4.pth']
+
+
+def test_a_run_marks_what_it_starts_from_once_it_holds_its_work_folder(tmp_path):
+    """The mark is written when the run takes its work folder's lock (as the runner dumps its config): a second run
+    refused there, another being alive in the folder, marked the checkpoint all the same (kept ever after)."""
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (the patches)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.engine.runlock import RunLock, RunLockHook
+    (tmp_path / 'warmup').mkdir()
+    parent = tmp_path / 'warmup' / 'iter_1.pth'
+    parent.write_text('x')
+    work = tmp_path / 'finetune'
+    work.mkdir()
+
+    def build():
+        runner = SimpleNamespace(_hooks=[RunLockHook()], work_dir=str(work), timestamp='T',
+                                 cfg=Config(dict(model=dict(pretrained_pth=str(parent)), work_dir=str(work))))
+        Runner.dump_config(runner, _original=lambda r: None)
+        return runner._hooks[0]
+    alive = RunLock(str(work))
+    alive.acquire()
+    try:
+        assert build().refused and kept_by(str(parent)) is None
+    finally:
+        alive.release()
+    hook = build()
+    try:
+        assert not hook.refused and kept_by(str(parent)) == str(work)
+    finally:
+        hook.lock.release()

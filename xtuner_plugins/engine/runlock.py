@@ -377,7 +377,8 @@ def config_file_in_work_dir(config: Optional[str], work_dir: str) -> bool:
 
 
 def _patch_dump_config() -> bool:
-    """Take the lock before the runner writes into the work folder (its config dump); refused: no dump."""
+    """Take the lock before the runner writes into the work folder (its config dump); refused: no dump. Taken, the
+    checkpoint the run starts from is marked kept (``runstart.keep_what_this_run_starts_from``)."""
     from mmengine.runner import FlexibleRunner, Runner
     patched = False
     for cls in (Runner, FlexibleRunner):
@@ -392,6 +393,8 @@ def _patch_dump_config() -> bool:
                 hook.acquire(self)
             if any(h.refused for h in hooks):
                 return
+            from xtuner_plugins.engine.runstart import keep_what_this_run_starts_from
+            keep_what_this_run_starts_from(getattr(self.cfg, '_cfg_dict', self.cfg))
             if config_file_in_work_dir(self.cfg.filename, self.work_dir):
                 if int(os.environ.get('RANK', '0')) == 0:
                     print_log(f'the config is not copied into the work folder: {self.cfg.filename} is the config '

@@ -73,14 +73,14 @@ def prepare_run(cfg):
                or liger_refusal(plain))
     if problem:
         refuse(problem)
-    keep_what_this_run_starts_from(plain)
     return cfg
 
 
 def keep_what_this_run_starts_from(cfg: Mapping) -> None:
     """Mark ``model.pretrained_pth`` kept (``engine/keep.py``: its run's rotation does not delete it), once, on
-    rank 0."""
-    model = cfg.get('model')
+    rank 0. Called once the run holds its work folder's lock (``runlock.py``, when the runner dumps its config): a
+    run refused there (another run is alive in the folder) marks nothing."""
+    model = cfg.get('model') if isinstance(cfg, Mapping) else None
     path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
     if not isinstance(path, str) or not path or os.environ.get('RANK', '0') != '0':
         return

@@ -5,6 +5,7 @@ Videos are made here: frame i is a grey of level 6*i (lossless H.264), so a deco
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -360,6 +361,19 @@ def test_a_frame_setting_that_is_no_frame_count_is_named(setting, value, videos,
     path = write_jsonl(tmp_path / 'v.jsonl', [{'video': videos['file'], 'conversations': conv(image=False)}])
     with pytest.raises(ValueError, match=f'^{setting}={value!r}: a whole number of frames, 1 to '):
         make_ds(path, tiny_tokenizer, tmp_path, **{setting: value})
+
+
+@pytest.mark.parametrize('prefix, says', [('Frame {i} {x}: ', r'\{i\} is its one field.*KeyError'),
+                                           ('F{i}{}: ', r'\{i\} is its one field.*IndexError'),
+                                           ('F{i}<image>', 'holds <image>'), ('<video>{i}', 'holds <video>')])
+def test_a_frame_prefix_the_prompt_cannot_take_is_named(prefix, says, videos, tiny_tokenizer, tmp_path):
+    """A field besides {i} was a raw KeyError / IndexError from str.format as the data set was built; a tag in it
+    skipped every video sample as image_tag_mismatch, naming the data, not the setting."""
+    path = write_jsonl(tmp_path / 'v.jsonl', [{'video': videos['file'], 'conversations': conv(image=False)}])
+    with pytest.raises(ValueError, match=f'^frame_prefix {re.escape(repr(prefix))}.*{says}'):
+        make_ds(path, tiny_tokenizer, tmp_path, frame_prefix=prefix)
+    ds = make_ds(path, tiny_tokenizer, tmp_path, frame_prefix='Frame {i} {{of}}: ')
+    assert 'Frame 1 {of}: ' in question_of(ds[0], tiny_tokenizer)
 
 
 def test_preference_pairs_on_a_video(tmp_path, tiny_tokenizer, videos):

@@ -18,7 +18,8 @@ from .image_io import resolve_image_path
 from .sources import Record
 from .tiling import image_tiles
 from .frame_sampling import check_sampling, draw_num_frames, frame_rng
-from .video import VideoInfo, choose_frames, frames_for, probe_video, read_frames
+from .template import IMAGE_PLACEHOLDER
+from .video import VIDEO_PLACEHOLDER, VideoInfo, choose_frames, frames_for, probe_video, read_frames
 
 __all__ = ['VideoSamples']
 
@@ -52,6 +53,15 @@ class VideoSamples:
         self.frame_prefix = self.template.frame_prefix if frame_prefix is None else str(frame_prefix)
         if '{i}' not in self.frame_prefix:
             raise ValueError(f'frame_prefix {self.frame_prefix!r} must hold {{i}}, the frame\'s number')
+        try:   # str.format: other fields ({x}, {}) failed at the first video sample, or as the data set was built
+            self.frame_prefix.format(i=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f'frame_prefix {self.frame_prefix!r}: {{i}} is its one field, the frame\'s number '
+                             f'({type(exc).__name__}: {exc}); write a brace as {{{{ or }}}}') from None
+        tags = [tag for tag in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if tag in self.frame_prefix]
+        if tags:   # every video sample was then skipped as image_tag_mismatch, naming the data, not the setting
+            raise ValueError(f'frame_prefix {self.frame_prefix!r} holds {tags[0]}: each frame\'s {IMAGE_PLACEHOLDER} '
+                             f'comes after the prefix already; leave it out')
 
     @staticmethod
     def refuse_images_with_video(video, images: Sequence) -> None:

@@ -229,7 +229,8 @@ class GGUFModel:
         finally:
             if streamer is not None:
                 streamer.end()
-        self.messages = messages + [{'role': 'assistant', 'content': answer}]
+        from .prompt import history_text   # its control text given back as text, not as tags or tokens
+        self.messages = messages + [{'role': 'assistant', 'content': history_text(answer, extra=self.control)}]
         return answer
 
     @staticmethod

@@ -39,7 +39,7 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
 from .prompt import (NoVideo, blank_run_stop, check_context, check_question, context_length, encode_prompt,
-                     official_query, split_images)
+                     history_text, official_query, split_images)
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -196,9 +196,10 @@ class ConvertedModel:
             query = official_query(self.model, question, num_patches, self.history)
             self.check_context(len(self.tokenizer(query, verbose=False)['input_ids']), generation)
             generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer))
-            answer, self.history = self.model.chat(self.tokenizer, pixel_values, question, generation,
-                                                   history=self.history, return_history=True,
-                                                   num_patches_list=num_patches)
+            answer, history = self.model.chat(self.tokenizer, pixel_values, question, generation,
+                                              history=self.history, return_history=True,
+                                              num_patches_list=num_patches)
+            self.history = history[:-1] + [(history[-1][0], history_text(history[-1][1], self.tokenizer))]
             self.images, self.frames = images, marks
         else:
             videos = self.videos
@@ -224,7 +225,8 @@ class ConvertedModel:
             with torch.no_grad():
                 out = self.model.generate(**inputs, **generation)
             answer = self.tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
-            self.messages = messages + [{'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]}]
+            self.messages = messages + [{'role': 'assistant',
+                                         'content': [{'type': 'text', 'text': history_text(answer, self.tokenizer)}]}]
             self.images, self.videos = self.images + new, videos
         return answer
 

@@ -36,9 +36,15 @@ def check_question(question: str, tokenizer=None, extra: Sequence[str] = ()) -> 
     transformers tokenizer (a GGUF's), InternVL's grounding tokens left out as ``control_markers`` leaves them.
     Typed into the web demo or ``tools/chat.py`` they would be read as those tokens: image tokens without an image,
     or a forged turn. Training and ``tools/eval.py`` refuse them the same way. ``<image>`` and ``<video>`` are the
-    tags that place images and a video, not markers."""
-    markers = set().union(*(control_markers(tokenizer, t) for t in TEMPLATES), set(extra) - set(GROUNDING_TOKENS))
-    markers -= {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ''}
+    tags that place images and a video, not markers. A lone surrogate (bytes that were not UTF-8 on a command line,
+    ``"\\ud800"`` in JSON) is ``SampleError('not_text')``: the tokenizer takes only characters."""
+    try:
+        question.encode('utf-8')
+    except UnicodeEncodeError as exc:
+        raise SampleError('not_text', f'the question holds {question[exc.start]!r} at character {exc.start} '
+                                      f'({question[max(0, exc.start - 20):exc.start + 20]!r}): not a character (a '
+                                      'lone surrogate: text that was not UTF-8); write it in UTF-8') from None
+    markers = _markers(tokenizer, extra) - {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ''}
     found = [(question.find(m), m) for m in markers if m in question]
     if found:
         pos, marker = min(found, key=lambda f: (f[0], -len(f[1])))
@@ -46,6 +52,28 @@ def check_question(question: str, tokenizer=None, extra: Sequence[str] = ()) -> 
                                           f'({question[max(0, pos - 20):pos + len(marker) + 20]!r}): text only the '
                                           f'prompt builder writes (image tokens, turn markers), which the model would '
                                           f'read as that control token, not as text; leave it out')
+
+
+def _markers(tokenizer=None, extra: Sequence[str] = ()) -> set:
+    """The templates' control text, the tokenizer's special tokens and ``extra`` (InternVL's grounding tokens left
+    out) with the ``<image>`` and ``<video>`` tags."""
+    return set().union(*(control_markers(tokenizer, t) for t in TEMPLATES), set(extra) - set(GROUNDING_TOKENS))
+
+
+#: put after the first character of control text in an earlier answer (:func:`history_text`): U+2060 WORD JOINER
+WORD_JOINER = '\u2060'
+
+
+def history_text(answer: str, tokenizer=None, extra: Sequence[str] = ()) -> str:
+    """``answer`` as it is given back to the model in the next turns' prompts: its ``<image>``/``<video>`` tags and
+    control text (:func:`check_question`'s) with a word joiner after their first character, so they stay text. The
+    next turn's prompt is text tokenized again: an ``<image>`` in an answer took the new turn's image tokens (the
+    folder's ``chat()`` fills the tags of the whole prompt in order), ``<IMG_CONTEXT>`` gave more image tokens than
+    tiles on every later turn, ``<|im_end|>`` ended the turn early. The answer shown is the model's own."""
+    for marker in sorted(_markers(tokenizer, extra) | {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER}, key=len, reverse=True):
+        if len(marker) > 1 and marker in answer:
+            answer = answer.replace(marker, marker[0] + WORD_JOINER + marker[1:])
+    return answer
 
 
 def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:

@@ -236,3 +236,20 @@ def test_tsv_rows_with_image_tags_or_control_text_are_refused_before_the_model_l
         'none (the image then goes in front of the question) [image_tag_mismatch]'], err.value.problems
     one = read_mmbench_tsv(write_tsv(tmp_path / 'one.tsv', [dict(ROWS[0], question='What colour is <image>?')]))
     assert one[0].prompt.startswith('A square.\nWhat colour is <image>?')
+
+
+def test_the_model_tokenizers_special_tokens_are_refused_before_it_loads(tmp_path, tiny_tokenizer_dir):
+    """tools/eval.py read the templates' markers only: a question holding the tokenizer's <|endoftext|> was asked,
+    refused by the model after it loaded (not scored), where the docs say control text stops the run first."""
+    from xtuner_plugins.eval.data import folder_markers, read_questions
+    markers = folder_markers(tiny_tokenizer_dir)
+    assert '<|endoftext|>' in markers and '<image>' not in markers and folder_markers(str(tmp_path)) == ()
+    path = tmp_path / 'q.jsonl'
+    path.write_text(json.dumps({'id': 0, 'conversations': conv_('What <|endoftext|> is it?')}) + '\n')
+    assert len(read_questions(str(path))) == 1   # not a template's marker: only the folder's tokenizer names it
+    with pytest.raises(QuestionsError, match=r"control marker '<\|endoftext\|>'.*\[control_text\]"):
+        read_questions(str(path), markers=markers)
+    tsv = tmp_path / 'q.tsv'
+    write_tsv(tsv, [dict(ROWS[0], question='What <|endoftext|> is it?')])
+    with pytest.raises(ValueError, match=r"control marker '<\|endoftext\|>'"):
+        read_questions(str(tsv), markers=markers)

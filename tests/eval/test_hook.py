@@ -63,6 +63,11 @@ def test_the_training_model_answers_as_its_converted_folder(tiny, tmp_path):
     theirs = converted.option_logprobs('Describe the image.', [image], texts)
     assert answerer.option_logprobs('Describe the image.', [image], texts) == pytest.approx(theirs, abs=1e-4)
     assert max(theirs) < 0 and len(set(theirs)) == 4, theirs
+    # a question holding the tokenizer's special token is refused as the converted folder refuses it (not scored)
+    from xtuner_plugins.data.errors import SampleError
+    for asker in (converted, answerer):
+        with pytest.raises(SampleError, match='control_text'):
+            asker.ask('What <|endoftext|> is it?', [image], dict(max_new_tokens=8))
 
 
 def test_eval_during_training_equals_tools_eval_on_the_converted_checkpoint(tiny, tmp_path, capsys):

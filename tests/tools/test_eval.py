@@ -151,6 +151,19 @@ def test_data_problems_stop_before_the_model_loads(tmp_path, capsys):
     assert f'{data}:7: cannot read image header of {tmp_path}/6.png' in err and 'no config.json' not in err
 
 
+def test_the_folders_special_tokens_in_a_question_stop_before_the_model_loads(tmp_path, capsys, tiny_tokenizer_dir):
+    """The folder's tokenizer files (no model: its error never comes) name <|endoftext|>; the question holding it."""
+    import shutil
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / 'model')
+    data = tmp_path / 'q.jsonl'
+    data.write_text(json.dumps({'id': 0, 'conversations': [{'from': 'human', 'value': 'A <|endoftext|> B?'},
+                                                           {'from': 'gpt', 'value': 'x'}]}) + '\n')
+    assert eval_main([str(tmp_path / 'model'), '--data', str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'eval: error: {data}:1: ') and "control marker '<|endoftext|>'" in err
+    assert 'config.json' not in err
+
+
 def test_output_folders_are_made_or_refused_at_start(folder, tmp_path, capsys):
     data = write_questions(tmp_path, 1)
     (tmp_path / 'file').write_text('')

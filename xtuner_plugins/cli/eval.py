@@ -49,6 +49,7 @@ from typing import Iterator, Tuple
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
+from xtuner_plugins.eval.data import folder_markers
 from xtuner_plugins.eval.data import context_note, first_questions
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
         for path in (args.out, args.answers):
             if path:
                 check_output(path)
-        questions = read_questions(args.data, args.image_folder, circular=args.circular)
+        questions = read_questions(args.data, args.image_folder, circular=args.circular,
+                                   markers=folder_markers(args.folder))   # its tokenizer's special tokens
         check_not_inputs(args, questions)
         if args.out:
             check_report(args.out)

@@ -35,6 +35,7 @@ import base64
 import binascii
 import csv
 import io
+import json
 import os
 import re
 import sys
@@ -47,11 +48,11 @@ from xtuner_plugins.data.conversation import parse_conversation, refuse_control_
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
-from xtuner_plugins.data.template import TEMPLATES, control_markers
+from xtuner_plugins.data.template import GROUNDING_TOKENS, TEMPLATES, control_markers
 from xtuner_plugins.data.video import probe_video, video_field, video_turns
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
-           'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note']
+           'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note', 'folder_markers']
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MMBENCH_COLUMNS = ('index', 'question', 'A', 'B', 'answer')
@@ -128,11 +129,43 @@ def first_questions(questions: List[Question], n: Optional[int]) -> List[Questio
     return out
 
 
-def read_questions(path: str, image_folder: Optional[str] = None, circular: bool = False) -> List[Question]:
-    """By extension: ``.tsv`` is MMBench's layout, anything else a training-format jsonl."""
+def read_questions(path: str, image_folder: Optional[str] = None, circular: bool = False,
+                   markers: Sequence[str] = ()) -> List[Question]:
+    """By extension: ``.tsv`` is MMBench's layout, anything else a training-format jsonl. ``markers``: control text
+    besides :data:`CONTROL_MARKERS` (the model's tokenizer's special tokens, :func:`folder_markers`)."""
     if path.endswith('.tsv'):
-        return read_mmbench_tsv(path, circular=circular)
-    return read_open_questions(path, image_folder)
+        return read_mmbench_tsv(path, circular=circular, markers=markers)
+    return read_open_questions(path, image_folder, markers=markers)
+
+
+def folder_markers(folder: Optional[str]) -> Tuple[str, ...]:
+    """The special tokens a model folder's tokenizer files name (``tokenizer_config.json``'s special
+    ``added_tokens_decoder`` entries, ``special_tokens_map.json``), read without loading anything: a question holding
+    one is refused before the model loads, as the chat tools refuse it. Empty when there are none to read."""
+    found = set()
+    for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+        try:
+            with open(os.path.join(folder or '', name), encoding='utf-8') as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        decoder = data.get('added_tokens_decoder')
+        for token in (decoder.values() if isinstance(decoder, dict) else ()):
+            if isinstance(token, dict) and token.get('special') and isinstance(token.get('content'), str):
+                found.add(token['content'])
+        if name == 'special_tokens_map.json':
+            for value in data.values():
+                for token in value if isinstance(value, list) else [value]:
+                    token = token.get('content') if isinstance(token, dict) else token
+                    if isinstance(token, str):
+                        found.add(token)
+    return tuple(sorted(found - set(GROUNDING_TOKENS) - {'', '<image>', '<video>'}))
+
+
+def _with(markers: Sequence[str]) -> Tuple[str, ...]:
+    return tuple(sorted(set(CONTROL_MARKERS) | set(markers), key=lambda m: (-len(m), m)))
 
 
 def open_samples(path: str, problems: Optional[List[str]] = None) -> Iterator[Tuple[str, int, dict, List[dict]]]:
@@ -182,7 +215,7 @@ def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str
     return paths
 
 
-def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Question]:
+def read_open_questions(path: str, image_folder: Optional[str] = None, markers: Sequence[str] = ()) -> List[Question]:
     """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line."""
     out, problems, ids = [], [], _Ids(path, 'id')
     for where, line_no, sample, turns in open_samples(path, problems):
@@ -197,7 +230,7 @@ def read_open_questions(path: str, image_folder: Optional[str] = None) -> List[Q
             # training's checks of the turns (check_dataset's too): roles, str values (a null or list reference,
             # an int question, were scored as 'None' / "['x']"), empty turns, tags, control text
             parse_conversation(video_turns(turns, video is not None), 0 if video else len(sample_images(sample)),
-                               markers=CONTROL_MARKERS)
+                               markers=_with(markers))
             if video is not None:
                 video = (resolve_image_path(video[0], image_folder, os.path.dirname(path)), video[1])
                 probe_video(*video)  # exists, and its headers read
@@ -278,7 +311,7 @@ def _tsv_rows(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
 _LAYOUT = "MMBench's layout: index, question, hint, A, B, C, D, answer, category, image"
 
 
-def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
+def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] = ()) -> List[Question]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long fields
     header, table = _tsv_rows(path)
     missing = [c for c in _MMBENCH_COLUMNS + ('image',) if c not in header]
@@ -309,7 +342,7 @@ def read_mmbench_tsv(path: str, circular: bool = False) -> List[Question]:
             # (a second one reached the model after it loaded: a traceback, or literal text in a batch)
             texts = {column: row.get(column) or '' for column in ('question', 'hint', *options)}
             for column, text in texts.items():
-                refuse_control_text(f'its {column} column', text, CONTROL_MARKERS)
+                refuse_control_text(f'its {column} column', text, _with(markers))
             tags = sum(text.count('<image>') for text in texts.values())
             if tags > 1:
                 raise SampleError('image_tag_mismatch', f'{tags} <image> tags (question, hint and options) for the '

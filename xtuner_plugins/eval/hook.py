@@ -35,6 +35,7 @@ from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
+from xtuner_plugins.models.prompt import check_question
 
 from .data import first_questions, read_questions
 from .evaluate import MC_MODES, Report, evaluate
@@ -61,6 +62,7 @@ class TrainingModelAnswerer:
 
     def _prompt(self, prompt: str, images: Sequence):
         """The data set's prompt ids up to the answer, the tiles and their flags."""
+        check_question(prompt, self.tokenizer)   # as tools/eval.py's models refuse it: not scored, control_text
         images = [load_image(i) if isinstance(i, str) else i.convert('RGB') for i in images]
         tiles = [self._tiles(im, len(images)) for im in images]
         if images and '<image>' not in prompt:

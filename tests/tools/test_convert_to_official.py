@@ -293,6 +293,12 @@ def test_refusals(tiny, tmp_path, capsys):
         assert code == 2, err
         return err
 
+    # a checkpoint without its lineage (zero_to_fp32's file) under a stage that follows an earlier one, given none:
+    # the projector was random, what the earlier stages trained missing, converted without a word
+    later = {k: v for k, v in opts.items() if k != 'model.from_scratch'}
+    err = refused(LORA, ckpt, str(tmp_path / 'p'), options=later)
+    assert f'{ckpt} records no lineage' in err and 'model.pretrained_pth=CHECKPOINT' in err, err
+    assert not (tmp_path / 'p').exists()
     # a LoRA checkpoint given with the full fine-tuning config: the keys are listed
     err = refused(FULL, ckpt, str(tmp_path / 'a'))
     assert 'missing from the checkpoint' in err and 'language_model.model.embed_tokens.weight' in err

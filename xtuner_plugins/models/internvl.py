@@ -135,6 +135,19 @@ class VisionLanguageModel(BaseModel):
             ``sdpa`` and ``sdpa_segments`` (each sample of a pack, and unpadded rows). False: torch's SDPA.
     """
 
+    @classmethod
+    def expects_previous(cls, **settings) -> bool:
+        """Whether a model of these settings (the others its defaults) is a stage meant to follow an earlier one and
+        given none: it trains more than the projector, from no official checkpoint, no ``pretrained_pth`` and not
+        ``from_scratch`` (its projector would be random)."""
+        given = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+        given.update((k, v) for k, v in settings.items() if k in given)
+        trains_more_than_projector = not (given['freeze_llm'] and given['freeze_vision']) or any(
+            given[k] is not None for k in ('llm_lora', 'vision_lora', 'preference'))
+        return (trains_more_than_projector and given['official_checkpoint'] is None and not given['pretrained_pth']
+                and not given['from_scratch'])
+
     def __init__(self,
                  vision_encoder: Union[str, nn.Module, None] = None,
                  llm: Union[str, nn.Module, None] = None,
@@ -209,11 +222,11 @@ class VisionLanguageModel(BaseModel):
                            llm=llm if isinstance(llm, str) else None, official_checkpoint=official_checkpoint)
         self.lineage = lineage_record(source_paths(vision_encoder, llm, tokenizer, official_checkpoint),
                                       pretrained_pth, llm_lora, vision_lora, from_scratch)
-        trains_more_than_projector = not (freeze_llm and freeze_vision) or any(
-            x is not None for x in (llm_lora, vision_lora, preference))
         # what LineageHook stops at start-up: a random projector under a stage meant to follow the warm-up
-        self.expects_previous_stage = (trains_more_than_projector and official_checkpoint is None
-                                       and not pretrained_pth and not from_scratch)
+        self.expects_previous_stage = self.expects_previous(
+            freeze_llm=freeze_llm, freeze_vision=freeze_vision, llm_lora=llm_lora, vision_lora=vision_lora,
+            preference=preference, official_checkpoint=official_checkpoint, pretrained_pth=pretrained_pth,
+            from_scratch=from_scratch)
 
         self.vision_model, self.vision, self.mlp1, self.language_model, self.tokenizer = build_parts(
             vision_encoder, llm, tokenizer, official_checkpoint, projector, dtype=dtype,

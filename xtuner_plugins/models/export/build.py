@@ -16,7 +16,7 @@ from torch import nn
 from xtuner_plugins.errors import Refused
 
 from ..internvl import VisionLanguageModel
-from ..lineage import previous_stage_for
+from ..lineage import previous_stage_for, read_lineage
 from ..provenance import check_trained_settings
 from ..runconfig import DEFAULT_TILING, training_dataset as _training_dataset
 from .files import Log, _print
@@ -59,6 +59,14 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
         check_trained_settings(cfg, checkpoint, log)
         model_cfg['pretrained_pth'] = previous_stage_for(model_cfg, checkpoint, log)
+        kind = model_cfg.get('type')
+        if (isinstance(kind, type) and issubclass(kind, VisionLanguageModel) and read_lineage(checkpoint) is None
+                and kind.expects_previous(**model_cfg)):
+            # a checkpoint without its meta (DeepSpeed's zero_to_fp32 output): what LineageHook refuses in training
+            raise Refused(f'{checkpoint} records no lineage, and its config trains more than the projector from no '
+                          'earlier stage: the projector (mlp1) and what the earlier stages trained would be random '
+                          'or missing. Give the earlier stage\'s checkpoint: --cfg-options '
+                          'model.pretrained_pth=CHECKPOINT (or model.from_scratch=True if it was trained so)')
     model_type = model_cfg.pop('type')
     # training kernels off: Liger's need a GPU (and patch the process), compiled blocks pay a compilation
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,

@@ -9,6 +9,7 @@ and its logits are compared with the training model's on a real batch of the dat
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -279,6 +280,13 @@ def tampered_deepspeed_folder_runs_nothing(folder, tmp_path):
     assert str(info.value).endswith(f'python {parent}/zero_to_fp32.py {parent} OUT --tag {tag} --max_shard_size '
                                     f'1000GB, and give OUT/pytorch_model.bin instead (it records no config: the '
                                     f'converter takes it as CONFIG OUT/pytorch_model.bin OUT_DIR)')
+    # a file of the folder cut short (a copy that did not finish): a raw RuntimeError from DeepSpeed naming no file
+    cut = tmp_path / 'cut' / os.path.basename(folder)
+    shutil.copytree(folder, cut)
+    (name,) = [n for n in os.listdir(cut) if n.startswith('zero_pp_rank_1') and n.endswith('optim_states.pt')]
+    os.truncate(cut / name, os.path.getsize(cut / name) // 2)
+    with pytest.raises(ValueError, match=f'^{re.escape(str(cut / name))}: cannot be read .*truncated or damaged'):
+        load_trained_state_dict(str(cut))
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -92,8 +92,14 @@ def load_checkpoint_file(path: str, mmap: bool = False):
 def _loads_as_data():
     """``torch.load`` reading through :class:`_Unpickler` while DeepSpeed's ``zero_to_fp32`` consolidates a folder
     (it calls ``torch.load(file, map_location=..., weights_only=False[, mmap=True])``): a context manager."""
-    return torch_load_as(lambda real, f, map_location, mmap=None, **kwargs: real(
-        f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap))
+    def load(real, f, map_location, mmap=None, **kwargs):
+        try:
+            return real(f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:   # DeepSpeed's traceback named no file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f'{f}: cannot be read ({first}): the file is truncated or damaged (a copy or a save '
+                             'that did not finish?); copy it again, or use another checkpoint') from None
+    return torch_load_as(load)
 
 
 def _kind(value) -> str:

@@ -426,6 +426,16 @@ def test_overwrite_never_replaces_an_input_or_a_training_work_folder(tiny, tmp_p
                                    f'({folder / name}); a conversion never replaces a training work folder, '
                                    '--overwrite or not: choose another folder')
         assert (folder / name).exists()
+    # the previous stage found where --remap moved it (into an earlier conversion's folder, under another name):
+    # an input too (the lineage's recorded paths only were, and --overwrite deleted the file it had just read)
+    earlier = tmp_path / 'earlier_conversion'
+    earlier.mkdir()
+    (earlier / 'config.json').write_text('{}')
+    shutil.move(warm, earlier / 'warm_stage.bin')
+    code = convert_main([LORA, ckpt, str(earlier), '--dtype', 'fp32', '--overwrite',
+                         '--remap', f'{warm}={earlier / "warm_stage.bin"}'] + as_args(opts))
+    assert code == 2 and f'is, holds or lies inside an input ({earlier / "warm_stage.bin"})' in capsys.readouterr().err
+    assert (earlier / 'warm_stage.bin').exists()
 
 
 def test_a_tampered_checkpoint_is_one_line(tiny, tmp_path, capsys):

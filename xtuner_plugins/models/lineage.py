@@ -332,16 +332,19 @@ def previous_stage_for(cfg_model, checkpoint: str, log: Callable[[str], None] = 
 
 def recorded_inputs(checkpoint: str) -> List[str]:
     """Every file and folder on disk that ``checkpoint``'s lineage names: its previous stages, back to the first
-    (as recorded, before any fingerprint check), and their source folders. What a conversion reads besides the
-    command line: ``convert`` refuses to write over any of them."""
+    (as recorded, before any fingerprint check, and where each ``--remap`` pair moves them: :func:`moved`), and
+    their source folders. What a conversion reads besides the command line: ``convert`` refuses to write over any of
+    them."""
+    def where(r: dict) -> List[str]:
+        named = [p for p in (r.get('abspath'), r.get('path')) if p]
+        return [p for p in [q for p in named for q in moved(p)] + named if os.path.exists(p)]
+
     found, seen, current = [], set(), checkpoint
     while current is not None and os.path.realpath(current) not in seen:
         seen.add(os.path.realpath(current))
         record = read_lineage(current)
         if record is None:
             break
-        recorded = [*record.get('sources', {}).values(), record.get('pretrained') or {}]
-        found += [p for r in recorded for p in (r.get('abspath'), r.get('path')) if p and os.path.exists(p)]
-        previous = record.get('pretrained') or {}
-        current = next((p for p in (previous.get('abspath'), previous.get('path')) if p and os.path.exists(p)), None)
+        found += [p for r in [*record.get('sources', {}).values(), record.get('pretrained') or {}] for p in where(r)]
+        current = next(iter(where(record.get('pretrained') or {})), None)
     return found

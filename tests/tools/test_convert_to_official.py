@@ -654,6 +654,16 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
                                                    f'out.converting-{other_pid}'])
     (tmp_path / f'out.old-{os.getppid()}').mkdir()   # a running process's (this one's parent): it stays
     claim(os.getppid())
+    # a live conversion's claim (this machine's running process, or any of another machine) refuses a second
+    # conversion into the folder: the later of two to finish replaced the other's folder, --overwrite or not
+    assert convert_main(argv + ['--overwrite']) == 2
+    assert f'another conversion is writing {out} (pid {os.getppid()} on this machine)' in capsys.readouterr().err
+    os.remove(tmp_path / f'out.converting-{os.getppid()}')
+    assert convert_main(argv + ['--overwrite']) == 2
+    assert (f'out.converting-{other_pid} claims it for a conversion on another machine; remove that file once that '
+            'conversion is over') in capsys.readouterr().err
+    assert (tmp_path / f'out.converting-{other_pid}').exists()   # another machine's: kept
+    os.remove(tmp_path / f'out.converting-{other_pid}')
     assert convert_main(argv + ['--overwrite']) == 0
     assert (tmp_path / f'out.old-{os.getppid()}').is_dir() and (out / 'config.json').is_file()
     assert (backup / 'NOTES.txt').read_text() == 'mine' and elsewhere.is_dir()
@@ -663,4 +673,3 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     claim(gone2.pid)   # a claim alone (killed before it made a folder, or after it moved them): removed
     assert convert_main(argv + ['--overwrite']) == 0
     assert not (tmp_path / f'out.converting-{gone2.pid}').exists()
-    assert (tmp_path / f'out.converting-{other_pid}').exists()   # another machine's: kept

@@ -9,6 +9,7 @@ Peak memory is about the model's size plus the largest tensor being converted.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -110,6 +111,53 @@ def _claimed_here(out: str, pid: int) -> Optional[bool]:
         return claim['host'] == socket.gethostname() and claim['pid'] == pid
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+_held: set = set()   # the claims this process holds (:func:`claimed` nests)
+
+
+@contextlib.contextmanager
+def claimed(out: str):
+    """Hold this process's claim of ``out`` (:func:`_claim`) for the block, from before the model is built to the
+    end: a second conversion into ``out`` while another one's claim is alive is refused. Two conversions into one
+    folder otherwise each passed the start's check, and the later one to finish replaced the other's finished
+    folder, ``--overwrite`` or not."""
+    claim = _claim(out, os.getpid())
+    if claim in _held:
+        yield
+        return
+    os.makedirs(os.path.dirname(claim), exist_ok=True)   # OUT_DIR's parent, made as the conversion would
+    with open(claim, 'w', encoding='utf-8') as f:
+        json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}, f)
+    _held.add(claim)
+    try:
+        other = _other_conversion(out)
+        if other:
+            raise ValueError(f'another conversion is writing {out} ({other}); wait for it to end, or choose another '
+                             'folder')
+        yield
+    finally:
+        _held.discard(claim)
+        os.remove(claim)
+
+
+def _other_conversion(out: str) -> Optional[str]:
+    """Another live conversion's claim of ``out``, in words (a claim of another machine cannot be checked: it
+    counts), or None. This machine's gone conversions' claims were removed by :func:`recover_leftovers`."""
+    parent, base = os.path.split(out)
+    claims = re.compile(re.escape(base) + r'\.converting-(\d+)$')
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        found = claims.match(name)
+        pid = int(found.group(1)) if found else None
+        if pid is None or pid == os.getpid():
+            continue
+        here = _claimed_here(out, pid)
+        if here and _running(pid):
+            return f'pid {pid} on this machine'
+        if here is False:
+            return (f'{os.path.join(parent, name)} claims it for a conversion on another machine; remove that file '
+                    'once that conversion is over')
+    return None
 
 
 def recover_leftovers(out: str, log: Log) -> None:
@@ -228,10 +276,7 @@ def written_whole(out: str, write):
     removes the temporary folder and leaves ``out`` as it was (the old one moved back). Returns what ``write``
     returns."""
     tmp, old = (out.rstrip(os.sep) + f'.{kind}-{os.getpid()}' for kind in ('tmp', 'old'))
-    claim = _claim(out, os.getpid())
-    with open(claim, 'w', encoding='utf-8') as f:   # before anything is written or moved
-        json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}, f)
-    try:
+    with claimed(out):   # before anything is written or moved (held already by a conversion from its start)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
@@ -245,8 +290,6 @@ def written_whole(out: str, write):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    finally:
-        os.remove(claim)
     return result
 
 
@@ -284,6 +327,12 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     else:
         cfg = load_config(config, cfg_options)
     out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite, log)
+    with claimed(out):
+        return _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start)
+
+
+def _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start) -> str:
+    """:func:`export_checkpoint` once ``out`` is checked and claimed."""
     if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
     log(f'[1/4] building the model of {checkpoint or config} in {dtype_name(dtype)}')

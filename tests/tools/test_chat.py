@@ -121,6 +121,19 @@ def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
                      + as_args(setup['opts'])) == 0
     assert capsys.readouterr().out.strip() == expected
     assert chat_main([setup['folder'], '--image', 'missing.png', '--prompt', 'x']) == 2
+    # as a user runs it: stdout is the answer alone (the conversion's MMEngine log lines went there: capsys does not
+    # see MMEngine's handler, a process's stdout does)
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_utils import REPO_ROOT, train_env
+    run = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'chat.py'), '--config', LORA,
+                          '--checkpoint', setup['ckpt'], '--image', image, '--prompt', 'Describe the image.',
+                          '--max-new-tokens', '8', '--dtype', 'fp32'] + as_args(setup['opts']),
+                         capture_output=True, text=True, env=train_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == expected and 'mmengine' in run.stderr, (run.stdout, run.stderr[-2000:])
 
 
 def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tmp_path):

@@ -52,6 +52,17 @@ def tool_error(prog: str, problem: Union[str, Exception]) -> int:
     return 2
 
 
+def logs_to_stderr() -> None:
+    """MMEngine's log lines (a checkpoint's conversion: the tensors loaded, the attention kernels) on stderr: a
+    tool's stdout is its answer (``chat.py --prompt ... > answer.txt``), and MMEngine's logger writes to stdout."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    for handler in MMLogger.get_current_instance().handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, 'stream', None) in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+
+
 def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tuple[type, ...] = (),
              **tiling) -> int:
     """A tool's run on the model it names (:func:`add_model_arguments`' ``args``): the model loaded as a
@@ -60,6 +71,7 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
     ``use(model)``. The exit status: 0, or 2 with the error printed (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
     of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
     dtype = resolve_dtype(args.dtype)
+    logs_to_stderr()
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:
         try:
             from xtuner_plugins.models.runconfig import parse_remap

@@ -53,3 +53,12 @@ def test_an_index_past_a_lists_end_and_a_word_without_a_value_are_one_line():
         "'max_iters' is not KEY=VALUE (every word of --cfg-options is one setting: max_iters=200; a list without "
         "spaces, [a,b], or quoted)", "'2]' is not KEY=VALUE (every word of --cfg-options is one setting: "
         "max_iters=200; a list without spaces, [a,b], or quoted)"]
+
+
+def test_a_key_given_a_value_and_a_key_inside_it_is_one_line():
+    """``model.vision_encoder=DIR model.vision_encoder.path=DIR2``: MMEngine's merge raised a TypeError traceback
+    ('str' object does not support item assignment) in training; the converter refused it in one line."""
+    siglip = os.path.join(ROOT, 'configs', 'siglip_finetune.py')   # its vision_encoder is a dict of settings
+    problems = option_problems(siglip, {'model.vision_encoder': '/a', 'model.vision_encoder.path': '/b'})
+    assert problems == ['model.vision_encoder=/a gives model.vision_encoder a value and model.vision_encoder.path=/b '
+                        'a key inside it: give one of them']

@@ -372,6 +372,11 @@ def option_problems(config: str, options: dict) -> list:
     problems = check_cfg_options(written, options)
     if not problems and option_into_unset(written, options):   # MMEngine's merge would stop with a traceback
         problems.append(option_into_unset(written, options))
+    nested = [(a, b) for a in options for b in options if b.startswith(a + '.')]
+    if not problems and nested:   # MMEngine's merge: a TypeError (a str does not support item assignment)
+        a, b = nested[0]
+        problems.append(f'{a}={options[a]} gives {a} a value and {b}={options[b]} a key inside it: '
+                        f'give one of them')
     if not problems:
         merged = copy.deepcopy(written)
         merged.merge_from_dict(options)

@@ -551,6 +551,21 @@ def test_a_converted_folder_given_as_the_checkpoint_is_named_as_one(tmp_path, ca
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_work_folder_given_as_the_checkpoint_names_its_newest(tmp_path, capsys):
+    """It said '... records no training config; give the training config', and given one: 'not a DeepSpeed
+    checkpoint'."""
+    work = tmp_path / 'finetune_lora'
+    work.mkdir()
+    for n in (2, 10):
+        torch.save({'meta': {}, 'state_dict': {}}, work / f'iter_{n}.pth')
+    for argv in ([str(work)], [LORA, str(work)]):
+        assert convert_main(argv + [str(tmp_path / 'out')]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f'convert_to_official: error: {work} is a training work folder, not a checkpoint: give one of its '
+            f'checkpoints (the newest: {work}/iter_10.pth)')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_an_out_dir_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     """Under a file: a NotADirectoryError traceback once the model was built (minutes at real size); a disk that
     fills while writing: an OSError traceback. Now one line each; nothing is left behind."""

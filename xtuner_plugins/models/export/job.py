@@ -320,6 +320,10 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         raise ValueError(f'{checkpoint} is a converted folder (it has a config.json), not a training checkpoint: '
                          f'give it as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py FOLDER), not as '
                          f'--checkpoint')
+    from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
+    if checkpoint is not None and not deepspeed_checkpoint(checkpoint) and find_checkpoints(checkpoint):
+        raise ValueError(f'{checkpoint} is a training work folder, not a checkpoint: give one of its checkpoints '
+                         f'(the newest: {find_checkpoints(checkpoint)[-1]})')
     if checkpoint is not None:
         cfg = run_config(checkpoint, config, cfg_options, remap, log)
     elif config is None:

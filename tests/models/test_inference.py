@@ -140,6 +140,18 @@ def test_a_broken_folder_is_one_line(folder, tmp_path, case, capsys):
         assert 'convert the model again' in line
 
 
+def test_a_checkpoint_file_given_as_the_folder_says_to_convert_it(tmp_path, capsys):
+    """It said 'no such folder', read as a wrong path."""
+    ckpt = tmp_path / 'iter_2.pth'
+    torch.save({'meta': {}, 'state_dict': {}}, ckpt)
+    for prog, (main, args) in tools(tmp_path).items():
+        assert main([str(ckpt), *args]) == 2, prog
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line == (f'{prog}: error: {ckpt} is a file, not a model folder; give a folder written by '
+                        f'tools/convert_to_official.py (convert a training checkpoint first: python '
+                        f'tools/convert_to_official.py {ckpt} OUT_DIR)'), line
+
+
 @pytest.mark.parametrize('name, says', [
     ('processor_config.json', 'no processor_config.json (the image tokens per image'),
     ('preprocessor_config.json', 'no preprocessor_config.json (the image processor\'s settings'),

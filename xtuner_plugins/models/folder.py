@@ -16,6 +16,10 @@ FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'lla
 def folder_format(folder: str) -> str:
     """The format of a converted folder, from its ``config.json``; a clear error for anything else."""
     path = os.path.join(folder, 'config.json')
+    if os.path.isfile(folder):   # a training checkpoint, most often: 'no such folder' read as a wrong path
+        raise ValueError(f'{folder} is a file, not a model folder; give a folder written by '
+                         f'tools/convert_to_official.py (convert a training checkpoint first: python '
+                         f'tools/convert_to_official.py {folder} OUT_DIR)')
     if not os.path.isdir(folder):
         raise ValueError(f'{folder}: no such folder; give a folder written by tools/convert_to_official.py')
     if not os.path.isfile(path):

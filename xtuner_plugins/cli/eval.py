@@ -49,8 +49,7 @@ from typing import Iterator, Tuple
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
-from xtuner_plugins.eval.data import folder_markers
-from xtuner_plugins.eval.data import context_note, first_questions
+from xtuner_plugins.eval.data import context_note, first_questions, folder_markers
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS

@@ -59,7 +59,8 @@ def logs_to_stderr() -> None:
 
     from mmengine.logging import MMLogger
     for handler in MMLogger.get_current_instance().handlers:
-        if isinstance(handler, logging.StreamHandler) and getattr(handler, 'stream', None) in (sys.stdout, sys.__stdout__):
+        stream = getattr(handler, 'stream', None)
+        if isinstance(handler, logging.StreamHandler) and stream in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)
 
 

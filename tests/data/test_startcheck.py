@@ -179,6 +179,34 @@ def test_a_warm_start_reads_no_index_page_to_match_the_length_cache(data, tiny_t
                for n in os.listdir(tmp_path / 'cache') if n.endswith('.check.json'))
 
 
+def test_a_repeat_time_past_half_the_memory_is_one_line(tmp_path, monkeypatch):
+    """3e8 on 10 lines (3e9 items) stayed under the 2**32 guard and asked numpy for 22 GiB: a MemoryError."""
+    from xtuner_plugins.data import InternVLDataset
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 10)
+    monkeypatch.setattr(os, 'sysconf', lambda name: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 6 * 2 ** 30 // 4096}[name])
+    assert startcheck.max_items() == (6 * 2 ** 30 // 16, ": half of this machine's 6.0 GiB of memory")
+    with pytest.raises(ValueError, match=r"repeat_time 3e\+08 makes its 10 samples 3e\+09 items, more than a data "
+                                         r"set indexes \(402653184, 8 bytes each: half of this machine's 6.0 GiB"):
+        InternVLDataset(path, repeat_times=3e8, tokenizer=None, cache_dir=str(tmp_path / 'cache'))
+    assert len(InternVLDataset(path, repeat_times=2.5, tokenizer=None, cache_dir=str(tmp_path / 'cache'))) == 25
+
+
+def test_images_put_in_a_folder_found_empty_are_checked_again(tmp_path, tiny_tokenizer):
+    """The cached start-up check kept 'none of the images found' after the images were put there (a folder still
+    being extracted): the data set was refused again until the cache was removed."""
+    from xtuner_plugins.data import InternVLDataset
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': f'{k}.png', 'conversations': conv()} for k in range(4)])
+    (tmp_path / 'images').mkdir()
+    settings = dict(image_folders=str(tmp_path / 'images'), tokenizer=tiny_tokenizer, image_size=S,
+                    cache_dir=str(tmp_path / 'cache'))
+    with pytest.raises(ValueError, match='4 of 4 samples name images not found'):
+        InternVLDataset(path, **settings)
+    for k in range(4):
+        write_image(tmp_path / 'images' / f'{k}.png', size=(40, 30), seed=k)
+    ds = InternVLDataset(path, **settings)
+    assert len(ds) == 4 and ds[0]['pixel_values'].shape[0] >= 1
+
+
 @pytest.mark.parametrize('repeat', [1e12, 1e300])
 def test_a_repeat_time_past_what_can_be_indexed_is_one_line_before_the_check(tmp_path, repeat, monkeypatch):
     """1e12 asked np.tile for 21.8 TiB (MemoryError), 1e300 overflowed a C long: a raw traceback either way."""
@@ -186,6 +214,6 @@ def test_a_repeat_time_past_what_can_be_indexed_is_one_line_before_the_check(tmp
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 3)
     monkeypatch.setattr(startcheck, 'check_source', lambda *a: pytest.fail('checked before the repeat was'))
     says = (f'a.jsonl: repeat_time {repeat:g} makes its 3 samples {3 * repeat:.4g} items, more than a data set '
-            f'indexes (4294967296, 8 bytes each)')
+            f'indexes ({startcheck.max_items()[0]}, 8 bytes each')
     with pytest.raises(ValueError, match=re.escape(says)):
         InternVLDataset(path, repeat_times=repeat, tokenizer=None, cache_dir=str(tmp_path / 'cache'))

@@ -110,13 +110,13 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
                 break
             except BlockingIOError:
                 time.sleep(0.5)
-            except OSError as exc:  # a file system without file locks (NFS mounted nolock, Lustre without flock)
-                _no_locks(os.path.dirname(lock_file), exc)
-                return build()
-                if time.monotonic() - logged > LOG_EVERY_S:
+                if time.monotonic() - logged > LOG_EVERY_S:   # (was unreachable, after the return below)
                     logged = time.monotonic()
                     print_log(f'waiting {logged - begun:.0f} s for another process of this node computing {what} '
                               f'(lock {lock_file})', logger='current')
+            except OSError as exc:  # a file system without file locks (NFS mounted nolock, Lustre without flock)
+                _no_locks(os.path.dirname(lock_file), exc)
+                return build()
         found = load()  # another process built it while this one waited
         return found if found is not None else build()
     finally:

@@ -33,6 +33,20 @@ from .sources import DataSource, Record, parse_entry, repeat_array, repeat_subse
 
 CHECK_VERSION = 1
 MAX_ITEMS = 1 << 32  # items after repeats, per source
+MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again
+
+
+def max_items() -> Tuple[int, str]:
+    """The most items (after repeats) a source may give, and why when it is this machine's memory: their index (8
+    bytes an item) in half of it at most (3e9 items asked numpy for 22 GiB, a MemoryError traceback or the OOM
+    killer), :data:`MAX_ITEMS` at most."""
+    try:
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return MAX_ITEMS, ''
+    if memory // 16 >= MAX_ITEMS:
+        return MAX_ITEMS, ''
+    return memory // 16, f': half of this machine\'s {memory / 2 ** 30:.1f} GiB of memory'
 
 
 @dataclass
@@ -63,7 +77,7 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
     part = LengthSlice(ds) if lengths else None
     good, parse_problems, check_problems = [], [], []
     media = videos = missing = 0
-    first = None
+    first, some = None, []
     for e in range(start, stop):
         line = index.line(e)
         where = f'{src.annotation}:{line}'
@@ -88,8 +102,11 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
             if gone is not None:
                 missing += 1
                 first = first or [where, gone]
+                if len(some) < MISSING_KEPT:
+                    some.append(gone)
     return dict(good=np.asarray(good, dtype=np.int64), parse=parse_problems, check=check_problems, media=media,
-                videos=videos, missing=missing, first=first, lengths=None if part is None else part.result())
+                videos=videos, missing=missing, first=first, some=some,
+                lengths=None if part is None else part.result())
 
 
 def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) -> SourceCheck:
@@ -107,7 +124,8 @@ def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) 
                    problems=[q for p in parts for q in p['parse']] + [q for p in parts for q in p['check']],
                    media=sum(p['media'] for p in parts), videos=sum(p['videos'] for p in parts),
                    missing=sum(p['missing'] for p in parts),
-                   first_missing=next((p['first'] for p in parts if p['first']), None))
+                   first_missing=next((p['first'] for p in parts if p['first']), None),
+                   some_missing=[path for p in parts for path in p['some']][:MISSING_KEPT])
     try:
         save_array(base + '.good.npy', good)
         write_text_atomically(base + '.check.json', json.dumps(summary))
@@ -133,6 +151,10 @@ def _load(base: str, index: SourceIndex) -> Optional[SourceCheck]:
     if (good is None or summary.get('version') != CHECK_VERSION or summary.get('entries') != len(index)
             or summary.get('good') != len(good)):
         return None
+    if summary.get('missing'):   # images not found then, there now (a folder still being filled): checked again
+        some = summary.get('some_missing') or [(summary.get('first_missing') or [None, None])[1]]
+        if any(isinstance(path, str) and os.path.exists(path) for path in some):
+            return None
     if summary.get('lines') is None:  # a cache written before the digest was kept: added once
         summary['lines'] = lines_digest(index.entries[good, 2])
         try:
@@ -184,10 +206,11 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         if not len(entries):
             raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
                              f'data files or fill it')
-        if len(entries) * src.repeat_time > MAX_ITEMS:  # before the check; np.tile would ask for terabytes or overflow
+        most, why = max_items()
+        if len(entries) * src.repeat_time > most:  # before the check; np.tile would ask for terabytes or overflow
             raise ValueError(f'{src.annotation}: repeat_time {src.repeat_time:g} makes its {len(entries)} samples '
-                             f'{len(entries) * src.repeat_time:.4g} items, more than a data set indexes ({MAX_ITEMS}, '
-                             f'8 bytes each): a typo? (2.5: two copies and a seeded half)')
+                             f'{len(entries) * src.repeat_time:.4g} items, more than a data set indexes ({most}, '
+                             f'8 bytes each{why}): a typo? (2.5: two copies and a seeded half)')
         checked = check_source(ds, i, src, entries)
         problems.extend(checked.problems)
         missing = checked.missing_message(src)  # a wrong folder: refused here

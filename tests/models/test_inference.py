@@ -246,7 +246,40 @@ def test_code_not_ours_is_not_run_unless_trusted(folder, hf_folder, tmp_path, ca
     assert marker.read_text() == 'ran'
     # this project's own folders (official, and hf, whose .py files nothing runs) load as before
     from xtuner_plugins.models.folder import foreign_code
-    assert foreign_code(folder) is None
+    assert foreign_code(folder) is None and foreign_code(hf_folder) is None
+
+
+def test_an_hf_folders_code_is_not_run_unless_trusted(hf_folder, tmp_path, capsys):
+    """An hf (or llava) folder was loaded without the check: transformers imports a local folder's
+    custom_generate/generate.py whatever trust_remote_code says (it ran when chat, eval and the web demo loaded
+    it), and asks 'run the custom code? [y/N]' on stdin for a tokenizer auto_map."""
+    from tools.serve import main as serve_main
+    marker = tmp_path / 'ran'
+    generate, mapped = str(tmp_path / 'generate'), str(tmp_path / 'mapped')
+    for copy in (generate, mapped):
+        shutil.copytree(hf_folder, copy)
+    os.makedirs(os.path.join(generate, 'custom_generate'))
+    with open(os.path.join(generate, 'custom_generate', 'generate.py'), 'w') as f:
+        f.write(f'open({str(marker)!r}, "w").write("ran")\n')
+    with open(os.path.join(mapped, 'evil_tok.py'), 'w') as f:
+        f.write(f'open({str(marker)!r}, "w").write("ran")\n')
+    with open(os.path.join(mapped, 'tokenizer_config.json')) as f:
+        tok = json.load(f)
+    tok['auto_map'] = {'AutoTokenizer': [None, 'evil_tok.EvilTokenizer']}
+    with open(os.path.join(mapped, 'tokenizer_config.json'), 'w') as f:
+        json.dump(tok, f)
+    says = {generate: f'{generate}/custom_generate/generate.py is code this project does not ship in a converted '
+                      'folder',
+            mapped: f'{mapped}/evil_tok.py is code this project does not ship in a converted folder'}
+    for path, why in says.items():
+        for prog, (main, args) in tools(tmp_path).items():
+            assert main([path, *args]) == 2, prog
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f'{prog}: error: {path}: loading it would run Python code that is not this '
+                                   f'project\'s ({why}); read them, then pass --trust-remote-code'), line
+        assert serve_main([path, '--vllm-python', '/nonexistent']) == 2
+        assert why in capsys.readouterr().err
+    assert not marker.exists()
 
 
 def test_a_whole_folder_still_loads(folder):

@@ -324,8 +324,9 @@ def serve(args) -> int:
     """Start vLLM on ``args.folder``, wait until it is ready, and serve until it stops (the exit status)."""
     try:
         s = settings(args.folder, args.system_message)
-        if s['format'] == 'official':  # vLLM runs its code (--trust-remote-code): this project's only, unless trusted
-            check_code(args.folder, args.trust_remote_code)
+        # vLLM runs an official folder's code (--trust-remote-code), and transformers, which it loads the processor
+        # with, a local folder's custom_generate/ or an auto_map's module: this project's only, unless trusted
+        check_code(args.folder, args.trust_remote_code)
         python = vllm_python(args.vllm_python)
         found = probe(python)
     except (OSError, ValueError) as exc:

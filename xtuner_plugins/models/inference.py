@@ -55,8 +55,8 @@ def empty_answer_hint(answer: str, advice: str) -> str:
 
 
 class ConvertedModel:
-    """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``; an ``official`` or
-    ``remote`` folder whose Python files are not this project's is refused unless ``trust_remote_code``. ``tiling``
+    """A converted folder ready to answer; ``dtype``/``device`` as for ``from_pretrained``; a folder (of any format)
+    whose Python files are not this project's is refused unless ``trust_remote_code``. ``tiling``
     overrides the folder's tiling for ``official``/``remote`` (``image_size``, ``max_num``, ``min_num``,
     ``use_thumbnail``)."""
 
@@ -64,9 +64,11 @@ class ConvertedModel:
                  trust_remote_code: bool = False, **tiling):
         self.folder, self.format, self.device = folder, folder_format(folder), device
         check_folder(folder)
-        if self.format in ('official', 'remote'):  # their code is run: this project's only, unless trusted
-            check_code(folder, trust_remote_code)
-        else:
+        # code in the folder is run (official/remote: its modeling code; hf/llava: transformers imports a local
+        # folder's custom_generate/generate.py whatever trust_remote_code says, and an auto_map's module when told
+        # 'y' on stdin): this project's only, unless trusted
+        check_code(folder, trust_remote_code)
+        if self.format not in ('official', 'remote'):
             check_processor_files(folder)
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             self.config = json.load(f)
@@ -88,10 +90,11 @@ class ConvertedModel:
                 raise ValueError(f'{folder} is a {self.format} folder: its processor tiles the images, and the '
                                  f'tiling options ({", ".join(sorted(given))}) are for official and remote folders')
             from transformers import AutoModelForImageTextToText, AutoProcessor
-            self.processor = from_folder('processor', folder, lambda: AutoProcessor.from_pretrained(folder),
-                                         TOKENIZER_ERRORS)
+            self.processor = from_folder('processor', folder, lambda: AutoProcessor.from_pretrained(
+                folder, trust_remote_code=trust_remote_code), TOKENIZER_ERRORS)
             self.model = weights_fit(folder, from_folder('model', folder, lambda: AutoModelForImageTextToText.
-                                                         from_pretrained(folder, dtype=dtype, output_loading_info=True),
+                                                         from_pretrained(folder, dtype=dtype, output_loading_info=True,
+                                                                         trust_remote_code=trust_remote_code),
                                                          MODEL_ERRORS)).eval().to(device)
             self.tokenizer = self.processor.tokenizer
         tokenizer_fits(folder, self.tokenizer, self.model, processor=self.format in ('hf', 'llava'))

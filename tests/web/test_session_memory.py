@@ -67,6 +67,19 @@ def test_stored_reads_back_to_the_same_pixels(setup, tmp_path):
     assert np.array_equal(np.asarray(load_image(stored(image, image))), np.asarray(image))
 
 
+def test_a_file_of_more_bytes_than_its_pixels_is_kept_as_their_png(setup, tmp_path):
+    """300 MB after a 32 x 32 PNG's end was kept whole, once for each time a message named the upload: 600 MB
+    more a turn, for as long as the session lives."""
+    padded = tmp_path / 'padded.png'
+    padded.write_bytes(open(setup['small'], 'rb').read() + os.urandom(3 << 20))
+    image = load_image(str(padded))
+    kept = stored(str(padded), image)
+    assert len(kept) < 1 << 16 and np.array_equal(np.asarray(load_image(kept)), np.asarray(image))
+    assert len(stored(padded.read_bytes(), image)) == len(kept)
+    first, conversation = turn(setup['chat'], 'Describe the image.', [str(padded)] * 2, None)
+    assert sum(map(len, conversation['images'])) < 1 << 17
+
+
 def test_an_hf_folder_continues_from_the_kept_files(setup):
     from tests.helpers import lora_trained_tiny
     from tests.tools.test_convert_to_official import LORA, convert

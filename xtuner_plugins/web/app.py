@@ -135,15 +135,23 @@ class WebChat:
 
 def stored(source, image) -> bytes:
     """What a session keeps of an image it asked about: the bytes of its file (``source`` a path), or of a PNG of
-    ``image``'s pixels (lossless); ``load_image`` reads either back to ``image``'s pixels."""
-    if isinstance(source, (str, os.PathLike)):
+    ``image``'s pixels (lossless); ``load_image`` reads either back to ``image``'s pixels. A file of more bytes than
+    its pixels need (:func:`padded`: 300 MB after a 32 x 32 PNG's end, named twice a message, held 600 MB more each
+    turn) is kept as the PNG."""
+    if isinstance(source, (str, os.PathLike)) and not padded(os.path.getsize(source), image):
         with open(source, 'rb') as f:
             return f.read()
-    if isinstance(source, (bytes, bytearray)):
+    if isinstance(source, (bytes, bytearray)) and not padded(len(source), image):
         return bytes(source)
     buffer = io.BytesIO()
     image.save(buffer, format='PNG', compress_level=1)
     return buffer.getvalue()
+
+
+def padded(size: int, image) -> bool:
+    """Whether a file of ``size`` bytes holds more than ``image``'s pixels could need (4 bytes a pixel, 1 MiB
+    more for its headers and metadata)."""
+    return hasattr(image, 'width') and size > 4 * image.width * image.height + (1 << 20)
 
 
 def pixels_of(source) -> int:

@@ -87,3 +87,26 @@ def test_a_video_past_the_pixel_budget_is_refused_before_a_frame_is_decoded(setu
     with pytest.raises(gr.Error, match=r'too many pixels: this message brings 0\.0 megapixels'):
         list(send('What happens?', [], [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], 5))
     assert not decoded
+
+
+def test_a_gif_that_decodes_past_the_budget_is_refused_before_a_frame_is_decoded(setup, tmp_path, monkeypatch):
+    """A GIF cannot seek: every frame up to the last one asked for is decoded on its full canvas (a 460 kB GIF of
+    20,000 frames of 4000 x 4000 held the one model for 52 s while other users waited)."""
+    from PIL import Image
+
+    from xtuner_plugins.data import video
+    from xtuner_plugins.web import app
+    gif = tmp_path / 'long.gif'
+    frames = [Image.new('RGB', (200, 150), ((37 * k) % 256, (91 * k) % 256, 0)) for k in range(300)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    decoded = []
+    monkeypatch.setattr(video, 'read_frames', lambda info, wanted: decoded.append(wanted) or [frames[0]] * len(wanted))
+    monkeypatch.setattr(app, 'MAX_GIF_DECODED_PIXELS', 100 * 200 * 150)
+    with pytest.raises(ValueError, match=r'long.gif: a GIF of 300 frames of 200x150: reaching frame \d+ decodes '
+                                         r'.* gigapixels \(a GIF cannot seek\), over the 0.003 taken here.*'
+                                         r'\[video_too_large\]'):
+        video_frames(str(gif), 8, str(tmp_path / 'shown'))
+    assert not decoded
+    monkeypatch.setattr(app, 'MAX_GIF_DECODED_PIXELS', 300 * 200 * 150)
+    video_frames(str(gif), 8, str(tmp_path / 'shown'))
+    assert decoded

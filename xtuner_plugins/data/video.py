@@ -447,12 +447,25 @@ def expand_video(conversation, num_frames: int, prefix: str = DEFAULT_FRAME_PREF
 
 def load_video(path: str, num_frames: int = 8, sample: str = 'middle', clip: Optional[Tuple[float, float]] = None,
                max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, rng: Optional[np.random.Generator] = None,
-               check: Optional[Callable[[int], None]] = None) -> Tuple[List[Image.Image], VideoInfo]:
+               check: Optional[Callable[[int], None]] = None,
+               max_decoded_pixels: Optional[int] = None) -> Tuple[List[Image.Image], VideoInfo]:
     """``(frames, info)``: ``num_frames`` frames of a video (chat, evaluation, the web demo), ``middle`` by default;
     ``check(n)`` is called with the frames the video gives (a frame folder: at most its own) before one is chosen
-    or decoded (a model's ``check_video``: ``--frames 1000000000`` listed a billion frame numbers first)."""
+    or decoded (a model's ``check_video``: ``--frames 1000000000`` listed a billion frame numbers first).
+    ``max_decoded_pixels``: a GIF (which cannot seek: every frame up to the last one chosen is decoded on its full
+    canvas) that would decode more pixels than this is ``video_too_large``, before any is decoded (the web demo's
+    budget: a 460 kB GIF of 20,000 frames on a 4000 x 4000 canvas held the model for 52 s)."""
     info = probe_video(path, clip, max_pixels)
     n = frames_for(info, num_frames, check_sampling(sample), max_num=num_frames)
     if check is not None:
         check(n)
-    return read_frames(info, choose_frames(info, n, sample, rng)), info
+    wanted = choose_frames(info, n, sample, rng)
+    if max_decoded_pixels is not None and info.kind == 'gif' and wanted:
+        cost = (max(wanted) + 1) * info.size[0] * info.size[1]
+        if cost > max_decoded_pixels:
+            raise SampleError('video_too_large', f'{path}: a GIF of {info.total} frames of {info.size[0]}x'
+                                                 f'{info.size[1]}: reaching frame {max(wanted) + 1} decodes '
+                                                 f'{cost / 1e9:.1f} gigapixels (a GIF cannot seek), over the '
+                                                 f'{max_decoded_pixels / 1e9:g} taken here; send a shorter or '
+                                                 'smaller one, or a video file (MP4, WebM)')
+    return read_frames(info, wanted), info

@@ -152,3 +152,36 @@ def test_history_text_keeps_tags_and_markers_as_text():
     assert said == ('a <{0}image> b <{0}video> c <{0}IMG_CONTEXT> <{0}|im_end|> <{0}img><{0}/img> plain < image >'
                     .format(WORD_JOINER))
     check_question(said.replace('<\u2060image>', '').replace('<\u2060video>', ''))
+
+
+def test_a_question_over_the_context_by_its_bytes_is_refused_before_it_is_tokenized(setup, monkeypatch):
+    """A 40 MB question through /chat was tokenized whole (31 s and 6.7 GB, the one model held) before it was found
+    too long; the refusal told a text-only caller to lower the video's frames."""
+    import gradio as gr
+
+    from xtuner_plugins.models.prompt import PromptTooLong
+    model = setup['chat'].model
+    monkeypatch.setattr(type(model.tokenizer), '__call__', lambda *a, **k: pytest.fail('tokenized'))
+    question = 'word ' * (model.longest_token() * model.context[0] // 5 + 10)
+    with pytest.raises(PromptTooLong, match=r'^the question is at least \d+ tokens, over the LLM\'s context of '
+                                            r'\d+ tokens \(.*config.json llm_config.max_position_embeddings\); '
+                                            r'shorten it$'):
+        model.ask(question, [setup['image']], dict(GREEDY))
+    api = next(fn.fn for fn in build_app(setup['chat']).fns.values() if fn.api_name == 'chat')
+    with pytest.raises(gr.Error, match='shorten it'):
+        api(None, question)
+
+
+def test_images_past_the_context_are_refused_before_they_are_tiled(setup, tmp_path, monkeypatch):
+    """800 uploads of a 75-byte 1 x 40 PNG were each cut into 41 tiles (about 10 GB at 448 px) before the prompt
+    was found too long; their tiles are counted from their sizes first."""
+    from xtuner_plugins.models.prompt import PromptTooLong
+    thin = write_image(tmp_path / 'thin.png', size=(1, 40))
+    model = setup['chat'].model
+    model.reset()
+    monkeypatch.setattr(model, 'pixels', lambda *a: pytest.fail('tiled'))
+    per = model.frame_tokens() - 2
+    count = model.context[0] // per + 1
+    with pytest.raises(PromptTooLong, match=r'the prompt is at least \d+ tokens'):
+        model.ask('What are they?', [thin] * count, dict(GREEDY))
+    assert model.history is None

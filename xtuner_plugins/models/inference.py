@@ -33,13 +33,13 @@ from PIL import Image
 
 from xtuner_plugins.data.image_io import ImageSource, load_image
 from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
-from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles, num_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
-from .prompt import (NoVideo, blank_run_stop, check_context, check_question, context_length, encode_prompt,
-                     history_text, official_query, split_images)
+from .prompt import (NoVideo, QuestionTooLong, blank_run_stop, check_context, check_question, context_length,
+                     encode_prompt, history_text, official_query, split_images)
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -168,6 +168,10 @@ class ConvertedModel:
         if video is not None:
             self.check_video(len(video))
         check_question(question, self.tokenizer)  # typed control tokens: a forged turn, image tokens without images
+        # before anything is tokenized or tiled: a 40 MB question took 31 s and 6.7 GB to be found too long
+        least = len(question.encode('utf-8')) // self.longest_token()
+        if self.context[0] is not None and least > self.context[0]:
+            raise QuestionTooLong(least, 0, *self.context, least=True)
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
         frames = [load_image(f) for f in video] if video is not None else None
         if frames is not None and (new or not frames):
@@ -195,6 +199,12 @@ class ConvertedModel:
                 if new and '<image>' not in question:
                     question = '<image>\n' * len(new) + question
                 images, marks = self.images + new, self.frames + [False] * len(new)
+                # the new images' vision tokens from their sizes, before they are tiled: 800 uploads of a 1 x 40 PNG
+                # were cut into 41 tiles each (10 GB at 448 px) before the prompt was found too long
+                t = self.tiling
+                tiles = sum(num_tiles(i.width, i.height, t['min_num'], t['max_num'], t['image_size'],
+                                      t['use_thumbnail']) if t['mode'] == 'tile' else 1 for i in new)
+                self.check_context(tiles * (self.frame_tokens() - 2) + 2 * len(new), generation, least=True)
             pixel_values, num_patches = self.pixels(images, marks)
             query = official_query(self.model, question, num_patches, self.history)
             self.check_context(len(self.tokenizer(query, verbose=False)['input_ids']), generation)
@@ -232,6 +242,14 @@ class ConvertedModel:
                                          'content': [{'type': 'text', 'text': history_text(answer, self.tokenizer)}]}]
             self.images, self.videos = self.images + new, videos
         return answer
+
+    def longest_token(self) -> int:
+        """The most bytes one token of the vocabulary stands for (a text of B bytes is at least B / this many
+        tokens), counted once."""
+        if getattr(self, '_longest', None) is None:
+            vocab = self.tokenizer.get_vocab()
+            self._longest = max([len(t.encode('utf-8')) for t in vocab] + [1])
+        return self._longest
 
     def check_context(self, prompt_tokens: int, generation: dict, least: bool = False) -> None:
         """:class:`~xtuner_plugins.models.prompt.PromptTooLong` when the prompt and ``max_new_tokens`` do not fit

@@ -196,6 +196,15 @@ class PromptTooLong(ValueError):
                 f'{self.context - self.prompt_tokens} or less, or {lower}{earlier}')
 
 
+class QuestionTooLong(PromptTooLong):
+    """A question that alone is over the LLM's context (counted from its bytes, before it is tokenized: at least
+    its bytes over the vocabulary's longest token): shortening it is the one way, whatever the settings."""
+
+    def message(self, *args, **kwargs) -> str:
+        return (f'the question is at least {self.prompt_tokens} tokens, over the LLM\'s context of {self.context} '
+                f'tokens ({self.source}); shorten it')
+
+
 def check_context(prompt_tokens: int, new_tokens: int, context: Optional[int], source: str, turns: int = 0,
                   new: Optional[str] = '--max-new-tokens', least: bool = False) -> None:
     """:class:`PromptTooLong` when ``prompt_tokens + new_tokens`` is over ``context`` (``None``: not known);

@@ -1,4 +1,5 @@
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -294,9 +295,48 @@ def test_a_file_named_twice_is_used_twice_as_internvl_does_and_said(tmp_path, mo
     monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: logs.append(msg))
     assert len(expand_sources(str(meta))) == 2
     assert logs == [f"{tmp_path}/a.jsonl is named 2 times ('x', 'y'): the samples of each naming are used (1.5 times "
-                    f"each in all); if that is not meant, name it once with the repeat_time you mean"]
+                    f"each on average: each naming's fraction is its own seeded draw, so some samples are used more "
+                    f"often than others); if that is not meant, name it once with the repeat_time you mean"]
     expand_sources([str(tmp_path / 'a.jsonl')])
     assert len(logs) == 1
+    expand_sources([str(tmp_path / 'a.jsonl')] * 2, repeat_times=[1, 2])
+    assert logs[-1].endswith('are used (3 times each in all); if that is not meant, name it once with the '
+                             'repeat_time you mean')
+
+
+@pytest.mark.parametrize('make, says', [
+    (lambda p: p.mkdir(), r'is a folder, not an annotation file'),
+    (lambda p: os.mkfifo(p), r'annotation file is not a regular file \(a FIFO, socket or device\)'),
+    (lambda p: os.symlink(p, p), r'annotation file is a symbolic link loop \(ELOOP\)'),
+    (lambda p: os.symlink(p.parent / 'gone.jsonl', p), r'annotation file is a symbolic link to nothing'),
+    (lambda p: None, r'annotation file not found'),
+])
+def test_a_meta_entry_whose_annotation_is_no_file_is_one_line(tmp_path, make, says):
+    """A FIFO hung start-up and check_dataset without a word; a folder or a link loop was a raw traceback (numpy's
+    memmap, os.stat); a missing one a bare '[Errno 2]' naming neither the meta file nor the entry."""
+    make(tmp_path / 'a.jsonl')
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'repeat_time': 1}}))
+    with pytest.raises(ValueError, match=rf"^{meta}: entry 'x': \"annotation\": .*{says}"):
+        expand_sources(str(meta))
+
+
+def test_an_empty_meta_file_and_unknown_entry_keys_are_said(tmp_path, monkeypatch):
+    """{} was an IndexError in check_dataset and numpy's 'need at least one array to concatenate' in training; a
+    misspelt max_dynamic_patch, and InternVL's data_augment, were dropped without a word."""
+    meta = tmp_path / 'meta.json'
+    meta.write_text('{}')
+    with pytest.raises(ValueError, match=rf'^{meta}: a meta file with no entries'):
+        expand_sources(str(meta))
+    write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}])
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'repeat_time': 1, 'max_dynamic_patchs': 2,
+                                      'data_augment': True, 'length': 1}}))
+    logs = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: logs.append(msg))
+    (src,) = expand_sources(str(meta))
+    assert src.max_dynamic_patch is None
+    assert logs[0].startswith(f"{meta}: entry 'x': 'max_dynamic_patchs' (meant 'max_dynamic_patch'?) not read")
+    assert logs[1].startswith(f"{meta}: entry 'x': \"data_augment\" is not done here") and len(logs) == 2
 
 
 @pytest.mark.parametrize('sample, says', [

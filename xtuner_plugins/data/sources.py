@@ -117,8 +117,30 @@ def _meta_sources(path: str) -> List[DataSource]:
         raise ValueError(f'{path}: {listed[0]!r} holds a list inside an object: a .json annotation file is the list '
                          f'of samples itself ([{{...}}, {{...}}]), and a meta file maps names to objects with '
                          f'"annotation" and "root"')
+    if not meta:   # an IndexError or numpy's 'need at least one array to concatenate' later
+        raise ValueError(f'{path}: a meta file with no entries: it names no annotation file to train on')
     meta_dir = os.path.dirname(os.path.abspath(path))
     return [_meta_source(path, meta_dir, name, entry) for name, entry in meta.items()]
+
+
+#: the keys of an InternVL meta file's entry (``length``: InternVL's sample count, not read; ``data_augment``: said)
+META_KEYS = frozenset({'root', 'annotation', 'repeat_time', 'max_dynamic_patch', 'length', 'data_augment'})
+
+
+def _warn(message: str) -> None:
+    from mmengine.logging import print_log
+    print_log(message, logger='current', level=logging.WARNING)
+
+
+def annotation_problem(path: str, what: str) -> Optional[str]:
+    """Why ``path`` cannot be read as an annotation file (a folder, not there, a symbolic link loop or to nothing,
+    a FIFO, socket or device: never opened, a FIFO blocks), or None for a regular file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return f'{path} is a folder, not an annotation file'
+    from .image_io import why_missing
+    return why_missing(path, what)
 
 
 def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
@@ -144,8 +166,20 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     patch = entry.get('max_dynamic_patch')
     if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
         raise bad('max_dynamic_patch', 'a whole number >= 1')
+    unknown = sorted(set(entry) - META_KEYS)
+    if unknown:   # a misspelt max_dynamic_patch was dropped without a word
+        import difflib
+        named = [repr(k) + ''.join(f' (meant {m!r}?)' for m in difflib.get_close_matches(k, sorted(META_KEYS), 1))
+                 for k in unknown]
+        _warn(f'{path}: entry {name!r}: {", ".join(named)} not read (an entry\'s keys: {", ".join(sorted(META_KEYS))})')
+    if entry.get('data_augment'):
+        _warn(f'{path}: entry {name!r}: "data_augment" is not done here (InternVL\'s JPEG-quality augmentation of '
+              'that entry\'s images): its images are used as they are')
     annotation = _resolve_meta_path(entry['annotation'], meta_dir, f'{path}: entry {name!r}: "annotation"')
-    if os.path.isfile(annotation) and _is_meta_file(annotation):
+    problem = annotation_problem(annotation, 'annotation file')
+    if problem:   # a folder or a symbolic link loop was a raw traceback later, a FIFO a hang
+        raise ValueError(f'{path}: entry {name!r}: "annotation": {problem}')
+    if _is_meta_file(annotation):
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
                          f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
     folder = _resolve_meta_path(root, meta_dir, f'{path}: entry {name!r}: "root"') if root else None
@@ -181,8 +215,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
                 ': a shard set (tools/shard_dataset.py\'s), read as one by training\'s shards= (configs/'
                 'finetune_lora_shards.py) and by check_dataset.py --data; it is not sharded again' if shards else
                 ''))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'annotation file not found: {path}')
+        if not os.path.isfile(path):   # not there, a link loop or to nothing, a FIFO (said to be 'not found')
+            raise FileNotFoundError(annotation_problem(path, 'annotation file'))
         if not path.endswith(('.json', '.jsonl')):
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
         if _is_meta_file(path):
@@ -219,9 +253,13 @@ def _warn_named_twice(sources: List[DataSource]) -> None:
     for path, srcs in named.items():
         if len(srcs) > 1:
             from mmengine.logging import print_log
+            total = sum(s.repeat_time for s in srcs)
+            whole = all(s.repeat_time == int(s.repeat_time) for s in srcs)
+            use = (f'{total:g} times each in all' if whole else f'{total:g} times each on average: each naming\'s '
+                   'fraction is its own seeded draw, so some samples are used more often than others')
             print_log(f'{path} is named {len(srcs)} times ({", ".join(repr(s.name) for s in srcs)}): the samples of '
-                      f'each naming are used ({sum(s.repeat_time for s in srcs):g} times each in all); if that is not '
-                      f'meant, name it once with the repeat_time you mean', logger='current', level=logging.WARNING)
+                      f'each naming are used ({use}); if that is not meant, name it once with the repeat_time you '
+                      'mean', logger='current', level=logging.WARNING)
 
 
 _SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # a UTF-16 surrogate written as a JSON escape

@@ -376,3 +376,23 @@ def test_a_meta_entry_naming_a_meta_file_or_a_root_that_is_a_file_says_so(tmp_pa
     meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'root': 'x.png', 'repeat_time': 1}}))
     with pytest.raises(FileNotFoundError, match=r'its image folder .*x.png is a file, not a folder'):
         expand_sources(str(meta))
+
+
+def test_a_compressed_or_unknown_annotation_file_is_named_as_one(tmp_path):
+    """A gzip file named in a meta file was 'UTF-16 text: ... iconv -f UTF-16'; named .jsonl, 'not UTF-8 text
+    (byte 0x8b)'; a meta entry's .txt was read as a .json list."""
+    import gzip
+    data = gzip.compress(b'{"conversations": []}\n')
+    (tmp_path / 'a.jsonl').write_bytes(data)
+    (tmp_path / 'a.jsonl.gz').write_bytes(data)
+    with pytest.raises(ValueError, match=r'a.jsonl is gzip-compressed: decompress it first \(gunzip\)'):
+        expand_sources(str(tmp_path / 'a.jsonl'))
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl.gz', 'repeat_time': 1}}))
+    with pytest.raises(ValueError, match=rf"{meta}: entry 'x': \"annotation\": annotation file .*a.jsonl.gz is "
+                                         r"gzip-compressed"):
+        expand_sources(str(meta))
+    write_jsonl(tmp_path / 'b.txt', [{'conversations': conv(image=False)}])
+    meta.write_text(json.dumps({'x': {'annotation': 'b.txt', 'repeat_time': 1}}))
+    with pytest.raises(ValueError, match=r'b.txt: unknown annotation format'):
+        expand_sources(str(meta))

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,22 @@ def test_meta_file_without_tokenizer(tmp_path, capsys):
     assert check_dataset.main(['--data', str(meta)]) == 0
     out = capsys.readouterr().out
     assert '6 samples after repeats' in out and 'images found: 3' in out
+
+
+def test_a_file_named_twice_is_reported_per_naming(tmp_path, capsys):
+    """Both blocks printed the merged totals (samples: 6 for a 3-line file, the other root's missing images under
+    the naming whose folder has them all)."""
+    path, img = good_data(tmp_path)
+    (tmp_path / 'few').mkdir()
+    shutil.copy(os.path.join(img, '0.png'), tmp_path / 'few' / '0.png')
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'all': {'root': 'images', 'annotation': 'good.jsonl', 'repeat_time': 1},
+                                'few': {'root': 'few', 'annotation': 'good.jsonl', 'repeat_time': 2}}))
+    check_dataset.main(['--data', str(meta)])
+    summary = capsys.readouterr().out.split('\nSummary\n')[1]
+    first, second = summary.split(f'{path} (')[1:3]
+    assert first.startswith("'all': ") and '  samples: 3\n' in first and 'missing' not in first, summary
+    assert second.startswith("'few': ") and '  samples: 3\n' in second and 'dropped (missing image): 2' in second
 
 
 def test_runs_as_a_script_with_help():
@@ -207,6 +224,13 @@ def test_preference_pairs_are_checked_as_preference_training_reads_them(tmp_path
     assert '  kept: 2' in out and 'problems: 1' in out and 'bad_conversation' not in out
     assert check_dataset.main(['--data', pairs, '--image-folder', str(tmp_path / 'images'), '--pairs', 'no']) == 2
     assert '3 were refused' in capsys.readouterr().err   # as SFT samples: none has conversations
+    # a first pair missing its rejected answer: the file was checked as SFT samples, every good pair refused
+    first = write_jsonl(tmp_path / 'first_bad.jsonl', [
+        {'id': 0, 'question': 'Name a colour.', 'chosen': 'Green.'},
+        {'id': 1, 'question': 'Name a colour.', 'chosen': 'Green.', 'rejected': 'A cat.'}])
+    check_dataset.main(['--data', first, '--tokenizer', tiny_tokenizer_dir])
+    out = capsys.readouterr().out
+    assert out.startswith('preference pairs: checked as DPO / MPO training reads them') and '  kept: 1' in out
 
 
 def test_the_data_sets_image_settings_are_options_and_a_folder_is_no_image(tmp_path, capsys):

@@ -91,7 +91,8 @@ def parse_args(argv=None):
 
 
 def first_is_pair(data_files) -> bool:
-    """Whether the first sample of the first file (a meta file's first entry) has "chosen" and "rejected"."""
+    """Whether the first sample of the first file (a meta file's first entry) has "chosen" or "rejected" (one of
+    them: a pair missing the other is a bad pair, not a file of SFT samples)."""
     source = expand_sources(data_files)[0]
     index = source_index(source.annotation, default_cache_dir())  # the data set's own, built once
     for i in range(len(index)):
@@ -100,7 +101,7 @@ def first_is_pair(data_files) -> bool:
                                     f'{source.annotation}:{index.line(i)}')
         except SampleError:
             continue
-        return {'chosen', 'rejected'} <= set(sample)
+        return bool({'chosen', 'rejected'} & set(sample))
     return False
 
 
@@ -156,8 +157,7 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
         record = ds.records[r]
         if bar is not None:
             bar.update()
-        src = ds.sources[record.source]
-        st = stats[src.annotation]
+        st = stats[record.source]   # per naming of a file (a file named twice by a meta file: two reports)
         where = ds.where(record)
         checked = ds.check_record(record)  # the data set's parse and checks, once
         st['samples'] += 1
@@ -186,7 +186,7 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
             st[f'dropped ({err.reason.replace("_", " ")})'] += 1
             problems.append(err.with_source(where))
             continue
-        lengths[src.annotation].append(max(len(e['input_ids']) for e in fit.encoded))
+        lengths[record.source].append(max(len(e['input_ids']) for e in fit.encoded))
         tally_fit(fit, st, notes, problems, where, ds.max_tiles_per_image(record, len(sizes)), args.max_length,
                   args.allow_truncation)
     return dict(stats=dict(stats), lengths=dict(lengths), videos=video_lines,
@@ -232,15 +232,19 @@ def main(argv=None) -> int:
     stats = defaultdict(Counter)
     lengths = defaultdict(list)
     video_lines = []
+    namings = defaultdict(list)   # a file's sources: a line it cannot read is dropped by each
+    for i, src in enumerate(ds.sources):
+        namings[src.annotation].append(i)
     for prob in problems:
-        stats[prob.source.rsplit(':', 1)[0]][f'dropped ({prob.reason.replace("_", " ")})'] += 1
+        for i in namings.get(prob.source.rsplit(':', 1)[0], ()):
+            stats[i][f'dropped ({prob.reason.replace("_", " ")})'] += 1
     bar = tqdm(total=len(ds.records), desc='checking', unit='sample', file=sys.stderr)
     for part in run_slices(lambda a, b: check_slice(ds, args, a, b, bar if args.workers == 1 else None),
                            len(ds.records), args.workers, 'checking', progress=bar.update):
-        for annotation, counts in part['stats'].items():
-            stats[annotation].update(counts)
-        for annotation, values in part['lengths'].items():
-            lengths[annotation].extend(values)
+        for source, counts in part['stats'].items():
+            stats[source].update(counts)
+        for source, values in part['lengths'].items():
+            lengths[source].extend(values)
         video_lines.extend(part['videos'])
         problems.extend(SampleError(*p) for p in part['problems'])
         notes.extend(SampleError(*n) for n in part['notes'])
@@ -252,13 +256,14 @@ def main(argv=None) -> int:
     print('\nSummary')
     after_repeats = ds.items_per_source()
     for i, src in enumerate(ds.sources):
-        st = stats[src.annotation]
-        print(f'{src.annotation} (image folder {src.image_folder}, repeat_time {src.repeat_time}, '
+        st = stats[i]
+        named = f'{src.name!r}: ' if len(namings[src.annotation]) > 1 else ''
+        print(f'{src.annotation} ({named}image folder {src.image_folder}, repeat_time {src.repeat_time}, '
               f'{after_repeats[i]} samples after repeats)')
         for key in sorted(st):
             print(f'  {key}: {st[key]}')
-        if lengths[src.annotation]:
-            print(f'  tokens trained on (text + image): {percentile_line(lengths[src.annotation])}')
+        if lengths[i]:
+            print(f'  tokens trained on (text + image): {percentile_line(lengths[i])}')
     return closing_lines(problems, notes, tokenizer)
 
 

@@ -132,10 +132,23 @@ def _warn(message: str) -> None:
     print_log(message, logger='current', level=logging.WARNING)
 
 
+#: the first bytes of compressed files, which were read as text ('UTF-16 text', 'not UTF-8 at byte 0x8b')
+_COMPRESSED = ((b'\x1f\x8b', 'gzip', 'gunzip'), (b'\x28\xb5\x2f\xfd', 'zstd', 'unzstd'),
+               (b'\xfd7zXZ\x00', 'xz', 'unxz'), (b'BZh', 'bzip2', 'bunzip2'), (b'PK\x03\x04', 'zip', 'unzip'))
+
+
 def annotation_problem(path: str, what: str) -> Optional[str]:
     """Why ``path`` cannot be read as an annotation file (a folder, not there, a symbolic link loop or to nothing,
-    a FIFO, socket or device: never opened, a FIFO blocks), or None for a regular file."""
+    a FIFO, socket or device: never opened, a FIFO blocks; a compressed file), or None for a regular file."""
     if os.path.isfile(path):
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(6)
+        except OSError as exc:
+            return f'{what} cannot be read: {path}: {exc.strerror}'
+        for magic, kind, tool in _COMPRESSED:
+            if head.startswith(magic):
+                return f'{what} {path} is {kind}-compressed: decompress it first ({tool})'
         return None
     if os.path.isdir(path):
         return f'{path} is a folder, not an annotation file'
@@ -179,6 +192,9 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     problem = annotation_problem(annotation, 'annotation file')
     if problem:   # a folder or a symbolic link loop was a raw traceback later, a FIFO a hang
         raise ValueError(f'{path}: entry {name!r}: "annotation": {problem}')
+    if not annotation.endswith(('.json', '.jsonl')):   # read as a .json list whatever it held
+        raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation}: unknown annotation format; use .jsonl '
+                         'or .json (a list of samples)')
     if _is_meta_file(annotation):
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
                          f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
@@ -219,6 +235,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise FileNotFoundError(annotation_problem(path, 'annotation file'))
         if not path.endswith(('.json', '.jsonl')):
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
+        if annotation_problem(path, 'annotation file'):   # compressed
+            raise ValueError(annotation_problem(path, 'annotation file'))
         if _is_meta_file(path):
             sources.extend(_meta_sources(path))
             from mmengine.logging import print_log

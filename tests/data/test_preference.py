@@ -57,6 +57,21 @@ def test_bad_pairs_are_named_and_counted(tmp_path, tiny_tokenizer):
     assert 'must end with a human turn' in str(ds.load_problems[2])
 
 
+def test_other_tools_pair_layouts_say_what_is_read(tmp_path, tiny_tokenizer):
+    """LLaMA-Factory's {"from", "value"} answers were 'no chosen and no rejected answer' (they are there); TRL's
+    "prompt" was 'the prompt must end with a human turn'."""
+    good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}
+    lines = [{'question': 'Q?', 'chosen': {'from': 'gpt', 'value': 'A'}, 'rejected': {'from': 'gpt', 'value': 'B'}},
+             {'prompt': 'Q?', 'chosen': 'A', 'rejected': 'B'}] + [good] * 6
+    path = write_jsonl(tmp_path / 'p.jsonl', lines)
+    (tmp_path / 'i').mkdir()
+    ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.5)
+    first, second = (str(p) for p in ds.load_problems)
+    assert '"chosen" is a dict ({"from": "gpt", "value": "A"}): a pair\'s chosen and rejected are the answers\' ' \
+           'text' in first
+    assert 'no "question": "prompt" (TRL\'s key) is not read' in second
+
+
 def test_a_long_answer_gives_both_answers_fewer_tiles(tmp_path, tiny_tokenizer):
     write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # 40 tiles + thumbnail
     short = {'image': 'big.png', 'question': 'What?', 'chosen': 'A', 'rejected': 'B'}

@@ -26,6 +26,7 @@ padded alike, each row with its copy of the tiles (the model runs them in one fo
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -48,6 +49,11 @@ class InternVLPreferenceDataset(InternVLDataset):
         rejected answer (lengths, checks and the image paths use the first)."""
         sample = dict(parse_record(record))
         answers = {k: sample.get(k) for k in ('chosen', 'rejected')}
+        shaped = next((k for k, v in answers.items() if isinstance(v, (dict, list))), None)
+        if shaped:   # LLaMA-Factory's {"from": "gpt", "value": ...}, a list of turns: said to be missing
+            raise SampleError('bad_pair', f'"{shaped}" is a {type(answers[shaped]).__name__} '
+                                          f'({json.dumps(answers[shaped], ensure_ascii=False):.60}): a pair\'s chosen '
+                                          'and rejected are the answers\' text (InternVL\'s MMPR layout)')
         missing = [k for k, v in answers.items() if not isinstance(v, str) or not v.strip()]
         if missing:
             raise SampleError('bad_pair', f'no {" and no ".join(missing)} answer (a pair needs both, as text)')
@@ -56,6 +62,10 @@ class InternVLPreferenceDataset(InternVLDataset):
         prompt = list(sample.get('conversations') or [])
         if 'question' in sample:
             prompt.append({'from': 'human', 'value': sample['question']})
+        if not prompt and 'prompt' in sample:   # TRL's key, which is not read
+            raise SampleError('bad_pair', 'no "question": "prompt" (TRL\'s key) is not read; a pair\'s prompt is its '
+                                          '"question" (InternVL\'s MMPR layout), or "conversations" ending with a '
+                                          '"human" turn')
         if not prompt or not isinstance(prompt[-1], dict) or prompt[-1].get('from') != 'human':
             raise SampleError('bad_pair', 'the prompt must end with a human turn (a "question", or "conversations" '
                                           'ending with "human")')

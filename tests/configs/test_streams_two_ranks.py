@@ -119,7 +119,7 @@ def test_online_packing_on_two_ranks_reads_disjoint_complete_parts_and_resumes_e
     if source == 'shards':
         shards = str(tmp_path / 'shards')
         assert shard_dataset(['--data', data['file'], '--image-folder', data['images'], '--out', shards,
-                              '--samples-per-shard', '1']) == 0
+                              '--samples-per-shard', '1', '--keep-order']) == 0   # the packs of the files' order
         opts = {k.replace('dataset.dataset.', 'dataset.dataset.dataset.'): v for k, v in opts.items()
                 if not k.endswith(('data_files', 'image_folders', 'repeat_times'))}
         opts.update({'train_dataloader.dataset.dataset.shards': shards,

@@ -197,6 +197,23 @@ def test_a_stage_whose_work_dir_holds_a_checkpoint_of_its_lineage_is_refused(tmp
     assert os.listdir(work) == ['iter_6.pth']
 
 
+def test_a_work_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
+    """A file, a folder under a file and a symbolic link to nothing were MMEngine's FileExistsError /
+    NotADirectoryError in a traceback ('File exists' for the link, whose target is not there)."""
+    (tmp_path / 'f').write_text('hi')
+    os.symlink(tmp_path / 'gone', tmp_path / 'link')
+    for work, says in ((tmp_path / 'f', f'--work-dir {tmp_path}/f is a file, not a folder'),
+                       (tmp_path / 'f' / 'sub', f'--work-dir {tmp_path}/f/sub cannot be made: {tmp_path}/f is a '
+                                                'file, not a folder'),
+                       (tmp_path / 'link', f'--work-dir {tmp_path}/link is a symbolic link to {tmp_path}/gone, '
+                                           'which does not exist')):
+        with pytest.raises(SystemExit) as stopped:
+            Runner.from_cfg(Config(dict(model=dict(), work_dir=str(work))))
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f'train: refused: {says}']
+    assert (tmp_path / 'f').read_text() == 'hi'
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
 def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """``model.liger_kernel`` needs CUDA: the run stops before the model loads, in one line (no traceback)."""

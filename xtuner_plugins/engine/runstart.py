@@ -69,8 +69,8 @@ def prepare_run(cfg):
         if note:
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
-    problem = (pretrained_refusal(plain) or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain)
-               or liger_refusal(plain))
+    problem = (work_dir_refusal(plain) or pretrained_refusal(plain) or lineage_in_work_dir(plain)
+               or earlier_run_in_work_dir(plain) or liger_refusal(plain))
     if problem:
         refuse(problem)
     return cfg
@@ -89,6 +89,24 @@ def keep_what_this_run_starts_from(cfg: Mapping) -> None:
     if warning:
         from mmengine.logging import print_log
         print_log(warning, logger='current', level=logging.WARNING)
+
+
+def work_dir_refusal(cfg: Mapping) -> Optional[str]:
+    """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file), found before anything
+    is built: MMEngine's mkdir_or_exist raised FileExistsError / NotADirectoryError in a traceback."""
+    work_dir = cfg.get('work_dir')
+    if not isinstance(work_dir, str) or not work_dir:
+        return None
+    if os.path.islink(work_dir) and not os.path.exists(work_dir):
+        return f'--work-dir {work_dir} is a symbolic link to {os.readlink(work_dir)}, which does not exist'
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        return f'--work-dir {work_dir} is a file, not a folder'
+    above = os.path.dirname(os.path.abspath(work_dir))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f'--work-dir {work_dir} cannot be made: {above} is a file, not a folder'
+    return None
 
 
 def pretrained_refusal(cfg: Mapping) -> Optional[str]:

@@ -140,8 +140,8 @@ class VisionLanguageModel(BaseModel):
         """Whether a model of these settings (the others its defaults) is a stage meant to follow an earlier one and
         given none: it trains more than the projector, from no official checkpoint, no ``pretrained_pth`` and not
         ``from_scratch`` (its projector would be random)."""
-        given = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-                 if p.default is not inspect.Parameter.empty}
+        given = dict(_STAGE_DEFAULTS)   # the base class's (a subclass or a wrapped __init__ may take **kwargs)
+        given.update({k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in given})
         given.update((k, v) for k, v in settings.items() if k in given)
         trains_more_than_projector = not (given['freeze_llm'] and given['freeze_vision']) or any(
             given[k] is not None for k in ('llm_lora', 'vision_lora', 'preference'))
@@ -446,3 +446,9 @@ class VisionLanguageModel(BaseModel):
 
 # The old name (it clashed with transformers' InternVLModel): configs and dumped work-dir configs name it.
 InternVLModel = VisionLanguageModel
+
+
+#: what :meth:`VisionLanguageModel.expects_previous` reads, with the defaults of the class's own ``__init__``
+_STAGE_DEFAULTS = {k: p.default for k, p in inspect.signature(VisionLanguageModel.__init__).parameters.items()
+                   if k in ('freeze_llm', 'freeze_vision', 'llm_lora', 'vision_lora', 'preference',
+                            'official_checkpoint', 'pretrained_pth', 'from_scratch')}

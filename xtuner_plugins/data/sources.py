@@ -235,8 +235,9 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise FileNotFoundError(annotation_problem(path, 'annotation file'))
         if not path.endswith(('.json', '.jsonl')):
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
-        if annotation_problem(path, 'annotation file'):   # compressed
-            raise ValueError(annotation_problem(path, 'annotation file'))
+        compressed = annotation_problem(path, 'annotation file')
+        if compressed:
+            raise ValueError(compressed)
         if _is_meta_file(path):
             sources.extend(_meta_sources(path))
             from mmengine.logging import print_log

@@ -218,6 +218,7 @@ def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str
 def read_open_questions(path: str, image_folder: Optional[str] = None, markers: Sequence[str] = ()) -> List[Question]:
     """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line."""
     out, problems, ids = [], [], _Ids(path, 'id')
+    markers = _with(markers)   # once, not per sample
     for where, line_no, sample, turns in open_samples(path, problems):
         human = [t for t in turns if t.get('from') == 'human'][-1]
         prompt = str(human.get('value', ''))  # without <image> tags, the images go in front of it
@@ -230,7 +231,7 @@ def read_open_questions(path: str, image_folder: Optional[str] = None, markers: 
             # training's checks of the turns (check_dataset's too): roles, str values (a null or list reference,
             # an int question, were scored as 'None' / "['x']"), empty turns, tags, control text
             parse_conversation(video_turns(turns, video is not None), 0 if video else len(sample_images(sample)),
-                               markers=_with(markers))
+                               markers=markers)
             if video is not None:
                 video = (resolve_image_path(video[0], image_folder, os.path.dirname(path)), video[1])
                 probe_video(*video)  # exists, and its headers read
@@ -313,6 +314,7 @@ _LAYOUT = "MMBench's layout: index, question, hint, A, B, C, D, answer, category
 
 def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] = ()) -> List[Question]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long fields
+    markers = _with(markers)   # once, not per row and column
     header, table = _tsv_rows(path)
     missing = [c for c in _MMBENCH_COLUMNS + ('image',) if c not in header]
     if missing:
@@ -342,7 +344,7 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
             # (a second one reached the model after it loaded: a traceback, or literal text in a batch)
             texts = {column: row.get(column) or '' for column in ('question', 'hint', *options)}
             for column, text in texts.items():
-                refuse_control_text(f'its {column} column', text, _with(markers))
+                refuse_control_text(f'its {column} column', text, markers)
             tags = sum(text.count('<image>') for text in texts.values())
             if tags > 1:
                 raise SampleError('image_tag_mismatch', f'{tags} <image> tags (question, hint and options) for the '

@@ -304,3 +304,15 @@ def test_a_data_url_is_named_as_one():
     from xtuner_plugins.data.image_io import resolve_image_path
     with pytest.raises(SampleError, match=r"is a data URL: a sample names its images by their files"):
         resolve_image_path('data:image/png;base64,' + 'A' * 400, None, '/tmp')
+
+
+def test_a_url_is_named_as_one():
+    """An http(s):// or s3:// image was looked up as FOLDER/https:/host/x.jpg and counted as missing_image, without
+    a word that nothing here fetches URLs."""
+    from xtuner_plugins.data.errors import SampleError
+    from xtuner_plugins.data.image_io import resolve_image_path
+    for url in ('https://example.com/a/x.jpg', 'http://h/x.png', 's3://bucket/x.jpg'):
+        with pytest.raises(SampleError, match=r"is a URL: images are read from files only") as info:
+            resolve_image_path(url, '/data/images')
+        assert info.value.reason == 'bad_image_path'
+    assert resolve_image_path('a:b/x.jpg', '/data') == '/data/a:b/x.jpg'   # a colon in a name is still a path

@@ -42,6 +42,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import stat
 import time
 import unicodedata
@@ -94,6 +95,9 @@ def check_path_string(path: str) -> None:
                                             f'system\'s limit of {path_max - 1} bytes')
 
 
+_URL = re.compile(r'[A-Za-z][A-Za-z0-9+.-]+://')  # http://, https://, s3:// (InternVL's Ceph paths)
+
+
 def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optional[str] = None,
                        allow_links_outside: bool = False) -> str:
     """Turn a sample's image path into a file path, refusing paths that escape ``image_folder``.
@@ -114,6 +118,9 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     if path[:5].lower() == 'data:':   # was 'a 401-byte name part, over the system's limit': it is no path at all
         raise SampleError('bad_image_path', f'image {_shown(path, 40)} is a data URL: a sample names its images by '
                                             'their files (inside the image folder); write the image to a file')
+    if _URL.match(path):   # was 'not found: FOLDER/https:/host/x.jpg', counted as missing: nothing here fetches
+        raise SampleError('bad_image_path', f'image {_shown(path, 80)} is a URL: images are read from files only; '
+                                            f'download them and name the files (inside the image folder)')
     check_path_string(path)
     if image_folder is None:
         full = os.path.normpath(os.path.join(base_dir or '', path))

@@ -100,13 +100,13 @@ def test_a_gif_that_decodes_past_the_budget_is_refused_before_a_frame_is_decoded
     frames = [Image.new('RGB', (200, 150), ((37 * k) % 256, (91 * k) % 256, 0)) for k in range(300)]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
     decoded = []
-    monkeypatch.setattr(video, 'read_frames', lambda info, wanted: decoded.append(wanted) or [frames[0]] * len(wanted))
-    monkeypatch.setattr(app, 'MAX_GIF_DECODED_PIXELS', 100 * 200 * 150)
+    monkeypatch.setattr(video, 'read_frames', lambda info, wanted, budget=None: decoded.append(wanted) or [frames[0]] * len(wanted))
+    monkeypatch.setattr(app, 'MAX_DECODED_PIXELS', 100 * 200 * 150)
     with pytest.raises(ValueError, match=r'long.gif: a GIF of 300 frames of 200x150: reaching frame \d+ decodes '
                                          r'.* gigapixels \(a GIF cannot seek\), over the 0.003 taken here.*'
                                          r'\[video_too_large\]'):
         video_frames(str(gif), 8, str(tmp_path / 'shown'))
     assert not decoded
-    monkeypatch.setattr(app, 'MAX_GIF_DECODED_PIXELS', 300 * 200 * 150)
+    monkeypatch.setattr(app, 'MAX_DECODED_PIXELS', 300 * 200 * 150)
     video_frames(str(gif), 8, str(tmp_path / 'shown'))
     assert decoded

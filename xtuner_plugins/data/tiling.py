@@ -323,8 +323,26 @@ def image_tiles(image: Image.Image, mode: str = 'tile', image_size: int = 448, m
         return tile_image(image, min_num=min_num, max_num=max_num, image_size=image_size,
                           use_thumbnail=use_thumbnail)
     if mode == 'pad':
-        image = pad_to_square(image, pad_colour(mean))
+        image = pad_to_square(shrunk_for_padding(image, image_size), pad_colour(mean))
     return tile_image(image, min_num=1, max_num=1, image_size=image_size)
+
+
+#: the largest square :func:`image_tiles` pads to before resizing it to one tile, in pixels: a 336-byte PNG of
+#: 1 x 65000 asked for a 65000 x 65000 square (12.7 GB)
+MAX_PAD_SQUARE = 1 << 26
+
+
+def shrunk_for_padding(image: Image.Image, image_size: int) -> Image.Image:
+    """``image`` as it is, or, when its padded square would be over :data:`MAX_PAD_SQUARE` pixels and over twice
+    its own (and its longer side over ``4 * image_size``), first resized (bicubic) to a longer side of ``4 * image_size``: the tile then differs from padding at
+    full size only by the resampling's rounding. Other images are padded at full size, as LLaVA and transformers'
+    processor do, pixel for pixel."""
+    side = max(image.size)
+    if side <= 4 * image_size or side * side <= max(MAX_PAD_SQUARE, 2 * image.width * image.height):
+        return image
+    scale = 4 * image_size / side
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BICUBIC)
 
 
 @functools.lru_cache(maxsize=32)

@@ -24,6 +24,7 @@ link to nothing), ``empty_video`` (zero frames), ``bad_clip`` (malformed, or out
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import math
@@ -87,6 +88,7 @@ class VideoInfo:
     start: int = 0
     length: int = 0
     frames: Tuple[str, ...] = ()  # a folder's frame files, in order
+    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # each decoded frame's limit (the probe's)
 
     @property
     def duration(self) -> Optional[float]:
@@ -128,7 +130,8 @@ def _open_stream(path: str):
     """``(container, video stream)``; ``corrupt_video`` when FFmpeg cannot read it or it has no video stream."""
     av = _av()
     try:
-        container = av.open(io.BytesIO(path.data) if isinstance(path, VideoBytes) else path)
+        # an absolute path: FFmpeg reads 'clip:1.mp4' or 'pipe:0' as a protocol's URL (a file named pipe:0 read stdin)
+        container = av.open(io.BytesIO(path.data) if isinstance(path, VideoBytes) else os.path.abspath(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
         size = len(path.data) if isinstance(path, VideoBytes) else os.stat(path).st_size if os.path.isfile(path) else -1
         raise SampleError('corrupt_video', f'video {path} is an empty file (0 bytes): a download or copy that did not '
@@ -136,7 +139,7 @@ def _open_stream(path: str):
     if not container.streams.video:
         container.close()
         raise SampleError('corrupt_video', f'{path} has no video stream')
-    stream = container.streams.video[0]
+    stream = container.streams.best('video') or container.streams.video[0]   # FFmpeg's choice, as decord's
     stream.thread_count = 1
     return container, stream
 
@@ -171,19 +174,27 @@ def _probe_file(path: str) -> VideoInfo:
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         total = int(stream.frames or 0)
-        if not total:  # no count in the headers (Matroska, WebM): the packets counted (no decoding), as the frames
-            # are then found by their stamps; the duration times the declared rate, a guess a variable frame rate
-            # makes wrong, left frames past it never sampled, or a whole video dropped as truncated
+        shown = float(stream.duration * stream.time_base) * fps if stream.duration and stream.time_base and fps \
+            else None
+        if not total or (shown is not None and shown + 0.5 < total):
+            # no count in the headers (Matroska, WebM), or an edit list that shows fewer frames than the header
+            # counts (a cut by stream copy, 'ffmpeg -ss ... -c copy': the frames it hides read as 'truncated'):
+            # the packets counted (no decoding), as the frames are then found by their stamps; the duration times
+            # the declared rate, a guess a variable frame rate makes wrong, left frames past it never sampled, or a
+            # whole video dropped as truncated
             try:
                 total = _packets(path, container, stream)
             except av.FFmpegError as exc:
                 raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
         width, height = stream.codec_context.width, stream.codec_context.height
         kind = 'gif' if container.format.name == 'gif' else 'file'
+        webp = container.format.name.startswith('webp')
     if not total:
         raise SampleError('empty_video', f'{path} has no frames')
     if not width or not height:
-        raise SampleError('corrupt_video', f'{path}: the video stream has no frame size ({width}x{height})')
+        raise SampleError('corrupt_video', f'{path}: the video stream has no frame size ({width}x{height})'
+                                           + (': an animated WebP, which FFmpeg does not decode; convert it to MP4 '
+                                              'or GIF' if webp else ''))
     return VideoInfo(path, kind, total, fps or 1.0, (width, height), 0, total)
 
 
@@ -240,6 +251,7 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
     if max_pixels is not None and width * height > max_pixels:
         raise SampleError('image_too_large', f'{path}: {width}x{height} frames are over the decompression-bomb '
                                              f'limit of {max_pixels} pixels')
+    info = dataclasses.replace(info, max_pixels=max_pixels)   # every frame's limit (a codec may change the size)
     if clip is None:
         return info
     if info.kind == 'folder':
@@ -276,19 +288,21 @@ def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
     return [info.start + i for i in found]
 
 
-def _frame_stamps(container, stream) -> Optional[List[int]]:
-    """The presentation timestamps of the stream's frames, in order, from its packets (read, not decoded): frame
-    ``i`` is the one stamped ``stamps[i]``, whatever the gaps (a variable frame rate). None when a packet has no
-    timestamp (the frames are then placed at the average rate)."""
-    stamps = []
+def _frame_stamps(container, stream) -> Tuple[Optional[List[int]], List[int]]:
+    """``(stamps, keys)``: the presentation timestamps of the stream's frames, in order, and those of its keyframes,
+    from its packets (read, not decoded): frame ``i`` is the one stamped ``stamps[i]``, whatever the gaps (a variable
+    frame rate). ``(None, [])`` when a packet has no timestamp (the frames are then placed at the average rate)."""
+    stamps, keys = [], []
     for packet in container.demux(stream):
         if not packet.size or packet.is_discard:  # the end-of-stream packet; a packet an edit list drops
             continue
         stamp = packet.pts if packet.pts is not None else packet.dts
         if stamp is None:
-            return None
+            return None, []
         stamps.append(int(stamp))
-    return sorted(stamps)
+        if packet.is_keyframe:
+            keys.append(int(stamp))
+    return sorted(stamps), sorted(keys)
 
 
 #: decord's turns, degrees clockwise (its ``transpose`` filters), as Pillow's counter-clockwise transposes
@@ -326,11 +340,20 @@ def upright(frame, rotate_tag: Optional[str] = None) -> Image.Image:
     return image if turn is None else image.transpose(turn)
 
 
-def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
-    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file: a seek
-    to the keyframe before a frame whenever the next frame asked for is further ahead than the longest keyframe
-    interval seen, else decoding on. Frame ``i`` of a file is the one with the ``i``-th presentation timestamp
-    (:func:`_frame_stamps`), so a variable frame rate gives the frames asked for; a GIF's frames go by order."""
+def _decode_wanted(info: VideoInfo, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
+    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file to the
+    keyframe before a frame where a keyframe lies between the last frame decoded and it (by the keyframes' packets'
+    stamps; one keyframe for a whole file: decoding on, never from the start again; without stamps, where the frame
+    is further ahead than the longest keyframe interval seen), else decoding on. Frame ``i`` of a file is the one
+    with the ``i``-th presentation timestamp (:func:`_frame_stamps`), so a variable frame rate gives the frames
+    asked for; a GIF's frames go by order.
+
+    A seek lands on a keyframe by its decode time, and with B-frames the frames shown just before that keyframe
+    may need the one before it (an open GOP, MPEG-4 Part 2's B-frames): the decoder drops them. A frame asked for
+    that did not come out is sought again from an earlier keyframe (twice at most; the next frame shown was taken
+    in its place, without a word). Each decoded frame is checked against ``info.max_pixels`` (a codec may change the
+    frame size mid-stream) and counted against ``max_decoded_pixels`` (``video_too_large``: a file of one keyframe
+    and thousands of frames decodes them all to reach the last one asked for)."""
     av = _av()
     out: dict = {}
     container, stream = _open_stream(info.path)
@@ -339,7 +362,7 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
         origin = stream.start_time or 0
         step = 1.0 / (info.fps * tb)  # one frame at the average rate, in timestamp units
         try:
-            stamps = _frame_stamps(container, stream) if info.kind != 'gif' else None
+            stamps, keys = _frame_stamps(container, stream) if info.kind != 'gif' else (None, [])
         except av.FFmpegError as exc:
             raise SampleError('corrupt_video', f'cannot read video {info.path}: {exc}') from None
         if stamps is not None and wanted[-1] >= len(stamps):
@@ -352,27 +375,42 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
 
         def stamp(i: int) -> float:
             return stamps[i] if stamps is not None else origin + i * step
-        k, frames, gop, last_key, pos, order, sought = 0, None, 0.0, None, None, -1, 0
+
+        def far(target: float) -> bool:   # whether a seek skips decoding to reach ``target``
+            if info.kind == 'gif':
+                return False
+            if keys:   # a keyframe after what was decoded and not after the target (one keyframe: never)
+                at = bisect.bisect_right(keys, target) - 1
+                return at >= 0 and keys[at] > pos
+            return target - pos > max(gop, 2 * step)
+        k, frames, gop, last_key, pos, order, sought, decoded = 0, None, 0.0, None, None, -1, 0, 0
+        again, point, retries = None, None, 0   # again: an earlier keyframe to seek from, for wanted[k]
         try:
             while k < len(wanted):
                 target = stamp(wanted[k])
-                if frames is None or (info.kind != 'gif' and target - pos > max(gop, 2 * step)):
+                if frames is None or again is not None or far(target):
                     if info.kind != 'gif':
-                        container.seek(int(target), stream=stream, backward=True, any_frame=False)
-                    frames, last_key, order, sought = container.decode(stream), None, -1, k
+                        point = target if again is None else again
+                        container.seek(int(point), stream=stream, backward=True, any_frame=False)
+                    frames, last_key, order, sought, again = container.decode(stream), None, -1, k, None
                 for frame in frames:
                     order += 1
+                    decoded += _frame_pixels(info, frame, wanted[k], decoded, max_decoded_pixels)
                     pos = order * step + origin if info.kind == 'gif' or frame.pts is None else frame.pts
                     if frame.key_frame:
                         gop = max(gop, pos - last_key) if last_key is not None else gop
                         last_key = pos
                     elif last_key is not None:
                         gop = max(gop, pos - last_key)
+                    if stamps is not None and pos > stamp(wanted[k]) and retries < 2:   # it did not come out
+                        again = max((key for key in keys if key < point), default=None)
+                        if again is not None:
+                            retries += 1
+                            break
                     while k < len(wanted) and pos + slack >= stamp(wanted[k]):
                         out[wanted[k]] = upright(frame, tag)
-                        k += 1
-                    if k == len(wanted) or (info.kind != 'gif' and k > sought
-                                            and stamp(wanted[k]) - pos > max(gop, 2 * step)):
+                        k, retries = k + 1, 0
+                    if k == len(wanted) or (k > sought and far(stamp(wanted[k]))):
                         break
                 else:
                     break  # the stream ended
@@ -386,16 +424,35 @@ def _decode_wanted(info: VideoInfo, wanted: List[int]) -> dict:
     return out
 
 
-def read_frames(info: VideoInfo, indices: Sequence[int]) -> List[Image.Image]:
-    """The frames ``indices`` (frame numbers, repeats allowed) as RGB images, in that order, decoding only those."""
+def _frame_pixels(info: VideoInfo, frame, number: int, decoded: int, budget: Optional[int]) -> int:
+    """A decoded frame's pixels, checked against ``info.max_pixels`` (before it is converted) and, with those
+    ``decoded`` before it, against ``budget``."""
+    pixels = frame.width * frame.height
+    if info.max_pixels is not None and pixels > info.max_pixels:
+        raise SampleError('image_too_large', f'{info.path}: a {frame.width}x{frame.height} frame (the stream '
+                                             f'says {info.size[0]}x{info.size[1]}) is over the decompression-bomb '
+                                             f'limit of {info.max_pixels} pixels')
+    if budget is not None and decoded + pixels > budget:
+        raise SampleError('video_too_large', f'{info.path}: reaching frame {number + 1} of {info.total} decodes '
+                                             f'over {budget / 1e9:g} gigapixels, the most taken here (frames are '
+                                             f'decoded from the keyframe before each one used: this video has few '
+                                             f'keyframes); send a shorter or smaller video, or one with more '
+                                             f'keyframes')
+    return pixels
+
+
+def read_frames(info: VideoInfo, indices: Sequence[int],
+                max_decoded_pixels: Optional[int] = None) -> List[Image.Image]:
+    """The frames ``indices`` (frame numbers, repeats allowed) as RGB images, in that order, decoding only those
+    (each within ``info.max_pixels``; a file's, those decoded to reach them within ``max_decoded_pixels``)."""
     wanted = sorted(set(int(i) for i in indices))
     if wanted and not 0 <= wanted[0] <= wanted[-1] < info.total:
         raise ValueError(f'frames {wanted[0]}..{wanted[-1]} asked of {info.path}, which has {info.total}')
-    if info.kind == 'folder':
-        got = {i: load_image(info.frames[i], name=f'{info.path} frame {i + 1}'
+    if info.kind == 'folder':   # every frame within the data set's limit, not the first only (the probe's)
+        got = {i: load_image(info.frames[i], info.max_pixels, name=f'{info.path} frame {i + 1}'
                               if isinstance(info.path, VideoFrames) else None) for i in wanted}
     else:
-        got = {i: to_rgb(im) for i, im in _decode_wanted(info, wanted).items()}
+        got = {i: to_rgb(im) for i, im in _decode_wanted(info, wanted, max_decoded_pixels).items()}
     return [got[int(i)] for i in indices]
 
 
@@ -452,9 +509,11 @@ def load_video(path: str, num_frames: int = 8, sample: str = 'middle', clip: Opt
     """``(frames, info)``: ``num_frames`` frames of a video (chat, evaluation, the web demo), ``middle`` by default;
     ``check(n)`` is called with the frames the video gives (a frame folder: at most its own) before one is chosen
     or decoded (a model's ``check_video``: ``--frames 1000000000`` listed a billion frame numbers first).
-    ``max_decoded_pixels``: a GIF (which cannot seek: every frame up to the last one chosen is decoded on its full
-    canvas) that would decode more pixels than this is ``video_too_large``, before any is decoded (the web demo's
-    budget: a 460 kB GIF of 20,000 frames on a 4000 x 4000 canvas held the model for 52 s)."""
+    ``max_decoded_pixels``: a video that would decode more pixels than this to reach the frames chosen is
+    ``video_too_large``: a GIF (which cannot seek: every frame up to the last one chosen is decoded on its full
+    canvas) before any is decoded, a file once its decoding passes it (the web demo's budget: a 460 kB GIF of
+    20,000 frames on a 4000 x 4000 canvas held the model for 52 s, a 1 MB MP4 of one 4K keyframe and 30,000 frames
+    that change nothing 58 s)."""
     info = probe_video(path, clip, max_pixels)
     n = frames_for(info, num_frames, check_sampling(sample), max_num=num_frames)
     if check is not None:
@@ -468,4 +527,4 @@ def load_video(path: str, num_frames: int = 8, sample: str = 'middle', clip: Opt
                                                  f'{cost / 1e9:.1f} gigapixels (a GIF cannot seek), over the '
                                                  f'{max_decoded_pixels / 1e9:g} taken here; send a shorter or '
                                                  'smaller one, or a video file (MP4, WebM)')
-    return read_frames(info, wanted), info
+    return read_frames(info, wanted, max_decoded_pixels), info

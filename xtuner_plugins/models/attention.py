@@ -86,6 +86,8 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
                  for q, k, v in zip(q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2))
                  if q.shape[2]]   # a row with fewer samples than the widest has empty segments
         rows.append(torch.cat(parts, dim=2))
+    if not rows:   # an empty batch
+        return query.transpose(1, 2).new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 

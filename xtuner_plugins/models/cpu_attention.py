@@ -140,8 +140,13 @@ def _check_private(path: str) -> None:
 
 
 def _load(path: str) -> ctypes.CDLL:
+    """The kernel at ``path``; ``AttributeError`` for a library without its functions, closed again (``dlopen`` of
+    the same path would otherwise return that one, not the kernel built in its place)."""
     lib = ctypes.CDLL(path)
-    lib.attn_fwd, lib.attn_bwd   # noqa: B018  (AttributeError: not this kernel)
+    if not all(hasattr(lib, name) for name in ('attn_fwd', 'attn_bwd')):
+        import _ctypes
+        _ctypes.dlclose(lib._handle)
+        raise AttributeError(f'{path} is a library without the kernel\'s functions')
     return lib
 
 
@@ -200,7 +205,31 @@ def _bounds(bounds: Optional[torch.Tensor], query, key):
     return bounds, bounds.data_ptr(), bounds.shape[-1]
 
 
+def _check_inputs(query, key, value, bounds, *more) -> None:
+    """``ValueError`` for inputs the kernel would read wrongly (it reads raw pointers: fp32 read as bf16, a smaller
+    key batch past its end, bounds on another device as host memory); ``more``: ``(name, tensor, shape, dtype)``."""
+    named = [('query', query), ('key', key), ('value', value)]
+    for name, t in named:
+        if t.dtype != torch.bfloat16 or t.device.type != 'cpu' or t.dim() != 4:
+            raise ValueError(f'the CPU attention kernel takes 4-D bf16 CPU tensors: {name} is {t.dim()}-D '
+                             f'{t.dtype} on {t.device}')
+    b, h, n, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[-1] != d or key.shape[1] == 0 \
+            or h % key.shape[1]:
+        raise ValueError(f'the CPU attention kernel takes q [B, H, N, D] with k and v [B, KVH, M, D], H a multiple '
+                         f'of KVH: got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}')
+    for name, t, shape, dtype in more:
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != 'cpu':
+            raise ValueError(f'the CPU attention kernel\'s backward takes {name} {tuple(shape)} {dtype} on the '
+                             f'CPU: got {tuple(t.shape)} {t.dtype} on {t.device}')
+    if bounds is not None and (bounds.device.type != 'cpu' or bounds.dtype.is_floating_point
+                               or bounds.dtype.is_complex or bounds.dtype == torch.bool):
+        raise ValueError(f'the CPU attention kernel takes bounds as whole numbers on the CPU: got {bounds.dtype} on '
+                         f'{bounds.device}')
+
+
 def _forward(query, key, value, scale: float, causal: bool, lse: bool, bounds: Optional[torch.Tensor]):
+    _check_inputs(query, key, value, bounds)
     query, key, value = _rows(query, key, value)
     b, h, n, d = query.shape
     out = torch.empty(b, n, h, d, dtype=query.dtype)
@@ -226,8 +255,15 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return _forward(query, key, value, scale, causal, lse=False, bounds=bounds)[0]
 
 
+def _same_device(query, bounds) -> None:
+    if bounds is not None and bounds.device != query.device:   # bounds on the meta device ran this, unchecked
+        raise ValueError(f'the CPU attention kernel takes bounds on the query\'s device ({query.device}): got '
+                         f'{bounds.device}')
+
+
 @cpu_bf16_attention.register_fake
 def _(query, key, value, scale, causal=False, bounds=None):
+    _same_device(query, bounds)
     b, h, n, d = query.shape
     return query.new_empty(b, n, h, d)
 
@@ -242,6 +278,7 @@ def cpu_bf16_attention_train(query: torch.Tensor, key: torch.Tensor, value: torc
 
 @cpu_bf16_attention_train.register_fake
 def _(query, key, value, scale, causal, bounds=None):
+    _same_device(query, bounds)
     b, h, n, d = query.shape
     return query.new_empty(b, n, h, d), query.new_empty(b, h, n, dtype=torch.float32)
 
@@ -251,6 +288,9 @@ def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: to
                                 out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                                 bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of :func:`cpu_bf16_attention_train` for ``grad`` (``[B, N, H, D]``, as its output)."""
+    b, h, n, d = query.shape
+    _check_inputs(query, key, value, bounds, ('grad', grad, (b, n, h, d), query.dtype),
+                  ('out', out, (b, n, h, d), query.dtype), ('lse', lse, (b, h, n), torch.float32))
     query, key, value, out, grad = _rows(query, key, value, out, grad)
     kept, pointer, nb = _bounds(bounds, query, key)
     b, h, n, d = query.shape
@@ -277,6 +317,7 @@ def _setup(ctx, inputs, output):
     query, key, value, scale, causal, bounds = inputs
     ctx.save_for_backward(query, key, value, *output, bounds)
     ctx.scale, ctx.causal = scale, causal
+    ctx.mark_non_differentiable(output[1])   # the log-sum-exp: its gradient is not computed (it was taken as 0)
 
 
 def _backward(ctx, grad, _grad_lse):
@@ -312,7 +353,8 @@ def opt_out(model: torch.nn.Module) -> None:
 def takes(module, query, key, value, attention_mask, dropout, is_causal, scale, kwargs) -> bool:
     """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA); ``scale``:
     the scores' factor (the kernel's row maximum assumes it positive)."""
-    tensors = (query, key, value)
+    tensors = (query, key, value)   # under deterministic algorithms SDPA: the kernel sums grouped heads' dk and dv
+    # in the order its threads finish (the last bits differ from run to run)
     if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout or not scale > 0 \
             or kwargs.get('output_attentions') or kwargs.get('head_mask') is not None:
         return False
@@ -323,16 +365,31 @@ def takes(module, query, key, value, attention_mask, dropout, is_causal, scale, 
         return False
     b, h, n, d = query.shape
     kv = key.shape[1]
-    return (key.shape[0] == b and kv > 0 and h % kv == 0 and key.shape == value.shape and key.shape[-1] == d
-            and d % 2 == 0 and key.shape[2] > 0 and n > 0 and (not is_causal or n == key.shape[2])
-            and library() is not None)
+    return (b > 0 and h > 0 and d > 0 and key.shape[0] == b and kv > 0 and h % kv == 0 and key.shape == value.shape
+            and key.shape[-1] == d and d % 2 == 0 and key.shape[2] > 0 and n > 0
+            and (not is_causal or n == key.shape[2]) and not _transformed(query)
+            and not torch.are_deterministic_algorithms_enabled() and library() is not None)
+
+
+def _scale(query, scaling: Optional[float]) -> float:
+    """The scores' factor: ``scaling``, else one over the root of the head width (0 for no width: SDPA's then)."""
+    return float(scaling) if scaling is not None else query.shape[-1] ** -0.5 if query.shape[-1] else 0.0
+
+
+def _transformed(tensor) -> bool:
+    """Whether ``tensor`` is inside a functorch transform (``torch.func.grad``, ``vmap``), which the kernel's
+    autograd function does not take (SDPA does)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @torch.compiler.disable   # inside a compiled block the choice runs eager (as segment_sdpa's loop): one graph
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: the kernel where :func:`takes`, else transformers' SDPA."""
     causal = is_causal if is_causal is not None else getattr(module, 'is_causal', True) and query.shape[2] > 1
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scale = _scale(query, scaling)
     if takes(module, query, key, value, attention_mask, dropout, causal, scale, kwargs):
         return kernel_attention(query, key, value, scale, bool(causal)), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -343,7 +400,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 def causal_sdpa(module, query, key, value, dropout: float, scaling: Optional[float], gqa: bool) -> torch.Tensor:
     """Causal ``F.scaled_dot_product_attention`` (``[B, H, N, D]`` in and out; ``gqa``: fewer key/value heads) for
     ``module``, on the kernel where :func:`takes`."""
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scale = _scale(query, scaling)
     if takes(module, query, key, value, None, dropout, True, scale, {}):
         return kernel_attention(query, key, value, scale, True).transpose(1, 2)
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
@@ -354,7 +411,7 @@ def packed_causal(module, query, key, value, dropout: float, scaling: Optional[f
                   bounds: torch.Tensor) -> Optional[torch.Tensor]:
     """Each sample of packed rows (``bounds``, ``[B, S + 1]``) attended causally on its own in one kernel call,
     ``[B, N, H, D]``; None where the kernel does not compute what SDPA would (:func:`takes`)."""
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scale = _scale(query, scaling)
     if not takes(module, query, key, value, None, dropout, True, scale, {}):
         return None
     return kernel_attention(query, key, value, scale, True, bounds)

@@ -30,6 +30,7 @@ import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 from xtuner_plugins.models.prompt import PromptTooLong
@@ -44,9 +45,11 @@ MAX_QUEUE = 16
 #: again (six uploads of a 22 kB 9400 x 9400 PNG in one message held 3 GB; Pillow's own limit is per image):
 #: sixteen 12-megapixel photos, or a 4K video's 8 frames
 MAX_CONVERSATION_PIXELS = 192_000_000
-#: pixels an uploaded GIF may take to decode (it cannot seek: every frame up to the last one asked for, on its full
-#: canvas): about 3 s of the one model's time (a 460 kB GIF of 20,000 frames of 4000 x 4000 held it for 52 s)
-MAX_GIF_DECODED_PIXELS = 20_000_000_000
+#: pixels an uploaded video may take to decode, the frames decoded to reach those shown included: a GIF cannot seek
+#: (every frame up to the last one asked for, on its full canvas), a file seeks to the keyframe before each frame
+#: (a 460 kB GIF of 20,000 frames of 4000 x 4000 held the one model for 52 s, a 1 MB MP4 of one 4K keyframe and
+#: 30,000 frames that change nothing 58 s); a few seconds of its time
+MAX_DECODED_PIXELS = 20_000_000_000
 
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
@@ -191,7 +194,10 @@ def video_frames(path: str, num_frames: int, folder: str):
     """``(frames, files)``: ``num_frames`` frames of the video at ``path`` (as ``tools/chat.py --video`` takes
     them) and each saved as a PNG in ``folder``, for the page to show; ``ValueError`` naming what is wrong."""
     try:
-        frames, _ = load_video(path, int(num_frames), max_decoded_pixels=MAX_GIF_DECODED_PIXELS)
+        # each frame within the conversation's budget shared out (a codec may make frames larger than the size the
+        # stream declares, which check_pixels took): 32 frames of 8000 x 8000 behind a 64 x 48 header held 6 GB
+        each = min(DEFAULT_MAX_IMAGE_PIXELS, MAX_CONVERSATION_PIXELS // max(1, int(num_frames)))
+        frames, _ = load_video(path, int(num_frames), max_pixels=each, max_decoded_pixels=MAX_DECODED_PIXELS)
     except SampleError as err:
         raise ValueError(str(err.with_source(os.path.basename(path)))) from None
     os.makedirs(folder, exist_ok=True)

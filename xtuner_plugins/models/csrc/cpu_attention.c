@@ -30,8 +30,9 @@ typedef uint16_t bf16;
 static inline int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 static inline __m512 exp512(__m512 x) {
-    /* e^x = 2^n e^r, r = x - n ln2, |r| <= ln2 / 2: a degree-6 polynomial; e^-inf = 0 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    /* e^x = 2^n e^r, r = x - n ln2, |r| <= ln2 / 2: a degree-6 polynomial; e^-inf = 0; e^NaN = NaN (vmaxps
+       returns its second operand when one is a NaN: a NaN score propagates, as in SDPA, rather than weighing 0) */
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -438,12 +439,13 @@ static seq_t *sequences(job_t *j, const int64_t *bounds, int64_t nb) {
             return NULL;
         }
         for (int64_t i = 0; i + 1 < nb; i++) {
-            const int64_t n = row[i + 1] - row[i];
-            if (n < 0) {
+            /* compared, not subtracted first: bounds near the int64 limits wrapped to a positive length */
+            if (row[i + 1] < row[i] || row[i + 1] > j->N) {
                 free(seqs);
                 j->nseq = 0;
                 return NULL;
             }
+            const int64_t n = row[i + 1] - row[i];
             if (n) seqs[j->nseq++] = (seq_t){b, row[i], n, n};
         }
     }

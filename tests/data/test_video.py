@@ -17,7 +17,7 @@ from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.packing import PackedInternVLDataset
 from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-from xtuner_plugins.data import video as video_module
+from xtuner_plugins.data import video_decode
 from tests.data.test_frame_sampling import reference_indices
 from xtuner_plugins.data.video import choose_frames, load_video, probe_video, read_frames, video_prompt
 
@@ -82,7 +82,7 @@ class TestReading:
     def test_seeks_instead_of_decoding_everything(self, tmp_path, monkeypatch):
         path = write_video(tmp_path / 'long.mp4', [i % 40 * 6 for i in range(400)], gop=10)
         decoded = []
-        real = video_module._open_stream
+        real = video_decode.open_stream
 
         class Counting:  # the container, counting the frames decoded
             def __init__(self, container):
@@ -105,7 +105,7 @@ class TestReading:
         def counting(p):
             container, stream = real(p)
             return Counting(container), stream
-        monkeypatch.setattr(video_module, '_open_stream', counting)
+        monkeypatch.setattr(video_decode, 'open_stream', counting)
         info = probe_video(path)
         idx = choose_frames(info, 8, 'middle')
         assert [n % 40 for n in idx] == numbers(read_frames(info, idx))
@@ -147,8 +147,8 @@ class TestReading:
         assert numbers(read_frames(info, idx)) == idx and idx[-1] > 30
         # counted once per file as it is (a sample's video is probed at every load): the count kept is read back,
         # until the file changes
-        (key,) = [k for k in video_module._COUNTED if k[0] == os.path.abspath(path)]
-        video_module._COUNTED[key] = 41
+        (key,) = [k for k in video_decode._COUNTED if k[0] == os.path.abspath(path)]
+        video_decode._COUNTED[key] = 41
         assert probe_video(path).total == 41
         os.utime(path, ns=(key[2] + 1000, key[2] + 1000))
         assert probe_video(path).total == 40
@@ -512,7 +512,7 @@ def test_reading_a_video_leaves_no_frame_for_a_forked_process_to_collect(tmp_pat
         gc.garbage.clear()
         gc.enable()
     from types import SimpleNamespace
-    assert video_module.clockwise_turn(SimpleNamespace(rotation=-90)) == 90
-    assert video_module.clockwise_turn(SimpleNamespace(rotation=0)) == 0
-    assert video_module.clockwise_turn(SimpleNamespace(rotation=0), ' 270.9abc') == 270   # read as C's atof
-    assert video_module.clockwise_turn(SimpleNamespace(rotation=-90), '0') == 90   # "0": no tag, the matrix
+    assert video_decode.clockwise_turn(SimpleNamespace(rotation=-90)) == 90
+    assert video_decode.clockwise_turn(SimpleNamespace(rotation=0)) == 0
+    assert video_decode.clockwise_turn(SimpleNamespace(rotation=0), ' 270.9abc') == 270   # read as C's atof
+    assert video_decode.clockwise_turn(SimpleNamespace(rotation=-90), '0') == 90   # "0": no tag, the matrix

@@ -228,3 +228,23 @@ def test_a_16_bit_image_is_converted_without_float_copies_of_it_whole():
 def test_a_16_bit_file_still_loads_scaled(tmp_path):
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / 'white16.png')
     assert np.asarray(load_image(str(tmp_path / 'white16.png'))).min() == 255
+
+
+def test_the_video_stream_read_is_ffmpegs_best_not_the_first(tmp_path):
+    """A file whose first video stream is a one-frame still (a cover) gave that still for every frame; decord, which
+    InternVL reads videos with, takes FFmpeg's best stream."""
+    import av
+    path = str(tmp_path / 'two.mkv')
+    with av.open(path, 'w') as container:
+        still, main = (container.add_stream('libx264', rate=10) for _ in range(2))
+        still.width, still.height, still.pix_fmt, still.options = 32, 24, 'yuv444p', {'qp': '0'}
+        main.width, main.height, main.pix_fmt, main.options = W, H, 'yuv444p', {'qp': '0', 'g': '5'}
+        for stream, frames in ((still, [barcode(200)[:24, :32]]), (main, [barcode(i) for i in range(40)])):
+            for a in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format='rgb24')):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    frames, info = load_video(path, 4)
+    assert (info.total, info.size) == (40, (W, H))
+    assert [number(f) for f in frames] == choose_frames(info, 4, 'middle')

@@ -24,14 +24,12 @@ link to nothing), ``empty_video`` (zero frames), ``bad_clip`` (malformed, or out
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import io
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -41,25 +39,13 @@ from .frame_sampling import check_sampling, frame_indices
 from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, refuse_link_outside, to_rgb,
                        why_missing)
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
+from .video_decode import VideoBytes, av_module, count_packets, decode_wanted, open_stream
 
 __all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoFrames', 'VideoInfo', 'video_field',
            'probe_video', 'frames_for', 'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
-
-
-class VideoBytes(str):
-    """A video file's bytes held in memory (a tar shard's member, ``data/shards.py``), read as the file would be;
-    the string is its name in messages (``SHARD:KEY.video.mp4``)."""
-
-    def __new__(cls, name: str, data: bytes) -> 'VideoBytes':
-        self = super().__new__(cls, name)
-        self.data = data
-        return self
-
-    def __reduce__(self):
-        return VideoBytes, (str(self), self.data)
 
 
 class VideoFrames(str):
@@ -118,59 +104,9 @@ def _frame_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', name)]
 
 
-def _av():
-    try:
-        import av
-    except ImportError as exc:  # pragma: no cover - av is in requirements.txt
-        raise ImportError('reading videos needs PyAV: pip install av (see requirements.txt)') from exc
-    return av
-
-
-def _open_stream(path: str):
-    """``(container, video stream)``; ``corrupt_video`` when FFmpeg cannot read it or it has no video stream."""
-    av = _av()
-    try:
-        # an absolute path: FFmpeg reads 'clip:1.mp4' or 'pipe:0' as a protocol's URL (a file named pipe:0 read stdin)
-        container = av.open(io.BytesIO(path.data) if isinstance(path, VideoBytes) else os.path.abspath(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        size = len(path.data) if isinstance(path, VideoBytes) else os.stat(path).st_size if os.path.isfile(path) else -1
-        raise SampleError('corrupt_video', f'video {path} is an empty file (0 bytes): a download or copy that did not '
-                                           f'finish?' if not size else f'cannot read video {path}: {exc}') from None
-    if not container.streams.video:
-        container.close()
-        raise SampleError('corrupt_video', f'{path} has no video stream')
-    stream = container.streams.best('video') or container.streams.video[0]   # FFmpeg's choice, as decord's
-    stream.thread_count = 1
-    return container, stream
-
-
-#: packets counted per video file (path, size, modification time): counting reads the whole file, and a sample's
-#: video is probed at every load
-_COUNTED: Dict[Tuple[str, int, int], int] = {}
-
-
-def _packets(path, container, stream) -> int:
-    """The stream's frames, counted from its packets (read, not decoded), once per file as it is."""
-    key = None
-    if isinstance(path, str) and not isinstance(path, VideoBytes):   # a shard's bytes: counted each time
-        try:
-            st = os.stat(path)
-            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-        except OSError:
-            pass
-        if key in _COUNTED:
-            return _COUNTED[key]
-    total = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
-    if key is not None:
-        if len(_COUNTED) >= 65536:
-            _COUNTED.clear()
-        _COUNTED[key] = total
-    return total
-
-
 def _probe_file(path: str) -> VideoInfo:
-    av = _av()
-    container, stream = _open_stream(path)
+    av = av_module()
+    container, stream = open_stream(path)
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         total = int(stream.frames or 0)
@@ -183,7 +119,7 @@ def _probe_file(path: str) -> VideoInfo:
             # the declared rate, a guess a variable frame rate makes wrong, left frames past it never sampled, or a
             # whole video dropped as truncated
             try:
-                total = _packets(path, container, stream)
+                total = count_packets(path, container, stream)
             except av.FFmpegError as exc:
                 raise SampleError('corrupt_video', f'cannot read video {path}: {exc}') from None
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -288,159 +224,6 @@ def choose_frames(info: VideoInfo, num_frames: int, sample: str = 'rand',
     return [info.start + i for i in found]
 
 
-def _frame_stamps(container, stream) -> Tuple[Optional[List[int]], List[int]]:
-    """``(stamps, keys)``: the presentation timestamps of the stream's frames, in order, and those of its keyframes,
-    from its packets (read, not decoded): frame ``i`` is the one stamped ``stamps[i]``, whatever the gaps (a variable
-    frame rate). ``(None, [])`` when a packet has no timestamp (the frames are then placed at the average rate)."""
-    stamps, keys = [], []
-    for packet in container.demux(stream):
-        if not packet.size or packet.is_discard:  # the end-of-stream packet; a packet an edit list drops
-            continue
-        stamp = packet.pts if packet.pts is not None else packet.dts
-        if stamp is None:
-            return None, []
-        stamps.append(int(stamp))
-        if packet.is_keyframe:
-            keys.append(int(stamp))
-    return sorted(stamps), sorted(keys)
-
-
-#: decord's turns, degrees clockwise (its ``transpose`` filters), as Pillow's counter-clockwise transposes
-_TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
-
-
-_LEADING_NUMBER = re.compile(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')   # what C's atof reads
-
-
-def clockwise_turn(frame, rotate_tag: Optional[str] = None) -> int:
-    """The turn decord gives a decoded PyAV frame, whole degrees clockwise (0: none), by decord's ``GetRotation``:
-    the stream's ``rotate`` tag when set and not "0" (read as ``atof``), else the display matrix's rotation negated;
-    taken modulo 360 and truncated (a horizontal flip alone reads as 180). The matrix's rotation is PyAV's
-    ``frame.rotation``, whole degrees counter-clockwise: decord truncates the clockwise angle of the exact one, so
-    the two differ for a matrix within a degree of a right angle and not on one (89.6 degrees: decord turns it,
-    this does not; phones write exact right angles). ``frame.side_data``, which holds the exact matrix, is not
-    read: it makes a reference cycle with the frame, whose FFmpeg scaler threads a forked DataLoader worker's
-    garbage collection then freed, and hung on (seen in CI). decord reads the stream's matrix; FFmpeg puts it on
-    each frame (and a frame's own orientation SEI there too, which decord does not read)."""
-    found = _LEADING_NUMBER.match(rotate_tag) if rotate_tag and rotate_tag != '0' else None
-    theta = float(found.group(0)) if found else 0.0
-    if not theta:
-        theta = -float(getattr(frame, 'rotation', 0) or 0)
-    if not math.isfinite(theta):
-        return 0
-    theta = math.fmod(theta, 360)
-    return int(theta + 360 if theta < 0 else theta)
-
-
-def upright(frame, rotate_tag: Optional[str] = None) -> Image.Image:
-    """A decoded PyAV frame as an image turned by :func:`clockwise_turn` when that is 90, 180 or 270 (decord's
-    rule; other angles are left as stored, and the flips of a matrix are not applied as flips)."""
-    image = frame.to_image()
-    turn = _TURNS.get(clockwise_turn(frame, rotate_tag))
-    return image if turn is None else image.transpose(turn)
-
-
-def _decode_wanted(info: VideoInfo, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
-    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file to the
-    keyframe before a frame where a keyframe lies between the last frame decoded and it (by the keyframes' packets'
-    stamps; one keyframe for a whole file: decoding on, never from the start again; without stamps, where the frame
-    is further ahead than the longest keyframe interval seen), else decoding on. Frame ``i`` of a file is the one
-    with the ``i``-th presentation timestamp (:func:`_frame_stamps`), so a variable frame rate gives the frames
-    asked for; a GIF's frames go by order.
-
-    A seek lands on a keyframe by its decode time, and with B-frames the frames shown just before that keyframe
-    may need the one before it (an open GOP, MPEG-4 Part 2's B-frames): the decoder drops them. A frame asked for
-    that did not come out is sought again from an earlier keyframe (twice at most; the next frame shown was taken
-    in its place, without a word). Each decoded frame is checked against ``info.max_pixels`` (a codec may change the
-    frame size mid-stream) and counted against ``max_decoded_pixels`` (``video_too_large``: a file of one keyframe
-    and thousands of frames decodes them all to reach the last one asked for)."""
-    av = _av()
-    out: dict = {}
-    container, stream = _open_stream(info.path)
-    with container:
-        tb = float(stream.time_base or 0) or 1.0 / info.fps
-        origin = stream.start_time or 0
-        step = 1.0 / (info.fps * tb)  # one frame at the average rate, in timestamp units
-        try:
-            stamps, keys = _frame_stamps(container, stream) if info.kind != 'gif' else (None, [])
-        except av.FFmpegError as exc:
-            raise SampleError('corrupt_video', f'cannot read video {info.path}: {exc}') from None
-        if stamps is not None and wanted[-1] >= len(stamps):
-            raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames '
-                                               f'({info.duration:.3f} s) but holds {len(stamps)}: frame '
-                                               f'{wanted[-1]} cannot be decoded')
-        slack = step / 2 if stamps is None else 0  # exact stamps: the frame itself, not its neighbour
-        tag = next((v for k, v in stream.metadata.items() if k.lower() == 'rotate'), None)   # decord reads it
-        # first (av_dict_get, any case: Matroska keeps it as ROTATE)
-
-        def stamp(i: int) -> float:
-            return stamps[i] if stamps is not None else origin + i * step
-
-        def far(target: float) -> bool:   # whether a seek skips decoding to reach ``target``
-            if info.kind == 'gif':
-                return False
-            if keys:   # a keyframe after what was decoded and not after the target (one keyframe: never)
-                at = bisect.bisect_right(keys, target) - 1
-                return at >= 0 and keys[at] > pos
-            return target - pos > max(gop, 2 * step)
-        k, frames, gop, last_key, pos, order, sought, decoded = 0, None, 0.0, None, None, -1, 0, 0
-        again, point, retries = None, None, 0   # again: an earlier keyframe to seek from, for wanted[k]
-        try:
-            while k < len(wanted):
-                target = stamp(wanted[k])
-                if frames is None or again is not None or far(target):
-                    if info.kind != 'gif':
-                        point = target if again is None else again
-                        container.seek(int(point), stream=stream, backward=True, any_frame=False)
-                    frames, last_key, order, sought, again = container.decode(stream), None, -1, k, None
-                for frame in frames:
-                    order += 1
-                    decoded += _frame_pixels(info, frame, wanted[k], decoded, max_decoded_pixels)
-                    pos = order * step + origin if info.kind == 'gif' or frame.pts is None else frame.pts
-                    if frame.key_frame:
-                        gop = max(gop, pos - last_key) if last_key is not None else gop
-                        last_key = pos
-                    elif last_key is not None:
-                        gop = max(gop, pos - last_key)
-                    if stamps is not None and pos > stamp(wanted[k]) and retries < 2:   # it did not come out
-                        again = max((key for key in keys if key < point), default=None)
-                        if again is not None:
-                            retries += 1
-                            break
-                    while k < len(wanted) and pos + slack >= stamp(wanted[k]):
-                        out[wanted[k]] = upright(frame, tag)
-                        k, retries = k + 1, 0
-                    if k == len(wanted) or (k > sought and far(stamp(wanted[k]))):
-                        break
-                else:
-                    break  # the stream ended
-        except av.FFmpegError as exc:
-            raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
-                                               f'{exc}') from None
-    if k < len(wanted):
-        raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
-                                           + (f' ({info.duration:.3f} s)' if info.fps else '')
-                                           + f' but frame {wanted[k]} cannot be decoded')
-    return out
-
-
-def _frame_pixels(info: VideoInfo, frame, number: int, decoded: int, budget: Optional[int]) -> int:
-    """A decoded frame's pixels, checked against ``info.max_pixels`` (before it is converted) and, with those
-    ``decoded`` before it, against ``budget``."""
-    pixels = frame.width * frame.height
-    if info.max_pixels is not None and pixels > info.max_pixels:
-        raise SampleError('image_too_large', f'{info.path}: a {frame.width}x{frame.height} frame (the stream '
-                                             f'says {info.size[0]}x{info.size[1]}) is over the decompression-bomb '
-                                             f'limit of {info.max_pixels} pixels')
-    if budget is not None and decoded + pixels > budget:
-        raise SampleError('video_too_large', f'{info.path}: reaching frame {number + 1} of {info.total} decodes '
-                                             f'over {budget / 1e9:g} gigapixels, the most taken here (frames are '
-                                             f'decoded from the keyframe before each one used: this video has few '
-                                             f'keyframes); send a shorter or smaller video, or one with more '
-                                             f'keyframes')
-    return pixels
-
-
 def read_frames(info: VideoInfo, indices: Sequence[int],
                 max_decoded_pixels: Optional[int] = None) -> List[Image.Image]:
     """The frames ``indices`` (frame numbers, repeats allowed) as RGB images, in that order, decoding only those
@@ -452,7 +235,7 @@ def read_frames(info: VideoInfo, indices: Sequence[int],
         got = {i: load_image(info.frames[i], info.max_pixels, name=f'{info.path} frame {i + 1}'
                               if isinstance(info.path, VideoFrames) else None) for i in wanted}
     else:
-        got = {i: to_rgb(im) for i, im in _decode_wanted(info, wanted, max_decoded_pixels).items()}
+        got = {i: to_rgb(im) for i, im in decode_wanted(info, wanted, max_decoded_pixels).items()}
     return [got[int(i)] for i in indices]
 
 

@@ -9,6 +9,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.train_utils import REPO_ROOT, train_env
 from xtuner_plugins.engine.preempt import PREEMPTED_EXIT_CODE, SAVE_ON_SIGNAL_ENV
 from xtuner_plugins.launch import TrainJob, train_command, wait_jobs
@@ -17,12 +19,17 @@ from xtuner_plugins.outcome import parse_log
 GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
 
 
-def test_sigterm_saves_at_the_next_optimizer_step_and_stops(tmp_path):
+@pytest.mark.parametrize('to', ['the rank', 'every process, DataLoader workers too'])
+def test_sigterm_saves_at_the_next_optimizer_step_and_stops(tmp_path, to):
+    """Slurm signals every process of the job: torch's worker loop ended a DataLoader worker at once, and its rank's
+    SIGCHLD handler raised "DataLoader worker ... is killed by signal: Terminated" mid-iteration (nothing saved)."""
     work = str(tmp_path / 'work')
     os.makedirs(work)
     # rank 0 sleeps 5 s in its third forward: the signal comes then; 1000 iterations: it would not end by itself
     options = {'model.pause_at_iter': 3, 'model.pause_how': 'sleep', 'model.pause_s': 5,
                'train_cfg.max_iters': 1000, 'optim_wrapper.accumulative_counts': 2}
+    if to != 'the rank':
+        options.update({'train_dataloader.num_workers': 2, 'train_dataloader.persistent_workers': True})
     cmd, env = train_command(GUARDED, work, cfg_options=options,
                              script=os.path.join(REPO_ROOT, 'tools', 'train.py'))
     job = TrainJob(cmd, train_env(extra_env=dict(env, **{SAVE_ON_SIGNAL_ENV: '1'})), str(tmp_path / 'out.log'))
@@ -31,7 +38,10 @@ def test_sigterm_saves_at_the_next_optimizer_step_and_stops(tmp_path):
         while time.time() < deadline and job.poll() is None and (parse_log(job.read_log())[2] or 0) < 2:
             time.sleep(0.1)
         time.sleep(0.5)  # inside the third forward's sleep
-        os.kill(job.proc.pid, signal.SIGTERM)
+        if to == 'the rank':
+            os.kill(job.proc.pid, signal.SIGTERM)
+        else:   # the job's session: the rank and its workers
+            os.killpg(job.proc.pid, signal.SIGTERM)
     finally:
         wait_jobs([job], timeout=120)
     log = job.read_log()

@@ -21,7 +21,14 @@ system's (the files' modification times), so the nodes' clocks do not matter.
 
 The hook is added to every run under Slurm (``SLURM_JOB_ID`` set) when training starts (:func:`apply_preempt_patches`,
 called from ``runtime.py``); ``XTUNER_PLUGINS_SAVE_ON_SIGNAL=1`` adds it elsewhere (``torchrun`` passes SIGTERM on to
-its ranks), ``=0`` never. A DataLoader worker (forked, it inherits the handler) ignores the signal: its rank ends it.
+its ranks), ``=0`` never.
+
+A DataLoader worker gets Slurm's SIGTERM too (every process of the job), and torch's worker loop sets a handler of
+its own that ends the worker at once: its rank's SIGCHLD handler then raised "DataLoader worker ... is killed by
+signal: Terminated" in the middle of the iteration, and nothing was saved (the base configs run 4 workers). Where
+the hook is wanted, a worker lets the first SIGTERM pass (:func:`_patch_worker_signals`): its rank stops it when it
+stops (or Slurm's SIGKILL does); a second SIGTERM ends it (torch's own ``terminate`` of a worker that did not stop
+when told, then multiprocessing's at exit).
 """
 
 from __future__ import annotations
@@ -193,6 +200,31 @@ def resume_requeued(runner) -> bool:
     return resume
 
 
+def _first_sigterm_passes(signum, frame) -> None:
+    """A DataLoader worker's SIGTERM handler: this one passes; the next ends the worker (the default action)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _patch_worker_signals() -> bool:
+    """torch's worker loop calls ``signal_handling._set_worker_signal_handlers`` (through the module, in the worker,
+    forked with this process's modules) before the worker's first sample: after it, where :func:`wanted`, SIGTERM's
+    handler is :func:`_first_sigterm_passes` (module docstring)."""
+    from torch.utils.data._utils import signal_handling
+    original = signal_handling._set_worker_signal_handlers
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def set_worker_signal_handlers(*args, **kwargs):
+        original(*args, **kwargs)
+        if wanted():
+            signal.signal(signal.SIGTERM, _first_sigterm_passes)
+
+    setattr(set_worker_signal_handlers, _PATCH_MARK, True)
+    signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
+    return True
+
+
 def _patch_train() -> bool:
     """Both runners' ``train`` add the hook (once) when :func:`wanted`."""
     from mmengine.runner import FlexibleRunner, Runner
@@ -215,6 +247,6 @@ def _patch_train() -> bool:
 
 def apply_preempt_patches() -> List[str]:
     """Apply the patch once (module docstring); returns the names newly applied."""
-    newly = [p.__name__.lstrip('_') for p in (_patch_train,) if p()]
+    newly = [p.__name__.lstrip('_') for p in (_patch_train, _patch_worker_signals) if p()]
     _applied.extend(newly)
     return newly

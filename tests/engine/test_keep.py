@@ -2,6 +2,9 @@
 
 import os
 
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
 from tests.engine.test_resume import _log_of, toy_runner
 from xtuner_plugins.engine.keep import KEPT_SUFFIX, kept_by, mark_kept
 
@@ -82,3 +85,28 @@ def test_a_run_marks_what_it_starts_from_once_it_holds_its_work_folder(tmp_path)
         assert not hook.refused and kept_by(str(parent)) == str(work)
     finally:
         hook.lock.release()
+
+
+class _SeesTheFolder(Hook):
+    """Lists the work folder's checkpoints as each save begins (before a byte of it is written)."""
+    seen = []
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        self.seen.append(sorted(p for p in os.listdir(runner.work_dir) if p.endswith('.pth')))
+
+
+HOOKS.register_module(module=_SeesTheFolder, force=True)   # by name: a config's dump cannot write a class
+
+
+def test_the_oldest_checkpoint_is_deleted_only_once_the_new_one_is_written(tmp_path):
+    """MMEngine deleted it before writing the new one: with max_keep_ckpts=1 a run killed while it saved was left
+    with no checkpoint, its last_checkpoint naming the one deleted. A resume then finds the deleted one gone."""
+    work = tmp_path / 'run'
+    _SeesTheFolder.seen = []
+    keep = {'default_hooks.checkpoint.max_keep_ckpts': 1, 'custom_hooks': [dict(type='_SeesTheFolder')]}
+    toy_runner(work, 'rotate-first', max_iters=3, save_every=1, **keep)
+    assert _SeesTheFolder.seen == [[], ['iter_1.pth'], ['iter_2.pth']]
+    assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_3.pth']
+    runner = toy_runner(work, 'rotate-more', max_iters=5, save_every=1, resume=True, **keep)
+    assert runner.iter == 5 and sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_5.pth']
+    assert _SeesTheFolder.seen[-2:] == [['iter_3.pth'], ['iter_4.pth']]

@@ -10,6 +10,11 @@ So a run started from ``model.pretrained_pth=DIR/iter_N.pth`` writes ``DIR/iter_
 work folder; :func:`mark_kept`), and the rotation of any run in ``DIR`` skips a checkpoint that has one, saying so
 once (:func:`apply_keep_patches`, applied when ``runtime`` is imported). Remove the ``.kept`` file to let the
 rotation delete it again. A folder that cannot be written keeps no mark (a warning says so).
+
+The rotation also deletes the oldest checkpoint only once the new one is written (MMEngine deletes it first, so
+that the new one records the list without it): with ``max_keep_ckpts=1`` (the demo's stages) a run killed while
+it saved was left with no checkpoint at all, ``last_checkpoint`` naming the one deleted. The list a checkpoint
+records then still names the one deleted after it, which a resume's rotation finds gone and passes over.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import deque
 from typing import List, Optional
 
 from mmengine.logging import print_log
@@ -77,6 +83,7 @@ def _patch_rotation() -> bool:
     """Both places MMEngine's checkpoint hook deletes old checkpoints: each save (``_save_checkpoint_with_step``)
     and a resume with fewer ``max_keep_ckpts`` than the saved run kept (``before_train``, from the message hub's
     ``keep_ckpt_ids``)."""
+    from mmengine.dist import is_main_process
     from mmengine.hooks import CheckpointHook
     save, before_train = CheckpointHook._save_checkpoint_with_step, CheckpointHook.before_train
     if getattr(save, _PATCH_MARK, False):
@@ -90,7 +97,26 @@ def _patch_rotation() -> bool:
             if len(left) != len(ids):
                 ids.clear()
                 ids.extend(left)
-        return save(self, runner, step, meta)
+        if not (self.max_keep_ckpts > 0 and ids and len(ids) >= self.max_keep_ckpts and ids[-1] != step):
+            return save(self, runner, step, meta)
+        # room for one more while the new one is written (the deque's own limit would drop the oldest silently)
+        keep = self.max_keep_ckpts
+        self.max_keep_ckpts, self.keep_ckpt_ids = keep + 1, deque(ids, keep + 1)
+        try:
+            result = save(self, runner, step, meta)
+        finally:
+            self.max_keep_ckpts = keep
+        old = list(self.keep_ckpt_ids)
+        self.keep_ckpt_ids = deque(old[len(old) - keep:], keep)
+        runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+        if is_main_process():
+            for gone in old[:len(old) - keep]:
+                path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(gone))
+                if self.file_backend.isfile(path):
+                    self.file_backend.remove(path)
+                elif self.file_backend.isdir(path):   # DeepSpeed's checkpoints are folders
+                    self.file_backend.rmtree(path)
+        return result
 
     @functools.wraps(before_train)
     def patched_before_train(self, runner):

@@ -74,6 +74,15 @@ def test_launcher_slurm_outside_a_step_is_refused(monkeypatch, capsys):
         slurm.prepare_slurm_env()
     err = capsys.readouterr().err
     assert 'runs in the batch script of job 77 itself, one process for 16 tasks' in err and err.count('\n') == 1
+    # a rank past the task count (an environment set by hand) waited for its peers forever
+    for procid, ntasks in (('2', '1'), ('0', '0'), ('x', '2')):
+        monkeypatch.setenv('SLURM_PROCID', procid)
+        monkeypatch.setenv('SLURM_NTASKS', ntasks)
+        monkeypatch.setenv('SLURM_STEP_ID', '0')
+        with pytest.raises(SystemExit):
+            slurm.prepare_slurm_env()
+        err = capsys.readouterr().err
+        assert f"SLURM_PROCID='{procid}' is no rank of SLURM_NTASKS='{ntasks}' tasks" in err and err.count('\n') == 1
 
 
 @pytest.mark.parametrize('node_list, first', [('node[01-03,7]', 'node01'), ('gpu-a[001-002],cpu7', 'gpu-a001'),

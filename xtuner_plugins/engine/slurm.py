@@ -88,6 +88,12 @@ def launch_problem(env: Mapping[str, str]) -> Optional[str]:
         return (f'--launcher slurm needs the environment of a Slurm task ({", ".join(missing)} not set): start '
                 f'the command with srun (srun -N NODES --ntasks-per-node=GPUS python tools/train.py CONFIG '
                 f'--launcher slurm), or use torchrun with --launcher pytorch')
+    counts = {k: env[k].strip() for k in ('SLURM_PROCID', 'SLURM_NTASKS')}
+    if not all(v.isdigit() for v in counts.values()) or int(counts['SLURM_PROCID']) >= int(counts['SLURM_NTASKS']) \
+            or not int(counts['SLURM_NTASKS']):   # rank 2 of 1 waited for its peers forever
+        return (f'--launcher slurm: SLURM_PROCID={env["SLURM_PROCID"]!r} is no rank of SLURM_NTASKS='
+                f'{env["SLURM_NTASKS"]!r} tasks (whole numbers, the rank below the count): an environment set by '
+                f'hand or left from another step? start the command with srun')
     if not env.get('SLURM_STEP_ID') and int(env['SLURM_NTASKS']) > 1:
         return (f'--launcher slurm runs in the batch script of job {env.get("SLURM_JOB_ID", "?")} itself, one '
                 f'process for {env["SLURM_NTASKS"]} tasks (it would wait for the others forever): start it with '

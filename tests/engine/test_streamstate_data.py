@@ -157,3 +157,22 @@ def test_a_file_reordered_in_place_and_shards_split_otherwise_are_refused(data, 
 def streamstate_fingerprint(dataset):
     from xtuner_plugins.engine.dataagree import data_fingerprint
     return data_fingerprint(dataset)
+
+
+def test_shards_written_again_with_another_seed_are_refused(data, capsys):
+    """The same samples in each shard count and (tar padding) the same bytes, in another order: the fingerprint
+    read only the shards' files, counts and bytes, and the resume went on at the saved places over other samples
+    (seven of the epoch twice, seven never). Each shard now records a digest of what it holds."""
+    root, path, settings = data
+    source = InternVLDataset(path, image_folders=str(root / 'i'), cache_dir=str(root / 'cache'), **settings)
+    write_shards(source, str(root / 'shards'), samples_per_shard=4, max_shard_bytes=1 << 20, seed=1)
+    stream = lambda: ShardDataset(str(root / 'shards'), settings, rank=0, world_size=1)  # noqa: E731
+    checkpoint = checkpoint_after(stream(), 3)
+    first = json.loads((root / 'shards' / 'shards.json').read_text())
+    shutil.rmtree(root / 'shards')
+    write_shards(source, str(root / 'shards'), samples_per_shard=4, max_shard_bytes=1 << 20, seed=2)
+    again = json.loads((root / 'shards' / 'shards.json').read_text())
+    assert [(s['samples'], s['bytes']) for s in again['shards']] == [(s['samples'], s['bytes']) for s in first['shards']]
+    with pytest.raises(SystemExit):
+        resume(checkpoint, stream())
+    assert 'the samples split or ordered otherwise (the shard set written again)' in capsys.readouterr().err

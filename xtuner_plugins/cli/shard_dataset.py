@@ -25,6 +25,7 @@ no sample was, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -108,12 +109,14 @@ def claim(out: str) -> str:
 
 
 class _Shards:
-    """Shards written one after another: a new one past ``count`` samples or ``size`` bytes."""
+    """Shards written one after another: a new one past ``count`` samples or ``size`` bytes; each recorded with its
+    file, samples, bytes and ``digest``, of its samples' records in order (a set written again with another
+    ``--seed`` has the same counts and, tar padding, the same bytes: a resume checks what the shards hold)."""
 
     def __init__(self, out: str, count: int, size: int):
         self.out, self.count, self.size = out, count, size
         self.written: List[dict] = []
-        self.writer, self.bytes = None, 0
+        self.writer, self.bytes, self.hash = None, 0, None
 
     def write(self, sample: dict) -> None:
         from webdataset import TarWriter
@@ -123,7 +126,9 @@ class _Shards:
             name = f'shard-{len(self.written):06d}.tar'
             self.writer, self.bytes = TarWriter(os.path.join(self.out, name), encoder=False), 0
             self.written.append(dict(file=name, samples=0))
+            self.hash = hashlib.sha1()
         self.writer.write(sample)
+        self.hash.update(sample['json'] + b'\n')
         self.written[-1]['samples'] += 1
         self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith('__'))
 
@@ -132,6 +137,7 @@ class _Shards:
             self.writer.close()
             self.writer = None
             self.written[-1]['bytes'] = os.path.getsize(os.path.join(self.out, self.written[-1]['file']))
+            self.written[-1]['digest'] = self.hash.hexdigest()[:16]
 
 
 def media_bytes(path: str, what: str, where: str) -> bytes:

@@ -8,7 +8,8 @@ its epoch meets the others in another collective (a hang, or an error about some
 with "non-finite trained weights"). :func:`check_ranks_agree` gathers a small fingerprint of each rank's data set
 (:func:`data_fingerprint`: the items, each source's annotation file's size, the samples it keeps and the digest of
 their lines, a digest of a sample of the files' bytes, the digest of the lengths the sampler orders by; a shard
-set's samples, shards and bytes and the digest of its list of shards) and stops
+set's samples, shards and bytes and the digest of its list of shards, each with the digest of what it holds, and
+its order's seed) and stops
 start-up on every rank (exit code 2), in one line on rank 0 naming the first rank that differs from rank 0, its
 node and what differs.
 """
@@ -54,7 +55,8 @@ def data_fingerprint(dataset) -> Dict[str, Any]:
         found['shards'] = [len(shards), index.get('samples'), sum(s.get('bytes') or 0 for s in shards)]
         # which samples each shard holds, in order: a set written again with another --samples-per-shard has the
         # same count and (tar padding) often the same bytes, and a resume read other samples at the saved places
-        found['content'] = _digest(json.dumps(shards, sort_keys=True).encode())
+        # and their order's seed, for sets written before each shard recorded a digest of its samples
+        found['content'] = _digest(json.dumps([shards, index.get('order')], sort_keys=True).encode())
         return found
     sources, ranges = getattr(inner, 'sources', None), getattr(inner, '_source_ranges', None)
     if sources and ranges is not None and len(ranges) == len(sources):

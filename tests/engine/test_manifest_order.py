@@ -20,10 +20,11 @@ def start(tmp_path, tiny_tokenizer, monkeypatch):
     ds = InternVLDataset(path, tokenizer=tiny_tokenizer, cache_dir=str(tmp_path / 'cache'))
     os.makedirs(tmp_path / 'work')
 
-    def run(ranks, batch, resume, on_data_change='warn'):
+    def run(ranks, batch, resume, on_data_change='warn', seed=None):
         monkeypatch.setattr(badsamples, 'get_dist_info', lambda: (0, ranks))
-        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=batch), iter=0, epoch=0,
-                                 work_dir=str(tmp_path / 'work'), _resume=resume)
+        sampler = SimpleNamespace(seed=seed, shuffle=True) if seed is not None else None
+        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=batch, sampler=sampler),
+                                 iter=0, epoch=0, work_dir=str(tmp_path / 'work'), _resume=resume)
         BadSampleHook(on_data_change=on_data_change).before_train(runner)
     return run, tmp_path
 
@@ -56,3 +57,21 @@ def test_a_manifest_written_before_it_recorded_the_batches_resumes_without_a_wor
         json.dump(older, f)
     run(2, 4, resume=True)
     assert said == []
+
+
+def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_seed_does_not(start, monkeypatch):
+    """1 rank x 2 samples and 2 x 1 take the same samples a step (the samplers split each global batch): it was
+    said to train some twice and others never. A sampler seed changed on resume drew the epoch under way in another
+    order (seven samples twice, seven never) without a word."""
+    run, root = start
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    run(1, 2, resume=False, seed=0)
+    with open(root / 'work' / 'data_manifest.json') as f:
+        assert json.load(f)['order'] == {'ranks': 1, 'batch_size': 2, 'seed': 0, 'shuffle': True}
+    run(2, 1, resume=True, seed=0)
+    assert said == []
+    run(2, 1, resume=True, seed=7)
+    assert len(said) == 1 and "the sampler's seed 0 -> 7: the epoch under way is drawn in another order" in said[0]
+    with pytest.raises(RuntimeError, match=r"the sampler's seed 7 -> 8: .*on_data_change"):
+        run(2, 1, resume=True, seed=8, on_data_change='stop')

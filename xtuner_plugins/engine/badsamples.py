@@ -199,23 +199,38 @@ def manifest(dataset) -> dict:
 
 
 def reading_order(dataloader) -> Dict[str, int]:
-    """What cuts a map-style data set's epoch into batches: the ranks and the batch per rank ({} for a stream, whose
-    own state resumes it: ``streamstate.py``)."""
+    """What orders a map-style data set's epoch and cuts it into batches: the ranks, the batch per rank and the
+    sampler's seed and shuffling ({} for a stream, whose own state resumes it: ``streamstate.py``)."""
     from torch.utils.data import IterableDataset
     batch = getattr(dataloader, 'batch_size', None)
     if isinstance(getattr(dataloader, 'dataset', None), IterableDataset) or not isinstance(batch, int):
         return {}
-    return dict(ranks=get_dist_info()[1], batch_size=batch)
+    order = dict(ranks=get_dist_info()[1], batch_size=batch)
+    sampler = getattr(dataloader, 'sampler', None)
+    for key in ('seed', 'shuffle'):
+        value = getattr(sampler, key, None)
+        if isinstance(value, (bool, int)):
+            order[key] = value
+    return order
 
 
 def manifest_changes(before: dict, now: dict) -> List[str]:
     """What differs between two manifests, one phrase each."""
-    then, order = before.get('order'), now.get('order')
-    moved = [] if not then or not order or then == order else [
-        f'the batches: {then["ranks"]} ranks x {then["batch_size"]} samples then, {order["ranks"]} x '
-        f'{order["batch_size"]} now: the epoch under way is cut into other batches, so those skipped to resume are '
-        f'not the ones trained on (some of its samples are trained on twice, others not at all until the next '
-        f'epoch); resume with the same ranks and batch size for an exact resume']
+    then, order = before.get('order') or {}, now.get('order') or {}
+    moved = []
+    # the samplers split each global batch among the ranks: 1 rank x 2 and 2 x 1 take the same samples
+    if then and order and then['ranks'] * then['batch_size'] != order['ranks'] * order['batch_size']:
+        moved.append(f'the batches: {then["ranks"]} ranks x {then["batch_size"]} samples then, {order["ranks"]} x '
+                     f'{order["batch_size"]} now: the epoch under way is cut into other batches, so those skipped to '
+                     f'resume are not the ones trained on (some of its samples are trained on twice, others not at '
+                     f'all until the next epoch); resume with as many samples a step (ranks x batch size) for an '
+                     f'exact resume')
+    drawn = [f'{key} {then[key]!r} -> {order[key]!r}' for key in ('seed', 'shuffle')
+             if key in then and key in order and then[key] != order[key]]
+    if drawn:   # the epoch under way drawn in another order: the batches skipped are not those trained on
+        moved.append(f'the sampler\'s {", ".join(drawn)}: the epoch under way is drawn in another order, so those '
+                     f'skipped to resume are not the ones trained on (some of its samples are trained on twice, '
+                     f'others not at all until the next epoch); resume with the same sampler settings')
     old = {s['annotation']: s for s in before.get('sources', [])}
     new = {s['annotation']: s for s in now.get('sources', [])}
     changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]

@@ -176,3 +176,20 @@ def test_shards_written_again_with_another_seed_are_refused(data, capsys):
     with pytest.raises(SystemExit):
         resume(checkpoint, stream())
     assert 'the samples split or ordered otherwise (the shard set written again)' in capsys.readouterr().err
+
+
+def test_a_stream_resumed_with_another_seed_is_refused(data, capsys):
+    """The stream's seed draws its epochs' order (streaming.epoch_order): changed on resume, the saved positions
+    named other samples (five of the epoch twice, five never) and the resume said 'no batch drawn again'."""
+    root, path, settings = data
+
+    def stream(seed):
+        ds = InternVLDataset(path, image_folders=str(root / 'i'), cache_dir=str(root / 'cache'), **settings)
+        return OnlinePackedDataset(ds, max_tokens=300, max_buffer_size=2, rank=0, world_size=1, seed=seed)
+    checkpoint = checkpoint_after(stream(0), 3)
+    resume(checkpoint, stream(0))
+    with pytest.raises(SystemExit):
+        resume(checkpoint, stream(7))
+    assert "the data stream's seed 0 -> 7: its epochs are drawn in another order" in capsys.readouterr().err
+    del checkpoint['stream_state']['order']   # saved before the order was recorded: not compared
+    resume(checkpoint, stream(7))

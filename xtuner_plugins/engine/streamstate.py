@@ -50,6 +50,11 @@ class _Replayed:
         return next(self.iterator)
 
 
+def _order(dataset) -> dict:
+    """What draws a stream's epochs (``streaming.epoch_order``): its seed and shuffling."""
+    return {k: getattr(dataset, k, None) for k in ('seed', 'shuffle')}
+
+
 def _streaming(runner):
     from xtuner_plugins.data.streaming import StreamingDataset
     loop = getattr(runner, 'train_loop', None)
@@ -112,7 +117,7 @@ class StreamStateHook(Hook):
         from xtuner_plugins.engine.dataagree import data_fingerprint
         checkpoint[KEY] = dict(world_size=get_world_size(), workers=max(1, dataloader.num_workers),
                                units=dict(self.gathered if self.gathered is not None else self.states),
-                               data=data_fingerprint(dataset))
+                               data=data_fingerprint(dataset), order=_order(dataset))
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self.loaded = checkpoint.get(KEY)
@@ -133,6 +138,13 @@ class StreamStateHook(Hook):
             self._cannot_continue(runner, f'the checkpoint\'s data stream was read by {saved[0]} rank(s) x {saved[1]} '
                                           f'DataLoader worker(s), this run has {world} x {workers}', 'resume with '
                                           'the same numbers (the stream\'s parts are cut by them)')
+            return self._restart(loop, dataloader)
+        then, now = self.loaded.get('order'), _order(dataset)
+        if then is not None and then != now:   # a checkpoint saved before it was recorded: not compared
+            drawn = ', '.join(f'{k} {then.get(k)!r} -> {now.get(k)!r}' for k in sorted(now) if then.get(k) != now[k])
+            self._cannot_continue(runner, f'the data stream\'s {drawn}: its epochs are drawn in another order, so '
+                                          f'its saved positions would name other samples (some of the epoch seen '
+                                          f'twice and others not at all)', 'resume with the same seed and shuffling')
             return self._restart(loop, dataloader)
         changed = data_change(self.loaded.get('data'), dataset)
         if changed:

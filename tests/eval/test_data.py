@@ -39,6 +39,16 @@ def test_mmbench_rows_prompts_and_shared_images(tmp_path):
     assert q1.images[0].getpixel((0, 0)) == (0, 128, 0) and q1.category == 'shape'
 
 
+def test_a_blank_option_cell_is_no_option(tmp_path):
+    """A cell of one space became option D with empty text, which every answer contains: the right answer 'blue'
+    scored 0 (two options read by text), and 'purple' or '' was read as D."""
+    from xtuner_plugins.eval.scoring import read_option
+    (q,) = read_mmbench_tsv(write_tsv(tmp_path / 'mmb.tsv', [dict(ROWS[0], D=' ', answer='C')]))
+    assert q.options == {'A': 'red', 'B': 'green', 'C': 'blue'} and 'D.' not in q.prompt
+    assert read_option('blue', q.options) == ('C', 'text')
+    assert read_option('purple', dict(q.options, D=' ')) == (None, 'unmatched')   # an option of no text read so
+
+
 def test_circular_evaluation_rotates_the_options(tmp_path):
     questions = read_questions(write_tsv(tmp_path / 'mmb.tsv', ROWS[:1]), circular=True)
     assert [q.options for q in questions] == [{'A': 'red', 'B': 'green', 'C': 'blue'},

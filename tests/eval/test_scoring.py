@@ -9,6 +9,7 @@ from xtuner_plugins.eval.scoring import anls, edit_distance, exact_match, extrac
     ('Red.', 'red'), ('  The RED circle!  ', 'red circle'), ('Two', '2'), ('an apple', 'apple'),
     ('2.5 m', '2.5 m'), ('1,000', '1000'), ('yes, it is', 'yes it is'), ("dont", "don't"), ('top-left', 'top left'),
     ('.5', '.5'), ('It is 5.', 'it is 5'), ('0.5.', '0.5'),   # VQA's rule: a period before a digit stays
+    ('None', '0'),   # the VQA evaluation's manualMap
 ])
 def test_normalisation(given, normalised):
     assert normalize_answer(given) == normalised
@@ -67,6 +68,7 @@ OPTIONS = {'A': 'a dog', 'B': 'a cat', 'C': 'dark red', 'D': 'red'}
     ('Cannot determine the answer, maybe a cat', None, 'unmatched'),  # a refusal
     ('a cat ' * 20, None, 'unmatched'),  # longer than twice the options' texts: not read by text
     ('the answer is a cat', 'B', 'text'),  # a lower-case "a" is an article, not the letter
+    ('The answer is Cats, a cat', 'B', 'text'),  # "answer is C..." is no letter C: the word is "Cats" (it read C)
 ])
 def test_the_chosen_option_is_read_as_vlmevalkit_reads_it(answer, letter, how):
     assert read_option(answer, OPTIONS) == (letter, how)

@@ -336,8 +336,8 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
         if len(data) < 64 and data in images:  # a reference to an earlier row's image
             data = images[data]
         images[row['index']] = data
-        options = {k: row[k].strip() for k in _LETTERS if row.get(k) not in (None, '') and row[k].strip().lower()
-                   != 'nan'}
+        options = {k: row[k].strip() for k in _LETTERS   # a blank cell (' ') is no option: its empty text matched
+                   if row.get(k) is not None and row[k].strip().lower() not in ('', 'nan')}   # every answer
         answer = (row.get('answer') or '').strip()
         try:
             # as a jsonl question is checked: no control text, at most one <image> tag for the row's one image

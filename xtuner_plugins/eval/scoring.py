@@ -31,9 +31,9 @@ from typing import Mapping, Optional, Sequence, Tuple
 __all__ = ['normalize_answer', 'exact_match', 'anls', 'edit_distance', 'extract_option', 'option_by_letter',
            'option_by_text', 'read_option', 'READ_BY', 'METRICS']
 
-_NUMBERS = {w: str(i) for i, w in enumerate(
+_NUMBERS = dict({w: str(i) for i, w in enumerate(
     'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
-    'seventeen eighteen nineteen twenty'.split())}
+    'seventeen eighteen nineteen twenty'.split())}, none='0')   # the VQA evaluation's manualMap: 'none' is '0' too
 _ARTICLES = {'a', 'an', 'the'}
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
                  "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
@@ -122,7 +122,8 @@ _LETTER_PUNCT = str.maketrans({c: ' ' for c in '.()[],:;!*#{}'})
 _REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
              "I'm sorry, but without the image provided", 'Cannot determine the answer')
 # "... answer is B": VLMEvalKit's last try; its letter taken upper-case only here ("the answer is a cat" is no "A")
-_ANSWER_IS = re.compile(r'(?i:(?:correct\s+)?answer\s+is)\s+\**([A-Z])\**')
+# and the letter a word of its own: "The answer is Apple" named no option A (its text names B)
+_ANSWER_IS = re.compile(r'(?i:(?:correct\s+)?answer\s+is)\s+\**([A-Z])(?![A-Za-z0-9])\**')
 #: How a multiple-choice answer was read: by its letter, by an option's text in it, or not at all.
 READ_BY = ('letter', 'text', 'unmatched')
 
@@ -157,7 +158,7 @@ def option_by_text(answer: str, options: Mapping[str, str]) -> Optional[str]:
     text = str(answer).lower()
     if len(text) > 2 * sum(len(str(v)) for v in options.values()):
         return None
-    inside = [k for k, v in options.items() if str(v).lower() in text]
+    inside = [k for k, v in options.items() if str(v).strip() and str(v).lower() in text]   # '' is in every text
     return inside[0] if len(inside) == 1 else None
 
 

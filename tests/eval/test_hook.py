@@ -109,3 +109,31 @@ def test_low_image_reliance_stops_training_when_asked(tiny, tmp_path):
     out, _ = run(tiny, tmp_path / 'work', min_reliance=2.0, on_low_reliance='stop')  # reliance is at most 1
     assert out.returncode == 1 and 'image reliance' in out.log and 'is below 2.0 at iteration 2' in out.log, \
         out.summary()
+
+
+def test_a_question_that_cannot_be_asked_is_not_scored_and_training_goes_on(tiny, tmp_path):
+    """A question holding the tokenizer's special token, or whose image no longer decodes, raised out of the hook
+    and stopped training at the first evaluation, where tools/eval.py counts it not scored (docs/evaluation.md)."""
+    from types import SimpleNamespace
+
+    from tests.helpers import conv, write_jsonl
+    from xtuner_plugins.data import InternVLDataset
+    from xtuner_plugins.eval import EvalHook
+    from xtuner_plugins.models import VisionLanguageModel
+    whole = open(os.path.join(tiny['images'], 'a.png'), 'rb').read()
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'images' / 'a.png').write_bytes(whole)
+    (tmp_path / 'images' / 'cut.png').write_bytes(whole[:len(whole) // 2])   # its header reads, its pixels do not
+    questions = write_jsonl(tmp_path / 'q.jsonl', [
+        {'image': 'a.png', 'conversations': conv('Describe the image.', 'a picture')},
+        {'conversations': conv('What <|endoftext|> is it?', 'x', image=False)},
+        {'image': 'cut.png', 'conversations': conv('Describe it.', 'x')}])
+    model = VisionLanguageModel(vision_encoder=tiny['internvit'], llm=tiny['llm'], torch_dtype='float32')
+    dataset = InternVLDataset(tiny['mixed'], image_folders=tiny['images'], tokenizer=tiny['llm'], image_size=56,
+                              max_dynamic_patch=6, cache_dir=str(tmp_path / 'cache'))
+    said = []
+    runner = SimpleNamespace(model=model, train_dataloader=SimpleNamespace(dataset=dataset), iter=9,
+                             visualizer=SimpleNamespace(add_scalars=lambda *a, **k: said.append(a)))
+    hook = EvalHook(data_file=questions, image_folder=str(tmp_path / 'images'), max_new_tokens=2)
+    summary = hook.run(runner, 10)
+    assert summary['n'] == 1 and summary['not_scored'] == 2

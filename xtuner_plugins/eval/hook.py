@@ -38,7 +38,7 @@ from xtuner_plugins.data.tiling import image_tiles
 from xtuner_plugins.models.prompt import check_question
 
 from .data import first_questions, read_questions
-from .evaluate import MC_MODES, Report, evaluate
+from .evaluate import MC_MODES, Failure, Report, evaluate
 
 __all__ = ['EvalHook', 'TrainingModelAnswerer']
 
@@ -153,15 +153,21 @@ class EvalHook(Hook):
         padded = mine + [self.questions[0]] * (per_rank - len(mine))  # equal forward counts on every rank
         was_training = model.training
         model.eval()
+        failures: List[Failure] = []
         try:
             answerer = TrainingModelAnswerer(model, dataset, fixed_steps=world > 1,
                                              max_options=max((len(q.options) for q in self.questions), default=0))
-            results = evaluate(answerer, padded, blind=self.blind, metric=self.metric,
-                               max_new_tokens=self.max_new_tokens, mc=self.mc)[:len(mine)]
+            options = dict(blind=self.blind, metric=self.metric, max_new_tokens=self.max_new_tokens, mc=self.mc)
+            # a question that cannot be asked (control text, an image that no longer decodes) is not scored, as
+            # in tools/eval.py: it stopped the training at the first evaluation
+            results = evaluate(answerer, mine, failures=failures, **options)
+            if len(padded) > len(mine):   # the padding's forwards, for equal counts on every rank; not scored
+                evaluate(answerer, padded[len(mine):], failures=[], **options)
         finally:
             model.train(was_training)
-        gathered = [r for part in all_gather_object(results) for r in part]
-        report = Report(gathered)
+        parts = all_gather_object((results, failures))
+        gathered = [r for part, _ in parts for r in part]
+        report = Report(gathered, [f for _, part in parts for f in part])
         summary = dict(report.summary(), iter=iteration)
         self.history.append(summary)
         runner.visualizer.add_scalars({f'eval/{k}': v for k, v in summary.items() if k not in ('n', 'iter')},
@@ -170,6 +176,7 @@ class EvalHook(Hook):
                              + (f', blind {r.blind_answer!r})' if r.blind_answer is not None else ')')
                              for r in gathered[:self.show])
         read = f'  {report.read_line()}\n' if report.read_line() else ''
+        read += ''.join(f'  {line}\n' for line in report.not_scored().splitlines()[:self.show])
         print_log(f'eval at iteration {iteration} on {self.data_file}: {report.closing_line()}\n{report.table()}\n'
                   f'{read}  samples:\n{samples}', logger='current')
         reliance = summary.get('reliance')

@@ -343,6 +343,26 @@ def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, ca
     assert captured.out.strip().splitlines()[-1] == 'accuracy: 0.200 (5 questions)'
 
 
+def test_a_resume_whose_one_new_question_fails_still_scores_the_kept_answers(tmp_path, capsys, monkeypatch):
+    """A question added before --resume whose image does not decode: the report scored the two kept answers, then
+    eval said 'none of the 1 questions could be scored' and exited 2."""
+    import xtuner_plugins.cli.eval as cli
+    monkeypatch.setattr(cli, 'run_tool', lambda args, prog, use, errors=(): use(ColourModel()) or 0)
+    data = write_questions(tmp_path, 2)
+    run = ['model', '--data', data, '--no-blind', '--answers', str(tmp_path / 'a.jsonl')]
+    assert eval_main(run) == 0
+    whole = (tmp_path / '1.png').read_bytes()
+    (tmp_path / '2.png').write_bytes(whole[:len(whole) // 2])   # its header reads: it fails when asked
+    with open(data, 'a') as f:
+        f.write(json.dumps({'id': 2, 'image': '2.png', 'conversations': [
+            {'from': 'human', 'value': '<image>\nDescribe it.'}, {'from': 'gpt', 'value': 'x'}]}) + '\n')
+    capsys.readouterr()
+    assert eval_main(run + ['--resume']) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].endswith('(2 questions); 1 not scored'), captured.out
+    assert 'none of' not in captured.err
+
+
 def test_resume_refuses_answers_of_another_model_converted_into_the_same_folder(tmp_path, capsys, monkeypatch):
     """A model converted again into the folder an evaluation was resumed on: the first model's answers were kept
     and reported as the second's (found by an adversarial sweep). The model's files are in the settings now."""

@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         if report.read_line():
             print(report.read_line())
         print(report.closing_line())
-        if failures and not results:  # nothing scored: not a result
+        if failures and not report.results:  # nothing scored, this run or a resumed one's: not a result
             first = failures[0]
             raise NoneScored(f'none of the {len(failures)} questions could be scored; the first, {first.source}: '
                              f'{first.message} [{first.reason}]')

@@ -57,6 +57,19 @@ def test_bad_pairs_are_named_and_counted(tmp_path, tiny_tokenizer):
     assert 'must end with a human turn' in str(ds.load_problems[2])
 
 
+def test_a_pair_whose_answers_differ_only_where_the_tokenizer_normalises_is_a_bad_pair(tmp_path, tiny_tokenizer):
+    """'café' composed and 'cafe' + a combining accent: other texts, the same tokens (the tokenizer writes NFC, as
+    Qwen2's does), a pair that trains nothing (its margin always 0), kept as a pair."""
+    (tmp_path / 'i').mkdir()
+    lines = [{'question': 'Q?', 'chosen': 'caf\u00e9', 'rejected': 'cafe\u0301'},
+             {'question': 'Q?', 'chosen': 'caf\u00e9', 'rejected': 'cafe'}]
+    path = write_jsonl(tmp_path / 'p.jsonl', lines)
+    assert tiny_tokenizer('caf\u00e9')['input_ids'] == tiny_tokenizer('cafe\u0301')['input_ids']
+    ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=1)
+    assert ds[0]['skipped'] == [(f'{path}:1', 'bad_pair')] and ds.failed == {f'{path}:1': 'bad_pair'}
+    assert not ds[1]['skipped']   # other tokens: a pair
+
+
 def test_other_tools_pair_layouts_say_what_is_read(tmp_path, tiny_tokenizer):
     """LLaMA-Factory's {"from", "value"} answers were 'no chosen and no rejected answer' (they are there); TRL's
     "prompt" was 'the prompt must end with a human turn'."""

@@ -86,13 +86,18 @@ class InternVLPreferenceDataset(InternVLDataset):
     def judge_cut(self, fit: Fit) -> Optional[str]:
         """A pair's cut (see the module docstring): ``bad_pair`` when the kept answers are the same, else as SFT
         with both answers named."""
-        if not any(fit.cuts):
-            return None
         answers = []
         for e in fit.encoded:
             start, end = final_answer(e['labels'])
             answers.append(e['input_ids'][start:end])
-        if answers[0] == answers[1] or fit.encoded[0]['input_ids'] == fit.encoded[1]['input_ids']:
+        same = answers[0] == answers[1] or fit.encoded[0]['input_ids'] == fit.encoded[1]['input_ids']
+        if same and not any(fit.cuts):   # texts that differ only where the tokenizer normalises ('café' as
+            # 'cafe' + a combining accent, NFC): a margin of 0 always, no gradient
+            raise SampleError('bad_pair', 'chosen and rejected are the same tokens (their texts differ only in what '
+                                          'the tokenizer normalises, such as Unicode composition): nothing to prefer')
+        if not any(fit.cuts):
+            return None
+        if same:
             cut = max((c for c in fit.cuts if c), key=lambda c: c.lost)
             raise SampleError('bad_pair', f'chosen and rejected are the same once cut to max_length={self.max_length} '
                                           f'(a {cut.length}-token side lost {cut.lost} tokens): nothing to prefer')

@@ -284,6 +284,26 @@ def test_preference_settings_that_leave_no_reference_are_refused(tiny):
         build(tiny, freeze_projector=True, llm_lora=lora, preference=dict(beta=0.1), loss_chunk=64)
 
 
+@pytest.mark.parametrize('setting, says', [
+    (dict(types=('sigmoid',)), 'beta must be a number > 0'),   # a TypeError at the first step
+    (dict(beta=0.1, loss_type='ipo'), "'loss_type' not known"),
+    (dict(beta=0.1, types='sigmoid'), 'types must be a non-empty list'),   # read letter by letter
+    (dict(beta=0.1, types=()), 'types must be a non-empty list'),   # a loss of 0 with no gradient
+    (dict(beta=-0.1), 'beta must be a number > 0'), (dict(beta=0), 'beta must be a number > 0'),
+    (dict(beta=float('nan')), 'beta must be a number > 0'),   # a NaN loss
+    (dict(beta=0.1, types=('sigmoid', 'sft'), weights=(1.0,)), 'weights must be one number for each'),
+])
+def test_preference_loss_settings_are_refused_before_the_model_loads(tiny, setting, says, monkeypatch):
+    """They were read at the first training step (a raw TypeError), or not at all (a negative beta flipped the
+    preference, NaN trained on NaN)."""
+    from tests.models.conftest import build
+    from xtuner_plugins.models import internvl
+    monkeypatch.setattr(internvl, 'build_parts', lambda *a, **k: pytest.fail('the parts were built first'))
+    with pytest.raises(ValueError, match=says):
+        build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
+              preference=setting)
+
+
 def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):
     """Full MPO (LLM and projector trained): the reference is a frozen copy of both, equal to the policy at first
     (the DPO term is log 2), unchanged by training, reached by no gradient, in eval mode, and not in the model's

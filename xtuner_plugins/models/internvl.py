@@ -194,7 +194,8 @@ class VisionLanguageModel(BaseModel):
         init_seed = torch.initial_seed()
         if preference is not None:
             from .preference import check_setting
-            check_setting(llm_lora, vision_lora, frozen=freeze_llm and freeze_projector and freeze_vision)
+            check_setting(llm_lora, vision_lora, frozen=freeze_llm and freeze_projector and freeze_vision,
+                          preference=preference)
         if not cudnn_attention:
             cudnn_attention_off()
         # before any weight loads: a refusal (no GPU, compile_blocks, ZeRO-3) costs seconds, not the LLM's loading

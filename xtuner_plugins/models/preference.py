@@ -47,7 +47,7 @@ from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds
 from .cpu_attention import as_sdpa
 from .loss import supervised_positions
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_setting', 'frozen_copies', 'pair_features', 'pair_loss',
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_losses', 'check_setting', 'frozen_copies', 'pair_features', 'pair_loss',
            'preference_losses', 'reward_accuracy', 'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
@@ -178,10 +178,15 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
     return copies.requires_grad_(False).eval()
 
 
-def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen: bool) -> None:
-    """Refuse a ``preference=`` setting whose reference policy cannot be built: with ``llm_lora`` the reference is
-    the model with its LLM's adapters off, so nothing else may train; without it the reference is a frozen copy
-    of the trained parts, so something must train (``frozen``: the LLM, projector and tower all frozen)."""
+def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen: bool,
+                  preference: Optional[dict] = None) -> None:
+    """Refuse a ``preference=`` setting whose loss cannot be computed (its keys and values, checked here, before
+    anything loads: a missing ``beta`` was a TypeError at the first step, a negative one flipped the preference
+    without a word) or whose reference policy cannot be built: with ``llm_lora`` the reference is the model with
+    its LLM's adapters off, so nothing else may train; without it the reference is a frozen copy of the trained
+    parts, so something must train (``frozen``: the LLM, projector and tower all frozen)."""
+    if preference is not None:
+        check_losses(preference)
     if llm_lora is not None and (not frozen or vision_lora is not None):
         raise Refused('preference training with llm_lora needs the LLM, projector and vision tower frozen and '
                       'no vision_lora (the reference policy is the model with its LLM adapters off); for '
@@ -190,6 +195,35 @@ def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen:
         raise Refused('full preference training (the reference policy a frozen copy of the trained parts) '
                       'needs something trained (freeze_llm, freeze_projector or freeze_vision False) and no '
                       'vision_lora')
+
+
+def check_losses(preference) -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`) a ``preference=`` dict that :func:`preference_losses`
+    cannot take: keys other than ``beta``, ``types`` and ``weights``; no ``beta`` or one not a finite number > 0;
+    ``types`` not a non-empty list of :data:`LOSS_TYPES`; ``weights`` not one finite number each."""
+    import math
+    example = "e.g. dict(beta=0.1) (DPO), or MPO's dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, " \
+              "1.0), beta=0.1)"
+    if not isinstance(preference, dict):
+        raise Refused(f'preference must be a dict, got {type(preference).__name__}: {example}')
+    unknown = sorted(set(preference) - {'beta', 'types', 'weights'})
+    if unknown:
+        raise Refused(f'preference: {", ".join(map(repr, unknown))} not known (its keys: beta, types, weights; '
+                      f'types {LOSS_TYPES}): {example}')
+    beta = preference.get('beta')
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise Refused(f'preference: beta must be a number > 0 (how far the policy may move from the reference; '
+                      f'a negative one prefers the rejected answers), got {beta!r}: {example}')
+    types = preference.get('types', ('sigmoid',))
+    if isinstance(types, str) or not isinstance(types, (list, tuple)) or not types \
+            or any(t not in LOSS_TYPES for t in types):
+        raise Refused(f'preference: types must be a non-empty list of {LOSS_TYPES}, got {types!r}: {example}')
+    weights = preference.get('weights')
+    if weights is not None and (isinstance(weights, str) or not isinstance(weights, (list, tuple))
+                                or len(weights) != len(types)
+                                or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                                       for w in weights)):
+        raise Refused(f'preference: weights must be one number for each of types {list(types)}, got {weights!r}')
 
 
 def pair_features(model, pixel_values: torch.Tensor) -> Optional[torch.Tensor]:

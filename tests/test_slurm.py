@@ -142,7 +142,7 @@ def test_a_port_in_use_on_rank_0s_node_is_refused_in_one_line(monkeypatch, capsy
     monkeypatch.setenv('SLURM_PROCID', '0')
     slurm.prepare_slurm_env()  # free again
     monkeypatch.setenv('MASTER_PORT', '29500x')  # a typo: one line on every rank, not int()'s traceback
-    for rank in ('0', '3'):
+    for rank in ('0', '1'):
         monkeypatch.setenv('SLURM_PROCID', rank)
         with pytest.raises(SystemExit):
             slurm.prepare_slurm_env()

@@ -55,3 +55,13 @@ def test_an_internvit_normalised_otherwise_goes_to_the_remote_folder(tmp_path):
         with pytest.raises(ValueError, match=rf'--format {fmt} does not fit this model: pixel mean \[0.5, 0.5, 0.5\] '
                                              r'and std \[0.5, 0.5, 0.5\] .*formats that fit: remote'):
             choose_format(vlm, fmt)
+
+
+def test_an_llm_with_final_logit_softcapping_is_not_written_for_transformers_classes(tmp_path):
+    """Gemma-2 caps its logits after its lm_head (tanh(x / 30) * 30); transformers' InternVL and LLaVA classes call
+    the lm_head themselves: their logits were 0.03 off on a tiny model (every option's likelihood with them)."""
+    vlm = model(tmp_path, 56)
+    vlm.language_model.config.final_logit_softcapping = 30.0
+    assert choose_format(vlm, 'auto') == 'official'
+    with pytest.raises(ValueError, match=r'--format hf does not fit this model: final_logit_softcapping 30.0 '):
+        choose_format(vlm, 'hf')

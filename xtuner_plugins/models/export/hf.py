@@ -15,6 +15,16 @@ from .layouts import hf_state_dict
 from .official import internvl_misfit, shuffle_arithmetic_misfit
 
 
+def softcap_misfit(model) -> Optional[str]:
+    """Why transformers' ``InternVLForConditionalGeneration`` and ``LlavaForConditionalGeneration`` would not give
+    the LLM's logits, or None: they call its ``lm_head`` themselves, without the final logit soft-capping an LLM
+    such as Gemma-2 applies after it (``tanh(x / cap) * cap``: logits 0.03 off on a tiny model, far more on a real
+    one, and every option's likelihood with them)."""
+    cap = getattr(model.language_model.config, 'final_logit_softcapping', None)
+    return (f'final_logit_softcapping {cap} (transformers\' vision-language classes call the LLM\'s lm_head '
+            f'themselves, without it)') if cap else None
+
+
 def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
     """Why transformers' ``InternVLForConditionalGeneration`` cannot run ``model`` as it was trained, or None: an
     InternVL model (:func:`~.official.internvl_misfit`) whose features are the last layer's (transformers 4.57's
@@ -27,6 +37,9 @@ def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
     if model.select_layer != -1:
         reasons.append(f'select_layer {model.select_layer} (transformers\' InternVL fails on a layer other than '
                        f'the last, -1)')
+    softcap = softcap_misfit(model)
+    if softcap:
+        reasons.append(softcap)
     arithmetic = shuffle_arithmetic_misfit(model, float_modulo=True)
     if arithmetic:
         reasons.append(arithmetic)

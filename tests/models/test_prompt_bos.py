@@ -64,3 +64,15 @@ def test_ask_batch_builds_the_training_prompts(model):
     assert model.ask_batch([QUESTION, QUESTION], [[IMAGE], [IMAGE]], dict(max_new_tokens=8)) == [ANSWER, ANSWER]
     assert model.model.prompts == [ids[:first]] * 2
 
+
+
+def test_token_type_ids_are_not_handed_on():
+    """A tokenizer that returns token_type_ids (model_input_names left at its default, as Falcon-style folders
+    ship) made an hf folder's generate refuse them: 'The following model_kwargs are not used by the model'."""
+    from transformers import BatchFeature
+
+    from xtuner_plugins.models.prompt import encode_prompt
+
+    def processor(text, **kwargs):
+        return BatchFeature({'input_ids': [[1, 2]], 'attention_mask': [[1, 1]], 'token_type_ids': [[0, 0]]})
+    assert sorted(encode_prompt(processor, 'hi')) == ['attention_mask', 'input_ids']

@@ -114,12 +114,16 @@ def encode_prompt(processor, prompt, **kwargs):
     with the tokenizer's bos once: a converted folder's template writes the bos of a tokenizer that adds one
     (``export/files.py``'s ``chat_template``), which the tokenizer must then not add again; a folder written before
     that (no bos in its template) gets it from the tokenizer, as before. transformers' own
-    ``processor.apply_chat_template(..., tokenize=True)`` decides the same way."""
+    ``processor.apply_chat_template(..., tokenize=True)`` decides the same way. No ``token_type_ids``: the
+    vision-language classes take none."""
     first = prompt[0] if isinstance(prompt, (list, tuple)) and prompt else prompt
     bos = getattr(getattr(processor, 'tokenizer', None), 'bos_token', None)
     if bos and isinstance(first, str) and first.startswith(bos):
         kwargs['add_special_tokens'] = False
-    return processor(text=prompt, **kwargs)
+    inputs = processor(text=prompt, **kwargs)
+    inputs.pop('token_type_ids', None)   # a tokenizer that returns them (Falcon-style model_input_names): generate
+    # refused them ('model_kwargs are not used by the model')
+    return inputs
 
 
 def prompt_inputs(model, question: str, images: Sequence = ()) -> Dict[str, torch.Tensor]:

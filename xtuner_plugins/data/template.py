@@ -45,6 +45,7 @@ INTERNVL_ADDED_TOKENS: Tuple[str, ...] = (
     '<img>', '</img>', '<IMG_CONTEXT>', '<quad>', '</quad>', '<ref>', '</ref>', '<box>', '</box>',
 )
 
+from xtuner_plugins.errors import Refused  # noqa: E402
 # InternVL's default system message of its ``internvl2_5`` template (OpenGVLab/InternVL
 # ``internvl_chat/internvl/conversation.py``); one copy, in the conversation file shipped with converted models.
 from xtuner_plugins.remote_code.conversation import INTERNVL_SYSTEM_MESSAGE  # noqa: E402
@@ -152,15 +153,17 @@ def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str =
     it belongs to an LLM trained with another chat template, whose answers would never end with the stop word.
 
     Raises:
-        ValueError: naming ``where`` (the tokenizer's folder), the marker and its token count.
+        Refused: (a ``ValueError``) naming ``where`` (the tokenizer's folder), the marker and its token count.
     """
     template = get_template(template)
     for marker in template_markers(template):
         ids = tokenizer.encode(marker, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f'{where}: the tokenizer encodes {marker!r} of template {template.name!r} as {len(ids)} '
-                             f'tokens, not 1: this LLM was trained with another chat template; give a template it '
-                             f'knows (registered: {sorted(TEMPLATES)})')
+            raise Refused(f'{where}: the tokenizer encodes {marker!r} of template {template.name!r} as {len(ids)} '
+                          f'tokens, not 1: this LLM was trained with another chat template (Llama 3, Mistral, Gemma '
+                          f'and Phi-3 tokenizers have no ChatML markers), and templates are registered for ChatML '
+                          f'only ({sorted(TEMPLATES)}: Qwen2.5, Qwen3, InternLM, or a tokenizer given '
+                          f'<|im_start|> and <|im_end|> as tokens)')
 
 
 def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:

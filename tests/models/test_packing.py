@@ -235,3 +235,38 @@ def test_varlen_attn_repeats_key_heads_for_a_kernel_without_enable_gqa(monkeypat
                                                                     enable_gqa=True)[0].transpose(0, 1)
         torch.testing.assert_close(got[start:end], expected)
     assert len(calls) == 1
+
+
+def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its_window_would_be_ignored(tiny, batch):
+    """Packed rows (their block masks and per-sample kernels) and sdpa_segments / flex_attention attend over the
+    whole sample: a tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's
+    logits 4.8 off). Padded rows under sdpa take transformers' window mask; a window longer than every sample
+    changes nothing."""
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    from xtuner_plugins.errors import Refused
+    from xtuner_plugins.models.attention import sliding_window
+    assert sliding_window(MistralConfig(sliding_window=8)) == 8 and sliding_window(MistralConfig()) == 4096
+    assert sliding_window(Qwen2Config(sliding_window=4096)) is None   # use_sliding_window False: Qwen2.5's configs
+    assert sliding_window(Gemma2Config(sliding_window=512)) == 512 and sliding_window(MistralConfig(
+        sliding_window=None)) is None
+    items = split_batch(batch)
+    packed = internvl_collate_fn([pack_items(items)])['data']
+    longest = max(int(n) for n in packed['seq_lens'][0])
+    for attn, data in (('sdpa', packed), ('sdpa_segments', packed), ('sdpa_segments', batch),
+                       ('flex_attention', batch)):
+        model = build(tiny, attn_implementation=attn).eval()
+        config = model.language_model.config   # the tiny Qwen2's window turned on
+        config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
+        with pytest.raises(Refused, match=rf'sliding window of 8 tokens, which .* do not apply: a sample of \d+ '
+                                          r'tokens'):
+            with torch.no_grad():
+                model(data, mode='tensor')
+        model.language_model.config.sliding_window = longest + 1   # every sample within it: as before
+        with torch.no_grad():
+            model(data, mode='tensor')
+    model = build(tiny, attn_implementation='sdpa').eval()
+    config = model.language_model.config
+    config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
+    with torch.no_grad():
+        model(batch, mode='tensor')   # padded rows: transformers' own window mask

@@ -144,10 +144,46 @@ def _register() -> None:
 _register()
 
 
+def sliding_window(config) -> Optional[int]:
+    """The window of an LLM whose layers (some of them) attend to the last N tokens only (Mistral v0.1, Gemma-2
+    and 3, Qwen2 with ``use_sliding_window``), read as transformers reads it; None for full attention."""
+    window = getattr(config, 'sliding_window', None)
+    if not window:
+        return None
+    kinds = getattr(config, 'layer_types', None)
+    if kinds is not None:
+        return int(window) if 'sliding_attention' in kinds else None
+    return None if getattr(config, 'use_sliding_window', True) is False else int(window)
+
+
+def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int]) -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`) a batch whose attention would ignore the LLM's sliding
+    ``window``: packed rows (their block-causal masks and per-sample kernels attend over the whole sample; flash
+    attention's varlen kernel takes the window) and ``flex_attention`` / ``sdpa_segments`` rows (the same), with a
+    sample longer than the window. It trained silently on attention the model never runs: a tiny Mistral's
+    converted folder answered otherwise, logits 4.8 off."""
+    if not window or attn == 'flash_attention_2' or (data.get('seq_lens') is None
+                                                      and attn not in ('flex_attention', *SEGMENTED)):
+        return
+    if data.get('seq_lens') is not None:
+        longest = max((int(n) for lens in data['seq_lens'] for n in lens), default=0)
+    else:
+        mask = data.get('attention_mask')
+        longest = int(mask.sum(1).max()) if mask is not None else embeds.shape[1]
+    if longest > window:
+        from xtuner_plugins.errors import Refused
+        how = 'packed rows' if data.get('seq_lens') is not None else f'attn_implementation={attn!r}'
+        raise Refused(f'the LLM attends through a sliding window of {window} tokens, which {how} do not apply: a '
+                      f'sample of {longest} tokens would train attention the model never runs; train unpacked with '
+                      f'attn_implementation=\'sdpa\' (or flash_attention_2 on a GPU), or keep samples within '
+                      f'{window} tokens (max_length)')
+
+
 def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
-                  attn: str) -> Tuple[object, Optional[torch.Tensor]]:
+                  attn: str, window: Optional[int] = None) -> Tuple[object, Optional[torch.Tensor]]:
     """``(attention_mask for the LLM, [B, L] sample ids of packed rows or None)`` for a batch (see the module
-    docstring); ``attn`` the LLM's attention implementation."""
+    docstring); ``attn`` the LLM's attention implementation, ``window`` its sliding window (:func:`check_window`)."""
+    check_window(data, embeds, attn, window)
     attention_mask = data.get('attention_mask')
     if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
         segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)

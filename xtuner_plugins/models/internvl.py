@@ -35,7 +35,8 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
-from .attention import SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds
+from .attention import (SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds,
+                        sliding_window)
 from .compile import compile_model
 from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
 from .liger import apply_liger, check_liger
@@ -395,7 +396,8 @@ class VisionLanguageModel(BaseModel):
             return pair_loss(self, data)
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
         position_ids = data.get('position_ids')
-        attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation))
+        attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation),
+                                                  sliding_window(self.language_model.config))
         kwargs, positions = {}, None
         if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])

@@ -43,7 +43,7 @@ from torch import nn
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.errors import Refused
 
-from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds
+from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds, sliding_window
 from .cpu_attention import as_sdpa
 from .loss import supervised_positions
 
@@ -251,7 +251,8 @@ def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         raise ValueError('a batch of preference pairs, but the model has no preference= setting')
     features = pair_features(model, data['pixel_values'])
     embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'], features=features)
-    attention_mask, segments = llm_attention(data, embeds, as_sdpa(model.language_model.config._attn_implementation))
+    attention_mask, segments = llm_attention(data, embeds, as_sdpa(model.language_model.config._attn_implementation),
+                                              sliding_window(model.language_model.config))
     rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
     pairs = rows  # one pair per row, unless packed
     if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows

@@ -249,6 +249,12 @@ def test_llava_folders_are_refused_before_anything_is_written(setup, tmp_path, c
     (lambda c: c.update(ps_version='v1'), "ps_version 'v1'"),
     (lambda c: c.update(select_layer=-2), 'select_layer -2'),
     (lambda c: c.update(model_type='internvl'), "transformers' InternVL layout"),
+    # llama.cpp's Gemma maps no lm_head (its converter failed with a traceback), and applies no sliding window to
+    # a Mistral's (the answers differed without a word)
+    (lambda c: c['llm_config'].update(architectures=['Gemma2ForCausalLM'], model_type='gemma2'),
+     "LLM 'Gemma2ForCausalLM': llama.cpp's Gemma reads the embeddings as its head"),
+    (lambda c: c['llm_config'].update(use_sliding_window=True, sliding_window=8, layer_types=None),
+     'a sliding window of 8 tokens in the LLM'),
 ])
 def test_what_llama_cpp_cannot_take_is_refused_with_the_reason(setup, tmp_path, capsys, edit, why):
     refused(tmp_path, capsys, edited(tmp_path, setup, edit), 'cannot be converted to GGUF', why)

@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from .files import Log, _print
@@ -123,6 +124,16 @@ def config_misfit(config: dict, tree: str) -> Optional[str]:
         reasons.append(f'ps_version {config["ps_version"]!r} (llama.cpp implements pixel shuffle v2)')
     if config.get('select_layer', -1) != -1:
         reasons.append(f'select_layer {config["select_layer"]} (llama.cpp takes the last layer\'s features)')
+    if str(llm.get('model_type', '')).startswith('gemma') or str(arch or '').startswith('Gemma'):
+        reasons.append(f'LLM {arch or llm.get("model_type")!r}: llama.cpp\'s Gemma reads the embeddings as its head '
+                       f'and maps no lm_head, which the official folder writes apart (its converter failed on '
+                       f'\'lm_head.weight\')')
+    from ..attention import sliding_window
+    window = sliding_window(SimpleNamespace(**{k: llm.get(k) for k in ('sliding_window', 'layer_types')},
+                                            use_sliding_window=llm.get('use_sliding_window', True)))
+    if window:   # a tiny Mistral with an 8-token window answered otherwise through llama.cpp, without a word
+        reasons.append(f'a sliding window of {window} tokens in the LLM, which llama.cpp\'s graph for it does not '
+                       f'apply')
     return '; '.join(reasons) or None
 
 
@@ -137,7 +148,8 @@ def model_misfit(model) -> Optional[str]:
     if misfit:
         return f'llama.cpp reads InternVL\'s official layout only: {misfit}'
     config = {'model_type': 'internvl_chat', 'vision_config': hf_to_official_vision_config(model.vision_model.config),
-              'llm_config': {'architectures': [type(model.language_model).__name__]},
+              'llm_config': dict(model.language_model.config.to_dict(),
+                                 architectures=[type(model.language_model).__name__]),
               'downsample_ratio': model.downsample_ratio, 'ps_version': model.ps_version,
               'select_layer': model.select_layer}
     return config_misfit(config, tree)

@@ -84,9 +84,11 @@ def write_hf(model: VisionLanguageModel, tiling: dict, out_dir: str, dtype: torc
     save_tokenizer(model, out_dir, extra={'start_image_token': IMG_START_TOKEN, 'end_image_token': IMG_END_TOKEN,
                                           'context_image_token': IMG_CONTEXT_TOKEN, 'video_token': '<video>'},
                    system=system, image_text=IMG_CONTEXT_TOKEN + '\n')  # the processor wraps it in <img></img>
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorFast, InternVLProcessor, InternVLVideoProcessor
+    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    image_processor = GotOcr2ImageProcessorFast(
+    # the slow processor (Pillow's resize, as training's tiles): the fast one (torchvision's) was one 8-bit level
+    # off on every image it resized; loaded as saved unless use_fast=True is asked for
+    image_processor = GotOcr2ImageProcessor(
         crop_to_patches=True, min_patches=int(tiling['min_dynamic_patch']),
         max_patches=int(tiling['max_dynamic_patch']), size={'height': image_size, 'width': image_size},
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_normalize=True, do_rescale=True,

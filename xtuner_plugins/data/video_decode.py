@@ -10,14 +10,11 @@ import io
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
 from .errors import SampleError
-
-if TYPE_CHECKING:   # video.py imports this module
-    from .video import VideoInfo
 
 __all__ = ['VideoBytes', 'av_module', 'open_stream', 'count_packets', 'clockwise_turn', 'upright', 'decode_wanted']
 
@@ -137,13 +134,13 @@ def upright(frame, rotate_tag: Optional[str] = None) -> Image.Image:
     return image if turn is None else image.transpose(turn)
 
 
-def decode_wanted(info: 'VideoInfo', wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
-    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique), seeking in a seekable file to the
-    keyframe before a frame where a keyframe lies between the last frame decoded and it (by the keyframes' packets'
-    stamps; one keyframe for a whole file: decoding on, never from the start again; without stamps, where the frame
-    is further ahead than the longest keyframe interval seen), else decoding on. Frame ``i`` of a file is the one
-    with the ``i``-th presentation timestamp (:func:`_frame_stamps`), so a variable frame rate gives the frames
-    asked for; a GIF's frames go by order.
+def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
+    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique) of ``info`` (``video.VideoInfo``),
+    seeking in a seekable file to the keyframe before a frame where a keyframe lies between the last frame decoded
+    and it (by the keyframes' packets' stamps; one keyframe for a whole file: decoding on, never from the start
+    again; without stamps, where the frame is further ahead than the longest keyframe interval seen), else decoding
+    on. Frame ``i`` of a file is the one with the ``i``-th presentation timestamp (:func:`_frame_stamps`), so a
+    variable frame rate gives the frames asked for; a GIF's frames go by order.
 
     A seek lands on a keyframe by its decode time, and with B-frames the frames shown just before that keyframe
     may need the one before it (an open GOP, MPEG-4 Part 2's B-frames): the decoder drops them. A frame asked for
@@ -221,7 +218,7 @@ def decode_wanted(info: 'VideoInfo', wanted: List[int], max_decoded_pixels: Opti
     return out
 
 
-def _frame_pixels(info: 'VideoInfo', frame, number: int, decoded: int, budget: Optional[int]) -> int:
+def _frame_pixels(info, frame, number: int, decoded: int, budget: Optional[int]) -> int:
     """A decoded frame's pixels, checked against ``info.max_pixels`` (before it is converted) and, with those
     ``decoded`` before it, against ``budget``."""
     pixels = frame.width * frame.height

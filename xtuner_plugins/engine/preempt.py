@@ -26,18 +26,20 @@ its ranks), ``=0`` never.
 A DataLoader worker gets Slurm's SIGTERM too (every process of the job), and torch's worker loop sets a handler of
 its own that ends the worker at once: its rank's SIGCHLD handler then raised "DataLoader worker ... is killed by
 signal: Terminated" in the middle of the iteration, and nothing was saved (the base configs run 4 workers). Where
-the hook is wanted, a worker lets the first SIGTERM pass (:func:`_patch_worker_signals`): its rank stops it when it
-stops (or Slurm's SIGKILL does); a second SIGTERM ends it (torch's own ``terminate`` of a worker that did not stop
-when told, then multiprocessing's at exit).
+the hook is wanted, a worker lets the first SIGTERM pass and puts torch's handler back
+(:func:`_patch_worker_signals`): its rank ends it when it stops, and at exit (:func:`end_workers`), as its iterator
+would; a worker that does not stop when told gets torch's ``terminate``, which its handler then takes.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import signal
 import time
+import weakref
 from typing import List, Optional, Tuple
 
 from mmengine.hooks import Hook
@@ -109,6 +111,7 @@ class SaveOnSignalHook(Hook):
                     'nothing saved (no iteration checkpoint hook); the last checkpoint stays')
             line = f'train: stopped by {name} at iteration {runner.iter + 1}: {what}'
             print_log(line, logger='current')
+        end_workers()
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
     @staticmethod
@@ -200,28 +203,57 @@ def resume_requeued(runner) -> bool:
     return resume
 
 
-def _first_sigterm_passes(signum, frame) -> None:
-    """A DataLoader worker's SIGTERM handler: this one passes; the next ends the worker (the default action)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+#: the DataLoader iterators with workers of this process (where :func:`wanted`), ended in order at exit
+_ITERATORS: 'weakref.WeakSet' = weakref.WeakSet()
+
+
+def end_workers() -> None:
+    """End the workers of this process's DataLoader iterators the way their iterator ends them (told to stop,
+    joined; one that does not stop gets torch's ``terminate``), before the rank exits: a worker lets the first
+    SIGTERM pass (:func:`_patch_worker_signals`), so multiprocessing's own ``terminate`` at exit must not be the
+    first one it gets (its ``join`` would wait for ever)."""
+    for iterator in list(_ITERATORS):
+        try:
+            iterator._shutdown_workers()
+        except Exception:   # noqa: BLE001 - ending anyway: the rank is exiting
+            pass
 
 
 def _patch_worker_signals() -> bool:
     """torch's worker loop calls ``signal_handling._set_worker_signal_handlers`` (through the module, in the worker,
-    forked with this process's modules) before the worker's first sample: after it, where :func:`wanted`, SIGTERM's
-    handler is :func:`_first_sigterm_passes` (module docstring)."""
+    forked with this process's modules) before the worker's first sample: after it, where :func:`wanted`, the
+    first SIGTERM only puts torch's handlers back (the next SIGTERM: from the rank, torch ends the worker quietly;
+    from anyone else, the signal does). The rank records its iterators, and ends their workers at exit and when
+    the hook stops it (:func:`end_workers`)."""
+    from torch.utils.data import dataloader
     from torch.utils.data._utils import signal_handling
     original = signal_handling._set_worker_signal_handlers
     if getattr(original, _PATCH_MARK, False):
         return False
 
+    def first_sigterm_passes(signum, frame) -> None:
+        original()
+
     @functools.wraps(original)
     def set_worker_signal_handlers(*args, **kwargs):
         original(*args, **kwargs)
         if wanted():
-            signal.signal(signal.SIGTERM, _first_sigterm_passes)
+            signal.signal(signal.SIGTERM, first_sigterm_passes)
 
-    setattr(set_worker_signal_handlers, _PATCH_MARK, True)
+    iterator_class = dataloader._MultiProcessingDataLoaderIter
+    init = iterator_class.__init__
+
+    @functools.wraps(init)
+    def recorded_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if wanted():
+            _ITERATORS.add(self)
+
+    for fn in (set_worker_signal_handlers, recorded_init):
+        setattr(fn, _PATCH_MARK, True)
     signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
+    iterator_class.__init__ = recorded_init
+    atexit.register(end_workers)   # after multiprocessing's, so run before it
     return True
 
 

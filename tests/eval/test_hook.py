@@ -137,3 +137,8 @@ def test_a_question_that_cannot_be_asked_is_not_scored_and_training_goes_on(tiny
     hook = EvalHook(data_file=questions, image_folder=str(tmp_path / 'images'), max_new_tokens=2)
     summary = hook.run(runner, 10)
     assert summary['n'] == 1 and summary['not_scored'] == 2
+    # before training every rank leaves them out alike (one failing mid-evaluation on one rank would leave the
+    # others waiting under ZeRO-3)
+    hook.before_train(runner)
+    assert [q.prompt for q in hook.questions] == [hook.questions[0].prompt] and len(hook.questions) == 1
+    assert 'not_scored' not in hook.run(runner, 20)   # none left to fail

@@ -132,6 +132,31 @@ class EvalHook(Hook):
         self.history: List[dict] = []
         self._last_iter = -1
 
+    def before_train(self, runner) -> None:
+        """Leave out, counted and named in one warning, the questions the model cannot be asked (its tokenizer's
+        special tokens in them, an image that does not decode): every rank reads the same file and drops the same
+        ones, so the ranks' forward counts stay equal (a question failing on one rank only, mid-evaluation, would
+        leave the others waiting under ZeRO-3)."""
+        from xtuner_plugins.data.errors import SampleError
+        from xtuner_plugins.engine.nonfinite import unwrap_model
+        tokenizer = getattr(unwrap_model(runner.model), 'tokenizer', None)
+        kept, dropped = [], []
+        for q in self.questions:
+            try:
+                if tokenizer is not None:
+                    check_question(q.prompt, tokenizer)
+                for image in q.images:
+                    if isinstance(image, str):
+                        load_image(image)
+                kept.append(q)
+            except SampleError as err:
+                dropped.append(f'{q.source}: {err}')
+        if dropped:
+            self.questions = kept
+            print_log(f'EvalHook: {len(dropped)} of {len(kept) + len(dropped)} questions of {self.data_file} left '
+                      f'out, not asked: {dropped[0]}' + (f' (and {len(dropped) - 1} more)' if len(dropped) > 1
+                                                         else ''), logger='current', level=30)
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.interval > 0 and self.every_n_train_iters(runner, self.interval):
             self.run(runner, runner.iter + 1)
@@ -145,6 +170,8 @@ class EvalHook(Hook):
         from xtuner_plugins.engine.checks import _unwrap
         from xtuner_plugins.engine.nonfinite import unwrap_model
         self._last_iter = iteration
+        if not self.questions:   # every one left out (before_train said so)
+            return dict(iter=iteration)
         model = unwrap_model(runner.model)
         dataset = _unwrap(runner.train_dataloader.dataset, 'dataset')
         rank, world = get_dist_info()

@@ -146,6 +146,7 @@ def _other_conversion(out: str) -> Optional[str]:
     counts), or None. This machine's gone conversions' claims were removed by :func:`recover_leftovers`."""
     parent, base = os.path.split(out)
     claims = re.compile(re.escape(base) + r'\.converting-(\d+)$')
+    elsewhere = None   # this machine's running conversion named first, whatever the names' order (it was by pid)
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         found = claims.match(name)
         pid = int(found.group(1)) if found else None
@@ -154,10 +155,10 @@ def _other_conversion(out: str) -> Optional[str]:
         here = _claimed_here(out, pid)
         if here and _running(pid):
             return f'pid {pid} on this machine'
-        if here is False:
-            return (f'{os.path.join(parent, name)} claims it for a conversion on another machine; remove that file '
-                    'once that conversion is over')
-    return None
+        if here is False and elsewhere is None:
+            elsewhere = (f'{os.path.join(parent, name)} claims it for a conversion on another machine; remove that '
+                         'file once that conversion is over')
+    return elsewhere
 
 
 def recover_leftovers(out: str, log: Log) -> None:

@@ -334,9 +334,9 @@ MAX_PAD_SQUARE = 1 << 26
 
 def shrunk_for_padding(image: Image.Image, image_size: int) -> Image.Image:
     """``image`` as it is, or, when its padded square would be over :data:`MAX_PAD_SQUARE` pixels and over twice
-    its own (and its longer side over ``4 * image_size``), first resized (bicubic) to a longer side of ``4 * image_size``: the tile then differs from padding at
-    full size only by the resampling's rounding. Other images are padded at full size, as LLaVA and transformers'
-    processor do, pixel for pixel."""
+    its own (and its longer side over ``4 * image_size``), first resized (bicubic) to a longer side of
+    ``4 * image_size``: the tile then differs from padding at full size only by the resampling's rounding. Other
+    images are padded at full size, as LLaVA and transformers' processor do, pixel for pixel."""
     side = max(image.size)
     if side <= 4 * image_size or side * side <= max(MAX_PAD_SQUARE, 2 * image.width * image.height):
         return image

@@ -293,7 +293,6 @@ def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: to
                   ('out', out, (b, n, h, d), query.dtype), ('lse', lse, (b, h, n), torch.float32))
     query, key, value, out, grad = _rows(query, key, value, out, grad)
     kept, pointer, nb = _bounds(bounds, query, key)
-    b, h, n, d = query.shape
     dq = torch.empty(b, n, h, d, dtype=query.dtype).transpose(1, 2)
     dk = torch.zeros(key.shape, dtype=torch.float32)
     dv = torch.zeros(value.shape, dtype=torch.float32)
@@ -353,8 +352,7 @@ def opt_out(model: torch.nn.Module) -> None:
 def takes(module, query, key, value, attention_mask, dropout, is_causal, scale, kwargs) -> bool:
     """Whether the kernel computes this call of ``module`` exactly as SDPA would (the rest goes to SDPA); ``scale``:
     the scores' factor (the kernel's row maximum assumes it positive)."""
-    tensors = (query, key, value)   # under deterministic algorithms SDPA: the kernel sums grouped heads' dk and dv
-    # in the order its threads finish (the last bits differ from run to run)
+    tensors = (query, key, value)
     if module in _OPTED_OUT or not cpu_pays() or attention_mask is not None or dropout or not scale > 0 \
             or kwargs.get('output_attentions') or kwargs.get('head_mask') is not None:
         return False
@@ -368,6 +366,8 @@ def takes(module, query, key, value, attention_mask, dropout, is_causal, scale, 
     return (b > 0 and h > 0 and d > 0 and key.shape[0] == b and kv > 0 and h % kv == 0 and key.shape == value.shape
             and key.shape[-1] == d and d % 2 == 0 and key.shape[2] > 0 and n > 0
             and (not is_causal or n == key.shape[2]) and not _transformed(query)
+            # under deterministic algorithms SDPA: the kernel sums grouped heads' dk and dv in the order its
+            # threads finish (the last bits differ from run to run)
             and not torch.are_deterministic_algorithms_enabled() and library() is not None)
 
 

@@ -65,6 +65,8 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
                                                    'rows',
              'packed segments compiled no ckpt': "compile_blocks is measured on the CPU by realsize.sh's _compiled "
                                                  'rows',
+             'packed varlen compiled no ckpt': "varlen_attn is FlashAttention's CUDA kernel, and compile_blocks is "
+                                               "measured on the CPU by realsize.sh's _compiled rows",
              'packed segments liger': "Liger Kernel's Triton kernels run on CUDA only (tests/models/test_liger.py "
                                       "checks them in Triton's interpreter)",
              'packed varlen': "varlen_attn is FlashAttention's CUDA kernel (on a CPU sdpa_varlen is the segments' "
@@ -77,6 +79,10 @@ TRAIN_ROWS = (('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
               # FLOPs, so what recomputation costs is what it takes off the MFU
               ('packed segments compiled no ckpt', ['--paths', 'packed', '--attn', 'sdpa_segments',
                                                     '--compile-blocks', '--llm-ckpt', 'none']),
+              # the same with every sample of a batch in one varlen_attn call: none of the segments' per-sample
+              # copies (cast/copy 13% of that row's kernel time in the H100 profile)
+              ('packed varlen compiled no ckpt', ['--paths', 'packed', '--attn', 'sdpa_varlen', '--compile-blocks',
+                                                  '--llm-ckpt', 'none']),
               ('packed segments', ['--paths', 'packed', '--attn', 'sdpa_segments']),
               # less recomputation: half the layers checkpointed (1.5B: 15 GiB more, planned), or whole layers
               # recomputed without selective checkpointing's Python dispatch mode (host time in the H100 profile)
@@ -353,8 +359,9 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
 
     xt = tps('xtuner')
     # the packed rows' figures (None: the row did not succeed), by their short names; sdpa's dense mask is a baseline
-    packed = {k: tps(f'packed {k}') for k in ('segments compiled', 'segments', 'varlen', 'flex', 'segments liger',
-                                              'sdpa')}
+    packed = {k: tps(f'packed {k}') for k in ('segments compiled', 'segments compiled no ckpt',
+                                              'varlen compiled no ckpt', 'segments', 'varlen', 'flex',
+                                              'segments liger', 'sdpa')}
     with_mfu = {k: p for k, p in packed.items() if k != 'sdpa' and p and p.get('mfu') is not None}
     best = max(with_mfu, key=lambda k: with_mfu[k]['mfu'], default=None)
     best_mfu = f'{_pct(with_mfu[best]["mfu"])} ({best})' if best else 'n/a'

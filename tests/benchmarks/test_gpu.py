@@ -15,10 +15,12 @@ from benchmarks import gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
+         'tiny packed varlen compiled no ckpt',
          'tiny packed segments', 'tiny packed segments compiled half ckpt',
          'tiny packed segments ckpt full', 'tiny packed varlen', 'tiny packed flex', 'tiny packed segments liger',
          'tiny packed sdpa', 'tiny unpacked']
 CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
+             'tiny packed varlen compiled no ckpt',
              'tiny packed segments compiled half ckpt', 'tiny packed varlen',
              'tiny packed flex', 'tiny packed segments liger']
 ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny stage', 'tiny bf16 vs fp32',
@@ -134,6 +136,7 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     compiled = by.pop('tiny packed segments compiled')
     by.pop('tiny packed segments compiled half ckpt')
     by.pop('tiny packed segments compiled no ckpt')
+    by.pop('tiny packed varlen compiled no ckpt')
     liger = by.pop('tiny packed segments liger')
     varlen = by.pop('tiny packed varlen')
     if not torch.cuda.is_available():

@@ -194,7 +194,7 @@ def test_varlen_attention_gives_the_segment_attentions_loss_and_gradients(tiny, 
 
     loss, grads = step('sdpa_segments')
     calls = []
-    monkeypatch.setattr(attention, 'varlen_usable', lambda query, dropout: not dropout)
+    monkeypatch.setattr(attention, 'varlen_dtype', lambda query, dropout: None if dropout else query.dtype)
     monkeypatch.setattr(attention, 'varlen_attn', reference_varlen(calls))
     loss_v, grads_v = step('sdpa_varlen')
     length = packed['input_ids'].shape[1]
@@ -207,6 +207,48 @@ def test_varlen_attention_gives_the_segment_attentions_loss_and_gradients(tiny, 
     assert grads_v.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_v[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{name}: {m}')
+
+
+def test_varlen_attention_takes_fp32_queries_under_autocast_in_the_autocast_precision(tiny, batch, monkeypatch):
+    """Full fine-tuning trains fp32 weights under bf16 autocast, where RoPE leaves the queries and keys fp32:
+    ``sdpa_varlen`` hands them to ``varlen_attn`` cast to bf16, as autocast casts SDPA's (it ran the segments'
+    loop instead on an H200, 2026-11-27), and its loss and gradients are the segments' under the same autocast.
+    Here the CPU stands for CUDA, with a reference kernel."""
+    import xtuner_plugins.models.attention as attention
+    items = split_batch(batch)
+    packed = internvl_collate_fn([pack_items(items[:1]), pack_items(items[1:])])['data']
+
+    def step(attn):
+        torch.manual_seed(0)
+        model = build(tiny, attn_implementation=attn, freeze_llm=False, loss_reduction='square').train()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = model(packed, mode='loss')['loss']
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step('sdpa_segments')
+    calls, dtypes, reference = [], [], reference_varlen([])
+
+    def kernel(q, k, v, *args, **kwargs):
+        dtypes.append({t.dtype for t in (q, k, v)})
+        calls.append(kwargs['enable_gqa'])
+        return reference(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(attention, 'VARLEN_DEVICE', 'cpu')
+    monkeypatch.setattr(attention, 'varlen_attn', kernel)
+    loss_v, grads_v = step('sdpa_varlen')
+    assert len(calls) == build(tiny).language_model.config.num_hidden_layers
+    assert dtypes == [{torch.bfloat16}] * len(calls)
+    assert loss_v == pytest.approx(loss, rel=1e-3)
+    assert grads_v.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_v[name], g, rtol=2e-2, atol=1e-3, msg=lambda m: f'{name}: {m}')
+    # outside autocast an fp32 query stays on the segments' loop (the kernel takes half precisions only)
+    calls.clear()
+    monkeypatch.setattr(attention, 'VARLEN_DEVICE', 'cpu')
+    torch.manual_seed(0)
+    model = build(tiny, attn_implementation='sdpa_varlen', freeze_llm=False).train()
+    model(packed, mode='loss')['loss'].backward()
+    assert calls == []
 
 
 @pytest.mark.parametrize('takes_gqa', [True, False])

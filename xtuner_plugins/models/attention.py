@@ -91,10 +91,22 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
-    """Whether :func:`varlen_sdpa` can give ``query``'s attention to ``varlen_attn``: FlashAttention's kernel takes
-    half-precision CUDA tensors and has no dropout."""
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+#: the device whose ``varlen_attn`` :func:`varlen_sdpa` calls (tests point it at the CPU, with a reference kernel)
+VARLEN_DEVICE = 'cuda'
+
+
+def varlen_dtype(query: torch.Tensor, dropout: float) -> Optional[torch.dtype]:
+    """The precision :func:`varlen_sdpa` gives ``query``'s attention to ``varlen_attn`` in, or None where that
+    FlashAttention kernel cannot take it: half-precision CUDA tensors, and fp32 ones under CUDA autocast to a half
+    precision, which casts SDPA's inputs alike (a recipe that trains fp32 weights under bf16 autocast has fp32
+    queries after RoPE); no dropout."""
+    device = query.device.type
+    if dropout or device != VARLEN_DEVICE:
+        return None
+    dtype = query.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def varlen_attn(query, key, value, *args, enable_gqa: bool = False, **kwargs):
@@ -118,13 +130,16 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     ``varlen_attn`` (causal within each sample; grouped key/value heads read in place), where
     :func:`segment_sdpa` calls SDPA once per sample: no Python loop over samples and no small kernels. A row's
     padding tail is one more sample, as in :func:`segment_sdpa`. Where the kernel cannot run
-    (:func:`varlen_usable`: a CPU, fp32, dropout) and for padded rows, :func:`segment_sdpa`."""
+    (:func:`varlen_dtype`: a CPU, fp32 outside autocast, dropout) and for padded rows, :func:`segment_sdpa`."""
     bounds = kwargs.get('segment_bounds')
-    if bounds is None or attention_mask is not None or not varlen_usable(query, dropout):
+    dtype = varlen_dtype(query, dropout)
+    if bounds is None or attention_mask is not None or dtype is None:
         return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             is_causal=is_causal, **kwargs)
     rows, heads, length, width = query.shape
-    flat = [t.transpose(1, 2).reshape(rows * length, t.shape[1], width) for t in (query, key, value)]
+    # [B, heads, L, D] -> [B x L, heads, D] in the kernel's precision, in one copy each
+    flat = [t.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(rows * length, t.shape[1], width)
+            for t in (query, key, value)]
     # each row's bounds shifted to where the row starts in the flat sequence; a row's end is the next one's start,
     # and a row with fewer samples than the widest repeats its end: both collapse to one bound
     cuts = torch.unique_consecutive((bounds + torch.arange(rows)[:, None] * length).reshape(-1))

@@ -150,3 +150,26 @@ def test_a_file_variable_is_not_traced_to_settings_by_a_number_alone():
     (problem,) = check_cfg_options(CFG, {'save_total_limit': 0})
     assert problem.endswith('set the entry that uses it instead; those holding its value (2) are '
                             'train_dataloader.num_workers, default_hooks.checkpoint.max_keep_ckpts'), problem
+
+
+def test_a_misspelt_setting_of_a_plain_dict_entry_or_a_wrapper_that_builds_another_is_named():
+    """Entries without a ``type`` are read by a known component (LoRA's by peft's LoraConfig, ``env_cfg`` by the
+    runner's set-up, ``randomness``, ``log_processor``, ``clip_grad``), and AutoOptimWrapper's settings are the
+    wrapper's it builds: a misspelt key there was merged without a word (``env_cfg.cudnn_benchmrk``: ignored; the
+    others failed after the models loaded)."""
+    cases = {'model.llm_lora.lora_alpah': 'model.llm_lora.lora_alpha',
+             'env_cfg.cudnn_benchmrk': 'env_cfg.cudnn_benchmark', 'randomness.sed': 'randomness.seed',
+             'log_processor.windw_size': 'log_processor.window_size',
+             'optim_wrapper.clip_grad.max_nrom': 'optim_wrapper.clip_grad.max_norm',
+             'optim_wrapper.optimzer.fused': 'optim_wrapper.optimizer'}
+    for key, closest in cases.items():
+        (problem,) = check_cfg_options(CFG, {key: 1})
+        assert 'has no setting' in problem and f'closest: {closest}' in problem, problem
+    # their valid settings, MMEngine's _delete_ and what the builders take out before building still pass
+    assert check_cfg_options(CFG, {'model.llm_lora.lora_alpha': 8, 'model.llm_lora._delete_': True,
+                                   'env_cfg.cudnn_benchmark': True, 'env_cfg.dist_cfg.timeout': 60,
+                                   'randomness.seed': 3, 'log_processor.window_size': 1,
+                                   'optim_wrapper.clip_grad.norm_type': 2.0, 'optim_wrapper.dtype': 'float16',
+                                   'optim_wrapper.paramwise_cfg.custom_keys.mlp1.lr_mult': 2.0}) == []
+    mlp = Config.fromfile(os.path.join(ROOT, 'configs', 'pretrain_mlp.py'))   # no paramwise_cfg of its own
+    assert check_cfg_options(mlp, {'optim_wrapper.optimizer.paramwise_cfg.custom_keys.mlp1.lr_mult': 2.0}) == []

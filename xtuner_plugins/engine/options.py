@@ -149,10 +149,18 @@ def _closest(word: str, choices, prefix: List[str]) -> str:
     return f'; closest: {", ".join(".".join(prefix + [c]) for c in close)}' if close else ''
 
 
+#: settings a builder takes out of an entry before it builds the entry's component, by the entry's path:
+#: MMEngine's ``build_optim_wrapper`` the wrapper's ``constructor`` and ``paramwise_cfg``, and this project's
+#: constructor the optimizer's ``paramwise_cfg`` (``engine/optim.py``)
+TAKEN_OUT = {('optim_wrapper',): ('constructor', 'paramwise_cfg'), ('optim_wrapper', 'optimizer'): ('paramwise_cfg',)}
+
+
 def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
     """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``, ``node``), or None. Where an
     entry inside ``node`` has that setting (a packed data set wraps the data set: ``dataset.dataset.data_files``),
-    that entry is named first."""
+    that entry is named first. MMEngine's ``_delete_`` (replace the entry, do not merge) is every entry's."""
+    if parts[-1] == '_delete_' or parts[-1] in TAKEN_OUT.get(tuple(parts[:-1]), ()):
+        return None
     takes = accepted(component)
     if not takes or parts[-1] in takes:
         return None
@@ -165,12 +173,49 @@ def _is_component(node) -> bool:
     return isinstance(node, Mapping) and 'type' in node
 
 
-def _as_component(node, path: List[str]):
-    """``node`` with a ``type``; a data loader's settings (``train_dataloader``, no type) are torch's
-    ``DataLoader``'s."""
-    if isinstance(node, Mapping) and 'type' not in node and len(path) == 1 and path[0].endswith('_dataloader'):
+def _env_cfg(cudnn_benchmark: bool = False, mp_cfg: Optional[dict] = None, dist_cfg: Optional[dict] = None,
+             resource_limit: int = 4096) -> None:
+    """The settings MMEngine's ``Runner.setup_env`` reads from ``env_cfg``, a plain dict (0.10)."""
+
+
+def _clip_grad(type: str = 'norm', max_norm: Optional[float] = None, norm_type: float = 2.0,
+               error_if_nonfinite: bool = False, foreach: Optional[bool] = None,
+               clip_value: Optional[float] = None) -> None:
+    """The settings of an optimizer wrapper's ``clip_grad``: its kind (``'norm'`` or ``'value'``), then the
+    arguments of ``torch.nn.utils.clip_grad_norm_`` or ``clip_grad_value_`` (MMEngine's ``OptimWrapper``)."""
+
+
+_env_cfg.__name__, _clip_grad.__name__ = "MMEngine's env_cfg", "OptimWrapper's clip_grad"   # in the messages
+
+#: what reads the settings of entries that are plain dicts (no ``type``), by their path; ``module:name`` is
+#: imported on use (peft and MMEngine's runner are not imported for a config that does not set them)
+UNTYPED = {('env_cfg',): _env_cfg, ('randomness',): 'mmengine.runner:Runner.set_randomness',
+           ('log_processor',): 'mmengine.runner:LogProcessor', ('optim_wrapper', 'clip_grad'): _clip_grad,
+           ('model', 'llm_lora'): 'peft:LoraConfig', ('model', 'vision_lora'): 'peft:LoraConfig'}
+
+
+def _reader(path: List[str]):
+    """What takes the plain dict at ``path`` (:data:`UNTYPED`; a data loader's are torch's ``DataLoader``'s), or
+    None."""
+    if len(path) == 1 and path[0].endswith('_dataloader'):
         from torch.utils.data import DataLoader
-        return dict(node, type=DataLoader)
+        return DataLoader
+    reader = UNTYPED.get(tuple(path))
+    if isinstance(reader, str):
+        import importlib
+        module, name = reader.split(':')
+        reader = importlib.import_module(module)
+        for attr in name.split('.'):
+            reader = getattr(reader, attr)
+    return reader
+
+
+def _as_component(node, path: List[str]):
+    """``node`` with a ``type``: a plain dict with the one that reads it (:func:`_reader`)."""
+    if isinstance(node, Mapping) and 'type' not in node:
+        reader = _reader(path)
+        if reader is not None:
+            return dict(node, type=reader)
     return node
 
 

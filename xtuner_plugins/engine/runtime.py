@@ -247,6 +247,13 @@ class AutoOptimWrapper:
 
     AMP_ONLY_KEYS = ('dtype', 'loss_scale', 'use_fsdp')
 
+    @staticmethod
+    def builds():
+        """Where ``--cfg-options`` checks read this wrapper's settings (``engine/signatures.py``): the GPU's
+        wrapper, whose settings are the CPU's and the AMP-only ones."""
+        from xtuner_plugins.engine.nonfinite import GuardedAmpOptimWrapper
+        return GuardedAmpOptimWrapper
+
     def __new__(cls, **kwargs):
         from xtuner_plugins.engine.nonfinite import GuardedAmpOptimWrapper, GuardedOptimWrapper
         if torch.cuda.is_available():

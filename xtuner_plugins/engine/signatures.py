@@ -9,9 +9,17 @@ import inspect
 from typing import Iterator, List, Optional
 
 
+def stand_in(component):
+    """What ``component``'s settings are read from: a class that builds another one in ``__new__`` (``**kwargs``
+    only: ``AutoOptimWrapper``) names it in a static ``builds()``; anything else is its own."""
+    builds = getattr(component, 'builds', None) if inspect.isclass(component) else None
+    return builds() if callable(builds) else component
+
+
 def signatures(component) -> Iterator[inspect.Signature]:
-    """The signature of ``component``, then, while it takes ``**kwargs``, those of the classes it passes them on
-    to: the next ``__init__`` up its class hierarchy."""
+    """The signature of ``component`` (its :func:`stand_in`'s), then, while it takes ``**kwargs``, those of the
+    classes it passes them on to: the next ``__init__`` up its class hierarchy."""
+    component = stand_in(component)
     try:
         yield inspect.signature(component)
     except (TypeError, ValueError):

@@ -764,3 +764,28 @@ def test_the_cli_plans_compile_blocks_auto_as_a_gpu_resolves_it(capsys, monkeypa
     rc, out, _ = run_cli([os.path.join(ROOT, 'configs/finetune_qlora.py'), '--vision', 'internvit-300m', '--llm',
                           'qwen2.5-0.5b', '--gpus', '1', '--gpu-mem', '80'], capsys)
     assert rc == 0 and 'blocks compiled: none' in out, out
+
+
+def test_unusable_key_value_heads_or_head_width_are_one_line(realsize_7b, tmp_path, capsys):
+    """``num_key_value_heads`` or ``head_dim`` of 0 raised a ZeroDivisionError from transformers, and query heads
+    that are no multiple of the key/value heads made a plan of a model that cannot be built: one line, exit 2.
+    Left out or null, the model class's default stands."""
+    import json
+    cfg = [os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80', '--vision',
+           'internvit-300m']
+    with open(os.path.join(realsize_7b['llm_only'], 'config.json')) as f:
+        base = json.load(f)
+    cases = [({'num_key_value_heads': 0}, "'num_key_value_heads' must be a whole number > 0 (or null), got 0"),
+             ({'head_dim': 0}, "'head_dim' must be a whole number > 0 (or null), got 0"),
+             ({'num_key_value_heads': 5}, f"num_attention_heads {base['num_attention_heads']} is not a multiple of "
+                                          'num_key_value_heads 5')]
+    for i, (change, message) in enumerate(cases):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / 'config.json').write_text(json.dumps(dict(base, **change)))
+        rc, out, err = run_cli(cfg + ['--llm', str(folder)], capsys)
+        assert (rc, err) == (2, f"plan: error: {folder / 'config.json'}: {message}\n"), err
+    folder = tmp_path / 'null'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps(dict(base, num_key_value_heads=None)))
+    assert run_cli(cfg + ['--llm', str(folder)], capsys)[0] in (0, 1)

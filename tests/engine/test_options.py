@@ -173,3 +173,17 @@ def test_a_misspelt_setting_of_a_plain_dict_entry_or_a_wrapper_that_builds_anoth
                                    'optim_wrapper.paramwise_cfg.custom_keys.mlp1.lr_mult': 2.0}) == []
     mlp = Config.fromfile(os.path.join(ROOT, 'configs', 'pretrain_mlp.py'))   # no paramwise_cfg of its own
     assert check_cfg_options(mlp, {'optim_wrapper.optimizer.paramwise_cfg.custom_keys.mlp1.lr_mult': 2.0}) == []
+
+
+def test_a_number_in_place_of_an_entry_of_settings_is_refused():
+    """``model=3`` replaced the whole model entry and failed later with an AttributeError (in training and in the
+    planner); a folder's path in place of a built tokenizer and None stay allowed."""
+    (problem,) = check_cfg_options(CFG, {'model': 3})
+    assert problem.startswith("model: expected a dict of settings or None (the config has VisionLanguageModel's "
+                              'settings there), got 3 (int)')
+    (problem,) = check_cfg_options(CFG, {'optim_wrapper.optimizer': [1, 2]})
+    assert "AdamW's settings" in problem
+    assert check_cfg_options(CFG, {'model.llm_lora': None, 'model.vision_lora': {'r': 4}}) == []
+    built = CFG.to_dict()
+    built['train_dataloader']['dataset']['tokenizer'] = dict(type='AutoTokenizer', pretrained_model_name_or_path='x')
+    assert check_cfg_options(built, {'train_dataloader.dataset.tokenizer': 'models/llm'}) == []

@@ -192,14 +192,27 @@ def main(argv=None) -> int:
     step = 256
     # a row is one sample: longer than the LLM's context it would run past its positions (a pack's restart per sample)
     context = None if batch.packed else getattr(lm.config, 'max_position_embeddings', None)
-    high = max(1, int(context) // step) if isinstance(context, int) and context > 0 else 4096
-    longest = largest_fitting(lambda n: plan(replace(batch, length=n * step))['total'] <= budget,
-                              max(1, (batch.tiles // batch.rows * per_tile) // step + 1), high)
+    context = context if isinstance(context, int) and context > 0 else None
+    images = batch.tiles // batch.rows * per_tile   # a row's image tokens
     name = 'max_tokens (tokens per pack)' if batch.packed else 'max_length'
+    if context and batch.length > context:
+        print(f'caution: {name} {batch.length} is past the LLM\'s context (max_position_embeddings {context}): '
+              'rows that long run past the positions it was trained for')
     per = f'{batch.rows // unit} {group + " " if group else ""}per device'
-    capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)' if (
-        longest == high and high != 4096) else ''
-    print(f'largest {name} at {per}: ' + (f'{longest * step}{capped}' if longest else 'none (not even the images fit)'))
+    capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)'
+    low, high = max(1, images // step + 1), context // step if context else 4096
+
+    def fits_length(tokens: int) -> bool:
+        return plan(replace(batch, length=tokens))['total'] <= budget
+    if context and images >= context:
+        text = f'none (a row\'s {images} image tokens alone are past the LLM\'s context, {context})'
+    elif low > high:   # a context less than a step past the images: the context itself, if it fits
+        text = f'{context}{capped}' if fits_length(context) else 'none (not even the images fit)'
+    else:
+        longest = largest_fitting(lambda n: fits_length(n * step), low, high)
+        text = (f'{longest * step}{capped if context and longest == high else ""}' if longest else
+                'none (not even the images fit)')
+    print(f'largest {name} at {per}: {text}')
     most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
                                           )['total'] <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}'

@@ -125,6 +125,13 @@ def _wrong_kind(key: str, value, current, where: str, component=None) -> Optiona
     """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
     if value is None or current is None:
         return None
+    if isinstance(current, Mapping):   # an entry of settings: a number in its place is no setting of anything (a
+        # text may be: a tokenizer's folder where the config builds one; True/False a switch a component takes)
+        if not isinstance(value, (int, float, list, tuple)) or isinstance(value, bool):
+            return None
+        what = f"{_name(current['type'])}'s settings" if 'type' in current else 'settings'
+        return (f'{key}: expected a dict of settings or None (the config has {what} there), got {value!r} '
+                f'({type(value).__name__}); set its settings one by one ({key}.NAME=VALUE)')
     if isinstance(value, (list, tuple)) and component is not None and _takes_sequence(component, key.split('.')[-1]):
         return None
     if isinstance(current, bool):

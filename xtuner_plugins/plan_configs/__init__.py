@@ -24,6 +24,8 @@ REQUIRED = {
                'num_attention_heads': 'its attention heads', 'image_size': 'its tile size',
                'patch_size': 'its patch size'},
 }
+# fields the planner reads where a config has them (else the model class's default), each a whole number > 0
+OPTIONAL = {'llm': ('num_key_value_heads', 'head_dim')}
 KINDS = {'llm': 'an LLM', 'vision': 'a vision tower'}
 # where a multi-part config.json keeps the part (CLIP/SigLIP, InternVL's chat config, a VLM's text model)
 NESTED = {'llm': ('llm_config', 'text_config'), 'vision': ('vision_config',)}
@@ -80,6 +82,12 @@ def read_part_config(folder: str, kind: str, option: str) -> dict:
             raise ValueError(f'{where} has no {field!r} ({meaning}), which the planner needs')
         if not _positive_int(value):
             raise ValueError(f'{where}: {field!r} must be a whole number > 0, got {part[field]!r}')
+    for field in OPTIONAL.get(kind, ()):   # null or left out: the model class's default
+        if part.get(field) is not None and not _positive_int(part[field]):
+            raise ValueError(f'{where}: {field!r} must be a whole number > 0 (or null), got {part[field]!r}')
+    heads, groups = part['num_attention_heads'], part.get('num_key_value_heads')
+    if kind == 'llm' and groups is not None and heads % groups:
+        raise ValueError(f'{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {groups}')
     return part
 
 

@@ -789,3 +789,24 @@ def test_unusable_key_value_heads_or_head_width_are_one_line(realsize_7b, tmp_pa
     folder.mkdir()
     (folder / 'config.json').write_text(json.dumps(dict(base, num_key_value_heads=None)))
     assert run_cli(cfg + ['--llm', str(folder)], capsys)[0] in (0, 1)
+
+
+def test_an_llm_family_transformers_does_not_know_and_a_folder_as_config_are_one_line(realsize_7b, tmp_path, capsys):
+    """An unknown or missing ``model_type`` printed transformers' paragraphs (or its list of every model type); a
+    folder given as the config said 'config not found'."""
+    import json
+    cfg = [os.path.join(ROOT, 'configs/finetune_full.py'), '--gpus', '1', '--gpu-mem', '80', '--vision',
+           'internvit-300m']
+    with open(os.path.join(realsize_7b['llm_only'], 'config.json')) as f:
+        base = json.load(f)
+    for name, config, message in (('odd', dict(base, model_type='frobnicator'), "model_type 'frobnicator' is not "
+                                                                                 'one transformers'),
+                                  ('none', {k: v for k, v in base.items() if k != 'model_type'},
+                                   "no 'model_type' (the LLM's family)")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'config.json').write_text(json.dumps(config))
+        rc, out, err = run_cli(cfg + ['--llm', str(tmp_path / name)], capsys)
+        assert rc == 2 and err.count('\n') == 1 and message in err, err
+    rc, out, err = run_cli([os.path.join(ROOT, 'configs'), '--gpus', '1', '--gpu-mem', '80'], capsys)
+    assert (rc, err) == (2, f"plan: error: {os.path.join(ROOT, 'configs')} is a folder: give a config file in it "
+                            f"(e.g. {os.path.join(ROOT, 'configs')}/finetune_lora.py)\n")

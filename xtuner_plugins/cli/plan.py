@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
                                           )['total'] <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}'
-          + (f' {group} (train_dataloader.batch_size)' if unit == 2 else ''))
+          + (f' {group} (train_dataloader.batch_size)' if unit == 2 else '')
+          + (' (as far as the search goes: more would fit)' if most == 4096 else ''))
     if unit == 1 and not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
         model.loss_chunk = CHUNK_HINT   # the same batch with the LM head and the loss in chunks
         chunked = plan(batch)['total']

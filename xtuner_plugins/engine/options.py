@@ -49,6 +49,8 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
     """An MMEngine config file with ``--cfg-options``-style overrides; a ValueError of one line for an option
     MMEngine cannot merge (:func:`option_into_unset`)."""
     from mmengine.config import Config
+    if os.path.isdir(config):
+        raise FileNotFoundError(f'{config} is a folder: give a config file in it (e.g. {config}/finetune_lora.py)')
     if not os.path.isfile(config):
         raise FileNotFoundError(f'config not found: {config}')
     cfg = Config.fromfile(config)

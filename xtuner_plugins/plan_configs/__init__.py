@@ -85,6 +85,12 @@ def read_part_config(folder: str, kind: str, option: str) -> dict:
     for field in OPTIONAL.get(kind, ()):   # null or left out: the model class's default
         if part.get(field) is not None and not _positive_int(part[field]):
             raise ValueError(f'{where}: {field!r} must be a whole number > 0 (or null), got {part[field]!r}')
+    if kind == 'llm':   # the planner builds it with transformers' own classes (no remote code)
+        from transformers import CONFIG_MAPPING, __version__
+        model_type = part.get('model_type')
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f'{where}: ' + (f'model_type {model_type!r} is not one transformers {__version__} '
+                                             'knows' if model_type else "no 'model_type' (the LLM's family)"))
     heads, groups = part['num_attention_heads'], part.get('num_key_value_heads')
     if kind == 'llm' and groups is not None and heads % groups:
         raise ValueError(f'{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {groups}')

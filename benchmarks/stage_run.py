@@ -7,6 +7,10 @@ and whether the run they choose fits. ``benchmarks/gpu.py``'s ``SIZE stage`` row
 Prints and writes (``--json``): whether the run succeeded (``xtuner_plugins.outcome.judge``, no checkpoint asked:
 none is saved, to spare the minutes a real-size one takes), the ``llm_grad_ckpt_layers='auto'`` line, the peak
 memory (``train/peak_mem_mb``, ThroughputHook's) and the tokens/s of the last logged iterations.
+
+The prepared LLM folder holds the tiny tokenizer, and training resizes the embeddings to it: the run's LM head has
+524 rows, not the real 151,674 (bench_train.py resizes to those). Its peak and tokens/s are of that smaller model (a
+planner check must plan it with the same tokenizer); the row shows what the defaults choose and that the run fits.
 """
 
 from __future__ import annotations

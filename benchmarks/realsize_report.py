@@ -133,7 +133,9 @@ def closing(results, settings, roof, tiles=None):
             c = train_loop.compare_checks(un['check'], xt['check_xtuner'], 2e-2)
             print(train_loop.format_check(c))
             comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
-        share = f'{best["llm_tflops"] / roof["bf16"]:.0%}' if best else 'n/a'   # the LLM's matmul work
+        # the LLM's matmul work; under 1% (tiny models) in two figures, not rounded to 0
+        fraction = best['llm_tflops'] / roof['bf16'] if best else None
+        share = 'n/a' if fraction is None else f'{fraction:.0%}' if fraction >= 0.01 else f'{fraction * 100:.2g}%'
         print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
               f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
               f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')

@@ -200,6 +200,7 @@ def main(argv=None) -> int:
               'rows that long run past the positions it was trained for')
     per = f'{batch.rows // unit} {group + " " if group else ""}per device'
     capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)'
+    too_small = 'none (not even the images fit)'
     low, high = max(1, images // step + 1), context // step if context else 4096
 
     def fits_length(tokens: int) -> bool:
@@ -207,11 +208,10 @@ def main(argv=None) -> int:
     if context and images >= context:
         text = f'none (a row\'s {images} image tokens alone are past the LLM\'s context, {context})'
     elif low > high:   # a context less than a step past the images: the context itself, if it fits
-        text = f'{context}{capped}' if fits_length(context) else 'none (not even the images fit)'
+        text = f'{context}{capped}' if fits_length(context) else too_small
     else:
         longest = largest_fitting(lambda n: fits_length(n * step), low, high)
-        text = (f'{longest * step}{capped if context and longest == high else ""}' if longest else
-                'none (not even the images fit)')
+        text = f'{longest * step}{capped if context and longest == high else ""}' if longest else too_small
     print(f'largest {name} at {per}: {text}')
     most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
                                           )['total'] <= budget, 1, 4096)

@@ -91,9 +91,10 @@ def read_part_config(folder: str, kind: str, option: str) -> dict:
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f'{where}: ' + (f'model_type {model_type!r} is not one transformers {__version__} '
                                              'knows' if model_type else "no 'model_type' (the LLM's family)"))
-    heads, groups = part['num_attention_heads'], part.get('num_key_value_heads')
-    if kind == 'llm' and groups is not None and heads % groups:
-        raise ValueError(f'{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {groups}')
+        heads, groups = part['num_attention_heads'], part.get('num_key_value_heads')
+        if groups is not None and heads % groups:
+            raise ValueError(f'{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads '
+                             f'{groups}')
     return part
 
 

@@ -8,7 +8,7 @@ import torch
 from tests.models.conftest import build, write_official
 from xtuner_plugins.engine.nonfinite import GuardedOptimWrapper
 from xtuner_plugins.models import compile as compiling
-from xtuner_plugins.models.precision import llm_parameters, training_dtype
+from xtuner_plugins.models.precision import llm_parameters, running_dtype, training_dtype
 from xtuner_plugins.models.llm import load_llm
 
 
@@ -51,6 +51,23 @@ def test_auto_rules(tiny, amx):
     assert training_dtype('auto', **kw) == torch.float32                       # AVX2: bf16 is emulated, slow
     amx.setattr(torch.cuda, 'is_available', lambda: True)
     assert training_dtype('auto', **kw) == torch.bfloat16                      # a GPU, as always
+
+
+
+def test_a_tool_runs_a_folder_of_100m_parameters_in_bf16_on_a_cpu_with_native_bf16(tiny, amx, tmp_path):
+    folder = str(tmp_path / 'official')
+    model = build(tiny)
+    write_official(model, folder)
+    n = sum(p.numel() for p in model.parameters())   # every tensor of the folder: the tower's matmuls gain too
+    assert llm_parameters(folder) == n
+    amx.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', n)
+    assert running_dtype(folder, 'cpu') == torch.bfloat16
+    amx.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', n + 1)
+    assert running_dtype(folder, 'cpu') == torch.float32                        # tiny folders keep fp32
+    assert running_dtype(folder, 'cuda:0') == torch.bfloat16                    # a GPU, as always
+    amx.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', n)
+    amx.setattr(compiling, 'native_bf16_cpu', lambda: False)
+    assert running_dtype(folder, 'cpu') == torch.float32                        # AVX2: bf16 is emulated, slow
 
 
 def test_cpu_wrapper_autocasts_what_the_model_asks(tiny, amx):

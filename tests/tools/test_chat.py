@@ -136,6 +136,29 @@ def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
     assert run.stdout.strip() == expected and 'mmengine' in run.stderr, (run.stdout, run.stderr[-2000:])
 
 
+
+def test_chat_tool_auto_dtype_is_bf16_on_a_cpu_with_native_bf16_for_a_large_model(setup, monkeypatch, capsys):
+    from xtuner_plugins.models import compile as compiling
+    from xtuner_plugins.models import inference
+    loaded = []
+    real = inference.ConvertedModel.__init__
+
+    def spy(self, folder, dtype=torch.float32, *args, **kwargs):
+        loaded.append(dtype)
+        real(self, folder, dtype, *args, **kwargs)
+    monkeypatch.setattr(inference.ConvertedModel, '__init__', spy)
+    monkeypatch.setattr(compiling, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', 1)        # the tiny folder counts as large
+    args = [setup['folder'], '--image', setup['images'][0], '--prompt', 'Describe the image.', '--max-new-tokens', '2']
+    assert chat_main(args) == 0
+    err = capsys.readouterr().err
+    assert loaded[-1] == torch.bfloat16 and '--dtype auto: bf16 on this CPU' in err, (loaded, err[-500:])
+    assert chat_main(args + ['--dtype', 'fp32']) == 0                   # the setting that keeps fp32
+    assert loaded[-1] == torch.float32 and 'bf16 on this CPU' not in capsys.readouterr().err
+    monkeypatch.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', 10 ** 8)  # the real threshold: tiny stays fp32
+    assert chat_main(args) == 0
+    assert loaded[-1] == torch.float32 and 'bf16 on this CPU' not in capsys.readouterr().err
+
 def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tmp_path):
     image = setup['images'][1]
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',

@@ -46,6 +46,20 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
                              log=log, remap=remap)
 
 
+def loading_dtype(args, folder: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``folder`` is loaded in: ``--dtype`` as given; ``auto`` as ``precision.running_dtype`` decides
+    (bf16 on a CPU with native bf16 for a model of 100M parameters or more), said on stderr when it is not fp32
+    on a CPU."""
+    if args.dtype not in (None, 'auto'):
+        return dtype
+    from xtuner_plugins.models.precision import running_dtype
+    chosen = running_dtype(folder, args.device)
+    if chosen != torch.float32 and not str(args.device).startswith('cuda'):
+        print('--dtype auto: bf16 on this CPU, which multiplies bf16 in hardware (AMX or AVX-512 BF16); '
+              '--dtype fp32 keeps fp32', file=sys.stderr)
+    return chosen
+
+
 def tool_error(prog: str, problem: Union[str, Exception]) -> int:
     """A tool's error printed as argparse prints its own (``PROG: error: ...``); the exit status 2."""
     print(f'{prog}: error: {problem}', file=sys.stderr)
@@ -79,8 +93,11 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
             folder = model_folder(args.folder, args.config, args.checkpoint, args.cfg_options, tmp, dtype,
                                   log=lambda m: print(m, file=sys.stderr), remap=parse_remap(args.remap))
             trust = getattr(args, 'trust_remote_code', False)
-            model = GGUFModel(folder, **tiling) if gguf_pair(folder) else ConvertedModel(
-                folder, dtype, args.device, trust_remote_code=trust, **tiling)
+            if gguf_pair(folder):
+                model = GGUFModel(folder, **tiling)
+            else:
+                model = ConvertedModel(folder, loading_dtype(args, folder, dtype), args.device,
+                                       trust_remote_code=trust, **tiling)
         except EXPORT_ERRORS as exc:
             return tool_error(prog, exc)
         try:
@@ -179,7 +196,8 @@ def add_model_arguments(parser) -> None:
                         help='run the folder\'s Python files even where they are not this project\'s (a folder '
                              'from elsewhere: read them first)')
     parser.add_argument('--dtype', default='auto', type=dtype_argument,
-                        help='auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16, fp32')
+                        help='auto (bf16 on a GPU, and on a CPU with native bf16 for a model of 100M parameters '
+                             'or more; else fp32), bf16, fp16, fp32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,
                         help='cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)')
 

@@ -15,8 +15,12 @@ its rate: on the Xeon with AMX of benchmarks/RESULTS.md bf16 ``torch.mm`` runs 4
 The trained parameters stay fp32 and the optimizer wrapper autocasts the forward to bf16 on the CPU as
 ``AmpOptimWrapper`` does on a GPU (``engine/nonfinite.GuardedOptimWrapper.optim_context``, which reads
 :attr:`VisionLanguageModel.autocast_dtype`). ``torch_dtype='float32'`` turns all of it off, and with it the
-compiled blocks that ``compile_blocks='auto'`` adds to the bf16 recipe. Tools that only run a model
-(``trainable_fp32=False``: chat, eval, the converter) keep fp32 on a CPU.
+compiled blocks that ``compile_blocks='auto'`` adds to the bf16 recipe.
+
+Tools that only run a converted folder (chat, eval, the web demo: :func:`running_dtype`) load it in bf16 under
+``--dtype auto`` on a GPU, and on such a CPU when the folder holds at least as many parameters (all of its
+tensors: the vision tower's matmuls gain as the LLM's do); a tiny folder, or a CPU without native bf16, keeps
+fp32. The converter writes what ``--dtype`` says (bf16 by default).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from . import compile as compiling
 from .dtypes import resolve_dtype
 from .parts import count_parameters
 
-__all__ = ['llm_parameters', 'training_dtype']
+__all__ = ['llm_parameters', 'running_dtype', 'training_dtype']
 
 BYTES = {'float32': 4, 'float16': 2, 'bfloat16': 2}
 
@@ -94,4 +98,15 @@ def training_dtype(torch_dtype: Union[str, torch.dtype, None], *, llm: Union[str
         return torch.float32
     print_log("torch_dtype='auto' on a CPU with native bf16: bf16 weights, fp32 trained parameters, bf16 autocast "
               "(torch_dtype='float32' trains in plain fp32)", logger='current')
+    return torch.bfloat16
+
+
+def running_dtype(folder: str, device: str) -> torch.dtype:
+    """What ``--dtype auto`` loads a converted ``folder`` in for a tool that only runs it, on ``device``: bf16 on a
+    GPU; on a CPU bf16 when it has native bf16 and the folder's tensors hold at least
+    :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters (module docstring), else fp32."""
+    if str(device).startswith('cuda'):
+        return torch.bfloat16
+    if not compiling.native_bf16_cpu() or llm_parameters(folder) < compiling.AUTO_MIN_LLM_PARAMETERS:
+        return torch.float32
     return torch.bfloat16

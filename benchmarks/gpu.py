@@ -343,7 +343,8 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
         text = r['reason']
         if r['kind'] == 'stage' and r['figures']:
             x = r['figures']
-            text = (f'configs/finetune_full_packed.py through tools/train.py, {x["last_iter"]} iterations: '
+            text = (f'configs/finetune_full_packed.py through tools/train.py, {x["last_iter"]} iterations, '
+                    f'{x.get("lm_head_rows") or 0:,} LM head rows: '
                     f'{x["auto"] or "no llm_grad_ckpt_layers line"}; peak {x["peak_mib"] or 0:,.0f} MiB; '
                     f'{x["tokens_per_s"] or 0:,.0f} tokens/s' + (f'; {"; ".join(x["reasons"])}' if x['reasons']
                                                                 else ''))

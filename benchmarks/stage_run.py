@@ -8,9 +8,12 @@ Prints and writes (``--json``): whether the run succeeded (``xtuner_plugins.outc
 none is saved, to spare the minutes a real-size one takes), the ``llm_grad_ckpt_layers='auto'`` line, the peak
 memory (``train/peak_mem_mb``, ThroughputHook's) and the tokens/s of the last logged iterations.
 
-The prepared LLM folder holds the tiny tokenizer, and training resizes the embeddings to it: the run's LM head has
-524 rows, not the real 151,674 (bench_train.py resizes to those). Its peak and tokens/s are of that smaller model (a
-planner check must plan it with the same tokenizer); the row shows what the defaults choose and that the run fits.
+The prepared LLM folder holds the tiny tokenizer (524 rows with InternVL's tokens). Training resizes the embeddings
+to the tokenizer, so the run trains beside it, in ``WORK/stage_llm``, the same config and weights (linked) with a
+tokenizer of Qwen2.5's length (``xtuner_plugins.tiny.realsize.build_qwen25_tokenizer``: the tiny tokenizer's BPE,
+its merges and first ids unchanged, padded to 151,643 entries, then Qwen2.5's special tokens): the LM head has the
+real 151,674 rows, as bench_train.py's rows resize to, and the texts tokenize as with the tiny tokenizer. (Rows of
+the fourth GPU runs and before: 524 rows.)
 """
 
 from __future__ import annotations
@@ -38,19 +41,42 @@ def options(models: dict, data: str, work: str, steps: int) -> dict:
             'default_hooks.checkpoint.save_last': False}
 
 
+def full_vocabulary_llm(llm: str, out: str) -> str:
+    """``out``: ``llm``'s files other than its tokenizer's, linked, with a tokenizer of Qwen2.5's length (module
+    docstring); made once."""
+    from xtuner_plugins.tiny.realsize import build_qwen25_tokenizer
+    if not os.path.exists(os.path.join(out, 'tokenizer.json')):
+        tokenizer = build_qwen25_tokenizer()
+        os.makedirs(out, exist_ok=True)
+        # config.json keeps the tiny ids (its pad id must index the weights' rows before the resize; training reads
+        # the markers' ids from the tokenizer)
+        for name in os.listdir(llm):
+            if name.endswith(('.safetensors', '.safetensors.index.json', '.bin')) or name in (
+                    'config.json', 'generation_config.json'):
+                target = os.path.join(out, name)
+                if not os.path.lexists(target):
+                    os.symlink(os.path.abspath(os.path.join(llm, name)), target)
+        tokenizer.save_pretrained(out)
+    return out
+
+
 def run(work: str, steps: int, timeout: float) -> dict:
     from xtuner_plugins.launch import run_train
     from xtuner_plugins.outcome import judge
     with open(os.path.join(work, 'prepared.json')) as f:
         prepared = json.load(f)
+    models = dict(prepared['models'], llm=full_vocabulary_llm(prepared['models']['llm'],
+                                                              os.path.join(work, 'stage_llm')))
     out = run_train(CONFIG, os.path.join(work, 'stage_run'), cfg_options=options(
-        prepared['models'], prepared['data'], work, steps), timeout=timeout, require_checkpoint=False)
+        models, prepared['data'], work, steps), timeout=timeout, require_checkpoint=False)
     reasons = judge(out, require_checkpoint=False)
     auto = re.search(r"llm_grad_ckpt_layers='auto': [^\n]*", out.log)
     peaks = out.scalar_series('peak_mem_mb')
     tokens = out.scalar_series('tokens_per_sec')
     late = [tokens[i] for i in sorted(tokens)][2:]   # past the compiled blocks' warm-up
+    from xtuner_plugins.models.llm import load_tokenizer
     return dict(ok=not reasons, reasons=reasons, auto=auto[0] if auto else None,
+                lm_head_rows=len(load_tokenizer(models['llm'])[0]),   # the rows training resizes the head to
                 peak_mib=max(peaks.values()) if peaks else None,
                 tokens_per_s=sum(late) / len(late) if late else None, last_iter=out.last_iter,
                 tail=out.log.splitlines()[-5:])

@@ -173,8 +173,9 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     # the stage config through tools/train.py: 'auto' checkpointing said what it chose (on a CPU: every layer)
     stage = by['tiny stage']['figures']
     assert stage['ok'] and stage['last_iter'] == 3 and stage['peak_mib'] > 0 and stage['tokens_per_s'] > 0, stage
+    assert stage['lm_head_rows'] == 151674   # Qwen2.5's tokenizer length with InternVL's tokens, as bench_train's
     assert stage['auto'].startswith("llm_grad_ckpt_layers='auto': 2 of the LLM's 2 decoder layers checkpointed")
-    assert "tiny stage: ok" in table and 'through tools/train.py, 3 iterations' in table
+    assert "tiny stage: ok" in table and 'through tools/train.py, 3 iterations, 151,674 LM head rows' in table
     precision = by['tiny bf16 vs fp32']['figures']['precision']
     assert precision['ok'] and len(precision['losses_fp32']) == len(precision['losses_bf16']) == 2
     assert 0 < precision['loss_rel'] < precision['tolerance']['loss']  # bf16 differs, a little

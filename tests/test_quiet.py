@@ -89,3 +89,29 @@ def test_xtuner_trains_imports_are_quiet_too():
     code_, output = run(['-c', code])
     assert code_ == 0, output
     assert "No module named 'kernels'" not in output and 'Setting accelerator to CPU' not in output, output
+
+
+@pytest.fixture(scope='module')
+def qwen25_tokenizer(tmp_path_factory):
+    from xtuner_plugins.tiny.realsize import build_qwen25_tokenizer
+    folder = tmp_path_factory.mktemp('qwen25')
+    build_qwen25_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize('types, shown', [(dict(model_type='internvl_chat', llm_config=dict(model_type='qwen2')), False),
+                                          (dict(model_type='qwen2'), False),
+                                          (dict(model_type='internvl_chat', llm_config=dict(model_type='mistral')), True),
+                                          (dict(), True)])
+def test_transformers_mistral_regex_warning_shows_for_mistral_folders_only(qwen25_tokenizer, tmp_path, types, shown):
+    """transformers 4.57.3+ warns of Mistral's tokenizer regex for any local folder a 4.57.3+ wrote (every folder
+    this project writes) with a vocabulary over 100,000 (Qwen2.5's length here): dropped where config.json names
+    no Mistral type, kept where it does or names none."""
+    import json
+    import shutil
+    folder = tmp_path / 'model'
+    shutil.copytree(qwen25_tokenizer, folder)
+    (folder / 'config.json').write_text(json.dumps(dict(types, transformers_version='4.57.6')))
+    code, out = run(['-c', f'from transformers import AutoTokenizer; AutoTokenizer.from_pretrained({str(folder)!r})'])
+    assert code == 0, out
+    assert ('with an incorrect regex pattern' in out) == shown, out[-2000:]

@@ -15,6 +15,14 @@ are listed here, each with the reason:
   the same in its own line, ``xtuner_plugins: CUDA is not available, applied CPU patches: ...``.
 * torch, training on a CPU: ``'pin_memory' argument is set as true but no accelerator is found, then device
   pinned memory won't be used.`` (a UserWarning from the data loader): the configs pin memory for GPUs.
+* transformers 4.57.3 to 4.57.x, loading a tokenizer from a local folder whose ``config.json`` was written by such
+  a version (every folder this project writes, converted models included): ``The tokenizer you are loading from
+  '...' with an incorrect regex pattern: ... This will lead to incorrect tokenization. You should set the
+  `fix_mistral_regex=True` flag`` (``tokenization_utils_base.py``). The check meant for Mistral's tokenizers skips
+  other model types only for folders written by 4.57.2 or earlier, so it fires for Qwen2.5's too, and the flag it
+  asks for would put Mistral's pre-tokenizer regex on a tokenizer that does not have its bug. It is dropped only
+  when the folder's ``config.json`` names model types (its own and its ``llm_config`` / ``text_config``'s) of which
+  none is a Mistral one (:class:`NotMistral`); a Mistral folder, or one whose types cannot be read, still shows it.
 * MMEngine, with gradient accumulation: ``Detected call of `scheduler.step()` before `optimizer.step()```: its
   schedulers step every iteration and the optimizer every ``accumulative_counts``-th, so the first iterations
   step the schedule first, by design.
@@ -79,12 +87,39 @@ class DropMessages(logging.Filter):
         return not message.startswith(self.starts)
 
 
+#: the model types transformers' check is meant for (``tokenization_utils_base.py``'s list)
+MISTRAL_TYPES = ('mistral', 'mistral3', 'voxtral', 'ministral', 'pixtral')
+MISTRAL_REGEX = re.compile(r"The tokenizer you are loading from '(.*)' with an incorrect regex pattern")
+
+
+class NotMistral(logging.Filter):
+    """Drops transformers' Mistral-regex warning for a local folder whose ``config.json`` names model types, none
+    of them a Mistral one (module docstring); lets every other record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            found = MISTRAL_REGEX.match(record.getMessage())
+            if not found:
+                return True
+            import json
+            with open(os.path.join(found.group(1), 'config.json'), encoding='utf-8') as f:
+                config = json.load(f)
+            types = [c.get('model_type') for c in (config, config.get('llm_config'), config.get('text_config'))
+                     if isinstance(c, dict) and c.get('model_type')]
+        except Exception:  # unreadable: the warning stays
+            return True
+        return not types or any(str(t) in MISTRAL_TYPES for t in types)
+
+
 def install() -> None:
     """Add the filters (once per logger; importing twice adds nothing)."""
     for name, starts in SILENCED_LOGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
             logger.addFilter(DropMessages(starts))
+    logger = logging.getLogger('transformers.tokenization_utils_base')
+    if not any(isinstance(f, NotMistral) for f in logger.filters):
+        logger.addFilter(NotMistral())
     for message, category, module in SILENCED_WARNINGS:
         warnings.filterwarnings('ignore', message=re.escape(message), category=category,
                                 module=re.escape(module) + '$')

@@ -79,8 +79,26 @@ def parse_args(argv=None):
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm, systemd, ``kill``), taken as Ctrl-C is: the folder being written and any
+    converter or quantiser process are removed before the exit."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import signal
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     from xtuner_plugins.models.export import export_checkpoint
     from xtuner_plugins.models.runconfig import parse_remap
     from xtuner_plugins.models.export.gguf_job import export_folder_gguf, is_official_folder
@@ -98,9 +116,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the folder is written aside and moved in whole: nothing half-written is left
-        print(f'convert_to_official: interrupted; {args.out_dir} is as it was before', file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # the folder is written aside and moved in whole: nothing half-written is left
+        print(f'convert_to_official: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; '
+              f'{args.out_dir} is as it was before', file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
 
 

@@ -276,6 +276,98 @@ def test_a_clip_checkpoint_is_refused_before_anything_is_written(tmp_path, capsy
     assert not out.exists() and not list(tmp_path.glob('out.tmp-*'))
 
 
+def test_a_lora_checkpoint_converts_and_answers_as_its_official_folder(setup, tmp_path):
+    """docs/conversion.md's first GGUF command: a LoRA checkpoint straight to GGUF (the adapters merged first; its
+    LLM was named as peft's wrapper, 'a family llama.cpp's converter does not know', before)."""
+    from tests.helpers import lora_trained_tiny
+    from tests.tools.test_convert_to_official import LORA, as_args
+    trained = lora_trained_tiny(tmp_path / 'lora')
+    out = tmp_path / 'gguf'
+    assert convert_main([LORA, trained['ckpt'], str(out), '--format', 'gguf', '--quant', 'f32']
+                        + as_args(trained['opts'])) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['gguf-F32.gguf', 'mmproj-gguf-F32.gguf']
+    folder = tmp_path / 'official'
+    assert convert_main([LORA, trained['ckpt'], str(folder), '--dtype', 'fp32'] + as_args(trained['opts'])) == 0
+    official = ConvertedModel(str(folder))
+    expected = {(i, q): official_greedy(official, img, q) for i, img in enumerate(setup['images']) for q in QUESTIONS}
+    assert_answers_alike(gguf_answers(str(out), setup), expected)
+
+
+def edited_tokenizer(tmp_path, setup, drop):
+    """A copy of the folder whose tokenizer files do not add the tokens ``drop``."""
+    folder = edited(tmp_path, setup, lambda c: None)
+    tok = json.loads((folder / 'tokenizer.json').read_text())
+    tok['added_tokens'] = [t for t in tok['added_tokens'] if t['content'] not in drop]
+    (folder / 'tokenizer.json').write_text(json.dumps(tok))
+    cfg = json.loads((folder / 'tokenizer_config.json').read_text())
+    cfg['added_tokens_decoder'] = {k: v for k, v in cfg.get('added_tokens_decoder', {}).items()
+                                   if v['content'] not in drop}
+    (folder / 'tokenizer_config.json').write_text(json.dumps(cfg))
+    if (folder / 'added_tokens.json').exists():
+        added = json.loads((folder / 'added_tokens.json').read_text())
+        (folder / 'added_tokens.json').write_text(json.dumps({k: v for k, v in added.items() if k not in drop}))
+    return folder
+
+
+def test_a_tokenizer_without_internvls_image_tokens_is_refused(setup, tmp_path, capsys):
+    """The GGUF converted and answered before, its prompts never carrying the image (the official folder's tools
+    refuse such a tokenizer)."""
+    folder = edited_tokenizer(tmp_path, setup, ('<img>', '</img>', '<IMG_CONTEXT>'))
+    refused(tmp_path, capsys, folder, 'cannot be converted to GGUF', "its tokenizer has no <img>, </img>, <IMG_CONTEXT>")
+
+
+def _drop(part, key):
+    return lambda c: c[part].pop(key)
+
+
+@pytest.mark.parametrize('edit, why', [
+    (lambda c: c['llm_config'].update(architectures={'a': 1}), 'llm_config.architectures is {"a": 1}, not a list'),
+    (lambda c: c['vision_config'].update(architectures=[['InternVisionModel']]),
+     'vision_config.architectures is [["InternVisionModel"]], not a list of names'),
+    (lambda c: c['vision_config'].update(num_hidden_layers='two'),
+     'vision_config.num_hidden_layers is "two", not a positive number'),
+    (lambda c: c.update(downsample_ratio='half'), 'downsample_ratio is "half", not a positive number'),
+    (_drop('llm_config', 'num_hidden_layers'), 'no llm_config.num_hidden_layers in config.json'),
+    # the converter allocated for 10^9 layers until the machine had no memory left
+    (lambda c: c['llm_config'].update(num_hidden_layers=10 ** 9), 'llm_config.num_hidden_layers is 1000000000, its '
+                                                                  'weights hold 2 layers'),
+])
+def test_a_config_the_converter_cannot_read_is_named_before_llama_cpp_is_asked_for(setup, tmp_path, capsys,
+                                                                                   monkeypatch, edit, why):
+    folder = edited(tmp_path, setup, edit)
+    refused(tmp_path, capsys, folder, 'cannot be converted to GGUF', why)
+    monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))   # said before `make gguf` is asked for
+    err = refused(tmp_path, capsys, folder, why)
+    assert 'make gguf' not in err
+
+
+def test_sigterm_during_the_converter_leaves_nothing_running_nor_written(setup, tmp_path):
+    """SIGTERM (timeout, Slurm, systemd) killed the tool alone: llama.cpp's converter went on writing into
+    OUT_DIR.tmp-PID as an orphan. Now it is taken as Ctrl-C is: the converter ended, nothing left, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.train_utils import REPO_ROOT, train_env
+    out = tmp_path / 'sigterm_out'
+    run = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py'),
+                            setup['folder'], str(out), '--format', 'gguf', '--quant', 'q4_k_m'],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env())
+    for line in run.stdout:
+        if "llama.cpp's converter" in line:
+            break
+    time.sleep(1)   # the converter process started
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == f'convert_to_official: terminated; {out} is as it was before'
+    assert os.listdir(tmp_path) == []
+    time.sleep(1)
+    left = subprocess.run(['ps', '-eo', 'args'], capture_output=True, text=True).stdout
+    assert 'sigterm_out' not in left, left
+
+
 def test_without_llama_cpp_the_export_says_to_build_it(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))
     err = refused(tmp_path, capsys, setup['folder'], 'make gguf')

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from .files import Log, _print
+from .gguf_checks import OTHER_LAYOUTS, config_problem
 
 QUANTS = ('f16', 'q8_0', 'q4_k_m', 'f32')
 #: the converter's --outtype for each quant (q8_0 and q4_k_m: quantised from the F16 file by llama.cpp's quantiser)
@@ -40,8 +41,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 WORKER = os.path.join(os.path.dirname(HERE), 'gguf_worker.py')
 MAKE_GGUF = 'run `make gguf` first (it builds llama.cpp into .venv-gguf once; docs/conversion.md, "GGUF")'
-VISION_FIELDS = ('image_size', 'patch_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
-                 'num_attention_heads', 'layer_norm_eps', 'hidden_act')
 #: llm_config.model_type -> the architecture the converter looks up, for a folder whose llm_config names none
 LLM_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM',
                      'internlm2': 'InternLM2ForCausalLM', 'phi3': 'Phi3ForCausalLM'}
@@ -78,17 +77,6 @@ def converter_maps(tree: str) -> Tuple[Dict[str, str], Dict[str, str]]:
     return maps['TEXT_MODEL_MAP'], maps['MMPROJ_MODEL_MAP']
 
 
-OTHER_LAYOUTS = {
-    'llava': 'llama.cpp\'s converter reads LlavaForConditionalGeneration only with a Pixtral vision tower '
-             '(conversion/llava.py); a CLIP or SigLIP LLaVA model is not read (its legacy llava scripts are not '
-             'run here)',
-    'internvl': 'transformers\' InternVL layout (--format hf) is not read by llama.cpp (tools/mtmd/README.md); '
-                'convert the checkpoint with --format gguf, or give an official folder',
-    'xtuner_vlm_chat': 'a remote-code folder of another encoder or projector: llama.cpp reads InternVL\'s official '
-                       'layout only (InternViT + pixel shuffle)',
-}
-
-
 def llm_architecture(llm: dict) -> Optional[str]:
     names = llm.get('architectures') or []
     return names[0] if names else LLM_ARCHITECTURES.get(llm.get('model_type'))
@@ -96,25 +84,17 @@ def llm_architecture(llm: dict) -> Optional[str]:
 
 def config_misfit(config: dict, tree: str) -> Optional[str]:
     """Why llama.cpp cannot take the model ``config`` (an official folder's ``config.json``) describes, or None."""
-    kind = config.get('model_type')
-    if kind in OTHER_LAYOUTS:
-        return OTHER_LAYOUTS[kind]
-    if kind != 'internvl_chat':
-        return f'model_type {kind!r}: llama.cpp reads InternVL\'s official layout (internvl_chat) only'
+    problem = config_problem(config)   # the layout, the fields the converter reads and their types
+    if problem:
+        return problem
     text_map, mmproj_map = converter_maps(tree)
-    vision, llm, reasons = config.get('vision_config') or {}, config.get('llm_config') or {}, []
-    odd = [k for k, v in (('vision_config', vision), ('llm_config', llm)) if not isinstance(v, dict)]
-    if odd:
-        return f'its {" and ".join(odd)} in config.json {"is" if len(odd) == 1 else "are"} not a JSON object'
+    vision, llm, reasons = config['vision_config'], config['llm_config'], []
     tower = (vision.get('architectures') or ['InternVisionModel'])[0]
     if mmproj_map.get(tower) != 'internvl':
         reasons.append(f'vision tower {tower} (llama.cpp\'s InternVL mmproj takes InternVisionModel)')
     arch = llm_architecture(llm)
     if arch not in text_map:
         reasons.append(f'LLM {arch or llm.get("model_type")!r}, a family llama.cpp\'s converter does not know')
-    missing = [k for k in VISION_FIELDS if k not in vision] + [k for k in ('downsample_ratio',) if k not in config]
-    if missing:
-        reasons.append(f'no {", ".join(missing)} in config.json (the converter reads them)')
     if vision.get('hidden_act', 'gelu') not in ('gelu', 'silu'):
         reasons.append(f'vision hidden_act {vision["hidden_act"]!r} (llama.cpp\'s InternVL takes gelu or silu)')
     if vision.get('norm_type', 'layer_norm') != 'layer_norm' and (vision.get('hidden_size'),
@@ -147,9 +127,10 @@ def model_misfit(model) -> Optional[str]:
     misfit = internvl_misfit(model)
     if misfit:
         return f'llama.cpp reads InternVL\'s official layout only: {misfit}'
+    llm = model.language_model   # a LoRA-trained LLM is still peft's wrapper here (merged when written)
+    llm = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
     config = {'model_type': 'internvl_chat', 'vision_config': hf_to_official_vision_config(model.vision_model.config),
-              'llm_config': dict(model.language_model.config.to_dict(),
-                                 architectures=[type(model.language_model).__name__]),
+              'llm_config': dict(llm.config.to_dict(), architectures=[type(llm).__name__]),
               'downsample_ratio': model.downsample_ratio, 'ps_version': model.ps_version,
               'select_layer': model.select_layer}
     return config_misfit(config, tree)

@@ -2,9 +2,11 @@
 ``tools/convert_to_official.py FOLDER OUT_DIR --format gguf [--quant ...]``. A checkpoint goes through
 :func:`~xtuner_plugins.models.export.job.export_checkpoint` instead (built, merged, then the same writer).
 
-Checked before anything is written: llama.cpp is built, the folder is one llama.cpp reads (``gguf.config_misfit``)
-and whole (``folder.check_folder``: its weights and tokenizer files),
-``OUT_DIR`` is not the folder nor inside it. The pair is written next to ``OUT_DIR`` and moved into place when whole.
+Checked before anything is written, the input first (before llama.cpp is asked for): the folder is InternVL's
+official layout with the fields the converter reads (``gguf_checks.config_problem``), whole (``folder.check_folder``:
+its weights and tokenizer files), its layer counts those of its weights and its tokenizer InternVL's
+(``gguf_checks``); then llama.cpp is built and reads this model (``gguf.config_misfit``), and ``OUT_DIR`` is not
+the folder nor inside it. The pair is written next to ``OUT_DIR`` and moved into place when whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import List
 from ..folder import check_folder
 from .files import Log, _print
 from .gguf import config_misfit, json_object, tools, write_gguf_from_folder
+from .gguf_checks import config_problem, layer_problem, tokenizer_problem
 from .job import check_out_dir, written_whole
 
 
@@ -28,12 +31,18 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
                        log: Log = _print) -> List[str]:
     """``folder``'s GGUF pair in ``out_dir``; returns the files."""
     start = time.time()
-    _, tree = tools()
     config = json_object(os.path.join(folder, 'config.json'))
+    problem = config_problem(config)
+    if problem:
+        raise ValueError(f'{folder} cannot be converted to GGUF: {problem}')
+    check_folder(folder)  # a truncated or missing shard: one line naming it, not the converter's traceback
+    problem = layer_problem(folder, config) or tokenizer_problem(folder)
+    if problem:
+        raise ValueError(f'{folder} cannot be converted to GGUF: {problem}')
+    _, tree = tools()
     misfit = config_misfit(config, tree)
     if misfit:
         raise ValueError(f'{folder} cannot be converted to GGUF: {misfit}')
-    check_folder(folder)  # a truncated or missing shard: one line naming it, not the converter's traceback
     # the folder, and where its files are (a file linked from elsewhere, such as an earlier conversion, is an input)
     inputs = [os.path.realpath(folder)] + [os.path.realpath(os.path.join(folder, name)) for name in os.listdir(folder)]
     out = check_out_dir(out_dir, inputs, overwrite, log)

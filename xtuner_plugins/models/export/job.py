@@ -312,10 +312,8 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     """
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
-    if fmt == 'gguf':  # before the model is built
-        gguf_tools()
-        if quant not in QUANTS:
-            raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
+    if fmt == 'gguf' and quant not in QUANTS:
+        raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
     start = time.time()
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, 'config.json')):  # not DeepSpeed's folder
         raise ValueError(f'{checkpoint} is a converted folder (it has a config.json), not a training checkpoint: '
@@ -332,6 +330,8 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     else:
         cfg = load_config(config, cfg_options)
     out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite, log)
+    if fmt == 'gguf':  # once the inputs are checked, before the model is built
+        gguf_tools()
     with claimed(out):
         return _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start)
 

@@ -113,3 +113,39 @@ def test_sigterm_stops_the_demo_as_ctrl_c_does():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)   # the handler raises here at once
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize('argv, says', [
+    (['--set', 'finetune_iters=abc'], '--set finetune_iters=abc: expected an integer'),
+    (['--set', 'finetune_lr=fast'], '--set finetune_lr=fast: expected a number'),
+    (['--set', 'n_test=0'], '--set: n_test=0: needs 1 or more'),            # failed after all the training
+    (['--set', 'n_sft=0'], '--set: n_sft=0: needs 1 or more'),              # failed after the warm-up
+    (['--set', 'preference=xyz'], "--set: preference='xyz': use one of '', 'dpo', 'mpo'"),  # KeyError after training
+    (['--set', 'finetune=qlora'], "--set: finetune='qlora': use one of 'full', 'lora'"),
+    (['--set', 'kinds=colour,bogus'], '--set: kinds=colour,bogus: bogus not among colour'),
+    (['--set', 'video=bogus'], '--set: video=bogus: use all, or kinds among motion_x'),
+    (['--set', 'vision=foo'], "--set: vision='foo': use one of 'internvit'"),
+    (['--set', 'tile_size=0'], '--set: tile_size=0: needs 1 or more'),
+    (['--nproc-per-node', '0'], 'error: --nproc-per-node 0: needs 1 or more'),
+    (['--deepspeed', 'bogus'], 'error: --deepspeed bogus: use zero2, zero3 or a DeepSpeed JSON file'),
+    (['--nproc-per-node', '3'], 'demo: refused: pretrain_batch=16, finetune_batch=16 does not split over 3 processes'),
+])
+def test_a_recipe_or_option_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, capsys, argv, says):
+    """Each was a traceback, several of them only after minutes of training."""
+    work = tmp_path / 'demo'
+    try:
+        code = run.main(['--work-dir', str(work), '--recipe', 'quick'] + argv)
+    except SystemExit as exit:
+        code, err = exit.code, str(exit.code) + capsys.readouterr().err
+    else:
+        err = capsys.readouterr().err
+    assert code not in (0, None) and says in err, (code, err)
+    assert 'Traceback' not in err and not work.exists()
+
+
+def test_a_non_number_nproc_per_node_in_the_environment_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('NPROC_PER_NODE', 'abc')
+    with pytest.raises(SystemExit) as exit:
+        run.main(['--work-dir', str(tmp_path / 'demo')])
+    assert exit.value.code == 2
+    assert "NPROC_PER_NODE='abc': expected a number of processes" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence
 
-__all__ = ['PROJECTOR_TYPES', 'RECIPES', 'Recipe', 'VISION_TYPES', 'recipe_from_args']
+__all__ = ['PROJECTOR_TYPES', 'RECIPES', 'Recipe', 'VISION_TYPES', 'recipe_from_args', 'recipe_problem']
 
 VISION_TYPES = ('internvit', 'siglip', 'clip')
 PROJECTOR_TYPES = ('pixel_shuffle_mlp', 'mlp', 'bilinear_mlp')
@@ -153,10 +153,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         current = getattr(recipe, key)
         if isinstance(current, bool):
             parsed = value.lower() in ('1', 'true', 'yes', 'on')
-        elif isinstance(current, int):
-            parsed = int(value)
-        elif isinstance(current, float):
-            parsed = float(value)
+        elif isinstance(current, (int, float)):
+            try:
+                parsed = type(current)(value)
+            except ValueError:
+                raise SystemExit(f'--set {item}: expected {"an integer" if isinstance(current, int) else "a number"}'
+                                 ) from None
         elif key == 'kinds':
             parsed = tuple(v for v in value.split(',') if v) or None
         elif key == 'sft_weights':  # digit:2,small_digit:2 (empty: balanced)
@@ -169,4 +171,52 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         setattr(recipe, key, parsed)
     if args.seed is not None:
         recipe.seed = args.seed
+    problem = recipe_problem(recipe)
+    if problem:
+        raise SystemExit(f'--set: {problem}')
     return recipe
+
+
+#: fields of at least 1 (sizes, counts, iterations, batches), and of at least 0
+AT_LEAST_ONE = ('tile_size', 'vit_hidden', 'vit_layers', 'vit_heads', 'vit_intermediate', 'llm_hidden', 'llm_layers',
+                'llm_heads', 'llm_kv_heads', 'llm_intermediate', 'max_dynamic_patch', 'n_pretrain', 'n_sft', 'n_test',
+                'pretrain_iters', 'pretrain_batch', 'finetune_iters', 'finetune_batch', 'preference_prompts',
+                'preference_pairs_per_prompt', 'preference_iters', 'preference_batch', 'video_frames', 'log_interval',
+                'max_new_tokens')
+AT_LEAST_ZERO = ('preference_samples', 'preference_random_pairs', 'num_workers', 'weight_decay', 'preference_lr')
+POSITIVE = ('vit_init_std', 'llm_init_std', 'pretrain_lr', 'finetune_lr', 'vision_lr', 'preference_temperature',
+            'preference_beta')
+CHOICES = {'vision': VISION_TYPES, 'projector': PROJECTOR_TYPES, 'image_mode': ('', 'tile', 'resize', 'pad'),
+           'finetune': ('full', 'lora'), 'preference': ('', 'dpo', 'mpo'), 'preference_train': ('', 'full', 'lora')}
+
+
+def recipe_problem(recipe: Recipe) -> Optional[str]:
+    """What in ``recipe`` cannot run, named with the value and what it takes, or None: checked before anything is
+    written (a value used only by a later stage, such as ``n_test=0`` or ``preference=xyz``, failed after the
+    training it follows)."""
+    from .scenes import KINDS
+    from .videos import VIDEO_KINDS
+    for name in AT_LEAST_ONE:
+        if getattr(recipe, name) < 1:
+            return f'{name}={getattr(recipe, name)!r}: needs 1 or more'
+    for name in AT_LEAST_ZERO:
+        if getattr(recipe, name) < 0:
+            return f'{name}={getattr(recipe, name)!r}: needs 0 or more'
+    for name in POSITIVE:
+        if not getattr(recipe, name) > 0:
+            return f'{name}={getattr(recipe, name)!r}: needs a number over 0'
+    if not 0 <= recipe.warmup_ratio < 1:
+        return f'warmup_ratio={recipe.warmup_ratio!r}: needs 0 <= warmup_ratio < 1'
+    for name, choices in CHOICES.items():
+        if getattr(recipe, name) not in choices:
+            return f'{name}={getattr(recipe, name)!r}: use one of {", ".join(repr(c) for c in choices)}'
+    unknown = [k for k in recipe.kinds or () if k not in KINDS]
+    if unknown:
+        return f'kinds={",".join(recipe.kinds)}: {", ".join(unknown)} not among {", ".join(KINDS)}'
+    unknown = [k for k in recipe.video.split(',') if k not in VIDEO_KINDS] if recipe.video not in ('', 'all') else []
+    if unknown:
+        return f'video={recipe.video}: use all, or kinds among {", ".join(VIDEO_KINDS)} ({", ".join(unknown)} is not)'
+    unknown = [k for k in recipe.sft_weights or {} if k not in KINDS]
+    if unknown:
+        return f'sft_weights: {", ".join(unknown)} not among {", ".join(KINDS)}'
+    return None

@@ -299,7 +299,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     'the official InternVL layout, and answers to held-out questions, on a CPU, offline.')
     parser.add_argument('--work-dir', default=os.path.join(REPO_ROOT, 'work_dirs', 'demo'),
                         help='output folder (default work_dirs/demo)')
-    parser.add_argument('--nproc-per-node', type=int, default=int(os.environ.get('NPROC_PER_NODE') or 1),
+    parser.add_argument('--nproc-per-node', type=int, default=None,
                         help='training processes (default $NPROC_PER_NODE or 1; >1 runs torch.distributed on gloo)')
     parser.add_argument('--deepspeed', default=os.environ.get('DEEPSPEED') or None,
                         help='zero2, zero3 (configs/deepspeed/*_cpu.json) or a DeepSpeed JSON (default $DEEPSPEED '
@@ -320,14 +320,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--min-accuracy', type=float, default=None,
                         help='exit 1 when the accuracy is below this (default: no check)')
     args = parser.parse_args(argv)
+    if args.nproc_per_node is None:
+        try:
+            args.nproc_per_node = int(os.environ.get('NPROC_PER_NODE') or 1)
+        except ValueError:
+            parser.error(f'NPROC_PER_NODE={os.environ["NPROC_PER_NODE"]!r}: expected a number of processes')
+    if args.nproc_per_node < 1:
+        parser.error(f'--nproc-per-node {args.nproc_per_node}: needs 1 or more')
     if args.deepspeed in ('', 'none', 'None', '0', 'no'):
         args.deepspeed = None
+    if args.deepspeed not in (None, 'zero2', 'zero3') and not os.path.isfile(args.deepspeed):
+        parser.error(f'--deepspeed {args.deepspeed}: use zero2, zero3 or a DeepSpeed JSON file')
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     recipe = recipe_from_args(args)
+    uneven = [f'{name}={getattr(recipe, name)}' for name in ('pretrain_batch', 'finetune_batch', 'preference_batch')
+              if getattr(recipe, name) % args.nproc_per_node and (recipe.preference or name != 'preference_batch')]
+    if uneven:   # before anything is made (a stage's options found it after the models and data were)
+        print(f'demo: refused: {", ".join(uneven)} does not split over {args.nproc_per_node} processes '
+              f'(--nproc-per-node): give batches of a multiple of it', file=sys.stderr)
+        return 2
     not_ours = None if args.preference_only else not_a_demo_run(os.path.abspath(args.work_dir))
     if not_ours:   # before demo.log is written into it
         print(f'demo: refused: {not_ours}', file=sys.stderr)

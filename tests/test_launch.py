@@ -4,6 +4,7 @@ over loopback (``slow``: each run trains the toy config in fresh subprocesses); 
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -89,6 +90,22 @@ def test_timeout_kills_the_launcher_and_everything_under_it(tmp_path):
     launch.wait_jobs([job], timeout=5)
     assert job.timed_out and job.proc.returncode == -signal.SIGKILL and job.wall_s < 60
     assert _gone(job.proc.pid) and _gone(children[1])  # its process group, and the child in its own session
+
+
+def test_a_job_ends_when_what_started_it_is_killed_outright(tmp_path):
+    """The demo SIGKILLed (or killed by the OOM killer) left its training running, orphaned; the job now gets
+    SIGTERM when its starter dies."""
+    log = tmp_path / 'child.log'
+    starter = subprocess.Popen([sys.executable, '-c', (
+        'import sys, time\n'
+        'from xtuner_plugins import launch\n'
+        f'job = launch.TrainJob([sys.executable, "-c", "import time; time.sleep(600)"], {{}}, {str(log)!r})\n'
+        'print(job.proc.pid, flush=True)\n'
+        'time.sleep(600)\n')], stdout=subprocess.PIPE, text=True, env=train_env(), cwd=REPO_ROOT)
+    child = int(starter.stdout.readline())
+    starter.kill()
+    starter.wait()
+    assert _gone(child), f'the job {child} still runs after its starter was killed'
 
 
 def test_a_failed_job_stops_the_others(tmp_path):

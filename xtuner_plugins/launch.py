@@ -220,6 +220,22 @@ def train_command(config: str, work_dir: str, nproc: int = 1, deepspeed: Optiona
 
 
 # ------------------------------------------------------------------------------------------ a started launcher
+def ends_with_parent():
+    """A ``preexec_fn`` for Linux (else None): in the forked child, before its program runs, SIGTERM when the process
+    that started it dies (``PR_SET_PDEATHSIG``, kept across the ``exec``). A caller killed outright (SIGKILL, the
+    kernel's OOM killer) left its training running, orphaned, on towards writing checkpoints into a work folder a
+    rerun would reuse; the launcher takes SIGTERM as it does from ``kill`` (its ranks stop). libc is found here, in
+    the parent: the child only calls it."""
+    if not sys.platform.startswith('linux'):
+        return None
+    import ctypes
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM), 0, 0, 0)   # 1: PR_SET_PDEATHSIG
+
+
 class TrainJob:
     """One launcher in its own session, its output in ``log_path``; ``on_line`` sees each line as it comes;
     ``cwd``: the repository root unless given."""
@@ -234,7 +250,8 @@ class TrainJob:
             log.write('$ ' + ' '.join(cmd) + '\n')
             log.flush()
             self.proc = subprocess.Popen(cmd, cwd=cwd or REPO_ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=ends_with_parent())
         self._reader = open(log_path, encoding='utf-8', errors='replace')
         self._partial = ''
 

@@ -3,7 +3,6 @@
 
 import os
 import shutil
-import time
 
 import pytest
 
@@ -101,18 +100,6 @@ def test_a_work_dir_that_is_no_demo_run_is_refused_untouched(tmp_path, capsys):
     only_log.mkdir()
     (only_log / 'demo.log').write_text('')
     assert run.not_a_demo_run(str(only_log)) is None and run.not_a_demo_run(str(tmp_path / 'new')) is None
-
-
-def test_sigterm_stops_the_demo_as_ctrl_c_does():
-    """A SIGTERM left the demo's training running, orphaned (it runs in a session of its own; only an exception
-    on the way out stops it): inside the demo it raises KeyboardInterrupt, and the handler before is put back."""
-    import signal
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with run._sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)   # the handler raises here at once
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize('argv, says', [

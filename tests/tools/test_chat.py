@@ -159,6 +159,35 @@ def test_chat_tool_auto_dtype_is_bf16_on_a_cpu_with_native_bf16_for_a_large_mode
     assert chat_main(args) == 0
     assert loaded[-1] == torch.float32 and 'bf16 on this CPU' not in capsys.readouterr().err
 
+
+def test_sigterm_removes_the_tools_temporary_folder(setup, monkeypatch, capsys):
+    """The web demo (and chat, eval) killed by SIGTERM left its temporary folder, with --checkpoint the whole
+    converted model; now SIGTERM unwinds run_tool as Ctrl-C does: the folder removed, one line, exit 143."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    from xtuner_plugins.cli import tool_args
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(tool_args.tempfile, 'TemporaryDirectory', recorded)
+
+    def use(model):
+        assert os.path.isdir(made[-1].name)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler raises here at once
+    args = tool_args.argparse.Namespace(folder=setup['folder'], config=None, checkpoint=None, cfg_options=None,
+                                        remap=[], dtype='fp32', device='cpu')
+    before = signal.getsignal(signal.SIGTERM)
+    assert tool_args.run_tool(args, 'web_demo', use) == 143
+    assert 'web_demo: stopped by SIGTERM' in capsys.readouterr().err
+    assert not os.path.exists(made[-1].name) and signal.getsignal(signal.SIGTERM) is before
+
 def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tmp_path):
     image = setup['images'][1]
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',

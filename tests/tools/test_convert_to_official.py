@@ -601,6 +601,19 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, m
     assert capsys.readouterr().err.splitlines()[-1] == \
         'convert_to_official: error: [Errno 28] No space left on device'
     assert sorted(os.listdir(tmp_path)) == ['afile', 'iter_1.pth']
+    # safetensors' own writer on a full disk raises its SafetensorError, not an OSError: a traceback before
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_weights(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    monkeypatch.setitem(job.WRITERS, 'official', job.write_official)
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_weights)
+    assert convert_main([LORA, ckpt, str(tmp_path / 'out'), '--dtype', 'fp32'] + as_args(opts)) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith('convert_to_official: error: ') and last.endswith(
+        'model.safetensors: Error while serializing: I/O error: No space left on device (os error 28)'), last
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'iter_1.pth']
 
 
 @pytest.mark.parametrize('when', ['writing', 'moving in'])

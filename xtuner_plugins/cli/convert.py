@@ -79,23 +79,11 @@ def parse_args(argv=None):
     return args
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, Slurm, systemd, ``kill``), taken as Ctrl-C is: the folder being written and any
-    converter or quantiser process are removed before the exit."""
-
-
-def _terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import signal
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
+    from xtuner_plugins.signals import sigterm_as_interrupt
+    with sigterm_as_interrupt():   # as Ctrl-C: the folder being written and a converter's process are removed
         return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args) -> int:
@@ -116,7 +104,8 @@ def _main(args) -> int:
     except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # the folder is written aside and moved in whole: nothing half-written is left
+    except KeyboardInterrupt as stop:
+        from xtuner_plugins.signals import Terminated  # the folder is written aside and moved in whole: nothing half-written is left
         print(f'convert_to_official: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; '
               f'{args.out_dir} is as it was before', file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130

@@ -284,7 +284,11 @@ def main(argv=None) -> int:
                              f'{first.message} [{first.reason}]')
 
     try:
-        return run_tool(args, 'eval', run, (NoneScored,))
+        code = run_tool(args, 'eval', run, (NoneScored,))
+        if code == 143 and answers is not None:   # SIGTERM: run_tool said so; what is kept, as for Ctrl-C
+            print(f'eval: {len(answers.done) + answers.written} answers are kept in {args.answers}: the same command '
+                  f'with --resume asks the rest', file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         if answers is None:
             print('eval: interrupted (no answers file kept: give --out or --answers to resume)', file=sys.stderr)

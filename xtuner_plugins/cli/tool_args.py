@@ -85,6 +85,16 @@ def run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tup
     first, removed after; a GGUF folder as a :class:`GGUFModel`, answering through llama.cpp), then
     ``use(model)``. The exit status: 0, or 2 with the error printed (:func:`tool_error`) when the model does not convert or load (:data:`EXPORT_ERRORS`) or ``use`` raises one
     of ``errors`` or a prompt that does not fit the LLM's context (``PromptTooLong``)."""
+    from xtuner_plugins.signals import Terminated, sigterm_as_interrupt
+    try:
+        with sigterm_as_interrupt():   # the temporary folder (a checkpoint's converted model) is removed on the way out
+            return _run_tool(args, prog, use, errors, **tiling)
+    except Terminated:
+        print(f'{prog}: stopped by SIGTERM', file=sys.stderr)
+        return 143
+
+
+def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tuple[type, ...], **tiling) -> int:
     dtype = resolve_dtype(args.dtype)
     logs_to_stderr()
     with tempfile.TemporaryDirectory(prefix=f'internvl-{prog}-') as tmp:

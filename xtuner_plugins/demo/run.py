@@ -44,18 +44,16 @@ This module is the orchestration; its parts: :mod:`~xtuner_plugins.demo.recipe` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Dict, Optional, Sequence
 
 from xtuner_plugins.launch import cache_env
+from xtuner_plugins.signals import sigterm_as_interrupt
 
 from .console import Console, DemoError, fmt_time
 from .preference_stage import preference_stage
@@ -87,23 +85,6 @@ def not_a_demo_run(work_dir: str) -> Optional[str]:
     return (f'--work-dir {work_dir} holds {", ".join(names[:4])}{", ..." if len(names) > 4 else ""} and is no '
             'earlier demo run (no recipe.json): the demo replaces its stage folders and data there; give a new or '
             'empty folder, or an earlier demo run\'s')
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """A SIGTERM (``kill``, a job scheduler) stops the demo as Ctrl-C does: the training it runs is stopped with
-    it (started in a session of its own, it kept running, orphaned, into the work folder). Outside the main thread
-    (no signal handler can be set there) nothing changes."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f'signal {signum}')
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recipe: Optional[Recipe] = None,
@@ -353,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.preference_only and not recipe.preference:
             raise DemoError('--preference-only needs --set preference=mpo (or dpo)')
         run = rerun_preference if args.preference_only else run_demo
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():   # as Ctrl-C: the training under way is stopped with the demo
             result = run(args.work_dir, recipe, nproc=args.nproc_per_node, deepspeed=args.deepspeed,
                          console=console, configs_dir=args.configs)
     except DemoError as exc:

@@ -29,13 +29,17 @@ def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: 
                   log: Log = _print) -> None:
     """safetensors shards (``model-0000i-of-0000n.safetensors`` + index), or one ``model.safetensors``."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     total = len(split.filename_to_tensors)
     for i, (filename, keys) in enumerate(split.filename_to_tensors.items(), 1):
         start = time.time()
-        save_file({k: state[k].contiguous() for k in keys}, os.path.join(out_dir, filename),
-                  metadata={'format': 'pt'})
+        try:
+            save_file({k: state[k].contiguous() for k in keys}, os.path.join(out_dir, filename),
+                      metadata={'format': 'pt'})
+        except SafetensorError as exc:   # its I/O errors (a full disk) are not OSErrors: one line, as they are
+            raise OSError(f'{os.path.join(out_dir, filename)}: {exc}') from None
         log(f'wrote {filename} ({i}/{total}, {len(keys)} tensors, {time.time() - start:.1f}s)')
     if split.is_sharded:
         index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in state.values())},

@@ -136,3 +136,36 @@ def test_a_non_number_nproc_per_node_in_the_environment_is_one_line(tmp_path, ca
         run.main(['--work-dir', str(tmp_path / 'demo')])
     assert exit.value.code == 2
     assert "NPROC_PER_NODE='abc': expected a number of processes" in capsys.readouterr().err
+
+
+def test_a_second_demo_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two demos in one --work-dir: the second deleted the first's stage folders under it (its run then failed,
+    naming a log the second had rewritten)."""
+    from xtuner_plugins.engine.runlock import RunLock
+    work = tmp_path / 'demo'
+    first = RunLock(str(work))
+    first.acquire()
+    try:
+        assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 2
+        assert 'is in use by another run' in capsys.readouterr().err
+        assert sorted(os.listdir(work)) == ['run.lock']
+    finally:
+        first.release()
+
+
+def test_preference_only_needs_a_whole_run(tmp_path, capsys, monkeypatch):
+    """A rerun stopped halfway left the first run's checkpoint and converted folder beside its own recipe.json
+    (and its warm-up folder gone): --preference-only took it and failed after drawing the pairs. A run removes the
+    earlier result.json as it starts, and --preference-only needs one."""
+    work = tmp_path / 'demo'
+    work.mkdir()
+    (work / 'recipe.json').write_text('{}')
+    (work / 'result.json').write_text('{"recipe": {}}')   # the earlier whole run's
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, 'make_models', stopped)      # the rerun stopped at its first stage
+    assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 130
+    assert not (work / 'result.json').exists()
+    assert run.main(['--work-dir', str(work), '--recipe', 'quick', '--preference-only', '--set', 'preference=mpo']) == 1
+    assert 'needs a whole demo run' in (work / 'demo.log').read_text()

@@ -80,7 +80,7 @@ def not_a_demo_run(work_dir: str) -> Optional[str]:
         return None
     except OSError as exc:
         return f'--work-dir {work_dir}: {exc.strerror or exc}'
-    if 'recipe.json' in names or not set(names) - {'demo.log'}:
+    if 'recipe.json' in names or not set(names) - {'demo.log', 'run.lock'}:
         return None
     return (f'--work-dir {work_dir} holds {", ".join(names[:4])}{", ..." if len(names) > 4 else ""} and is no '
             'earlier demo run (no recipe.json): the demo replaces its stage folders and data there; give a new or '
@@ -105,7 +105,9 @@ def run_demo(work_dir: str = os.path.join(REPO_ROOT, 'work_dirs', 'demo'), recip
         raise DemoError(not_ours)
     os.makedirs(work_dir, exist_ok=True)
     console = console or Console(os.path.join(work_dir, 'demo.log'))
-    with open(os.path.join(work_dir, 'recipe.json'), 'w', encoding='utf-8') as f:   # for --preference-only
+    if os.path.exists(os.path.join(work_dir, 'result.json')):   # an earlier run's: this run's is written at its end
+        os.remove(os.path.join(work_dir, 'result.json'))
+    with open(os.path.join(work_dir, 'recipe.json'), 'w', encoding='utf-8') as f:
         json.dump(dataclasses.asdict(recipe), f, indent=1)
     cache_root = os.path.join(work_dir, '.cache')
     for key, value in cache_env(cache_root).items():
@@ -221,7 +223,7 @@ def rerun_preference(work_dir: str, recipe: Recipe, nproc: int = 1, deepspeed: O
     """Only the preference stage (and what it needs: the data, the fine-tuned model's answers), from the
     fine-tuned checkpoint and converted folder a run of the same recipe left in ``work_dir``
     (``--preference-only``: to try preference settings without fine-tuning again). The recipe must equal that
-    run's but for its ``preference*`` fields (its ``recipe.json``).
+    run's but for its ``preference*`` fields (the recipe in its ``result.json``, which only a whole run writes).
 
     Raises:
         DemoError: no such run in ``work_dir``, or it was made with another recipe.
@@ -230,11 +232,12 @@ def rerun_preference(work_dir: str, recipe: Recipe, nproc: int = 1, deepspeed: O
     ds = deepspeed_json(deepspeed, CONFIGS)
     work_dir = os.path.abspath(work_dir)
     console = console or Console(os.path.join(work_dir, 'demo.log'))
-    try:
-        with open(os.path.join(work_dir, 'recipe.json'), encoding='utf-8') as f:
-            recorded = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DemoError(f'--preference-only needs a demo run in {work_dir} (its recipe.json): {exc}') from exc
+    try:   # written at a whole run's end (removed as a run starts): a run stopped halfway has none
+        with open(os.path.join(work_dir, 'result.json'), encoding='utf-8') as f:
+            recorded = json.load(f)['recipe']
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DemoError(f'--preference-only needs a whole demo run in {work_dir} (its result.json, written at the end '
+                        f'of a run: a run stopped before its end leaves none; run the demo again): {exc}') from exc
     differ = [k for k, v in dataclasses.asdict(recipe).items()
               if not k.startswith('preference') and k in recorded and json.loads(json.dumps(v)) != recorded[k]]
     if differ:
@@ -328,6 +331,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not_ours:   # before demo.log is written into it
         print(f'demo: refused: {not_ours}', file=sys.stderr)
         return 2
+    from xtuner_plugins.engine.runlock import RunLock, RunLockError
+    lock = RunLock(os.path.abspath(args.work_dir))
+    try:   # one demo a folder: a second run deleted the stage folders under the first
+        lock.acquire()
+    except RunLockError as exc:
+        print(f'demo: refused: {exc}', file=sys.stderr)
+        return 2
+    try:
+        return _main(args, recipe)
+    finally:
+        lock.release()
+
+
+def _main(args, recipe: Recipe) -> int:
     console = Console(os.path.join(os.path.abspath(args.work_dir), 'demo.log'))
     console(f'recipe: {recipe.describe()}')
     try:

@@ -221,7 +221,7 @@ class GGUFModel:
                     from .prompt import PromptTooLong
                     raise PromptTooLong(reply['too_long'][0], request['max_tokens'], reply['too_long'][1],
                                         f'{self.model_file} (its context as llama.cpp loads it)',
-                                        turns=len(self.messages) // 2)
+                                        turns=len(self.messages) // 2, tiles=None)   # llama.cpp's mmproj tiles
                 elif 'error' in reply:
                     raise ValueError(f'{self.folder}: llama.cpp: {reply["error"]}')
                 else:

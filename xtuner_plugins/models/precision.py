@@ -107,6 +107,10 @@ def running_dtype(folder: str, device: str) -> torch.dtype:
     :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters (module docstring), else fp32."""
     if str(device).startswith('cuda'):
         return torch.bfloat16
-    if not compiling.native_bf16_cpu() or llm_parameters(folder) < compiling.AUTO_MIN_LLM_PARAMETERS:
+    if not compiling.native_bf16_cpu():
         return torch.float32
-    return torch.bfloat16
+    try:
+        n = llm_parameters(folder)
+    except Exception:   # weights that do not read (cut short, ...): loading the folder names what is wrong
+        return torch.float32
+    return torch.bfloat16 if n >= compiling.AUTO_MIN_LLM_PARAMETERS else torch.float32

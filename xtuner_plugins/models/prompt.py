@@ -178,22 +178,26 @@ class PromptTooLong(ValueError):
     for the new tokens (``None``: they are an answer's, scored by likelihood, and not a setting)."""
 
     def __init__(self, prompt_tokens: int, new_tokens: int, context: int, source: str, turns: int = 0,
-                 new: Optional[str] = '--max-new-tokens', least: bool = False):
+                 new: Optional[str] = '--max-new-tokens', least: bool = False, tiles: Optional[str] = '--max-num'):
         self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
         self.source, self.turns, self.new, self.least = source, turns, new, least  # least: a lower bound
+        self.tiles = tiles   # None where the tiling is not the user's to set (a GGUF folder: llama.cpp's mmproj)
         super().__init__(self.message())
 
-    def message(self, frames: str = '--frames', tiles: Optional[str] = '--max-num', new: Optional[str] = None,
+    def message(self, frames: str = '--frames', tiles: Optional[str] = 'default', new: Optional[str] = None,
                 reset: str = '/reset') -> str:
-        """The one line; ``frames``, ``tiles`` (``None``: not offered), ``new``, ``reset``: the settings named."""
+        """The one line; ``frames``, ``tiles`` (``None``: not offered; ``'default'``: the constructor's), ``new``,
+        ``reset``: the settings named."""
         new = new or self.new
-        lower = f'{frames} (frames of a video)' + (f' or {tiles} (tiles per image)' if tiles else '')
+        tiles = self.tiles if tiles == 'default' else tiles
+        lower = (f'shorten the question or lower {frames} (frames of a video)'
+                 + (f' or {tiles} (tiles per image)' if tiles else ''))
         earlier = f'; the {self.turns} earlier turns count too: {reset} starts anew' if self.turns else ''
         where = f"the LLM's context of {self.context} tokens ({self.source})"
         if self.prompt_tokens > self.context or not new:
             more = f' (+ {self.new_tokens} of the longest answer scored)' if self.new_tokens and not new else ''
             return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens{more}, over {where}; '
-                    f'lower {lower}{earlier}')
+                    f'{lower}{earlier}')
         return (f'the prompt is {"at least " * self.least}{self.prompt_tokens} tokens and {new} asks for '
                 f'{self.new_tokens} more: '
                 f'{self.prompt_tokens + self.new_tokens} is over {where}; lower {new} to '

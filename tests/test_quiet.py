@@ -99,10 +99,11 @@ def qwen25_tokenizer(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize('types, shown', [(dict(model_type='internvl_chat', llm_config=dict(model_type='qwen2')), False),
-                                          (dict(model_type='qwen2'), False),
-                                          (dict(model_type='internvl_chat', llm_config=dict(model_type='mistral')), True),
-                                          (dict(), True)])
+@pytest.mark.parametrize('types, shown', [
+    (dict(model_type='internvl_chat', llm_config=dict(model_type='qwen2')), False),
+    (dict(model_type='qwen2'), False),
+    (dict(model_type='internvl_chat', llm_config=dict(model_type='mistral')), True),
+    (dict(), True)])
 def test_transformers_mistral_regex_warning_shows_for_mistral_folders_only(qwen25_tokenizer, tmp_path, types, shown):
     """transformers 4.57.3+ warns of Mistral's tokenizer regex for any local folder a 4.57.3+ wrote (every folder
     this project writes) with a vocabulary over 100,000 (Qwen2.5's length here): dropped where config.json names

@@ -104,8 +104,8 @@ def _main(args) -> int:
     except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:
-        from xtuner_plugins.signals import Terminated  # the folder is written aside and moved in whole: nothing half-written is left
+    except KeyboardInterrupt as stop:   # the folder is written aside and moved in whole: nothing half-written is left
+        from xtuner_plugins.signals import Terminated
         print(f'convert_to_official: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; '
               f'{args.out_dir} is as it was before', file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130

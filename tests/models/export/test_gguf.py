@@ -313,7 +313,8 @@ def test_a_tokenizer_without_internvls_image_tokens_is_refused(setup, tmp_path, 
     """The GGUF converted and answered before, its prompts never carrying the image (the official folder's tools
     refuse such a tokenizer)."""
     folder = edited_tokenizer(tmp_path, setup, ('<img>', '</img>', '<IMG_CONTEXT>'))
-    refused(tmp_path, capsys, folder, 'cannot be converted to GGUF', "its tokenizer has no <img>, </img>, <IMG_CONTEXT>")
+    refused(tmp_path, capsys, folder, 'cannot be converted to GGUF',
+            'its tokenizer has no <img>, </img>, <IMG_CONTEXT>')
 
 
 def _drop(part, key):

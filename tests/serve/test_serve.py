@@ -64,6 +64,12 @@ def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys
     err = capsys.readouterr().err   # not 'convert again with --format official': refused for such a model
     assert "a 'remote' folder, its own code for a vision tower and projector InternVL's layout has no place for: " \
            "vLLM has no architecture for it" in err and 'tools/serve.py serves the official and hf' in err, err
+    gguf = folders['official'] + '-gguf-stand-in'   # a GGUF folder: 'no config.json; give a folder written by
+    os.makedirs(gguf, exist_ok=True)               # tools/convert_to_official.py', which wrote it
+    open(os.path.join(gguf, 'm-F16.gguf'), 'wb').close()
+    assert serve_main([gguf]) == 2
+    err = capsys.readouterr().err
+    assert 'a GGUF folder (--format gguf' in err and 'llama-server' in err, err
     assert serve_main([folders['official'], '--vllm-python', sys.executable]) == 2  # this venv has no vLLM
     err = capsys.readouterr().err
     assert f'vLLM is not installed for {sys.executable}' in err and '`make vllm`' in err and 'pip install vllm' in err

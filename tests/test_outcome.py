@@ -48,12 +48,16 @@ def test_find_checkpoints(tmp_path):
 
 
 def test_judge(tmp_path):
-    assert judge(_outcome(tmp_path)) == ['training stopped at iteration 3 of 6', 'no checkpoint saved']
+    assert judge(_outcome(tmp_path)) == ['the last iteration logged is 3 of 6', 'no checkpoint saved']
     # the last iteration need not be logged (log interval): its checkpoint proves it ran
     assert judge(_outcome(tmp_path, checkpoints=['w/iter_6.pth'])) == []
     assert judge(_outcome(tmp_path, checkpoints=['w/iter_4.pth'])) == [
-        'training stopped at iteration 3 of 6', 'final checkpoint iter_6.pth missing (found [\'iter_4.pth\'])']
+        'the last iteration logged is 3 of 6', 'final checkpoint iter_6.pth missing (found [\'iter_4.pth\'])']
     crashed = LOG + 'Traceback (most recent call last):\n  RuntimeError: x\n'
+    # tools/train.py's stated cause leads (a full disk at the last save read as 'stopped at iteration 5 of 10')
+    full = LOG + '\ntrain: FAILED: WriteFailed: w/iter_6.pth: the disk is full; no partial file was left\n'
+    assert judge(_outcome(tmp_path, full, returncode=1))[:2] == [
+        'FAILED: WriteFailed: w/iter_6.pth: the disk is full; no partial file was left', 'exit code 1']
     assert judge(_outcome(tmp_path, crashed, ['w/iter_6.pth'])) == ['traceback in the log']  # exit code 0
     # node 0's agent gone before another's exit barrier: logged with a traceback, the run succeeded
     agent = 'E1123 17:19:40.287000 27300 torch/distributed/elastic/agent/server/api.py:1007] '

@@ -152,7 +152,11 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
     """Why the run failed (empty: it did not). ``lead``: the node of rank 0, which logs iterations and saves
     (a node without it fails only on a timeout, an exit code or a crash in its output)."""
     names = [os.path.basename(p) for p in outcome.checkpoints]
-    reasons = ['timed out'] if outcome.timed_out else []
+    # tools/train.py's own one-line cause (a full disk at a save, bad samples, a loss no longer finite) first: the
+    # marks below say that it failed, this line why
+    stated = next((line.split('train: ', 1)[1].strip() for line in outcome.log.splitlines()
+                   if line.startswith('train: FAILED') and ': ' in line), None)
+    reasons = ([stated] if stated else []) + (['timed out'] if outcome.timed_out else [])
     if outcome.returncode not in (0, None):
         reasons.append(f'exit code {outcome.returncode}')
     if outcome.has_traceback:
@@ -167,7 +171,7 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
         reasons.append('no training iteration was logged')
     elif (outcome.last_iter or 0) < target and f'iter_{target}.pth' not in names:
         # the last iteration is logged only when the log interval divides it: its checkpoint is proof too
-        reasons.append(f'training stopped at iteration {outcome.last_iter} of {target}')
+        reasons.append(f'the last iteration logged is {outcome.last_iter} of {target}')
     if require_checkpoint:
         if not names:
             reasons.append('no checkpoint saved')

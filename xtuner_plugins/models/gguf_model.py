@@ -176,9 +176,15 @@ class GGUFModel:
         return json.loads(line) if line.strip() else {}
 
     def _problem(self) -> str:
+        """What the worker said last: llama.cpp's error lines and the exception, without a traceback's frames (a
+        cut model file read as 'File ".../_internals.py", line 62, in __init__; raise ValueError(...); ...')."""
         self.worker.poll()
         self.log.seek(0)
-        lines = [l for l in self.log.read().splitlines() if l.strip()]
+        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+        if 'Traceback (most recent call last):' in lines:
+            start = lines.index('Traceback (most recent call last):')
+            errors = [line for line in lines[:start] if 'error' in line.lower()][-2:]
+            return '; '.join(errors + lines[-1:])
         return '; '.join(lines[-3:]) or f'the worker exited with {self.worker.returncode}'
 
     def reset(self) -> None:

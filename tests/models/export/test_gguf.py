@@ -543,3 +543,25 @@ def test_a_gguf_folder_refuses_a_video_before_a_frame_is_decoded():
     from types import SimpleNamespace
     with pytest.raises(ValueError, match='folder: a GGUF folder answers about images only'):
         GGUFModel.check_video(SimpleNamespace(folder='folder'), 8)
+
+
+def test_a_worker_that_fails_to_load_says_llama_cpps_error_and_the_exception_only():
+    """A model file cut after its header: 'llama.cpp did not load it:   File ".../_internals.py", line 62, in
+    __init__;     raise ValueError(...); ValueError: ...' before; now llama.cpp's error line and the exception."""
+    import subprocess
+    import sys
+    import tempfile
+    model = GGUFModel.__new__(GGUFModel)
+    model.worker = subprocess.Popen([sys.executable, '-c', 'pass'])
+    model.worker.wait()
+    model.log = tempfile.TemporaryFile(mode='w+', encoding='utf-8')
+    model.log.write('llama_model_loader: loaded meta data with 30 key-value pairs\n'
+                    'llama_model_load: error loading model: tensor \'token_embd.weight\' data is not within the file '
+                    'bounds, model is corrupted or incomplete\n'
+                    'Traceback (most recent call last):\n  File "/x/_internals.py", line 62, in __init__\n'
+                    '    raise ValueError(f"Failed to load model from file: {path_model}")\n'
+                    'ValueError: Failed to load model from file: /m/m.gguf\n')
+    assert model._problem() == (
+        "llama_model_load: error loading model: tensor 'token_embd.weight' data is not within the file bounds, model "
+        "is corrupted or incomplete; ValueError: Failed to load model from file: /m/m.gguf")
+    model.log.close()

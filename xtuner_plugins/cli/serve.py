@@ -90,12 +90,6 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     """What the server needs from a converted folder: ``format``, ``dtype``, ``max_model_len``, ``images``
     (per prompt), ``chat_template`` (its text), ``system_message`` and ``head_dim`` (the LLM's attention head
     size); ``ValueError`` naming the folder for one vLLM cannot serve."""
-    import glob
-    if not os.path.isfile(os.path.join(folder, 'config.json')) and glob.glob(os.path.join(folder, '*.gguf')):
-        raise ValueError(f'{folder}: a GGUF folder (--format gguf, llama.cpp\'s files), which this tool does not '
-                         f'serve: it serves the official and hf formats through vLLM; llama.cpp\'s own server serves '
-                         f'a GGUF pair (llama-server -m MODEL.gguf --mmproj MMPROJ.gguf), and tools/chat.py, '
-                         f'tools/eval.py answer through it')
     fmt = folder_format(folder)
     if fmt not in SERVABLE:   # converting it again to official or hf is refused unless the model is InternVL's
         raise ValueError(f'{folder}: a {fmt!r} folder, {NOT_SERVED[fmt]}; tools/serve.py serves the official and hf '

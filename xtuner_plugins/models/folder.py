@@ -5,6 +5,7 @@ these are one ``ValueError`` naming the folder, the file and what is wrong."""
 from __future__ import annotations
 
 import filecmp
+import glob
 import json
 import os
 import re
@@ -22,6 +23,11 @@ def folder_format(folder: str) -> str:
                          f'tools/convert_to_official.py {folder} OUT_DIR)')
     if not os.path.isdir(folder):
         raise ValueError(f'{folder}: no such folder; give a folder written by tools/convert_to_official.py')
+    if not os.path.isfile(path) and glob.glob(os.path.join(folder, '*.gguf')):   # --format gguf wrote it
+        raise ValueError(f'{folder}: a GGUF folder (--format gguf, llama.cpp\'s files), which this tool does not '
+                         f'read: tools/chat.py and tools/eval.py answer through it, and llama.cpp\'s own server '
+                         f'serves it (llama-server -m MODEL.gguf --mmproj MMPROJ.gguf); the other tools and vLLM '
+                         f'read the official, hf, llava and remote formats')
     if not os.path.isfile(path):
         raise ValueError(f'{folder}: no config.json; give a folder written by tools/convert_to_official.py')
     try:

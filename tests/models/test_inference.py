@@ -398,7 +398,7 @@ def test_the_context_check_counts_the_prompt_the_model_is_given(folder, hf_folde
         assert str(refused.value) == (
             f"the prompt is {length} tokens and --max-new-tokens asks for 3 more: {length + 3} is over the LLM's "
             f"context of {length + 2} tokens (the test's); lower --max-new-tokens to 2 or less, or shorten the "
-            f"question or lower --frames (frames of a video) or --max-num (tiles per image)"
+            f"question or lower --max-num (tiles per image)"   # an image in the conversation, no video
             + ('; the 1 earlier turns count too: /reset starts anew' if turn else ''))
 
 
@@ -407,6 +407,18 @@ def test_a_too_long_prompt_offers_the_tiles_only_where_they_are_the_users():
     gguf = str(PromptTooLong(900, 0, 800, 'm.gguf', tiles=None))
     assert gguf.endswith('; shorten the question or lower --frames (frames of a video)') and '--max-num' not in gguf
     assert str(PromptTooLong(900, 0, 800, 'x')).endswith('or --max-num (tiles per image)')
+
+
+def test_a_too_long_prompt_names_the_settings_of_what_it_holds():
+    """An image question over the context was told to lower the video's frames (the web demo, chat): the advice
+    names the frames only where the conversation holds a video, the tiles only where it holds an image."""
+    def advice(**kwargs):
+        return str(PromptTooLong(900, 0, 800, 'x', **kwargs)).split('; ', 1)[1]
+    assert advice(media=['image']) == 'shorten the question or lower --max-num (tiles per image)'
+    assert advice(media=['video']) == 'shorten the question or lower --frames (frames of a video)'
+    assert advice(media=['video', 'image']) == advice() == (
+        'shorten the question or lower --frames (frames of a video) or --max-num (tiles per image)')
+    assert advice(media=[]) == advice(media=['image'], tiles=None) == 'shorten the question'   # text; GGUF
 
 
 def test_batches_and_likelihood_are_checked_too(folder, hf_folder, tmp_path):
@@ -436,8 +448,8 @@ def test_a_video_over_the_context_is_one_line_naming_both_numbers(folder, tmp_pa
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'Traceback' not in err, err
     assert err.startswith('chat: error: the prompt is ') and "over the LLM's context of 200 tokens (" in err, err
-    assert ('llm_config.max_position_embeddings); shorten the question or lower --frames (frames of a video) or '
-            '--max-num') in err, err
+    assert err.rstrip().endswith('llm_config.max_position_embeddings); shorten the question or lower --frames '
+                                 '(frames of a video)'), err   # a video's frames are one tile each
     assert chat_main([small, '--video', video, '--frames', '2', '--prompt', 'What happens?',
                       '--max-new-tokens', '4']) == 0
     capsys.readouterr()

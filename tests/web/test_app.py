@@ -232,5 +232,6 @@ def test_a_prompt_over_the_context_is_an_error_on_the_page(setup, monkeypatch):
         list(send('Describe the image.', [image], [], None, 12, True, False, 0.7, 0.9, 4000))
     assert error.value.message.startswith('the prompt is ') and "'Max new tokens' asks for 4000 more" in \
         error.value.message, error.value.message
-    assert "lower 'Max new tokens' to " in error.value.message and "'Frames of the video'" in error.value.message
+    assert "lower 'Max new tokens' to " in error.value.message and "'Most tiles per image'" in error.value.message
+    assert 'Frames of the video' not in error.value.message   # an image question
     assert not chat.lock.locked() and chat.model.history is None

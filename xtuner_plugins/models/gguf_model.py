@@ -227,7 +227,8 @@ class GGUFModel:
                     from .prompt import PromptTooLong
                     raise PromptTooLong(reply['too_long'][0], request['max_tokens'], reply['too_long'][1],
                                         f'{self.model_file} (its context as llama.cpp loads it)',
-                                        turns=len(self.messages) // 2, tiles=None)   # llama.cpp's mmproj tiles
+                                        turns=len(self.messages) // 2, tiles=None,   # llama.cpp's mmproj tiles
+                                        media=['image'])   # no video here, and no setting of its tiles
                 elif 'error' in reply:
                     raise ValueError(f'{self.folder}: llama.cpp: {reply["error"]}')
                 else:

@@ -204,10 +204,12 @@ class ConvertedModel:
                 t = self.tiling
                 tiles = sum(num_tiles(i.width, i.height, t['min_num'], t['max_num'], t['image_size'],
                                       t['use_thumbnail']) if t['mode'] == 'tile' else 1 for i in new)
-                self.check_context(tiles * (self.frame_tokens() - 2) + 2 * len(new), generation, least=True)
+                self.check_context(tiles * (self.frame_tokens() - 2) + 2 * len(new), generation, least=True,
+                                   images=len(new))
             pixel_values, num_patches = self.pixels(images, marks)
             query = official_query(self.model, question, num_patches, self.history)
-            self.check_context(len(self.tokenizer(query, verbose=False)['input_ids']), generation)
+            self.check_context(len(self.tokenizer(query, verbose=False)['input_ids']), generation, images=len(new),
+                               video=frames is not None)
             generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer))
             answer, history = self.model.chat(self.tokenizer, pixel_values, question, generation,
                                               history=self.history, return_history=True,
@@ -232,7 +234,7 @@ class ConvertedModel:
             inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                       for k, v in inputs.items()}
             start = inputs['input_ids'].shape[1]
-            self.check_context(start, generation)
+            self.check_context(start, generation, images=len(new), video=frames is not None)
             generation.setdefault('do_sample', False)
             generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer, start))
             with torch.no_grad():
@@ -251,12 +253,18 @@ class ConvertedModel:
             self._longest = max([len(t.encode('utf-8')) for t in vocab] + [1])
         return self._longest
 
-    def check_context(self, prompt_tokens: int, generation: dict, least: bool = False) -> None:
+    def check_context(self, prompt_tokens: int, generation: dict, least: bool = False, images: int = 0,
+                      video: bool = False) -> None:
         """:class:`~xtuner_plugins.models.prompt.PromptTooLong` when the prompt and ``max_new_tokens`` do not fit
-        the LLM's context (``least``: ``prompt_tokens`` is the fewest the prompt can be)."""
-        turns = len(self.history or []) if self.format in ('official', 'remote') else len(self.messages) // 2
+        the LLM's context (``least``: ``prompt_tokens`` is the fewest the prompt can be); ``images`` and ``video``:
+        what this turn adds to the conversation's vision inputs (the message names the settings that lower them)."""
+        official = self.format in ('official', 'remote')
+        turns = len(self.history or []) if official else len(self.messages) // 2
+        had_video = any(self.frames) if official else bool(self.videos)
+        had_image = (not all(self.frames) if official else True) and bool(self.images)
+        media = ['video'] * (had_video or video) + ['image'] * (had_image or images > 0)
         check_context(prompt_tokens, int(generation.get('max_new_tokens') or 0), *self.context, turns=turns,
-                      least=least)
+                      least=least, media=media)
 
     def check_video(self, num_frames: int) -> None:
         """A ``ValueError`` when this folder reads no video (``llava``) or ``num_frames`` frames alone are over the
@@ -265,7 +273,7 @@ class ConvertedModel:
         if self.format == 'llava':
             from .export.files import NO_VIDEO
             raise NoVideo(f'{self.folder}: {NO_VIDEO}')
-        self.check_context(num_frames * self.frame_tokens(), {}, least=True)
+        self.check_context(num_frames * self.frame_tokens(), {}, least=True, video=True)
 
     def frame_tokens(self) -> int:
         """The fewest tokens a video frame takes: its vision tokens (one tile), ``<img>`` and ``</img>``
@@ -302,7 +310,8 @@ class ConvertedModel:
             pixel_values, num_patches = self.pixels([imgs[0] for imgs in loaded])
             for question, tiles in zip(questions, num_patches):
                 query = official_query(self.model, question, [tiles])
-                check_context(len(self.tokenizer(query, verbose=False)['input_ids']), new_tokens, *self.context)
+                check_context(len(self.tokenizer(query, verbose=False)['input_ids']), new_tokens, *self.context,
+                              media=['image'])
             generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer))
             return self.model.batch_chat(self.tokenizer, pixel_values, list(questions), generation,
                                          num_patches_list=num_patches)
@@ -321,7 +330,7 @@ class ConvertedModel:
         inputs = {k: (v.to(self.device, self.dtype) if k == 'pixel_values' else v.to(self.device))
                   for k, v in inputs.items()}
         start = inputs['input_ids'].shape[1]
-        check_context(start, new_tokens, *self.context)  # the longest prompt, the others padded to it
+        check_context(start, new_tokens, *self.context, media=['image'])  # the longest, the others padded to it
         generation.setdefault('stopping_criteria', blank_run_stop(self.tokenizer, start))
         with torch.no_grad():
             out = self.model.generate(**inputs, **generation)

@@ -46,7 +46,7 @@ def option_logprobs(model, question: str, images: Sequence, texts: Sequence[str]
     inputs.pop('attention_mask')
     options = [model.tokenizer(text, add_special_tokens=False)['input_ids'] for text in texts]
     check_context(prompt_ids.shape[1], max(map(len, options), default=0), *model.context,
-                  new=None)
+                  new=None, media=['image'] * bool(images))
 
     def logits_of(ids: torch.Tensor) -> torch.Tensor:
         mask = torch.ones_like(ids)

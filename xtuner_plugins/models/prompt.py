@@ -16,7 +16,7 @@ LLM's context, and a stop for answers that are only whitespace.
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -175,13 +175,17 @@ class NoVideo(ValueError):
 class PromptTooLong(ValueError):
     """A prompt that, with the tokens to generate, does not fit the LLM's context. ``str()`` names the command
     line's options; :meth:`message` takes other names (the web page's settings). ``new``: the setting that asks
-    for the new tokens (``None``: they are an answer's, scored by likelihood, and not a setting)."""
+    for the new tokens (``None``: they are an answer's, scored by likelihood, and not a setting). ``media``: what
+    the prompt holds of ``'image'`` and ``'video'`` (``None``: not known), so that the advice names only the
+    settings that shorten this prompt (a frames setting is no help to an image question)."""
 
     def __init__(self, prompt_tokens: int, new_tokens: int, context: int, source: str, turns: int = 0,
-                 new: Optional[str] = '--max-new-tokens', least: bool = False, tiles: Optional[str] = '--max-num'):
+                 new: Optional[str] = '--max-new-tokens', least: bool = False, tiles: Optional[str] = '--max-num',
+                 media: Optional[Collection[str]] = None):
         self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
         self.source, self.turns, self.new, self.least = source, turns, new, least  # least: a lower bound
         self.tiles = tiles   # None where the tiling is not the user's to set (a GGUF folder: llama.cpp's mmproj)
+        self.media = None if media is None else frozenset(media)
         super().__init__(self.message())
 
     def message(self, frames: str = '--frames', tiles: Optional[str] = 'default', new: Optional[str] = None,
@@ -190,8 +194,10 @@ class PromptTooLong(ValueError):
         ``reset``: the settings named."""
         new = new or self.new
         tiles = self.tiles if tiles == 'default' else tiles
-        lower = (f'shorten the question or lower {frames} (frames of a video)'
-                 + (f' or {tiles} (tiles per image)' if tiles else ''))
+        settings = ([f'{frames} (frames of a video)'] if self.media is None or 'video' in self.media else []) + (
+            [f'{tiles} (tiles per image)'] if tiles and (self.media is None or 'image' in self.media) else [])
+        lower = ' or '.join(['shorten the question', 'lower ' + ' or '.join(settings)] if settings
+                            else ['shorten the question'])
         earlier = f'; the {self.turns} earlier turns count too: {reset} starts anew' if self.turns else ''
         where = f"the LLM's context of {self.context} tokens ({self.source})"
         if self.prompt_tokens > self.context or not new:
@@ -214,11 +220,13 @@ class QuestionTooLong(PromptTooLong):
 
 
 def check_context(prompt_tokens: int, new_tokens: int, context: Optional[int], source: str, turns: int = 0,
-                  new: Optional[str] = '--max-new-tokens', least: bool = False) -> None:
+                  new: Optional[str] = '--max-new-tokens', least: bool = False,
+                  media: Optional[Collection[str]] = None) -> None:
     """:class:`PromptTooLong` when ``prompt_tokens + new_tokens`` is over ``context`` (``None``: not known);
-    ``least``: ``prompt_tokens`` is the fewest the prompt can be (it is not built yet)."""
+    ``least``: ``prompt_tokens`` is the fewest the prompt can be (it is not built yet); ``media``: the prompt's
+    kinds of vision input (:class:`PromptTooLong`)."""
     if context is not None and prompt_tokens + new_tokens > context:
-        raise PromptTooLong(prompt_tokens, new_tokens, context, source, turns, new, least)
+        raise PromptTooLong(prompt_tokens, new_tokens, context, source, turns, new, least, media=media)
 
 
 class BlankRun:

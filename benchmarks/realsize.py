@@ -20,7 +20,9 @@ Rows: ``unpacked`` (padded batches, SDPA), ``packed`` (packs with the dense bloc
 compiled in the timed steps (the row says how many were). Every other row checkpoints the LLM. By default
 ``unpacked``, ``packed_segments`` and ``xtuner`` run, and the two ``_compiled`` rows too where ``'auto'`` compiles
 on this machine (:func:`default_rows`; ``--rows`` to choose). The closing line's "ours" is our fastest row, its
-"packed" the faster packed row (both named).
+"packed" the faster packed row (both named). Around each row a short bf16 ``torch.mm`` reads the machine's rate
+again (``roofline.probe``, printed at the row's end): shares are of the highest reading, and a ratio of two rows
+whose readings spread by over 15% is marked "not a figure" (a shared host's rate moved 2x within minutes).
 
 Data (:func:`write_mix`): a LLaVA-665K-like length mix, see its docstring. (a) and (b) tile every image to 12
 tiles + thumbnail (13 x 256 = 3,328 image tokens, as COCO's 4:3 images are under ``max_dynamic_patch=12``), or to
@@ -70,7 +72,7 @@ from benchmarks import flops, train_loop, xtuner_row  # noqa: E402
 from benchmarks.realsize_data import ensure_models, timed_steps, write_mix  # noqa: E402
 from benchmarks.realsize_report import (closing, convert, parse_tiles, print_row, row_env,  # noqa: E402
                                         run_watched, total_memory)
-from benchmarks.roofline import model_weights, roofline, slow_bf16_refusal  # noqa: E402
+from benchmarks.roofline import model_weights, probe, roofline, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
@@ -348,7 +350,7 @@ def main() -> None:
                 results[(setting, row)] = dict(error=['not run: past --deadline'], wall_s=0.0)
                 print_row(setting, row, results[(setting, row)], roof, flush=True)
                 continue
-            t = time.perf_counter()
+            t, before = time.perf_counter(), probe()
             cmd = [sys.executable, os.path.abspath(__file__), '--child', setting, row, '--work', args.work,
                    '--steps', str(args.steps), '--batch', str(args.batch), '--samples', str(args.samples),
                    '--max-tokens', str(args.max_tokens), '--attn', args.attn, '--warmup', args.warmup,
@@ -373,6 +375,7 @@ def main() -> None:
             else:
                 results[(setting, row)] = json.loads(lines[-1][7:])
             results[(setting, row)]['wall_s'] = time.perf_counter() - t
+            results[(setting, row)]['machine_bf16'] = [before, probe()]   # the rate around the row
             print_row(setting, row, results[(setting, row)], roof, flush=True)
     if 'b' in args.settings and os.path.exists(os.path.join(args.work, 'rows', 'b', 'lora.pth')) and not (
             args.deadline and time.time() > args.deadline):

@@ -99,17 +99,40 @@ def rounded(r) -> str:
     return ' (jemalloc\'s size classes)' if r.get('malloc') == 'jemalloc' else ''
 
 
+#: the spread of the bf16 matmul rate read around two rows past which their ratio compares the machine's moods
+SWING = 1.15
+
+
+def row_roof(r, roof) -> float:
+    """The bf16 roofline a row is held to: the highest of the run's first reading and the two taken around the
+    row (``machine_bf16``), so that a machine faster during the row than at the start is not read as the code
+    passing its roofline (a share of 94% once, at a first reading of 0.70 TFLOP/s)."""
+    return max([roof['bf16'], *r.get('machine_bf16', ())])
+
+
+def swing(*rows) -> str:
+    """`` (machine ...: not a figure)`` where the bf16 rate read around ``rows`` spreads over :data:`SWING`."""
+    rates = [x for r in rows for x in r.get('machine_bf16', ())]
+    if len(rates) < 2 or max(rates) <= SWING * min(rates):
+        return ''
+    return (f' (machine bf16 {min(rates):.2f}-{max(rates):.2f} TFLOP/s around these rows, '
+            f'{max(rates) / min(rates) - 1:.0%} apart: not a figure)')
+
+
 def print_row(setting, row, r, roof, flush=False):
     if 'error' in r:
         print(f'{setting} {row:9s} FAILED: {r["error"]}', flush=flush)
         return
     pred = f'{r["act_predicted"] / 2 ** 30:.2f}' if r.get('act_predicted') else 'n/a'
+    top = row_roof(r, roof)
+    machine = ('  machine bf16 {:.2f} -> {:.2f} TFLOP/s'.format(*r['machine_bf16'])
+               if 'machine_bf16' in r else '')
     print(f'{setting} {row:9s} s/step {r["flops_per_step"] / (r["tflops"] * 1e12):7.1f} '
           f'tokens/s {r["tokens_per_s"]:7.1f}{over(r)} peak {r["peak_mib"] / 1024:6.2f} GiB  TFLOP/s {r["tflops"]:.3f} '
-          f'({r["tflops"] / roof["bf16"]:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / roof["bf16"]:.0%}, '
+          f'({r["tflops"] / top:.0%} of bf16 roofline; the LLM\'s {r["llm_tflops"] / top:.0%}, '
           f'vision tower {r["vision_s"]:.1f} s)  data {r["data_share"]:.0%}  pad {r["pad_share"]:.0%}  '
           f'activations measured {r["act_measured"] / 2 ** 30:.2f} GiB{rounded(r)}, planned {pred} GiB  '
-          f'(row {r["wall_s"]:.0f} s)'
+          f'(row {r["wall_s"]:.0f} s){machine}'
           + (f'  compiled: warm-up steps {r["warmup_s"]:.0f} s, graphs compiled in the timed steps '
              f'{r["graphs_in_timed"]}' if 'graphs_in_timed' in r else ''), flush=flush)
 
@@ -134,11 +157,13 @@ def closing(results, settings, roof, tiles=None):
             print(train_loop.format_check(c))
             comparable = '' if c['ok'] else ' (check FAILED: not comparable)'
         # the LLM's matmul work; under 1% (tiny models) in two figures, not rounded to 0
-        fraction = best['llm_tflops'] / roof['bf16'] if best else None
+        fraction = best['llm_tflops'] / row_roof(best, roof) if best else None
         share = 'n/a' if fraction is None else f'{fraction:.0%}' if fraction >= 0.01 else f'{fraction * 100:.2g}%'
-        print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}; '
+        print(f'real-size {s}{fewer}: tokens/s ours/xtuner {ratio(best, xt, "tokens_per_s")}{comparable}'
+              f'{swing(best, xt) if "tokens_per_s" in xt else ""}; '
               f'peak memory ours/xtuner {ratio(best, xt, "peak_mib")}; packed/unpacked '
-              f'{ratio(pk, best_un, "tokens_per_s")}; roofline share {share}')
+              f'{ratio(pk, best_un, "tokens_per_s")}{swing(pk, best_un) if pk and best_un else ""}; '
+              f'roofline share {share}')
 
 
 def convert(work: str, out_dir: str, setting: dict) -> None:

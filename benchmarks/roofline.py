@@ -29,6 +29,16 @@ def roofline(largest: int = 4096, reps: int = 3, probe: int = 512, budget_s: flo
     return out
 
 
+def probe(size: int = 2048, reps: int = 5) -> float:
+    """This moment's bf16 ``torch.mm`` rate (TFLOP/s, best of ``reps`` after a warm-up; about a second on a
+    slow core): read before and after each benchmark row, since a shared host's rate can move by 2x within
+    minutes (benchmarks/RESULTS.md, the Emerald Rapids sections) and rows timed minutes apart then compare the
+    machine, not the code."""
+    a, b = torch.randn(size, size).to(torch.bfloat16), torch.randn(size, size).to(torch.bfloat16)
+    torch.mm(a, b)
+    return 2 * size ** 3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(reps)) / 1e12
+
+
 def roofline_size(flops_per_s: float, largest: int = 4096, smallest: int = 512, budget_s: float = 2.0) -> int:
     """The largest square size, a multiple of 256 from ``smallest`` to ``largest``, whose product takes at most
     ``budget_s`` at ``flops_per_s``."""

@@ -13,8 +13,8 @@ from xtuner_plugins.tiny.vision import write_tiny_siglip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLOSING = re.compile(r'^real-size (\w)(?: \(at \d+ tiles per image, not 12, in every row of it\))?: '
-                     r'tokens/s ours/xtuner (\S+?)( \(check FAILED[^)]*\))?; peak memory ours/xtuner '
-                     r'(\S+); packed/unpacked (\S+); roofline share (\S+)%$')
+                     r'tokens/s ours/xtuner (\S+?)( \(check FAILED[^)]*\))?(?: \(machine [^)]*\))?; peak memory '
+                     r'ours/xtuner (\S+); packed/unpacked (\S+?)(?: \(machine [^)]*\))?; roofline share (\S+)%$')
 
 
 def test_realsize_rows_and_closing_lines(tmp_path):
@@ -177,3 +177,32 @@ def test_bytes_counted_by_jemalloc_are_marked_and_the_planner_checks_run_on_glib
     from benchmarks.realsize_report import rounded
     assert rounded({'malloc': 'jemalloc'}) == " (jemalloc's size classes)" and rounded({'malloc': 'glibc'}) == ''
     assert rounded({}) == ''   # rows of an earlier results.json (--reuse)
+
+
+def test_a_ratio_of_rows_the_machine_ran_at_other_speeds_is_marked(capsys):
+    """A shared host's bf16 matmul rate moved from 0.70 to 1.5 TFLOP/s within minutes: XTuner's row, timed in a
+    fast spell, read ours/XTuner 1.26, and a row faster than the run's first reading read 94% of the roofline.
+    The rate read around each row marks such a ratio, and a share is of the highest reading."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.realsize_report import closing, print_row
+
+    def row(name, tokens_per_s, machine):
+        return dict(row=name, tokens_per_s=tokens_per_s, peak_mib=1024.0, llm_tflops=0.5, tflops=0.6,
+                    flops_per_step=6e12, samples=2, timed_steps=1, vision_s=5.0, data_share=0.0, pad_share=0.0,
+                    act_measured=2 ** 30, wall_s=90.0, machine_bf16=machine)
+    roof = {'bf16': 0.70}
+    steady = {('a', 'unpacked'): row('unpacked', 90.0, [0.70, 0.72]),
+              ('a', 'packed_segments'): row('packed_segments', 110.0, [0.71, 0.70]),
+              ('a', 'xtuner'): row('xtuner', 80.0, [0.69, 0.70])}
+    closing(steady, ['a'], roof)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert CLOSING.match(line) and 'machine' not in line and line.endswith('roofline share 70%')   # 0.5 of packed's 0.71, line
+    moved = {**steady, ('a', 'xtuner'): row('xtuner', 80.0, [1.40, 1.50])}
+    closing(moved, ['a'], roof)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert CLOSING.match(line), line
+    assert 'ours/xtuner 1.38 (machine bf16 0.70-1.50 TFLOP/s around these rows, 114% apart: not a figure); ' \
+        in line and 'packed/unpacked 1.22; ' in line, line   # the packed and unpacked rows' readings agree
+    print_row('a', 'unpacked', row('unpacked', 90.0, [0.70, 1.00]), roof)
+    line = capsys.readouterr().out
+    assert '(60% of bf16 roofline; the LLM\'s 50%' in line and 'machine bf16 0.70 -> 1.00 TFLOP/s' in line, line

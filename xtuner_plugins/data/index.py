@@ -22,6 +22,7 @@ from typing import List, Optional
 import numpy as np
 
 from xtuner_plugins.errors import Stated
+from xtuner_plugins.filemodes import file_mode
 
 from .nodepass import node_once
 
@@ -133,18 +134,6 @@ def file_identity(st: os.stat_result) -> dict:
 def index_key(path: str) -> str:
     parts = dict(version=INDEX_VERSION, annotation=os.path.abspath(path), **file_identity(os.stat(path)))
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def file_mode() -> int:
-    """The mode a plain ``open`` gives a new file (``0o666`` less the umask, read from ``/proc`` without changing it):
-    for caches written through ``mkstemp``, whose 0600 hid them from the others of a group sharing a cache folder
-    (each rebuilt them, and replaced them with files the first could not read)."""
-    try:
-        with open('/proc/self/status', encoding='ascii') as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, ValueError, StopIteration):
-        mask = 0o022
-    return 0o666 & ~mask
 
 
 def save_array(path: str, array: np.ndarray) -> None:

@@ -29,9 +29,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from mmengine.logging import print_log
 
+from xtuner_plugins.filemodes import file_mode
+
 from .errors import SampleError
 from .image_io import read_image_size
-from .index import file_identity, file_mode, load_array, save_array
+from .index import file_identity, load_array, save_array
 from .nodepass import node_once, run_slices
 from .sources import DataSource, Record
 from .tiling import num_tiles

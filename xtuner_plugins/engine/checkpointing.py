@@ -41,6 +41,7 @@ from mmengine.logging import print_log
 
 from xtuner_plugins.engine import resume_load
 from xtuner_plugins.errors import Refused, Stated
+from xtuner_plugins.filemodes import file_mode
 
 _PATCH_MARK = '_xtuner_plugins_checkpoint_patch'
 _applied: List[str] = []
@@ -54,20 +55,6 @@ class WriteFailed(Stated, OSError):
         return str(self.strerror)
 
 
-def _umask() -> int:
-    """This process's umask, read without changing it (Linux), else by setting it back at once."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('Umask:'):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(data: Union[bytes, str], filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
     """Write ``data`` to ``filepath`` through a temporary file and an atomic rename. The file gets the mode a
     plain write gives (``0o666`` less the umask; ``mkstemp``'s own 0600 would hide checkpoints from the group a
@@ -79,7 +66,7 @@ def atomic_write(data: Union[bytes, str], filepath: Union[str, Path], encoding: 
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(filepath) + '.', suffix='.tmp')
         with os.fdopen(fd, 'wb') as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), file_mode())
             f.write(data.encode(encoding) if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())

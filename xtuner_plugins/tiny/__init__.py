@@ -3,6 +3,8 @@
 import os
 from typing import Dict
 
+from xtuner_plugins.filemodes import as_plain_files
+
 from .llm import TINY_LLM_ARCHS, write_tiny_llm, write_tiny_qwen2
 from .tokenizer import build_tiny_tokenizer
 
@@ -24,7 +26,10 @@ def make_tiny_models(out_dir: str, seed: int = 0, image_size: int = 56, vision: 
     if vision not in TINY_VISION_TYPES:
         raise ValueError(f'unknown tiny vision encoder {vision!r}; use one of {TINY_VISION_TYPES}')
     write_vision = getattr(writers, f'write_tiny_{vision}')
-    return {vision: write_vision(os.path.join(out_dir, vision), image_size=image_size, seed=seed,
-                                 hidden_size=VISION_WIDTH, num_heads=vision_heads),
-            'llm': write_tiny_llm(os.path.join(out_dir, 'llm'), arch=llm, seed=seed, hidden_size=LLM_WIDTH,
-                                  num_heads=llm_heads, num_kv_heads=llm_kv_heads)}
+    written = {vision: write_vision(os.path.join(out_dir, vision), image_size=image_size, seed=seed,
+                                    hidden_size=VISION_WIDTH, num_heads=vision_heads),
+               'llm': write_tiny_llm(os.path.join(out_dir, 'llm'), arch=llm, seed=seed, hidden_size=LLM_WIDTH,
+                                     num_heads=llm_heads, num_kv_heads=llm_kv_heads)}
+    for folder in written.values():
+        as_plain_files(folder)   # safetensors 0.8 writes its files 0600 (filemodes.py)
+    return written

@@ -1,0 +1,74 @@
+"""Files this project writes get a plain file's mode (``xtuner_plugins/filemodes.py``): safetensors 0.8 writes
+0600 whatever the umask, and a converted folder's weights were unreadable to any other user (a teammate, a
+serving account: ``PermissionError``)."""
+
+import json
+import os
+import stat
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from xtuner_plugins.filemodes import file_mode, umask
+from xtuner_plugins.models.export.job import written_whole
+from xtuner_plugins.tiny import make_tiny_models
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def mask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def modes(folder):
+    return {os.path.relpath(os.path.join(root, n), folder): stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode)
+            for root, _, names in os.walk(folder) for n in names}
+
+
+def test_the_umask_is_read_without_changing_it(mask):
+    assert umask() == mask and os.umask(mask) == mask and file_mode() == 0o666 & ~mask
+
+
+def test_a_conversion_folder_is_as_readable_as_a_plain_write_makes_it(tmp_path, mask):
+    def write(tmp):
+        save_file({'w': torch.zeros(2)}, os.path.join(tmp, 'model.safetensors'))
+        os.makedirs(os.path.join(tmp, 'sub'))
+        save_file({'w': torch.zeros(2)}, os.path.join(tmp, 'sub', 'part.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump({}, f)
+    out = str(tmp_path / 'conv')
+    written_whole(out, write)
+    assert modes(out) == dict.fromkeys(['model.safetensors', 'sub/part.safetensors', 'config.json'],
+                                       0o666 & ~mask)
+
+
+def test_tiny_models_are_readable_by_others(tmp_path, mask):
+    written = make_tiny_models(str(tmp_path / 'tiny'))
+    found = {f'{part}/{name}': mode for part, folder in written.items() for name, mode in modes(folder).items()}
+    assert 'llm/model.safetensors' in found and 'internvit/model.safetensors' in found, found
+    assert set(found.values()) == {0o666 & ~mask}, found
+
+
+def test_a_home_that_cannot_take_tritons_cache_sends_it_to_the_temporary_folder(tmp_path, monkeypatch):
+    """DeepSpeed (imported by MMEngine) makes ~/.triton/autotune as it is imported: with HOME=/nonexistent (a
+    container's user id without a home) conversion, chat, eval and serving stopped there with a PermissionError
+    traceback (seen as user nobody; a file as HOME stands in for it here, since root may write anywhere)."""
+    from xtuner_plugins.filemodes import home_caches
+    home = tmp_path / 'home'
+    home.write_text('')   # not a folder: nothing can be made under it
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.delenv('TRITON_CACHE_DIR', raising=False)
+    home_caches()
+    assert os.environ['TRITON_CACHE_DIR'] == os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}', 'cache')
+    monkeypatch.setenv('TRITON_CACHE_DIR', '/somewhere/chosen')
+    home_caches()
+    assert os.environ['TRITON_CACHE_DIR'] == '/somewhere/chosen'   # the user's own setting kept
+    monkeypatch.delenv('TRITON_CACHE_DIR')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    home_caches()
+    assert 'TRITON_CACHE_DIR' not in os.environ   # a home that takes it: Triton's default

@@ -1,0 +1,64 @@
+"""The mode a file this project writes gets: what a plain ``open`` gives (``0o666`` less the umask), whoever wrote it;
+and a cache folder where the home folder cannot take one.
+
+Two writers give less:
+
+* ``tempfile.mkstemp``, through which checkpoints, caches and indexes are written atomically, makes its files 0600;
+* safetensors 0.8 writes through a temporary file of its own (safetensors/safetensors#764), so every
+  ``model.safetensors`` (``save_file``, and transformers' ``save_pretrained`` through it) is 0600 whatever the
+  umask (safetensors/safetensors#782; its fix, #789, is not released). A converted folder's weights were then
+  unreadable to every other user: a teammate, or a serving account (``PermissionError`` where the config read).
+
+:func:`file_mode` is the mode; :func:`as_plain_files` gives it to a folder's files once they are written.
+
+:func:`home_caches`: DeepSpeed, imported by MMEngine, makes Triton's cache in ``~/.triton`` as it is imported; with a
+home that cannot be written (a container run under a user id without one, ``HOME=/nonexistent``) conversion,
+chat, eval, serving and planning stopped there with a ``PermissionError`` traceback (plain training, which defers
+DeepSpeed, did not).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (Linux's ``/proc``), else by setting it back at once."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, ValueError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~umask()
+
+
+def as_plain_files(folder: str) -> None:
+    """Give every regular file under ``folder`` (written by this process: a conversion's staging folder, tiny models)
+    :func:`file_mode`; links are left alone."""
+    mode = file_mode()
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode)
+
+
+def home_caches() -> None:
+    """Point ``TRITON_CACHE_DIR``, where it is not set and ``~/.triton`` cannot be made or written, at a folder of
+    this user's under the temporary folder (``triton-UID``)."""
+    if os.environ.get('TRITON_CACHE_DIR'):
+        return
+    home = os.path.expanduser('~')
+    triton = os.path.join(home, '.triton')
+    if os.access(triton, os.W_OK | os.X_OK) if os.path.isdir(triton) else os.access(home, os.W_OK | os.X_OK):
+        return
+    os.environ['TRITON_CACHE_DIR'] = os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}', 'cache')

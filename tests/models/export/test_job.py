@@ -17,3 +17,41 @@ def test_the_root_folder_holds_every_input(out, tmp_path):
     with pytest.raises(ValueError, match='holds or lies inside an input'):
         check_out_dir(str(tmp_path / 'iter_2.pth' / 'out'), [checkpoint], overwrite=True)
     assert check_out_dir(str(tmp_path / 'iter_2.pthx'), [checkpoint], overwrite=True) == str(tmp_path / 'iter_2.pthx')
+
+
+def test_a_claim_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A conversion on a full disk left an empty OUT.converting-PID that no later conversion removed."""
+    import builtins
+    import os
+
+    from xtuner_plugins.models.export import job
+    real = builtins.open
+
+    def full(path, mode='r', *args, **kwargs):
+        f = real(path, mode, *args, **kwargs)
+        if '.converting-' in str(path) and 'w' in mode:
+            f.close()
+            raise OSError(28, 'No space left on device')
+        return f
+    monkeypatch.setattr(builtins, 'open', full)
+    with pytest.raises(OSError, match='No space left'):
+        with job.claimed(str(tmp_path / 'conv')):
+            pass
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_old_folder_that_cannot_be_removed_is_said(tmp_path, monkeypatch, capsys):
+    """--overwrite of a conversion whose files another user owns left OUT.old-PID, a whole model, in silence."""
+    import os
+    import shutil
+
+    from xtuner_plugins.models.export import job
+    out = tmp_path / 'conv'
+    out.mkdir()
+    (out / 'config.json').write_text('{}')
+    monkeypatch.setattr(shutil, 'rmtree', lambda path, ignore_errors=False: None if ignore_errors else 1 / 0)
+    job.written_whole(str(out), lambda tmp: open(os.path.join(tmp, 'config.json'), 'w').close())
+    old = f'{out}.old-{os.getpid()}'
+    assert os.path.isdir(old) and (out / 'config.json').read_text() == ''
+    assert f'warning: the replaced folder could not be removed whole ({old}: ' in capsys.readouterr().err

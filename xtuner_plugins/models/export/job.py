@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from typing import Optional
 
@@ -25,6 +26,7 @@ from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
 from xtuner_plugins.engine.hooks import peak_rss_mb
 from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.engine.runlock import LOCK_NAME
+from xtuner_plugins.filemodes import as_plain_files
 
 from ..dtypes import dtype_name
 from ..lineage import recorded_inputs
@@ -127,8 +129,13 @@ def claimed(out: str):
         yield
         return
     os.makedirs(os.path.dirname(claim), exist_ok=True)   # OUT_DIR's parent, made as the conversion would
-    with open(claim, 'w', encoding='utf-8') as f:
-        json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}, f)
+    try:
+        with open(claim, 'w', encoding='utf-8') as f:
+            json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.time()}, f)
+    except BaseException:   # a full disk: the error is the caller's one line, and no empty claim is left behind
+        with contextlib.suppress(OSError):
+            os.remove(claim)
+        raise
     _held.add(claim)
     try:
         other = _other_conversion(out)
@@ -282,6 +289,7 @@ def written_whole(out: str, write):
         os.makedirs(tmp)
         try:
             result = write(tmp)
+            as_plain_files(tmp)   # safetensors 0.8 writes its files 0600: unreadable to any other user
             if os.path.isdir(out):
                 os.replace(out, old)
             os.replace(tmp, out)
@@ -291,6 +299,9 @@ def written_whole(out: str, write):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):   # files of another user's that this one may not remove: said, not left silently
+            print(f'warning: the replaced folder could not be removed whole ({old}: its files or folders are not '
+                  f'this user\'s to remove); remove it yourself', file=sys.stderr)
     return result
 
 

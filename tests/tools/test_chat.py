@@ -137,6 +137,34 @@ def test_chat_tool_one_shot_folder_and_config_agree(setup, capsys):
 
 
 
+def test_an_unreadable_weight_file_or_a_full_temporary_disk_is_one_line(setup, monkeypatch, capsys):
+    """A folder another user converted (safetensors 0.8 wrote its weights 0600) gave chat, eval and the web demo a
+    PermissionError traceback; a --checkpoint converted into a full temporary folder an OSError traceback. The
+    tests run as root, which reads any file: the refusal the kernel gives another user is raised where the weights
+    are first opened."""
+    from xtuner_plugins.cli import tool_args
+    from xtuner_plugins.models import folder as folder_module
+    weights = f'{setup["folder"]}/model.safetensors'
+
+    def refused(path):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(folder_module, 'safetensors_problem', refused)
+    assert chat_main([setup['folder'], '--prompt', 'x']) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"chat: error: [Errno 13] Permission denied: '{weights}'", err
+    assert 'Traceback' not in err
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise OSError(f'{args[4]}/model/model.safetensors: No space left on device (os error 28)')
+    monkeypatch.setattr(tool_args, 'model_folder', full)
+    assert chat_main(['--config', LORA, '--checkpoint', setup['ckpt'], '--prompt', 'x']
+                     + as_args(setup['opts'])) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and 'No space left on device (os error 28); --checkpoint is converted into a ' \
+        'temporary folder under ' in err and 'set TMPDIR to a folder on a disk with room' in err, err
+
+
 def test_chat_tool_auto_dtype_is_bf16_on_a_cpu_with_native_bf16_for_a_large_model(setup, monkeypatch, capsys):
     from xtuner_plugins.models import compile as compiling
     from xtuner_plugins.models import inference

@@ -14,6 +14,7 @@ Usage, in a tool's ``parse_args``::
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -29,8 +30,10 @@ from xtuner_plugins.models.prompt import PromptTooLong
 
 #: The errors a training config + checkpoint that do not convert are (a checkpoint or a previous stage of its
 #: lineage not found, a config or source folder the checkpoint was not trained with): the converter's own, one
-#: line each, which tools/convert_to_official.py prints as its error (``cli/convert.py``) and the tools too.
-EXPORT_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+#: line each, which tools/convert_to_official.py prints as its error (``cli/convert.py``) and the tools too; and
+#: the system's (``OSError``): a weight file another user wrote unreadable here, a full disk under the temporary
+#: folder a ``--checkpoint`` is converted into (tracebacks before).
+EXPORT_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optional[str], cfg_options, tmp: str,
@@ -109,7 +112,11 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
                 model = ConvertedModel(folder, loading_dtype(args, folder, dtype), args.device,
                                        trust_remote_code=trust, **tiling)
         except EXPORT_ERRORS as exc:
-            return tool_error(prog, exc)
+            full = isinstance(exc, OSError) and args.checkpoint and (
+                exc.errno == errno.ENOSPC or 'No space left' in str(exc))   # safetensors' error has no errno
+            return tool_error(prog, f'{exc}' + (f'; --checkpoint is converted into a temporary folder under '
+                                                f'{tempfile.gettempdir()} first: set TMPDIR to a folder on a disk '
+                                                f'with room' if full else ''))
         try:
             use(model)
         except (PromptTooLong, *errors) as exc:

@@ -315,6 +315,28 @@ class ColourModel:
         return 'red' if load_image(images[0]).getpixel((0, 0))[0] > 128 else 'blue'
 
 
+def test_a_report_the_disk_cannot_take_is_one_line_and_the_answers_are_kept(folder, tmp_path, capsys, monkeypatch):
+    """A full disk at the report, after every question was asked, was a traceback with no word of the kept
+    answers; now one line saying where they are and that --resume writes the report without asking again."""
+    from xtuner_plugins.eval.evaluate import Report
+    data = write_questions(tmp_path, 2)
+    run, out = [folder, '--data', data, '--max-new-tokens', '3', '--out', str(tmp_path / 'r.json')], tmp_path / 'r.json'
+    write = Report.write
+
+    def full(self, path, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(Report, 'write', full)
+    assert eval_main(run) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.strip().splitlines()[-1] == (
+        f'eval: error: the report {out} could not be written ([Errno 28] No space left on device); the answers are '
+        f'kept in {tmp_path}/r.answers.jsonl: the same command with --resume writes it without asking them again')
+    monkeypatch.setattr(Report, 'write', write)
+    asked = []
+    monkeypatch.setattr(ConvertedModel, 'ask', lambda self, *a, **k: asked.append(a) or 'x')
+    assert eval_main(run + ['--resume']) == 0 and not asked and json.load(open(out))['results']
+
+
 def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, capsys, monkeypatch):
     """Images replaced in place between an evaluation and its --resume: the kept answers to the old images were
     reported (0.400 against 0.200 fresh). Now they are dropped, counted and named, and asked again."""

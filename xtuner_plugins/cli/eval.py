@@ -206,6 +206,10 @@ class NoneScored(ValueError):
     """Every question failed when asked (a wrong image folder, prompts over the LLM's context): eval fails."""
 
 
+class ReportUnwritten(ValueError):
+    """The report could not be written once every question was asked (a full disk): eval fails, the answers kept."""
+
+
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
     model = os.path.abspath(args.folder or args.checkpoint)  # a checkpoint records its config
@@ -265,12 +269,16 @@ def main(argv=None) -> int:
                            on_answer=answers and answers.append, num_frames=args.frames,
                            single_frame=args.single_frame, mc=args.mc)
         report = Report(answers.results(questions, results) if answers else results, failures)
+        unwritten = None
         if args.out:
-            report.write(args.out, folder=args.folder or args.checkpoint, data=args.data,
-                         metric=args.metric, circular=args.circular, blind=args.blind, mc=args.mc)
+            try:
+                report.write(args.out, folder=args.folder or args.checkpoint, data=args.data,
+                             metric=args.metric, circular=args.circular, blind=args.blind, mc=args.mc)
+            except OSError as exc:   # a full disk after the last question: said below, the answers kept
+                unwritten = exc
         if answers is not None:
             answers.close()
-            if not args.keep_answers:
+            if not args.keep_answers and unwritten is None:
                 os.remove(args.answers)  # the report holds every answer
         if failures:
             print(report.not_scored())
@@ -278,13 +286,17 @@ def main(argv=None) -> int:
         if report.read_line():
             print(report.read_line())
         print(report.closing_line())
+        if unwritten is not None:
+            raise ReportUnwritten(f'the report {args.out} could not be written ({unwritten})' + (
+                f'; the answers are kept in {args.answers}: the same command with --resume writes it without '
+                f'asking them again' if answers is not None else ''))
         if failures and not report.results:  # nothing scored, this run or a resumed one's: not a result
             first = failures[0]
             raise NoneScored(f'none of the {len(failures)} questions could be scored; the first, {first.source}: '
                              f'{first.message} [{first.reason}]')
 
     try:
-        code = run_tool(args, 'eval', run, (NoneScored,))
+        code = run_tool(args, 'eval', run, (NoneScored, ReportUnwritten))
         if code == 143 and answers is not None:   # SIGTERM: run_tool said so; what is kept, as for Ctrl-C
             print(f'eval: {len(answers.done) + answers.written} answers are kept in {args.answers}: the same command '
                   f'with --resume asks the rest', file=sys.stderr)

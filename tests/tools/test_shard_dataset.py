@@ -209,3 +209,28 @@ def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_pa
         f'shard_dataset: error: writing into {out} failed: RuntimeError: tar writer broke; what was written there '
         'is no shard set (no shards.json): remove the folder, then write it again\n')
     assert shard_dataset.WRITING not in os.listdir(out)
+
+
+def test_a_full_disk_at_the_mark_is_one_line_and_a_retry_is_not_refused(tmp_path, capsys, monkeypatch):
+    """With no byte free the mark's write failed: a traceback, and the empty mark it left refused the same
+    command once space was freed ('another shard_dataset run is writing into it')."""
+    import errno
+
+    from xtuner_plugins.cli import shard_dataset
+    jsonl, _, _ = files(tmp_path)
+    out = tmp_path / 'out'
+    args = ['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]
+    real = os.fdopen
+
+    def full(fd, *a, **k):
+        f = real(fd, *a, **k)
+        f.write = lambda *_: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space left on device'))
+        return f
+    monkeypatch.setattr(shard_dataset.os, 'fdopen', full)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code != 0 and 'Traceback' not in err and err.strip().splitlines()[-1].endswith(
+        f'--out {out}: cannot be written: No space left on device'), err
+    monkeypatch.undo()
+    assert main(args) == 0, capsys.readouterr().err
+    assert 'shards.json' in os.listdir(out)

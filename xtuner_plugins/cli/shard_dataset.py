@@ -100,8 +100,12 @@ def claim(out: str) -> str:
         return out_problem(out) or f'--out {out}: another shard_dataset run is writing into it'
     except OSError as exc:
         return f'--out {out}: cannot be written: {exc.strerror}'
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time()), f)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time()), f)
+    except OSError as exc:   # a full disk: an empty mark left behind refused every later run into the folder
+        os.remove(os.path.join(out, WRITING))
+        return f'--out {out}: cannot be written: {exc.strerror or exc}'
     if sorted(os.listdir(out)) != [WRITING]:  # another run's files came in before the mark
         os.remove(os.path.join(out, WRITING))
         return out_problem(out) or f'--out {out}: not empty; give a new or empty folder (nothing is written over)'

@@ -214,6 +214,33 @@ def test_a_work_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     assert (tmp_path / 'f').read_text() == 'hi'
 
 
+def test_a_work_dir_this_user_cannot_write_or_a_models_own_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """As a user without write access (the tests run as root, who has it: os.access stands in for the kernel)
+    the run stopped in MMEngine's makedirs with a PermissionError traceback; a run in its LLM's own folder saved
+    iter_N.pth there and could then not be converted (the folder no longer the one it was trained with)."""
+    from xtuner_plugins.engine.runstart import work_dir_refusal
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda path, mode: str(path) != str(locked) and access(path, mode))
+    assert work_dir_refusal(dict(work_dir=str(locked))) == f'--work-dir {locked} is not writable by this user'
+    assert work_dir_refusal(dict(work_dir=str(locked / 'a' / 'b'))) == (
+        f'--work-dir {locked}/a/b cannot be made: {locked} is not writable by this user')
+    monkeypatch.undo()
+    llm, vit = tmp_path / 'llm', tmp_path / 'vit'
+    llm.mkdir()
+    vit.mkdir()
+    model = dict(llm=str(llm), vision_encoder=dict(type='internvit', path=str(vit)))
+    assert work_dir_refusal(dict(model=model, work_dir=str(llm))).startswith(
+        f"--work-dir {llm} is model.llm's folder {llm}: its checkpoints would change the folder")
+    assert work_dir_refusal(dict(model=model, work_dir=str(vit / 'run'))).startswith(
+        f"--work-dir {vit}/run is inside model.vision_encoder's folder {vit}: ")
+    assert work_dir_refusal(dict(model=model, work_dir=str(tmp_path / 'llm-run'))) is None
+    with pytest.raises(SystemExit):
+        Runner.from_cfg(Config(dict(model=model, work_dir=str(llm))))
+    assert capsys.readouterr().err.startswith(f"train: refused: --work-dir {llm} is model.llm's folder")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
 def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """``model.liger_kernel`` needs CUDA: the run stops before the model loads, in one line (no traceback)."""

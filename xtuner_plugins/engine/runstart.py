@@ -92,8 +92,10 @@ def keep_what_this_run_starts_from(cfg: Mapping) -> None:
 
 
 def work_dir_refusal(cfg: Mapping) -> Optional[str]:
-    """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file), found before anything
-    is built: MMEngine's mkdir_or_exist raised FileExistsError / NotADirectoryError in a traceback."""
+    """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file, not writable by this
+    user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
+    FileExistsError / NotADirectoryError / PermissionError in a traceback, and a run in its LLM's folder saved
+    checkpoints there that changed the folder the run records as its source (it no longer converted)."""
     work_dir = cfg.get('work_dir')
     if not isinstance(work_dir, str) or not work_dir:
         return None
@@ -101,11 +103,25 @@ def work_dir_refusal(cfg: Mapping) -> Optional[str]:
         return f'--work-dir {work_dir} is a symbolic link to {os.readlink(work_dir)}, which does not exist'
     if os.path.exists(work_dir) and not os.path.isdir(work_dir):
         return f'--work-dir {work_dir} is a file, not a folder'
-    above = os.path.dirname(os.path.abspath(work_dir))
+    above = os.path.abspath(work_dir)
     while not os.path.exists(above):
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         return f'--work-dir {work_dir} cannot be made: {above} is a file, not a folder'
+    if not os.access(above, os.W_OK | os.X_OK):
+        return (f'--work-dir {work_dir} is not writable by this user' if above == os.path.abspath(work_dir) else
+                f'--work-dir {work_dir} cannot be made: {above} is not writable by this user')
+    model = cfg.get('model') if isinstance(cfg.get('model'), Mapping) else {}
+    real = os.path.realpath(work_dir)
+    for key in ('llm', 'vision_encoder'):
+        source = model.get(key)
+        source = source.get('path') if isinstance(source, Mapping) else source
+        if isinstance(source, str) and os.path.isdir(source):
+            folder = os.path.realpath(source)
+            if real == folder or real.startswith(folder + os.sep):
+                return (f'--work-dir {work_dir} is {"" if real == folder else "inside "}model.{key}\'s folder '
+                        f'{source}: its checkpoints would change the folder the run records as its source (and the '
+                        f'run would no longer convert); give the run a work folder of its own')
     return None
 
 

@@ -102,6 +102,20 @@ def test_a_work_dir_that_is_no_demo_run_is_refused_untouched(tmp_path, capsys):
     assert run.not_a_demo_run(str(only_log)) is None and run.not_a_demo_run(str(tmp_path / 'new')) is None
 
 
+def test_a_work_dir_this_user_cannot_make_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only checkout (its work_dirs/ not this user's) stopped the demo in the lock's makedirs with a
+    PermissionError traceback. The tests run as root: the kernel's refusal is raised where the folder is made."""
+    from xtuner_plugins.engine import runlock
+    work = tmp_path / 'ro' / 'demo'
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, 'Permission denied', str(tmp_path / 'ro'))
+    monkeypatch.setattr(runlock.os, 'makedirs', refused)
+    assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f'demo: refused: --work-dir {work} cannot be written: Permission denied ({tmp_path}/ro)')
+
+
 @pytest.mark.parametrize('argv, says', [
     (['--set', 'finetune_iters=abc'], '--set finetune_iters=abc: expected an integer'),
     (['--set', 'finetune_lr=fast'], '--set finetune_lr=fast: expected a number'),

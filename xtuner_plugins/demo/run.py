@@ -338,6 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunLockError as exc:
         print(f'demo: refused: {exc}', file=sys.stderr)
         return 2
+    except OSError as exc:   # a folder this user cannot make or write (a read-only checkout's work_dirs/)
+        print(f'demo: refused: --work-dir {args.work_dir} cannot be written: {exc.strerror or exc}'
+              + (f' ({exc.filename})' if exc.filename else ''), file=sys.stderr)
+        return 2
     try:
         return _main(args, recipe)
     finally:

@@ -185,6 +185,30 @@ def test_a_crashed_node_fails_the_run_without_hanging(tmp_path):
     assert _gone(node0.pid) and _gone(node1.pid)
 
 
+def test_a_path_with_a_comma_that_mmengine_would_split_is_refused(tmp_path, monkeypatch):
+    """MMEngine's DictAction splits a value at its commas: model.llm=runs/a,b/llm became a list (an AttributeError
+    traceback at the model's build) and a data folder 'd,x' two files. Refused naming the path; a list of paths
+    that are each there, and values that are no path, are left as they are."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('runs/a,b/llm')
+    os.makedirs('d,x')
+    open('d,x/a.jsonl', 'w').close()
+    open('one.jsonl', 'w').close()
+    open('two.jsonl', 'w').close()
+    (llm,) = launch.comma_paths(['model.llm=runs/a,b/llm'])
+    assert llm == ("model.llm: 'runs/a,b/llm' is a path with a comma, and MMEngine's --cfg-options splits a value "
+                   "at its commas (['runs/a', 'b/llm'] would be used): give a path without commas (a link to it), or "
+                   "set the value in a config file")
+    (data,) = launch.comma_paths(['train_dataloader.dataset.data_files=[one.jsonl,d,x/a.jsonl]'])
+    assert "'d,x/a.jsonl' is a path with a comma" in data
+    assert launch.comma_paths(['data_files=[one.jsonl,two.jsonl]', 'model.llm_lora.target_modules=q_proj,v_proj',
+                               'data_files=one.jsonl,two.jsonl']) == []
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=launch.CfgOptions)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--cfg-options', 'model.llm=runs/a,b/llm'])
+
+
 def test_a_value_whose_spaces_mmengine_would_remove_is_refused():
     """MMEngine's DictAction removes every space of a value ('[my data/a.jsonl]' became 'mydata/a.jsonl', an
     annotation file the user never named): such a value is refused with what would have been used; spaces

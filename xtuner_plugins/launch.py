@@ -101,6 +101,32 @@ def spaced_values(words: Sequence[str]) -> List[str]:
     return problems
 
 
+def comma_paths(words: Sequence[str]) -> List[str]:
+    """Problems of ``--cfg-options`` words whose value holds a path with a comma in it (an existing file or folder
+    whose comma-split pieces are not all there): MMEngine's ``DictAction`` splits a value at its commas into a list,
+    so ``model.llm=runs/a,b/llm`` became ``['runs/a', 'b/llm']`` (an AttributeError traceback) and
+    ``data_files=[d,x/a.jsonl]`` two files neither of which the user named. A list of paths is left alone."""
+    problems = []
+    for word in words:
+        key, _, value = word.partition('=')
+        inner = value.strip().strip('\'"').strip()
+        if inner[:1] in '[(' and inner[-1:] in '])':
+            inner = inner[1:-1]
+        pieces = [p.strip().strip('\'"') for p in inner.split(',')]
+        for i in range(len(pieces)):
+            for j in range(i + 2, len(pieces) + 1):
+                joined = ','.join(pieces[i:j])
+                if os.path.exists(joined) and not all(os.path.exists(p) for p in pieces[i:j]):
+                    problems.append(f'{key}: {joined!r} is a path with a comma, and MMEngine\'s --cfg-options splits '
+                                    f'a value at its commas ({pieces[i:j]} would be used): give a path without '
+                                    f'commas (a link to it), or set the value in a config file')
+                    break
+            else:
+                continue
+            break
+    return problems
+
+
 def unpaired_words(words: Sequence[str]) -> List[str]:
     """Problems of ``--cfg-options`` words that are not ``KEY=VALUE`` (``max_iters`` alone, or a list's items split
     by the shell at their spaces): MMEngine's ``DictAction`` raised a ValueError traceback on them."""
@@ -120,10 +146,11 @@ def cfg_options_words(argv: Sequence[str]) -> List[str]:
 
 
 class CfgOptions(DictAction):
-    """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`)."""
+    """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`,
+    :func:`comma_paths`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        problems = unpaired_words(values) or spaced_values(values)
+        problems = unpaired_words(values) or spaced_values(values) or comma_paths(values)
         if problems:
             parser.error('; '.join(problems))
         super().__call__(parser, namespace, values, option_string)

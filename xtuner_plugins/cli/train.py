@@ -194,8 +194,9 @@ def options_refusal(args, argv) -> Optional[str]:
     or nothing wrong with them."""
     if not (args.cfg_options and os.path.isfile(args.config)):
         return None
-    from xtuner_plugins.launch import cfg_options_words, spaced_values
-    problems = spaced_values(cfg_options_words(argv)) or option_problems(args.config, args.cfg_options)
+    from xtuner_plugins.launch import cfg_options_words, comma_paths, spaced_values
+    words = cfg_options_words(argv)
+    problems = spaced_values(words) or comma_paths(words) or option_problems(args.config, args.cfg_options)
     return (f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
             'and run again)') if problems else None
 

@@ -236,6 +236,14 @@ def test_a_work_dir_this_user_cannot_write_or_a_models_own_folder_is_one_line(tm
     assert work_dir_refusal(dict(model=model, work_dir=str(vit / 'run'))).startswith(
         f"--work-dir {vit}/run is inside model.vision_encoder's folder {vit}: ")
     assert work_dir_refusal(dict(model=model, work_dir=str(tmp_path / 'llm-run'))) is None
+    import collections
+    import shutil
+    usage = collections.namedtuple('usage', 'total used free')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10 ** 9, 10 ** 9, 4096))   # a full disk
+    assert work_dir_refusal(dict(work_dir=str(tmp_path / 'run'))) == (
+        f'--work-dir {tmp_path}/run: its disk has 0.0 MiB free, and a run writes its log, its config and its '
+        f'checkpoints there; free space first')
+    monkeypatch.undo()
     with pytest.raises(SystemExit):
         Runner.from_cfg(Config(dict(model=model, work_dir=str(llm))))
     assert capsys.readouterr().err.startswith(f"train: refused: --work-dir {llm} is model.llm's folder")

@@ -39,6 +39,7 @@ import copy
 import functools
 import logging
 import os
+import shutil
 import sys
 import threading
 from typing import List, Mapping, MutableMapping, Optional
@@ -91,6 +92,10 @@ def keep_what_this_run_starts_from(cfg: Mapping) -> None:
         print_log(warning, logger='current', level=logging.WARNING)
 
 
+#: the least free space a work folder's disk must have for a run to start (its log and config; checkpoints more)
+LEAST_FREE = 16 * 2 ** 20
+
+
 def work_dir_refusal(cfg: Mapping) -> Optional[str]:
     """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file, not writable by this
     user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
@@ -111,6 +116,10 @@ def work_dir_refusal(cfg: Mapping) -> Optional[str]:
     if not os.access(above, os.W_OK | os.X_OK):
         return (f'--work-dir {work_dir} is not writable by this user' if above == os.path.abspath(work_dir) else
                 f'--work-dir {work_dir} cannot be made: {above} is not writable by this user')
+    free = shutil.disk_usage(above).free
+    if free < LEAST_FREE:   # a full disk gave pages of logging errors, then a traceback and an empty log
+        return (f'--work-dir {work_dir}: its disk has {free / 2 ** 20:.1f} MiB free, and a run writes its log, its '
+                f'config and its checkpoints there; free space first')
     model = cfg.get('model') if isinstance(cfg.get('model'), Mapping) else {}
     real = os.path.realpath(work_dir)
     for key in ('llm', 'vision_encoder'):

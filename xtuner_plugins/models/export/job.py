@@ -327,9 +327,9 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         raise ValueError(f'--quant {quant}: use one of {", ".join(QUANTS)}')
     start = time.time()
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, 'config.json')):  # not DeepSpeed's folder
-        raise ValueError(f'{checkpoint} is a converted folder (it has a config.json), not a training checkpoint: '
-                         f'give it as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py FOLDER), not as '
-                         f'--checkpoint')
+        raise ValueError(f'{checkpoint} is a model folder (it has a config.json), not a training checkpoint: a '
+                         f'converted one is given as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py '
+                         f'FOLDER), not as --checkpoint; a source model (an LLM, a vision encoder) is trained first')
     from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
     if checkpoint is not None and not deepspeed_checkpoint(checkpoint) and find_checkpoints(checkpoint):
         raise ValueError(f'{checkpoint} is a training work folder, not a checkpoint: give one of its checkpoints '

@@ -71,3 +71,14 @@ def test_folders_holding_files_are_refused_unless_overwrite(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.load(open(tmp_path / 'out' / 'llm' / 'config.json'))['architectures'] == ['Qwen2ForCausalLM']
     assert run().returncode == 2   # its own output too: a second run with another seed would replace it
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
+    """A folder this user cannot write (or a full disk) was a traceback; here a file where a folder must be made
+    stands in for it (the tests run as root, who may write anywhere)."""
+    (tmp_path / 'f').write_text('')
+    result = subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'f' / 'tiny')], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'make_tiny_models: error: {tmp_path}/f/tiny cannot be written: Not a directory ({tmp_path}/f/tiny)')

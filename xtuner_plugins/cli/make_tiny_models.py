@@ -89,6 +89,9 @@ def main(argv=None) -> int:
                                  vision_heads=args.vision_heads)
     except ValueError as exc:  # --image-size not a multiple of the patch size
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
+    except OSError as exc:   # a folder this user cannot write, a full disk: one line (a traceback before)
+        return tool_error('make_tiny_models', f'{args.out_dir} cannot be written: {exc.strerror or exc}'
+                          + (f' ({exc.filename})' if getattr(exc, 'filename', None) else ''))
     for name, path in paths.items():
         print(f'{name}: {path}')
     return 0

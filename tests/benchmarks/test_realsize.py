@@ -196,7 +196,8 @@ def test_a_ratio_of_rows_the_machine_ran_at_other_speeds_is_marked(capsys):
               ('a', 'xtuner'): row('xtuner', 80.0, [0.69, 0.70])}
     closing(steady, ['a'], roof)
     line = capsys.readouterr().out.splitlines()[-1]
-    assert CLOSING.match(line) and 'machine' not in line and line.endswith('roofline share 70%')   # 0.5 of packed's 0.71, line
+    # the share: 0.5 TFLOP/s of the packed row's highest reading, 0.71
+    assert CLOSING.match(line) and 'machine' not in line and line.endswith('roofline share 70%'), line
     moved = {**steady, ('a', 'xtuner'): row('xtuner', 80.0, [1.40, 1.50])}
     closing(moved, ['a'], roof)
     line = capsys.readouterr().out.splitlines()[-1]

@@ -315,7 +315,8 @@ def test_a_model_that_does_not_convert_is_one_line(trained, folder, tmp_path, ca
     elif case == 'a_converted_folder':  # read as a DeepSpeed folder: '... records no training config'
         ckpt, says = folder, (f'{folder} is a model folder (it has a config.json), not a training checkpoint: a '
                               'converted one is given as the folder itself (chat.py FOLDER, eval.py FOLDER, serve.py '
-                              'FOLDER), not as --checkpoint; a source model (an LLM, a vision encoder) is trained first')
+                              'FOLDER), not as --checkpoint; a source model (an LLM, a vision encoder) is '
+                              'trained first')
     else:
         config, says = FULL, 'trained parameters of this config are missing from the checkpoint'
     for prog, (main, args) in tools(tmp_path).items():

@@ -63,8 +63,21 @@ def test_a_home_that_cannot_take_tritons_cache_sends_it_to_the_temporary_folder(
     home.write_text('')   # not a folder: nothing can be made under it
     monkeypatch.setenv('HOME', str(home))
     monkeypatch.delenv('TRITON_CACHE_DIR', raising=False)
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
     home_caches()
-    assert os.environ['TRITON_CACHE_DIR'] == os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}', 'cache')
+    base = os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}')
+    assert os.environ['TRITON_CACHE_DIR'] == os.path.join(base, 'cache')
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
+    os.chmod(base, 0o777)   # as another user could have made it first: not used (its pickles would be loaded)
+    try:
+        monkeypatch.delenv('TRITON_CACHE_DIR')
+        home_caches()
+        chosen = os.path.dirname(os.environ['TRITON_CACHE_DIR'])
+        assert chosen != base and stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+        os.rmdir(chosen)
+    finally:
+        os.chmod(base, 0o700)
     monkeypatch.setenv('TRITON_CACHE_DIR', '/somewhere/chosen')
     home_caches()
     assert os.environ['TRITON_CACHE_DIR'] == '/somewhere/chosen'   # the user's own setting kept

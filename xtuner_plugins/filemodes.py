@@ -54,11 +54,20 @@ def as_plain_files(folder: str) -> None:
 
 def home_caches() -> None:
     """Point ``TRITON_CACHE_DIR``, where it is not set and ``~/.triton`` cannot be made or written, at a folder of
-    this user's under the temporary folder (``triton-UID``)."""
+    this user's under the temporary folder: ``triton-UID``, made 0700, and used only while it is this user's and
+    private (the cache holds pickles DeepSpeed loads: a folder another user made first would run their code), else a
+    new private folder."""
     if os.environ.get('TRITON_CACHE_DIR'):
         return
     home = os.path.expanduser('~')
     triton = os.path.join(home, '.triton')
     if os.access(triton, os.W_OK | os.X_OK) if os.path.isdir(triton) else os.access(home, os.W_OK | os.X_OK):
         return
-    os.environ['TRITON_CACHE_DIR'] = os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}', 'cache')
+    base = os.path.join(tempfile.gettempdir(), f'triton-{os.getuid()}')
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+        private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    except OSError:
+        private = False
+    os.environ['TRITON_CACHE_DIR'] = os.path.join(base if private else tempfile.mkdtemp(prefix='triton-'), 'cache')

@@ -1,6 +1,6 @@
 # configs/finetune_full_packed.py with online packing, as InternVL's PackedDataset: each rank's DataLoader workers
 # pack their own part of the data as it streams in (a buffer of max_buffer_size open packs), so no sample's length
-# is computed before training starts. The training length is in optimizer steps (max_iters): the number of packs is
+# is computed before training starts. The training length is in iterations (max_iters: packed batches): the number of packs is
 # not known ahead. A resumed run continues each worker's stream exactly where it stood (StreamStateHook), with the
 # same numbers of ranks and DataLoader workers.
 #
@@ -18,7 +18,7 @@ with read_base():
     from .finetune_full_packed import *
 
 # ---------------------------------------------------------------- settings users edit
-max_iters = 1000          # optimizer steps (max_epochs cannot be counted before the packs are made)
+max_iters = 1000          # iterations (max_epochs cannot be counted before the packs are made)
 max_buffer_size = 20      # open packs each DataLoader worker keeps (InternVL's)
 # ---------------------------------------------------------------------------------------
 

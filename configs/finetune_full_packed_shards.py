@@ -1,7 +1,7 @@
 # configs/finetune_full_packed_online.py reading WebDataset tar shards (tools/shard_dataset.py) instead of annotation
 # files: online packing (each DataLoader worker packs its own stream in a buffer of max_buffer_size open packs) over
 # each worker's own shards (data/shards.py). The per-sample settings (tokenizer, template, max_length, tiling) stay
-# finetune_full_packed's; the training length is in optimizer steps (max_iters). A resumed run continues each
+# finetune_full_packed's; the training length is in iterations (max_iters). A resumed run continues each
 # worker's shards and buffer exactly where they stood (StreamStateHook), with the same numbers of ranks and workers.
 #
 #   python tools/shard_dataset.py --data data/sft.jsonl --image-folder data/images --out data/sft_shards

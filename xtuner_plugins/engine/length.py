@@ -47,7 +47,7 @@ def both_lengths_problem(options: Mapping) -> Optional[str]:
     """``max_epochs`` and ``max_iters`` both given (not None): one or the other."""
     if options.get('max_epochs') is not None and options.get('max_iters') is not None:
         return (f'max_epochs={options["max_epochs"]} and max_iters={options["max_iters"]}: give one of them '
-                '(max_epochs counts passes over the data, max_iters optimizer steps)')
+                '(max_epochs counts passes over the data, max_iters iterations)')
     return None
 
 

@@ -84,7 +84,7 @@ class StreamStateHook(Hook):
         if dataset is not None and not getattr(dataset, 'counts_epochs', True) and epochs is not None:
             from xtuner_plugins.engine.runstart import refuse
             refuse(f'max_epochs={epochs}: {type(dataset).__name__} does not know how many batches an epoch gives '
-                   f'before it makes them; give the training length as max_iters=N (optimizer steps)')
+                   f'before it makes them; give the training length as max_iters=N (iterations)')
         if dataset is not None and epochs is not None and hasattr(dataset, 'epoch_parts'):
             from mmengine.dist import get_world_size
 

@@ -10,8 +10,8 @@ weight_decay = 0.01
 betas = (0.9, 0.999)
 max_norm = 1.0            # gradient clipping
 accumulative_counts = 1   # gradient accumulation
-# How long to train, in your words: max_epochs=N passes over the data, or max_iters=N optimizer steps (when set
-# it wins over max_epochs); also --cfg-options max_epochs=3 or max_iters=200. The loop, the warm-up and the
+# How long to train, in your words: max_epochs=N passes over the data, or max_iters=N iterations (batches: an
+# optimizer step every accumulative_counts of them; when set it wins over max_epochs); also --cfg-options max_epochs=3 or max_iters=200. The loop, the warm-up and the
 # cosine decay follow the final value (filled in when the runner is built: xtuner_plugins/engine/length.py).
 max_epochs = 1
 max_iters = None

@@ -1,6 +1,8 @@
 """ModelDataCheckHook: a data set whose tile size, tokens per tile, image mode or padding colour is not the
 model's stops start-up, naming both values; matching ones pass, through the wrappers the runner adds."""
 
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -79,3 +81,28 @@ def test_run_options_that_change_nothing_stop_start_up():
     with pytest.raises(ValueError, match=r'model\.vision_encodr: VisionLanguageModel has no setting .*closest: '
                                          r'model\.vision_encoder'):
         check_run_options(_run_cfg(**{'model.vision_encodr': 'x'}))
+
+
+def test_a_length_named_at_the_files_own_value_still_counts(monkeypatch, tmp_path):
+    """max_epochs=1 on the command line over a config whose base says max_epochs = 1 and which sets max_iters
+    (online packing's config): the option changed no value, so it was dropped and the file's max_iters ran (1000
+    iterations), where docs/data.md says online packing refuses max_epochs. It now counts as given."""
+    import shutil
+
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.checks import check_run_options
+    from xtuner_plugins.engine.length import resolve_training_length
+    root = os.path.join(os.path.dirname(__file__), '..', '..')
+    shutil.copytree(os.path.join(root, 'configs'), tmp_path / 'configs')
+    mine = tmp_path / 'configs' / 'mine.py'
+    mine.write_text('from mmengine.config import read_base\nwith read_base():\n    from .finetune_lora import *\n'
+                    'max_iters = 120\n')
+    for argv, length in ((['train.py', str(mine), '--cfg-options', 'max_epochs=1'], ('max_epochs', 1)),
+                         (['train.py', str(mine)], ('max_iters', 120))):
+        monkeypatch.setattr(sys, 'argv', argv)
+        cfg = Config.fromfile(str(mine))
+        cfg.merge_from_dict({'max_epochs': 1} if len(argv) > 2 else {})
+        changed = check_run_options(cfg)
+        resolve_training_length(cfg._cfg_dict, changed)
+        assert length[0] in cfg.train_cfg and cfg.train_cfg[length[0]] == length[1], cfg.train_cfg

@@ -156,3 +156,18 @@ def test_a_model_that_answers_nothing_scores_nothing():
     qs = [Question(str(i), 'c', 'Which?', [], [ref]) for i, ref in enumerate(['A', 'an', 'cat'])]
     report = Report(evaluate(Silent(), qs, blind=True))
     assert report.closing_line() == 'accuracy: 0.000 (3 questions); blind: 0.000; image reliance: 0.000'
+
+
+def test_questions_without_categories_give_one_total_row():
+    """Uncategorised questions (category 'all') printed two equal rows, 'all' and '(all)'; named categories keep
+    their rows above the total."""
+
+    class Echo(Model):
+        def ask(self, prompt, images, generation):
+            return 'cat'
+
+    def rows(category):
+        qs = [Question(str(i), category, 'Which?', [], [ref]) for i, ref in enumerate(['cat', 'dog'])]
+        return [line.split()[0] for line in Report(evaluate(Echo(), qs)).table().splitlines()[1:]]
+    assert rows('all') == ['(all)']
+    assert rows('colour') == ['colour', '(all)']

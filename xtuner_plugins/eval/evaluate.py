@@ -312,7 +312,10 @@ class Report:
         rows = [f'  {"category":<24} {"questions":>9} {"accuracy":>9}' + (f' {"blind":>9} {"reliance":>9}'
                                                                          if self.blind else '')
                 + (f' {"not scored":>10}' if self.failures else '')]
-        for category, s in list(self.per_category().items()) + [('(all)', self.summary())]:
+        categories = self.per_category()
+        if list(categories) == ['all']:   # questions without categories: their one row would repeat (all)'s
+            categories = {}
+        for category, s in list(categories.items()) + [('(all)', self.summary())]:
             row = f'  {category[:24]:<24} {s["n"]:>9d} {s["accuracy"]:>9.3f}'
             if self.blind:
                 row += f' {s["blind"]:>9.3f} {s["reliance"]:>9.3f}'

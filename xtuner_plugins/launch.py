@@ -113,17 +113,13 @@ def comma_paths(words: Sequence[str]) -> List[str]:
         if inner[:1] in '[(' and inner[-1:] in '])':
             inner = inner[1:-1]
         pieces = [p.strip().strip('\'"') for p in inner.split(',')]
-        for i in range(len(pieces)):
-            for j in range(i + 2, len(pieces) + 1):
-                joined = ','.join(pieces[i:j])
-                if os.path.exists(joined) and not all(os.path.exists(p) for p in pieces[i:j]):
-                    problems.append(f'{key}: {joined!r} is a path with a comma, and MMEngine\'s --cfg-options splits '
-                                    f'a value at its commas ({pieces[i:j]} would be used): give a path without '
-                                    f'commas (a link to it), or set the value in a config file')
-                    break
-            else:
-                continue
-            break
+        runs = (pieces[i:j] for i in range(len(pieces)) for j in range(i + 2, len(pieces) + 1))
+        split = next((run for run in runs if os.path.exists(','.join(run)) and not all(map(os.path.exists, run))),
+                     None)
+        if split:
+            problems.append(f'{key}: {",".join(split)!r} is a path with a comma, and MMEngine\'s --cfg-options '
+                            f'splits a value at its commas ({split} would be used): give a path without commas (a '
+                            f'link to it), or set the value in a config file')
     return problems
 
 

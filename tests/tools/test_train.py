@@ -2,6 +2,7 @@
 to resume, on one line."""
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -112,3 +113,18 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
                              capture_output=True, text=True, timeout=300)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0 and f'resumed from {checkpoint}' in out and 'Iter(train) [6/6]' in out, out[-3000:]
+
+
+def test_help_lists_this_tools_options_and_deepspeeds_names_before_anything_loads():
+    """``--help`` is this tool's: ``--nproc-per-node`` and the DeepSpeed names it takes, which are the names
+    XTuner's train script resolves; printed before torch or MMEngine load (no log line before it)."""
+    from xtuner.configs import cfgs_name_path
+    done = subprocess.run([sys.executable, '-X', 'importtime', TRAIN_TOOL, 'configs/finetune_lora.py', '--help'],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=train_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('usage: python tools/train.py CONFIG'), done.stdout[:200]
+    assert '--nproc-per-node N' in done.stdout and '--cfg-options resume=True' in done.stdout
+    names = set(re.findall(r'deepspeed_zero\w+', done.stdout))
+    assert names and names <= set(cfgs_name_path), names - set(cfgs_name_path)
+    imported = {line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert not {'torch', 'mmengine', 'xtuner'} & imported, imported & {'torch', 'mmengine', 'xtuner'}

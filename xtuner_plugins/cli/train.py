@@ -44,8 +44,50 @@ from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
 
 NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
+#: ``-h``/``--help``: XTuner's parser's options with this tool's own (``--nproc-per-node``, DeepSpeed's names),
+#: printed before anything loads (XTuner's help took 14 s, with torch and a log line before it).
+HELP = """\
+usage: python tools/train.py CONFIG [--work-dir DIR] [--deepspeed NAME|JSON] [--resume CKPT] [--seed N]
+                             [--cfg-options KEY=VALUE ...] [--nproc-per-node N]
+                             [--launcher {none,pytorch,slurm,mpi}] [--local_rank N]
+
+Train a stage with XTuner's own train script in this process: the exit code is the run's (0 done, 1 failed,
+2 refused, 130 interrupted), and a failure ends with one line naming its cause, the log and what to do.
+
+positional arguments:
+  CONFIG                a config file (configs/finetune_lora.py, ...) or an XTuner config name
+
+options:
+  -h, --help            show this help and exit
+  --work-dir DIR        where the log and checkpoints go (default work_dirs/<config's name>); refused when it
+                        cannot be written or lies inside a model folder the run reads
+  --deepspeed NAME|JSON DeepSpeed: deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3,
+                        deepspeed_zero3_offload (XTuner's files), or the path of a .json file
+  --resume CKPT         continue from a checkpoint, work_dirs/<config>/iter_N.pth (a file, not a folder); for
+                        the work folder's last one: --cfg-options resume=True
+  --seed N              the random seed (a resumed run keeps its checkpoint's)
+  --cfg-options KEY=VALUE ...
+                        change the config's settings, e.g. model.llm=PATH max_iters=200
+                        train_dataloader.dataset.data_files="[a.jsonl,b.jsonl]"; each key is checked
+                        before anything loads (a misspelt or unused key is refused with the closest valid ones);
+                        no spaces, and no commas inside a path (MMEngine splits values at commas)
+  --nproc-per-node N    run N processes on this machine as the ranks of one run, without torchrun
+                        (MASTER_PORT sets the port); torchrun --nproc_per_node=N tools/train.py CONFIG
+                        --launcher pytorch ... works too
+  --launcher {none,pytorch,slurm,mpi}
+                        how the ranks were started (torchrun: pytorch; srun: slurm, docs/distributed.md)
+  --local_rank N, --local-rank N
+                        set by older launchers
+
+Ctrl-C stops with one line: the iteration, the last checkpoint and the command that resumes (exit code 130).
+docs/training.md has the stages, their settings and what a failure says.
+"""
+
 
 def main() -> int:
+    if '-h' in sys.argv[1:] or '--help' in sys.argv[1:]:
+        print(HELP, end='')
+        return 0
     from xtuner_plugins.malloc import run_under_jemalloc
     run_under_jemalloc()   # on a CPU: this command again under jemalloc, before torch loads (xtuner_plugins/malloc.py)
     nproc, rest = nproc_option(sys.argv[1:])

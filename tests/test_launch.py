@@ -227,3 +227,25 @@ def test_a_value_whose_spaces_mmengine_would_remove_is_refused():
     assert parser.parse_args(['--cfg-options', 'a=[x, y]']).cfg_options == {'a': ['x', 'y']}
     with pytest.raises(SystemExit):
         parser.parse_args(['--cfg-options', 'a=[my data/a.jsonl]'])
+
+
+def test_a_tilde_the_shell_left_unexpanded_is_refused_naming_the_expansion(monkeypatch):
+    """The shell expands ~ only at a word's start: model.llm=~/models/qwen and --work-dir=~/runs reached the
+    tools as they are (a work folder made as ./~). Refused naming the path meant; a ~ inside a value is left."""
+    monkeypatch.setenv('HOME', '/home/u')
+    (llm,) = launch.tilde_values(['model.llm=~/models/qwen'])
+    assert llm == ("model.llm: '~/models/qwen' starts with ~, which the shell expands only at the start of a word, "
+                   "not after model.llm= (it would be used as it is): give /home/u/models/qwen")
+    (data,) = launch.tilde_values(['train_dataloader.dataset.data_files=[a.jsonl,~/b.jsonl]'])
+    assert 'give /home/u/b.jsonl' in data
+    assert launch.tilde_values(['model.llm=runs/~x', 'system=hi~there', 'data_files=[a.jsonl]']) == []
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=launch.CfgOptions)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--cfg-options', 'model.llm=~/models/qwen'])
+    from xtuner_plugins.cli.train import options_refusal
+    args = argparse.Namespace(cfg_options=None, config='configs/finetune_lora.py')
+    assert options_refusal(args, ['configs/finetune_lora.py', '--work-dir=~/runs']) == (
+        "train: refused: --work-dir: '~/runs' starts with ~, which the shell expands only at the start of a word, "
+        "not after --work-dir= (it would be used as it is): give /home/u/runs")
+    assert options_refusal(args, ['configs/finetune_lora.py', '--work-dir', '/home/u/runs']) is None

@@ -21,3 +21,8 @@ class Stated(Exception):
 
 class Refused(Stated, ValueError):
     """A setting or an input of the run that cannot work, named in the message with what to do instead."""
+
+
+class NotFound(Refused, FileNotFoundError):
+    """A path the run was given that is not there, or not of the kind it names (a file for a folder): a
+    :class:`Refused` that callers catching ``FileNotFoundError`` still catch."""

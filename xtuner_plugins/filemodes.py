@@ -9,7 +9,9 @@ Two writers give less:
   umask (safetensors/safetensors#782; its fix, #789, is not released). A converted folder's weights were then
   unreadable to every other user: a teammate, or a serving account (``PermissionError`` where the config read).
 
-:func:`file_mode` is the mode; :func:`as_plain_files` gives it to a folder's files once they are written.
+:func:`file_mode` is the mode; :func:`as_plain_files` gives it to a folder's files once they are written;
+:func:`unreadable` says which files of a model folder this user cannot read (a folder written before, or by another
+user), where transformers would say "No such file".
 
 :func:`home_caches`: DeepSpeed, imported by MMEngine, makes Triton's cache in ``~/.triton`` as it is imported; with a
 home that cannot be written (a container run under a user id without one, ``HOME=/nonexistent``) conversion,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from typing import Optional
 
 
 def umask() -> int:
@@ -71,3 +74,28 @@ def home_caches() -> None:
     except OSError:
         private = False
     os.environ['TRITON_CACHE_DIR'] = os.path.join(base if private else tempfile.mkdtemp(prefix='triton-'), 'cache')
+
+
+def unreadable(folder: str) -> Optional[str]:
+    """Why this user cannot read a model folder's files (``None`` when every one reads): transformers and
+    safetensors call a weight file without read permission "No such file or directory", and a broken link
+    likewise; this names the files, their owner and mode."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except PermissionError:
+        return f'{folder}: this user cannot list the folder ({_owner_mode(folder)})'
+    broken = [e.name for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    if broken:
+        return f'{folder}: {", ".join(broken[:4])} {"is a broken link" if len(broken) == 1 else "are broken links"}'
+    closed = [e for e in entries if e.is_file() and not os.access(e.path, os.R_OK)]
+    if closed:
+        named = ', '.join(f'{e.name} ({_owner_mode(e.path)})' for e in closed[:4])
+        more = f' and {len(closed) - 4} more' if len(closed) > 4 else ''
+        return (f'{folder}: this user (uid {os.getuid()}) cannot read {named}{more}; make them readable '
+                f'(chmod a+r) or copy the folder')
+    return None
+
+
+def _owner_mode(path: str) -> str:
+    info = os.stat(path)
+    return f'owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}'

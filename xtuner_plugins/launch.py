@@ -123,6 +123,25 @@ def comma_paths(words: Sequence[str]) -> List[str]:
     return problems
 
 
+def tilde_values(words: Sequence[str]) -> List[str]:
+    """Problems of ``--cfg-options`` words (or ``--option=value`` words) whose value, or an item of its list,
+    starts with ``~``: the shell expands ``~`` only at the start of a word, so ``model.llm=~/models/qwen`` and
+    ``--work-dir=~/runs`` reach the tool as they are, a path relative to a folder named ``~`` (the work folder made
+    as ``./~``, where a later ``rm -rf ~`` removes the home)."""
+    problems = []
+    for word in words:
+        key, _, value = word.partition('=')
+        inner = value.strip().strip('\'"').strip()
+        if inner[:1] in '[(' and inner[-1:] in '])':
+            inner = inner[1:-1]
+        for item in (p.strip().strip('\'"') for p in inner.split(',')):
+            if item.startswith('~') and os.path.expanduser(item) != item:
+                problems.append(f'{key}: {item!r} starts with ~, which the shell expands only at the start of a '
+                                f'word, not after {key}= (it would be used as it is): give '
+                                f'{os.path.expanduser(item)}')
+    return problems
+
+
 def unpaired_words(words: Sequence[str]) -> List[str]:
     """Problems of ``--cfg-options`` words that are not ``KEY=VALUE`` (``max_iters`` alone, or a list's items split
     by the shell at their spaces): MMEngine's ``DictAction`` raised a ValueError traceback on them."""
@@ -143,10 +162,10 @@ def cfg_options_words(argv: Sequence[str]) -> List[str]:
 
 class CfgOptions(DictAction):
     """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`,
-    :func:`comma_paths`)."""
+    :func:`comma_paths`, :func:`tilde_values`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        problems = unpaired_words(values) or spaced_values(values) or comma_paths(values)
+        problems = unpaired_words(values) or spaced_values(values) or comma_paths(values) or tilde_values(values)
         if problems:
             parser.error('; '.join(problems))
         super().__call__(parser, namespace, values, option_string)

@@ -232,13 +232,17 @@ def _interrupted(work_dir: str) -> int:
 
 
 def options_refusal(args, argv) -> Optional[str]:
-    """The line refusing the ``--cfg-options`` of ``argv`` (``args``: XTuner's reading of it); None: none given,
-    or nothing wrong with them."""
+    """The line refusing the ``--cfg-options`` of ``argv`` (``args``: XTuner's reading of it), or an
+    ``--option=~/path`` the shell left unexpanded; None: none given, or nothing wrong with them."""
+    from xtuner_plugins.launch import cfg_options_words, comma_paths, spaced_values, tilde_values
+    dashed = tilde_values([w for w in argv if w.startswith('--') and '=' in w])   # --work-dir=~/runs
+    if dashed:
+        return f'train: refused: {"; ".join(dashed)}'
     if not (args.cfg_options and os.path.isfile(args.config)):
         return None
-    from xtuner_plugins.launch import cfg_options_words, comma_paths, spaced_values
     words = cfg_options_words(argv)
-    problems = spaced_values(words) or comma_paths(words) or option_problems(args.config, args.cfg_options)
+    problems = (spaced_values(words) or comma_paths(words) or tilde_values(words)
+                or option_problems(args.config, args.cfg_options))
     return (f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
             'and run again)') if problems else None
 

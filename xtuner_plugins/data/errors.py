@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from xtuner_plugins.errors import Stated
+from xtuner_plugins.errors import Refused, Stated
 
 
 class SampleError(Exception):
@@ -42,16 +42,39 @@ class TooManyBadSamplesError(Stated, RuntimeError):
     """Raised when the fraction of bad samples passes the configured limit."""
 
 
-def from_pretrained_named(load, path: str, key: str):
-    """``load(path)`` (a ``from_pretrained``); a path that is neither a folder nor in the local Hugging Face cache
-    is reported with the config key that set it, where transformers would speak of an internet connection
-    (nothing is downloaded at run time here)."""
+def check_model_path(path: str, key: str) -> None:
+    """A model path the run was given that cannot be what ``key`` needs, refused in one line before anything
+    reads it: a file given for the folder (:class:`NotFound`), or a folder this user cannot read whole
+    (:class:`Refused`; transformers and safetensors call a weight file without read permission, and a broken
+    link, "No such file or directory"). A path that is no folder may be a Hugging Face cache name: left to
+    :func:`from_pretrained_named`."""
     import os
+
+    from xtuner_plugins.errors import NotFound
+    from xtuner_plugins.filemodes import unreadable
+    if os.path.isfile(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        hint = (f' ({parent} holds one)' if os.path.isfile(os.path.join(parent, 'config.json')) else '')
+        raise NotFound(f'{key}: {path} is a file, not a model folder: set {key} to the folder that holds its '
+                       f'config.json and weights{hint}')
+    problem = unreadable(path) if os.path.isdir(path) else None
+    if problem:
+        raise Refused(f'{key}: {problem}')
+
+
+def from_pretrained_named(load, path: str, key: str):
+    """``load(path)`` (a ``from_pretrained``) after :func:`check_model_path`; a path that is neither a folder nor
+    in the local Hugging Face cache is reported with the config key that set it, where transformers would speak
+    of an internet connection (nothing is downloaded at run time here)."""
+    import os
+
+    from xtuner_plugins.errors import NotFound
+    check_model_path(path, key)
+    if os.path.isdir(path):
+        return load(path)
     try:
         return load(path)
     except (OSError, ValueError) as exc:  # not cached / not a repo id (huggingface_hub's HFValidationError)
-        if os.path.isdir(path):
-            raise
-        raise FileNotFoundError(f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing '
-                                f'is downloaded at run time); download it first (huggingface-cli download REPO '
-                                f'--local-dir FOLDER) and set {key} to its folder') from exc
+        raise NotFound(f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing '
+                       f'is downloaded at run time); download it first (huggingface-cli download REPO '
+                       f'--local-dir FOLDER) and set {key} to its folder') from exc

@@ -31,6 +31,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
+from xtuner_plugins.data.errors import check_model_path
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
@@ -188,6 +189,9 @@ class VisionLanguageModel(BaseModel):
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
                        loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
                        freeze_llm=freeze_llm, preference=preference)
+        for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
+            if isinstance(path, str):   # before training_dtype reads the weights' headers
+                check_model_path(path, key)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones

@@ -3,7 +3,10 @@ patch, mean/std from its folder, CLS, default layer), its features, the paramete
 projector's token count, and the errors for a folder of the wrong kind; then every family as a model, with
 Qwen2, Qwen3 and Llama LLMs, trained one step (LoRA targets found by layer type)."""
 
+import glob
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -149,6 +152,33 @@ def test_official_internvit_geometry_is_unchanged(folders):
     model = VisionLanguageModel(vision_encoder=folders['internvit'], llm=folders['qwen2'], torch_dtype='float32')
     assert model.geometry == dict(image_size=56, num_image_token=4, image_mode='tile',
                                   image_mean=(0.485, 0.456, 0.406))
+
+
+def test_a_file_or_unreadable_weights_given_as_a_model_folder_are_refused_naming_them(folders, tmp_path,
+                                                                                       monkeypatch):
+    """A weight file given for the folder, and a folder whose weights this user cannot read (transformers called
+    that "No such file or directory", a broken link too), are refused in one line naming the file."""
+    from xtuner_plugins import filemodes
+    from xtuner_plugins.errors import NotFound, Refused
+    weights = os.path.join(folders['qwen2'], 'model.safetensors')
+    with pytest.raises(NotFound, match=r'model.llm: .*/model.safetensors is a file, not a model folder: set '
+                                       r'model.llm to the folder .* \(.* holds one\)'):
+        VisionLanguageModel(vision_encoder=folders['clip'], llm=weights)
+    vision_weights = glob.glob(os.path.join(folders['clip'], '*.safetensors'))[0]
+    with pytest.raises(NotFound, match=r'model.vision_encoder: .* is a file, not a model folder'):
+        VisionLanguageModel(vision_encoder=vision_weights, llm=folders['qwen2'])
+    llm = shutil.copytree(folders['qwen2'], tmp_path / 'llm')
+    real_access = os.access
+    monkeypatch.setattr(filemodes.os, 'access', lambda p, mode: real_access(p, mode) and
+                        not str(p).endswith('llm/model.safetensors'))
+    with pytest.raises(Refused, match=r'model.llm: .*/llm: this user \(uid \d+\) cannot read model.safetensors '
+                                      r'\(owner uid \d+, mode 0\d{3}\); make them readable'):
+        VisionLanguageModel(vision_encoder=folders['clip'], llm=str(llm))
+    monkeypatch.setattr(filemodes.os, 'access', real_access)
+    os.remove(llm / 'model.safetensors')
+    os.symlink(tmp_path / 'gone.safetensors', llm / 'model.safetensors')
+    with pytest.raises(Refused, match=r'model.llm: .*/llm: model.safetensors is a broken link'):
+        VisionLanguageModel(vision_encoder=folders['clip'], llm=str(llm))
 
 
 def test_missing_folders_are_named_with_their_config_key(folders, tmp_path):

@@ -22,6 +22,9 @@ from typing import ClassVar, Dict, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
+from xtuner_plugins.data.errors import check_model_path
+from xtuner_plugins.errors import NotFound
+
 VISION_ENCODERS: Dict[str, Type['VisionEncoder']] = {}
 
 
@@ -118,11 +121,11 @@ def square_side(value, name: str) -> int:
 def folder_model_type(path: str) -> str:
     """``model_type`` of a model folder's ``config.json`` (an InternVL chat folder counts as its vision part)."""
     config_path = os.path.join(path, 'config.json')
+    check_model_path(path, 'model.vision_encoder')
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'model.vision_encoder: vision encoder folder not found: {path}')
+        raise NotFound(f'model.vision_encoder: vision encoder folder not found: {path}')
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f'model.vision_encoder: {config_path} does not exist; is {path} a vision encoder '
-                                f'folder?')
+        raise NotFound(f'model.vision_encoder: {config_path} does not exist; is {path} a vision encoder folder?')
     config = read_json(config_path)
     if 'vision_config' in config and config.get('model_type') == 'internvl_chat':
         config = config['vision_config']

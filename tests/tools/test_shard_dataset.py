@@ -234,3 +234,23 @@ def test_a_full_disk_at_the_mark_is_one_line_and_a_retry_is_not_refused(tmp_path
     monkeypatch.undo()
     assert main(args) == 0, capsys.readouterr().err
     assert 'shards.json' in os.listdir(out)
+
+
+def test_an_image_that_cannot_be_read_is_a_corrupt_image_skip_as_training_names_it(tmp_path, capsys, monkeypatch):
+    """An image there but unreadable (no read permission: faked, as root reads anything) is ``corrupt_image``, as
+    training, check_dataset and eval call it, not ``missing_image``, which sent the user looking for the file."""
+    import builtins
+
+    from xtuner_plugins.cli import shard_dataset
+    jsonl, _, _ = files(tmp_path)
+
+    def closed(path, *args, **kwargs):
+        if str(path).endswith('a.png'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(shard_dataset, 'open', closed, raising=False)
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'out')]) == 0
+    printed = capsys.readouterr().out
+    assert (f"{jsonl}:1: corrupt_image: image file cannot be read: [Errno 13] Permission denied: "
+            f"'{tmp_path}/i/a.png'") in printed, printed
+    assert "'corrupt_image': 1" in printed and "'missing_image': 1" in printed, printed

@@ -146,7 +146,8 @@ class _Shards:
 
 def media_bytes(path: str, what: str, where: str) -> bytes:
     """An image's or a video's file's bytes; ``missing_image`` / ``missing_video`` naming ``where`` when there are
-    none."""
+    none, ``corrupt_image`` / ``corrupt_video`` when the file is there but cannot be read (no read permission, an
+    I/O error), as training, check_dataset and eval name it (``data/image_io.py``)."""
     from xtuner_plugins.data.image_io import why_missing
     if not os.path.isfile(path):
         raise SampleError(f'missing_{what}', why_missing(path, f'{what} file' if what == 'image' else what), where)
@@ -154,7 +155,7 @@ def media_bytes(path: str, what: str, where: str) -> bytes:
         with open(path, 'rb') as f:
             return f.read()
     except OSError as exc:
-        raise SampleError(f'missing_{what}', f'{what} file cannot be read: {exc}', where) from None
+        raise SampleError(f'corrupt_{what}', f'{what} file cannot be read: {exc}', where) from None
 
 
 def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20,

@@ -58,7 +58,16 @@ def test_judge(tmp_path):
     full = LOG + '\ntrain: FAILED: WriteFailed: w/iter_6.pth: the disk is full; no partial file was left\n'
     assert judge(_outcome(tmp_path, full, returncode=1))[:2] == [
         'FAILED: WriteFailed: w/iter_6.pth: the disk is full; no partial file was left', 'exit code 1']
-    assert judge(_outcome(tmp_path, crashed, ['w/iter_6.pth'])) == ['traceback in the log']  # exit code 0
+    assert judge(_outcome(tmp_path, crashed, ['w/iter_6.pth'])) == [
+        'traceback in the log (RuntimeError: x)']  # exit code 0, with the error it ended in
+    # a refusal at start-up leads too (a work folder on a full disk: its cause was the log's last line only)
+    refused = 'train: refused: --work-dir w: 3 MiB free, under the 16 MiB a run needs to start\n'
+    assert judge(_outcome(tmp_path, refused, returncode=2))[:2] == [
+        'refused: --work-dir w: 3 MiB free, under the 16 MiB a run needs to start', 'exit code 2']
+    full_disk = LOG + ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+                       'OSError: [Errno 28] No space left on device\n--- Logging error ---\n')
+    assert judge(_outcome(tmp_path, full_disk, ['w/iter_6.pth'], returncode=1)) == [
+        'exit code 1', 'traceback in the log (OSError: [Errno 28] No space left on device)']
     # node 0's agent gone before another's exit barrier: logged with a traceback, the run succeeded
     agent = 'E1123 17:19:40.287000 27300 torch/distributed/elastic/agent/server/api.py:1007] '
     barrier = ''.join(agent + line + '\n' for line in (
@@ -67,7 +76,7 @@ def test_judge(tmp_path):
         'torch.distributed.DistNetworkError: Failed to recv, got 0 bytes.'))
     assert judge(_outcome(tmp_path, LOG + barrier, ['w/iter_6.pth'])) == []
     assert judge(_outcome(tmp_path, LOG + barrier + crashed[len(LOG):], ['w/iter_6.pth'])) == [
-        'traceback in the log']
+        'traceback in the log (RuntimeError: x)']
     assert judge(_outcome(tmp_path, 'torch...ChildFailedError\n', returncode=1), lead=False) == [
         'exit code 1', 'torchrun reported a failed child']
     assert judge(_outcome(tmp_path, '$ torchrun\n'), lead=False) == []  # rank 0 logs, on another node
@@ -75,6 +84,8 @@ def test_judge(tmp_path):
                                                           'no checkpoint saved']
     # the run guards' lines (engine/runlock.py, engine/watchdog.py)
     assert judge(_outcome(tmp_path, 'train: refused: w is in use by another run: pid 1 ...\n', returncode=2),
+                 lead=False) == ['refused: w is in use by another run: pid 1 ...', 'exit code 2']
+    assert judge(_outcome(tmp_path, '[rank1]: w is in use by another run: pid 1 ...\n', returncode=2),
                  lead=False) == ['exit code 2', 'refused: the work folder is in use by another run']
     stalled = LOG + 'E - train: STALLED: rank 1 (pid 7 on host h, last heard 6 s ago) silent for more than 5 s ...\n'
     assert judge(_outcome(tmp_path, stalled, ['w/iter_6.pth'])) == ['a rank stalled']

@@ -20,7 +20,7 @@ CRASH_MARKS = ('Traceback (most recent call last)', 'ChildFailedError')
 # succeeded, and exits 0: no crash (seen on a loaded 2-core machine in the two-node test).
 EXIT_BARRIER_ERROR = 'Error waiting on exit barrier'
 # lines of the run guards (engine/runlock.py, engine/watchdog.py): a run refused or stopped by them
-GUARD_MARKS = {'train: refused: ': 'refused: the work folder is in use by another run',
+GUARD_MARKS = {' is in use by another run: ': 'refused: the work folder is in use by another run',
                'train: STALLED: ': 'a rank stalled'}
 
 # MMEngine's iteration line (the log file) and the console's progress line (engine/progress.py)
@@ -147,6 +147,11 @@ class TrainOutcome:
                 '---\n' + '\n'.join(self.log.splitlines()[-tail:]))
 
 
+#: the last line of a Python traceback: ``OSError: [Errno 28] No space left on device``, ``a.b.SomeError: ...``
+#: (indented, or after torchrun's ``[rank0]: ``)
+_ERROR_LINE = re.compile(r'^\s*(\[rank\d+\]:\s*)?[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)')
+
+
 def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: Optional[int] = None,
           lead: bool = True) -> List[str]:
     """Why the run failed (empty: it did not). ``lead``: the node of rank 0, which logs iterations and saves
@@ -155,15 +160,18 @@ def judge(outcome: TrainOutcome, require_checkpoint: bool = True, expect_iters: 
     # tools/train.py's own one-line cause (a full disk at a save, bad samples, a loss no longer finite) first: the
     # marks below say that it failed, this line why
     stated = next((line.split('train: ', 1)[1].strip() for line in outcome.log.splitlines()
-                   if line.startswith('train: FAILED') and ': ' in line), None)
+                   if line.startswith(('train: FAILED', 'train: refused')) and ': ' in line), None)
     reasons = ([stated] if stated else []) + (['timed out'] if outcome.timed_out else [])
     if outcome.returncode not in (0, None):
         reasons.append(f'exit code {outcome.returncode}')
-    if outcome.has_traceback:
-        reasons.append('traceback in the log')
+    if outcome.has_traceback:   # with the exception it ended in, where no stated line says why
+        error = None if stated else next((line.strip() for line in reversed(outcome.log.splitlines())
+                                          if _ERROR_LINE.match(line)), None)
+        reasons.append(f'traceback in the log ({error[:300]})' if error else 'traceback in the log')
     if CRASH_MARKS[1] in outcome.log:
         reasons.append('torchrun reported a failed child')
-    reasons += [reason for mark, reason in GUARD_MARKS.items() if mark in outcome.log]
+    reasons += [reason for mark, reason in GUARD_MARKS.items()   # (said already where the stated line is theirs)
+                if mark in outcome.log and not (stated and mark in stated)]
     if not lead:
         return reasons
     target = expect_iters or outcome.max_iters

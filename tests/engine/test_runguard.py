@@ -137,7 +137,8 @@ def test_a_second_run_in_a_busy_work_dir_is_refused_and_a_killed_runs_lock_taken
                            f'it to end or choose another --work-dir (delete {os.path.join(work, LOCK_NAME)} only if '
                            'that run is over)'], second.summary()
         assert second.returncode == 2 and not second.timed_out and 'Traceback' not in second.log, second.summary()
-        assert 'refused: the work folder is in use by another run' in second.failure_reasons
+        assert second.failure_reasons[0].startswith(f'refused: {os.path.abspath(work)} is in use by another run: pid '
+                                                    f'{first.proc.pid} '), second.failure_reasons
         after = _files(work)
         del after['train_output.log']  # the second run's output (run_train writes it there)
         assert after == before  # checkpoints, last_checkpoint, the config dump, the lock: untouched

@@ -714,3 +714,19 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     claim(gone2.pid)   # a claim alone (killed before it made a folder, or after it moved them): removed
     assert convert_main(argv + ['--overwrite']) == 0
     assert not (tmp_path / f'out.converting-{gone2.pid}').exists()
+
+
+@pytest.mark.parametrize('tool', ['convert_to_official', 'serve'])
+def test_a_tool_that_does_not_train_says_its_error_alone(tmp_path, tool):
+    """The training engine's CPU-patch line (``xtuner_plugins: CUDA is not available, applied CPU patches: ...;
+    malloc: glibc (tools/train.py uses jemalloc ...)``) is logged as a training runner is built: conversion and
+    serving, which import the engine and never train, printed it before their own one-line error."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import train_env
+    argv = [str(tmp_path / 'gone')] + ([str(tmp_path / 'out')] if tool == 'convert_to_official' else [])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{tool}.py'), *argv], capture_output=True,
+                          text=True, cwd=str(tmp_path), env=train_env(), timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith(f'{tool}: error: '), done.stderr
+    assert (done.stdout + done.stderr).strip().splitlines() == done.stderr.strip().splitlines(), done.stdout

@@ -288,6 +288,8 @@ def _patch_from_cfg(runner_cls) -> bool:
 
     @functools.wraps(original)
     def from_cfg(cls, cfg):
+        from .runtime import announce_cpu_patches
+        announce_cpu_patches()
         cfg = prepare_run(copy.deepcopy(cfg))
         depth = getattr(_building, 'depth', 0)
         _building.depth = depth + 1
@@ -310,6 +312,8 @@ def _patch_runner_build_model() -> bool:
 
     @functools.wraps(build_model)
     def patched_build_model(self, model):
+        from .runtime import announce_cpu_patches
+        announce_cpu_patches()   # (plain xtuner train: from_cfg ran before this package was imported)
         if not getattr(_building, 'depth', 0) and not hasattr(self, '_xtuner_plugins_hooks'):
             cfg = prepare_run(self.cfg)  # the runner's copy of the config: what it logs and saves
             if isinstance(self._train_loop, dict) and cfg.get('train_cfg') is not None:

@@ -214,13 +214,38 @@ def apply_cpu_patches() -> List[str]:
             name = patch.__name__.lstrip('_')
             newly.append(name)
             _applied.append(name)
-    if newly:
-        from mmengine.logging import print_log
-        from xtuner_plugins.malloc import jemalloc_loaded
-        memory = 'jemalloc' if jemalloc_loaded() else 'glibc (tools/train.py uses jemalloc where installed: malloc.py)'
-        print_log(f'xtuner_plugins: CUDA is not available, applied CPU patches: {", ".join(newly)}; malloc: {memory}',
-                  logger='current')
+    if newly and (_announced or _runner_logging()):   # imported once a run has begun (DeepSpeed's patch, or
+        _announced.append(True)                       # plain xtuner train importing this package late)
+        _announce(newly)
     return newly
+
+
+def _runner_logging() -> bool:
+    """Whether a runner's logger exists (MMEngine names it after the run; the default one is ``mmengine``)."""
+    if 'mmengine.logging' not in sys.modules:
+        return False
+    from mmengine.logging import MMLogger
+    return MMLogger.get_current_instance().instance_name != 'mmengine'
+
+
+_announced: List[bool] = []
+
+
+def announce_cpu_patches() -> None:
+    """Log the CPU patches applied, and the allocator, once per process, as a runner is built
+    (``runstart.py``): a training run's line; the tools that never train (conversion, serving) stay quiet."""
+    if not _announced:
+        _announced.append(True)
+        if _applied:
+            _announce(_applied)
+
+
+def _announce(names: List[str]) -> None:
+    from mmengine.logging import print_log
+    from xtuner_plugins.malloc import jemalloc_loaded
+    memory = 'jemalloc' if jemalloc_loaded() else 'glibc (tools/train.py uses jemalloc where installed: malloc.py)'
+    print_log(f'xtuner_plugins: CUDA is not available, applied CPU patches: {", ".join(names)}; malloc: {memory}',
+              logger='current')
 
 
 def applied_patches() -> List[str]:

@@ -51,7 +51,17 @@ class TestResolvePath:
 
     def test_no_folder_resolves_against_base_dir(self, tmp_path):
         assert resolve_image_path('x.png', None, str(tmp_path)) == os.path.join(str(tmp_path), 'x.png')
-        assert resolve_image_path('/abs/x.png', None, str(tmp_path)) == '/abs/x.png'
+        assert resolve_image_path('/abs/x.png', None, str(tmp_path)) == '/abs/x.png'   # written in full: as written
+
+    def test_no_folder_keeps_relative_paths_inside_the_annotation_files_folder(self, tmp_path):
+        """docs/data.md: image paths "may not leave" the file's folder; with no image folder set, ../ in a
+        relative path was read as it was."""
+        with pytest.raises(SampleError) as info:
+            resolve_image_path('a/../../outside/x.png', None, str(tmp_path))
+        assert info.value.reason == 'unsafe_image_path'
+        assert f"leaves the annotation file's folder {str(tmp_path)!r}" in str(info.value)
+        assert 'set the file\'s image folder (image_folders, a meta file\'s root, --image-folder)' in str(info.value)
+        assert resolve_image_path('a/../x.png', None, str(tmp_path)) == str(tmp_path / 'x.png')
 
     @pytest.mark.parametrize('bad', ['', None, 3])
     def test_bad_field(self, bad):
@@ -94,11 +104,27 @@ class TestReadAndLoad:
             assert info.value.reason == 'image_too_large'
         assert load_image(path, max_pixels=1200).size == (40, 30)
 
-    def test_pillow_bomb_error_is_a_sample_error(self, tmp_path, monkeypatch):
+    def test_the_setting_is_the_limit_not_pillows(self, tmp_path, monkeypatch):
+        """max_image_pixels raised past Pillow's own limit (which raises at twice it, 358M pixels by default) met
+        Pillow's error in Pillow's words: the setting is the limit while an image opens, and None lifts it."""
         path = write_image(tmp_path / 'big.png', size=(40, 30))
         monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # Pillow refuses > 2 * 100 pixels itself
-        with pytest.raises(SampleError) as info:
-            load_image(path, max_pixels=None)
+        assert load_image(path, max_pixels=1200).size == (40, 30)
+        assert load_image(path, max_pixels=None).size == (40, 30)
+        assert Image.MAX_IMAGE_PIXELS == 100   # put back
+        with pytest.raises(SampleError, match=r'40x30 = 1200 pixels is over the decompression-bomb limit of 500 '
+                                              r'pixels \(raise max_image_pixels'):
+            load_image(path, max_pixels=500)
+
+    def test_pillow_bomb_error_is_a_sample_error_naming_the_setting(self, tmp_path, monkeypatch):
+        path = write_image(tmp_path / 'big.png', size=(40, 30))
+
+        def bomb(*args, **kwargs):   # as Pillow raises for a later frame larger than the first
+            raise Image.DecompressionBombError('Image size (9000 pixels) exceeds limit of 4000 pixels')
+        monkeypatch.setattr(Image, 'open', bomb)
+        with pytest.raises(SampleError, match=r'big.png: Image size \(9000 pixels\) exceeds limit of 4000 pixels '
+                                              r'\(the limit is max_image_pixels, 2000: raise it') as info:
+            load_image(path, max_pixels=2000)
         assert info.value.reason == 'image_too_large'
 
 

@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument('--data', nargs='+', required=True,
                    help='annotation files: .jsonl, .json (a list of samples) or InternVL meta .json')
     p.add_argument('--image-folder', nargs='*', default=None,
-                   help='image folder, one for all files or one per file (default: beside each file)')
+                   help='image folder, one for all files or one per file; paths may not leave it (default: '
+                        'relative paths beside each file, kept inside its folder; absolute ones as written)')
     p.add_argument('--tokenizer', default=None,
                    help='tokenizer folder or name (offline); enables the token-length summary')
     p.add_argument('--template', default='internvl2_5', help='conversation template (default internvl2_5)')

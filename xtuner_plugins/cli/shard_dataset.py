@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument('--data', nargs='+', required=True,
                    help='annotation files: .jsonl, .json (a list of samples) or InternVL meta .json')
     p.add_argument('--image-folder', nargs='*', default=None,
-                   help='image folder, one for all files or one per file (default: beside each file)')
+                   help='image folder, one for all files or one per file; paths may not leave it (default: '
+                        'relative paths beside each file, kept inside its folder; absolute ones as written)')
     p.add_argument('--out', required=True, help='the shard set\'s folder (new or empty)')
     p.add_argument('--samples-per-shard', type=int, default=1000, help='samples per shard at most (default 1000)')
     p.add_argument('--max-shard-bytes', type=int, default=1 << 30,

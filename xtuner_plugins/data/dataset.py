@@ -71,7 +71,8 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         data_files: one path or a list: ``.jsonl``, ``.json`` (a list of samples) or InternVL meta
             ``.json`` files (``{name: {"root", "annotation", "repeat_time", "max_dynamic_patch"}}``).
         image_folders: the image folder of each file (one for all, or one per file; ``None`` resolves
-            image paths against the annotation file's folder). Paths may not escape their folder.
+            relative image paths against the annotation file's folder, absolute ones as written). Paths may
+            not escape their folder (``image_io.resolve_image_path``).
         repeat_times: per file; the fractional part counts (2.5 = two copies plus a seeded half).
         max_dynamic_patches: per-file override of ``max_dynamic_patch``.
         tokenizer: a tokenizer, its folder, or a config dict building one. InternVL's added tokens are

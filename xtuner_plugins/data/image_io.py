@@ -107,8 +107,9 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
         image_folder: the folder the sample's images live in. When given, the path must stay inside it: as
             written (``../``) and as resolved (a symbolic link inside the folder to a file or folder outside
             it), unless ``allow_links_outside`` (for data linked in on purpose). The folder itself may be a link.
-        base_dir: where relative paths are resolved when there is no ``image_folder`` (the annotation
-            file's folder); absolute paths are then taken as they are.
+        base_dir: where relative paths resolve when there is no ``image_folder`` (the annotation file's
+            folder); they may not leave it as written (``../``). An absolute path is then read as written, as
+            InternVL and LLaVA read it: an image folder (``image_folders``, a meta file's ``root``) confines those.
 
     Raises:
         SampleError: ``bad_image_field``, ``bad_image_path`` (also for the joined path) or ``unsafe_image_path``.
@@ -125,6 +126,13 @@ def resolve_image_path(path: str, image_folder: Optional[str], base_dir: Optiona
     if image_folder is None:
         full = os.path.normpath(os.path.join(base_dir or '', path))
         check_path_string(full)
+        root = os.path.normpath(os.path.abspath(base_dir or '.'))
+        if not os.path.isabs(path) and os.path.commonpath([root, os.path.abspath(full)]) != root:
+            raise SampleError('unsafe_image_path',   # was read as it was (docs/data.md: "may not leave it")
+                              f'path {path!r} leaves the annotation file\'s folder {root!r} (resolves to '
+                              f'{os.path.abspath(full)}), against which relative paths resolve when no image '
+                              f'folder is set: set the file\'s image folder (image_folders, a meta file\'s root, '
+                              f'--image-folder) to the folder that holds it, or write the path in full')
         return full
     root = os.path.normpath(os.path.abspath(image_folder))
     full = os.path.normpath(os.path.join(root, path))
@@ -220,6 +228,23 @@ def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -
 
 
 @contextlib.contextmanager
+def _pillow_limit(max_pixels: Optional[int]):
+    """Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, a global: it raises at twice it) as
+    ``max_pixels`` within: a ``max_image_pixels`` raised past Pillow's default still met Pillow's error at 358M
+    pixels, in Pillow's words. None while the header is read, as :func:`_check_pixels` checks its size; the
+    setting while the pixels are decoded (a GIF's later frame, a TIFF's page, can be larger)."""
+    before = Image.MAX_IMAGE_PIXELS
+    if max_pixels == before:
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+@contextlib.contextmanager
 def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[str] = None):
     """``Image.open`` of a path or of a file's bytes, every failure a :class:`SampleError` (``action`` names the
     step; ``name`` the bytes' origin in messages)."""
@@ -239,13 +264,16 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            with _pillow_limit(None):   # the header only: the size is checked next, in this project's words
+                img = Image.open(source)
+            with img, _pillow_limit(max_pixels):
                 _check_pixels(name, img.size, max_pixels)
                 yield img
     except SampleError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise SampleError('image_too_large', f'{name}: {exc}') from None
+    except Image.DecompressionBombError as exc:   # (a frame of a GIF, a TIFF page, larger than the first)
+        raise SampleError('image_too_large', f'{name}: {exc} (the limit is max_image_pixels, {max_pixels}: raise it '
+                                             f'if the image is trusted)') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if _empty(source):
             raise SampleError('corrupt_image', f'{name} is an empty file (0 bytes): a download or copy that did not '

@@ -1,11 +1,14 @@
 """The toy model of ``toy.py`` that stops one rank in the middle of a run, for the run guard tests
 (``test_runguard.py``): ``pause_at_iter=N`` makes rank ``pause_rank`` stop in its N-th training forward,
 ``pause_how='stop'`` with SIGSTOP to itself (a frozen rank), ``'sleep'`` in a sleep of ``pause_s`` seconds (a
-run still going: a slow step)."""
+run still going: a slow step), ``'backward'`` in that sleep inside the step's ``backward()``, in the recompute of
+one of several activation-checkpointed branches (as the CPU's LLM layers run: a Ctrl-C lands there)."""
 
 import os
 import signal
 import time
+
+import torch
 
 from tests.engine.toy import ToyRegressionModel
 
@@ -19,11 +22,28 @@ class PausingToyModel(ToyRegressionModel):
         self._forwards = 0
 
     def forward(self, data, data_samples=None, mode='loss'):
+        pause = False
         if mode == 'loss' and self.training:
             self._forwards += 1
-            if self._forwards == self.pause_at_iter and int(os.environ.get('RANK', '0')) == self.pause_rank:
-                if self.pause_how == 'stop':
-                    os.kill(os.getpid(), signal.SIGSTOP)
-                else:
-                    time.sleep(self.pause_s)
-        return super().forward(data, data_samples, mode)
+            pause = self._forwards == self.pause_at_iter and int(os.environ.get('RANK', '0')) == self.pause_rank
+            if pause and self.pause_how == 'stop':
+                os.kill(os.getpid(), signal.SIGSTOP)
+            elif pause and self.pause_how == 'sleep':
+                time.sleep(self.pause_s)
+        out = super().forward(data, data_samples, mode)
+        if pause and self.pause_how == 'backward':
+            out['loss'] = out['loss'] + self._checkpointed_branches(data['inputs'])
+        return out
+
+    def _checkpointed_branches(self, inputs):
+        from torch.utils.checkpoint import checkpoint
+        recomputing = []
+
+        def branch(k, x):
+            if recomputing:   # the second call of a branch: its recompute, inside backward()
+                time.sleep(self.pause_s)
+            return (torch.tanh(self.proj(x)) @ self.proj.weight).pow(2).mean() * 0.0 * k
+
+        total = sum(checkpoint(branch, k, inputs, use_reentrant=False) for k in range(1, 9))
+        recomputing.append(True)
+        return total

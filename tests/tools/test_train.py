@@ -128,3 +128,32 @@ def test_help_lists_this_tools_options_and_deepspeeds_names_before_anything_load
     assert names and names <= set(cfgs_name_path), names - set(cfgs_name_path)
     imported = {line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines()}
     assert not {'torch', 'mmengine', 'xtuner'} & imported, imported & {'torch', 'mmengine', 'xtuner'}
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_backward_ends_130_not_a_segfault_and_releases_the_run(tmp_path):
+    """A Ctrl-C inside ``backward()``, in an activation-checkpointed recompute (the CPU's LLM layers): autograd
+    nodes left in the engine's thread-local queue were destroyed after Python's teardown and took a dead
+    interpreter's GIL: exit -11 (139 from a shell) after the right line, 4 times of 4. 130 now, the run's lock
+    released (the atexit handlers run before the process ends)."""
+    from xtuner_plugins.engine.runlock import LOCK_NAME
+    work = str(tmp_path / 'work')
+    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options={
+        'model.pause_at_iter': 3, 'model.pause_how': 'backward', 'default_hooks.checkpoint.interval': 2})
+    os.makedirs(work)
+    job = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'interrupted.log'))
+    try:
+        deadline = time.time() + 240
+        while not os.path.isfile(os.path.join(work, 'last_checkpoint')):
+            assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # into iteration 3's backward, asleep in a recompute
+        os.killpg(job.proc.pid, signal.SIGINT)
+        code = job.proc.wait(timeout=60)
+    finally:
+        job.kill('test over')
+        job.close()
+    log = job.read_log()
+    assert code == 130, (code, log[-3000:])
+    assert log.strip().splitlines()[-1].startswith('train: interrupted at iteration 3; last checkpoint '), log[-3000:]
+    assert not os.path.exists(os.path.join(work, LOCK_NAME))

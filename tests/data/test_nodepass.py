@@ -74,3 +74,50 @@ def test_a_cache_folder_without_file_locks_is_said_once_and_each_process_builds(
         assert node_once(str(tmp_path / 'c' / f'x{k}'), lambda: None, lambda: 'built', 'x') == 'built'
     assert len(logged) == 1 and logged[0].startswith(f'the cache folder {tmp_path}/c takes no file locks (No locks '
                                                      f'available: NFS mounted nolock')
+
+
+def test_the_pool_workers_end_with_the_process_that_started_them(tmp_path):
+    """A tool killed outright (SIGTERM from kill or timeout) left its check workers running, orphaned, for
+    minutes, then printing BrokenPipeError tracebacks: each worker now dies with its parent."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    pids = tmp_path / 'pids'
+    script = textwrap.dedent(f'''
+        import os, time
+        from xtuner_plugins.data.nodepass import MIN_SLICE, run_slices
+        def task(a, b):
+            with open({str(pids)!r}, 'a') as f:
+                f.write(f'{{os.getpid()}}\\n')
+            time.sleep(120)
+        run_slices(task, 4 * MIN_SLICE, workers=2)
+    ''')
+    from tests.train_utils import REPO_ROOT
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO_ROOT)
+    try:
+        deadline = time.time() + 60
+        while not (pids.exists() and len(set(pids.read_text().split())) >= 2):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        workers = [int(p) for p in set(pids.read_text().split())]
+        def running(pid):   # (a zombie is dead, waiting for a parent that is gone)
+            try:
+                return open(f'/proc/{pid}/stat').read().split()[2] != 'Z'
+            except FileNotFoundError:
+                return False
+        deadline = time.time() + 10
+        while any(map(running, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = [p for p in workers if running(p)]
+        assert not alive, f'workers {alive} outlived their parent'
+    finally:
+        proc.kill()
+        for p in set(pids.read_text().split()) if pids.exists() else ():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

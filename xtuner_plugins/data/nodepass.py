@@ -61,7 +61,7 @@ def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = N
     results: List[T] = [None] * len(parts)
     begun, logged, done = time.monotonic(), time.monotonic(), 0
     try:
-        with multiprocessing.get_context('fork').Pool(workers) as pool:
+        with multiprocessing.get_context('fork').Pool(workers, _end_with, (os.getpid(),)) as pool:
             for i, result in enumerate(pool.imap(_run, parts)):
                 results[i] = result
                 done += parts[i][1] - parts[i][0]
@@ -74,6 +74,21 @@ def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = N
     finally:
         _TASK = None
     return results
+
+
+def _end_with(parent: int) -> None:
+    """A pool worker's start: killed when its parent dies (Linux's ``PR_SET_PDEATHSIG``). A tool killed by
+    SIGTERM (``kill``, ``timeout``) left its workers checking on, orphaned, for minutes, each then printing
+    ``BrokenPipeError`` tracebacks. SIGKILL: a worker holds nothing to save, and SIGTERM would run the handlers
+    it inherited from the parent."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux
+        return
+    if os.getppid() != parent:   # the parent died before this ran
+        os._exit(1)
 
 
 _said_no_locks: set = set()

@@ -102,3 +102,19 @@ def test_another_clip_is_asked_again_and_a_kept_answer_takes_the_datas_category(
     same = AnswersFile(path, SETTINGS, resume=True)
     same.check(questions((0.0, 1.0)))
     assert sorted(same.done) == ['i', 'v']
+
+
+def test_a_second_evaluation_into_the_same_answers_is_refused_while_the_first_writes(tmp_path):
+    """Two evaluations with one --out both appended to its answers file (the second, told to --resume, asked the
+    same questions, wrote over the first's report and ended in a traceback): the file is held while written."""
+    path = str(tmp_path / 'a.jsonl')
+    first = AnswersFile(path, SETTINGS)
+    first.append(result('1'))
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r'a.jsonl: another evaluation is writing its answers there now; wait '
+                                             r'for it to end, or give this one another --out'):
+            AnswersFile(path, SETTINGS, resume=resume)
+    first.close()
+    again = AnswersFile(path, SETTINGS, resume=True)
+    assert again.done == {'1': result('1')}
+    again.close()

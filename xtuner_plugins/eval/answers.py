@@ -30,6 +30,7 @@ again into the same folder (or a checkpoint saved again under its name) is anoth
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -108,6 +109,23 @@ def file_identity(question: Question, hashed: Optional[Dict[int, list]] = None) 
         [list(question.clip)] if question.video and question.clip else [])   # another clip: other frames
 
 
+def _held(path: str):
+    """``path`` opened (made if new, nothing cut) and locked for this process (``flock``, released as the
+    process ends however it ends). Two evaluations with one ``--out`` both appended to its answers: the second,
+    told by the first's answers to ``--resume``, asked the same questions, wrote over the first's report and
+    ended in a traceback removing an answers file the first had removed."""
+    held = open(path, 'a')
+    try:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise ValueError(f'{path}: another evaluation is writing its answers there now; wait for it to end, or give '
+                         f'this one another --out (or --answers)') from None
+    except OSError:   # a file system without locks: as before
+        pass
+    return held
+
+
 class AnswersFile:
     """Open ``path`` for appending (module docstring); ``done`` maps each id already answered to its result."""
 
@@ -119,6 +137,7 @@ class AnswersFile:
         self._lines: Dict[str, int] = {}
         self._files: Dict[str, object] = {}  # the file identities each kept answer recorded
         self._identity: Dict[str, list] = {}  # each question's, now (check)
+        self._lock = _held(path)
         records, cut = self._read() if os.path.isfile(path) and os.path.getsize(path) else ([], 0)
         if records or cut:
             first = records[0][1] if records else None
@@ -201,3 +220,4 @@ class AnswersFile:
 
     def close(self) -> None:
         self._file.close()
+        self._lock.close()

@@ -254,3 +254,31 @@ def test_an_image_that_cannot_be_read_is_a_corrupt_image_skip_as_training_names_
     assert (f"{jsonl}:1: corrupt_image: image file cannot be read: [Errno 13] Permission denied: "
             f"'{tmp_path}/i/a.png'") in printed, printed
     assert "'corrupt_image': 1" in printed and "'missing_image': 1" in printed, printed
+
+
+@pytest.mark.parametrize('when', ['writing', 'checking'])
+def test_sigterm_is_stopped_as_ctrl_c_is_and_leaves_no_mark(tmp_path, capsys, monkeypatch, when):
+    """SIGTERM (kill, timeout, Slurm) ended the tool at once, with no word, its 'another run is writing' mark and
+    partial shards left: now as Ctrl-C, exit code 143, the mark taken away (and a folder it made, when nothing
+    was written yet)."""
+    import signal
+    import time
+
+    from xtuner_plugins.cli import shard_dataset
+    from xtuner_plugins.data import dataset
+    jsonl, _, _ = files(tmp_path)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler raises here
+    monkeypatch.setattr(*((shard_dataset, 'write_shards') if when == 'writing' else (dataset, 'InternVLDataset')),
+                        terminated)
+    out = tmp_path / 'out'
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 143
+    err = capsys.readouterr().err
+    if when == 'writing':
+        assert f'writing into {out} stopped; what was written there is no shard set' in err, err
+        assert os.listdir(out) == []
+    else:
+        assert 'stopped while checking the data; nothing was written' in err and not out.exists(), err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -145,6 +145,12 @@ class _Shards:
             self.written[-1]['digest'] = self.hash.hexdigest()[:16]
 
 
+def _stopped_code(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (128 + the signal)."""
+    from xtuner_plugins.signals import Terminated
+    return 143 if isinstance(exc, Terminated) else 130
+
+
 def media_bytes(path: str, what: str, where: str) -> bytes:
     """An image's or a video's file's bytes; ``missing_image`` / ``missing_video`` naming ``where`` when there are
     none, ``corrupt_image`` / ``corrupt_video`` when the file is there but cannot be read (no read permission, an
@@ -218,6 +224,12 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
 
 
 def main(argv=None) -> int:
+    from xtuner_plugins.signals import sigterm_as_interrupt
+    with sigterm_as_interrupt():   # kill, timeout, Slurm: as Ctrl-C, the mark taken away and said (143)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         return tool_error(PROG, f'--samples-per-shard {args.samples_per_shard} and --max-shard-bytes '
@@ -239,10 +251,13 @@ def main(argv=None) -> int:
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
                              allow_links_outside=args.allow_links_outside)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:   # (stopped while the data is checked)
         os.remove(os.path.join(args.out, WRITING))
         if made:
             os.rmdir(args.out)
+        if isinstance(exc, KeyboardInterrupt):
+            print(f'{PROG}: stopped while checking the data; nothing was written', file=sys.stderr)
+            return _stopped_code(exc)
         return tool_error(PROG, exc)
     try:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
@@ -255,7 +270,7 @@ def main(argv=None) -> int:
                if isinstance(exc, OSError) else f'failed: {type(exc).__name__}: {exc}')
         print(f'{PROG}: error: writing into {args.out} {why}; what was written there is no shard set (no '
               f'shards.json): remove the folder, then write it again', file=sys.stderr)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        return _stopped_code(exc) if isinstance(exc, KeyboardInterrupt) else 1
     os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):

@@ -103,6 +103,7 @@ def test_a_bom_opening_any_line_is_read_over_as_files_joined_with_cat_bring_them
     (json.dumps([json.loads(GOOD)], indent=1).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
     (json.dumps([json.loads(GOOD)]).encode(), 'a.jsonl', 'one JSON list of samples ([...]) is a .json file'),
     (b'\0' * 300, 'a.jsonl', 'the line holds NUL bytes (a file cut short by a crash keeps zeros'),
+    (json.dumps(json.loads(GOOD), indent=2).encode(), 'a.jsonl', 'an object spread over several lines (pretty-'),
 ])
 def test_a_file_that_is_not_json_lines_says_what_it_most_likely_is(tmp_path, body, name, says):
     records, problems = _refused(tmp_path, body, name)

@@ -68,7 +68,7 @@ def line_hint(raw: bytes, body: str, msg: str) -> str:
                 'is one line to a JSON-lines reader: end the lines with \\n (tr "\\r" "\\n" < FILE > NEW)')
     if body.strip() == '[' or (body.lstrip().startswith('[') and msg in ('list', 'Extra data')):
         return '; one JSON list of samples ([...]) is a .json file, not .jsonl (one object a line): name it .json'
-    if body.strip() == '{' or (body.rstrip().endswith(('{', '[', ',')) and msg.startswith('Expecting')):
+    if body.strip() == '{':
         return ('; an object spread over several lines (pretty-printed JSON, json.dump(..., indent=...)): a .jsonl '
                 'holds each sample on one line (json.dumps(sample) per line; jq -c . FILE > NEW), and each of its '
                 'lines is counted as a bad sample here')

@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mmengine.config import DictAction
 
@@ -101,18 +101,26 @@ def spaced_values(words: Sequence[str]) -> List[str]:
     return problems
 
 
+def _key_items(words: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``(key, items)`` of each ``key=value`` word: the value's comma-separated items, as MMEngine splits them
+    (brackets and quotes around the value, and quotes around each item, taken away)."""
+    out = []
+    for word in words:
+        key, _, value = word.partition('=')
+        inner = value.strip().strip('\'"').strip()
+        if inner[:1] in '[(' and inner[-1:] in '])':
+            inner = inner[1:-1]
+        out.append((key, [p.strip().strip('\'"') for p in inner.split(',')]))
+    return out
+
+
 def comma_paths(words: Sequence[str]) -> List[str]:
     """Problems of ``--cfg-options`` words whose value holds a path with a comma in it (an existing file or folder
     whose comma-split pieces are not all there): MMEngine's ``DictAction`` splits a value at its commas into a list,
     so ``model.llm=runs/a,b/llm`` became ``['runs/a', 'b/llm']`` (an AttributeError traceback) and
     ``data_files=[d,x/a.jsonl]`` two files neither of which the user named. A list of paths is left alone."""
     problems = []
-    for word in words:
-        key, _, value = word.partition('=')
-        inner = value.strip().strip('\'"').strip()
-        if inner[:1] in '[(' and inner[-1:] in '])':
-            inner = inner[1:-1]
-        pieces = [p.strip().strip('\'"') for p in inner.split(',')]
+    for key, pieces in _key_items(words):
         runs = (pieces[i:j] for i in range(len(pieces)) for j in range(i + 2, len(pieces) + 1))
         split = next((run for run in runs if os.path.exists(','.join(run)) and not all(map(os.path.exists, run))),
                      None)
@@ -129,12 +137,8 @@ def tilde_values(words: Sequence[str]) -> List[str]:
     ``--work-dir=~/runs`` reach the tool as they are, a path relative to a folder named ``~`` (the work folder made
     as ``./~``, where a later ``rm -rf ~`` removes the home)."""
     problems = []
-    for word in words:
-        key, _, value = word.partition('=')
-        inner = value.strip().strip('\'"').strip()
-        if inner[:1] in '[(' and inner[-1:] in '])':
-            inner = inner[1:-1]
-        for item in (p.strip().strip('\'"') for p in inner.split(',')):
+    for key, items in _key_items(words):
+        for item in items:
             if item.startswith('~') and os.path.expanduser(item) != item:
                 problems.append(f'{key}: {item!r} starts with ~, which the shell expands only at the start of a '
                                 f'word, not after {key}= (it would be used as it is): give '

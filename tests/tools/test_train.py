@@ -82,28 +82,38 @@ def test_the_resume_command_continues_from_the_checkpoint():
         'xtuner-plugins-train x.py'
 
 
-@pytest.mark.slow
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
-    """SIGINT to the training's process group, as Ctrl-C in a terminal, while the toy run sleeps in iteration 5
-    (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes."""
+def interrupted_run(tmp_path, options, ready):
+    """The toy run with ``options``, SIGINT to its process group (as Ctrl-C in a terminal) 3 s after ``ready(work)``
+    holds: ``(cmd, env, work, exit code, log)``."""
     work = str(tmp_path / 'work')
-    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options={
-        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2})
+    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options=options)
     os.makedirs(work)
     job = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'interrupted.log'))
-    pointer, checkpoint = os.path.join(work, 'last_checkpoint'), os.path.join(work, 'iter_4.pth')
     try:
         deadline = time.time() + 240
-        while not (os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint):
+        while not ready(work):
             assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
             time.sleep(0.2)
-        time.sleep(3)  # into iteration 5's sleep
+        time.sleep(3)  # into the paused iteration
         os.killpg(job.proc.pid, signal.SIGINT)
         code = job.proc.wait(timeout=60)
     finally:
         job.kill('test over')
         job.close()
-    log = job.read_log()
+    return cmd, env, work, code, job.read_log()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
+    """SIGINT to the training's process group, as Ctrl-C in a terminal, while the toy run sleeps in iteration 5
+    (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes."""
+    checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
+
+    def saved(work):
+        pointer = os.path.join(work, 'last_checkpoint')
+        return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
+    cmd, env, work, code, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2}, saved)
     lines = [line for line in log.splitlines() if line.strip()]
     resume = shlex.join(['python', *cmd[1:], '--resume', checkpoint])
     assert code == 130 and 'Traceback' not in log, log[-3000:]
@@ -137,23 +147,9 @@ def test_ctrl_c_inside_backward_ends_130_not_a_segfault_and_releases_the_run(tmp
     interpreter's GIL: exit -11 (139 from a shell) after the right line, 4 times of 4. 130 now, the run's lock
     released (the atexit handlers run before the process ends)."""
     from xtuner_plugins.engine.runlock import LOCK_NAME
-    work = str(tmp_path / 'work')
-    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options={
-        'model.pause_at_iter': 3, 'model.pause_how': 'backward', 'default_hooks.checkpoint.interval': 2})
-    os.makedirs(work)
-    job = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'interrupted.log'))
-    try:
-        deadline = time.time() + 240
-        while not os.path.isfile(os.path.join(work, 'last_checkpoint')):
-            assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
-            time.sleep(0.2)
-        time.sleep(3)  # into iteration 3's backward, asleep in a recompute
-        os.killpg(job.proc.pid, signal.SIGINT)
-        code = job.proc.wait(timeout=60)
-    finally:
-        job.kill('test over')
-        job.close()
-    log = job.read_log()
+    _, _, work, code, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 3, 'model.pause_how': 'backward', 'default_hooks.checkpoint.interval': 2},
+        lambda work: os.path.isfile(os.path.join(work, 'last_checkpoint')))
     assert code == 130, (code, log[-3000:])
     assert log.strip().splitlines()[-1].startswith('train: interrupted at iteration 3; last checkpoint '), log[-3000:]
     assert not os.path.exists(os.path.join(work, LOCK_NAME))

@@ -232,6 +232,10 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, ca
     assert len(asked) == 2 and 'resuming' in captured.err and '3 of 4 questions answered' in captured.err
     assert captured.out.strip().splitlines()[-1] == closing
     assert json.load(open(out))['results'] == whole and not os.path.exists(tmp_path / 'r.answers.jsonl')
+    stop_after, out = 0, str(tmp_path / 'early.json')   # before the first answer: no file named as kept
+    assert eval_main(run + ['--out', out]) == 130
+    assert 'eval: interrupted; no answer was kept; the same command starts again' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'early.answers.jsonl')
 
 
 @pytest.mark.parametrize('option, value, message', [

@@ -295,18 +295,23 @@ def main(argv=None) -> int:
             raise NoneScored(f'none of the {len(failures)} questions could be scored; the first, {first.source}: '
                              f'{first.message} [{first.reason}]')
 
+    def kept(answers) -> str:
+        """What an interrupted evaluation leaves to resume from (nothing: the file goes, below)."""
+        n = len(answers.done) + answers.written
+        if not n and not args.keep_answers:
+            return 'no answer was kept; the same command starts again'
+        return f'{n} answers are kept in {args.answers}: the same command with --resume asks the rest'
+
     try:
         code = run_tool(args, 'eval', run, (NoneScored, ReportUnwritten))
         if code == 143 and answers is not None:   # SIGTERM: run_tool said so; what is kept, as for Ctrl-C
-            print(f'eval: {len(answers.done) + answers.written} answers are kept in {args.answers}: the same command '
-                  f'with --resume asks the rest', file=sys.stderr)
+            print(f'eval: {kept(answers)}', file=sys.stderr)
         return code
     except KeyboardInterrupt:
         if answers is None:
             print('eval: interrupted (no answers file kept: give --out or --answers to resume)', file=sys.stderr)
         else:
-            print(f'eval: interrupted; {len(answers.done) + answers.written} answers are kept in {args.answers}: '
-                  f'the same command with --resume asks the rest', file=sys.stderr)
+            print(f'eval: interrupted; {kept(answers)}', file=sys.stderr)
         return 130
     finally:
         if answers is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from xtuner_plugins import filemodes
 from xtuner_plugins.filemodes import file_mode, umask
 from xtuner_plugins.models.export.job import written_whole
 from xtuner_plugins.tiny import make_tiny_models
@@ -85,3 +86,18 @@ def test_a_home_that_cannot_take_tritons_cache_sends_it_to_the_temporary_folder(
     monkeypatch.setenv('HOME', str(tmp_path))
     home_caches()
     assert 'TRITON_CACHE_DIR' not in os.environ   # a home that takes it: Triton's default
+
+
+def test_unreadable_names_only_the_files_a_model_is_read_from(tmp_path, monkeypatch):
+    """A weight or config file this user cannot read is named with its owner and mode; another file there (a
+    README, notes) stops nothing."""
+    for name in ('config.json', 'model.safetensors', 'NOTES.md'):
+        (tmp_path / name).write_text('x')
+    real_access = os.access
+    closed = {'NOTES.md'}
+    monkeypatch.setattr(filemodes.os, 'access', lambda p, mode: os.path.basename(p) not in closed and
+                        real_access(p, mode))
+    assert filemodes.unreadable(str(tmp_path)) is None
+    closed.add('model.safetensors')
+    assert filemodes.unreadable(str(tmp_path)).startswith(f'{tmp_path}: this user (uid {os.getuid()}) cannot read '
+                                                          f'model.safetensors (owner uid ')

@@ -76,6 +76,11 @@ def home_caches() -> None:
     os.environ['TRITON_CACHE_DIR'] = os.path.join(base if private else tempfile.mkdtemp(prefix='triton-'), 'cache')
 
 
+#: the files of a model folder that transformers reads (weights, configs, tokenizers, remote code): another file
+#: there that this user cannot read (a README, notes) stops nothing
+MODEL_FILES = ('.safetensors', '.bin', '.json', '.model', '.txt', '.tiktoken', '.jinja', '.py', '.pt', '.pth')
+
+
 def unreadable(folder: str) -> Optional[str]:
     """Why this user cannot read a model folder's files (``None`` when every one reads): transformers and
     safetensors call a weight file without read permission "No such file or directory", and a broken link
@@ -87,7 +92,7 @@ def unreadable(folder: str) -> Optional[str]:
     broken = [e.name for e in entries if e.is_symlink() and not os.path.exists(e.path)]
     if broken:
         return f'{folder}: {", ".join(broken[:4])} {"is a broken link" if len(broken) == 1 else "are broken links"}'
-    closed = [e for e in entries if e.is_file() and not os.access(e.path, os.R_OK)]
+    closed = [e for e in entries if e.is_file() and e.name.endswith(MODEL_FILES) and not os.access(e.path, os.R_OK)]
     if closed:
         named = ', '.join(f'{e.name} ({_owner_mode(e.path)})' for e in closed[:4])
         more = f' and {len(closed) - 4} more' if len(closed) > 4 else ''

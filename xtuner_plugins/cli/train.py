@@ -52,7 +52,8 @@ usage: python tools/train.py CONFIG [--work-dir DIR] [--deepspeed NAME|JSON] [--
                              [--launcher {none,pytorch,slurm,mpi}] [--local_rank N]
 
 Train a stage with XTuner's own train script in this process: the exit code is the run's (0 done, 1 failed,
-2 refused, 130 interrupted), and a failure ends with one line naming its cause, the log and what to do.
+2 refused, 130 interrupted, 143 stopped by SIGTERM), and a failure ends with one line naming its cause, the log
+and what to do.
 
 positional arguments:
   CONFIG                a config file (configs/finetune_lora.py, ...) or an XTuner config name

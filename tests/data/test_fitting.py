@@ -32,6 +32,23 @@ def test_an_answer_cut_by_max_length_is_counted_with_the_tokens_lost(tmp_path, t
     assert batch['truncated'] == [(f'{path}:1', 150, detail)]
 
 
+def test_an_answer_too_long_to_tokenise_whole_is_clipped_and_its_counts_are_said_to_be_lower_bounds(
+        tmp_path, tiny_tokenizer):
+    """A turn far past max_length is clipped before it is tokenised (tokenize.encode_turns): the sample trains on
+    the same tokens as the whole answer gives, and its cut says its counts are at least these."""
+    from xtuner_plugins.data.tokenize import CLIP_MARGIN, clip_chars
+    huge = conv('Tell me everything.', ' colour square' * 40_000, image=False)
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': huge}])
+    ds = make_ds(path, tiny_tokenizer, tmp_path, max_length=300)
+    item = ds[0]
+    whole = tokenize_conversation(huge, tiny_tokenizer, [], max_length=300)
+    assert item['input_ids'].tolist() == whole['input_ids'] and item['labels'].tolist() == whole['labels']
+    ((_, lost, detail),) = item['truncated']
+    bound = clip_chars(tiny_tokenizer, 300) - CLIP_MARGIN
+    assert detail.endswith(f'(at least: a turn over {bound} characters is clipped before it is tokenised)'), detail
+    assert 0 < lost < len(tokenize_conversation(huge, tiny_tokenizer, [])['input_ids']) - 300
+
+
 def test_truncation_drop_skips_the_sample_with_its_reason(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': LONG}, {'conversations': SHORT}])
     full, _ = lengths(tiny_tokenizer, LONG)

@@ -456,3 +456,31 @@ def test_control_markers_are_kept_without_counting_the_vocabulary(monkeypatch):
     assert control_markers(t, 'internvl2_5') is first
     t.add_special_tokens({'additional_special_tokens': ['<|new|>']})
     assert '<|new|>' in control_markers(t, 'internvl2_5')
+
+
+def test_a_huge_turn_is_clipped_before_tokenising_and_keeps_the_same_tokens(tok, monkeypatch):
+    """A 10 MB answer was tokenised whole (30 s and 6 GB) at every draw of its sample, to keep max_length tokens:
+    with ``clip`` a turn is cut clip_chars after its last image first, and the tokens kept are the same, for text
+    of words, space runs, digits, accents written as combining marks (NFC) and CJK; images before the cut stay."""
+    from xtuner_plugins.data import tokenize
+    rng = np.random.default_rng(0)
+    pieces = ['word', ' ', '   ', 'e\u0301', '\u4e2d\u6587', '12345', '\n', 'Zebra', ',', 'a\u0308\u0301'] + [
+        ' colour', ' square', ' triangle', ' question', ' picture', ' circles'] * 3   # the vocabulary's longest
+    text = ''.join(rng.choice(pieces, size=30_000))
+    longest, seen = [], tokenize._tokenize_turns
+
+    def watched(tokenizer, texts):
+        longest.append(max(map(len, texts)))
+        return seen(tokenizer, texts)
+    monkeypatch.setattr(tokenize, '_tokenize_turns', watched)
+    for conv in ([{'from': 'human', 'value': '<image>\n' + text[:50]}, {'from': 'gpt', 'value': text}],
+                 [{'from': 'human', 'value': '<image>' + text[:40] + '<image>'}, {'from': 'gpt', 'value': text},
+                  {'from': 'human', 'value': text}, {'from': 'gpt', 'value': 'ok'}]):
+        images = [4] * sum(t['value'].count('<image>') for t in conv)
+        for max_length in (200, 600):
+            whole = tokenize_conversation(conv, tok, images, max_length=max_length)
+            longest.clear()
+            clipped = tokenize_conversation(conv, tok, images, max_length=max_length, clip=max_length)
+            assert clipped == whole
+            assert max(longest) < tokenize.clip_chars(tok, max_length) + 4000 < len(text) // 2
+            assert count_text_tokens(conv, tok, num_images=len(images), clip=max_length) >= max_length

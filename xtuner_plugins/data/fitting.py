@@ -24,7 +24,7 @@ from mmengine.logging import print_log
 
 from .errors import SampleError
 from .template import IGNORE_INDEX
-from .tokenize import tokenize_conversation
+from .tokenize import CLIP_MARGIN, clip_chars, clips, tokenize_conversation
 
 __all__ = ['Cut', 'Fit', 'checked_geometry', 'fit_sample', 'fit_video', 'final_answer', 'keep_or_drop',
            'judge_sft_cut', 'note_fit', 'tally_cut', 'tally_fit', 'TRUNCATION']
@@ -134,19 +134,28 @@ def fit_sample(ds, record, checked, sizes: Sequence[Tuple[int, int]]) -> Fit:
     while True:
         tiles = [ds.tile_count(size, max_num) for size in sizes]
         counts = [t * ds.num_image_token for t in tiles]
-        encoded = [tokenize_conversation(c, ds.tokenizer, counts) for c in conversations]
+        encoded = [tokenize_conversation(c, ds.tokenizer, counts, clip=ds.max_length) for c in conversations]
         if ds.max_length is None or all(len(e['input_ids']) <= ds.max_length for e in encoded):
             break
         if max_num <= 1 or all(t == 1 for t in tiles):  # as small as it gets: cut, or too_long
             full = encoded
-            encoded = [tokenize_conversation(c, ds.tokenizer, counts, max_length=ds.max_length)
+            encoded = [tokenize_conversation(c, ds.tokenizer, counts, max_length=ds.max_length, clip=ds.max_length)
                        for c in conversations]
             cuts = [Cut.of(f, e) if len(f['input_ids']) > ds.max_length else None for f, e in zip(full, encoded)]
             break
         max_num = max(1, max_num // 2)
     fit = Fit(encoded, tiles, max_num, max_num < own, cuts)
-    fit.truncated = ds.judge_cut(fit)
+    fit.truncated = _clip_noted(ds, conversations, ds.judge_cut(fit))
     return fit
+
+
+def _clip_noted(ds, conversations, truncated: Optional[str]) -> Optional[str]:
+    """A cut's description, saying when its counts are lower bounds: a turn too long to matter past max_length
+    is clipped before it is tokenised (``tokenize.encode_turns``)."""
+    if truncated and any(clips(ds.tokenizer, c, ds.max_length) for c in conversations):
+        return (f'{truncated} (at least: a turn over {clip_chars(ds.tokenizer, ds.max_length) - CLIP_MARGIN} '
+                f'characters is clipped before it is tokenised)')
+    return truncated
 
 
 def most_frames(ds, num_frames: int) -> int:
@@ -165,7 +174,7 @@ def fit_video(ds, record, checked, num_frames: int) -> Fit:
 
     def encode(n: int, max_length: Optional[int] = None):
         return [tokenize_conversation(expand_video(c, n, prefix), ds.tokenizer, [ds.num_image_token] * n,
-                                      max_length=max_length) for c in checked.conversations]
+                                      max_length=max_length, clip=ds.max_length) for c in checked.conversations]
 
     def fits(enc) -> bool:
         return ds.max_length is None or all(len(e['input_ids']) <= ds.max_length for e in enc)
@@ -188,7 +197,7 @@ def fit_video(ds, record, checked, num_frames: int) -> Fit:
             encoded = encode(1, ds.max_length)
             cuts = [Cut.of(f, e) if len(f['input_ids']) > ds.max_length else None for f, e in zip(full, encoded)]
     fit = Fit(encoded, [1] * n, n, n < num_frames, cuts, frames_of=num_frames)
-    fit.truncated = ds.judge_cut(fit)
+    fit.truncated = _clip_noted(ds, checked.conversations, ds.judge_cut(fit))
     return fit
 
 

@@ -88,7 +88,7 @@ def _sample_length(ds, record: Record, checked, sizes: Optional[dict] = None) ->
     if checked.video is not None:
         return _video_length(ds, record, checked)
     # a preference pair is as long as its longer answer (both share the prompt and the tiles)
-    text = max(count_text_tokens(c, ds.tokenizer) for c in checked.conversations)
+    text = max(count_text_tokens(c, ds.tokenizer, clip=ds.max_length) for c in checked.conversations)
     image_tokens = 0
     all_tiles = 0
     max_num = ds.max_tiles_per_image(record, len(checked.image_paths))
@@ -119,7 +119,7 @@ def _video_length(ds, record: Record, checked) -> List[int]:
     if frames > most_frames(ds, frames):  # over max_length by its image tokens alone: not tokenized
         return [ds.max_length, frames]
     conversations = [expand_video(c, frames, ds.frame_prefix) for c in checked.conversations]
-    text = max(count_text_tokens(c, ds.tokenizer) for c in conversations)
+    text = max(count_text_tokens(c, ds.tokenizer, clip=ds.max_length) for c in conversations)
     total = text + frames * (ds.num_image_token + 2)
     total = max(min(total, ds.max_length) if ds.max_length else total, 1)
     return [total, max(frames, 1)]

@@ -69,6 +69,41 @@ def render_turns(conversation: Conversation, image_text: str) -> List[Tuple[str,
     return [(role, ''.join(t for t, _ in pieces)) for role, pieces in _render_pieces(conversation, image_text, None)]
 
 
+#: characters kept past :func:`clip_chars`'s bound: a text cut there pre-tokenises otherwise only near the cut
+CLIP_MARGIN = 4096
+
+
+def clip_chars(tokenizer, tokens: int) -> int:
+    """How many characters after a turn's last image settle its first ``tokens`` tokens: no token covers more
+    characters than its longest vocabulary entry has (byte-level BPE: a character a byte; sentencepiece: ``▁``
+    a space; WordPiece: ``##`` more), and a normaliser composes at most 4 characters into one (NFC), so
+    ``tokens * longest * 4`` characters hold ``tokens`` tokens at least; :data:`CLIP_MARGIN` more keep the
+    neighbourhood of the cut after them. Kept on the tokenizer."""
+    longest = getattr(tokenizer, '_xtuner_plugins_longest_token', None)
+    if longest is None:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._xtuner_plugins_longest_token = longest
+        except AttributeError:
+            pass
+    return tokens * max(longest, 1) * 4 + CLIP_MARGIN
+
+
+def _clipped(text: str, chars: int) -> str:
+    """``text`` cut ``chars`` characters after its last image (``</img>``): the images stay, and the tokens a
+    sequence of ``tokens`` keeps are the same (:func:`clip_chars`)."""
+    last = text.rfind(IMG_END_TOKEN)
+    keep = (last + len(IMG_END_TOKEN) if last >= 0 else 0) + chars
+    return text if len(text) <= keep else text[:keep]
+
+
+def clips(tokenizer, conversation: Conversation, tokens: Optional[int]) -> bool:
+    """Whether a turn of ``conversation`` may be clipped for ``tokens`` (a superset: a turn longer than the
+    bound whatever its images)."""
+    return tokens is not None and any(len(v) > clip_chars(tokenizer, tokens) - CLIP_MARGIN
+                                      for _, v in conversation.turns)
+
+
 TURN_CACHE = 256        # rendered turns whose ids are kept per tokenizer (the system turn, the question templates)
 TURN_CACHE_CHARS = 512  # longer turns are not kept
 
@@ -193,9 +228,14 @@ def _marker_pattern(tokenizer, template):
     return cached[1], cached[2]
 
 
-def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List[Tuple[str, str, List[int]]]:
+def encode_turns(tokenizer, conversation: Conversation, image_text: str,
+                 clip: Optional[int] = None) -> List[Tuple[str, str, List[int]]]:
     """``(role, text, ids)`` of each rendered turn (:func:`render_turns`), tokenised as InternVL does; an
     assistant turn's ids start with its prefix's own ids (see :func:`_split_at_prefix`).
+
+    ``clip``: a number of tokens past which the sequence is cut anyway (``max_length``): a turn's text longer than
+    :func:`clip_chars` of it after its last image is cut there before it is tokenised, which gives the same first
+    ``clip`` tokens (a 10 MB answer took 30 s and 6 GB to tokenise, at every draw of the sample) and fewer after.
 
     Control markers inside the data's text (``<|im_end|>`` in an answer: refused by the data set unless it allows
     them, see :func:`~xtuner_plugins.data.template.control_markers`) never become control tokens: such a turn is
@@ -203,10 +243,13 @@ def encode_turns(tokenizer, conversation: Conversation, image_text: str) -> List
     pattern, controls = _marker_pattern(tokenizer, conversation.template)
     rendered = _render_pieces(conversation, image_text, pattern)
     texts = [''.join(t for t, _ in pieces) for _, pieces in rendered]
+    if clip is not None:
+        chars = clip_chars(tokenizer, clip)
+        texts = [_clipped(t, chars) for t in texts]
     prefix = conversation.template.assistant_prefix
     prefix_ids = _text_ids(tokenizer, prefix)
-    if not any(protected for _, pieces in rendered for _, protected in pieces):
-        turn_ids = _tokenize_turns(tokenizer, texts)
+    if not any(protected for _, pieces in rendered for _, protected in pieces):   # (else not clipped: control
+        turn_ids = _tokenize_turns(tokenizer, texts)                                 # text is refused by default)
         return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
                 for (role, _), text, ids in zip(rendered, texts, turn_ids)]
 
@@ -246,6 +289,7 @@ def tokenize_conversation(
     template: Union[str, Template] = 'internvl2_5',
     system: Optional[str] = None,
     max_length: Optional[int] = None,
+    clip: Optional[int] = None,
 ) -> Dict[str, List[int]]:
     """Tokenise one conversation like InternVL 2.5 and return ``dict(input_ids=[...], labels=[...])``.
 
@@ -258,6 +302,8 @@ def tokenize_conversation(
         template: a :class:`Template` or the name of one in :data:`TEMPLATES`.
         system: system message instead of the template's default; a system turn in the data wins over both.
         max_length: cut longer sequences to this length, only after the last image's ``</img>``.
+        clip: tokens past this many need not be exact (:func:`encode_turns`): ``max_length``, also for the
+            uncut sequence a fit is judged by.
 
     Raises:
         SampleError: ``empty_conversation``, ``bad_conversation``, ``image_tag_mismatch``, ``too_long``,
@@ -288,7 +334,7 @@ def tokenize_conversation(
     labels: List[int] = []
     image_idx = 0
     last_img_end = -1  # index of the last image's </img> in input_ids
-    for role, _, ids in encode_turns(tokenizer, conversation, compact):
+    for role, _, ids in encode_turns(tokenizer, conversation, compact, clip):
         if role == 'gpt':
             lab = list(ids)
             n_pre = min(prefix_len, len(lab))
@@ -343,6 +389,7 @@ def count_text_tokens(
     template: Union[str, Template] = 'internvl2_5',
     system: Optional[str] = None,
     num_images: Optional[int] = None,
+    clip: Optional[int] = None,
 ) -> int:
     """Number of tokens of the templated text without any image tokens (for length estimates).
 
@@ -355,6 +402,7 @@ def count_text_tokens(
     the ``<image>`` tags; for a sample whose tags are implicit (``<image>\\n`` prepended by the parser), pass
     ``num_images`` so that the prepended ``\\n`` is counted too. With ``num_images`` the sample is also
     validated (:class:`SampleError`); without it, nothing is validated and malformed turns are skipped.
+    With ``clip`` (:func:`encode_turns`) a count over ``clip`` is at least ``clip``, not exact.
     """
     if isinstance(conversations, Conversation):
         conversation = conversations
@@ -364,5 +412,5 @@ def count_text_tokens(
         conversation = lenient_conversation(conversations, template, system)
     # Each <image> written as '<img></img>', so that the text around it splits exactly as in the real
     # sequence; those two tokens are then left out of the count.
-    encoded = encode_turns(tokenizer, conversation, IMG_START_TOKEN + IMG_END_TOKEN)
+    encoded = encode_turns(tokenizer, conversation, IMG_START_TOKEN + IMG_END_TOKEN, clip)
     return sum(len(ids) for _, _, ids in encoded) - 2 * conversation.num_images

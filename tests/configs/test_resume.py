@@ -199,11 +199,13 @@ def test_a_tampered_checkpoint_is_refused_by_resume_before_it_runs(tiny, tmp_pat
         assert not os.path.exists(marker), how
 
 
-def test_our_entry_point_exits_non_zero_when_training_fails(tiny, tmp_path):
+def test_our_entry_point_exits_non_zero_when_the_model_cannot_load(tiny, tmp_path):
+    """A model.llm that is no folder and not in the cache: refused in one line naming the key (exit code 2, no
+    traceback), where xtuner train exits 0."""
     bad = dict(tiny_options(tiny, tiny['same'], repeat=1), **{'model.llm': str(tmp_path / 'no_llm')})
     out = run_train(CONFIG, str(tmp_path / 'work'), cfg_options=bad, script=TRAIN_TOOL, require_checkpoint=False)
-    assert out.returncode == 1 and "model.llm: '" in out.log, out.summary()
-    assert out.log.rstrip().splitlines()[-2].startswith("train: FAILED: FileNotFoundError: model.llm: '")
+    assert out.returncode == 2 and 'Traceback' not in out.log, out.summary()
+    assert out.log.rstrip().splitlines()[-1].startswith("train: refused: model.llm: '"), out.log[-2000:]
 
 
 def test_our_entry_point_refuses_cfg_options_that_would_change_nothing(tiny, tmp_path):

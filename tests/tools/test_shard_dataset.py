@@ -267,6 +267,7 @@ def test_sigterm_is_stopped_as_ctrl_c_is_and_leaves_no_mark(tmp_path, capsys, mo
     from xtuner_plugins.cli import shard_dataset
     from xtuner_plugins.data import dataset
     jsonl, _, _ = files(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)   # (pytest-xdist's worker has a handler of its own)
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -281,4 +282,4 @@ def test_sigterm_is_stopped_as_ctrl_c_is_and_leaves_no_mark(tmp_path, capsys, mo
         assert os.listdir(out) == []
     else:
         assert 'stopped while checking the data; nothing was written' in err and not out.exists(), err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before

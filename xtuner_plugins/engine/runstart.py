@@ -42,7 +42,7 @@ import os
 import shutil
 import sys
 import threading
-from typing import List, Mapping, MutableMapping, Optional
+from typing import Callable, List, Mapping, MutableMapping, Optional
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'
 _building = threading.local()  # inside a patched from_cfg: the config is prepared already
@@ -281,6 +281,15 @@ def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
             f'away first')
 
 
+#: called as a runner is built (``runtime.py`` adds its CPU-patch line: a training run's, not every tool's)
+ON_RUNNER_BUILT: List[Callable[[], None]] = []
+
+
+def _runner_built() -> None:
+    for call in ON_RUNNER_BUILT:
+        call()
+
+
 def _patch_from_cfg(runner_cls) -> bool:
     original = runner_cls.__dict__['from_cfg'].__func__
     if getattr(original, _PATCH_MARK, False):
@@ -288,8 +297,7 @@ def _patch_from_cfg(runner_cls) -> bool:
 
     @functools.wraps(original)
     def from_cfg(cls, cfg):
-        from .runtime import announce_cpu_patches
-        announce_cpu_patches()
+        _runner_built()
         cfg = prepare_run(copy.deepcopy(cfg))
         depth = getattr(_building, 'depth', 0)
         _building.depth = depth + 1
@@ -312,8 +320,7 @@ def _patch_runner_build_model() -> bool:
 
     @functools.wraps(build_model)
     def patched_build_model(self, model):
-        from .runtime import announce_cpu_patches
-        announce_cpu_patches()   # (plain xtuner train: from_cfg ran before this package was imported)
+        _runner_built()   # (plain xtuner train: from_cfg ran before this package was imported)
         if not getattr(_building, 'depth', 0) and not hasattr(self, '_xtuner_plugins_hooks'):
             cfg = prepare_run(self.cfg)  # the runner's copy of the config: what it logs and saves
             if isinstance(self._train_loop, dict) and cfg.get('train_cfg') is not None:

@@ -233,7 +233,8 @@ _announced: List[bool] = []
 
 def announce_cpu_patches() -> None:
     """Log the CPU patches applied, and the allocator, once per process, as a runner is built
-    (``runstart.py``): a training run's line; the tools that never train (conversion, serving) stay quiet."""
+    (``runstart.ON_RUNNER_BUILT``): a training run's line; the tools that never train (conversion, serving) stay
+    quiet."""
     if not _announced:
         _announced.append(True)
         if _applied:
@@ -360,12 +361,14 @@ from xtuner_plugins.engine.derive import apply_derive_patches  # noqa: E402
 from xtuner_plugins.engine.epochs import apply_epoch_patches  # noqa: E402
 from xtuner_plugins.engine.keep import apply_keep_patches  # noqa: E402
 from xtuner_plugins.engine.resume import apply_resume_patches  # noqa: E402
-from xtuner_plugins.engine.runstart import apply_runstart_patches  # noqa: E402
+from xtuner_plugins.engine.runstart import ON_RUNNER_BUILT, apply_runstart_patches  # noqa: E402
 # under Slurm: a checkpoint saved on SIGTERM (engine/preempt.py), MMEngine's slurm launcher checked (engine/slurm.py)
 from xtuner_plugins.engine.preempt import apply_preempt_patches  # noqa: E402
 from xtuner_plugins.engine.slurm import apply_slurm_patches  # noqa: E402
 
 apply_runstart_patches()
+if announce_cpu_patches not in ON_RUNNER_BUILT:
+    ON_RUNNER_BUILT.append(announce_cpu_patches)   # the CPU-patch line as a runner is built (announce_cpu_patches)
 apply_derive_patches()
 apply_epoch_patches()
 apply_keep_patches()

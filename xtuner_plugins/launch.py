@@ -274,12 +274,8 @@ def ends_with_parent():
     the parent: the child only calls it."""
     if not sys.platform.startswith('linux'):
         return None
-    import ctypes
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGTERM), 0, 0, 0)   # 1: PR_SET_PDEATHSIG
+    from xtuner_plugins.signals import parent_death_signal
+    return parent_death_signal(signal.SIGTERM)
 
 
 class TrainJob:

@@ -31,3 +31,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_code(stop: KeyboardInterrupt) -> int:
+    """The exit code of a tool stopped by ``stop``: 143 for SIGTERM (:class:`Terminated`, 128 + 15), 130 for Ctrl-C."""
+    return 143 if isinstance(stop, Terminated) else 130
+
+
+def parent_death_signal(sig: int):
+    """A function that has the process calling it get ``sig`` when its parent dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``, kept across an ``exec``: a ``preexec_fn``, or a forked worker's first call); None
+    where there is no ``prctl``. libc is found here, in the parent: the child only calls it."""
+    import ctypes
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):   # not Linux
+        return None
+    return lambda: prctl(1, int(sig), 0, 0, 0)   # 1: PR_SET_PDEATHSIG

@@ -105,10 +105,10 @@ def _main(args) -> int:
         print(f'convert_to_official: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:   # the folder is written aside and moved in whole: nothing half-written is left
-        from xtuner_plugins.signals import Terminated
-        print(f'convert_to_official: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; '
+        from xtuner_plugins.signals import stop_code
+        print(f'convert_to_official: {"terminated" if stop_code(stop) == 143 else "interrupted"}; '
               f'{args.out_dir} is as it was before', file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return stop_code(stop)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import errno
 import gc
 import os
@@ -49,6 +48,8 @@ import threading
 import time
 import traceback
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from xtuner_plugins.signals import parent_death_signal
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
 #: after SIGINT, seconds the other ranks have once one rank has ended: a rank blocked in a collective (gloo, NCCL)
@@ -64,7 +65,6 @@ LOADING_ENV = {
     # in forked ranks, torch's own threads (OMP_NUM_THREADS) start in each rank as before
     'OPENBLAS_NUM_THREADS': '1',
 }
-_PR_SET_PDEATHSIG = 1
 #: loads a rank's libraries in the launcher and returns the rank's entry (run in each forked rank: its exit code)
 Preload = Callable[[], Callable[[], int]]
 
@@ -89,12 +89,9 @@ def free_port(addr: str, port: int = 0) -> int:
 
 
 def _pdeathsig():
-    """What a child runs between fork and exec: SIGKILL to it when the launcher dies (Linux; None elsewhere)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: the launcher's own stop paths still apply
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    """What a child runs between fork and exec: SIGKILL to it when the launcher dies (Linux; None elsewhere: the
+    launcher's own stop paths still apply)."""
+    return parent_death_signal(signal.SIGKILL)
 
 
 def fork_refusal() -> Optional[str]:
@@ -171,15 +168,26 @@ def _run_forked(entry, argv, env, pdeathsig, launcher: int, told: int) -> None:
     except BaseException as exc:   # noqa: B036 -- a rank's end, whatever ended it, is its exit code
         traceback.print_exc()
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    finally:
-        try:   # what an interpreter's exit does (non-daemon threads joined, atexit: logs, worker processes)
-            getattr(threading, '_shutdown', lambda: None)()
-            atexit._run_exitfuncs()
-            for stream in (sys.stdout, sys.stderr):
+    finally:   # never back into the launcher's frames this process was forked in
+        exit_now(int(code) & 0xFF if isinstance(code, int) else 1)
+
+
+def exit_now(code: int) -> None:
+    """End this process with ``code`` as an interpreter's exit ends it, less its teardown: non-daemon threads
+    joined, the atexit handlers (logs, worker processes, a run lock's release), the streams flushed, then
+    ``os._exit``. For a forked rank (never back into the launcher's frames), and for ``tools/train.py`` after a run
+    that stopped (``cli/train.py``: the teardown could crash)."""
+    try:
+        getattr(threading, '_shutdown', lambda: None)()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
                 if stream is not None:
                     stream.flush()
-        finally:   # never back into the launcher's frames this process was forked in
-            os._exit(int(code) & 0xFF if isinstance(code, int) else 1)
+            except (OSError, ValueError):   # a closed pipe, a closed stream: nothing more to say there
+                pass
+    finally:
+        os._exit(code)
 
 
 def exit_code(returncode: int) -> int:

@@ -36,6 +36,7 @@ from typing import List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
 
 PROG = 'shard_dataset'
 
@@ -145,12 +146,6 @@ class _Shards:
             self.written[-1]['digest'] = self.hash.hexdigest()[:16]
 
 
-def _stopped_code(exc: KeyboardInterrupt) -> int:
-    """130 for Ctrl-C, 143 for SIGTERM (128 + the signal)."""
-    from xtuner_plugins.signals import Terminated
-    return 143 if isinstance(exc, Terminated) else 130
-
-
 def media_bytes(path: str, what: str, where: str) -> bytes:
     """An image's or a video's file's bytes; ``missing_image`` / ``missing_video`` naming ``where`` when there are
     none, ``corrupt_image`` / ``corrupt_video`` when the file is there but cannot be read (no read permission, an
@@ -224,7 +219,6 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
 
 
 def main(argv=None) -> int:
-    from xtuner_plugins.signals import sigterm_as_interrupt
     with sigterm_as_interrupt():   # kill, timeout, Slurm: as Ctrl-C, the mark taken away and said (143)
         return _main(argv)
 
@@ -257,7 +251,7 @@ def _main(argv=None) -> int:
             os.rmdir(args.out)
         if isinstance(exc, KeyboardInterrupt):
             print(f'{PROG}: stopped while checking the data; nothing was written', file=sys.stderr)
-            return _stopped_code(exc)
+            return stop_code(exc)
         return tool_error(PROG, exc)
     try:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
@@ -270,7 +264,7 @@ def _main(argv=None) -> int:
                if isinstance(exc, OSError) else f'failed: {type(exc).__name__}: {exc}')
         print(f'{PROG}: error: writing into {args.out} {why}; what was written there is no shard set (no '
               f'shards.json): remove the folder, then write it again', file=sys.stderr)
-        return _stopped_code(exc) if isinstance(exc, KeyboardInterrupt) else 1
+        return stop_code(exc) if isinstance(exc, KeyboardInterrupt) else 1
     os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):

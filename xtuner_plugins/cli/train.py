@@ -112,9 +112,9 @@ def main() -> int:
 
 
 def exit_now(code: int) -> None:
-    """End a run that stopped (Ctrl-C, a failure) with ``code`` at once: the atexit handlers run (the run lock's
-    release, multiprocessing's workers, logging), then ``os._exit``, without the interpreter's teardown (as a rank
-    forked by ``--nproc-per-node`` ends: ``local_launch._run_forked``).
+    """End a run that stopped (Ctrl-C, a failure) with ``code`` at once, as a forked rank ends
+    (``local_launch.exit_now``: threads joined, the atexit handlers run, then ``os._exit``), without the
+    interpreter's teardown.
 
     A Ctrl-C (or an error) raised inside ``backward()`` (activation checkpointing's saved-tensor hooks run Python
     there: the CPU default ``llm_grad_ckpt_layers='auto'``) leaves autograd nodes in the engine's thread-local ready
@@ -122,16 +122,8 @@ def exit_now(code: int) -> None:
     an interpreter that is gone: a segfault, exit code 139 after the right ``interrupted`` line (in 7 of 10
     tries; 0 of 4 without checkpointing; a gdb backtrace: ``__call_tls_dtors`` -> ``~ReadyQueue`` -> ...
     ``~PySavedVariableHooks`` -> ``gil_scoped_acquire`` -> ``sem_wait(NULL)``)."""
-    import atexit
-    import threading
-    getattr(threading, '_shutdown', lambda: None)()   # as the interpreter's exit: non-daemon threads joined first
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):   # a closed pipe, a closed stream: nothing more to say there
-            pass
-    os._exit(code)
+    from xtuner_plugins.cli import local_launch
+    local_launch.exit_now(code)
 
 
 #: the SIGINTs this process received (:func:`noting_interrupts`)

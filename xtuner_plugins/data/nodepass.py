@@ -81,12 +81,13 @@ def _end_with(parent: int) -> None:
     SIGTERM (``kill``, ``timeout``) left its workers checking on, orphaned, for minutes, each then printing
     ``BrokenPipeError`` tracebacks. SIGKILL: a worker holds nothing to save, and SIGTERM would run the handlers
     it inherited from the parent."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):   # not Linux
+    import signal
+
+    from xtuner_plugins.signals import parent_death_signal
+    arm = parent_death_signal(signal.SIGKILL)
+    if arm is None:   # not Linux
         return
+    arm()
     if os.getppid() != parent:   # the parent died before this ran
         os._exit(1)
 

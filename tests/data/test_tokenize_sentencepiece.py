@@ -1,10 +1,11 @@
-"""A slow SentencePiece tokenizer that adds a bos (Llama 2's ``LlamaTokenizer``, InternLM2's): training's
+"""A slow SentencePiece tokenizer that adds a bos (Llama 2's ``LlamaTokenizer``, InternLM2's, Phi-3's): training's
 turn-by-turn ids equal those of the whole rendered conversation, as chat tokenises its prompt (dummy prefix and
-legacy handling of text after special tokens included)."""
+legacy handling of text after special tokens included), for each template whose turns such LLMs use (InternVL 2.0's
+``phi3-chat`` and ``internlm2-chat`` put the next turn's marker right after the stop word, with no newline)."""
 
 import pytest
 
-from xtuner_plugins.data.template import get_template
+from xtuner_plugins.data.template import get_template, template_markers
 from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.tiny.sentencepiece_tokenizer import build_tiny_sentencepiece_tokenizer
 
@@ -15,13 +16,15 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.parametrize('template', ['internvl2_5', 'internlm2-chat', 'phi3-chat'])
 @pytest.mark.parametrize('legacy', [True, False])
-def test_training_ids_equal_the_whole_prompts_ids(legacy, tmp_path):
+def test_training_ids_equal_the_whole_prompts_ids(legacy, template, tmp_path):
     tok = build_tiny_sentencepiece_tokenizer(legacy=legacy, folder=str(tmp_path))
-    template = get_template('internvl2_5')
+    tok.add_tokens(list(template_markers(template)), special_tokens=True)   # Phi-3's <|user|>, <|end|>, ...
+    template = get_template(template)
     for qs in CONVERSATIONS:
         conv = [m for q, a in qs for m in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]
-        ids = list(tokenize_conversation(conv, tok, [1])['input_ids'])
+        ids = list(tokenize_conversation(conv, tok, [1], template)['input_ids'])
         n = ids.count(tok.convert_tokens_to_ids('<IMG_CONTEXT>'))
         text = template.render_system(template.default_system)
         text += ''.join(template.render_user(q) + template.render_assistant(a) for q, a in qs)

@@ -137,10 +137,11 @@ def greedy_with_training_model(model, image, question, steps=8):
 
 
 def greedy_decode(model, ids, tiles, steps=8):
-    """The training model's greedy answer (up to ``steps`` tokens, to ``<|im_end|>``) to prompt ``ids`` with
-    ``tiles`` (one image's tiles, or a video's frames)."""
+    """The training model's greedy answer (up to ``steps`` tokens, to its template's stop word: ``<|im_end|>``)
+    to prompt ``ids`` with ``tiles`` (one image's tiles, or a video's frames)."""
+    from xtuner_plugins.data.template import get_template
     ids = torch.tensor([ids])
-    stop = model.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    stop = model.tokenizer.convert_tokens_to_ids(get_template(model.template).stop_word)
     out = []
     with torch.no_grad():
         for _ in range(steps):

@@ -53,6 +53,25 @@ def test_head_options_set_the_heads_and_bad_ones_are_one_line_errors(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_chat_gives_the_llm_another_familys_tokenizer(tmp_path):
+    """--chat llama3: Llama 3 Instruct's special tokens, bos added, eos <|eot_id|>, no pad, its own chat template;
+    the model's config names that bos and eos."""
+    from transformers import AutoTokenizer
+    result = subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'out'), '--llm', 'llama',
+                             '--chat', 'llama3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = str(tmp_path / 'out' / 'llm')
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ('<|begin_of_text|>', '<|eot_id|>', None)
+    assert tok('a').input_ids[0] == tok.bos_token_id
+    assert tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False, add_generation_prompt=True) == \
+        '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant' \
+        '<|end_header_id|>\n\n'
+    llm = json.load(open(os.path.join(folder, 'config.json')))
+    assert llm['architectures'] == ['LlamaForCausalLM']
+    assert (llm['bos_token_id'], llm['eos_token_id']) == (tok.bos_token_id, tok.eos_token_id)
+
+
 def test_folders_holding_files_are_refused_unless_overwrite(tmp_path):
     """Run over a folder of models it replaced their files without asking (a real model's config.json, a shard
     deleted by save_pretrained), and checkpoints trained on tiny/ stopped converting (an adversarial sweep)."""

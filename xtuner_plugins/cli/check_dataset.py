@@ -40,6 +40,7 @@ from xtuner_plugins.data.index import source_index
 from xtuner_plugins.data.lengths import default_cache_dir
 from xtuner_plugins.data.nodepass import default_workers, run_slices
 from xtuner_plugins.data.sources import expand_sources, parse_entry
+from xtuner_plugins.data.template import TEMPLATES
 from xtuner_plugins.data.video import choose_frames, read_frames
 
 
@@ -53,7 +54,8 @@ def parse_args(argv=None):
                         'relative paths beside each file, kept inside its folder; absolute ones as written)')
     p.add_argument('--tokenizer', default=None,
                    help='tokenizer folder or name (offline); enables the token-length summary')
-    p.add_argument('--template', default='internvl2_5', help='conversation template (default internvl2_5)')
+    p.add_argument('--template', default='internvl2_5', choices=sorted(TEMPLATES),
+                   help='the chat template the model trains with (model.template; default internvl2_5)')
     p.add_argument('--max-length', type=int, default=8192, help='token budget per sample (default 8192)')
     p.add_argument('--max-dynamic-patch', type=int, default=12, help='max tiles per sample (default 12)')
     p.add_argument('--min-dynamic-patch', type=int, default=1, help='min tiles per image (default 1)')

@@ -3,13 +3,14 @@
 Usage::
 
     python tools/make_tiny_models.py OUT_DIR [--vision internvit|siglip|clip] [--llm qwen2|qwen3|llama]
-        [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2] [--vision-heads 4]
+        [--chat chatml|llama3|phi3] [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2] [--vision-heads 4]
 
 Writes ``OUT_DIR/<vision>``: InternViT in OpenGVLab's on-disk layout (config.json + model.safetensors with
 the official keys), or a whole SigLIP / CLIP folder as google/siglip-so400m-patch14-384 and
 openai/clip-vit-large-patch14-336 are published (with preprocessor_config.json); and ``OUT_DIR/llm``: a Qwen2,
 Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying Qwen's
-special tokens. The model classes load them with the same code that loads the real checkpoints. Both are 64
+special tokens (``--chat llama3`` / ``phi3``: a tokenizer with Llama 3 Instruct's or Phi-3's special tokens, bos,
+eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat``). The model classes load them with the same code that loads the real checkpoints. Both are 64
 wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2
 --llm-kv-heads 1`` gives 32-wide heads, a model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
 
@@ -27,6 +28,7 @@ from typing import Optional
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.tiny import LLM_WIDTH, TINY_LLM_ARCHS, TINY_VISION_TYPES, VISION_WIDTH, make_tiny_models
 from xtuner_plugins.tiny.dual import check_vit_sizes
+from xtuner_plugins.tiny.tokenizer import CHAT_FAMILIES
 
 
 def heads_problem(args) -> Optional[str]:
@@ -59,6 +61,9 @@ def main(argv=None) -> int:
     p.add_argument('--vision', choices=TINY_VISION_TYPES, default='internvit',
                    help='vision encoder (default internvit)')
     p.add_argument('--llm', choices=TINY_LLM_ARCHS, default='qwen2', help='LLM architecture (default qwen2)')
+    p.add_argument('--chat', choices=sorted(CHAT_FAMILIES), default='chatml',
+                   help='the tokenizer\'s chat family: its special tokens, bos, eos and own template (default chatml, '
+                        'Qwen2.5\'s; llama3 trains with model.template=llama3, phi3 with phi3-chat)')
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,
                    help='tile size of the tiny encoder in pixels, a multiple of the 14 px patch; of 28 for '
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     try:
         paths = make_tiny_models(args.out_dir, seed=args.seed, image_size=args.image_size, vision=args.vision,
                                  llm=args.llm, llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads,
-                                 vision_heads=args.vision_heads)
+                                 vision_heads=args.vision_heads, chat=args.chat)
     except ValueError as exc:  # --image-size not a multiple of the patch size
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
     except OSError as exc:   # a folder this user cannot write, a full disk: one line (a traceback before)

@@ -48,7 +48,7 @@ INTERNVL_ADDED_TOKENS: Tuple[str, ...] = (
 from xtuner_plugins.errors import Refused  # noqa: E402
 # InternVL's default system message of its ``internvl2_5`` template (OpenGVLab/InternVL
 # ``internvl_chat/internvl/conversation.py``); one copy, in the conversation file shipped with converted models.
-from xtuner_plugins.remote_code.conversation import INTERNVL_SYSTEM_MESSAGE  # noqa: E402
+from xtuner_plugins.remote_code.conversation import INTERNVL_SYSTEM_MESSAGE, conv_templates  # noqa: E402
 
 # Tokens that only the pipeline may write: text containing them would break the image-token count.
 RESERVED_IN_TEXT = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
@@ -84,6 +84,8 @@ class Template:
         frame_prefix: what stands before each frame's ``<image>`` of a video, ``{i}`` its number from 1
             (``'Frame{i}: '``: OpenGVLab's model card and transformers' ``InternVLProcessor``; InternVL's SFT
             script writes ``'Frame-{i}: '``).
+        system_optional: an empty system message writes no system turn (Llama 3's rule); else the turn is
+            written with nothing in it, as InternVL's templates do.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Template:
     default_system: str
     stop_word: str
     frame_prefix: str = DEFAULT_FRAME_PREFIX
+    system_optional: bool = False
 
     def __post_init__(self):
         if self.system and '{system}' not in self.system:
@@ -115,8 +118,12 @@ class Template:
         """The text after the answer (``<|im_end|>\\n``)."""
         return self.assistant.split('{answer}')[1]
 
+    def writes_system(self, system: str) -> bool:
+        """Whether a conversation with this system message has a system turn."""
+        return bool(self.system) and (bool(system) or not self.system_optional)
+
     def render_system(self, system: str) -> str:
-        return self.system.format(system=system) if self.system else ''
+        return self.system.format(system=system) if self.writes_system(system) else ''
 
     def render_user(self, query: str) -> str:
         return self.user.format(query=query)
@@ -125,18 +132,20 @@ class Template:
         return self.assistant.format(answer=answer)
 
 
-TEMPLATES: Dict[str, Template] = {
-    # InternVL 2.5 with a Qwen2.5 LLM: ChatML (InternVL's ``internvl2_5`` conversation template,
-    # SeparatorStyle.MPT with sep '<|im_end|>\n').
-    'internvl2_5': Template(
-        name='internvl2_5',
-        system='<|im_start|>system\n{system}<|im_end|>\n',
-        user='<|im_start|>user\n{query}<|im_end|>\n',
-        assistant='<|im_start|>assistant\n{answer}<|im_end|>\n',
-        default_system=INTERNVL_SYSTEM_MESSAGE,
-        stop_word='<|im_end|>',
-    ),
-}
+def _from_conversation(conv) -> Template:
+    """The training template of a conversation template shipped with converted models (``remote_code/
+    conversation.py``, InternVL's interface: ``system + sep``, ``role + message + sep`` per turn): one definition of
+    each, which training tokenises and a converted folder's ``chat()`` prompts with."""
+    sep = conv.sep
+    return Template(name=conv.name, system=conv.system_template.replace('{system_message}', '{system}') + sep,
+                    user=conv.roles[0] + '{query}' + sep, assistant=conv.roles[1] + '{answer}' + sep,
+                    default_system=conv.system_message, stop_word=sep.strip(), system_optional=conv.system_optional)
+
+
+#: the registered templates by name: ``internvl2_5`` (InternVL 2.5, ChatML: Qwen2.5, Qwen3, InternLM 2.5), InternVL
+#: 2.0's ``Hermes-2`` and ``internlm2-chat`` (ChatML without a newline after each turn) and ``phi3-chat`` (Phi-3's
+#: markers), and ``llama3`` (Llama 3 Instruct's own turns)
+TEMPLATES: Dict[str, Template] = {name: _from_conversation(conv) for name, conv in conv_templates.items()}
 
 
 def get_template(name_or_template: Union[str, Template]) -> Template:
@@ -148,22 +157,30 @@ def get_template(name_or_template: Union[str, Template]) -> Template:
     raise ValueError(f'unknown template {name_or_template!r}; known templates: {sorted(TEMPLATES)}')
 
 
+def _fits(tokenizer, template: Template) -> Tuple[str, ...]:
+    """The markers of ``template`` that ``tokenizer`` does not hold as one token each."""
+    return tuple(m for m in template_markers(template) if len(tokenizer.encode(m, add_special_tokens=False)) != 1)
+
+
 def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str = 'tokenizer') -> None:
-    """Refuse a tokenizer that splits the template's special markers (``<|im_start|>``, ``<|im_end|>``):
-    it belongs to an LLM trained with another chat template, whose answers would never end with the stop word.
+    """Refuse a tokenizer that splits the template's special markers (``<|im_start|>``, ``<|im_end|>``): it belongs
+    to an LLM trained with another chat template, whose answers would never end with the stop word. The refusal
+    names the registered templates whose markers the tokenizer does hold.
 
     Raises:
         Refused: (a ``ValueError``) naming ``where`` (the tokenizer's folder), the marker and its token count.
     """
     template = get_template(template)
-    for marker in template_markers(template):
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-        if len(ids) != 1:
-            raise Refused(f'{where}: the tokenizer encodes {marker!r} of template {template.name!r} as {len(ids)} '
-                          f'tokens, not 1: this LLM was trained with another chat template (Llama 3, Mistral, Gemma '
-                          f'and Phi-3 tokenizers have no ChatML markers), and templates are registered for ChatML '
-                          f'only ({sorted(TEMPLATES)}: Qwen2.5, Qwen3, InternLM, or a tokenizer given '
-                          f'<|im_start|> and <|im_end|> as tokens)')
+    split = _fits(tokenizer, template)
+    if not split:
+        return
+    n = len(tokenizer.encode(split[0], add_special_tokens=False))
+    fitting = [name for name, other in sorted(TEMPLATES.items()) if not _fits(tokenizer, other)]
+    hint = (f'its markers fit the template(s) {", ".join(fitting)}: set model.template to one of them' if fitting
+            else f'no registered template fits it ({", ".join(sorted(TEMPLATES))}); give the tokenizer the markers '
+                 f'of one as special tokens (docs/families.md)')
+    raise Refused(f'{where}: the tokenizer encodes {split[0]!r} of template {template.name!r} as {n} tokens, not 1: '
+                  f'this LLM was trained with another chat template; {hint}')
 
 
 def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:

@@ -54,7 +54,8 @@ def _render_pieces(conversation: Conversation, image_text: str, pattern) -> List
     def value(text: str, images: bool) -> List[Piece]:
         return [(t.replace(IMAGE_PLACEHOLDER, image_text) if images and not protected else t, protected)
                 for t, protected in _split_markers(text, pattern)]
-    out = [('system', _fill(tpl.system, 'system', value(conversation.system, False)))] if tpl.system else []
+    out = ([('system', _fill(tpl.system, 'system', value(conversation.system, False)))]
+           if tpl.writes_system(conversation.system) else [])
     for role, text in conversation.turns:
         if role == 'gpt':
             out.append((role, _fill(tpl.assistant, 'answer', value(text, False))))
@@ -64,7 +65,7 @@ def _render_pieces(conversation: Conversation, image_text: str, pattern) -> List
 
 
 def render_turns(conversation: Conversation, image_text: str) -> List[Tuple[str, str]]:
-    """``(role, text)`` of each turn as the template writes it (the system turn first when the template has one),
+    """``(role, text)`` of each turn as the template writes it (the system turn first when the template writes one),
     each ``<image>`` tag written as ``image_text``."""
     return [(role, ''.join(t for t, _ in pieces)) for role, pieces in _render_pieces(conversation, image_text, None)]
 

@@ -21,6 +21,10 @@ class SeparatorStyle(IntEnum):
 INTERNVL_SYSTEM_MESSAGE = (
     '你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。'
 )
+# The default system message of InternVL 2.0's ``Hermes-2``, ``internlm2-chat`` and ``phi3-chat`` templates.
+INTERNVL2_SYSTEM_MESSAGE = (
+    '你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。'
+)
 
 
 @dataclasses.dataclass
@@ -36,11 +40,14 @@ class Conversation:
     sep2: Optional[str] = None
     stop_str: Optional[str] = None
     stop_token_ids: Optional[List[int]] = None
+    # An empty system message writes no system turn (Llama 3's own rule); InternVL's templates always write one.
+    system_optional: bool = False
 
     def get_prompt(self) -> str:
         if self.sep_style != SeparatorStyle.MPT:
             raise ValueError(f'unsupported separator style {self.sep_style}')
-        prompt = self.system_template.format(system_message=self.system_message) + self.sep
+        prompt = ('' if self.system_optional and not self.system_message else
+                  self.system_template.format(system_message=self.system_message) + self.sep)
         for role, message in self.messages:
             prompt += role + message + self.sep if message else role
         return prompt
@@ -85,6 +92,11 @@ def get_conv_template(name: str) -> Conversation:
     return conv_templates[name].copy()
 
 
+# The templates, each as InternVL names and writes it (``internvl_chat/internvl/conversation.py``): InternVL 2.5's
+# ChatML; InternVL 2.0's ChatML without the newline after each turn (``Hermes-2``: Nous-Hermes-2 and
+# Hermes-2-Theta-Llama-3 LLMs; ``internlm2-chat``: InternLM2 / 2.5) and its Phi-3 one (``phi3-chat``); and Llama 3
+# Instruct's own turns (``llama3``: no InternVL model uses it; no default system message, and none written when
+# there is none, as Llama 3's template does).
 register_conv_template(Conversation(
     name='internvl2_5',
     system_template='<|im_start|>system\n{system_message}',
@@ -92,4 +104,30 @@ register_conv_template(Conversation(
     roles=('<|im_start|>user\n', '<|im_start|>assistant\n'),
     sep_style=SeparatorStyle.MPT,
     sep='<|im_end|>\n',
+))
+for _name in ('Hermes-2', 'internlm2-chat'):
+    register_conv_template(Conversation(
+        name=_name,
+        system_template='<|im_start|>system\n{system_message}',
+        system_message=INTERNVL2_SYSTEM_MESSAGE,
+        roles=('<|im_start|>user\n', '<|im_start|>assistant\n'),
+        sep_style=SeparatorStyle.MPT,
+        sep='<|im_end|>',
+    ))
+register_conv_template(Conversation(
+    name='phi3-chat',
+    system_template='<|system|>\n{system_message}',
+    system_message=INTERNVL2_SYSTEM_MESSAGE,
+    roles=('<|user|>\n', '<|assistant|>\n'),
+    sep_style=SeparatorStyle.MPT,
+    sep='<|end|>',
+))
+register_conv_template(Conversation(
+    name='llama3',
+    system_template='<|start_header_id|>system<|end_header_id|>\n\n{system_message}',
+    system_message='',
+    roles=('<|start_header_id|>user<|end_header_id|>\n\n', '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    sep_style=SeparatorStyle.MPT,
+    sep='<|eot_id|>',
+    system_optional=True,
 ))

@@ -22,9 +22,10 @@ _CLASSES = {'qwen2': (Qwen2Config, Qwen2ForCausalLM), 'qwen3': (Qwen3Config, Qwe
 
 def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num_layers: int = 2,
                    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128, vocab_padding: int = 32,
-                   seed: int = 0, initializer_range: float = 0.02) -> str:
+                   seed: int = 0, initializer_range: float = 0.02, chat: str = 'chatml') -> str:
     """Write a randomly initialised tiny LLM of ``arch`` (one of :data:`TINY_LLM_ARCHS`) and its tokenizer to
-    ``out_dir``; returns it.
+    ``out_dir``; returns it. ``chat``: the tokenizer's chat family (``chatml``, ``llama3`` or ``phi3``:
+    :data:`~xtuner_plugins.tiny.tokenizer.CHAT_FAMILIES`), whose bos and eos the model's config names.
 
     The embedding matrix has ``len(tokenizer) + vocab_padding`` rows, as Qwen2.5 pads 151665 tokens
     to 151936 rows; InternVL's tokens are added later, by the model. ``initializer_range`` is the std of
@@ -37,12 +38,12 @@ def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num
         raise ValueError(f'hidden_size {hidden_size} must be a multiple of num_heads {num_heads} and num_heads a '
                          f'multiple of num_kv_heads {num_kv_heads}')
     config_class, model_class = _CLASSES[arch]
-    tokenizer = build_tiny_tokenizer(add_internvl_tokens=False)
+    tokenizer = build_tiny_tokenizer(add_internvl_tokens=False, chat=chat)
     kwargs = dict(
         vocab_size=len(tokenizer) + vocab_padding, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=arch != 'llama',
-        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype='float32', use_cache=True, initializer_range=initializer_range)
     if arch == 'qwen3':
         kwargs['head_dim'] = hidden_size // num_heads

@@ -16,6 +16,9 @@ uses for its Qwen2.5 LLMs:
 * optionally InternVL's nine added tokens, added the way InternVL adds them (special added tokens, in
   InternVL's order).
 
+``chat='llama3'`` / ``'phi3'`` give it another family's special tokens, bos, eos, pad and own chat template instead
+(Llama 3 Instruct's, Phi-3's: :data:`CHAT_FAMILIES`), for LLMs trained with those templates.
+
 Only the format is imitated: the ids are not Qwen's. The real Qwen2.5 tokenizer has 151643 BPE entries,
 then ``<|endoftext|>`` = 151643, ``<|im_start|>`` = 151644, ``<|im_end|>`` = 151645, more special tokens up to
 151664, and InternVL's tokens at 151665..151673 (``<IMG_CONTEXT>`` = 151667). Here the BPE part has
@@ -27,11 +30,11 @@ from __future__ import annotations
 from typing import List, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import Qwen2TokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
 from xtuner_plugins.data.template import add_internvl_tokens as _add_internvl_tokens
 
-__all__ = ['build_tiny_tokenizer', 'QWEN2_PRETOKENIZE_REGEX', 'QWEN_SPECIAL_TOKENS', 'TINY_CORPUS']
+__all__ = ['build_tiny_tokenizer', 'CHAT_FAMILIES', 'QWEN2_PRETOKENIZE_REGEX', 'QWEN_SPECIAL_TOKENS', 'TINY_CORPUS']
 
 # Qwen2's pre-tokenizer pattern. Checked against ``PRETOKENIZE_REGEX`` in transformers'
 # ``models/qwen2/tokenization_qwen2.py`` (4.57.6), which is also the ``Split`` pattern of Qwen2.5's tokenizer.json.
@@ -59,6 +62,34 @@ CHATML_TEMPLATE = (
     '{%- endfor -%}'
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+# Llama 3 Instruct's own chat template (Meta-Llama-3-8B-Instruct's tokenizer_config.json): each message's content
+# trimmed, between its header and <|eot_id|>; the bos before the first.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Phi-3-mini-4k-instruct's own chat template (the bos, then <|role|>\n content <|end|>\n per turn).
+PHI3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|system|>' + '\n' + "
+    "message['content'] + '<|end|>' + '\n'}}{% elif (message['role'] == 'user') %}{{'<|user|>' + '\n' + "
+    "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
+)
+
+#: the chat families of :func:`build_tiny_tokenizer`: special tokens (in the real tokenizers' order), bos (added
+#: to every text by the post-processor; None: none), eos, pad and the family's own chat template
+CHAT_FAMILIES = {
+    'chatml': dict(specials=QWEN_SPECIAL_TOKENS, bos=None, eos='<|im_end|>', pad='<|endoftext|>',
+                   template=CHATML_TEMPLATE),
+    'llama3': dict(specials=('<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>',
+                             '<|eot_id|>'), bos='<|begin_of_text|>', eos='<|eot_id|>', pad=None,
+                   template=LLAMA3_TEMPLATE),
+    'phi3': dict(specials=('<s>', '<|endoftext|>', '<|assistant|>', '<|system|>', '<|end|>', '<|user|>'), bos='<s>',
+                 eos='<|endoftext|>', pad='<|endoftext|>', template=PHI3_TEMPLATE),
+}
 
 # The training text: short prose about images, colours, shapes and counting, the words of the chat
 # template, and a little Chinese (including InternVL's system message) so that common pieces get merges.
@@ -124,7 +155,7 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
 
 
 def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512,
-                         bos_token: Optional[str] = None) -> Qwen2TokenizerFast:
+                         bos_token: Optional[str] = None, chat: str = 'chatml') -> PreTrainedTokenizerFast:
     """Build a tiny Qwen2.5-format tokenizer offline (deterministic, well under a second).
 
     This imitates the format of Qwen2.5's tokenizer (byte-level BPE, Qwen2's pre-tokenizer regex, ChatML
@@ -142,6 +173,10 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
         bos_token: a bos the tokenizer adds at the start of every text (a test variant: a special token after
             ``<|im_end|>``, added by a ``TemplateProcessing`` post-processor as Llama 3's tokenizer adds
             ``<|begin_of_text|>``; ``len(tokenizer)`` is one more). ``None`` (the default): no bos, as Qwen2.5's.
+        chat: the chat family whose special tokens, bos, eos, pad and own chat template the tokenizer has
+            (:data:`CHAT_FAMILIES`): ``chatml`` (Qwen2.5's, the default), ``llama3`` (Llama 3 Instruct's:
+            ``<|begin_of_text|>`` added as the bos, eos ``<|eot_id|>``, no pad token) or ``phi3`` (Phi-3's markers,
+            bos ``<s>`` added, eos and pad ``<|endoftext|>``). With ``llama3`` and ``phi3``, ``bos_token`` is theirs.
     """
     if vocab_size < 256:
         raise ValueError(f'vocab_size must be >= 256 (the byte alphabet), got {vocab_size}')
@@ -152,9 +187,15 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
             f'the embedded corpus only supports a BPE vocabulary of {got} entries, {vocab_size} were requested')
     # Register the special tokens on the backend first so that they get Qwen's order of ids
     # (the wrapper's constructor would add eos and pad first otherwise).
+    if chat not in CHAT_FAMILIES:
+        raise ValueError(f'unknown chat family {chat!r}; use one of {sorted(CHAT_FAMILIES)}')
+    family = CHAT_FAMILIES[chat]
+    if chat != 'chatml':
+        bos_token = family['bos']
+    specials = family['specials'] + ((bos_token,) if bos_token and bos_token not in family['specials'] else ())
     backend.add_special_tokens([
         AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-        for t in QWEN_SPECIAL_TOKENS + ((bos_token,) if bos_token else ())
+        for t in specials
     ])
     if bos_token:
         bos_id = backend.token_to_id(bos_token)
@@ -163,20 +204,25 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
             processors.TemplateProcessing(single=f'{bos_token} $A', pair=f'{bos_token} $A {bos_token} $B',
                                           special_tokens=[(bos_token, bos_id)])])
 
-    tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos_token,
-        eos_token='<|im_end|>',
-        pad_token='<|endoftext|>',
-        unk_token=None,
-        additional_special_tokens=['<|im_start|>', '<|im_end|>'],
-        model_max_length=131072,
-        errors='replace',
-        add_prefix_space=False,
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-        chat_template=CHATML_TEMPLATE,
-    )
+    if chat == 'chatml':
+        tokenizer = Qwen2TokenizerFast(
+            tokenizer_object=backend,
+            bos_token=bos_token,
+            eos_token='<|im_end|>',
+            pad_token='<|endoftext|>',
+            unk_token=None,
+            additional_special_tokens=['<|im_start|>', '<|im_end|>'],
+            model_max_length=131072,
+            errors='replace',
+            add_prefix_space=False,
+            clean_up_tokenization_spaces=False,
+            split_special_tokens=False,
+            chat_template=CHATML_TEMPLATE,
+        )
+    else:   # Llama 3 and Phi-3 ship the generic fast class
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token=bos_token, eos_token=family['eos'], pad_token=family['pad'],
+            model_max_length=131072, clean_up_tokenization_spaces=False, chat_template=family['template'])
     if add_internvl_tokens:
         _add_internvl_tokens(tokenizer)
     return tokenizer

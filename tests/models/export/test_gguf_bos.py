@@ -1,9 +1,9 @@
-"""The GGUF of an LLM whose tokenizer adds a bos (``.venv-gguf``, ``make gguf``, as test_gguf.py): llama-cpp-python's
-chat handler (``MTMDChatHandler``, what tools/chat.py answers a GGUF folder through) prompts it with the training's
-ids, the bos once at the very start. llama.cpp adds the bos itself (the converter writes
-``tokenizer.ggml.add_bos_token`` from the tokenizer's post-processor), so the GGUF's chat template leaves out the
-``{{ bos_token }}`` the converted folder's template starts with (``export/gguf.py``'s ``chat_prompt``). About a
-minute on 2 cores (a tiny model trained one LoRA step and converted twice).
+"""The GGUF of an LLM whose tokenizer adds a bos (Llama 3's, with its template; ``.venv-gguf``, ``make gguf``, as
+test_gguf.py): llama-cpp-python's chat handler (``MTMDChatHandler``, what tools/chat.py answers a GGUF folder
+through) prompts it with the training's ids, the bos once at the very start. llama.cpp adds the bos itself (the
+converter writes ``tokenizer.ggml.add_bos_token`` from the tokenizer's post-processor), so the GGUF's chat template
+leaves out the ``{{ bos_token }}`` the converted folder's template starts with (``export/gguf.py``'s
+``chat_prompt``). About a minute on 2 cores (a tiny model trained one LoRA step and converted twice).
 """
 
 import json
@@ -40,15 +40,14 @@ print('RESULT ' + json.dumps(dict(ids=[int(x) for x in llm.input_ids[:llm.n_toke
 
 
 def bos_official_folder(root):
-    """A tiny InternViT + LLM whose tokenizer adds ``BOS`` (its post-processor, Llama 3's way), LoRA-trained one
+    """A tiny InternViT + Llama LLM with Llama 3 Instruct's tokenizer, which adds ``BOS`` (its post-processor),
+    trained with its template (``llama3``: the turns between headers, ``<|eot_id|>`` ending each), LoRA-trained one
     step and converted to the official layout."""
     from tests.tools.test_convert_to_official import LORA, convert as convert_checkpoint, options, trained_checkpoint
     from xtuner_plugins.tiny import write_tiny_llm
-    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
     tiny = tiny_workspace(os.path.join(str(root), 'tiny'))
-    tiny['llm'] = write_tiny_llm(os.path.join(str(root), 'llm'))
-    build_tiny_tokenizer(add_internvl_tokens=False, bos_token=BOS).save_pretrained(tiny['llm'])  # in the padding
-    opts = options(tiny, **{'model.llm': tiny['llm']})
+    tiny['llm'] = write_tiny_llm(os.path.join(str(root), 'llm'), arch='llama', chat='llama3')
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.template': 'llama3'})
     ckpt = os.path.join(str(root), 'iter_1.pth')
     trained_checkpoint(LORA, opts, ckpt, scale=0.3)
     return convert_checkpoint(LORA, ckpt, os.path.join(str(root), 'official'), opts)
@@ -74,8 +73,10 @@ def test_llama_cpp_prompts_a_bos_llm_with_the_training_ids(tmp_path, capsys):
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     got = json.loads(lines[-1][len('RESULT '):])
     sample = tokenize_conversation([{'from': 'human', 'value': QUESTION}, {'from': 'gpt', 'value': 'A'}],
-                                   tokenizer, [])
+                                   tokenizer, [], 'llama3')
     prompt = sample['input_ids'][:next(i for i, x in enumerate(sample['labels']) if x != IGNORE_INDEX)]
     bos = tokenizer.convert_tokens_to_ids(BOS)
     assert prompt[0] == bos and prompt.count(bos) == 1
+    assert tokenizer.decode(prompt) == f'{BOS}<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>' \
+        '<|start_header_id|>assistant<|end_header_id|>\n\n'
     assert got['add_bos'] == 'true' and got['ids'][:len(prompt)] == prompt

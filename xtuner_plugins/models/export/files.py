@@ -86,6 +86,8 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     user_pre, _, user_post = template.user.partition('{query}')
     bot_pre, bot_post = template.assistant_prefix, template.assistant_suffix
     system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
+    if template.system and template.system_optional:   # no system turn for an empty system message
+        system = "{% if system %}" + system + "{% endif %}"
     content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for part in c %}"
                "{% if part['type'] == 'image' %}{{ " + lit(image_text) + " }}"
                "{% elif part['type'] == 'text' %}{{ part['text'] }}"
@@ -152,4 +154,6 @@ def generation_config(model: VisionLanguageModel):
     tokenizer = model.tokenizer
     stop = tokenizer.convert_tokens_to_ids(get_template(model.template).stop_word)
     eos = [stop] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, stop) else [])
-    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    # an LLM without a pad token (Llama 3's) pads with the stop word, as generate() would after a warning each call
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    return GenerationConfig(eos_token_id=eos, pad_token_id=pad)

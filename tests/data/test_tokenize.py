@@ -1,6 +1,7 @@
 """tokenize_conversation against InternVL 2.5's procedure, and count_text_tokens against it."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -484,3 +485,19 @@ def test_a_huge_turn_is_clipped_before_tokenising_and_keeps_the_same_tokens(tok,
             assert clipped == whole
             assert max(longest) < tokenize.clip_chars(tok, max_length) + 4000 < len(text) // 2
             assert count_text_tokens(conv, tok, num_images=len(images), clip=max_length) >= max_length
+
+
+def test_too_long_says_the_full_count_is_a_lower_bound_when_a_turn_was_clipped(tok):
+    """The images alone overflow max_length: the refusal gives the sample's full length, exact when nothing was
+    clipped and 'at least' that when a turn was clipped before it was tokenised (its tokens past the cut uncounted)."""
+    from xtuner_plugins.data.errors import SampleError
+    short = [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'A square.'}]
+    huge = [short[0], {'from': 'gpt', 'value': 'The square is blue. ' * 5000}]
+    with pytest.raises(SampleError, match=r'the full sample has \d+ tokens'):
+        tokenize_conversation(short, tok, [64], max_length=40, clip=40)
+    with pytest.raises(SampleError, match=r'the full sample has at least \d+ tokens') as clipped:
+        tokenize_conversation(huge, tok, [64], max_length=40, clip=40)
+    with pytest.raises(SampleError, match=r'the full sample has \d+ tokens') as whole:
+        tokenize_conversation(huge, tok, [64], max_length=40)
+    counted = [int(re.search(r'has (?:at least )?(\d+) tokens', str(e.value)).group(1)) for e in (clipped, whole)]
+    assert counted[0] < counted[1]

@@ -371,11 +371,12 @@ def tokenize_conversation(
     if max_length is not None and len(input_ids) > max_length:
         if last_img_end >= max_length:
             image_tokens = sum(counts) + 2 * len(counts)  # <IMG_CONTEXT>s and each image's <img> and </img>
+            least = 'at least ' if clips(tokenizer, conversation, clip) else ''   # a turn clipped: a lower bound
             raise SampleError('too_long',
                               f'the sample up to its last {IMG_END_TOKEN} needs {last_img_end + 1} tokens '
                               f'({image_tokens} image tokens of {len(counts)} image(s), '
                               f'{last_img_end + 1 - image_tokens} text tokens), max_length is {max_length}; the '
-                              f'full sample has {len(input_ids)} tokens, and it is never cut inside an image')
+                              f'full sample has {least}{len(input_ids)} tokens, and it is never cut inside an image')
         input_ids = input_ids[:max_length]
         labels = labels[:max_length]
     if all(x == IGNORE_INDEX for x in labels):

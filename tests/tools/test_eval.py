@@ -164,6 +164,24 @@ def test_the_folders_special_tokens_in_a_question_stop_before_the_model_loads(tm
     assert 'config.json' not in err
 
 
+def test_the_checkpoints_llm_special_tokens_in_a_question_stop_before_it_is_converted(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """--checkpoint: the special tokens of the LLM it was trained with (its recorded, or here given, config's
+    model.llm) are refused as a folder's are, before the conversion (minutes at real size) starts."""
+    from tests.helpers import lora_trained_tiny
+    from tests.tools.test_convert_to_official import LORA
+    import xtuner_plugins.models.export as export
+    trained = lora_trained_tiny(tmp_path / 'run')
+    monkeypatch.setattr(export, 'export_checkpoint', lambda *a, **k: pytest.fail('converted before the data check'))
+    data = tmp_path / 'q.jsonl'
+    data.write_text(json.dumps({'id': 0, 'conversations': [{'from': 'human', 'value': 'A <|endoftext|> B?'},
+                                                           {'from': 'gpt', 'value': 'x'}]}) + '\n')
+    options = ['--cfg-options'] + [f'{k}={v}' for k, v in trained['opts'].items()]
+    assert eval_main(['--config', LORA, '--checkpoint', trained['ckpt'], '--data', str(data)] + options) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'eval: error: {data}:1: ') and "control marker '<|endoftext|>'" in err, err
+
+
 def test_output_folders_are_made_or_refused_at_start(folder, tmp_path, capsys):
     data = write_questions(tmp_path, 1)
     (tmp_path / 'file').write_text('')

@@ -44,7 +44,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -210,6 +210,21 @@ class ReportUnwritten(ValueError):
     """The report could not be written once every question was asked (a full disk): eval fails, the answers kept."""
 
 
+def checkpoint_llm(args) -> Optional[str]:
+    """The LLM folder a ``--checkpoint`` was trained with (its recorded config, found as the conversion finds it), for
+    its tokenizer's special tokens; None without a checkpoint, or when it does not say (the conversion then names
+    what is wrong)."""
+    if not args.checkpoint:
+        return None
+    from xtuner_plugins.models.runconfig import parse_remap, run_config
+    try:
+        llm = run_config(args.checkpoint, args.config, args.cfg_options, parse_remap(args.remap),
+                         log=lambda m: None).model.get('llm')
+    except Exception:   # noqa: BLE001 -- said by the conversion, in its words
+        return None
+    return llm if isinstance(llm, str) else None
+
+
 def settings(args) -> dict:
     """What an evaluation's answers depend on: resuming needs the same."""
     model = os.path.abspath(args.folder or args.checkpoint)  # a checkpoint records its config
@@ -227,7 +242,8 @@ def main(argv=None) -> int:
             if path:
                 check_output(path)
         questions = read_questions(args.data, args.image_folder, circular=args.circular,
-                                   markers=folder_markers(args.folder))   # its tokenizer's special tokens
+                                   markers=folder_markers(args.folder or checkpoint_llm(args)))   # its tokenizer's
+        # special tokens: refused before a --checkpoint is converted (minutes at real size), as for a folder
         check_not_inputs(args, questions)
         if args.out:
             check_report(args.out)

@@ -5,6 +5,7 @@ written or allocated here: configs and tokenizers only, shapes on the meta devic
 import json
 import math
 import os
+import stat
 
 import pytest
 import torch
@@ -129,3 +130,8 @@ def test_save_sharded_writes_an_index_that_loads(tmp_path):
     assert set(index['weight_map'].values()) == set(files[:-1])
     loaded = read_hf_weights(str(tmp_path), '', None)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    from xtuner_plugins.filemodes import file_mode   # readable by others (safetensors 0.8 alone writes 0600)
+    assert {stat.S_IMODE(os.stat(tmp_path / f).st_mode) for f in files} == {file_mode()}
+    os.makedirs(tmp_path / 'one')
+    assert save_sharded(state, str(tmp_path / 'one'), None) == ['model.safetensors']
+    assert stat.S_IMODE(os.stat(tmp_path / 'one' / 'model.safetensors').st_mode) == file_mode()

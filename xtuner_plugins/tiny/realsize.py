@@ -138,8 +138,15 @@ def _parse_size(size) -> int:
 def save_sharded(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size=None) -> list:
     """``state`` as safetensors shards of at most ``max_shard_size`` bytes (a tensor larger than that gets a
     shard of its own) named as transformers names them, plus ``model.safetensors.index.json``; ``None``: one
-    ``model.safetensors``. Returns the files written."""
-    from safetensors.torch import save_file
+    ``model.safetensors``. Returns the files written, each readable as the published ones are (safetensors 0.8
+    writes 0600: ``filemodes.py``)."""
+    from safetensors.torch import save_file as write
+
+    from xtuner_plugins.filemodes import file_mode
+
+    def save_file(tensors, path, metadata):
+        write(tensors, path, metadata=metadata)
+        os.chmod(path, file_mode())
     if max_shard_size is None:
         save_file(state, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
         return ['model.safetensors']

@@ -503,3 +503,30 @@ def test_control_text_in_any_turn_is_refused_unless_allowed_and_then_plain_text(
         ids = allowed[i]['input_ids'].tolist()
         assert ids.count(im_end) == ids.count(im_start) == turns and eot not in ids
     assert answer_of(allowed[0], tiny_tokenizer) == FAKE_TURN + '<|im_end|>'  # trained on as the text it is
+
+
+def test_a_meta_entrys_length_that_is_not_the_files_is_said(tmp_path, tiny_tokenizer, monkeypatch):
+    """InternVL's meta files give each annotation file's sample count ("length"): a file holding fewer (a partial
+    copy or download) trained on less than meant without a word. Now it is said, naming the entry and both counts;
+    a "length" that is no count is said not to be compared; a right one says nothing."""
+    import json
+    data = write_jsonl(tmp_path / 'part.jsonl', [{'conversations': conv(image=False)}] * 7)
+    meta = tmp_path / 'meta.json'
+    logs = []
+    monkeypatch.setattr(dataset_module, 'print_log', lambda msg, **kw: logs.append(msg))
+    for length, said in [(10, f'{meta}: entry \'part\': "length" says 10 samples, but its annotation file {data} '
+                               f'holds 7 (fewer: a partial copy or download?); the 7 there are used'),
+                         (7, None), (None, None)]:
+        entry = dict(annotation=str(data), repeat_time=1, **({} if length is None else {'length': length}))
+        meta.write_text(json.dumps({'part': entry}))
+        logs.clear()
+        assert len(make_ds(str(meta), tiny_tokenizer, tmp_path)) == 7
+        assert [m for m in logs if '"length"' in m] == ([said] if said else []), logs
+    meta.write_text(json.dumps({'part': dict(annotation=str(data), repeat_time=1, length='many')}))
+    from xtuner_plugins.data.sources import expand_sources
+    import xtuner_plugins.data.sources as sources_module
+    warned = []
+    monkeypatch.setattr(sources_module, '_warn', warned.append)
+    assert expand_sources([str(meta)])[0].length is None
+    assert warned == [f'{meta}: entry \'part\': "length" "many" is not a count of samples: not compared with the '
+                      f'annotation file']

@@ -37,6 +37,17 @@ class DataSource:
     image_folder: Optional[str]
     repeat_time: float = 1.0
     max_dynamic_patch: Optional[int] = None  # None: the dataset's default
+    length: Optional[int] = None  # a meta file entry's "length": the samples it says the file has
+    meta: Optional[str] = None  # the meta file the entry is in
+
+    def length_note(self, found: int) -> Optional[str]:
+        """Why a meta entry's ``length`` is worth a word once the file is read (``found`` entries: a partial copy
+        or download trains on less than meant, without a word before); None when it matches or is not given."""
+        if self.length is None or self.length == found:
+            return None
+        why = 'fewer: a partial copy or download?' if found < self.length else 'more'
+        return (f'{self.meta}: entry {self.name!r}: "length" says {self.length} samples, but its annotation file '
+                f'{self.annotation} holds {found} ({why}); the {found} there are used')
 
     @property
     def base_dir(self) -> str:
@@ -123,7 +134,8 @@ def _meta_sources(path: str) -> List[DataSource]:
     return [_meta_source(path, meta_dir, name, entry) for name, entry in meta.items()]
 
 
-#: the keys of an InternVL meta file's entry (``length``: InternVL's sample count, not read; ``data_augment``: said)
+#: the keys of an InternVL meta file's entry (``length``: InternVL's sample count, compared with the file's;
+#: ``data_augment``: said)
 META_KEYS = frozenset({'root', 'annotation', 'repeat_time', 'max_dynamic_patch', 'length', 'data_augment'})
 
 
@@ -199,8 +211,13 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
                          f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
     folder = _resolve_meta_path(root, meta_dir, f'{path}: entry {name!r}: "root"') if root else None
+    length = entry.get('length')
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
+        _warn(f'{path}: entry {name!r}: "length" {json.dumps(length):.100} is not a count of samples: not compared '
+              f'with the annotation file')
+        length = None
     return DataSource(name=name, annotation=annotation, image_folder=folder,
-                      repeat_time=float(repeat), max_dynamic_patch=patch)
+                      repeat_time=float(repeat), max_dynamic_patch=patch, length=length, meta=path)
 
 
 def expand_sources(data_files: PathList, image_folders: PathList = None,

@@ -206,6 +206,9 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         if not len(entries):
             raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
                              f'data files or fill it')
+        note = src.length_note(len(entries))
+        if note:
+            log(note, logger='current', level=logging.WARNING)
         most, why = max_items()
         if len(entries) * src.repeat_time > most:  # before the check; np.tile would ask for terabytes or overflow
             raise ValueError(f'{src.annotation}: repeat_time {src.repeat_time:g} makes its {len(entries)} samples '

@@ -24,6 +24,9 @@ def test_get_template():
     assert t.assistant_prefix == '<|im_start|>assistant\n' and t.assistant_suffix == '<|im_end|>\n'
     with pytest.raises(ValueError, match=r"unknown template 'qwen'.*internvl2_5"):
         get_template('qwen')
+    from xtuner_plugins.errors import Refused   # a start-up refusal (one line in train), naming the one meant
+    with pytest.raises(Refused, match=r"unknown template 'llama-3' \(meant 'llama3'\?\); known templates: "):
+        get_template('llama-3')
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.stop_word = 'x'
 

@@ -149,12 +149,16 @@ TEMPLATES: Dict[str, Template] = {name: _from_conversation(conv) for name, conv 
 
 
 def get_template(name_or_template: Union[str, Template]) -> Template:
-    """Return the template itself, or the registered one of that name (``ValueError`` listing the known ones)."""
+    """Return the template itself, or the registered one of that name (:class:`Refused`, a ``ValueError``, naming
+    the one meant and listing the known ones)."""
     if isinstance(name_or_template, Template):
         return name_or_template
     if isinstance(name_or_template, str) and name_or_template in TEMPLATES:
         return TEMPLATES[name_or_template]
-    raise ValueError(f'unknown template {name_or_template!r}; known templates: {sorted(TEMPLATES)}')
+    import difflib
+    close = difflib.get_close_matches(str(name_or_template), sorted(TEMPLATES), 1, 0.6)
+    raise Refused(f'unknown template {name_or_template!r}' + (f' (meant {close[0]!r}?)' if close else '') +
+                  f'; known templates: {sorted(TEMPLATES)} (docs/families.md)')   # a start-up refusal, one line
 
 
 def _fits(tokenizer, template: Template) -> Tuple[str, ...]:

@@ -243,3 +243,19 @@ def test_the_inputs_a_lineage_names(tiny, chain):
     found = recorded_inputs(chain['sft'])
     assert chain['warm'] in found and tiny['internvit'] in found and tiny['llm'] in found
     assert chain['warm'] not in recorded_inputs(chain['warm'])
+
+
+def test_a_stage_after_one_of_another_chat_template_is_refused_naming_both(tiny, chain, tmp_path):
+    """A preference stage left at the default template after an SFT stage trained with ``Hermes-2`` trained on other
+    turns without a word (and its converted model recorded the default); the template each stage records (its
+    config, ``meta['cfg']``) is compared with this run's. The same template goes on."""
+    from xtuner_plugins.errors import Refused
+    state = torch.load(chain['sft'], weights_only=False)
+    for template in ('Hermes-2', 'internvl2_5'):
+        state['meta']['cfg'] = f"model = dict(template={template!r}, llm_lora=dict(r=4, lora_alpha=8))\n"
+        torch.save(state, tmp_path / f'{template}.pth')
+    with pytest.raises(Refused, match=rf"model.template: {tmp_path}/Hermes-2.pth \(model.pretrained_pth, or a stage "
+                                      r"before it\) was trained with the template 'Hermes-2', this run gives "
+                                      r"'internvl2_5': .*set model.template=Hermes-2"):
+        build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'Hermes-2.pth'))
+    assert build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'internvl2_5.pth')).template == 'internvl2_5'

@@ -22,6 +22,7 @@ def load_stages(model, path: str) -> None:
     on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
     for stage in resolve_chain(path):
         check_sources(stage.lineage, model.lineage['sources'], stage.path)
+        check_template(stage.path, model.template)
         wrapped = []
         for attr, key, task in (('language_model', 'llm_lora', 'CAUSAL_LM'), ('vision_model', 'vision_lora', None)):
             if stage.get(key):
@@ -37,6 +38,22 @@ def load_stages(model, path: str) -> None:
                 p.requires_grad_(name in trainable)
             setattr(model, attr, merged)
             print_log(f'Merged the LoRA adapters of {stage.path} into {attr}', logger='current')
+
+
+def check_template(path: str, template: str) -> None:
+    """Refuse a stage trained with another chat template than ``template`` (``model.template``, which the stage
+    configs set): a later stage left at the default after a ``Hermes-2`` or ``phi3-chat`` one trained on other
+    turns without a word, and its converted model recorded the wrong template. A checkpoint recording no config
+    is not checked."""
+    from .checkpoint import config_settings, read_meta
+    text = read_meta(path).get('cfg')
+    if not isinstance(text, str):
+        return
+    recorded = (config_settings(text, f"{path}: meta['cfg']").get('model') or {}).get('template')
+    if isinstance(recorded, str) and recorded != template:
+        raise Refused(f'model.template: {path} (model.pretrained_pth, or a stage before it) was trained with the '
+                      f'template {recorded!r}, this run gives {template!r}: the model answers in the turns it '
+                      f'learnt; set model.template={recorded}')
 
 
 def load_trained(model, path: str, strict: bool = False) -> None:

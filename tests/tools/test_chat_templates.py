@@ -84,3 +84,37 @@ def test_the_folder_records_its_template_and_stops_at_its_stop_word(trained):
     stop = trained['model'].tokenizer.convert_tokens_to_ids(get_template(trained['name']).stop_word)
     config = GenerationConfig.from_pretrained(folder)
     assert stop in config.eos_token_id and config.pad_token_id is not None
+
+
+@pytest.mark.parametrize('fmt', ['official', 'hf'])
+def test_a_batch_pads_with_the_stop_word_and_generation_never_guesses_a_pad(trained, fmt):
+    """Llama 3 has no pad token: a batch of questions (eval --batch-size: the remote code's batch_chat, the
+    processor's padding) failed with 'the tokenizer does not have a padding token', and chat() warned 'Setting
+    pad_token_id to eos_token_id' at every turn. The folder's tokenizer pads with the template's stop word; a batch
+    answers as one question at a time does; generation is given its pad."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from xtuner_plugins.data.template import get_template
+    folder = trained['folders'][fmt]
+    assert AutoTokenizer.from_pretrained(folder).pad_token == (
+        get_template(trained['name']).stop_word if trained['name'] == 'llama3' else '<|endoftext|>')
+    records = []
+
+    class Kept(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    handler = Kept()
+    logging.getLogger('transformers').addHandler(handler)   # transformers' loggers do not propagate past it
+    try:
+        image = load_image(trained['photo'])
+        converted = ConvertedModel(folder)
+        generation = dict(max_new_tokens=8, do_sample=False)
+        single = []
+        for question in (Q1, Q2):
+            converted.reset()
+            single.append(converted.ask(question, [image], generation))
+        assert converted.ask_batch([Q1, Q2], [[image], [image]], generation) == single
+    finally:
+        logging.getLogger('transformers').removeHandler(handler)
+    assert not [r.getMessage() for r in records if 'pad_token_id' in r.getMessage()]

@@ -37,6 +37,12 @@ def _flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _pad_id(tokenizer, stop: int) -> int:
+    """The pad id generation fills finished rows with: the tokenizer's, or the stop word's for an LLM without one
+    (Llama 3's), as the folder's generation_config.json says (generate() otherwise warns at every call)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+
+
 class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     main_input_name = 'pixel_values'
@@ -215,6 +221,7 @@ class InternVLChatModel(PreTrainedModel):
         model_inputs = tokenizer(query, return_tensors='pt')
         generation_config = dict(generation_config)
         generation_config['eos_token_id'] = eos_token_id
+        generation_config.setdefault('pad_token_id', _pad_id(tokenizer, eos_token_id))
         output = self.generate(pixel_values=pixel_values, input_ids=model_inputs['input_ids'].to(self.device),
                                attention_mask=model_inputs['attention_mask'].to(self.device), **generation_config)
         response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
@@ -249,14 +256,20 @@ class InternVLChatModel(PreTrainedModel):
             template.append_message(template.roles[1], None)
             queries.append(self._image_query(template.get_prompt(), [num_patches] if pixel_values is not None
                                              else [], IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))
-        padding_side = tokenizer.padding_side
+        stop = tokenizer.convert_tokens_to_ids(template.sep.strip())
+        padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
         tokenizer.padding_side = 'left'
+        if pad_token is None:   # an LLM without one (Llama 3's) pads with the stop word
+            tokenizer.pad_token = template.sep.strip()
         try:
             model_inputs = tokenizer(queries, return_tensors='pt', padding=True)
         finally:
             tokenizer.padding_side = padding_side
+            if pad_token is None:
+                tokenizer.pad_token = None
         generation_config = dict(generation_config)
-        generation_config['eos_token_id'] = tokenizer.convert_tokens_to_ids(template.sep.strip())
+        generation_config['eos_token_id'] = stop
+        generation_config.setdefault('pad_token_id', _pad_id(tokenizer, stop))
         output = self.generate(pixel_values=pixel_values, input_ids=model_inputs['input_ids'].to(self.device),
                                attention_mask=model_inputs['attention_mask'].to(self.device), **generation_config)
         responses = tokenizer.batch_decode(output, skip_special_tokens=True)

@@ -132,11 +132,13 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
                     system: Optional[str] = None, image_text: str = '<image>\n',
                     video_text: Optional[str] = '<video>\n') -> str:
     """The model's tokenizer with a chat template rendering as training did (:func:`chat_template`, with the bos
-    when the tokenizer adds one);
+    when the tokenizer adds one), and the stop word as its pad token when it has none;
     ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``. Every format's writer saves its tokenizer
     here; returns the chat template."""
     tokenizer = model.tokenizer
     tokenizer.chat_template = chat_template(model.template, system, image_text, video_text, bos=adds_bos(tokenizer))
+    if tokenizer.pad_token is None:   # Llama 3's has none: batches (eval --batch-size, a processor's padding=True)
+        tokenizer.pad_token = get_template(model.template).stop_word   # pad with the stop word, as generation does
     tokenizer.save_pretrained(out_dir)
     if extra:
         config_path = os.path.join(out_dir, 'tokenizer_config.json')

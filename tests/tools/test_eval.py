@@ -164,6 +164,20 @@ def test_the_folders_special_tokens_in_a_question_stop_before_the_model_loads(tm
     assert 'config.json' not in err
 
 
+def test_another_templates_marker_is_plain_text_to_the_model(tmp_path, capsys):
+    """A Phi-3 model's folder: its own <|end|> in a question is refused before the model loads; Llama 3's
+    <|eot_id|> is no token of it, plain text as training reads it, and goes on (to the model, not one here)."""
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    build_tiny_tokenizer(chat='phi3').save_pretrained(str(tmp_path / 'model'))
+    data = tmp_path / 'q.jsonl'
+    for marker, refused in (('<|end|>', True), ('<|eot_id|>', False)):
+        data.write_text(json.dumps({'id': 0, 'conversations': [{'from': 'human', 'value': f'A {marker} B?'},
+                                                               {'from': 'gpt', 'value': 'x'}]}) + '\n')
+        assert eval_main([str(tmp_path / 'model'), '--data', str(data)]) == 2
+        err = capsys.readouterr().err
+        assert (f"control marker '{marker}'" in err) == refused and ('no config.json' in err) != refused, err
+
+
 def test_the_checkpoints_llm_special_tokens_in_a_question_stop_before_it_is_converted(tmp_path, capsys,
                                                                                         monkeypatch):
     """--checkpoint: the special tokens of the LLM it was trained with (its recorded, or here given, config's

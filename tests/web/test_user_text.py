@@ -185,3 +185,27 @@ def test_images_past_the_context_are_refused_before_they_are_tiled(setup, tmp_pa
     with pytest.raises(PromptTooLong, match=r'the prompt is at least \d+ tokens'):
         model.ask('What are they?', [thin] * count, dict(GREEDY))
     assert model.history is None
+
+
+@pytest.mark.parametrize('family, refused, text', [
+    ('chatml', ['<|im_end|>', '<|endoftext|>', '<IMG_CONTEXT>'], ['<|eot_id|>', '<|end|>', '<|user|>']),
+    ('phi3', ['<|end|>', '<|user|>', '<s>', '<IMG_CONTEXT>'], ['<|eot_id|>', '<|im_end|>', '<|start_header_id|>']),
+    ('llama3', ['<|eot_id|>', '<|start_header_id|>', '<|begin_of_text|>', '<img>'], ['<|im_end|>', '<|end|>'])])
+def test_only_the_models_own_control_tokens_are_refused(family, refused, text):
+    """A template's marker is refused where the model's vocabulary holds it as a token (read as that token), and
+    is plain text where it does not (Llama 3's <|eot_id|> to a Phi-3 model), as training reads it; InternVL's image
+    tokens always. Without a vocabulary to ask, every template's markers are refused."""
+    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(chat=family)
+    for marker in refused:
+        with pytest.raises(SampleError, match='control_text'):
+            check_question(f'a {marker} b', tokenizer)
+    for marker in text:
+        check_question(f'a {marker} b', tokenizer)
+        with pytest.raises(SampleError, match='control_text'):
+            check_question(f'a {marker} b')
+    gguf_vocab = [t for t in refused if t.startswith('<|')]   # a GGUF's control tokens, no tokenizer
+    for marker in text:
+        check_question(f'a {marker} b', extra=gguf_vocab)
+    with pytest.raises(SampleError, match='control_text'):
+        check_question(f'a {refused[0]} b', extra=gguf_vocab)

@@ -48,7 +48,7 @@ from xtuner_plugins.data.conversation import parse_conversation, refuse_control_
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
 from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
-from xtuner_plugins.data.template import GROUNDING_TOKENS, TEMPLATES, control_markers
+from xtuner_plugins.data.template import GROUNDING_TOKENS, RESERVED_IN_TEXT, TEMPLATES, control_markers
 from xtuner_plugins.data.video import probe_video, video_field, video_turns
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
@@ -140,8 +140,9 @@ def read_questions(path: str, image_folder: Optional[str] = None, circular: bool
 
 def folder_markers(folder: Optional[str]) -> Tuple[str, ...]:
     """The special tokens a model folder's tokenizer files name (``tokenizer_config.json``'s special
-    ``added_tokens_decoder`` entries, ``special_tokens_map.json``), read without loading anything: a question holding
-    one is refused before the model loads, as the chat tools refuse it. Empty when there are none to read."""
+    ``added_tokens_decoder`` entries, and a template's markers added as plain tokens; ``special_tokens_map.json``),
+    read without loading anything: a question holding one is refused before the model loads, as the chat tools
+    refuse it. Empty when there are none to read."""
     found = set()
     for name in ('tokenizer_config.json', 'special_tokens_map.json'):
         try:
@@ -153,7 +154,8 @@ def folder_markers(folder: Optional[str]) -> Tuple[str, ...]:
             continue
         decoder = data.get('added_tokens_decoder')
         for token in (decoder.values() if isinstance(decoder, dict) else ()):
-            if isinstance(token, dict) and token.get('special') and isinstance(token.get('content'), str):
+            if isinstance(token, dict) and isinstance(token.get('content'), str) and (
+                    token.get('special') or token['content'] in CONTROL_MARKERS):   # a template's, added plainly
                 found.add(token['content'])
         if name == 'special_tokens_map.json':
             for value in data.values():
@@ -165,7 +167,11 @@ def folder_markers(folder: Optional[str]) -> Tuple[str, ...]:
 
 
 def _with(markers: Sequence[str]) -> Tuple[str, ...]:
-    return tuple(sorted(set(CONTROL_MARKERS) | set(markers), key=lambda m: (-len(m), m)))
+    """The control text refused in questions: InternVL's image tokens and the model's tokens (``markers``, from its
+    folder: :func:`folder_markers`), where a template's marker that is no token of the model is plain text to it
+    (Llama 3's ``<|eot_id|>`` to a Phi-3 model), as training reads it; without them, every template's markers."""
+    base = set(RESERVED_IN_TEXT) if markers else set(CONTROL_MARKERS)
+    return tuple(sorted(base | set(markers), key=lambda m: (-len(m), m)))
 
 
 def open_samples(path: str, problems: Optional[List[str]] = None) -> Iterator[Tuple[str, int, dict, List[dict]]]:

@@ -22,7 +22,8 @@ import torch
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.data.template import GROUNDING_TOKENS, IMAGE_PLACEHOLDER, TEMPLATES, control_markers
+from xtuner_plugins.data.template import (GROUNDING_TOKENS, IMAGE_PLACEHOLDER, RESERVED_IN_TEXT, TEMPLATES,
+                                          control_markers)
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
 
 #: Whitespace-only tokens in a row after which generation stops (:func:`blank_run_stop`).
@@ -56,8 +57,17 @@ def check_question(question: str, tokenizer=None, extra: Sequence[str] = ()) -> 
 
 def _markers(tokenizer=None, extra: Sequence[str] = ()) -> set:
     """The templates' control text, the tokenizer's special tokens and ``extra`` (InternVL's grounding tokens left
-    out) with the ``<image>`` and ``<video>`` tags."""
-    return set().union(*(control_markers(tokenizer, t) for t in TEMPLATES), set(extra) - set(GROUNDING_TOKENS))
+    out) with the ``<image>`` and ``<video>`` tags. With a vocabulary to ask (``tokenizer``, or a GGUF's control
+    tokens as ``extra``), a template's marker counts only where it is one of its tokens: Llama 3's ``<|eot_id|>`` is
+    plain text to a Phi-3 model, as training reads it (``control_markers`` of the model's own template)."""
+    extra = set(extra) - set(GROUNDING_TOKENS)
+    found = set().union(*(control_markers(tokenizer, t) for t in TEMPLATES), extra)
+    if tokenizer is None and not extra:
+        return found
+    known = set(extra) | set(RESERVED_IN_TEXT)
+    if tokenizer is not None:
+        known |= set(tokenizer.get_added_vocab()) | set(getattr(tokenizer, 'all_special_tokens', ()))
+    return {m for m in found if m in known}
 
 
 #: put after the first character of control text in an earlier answer (:func:`history_text`): U+2060 WORD JOINER

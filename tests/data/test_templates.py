@@ -144,3 +144,18 @@ def test_a_tokenizer_of_another_family_is_refused_naming_the_templates_that_fit(
                                           rf"tokens, not 1: .*fit the template\(s\) {', '.join(fits)}: set "
                                           r"model.template to one of them"):
             check_tokenizer_fits(tokenizer, name, where='models/llm')
+
+
+def test_check_dataset_names_its_own_option_for_the_template(tokenizers, tmp_path, capsys):
+    """tools/check_dataset.py with a Llama 3 tokenizer at the default template: refused naming --template (and the
+    data set's setting in training), not only model.template, which a data check has not."""
+    import json
+
+    from tools.check_dataset import main as check_main
+    tokenizers['llama3'].save_pretrained(str(tmp_path / 'tok'))
+    data = tmp_path / 'd.jsonl'
+    data.write_text(json.dumps({'conversations': conversation()}) + '\n')
+    assert check_main(['--data', str(data), '--tokenizer', str(tmp_path / 'tok')]) != 0
+    err = capsys.readouterr().err
+    assert "its markers fit the template(s) llama3: set the data set's template" in err and '--template' in err, err
+    assert check_main(['--data', str(data), '--tokenizer', str(tmp_path / 'tok'), '--template', 'llama3']) == 0

@@ -181,7 +181,10 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
         self.init_frame_prefix(frame_prefix)
         if self.tokenizer is not None:
             check_tokenizer_fits(self.tokenizer, self.template,
-                                 where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer')
+                                 where=tokenizer if isinstance(tokenizer, str) else 'the data set\'s tokenizer',
+                                 setting='the data set\'s template (in training model.template\'s, unless '
+                                         'train_dataloader.dataset.template is set; tools/check_dataset.py: '
+                                         '--template)')
         self.system = system
         self.max_length = max_length
         self.truncation = truncation

@@ -166,10 +166,11 @@ def _fits(tokenizer, template: Template) -> Tuple[str, ...]:
     return tuple(m for m in template_markers(template) if len(tokenizer.encode(m, add_special_tokens=False)) != 1)
 
 
-def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str = 'tokenizer') -> None:
+def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str = 'tokenizer',
+                         setting: str = 'model.template') -> None:
     """Refuse a tokenizer that splits the template's special markers (``<|im_start|>``, ``<|im_end|>``): it belongs
     to an LLM trained with another chat template, whose answers would never end with the stop word. The refusal
-    names the registered templates whose markers the tokenizer does hold.
+    names the registered templates whose markers the tokenizer does hold, and ``setting``, where to choose one.
 
     Raises:
         Refused: (a ``ValueError``) naming ``where`` (the tokenizer's folder), the marker and its token count.
@@ -180,7 +181,7 @@ def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str =
         return
     n = len(tokenizer.encode(split[0], add_special_tokens=False))
     fitting = [name for name, other in sorted(TEMPLATES.items()) if not _fits(tokenizer, other)]
-    hint = (f'its markers fit the template(s) {", ".join(fitting)}: set model.template to one of them' if fitting
+    hint = (f'its markers fit the template(s) {", ".join(fitting)}: set {setting} to one of them' if fitting
             else f'no registered template fits it ({", ".join(sorted(TEMPLATES))}); give the tokenizer the markers '
                  f'of one as special tokens (docs/families.md)')
     raise Refused(f'{where}: the tokenizer encodes {split[0]!r} of template {template.name!r} as {n} tokens, not 1: '

@@ -10,9 +10,10 @@ the official keys), or a whole SigLIP / CLIP folder as google/siglip-so400m-patc
 openai/clip-vit-large-patch14-336 are published (with preprocessor_config.json); and ``OUT_DIR/llm``: a Qwen2,
 Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying Qwen's
 special tokens (``--chat llama3`` / ``phi3``: a tokenizer with Llama 3 Instruct's or Phi-3's special tokens, bos,
-eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat``). The model classes load them with the same code that loads the real checkpoints. Both are 64
-wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2
---llm-kv-heads 1`` gives 32-wide heads, a model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
+eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat``). The model classes
+load them with the same code that loads the real checkpoints. Both are 64 wide; the default LLM's 4 heads are 16
+wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2 --llm-kv-heads 1`` gives 32-wide heads, a
+model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
 
 A folder that is there already and not empty is refused (its files would be replaced, and checkpoints trained on
 it would no longer convert: the converter checks the source folders) unless ``--overwrite``.

@@ -302,14 +302,11 @@ def die_with_launcher() -> bool:
     """
     if not sys.platform.startswith('linux') or 'TORCHELASTIC_RUN_ID' not in os.environ:
         return False
-    import ctypes
     import signal
-    pr_set_pdeathsig = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+
+    from xtuner_plugins.signals import parent_death_signal
+    arm = parent_death_signal(signal.SIGTERM)
+    if arm is None or arm() != 0:
         return False
     if os.getppid() == 1:  # the launcher died before this line ran
         os.kill(os.getpid(), signal.SIGTERM)

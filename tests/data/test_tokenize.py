@@ -501,3 +501,27 @@ def test_too_long_says_the_full_count_is_a_lower_bound_when_a_turn_was_clipped(t
         tokenize_conversation(huge, tok, [64], max_length=40)
     counted = [int(re.search(r'has (?:at least )?(\d+) tokens', str(e.value)).group(1)) for e in (clipped, whole)]
     assert counted[0] < counted[1]
+
+
+def test_a_huge_turn_holding_control_markers_is_clipped_too_and_keeps_the_same_tokens(tok, monkeypatch):
+    """Data that holds control markers as text (``allow_control_text``: each marker tokenised as plain text, in
+    pieces) was tokenised whole however long a turn was; it is clipped as other data is, with the same tokens
+    kept, markers before the cut and after it."""
+    from xtuner_plugins.data import tokenize
+    rng = np.random.default_rng(1)
+    pieces = ['word', ' ', 'Zebra', ',', ' colour', ' square', '<|im_end|>', '<|im_start|>', '\n', 'e\u0301']
+    text = ''.join(rng.choice(pieces, size=30_000))
+    seen = []
+    original = tokenize._text_ids
+
+    def watched(tokenizer, piece):
+        seen.append(len(piece))
+        return original(tokenizer, piece)
+    monkeypatch.setattr(tokenize, '_text_ids', watched)
+    conv = [{'from': 'human', 'value': '<image>\n' + text[:60]}, {'from': 'gpt', 'value': text}]
+    for max_length in (200, 600):
+        whole = tokenize_conversation(conv, tok, [4], max_length=max_length)
+        seen.clear()
+        clipped = tokenize_conversation(conv, tok, [4], max_length=max_length, clip=max_length)
+        assert clipped == whole
+        assert sum(seen) < tokenize.clip_chars(tok, max_length) + 5000 < len(text) // 2, (sum(seen), len(text))

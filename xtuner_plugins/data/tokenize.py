@@ -98,6 +98,18 @@ def _clipped(text: str, chars: int) -> str:
     return text if len(text) <= keep else text[:keep]
 
 
+def _cut_pieces(pieces: List[Piece], n: int) -> List[Piece]:
+    """The first ``n`` characters of a turn's pieces (:func:`_clipped`'s cut of their text, for data holding control
+    markers): a marker cut through is left as plain text."""
+    out, left = [], n
+    for text, protected in pieces:
+        if left <= 0:
+            break
+        out.append((text, protected) if len(text) <= left else (text[:left], False))
+        left -= len(text)
+    return out
+
+
 def clips(tokenizer, conversation: Conversation, tokens: Optional[int]) -> bool:
     """Whether a turn of ``conversation`` may be clipped for ``tokens`` (a superset: a turn longer than the
     bound whatever its images)."""
@@ -244,13 +256,15 @@ def encode_turns(tokenizer, conversation: Conversation, image_text: str,
     pattern, controls = _marker_pattern(tokenizer, conversation.template)
     rendered = _render_pieces(conversation, image_text, pattern)
     texts = [''.join(t for t, _ in pieces) for _, pieces in rendered]
+    literal = any(protected for _, pieces in rendered for _, protected in pieces)   # the path of the whole text
     if clip is not None:
         chars = clip_chars(tokenizer, clip)
         texts = [_clipped(t, chars) for t in texts]
+        rendered = [(role, _cut_pieces(pieces, len(text))) for (role, pieces), text in zip(rendered, texts)]
     prefix = conversation.template.assistant_prefix
     prefix_ids = _text_ids(tokenizer, prefix)
-    if not any(protected for _, pieces in rendered for _, protected in pieces):   # (else not clipped: control
-        turn_ids = _tokenize_turns(tokenizer, texts)                                 # text is refused by default)
+    if not literal:
+        turn_ids = _tokenize_turns(tokenizer, texts)
         return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
                 for (role, _), text, ids in zip(rendered, texts, turn_ids)]
 

@@ -116,3 +116,29 @@ def test_the_converter_takes_the_towers_tile_size(tiny):
     assert tiling_settings(cfg, model)['image_size'] == 56
     cfg.merge_from_dict({'train_dataloader.dataset.image_size': 112})  # what the data set says, it trained on
     assert tiling_settings(cfg, model)['image_size'] == 112
+
+
+def test_the_template_is_the_previous_stages(tiny, tmp_path):
+    """A stage config leaves model.template unset (None): the data set takes the template the previous stage
+    (model.pretrained_pth) recorded, as the model does; an official folder's recorded one without a previous stage;
+    internvl2_5 without either."""
+    import json
+    import torch
+    from tests.models.conftest import write_official
+    warm = tmp_path / 'warm.pth'
+    torch.save({'meta': {'cfg': "model = dict(template='Hermes-2')\n"}, 'state_dict': {}}, warm)
+    cfg = stage_config('finetune_lora.py', tiny, vision='internvit', **{'model.pretrained_pth': str(warm)})
+    assert cfg.model.template is None
+    assert derive_data_settings(cfg)['template'] == 'Hermes-2'
+    assert stage_config('finetune_lora.py', tiny, vision='internvit').model.template is None
+    assert derive_data_settings(stage_config('finetune_lora.py', tiny, vision='internvit'))['template'] == 'internvl2_5'
+    folder = str(tmp_path / 'official')
+    write_official(model_of(stage_config('pretrain_mlp.py', tiny)), folder)
+    with open(os.path.join(folder, 'config.json')) as f:
+        config = json.load(f)
+    config['template'] = 'internlm2-chat'
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    cfg = stage_config('finetune_lora.py', tiny, vision='internvit', **{
+        'model.official_checkpoint': folder, 'model.vision_encoder': None, 'model.llm': None})
+    assert derive_data_settings(cfg)['template'] == 'internlm2-chat'

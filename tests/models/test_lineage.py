@@ -245,17 +245,22 @@ def test_the_inputs_a_lineage_names(tiny, chain):
     assert chain['warm'] not in recorded_inputs(chain['warm'])
 
 
-def test_a_stage_after_one_of_another_chat_template_is_refused_naming_both(tiny, chain, tmp_path):
-    """A preference stage left at the default template after an SFT stage trained with ``Hermes-2`` trained on other
-    turns without a word (and its converted model recorded the default); the template each stage records (its
-    config, ``meta['cfg']``) is compared with this run's. The same template goes on."""
+def test_a_stage_takes_the_chat_template_of_the_stages_before_it(tiny, chain, tmp_path):
+    """A preference stage after an SFT stage trained with ``Hermes-2`` trained on the default template's turns
+    without a word (and its converted model recorded the default). A stage naming none (``template=None``, the stage
+    configs') now takes the template the newest earlier stage records (its config, ``meta['cfg']``); one naming
+    another is refused naming both; without earlier stages it is internvl2_5."""
     from xtuner_plugins.errors import Refused
+    from xtuner_plugins.models.stages import inherited_template
     state = torch.load(chain['sft'], weights_only=False)
-    for template in ('Hermes-2', 'internvl2_5'):
+    for template in ('Hermes-2', None):
         state['meta']['cfg'] = f"model = dict(template={template!r}, llm_lora=dict(r=4, lora_alpha=8))\n"
         torch.save(state, tmp_path / f'{template}.pth')
+    assert build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'Hermes-2.pth')).template == 'Hermes-2'
     with pytest.raises(Refused, match=rf"model.template: {tmp_path}/Hermes-2.pth \(model.pretrained_pth, or a stage "
                                       r"before it\) was trained with the template 'Hermes-2', this run gives "
-                                      r"'internvl2_5': .*set model.template=Hermes-2"):
-        build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'Hermes-2.pth'))
-    assert build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'internvl2_5.pth')).template == 'internvl2_5'
+                                      r"'internvl2_5': .*or set it to Hermes-2"):
+        build(tiny, freeze_llm=False, template='internvl2_5', pretrained_pth=str(tmp_path / 'Hermes-2.pth'))
+    # a stage recording none (it inherited too) and the warm-up before it recording none: the default
+    assert inherited_template(str(tmp_path / 'None.pth')) == 'internvl2_5' == inherited_template(None)
+    assert build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'None.pth')).template == 'internvl2_5'

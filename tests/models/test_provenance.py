@@ -46,9 +46,18 @@ def test_a_lora_alpha_other_than_the_trained_one_is_refused(tmp_path, deepspeed)
                                         ('model.downsample_ratio', 0.25), ('model.select_layer', -2),
                                         ('model.llm_lora', None)])
 def test_each_result_setting_is_compared(tmp_path, key, value):
-    ckpt = save(tmp_path / 'iter_4.pth', lora_cfg())
+    ckpt = save(tmp_path / 'iter_4.pth', lora_cfg(**{'model.template': 'internvl2_5'}))
     with pytest.raises(ValueError, match=f'{key}: trained '):
         check_trained_settings(lora_cfg(**{key: value}), ckpt)
+
+
+def test_a_template_left_to_the_previous_stage_is_not_a_difference(tmp_path):
+    """model.template None (the stage configs': the previous stage's, ``stages.inherited_template``) on either side
+    is no conflict: the recorded setting builds the model; two named ones are compared."""
+    ckpt = save(tmp_path / 'iter_4.pth', lora_cfg(**{'model.template': 'internvl2_5'}))
+    check_trained_settings(lora_cfg(), ckpt)   # the stage config's None
+    ckpt = save(tmp_path / 'iter_5.pth', lora_cfg())
+    check_trained_settings(lora_cfg(**{'model.template': 'llama3'}), ckpt)
 
 
 def test_a_checkpoint_without_a_recorded_config_is_converted_with_a_note(tmp_path):

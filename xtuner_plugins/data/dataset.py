@@ -51,8 +51,8 @@ from .checked import CheckedSample, build_tokenizer
 from .startcheck import read_sources
 from .conversation import parse_conversation
 from .fitting import TRUNCATION, Fit, checked_geometry, fit_sample, fit_video, judge_sft_cut, note_fit
-from .template import (add_internvl_tokens, check_tokenizer_fits, control_markers, disable_tokenizer_parallelism,
-                       get_template)
+from .template import (DEFAULT_TEMPLATE, add_internvl_tokens, check_tokenizer_fits, control_markers,
+                       disable_tokenizer_parallelism, get_template)
 from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
 from .video import VideoInfo, video_field, video_turns
 from .video_sample import VideoSamples
@@ -60,7 +60,6 @@ from .video_sample import VideoSamples
 
 # What a data set built directly (not from a training config, which takes the model's) uses for None.
 DEFAULT_IMAGE_SIZE = 448          # InternViT-300M-448px's tiles
-DEFAULT_TEMPLATE = 'internvl2_5'
 
 
 class InternVLDataset(VideoSamples, LengthStats, Dataset):

@@ -28,8 +28,9 @@ disable_tokenizer_parallelism()
 
 __all__ = [
     'IMG_START_TOKEN', 'IMG_END_TOKEN', 'IMG_CONTEXT_TOKEN', 'IMAGE_PLACEHOLDER', 'IGNORE_INDEX',
-    'INTERNVL_ADDED_TOKENS', 'INTERNVL_SYSTEM_MESSAGE', 'Template', 'TEMPLATES', 'add_internvl_tokens',
-    'get_template', 'image_token_string', 'check_tokenizer_fits', 'template_markers', 'control_markers', 'vocab_key',
+    'INTERNVL_ADDED_TOKENS', 'INTERNVL_SYSTEM_MESSAGE', 'Template', 'TEMPLATES', 'DEFAULT_TEMPLATE',
+    'add_internvl_tokens', 'get_template', 'image_token_string', 'check_tokenizer_fits', 'template_markers',
+    'control_markers', 'vocab_key',
 ]
 
 IMG_START_TOKEN = '<img>'
@@ -146,6 +147,8 @@ def _from_conversation(conv) -> Template:
 #: 2.0's ``Hermes-2`` and ``internlm2-chat`` (ChatML without a newline after each turn) and ``phi3-chat`` (Phi-3's
 #: markers), and ``llama3`` (Llama 3 Instruct's own turns)
 TEMPLATES: Dict[str, Template] = {name: _from_conversation(conv) for name, conv in conv_templates.items()}
+#: the template of a first stage that names none (``model.template=None``) and starts from no official folder
+DEFAULT_TEMPLATE = 'internvl2_5'
 
 
 def get_template(name_or_template: Union[str, Template]) -> Template:

@@ -130,8 +130,15 @@ def model_data_settings(model_cfg, image_size: Optional[int] = None) -> Optional
         name = projector.get('type') if isinstance(projector, dict) else projector
         source = [f'model.vision_encoder={path}', f'model.projector={name}', f'model.llm={llm}']
     size = int(image_size or encoder.image_size)
+    template = get('template')
+    if template is None:   # the previous stage's, as the model takes it (stages.inherited_template)
+        from xtuner_plugins.models.stages import inherited_template
+        pretrained = get('pretrained_pth')
+        template = inherited_template(pretrained if isinstance(pretrained, str) else None, official)
+        if pretrained:
+            source.append(f'model.pretrained_pth={pretrained}')
     return dict(image_size=encoder.image_size, num_image_token=_tokens_per_tile(projector, size // encoder.patch_size),
-                image_mode=get('image_mode'), image_mean=list(encoder.mean), template=get('template'),
+                image_mode=get('image_mode'), image_mean=list(encoder.mean), template=template,
                 tokenizer=tokenizer, source=source)
 
 

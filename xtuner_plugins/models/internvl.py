@@ -32,7 +32,7 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from xtuner_plugins.data.errors import check_model_path
-from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN
+from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, get_template
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
@@ -47,7 +47,7 @@ from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
-from .stages import load_stages, load_trained
+from .stages import inherited_template, load_stages, load_trained
 
 
 class VisionLanguageModel(BaseModel):
@@ -69,7 +69,10 @@ class VisionLanguageModel(BaseModel):
         select_layer: vision layer whose features are used; None: the encoder's default (InternViT and
             SigLIP -1, CLIP -2).
         downsample_ratio, ps_version: the pixel-shuffle projector's ratio (0.5) and version (``"v2"``).
-        template: conversation template name, recorded for the converter and chat tools.
+        template: the chat template's name (``data/template.py``), recorded for the converter and chat tools; None
+            (the stage configs'): the previous stage's (``pretrained_pth``), else the official folder's, else
+            ``internvl2_5`` (``stages.inherited_template``). One given that differs from the previous stage's is
+            refused.
         freeze_vision, freeze_projector, freeze_llm: what is not trained.
         vision_grad_ckpt, llm_grad_ckpt: gradient checkpointing for the vision tower / the LLM: True (or
             ``'keep_attention'``: every layer recomputed in the backward except its attention kernel, whose
@@ -160,7 +163,7 @@ class VisionLanguageModel(BaseModel):
                  select_layer: Optional[int] = None,
                  downsample_ratio: float = 0.5,
                  ps_version: str = 'v2',
-                 template: str = 'internvl2_5',
+                 template: Optional[str] = None,
                  freeze_vision: bool = True,
                  freeze_projector: bool = False,
                  freeze_llm: bool = True,
@@ -221,7 +224,9 @@ class VisionLanguageModel(BaseModel):
         self.llm_ckpt_layers = llm_grad_ckpt_layers
         self.vision_recompute = recompute_mode(vision_grad_ckpt, 'vision_grad_ckpt')
         self.image_mode = image_mode
-        self.template = template
+        if template is None:   # what the stages before trained with: read from them, not typed again
+            template = inherited_template(pretrained_pth, official_checkpoint)
+        self.template = get_template(template).name   # an unknown name: a refusal naming the one meant
         self.loss_reduction = loss_reduction
         self.loss_chunk = loss_chunk
         self.source = dict(vision_encoder=vision_encoder if isinstance(vision_encoder, str) else None,

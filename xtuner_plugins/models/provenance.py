@@ -60,6 +60,8 @@ def setting_differences(trained_model_cfg, given_model_cfg) -> List[str]:
     out = []
     for key in sorted(set(trained) | set(given)):
         a, b = trained.get(key), given.get(key)
+        if key == 'template' and (a is None or b is None):   # None: the previous stage's (inherited_template); the
+            continue                                         # recorded setting builds the model either way
         if isinstance(a, dict) and isinstance(b, dict):  # name the LoRA setting that differs
             out += [f'model.{key}.{k}: trained {a.get(k)!r}, given {b.get(k)!r}'
                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -4,6 +4,8 @@ stages."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from mmengine.logging import print_log
 
@@ -20,9 +22,9 @@ def load_stages(model, path: str) -> None:
     recorded source folders checked against the model's. A stage that trained LoRA adapters is loaded into
     adapters of its recorded settings, which are then merged into the weights (peft's ``merge_and_unload``;
     on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
+    check_template(path, model.template, model.source.get('official_checkpoint'))
     for stage in resolve_chain(path):
         check_sources(stage.lineage, model.lineage['sources'], stage.path)
-        check_template(stage.path, model.template)
         wrapped = []
         for attr, key, task in (('language_model', 'llm_lora', 'CAUSAL_LM'), ('vision_model', 'vision_lora', None)):
             if stage.get(key):
@@ -40,20 +42,49 @@ def load_stages(model, path: str) -> None:
             print_log(f'Merged the LoRA adapters of {stage.path} into {attr}', logger='current')
 
 
-def check_template(path: str, template: str) -> None:
-    """Refuse a stage trained with another chat template than ``template`` (``model.template``, which the stage
-    configs set): a later stage left at the default after a ``Hermes-2`` or ``phi3-chat`` one trained on other
-    turns without a word, and its converted model recorded the wrong template. A checkpoint recording no config
-    is not checked."""
+def recorded_template(path: str) -> Optional[str]:
+    """The ``model.template`` a checkpoint's recorded config names (None: none recorded, or left to inheritance)."""
     from .checkpoint import config_settings, read_meta
     text = read_meta(path).get('cfg')
     if not isinstance(text, str):
-        return
+        return None
     recorded = (config_settings(text, f"{path}: meta['cfg']").get('model') or {}).get('template')
-    if isinstance(recorded, str) and recorded != template:
+    return recorded if isinstance(recorded, str) else None
+
+
+def inherited_template(pretrained_pth: Optional[str], official_checkpoint: Optional[str] = None) -> str:
+    """The chat template of a stage that names none (``model.template=None``, the stage configs'): the newest one a
+    previous stage records (``model.pretrained_pth`` and the stages before it), else the official folder's
+    (``config.json``'s ``template``), else ``internvl2_5``. What a checkpoint was trained with is read from it: a
+    preference stage after a ``llama3`` SFT trains in Llama 3's turns without being told again."""
+    from xtuner_plugins.data.template import DEFAULT_TEMPLATE, TEMPLATES
+    if pretrained_pth:
+        for stage in reversed(resolve_chain(pretrained_pth)):
+            found = recorded_template(stage.path)
+            if found:
+                return found
+    if official_checkpoint:
+        import json
+        import os
+        try:
+            with open(os.path.join(official_checkpoint, 'config.json'), encoding='utf-8') as f:
+                found = json.load(f).get('template')
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if isinstance(found, str) and found in TEMPLATES:
+            return found
+    return DEFAULT_TEMPLATE
+
+
+def check_template(path: str, template: str, official_checkpoint: Optional[str] = None) -> None:
+    """Refuse a run giving another chat template (``model.template``) than the stages before it trained with
+    (:func:`inherited_template`): a later stage given the default after a ``Hermes-2`` or ``phi3-chat`` one
+    trained on other turns without a word, and its converted model recorded the wrong template."""
+    before = inherited_template(path, official_checkpoint)
+    if before != template:
         raise Refused(f'model.template: {path} (model.pretrained_pth, or a stage before it) was trained with the '
-                      f'template {recorded!r}, this run gives {template!r}: the model answers in the turns it '
-                      f'learnt; set model.template={recorded}')
+                      f'template {before!r}, this run gives {template!r}: the model answers in the turns it '
+                      f'learnt; leave model.template unset (None: the previous stage\'s) or set it to {before}')
 
 
 def load_trained(model, path: str, strict: bool = False) -> None:

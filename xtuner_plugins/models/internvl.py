@@ -47,7 +47,7 @@ from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
-from .stages import inherited_template, load_stages, load_trained
+from .stages import check_template, inherited_template, load_stages, load_trained
 
 
 class VisionLanguageModel(BaseModel):
@@ -226,6 +226,8 @@ class VisionLanguageModel(BaseModel):
         self.image_mode = image_mode
         if template is None:   # what the stages before trained with: read from them, not typed again
             template = inherited_template(pretrained_pth, official_checkpoint)
+        elif pretrained_pth:   # named: it must be theirs (refused here, before the parts are loaded)
+            check_template(pretrained_pth, template, official_checkpoint)
         self.template = get_template(template).name   # an unknown name: a refusal naming the one meant
         self.loss_reduction = loss_reduction
         self.loss_chunk = loss_chunk

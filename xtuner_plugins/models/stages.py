@@ -22,7 +22,6 @@ def load_stages(model, path: str) -> None:
     recorded source folders checked against the model's. A stage that trained LoRA adapters is loaded into
     adapters of its recorded settings, which are then merged into the weights (peft's ``merge_and_unload``;
     on a 4-bit LLM this rounds to 4 bits), so the next stage starts from exactly the model that stage left."""
-    check_template(path, model.template, model.source.get('official_checkpoint'))
     for stage in resolve_chain(path):
         check_sources(stage.lineage, model.lineage['sources'], stage.path)
         wrapped = []

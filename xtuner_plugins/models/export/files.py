@@ -135,10 +135,8 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
     when the tokenizer adds one), and the stop word as its pad token when it has none;
     ``extra``: ``extra_special_tokens`` for ``tokenizer_config.json``. Every format's writer saves its tokenizer
     here; returns the chat template."""
-    tokenizer = model.tokenizer
+    tokenizer = _padded(model)
     tokenizer.chat_template = chat_template(model.template, system, image_text, video_text, bos=adds_bos(tokenizer))
-    if tokenizer.pad_token is None:   # Llama 3's has none: batches (eval --batch-size, a processor's padding=True)
-        tokenizer.pad_token = get_template(model.template).stop_word   # pad with the stop word, as generation does
     tokenizer.save_pretrained(out_dir)
     if extra:
         config_path = os.path.join(out_dir, 'tokenizer_config.json')
@@ -153,9 +151,17 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
 def generation_config(model: VisionLanguageModel):
     """Generation stops at the template's stop word (and the tokenizer's EOS)."""
     from transformers import GenerationConfig
-    tokenizer = model.tokenizer
+    tokenizer = _padded(model)
     stop = tokenizer.convert_tokens_to_ids(get_template(model.template).stop_word)
     eos = [stop] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, stop) else [])
-    # an LLM without a pad token (Llama 3's) pads with the stop word, as generate() would after a warning each call
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    return GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+
+def _padded(model):
+    """The model's tokenizer, given its template's stop word as its pad token when it has none (Llama 3's):
+    batches pad (eval --batch-size, a processor's ``padding=True``) and generation pads as the folder says, without
+    generate()'s warning at each call. The one rule for every writer, whichever file it writes first."""
+    tokenizer = model.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = get_template(model.template).stop_word
+    return tokenizer

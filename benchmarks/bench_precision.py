@@ -1,4 +1,4 @@
-"""The stage configs on a CPU, at real size: ``torch_dtype='auto'`` (on a CPU with native bf16: bf16 weights, fp32
+"""The stage configs on a CPU, at real size: ``torch_dtype='auto'`` (on a CPU where bf16 pays: bf16 weights, fp32
 trained parameters, bf16 autocast and, through ``compile_blocks='auto'``, the LLM's blocks compiled) against
 ``torch_dtype='float32'`` (plain fp32: the CPU's default before), through ``tools/train.py`` as a user runs it.
 
@@ -56,7 +56,7 @@ def run(config: str, dtype: str, models: dict, data: str, images: str, args, out
         raise SystemExit(f'{config} torch_dtype={dtype}: exit {proc.returncode}, {len(rates)}/{args.iters} '
                          f'iterations logged\n{tail}')
     timed = [r for i, r in sorted(rates.items()) if i > args.skip]
-    weights = 'bf16' if "torch_dtype='auto' on a CPU with native bf16" in text else 'fp32'
+    weights = 'bf16' if "torch_dtype='auto' on a CPU where bf16 pays" in text else 'fp32'
     return dict(tokens_per_s=statistics.median(timed), mem_gib=mem, wall_s=wall, weights=weights,
                 compiled='compile_blocks:' in text)
 

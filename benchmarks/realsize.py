@@ -90,7 +90,7 @@ COMPILED_ROWS = ('unpacked', 'unpacked_compiled', 'packed_segments', 'packed_seg
 
 def default_rows() -> tuple:
     """The rows run without ``--rows``: the eager ones, and beside them the compiled ones where the models'
-    default (``compile_blocks='auto'``) compiles the LLM's blocks on this machine (a CPU with native bf16 and a
+    default (``compile_blocks='auto'``) compiles the LLM's blocks on this machine (a CPU where bf16 pays and a
     C++ compiler), so that the run measures what training does by default."""
     from xtuner_plugins.models.compile import AUTO_MIN_LLM_PARAMETERS, compile_parts
     return COMPILED_ROWS if compile_parts('auto', AUTO_MIN_LLM_PARAMETERS) else DEFAULT_ROWS

@@ -750,7 +750,7 @@ def test_the_cli_plans_compile_blocks_auto_as_a_gpu_resolves_it(capsys, monkeypa
     without a C++ compiler) it planned eager layers, which a compiled GPU run does not keep; the model line says
     what was planned. The same model on this machine is left as it resolves here (ckptfit runs on the GPU)."""
     from xtuner_plugins.models import compile as compile_module
-    monkeypatch.setattr(compile_module, 'native_bf16_cpu', lambda: False)   # a laptop's CPU
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: 'no native bf16 on this CPU')   # a laptop's CPU
     config = os.path.join(ROOT, 'configs/finetune_full_packed.py')
     rc, out, _ = run_cli([config, '--vision', 'internvit-300m', '--llm', 'qwen2.5-0.5b', '--gpus', '1',
                           '--gpu-mem', '80'], capsys)

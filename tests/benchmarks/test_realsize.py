@@ -145,12 +145,12 @@ def test_defaults_follow_the_machine(monkeypatch):
     assert parse_tiles(argparse.ArgumentParser(), [], 24 * 2 ** 30) == {'a': 6, 'b': 6, 'c': 12}
     assert parse_tiles(argparse.ArgumentParser(), [], 64 * 2 ** 30) == {'a': 12, 'b': 12, 'c': 12}
     assert parse_tiles(argparse.ArgumentParser(), ['a=12'], 24 * 2 ** 30) == {'a': 12, 'b': 6, 'c': 12}
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: None)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_.torch.cuda, 'is_available', lambda: False)
     assert realsize.default_rows() == ('unpacked', 'unpacked_compiled', 'packed_segments', 'packed_segments_compiled',
                                        'xtuner')
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: 'no native bf16 on this CPU')
     assert realsize.default_rows() == ('unpacked', 'packed_segments', 'xtuner')
 
 

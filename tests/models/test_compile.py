@@ -97,7 +97,7 @@ def test_compile_blocks_values(monkeypatch):
     # 'auto': the LLM where it was measured to pay, a CPU with native bf16 and an LLM of 100M parameters or more
     big = compile_.AUTO_MIN_LLM_PARAMETERS
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: None)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     assert compile_parts('auto', big) == ('llm',)
     assert compile_parts('auto', big - 1) == ()                                # the tiny look-alikes stay eager
@@ -105,7 +105,7 @@ def test_compile_blocks_values(monkeypatch):
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: False)
     assert compile_parts('auto', big) == ()                                    # inductor could not build
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: False)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: 'no native bf16 on this CPU')
     assert compile_parts('auto', big) == ()                                    # no bf16 hardware: not measured
     # CUDA: both parts (measured on an H100), on a GPU of compute capability 8.0 or more with Triton
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
@@ -123,7 +123,7 @@ def test_compile_blocks_values(monkeypatch):
 
 def test_auto_leaves_a_tiny_model_and_a_model_only_run_eager(tiny, monkeypatch):
     from xtuner_plugins.models import compile as compile_
-    monkeypatch.setattr(compile_, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: None)
     monkeypatch.setattr(compile_, 'cxx_compiler', lambda: True)
     monkeypatch.setattr(compile_, 'AUTO_MIN_LLM_PARAMETERS', 1)
     bf16 = dict(torch_dtype='bfloat16')

@@ -28,7 +28,7 @@ def test_llm_parameters_from_the_headers(tiny, tmp_path):
 def amx(monkeypatch):
     """A CPU with native bf16 and no GPU, whatever this machine is."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(compiling, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: None)
     return monkeypatch
 
 
@@ -47,7 +47,7 @@ def test_auto_rules(tiny, amx):
     assert training_dtype('auto', **kw, why=why) == torch.float32              # the tiny look-alikes stay fp32
     assert 'parameters' in why[0]
     amx.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', n)
-    amx.setattr(compiling, 'native_bf16_cpu', lambda: False)
+    amx.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: 'no native bf16 on this CPU')
     assert training_dtype('auto', **kw) == torch.float32                       # AVX2: bf16 is emulated, slow
     amx.setattr(torch.cuda, 'is_available', lambda: True)
     assert training_dtype('auto', **kw) == torch.bfloat16                      # a GPU, as always
@@ -66,7 +66,7 @@ def test_a_tool_runs_a_folder_of_100m_parameters_in_bf16_on_a_cpu_with_native_bf
     assert running_dtype(folder, 'cpu') == torch.float32                        # tiny folders keep fp32
     assert running_dtype(folder, 'cuda:0') == torch.bfloat16                    # a GPU, as always
     amx.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', n)
-    amx.setattr(compiling, 'native_bf16_cpu', lambda: False)
+    amx.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: 'no native bf16 on this CPU')
     assert running_dtype(folder, 'cpu') == torch.float32                        # AVX2: bf16 is emulated, slow
 
 

@@ -175,7 +175,7 @@ def test_chat_tool_auto_dtype_is_bf16_on_a_cpu_with_native_bf16_for_a_large_mode
         loaded.append(dtype)
         real(self, folder, dtype, *args, **kwargs)
     monkeypatch.setattr(inference.ConvertedModel, '__init__', spy)
-    monkeypatch.setattr(compiling, 'native_bf16_cpu', lambda: True)
+    monkeypatch.setattr('xtuner_plugins.models.cpu_bf16.why_not', lambda: None)
     monkeypatch.setattr(compiling, 'AUTO_MIN_LLM_PARAMETERS', 1)        # the tiny folder counts as large
     args = [setup['folder'], '--image', setup['images'][0], '--prompt', 'Describe the image.', '--max-new-tokens', '2']
     assert chat_main(args) == 0

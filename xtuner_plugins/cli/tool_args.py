@@ -51,7 +51,7 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
 
 def loading_dtype(args, folder: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype ``folder`` is loaded in: ``--dtype`` as given; ``auto`` as ``precision.running_dtype`` decides
-    (bf16 on a CPU with native bf16 for a model of 100M parameters or more), said on stderr when it is not fp32
+    (bf16 on a CPU where bf16 products pay, ``models/cpu_bf16.py``, for a model of 100M parameters or more), said on stderr when it is not fp32
     on a CPU."""
     if args.dtype not in (None, 'auto'):
         return dtype
@@ -213,8 +213,8 @@ def add_model_arguments(parser) -> None:
                         help='run the folder\'s Python files even where they are not this project\'s (a folder '
                              'from elsewhere: read them first)')
     parser.add_argument('--dtype', default='auto', type=dtype_argument,
-                        help='auto (bf16 on a GPU, and on a CPU with native bf16 for a model of 100M parameters '
-                             'or more; else fp32), bf16, fp16, fp32')
+                        help='auto (bf16 on a GPU, and on a CPU whose bf16 products run well over its fp32 ones for a '
+                             'model of 100M parameters or more; else fp32), bf16, fp16, fp32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_argument,
                         help='cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)')
 

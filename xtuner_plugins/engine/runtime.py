@@ -263,7 +263,7 @@ class AutoOptimWrapper:
     Builds MMEngine's ``AmpOptimWrapper`` (autocast to ``dtype``) when CUDA is available and an ``OptimWrapper``
     otherwise: ``AmpOptimWrapper`` asserts a GPU/NPU/MLU/MUSA in its constructor. The AMP-only arguments
     (``dtype``, ``loss_scale``, ``use_fsdp``) are dropped for the CPU's wrapper, which autocasts to what the model
-    trains in (its ``autocast_dtype``: bf16 weights on a CPU with native bf16, ``models/precision.py``).
+    trains in (its ``autocast_dtype``: bf16 weights on a CPU where bf16 pays, ``models/precision.py``).
 
     It is a class (``__new__`` returns the real wrapper) because ``xtuner/tools/train.py`` turns every
     ``FunctionType`` value of a config into a string. With ``--deepspeed`` XTuner replaces the whole

@@ -30,20 +30,12 @@ from torch import nn
 
 from xtuner_plugins.errors import Refused
 
+from . import cpu_bf16
+
 COMPILE_PARTS = ('llm', 'vision')
 # 'auto' compiles an LLM of at least this many parameters: a step of a smaller one is too short to pay back the
 # compilation (tens of seconds on 2 cores) within a short run, and the tiny look-alikes of the tests stay eager
 AUTO_MIN_LLM_PARAMETERS = 100_000_000
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU runs bf16 matrix products in hardware (AMX or AVX-512 BF16, from /proc/cpuinfo)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-    except OSError:
-        return False
-    return 'amx_bf16' in flags or 'avx512_bf16' in flags
 
 
 def cxx_compiler() -> bool:
@@ -84,7 +76,7 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     default) compiles where it was measured to pay (benchmarks/RESULTS.md), for an LLM of at least
     :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and without ``why_not`` reasons (fp32 weights, a quantised
     LLM, ZeRO-3): on a CUDA GPU that :func:`cuda_compiles`, the LLM's and the vision tower's blocks (1.16x on an
-    H100, both compiled); on a machine without CUDA, a CPU with native bf16 and a C++ compiler, the LLM's blocks
+    H100, both compiled); on a machine without CUDA, a CPU where bf16 pays (:func:`cpu_bf16.why_not`) and a C++ compiler, the LLM's blocks
     (the vision tower's forward gained nothing compiled there and once lost time)."""
     if flag is None or flag is False:
         return ()
@@ -93,7 +85,7 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
             return ()
         if _AS_ON_A_GPU or torch.cuda.is_available():
             return COMPILE_PARTS if _AS_ON_A_GPU or cuda_compiles() else ()
-        return ('llm',) if native_bf16_cpu() and cxx_compiler() else ()
+        return ('llm',) if cpu_bf16.why_not() is None and cxx_compiler() else ()
     if flag is True:
         return COMPILE_PARTS
     parts = (flag,) if isinstance(flag, str) else tuple(flag)

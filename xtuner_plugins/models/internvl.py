@@ -199,6 +199,7 @@ class VisionLanguageModel(BaseModel):
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones
         self.autocast_dtype = torch.bfloat16 if trainable_fp32 and dtype == torch.bfloat16 else None
+        bf16 = dtype == torch.bfloat16
         init_seed = torch.initial_seed()
         if preference is not None:
             from .preference import check_setting
@@ -278,7 +279,8 @@ class VisionLanguageModel(BaseModel):
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
-        if cpu_attention and freeze_vision and vision_lora is None and route(self.vision_model):
+        # the kernel computes bf16 only: an fp32 model's attention stays SDPA's, routed or not
+        if cpu_attention and freeze_vision and vision_lora is None and route(self.vision_model) and bf16:
             print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.cpu_attention=False keeps "
                       "torch's SDPA)", logger='current')
         if self.llm_recompute:
@@ -306,8 +308,9 @@ class VisionLanguageModel(BaseModel):
         elif (attn_implementation == SEGMENT_ATTENTION and serves_here()) or route(self.language_model):
             if self.reference is not None and 'language_model' in self.reference:
                 route(self.reference['language_model'])   # the reference policy's copy computes as the policy
-            print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes SDPA's "
-                      "(model.cpu_attention=False keeps torch's SDPA)", logger='current')
+            if bf16:
+                    print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes "
+                          "SDPA's (model.cpu_attention=False keeps torch's SDPA)", logger='current')
         log_parameter_counts(self)
 
     def init_weights(self):

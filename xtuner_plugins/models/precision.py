@@ -4,7 +4,12 @@ fp32 elsewhere.
 On a GPU, ``'auto'`` has always meant bf16 pretrained weights, fp32 trained ones and MMEngine's bf16 autocast.
 On a CPU it meant plain fp32, which leaves a CPU with native bf16 matrix products (AMX, AVX-512 BF16) far below
 its rate: on the Xeon with AMX of benchmarks/RESULTS.md bf16 ``torch.mm`` runs 4.5x fp32. So a *training* model
-(``trainable_fp32=True``) on such a CPU takes the GPU recipe too, when:
+(``trainable_fp32=True``) on a CPU takes the GPU recipe too, when:
+
+* bf16 pays there (:func:`.cpu_bf16.why_not`): the CPU has bf16 instructions and its bf16 products, timed once a
+  process, run at 1.3x its fp32 ones or more. The flags alone are not enough: a Xeon whose hypervisor hides AMX
+  ran bf16 at 0.55x fp32 with ``avx512_bf16``, and a step under bf16 autocast at 1/1.4 of fp32's speed. The log
+  says when this, for an LLM big enough, keeps fp32;
 
 * the LLM has at least :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters, counted from
   its weight files before they are loaded (:func:`llm_parameters`): a tiny model's matmuls are too small to gain
@@ -18,9 +23,9 @@ The trained parameters stay fp32 and the optimizer wrapper autocasts the forward
 compiled blocks that ``compile_blocks='auto'`` adds to the bf16 recipe.
 
 Tools that only run a converted folder (chat, eval, the web demo: :func:`running_dtype`) load it in bf16 under
-``--dtype auto`` on a GPU, and on a CPU with native bf16 when the folder's tensors, all of them (the vision tower's
+``--dtype auto`` on a GPU, and on a CPU where bf16 pays when the folder's tensors, all of them (the vision tower's
 matmuls gain as the LLM's do), hold :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters or
-more; a tiny folder, or a CPU without native bf16, keeps fp32 (1.84-1.92x on an Emerald Rapids Xeon at 0.5B:
+more; a tiny folder, or a CPU where bf16 does not pay, keeps fp32 (1.84-1.92x on an Emerald Rapids Xeon at 0.5B:
 benchmarks/RESULTS.md). The converter writes what ``--dtype`` says (bf16 by default).
 """
 
@@ -36,6 +41,7 @@ from mmengine.logging import print_log
 from torch import nn
 
 from . import compile as compiling
+from . import cpu_bf16
 from .dtypes import resolve_dtype
 from .parts import count_parameters
 
@@ -86,32 +92,37 @@ def training_dtype(torch_dtype: Union[str, torch.dtype, None], *, llm: Union[str
     on a CPU bf16 when the module docstring's conditions hold (``why`` gets the reason when they do not)."""
     if torch_dtype not in (None, 'auto') or torch.cuda.is_available():
         return resolve_dtype(torch_dtype)
-    reasons = [r for r, cond in (('a model only run, not trained', not trained),
-                                 ('no native bf16 on this CPU', not compiling.native_bf16_cpu()),
-                                 ('a quantised LLM', quantized), ('DeepSpeed ZeRO-3', zero3)) if cond]
+    reasons = [r for r, cond in (('a model only run, not trained', not trained), ('a quantised LLM', quantized),
+                                 ('DeepSpeed ZeRO-3', zero3)) if cond]
     if not reasons:
         n = llm_parameters(llm, official_checkpoint)
+        slow_bf16 = cpu_bf16.why_not() if n >= compiling.AUTO_MIN_LLM_PARAMETERS else None
         if n < compiling.AUTO_MIN_LLM_PARAMETERS:
             reasons.append(f'an LLM of {n / 1e6:.1f}M parameters (< {compiling.AUTO_MIN_LLM_PARAMETERS / 1e6:.0f}M)')
+        elif slow_bf16:
+            reasons.append(slow_bf16)
+            print_log(f"torch_dtype='auto' trains in fp32 here: {slow_bf16} (torch_dtype='bfloat16' trains in bf16 "
+                      "here too: in less memory, more slowly)", logger='current')
     if why is not None:
         why.extend(reasons)
     if reasons:
         return torch.float32
-    print_log("torch_dtype='auto' on a CPU with native bf16: bf16 weights, fp32 trained parameters, bf16 autocast "
+    print_log("torch_dtype='auto' on a CPU where bf16 pays: bf16 weights, fp32 trained parameters, bf16 autocast "
               "(torch_dtype='float32' trains in plain fp32)", logger='current')
     return torch.bfloat16
 
 
 def running_dtype(folder: str, device: str) -> torch.dtype:
     """What ``--dtype auto`` loads a converted ``folder`` in for a tool that only runs it, on ``device``: bf16 on a
-    GPU; on a CPU bf16 when it has native bf16 and the folder's tensors hold at least
-    :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters (module docstring), else fp32."""
+    GPU; on a CPU bf16 when the folder's tensors hold at least
+    :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters and bf16 pays there
+    (:func:`cpu_bf16.why_not`), else fp32."""
     if str(device).startswith('cuda'):
         return torch.bfloat16
-    if not compiling.native_bf16_cpu():
-        return torch.float32
     try:
         n = llm_parameters(folder)
     except Exception:   # weights that do not read (cut short, ...): loading the folder names what is wrong
         return torch.float32
-    return torch.bfloat16 if n >= compiling.AUTO_MIN_LLM_PARAMETERS else torch.float32
+    if n < compiling.AUTO_MIN_LLM_PARAMETERS or cpu_bf16.why_not():
+        return torch.float32
+    return torch.bfloat16

@@ -18,7 +18,7 @@ max_iters = None
 warmup_ratio = 0.03       # share of the run spent warming up
 
 # bf16 autocast with CUDA (AmpOptimWrapper); on a CPU the model's own choice (model.torch_dtype: 'auto' trains bf16
-# weights under bf16 autocast on a CPU with native bf16, models/precision.py; 'float32' plain fp32).
+# weights under bf16 autocast on a CPU where bf16 pays, models/precision.py; 'float32' plain fp32).
 optim_wrapper = dict(
     type=AutoOptimWrapper,
     # fused: one kernel per step over every tensor (CUDA and CPU), no temporaries; torch's default (foreach on

@@ -59,3 +59,29 @@ def test_auto_trains_and_runs_in_fp32_where_bf16_is_slower(tiny, monkeypatch, tm
     monkeypatch.setattr(cpu_bf16, 'rates', lambda: (1.70, 0.37))
     assert running_dtype(folder, 'cpu') == torch.bfloat16
     assert training_dtype('auto', **kw) == torch.bfloat16
+
+
+def _rank_answers(rank, init, out, measured):
+    import torch.distributed as dist
+    cpu_bf16.has_flags = lambda: True
+    cpu_bf16.rates = lambda: measured[rank]
+    dist.init_process_group('gloo', init_method=f'file://{init}', rank=rank, world_size=2)
+    try:
+        with open(f'{out}.{rank}', 'w') as f:
+            f.write(repr(cpu_bf16.why_not()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('measured, rank1', [
+    ([(1.70, 0.37), (0.17, 0.31)], 'None'),                    # rank 1 timed slow bf16: it trains as rank 0 does
+    ([(0.17, 0.31), (1.70, 0.37)], "'rank 0: bf16 products at 0.55x"),
+])
+def test_every_rank_takes_rank_0s_answer(tmp_path, measured, rank1):
+    """Two ranks (gloo) whose timings disagree build their models in one dtype, rank 0's: DDP cannot join a bf16
+    model to an fp32 one."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_answers, args=(str(tmp_path / 'init'), str(tmp_path / 'why'), measured), nprocs=2)
+    answers = [(tmp_path / f'why.{r}').read_text() for r in (0, 1)]
+    assert answers[1].startswith(rank1)
+    assert (answers[0] == 'None') == (rank1 == 'None')

@@ -55,8 +55,7 @@ def rates(size: int = 1024, reps: int = 3) -> Tuple[float, float]:
     return best[0], best[1]
 
 
-def why_not() -> Optional[str]:
-    """Why bf16 does not pay on this CPU, in a few words for a log line; None when it does."""
+def _here() -> Optional[str]:
     if not has_flags():
         return 'no native bf16 on this CPU'
     bf16, fp32 = rates()
@@ -64,3 +63,19 @@ def why_not() -> Optional[str]:
         return (f'bf16 products at {bf16 / fp32:.2f}x the fp32 rate on this CPU (measured {bf16:.2f} against '
                 f'{fp32:.2f} TFLOP/s; bf16 is chosen from {MIN_SPEEDUP}x)')
     return None
+
+
+def why_not() -> Optional[str]:
+    """Why bf16 does not pay on this CPU, in a few words for a log line; None when it does. In a distributed run
+    every rank takes rank 0's answer: ranks that timed their products near the bar, or ran on CPUs of other
+    kinds, would otherwise build their models in different dtypes, which DDP cannot join. Each rank asks at the
+    same point of building the same model, so the broadcast meets on all of them."""
+    answer = _here()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [answer]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and answer is None:
+            return f'rank 0: {shared[0]}'
+        answer = shared[0]
+    return answer

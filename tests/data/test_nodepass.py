@@ -121,3 +121,31 @@ def test_the_pool_workers_end_with_the_process_that_started_them(tmp_path):
                 os.kill(int(p), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_pool_worker_ignores_ctrl_c_and_dies_of_the_pools_sigterm():
+    """Ctrl-C reaches every process of the group: each busy worker printed a KeyboardInterrupt traceback under the
+    parent's one line. And the pool ends its workers with SIGTERM as it closes: a worker that inherited a tool's
+    SIGTERM-as-Ctrl-C handler printed a traceback then, also after a run that succeeded (2 and 3 of 5
+    shard_dataset runs)."""
+    import signal
+
+    from xtuner_plugins.signals import sigterm_as_interrupt
+    with sigterm_as_interrupt():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the worker, as the pool starts it
+            nodepass._end_with(os.getppid())
+            os.write(write, repr((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.close(write)
+        assert os.read(read, 200).decode() == repr((signal.SIG_IGN, signal.SIG_DFL))
+
+
+def test_imap_parts_gives_each_result_in_order_as_it_comes():
+    parts = [(0, 3), (3, 4), (4, 9)]
+    assert list(nodepass.imap_parts(lambda a, b: (os.getpid(), a, b), parts, 1)) == [
+        (os.getpid(), a, b) for a, b in parts]            # one worker: here
+    pooled = list(nodepass.imap_parts(lambda a, b: (os.getpid(), a, b), parts, 2))
+    assert [(a, b) for _, a, b in pooled] == parts and os.getpid() not in {pid for pid, _, _ in pooled}

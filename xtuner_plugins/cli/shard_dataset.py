@@ -6,12 +6,16 @@ Usage::
     python tools/shard_dataset.py --data a.jsonl b.json --image-folder imgs_a imgs_b --out shards \\
         --samples-per-shard 2000 --max-shard-bytes 2000000000
     python tools/shard_dataset.py --data meta.json --out shards     # an InternVL meta file (its roots and repeats)
+    python tools/shard_dataset.py --data big.jsonl --out shards --workers 16
 
 The files are read as ``InternVLDataset`` reads them (its checks, ``repeat_time`` applied): each sample it would
 train on is written once per repeat, with its images' bytes. The samples are written in a seeded shuffled order
 (``--seed``, 0 by default; ``--keep-order``: the annotations' order): training reads a shard's samples one after
 another, so shards written in the files' order would give batches of one source, or of one length band when a file
 is sorted, for a shard's length at a time (each epoch reshuffles the order of the shards, not their samples).
+Every core works (``--workers``, default all): each sample is checked first (its record, its files found
+readable), then the samples kept are cut into shards and each shard is written by one process; any number of
+workers writes the same shards, sample for sample.
 Samples the data set refuses are printed as ``FILE:LINE: reason: details`` and counted; a sample whose image is
 missing is skipped, counted, and printed the same way. A video sample's video file goes into the shard as it is
 (``KEY.video.mp4``), a folder of frames as its frames in their order (``KEY.frame0000.jpg``, ...); a video the data
@@ -36,6 +40,7 @@ from typing import List, Optional
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.nodepass import default_workers
 from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
 
 PROG = 'shard_dataset'
@@ -59,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument('--allow-links-outside', action='store_true',
                    help='follow symbolic links in an image folder to files outside it')
     p.add_argument('--show', type=int, default=20, help='problems printed per reason (default 20; 0: all)')
+    p.add_argument('--workers', type=int, default=None,
+                   help='processes writing shards, and checking the data before (default: every core this process '
+                        'may use); any number writes the same shards')
     return p.parse_args(argv)
 
 
@@ -86,7 +94,8 @@ def out_problem(out: str) -> str:
             return (f'--out {out}: another shard_dataset run is writing into it ({_writer(out)}), or was stopped '
                     f'before it finished ({len(names) - 1} entries beside its mark {WRITING}); give each run its own '
                     f'folder, or remove this one to write it again')
-        unfinished = 'shards.json' not in names and any(n.startswith('shard-') and n.endswith('.tar') for n in names)
+        unfinished = 'shards.json' not in names and any(n.startswith('shard-') and n.endswith(('.tar', '.tar.part'))
+                                                        for n in names)
         return f'--out {out}: not empty ({len(names)} entries' + (
             ': the shards of a run that did not finish, no shards.json; remove the folder to write them again'
             if unfinished else '') + '); give a new or empty folder (nothing is written over)'
@@ -115,12 +124,15 @@ def claim(out: str) -> str:
 
 
 class _Shards:
-    """Shards written one after another: a new one past ``count`` samples or ``size`` bytes; each recorded with its
-    file, samples, bytes and ``digest``, of its samples' records in order (a set written again with another
-    ``--seed`` has the same counts and, tar padding, the same bytes: a resume checks what the shards hold)."""
+    """One part's shards, written one after another under temporary names (``.part``, renamed in order by
+    :func:`write_shards`): a new one past ``count`` samples or ``size`` bytes; each recorded with its file, samples,
+    bytes and ``digest``, of its samples' records in order (a set written again with another ``--seed`` has the
+    same counts and, tar padding, the same bytes: a resume checks what the shards hold). The tar members carry
+    ``mtime``, a whole second: webdataset's own default, the time as a float, made a PAX header block of every
+    member (two more 512-byte blocks a file, and a quarter of the writing time)."""
 
-    def __init__(self, out: str, count: int, size: int):
-        self.out, self.count, self.size = out, count, size
+    def __init__(self, out: str, part: int, count: int, size: int, mtime: int):
+        self.out, self.part, self.count, self.size, self.mtime = out, part, count, size, mtime
         self.written: List[dict] = []
         self.writer, self.bytes, self.hash = None, 0, None
 
@@ -129,8 +141,8 @@ class _Shards:
         if self.writer is not None and (self.written[-1]['samples'] >= self.count or self.bytes >= self.size):
             self.close()
         if self.writer is None:
-            name = f'shard-{len(self.written):06d}.tar'
-            self.writer, self.bytes = TarWriter(os.path.join(self.out, name), encoder=False), 0
+            name = f'shard-part{self.part:08d}-{len(self.written):04d}.tar.part'
+            self.writer, self.bytes = TarWriter(os.path.join(self.out, name), encoder=False, mtime=self.mtime), 0
             self.written.append(dict(file=name, samples=0))
             self.hash = hashlib.sha1()
         self.writer.write(sample)
@@ -146,13 +158,18 @@ class _Shards:
             self.written[-1]['digest'] = self.hash.hexdigest()[:16]
 
 
-def media_bytes(path: str, what: str, where: str) -> bytes:
-    """An image's or a video's file's bytes; ``missing_image`` / ``missing_video`` naming ``where`` when there are
-    none, ``corrupt_image`` / ``corrupt_video`` when the file is there but cannot be read (no read permission, an
-    I/O error), as training, check_dataset and eval name it (``data/image_io.py``)."""
+def media_bytes(path: str, what: str, where: str, read: bool = True) -> bytes:
+    """An image's or a video's file's bytes (``read=False``: b'', once the file is found readable);
+    ``missing_image`` / ``missing_video`` naming ``where`` when there are none, ``corrupt_image`` /
+    ``corrupt_video`` when the file is there but cannot be read (no read permission, an I/O error), as training,
+    check_dataset and eval name it (``data/image_io.py``)."""
     from xtuner_plugins.data.image_io import why_missing
     if not os.path.isfile(path):
         raise SampleError(f'missing_{what}', why_missing(path, f'{what} file' if what == 'image' else what), where)
+    if not read:
+        if not os.access(path, os.R_OK):
+            raise SampleError(f'corrupt_{what}', f'{what} file cannot be read: permission denied', where)
+        return b''
     try:
         with open(path, 'rb') as f:
             return f.read()
@@ -160,57 +177,113 @@ def media_bytes(path: str, what: str, where: str) -> bytes:
         raise SampleError(f'corrupt_{what}', f'{what} file cannot be read: {exc}', where) from None
 
 
+def _sample(ds, i: int, read: bool = True) -> dict:
+    """The shard entry of the data set's sample ``i``: its record as JSON and its images' (or video's) bytes
+    (``read=False``: their files only found readable); :class:`SampleError` when the data set would skip it now."""
+    record = ds.record_at(i)
+    where = ds.where(record)
+    sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
+    try:   # the check again: a file changed since the start-up check read it (cached) is a skip, counted
+        checked = ds.check_record(record)
+        if checked.video is not None and os.path.isdir(checked.video):  # a frame folder: its frames, in order
+            for k, path in enumerate(ds.probe(checked).frames):
+                frames.append(f'frame{k:04d}{os.path.splitext(path)[1].lower()}')
+                sample[frames[-1]] = media_bytes(path, 'video', where, read)
+        elif checked.video is not None:
+            video = 'video' + os.path.splitext(checked.video)[1].lower()
+            sample[video] = media_bytes(checked.video, 'video', where, read)
+        for j, path in enumerate(checked.image_paths):
+            names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
+            sample[names[-1]] = media_bytes(path, 'image', where, read)
+    except SampleError as err:
+        raise (err if err.source else err.with_source(where)) from None
+    sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,
+                                     images=names, **(dict(video=video) if video else {}),
+                                     **(dict(frames=frames) if frames else {})),
+                                ensure_ascii=False).encode('utf-8')
+    return sample
+
+
+CHECK_PART = 10_000   # positions a process checks at a time before the shards are cut
+
+
+def _checked(ds, order, start: int, stop: int):
+    """The positions from ``start`` to ``stop`` whose samples the data set takes, and the others' problems as plain
+    values (a :class:`SampleError`, of its signature, does not unpickle from a pool's process)."""
+    import numpy as np
+    kept, problems = [], []
+    for position in range(start, stop):
+        try:
+            _sample(ds, order(position), read=False)
+            kept.append(position)
+        except SampleError as err:
+            problems.append((err.reason, err.message, err.source))
+    return np.asarray(kept, dtype=np.int64), problems
+
+
 def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20,
-                 seed: Optional[int] = 0) -> Counter:
+                 seed: Optional[int] = 0, workers: int = 1) -> Counter:
     """Write the samples of ``ds`` (an ``InternVLDataset``) as shards into ``out``, in the order
     ``streaming.epoch_order`` gives ``seed`` (None: ``ds``'s order); returns the skips by reason (each printed as
-    ``FILE:LINE: reason: details``, ``show`` per reason)."""
+    ``FILE:LINE: reason: details``, ``show`` per reason).
+
+    Two passes, each over ``workers`` forked processes: every sample is checked (its record, its files found
+    readable), then the samples kept are cut into shards of ``samples_per_shard`` (fewer where ``max_shard_bytes``
+    closes one early), each shard written by one process under a temporary name and renamed
+    ``shard-NNNNNN.tar`` in order as it is done. A file that changes between the passes is a skip too, leaving its
+    shard one short. The shards do not depend on ``workers``: any number writes the same ones."""
+    import numpy as np
+
+    from xtuner_plugins.data.nodepass import imap_parts
     from xtuner_plugins.data.shard_index import FORMAT, INDEX
     from xtuner_plugins.data.streaming import epoch_order
     skipped: Counter = Counter()
 
-    def skip(err: SampleError) -> None:
-        skipped[err.reason] += 1
-        if not show or skipped[err.reason] <= show:
-            print(f'{err.source}: {err.reason}: {err.message}')
+    def skip(reason: str, message: str, source: Optional[str]) -> None:
+        skipped[reason] += 1
+        if not show or skipped[reason] <= show:
+            print(f'{source}: {reason}: {message}', flush=True)
 
     for problem in ds.load_problems:
-        skip(problem)
+        skip(problem.reason, problem.message, problem.source)
     os.makedirs(out, exist_ok=True)
-    shards, written = _Shards(out, samples_per_shard, max_shard_bytes), 0
     order = epoch_order(len(ds), seed or 0, 0, shuffle=seed is not None)
-    for position in range(len(ds)):
-        i = order(position)
-        record = ds.record_at(i)
-        where = ds.where(record)
-        sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
-        try:   # the check again: a file changed since the start-up check read it (cached) is a skip, counted
-            checked = ds.check_record(record)
-            if checked.video is not None and os.path.isdir(checked.video):  # a frame folder: its frames, in order
-                for k, path in enumerate(ds.probe(checked).frames):
-                    frames.append(f'frame{k:04d}{os.path.splitext(path)[1].lower()}')
-                    sample[frames[-1]] = media_bytes(path, 'video', where)
-            elif checked.video is not None:
-                video = 'video' + os.path.splitext(checked.video)[1].lower()
-                sample[video] = media_bytes(checked.video, 'video', where)
-            for j, path in enumerate(checked.image_paths):
-                names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
-                sample[names[-1]] = media_bytes(path, 'image', where)
-        except SampleError as err:
-            skip(err if err.source else err.with_source(where))
-            continue
-        sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,
-                                         images=names, **(dict(video=video) if video else {}),
-                                         **(dict(frames=frames) if frames else {})),
-                                    ensure_ascii=False).encode('utf-8')
-        shards.write(sample)
-        written += 1
-    shards.close()
-    index = dict(format=FORMAT, samples=written, shards=shards.written, skipped=dict(skipped),
+    found = []
+    for kept, problems in imap_parts(lambda a, b: _checked(ds, order, a, b),
+                                     [(a, min(a + CHECK_PART, len(ds))) for a in range(0, len(ds), CHECK_PART)],
+                                     workers):
+        for problem in problems:
+            skip(*problem)
+        found.append(kept)
+    positions = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    mtime = int(time.time())
+
+    def write_part(start: int, stop: int):
+        shards = _Shards(out, start // samples_per_shard, samples_per_shard, max_shard_bytes, mtime)
+        problems = []
+        for position in positions[start:stop].tolist():
+            try:
+                shards.write(_sample(ds, order(position)))
+            except SampleError as err:   # changed since the first pass
+                problems.append((err.reason, err.message, err.source))
+        shards.close()
+        return shards.written, problems
+
+    written: List[dict] = []
+    for shards, problems in imap_parts(write_part, [(a, min(a + samples_per_shard, len(positions)))
+                                                    for a in range(0, len(positions), samples_per_shard)], workers):
+        for problem in problems:
+            skip(*problem)
+        for shard in shards:
+            name = f'shard-{len(written):06d}.tar'
+            os.replace(os.path.join(out, shard['file']), os.path.join(out, name))
+            written.append(dict(shard, file=name))
+    samples = sum(shard['samples'] for shard in written)
+    index = dict(format=FORMAT, samples=samples, shards=written, skipped=dict(skipped),
                  order=dict(shuffled=True, seed=seed) if seed is not None else dict(shuffled=False),
                  sources=[dict(annotation=os.path.abspath(s.annotation), max_dynamic_patch=s.max_dynamic_patch)
                           for s in ds.sources])
-    if written:
+    if samples:
         tmp = os.path.join(out, INDEX + '.tmp')
         with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(index, f, indent=1)
@@ -225,6 +298,9 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        return tool_error(PROG, f'--workers {args.workers}: give 1 or more')
+    workers = default_workers() if args.workers is None else args.workers
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         return tool_error(PROG, f'--samples-per-shard {args.samples_per_shard} and --max-shard-bytes '
                                 f'{args.max_shard_bytes} must be positive')
@@ -244,7 +320,7 @@ def _main(argv=None) -> int:
     from xtuner_plugins.data.dataset import InternVLDataset
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
-                             allow_links_outside=args.allow_links_outside)
+                             allow_links_outside=args.allow_links_outside, workers=workers)
     except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:   # (stopped while the data is checked)
         os.remove(os.path.join(args.out, WRITING))
         if made:
@@ -255,7 +331,7 @@ def _main(argv=None) -> int:
         return tool_error(PROG, exc)
     try:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
-                               None if args.keep_order else args.seed)
+                               None if args.keep_order else args.seed, workers)
     except (Exception, KeyboardInterrupt) as exc:   # a full disk, the folder removed, Ctrl-C: no shard set
         if os.path.exists(os.path.join(args.out, WRITING)):   # the mark said 'another run is writing' ever after
             os.remove(os.path.join(args.out, WRITING))

@@ -8,7 +8,8 @@ on within the seconds it takes to map the cache, so their first collective finds
 
 :func:`run_slices` splits ``n`` samples into contiguous slices, disjoint and together complete, and runs them on
 a pool of forked processes (every core by default: the other ranks of the node are waiting meanwhile), the
-results in slice order.
+results in slice order; :func:`imap_parts` runs given parts so, yielding each result as it comes
+(``tools/shard_dataset.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import fcntl
 import multiprocessing
 import os
 import time
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from mmengine.logging import print_log
 
@@ -46,33 +47,43 @@ def _run(bounds: Tuple[int, int]):
     return _TASK(*bounds)
 
 
+def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], workers: int) -> Iterator[T]:
+    """``task(start, stop)`` for each of ``parts``, on a pool of ``workers`` forked processes (in this process when
+    ``workers`` is 1), yielded in the parts' order as they finish. The pool ends when the caller stops reading."""
+    global _TASK
+    if workers <= 1 or len(parts) <= 1:
+        for a, b in parts:
+            yield task(a, b)
+        return
+    _TASK = task
+    try:
+        with multiprocessing.get_context('fork').Pool(min(workers, len(parts)), _end_with, (os.getpid(),)) as pool:
+            yield from pool.imap(_run, parts)
+    finally:
+        _TASK = None
+
+
 def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = None, what: str = '',
                progress: Optional[Callable[[int], object]] = None) -> List[T]:
     """``task(start, stop)`` over slices of ``range(n)``, in a pool of ``workers`` forked processes (default: every
     core; in this process when one is enough); the results in slice order. Progress is logged every minute, or
     given to ``progress`` (the samples each finished slice held)."""
-    global _TASK
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, n // MIN_SLICE))
     if workers == 1:
         return [task(0, n)] if n else []
     parts = slices(n, workers * 8)  # small slices: a slow one does not hold up the end
-    _TASK = task
-    results: List[T] = [None] * len(parts)
+    results: List[T] = []
     begun, logged, done = time.monotonic(), time.monotonic(), 0
-    try:
-        with multiprocessing.get_context('fork').Pool(workers, _end_with, (os.getpid(),)) as pool:
-            for i, result in enumerate(pool.imap(_run, parts)):
-                results[i] = result
-                done += parts[i][1] - parts[i][0]
-                if progress is not None:
-                    progress(parts[i][1] - parts[i][0])
-                elif time.monotonic() - logged > LOG_EVERY_S:
-                    logged = time.monotonic()
-                    print_log(f'{what}: {done} of {n} samples in {logged - begun:.0f} s on {workers} processes',
-                              logger='current')
-    finally:
-        _TASK = None
+    for (a, b), result in zip(parts, imap_parts(task, parts, workers)):
+        results.append(result)
+        done += b - a
+        if progress is not None:
+            progress(b - a)
+        elif time.monotonic() - logged > LOG_EVERY_S:
+            logged = time.monotonic()
+            print_log(f'{what}: {done} of {n} samples in {logged - begun:.0f} s on {workers} processes',
+                      logger='current')
     return results
 
 
@@ -80,10 +91,15 @@ def _end_with(parent: int) -> None:
     """A pool worker's start: killed when its parent dies (Linux's ``PR_SET_PDEATHSIG``). A tool killed by
     SIGTERM (``kill``, ``timeout``) left its workers checking on, orphaned, for minutes, each then printing
     ``BrokenPipeError`` tracebacks. SIGKILL: a worker holds nothing to save, and SIGTERM would run the handlers
-    it inherited from the parent."""
+    it inherited from the parent. A worker ignores SIGINT (Ctrl-C reaches the whole process group; the parent,
+    which stops the pool, says what was stopped) and dies of SIGTERM, which the pool sends its workers as it closes:
+    the handler inherited from a tool that reads SIGTERM as Ctrl-C (``signals.sigterm_as_interrupt``) made each
+    worker the pool closed print a traceback, also after a run that succeeded."""
     import signal
 
     from xtuner_plugins.signals import parent_death_signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     arm = parent_death_signal(signal.SIGKILL)
     if arm is None:   # not Linux
         return

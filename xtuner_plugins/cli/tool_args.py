@@ -51,8 +51,8 @@ def model_folder(folder: Optional[str], config: Optional[str], checkpoint: Optio
 
 def loading_dtype(args, folder: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype ``folder`` is loaded in: ``--dtype`` as given; ``auto`` as ``precision.running_dtype`` decides
-    (bf16 on a CPU where bf16 products pay, ``models/cpu_bf16.py``, for a model of 100M parameters or more), said on stderr when it is not fp32
-    on a CPU."""
+    (bf16 on a CPU where bf16 products pay, ``models/cpu_bf16.py``, for a model of 100M parameters or more), said
+    on stderr when it is not fp32 on a CPU."""
     if args.dtype not in (None, 'auto'):
         return dtype
     from xtuner_plugins.models.precision import running_dtype

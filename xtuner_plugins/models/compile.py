@@ -76,8 +76,8 @@ def compile_parts(flag: Union[bool, str, List[str], Tuple[str, ...], None], llm_
     default) compiles where it was measured to pay (benchmarks/RESULTS.md), for an LLM of at least
     :data:`AUTO_MIN_LLM_PARAMETERS` (``llm_parameters``) and without ``why_not`` reasons (fp32 weights, a quantised
     LLM, ZeRO-3): on a CUDA GPU that :func:`cuda_compiles`, the LLM's and the vision tower's blocks (1.16x on an
-    H100, both compiled); on a machine without CUDA, a CPU where bf16 pays (:func:`cpu_bf16.why_not`) and a C++ compiler, the LLM's blocks
-    (the vision tower's forward gained nothing compiled there and once lost time)."""
+    H100, both compiled); on a machine without CUDA, a CPU where bf16 pays (:func:`cpu_bf16.why_not`) and a C++
+    compiler, the LLM's blocks (the vision tower's forward gained nothing compiled there and once lost time)."""
     if flag is None or flag is False:
         return ()
     if flag == 'auto':

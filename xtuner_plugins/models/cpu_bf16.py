@@ -4,9 +4,9 @@
 The CPU's flags alone do not answer it. Without ``amx_bf16`` or ``avx512_bf16`` bf16 is emulated (1 GFLOP/s on an
 AVX2 Zen 3), but with them bf16 products can still be slower than fp32: an Emerald Rapids Xeon whose hypervisor
 hides AMX (``avx512_bf16`` only) multiplied bf16 at 0.17 TFLOP/s and fp32 at 0.31 (oneDNN's ``avx512_core_bf16``
-kernel against MKL's fp32 one), and a training step of a Qwen2.5-0.5B look-alike under bf16 autocast took 1.4x its
-fp32 time there (benchmarks/RESULTS.md, 2026-11-28). Where bf16 paid, it paid by far more: 4.5x fp32 on a Xeon with
-AMX, 2.1x on a Zen 4 and 4.2x on a Zen 5 (AVX-512 BF16). So with the flags present one bf16 and one fp32
+kernel against MKL's fp32 one), and the stage configs trained InternViT-300M + Qwen2.5-0.5B look-alikes under
+bf16 autocast at 0.54-0.59x fp32's tokens/s there (benchmarks/RESULTS.md, 2026-11-28). Where bf16 paid, it paid
+by far more: 4.5x fp32 on a Xeon with AMX, 2.1x on a Zen 4 and 4.2x on a Zen 5 (AVX-512 BF16). So with the flags present one bf16 and one fp32
 ``torch.mm`` are timed, once a process (about a tenth of a second), and bf16 is chosen when it runs at
 :data:`MIN_SPEEDUP` times fp32 or more: far from every ratio measured, so a shared host's swings do not flip it.
 """
@@ -21,8 +21,8 @@ import torch
 
 __all__ = ['MIN_SPEEDUP', 'has_flags', 'rates', 'why_not']
 
-#: bf16 products must run this many times the fp32 rate for bf16 to be chosen (measured: 0.55x where it lost,
-#: 2.1x and more where it paid)
+#: bf16 products must run this many times the fp32 rate for bf16 to be chosen (measured: 0.50-0.60x where it
+#: lost, 2.1x and more where it paid)
 MIN_SPEEDUP = 1.3
 
 

@@ -309,7 +309,7 @@ class VisionLanguageModel(BaseModel):
             if self.reference is not None and 'language_model' in self.reference:
                 route(self.reference['language_model'])   # the reference policy's copy computes as the policy
             if bf16:
-                    print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes "
+                print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes "
                           "SDPA's (model.cpu_attention=False keeps torch's SDPA)", logger='current')
         log_parameter_counts(self)
 

@@ -8,8 +8,8 @@ its rate: on the Xeon with AMX of benchmarks/RESULTS.md bf16 ``torch.mm`` runs 4
 
 * bf16 pays there (:func:`.cpu_bf16.why_not`): the CPU has bf16 instructions and its bf16 products, timed once a
   process, run at 1.3x its fp32 ones or more. The flags alone are not enough: a Xeon whose hypervisor hides AMX
-  ran bf16 at 0.55x fp32 with ``avx512_bf16``, and a step under bf16 autocast at 1/1.4 of fp32's speed. The log
-  says when this, for an LLM big enough, keeps fp32;
+  multiplied bf16 at 0.57x fp32 with ``avx512_bf16``, and trained the stage configs under bf16 autocast at
+  0.54-0.59x fp32's tokens/s. The log says when this, for an LLM big enough, keeps fp32;
 
 * the LLM has at least :data:`~xtuner_plugins.models.compile.AUTO_MIN_LLM_PARAMETERS` parameters, counted from
   its weight files before they are loaded (:func:`llm_parameters`): a tiny model's matmuls are too small to gain

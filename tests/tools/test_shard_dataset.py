@@ -205,6 +205,22 @@ def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_pa
         raise RuntimeError('tar writer broke')
     monkeypatch.setattr(shard_dataset._Shards, 'write', breaks)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
+    assert capsys.readouterr().err == ('shard_dataset: error: failed: RuntimeError: tar writer broke (before any '
+                                       'shard was written); nothing was written\n')
+    assert not out.exists()   # the folder it made, with nothing in it
+    out.mkdir()   # a folder given: left, without the mark
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
+    assert os.listdir(out) == []
+    capsys.readouterr()
+    real = shard_dataset._Shards.close
+
+    def breaks_later(self):   # once a shard is there: the set is not one
+        real(self)
+        raise RuntimeError('tar writer broke')
+    monkeypatch.undo()
+    monkeypatch.setattr(shard_dataset._Shards, 'close', breaks_later)
+    out = tmp_path / 'later'
+    assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out), '--workers', '1']) == 1
     assert capsys.readouterr().err == (
         f'shard_dataset: error: writing into {out} failed: RuntimeError: tar writer broke; what was written there '
         'is no shard set (no shards.json): remove the folder, then write it again\n')
@@ -278,8 +294,8 @@ def test_sigterm_is_stopped_as_ctrl_c_is_and_leaves_no_mark(tmp_path, capsys, mo
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 143
     err = capsys.readouterr().err
     if when == 'writing':
-        assert f'writing into {out} stopped; what was written there is no shard set' in err, err
-        assert os.listdir(out) == []
+        assert 'stopped while checking the samples, before any shard was written; nothing was written' in err, err
+        assert not out.exists()
     else:
         assert 'stopped while checking the data; nothing was written' in err and not out.exists(), err
     assert signal.getsignal(signal.SIGTERM) is before
@@ -324,8 +340,8 @@ def test_any_number_of_workers_writes_the_same_full_shards(tmp_path, capsys, mon
         assert printed.count('missing_image: image file not found') == 7 and "skipped 7 ({'missing_image': 7})" in \
             printed, printed
         indexes[workers] = read_index(str(out))
-        seen = set(pids.read_text().split())   # the pool of the check and that of the writing: 3 processes each
-        assert seen == {str(os.getpid())} if workers == 1 else (len(seen) == 6 and str(os.getpid()) not in seen)
+        seen = set(pids.read_text().split())   # the pools of the check and of the writing (started as needed)
+        assert seen == {str(os.getpid())} if workers == 1 else (len(seen) >= 2 and str(os.getpid()) not in seen)
         assert sorted(os.listdir(out)) == [f'shard-{k:06d}.tar' for k in range(6)] + ['shards.json']
     assert [s['samples'] for s in indexes[1]['shards']] == [4, 4, 4, 4, 4, 3]
     assert indexes[1]['shards'] == indexes[3]['shards'] and indexes[1]['samples'] == 23
@@ -384,10 +400,121 @@ def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert 'Traceback' not in err and err.endswith('stopped; what was written there is no shard set (no '
-                                                   'shards.json): remove the folder, then write it again\n'), err
+    assert 'Traceback' not in err and err.endswith(
+        'shard_dataset: error: stopped while checking the samples, before any shard was written; nothing was '
+        'written\n'), err
+    assert not (tmp_path / 'out').exists()
     workers = {int(pid) for pid in started.read_text().split()}
     assert len(workers) == 2 and proc.pid not in workers
     time.sleep(0.5)
     for pid in workers:
         assert not os.path.exists(f'/proc/{pid}') or open(f'/proc/{pid}/stat').read().split()[2] == 'Z', pid
+
+
+def test_shards_the_byte_limit_closes_are_planned_over_the_whole_order(tmp_path, capsys):
+    """The byte limit is met as one writer meets it: shards were cut at each part of ``--samples-per-shard`` too,
+    so a limit that closes shards at 6 samples of 10 gave 6, 4, 6, 4, ... (the sizes are summed in the check)."""
+    from xtuner_plugins.cli.shard_dataset import plan_shards
+    import numpy as np
+    assert plan_shards(np.array([5, 5, 5, 5, 5, 5, 5]), 10, 12) == [(0, 3), (3, 6), (6, 7)]
+    assert plan_shards(np.array([5, 5, 5, 5, 5]), 2, 10 ** 9) == [(0, 2), (2, 4), (4, 5)]
+    assert plan_shards(np.array([50, 1, 1]), 10, 12) == [(0, 1), (1, 3)]   # a sample past the limit: alone
+    assert plan_shards(np.zeros(0, dtype=np.int64), 10, 12) == []
+    data = spread_set(tmp_path, 40)
+    per_sample = None
+    for workers in (1, 2):
+        out = tmp_path / f'out{workers}'
+        assert main(['--data', data, '--image-folder', str(tmp_path / 'i'), '--out', str(out), '--samples-per-shard',
+                     '10', '--max-shard-bytes', '1', '--workers', str(workers)]) == 0
+        index = read_index(str(out))
+        assert [s['samples'] for s in index['shards']] == [1] * 30   # every sample past 1 byte: one a shard
+        per_sample = index['shards'][0]['bytes']
+    capsys.readouterr()
+    limit = 6 * (per_sample - 1024) // 5   # about six samples' data a shard
+    counts = {}
+    for workers in (1, 3):
+        out = tmp_path / f'limited{workers}'
+        assert main(['--data', data, '--image-folder', str(tmp_path / 'i'), '--out', str(out), '--samples-per-shard',
+                     '10', '--max-shard-bytes', str(limit), '--workers', str(workers)]) == 0
+        counts[workers] = [s['samples'] for s in read_index(str(out))['shards']]
+    assert counts[1] == counts[3] and len(set(counts[1][:-1])) == 1 and 1 < counts[1][0] < 10, counts
+
+
+def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
+    """A pool worker killed (the OOM killer) left ``Pool.imap`` waiting forever for its part: the tool hung."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from tests.train_utils import REPO_ROOT
+    data = spread_set(tmp_path, 200)
+    started = tmp_path / 'started'
+    script = textwrap.dedent(f'''
+        import os, sys, time
+        from xtuner_plugins.cli import shard_dataset
+        real = shard_dataset._sample
+        def slow(ds, i, read=True):
+            with open({str(started)!r}, 'a') as f:
+                f.write(f'{{os.getpid()}}\\n')
+            time.sleep(0.05)
+            return real(ds, i, read)
+        shard_dataset._sample = slow
+        shard_dataset.CHECK_PART = 20
+        sys.exit(shard_dataset.main(['--data', {data!r}, '--image-folder', {str(tmp_path / 'i')!r}, '--out',
+                                     {str(tmp_path / 'out')!r}, '--workers', '2']))
+    ''')
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (started.exists() and len(set(started.read_text().split())) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.kill(int(started.read_text().split()[0]), signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError('the tool hung after one of its workers was killed')
+    assert proc.returncode == 1, err
+    assert err == ('shard_dataset: error: failed: one of its processes ended abruptly (killed: out of memory? see '
+                   'dmesg) (before any shard was written); nothing was written\n'), err
+
+
+def test_a_shard_closed_after_an_error_prints_nothing_when_collected(tmp_path):
+    """A full disk: the tar stream and its file, left to the garbage collector, each printed ``Exception ignored
+    ... No space left on device`` under the tool's one line (once a worker)."""
+    import errno
+    import gc
+    import sys
+
+    from xtuner_plugins.cli import shard_dataset
+    unraisable = []
+    before, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        shards = shard_dataset._Shards(str(tmp_path), 0, 10, float('inf'), 0)
+        shards.write({'__key__': 'k', 'json': b'{}', 'img0.png': b'x' * 100})
+        raw = shards.writer.own_fileobj
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        raw.write = raw.flush = full
+        shards.abort()
+        del shards, raw
+        gc.collect()
+    finally:
+        sys.unraisablehook = before
+    assert unraisable == []
+
+
+def test_show_below_zero_is_refused_and_workers_past_the_cores_said(tmp_path, capsys):
+    from xtuner_plugins.data.nodepass import default_workers
+    data = spread_set(tmp_path, 4)
+    assert main(['--data', data, '--out', str(tmp_path / 'o'), '--show', '-1']) == 2
+    assert capsys.readouterr().err.endswith('--show -1: give 0 (every problem) or more\n')
+    many = default_workers() + 1
+    assert main(['--data', data, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'o'), '--workers',
+                 str(many)]) == 0
+    assert f'--workers {many} is more than the {default_workers()} cores this process may use' in \
+        capsys.readouterr().err

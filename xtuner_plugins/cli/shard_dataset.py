@@ -13,9 +13,9 @@ train on is written once per repeat, with its images' bytes. The samples are wri
 (``--seed``, 0 by default; ``--keep-order``: the annotations' order): training reads a shard's samples one after
 another, so shards written in the files' order would give batches of one source, or of one length band when a file
 is sorted, for a shard's length at a time (each epoch reshuffles the order of the shards, not their samples).
-Every core works (``--workers``, default all): each sample is checked first (its record, its files found
-readable), then the samples kept are cut into shards and each shard is written by one process; any number of
-workers writes the same shards, sample for sample.
+Every core works (``--workers``, default all): each sample is checked and sized first (its record, its files
+opened), then the samples kept are cut into shards as one writer would cut them and each shard is written by one
+process; any number of workers writes the same shards, sample for sample.
 Samples the data set refuses are printed as ``FILE:LINE: reason: details`` and counted; a sample whose image is
 missing is skipped, counted, and printed the same way. A video sample's video file goes into the shard as it is
 (``KEY.video.mp4``), a folder of frames as its frames in their order (``KEY.frame0000.jpg``, ...); a video the data
@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.data.errors import SampleError
@@ -157,29 +157,40 @@ class _Shards:
             self.written[-1]['bytes'] = os.path.getsize(os.path.join(self.out, self.written[-1]['file']))
             self.written[-1]['digest'] = self.hash.hexdigest()[:16]
 
+    def abort(self) -> None:
+        """Close the shard being written after an error (a full disk), each failure of the closing swallowed:
+        left to the garbage collector, the tar stream and its file each printed ``Exception ignored ... No space
+        left on device`` under the tool's one line."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        for close in (writer.close, writer.own_fileobj.close if writer.own_fileobj is not None else None):
+            try:
+                if close is not None:
+                    close()
+            except OSError:
+                pass
 
-def media_bytes(path: str, what: str, where: str, read: bool = True) -> bytes:
-    """An image's or a video's file's bytes (``read=False``: b'', once the file is found readable);
+
+def media_bytes(path: str, what: str, where: str, read: bool = True) -> Union[bytes, int]:
+    """An image's or a video's file's bytes (``read=False``: its size, once the file is opened for reading);
     ``missing_image`` / ``missing_video`` naming ``where`` when there are none, ``corrupt_image`` /
     ``corrupt_video`` when the file is there but cannot be read (no read permission, an I/O error), as training,
     check_dataset and eval name it (``data/image_io.py``)."""
     from xtuner_plugins.data.image_io import why_missing
     if not os.path.isfile(path):
         raise SampleError(f'missing_{what}', why_missing(path, f'{what} file' if what == 'image' else what), where)
-    if not read:
-        if not os.access(path, os.R_OK):
-            raise SampleError(f'corrupt_{what}', f'{what} file cannot be read: permission denied', where)
-        return b''
     try:
         with open(path, 'rb') as f:
-            return f.read()
+            return f.read() if read else os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise SampleError(f'corrupt_{what}', f'{what} file cannot be read: {exc}', where) from None
 
 
 def _sample(ds, i: int, read: bool = True) -> dict:
     """The shard entry of the data set's sample ``i``: its record as JSON and its images' (or video's) bytes
-    (``read=False``: their files only found readable); :class:`SampleError` when the data set would skip it now."""
+    (``read=False``: their sizes, the files found readable); :class:`SampleError` when the data set would skip it
+    now."""
     record = ds.record_at(i)
     where = ds.where(record)
     sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
@@ -207,18 +218,38 @@ def _sample(ds, i: int, read: bool = True) -> dict:
 CHECK_PART = 10_000   # positions a process checks at a time before the shards are cut
 
 
+def _nbytes(sample: dict) -> int:
+    """What a sample adds to its shard's size as :class:`_Shards` counts it (its values' bytes, or their sizes)."""
+    return sum(v if isinstance(v, int) else len(v) for k, v in sample.items() if not k.startswith('__'))
+
+
 def _checked(ds, order, start: int, stop: int):
-    """The positions from ``start`` to ``stop`` whose samples the data set takes, and the others' problems as plain
-    values (a :class:`SampleError`, of its signature, does not unpickle from a pool's process)."""
+    """The positions from ``start`` to ``stop`` whose samples the data set takes with their sizes, and the others'
+    problems as plain values (a :class:`SampleError`, of its signature, does not unpickle from a pool's
+    process)."""
     import numpy as np
-    kept, problems = [], []
+    kept, sizes, problems = [], [], []
     for position in range(start, stop):
         try:
-            _sample(ds, order(position), read=False)
+            sizes.append(_nbytes(_sample(ds, order(position), read=False)))
             kept.append(position)
         except SampleError as err:
             problems.append((err.reason, err.message, err.source))
-    return np.asarray(kept, dtype=np.int64), problems
+    return np.asarray(kept, dtype=np.int64), np.asarray(sizes, dtype=np.int64), problems
+
+
+def plan_shards(sizes, samples_per_shard: int, max_shard_bytes: int) -> List[Tuple[int, int]]:
+    """The shards of samples of ``sizes`` (bytes) in turn: ``(start, stop)`` each, a new one begun past
+    ``samples_per_shard`` samples or once ``max_shard_bytes`` are reached, as one writer closing its shards would."""
+    bounds, start, count, size = [], 0, 0, 0
+    for j, nbytes in enumerate(sizes.tolist()):
+        if count and (count >= samples_per_shard or size >= max_shard_bytes):
+            bounds.append((start, j))
+            start, count, size = j, 0, 0
+        count, size = count + 1, size + nbytes
+    if count:
+        bounds.append((start, len(sizes)))
+    return bounds
 
 
 def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, show: int = 20,
@@ -227,9 +258,9 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
     ``streaming.epoch_order`` gives ``seed`` (None: ``ds``'s order); returns the skips by reason (each printed as
     ``FILE:LINE: reason: details``, ``show`` per reason).
 
-    Two passes, each over ``workers`` forked processes: every sample is checked (its record, its files found
-    readable), then the samples kept are cut into shards of ``samples_per_shard`` (fewer where ``max_shard_bytes``
-    closes one early), each shard written by one process under a temporary name and renamed
+    Two passes, each over ``workers`` forked processes: every sample is checked (its record, its files opened)
+    and sized, then the samples kept are cut into shards of ``samples_per_shard`` (fewer where ``max_shard_bytes``
+    closes one early: :func:`plan_shards`), each shard written by one process under a temporary name and renamed
     ``shard-NNNNNN.tar`` in order as it is done. A file that changes between the passes is a skip too, leaving its
     shard one short. The shards do not depend on ``workers``: any number writes the same ones."""
     import numpy as np
@@ -248,30 +279,35 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
         skip(problem.reason, problem.message, problem.source)
     os.makedirs(out, exist_ok=True)
     order = epoch_order(len(ds), seed or 0, 0, shuffle=seed is not None)
-    found = []
-    for kept, problems in imap_parts(lambda a, b: _checked(ds, order, a, b),
+    found, found_sizes = [], []
+    for kept, sizes, problems in imap_parts(lambda a, b: _checked(ds, order, a, b),
                                      [(a, min(a + CHECK_PART, len(ds))) for a in range(0, len(ds), CHECK_PART)],
                                      workers):
         for problem in problems:
             skip(*problem)
         found.append(kept)
+        found_sizes.append(sizes)
     positions = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    planned = plan_shards(np.concatenate(found_sizes) if found else positions, samples_per_shard, max_shard_bytes)
     mtime = int(time.time())
 
-    def write_part(start: int, stop: int):
-        shards = _Shards(out, start // samples_per_shard, samples_per_shard, max_shard_bytes, mtime)
+    def write_part(start: int, stop: int):   # one planned shard
+        shards = _Shards(out, start, stop - start, float('inf'), mtime)
         problems = []
-        for position in positions[start:stop].tolist():
-            try:
-                shards.write(_sample(ds, order(position)))
-            except SampleError as err:   # changed since the first pass
-                problems.append((err.reason, err.message, err.source))
-        shards.close()
+        try:
+            for position in positions[start:stop].tolist():
+                try:
+                    shards.write(_sample(ds, order(position)))
+                except SampleError as err:   # changed since the first pass
+                    problems.append((err.reason, err.message, err.source))
+            shards.close()
+        except BaseException:
+            shards.abort()
+            raise
         return shards.written, problems
 
     written: List[dict] = []
-    for shards, problems in imap_parts(write_part, [(a, min(a + samples_per_shard, len(positions)))
-                                                    for a in range(0, len(positions), samples_per_shard)], workers):
+    for shards, problems in imap_parts(write_part, planned, workers):
         for problem in problems:
             skip(*problem)
         for shard in shards:
@@ -300,7 +336,12 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.workers is not None and args.workers < 1:
         return tool_error(PROG, f'--workers {args.workers}: give 1 or more')
+    if args.show < 0:
+        return tool_error(PROG, f'--show {args.show}: give 0 (every problem) or more')
     workers = default_workers() if args.workers is None else args.workers
+    if workers > default_workers():
+        print(f'{PROG}: --workers {workers} is more than the {default_workers()} cores this process may use: each '
+              f'process holds its own memory, and more than the cores seldom go faster', file=sys.stderr)
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         return tool_error(PROG, f'--samples-per-shard {args.samples_per_shard} and --max-shard-bytes '
                                 f'{args.max_shard_bytes} must be positive')
@@ -315,6 +356,8 @@ def _main(argv=None) -> int:
         return tool_error(PROG, f'--out {args.out}: cannot be made a folder: {exc.strerror}{link}')
     problem = claim(args.out)
     if problem:
+        if made and not os.listdir(args.out):
+            os.rmdir(args.out)
         return tool_error(PROG, problem)
     folders = args.image_folder[0] if args.image_folder and len(args.image_folder) == 1 else args.image_folder
     from xtuner_plugins.data.dataset import InternVLDataset
@@ -333,13 +376,23 @@ def _main(argv=None) -> int:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
                                None if args.keep_order else args.seed, workers)
     except (Exception, KeyboardInterrupt) as exc:   # a full disk, the folder removed, Ctrl-C: no shard set
+        from concurrent.futures.process import BrokenProcessPool
         if os.path.exists(os.path.join(args.out, WRITING)):   # the mark said 'another run is writing' ever after
             os.remove(os.path.join(args.out, WRITING))
         why = ('stopped' if isinstance(exc, KeyboardInterrupt) else
+               'failed: one of its processes ended abruptly (killed: out of memory? see dmesg)'
+               if isinstance(exc, BrokenProcessPool) else
                f'failed: {exc.strerror or exc}{f" ({exc.filename})" if exc.filename else ""}'
                if isinstance(exc, OSError) else f'failed: {type(exc).__name__}: {exc}')
-        print(f'{PROG}: error: writing into {args.out} {why}; what was written there is no shard set (no '
-              f'shards.json): remove the folder, then write it again', file=sys.stderr)
+        if os.path.isdir(args.out) and not os.listdir(args.out):   # stopped while the samples were checked
+            if made:
+                os.rmdir(args.out)
+            print(f'{PROG}: error: ' + ('stopped while checking the samples, before any shard was written'
+                                       if why == 'stopped' else f'{why} (before any shard was written)') +
+                  '; nothing was written', file=sys.stderr)
+        else:
+            print(f'{PROG}: error: writing into {args.out} {why}; what was written there is no shard set (no '
+                  f'shards.json): remove the folder, then write it again', file=sys.stderr)
         return stop_code(exc) if isinstance(exc, KeyboardInterrupt) else 1
     os.remove(os.path.join(args.out, WRITING))  # finished (a run stopped before this leaves it: out_problem says so)
     from xtuner_plugins.data.shard_index import INDEX

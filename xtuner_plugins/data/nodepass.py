@@ -48,19 +48,32 @@ def _run(bounds: Tuple[int, int]):
 
 
 def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], workers: int) -> Iterator[T]:
-    """``task(start, stop)`` for each of ``parts``, on a pool of ``workers`` forked processes (in this process when
-    ``workers`` is 1), yielded in the parts' order as they finish. The pool ends when the caller stops reading."""
+    """``task(start, stop)`` for each of ``parts``, on ``workers`` forked processes (in this process when
+    ``workers`` is 1), yielded in the parts' order as they finish.
+
+    A ``concurrent.futures`` process pool, not ``multiprocessing.Pool``: a worker that dies (the OOM killer, a
+    signal) ends it with ``BrokenProcessPool``, where ``Pool.imap`` waited forever for the part it lost; and when the
+    caller stops reading (an error, Ctrl-C, SIGTERM to the process group) the workers are killed outright, where
+    ``Pool.terminate`` could wait forever on a queue lock a worker died holding."""
     global _TASK
     if workers <= 1 or len(parts) <= 1:
         for a, b in parts:
             yield task(a, b)
         return
+    from concurrent.futures import ProcessPoolExecutor
     _TASK = task
+    pool = ProcessPoolExecutor(min(workers, len(parts)), multiprocessing.get_context('fork'), _end_with,
+                               (os.getpid(),))
+    done = False
     try:
-        with multiprocessing.get_context('fork').Pool(min(workers, len(parts)), _end_with, (os.getpid(),)) as pool:
-            yield from pool.imap(_run, parts)
+        yield from pool.map(_run, parts)
+        done = True
     finally:
         _TASK = None
+        if not done:   # stopped early: the workers are killed, not awaited (they ignore SIGINT)
+            for process in list((getattr(pool, '_processes', None) or {}).values()):
+                process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = None, what: str = '',

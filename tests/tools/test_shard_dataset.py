@@ -163,13 +163,13 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_no_shard_set(
     from xtuner_plugins.cli import shard_dataset
     jsonl, _, _ = files(tmp_path)
     out = tmp_path / 'out'
-    real = shard_dataset._Shards.write
+    real = shard_dataset._Shard.write
 
     def fills_up(self, sample):
-        if self.written:
+        if self.samples:
             raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'shard-000000.tar'))
         real(self, sample)
-    monkeypatch.setattr(shard_dataset._Shards, 'write', fills_up)
+    monkeypatch.setattr(shard_dataset._Shard, 'write', fills_up)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     err = capsys.readouterr().err
     assert err == (f'shard_dataset: error: writing into {out} failed: No space left on device '
@@ -203,7 +203,7 @@ def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_pa
 
     def breaks(self, sample):
         raise RuntimeError('tar writer broke')
-    monkeypatch.setattr(shard_dataset._Shards, 'write', breaks)
+    monkeypatch.setattr(shard_dataset._Shard, 'write', breaks)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     assert capsys.readouterr().err == ('shard_dataset: error: failed: RuntimeError: tar writer broke (before any '
                                        'shard was written); nothing was written\n')
@@ -212,13 +212,13 @@ def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_pa
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     assert os.listdir(out) == []
     capsys.readouterr()
-    real = shard_dataset._Shards.close
+    real = shard_dataset._Shard.close
 
     def breaks_later(self):   # once a shard is there: the set is not one
         real(self)
         raise RuntimeError('tar writer broke')
     monkeypatch.undo()
-    monkeypatch.setattr(shard_dataset._Shards, 'close', breaks_later)
+    monkeypatch.setattr(shard_dataset._Shard, 'close', breaks_later)
     out = tmp_path / 'later'
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out), '--workers', '1']) == 1
     assert capsys.readouterr().err == (
@@ -493,7 +493,7 @@ def test_a_shard_closed_after_an_error_prints_nothing_when_collected(tmp_path):
     unraisable = []
     before, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
-        shards = shard_dataset._Shards(str(tmp_path), 0, 10, float('inf'), 0)
+        shards = shard_dataset._Shard(str(tmp_path), 'x.tar.part', 0)
         shards.write({'__key__': 'k', 'json': b'{}', 'img0.png': b'x' * 100})
         raw = shards.writer.own_fileobj
 

@@ -123,39 +123,34 @@ def claim(out: str) -> str:
     return ''
 
 
-class _Shards:
-    """One part's shards, written one after another under temporary names (``.part``, renamed in order by
-    :func:`write_shards`): a new one past ``count`` samples or ``size`` bytes; each recorded with its file, samples,
-    bytes and ``digest``, of its samples' records in order (a set written again with another ``--seed`` has the
-    same counts and, tar padding, the same bytes: a resume checks what the shards hold). The tar members carry
-    ``mtime``, a whole second: webdataset's own default, the time as a float, made a PAX header block of every
-    member (two more 512-byte blocks a file, and a quarter of the writing time)."""
+class _Shard:
+    """One planned shard, written under a temporary name (``NAME.tar.part``, renamed in order by
+    :func:`write_shards`), and recorded with its samples, bytes and ``digest``, of its samples' records in order (a
+    set written again with another ``--seed`` has the same counts and, tar padding, the same bytes: a resume checks
+    what the shards hold). The tar members carry ``mtime``, a whole second: webdataset's own default, the time as
+    a float, made a PAX header block of every member (two more 512-byte blocks a file, and a quarter of the writing
+    time)."""
 
-    def __init__(self, out: str, part: int, count: int, size: int, mtime: int):
-        self.out, self.part, self.count, self.size, self.mtime = out, part, count, size, mtime
-        self.written: List[dict] = []
-        self.writer, self.bytes, self.hash = None, 0, None
+    def __init__(self, out: str, name: str, mtime: int):
+        self.out, self.name, self.mtime = out, name, mtime
+        self.writer, self.samples, self.hash = None, 0, hashlib.sha1()
 
     def write(self, sample: dict) -> None:
         from webdataset import TarWriter
-        if self.writer is not None and (self.written[-1]['samples'] >= self.count or self.bytes >= self.size):
-            self.close()
         if self.writer is None:
-            name = f'shard-part{self.part:08d}-{len(self.written):04d}.tar.part'
-            self.writer, self.bytes = TarWriter(os.path.join(self.out, name), encoder=False, mtime=self.mtime), 0
-            self.written.append(dict(file=name, samples=0))
-            self.hash = hashlib.sha1()
+            self.writer = TarWriter(os.path.join(self.out, self.name), encoder=False, mtime=self.mtime)
         self.writer.write(sample)
         self.hash.update(sample['json'] + b'\n')
-        self.written[-1]['samples'] += 1
-        self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith('__'))
+        self.samples += 1
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self.written[-1]['bytes'] = os.path.getsize(os.path.join(self.out, self.written[-1]['file']))
-            self.written[-1]['digest'] = self.hash.hexdigest()[:16]
+    def close(self) -> Optional[dict]:
+        """The shard's record; None when no sample was written (every one skipped)."""
+        if self.writer is None:
+            return None
+        self.writer.close()
+        self.writer = None
+        return dict(file=self.name, samples=self.samples, bytes=os.path.getsize(os.path.join(self.out, self.name)),
+                    digest=self.hash.hexdigest()[:16])
 
     def abort(self) -> None:
         """Close the shard being written after an error (a full disk), each failure of the closing swallowed:
@@ -219,7 +214,7 @@ CHECK_PART = 10_000   # positions a process checks at a time before the shards a
 
 
 def _nbytes(sample: dict) -> int:
-    """What a sample adds to its shard's size as :class:`_Shards` counts it (its values' bytes, or their sizes)."""
+    """What a sample adds to its shard's size (its values' bytes, or their sizes), as ``--max-shard-bytes`` counts."""
     return sum(v if isinstance(v, int) else len(v) for k, v in sample.items() if not k.startswith('__'))
 
 
@@ -292,25 +287,23 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
     mtime = int(time.time())
 
     def write_part(start: int, stop: int):   # one planned shard
-        shards = _Shards(out, start, stop - start, float('inf'), mtime)
-        problems = []
+        shard, problems = _Shard(out, f'shard-part{start:09d}.tar.part', mtime), []
         try:
             for position in positions[start:stop].tolist():
                 try:
-                    shards.write(_sample(ds, order(position)))
+                    shard.write(_sample(ds, order(position)))
                 except SampleError as err:   # changed since the first pass
                     problems.append((err.reason, err.message, err.source))
-            shards.close()
+            return shard.close(), problems
         except BaseException:
-            shards.abort()
+            shard.abort()
             raise
-        return shards.written, problems
 
     written: List[dict] = []
-    for shards, problems in imap_parts(write_part, planned, workers):
+    for shard, problems in imap_parts(write_part, planned, workers):
         for problem in problems:
             skip(*problem)
-        for shard in shards:
+        if shard is not None:
             name = f'shard-{len(written):06d}.tar'
             os.replace(os.path.join(out, shard['file']), os.path.join(out, name))
             written.append(dict(shard, file=name))

@@ -294,7 +294,7 @@ def test_sigterm_is_stopped_as_ctrl_c_is_and_leaves_no_mark(tmp_path, capsys, mo
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 143
     err = capsys.readouterr().err
     if when == 'writing':
-        assert 'stopped while checking the samples, before any shard was written; nothing was written' in err, err
+        assert 'stopped before any shard was written; nothing was written' in err, err
         assert not out.exists()
     else:
         assert 'stopped while checking the data; nothing was written' in err and not out.exists(), err
@@ -401,7 +401,7 @@ def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert 'Traceback' not in err and err.endswith(
-        'shard_dataset: error: stopped while checking the samples, before any shard was written; nothing was '
+        'shard_dataset: error: stopped before any shard was written; nothing was '
         'written\n'), err
     assert not (tmp_path / 'out').exists()
     workers = {int(pid) for pid in started.read_text().split()}

@@ -380,7 +380,7 @@ def _main(argv=None) -> int:
         if os.path.isdir(args.out) and not os.listdir(args.out):   # stopped while the samples were checked
             if made:
                 os.rmdir(args.out)
-            print(f'{PROG}: error: ' + ('stopped while checking the samples, before any shard was written'
+            print(f'{PROG}: error: ' + ('stopped before any shard was written'
                                        if why == 'stopped' else f'{why} (before any shard was written)') +
                   '; nothing was written', file=sys.stderr)
         else:

@@ -149,3 +149,18 @@ def test_imap_parts_gives_each_result_in_order_as_it_comes():
         (os.getpid(), a, b) for a, b in parts]            # one worker: here
     pooled = list(nodepass.imap_parts(lambda a, b: (os.getpid(), a, b), parts, 2))
     assert [(a, b) for _, a, b in pooled] == parts and os.getpid() not in {pid for pid, _, _ in pooled}
+
+
+def _dies_at_3(a, b):
+    if a == 3:
+        os.kill(os.getpid(), 9)
+    return a
+
+
+def test_a_killed_worker_is_one_stated_error_not_a_hang():
+    """multiprocessing.Pool's imap waited forever for the part a killed worker (the OOM killer) had taken."""
+    from xtuner_plugins.errors import Stated
+    with pytest.raises(nodepass.WorkerDied, match=r'^checking: one of its 2 processes ended abruptly \(killed: out '
+                                                  r'of memory\? see dmesg\)$') as err:
+        list(nodepass.imap_parts(_dies_at_3, [(0, 3), (3, 4), (4, 9), (9, 12)], 2, 'checking'))
+    assert isinstance(err.value, Stated)

@@ -478,8 +478,8 @@ def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError('the tool hung after one of its workers was killed')
     assert proc.returncode == 1, err
-    assert err == ('shard_dataset: error: failed: one of its processes ended abruptly (killed: out of memory? see '
-                   'dmesg) (before any shard was written); nothing was written\n'), err
+    assert err == ('shard_dataset: error: failed: checking the samples: one of its 2 processes ended abruptly '
+                   '(killed: out of memory? see dmesg) (before any shard was written); nothing was written\n'), err
 
 
 def test_a_shard_closed_after_an_error_prints_nothing_when_collected(tmp_path):

@@ -198,6 +198,15 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
 
 
 def main(argv=None) -> int:
+    from xtuner_plugins.data.nodepass import WorkerDied
+    try:
+        return _main(argv)
+    except WorkerDied as exc:   # a process of the check killed (the OOM killer): one line
+        print(f'error: {exc}', file=sys.stderr)
+        return 1
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     args.workers = default_workers() if args.workers is None else args.workers
     if args.workers < 1:

@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple, Union
 
 from xtuner_plugins.cli.tool_args import tool_error
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.nodepass import default_workers
+from xtuner_plugins.data.nodepass import WorkerDied, default_workers
 from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
 
 PROG = 'shard_dataset'
@@ -277,7 +277,7 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
     found, found_sizes = [], []
     for kept, sizes, problems in imap_parts(lambda a, b: _checked(ds, order, a, b),
                                      [(a, min(a + CHECK_PART, len(ds))) for a in range(0, len(ds), CHECK_PART)],
-                                     workers):
+                                     workers, 'checking the samples'):
         for problem in problems:
             skip(*problem)
         found.append(kept)
@@ -300,7 +300,7 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
             raise
 
     written: List[dict] = []
-    for shard, problems in imap_parts(write_part, planned, workers):
+    for shard, problems in imap_parts(write_part, planned, workers, 'writing the shards'):
         for problem in problems:
             skip(*problem)
         if shard is not None:
@@ -357,7 +357,7 @@ def _main(argv=None) -> int:
     try:
         ds = InternVLDataset(args.data, image_folders=folders, tokenizer=None, max_bad_fraction=1.0,
                              allow_links_outside=args.allow_links_outside, workers=workers)
-    except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:   # (stopped while the data is checked)
+    except (ValueError, FileNotFoundError, KeyboardInterrupt, WorkerDied) as exc:   # (stopped while checking)
         os.remove(os.path.join(args.out, WRITING))
         if made:
             os.rmdir(args.out)
@@ -369,15 +369,13 @@ def _main(argv=None) -> int:
         skipped = write_shards(ds, args.out, args.samples_per_shard, args.max_shard_bytes, args.show,
                                None if args.keep_order else args.seed, workers)
     except (Exception, KeyboardInterrupt) as exc:   # a full disk, the folder removed, Ctrl-C: no shard set
-        from concurrent.futures.process import BrokenProcessPool
         if os.path.exists(os.path.join(args.out, WRITING)):   # the mark said 'another run is writing' ever after
             os.remove(os.path.join(args.out, WRITING))
         why = ('stopped' if isinstance(exc, KeyboardInterrupt) else
-               'failed: one of its processes ended abruptly (killed: out of memory? see dmesg)'
-               if isinstance(exc, BrokenProcessPool) else
+               f'failed: {exc}' if isinstance(exc, WorkerDied) else
                f'failed: {exc.strerror or exc}{f" ({exc.filename})" if exc.filename else ""}'
                if isinstance(exc, OSError) else f'failed: {type(exc).__name__}: {exc}')
-        if os.path.isdir(args.out) and not os.listdir(args.out):   # stopped while the samples were checked
+        if os.path.isdir(args.out) and not os.listdir(args.out):   # nothing written yet
             if made:
                 os.rmdir(args.out)
             print(f'{PROG}: error: ' + ('stopped before any shard was written'

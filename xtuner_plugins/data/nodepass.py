@@ -22,6 +22,8 @@ from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from mmengine.logging import print_log
 
+from xtuner_plugins.errors import Stated
+
 T = TypeVar('T')
 MIN_SLICE = 2000        # fewer samples than this per process: no pool (forking costs more than it saves)
 LOG_EVERY_S = 60.0
@@ -47,20 +49,27 @@ def _run(bounds: Tuple[int, int]):
     return _TASK(*bounds)
 
 
-def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], workers: int) -> Iterator[T]:
+class WorkerDied(Stated, RuntimeError):
+    """A process of the pool ended abruptly (killed: the OOM killer, a signal): nothing it computed is kept."""
+
+
+def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], workers: int,
+               what: str = 'the work') -> Iterator[T]:
     """``task(start, stop)`` for each of ``parts``, on ``workers`` forked processes (in this process when
     ``workers`` is 1), yielded in the parts' order as they finish.
 
     A ``concurrent.futures`` process pool, not ``multiprocessing.Pool``: a worker that dies (the OOM killer, a
     signal) ends it with ``BrokenProcessPool``, where ``Pool.imap`` waited forever for the part it lost; and when the
     caller stops reading (an error, Ctrl-C, SIGTERM to the process group) the workers are killed outright, where
-    ``Pool.terminate`` could wait forever on a queue lock a worker died holding."""
+    ``Pool.terminate`` could wait forever on a queue lock a worker died holding. A worker's death is raised as
+    :class:`WorkerDied`, naming ``what`` was being done."""
     global _TASK
     if workers <= 1 or len(parts) <= 1:
         for a, b in parts:
             yield task(a, b)
         return
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     _TASK = task
     pool = ProcessPoolExecutor(min(workers, len(parts)), multiprocessing.get_context('fork'), _end_with,
                                (os.getpid(),))
@@ -68,6 +77,9 @@ def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], work
     try:
         yield from pool.map(_run, parts)
         done = True
+    except BrokenProcessPool:
+        raise WorkerDied(f'{what}: one of its {min(workers, len(parts))} processes ended abruptly (killed: out of '
+                         f'memory? see dmesg)') from None
     finally:
         _TASK = None
         if not done:   # stopped early: the workers are killed, not awaited (they ignore SIGINT)
@@ -88,7 +100,7 @@ def run_slices(task: Callable[[int, int], T], n: int, workers: Optional[int] = N
     parts = slices(n, workers * 8)  # small slices: a slow one does not hold up the end
     results: List[T] = []
     begun, logged, done = time.monotonic(), time.monotonic(), 0
-    for (a, b), result in zip(parts, imap_parts(task, parts, workers)):
+    for (a, b), result in zip(parts, imap_parts(task, parts, workers, what or 'the work')):
         results.append(result)
         done += b - a
         if progress is not None:

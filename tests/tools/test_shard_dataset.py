@@ -364,11 +364,9 @@ def test_the_members_carry_no_pax_header(tmp_path, capsys):
     assert (out / 'shard-000000.tar').stat().st_size == max(10240, -(-(blocks + 2) * 512 // 10240) * 10240)
 
 
-def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
-    """Ctrl-C reaches every process of the terminal's group: the tool says its one line, exit 130, and its pool's
-    workers are gone. (Each busy worker could print a KeyboardInterrupt traceback under that line, depending on
-    which process the signal woke first: tests/data/test_nodepass.py shows the worker ignores SIGINT.)"""
-    import signal
+def busy_run(tmp_path):
+    """``shard_dataset --workers 2`` in its own process group, each sample slowed to 50 ms, the check's parts on
+    the pool too; returned once both workers are busy, with the file of the pids that took samples."""
     import subprocess
     import sys
     import textwrap
@@ -387,7 +385,7 @@ def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
             time.sleep(0.05)
             return real(ds, i, read)
         shard_dataset._sample = slow
-        shard_dataset.CHECK_PART = 20   # the check's parts on the pool too
+        shard_dataset.CHECK_PART = 20
         sys.exit(shard_dataset.main(['--data', {data!r}, '--image-folder', {str(tmp_path / 'i')!r}, '--out',
                                      {str(tmp_path / 'out')!r}, '--workers', '2', '--samples-per-shard', '10']))
     ''')
@@ -397,6 +395,17 @@ def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
     while not (started.exists() and len(set(started.read_text().split())) >= 2):   # both workers busy
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.1)
+    return proc, started
+
+
+def test_ctrl_c_with_workers_is_the_one_line_and_leaves_no_process(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the tool says its one line, exit 130, and its pool's
+    workers are gone. (Each busy worker could print a KeyboardInterrupt traceback under that line, depending on
+    which process the signal woke first: tests/data/test_nodepass.py shows the worker ignores SIGINT.)"""
+    import signal
+    import time
+
+    proc, started = busy_run(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -444,33 +453,8 @@ def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
     """A pool worker killed (the OOM killer) left ``Pool.imap`` waiting forever for its part: the tool hung."""
     import signal
     import subprocess
-    import sys
-    import textwrap
-    import time
 
-    from tests.train_utils import REPO_ROOT
-    data = spread_set(tmp_path, 200)
-    started = tmp_path / 'started'
-    script = textwrap.dedent(f'''
-        import os, sys, time
-        from xtuner_plugins.cli import shard_dataset
-        real = shard_dataset._sample
-        def slow(ds, i, read=True):
-            with open({str(started)!r}, 'a') as f:
-                f.write(f'{{os.getpid()}}\\n')
-            time.sleep(0.05)
-            return real(ds, i, read)
-        shard_dataset._sample = slow
-        shard_dataset.CHECK_PART = 20
-        sys.exit(shard_dataset.main(['--data', {data!r}, '--image-folder', {str(tmp_path / 'i')!r}, '--out',
-                                     {str(tmp_path / 'out')!r}, '--workers', '2']))
-    ''')
-    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO_ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (started.exists() and len(set(started.read_text().split())) >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.1)
+    proc, started = busy_run(tmp_path)
     os.kill(int(started.read_text().split()[0]), signal.SIGKILL)
     try:
         out, err = proc.communicate(timeout=60)

@@ -72,7 +72,7 @@ from benchmarks import flops, train_loop, xtuner_row  # noqa: E402
 from benchmarks.realsize_data import ensure_models, timed_steps, write_mix  # noqa: E402
 from benchmarks.realsize_report import (closing, convert, parse_tiles, print_row, row_env,  # noqa: E402
                                         run_watched, total_memory)
-from benchmarks.roofline import model_weights, probe, roofline, slow_bf16_refusal  # noqa: E402
+from benchmarks.roofline import model_weights, probe, roofline, slow_bf16_note, slow_bf16_refusal  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')  # no dropout: the check is exact
@@ -332,6 +332,9 @@ def main() -> None:
     refusal = slow_bf16_refusal(roof, max(model_weights(args.work, SETTINGS[s]['llm']) for s in args.settings))
     if refusal:
         sys.exit(f'realsize: not run: {refusal}')
+    note = slow_bf16_note(roof)
+    if note:
+        print(f'realsize: {note}', flush=True)
     ensure_models(args.work, sorted({SETTINGS[s][k] for s in args.settings for k in ('vision', 'llm')}))
     results = {}
     saved = os.path.join(args.out, 'results.json')

@@ -89,3 +89,15 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def slow_bf16_note(roof: dict) -> Optional[str]:
+    """What to expect where bf16 products run natively but slower than fp32 (a Xeon whose hypervisor hides AMX:
+    0.57x, benchmarks/RESULTS.md): the rows run, in bf16 as on a GPU, several times as long as where bf16 pays,
+    which is what their speed targets are for; the stage configs train such a CPU in fp32 (models/cpu_bf16.py).
+    None elsewhere."""
+    if roof['bf16'] >= roof['fp32']:
+        return None
+    return (f'bf16 products here run at {roof["bf16"] / roof["fp32"]:.2f}x the fp32 rate: the rows (bf16, as on a '
+            f'GPU) take several times as long as on a CPU where bf16 pays, which their speed targets are for; the '
+            f'stage configs train this CPU in fp32 (xtuner_plugins/models/cpu_bf16.py)')

@@ -282,8 +282,9 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
             skip(*problem)
         found.append(kept)
         found_sizes.append(sizes)
-    positions = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
-    planned = plan_shards(np.concatenate(found_sizes) if found else positions, samples_per_shard, max_shard_bytes)
+    none = np.zeros(0, dtype=np.int64)
+    positions = np.concatenate(found) if found else none
+    planned = plan_shards(np.concatenate(found_sizes) if found else none, samples_per_shard, max_shard_bytes)
     mtime = int(time.time())
 
     def write_part(start: int, stop: int):   # one planned shard

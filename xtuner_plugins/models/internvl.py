@@ -197,9 +197,9 @@ class VisionLanguageModel(BaseModel):
                 check_model_path(path, key)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
-        #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones
-        self.autocast_dtype = torch.bfloat16 if trainable_fp32 and dtype == torch.bfloat16 else None
         bf16 = dtype == torch.bfloat16
+        #: what the optimizer wrappers autocast the forward to (on a CPU too): bf16 weights with fp32 trained ones
+        self.autocast_dtype = torch.bfloat16 if trainable_fp32 and bf16 else None
         init_seed = torch.initial_seed()
         if preference is not None:
             from .preference import check_setting
@@ -300,7 +300,7 @@ class VisionLanguageModel(BaseModel):
         why_not = [why for why, cond in (('a quantised LLM', llm_quantization is not None),
                                          ('DeepSpeed ZeRO-3', zero3_enabled()),
                                          ('a model only run, not trained', not trainable_fp32),
-                                         ('fp32 weights (measured: the bf16 recipe)', dtype != torch.bfloat16)) if cond]
+                                         ('fp32 weights (measured: the bf16 recipe)', not bf16)) if cond]
         self.liger_kernel = apply_liger(self.language_model, liger)
         self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
         if not cpu_attention:

@@ -96,10 +96,9 @@ def training_dtype(torch_dtype: Union[str, torch.dtype, None], *, llm: Union[str
                                  ('DeepSpeed ZeRO-3', zero3)) if cond]
     if not reasons:
         n = llm_parameters(llm, official_checkpoint)
-        slow_bf16 = cpu_bf16.why_not() if n >= compiling.AUTO_MIN_LLM_PARAMETERS else None
-        if n < compiling.AUTO_MIN_LLM_PARAMETERS:
+        if n < compiling.AUTO_MIN_LLM_PARAMETERS:   # (before the timing: a tiny model does not measure the CPU)
             reasons.append(f'an LLM of {n / 1e6:.1f}M parameters (< {compiling.AUTO_MIN_LLM_PARAMETERS / 1e6:.0f}M)')
-        elif slow_bf16:
+        elif slow_bf16 := cpu_bf16.why_not():
             reasons.append(slow_bf16)
             print_log(f"torch_dtype='auto' trains in fp32 here: {slow_bf16} (torch_dtype='bfloat16' trains in bf16 "
                       "here too: in less memory, more slowly)", logger='current')

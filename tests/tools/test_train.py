@@ -82,9 +82,10 @@ def test_the_resume_command_continues_from_the_checkpoint():
         'xtuner-plugins-train x.py'
 
 
-def interrupted_run(tmp_path, options, ready):
-    """The toy run with ``options``, SIGINT to its process group (as Ctrl-C in a terminal) 3 s after ``ready(work)``
-    holds: ``(cmd, env, work, exit code, log)``."""
+def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True):
+    """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), or to its
+    process alone (``group=False``: ``kill PID``, ``timeout``), 3 s after ``ready(work)`` holds:
+    ``(cmd, env, work, exit code, log)``."""
     work = str(tmp_path / 'work')
     cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options=options)
     os.makedirs(work)
@@ -95,7 +96,7 @@ def interrupted_run(tmp_path, options, ready):
             assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
             time.sleep(0.2)
         time.sleep(3)  # into the paused iteration
-        os.killpg(job.proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(job.proc.pid, sig)
         code = job.proc.wait(timeout=60)
     finally:
         job.kill('test over')
@@ -104,21 +105,29 @@ def interrupted_run(tmp_path, options, ready):
 
 
 @pytest.mark.slow
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
+@pytest.mark.parametrize('sig,group,code,how', [
+    (signal.SIGINT, True, 130, 'interrupted'),
+    (signal.SIGTERM, True, 143, 'stopped by SIGTERM'),    # systemd, kill -- -PGID: the data workers get it too
+    (signal.SIGTERM, False, 143, 'stopped by SIGTERM')])  # kill PID, timeout
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, sig, group, code, how):
     """SIGINT to the training's process group, as Ctrl-C in a terminal, while the toy run sleeps in iteration 5
-    (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes."""
+    (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes. SIGTERM
+    outside Slurm (no checkpoint saved on it) ended the run at once without a word: the same line, exit code 143."""
     checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
 
     def saved(work):
         pointer = os.path.join(work, 'last_checkpoint')
         return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
-    cmd, env, work, code, log = interrupted_run(tmp_path, {
-        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2}, saved)
+    cmd, env, work, ended, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
+        'train_dataloader.num_workers': 2}, saved, sig, group)
     lines = [line for line in log.splitlines() if line.strip()]
     resume = shlex.join(['python', *cmd[1:], '--resume', checkpoint])
-    assert code == 130 and 'Traceback' not in log, log[-3000:]
-    assert lines[-1] == f'train: interrupted at iteration 5; last checkpoint {checkpoint}; resume: {resume}', \
+    assert ended == code and 'Traceback' not in log, log[-3000:]
+    assert lines[-1] == f'train: {how} at iteration 5; last checkpoint {checkpoint}; resume: {resume}', \
         log[-3000:]
+    if sig == signal.SIGTERM:
+        return   # (the resume is the same as Ctrl-C's, tried once below)
     resumed = subprocess.run([sys.executable, *shlex.split(resume)[1:]], env=train_env(extra_env=env), cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=300)
     out = resumed.stdout + resumed.stderr

@@ -20,7 +20,9 @@ which changes nothing once the file is read), a key nothing reads (a misspelt se
 set, a hook, the loop: named with the closest valid ones) or a value of the wrong kind is refused in one line,
 and so are training lengths that contradict each other (``max_epochs=3 max_iters=200``). Ctrl-C (SIGINT) ends
 with one line instead of a traceback, exit code 130: ``train: interrupted at iteration N; last checkpoint PATH;
-resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint).
+resume: COMMAND`` (the command run again with ``--resume`` of that checkpoint); SIGTERM (``kill``, ``timeout``,
+systemd) ends the same way, ``train: stopped by SIGTERM at ...``, exit code 143, where no checkpoint is saved on it
+first (``engine/preempt.py``: under Slurm, or ``XTUNER_PLUGINS_SAVE_ON_SIGNAL=1``).
 
 ``--nproc-per-node N`` (N > 1, or 1 with ``--deepspeed``) runs this tool N times on this machine as the ranks of
 one run (``--launcher pytorch``, the variables torchrun gives; ``MASTER_PORT`` in the environment sets the port)
@@ -105,10 +107,10 @@ def main() -> int:
     except Exception:
         if not _INTERRUPTS:
             raise   # (a Ctrl-C turned into another error while the libraries load: as Ctrl-C itself, below)
-    except KeyboardInterrupt:   # Ctrl-C while the libraries are still loading
+    except KeyboardInterrupt:   # Ctrl-C (or SIGTERM) while the libraries are still loading
         pass
-    print('\ntrain: interrupted before training started; nothing saved', file=sys.stderr, flush=True)
-    return 130
+    print(f'\ntrain: {_stopped_by()} before training started; nothing saved', file=sys.stderr, flush=True)
+    return _stop_code()
 
 
 def exit_now(code: int) -> None:
@@ -126,30 +128,47 @@ def exit_now(code: int) -> None:
     local_launch.exit_now(code)
 
 
-#: the SIGINTs this process received (:func:`noting_interrupts`)
+#: the SIGINTs (and SIGTERMs) this process received (:func:`noting_interrupts`)
 _INTERRUPTS: List[int] = []
+
+
+def _stopped_by() -> str:
+    """How the run's closing line names its stop: ``stopped by SIGTERM`` or ``interrupted`` (Ctrl-C)."""
+    return 'stopped by SIGTERM' if signal.SIGTERM in _INTERRUPTS else 'interrupted'
+
+
+def _stop_code() -> int:
+    """143 (128 + SIGTERM) for a run stopped by SIGTERM, 130 for Ctrl-C."""
+    return 128 + signal.SIGTERM if signal.SIGTERM in _INTERRUPTS else 130
 
 
 class noting_interrupts:
     """Within it, SIGINT raises KeyboardInterrupt as Python's own handler does, and is noted: code that catches
     every exception turns a Ctrl-C into another error (MMEngine's config formatting raises ``SyntaxError: Failed
     to format the config file`` from any exception of yapf; numpy, interrupted while it imports, raises
-    ``ImportError: cannot load module more than once``), which :func:`_train` then reads as the interrupt it is."""
+    ``ImportError: cannot load module more than once``), which :func:`_train` then reads as the interrupt it is.
+
+    SIGTERM (``kill``, ``timeout``, systemd; a launcher passing on its own) is taken the same way, as
+    :class:`~xtuner_plugins.signals.Terminated`, where nothing else handles it: its default ended the run at once
+    without a word, where Ctrl-C said where it stopped and how to resume. Where a checkpoint is saved on SIGTERM
+    (``engine/preempt.py``: under Slurm, or ``XTUNER_PLUGINS_SAVE_ON_SIGNAL=1``), that hook's handler holds it from
+    the start of the run to its end: before that (the libraries loading, the model being built) it ends here."""
 
     def __enter__(self):
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            self.previous = None   # SIGINT ignored, or handled by the caller: left as it is
-            return self
+        from xtuner_plugins.signals import Terminated
+        self.previous = {}
 
-        def on_sigint(sig, frame):
+        def on_signal(sig, frame):
             _INTERRUPTS.append(sig)
-            raise KeyboardInterrupt
-        self.previous = signal.signal(signal.SIGINT, on_sigint)
+            raise Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:   # ignored, or handled by the caller: left as it is
+                self.previous[sig] = signal.signal(sig, on_signal)
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -245,9 +264,13 @@ def _train() -> int:
 
 
 def _interrupted(work_dir: str) -> int:
+    # the run is over: a DataLoader worker that the same signal ended (SIGTERM to the process group: systemd,
+    # ``kill -- -PGID``) no longer raises torch's "DataLoader worker ... is killed by signal" from its SIGCHLD
+    # handler, which it did at exit, with a traceback after this line
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if int(os.environ.get('RANK', '0')) == 0:
-        print(f'\n{interrupted_line(work_dir, sys.argv)}', file=sys.stderr, flush=True)
-    return 130
+        print(f'\n{interrupted_line(work_dir, sys.argv, _stopped_by())}', file=sys.stderr, flush=True)
+    return _stop_code()
 
 
 def options_refusal(args, argv) -> Optional[str]:
@@ -335,9 +358,10 @@ def launch_ranks(nproc: int, argv) -> int:
     return launch(cmd + rank_argv, nproc, port=int(port or 0), preload=rank_preload(rank_argv))
 
 
-def interrupted_line(work_dir: str, argv) -> str:
+def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
     """``train: interrupted at iteration N; last checkpoint PATH (or none); resume: COMMAND``: the iteration under
-    way (MMEngine's message hub), the work folder's last checkpoint and ``argv`` run again from it."""
+    way (MMEngine's message hub), the work folder's last checkpoint and ``argv`` run again from it (``how``:
+    ``stopped by SIGTERM`` in place of ``interrupted``)."""
     from mmengine.logging import MessageHub
 
     from xtuner_plugins.engine.progress import last_checkpoint
@@ -345,9 +369,9 @@ def interrupted_line(work_dir: str, argv) -> str:
     where = f'at iteration {info["iter"] + 1}' if isinstance(info.get('iter'), int) else 'before training started'
     checkpoint = last_checkpoint(work_dir) if os.path.isdir(work_dir) else None
     if checkpoint is None:
-        return (f'train: interrupted {where}; last checkpoint none; resume: nothing saved to resume from, '
+        return (f'train: {how} {where}; last checkpoint none; resume: nothing saved to resume from, '
                 f'{resume_command(argv, None)} starts over')
-    return f'train: interrupted {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
+    return f'train: {how} {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
 
 
 def resume_command(argv, checkpoint) -> str:

@@ -6,7 +6,7 @@ from PIL import Image
 
 from tests.helpers import write_image
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path, to_rgb
+from xtuner_plugins.data.image_io import frame_note, load_image, read_image_size, resolve_image_path, to_rgb
 
 
 class TestResolvePath:
@@ -342,3 +342,34 @@ def test_a_url_is_named_as_one():
             resolve_image_path(url, '/data/images')
         assert info.value.reason == 'bad_image_path'
     assert resolve_image_path('a:b/x.jpg', '/data') == '/data/a:b/x.jpg'   # a colon in a name is still a path
+
+
+def _frames(n):
+    return [Image.new('RGB', (24, 16), (60 * i, 255 - 60 * i, 0)) for i in range(n)]
+
+
+@pytest.mark.parametrize('ext,kind', [('gif', 'an animated GIF'), ('png', 'an animated PNG'),
+                                      ('webp', 'an animated WEBP'), ('tif', 'a TIFF of several pages')])
+def test_an_image_of_several_frames_is_its_first_frame_and_is_said(tmp_path, ext, kind):
+    """An animated GIF, PNG or WebP and a TIFF of pages decode as their first frame, as InternVL's loader reads
+    them: :func:`frame_note` says so (check_dataset's ``animated_image`` notes, chat); one frame, a camera's MPO
+    (a JPEG and its preview) and a file that does not open say nothing."""
+    first, *rest = _frames(3)
+    path = str(tmp_path / f'a.{ext}')
+    first.save(path, save_all=True, append_images=rest)
+    assert load_image(path).getpixel((3, 3))[:2] == (0, 255)
+    note = frame_note(path)
+    assert note.startswith(f'{path}: {kind}: its first ') and "as InternVL's loader reads it" in note, note
+    assert ('convert it to MP4 or GIF' in note) == (ext == 'webp')
+    assert frame_note(open(path, 'rb').read(), 'shard-000000.tar:k.jpg').startswith('shard-000000.tar:k.jpg: ')
+    single = str(tmp_path / f'one.{ext}')
+    first.save(single)
+    assert frame_note(single) == '' and frame_note(str(tmp_path / 'missing.png')) == ''
+
+
+def test_a_cameras_mpo_is_no_image_of_several_frames(tmp_path):
+    first, preview = _frames(2)
+    path = str(tmp_path / 'photo.jpg')
+    first.save(path, format='MPO', save_all=True, append_images=[preview])
+    assert Image.open(path).is_animated
+    assert frame_note(path) == ''

@@ -405,3 +405,27 @@ def test_interactive_paths_with_spaces_and_quotes_are_attached(monkeypatch, caps
     from xtuner_plugins.cli.chat import typed_paths
     assert typed_paths(f' {spaced} ') == [spaced] and typed_paths(f'"{spaced}" {plain}') == [spaced, plain]
     assert typed_paths(f"{quoted}") == [quoted] and typed_paths("a 'b") == ['a', "'b"]
+
+
+@pytest.mark.parametrize('interactive', [False, True])
+def test_an_animated_image_is_said_to_be_seen_as_its_first_frame(monkeypatch, capsys, tmp_path, interactive):
+    """``--image anim.gif`` (and ``/image``) showed the model the first frame without a word: now a note says so
+    and how its frames are read (``--video``); a still image gets none."""
+    from PIL import Image
+
+    import xtuner_plugins.cli.chat as chat
+    frames = [Image.new('RGB', (32, 32), (90 * i, 0, 0)) for i in range(3)]
+    gif = str(tmp_path / 'moving.gif')
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    still = write_image(tmp_path / 'still.png')
+    monkeypatch.setattr(chat, 'run_tool', lambda args, prog, use, errors, **tiling: use(EmptyAnswers('Red.')) or 0)
+    if interactive:
+        lines = iter([f'/image {gif}', f'/image {still}', 'What is it?', '/exit'])
+        monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+        assert chat_main([str(tmp_path)]) == 0
+    else:
+        assert chat_main([str(tmp_path), '--image', gif, still, '--prompt', 'What is it?']) == 0
+    captured = capsys.readouterr()
+    said = [line for line in (captured.out + captured.err).splitlines() if 'its first frame is used' in line]
+    assert len(said) == 1 and gif in said[0] and 'give it as a video' in said[0], captured
+    assert said[0].startswith('(note: ' if interactive else 'chat: note: '), said

@@ -414,3 +414,27 @@ def test_a_setting_no_sample_can_have_is_one_line_before_any_sample(tmp_path, ti
                                '--workers', '1', *option]) == 2
     err = capsys.readouterr().err
     assert f'error: {says}' in err and 'Traceback' not in err, err
+
+
+def test_an_animated_image_is_a_note_that_its_first_frame_is_used(tmp_path, capsys):
+    """An animated GIF named as an image trains on its first frame (InternVL's loader reads it so): said as an
+    ``animated_image`` note, counted, in the annotation's report and in its shard set's; not a problem."""
+    from PIL import Image
+
+    from xtuner_plugins.cli import shard_dataset
+    path, img = good_data(tmp_path, n=2)
+    frames = [Image.new('RGB', (40, 30), (80 * i, 0, 0)) for i in range(3)]
+    frames[0].save(os.path.join(img, 'moving.gif'), save_all=True, append_images=frames[1:])
+    with open(path, 'a') as f:
+        f.write(json.dumps({'id': 9, 'image': 'moving.gif', 'conversations': conv(answer='a')}) + '\n')
+    for data in (path, str(tmp_path / 'shards')):
+        if data != path:
+            assert shard_dataset.main(['--data', path, '--image-folder', img, '--out', data]) == 0
+            capsys.readouterr()
+        assert check_dataset.main(['--data', data] + (['--image-folder', img] if data == path else [])) == 0
+        out = capsys.readouterr().out
+        notes = [line for line in out.splitlines() if ': animated_image: ' in line]
+        assert len(notes) == 1 and notes[0].split(': animated_image: ')[0].endswith(':3'), out
+        assert 'an animated GIF: its first frame is used' in notes[0], out
+        assert 'images of several frames (the first used): 1' in out and 'problems: 0' in out, out
+        assert 'notes: 1 image(s) of several frames' in out, out

@@ -36,7 +36,7 @@ from typing import List, Sequence
 import torch
 
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.image_io import load_image
+from xtuner_plugins.data.image_io import frame_note, load_image
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, run_tool, tool_error)
@@ -60,6 +60,11 @@ def image_problem(paths: Sequence[str]) -> str:
         except SampleError as err:
             return str(err.with_source(path))
     return ''
+
+
+def frame_notes(paths: Sequence[str]) -> List[str]:
+    """A line for each image of several frames (an animated GIF: the model sees its first frame)."""
+    return [note for note in map(frame_note, paths) if note]
 
 
 def empty_hint(answer: str, generation: dict) -> str:
@@ -131,6 +136,8 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
                 print(f'(not attached: {problem})')
                 continue
             pending.extend(paths)
+            for note in frame_notes(paths):
+                print(f'(note: {note})')
             print(f'(attached to the next message: {", ".join(pending)})')
             continue
         if command == '/video':
@@ -201,6 +208,8 @@ def main(argv=None) -> int:
     problem = image_problem(args.image)  # before the model loads
     if problem:
         return tool_error('chat', problem)
+    for note in frame_notes(args.image):
+        print(f'chat: note: {note}', file=sys.stderr)
     if args.video:
         try:
             probe_video(args.video)  # a bad file is named before the model loads (headers only)

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from xtuner_plugins.data.dataset import InternVLDataset
 from xtuner_plugins.data.errors import SampleError, from_pretrained_named
-from xtuner_plugins.data.fitting import TRUNCATION, tally_cut, tally_fit
-from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from xtuner_plugins.data.fitting import TRUNCATION, tally_cut, tally_fit, tally_frames
+from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
 from xtuner_plugins.data.index import source_index
 from xtuner_plugins.data.lengths import default_cache_dir
@@ -175,6 +175,7 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
             try:
                 sizes.append(load_image(path, ds.max_image_pixels).size)
                 st['images found'] += 1
+                tally_frames(frame_note(path), st, notes, where)
             except SampleError as err:
                 st[f'images {err.reason.replace("_", " ")}'] += 1
                 problems.append(err.with_source(where))
@@ -328,8 +329,12 @@ def check_shard_set(args, tokenizer) -> int:
 
 
 def closing_lines(problems, notes, tokenizer) -> int:
-    if notes:
-        print(f'notes: {len(notes)} samples get fewer tiles to fit --max-length (training keeps them)')
+    kinds = Counter(n.reason for n in notes)
+    if kinds['fewer_tiles']:
+        print(f'notes: {kinds["fewer_tiles"]} samples get fewer tiles to fit --max-length (training keeps them)')
+    if kinds['animated_image']:
+        print(f'notes: {kinds["animated_image"]} image(s) of several frames (animated GIF, PNG or WebP; TIFF pages): '
+              'training reads the first frame of each, as InternVL\'s loader does (a "video" reads them all)')
     if tokenizer is None:
         print('not checked without --tokenizer: token lengths (what --max-length does to each sample) and the '
               'tokenizer\'s own special tokens (<|endoftext|>, ...) written in the text')

@@ -244,6 +244,14 @@ def _count(counts: dict, where: str, value, first_message: str) -> None:
     counts[where] = value
 
 
+def tally_frames(note: str, counts: dict, notes: list, where: str) -> None:
+    """An image of several frames (``image_io.frame_note``'s ``note``, '' for one frame), for check_dataset (annotation
+    files and shard sets alike): counted in ``counts``, and an ``animated_image`` note naming ``where``."""
+    if note:
+        counts['images of several frames (the first used)'] += 1
+        notes.append(SampleError('animated_image', note).with_source(where))
+
+
 def tally_fit(fit: Fit, counts: dict, notes: list, problems: list, where: str, of_tiles: int, max_length: int,
               allow_truncation: bool) -> None:
     """``tools/check_dataset.py``'s record of what ``max_length`` did to a sample training keeps (annotation files

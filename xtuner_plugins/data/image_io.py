@@ -34,6 +34,9 @@ The pixel rule, the same on every path:
   pass, ``check_dataset``) then agree with the decoded ones too. A photo whose camera only tagged it as rotated
   is seen as stored (sideways): rotate such files once before use if it matters (``exiftran -ai``, or
   ``ImageOps.exif_transpose`` and save).
+* **An image of several frames** (an animated GIF, PNG or WebP; a TIFF of several pages) is its first frame, as
+  InternVL's loader reads it. :func:`frame_note` says so where a person reads it (``check_dataset``'s
+  ``animated_image`` notes, ``chat``'s images); a sample whose frames matter is a ``"video"`` (a GIF is read as one).
 """
 
 from __future__ import annotations
@@ -333,6 +336,30 @@ def load_image(source: ImageSource, max_pixels: Optional[int] = DEFAULT_MAX_IMAG
     with _open_image(source, max_pixels, 'decode image', name) as img:
         img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
         return to_rgb(img)
+
+
+def frame_note(source: ImageSource, name: Optional[str] = None) -> str:
+    """``NAME: an animated GIF: its first frame is used, ...`` for an image file of several frames or pages, or
+    '' (one frame; or the file does not open: :func:`load_image` names that). Opens the header and looks for a
+    second frame only (Pillow's ``is_animated``: a GIF's first frame is skipped over, not decoded)."""
+    if isinstance(source, Image.Image):
+        return ''
+    try:
+        with _open_image(source, None, 'read image header of', name) as img:
+            kind = img.format or 'image'
+            if kind == 'MPO' or not getattr(img, 'is_animated', False):   # (MPO: a camera's JPEG and its preview)
+                return ''
+    except SampleError:
+        return ''
+    except (OSError, EOFError, SyntaxError, ValueError):   # a second frame that does not parse: no note
+        return ''
+    shown = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else f'<{len(source)} bytes>')
+    if kind == 'TIFF':
+        return f'{shown}: a TIFF of several pages: its first page is used, as InternVL\'s loader reads it'
+    how = ('convert it to MP4 or GIF and give that as a video (FFmpeg does not decode an animated WebP)'
+           if kind == 'WEBP' else 'give it as a video')
+    return (f'{shown}: an animated {kind}: its first frame is used, as InternVL\'s loader reads it; for its '
+            f'frames, {how}')
 
 
 def load_image_tiles(path: ImageSource, image_size: int = 448, max_num: int = 12, min_num: int = 1,

@@ -44,7 +44,7 @@ import numpy as np
 
 from .dataset import InternVLDataset
 from .errors import SampleError
-from .fitting import tally_fit
+from .fitting import tally_fit, tally_frames
 from .shard_index import INDEX, REWRITE, ShardDamaged, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
 from .strictjson import DuplicateKey, loads
@@ -320,7 +320,7 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     out, by reason)."""
     from collections import Counter, defaultdict
 
-    from .image_io import load_image
+    from .image_io import frame_note, load_image
     samples = ShardSamples(folder, **settings)
     problems: List[SampleError] = []
     notes: List[SampleError] = []
@@ -362,6 +362,7 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
                 try:
                     sizes.append(load_image(data, samples.max_image_pixels, f'{record.where}.{name}').size)
                     st['images found'] += 1
+                    tally_frames(frame_note(data, f'{record.where}.{name}'), st, notes, where)
                 except SampleError as err:
                     st[f'images {err.reason.replace("_", " ")}'] += 1
                     last = err

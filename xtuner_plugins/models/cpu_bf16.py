@@ -65,17 +65,25 @@ def _here() -> Optional[str]:
     return None
 
 
+#: the answer the ranks of a process group agreed on (:func:`why_not`): ``(group, answer)``
+_agreed: list = []
+
+
 def why_not() -> Optional[str]:
     """Why bf16 does not pay on this CPU, in a few words for a log line; None when it does. In a distributed run
     every rank takes rank 0's answer: ranks that timed their products near the bar, or ran on CPUs of other
-    kinds, would otherwise build their models in different dtypes, which DDP cannot join. Each rank asks at the
-    same point of building the same model, so the broadcast meets on all of them."""
+    kinds, would otherwise build their models in different dtypes, which DDP cannot join. The first rank to ask
+    asks at the same point of building the same model as the others, so the broadcast meets on all of them; the
+    answer is then kept for the process group (building a model asks two or three times: one broadcast)."""
     answer = _here()
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.distributed_c10d._get_default_group()
+        if _agreed and _agreed[0][0] is group:
+            return _agreed[0][1]
         shared = [answer]
         dist.broadcast_object_list(shared, src=0)
-        if shared[0] is not None and answer is None:
-            return f'rank 0: {shared[0]}'
-        answer = shared[0]
+        agreed = f'rank 0: {shared[0]}' if shared[0] is not None and answer is None else shared[0]
+        _agreed[:] = [(group, agreed)]
+        return agreed
     return answer

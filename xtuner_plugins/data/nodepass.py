@@ -83,8 +83,11 @@ def imap_parts(task: Callable[[int, int], T], parts: List[Tuple[int, int]], work
     finally:
         _TASK = None
         if not done:   # stopped early: the workers are killed, not awaited (they ignore SIGINT)
-            for process in list((getattr(pool, '_processes', None) or {}).values()):
-                process.kill()
+            if hasattr(pool, 'kill_workers'):   # Python 3.14's own
+                pool.kill_workers()
+            else:   # before it, the pool's table of its processes (private, read where it is there)
+                for process in list((getattr(pool, '_processes', None) or {}).values()):
+                    process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

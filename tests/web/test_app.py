@@ -235,3 +235,20 @@ def test_a_prompt_over_the_context_is_an_error_on_the_page(setup, monkeypatch):
     assert "lower 'Max new tokens' to " in error.value.message and "'Most tiles per image'" in error.value.message
     assert 'Frames of the video' not in error.value.message   # an image question
     assert not chat.lock.locked() and chat.model.history is None
+
+
+def test_the_page_says_an_animated_image_was_seen_as_its_first_frame(setup, tmp_path):
+    """An animated GIF uploaded as an image is its first frame to the model (as InternVL's loader reads it): the
+    status says so, by the file's name only, and where its frames go (the video upload); a still image, nothing."""
+    from PIL import Image
+
+    from xtuner_plugins.web.app import build_app
+    frames = [Image.new('RGB', (32, 32), (90 * i, 0, 0)) for i in range(3)]
+    gif = str(tmp_path / 'moving.gif')
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    send = next(f for f in build_app(_Silent(setup['chat'], 'Red.')).fns.values() if f.fn.__name__ == 'send').fn
+    *_, last = send('What is it?', [gif, setup['images'][0]], [], None, 6, True, False, 0.7, 0.9, 6)
+    status = last[-1]
+    assert status.startswith('Answered in ') and status.count('Note: ') == 1, status
+    assert "Note: moving.gif: an animated GIF: its first frame is used" in status, status
+    assert "upload it as the 'Video'" in status and str(tmp_path) not in status, status

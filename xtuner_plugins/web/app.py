@@ -5,7 +5,7 @@ images (they go with the next message, as ``/image`` does in ``tools/chat.py``),
 answer streamed as it is generated, change tiling and sampling settings, clear the history. A video upload (a file
 or a GIF) goes with the next message instead: its frames (``Frames`` of them, at the middles of equal spans, one
 tile each, as ``tools/chat.py --video``) are shown in the chat and asked about (their PNGs written for the request
-and removed after it). A prompt longer than the LLM's context is an error on the page that names the settings to
+and removed after it); an animated image uploaded as an image is its first frame, and the status line says so. A prompt longer than the LLM's context is an error on the page that names the settings to
 lower. Each browser session has its own conversation (kept in a ``gr.State`` and swapped into the one model under
 a lock).
 
@@ -30,7 +30,7 @@ import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
+from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 from xtuner_plugins.models.prompt import PromptTooLong
@@ -281,7 +281,11 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             yield history[:-2], conversation, question, files or None, video_file or None, f'Not asked: {problem}'
             raise gr.Error(problem)
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
-        yield history, conversation, '', None, None, f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
+        # an animated image was seen as its first frame: said, with where its frames go (the page's video upload)
+        notes = [for_client(n.replace('give it as a video', "upload it as the 'Video'"), [p])
+                 for p, n in ((p, frame_note(p)) for p in images) if n]
+        status = f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
+        yield history, conversation, '', None, None, ' '.join([status] + [f'Note: {n}.' for n in notes])
 
     def clear():
         return [], None, '', None, None, 'History cleared.'

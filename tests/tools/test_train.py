@@ -82,12 +82,12 @@ def test_the_resume_command_continues_from_the_checkpoint():
         'xtuner-plugins-train x.py'
 
 
-def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True):
+def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, extra_args=(), signals=1):
     """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), or to its
     process alone (``group=False``: ``kill PID``, ``timeout``), 3 s after ``ready(work)`` holds:
     ``(cmd, env, work, exit code, log)``."""
     work = str(tmp_path / 'work')
-    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options=options)
+    cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options=options, extra_args=extra_args)
     os.makedirs(work)
     job = launch.TrainJob(cmd, train_env(extra_env=env), str(tmp_path / 'interrupted.log'))
     try:
@@ -96,7 +96,9 @@ def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True):
             assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
             time.sleep(0.2)
         time.sleep(3)  # into the paused iteration
-        (os.killpg if group else os.kill)(job.proc.pid, sig)
+        for _ in range(signals):   # (a second one 10 ms after the first: two Ctrl-C, or kill twice)
+            (os.killpg if group else os.kill)(job.proc.pid, sig)
+            time.sleep(0.01)
         code = job.proc.wait(timeout=60)
     finally:
         job.kill('test over')
@@ -132,6 +134,47 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, sig, grou
                              capture_output=True, text=True, timeout=300)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0 and f'resumed from {checkpoint}' in out and 'Iter(train) [6/6]' in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_two_ranks_with_data_workers_says_where_the_run_stopped_once(tmp_path):
+    """``--nproc-per-node 2`` with DataLoader workers, SIGTERM to the launcher while rank 0 sleeps in iteration 5:
+    the launcher passes it to each rank's process group, so the workers end too. torch's SIGCHLD handler raised
+    "DataLoader worker ... is killed by signal" inside the stop's handling, and the run ended with
+    ``train: stopped by SIGTERM before training started; nothing saved`` from every rank (5 times of 5), after
+    rank 0's right line or in its place. Now the one line of rank 0, exit code 143."""
+    checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
+
+    def saved(work):
+        pointer = os.path.join(work, 'last_checkpoint')
+        return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
+    _, _, _, ended, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
+        'train_dataloader.num_workers': 2}, saved, signal.SIGTERM, group=False,
+        extra_args=['--nproc-per-node', '2'])
+    said = [line for line in log.splitlines() if line.startswith('train: ')]
+    assert ended == 143 and 'Traceback' not in log, log[-3000:]
+    assert len(said) == 1 and said[0].startswith(
+        f'train: stopped by SIGTERM at iteration 5; last checkpoint {checkpoint}; resume: python '), log[-3000:]
+    assert '--nproc-per-node 2' in said[0], said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig,code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_does_not_cut_the_stop_short(tmp_path, sig, code):
+    """Two signals 10 ms apart (a second Ctrl-C, kill twice) with DataLoader workers: the second one, taken by the
+    default handler again or raised inside the stop's own handling, ended the run by the signal (-15) after the
+    line, left its lock, printed a KeyboardInterrupt traceback from an exit handler, or a second, contradictory line
+    ('interrupted before training started'). Now it is noted and the stop goes on: one line, the lock released."""
+    from xtuner_plugins.engine.runlock import LOCK_NAME
+    _, _, work, ended, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
+        'train_dataloader.num_workers': 2}, lambda work: os.path.isfile(os.path.join(work, 'iter_4.pth')), sig,
+        signals=2)
+    said = [line for line in log.splitlines() if line.startswith('train: ')]
+    assert ended == code and 'Traceback' not in log and 'Exception ignored' not in log, log[-3000:]
+    assert len(said) == 1 and ' at iteration 5; last checkpoint ' in said[0], log[-3000:]
+    assert not os.path.exists(os.path.join(work, LOCK_NAME))
 
 
 def test_help_lists_this_tools_options_and_deepspeeds_names_before_anything_loads():

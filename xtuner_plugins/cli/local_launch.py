@@ -284,12 +284,15 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
         print(f'local_launch: port {port} on {addr} (--master-port, or MASTER_PORT): {why}: choose another port',
               file=sys.stderr)
         return 1
+    from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
     try:
-        entry = preloaded(preload)
-    except KeyboardInterrupt:
-        print('\nlocal_launch: interrupted while loading the ranks\' libraries; no rank started', file=sys.stderr,
+        with sigterm_as_interrupt():   # (SIGTERM here ended the launcher at once, without a word)
+            entry = preloaded(preload)
+    except KeyboardInterrupt as stop:
+        how = 'stopped by SIGTERM' if stop_code(stop) == 143 else 'interrupted'
+        print(f'\nlocal_launch: {how} while loading the ranks\' libraries; no rank started', file=sys.stderr,
               flush=True)
-        return 130
+        return stop_code(stop)
     received: List[int] = []
 
     def on_signal(sig, _frame):
@@ -317,16 +320,23 @@ def _watch(ranks: Ranks, received: List[int], poll_s: float, grace: float) -> in
                   file=sys.stderr, flush=True)
             # SIGINT ends a rank where it is; SIGTERM may save a checkpoint first (engine/preempt.py): its full grace
             killed = ranks.stop(sig, grace, peers=PEER_GRACE_S if sig == signal.SIGINT else None)
-            if killed and len(killed) < len(ranks.procs):
+            if killed and len(killed) < len(ranks.procs) and sig == signal.SIGINT:
                 print(f'local_launch: rank {", ".join(map(str, killed))} still running {PEER_GRACE_S:g} s after '
                       f'another rank ended on {name}: killed (waiting on the ended rank in a collective, it could '
                       'not see the signal)', file=sys.stderr, flush=True)
+            elif killed:   # (a rank stopped, SIGSTOP, or blocked in a call that does not return)
+                print(f'local_launch: rank {", ".join(map(str, killed))} still running {grace:g} s after {name}: '
+                      'killed (SIGKILL); the last complete checkpoint stays, and resume=True in the work folder '
+                      'continues from it', file=sys.stderr, flush=True)
             failed = [exit_code(c) for c in ranks.codes() if c]
-            return failed[0] if failed else 128 + sig
+            stops = [c for c in failed if c in (130, 143)]   # the ranks killed (137) were stopped by the signal too
+            return (stops or ([] if killed else failed) or [128 + sig])[0]
         codes = ranks.codes()
         failed = [(rank, c) for rank, c in enumerate(codes) if c]
         if failed:   # seen in one look: several may have ended since the last (a loaded machine, a rank's peers)
-            rank, code = failed[0]
+            # a rank stopped by a signal (kill PID of one rank) is the cause; its peers then fail on the lost rank
+            stops = [(r, c) for r, c in failed if exit_code(c) in (130, 143)]
+            rank, code = (stops or failed)[0]
             running = sum(c is None for c in codes)
             print(f'local_launch: {", ".join(f"rank {r} exited with code {exit_code(c)}" for r, c in failed)}'
                   + (f': stopping the {running} other rank(s)' if running else ''), file=sys.stderr, flush=True)

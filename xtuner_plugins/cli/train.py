@@ -98,19 +98,23 @@ def main() -> int:
     if nproc is not None and (nproc > 1 or 'deepspeed' in used_packages(rest)):  # the launcher
         return launch_ranks(nproc, rest)   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
-    try:
-        with noting_interrupts():
+    with noting_interrupts():   # to the end: a signal after the first, or during the exit, is noted, not raised
+        try:
             code = _train()
+        except Exception:
+            if not _INTERRUPTS:
+                raise   # (a Ctrl-C turned into another error while the libraries load: as Ctrl-C itself, below)
+            code = _stopped_early()
+        except KeyboardInterrupt:   # Ctrl-C (or SIGTERM) while the libraries are still loading
+            code = _stopped_early()
+        _RUN['ending'] = True   # the outcome is decided: a signal from here on is noted, not raised
         if code:
             exit_now(code)
-        return code
-    except Exception:
-        if not _INTERRUPTS:
-            raise   # (a Ctrl-C turned into another error while the libraries load: as Ctrl-C itself, below)
-    except KeyboardInterrupt:   # Ctrl-C (or SIGTERM) while the libraries are still loading
-        pass
-    print(f'\ntrain: {_stopped_by()} before training started; nothing saved', file=sys.stderr, flush=True)
-    return _stop_code()
+    # done: the interpreter's teardown (a second or more) is the run's too: a signal there ended a finished run with
+    # -15 or a KeyboardInterrupt's traceback, and no line after its last save
+    for sig in noting_interrupts.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def exit_now(code: int) -> None:
@@ -130,6 +134,26 @@ def exit_now(code: int) -> None:
 
 #: the SIGINTs (and SIGTERMs) this process received (:func:`noting_interrupts`)
 _INTERRUPTS: List[int] = []
+#: the work folder of the run under way, once known; whether the run's closing line has been printed
+_RUN = {'work_dir': None, 'said': False, 'ending': False}
+
+
+def _quiet_sigchld() -> None:
+    """SIGCHLD taken and dropped (the run is stopping): torch's DataLoader handler raised "DataLoader worker ... is
+    killed by signal" for the workers the same signal ended. A handler, not ``SIG_DFL``: Python raises "Signal 17
+    ignored due to race condition" for a SIGCHLD pending when its Python handler is removed."""
+    signal.signal(signal.SIGCHLD, lambda sig, frame: None)
+
+
+def _stopped_early() -> int:
+    """A stop that escaped :func:`_train` (before training, or an error the stop turned into on the way out): the
+    closing line, once and on rank 0, naming how far the run got."""
+    if _RUN['work_dir'] is not None:
+        return _interrupted(_RUN['work_dir'])
+    if not _RUN['said'] and int(os.environ.get('RANK', '0')) == 0:
+        _RUN['said'] = True
+        print(f'\ntrain: {_stopped_by()} before training started; nothing saved', file=sys.stderr, flush=True)
+    return _stop_code()
 
 
 def _stopped_by() -> str:
@@ -154,14 +178,27 @@ class noting_interrupts:
     (``engine/preempt.py``: under Slurm, or ``XTUNER_PLUGINS_SAVE_ON_SIGNAL=1``), that hook's handler holds it from
     the start of the run to its end: before that (the libraries loading, the model being built) it ends here."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    #: while set (the libraries being imported, :func:`_load`), a SIGTERM is noted and raised after: raised inside
+    #: an import whose C++ code called back into Python (Triton's nanobind) it aborted the process (SIGABRT,
+    #: ``terminate called after throwing an instance of 'nanobind::python_error'``, 1 in 60 tries)
+    deferring = False
+
     def __enter__(self):
         from xtuner_plugins.signals import Terminated
         self.previous = {}
 
         def on_signal(sig, frame):
             _INTERRUPTS.append(sig)
+            if len(_INTERRUPTS) > 1 or _RUN['ending']:   # a stop under way, or the exit (its atexit handlers: the
+                return   # run's lock released), is not cut short: a launcher stopping a rank that failed sends SIGTERM
+            # the DataLoader workers the same signal reached end now: torch's SIGCHLD handler would raise "DataLoader
+            # worker ... is killed by signal" inside the stop's handling (two ranks: a wrong closing line)
+            _quiet_sigchld()
+            if sig == signal.SIGTERM and noting_interrupts.deferring:
+                return
             raise Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt
-        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        for sig, default in zip(self.SIGNALS, (signal.default_int_handler, signal.SIG_DFL)):
             if signal.getsignal(sig) is default:   # ignored, or handled by the caller: left as it is
                 self.previous[sig] = signal.signal(sig, on_signal)
         return self
@@ -207,8 +244,12 @@ def rank_preload(argv):
 
 
 def _train() -> int:
-    _load(sys.argv[1:])
-    if _INTERRUPTS:   # a Ctrl-C that an import caught and went on from (noting_interrupts): stop before training
+    noting_interrupts.deferring = True
+    try:
+        _load(sys.argv[1:])
+    finally:
+        noting_interrupts.deferring = False
+    if _INTERRUPTS:   # a Ctrl-C that an import caught and went on from, a SIGTERM held (noting_interrupts): stop
         raise KeyboardInterrupt
     from xtuner.tools import train as xtuner_train
 
@@ -235,6 +276,7 @@ def _train() -> int:
         return 2
     started = time.time()
     work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
+    _RUN['work_dir'] = work_dir
     try:
         xtuner_train.main()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, no traceback
@@ -267,8 +309,9 @@ def _interrupted(work_dir: str) -> int:
     # the run is over: a DataLoader worker that the same signal ended (SIGTERM to the process group: systemd,
     # ``kill -- -PGID``) no longer raises torch's "DataLoader worker ... is killed by signal" from its SIGCHLD
     # handler, which it did at exit, with a traceback after this line
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    if int(os.environ.get('RANK', '0')) == 0:
+    _quiet_sigchld()
+    if int(os.environ.get('RANK', '0')) == 0 and not _RUN['said']:
+        _RUN['said'] = True
         print(f'\n{interrupted_line(work_dir, sys.argv, _stopped_by())}', file=sys.stderr, flush=True)
     return _stop_code()
 

@@ -46,21 +46,22 @@ POINTER = 'last_checkpoint'
 
 
 class _AtomicPointer(io.StringIO):
-    """What MMEngine's checkpoint hook gets from ``open(WORK_DIR/last_checkpoint, 'w')``: written on close."""
+    """What MMEngine's checkpoint hook gets from ``open(WORK_DIR/last_checkpoint, 'w')``
+    (``with open(...) as f: f.write(path)``): written when its ``with`` ends without an error. A pointer dropped
+    unfinished (a stop landing between the ``open`` and the write, or inside the write) writes nothing when it is
+    collected: it wrote an empty pointer, which ``resume=True`` refused, or a newer one after the run's closing line
+    had named the older."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
 
-    def close(self) -> None:
-        if not self.closed:
-            atomic_write(self.getvalue(), self.path)
-        super().close()
-
     def __exit__(self, kind, *args) -> None:
-        if kind is not None:  # the write failed: the old pointer stays
-            super().close()
-        self.close()
+        try:
+            if kind is None and not self.closed:  # (an error in the with: the old pointer stays)
+                atomic_write(self.getvalue(), self.path)
+        finally:
+            self.close()
 
 
 def _pointer_open(file, mode='r', *args, **kwargs):

@@ -190,6 +190,12 @@ def exit_now(code: int) -> None:
         os._exit(code)
 
 
+def _how(returncode: int) -> str:
+    """`` (stopped by SIGTERM)`` / `` (interrupted)`` for a rank's exit code of a stop (a rank's own line is rank
+    0's alone), else ''."""
+    return {143: ' (stopped by SIGTERM)', 130: ' (interrupted)'}.get(exit_code(returncode), '')
+
+
 def exit_code(returncode: int) -> int:
     """A process's exit status as a shell reports it (a signal N: 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -338,7 +344,7 @@ def _watch(ranks: Ranks, received: List[int], poll_s: float, grace: float) -> in
             stops = [(r, c) for r, c in failed if exit_code(c) in (130, 143)]
             rank, code = (stops or failed)[0]
             running = sum(c is None for c in codes)
-            print(f'local_launch: {", ".join(f"rank {r} exited with code {exit_code(c)}" for r, c in failed)}'
+            print(f'local_launch: {", ".join(f"rank {r} exited with code {exit_code(c)}{_how(c)}" for r, c in failed)}'
                   + (f': stopping the {running} other rank(s)' if running else ''), file=sys.stderr, flush=True)
             ranks.stop(signal.SIGTERM, grace)
             return exit_code(code)

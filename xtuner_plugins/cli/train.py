@@ -109,6 +109,7 @@ def main() -> int:
             code = _stopped_early()
         _RUN['ending'] = True   # the outcome is decided: a signal from here on is noted, not raised
         if code:
+            _quiet_sigchld()   # (the launcher stopping a failed rank's group ends its DataLoader workers too)
             exit_now(code)
     # done: the interpreter's teardown (a second or more) is the run's too: a signal there ended a finished run with
     # -15 or a KeyboardInterrupt's traceback, and no line after its last save
@@ -190,11 +191,11 @@ class noting_interrupts:
 
         def on_signal(sig, frame):
             _INTERRUPTS.append(sig)
-            if len(_INTERRUPTS) > 1 or _RUN['ending']:   # a stop under way, or the exit (its atexit handlers: the
-                return   # run's lock released), is not cut short: a launcher stopping a rank that failed sends SIGTERM
             # the DataLoader workers the same signal reached end now: torch's SIGCHLD handler would raise "DataLoader
             # worker ... is killed by signal" inside the stop's handling (two ranks: a wrong closing line)
             _quiet_sigchld()
+            if len(_INTERRUPTS) > 1 or _RUN['ending']:   # a stop under way, or the exit (its atexit handlers: the
+                return   # run's lock released), is not cut short: a launcher stopping a rank that failed sends SIGTERM
             if sig == signal.SIGTERM and noting_interrupts.deferring:
                 return
             raise Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt

@@ -5,7 +5,8 @@ images (they go with the next message, as ``/image`` does in ``tools/chat.py``),
 answer streamed as it is generated, change tiling and sampling settings, clear the history. A video upload (a file
 or a GIF) goes with the next message instead: its frames (``Frames`` of them, at the middles of equal spans, one
 tile each, as ``tools/chat.py --video``) are shown in the chat and asked about (their PNGs written for the request
-and removed after it); an animated image uploaded as an image is its first frame, and the status line says so. A prompt longer than the LLM's context is an error on the page that names the settings to
+and removed after it); an animated image uploaded as an image is its first frame, and the status line says so. A
+prompt longer than the LLM's context is an error on the page that names the settings to
 lower. Each browser session has its own conversation (kept in a ``gr.State`` and swapped into the one model under
 a lock).
 

@@ -1,6 +1,7 @@
 """``last_checkpoint`` (engine/resume.py): written atomically, and read against the work folder it is in, so that a
 moved or copied work folder resumes from its own checkpoint and a copy never from the original's."""
 
+import gc
 import os
 
 import pytest
@@ -25,6 +26,15 @@ def test_the_pointer_is_written_atomically(tmp_path, monkeypatch):
     assert pointer.read_text() == str(tmp_path / 'iter_2.pth') and os.listdir(tmp_path) == ['last_checkpoint']
     with checkpoint_hook.open(str(tmp_path / 'other.txt'), 'w') as f:  # any other file: the builtin open
         assert not isinstance(f, _AtomicPointer)
+    # a stop between the open and the end of the with: the writer dropped unfinished writes nothing when collected
+    # (its close() wrote, an empty pointer or one newer than the run's closing line named)
+    monkeypatch.undo()   # (fsync again)
+    for text in ('', str(tmp_path / 'iter_6.pth')):
+        f = checkpoint_hook.open(str(pointer), 'w')
+        f.write(text)
+        del f
+        gc.collect()
+        assert pointer.read_text() == str(tmp_path / 'iter_2.pth')
 
 
 def test_resume_reads_the_pointer_against_its_work_folder(tmp_path):

@@ -106,6 +106,14 @@ def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, ext
     return cmd, env, work, code, job.read_log()
 
 
+def pointing_at(checkpoint):
+    """``ready(work)`` for :func:`interrupted_run`: the work folder's ``last_checkpoint`` names ``checkpoint``."""
+    def saved(work):
+        pointer = os.path.join(work, 'last_checkpoint')
+        return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
+    return saved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('sig,group,code,how', [
     (signal.SIGINT, True, 130, 'interrupted'),
@@ -116,10 +124,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, sig, grou
     (iteration 4's checkpoint saved): one line, exit code 130, no traceback; the command it gives resumes. SIGTERM
     outside Slurm (no checkpoint saved on it) ended the run at once without a word: the same line, exit code 143."""
     checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
-
-    def saved(work):
-        pointer = os.path.join(work, 'last_checkpoint')
-        return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
+    saved = pointing_at(checkpoint)
     cmd, env, work, ended, log = interrupted_run(tmp_path, {
         'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
         'train_dataloader.num_workers': 2}, saved, sig, group)
@@ -144,10 +149,7 @@ def test_sigterm_to_two_ranks_with_data_workers_says_where_the_run_stopped_once(
     ``train: stopped by SIGTERM before training started; nothing saved`` from every rank (5 times of 5), after
     rank 0's right line or in its place. Now the one line of rank 0, exit code 143."""
     checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
-
-    def saved(work):
-        pointer = os.path.join(work, 'last_checkpoint')
-        return os.path.isfile(pointer) and open(pointer).read().strip() == checkpoint
+    saved = pointing_at(checkpoint)
     _, _, _, ended, log = interrupted_run(tmp_path, {
         'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
         'train_dataloader.num_workers': 2}, saved, signal.SIGTERM, group=False,

@@ -47,10 +47,10 @@ POINTER = 'last_checkpoint'
 
 class _AtomicPointer(io.StringIO):
     """What MMEngine's checkpoint hook gets from ``open(WORK_DIR/last_checkpoint, 'w')``
-    (``with open(...) as f: f.write(path)``): written when its ``with`` ends without an error. A pointer dropped
-    unfinished (a stop landing between the ``open`` and the write, or inside the write) writes nothing when it is
-    collected: it wrote an empty pointer, which ``resume=True`` refused, or a newer one after the run's closing line
-    had named the older."""
+    (``with open(...) as f: f.write(path)``): written when its ``with`` ends without an error, and only then. A
+    pointer a stop left unfinished (between the ``open`` and the write, or inside the write) is not written by a later
+    ``close()``, the garbage collector's included, which could come after the run's closing line had named the
+    checkpoint before it."""
 
     def __init__(self, path: str):
         super().__init__()

@@ -96,9 +96,9 @@ def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, ext
             assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
             time.sleep(0.2)
         time.sleep(3)  # into the paused iteration
-        for _ in range(signals):   # (a second one 10 ms after the first: two Ctrl-C, or kill twice)
+        for _ in range(signals):   # (a second one 20 ms after the first: two Ctrl-C, or kill twice)
             (os.killpg if group else os.kill)(job.proc.pid, sig)
-            time.sleep(0.01)
+            time.sleep(0.02)
         code = job.proc.wait(timeout=60)
     finally:
         job.kill('test over')
@@ -164,7 +164,7 @@ def test_sigterm_to_two_ranks_with_data_workers_says_where_the_run_stopped_once(
 @pytest.mark.slow
 @pytest.mark.parametrize('sig,code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_second_signal_does_not_cut_the_stop_short(tmp_path, sig, code):
-    """Two signals 10 ms apart (a second Ctrl-C, kill twice) with DataLoader workers: the second one, taken by the
+    """Two signals 20 ms apart (a second Ctrl-C, kill twice) with DataLoader workers: the second one, taken by the
     default handler again or raised inside the stop's own handling, ended the run by the signal (-15) after the
     line, left its lock, printed a KeyboardInterrupt traceback from an exit handler, or a second, contradictory line
     ('interrupted before training started'). Now it is noted and the stop goes on: one line, the lock released."""

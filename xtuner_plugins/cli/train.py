@@ -135,8 +135,12 @@ def exit_now(code: int) -> None:
 
 #: the SIGINTs (and SIGTERMs) this process received (:func:`noting_interrupts`)
 _INTERRUPTS: List[int] = []
-#: the work folder of the run under way, once known; whether the run's closing line has been printed
-_RUN = {'work_dir': None, 'said': False, 'ending': False}
+#: the run's state as the signal handling reads it: its work folder once known; whether its closing line has been
+#: printed; whether its outcome is decided (a signal then is noted, not raised); whether the libraries are being
+#: imported (:func:`_load`: a SIGTERM is noted and raised after; raised inside an import whose C++ code called back
+#: into Python, Triton's nanobind, it aborted the process: SIGABRT, ``terminate called after throwing an instance of
+#: 'nanobind::python_error'``, 1 in 60 tries)
+_RUN = {'work_dir': None, 'said': False, 'ending': False, 'loading': False}
 
 
 def _quiet_sigchld() -> None:
@@ -180,10 +184,6 @@ class noting_interrupts:
     the start of the run to its end: before that (the libraries loading, the model being built) it ends here."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    #: while set (the libraries being imported, :func:`_load`), a SIGTERM is noted and raised after: raised inside
-    #: an import whose C++ code called back into Python (Triton's nanobind) it aborted the process (SIGABRT,
-    #: ``terminate called after throwing an instance of 'nanobind::python_error'``, 1 in 60 tries)
-    deferring = False
 
     def __enter__(self):
         from xtuner_plugins.signals import Terminated
@@ -196,7 +196,7 @@ class noting_interrupts:
             _quiet_sigchld()
             if len(_INTERRUPTS) > 1 or _RUN['ending']:   # a stop under way, or the exit (its atexit handlers: the
                 return   # run's lock released), is not cut short: a launcher stopping a rank that failed sends SIGTERM
-            if sig == signal.SIGTERM and noting_interrupts.deferring:
+            if sig == signal.SIGTERM and _RUN['loading']:
                 return
             raise Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt
         for sig, default in zip(self.SIGNALS, (signal.default_int_handler, signal.SIG_DFL)):
@@ -245,11 +245,11 @@ def rank_preload(argv):
 
 
 def _train() -> int:
-    noting_interrupts.deferring = True
+    _RUN['loading'] = True
     try:
         _load(sys.argv[1:])
     finally:
-        noting_interrupts.deferring = False
+        _RUN['loading'] = False
     if _INTERRUPTS:   # a Ctrl-C that an import caught and went on from, a SIGTERM held (noting_interrupts): stop
         raise KeyboardInterrupt
     from xtuner.tools import train as xtuner_train
@@ -307,9 +307,7 @@ def _train() -> int:
 
 
 def _interrupted(work_dir: str) -> int:
-    # the run is over: a DataLoader worker that the same signal ended (SIGTERM to the process group: systemd,
-    # ``kill -- -PGID``) no longer raises torch's "DataLoader worker ... is killed by signal" from its SIGCHLD
-    # handler, which it did at exit, with a traceback after this line
+    # (done by noting_interrupts' handler already; again for a stop it did not raise: SIGINT handled by a caller)
     _quiet_sigchld()
     if int(os.environ.get('RANK', '0')) == 0 and not _RUN['said']:
         _RUN['said'] = True

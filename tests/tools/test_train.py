@@ -10,42 +10,15 @@ import sys
 import time
 
 import pytest
-import torch
 
 from tests.train_utils import REPO_ROOT, train_env
 from xtuner_plugins import launch
 
-from xtuner_plugins.cli.train import failure_message
-from xtuner_plugins.data.errors import TooManyBadSamplesError
 from xtuner_plugins.data.index import AnnotationChanged
 from xtuner_plugins.errors import Refused
 
 GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
 TRAIN_TOOL = os.path.join(REPO_ROOT, 'tools', 'train.py')
-
-
-class _BadData(torch.utils.data.Dataset):
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, index):
-        raise TooManyBadSamplesError("2 of 2 samples are bad: {'missing_image': 2}; last: d.jsonl:2: image file not "
-                                     "found: x.jpg\nRun tools/check_dataset.py for the full list.")
-
-
-def test_a_data_loader_worker_error_is_summed_up_by_the_worker_message():
-    """torch re-raises a worker's error as "Caught X in DataLoader worker process 0." with the worker's traceback
-    below: the summary gives the worker's message (which file, line and reason), not that first line."""
-    loader = torch.utils.data.DataLoader(_BadData(), num_workers=1)
-    try:
-        next(iter(loader))
-    except TooManyBadSamplesError as exc:
-        raised = exc
-    assert str(raised).startswith('Caught TooManyBadSamplesError in DataLoader worker process 0')
-    assert failure_message(raised) == ("2 of 2 samples are bad: {'missing_image': 2}; last: d.jsonl:2: image file "
-                                       "not found: x.jpg")
-    assert failure_message(ValueError('model.llm: no such folder\nmore')) == 'model.llm: no such folder'
-    assert failure_message(RuntimeError()) == ''
 
 
 @pytest.mark.parametrize('error,rc,first,traceback', [
@@ -82,10 +55,11 @@ def test_the_resume_command_continues_from_the_checkpoint():
         'xtuner-plugins-train x.py'
 
 
-def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, extra_args=(), signals=1):
-    """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), or to its
-    process alone (``group=False``: ``kill PID``, ``timeout``), 3 s after ``ready(work)`` holds:
-    ``(cmd, env, work, exit code, log)``."""
+def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, extra_args=(), signals=1,
+                    worker=False):
+    """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), to its
+    process alone (``group=False``: ``kill PID``, ``timeout``), or to one of its DataLoader workers (``worker``),
+    3 s after ``ready(work)`` holds: ``(cmd, env, work, exit code, log)``."""
     work = str(tmp_path / 'work')
     cmd, env = launch.train_command(GUARDED, work, script=TRAIN_TOOL, cfg_options=options, extra_args=extra_args)
     os.makedirs(work)
@@ -96,7 +70,10 @@ def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, ext
             assert job.poll() is None and time.time() < deadline, job.read_log()[-3000:]
             time.sleep(0.2)
         time.sleep(3)  # into the paused iteration
-        for _ in range(signals):   # (a second one 20 ms after the first: two Ctrl-C, or kill twice)
+        if worker:   # (the training's children are its DataLoader workers)
+            children = subprocess.run(['pgrep', '-P', str(job.proc.pid)], capture_output=True, text=True).stdout
+            os.kill(int(children.split()[0]), sig)
+        for _ in range(0 if worker else signals):   # (a second one 20 ms after the first: two Ctrl-C, kill twice)
             (os.killpg if group else os.kill)(job.proc.pid, sig)
             time.sleep(0.02)
         code = job.proc.wait(timeout=60)
@@ -177,6 +154,24 @@ def test_a_second_signal_does_not_cut_the_stop_short(tmp_path, sig, code):
     assert ended == code and 'Traceback' not in log and 'Exception ignored' not in log, log[-3000:]
     assert len(said) == 1 and ' at iteration 5; last checkpoint ' in said[0], log[-3000:]
     assert not os.path.exists(os.path.join(work, LOCK_NAME))
+
+
+@pytest.mark.slow
+def test_a_data_loader_worker_killed_by_the_oom_killer_ends_the_run_with_one_line(tmp_path):
+    """SIGKILL, the out-of-memory killer's signal, to a DataLoader worker while the toy run sleeps in iteration 5:
+    torch raises its RuntimeError wherever the training process was (here, the model's forward). The run ended with
+    that traceback and 'train: FAILED: RuntimeError: DataLoader worker (pid N) is killed by signal: Killed.'; now
+    one line that names the likely cause and what needs less memory, exit code 1, and the checkpoint to resume."""
+    checkpoint = str(tmp_path / 'work' / 'iter_4.pth')
+    _, _, _, ended, log = interrupted_run(tmp_path, {
+        'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
+        'train_dataloader.num_workers': 2, 'train_dataloader.persistent_workers': True}, pointing_at(checkpoint),
+        signal.SIGKILL, worker=True)
+    said = [line for line in log.splitlines() if line.startswith('train: ')]
+    assert ended == 1 and 'Traceback' not in log, log[-3000:]
+    assert len(said) == 1 and re.match(r'train: FAILED: a DataLoader worker \(pid \d+\) was killed by SIGKILL: most '
+                                       r'often the out-of-memory killer', said[0]), log[-3000:]
+    assert log.rstrip().endswith(f'--cfg-options resume=True continues from {checkpoint}'), log[-3000:]
 
 
 def test_help_lists_this_tools_options_and_deepspeeds_names_before_anything_loads():

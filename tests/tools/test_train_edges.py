@@ -129,20 +129,6 @@ def test_ctrl_c_does_not_wait_the_full_grace_for_a_rank_blocked_on_an_ended_peer
             'ended rank in a collective, it could not see the signal)') in err, err
 
 
-def test_only_a_collectives_error_reads_as_a_lost_rank(monkeypatch):
-    """A rank that lost another inside a collective (gloo's or the store's RuntimeError) prints one line; a
-    BrokenPipeError of this rank's own (a log or file written to a closed pipe) or a DataLoader worker's was read
-    as 'another rank stopped first' and its traceback, the run's cause, left out."""
-    from xtuner_plugins.cli.train import lost_peer
-    monkeypatch.setenv('WORLD_SIZE', '2')
-    assert lost_peer(RuntimeError('[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:5678'))
-    assert lost_peer(RuntimeError('Broken pipe'))   # the TCP store's
-    assert not lost_peer(BrokenPipeError(32, 'Broken pipe'))
-    assert not lost_peer(RuntimeError('Caught BrokenPipeError in DataLoader worker process 0.\nBroken pipe'))
-    monkeypatch.setenv('WORLD_SIZE', '1')
-    assert not lost_peer(RuntimeError('Connection closed by peer'))
-
-
 def test_a_failed_resume_is_not_told_to_resume(tmp_path):
     """Every failed resume ended with '--cfg-options resume=True continues from ...': the command that had just
     failed. A resume that saved nothing is told to start a new run from the weights; one that saved a checkpoint

@@ -42,6 +42,7 @@ import traceback
 from typing import List, Optional, Tuple
 from unittest import mock
 
+from xtuner_plugins.cli.train_failures import config_import_hint, failure_message, lost_peer, worker_death
 from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
 
 NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
@@ -298,10 +299,12 @@ def _train() -> int:
                   f'own line says why); this one then lost it: {type(exc).__name__}: {failure_message(exc)[:200]}',
                   file=sys.stderr)
             return 1
-        if not isinstance(exc, Stated):   # a failure the message alone may not explain (a bug's report needs it)
+        died = worker_death(exc)   # (where the training process was says nothing of it: no traceback)
+        said = isinstance(exc, Stated) or died is not None
+        if not said:   # a failure the message alone may not explain (a bug's report needs it)
             traceback.print_exc()
-        print(f'\ntrain: FAILED: {type(exc).__name__}: {failure_message(exc)}\n  '
-              f'{_next_steps(work_dir, started, traceback=not isinstance(exc, Stated))}', file=sys.stderr)
+        print(f'\ntrain: FAILED: {died or f"{type(exc).__name__}: {failure_message(exc)}"}\n  '
+              f'{_next_steps(work_dir, started, traceback=not said)}', file=sys.stderr)
         return 1
     return 0
 
@@ -445,49 +448,6 @@ def resume_command(argv, checkpoint) -> str:
         launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
                     f'torchrun <your launcher options> {script}')
     return ' '.join([launcher, shlex.join(words)]).strip()
-
-
-#: what the collective backends say when another rank's process is gone (gloo, NCCL, the TCP store)
-PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited or there was a network '
-             'error', 'Broken pipe')
-
-
-def lost_peer(exc: BaseException) -> bool:
-    """Whether ``exc`` is a rank of a run of several losing another rank (which stopped first): a collective's
-    or the store's error (torch raises them as ``RuntimeError``s), not this rank's own broken pipe (a
-    ``BrokenPipeError`` writing a file, a log or a DataLoader worker's queue: its traceback is the run's cause)."""
-    text = str(exc)
-    return (int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and isinstance(exc, RuntimeError)
-            and 'DataLoader worker' not in text and any(m in text for m in PEER_LOST))
-
-
-def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
-    """The line for a config that imports another by a package name in ``read_base()`` (``from configs.x import
-    *`` in a file outside the checkout): MMEngine looks such a name up as an installed package, through
-    ``pkg_resources``, which this stack's setuptools no longer has (a ModuleNotFoundError naming it); None for
-    anything else."""
-    import traceback as tb
-    if not (isinstance(exc, ModuleNotFoundError) and exc.name == 'pkg_resources'):
-        return None
-    if not any('mmengine/config' in frame.filename.replace(os.sep, '/') for frame in tb.extract_tb(exc.__traceback__)):
-        return None
-    return (f'{config}: a base config imported by a package name in read_base() (from configs.NAME import *), which '
-            'MMEngine reads as an installed package\'s: import it relative to the file (from .NAME import *, the '
-            'file beside it, or from ..configs.NAME import * inside the checkout), or copy your config into the '
-            'checkout\'s configs/ folder')
-
-
-def failure_message(exc: BaseException) -> str:
-    """The first line of the exception's message; for one a DataLoader worker raised, which torch re-raises as
-    "Caught X in DataLoader worker process N." with the worker's traceback below, the worker's own message (a bad
-    sample met while loading: the file, line and reason)."""
-    text = str(exc)
-    if 'Original Traceback' in text:
-        name = type(exc).__name__ + ': '
-        for line in reversed(text.splitlines()):
-            if not line.startswith(' ') and name in line:
-                return line.split(name, 1)[1]
-    return text.splitlines()[0] if text else ''
 
 
 def option_problems(config: str, options: dict) -> list:

@@ -1,0 +1,93 @@
+"""cli/train_failures.py: the closing line's words for a failed run, read from the errors torch and the collective
+backends really raise."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from xtuner_plugins.cli.train_failures import failure_message, lost_peer, worker_death
+from xtuner_plugins.data.errors import TooManyBadSamplesError
+
+
+class _BadData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise TooManyBadSamplesError("2 of 2 samples are bad: {'missing_image': 2}; last: d.jsonl:2: image file not "
+                                     "found: x.jpg\nRun tools/check_dataset.py for the full list.")
+
+
+def test_a_data_loader_worker_error_is_summed_up_by_the_worker_message():
+    """torch re-raises a worker's error as "Caught X in DataLoader worker process 0." with the worker's traceback
+    below: the summary gives the worker's message (which file, line and reason), not that first line."""
+    loader = torch.utils.data.DataLoader(_BadData(), num_workers=1)
+    with pytest.raises(TooManyBadSamplesError) as raised:
+        next(iter(loader))
+    assert str(raised.value).startswith('Caught TooManyBadSamplesError in DataLoader worker process 0')
+    assert failure_message(raised.value) == ("2 of 2 samples are bad: {'missing_image': 2}; last: d.jsonl:2: image "
+                                             "file not found: x.jpg")
+    assert failure_message(ValueError('model.llm: no such folder\nmore')) == 'model.llm: no such folder'
+    assert failure_message(RuntimeError()) == ''
+    assert worker_death(raised.value) is None   # the worker raised: its own message says why
+
+
+class _DyingData(torch.utils.data.Dataset):
+    """Each item ends the worker that loads it: by ``how`` (a signal's number), or ``os._exit`` of ``-how``."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if self.how > 0:
+            os.kill(os.getpid(), self.how)
+        os._exit(-self.how)
+
+
+@pytest.mark.parametrize('how,said', [
+    (signal.SIGKILL, 'was killed by SIGKILL: most often the out-of-memory killer'),
+    (signal.SIGTERM, 'was stopped by SIGTERM from outside the run'),
+    (signal.SIGBUS, 'ended with a bus error: most often the shared memory (/dev/shm) is full'),
+    (signal.SIGSEGV, 'crashed (Segmentation fault); train_dataloader.num_workers=0 runs the loading in the '
+                     'training process'),
+    (-3, 'exited with code 3; train_dataloader.num_workers=0')])
+def test_a_data_loader_worker_that_died_is_named_with_its_likely_cause(how, said):
+    """A worker the out-of-memory killer (SIGKILL) or anything else ended raises torch's RuntimeError in the
+    training process, wherever it was: the run ended with that traceback (the model's forward, say) and 'train:
+    FAILED: RuntimeError: DataLoader worker (pid 6349) is killed by signal: Killed.', not what it likely means."""
+    loader = torch.utils.data.DataLoader(_DyingData(how), num_workers=1)
+    with pytest.raises(RuntimeError) as raised:
+        for _ in loader:
+            pass
+    words = worker_death(raised.value)
+    assert words is not None and words.startswith('a DataLoader worker (pid ') or words.startswith(
+        'DataLoader worker (pid '), (str(raised.value), words)
+    assert said in words, (str(raised.value), words)
+
+
+def test_only_a_dead_workers_error_reads_as_one():
+    """Torch's wording where the loader found the worker gone from its queue, and errors that only mention
+    workers."""
+    assert worker_death(RuntimeError('DataLoader worker (pid(s) 12, 13) exited unexpectedly')) == (
+        'DataLoader workers (pids 12, 13) ended without a word; train_dataloader.num_workers=0 runs the loading in '
+        'the training process, where its error is shown')
+    assert worker_death(RuntimeError('Caught KeyError in DataLoader worker process 0.\nKeyError: 3')) is None
+    assert worker_death(ValueError('DataLoader worker (pid 5) is killed by signal: Killed.')) is None
+
+
+def test_only_a_collectives_error_reads_as_a_lost_rank(monkeypatch):
+    """A rank that lost another inside a collective (gloo's or the store's RuntimeError) prints one line; a
+    BrokenPipeError of this rank's own (a log or file written to a closed pipe) or a DataLoader worker's was read
+    as 'another rank stopped first' and its traceback, the run's cause, left out."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert lost_peer(RuntimeError('[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:5678'))
+    assert lost_peer(RuntimeError('Broken pipe'))   # the TCP store's
+    assert not lost_peer(BrokenPipeError(32, 'Broken pipe'))
+    assert not lost_peer(RuntimeError('Caught BrokenPipeError in DataLoader worker process 0.\nBroken pipe'))
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    assert not lost_peer(RuntimeError('Connection closed by peer'))

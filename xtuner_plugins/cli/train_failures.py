@@ -1,0 +1,116 @@
+"""How ``tools/train.py`` (``cli/train.py``) names a failed run's cause in its closing line.
+
+Each reader takes the exception that ended ``xtuner train``'s ``main`` and gives the line's words, or says it is
+not theirs:
+
+* :func:`failure_message`: the first line of any error, the worker's own for one a DataLoader worker raised;
+* :func:`worker_death`: a DataLoader worker that ended without an error of its own (the out-of-memory killer, a
+  signal from outside the run, a crash in native code); the line says which, and what to try;
+* :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why);
+* :func:`config_import_hint`: a config importing its base by a package name that MMEngine cannot resolve.
+"""
+
+import os
+import re
+import signal
+from typing import Optional
+
+#: what the collective backends say when another rank's process is gone (gloo, NCCL, the TCP store)
+PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited or there was a network '
+             'error', 'Broken pipe')
+
+# torch's words for a worker that ended without raising (torch/utils/data: the SIGCHLD handler's check, in C++, and
+# the loader's own when a worker's queue went quiet): "DataLoader worker (pid 6349) is killed by signal: Killed.",
+# "... (pid 6349) exited unexpectedly with exit code 1. Details are lost ...", "... (pid(s) 6349, 6350) exited
+# unexpectedly"
+_KILLED = re.compile(r'DataLoader worker \(pid (\d+)\) is killed by signal: ([^.\n]*)')
+_EXITED = re.compile(r'DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) exited unexpectedly(?: with exit code (-?\d+))?')
+
+_FEWER = ('fewer train_dataloader.num_workers (each holds its own copy of what it decodes) or a smaller batch '
+          'need less')
+_IN_PROCESS = 'train_dataloader.num_workers=0 runs the loading in the training process, where its error is shown'
+
+
+def failure_message(exc: BaseException) -> str:
+    """The first line of the exception's message; for one a DataLoader worker raised, which torch re-raises as
+    "Caught X in DataLoader worker process N." with the worker's traceback below, the worker's own message (a bad
+    sample met while loading: the file, line and reason)."""
+    text = str(exc)
+    if 'Original Traceback' in text:
+        name = type(exc).__name__ + ': '
+        for line in reversed(text.splitlines()):
+            if not line.startswith(' ') and name in line:
+                return line.split(name, 1)[1]
+    return text.splitlines()[0] if text else ''
+
+
+def worker_death(exc: BaseException) -> Optional[str]:
+    """The closing line's words for a DataLoader worker that died (torch's ``RuntimeError``, raised in the training
+    process wherever it was, so its traceback says nothing of the cause), or None for any other error.
+
+    SIGKILL is what the kernel's out-of-memory killer sends; SIGTERM came from outside the run (the run's own stop
+    ends its workers after the run's closing line); a bus error is most often ``/dev/shm`` full (a container's
+    64 MiB default); another signal or an exit code is a crash in the worker, shown in full with no workers."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    chain, seen = [], exc   # (waiting on a worker's queue, torch raises 'exited unexpectedly' from the signal's error)
+    while seen is not None and len(chain) < 8:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = '\n'.join(chain)
+    killed = _KILLED.search(text)
+    if killed:
+        pid, name = killed.group(1), killed.group(2).strip()
+        sig = _signal_named(name)
+        if sig == signal.SIGKILL:
+            return (f'a DataLoader worker (pid {pid}) was killed by SIGKILL: most often the out-of-memory killer '
+                    f'(dmesg or journalctl -k names it); {_FEWER}')
+        if sig == signal.SIGTERM:
+            return (f'a DataLoader worker (pid {pid}) was stopped by SIGTERM from outside the run (to stop a run, '
+                    'signal its training process, which then says how to resume)')
+        if sig == signal.SIGBUS:
+            return (f'a DataLoader worker (pid {pid}) ended with a bus error: most often the shared memory (/dev/shm) '
+                    'is full, which passes the batches between the processes (a container\'s is 64 MiB unless '
+                    f'given more: docker run --shm-size 8g); {_FEWER}')
+        return f'a DataLoader worker (pid {pid}) crashed ({name or "killed by a signal"}); {_IN_PROCESS}'
+    exits = list(_EXITED.finditer(text))
+    exited = next((m for m in exits if m.group(2) is not None), exits[0] if exits else None)   # the code, if said
+    if exited:
+        pids, code = exited.group(1).strip(), exited.group(2)
+        how = f'exited with code {code}' if code is not None else 'ended without a word'
+        s = 's' if ',' in pids else ''
+        return f'DataLoader worker{s} (pid{s} {pids}) {how}; {_IN_PROCESS}'
+    return None
+
+
+def _signal_named(name: str) -> Optional[int]:
+    """The signal whose description (``strsignal``: 'Killed', 'Terminated', 'Bus error') is ``name``."""
+    for sig in signal.Signals:
+        if signal.strsignal(sig) == name:
+            return sig
+    return None
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a rank of a run of several losing another rank (which stopped first): a collective's
+    or the store's error (torch raises them as ``RuntimeError``s), not this rank's own broken pipe (a
+    ``BrokenPipeError`` writing a file, a log or a DataLoader worker's queue: its traceback is the run's cause)."""
+    text = str(exc)
+    return (int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and isinstance(exc, RuntimeError)
+            and 'DataLoader worker' not in text and any(m in text for m in PEER_LOST))
+
+
+def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
+    """The line for a config that imports another by a package name in ``read_base()`` (``from configs.x import
+    *`` in a file outside the checkout): MMEngine looks such a name up as an installed package, through
+    ``pkg_resources``, which this stack's setuptools no longer has (a ModuleNotFoundError naming it); None for
+    anything else."""
+    import traceback as tb
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == 'pkg_resources'):
+        return None
+    if not any('mmengine/config' in frame.filename.replace(os.sep, '/') for frame in tb.extract_tb(exc.__traceback__)):
+        return None
+    return (f'{config}: a base config imported by a package name in read_base() (from configs.NAME import *), which '
+            'MMEngine reads as an installed package\'s: import it relative to the file (from .NAME import *, the '
+            'file beside it, or from ..configs.NAME import * inside the checkout), or copy your config into the '
+            'checkout\'s configs/ folder')

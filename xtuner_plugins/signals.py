@@ -1,12 +1,17 @@
 """SIGTERM taken as Ctrl-C is, by the tools that clean up on an interrupt: ``kill``, ``timeout``, Slurm and systemd
 send SIGTERM, whose default ends the process at once, so what a ``finally`` or an ``except KeyboardInterrupt`` would
-remove (a half-written output folder, a temporary converted model, a converter's process) was left behind."""
+remove (a half-written output folder, a temporary converted model, a converter's process) was left behind. And a
+stop's last noise: a DataLoader worker's traceback for the batch the stop cut
+(:func:`quiet_cut_descriptor_transfers`)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
+import traceback
 from typing import Iterator
 
 
@@ -48,3 +53,27 @@ def parent_death_signal(sig: int):
     except (OSError, AttributeError):   # not Linux
         return None
     return lambda: prctl(1, int(sig), 0, 0, 0)   # 1: PR_SET_PDEATHSIG
+
+
+def quiet_cut_descriptor_transfers() -> None:
+    """In the processes this one forks from now on (its DataLoader workers), a transfer of a file descriptor that
+    this process cut short (a signal ended it while it fetched a batch) is not printed as a traceback.
+
+    A worker passes each batch's tensors to the training process as file descriptors, which its
+    ``multiprocessing.resource_sharer`` thread hands over on request. When the training process ends in the
+    middle of one (SIGTERM to it alone, 2 of 15 runs), that thread's error (``ConnectionResetError``,
+    ``BrokenPipeError``) went to ``sys.excepthook``: a traceback after the run's closing line, about nothing lost.
+    The same error in the training process itself, and any other error anywhere, is printed as before."""
+    previous = sys.excepthook
+    if getattr(previous, '_xtuner_plugins_owner', None) is not None:
+        return
+    owner = os.getpid()
+
+    def excepthook(kind, value, tb):
+        sharer = any(frame.filename.replace(os.sep, '/').endswith('multiprocessing/resource_sharer.py')
+                     for frame in traceback.extract_tb(tb))
+        if os.getpid() != owner and issubclass(kind, (ConnectionError, EOFError)) and sharer:
+            return
+        previous(kind, value, tb)
+    excepthook._xtuner_plugins_owner = owner
+    sys.excepthook = excepthook

@@ -279,6 +279,8 @@ def _train() -> int:
     started = time.time()
     work_dir = args.work_dir or os.path.join('work_dirs', os.path.splitext(os.path.basename(args.config))[0])
     _RUN['work_dir'] = work_dir
+    from xtuner_plugins.signals import quiet_cut_descriptor_transfers
+    quiet_cut_descriptor_transfers()   # (in the DataLoader workers forked from here)
     try:
         xtuner_train.main()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, no traceback

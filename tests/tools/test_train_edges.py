@@ -73,6 +73,44 @@ def test_a_ctrl_c_turned_into_another_error_is_still_an_interrupt(tmp_path, wher
     assert lines[-1].startswith(last), out.stderr[-3000:]
 
 
+# SIGTERM while the libraries load (D7: raised inside Triton's import, whose C++ called back into Python, it aborted
+# the process, SIGABRT, 1 in 60 tries), and in a finished run's exit (D4: -15 and no line after its last save)
+SIGTERM_AT = '''
+import atexit, os, signal, sys, time
+from xtuner_plugins.cli import train
+
+def loading(argv):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print('the libraries loaded', file=sys.stderr, flush=True)
+
+def teardown():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print('the exit went on', file=sys.stderr, flush=True)
+
+if sys.argv[1] == 'load':
+    train._load = loading
+else:
+    train._train = lambda: 0   # a run that finished
+    atexit.register(teardown)
+sys.argv[1:] = ['config.py']
+sys.exit(train.main())
+'''
+
+
+@pytest.mark.parametrize('when,code,said', [
+    ('load', 143, 'the libraries loaded\n\ntrain: stopped by SIGTERM before training started; nothing saved'),
+    ('exit', 0, 'the exit went on')])
+def test_sigterm_while_the_libraries_load_or_a_finished_run_exits(tmp_path, when, code, said):
+    """While the libraries load, SIGTERM is held until they have, then stops the run with its line (143); in the
+    exit of a run that finished, it is ignored (exit code 0, not -15)."""
+    out = subprocess.run([sys.executable, '-c', SIGTERM_AT, when], env=_env(), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code and 'Traceback' not in out.stderr, (out.returncode, out.stderr[-3000:])
+    assert out.stderr.strip().endswith(said), out.stderr[-3000:]
+
+
 @pytest.mark.parametrize('port', ['abc', '99999', '0x10', '-1'])
 def test_a_master_port_that_is_no_port_is_refused_before_any_rank_starts(tmp_path, port):
     """Before, MASTER_PORT=abc was dropped without a word (a free port taken instead) and 99999 ended in

@@ -38,6 +38,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _caches_in_a_temporary_folder(tmp_path_factory):
+    """What the tests cache (the data sets' indexes, checks and lengths, the CPU attention kernel, yapf's grammar)
+    goes to a temporary folder of the session (``$XDG_CACHE_HOME``; pytest keeps the last three sessions'), not to
+    ``~/.cache``: a run of the suite left about 2,000 files there for the tests' own annotation files, for good.
+    yapf's grammar is written first, by one process: its file is not written atomically, and processes importing
+    MMEngine's config at once could read it half-written (``make setup`` writes it for the same reason)."""
+    import subprocess
+    import sys
+    os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('xdg_cache'))
+    subprocess.run([sys.executable, '-c', 'import yapf'], check=True, timeout=120)
+
+
 @pytest.fixture(autouse=True)
 def _no_log_handler_on_a_closed_stream():
     """An MMLogger made while a test captured its output (``capsys``) writes to that capture, which is closed when

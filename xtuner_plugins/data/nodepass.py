@@ -155,7 +155,7 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
     without file locks (one warning), each builds its own (the caches are written atomically)."""
     found = load()
     if found is not None:
-        return found
+        return _used(cache_file, found)
     lock_file = cache_file + '.lock'
     try:
         os.makedirs(os.path.dirname(lock_file) or '.', exist_ok=True)
@@ -178,6 +178,17 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
                 _no_locks(os.path.dirname(lock_file), exc)
                 return build()
         found = load()  # another process built it while this one waited
-        return found if found is not None else build()
+        return _used(cache_file, found) if found is not None else build()
     finally:
         os.close(fd)  # releases the lock
+
+
+def _used(cache_file: str, found: T) -> T:
+    """``found``, read from ``cache_file``, whose modification time is set to now: the time a cache was last used,
+    by which ``tools/data_cache.py --prune`` finds the entries nothing has read for a while (a cache folder this
+    process may only read is left as it is)."""
+    try:
+        os.utime(cache_file)
+    except OSError:
+        pass
+    return found

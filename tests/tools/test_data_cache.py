@@ -1,0 +1,84 @@
+"""tools/data_cache.py: the data sets' cache, its unused entries, and removing them."""
+
+import fcntl
+import os
+import time
+
+from tests.data.test_dataset import make_ds
+from tests.helpers import conv, write_jsonl
+from xtuner_plugins.cli.data_cache import main, read_entries
+
+DAY = 86400
+
+
+def _age(folder, days):
+    """Every file of the cache last modified ``days`` ago (as if no run had read them since)."""
+    then = time.time() - days * DAY
+    for name in os.listdir(folder):
+        os.utime(os.path.join(folder, name), (then, then))
+
+
+def _data(tmp_path, n, word='word'):
+    rows = [{'conversations': conv(f'q{i}', f'{word} ' * (1 + i), image=False)} for i in range(n)]
+    return write_jsonl(tmp_path / 'a.jsonl', rows)
+
+
+def test_an_edited_files_old_entries_are_pruned_and_the_ones_in_use_kept(tmp_path, tiny_tokenizer, capsys):
+    """An annotation file edited gets new entries (index, check and lengths) and the old ones stayed for good. A
+    start that reads an entry marks it used; --prune removes what no start read for --unused-days, and the data set
+    then starts from what is left without building it again."""
+    cache = str(tmp_path / 'cache')
+    path = _data(tmp_path, 4)
+    make_ds(path, tiny_tokenizer, tmp_path).length
+    old = set(read_entries(cache))
+    assert len(old) == 2 and {e.kind for e in read_entries(cache).values()} == {'index', 'check and lengths'}
+    _age(cache, 40)
+    _data(tmp_path, 5, word='other')   # the file edited: new entries
+    make_ds(path, tiny_tokenizer, tmp_path).length
+    new = set(read_entries(cache)) - old
+    assert len(new) == 2
+    _age(cache, 40)
+    make_ds(path, tiny_tokenizer, tmp_path).length   # a start reading the new entries marks them used
+    assert main(['--cache-dir', cache]) == 0   # without --prune: said, not removed
+    out = capsys.readouterr().out
+    assert 'data_cache: unused for 30 days or more: 2 entries' in out and '--prune removes them' in out, out
+    assert set(read_entries(cache)) == old | new
+    assert main(['--cache-dir', cache, '--prune']) == 0
+    out = capsys.readouterr().out
+    assert set(read_entries(cache)) == new and 'removed 2 entries' in out, out
+    assert not [n for n in os.listdir(cache) if any(n.startswith(o) or n.startswith(o, 6) for o in old)]
+    built = set(os.listdir(cache))
+    stamps = {n: os.stat(os.path.join(cache, n)).st_ino for n in built}
+    assert make_ds(path, tiny_tokenizer, tmp_path).length   # from the cache left: nothing built again
+    assert {n: os.stat(os.path.join(cache, n)).st_ino for n in os.listdir(cache)} == stamps
+
+
+def test_an_entry_a_run_is_building_is_skipped_and_every_other_goes_with_unused_days_0(tmp_path, tiny_tokenizer,
+                                                                                        capsys):
+    """An entry whose lock a run holds (building it now) is left; --unused-days 0 removes every other, and a
+    writer's half-written file a day old goes too. A data set built after finds no cache and builds it."""
+    cache = str(tmp_path / 'cache')
+    path = _data(tmp_path, 3)
+    make_ds(path, tiny_tokenizer, tmp_path).length
+    entries = read_entries(cache)
+    busy = next(name for name, e in entries.items() if e.kind == 'index')
+    dead = os.path.join(cache, 'tmpabc.tmp')
+    open(dead, 'w').close()
+    os.utime(dead, (time.time() - 2 * DAY,) * 2)
+    fresh = os.path.join(cache, 'tmpnew.tmp')   # a writer at work: left
+    open(fresh, 'w').close()
+    with open(entries[busy].locks[0]) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(['--cache-dir', cache, '--prune', '--unused-days', '0']) == 0
+    out = capsys.readouterr().out
+    assert 'removed 1 entries and 1 half-written file(s); 1 skipped, a run building them now' in out, out
+    assert set(read_entries(cache)) == {busy} and os.path.exists(fresh) and not os.path.exists(dead)
+    ds = make_ds(path, tiny_tokenizer, tmp_path)
+    assert ds.length and len(read_entries(cache)) == 2
+
+
+def test_no_cache_folder_and_a_bad_setting(tmp_path, capsys):
+    assert main(['--cache-dir', str(tmp_path / 'none')]) == 0
+    assert 'no cache there' in capsys.readouterr().out
+    assert main(['--cache-dir', str(tmp_path), '--unused-days', 'nan']) == 2
+    assert '--unused-days must be 0 or more, got nan' in capsys.readouterr().err

@@ -31,3 +31,28 @@ def test_training_ids_equal_the_whole_prompts_ids(legacy, template, tmp_path):
         whole = tok(text.replace('<image>', '<img>' + '<IMG_CONTEXT>' * n + '</img>')).input_ids
         assert ids == whole
         assert [i for i, x in enumerate(ids) if x == tok.bos_token_id] == [0]
+
+
+@pytest.mark.parametrize('template', ['internvl2_5', 'internlm2-chat', 'phi3-chat', 'llama3'])
+@pytest.mark.parametrize('legacy', [True, False])
+def test_each_answer_and_its_stop_word_are_trained_and_nothing_else(legacy, template, tmp_path):
+    """With ``legacy=False``, '\\n' alone is two tokens ('▁', '<0x0A>') and one after a special token: the tail of
+    InternVL 2.5's '<|im_end|>\\n', counted alone, masked the stop word too, so no answer taught the model to stop."""
+    from xtuner_plugins.data.template import IGNORE_INDEX
+    tok = build_tiny_sentencepiece_tokenizer(legacy=legacy, folder=str(tmp_path))
+    tok.add_tokens(list(template_markers(template)), special_tokens=True)
+    template = get_template(template)
+    stop = tok.convert_tokens_to_ids(template.stop_word)
+    for qs in CONVERSATIONS:
+        conv = [m for q, a in qs for m in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]
+        out = tokenize_conversation(conv, tok, [1], template)
+        spans, span = [], []
+        for i, label in zip(out['input_ids'], out['labels']):
+            if label == IGNORE_INDEX and span:
+                spans.append(span)
+                span = []
+            elif label != IGNORE_INDEX:
+                span.append(i)
+        spans += [span] if span else []
+        assert [s[-1] for s in spans] == [stop] * len(qs), [tok.convert_ids_to_tokens(s) for s in spans]
+        assert [tok.decode(s[:-1]).strip() for s in spans] == [a.strip() for _, a in qs]

@@ -291,6 +291,13 @@ def _conversation(conversations: Conversations, num_images: int, template, syste
     return parse_conversation(conversations, num_images, template, system)
 
 
+def _stop_id(tokenizer, stop_word: str) -> Optional[int]:
+    """The id of the template's stop word, held by the tokenizer as one token (``check_tokenizer_fits``); None
+    where it is not (a tokenizer no data set checked: nothing after the answer is then masked)."""
+    ids = _text_ids(tokenizer, stop_word)
+    return ids[0] if len(ids) == 1 else None
+
+
 def _special_id(tokenizer, token: str) -> int:
     if token not in tokenizer.get_added_vocab():
         raise ValueError(f'the tokenizer has no added token {token!r}; call add_internvl_tokens(tokenizer) first')
@@ -343,7 +350,11 @@ def tokenize_conversation(
     # expanded afterwards (cheap: no 3000-token strings per image go through the tokenizer).
     compact = image_token_string(1)
     prefix_len = len(_text_ids(tokenizer, tpl.assistant_prefix))
-    tail_len = len(_text_ids(tokenizer, tpl.assistant_suffix[len(tpl.stop_word):]))
+    # what follows the stop word ('\n' of InternVL 2.5's '<|im_end|>\n') is not trained: everything after the turn's
+    # stop word token, its last (data text holds none: control markers in it are refused or kept as plain text).
+    # Not counted by tokenising that tail alone: a SentencePiece tokenizer (legacy=False) writes '\n' alone as two
+    # tokens ('▁', '<0x0A>') and as one after a special token, so the stop word itself went untrained.
+    stop_id = _stop_id(tokenizer, tpl.stop_word)
 
     input_ids: List[int] = []
     labels: List[int] = []
@@ -354,8 +365,8 @@ def tokenize_conversation(
             lab = list(ids)
             n_pre = min(prefix_len, len(lab))
             lab[:n_pre] = [IGNORE_INDEX] * n_pre
-            if tail_len:
-                lab[len(lab) - tail_len:] = [IGNORE_INDEX] * min(tail_len, len(lab))
+            end = len(lab) - lab[::-1].index(stop_id) if stop_id in lab[n_pre:] else len(lab)  # (a turn cut short:
+            lab[end:] = [IGNORE_INDEX] * (len(lab) - end)                                      # none, all trained)
             input_ids.extend(ids)
             labels.extend(lab)
             continue

@@ -172,13 +172,22 @@ def _fits(tokenizer, template: Template) -> Tuple[str, ...]:
 def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str = 'tokenizer',
                          setting: str = 'model.template') -> None:
     """Refuse a tokenizer that splits the template's special markers (``<|im_start|>``, ``<|im_end|>``): it belongs
-    to an LLM trained with another chat template, whose answers would never end with the stop word. The refusal
-    names the registered templates whose markers the tokenizer does hold, and ``setting``, where to choose one.
+    to an LLM trained with another chat template, whose answers would never end with the stop word; and one that
+    appends a token to every text (:func:`appended_tokens`), which would end every turn and chat prompt with it. The
+    refusal names the registered templates whose markers the tokenizer does hold, and ``setting``, where to choose
+    one; or the setting that appends the token.
 
     Raises:
         Refused: (a ``ValueError``) naming ``where`` (the tokenizer's folder), the marker and its token count.
     """
     template = get_template(template)
+    appended = appended_tokens(tokenizer)
+    if appended:
+        raise Refused(f'{where}: the tokenizer appends {" ".join(appended)} to every text it encodes (add_eos_token, '
+                      'or its post-processor): each turn of a sample would end in it, in the middle of the conversation, '
+                      'and every chat prompt after the assistant\'s turn opens; the template\'s stop word ends the '
+                      'answers: set "add_eos_token": false in its tokenizer_config.json, or take it out of the '
+                      '"post_processor" of its tokenizer.json')
     split = _fits(tokenizer, template)
     if not split:
         return
@@ -189,6 +198,16 @@ def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str =
                  f'of one as special tokens (docs/families.md)')
     raise Refused(f'{where}: the tokenizer encodes {split[0]!r} of template {template.name!r} as {n} tokens, not 1: '
                   f'this LLM was trained with another chat template; {hint}')
+
+
+def appended_tokens(tokenizer) -> Tuple[str, ...]:
+    """The tokens ``tokenizer`` puts after every text it encodes with its special tokens (Llama's
+    ``add_eos_token=True``; a post-processor ``$A </s>``, ``$A <|endoftext|>``), or ``()``."""
+    added, plain = (tokenizer.encode('a', add_special_tokens=special) for special in (True, False))
+    for start in range(len(added) - len(plain) + 1):
+        if added[start:start + len(plain)] == plain:
+            return tuple(tokenizer.convert_ids_to_tokens(added[start + len(plain):]))
+    return ()
 
 
 def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:

@@ -71,7 +71,15 @@ def from_pretrained_named(load, path: str, key: str):
     from xtuner_plugins.errors import NotFound
     check_model_path(path, key)
     if os.path.isdir(path):
-        return load(path)
+        try:
+            return load(path)
+        except ValueError as exc:   # transformers' refusal of a folder only its own code loads (its auto_map)
+            if 'contains custom code which must be executed' not in str(exc):
+                raise
+            raise Refused(f'{key}: {path} is loaded only by its own code (the auto_map of its config.json or '
+                          'tokenizer_config.json), and this project runs none (trust_remote_code=False): use a '
+                          'model transformers implements, or the folder converted to such a layout '
+                          '(docs/families.md)') from None
     try:
         return load(path)
     except (OSError, ValueError) as exc:  # not cached / not a repo id (huggingface_hub's HFValidationError)

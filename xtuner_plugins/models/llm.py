@@ -23,6 +23,33 @@ from xtuner_plugins.data.template import add_internvl_tokens
 from .zero3 import gathered, shape_of
 
 
+def check_llm_folder(path: str, key: str = 'model.llm') -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`, one line) an LLM folder that only its own modelling code
+    loads: its ``config.json`` names a ``model_type`` transformers does not implement, with an ``auto_map`` to the
+    folder's code (InternLM2 and 2.5's ``internlm2``), which nothing here runs (``trust_remote_code=False``).
+    Called before the vision encoder loads: transformers' refusal came after it, with a traceback. A type transformers
+    implements loads with transformers' own class, whatever its ``auto_map`` (Phi-3's)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from xtuner_plugins.errors import Refused
+    try:
+        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):   # no folder, no config: the loading says so
+        return
+    model_type = config.get('model_type') if isinstance(config, dict) else None
+    if not config.get('auto_map') or model_type in CONFIG_MAPPING_NAMES:
+        return
+    hint = (' (InternLM2 and 2.5: InternLM\'s tools/convert2llama.py writes a Llama folder of it)'
+            if str(model_type).startswith('internlm') else '')
+    raise Refused(f'{key}: {path}: its config.json names model_type {model_type!r}, which transformers does not '
+                  f'implement: only the folder\'s own code (its auto_map) loads it, and this project runs none '
+                  f'(trust_remote_code=False); use an LLM transformers implements (Qwen2.5, Qwen3, Llama, Phi-3, ...: '
+                  f'docs/families.md), or the folder converted to such a layout{hint}')
+
+
 def load_tokenizer(path: str) -> Tuple[object, int]:
     """The LLM's tokenizer with InternVL's added tokens (offline; no remote code), and how many of those
     tokens were new to it (0 for a tokenizer saved with an InternVL checkpoint)."""

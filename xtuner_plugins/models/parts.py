@@ -19,7 +19,7 @@ from xtuner_plugins.data.tiling import IMAGE_MODES
 from xtuner_plugins.errors import Refused
 
 from .attention import ATTN_IMPLEMENTATIONS
-from .llm import fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
+from .llm import check_llm_folder, fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
 from .loss import REDUCTIONS
@@ -71,6 +71,8 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
         else:
             if vision_encoder is None or llm is None:
                 raise Refused('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
+            if isinstance(llm, str):
+                check_llm_folder(llm)   # before the vision encoder loads
             # drop path is set explicitly (default 0), never taken from the encoder's config.json
             vision_model, vision = build_vision_encoder(vision_encoder, dtype, vision_attn,
                                                         drop_path_rate=vision_drop_path, select_layer=select_layer)

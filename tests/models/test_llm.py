@@ -1,0 +1,53 @@
+"""llm.py: an LLM folder that only its own code loads (InternLM2's ``internlm2``) is refused in one line, before the
+vision encoder loads; a folder whose type transformers implements loads whatever its ``auto_map`` says."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.models.conftest import build
+from xtuner_plugins.errors import Refused
+
+
+def _with_code(tiny, tmp_path, model_type):
+    """The tiny LLM's folder, its config.json naming ``model_type`` and an ``auto_map`` to code in the folder that
+    would fail if it ran (InternLM2's layout)."""
+    folder = tmp_path / 'llm'
+    shutil.copytree(tiny['llm'], folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config.update(model_type=model_type, auto_map={
+        'AutoConfig': 'configuration_own.OwnConfig', 'AutoModelForCausalLM': 'modeling_own.OwnForCausalLM'})
+    (folder / 'config.json').write_text(json.dumps(config))
+    for name in ('configuration_own.py', 'modeling_own.py'):
+        (folder / name).write_text('raise RuntimeError("the folder\'s own code ran")\n')
+    return str(folder)
+
+
+def test_an_llm_only_its_own_code_loads_is_refused_before_the_vision_encoder(tiny, tmp_path, monkeypatch):
+    """Before, the vision encoder loaded, then transformers' ValueError ('contains custom code which must be
+    executed') ended the run with its traceback."""
+    from xtuner_plugins.models import parts
+    folder = _with_code(tiny, tmp_path, 'internlm2')
+    monkeypatch.setattr(parts, 'build_vision_encoder', lambda *a, **k: pytest.fail('the vision encoder loaded'))
+    with pytest.raises(Refused, match=rf"^model.llm: {folder}: its config.json names model_type 'internlm2', which "
+                                      r"transformers does not implement: .*trust_remote_code=False.*"
+                                      r"tools/convert2llama.py"):
+        build(dict(tiny, llm=folder))
+
+
+def test_an_llm_of_a_type_transformers_implements_loads_whatever_its_auto_map(tiny, tmp_path):
+    """Phi-3's folders map to their own code too, for a type transformers implements: its own class loads it."""
+    model = build(dict(tiny, llm=_with_code(tiny, tmp_path, 'qwen2')))
+    assert type(model.language_model).__name__ == 'Qwen2ForCausalLM'
+
+
+def test_a_tokenizer_only_its_own_code_loads_is_one_line(tiny, tmp_path):
+    from xtuner_plugins.models.llm import load_tokenizer
+    folder = tmp_path / 'tokenizer'
+    shutil.copytree(tiny['llm'], folder)
+    config = json.loads((folder / 'tokenizer_config.json').read_text())
+    config.update(tokenizer_class='OwnTokenizer', auto_map={'AutoTokenizer': ['tokenization_own.OwnTokenizer', None]})
+    (folder / 'tokenizer_config.json').write_text(json.dumps(config))
+    with pytest.raises(Refused, match=rf'^model.tokenizer \(or model.llm\): {folder} is loaded only by its own code'):
+        load_tokenizer(str(folder))

@@ -187,3 +187,19 @@ def test_a_number_in_place_of_an_entry_of_settings_is_refused():
     built = CFG.to_dict()
     built['train_dataloader']['dataset']['tokenizer'] = dict(type='AutoTokenizer', pretrained_model_name_or_path='x')
     assert check_cfg_options(built, {'train_dataloader.dataset.tokenizer': 'models/llm'}) == []
+
+
+def test_a_dict_written_in_braces_is_refused_naming_the_entry_by_entry_form():
+    """MMEngine's --cfg-options reads no {...} dict: it kept ``{'r':4}`` as text and cut ``{'r':4,'lora_alpha':8}``
+    at its comma into two texts, and the model failed on them with a traceback once everything had loaded."""
+    import argparse
+
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    options = parser.parse_args(['--cfg-options', "model.vision_lora={'r':4,'lora_alpha':8}",
+                                 "model.llm_lora={'r':4}"]).cfg_options
+    problems = check_cfg_options(CFG, options)
+    assert [p.split(':')[0] for p in problems] == ['model.vision_lora', 'model.llm_lora'], problems
+    assert all('--cfg-options does not read a {...} dict' in p and '._delete_=True' in p for p in problems)
+    assert check_cfg_options(CFG, {'model.llm': '{odd}name'}) == []   # (a folder's name may start so)

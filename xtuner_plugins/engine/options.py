@@ -285,7 +285,11 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
     for key in options:
         parts = key.split('.')
         top = parts[0]
-        if len(parts) == 1 and top in LENGTH_KEYS:
+        if _brace_dict(options[key]):
+            problem = (f'{key}: --cfg-options does not read a {{...}} dict (MMEngine took {options[key]!r}): set each '
+                       f'entry on its own, {key}.NAME=VALUE (and {key}._delete_=True where the config has no dict '
+                       'there)')
+        elif len(parts) == 1 and top in LENGTH_KEYS:
             problem = length_value_problem(top, options[key])
         elif top in cfg and top not in known:
             problem = _file_variable(cfg, parts)
@@ -297,6 +301,15 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def _brace_dict(value) -> bool:
+    """Whether a ``--cfg-options`` value is a ``{...}`` dict written out, which MMEngine's parser keeps as text, or
+    cuts at its commas into a list of texts (``{'r':4,'lora_alpha':8}``: ``["{'r':4", "lora_alpha':8}"]``); the
+    model then failed on it with a traceback once everything had loaded."""
+    texts = list(value) if isinstance(value, (list, tuple)) else [value]
+    return bool(texts) and all(isinstance(t, str) for t in texts) and texts[0].lstrip().startswith('{') \
+        and texts[-1].rstrip().endswith('}')
 
 
 #: settings whose values have a range, by the key's ending: (what is expected, whole numbers only, the least,

@@ -219,18 +219,17 @@ BOS = '<|begin_of_text|>'
 
 @pytest.fixture(scope='module')
 def bos_setup(tmp_path_factory):
-    """``setup``'s tiny model with an LLM whose tokenizer adds a bos (Llama 3's way: its post-processor), converted
-    to official, and two images of different tile counts."""
+    """``setup``'s tiny model with a Llama 3 look-alike LLM: its tokenizer adds a bos (its post-processor), and it is
+    trained in Llama 3 Instruct's own turns (``model.template=llama3``: no system turn without a system message);
+    converted to official, and two images of different tile counts."""
     from tests.helpers import tiny_workspace
     from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
     from xtuner_plugins.tiny import write_tiny_llm
-    from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
     need_vllm()
     root = tmp_path_factory.mktemp('vllm_bos')
     tiny = tiny_workspace(root / 'tiny')
-    tiny['llm'] = write_tiny_llm(str(root / 'llm'), num_heads=2, num_kv_heads=1)
-    build_tiny_tokenizer(add_internvl_tokens=False, bos_token=BOS).save_pretrained(tiny['llm'])  # in the padding
-    opts = options(tiny, **{'model.llm': tiny['llm']})
+    tiny['llm'] = write_tiny_llm(str(root / 'llm'), arch='llama', num_heads=2, num_kv_heads=1, chat='llama3')
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.template': 'llama3'})
     trained_checkpoint(LORA, opts, str(root / 'iter_1.pth'), scale=0.3)
     folders = {fmt: convert(LORA, str(root / 'iter_1.pth'), str(root / fmt), opts, '--format', fmt)
                for fmt in ('official',)}
@@ -241,7 +240,8 @@ def bos_setup(tmp_path_factory):
 @pytest.mark.parametrize('fmt', ['official'])
 def test_a_tokenizer_with_a_bos_gets_it_once_from_vllms_chat(bos_setup, fmt, capsys):
     """vLLM's chat tokenises the rendered chat template without adding special tokens: the converted folder's
-    template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do.
+    template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do; and
+    its prompt is Llama 3's turns token for token, as training's.
     The official folder only (the hf folder's template is the same one, rendered the same way by transformers:
     tests/models/export/test_chat_template_bos.py; its vLLM run passed too, 2026-11-26, and cost 100 s a run)."""
     folder, images = bos_setup['folders'][fmt], bos_setup['images']
@@ -249,6 +249,8 @@ def test_a_tokenizer_with_a_bos_gets_it_once_from_vllms_chat(bos_setup, fmt, cap
     model, ours = our_prompt_ids(folder, images)
     bos = model.tokenizer.convert_tokens_to_ids(BOS)
     assert all(ids[0] == bos and ids.count(bos) == 1 for ids in ours), ours
+    header = model.tokenizer.convert_tokens_to_ids('<|start_header_id|>')
+    assert all(ids[1] == header and '<|im_start|>' not in model.tokenizer.decode(ids) for ids in ours)
     assert [r['ids'] for r in results] == ours
     assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in images]
 

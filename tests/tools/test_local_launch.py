@@ -386,8 +386,8 @@ def test_a_rank_refused_leaves_the_others_one_line_each(tmp_path, monkeypatch):
     # the launcher ends with rank 1's code, or 1 when it saw both ranks end at once (rank 0's own exit code)
     assert out.returncode in (1, 2) and len(lines) == 3, out.stderr[-4000:]
     assert lines[0].startswith(f'train: refused: {part} names io.open'), lines
-    assert lines[1].startswith('train: FAILED on rank 0: another rank of the run stopped first (its own line says '
-                               'why); this one then lost it: RuntimeError: '), lines
+    assert lines[1].startswith('train: FAILED on rank 0: another rank of the run stopped first (its own line, or '
+                               'its launcher\'s, says why); this one then lost it: RuntimeError: '), lines
     assert lines[2] in ('local_launch: rank 1 exited with code 2: stopping the 1 other rank(s)',
                         'local_launch: rank 0 exited with code 1, rank 1 exited with code 2'), lines
     assert 'Traceback' not in out.stderr and not (tmp_path / 'ran').exists()

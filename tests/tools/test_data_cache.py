@@ -62,10 +62,10 @@ def test_an_entry_a_run_is_building_is_skipped_and_every_other_goes_with_unused_
     make_ds(path, tiny_tokenizer, tmp_path).length
     entries = read_entries(cache)
     busy = next(name for name, e in entries.items() if e.kind == 'index')
-    dead = os.path.join(cache, 'tmpabc.tmp')
+    dead = os.path.join(cache, 'tmpab12cd34.tmp')
     open(dead, 'w').close()
     os.utime(dead, (time.time() - 2 * DAY,) * 2)
-    fresh = os.path.join(cache, 'tmpnew.tmp')   # a writer at work: left
+    fresh = os.path.join(cache, 'tmpnew_0000.tmp')   # a writer at work: left
     open(fresh, 'w').close()
     with open(entries[busy].locks[0]) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,3 +82,23 @@ def test_no_cache_folder_and_a_bad_setting(tmp_path, capsys):
     assert 'no cache there' in capsys.readouterr().out
     assert main(['--cache-dir', str(tmp_path), '--unused-days', 'nan']) == 2
     assert '--unused-days must be 0 or more, got nan' in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_data_cache_is_never_pruned(tmp_path, capsys):
+    """--cache-dir given a data folder by mistake: images named by their hash (40 hex digits, as some data sets
+    store them) and a file of its own. Only names a cache writes are entries, and a folder holding anything else is
+    refused for --prune, whole: nothing in it is removed."""
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    names = ['3f786850e387550fdab836ed7e6dc881de23001b.jpg', 'index-3f786850e387550fdab836ed7e6dc881de23001b.npy',
+             'tmp_notes.tmp', 'train.jsonl']
+    for name in names:
+        (folder / name).write_bytes(b'x')
+        os.utime(folder / name, (time.time() - 400 * DAY,) * 2)
+    assert main(['--cache-dir', str(folder)]) == 0
+    assert '1 entries, 1 B (and 3 other file(s) or folder(s), no cache\'s' in capsys.readouterr().out
+    assert main(['--cache-dir', str(folder), '--prune', '--unused-days', '0']) == 2
+    err = capsys.readouterr().err
+    assert 'holds 3 file(s) or folder(s) no data cache writes (3f786850e387550fdab836ed7e6dc881de23001b.jpg, ' \
+           'tmp_notes.tmp, train.jsonl): not a data cache folder, nothing removed' in err, err
+    assert sorted(os.listdir(folder)) == sorted(names)

@@ -16,7 +16,9 @@ edits leave gigabytes behind, in a home folder that may have a quota. Each start
 (its file's modification time; ``data/nodepass.py``), so an entry unused for ``--unused-days`` belongs to no run of
 that time. Removing one is safe at any time: a run started meanwhile that wanted it builds it again (its loaders
 read a missing file as no cache), a running run keeps what it has mapped, and an entry a run is building now (its
-lock held) is skipped. Files a writer left half-written (``*.tmp``) go with the entries once a day old.
+lock held) is skipped. Files a writer left half-written (``tmpXXXXXXXX.tmp``) go with the entries once a day old.
+Only files of the names a cache writes are touched, and ``--prune`` refuses a folder that holds anything else (a
+data folder given by mistake, whose images may be named by their hash as cache entries are).
 
 Exit status 0, 2 for a bad argument or a cache folder that cannot be read.
 """
@@ -36,9 +38,13 @@ from typing import Dict, List
 from xtuner_plugins.cli.tool_args import tool_error
 
 PROG = 'data_cache'
-#: an entry's files: ``KEY.check.json``, ``KEY.good.npy``, ``KEY.lengths.npy``, ... and ``index-KEY.npy``,
-#: ``subset-KEY.npy``, each with its ``.lock``
-_ENTRY = re.compile(r'^(index-|subset-)?([0-9a-f]{40})(\..+)$')
+#: an entry's files, each the name of one a cache writes: ``index-KEY.npy``, ``subset-KEY.npy`` and ``KEY.good.npy``,
+#: ``KEY.check.json``, ``KEY.lengths.npy``, ``KEY.refs.npy``, ``KEY.ids.npy``, ``KEY.images.json``; the ``.npy``
+#: ones a run builds under a lock with their ``.lock`` beside them
+_ENTRY = re.compile(r'^(?:(index-|subset-)([0-9a-f]{40})(\.npy(?:\.lock)?)|()([0-9a-f]{40})'
+                    r'(\.(?:good|lengths)\.npy(?:\.lock)?|\.(?:refs|ids)\.npy|\.(?:check|images)\.json))$')
+#: a writer's temporary file (``tempfile.mkstemp(suffix='.tmp')``: ``tmp`` and 8 characters)
+_TEMPORARY = re.compile(r'^tmp[a-z0-9_]{8}\.tmp$')
 _KINDS = {'index-': 'index', 'subset-': 'repeat subset', '': 'check and lengths'}
 TMP_AGE_S = 86400.0   # a *.tmp file older than this is a dead writer's
 
@@ -60,7 +66,8 @@ def read_entries(folder: str) -> Dict[str, Entry]:
             match = _ENTRY.match(item.name)
             if not match or not item.is_file(follow_symlinks=False):
                 continue
-            prefix, key, suffix = match.groups()
+            groups = match.groups()
+            prefix, key, suffix = groups[:3] if groups[1] else groups[3:]
             entry = entries.setdefault((prefix or '') + key, Entry(_KINDS[prefix or '']))
             st = item.stat(follow_symlinks=False)
             if suffix.endswith('.lock'):   # (created once: its time says nothing of the entry's use)
@@ -75,8 +82,15 @@ def read_entries(folder: str) -> Dict[str, Entry]:
 def stale_temporaries(folder: str, now: float) -> List[str]:
     """The ``*.tmp`` files of writers that died (a day old or more)."""
     with os.scandir(folder) as found:
-        return [item.path for item in found if item.name.endswith('.tmp') and item.is_file(follow_symlinks=False)
+        return [item.path for item in found if _TEMPORARY.match(item.name) and item.is_file(follow_symlinks=False)
                 and now - item.stat(follow_symlinks=False).st_mtime >= TMP_AGE_S]
+
+
+def foreign(folder: str) -> List[str]:
+    """The names in ``folder`` that no cache writes (a folder, a file of another kind), sorted."""
+    with os.scandir(folder) as found:
+        return sorted(item.name for item in found if not (
+            (_ENTRY.match(item.name) or _TEMPORARY.match(item.name)) and item.is_file(follow_symlinks=False)))
 
 
 def remove_entry(entry: Entry) -> bool:
@@ -140,12 +154,19 @@ def main(argv=None) -> int:
     try:
         entries = read_entries(folder)
         temporaries = stale_temporaries(folder, now)
+        others = foreign(folder)
     except OSError as exc:
         return tool_error(PROG, f'{folder}: cannot be read: {exc.strerror or exc}')
+    if others and args.prune:   # (a data folder given by mistake: its files named by their hash look like entries)
+        return tool_error(PROG, f'{folder} holds {len(others)} file(s) or folder(s) no data cache writes ('
+                                f'{", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): not a data cache '
+                                'folder, nothing removed; give --cache-dir the cache_dir of a data set')
     cutoff = now - args.unused_days * 86400
     unused = {name: e for name, e in entries.items() if e.used <= cutoff or not e.files}
     total = sum(e.size for e in entries.values())
-    print(f'{PROG}: {folder}: {len(entries)} entries, {size_text(total)}')
+    print(f'{PROG}: {folder}: {len(entries)} entries, {size_text(total)}'
+          + (f' (and {len(others)} other file(s) or folder(s), no cache\'s: --prune refuses this folder)'
+             if others else ''))
     by_kind: Dict[str, List[Entry]] = defaultdict(list)
     for entry in entries.values():
         by_kind[entry.kind].append(entry)

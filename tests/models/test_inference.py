@@ -505,3 +505,11 @@ def test_a_token_with_text_breaks_the_run(folder):
     ids = torch.tensor([[word, word, nl, nl, nl, nl], [nl, nl, nl, nl, nl, word]])  # 2 prompt tokens, then 4
     assert stop(ids[:, :5]).tolist() == [False, False]  # 3 generated: the prompt's newlines do not count
     assert stop(ids).tolist() == [True, False]
+
+
+def test_the_answer_starts_after_the_assistant_prefix_of_each_format(folder, hf_folder):
+    """``--mc likelihood`` scores an option after the text its prompt ends with: the ``conversation.py`` template's
+    assistant role (official), the chat template's generation prompt (hf)."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    from xtuner_plugins.models.likelihood import assistant_prefix
+    assert [assistant_prefix(ConvertedModel(path)) for path in (folder, hf_folder)] == ['<|im_start|>assistant\n'] * 2

@@ -212,6 +212,17 @@ def _split_at_prefix(tokenizer, text: str, ids: List[int], prefix: str, prefix_i
     return prefix_ids + _text_ids(tokenizer, text[len(prefix):])
 
 
+def answer_ids(tokenizer, prefix: str, answer: str) -> List[int]:
+    """The ids of ``answer`` after the assistant turn's ``prefix`` (``<|im_start|>assistant\\n``) as training
+    tokenises them (:func:`_split_at_prefix`): in one piece with the prefix, unless a token would cross between
+    them. Tokenised alone, the text may start otherwise: a SentencePiece tokenizer puts a word start ('▁') before a
+    text of its own ('Red' alone: '▁', 'R', 'ed'; after the prefix: 'R', 'ed'), so a likelihood summed over those
+    ids scores tokens the model never learnt to give there."""
+    prefix_ids = _text_ids(tokenizer, prefix)
+    text = prefix + answer
+    return _split_at_prefix(tokenizer, text, _text_ids(tokenizer, text), prefix, prefix_ids)[len(prefix_ids):]
+
+
 def _text_ids(tokenizer, text: str) -> List[int]:
     """``text``'s ids without special tokens added by the tokenizer (none for empty text)."""
     return _encode(tokenizer, [text], False)[0] if text else []

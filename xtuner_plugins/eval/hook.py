@@ -33,7 +33,7 @@ from PIL import Image
 
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.template import IGNORE_INDEX
-from xtuner_plugins.data.tokenize import tokenize_conversation
+from xtuner_plugins.data.tokenize import answer_ids, tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 from xtuner_plugins.models.prompt import check_question
 
@@ -92,8 +92,9 @@ class TrainingModelAnswerer:
         from xtuner_plugins.models.likelihood import continuation_logprob
         ids, pixels, flags = self._prompt(prompt, images)
         padded = list(texts) + [texts[0]] * (max(self.max_options, len(texts)) - len(texts) if self.fixed_steps else 0)
+        prefix = self.dataset.template.assistant_prefix
         out = [continuation_logprob(lambda x: self._logits(x, pixels, flags), ids,
-                                    self.tokenizer(text, add_special_tokens=False)['input_ids']) for text in padded]
+                                    answer_ids(self.tokenizer, prefix, text)) for text in padded]
         return out[:len(texts)]
 
     @torch.no_grad()

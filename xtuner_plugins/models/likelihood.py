@@ -4,10 +4,11 @@ as its answer, with nothing generated.
 For a question (its stem: no options, no "answer with the letter") and one option's text, the prompt is the one
 the model answers that question with (its chat template, system message and image tokens: ``prompt.py``'s
 :func:`~xtuner_plugins.models.prompt.prompt_inputs` for a converted folder, the training data set's for the model
-being trained: ``eval/hook.py``), and the option's tokens (the text tokenized alone, as generation would produce
-it) follow it; the figure is the sum of the log-probabilities of those tokens (:func:`continuation_logprob`), the
-end token not included. lm-eval-harness scores multiple choice the same way (its ``acc``); the highest figure is
-the model's choice.
+being trained: ``eval/hook.py``), and the option's tokens follow it, as training tokenises an answer after the
+assistant turn's prefix (``data/tokenize.answer_ids``: the text alone took a SentencePiece word start, '▁', that
+the model never gives there); the figure is the sum of the log-probabilities of those tokens
+(:func:`continuation_logprob`), the end token not included. lm-eval-harness scores multiple choice the same way
+(its ``acc``); the highest figure is the model's choice.
 
 ``ConvertedModel.option_logprobs`` is :func:`option_logprobs`; the training-time evaluation (``eval/hook.py``)
 sums with :func:`continuation_logprob` over its own prompt.
@@ -15,9 +16,12 @@ sums with :func:`continuation_logprob` over its own prompt.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, List, Sequence
 
 import torch
+
+from xtuner_plugins.data.tokenize import answer_ids
 
 from .prompt import check_context, prompt_inputs
 
@@ -38,13 +42,27 @@ def continuation_logprob(logits_of: Callable[[torch.Tensor], torch.Tensor], prom
     return float(logprobs.gather(1, cont[0][:, None]).sum())
 
 
+def assistant_prefix(model) -> str:
+    """The text a :class:`~xtuner_plugins.models.inference.ConvertedModel`'s prompt ends with, where its answer
+    starts (``<|im_start|>assistant\\n``): the assistant role of its ``conversation.py`` template (official and
+    remote folders), or what the chat template's generation prompt adds (hf, llava)."""
+    if model.format in ('official', 'remote'):
+        net = model.model
+        return sys.modules[type(net).__module__].get_conv_template(net.template).roles[1]
+    messages = [{'role': 'user', 'content': [{'type': 'text', 'text': 'x'}]}]
+    with_prompt, without = (model.processor.apply_chat_template(messages, add_generation_prompt=generation,
+                                                                tokenize=False) for generation in (True, False))
+    return with_prompt[len(without):] if with_prompt.startswith(without) else ''
+
+
 def option_logprobs(model, question: str, images: Sequence, texts: Sequence[str]) -> List[float]:
     """Each text's log-likelihood as a :class:`~xtuner_plugins.models.inference.ConvertedModel`'s answer to
     ``question`` (the module docstring)."""
     inputs = prompt_inputs(model, question, images)
     prompt_ids = inputs.pop('input_ids')
     inputs.pop('attention_mask')
-    options = [model.tokenizer(text, add_special_tokens=False)['input_ids'] for text in texts]
+    prefix = assistant_prefix(model)
+    options = [answer_ids(model.tokenizer, prefix, text) for text in texts]
     check_context(prompt_ids.shape[1], max(map(len, options), default=0), *model.context,
                   new=None, media=['image'] * bool(images))
 

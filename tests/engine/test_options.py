@@ -201,5 +201,22 @@ def test_a_dict_written_in_braces_is_refused_naming_the_entry_by_entry_form():
                                  "model.llm_lora={'r':4}"]).cfg_options
     problems = check_cfg_options(CFG, options)
     assert [p.split(':')[0] for p in problems] == ['model.vision_lora', 'model.llm_lora'], problems
-    assert all('--cfg-options does not read a {...} dict' in p and '._delete_=True' in p for p in problems)
-    assert check_cfg_options(CFG, {'model.llm': '{odd}name'}) == []   # (a folder's name may start so)
+    assert all('--cfg-options does not read a {...} dict' in p for p in problems)
+    # vision_lora is None in the config: set afresh (_delete_); llm_lora is a dict: its entries merge into it
+    assert problems[0].endswith('model.vision_lora.NAME=VALUE beside model.vision_lora._delete_=True'), problems
+    assert problems[1].endswith('set each entry on its own, model.llm_lora.NAME=VALUE'), problems
+    # text settings may be written so: a format string, a message
+    assert check_cfg_options(CFG, {'train_dataloader.dataset.frame_prefix': '{i}',
+                                   'train_dataloader.dataset.system': '{"task": "caption"}',
+                                   'model.llm': '{odd}name'}) == []
+
+
+def test_delete_under_a_setting_the_config_does_not_give_is_refused():
+    """MMEngine drops ``_delete_`` only where it replaces an entry the config has; under one the config lacks
+    (finetune_full.py gives no vision_lora) it was handed to peft's LoraConfig, a TypeError after the models
+    loaded."""
+    full = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full.py'))
+    (problem,) = check_cfg_options(full, {'model.vision_lora._delete_': True, 'model.vision_lora.r': 4})
+    assert problem.startswith('model.vision_lora._delete_: the config gives no model.vision_lora to replace')
+    assert check_cfg_options(full, {'model.vision_lora.r': 4}) == []
+    assert check_cfg_options(CFG, {'model.vision_lora._delete_': True, 'model.vision_lora.r': 4}) == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
@@ -285,11 +286,7 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
     for key in options:
         parts = key.split('.')
         top = parts[0]
-        if _brace_dict(options[key]):
-            problem = (f'{key}: --cfg-options does not read a {{...}} dict (MMEngine took {options[key]!r}): set each '
-                       f'entry on its own, {key}.NAME=VALUE (and {key}._delete_=True where the config has no dict '
-                       'there)')
-        elif len(parts) == 1 and top in LENGTH_KEYS:
+        if len(parts) == 1 and top in LENGTH_KEYS:
             problem = length_value_problem(top, options[key])
         elif top in cfg and top not in known:
             problem = _file_variable(cfg, parts)
@@ -297,10 +294,51 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
             settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
             problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
         else:
-            problem = _check_entry(cfg, parts, key, options) or _out_of_range(key, options[key])
+            problem = (_brace_problem(cfg, parts, key, options) or _delete_problem(cfg, parts, key, options)
+                       or _check_entry(cfg, parts, key, options) or _out_of_range(key, options[key]))
         if problem:
             problems.append(problem)
     return problems
+
+
+def _brace_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
+    """The line for a ``{...}`` dict written out (:func:`_brace_dict`) as a setting that holds settings, or None
+    (no such value; a setting that takes text, ``frame_prefix={i}``, ``system={...}``: the config gives it text, or
+    its component's argument takes ``str``)."""
+    if not _brace_dict(options[key]):
+        return None
+    node, _ = _walk(cfg, parts, options)
+    absent = object()
+    current = node.get(parts[-1], absent) if isinstance(node, Mapping) else absent
+    if isinstance(current, str):
+        return None
+    if current in (None, absent) and _is_component(node) and _takes_str(node['type'], parts[-1]):
+        return None
+    fresh = f' beside {key}._delete_=True' if current is not absent and not isinstance(current, Mapping) else ''
+    return (f'{key}: --cfg-options does not read a {{...}} dict (MMEngine took {options[key]!r}): set each entry on '
+            f'its own, {key}.NAME=VALUE{fresh}')
+
+
+def _delete_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
+    """The line for ``KEY._delete_`` where the config gives no ``KEY``: MMEngine drops ``_delete_`` only when it
+    replaces an entry the config has, and otherwise hands it on (peft's ``LoraConfig`` then failed on it, with a
+    traceback, once the models had loaded)."""
+    if len(parts) < 2 or parts[-1] != '_delete_':
+        return None
+    node, _ = _walk(cfg, parts[:-1], options)
+    if not isinstance(node, Mapping) or parts[-2] in node:
+        return None
+    parent = '.'.join(parts[:-1])
+    return (f'{key}: the config gives no {parent} to replace (_delete_ replaces a setting the config has): leave '
+            f'it out, and set {parent}.NAME=VALUE')
+
+
+def _takes_str(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take text (``Optional[str]``)."""
+    param = parameter(component, name)
+    if param is None or param.annotation is param.empty:
+        return False
+    return 'str' in re.findall(r'\w+', str(param.annotation))
 
 
 def _brace_dict(value) -> bool:

@@ -102,3 +102,30 @@ def test_a_folder_that_is_no_data_cache_is_never_pruned(tmp_path, capsys):
     assert 'holds 3 file(s) or folder(s) no data cache writes (3f786850e387550fdab836ed7e6dc881de23001b.jpg, ' \
            'tmp_notes.tmp, train.jsonl): not a data cache folder, nothing removed' in err, err
     assert sorted(os.listdir(folder)) == sorted(names)
+
+
+def test_a_user_who_may_not_set_an_entrys_time_marks_it_used_beside_it(tmp_path, tiny_tokenizer, monkeypatch,
+                                                                        capsys):
+    """A cache folder a group shares, written under umask 022: another user's start could not set the time of the
+    files it read (a PermissionError, dropped), and the owner's --prune removed entries read that same day. That
+    user's own mark beside the file (``.used-UID``) now says so, and goes with the entry."""
+    cache = str(tmp_path / 'cache')
+    path = _data(tmp_path, 3)
+    make_ds(path, tiny_tokenizer, tmp_path).length
+    _age(cache, 40)
+    utime = os.utime
+
+    def not_ours(target, *args, **kwargs):   # the entries' files are another user's
+        if '.used-' not in str(target):
+            raise PermissionError(1, 'Operation not permitted', str(target))
+        return utime(target, *args, **kwargs)
+    monkeypatch.setattr(os, 'utime', not_ours)
+    make_ds(path, tiny_tokenizer, tmp_path).length
+    monkeypatch.setattr(os, 'utime', utime)
+    marks = [n for n in os.listdir(cache) if '.used-' in n]
+    assert marks and all(n.endswith(f'.used-{os.getuid()}') for n in marks), os.listdir(cache)
+    assert main(['--cache-dir', cache, '--prune']) == 0
+    assert 'unused for 30 days or more: 0 entries' in capsys.readouterr().out
+    assert len(read_entries(cache)) == 2
+    assert main(['--cache-dir', cache, '--prune', '--unused-days', '0']) == 0
+    assert os.listdir(cache) == []   # the marks go with their entries

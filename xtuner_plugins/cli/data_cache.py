@@ -13,8 +13,8 @@ lengths and a repeat's subset (``data/index.py``, ``startcheck.py``, ``lengths.p
 file's path, size, times and inode and by the settings, so a file edited, moved or re-tokenised gets a new entry and
 the old one stays: at InternVL's scale (tens of millions of samples, about 60 bytes each over the four) a few
 edits leave gigabytes behind, in a home folder that may have a quota. Each start that reads an entry marks it used
-(its file's modification time; ``data/nodepass.py``), so an entry unused for ``--unused-days`` belongs to no run of
-that time. Removing one is safe at any time: a run started meanwhile that wanted it builds it again (its loaders
+(its file's modification time, or a mark of the user's own beside another user's file in a folder a group shares;
+``data/nodepass.py``), so an entry unused for ``--unused-days`` belongs to no run of that time. Removing one is safe at any time: a run started meanwhile that wanted it builds it again (its loaders
 read a missing file as no cache), a running run keeps what it has mapped, and an entry a run is building now (its
 lock held) is skipped. Files a writer left half-written (``tmpXXXXXXXX.tmp``) go with the entries once a day old.
 Only files of the names a cache writes are touched, and ``--prune`` refuses a folder that holds anything else (a
@@ -40,9 +40,10 @@ from xtuner_plugins.cli.tool_args import tool_error
 PROG = 'data_cache'
 #: an entry's files, each the name of one a cache writes: ``index-KEY.npy``, ``subset-KEY.npy`` and ``KEY.good.npy``,
 #: ``KEY.check.json``, ``KEY.lengths.npy``, ``KEY.refs.npy``, ``KEY.ids.npy``, ``KEY.images.json``; the ``.npy``
-#: ones a run builds under a lock with their ``.lock`` beside them
-_ENTRY = re.compile(r'^(?:(index-|subset-)([0-9a-f]{40})(\.npy(?:\.lock)?)|()([0-9a-f]{40})'
-                    r'(\.(?:good|lengths)\.npy(?:\.lock)?|\.(?:refs|ids)\.npy|\.(?:check|images)\.json))$')
+#: ones a run builds under a lock with their ``.lock`` beside them, and the marks of use of users who may not set
+#: their times (``.used-UID``: ``data/nodepass.py``)
+_ENTRY = re.compile(r'^(?:(index-|subset-)([0-9a-f]{40})(\.npy(?:\.lock|\.used-\d+)?)|()([0-9a-f]{40})'
+                    r'(\.(?:good|lengths)\.npy(?:\.lock|\.used-\d+)?|\.(?:refs|ids)\.npy|\.(?:check|images)\.json))$')
 #: a writer's temporary file (``tempfile.mkstemp(suffix='.tmp')``: ``tmp`` and 8 characters)
 _TEMPORARY = re.compile(r'^tmp[a-z0-9_]{8}\.tmp$')
 _KINDS = {'index-': 'index', 'subset-': 'repeat subset', '': 'check and lengths'}
@@ -87,9 +88,10 @@ def stale_temporaries(folder: str, now: float) -> List[str]:
 
 
 def foreign(folder: str) -> List[str]:
-    """The names in ``folder`` that no cache writes (a folder, a file of another kind), sorted."""
+    """The names in ``folder`` that no cache writes (a folder, a file of another kind), sorted; not NFS's
+    ``.nfsXXXX`` files (a removed file a process still has open: a running run's mapped entry)."""
     with os.scandir(folder) as found:
-        return sorted(item.name for item in found if not (
+        return sorted(item.name for item in found if not item.name.startswith('.nfs') and not (
             (_ENTRY.match(item.name) or _TEMPORARY.match(item.name)) and item.is_file(follow_symlinks=False)))
 
 

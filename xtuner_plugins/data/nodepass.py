@@ -185,10 +185,19 @@ def node_once(cache_file: str, load: Callable[[], Optional[T]], build: Callable[
 
 def _used(cache_file: str, found: T) -> T:
     """``found``, read from ``cache_file``, whose modification time is set to now: the time a cache was last used,
-    by which ``tools/data_cache.py --prune`` finds the entries nothing has read for a while (a cache folder this
-    process may only read is left as it is)."""
+    by which ``tools/data_cache.py --prune`` finds the entries nothing has read for a while. Another user's file
+    (a cache folder a group shares, written under umask 022) cannot be given a time by this user: this user's own
+    mark beside it is (``CACHE_FILE.used-UID``, empty). A folder this process may only read is left as it is."""
     try:
         os.utime(cache_file)
+    except PermissionError:
+        try:
+            mark = f'{cache_file}.used-{os.getuid()}'
+            with open(mark, 'a'):
+                pass
+            os.utime(mark)
+        except OSError:
+            pass
     except OSError:
         pass
     return found

@@ -51,3 +51,54 @@ def test_a_tokenizer_only_its_own_code_loads_is_one_line(tiny, tmp_path):
     (folder / 'tokenizer_config.json').write_text(json.dumps(config))
     with pytest.raises(Refused, match=rf'^model.tokenizer \(or model.llm\): {folder} is loaded only by its own code'):
         load_tokenizer(str(folder))
+
+
+CACHED = '''
+import json, os, sys
+from xtuner_plugins.errors import Refused
+from xtuner_plugins.models.llm import check_llm_folder, load_tokenizer
+for call in (check_llm_folder, load_tokenizer):
+    try:
+        call('org/own')
+    except Refused as exc:
+        print(f'{call.__name__}: {exc}')
+'''
+
+
+def test_a_cache_name_only_its_own_code_loads_is_refused_as_a_folder_is(tiny, tmp_path):
+    """Given by its Hugging Face cache name (``org/own``, in the local cache), such a model was said to be 'neither a
+    folder nor in the local Hugging Face cache ... download it first', which it was."""
+    import os
+    import subprocess
+    import sys
+    hub = tmp_path / 'hub'
+    snapshot = hub / 'models--org--own' / 'snapshots' / ('a' * 40)
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(_with_code(tiny, tmp_path, 'internlm2'), snapshot)
+    (hub / 'models--org--own' / 'refs').mkdir()
+    (hub / 'models--org--own' / 'refs' / 'main').write_text('a' * 40)
+    config = json.loads((snapshot / 'tokenizer_config.json').read_text())
+    config.update(tokenizer_class='OwnTokenizer', auto_map={'AutoTokenizer': ['tokenization_own.OwnTokenizer', None]})
+    (snapshot / 'tokenizer_config.json').write_text(json.dumps(config))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, '-c', CACHED], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE='1', PYTHONPATH=root))
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and 'neither a folder' not in out.stdout, out.stdout + out.stderr
+    assert lines[0].startswith("check_llm_folder: model.llm: org/own: its config.json names model_type 'internlm2'")
+    assert lines[1].startswith('load_tokenizer: model.tokenizer (or model.llm): org/own is loaded only by its own code')
+
+
+def test_odd_config_files_and_an_internvl_folder_given_as_the_llm(tiny, tmp_path):
+    from xtuner_plugins.models.llm import check_llm_folder
+    folder = tmp_path / 'odd'
+    folder.mkdir()
+    for text in ('[]', '"x"', '{"auto_map": {}}'):   # left to the loading, which says what it is
+        (folder / 'config.json').write_text(text)
+        check_llm_folder(str(folder))
+    (folder / 'config.json').write_text(json.dumps({'auto_map': {'AutoModel': 'm.M'}}))
+    with pytest.raises(Refused, match='its config.json names no model_type, which transformers does not'):
+        check_llm_folder(str(folder))
+    (folder / 'config.json').write_text(json.dumps({'model_type': 'internvl_chat', 'auto_map': {'AutoModel': 'm.M'}}))
+    with pytest.raises(Refused, match='is an InternVL model, not an LLM: give it as model.official_checkpoint'):
+        check_llm_folder(str(folder))

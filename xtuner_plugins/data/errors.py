@@ -70,19 +70,26 @@ def from_pretrained_named(load, path: str, key: str):
 
     from xtuner_plugins.errors import NotFound
     check_model_path(path, key)
-    if os.path.isdir(path):
-        try:
-            return load(path)
-        except ValueError as exc:   # transformers' refusal of a folder only its own code loads (its auto_map)
-            if 'contains custom code which must be executed' not in str(exc):
-                raise
-            raise Refused(f'{key}: {path} is loaded only by its own code (the auto_map of its config.json or '
-                          'tokenizer_config.json), and this project runs none (trust_remote_code=False): use a '
-                          'model transformers implements, or the folder converted to such a layout '
-                          '(docs/families.md)') from None
     try:
         return load(path)
-    except (OSError, ValueError) as exc:  # not cached / not a repo id (huggingface_hub's HFValidationError)
-        raise NotFound(f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing '
-                       f'is downloaded at run time); download it first (huggingface-cli download REPO '
-                       f'--local-dir FOLDER) and set {key} to its folder') from exc
+    except ValueError as exc:   # transformers' refusal of a model only its own code loads (its auto_map)
+        if 'contains custom code which must be executed' not in str(exc):
+            if os.path.isdir(path):
+                raise
+            raise NotFound(_not_cached(path, key)) from exc
+        raise Refused(f'{key}: {path} is loaded only by its own code (the auto_map of its config.json or '
+                      'tokenizer_config.json), and this project runs none (trust_remote_code=False): use a '
+                      'model transformers implements, or the folder converted to such a layout '
+                      '(docs/families.md)') from None
+    except OSError as exc:
+        if os.path.isdir(path):
+            raise
+        raise NotFound(_not_cached(path, key)) from exc
+
+
+def _not_cached(path: str, key: str) -> str:
+    """The line for a model path that is neither a folder nor in the local Hugging Face cache (not cached, or not
+    a repo id: huggingface_hub's HFValidationError, a ValueError)."""
+    return (f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing is downloaded at run '
+            f'time); download it first (huggingface-cli download REPO --local-dir FOLDER) and set {key} to its '
+            'folder')

@@ -204,6 +204,8 @@ def appended_tokens(tokenizer) -> Tuple[str, ...]:
     """The tokens ``tokenizer`` puts after every text it encodes with its special tokens (Llama's
     ``add_eos_token=True``; a post-processor ``$A </s>``, ``$A <|endoftext|>``), or ``()``."""
     added, plain = (tokenizer.encode('a', add_special_tokens=special) for special in (True, False))
+    if not plain:   # a tokenizer that gives 'a' no token of its own (none of its vocabulary): nothing to tell by
+        return ()
     for start in range(len(added) - len(plain) + 1):
         if added[start:start + len(plain)] == plain:
             return tuple(tokenizer.convert_ids_to_tokens(added[start + len(plain):]))

@@ -35,19 +35,37 @@ def check_llm_folder(path: str, key: str = 'model.llm') -> None:
 
     from xtuner_plugins.errors import Refused
     try:
-        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+        with open(os.path.join(_folder_of(path), 'config.json'), encoding='utf-8') as f:
             config = json.load(f)
-    except (OSError, ValueError):   # no folder, no config: the loading says so
+    except (OSError, TypeError, ValueError):   # no folder, no config: the loading says so
         return
-    model_type = config.get('model_type') if isinstance(config, dict) else None
-    if not config.get('auto_map') or model_type in CONFIG_MAPPING_NAMES:
+    if not isinstance(config, dict) or not config.get('auto_map'):
         return
+    model_type = config.get('model_type')
+    if model_type in CONFIG_MAPPING_NAMES:
+        return
+    if model_type == 'internvl_chat':
+        raise Refused(f'{key}: {path} is an InternVL model, not an LLM: give it as model.official_checkpoint (its '
+                      'vision encoder, projector and LLM together), and leave model.llm and model.vision_encoder unset')
     hint = (' (InternLM2 and 2.5: InternLM\'s tools/convert2llama.py writes a Llama folder of it)'
             if str(model_type).startswith('internlm') else '')
-    raise Refused(f'{key}: {path}: its config.json names model_type {model_type!r}, which transformers does not '
-                  f'implement: only the folder\'s own code (its auto_map) loads it, and this project runs none '
+    named = f'model_type {model_type!r}' if model_type else 'no model_type'
+    raise Refused(f'{key}: {path}: its config.json names {named}, which transformers does not implement: only '
+                  f'the folder\'s own code (its auto_map) loads it, and this project runs none '
                   f'(trust_remote_code=False); use an LLM transformers implements (Qwen2.5, Qwen3, Llama, Phi-3, ...: '
                   f'docs/families.md), or the folder converted to such a layout{hint}')
+
+
+def _folder_of(path: str) -> str:
+    """``path``, or the folder of a Hugging Face cache name's ``config.json`` in the local cache (offline)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(path, 'config.json')
+    except Exception:  # noqa: BLE001 -- not a repo id: the loading says what it is
+        return path
+    return os.path.dirname(found) if isinstance(found, str) else path
 
 
 def load_tokenizer(path: str) -> Tuple[object, int]:

@@ -14,9 +14,9 @@ file's path, size, times and inode and by the settings, so a file edited, moved 
 the old one stays: at InternVL's scale (tens of millions of samples, about 60 bytes each over the four) a few
 edits leave gigabytes behind, in a home folder that may have a quota. Each start that reads an entry marks it used
 (its file's modification time, or a mark of the user's own beside another user's file in a folder a group shares;
-``data/nodepass.py``), so an entry unused for ``--unused-days`` belongs to no run of that time. Removing one is safe at any time: a run started meanwhile that wanted it builds it again (its loaders
-read a missing file as no cache), a running run keeps what it has mapped, and an entry a run is building now (its
-lock held) is skipped. Files a writer left half-written (``tmpXXXXXXXX.tmp``) go with the entries once a day old.
+``data/nodepass.py``), so an entry unused for ``--unused-days`` belongs to no run of that time. Removing one is
+safe at any time: a run started meanwhile that wanted it builds it again (its loaders read a missing file as no
+cache), a running run keeps what it has mapped, and an entry a run is building now (its lock held) is skipped. Files a writer left half-written (``tmpXXXXXXXX.tmp``) go with the entries once a day old.
 Only files of the names a cache writes are touched, and ``--prune`` refuses a folder that holds anything else (a
 data folder given by mistake, whose images may be named by their hash as cache entries are).
 

@@ -298,8 +298,8 @@ def _train() -> int:
             return 2
         if lost_peer(exc):   # the rank that stopped first printed why; this one's traceback adds nothing
             print(f'train: FAILED on rank {os.environ.get("RANK", "?")}: another rank of the run stopped first (its '
-                  f'own line, or its launcher\'s, says why); this one then lost it: {type(exc).__name__}: {failure_message(exc)[:200]}',
-                  file=sys.stderr)
+                  f'own line, or its launcher\'s, says why); this one then lost it: {type(exc).__name__}: '
+                  f'{failure_message(exc)[:200]}', file=sys.stderr)
             return 1
         died = worker_death(exc)   # (where the training process was says nothing of it: no traceback)
         said = isinstance(exc, Stated) or died is not None

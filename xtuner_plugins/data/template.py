@@ -184,10 +184,10 @@ def check_tokenizer_fits(tokenizer, template: Union[str, Template], where: str =
     appended = appended_tokens(tokenizer)
     if appended:
         raise Refused(f'{where}: the tokenizer appends {" ".join(appended)} to every text it encodes (add_eos_token, '
-                      'or its post-processor): each turn of a sample would end in it, in the middle of the conversation, '
-                      'and every chat prompt after the assistant\'s turn opens; the template\'s stop word ends the '
-                      'answers: set "add_eos_token": false in its tokenizer_config.json, or take it out of the '
-                      '"post_processor" of its tokenizer.json')
+                      'or its post-processor): each turn of a sample would end in it, in the middle of the '
+                      'conversation, and every chat prompt after the assistant\'s turn opens; the template\'s stop '
+                      'word ends the answers: set "add_eos_token": false in its tokenizer_config.json, or take it out '
+                      'of the "post_processor" of its tokenizer.json')
     split = _fits(tokenizer, template)
     if not split:
         return

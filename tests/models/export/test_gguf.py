@@ -565,3 +565,62 @@ def test_a_worker_that_fails_to_load_says_llama_cpps_error_and_the_exception_onl
         "llama_model_load: error loading model: tensor 'token_embd.weight' data is not within the file bounds, model "
         "is corrupted or incomplete; ValueError: Failed to load model from file: /m/m.gguf")
     model.log.close()
+
+
+# llama.cpp's image embeddings (the mmproj's output, before the LLM) of one image, read through llama-cpp-python's
+# mtmd in the GGUF venv: the embeddings of the image chunk a one-image chat prompt encodes
+EMBEDDINGS = '''
+import glob, json, sys
+import llama_cpp.mtmd_cpp as mtmd
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import MTMDChatHandler
+folder, image = sys.argv[1:3]
+model = [p for p in glob.glob(folder + '/*.gguf') if not p.split('/')[-1].startswith('mmproj')][0]
+handler = MTMDChatHandler(clip_model_path=glob.glob(folder + '/mmproj*.gguf')[0], verbose=False, use_gpu=False)
+llm = Llama(model_path=model, chat_handler=handler, n_ctx=2048, n_gpu_layers=0, verbose=False, seed=0, n_threads=1)
+out, chunk_eval = [], mtmd.mtmd_helper_eval_chunk_single
+
+def encoded(ctx, lctx, chunk, *args):
+    n, width = mtmd.mtmd_input_chunk_get_n_tokens(chunk), llm.n_embd()
+    assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+    e = mtmd.mtmd_get_output_embd(ctx)
+    out.append([[e[i * width + j] for j in range(width)] for i in range(n)])
+    return chunk_eval(ctx, lctx, chunk, *args)
+
+mtmd.mtmd_helper_eval_chunk_single = encoded
+with open(image, 'rb') as f:
+    import base64
+    url = 'data:image/png;base64,' + base64.b64encode(f.read()).decode()
+llm.create_chat_completion(messages=[{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': url}},
+                                                                  {'type': 'text', 'text': 'x'}]}], max_tokens=1)
+print('RESULT ' + json.dumps(out[0]))
+'''
+
+
+def test_the_mmprojs_image_features_are_the_trained_models(setup):
+    """llama.cpp's InternVL graph puts the class token after the patches and adds the position rows in order: with
+    the rows written as they are, each patch took its neighbour's, and the image features were 4-7% off the official
+    folder's (the answers above still agreed where the random model's choice was clear). Written with the class
+    token's row last (``gguf_convert.py``), they match to rounding."""
+    import subprocess
+    import sys
+
+    import torch
+    official = ConvertedModel(setup['folder'])
+    python, tree = gguf_export.tools()
+    mmproj = os.path.join(setup['f32'], next(p for p in os.listdir(setup['f32']) if p.startswith('mmproj')))
+    read = ('import sys; sys.path.insert(0, sys.argv[1]); from gguf import GGUFReader; '
+            'print(bytes(GGUFReader(sys.argv[2]).fields[sys.argv[3]].parts[-1]).decode())')
+    key = subprocess.run([sys.executable, '-c', read, os.path.join(tree, 'gguf-py'), mmproj,
+                          'xtuner_plugins.position_embd.cls_row'], capture_output=True, text=True, timeout=120)
+    assert key.stdout.strip() == 'last', key.stderr[-2000:]
+    for image in setup['images'][:2]:
+        out = subprocess.run([python, '-c', EMBEDDINGS, setup['f32'], image], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = torch.tensor(json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith('RESULT '))))
+        pixels, _ = official.pixels([image], [False])
+        with torch.no_grad():
+            expected = official.model.extract_feature(pixels.float())[0]
+        assert got.shape == expected.shape
+        assert float((got - expected).norm() / expected.norm()) < 2e-3

@@ -14,12 +14,20 @@ implements; ``gguf.py`` names it only when the tokenizer's pre-tokenizer is that
   InternVL's projector is named by block (``mlp1.{bid}``: ``mlp1.0``, ``mlp1.1``, ``mlp1.3``): a tower of fewer than
   4 layers (the demo's has 2) fails on ``mlp1.3`` ("Can not map tensor"). The table is built for at least 4 blocks;
   the GGUF's block count stays the tower's.
+* InternViT's position embedding is written with its first row (the class token's) last: llama.cpp's InternVL graph
+  puts the class token after the patches and adds the rows in order (the same order as its llava graph's, llama.cpp
+  issue #25814), so, written as it is, each patch took its neighbour's row and the image features were 4-7% off the
+  trained model's (a sweep measured it; rotated, they match to about 4e-4). The mmproj records it under
+  :data:`POSITION_ORDER_KEY`: a llama.cpp whose graph puts the class token first needs the GGUF written anew.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+
+#: the mmproj's record of where its class token's position row is (``last``)
+POSITION_ORDER_KEY = 'xtuner_plugins.position_embd.cls_row'
 
 
 def main(argv) -> int:
@@ -59,6 +67,21 @@ def main(argv) -> int:
             self.tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, 4)
 
     MmprojModel.__init__ = init
+
+    from conversion.internvl import InternVisionModel
+    tensors, parameters = InternVisionModel.modify_tensors, InternVisionModel.set_gguf_parameters
+
+    def modify_tensors(self, data_torch, name, bid):
+        if 'position_embedding' in name:   # [1, 1 + patches, width]: the class token's row to the end
+            import torch
+            data_torch = torch.cat([data_torch[..., 1:, :], data_torch[..., :1, :]], dim=-2)
+        return tensors(self, data_torch, name, bid)
+
+    def set_gguf_parameters(self):
+        parameters(self)
+        self.gguf_writer.add_string(POSITION_ORDER_KEY, 'last')
+
+    InternVisionModel.modify_tensors, InternVisionModel.set_gguf_parameters = modify_tensors, set_gguf_parameters
     for job in jobs:
         sys.argv = ['convert_hf_to_gguf.py', *job]
         converter.main()

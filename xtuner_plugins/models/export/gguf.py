@@ -242,6 +242,27 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
             json.dump(content, f, indent=2, ensure_ascii=False)
     if filled:
         log(f'filled in for llama.cpp\'s converter (a staged copy; {folder} is not written): {", ".join(filled)}')
+    if spaces_after_specials(folder) is False:
+        log(f'WARNING: {folder}\'s SentencePiece tokenizer puts no word start (\'▁\') after a special token '
+            '(legacy=False), and llama.cpp puts one after each (the GGUF\'s add_space_prefix): its prompts through '
+            'llama.cpp differ from training\'s after every marker, and its answers may too (docs/conversion.md, '
+            '"GGUF")')
+
+
+def spaces_after_specials(folder: str) -> Optional[bool]:
+    """For a SentencePiece tokenizer (``tokenizer.model`` in ``folder``): whether the text after a special token
+    (``<img>``) starts with a word start, as llama.cpp's ``add_space_prefix`` writes every piece; None for any
+    other tokenizer, or one that cannot be read."""
+    if not os.path.isfile(os.path.join(folder, 'tokenizer.model')):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        after = tokenizer.encode('<img>a', add_special_tokens=False)
+        alone = tokenizer.encode('a', add_special_tokens=False)
+    except Exception:  # noqa: BLE001 -- not ours to judge here: the conversion says what is wrong
+        return None
+    return after[1:] == alone if after[:1] == [tokenizer.convert_tokens_to_ids('<img>')] else None
 
 
 def _run(command: List[str], what: str, env: Optional[dict] = None) -> str:

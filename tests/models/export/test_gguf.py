@@ -638,3 +638,25 @@ def test_a_sentencepiece_tokenizer_without_a_word_start_after_markers_is_told(tm
     tokenizer.save_pretrained(tmp_path / 'folder')
     assert gguf_export.spaces_after_specials(str(tmp_path / 'folder')) is legacy
     assert gguf_export.spaces_after_specials(str(tmp_path / 'spm_missing')) is None
+
+
+@pytest.mark.parametrize('arch,staged', [('LlamaForCausalLM', False), ('Phi3ForCausalLM', True)])
+def test_the_staged_tokenizer_asks_llama_cpp_for_no_word_start_where_its_converter_reads_it(tmp_path, arch, staged):
+    """Llama's converter reads ``add_prefix_space`` of tokenizer_config.json: staged false for a legacy=False
+    tokenizer, the GGUF's prompts are training's (a sweep's four prompts, from 168 of 177 positions apart);
+    Phi-3's converter does not read it: the file is left as the folder has it (true, as transformers saves it), and
+    the export says so."""
+    from xtuner_plugins.data.template import add_internvl_tokens
+    from xtuner_plugins.tiny.sentencepiece_tokenizer import build_tiny_sentencepiece_tokenizer
+    folder = tmp_path / 'folder'
+    tokenizer = build_tiny_sentencepiece_tokenizer(legacy=False, folder=str(tmp_path))
+    add_internvl_tokens(tokenizer)
+    tokenizer.save_pretrained(folder)
+    (folder / 'config.json').write_text(json.dumps({
+        'architectures': ['InternVLChatModel'], 'template': 'internvl2_5',
+        'vision_config': {'architectures': ['InternVisionModel']}, 'llm_config': {'architectures': [arch]}}))
+    said = []
+    gguf_export.stage(str(folder), str(tmp_path / 'staged'), log=said.append)
+    with open(tmp_path / 'staged' / 'tokenizer_config.json') as f:
+        assert json.load(f).get('add_prefix_space') is staged
+    assert any(line.startswith('WARNING: ') and 'no word start' in line for line in said) == staged, said

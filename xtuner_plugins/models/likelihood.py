@@ -16,14 +16,13 @@ sums with :func:`continuation_logprob` over its own prompt.
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, List, Sequence
 
 import torch
 
 from xtuner_plugins.data.tokenize import answer_ids
 
-from .prompt import check_context, prompt_inputs
+from .prompt import check_context, folder_conversation, prompt_inputs
 
 __all__ = ['continuation_logprob', 'option_logprobs']
 
@@ -47,8 +46,7 @@ def assistant_prefix(model) -> str:
     starts (``<|im_start|>assistant\\n``): the assistant role of its ``conversation.py`` template (official and
     remote folders), or what the chat template's generation prompt adds (hf, llava)."""
     if model.format in ('official', 'remote'):
-        net = model.model
-        return sys.modules[type(net).__module__].get_conv_template(net.template).roles[1]
+        return folder_conversation(model.model).roles[1]
     messages = [{'role': 'user', 'content': [{'type': 'text', 'text': 'x'}]}]
     with_prompt, without = (model.processor.apply_chat_template(messages, add_generation_prompt=generation,
                                                                 tokenize=False) for generation in (True, False))

@@ -104,12 +104,18 @@ def split_images(question: str, num_images: int) -> List[Tuple[str, str]]:
     return parts
 
 
+def folder_conversation(net):
+    """A fresh copy of the conversation template of an official or remote folder's model ``net``: its own
+    ``conversation.py``'s (the module its modelling code imported), named by ``net.template``."""
+    return sys.modules[type(net).__module__].get_conv_template(net.template)
+
+
 def official_query(net, question: str, num_patches: Sequence[int], history: Optional[list] = None) -> str:
     """The text ``net.chat()`` (official / remote code) tokenizes for ``question`` after ``history``, its
     images of ``num_patches`` tiles each: the folder's own template (``conversation.py``) and image tokens."""
     if history is None and num_patches and '<image>' not in question:  # as chat() adds it
         question = '<image>\n' + question
-    template = sys.modules[type(net).__module__].get_conv_template(net.template)
+    template = folder_conversation(net)
     template.system_message = net.system_message
     for old_question, old_answer in history or []:
         template.append_message(template.roles[0], old_question)

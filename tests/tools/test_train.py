@@ -55,6 +55,21 @@ def test_the_resume_command_continues_from_the_checkpoint():
         'xtuner-plugins-train x.py'
 
 
+def test_a_resume_stopped_before_its_first_save_is_told_to_resume_again(tmp_path):
+    """A resume stopped before it saved anything (its ranks stopped by the launcher when another rank refused the
+    checkpoint) was told to run the command without its ``--resume``, which starts over: the progress lost."""
+    from xtuner_plugins.cli.train import interrupted_line
+    work = str(tmp_path / 'r')
+    for given in (['--resume', 'w/iter_6.pth'], ['--resume=w/iter_6.pth']):
+        line = interrupted_line(work, ['tools/train.py', 'c.py', '--work-dir', work] + given, 'stopped by SIGTERM')
+        assert line.startswith('train: stopped by SIGTERM ') and line.endswith(
+            f'; nothing saved in {work}; resume: python tools/train.py c.py --work-dir {work} --resume w/iter_6.pth '
+            'continues from the checkpoint it was given'), line
+    line = interrupted_line(work, ['tools/train.py', 'c.py', '--work-dir', work], 'stopped by SIGTERM')
+    assert line.endswith(f'; last checkpoint none; resume: nothing saved to resume from, python tools/train.py c.py '
+                         f'--work-dir {work} starts over'), line
+
+
 def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, extra_args=(), signals=1,
                     worker=False):
     """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), to its

@@ -415,10 +415,21 @@ def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
     info = MessageHub.get_current_instance().runtime_info
     where = f'at iteration {info["iter"] + 1}' if isinstance(info.get('iter'), int) else 'before training started'
     checkpoint = last_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    given = resumed_from(argv)
+    if checkpoint is None and given:   # (the command without its --resume started over: the progress lost)
+        return (f'train: {how} {where}; nothing saved in {work_dir}; resume: {resume_command(argv, given)} '
+                'continues from the checkpoint it was given')
     if checkpoint is None:
         return (f'train: {how} {where}; last checkpoint none; resume: nothing saved to resume from, '
                 f'{resume_command(argv, None)} starts over')
     return f'train: {how} {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
+
+
+def resumed_from(argv) -> Optional[str]:
+    """The checkpoint ``--resume PATH`` (or ``--resume=PATH``) of ``argv`` names, the last one given; None: none."""
+    given = [argv[i + 1] if a == '--resume' else a.partition('=')[2] for i, a in enumerate(argv)
+             if (a == '--resume' and i + 1 < len(argv)) or a.startswith('--resume=')]
+    return given[-1] if given and given[-1] and not given[-1].startswith('-') else None
 
 
 def resume_command(argv, checkpoint) -> str:

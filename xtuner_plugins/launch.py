@@ -84,17 +84,23 @@ def cfg_options_args(options: Options) -> List[str]:
     return ['--cfg-options', *items]
 
 
-_AROUND_SEPARATORS = re.compile(r'\s*([,\[\]()])\s*')
+def _items_as_given(value: str) -> List[str]:
+    """The items of a ``--cfg-options`` value, each without the quotes around it: a bracketed list's items (nested
+    ones too) without the spaces around them; any other value whole, its outer spaces kept."""
+    bare = value.strip()
+    items = [i.strip() for i in re.split(r'[,\[\]()]', bare)] if bare[:1] in '[(' and bare[-1:] in '])' else [value]
+    return [i[1:-1] if len(i) > 1 and i[0] == i[-1] and i[0] in '\'"' else i for i in items]
 
 
 def spaced_values(words: Sequence[str]) -> List[str]:
     """Problems of ``--cfg-options`` words (``key=value``) whose value holds a space inside an item: MMEngine's
     ``DictAction`` removes every space of a value, so ``[my data/a.jsonl]`` would become ``mydata/a.jsonl`` and a
-    system message lose its spaces (spaces around ``,`` and brackets are fine)."""
+    system message lose its spaces, ``frame_prefix='Frame-{i}: '`` its last one (spaces around a list's ``,`` and
+    brackets are fine)."""
     problems = []
     for word in words:
         key, _, value = word.partition('=')
-        if any(c.isspace() for c in _AROUND_SEPARATORS.sub(r'\1', value.strip('\'"').strip())):
+        if any(any(c.isspace() for c in item) for item in _items_as_given(value)):
             problems.append(f'{key}: the value {value!r} holds a space, and MMEngine\'s --cfg-options removes every '
                             f'space from a value ({value.replace(" ", "")!r} would be used): give a path without '
                             f'spaces (a link to it), or set the value in a config file')

@@ -78,6 +78,27 @@ def test_a_warm_start_checks_no_sample_and_says_the_same(data, tiny_tokenizer, t
     assert summary(warm) == cold_summary and logs == cold_logs
 
 
+def test_a_check_cached_by_an_earlier_version_is_done_again(data, tiny_tokenizer, tmp_path, monkeypatch):
+    """A verdict the check's rules have changed since (``CHECK_VERSION``; 2: the stop word's label with SentencePiece
+    ``legacy=False``) is not read from the cache: a skip it counted then is checked again."""
+    files, img = data
+    make_ds(files, tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
+    cache = tmp_path / 'cache'
+    summaries = [os.path.join(cache, n) for n in os.listdir(cache) if n.endswith('.check.json')]
+    assert len(summaries) == 2
+    for path in summaries:
+        with open(path) as f:
+            written = json.load(f)
+        assert written['version'] == startcheck.CHECK_VERSION
+        with open(path, 'w') as f:
+            json.dump(dict(written, version=startcheck.CHECK_VERSION - 1), f)
+    checked = []
+    real = startcheck._check_slice
+    monkeypatch.setattr(startcheck, '_check_slice', lambda *a, **kw: checked.append(a[3]) or real(*a, **kw))
+    make_ds(files, tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
+    assert len(checked) >= 2, checked
+
+
 def test_no_python_object_per_sample(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', image=False)} for i in range(500)])
     ds = make_ds(path, tiny_tokenizer, tmp_path, repeat_times=2.5)

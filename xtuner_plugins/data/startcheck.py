@@ -31,7 +31,7 @@ from .presence import missing_line
 from .records import RecordView
 from .sources import DataSource, Record, parse_entry, repeat_array, repeat_subset
 
-CHECK_VERSION = 1
+CHECK_VERSION = 2  # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone)
 MAX_ITEMS = 1 << 32  # items after repeats, per source
 MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again
 

@@ -317,6 +317,21 @@ def test_a_tokenizer_without_internvls_image_tokens_is_refused(setup, tmp_path, 
             'its tokenizer has no <img>, </img>, <IMG_CONTEXT>')
 
 
+def test_a_phi3_llm_whose_vocabulary_the_converter_cannot_read_is_refused(setup, tmp_path, capsys, monkeypatch):
+    """llama.cpp's converter reads a Phi-3 LLM's vocabulary from a SentencePiece tokenizer.model, or as byte-level
+    BPE under the class name GPT2Tokenizer: a Phi-3 with another tokenizer (the project's --chat phi3 BPE one) ended
+    in its traceback ('Missing .../tokenizer.model'); it is refused before llama.cpp is asked for."""
+    from xtuner_plugins.models.export.gguf_checks import vocabulary_problem
+    folder = edited(tmp_path, setup, lambda c: c['llm_config'].update(architectures=['Phi3ForCausalLM']))
+    named = json.loads((folder / 'tokenizer_config.json').read_text())['tokenizer_class'].removesuffix('Fast')
+    monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))
+    refused(tmp_path, capsys, folder, 'cannot be converted to GGUF: its LLM is Phi-3 (Phi3ForCausalLM)',
+            f'this tokenizer is {named}, without a tokenizer.model')
+    assert vocabulary_problem('Phi3ForCausalLM', 'GPT2Tokenizer', False) is None   # Phi-4's
+    assert vocabulary_problem('Phi3ForCausalLM', 'LlamaTokenizer', True) is None   # Phi-3's own
+    assert vocabulary_problem('Qwen2ForCausalLM', named, False) is None
+
+
 def _drop(part, key):
     return lambda c: c[part].pop(key)
 

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from .files import Log, _print
-from .gguf_checks import OTHER_LAYOUTS, config_problem
+from .gguf_checks import OTHER_LAYOUTS, config_problem, vocabulary_problem
 
 QUANTS = ('f16', 'q8_0', 'q4_k_m', 'f32')
 #: the converter's --outtype for each quant (q8_0 and q4_k_m: quantised from the F16 file by llama.cpp's quantiser)
@@ -135,7 +135,11 @@ def model_misfit(model) -> Optional[str]:
               'llm_config': dict(llm.config.to_dict(), architectures=[type(llm).__name__]),
               'downsample_ratio': model.downsample_ratio, 'ps_version': model.ps_version,
               'select_layer': model.select_layer}
-    return config_misfit(config, tree)
+    tokenizer = model.tokenizer   # (the files the official folder is then written with)
+    sentencepiece = str(getattr(tokenizer, 'vocab_file', None) or '')
+    return config_misfit(config, tree) or vocabulary_problem(
+        type(llm).__name__, type(tokenizer).__name__.removesuffix('Fast'),
+        sentencepiece.endswith('.model') and os.path.isfile(sentencepiece))
 
 
 def pre_tokenizer(folder: str) -> str:

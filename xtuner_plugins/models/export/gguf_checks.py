@@ -7,7 +7,9 @@ before ``make gguf`` is asked for) and without loading the model:
 * :func:`layer_problem`: the layer counts in ``config.json`` are those of the weights (a ``num_hidden_layers`` of
   10^9 made the converter allocate until the machine ran out of memory);
 * :func:`tokenizer_problem`: the tokenizer holds InternVL's image tokens (without them the GGUF answered, but its
-  prompts never carried the image).
+  prompts never carried the image);
+* :func:`vocabulary_problem`: the converter can read the LLM's vocabulary (Phi-3's needs a SentencePiece
+  ``tokenizer.model``, or a tokenizer named ``GPT2Tokenizer``: another one ended in its traceback).
 """
 
 from __future__ import annotations
@@ -134,3 +136,28 @@ def tokenizer_problem(folder: str) -> Optional[str]:
         return (f'its tokenizer has no {", ".join(missing)} (InternVL\'s image tokens): a tokenizer of another '
                 f'model? The GGUF would answer without ever seeing the image')
     return None
+
+
+def vocabulary_problem(architecture: Optional[str], tokenizer_class: Optional[str], sentencepiece: bool) \
+        -> Optional[str]:
+    """Why llama.cpp's converter cannot read the vocabulary of an LLM of ``architecture`` whose tokenizer is
+    ``tokenizer_class`` (``Fast`` left off, as ``tokenizer_config.json`` names it), with a SentencePiece
+    ``tokenizer.model`` or not; None where it can. Its Phi-3 reads ``tokenizer.model`` unless the class is
+    ``GPT2Tokenizer`` (Phi-4's), and stopped with ``Missing .../tokenizer.model`` for any other."""
+    if architecture != 'Phi3ForCausalLM' or sentencepiece or tokenizer_class == 'GPT2Tokenizer':
+        return None
+    return (f'its LLM is Phi-3 (Phi3ForCausalLM), whose vocabulary llama.cpp\'s converter reads from a SentencePiece '
+            f'tokenizer.model, or as byte-level BPE for a tokenizer_class GPT2Tokenizer only; this tokenizer is '
+            f'{tokenizer_class or "of no named class"}, without a tokenizer.model')
+
+
+def folder_vocabulary_problem(folder: str, architecture: Optional[str]) -> Optional[str]:
+    """:func:`vocabulary_problem` for an official folder whose LLM is of ``architecture``."""
+    try:
+        with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+            tok_cfg = json.load(f)
+    except (OSError, ValueError):
+        tok_cfg = {}
+    name = tok_cfg.get('tokenizer_class') if isinstance(tok_cfg, dict) else None
+    return vocabulary_problem(architecture, name.removesuffix('Fast') if isinstance(name, str) else None,
+                              os.path.isfile(os.path.join(folder, 'tokenizer.model')))

@@ -17,8 +17,8 @@ from typing import List
 
 from ..folder import check_folder
 from .files import Log, _print
-from .gguf import config_misfit, json_object, tools, write_gguf_from_folder
-from .gguf_checks import config_problem, layer_problem, tokenizer_problem
+from .gguf import config_misfit, json_object, llm_architecture, tools, write_gguf_from_folder
+from .gguf_checks import config_problem, folder_vocabulary_problem, layer_problem, tokenizer_problem
 from .job import check_out_dir, written_whole
 
 
@@ -36,7 +36,8 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     if problem:
         raise ValueError(f'{folder} cannot be converted to GGUF: {problem}')
     check_folder(folder)  # a truncated or missing shard: one line naming it, not the converter's traceback
-    problem = layer_problem(folder, config) or tokenizer_problem(folder)
+    problem = (layer_problem(folder, config) or tokenizer_problem(folder)
+               or folder_vocabulary_problem(folder, llm_architecture(config['llm_config'])))
     if problem:
         raise ValueError(f'{folder} cannot be converted to GGUF: {problem}')
     _, tree = tools()

@@ -55,32 +55,66 @@ class TooLong(ValueError):
     """The prompt and the tokens to generate do not fit the context."""
 
 
+class AnswerText:
+    """An answer's text from its tokens' bytes, as transformers decodes them: a SentencePiece vocabulary's byte
+    tokens (``<0xE4>``; llama.cpp's ``BYTE`` attribute) in a row are one run, its text where the run is UTF-8 and
+    one ``'\ufffd'`` per token where it is not (tokenizers' ``ByteFallback``: ``'\x1b\x80$'`` is three); any other
+    token's bytes are decoded as they come, an invalid UTF-8 sequence replaced (a byte-level BPE vocabulary's)."""
+
+    def __init__(self):
+        import codecs
+        self.decoder, self.run, self.count = codecs.getincrementaldecoder('utf-8')(errors='replace'), bytearray(), 0
+
+    def add(self, data: bytes, byte_token: bool) -> str:
+        """The text that ``data`` (one token's bytes) completes; a byte token's waits for the end of its run, which a
+        token of no text (a special token, left out as transformers leaves it out) does not end."""
+        if not data:
+            return ''
+        if byte_token:
+            self.run += data
+            self.count += 1
+            return ''
+        return self._flush() + self.decoder.decode(data)
+
+    def end(self) -> str:
+        return self._flush() + self.decoder.decode(b'', final=True)
+
+    def _flush(self) -> str:
+        run, count, self.run, self.count = bytes(self.run), self.count, bytearray(), 0
+        try:
+            return run.decode('utf-8')
+        except UnicodeDecodeError:
+            return '\ufffd' * count
+
+
 def answer(llm, request: dict) -> str:
     """One greedy answer, streamed as ``piece`` lines. ``MTMDChatHandler`` renders the chat template and evaluates the
     prompt (text and image chunks); the decoding is this function's (it stands in for the ``create_completion`` the
     handler calls): the argmax token until an end-of-generation token, ``max_tokens`` or a blank run, decoded as
-    transformers decodes (the bytes of the tokens, special tokens left out, an invalid UTF-8 sequence replaced)."""
-    import codecs
+    transformers decodes (the bytes of the tokens, special tokens left out, :class:`AnswerText`)."""
     import llama_cpp
-    max_tokens, tokens = int(request['max_tokens']), []
+    max_tokens, tokens, vocab = int(request['max_tokens']), [], llm._model.vocab
 
     def complete(prompt, **_):
         if len(prompt) + max_tokens > llm.n_ctx():
             raise TooLong(f'exceeds n_ctx: {len(prompt)} > {llm.n_ctx()}')
-        decoder, pieces, blank = codecs.getincrementaldecoder('utf-8')(errors='replace'), [], 0
+        text, pieces, blank = AnswerText(), [], 0
         for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             tokens.append(token)
             data = llm.detokenize([token])
-            piece = decoder.decode(data)
+            piece = text.add(data, bool(llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_BYTE))
             if piece:
                 pieces.append(piece)
                 send({'piece': piece})
             blank = blank + 1 if not data.decode('utf-8', errors='replace').strip() else 0
             if len(tokens) >= max_tokens or blank >= BLANK_RUN:
                 break
-        pieces.append(decoder.decode(b'', final=True))
+        last = text.end()
+        if last:
+            pieces.append(last)
+            send({'piece': last})
         return {'id': 'gguf', 'object': 'text_completion', 'created': 0, 'model': '',
                 'choices': [{'text': ''.join(pieces), 'index': 0, 'logprobs': None, 'finish_reason': 'stop'}],
                 'usage': {'prompt_tokens': len(prompt), 'completion_tokens': len(tokens),

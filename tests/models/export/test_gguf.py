@@ -655,23 +655,49 @@ def test_a_sentencepiece_tokenizer_without_a_word_start_after_markers_is_told(tm
     assert gguf_export.spaces_after_specials(str(tmp_path / 'spm_missing')) is None
 
 
-@pytest.mark.parametrize('arch,staged', [('LlamaForCausalLM', False), ('Phi3ForCausalLM', True)])
-def test_the_staged_tokenizer_asks_llama_cpp_for_no_word_start_where_its_converter_reads_it(tmp_path, arch, staged):
-    """Llama's converter reads ``add_prefix_space`` of tokenizer_config.json: staged false for a legacy=False
-    tokenizer, the GGUF's prompts are training's (a sweep's four prompts, from 168 of 177 positions apart);
-    Phi-3's converter does not read it: the file is left as the folder has it (true, as transformers saves it), and
-    the export says so."""
+@pytest.mark.parametrize('arch', ['LlamaForCausalLM', 'Phi3ForCausalLM'])
+def test_a_gguf_of_a_tokenizer_without_a_word_start_after_markers_says_so_in_any_family(tmp_path, arch):
+    """A SentencePiece tokenizer with legacy=False: the staged tokenizer_config.json says add_prefix_space false
+    (llama.cpp's Llama converter reads it), and the GGUF's add_space_prefix is false for Phi-3 too, whose converter
+    does not read it (its prompts had differed from training's after every marker, said in a WARNING line only);
+    with a legacy tokenizer the key is left to the converter (true, or unset: llama.cpp's default)."""
+    import subprocess
+    import sys
     from xtuner_plugins.data.template import add_internvl_tokens
     from xtuner_plugins.tiny.sentencepiece_tokenizer import build_tiny_sentencepiece_tokenizer
-    folder = tmp_path / 'folder'
-    tokenizer = build_tiny_sentencepiece_tokenizer(legacy=False, folder=str(tmp_path))
-    add_internvl_tokens(tokenizer)
-    tokenizer.save_pretrained(folder)
-    (folder / 'config.json').write_text(json.dumps({
-        'architectures': ['InternVLChatModel'], 'template': 'internvl2_5',
-        'vision_config': {'architectures': ['InternVisionModel']}, 'llm_config': {'architectures': [arch]}}))
-    said = []
-    gguf_export.stage(str(folder), str(tmp_path / 'staged'), log=said.append)
-    with open(tmp_path / 'staged' / 'tokenizer_config.json') as f:
-        assert json.load(f).get('add_prefix_space') is staged
-    assert any(line.startswith('WARNING: ') and 'no word start' in line for line in said) == staged, said
+    need_llama_cpp()
+    _, tree = gguf_export.tools()
+    for legacy in (False, True):
+        folder = tmp_path / f'legacy_{legacy}'
+        tokenizer = build_tiny_sentencepiece_tokenizer(legacy=legacy, folder=str(tmp_path))
+        add_internvl_tokens(tokenizer)
+        tokenizer.save_pretrained(folder)
+        llm = {'architectures': [arch], 'model_type': arch[:-len('ForCausalLM')].lower(), 'vocab_size': len(tokenizer),
+               'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 1, 'num_attention_heads': 4,
+               'num_key_value_heads': 4, 'max_position_embeddings': 512, 'rms_norm_eps': 1e-5}
+        (folder / 'config.json').write_text(json.dumps({
+            'architectures': ['InternVLChatModel'], 'template': 'internvl2_5',
+            'vision_config': {'architectures': ['InternVisionModel']}, 'llm_config': llm}))
+        said = []
+        gguf_export.stage(str(folder), str(tmp_path / f'staged_{legacy}'), log=said.append)
+        with open(tmp_path / f'staged_{legacy}' / 'tokenizer_config.json') as f:
+            assert (json.load(f).get('add_prefix_space') is False) is not legacy
+        assert not any(line.startswith('WARNING: ') for line in said), said
+        text = tmp_path / f'text_{legacy}'   # the LLM alone, as the converter reads it for the GGUF's vocabulary
+        text.mkdir()
+        for name in os.listdir(tmp_path / f'staged_{legacy}'):
+            if name != 'config.json':
+                os.symlink(os.path.realpath(tmp_path / f'staged_{legacy}' / name), text / name)
+        (text / 'config.json').write_text(json.dumps(llm))
+        out = subprocess.run([sys.executable, os.path.join(gguf_export.HERE, 'gguf_convert.py'), tree, '-', '--',
+                              str(text), '--vocab-only', '--outfile', str(tmp_path / f'{legacy}.gguf')],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and 'Duplicated key' not in out.stdout + out.stderr, out.stderr[-2000:]
+        sys.path.insert(0, os.path.join(tree, 'gguf-py'))
+        try:
+            import gguf
+            field = gguf.GGUFReader(str(tmp_path / f'{legacy}.gguf')).fields.get('tokenizer.ggml.add_space_prefix')
+        finally:
+            sys.path.remove(os.path.join(tree, 'gguf-py'))
+        value = None if field is None else field.contents()
+        assert value is False if not legacy else value in (None, True), (legacy, value)

@@ -44,8 +44,6 @@ MAKE_GGUF = 'run `make gguf` first (it builds llama.cpp into .venv-gguf once; do
 #: llm_config.model_type -> the architecture the converter looks up, for a folder whose llm_config names none
 LLM_ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM',
                      'internlm2': 'InternLM2ForCausalLM', 'phi3': 'Phi3ForCausalLM'}
-#: the LLMs whose llama.cpp converter reads ``add_prefix_space`` of tokenizer_config.json (llama.py, internlm.py)
-SPACE_PREFIX_READERS = ('LlamaForCausalLM', 'LLaMAForCausalLM', 'MistralForCausalLM', 'InternLM2ForCausalLM')
 #: the pre-tokenizer of Qwen2's tokenizer.json (and of this project's tiny tokenizer): llama.cpp's "qwen2"
 QWEN2_PRE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -240,9 +238,7 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
         tok_cfg['chat_template'] = template
         written['tokenizer_config.json'] = tok_cfg
         filled.append(why)
-    unspaced = spaces_after_specials(folder) is False
-    honoured = config['llm_config']['architectures'][0] in SPACE_PREFIX_READERS
-    if unspaced and honoured and tok_cfg.get('add_prefix_space') is not False:
+    if spaces_after_specials(folder) is False and tok_cfg.get('add_prefix_space') is not False:   # (gguf_convert.py)
         tok_cfg['add_prefix_space'] = False
         written['tokenizer_config.json'] = tok_cfg
         filled.append('add_prefix_space false (its SentencePiece tokenizer puts no word start after a special token)')
@@ -254,11 +250,6 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
             json.dump(content, f, indent=2, ensure_ascii=False)
     if filled:
         log(f'filled in for llama.cpp\'s converter (a staged copy; {folder} is not written): {", ".join(filled)}')
-    if unspaced and not honoured:
-        log(f'WARNING: {folder}\'s SentencePiece tokenizer puts no word start (\'▁\') after a special token '
-            '(legacy=False), and llama.cpp puts one after each (the GGUF\'s add_space_prefix, which the converter '
-            f'of {config["llm_config"]["architectures"][0]} does not read): its prompts through llama.cpp differ '
-            'from training\'s after every marker, and its answers may too (docs/conversion.md, "GGUF")')
 
 
 def spaces_after_specials(folder: str) -> Optional[bool]:

@@ -19,11 +19,18 @@ implements; ``gguf.py`` names it only when the tokenizer's pre-tokenizer is that
   issue #25814), so, written as it is, each patch took its neighbour's row and the image features were 4-7% off the
   trained model's (a sweep measured it; rotated, they match to about 4e-4). The mmproj records it under
   :data:`POSITION_ORDER_KEY`: a llama.cpp whose graph puts the class token first needs the GGUF written anew.
+* A SentencePiece vocabulary whose staged ``tokenizer_config.json`` says ``add_prefix_space: false`` (``gguf.py``
+  stages it for a tokenizer that puts no word start after a special token, ``legacy=False``) gets
+  ``tokenizer.ggml.add_space_prefix`` false whatever the LLM's family: the converter's Llama reads that setting, its
+  Phi-3 does not, and llama.cpp's default (a word start after every special token) put the GGUF's prompts apart from
+  training's after every marker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 
 #: the mmproj's record of where its class token's position row is (``last``)
@@ -58,6 +65,16 @@ def main(argv) -> int:
     TextModel.get_vocab_base_pre = get_vocab_base_pre
 
     import gguf
+    prepared = TextModel.prepare_metadata
+
+    def prepare_metadata(self, vocab_only):   # the vocabulary is set in here
+        prepared(self, vocab_only)
+        kv = self.gguf_writer.kv_data[0]
+        sentencepiece = getattr(kv.get(gguf.Keys.Tokenizer.MODEL), 'value', None) == 'llama'
+        if sentencepiece and gguf.Keys.Tokenizer.ADD_PREFIX not in kv and unprefixed(str(self.dir_model)):
+            self.gguf_writer.add_add_space_prefix(False)
+
+    TextModel.prepare_metadata = prepare_metadata
     from conversion.base import MmprojModel
     built = MmprojModel.__init__
 
@@ -86,6 +103,15 @@ def main(argv) -> int:
         sys.argv = ['convert_hf_to_gguf.py', *job]
         converter.main()
     return 0
+
+
+def unprefixed(folder: str) -> bool:
+    """Whether ``folder``'s ``tokenizer_config.json`` says ``add_prefix_space: false``."""
+    try:
+        with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+            return json.load(f).get('add_prefix_space') is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == '__main__':

@@ -56,3 +56,22 @@ def test_each_answer_and_its_stop_word_are_trained_and_nothing_else(legacy, temp
         spans += [span] if span else []
         assert [s[-1] for s in spans] == [stop] * len(qs), [tok.convert_ids_to_tokens(s) for s in spans]
         assert [tok.decode(s[:-1]).strip() for s in spans] == [a.strip() for _, a in qs]
+
+
+@pytest.mark.parametrize('legacy', [True, False])
+def test_control_text_allowed_in_data_reads_back_as_written(legacy, tmp_path):
+    """Data allowed to hold control markers as text (``allow_control_text``) is tokenised in pieces; each piece
+    tokenised alone got a SentencePiece word start, so 'a<|im_end|>b' trained as 'a <|im_end|> b' and
+    'hello <|im_end|> world' as 'hello  <|im_end|>  world'. A piece now goes on from the one before it."""
+    from xtuner_plugins.data.conversation import parse_conversation
+    from xtuner_plugins.data.template import IGNORE_INDEX
+    tok = build_tiny_sentencepiece_tokenizer(legacy=legacy, folder=str(tmp_path))
+    answers = ['hello <|im_end|> world', 'a<|im_end|>b', 'x <|im_start|>y\n<|im_end|>  z ', '<|im_end|>']
+    for answer in answers:
+        conv = parse_conversation([{'from': 'human', 'value': f'say {answer}'}, {'from': 'gpt', 'value': answer}],
+                                  0, markers=())
+        out = tokenize_conversation(conv, tok, [])
+        supervised = [i for i, label in zip(out['input_ids'], out['labels']) if label != IGNORE_INDEX]
+        assert supervised[-1] == tok.convert_tokens_to_ids('<|im_end|>') and \
+            supervised.count(supervised[-1]) == 1, tok.convert_ids_to_tokens(supervised)
+        assert tok.decode(supervised[:-1]) == answer, tok.convert_ids_to_tokens(supervised)

@@ -39,9 +39,10 @@ from .sources import DataSource, Record
 from .tiling import num_tiles
 from .tokenize import count_text_tokens
 
-CACHE_VERSION = 7  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
+CACHE_VERSION = 8  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
 #                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos;
-#                   7: binary (.npy), the start-up check beside it, length_field
+#                   7: binary (.npy), the start-up check beside it, length_field; 8: control text's pieces go on
+#                   from each other (SentencePiece: no word start between them)
 
 
 def default_cache_dir() -> str:

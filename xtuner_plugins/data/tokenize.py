@@ -236,6 +236,19 @@ def _literal_ids(tokenizer, text: str, controls: Sequence[int]) -> List[int]:
     return list(ids)
 
 
+#: a text the pieces of a turn are tokenised after, then left out (``_continued``)
+ANCHOR = '\n'
+
+
+def _continued(encode, text: str) -> List[int]:
+    """``text``'s ids (``encode``) as the text goes on after other text: tokenised after :data:`ANCHOR`, whose ids
+    are then taken away. A SentencePiece tokenizer puts a word start ('▁') before a text of its own, so each piece
+    of a turn tokenised alone ('a', '<|im_end|>' as plain text, 'b') read back 'a <|im_end|> b'. The ids of
+    ``text`` alone where the anchor's are not a prefix (a token across the two)."""
+    anchor, both = encode(ANCHOR), encode(ANCHOR + text)
+    return both[len(anchor):] if both[:len(anchor)] == anchor else encode(text)
+
+
 def _marker_pattern(tokenizer, template):
     """A regex of the control markers data text may not turn into (cached with them on the tokenizer)."""
     markers = control_markers(tokenizer, template)
@@ -263,7 +276,8 @@ def encode_turns(tokenizer, conversation: Conversation, image_text: str,
 
     Control markers inside the data's text (``<|im_end|>`` in an answer: refused by the data set unless it allows
     them, see :func:`~xtuner_plugins.data.template.control_markers`) never become control tokens: such a turn is
-    tokenised in pieces, each marker as plain text."""
+    tokenised in pieces, each marker as plain text, each piece after the first going on from the one before
+    (:func:`_continued`)."""
     pattern, controls = _marker_pattern(tokenizer, conversation.template)
     rendered = _render_pieces(conversation, image_text, pattern)
     texts = [''.join(t for t, _ in pieces) for _, pieces in rendered]
@@ -279,9 +293,13 @@ def encode_turns(tokenizer, conversation: Conversation, image_text: str,
         return [(role, text, _split_at_prefix(tokenizer, text, ids, prefix, prefix_ids) if role == 'gpt' else ids)
                 for (role, _), text, ids in zip(rendered, texts, turn_ids)]
 
-    def pieces_ids(pieces: List[Piece]) -> List[int]:
-        return [i for t, protected in pieces
-                for i in (_literal_ids(tokenizer, t, controls) if protected else _text_ids(tokenizer, t))]
+    def encoder(protected: bool):
+        return (lambda t: _literal_ids(tokenizer, t, controls)) if protected else (lambda t: _text_ids(tokenizer, t))
+    prefixed = _continued(encoder(False), 'a') != _text_ids(tokenizer, 'a')   # SentencePiece: '▁a' alone, 'a' after
+
+    def pieces_ids(pieces: List[Piece]) -> List[int]:   # a piece after another goes on from it, with no word start
+        return [i for k, (t, protected) in enumerate(pieces)
+                for i in (_continued(encoder(protected), t) if k and prefixed else encoder(protected)(t))]
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
     for k, ((role, pieces), text) in enumerate(zip(rendered, texts)):

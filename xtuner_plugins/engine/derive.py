@@ -148,10 +148,10 @@ def _model_class():
 
 
 def _inner(dataset):
-    """The data set config that takes the geometry (a packing wrapper's inner ``dataset``)."""
-    while isinstance(dataset, dict) and isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']
-    return dataset
+    """The data set config that takes the geometry (``runconfig.inner_dataset``); ``dataset`` itself when it is
+    not a dict."""
+    from xtuner_plugins.models.runconfig import inner_dataset
+    return inner_dataset(dataset)[0] if isinstance(dataset, dict) else dataset
 
 
 def _show(value) -> str:

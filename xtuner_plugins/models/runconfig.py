@@ -49,13 +49,23 @@ def parse_remap(pairs: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
     return out
 
 
+def inner_dataset(dataset, key: str = 'train_dataloader.dataset') -> Tuple[dict, str]:
+    """The data set config that takes the samples' settings, under every wrapper (online packing around a shard
+    set around its samples: ``OnlinePackedDataset`` > ``ShardDataset`` > ``ShardSamples``), and its key
+    (``key`` with a ``.dataset`` per wrapper); ``({}, key)`` for none."""
+    while isinstance(dataset, dict) and isinstance(dataset.get('dataset'), dict):
+        dataset, key = dataset['dataset'], key + '.dataset'
+    return (dataset if isinstance(dataset, dict) else {}), key
+
+
 def training_dataset(cfg) -> dict:
-    """A config's data set settings (the packed wrapper's inner one); {} when it has none."""
+    """A config's data set settings (:func:`inner_dataset`); {} when it has none."""
+    return _training_dataset(cfg)[0]
+
+
+def _training_dataset(cfg) -> Tuple[dict, str]:
     loader = cfg.get('train_dataloader') if hasattr(cfg, 'get') else None
-    dataset = loader.get('dataset') if isinstance(loader, dict) else None
-    if isinstance(dataset, dict) and isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']
-    return dataset if isinstance(dataset, dict) else {}
+    return inner_dataset(loader.get('dataset') if isinstance(loader, dict) else None)
 
 
 def _data_value(dataset: dict, key: str):
@@ -67,11 +77,11 @@ def setting_conflicts(recorded: dict, given) -> List[str]:
     """``'key: trained A, given B'`` for every model or data setting of ``given`` that differs from ``recorded``."""
     from .provenance import setting_differences
     out = setting_differences(recorded.get('model') or {}, given.get('model') or {})
-    trained, now = training_dataset(recorded), training_dataset(given)
+    trained, (now, where) = training_dataset(recorded), _training_dataset(given)
     for key in DATA_SETTINGS:
         a, b = _data_value(trained, key), _data_value(now, key)
         if a != b:
-            out.append(f'train_dataloader.dataset.{key}: trained {a!r}, given {b!r}')
+            out.append(f'{where}.{key}: trained {a!r}, given {b!r}')
     return out
 
 

@@ -32,14 +32,15 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     loader = cfg.train_dataloader
     ds = loader.dataset
     rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size') * rows_per_item(cfg)
+    from xtuner_plugins.models.runconfig import inner_dataset
     packed = 'max_tokens' in ds
-    inner = ds.get('dataset', ds) if packed else ds
+    inner, key = inner_dataset(ds)
     if packed:
         length = whole(ds['max_tokens'], 'train_dataloader.dataset.max_tokens')
         tiles = ds.get('max_tiles')
         tiles = length // tokens_per_tile if tiles is None else whole(tiles, 'train_dataloader.dataset.max_tiles')
         return Batch(rows=rows, length=length, tiles=tiles * rows, supervised=0, packed=True)
-    length = whole(inner.get('max_length', 8192), 'train_dataloader.dataset.max_length')
+    length = whole(inner.get('max_length', 8192), f'{key}.max_length')
     return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
 
 
@@ -52,9 +53,9 @@ def with_supervised(batch, tokens_per_tile: int):
 def model_batch(cfg, model):
     """The config's batch for ``model`` (its tokens per tile and image mode): ``(Batch, tokens per tile)``."""
     per_tile = model.num_image_token
-    ds = cfg.train_dataloader.dataset
-    inner = ds.get('dataset', ds)
-    patches = whole(inner.get('max_dynamic_patch', 12), 'train_dataloader.dataset.max_dynamic_patch')
+    from xtuner_plugins.models.runconfig import inner_dataset
+    inner, key = inner_dataset(cfg.train_dataloader.dataset)
+    patches = whole(inner.get('max_dynamic_patch', 12), f'{key}.max_dynamic_patch')
     tiles = 1 if model.image_mode != 'tile' else patches + (
         1 if inner.get('use_thumbnail', True) and patches > 1 else 0)
     return with_supervised(config_batch(cfg, tiles, per_tile), per_tile), per_tile

@@ -1,0 +1,46 @@
+"""A checkpoint's recorded training config read for its data settings (``models/runconfig.py``): under every wrapper
+of the data set, as training reads them."""
+
+import os
+from types import SimpleNamespace
+
+from mmengine.config import Config
+
+from xtuner_plugins.models.runconfig import inner_dataset, setting_conflicts, training_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARDS = os.path.join(REPO, 'configs', 'finetune_full_packed_shards.py')
+INNER = 'train_dataloader.dataset.dataset.dataset'   # online packing > the shard set > its samples
+
+
+def shards_config(**settings):
+    cfg = Config.fromfile(SHARDS)
+    cfg.merge_from_dict({f'{INNER}.{k}': v for k, v in settings.items()})
+    return cfg
+
+
+def test_the_settings_are_read_under_every_wrapper():
+    """The packed-shards config holds its samples' settings two wrappers down: they were read one down (the shard
+    set's dict, holding none), so a model trained at max_dynamic_patch 2, no thumbnail, its own system message and
+    frame prefix was converted, chatted with and served at 12 tiles, a thumbnail, the template's system message
+    and the default prefix, and a conflicting value typed on top was not seen."""
+    from xtuner_plugins.models.export.build import training_frame_prefix, training_system_message
+    from xtuner_plugins.plan_configs.batch import model_batch
+    trained = dict(max_dynamic_patch=2, use_thumbnail=False, system='You are a terse bot.',
+                   frame_prefix='Frame-{i}: ')
+    cfg = shards_config(**trained)
+    dataset, key = inner_dataset(cfg.train_dataloader.dataset)
+    assert key == INNER and dataset['type'].__name__ == 'ShardSamples'
+    assert {k: training_dataset(cfg)[k] for k in trained} == trained
+    assert training_system_message(cfg) == trained['system']
+    assert training_frame_prefix(cfg, SimpleNamespace(template='internvl2_5')) == trained['frame_prefix']
+    assert setting_conflicts(cfg, shards_config(**trained)) == []
+    assert setting_conflicts(cfg, shards_config(**dict(trained, max_dynamic_patch=9))) == \
+        [f'{INNER}.max_dynamic_patch: trained 2, given 9']
+    # the planner too: the unpacked shards config's max_length and tiling are its samples' (it took 8192 and 12)
+    cfg = Config.fromfile(os.path.join(REPO, 'configs', 'finetune_lora_shards.py'))
+    cfg.merge_from_dict({'train_dataloader.dataset.dataset.max_length': 1000,
+                         'train_dataloader.dataset.dataset.max_dynamic_patch': 2})
+    batch, _ = model_batch(cfg, SimpleNamespace(num_image_token=16, image_mode='tile'))
+    rows = cfg.train_dataloader.batch_size
+    assert (batch.length, batch.tiles) == (1000, 3 * rows), batch   # 2 tiles and the thumbnail a sample

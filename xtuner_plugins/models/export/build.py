@@ -56,18 +56,16 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     has no reference policy) unless ``keep_preference``: a model that scores pairs.
     """
     model_cfg = copy.deepcopy(dict(cfg.model))
+    model_type = model_class(model_cfg.pop('type', None))
     if checkpoint is not None:  # before the model is built: a mismatch is found in seconds
         check_trained_settings(cfg, checkpoint, log)
         model_cfg['pretrained_pth'] = previous_stage_for(model_cfg, checkpoint, log)
-        kind = model_cfg.get('type')
-        if (isinstance(kind, type) and issubclass(kind, VisionLanguageModel) and read_lineage(checkpoint) is None
-                and kind.expects_previous(**model_cfg)):
+        if read_lineage(checkpoint) is None and model_type.expects_previous(**model_cfg):
             # a checkpoint without its meta (DeepSpeed's zero_to_fp32 output): what LineageHook refuses in training
             raise Refused(f'{checkpoint} records no lineage, and its config trains more than the projector from no '
                           'earlier stage: the projector (mlp1) and what the earlier stages trained would be random '
                           'or missing. Give the earlier stage\'s checkpoint: --cfg-options '
                           'model.pretrained_pth=CHECKPOINT (or model.from_scratch=True if it was trained so)')
-    model_type = model_cfg.pop('type')
     # training kernels off: Liger's need a GPU (and patch the process), compiled blocks pay a compilation
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
                      vision_grad_ckpt=False, vision_drop_path=0.0, liger_kernel=False, compile_blocks=False)
@@ -77,17 +75,35 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     if (model_cfg.get('attn_implementation') == 'flash_attention_2' and not torch.cuda.is_available()
             or model_cfg.get('attn_implementation') == 'flex_attention'):
         model_cfg['attn_implementation'] = 'sdpa'
-    if isinstance(model_type, str) or not (isinstance(model_type, type) and issubclass(model_type, VisionLanguageModel)):
-        from mmengine.registry import MODELS
-        model_cfg['type'] = model_type
-        model = MODELS.build(model_cfg)
-    else:
-        model = model_type(**model_cfg)
+    model = model_class(model_type)(**model_cfg)
     model.eval()
     if checkpoint is not None:
         log(f'loading trained tensors from {checkpoint}')
         model.load_pretrained(checkpoint, strict=True)
     return model
+
+
+def model_class(kind) -> type:
+    """The model class a config's ``model.type`` names: a subclass of :class:`VisionLanguageModel`, given as the class
+    (a config file the user runs) or by its dotted name (a checkpoint's recorded config, read as data). A name is
+    looked up only in this package and must be such a class: MMEngine's registry imports and calls any dotted name,
+    so a checkpoint received from someone else ran their code (``type='torch.hub.load'`` loading a ``hubconf.py``
+    shipped beside it) in the converter, chat, eval, the web demo and serving."""
+    import importlib
+    found = kind
+    if isinstance(kind, str):
+        module, _, name = kind.rpartition('.')
+        found = None
+        if module == 'xtuner_plugins' or module.startswith('xtuner_plugins.'):
+            try:
+                found = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                found = None
+    if isinstance(found, type) and issubclass(found, VisionLanguageModel):
+        return found
+    raise Refused(f'model.type {kind!r} is not one of this project\'s model classes (xtuner_plugins.models.'
+                  f'VisionLanguageModel or a subclass of it): a checkpoint\'s config is read as data and names its '
+                  'model class, nothing else is built from it; use a checkpoint as training wrote it')
 
 
 def _dequantize(model: nn.Module, dtype: torch.dtype) -> int:

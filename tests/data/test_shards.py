@@ -25,7 +25,9 @@ def data(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp('shards')
     for k in range(4):
         write_image(root / 'i' / f'{k}.png', size=(28 * (k + 1), 28 + 14 * k), seed=k)
-    (root / 'i' / 'bad.png').write_bytes(b'not an image')
+    bad = write_image(root / 'i' / 'bad.png', size=(28, 28), seed=9)   # truncated: its header reads, its pixels not
+    with open(bad, 'r+b') as f:
+        f.truncate(60)
     a = [{'image': f'{i % 4}.png', 'conversations': conv(answer='A' * (1 + i))} for i in range(9)]
     a[3] = {'image': 'gone.png', 'conversations': conv()}  # skipped by the writer, named
     b = [{'image': ['0.png', '2.png'], 'conversations': conv(question='<image>\n<image>\ntwo?', image=False)},

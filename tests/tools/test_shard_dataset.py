@@ -309,6 +309,28 @@ def spread_set(tmp_path, n=30):
         for i in range(n)])
 
 
+def test_a_file_that_is_not_an_image_is_never_packed(tmp_path, capsys):
+    """A downloaded annotation file may name any file the user can read as an image (an absolute path, read as
+    written as InternVL reads it): the shards held /etc/passwd and a key file whole, bytes a user then shares, where
+    training and check_dataset skip them as corrupt images. Each image is now read as training reads it (its
+    header) before it is packed; so is a video."""
+    secret = tmp_path / 'secret'
+    secret.mkdir()
+    (secret / 'id_rsa').write_text('SECRET-TOKEN not an image\n')
+    (secret / 'clip.mp4').write_text('SECRET-TOKEN not a video\n')
+    write_image(tmp_path / 'd' / 'a.png', size=(40, 30))
+    jsonl = write_jsonl(tmp_path / 'd' / 'a.jsonl', [
+        {'image': str(secret / 'id_rsa'), 'conversations': conv()}, {'image': 'a.png', 'conversations': conv()},
+        {'video': str(secret / 'clip.mp4'), 'conversations': conv('<video>\nq', image=False)}])
+    out = tmp_path / 'shards'
+    assert main(['--data', jsonl, '--out', str(out), '--keep-order']) == 0
+    printed = capsys.readouterr().out
+    assert f'{jsonl}:1: corrupt_image: cannot read image header of {secret}/id_rsa' in printed, printed
+    assert f'{jsonl}:3: corrupt_video: ' in printed and 'skipped 2' in printed, printed
+    packed = [content for shard in sorted(out.glob('*.tar')) for _, _, content in tar_contents(shard)]
+    assert len(packed) == 2 and not any(b'SECRET-TOKEN' in content for content in packed)
+
+
 def tar_contents(path):
     with tarfile.open(path) as tar:
         return [(m.name, m.size, tar.extractfile(m).read()) for m in tar.getmembers()]

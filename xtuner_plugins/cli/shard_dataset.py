@@ -186,6 +186,7 @@ def _sample(ds, i: int, read: bool = True) -> dict:
     """The shard entry of the data set's sample ``i``: its record as JSON and its images' (or video's) bytes
     (``read=False``: their sizes, the files found readable); :class:`SampleError` when the data set would skip it
     now."""
+    from xtuner_plugins.data.image_io import read_image_size
     record = ds.record_at(i)
     where = ds.where(record)
     sample, names, video, frames = {'__key__': f'{i:09d}'}, [], None, []
@@ -198,9 +199,14 @@ def _sample(ds, i: int, read: bool = True) -> dict:
         elif checked.video is not None:
             video = 'video' + os.path.splitext(checked.video)[1].lower()
             sample[video] = media_bytes(checked.video, 'video', where, read)
+            if not read:   # a video, as training reads it (its container's header)
+                ds.probe(checked)
         for j, path in enumerate(checked.image_paths):
             names.append(f'img{j}{os.path.splitext(path)[1].lower()}')
             sample[names[-1]] = media_bytes(path, 'image', where, read)
+            # an image, as training reads it (its header): any other file a sample names (a key, /etc/passwd) was
+            # packed whole into the shards a user then shares
+            read_image_size(sample[names[-1]] if read else path, ds.max_image_pixels, path)
     except SampleError as err:
         raise (err if err.source else err.with_source(where)) from None
     sample['json'] = json.dumps(dict(sample=checked.sample, source=record.source, line=record.line,

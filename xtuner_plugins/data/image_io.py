@@ -292,10 +292,11 @@ def _empty(source) -> bool:
         return False
 
 
-def read_image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
-    """Return ``(width, height)`` from the file header, without decoding the pixels (the stored size: no EXIF
-    orientation, as :func:`load_image`)."""
-    with _open_image(path, max_pixels, 'read image header of') as img:
+def read_image_size(path: Union[str, bytes], max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                    name: Optional[str] = None) -> Tuple[int, int]:
+    """Return ``(width, height)`` from the file header (or the file's bytes, named ``name``), without decoding the
+    pixels (the stored size: no EXIF orientation, as :func:`load_image`)."""
+    with _open_image(path, max_pixels, 'read image header of', name) as img:
         return img.size
 
 

@@ -44,6 +44,23 @@ def test_a_killed_save_leaves_no_folder_under_the_final_name(tmp_path):
     assert os.listdir(tmp_path) == ['iter_4.pth']
 
 
+def test_only_what_a_save_leaves_is_removed(tmp_path):
+    """A work folder given as another program's (``--work-dir .``, the data folder): its ``.notes.tmp`` and a
+    ``.export.incomplete`` folder were removed at the start of a run, whatever had written them; only the names a
+    killed save leaves are now."""
+    left = ['.iter_8.pth.incomplete', '.iter_4.pth.k2x_9abc.tmp', '.last_checkpoint.abc123.tmp']
+    kept = ['.notes.tmp', '.export.incomplete', '.iter_4.pth.tmp', '.data.json.abcd1234.tmp', '..tmp', 'a.tmp']
+    for name in left + kept:
+        if name.endswith('incomplete'):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / 'part').write_text('x')
+        else:
+            (tmp_path / name).write_text('x')
+    assert [os.path.basename(p) for p in stale_temporaries(str(tmp_path))] == sorted(left)
+    CheckpointCleanupHook().before_run(SimpleNamespace(work_dir=str(tmp_path)))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
 def test_deepspeeds_save_goes_through_it():
     from mmengine._strategy.deepspeed import DeepSpeedStrategy
     assert getattr(DeepSpeedStrategy.save_checkpoint, '_xtuner_plugins_checkpoint_patch', False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -158,12 +159,19 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+#: what a killed save leaves: a DeepSpeed checkpoint not yet renamed (``.iter_N.pth.incomplete``, see
+#: :func:`save_then_rename`), the atomic writer's temporary of a checkpoint or of ``last_checkpoint``
+#: (``.iter_N.pth.XXXXXXXX.tmp``: ``mkstemp``'s letters); nothing else, whatever its name's ends (another program's
+#: ``.notes.tmp`` or ``.export.incomplete`` in a work folder given as ``--work-dir .`` was removed)
+LEFT_BY_SAVES = re.compile(r'\.(?:[^/]+\.pth' + re.escape(INCOMPLETE)
+                           + r'|(?:[^/]+\.pth|last_checkpoint)\.[a-z0-9_]+\.tmp)')
+
+
 def stale_temporaries(work_dir: str) -> List[str]:
-    """Leftovers of killed saves in ``work_dir``: DeepSpeed folders not yet renamed, atomic-write temp files."""
+    """Leftovers of killed saves in ``work_dir`` (:data:`LEFT_BY_SAVES`)."""
     if not os.path.isdir(work_dir):
         return []
-    return sorted(os.path.join(work_dir, n) for n in os.listdir(work_dir)
-                  if n.startswith('.') and (n.endswith(INCOMPLETE) or n.endswith('.tmp')))
+    return sorted(os.path.join(work_dir, n) for n in os.listdir(work_dir) if LEFT_BY_SAVES.fullmatch(n))
 
 
 def _patch_local_checkpoint_loader() -> bool:

@@ -92,6 +92,34 @@ def test_folders_holding_files_are_refused_unless_overwrite(tmp_path):
     assert run().returncode == 2   # its own output too: a second run with another seed would replace it
 
 
+def test_overwrite_replaces_the_folders_whole_and_never_writes_through_a_link(tmp_path):
+    """``--overwrite`` wrote into ``OUT/llm`` where it stood: through a link into the real model folder it pointed at
+    (its config and tokenizer replaced, its weight shard deleted, its index left), and beside an old folder's
+    files. A link is refused; a folder is replaced whole, by one written aside first."""
+    def run(*options):
+        return subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'out'), *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    real = tmp_path / 'shared' / 'Qwen-7B'
+    real.mkdir(parents=True)
+    files = {'config.json': '{"hidden_size": 3584}', 'model-00001-of-00002.safetensors': 'REAL',
+             'model.safetensors.index.json': '{}'}
+    for name, text in files.items():
+        (real / name).write_text(text)
+    (tmp_path / 'out').mkdir()
+    os.symlink(real, tmp_path / 'out' / 'llm')
+    result = run('--overwrite')
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f'make_tiny_models: error: {tmp_path}/out/llm is a link to {real}: the tiny models are written into OUT_DIR '
+        'itself, never through a link (--overwrite too); remove the link, or give another OUT_DIR')
+    assert {p.name: p.read_text() for p in real.iterdir()} == files
+    os.remove(tmp_path / 'out' / 'llm')
+    (tmp_path / 'out' / 'llm').mkdir()
+    (tmp_path / 'out' / 'llm' / 'model.safetensors.index.json').write_text('{}')   # an old model's, stale after
+    assert run('--overwrite').returncode == 0
+    assert not (tmp_path / 'out' / 'llm' / 'model.safetensors.index.json').exists()
+    assert sorted(os.listdir(tmp_path / 'out')) == ['internvit', 'llm']
+
+
 def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
     """A folder this user cannot write (or a full disk) was a traceback; here a file where a folder must be made
     stands in for it (the tests run as root, who may write anywhere)."""

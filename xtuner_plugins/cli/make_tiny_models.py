@@ -56,6 +56,37 @@ def occupied(out_dir: str, vision: str) -> Optional[str]:
     return None
 
 
+def linked(out_dir: str, vision: str) -> Optional[str]:
+    """Why ``out_dir/<vision>`` or ``out_dir/llm`` may not be written: a symbolic link (to a real model's folder,
+    whose files ``--overwrite`` replaced, and whose weight shards it deleted), or None."""
+    for name in (vision, 'llm'):
+        folder = os.path.join(out_dir, name)
+        if os.path.islink(folder):
+            return (f'{folder} is a link to {os.path.realpath(folder)}: the tiny models are written into OUT_DIR '
+                    f'itself, never through a link (--overwrite too); remove the link, or give another OUT_DIR')
+    return None
+
+
+def written_aside(out_dir: str, names, write) -> dict:
+    """``write(tmp)`` into a new folder inside ``out_dir``, then each of ``names`` moved into ``out_dir`` in place of
+    what was there (``--overwrite``: the old folder whole, no file of it left beside the new ones); a write that
+    stops leaves the old folders as they were. Returns ``write``'s paths as they are in ``out_dir``."""
+    import shutil
+    import tempfile
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix='.make_tiny_models.')
+    try:
+        paths = write(tmp)
+        for name in names:
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        return {key: os.path.join(out_dir, os.path.relpath(path, tmp)) for key, path in paths.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('out_dir', help='folder to write <vision>/ and llm/ into')
@@ -86,13 +117,14 @@ def main(argv=None) -> int:
         check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
     except ValueError as exc:
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
-    problem = None if args.overwrite else occupied(args.out_dir, args.vision)
+    problem = linked(args.out_dir, args.vision) or (None if args.overwrite else occupied(args.out_dir, args.vision))
     if problem:
         return tool_error('make_tiny_models', problem)
     try:
-        paths = make_tiny_models(args.out_dir, seed=args.seed, image_size=args.image_size, vision=args.vision,
-                                 llm=args.llm, llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads,
-                                 vision_heads=args.vision_heads, chat=args.chat)
+        paths = written_aside(args.out_dir, (args.vision, 'llm'), lambda tmp: make_tiny_models(
+            tmp, seed=args.seed, image_size=args.image_size, vision=args.vision, llm=args.llm,
+            llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads, vision_heads=args.vision_heads,
+            chat=args.chat))
     except ValueError as exc:  # --image-size not a multiple of the patch size
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
     except OSError as exc:   # a folder this user cannot write, a full disk: one line (a traceback before)

@@ -205,6 +205,11 @@ def test_output_folders_are_made_or_refused_at_start(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main([folder, '--data', data, '--out', str(tmp_path / 'r.json'), '--answers', str(tmp_path / 'r.json')])
     assert '--answers and --out must be two files' in capsys.readouterr().err
+    os.symlink(tmp_path, tmp_path / 'alias')   # one new file by two spellings: the report replaced the answers
+    with pytest.raises(SystemExit):
+        eval_main([folder, '--data', data, '--out', str(tmp_path / 'r.json'), '--answers',
+                   str(tmp_path / 'alias' / 'r.json')])
+    assert '--answers and --out must be two files' in capsys.readouterr().err
     out = tmp_path / 'new' / 'sub' / 'r.json'
     assert eval_main([folder, '--data', data, '--max-new-tokens', '2', '--out', str(out)]) == 0
     assert json.load(open(out))['summary']['n'] == 1 and os.listdir(out.parent) == ['r.json']

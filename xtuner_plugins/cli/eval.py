@@ -103,7 +103,7 @@ def parse_args(argv=None):
         args.keep_answers = False
     else:
         args.keep_answers = True
-    if args.answers and args.out and os.path.abspath(args.answers) == os.path.abspath(args.out):
+    if args.answers and args.out and os.path.realpath(args.answers) == os.path.realpath(args.out):   # links too
         p.error('--answers and --out must be two files (the report would overwrite the answers)')
     if args.resume and not args.answers:
         p.error('--resume needs the answers file: --out (or --answers) as in the interrupted run')

@@ -238,3 +238,44 @@ def _log_of(work_dir, name):
         text = f.read()
     assert f"experiment_name = '{name}'" in text, path
     return text
+
+
+def test_a_resume_with_other_model_or_data_settings_is_refused_before_it_loads(tmp_path):
+    """A resume read only its config as given: another ``lora_alpha`` (the LoRA delta scaled 4x), other tiling, no
+    system message, went on with exit 0, and its later checkpoints recorded the new settings, so the export merged
+    adapters trained at two scalings. The settings the checkpoint records are compared first, naming each."""
+    from types import SimpleNamespace
+
+    import torch
+    from mmengine.config import Config
+
+    import xtuner_plugins.engine  # noqa: F401 (applies the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.errors import Refused
+
+    def config(alpha, patches, system):
+        return Config(dict(model=dict(type='xtuner_plugins.models.VisionLanguageModel',
+                                      llm_lora=dict(r=4, lora_alpha=alpha, lora_dropout=0.05)),
+                           train_dataloader=dict(dataset=dict(max_dynamic_patch=patches, system=system))))
+    checkpoint = tmp_path / 'iter_6.pth'
+    torch.save({'meta': {'cfg': config(16, 2, 'You are terse.').pretty_text}, 'state_dict': {}}, checkpoint)
+    loads = []
+
+    def loaded(self, filename, *args, **kwargs):
+        loads.append(filename)
+    other = SimpleNamespace(work_dir=str(tmp_path / 'r'), iter=0, _load_from=str(checkpoint), optim_wrapper=None,
+                            cfg=config(64, 12, None))
+    with pytest.raises(Refused) as refused:
+        Runner.resume(other, str(checkpoint), _original=loaded)
+    assert str(refused.value) == (
+        f"--resume {checkpoint}: it was trained with other settings than this run's config gives: "
+        "model.llm_lora.lora_alpha: trained 16, given 64; train_dataloader.dataset.max_dynamic_patch: trained 2, "
+        "given 12; train_dataloader.dataset.system: trained 'You are terse.', given None. A resume goes on with that "
+        'run: give its settings (the checkpoint records them), or start a new run from its weights (--cfg-options '
+        'load_from=PATH, without --resume, another --work-dir)')
+    assert loads == []
+    same = SimpleNamespace(work_dir=str(tmp_path / 'r'), iter=0, _load_from=str(checkpoint), optim_wrapper=None,
+                           cfg=config(16, 2, 'You are terse.'))
+    Runner.resume(same, str(checkpoint), _original=loaded)
+    assert loads == [str(checkpoint)]

@@ -250,6 +250,21 @@ def another_run_here(work_dir: str, filename: str) -> List[str]:
     return find_checkpoints(work_dir)
 
 
+def setting_conflicts(filename: str, cfg) -> List[str]:
+    """``'key: trained A, given B'`` for each setting that shapes the model or its inputs (``runconfig``'s: the
+    LoRA scaling, the projector, tiling, template, system message, frame prefix) that the run resumed from
+    ``filename`` was trained with otherwise than ``cfg`` gives. A resume with another ``lora_alpha`` went on
+    without a word, and its later checkpoints merged adapters trained at two scalings."""
+    from xtuner_plugins.models.checkpoint import config_settings, read_meta
+    from xtuner_plugins.models.runconfig import setting_conflicts as conflicts
+    try:
+        text = read_meta(filename).get('cfg') if cfg is not None else None
+        recorded = config_settings(text, f"{filename}: meta['cfg'] (the training config)") if text else None
+    except (OSError, ValueError):   # a checkpoint that does not read: the load says what is wrong with it
+        return []
+    return conflicts(recorded, cfg) if recorded else []   # none recorded (before MMEngine stored it): nothing to say
+
+
 def _patch_resume_lr() -> bool:
     """A resume with another learning rate in the config said in a warning (:func:`lr_change_note`): MMEngine
     loads the optimizer's and the schedulers' state, learning rates included, over the config's without a word."""
@@ -268,6 +283,12 @@ def _patch_resume_lr() -> bool:
                               'run\'s saves and their rotation (max_keep_ckpts) would replace or delete; give this '
                               'run another --work-dir (the checkpoint is read where it is), or resume in its own '
                               'folder')
+            problems = setting_conflicts(str(filename), getattr(self, 'cfg', None))
+            if problems:   # before anything is loaded
+                raise Refused(f'--resume {filename}: it was trained with other settings than this run\'s config '
+                              f'gives: {"; ".join(problems)}. A resume goes on with that run: give its settings '
+                              '(the checkpoint records them), or start a new run from its weights (--cfg-options '
+                              'load_from=PATH, without --resume, another --work-dir)')
             configured, ends = _base_lrs(self), _schedule_ends(self)
             result = _original(self, filename, *args, **kwargs)
             for note in (lr_change_note(str(filename), configured, _base_lrs(self)),

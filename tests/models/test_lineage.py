@@ -264,3 +264,29 @@ def test_a_stage_takes_the_chat_template_of_the_stages_before_it(tiny, chain, tm
     # a stage recording none (it inherited too) and the warm-up before it recording none: the default
     assert inherited_template(str(tmp_path / 'None.pth')) == 'internvl2_5' == inherited_template(None)
     assert build(tiny, freeze_llm=False, pretrained_pth=str(tmp_path / 'None.pth')).template == 'internvl2_5'
+
+
+def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_path):
+    """A warm-up trained with ps_version v1 and select_layer -2 was fine-tuned on v2 and the last layer with its
+    projector loaded all the same (same shapes, other features), without a word; another downsample_ratio was a
+    shape mismatch naming no setting. The previous stage's recorded geometry is compared first."""
+    from mmengine.config import Config
+
+    from xtuner_plugins.errors import Refused
+    warm = build(tiny, ps_version='v1', select_layer=-2)
+    path = tmp_path / 'warm.pth'
+    cfg = Config(dict(model=dict(type='xtuner_plugins.models.VisionLanguageModel', ps_version='v1', select_layer=-2,
+                                 downsample_ratio=0.5)))
+    torch.save({'meta': {'lineage': warm.lineage, 'cfg': cfg.pretty_text}, 'state_dict': warm.state_dict()}, path)
+    with pytest.raises(Refused) as refused:
+        build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path))
+    assert str(refused.value) == (
+        f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives ('
+        "model.select_layer: trained -2, given None; model.ps_version: trained 'v1', given 'v2'): its projector "
+        '(mlp1) learnt on those features; give the trained values (--cfg-options model.KEY=VALUE), or leave '
+        'model.pretrained_pth out to train a new projector')
+    with pytest.raises(Refused, match=r"model\.downsample_ratio: trained 0\.5, given 0\.25"):
+        build(tiny, ps_version='v1', select_layer=-2, downsample_ratio=0.25, pretrained_pth=str(path))
+    same = build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path), ps_version='v1',
+                 select_layer=-2)
+    assert same.ps_version == 'v1'

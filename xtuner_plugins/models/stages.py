@@ -86,6 +86,30 @@ def check_template(path: str, template: str, official_checkpoint: Optional[str] 
                       f'learnt; leave model.template unset (None: the previous stage\'s) or set it to {before}')
 
 
+#: what shapes the features the projector (mlp1) learnt on: a stage loading it must read them alike
+GEOMETRY = ('projector', 'image_mode', 'select_layer', 'downsample_ratio', 'ps_version', 'vision_encoder.select_layer')
+
+
+def check_geometry(path: str, settings: dict) -> None:
+    """Refuse a run whose vision geometry (:data:`GEOMETRY`) is not the one the checkpoint ``path``
+    (``model.pretrained_pth``) was trained with: a warm-up trained with ``ps_version='v1'`` and ``select_layer=-2``
+    was fine-tuned on v2 and the last layer, its projector loaded all the same (same shapes, other features),
+    without a word; another ``downsample_ratio`` was a shape mismatch naming no setting."""
+    from .checkpoint import recorded_model_config
+    from .provenance import _model_settings
+    recorded = recorded_model_config(path)
+    if recorded is None:   # no config recorded (written before MMEngine stored it): nothing to compare
+        return
+    trained, given = _model_settings(recorded), _model_settings(settings)
+    differ = [f'model.{key}: trained {trained[key]!r}, given {given[key]!r}' for key in GEOMETRY
+              if key in trained and key in given and trained[key] != given[key]]
+    if differ:
+        raise Refused(f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives '
+                      f'({"; ".join(differ)}): its projector (mlp1) learnt on those features; give the trained '
+                      'values (--cfg-options model.KEY=VALUE), or leave model.pretrained_pth out to train a new '
+                      'projector')
+
+
 def load_trained(model, path: str, strict: bool = False) -> None:
     """Load a checkpoint of trained parameters (mmengine ``.pth`` or DeepSpeed folder) onto ``model``.
 

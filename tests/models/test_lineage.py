@@ -11,6 +11,7 @@ import torch
 
 from tests.models.conftest import build
 from tests.models.test_preference import pair_items, pairs  # noqa: F401 (fixtures)
+from xtuner_plugins.errors import Refused
 from xtuner_plugins.models.lineage import (fingerprint, fingerprint_differences, previous_stage_for,
                                            recorded_inputs, resolve_chain, set_remap)
 from xtuner_plugins.tiny import make_tiny_models
@@ -136,6 +137,8 @@ def test_the_converter_takes_the_previous_stage_from_the_checkpoint(tiny, chain,
 def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     warm = save_stage(build(tiny), tmp_path / 'warm.pth')
     first = shutil.copy(warm, tmp_path / 'first.pth')
+    os.makedirs(tmp_path / 'kept')
+    shutil.copy(warm, tmp_path / 'kept' / 'warm.pth')
     sft = save_stage(build(tiny, llm_lora=LORA, pretrained_pth=warm), tmp_path / 'sft.pth')
     again = build(tiny)
     perturb(again, seed=5)
@@ -143,11 +146,21 @@ def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=rf'{warm} is not the checkpoint {sft} was trained from'):
         resolve_chain(sft)
     os.remove(warm)
-    with pytest.raises(FileNotFoundError, match=rf'{warm}: the previous stage of {sft} \(recorded in it, at {warm}\) '
-                                                rf'is not found; {sft} holds only what its own stage trained, so the '
-                                                r"weights that stage started from \(a warm-up's projector, LoRA "
-                                                r'merged before\) are read from there: put it back, or give --remap'):
+    os.remove(first)   # (its content is the recorded one's: it would be found beside sft.pth, as below)
+    with pytest.raises(Refused, match=rf'{warm}: the previous stage of {sft} \(recorded in it, at {warm}\) is not '
+                                      rf'found, there or beside it; {sft} holds only what its own stage trained, so '
+                                      r"the weights that stage started from \(a warm-up's projector, LoRA merged "
+                                      r'before\) are read from there: put it back or beside sft\.pth'):
         resolve_chain(sft)
+    # moved with it, renamed: found beside it by its content (a chain copied to another folder together)
+    shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'pre.pth')
+    assert [s.path for s in resolve_chain(sft)] == [str(tmp_path / 'pre.pth'), sft]
+    shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'pre2.pth')   # two alike: not guessed between
+    with pytest.raises(Refused, match='is not found, there or beside it'):
+        resolve_chain(sft)
+    os.remove(tmp_path / 'pre.pth')
+    os.remove(tmp_path / 'pre2.pth')
+    first = shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'first.pth')
     # a moved folder is found with --remap's pairs, the earlier stages' too
     moved = os.path.join(os.path.dirname(warm), 'moved')
     os.makedirs(moved)

@@ -260,18 +260,62 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
     else:
         candidates = [c for p in (previous.get('abspath'), previous.get('path')) if p for c in moved(p) + [p]]
     found = next((p for p in candidates if os.path.exists(p)), None)
+    if found is None and given is None and previous.get('files'):   # moved with it: found beside it by content
+        found = _beside(previous, recorded_by)
     if found is None:
-        raise FileNotFoundError(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it, at '
-                                f'{previous.get("abspath")}) is not found; {recorded_by} holds only what its own '
-                                f'stage trained, so the weights that stage started from (a warm-up\'s projector, '
-                                f'LoRA merged before) are read from there: put it back, or give --remap OLD=NEW '
-                                f'for a moved folder (or model.pretrained_pth=PATH)')
+        raise Refused(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it, at '
+                      f'{previous.get("abspath")}) is not found, there or beside it; {recorded_by} holds only what '
+                      f'its own stage trained, so the weights that stage started from (a warm-up\'s projector, LoRA '
+                      f'merged before) are read from there: put it back or beside {os.path.basename(recorded_by)} '
+                      f'(it is known by its content, under any name), or give the tools --remap OLD=NEW for a moved '
+                      f'folder')
     if previous.get('files'):
         diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))
         if diffs:
             raise Refused(f'{found} is not the checkpoint {recorded_by} was trained from '
                           f'({previous.get("abspath")}): {"; ".join(diffs)}')
     return found
+
+
+def _beside(previous: dict, recorded_by: str) -> Optional[str]:
+    """The checkpoint in ``recorded_by``'s folder whose content is the recorded ``previous`` stage's (a chain moved
+    together, its files renamed: ``runs/pre/iter_4.pth`` now ``moved/pre.pth``), when exactly one is; said in the
+    log. Sizes are compared before any content is read."""
+    folder, own = os.path.dirname(os.path.abspath(recorded_by)), os.path.realpath(recorded_by)
+    files = previous['files']
+    sizes = {name: entry[0] for name, entry in files.items() if isinstance(entry, (list, tuple)) and entry}
+
+    def same_sizes(path: str) -> bool:
+        if os.path.isdir(path):
+            return '' not in sizes and all(os.path.isfile(os.path.join(path, n)) and
+                                           os.path.getsize(os.path.join(path, n)) == size for n, size in sizes.items())
+        return list(sizes) == [''] and os.path.getsize(path) == sizes['']
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return None
+    matches = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.startswith('.') or os.path.realpath(path) == own or not sizes:
+            continue
+        try:
+            if same_sizes(path) and not fingerprint_differences(previous, fingerprint(path, model_files_only=False)):
+                matches.append(path)
+        except OSError:
+            continue
+    if len(matches) != 1:
+        return None
+    said = f'the previous stage of {recorded_by} (recorded at {previous.get("abspath")}): {matches[0]}, beside it ' \
+           '(the same checkpoint by its content)'
+    if said not in _SAID:   # (the chain is read more than once while a model is built)
+        _SAID.add(said)
+        from mmengine.logging import print_log
+        print_log(said, logger='current')
+    return matches[0]
+
+
+_SAID: set = set()
 
 
 def resolve_chain(path: str) -> List[Stage]:

@@ -155,6 +155,27 @@ def test_the_server_gets_the_folders_settings_and_is_checked_before_ready(folder
     assert 'vLLM exited with code 3 before it was ready' in capsys.readouterr().err
 
 
+def test_a_model_trained_with_another_frame_prefix_is_served_without_videos(folders, tmp_path, monkeypatch, capsys):
+    """vLLM writes each video frame after 'Frame{i}: ' whatever the folder records: a model trained with InternVL's
+    SFT prefix ('Frame-{i}: ', config.json's frame_prefix) was served videos in another prompt than chat, eval and
+    the web demo give it, without a word. Its server takes no video, and says why."""
+    stand_in(tmp_path, monkeypatch)
+    folder = tmp_path / 'prefixed'
+    folder.mkdir()
+    config = json.load(open(os.path.join(folders['official'], 'config.json')))
+    json.dump(dict(config, frame_prefix='Frame-{i}: '), open(folder / 'config.json', 'w'))
+    for name in os.listdir(folders['official']):
+        if name != 'config.json':
+            os.symlink(os.path.join(folders['official'], name), folder / name)
+    assert settings(str(folder))['frame_prefix'] == 'Frame-{i}: ' and settings(folders['official'])['frame_prefix'] \
+        is None
+    assert serve_main([str(folder), '--port', '0', '--vllm-python', sys.executable, '--images', '2']) == 0
+    argv = json.load(open(tmp_path / 'argv.json'))['argv']
+    assert json.loads(argv[argv.index('--limit-mm-per-prompt') + 1]) == {'image': 2, 'video': 0}
+    assert f"serve: {folder} was trained with each video frame after 'Frame-{{i}}: ' (config.json's frame_prefix), " \
+           "and vLLM writes 'Frame{i}: ': videos are refused by this server" in capsys.readouterr().err
+
+
 def test_a_folder_whose_name_starts_with_a_dash_is_served_under_it(folders, tmp_path, monkeypatch, capsys):
     """The served name defaults to the folder's name; one that starts with '-' reaches vLLM as a value, not as
     an option (vLLM's parser refused '--served-model-name -x')."""

@@ -75,6 +75,8 @@ INSTALL = ('vLLM is not installed for {python}. On a CPU: `make vllm` (its own v
            'about 2 minutes); on a GPU: `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`; or give '
            '--vllm-python PATH (docs/serving.md)')
 # the allowed media domain when none is given: a URL's host cannot hold a '/', so no URL is fetched; vLLM's 400 names it
+#: the text vLLM's InternVL writes before each video frame (vllm/model_executor/models/internvl.py, 0.32)
+VLLM_FRAME_PREFIX = 'Frame{i}: '
 NO_REMOTE_MEDIA = 'none: images as data URLs only (tools/serve.py --allowed-media-domains DOMAIN to fetch from it)'
 # the empty folder vLLM may read file:// images from (so that it refuses them with 400, not 500); vLLM's error
 # messages hide paths under /tmp up to the first character that is not a word's, so this name stays readable
@@ -135,8 +137,10 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
         template = BOS + template
     heads = llm.get('num_attention_heads')
     head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
+    prefix = cfg.get('frame_prefix')
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
-                chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added)
+                chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added,
+                frame_prefix=prefix if isinstance(prefix, str) and prefix != VLLM_FRAME_PREFIX else None)
 
 
 def tokenizer_adds_bos(folder: str) -> bool:
@@ -203,7 +207,8 @@ def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bo
     cmd = [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', os.path.abspath(folder),
            f'--served-model-name={args.served_model_name}', '--host', args.host, '--port', str(args.port),
            '--dtype', args.dtype or s['dtype'], '--max-model-len', str(args.max_model_len or s['max_model_len']),
-           '--limit-mm-per-prompt', json.dumps({'image': args.images or s['images']}),
+           '--limit-mm-per-prompt', json.dumps(dict(image=args.images or s['images'],
+                                                     **({'video': 0} if s.get('frame_prefix') else {}))),
            '--chat-template', template_path,
            '--allowed-media-domains', *(args.allowed_media_domains or [NO_REMOTE_MEDIA]),
            '--allowed-local-media-path', no_local_media]
@@ -331,6 +336,10 @@ def serve(args) -> int:
         found = probe(python)
     except (OSError, ValueError) as exc:
         return tool_error('serve', exc)
+    if s['frame_prefix']:
+        print(f'serve: {args.folder} was trained with each video frame after {s["frame_prefix"]!r} (config.json\'s '
+              f'frame_prefix), and vLLM writes {VLLM_FRAME_PREFIX!r}: videos are refused by this server (chat, eval '
+              f'and the web demo prompt them as trained)', file=sys.stderr, flush=True)
     if s['bos_added']:
         print(f'serve: {args.folder}\'s chat template does not write the bos its tokenizer adds (converted before '
               f'templates did; vLLM\'s chat adds no special tokens): the server gets a copy that does; convert '

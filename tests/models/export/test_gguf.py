@@ -218,6 +218,17 @@ def test_missing_fields_are_filled_in_a_staged_copy(setup, capsys):
     assert_answers_alike(gguf_answers(str(out), setup), setup['expected'])
 
 
+def test_a_model_trained_without_a_thumbnail_is_told_llama_cpp_adds_one(setup, tmp_path):
+    """llama.cpp's mtmd adds a thumbnail to every image of more than one tile: a model trained with use_thumbnail
+    false was exported without a word, and gets a tile it never saw on such images."""
+    for thumbnail in (False, True):
+        folder = edited(tmp_path / str(thumbnail), setup, lambda c: c.update(use_thumbnail=thumbnail))
+        said = []
+        gguf_export.stage(str(folder), str(tmp_path / f'staged_{thumbnail}'), log=said.append)
+        warned = [line for line in said if line.startswith('WARNING: ') and 'without a thumbnail' in line]
+        assert len(warned) == (not thumbnail), said
+
+
 def refused(tmp_path, capsys, folder, *why):
     out = tmp_path / 'out'
     assert convert(folder, out, '--format', 'gguf') == 2

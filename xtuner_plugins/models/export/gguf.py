@@ -250,6 +250,10 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
             json.dump(content, f, indent=2, ensure_ascii=False)
     if filled:
         log(f'filled in for llama.cpp\'s converter (a staged copy; {folder} is not written): {", ".join(filled)}')
+    if config.get('use_thumbnail') is False:
+        log(f'WARNING: {folder} was trained without a thumbnail (use_thumbnail false), and llama.cpp\'s mtmd adds one '
+            'to every image of more than one tile: such images get a tile through llama.cpp that the model never saw '
+            'in training (docs/conversion.md, "GGUF")')
 
 
 def spaces_after_specials(folder: str) -> Optional[bool]:

@@ -142,3 +142,26 @@ def test_the_template_is_the_previous_stages(tiny, tmp_path):
     cfg = stage_config('finetune_lora.py', tiny, vision='internvit', **{
         'model.official_checkpoint': folder, 'model.vision_encoder': None, 'model.llm': None})
     assert derive_data_settings(cfg)['template'] == 'internlm2-chat'
+
+
+def test_a_next_stage_is_told_of_the_data_settings_it_does_not_carry_on(tmp_path):
+    """The template is the previous stage's by itself; the system message, frame prefix and tiling are a stage's
+    own. A DPO stage after an SFT with 'You are a terse bot.' and 2 tiles trained on the template's message and 12
+    without a word (its start-up line said the template was carried over): now a warning names each."""
+    import torch
+    from mmengine.config import Config
+
+    from xtuner_plugins.engine.derive import previous_stage_note
+    sft = dict(system='You are a terse bot.', frame_prefix='Frame-{i}: ', max_dynamic_patch=2, use_thumbnail=False)
+    cfg = Config(dict(model=dict(type='xtuner_plugins.models.VisionLanguageModel'),
+                      train_dataloader=dict(dataset=dict(type='xtuner_plugins.data.InternVLDataset', **sft))))
+    path = tmp_path / 'sft.pth'
+    torch.save({'meta': {'cfg': cfg.pretty_text}, 'state_dict': {}}, path)
+    model = dict(pretrained_pth=str(path))
+    assert previous_stage_note(dict(sft), model) is None
+    assert previous_stage_note(dict(type='OnlinePacked', dataset=dict(sft)), model) is None
+    assert previous_stage_note(dict(max_dynamic_patch=2, frame_prefix='Frame-{i}: '), model) == (
+        f"{path} (model.pretrained_pth) was trained with system 'You are a terse bot.', use_thumbnail False; this "
+        "stage gives system None, use_thumbnail True (None: the template's, or the data set's default): a stage's "
+        'data settings are its own, give train_dataloader.dataset.KEY=VALUE to train as before')
+    assert previous_stage_note(dict(sft), dict(pretrained_pth=None)) is None

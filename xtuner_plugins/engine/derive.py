@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from types import SimpleNamespace
 from typing import Dict, List, Optional
@@ -186,6 +187,37 @@ def fill_dataset(dataset_cfg, model_cfg, log: bool = True) -> Dict[str, object]:
     return filled
 
 
+#: data set settings a next stage is told of when they differ from its previous stage's (the template is inherited)
+CARRIED = ('system', 'frame_prefix', 'min_dynamic_patch', 'max_dynamic_patch', 'use_thumbnail')
+
+
+def previous_stage_note(dataset_cfg, model_cfg) -> Optional[str]:
+    """A line naming each of :data:`CARRIED` that this stage's data set gives otherwise than its previous stage
+    (``model.pretrained_pth``) was trained with, or None: a DPO stage after an SFT with its own system message and
+    tiling trained on the template's message and 12 tiles, where its start-up line said the template was carried
+    over, and the final model had seen two system prompts."""
+    from xtuner_plugins.models.checkpoint import config_settings, read_meta
+    from xtuner_plugins.models.runconfig import data_value, inner_dataset, training_dataset
+    pretrained = model_cfg.get('pretrained_pth') if isinstance(model_cfg, dict) else None
+    if not isinstance(pretrained, str) or not os.path.exists(pretrained) or not isinstance(dataset_cfg, dict):
+        return None
+    try:
+        text = read_meta(pretrained).get('cfg')
+        recorded = config_settings(text, f"{pretrained}: meta['cfg']") if text else None
+    except (OSError, ValueError):   # the model's build says what is wrong with it
+        return None
+    if not recorded:
+        return None
+    (now, key), trained = inner_dataset(dataset_cfg), training_dataset(recorded)
+    differ = [(k, data_value(trained, k), data_value(now, k)) for k in CARRIED
+              if data_value(trained, k) != data_value(now, k)]
+    if not differ:
+        return None
+    return (f'{pretrained} (model.pretrained_pth) was trained with {", ".join(f"{k} {a!r}" for k, a, _ in differ)}; '
+            f'this stage gives {", ".join(f"{k} {b!r}" for k, _, b in differ)} (None: the template\'s, or the '
+            f'data set\'s default): a stage\'s data settings are its own, give {key}.KEY=VALUE to train as before')
+
+
 def derive_data_settings(cfg, log: bool = True) -> Dict[str, object]:
     """:func:`fill_dataset` on a whole config: ``cfg.train_dataloader.dataset`` from ``cfg.model``."""
     dataloader = cfg.get('train_dataloader') if hasattr(cfg, 'get') else None
@@ -220,6 +252,10 @@ def _patch_build_train_loop(runner_cls) -> bool:
         cfg = getattr(self, 'cfg', None)
         if isinstance(dataloader, dict) and cfg is not None:
             fill_dataset(dataloader.get('dataset'), cfg.get('model'))
+            note = previous_stage_note(dataloader.get('dataset'), cfg.get('model'))
+            if note:
+                from mmengine.logging import print_log
+                print_log(note, logger='current', level=logging.WARNING)
         wrap_sampler(dataloader)
         return original(self, loop)
 

@@ -68,7 +68,8 @@ def _training_dataset(cfg) -> Tuple[dict, str]:
     return inner_dataset(loader.get('dataset') if isinstance(loader, dict) else None)
 
 
-def _data_value(dataset: dict, key: str):
+def data_value(dataset: dict, key: str):
+    """A data set setting as training takes it: a tiling setting left unset is its default (:data:`DEFAULT_TILING`)."""
     value = dataset.get(key)
     return DEFAULT_TILING.get(key) if value is None else value
 
@@ -79,7 +80,7 @@ def setting_conflicts(recorded: dict, given) -> List[str]:
     out = setting_differences(recorded.get('model') or {}, given.get('model') or {})
     trained, (now, where) = training_dataset(recorded), _training_dataset(given)
     for key in DATA_SETTINGS:
-        a, b = _data_value(trained, key), _data_value(now, key)
+        a, b = data_value(trained, key), data_value(now, key)
         if a != b:
             out.append(f'{where}.{key}: trained {a!r}, given {b!r}')
     return out

@@ -44,3 +44,27 @@ def test_the_settings_are_read_under_every_wrapper():
     batch, _ = model_batch(cfg, SimpleNamespace(num_image_token=16, image_mode='tile'))
     rows = cfg.train_dataloader.batch_size
     assert (batch.length, batch.tiles) == (1000, 3 * rows), batch   # 2 tiles and the thumbnail a sample
+
+
+def test_a_template_typed_for_a_checkpoint_that_inherited_its_own_is_compared_with_that(tiny, tmp_path):
+    """A checkpoint whose config left its template to the stages before it (None): a template typed on top was
+    dropped without a word in the converter, and the data set's was refused as 'trained None'."""
+    import torch
+
+    from tests.models.conftest import build
+    from xtuner_plugins.models.runconfig import template_conflicts
+    warm = build(tiny)
+    torch.save({'meta': {'lineage': warm.lineage, 'cfg': "model = dict(template='Hermes-2')\n"},
+                'state_dict': warm.state_dict()}, tmp_path / 'warm.pth')
+    sft = build(tiny, llm_lora=dict(r=4, lora_alpha=8, lora_dropout=0.0), pretrained_pth=str(tmp_path / 'warm.pth'))
+    assert sft.template == 'Hermes-2'
+    recorded = dict(model=dict(template=None), train_dataloader=dict(dataset=dict(template=None)))
+    torch.save({'meta': {'lineage': sft.lineage, 'cfg': "model = dict(template=None)\n"},
+                'state_dict': sft.state_dict()}, tmp_path / 'sft.pth')
+    given = Config(dict(model=dict(template='internvl2_5'), train_dataloader=dict(dataset=dict(template='llama3'))))
+    assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, given) == [
+        "model.template: trained 'Hermes-2' (the stages before it), given 'internvl2_5'",
+        "train_dataloader.dataset.template: trained 'Hermes-2' (the stages before it), given 'llama3'"]
+    same = Config(dict(model=dict(template='Hermes-2'), train_dataloader=dict(dataset=dict(template=None))))
+    assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, same) == []
+    assert setting_conflicts(recorded, given) == []   # (which cannot tell: None is 'the stages before it')

@@ -81,9 +81,31 @@ def setting_conflicts(recorded: dict, given) -> List[str]:
     trained, (now, where) = training_dataset(recorded), _training_dataset(given)
     for key in DATA_SETTINGS:
         a, b = data_value(trained, key), data_value(now, key)
+        if key == 'template' and (a is None or b is None):   # None: the model's (template_conflicts)
+            continue
         if a != b:
             out.append(f'{where}.{key}: trained {a!r}, given {b!r}')
     return out
+
+
+def template_conflicts(checkpoint: str, recorded: dict, given) -> List[str]:
+    """A template given on top (``model.template``, the data set's) other than the one ``checkpoint`` trained in,
+    where its config left it to the stages before it (None): :func:`setting_conflicts` cannot tell (a typed
+    ``internvl2_5`` for a ``llama3`` chain was dropped without a word, and the data set's was refused as 'trained
+    None')."""
+    model, (data, where) = recorded.get('model') or {}, _training_dataset(given)
+    typed = [('model.template', (given.get('model') or {}).get('template'), model.get('template')),
+             (f'{where}.template', data.get('template'), training_dataset(recorded).get('template'))]
+    typed = [(key, value) for key, value, then in typed if value is not None and then is None]
+    if not typed:
+        return []
+    from .stages import inherited_template
+    try:
+        trained = model.get('template') or inherited_template(checkpoint)
+    except (OSError, ValueError):   # its earlier stages not found: said where the model is built
+        return []
+    how = 'the model\'s' if model.get('template') else 'the stages before it'
+    return [f'{key}: trained {trained!r} ({how}), given {value!r}' for key, value in typed if value != trained]
 
 
 def _source(model: dict, key: str) -> Optional[str]:
@@ -156,7 +178,7 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
             if problem:
                 raise ValueError(f'--cfg-options: {problem}')
             given.merge_from_dict(cfg_options)
-    conflicts = setting_conflicts(recorded, given)
+    conflicts = setting_conflicts(recorded, given) + template_conflicts(checkpoint, recorded, given)
     if conflicts:
         what = f'{config} and --cfg-options' if config and cfg_options else config or '--cfg-options'
         raise ValueError(f'{checkpoint} was trained with other settings than {what} give (leave them out: '

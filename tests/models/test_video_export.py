@@ -118,6 +118,12 @@ def test_a_trained_frame_prefix_is_recorded_and_used(setup, tmp_path, monkeypatc
     frames, _ = load_video(setup['video'], 4)
     converted.ask(QUESTION, video=frames, generation=dict(max_new_tokens=2, do_sample=False))
     assert seen['ids'] == item['input_ids'][:first].tolist() != setup['ids']
-    with pytest.raises(ValueError, match="video frame prefix 'Frame-{i}: '.*--format official or remote"):
+    with pytest.raises(ValueError, match=r"^--format hf does not fit this model: trained with the video frame prefix "
+                                         r"'Frame-\{i\}: '.*; formats that fit: official, remote$"):
         export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'hf'), fmt='hf', dtype=torch.float32,
+                          cfg_options=opts, log=lambda m: None)
+    # and another format's refusal does not offer hf (it listed it, which then refused the prefix)
+    with pytest.raises(ValueError, match=r'^--format llava does not fit this model: .*; formats that fit: official, '
+                                         r'remote$'):
+        export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'llava'), fmt='llava', dtype=torch.float32,
                           cfg_options=opts, log=lambda m: None)

@@ -260,12 +260,19 @@ def _not_a_gguf_pair(folder: str, names) -> Optional[str]:
 FORMATS = ('auto', 'official', 'hf', 'llava', 'remote', 'gguf')
 
 
-def choose_format(model, fmt: str = 'auto') -> str:
+def choose_format(model, fmt: str = 'auto', frame_prefix: Optional[str] = None) -> str:
     """``fmt`` checked against the model, or for ``'auto'`` the layout that fits: ``official`` for InternVL,
-    ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination."""
+    ``llava`` for CLIP/SigLIP + LLaVA's MLP on one image, ``remote`` for any other combination. ``frame_prefix``:
+    the text training put before each video frame (``--format hf``'s processor writes its own)."""
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
-    misfit = {'official': internvl_misfit, 'hf': hf_misfit, 'llava': llava_misfit, 'gguf': gguf_misfit}
+
+    def hf(m) -> Optional[str]:
+        if frame_prefix is not None and frame_prefix != DEFAULT_FRAME_PREFIX:
+            return (f'trained with the video frame prefix {frame_prefix!r}; transformers\' InternVL processor writes '
+                    f'{DEFAULT_FRAME_PREFIX!r}')
+        return hf_misfit(m)
+    misfit = {'official': internvl_misfit, 'hf': hf, 'llava': llava_misfit, 'gguf': gguf_misfit}
     if fmt == 'auto':
         return next((f for f in ('official', 'llava') if misfit[f](model) is None), 'remote')
     if fmt in misfit and misfit[fmt](model):
@@ -353,13 +360,10 @@ def _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, l
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
     log(f'[1/4] building the model of {checkpoint or config} in {dtype_name(dtype)}')
     model = build_for_export(cfg, checkpoint, dtype, log)
-    fmt = choose_format(model, fmt)
-    tiling = tiling_settings(cfg, model)
     prefix = training_frame_prefix(cfg, model)
+    fmt = choose_format(model, fmt, prefix)
+    tiling = tiling_settings(cfg, model)
     if prefix != DEFAULT_FRAME_PREFIX:  # what stands before each video frame: recorded where a format can hold it
-        if fmt == 'hf':
-            raise ValueError(f'trained with the video frame prefix {prefix!r}; transformers\' InternVL processor '
-                             f'(--format hf) writes {DEFAULT_FRAME_PREFIX!r}: use --format official or remote')
         tiling['frame_prefix'] = prefix
     log(f'[2/4] merging adapters ({time.time() - start:.1f}s, peak memory {peak_rss_mb():.0f} MB)')
     merge_adapters(model, dtype, log)

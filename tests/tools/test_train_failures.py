@@ -91,3 +91,22 @@ def test_only_a_collectives_error_reads_as_a_lost_rank(monkeypatch):
     assert not lost_peer(RuntimeError('Caught BrokenPipeError in DataLoader worker process 0.\nBroken pipe'))
     monkeypatch.setenv('WORLD_SIZE', '1')
     assert not lost_peer(RuntimeError('Connection closed by peer'))
+
+
+def test_a_source_folder_not_found_names_the_one_the_previous_stage_records(tmp_path):
+    """A next stage given only model.pretrained_pth stopped on the config's default vision encoder folder, not
+    there, while the checkpoint records the folder it was trained with: the refusal now names it."""
+    from xtuner_plugins.cli.train_failures import recorded_source_hint
+    from xtuner_plugins.models.lineage import lineage_record
+    tower = tmp_path / 'tower'
+    tower.mkdir()
+    (tower / 'config.json').write_text('{}')
+    torch.save({'meta': {'lineage': lineage_record({'vision_encoder': str(tower), 'llm': str(tmp_path / 'gone')})}},
+               tmp_path / 'sft.pth')
+    argv = ['tools/train.py', 'c.py', '--cfg-options', f'model.pretrained_pth={tmp_path}/sft.pth']
+    message = 'model.vision_encoder: vision encoder folder not found: models/InternViT-300M-448px-V2_5'
+    assert recorded_source_hint(message, argv) == (
+        f' ({tmp_path}/sft.pth, model.pretrained_pth, was trained with model.vision_encoder={tower}: give '
+        f'--cfg-options model.vision_encoder={tower})')
+    assert recorded_source_hint('model.llm: not found: x', argv) == ''   # its recorded folder is gone too
+    assert recorded_source_hint(message, argv[:2]) == '' == recorded_source_hint('other: x', argv)

@@ -42,7 +42,8 @@ import traceback
 from typing import List, Optional, Tuple
 from unittest import mock
 
-from xtuner_plugins.cli.train_failures import config_import_hint, failure_message, lost_peer, worker_death
+from xtuner_plugins.cli.train_failures import (config_import_hint, failure_message, lost_peer, recorded_source_hint,
+                                                worker_death)
 from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
 
 NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
@@ -290,7 +291,8 @@ def _train() -> int:
             return _interrupted(work_dir)
         from xtuner_plugins.errors import Refused, Stated
         if isinstance(exc, Refused):   # a setting or input the message names whole: one line
-            print(f'train: refused: {failure_message(exc)}', file=sys.stderr)
+            message = failure_message(exc)
+            print(f'train: refused: {message}{recorded_source_hint(message, sys.argv)}', file=sys.stderr)
             return 2
         hint = config_import_hint(exc, args.config)
         if hint:

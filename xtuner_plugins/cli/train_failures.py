@@ -7,7 +7,8 @@ not theirs:
 * :func:`worker_death`: a DataLoader worker that ended without an error of its own (the out-of-memory killer, a
   signal from outside the run, a crash in native code); the line says which, and what to try;
 * :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why);
-* :func:`config_import_hint`: a config importing its base by a package name that MMEngine cannot resolve.
+* :func:`config_import_hint`: a config importing its base by a package name that MMEngine cannot resolve;
+* :func:`recorded_source_hint`: a vision encoder or LLM folder not found where the previous stage records one.
 """
 
 import os
@@ -114,3 +115,27 @@ def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
             'MMEngine reads as an installed package\'s: import it relative to the file (from .NAME import *, the '
             'file beside it, or from ..configs.NAME import * inside the checkout), or copy your config into the '
             'checkout\'s configs/ folder')
+
+
+_SOURCE = re.compile(r'model\.(vision_encoder|llm): ')
+
+
+def recorded_source_hint(message: str, argv) -> str:
+    """For a refusal of ``model.vision_encoder`` or ``model.llm`` (a folder not found: the config's default, where
+    a next stage was given only ``model.pretrained_pth``), the folder that previous stage records, when it is there:
+    `` (CKPT, model.pretrained_pth, was trained with model.llm=DIR: give --cfg-options model.llm=DIR)``; else ''."""
+    found = _SOURCE.match(message)
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('model.pretrained_pth=')]
+    if not found or not given or not os.path.exists(given[-1]):
+        return ''
+    key = found.group(1)
+    try:
+        from xtuner_plugins.models.lineage import read_lineage
+        source = ((read_lineage(given[-1]) or {}).get('sources') or {}).get(key) or {}
+    except (OSError, ValueError):
+        return ''
+    path = source.get('abspath') or source.get('path')
+    if not isinstance(path, str) or not os.path.exists(path):
+        return ''
+    return (f' ({given[-1]}, model.pretrained_pth, was trained with model.{key}={path}: give --cfg-options '
+            f'model.{key}={path})')

@@ -73,6 +73,10 @@ def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys
     assert serve_main([folders['official'], '--vllm-python', sys.executable]) == 2  # this venv has no vLLM
     err = capsys.readouterr().err
     assert f'vLLM is not installed for {sys.executable}' in err and '`make vllm`' in err and 'pip install vllm' in err
+    # a checkpoint: said before its conversion (minutes at real sizes) starts, which here would say it is not there
+    assert serve_main(['--checkpoint', 'work_dirs/x/iter_1.pth', '--vllm-python', sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert f'vLLM is not installed for {sys.executable}' in err and 'not found' not in err, err
 
 
 STAND_IN = '''

@@ -319,6 +319,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix='xtuner-serve-model-') as tmp:
         try:
+            if args.checkpoint is not None:   # vLLM there, before minutes of conversion (serve checks it again)
+                probe(vllm_python(args.vllm_python))
             args.folder = converted(args, tmp)
         except (OSError, ValueError, NotImplementedError) as exc:
             return tool_error('serve', exc)

@@ -194,6 +194,36 @@ def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path):
     assert config_file_in_work_dir(None, str(tmp_path)) is False
 
 
+def test_a_work_folder_holding_files_of_the_same_names_keeps_them(tmp_path):
+    """``--work-dir`` the data folder (or ``.``): the run replaced the user's own ``pretrain_mlp.py`` with its copy
+    of the config and their ``data_manifest.json`` with its manifest. An earlier run's copy and manifest are still
+    replaced; anything else is left, said in the log."""
+    from types import SimpleNamespace
+
+    import xtuner_plugins.engine  # noqa: F401 (the patches)
+    from mmengine.runner import Runner
+
+    from xtuner_plugins.engine.badsamples import read_manifest
+    config = tmp_path / 'configs' / 'pretrain_mlp.py'
+    config.parent.mkdir()
+    config.write_text('from x import y\n')
+    dumped = []
+    for k, (text, replaced) in enumerate((('# my notes\n', False), ('from mmengine import read_base\n', False),
+                                          ("model = dict(type='a.B')\ntrain_cfg = dict(max_iters=4)\n", True))):
+        work = tmp_path / f'w{k}'
+        work.mkdir()
+        (work / 'pretrain_mlp.py').write_text(text)
+        runner = SimpleNamespace(_hooks=[], cfg=SimpleNamespace(filename=str(config)), work_dir=str(work),
+                                 timestamp='T')
+        Runner.dump_config(runner, _original=lambda r: dumped.append(r.work_dir))
+        assert (str(work) in dumped) == replaced, text
+    assert read_manifest(str(tmp_path / 'none.json')) is None
+    (tmp_path / 'm.json').write_text('{"mine": true}')
+    assert read_manifest(str(tmp_path / 'm.json')) is False
+    (tmp_path / 'm.json').write_text('{"sources": [], "total_used": 0}')
+    assert read_manifest(str(tmp_path / 'm.json')) == {'sources': [], 'total_used': 0}
+
+
 def test_a_requeued_slurm_jobs_earlier_run_is_gone_on_any_node(tmp_path, logged, monkeypatch):
     """A Slurm job killed before it could release its lock, then requeued onto another node: its own earlier run's
     lock (host node07) refused it as 'in use by another run'. The same job at a higher SLURM_RESTART_COUNT takes

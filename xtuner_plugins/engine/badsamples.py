@@ -103,9 +103,13 @@ class BadSampleHook(Hook):
 
     def _manifest(self, runner, current: dict) -> None:
         path = os.path.join(runner.work_dir, self.manifest_file)
-        if getattr(runner, '_resume', False) and os.path.isfile(path):
-            with open(path, encoding='utf-8') as f:
-                before = json.load(f)
+        before = read_manifest(path)
+        if before is False:   # a file of that name that is no run's manifest: another program's, left as it is
+            print_log(f'{path} is not a run\'s data manifest (another program\'s file, in a --work-dir that is not a '
+                      'run\'s folder?): left as it is, and this run\'s manifest is not written', logger='current',
+                      level=30)
+            return
+        if getattr(runner, '_resume', False) and before is not None:
             changes = manifest_changes(before, current)
             if changes:
                 message = f'the data changed since the run being resumed started ({path}): ' + '; '.join(changes)
@@ -179,6 +183,20 @@ class BadSampleHook(Hook):
                 json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
                                at_start_up=self.at_start, fewer_tiles=self.reduced, truncated=self.truncated), f,
                           indent=1)
+
+
+def read_manifest(path: str):
+    """The manifest in ``path``: None where there is none, False for a file that is not one (another program's,
+    which a run wrote over when its work folder was given as the data folder)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return found if isinstance(found, dict) and isinstance(found.get('sources'), list) and 'total_used' in found \
+        else False
 
 
 def manifest(dataset) -> dict:

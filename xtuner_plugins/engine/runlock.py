@@ -376,6 +376,24 @@ def config_file_in_work_dir(config: Optional[str], work_dir: str) -> bool:
         return False
 
 
+def foreign_file_at_dump(config: Optional[str], work_dir: str) -> Optional[str]:
+    """``WORK_DIR/<config's name>`` when a file is there that MMEngine's copy of the config would replace and that
+    is no earlier copy (a copy holds settings only, ``name = value``, a ``model`` among them; a config file of the
+    user's imports its types) and not the config itself (:func:`config_file_in_work_dir` says that); else None."""
+    if not config:
+        return None
+    target = os.path.join(work_dir, os.path.basename(config))
+    if not os.path.isfile(target) or config_file_in_work_dir(config, work_dir):
+        return None
+    from xtuner_plugins.models.checkpoint import config_settings
+    try:
+        with open(target, encoding='utf-8') as f:
+            settings = config_settings(f.read(), target)
+    except (OSError, ValueError):
+        return target
+    return None if 'model' in settings else target
+
+
 def _patch_dump_config() -> bool:
     """Take the lock before the runner writes into the work folder (its config dump); refused: no dump. Taken, the
     checkpoint the run starts from is marked kept (``runstart.keep_what_this_run_starts_from``)."""
@@ -395,6 +413,14 @@ def _patch_dump_config() -> bool:
                 return
             from xtuner_plugins.engine.runstart import keep_what_this_run_starts_from
             keep_what_this_run_starts_from(getattr(self.cfg, '_cfg_dict', self.cfg))
+            foreign = foreign_file_at_dump(self.cfg.filename, self.work_dir)
+            if foreign:
+                if int(os.environ.get('RANK', '0')) == 0:
+                    print_log(f'the config is not copied into the work folder: {foreign} is there and is no earlier '
+                              'copy of a run\'s config (a file of the folder given as --work-dir), which the copy '
+                              f'would replace; the run\'s full config is in {self.work_dir}/{self.timestamp}/'
+                              'vis_data/config.py and in every checkpoint', logger='current', level=logging.WARNING)
+                return
             if config_file_in_work_dir(self.cfg.filename, self.work_dir):
                 if int(os.environ.get('RANK', '0')) == 0:
                     print_log(f'the config is not copied into the work folder: {self.cfg.filename} is the config '

@@ -293,6 +293,21 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
         f'from it with model.official_checkpoint={converted}')
 
 
+def test_a_pretrained_pth_of_another_vision_geometry_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """The geometry check (``stages.geometry_problem``, tested in tests/models/test_lineage.py) runs at training's
+    start-up, before anything is built."""
+    import torch
+    warm = tmp_path / 'warm.pth'
+    torch.save({'meta': {'cfg': Config(dict(model=dict(ps_version='v1'))).pretty_text}, 'state_dict': {}}, warm)
+    with pytest.raises(SystemExit) as stopped:
+        Runner.from_cfg(Config(dict(model=dict(pretrained_pth=str(warm), projector='pixel_shuffle_mlp'),
+                                    work_dir=str(tmp_path / 'work'))))
+    err = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith(
+        f"train: refused: {warm} (model.pretrained_pth) was trained with another vision geometry than this run gives "
+        "(model.ps_version: trained 'v1', given 'v2')"), err
+
+
 def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
     """A second run into the same --work-dir replaced the first run's iter_N.pth and pointed last_checkpoint at its
     own, leaving two runs mixed in one folder (found by an adversarial sweep). A resume, and a requeued Slurm job

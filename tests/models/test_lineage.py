@@ -282,24 +282,39 @@ def test_a_stage_takes_the_chat_template_of_the_stages_before_it(tiny, chain, tm
 def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_path):
     """A warm-up trained with ps_version v1 and select_layer -2 was fine-tuned on v2 and the last layer with its
     projector loaded all the same (same shapes, other features), without a word; another downsample_ratio was a
-    shape mismatch naming no setting. The previous stage's recorded geometry is compared first."""
+    shape mismatch naming no setting. The geometry the model builds is compared (training's start-up,
+    ``runstart.geometry_refusal``), however it is written; a chain trained before still builds (the tools)."""
     from mmengine.config import Config
 
-    from xtuner_plugins.errors import Refused
-    warm = build(tiny, ps_version='v1', select_layer=-2)
+    from xtuner_plugins.engine.runstart import geometry_refusal
+    from xtuner_plugins.models.stages import geometry_problem
     path = tmp_path / 'warm.pth'
-    cfg = Config(dict(model=dict(type='xtuner_plugins.models.VisionLanguageModel', ps_version='v1', select_layer=-2,
-                                 downsample_ratio=0.5)))
-    torch.save({'meta': {'lineage': warm.lineage, 'cfg': cfg.pretty_text}, 'state_dict': warm.state_dict()}, path)
-    with pytest.raises(Refused) as refused:
-        build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path))
-    assert str(refused.value) == (
+
+    def trained(**model):
+        cfg = Config(dict(model=dict(type='xtuner_plugins.models.VisionLanguageModel', **model)))
+        torch.save({'meta': {'cfg': cfg.pretty_text}, 'state_dict': {}}, path)
+    tower = tiny['internvit']
+    trained(vision_encoder=tower, ps_version='v1', select_layer=-2, downsample_ratio=0.5)
+    assert geometry_refusal({'model': dict(vision_encoder=tower, pretrained_pth=str(path))}) == (
         f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives ('
-        "model.select_layer: trained -2, given None; model.ps_version: trained 'v1', given 'v2'): its projector "
+        "model.ps_version: trained 'v1', given 'v2'; model.select_layer: trained -2, given -1): its projector "
         '(mlp1) learnt on those features; give the trained values (--cfg-options model.KEY=VALUE), or leave '
         'model.pretrained_pth out to train a new projector')
-    with pytest.raises(Refused, match=r"model\.downsample_ratio: trained 0\.5, given 0\.25"):
-        build(tiny, ps_version='v1', select_layer=-2, downsample_ratio=0.25, pretrained_pth=str(path))
-    same = build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path), ps_version='v1',
-                 select_layer=-2)
-    assert same.ps_version == 'v1'
+    assert 'model.downsample_ratio: trained 0.5, given 0.25' in geometry_problem(str(path), dict(
+        vision_encoder=tower, ps_version='v1', select_layer=-2, downsample_ratio=0.25))
+    # the same geometry written otherwise: never refused
+    same = [dict(vision_encoder=dict(path=tower, select_layer=-2), ps_version='v1'),
+            dict(vision_encoder=tower, select_layer=-2, projector=dict(type='pixel_shuffle_mlp', ps_version='v1')),
+            dict(vision_encoder=tower, select_layer=-2, ps_version='v1', official_checkpoint='x', downsample_ratio=1)]
+    assert [geometry_problem(str(path), s) for s in same] == [None] * 3
+    trained(vision_encoder=tower, select_layer=None)   # the encoder's default, and -1 written out
+    assert geometry_problem(str(path), dict(vision_encoder=tower, select_layer=-1)) is None
+    trained(vision_encoder=tower, projector='mlp', ps_version='v1')   # LLaVA's MLP reads no pixel-shuffle setting
+    assert geometry_problem(str(path), dict(vision_encoder=tower, projector='mlp', downsample_ratio=0.25)) is None
+    assert 'model.projector' in geometry_problem(str(path), dict(vision_encoder=tower))
+    # the model itself builds from a chain of two geometries (the converter and the chat tools read such chains)
+    trained(vision_encoder=tower, ps_version='v1')
+    torch.save({'meta': {'cfg': Config(dict(model=dict(ps_version='v1'))).pretty_text,
+                         'lineage': build(tiny, ps_version='v1').lineage},
+                'state_dict': build(tiny, ps_version='v1').state_dict()}, path)
+    assert build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path)).ps_version == 'v2'

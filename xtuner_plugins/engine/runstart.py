@@ -70,8 +70,8 @@ def prepare_run(cfg):
         if note:
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
-    problem = (work_dir_refusal(plain) or pretrained_refusal(plain) or lineage_in_work_dir(plain)
-               or earlier_run_in_work_dir(plain) or liger_refusal(plain))
+    problem = (work_dir_refusal(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
+               or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain))
     if problem:
         refuse(problem)
     return cfg
@@ -161,6 +161,17 @@ def pretrained_refusal(cfg: Mapping) -> Optional[str]:
     except (OSError, ValueError) as exc:
         return f'model.pretrained_pth: {exc}'
     return None
+
+
+def geometry_refusal(cfg: Mapping) -> Optional[str]:
+    """Why this run's vision geometry does not fit the checkpoint it starts from (``stages.geometry_problem``), or
+    None. Training's only: a chain trained before this was checked still converts and answers as it was trained."""
+    model = cfg.get('model')
+    path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(path, str) or not path:
+        return None
+    from xtuner_plugins.models.stages import geometry_problem
+    return geometry_problem(path, dict(model))
 
 
 def liger_refusal(cfg: Mapping) -> Optional[str]:

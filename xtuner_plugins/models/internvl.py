@@ -47,7 +47,7 @@ from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
-from .stages import check_geometry, check_template, inherited_template, load_stages, load_trained
+from .stages import check_template, inherited_template, load_stages, load_trained
 
 
 class VisionLanguageModel(BaseModel):
@@ -225,10 +225,6 @@ class VisionLanguageModel(BaseModel):
         self.llm_ckpt_layers = llm_grad_ckpt_layers
         self.vision_recompute = recompute_mode(vision_grad_ckpt, 'vision_grad_ckpt')
         self.image_mode = image_mode
-        if pretrained_pth:   # the projector it loads learnt on features of its own geometry
-            check_geometry(pretrained_pth, dict(projector=projector, image_mode=image_mode, select_layer=select_layer,
-                                                downsample_ratio=downsample_ratio, ps_version=ps_version,
-                                                vision_encoder=vision_encoder))
         if template is None:   # what the stages before trained with: read from them, not typed again
             template = inherited_template(pretrained_pth, official_checkpoint)
         elif pretrained_pth:   # named: it must be theirs (refused here, before the parts are loaded)

@@ -86,28 +86,69 @@ def check_template(path: str, template: str, official_checkpoint: Optional[str] 
                       f'learnt; leave model.template unset (None: the previous stage\'s) or set it to {before}')
 
 
-#: what shapes the features the projector (mlp1) learnt on: a stage loading it must read them alike
-GEOMETRY = ('projector', 'image_mode', 'select_layer', 'downsample_ratio', 'ps_version', 'vision_encoder.select_layer')
+def _layer_default(vision) -> Optional[int]:
+    """The hidden layer a vision encoder (a folder, or ``dict(type=..., path=...)``) gives by default: CLIP's
+    second-to-last (LLaVA's), else the last; None when it cannot be told."""
+    try:
+        if isinstance(vision, dict):
+            kind = str(vision.get('type') or '')
+            if not kind and isinstance(vision.get('path'), str):
+                from .vision.base import folder_model_type
+                kind = folder_model_type(vision['path'])
+        elif isinstance(vision, str):
+            from .vision.base import folder_model_type
+            kind = folder_model_type(vision)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return -2 if 'clip' in kind.lower() else -1
 
 
-def check_geometry(path: str, settings: dict) -> None:
-    """Refuse a run whose vision geometry (:data:`GEOMETRY`) is not the one the checkpoint ``path``
-    (``model.pretrained_pth``) was trained with: a warm-up trained with ``ps_version='v1'`` and ``select_layer=-2``
-    was fine-tuned on v2 and the last layer, its projector loaded all the same (same shapes, other features),
-    without a word; another ``downsample_ratio`` was a shape mismatch naming no setting."""
+def vision_geometry(settings: dict, layer_default: Optional[int]) -> dict:
+    """What shapes the features the projector (mlp1) learns on, as the model builds it from ``settings`` (a
+    ``model`` config): the projector's kind, its pixel-shuffle ratio and version (for ``pixel_shuffle_mlp`` only:
+    a name or a dict, the model's own keys under it), the image mode, and the vision layer (in the encoder's dict
+    or the model's key; None: ``layer_default``)."""
+    projector = settings.get('projector', 'pixel_shuffle_mlp')
+    spec = dict(projector) if isinstance(projector, dict) else {'type': projector}
+    name = spec.get('type')
+    name = name.rsplit('.', 1)[-1] if isinstance(name, str) else getattr(name, 'name', getattr(name, '__name__', name))
+    out = dict(projector=name, image_mode=settings.get('image_mode') or 'tile')
+    if name == 'pixel_shuffle_mlp':
+        out.update(downsample_ratio=float(spec.get('downsample_ratio', settings.get('downsample_ratio') or 0.5)),
+                   ps_version=spec.get('ps_version', settings.get('ps_version') or 'v2'))
+    vision = settings.get('vision_encoder')
+    layer = vision.get('select_layer') if isinstance(vision, dict) else None
+    layer = settings.get('select_layer') if layer is None else layer
+    out['select_layer'] = layer_default if layer is None else int(layer)
+    return out
+
+
+def geometry_problem(path: str, settings: dict) -> Optional[str]:
+    """Why a run of ``settings`` (its ``model`` config) may not start from the checkpoint ``path``
+    (``model.pretrained_pth``): another vision geometry (:func:`vision_geometry`) than it was trained with, or None.
+    A warm-up trained with ``ps_version='v1'`` and ``select_layer=-2`` was fine-tuned on v2 and the last layer, its
+    projector loaded all the same (same shapes, other features), without a word; another ``downsample_ratio`` was a
+    shape mismatch naming no setting. A run from an official folder takes its projector from there: not compared."""
     from .checkpoint import recorded_model_config
-    from .provenance import _model_settings
-    recorded = recorded_model_config(path)
+    if settings.get('official_checkpoint'):
+        return None
+    try:
+        recorded = recorded_model_config(path)
+    except (OSError, ValueError):   # pretrained_refusal says what is wrong with it
+        return None
     if recorded is None:   # no config recorded (written before MMEngine stored it): nothing to compare
-        return
-    trained, given = _model_settings(recorded), _model_settings(settings)
-    differ = [f'model.{key}: trained {trained[key]!r}, given {given[key]!r}' for key in GEOMETRY
-              if key in trained and key in given and trained[key] != given[key]]
-    if differ:
-        raise Refused(f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives '
-                      f'({"; ".join(differ)}): its projector (mlp1) learnt on those features; give the trained '
-                      'values (--cfg-options model.KEY=VALUE), or leave model.pretrained_pth out to train a new '
-                      'projector')
+        return None
+    default = _layer_default(settings.get('vision_encoder'))
+    trained, given = vision_geometry(recorded, default), vision_geometry(settings, default)
+    differ = [f'model.{key}: trained {trained.get(key)!r}, given {given.get(key)!r}' for key in given
+              if trained.get(key) != given[key] and not (key == 'select_layer' and None in (trained[key], given[key]))]
+    if not differ:
+        return None
+    return (f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives '
+            f'({"; ".join(differ)}): its projector (mlp1) learnt on those features; give the trained values '
+            '(--cfg-options model.KEY=VALUE), or leave model.pretrained_pth out to train a new projector')
 
 
 def load_trained(model, path: str, strict: bool = False) -> None:

@@ -217,13 +217,14 @@ def test_a_value_whose_spaces_mmengine_would_remove_is_refused():
                                       'train_dataloader.dataset.data_files=[my data/a.jsonl]', 'model.llm=x',
                                       '--work-dir', 'w y'])
     assert words == ['train_dataloader.dataset.data_files=[my data/a.jsonl]', 'model.llm=x']
-    (problem,) = launch.spaced_values(words + ['a=[x, y]', 'b=( 1 , 2 )', 'c=[[x, y], ( z ,w)]', "d=[ 'q' , r]"])
+    (problem,) = launch.spaced_values(words + ['a=[x, y]', 'b=( 1 , 2 )', 'c=[[x, y], ( z ,w)]', "d=[ 'q' , r]",
+                                               'e=q_proj, v_proj', "f='[1, 2]'", 'g=1 ', 'h='])
     assert problem.startswith("train_dataloader.dataset.data_files: the value '[my data/a.jsonl]' holds a space, "
                               "and MMEngine's --cfg-options removes every space from a value ('[mydata/a.jsonl]' "
                               "would be used)")
     assert launch.spaced_values(['demo_system_message=You are helpful.'])   # a sentence would lose its spaces
     # a prefix its last space (InternVL's 'Frame-{i}: '), a quoted value or item its outer ones
-    for word in ('frame_prefix=Frame-{i}: ', 'frame_prefix=" Frame-{i}:"', "a=['x ', y]", 'prompt= x'):
+    for word in ('frame_prefix=Frame-{i}: ', 'frame_prefix=" Frame-{i}:"', "a=['x ', y]", 'prompt= x', 'a=  '):
         (problem,) = launch.spaced_values([word])
         assert problem.startswith(f'{word.partition("=")[0]}: the value {word.partition("=")[2]!r} holds a space'), \
             problem

@@ -85,11 +85,23 @@ def cfg_options_args(options: Options) -> List[str]:
 
 
 def _items_as_given(value: str) -> List[str]:
-    """The items of a ``--cfg-options`` value, each without the quotes around it: a bracketed list's items (nested
-    ones too) without the spaces around them; any other value whole, its outer spaces kept."""
-    bare = value.strip()
-    items = [i.strip() for i in re.split(r'[,\[\]()]', bare)] if bare[:1] in '[(' and bare[-1:] in '])' else [value]
+    """The items of a ``--cfg-options`` value as MMEngine reads them, each without the quotes around it: a list's
+    (bracketed, nested, or bare ``a, b``) without the spaces around its items and separators; any other value whole,
+    its outer spaces kept (a number's left out: ``1 `` is 1)."""
+    bare = value.strip().strip('\'"').strip()   # (MMEngine takes the quotes around a whole value away first)
+    if bare[:1] and bare[:1] in '[(' and bare[-1:] in '])' or ',' in bare:
+        items = [i.strip() for i in re.split(r'[,\[\]()]', bare)]
+    else:
+        items = [value.strip().strip('\'"') if _number(bare) else value.strip('\'"') if value.strip() else value]
     return [i[1:-1] if len(i) > 1 and i[0] == i[-1] and i[0] in '\'"' else i for i in items]
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def spaced_values(words: Sequence[str]) -> List[str]:

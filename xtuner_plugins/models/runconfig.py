@@ -185,6 +185,9 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
                          f'the checkpoint records its own): ' + '; '.join(conflicts))
     cfg = Config(copy.deepcopy(recorded))
     given_model = dict(given.get('model') or {}) if (config or cfg_options) else {}
+    kind, named = given_model.get('type'), cfg.model.get('type')
+    if isinstance(kind, type) and isinstance(named, str) and named.rsplit('.', 1)[-1] == kind.__name__:
+        cfg.model['type'] = kind   # the class the given config imports (a model class of the user's own)
     _find_sources(cfg.model, given_model, lineage.read_lineage(checkpoint), checkpoint, log)
     # the previous stage: the one the lineage records (found and checked by lineage.previous_stage_for), unless
     # the user points at it on top

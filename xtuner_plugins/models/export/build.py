@@ -102,8 +102,9 @@ def model_class(kind) -> type:
     if isinstance(found, type) and issubclass(found, VisionLanguageModel):
         return found
     raise Refused(f'model.type {kind!r} is not one of this project\'s model classes (xtuner_plugins.models.'
-                  f'VisionLanguageModel or a subclass of it): a checkpoint\'s config is read as data and names its '
-                  'model class, nothing else is built from it; use a checkpoint as training wrote it')
+                  f'VisionLanguageModel or a subclass of it): a checkpoint\'s config is read as data, and a name in '
+                  'it imports nothing else (a tampered one ran code); a model class of your own: give the training '
+                  'config with the checkpoint (CONFIG CHECKPOINT), which imports it')
 
 
 def _dequantize(model: nn.Module, dtype: torch.dtype) -> int:

@@ -48,7 +48,8 @@ def test_only_what_a_save_leaves_is_removed(tmp_path):
     """A work folder given as another program's (``--work-dir .``, the data folder): its ``.notes.tmp`` and a
     ``.export.incomplete`` folder were removed at the start of a run, whatever had written them; only the names a
     killed save leaves are now."""
-    left = ['.iter_8.pth.incomplete', '.iter_4.pth.k2x_9abc.tmp', '.last_checkpoint.abc123.tmp']
+    left = ['.iter_8.pth.incomplete', '.iter_4.pth.k2x_9abc.tmp', '.last_checkpoint.abc123.tmp',
+            '.data_manifest.json.u7_kk2a1.tmp', '.slurm_job.json.a1b2c3d4.tmp']
     kept = ['.notes.tmp', '.export.incomplete', '.iter_4.pth.tmp', '.data.json.abcd1234.tmp', '..tmp', 'a.tmp']
     for name in left + kept:
         if name.endswith('incomplete'):

@@ -155,9 +155,10 @@ def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     # moved with it, renamed: found beside it by its content (a chain copied to another folder together)
     shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'pre.pth')
     assert [s.path for s in resolve_chain(sft)] == [str(tmp_path / 'pre.pth'), sft]
-    shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'pre2.pth')   # two alike: not guessed between
-    with pytest.raises(Refused, match='is not found, there or beside it'):
-        resolve_chain(sft)
+    shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'pre2.pth')   # a copy beside it too: the same content
+    os.symlink(tmp_path / 'pre.pth', tmp_path / 'a_link.pth')
+    assert [s.path for s in resolve_chain(sft)] == [str(tmp_path / 'a_link.pth'), sft]
+    os.remove(tmp_path / 'a_link.pth')
     os.remove(tmp_path / 'pre.pth')
     os.remove(tmp_path / 'pre2.pth')
     first = shutil.copy(tmp_path / 'kept' / 'warm.pth', tmp_path / 'first.pth')

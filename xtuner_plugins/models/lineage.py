@@ -279,8 +279,8 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
 
 def _beside(previous: dict, recorded_by: str) -> Optional[str]:
     """The checkpoint in ``recorded_by``'s folder whose content is the recorded ``previous`` stage's (a chain moved
-    together, its files renamed: ``runs/pre/iter_4.pth`` now ``moved/pre.pth``), when exactly one is; said in the
-    log. Sizes are compared before any content is read."""
+    together, its files renamed: ``runs/pre/iter_4.pth`` now ``moved/pre.pth``; the first by name where a copy or a
+    link holds it too); said in the log. Sizes are compared before any content is read."""
     folder, own = os.path.dirname(os.path.abspath(recorded_by)), os.path.realpath(recorded_by)
     files = previous['files']
     sizes = {name: entry[0] for name, entry in files.items() if isinstance(entry, (list, tuple)) and entry}
@@ -304,7 +304,7 @@ def _beside(previous: dict, recorded_by: str) -> Optional[str]:
                 matches.append(path)
         except OSError:
             continue
-    if len(matches) != 1:
+    if not matches:   # several: the same content under several names (a copy, a link), any of them is it
         return None
     said = f'the previous stage of {recorded_by} (recorded at {previous.get("abspath")}): {matches[0]}, beside it ' \
            '(the same checkpoint by its content)'

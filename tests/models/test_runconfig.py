@@ -68,3 +68,19 @@ def test_a_template_typed_for_a_checkpoint_that_inherited_its_own_is_compared_wi
     same = Config(dict(model=dict(template='Hermes-2'), train_dataloader=dict(dataset=dict(template=None))))
     assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, same) == []
     assert setting_conflicts(recorded, given) == []   # (which cannot tell: None is 'the stages before it')
+
+
+def test_a_checkpoint_whose_two_records_disagree_is_refused():
+    """The converter builds from meta['cfg'], a next stage merges by meta['lineage']: a file whose cfg was edited
+    to lora_alpha 32 (its lineage saying 16) converted at 32 without a word, and gave another model as a previous
+    stage."""
+    from xtuner_plugins.models.runconfig import records_disagree
+    lora = dict(type='peft.LoraConfig', r=4, lora_alpha=16, lora_dropout=0.05, target_modules=('q_proj', 'v_proj'))
+    lineage = dict(llm_lora=dict(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=['q_proj', 'v_proj']),
+                   vision_lora=None)
+    assert records_disagree(dict(model=dict(llm_lora=lora)), lineage) is None
+    assert records_disagree(dict(model=dict(llm_lora=dict(lora, lora_alpha=32))), lineage) == \
+        'model.llm_lora.lora_alpha: 32 and 16'
+    assert records_disagree(dict(model=dict(llm_lora=lora, vision_lora=dict(r=2))), lineage) == \
+        "model.vision_lora: {'r': 2} and None"
+    assert records_disagree(dict(model=dict(llm_lora=lora)), None) is None   # an old checkpoint: no lineage

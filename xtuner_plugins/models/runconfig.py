@@ -88,6 +88,28 @@ def setting_conflicts(recorded: dict, given) -> List[str]:
     return out
 
 
+def records_disagree(recorded: dict, lineage_record) -> Optional[str]:
+    """Where a checkpoint's two records of its LoRA settings differ (the config the converter builds from, the
+    lineage a next stage merges its adapters by): ``'model.llm_lora.lora_alpha: 32 and 16'``, or None. One file
+    edited so gave two models, by the tool that read it."""
+    from .provenance import _norm
+    if not isinstance(lineage_record, dict):
+        return None
+    model = recorded.get('model') or {}
+    for key in ('llm_lora', 'vision_lora'):
+        if key not in lineage_record:
+            continue
+        a, b = _norm(model.get(key)), _norm(lineage_record.get(key))
+        if isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({k: v for k, v in d.items() if k != 'type'} for d in (a, b))
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    return f'model.{key}.{k}: {a.get(k)!r} and {b.get(k)!r}'
+        elif (a is None) != (b is None):
+            return f'model.{key}: {a!r} and {b!r}'
+    return None
+
+
 def template_conflicts(checkpoint: str, recorded: dict, given) -> List[str]:
     """A template given on top (``model.template``, the data set's) other than the one ``checkpoint`` trained in,
     where its config left it to the stages before it (None): :func:`setting_conflicts` cannot tell (a typed
@@ -171,6 +193,10 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
         log(f'{checkpoint}: no training config recorded in it; the settings are taken from {config}')
         return given
     recorded = config_settings(meta['cfg'], f"{checkpoint}: meta['cfg'] (the training config)")
+    disagree = records_disagree(recorded, meta.get('lineage'))
+    if disagree:
+        raise ValueError(f'{checkpoint}: its training config and its lineage (meta[\'cfg\'], meta[\'lineage\']) '
+                         f'disagree ({disagree}): changed after training; use the checkpoint as training wrote it')
     if given is None:
         given = Config(copy.deepcopy(recorded))
         if cfg_options:

@@ -160,10 +160,10 @@ def _remove(path: str) -> None:
 
 
 #: what a killed save leaves: a DeepSpeed checkpoint not yet renamed (``.iter_N.pth.incomplete``, see
-#: :func:`save_then_rename`), the atomic writer's temporary of a checkpoint, ``last_checkpoint``, the data manifest
-#: or the Slurm job's record
-#: (``.iter_N.pth.XXXXXXXX.tmp``: ``mkstemp``'s letters); nothing else, whatever its name's ends (another program's
-#: ``.notes.tmp`` or ``.export.incomplete`` in a work folder given as ``--work-dir .`` was removed)
+#: :func:`save_then_rename`), and the atomic writer's temporary (``.NAME.XXXXXXXX.tmp``: ``mkstemp``'s letters) of a
+#: checkpoint, ``last_checkpoint``, the data manifest or the Slurm job's record; nothing else, whatever its name's
+#: ends (another program's ``.notes.tmp`` or ``.export.incomplete`` in a work folder given as ``--work-dir .`` was
+#: removed)
 LEFT_BY_SAVES = re.compile(r'\.(?:[^/]+\.pth' + re.escape(INCOMPLETE) + r'|(?:[^/]+\.pth|last_checkpoint'
                            + r'|data_manifest\.json|slurm_job\.json)\.[a-z0-9_]+\.tmp)')
 

@@ -220,8 +220,8 @@ def test_a_work_folder_holding_files_of_the_same_names_keeps_them(tmp_path):
     assert read_manifest(str(tmp_path / 'none.json')) is None
     (tmp_path / 'm.json').write_text('{"mine": true}')
     assert read_manifest(str(tmp_path / 'm.json')) is False
-    (tmp_path / 'm.json').write_text('{"sources": [], "total_used": 0}')
-    assert read_manifest(str(tmp_path / 'm.json')) == {'sources': [], 'total_used': 0}
+    (tmp_path / 'm.json').write_text('{"sources": []}')   # (an earlier version's: no total_used)
+    assert read_manifest(str(tmp_path / 'm.json')) == {'sources': []}
 
 
 def test_a_requeued_slurm_jobs_earlier_run_is_gone_on_any_node(tmp_path, logged, monkeypatch):

@@ -195,8 +195,7 @@ def read_manifest(path: str):
             found = json.load(f)
     except (OSError, ValueError):
         return False
-    return found if isinstance(found, dict) and isinstance(found.get('sources'), list) and 'total_used' in found \
-        else False
+    return found if isinstance(found, dict) and isinstance(found.get('sources'), list) else False
 
 
 def manifest(dataset) -> dict:

@@ -384,6 +384,18 @@ def test_tiling_the_model_cannot_take_is_one_line(setup, capsys, option, says):
     assert err == says.format(folder=setup['folder']) + '\n', err
 
 
+def test_more_tiles_than_trained_is_a_note_and_the_answer_stays_alone_on_stdout(setup, capsys):
+    """--max-num over config.json's max_dynamic_patch (4: the tiny model's training) is allowed and said."""
+    args = [setup['folder'], '--image', setup['images'][0], '--prompt', 'x', '--max-new-tokens', '2']
+    assert chat_main(args + ['--max-num', '4']) == 0
+    assert 'note' not in capsys.readouterr().err
+    assert chat_main(args + ['--max-num', '6']) == 0
+    out, err = capsys.readouterr()
+    assert 'note' not in out
+    assert ("chat: note: --max-num 6 is over the 4 tiles per image this model was trained with (its config.json's "
+            "max_dynamic_patch)") in err, err
+
+
 def test_interactive_paths_with_spaces_and_quotes_are_attached(monkeypatch, capsys, tmp_path):
     """/image my photo.jpg was two missing files ('my', 'photo.jpg'); now a whole rest that names a file is one path,
     and several paths may be quoted as in a shell."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import tempfile
@@ -117,6 +118,9 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
             return tool_error(prog, f'{exc}' + (f'; --checkpoint is converted into a temporary folder under '
                                                 f'{tempfile.gettempdir()} first: set TMPDIR to a folder on a disk '
                                                 f'with room' if full else ''))
+        note = tiling_note(folder, tiling.get('max_num'))
+        if note:
+            print(f'{prog}: note: {note}', file=sys.stderr)
         try:
             use(model)
         except (PromptTooLong, *errors) as exc:
@@ -124,6 +128,21 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
         finally:
             getattr(model, 'close', lambda: None)()  # a GGUF folder's llama.cpp worker
     return 0
+
+
+def tiling_note(folder: str, max_num: Optional[int]) -> str:
+    """A note when ``--max-num`` allows more tiles per image than the folder's model was trained with (its
+    config.json's ``max_dynamic_patch``, which the converter takes from the training data): allowed, as InternVL's
+    own evaluation tiles more finely than it trained, but said, so that a changed answer is not a surprise."""
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            trained = json.load(f).get('max_dynamic_patch')
+    except (OSError, ValueError, AttributeError):   # a GGUF folder, or none to read: the loading said so
+        return ''
+    if max_num is None or not isinstance(trained, int) or max_num <= trained:
+        return ''
+    return (f'--max-num {max_num} is over the {trained} tiles per image this model was trained with (its '
+            f'config.json\'s max_dynamic_patch): a large image is cut into more tiles than training showed it')
 
 
 def dtype_argument(text: str) -> str:

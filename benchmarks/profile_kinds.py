@@ -27,7 +27,9 @@ KINDS = ('matmul', 'attention', 'elementwise', 'norm', 'cast/copy', 'loss', 'opt
 REGIONS = {'vision': 'vision forward', 'optimizer': 'optimizer', 'data': 'data', 'norm': 'norm'}
 _MATMUL = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_addmm_activation', 'aten::linear',
            'aten::matmul', 'aten::addbmm', 'onednn', 'mkldnn')
-_ATTENTION = ('scaled_dot_product', 'flash_attention', 'efficient_attention', 'flex_attention', 'sdpa')
+# (``xtuner_plugins::cpu_bf16_attention*``: this project's AVX-512 BF16 kernel, models/cpu_attention.py)
+_ATTENTION = ('scaled_dot_product', 'flash_attention', 'efficient_attention', 'flex_attention', 'sdpa',
+              'cpu_bf16_attention')
 _LOSS = ('cross_entropy', 'log_softmax', 'nll_loss', 'logsumexp')
 _NORM = ('rms_norm', 'layer_norm', 'group_norm')
 _COPY = ('aten::copy_', 'aten::_to_copy', 'aten::to', 'aten::clone', 'aten::contiguous', 'aten::cat',

@@ -12,6 +12,8 @@ from benchmarks.profile_kinds import KINDS, kind_of, mark_modules, split, table
 def test_operator_names_have_their_kind():
     assert kind_of('aten::mm') == kind_of('aten::addmm') == 'matmul'
     assert kind_of('aten::_scaled_dot_product_flash_attention_for_cpu') == 'attention'
+    assert kind_of('xtuner_plugins::cpu_bf16_attention_train') == 'attention'
+    assert kind_of('xtuner_plugins::cpu_bf16_attention_backward') == 'attention'
     assert kind_of('aten::_log_softmax') == kind_of('aten::nll_loss_forward') == 'loss'
     assert kind_of('aten::_fused_adamw_') == 'optimizer'
     assert kind_of('aten::_to_copy') == kind_of('aten::copy_') == kind_of('aten::cat') == 'cast/copy'

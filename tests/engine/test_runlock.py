@@ -167,7 +167,7 @@ def test_a_dead_runs_forked_child_does_not_keep_its_lock(tmp_path, logged):
             os.kill(child, 9)
 
 
-def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path):
+def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path, logged):
     """``tools/train.py exp/cfg.py --work-dir exp``: before, MMEngine's copy of the config (WORK_DIR/cfg.py)
     replaced the config file itself, comments and ``_base_`` gone, with its flattened text."""
     from types import SimpleNamespace
@@ -191,10 +191,13 @@ def test_a_work_folder_that_is_the_configs_own_keeps_the_config_file(tmp_path):
                                  timestamp='T')
         Runner.dump_config(runner, _original=dump)
     assert dumped == [str(tmp_path / 'other')] and config.read_text() == "_base_ = ['./base.py']  # mine\n"
+    assert logged[0] == (f'the config is not copied into the work folder: {config} is the config file itself '
+                         '(--work-dir is its folder), which the copy would replace with its flattened text; the '
+                         f"run's full config is in {config.parent}/T/vis_data/config.py and in every checkpoint")
     assert config_file_in_work_dir(None, str(tmp_path)) is False
 
 
-def test_a_work_folder_holding_files_of_the_same_names_keeps_them(tmp_path):
+def test_a_work_folder_holding_files_of_the_same_names_keeps_them(tmp_path, logged):
     """``--work-dir`` the data folder (or ``.``): the run replaced the user's own ``pretrain_mlp.py`` with its copy
     of the config and their ``data_manifest.json`` with its manifest. An earlier run's copy and manifest are still
     replaced; anything else is left, said in the log."""
@@ -217,6 +220,10 @@ def test_a_work_folder_holding_files_of_the_same_names_keeps_them(tmp_path):
                                  timestamp='T')
         Runner.dump_config(runner, _original=lambda r: dumped.append(r.work_dir))
         assert (str(work) in dumped) == replaced, text
+    assert logged[0] == (f'the config is not copied into the work folder: {tmp_path}/w0/pretrain_mlp.py is there and '
+                         "is no earlier copy of a run's config (a file of the folder given as --work-dir), which the "
+                         f"copy would replace; the run's full config is in {tmp_path}/w0/T/vis_data/config.py and in "
+                         'every checkpoint') and len(logged) == 2
     assert read_manifest(str(tmp_path / 'none.json')) is None
     (tmp_path / 'm.json').write_text('{"mine": true}')
     assert read_manifest(str(tmp_path / 'm.json')) is False

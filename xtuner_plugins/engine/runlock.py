@@ -413,20 +413,18 @@ def _patch_dump_config() -> bool:
                 return
             from xtuner_plugins.engine.runstart import keep_what_this_run_starts_from
             keep_what_this_run_starts_from(getattr(self.cfg, '_cfg_dict', self.cfg))
-            foreign = foreign_file_at_dump(self.cfg.filename, self.work_dir)
-            if foreign:
+            kept = foreign_file_at_dump(self.cfg.filename, self.work_dir)
+            if kept:
+                kept = (f'{kept} is there and is no earlier copy of a run\'s config (a file of the folder given as '
+                        '--work-dir), which the copy would replace')
+            elif config_file_in_work_dir(self.cfg.filename, self.work_dir):
+                kept = (f'{self.cfg.filename} is the config file itself (--work-dir is its folder), which the copy '
+                        'would replace with its flattened text')
+            if kept:
                 if int(os.environ.get('RANK', '0')) == 0:
-                    print_log(f'the config is not copied into the work folder: {foreign} is there and is no earlier '
-                              'copy of a run\'s config (a file of the folder given as --work-dir), which the copy '
-                              f'would replace; the run\'s full config is in {self.work_dir}/{self.timestamp}/'
-                              'vis_data/config.py and in every checkpoint', logger='current', level=logging.WARNING)
-                return
-            if config_file_in_work_dir(self.cfg.filename, self.work_dir):
-                if int(os.environ.get('RANK', '0')) == 0:
-                    print_log(f'the config is not copied into the work folder: {self.cfg.filename} is the config '
-                              'file itself (--work-dir is its folder), which the copy would replace with its '
-                              f'flattened text; the run\'s full config is in {self.work_dir}/{self.timestamp}/'
-                              'vis_data/config.py and in every checkpoint', logger='current', level=logging.WARNING)
+                    print_log(f'the config is not copied into the work folder: {kept}; the run\'s full config is in '
+                              f'{self.work_dir}/{self.timestamp}/vis_data/config.py and in every checkpoint',
+                              logger='current', level=logging.WARNING)
                 return
             _original(self)
 

@@ -310,6 +310,13 @@ def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_
     assert [geometry_problem(str(path), s) for s in same] == [None] * 3
     trained(vision_encoder=tower, select_layer=None)   # the encoder's default, and -1 written out
     assert geometry_problem(str(path), dict(vision_encoder=tower, select_layer=-1)) is None
+    from xtuner_plugins.tiny.vision import write_tiny_clip
+    clip = write_tiny_clip(str(tmp_path / 'clip'))   # CLIP's default is its second-to-last layer (LLaVA's)
+    trained(vision_encoder=clip, projector='mlp')
+    assert [geometry_problem(str(path), dict(vision_encoder=v, projector='mlp', select_layer=-2))
+            for v in (clip, dict(type='clip', path=clip))] == [None, None]
+    assert 'model.select_layer: trained -2, given -1' in geometry_problem(str(path), dict(
+        vision_encoder=dict(type='clip', path=clip), projector='mlp', select_layer=-1))
     trained(vision_encoder=tower, projector='mlp', ps_version='v1')   # LLaVA's MLP reads no pixel-shuffle setting
     assert geometry_problem(str(path), dict(vision_encoder=tower, projector='mlp', downsample_ratio=0.25)) is None
     assert 'model.projector' in geometry_problem(str(path), dict(vision_encoder=tower))

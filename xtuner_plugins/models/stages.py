@@ -87,22 +87,18 @@ def check_template(path: str, template: str, official_checkpoint: Optional[str] 
 
 
 def _layer_default(vision) -> Optional[int]:
-    """The hidden layer a vision encoder (a folder, or ``dict(type=..., path=...)``) gives by default: CLIP's
-    second-to-last (LLaVA's), else the last; None when it cannot be told."""
+    """The hidden layer a vision encoder (a folder, or ``dict(type=..., path=...)``) gives by default: its registered
+    type's ``default_select_layer`` (CLIP's second-to-last, as LLaVA takes it); None when it cannot be told."""
+    from .vision import VISION_ENCODERS, encoder_type_for_folder
+    spec = {'path': vision} if isinstance(vision, str) else vision if isinstance(vision, dict) else {}
     try:
-        if isinstance(vision, dict):
-            kind = str(vision.get('type') or '')
-            if not kind and isinstance(vision.get('path'), str):
-                from .vision.base import folder_model_type
-                kind = folder_model_type(vision['path'])
-        elif isinstance(vision, str):
-            from .vision.base import folder_model_type
-            kind = folder_model_type(vision)
-        else:
-            return None
-    except (OSError, ValueError):
+        if spec.get('type'):
+            return VISION_ENCODERS[spec['type']].default_select_layer
+        if isinstance(spec.get('path'), str):
+            return encoder_type_for_folder(spec['path']).default_select_layer
+    except (KeyError, TypeError, OSError, ValueError):   # the model's build names what is wrong
         return None
-    return -2 if 'clip' in kind.lower() else -1
+    return None
 
 
 def vision_geometry(settings: dict, layer_default: Optional[int]) -> dict:

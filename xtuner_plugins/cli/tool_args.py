@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 import tempfile
@@ -118,7 +117,7 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
             return tool_error(prog, f'{exc}' + (f'; --checkpoint is converted into a temporary folder under '
                                                 f'{tempfile.gettempdir()} first: set TMPDIR to a folder on a disk '
                                                 f'with room' if full else ''))
-        note = tiling_note(folder, tiling.get('max_num'))
+        note = tiling_note(getattr(model, 'config', None), tiling.get('max_num'))   # (a GGUF folder has none)
         if note:
             print(f'{prog}: note: {note}', file=sys.stderr)
         try:
@@ -130,15 +129,12 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
     return 0
 
 
-def tiling_note(folder: str, max_num: Optional[int]) -> str:
-    """A note when ``--max-num`` allows more tiles per image than the folder's model was trained with (its
-    config.json's ``max_dynamic_patch``, which the converter takes from the training data): allowed, as InternVL's
-    own evaluation tiles more finely than it trained, but said, so that a changed answer is not a surprise."""
-    try:
-        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
-            trained = json.load(f).get('max_dynamic_patch')
-    except (OSError, ValueError, AttributeError):   # a GGUF folder, or none to read: the loading said so
-        return ''
+def tiling_note(config: Optional[dict], max_num: Optional[int]) -> str:
+    """A note when ``--max-num`` allows more tiles per image than the model was trained with (its folder's
+    ``config.json``, ``config``: ``max_dynamic_patch``, which the converter takes from the training data): allowed,
+    as InternVL's own evaluation tiles more finely than it trained, but said, so that a changed answer is not a
+    surprise."""
+    trained = config.get('max_dynamic_patch') if isinstance(config, dict) else None
     if max_num is None or not isinstance(trained, int) or max_num <= trained:
         return ''
     return (f'--max-num {max_num} is over the {trained} tiles per image this model was trained with (its '

@@ -37,6 +37,10 @@ def test_the_settings_are_read_under_every_wrapper():
     assert setting_conflicts(cfg, shards_config(**trained)) == []
     assert setting_conflicts(cfg, shards_config(**dict(trained, max_dynamic_patch=9))) == \
         [f'{INNER}.max_dynamic_patch: trained 2, given 9']
+    # the video frame range too (the converted folder records it): unset is InternVL's 8 to 32
+    assert setting_conflicts(cfg, shards_config(**dict(trained, max_num_frame=32, min_num_frame=8))) == []
+    assert setting_conflicts(cfg, shards_config(**dict(trained, max_num_frame=16))) == \
+        [f'{INNER}.max_num_frame: trained 32, given 16']
     # the planner too: the unpacked shards config's max_length and tiling are its samples' (it took 8192 and 12)
     cfg = Config.fromfile(os.path.join(REPO, 'configs', 'finetune_lora_shards.py'))
     cfg.merge_from_dict({'train_dataloader.dataset.dataset.max_length': 1000,

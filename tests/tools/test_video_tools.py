@@ -74,3 +74,51 @@ def test_eval_tool_asks_video_questions_with_both_controls(setup, official, tmp_
     result = json.load(open(out))['results'][0]
     expected = greedy_decode(setup['model'], setup['ids'], setup['tiles'], steps=4)
     assert result['answer'] == expected and result['single_answer'] is not None
+
+
+@pytest.fixture(scope='module')
+def four_frames(setup, tmp_path_factory):  # noqa: F811
+    """The setup's checkpoint converted as trained with 2 to 4 frames a video (its data set's frame range)."""
+    import torch
+
+    from tests.tools.test_convert_to_official import LORA
+    from xtuner_plugins.models.export import export_checkpoint
+    opts = dict(setup['opts'], **{'train_dataloader.dataset.min_num_frame': 2,
+                                  'train_dataloader.dataset.max_num_frame': 4})
+    return export_checkpoint(LORA, setup['ckpt'], str(tmp_path_factory.mktemp('frames') / 'official'),
+                             dtype=torch.float32, cfg_options=opts, log=lambda m: None)
+
+
+def test_the_frame_range_trained_with_is_recorded(official, four_frames):  # noqa: F811
+    """config.json holds the data set's frame range (InternVL's 8 to 32 when it gives none), for the notes below."""
+    import json
+    import os
+    read = [json.load(open(os.path.join(folder, 'config.json'))) for folder in (official, four_frames)]
+    assert [(c['min_num_frame'], c['max_num_frame']) for c in read] == [(8, 32), (2, 4)]
+
+
+def test_more_frames_than_trained_is_a_note_in_chat_and_eval(setup, four_frames, tmp_path, capsys,  # noqa: F811
+                                                             monkeypatch):
+    """--frames over config.json's max_num_frame runs, with a note on stderr; the answer stays alone on stdout."""
+    from tests.helpers import write_jsonl
+    from tools.eval import main as eval_main
+    note = ("note: 6 frames of a video are over the 4 this model was trained with at most (its config.json's "
+            "max_num_frame)")
+    ask = [four_frames, '--video', setup['video'], '--prompt', QUESTION, '--max-new-tokens', '2']
+    capsys.readouterr()
+    assert chat_main(ask + ['--frames', '4']) == 0
+    assert 'note' not in capsys.readouterr().err
+    assert chat_main(ask + ['--frames', '6']) == 0
+    out, err = capsys.readouterr()
+    assert f'chat: {note}' in err and 'note' not in out, err
+    lines = iter([f'/video {setup["video"]}', 'Which way?', '/exit'])   # the interactive /video too
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert chat_main([four_frames, '--frames', '6', '--max-new-tokens', '2']) == 0
+    assert f'chat: {note}' in capsys.readouterr().err
+    data = write_jsonl(tmp_path / 'q.jsonl', [
+        {'id': 'v', 'video': setup['video'], 'conversations': [{'from': 'human', 'value': QUESTION},
+                                                              {'from': 'gpt', 'value': 'left'}]}])
+    for frames, said in (('4', False), ('6', True)):
+        assert eval_main([four_frames, '--data', data, '--frames', frames, '--max-new-tokens', '2',
+                          '--no-single-frame']) == 0
+        assert (f'eval: {note}' in capsys.readouterr().err) is said

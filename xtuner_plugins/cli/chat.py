@@ -39,7 +39,7 @@ from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import frame_note, load_image
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                          count_argument, run_tool, tool_error)
+                                          count_argument, frames_note, run_tool, tool_error)
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
 
 
@@ -92,13 +92,18 @@ def typed_paths(rest: str) -> List[str]:
 def video_frames(chat: ConvertedModel, path: str, frames: int):
     """``(frames, None)`` of a video, or ``(None, 'FILE: what is wrong [reason]')``; frames the model cannot take
     (over its context, a folder that reads no video) are refused before one is decoded (``--frames 1000000000``
-    built a list of a billion frame numbers first)."""
+    built a list of a billion frame numbers first). More frames than the model was trained with are a note on
+    stderr (:func:`frames_note`)."""
     try:
-        return load_video(path, frames, check=chat.check_video)[0], None
+        loaded = load_video(path, frames, check=chat.check_video)[0]
     except SampleError as err:
         return None, str(err.with_source(path))
     except ValueError as err:
         return None, str(err)
+    note = frames_note(getattr(chat, 'config', None), len(loaded))   # (a GGUF folder has none)
+    if note:
+        print(f'chat: note: {note}', file=sys.stderr)
+    return loaded, None
 
 
 def with_video(frames) -> dict:

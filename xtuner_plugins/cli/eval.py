@@ -53,7 +53,7 @@ from xtuner_plugins.eval.data import context_note, first_questions, folder_marke
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
+from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, frames_note, run_tool, tool_error
 
 
 def count(text: str) -> int:
@@ -268,6 +268,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     def run(model) -> None:
+        note = frames_note(getattr(model, 'config', None), args.frames if any(q.video for q in todo) else None)
+        if note:
+            print(f'eval: note: {note}', file=sys.stderr)
         start = time.perf_counter()
         step = max(1, len(todo) // 20)
         printed = [0]

@@ -141,6 +141,17 @@ def tiling_note(config: Optional[dict], max_num: Optional[int]) -> str:
             f'config.json\'s max_dynamic_patch): a large image is cut into more tiles than training showed it')
 
 
+def frames_note(config: Optional[dict], frames: Optional[int]) -> str:
+    """A note when a video is asked about in more frames than training drew for one (the folder's ``config.json``,
+    ``config``: ``max_num_frame``, which the converter takes from the training data set): allowed (InternVL's video
+    benchmarks ask with 16 to 64 frames), but said, as :func:`tiling_note` says it of tiles."""
+    trained = config.get('max_num_frame') if isinstance(config, dict) else None
+    if frames is None or not isinstance(trained, int) or frames <= trained:
+        return ''
+    return (f'{frames} frames of a video are over the {trained} this model was trained with at most (its '
+            f'config.json\'s max_num_frame): more frames than training showed it, each one tile')
+
+
 def dtype_argument(text: str) -> str:
     """``--dtype``: a name :func:`~xtuner_plugins.models.dtypes.resolve_dtype` knows, kept as given."""
     try:

@@ -14,9 +14,9 @@ recorded in the lineage are checked later, where the model is built (``lineage.c
 
 A config or options given on top are checked, not trusted: every setting that shapes the model or its inputs
 (:data:`provenance.RESULT_SETTINGS` of the model; :data:`DATA_SETTINGS` of the data set: tiling, tile size,
-template, system message, image mode, frame prefix) that differs from the recorded one is refused, naming both
-values. A checkpoint that records no config (written before MMEngine stored it) takes the given config, with a
-note; without one it is refused in one line.
+template, system message, image mode, video frame prefix and frame range) that differs from the recorded one is
+refused, naming both values. A checkpoint that records no config (written before MMEngine stored it) takes the
+given config, with a note; without one it is refused in one line.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from .checkpoint import config_settings, read_meta
 
 #: data set settings that shape what the model sees (``train_dataloader.dataset``, the packed wrapper's inner one)
 DATA_SETTINGS = ('min_dynamic_patch', 'max_dynamic_patch', 'use_thumbnail', 'image_size', 'template', 'system',
-                 'image_mode', 'frame_prefix')
+                 'image_mode', 'frame_prefix', 'min_num_frame', 'max_num_frame')
 #: what a tiling setting the data set leaves unset means (``InternVLDataset``'s defaults, which the converted folder
 #: records too); the other data settings left unset mean "the model's" (tile size, template) or the template's
 DEFAULT_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+#: the range a video sample's frame count is drawn from when the data set leaves it unset (``InternVLDataset``'s,
+#: InternVL's 8 and 32), recorded in the converted folder as the tiling is
+DEFAULT_FRAMES = dict(min_num_frame=8, max_num_frame=32)
 
 
 def parse_remap(pairs: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
@@ -69,9 +72,10 @@ def _training_dataset(cfg) -> Tuple[dict, str]:
 
 
 def data_value(dataset: dict, key: str):
-    """A data set setting as training takes it: a tiling setting left unset is its default (:data:`DEFAULT_TILING`)."""
+    """A data set setting as training takes it: a tiling or frame-range setting left unset is its default
+    (:data:`DEFAULT_TILING`, :data:`DEFAULT_FRAMES`)."""
     value = dataset.get(key)
-    return DEFAULT_TILING.get(key) if value is None else value
+    return {**DEFAULT_TILING, **DEFAULT_FRAMES}.get(key) if value is None else value
 
 
 def setting_conflicts(recorded: dict, given) -> List[str]:

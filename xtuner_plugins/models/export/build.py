@@ -18,15 +18,16 @@ from xtuner_plugins.errors import Refused
 from ..internvl import VisionLanguageModel
 from ..lineage import previous_stage_for, read_lineage
 from ..provenance import check_trained_settings
-from ..runconfig import DEFAULT_TILING, training_dataset as _training_dataset
+from ..runconfig import DEFAULT_FRAMES, DEFAULT_TILING, training_dataset as _training_dataset
 from .files import Log, _print
 
 
 def tiling_settings(cfg, model: VisionLanguageModel) -> dict:
-    """Tile size and tiling settings of the training config's data set; the tile size is ``model``'s encoder's
-    where the data set leaves it to the model (``engine/derive.py``), as training did."""
+    """Tile size, tiling settings and video frame range of the training config's data set; the tile size is
+    ``model``'s encoder's where the data set leaves it to the model (``engine/derive.py``), as training did."""
     dataset = _training_dataset(cfg)
-    settings = {key: default if dataset.get(key) is None else dataset[key] for key, default in DEFAULT_TILING.items()}
+    settings = {key: default if dataset.get(key) is None else dataset[key]
+                for key, default in {**DEFAULT_TILING, **DEFAULT_FRAMES}.items()}
     image_size = dataset.get('image_size')
     settings['image_size'] = int(model.vision.image_size if image_size is None else image_size)
     return settings

@@ -148,6 +148,12 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
     return tokenizer.chat_template
 
 
+def frame_range(tiling: dict) -> dict:
+    """The range training drew a video's frame count from (``min_num_frame``, ``max_num_frame``), for a folder's
+    ``config.json``: chat and eval compare ``--frames`` with it. ``{}`` for a tiling that does not give it."""
+    return {key: int(tiling[key]) for key in ('min_num_frame', 'max_num_frame') if key in tiling}
+
+
 def generation_config(model: VisionLanguageModel):
     """Generation stops at the template's stop word (and the tokenizer's EOS)."""
     from transformers import GenerationConfig

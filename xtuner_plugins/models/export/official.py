@@ -19,7 +19,7 @@ from ..dtypes import dtype_name
 from ..internvl import VisionLanguageModel
 from ..projector import InternVLProjector
 from ..vision import hf_to_official_vision_config
-from .files import Log, _print, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
 from .layouts import official_state_dict
 
 
@@ -80,7 +80,9 @@ def official_config(model: VisionLanguageModel, tiling: dict, dtype: torch.dtype
         'template': model.template, 'ps_version': model.ps_version, 'select_layer': model.select_layer,
         'force_image_size': int(tiling['image_size']), 'dynamic_image_size': True,
         'use_thumbnail': bool(tiling['use_thumbnail']), 'min_dynamic_patch': int(tiling['min_dynamic_patch']),
-        'max_dynamic_patch': int(tiling['max_dynamic_patch']), 'use_backbone_lora': 0, 'use_llm_lora': 0,
+        'max_dynamic_patch': int(tiling['max_dynamic_patch']),
+        **frame_range(tiling),
+        'use_backbone_lora': 0, 'use_llm_lora': 0,
         'tie_word_embeddings': False, 'torch_dtype': dtype_name(dtype),
         'transformers_version': transformers.__version__,
     }

@@ -22,7 +22,7 @@ from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_CHAT_AUTO_MAP, VLM_FILES
 
 from ..dtypes import dtype_name
-from .files import Log, _print, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
 from .layouts import remote_state_dict
 
 
@@ -55,7 +55,9 @@ def remote_config(model, tiling: dict, dtype: torch.dtype, system: Optional[str]
         'num_image_token': model.num_image_token, 'image_mode': model.image_mode, 'force_image_size': enc.image_size,
         'image_mean': list(enc.mean), 'image_std': list(enc.std), 'dynamic_image_size': model.image_mode == 'tile',
         'use_thumbnail': bool(tiling['use_thumbnail']), 'min_dynamic_patch': int(tiling['min_dynamic_patch']),
-        'max_dynamic_patch': int(tiling['max_dynamic_patch']), 'template': model.template,
+        'max_dynamic_patch': int(tiling['max_dynamic_patch']),
+        **frame_range(tiling),
+        'template': model.template,
         'system_message': system, 'tie_word_embeddings': False, 'dtype': dtype_name(dtype),
         'transformers_version': transformers.__version__,
     }

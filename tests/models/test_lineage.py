@@ -326,3 +326,33 @@ def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_
                          'lineage': build(tiny, ps_version='v1').lineage},
                 'state_dict': build(tiny, ps_version='v1').state_dict()}, path)
     assert build(tiny, llm_lora=LORA, freeze_projector=True, pretrained_pth=str(path)).ps_version == 'v2'
+
+
+def test_a_checkpoint_whose_config_and_lineage_disagree_is_refused_by_every_reader(tiny, chain, tmp_path):
+    """The converter builds from meta['cfg'], a next stage merges the adapters by meta['lineage']: a file whose cfg
+    was edited to lora_alpha 32 (its lineage saying 8) was refused by the converter only; a next stage merged it at 8
+    without a word, another model than the one chat and eval see. Every reader of the lineage refuses it now."""
+    from xtuner_plugins.models.lineage import read_lineage, records_disagree
+    from xtuner_plugins.models.runconfig import run_config
+    lora = dict(type='peft.LoraConfig', r=4, lora_alpha=8, lora_dropout=0.05, target_modules=('q_proj', 'v_proj'))
+    record = dict(llm_lora=dict(LORA, target_modules=['q_proj', 'v_proj']), vision_lora=None)
+    assert records_disagree(dict(llm_lora=lora), record) is None   # dropout and the class name change no weights
+    assert records_disagree(dict(llm_lora=dict(lora, lora_alpha=32)), record) == 'model.llm_lora.lora_alpha: 32 and 8'
+    assert records_disagree(dict(llm_lora=lora, vision_lora=dict(r=2)), record) == \
+        "model.vision_lora: {'r': 2} and None"
+    saved = torch.load(chain['sft'], weights_only=False)
+    model_text = (f"model = dict(type='VisionLanguageModel', vision_encoder={tiny['internvit']!r}, llm={tiny['llm']!r}"
+                  f", freeze_projector=True, llm_lora=dict(r=4, lora_alpha={{}}, lora_dropout=0.0))\n")
+    paths = {}
+    for alpha in (8, 32):
+        paths[alpha] = str(tmp_path / f'sft_{alpha}.pth')
+        torch.save({'meta': dict(saved['meta'], cfg=model_text.format(alpha)), 'state_dict': saved['state_dict']},
+                   paths[alpha])
+    assert read_lineage(paths[8]) == saved['meta']['lineage']
+    said = (rf"^{paths[32]}: its training config and its lineage \(meta\['cfg'\], meta\['lineage'\]\) disagree "
+            r"\(model.llm_lora.lora_alpha: 32 and 8\): changed after training")
+    with pytest.raises(Refused, match=said):   # a next stage
+        build(tiny, freeze_llm=False, pretrained_pth=paths[32])
+    with pytest.raises(ValueError, match=said):   # the converter, chat, eval
+        run_config(paths[32], log=lambda m: None)
+    build(tiny, freeze_llm=False, pretrained_pth=paths[8])

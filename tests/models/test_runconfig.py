@@ -63,8 +63,8 @@ def test_a_template_typed_for_a_checkpoint_that_inherited_its_own_is_compared_wi
     sft = build(tiny, llm_lora=dict(r=4, lora_alpha=8, lora_dropout=0.0), pretrained_pth=str(tmp_path / 'warm.pth'))
     assert sft.template == 'Hermes-2'
     recorded = dict(model=dict(template=None), train_dataloader=dict(dataset=dict(template=None)))
-    torch.save({'meta': {'lineage': sft.lineage, 'cfg': "model = dict(template=None)\n"},
-                'state_dict': sft.state_dict()}, tmp_path / 'sft.pth')
+    cfg = "model = dict(template=None, llm_lora=dict(r=4, lora_alpha=8))\n"   # as its lineage records it
+    torch.save({'meta': {'lineage': sft.lineage, 'cfg': cfg}, 'state_dict': sft.state_dict()}, tmp_path / 'sft.pth')
     given = Config(dict(model=dict(template='internvl2_5'), train_dataloader=dict(dataset=dict(template='llama3'))))
     assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, given) == [
         "model.template: trained 'Hermes-2' (the stages before it), given 'internvl2_5'",
@@ -72,19 +72,3 @@ def test_a_template_typed_for_a_checkpoint_that_inherited_its_own_is_compared_wi
     same = Config(dict(model=dict(template='Hermes-2'), train_dataloader=dict(dataset=dict(template=None))))
     assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, same) == []
     assert setting_conflicts(recorded, given) == []   # (which cannot tell: None is 'the stages before it')
-
-
-def test_a_checkpoint_whose_two_records_disagree_is_refused():
-    """The converter builds from meta['cfg'], a next stage merges by meta['lineage']: a file whose cfg was edited
-    to lora_alpha 32 (its lineage saying 16) converted at 32 without a word, and gave another model as a previous
-    stage."""
-    from xtuner_plugins.models.runconfig import records_disagree
-    lora = dict(type='peft.LoraConfig', r=4, lora_alpha=16, lora_dropout=0.05, target_modules=('q_proj', 'v_proj'))
-    lineage = dict(llm_lora=dict(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=['q_proj', 'v_proj']),
-                   vision_lora=None)
-    assert records_disagree(dict(model=dict(llm_lora=lora)), lineage) is None
-    assert records_disagree(dict(model=dict(llm_lora=dict(lora, lora_alpha=32))), lineage) == \
-        'model.llm_lora.lora_alpha: 32 and 16'
-    assert records_disagree(dict(model=dict(llm_lora=lora, vision_lora=dict(r=2))), lineage) == \
-        "model.vision_lora: {'r': 2} and None"
-    assert records_disagree(dict(model=dict(llm_lora=lora)), None) is None   # an old checkpoint: no lineage

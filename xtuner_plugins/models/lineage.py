@@ -155,6 +155,10 @@ def read_lineage(checkpoint: str) -> Optional[dict]:
         if problem:
             raise Refused(f"{checkpoint}: its recorded lineage (meta['lineage']) is not what training writes: "
                           f'{problem}; use a checkpoint as training wrote it')
+        disagree = meta.get('cfg') and records_disagree(recorded_model_config(checkpoint, meta), meta['lineage'])
+        if disagree:
+            raise Refused(f"{checkpoint}: its training config and its lineage (meta['cfg'], meta['lineage']) "
+                          f'disagree ({disagree}): changed after training; use the checkpoint as training wrote it')
         return meta['lineage']
     model = recorded_model_config(checkpoint, meta)
     if model is None:
@@ -167,6 +171,26 @@ def read_lineage(checkpoint: str) -> Optional[dict]:
                 pretrained=dict(path=pretrained, abspath=None) if pretrained else None,
                 llm_lora=_plain(model.get('llm_lora')), vision_lora=_plain(model.get('vision_lora')),
                 from_scratch=False)
+
+
+def records_disagree(model: dict, record: dict) -> Optional[str]:
+    """Where a checkpoint's two records of its LoRA settings differ (``model``: its config's model settings, which the
+    converter builds from; ``record``: its lineage, which a next stage merges its adapters by):
+    ``'model.llm_lora.lora_alpha: 32 and 16'``, or None. One file edited so gave two models, by the tool that read
+    it; :func:`read_lineage` refuses it for both."""
+    from .provenance import comparable
+    for key in ('llm_lora', 'vision_lora'):
+        if key not in record:
+            continue
+        a, b = comparable(model.get(key)), comparable(record.get(key))
+        if isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({k: v for k, v in d.items() if k != 'type'} for d in (a, b))
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    return f'model.{key}.{k}: {a.get(k)!r} and {b.get(k)!r}'
+        elif (a is None) != (b is None):
+            return f'model.{key}: {a!r} and {b!r}'
+    return None
 
 
 def _kind(value) -> str:

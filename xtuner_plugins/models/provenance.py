@@ -28,7 +28,7 @@ def recorded_config_text(checkpoint: str) -> Optional[str]:
     return read_meta(checkpoint).get('cfg')
 
 
-def _norm(value, key: str = ''):
+def comparable(value, key: str = ''):
     """Comparable form: a class and its config text (``'transformers.BitsAndBytesConfig'``) give its name, a
     dtype its text, tuples lists; LoRA settings that do not change merged weights are left out."""
     if key == 'type':
@@ -37,9 +37,9 @@ def _norm(value, key: str = ''):
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, dict):
-        return {k: _norm(v, k) for k, v in value.items() if k not in _LORA_IGNORED}
+        return {k: comparable(v, k) for k, v in value.items() if k not in _LORA_IGNORED}
     if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
+        return [comparable(v) for v in value]
     return value
 
 
@@ -47,10 +47,10 @@ def _model_settings(model_cfg) -> Dict[str, object]:
     from xtuner_plugins.models.internvl import VisionLanguageModel
     defaults = {name: p.default for name, p in inspect.signature(VisionLanguageModel.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    settings = {key: _norm(model_cfg.get(key, defaults.get(key))) for key in RESULT_SETTINGS}
+    settings = {key: comparable(model_cfg.get(key, defaults.get(key))) for key in RESULT_SETTINGS}
     encoder = model_cfg.get('vision_encoder')
     if isinstance(encoder, dict):  # its type and layer choice (its path may move)
-        settings.update({f'vision_encoder.{k}': _norm(encoder.get(k), k) for k in ('type', 'select_layer')})
+        settings.update({f'vision_encoder.{k}': comparable(encoder.get(k), k) for k in ('type', 'select_layer')})
     return settings
 
 

@@ -92,28 +92,6 @@ def setting_conflicts(recorded: dict, given) -> List[str]:
     return out
 
 
-def records_disagree(recorded: dict, lineage_record) -> Optional[str]:
-    """Where a checkpoint's two records of its LoRA settings differ (the config the converter builds from, the
-    lineage a next stage merges its adapters by): ``'model.llm_lora.lora_alpha: 32 and 16'``, or None. One file
-    edited so gave two models, by the tool that read it."""
-    from .provenance import _norm
-    if not isinstance(lineage_record, dict):
-        return None
-    model = recorded.get('model') or {}
-    for key in ('llm_lora', 'vision_lora'):
-        if key not in lineage_record:
-            continue
-        a, b = _norm(model.get(key)), _norm(lineage_record.get(key))
-        if isinstance(a, dict) and isinstance(b, dict):
-            a, b = ({k: v for k, v in d.items() if k != 'type'} for d in (a, b))
-            for k in sorted(set(a) | set(b)):
-                if a.get(k) != b.get(k):
-                    return f'model.{key}.{k}: {a.get(k)!r} and {b.get(k)!r}'
-        elif (a is None) != (b is None):
-            return f'model.{key}: {a!r} and {b!r}'
-    return None
-
-
 def template_conflicts(checkpoint: str, recorded: dict, given) -> List[str]:
     """A template given on top (``model.template``, the data set's) other than the one ``checkpoint`` trained in,
     where its config left it to the stages before it (None): :func:`setting_conflicts` cannot tell (a typed
@@ -197,10 +175,7 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
         log(f'{checkpoint}: no training config recorded in it; the settings are taken from {config}')
         return given
     recorded = config_settings(meta['cfg'], f"{checkpoint}: meta['cfg'] (the training config)")
-    disagree = records_disagree(recorded, meta.get('lineage'))
-    if disagree:
-        raise ValueError(f'{checkpoint}: its training config and its lineage (meta[\'cfg\'], meta[\'lineage\']) '
-                         f'disagree ({disagree}): changed after training; use the checkpoint as training wrote it')
+    record = lineage.read_lineage(checkpoint)   # refused first where it and the config disagree
     if given is None:
         given = Config(copy.deepcopy(recorded))
         if cfg_options:
@@ -218,7 +193,7 @@ def run_config(checkpoint: str, config: Optional[str] = None, cfg_options: Optio
     kind, named = given_model.get('type'), cfg.model.get('type')
     if isinstance(kind, type) and isinstance(named, str) and named.rsplit('.', 1)[-1] == kind.__name__:
         cfg.model['type'] = kind   # the class the given config imports (a model class of the user's own)
-    _find_sources(cfg.model, given_model, lineage.read_lineage(checkpoint), checkpoint, log)
+    _find_sources(cfg.model, given_model, record, checkpoint, log)
     # the previous stage: the one the lineage records (found and checked by lineage.previous_stage_for), unless
     # the user points at it on top
     mine = given_model.get('pretrained_pth')

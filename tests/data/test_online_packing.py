@@ -98,7 +98,7 @@ def test_max_epochs_is_refused_with_one_line(dataset, capsys):
     ds = packer(dataset, rank=1, world_size=2)
     assert len(ds) == len(dataset) // 2  # the samples rank 1 reads: an upper bound of its packs
     runner = SimpleNamespace(cfg={'train_cfg': {'max_epochs': 1}}, train_loop=SimpleNamespace(
-        dataloader=SimpleNamespace(dataset=ds)))
+        dataloader=SimpleNamespace(dataset=ds, num_workers=0)))
     with pytest.raises(SystemExit):
         StreamStateHook().before_run(runner)
     assert 'give the training length as max_iters=N' in capsys.readouterr().err

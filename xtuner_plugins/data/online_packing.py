@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import SampleError
 from .packing import pack_items
-from .streaming import ORDER, StreamingDataset, epoch_order, unit_part
+from .streaming import ORDER, DryWatch, NothingToRead, StreamingDataset, epoch_order, unit_part
 
 __all__ = ['IndexedStream', 'OnlinePackedDataset']
 
@@ -50,9 +50,9 @@ class IndexedStream:
         version = ORDER if state is None else state.get('order', 1)  # an epoch goes on in the order it began in
         while True:
             part = unit_part(n, unit, units)
-            if not len(part):
-                raise ValueError(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
-                                 f'workers) one; use fewer workers or more data')
+            if not len(part):   # refused at start-up (StreamStateHook): a data set built outside a run
+                raise NothingToRead(f'{n} samples cannot give each of the {units} reading units (ranks x DataLoader '
+                                    f'workers) one; use fewer workers or more data')
             order = epoch_order(n, self.seed, epoch, self.shuffle, version)
             while j < len(part):
                 index = order(part[j])
@@ -62,6 +62,10 @@ class IndexedStream:
 
     def reload(self, keys: List[Tuple]) -> List[Any]:
         return [self.samples.record_at(index) for _, index in keys]
+
+    def epoch_parts(self, units: int) -> List[int]:
+        """The samples each of ``units`` reading units reads in an epoch."""
+        return [len(unit_part(len(self.samples), unit, units)) for unit in range(units)]
 
 
 class OnlinePackedDataset(StreamingDataset):
@@ -112,19 +116,28 @@ class OnlinePackedDataset(StreamingDataset):
     def epoch(self) -> int:
         return getattr(self.source.samples, 'epoch', 0)
 
+    def unit_parts(self, units: int) -> List[int]:
+        """The samples each of ``units`` reading units reads in an epoch (its source's parts)."""
+        return self.source.epoch_parts(units)
+
     def set_epoch(self, epoch: int) -> None:
         """Epochs are the stream's own (module docstring): the loop's restarts do not set them."""
 
-    def _load(self, record, epoch: int, skipped: list) -> Optional[Dict]:
+    def _load(self, record, epoch: int, skipped: list, dry: Optional[DryWatch] = None) -> Optional[Dict]:
         ds = self.source.samples
         if getattr(ds, 'epoch', epoch) != epoch and hasattr(ds, 'set_epoch'):
             ds.set_epoch(epoch)
         try:
-            return ds.load_sample(record)
+            item = ds.load_sample(record)
         except SampleError as err:
             ds.count_failure(err.with_source(ds.where(record)))
             skipped.append((err.source, err.reason))
+            if dry is not None:
+                dry.bad(epoch, f'{err.source}: {err.reason}')
             return None
+        if dry is not None:
+            dry.good()
+        return item
 
     def _fits(self, pack: List[Tuple[Tuple, Dict]], item: Dict) -> bool:
         tokens = sum(len(x['input_ids']) for _, x in pack) + len(item['input_ids'])
@@ -156,9 +169,10 @@ class OnlinePackedDataset(StreamingDataset):
         def tokens(pack) -> int:
             return sum(len(x['input_ids']) for _, x in pack)
 
+        dry = DryWatch(unit, units)
         for after, key, record in self.source.keyed_records(unit, units, source_state):
             where_now = after
-            item = self._load(record, key[0], skipped)
+            item = self._load(record, key[0], skipped, dry)
             if item is None:
                 continue
             where = next((k for k, pack in enumerate(buffer) if self._fits(pack, item)), None)

@@ -48,7 +48,7 @@ from .fitting import tally_fit, tally_frames
 from .shard_index import INDEX, REWRITE, ShardDamaged, index_problem, is_count, read_index, read_shard
 from .sources import DataSource, Record
 from .strictjson import DuplicateKey, loads
-from .streaming import ORDER, StreamingDataset, epoch_order, unit_part
+from .streaming import ORDER, DryWatch, NothingToRead, StreamingDataset, epoch_order, unit_part
 from .video import VideoBytes, VideoFrames
 
 __all__ = ['INDEX', 'ShardDataset', 'ShardRecord', 'ShardSamples', 'check_shards', 'index_problem', 'read_index',
@@ -237,24 +237,34 @@ class ShardDataset(StreamingDataset):
             parts.append(sum(len(range(k, self.expected[order(p)], m)) for p in mine))
         return parts
 
+    def unit_parts(self, units: int) -> List[int]:
+        return self.epoch_parts(units)
+
     def keyed_records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Dict, Tuple, ShardRecord]]:
         """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``; a key is
         ``(epoch, shard, place in the shard)`` (:meth:`reload`)."""
         epoch, j, done = (0, 0, 0) if state is None else (state['epoch'], state['shard'], state['sample'])
         version = ORDER if state is None else state.get('order', 1)  # an epoch goes on in the order it began in
+        whole = j == 0 and done == 0   # an epoch read from its start: one that gives nothing would give nothing again
         while True:
             order = epoch_order(len(self.shards), self.seed, epoch, self.shuffle, version)
             mine, k, m = shard_units(len(self.shards), unit, units)
+            given = False
             while j < len(mine):
                 shard = order(mine[j])
                 samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard])
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
+                        given = True
                         yield (dict(epoch=epoch, shard=j, sample=done, order=version), (epoch, shard, position),
                                shard_record(sample, len(self.samples.sources)))
                 j, done = j + 1, 0
-            epoch, j, version = epoch + 1, 0, ORDER
+            if whole and not given:
+                raise NothingToRead(f'{self.folder}: reading unit {unit} of {units} (ranks x DataLoader workers) has '
+                                    f'no sample of its {len(self.shards)} shards to read; use fewer DataLoader '
+                                    f'workers, or write more shards')
+            epoch, j, version, whole = epoch + 1, 0, ORDER, True
 
     def reload(self, keys: List[Tuple]) -> List[ShardRecord]:
         """The records of ``keys`` (:meth:`keyed_records`'): a resumed online-packing buffer's samples, each shard
@@ -279,6 +289,7 @@ class ShardDataset(StreamingDataset):
 
     def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
         skipped: list = []
+        dry = DryWatch(unit, units)
         for after, _, record in self.keyed_records(unit, units, state):
             if getattr(self.samples, 'epoch', after['epoch']) != after['epoch']:
                 self.samples.set_epoch(after['epoch'])
@@ -287,7 +298,9 @@ class ShardDataset(StreamingDataset):
             except SampleError as err:
                 self.samples.count_failure(err.with_source(self.samples.where(record)))
                 skipped.append((err.source, err.reason))
+                dry.bad(after['epoch'], f'{err.source}: {err.reason}')
                 continue
+            dry.good()
             item['skipped'], skipped = skipped, []
             yield after, item
 

@@ -18,13 +18,15 @@ batches must take its next one from the unit the interrupted run would have: wor
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from xtuner_plugins.errors import Stated
+
 from .collate import internvl_collate_fn
 
-__all__ = ['StreamingDataset', 'epoch_order', 'stream_collate_fn', 'unit_part']
+__all__ = ['NothingToRead', 'StreamingDataset', 'empty_units', 'epoch_order', 'stream_collate_fn', 'unit_part']
 
 
 def unit_part(n: int, unit: int, units: int) -> range:
@@ -32,6 +34,47 @@ def unit_part(n: int, unit: int, units: int) -> range:
     if not 0 <= unit < units:
         raise ValueError(f'unit {unit} of {units}')
     return range(unit, n, units)
+
+
+class NothingToRead(Stated, RuntimeError):
+    """A reading unit whose part of the stream gives it no sample it can use: it would wait for the next one for
+    ever (the DataLoader with it)."""
+
+
+def empty_units(dataset: 'StreamingDataset', world: int, workers: int, what: str) -> Optional[str]:
+    """The refusal of a stream whose parts leave one of its ``world`` x ``workers`` reading units nothing to read
+    (:meth:`StreamingDataset.unit_parts`), naming the most workers that leave none; or None. ``what``: the data."""
+    parts = dataset.unit_parts(world * workers)
+    idle = sum(1 for part in parts or () if not part)
+    if not idle:
+        return None
+    fits = next((w for w in range(workers - 1, 0, -1) if min(dataset.unit_parts(world * w)) > 0), None)
+    fix = (f'set train_dataloader.num_workers to {fits} or fewer' if fits and fits > 1 else
+           'set train_dataloader.num_workers=0 (each rank reads itself)' if fits else 'use fewer ranks')
+    return (f'{what} holds {sum(parts)} samples for {len(parts)} reading units ({world} ranks x {workers} DataLoader '
+            f'workers): {idle} of them would read none and wait for one for ever; {fix}, or give more samples'
+            + (' or more shards (tools/shard_dataset.py --samples-per-shard)' if 'shard' in what else ''))
+
+
+class DryWatch:
+    """Stops a unit that reads a whole epoch of its part without one sample it can use: each bad sample is counted
+    once (``count_failure``), so a part made only of bad ones, within ``max_bad_fraction`` of the whole, was read
+    again and again without a word."""
+
+    def __init__(self, unit: int, units: int):
+        self.unit, self.units, self.since = unit, units, None
+
+    def good(self) -> None:
+        self.since = None
+
+    def bad(self, epoch: int, reason: str) -> None:
+        if self.since is None:
+            self.since = epoch
+        elif epoch >= self.since + 2:
+            raise NothingToRead(f'reading unit {self.unit} of {self.units} (ranks x DataLoader workers) read a whole '
+                                f'epoch of its part of the data and every sample was bad (the last: {reason}): '
+                                f'fix or drop them (tools/check_dataset.py names each), or use fewer DataLoader '
+                                f'workers so that the parts mix')
 
 
 def _coprime_step(n: int, seed: int) -> int:
@@ -138,6 +181,10 @@ class StreamingDataset(IterableDataset):
 
     def stream(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Any, Dict]]:
         raise NotImplementedError
+
+    def unit_parts(self, units: int) -> Optional[List[int]]:
+        """The samples each of ``units`` reading units reads in the first epoch, or None where not known."""
+        return None
 
     def __iter__(self) -> Iterator[Dict]:
         unit, units, _ = self.unit()

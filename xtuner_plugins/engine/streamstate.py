@@ -85,11 +85,18 @@ class StreamStateHook(Hook):
             from xtuner_plugins.engine.runstart import refuse
             refuse(f'max_epochs={epochs}: {type(dataset).__name__} does not know how many batches an epoch gives '
                    f'before it makes them; give the training length as max_iters=N (iterations)')
-        if dataset is not None and epochs is not None and hasattr(dataset, 'epoch_parts'):
-            from mmengine.dist import get_world_size
-
+        if dataset is None:
+            return
+        from xtuner_plugins.data.streaming import empty_units
+        world, workers = dataset.dist_info()[1], max(1, dataloader.num_workers)
+        folder = getattr(getattr(dataset, 'source', dataset), 'folder', None)   # a unit with nothing to read waits
+        problem = empty_units(dataset, world, workers, f'the shard set {folder}' if folder else 'the data set')
+        if problem:
+            from xtuner_plugins.engine.runstart import refuse
+            refuse(problem)
+        if epochs is not None and hasattr(dataset, 'epoch_parts'):
             from xtuner_plugins.data.shards import balance_note
-            note = balance_note(dataset, get_world_size(), max(1, dataloader.num_workers))
+            note = balance_note(dataset, world, workers)
             if note:
                 print_log(note, logger='current', level=logging.WARNING)
 

@@ -228,6 +228,29 @@ def test_images_put_in_a_folder_found_empty_are_checked_again(tmp_path, tiny_tok
     assert len(ds) == 4 and ds[0]['pixel_values'].shape[0] >= 1
 
 
+def test_an_image_refused_as_a_link_out_of_its_folder_is_looked_at_again(tmp_path, tiny_tokenizer):
+    """A link to a file outside the image folder, then the file itself put in its place: the cached check kept
+    'unsafe_image_path: ... is a symbolic link to ...', so the fixed sample was dropped for a reason no longer true,
+    by training, check_dataset and shard_dataset alike, until the cache was removed. A link re-pointed the same."""
+    from xtuner_plugins.data import InternVLDataset
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'outside').mkdir()
+    outside = write_image(tmp_path / 'outside' / 'o.png', size=(40, 30), seed=1)
+    write_image(tmp_path / 'images' / 'ok.png', size=(40, 30), seed=2)
+    link = tmp_path / 'images' / 'l.png'
+    os.symlink(outside, link)
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': name, 'conversations': conv()} for name in ('l.png', 'ok.png')])
+    settings = dict(image_folders=str(tmp_path / 'images'), tokenizer=tiny_tokenizer, image_size=S,
+                    cache_dir=str(tmp_path / 'cache'), max_bad_fraction=1)
+    first = InternVLDataset(path, **settings)
+    assert len(first) == 1 and [p.reason for p in first.load_problems] == ['unsafe_image_path']
+    assert len(InternVLDataset(path, **settings)) == 1   # warm, nothing changed: still refused
+    os.remove(link)
+    write_image(link, size=(40, 30), seed=1)   # the user puts the file itself there
+    fixed = InternVLDataset(path, **settings)
+    assert len(fixed) == 2 and not fixed.load_problems
+
+
 @pytest.mark.parametrize('repeat', [1e12, 1e300])
 def test_a_repeat_time_past_what_can_be_indexed_is_one_line_before_the_check(tmp_path, repeat, monkeypatch):
     """1e12 asked np.tile for 21.8 TiB (MemoryError), 1e300 overflowed a C long: a raw traceback either way."""

@@ -178,12 +178,14 @@ def real_path(full: str) -> str:
 
 def refuse_link_outside(full: str, image_folder: str, what: str) -> None:
     """``unsafe_image_path`` when ``full`` (a path inside ``image_folder``) resolves, through symbolic links, to a
-    file outside it; ``what`` names it in the message."""
+    file outside it; ``what`` names it in the message, the error's ``link`` holds ``(full, where it resolved)``."""
     real_root, real = _real_dir(image_folder), real_path(full)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise SampleError('unsafe_image_path',
+        err = SampleError('unsafe_image_path',
                           f'{what} is a symbolic link to {real}, outside its image folder {image_folder!r} (set '
                           f'the data set\'s allow_links_outside=True to allow it)')
+        err.link = (full, real)   # a refusal of what the file system holds now: the cached check looks again
+        raise err
 
 
 def why_missing(path: str, what: str) -> str:

@@ -9,7 +9,9 @@ the entries trained on (memory-mapped, shared by every rank and worker), ``KEY.c
 (``FILE:LINE``, reason, message) and the counts of images not found. With a tokenizer, the same pass computes the
 sample lengths (``lengths.py``) and writes their cache: one parse and one ``check_record`` a sample, not two passes.
 A warm start reads those files and checks nothing per sample; a sample is checked again whenever it is loaded, so
-an image that vanished or changed since is met then (counted, skipped).
+an image that vanished or changed since is met then (counted, skipped). What the file system decided the other way
+is looked at again: an image not found then that is there now, or one refused as a link out of its folder that
+resolves elsewhere now (the link replaced by the file), and the check is done again.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ from .presence import missing_line
 from .records import RecordView
 from .sources import DataSource, Record, parse_entry, repeat_array, repeat_subset
 
-CHECK_VERSION = 2  # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone)
+# 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
+# refused are kept, and looked at again on a warm start
+CHECK_VERSION = 3
 MAX_ITEMS = 1 << 32  # items after repeats, per source
-MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again
+MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again;
+#                      so are images refused as links out of their folder: one of them resolving elsewhere now
 
 
 def max_items() -> Tuple[int, str]:
@@ -77,7 +82,7 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
     part = LengthSlice(ds) if lengths else None
     good, parse_problems, check_problems = [], [], []
     media = videos = missing = 0
-    first, some = None, []
+    first, some, links = None, [], []
     for e in range(start, stop):
         line = index.line(e)
         where = f'{src.annotation}:{line}'
@@ -87,6 +92,8 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
                 checked = ds.check_record(Record(source_idx, line, sample))
             except SampleError as err:
                 check_problems.append([err.reason, err.message, where])
+                if getattr(err, 'link', None) and len(links) < MISSING_KEPT:
+                    links.append(list(err.link))
                 continue
         except SampleError as err:
             parse_problems.append([err.reason, err.message, err.source or where])
@@ -105,7 +112,7 @@ def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start
                 if len(some) < MISSING_KEPT:
                     some.append(gone)
     return dict(good=np.asarray(good, dtype=np.int64), parse=parse_problems, check=check_problems, media=media,
-                videos=videos, missing=missing, first=first, some=some,
+                videos=videos, missing=missing, first=first, some=some, links=links,
                 lengths=None if part is None else part.result())
 
 
@@ -125,7 +132,8 @@ def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) 
                    media=sum(p['media'] for p in parts), videos=sum(p['videos'] for p in parts),
                    missing=sum(p['missing'] for p in parts),
                    first_missing=next((p['first'] for p in parts if p['first']), None),
-                   some_missing=[path for p in parts for path in p['some']][:MISSING_KEPT])
+                   some_missing=[path for p in parts for path in p['some']][:MISSING_KEPT],
+                   links_refused=[link for p in parts for link in p['links']][:MISSING_KEPT])
     try:
         save_array(base + '.good.npy', good)
         write_text_atomically(base + '.check.json', json.dumps(summary))
@@ -155,6 +163,9 @@ def _load(base: str, index: SourceIndex) -> Optional[SourceCheck]:
         some = summary.get('some_missing') or [(summary.get('first_missing') or [None, None])[1]]
         if any(isinstance(path, str) and os.path.exists(path) for path in some):
             return None
+    # images refused as links out of their folder, resolving elsewhere now (a link replaced by the file, re-pointed)
+    if any(os.path.realpath(full) != real for full, real in summary.get('links_refused') or ()):
+        return None
     if summary.get('lines') is None:  # a cache written before the digest was kept: added once
         summary['lines'] = lines_digest(index.entries[good, 2])
         try:

@@ -175,7 +175,8 @@ def test_a_shard_linked_out_of_the_folder_is_refused_unless_links_are_allowed(da
 
 def broken_json(folder, change):
     """An edit for :func:`shard_set_copy` into ``folder``: its shard 0 written again, the first sample's
-    ``KEY.json`` bytes ``change(bytes)``, the shard's size in ``shards.json`` the new one (only the member is wrong)."""
+    ``KEY.json`` bytes ``change(bytes)``, the shard's size and digest in ``shards.json`` the new ones (only the
+    member is wrong)."""
     from webdataset import TarWriter
 
     from xtuner_plugins.data.shards import read_shard
@@ -189,7 +190,14 @@ def broken_json(folder, change):
             for sample in samples:
                 writer.write({k: v for k, v in sample.items() if k == '__key__' or not k.startswith('_')})
         index['shards'][0]['bytes'] = os.path.getsize(path)
+        index['shards'][0]['digest'] = records_digest(samples)   # as a writer of that member would record it
     return edit
+
+
+def records_digest(samples):
+    """A shard's ``digest`` in ``shards.json``: of its samples' ``KEY.json`` in order (the writer's)."""
+    import hashlib
+    return hashlib.sha1(b''.join(sample['json'] + b'\n' for sample in samples)).hexdigest()[:16]
 
 
 def rewrite(**fields):

@@ -86,3 +86,54 @@ def test_a_set_of_many_shards_is_checked_with_two_file_system_calls_a_shard(tmp_
         monkeypatch.setattr(os, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     assert shard_index.read_index(str(tmp_path))['samples'] == 50
     assert len(calls) <= 2 * 50 + 10, len(calls)
+
+
+def test_a_shard_of_the_same_size_put_in_its_place_is_met_once_read_through(shards, tmp_path):
+    """The same samples sharded with another seed: every shard of the same bytes, other samples in each. Sizes
+    alone were compared: its samples were read as the listed ones (some twice, others never), by training and
+    check_dataset alike; the digest shards.json records is compared now, once the shard is read through."""
+    import json
+
+    from xtuner_plugins.data.shards import check_shards
+    ds, root = shards
+    source = InternVLDataset(str(root / 'a.jsonl'), image_folders=str(root / 'i'), cache_dir=str(root / 'cache'),
+                             tokenizer=ds.samples.tokenizer, image_size=28, max_dynamic_patch=4)
+    write_shards(source, str(root / 'seed1'), samples_per_shard=2, max_shard_bytes=1 << 20, seed=1)
+    listed = json.loads((root / 'out' / 'shards.json').read_text())['shards'][1]
+    other = json.loads((root / 'seed1' / 'shards.json').read_text())['shards'][1]
+    assert other['bytes'] == listed['bytes'] and other['digest'] != listed['digest']
+    shutil.copy(root / 'seed1' / 'shard-000001.tar', root / 'out' / 'shard-000001.tar')
+    said = (rf"^{root}/out/shard-000001.tar: its samples are not the ones shards.json records \(their digest "
+            rf"{other['digest']}, recorded {listed['digest']}\): another shard of the same size put in its place")
+    with pytest.raises(Stated, match=said):
+        take(ds, 6)
+    with pytest.raises(Stated, match=said):
+        check_shards(str(root / 'out'))
+
+
+def edit_index(root, edit):
+    import json
+    path = root / 'out' / 'shards.json'
+    index = json.loads(path.read_text())
+    edit(index)
+    index['samples'] = sum(s['samples'] for s in index['shards'])
+    path.write_text(json.dumps(index))
+
+
+def test_a_shard_listed_twice_is_refused(shards):
+    """The list's total raised to match: each of its samples was read twice, the set counted 8 samples for 6."""
+    ds, root = shards
+    edit_index(root, lambda index: index['shards'].append(dict(index['shards'][0])))
+    with pytest.raises(ValueError, match=r"shards\[3\].file 'shard-000000.tar' is listed before, as shards\[0\]: its "
+                                         r"samples would be read twice"):
+        ShardDataset(str(root / 'out'), dict(tokenizer=ds.samples.tokenizer, image_size=28))
+
+
+def test_a_shard_holding_more_samples_than_listed_is_one_line(shards):
+    """shards.json says 1 sample where the tar holds 2: the count (and the split among reading units) was off."""
+    ds, root = shards
+    edit_index(root, lambda index: index['shards'][0].update(samples=1))
+    ds = ShardDataset(str(root / 'out'), dict(tokenizer=ds.samples.tokenizer, image_size=28), shuffle=False,
+                      rank=0, world_size=1)
+    with pytest.raises(Stated, match=r'shard-000000.tar: the tar holds more than the 1 samples shards.json says'):
+        take(ds, 6)

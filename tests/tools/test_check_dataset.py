@@ -351,6 +351,7 @@ def test_a_sample_json_in_a_shard_that_is_not_the_writers_is_listed_as_training_
     counted under its shard, exit 1 (an IndexError before)."""
     from webdataset import TarWriter
 
+    from tests.data.test_shards import records_digest
     from xtuner_plugins.data.shards import read_shard
     path, shards = shard_set(tmp_path)
     tar = os.path.join(shards, 'shard-000000.tar')
@@ -363,6 +364,7 @@ def test_a_sample_json_in_a_shard_that_is_not_the_writers_is_listed_as_training_
     os.replace(written, tar)
     index = json.loads((tmp_path / 'shards' / 'shards.json').read_text())
     index['shards'][0]['bytes'] = os.path.getsize(tar)
+    index['shards'][0]['digest'] = records_digest(samples)
     (tmp_path / 'shards' / 'shards.json').write_text(json.dumps(index))
     capsys.readouterr()
     assert check_dataset.main(['--data', shards]) == 1

@@ -90,6 +90,7 @@ def index_problem(index: dict, folder: str, allow_links_outside: bool = False) -
                 f'non-empty list of {{"file", "samples", "bytes"}}; {REWRITE}')
     root = os.path.abspath(folder)
     real_root = os.path.realpath(root)
+    seen: Dict[str, int] = {}
     for k, shard in enumerate(shards):
         if not isinstance(shard, dict):
             return f'shards[{k}] is a {kind(shard)}, expected {{"file", "samples", "bytes"}}; {REWRITE}'
@@ -99,6 +100,12 @@ def index_problem(index: dict, folder: str, allow_links_outside: bool = False) -
         if not is_count(shard.get('samples')) or not (shard.get('bytes') is None or is_count(shard['bytes'])):
             return (f'shards[{k}] ({name}): samples {shard.get("samples")!r}, bytes {shard.get("bytes")!r}, expected '
                     f'counts; {REWRITE}')
+        if name in seen:
+            return (f'shards[{k}].file {name!r} is listed before, as shards[{seen[name]}]: its samples would be read '
+                    f'twice; {REWRITE}')
+        seen[name] = k
+        if not (shard.get('digest') is None or isinstance(shard['digest'], str)):
+            return f'shards[{k}] ({name}): digest {shard["digest"]!r:.40}, expected text; {REWRITE}'
         if '/' not in name and name not in ('.', '..') and not os.path.islink(os.path.join(root, name)):
             continue  # a name in the folder, not a link (the writer's): inside it, one lstat (not ~8 syscalls)
         full = os.path.normpath(os.path.join(root, name))
@@ -130,12 +137,14 @@ class ShardDamaged(Stated, ValueError):
     stream stops with this one line (``tools/train.py`` prints it without a traceback)."""
 
 
-def read_shard(path: str, skip: int = 0, expected: Optional[int] = None,
-               size: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: Optional[int] = None,
+               digest: Optional[str] = None) -> Iterator[Dict[str, Any]]:
     """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
     A shard no longer there, no longer of its ``size`` in bytes (``shards.json``'s, checked at start-up: a shard
-    written over since), that cannot be read, or that ends before its ``expected`` samples is a
-    :class:`ShardDamaged` naming it (and the samples read)."""
+    written over since), that cannot be read, that ends before its ``expected`` samples or holds more, or whose
+    samples read through are not the ones of its ``digest`` (``shards.json``'s: another shard of the same size put
+    in its place, met once it is read whole) is a :class:`ShardDamaged` naming it (and the samples read)."""
+    import hashlib
     import tarfile
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -152,12 +161,24 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None,
         if size is not None and now != size:
             raise ShardDamaged(f'{path}: {now} bytes, {INDEX} says {size}: written over or cut after the run started '
                                f'(another shard job writing into this folder?); {REWRITE}, into a new folder')
+        read = hashlib.sha1()   # of its records in order, as the writer's digest
         try:
             for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
+                if expected is not None and k >= expected:
+                    raise ShardDamaged(f'{path}: the tar holds more than the {expected} samples {INDEX} says: '
+                                       f'changed after it was written; {REWRITE}')
+                if digest is not None:
+                    read.update(bytes(sample.get('json') or b'') + b'\n')
                 if k >= skip:
                     yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            if isinstance(exc, ShardDamaged):
+                raise
             raise ShardDamaged(f'{path}: the tar cannot be read after its {k + 1} samples '
                                f'({str(exc).split(" @ ")[0]}): damaged or truncated; {REWRITE}') from None
     if expected is not None and k + 1 < expected:
         raise ShardDamaged(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')
+    if digest is not None and read.hexdigest()[:16] != digest:
+        raise ShardDamaged(f'{path}: its samples are not the ones {INDEX} records (their digest '
+                           f'{read.hexdigest()[:16]}, recorded {digest}): another shard of the same size put in its '
+                           f'place; {REWRITE}')

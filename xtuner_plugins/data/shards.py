@@ -207,6 +207,7 @@ class ShardDataset(StreamingDataset):
         self.shards = [os.path.join(shards, s['file']) for s in self.index['shards']]
         self.expected = [int(s['samples']) for s in self.index['shards']]
         self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
+        self.digests = [s.get('digest') for s in self.index['shards']]  # checked as each is read through
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
     geometry = property(lambda self: self.samples.geometry)
@@ -252,7 +253,8 @@ class ShardDataset(StreamingDataset):
             given = False
             while j < len(mine):
                 shard = order(mine[j])
-                samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard])
+                samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard],
+                                     self.digests[shard])
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
@@ -342,7 +344,7 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     videos: List[str] = []
     for shard in samples.index['shards']:
         for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples']),
-                              size=shard.get('bytes')):
+                              size=shard.get('bytes'), digest=shard.get('digest')):
             record = shard_record(raw, len(samples.sources))
             where = samples.where(record)  # a bad KEY.json's counts go under its shard: it names no annotation
             st = stats[where.rsplit(':', 1)[0] if record.problem else samples.sources[record.source].annotation]

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from tests.helpers import conv, write_image, write_jsonl
+from tests.helpers import conv, write_image, write_jsonl, write_video
 from xtuner_plugins.cli.shard_dataset import main
 from xtuner_plugins.data.shards import read_index
 
@@ -319,14 +319,20 @@ def test_a_file_that_is_not_an_image_is_never_packed(tmp_path, capsys):
     (secret / 'id_rsa').write_text('SECRET-TOKEN not an image\n')
     (secret / 'clip.mp4').write_text('SECRET-TOKEN not a video\n')
     write_image(tmp_path / 'd' / 'a.png', size=(40, 30))
+    # a folder of frames holding a file that is not one (macOS's AppleDouble ._NAME beside each file it copies)
+    write_video(tmp_path / 'd' / 'frames', [10 * i for i in range(4)])
+    (tmp_path / 'd' / 'frames' / '._0001.png').write_bytes(b'SECRET-TOKEN \x00\x05\x16\x07' * 64)
     jsonl = write_jsonl(tmp_path / 'd' / 'a.jsonl', [
         {'image': str(secret / 'id_rsa'), 'conversations': conv()}, {'image': 'a.png', 'conversations': conv()},
-        {'video': str(secret / 'clip.mp4'), 'conversations': conv('<video>\nq', image=False)}])
+        {'video': str(secret / 'clip.mp4'), 'conversations': conv('<video>\nq', image=False)},
+        {'video': 'frames', 'conversations': conv('<video>\nq', image=False)}])
     out = tmp_path / 'shards'
     assert main(['--data', jsonl, '--out', str(out), '--keep-order']) == 0
     printed = capsys.readouterr().out
     assert f'{jsonl}:1: corrupt_image: cannot read image header of {secret}/id_rsa' in printed, printed
-    assert f'{jsonl}:3: corrupt_video: ' in printed and 'skipped 2' in printed, printed
+    assert f'{jsonl}:3: corrupt_video: ' in printed, printed
+    assert f"{jsonl}:4: corrupt_image: cannot read image header of {tmp_path}/d/frames/._0001.png" in printed, printed
+    assert 'skipped 3' in printed, printed
     packed = [content for shard in sorted(out.glob('*.tar')) for _, _, content in tar_contents(shard)]
     assert len(packed) == 2 and not any(b'SECRET-TOKEN' in content for content in packed)
 

@@ -19,8 +19,8 @@ process; any number of workers writes the same shards, sample for sample.
 Samples the data set refuses are printed as ``FILE:LINE: reason: details`` and counted; a sample whose image is
 missing is skipped, counted, and printed the same way. A video sample's video file goes into the shard as it is
 (``KEY.video.mp4``), a folder of frames as its frames in their order (``KEY.frame0000.jpg``, ...); a video the data
-set could not read (an empty folder, a frame linked out of the image folder, a clip on frames) is skipped, counted
-and printed. ``--out`` must be a new or empty folder: nothing is written over, and a run marks it as its own while
+set could not read (an empty folder, a frame linked out of the image folder or one whose header reads as no image,
+a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty folder: nothing is written over, and a run marks it as its own while
 it writes (``.shard_dataset.writing``: a second run into it is refused, even one started at the same moment).
 ``shards.json`` is written last, with each shard's samples and bytes. Exit status 0 when shards were written, 1 when
 no sample was, 2 for bad arguments.
@@ -196,6 +196,7 @@ def _sample(ds, i: int, read: bool = True) -> dict:
             for k, path in enumerate(ds.probe(checked).frames):
                 frames.append(f'frame{k:04d}{os.path.splitext(path)[1].lower()}')
                 sample[frames[-1]] = media_bytes(path, 'video', where, read)
+                read_image_size(sample[frames[-1]] if read else path, ds.max_image_pixels, path)   # as an image's
         elif checked.video is not None:
             video = 'video' + os.path.splitext(checked.video)[1].lower()
             sample[video] = media_bytes(checked.video, 'video', where, read)

@@ -137,3 +137,17 @@ def test_a_shard_holding_more_samples_than_listed_is_one_line(shards):
                       rank=0, world_size=1)
     with pytest.raises(Stated, match=r'shard-000000.tar: the tar holds more than the 1 samples shards.json says'):
         take(ds, 6)
+
+
+def test_a_tar_read_error_is_said_in_words():
+    """webdataset adds the stream and the URL to an error's args: the line showed the tuple
+    ``(('unexpected end of data', <_io.BufferedReader name=...>, 'PATH'))``."""
+    import io
+    import tarfile
+
+    from xtuner_plugins.data.shard_index import _reason
+    stream = io.BufferedReader(io.BytesIO(b''))
+    assert _reason(tarfile.ReadError('unexpected end of data', stream, '/s/shard-000000.tar')) == \
+        'unexpected end of data'
+    assert _reason(ValueError('bad header @ /s/shard-000000.tar')) == 'bad header'
+    assert _reason(EOFError()) == 'EOFError'

@@ -246,8 +246,13 @@ def test_the_data_sets_image_settings_are_options_and_a_folder_is_no_image(tmp_p
     args = ['--data', data, '--image-folder', str(tmp_path / 'snap')]
     assert check_dataset.main(args) == 1
     out = capsys.readouterr().out
-    assert f'{data}:1: unsafe_image_path: ' in out and f'{data}:2: missing_image: image path is a folder, not a ' \
-        f'file: {tmp_path / "snap" / "dir.png"}' in out
+    assert f'{data}:1: unsafe_image_path: ' in out and f'{data}:2: missing_image: image file expected, found a ' \
+        f'folder: {tmp_path / "snap" / "dir.png"}' in out
+    # shard_dataset says it in the same words (it said 'image file not found')
+    from xtuner_plugins.cli import shard_dataset
+    assert shard_dataset.main(args + ['--allow-links-outside', '--out', str(tmp_path / 'shards')]) == 0
+    assert f'{data}:2: missing_image: image file expected, found a folder: {tmp_path / "snap" / "dir.png"}' in \
+        capsys.readouterr().out
     assert 'not checked without --tokenizer: token lengths' in out
     assert check_dataset.main(args + ['--allow-links-outside']) == 1
     out = capsys.readouterr().out
@@ -373,6 +378,20 @@ def test_a_sample_json_in_a_shard_that_is_not_the_writers_is_listed_as_training_
             f'shards.json\'s 1 sources (0..0): damaged; write the shard set again with tools/shard_dataset.py') in out
     assert f'{tar} (from the shards in {shards})\n  dropped (bad shard json): 1\n  samples: 1\n' in out
     assert f'{path} (from the shards in {shards})\n' in out and "problems: 1 ({'bad_shard_json': 1})" in out
+
+
+def test_a_shard_set_given_with_other_data_or_an_image_folder_is_refused_saying_how(tmp_path, capsys):
+    """--data SHARDS FILE said 'a shard set ..., read as one by check_dataset.py --data; it is not sharded again',
+    telling the user to do what they did; --image-folder with a shard set was dropped without a word."""
+    path, shards = shard_set(tmp_path)
+    capsys.readouterr()
+    for argv, given in (([shards, path], 'the other --data'), ([path, shards], 'the other --data'),
+                        ([shards, '--image-folder', str(tmp_path)], '--image-folder')):
+        assert check_dataset.main(['--data', *argv]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f'error: {shards} is a shard set: it is checked on its own, and holds its images (check_dataset.py '
+            f'--data {shards}, without {given})')
+    assert check_dataset.main(['--data', shards]) == 0
 
 
 def test_allow_links_outside_reaches_a_shard_sets_check(tmp_path, capsys):

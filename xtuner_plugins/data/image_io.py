@@ -189,8 +189,8 @@ def refuse_link_outside(full: str, image_folder: str, what: str) -> None:
 
 
 def why_missing(path: str, what: str) -> str:
-    """Why there is no file at ``path``, for a message naming it as ``what``: not found, a symbolic link loop
-    (``ELOOP``), a symbolic link to nothing, or the system's own reason (a permission)."""
+    """Why there is no file at ``path``, for a message naming it as ``what``: not found, a folder, a symbolic link
+    loop (``ELOOP``), a symbolic link to nothing, or the system's own reason (a permission)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -201,7 +201,9 @@ def why_missing(path: str, what: str) -> str:
         if exc.errno != errno.ENOENT:
             return f'{what} cannot be read: {path}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})'
     else:
-        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO, socket, device: never opened (a FIFO blocks)
+        if stat.S_ISDIR(mode):
+            return f'{what} expected, found a folder: {path}'
+        if not stat.S_ISREG(mode):  # a FIFO, socket, device: never opened (a FIFO blocks)
             return f'{what} is not a regular file (a FIFO, socket or device): {path}'
     return f'{what} not found: {path}{near_miss(path)}'
 
@@ -264,8 +266,7 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
         check_path_string(source)
         name = name or source
         if not os.path.isfile(source):
-            raise SampleError('missing_image', f'image path is a folder, not a file: {source}' if os.path.isdir(source)
-                              else why_missing(source, 'image file'))
+            raise SampleError('missing_image', why_missing(source, 'image file'))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)

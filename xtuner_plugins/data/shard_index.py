@@ -62,6 +62,13 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
     return index
 
 
+def _reason(exc: BaseException) -> str:
+    """An error of reading a tar in words: webdataset adds the stream and the URL to its ``args`` (its ``str`` was
+    the tuple, ``('unexpected end of data', <_io.BufferedReader ...>, 'PATH')``) and ``@ URL`` to some."""
+    first = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return first.split(' @ ')[0] or type(exc).__name__
+
+
 def _size(path: str) -> Optional[int]:
     """The size of the regular file at ``path`` (links followed), None when there is none."""
     try:
@@ -175,7 +182,7 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
             if isinstance(exc, ShardDamaged):
                 raise
             raise ShardDamaged(f'{path}: the tar cannot be read after its {k + 1} samples '
-                               f'({str(exc).split(" @ ")[0]}): damaged or truncated; {REWRITE}') from None
+                               f'({_reason(exc)}): damaged or truncated; {REWRITE}') from None
     if expected is not None and k + 1 < expected:
         raise ShardDamaged(f'{path}: the tar ends after {k + 1} of its {expected} samples: truncated; {REWRITE}')
     if digest is not None and read.hexdigest()[:16] != digest:

@@ -20,8 +20,9 @@ Samples the data set refuses are printed as ``FILE:LINE: reason: details`` and c
 missing is skipped, counted, and printed the same way. A video sample's video file goes into the shard as it is
 (``KEY.video.mp4``), a folder of frames as its frames in their order (``KEY.frame0000.jpg``, ...); a video the data
 set could not read (an empty folder, a frame linked out of the image folder or one whose header reads as no image,
-a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty folder: nothing is written over, and a run marks it as its own while
-it writes (``.shard_dataset.writing``: a second run into it is refused, even one started at the same moment).
+a clip on frames) is skipped, counted and printed. ``--out`` must be a new or empty folder: nothing is written
+over, and a run marks it as its own while it writes (``.shard_dataset.writing``: a second run into it is refused,
+even one started at the same moment).
 ``shards.json`` is written last, with each shard's samples and bytes. Exit status 0 when shards were written, 1 when
 no sample was, 2 for bad arguments.
 """

@@ -294,7 +294,8 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
             settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
             problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
         else:
-            problem = (_brace_problem(cfg, parts, key, options) or _delete_problem(cfg, parts, key, options)
+            problem = (_brace_problem(cfg, parts, key, options) or _split_text_problem(cfg, parts, key, options)
+                       or _delete_problem(cfg, parts, key, options)
                        or _check_entry(cfg, parts, key, options) or _out_of_range(key, options[key]))
         if problem:
             problems.append(problem)
@@ -331,6 +332,31 @@ def _delete_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) 
     parent = '.'.join(parts[:-1])
     return (f'{key}: the config gives no {parent} to replace (_delete_ replaces a setting the config has): leave '
             f'it out, and set {parent}.NAME=VALUE')
+
+
+def _split_text_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
+    """The line for a text setting MMEngine's parser cut at its commas into a list (``system=Hi,there``:
+    ``['Hi', 'there']``; the model or data set then took a list for its text), or None: a setting of a component
+    whose argument is annotated to take text and no list (``data_files`` takes both: a list stays a list)."""
+    value = options[key]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value) or _brace_dict(value):
+        return None
+    node, _ = _walk(cfg, parts, options)
+    absent = object()
+    current = node.get(parts[-1], absent) if isinstance(node, Mapping) else absent
+    if not (isinstance(current, str) or current in (None, absent)) or not _is_component(node):
+        return None
+    if not _takes_str(node['type'], parts[-1]) or _takes_list(node['type'], parts[-1]):
+        return None
+    return (f'{key}: takes one text, and MMEngine\'s --cfg-options cut the value at its commas into '
+            f'{len(value)} ({list(value)!r:.80}): set a text holding a comma in a config file')
+
+
+def _takes_list(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a list (``Sequence[str]``, ``List``)."""
+    param = parameter(component, name)
+    words = re.findall(r'\w+', str(param.annotation)) if param is not None else []
+    return any(w in ('List', 'Sequence', 'Tuple', 'list', 'tuple', 'Iterable') for w in words)
 
 
 def _takes_str(component, name: str) -> bool:

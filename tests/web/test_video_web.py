@@ -110,3 +110,16 @@ def test_a_gif_that_decodes_past_the_budget_is_refused_before_a_frame_is_decoded
     monkeypatch.setattr(app, 'MAX_DECODED_PIXELS', 300 * 200 * 150)
     video_frames(str(gif), 8, str(tmp_path / 'shown'))
     assert decoded
+
+
+def test_more_frames_than_the_model_was_trained_with_is_a_note_on_the_page(setup, monkeypatch):
+    """As tools/chat.py --frames says it on stderr: the folder's config.json records the most frames training drew
+    for a video (max_num_frame); the page answers with more, and its status says so."""
+    monkeypatch.setitem(setup['chat'].model.config, 'max_num_frame', 4)
+    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    for frames, said in ((4, False), (6, True)):
+        *_, last = send('What happens?', None, [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], frames)
+        status = last[-1]
+        assert status.startswith('Answered in '), status
+        assert ("Note: 6 frames of a video are over the 4 this model was trained with at most (its config.json's "
+                "max_num_frame)" in status) is said, status

@@ -39,8 +39,8 @@ from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import frame_note, load_image
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                          count_argument, frames_note, run_tool, tool_error)
-from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
+                                          count_argument, run_tool, tool_error)
+from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 
 
 def generation_settings(args) -> dict:

@@ -53,7 +53,8 @@ from xtuner_plugins.eval.data import context_note, first_questions, folder_marke
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS
-from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, frames_note, run_tool, tool_error
+from xtuner_plugins.models.inference import frames_note
+from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
 
 
 def count(text: str) -> int:

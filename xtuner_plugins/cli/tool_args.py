@@ -24,7 +24,7 @@ import torch
 
 from xtuner_plugins.models.dtypes import resolve_dtype
 from xtuner_plugins.models.gguf_model import GGUFModel, gguf_pair
-from xtuner_plugins.models.inference import ConvertedModel
+from xtuner_plugins.models.inference import ConvertedModel, tiling_note
 from xtuner_plugins.models.prompt import PromptTooLong
 
 
@@ -127,29 +127,6 @@ def _run_tool(args, prog: str, use: Callable[[ConvertedModel], None], errors: Tu
         finally:
             getattr(model, 'close', lambda: None)()  # a GGUF folder's llama.cpp worker
     return 0
-
-
-def tiling_note(config: Optional[dict], max_num: Optional[int]) -> str:
-    """A note when ``--max-num`` allows more tiles per image than the model was trained with (its folder's
-    ``config.json``, ``config``: ``max_dynamic_patch``, which the converter takes from the training data): allowed,
-    as InternVL's own evaluation tiles more finely than it trained, but said, so that a changed answer is not a
-    surprise."""
-    trained = config.get('max_dynamic_patch') if isinstance(config, dict) else None
-    if max_num is None or not isinstance(trained, int) or max_num <= trained:
-        return ''
-    return (f'--max-num {max_num} is over the {trained} tiles per image this model was trained with (its '
-            f'config.json\'s max_dynamic_patch): a large image is cut into more tiles than training showed it')
-
-
-def frames_note(config: Optional[dict], frames: Optional[int]) -> str:
-    """A note when a video is asked about in more frames than training drew for one (the folder's ``config.json``,
-    ``config``: ``max_num_frame``, which the converter takes from the training data set): allowed (InternVL's video
-    benchmarks ask with 16 to 64 frames), but said, as :func:`tiling_note` says it of tiles."""
-    trained = config.get('max_num_frame') if isinstance(config, dict) else None
-    if frames is None or not isinstance(trained, int) or frames <= trained:
-        return ''
-    return (f'{frames} frames of a video are over the {trained} this model was trained with at most (its '
-            f'config.json\'s max_num_frame): more frames than training showed it, each one tile')
 
 
 def dtype_argument(text: str) -> str:

@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note
 from xtuner_plugins.data.video import load_video, probe_video
-from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint
+from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 from xtuner_plugins.models.prompt import PromptTooLong
 
 #: gradio's cache of uploads: every hour, the files over a day old are removed (gradio kept them all, for ever)
@@ -285,6 +285,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         # an animated image was seen as its first frame: said, with where its frames go (the page's video upload)
         notes = [for_client(n.replace('give it as a video', "upload it as the 'Video'"), [p])
                  for p, n in ((p, frame_note(p)) for p in images) if n]
+        trained = frames_note(getattr(model, 'config', None), len(shown) if frames is not None else None)
+        notes += [trained] if trained else []   # more frames than training drew for a video
         status = f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
         yield history, conversation, '', None, None, ' '.join([status] + [f'Note: {n}.' for n in notes])
 

@@ -4,6 +4,7 @@ holds every answer, MMBench files run, and bad input is named."""
 
 import json
 import os
+import stat
 
 import pytest
 from PIL import Image
@@ -273,6 +274,40 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(folder, tmp_path, ca
     assert eval_main(run + ['--out', out]) == 130
     assert 'eval: interrupted; no answer was kept; the same command starts again' in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'early.answers.jsonl')
+
+
+def test_a_limited_resume_keeps_the_answers_its_report_leaves_out(folder, tmp_path, capsys):
+    """--resume --limit 1 over an answers file of 4: the report held 1 result and the file, holding the other 3
+    (hours of answers in a real run), was removed as if the report held them all."""
+    data = write_questions(tmp_path, 4)
+    run = [folder, '--data', data, '--max-new-tokens', '3']
+    answers = tmp_path / 'r.answers.jsonl'
+    assert eval_main(run + ['--answers', str(answers)]) == 0
+    capsys.readouterr()
+    assert eval_main(run + ['--out', str(tmp_path / 'r.json'), '--resume', '--limit', '1']) == 0
+    assert len(json.load(open(tmp_path / 'r.json'))['results']) == 1
+    assert answers.exists() and len(answers.read_text().splitlines()) == 5   # the settings line and 4 answers
+    assert (f'{answers} is kept: it holds 3 answers to questions past --limit, which the report leaves out'
+            in capsys.readouterr().err)
+    assert eval_main(run + ['--out', str(tmp_path / 'r.json'), '--resume']) == 0   # all of them: it goes
+    assert not answers.exists() and len(json.load(open(tmp_path / 'r.json'))['results']) == 4
+
+
+def test_an_out_that_is_no_file_name_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--out FIFO (as root, /dev/null) was replaced by the report, exit 0; --out newdir/ asked every question,
+    then could not write the report (its answers in newdir/.answers.jsonl, the --resume it advised refused)."""
+    data = write_questions(tmp_path, 1)
+    fifo = tmp_path / 'pipe'
+    os.mkfifo(fifo)
+    assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--out', str(fifo)]) == 2
+    assert (f'eval: error: {fifo}: not a regular file (a device, a FIFO or a socket), which eval would replace '
+            f'with its file; give a file name') in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--answers', str(fifo)]) == 2
+    assert 'not a regular file' in capsys.readouterr().err
+    assert eval_main([str(tmp_path / 'no_model'), '--data', data, '--out', str(tmp_path / 'newdir') + '/']) == 2
+    assert f'eval: error: {tmp_path}/newdir/: names a folder; give a file name' in capsys.readouterr().err
+    assert not (tmp_path / 'newdir').exists()
 
 
 @pytest.mark.parametrize('option, value, message', [

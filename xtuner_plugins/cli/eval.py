@@ -112,7 +112,18 @@ def parse_args(argv=None):
 
 
 def check_output(path: str) -> None:
-    """``path`` can be written: its folder created, not a folder itself (before anything is asked)."""
+    """``path`` can be written: its folder created, not a folder itself nor named as one (``newdir/``), not a device,
+    a FIFO or a socket (``/dev/null``: the report replaces the file there); before anything is asked."""
+    import stat
+    if path.endswith(('/', os.sep)):
+        raise OSError(f'{path}: names a folder; give a file name (such as {os.path.join(path, "report.json")})')
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise OSError(f'{path}: not a regular file (a device, a FIFO or a socket), which eval would replace with '
+                      f'its file; give a file name')
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -298,8 +309,12 @@ def main(argv=None) -> int:
                 unwritten = exc
         if answers is not None:
             answers.close()
-            if not args.keep_answers and unwritten is None:
+            beyond = answers.beyond(questions)   # answers --limit left out of the report: the file keeps them
+            if not args.keep_answers and unwritten is None and not beyond:
                 os.remove(args.answers)  # the report holds every answer
+            elif beyond and not args.keep_answers:
+                print(f'{args.answers} is kept: it holds {beyond} answers to questions past --limit, which the report '
+                      f'leaves out', file=sys.stderr)
         if failures:
             print(report.not_scored())
         print(report.table())

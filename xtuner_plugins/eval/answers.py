@@ -218,6 +218,11 @@ class AnswersFile:
         by_id = dict(self.done, **{r.id: r for r in new})
         return [by_id[q.id] for q in questions if q.id in by_id]
 
+    def beyond(self, questions: Sequence[Question]) -> int:
+        """How many of the answers read back are to none of ``questions`` (a ``--limit`` that asks fewer)."""
+        asked = {q.id for q in questions}
+        return sum(1 for id_ in self.done if id_ not in asked)
+
     def close(self) -> None:
         self._file.close()
         self._lock.close()

@@ -263,3 +263,39 @@ def test_the_model_tokenizers_special_tokens_are_refused_before_it_loads(tmp_pat
     write_tsv(tsv, [dict(ROWS[0], question='What <|endoftext|> is it?')])
     with pytest.raises(ValueError, match=r"control marker '<\|endoftext\|>'"):
         read_questions(str(tsv), markers=markers)
+
+
+def test_a_file_holding_its_own_rotations_scores_them_as_one_question(tmp_path):
+    """VLMEvalKit's circular MMBench TSVs (MMBench_DEV_EN.tsv: 4329 rows, 1164 questions) hold each question's
+    rotations as rows of index N + k * 1,000,000: every row was a question of its own (accuracy over 4329), and
+    --circular rotated each again. Now a question's rows are one circular group, rotated no further."""
+    from xtuner_plugins.eval.data import rotations_note
+    from xtuner_plugins.eval.evaluate import Report, Result
+    rows = [dict(ROWS[0], index=0, A='red', B='green', C='blue', answer='B'),
+            dict(ROWS[0], index=1000000, A='green', B='blue', C='red', answer='A', image='0'),
+            dict(ROWS[0], index=2000000, A='blue', B='red', C='green', answer='C', image='0'),
+            dict(ROWS[1], index=1)]
+    path = write_tsv(tmp_path / 'circular.tsv', rows)
+    for circular in (False, True):
+        questions = read_mmbench_tsv(path, circular=circular)
+        assert [(q.id, q.group, q.references[0]) for q in questions] == [
+            ('0', '0', 'B'), ('1000000', '0', 'A'), ('2000000', '0', 'C'), ('1', '1', 'A')]
+    assert rotations_note(questions).startswith('the data holds its own rotations of 1 questions (4 rows; ')
+    assert rotations_note(read_mmbench_tsv(write_tsv(tmp_path / 'plain.tsv', ROWS), circular=True)) == ''
+
+    def scored(rights):
+        return Report([Result(q.id, q.category, q.prompt, q.references[0], 'x', float(right), group=q.group)
+                       for q, right in zip(questions, rights)], []).summary()
+    assert scored([1, 1, 1, 1]) == dict(n=2, accuracy=1.0) and scored([1, 0, 1, 1]) == dict(n=2, accuracy=0.5)
+
+
+def test_every_letter_column_is_an_option_and_an_empty_index_is_a_bad_row(tmp_path):
+    """Options J and K of a TSV never reached the prompt ('ABCDEFGHI'), an answer K was 'not one of its options';
+    a row of empty index was its own rotations' group of one each (each rotation a question)."""
+    columns = ('index', 'question', *'ABCDEFGHIJK', 'answer', 'image')
+    row = dict(index=0, question='Which?', answer='K', image=ROWS[0]['image'], **{c: f'opt {c}' for c in 'ABCDEFGHIJK'})
+    (q,) = read_mmbench_tsv(write_tsv(tmp_path / 'many.tsv', [row], columns))
+    assert list(q.options) == list('ABCDEFGHIJK') and q.references == ['K'] and 'K. opt K\n' in q.prompt
+    with pytest.raises(QuestionsError, match=r"empty.tsv:2 \(index \): its index is empty: give every row its own "
+                                             r"\[bad_row\]"):
+        read_mmbench_tsv(write_tsv(tmp_path / 'empty.tsv', [dict(ROWS[0], index='')]), circular=True)

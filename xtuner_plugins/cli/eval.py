@@ -49,7 +49,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
-from xtuner_plugins.eval.data import context_note, first_questions, folder_markers
+from xtuner_plugins.eval.data import context_note, first_questions, folder_markers, rotations_note
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, model_identity
 from xtuner_plugins.eval.scoring import METRICS
@@ -265,9 +265,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
     questions = first_questions(questions, args.limit)
-    note = context_note(questions)
-    if note:
-        print(note, file=sys.stderr)
+    for note in (context_note(questions), rotations_note(questions)):
+        if note:
+            print(note, file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]
     if answers is not None and answers.changed:
         shown = ', '.join(answers.changed[:3]) + (f' and {len(answers.changed) - 3} more' if len(answers.changed) > 3

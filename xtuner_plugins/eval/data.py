@@ -38,6 +38,7 @@ import io
 import json
 import os
 import re
+import string
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -52,11 +53,13 @@ from xtuner_plugins.data.template import GROUNDING_TOKENS, RESERVED_IN_TEXT, TEM
 from xtuner_plugins.data.video import probe_video, video_field, video_turns
 
 __all__ = ['Question', 'QuestionsError', 'read_questions', 'read_open_questions', 'open_samples', 'read_mmbench_tsv',
-           'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note', 'folder_markers']
+           'MC_INSTRUCTION', 'CONTROL_MARKERS', 'context_note', 'folder_markers', 'rotations_note']
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MMBENCH_COLUMNS = ('index', 'question', 'A', 'B', 'answer')
-_LETTERS = 'ABCDEFGHI'
+_LETTERS = string.ascii_uppercase   # every letter column, as VLMEvalKit reads options (I was the last)
+#: VLMEvalKit's circular MMBench files hold each question's rotations as rows of index N + k * 1,000,000
+ROTATION_STRIDE = 1_000_000
 _SHOWN = 50  # problems listed in full; the rest counted
 
 
@@ -318,6 +321,24 @@ def _tsv_rows(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
 _LAYOUT = "MMBench's layout: index, question, hint, A, B, C, D, answer, category, image"
 
 
+def _row_index(fields: List[str], header: List[str]) -> int:
+    """A row's index as a whole number; -1 for one that is not."""
+    try:
+        return int(fields[header.index('index')].strip())
+    except (ValueError, IndexError):
+        return -1
+
+
+def rotations_note(questions: Sequence[Question]) -> str:
+    """A line when the data holds its own rotations (VLMEvalKit's circular MMBench files), or ''."""
+    groups = {q.group for q in questions if q.group and q.id != q.group and not q.id.startswith(q.group + '-')}
+    if not groups:
+        return ''
+    return (f'the data holds its own rotations of {len(groups)} questions ({len(questions)} rows; VLMEvalKit\'s '
+            f'circular MMBench, a rotation of question N at index N + k x {ROTATION_STRIDE:,}): a question counts '
+            f'right when every one of its rows is, and --circular rotates nothing more')
+
+
 def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] = ()) -> List[Question]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long fields
     markers = _with(markers)   # once, not per row and column
@@ -329,6 +350,9 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
         raise ValueError(f'{path}: holds no rows (only its header line): no questions')
     images: Dict[str, str] = {}
     out, problems, ids = [], [], _Ids(path, 'index')
+    # a file of VLMEvalKit's circular MMBench (MMBench_DEV_EN.tsv: 4329 rows, 1164 questions) holds the rotations
+    # itself: rows of index N + k * 1,000,000 are question N's, scored together and not rotated again
+    own = any(_row_index(fields, header) >= ROTATION_STRIDE for _, fields in table)
     for row_no, fields in table:
         extra = [v for v in fields[len(header):] if v.strip()]
         if len(fields) < len(header) or extra:  # its values would be read as other columns'
@@ -337,6 +361,9 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
             continue
         row = dict(zip(header, fields))
         where = f'{path}:{row_no} (index {row["index"]})'
+        if not row['index'].strip():   # its rotations (--circular) and --limit group questions by it
+            problems.append(str(SampleError('bad_row', 'its index is empty: give every row its own', where)))
+            continue
         ids.check(row['index'], row_no, problems)
         data = (row.get('image') or '').strip()
         if len(data) < 64 and data in images:  # a reference to an earlier row's image
@@ -364,7 +391,8 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue
-        rotations = len(options) if circular else 1
+        rotations = len(options) if circular and not own else 1
+        group = str(_row_index(fields, header) % ROTATION_STRIDE) if own else str(row['index'])
         for shift in range(rotations):
             texts = list(options.values())
             letters = list(options)
@@ -373,9 +401,9 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
             hint = (row.get('hint') or '').strip()
             stem = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
             prompt = stem + '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
-            out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular else ''),
+            out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular and not own else ''),
                                 category=(row.get('category') or 'all').strip() or 'all', prompt=prompt,
-                                images=[image], references=[right], options=rotated, group=str(row['index']),
+                                images=[image], references=[right], options=rotated, group=group,
                                 source=where, stem=stem))
     if problems:
         raise QuestionsError(path, problems)

@@ -118,3 +118,50 @@ def test_a_second_evaluation_into_the_same_answers_is_refused_while_the_first_wr
     again = AnswersFile(path, SETTINGS, resume=True)
     assert again.done == {'1': result('1')}
     again.close()
+
+
+def test_a_resume_from_another_folder_keeps_the_answers_to_the_same_images(tmp_path, monkeypatch):
+    """Images named relative to where eval ran were recorded so: resumed from another folder (the same --data, as
+    the settings check agreed), every kept answer was dropped as 'their images changed' and asked again."""
+    from PIL import Image
+    (tmp_path / 'd').mkdir()
+    Image.new('RGB', (4, 4), (200, 0, 0)).save(tmp_path / 'd' / '0.bmp')
+    path = str(tmp_path / 'a.jsonl')
+    monkeypatch.chdir(tmp_path / 'd')
+    answers = AnswersFile(path, SETTINGS)
+    answers.check([Question('0', 'c', 'What?', ['0.bmp'], ['x'])])
+    answers.append(result('0'))
+    answers.close()
+    monkeypatch.chdir(tmp_path)
+    again = AnswersFile(path, SETTINGS, resume=True)
+    again.check([Question('0', 'c', 'What?', [os.path.join('d', '0.bmp')], ['x'])])
+    assert sorted(again.done) == ['0'] and again.changed == []
+    again.close()
+
+
+@pytest.mark.parametrize('edit, said', [
+    (dict(score='1'), "score '1', not a number from 0 to 1"),   # a TypeError traceback summing the report
+    (dict(score=None), 'score None, not a number from 0 to 1'),
+    (dict(answer=3), 'answer 3, not text'),
+    (dict(blind_score=None), 'blind_score None, not a number from 0 to 1'),   # the blind columns left the report
+])
+def test_an_edited_answer_is_named_by_its_line(tmp_path, edit, said):
+    import json
+    path = tmp_path / 'a.jsonl'
+    blind = dict(SETTINGS, blind=True)
+    answers = AnswersFile(str(path), blind)
+    answers.append(Result('1', 'c', 'What?', 'x', 'answer', 1.0, blind_answer='b', blind_score=0.0))
+    answers.close()
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps(dict(json.loads(lines[1]), **edit))
+    path.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(ValueError, match=rf"a.jsonl:2: not an answer of tools/eval.py \({said}\): edited since"):
+        AnswersFile(str(path), blind, resume=True)
+
+
+def test_a_report_given_as_answers_is_not_offered_for_removal(tmp_path):
+    """--answers r.json (eval's report, or notes): 'r.json:1: not JSON ...; remove the file to start again'."""
+    (tmp_path / 'r.json').write_text('{\n "settings": {}\n}\n')
+    with pytest.raises(ValueError, match=r'r.json:1: not an answers file of tools/eval.py \(not JSON lines\); give '
+                                         r'another --answers file'):
+        AnswersFile(str(tmp_path / 'r.json'), SETTINGS)

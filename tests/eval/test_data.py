@@ -299,3 +299,20 @@ def test_every_letter_column_is_an_option_and_an_empty_index_is_a_bad_row(tmp_pa
     with pytest.raises(QuestionsError, match=r"empty.tsv:2 \(index \): its index is empty: give every row its own "
                                              r"\[bad_row\]"):
         read_mmbench_tsv(write_tsv(tmp_path / 'empty.tsv', [dict(ROWS[0], index='')]), circular=True)
+
+
+def test_a_tsv_that_is_no_regular_file_is_refused_without_reading_it(tmp_path):
+    """--data x.tsv as a FIFO waited for a writer for ever; linked to /dev/zero, it was read until memory ran out."""
+    import os
+    import signal
+    os.mkfifo(tmp_path / 'x.tsv')
+    os.symlink('/dev/zero', tmp_path / 'z.tsv')
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail('the FIFO was opened and waited for'))
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=r'x.tsv'):
+            read_mmbench_tsv(str(tmp_path / 'x.tsv'))
+        with pytest.raises(ValueError, match=r'z.tsv'):
+            read_mmbench_tsv(str(tmp_path / 'z.tsv'))
+    finally:
+        signal.alarm(0)

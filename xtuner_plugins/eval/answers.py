@@ -13,7 +13,8 @@ fixed), and the report counts them all. It refuses, naming the file, to
 * read a line that is not JSON, except a last line cut short by the interruption (dropped, and cut off the
   file before anything is appended).
 
-Each answer also records the identity of the files it was answered on (``image_files``, :func:`file_identity`):
+Each answer also records the identity of the files it was answered on (``image_files``, :func:`file_identity`; by
+their absolute paths, so that a resume from another folder finds them):
 each image's (or the video's, with its clip) size and modification time in nanoseconds, not a hash of its content, so that
 resuming does not read every image again (a data set of many images on a network disk); any write of a file
 (a new image copied, saved or unpacked over the old one) changes its modification time. An in-memory image (a
@@ -52,6 +53,7 @@ _IDENTITY = 'image_files'  # the key of an answer's file identities in the answe
 def _stat(path: str) -> Optional[list]:
     """``[path, size, mtime_ns]`` of a file; a folder (a video's frames): its files' names, sizes and times hashed;
     None for a path that cannot be read (asked again, when it fails as it should)."""
+    path = os.path.abspath(path)   # a resume from another folder names the same file
     try:
         if not os.path.isdir(path):
             st = os.stat(path)
@@ -61,6 +63,13 @@ def _stat(path: str) -> Optional[list]:
         return [path, hashlib.blake2b(json.dumps(listing).encode(), digest_size=16).hexdigest()]
     except OSError:
         return None
+
+
+def _absolute(identity: list) -> list:
+    """A recorded identity with its files' paths absolute (recorded as given before: relative to the folder eval
+    ran in, so a resume from another folder dropped every answer as 'their images changed')."""
+    return [[os.path.abspath(e[0]), *e[1:]] if isinstance(e, list) and e and isinstance(e[0], str)
+            and e[0] != 'pixels' else e for e in identity]
 
 
 def model_identity(path: str) -> str:
@@ -109,6 +118,23 @@ def file_identity(question: Question, hashed: Optional[Dict[int, list]] = None) 
         [list(question.clip)] if question.video and question.clip else [])   # another clip: other frames
 
 
+def _score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _value_problem(record: dict, blind: bool) -> str:
+    """What in a read-back answer is not of the kind eval writes ('' when nothing): a score of text or null summed
+    into a traceback once the model had answered the rest, and a blind score missing from one answer took the
+    blind columns out of the whole report."""
+    if not isinstance(record['answer'], str):
+        return f'answer {record["answer"]!r:.40}, not text'
+    for key in ('score', 'blind_score', 'single_score'):
+        value = record.get(key)
+        if (key == 'score' or value is not None or (key == 'blind_score' and blind)) and not _score(value):
+            return f'{key} {value!r:.40}, not a number from 0 to 1'
+    return ''
+
+
 def _held(path: str):
     """``path`` opened (made if new, nothing cut) and locked for this process (``flock``, released as the
     process ends however it ends). Two evaluations with one ``--out`` both appended to its answers: the second,
@@ -154,6 +180,10 @@ class AnswersFile:
                     files = record.pop(_IDENTITY, None)
                     if not _RESULT_FIELDS >= set(record) or not {'id', 'answer', 'score'} <= set(record):
                         raise ValueError(f'{path}:{line_no}: not an answer of tools/eval.py')
+                    problem = _value_problem(record, bool(self.settings.get('blind')))
+                    if problem:
+                        raise ValueError(f'{path}:{line_no}: not an answer of tools/eval.py ({problem}): edited '
+                                         f'since; remove the line (its question is asked again), or the file')
                     self.done[str(record['id'])] = Result(**record)
                     self._lines[str(record['id'])] = line_no
                     self._files[str(record['id'])] = files
@@ -175,6 +205,9 @@ class AnswersFile:
             try:
                 records.append((line_no, json.loads(line)))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                if line_no == 1:   # no answers file of eval's (a report, notes): not eval's to remove
+                    raise ValueError(f'{self.path}:1: not an answers file of tools/eval.py (not JSON lines); give '
+                                     f'another --answers file') from None
                 raise ValueError(f'{self.path}:{line_no}: not JSON ({err}); remove the file to start again') from None
         return records, len(lines[-1])
 
@@ -198,7 +231,7 @@ class AnswersFile:
                                                                            'reference differ)'
                 raise ValueError(f'{self.path}:{self._lines[id_]}: the answer to id {id_!r} {change}: the data '
                                  f'changed since; remove the file to start again')
-            if (self._files.get(id_) or []) != self._identity[id_]:  # none recorded: no files (or written before)
+            if _absolute(self._files.get(id_) or []) != self._identity[id_]:  # none recorded: no files (or older)
                 del self.done[id_]
                 self.changed.append(q.source or id_)
             else:   # scored under the data's category and named by its line now (a category renamed was kept)

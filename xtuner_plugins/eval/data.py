@@ -296,7 +296,12 @@ _BUFFER = re.compile(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>')
 
 def _tsv_rows(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
     """The header and ``(line, fields)`` of each row of a UTF-8 TSV (a row's line: where it starts; a quoted
-    field may hold newlines); a ``ValueError`` naming the file, and the line and byte of a non-UTF-8 one."""
+    field may hold newlines); a ``ValueError`` naming the file, and the line and byte of a non-UTF-8 one. A path
+    that is no regular file (a FIFO waited for a writer for ever, ``/dev/zero`` was read until memory ran out) is
+    refused as the annotation reader refuses it."""
+    if not os.path.isfile(path):
+        from xtuner_plugins.data.sources import annotation_problem
+        raise ValueError(annotation_problem(path, 'data file'))
     with open(path, 'rb') as f:
         data = f.read()
     try:

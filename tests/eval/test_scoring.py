@@ -86,3 +86,15 @@ def test_an_empty_answer_is_never_right(answer, references, right):
     assert exact_match(answer, references) == right
     if not answer.strip():
         assert anls(answer, references) == 0.0
+
+
+@pytest.mark.parametrize('answer, reference, right', [
+    # where the normalisation written from VQA's description departed from VQA's code (vqaEval.py)
+    ('US', 'U.S.', 1.0), ('am', 'a.m.', 1.0),     # a period goes, it was a space: 'u s', and 'a.m.' was 'm'
+    ('M', 'a.m.', 0.0),
+    ('5', '$5', 0.0), ('50', '50%', 0.0), ('C', 'C#', 0.0),   # VQA keeps $ % # : & *
+    ('11', 'eleven', 0.0), ('10', 'ten', 1.0),    # its number words go to ten
+    ('-', '-', 1.0), ('...', '...', 1.0), ('-', '?', 0.0),     # marks alone: never right before, even as the same
+])
+def test_exact_match_follows_the_vqa_evaluations_code(answer, reference, right):
+    assert exact_match(answer, [reference]) == right

@@ -1,14 +1,16 @@
 """Scoring answers: the one scorer of the project (``tools/eval.py``, the demo, the evaluation hook).
 
-* :func:`normalize_answer`: the VQA evaluation's normalisation, written from its description: lower case,
-  punctuation removed (a full stop or comma between digits kept: ``2.5``, ``1,000``), number words to digits,
-  articles dropped, common contractions fixed, whitespace collapsed. Beyond ASCII (VQA's rule knows its marks
-  only): text compared in Unicode's composed form (NFC), invisible format characters dropped, other scripts'
-  and typographic punctuation (``。``, ``“ ”``, ``’``) treated as ASCII's; full-width letters stay as they are.
+* :func:`normalize_answer`: the VQA evaluation's normalisation (its ``processPunctuation`` and
+  ``processDigitArticle``): lower case; its marks removed or made spaces (not ``$ % # : & *``: ``$5`` is not ``5``;
+  ``1,000`` is ``1000``); a period removed unless a digit follows (``U.S.`` is ``us``, ``2.5`` stays); number
+  words to ten as digits; articles dropped; common contractions fixed; whitespace collapsed. Beyond ASCII (VQA's
+  rule knows its marks only): text compared in Unicode's composed form (NFC), invisible format characters
+  dropped, other scripts' and typographic punctuation (``。``, ``“ ”``, ``’``) treated as ASCII's; full-width
+  letters stay as they are.
 * :func:`exact_match`: the normalised answer equals a normalised reference. An empty (or whitespace-only)
-  answer is never right. Where dropping articles empties the answer or the reference (``A``, ``an``: a letter
-  answer), both are compared with their articles kept, else their articles alone would match an empty answer
-  or any other article.
+  answer is never right; marks alone (``-``, ``...``: nothing left once normalised) are right against the same
+  marks. Where dropping articles empties the answer or the reference (``A``, ``an``: a letter answer), both are
+  compared with their articles kept, else their articles alone would match an empty answer or any other article.
 * :func:`anls`: Average Normalized Levenshtein Similarity (ST-VQA, DocVQA): ``1 - d / max(len)`` of the best
   reference, 0 below the threshold (``d / max(len) >= 0.5``), on lower-cased, stripped strings (NFC, as above);
   0 for an empty answer.
@@ -24,22 +26,22 @@ in the tested set), and each is a few lines.
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 from typing import Mapping, Optional, Sequence, Tuple
 
 __all__ = ['normalize_answer', 'exact_match', 'anls', 'edit_distance', 'extract_option', 'option_by_letter',
            'option_by_text', 'read_option', 'READ_BY', 'METRICS']
 
-_NUMBERS = dict({w: str(i) for i, w in enumerate(
-    'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
-    'seventeen eighteen nineteen twenty'.split())}, none='0')   # the VQA evaluation's manualMap: 'none' is '0' too
+_NUMBERS = dict({w: str(i) for i, w in enumerate('zero one two three four five six seven eight nine ten'.split())},
+                none='0')   # the VQA evaluation's manualMap (to ten): 'none' is '0' too
 _ARTICLES = {'a', 'an', 'the'}
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
                  "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
                  "ive": "i've", "youre": "you're", "theyre": "they're", "thats": "that's", "whats": "what's"}
-_PUNCT = re.compile('[' + re.escape(string.punctuation.replace("'", '')) + ']')
-_DIGIT_SEP = re.compile(r'(?<=\d),(?=\d)|\.(?=\d)')   # VQA keeps a period before a digit: .5 is not 5
+# the VQA evaluation's marks (not $ % # : & * ' nor the period, which has its own rule), and its two patterns
+_PUNCT = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!')
+_COMMA_STRIP = re.compile(r'(\d)(,)(\d)')
+_PERIOD_STRIP = re.compile(r'\.(?!\d)')   # a period not before a digit goes (VQA's pattern means this): U.S. -> us
 
 
 def _unicode(text) -> str:
@@ -61,9 +63,8 @@ def _unicode_punctuation(text: str) -> str:
 
 def normalize_answer(text: str, articles: bool = True) -> str:
     """VQA-style normalisation (see the module docstring); ``articles=False`` keeps the articles."""
-    text = _unicode_punctuation(_unicode(text)).strip().lower().replace('\n', ' ').replace('\t', ' ')
-    kept = _DIGIT_SEP.sub(lambda m: {'.': '\x00', ',': ''}[m.group(0)], text)  # 2.5 stays, 1,000 -> 1000
-    kept = _PUNCT.sub(' ', kept).replace('\x00', '.')
+    text = _unicode_punctuation(_unicode(text)).replace('\n', ' ').replace('\t', ' ').strip().lower()
+    kept = _vqa_punctuation(text)
     words = []
     for word in kept.split():
         word = _NUMBERS.get(word, word)
@@ -73,10 +74,23 @@ def normalize_answer(text: str, articles: bool = True) -> str:
     return ' '.join(words)
 
 
+def _vqa_punctuation(text: str) -> str:
+    """The VQA evaluation's punctuation step: each of its marks goes where a space stands beside it (or anywhere
+    in a text holding a comma between digits: ``1,000``), else becomes a space (``top-left``); then a period goes
+    unless a digit follows it (``2.5``, ``.5`` stay; ``a.m.`` is ``am``)."""
+    out = text
+    for mark in _PUNCT:
+        gone = mark + ' ' in text or ' ' + mark in text or _COMMA_STRIP.search(text) is not None
+        out = out.replace(mark, '' if gone else ' ')
+    return _PERIOD_STRIP.sub('', out)
+
+
 def _same(answer: str, reference: str) -> bool:
     given, wanted = normalize_answer(answer), normalize_answer(reference)
     if not given or not wanted:  # only articles (or marks) on one side: compared with the articles kept
         given, wanted = normalize_answer(answer, articles=False), normalize_answer(reference, articles=False)
+    if not given and not wanted:   # marks alone on both sides ('-', '...'): the same marks are the same answer
+        return _unicode(answer).strip() == _unicode(reference).strip() != ''
     return bool(given) and given == wanted
 
 

@@ -316,3 +316,10 @@ def test_a_tsv_that_is_no_regular_file_is_refused_without_reading_it(tmp_path):
             read_mmbench_tsv(str(tmp_path / 'z.tsv'))
     finally:
         signal.alarm(0)
+
+
+def test_a_row_of_one_option_is_refused(tmp_path):
+    """Always right under --mc likelihood (and blind): it raised the accuracy and the blind score alike."""
+    with pytest.raises(QuestionsError, match=r"one.tsv:2 \(index 0\): one option \(A\): a question needs two or more "
+                                             r"\[bad_row\]"):
+        read_mmbench_tsv(write_tsv(tmp_path / 'one.tsv', [dict(ROWS[0], A='red', B='', C='', answer='A')]))

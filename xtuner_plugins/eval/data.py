@@ -393,6 +393,8 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
             image = _decode_image(data)
             if answer not in options:
                 raise SampleError('bad_answer', f'answer {answer!r} is not one of its options {sorted(options)}')
+            if len(options) < 2:   # right whatever the model says (--mc likelihood), blind or not
+                raise SampleError('bad_row', f'one option ({sorted(options)[0]}): a question needs two or more')
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue

@@ -396,3 +396,18 @@ def test_a_compressed_or_unknown_annotation_file_is_named_as_one(tmp_path):
     meta.write_text(json.dumps({'x': {'annotation': 'b.txt', 'repeat_time': 1}}))
     with pytest.raises(ValueError, match=r'b.txt: unknown annotation format'):
         expand_sources(str(meta))
+
+
+
+@pytest.mark.parametrize('head, kind', [(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', 'a PNG image'),
+                                        (b'\xff\xd8\xff\xe0\x00\x10JFIF\x00', 'a JPEG image'),
+                                        (b'\x00\x00\x00\x20ftypisom\x00\x00', 'an MP4/MOV video'),
+                                        (b'PAR1\x15\x04\x15', r'a Parquet file \(convert it to .jsonl\)'),
+                                        (b'a.json' + b'\x00' * 251 + b'ustar\x0000', 'a tar archive')])
+def test_an_annotation_file_in_another_format_is_named_as_it_is(tmp_path, head, kind):
+    """A PNG or an MP4 named .json read as 'UTF-16 text: ... iconv -f UTF-16', a Parquet file named .jsonl as 'not
+    UTF-8 text (byte ...)'."""
+    for name in ('a.json', 'a.jsonl'):
+        (tmp_path / name).write_bytes(head + bytes(range(256)))
+        with pytest.raises(ValueError, match=rf'annotation file .*{name} is {kind}, not JSON text'):
+            expand_sources(str(tmp_path / name))

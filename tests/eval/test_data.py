@@ -323,3 +323,33 @@ def test_a_row_of_one_option_is_refused(tmp_path):
     with pytest.raises(QuestionsError, match=r"one.tsv:2 \(index 0\): one option \(A\): a question needs two or more "
                                              r"\[bad_row\]"):
         read_mmbench_tsv(write_tsv(tmp_path / 'one.tsv', [dict(ROWS[0], A='red', B='', C='', answer='A')]))
+
+
+def test_a_data_file_that_holds_no_questions_is_named_for_what_it_is(tmp_path):
+    """A PNG given as --data read as 'UTF-16 text', an InternVL meta file as 'not valid JSON (the top level is not a
+    list)', a folder as 'not found', and a .txt was read as a .json list."""
+    png = tmp_path / 'cat.png'
+    Image.new('RGB', (8, 6)).save(png)
+    for name in ('q.json', 'q.jsonl', 'q.tsv'):
+        (tmp_path / name).write_bytes(png.read_bytes())
+        with pytest.raises(ValueError, match=rf'data file .*{name} is a PNG image, not JSON text'):
+            read_questions(str(tmp_path / name))
+    meta = tmp_path / 'meta.json'
+    meta.write_text(json.dumps({'coco': {'root': 'images', 'annotation': 'coco.jsonl', 'repeat_time': 1}}))
+    with pytest.raises(ValueError, match=r'meta.json is an InternVL meta file .* give one of its "annotation" files'):
+        read_questions(str(meta))
+    (tmp_path / 'questions').mkdir()
+    with pytest.raises(ValueError, match=r'questions is a folder, not a data file'):
+        read_questions(str(tmp_path / 'questions'))
+    (tmp_path / 'q.txt').write_text(json.dumps([{'conversations': []}]))
+    with pytest.raises(ValueError, match=r'q.txt: unknown data format'):
+        read_questions(str(tmp_path / 'q.txt'))
+
+
+def test_a_quote_left_open_is_named_as_one(tmp_path):
+    """A question starting with a quote that does not close swallowed the rows after it: '3 fields where the header
+    has 10 (a tab missing, or one too many)' named neither the quote nor the lines it ran over."""
+    path = write_tsv(tmp_path / 'q.tsv', [dict(ROWS[0], question='"Big or small?'), ROWS[1]])
+    with pytest.raises(QuestionsError, match=r'q.tsv:2: \d+ fields where the header has 10 \(a field opened with a '
+                                             r'quote \("\) runs over 2 lines: .*\[bad_row\]'):
+        read_mmbench_tsv(path)

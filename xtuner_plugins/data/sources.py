@@ -91,7 +91,7 @@ def _resolve_meta_path(path: str, meta_dir: str, where: str) -> str:
     return path if found_here and not found_beside else beside
 
 
-def _is_meta_file(path: str) -> bool:
+def is_meta_file(path: str) -> bool:
     if not path.endswith('.json'):
         return False
     with open(path, encoding='utf-8-sig', errors='replace') as f:
@@ -149,18 +149,33 @@ _COMPRESSED = ((b'\x1f\x8b', 'gzip', 'gunzip'), (b'\x28\xb5\x2f\xfd', 'zstd', 'u
                (b'\xfd7zXZ\x00', 'xz', 'unxz'), (b'BZh', 'bzip2', 'bunzip2'), (b'PK\x03\x04', 'zip', 'unzip'))
 
 
+#: the first bytes (at their offset) of files that are no JSON text, which read as 'UTF-16 text' (a PNG's NUL bytes)
+#: or as a byte that is not UTF-8: an image or a video given where the samples were meant, a data set in another
+#: format, a tar (a webdataset shard; this project's shard sets are folders with a shards.json)
+_NOT_TEXT = ((0, b'\x89PNG', 'a PNG image'), (0, b'\xff\xd8\xff', 'a JPEG image'), (0, b'GIF8', 'a GIF image'),
+             (8, b'WEBP', 'a WebP image'), (8, b'AVI ', 'an AVI video'), (4, b'ftyp', 'an MP4/MOV video'),
+             (0, b'\x1aE\xdf\xa3', 'a Matroska/WebM video'), (0, b'%PDF', 'a PDF'),
+             (0, b'PAR1', 'a Parquet file (convert it to .jsonl)'),
+             (0, b'ARROW1', 'an Arrow file (a datasets cache: write its rows as .jsonl)'),
+             (0, b'\x93NUMPY', 'a NumPy array'), (257, b'ustar', 'a tar archive'))
+
+
 def annotation_problem(path: str, what: str) -> Optional[str]:
     """Why ``path`` cannot be read as an annotation file (a folder, not there, a symbolic link loop or to nothing,
-    a FIFO, socket or device: never opened, a FIFO blocks; a compressed file), or None for a regular file."""
+    a FIFO, socket or device: never opened, a FIFO blocks; a compressed file; an image, a video or another binary
+    format, :data:`_NOT_TEXT`), or None for a regular file."""
     if os.path.isfile(path):
         try:
             with open(path, 'rb') as f:
-                head = f.read(6)
+                head = f.read(264)
         except OSError as exc:
             return f'{what} cannot be read: {path}: {exc.strerror}'
         for magic, kind, tool in _COMPRESSED:
             if head.startswith(magic):
                 return f'{what} {path} is {kind}-compressed: decompress it first ({tool})'
+        for at, magic, kind in _NOT_TEXT:
+            if head[at:at + len(magic)] == magic:
+                return f'{what} {path} is {kind}, not JSON text'
         return None
     if os.path.isdir(path):
         return f'{path} is a folder, not an annotation file'
@@ -207,7 +222,7 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     if not annotation.endswith(('.json', '.jsonl')):   # read as a .json list whatever it held
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation}: unknown annotation format; use .jsonl '
                          'or .json (a list of samples)')
-    if _is_meta_file(annotation):
+    if is_meta_file(annotation):
         raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
                          f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
     folder = _resolve_meta_path(root, meta_dir, f'{path}: entry {name!r}: "root"') if root else None
@@ -255,7 +270,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         compressed = annotation_problem(path, 'annotation file')
         if compressed:
             raise ValueError(compressed)
-        if _is_meta_file(path):
+        if is_meta_file(path):
             sources.extend(_meta_sources(path))
             from mmengine.logging import print_log
             if folder is not None:

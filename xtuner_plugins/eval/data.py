@@ -136,9 +136,32 @@ def read_questions(path: str, image_folder: Optional[str] = None, circular: bool
                    markers: Sequence[str] = ()) -> List[Question]:
     """By extension: ``.tsv`` is MMBench's layout, anything else a training-format jsonl. ``markers``: control text
     besides :data:`CONTROL_MARKERS` (the model's tokenizer's special tokens, :func:`folder_markers`)."""
+    problem = data_problem(path)
+    if problem:
+        raise ValueError(problem)
     if path.endswith('.tsv'):
         return read_mmbench_tsv(path, circular=circular, markers=markers)
     return read_open_questions(path, image_folder, markers=markers)
+
+
+def data_problem(path: str) -> Optional[str]:
+    """Why ``path`` is no questions file, before it is read: what training's reader refuses in an annotation file
+    (a folder, not there, a FIFO or device, compressed, an image or another binary format), a name that is not
+    ``.jsonl``, ``.json`` or ``.tsv`` (a ``.txt`` was read as a ``.json`` list), and an InternVL meta file (an
+    object naming data sources: 'not valid JSON'). None for a file to read."""
+    from xtuner_plugins.data.sources import is_meta_file, annotation_problem
+    if os.path.isdir(path):
+        return f'{path} is a folder, not a data file: give --data a .jsonl, a .json list of samples or a .tsv'
+    problem = annotation_problem(path, 'data file')
+    if problem:
+        return problem
+    if not path.endswith(('.jsonl', '.json', '.tsv')):
+        return (f'{path}: unknown data format: give a training-format .jsonl (or a .json list of samples), or a '
+                f'.tsv in {_LAYOUT}')
+    if is_meta_file(path):
+        return (f'{path} is an InternVL meta file (an object naming data sources), not a list of samples: give one '
+                f'of its "annotation" files as --data, with its "root" as --image-folder')
+    return None
 
 
 def folder_markers(folder: Optional[str]) -> Tuple[str, ...]:
@@ -299,9 +322,9 @@ def _tsv_rows(path: str) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
     field may hold newlines); a ``ValueError`` naming the file, and the line and byte of a non-UTF-8 one. A path
     that is no regular file (a FIFO waited for a writer for ever, ``/dev/zero`` was read until memory ran out) is
     refused as the annotation reader refuses it."""
-    if not os.path.isfile(path):
-        from xtuner_plugins.data.sources import annotation_problem
-        raise ValueError(annotation_problem(path, 'data file'))
+    problem = data_problem(path)
+    if problem:
+        raise ValueError(problem)
     with open(path, 'rb') as f:
         data = f.read()
     try:
@@ -361,8 +384,12 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
     for row_no, fields in table:
         extra = [v for v in fields[len(header):] if v.strip()]
         if len(fields) < len(header) or extra:  # its values would be read as other columns'
+            spans = sum(v.rstrip('\r\n').count('\n') for v in fields)  # a quote that opened a field, not closed
+            why = (f'a field opened with a quote (") runs over {spans + 1} lines: a quote at a field\'s start must '
+                   f'close it (a quote in the text: the field in quotes, each quote in it written "")' if spans else
+                   'a tab missing, or one too many')
             problems.append(str(SampleError('bad_row', f'{len(fields)} fields where the header has {len(header)} '
-                                                       f'(a tab missing, or one too many)', f'{path}:{row_no}')))
+                                                       f'({why})', f'{path}:{row_no}')))
             continue
         row = dict(zip(header, fields))
         where = f'{path}:{row_no} (index {row["index"]})'

@@ -97,6 +97,21 @@ def test_the_frame_range_trained_with_is_recorded(official, four_frames):  # noq
     assert [(c['min_num_frame'], c['max_num_frame']) for c in read] == [(8, 32), (2, 4)]
 
 
+def test_the_hf_layout_records_the_frame_range_too(setup, tmp_path, capsys):  # noqa: F811
+    """transformers' layout wrote no range: chat over its folder said nothing of 6 frames against 4 trained."""
+    import torch
+
+    from tests.tools.test_convert_to_official import LORA
+    from xtuner_plugins.models.export import export_checkpoint
+    opts = dict(setup['opts'], **{'train_dataloader.dataset.min_num_frame': 2,
+                                  'train_dataloader.dataset.max_num_frame': 4})
+    folder = export_checkpoint(LORA, setup['ckpt'], str(tmp_path / 'hf'), fmt='hf', dtype=torch.float32,
+                               cfg_options=opts, log=lambda m: None)
+    assert chat_main([folder, '--video', setup['video'], '--prompt', QUESTION, '--max-new-tokens', '2',
+                      '--frames', '6']) == 0
+    assert "6 frames of a video are over the 4 this model was trained with at most" in capsys.readouterr().err
+
+
 def test_more_frames_than_trained_is_a_note_in_chat_and_eval(setup, four_frames, tmp_path, capsys,  # noqa: F811
                                                              monkeypatch):
     """--frames over config.json's max_num_frame runs, with a note on stderr; the answer stays alone on stdout."""

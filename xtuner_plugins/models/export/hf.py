@@ -10,7 +10,7 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_S
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 from ..internvl import VisionLanguageModel
-from .files import Log, _print, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
 from .official import internvl_misfit, shuffle_arithmetic_misfit
 
@@ -79,6 +79,8 @@ def write_hf(model: VisionLanguageModel, tiling: dict, out_dir: str, dtype: torc
                          f'{model.vision_model.config.image_size}; transformers InternVL uses the config size')
     write_weights(hf_state_dict(model), out_dir, max_shard_size, log)
     config = hf_config(model, dtype)
+    for key, value in frame_range(tiling).items():   # config.json's, as the official folder's: chat's frames note
+        setattr(config, key, value)
     config.save_pretrained(out_dir)
     generation_config(model).save_pretrained(out_dir)
     save_tokenizer(model, out_dir, extra={'start_image_token': IMG_START_TOKEN, 'end_image_token': IMG_END_TOKEN,

@@ -146,3 +146,17 @@ def test_compiled_blocks_train_on_two_ranks(tmp_path):
                     cfg_options=dict(tiny_options(tiny, tiny['same'], repeat=4), **{'model.compile_blocks': 'llm'}))
     assert out.ok and 'llm blocks compiled' in out.log, out.summary()
     assert len(out.losses) == out.max_iters > 0
+
+
+def test_the_loss_is_compiled_where_the_llm_blocks_are(tiny, batch, monkeypatch):
+    """compile_blocks with the LLM compiles the loss's cross-entropy too (loss.weighted_ce); without, it stays
+    eager, as with loss_chunk."""
+    from xtuner_plugins.models import loss
+    asked, real = [], loss.weighted_ce
+    monkeypatch.setattr(loss, 'weighted_ce', lambda compiled=False: asked.append(compiled) or real(compiled))
+    for kw, expected in ((dict(compile_blocks='llm'), True), (dict(compile_blocks='vision'), False),
+                         (dict(compile_blocks=False, loss_chunk=4), False),
+                         (dict(compile_blocks='llm', loss_chunk=4), True)):
+        asked.clear()
+        step(tiny, batch, **kw)
+        assert asked and set(asked) == {expected}, (kw, asked)

@@ -158,3 +158,36 @@ def test_a_loss_that_runs_the_head_itself_refuses_logits_transformed_after_it(na
         decoder_chunked_loss(llm, embeds, labels, supervised_positions(labels), chunk=2)
     with pytest.raises(ValueError, match=rf"^liger_kernel's 'fused_loss': .*{name}.*leave 'fused_loss' out of"):
         decoder_chunked_loss(llm, embeds, labels, supervised_positions(labels), chunk=0, fused=True)
+
+
+def test_the_compiled_cross_entropy_gives_eager_losses_and_gradients_without_compiling_again():
+    """weighted_ce(compiled=True) (the model's, where it compiles its LLM's blocks): the loss and the gradients of
+    the eager cross-entropy, bf16 logits as the LLM gives them and fp32, whole and chunked, packed rows' weights;
+    new numbers of supervised tokens reuse the graph (a count of one aside, which torch specialises)."""
+    from xtuner_plugins.models.compile import compiled_graphs, reset_compiled
+    reset_compiled()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 50, bias=False)
+    counts = []
+    for n, dtype in ((9, torch.float32), (14, torch.bfloat16), (5, torch.float32), (11, torch.bfloat16),
+                     (23, torch.float32), (17, torch.float32)):
+        logits = (torch.randn(1, n, 50) * 4).to(dtype).requires_grad_()
+        labels = torch.randint(0, 50, (1, n))
+        labels[0, ::3] = IGN
+        segments = torch.cat([torch.zeros(n // 2, dtype=torch.long), torch.ones(n - n // 2, dtype=torch.long)])[None]
+        for reduction in ('token', 'square'):
+            eager = causal_lm_loss(logits, labels, reduction, segments=segments)
+            grad, = torch.autograd.grad(eager, logits)
+            compiled = causal_lm_loss(logits, labels, reduction, segments=segments, compiled=True)
+            grad_c, = torch.autograd.grad(compiled, logits)
+            assert compiled.item() == pytest.approx(eager.item(), rel=1e-5), (n, dtype, reduction)
+            torch.testing.assert_close(grad_c, grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+        hidden = torch.randn(1, n, 6, requires_grad=True)
+        whole = causal_lm_loss(head(hidden), labels)
+        chunked = chunked_causal_lm_loss(hidden, head, labels, 4, compiled=True)
+        assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
+        for a, b in zip(torch.autograd.grad(chunked, (hidden, head.weight)),
+                        torch.autograd.grad(whole, (hidden, head.weight))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        counts.append(compiled_graphs())
+    assert counts[0] > 0 and counts[-1] == counts[1], counts

@@ -129,7 +129,8 @@ class VisionLanguageModel(BaseModel):
             vision tower's, ``'llm'`` or ``'vision'`` for one, False for none; ``'auto'`` (the default) where it
             was measured to pay, for an LLM of 100M parameters or more, not quantised, not under ZeRO-3: both on a
             CUDA GPU of compute capability 8.0 or more with Triton, the LLM's with bf16 weights (``torch_dtype``) on
-            a CPU with native bf16 (AMX, AVX-512 BF16) (``compile.compile_parts``).
+            a CPU with native bf16 (AMX, AVX-512 BF16) (``compile.compile_parts``). With the LLM's blocks the
+            loss's cross-entropy is compiled too (``loss.weighted_ce``).
         liger_kernel: on a CUDA GPU, the LLM's norms, SwiGLU, RoPE and loss on Liger Kernel's fused Triton kernels:
             True, or some of ``'rms_norm'``, ``'swiglu'``, ``'rope'``, ``'fused_loss'`` (``liger.py``). Off by
             default (on an H100 it was slower than eager, ``benchmarks/gpu.sh``); not with ``compile_blocks``, its
@@ -423,6 +424,7 @@ class VisionLanguageModel(BaseModel):
                 return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], positions,
                                                      self.loss_chunk, self.loss_reduction, segments,
                                                      fused='fused_loss' in self.liger_kernel,
+                                                     compiled='llm' in self.compile_blocks,
                                                      attention_mask=attention_mask, position_ids=position_ids,
                                                      **kwargs)}
             kwargs['logits_to_keep'] = positions
@@ -433,7 +435,7 @@ class VisionLanguageModel(BaseModel):
         if mode == 'predict':
             return out.logits, data_samples
         return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
-                                       positions=positions)}
+                                       positions=positions, compiled='llm' in self.compile_blocks)}
 
     def parse_losses(self, losses):
         """MMEngine's sum of the losses, then the non-finite check of every path (plain, DDP, DeepSpeed), before

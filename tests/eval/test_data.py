@@ -353,3 +353,13 @@ def test_a_quote_left_open_is_named_as_one(tmp_path):
     with pytest.raises(QuestionsError, match=r'q.tsv:2: \d+ fields where the header has 10 \(a field opened with a '
                                              r'quote \("\) runs over 2 lines: .*\[bad_row\]'):
         read_mmbench_tsv(path)
+
+
+def test_an_answer_whose_text_another_option_has_is_refused(tmp_path):
+    """Options B and C both 'green' with B the answer: --mc likelihood tied them and took the first letter, a text
+    answer was read as B; whichever is the answer, no model can tell them apart. Two wrong options alike are kept."""
+    with pytest.raises(QuestionsError, match=r"same.tsv:2 \(index 0\): options C \(the answer\) and B have the same "
+                                             r"text 'green': no answer can tell them apart \[bad_row\]"):
+        read_mmbench_tsv(write_tsv(tmp_path / 'same.tsv', [dict(ROWS[0], C='green', answer='C')]))
+    rows = read_mmbench_tsv(write_tsv(tmp_path / 'wrong.tsv', [dict(ROWS[0], A='blue', D='blue')]))
+    assert rows[0].options == {'A': 'blue', 'B': 'green', 'C': 'blue', 'D': 'blue'}

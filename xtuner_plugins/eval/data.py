@@ -422,6 +422,10 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
                 raise SampleError('bad_answer', f'answer {answer!r} is not one of its options {sorted(options)}')
             if len(options) < 2:   # right whatever the model says (--mc likelihood), blind or not
                 raise SampleError('bad_row', f'one option ({sorted(options)[0]}): a question needs two or more')
+            same = [k for k, v in options.items() if k != answer and v == options[answer]]
+            if same:   # the likelihoods tie and the first letter won; a text answer was read as the first letter
+                raise SampleError('bad_row', f'options {answer} (the answer) and {", ".join(same)} have the same text '
+                                             f'{options[answer]!r}: no answer can tell them apart')
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue

@@ -402,6 +402,7 @@ def test_a_compressed_or_unknown_annotation_file_is_named_as_one(tmp_path):
 @pytest.mark.parametrize('head, kind', [(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', 'a PNG image'),
                                         (b'\xff\xd8\xff\xe0\x00\x10JFIF\x00', 'a JPEG image'),
                                         (b'\x00\x00\x00\x20ftypisom\x00\x00', 'an MP4/MOV video'),
+                                        (b'RIFF\x10\x00\x00\x00WEBPVP8 ', r'a RIFF file \(a WebP image, an AVI video\)'),
                                         (b'PAR1\x15\x04\x15', r'a Parquet file \(convert it to .jsonl\)'),
                                         (b'a.json' + b'\x00' * 251 + b'ustar\x0000', 'a tar archive')])
 def test_an_annotation_file_in_another_format_is_named_as_it_is(tmp_path, head, kind):
@@ -411,3 +412,14 @@ def test_an_annotation_file_in_another_format_is_named_as_it_is(tmp_path, head, 
         (tmp_path / name).write_bytes(head + bytes(range(256)))
         with pytest.raises(ValueError, match=rf'annotation file .*{name} is {kind}, not JSON text'):
             expand_sources(str(tmp_path / name))
+
+
+
+def test_json_text_with_a_format_s_mark_where_it_would_be_is_read(tmp_path):
+    """The marks are looked for in files that are not JSON text only: an id "WEBP" at byte 8 of a .json list, or
+    "ftyp" at byte 4 of an indented line, is no WebP and no MP4."""
+    sample = {'conversations': conv(image=False)}
+    (tmp_path / 'a.json').write_text('[{"id":"WEBP",' + json.dumps(sample)[1:] + ']')
+    (tmp_path / 'b.jsonl').write_text('  {"ftyp": 1, ' + json.dumps(sample)[1:] + '\n')
+    for name in ('a.json', 'b.jsonl'):
+        assert len(expand_sources(str(tmp_path / name))) == 1

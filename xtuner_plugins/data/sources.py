@@ -153,7 +153,7 @@ _COMPRESSED = ((b'\x1f\x8b', 'gzip', 'gunzip'), (b'\x28\xb5\x2f\xfd', 'zstd', 'u
 #: or as a byte that is not UTF-8: an image or a video given where the samples were meant, a data set in another
 #: format, a tar (a webdataset shard; this project's shard sets are folders with a shards.json)
 _NOT_TEXT = ((0, b'\x89PNG', 'a PNG image'), (0, b'\xff\xd8\xff', 'a JPEG image'), (0, b'GIF8', 'a GIF image'),
-             (8, b'WEBP', 'a WebP image'), (8, b'AVI ', 'an AVI video'), (4, b'ftyp', 'an MP4/MOV video'),
+             (0, b'RIFF', 'a RIFF file (a WebP image, an AVI video)'), (4, b'ftyp', 'an MP4/MOV video'),
              (0, b'\x1aE\xdf\xa3', 'a Matroska/WebM video'), (0, b'%PDF', 'a PDF'),
              (0, b'PAR1', 'a Parquet file (convert it to .jsonl)'),
              (0, b'ARROW1', 'an Arrow file (a datasets cache: write its rows as .jsonl)'),
@@ -173,9 +173,11 @@ def annotation_problem(path: str, what: str) -> Optional[str]:
         for magic, kind, tool in _COMPRESSED:
             if head.startswith(magic):
                 return f'{what} {path} is {kind}-compressed: decompress it first ({tool})'
-        for at, magic, kind in _NOT_TEXT:
-            if head[at:at + len(magic)] == magic:
-                return f'{what} {path} is {kind}, not JSON text'
+        json_like = head[len(BOM):] if head.startswith(BOM) else head
+        if not json_like.lstrip().startswith((b'{', b'[')):   # JSON text: a sample's "WEBP" id is no WebP
+            for at, magic, kind in _NOT_TEXT:
+                if head[at:at + len(magic)] == magic:
+                    return f'{what} {path} is {kind}, not JSON text'
         return None
     if os.path.isdir(path):
         return f'{path} is a folder, not an annotation file'

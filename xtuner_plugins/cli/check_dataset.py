@@ -222,11 +222,11 @@ def _main(argv=None) -> int:
             from transformers import AutoTokenizer
             tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
         shard_sets = [d for d in args.data if os.path.isfile(os.path.join(d, 'shards.json'))]
-        if shard_sets and (len(args.data) > 1 or args.image_folder):   # (each was refused as 'not sharded again')
+        beside = [what for what, given in (('the other --data', len(args.data) > 1),
+                                           ('--image-folder', bool(args.image_folder))) if given]
+        if shard_sets and beside:   # (each was refused as 'not sharded again')
             raise ValueError(f'{shard_sets[0]} is a shard set: it is checked on its own, and holds its images '
-                             f'(check_dataset.py --data {shard_sets[0]}, without '
-                             + ('the other --data' + (' nor --image-folder' if args.image_folder else '')
-                                if len(args.data) > 1 else '--image-folder') + ')')
+                             f'(check_dataset.py --data {shard_sets[0]}, without {" nor ".join(beside)})')
         if len(args.data) == 1 and os.path.isdir(args.data[0]):   # a shard set (tools/shard_dataset.py)
             return check_shard_set(args, tokenizer)
         pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))

@@ -269,9 +269,9 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise FileNotFoundError(annotation_problem(path, 'annotation file'))
         if not path.endswith(('.json', '.jsonl')):
             raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
-        compressed = annotation_problem(path, 'annotation file')
-        if compressed:
-            raise ValueError(compressed)
+        problem = annotation_problem(path, 'annotation file')   # compressed, or another format
+        if problem:
+            raise ValueError(problem)
         if is_meta_file(path):
             sources.extend(_meta_sources(path))
             from mmengine.logging import print_log

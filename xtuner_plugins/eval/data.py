@@ -135,10 +135,8 @@ def first_questions(questions: List[Question], n: Optional[int]) -> List[Questio
 def read_questions(path: str, image_folder: Optional[str] = None, circular: bool = False,
                    markers: Sequence[str] = ()) -> List[Question]:
     """By extension: ``.tsv`` is MMBench's layout, anything else a training-format jsonl. ``markers``: control text
-    besides :data:`CONTROL_MARKERS` (the model's tokenizer's special tokens, :func:`folder_markers`)."""
-    problem = data_problem(path)
-    if problem:
-        raise ValueError(problem)
+    besides :data:`CONTROL_MARKERS` (the model's tokenizer's special tokens, :func:`folder_markers`). Each reader
+    refuses what :func:`data_problem` names before it reads."""
     if path.endswith('.tsv'):
         return read_mmbench_tsv(path, circular=circular, markers=markers)
     return read_open_questions(path, image_folder, markers=markers)
@@ -248,7 +246,11 @@ def _image_paths(sample: dict, prompt: str, folder: Optional[str], base_dir: str
 
 
 def read_open_questions(path: str, image_folder: Optional[str] = None, markers: Sequence[str] = ()) -> List[Question]:
-    """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line."""
+    """The questions of a training-format jsonl; raises :class:`QuestionsError` listing every bad line (a
+    ``ValueError`` for a file that is none: :func:`data_problem`)."""
+    problem = data_problem(path)
+    if problem:
+        raise ValueError(problem)
     out, problems, ids = [], [], _Ids(path, 'id')
     markers = _with(markers)   # once, not per sample
     for where, line_no, sample, turns in open_samples(path, problems):

@@ -78,9 +78,9 @@ def _vqa_punctuation(text: str) -> str:
     """The VQA evaluation's punctuation step: each of its marks goes where a space stands beside it (or anywhere
     in a text holding a comma between digits: ``1,000``), else becomes a space (``top-left``); then a period goes
     unless a digit follows it (``2.5``, ``.5`` stay; ``a.m.`` is ``am``)."""
-    out = text
+    out, digit_comma = text, _COMMA_STRIP.search(text) is not None
     for mark in _PUNCT:
-        gone = mark + ' ' in text or ' ' + mark in text or _COMMA_STRIP.search(text) is not None
+        gone = digit_comma or mark + ' ' in text or ' ' + mark in text
         out = out.replace(mark, '' if gone else ' ')
     return _PERIOD_STRIP.sub('', out)
 

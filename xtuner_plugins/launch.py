@@ -248,6 +248,7 @@ def train_env(nproc: int = 1, cache_dir: Optional[str] = None,
         env.update(cache_env(cache_dir))
     env.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
                TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
+               PYTHONFAULTHANDLER='1',   # a crash, or the SIGABRT of a timeout (TrainJob.kill), prints the stacks
                PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]),
                PATH=os.pathsep.join([VENV_BIN, env.get('PATH', '')]))
     if nproc > 1:
@@ -339,14 +340,17 @@ class TrainJob:
         return self.poll() is not None and (self.proc.returncode != 0 or
                                             any(mark in self.read_log() for mark in CRASH_MARKS))
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, stacks: bool = False) -> None:
         """SIGKILL to the launcher and every process under it: its process group, and the ranks, which
-        ``torchrun`` starts in sessions of their own."""
+        ``torchrun`` starts in sessions of their own. ``stacks`` (a timeout): SIGABRT to each first, so that a
+        hung run's log shows where each process was (``PYTHONFAULTHANDLER``, :func:`train_env`), 3 s at most."""
         import psutil
         if self.poll() is None:
             self.stopped_because = reason
             try:
                 tree = psutil.Process(self.proc.pid).children(recursive=True)
+                if stacks:
+                    self._dump_stacks(tree)
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, psutil.NoSuchProcess):
                 tree = []
@@ -357,6 +361,24 @@ class TrainJob:
                     pass
         self.proc.wait()
         self.poll()
+
+    def _dump_stacks(self, tree) -> None:
+        """SIGABRT to the processes under the launcher (``tree``), then to the launcher (its own end must not end
+        them first), and up to 3 s for them to write their stacks and end. (The launcher is waited for through
+        ``self.proc``: psutil would reap it and leave Popen an exit code of 0.)"""
+        import psutil
+        for process in tree:
+            try:
+                process.send_signal(signal.SIGABRT)
+            except psutil.NoSuchProcess:
+                pass
+        deadline = time.monotonic() + 3
+        try:
+            self.proc.send_signal(signal.SIGABRT)
+            psutil.wait_procs(tree, timeout=3)
+            self.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
 
     def close(self) -> None:
         self.pump()
@@ -416,7 +438,7 @@ def wait_jobs(jobs: Sequence[TrainJob], timeout: float, grace: float = 120, inte
                 time.sleep(interval)
                 continue
             for job in running:
-                job.kill(reason)
+                job.kill(reason, stacks=job.timed_out)
     finally:
         for job in jobs:
             job.kill('stopped: the caller was interrupted')  # no-op for ended jobs

@@ -13,6 +13,16 @@ import torch
 from tests.engine.toy import ToyRegressionModel
 
 
+def _sleep(seconds: float) -> None:
+    """A slow step: ``seconds`` in slices of 50 ms, as a step runs Python between its operators. The kernel may hand
+    a signal for the process to any of its threads that does not block it (TensorBoard's writer, a DataLoader queue's
+    feeder); its Python handler then runs at the main thread's next bytecode, and one ``time.sleep(3600)`` has none
+    for an hour: the stop under test never came (3 runs of 16 on a loaded 2-core machine; faulthandler's stacks)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+
+
 class PausingToyModel(ToyRegressionModel):
 
     def __init__(self, pause_at_iter: int = 0, pause_rank: int = 0, pause_how: str = 'stop', pause_s: float = 3600,
@@ -29,7 +39,7 @@ class PausingToyModel(ToyRegressionModel):
             if pause and self.pause_how == 'stop':
                 os.kill(os.getpid(), signal.SIGSTOP)
             elif pause and self.pause_how == 'sleep':
-                time.sleep(self.pause_s)
+                _sleep(self.pause_s)
         out = super().forward(data, data_samples, mode)
         if pause and self.pause_how == 'backward':
             out['loss'] = out['loss'] + self._checkpointed_branches(data['inputs'])
@@ -41,7 +51,7 @@ class PausingToyModel(ToyRegressionModel):
 
         def branch(k, x):
             if recomputing:   # the second call of a branch: its recompute, inside backward()
-                time.sleep(self.pause_s)
+                _sleep(self.pause_s)
             return (torch.tanh(self.proj(x)) @ self.proj.weight).pow(2).mean() * 0.0 * k
 
         total = sum(checkpoint(branch, k, inputs, use_reentrant=False) for k in range(1, 9))

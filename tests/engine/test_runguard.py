@@ -178,7 +178,8 @@ def test_a_stopped_rank_stops_the_run_within_the_stall_timeout(tmp_path):
                 except ProcessLookupError:
                     pass
     assert not out.timed_out and out.returncode != 0, out.summary()
-    assert ended - stopped['alive'] < 5 + 20, out.summary()  # the stall timeout and a loaded machine's margin
+    # the stall timeout and a loaded machine's margin (gloo alone would wait 30 minutes): a loaded CI machine read 29 s
+    assert ended - stopped['alive'] < 5 + 40, out.summary()
     stalled = [line for line in out.log.splitlines() if 'train: STALLED: ' in line]
     assert stalled, out.summary()
     assert stalled[0].endswith(

@@ -91,7 +91,11 @@ def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, ext
         for _ in range(0 if worker else signals):   # (a second one 20 ms after the first: two Ctrl-C, kill twice)
             (os.killpg if group else os.kill)(job.proc.pid, sig)
             time.sleep(0.02)
-        code = job.proc.wait(timeout=60)
+        try:
+            code = job.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:   # where it hung: each process's stacks (TrainJob.kill), then the log
+            job.kill('still running 60 s after the signal', stacks=True)
+            pytest.fail(f'still running 60 s after the signal; the log:\n{job.read_log()[-8000:]}')
     finally:
         job.kill('test over')
         job.close()

@@ -98,7 +98,7 @@ def main() -> int:
     nproc, rest = nproc_option(sys.argv[1:])
     from xtuner_plugins.deferred_imports import used_packages   # the standard library only: no torch here
     if nproc is not None and (nproc > 1 or 'deepspeed' in used_packages(rest)):  # the launcher
-        return launch_ranks(nproc, rest)   # (one DeepSpeed rank too: it needs the launcher's variables)
+        exit_now(launch_ranks(nproc, rest))   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
     with noting_interrupts():   # to the end: a signal after the first, or during the exit, is noted, not raised
         try:
@@ -110,20 +110,22 @@ def main() -> int:
         except KeyboardInterrupt:   # Ctrl-C (or SIGTERM) while the libraries are still loading
             code = _stopped_early()
         _RUN['ending'] = True   # the outcome is decided: a signal from here on is noted, not raised
-        if code:
-            _quiet_sigchld()   # (the launcher stopping a failed rank's group ends its DataLoader workers too)
-            exit_now(code)
-    # done: the interpreter's teardown (a second or more) is the run's too: a signal there ended a finished run with
-    # -15 or a KeyboardInterrupt's traceback, and no line after its last save
-    for sig in noting_interrupts.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    return code
+        # (the launcher stopping a failed rank's group ends its DataLoader workers too; multiprocessing's exit handler
+        # ends them after a run that finished)
+        _quiet_sigchld()
+        exit_now(code)
+    return code   # (not reached)
 
 
 def exit_now(code: int) -> None:
-    """End a run that stopped (Ctrl-C, a failure) with ``code`` at once, as a forked rank ends
-    (``local_launch.exit_now``: threads joined, the atexit handlers run, then ``os._exit``), without the
-    interpreter's teardown.
+    """End this process with ``code`` as a forked rank ends (``local_launch.exit_now``: threads joined, the atexit
+    handlers run, then ``os._exit``), without the interpreter's teardown: the launcher after its ranks, a run that
+    finished, stopped or failed.
+
+    The teardown's garbage collections walk every object the libraries made: a toy run's exit came 1.4-1.7 s after
+    its last line (0.07 s without), a launcher's 3.2 s after its line that the ranks ended (0.2-0.4 s without; an
+    AMX Xeon, nothing else running), where a loaded CI machine read 24 s from a stalled rank's STALLED line to the
+    launcher's end. A signal in the teardown ended a finished run with -15 or a KeyboardInterrupt's traceback.
 
     A Ctrl-C (or an error) raised inside ``backward()`` (activation checkpointing's saved-tensor hooks run Python
     there: the CPU default ``llm_grad_ckpt_layers='auto'``) leaves autograd nodes in the engine's thread-local ready

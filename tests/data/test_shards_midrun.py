@@ -3,6 +3,7 @@ by another shard job, after start-up checked it, stops the stream in one line na
 printed without a traceback), never read as if it were the shard ``shards.json`` describes."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -62,7 +63,8 @@ def test_a_shard_cut_while_read_is_a_stated_error(shards):
     path = root / 'out' / 'shard-000002.tar'
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    ds.sizes[2] = None  # as an older shards.json without sizes: the tar's own end is what says it
+    ds.sizes[2] = None  # as an older shards.json without sizes, cut before start-up: the tar's own end says it
+    ds.stamps[2] = None
     with pytest.raises(Stated, match=r'shard-000002.tar: the tar (cannot be read after its \d samples .*|ends '
                                      r'after \d of its 2 samples: truncated)'):
         take(ds, 6)
@@ -88,27 +90,65 @@ def test_a_set_of_many_shards_is_checked_with_two_file_system_calls_a_shard(tmp_
     assert len(calls) <= 2 * 50 + 10, len(calls)
 
 
-def test_a_shard_of_the_same_size_put_in_its_place_is_met_once_read_through(shards, tmp_path):
-    """The same samples sharded with another seed: every shard of the same bytes, other samples in each. Sizes
-    alone were compared: its samples were read as the listed ones (some twice, others never), by training and
-    check_dataset alike; the digest shards.json records is compared now, once the shard is read through."""
+def same_size_other_shard(ds, root):
+    """The same samples sharded with another seed: every shard of the same bytes, other samples in each; the
+    listed and the other shard-000001.tar's entries."""
     import json
-
-    from xtuner_plugins.data.shards import check_shards
-    ds, root = shards
     source = InternVLDataset(str(root / 'a.jsonl'), image_folders=str(root / 'i'), cache_dir=str(root / 'cache'),
                              tokenizer=ds.samples.tokenizer, image_size=28, max_dynamic_patch=4)
     write_shards(source, str(root / 'seed1'), samples_per_shard=2, max_shard_bytes=1 << 20, seed=1)
     listed = json.loads((root / 'out' / 'shards.json').read_text())['shards'][1]
     other = json.loads((root / 'seed1' / 'shards.json').read_text())['shards'][1]
     assert other['bytes'] == listed['bytes'] and other['digest'] != listed['digest']
+    return listed, other
+
+
+def test_a_shard_of_the_same_size_put_in_its_place_before_start_up_is_met_once_read_through(shards):
+    """Sizes alone were compared: its samples were read as the listed ones (some twice, others never), by training
+    and check_dataset alike; the digest shards.json records is compared now, once the shard is read through."""
+    from xtuner_plugins.data.shards import check_shards
+    ds, root = shards
+    listed, other = same_size_other_shard(ds, root)
     shutil.copy(root / 'seed1' / 'shard-000001.tar', root / 'out' / 'shard-000001.tar')
     said = (rf"^{root}/out/shard-000001.tar: its samples are not the ones shards.json records \(their digest "
             rf"{other['digest']}, recorded {listed['digest']}\): another shard of the same size put in its place")
+    started = ShardDataset(str(root / 'out'), dict(tokenizer=ds.samples.tokenizer, image_size=28,
+                                                   max_dynamic_patch=4, max_bad_fraction=1), shuffle=False, rank=0,
+                           world_size=1)
     with pytest.raises(Stated, match=said):
-        take(ds, 6)
+        take(started, 6)
     with pytest.raises(Stated, match=said):
         check_shards(str(root / 'out'))
+
+
+@pytest.mark.parametrize('how', ['written over', 'another file put in its place'])
+def test_a_shard_of_the_same_size_put_in_its_place_after_start_up_is_refused_before_its_first_sample(shards, how):
+    """After start-up (another shard job writing into the folder): met only at the shard's end, its samples
+    trained on by then; now the stream stops as the shard is opened, before any of its samples, whether the file
+    was written over (``cp``: the same inode, a new modification time) or another renamed over it (``mv``)."""
+    ds, root = shards
+    same_size_other_shard(ds, root)
+    path = root / 'out' / 'shard-000001.tar'
+    if how == 'written over':
+        shutil.copy(root / 'seed1' / 'shard-000001.tar', path)
+    else:
+        shutil.copy2(root / 'seed1' / 'shard-000001.tar', root / 'out' / 'new.tmp')
+        os.replace(root / 'out' / 'new.tmp', path)
+    stream, given = iter(ds), []
+    with pytest.raises(Stated) as err:
+        for _ in range(6):
+            given.append(next(stream)['samples'][0])
+    assert len(given) == 2   # shard-000000's, none of shard-000001's
+    ds.sizes[1] = None   # an older shards.json, without sizes: the same
+    path.write_bytes(path.read_bytes()[:-512])
+    with pytest.raises(Stated, match=rf'^{root}/out/shard-000001.tar: (written over|another file put in its place) '
+                                     rf'after the run started, \d+ bytes, \d+ when it started \(cut or grown; '):
+        take(ds, 6)
+    assert re.fullmatch(rf'{root}/out/shard-000001.tar: {how} after the run started, at the same size \(\d+ bytes; '
+                        r'modified \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\): its samples may not be the ones '
+                        r'shards.json lists \(another shard job writing into this folder\?\); write the shard set '
+                        r'again with tools/shard_dataset.py, into a new folder, or start the run again if the shard '
+                        r'is the same', str(err.value)), str(err.value)
 
 
 def edit_index(root, edit):

@@ -8,23 +8,25 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from xtuner_plugins.errors import Stated
 
 from .strictjson import DuplicateKey, loads
 
-__all__ = ['FORMAT', 'INDEX', 'REWRITE', 'ShardDamaged', 'index_problem', 'is_count', 'read_index', 'read_shard']
+__all__ = ['FORMAT', 'INDEX', 'REWRITE', 'ShardDamaged', 'index_problem', 'is_count', 'read_index', 'read_shard',
+           'stamp']
 
 INDEX = 'shards.json'
 FORMAT = 'xtuner-plugins-shards/1'
 REWRITE = 'write the shard set again with tools/shard_dataset.py'
 
 
-def read_index(folder: str, allow_links_outside: bool = False) -> dict:
+def read_index(folder: str, allow_links_outside: bool = False, stamps: Optional[List[Tuple]] = None) -> dict:
     """A shard set's ``shards.json``; a ValueError naming the folder when it is not a complete shard set, or a
     shard's size is not the one recorded (truncated or changed after it was written), and naming ``shards.json``
-    when it is not one (:func:`index_problem`: a key missing or of the wrong kind, a shard outside the folder)."""
+    when it is not one (:func:`index_problem`: a key missing or of the wrong kind, a shard outside the folder).
+    ``stamps``, a list, gets each shard's :func:`stamp` as this start-up found it (for :func:`read_shard`)."""
     path = os.path.join(folder, INDEX)
     if not os.path.isfile(path):
         raise ValueError(f'{folder}: no {INDEX}: not a shard set, or one whose writing did not finish '
@@ -50,7 +52,8 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
     problem = index_problem(index, folder, allow_links_outside)
     if problem:
         raise ValueError(f'{path}: {problem}')
-    sizes = [_size(os.path.join(folder, s['file'])) for s in index['shards']]  # one stat a shard: many on Lustre
+    stats = [_stat(os.path.join(folder, s['file'])) for s in index['shards']]  # one stat a shard: many on Lustre
+    sizes = [None if st is None else st.st_size for st in stats]
     missing = [s['file'] for s, size in zip(index['shards'], sizes) if size is None]
     if missing:
         raise ValueError(f'{folder}: {len(missing)} of its {len(index["shards"])} shards are missing, first '
@@ -59,6 +62,8 @@ def read_index(folder: str, allow_links_outside: bool = False) -> dict:
         if shard.get('bytes') is not None and size != shard['bytes']:
             raise ValueError(f'{os.path.join(folder, shard["file"])}: {size} bytes, {INDEX} says {shard["bytes"]}: '
                              f'truncated or changed after it was written; {REWRITE}')
+    if stamps is not None:
+        stamps[:] = [stamp(st) for st in stats]
     return index
 
 
@@ -69,13 +74,26 @@ def _reason(exc: BaseException) -> str:
     return first.split(' @ ')[0] or type(exc).__name__
 
 
-def _size(path: str) -> Optional[int]:
-    """The size of the regular file at ``path`` (links followed), None when there is none."""
+def _stat(path: str) -> Optional[os.stat_result]:
+    """The ``stat`` of the regular file at ``path`` (links followed), None when there is none."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def stamp(st: os.stat_result) -> Tuple[int, int, int, int]:
+    """What tells one file from another put in its place, or from itself written over: its device and inode (a
+    file renamed over it: ``cp`` to a temporary name and ``mv``, a shard job's atomic rename), its modification time
+    (written over in place) and its size."""
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _when(ns: int) -> str:
+    """A modification time in nanoseconds as local time to the second."""
+    import time
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ns / 1e9))
 
 
 def is_count(value: Any) -> bool:
@@ -145,12 +163,14 @@ class ShardDamaged(Stated, ValueError):
 
 
 def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: Optional[int] = None,
-               digest: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+               digest: Optional[str] = None, started: Optional[Tuple] = None) -> Iterator[Dict[str, Any]]:
     """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
     A shard no longer there, no longer of its ``size`` in bytes (``shards.json``'s, checked at start-up: a shard
-    written over since), that cannot be read, that ends before its ``expected`` samples or holds more, or whose
-    samples read through are not the ones of its ``digest`` (``shards.json``'s: another shard of the same size put
-    in its place, met once it is read whole) is a :class:`ShardDamaged` naming it (and the samples read)."""
+    written over since), no longer the file start-up found (``started``, its :func:`stamp` then: another file of the
+    same size put in its place, or this one written over, since), that cannot be read, that ends before its
+    ``expected`` samples or holds more, or whose samples read through are not the ones of its ``digest``
+    (``shards.json``'s: another shard of the same size put in its place before start-up, met once it is read
+    whole) is a :class:`ShardDamaged` naming it (and the samples read), the first three before any sample."""
     import hashlib
     import tarfile
 
@@ -164,10 +184,19 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
                                           f'{INDEX} lists it)' if gone else f'cannot be opened ({exc.strerror})') +
                            f'; {REWRITE}, or put it back') from None
     with stream:
-        now = os.fstat(stream.fileno()).st_size
+        opened = os.fstat(stream.fileno())
+        now = opened.st_size
         if size is not None and now != size:
             raise ShardDamaged(f'{path}: {now} bytes, {INDEX} says {size}: written over or cut after the run started '
                                f'(another shard job writing into this folder?); {REWRITE}, into a new folder')
+        if started is not None and stamp(opened) != tuple(started):
+            was = 'another file put in its place' if stamp(opened)[:2] != tuple(started)[:2] else 'written over'
+            sized = (f'at the same size ({now} bytes' if now == started[3] else
+                     f'{now} bytes, {started[3]} when it started (cut or grown')
+            raise ShardDamaged(f'{path}: {was} after the run started, {sized}; modified '
+                               f'{_when(opened.st_mtime_ns)}): its samples may not be the ones {INDEX} lists '
+                               f'(another shard job writing into this folder?); {REWRITE}, into a new folder, or '
+                               f'start the run again if the shard is the same')
         read = hashlib.sha1()   # of its records in order, as the writer's digest
         try:
             for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):

@@ -135,7 +135,8 @@ class ShardSamples(InternVLDataset):
 
     def read_files(self, shards, image_folders, repeat_times, max_dynamic_patches) -> None:
         """The shard set's sources and sample count, from its ``shards.json`` (no annotation file is read)."""
-        self.shard_folder, self.index = shards, read_index(shards, self.allow_links_outside)
+        self.stamps: List[Tuple] = []   # each shard as start-up found it: one put in its place after is refused
+        self.shard_folder, self.index = shards, read_index(shards, self.allow_links_outside, self.stamps)
         self.sources = [DataSource(name=os.path.basename(s['annotation']), annotation=s['annotation'],
                                    image_folder=None, max_dynamic_patch=s.get('max_dynamic_patch'))
                         for s in self.index['sources']]
@@ -208,6 +209,7 @@ class ShardDataset(StreamingDataset):
         self.expected = [int(s['samples']) for s in self.index['shards']]
         self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
         self.digests = [s.get('digest') for s in self.index['shards']]  # checked as each is read through
+        self.stamps = list(getattr(dataset, 'stamps', None) or [None] * len(self.shards))   # as each is opened
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
     geometry = property(lambda self: self.samples.geometry)
@@ -254,7 +256,7 @@ class ShardDataset(StreamingDataset):
             while j < len(mine):
                 shard = order(mine[j])
                 samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard],
-                                     self.digests[shard])
+                                     self.digests[shard], self.stamps[shard])
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
@@ -277,7 +279,8 @@ class ShardDataset(StreamingDataset):
         found = {}
         for shard, positions in wanted.items():
             first = min(positions)
-            for position, sample in enumerate(read_shard(self.shards[shard], first, size=self.sizes[shard]), first):
+            for position, sample in enumerate(read_shard(self.shards[shard], first, size=self.sizes[shard],
+                                                         started=self.stamps[shard]), first):
                 if position in positions:
                     found[shard, position] = shard_record(sample, len(self.samples.sources))
                 if position >= max(positions):

@@ -349,11 +349,14 @@ class TrainJob:
             self.stopped_because = reason
             try:
                 tree = psutil.Process(self.proc.pid).children(recursive=True)
-                if stacks:
-                    self._dump_stacks(tree)
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, psutil.NoSuchProcess):
+            except psutil.NoSuchProcess:
                 tree = []
+            if stacks:
+                self._dump_stacks(tree)
+            try:   # (the group may be gone after the stacks; a rank in a session of its own may not)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             for process in tree:
                 try:
                     process.kill()

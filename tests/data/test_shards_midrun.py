@@ -139,16 +139,16 @@ def test_a_shard_of_the_same_size_put_in_its_place_after_start_up_is_refused_bef
         for _ in range(6):
             given.append(next(stream)['samples'][0])
     assert len(given) == 2   # shard-000000's, none of shard-000001's
-    ds.sizes[1] = None   # an older shards.json, without sizes: the same
-    path.write_bytes(path.read_bytes()[:-512])
-    with pytest.raises(Stated, match=rf'^{root}/out/shard-000001.tar: (written over|another file put in its place) '
-                                     rf'after the run started, \d+ bytes, \d+ when it started \(cut or grown; '):
-        take(ds, 6)
     assert re.fullmatch(rf'{root}/out/shard-000001.tar: {how} after the run started, at the same size \(\d+ bytes; '
                         r'modified \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\): its samples may not be the ones '
                         r'shards.json lists \(another shard job writing into this folder\?\); write the shard set '
                         r'again with tools/shard_dataset.py, into a new folder, or start the run again if the shard '
                         r'is the same', str(err.value)), str(err.value)
+    ds.sizes[1] = None   # an older shards.json, without sizes: the same
+    path.write_bytes(path.read_bytes()[:-512])
+    with pytest.raises(Stated, match=rf'^{root}/out/shard-000001.tar: (written over|another file put in its place) '
+                                     rf'after the run started, \d+ bytes, \d+ when it started \(cut or grown; '):
+        take(ds, 6)
 
 
 def edit_index(root, edit):

@@ -189,7 +189,11 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
         if size is not None and now != size:
             raise ShardDamaged(f'{path}: {now} bytes, {INDEX} says {size}: written over or cut after the run started '
                                f'(another shard job writing into this folder?); {REWRITE}, into a new folder')
-        if started is not None and stamp(opened) != tuple(started):
+        # (the path's stat, the call start-up made, not the descriptor's: overlayfs documents that a file's st_dev
+        # and st_ino may come from the layer serving it; a file put there after the open is refused too)
+        here = _stat(path) if started is not None else None
+        if started is not None and (here is None or stamp(here) != tuple(started)):
+            opened = here or opened
             was = 'another file put in its place' if stamp(opened)[:2] != tuple(started)[:2] else 'written over'
             sized = (f'at the same size ({now} bytes' if now == started[3] else
                      f'{now} bytes, {started[3]} when it started (cut or grown')

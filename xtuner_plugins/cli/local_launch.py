@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Union
 
 from xtuner_plugins.signals import parent_death_signal
 
@@ -172,7 +172,7 @@ def _run_forked(entry, argv, env, pdeathsig, launcher: int, told: int) -> None:
         exit_now(int(code) & 0xFF if isinstance(code, int) else 1)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End this process with ``code`` as an interpreter's exit ends it, less its teardown: non-daemon threads
     joined, the atexit handlers (logs, worker processes, a run lock's release), the streams flushed, then
     ``os._exit``. For a forked rank (never back into the launcher's frames), and for ``tools/train.py`` after a run

@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import List, Optional, Tuple
+from typing import List, NoReturn, Optional, Tuple
 from unittest import mock
 
 from xtuner_plugins.cli.train_failures import (config_import_hint, failure_message, lost_peer, recorded_source_hint,
@@ -114,10 +114,9 @@ def main() -> int:
         # ends them after a run that finished)
         _quiet_sigchld()
         exit_now(code)
-    return code   # (not reached)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End this process with ``code`` as a forked rank ends (``local_launch.exit_now``: threads joined, the atexit
     handlers run, then ``os._exit``), without the interpreter's teardown: the launcher after its ranks, a run that
     finished, stopped or failed.

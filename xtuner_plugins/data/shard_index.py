@@ -190,15 +190,15 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
             raise ShardDamaged(f'{path}: {now} bytes, {INDEX} says {size}: written over or cut after the run started '
                                f'(another shard job writing into this folder?); {REWRITE}, into a new folder')
         # (the path's stat, the call start-up made, not the descriptor's: overlayfs documents that a file's st_dev
-        # and st_ino may come from the layer serving it; a file put there after the open is refused too)
+        # and st_ino may come from the layer serving it; a file put there, or removed, after the open is refused too)
         here = _stat(path) if started is not None else None
-        if started is not None and (here is None or stamp(here) != tuple(started)):
-            opened = here or opened
-            was = 'another file put in its place' if stamp(opened)[:2] != tuple(started)[:2] else 'written over'
-            sized = (f'at the same size ({now} bytes' if now == started[3] else
-                     f'{now} bytes, {started[3]} when it started (cut or grown')
+        if started is not None and (here is None or stamp(here) != started):
+            here = here or opened   # (removed since the open: what the message can say is the opened file's)
+            was = 'another file put in its place' if stamp(here)[:2] != started[:2] else 'written over'
+            sized = (f'at the same size ({here.st_size} bytes' if here.st_size == started[3] else
+                     f'{here.st_size} bytes, {started[3]} when it started (cut or grown')
             raise ShardDamaged(f'{path}: {was} after the run started, {sized}; modified '
-                               f'{_when(opened.st_mtime_ns)}): its samples may not be the ones {INDEX} lists '
+                               f'{_when(here.st_mtime_ns)}): its samples may not be the ones {INDEX} lists '
                                f'(another shard job writing into this folder?); {REWRITE}, into a new folder, or '
                                f'start the run again if the shard is the same')
         read = hashlib.sha1()   # of its records in order, as the writer's digest

@@ -209,7 +209,7 @@ class ShardDataset(StreamingDataset):
         self.expected = [int(s['samples']) for s in self.index['shards']]
         self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
         self.digests = [s.get('digest') for s in self.index['shards']]  # checked as each is read through
-        self.stamps = list(getattr(dataset, 'stamps', None) or [None] * len(self.shards))   # as each is opened
+        self.stamps = dataset.stamps   # each shard as start-up found it, compared as each is opened
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
     geometry = property(lambda self: self.samples.geometry)

@@ -1,12 +1,13 @@
 """Every registered chat template (``internvl2_5``, InternVL 2.0's ``Hermes-2``, ``internlm2-chat`` and ``phi3-chat``,
-and ``llama3``), each with a tokenizer of its own family (the tiny look-alikes of Qwen2.5's, Phi-3's and Llama 3's:
-their special tokens, bos, eos and own chat template):
+``llama3`` and ``gemma``), each with a tokenizer of its own family (the tiny look-alikes of Qwen2.5's, Phi-3's, Llama
+3's and Gemma's: their special tokens, bos, eos and own chat template):
 
 * one definition: the training text is what the converted folder's ``conversation.py`` (InternVL's interface,
   ``chat()``'s prompt) writes, turn for turn;
 * what is supervised is each answer and its stop word, nothing of the markers around them;
 * a converted folder's chat template (vLLM, transformers' ``apply_chat_template``) gives the training ids;
-* ``llama3``'s training text is Llama 3 Instruct's own format: a Llama 3 LLM keeps the turns it was tuned on;
+* ``llama3``'s and ``gemma``'s training texts are Llama 3 Instruct's and Gemma's own formats (Gemma's with the system
+  message opening the first user turn): such an LLM keeps the turns it was tuned on;
 * a tokenizer of another family is refused, naming the templates that fit it.
 """
 
@@ -20,11 +21,11 @@ from xtuner_plugins.data.tokenize import render_turns, tokenize_conversation
 from xtuner_plugins.errors import Refused
 from xtuner_plugins.models.export.files import save_tokenizer
 from xtuner_plugins.remote_code.conversation import get_conv_template
-from xtuner_plugins.tiny.tokenizer import LLAMA3_TEMPLATE, build_tiny_tokenizer
+from xtuner_plugins.tiny.tokenizer import CHAT_FAMILIES, build_tiny_tokenizer
 
 #: each template's tokenizer family (tiny/tokenizer.py's CHAT_FAMILIES)
 FAMILY = {'internvl2_5': 'chatml', 'Hermes-2': 'chatml', 'internlm2-chat': 'chatml', 'phi3-chat': 'phi3',
-          'llama3': 'llama3'}
+          'llama3': 'llama3', 'gemma': 'gemma'}
 TURNS = [('What colour is the square?', 'The square is blue.'), ('And the circle?', 'Red, and small.')]
 
 
@@ -71,11 +72,23 @@ def test_the_system_turn_of_an_empty_system_message():
     for name in ('internvl2_5', 'phi3-chat'):
         roles = [r for r, _ in render_turns(parse_conversation(conversation(''), 0, name), '')]
         assert roles[0] == 'system'
-    llama3 = get_template('llama3')
-    assert llama3.default_system == ''
-    for system in (None, ''):
-        assert [r for r, _ in render_turns(parse_conversation(conversation(system), 0, llama3), '')] == [
-            'human', 'gpt', 'human', 'gpt']
+    for name in ('llama3', 'gemma'):
+        template = get_template(name)
+        assert template.default_system == ''
+        for system in (None, ''):
+            turns = render_turns(parse_conversation(conversation(system), 0, template), '')
+            assert [r for r, _ in turns] == ['human', 'gpt', 'human', 'gpt']
+            assert turns[0][1] == template.render_user(TURNS[0][0])
+
+
+def test_gemma_opens_the_first_user_turn_with_the_system_message():
+    """Gemma has no system turn: the message and a blank line start the first user turn, and only the first."""
+    from xtuner_plugins.data.conversation import parse_conversation
+    turns = render_turns(parse_conversation(conversation('Be brief.'), 1, 'gemma'), '<IMG>')
+    assert turns == [('human', '<start_of_turn>user\nBe brief.\n\n<IMG>\n' + TURNS[0][0] + '<end_of_turn>\n'),
+                     ('gpt', '<start_of_turn>model\n' + TURNS[0][1] + '<end_of_turn>\n'),
+                     ('human', '<start_of_turn>user\n' + TURNS[1][0] + '<end_of_turn>\n'),
+                     ('gpt', '<start_of_turn>model\n' + TURNS[1][1] + '<end_of_turn>\n')]
 
 
 @pytest.mark.parametrize('name', sorted(FAMILY))
@@ -120,19 +133,21 @@ def test_the_converted_folders_chat_template_gives_the_training_ids(name, system
         sample['input_ids'][:start]
 
 
+@pytest.mark.parametrize('name', ['llama3', 'gemma'])
 @pytest.mark.parametrize('system', [None, 'Be brief.'])
-def test_llama3_trains_on_llama3s_own_format(system, tokenizers):
-    """The training ids are those of Llama 3 Instruct's own chat template (the look-alike tokenizer carries it)."""
-    tokenizer = tokenizers['llama3']
-    assert tokenizer.chat_template == LLAMA3_TEMPLATE
+def test_llama3_and_gemma_train_on_their_own_formats(name, system, tokenizers):
+    """The training ids are those of Llama 3 Instruct's and Gemma 3's own chat templates (the look-alike tokenizers
+    carry them)."""
+    tokenizer = tokenizers[FAMILY[name]]
+    assert tokenizer.chat_template == CHAT_FAMILIES[FAMILY[name]]['template']
     messages = [{'role': 'system', 'content': system}] if system is not None else []
     for question, answer in TURNS:
         messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
     own = tokenizer.apply_chat_template(messages, tokenize=True)
-    assert tokenize_conversation(conversation(system), tokenizer, [], 'llama3')['input_ids'] == list(own)
+    assert tokenize_conversation(conversation(system), tokenizer, [], name)['input_ids'] == list(own)
 
 
-@pytest.mark.parametrize('family, fits', [('llama3', ['llama3']), ('phi3', ['phi3-chat']),
+@pytest.mark.parametrize('family, fits', [('llama3', ['llama3']), ('phi3', ['phi3-chat']), ('gemma', ['gemma']),
                                           ('chatml', ['Hermes-2', 'internlm2-chat', 'internvl2_5'])])
 def test_a_tokenizer_of_another_family_is_refused_naming_the_templates_that_fit(family, fits, tokenizers):
     tokenizer = tokenizers[family]

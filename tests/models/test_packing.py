@@ -312,3 +312,36 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
     with torch.no_grad():
         model(batch, mode='tensor')   # padded rows: transformers' own window mask
+
+
+def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be_dropped(tiny, batch, tmp_path):
+    """Gemma 2's attn_logit_softcapping: transformers' SDPA, and the segment and varlen kernels, take no ``softcap``
+    and trained without it (a tiny Gemma 2 with a cap of 1.0: SDPA's logits apart from eager's, which vLLM and
+    llama.cpp run as); refused at start-up naming the setting; eager, which applies it, trains."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from xtuner_plugins.errors import Refused
+    from xtuner_plugins.tiny import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(add_internvl_tokens=False)
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer) + 32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=1.0,
+                          query_pre_attn_scalar=16, pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
+    llm = Gemma2ForCausalLM(config)
+    llm.save_pretrained(str(tmp_path / 'gemma2'))
+    tokenizer.save_pretrained(str(tmp_path / 'gemma2'))
+    ids = torch.arange(3, 40)[None]
+    logits = {}
+    for attn in ('eager', 'sdpa'):
+        llm.config._attn_implementation = attn
+        with torch.no_grad():
+            logits[attn] = llm(input_ids=ids).logits
+    assert (logits['eager'] - logits['sdpa']).abs().max() > 1e-2   # the cap dropped changes the model
+    gemma2 = dict(tiny, llm=str(tmp_path / 'gemma2'))
+    for attn in ('sdpa', 'sdpa_segments', 'sdpa_varlen'):
+        with pytest.raises(Refused, match=rf"caps its attention logits \(attn_logit_softcapping 1.0\), which "
+                                          rf"attn_implementation='{attn}' does not apply: .* set "
+                                          r"model.attn_implementation to 'eager'"):
+            build(gemma2, attn_implementation=attn)
+    model = build(gemma2, attn_implementation='eager')
+    assert torch.isfinite(model(batch, mode='loss')['loss'])

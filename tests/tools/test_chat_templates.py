@@ -1,7 +1,8 @@
 """A model trained with another chat template than ChatML, through conversion and chat: a Llama LLM with Llama 3
-Instruct's tokenizer (``model.template=llama3``: a bos added, no pad token, ``<|eot_id|>`` ends an answer) and a
-Qwen2 LLM with Phi-3's markers (``phi3-chat``, as InternVL2-4B). LoRA checkpoints with every trained tensor
-perturbed (as test_convert_to_official does); each converted folder (official: ``chat()`` of its own
+Instruct's tokenizer (``model.template=llama3``: a bos added, no pad token, ``<|eot_id|>`` ends an answer), a Qwen2
+LLM with Phi-3's markers (``phi3-chat``, as InternVL2-4B) and a Gemma 3 LLM with Gemma's tokenizer (``gemma``: the
+system message opens the first user turn; sliding-window layers, scaled embeddings). LoRA checkpoints with every
+trained tensor perturbed (as test_convert_to_official does); each converted folder (official: ``chat()`` of its own
 ``conversation.py``; hf: transformers' InternVL and the folder's chat template) answers two turns as the training
 model does with the training pipeline's prompts, and stops at the template's stop word.
 """
@@ -20,9 +21,10 @@ from xtuner_plugins.data.tiling import image_tiles
 from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.models.inference import ConvertedModel
 from xtuner_plugins.tiny import write_tiny_llm
+from xtuner_plugins.tiny.tokenizer import CHAT_FAMILIES
 
 # template -> (LLM architecture, tokenizer family)
-CASES = {'llama3': ('llama', 'llama3'), 'phi3-chat': ('qwen2', 'phi3')}
+CASES = {'llama3': ('llama', 'llama3'), 'phi3-chat': ('qwen2', 'phi3'), 'gemma': ('gemma3', 'gemma')}
 Q1, Q2 = 'Describe the image.', 'What colour is it?'
 
 
@@ -97,8 +99,8 @@ def test_a_batch_pads_with_the_stop_word_and_generation_never_guesses_a_pad(trai
     from transformers import AutoTokenizer
     from xtuner_plugins.data.template import get_template
     folder = trained['folders'][fmt]
-    assert AutoTokenizer.from_pretrained(folder).pad_token == (
-        get_template(trained['name']).stop_word if trained['name'] == 'llama3' else '<|endoftext|>')
+    own_pad = CHAT_FAMILIES[CASES[trained['name']][1]]['pad']   # Phi-3's <|endoftext|>, Gemma's <pad>; Llama 3: none
+    assert AutoTokenizer.from_pretrained(folder).pad_token == (own_pad or get_template(trained['name']).stop_word)
     records = []
 
     class Kept(logging.Handler):

@@ -72,6 +72,27 @@ def test_chat_gives_the_llm_another_familys_tokenizer(tmp_path):
     assert (llm['bos_token_id'], llm['eos_token_id']) == (tok.bos_token_id, tok.eos_token_id)
 
 
+def test_a_gemma3_llm_with_gemmas_tokenizer(tmp_path):
+    """--llm gemma3 --chat gemma: Gemma 3's text LLM (sliding-window layers and a full one) with Gemma's special
+    tokens, bos <bos> added, eos <eos>, pad <pad>, and Gemma 3's own template (a system message opens the first user
+    turn)."""
+    from transformers import AutoTokenizer
+    result = subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'out'), '--llm', 'gemma3',
+                             '--chat', 'gemma'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = str(tmp_path / 'out' / 'llm')
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ('<bos>', '<eos>', '<pad>')
+    assert tok('a').input_ids[0] == tok.bos_token_id
+    messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        '<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n'
+    llm = json.load(open(os.path.join(folder, 'config.json')))
+    assert llm['architectures'] == ['Gemma3ForCausalLM']
+    assert llm['layer_types'] == ['sliding_attention', 'full_attention'] and llm['sliding_window'] == 512
+    assert (llm['bos_token_id'], llm['eos_token_id']) == (tok.bos_token_id, tok.eos_token_id)
+
+
 def test_folders_holding_files_are_refused_unless_overwrite(tmp_path):
     """Run over a folder of models it replaced their files without asking (a real model's config.json, a shard
     deleted by save_pretrained), and checkpoints trained on tiny/ stopped converting (an adversarial sweep)."""

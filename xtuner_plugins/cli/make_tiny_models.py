@@ -3,14 +3,16 @@
 Usage::
 
     python tools/make_tiny_models.py OUT_DIR [--vision internvit|siglip|clip] [--llm qwen2|qwen3|llama]
-        [--chat chatml|llama3|phi3] [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2] [--vision-heads 4]
+        [--chat chatml|llama3|phi3|gemma] [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2]
+        [--vision-heads 4]
 
 Writes ``OUT_DIR/<vision>``: InternViT in OpenGVLab's on-disk layout (config.json + model.safetensors with
 the official keys), or a whole SigLIP / CLIP folder as google/siglip-so400m-patch14-384 and
 openai/clip-vit-large-patch14-336 are published (with preprocessor_config.json); and ``OUT_DIR/llm``: a Qwen2,
 Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying Qwen's
-special tokens (``--chat llama3`` / ``phi3``: a tokenizer with Llama 3 Instruct's or Phi-3's special tokens, bos,
-eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat``). The model classes
+special tokens (``--chat llama3`` / ``phi3`` / ``gemma``: a tokenizer with Llama 3 Instruct's, Phi-3's or Gemma's
+special tokens, bos, eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat`` /
+``gemma``). The model classes
 load them with the same code that loads the real checkpoints. Both are 64 wide; the default LLM's 4 heads are 16
 wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2 --llm-kv-heads 1`` gives 32-wide heads, a
 model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument('--llm', choices=TINY_LLM_ARCHS, default='qwen2', help='LLM architecture (default qwen2)')
     p.add_argument('--chat', choices=sorted(CHAT_FAMILIES), default='chatml',
                    help='the tokenizer\'s chat family: its special tokens, bos, eos and own template (default chatml, '
-                        'Qwen2.5\'s; llama3 trains with model.template=llama3, phi3 with phi3-chat)')
+                        'Qwen2.5\'s; llama3 trains with model.template=llama3, phi3 with phi3-chat, gemma with gemma)')
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,
                    help='tile size of the tiny encoder in pixels, a multiple of the 14 px patch; of 28 for '

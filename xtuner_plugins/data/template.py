@@ -87,6 +87,8 @@ class Template:
             script writes ``'Frame-{i}: '``).
         system_optional: an empty system message writes no system turn (Llama 3's rule); else the turn is
             written with nothing in it, as InternVL's templates do.
+        system_in_user: no system turn: ``system`` (``'{system}\\n\\n'``) is written at the start of the first user
+            turn's query, and nothing for an empty system message (Gemma's rule).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Template:
     stop_word: str
     frame_prefix: str = DEFAULT_FRAME_PREFIX
     system_optional: bool = False
+    system_in_user: bool = False
 
     def __post_init__(self):
         if self.system and '{system}' not in self.system:
@@ -121,7 +124,11 @@ class Template:
 
     def writes_system(self, system: str) -> bool:
         """Whether a conversation with this system message has a system turn."""
-        return bool(self.system) and (bool(system) or not self.system_optional)
+        return bool(self.system) and not self.system_in_user and (bool(system) or not self.system_optional)
+
+    def opens_user(self, system: str) -> bool:
+        """Whether this system message is written at the start of the first user turn (``system_in_user``)."""
+        return self.system_in_user and bool(system)
 
     def render_system(self, system: str) -> str:
         return self.system.format(system=system) if self.writes_system(system) else ''
@@ -138,14 +145,17 @@ def _from_conversation(conv) -> Template:
     conversation.py``, InternVL's interface: ``system + sep``, ``role + message + sep`` per turn): one definition of
     each, which training tokenises and a converted folder's ``chat()`` prompts with."""
     sep = conv.sep
-    return Template(name=conv.name, system=conv.system_template.replace('{system_message}', '{system}') + sep,
+    system = conv.system_template.replace('{system_message}', '{system}')
+    return Template(name=conv.name, system=system if conv.system_in_user else system + sep,
                     user=conv.roles[0] + '{query}' + sep, assistant=conv.roles[1] + '{answer}' + sep,
-                    default_system=conv.system_message, stop_word=sep.strip(), system_optional=conv.system_optional)
+                    default_system=conv.system_message, stop_word=sep.strip(), system_optional=conv.system_optional,
+                    system_in_user=conv.system_in_user)
 
 
 #: the registered templates by name: ``internvl2_5`` (InternVL 2.5, ChatML: Qwen2.5, Qwen3, InternLM 2.5), InternVL
 #: 2.0's ``Hermes-2`` and ``internlm2-chat`` (ChatML without a newline after each turn) and ``phi3-chat`` (Phi-3's
-#: markers), and ``llama3`` (Llama 3 Instruct's own turns)
+#: markers), ``llama3`` (Llama 3 Instruct's own turns) and ``gemma`` (Gemma 2 and 3's turns, the system message in
+#: the first user turn)
 TEMPLATES: Dict[str, Template] = {name: _from_conversation(conv) for name, conv in conv_templates.items()}
 #: the template of a first stage that names none (``model.template=None``) and starts from no official folder
 DEFAULT_TEMPLATE = 'internvl2_5'
@@ -213,9 +223,10 @@ def appended_tokens(tokenizer) -> Tuple[str, ...]:
 
 
 def template_markers(template: Union[str, Template]) -> Tuple[str, ...]:
-    """The control markers a template writes around the turns (``<|im_start|>``, ``<|im_end|>``), sorted."""
+    """The control markers a template writes around the turns (``<|im_start|>``, ``<|im_end|>``; Gemma's
+    ``<start_of_turn>``), sorted."""
     template = get_template(template)
-    return tuple(sorted(set(re.findall(r'<\|[^|<>]+\|>', template.system + template.user + template.assistant))
+    return tuple(sorted(set(re.findall(r'<[^<>\s{}]+>', template.system + template.user + template.assistant))
                         | {template.stop_word}))
 
 

@@ -54,13 +54,14 @@ def _render_pieces(conversation: Conversation, image_text: str, pattern) -> List
     def value(text: str, images: bool) -> List[Piece]:
         return [(t.replace(IMAGE_PLACEHOLDER, image_text) if images and not protected else t, protected)
                 for t, protected in _split_markers(text, pattern)]
-    out = ([('system', _fill(tpl.system, 'system', value(conversation.system, False)))]
-           if tpl.writes_system(conversation.system) else [])
-    for role, text in conversation.turns:
+    system = _fill(tpl.system, 'system', value(conversation.system, False)) if tpl.system else []
+    out = [('system', system)] if tpl.writes_system(conversation.system) else []
+    for k, (role, text) in enumerate(conversation.turns):
         if role == 'gpt':
             out.append((role, _fill(tpl.assistant, 'answer', value(text, False))))
-        else:
-            out.append((role, _fill(tpl.user, 'query', value(text, True))))
+        else:   # the system message opens the first user turn where the template has no system turn (Gemma's)
+            opened = system if k == 0 and tpl.opens_user(conversation.system) else []
+            out.append((role, _fill(tpl.user, 'query', opened + value(text, True))))
     return out
 
 

@@ -171,6 +171,23 @@ def sliding_window(config) -> Optional[int]:
     return None if getattr(config, 'use_sliding_window', True) is False else int(window)
 
 
+#: the attention implementations that apply an LLM's attention-logit soft-capping (transformers passes ``softcap``
+#: to each; its SDPA, and this project's segment and varlen kernels, take no such argument and drop it)
+SOFTCAPPING = ('eager', 'flex_attention', 'flash_attention_2')
+
+
+def check_softcap(config, attn: str) -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`) an LLM that caps its attention logits (Gemma 2's
+    ``attn_logit_softcapping``: ``cap * tanh(score / cap)``) under an attention implementation that would train it
+    without the cap, which every runtime serving it (transformers' eager path, vLLM, llama.cpp) applies."""
+    cap = getattr(config, 'attn_logit_softcapping', None)
+    if cap and attn not in SOFTCAPPING:
+        from xtuner_plugins.errors import Refused
+        raise Refused(f'the LLM caps its attention logits (attn_logit_softcapping {cap}), which '
+                      f'attn_implementation={attn!r} does not apply: it would train attention the model never runs; '
+                      f"set model.attn_implementation to 'eager' (or 'flex_attention' / 'flash_attention_2' on a GPU)")
+
+
 def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int]) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) a batch whose attention would ignore the LLM's sliding
     ``window``: packed rows (their block-causal masks and per-sample kernels attend over the whole sample; flash

@@ -18,7 +18,7 @@ from xtuner_plugins.data.template import check_tokenizer_fits
 from xtuner_plugins.data.tiling import IMAGE_MODES
 from xtuner_plugins.errors import Refused
 
-from .attention import ATTN_IMPLEMENTATIONS
+from .attention import ATTN_IMPLEMENTATIONS, check_softcap
 from .llm import check_llm_folder, fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
@@ -84,6 +84,7 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
                 if isinstance(projector, str) and projector == InternVLProjector.name:
                     projector = dict(type=projector, downsample_ratio=downsample_ratio, ps_version=ps_version)
                 mlp1 = build_projector(projector, vision.hidden_size, language_model.config.hidden_size)
+        check_softcap(language_model.config, attn_implementation)
         if tokenizer_path is None:
             raise ValueError('tokenizer is required when llm is a module')
         tok, num_added = load_tokenizer(tokenizer_path)

@@ -42,13 +42,19 @@ class Conversation:
     stop_token_ids: Optional[List[int]] = None
     # An empty system message writes no system turn (Llama 3's own rule); InternVL's templates always write one.
     system_optional: bool = False
+    # No system turn: a system message is written at the start of the first user message, through
+    # ``system_template`` (Gemma's rule: the message and a blank line); an empty one writes nothing.
+    system_in_user: bool = False
 
     def get_prompt(self) -> str:
         if self.sep_style != SeparatorStyle.MPT:
             raise ValueError(f'unsupported separator style {self.sep_style}')
-        prompt = ('' if self.system_optional and not self.system_message else
-                  self.system_template.format(system_message=self.system_message) + self.sep)
-        for role, message in self.messages:
+        system = self.system_template.format(system_message=self.system_message)
+        written = bool(self.system_message) or not (self.system_optional or self.system_in_user)
+        prompt = system + self.sep if written and not self.system_in_user else ''
+        for k, (role, message) in enumerate(self.messages):
+            if k == 0 and self.system_in_user and written and role == self.roles[0]:
+                message = system + (message or '')
             prompt += role + message + self.sep if message else role
         return prompt
 
@@ -94,9 +100,10 @@ def get_conv_template(name: str) -> Conversation:
 
 # The templates, each as InternVL names and writes it (``internvl_chat/internvl/conversation.py``): InternVL 2.5's
 # ChatML; InternVL 2.0's ChatML without the newline after each turn (``Hermes-2``: Nous-Hermes-2 and
-# Hermes-2-Theta-Llama-3 LLMs; ``internlm2-chat``: InternLM2 / 2.5) and its Phi-3 one (``phi3-chat``); and Llama 3
+# Hermes-2-Theta-Llama-3 LLMs; ``internlm2-chat``: InternLM2 / 2.5) and its Phi-3 one (``phi3-chat``); Llama 3
 # Instruct's own turns (``llama3``: no InternVL model uses it; no default system message, and none written when
-# there is none, as Llama 3's template does).
+# there is none, as Llama 3's template does); and Gemma's (``gemma``: Gemma 2 and 3 instruction-tuned; no system
+# turn, the system message and a blank line open the first user turn, as Gemma 3's own template writes it).
 register_conv_template(Conversation(
     name='internvl2_5',
     system_template='<|im_start|>system\n{system_message}',
@@ -130,4 +137,13 @@ register_conv_template(Conversation(
     sep_style=SeparatorStyle.MPT,
     sep='<|eot_id|>',
     system_optional=True,
+))
+register_conv_template(Conversation(
+    name='gemma',
+    system_template='{system_message}\n\n',
+    system_message='',
+    roles=('<start_of_turn>user\n', '<start_of_turn>model\n'),
+    sep_style=SeparatorStyle.MPT,
+    sep='<end_of_turn>\n',
+    system_in_user=True,
 ))

@@ -19,9 +19,10 @@ def make_tiny_models(out_dir: str, seed: int = 0, image_size: int = 56, vision: 
                      llm: str = 'qwen2', llm_heads: int = 4, llm_kv_heads: int = 2,
                      vision_heads: int = 4, chat: str = 'chatml') -> Dict[str, str]:
     """Write ``out_dir/<vision>`` (the encoder in its real layout) and ``out_dir/llm`` (an LLM of arch ``llm``
-    with a tokenizer of the chat family ``chat``: ``chatml``, ``llama3`` or ``phi3``), both :data:`LLM_WIDTH` /
-    :data:`VISION_WIDTH` wide with the given heads (the default LLM's heads are 16 wide, narrower than vLLM's CPU
-    build takes: ``llm_heads=2, llm_kv_heads=1`` makes them 32); returns ``{vision: path, 'llm': path}``."""
+    with a tokenizer of the chat family ``chat``: ``chatml``, ``llama3``, ``phi3`` or ``gemma``), both
+    :data:`LLM_WIDTH` / :data:`VISION_WIDTH` wide with the given heads (the default LLM's heads are 16 wide, narrower
+    than vLLM's CPU build takes: ``llm_heads=2, llm_kv_heads=1`` makes them 32); returns
+    ``{vision: path, 'llm': path}``."""
     from . import vision as writers
     if vision not in TINY_VISION_TYPES:
         raise ValueError(f'unknown tiny vision encoder {vision!r}; use one of {TINY_VISION_TYPES}')

@@ -3,7 +3,9 @@
 ``qwen2`` is Qwen2.5-Instruct's format (``Qwen2ForCausalLM``, tied embeddings, an embedding matrix padded past
 the tokenizer's length, ChatML tokenizer without InternVL's tokens); ``qwen3`` Qwen3's (InternVL 3.5's LLM
 family: q/k RMSNorm, an explicit head_dim, tied embeddings as Qwen3-0.6B); ``llama`` a Llama-architecture LLM
-(untied embeddings, no attention bias). All at a size that trains in seconds, with the same tokenizer.
+(untied embeddings, no attention bias); ``gemma3`` Gemma 3's text LLM (``Gemma3ForCausalLM`` as gemma-3-1b-it: scaled
+embeddings, q/k RMSNorm, sliding-window layers with one full-attention layer in six, tied embeddings). All at a size
+that trains in seconds, with the same tokenizer.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from .tokenizer import build_tiny_tokenizer
 
-TINY_LLM_ARCHS = ('qwen2', 'qwen3', 'llama')
+TINY_LLM_ARCHS = ('qwen2', 'qwen3', 'llama', 'gemma3')
 _CLASSES = {'qwen2': (Qwen2Config, Qwen2ForCausalLM), 'qwen3': (Qwen3Config, Qwen3ForCausalLM),
-            'llama': (LlamaConfig, LlamaForCausalLM)}
+            'llama': (LlamaConfig, LlamaForCausalLM), 'gemma3': (Gemma3TextConfig, Gemma3ForCausalLM)}
 
 
 def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num_layers: int = 2,
                    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128, vocab_padding: int = 32,
                    seed: int = 0, initializer_range: float = 0.02, chat: str = 'chatml') -> str:
     """Write a randomly initialised tiny LLM of ``arch`` (one of :data:`TINY_LLM_ARCHS`) and its tokenizer to
-    ``out_dir``; returns it. ``chat``: the tokenizer's chat family (``chatml``, ``llama3`` or ``phi3``:
+    ``out_dir``; returns it. ``chat``: the tokenizer's chat family (``chatml``, ``llama3``, ``phi3`` or ``gemma``:
     :data:`~xtuner_plugins.tiny.tokenizer.CHAT_FAMILIES`), whose bos and eos the model's config names.
 
     The embedding matrix has ``len(tokenizer) + vocab_padding`` rows, as Qwen2.5 pads 151665 tokens
@@ -45,8 +48,12 @@ def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num
         max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=arch != 'llama',
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype='float32', use_cache=True, initializer_range=initializer_range)
-    if arch == 'qwen3':
+    if arch in ('qwen3', 'gemma3'):
         kwargs['head_dim'] = hidden_size // num_heads
+    if arch == 'gemma3':   # gemma-3-1b-it's: its window (512) and the attention scale of its head width
+        kwargs.update(sliding_window=512, query_pre_attn_scalar=hidden_size // num_heads, rope_local_base_freq=10000.0,
+                      layer_types=['full_attention' if (i + 1) % 6 == 0 or i == num_layers - 1 else 'sliding_attention'
+                                   for i in range(num_layers)])   # the last full, so a tiny one has both kinds
     torch.manual_seed(seed)
     model = model_class(config_class(**kwargs))
     os.makedirs(out_dir, exist_ok=True)

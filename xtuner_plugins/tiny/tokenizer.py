@@ -16,8 +16,9 @@ uses for its Qwen2.5 LLMs:
 * optionally InternVL's nine added tokens, added the way InternVL adds them (special added tokens, in
   InternVL's order).
 
-``chat='llama3'`` / ``'phi3'`` give it another family's special tokens, bos, eos, pad and own chat template instead
-(Llama 3 Instruct's, Phi-3's: :data:`CHAT_FAMILIES`), for LLMs trained with those templates.
+``chat='llama3'`` / ``'phi3'`` / ``'gemma'`` give it another family's special tokens, bos, eos, pad and own chat
+template instead (Llama 3 Instruct's, Phi-3's, Gemma 3's: :data:`CHAT_FAMILIES`), for LLMs trained with those
+templates.
 
 Only the format is imitated: the ids are not Qwen's. The real Qwen2.5 tokenizer has 151643 BPE entries,
 then ``<|endoftext|>`` = 151643, ``<|im_start|>`` = 151644, ``<|im_end|>`` = 151645, more special tokens up to
@@ -79,6 +80,20 @@ PHI3_TEMPLATE = (
     "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
 )
 
+# Gemma 3's own chat template (gemma-3-1b-it's tokenizer_config.json): the bos, no system turn (a system message and a
+# blank line open the first user turn), ``<start_of_turn>user|model\n`` content trimmed ``<end_of_turn>\n``.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 #: the chat families of :func:`build_tiny_tokenizer`: special tokens (in the real tokenizers' order), bos (added
 #: to every text by the post-processor; None: none), eos, pad and the family's own chat template
 CHAT_FAMILIES = {
@@ -89,6 +104,8 @@ CHAT_FAMILIES = {
                    template=LLAMA3_TEMPLATE),
     'phi3': dict(specials=('<s>', '<|endoftext|>', '<|assistant|>', '<|system|>', '<|end|>', '<|user|>'), bos='<s>',
                  eos='<|endoftext|>', pad='<|endoftext|>', template=PHI3_TEMPLATE),
+    'gemma': dict(specials=('<pad>', '<eos>', '<bos>', '<start_of_turn>', '<end_of_turn>'), bos='<bos>', eos='<eos>',
+                  pad='<pad>', template=GEMMA_TEMPLATE),
 }
 
 # The training text: short prose about images, colours, shapes and counting, the words of the chat
@@ -176,7 +193,9 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
         chat: the chat family whose special tokens, bos, eos, pad and own chat template the tokenizer has
             (:data:`CHAT_FAMILIES`): ``chatml`` (Qwen2.5's, the default), ``llama3`` (Llama 3 Instruct's:
             ``<|begin_of_text|>`` added as the bos, eos ``<|eot_id|>``, no pad token) or ``phi3`` (Phi-3's markers,
-            bos ``<s>`` added, eos and pad ``<|endoftext|>``). With ``llama3`` and ``phi3``, ``bos_token`` is theirs.
+            bos ``<s>`` added, eos and pad ``<|endoftext|>``) or ``gemma`` (Gemma's ``<start_of_turn>`` and
+            ``<end_of_turn>``, bos ``<bos>`` added, eos ``<eos>``, pad ``<pad>``). With any but ``chatml``,
+            ``bos_token`` is the family's.
     """
     if vocab_size < 256:
         raise ValueError(f'vocab_size must be >= 256 (the byte alphabet), got {vocab_size}')
@@ -219,7 +238,7 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
             split_special_tokens=False,
             chat_template=CHATML_TEMPLATE,
         )
-    else:   # Llama 3 and Phi-3 ship the generic fast class
+    else:   # Llama 3 and Phi-3 ship the generic fast class (Gemma's own is its SentencePiece-style one)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, bos_token=bos_token, eos_token=family['eos'], pad_token=family['pad'],
             model_max_length=131072, clean_up_tokenization_spaces=False, chat_template=family['template'])

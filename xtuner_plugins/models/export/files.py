@@ -86,7 +86,10 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     user_pre, _, user_post = template.user.partition('{query}')
     bot_pre, bot_post = template.assistant_prefix, template.assistant_suffix
     system = ("{{ " + lit(sys_pre) + " + system + " + lit(sys_post) + " }}") if template.system else ''
-    if template.system and template.system_optional:   # no system turn for an empty system message
+    opened = ''   # what opens the first user turn: the system message, where the template has no system turn
+    if template.system_in_user:
+        system, opened = '', "{% if loop.first and system %}" + system + "{% endif %}"
+    elif template.system and template.system_optional:   # no system turn for an empty system message
         system = "{% if system %}" + system + "{% endif %}"
     content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for part in c %}"
                "{% if part['type'] == 'image' %}{{ " + lit(image_text) + " }}"
@@ -100,7 +103,8 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
         "{% set turns = messages[1:] %}{% else %}{% set system = " + lit(default_system) + " %}"
         "{% set turns = messages %}{% endif %}" + system +
         "{% for message in turns %}{% if message['role'] == 'user' %}"
-        "{{ " + lit(user_pre) + " + content(message['content']) + " + lit(user_post) + " }}"
+        + ("{{ " + lit(user_pre) + " }}" + opened + "{{ " if opened else "{{ " + lit(user_pre) + " + ")
+        + "content(message['content']) + " + lit(user_post) + " }}"
         "{% else %}{{ " + lit(bot_pre) + " + content(message['content']) + " + lit(bot_post) + " }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ " + lit(bot_pre) + " }}{% endif %}"

@@ -280,10 +280,10 @@ def test_varlen_attn_repeats_key_heads_for_a_kernel_without_enable_gqa(monkeypat
 
 
 def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its_window_would_be_ignored(tiny, batch):
-    """Packed rows (their block masks and per-sample kernels) and sdpa_segments / flex_attention attend over the
-    whole sample: a tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's
-    logits 4.8 off). Padded rows under sdpa take transformers' window mask; a window longer than every sample
-    changes nothing."""
+    """Packed rows under sdpa and eager (their block masks), sdpa_varlen and flex_attention attend over the whole
+    sample: a tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's logits
+    4.8 off). Padded rows under sdpa take transformers' window mask; a window longer than every sample changes
+    nothing; sdpa_segments applies it (the next test)."""
     from transformers import Gemma2Config, MistralConfig, Qwen2Config
 
     from xtuner_plugins.errors import Refused
@@ -295,8 +295,7 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     items = split_batch(batch)
     packed = internvl_collate_fn([pack_items(items)])['data']
     longest = max(int(n) for n in packed['seq_lens'][0])
-    for attn, data in (('sdpa', packed), ('sdpa_segments', packed), ('sdpa_segments', batch),
-                       ('flex_attention', batch)):
+    for attn, data in (('sdpa', packed), ('eager', packed), ('sdpa_varlen', packed), ('flex_attention', batch)):
         model = build(tiny, attn_implementation=attn).eval()
         config = model.language_model.config   # the tiny Qwen2's window turned on
         config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
@@ -312,6 +311,42 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
     with torch.no_grad():
         model(batch, mode='tensor')   # padded rows: transformers' own window mask
+
+
+def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path):
+    """A Gemma 3 LLM whose sliding layers attend to the last 8 tokens (and a full layer): packed rows and padded
+    rows under sdpa_segments give each sample the logits transformers' own sliding-window mask gives it alone."""
+    import json
+
+    from xtuner_plugins.tiny import write_tiny_llm
+    folder = write_tiny_llm(str(tmp_path / 'gemma3'), arch='gemma3', hidden_size=64)
+    with open(folder + '/config.json') as f:
+        config = json.load(f)
+    config['sliding_window'] = 8
+    with open(folder + '/config.json', 'w') as f:
+        json.dump(config, f)
+    assert config['layer_types'] == ['sliding_attention', 'full_attention']
+    windowed = dict(tiny, llm=folder)
+    reference = build(windowed, attn_implementation='sdpa').eval()
+    segments = build(windowed, attn_implementation='sdpa_segments').eval()
+    segments.load_state_dict(super(type(reference), reference).state_dict())
+    items = split_batch(batch)
+    packed = internvl_collate_fn([pack_items(items)])['data']
+    assert min(int(n) for n in packed['seq_lens'][0]) > 8
+    with torch.no_grad():
+        alone = [reference(internvl_collate_fn([item])['data'], mode='tensor')[0] for item in items]
+        pack_logits = segments(packed, mode='tensor')[0]
+        padded = segments(batch, mode='tensor')
+        start = 0
+        for row, expected in enumerate(alone):
+            n = expected.shape[0]
+            torch.testing.assert_close(pack_logits[start:start + n], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(padded[row, :n], expected, rtol=1e-5, atol=1e-5)
+            start += n
+        full = build(dict(tiny, llm=write_tiny_llm(str(tmp_path / 'full'), arch='gemma3', hidden_size=64)),
+                     attn_implementation='sdpa_segments').eval()   # its 512-token window: causal, as before
+        full.load_state_dict(super(type(reference), reference).state_dict())
+        assert (full(packed, mode='tensor')[0][:alone[0].shape[0]] - alone[0]).abs().max() > 1e-3
 
 
 def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be_dropped(tiny, batch, tmp_path):

@@ -70,25 +70,41 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     on each sample's own queries, keys and values, so no ``L x L`` mask and no score across samples is ever made;
     without (padded rows, right padding as the collate function pads) plain causal SDPA."""
     bounds = kwargs.pop('segment_bounds', None)
+    window = kwargs.pop('sliding_window', None)   # this layer's (transformers passes it; None for a full layer)
+    gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     if bounds is None or attention_mask is not None:   # SDPA, or the CPU kernel where it computes the same
+        if window and attention_mask is None and query.shape[2] > window:   # padded rows longer than the window
+            return windowed_sdpa(query, key, value, dropout, scaling, gqa, window).transpose(1, 2).contiguous(), None
         return cpu_attention.attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        is_causal=True if attention_mask is None else is_causal, **kwargs)
-    whole = cpu_attention.packed_causal(module, query, key, value, dropout, scaling, bounds)
+    slides = bool(window) and int((bounds[:, 1:] - bounds[:, :-1]).max()) > window   # a sample longer than it
+    whole = None if slides else cpu_attention.packed_causal(module, query, key, value, dropout, scaling, bounds)
     if whole is not None:   # every sample in one call of the CPU kernel
         return whole, None
-    gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     rows = []
     # split, not slices: a slice's backward writes its gradient into a zero-filled copy of the whole input, once
     # per sample and input, where split's backward concatenates the pieces once
     for cuts, q_row, k_row, v_row in zip(bounds.tolist(), query.split(1), key.split(1), value.split(1)):
         sizes = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
-        parts = [cpu_attention.causal_sdpa(module, q, k, v, dropout, scaling, gqa)
+        parts = [windowed_sdpa(q, k, v, dropout, scaling, gqa, window) if slides and q.shape[2] > window else
+                 cpu_attention.causal_sdpa(module, q, k, v, dropout, scaling, gqa)
                  for q, k, v in zip(q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2))
                  if q.shape[2]]   # a row with fewer samples than the widest has empty segments
         rows.append(torch.cat(parts, dim=2))
     if not rows:   # an empty batch
         return query.transpose(1, 2).new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def windowed_sdpa(query, key, value, dropout: float, scaling: Optional[float], gqa: bool,
+                  window: int) -> torch.Tensor:
+    """Causal SDPA within a sliding ``window`` (``[B, H, N, D]`` in and out): a query attends to the keys fewer
+    than ``window`` positions before it and itself, as transformers' sliding-window mask allows
+    (``kv_idx > q_idx - window``)."""
+    positions = torch.arange(query.shape[2], device=query.device)
+    behind = positions[:, None] - positions[None, :]
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=(behind >= 0) & (
+        behind < window), dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
 #: the device whose ``varlen_attn`` :func:`varlen_sdpa` calls (tests point it at the CPU, with a reference kernel)
@@ -190,12 +206,12 @@ def check_softcap(config, attn: str) -> None:
 
 def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int]) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) a batch whose attention would ignore the LLM's sliding
-    ``window``: packed rows (their block-causal masks and per-sample kernels attend over the whole sample; flash
-    attention's varlen kernel takes the window) and ``flex_attention`` / ``sdpa_segments`` rows (the same), with a
-    sample longer than the window. It trained silently on attention the model never runs: a tiny Mistral's
-    converted folder answered otherwise, logits 4.8 off."""
-    if not window or attn == 'flash_attention_2' or (data.get('seq_lens') is None
-                                                      and attn not in ('flex_attention', *SEGMENTED)):
+    ``window``: packed rows under ``sdpa`` and ``eager`` (their block-causal masks attend over the whole sample),
+    ``flex_attention`` and ``sdpa_varlen`` (the same), with a sample longer than the window. It trained silently on
+    attention the model never runs: a tiny Mistral's converted folder answered otherwise, logits 4.8 off.
+    ``sdpa_segments`` applies each layer's window (:func:`windowed_sdpa`), as flash attention's varlen kernel does."""
+    if not window or attn in ('flash_attention_2', SEGMENT_ATTENTION) or (
+            data.get('seq_lens') is None and attn not in ('flex_attention', *SEGMENTED)):
         return
     if data.get('seq_lens') is not None:
         longest = max((int(n) for lens in data['seq_lens'] for n in lens), default=0)
@@ -206,9 +222,9 @@ def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str,
         from xtuner_plugins.errors import Refused
         how = 'packed rows' if data.get('seq_lens') is not None else f'attn_implementation={attn!r}'
         raise Refused(f'the LLM attends through a sliding window of {window} tokens, which {how} do not apply: a '
-                      f'sample of {longest} tokens would train attention the model never runs; train unpacked with '
-                      f'attn_implementation=\'sdpa\' (or flash_attention_2 on a GPU), or keep samples within '
-                      f'{window} tokens (max_length)')
+                      f'sample of {longest} tokens would train attention the model never runs; set '
+                      f'attn_implementation=\'{SEGMENT_ATTENTION}\', which applies it (or flash_attention_2 on a GPU), '
+                      f'or keep samples within {window} tokens (max_length)')
 
 
 def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,

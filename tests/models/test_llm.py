@@ -102,3 +102,61 @@ def test_odd_config_files_and_an_internvl_folder_given_as_the_llm(tiny, tmp_path
     (folder / 'config.json').write_text(json.dumps({'model_type': 'internvl_chat', 'auto_map': {'AutoModel': 'm.M'}}))
     with pytest.raises(Refused, match='is an InternVL model, not an LLM: give it as model.official_checkpoint'):
         check_llm_folder(str(folder))
+
+
+def _gemma3_vlm(folder):
+    """A tiny Gemma 3 vision-language folder (``Gemma3ForConditionalGeneration``: gemma-3-4b-it's layout, a SigLIP
+    tower and its projector beside the language model), with the tiny ChatML tokenizer."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from xtuner_plugins.tiny import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(add_internvl_tokens=False)
+    torch.manual_seed(0)
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(vocab_size=len(tokenizer) + 32, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=56, patch_size=14), mm_tokens_per_image=4)
+    vlm = Gemma3ForConditionalGeneration(config)
+    vlm.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return vlm
+
+
+def test_a_vision_language_folder_given_as_the_llm_trains_its_language_model(tiny, tmp_path, monkeypatch):
+    """gemma-3-4b-it and up are Gemma3ForConditionalGeneration folders, which AutoModelForCausalLM loads whole: the
+    run ended in an AttributeError ('Gemma3Config' object has no attribute 'hidden_size') after loading it all. Its
+    language model loads alone, as Gemma3ForCausalLM, with the folder's weights (the same text logits), said once."""
+    import torch
+
+    from xtuner_plugins.models import llm as llm_module
+    said = []
+    monkeypatch.setattr(llm_module, 'print_log', lambda line, **kw: said.append(line))
+    vlm = _gemma3_vlm(tmp_path / 'gemma3')
+    model = build(dict(tiny, llm=str(tmp_path / 'gemma3')))
+    llm = model.language_model
+    assert type(llm).__name__ == 'Gemma3ForCausalLM'
+    assert [line for line in said if 'vision-language' in line] == [
+        f'model.llm: {tmp_path / "gemma3"} is a vision-language model (Gemma3ForConditionalGeneration): its language '
+        'model is loaded alone as Gemma3ForCausalLM; its vision tower and projector are left out']
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        expected = vlm(input_ids=ids).logits[..., :-32]   # the tokenizer's rows (the padding rows cut off)
+        got = llm(input_ids=ids).logits[..., :expected.shape[-1]]   # (InternVL's tokens after them)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_vision_language_folder_whose_language_weights_are_elsewhere_is_refused(tiny, tmp_path):
+    """A layout whose keys the text class does not read (here renamed ``model.language_model.*``) is refused naming
+    a missing weight, where it would have trained a language model of random weights."""
+    from safetensors.torch import load_file, save_file
+    _gemma3_vlm(tmp_path / 'gemma3')
+    path = tmp_path / 'gemma3' / 'model.safetensors'
+    tensors = load_file(str(path))
+    save_file({k.replace('language_model.model.', 'model.language_model.'): v for k, v in tensors.items()},
+              str(path), metadata={'format': 'pt'})
+    with pytest.raises(Refused, match=r"model.llm: .*gemma3 is a vision-language model "
+                                      r"\(Gemma3ForConditionalGeneration\), and its language model's weights are not "
+                                      r"where Gemma3ForCausalLM reads them \(\d+ missing, e.g. model\."):
+        build(dict(tiny, llm=str(tmp_path / 'gemma3')))

@@ -14,6 +14,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+from mmengine.logging import print_log
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -92,10 +93,46 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
         kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
         kwargs['device_map'] = ({'': int(os.environ.get('LOCAL_RANK', 0))} if torch.cuda.is_available()
                                 else 'cpu')
-    return from_pretrained_named(
-        lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, trust_remote_code=False,
-                                                       attn_implementation=attn_implementation, **kwargs),
-        path, 'model.llm')
+    def load(folder):
+        text = text_config_of(folder)
+        if text is None:
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=False,
+                                                        attn_implementation=attn_implementation, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, config=text, dtype=torch_dtype, trust_remote_code=False, attn_implementation=attn_implementation,
+            output_loading_info=True, **kwargs)
+        missing = [k for k in info['missing_keys'] if not (k.startswith('lm_head.') and text.tie_word_embeddings)]
+        if missing:
+            from xtuner_plugins.errors import Refused
+            raise Refused(f'model.llm: {path} is a vision-language model ({_architecture(folder)}), and its language '
+                          f'model\'s weights are not where {type(model).__name__} reads them ({len(missing)} missing, '
+                          f'e.g. {missing[0]}): give the folder of a text LLM (docs/families.md)')
+        print_log(f'model.llm: {path} is a vision-language model ({_architecture(folder)}): its language model is '
+                  f'loaded alone as {type(model).__name__}; its vision tower and projector are left out',
+                  logger='current')
+        return model
+    return from_pretrained_named(load, path, 'model.llm')
+
+
+def _architecture(folder: str) -> str:
+    from transformers import AutoConfig
+    return ', '.join(getattr(AutoConfig.from_pretrained(folder), 'architectures', None) or ['no architectures'])
+
+
+def text_config_of(folder: str):
+    """The text config of a vision-language model's folder that ``AutoModelForCausalLM`` would load whole (its
+    class a ``...ForConditionalGeneration`` with a ``text_config``: Gemma 3 4B and up), so that its language model
+    loads alone, as its own causal LM class (``Gemma3ForCausalLM`` reads the ``language_model.`` keys); None for a
+    text LLM's folder."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    text = getattr(config, 'text_config', None)
+    whole = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, 'model_type', None), '')
+    if text is None or not whole.endswith('ForConditionalGeneration') \
+            or text.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    return text
 
 
 def untie_embeddings(llm: PreTrainedModel) -> None:

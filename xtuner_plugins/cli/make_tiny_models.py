@@ -2,20 +2,20 @@
 
 Usage::
 
-    python tools/make_tiny_models.py OUT_DIR [--vision internvit|siglip|clip] [--llm qwen2|qwen3|llama]
+    python tools/make_tiny_models.py OUT_DIR [--vision internvit|siglip|clip] [--llm qwen2|qwen3|llama|gemma3]
         [--chat chatml|llama3|phi3|gemma] [--seed 0] [--image-size 56] [--llm-heads 4] [--llm-kv-heads 2]
         [--vision-heads 4]
 
 Writes ``OUT_DIR/<vision>``: InternViT in OpenGVLab's on-disk layout (config.json + model.safetensors with
 the official keys), or a whole SigLIP / CLIP folder as google/siglip-so400m-patch14-384 and
 openai/clip-vit-large-patch14-336 are published (with preprocessor_config.json); and ``OUT_DIR/llm``: a Qwen2,
-Qwen3 or Llama causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying Qwen's
-special tokens (``--chat llama3`` / ``phi3`` / ``gemma``: a tokenizer with Llama 3 Instruct's, Phi-3's or Gemma's
-special tokens, bos, eos and own chat template instead, trained with ``model.template=llama3`` / ``phi3-chat`` /
-``gemma``). The model classes
-load them with the same code that loads the real checkpoints. Both are 64 wide; the default LLM's 4 heads are 16
-wide, narrower than vLLM's CPU build takes (32 and up): ``--llm-heads 2 --llm-kv-heads 1`` gives 32-wide heads, a
-model ``tools/serve.py`` can serve on a CPU (docs/serving.md).
+Qwen3, Llama or Gemma 3 causal LM via ``save_pretrained`` with a byte-level BPE ``Qwen2TokenizerFast`` carrying
+Qwen's special tokens (``--chat llama3`` / ``phi3`` / ``gemma``: a tokenizer with Llama 3 Instruct's, Phi-3's or
+Gemma's special tokens, bos, eos and own chat template instead, trained with ``model.template=llama3`` /
+``phi3-chat`` / ``gemma``). The model classes load them with the same code that loads the real checkpoints. Both
+are 64 wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU build takes (32 and up):
+``--llm-heads 2 --llm-kv-heads 1`` gives 32-wide heads, a model ``tools/serve.py`` can serve on a CPU
+(docs/serving.md).
 
 A folder that is there already and not empty is refused (its files would be replaced, and checkpoints trained on
 it would no longer convert: the converter checks the source folders) unless ``--overwrite``.

@@ -50,6 +50,18 @@ def test_meta_model_has_the_real_models_parameters(tiny, kw):
     assert parameter_bytes(meta, 'fp32', zero=0)['weights'] == real_bytes
 
 
+def test_a_vision_language_folder_as_the_llm_is_planned_as_training_loads_it(tiny, tmp_path):
+    """A Gemma3ForConditionalGeneration folder as model.llm: the planner built the whole VLM and ended in an
+    AttributeError ('Gemma3Config' object has no attribute 'hidden_size'); it plans the language model training
+    loads alone, parameter for parameter."""
+    from tests.models.test_llm import _gemma3_vlm
+    from xtuner_plugins.models import VisionLanguageModel
+    _gemma3_vlm(tmp_path / 'gemma3')
+    kw = settings(dict(tiny, llm=str(tmp_path / 'gemma3')), llm_lora=LORA)
+    real = VisionLanguageModel(**dict(kw, torch_dtype='float32'))
+    assert counts(build_meta_model(kw, 'float32')) == counts(real)
+
+
 def test_trained_parameters_are_planned_in_the_dtype_the_model_keeps_them(tiny):
     """``trainable_fp32=False`` keeps the trained parameters in bf16: weights, gradients and AdamW's moments are
     then 2 + 2 + 4 bytes each, autocast casts none of them, and the projector's LayerNorm keeps a bf16 input."""

@@ -124,22 +124,34 @@ def _gemma3_vlm(folder):
     return vlm
 
 
-def test_a_vision_language_folder_given_as_the_llm_trains_its_language_model(tiny, tmp_path, monkeypatch):
+def _relaid(folder, old, new):
+    """The folder's weights with ``old`` renamed ``new`` in every key."""
+    from safetensors.torch import load_file, save_file
+    path = str(folder / 'model.safetensors')
+    save_file({k.replace(old, new): v for k, v in load_file(path).items()}, path, metadata={'format': 'pt'})
+
+
+@pytest.mark.parametrize('layout', ['4.x', '5.x'])
+def test_a_vision_language_folder_given_as_the_llm_trains_its_language_model(tiny, tmp_path, monkeypatch, layout):
     """gemma-3-4b-it and up are Gemma3ForConditionalGeneration folders, which AutoModelForCausalLM loads whole: the
     run ended in an AttributeError ('Gemma3Config' object has no attribute 'hidden_size') after loading it all. Its
-    language model loads alone, as Gemma3ForCausalLM, with the folder's weights (the same text logits), said once."""
+    language model loads alone, as Gemma3ForCausalLM, with the folder's weights (the same text logits), said once;
+    from transformers 4.x's layout (``language_model.model.*``) and 5.x's (``model.language_model.*``)."""
     import torch
 
     from xtuner_plugins.models import llm as llm_module
     said = []
     monkeypatch.setattr(llm_module, 'print_log', lambda line, **kw: said.append(line))
     vlm = _gemma3_vlm(tmp_path / 'gemma3')
+    if layout == '5.x':
+        _relaid(tmp_path / 'gemma3', 'language_model.model.', 'model.language_model.')
     model = build(dict(tiny, llm=str(tmp_path / 'gemma3')))
     llm = model.language_model
     assert type(llm).__name__ == 'Gemma3ForCausalLM'
     assert [line for line in said if 'vision-language' in line] == [
-        f'model.llm: {tmp_path / "gemma3"} is a vision-language model (Gemma3ForConditionalGeneration): its language '
-        'model is loaded alone as Gemma3ForCausalLM; its vision tower and projector are left out']
+        f'model.llm: {tmp_path / "gemma3"} holds a vision-language model (model_type \'gemma3\', '
+        'Gemma3ForConditionalGeneration): its language model is loaded alone as Gemma3ForCausalLM; its vision tower '
+        'and projector are left out']
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
         expected = vlm(input_ids=ids).logits[..., :-32]   # the tokenizer's rows (the padding rows cut off)
@@ -148,15 +160,11 @@ def test_a_vision_language_folder_given_as_the_llm_trains_its_language_model(tin
 
 
 def test_a_vision_language_folder_whose_language_weights_are_elsewhere_is_refused(tiny, tmp_path):
-    """A layout whose keys the text class does not read (here renamed ``model.language_model.*``) is refused naming
-    a missing weight, where it would have trained a language model of random weights."""
-    from safetensors.torch import load_file, save_file
+    """A layout whose keys the text class does not read (here ``text_model.*``) is refused naming a missing weight,
+    where it would have trained a language model of random weights."""
     _gemma3_vlm(tmp_path / 'gemma3')
-    path = tmp_path / 'gemma3' / 'model.safetensors'
-    tensors = load_file(str(path))
-    save_file({k.replace('language_model.model.', 'model.language_model.'): v for k, v in tensors.items()},
-              str(path), metadata={'format': 'pt'})
-    with pytest.raises(Refused, match=r"model.llm: .*gemma3 is a vision-language model "
-                                      r"\(Gemma3ForConditionalGeneration\), and its language model's weights are not "
+    _relaid(tmp_path / 'gemma3', 'language_model.model.', 'text_model.')
+    with pytest.raises(Refused, match=r"model.llm: .*gemma3 holds a vision-language model \(model_type 'gemma3', "
+                                      r"Gemma3ForConditionalGeneration\), and its language model's weights are not "
                                       r"where Gemma3ForCausalLM reads them \(\d+ missing, e.g. model\."):
         build(dict(tiny, llm=str(tmp_path / 'gemma3')))

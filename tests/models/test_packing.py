@@ -349,6 +349,26 @@ def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path)
         assert (full(packed, mode='tensor')[0][:alone[0].shape[0]] - alone[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize('length,window', [(37, 8), (8, 8), (9, 8), (5, 1), (40, 64)])
+def test_windowed_sdpa_in_blocks_is_the_whole_banded_mask(length, window):
+    """Queries in blocks of the window, each with the keys it reaches: the output and the gradients of SDPA over the
+    whole ``N x N`` banded mask (grouped key/value heads, a scale), which it never builds (benchmarks/RESULTS.md)."""
+    from xtuner_plugins.models.attention import windowed_sdpa
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, length, 8), torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+    behind = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    results = []
+    for fn in (lambda *t: windowed_sdpa(*t, 0.0, 0.3, True, window),
+               lambda *t: torch.nn.functional.scaled_dot_product_attention(
+                   *t, attn_mask=(behind >= 0) & (behind < window), scale=0.3, enable_gqa=True)):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [t.grad for t in inputs])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be_dropped(tiny, batch, tmp_path):
     """Gemma 2's attn_logit_softcapping: transformers' SDPA, and the segment and varlen kernels, take no ``softcap``
     and trained without it (a tiny Gemma 2 with a cap of 1.0: SDPA's logits apart from eager's, which vLLM and

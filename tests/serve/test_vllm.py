@@ -6,7 +6,7 @@ code; hf). The hf folder is served by tools/serve.py: through the OpenAI API (th
 every answer equals tools/chat.py's. vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this
 project builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``)
 and gives tools/chat.py's answers, also for an LLM whose tokenizer adds a bos (the bos once, at the very start,
-as training has it). docs/serving.md's tiny path (an official folder, tools/serve.py, curl) runs as written.
+as training has it: a Llama 3 and a Gemma 3 look-alike). docs/serving.md's tiny path (an official folder, tools/serve.py, curl) runs as written.
 Image URLs: none fetched by default (there, an ``http://127.0.0.1`` one and a ``file://`` one refused with 400);
 ``--allowed-media-domains 127.0.0.1`` (the hf server) fetches from there.
 
@@ -214,42 +214,47 @@ def test_offline_llm_chat_prompt_ids_equal_ours(setup, capsys):
     assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in setup['images']]
 
 
-BOS = '<|begin_of_text|>'
+#: template -> (LLM architecture, tokenizer family, bos, the token after it)
+BOS_CASES = {'llama3': ('llama', 'llama3', '<|begin_of_text|>', '<|start_header_id|>'),
+             'gemma': ('gemma3', 'gemma', '<bos>', '<start_of_turn>')}
 
 
-@pytest.fixture(scope='module')
-def bos_setup(tmp_path_factory):
-    """``setup``'s tiny model with a Llama 3 look-alike LLM: its tokenizer adds a bos (its post-processor), and it is
-    trained in Llama 3 Instruct's own turns (``model.template=llama3``: no system turn without a system message);
-    converted to official, and two images of different tile counts."""
+@pytest.fixture(scope='module', params=sorted(BOS_CASES))
+def bos_setup(request, tmp_path_factory):
+    """``setup``'s tiny model with a Llama 3 or a Gemma 3 look-alike LLM: its tokenizer adds a bos (its
+    post-processor), and it is trained in its family's own turns (``model.template=llama3``: no system turn without a
+    system message; ``gemma``: none ever, Gemma 3's sliding layers); converted to official, and two images of
+    different tile counts."""
     from tests.helpers import tiny_workspace
     from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
     from xtuner_plugins.tiny import write_tiny_llm
     need_vllm()
+    arch, chat, bos, first = BOS_CASES[request.param]
     root = tmp_path_factory.mktemp('vllm_bos')
     tiny = tiny_workspace(root / 'tiny')
-    tiny['llm'] = write_tiny_llm(str(root / 'llm'), arch='llama', num_heads=2, num_kv_heads=1, chat='llama3')
-    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.template': 'llama3'})
+    tiny['llm'] = write_tiny_llm(str(root / 'llm'), arch=arch, num_heads=2, num_kv_heads=1, chat=chat)
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.template': request.param})
     trained_checkpoint(LORA, opts, str(root / 'iter_1.pth'), scale=0.3)
     folders = {fmt: convert(LORA, str(root / 'iter_1.pth'), str(root / fmt), opts, '--format', fmt)
                for fmt in ('official',)}
     images = [write_image(root / f'{i}.png', size=size, seed=i) for i, size in enumerate([(120, 60), (56, 56)])]
-    return dict(root=root, folders=folders, images=images)
+    return dict(root=root, folders=folders, images=images, bos=bos, first=first)
 
 
 @pytest.mark.parametrize('fmt', ['official'])
 def test_a_tokenizer_with_a_bos_gets_it_once_from_vllms_chat(bos_setup, fmt, capsys):
     """vLLM's chat tokenises the rendered chat template without adding special tokens: the converted folder's
     template writes the bos (export/files.py), so vLLM's prompt starts with it once, as training's and ours do; and
-    its prompt is Llama 3's turns token for token, as training's.
+    its prompt is Llama 3's (Gemma's) turns token for token, as training's; vLLM's Gemma 3 runs its sliding layers
+    and answers as chat does.
     The official folder only (the hf folder's template is the same one, rendered the same way by transformers:
     tests/models/export/test_chat_template_bos.py; its vLLM run passed too, 2026-11-26, and cost 100 s a run)."""
     folder, images = bos_setup['folders'][fmt], bos_setup['images']
     results = offline(folder, bos_setup['root'], images)
     model, ours = our_prompt_ids(folder, images)
-    bos = model.tokenizer.convert_tokens_to_ids(BOS)
+    bos = model.tokenizer.convert_tokens_to_ids(bos_setup['bos'])
     assert all(ids[0] == bos and ids.count(bos) == 1 for ids in ours), ours
-    header = model.tokenizer.convert_tokens_to_ids('<|start_header_id|>')
+    header = model.tokenizer.convert_tokens_to_ids(bos_setup['first'])
     assert all(ids[1] == header and '<|im_start|>' not in model.tokenizer.decode(ids) for ids in ours)
     assert [r['ids'] for r in results] == ours
     assert [text(r['text']) for r in results] == [chat_answer(folder, i, capsys) for i in images]

@@ -117,6 +117,30 @@ def test_converted_logits_equal_training_logits(tiny, batch, tmp_path, name, con
     assert max_diff(training_logits(base, batch), expected, batch['attention_mask']) > 100 * TOL
 
 
+def test_an_llm_capping_its_attention_logits_answers_as_trained_in_its_folders(tiny, batch, tmp_path):
+    """Gemma 2's attn_logit_softcapping trains under eager (SDPA drops the cap and is refused); the official
+    folder's code built its LLM under SDPA whatever the LLM, and gave logits up to 13 apart from training's (a cap of
+    1.0). It runs eager for such an LLM, and so does the hf folder loaded by chat and eval (ConvertedModel)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from xtuner_plugins.models.inference import ConvertedModel
+    from xtuner_plugins.tiny import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(add_internvl_tokens=False)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tokenizer) + 32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=1.0,
+        final_logit_softcapping=None, query_pre_attn_scalar=16, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.5)).save_pretrained(str(tmp_path / 'gemma2'))
+    tokenizer.save_pretrained(str(tmp_path / 'gemma2'))
+    opts = options(tiny, **{'model.llm': str(tmp_path / 'gemma2'), 'model.attn_implementation': 'eager'})
+    expected = training_logits(trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3), batch)
+    folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'official', opts)
+    assert max_diff(official_logits(folder, batch), expected, batch['attention_mask']) < TOL
+    hf = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'hf', opts, '--format', 'hf')
+    assert ConvertedModel(hf).model.config.text_config._attn_implementation == 'eager'
+
+
 def test_a_flex_attention_run_is_exported_with_sdpa(tiny):
     """FlexAttention is a training kernel (the packed rows' mask, compiled): export and the tools run SDPA."""
     opts = options(tiny, **{'model.attn_implementation': 'flex_attention'})

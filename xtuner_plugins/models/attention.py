@@ -100,11 +100,17 @@ def windowed_sdpa(query, key, value, dropout: float, scaling: Optional[float], g
                   window: int) -> torch.Tensor:
     """Causal SDPA within a sliding ``window`` (``[B, H, N, D]`` in and out): a query attends to the keys fewer
     than ``window`` positions before it and itself, as transformers' sliding-window mask allows
-    (``kv_idx > q_idx - window``)."""
-    positions = torch.arange(query.shape[2], device=query.device)
-    behind = positions[:, None] - positions[None, :]
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=(behind >= 0) & (
-        behind < window), dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    (``kv_idx > q_idx - window``). The queries go in blocks of ``window``, each with the keys its window reaches
+    (at most ``2 * window - 1``): scores and mask for a block and its keys only, not ``N x N``."""
+    length, step, outs = query.shape[2], max(int(window), 1), []
+    for start in range(0, length, step):
+        end, first = min(length, start + step), max(0, start - step + 1)
+        behind = (torch.arange(start, end, device=query.device)[:, None]
+                  - torch.arange(first, end, device=query.device)[None, :])
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, first:end], value[:, :, first:end], attn_mask=(behind >= 0) & (
+                behind < window), dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
 
 
 #: the device whose ``varlen_attn`` :func:`varlen_sdpa` calls (tests point it at the CPU, with a reference kernel)
@@ -195,7 +201,7 @@ SOFTCAPPING = ('eager', 'flex_attention', 'flash_attention_2')
 def check_softcap(config, attn: str) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) an LLM that caps its attention logits (Gemma 2's
     ``attn_logit_softcapping``: ``cap * tanh(score / cap)``) under an attention implementation that would train it
-    without the cap, which every runtime serving it (transformers' eager path, vLLM, llama.cpp) applies."""
+    without the cap, which its converted folders (run eager for it), vLLM and llama.cpp apply."""
     cap = getattr(config, 'attn_logit_softcapping', None)
     if cap and attn not in SOFTCAPPING:
         from xtuner_plugins.errors import Refused

@@ -92,9 +92,13 @@ class ConvertedModel:
             from transformers import AutoModelForImageTextToText, AutoProcessor
             self.processor = from_folder('processor', folder, lambda: AutoProcessor.from_pretrained(
                 folder, trust_remote_code=trust_remote_code), TOKENIZER_ERRORS)
+            # an LLM capping its attention logits (Gemma 2's) runs eager, as it trained (SDPA drops the cap)
+            capped = dict(attn_implementation='eager') if (self.config.get('text_config') or {}).get(
+                'attn_logit_softcapping') else {}
             self.model = weights_fit(folder, from_folder('model', folder, lambda: AutoModelForImageTextToText.
                                                          from_pretrained(folder, dtype=dtype, output_loading_info=True,
-                                                                         trust_remote_code=trust_remote_code),
+                                                                         trust_remote_code=trust_remote_code,
+                                                                         **capped),
                                                          MODEL_ERRORS)).eval().to(device)
             self.tokenizer = self.processor.tokenizer
         tokenizer_fits(folder, self.tokenizer, self.model, processor=self.format in ('hf', 'llava'))

@@ -100,23 +100,30 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
                                                         attn_implementation=attn_implementation, **kwargs)
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=text, dtype=torch_dtype, trust_remote_code=False, attn_implementation=attn_implementation,
-            output_loading_info=True, **kwargs)
+            output_loading_info=True, key_mapping=VLM_TEXT_KEYS, **kwargs)
         missing = [k for k in info['missing_keys'] if not (k.startswith('lm_head.') and text.tie_word_embeddings)]
         if missing:
             from xtuner_plugins.errors import Refused
-            raise Refused(f'model.llm: {path} is a vision-language model ({_architecture(folder)}), and its language '
+            raise Refused(f'model.llm: {path} holds a vision-language model ({_described(folder)}), and its language '
                           f'model\'s weights are not where {type(model).__name__} reads them ({len(missing)} missing, '
                           f'e.g. {missing[0]}): give the folder of a text LLM (docs/families.md)')
-        print_log(f'model.llm: {path} is a vision-language model ({_architecture(folder)}): its language model is '
+        print_log(f'model.llm: {path} holds a vision-language model ({_described(folder)}): its language model is '
                   f'loaded alone as {type(model).__name__}; its vision tower and projector are left out',
                   logger='current')
         return model
     return from_pretrained_named(load, path, 'model.llm')
 
 
-def _architecture(folder: str) -> str:
+#: where a vision-language folder saved in transformers 5's layout keeps its language model's weights
+#: (``model.language_model.*``); 4.x's layout (``language_model.model.*``) the text class reads as it is
+VLM_TEXT_KEYS = {r'^model\.language_model\.': 'model.'}
+
+
+def _described(folder: str) -> str:
+    """``model_type 'gemma3', Gemma3ForConditionalGeneration``: what a folder's config.json says it holds."""
     from transformers import AutoConfig
-    return ', '.join(getattr(AutoConfig.from_pretrained(folder), 'architectures', None) or ['no architectures'])
+    config = AutoConfig.from_pretrained(folder)
+    return ', '.join([f'model_type {config.model_type!r}', *(getattr(config, 'architectures', None) or [])])
 
 
 def text_config_of(folder: str):

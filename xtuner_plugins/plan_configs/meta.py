@@ -43,8 +43,10 @@ def _meta_loaders(vocabulary: Optional[int] = None):
         return module, type(enc)(module, select_layer=enc.select_layer, mean=enc.mean, std=enc.std)
 
     def llm(path, torch_dtype=torch.float32, attn_implementation='sdpa', quantization=None):
-        config = AutoConfig.from_pretrained(path)
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        from xtuner_plugins.models.llm import text_config_of
+        config = text_config_of(path) or AutoConfig.from_pretrained(path)   # a VLM's folder: its language model, as
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype,  # training loads it
+                                                attn_implementation=attn_implementation)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.device('meta'))

@@ -37,6 +37,12 @@ def _flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
+def capped_attention(llm_config) -> bool:
+    """Whether the LLM caps its attention logits (Gemma 2's ``attn_logit_softcapping``), which transformers' SDPA
+    drops: such an LLM runs eager attention here, as it was trained."""
+    return bool(getattr(llm_config, 'attn_logit_softcapping', None))
+
+
 def _pad_id(tokenizer, stop: int) -> int:
     """The pad id generation fills finished rows with: the tokenizer's, or the stop word's for an LLM without one
     (Llama 3's), as the folder's generation_config.json says (generate() otherwise warns at every call)."""
@@ -65,7 +71,7 @@ class InternVLChatModel(PreTrainedModel):
         self.ps_version = config.ps_version
         if use_flash_attn is None:
             use_flash_attn = _flash_attn_available()
-        attn = 'flash_attention_2' if use_flash_attn else 'sdpa'
+        attn = 'flash_attention_2' if use_flash_attn else 'eager' if capped_attention(config.llm_config) else 'sdpa'
         config.llm_config._attn_implementation = attn
 
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)

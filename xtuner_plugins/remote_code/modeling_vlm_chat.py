@@ -22,7 +22,7 @@ from .configuration_internvl_chat import InternVLChatConfig  # noqa: F401
 from .configuration_vlm_chat import VLMChatConfig
 from .conversation import get_conv_template
 from .modeling_intern_vit import InternVisionModel  # noqa: F401
-from .modeling_internvl_chat import InternVLChatModel
+from .modeling_internvl_chat import InternVLChatModel, capped_attention
 from .projector import build_projector
 
 # (transformers copies a remote-code module's direct ``from .x import`` files into its module cache, not those
@@ -43,8 +43,9 @@ class VLMChatModel(InternVLChatModel):
         inner = getattr(self.vision_model, 'vision_model', None)
         if getattr(inner, 'use_head', False):   # SigLIP's attention-pooling head: its output is never read, and
             inner.use_head = False               # with autograd on it makes a large transient (weights kept)
+        capped = dict(attn_implementation='eager') if capped_attention(config.llm_config) else {}
         self.language_model = (language_model if language_model is not None
-                               else AutoModelForCausalLM.from_config(config.llm_config))
+                               else AutoModelForCausalLM.from_config(config.llm_config, **capped))
         self.mlp1 = build_projector(config.projector, config.vision_config.hidden_size, config.llm_config.hidden_size)
         self.img_context_token_id = None
         self.conv_template = get_conv_template(self.template)

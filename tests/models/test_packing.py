@@ -279,7 +279,8 @@ def test_varlen_attn_repeats_key_heads_for_a_kernel_without_enable_gqa(monkeypat
     assert len(calls) == 1
 
 
-def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its_window_would_be_ignored(tiny, batch):
+def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its_window_would_be_ignored(
+        tiny, batch, monkeypatch):
     """Packed rows under sdpa and eager (their block masks), sdpa_varlen and flex_attention attend over the whole
     sample: a tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's logits
     4.8 off). Padded rows under sdpa take transformers' window mask; a window longer than every sample changes
@@ -287,6 +288,7 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     from transformers import Gemma2Config, MistralConfig, Qwen2Config
 
     from xtuner_plugins.errors import Refused
+    from xtuner_plugins.models import attention
     from xtuner_plugins.models.attention import sliding_window
     assert sliding_window(MistralConfig(sliding_window=8)) == 8 and sliding_window(MistralConfig()) == 4096
     assert sliding_window(Qwen2Config(sliding_window=4096)) is None   # use_sliding_window False: Qwen2.5's configs
@@ -295,7 +297,7 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     items = split_batch(batch)
     packed = internvl_collate_fn([pack_items(items)])['data']
     longest = max(int(n) for n in packed['seq_lens'][0])
-    for attn, data in (('sdpa', packed), ('eager', packed), ('sdpa_varlen', packed), ('flex_attention', batch)):
+    for attn, data in (('sdpa', packed), ('eager', packed), ('flex_attention', batch)):
         model = build(tiny, attn_implementation=attn).eval()
         config = model.language_model.config   # the tiny Qwen2's window turned on
         config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
@@ -311,6 +313,14 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
     with torch.no_grad():
         model(batch, mode='tensor')   # padded rows: transformers' own window mask
+    # sdpa_varlen: packed rows on its kernel's device refused; elsewhere it runs as segments, which apply the window
+    embeds = torch.zeros(1, packed['input_ids'].shape[1], 4)
+    attention.check_window(batch, embeds, 'sdpa_varlen', 8)
+    attention.check_window(packed, embeds, 'sdpa_varlen', 8)
+    monkeypatch.setattr(attention, 'VARLEN_DEVICE', 'cpu')
+    with pytest.raises(Refused, match=r'sliding window of 8 tokens, which packed rows do not apply'):
+        attention.check_window(packed, embeds, 'sdpa_varlen', 8)
+    attention.check_window(batch, embeds, 'sdpa_varlen', 8)
 
 
 def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path):
@@ -328,21 +338,24 @@ def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path)
     assert config['layer_types'] == ['sliding_attention', 'full_attention']
     windowed = dict(tiny, llm=folder)
     reference = build(windowed, attn_implementation='sdpa').eval()
-    segments = build(windowed, attn_implementation='sdpa_segments').eval()
-    segments.load_state_dict(super(type(reference), reference).state_dict())
     items = split_batch(batch)
     packed = internvl_collate_fn([pack_items(items)])['data']
     assert min(int(n) for n in packed['seq_lens'][0]) > 8
     with torch.no_grad():
         alone = [reference(internvl_collate_fn([item])['data'], mode='tensor')[0] for item in items]
-        pack_logits = segments(packed, mode='tensor')[0]
-        padded = segments(batch, mode='tensor')
+    for attn in ('sdpa_segments', 'sdpa_varlen'):   # sdpa_varlen off a GPU: as segments
+        segments = build(windowed, attn_implementation=attn).eval()
+        segments.load_state_dict(super(type(reference), reference).state_dict())
+        with torch.no_grad():
+            pack_logits = segments(packed, mode='tensor')[0]
+            padded = segments(batch, mode='tensor')
         start = 0
         for row, expected in enumerate(alone):
             n = expected.shape[0]
             torch.testing.assert_close(pack_logits[start:start + n], expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(padded[row, :n], expected, rtol=1e-5, atol=1e-5)
             start += n
+    with torch.no_grad():
         full = build(dict(tiny, llm=write_tiny_llm(str(tmp_path / 'full'), arch='gemma3', hidden_size=64)),
                      attn_implementation='sdpa_segments').eval()   # its 512-token window: causal, as before
         full.load_state_dict(super(type(reference), reference).state_dict())

@@ -213,11 +213,14 @@ def check_softcap(config, attn: str) -> None:
 def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int]) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) a batch whose attention would ignore the LLM's sliding
     ``window``: packed rows under ``sdpa`` and ``eager`` (their block-causal masks attend over the whole sample),
-    ``flex_attention`` and ``sdpa_varlen`` (the same), with a sample longer than the window. It trained silently on
-    attention the model never runs: a tiny Mistral's converted folder answered otherwise, logits 4.8 off.
-    ``sdpa_segments`` applies each layer's window (:func:`windowed_sdpa`), as flash attention's varlen kernel does."""
-    if not window or attn in ('flash_attention_2', SEGMENT_ATTENTION) or (
-            data.get('seq_lens') is None and attn not in ('flex_attention', *SEGMENTED)):
+    ``flex_attention`` and packed rows on ``sdpa_varlen``'s kernel (the same), with a sample longer than the window.
+    It trained silently on attention the model never runs: a tiny Mistral's converted folder answered otherwise,
+    logits 4.8 off. ``sdpa_segments`` applies each layer's window (:func:`windowed_sdpa`), as flash attention's varlen
+    kernel does, and so does ``sdpa_varlen`` where it runs as segments (padded rows; off its kernel's device)."""
+    packed = data.get('seq_lens') is not None
+    as_segments = attn == VARLEN_ATTENTION and (not packed or embeds.device.type != VARLEN_DEVICE)
+    if not window or attn in ('flash_attention_2', SEGMENT_ATTENTION) or as_segments or (
+            not packed and attn != 'flex_attention'):
         return
     if data.get('seq_lens') is not None:
         longest = max((int(n) for lens in data['seq_lens'] for n in lens), default=0)

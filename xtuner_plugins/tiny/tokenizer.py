@@ -192,7 +192,7 @@ def build_tiny_tokenizer(add_internvl_tokens: bool = True, vocab_size: int = 512
             ``<|begin_of_text|>``; ``len(tokenizer)`` is one more). ``None`` (the default): no bos, as Qwen2.5's.
         chat: the chat family whose special tokens, bos, eos, pad and own chat template the tokenizer has
             (:data:`CHAT_FAMILIES`): ``chatml`` (Qwen2.5's, the default), ``llama3`` (Llama 3 Instruct's:
-            ``<|begin_of_text|>`` added as the bos, eos ``<|eot_id|>``, no pad token) or ``phi3`` (Phi-3's markers,
+            ``<|begin_of_text|>`` added as the bos, eos ``<|eot_id|>``, no pad token), ``phi3`` (Phi-3's markers,
             bos ``<s>`` added, eos and pad ``<|endoftext|>``) or ``gemma`` (Gemma's ``<start_of_turn>`` and
             ``<end_of_turn>``, bos ``<bos>`` added, eos ``<eos>``, pad ``<pad>``). With any but ``chatml``,
             ``bos_token`` is the family's.

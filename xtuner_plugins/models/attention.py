@@ -222,14 +222,14 @@ def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str,
     if not window or attn in ('flash_attention_2', SEGMENT_ATTENTION) or as_segments or (
             not packed and attn != 'flex_attention'):
         return
-    if data.get('seq_lens') is not None:
+    if packed:
         longest = max((int(n) for lens in data['seq_lens'] for n in lens), default=0)
     else:
         mask = data.get('attention_mask')
         longest = int(mask.sum(1).max()) if mask is not None else embeds.shape[1]
     if longest > window:
         from xtuner_plugins.errors import Refused
-        how = 'packed rows' if data.get('seq_lens') is not None else f'attn_implementation={attn!r}'
+        how = 'packed rows' if packed else f'attn_implementation={attn!r}'
         raise Refused(f'the LLM attends through a sliding window of {window} tokens, which {how} do not apply: a '
                       f'sample of {longest} tokens would train attention the model never runs; set '
                       f'attn_implementation=\'{SEGMENT_ATTENTION}\', which applies it (or flash_attention_2 on a GPU), '

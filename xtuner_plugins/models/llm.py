@@ -94,7 +94,9 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
         kwargs['device_map'] = ({'': int(os.environ.get('LOCAL_RANK', 0))} if torch.cuda.is_available()
                                 else 'cpu')
     def load(folder):
-        text = text_config_of(folder)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        text = _text_config(config)
         if text is None:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=False,
                                                         attn_implementation=attn_implementation, **kwargs)
@@ -104,10 +106,10 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
         missing = [k for k in info['missing_keys'] if not (k.startswith('lm_head.') and text.tie_word_embeddings)]
         if missing:
             from xtuner_plugins.errors import Refused
-            raise Refused(f'model.llm: {path} holds a vision-language model ({_described(folder)}), and its language '
+            raise Refused(f'model.llm: {path} holds a vision-language model ({_described(config)}), and its language '
                           f'model\'s weights are not where {type(model).__name__} reads them ({len(missing)} missing, '
                           f'e.g. {missing[0]}): give the folder of a text LLM (docs/families.md)')
-        print_log(f'model.llm: {path} holds a vision-language model ({_described(folder)}): its language model is '
+        print_log(f'model.llm: {path} holds a vision-language model ({_described(config)}): its language model is '
                   f'loaded alone as {type(model).__name__}; its vision tower and projector are left out',
                   logger='current')
         return model
@@ -119,10 +121,8 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
 VLM_TEXT_KEYS = {r'^model\.language_model\.': 'model.'}
 
 
-def _described(folder: str) -> str:
+def _described(config) -> str:
     """``model_type 'gemma3', Gemma3ForConditionalGeneration``: what a folder's config.json says it holds."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(folder)
     return ', '.join([f'model_type {config.model_type!r}', *(getattr(config, 'architectures', None) or [])])
 
 
@@ -132,8 +132,12 @@ def text_config_of(folder: str):
     loads alone, as its own causal LM class (``Gemma3ForCausalLM`` reads the ``language_model.`` keys); None for a
     text LLM's folder."""
     from transformers import AutoConfig
+    return _text_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+
+
+def _text_config(config):
+    """:func:`text_config_of` for a config already read."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     text = getattr(config, 'text_config', None)
     whole = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, 'model_type', None), '')
     if text is None or not whole.endswith('ForConditionalGeneration') \

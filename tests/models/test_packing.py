@@ -164,15 +164,19 @@ def test_document_block_mask_equals_the_mask_evaluated_on_every_pair(length):
 
 def reference_varlen(calls):
     """``varlen_attn`` written plainly for the CPU: causal SDPA on each ``[cu[i], cu[i+1])`` piece of the flat
-    ``[T, heads, D]`` sequence. Records each call's bounds and longest piece."""
+    ``[T, heads, D]`` sequence, within ``window_size``'s left window where it has one (a query sees the ``left``
+    keys before it). Records each call's bounds, longest piece and window."""
     def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32
-        calls.append((cu_q.tolist(), max_q))
+        left, right = window_size
+        assert right == 0 and torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32
+        calls.append((cu_q.tolist(), max_q) if left < 0 else (cu_q.tolist(), max_q, left))
         out = torch.empty_like(q)
         for start, end in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
             piece = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+            behind = torch.arange(end - start)[:, None] - torch.arange(end - start)[None, :]
             out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-                *piece, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+                *piece, attn_mask=(behind >= 0) & ((behind <= left) if left >= 0 else True), scale=scale,
+                enable_gqa=enable_gqa)[0].transpose(0, 1)
         return out
     return kernel
 
@@ -207,6 +211,37 @@ def test_varlen_attention_gives_the_segment_attentions_loss_and_gradients(tiny, 
     assert grads_v.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_v[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('window', [None, 8])
+def test_varlen_kernel_gives_the_segments_attention_and_gradients(window, monkeypatch):
+    """``varlen_sdpa`` on its kernel (torch's own ``varlen_attn`` on a GPU; on a CPU the plain reference in its
+    place) in bf16, with grouped heads, a row with a padding tail, a row with fewer samples than the widest and
+    queries whose memory is not in the kernel's order, without and with a sliding window: the output and the
+    gradients that ``sdpa_segments`` gives, sample by sample."""
+    from xtuner_plugins.models import attention
+    device, calls = 'cuda' if torch.cuda.is_available() else 'cpu', []
+    if device == 'cpu':
+        monkeypatch.setattr(attention, 'VARLEN_DEVICE', 'cpu')
+    kernel = reference_varlen([]) if device == 'cpu' else attention.varlen_attn
+    monkeypatch.setattr(attention, 'varlen_attn', lambda *a, **k: calls.append(k['window_size']) or kernel(*a, **k))
+    torch.manual_seed(0)
+    bounds = torch.tensor([[0, 5, 40, 64], [0, 30, 64, 64]])
+    shapes = ((2, 4, 64, 32), (2, 2, 64, 32), (2, 2, 64, 32))
+    inputs = [torch.randn(shape, dtype=torch.bfloat16).to(device).requires_grad_() for shape in shapes]
+    weights = torch.randn(2, 64, 4, 32, dtype=torch.bfloat16).to(device)
+    results = []
+    for attend in (attention.varlen_sdpa, attention.segment_sdpa):
+        out, _ = attend(None, *inputs, None, scaling=0.2, segment_bounds=bounds, sliding_window=window)
+        results.append((out, torch.autograd.grad((out.float() * weights).sum(), inputs)))
+    assert calls == [(window - 1 if window else -1, 0)]   # the kernel ran, once, with the window
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+    if window:   # the window changed what a late query sees (else the test would not test it)
+        causal, _ = attention.segment_sdpa(None, *inputs, None, scaling=0.2, segment_bounds=bounds)
+        assert (causal - expected).abs().max() > 0.1
 
 
 def test_varlen_attention_takes_fp32_queries_under_autocast_in_the_autocast_precision(tiny, batch, monkeypatch):
@@ -281,10 +316,10 @@ def test_varlen_attn_repeats_key_heads_for_a_kernel_without_enable_gqa(monkeypat
 
 def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its_window_would_be_ignored(
         tiny, batch, monkeypatch):
-    """Packed rows under sdpa and eager (their block masks), sdpa_varlen and flex_attention attend over the whole
-    sample: a tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's logits
-    4.8 off). Padded rows under sdpa take transformers' window mask; a window longer than every sample changes
-    nothing; sdpa_segments applies it (the next test)."""
+    """Packed rows under sdpa and eager (their block masks) and flex_attention attend over the whole sample: a
+    tiny Mistral with an 8-token window trained on attention it never runs (its converted folder's logits 4.8 off).
+    Padded rows under sdpa take transformers' window mask; a window longer than every sample changes nothing;
+    sdpa_segments and sdpa_varlen apply it (the next test)."""
     from transformers import Gemma2Config, MistralConfig, Qwen2Config
 
     from xtuner_plugins.errors import Refused
@@ -301,7 +336,7 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
         model = build(tiny, attn_implementation=attn).eval()
         config = model.language_model.config   # the tiny Qwen2's window turned on
         config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
-        with pytest.raises(Refused, match=rf'sliding window of 8 tokens, which .* do not apply: a sample of \d+ '
+        with pytest.raises(Refused, match=r'sliding window of 8 tokens, which .* do not apply: a sample of \d+ '
                                           r'tokens'):
             with torch.no_grad():
                 model(data, mode='tensor')
@@ -313,21 +348,21 @@ def test_an_llm_with_a_sliding_window_shorter_than_a_sample_is_refused_where_its
     config.sliding_window, config.layer_types, config.use_sliding_window = 8, None, True
     with torch.no_grad():
         model(batch, mode='tensor')   # padded rows: transformers' own window mask
-    # sdpa_varlen: packed rows on its kernel's device refused; elsewhere it runs as segments, which apply the window
+    # sdpa_varlen applies the window on its kernel's device and off it (as segments): never refused
     embeds = torch.zeros(1, packed['input_ids'].shape[1], 4)
-    attention.check_window(batch, embeds, 'sdpa_varlen', 8)
-    attention.check_window(packed, embeds, 'sdpa_varlen', 8)
-    monkeypatch.setattr(attention, 'VARLEN_DEVICE', 'cpu')
-    with pytest.raises(Refused, match=r'sliding window of 8 tokens, which packed rows do not apply'):
+    for device in ('cuda', 'cpu'):
+        monkeypatch.setattr(attention, 'VARLEN_DEVICE', device)
+        attention.check_window(batch, embeds, 'sdpa_varlen', 8)
         attention.check_window(packed, embeds, 'sdpa_varlen', 8)
-    attention.check_window(batch, embeds, 'sdpa_varlen', 8)
 
 
-def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path):
+def test_sdpa_segments_and_varlen_apply_each_layers_sliding_window(tiny, batch, tmp_path, monkeypatch):
     """A Gemma 3 LLM whose sliding layers attend to the last 8 tokens (and a full layer): packed rows and padded
-    rows under sdpa_segments give each sample the logits transformers' own sliding-window mask gives it alone."""
+    rows under sdpa_segments and sdpa_varlen (as segments, and on its kernel) give each sample the logits
+    transformers' own sliding-window mask gives it alone."""
     import json
 
+    import xtuner_plugins.models.attention as attention
     from xtuner_plugins.tiny import write_tiny_llm
     folder = write_tiny_llm(str(tmp_path / 'gemma3'), arch='gemma3', hidden_size=64)
     with open(folder + '/config.json') as f:
@@ -343,7 +378,11 @@ def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path)
     assert min(int(n) for n in packed['seq_lens'][0]) > 8
     with torch.no_grad():
         alone = [reference(internvl_collate_fn([item])['data'], mode='tensor')[0] for item in items]
-    for attn in ('sdpa_segments', 'sdpa_varlen'):   # sdpa_varlen off a GPU: as segments
+    calls = []
+    for attn, kernel in (('sdpa_segments', False), ('sdpa_varlen', False), ('sdpa_varlen', True)):
+        # sdpa_varlen off a GPU runs as segments; on its kernel (a plain reference here), with its window_size
+        monkeypatch.setattr(attention, 'varlen_dtype', lambda query, dropout: query.dtype if kernel else None)
+        monkeypatch.setattr(attention, 'varlen_attn', reference_varlen(calls))
         segments = build(windowed, attn_implementation=attn).eval()
         segments.load_state_dict(super(type(reference), reference).state_dict())
         with torch.no_grad():
@@ -355,6 +394,9 @@ def test_sdpa_segments_applies_each_layers_sliding_window(tiny, batch, tmp_path)
             torch.testing.assert_close(pack_logits[start:start + n], expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(padded[row, :n], expected, rtol=1e-5, atol=1e-5)
             start += n
+    # the kernel ran for packed rows only, once per layer: window - 1 keys behind on the sliding layer, none on the
+    # full one
+    assert [call[2:] for call in calls] == [(7,), ()]
     with torch.no_grad():
         full = build(dict(tiny, llm=write_tiny_llm(str(tmp_path / 'full'), arch='gemma3', hidden_size=64)),
                      attn_implementation='sdpa_segments').eval()   # its 512-token window: causal, as before

@@ -149,7 +149,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                 **kwargs):
     """transformers' attention interface for ``sdpa_varlen``: packed rows (``segment_bounds``) flattened into one
     sequence of samples, ``[B x L, heads, D]`` with their cumulative bounds, and attended in one call of
-    ``varlen_attn`` (causal within each sample; grouped key/value heads read in place), where
+    ``varlen_attn`` (causal within each sample, within a sliding layer's window; grouped key/value heads read in
+    place), where
     :func:`segment_sdpa` calls SDPA once per sample: no Python loop over samples and no small kernels. A row's
     padding tail is one more sample, as in :func:`segment_sdpa`. Where the kernel cannot run
     (:func:`varlen_dtype`: a CPU, fp32 outside autocast, dropout) and for padded rows, :func:`segment_sdpa`."""
@@ -159,16 +160,21 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return segment_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             is_causal=is_causal, **kwargs)
     rows, heads, length, width = query.shape
-    # [B, heads, L, D] -> [B x L, heads, D] in the kernel's precision, in one copy each
-    flat = [t.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(rows * length, t.shape[1], width)
+    # [B, heads, L, D] -> [B x L, heads, D] in the kernel's precision, in at most one copy each (``to`` returns a
+    # tensor already in that precision as it is, strides and all: then ``reshape`` copies, where ``view`` failed)
+    flat = [t.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).reshape(rows * length, t.shape[1],
+                                                                                       width)
             for t in (query, key, value)]
     # each row's bounds shifted to where the row starts in the flat sequence; a row's end is the next one's start,
     # and a row with fewer samples than the widest repeats its end: both collapse to one bound
     cuts = torch.unique_consecutive((bounds + torch.arange(rows)[:, None] * length).reshape(-1))
     longest = int((bounds[:, 1:] - bounds[:, :-1]).max())
     cuts = cuts.to(device=query.device, dtype=torch.int32)
-    out = varlen_attn(*flat, cuts, cuts, longest, longest, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=key.shape[1] != heads)
+    # a sliding layer's window (transformers passes it; None for a full layer): a query sees itself and the
+    # window - 1 keys before it (transformers' kv_idx > q_idx - window), FlashAttention's left window
+    window = kwargs.get('sliding_window')
+    out = varlen_attn(*flat, cuts, cuts, longest, longest, scale=scaling,
+                      window_size=(int(window) - 1 if window else -1, 0), enable_gqa=key.shape[1] != heads)
     return out.view(rows, length, heads, width), None
 
 
@@ -212,15 +218,13 @@ def check_softcap(config, attn: str) -> None:
 
 def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int]) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) a batch whose attention would ignore the LLM's sliding
-    ``window``: packed rows under ``sdpa`` and ``eager`` (their block-causal masks attend over the whole sample),
-    ``flex_attention`` and packed rows on ``sdpa_varlen``'s kernel (the same), with a sample longer than the window.
-    It trained silently on attention the model never runs: a tiny Mistral's converted folder answered otherwise,
-    logits 4.8 off. ``sdpa_segments`` applies each layer's window (:func:`windowed_sdpa`), as flash attention's varlen
-    kernel does, and so does ``sdpa_varlen`` where it runs as segments (padded rows; off its kernel's device)."""
+    ``window``: packed rows under ``sdpa`` and ``eager`` (their block-causal masks attend over the whole sample) and
+    ``flex_attention`` (the same), with a sample longer than the window. It trained silently on attention the model
+    never runs: a tiny Mistral's converted folder answered otherwise, logits 4.8 off. ``sdpa_segments`` applies each
+    layer's window (:func:`windowed_sdpa`), as flash attention's varlen kernel does, and so does ``sdpa_varlen``
+    (its kernel's ``window_size``; as segments off its kernel's device)."""
     packed = data.get('seq_lens') is not None
-    as_segments = attn == VARLEN_ATTENTION and (not packed or embeds.device.type != VARLEN_DEVICE)
-    if not window or attn in ('flash_attention_2', SEGMENT_ATTENTION) or as_segments or (
-            not packed and attn != 'flex_attention'):
+    if not window or attn in ('flash_attention_2', *SEGMENTED) or (not packed and attn != 'flex_attention'):
         return
     if packed:
         longest = max((int(n) for lens in data['seq_lens'] for n in lens), default=0)

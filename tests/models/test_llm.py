@@ -102,6 +102,16 @@ def test_odd_config_files_and_an_internvl_folder_given_as_the_llm(tiny, tmp_path
     (folder / 'config.json').write_text(json.dumps({'model_type': 'internvl_chat', 'auto_map': {'AutoModel': 'm.M'}}))
     with pytest.raises(Refused, match='is an InternVL model, not an LLM: give it as model.official_checkpoint'):
         check_llm_folder(str(folder))
+    # an attention-logit cap the attention implementation would drop, read from the text config of a
+    # vision-language folder too; without attn (or under eager) not checked
+    for config in ({'model_type': 'gemma2', 'attn_logit_softcapping': 50.0},
+                   {'model_type': 'gemma3',
+                    'text_config': {'model_type': 'gemma3_text', 'attn_logit_softcapping': 50.0}}):
+        (folder / 'config.json').write_text(json.dumps(config))
+        with pytest.raises(Refused, match=r"attn_logit_softcapping 50.0\), which attn_implementation='sdpa' does"):
+            check_llm_folder(str(folder), attn='sdpa')
+        check_llm_folder(str(folder))
+        check_llm_folder(str(folder), attn='eager')
 
 
 def _gemma3_vlm(folder):

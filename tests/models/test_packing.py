@@ -424,10 +424,13 @@ def test_windowed_sdpa_in_blocks_is_the_whole_banded_mask(length, window):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be_dropped(tiny, batch, tmp_path):
+def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be_dropped(tiny, batch, tmp_path,
+                                                                                         monkeypatch):
     """Gemma 2's attn_logit_softcapping: transformers' SDPA, and the segment and varlen kernels, take no ``softcap``
     and trained without it (a tiny Gemma 2 with a cap of 1.0: SDPA's logits apart from eager's, which vLLM and
-    llama.cpp run as); refused at start-up naming the setting; eager, which applies it, trains."""
+    llama.cpp run as); refused at start-up naming the setting, from the folder's config.json before anything
+    loads (a Gemma 2 27B loads for minutes); eager, which applies it, trains."""
+    from xtuner_plugins.models import parts
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from xtuner_plugins.errors import Refused
@@ -448,10 +451,14 @@ def test_an_llm_that_caps_its_attention_logits_is_refused_where_the_cap_would_be
             logits[attn] = llm(input_ids=ids).logits
     assert (logits['eager'] - logits['sdpa']).abs().max() > 1e-2   # the cap dropped changes the model
     gemma2 = dict(tiny, llm=str(tmp_path / 'gemma2'))
-    for attn in ('sdpa', 'sdpa_segments', 'sdpa_varlen'):
-        with pytest.raises(Refused, match=rf"caps its attention logits \(attn_logit_softcapping 1.0\), which "
-                                          rf"attn_implementation='{attn}' does not apply: .* set "
-                                          r"model.attn_implementation to 'eager'"):
-            build(gemma2, attn_implementation=attn)
+    loading = parts.build_vision_encoder
+    with monkeypatch.context() as patch:   # refused before the vision encoder (and the LLM) loads
+        patch.setattr(parts, 'build_vision_encoder', lambda *a, **k: pytest.fail('loaded before the refusal'))
+        for attn in ('sdpa', 'sdpa_segments', 'sdpa_varlen'):
+            with pytest.raises(Refused, match=rf"caps its attention logits \(attn_logit_softcapping 1.0\), which "
+                                              rf"attn_implementation='{attn}' does not apply: .* set "
+                                              r"model.attn_implementation to 'eager'"):
+                build(gemma2, attn_implementation=attn)
+    assert parts.build_vision_encoder is loading
     model = build(gemma2, attn_implementation='eager')
     assert torch.isfinite(model(batch, mode='loss')['loss'])

@@ -204,11 +204,10 @@ def sliding_window(config) -> Optional[int]:
 SOFTCAPPING = ('eager', 'flex_attention', 'flash_attention_2')
 
 
-def check_softcap(config, attn: str) -> None:
-    """Refuse (:class:`~xtuner_plugins.errors.Refused`) an LLM that caps its attention logits (Gemma 2's
+def check_softcap(cap: Optional[float], attn: str) -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`) an LLM that caps its attention logits at ``cap`` (Gemma 2's
     ``attn_logit_softcapping``: ``cap * tanh(score / cap)``) under an attention implementation that would train it
     without the cap, which its converted folders (run eager for it), vLLM and llama.cpp apply."""
-    cap = getattr(config, 'attn_logit_softcapping', None)
     if cap and attn not in SOFTCAPPING:
         from xtuner_plugins.errors import Refused
         raise Refused(f'the LLM caps its attention logits (attn_logit_softcapping {cap}), which '

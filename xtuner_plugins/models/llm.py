@@ -21,15 +21,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from xtuner_plugins.data.errors import from_pretrained_named
 from xtuner_plugins.data.template import add_internvl_tokens
 
+from .attention import check_softcap
 from .zero3 import gathered, shape_of
 
 
-def check_llm_folder(path: str, key: str = 'model.llm') -> None:
+def check_llm_folder(path: str, key: str = 'model.llm', attn: Optional[str] = None) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`, one line) an LLM folder that only its own modelling code
     loads: its ``config.json`` names a ``model_type`` transformers does not implement, with an ``auto_map`` to the
     folder's code (InternLM2 and 2.5's ``internlm2``), which nothing here runs (``trust_remote_code=False``).
     Called before the vision encoder loads: transformers' refusal came after it, with a traceback. A type transformers
-    implements loads with transformers' own class, whatever its ``auto_map`` (Phi-3's)."""
+    implements loads with transformers' own class, whatever its ``auto_map`` (Phi-3's). With ``attn`` (the attention
+    implementation it would train under), also an LLM whose attention-logit cap it would drop
+    (:func:`~xtuner_plugins.models.attention.check_softcap`), before minutes of loading a Gemma 2 9B or 27B."""
     import json
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -40,7 +43,12 @@ def check_llm_folder(path: str, key: str = 'model.llm') -> None:
             config = json.load(f)
     except (OSError, TypeError, ValueError):   # no folder, no config: the loading says so
         return
-    if not isinstance(config, dict) or not config.get('auto_map'):
+    if not isinstance(config, dict):
+        return
+    if attn is not None:   # a vision-language folder's language model: its text_config
+        text = config.get('text_config') if isinstance(config.get('text_config'), dict) else config
+        check_softcap(text.get('attn_logit_softcapping'), attn)
+    if not config.get('auto_map'):
         return
     model_type = config.get('model_type')
     if model_type in CONFIG_MAPPING_NAMES:

@@ -72,7 +72,7 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
             if vision_encoder is None or llm is None:
                 raise Refused('VisionLanguageModel needs vision_encoder and llm (or official_checkpoint)')
             if isinstance(llm, str):
-                check_llm_folder(llm)   # before the vision encoder loads
+                check_llm_folder(llm, attn=attn_implementation)   # before the vision encoder loads
             # drop path is set explicitly (default 0), never taken from the encoder's config.json
             vision_model, vision = build_vision_encoder(vision_encoder, dtype, vision_attn,
                                                         drop_path_rate=vision_drop_path, select_layer=select_layer)
@@ -84,7 +84,8 @@ def build_parts(vision_encoder: Union[str, nn.Module, None], llm: Union[str, nn.
                 if isinstance(projector, str) and projector == InternVLProjector.name:
                     projector = dict(type=projector, downsample_ratio=downsample_ratio, ps_version=ps_version)
                 mlp1 = build_projector(projector, vision.hidden_size, language_model.config.hidden_size)
-        check_softcap(language_model.config, attn_implementation)
+        # an official checkpoint's or a module's LLM (a folder's was checked before it loaded)
+        check_softcap(getattr(language_model.config, 'attn_logit_softcapping', None), attn_implementation)
         if tokenizer_path is None:
             raise ValueError('tokenizer is required when llm is a module')
         tok, num_added = load_tokenizer(tokenizer_path)

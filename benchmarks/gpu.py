@@ -28,7 +28,10 @@ result and the run goes on; a row that no longer fits in the run's budget is rep
 * ``memory``: MLP warm-up, LoRA and full fine-tuning at real size (``bench_memory.py``'s ``measure``);
 * ``stage``: ``configs/finetune_full_packed.py`` trained through ``tools/train.py`` on the first size's models
   and data (``benchmarks/stage_run.py``): what its defaults choose on the machine (``llm_grad_ckpt_layers='auto'``)
-  and whether that run fits (peak memory, tokens/s).
+  and whether that run fits (peak memory, tokens/s);
+* ``cuda tests``: the test modules with checks that run on CUDA only (``CUDA_TESTS``: torch's own ``varlen_attn``
+  against the segments, with and without a sliding window; packed gradients on the GPU; Liger's kernels), under
+  pytest on the GPU machine. CI has no GPU: there a reference stands in for each kernel.
 
 The order puts the goal rows first (1.5B), so a run that runs out of time loses the 0.5B rows. Writes into
 ``--out``: ``table.md`` (what is printed), ``results.json`` (every row's command, status, reason, seconds and raw
@@ -70,7 +73,10 @@ CUDA_ONLY = {'packed flex': "torch's FlexAttention has no backward on a CPU",
              'packed segments liger': "Liger Kernel's Triton kernels run on CUDA only (tests/models/test_liger.py "
                                       "checks them in Triton's interpreter)",
              'packed varlen': "varlen_attn is FlashAttention's CUDA kernel (on a CPU sdpa_varlen is the segments' "
-                              'loop)'}
+                              'loop)',
+             'cuda tests': 'their CUDA checks skip or take a reference on a CPU, where make test runs them'}
+#: the test modules whose checks run on CUDA where there is one (the ``cuda tests`` row)
+CUDA_TESTS = ('tests/models/test_packing.py', 'tests/models/test_liger.py')
 # the goal rows first (XTuner's and our default's, compile_blocks='auto' being both parts compiled on a GPU), so a
 # run that runs out of time loses the comparisons
 TRAIN_ROWS = (('xtuner', ['--paths', 'xtuner', '--attn', 'sdpa']),
@@ -100,11 +106,12 @@ MODES = {
     # risks running out of memory beside the fp32 optimizer state
     'real': dict(sizes=('1.5b', '0.5b'), samples=48, batch=4, steps=10, precision_steps=4, precision_tokens=8192,
                  memory_batch=2, memory_steps=2, stage_steps=8,
-                 budget=dict(prepare=200, train=110, flex=170, xtuner=160, precision=150, memory=100, stage=180),
+                 budget=dict(prepare=200, train=110, flex=170, xtuner=160, precision=150, memory=100, stage=180,
+                             tests=150),
                  run_budget=570, min_start=30),
     'tiny': dict(sizes=('tiny',), samples=8, batch=2, steps=2, precision_steps=2, memory_batch=1,
                  memory_steps=1, stage_steps=3, budget=dict(prepare=120, train=120, flex=180, xtuner=150,
-                                                            precision=120, memory=120, stage=240),
+                                                            precision=120, memory=120, stage=240, tests=300),
                  run_budget=900, min_start=5),
 }
 
@@ -149,6 +156,8 @@ def plan(mode: str, out: str, work: str) -> List[dict]:
                                                                                       else []),
                     '--profile', os.path.join(raw, f'profile_{size}.txt')], m['budget']['flex'])
         if i == 0:  # the checks on the first (goal) size, before the other sizes
+            add('cuda tests', 'tests', [me, '--child', 'tests'], m['budget']['tests'],
+                cuda_only=CUDA_ONLY['cuda tests'])
             # the stage config through tools/train.py: what its defaults ('auto' checkpointing) choose, and fit
             add(f'{size} stage', 'stage', [os.path.join(ROOT, 'benchmarks', 'stage_run.py'), '--work',
                                            os.path.join(work, size), '--steps', str(m['stage_steps']),
@@ -195,6 +204,15 @@ def child(args) -> None:
         with open(os.path.join(args.work, 'models.json'), 'w') as f:
             json.dump(models, f)
         figures = dict(models=models)
+    elif args.child == 'tests':
+        proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *args.tests],
+                              cwd=ROOT, capture_output=True, text=True)
+        print(proc.stdout[-20000:] + proc.stderr[-5000:], flush=True)
+        lines = proc.stdout.strip().splitlines()
+        figures = dict(rc=proc.returncode, summary=lines[-1] if lines else proc.stderr.strip()[-300:])
+        with open(args.json, 'w') as f:
+            json.dump(figures, f)
+        sys.exit(proc.returncode)   # its row fails with pytest's summary line
     elif args.child == 'memory':
         from benchmarks.bench_memory import measure
         with open(args.models) as f:
@@ -339,8 +357,10 @@ def table(rows: List[dict], header: str, tiny: bool) -> str:
             "'not in an operator': no kernel of the step running") + '; its operators in raw/profile_*.txt; '
             'a diagnosis, not a timing):', '', kinds_table(profiles)]
     lines.append('')
-    for r in (r for r in rows if r['kind'] in ('prepare', 'precision', 'stage')):
+    for r in (r for r in rows if r['kind'] in ('prepare', 'precision', 'stage', 'tests')):
         text = r['reason']
+        if r['kind'] == 'tests' and r['figures']:
+            text = f'{", ".join(CUDA_TESTS)}: {r["figures"]["summary"]}'
         if r['kind'] == 'stage' and r['figures']:
             x = r['figures']
             text = (f'configs/finetune_full_packed.py through tools/train.py, {x["last_iter"]} iterations, '
@@ -403,7 +423,9 @@ def main() -> None:
     p.add_argument('--jobs', type=int, default=None,
                    help='rows at a time after the prepare rows (default 1: timings need the GPU alone; 2 with '
                         '--tiny, whose figures are not timings)')
-    p.add_argument('--child', choices=['prepare-train', 'prepare-memory', 'memory'], help=argparse.SUPPRESS)
+    p.add_argument('--child', choices=['prepare-train', 'prepare-memory', 'memory', 'tests'],
+                   help=argparse.SUPPRESS)
+    p.add_argument('--tests', nargs='+', default=list(CUDA_TESTS), help=argparse.SUPPRESS)
     p.add_argument('--size', help=argparse.SUPPRESS)
     p.add_argument('--work', help='folder for the written models and data, reused by later runs (default: '
                                   '$TMPDIR/xtuner_plugins_gpu/MODE; about 17 GB at real size, so not under --out)')

@@ -22,8 +22,8 @@ TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments c
 CUDA_ONLY = ['tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
              'tiny packed varlen compiled no ckpt',
              'tiny packed segments compiled half ckpt', 'tiny packed varlen',
-             'tiny packed flex', 'tiny packed segments liger']
-ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'tiny stage', 'tiny bf16 vs fp32',
+             'tiny packed flex', 'tiny packed segments liger', 'cuda tests']
+ROWS = ['prepare tiny', 'prepare memory', *TRAIN, 'tiny profile', 'cuda tests', 'tiny stage', 'tiny bf16 vs fp32',
         'memory pretrain_mlp', 'memory finetune_lora', 'memory finetune_full']
 
 
@@ -86,6 +86,25 @@ def test_a_liger_row_whose_kernels_change_the_loss_fails(tmp_path):
     assert 'against eager: loss rel 5.0e-01, grads 2.0e-01' in table and 'against eager: loss rel 1.0e-06' in table
 
 
+def test_the_cuda_tests_row_succeeds_or_fails_as_pytest_does(tmp_path):
+    """The ``cuda tests`` row (the modules with CUDA-only checks, run on the GPU machine) runs pytest in a child:
+    the row's status is pytest's outcome, and the table carries pytest's summary line."""
+    rows = []
+    for name, body in (('good', 'def test_ok():\n    assert True\n'), ('bad', 'def test_no():\n    assert 1 == 2\n')):
+        test, path = tmp_path / f'test_{name}.py', str(tmp_path / 'raw' / f'{name}.json')
+        test.write_text(body)
+        rows.append(dict(name=f'cuda tests {name}', kind='tests', budget=120, json=path, group=None, cmd=[
+            sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu.py'), '--child', 'tests', '--tests', str(test),
+            '--json', path]))
+    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
+    assert [r['status'] for r in rows] == ['ok', 'failed'], [r['reason'] for r in rows]
+    assert '1 passed' in rows[0]['figures']['summary'] and '1 failed' in rows[1]['reason']
+    table = gpu.table(rows, 'header', tiny=True)
+    assert '- cuda tests good: ok' in table and '- cuda tests bad: failed' in table and '1 failed' in table
+    assert {r['name'] for r in gpu.plan('real', str(tmp_path / 'out'), str(tmp_path / 'work')) if r['kind'] ==
+            'tests'} == {'cuda tests'}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal of a machine without CUDA')
 def test_the_real_run_without_cuda_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu.py'), '--out', str(tmp_path)],
@@ -108,7 +127,7 @@ def test_real_plan_fits_the_budget_order_and_sizes(tmp_path):
     assert gpu.MODES['real']['run_budget'] < 600
     assert len({r['json'] for r in rows}) == len(rows)
     folders = [r['cmd'][i + 1] for r in rows for i, a in enumerate(r['cmd']) if a in ('--work', '--workdir')]
-    assert len(folders) == len(rows) - 3  # all but the memory stages
+    assert len(folders) == len(rows) - 4  # all but the memory stages and the CUDA tests
     assert all(f.startswith(str(tmp_path / 'work')) for f in folders)  # checkpoints never go under --out
     # the LoRA stage (measured over its plan on an H100) dumps its allocator history beside the raw figures
     snaps = {r['name']: r['cmd'][r['cmd'].index('--snapshot') + 1] for r in rows if '--snapshot' in r['cmd']}
@@ -139,7 +158,9 @@ def test_tiny_run_writes_every_row_with_sane_figures(tmp_path):
     by.pop('tiny packed varlen compiled no ckpt')
     liger = by.pop('tiny packed segments liger')
     varlen = by.pop('tiny packed varlen')
+    tests = by.pop('cuda tests')
     if not torch.cuda.is_available():
+        assert tests['status'] == 'skipped', tests
         assert compiled['status'] == 'skipped', compiled
         assert liger['status'] == 'skipped' and varlen['status'] == 'skipped', (liger, varlen)
         assert flex['status'] == 'skipped', flex

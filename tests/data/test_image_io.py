@@ -205,6 +205,8 @@ class TestOneRule:
         with pytest.raises(SampleError, match='cannot decode image row 3') as info:
             load_image(b'not an image', name='row 3')
         assert info.value.reason == 'corrupt_image'
+        # Pillow's own words named the buffer ('<_io.BytesIO object at 0x7f...>'): the name says where the bytes are
+        assert str(info.value) == 'cannot decode image row 3: cannot identify image file [corrupt_image]'
 
 
 IMPOSSIBLE = {'nul': ('a\x00b.png', 'NUL byte'), 'surrogate': ('\ud800.png', "character '\\\\ud800'"),
@@ -283,6 +285,11 @@ def test_a_near_miss_of_a_missing_path_and_a_fifo_are_named_as_such(tmp_path):
                                                                        f"in the annotation)")
     assert 'the file\'s name is in Unicode NFD (macOS writes NFD)' in why_missing(str(tmp_path / 'caf\u00e9.png'), 'x')
     assert why_missing(str(tmp_path / 'nothing\\b.png'), 'image file').endswith('b.png')  # no such file: no hint
+    # a Windows path climbing out of the folder: no hint (it told whether a file exists outside, and its advice
+    # would be refused as unsafe)
+    (tmp_path / 'imgs').mkdir()
+    climbing = str(tmp_path / 'imgs' / '..\\sub\\a.png')   # tmp_path/sub/a.png exists
+    assert why_missing(climbing, 'image file') == f'image file not found: {climbing}'
 
     def refusal(path):
         with pytest.raises(ValueError) as info:

@@ -210,9 +210,18 @@ def rewrite(**fields):
     return change
 
 
+MEMBERS = "member names (not webdataset's __ fields)"
+
+
 @pytest.mark.parametrize('case,change,message', [
-    ('no images', rewrite(images=None), '"images" is missing, expected a list of member names'),
-    ('images a string', rewrite(images='img0.png'), '"images" is \'img0.png\', expected a list of member names'),
+    ('no images', rewrite(images=None), f'"images" is missing, expected a list of {MEMBERS}'),
+    ('images a string', rewrite(images='img0.png'), f'"images" is \'img0.png\', expected a list of {MEMBERS}'),
+    # webdataset's own fields are text: read as a path, they opened any local file as an image, frame or video
+    ('images a webdataset field', rewrite(images=['__key__']),
+     f'"images" is [\'__key__\'], expected a list of {MEMBERS}'),
+    ('frames a webdataset field', rewrite(frames=['__url__']),
+     f'"frames" is [\'__url__\'], expected a list of {MEMBERS}'),
+    ('video a webdataset field', rewrite(video='__key__'), f'"video" is \'__key__\', expected one of the {MEMBERS}'),
     ('source out of range', rewrite(source=2),
      '"source" is 2, expected the number of one of shards.json\'s 2 sources (0..1)'),
     ('line a string', rewrite(line='1'), '"line" is \'1\', expected a line number'),

@@ -191,3 +191,43 @@ def test_a_tar_read_error_is_said_in_words():
         'unexpected end of data'
     assert _reason(ValueError('bad header @ /s/shard-000000.tar')) == 'bad header'
     assert _reason(EOFError()) == 'EOFError'
+
+
+@pytest.mark.parametrize('sparse', [True, False])
+def test_a_member_that_would_expand_in_memory_is_refused_before_it_is_read(tmp_path, sparse):
+    """A shard's member is read whole: a GNU sparse member of a 10 KB tar claiming 1.2 GB took 3 GB of memory (a
+    shard set from elsewhere, its shards.json written to match), and so would a compressed tar, which the writer
+    never makes. Each is refused, naming the shard and the member, before anything is read."""
+    import gzip
+    import subprocess
+    import tracemalloc
+
+    from xtuner_plugins.data.shard_index import ShardDamaged, read_shard
+    src, tar = tmp_path / 'src', tmp_path / 'shard-000000.tar'
+    src.mkdir()
+    (src / '000000000.json').write_text('{}')
+    with open(src / '000000000.img0.jpg', 'wb') as f:
+        f.truncate(300 << 20)   # 300 MB of holes
+    subprocess.run(['tar', '--sparse', '--format=gnu', '-cf', str(tar), '000000000.json', '000000000.img0.jpg'],
+                   cwd=src, check=True)
+    if not sparse:   # the same members, not sparse, compressed: 300 MB of zeros in a few hundred KB
+        subprocess.run(['tar', '--format=gnu', '-cf', str(tmp_path / 'plain.tar'), '000000000.json',
+                        '000000000.img0.jpg'], cwd=src, check=True)
+        with open(tmp_path / 'plain.tar', 'rb') as f, gzip.open(tar, 'wb') as out:
+            shutil.copyfileobj(f, out)
+    size = os.path.getsize(tar)
+    assert size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShardDamaged) as said:
+            list(read_shard(str(tar), size=size))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, peak   # nothing expanded
+    if sparse:
+        assert str(said.value) == (f"{tar}: a sparse member '000000000.img0.jpg' claims {300 << 20} bytes, and the "
+                                   f'shard holds {size}: not what the writer makes (read whole, it would expand in '
+                                   'memory); write the shard set again with tools/shard_dataset.py')
+    else:
+        assert str(said.value).startswith(f'{tar}: the tar cannot be read after its 0 samples ('), said.value

@@ -253,6 +253,8 @@ def test_a_lone_surrogate_is_counted_in_training_and_in_check_dataset(tmp_path, 
                                                                     'half), got null'),
     ({'annotation': 'a.jsonl', 'repeat_time': 'twice'}, 'repeat_time', 'a number >= 0'),
     ({'annotation': 'a.jsonl', 'repeat_time': -1}, 'repeat_time', 'a number >= 0'),
+    # JSON's integers have no bound: a 401-digit one was an OverflowError's traceback (math.isfinite)
+    ({'annotation': 'a.jsonl', 'repeat_time': 10 ** 400}, 'repeat_time', 'a number >= 0'),
     ({'annotation': 'a.jsonl', 'root': 3, 'repeat_time': 1}, 'root', 'the image folder\'s path (a string), got 3'),
     ({'annotation': ['a.jsonl', 'b.jsonl']}, 'annotation', 'the path of one annotation file (one entry per file), '
                                                            'got ["a.jsonl", "b.jsonl"]'),

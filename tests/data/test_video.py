@@ -304,6 +304,10 @@ BAD = {
     'empty_video': ({'video': 'empty', 'conversations': conv(image=False)}, 'use'),
     'bad_clip': ({'video': 'v.mp4', 'clip': [3, 9], 'conversations': conv(image=False)}, 'use'),
     'malformed_clip': ({'video': 'v.mp4', 'clip': [3, 1], 'conversations': conv(image=False)}, 'load'),
+    # numbers past float's range: OverflowError tracebacks at start-up (math.isfinite of a 401-digit integer;
+    # int() of the end in frames, infinite)
+    'huge_int_clip': ({'video': 'v.mp4', 'clip': [0, 10 ** 400], 'conversations': conv(image=False)}, 'load'),
+    'huge_clip': ({'video': 'v.mp4', 'clip': [0, 1e308], 'conversations': conv(image=False)}, 'use'),
     'clip_on_frames': ({'video': 'frames', 'clip': [0, 1], 'conversations': conv(image=False)}, 'use'),
     'video_tag_without_video': ({'conversations': conv('<video>\nWhat?', image=False)}, 'load'),
     'two_video_tags': ({'video': 'v.mp4', 'conversations': conv('<video><video>', image=False)}, 'load'),
@@ -312,6 +316,7 @@ BAD = {
     'bad_video_field': ({'video': ['a.mp4'], 'conversations': conv(image=False)}, 'load'),
 }
 REASON = {'truncated_video': 'corrupt_video', 'malformed_clip': 'bad_clip', 'clip_on_frames': 'bad_clip',
+          'huge_int_clip': 'bad_clip', 'huge_clip': 'bad_clip',
           'video_tag_without_video': 'video_tag_mismatch', 'two_video_tags': 'video_tag_mismatch',
           'image_tag_in_video': 'video_tag_mismatch'}
 

@@ -211,9 +211,12 @@ def why_missing(path: str, what: str) -> str:
 def near_miss(path: str) -> str:
     """'' or, for a missing path whose near spelling exists, what to write instead: ``\\`` as the folder separator
     (a Windows path), spaces around the name, the name in the other Unicode normal form (macOS writes NFD). One
-    ``stat`` a guess, asked only for a path not found."""
+    ``stat`` a guess, asked only for a path not found. A Windows path that climbs out (``..\\secret\\a.jpg``) gets
+    no guess: the annotation's path would be refused as unsafe, and the hint told whether files exist outside."""
     folder, name = os.path.split(path)
-    guesses = [(path.replace('\\', '/'), 'it separates folders with \\ as Windows does')] if '\\' in path else []
+    windows = path.replace('\\', '/')
+    climbs = windows.split('/').count('..') > path.split('/').count('..')
+    guesses = [(windows, 'it separates folders with \\ as Windows does')] if '\\' in path and not climbs else []
     if name.strip() != name:
         guesses.append((os.path.join(folder, name.strip()), 'its name has spaces around it'))
     for form in ('NFC', 'NFD'):
@@ -284,7 +287,9 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
         if _empty(source):
             raise SampleError('corrupt_image', f'{name} is an empty file (0 bytes): a download or copy that did not '
                                                f'finish?') from None
-        raise SampleError('corrupt_image', f'cannot {action} {name}: {exc}') from None
+        # (Pillow names bytes by their buffer's repr, '<_io.BytesIO object at 0x7f...>': the name says it)
+        said = str(exc).replace(f' {source!r}', '') if isinstance(source, io.BytesIO) else exc
+        raise SampleError('corrupt_image', f'cannot {action} {name}: {said}') from None
 
 
 def _empty(source) -> bool:

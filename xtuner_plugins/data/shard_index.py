@@ -162,6 +162,28 @@ class ShardDamaged(Stated, ValueError):
     stream stops with this one line (``tools/train.py`` prints it without a traceback)."""
 
 
+def _members(stream, path: str, total: int) -> Iterator[Dict[str, Any]]:
+    """The regular files of the uncompressed tar ``stream`` of ``total`` bytes as webdataset's ``tar_file_iterator``
+    gives them to ``group_by_keys`` (``fname``, ``data``, ``__url__``; its ``__...__`` names skipped), each refused
+    (:class:`ShardDamaged`) before it is read where it would expand in memory: a sparse member, or one claiming more
+    bytes than the shard holds (a 10 KB shard whose sparse member claimed 1.2 GB took 3 GB of memory to read;
+    webdataset's reader reads every member whole, and opens compressed tars, which the writer never makes). Written
+    here because webdataset's reader has no bound on a member's size."""
+    import re
+    import tarfile
+    with tarfile.open(fileobj=stream, mode='r|') as tar:
+        for info in tar:
+            if not info.isreg() or re.match(r'__[^/]*__($|/)', info.name):
+                continue
+            if info.issparse() or info.size > total:
+                how = 'a sparse member' if info.issparse() else 'a member'
+                raise ShardDamaged(f'{path}: {how} {info.name!r} claims {info.size} bytes, and the shard holds '
+                                   f'{total}: not what the writer makes (read whole, it would expand in memory); '
+                                   f'{REWRITE}')
+            yield dict(fname=info.name, data=tar.extractfile(info).read(), __url__=path)
+            tar.members = []   # read as a stream: the members seen are not kept
+
+
 def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: Optional[int] = None,
                digest: Optional[str] = None, started: Optional[Tuple] = None) -> Iterator[Dict[str, Any]]:
     """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
@@ -174,7 +196,7 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
     import hashlib
     import tarfile
 
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from webdataset.tariterators import group_by_keys
     k = -1
     try:
         stream = open(path, 'rb')
@@ -203,7 +225,7 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
                                f'start the run again if the shard is the same')
         read = hashlib.sha1()   # of its records in order, as the writer's digest
         try:
-            for k, sample in enumerate(group_by_keys(tar_file_expander([dict(url=path, stream=stream)]))):
+            for k, sample in enumerate(group_by_keys(_members(stream, path, now))):
                 if expected is not None and k >= expected:
                     raise ShardDamaged(f'{path}: the tar holds more than the {expected} samples {INDEX} says: '
                                        f'changed after it was written; {REWRITE}')

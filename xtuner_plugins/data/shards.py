@@ -79,16 +79,21 @@ def meta_problem(meta: Any, sources: int) -> str:
     if not isinstance(meta, dict):
         return f'is a JSON {type(meta).__name__}, not an object'
 
+    def member(name: Any) -> bool:
+        # webdataset's own fields (``__key__``, ``__url__``) are text, which the image reader would open as a path:
+        # a shard naming one read any local file as an image or a frame
+        return isinstance(name, str) and bool(name) and not name.startswith('__')
+
     def names(value: Any) -> bool:
-        return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
+        return isinstance(value, list) and all(member(name) for name in value)
+    members = 'member names (not webdataset\'s __ fields)'
     checks = (('sample', isinstance(meta.get('sample'), dict), 'an object (the annotation\'s sample)'),
               ('source', is_count(meta.get('source')) and meta['source'] < sources,
                f'the number of one of {INDEX}\'s {sources} sources (0..{sources - 1})'),
               ('line', is_count(meta.get('line')), 'a line number'),
-              ('images', names(meta.get('images')), 'a list of member names'),
-              ('video', meta.get('video') is None or (isinstance(meta['video'], str) and meta['video']),
-               'a member name'),
-              ('frames', meta.get('frames') is None or names(meta['frames']), 'a list of member names'))
+              ('images', names(meta.get('images')), f'a list of {members}'),
+              ('video', meta.get('video') is None or member(meta['video']), f'one of the {members}'),
+              ('frames', meta.get('frames') is None or names(meta['frames']), f'a list of {members}'))
     for key, fine, expected in checks:
         if not fine:
             return f'"{key}" is {f"{meta[key]!r:.40}" if key in meta else "missing"}, expected {expected}'

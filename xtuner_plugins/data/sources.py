@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import SampleError
 from .index import BOM
-from .strictjson import DEEP, DuplicateKey, line_hint, loads
+from .strictjson import DEEP, DuplicateKey, finite_number, line_hint, loads
 
 PathList = Union[str, Sequence[Optional[str]], None]
 
@@ -203,7 +203,7 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
         raise ValueError(f'{path}: entry {name!r}: no "repeat_time" (InternVL\'s meta files require it): 1 uses each '
                          f'sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
     repeat = entry['repeat_time']
-    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not math.isfinite(repeat) or repeat < 0:
+    if not finite_number(repeat) or repeat < 0:
         raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
     patch = entry.get('max_dynamic_patch')
     if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):

@@ -11,9 +11,10 @@ not one JSON object most likely is (UTF-16 text, old Mac line ends, a JSON list 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, List, Tuple
 
-__all__ = ['DEEP', 'DuplicateKey', 'line_hint', 'loads']
+__all__ = ['DEEP', 'DuplicateKey', 'finite_number', 'line_hint', 'loads']
 
 
 class DuplicateKey(ValueError):
@@ -48,6 +49,17 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique)
 def loads(text: str) -> Any:
     """``json.loads(text)`` (a ``str``), raising :class:`DuplicateKey` for an object that names a key twice."""
     return _DECODER.decode(text)
+
+
+def finite_number(value: Any) -> bool:
+    """Whether a parsed JSON value is a number (not a bool) that is finite as a float: JSON's integers have no
+    bound, and ``math.isfinite`` raised OverflowError on one past float's range (a 309-digit ``repeat_time``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 _UTF16_BOMS = (b'\xff\xfe', b'\xfe\xff')

@@ -38,6 +38,7 @@ from .errors import SampleError
 from .frame_sampling import check_sampling, frame_indices
 from .image_io import (DEFAULT_MAX_IMAGE_PIXELS, load_image, read_image_size, refuse_link_outside, to_rgb,
                        why_missing)
+from .strictjson import finite_number
 from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 from .video_decode import VideoBytes, av_module, count_packets, decode_wanted, open_stream
 
@@ -93,7 +94,7 @@ def video_field(sample: dict) -> Optional[Tuple[str, Optional[Tuple[float, float
     if clip is None:
         return video, None
     if (not isinstance(clip, (list, tuple)) or len(clip) != 2
-            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in clip)
+            or not all(finite_number(x) for x in clip)
             or not 0 <= clip[0] < clip[1]):
         raise SampleError('bad_clip', f'"clip" must be [start_s, end_s] with 0 <= start_s < end_s, got {clip!r:.200}')
     return video, (float(clip[0]), float(clip[1]))
@@ -192,7 +193,9 @@ def probe_video(path: str, clip: Optional[Tuple[float, float]] = None,
         return info
     if info.kind == 'folder':
         raise SampleError('bad_clip', f'{path} is a folder of frames, which has no timing: "clip" needs a video file')
-    start, length = int(clip[0] * info.fps), int((clip[1] - clip[0]) * info.fps)
+    # in frames; a clip of 1e308 s is past any video (its frame count would not be finite)
+    start, length = (int(x) if math.isfinite(x) else info.total + 1
+                     for x in (clip[0] * info.fps, (clip[1] - clip[0]) * info.fps))
     if length < 1 and start < info.total:
         raise SampleError('bad_clip', f'clip [{clip[0]:g}, {clip[1]:g}] s of {path} is shorter than one frame '
                                       f'({1 / info.fps:.3g} s at {info.fps:g} fps): no frame to take')

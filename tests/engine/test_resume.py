@@ -229,6 +229,17 @@ def test_a_resume_with_another_length_says_the_saved_schedule_goes_on(tmp_path):
     assert 'not at this run\'s 8' in log
 
 
+def test_a_resume_past_the_runs_last_iteration_is_refused_and_one_at_it_ends_as_done(tmp_path):
+    """A checkpoint of iteration 4 resumed with max_iters=2 (a shorter schedule, less data) ended 'done' with exit 0
+    having trained nothing and saved nothing; at its last iteration (a finished run started again) it is done."""
+    from xtuner_plugins.errors import Refused
+    toy_runner(tmp_path, 'past-first', max_iters=4, save_every=2)
+    with pytest.raises(Refused, match=rf'--resume {tmp_path}/iter_4.pth: its iteration 4 is past this run\'s last, '
+                                      r'2 \(max_iters'):
+        toy_runner(tmp_path, 'past-shorter', max_iters=2, save_every=2, resume=True)
+    assert toy_runner(tmp_path, 'past-again', max_iters=4, save_every=2, resume=True).iter == 4
+
+
 def _log_of(work_dir, name):
     """The log of the run ``name``: the newest log of ``work_dir`` (the runs of a test run one after another), which
     must be that run's (its config's experiment name in it)."""

@@ -91,6 +91,22 @@ def test_a_checkpoint_cut_short_is_refused_in_one_line(tmp_path, keep):
         resume_load.load(str(path), map_location='cpu')
 
 
+def test_a_checkpoint_whose_bytes_changed_is_refused_in_one_line(tmp_path):
+    """torch.load never checks the CRC-32 of a record: a resume read a weight or an optimizer state with bytes
+    flipped (a bad copy, a failing disk) and trained on."""
+    from tests.models.test_checkpoint import flip_inside
+    from xtuner_plugins.errors import Refused
+    path = tmp_path / 'iter_2.pth'
+    state = training_state(tmp_path)
+    state['state_dict'] = {'w': torch.full((4096,), 1.5)}
+    torch.save(state, path)
+    resume_load.load(str(path), map_location='cpu')
+    flip_inside(path, torch.tensor([1.5]).numpy().tobytes())
+    with pytest.raises(Refused, match=rf'^{path}: its record iter_2/data/\d+ does not match the checksum .*: the file '
+                                      r'is damaged .*; resume from an earlier iter_N.pth'):
+        resume_load.load(str(path), map_location='cpu')
+
+
 def test_getattr_and_codecs_stay_narrow():
     """``getattr`` only gives HistoryBuffer's statistics methods, ``_codecs.encode`` only latin-1."""
     unpickler = resume_load.ResumeUnpickler.__new__(resume_load.ResumeUnpickler)

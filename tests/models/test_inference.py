@@ -98,6 +98,13 @@ BROKEN = {
                                        'the model does not load (KeyError: "unknown conversation template \'nope\''),
     'a_downsample_ratio_of_0': edit_config(lambda c: c.update(downsample_ratio=0),
                                            'the model does not load (ZeroDivisionError: division by zero)'),
+    # without a part's config its config class built a default 7B-class LLM (chat, eval and the web demo took all
+    # the memory there was)
+    'no_llm_config': edit_config(lambda c: c.pop('llm_config'), 'config.json: its "llm_config" is missing, where an '
+                                 'official folder'),
+    'an_llm_config_without_its_type': edit_config(lambda c: c['llm_config'].pop('model_type'),
+                                                  'its "llm_config" is {'),
+    'an_empty_vision_config': edit_config(lambda c: c.update(vision_config={}), 'its "vision_config" is {}, where'),
     'a_context_not_a_number': edit_config(lambda c: c['llm_config'].update(max_position_embeddings='x'),
                                           "config.json: llm_config.max_position_embeddings 'x' is not a number of "
                                           'tokens (a whole number, 1 or more)'),

@@ -324,6 +324,14 @@ def tampered_deepspeed_folder_runs_nothing(folder, tmp_path):
     os.truncate(cut / name, os.path.getsize(cut / name) // 2)
     with pytest.raises(ValueError, match=f'^{re.escape(str(cut / name))}: cannot be read .*truncated or damaged'):
         load_trained_state_dict(str(cut))
+    # bytes of the same file changed in place (its size whole): torch.load reads it without a word; its checksums not
+    shutil.rmtree(cut)
+    shutil.copytree(folder, cut)
+    data = bytearray((cut / name).read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+    (cut / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f'^{re.escape(str(cut / name))}: its record .* does not match the checksum'):
+        load_trained_state_dict(str(cut))
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -396,6 +404,17 @@ def test_refusals(tiny, tmp_path, capsys):
                             as_args(opts)) == 0
     assert (tmp_path / 'full' / 'config.json').exists()
     assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+    # an earlier conversion holding files of the user's (notes, results, a backup of the checkpoint): the overwrite
+    # removed them with the folder without a word
+    written = sorted(os.listdir(tmp_path / 'full'))
+    for name in ('notes.txt', 'eval_report.json', 'my_backup.pt'):
+        (tmp_path / 'full' / name).write_text('mine')
+    assert refused(LORA, ckpt, str(tmp_path / 'full'), '--overwrite').splitlines()[-1] == (
+        f'convert_to_official: error: OUT_DIR {tmp_path / "full"} is not a converted folder (it holds '
+        'eval_report.json, my_backup.pt, notes.txt, which a conversion never writes (move it out first)); '
+        '--overwrite replaces an earlier conversion only (a converted config.json or .gguf files, no subfolders), '
+        'never a folder of other files: choose another folder, or empty it yourself')
+    assert sorted(os.listdir(tmp_path / 'full')) == sorted(written + ['notes.txt', 'eval_report.json', 'my_backup.pt'])
 
 
 def test_lora_on_an_official_checkpoint_converts(tiny, batch, tmp_path):

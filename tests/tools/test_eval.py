@@ -310,6 +310,18 @@ def test_an_out_that_is_no_file_name_is_refused_before_the_model_loads(tmp_path,
     assert not (tmp_path / 'newdir').exists()
 
 
+def test_an_out_through_a_link_to_a_folder_not_there_has_that_folder_made_at_the_start(tmp_path):
+    """--out a link to a file in a folder not there: the link's own folder was made, every question asked, then
+    the report (written to the link's target) could not be written, and the --resume it advised failed alike."""
+    from xtuner_plugins.cli.eval import check_output
+    link = tmp_path / 'r.json'
+    os.symlink(tmp_path / 'elsewhere' / 'sub' / 'r.json', link)
+    check_output(str(link))
+    assert (tmp_path / 'elsewhere' / 'sub').is_dir()
+    link.write_text('{}')   # now writable through the link
+    assert (tmp_path / 'elsewhere' / 'sub' / 'r.json').read_text() == '{}'
+
+
 @pytest.mark.parametrize('option, value, message', [
     ('--limit', '-1', 'argument --limit: must be at least 1, got -1'),  # asked 5 of 6 questions
     ('--limit', '0', 'argument --limit: must be at least 1, got 0'),  # asked them all

@@ -95,3 +95,8 @@ def test_for_client_keeps_file_names_only():
     message = "/tmp/g/ab12/x.png: cannot decode image (/tmp/g/ab12/x.png); /tmp/g/cd/x.png.bak stays"
     assert for_client(message, ['/tmp/g/ab12/x.png', '', None]) == \
         "x.png: cannot decode image (x.png); /tmp/g/cd/x.png.bak stays"
+    # a name repr escapes (macOS screenshots: U+202F before 'AM'), quoted by Pillow's 'cannot identify image file %r'
+    path = '/tmp/g/ab12/Shot at 10.00\u202fAM.png'
+    said = f'cannot decode image Shot at 10.00\u202fAM.png: cannot identify image file {path!r} [corrupt_image]'
+    assert '/tmp/g' in said and '/tmp/g' not in for_client(said, [path])
+    assert for_client(said, [path]).endswith("image file 'Shot at 10.00\\u202fAM.png' [corrupt_image]")

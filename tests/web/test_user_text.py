@@ -54,14 +54,16 @@ def test_the_page_and_the_api_say_it_in_one_line(setup):
     api = next(fn.fn for fn in app.fns.values() if fn.api_name == 'chat')
     for question, says in ((TYPED[0], 'control_text'), ('x' * 40000, 'over the LLM\'s context'),
                            ('<image><image>', '2 <image> tags for 1 images')):
-        with pytest.raises(gr.Error, match=says):  # gradio's one-line error, no traceback in the server's log
+        with pytest.raises(gr.Error, match=says) as error:  # gradio's one-line error
             api(setup['image'], question)
+        assert error.value.print_exception is False   # gradio prints the traceback of one that is not
     send = next(fn.fn for fn in app.fns.values() if fn.name == 'send')
     earlier = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
     shown = []
-    with pytest.raises(gr.Error, match='control_text'):
+    with pytest.raises(gr.Error, match='control_text') as error:
         for outputs in send(TYPED[3], [setup['image']], list(earlier), None, 2, True, False, 0.7, 0.9, 4):
             shown.append(outputs)
+    assert error.value.print_exception is False
     # the refused turn is taken back off the page (it showed a question the model never saw, with no answer), and
     # the question and the upload are given back to edit (both were cleared)
     history, _, question, files, _, status = shown[-1]

@@ -124,7 +124,9 @@ def check_output(path: str) -> None:
     if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         raise OSError(f'{path}: not a regular file (a device, a FIFO or a socket), which eval would replace with '
                       f'its file; give a file name')
-    folder = os.path.dirname(os.path.abspath(path))
+    # the folder of the file written: a link's target's (the report is written there, beside it), which a dangling
+    # link's was not made for: the whole evaluation ran, then the report could not be written, again on --resume
+    folder = os.path.dirname(os.path.realpath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:

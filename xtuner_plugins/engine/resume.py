@@ -291,6 +291,13 @@ def _patch_resume_lr() -> bool:
                               'load_from=PATH, without --resume, another --work-dir)')
             configured, ends = _base_lrs(self), _schedule_ends(self)
             result = _original(self, filename, *args, **kwargs)
+            end = getattr(getattr(self, '_train_loop', None), 'max_iters', None)
+            if isinstance(end, int) and self.iter > end:   # the loop would end at once, 'done', nothing saved
+                raise Refused(f'--resume {filename}: its iteration {self.iter} is past this run\'s last, {end} '
+                              f'(max_iters, or max_epochs x the batches of an epoch: a shorter schedule or less '
+                              f'data than it was trained with): nothing would be trained. Give the schedule it '
+                              f'was trained with, or a longer one, to go on; the checkpoint itself is usable as it '
+                              f'is (tools/convert_to_official.py)')
             for note in (lr_change_note(str(filename), configured, _base_lrs(self)),
                          schedule_change_note(str(filename), ends, _schedule_ends(self))):
                 if note:

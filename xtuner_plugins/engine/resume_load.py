@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from xtuner_plugins.errors import Refused
-from xtuner_plugins.pickling import pickle_module, torch_load_as
+from xtuner_plugins.pickling import check_records, pickle_module, torch_load_as
 
 TRUST_ENV = 'XTUNER_PLUGINS_TRUST_CHECKPOINTS'
 
@@ -117,6 +117,7 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
     source = os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'a checkpoint'
     if not trusted():
         kwargs['pickle_module'] = _pickle_module(source)
+    check_records(path, Refused, 'resume from an earlier iter_N.pth (--resume PATH), or start the run again')
     try:
         return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
     except UntrustedCheckpoint:

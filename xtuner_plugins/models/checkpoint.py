@@ -26,7 +26,7 @@ from typing import Dict, Optional
 
 import torch
 
-from xtuner_plugins.pickling import pickle_module, torch_load_as
+from xtuner_plugins.pickling import check_records, pickle_module, torch_load_as
 
 
 class _Inert:
@@ -93,6 +93,7 @@ def _loads_as_data():
     """``torch.load`` reading through :class:`_Unpickler` while DeepSpeed's ``zero_to_fp32`` consolidates a folder
     (it calls ``torch.load(file, map_location=..., weights_only=False[, mmap=True])``): a context manager."""
     def load(real, f, map_location, mmap=None, **kwargs):
+        check_records(f)
         try:
             return real(f, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE, mmap=mmap)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:   # DeepSpeed's traceback named no file
@@ -141,6 +142,7 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
     else:
         # MMEngine checkpoints pickle training state (message hub, HistoryBuffer, ...) next to the weights,
         # which torch's weights_only loader refuses: they become inert placeholders here
+        check_records(path)
         ckpt = load_checkpoint_file(path, mmap=lazy)
         state = (ckpt.get('state_dict', ckpt.get('module', ckpt)) if isinstance(ckpt, dict) else None)
         if not isinstance(state, dict):

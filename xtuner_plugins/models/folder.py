@@ -12,6 +12,10 @@ import re
 from typing import Callable, Optional, Tuple
 
 FOLDER_FORMATS = {'internvl_chat': 'official', 'xtuner_vlm_chat': 'remote', 'llava': 'llava', 'internvl': 'hf'}
+#: the parts' configs each format's config.json holds: without one, its config class builds a default (a 7B-class
+#: Qwen2 or Llama), and loading the folder took all the memory there was before failing
+PART_CONFIGS = {'official': ('vision_config', 'llm_config'), 'remote': ('vision_config', 'llm_config'),
+                'llava': ('vision_config', 'text_config'), 'hf': ('vision_config', 'text_config')}
 
 
 def folder_format(folder: str) -> str:
@@ -32,14 +36,24 @@ def folder_format(folder: str) -> str:
         raise ValueError(f'{folder}: no config.json; give a folder written by tools/convert_to_official.py')
     try:
         with open(path, encoding='utf-8') as f:
-            model_type = json.load(f).get('model_type')
+            config = json.load(f)
+        model_type = config.get('model_type')
     except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, not an object
         raise ValueError(f'{path}: not a JSON object ({exc}); {AGAIN}') from None
     if model_type not in FOLDER_FORMATS:
         raise ValueError(f'{path}: model_type {model_type!r} is not a converted vision-language model '
                          f'(expected one of {sorted(FOLDER_FORMATS)}); give a folder written by '
                          f'tools/convert_to_official.py')
-    return FOLDER_FORMATS[model_type]
+    fmt = FOLDER_FORMATS[model_type]
+    for key in PART_CONFIGS[fmt]:
+        part = config.get(key)   # (an LLM's config names its model_type; InternViT's may not in older folders)
+        if not isinstance(part, dict) or not part or key != 'vision_config' and not part.get('model_type'):
+            said = 'missing' if key not in config else f'{json.dumps(part):.60}'
+            article = 'an' if fmt in ('official', 'hf') else 'a'
+            raise ValueError(f'{path}: its "{key}" is {said}, where {article} {fmt} folder holds its part\'s config '
+                             f'(with its model_type): loaded, a default model (7B-class) would be built in its place; '
+                             f'{AGAIN}')
+    return fmt
 
 
 #: Files one of which a folder's tokenizer is read from (fast tokenizers, sentencepiece, BPE, WordPiece, tiktoken).

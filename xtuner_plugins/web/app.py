@@ -216,6 +216,9 @@ def for_client(message: str, paths: Sequence[str]) -> str:
     for path in sorted({p for p in paths if p}, key=len, reverse=True):
         for form in {path, os.path.realpath(path)}:
             message = message.replace(form, os.path.basename(form))
+            # as a repr writes it (Pillow's 'cannot identify image file %r'): a name with a character repr escapes
+            # (macOS screenshots' U+202F before 'AM') was not matched, and the cache's path went to the client
+            message = message.replace(repr(form)[1:-1], repr(os.path.basename(form))[1:-1])
     return message
 
 
@@ -230,6 +233,11 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
     model = chat.model
     tiling = getattr(model, 'tiling', {})
 
+    def refused(message: str):
+        # the client's one-line error; gradio printed each one's traceback into the server's log (about 60 lines a
+        # bad request: any client could flood it)
+        return gr.Error(message, print_exception=False)
+
     def send(question, files, history, conversation, max_num, thumbnail, do_sample, temperature, top_p,
              max_new_tokens, video_file=None, num_frames=8):
         # a video's frames are shown from a folder of this request: gradio copies what it shows into its cache
@@ -242,20 +250,20 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         images = [f if isinstance(f, str) else f.name for f in (files or [])]
         question = (question or '').strip()
         if not question:
-            raise gr.Error('Type a question first.')
+            raise refused('Type a question first.')
         frames, shown = None, images
         if video_file:
             if images:
-                raise gr.Error('Upload images or a video for one message, not both.')
+                raise refused('Upload images or a video for one message, not both.')
             path = video_file if isinstance(video_file, str) else video_file.name
             try:
                 size = probe_video(path).size   # before a frame is decoded
                 check_pixels((), conversation, frames=(int(num_frames), size[0] * size[1]))
                 frames, shown = video_frames(path, num_frames, frame_dir)
             except SampleError as err:
-                raise gr.Error(for_client(str(err.with_source(os.path.basename(path))), [path]))
+                raise refused(for_client(str(err.with_source(os.path.basename(path))), [path]))
             except ValueError as exc:
-                raise gr.Error(for_client(str(exc), [path]))
+                raise refused(for_client(str(exc), [path]))
         history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]
         generation = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
         if do_sample:
@@ -280,7 +288,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             problem = None
         if problem:  # the turn taken back: the page shows what the model saw; the question and uploads to edit
             yield history[:-2], conversation, question, files or None, video_file or None, f'Not asked: {problem}'
-            raise gr.Error(problem)
+            raise refused(problem)
         hint = empty_answer_hint(history[-1]['content'], "tick 'Sample (otherwise greedy)', or ask another question")
         # an animated image was seen as its first frame: said, with where its frames go (the page's video upload)
         notes = [for_client(n.replace('give it as a video', "upload it as the 'Video'"), [p])
@@ -340,9 +348,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             try:
                 return chat.answer(image, question)
             except PromptTooLong as exc:
-                raise gr.Error(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
+                raise refused(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
             except (ValueError, SampleError) as exc:
-                raise gr.Error(for_client(str(exc), [image]))   # a path (type='filepath'), or None
+                raise refused(for_client(str(exc), [image]))   # a path (type='filepath'), or None
 
         api_button.click(api_chat, [api_image, api_question], api_answer, api_name='chat',
                          concurrency_id='model', concurrency_limit=1)

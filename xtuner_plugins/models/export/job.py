@@ -242,7 +242,28 @@ def not_a_conversion(folder: str) -> Optional[str]:
     docs = [n for n in names if n.lower().startswith(('readme', 'license')) or n.startswith('.git')]
     if docs:
         return f'it holds {", ".join(docs[:3])}, which a conversion never writes'
+    others = [n for n in names if not written_by_conversions(n)]
+    if others:   # a user's notes, results, a backup copy: the overwrite removed them with the old folder
+        return (f'it holds {", ".join(others[:3])}{", ..." if len(others) > 3 else ""}, which a conversion never '
+                f'writes (move it out first)')
     return None
+
+
+#: what conversions write into a folder (every format; tokenizers save one of TOKENIZER_FILES and the files beside
+#: it), besides the remote code (``remote_code.VLM_FILES``, ``projector.py``) and the weights' shards
+CONVERSION_FILES = frozenset((
+    'config.json', 'generation_config.json', 'preprocessor_config.json', 'processor_config.json',
+    'video_preprocessor_config.json', 'chat_template.jinja', 'chat_template.json', 'model.safetensors',
+    'model.safetensors.index.json', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json',
+    'merges.txt', 'vocab.json', 'tokenizer.json', 'tokenizer.model', 'vocab.txt', 'tokenizer.tiktoken'))
+
+
+def written_by_conversions(name: str) -> bool:
+    """Whether a file of this name is one a conversion writes (:data:`CONVERSION_FILES`), so that ``--overwrite``
+    may remove it with the folder it replaces."""
+    from xtuner_plugins.remote_code import VLM_FILES
+    return (name in CONVERSION_FILES or name in VLM_FILES or name == 'projector.py'
+            or re.fullmatch(r'model-\d{5}-of-\d{5}\.safetensors', name) is not None)
 
 
 def _not_a_gguf_pair(folder: str, names) -> Optional[str]:

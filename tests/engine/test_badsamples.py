@@ -116,6 +116,18 @@ def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_t
     with pytest.raises(RuntimeError, match=r'the data changed since the run being resumed started .*a.jsonl: size '
                                            r'\d+ -> \d+, mtime_ns .*samples 6 -> 7, used 12 -> 14'):
         BadSampleHook(on_data_change='stop').before_train(runner(True))
+    # --resume PATH into another --work-dir (what the refusal of a folder holding another run's checkpoints
+    # advises): the resumed run's manifest is beside its checkpoint; the change went unchecked there
+    other = runner(True)
+    other.work_dir, other._load_from = str(tmp_path / 'elsewhere'), str(tmp_path / 'work' / 'iter_4.pth')
+    os.makedirs(other.work_dir)
+    with pytest.raises(RuntimeError, match=rf'the data changed since the run being resumed started \({tmp_path}/work/'
+                                           r'data_manifest.json\): .*samples 6 -> 7'):
+        BadSampleHook(on_data_change='stop').before_train(other)
+    before = (tmp_path / 'work' / 'data_manifest.json').read_text()
+    BadSampleHook().before_train(other)   # warned: its manifest is written into its own folder, never the other's
+    assert (tmp_path / 'work' / 'data_manifest.json').read_text() == before
+    assert json.loads((tmp_path / 'elsewhere' / 'data_manifest.json').read_text())['sources'][0]['samples'] == 7
 
 
 def test_the_manifest_is_replaced_whole_never_seen_half_written(tmp_path, monkeypatch):

@@ -240,6 +240,43 @@ def test_a_resume_past_the_runs_last_iteration_is_refused_and_one_at_it_ends_as_
     assert toy_runner(tmp_path, 'past-again', max_iters=4, save_every=2, resume=True).iter == 4
 
 
+def test_a_resume_with_another_llm_folder_is_refused_before_it_loads(tmp_path):
+    """Adapters trained 10 iterations on one LLM went on over another of the same shapes (exit 0, no word), and the
+    later checkpoints recorded only the new one, so the converter merged them onto it. The source folders the
+    checkpoint's lineage records are compared with the built model's, fingerprints as the converter compares them."""
+    from types import SimpleNamespace
+
+    import torch
+    from mmengine.runner import Runner
+
+    import xtuner_plugins.engine  # noqa: F401 (applies the patches)
+    from xtuner_plugins.errors import Refused
+    from xtuner_plugins.models.lineage import lineage_record
+    folders = {}
+    for name, seed in (('llm', b'1'), ('other', b'2')):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / 'config.json').write_text('{"model_type": "qwen2"}')
+        (folders[name] / 'model.safetensors').write_bytes(seed * 64)
+    checkpoint = tmp_path / 'iter_10.pth'
+    torch.save({'meta': {'lineage': lineage_record({'llm': str(folders['llm'])})}, 'state_dict': {}}, checkpoint)
+    loads = []
+
+    def loaded(self, filename, *args, **kwargs):
+        loads.append(filename)
+
+    def runner(llm):
+        wrapped = SimpleNamespace(module=SimpleNamespace(lineage=lineage_record({'llm': str(llm)})))  # DDP's wrap
+        return SimpleNamespace(work_dir=str(tmp_path / 'r'), iter=0, _load_from=str(checkpoint), optim_wrapper=None,
+                               cfg=None, model=wrapped)
+    with pytest.raises(Refused, match=rf"^model.llm: {folders['other']} is not the folder --resume {checkpoint} was "
+                                      rf"trained with \({folders['llm']}\): model.safetensors: other content"):
+        Runner.resume(runner(folders['other']), str(checkpoint), _original=loaded)
+    assert loads == []
+    Runner.resume(runner(folders['llm']), str(checkpoint), _original=loaded)
+    assert loads == [str(checkpoint)]
+
+
 def _log_of(work_dir, name):
     """The log of the run ``name``: the newest log of ``work_dir`` (the runs of a test run one after another), which
     must be that run's (its config's experiment name in it)."""

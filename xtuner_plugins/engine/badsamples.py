@@ -50,6 +50,15 @@ from .checkpointing import atomic_write
 __all__ = ['BadSampleHook']
 
 
+def resumed_folder(runner) -> str:
+    """The work folder of the run being resumed: the checkpoint's folder for ``--resume PATH`` (a file, or
+    DeepSpeed's folder of that name), else this run's."""
+    given = getattr(runner, '_load_from', None)
+    if getattr(runner, '_resume', False) and isinstance(given, str) and given:
+        return os.path.dirname(os.path.abspath(os.path.normpath(given)))
+    return runner.work_dir
+
+
 class BadSampleHook(Hook):
     """See the module docstring. ``summary_file`` is written in the work folder (rank 0)."""
 
@@ -86,6 +95,8 @@ class BadSampleHook(Hook):
     def _earlier_summary(self, runner) -> None:
         """A resumed run takes over the interrupted run's skipped samples; a new run removes an earlier run's."""
         path = os.path.join(runner.work_dir, self.summary_file)
+        if getattr(runner, '_resume', False) and not os.path.isfile(path):   # resumed from another folder's
+            path = os.path.join(resumed_folder(runner), self.summary_file)
         if not os.path.isfile(path):
             return
         if getattr(runner, '_resume', False):
@@ -102,8 +113,13 @@ class BadSampleHook(Hook):
                       logger='current')
 
     def _manifest(self, runner, current: dict) -> None:
-        path = os.path.join(runner.work_dir, self.manifest_file)
+        own = path = os.path.join(runner.work_dir, self.manifest_file)
         before = read_manifest(path)
+        if getattr(runner, '_resume', False) and before is None:   # --resume PATH into another --work-dir: the
+            # resumed run's manifest is beside its checkpoint (it went unchecked: other batches, other data)
+            earlier = os.path.join(resumed_folder(runner), self.manifest_file)
+            if read_manifest(earlier):
+                path, before = earlier, read_manifest(earlier)
         if before is False:   # a file of that name that is no run's manifest: another program's, left as it is
             print_log(f'{path} is not a run\'s data manifest (another program\'s file, in a --work-dir that is not a '
                       'run\'s folder?): left as it is, and this run\'s manifest is not written', logger='current',
@@ -117,7 +133,7 @@ class BadSampleHook(Hook):
                     raise RuntimeError(message + ' (on_data_change=\'stop\')')
                 print_log(message, logger='current', level=30)
         if get_dist_info()[0] == 0:  # atomically: the other ranks may be reading the resumed run's copy now
-            atomic_write(json.dumps(current, indent=1), path)
+            atomic_write(json.dumps(current, indent=1), own)   # this run's folder (never the resumed run's)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         data = (data_batch or {}).get('data') or {}

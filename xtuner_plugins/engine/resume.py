@@ -265,6 +265,24 @@ def setting_conflicts(filename: str, cfg) -> List[str]:
     return conflicts(recorded, cfg) if recorded else []   # none recorded (before MMEngine stored it): nothing to say
 
 
+def check_resumed_sources(filename: str, model) -> None:
+    """Refuse (:class:`Refused`) a resume whose model is built from other source folders (the LLM, the vision
+    encoder, the tokenizer, an official checkpoint) than the checkpoint's lineage records, fingerprints compared as
+    the converter compares them: adapters trained on one LLM went on over another without a word, and the later
+    checkpoints recorded only the new one (so they converted onto it)."""
+    from xtuner_plugins.models.lineage import check_sources, read_lineage
+    while hasattr(model, 'module'):   # DDP's and DeepSpeed's wrappers
+        model = model.module
+    sources = (getattr(model, 'lineage', None) or {}).get('sources')
+    if not sources:
+        return
+    try:
+        recorded = read_lineage(filename)
+    except (OSError, ValueError):   # a checkpoint that does not read: the load says what is wrong with it
+        return
+    check_sources(recorded, sources, f'--resume {filename}')
+
+
 def _patch_resume_lr() -> bool:
     """A resume with another learning rate in the config said in a warning (:func:`lr_change_note`): MMEngine
     loads the optimizer's and the schedulers' state, learning rates included, over the config's without a word."""
@@ -283,6 +301,7 @@ def _patch_resume_lr() -> bool:
                               'run\'s saves and their rotation (max_keep_ckpts) would replace or delete; give this '
                               'run another --work-dir (the checkpoint is read where it is), or resume in its own '
                               'folder')
+            check_resumed_sources(str(filename), getattr(self, 'model', None))   # before anything is loaded
             problems = setting_conflicts(str(filename), getattr(self, 'cfg', None))
             if problems:   # before anything is loaded
                 raise Refused(f'--resume {filename}: it was trained with other settings than this run\'s config '

@@ -622,6 +622,24 @@ def test_a_work_folder_given_as_the_checkpoint_names_its_newest(tmp_path, capsys
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_folder_that_is_no_deepspeed_checkpoint_is_named_as_one(tmp_path, capsys):
+    """An empty folder, or one holding only a DeepSpeed optimizer's files (a copy that did not finish), read as a
+    checkpoint recording nothing: 'records no training config'; given the config, 'records no lineage ... give
+    model.pretrained_pth'."""
+    folder = tmp_path / 'iter_4.pth'
+    folder.mkdir()
+    for held in ('nothing', 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt'):
+        if held != 'nothing':
+            (folder / held).write_bytes(b'x')
+        for argv in ([str(folder)], [LORA, str(folder)]):
+            assert convert_main(argv + [str(tmp_path / 'out')]) == 2
+            assert capsys.readouterr().err.splitlines()[-1] == (
+                f'convert_to_official: error: {folder} is a folder but not a DeepSpeed checkpoint (no '
+                f'*model_states.pt inside; it holds {held}): a copy that did not finish? Give the checkpoint '
+                'DeepSpeed saved, whole')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_an_out_dir_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     """Under a file: a NotADirectoryError traceback once the model was built (minutes at real size); a disk that
     fills while writing: an OSError traceback. Now one line each; nothing is left behind."""

@@ -122,6 +122,24 @@ def test_a_master_port_that_is_no_port_is_refused_before_any_rank_starts(tmp_pat
         'MASTER_PORT for a free one'), out.stderr
 
 
+def test_a_deepspeed_run_started_alone_goes_through_the_launcher_as_one_rank(tmp_path, monkeypatch):
+    """``tools/train.py CONFIG --deepspeed NAME`` (docs/training.md's form, no --nproc-per-node): DeepSpeed found no
+    launcher's variables, looked for MPI's and ended in a raw ``ModuleNotFoundError: mpi4py``. It now goes through
+    the launcher as one rank: the launcher's own check of MASTER_PORT answers, before any rank starts."""
+    from xtuner_plugins.cli.train import started_by_a_launcher
+    out = subprocess.run([sys.executable, TRAIN_TOOL, GUARDED, '--deepspeed', 'deepspeed_zero2'],
+                         env=_env(MASTER_PORT='abc'), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("train: MASTER_PORT='abc': give a port number"), \
+        out.stderr[-2000:]
+    for name in ('RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    assert not started_by_a_launcher(['c.py', '--deepspeed', 'deepspeed_zero2'])
+    assert not started_by_a_launcher(['c.py', '--launcher', 'none'])
+    assert started_by_a_launcher(['c.py', '--launcher', 'slurm']) and started_by_a_launcher(['--launcher=pytorch'])
+    monkeypatch.setenv('LOCAL_RANK', '0')   # torchrun's rank: launched already
+    assert started_by_a_launcher(['c.py', '--deepspeed', 'deepspeed_zero2'])
+
+
 def test_local_launch_refuses_a_port_over_65535_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node', '1',
                           '--master-port', '99999', TRAIN_TOOL], env=_env(), cwd=tmp_path, capture_output=True,

@@ -97,7 +97,11 @@ def main() -> int:
     run_under_jemalloc()   # on a CPU: this command again under jemalloc, before torch loads (xtuner_plugins/malloc.py)
     nproc, rest = nproc_option(sys.argv[1:])
     from xtuner_plugins.deferred_imports import used_packages   # the standard library only: no torch here
-    if nproc is not None and (nproc > 1 or 'deepspeed' in used_packages(rest)):  # the launcher
+    deepspeed = 'deepspeed' in used_packages(rest)
+    if nproc is None and deepspeed and not started_by_a_launcher(rest):
+        nproc = 1   # docs/training.md's `tools/train.py CONFIG --deepspeed NAME`: DeepSpeed, finding no launcher's
+        # variables, looked for MPI's (a raw ModuleNotFoundError: mpi4py); one rank through the launcher instead
+    if nproc is not None and (nproc > 1 or deepspeed):  # the launcher
         exit_now(launch_ranks(nproc, rest))   # (one DeepSpeed rank too: it needs the launcher's variables)
     sys.argv[1:] = rest
     with noting_interrupts():   # to the end: a signal after the first, or during the exit, is noted, not raised
@@ -359,6 +363,18 @@ def resume_refusal(path: Optional[str]) -> Optional[str]:
         return (f'train: refused: --resume {path}: a folder, not a checkpoint (a file iter_N.pth, or the folder '
                 f'DeepSpeed saves, holding *model_states.pt){auto}')
     return None
+
+
+def started_by_a_launcher(argv) -> bool:
+    """Whether this process is a rank a launcher started: ``--launcher`` other than ``none`` (torchrun's
+    ``pytorch``, srun's ``slurm``, ``mpi``), or torchrun's variables in the environment."""
+    launcher = None
+    for i, word in enumerate(argv):
+        if word == '--launcher' and i + 1 < len(argv):
+            launcher = argv[i + 1]
+        elif word.startswith('--launcher='):
+            launcher = word.partition('=')[2]
+    return launcher not in (None, 'none') or any(k in os.environ for k in ('RANK', 'LOCAL_RANK'))
 
 
 def nproc_option(argv) -> Tuple[Optional[int], List[str]]:

@@ -362,6 +362,13 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     if checkpoint is not None and not deepspeed_checkpoint(checkpoint) and find_checkpoints(checkpoint):
         raise ValueError(f'{checkpoint} is a training work folder, not a checkpoint: give one of its checkpoints '
                          f'(the newest: {find_checkpoints(checkpoint)[-1]})')
+    if checkpoint is not None and os.path.isdir(checkpoint) and not deepspeed_checkpoint(checkpoint):
+        # (it was read as a checkpoint recording nothing: 'records no training config', then given the config,
+        # 'records no lineage ... give model.pretrained_pth', neither what is wrong)
+        held = sorted(os.listdir(checkpoint))
+        raise ValueError(f'{checkpoint} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside; it '
+                         f'holds {", ".join(held[:3]) + (", ..." if len(held) > 3 else "") if held else "nothing"}): '
+                         f'a copy that did not finish? Give the checkpoint DeepSpeed saved, whole')
     if checkpoint is not None:
         cfg = run_config(checkpoint, config, cfg_options, remap, log)
     elif config is None:

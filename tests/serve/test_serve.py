@@ -332,3 +332,17 @@ def test_a_folder_converted_before_templates_wrote_the_bos_gets_it_from_serve(fo
     err = capsys.readouterr().err
     assert f"serve: {tmp_path}'s chat template does not write the bos its tokenizer adds" in err
     assert err.rstrip().endswith('serve: error: stop here')
+
+
+@pytest.mark.parametrize('extra, says', [
+    (['--host', '0.0.0.0'], "--host after --: serve.py sets it for vLLM and checks what it set; use serve.py's --host"),
+    (['--port=9001'], "--port=9001 after --: serve.py sets it for vLLM and checks what it set; use serve.py's --port"),
+    (['--seed', '1', '--max_model_len', '4'], "--max_model_len after --: serve.py sets it for vLLM and checks what it "
+                                              "set; use serve.py's --max-model-len"),
+])
+def test_an_option_serve_sets_is_refused_after_the_double_dash(tmp_path, capsys, extra, says):
+    """vLLM takes the last of two: `-- --host 0.0.0.0` listened on every address while serve's ready line named
+    127.0.0.1 (the port checked there); `-- --port 9001` was polled on the other port until the timeout."""
+    with pytest.raises(SystemExit) as exit_:
+        serve_main([str(tmp_path), '--', *extra])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f'error: {says}')

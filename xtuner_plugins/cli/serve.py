@@ -260,6 +260,17 @@ def seconds_argument(text: str) -> float:
     return value
 
 
+#: vLLM's options that serve.py sets itself (:func:`command`), with what to give instead (``-- --allowed-local-
+#: media-path DIR`` stays the user's to give: docs/serving.md)
+OWN = {'host': 'use serve.py\'s --host', 'port': 'use serve.py\'s --port', 'model': 'give the folder as FOLDER',
+       'served-model-name': 'use serve.py\'s --served-model-name', 'dtype': 'use serve.py\'s --dtype',
+       'max-model-len': 'use serve.py\'s --max-model-len', 'limit-mm-per-prompt': 'use serve.py\'s --images',
+       'chat-template': 'the folder\'s own template is the one its training wrote (--system-message sets its '
+                        'default system message)',
+       'allowed-media-domains': 'use serve.py\'s --allowed-media-domains',
+       'trust-remote-code': 'use serve.py\'s --trust-remote-code'}
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
@@ -294,6 +305,11 @@ def parse_args(argv=None):
         p.error('give a converted folder or --checkpoint, one of them')
     if args.remap and not args.checkpoint:
         p.error('--remap goes with --checkpoint')
+    taken = [a for a in extra if a.startswith('-') and a.lstrip('-').partition('=')[0].replace('_', '-') in OWN]
+    if taken:   # vLLM takes the last of two: `-- --host 0.0.0.0` listened on every address while the ready line
+        # named 127.0.0.1, `-- --port 9001` was polled on the other port for the whole timeout
+        own = OWN[taken[0].lstrip('-').partition('=')[0].replace('_', '-')]
+        p.error(f'{taken[0]} after --: serve.py sets it for vLLM and checks what it set; {own}')
     args.vllm_args = extra
     named = args.folder or os.path.dirname(os.path.abspath(args.checkpoint))  # a checkpoint: its work folder's name
     args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(named))

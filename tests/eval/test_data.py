@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_image
+from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.eval.data import (MC_INSTRUCTION, QuestionsError, context_note, read_mmbench_tsv,
                                       read_open_questions, read_questions)
 
@@ -36,7 +37,9 @@ def test_mmbench_rows_prompts_and_shared_images(tmp_path):
     assert q0.options == {'A': 'red', 'B': 'green', 'C': 'blue'} and q0.references == ['B']
     assert q1.prompt.startswith('Which shape?\nOptions:\nA. square\nB. circle\n')  # a 'nan' hint is none
     assert (q0.stem, q1.stem) == ('A square.\nWhat colour?', 'Which shape?')  # what --mc likelihood asks
-    assert q1.images[0].getpixel((0, 0)) == (0, 128, 0) and q1.category == 'shape'
+    # the image kept as its file's bytes (decoded when asked), the one row 0 holds
+    assert isinstance(q1.images[0], bytes) and q1.images[0] == q0.images[0]
+    assert load_image(q1.images[0]).getpixel((0, 0)) == (0, 128, 0) and q1.category == 'shape'
 
 
 def test_a_blank_option_cell_is_no_option(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.eval import Failure, Question, Report, evaluate
 
 
@@ -93,7 +94,7 @@ class FreeFormModel:
         pass
 
     def colour(self, images):
-        return self.NAMES[images[0].convert('RGB').getpixel((0, 0))]
+        return self.NAMES[load_image(images[0]).getpixel((0, 0))]
 
     def ask(self, prompt, images, generation):
         self.asked.append(prompt)

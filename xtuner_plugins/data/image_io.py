@@ -287,8 +287,9 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
         if _empty(source):
             raise SampleError('corrupt_image', f'{name} is an empty file (0 bytes): a download or copy that did not '
                                                f'finish?') from None
-        # (Pillow names bytes by their buffer's repr, '<_io.BytesIO object at 0x7f...>': the name says it)
-        said = str(exc).replace(f' {source!r}', '') if isinstance(source, io.BytesIO) else exc
+        # (Pillow names bytes by their buffer's repr, '<_io.BytesIO object at 0x7f...>': their size instead)
+        said = (str(exc).replace(repr(source), f'of {source.getbuffer().nbytes} bytes')
+                if isinstance(source, io.BytesIO) else exc)
         raise SampleError('corrupt_image', f'cannot {action} {name}: {said}') from None
 
 

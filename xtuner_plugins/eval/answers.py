@@ -41,6 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
+from xtuner_plugins.data.image_io import load_image
+
 from .data import Question
 from .evaluate import Failure, Result
 
@@ -110,9 +112,9 @@ def file_identity(question: Question, hashed: Optional[Dict[int, list]] = None) 
     for image in question.images:
         if isinstance(image, str):
             out.append(_stat(image))
-        else:
+        else:   # an image, or a TSV's bytes (their pixels: the identity answers files recorded for them before)
             if id(image) not in hashed:
-                hashed[id(image)] = _pixels(image)
+                hashed[id(image)] = _pixels(image if isinstance(image, Image.Image) else load_image(image))
             out.append(hashed[id(image)])
     return out + ([_stat(question.video)] if question.video else []) + (
         [list(question.clip)] if question.video and question.clip else [])   # another clip: other frames

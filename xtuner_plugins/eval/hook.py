@@ -63,7 +63,7 @@ class TrainingModelAnswerer:
     def _prompt(self, prompt: str, images: Sequence):
         """The data set's prompt ids up to the answer, the tiles and their flags."""
         check_question(prompt, self.tokenizer)   # as tools/eval.py's models refuse it: not scored, control_text
-        images = [load_image(i) if isinstance(i, str) else i.convert('RGB') for i in images]
+        images = [load_image(i) for i in images]   # paths, a TSV's bytes, or images: the package's one pixel rule
         tiles = [self._tiles(im, len(images)) for im in images]
         if images and '<image>' not in prompt:
             prompt = '<image>\n' * len(images) + prompt

@@ -622,6 +622,22 @@ def test_a_work_folder_given_as_the_checkpoint_names_its_newest(tmp_path, capsys
     assert not (tmp_path / 'out').exists()
 
 
+def test_weights_past_float16s_range_are_refused_not_written_as_inf(tiny, tmp_path, capsys):
+    """--dtype fp16 of weights past 65504 wrote inf into model.safetensors without a word (the checkpoint's own
+    values are checked finite; the cast was not)."""
+    opts = options(tiny)
+    big = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, big, scale=1e6)   # the projector's weights past 65504
+    out = tmp_path / 'out'
+    assert convert_main([LORA, big, str(out), '--dtype', 'fp16'] + as_args(opts)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r'convert_to_official: error: \S+: \d+ of its \d+ values are not finite in torch.float16 as '
+                        r'they would be written \(float16 ends at 65504: convert with --dtype bf16, whose range is '
+                        r"fp32's\); nothing was written", line), line
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+    assert convert_main([LORA, big, str(out), '--dtype', 'bf16'] + as_args(opts)) == 0
+
+
 def test_a_folder_that_is_no_deepspeed_checkpoint_is_named_as_one(tmp_path, capsys):
     """An empty folder, or one holding only a DeepSpeed optimizer's files (a copy that did not finish), read as a
     checkpoint recording nothing: 'records no training config'; given the config, 'records no lineage ... give

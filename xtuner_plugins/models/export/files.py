@@ -31,6 +31,14 @@ def write_weights(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: 
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors import SafetensorError
     from safetensors.torch import save_file
+    for key, tensor in state.items():   # the checkpoint's were checked finite: a cast to the folder's dtype that
+        # overflowed (fp16 ends at 65504) wrote inf into the folder without a word
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            hint = (' (float16 ends at 65504: convert with --dtype bf16, whose range is fp32\'s)'
+                    if tensor.dtype == torch.float16 else '')
+            raise ValueError(f'{key}: {bad} of its {tensor.numel()} values are not finite in {tensor.dtype} as they '
+                             f'would be written{hint}; nothing was written')
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     total = len(split.filename_to_tensors)
     for i, (filename, keys) in enumerate(split.filename_to_tensors.items(), 1):

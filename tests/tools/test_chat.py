@@ -367,6 +367,12 @@ def test_a_bad_option_value_is_one_argparse_line(tmp_path, monkeypatch, capsys, 
     assert line.endswith(f'error: argument {option}: {BAD_OPTIONS[option, value]}'), line
 
 
+@pytest.mark.parametrize('prompt', ['', ' \n '])
+def test_an_empty_prompt_is_refused_as_the_web_demo_refuses_it(tmp_path, capsys, prompt):
+    assert refused_line(chat_main, [str(tmp_path), f'--prompt={prompt}'], capsys).endswith(
+        'error: --prompt is empty: give a question (or leave --prompt out to chat interactively)')
+
+
 def test_fewer_tiles_than_the_least_is_refused(tmp_path, capsys):
     assert refused_line(chat_main, [str(tmp_path), '--min-num', '3', '--max-num', '2'], capsys).endswith(
         'error: --min-num 3 is over --max-num 2')

@@ -204,6 +204,8 @@ def parse_args(argv=None):
     check_model_arguments(parser, args)
     if args.video and args.image:
         parser.error('give --image or --video, not both: a turn holds images or one video')
+    if args.prompt is not None and not args.prompt.strip():   # (asked as nothing; the web demo refuses it)
+        parser.error('--prompt is empty: give a question (or leave --prompt out to chat interactively)')
     return args
 
 

@@ -70,6 +70,20 @@ def test_an_earlier_runs_list_is_removed_and_a_resumed_runs_taken_over(tmp_path)
     clean.before_train(runner)
     clean.after_train(runner)
     assert not path.exists() and clean.bad == {}
+    # --resume PATH into another --work-dir: the interrupted run's list is beside its checkpoint; this run's own
+    # list goes into its own folder, the other left as it was
+    first.after_train(runner)
+    other = runner_for(tmp_path / 'other')
+    other._resume, other._load_from = True, str(tmp_path / 'iter_4.pth')
+    os.makedirs(other.work_dir)
+    elsewhere = BadSampleHook()
+    elsewhere.before_train(other)
+    assert elsewhere.bad == {'a.jsonl:4': 'missing_image'}
+    elsewhere.after_train_iter(other, 0, batch(('a.jsonl:8', 'corrupt_image')))
+    elsewhere.after_train(other)
+    assert json.load(open(tmp_path / 'other' / 'skipped_samples.json'))['skipped'] == {
+        'missing_image': ['a.jsonl:4'], 'corrupt_image': ['a.jsonl:8']}
+    assert json.load(open(path))['skipped'] == {'missing_image': ['a.jsonl:4']}
 
 
 def test_dataloader_workers_are_added_up(tmp_path):

@@ -305,11 +305,12 @@ def parse_args(argv=None):
         p.error('give a converted folder or --checkpoint, one of them')
     if args.remap and not args.checkpoint:
         p.error('--remap goes with --checkpoint')
-    taken = [a for a in extra if a.startswith('-') and a.lstrip('-').partition('=')[0].replace('_', '-') in OWN]
+    taken = [(a, name) for a in extra if a.startswith('-')
+             for name in [a.lstrip('-').partition('=')[0].replace('_', '-')] if name in OWN]
     if taken:   # vLLM takes the last of two: `-- --host 0.0.0.0` listened on every address while the ready line
         # named 127.0.0.1, `-- --port 9001` was polled on the other port for the whole timeout
-        own = OWN[taken[0].lstrip('-').partition('=')[0].replace('_', '-')]
-        p.error(f'{taken[0]} after --: serve.py sets it for vLLM and checks what it set; {own}')
+        given, name = taken[0]
+        p.error(f'{given} after --: serve.py sets it for vLLM and checks what it set; {OWN[name]}')
     args.vllm_args = extra
     named = args.folder or os.path.dirname(os.path.abspath(args.checkpoint))  # a checkpoint: its work folder's name
     args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(named))

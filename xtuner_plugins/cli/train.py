@@ -365,16 +365,18 @@ def resume_refusal(path: Optional[str]) -> Optional[str]:
     return None
 
 
+def launcher_values(argv) -> List[str]:
+    """The values given to ``--launcher`` in ``argv`` (``--launcher X`` and ``--launcher=X``), in order."""
+    return [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
+            for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
+
+
 def started_by_a_launcher(argv) -> bool:
     """Whether this process is a rank a launcher started: ``--launcher`` other than ``none`` (torchrun's
-    ``pytorch``, srun's ``slurm``, ``mpi``), or torchrun's variables in the environment."""
-    launcher = None
-    for i, word in enumerate(argv):
-        if word == '--launcher' and i + 1 < len(argv):
-            launcher = argv[i + 1]
-        elif word.startswith('--launcher='):
-            launcher = word.partition('=')[2]
-    return launcher not in (None, 'none') or any(k in os.environ for k in ('RANK', 'LOCAL_RANK'))
+    ``pytorch``, srun's ``slurm``, ``mpi``; the last given, as argparse takes it), or torchrun's variables in the
+    environment."""
+    given = launcher_values(argv)
+    return (bool(given) and given[-1] not in ('none', '')) or any(k in os.environ for k in ('RANK', 'LOCAL_RANK'))
 
 
 def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
@@ -405,8 +407,7 @@ def launch_ranks(nproc: int, argv) -> int:
         print(f'train: --nproc-per-node {nproc} given to a process that is already rank {os.environ["RANK"]} of a '
               'launcher (torchrun, srun, local_launch): give one or the other', file=sys.stderr)
         return 2
-    given = [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
-             for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
+    given = launcher_values(argv)
     other = [g for g in given if g != 'pytorch']
     if other:
         print(f'train: --nproc-per-node {nproc} with --launcher {other[0]}: the ranks of --nproc-per-node are '

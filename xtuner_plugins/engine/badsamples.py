@@ -118,8 +118,9 @@ class BadSampleHook(Hook):
         if getattr(runner, '_resume', False) and before is None:   # --resume PATH into another --work-dir: the
             # resumed run's manifest is beside its checkpoint (it went unchecked: other batches, other data)
             earlier = os.path.join(resumed_folder(runner), self.manifest_file)
-            if read_manifest(earlier):
-                path, before = earlier, read_manifest(earlier)
+            found = read_manifest(earlier)
+            if found:
+                path, before = earlier, found
         if before is False:   # a file of that name that is no run's manifest: another program's, left as it is
             print_log(f'{path} is not a run\'s data manifest (another program\'s file, in a --work-dir that is not a '
                       'run\'s folder?): left as it is, and this run\'s manifest is not written', logger='current',

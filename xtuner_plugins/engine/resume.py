@@ -270,10 +270,9 @@ def check_resumed_sources(filename: str, model) -> None:
     encoder, the tokenizer, an official checkpoint) than the checkpoint's lineage records, fingerprints compared as
     the converter compares them: adapters trained on one LLM went on over another without a word, and the later
     checkpoints recorded only the new one (so they converted onto it)."""
+    from xtuner_plugins.engine.nonfinite import unwrap_model
     from xtuner_plugins.models.lineage import check_sources, read_lineage
-    while hasattr(model, 'module'):   # DDP's and DeepSpeed's wrappers
-        model = model.module
-    sources = (getattr(model, 'lineage', None) or {}).get('sources')
+    sources = (getattr(unwrap_model(model), 'lineage', None) or {}).get('sources')
     if not sources:
         return
     try:

@@ -38,7 +38,7 @@ def damaged_record(path) -> Optional[str]:
     """The first record of the checkpoint file ``path`` whose bytes do not match the CRC-32 ``torch.save`` wrote
     for it, or None (also for a file that is not a zip: torch.load says what it is). ``torch.load`` never checks
     them: a file with 100 flipped bytes in a weight converted and chatted without a word. Reads the whole file
-    (about 1 GB/s on a 2-core Xeon with the file cached: 1.1 s for 1 GB)."""
+    (0.41-0.46 s a GiB on the 2-core AMX Xeon, the file cached: benchmarks/RESULTS.md)."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         return None
     try:

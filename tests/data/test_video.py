@@ -302,6 +302,8 @@ BAD = {
     'corrupt_video': ({'video': 'garbage.mp4', 'conversations': conv(image=False)}, 'use'),
     'truncated_video': ({'video': 'truncated.mp4', 'conversations': conv(image=False)}, 'use'),
     'empty_video': ({'video': 'empty', 'conversations': conv(image=False)}, 'use'),
+    # a JPEG read by FFmpeg as a video: its one frame was not decoded after the seek ('truncated')
+    'image_as_video': ({'video': 'i.jpg', 'conversations': conv(image=False)}, 'use'),
     'bad_clip': ({'video': 'v.mp4', 'clip': [3, 9], 'conversations': conv(image=False)}, 'use'),
     'malformed_clip': ({'video': 'v.mp4', 'clip': [3, 1], 'conversations': conv(image=False)}, 'load'),
     # numbers past float's range: OverflowError tracebacks at start-up (math.isfinite of a 401-digit integer;
@@ -327,6 +329,7 @@ def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
     write_video(folder / 'v.mp4', LEVELS)
     write_video(folder / 'frames', LEVELS[:4])
     write_image(folder / 'i.png')
+    write_image(folder / 'i.jpg', size=(640, 480))
     (folder / 'garbage.mp4').write_bytes(b'not a video at all' * 10)
     (folder / 'empty').mkdir()
     data = open(write_video(folder / 'long.mp4', [i % 40 * 6 for i in range(200)]), 'rb').read()

@@ -335,6 +335,37 @@ def test_chat_tool_says_when_the_answer_is_empty(monkeypatch, capsys, tmp_path, 
     assert [g['do_sample'] for g in model.generations] == [False, True]
 
 
+class FailsOnce(EmptyAnswers):
+    """A model whose first answer fails (a prompt over its context, say); its later ones are ``text``."""
+
+    def __init__(self, text='Red.'):
+        super().__init__(text)
+        self.asked = []
+
+    def ask(self, question, images, generation, streamer=None):
+        self.asked.append(list(images))
+        if len(self.asked) == 1:
+            raise ValueError('the prompt is over the context')
+        return super().ask(question, images, generation, streamer)
+
+
+def test_an_error_in_interactive_chat_says_the_attached_images_are_not_kept(monkeypatch, capsys, tmp_path):
+    """The images attached to a message that failed were dropped without a word: the next message went without
+    them. The error line now says so."""
+    import xtuner_plugins.cli.chat as chat
+    model = FailsOnce()
+    still = write_image(tmp_path / 'still.png')
+    monkeypatch.setattr(chat, 'run_tool', lambda args, prog, use, errors, **tiling: use(model) or 0)
+    lines = iter([f'/image {still}', 'What is it?', 'And now?', '/exit'])
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert chat_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if 'error:' in line]
+    assert said == [f'(error: the prompt is over the context) (not kept for the next message: {still}; attach '
+                    'again with /image or /video)'], out
+    assert model.asked == [[str(still)], []]
+
+
 # ------------------------------------------------------------------ option values
 BAD_OPTIONS = {  # option, value: what the one line says after "argument OPTION: "
     ('--max-num', '0'): "'0': give a whole number, 1 or more",

@@ -173,8 +173,10 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             print(piece.replace('<|im_end|>', ''), end='', flush=True)
         thread.join()
         print()
-        if 'error' in result:
-            print(f'(error: {result["error"]})')
+        if 'error' in result:   # what was attached goes with the failed message, and is said to
+            dropped = ', '.join(pending) or ('the video' if video is not None else '')
+            print(f'(error: {result["error"]})' + (f' (not kept for the next message: {dropped}; attach again '
+                                                     f'with /image or /video)' if dropped else ''))
         elif empty_hint(result['answer'], generation):
             print(empty_hint(result['answer'], generation))
         pending, video = [], None

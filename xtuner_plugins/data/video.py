@@ -126,12 +126,17 @@ def _probe_file(path: str) -> VideoInfo:
         width, height = stream.codec_context.width, stream.codec_context.height
         kind = 'gif' if container.format.name == 'gif' else 'file'
         webp = container.format.name.startswith('webp')
+        # FFmpeg's demuxers of one picture (a seek then decodes nothing: a JPEG was 'truncated')
+        still = container.format.name == 'image2' or container.format.name.endswith('_pipe')
+        codec = {'mjpeg': 'JPEG'}.get(stream.codec_context.name, stream.codec_context.name.upper())
     if not total:
         raise SampleError('empty_video', f'{path} has no frames')
     if not width or not height:
         raise SampleError('corrupt_video', f'{path}: the video stream has no frame size ({width}x{height})'
                                            + (': an animated WebP, which FFmpeg does not decode; convert it to MP4 '
                                               'or GIF' if webp else ''))
+    if still:
+        raise SampleError('image_as_video', f'{path} is a still image ({codec}), not a video: give it as an image')
     return VideoInfo(path, kind, total, fps or 1.0, (width, height), 0, total)
 
 

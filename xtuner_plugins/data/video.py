@@ -43,7 +43,8 @@ from .template import DEFAULT_FRAME_PREFIX, IMAGE_PLACEHOLDER
 from .video_decode import VideoBytes, av_module, count_packets, decode_wanted, open_stream
 
 __all__ = ['VIDEO_PLACEHOLDER', 'DEFAULT_FRAME_PREFIX', 'VideoBytes', 'VideoFrames', 'VideoInfo', 'video_field',
-           'probe_video', 'frames_for', 'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video', 'load_video']
+           'probe_video', 'frames_for', 'choose_frames', 'read_frames', 'video_prompt', 'video_turns', 'expand_video',
+           'load_video']
 
 VIDEO_PLACEHOLDER = '<video>'
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')

@@ -9,7 +9,9 @@ JSON line at a time; this venv's torch and transformers are not involved. The pr
 (the one the model was trained with) rendered by llama-cpp-python's ``MTMDChatHandler``, each image where its
 ``<image>`` tag stands (``<img>``, its tiles' features, ``</img>``, as InternVL's ``chat`` writes it); decoding is
 greedy; the tiles are llama.cpp's (docs/conversion.md, "GGUF": they differ from InternVL's for most images).
-Images are read by the package's one pixel rule (``load_image``) and handed over as PNG, losslessly.
+Images are read by the package's one pixel rule (``load_image``) and handed over as PNG, losslessly. A video's
+frames (``ask(..., video=frames)``) are each stretched to one tile first, as InternVL's video path makes them, and
+written after the frame prefix the mmproj records (``Frame{i}: <image>`` lines in place of ``<video>``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def gguf_pair(folder: str) -> Optional[Tuple[str, str]]:
     return text[0], mmproj[0]
 
 
+#: the mmproj's keys read for videos (``clip.vision.*``: llama.cpp's; the frame prefix: ``gguf_convert.py``'s)
+VISION_KEYS = ('general.architecture', 'clip.vision.image_size', 'clip.vision.patch_size',
+               'clip.vision.projector.scale_factor', 'xtuner_plugins.frame_prefix')
+
+
 def data_url(image) -> str:
     buffer = io.BytesIO()
     load_image(image).save(buffer, format='PNG')
@@ -168,6 +175,7 @@ class GGUFModel:
             self.close()
             raise ValueError(f'{folder}: llama.cpp did not load it: {problem}')
         self.context = self.ready['ready']['n_ctx']
+        self.vision = gguf_keys(self.mmproj_file, VISION_KEYS) or {}   # a video's frame size and prefix
         self.control = tuple(self.ready['ready']['control'])  # what llama.cpp reads as a control token in a prompt
         self.reset()
 
@@ -190,11 +198,66 @@ class GGUFModel:
     def reset(self) -> None:
         self.messages, self.last_tokens = [], []
 
-    def check_video(self, num_frames: int) -> None:
-        """Refuses any video (``ConvertedModel.check_video``'s place): llama.cpp's InternVL mmproj reads none here."""
+    def frame_prefix(self) -> str:
+        """The text before each frame's ``<image>`` the model was trained with, as its mmproj records it; a
+        :class:`~xtuner_plugins.models.prompt.NoVideo` for an mmproj that records none usable (one written before
+        videos were answered here, or by another converter)."""
+        from .export.gguf_convert import FRAME_PREFIX_KEY
         from .prompt import NoVideo
-        raise NoVideo(f'{self.folder}: a GGUF folder answers about images only (llama.cpp\'s InternVL mmproj '
-                      f'reads no video here); use the official folder for videos')
+        prefix = self.vision.get(FRAME_PREFIX_KEY)
+        try:
+            usable = isinstance(prefix, str) and '{i}' in prefix and bool(prefix.format(i=1) or True)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            usable = False
+        if not usable or not self.vision.get('clip.vision.image_size'):
+            raise NoVideo(f'{os.path.basename(self.mmproj_file)} records no video frame prefix ({FRAME_PREFIX_KEY}'
+                          f'{": " + repr(prefix)[:80] if prefix is not None else ""}) or tile size: convert the '
+                          f'official folder to GGUF again with this project\'s tools/convert_to_official.py, or ask '
+                          f'the official folder about videos')
+        return prefix
+
+    def frame_tokens(self) -> int:
+        """The fewest tokens a frame takes (one tile's vision tokens, ``<img>`` and ``</img>``), from the mmproj's
+        tile, patch and pixel-shuffle sizes."""
+        v = self.vision
+        side = v['clip.vision.image_size'] // max(1, v.get('clip.vision.patch_size') or 1)
+        return (side // max(1, v.get('clip.vision.projector.scale_factor') or 1)) ** 2 + 2
+
+    def check_video(self, num_frames: int) -> None:
+        """``ConvertedModel.check_video``'s: before a frame is decoded, a ``NoVideo`` for an mmproj without the
+        frame prefix, a :class:`~xtuner_plugins.models.prompt.PromptTooLong` for more frames than the context
+        holds."""
+        self.frame_prefix()
+        least = num_frames * self.frame_tokens()
+        if least > self.context:
+            from .prompt import PromptTooLong
+            raise PromptTooLong(least, 0, self.context, self.source(), turns=len(self.messages) // 2, least=True,
+                                tiles=None, media=['video'])
+
+    def source(self) -> str:
+        """Where the context's size comes from, for :class:`~xtuner_plugins.models.prompt.PromptTooLong`."""
+        return f'{self.model_file} (its context as llama.cpp loads it)'
+
+    def frames(self, video: Sequence) -> list:
+        """A video's frames as InternVL's video path reads them, one tile each: each stretched to the mmproj's tile
+        size (``dynamic_preprocess`` with one tile), which llama.cpp then takes as it is (one tile, no thumbnail)."""
+        from xtuner_plugins.data.tiling import dynamic_preprocess
+        size = int(self.vision['clip.vision.image_size'])
+        return [dynamic_preprocess(load_image(f), 1, 1, size)[0] for f in video]
+
+    def video_question(self, question: str, num_frames: int) -> str:
+        """``question`` with ``<video>`` (put in front when absent) written as a ``<image>`` line per frame."""
+        from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
+        if question.count(VIDEO_PLACEHOLDER) > 1:
+            raise ValueError(f'the question has {question.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} tags for one '
+                             f'video')
+        if '<image>' in question:
+            raise ValueError('a question about a video has no <image> tags (its frames take their place)')
+        if not num_frames:
+            raise ValueError('a turn takes images or one video (at least one frame), not both')
+        if VIDEO_PLACEHOLDER not in question:
+            question = f'{VIDEO_PLACEHOLDER}\n' + question
+        return question.replace(VIDEO_PLACEHOLDER, video_prompt(num_frames, self.frame_prefix()))
 
     def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
             video=None) -> str:
@@ -202,12 +265,19 @@ class GGUFModel:
         ``streamer`` (:meth:`text_streamer`) gets the answer's pieces as they come."""
         generation = dict(generation or {})
         try:
+            from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
             if video is not None:
                 self.check_video(len(video))
+                if images:
+                    raise ValueError('a turn takes images or one video (at least one frame), not both')
+            elif VIDEO_PLACEHOLDER in question:
+                raise ValueError(f'the question has {VIDEO_PLACEHOLDER} but no video is given')
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
             from .prompt import check_question
             check_question(question, extra=self.control)  # the templates' markers, image tokens, the vocabulary's
+            if video is not None:
+                question, images = self.video_question(question, len(video)), self.frames(video)
             messages = self.messages + [{'role': 'user', 'content': user_content(question, list(images))}]
             request = {'messages': messages, 'max_tokens': int(generation.get('max_new_tokens') or 512)}
             try:
@@ -226,9 +296,9 @@ class GGUFModel:
                 elif 'too_long' in reply:
                     from .prompt import PromptTooLong
                     raise PromptTooLong(reply['too_long'][0], request['max_tokens'], reply['too_long'][1],
-                                        f'{self.model_file} (its context as llama.cpp loads it)',
+                                        self.source(),
                                         turns=len(self.messages) // 2, tiles=None,   # llama.cpp's mmproj tiles
-                                        media=['image'])   # no video here, and no setting of its tiles
+                                        media=['video' if video is not None else 'image'])
                 elif 'error' in reply:
                     raise ValueError(f'{self.folder}: llama.cpp: {reply["error"]}')
                 else:

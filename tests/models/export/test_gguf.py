@@ -19,6 +19,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from tests.helpers import converted_tiny_folder, write_image, write_jsonl
 from tools.chat import main as chat_main
@@ -43,8 +44,9 @@ def need_llama_cpp():
         pytest.fail(f'{exc} (make test does)')
 
 
-def official_greedy(model, image, question):
-    """``model.ask``'s greedy answer (chat()'s), its token ids and each step's top-2 logit margin."""
+def official_greedy(model, image, question, video=None):
+    """``model.ask``'s greedy answer (chat()'s), its token ids and each step's top-2 logit margin (``video``: its
+    frames in place of the image)."""
     lm, seen = model.model.language_model, {}
     generate = lm.generate
 
@@ -57,7 +59,7 @@ def official_greedy(model, image, question):
     lm.generate = recording
     try:
         model.reset()
-        answer = model.ask(question, [image], dict(max_new_tokens=STEPS))
+        answer = model.ask(question, [image] if video is None else [], dict(max_new_tokens=STEPS), video=video)
     finally:
         del lm.generate
     end = model.tokenizer.convert_tokens_to_ids('<|im_end|>')
@@ -564,11 +566,66 @@ def test_the_gguf_is_prompted_as_the_folders_chat_is(setup, tmp_path, capsys):
         assert gguf_chat_template(str(out / 'gguf-F16.gguf')) == expected
 
 
-def test_a_gguf_folder_refuses_a_video_before_a_frame_is_decoded():
-    """Chat and eval ask ``check_video`` first: a GGUF folder refuses any video there, as its ``ask`` does."""
-    from types import SimpleNamespace
-    with pytest.raises(ValueError, match='folder: a GGUF folder answers about images only'):
-        GGUFModel.check_video(SimpleNamespace(folder='folder'), 8)
+def test_a_video_is_asked_as_the_official_folder_asks_it(setup, tmp_path, capsys):
+    """A GGUF folder refused every video. Its mmproj now records the frame prefix the model was trained with (here
+    not the default), and each frame goes to llama.cpp stretched to one tile as InternVL's video path makes it (a
+    frame of another size than the tile included): the answers are the official folder's, and chat takes
+    ``--video``."""
+    from xtuner_plugins.models.export.gguf_convert import FRAME_PREFIX_KEY
+    from xtuner_plugins.models.gguf_model import VISION_KEYS, gguf_keys
+    assert gguf_keys(gguf_pair(setup['f32'])[1], VISION_KEYS)[FRAME_PREFIX_KEY] == 'Frame{i}: '   # the default
+    folder = edited(tmp_path, setup, lambda c: c.update(frame_prefix='Clip {i} - '))
+    out = tmp_path / 'gguf'
+    assert convert(folder, out, '--format', 'gguf', '--quant', 'f32') == 0
+    capsys.readouterr()
+    # (frames on which the random model's answers are mostly decided: on others its top two logits are often
+    # closer than the two libraries' rounding, and too few tokens could be compared)
+    frames = [write_image(tmp_path / 'frames' / f'{i}.png', size=size, seed=40 + i)
+              for i, size in enumerate([(90, 40), (56, 56)])]
+    questions = QUESTIONS + ('What happens?', 'Describe the video.')
+    official = ConvertedModel(str(folder))
+    expected = {q: official_greedy(official, None, q, video=frames) for q in questions}
+    model = GGUFModel(str(out))
+    try:
+        assert model.vision[FRAME_PREFIX_KEY] == 'Clip {i} - '
+        # what llama.cpp is given: the official folder's frame tiles (one each, stretched), and its frame lines
+        tiles, counts = official.pixels(frames, [True, True])
+        given, _ = official.pixels(model.frames(frames), [True, True])
+        assert counts == [1, 1] and [im.size for im in model.frames(frames)] == [(56, 56)] * 2
+        assert torch.equal(given, tiles)
+        assert model.video_question('What happens?', 2) == 'Clip 1 - <image>\nClip 2 - <image>\nWhat happens?'
+        got = {}
+        for q in questions:
+            model.reset()
+            got[q] = (model.ask(q, [], dict(max_new_tokens=STEPS), video=frames), model.last_tokens)
+    finally:
+        model.close()
+    assert_answers_alike(got, expected)
+    video = tmp_path / 'frames'   # a folder of frames: chat's --video reads them in order
+    assert chat_main([str(out), '--video', str(video), '--prompt', QUESTIONS[0], '--max-new-tokens',
+                      str(STEPS)]) == 0
+    assert capsys.readouterr().out.rstrip('\n') == got[QUESTIONS[0]][0]
+
+
+def test_a_gguf_folder_without_a_frame_prefix_or_with_too_many_frames_refuses_before_a_frame_is_decoded():
+    """Chat and eval ask ``check_video`` first: an mmproj that records no frame prefix (written before videos were
+    answered, or by another converter) refuses any video there, in one line; one that does refuses more frames
+    than the context holds (``--frames 1000000000`` listed a billion frame numbers first)."""
+    from xtuner_plugins.models.prompt import NoVideo, PromptTooLong
+    model = GGUFModel.__new__(GGUFModel)
+    model.mmproj_file, model.model_file, model.context, model.messages = '/x/mmproj-m-F16.gguf', '/x/m.gguf', 4096, []
+    model.vision = {'clip.vision.image_size': 448, 'clip.vision.patch_size': 14}
+    with pytest.raises(NoVideo, match=r'^mmproj-m-F16.gguf records no video frame prefix \(xtuner_plugins.frame_'
+                                      r'prefix\) or tile size: convert the official folder to GGUF again'):
+        model.check_video(8)
+    model.vision.update({'xtuner_plugins.frame_prefix': 'Frame{x}: '})
+    with pytest.raises(NoVideo, match=r"records no video frame prefix \(xtuner_plugins.frame_prefix: 'Frame\{x\}"):
+        model.check_video(8)
+    model.vision.update({'xtuner_plugins.frame_prefix': 'Frame{i}: ', 'clip.vision.projector.scale_factor': 2})
+    model.check_video(15)   # 15 x (256 + 2) tokens
+    with pytest.raises(PromptTooLong, match=r'^the prompt is at least 4128 tokens, over the LLM\'s context of 4096 '
+                                            r'tokens \(/x/m.gguf .*lower --frames \(frames of a video\)$'):
+        model.check_video(16)
 
 
 def test_a_worker_that_fails_to_load_says_llama_cpps_error_and_the_exception_only():
@@ -631,7 +688,6 @@ def test_the_mmprojs_image_features_are_the_trained_models(setup):
     import subprocess
     import sys
 
-    import torch
     official = ConvertedModel(setup['folder'])
     python, tree = gguf_export.tools()
     mmproj = os.path.join(setup['f32'], next(p for p in os.listdir(setup['f32']) if p.startswith('mmproj')))

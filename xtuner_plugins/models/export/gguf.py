@@ -227,6 +227,8 @@ def stage(folder: str, staging: str, log: Log = _print) -> None:
     if not config['llm_config'].get('architectures'):
         config['llm_config']['architectures'] = [llm_architecture(config['llm_config'])]
         filled.append('llm_config.architectures')
+    from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
+    config.setdefault('frame_prefix', DEFAULT_FRAME_PREFIX)   # into the mmproj (gguf_convert.FRAME_PREFIX_KEY)
     written = {'config.json': config}
     if 'image_mean' not in pre or 'image_std' not in pre:
         pre.setdefault('image_mean', list(config.get('image_mean', IMAGENET_MEAN)))

@@ -19,6 +19,8 @@ implements; ``gguf.py`` names it only when the tokenizer's pre-tokenizer is that
   issue #25814), so, written as it is, each patch took its neighbour's row and the image features were 4-7% off the
   trained model's (a sweep measured it; rotated, they match to about 4e-4). The mmproj records it under
   :data:`POSITION_ORDER_KEY`: a llama.cpp whose graph puts the class token first needs the GGUF written anew.
+* The mmproj also records the video frame prefix the model was trained with (:data:`FRAME_PREFIX_KEY`), which
+  ``gguf_model.py`` writes before each frame of a video.
 * A SentencePiece vocabulary whose staged ``tokenizer_config.json`` says ``add_prefix_space: false`` (``gguf.py``
   stages it for a tokenizer that puts no word start after a special token, ``legacy=False``) gets
   ``tokenizer.ggml.add_space_prefix`` false whatever the LLM's family: the converter's Llama reads that setting, its
@@ -35,6 +37,9 @@ import sys
 
 #: the mmproj's record of where its class token's position row is (``last``)
 POSITION_ORDER_KEY = 'xtuner_plugins.position_embd.cls_row'
+#: the mmproj's record of the text before each video frame's ``<image>`` the model was trained with (the staged
+#: ``config.json``'s ``frame_prefix``, which ``gguf.stage`` always fills in); a GGUF without it answers no video
+FRAME_PREFIX_KEY = 'xtuner_plugins.frame_prefix'
 
 
 def main(argv) -> int:
@@ -97,6 +102,10 @@ def main(argv) -> int:
     def set_gguf_parameters(self):
         parameters(self)
         self.gguf_writer.add_string(POSITION_ORDER_KEY, 'last')
+        with open(os.path.join(str(self.dir_model), 'config.json'), encoding='utf-8') as f:
+            prefix = json.load(f).get('frame_prefix')
+        if isinstance(prefix, str):
+            self.gguf_writer.add_string(FRAME_PREFIX_KEY, prefix)
 
     InternVisionModel.modify_tensors, InternVisionModel.set_gguf_parameters = modify_tensors, set_gguf_parameters
     for job in jobs:

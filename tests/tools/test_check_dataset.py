@@ -392,6 +392,35 @@ def test_a_shard_set_given_with_other_data_or_an_image_folder_is_refused_saying_
             f'error: {shards} is a shard set: it is checked on its own, and holds its images (check_dataset.py '
             f'--data {shards}, without {given})')
     assert check_dataset.main(['--data', shards]) == 0
+    # shards hold no pairs (shard_dataset refuses them): --pairs yes was dropped and the set checked as SFT samples
+    capsys.readouterr()
+    assert check_dataset.main(['--data', shards, '--pairs', 'yes']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f'error: {shards} is a shard set, which holds conversations: tools/shard_dataset.py shards no preference '
+        f'pairs, so --pairs yes does not apply (check the pairs\' annotation file with it)')
+
+
+def test_a_tokenizer_only_its_own_code_loads_is_refused_without_asking(tmp_path, tiny_tokenizer_dir, capsys,
+                                                                      monkeypatch):
+    """--tokenizer was loaded without trust_remote_code=False: transformers asked on stdin whether to run the
+    folder's code, and a "y" (typed, or piped in by a script) ran it. It is refused in one line, never asked."""
+    import io
+    path, img = good_data(tmp_path, n=1)
+    folder = tmp_path / 'own'
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    config = json.loads((folder / 'tokenizer_config.json').read_text())
+    config.update(tokenizer_class='OwnTokenizer', auto_map={'AutoTokenizer': [None, 'own_tok.OwnTokenizer']})
+    (folder / 'tokenizer_config.json').write_text(json.dumps(config))
+    ran = tmp_path / 'ran'
+    (folder / 'own_tok.py').write_text(f'open({str(ran)!r}, "w").close()\n'
+                                       'from transformers import PreTrainedTokenizerFast as OwnTokenizer\n')
+    monkeypatch.setenv('HF_MODULES_CACHE', str(tmp_path / 'modules'))
+    monkeypatch.setattr('sys.stdin', io.StringIO('y\n'))
+    assert check_dataset.main(['--data', path, '--image-folder', img, '--tokenizer', str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert not ran.exists(), 'the folder\'s code ran'
+    assert err.startswith(f'error: --tokenizer: {folder} is loaded only by its own code'), err
+    assert 'run the custom code' not in out + err
 
 
 def test_allow_links_outside_reaches_a_shard_sets_check(tmp_path, capsys):

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -134,11 +136,51 @@ def test_overwrite_replaces_the_folders_whole_and_never_writes_through_a_link(tm
         'itself, never through a link (--overwrite too); remove the link, or give another OUT_DIR')
     assert {p.name: p.read_text() for p in real.iterdir()} == files
     os.remove(tmp_path / 'out' / 'llm')
-    (tmp_path / 'out' / 'llm').mkdir()
-    (tmp_path / 'out' / 'llm' / 'model.safetensors.index.json').write_text('{}')   # an old model's, stale after
+    (tmp_path / 'out' / 'internvit').mkdir()
+    (tmp_path / 'out' / 'internvit' / 'preprocessor_config.json').write_text('{}')   # a SigLIP tiny's, stale after
     assert run('--overwrite').returncode == 0
-    assert not (tmp_path / 'out' / 'llm' / 'model.safetensors.index.json').exists()
+    assert sorted(os.listdir(tmp_path / 'out' / 'internvit')) == ['config.json', 'model.safetensors']
     assert sorted(os.listdir(tmp_path / 'out')) == ['internvit', 'llm']
+
+
+def test_overwrite_replaces_only_earlier_tiny_models_and_both_or_neither(tmp_path):
+    """``--overwrite`` deleted a real model's folder (its README, sharded weights, code: files no tiny model
+    writes), and with a file in ``llm``'s place it replaced the vision folder before the move of ``llm`` failed.
+    Both are checked before either is touched; a move that fails puts the old folders back."""
+    from xtuner_plugins.cli.make_tiny_models import written_aside
+
+    def run(*options):
+        return subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(out), *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = tmp_path / 'out'
+    (out / 'internvit').mkdir(parents=True)
+    (out / 'internvit' / 'real_weights.bin').write_text('REAL')
+    (out / 'internvit' / 'config.json').write_text('{"real": 1}')
+    (out / 'llm').write_text('a file')
+    for refused in (f'{out}/internvit holds what no tiny model writes (real_weights.bin): --overwrite replaces only '
+                    f'earlier tiny models; give another OUT_DIR',
+                    f'{out}/llm is a file, not a folder: remove it, or give another OUT_DIR'):
+        result = run('--overwrite')
+        assert result.returncode == 2 and result.stderr.strip() == f'make_tiny_models: error: {refused}'
+        assert (out / 'internvit' / 'config.json').read_text() == '{"real": 1}'
+        (out / 'internvit' / 'real_weights.bin').unlink(missing_ok=True)
+    os.remove(out / 'llm')
+    (out / 'llm').mkdir()
+    with open(out / 'llm' / 'model.safetensors', 'wb') as f:   # a real model's size (sparse: no disk taken)
+        f.truncate(3 << 30)
+    result = run('--overwrite')
+    assert result.returncode == 2 and 'holds what no tiny model writes (model.safetensors of 3.0 GiB)' in result.stderr
+    os.remove(out / 'llm' / 'model.safetensors')
+    (out / 'llm' / 'config.json').write_text('{"old": 1}')
+
+    def half(tmp):   # the vision folder written, the LLM's not: its move fails after the vision folder's
+        os.mkdir(os.path.join(tmp, 'internvit'))
+        return {}
+    with pytest.raises(FileNotFoundError):
+        written_aside(str(out), ('internvit', 'llm'), half)
+    assert (out / 'internvit' / 'config.json').read_text() == '{"real": 1}'
+    assert (out / 'llm' / 'config.json').read_text() == '{"old": 1}'
+    assert sorted(os.listdir(out)) == ['internvit', 'llm']
 
 
 def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):

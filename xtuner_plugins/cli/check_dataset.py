@@ -31,8 +31,9 @@ from collections import Counter, defaultdict
 import numpy as np
 from tqdm import tqdm
 
+from xtuner_plugins.data.checked import build_tokenizer
 from xtuner_plugins.data.dataset import InternVLDataset
-from xtuner_plugins.data.errors import SampleError, from_pretrained_named
+from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.fitting import TRUNCATION, tally_cut, tally_fit, tally_frames
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note, load_image
 from xtuner_plugins.data.preference import InternVLPreferenceDataset
@@ -219,14 +220,17 @@ def _main(argv=None) -> int:
     tokenizer = None
     try:
         if args.tokenizer:
-            from transformers import AutoTokenizer
-            tokenizer = from_pretrained_named(AutoTokenizer.from_pretrained, args.tokenizer, '--tokenizer')
+            tokenizer = build_tokenizer(args.tokenizer, '--tokenizer')
         shard_sets = [d for d in args.data if os.path.isfile(os.path.join(d, 'shards.json'))]
         beside = [what for what, given in (('the other --data', len(args.data) > 1),
                                            ('--image-folder', bool(args.image_folder))) if given]
         if shard_sets and beside:   # (each was refused as 'not sharded again')
             raise ValueError(f'{shard_sets[0]} is a shard set: it is checked on its own, and holds its images '
                              f'(check_dataset.py --data {shard_sets[0]}, without {" nor ".join(beside)})')
+        if shard_sets and args.pairs == 'yes':   # (it was checked as SFT samples without a word)
+            raise ValueError(f'{shard_sets[0]} is a shard set, which holds conversations: tools/shard_dataset.py '
+                             f'shards no preference pairs, so --pairs yes does not apply (check the pairs\' '
+                             f'annotation file with it)')
         if len(args.data) == 1 and os.path.isdir(args.data[0]):   # a shard set (tools/shard_dataset.py)
             return check_shard_set(args, tokenizer)
         pairs = args.pairs == 'yes' or (args.pairs == 'auto' and first_is_pair(args.data))

@@ -18,7 +18,9 @@ are 64 wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU bui
 (docs/serving.md).
 
 A folder that is there already and not empty is refused (its files would be replaced, and checkpoints trained on
-it would no longer convert: the converter checks the source folders) unless ``--overwrite``.
+it would no longer convert: the converter checks the source folders) unless ``--overwrite``, which replaces only
+earlier tiny models (a folder holding files no tiny model writes, or weights of a real model's size, is refused),
+both folders or neither.
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ def occupied(out_dir: str, vision: str) -> Optional[str]:
     return None
 
 
+#: every file a tiny model's folder holds (of any --vision, --llm and --chat): --overwrite replaces only such folders
+TINY_FILES = frozenset({'added_tokens.json', 'chat_template.jinja', 'config.json', 'generation_config.json',
+                        'merges.txt', 'model.safetensors', 'preprocessor_config.json', 'special_tokens_map.json',
+                        'tokenizer.json', 'tokenizer_config.json', 'vocab.json'})
+#: the largest file a tiny model writes is under 1 MB: one this large is a real model's weights
+TINY_MOST_BYTES = 64 << 20
+
+
+def not_tiny(out_dir: str, vision: str) -> Optional[str]:
+    """Why ``--overwrite`` may not replace ``out_dir/<vision>`` or ``out_dir/llm`` (None: each is absent or an
+    earlier tiny model): a file in its place, or a folder holding what no tiny model writes (a real model's
+    README, sharded weights or code; weights over :data:`TINY_MOST_BYTES`). Checked for both before either is
+    touched (a file in llm's place failed the write after the vision folder had been replaced)."""
+    for name in (vision, 'llm'):
+        folder = os.path.join(out_dir, name)
+        if not os.path.lexists(folder):
+            continue
+        if not os.path.isdir(folder):
+            return f'{folder} is a file, not a folder: remove it, or give another OUT_DIR'
+        foreign = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name not in TINY_FILES or not entry.is_file(follow_symlinks=False):
+                    foreign.append(entry.name)
+                elif entry.stat(follow_symlinks=False).st_size > TINY_MOST_BYTES:
+                    foreign.append(f'{entry.name} of {entry.stat().st_size / 2 ** 30:.1f} GiB')
+        if foreign:
+            return (f'{folder} holds what no tiny model writes ({", ".join(sorted(foreign)[:4])}'
+                    f'{", ..." if len(foreign) > 4 else ""}): --overwrite replaces only earlier tiny models; '
+                    f'give another OUT_DIR')
+    return None
+
+
 def linked(out_dir: str, vision: str) -> Optional[str]:
     """Why ``out_dir/<vision>`` or ``out_dir/llm`` may not be written: a symbolic link (to a real model's folder,
     whose files ``--overwrite`` replaced, and whose weight shards it deleted), or None."""
@@ -77,13 +112,22 @@ def written_aside(out_dir: str, names, write) -> dict:
     import tempfile
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix='.make_tiny_models.')
+    moved = []   # (old folder, where it was put aside): put back if a later move fails
     try:
         paths = write(tmp)
-        for name in names:
-            target = os.path.join(out_dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
+        try:
+            for name in names:
+                target, aside = os.path.join(out_dir, name), os.path.join(tmp, f'old-{name}')
+                if os.path.isdir(target) and not os.path.islink(target):
+                    os.replace(target, aside)
+                    moved.append((target, aside))
+                os.replace(os.path.join(tmp, name), target)
+        except OSError:
+            for target, aside in reversed(moved):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(aside, target)
+            raise
         return {key: os.path.join(out_dir, os.path.relpath(path, tmp)) for key, path in paths.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +163,7 @@ def main(argv=None) -> int:
         check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
     except ValueError as exc:
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
-    problem = linked(args.out_dir, args.vision) or (None if args.overwrite else occupied(args.out_dir, args.vision))
+    problem = linked(args.out_dir, args.vision) or (not_tiny if args.overwrite else occupied)(args.out_dir, args.vision)
     if problem:
         return tool_error('make_tiny_models', problem)
     try:

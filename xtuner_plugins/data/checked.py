@@ -25,13 +25,15 @@ class CheckedSample:
     image_names: Optional[List[str]] = None  # where images given as bytes come from, for messages (a shard's members)
 
 
-def build_tokenizer(tokenizer):
-    """Accept a tokenizer object, a tokenizer folder, or an XTuner/MMEngine config dict for one."""
+def build_tokenizer(tokenizer, key: str = 'train_dataloader.dataset.tokenizer'):
+    """Accept a tokenizer object, a tokenizer folder (loaded without its own code, which is refused naming ``key``;
+    transformers otherwise asked on stdin, and a "y" ran the folder's Python), or an XTuner/MMEngine config dict
+    for one."""
     if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
         return tokenizer
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
         return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), tokenizer,
-                                     'train_dataloader.dataset.tokenizer')
+                                     key)
     from xtuner.registry import BUILDER
     return BUILDER.build(tokenizer)

@@ -44,8 +44,9 @@ def _meta_loaders(vocabulary: Optional[int] = None):
 
     def llm(path, torch_dtype=torch.float32, attn_implementation='sdpa', quantization=None):
         from xtuner_plugins.models.llm import text_config_of
-        config = text_config_of(path) or AutoConfig.from_pretrained(path)   # a VLM's folder: its language model, as
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype,  # training loads it
+        # a VLM's folder: its language model, as training loads it; never the folder's own code
+        config = text_config_of(path) or AutoConfig.from_pretrained(path, trust_remote_code=False)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
                                                 attn_implementation=attn_implementation)
 
     with contextlib.ExitStack() as stack:

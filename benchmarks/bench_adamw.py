@@ -29,7 +29,7 @@ from benchmarks.rss import RssSampler  # noqa: E402
 def shapes(llm: str):
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device('meta'):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm, trust_remote_code=False))
     return [p.shape for p in model.parameters()]
 
 

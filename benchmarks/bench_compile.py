@@ -25,7 +25,7 @@ import torch
 def layer_and_inputs(config_dir: str, tokens: int):
     from transformers import AutoConfig
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
-    cfg = AutoConfig.from_pretrained(config_dir)
+    cfg = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     cfg._attn_implementation = 'sdpa'
     if cfg.model_type != 'qwen2':
         raise SystemExit(f'{config_dir}: model_type {cfg.model_type!r}; this benchmark builds a Qwen2 decoder layer')

@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     if args.tokenizer:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
         add_internvl_tokens(tok)
     else:
         from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer

@@ -64,7 +64,7 @@ def folder_configs(models: dict):
     from xtuner_plugins.models.vision import official_to_hf_vision_config
     with open(os.path.join(models['internvit'], 'config.json')) as f:
         vision = official_to_hf_vision_config(json.load(f))
-    text = AutoConfig.from_pretrained(models['llm'])
+    text = AutoConfig.from_pretrained(models['llm'], trust_remote_code=False)
     text.vocab_size = len(load_tokenizer(models['llm'])[0])
     text.tie_word_embeddings = False
     return vision, text

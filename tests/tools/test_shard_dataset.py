@@ -165,17 +165,28 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_no_shard_set(
     out = tmp_path / 'out'
     real = shard_dataset._Shard.write
 
-    def fills_up(self, sample):
+    def fills_up(self, sample):   # as tarfile's write to a full disk raises it: no file name
         if self.samples:
-            raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'shard-000000.tar'))
+            raise OSError(errno.ENOSPC, 'No space left on device')
         real(self, sample)
     monkeypatch.setattr(shard_dataset._Shard, 'write', fills_up)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     err = capsys.readouterr().err
     assert err == (f'shard_dataset: error: writing into {out} failed: No space left on device '
-                   f'({out}/shard-000000.tar); what was written there is no shard set (no shards.json): remove the folder, then write it '
-                   f'again\n'), err
+                   f'({out}/shard-part000000000.tar.part); what was written there is no shard set (no shards.json): '
+                   f'remove the folder, then write it again\n'), err
     assert 'shards.json' not in os.listdir(out)
+
+
+def test_no_sample_to_write_leaves_no_folder_it_made(tmp_path, capsys):
+    """Every sample skipped: exit 1, and the empty --out folder the tool made was left behind."""
+    (tmp_path / 'i').mkdir()
+    for name in ('a.png', 'b.png'):   # found at start-up, skipped when read
+        (tmp_path / 'i' / name).write_bytes(b'not an image at all')
+    data = write_jsonl(tmp_path / 'd.jsonl', [{'image': name, 'conversations': conv()} for name in ('a.png', 'b.png')])
+    assert main(['--data', data, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'o')]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "no sample to write: 2 skipped ({'corrupt_image': 2})"
+    assert not os.path.exists(tmp_path / 'o')
 
 
 def test_an_image_changed_after_the_start_up_check_is_a_counted_skip(tmp_path, capsys):

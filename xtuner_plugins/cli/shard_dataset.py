@@ -304,8 +304,10 @@ def write_shards(ds, out: str, samples_per_shard: int, max_shard_bytes: int, sho
                 except SampleError as err:   # changed since the first pass
                     problems.append((err.reason, err.message, err.source))
             return shard.close(), problems
-        except BaseException:
+        except BaseException as exc:
             shard.abort()
+            if isinstance(exc, OSError) and exc.filename is None:   # a full disk: the shard it was writing
+                exc.filename = os.path.join(out, f'shard-part{start:09d}.tar.part')
             raise
 
     written: List[dict] = []
@@ -398,6 +400,8 @@ def _main(argv=None) -> int:
     from xtuner_plugins.data.shard_index import INDEX
     if not os.path.isfile(os.path.join(args.out, INDEX)):
         print(f'no sample to write: {sum(skipped.values())} skipped ({dict(skipped)})', file=sys.stderr)
+        if made and not os.listdir(args.out):   # (the folder it made was left behind, empty)
+            os.rmdir(args.out)
         return 1
     with open(os.path.join(args.out, INDEX), encoding='utf-8') as f:
         index = json.load(f)

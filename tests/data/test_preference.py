@@ -85,6 +85,22 @@ def test_other_tools_pair_layouts_say_what_is_read(tmp_path, tiny_tokenizer):
     assert 'no "question": "prompt" (TRL\'s key) is not read' in second
 
 
+def test_an_answer_that_is_a_number_or_a_boolean_is_said_to_be_no_text(tmp_path, tiny_tokenizer):
+    """``"chosen": 5`` (or ``true``, ``1e308``) was 'no chosen answer', where there is one, of another type."""
+    good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}
+    lines = [dict(good, chosen=5), dict(good, rejected=True), dict(good, chosen=1e308)] + [good] * 6
+    path = write_jsonl(tmp_path / 'p.jsonl', lines)
+    (tmp_path / 'i').mkdir()
+    ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.5)
+    said = [str(p) for p in ds.load_problems]
+    assert said == [f'{path}:1: "chosen" is a number (5), not text: a pair\'s chosen and rejected are the answers\' '
+                    f'text [bad_pair]',
+                    f'{path}:2: "rejected" is true or false (true), not text: a pair\'s chosen and rejected are the '
+                    f'answers\' text [bad_pair]',
+                    f'{path}:3: "chosen" is a number (1e+308), not text: a pair\'s chosen and rejected are the '
+                    f'answers\' text [bad_pair]'], said
+
+
 def test_a_long_answer_gives_both_answers_fewer_tiles(tmp_path, tiny_tokenizer):
     write_image(tmp_path / 'i' / 'big.png', size=(S * 8, S * 5))  # 40 tiles + thumbnail
     short = {'image': 'big.png', 'question': 'What?', 'chosen': 'A', 'rejected': 'B'}

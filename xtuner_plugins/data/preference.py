@@ -54,6 +54,12 @@ class InternVLPreferenceDataset(InternVLDataset):
             raise SampleError('bad_pair', f'"{shaped}" is a {type(answers[shaped]).__name__} '
                                           f'({json.dumps(answers[shaped], ensure_ascii=False):.60}): a pair\'s chosen '
                                           'and rejected are the answers\' text (InternVL\'s MMPR layout)')
+        kinds = {bool: 'true or false', int: 'a number', float: 'a number'}
+        typed = next((k for k, v in answers.items() if type(v) in kinds), None)
+        if typed:   # (said to be missing: 'no chosen answer' for "chosen": 5)
+            raise SampleError('bad_pair', f'"{typed}" is {kinds[type(answers[typed])]} '
+                                          f'({json.dumps(answers[typed]):.60}), not text: a pair\'s chosen and '
+                                          'rejected are the answers\' text')
         missing = [k for k, v in answers.items() if not isinstance(v, str) or not v.strip()]
         if missing:
             raise SampleError('bad_pair', f'no {" and no ".join(missing)} answer (a pair needs both, as text)')

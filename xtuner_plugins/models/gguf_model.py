@@ -205,8 +205,9 @@ class GGUFModel:
         from .export.gguf_convert import FRAME_PREFIX_KEY
         from .prompt import NoVideo
         prefix = self.vision.get(FRAME_PREFIX_KEY)
-        try:
-            usable = isinstance(prefix, str) and '{i}' in prefix and bool(prefix.format(i=1) or True)
+        usable = isinstance(prefix, str) and '{i}' in prefix
+        try:   # {i} its one field, as training checks it (a GGUF from elsewhere may hold anything)
+            usable = usable and isinstance(prefix.format(i=1), str)
         except (KeyError, IndexError, ValueError, AttributeError):
             usable = False
         if not usable or not self.vision.get('clip.vision.image_size'):

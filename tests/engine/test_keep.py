@@ -110,3 +110,15 @@ def test_the_oldest_checkpoint_is_deleted_only_once_the_new_one_is_written(tmp_p
     runner = toy_runner(work, 'rotate-more', max_iters=5, save_every=1, resume=True, **keep)
     assert runner.iter == 5 and sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_5.pth']
     assert _SeesTheFolder.seen[-2:] == [['iter_3.pth'], ['iter_4.pth']]
+
+
+def test_a_file_name_without_the_step_keeps_the_one_file_it_names(tmp_path):
+    """``filename_tmpl=model.pth`` names every save the same file: the rotation, deleting after the save, deleted
+    the one just written each time, and the run ended 'no checkpoint saved', exit 0, ``last_checkpoint`` naming a
+    file that was not there."""
+    work = tmp_path / 'run'
+    keep = {'default_hooks.checkpoint.max_keep_ckpts': 1, 'default_hooks.checkpoint.filename_tmpl': 'model.pth'}
+    toy_runner(work, 'one-name', max_iters=3, save_every=1, **keep)
+    assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['model.pth']
+    with open(work / 'last_checkpoint') as f:
+        assert os.path.isfile(f.read().strip())

@@ -110,8 +110,11 @@ def _patch_rotation() -> bool:
         self.keep_ckpt_ids = deque(old[len(old) - keep:], keep)
         runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
         if is_main_process():
+            written = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(step))
             for gone in old[:len(old) - keep]:
                 path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(gone))
+                if path == written:   # a filename_tmpl without the step's field names one file: the one just saved
+                    continue
                 if self.file_backend.isfile(path):
                     self.file_backend.remove(path)
                 elif self.file_backend.isdir(path):   # DeepSpeed's checkpoints are folders

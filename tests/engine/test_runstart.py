@@ -236,6 +236,10 @@ def test_a_work_dir_this_user_cannot_write_or_a_models_own_folder_is_one_line(tm
     assert work_dir_refusal(dict(model=model, work_dir=str(vit / 'run'))).startswith(
         f"--work-dir {vit}/run is inside model.vision_encoder's folder {vit}: ")
     assert work_dir_refusal(dict(model=model, work_dir=str(tmp_path / 'llm-run'))) is None
+    # the tokenizer's folder, an official folder trained from: its checkpoints changed them too (no longer converted)
+    for key in ('tokenizer', 'official_checkpoint'):
+        assert work_dir_refusal(dict(model={key: str(llm)}, work_dir=str(llm))).startswith(
+            f"--work-dir {llm} is model.{key}'s folder {llm}: its checkpoints would change the folder")
     import collections
     import shutil
     usage = collections.namedtuple('usage', 'total used free')
@@ -348,6 +352,32 @@ def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp
     assert earlier_run_in_work_dir(dict(work_dir=str(work))) is None
     monkeypatch.setenv('SLURM_JOB_ID', '78')   # another job's checkpoints: refused
     assert earlier_run_in_work_dir(dict(work_dir=str(work))) is not None
+
+
+def test_a_new_run_whose_checkpoint_folder_holds_another_runs_checkpoints_is_refused(tmp_path, monkeypatch):
+    """MMEngine saves into ``out_dir/<the work folder's name>``: two runs in work folders a/run and c/run with
+    one out_dir shared it, and the second wrote its iter_N.pth over the first's and rotated out the rest, exit 0
+    (an adversarial sweep). A relative out_dir (saved against the current folder, read against the work folder:
+    a resume found nothing) is made absolute at start-up."""
+    from xtuner_plugins.engine.runstart import absolute_out_dir, checkpoint_dir, earlier_run_in_work_dir
+    shared = tmp_path / 'ck'
+    (shared / 'run').mkdir(parents=True)
+    (shared / 'run' / 'iter_4.pth').write_bytes(b'run a')
+    hooks = dict(checkpoint=dict(type='CheckpointHook', out_dir=str(shared)))
+    cfg = dict(work_dir=str(tmp_path / 'c' / 'run'), default_hooks=hooks)
+    assert checkpoint_dir(cfg) == str(shared / 'run')
+    assert earlier_run_in_work_dir(cfg) == (
+        f"the checkpoint folder {shared / 'run'} (default_hooks.checkpoint.out_dir + the work folder's name) holds "
+        f"the checkpoints of an earlier run (iter_4.pth): this new run would write its own iter_N.pth over them and "
+        f"rotate them out. Continue that run with --cfg-options resume=True, give this run a work folder of another "
+        f"name or another out_dir, or move them away first")
+    assert earlier_run_in_work_dir(dict(cfg, resume=True)) is None
+    assert earlier_run_in_work_dir(dict(cfg, work_dir=str(tmp_path / 'c' / 'other'))) is None
+    monkeypatch.chdir(tmp_path)
+    relative = dict(work_dir='w', default_hooks=dict(checkpoint=dict(type='CheckpointHook', out_dir='ck')))
+    absolute_out_dir(relative)
+    assert relative['default_hooks']['checkpoint']['out_dir'] == str(tmp_path / 'ck')
+    assert earlier_run_in_work_dir(dict(relative, work_dir='run')) is not None
 
 
 def test_no_dataloader_workers_turns_persistence_off(tmp_path):

@@ -70,6 +70,7 @@ def prepare_run(cfg):
         if note:
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
+    absolute_out_dir(plain)
     problem = (work_dir_refusal(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain))
     if problem:
@@ -122,9 +123,10 @@ def work_dir_refusal(cfg: Mapping) -> Optional[str]:
                 f'config and its checkpoints there; free space first')
     model = cfg.get('model') if isinstance(cfg.get('model'), Mapping) else {}
     real = os.path.realpath(work_dir)
-    for key in ('llm', 'vision_encoder'):
+    for key in ('llm', 'vision_encoder', 'tokenizer', 'official_checkpoint'):
         source = model.get(key)
-        source = source.get('path') if isinstance(source, Mapping) else source
+        if isinstance(source, Mapping):
+            source = source.get('path') or source.get('pretrained_model_name_or_path')
         if isinstance(source, str) and os.path.isdir(source):
             folder = os.path.realpath(source)
             if real == folder or real.startswith(folder + os.sep):
@@ -266,19 +268,60 @@ def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
     return None
 
 
-def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
-    """Why a new run must not train into its work folder: it holds an earlier run's checkpoints (module
-    docstring); None for a resume, a requeued job that continues its own, or a folder without checkpoints."""
-    work_dir = cfg.get('work_dir')
-    if cfg.get('resume') or not isinstance(work_dir, str) or not os.path.isdir(work_dir):
+def _checkpoint_hook(cfg: Mapping) -> Mapping:
+    hooks = cfg.get('default_hooks')
+    hook = hooks.get('checkpoint') if isinstance(hooks, Mapping) else None
+    return hook if isinstance(hook, Mapping) else {}
+
+
+def absolute_out_dir(cfg: Mapping) -> None:
+    """A relative ``default_hooks.checkpoint.out_dir`` made absolute (in place): MMEngine saved under it relative
+    to the current folder, while ``last_checkpoint``'s relative path is read against the work folder (a resume
+    found nothing, and the end line said 'no checkpoint saved')."""
+    hook = _checkpoint_hook(cfg)
+    out_dir = hook.get('out_dir')
+    if isinstance(out_dir, str) and out_dir and '://' not in out_dir and not os.path.isabs(out_dir):
+        hook['out_dir'] = os.path.abspath(out_dir)
+
+
+def checkpoint_dir(cfg: Mapping) -> Optional[str]:
+    """The folder the run's checkpoints go to: the work folder, or MMEngine's ``out_dir/<the work folder's
+    name>`` when ``default_hooks.checkpoint.out_dir`` is set."""
+    work_dir, out_dir = cfg.get('work_dir'), _checkpoint_hook(cfg).get('out_dir')
+    if not isinstance(work_dir, str) or not work_dir:
         return None
+    if isinstance(out_dir, str) and out_dir and '://' not in out_dir:
+        return os.path.join(out_dir, os.path.basename(os.path.normpath(os.path.abspath(work_dir))))
+    return work_dir
+
+
+def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
+    """Why a new run must not train into its work folder, or into the folder its checkpoints go to
+    (:func:`checkpoint_dir`: runs whose work folders share a name share it): it holds an earlier run's checkpoints
+    (module docstring); None for a resume, a requeued job that continues its own, or folders without
+    checkpoints."""
+    work_dir = cfg.get('work_dir')
+    if cfg.get('resume') or not isinstance(work_dir, str) or not work_dir:
+        return None
+    from xtuner_plugins.engine.preempt import requeue_decision
     from xtuner_plugins.outcome import find_checkpoints
+    made = os.path.isdir(work_dir)
+    if made and requeue_decision(work_dir)[0]:
+        return None
+    saves = checkpoint_dir(cfg)
+    if saves and os.path.isdir(saves) and not (made and os.path.samefile(saves, work_dir)):
+        names = [os.path.basename(path) for path in find_checkpoints(saves)]
+        if names:   # another run's, which this one's would write over and rotate out (no last_checkpoint here)
+            shown = ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
+            return (f'the checkpoint folder {saves} (default_hooks.checkpoint.out_dir + the work folder\'s name) '
+                    f'holds the checkpoints of an earlier run ({shown}): this new run would write its own '
+                    f'iter_N.pth over them and rotate them out. Continue that run with --cfg-options resume=True, '
+                    f'give this run a work folder of another name or another out_dir, or move them away first')
+    if not made:
+        return None
     names = [os.path.basename(path) for path in find_checkpoints(work_dir)]
     pointer = os.path.join(work_dir, 'last_checkpoint')
     if not names and not os.path.isfile(pointer):
-        return None
-    from xtuner_plugins.engine.preempt import requeue_decision
-    if requeue_decision(work_dir)[0]:
         return None
     shown = ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
     try:

@@ -86,6 +86,24 @@ def test_an_earlier_runs_list_is_removed_and_a_resumed_runs_taken_over(tmp_path)
     assert json.load(open(path))['skipped'] == {'missing_image': ['a.jsonl:4']}
 
 
+def test_a_file_of_that_name_that_is_no_runs_list_is_left_as_it_is(tmp_path, monkeypatch):
+    """A user's skipped_samples.json in the --work-dir was removed at start-up as 'an earlier run's list' (an
+    adversarial sweep); it is left as it is, said, and this run's list is not written over it."""
+    import xtuner_plugins.engine.badsamples as module
+    logs = []
+    monkeypatch.setattr(module, 'print_log', lambda msg, **kw: logs.append(msg))
+    path = tmp_path / 'skipped_samples.json'
+    path.write_text('{"my": "notes"}')
+    hook, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.3)
+    hook.before_train(runner)
+    hook.after_train_iter(runner, 0, batch(('a.jsonl:4', 'missing_image')))
+    hook.after_train(runner)
+    assert path.read_text() == '{"my": "notes"}'
+    assert any(f"{path} is not a run's list of skipped samples" in line for line in logs), logs
+    assert any(line.startswith('bad samples at the end of training: 1 of 10 (') and 'every FILE:LINE' not in line
+               for line in logs), logs
+
+
 def test_dataloader_workers_are_added_up(tmp_path):
     """8 bad images of 100 met by four DataLoader workers (each its own copy of the data set and its own
     counts): the run's summary has all 8, each once, with its FILE:LINE."""

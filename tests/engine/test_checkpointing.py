@@ -38,7 +38,7 @@ def test_a_killed_save_leaves_no_folder_under_the_final_name(tmp_path):
     assert os.path.basename(partial) == '.iter_8.pth.incomplete'
     with pytest.raises(ValueError, match=r'\.iter_8\.pth\.incomplete is a checkpoint whose save did not finish'):
         load_trained_state_dict(partial)
-    (tmp_path / '.last_checkpoint.abc123.tmp').write_text('half')  # a killed atomic write
+    (tmp_path / '.last_checkpoint.abc12345.tmp').write_text('half')  # a killed atomic write
     (tmp_path / 'iter_4.pth').write_text('kept')
     CheckpointCleanupHook().before_run(SimpleNamespace(work_dir=str(tmp_path)))
     assert os.listdir(tmp_path) == ['iter_4.pth']
@@ -48,9 +48,12 @@ def test_only_what_a_save_leaves_is_removed(tmp_path):
     """A work folder given as another program's (``--work-dir .``, the data folder): its ``.notes.tmp`` and a
     ``.export.incomplete`` folder were removed at the start of a run, whatever had written them; only the names a
     killed save leaves are now."""
-    left = ['.iter_8.pth.incomplete', '.iter_4.pth.k2x_9abc.tmp', '.last_checkpoint.abc123.tmp',
-            '.data_manifest.json.u7_kk2a1.tmp', '.slurm_job.json.a1b2c3d4.tmp']
-    kept = ['.notes.tmp', '.export.incomplete', '.iter_4.pth.tmp', '.data.json.abcd1234.tmp', '..tmp', 'a.tmp']
+    left = ['.iter_8.pth.incomplete', '.iter_4.pth.k2x_9abc.tmp', '.last_checkpoint.abc12345.tmp',
+            '.data_manifest.json.u7_kk2a1.tmp', '.slurm_job.json.a1b2c3d4.tmp', '.epoch_2.pth.incomplete']
+    kept = ['.notes.tmp', '.export.incomplete', '.iter_4.pth.tmp', '.data.json.abcd1234.tmp', '..tmp', 'a.tmp',
+            # a user's files that only look like a save's (an adversarial sweep): not the hook's names, nor
+            # mkstemp's eight letters
+            '.my_model.pth.incomplete', '.weights.pth.backup.tmp', '.iter_4.pth.backup.tmp']
     for name in left + kept:
         if name.endswith('incomplete'):
             (tmp_path / name).mkdir()

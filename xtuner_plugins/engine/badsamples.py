@@ -107,6 +107,11 @@ class BadSampleHook(Hook):
             except (OSError, ValueError, AttributeError) as e:
                 print_log(f'{path}: the interrupted run\'s skipped samples do not read ({e}); counted from here on',
                           logger='current', level=30)
+        elif not runs_list(path):   # another program's file of that name (a user's notes): never removed
+            self.foreign_summary = path
+            print_log(f'{path} is not a run\'s list of skipped samples (another program\'s file, in a --work-dir '
+                      'that is not a run\'s folder?): left as it is, and this run\'s list is not written',
+                      logger='current', level=30)
         elif get_dist_info()[0] == 0:
             os.remove(path)
             print_log(f'removed {path}: an earlier run\'s list of skipped samples, not this run\'s',
@@ -190,9 +195,10 @@ class BadSampleHook(Hook):
         if not self.bad and not self.at_start and not self.reduced and not self.truncated:
             return
         path = os.path.join(runner.work_dir, self.summary_file)
+        foreign = getattr(self, 'foreign_summary', None) == path
         print_log(f'bad samples {when}: {len(self.bad) + len(self.at_start)} of {self.total} '
-                  f'({self._by_reason()}); every FILE:LINE in {path}', logger='current')
-        if get_dist_info()[0] == 0:
+                  f'({self._by_reason()})' + ('' if foreign else f'; every FILE:LINE in {path}'), logger='current')
+        if get_dist_info()[0] == 0 and not foreign:
             by_reason: Dict[str, list] = {}
             for where, reason in self.bad.items():
                 by_reason.setdefault(reason, []).append(where)
@@ -200,6 +206,17 @@ class BadSampleHook(Hook):
                 json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
                                at_start_up=self.at_start, fewer_tiles=self.reduced, truncated=self.truncated), f,
                           indent=1)
+
+
+def runs_list(path: str) -> bool:
+    """Whether ``path`` is a run's list of skipped samples (a JSON object whose ``skipped`` maps reasons to
+    places), not another program's file of that name."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get('skipped'), dict) and 'total_samples' in data
 
 
 def read_manifest(path: str):

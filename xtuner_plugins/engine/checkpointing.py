@@ -160,12 +160,14 @@ def _remove(path: str) -> None:
 
 
 #: what a killed save leaves: a DeepSpeed checkpoint not yet renamed (``.iter_N.pth.incomplete``, see
-#: :func:`save_then_rename`), and the atomic writer's temporary (``.NAME.XXXXXXXX.tmp``: ``mkstemp``'s letters) of a
-#: checkpoint, ``last_checkpoint``, the data manifest or the Slurm job's record; nothing else, whatever its name's
-#: ends (another program's ``.notes.tmp`` or ``.export.incomplete`` in a work folder given as ``--work-dir .`` was
-#: removed)
-LEFT_BY_SAVES = re.compile(r'\.(?:[^/]+\.pth' + re.escape(INCOMPLETE) + r'|(?:[^/]+\.pth|last_checkpoint'
-                           + r'|data_manifest\.json|slurm_job\.json)\.[a-z0-9_]+\.tmp)')
+#: :func:`save_then_rename`), and the atomic writer's temporary (``.NAME.XXXXXXXX.tmp``: ``mkstemp``'s eight
+#: letters) of a checkpoint (``iter_N.pth``, ``epoch_N.pth``: the checkpoint hook's names), ``last_checkpoint``, the
+#: data manifest or the Slurm job's record; nothing else, whatever its name's ends (another program's ``.notes.tmp``
+#: or ``.export.incomplete``, a user's ``.my_model.pth.incomplete`` or ``.weights.pth.backup.tmp``, in a work folder
+#: given as ``--work-dir .``, were removed)
+_SAVED = r'(?:iter|epoch)_[0-9]+\.pth'
+LEFT_BY_SAVES = re.compile(r'\.(?:' + _SAVED + re.escape(INCOMPLETE) + r'|(?:' + _SAVED + r'|last_checkpoint'
+                           + r'|data_manifest\.json|slurm_job\.json)\.[a-z0-9_]{8}\.tmp)')
 
 
 def stale_temporaries(work_dir: str) -> List[str]:

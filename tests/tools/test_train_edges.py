@@ -220,6 +220,26 @@ def test_a_resume_path_that_names_no_checkpoint_is_one_line(tmp_path):
     assert resume_refusal(str(tmp_path / 'iter_2.pth')) is None and resume_refusal(str(tmp_path / 'iter_4.pth')) is None
 
 
+def test_a_resume_from_a_file_no_run_saved_is_one_line(tmp_path):
+    """``--resume`` of a state dict (no ``meta``) ended in XTuner's seed reader with ``KeyError: 'meta'`` and
+    its traceback; of a data or .safetensors file it was called 'cut short, perhaps'."""
+    import torch
+    torch.save({'w': torch.zeros(2)}, tmp_path / 'plain.pth')
+    (tmp_path / 'data.jsonl').write_text('{"a": 1}\n')
+    for name, said in (('plain.pth', f"train: refused: --resume {tmp_path}/plain.pth: not a checkpoint a training "
+                                     f"run saved (no 'meta' in it: a weights file or a state dict?); resume from a "
+                                     f"run's iter_N.pth, or start from weights with "
+                                     f"model.pretrained_pth={tmp_path}/plain.pth"),
+                       ('data.jsonl', f'train: refused: {tmp_path}/data.jsonl is not a checkpoint torch.save wrote '
+                                      f'(not a zip archive nor a pickle: a .safetensors, a data or text file?); '
+                                      f"resume from a run's iter_N.pth (--resume PATH)")):
+        result = subprocess.run([sys.executable, TRAIN_TOOL, os.path.join(REPO_ROOT, 'configs', 'pretrain_mlp.py'),
+                                 '--work-dir', str(tmp_path / 'work'), '--resume', str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == said, result.stderr[-3000:]
+        assert 'Traceback' not in result.stderr and not (tmp_path / 'work').exists()
+
+
 def test_a_config_outside_the_checkout_importing_configs_by_package_name_is_one_line(tmp_path):
     """``from configs.finetune_lora import *`` in read_base() of a file outside the checkout ended in a traceback
     about pkg_resources (MMEngine reads the name as an installed package's)."""

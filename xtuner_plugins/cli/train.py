@@ -267,7 +267,13 @@ def _train() -> int:
     def seed_from_checkpoint(path):
         # MMEngine / DeepSpeed checkpoints read as the runner's resume reads them: training state, not code
         with torch_load_for_resume():
-            return read_seed(path)
+            try:
+                return read_seed(path)
+            except (KeyError, TypeError, IndexError) as exc:   # XTuner's checkpoint['meta']['seed']: a traceback
+                from xtuner_plugins.errors import Refused
+                raise Refused(f'--resume {path}: not a checkpoint a training run saved (no {exc} in it: a weights '
+                              f'file or a state dict?); resume from a run\'s iter_N.pth, or start from weights with '
+                              f'model.pretrained_pth={path}') from None
 
     xtuner_train.get_seed_from_checkpoint = seed_from_checkpoint
     unpaired = unpaired_refusal(sys.argv[1:])   # XTuner's parser raised a ValueError traceback on them

@@ -125,9 +125,25 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         if isinstance(e, RuntimeError) and 'PytorchStreamReader' not in str(e):
             raise
+        if not torch_saved(path):   # a .jsonl, a .safetensors: 'cut short, perhaps' misled
+            raise Refused(f'{source} is not a checkpoint torch.save wrote (not a zip archive nor a pickle: a '
+                          f'.safetensors, a data or text file?); resume from a run\'s iter_N.pth (--resume PATH)') \
+                from None
         raise Refused(f'{source} does not read as a checkpoint ({str(e).splitlines()[0]}): cut short, perhaps (a '
                       f'copy or a save that was interrupted); resume from an earlier iter_N.pth (--resume PATH), or '
                       f'start the run again') from None
+
+
+def torch_saved(path) -> bool:
+    """Whether ``path`` begins as ``torch.save`` writes: a zip archive (``PK\\x03\\x04``), or the legacy format's
+    pickle (protocol 2 and up: ``\\x80``), or is empty; True for what cannot be read here (its error is said as it
+    is)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+    except (OSError, TypeError):
+        return True
+    return not head or head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'   # (empty: cut short)
 
 
 def torch_load_for_resume():

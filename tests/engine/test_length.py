@@ -3,6 +3,7 @@ checkpoint interval follow max_epochs / max_iters / save_every. The schedule is 
 by MMEngine's scheduler registry, as the runner builds it, and stepped once per iteration."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -97,6 +98,18 @@ def test_lengths_that_contradict_each_other_are_refused():
                                          r"max_epochs: set max_iters instead"):
         resolved({'max_epochs': 3}, TOY_ITERS)
     assert resolved({'max_iters': 10, 'save_every': 5}, TOY_ITERS).train_cfg.max_iters == 10
+
+
+@pytest.mark.parametrize('key, value, says', [
+    ('max_iters', -5, 'a positive whole number, got -5 (int)'), ('max_iters', 0, 'a positive whole number, got 0'),
+    ('max_iters', 3.5, 'a positive whole number, got 3.5 (float)'),
+    ('max_epochs', 0, 'a positive number of epochs, got 0 (int)'),
+    ('max_epochs', -1, 'a positive number of epochs, got -1 (int)')])
+def test_the_loops_own_length_is_checked_as_the_top_level_one(key, value, says):
+    """``train_cfg.max_iters=-5`` (docs/training.md's other way to set the length) ran 0 iterations, exit 0;
+    ``train_cfg.max_epochs=0`` and ``max_iters=3.5`` ended in MMEngine's tracebacks (an adversarial sweep)."""
+    with pytest.raises(ValueError, match=rf'^train_cfg\.{key}: expected {re.escape(says)}'):
+        resolved({f'train_cfg.{key}': value})
 
 
 def test_resolving_twice_changes_nothing():

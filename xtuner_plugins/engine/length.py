@@ -55,6 +55,10 @@ def _target(cfg: Mapping, loop: Mapping, changed: Mapping):
     """``('max_epochs'|'max_iters', N)`` the run should last, or None when the config gives no length."""
     given = {k: changed[k] for k in _LOOP if changed.get(k) is not None}
     in_loop = {k: changed[f'train_cfg.{k}'] for k in _LOOP if changed.get(f'train_cfg.{k}') is not None}
+    for k in _LOOP:   # the loop's own length, checked as the top-level one (-5 ran 0 iterations, exit 0)
+        problem = length_value_problem(k, loop.get(k))
+        if problem:
+            raise Refused(f'train_cfg.{problem}')
     for problem in (both_lengths_problem(given), both_lengths_problem(in_loop)):
         if problem:
             raise Refused(problem)

@@ -366,20 +366,21 @@ class TrainJob:
         self.poll()
 
     def _dump_stacks(self, tree) -> None:
-        """SIGABRT to the processes under the launcher (``tree``), then to the launcher (its own end must not end
-        them first), and up to 3 s for them to write their stacks and end. (The launcher is waited for through
-        ``self.proc``: psutil would reap it and leave Popen an exit code of 0.)"""
+        """SIGABRT to the processes under the launcher (``tree``), one at a time, each given up to 1 s (3 s in all)
+        to write its stacks and end, then to the launcher (its own end must not end them first), given 1 s more: at
+        once, their stacks went into the one log together, their lines cut into each other. (The launcher is waited
+        for through ``self.proc``: psutil would reap it and leave Popen an exit code of 0.)"""
         import psutil
+        deadline = time.monotonic() + 3
         for process in tree:
             try:
                 process.send_signal(signal.SIGABRT)
-            except psutil.NoSuchProcess:
+                process.wait(timeout=max(min(1.0, deadline - time.monotonic()), 0.01))
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
                 pass
-        deadline = time.monotonic() + 3
         try:
             self.proc.send_signal(signal.SIGABRT)
-            psutil.wait_procs(tree, timeout=3)
-            self.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            self.proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             pass
 

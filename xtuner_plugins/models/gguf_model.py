@@ -249,15 +249,8 @@ class GGUFModel:
     def video_question(self, question: str, num_frames: int) -> str:
         """``question`` with ``<video>`` (put in front when absent) written as a ``<image>`` line per frame."""
         from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
-        if question.count(VIDEO_PLACEHOLDER) > 1:
-            raise ValueError(f'the question has {question.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} tags for one '
-                             f'video')
-        if '<image>' in question:
-            raise ValueError('a question about a video has no <image> tags (its frames take their place)')
-        if not num_frames:
-            raise ValueError('a turn takes images or one video (at least one frame), not both')
-        if VIDEO_PLACEHOLDER not in question:
-            question = f'{VIDEO_PLACEHOLDER}\n' + question
+        from .prompt import media_question
+        question = media_question(question, 0, num_frames)
         return question.replace(VIDEO_PLACEHOLDER, video_prompt(num_frames, self.frame_prefix()))
 
     def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
@@ -266,13 +259,10 @@ class GGUFModel:
         ``streamer`` (:meth:`text_streamer`) gets the answer's pieces as they come."""
         generation = dict(generation or {})
         try:
-            from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
+            from .prompt import media_question
             if video is not None:
                 self.check_video(len(video))
-                if images:
-                    raise ValueError('a turn takes images or one video (at least one frame), not both')
-            elif VIDEO_PLACEHOLDER in question:
-                raise ValueError(f'the question has {VIDEO_PLACEHOLDER} but no video is given')
+            media_question(question, len(images), None if video is None else len(video))
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
             from .prompt import check_question

@@ -39,7 +39,7 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
 from .prompt import (NoVideo, QuestionTooLong, blank_run_stop, check_context, check_question, context_length,
-                     encode_prompt, history_text, official_query, split_images)
+                     encode_prompt, history_text, media_question, official_query, split_images)
 
 ImageLike = ImageSource  # a path, a file's bytes, or an image already open
 
@@ -178,21 +178,10 @@ class ConvertedModel:
             raise QuestionTooLong(least, 0, *self.context, least=True)
         new = [load_image(i) for i in images]  # the package's one pixel rule, for paths and images alike
         frames = [load_image(f) for f in video] if video is not None else None
-        if frames is not None and (new or not frames):
-            raise ValueError('a turn takes images or one video (at least one frame), not both')
-        if frames is None and VIDEO_PLACEHOLDER in question:
-            raise ValueError(f'the question has {VIDEO_PLACEHOLDER} but no video is given')
+        question = media_question(question, len(new), None if frames is None else len(frames))
         generation = dict(generation or {})
         if streamer is not None:
             generation['streamer'] = streamer
-        if frames is not None:
-            if question.count(VIDEO_PLACEHOLDER) > 1:
-                raise ValueError(f'the question has {question.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} tags '
-                                 f'for one video')
-            if VIDEO_PLACEHOLDER not in question:
-                question = f'{VIDEO_PLACEHOLDER}\n' + question
-            if '<image>' in question:
-                raise ValueError('a question about a video has no <image> tags (its frames take their place)')
         if self.format in ('official', 'remote'):
             if frames is not None:
                 prefix = self.config.get('frame_prefix') or DEFAULT_FRAME_PREFIX  # the one trained with

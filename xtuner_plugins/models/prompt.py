@@ -30,6 +30,26 @@ from xtuner_plugins.data.video import VIDEO_PLACEHOLDER
 BLANK_RUN = 32
 
 
+def media_question(question: str, images: int, frames: Optional[int]) -> str:
+    """``question`` checked against its turn's vision input: ``images`` new images, or a video of ``frames`` frames
+    (None: no video); with a video, ``<video>`` is put in front when the question has none. A ``ValueError``
+    naming what does not fit (the chat models' ``ask``, of every format)."""
+    if frames is not None and (images or not frames):
+        raise ValueError('a turn takes images or one video (at least one frame), not both')
+    if frames is None:
+        if VIDEO_PLACEHOLDER in question:
+            raise ValueError(f'the question has {VIDEO_PLACEHOLDER} but no video is given')
+        return question
+    if question.count(VIDEO_PLACEHOLDER) > 1:
+        raise ValueError(f'the question has {question.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} tags for one '
+                         f'video')
+    if VIDEO_PLACEHOLDER not in question:
+        question = f'{VIDEO_PLACEHOLDER}\n' + question
+    if IMAGE_PLACEHOLDER in question:
+        raise ValueError('a question about a video has no <image> tags (its frames take their place)')
+    return question
+
+
 def check_question(question: str, tokenizer=None, extra: Sequence[str] = ()) -> None:
     """``SampleError('control_text')`` when ``question`` holds text only the prompt builder writes: InternVL's image
     tokens (``<IMG_CONTEXT>``, ``<img>``), a template's turn markers (``<|im_start|>``, ``<|im_end|>``) or, with

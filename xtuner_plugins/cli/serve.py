@@ -305,8 +305,8 @@ def parse_args(argv=None):
         p.error('give a converted folder or --checkpoint, one of them')
     if args.remap and not args.checkpoint:
         p.error('--remap goes with --checkpoint')
-    taken = [(a, name) for a in extra if a.startswith('-')
-             for name in [a.lstrip('-').partition('=')[0].replace('_', '-')] if name in OWN]
+    options = [(a, a.lstrip('-').partition('=')[0].replace('_', '-')) for a in extra if a.startswith('-')]
+    taken = [(given, name) for given, name in options if name in OWN]
     if taken:   # vLLM takes the last of two: `-- --host 0.0.0.0` listened on every address while the ready line
         # named 127.0.0.1, `-- --port 9001` was polled on the other port for the whole timeout
         given, name = taken[0]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from mmengine.dist import all_gather_object, all_reduce, get_dist_info
@@ -73,6 +73,7 @@ class BadSampleHook(Hook):
         self.at_start: Dict[str, str] = {}      # refused when the files were read
         self.logged: Set[Tuple[int, str]] = set()
         self.reduced: Dict[str, int] = {}       # FILE:LINE -> tiles per image it was cut to (too long)
+        self.foreign_summary: Optional[str] = None   # another program's file in the summary's place: not written
         self.truncated: Dict[str, dict] = {}    # FILE:LINE -> tokens_lost and detail of an answer cut, kept
         self.limit, self.total = None, 0
 
@@ -195,7 +196,7 @@ class BadSampleHook(Hook):
         if not self.bad and not self.at_start and not self.reduced and not self.truncated:
             return
         path = os.path.join(runner.work_dir, self.summary_file)
-        foreign = getattr(self, 'foreign_summary', None) == path
+        foreign = self.foreign_summary == path
         print_log(f'bad samples {when}: {len(self.bad) + len(self.at_start)} of {self.total} '
                   f'({self._by_reason()})' + ('' if foreign else f'; every FILE:LINE in {path}'), logger='current')
         if get_dist_info()[0] == 0 and not foreign:

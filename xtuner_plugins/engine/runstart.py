@@ -295,6 +295,11 @@ def checkpoint_dir(cfg: Mapping) -> Optional[str]:
     return work_dir
 
 
+def _listed(names: List[str]) -> str:
+    """The first three checkpoint names and the last, for a message."""
+    return ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
+
+
 def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
     """Why a new run must not train into its work folder, or into the folder its checkpoints go to
     (:func:`checkpoint_dir`: runs whose work folders share a name share it): it holds an earlier run's checkpoints
@@ -312,9 +317,8 @@ def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
     if saves and os.path.isdir(saves) and not (made and os.path.samefile(saves, work_dir)):
         names = [os.path.basename(path) for path in find_checkpoints(saves)]
         if names:   # another run's, which this one's would write over and rotate out (no last_checkpoint here)
-            shown = ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
             return (f'the checkpoint folder {saves} (default_hooks.checkpoint.out_dir + the work folder\'s name) '
-                    f'holds the checkpoints of an earlier run ({shown}): this new run would write its own '
+                    f'holds the checkpoints of an earlier run ({_listed(names)}): this new run would write its own '
                     f'iter_N.pth over them and rotate them out. Continue that run with --cfg-options resume=True, '
                     f'give this run a work folder of another name or another out_dir, or move them away first')
     if not made:
@@ -323,7 +327,7 @@ def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
     pointer = os.path.join(work_dir, 'last_checkpoint')
     if not names and not os.path.isfile(pointer):
         return None
-    shown = ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
+    shown = _listed(names)
     try:
         with open(pointer, encoding='utf-8') as f:
             shown += f'{"; " if shown else ""}last_checkpoint -> {f.read().strip()}'

@@ -192,3 +192,19 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f'make_tiny_models: error: {tmp_path}/f/tiny cannot be written: Not a directory ({tmp_path}/f/tiny)')
+
+
+def test_every_file_a_tiny_model_writes_is_one_overwrite_replaces(tmp_path):
+    """``TINY_FILES`` lists what a tiny model's folders hold, of every --vision, --llm and --chat: a name missing
+    from it would make ``--overwrite`` refuse an earlier tiny model of another family as a real model."""
+    from xtuner_plugins.cli.make_tiny_models import TINY_FILES
+    from xtuner_plugins.tiny import TINY_LLM_ARCHS, TINY_VISION_TYPES, make_tiny_models
+    from xtuner_plugins.tiny.tokenizer import CHAT_FAMILIES
+    written = set()
+    kinds = ([dict(vision=v) for v in TINY_VISION_TYPES] + [dict(llm=a) for a in TINY_LLM_ARCHS]
+             + [dict(chat=c) for c in sorted(CHAT_FAMILIES)])
+    for i, kind in enumerate(kinds):
+        make_tiny_models(str(tmp_path / str(i)), **kind)
+        for folder in os.listdir(tmp_path / str(i)):
+            written.update(os.listdir(tmp_path / str(i) / folder))
+    assert written <= TINY_FILES, sorted(written - TINY_FILES)

@@ -186,3 +186,15 @@ def test_a_fractional_max_epochs_runs_whole_iterations(tmp_path):
     assert runner.iter == 3 and runner.train_loop.max_iters == 3
     assert 'max_epochs gives 2.6 iterations: 3 run (whole iterations)' in _log(tmp_path)
     assert whole_iterations(0.2) == 1 and whole_iterations(4) == 4 and whole_iterations(4.0) == 4.0
+
+
+@pytest.mark.parametrize('epochs,iters', [(0.1, 1), (1.3, 3)])
+def test_a_fractional_max_epochs_stretches_the_schedule_over_the_iterations_it_runs(tmp_path, epochs, iters):
+    """MMEngine converted a schedule in epochs by truncation: 0.1 epoch of 2 iterations gave the cosine decay an
+    end of iteration 0, refused with a ValueError traceback after the model loaded; 1.3 epochs ended it at 2 of 3
+    iterations. The loop, which knows its iterations, now stretches the run's fractions over them."""
+    from tests.engine.test_resume import toy_runner
+    runner = toy_runner(tmp_path, 'fractional', max_epochs=epochs, save_every=100)
+    warm_up, decay = runner.param_schedulers
+    assert runner.iter == iters and not warm_up.by_epoch and not decay.by_epoch
+    assert (warm_up.begin, warm_up.end, decay.begin, decay.end) == (0, 2, 2, max(iters, 3))

@@ -112,6 +112,17 @@ def test_the_loops_own_length_is_checked_as_the_top_level_one(key, value, says):
         resolved({f'train_cfg.{key}': value})
 
 
+@pytest.mark.parametrize('key, value, says', [
+    ('param_scheduler.1.eta_min', float('nan'), 'param_scheduler.1.eta_min: expected a finite number >= 0, got nan'),
+    ('param_scheduler.1.eta_min', -0.1, 'param_scheduler.1.eta_min: expected a finite number >= 0, got -0.1'),
+    ('param_scheduler.0.start_factor', float('inf'),
+     'param_scheduler.0.start_factor: expected a finite number, got inf')])
+def test_a_schedule_number_that_is_not_finite_is_refused(key, value, says):
+    """``eta_min=nan`` trained on; the run ended in a non-finite loss, blamed on the batch's samples."""
+    with pytest.raises(ValueError, match=f'^{re.escape(says)}$'):
+        resolved({key: value})
+
+
 def test_resolving_twice_changes_nothing():
     cfg = resolved({'max_epochs': 3})
     before = cfg.to_dict()

@@ -134,6 +134,15 @@ def test_policy_skip_drops_steps_up_to_its_limit(tmp_path):
     assert out.returncode == 1 and '(after 2 dropped steps, the limit)' in out.log, out.summary()
 
 
+@pytest.mark.parametrize('max_skipped', [-1, 2.5, True])
+def test_a_max_skipped_that_is_no_count_is_refused(max_skipped):
+    """``max_skipped=-1`` stopped at the first non-finite step as if the policy were 'stop', without a word."""
+    from xtuner_plugins.engine.nonfinite import NonFiniteGuardHook
+    with pytest.raises(ValueError, match=rf"max_skipped: expected a whole number >= 0 .*, got {max_skipped!r}$"):
+        NonFiniteGuardHook(policy='skip', max_skipped=max_skipped)
+    assert NonFiniteGuardHook(policy='skip', max_skipped=0).guard.max_skipped == 0
+
+
 def test_a_rank_with_a_finite_loss_says_the_non_finite_one_is_elsewhere(monkeypatch):
     import xtuner_plugins.engine.nonfinite as nonfinite
     monkeypatch.setattr(nonfinite, 'all_ranks_finite', lambda value: False)  # another rank's loss is nan

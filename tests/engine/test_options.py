@@ -70,6 +70,10 @@ def test_a_hooks_setting_is_checked_against_its_class():
     (problem,) = check_cfg_options(CFG, {'custom_hooks.2.polcy': 'skip'})
     assert problem.startswith("custom_hooks.2.polcy: NonFiniteGuardHook has no setting 'polcy'; closest: "
                               "custom_hooks.2.policy")
+    # a hook that takes no settings at all (its class has no __init__): before, taken as one that takes any, and
+    # the run ended in 'TypeError: ModelDataCheckHook() takes no arguments' after the models loaded
+    assert check_cfg_options(CFG, {'custom_hooks.0.max_skipped': 3}) == [
+        "custom_hooks.0.max_skipped: ModelDataCheckHook has no setting 'max_skipped'"]
     (problem,) = check_cfg_options(CFG, {'default_hooks.chekpoint.interval': 10})  # an entry, not a setting
     assert problem.startswith("default_hooks.chekpoint.interval: default_hooks has no entry 'chekpoint'")
     assert problem.endswith('closest: default_hooks.checkpoint')

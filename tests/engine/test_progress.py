@@ -79,3 +79,20 @@ def test_a_batch_that_makes_the_sampler_repeat_much_of_the_data_is_said():
         '(train_dataloader.batch_size and train_dataloader.sampler.per_device_batch_size), or add data')
     assert 'repeats 15 of them' in repeats_note(_loader(17, 16, 32))
     assert repeats_note(_loader(16, 2, 16)) is None and repeats_note(_loader(1000, 16, 1008)) is None
+
+
+@pytest.mark.parametrize('step,eta', [(2.0, 'eta 6 days, 22:40:00'), (1.0, 'eta over 30 years'),
+                                      (float('nan'), 'eta ?')])
+def test_an_eta_past_timedeltas_range_is_said_not_a_crash(step, eta):
+    """max_iters=10**14 ended the run at its first progress line: OverflowError: days=1044560720 (timedelta's
+    range)."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from xtuner_plugins.engine.progress import progress_line
+    hub = MessageHub.get_instance(f'eta-{step}')
+    hub.update_scalar('train/time', step)
+    total = 300_001 if step == 2.0 else 10 ** 14
+    line = progress_line(SimpleNamespace(iter=0, max_iters=total, message_hub=hub))
+    assert line.endswith(eta), line

@@ -14,7 +14,9 @@ MMEngine's warning.
 A fractional ``max_epochs`` (1.3) is that many passes in iterations, ``max_epochs`` times the data loader's
 batches: XTuner's loop handed MMEngine's the product (5.2), which it refused with an ``AssertionError`` after the
 model had loaded. It is rounded to the nearest whole iteration (at least 1), said in the log
-(:func:`_patch_fractional_iterations`).
+(:func:`_patch_fractional_iterations`), and the learning-rate schedule, left in fractions of the run
+(``schedule_unit = 'loop'``, ``engine/length.py``), is stretched over those iterations there: MMEngine's
+conversion from epochs truncated 0.1 epoch of 6 iterations to a cosine ending at iteration 0, a traceback.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ def _patch_fractional_iterations() -> bool:
         if whole != max_iters:
             print_log(f'max_epochs gives {max_iters:g} iterations: {whole} run (whole iterations)', logger='current')
         original(self, runner, dataloader, whole, *args, **kwargs)
+        cfg = getattr(runner, 'cfg', None)
+        if cfg is not None and cfg.get('schedule_unit') == 'loop' and runner.param_schedulers is not None:
+            from xtuner_plugins.engine.length import schedule_over_loop
+            schedule_over_loop(runner.param_schedulers, self.max_iters)
 
     setattr(__init__, _PATCH_MARK, True)
     IterBasedTrainLoop.__init__ = __init__

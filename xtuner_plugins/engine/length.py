@@ -31,7 +31,7 @@ _LOOP = ('max_epochs', 'max_iters')
 def length_value_problem(key: str, value) -> Optional[str]:
     """The problem of one top-level length setting's value, or None."""
     if key == 'schedule_unit':
-        return None if value in ('run', 'epochs', 'iters', None) else (
+        return None if value in ('run', 'loop', 'epochs', 'iters', None) else (
             f"schedule_unit: expected 'run' (param_scheduler's begin/end are fractions of the run), got {value!r}")
     if value is None and key in _LOOP:
         return None
@@ -110,6 +110,29 @@ def _scale_schedule(schedulers, key: str, n) -> None:
         entry.pop('convert_to_iter_based', None)
 
 
+def schedule_value_problem(schedulers) -> Optional[str]:
+    """A learning-rate schedule's number that is NaN or infinite, or an ``eta_min`` below 0, named; or None.
+    (``eta_min=nan`` trained on, and the run ended in a non-finite loss blamed on the batch's samples.)"""
+    import math
+    entries = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            continue
+        for key, value in entry.items():
+            if isinstance(value, bool) or not isinstance(value, Number):
+                continue
+            if not math.isfinite(value) or (key in ('eta_min', 'eta_min_ratio') and value < 0):
+                return f'param_scheduler.{i}.{key}: expected a finite number{" >= 0" if "eta" in key else ""}, ' \
+                       f'got {value!r}'
+    return None
+
+
+def schedule_over_loop(schedulers, max_iters: int) -> None:
+    """Stretch ``begin``/``end`` left as fractions of the run (``schedule_unit = 'loop'``: a fractional
+    ``max_epochs``) over the loop's ``max_iters`` iterations, in place, as for ``max_iters``."""
+    _scale_schedule(schedulers, 'max_iters', max_iters)
+
+
 def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
     """Fill in the loop's length, the schedule and the checkpoint interval from the final top-level settings
     (in place; see the module docstring). ``changed``: ``{key: value}`` the command line set (the run's
@@ -119,13 +142,16 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
         problem = length_value_problem(key, cfg.get(key)) if key in cfg else None
         if problem:
             raise Refused(problem)
+    problem = schedule_value_problem(cfg.get('param_scheduler'))
+    if problem:
+        raise Refused(problem)
     loop = cfg.get('train_cfg')
     target = _target(cfg, loop, changed) if isinstance(loop, MutableMapping) else None
     if target is not None:
         key, n = target
         other = 'max_iters' if key == 'max_epochs' else 'max_epochs'
         takes = accepted(loop.get('type'))
-        if takes and key not in takes:
+        if takes is not None and key not in takes:
             name = getattr(loop['type'], '__name__', loop['type'])
             raise Refused(f'{key}={n}: train_cfg\'s {name} takes {other}, not {key}: set {other} instead')
         loop.pop(other, None)
@@ -133,8 +159,13 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
         if key in cfg or other in cfg:
             cfg[key], cfg[other] = n, None
         if cfg.get('schedule_unit') == 'run' and cfg.get('param_scheduler') is not None:
-            _scale_schedule(cfg['param_scheduler'], key, n)
-            cfg['schedule_unit'] = 'epochs' if key == 'max_epochs' else 'iters'
+            if key == 'max_epochs' and not float(n).is_integer():
+                # MMEngine would truncate 0.1 x 6 iterations to an end of 0 and refuse it with a traceback: the
+                # loop, which knows its iterations, stretches the fractions (schedule_over_loop, engine/epochs.py)
+                cfg['schedule_unit'] = 'loop'
+            else:
+                _scale_schedule(cfg['param_scheduler'], key, n)
+                cfg['schedule_unit'] = 'epochs' if key == 'max_epochs' else 'iters'
     _resolve_checkpoint(cfg, changed)
 
 

@@ -64,6 +64,9 @@ class NonFiniteGuard:
     def __init__(self, policy: str = 'stop', max_skipped: int = 10):
         if policy not in POLICIES:
             raise Refused(f'non-finite policy {policy!r}: use one of {POLICIES}')
+        if isinstance(max_skipped, bool) or not isinstance(max_skipped, int) or max_skipped < 0:
+            raise Refused(f'non-finite guard\'s max_skipped: expected a whole number >= 0 (steps the \'skip\' policy '
+                          f'may drop), got {max_skipped!r}')
         self.policy, self.max_skipped = policy, max_skipped
         self.iteration: Optional[int] = None
         self.work_dir: Optional[str] = None

@@ -172,7 +172,7 @@ def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
     if parts[-1] == '_delete_' or parts[-1] in TAKEN_OUT.get(tuple(parts[:-1]), ()):
         return None
     takes = accepted(component)
-    if not takes or parts[-1] in takes:
+    if takes is None or parts[-1] in takes:
         return None
     inner = [path for path, value in _nodes(node or {}) if path.endswith('.' + parts[-1]) or path == parts[-1]]
     hint = f'; it is {".".join(parts[:-1] + [inner[0]])}' if inner else _closest(parts[-1], takes, parts[:-1])

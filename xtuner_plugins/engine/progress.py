@@ -42,6 +42,8 @@ def _scalar(runner, name: str, window: Optional[int] = None) -> Optional[float]:
 
 
 def _duration(seconds: float) -> str:
+    if not seconds < 1e9:   # past timedelta's range (max_iters=10**14 ended the run in an OverflowError), or NaN
+        return 'over 30 years' if seconds >= 1e9 else '?'
     return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
 
 

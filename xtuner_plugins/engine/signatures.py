@@ -43,11 +43,11 @@ def _takes_no_more(component) -> bool:
     return inspect.isclass(component) and issubclass(component, CheckpointHook)
 
 
-def accepted(component) -> List[str]:
-    """The keyword arguments ``component`` takes, or [] when it takes any (``**kwargs`` that reach no class
-    that says) or cannot tell."""
+def accepted(component) -> Optional[List[str]]:
+    """The keyword arguments ``component`` takes ([] for none: a hook without settings), or None when it takes
+    any (``**kwargs`` that reach no class that says) or cannot tell."""
     if not callable(component):
-        return []
+        return None
     names = []
     for signature in signatures(component):
         params = signature.parameters.values()
@@ -55,7 +55,7 @@ def accepted(component) -> List[str]:
                   and p.name not in ('self', 'cls') and p.name not in names]
         if not any(p.kind == p.VAR_KEYWORD for p in params) or _takes_no_more(component):
             return names
-    return []
+    return None
 
 
 def parameter(component, name: str) -> Optional[inspect.Parameter]:

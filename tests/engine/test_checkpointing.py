@@ -2,6 +2,7 @@
 ``.incomplete`` folder that the converter refuses and the next start removes."""
 
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -144,6 +145,19 @@ def test_tensors_of_another_shape_are_named_not_counted_as_loaded(tmp_path):
     assert f'loaded {path}: 1 tensors loaded;' in log and not model.mlp1.weight.eq(0).all()
     assert (f'WARNING - 1 tensors of {path} have another shape than the model\'s and were NOT loaded (a checkpoint '
             f'of another config?): mlp1.weight [5, 3] vs [3, 3]') in log
+
+
+@pytest.mark.parametrize('state, says', [
+    ({'stray.weight': torch.zeros(1), 'other.bias': torch.zeros(2)},
+     'its 2 tensors match no parameter of the model (stray.*, other.*)'),
+    ({'mlp1.weight': torch.zeros(5, 3)}, "1 of its tensors have another shape than the model's (mlp1.weight [5, 3] vs "
+                                        "[3, 3])")])
+def test_a_load_from_that_loads_nothing_is_refused(tmp_path, state, says):
+    """load_from= another model's checkpoint trained on from where the model stood, with warnings only."""
+    from xtuner_plugins.errors import Refused
+    with pytest.raises(Refused, match=r'^load_from=.*iter_2.pth: not a checkpoint of this model, nothing in it was '
+                                      r'loaded: ' + re.escape(says)):
+        load_through_the_runner(tmp_path, state, 'iter_2.pth')
 
 
 def test_a_resume_into_a_model_of_other_trained_shapes_is_refused_before_the_optimizer_loads(tmp_path):

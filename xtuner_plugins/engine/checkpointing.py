@@ -263,6 +263,15 @@ def refuse_resume_into_another_model(model, where: str, missing: Sequence[str], 
                   'new run from its weights (load_from=PATH, resume=False, another --work-dir)')
 
 
+def refuse_load_of_nothing(where: str, unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
+    """``Refused`` for a ``load_from`` checkpoint none of whose tensors went into the model (another model's file:
+    the run trained on from where it stood, saying only that the tensors were left out)."""
+    what = (f'{len(mismatched)} of its tensors have another shape than the model\'s ({_named(mismatched)})'
+            if mismatched else f'its {len(unexpected)} tensors match no parameter of the model ({_groups(unexpected)})')
+    raise Refused(f'load_from={where}: not a checkpoint of this model, nothing in it was loaded: {what}. Give a '
+                  'checkpoint this config trained (iter_N.pth), or model.pretrained_pth for a previous stage\'s')
+
+
 def _unwrap(module):
     from mmengine.model import BaseTTAModel, is_model_wrapper
     while is_model_wrapper(module) or isinstance(module, BaseTTAModel):
@@ -295,10 +304,12 @@ def _patch_load_report() -> bool:
         source = _LOADING.get()
         if source and source[0] == 'resumed from':   # every rank: none goes on to load the optimizer's state
             refuse_resume_into_another_model(target, source[1], seen.get('missing', []), mismatched)
+        loaded = len(state_dict) - len(unexpected) - len(mismatched)
+        if source and source[0] == 'loaded' and state_dict and not loaded:   # load_from: every rank
+            refuse_load_of_nothing(source[1], unexpected, mismatched)
         if get_dist_info()[0] != 0:  # as MMEngine: rank 0 reports
             return
-        for level, line in load_report(target, len(state_dict) - len(unexpected) - len(mismatched),
-                                       seen.get('missing', []), unexpected, _LOADING.get(), mismatched):
+        for level, line in load_report(target, loaded, seen.get('missing', []), unexpected, source, mismatched):
             print_log(line, logger=logger or 'current', level=level)
 
     setattr(load_state_dict, _PATCH_MARK, True)

@@ -253,3 +253,32 @@ def test_a_requeued_slurm_jobs_earlier_run_is_gone_on_any_node(tmp_path, logged,
     write_record(path, host='node07', pid=4242, slurm_job='777', slurm_restart=0)   # the same run: not gone
     with pytest.raises(RunLockError):
         RunLock(str(tmp_path), command='same restart').acquire()
+
+
+def test_two_runs_whose_checkpoints_go_to_one_folder_are_not_let_run_at_once(tmp_path):
+    """Runs in a/run and c/run with one default_hooks.checkpoint.out_dir save to out/run (MMEngine's
+    out_dir/<the work folder's name>): the second, started while the first lived, wrote over its checkpoints and
+    rotated them out, exit 0. It is refused; its own work folder's lock is let go; after the first ends it runs."""
+    from types import SimpleNamespace
+
+    from xtuner_plugins.engine.runlock import RunLockHook
+    hooks = dict(checkpoint=dict(out_dir=str(tmp_path / 'out')))
+    first, second = (SimpleNamespace(work_dir=str(tmp_path / d / 'run'), cfg=dict(default_hooks=hooks))
+                     for d in 'ac')
+    held, refused = RunLockHook(), RunLockHook()
+    held.acquire(first)
+    assert not held.refused and (tmp_path / 'out' / 'run' / LOCK_NAME).exists()
+    refused.acquire(second)
+    assert refused.refused.startswith("the checkpoint folder (default_hooks.checkpoint.out_dir/<work folder's "
+                                      f"name>): {tmp_path / 'out' / 'run'} is in use by another run: pid {os.getpid()}")
+    assert refused.lock is None and not (tmp_path / 'c' / 'run' / LOCK_NAME).exists()
+    held.after_run(first)
+    assert not (tmp_path / 'out' / 'run' / LOCK_NAME).exists() and not (tmp_path / 'a' / 'run' / LOCK_NAME).exists()
+    again = RunLockHook()
+    again.acquire(second)
+    assert not again.refused and again.out_lock is not None
+    again.after_run(second)
+    alone = RunLockHook()   # no out_dir: the work folder is the checkpoint folder, one lock
+    alone.acquire(SimpleNamespace(work_dir=str(tmp_path / 'b'), cfg=dict(default_hooks=dict(checkpoint=dict()))))
+    assert alone.lock is not None and alone.out_lock is None
+    alone.after_run(None)

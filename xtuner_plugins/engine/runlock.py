@@ -13,7 +13,9 @@ and ``tools/train.py`` (the lock is taken inside the training processes, by glob
   so ``--resume`` after a crash just works; a lock of another host cannot be checked from here: the message
   says to delete the file once that run is known to be over;
 * the lock is removed when the run ends, also when it fails with an exception (``atexit``), and when the stall
-  watchdog stops the run (``watchdog.py``).
+  watchdog stops the run (``watchdog.py``);
+* a run whose checkpoints go elsewhere (``default_hooks.checkpoint.out_dir``: MMEngine saves to
+  ``out_dir/<the work folder's name>``, which runs in ``a/run`` and ``c/run`` share) locks that folder too.
 
 **Gone or alive.** The run holding the lock also holds an ``flock`` of the file for as long as it lives (the
 kernel drops it when the process ends, however it ends; forked children such as DataLoader workers close their
@@ -331,6 +333,7 @@ class RunLockHook(Hook):
 
     def __init__(self) -> None:
         self.lock: Optional[RunLock] = None
+        self.out_lock: Optional[RunLock] = None   # the checkpoint folder's, when out_dir puts it elsewhere
         self.refused = ''
 
     def acquire(self, runner) -> None:
@@ -344,6 +347,17 @@ class RunLockHook(Hook):
             self.lock = lock
         except RunLockError as exc:
             self.refused = str(exc)
+            return
+        folder = _checkpoint_folder(runner)
+        if folder:   # out_dir/<the work folder's name>: runs in a/run and c/run share it
+            lock = RunLock(folder)
+            try:
+                lock.acquire()
+                self.out_lock = lock
+            except RunLockError as exc:
+                self.lock.release()
+                self.lock = None
+                self.refused = f'the checkpoint folder (default_hooks.checkpoint.out_dir/<work folder\'s name>): {exc}'
 
     def before_run(self, runner) -> None:
         from mmengine.dist import broadcast_object_list, get_dist_info
@@ -359,8 +373,20 @@ class RunLockHook(Hook):
             raise SystemExit(2)
 
     def after_run(self, runner) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        for lock in (self.out_lock, self.lock):
+            if lock is not None:
+                lock.release()
+
+
+def _checkpoint_folder(runner) -> Optional[str]:
+    """The folder the checkpoints go to when it is not the work folder (``default_hooks.checkpoint.out_dir``), or
+    None."""
+    from xtuner_plugins.engine.runstart import checkpoint_dir
+    cfg = getattr(runner, 'cfg', None)
+    folder = checkpoint_dir({'work_dir': runner.work_dir, 'default_hooks': cfg.get('default_hooks')}) if cfg else None
+    if not folder or os.path.realpath(folder) == os.path.realpath(runner.work_dir):
+        return None
+    return folder
 
 
 def config_file_in_work_dir(config: Optional[str], work_dir: str) -> bool:

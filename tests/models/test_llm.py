@@ -2,11 +2,14 @@
 vision encoder loads; a folder whose type transformers implements loads whatever its ``auto_map`` says."""
 
 import json
+import os
+import re
 import shutil
 
 import pytest
 
 from tests.models.conftest import build
+from tests.train_utils import REPO_ROOT
 from xtuner_plugins.errors import Refused
 
 
@@ -178,3 +181,26 @@ def test_a_vision_language_folder_whose_language_weights_are_elsewhere_is_refuse
                                       r"Gemma3ForConditionalGeneration\), and its language model's weights are not "
                                       r"where Gemma3ForCausalLM reads them \(\d+ missing, e.g. model\."):
         build(dict(tiny, llm=str(tmp_path / 'gemma3')))
+
+
+def test_an_encoder_given_as_the_llm_is_refused_in_training_and_the_planner(tmp_path, capsys):
+    """A BERT folder as model.llm: AutoModelForCausalLM loaded it (BertLMHeadModel, with a warning) and the planner
+    planned it without a word. Its decoder form (is_decoder) and a decoder LLM go on."""
+    from xtuner_plugins.cli import plan
+    from xtuner_plugins.models.llm import check_llm_folder
+    folder = tmp_path / 'bert'
+    folder.mkdir()
+    config = {'model_type': 'bert', 'architectures': ['BertForMaskedLM'], 'hidden_size': 64,
+              'num_hidden_layers': 2, 'num_attention_heads': 4, 'intermediate_size': 128, 'vocab_size': 100}
+    (folder / 'config.json').write_text(json.dumps(config))
+    says = (f"model.llm: {folder}: model_type 'bert' is an encoder (BertForMaskedLM), whose attention reads the text "
+            "both ways, not a causal LLM that writes answers")
+    with pytest.raises(Refused, match='^' + re.escape(says)):
+        check_llm_folder(str(folder))
+    assert plan.main([os.path.join(REPO_ROOT, 'configs', 'finetune_lora.py'), '--gpus', '1', '--gpu-mem', '24',
+                      '--vision', 'internvit-300m', '--llm', str(folder)]) == 2
+    assert capsys.readouterr().err == f'plan: error: {says}; use a decoder LLM (Qwen2.5, Qwen3, Llama, Phi-3, ...: ' \
+                                      'docs/families.md)\n'
+    for decoder in ({'model_type': 'bert', 'is_decoder': True}, {'model_type': 'qwen2'}):
+        (folder / 'config.json').write_text(json.dumps(decoder))
+        check_llm_folder(str(folder))

@@ -48,6 +48,9 @@ def check_llm_folder(path: str, key: str = 'model.llm', attn: Optional[str] = No
     if attn is not None:   # a vision-language folder's language model: its text_config
         text = config.get('text_config') if isinstance(config.get('text_config'), dict) else config
         check_softcap(text.get('attn_logit_softcapping'), attn)
+    encoder = encoder_problem(config)
+    if encoder:
+        raise Refused(f'{key}: {path}: {encoder}')
     if not config.get('auto_map'):
         return
     model_type = config.get('model_type')
@@ -63,6 +66,23 @@ def check_llm_folder(path: str, key: str = 'model.llm', attn: Optional[str] = No
                   f'the folder\'s own code (its auto_map) loads it, and this project runs none '
                   f'(trust_remote_code=False); use an LLM transformers implements (Qwen2.5, Qwen3, Llama, Phi-3, ...: '
                   f'docs/families.md), or the folder converted to such a layout{hint}')
+
+
+def encoder_problem(config: dict) -> Optional[str]:
+    """Why a ``config.json`` (a dict) is no LLM to train on: an encoder (BERT, RoBERTa, XLM-R, ...: a type
+    transformers has both a masked-LM and a causal-LM class for, the latter only with ``is_decoder``), whose
+    attention reads the text both ways; or None. ``AutoModelForCausalLM`` loads such a folder with a warning, and the
+    planner planned it."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    model_type = config.get('model_type')
+    if config.get('is_decoder') or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            or model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return None
+    classes = ', '.join(config.get('architectures') or []) or 'no architectures'
+    return (f'model_type {model_type!r} is an encoder ({classes}), whose attention reads the text both ways, not a '
+            f'causal LLM that writes answers; '
+            f'use a decoder LLM (Qwen2.5, Qwen3, Llama, Phi-3, ...: docs/families.md)')
 
 
 def _folder_of(path: str) -> str:

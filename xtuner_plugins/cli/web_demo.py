@@ -58,10 +58,6 @@ def file_size_argument(text: str) -> str:
     return text.strip().lower()
 
 
-class GGUFFolder(ValueError):
-    """A GGUF folder given to the web demo."""
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     problem = port_problem(args.host, args.port)
@@ -72,13 +68,10 @@ def main(argv=None) -> int:
         return tool_error('web_demo', problem)
 
     def serve(model) -> None:
-        if model.format == 'gguf':  # llama.cpp's worker keeps no per-session conversations
-            raise GGUFFolder(f'{args.folder} is a GGUF folder: it answers through tools/chat.py and tools/eval.py; '
-                             f'the web demo takes the official folder it was converted from')
         launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port,
                max_file_size=args.max_file_size, max_queue=args.max_queue)
 
-    return run_tool(args, 'web_demo', serve, (OSError, GGUFFolder), max_num=args.max_num, min_num=args.min_num)
+    return run_tool(args, 'web_demo', serve, (OSError,), max_num=args.max_num, min_num=args.min_num)
 
 
 if __name__ == '__main__':

@@ -112,17 +112,19 @@ def data_url(image) -> str:
     return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
 
 
-def user_content(question: str, images: Sequence) -> list:
-    """The turn's parts: text, and each image where its ``<image>`` tag stands (``<image>\\n`` in front of the
-    question when it has none, as InternVL's ``chat`` adds it)."""
+def user_content(question: str, images: int, first: int = 0) -> list:
+    """The turn's parts: text, and each of its ``images`` where its ``<image>`` tag stands (``<image>\\n`` in front
+    of the question when it has none, as InternVL's ``chat`` adds it), as ``{'type': 'image', 'index': k}``: the
+    conversation's image ``k`` (``first`` the turn's first), made a data URL for each request
+    (:meth:`GGUFModel.request_messages`)."""
     if images and '<image>' not in question:
-        question = '<image>\n' * len(images) + question
-    if question.count('<image>') != len(images):
-        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {len(images)} images')
+        question = '<image>\n' * images + question
+    if question.count('<image>') != images:
+        raise ValueError(f'the prompt has {question.count("<image>")} <image> tags for {images} images')
     parts = []
     for i, text in enumerate(question.split('<image>')):
         if i:
-            parts.append({'type': 'image_url', 'image_url': {'url': data_url(images[i - 1])}})
+            parts.append({'type': 'image', 'index': first + i - 1})
         if text:
             parts.append({'type': 'text', 'text': text})
     return parts
@@ -149,7 +151,8 @@ class TextStreamer:
 
 
 class GGUFModel:
-    """A GGUF folder ready to answer (:meth:`ask`, :meth:`reset`, as ``ConvertedModel``'s)."""
+    """A GGUF folder ready to answer (:meth:`ask`, :meth:`reset`, :meth:`conversation`, :meth:`resume`, as
+    ``ConvertedModel``'s)."""
 
     format = 'gguf'
 
@@ -196,7 +199,36 @@ class GGUFModel:
         return '; '.join(lines[-3:]) or f'the worker exited with {self.worker.returncode}'
 
     def reset(self) -> None:
-        self.messages, self.last_tokens = [], []
+        self.messages, self.images, self.frames, self.last_tokens = [], [], [], []
+        self._urls = {}   # image index -> its data URL, made once per conversation held here
+
+    def conversation(self) -> dict:
+        """The multi-turn state (messages, images so far, which of them are video frames), for a caller that keeps
+        several conversations on one model (the web demo); see :meth:`resume`. The messages name images by their
+        index, so the images may be replaced by anything ``load_image`` reads to the same pixels (a file's bytes)."""
+        return dict(messages=[dict(m) for m in self.messages], images=list(self.images), frames=list(self.frames))
+
+    def resume(self, conversation: Optional[dict]) -> None:
+        """Continue a conversation saved by :meth:`conversation` (``None``: a new one)."""
+        self.reset()
+        if conversation:
+            self.messages = [dict(m) for m in conversation['messages']]
+            self.images = list(conversation['images'])
+            self.frames = list(conversation.get('frames') or [False] * len(self.images))
+
+    def image_url(self, index: int) -> str:
+        """The conversation's image ``index`` as llama.cpp gets it: a PNG data URL; a video's frame stretched to one
+        tile first (:meth:`frames_of`)."""
+        if index not in self._urls:
+            image = self.images[index]
+            self._urls[index] = data_url(self.frames_of([image])[0] if self.frames[index] else image)
+        return self._urls[index]
+
+    def request_messages(self, messages: Sequence[dict]) -> list:
+        """``messages`` with each image part made the ``image_url`` part llama-cpp-python's handler reads."""
+        return [dict(m, content=[{'type': 'image_url', 'image_url': {'url': self.image_url(p['index'])}}
+                                 if p.get('type') == 'image' else p for p in m['content']])
+                if isinstance(m['content'], list) else m for m in messages]
 
     def frame_prefix(self) -> str:
         """The text before each frame's ``<image>`` the model was trained with, as its mmproj records it; a
@@ -239,7 +271,7 @@ class GGUFModel:
         """Where the context's size comes from, for :class:`~xtuner_plugins.models.prompt.PromptTooLong`."""
         return f'{self.model_file} (its context as llama.cpp loads it)'
 
-    def frames(self, video: Sequence) -> list:
+    def frames_of(self, video: Sequence) -> list:
         """A video's frames as InternVL's video path reads them, one tile each: each stretched to the mmproj's tile
         size (``dynamic_preprocess`` with one tile), which llama.cpp then takes as it is (one tile, no thumbnail)."""
         from xtuner_plugins.data.tiling import dynamic_preprocess
@@ -247,10 +279,9 @@ class GGUFModel:
         return [dynamic_preprocess(load_image(f), 1, 1, size)[0] for f in video]
 
     def video_question(self, question: str, num_frames: int) -> str:
-        """``question`` with ``<video>`` (put in front when absent) written as a ``<image>`` line per frame."""
+        """``question`` (checked by ``media_question``: ``<video>`` in it) with ``<video>`` written as a ``<image>``
+        line per frame."""
         from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
-        from .prompt import media_question
-        question = media_question(question, 0, num_frames)
         return question.replace(VIDEO_PLACEHOLDER, video_prompt(num_frames, self.frame_prefix()))
 
     def ask(self, question: str, images: Sequence = (), generation: Optional[dict] = None, streamer=None,
@@ -258,19 +289,22 @@ class GGUFModel:
         """One greedy turn (the conversation's earlier turns and images are part of the prompt);
         ``streamer`` (:meth:`text_streamer`) gets the answer's pieces as they come."""
         generation = dict(generation or {})
+        known = len(self.images)
         try:
-            from .prompt import media_question
+            from .prompt import check_question, media_question
             if video is not None:
                 self.check_video(len(video))
-            media_question(question, len(images), None if video is None else len(video))
+            asked = media_question(question, len(images), None if video is None else len(video))
             if generation.get('do_sample'):
                 raise ValueError(f'{self.folder}: a GGUF folder answers greedily only (leave --do-sample out)')
-            from .prompt import check_question
             check_question(question, extra=self.control)  # the templates' markers, image tokens, the vocabulary's
+            new = list(images) if video is None else list(video)
             if video is not None:
-                question, images = self.video_question(question, len(video)), self.frames(video)
-            messages = self.messages + [{'role': 'user', 'content': user_content(question, list(images))}]
-            request = {'messages': messages, 'max_tokens': int(generation.get('max_new_tokens') or 512)}
+                asked = self.video_question(asked, len(video))
+            messages = self.messages + [{'role': 'user', 'content': user_content(asked, len(new), known)}]
+            self.images, self.frames = self.images + new, self.frames + [video is not None] * len(new)
+            request = {'messages': self.request_messages(messages),
+                       'max_tokens': int(generation.get('max_new_tokens') or 512)}
             try:
                 self.worker.stdin.write(json.dumps(request) + '\n')
                 self.worker.stdin.flush()
@@ -294,6 +328,11 @@ class GGUFModel:
                     raise ValueError(f'{self.folder}: llama.cpp: {reply["error"]}')
                 else:
                     raise ValueError(f'{self.folder}: llama.cpp\'s worker stopped: {self._problem()}')
+        except BaseException:   # the turn not asked: its images are not the conversation's
+            del self.images[known:], self.frames[known:]
+            for index in [k for k in self._urls if k >= known]:
+                del self._urls[index]
+            raise
         finally:
             if streamer is not None:
                 streamer.end()

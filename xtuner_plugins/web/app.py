@@ -116,8 +116,11 @@ class WebChat:
                tiling: Optional[dict] = None, video: Optional[list] = None) -> Iterator[tuple]:
         """Yield ``(text so far, None)`` while generating, then ``(answer, conversation after it)``; an error in
         generation is raised here, after the stream ends. ``video``: a video's frames, instead of images."""
-        from transformers import TextIteratorStreamer
-        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if hasattr(self.model, 'text_streamer'):   # a GGUF folder: llama.cpp's pieces, no transformers tokenizer
+            streamer = self.model.text_streamer()
+        else:
+            from transformers import TextIteratorStreamer
+            streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 
         def run():
@@ -318,7 +321,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                                         label='Most tiles per image', interactive=chat.tiles_apply)
                     thumbnail = gr.Checkbox(value=bool(tiling.get('use_thumbnail', True)), label='Thumbnail tile',
                                             interactive=chat.tiles_apply)
-                    do_sample = gr.Checkbox(value=False, label='Sample (otherwise greedy)')
+                    do_sample = gr.Checkbox(value=False, label='Sample (otherwise greedy)',   # GGUF: greedy only
+                                            interactive=model.format != 'gguf')
                     temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label='Temperature')
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label='Top-p')
                     max_new_tokens = gr.Slider(1, 4096, value=chat.max_new_tokens, step=1, label='Max new tokens')

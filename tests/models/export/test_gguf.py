@@ -418,18 +418,57 @@ def test_a_control_token_of_the_gguf_vocabulary_in_a_question_is_refused(setup, 
         assert {'<|endoftext|>', '<|im_start|>', '<|im_end|>'} <= set(model.control)
         with pytest.raises(SampleError, match=r"the question holds '<\|endoftext\|>' at character 8 .*control_text"):
             model.ask('Is this <|endoftext|> a cat?', [setup['images'][0]], dict(max_new_tokens=STEPS))
-        assert model.messages == []   # the turn was not asked
+        assert model.messages == [] and model.images == []   # the turn was not asked
         question = QUESTIONS[0]
         assert model.ask(question, [setup['images'][1]], dict(max_new_tokens=STEPS)) == f32_answers[(1, question)][0]
     finally:
         model.close()
 
 
-def test_the_web_demo_refuses_a_gguf_folder_in_one_line(setup, capsys):
-    from tools.web_demo import main as web_main
-    from xtuner_plugins.launch import free_port
-    assert web_main([setup['f32'], '--port', str(free_port())]) == 2
-    assert 'is a GGUF folder: it answers through tools/chat.py and tools/eval.py' in capsys.readouterr().err
+def test_the_web_demo_answers_from_a_gguf_folder_each_session_its_own_conversation(setup, f32_answers, tmp_path):
+    """The web demo refused GGUF folders: the model kept one conversation, its images inside the messages as data
+    URLs. The messages now name the images by index and a conversation is saved and resumed as the other formats'
+    are: sessions in between change nothing, a follow-up on an image or a video's frames (kept as the files' bytes,
+    the frames stretched again) is the answer the same conversation gets in one piece, and the /chat endpoint is
+    chat's answer."""
+    from xtuner_plugins.web.app import WebChat, build_app
+    a, b = setup['images'][:2]
+    frames = [write_image(tmp_path / f'{i}.png', size=size, seed=40 + i) for i, size in enumerate([(90, 40), (56, 56)])]
+    model = GGUFModel(setup['f32'])
+    try:
+        whole = []
+        for question, images, video in (('Describe the image.', [a], None), ('And now?', [], None),
+                                         ('What happens?', [], frames), ('Anything else?', [], None)):
+            whole.append(model.ask(question, images, dict(max_new_tokens=STEPS), video=video))
+        assert model.frames == [False, True, True] and len(model.images) == 3
+        model.reset()
+        chat = WebChat(model, max_new_tokens=STEPS)
+        assert chat.answer(b, QUESTIONS[1]) == f32_answers[(1, QUESTIONS[1])][0]
+
+        def turn(question, images, conversation, video=None):
+            steps = list(chat.stream(question, images, conversation, dict(max_new_tokens=STEPS, do_sample=False),
+                                     video=video))
+            assert all(after is None for _, after in steps[:-1])
+            return steps[-1]
+
+        first, conv_a = turn('Describe the image.', [a], None)
+        assert first == whole[0] == f32_answers[(0, 'Describe the image.')][0]
+        other, conv_b = turn(QUESTIONS[1], [b], None)   # another session in between
+        assert other == f32_answers[(1, QUESTIONS[1])][0]
+        second, conv_a = turn('And now?', [], conv_a)
+        third, conv_a = turn('What happens?', [], conv_a, video=frames)
+        fourth, conv_a = turn('Anything else?', [], conv_a)
+        assert [first, second, third, fourth] == whole
+        assert conv_a['frames'] == [False, True, True] and all(isinstance(i, bytes) for i in conv_a['images'])
+        assert len(conv_a['messages']) == 8 and len(conv_b['messages']) == 2
+        assert model.messages == [] and model.images == []   # the shared model keeps no conversation
+        with pytest.raises(ValueError, match='answers greedily only'):
+            list(chat.stream('Hi', [], None, dict(max_new_tokens=2, do_sample=True)))
+        sample = next(c for c in build_app(chat).blocks.values() if getattr(c, 'label', '') == 'Sample (otherwise '
+                                                                                              'greedy)')
+        assert sample.interactive is False
+    finally:
+        model.close()
 
 
 def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):
@@ -590,10 +629,11 @@ def test_a_video_is_asked_as_the_official_folder_asks_it(setup, tmp_path, capsys
         assert model.vision[FRAME_PREFIX_KEY] == 'Clip {i} - '
         # what llama.cpp is given: the official folder's frame tiles (one each, stretched), and its frame lines
         tiles, counts = official.pixels(frames, [True, True])
-        given, _ = official.pixels(model.frames(frames), [True, True])
-        assert counts == [1, 1] and [im.size for im in model.frames(frames)] == [(56, 56)] * 2
+        given, _ = official.pixels(model.frames_of(frames), [True, True])
+        assert counts == [1, 1] and [im.size for im in model.frames_of(frames)] == [(56, 56)] * 2
         assert torch.equal(given, tiles)
-        assert model.video_question('What happens?', 2) == 'Clip 1 - <image>\nClip 2 - <image>\nWhat happens?'
+        assert model.video_question('<video>\nWhat happens?', 2) == ('Clip 1 - <image>\nClip 2 - <image>\nWhat '
+                                                                    'happens?')
         got = {}
         for q in questions:
             model.reset()

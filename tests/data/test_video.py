@@ -304,6 +304,10 @@ BAD = {
     'empty_video': ({'video': 'empty', 'conversations': conv(image=False)}, 'use'),
     # a JPEG read by FFmpeg as a video: its one frame was not decoded after the seek ('truncated')
     'image_as_video': ({'video': 'i.jpg', 'conversations': conv(image=False)}, 'use'),
+    # an SVG named .mp4: FFmpeg's svg_pipe demuxer opens it without a decoder (codec_context None): an
+    # AttributeError traceback, which ended tools/chat.py's conversation at /video and wrote 48 lines a request into
+    # the web demo's log
+    'undecodable_video': ({'video': 'svg.mp4', 'conversations': conv(image=False)}, 'use'),
     'bad_clip': ({'video': 'v.mp4', 'clip': [3, 9], 'conversations': conv(image=False)}, 'use'),
     'malformed_clip': ({'video': 'v.mp4', 'clip': [3, 1], 'conversations': conv(image=False)}, 'load'),
     # numbers past float's range: OverflowError tracebacks at start-up (math.isfinite of a 401-digit integer;
@@ -317,7 +321,7 @@ BAD = {
     'image_and_video': ({'video': 'v.mp4', 'image': 'i.png', 'conversations': conv()}, 'load'),
     'bad_video_field': ({'video': ['a.mp4'], 'conversations': conv(image=False)}, 'load'),
 }
-REASON = {'truncated_video': 'corrupt_video', 'malformed_clip': 'bad_clip', 'clip_on_frames': 'bad_clip',
+REASON = {'truncated_video': 'corrupt_video', 'undecodable_video': 'corrupt_video', 'malformed_clip': 'bad_clip', 'clip_on_frames': 'bad_clip',
           'huge_int_clip': 'bad_clip', 'huge_clip': 'bad_clip',
           'video_tag_without_video': 'video_tag_mismatch', 'two_video_tags': 'video_tag_mismatch',
           'image_tag_in_video': 'video_tag_mismatch'}
@@ -331,6 +335,8 @@ def test_bad_video_input_named(case, tmp_path, tiny_tokenizer, monkeypatch):
     write_image(folder / 'i.png')
     write_image(folder / 'i.jpg', size=(640, 480))
     (folder / 'garbage.mp4').write_bytes(b'not a video at all' * 10)
+    (folder / 'svg.mp4').write_text('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circle cx="32" '
+                                    'cy="32" r="20"/></svg>\n')
     (folder / 'empty').mkdir()
     data = open(write_video(folder / 'long.mp4', [i % 40 * 6 for i in range(200)]), 'rb').read()
     (folder / 'truncated.mp4').write_bytes(data[:len(data) // 3])

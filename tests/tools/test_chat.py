@@ -478,3 +478,16 @@ def test_an_animated_image_is_said_to_be_seen_as_its_first_frame(monkeypatch, ca
     said = [line for line in (captured.out + captured.err).splitlines() if 'its first frame is used' in line]
     assert len(said) == 1 and gif in said[0] and 'give it as a video' in said[0], captured
     assert said[0].startswith('(note: ' if interactive else 'chat: note: '), said
+
+
+def test_a_video_the_decoder_trips_on_is_not_attached_and_the_conversation_goes_on(monkeypatch):
+    """An SVG given to /video was an AttributeError that ended the interactive chat, its history lost."""
+    from xtuner_plugins.cli import chat
+
+    def trips(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'width'")
+
+    monkeypatch.setattr(chat, 'load_video', trips)
+    from types import SimpleNamespace
+    assert chat.video_frames(SimpleNamespace(check_video=None), 'x.svg', 8) == (
+        None, "x.svg: cannot read it as a video (AttributeError: 'NoneType' object has no attribute 'width')")

@@ -123,3 +123,21 @@ def test_more_frames_than_the_model_was_trained_with_is_a_note_on_the_page(setup
         assert status.startswith('Answered in '), status
         assert ("Note: 6 frames of a video are over the 4 this model was trained with at most (its config.json's "
                 "max_num_frame)" in status) is said, status
+
+
+def test_a_video_the_decoder_trips_on_is_one_line_without_a_traceback(setup, tmp_path, monkeypatch):
+    """An error no check names (an SVG as a video was an AttributeError in the probe) went to the page as its raw
+    text and to the server's log as a 48-line traceback, a request; it is the client's one line, by file name."""
+    import gradio as gr
+
+    from xtuner_plugins.web import app
+
+    def trips(*args):
+        raise AttributeError("'NoneType' object has no attribute 'width'")
+
+    monkeypatch.setattr(app, 'video_frames', trips)
+    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    with pytest.raises(gr.Error) as error:
+        list(send('What happens?', [], [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], 5))
+    assert error.value.message == 'v.mp4: cannot read it as a video (AttributeError)'
+    assert error.value.print_exception is False

@@ -100,6 +100,8 @@ def video_frames(chat: ConvertedModel, path: str, frames: int):
         return None, str(err.with_source(path))
     except ValueError as err:
         return None, str(err)
+    except Exception as err:  # noqa: BLE001 -- a file the decoder trips on: not attached, the conversation kept
+        return None, f'{path}: cannot read it as a video ({type(err).__name__}: {err})'
     note = frames_note(getattr(chat, 'config', None), len(loaded))   # (a GGUF folder has none)
     if note:
         print(f'chat: note: {note}', file=sys.stderr)

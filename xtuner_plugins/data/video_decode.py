@@ -54,6 +54,11 @@ def open_stream(path: str):
         container.close()
         raise SampleError('corrupt_video', f'{path} has no video stream')
     stream = container.streams.best('video') or container.streams.video[0]   # FFmpeg's choice, as decord's
+    if stream.codec_context is None:   # a stream FFmpeg knows but cannot decode (an SVG: its svg_pipe demuxer)
+        kind = container.format.name
+        container.close()
+        raise SampleError('corrupt_video', f'{path}: FFmpeg has no decoder for its {kind} stream: not a video it '
+                                           f'reads (convert it to MP4 or GIF)')
     stream.thread_count = 1
     return container, stream
 

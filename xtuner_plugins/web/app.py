@@ -267,6 +267,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 raise refused(for_client(str(err.with_source(os.path.basename(path))), [path]))
             except ValueError as exc:
                 raise refused(for_client(str(exc), [path]))
+            except Exception as exc:  # noqa: BLE001 -- a file the decoder trips on: one line, no traceback in the log
+                raise refused(for_client(f'{path}: cannot read it as a video ({type(exc).__name__})', [path]))
         history = list(history or []) + [user_message(question, shown), {'role': 'assistant', 'content': ''}]
         generation = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample))
         if do_sample:

@@ -8,7 +8,8 @@ import torch
 
 from tests.helpers import converted_tiny_folder, write_image
 from xtuner_plugins.models.inference import ConvertedModel
-from xtuner_plugins.web.app import WebChat, port_free, user_message
+from xtuner_plugins.web.app import WebChat, user_message
+from xtuner_plugins.web.server import port_free
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 

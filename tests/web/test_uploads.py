@@ -8,7 +8,8 @@ import types
 import pytest
 
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, for_client, launch
+from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, WebChat, build_app, for_client
+from xtuner_plugins.web.server import MAX_QUEUE, launch
 
 STUB = types.SimpleNamespace(folder='stub', format='official', tiling={'max_num': 4, 'use_thumbnail': True})
 

@@ -60,15 +60,20 @@ def test_the_page_and_the_api_say_it_in_one_line(setup):
     send = next(fn.fn for fn in app.fns.values() if fn.name == 'send')
     earlier = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
     shown = []
-    with pytest.raises(gr.Error, match='control_text') as error:
+    with pytest.raises(gr.Error, match='control_text') as error:   # refused before it is shown (web/guard.py)
         for outputs in send(TYPED[3], [setup['image']], list(earlier), None, 2, True, False, 0.7, 0.9, 4):
+            shown.append(outputs)
+    assert error.value.print_exception is False and shown == []
+    with pytest.raises(gr.Error, match='2 <image> tags for 1 images') as error:   # found by the model
+        for outputs in send('<image><image> what?', [setup['image']], list(earlier), None, 2, True, False, 0.7,
+                            0.9, 4):
             shown.append(outputs)
     assert error.value.print_exception is False
     # the refused turn is taken back off the page (it showed a question the model never saw, with no answer), and
     # the question and the upload are given back to edit (both were cleared)
     history, _, question, files, _, status = shown[-1]
-    assert history == earlier and question == TYPED[3].strip() and files == [setup['image']]
-    assert status.startswith('Not asked: the question holds')
+    assert history == earlier and question == '<image><image> what?' and files == [setup['image']]
+    assert status.startswith('Not asked: the prompt has 2 <image> tags')
 
 
 def test_the_chat_tool_refuses_it_in_one_line(setup, capsys):
@@ -90,14 +95,15 @@ def test_the_taken_back_turn_is_what_gradio_sends_to_the_page(setup, tmp_path, m
     monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
     app = build_app(setup['chat'])
     fn = next(f for f in app.fns.values() if f.name == 'send')
-    args = asyncio.run(app.preprocess_data(fn, [TYPED[0], [file_payload(setup['image'])], [], None, 2, True, False,
+    asked = '<image><image> what?'
+    args = asyncio.run(app.preprocess_data(fn, [asked, [file_payload(setup['image'])], [], None, 2, True, False,
                                                 0.7, 0.9, 4, None, 8], None, explicit_call=True))
     sent = []
-    with pytest.raises(gr.Error, match='control_text'):
+    with pytest.raises(gr.Error, match='2 <image> tags for 1 images'):
         for outputs in fn.fn(*args):
             sent.append(asyncio.run(app.postprocess_data(fn, list(outputs), None)))
     history, question, files = sent[-1][0], sent[-1][2], sent[-1][3]
-    assert history == [] and question == TYPED[0] and len(files) == 1
+    assert history == [] and question == asked and len(files) == 1
 
 
 def test_a_lone_surrogate_is_refused_in_one_line(setup):

@@ -58,7 +58,7 @@ from typing import Dict, List, Optional
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
 from xtuner_plugins.models.export.files import BOS, template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
-from xtuner_plugins.web.app import listen_address, port_problem
+from xtuner_plugins.web.server import listen_address, port_problem
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')

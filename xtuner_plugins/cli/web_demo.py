@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xtuner_plugins.web.app import environment_defaults
+from xtuner_plugins.web.server import environment_defaults
 
 environment_defaults()
 
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
-from xtuner_plugins.web.app import MAX_FILE_SIZE, MAX_QUEUE, WebChat, build_app, launch, port_problem
+from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app
+from xtuner_plugins.web.server import MAX_QUEUE, launch, port_problem
 
 
 def parse_args(argv=None):

@@ -28,20 +28,19 @@ import os
 import tempfile
 import threading
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 from xtuner_plugins.models.prompt import PromptTooLong
+from xtuner_plugins.web.guard import CONVERSATION_TTL_S, question_problem, settings_problem
 
 #: gradio's cache of uploads: every hour, the files over a day old are removed (gradio kept them all, for ever)
 DELETE_CACHE = (3600, 86400)
 #: the largest upload the page and /chat take by default (gradio took any size into its cache, on /tmp's disk)
 MAX_FILE_SIZE = '1gb'
-#: requests waiting at once, each holding its uploads (gradio's queue keeps any number: a flood fills the memory)
-MAX_QUEUE = 16
 #: pixels one conversation may hold, summed over its images and a video's frames, every turn decoding them all
 #: again (six uploads of a 22 kB 9400 x 9400 PNG in one message held 3 GB; Pillow's own limit is per image):
 #: sixteen 12-megapixel photos, or a 4K video's 8 frames
@@ -51,10 +50,6 @@ MAX_CONVERSATION_PIXELS = 192_000_000
 #: (a 460 kB GIF of 20,000 frames of 4000 x 4000 held the one model for 52 s, a 1 MB MP4 of one 4K keyframe and
 #: 30,000 frames that change nothing 58 s); a few seconds of its time
 MAX_DECODED_PIXELS = 20_000_000_000
-
-# Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
-SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
-MONO_FONTS = ('ui-monospace', 'monospace')
 
 
 class WebChat:
@@ -254,6 +249,12 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         question = (question or '').strip()
         if not question:
             raise refused('Type a question first.')
+        # before the question is shown or given back (gradio keeps both in the session); any client sends these
+        problem = question_problem(question) or settings_problem({
+            "'Most tiles per image'": max_num, "'Temperature'": temperature, "'Top-p'": top_p,
+            "'Max new tokens'": max_new_tokens, "'Frames of the video'": num_frames})
+        if problem:
+            raise refused(problem)
         frames, shown = None, images
         if video_file:
             if images:
@@ -285,8 +286,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 else:
                     conversation = after
         except PromptTooLong as exc:  # named by the page's settings
-            problem = exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
-                                  new="'Max new tokens'", reset="'Clear history'")
+            problem = for_client(exc.message(frames="'Frames of the video'", tiles="'Most tiles per image'",
+                                             new="'Max new tokens'", reset="'Clear history'"), [model.folder])
         except (ValueError, SampleError) as exc:  # <image> tags that do not match the images, control tokens
             problem = for_client(str(exc), images + list(shown or ()))
         else:
@@ -308,9 +309,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
 
     # uploads are copied into gradio's cache and kept there; sessions keep their images' bytes, so older copies go
     with gr.Blocks(title=title, delete_cache=DELETE_CACHE) as app:
-        gr.Markdown(f'## {title}\n`{model.folder}` ({model.format} format). Images you upload go with your next '
+        gr.Markdown(f'## {title}\n`{os.path.basename(os.path.normpath(model.folder))}` ({model.format} format). Images you upload go with your next '
                     'message; every later turn still sees them.')
-        conversation = gr.State(None)
+        conversation = gr.State(None, time_to_live=CONVERSATION_TTL_S)
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label='Images', file_count='multiple', file_types=['image'], type='filepath',
@@ -351,68 +352,17 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             api_answer = gr.Textbox(label='answer')
             api_button = gr.Button(visible=False)
         def api_chat(image, question):  # a bad request is the caller's one-line error, not a traceback in the log
+            problem = question_problem(question or '')
+            if problem:
+                raise refused(problem)
             try:
                 return chat.answer(image, question)
             except PromptTooLong as exc:
-                raise refused(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"))
+                raise refused(for_client(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"),
+                                         [model.folder]))
             except (ValueError, SampleError) as exc:
                 raise refused(for_client(str(exc), [image]))   # a path (type='filepath'), or None
 
         api_button.click(api_chat, [api_image, api_question], api_answer, api_name='chat',
                          concurrency_id='model', concurrency_limit=1)
     return app
-
-
-def listen_address(host: str, port: int):
-    """``(family, address)`` to bind for ``host`` (a name, IPv4 or IPv6); ``OSError`` naming a host that does not
-    resolve."""
-    import socket
-    try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise OSError(f'--host {host} is not an address to listen on ({getattr(exc, "strerror", None) or exc})') \
-            from None
-    return family, address
-
-
-def port_problem(host: str, port: int, hint: str = 'give another with --port') -> str:
-    """Why the server cannot listen on ``host``:``port`` (``''``: it can): the port in use (``hint`` says what to
-    do), a host that does not resolve or is not this machine's (it was all "in use", IPv6 addresses too)."""
-    import errno
-    import socket
-    try:
-        family, address = listen_address(host, port)
-    except OSError as exc:
-        return str(exc)
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return f'port {port} on {host} is in use; {hint}'
-            return f'cannot listen on --host {host} --port {port}: {exc.strerror or exc}'
-    return ''
-
-
-def port_free(host: str, port: int) -> bool:
-    return not port_problem(host, port)
-
-
-def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None,
-           max_queue: int = MAX_QUEUE, **kwargs):
-    """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
-    gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full."""
-    import gradio as gr
-    problem = port_problem(host, port)
-    if problem:
-        raise OSError(problem)
-    theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
-    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
-                                                show_error=True, theme=theme, allowed_paths=allowed_paths,
-                                                footer_links=['api'], **kwargs)
-
-
-def environment_defaults() -> None:
-    """Offline: no usage statistics, no update check."""
-    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
-    os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')

@@ -1,0 +1,73 @@
+"""Serving the web demo's app: the address and port checked before anything loads, gradio's queue and session
+limits, offline defaults. ``tools/serve.py`` checks its address with the same functions."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from xtuner_plugins.web.guard import SESSION_CAPACITY, start_forgetting
+
+#: requests waiting at once, each holding its uploads (gradio's queue keeps any number: a flood fills the memory)
+MAX_QUEUE = 16
+
+# Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
+SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
+MONO_FONTS = ('ui-monospace', 'monospace')
+
+
+def listen_address(host: str, port: int):
+    """``(family, address)`` to bind for ``host`` (a name, IPv4 or IPv6); ``OSError`` naming a host that does not
+    resolve."""
+    import socket
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OSError(f'--host {host} is not an address to listen on ({getattr(exc, "strerror", None) or exc})') \
+            from None
+    return family, address
+
+
+def port_problem(host: str, port: int, hint: str = 'give another with --port') -> str:
+    """Why the server cannot listen on ``host``:``port`` (``''``: it can): the port in use (``hint`` says what to
+    do), a host that does not resolve or is not this machine's (it was all "in use", IPv6 addresses too)."""
+    import errno
+    import socket
+    try:
+        family, address = listen_address(host, port)
+    except OSError as exc:
+        return str(exc)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f'port {port} on {host} is in use; {hint}'
+            return f'cannot listen on --host {host} --port {port}: {exc.strerror or exc}'
+    return ''
+
+
+def port_free(host: str, port: int) -> bool:
+    return not port_problem(host, port)
+
+
+def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None,
+           max_queue: int = MAX_QUEUE, **kwargs):
+    """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
+    gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full."""
+    import gradio as gr
+    problem = port_problem(host, port)
+    if problem:
+        raise OSError(problem)
+    theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
+    start_forgetting(app)   # gradio keeps every finished event's request (guard.py)
+    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
+                                                show_error=True, theme=theme, allowed_paths=allowed_paths,
+                                                footer_links=['api'], state_session_capacity=SESSION_CAPACITY,
+                                                **kwargs)
+
+
+def environment_defaults() -> None:
+    """Offline: no usage statistics, no update check."""
+    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
+    os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')

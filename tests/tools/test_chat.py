@@ -491,3 +491,16 @@ def test_a_video_the_decoder_trips_on_is_not_attached_and_the_conversation_goes_
     from types import SimpleNamespace
     assert chat.video_frames(SimpleNamespace(check_video=None), 'x.svg', 8) == (
         None, "x.svg: cannot read it as a video (AttributeError: 'NoneType' object has no attribute 'width')")
+
+
+def test_an_image_refused_by_its_size_names_its_file_once(tmp_path):
+    """'/image big.png' said '(not attached: /.../big.png: /.../big.png: 10000x10000 = ...)'."""
+    from PIL import Image
+
+    from xtuner_plugins.cli.chat import image_problem
+    from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
+    big = str(tmp_path / 'big.png')
+    side = int(DEFAULT_MAX_IMAGE_PIXELS ** 0.5) + 100
+    Image.new('1', (side, side)).save(big)
+    problem = image_problem([big])
+    assert problem.startswith(f'{big}: ') and problem.count(big) == 1 and problem.endswith('[image_too_large]'), problem

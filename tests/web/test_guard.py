@@ -94,3 +94,38 @@ def test_finished_events_are_let_go_and_waiting_ones_kept(tmp_path, monkeypatch)
         assert client.predict(None, 'And now?', api_name='/chat') == 'ok'   # the server goes on
     finally:
         app.close()
+
+
+def test_a_page_served_to_the_network_asks_for_a_password_or_warns(tmp_path, monkeypatch, capsys):
+    """--host 0.0.0.0 served anyone who reached the port, without a word: a warning says so, and --auth FILE (its
+    USER:PASSWORD lines: a password on the command line is in every user's ps) makes gradio ask for one, on the page
+    and the /chat endpoint alike."""
+    from gradio_client import Client
+
+    from xtuner_plugins.cli import web_demo
+    launched = []
+    monkeypatch.setattr(web_demo, 'run_tool', lambda args, prog, use, errors, **tiling: use(Answers()) or 0)
+    monkeypatch.setattr(web_demo, 'build_app', lambda chat, title: 'app')
+    monkeypatch.setattr(web_demo, 'launch', lambda app, host, port, **kwargs: launched.append(kwargs.get('auth')))
+    port = str(free_port())
+    good, bad = tmp_path / 'auth', tmp_path / 'bad'
+    good.write_text('# who may use it\nann:s3cret: with a colon\n\nbob:pw\n')
+    bad.write_text('ann:pw\njust-a-name\n')
+    assert web_demo.main(['folder', '--host', '0.0.0.0', '--port', port]) == 0
+    assert 'warning: --host 0.0.0.0 serves the network without a password' in capsys.readouterr().err
+    assert web_demo.main(['folder', '--host', '0.0.0.0', '--port', port, '--auth', str(good)]) == 0
+    assert web_demo.main(['folder', '--port', port]) == 0
+    assert 'warning' not in capsys.readouterr().err
+    assert launched == [None, [('ann', 's3cret: with a colon'), ('bob', 'pw')], None]
+    assert web_demo.main(['folder', '--port', port, '--auth', str(bad)]) == 2
+    assert capsys.readouterr().err == f'web_demo: error: --auth {bad}:2: expected USER:PASSWORD, both non-empty\n'
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    app = build_app(WebChat(Answers(), max_new_tokens=4))
+    launch(app, '127.0.0.1', int(port), prevent_thread_lock=True, quiet=True, auth=[('ann', 'pw')])
+    try:
+        with pytest.raises(Exception):
+            Client(f'http://127.0.0.1:{port}/', verbose=False).predict(None, 'Hi', api_name='/chat')
+        client = Client(f'http://127.0.0.1:{port}/', auth=('ann', 'pw'), verbose=False)
+        assert client.predict(None, 'Hi', api_name='/chat') == 'ok'
+    finally:
+        app.close()

@@ -112,6 +112,10 @@ def test_a_conversation_past_its_pixel_budget_is_refused_before_decoding(setup, 
     with pytest.raises(ValueError, match=r'too many pixels: this message brings 265\.1 megapixels and the '
                                          r'conversation holds 0\.0; the server takes 192 per conversation'):
         turn(chat, 'Compare them.', [huge] * 3, None)
+    bomb = str(setup['root'] / 'bomb.png')   # past Pillow's decompression-bomb limit: counted as it is
+    Image.new('1', (16000, 16000)).save(bomb)
+    with pytest.raises(ValueError, match=r'this message brings 256\.0 megapixels'):   # (it was said 384.0)
+        turn(chat, 'And this?', [bomb], None)
     assert not decoded
     monkeypatch.setattr(app, 'MAX_CONVERSATION_PIXELS', 10_000_000)
     _, conversation = turn(chat, 'Describe the image.', [big], None)

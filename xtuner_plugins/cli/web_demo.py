@@ -12,7 +12,9 @@ Usage::
 
 The page (``xtuner_plugins.web``): upload images, chat over several turns with streamed answers, tiling and
 sampling settings, a button that clears the history. It listens on 127.0.0.1 only unless ``--host`` says
-otherwise (``--host 0.0.0.0`` serves the network: anyone who reaches the port can use the model).
+otherwise (``--host 0.0.0.0`` serves the network: anyone who reaches the port can use the model, and a warning
+says so unless ``--auth FILE`` asks for a user name and password: the file's ``USER:PASSWORD`` lines, kept out of
+the command line, which other users of the machine can read; gradio sends them unencrypted over plain HTTP).
 """
 
 from __future__ import annotations
@@ -46,9 +48,47 @@ def parse_args(argv=None):
     parser.add_argument('--max-queue', type=count_argument, default=MAX_QUEUE,
                         help=f'requests waiting at once; past it a request is told the queue is full (default '
                              f'{MAX_QUEUE}; each holds its uploads in memory)')
+    parser.add_argument('--auth', metavar='FILE', help='ask for a user name and password: FILE holds USER:PASSWORD '
+                                                       'lines (# comments)')
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     return args
+
+
+def read_auth(path: str):
+    """``[(user, password), ...]`` of an ``--auth`` file's ``USER:PASSWORD`` lines; ``ValueError`` naming the file
+    and line of one that is not."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f'--auth {path}: cannot read it ({getattr(exc, "strerror", None) or exc})') from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith('#'):
+            continue
+        user, _, password = line.partition(':')
+        if not user.strip() or not password:
+            raise ValueError(f'--auth {path}:{number}: expected USER:PASSWORD, both non-empty')
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise ValueError(f'--auth {path}: no USER:PASSWORD line')
+    return pairs
+
+
+def network_warning(host: str, port: int, auth) -> str:
+    """The warning for a page that other machines reach without a password (``''`` for none)."""
+    import ipaddress
+    import socket
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if loopback or auth:
+        return ''
+    return (f'web_demo: warning: --host {host} serves the network without a password: anyone who reaches port '
+            f'{port} can use the model and upload files; give --auth FILE (USER:PASSWORD lines) to ask for one')
 
 
 def file_size_argument(text: str) -> str:
@@ -65,12 +105,21 @@ def main(argv=None) -> int:
     if ':' in args.host and not problem:  # gradio writes http://HOST:PORT, not [HOST], and fails after the model loads
         problem = (f'--host {args.host}: gradio serves on IPv4 addresses and host names only (it cannot write an '
                    f'IPv6 address into its URL); give 0.0.0.0 for every interface, or 127.0.0.1')
+    auth = None
+    if not problem and args.auth:
+        try:
+            auth = read_auth(args.auth)
+        except ValueError as exc:
+            problem = str(exc)
     if problem:  # before the model loads, so the error comes at once
         return tool_error('web_demo', problem)
+    warning = network_warning(args.host, args.port, auth)
+    if warning:
+        print(warning, file=sys.stderr)
 
     def serve(model) -> None:
         launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port,
-               max_file_size=args.max_file_size, max_queue=args.max_queue)
+               max_file_size=args.max_file_size, max_queue=args.max_queue, **({'auth': auth} if auth else {}))
 
     return run_tool(args, 'web_demo', serve, (OSError,), max_num=args.max_num, min_num=args.min_num)
 

@@ -34,7 +34,8 @@ class SampleError(Exception):
         return self
 
     def __str__(self) -> str:
-        prefix = f'{self.source}: ' if self.source else ''
+        # (a message that starts with the file's name already is not given it twice: 'a.png: a.png: 30000x30000')
+        prefix = f'{self.source}: ' if self.source and not self.message.startswith(f'{self.source}:') else ''
         return f'{prefix}{self.message} [{self.reason}]'
 
 

@@ -31,7 +31,7 @@ import time
 from typing import Iterator, Optional, Sequence, Tuple
 
 from xtuner_plugins.data.errors import SampleError
-from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note
+from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS, frame_note, read_image_size
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 from xtuner_plugins.models.prompt import PromptTooLong
@@ -160,18 +160,17 @@ def padded(size: int, image) -> bool:
 
 
 def pixels_of(source) -> int:
-    """An image's pixels from its header (a path or a file's bytes), before anything is decoded; one Pillow would
-    refuse as a decompression bomb counts as over any budget; one that does not open, 0 (its loading names it)."""
+    """An image's pixels from its header (a path or a file's bytes), before anything is decoded, whatever its size
+    (one Pillow would refuse as a decompression bomb was counted as 384 megapixels, whatever it had); one that does
+    not open, 0 (its loading names it)."""
     from PIL import Image
     if isinstance(source, Image.Image):   # a video's frame, decoded already
         return source.width * source.height
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
-            return image.width * image.height
-    except Image.DecompressionBombError:
-        return 2 * MAX_CONVERSATION_PIXELS + 1
-    except Exception:
+        width, height = read_image_size(source, None)
+    except SampleError:
         return 0
+    return width * height
 
 
 def check_pixels(new: Sequence, conversation: Optional[dict], budget: Optional[int] = None,

@@ -85,7 +85,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 argv = sys.argv[1:]
 with open(os.environ['STAND_IN_LOG'], 'w') as f:
     json.dump(dict(argv=argv, env={k: os.environ.get(k) for k in ('VLLM_HOST_IP', 'VLLM_CPU_KVCACHE_SPACE',
-                                                                 'VLLM_MEDIA_URL_ALLOW_REDIRECTS')},
+                                                                 'VLLM_MEDIA_URL_ALLOW_REDIRECTS', 'VLLM_API_KEY')},
                    local_media=os.listdir(argv[argv.index('--allowed-local-media-path') + 1])), f)
 if os.environ.get('STAND_IN_FAIL'):
     sys.exit(3)
@@ -95,10 +95,15 @@ parser.add_argument('--served-model-name', nargs='+')
 parser.add_argument('--model')
 known = parser.parse_known_args(argv)[0]
 name, root = known.served_model_name[0], known.model
+key = argv[argv.index('--api-key') + 1] if '--api-key' in argv else os.environ.get('VLLM_API_KEY')
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = {'/health': b'', '/v1/models': json.dumps({'data': [{'id': name, 'root': root}]}).encode()}.get(
             self.path)
+        if key and self.path.startswith('/v1') and self.headers.get('Authorization') != f'Bearer {key}':
+            self.send_response(401)   # as vLLM's middleware: /v1 needs the key, /health does not
+            self.end_headers()
+            return
         self.send_response(200 if body is not None else 404)
         self.end_headers()
         self.wfile.write(body or b'')
@@ -107,11 +112,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 server = HTTPServer((argv[argv.index('--host') + 1], int(argv[argv.index('--port') + 1])), Handler)
-server.timeout = 60
-server.handle_request()  # /health (none within 60 s: exit 4)
-server.handle_request()  # /v1/models
-threading.Event().wait(60)
-sys.exit(4)
+threading.Timer(60, os._exit, [4]).start()   # not asked within 60 s: exit 4
+server.serve_forever()
 '''
 
 
@@ -346,3 +348,29 @@ def test_an_option_serve_sets_is_refused_after_the_double_dash(tmp_path, capsys,
     with pytest.raises(SystemExit) as exit_:
         serve_main([str(tmp_path), '--', *extra])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f'error: {says}')
+
+
+def test_a_server_given_an_api_key_is_found_ready_and_one_without_on_the_network_warned(folders, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """vLLM's /v1 answers 401 without the key: a server given one (`-- --api-key K`) was polled until the startup
+    timeout and stopped. The key now goes with the check; --api-key-file keeps it off the command line (given to vLLM
+    as VLLM_API_KEY) and the printed command shows none; a server for the network without one is warned about."""
+    stand_in(tmp_path, monkeypatch)
+    monkeypatch.delenv('VLLM_API_KEY', raising=False)
+    keyfile = tmp_path / 'key'
+    keyfile.write_text('sk-file-123\n')
+    base = [folders['hf'], '--port', '0', '--vllm-python', sys.executable, '--startup-timeout', '20']
+    assert serve_main(base + ['--api-key-file', str(keyfile)]) == 0
+    err = capsys.readouterr().err
+    assert json.load(open(tmp_path / 'argv.json'))['env']['VLLM_API_KEY'] == 'sk-file-123'
+    assert 'sk-file-123' not in err and 'warning' not in err
+    assert serve_main(base + ['--', '--api-key', 'sk-typed-456']) == 0
+    err = capsys.readouterr().err
+    assert 'sk-typed-456' not in err and "--api-key '***'" in err
+    assert serve_main(base[:1] + ['--host', '0.0.0.0'] + base[1:]) == 0
+    assert ('serve: warning: --host 0.0.0.0 serves the network without an API key: anyone who reaches port'
+            in capsys.readouterr().err)
+    keyfile.write_text('\n')
+    with pytest.raises(SystemExit):
+        serve_main(base + ['--api-key-file', str(keyfile)])
+    assert f'--api-key-file {keyfile}: its first line is no key' in capsys.readouterr().err

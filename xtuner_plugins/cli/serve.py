@@ -58,7 +58,7 @@ from typing import Dict, List, Optional
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
 from xtuner_plugins.models.export.files import BOS, template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
-from xtuner_plugins.web.server import listen_address, port_problem
+from xtuner_plugins.web.server import is_loopback, listen_address, port_problem
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
@@ -219,23 +219,27 @@ def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bo
     return cmd + list(args.vllm_args)
 
 
-def get(url: str, timeout: float = 5.0) -> Optional[bytes]:
+def get(url: str, timeout: float = 5.0, key: Optional[str] = None) -> Optional[bytes]:
+    """The body of a 200 answer to ``GET url`` (``key``: the server's API key, as a bearer token), else None."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        request = urllib.request.Request(url, headers={'Authorization': f'Bearer {key}'} if key else {})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.read() if r.status == 200 else None
     except (urllib.error.URLError, OSError):
         return None
 
 
-def wait_ready(proc: subprocess.Popen, base: str, model: str, root: str, timeout: float) -> Optional[str]:
+def wait_ready(proc: subprocess.Popen, base: str, model: str, root: str, timeout: float,
+               key: Optional[str] = None) -> Optional[str]:
     """None once ``/health`` answers and ``/v1/models`` lists ``model`` served from ``root`` while ``proc`` still
-    runs (another server on the port is not taken for ours); else why not."""
+    runs (another server on the port is not taken for ours); else why not. ``key``: the API key the server was given
+    (``/v1`` answers 401 without it: a server given one was waited for until the timeout)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f'vLLM exited with code {proc.returncode} before it was ready (its output is above)'
         if get(base + '/health') is not None:
-            listed = get(base + '/v1/models')
+            listed = get(base + '/v1/models', key=key)
             try:
                 cards = json.loads(listed).get('data', []) if listed else []
             except (ValueError, AttributeError):
@@ -294,6 +298,9 @@ def parse_args(argv=None):
     p.add_argument('--allowed-media-domains', nargs='+', metavar='DOMAIN',
                    help='hosts whose http(s) image URLs the server fetches (default: none, images as data URLs only: '
                         'any other URL lets a request make the server fetch from its network)')
+    p.add_argument('--api-key-file', metavar='FILE',
+                   help='requests must carry the key in FILE\'s first line (Authorization: Bearer KEY); kept off the '
+                        'command line, which every user of the machine can read')
     p.add_argument('--trust-remote-code', action='store_true',
                    help='serve an official folder whose Python files are not this project\'s (vLLM runs them: read '
                         'them first)')
@@ -312,9 +319,42 @@ def parse_args(argv=None):
         given, name = taken[0]
         p.error(f'{given} after --: serve.py sets it for vLLM and checks what it set; {OWN[name]}')
     args.vllm_args = extra
+    try:
+        args.api_key = api_key(args.api_key_file, extra)
+    except ValueError as exc:
+        p.error(str(exc))
     named = args.folder or os.path.dirname(os.path.abspath(args.checkpoint))  # a checkpoint: its work folder's name
     args.served_model_name = args.served_model_name or os.path.basename(os.path.normpath(named))
     return args
+
+
+def api_key(path: Optional[str], extra: List[str]) -> Optional[str]:
+    """The key the server will ask for: ``--api-key-file``'s first line, else vLLM's own ``--api-key KEY`` after
+    ``--`` (its first), else ``$VLLM_API_KEY``; None for none. ``ValueError`` for a file that gives none."""
+    if path:
+        try:
+            with open(path, encoding='utf-8') as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f'--api-key-file {path}: cannot read it ({getattr(exc, "strerror", None) or exc})') \
+                from None
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f'--api-key-file {path}: its first line is no key (empty, or with spaces)')
+        return key
+    for i, given in enumerate(extra):
+        if given == '--api-key' and i + 1 < len(extra):
+            return extra[i + 1]
+        if given.startswith('--api-key='):
+            return given.partition('=')[2]
+    return os.environ.get('VLLM_API_KEY') or None
+
+
+def network_warning(host: str, port: int, key: Optional[str]) -> str:
+    """The warning for a server other machines reach without an API key (``''`` for none)."""
+    if is_loopback(host) or key:
+        return ''
+    return (f'serve: warning: --host {host} serves the network without an API key: anyone who reaches port {port} '
+            f'can use the model; give --api-key-file FILE to ask for one')
 
 
 def converted(args, tmp: str) -> str:
@@ -369,8 +409,13 @@ def serve(args) -> int:
         return tool_error('serve', problem)
     if args.port == 0:
         args.port = free_port(args.host)
+    warning = network_warning(args.host, args.port, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the server is stopped too (finally)
     env = dict(os.environ)
+    if args.api_key_file:
+        env['VLLM_API_KEY'] = args.api_key   # vLLM's own setting; not on its command line, which serve.py prints
     env.setdefault('VLLM_HOST_IP', args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1')
     env.setdefault('VLLM_MEDIA_URL_ALLOW_REDIRECTS', '0')  # an allowed domain cannot redirect into the network
     if found['cpu']:
@@ -385,12 +430,15 @@ def serve(args) -> int:
         no_local_media = os.path.join(tmp, NO_LOCAL_MEDIA)
         os.mkdir(no_local_media)
         cmd = command(python, args.folder, s, args, template_path, bool(found['cpu']), no_local_media)
-        print('serve: ' + shlex.join(cmd), file=sys.stderr, flush=True)
+        shown = ['***' if i and cmd[i - 1] == '--api-key' else '--api-key=***' if a.startswith('--api-key=') else a
+                 for i, a in enumerate(cmd)]   # the key is not the log's
+        print('serve: ' + shlex.join(shown), file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=2)  # its log on stderr
         host = '127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host
         base = f'http://{f"[{host}]" if ":" in host else host}:{args.port}'  # an IPv6 address in brackets
         try:
-            problem = wait_ready(proc, base, args.served_model_name, os.path.abspath(args.folder), args.startup_timeout)
+            problem = wait_ready(proc, base, args.served_model_name, os.path.abspath(args.folder), args.startup_timeout,
+                                 key=args.api_key)
             if problem:
                 return tool_error('serve', problem)
             print(f'ready: {base}/v1 (model {args.served_model_name})', flush=True)

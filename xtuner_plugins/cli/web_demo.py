@@ -29,7 +29,7 @@ environment_defaults()
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
 from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app
-from xtuner_plugins.web.server import MAX_QUEUE, launch, port_problem
+from xtuner_plugins.web.server import MAX_QUEUE, is_loopback, launch, port_problem
 
 
 def parse_args(argv=None):
@@ -79,13 +79,7 @@ def read_auth(path: str):
 
 def network_warning(host: str, port: int, auth) -> str:
     """The warning for a page that other machines reach without a password (``''`` for none)."""
-    import ipaddress
-    import socket
-    try:
-        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        loopback = False
-    if loopback or auth:
+    if is_loopback(host) or auth:
         return ''
     return (f'web_demo: warning: --host {host} serves the network without a password: anyone who reaches port '
             f'{port} can use the model and upload files; give --auth FILE (USER:PASSWORD lines) to ask for one')

@@ -47,6 +47,20 @@ def port_problem(host: str, port: int, hint: str = 'give another with --port') -
     return ''
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.1, localhost, ::1): a server there is not the network's."""
+    import ipaddress
+    import socket
+    try:
+        return ipaddress.ip_address(host.strip('[]')).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError, UnicodeError):
+        return False
+
+
 def port_free(host: str, port: int) -> bool:
     return not port_problem(host, port)
 

@@ -107,17 +107,19 @@ def ready(proc):
     pytest.fail('tools/serve.py was not ready within 600 s')
 
 
-def completion(base, model, image, url=None):
-    """The greedy answer to ``image`` (sent as a data URL, or as ``url``); ``(status, error message)`` for a
-    refused request."""
+def completion(base, model, image, url=None, key=None):
+    """The greedy answer to ``image`` (sent as a data URL, or as ``url``; ``key``: the server's API key);
+    ``(status, error message)`` for a refused request."""
     body = json.dumps({'model': model, 'messages': messages(image, url), 'temperature': 0,
                        'max_tokens': MAX_TOKENS}).encode()
-    request = urllib.request.Request(base + '/chat/completions', body, {'Content-Type': 'application/json'})
+    headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {})}
+    request = urllib.request.Request(base + '/chat/completions', body, headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return text(json.load(r)['choices'][0]['message']['content'])
     except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)['error']['message']
+        error = json.load(exc)['error']
+        return exc.code, error['message'] if isinstance(error, dict) else error
 
 
 @contextlib.contextmanager
@@ -156,15 +158,20 @@ def test_openai_answers_equal_the_chat_tools(setup, capsys):
     expected = [chat_answer(folder, image, capsys) for image in setup['images']]
     assert len(set(expected)) > 1, expected  # the answers depend on the image
     image, name = setup['images'][0], os.path.basename(setup['images'][0])
+    keyfile = setup['root'] / 'api_key'   # --api-key-file: vLLM asks every /v1 request for it
+    keyfile.write_text('sk-test-789\n')
     with image_server(os.path.dirname(image)) as (local, asked):
-        proc, base = serve(folder, setup['root'], '--allowed-media-domains', '127.0.0.1')
+        proc, base = serve(folder, setup['root'], '--allowed-media-domains', '127.0.0.1', '--api-key-file',
+                           str(keyfile))
         try:
-            got = [completion(base, fmt, image) for image in setup['images']]
-            fetched = completion(base, fmt, image, f'{local}/{name}')
-            from_file = completion(base, fmt, image, 'file://' + os.path.abspath(image))
+            got = [completion(base, fmt, image, key='sk-test-789') for image in setup['images']]
+            fetched = completion(base, fmt, image, f'{local}/{name}', key='sk-test-789')
+            from_file = completion(base, fmt, image, 'file://' + os.path.abspath(image), key='sk-test-789')
+            unkeyed = completion(base, fmt, image)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    assert unkeyed == (401, 'Unauthorized')
     assert got == expected
     assert fetched == expected[0] and asked == [f'/{name}']
     check_file_url_refused(from_file)

@@ -26,3 +26,31 @@ def test_the_suite_caches_in_its_own_temporary_folder(tmp_path_factory):
 
     from xtuner_plugins.data.lengths import default_cache_dir
     assert Path(default_cache_dir()).is_relative_to(tmp_path_factory.getbasetemp()), default_cache_dir()
+
+
+def test_a_tokenizer_changed_in_its_folder_gets_its_own_lengths(tmp_path, tiny_tokenizer):
+    """The cache was keyed by the tokenizer's path and vocabulary size: merges cut to a twentieth in the same folder
+    kept both, and every cached length was the old tokenizer's (packs 41 % over max_tokens, a helper's sweep). What
+    the tokenizer does is the key now; the same tokenizer from another folder shares the cache."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.data.test_dataset import cache_keys
+    folder = tmp_path / 'llm'
+    tiny_tokenizer.save_pretrained(folder)
+    rows = [{'conversations': conv(f'question {i} about the weather', 'sunny and warm today ' * (1 + i % 3),
+                                   image=False)} for i in range(6)]
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    before = make_ds(path, AutoTokenizer.from_pretrained(folder), tmp_path).length
+    shutil.copytree(folder, tmp_path / 'elsewhere')   # the same tokenizer: the same cache
+    make_ds(path, AutoTokenizer.from_pretrained(tmp_path / 'elsewhere'), tmp_path)
+    assert len(cache_keys(tmp_path / 'cache')) == 1
+    data = json.loads((folder / 'tokenizer.json').read_text())
+    data['model']['merges'] = data['model']['merges'][:len(data['model']['merges']) // 20]
+    (folder / 'tokenizer.json').write_text(json.dumps(data))
+    changed = AutoTokenizer.from_pretrained(folder)
+    assert len(changed) == len(tiny_tokenizer)
+    ds = make_ds(path, changed, tmp_path)
+    assert ds.length == [len(ds[i]['input_ids']) for i in range(len(ds))] and ds.length != before

@@ -11,8 +11,8 @@ own pass (``startcheck.py``: each sample parsed and checked once, each distinct 
 the repeated turns of a template tokenised once, ``tokenize.py``) and cached as ``.npy``
 files per annotation file (memory-mapped: a 16M-sample cache loads in a moment), keyed by everything that changes
 the numbers (the file's size, modification time, inode and change time, the image folder, tiling settings, template
-and tokenizer) and checked against the size and modification time of every distinct image file (one ``stat`` each):
-the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
+and what the tokenizer does: :func:`tokenizer_fingerprint`) and checked against the size and modification time of
+every distinct image file (one ``stat`` each): the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
 sample is reported when it is loaded. With ``length_field`` set (InternVL's ``length``), a sample carrying that
 field is given it as its length, untokenised (for the length-grouped sampler; packing needs exact lengths).
 """
@@ -50,6 +50,40 @@ def default_cache_dir() -> str:
     return os.path.join(base, 'xtuner_plugins', 'lengths')
 
 
+#: text a tokenizer is tried on for its fingerprint: word starts after specials, spaces, digits, non-Latin text
+PROBE = '<|im_start|>user\n  Hello world! 12345 naïve 東京 \t<image>\n<|im_end|>'
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A digest of what a tokenizer does, not where it was loaded from: its whole ``tokenizer.json`` (vocabulary,
+    merges, normalizer, pre-tokenizer, added tokens) or a slow tokenizer's vocabulary and SentencePiece model, its
+    settings other than file paths, and the ids of :data:`PROBE`. Its path and size were the cache key: merges cut
+    to a twentieth in the same folder kept both, and every cached length was stale (packs 41 % over max_tokens).
+    Computed once per tokenizer object."""
+    known = getattr(tok, '_xtuner_plugins_fingerprint', None)
+    if known:
+        return known
+    digest = hashlib.sha1()
+    backend = getattr(tok, 'backend_tokenizer', None)
+    if backend is not None:
+        digest.update(backend.to_str().encode('utf-8'))
+    else:
+        digest.update(json.dumps(sorted(tok.get_vocab().items())).encode('utf-8'))
+        sp_model = getattr(tok, 'sp_model', None)
+        if sp_model is not None and hasattr(sp_model, 'serialized_model_proto'):
+            digest.update(sp_model.serialized_model_proto())
+    settings = {k: v for k, v in (getattr(tok, 'init_kwargs', None) or {}).items()
+                if not (k.endswith('_file') or k.endswith('name_or_path') or k == 'chat_template')}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode('utf-8'))
+    digest.update(json.dumps(tok(PROBE, add_special_tokens=True)['input_ids']).encode('utf-8'))
+    known = digest.hexdigest()
+    try:
+        tok._xtuner_plugins_fingerprint = known
+    except AttributeError:   # a tokenizer that takes no attributes: computed again next time
+        pass
+    return known
+
+
 def _cache_key(ds, src: DataSource) -> str:
     st = os.stat(src.annotation)
     tok = ds.tokenizer
@@ -65,7 +99,7 @@ def _cache_key(ds, src: DataSource) -> str:
         allow_links_outside=getattr(ds, 'allow_links_outside', False),
         video=[getattr(ds, 'min_num_frame', None), getattr(ds, 'max_num_frame', None),
                getattr(ds, 'video_sampling', None), getattr(ds, 'frame_prefix', None), getattr(ds, 'seed', None)],
-        tokenizer=None if tok is None else [type(tok).__name__, getattr(tok, 'name_or_path', ''), len(tok)])
+        tokenizer=None if tok is None else [type(tok).__name__, tokenizer_fingerprint(tok), len(tok)])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

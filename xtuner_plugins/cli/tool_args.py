@@ -241,6 +241,10 @@ def check_model_arguments(parser, args) -> None:
     if (args.folder is None) == (args.checkpoint is None):
         parser.error('give a converted folder or --checkpoint, one of them')
     low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
+    from xtuner_plugins.data.tiling import tiles_problem
+    for option, value in (('--min-num', low), ('--max-num', high)):
+        if value is not None and tiles_problem(value, option):
+            parser.error(tiles_problem(value, option))
     if low is not None and high is not None and low > high:
         parser.error(f'--min-num {low} is over --max-num {high}')
 

@@ -53,7 +53,7 @@ from .conversation import parse_conversation
 from .fitting import TRUNCATION, Fit, checked_geometry, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (DEFAULT_TEMPLATE, add_internvl_tokens, check_tokenizer_fits, control_markers,
                        disable_tokenizer_parallelism, get_template)
-from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles
+from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles, tiles_problem
 from .video import VideoInfo, video_field, video_turns
 from .video_sample import VideoSamples
 
@@ -165,6 +165,9 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
             raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+        for name, value in (('min_dynamic_patch', min_dynamic_patch), ('max_dynamic_patch', max_dynamic_patch)):
+            if tiles_problem(value, name):
+                raise ValueError(tiles_problem(value, name))
         if not 1 <= min_dynamic_patch <= max_dynamic_patch:
             raise ValueError(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
                              f'{min_dynamic_patch} and {max_dynamic_patch}')

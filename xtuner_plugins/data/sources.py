@@ -206,8 +206,9 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     if not finite_number(repeat) or repeat < 0:
         raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
     patch = entry.get('max_dynamic_patch')
-    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
-        raise bad('max_dynamic_patch', 'a whole number >= 1')
+    from .tiling import MOST_TILES, tiles_problem   # (torch: imported when a meta file is read)
+    if patch is not None and tiles_problem(patch, ''):
+        raise bad('max_dynamic_patch', f'a whole number from 1 to {MOST_TILES}')
     unknown = sorted(set(entry) - META_KEYS)
     if unknown:   # a misspelt max_dynamic_patch was dropped without a word
         import difflib
@@ -288,8 +289,10 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     for src in sources:
         if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
             raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
-        if src.max_dynamic_patch is not None and int(src.max_dynamic_patch) < 1:
-            raise ValueError(f'{src.annotation}: max_dynamic_patch must be >= 1, got {src.max_dynamic_patch}')
+        from .tiling import tiles_problem
+        problem = None if src.max_dynamic_patch is None else tiles_problem(src.max_dynamic_patch, 'max_dynamic_patch')
+        if problem:
+            raise ValueError(f'{src.annotation}: {problem}')
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
             what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
             raise FileNotFoundError(f'{src.annotation}: its image folder {src.image_folder} {what} (set '

@@ -75,3 +75,44 @@ def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_s
     assert len(said) == 1 and "the sampler's seed 0 -> 7: the epoch under way is drawn in another order" in said[0]
     with pytest.raises(RuntimeError, match=r"the sampler's seed 7 -> 8: .*on_data_change"):
         run(2, 1, resume=True, seed=8, on_data_change='stop')
+
+
+def test_a_file_rewritten_under_the_same_size_and_time_is_a_change(start, monkeypatch):
+    """Lines shuffled and copied back with their size and modification time (``cp -p``, ``touch -r``): the resume
+    skipped batches that now held other samples, without a word (the manifest had the size and time only)."""
+    run, root = start
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    run(1, 2, resume=False)
+    path = root / 'a.jsonl'
+    st = os.stat(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(''.join(lines[::-1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(path) == st.st_size
+    run(1, 2, resume=True)
+    assert len(said) == 1 and f'{path}: content ' in said[0], said
+
+
+def test_the_seed_of_the_sampler_under_the_epoch_wrapper_is_read():
+    """Training's sampler is the EpochSampler over the seeded one: the seed was never recorded, and a resume with
+    another seed went on without a word."""
+    wrapped = SimpleNamespace(sampler=SimpleNamespace(seed=42, shuffle=True), epoch=0)
+    assert badsamples.reading_order(SimpleNamespace(dataset=None, batch_size=2, sampler=wrapped)) == {
+        'ranks': 1, 'batch_size': 2, 'seed': 42, 'shuffle': True}
+
+
+def test_sources_are_compared_by_place_a_file_named_twice_included():
+    """A meta file naming one file in two entries: the manifest's sources were a dict by path, so a change to the
+    first entry's repeat_time (32 items -> 80) and the entries' order (each fractional subset is seeded by its place)
+    were not seen."""
+    def manifest(*entries):
+        return dict(sources=[dict(annotation='/d.jsonl', size=10, mtime_ns=1, repeat_time=r, samples=16, used=u)
+                             for r, u in entries], total_used=sum(u for _, u in entries))
+    assert badsamples.manifest_changes(manifest((1, 16), (1, 16)), manifest((1, 16), (1, 16))) == []
+    (change,) = badsamples.manifest_changes(manifest((1, 16), (1, 16)), manifest((4, 64), (1, 16)))
+    assert change == '/d.jsonl: repeat_time 1 -> 4, used 16 -> 64'
+    reordered = dict(sources=[dict(annotation=p, size=1, mtime_ns=1) for p in ('/a', '/b')], total_used=2)
+    swapped = dict(sources=reordered['sources'][::-1], total_used=2)
+    assert badsamples.manifest_changes(reordered, swapped) == [
+        "the annotation files are named in another order or number: ['/a', '/b'] then, ['/b', '/a'] now"]

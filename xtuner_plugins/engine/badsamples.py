@@ -46,6 +46,7 @@ from xtuner_plugins.data.errors import TooManyBadSamplesError
 from xtuner_plugins.errors import Refused
 
 from .checkpointing import atomic_write
+from .dataagree import sampled_digest
 
 __all__ = ['BadSampleHook']
 
@@ -244,7 +245,7 @@ def manifest(dataset) -> dict:
     for i, (src, rng) in enumerate(zip(dataset.sources, dataset._source_ranges)):
         st = os.stat(src.annotation)
         sources.append(dict(annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                            image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
+                            content=sampled_digest(src.annotation), image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
                             repeat_time=src.repeat_time, samples=len(rng),
                             refused_at_start_up=dict(refused.get(src.annotation, {})), used=used.get(i, 0)))
     return dict(sources=sources, total_used=len(dataset))
@@ -259,6 +260,8 @@ def reading_order(dataloader) -> Dict[str, int]:
         return {}
     order = dict(ranks=get_dist_info()[1], batch_size=batch)
     sampler = getattr(dataloader, 'sampler', None)
+    while sampler is not None and not hasattr(sampler, 'seed') and hasattr(sampler, 'sampler'):
+        sampler = sampler.sampler   # under the EpochSampler that gives each epoch its number (its seed was not read)
     for key in ('seed', 'shuffle'):
         value = getattr(sampler, key, None)
         if isinstance(value, (bool, int)):
@@ -283,13 +286,24 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
         moved.append(f'the sampler\'s {", ".join(drawn)}: the epoch under way is drawn in another order, so those '
                      f'skipped to resume are not the ones trained on (some of its samples are trained on twice, '
                      f'others not at all until the next epoch); resume with the same sampler settings')
-    old = {s['annotation']: s for s in before.get('sources', [])}
-    new = {s['annotation']: s for s in now.get('sources', [])}
-    changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]
-    for p in (p for p in new if p in old):
-        diff = [f'{k} {old[p].get(k)!r} -> {new[p].get(k)!r}' for k in ('size', 'mtime_ns', 'image_folder',
-                                                                         'repeat_time', 'samples', 'used')
-                if old[p].get(k) != new[p].get(k)]
+    then_sources, now_sources = before.get('sources', []), now.get('sources', [])
+    then_paths, now_paths = [s['annotation'] for s in then_sources], [s['annotation'] for s in now_sources]
+    if then_paths == now_paths:   # by place: a file may be named twice (a meta file's two entries)
+        pairs = list(zip(then_paths, then_sources, now_sources))
+        changes = []
+    else:
+        old, new = dict(zip(then_paths, then_sources)), dict(zip(now_paths, now_sources))
+        changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]
+        if not changes:   # each source's fractional subset is drawn by its place, with the seed plus it
+            changes.append(f'the annotation files are named in another order or number: {then_paths} then, '
+                           f'{now_paths} now')
+        pairs = [(p, old[p], new[p]) for p in new if p in old]
+    for p, a, b in pairs:
+        diff = [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in ('size', 'mtime_ns', 'content', 'image_folder',
+                                                              'repeat_time', 'samples', 'used')
+                if a.get(k) != b.get(k) and (k != 'content' or k in a)]   # (no content in an older manifest)
         if diff:
             changes.append(f'{p}: ' + ', '.join(diff))
+    if 'total_used' in before and before.get('total_used') != now.get('total_used') and not changes:
+        changes.append(f'the samples used: {before["total_used"]} then, {now.get("total_used")} now')
     return changes + moved

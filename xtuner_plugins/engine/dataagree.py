@@ -79,6 +79,12 @@ def _digest(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()[:16]
 
 
+def sampled_digest(path: str) -> str:
+    """A digest of :func:`_sampled`'s bytes of ``path``: a file's lines reordered or edited in place under the same
+    size and modification time (``cp -p``, ``touch -r``) change it."""
+    return _digest(_sampled(path))
+
+
 def _sampled(path: str) -> bytes:
     """``SAMPLED`` bytes at the start, middle and end of ``path`` (the whole of a smaller file): what every copy of
     the file on any node holds alike, read in a moment at any size; empty when it cannot be read."""

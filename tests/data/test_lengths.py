@@ -2,6 +2,9 @@
 
 import os
 
+import numpy as np
+import pytest
+
 from tests.data.test_dataset import make_ds
 from tests.helpers import conv, write_jsonl
 
@@ -54,3 +57,21 @@ def test_a_tokenizer_changed_in_its_folder_gets_its_own_lengths(tmp_path, tiny_t
     assert len(changed) == len(tiny_tokenizer)
     ds = make_ds(path, changed, tmp_path)
     assert ds.length == [len(ds[i]['input_ids']) for i in range(len(ds))] and ds.length != before
+
+
+@pytest.mark.parametrize('suffix, damage', [
+    ('.good.npy', lambda a: np.where(np.arange(len(a)) == 1, 10 ** 9, a)),   # a record number past the file
+    ('.good.npy', lambda a: a[::-1].copy()),                                 # out of order
+    ('.lengths.npy', lambda a: a[:, 0].copy())])                             # 1-D
+def test_a_cache_edited_in_place_is_computed_again(tmp_path, tiny_tokenizer, suffix, damage):
+    """A cache file of the right length with other contents (edited, or from a broken disk) was used as it was: an
+    IndexError traceback (a record number past the file, a 1-D lengths file) or wrong lengths (a helper's sweep)."""
+    from tests.data.test_dataset import cache_keys
+    rows = [{'conversations': conv(f'q{i}', 'word ' * (1 + i), image=False)} for i in range(5)]
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    before = make_ds(path, tiny_tokenizer, tmp_path).length
+    (key,) = cache_keys(tmp_path / 'cache')
+    file = tmp_path / 'cache' / (key + suffix)
+    np.save(file, damage(np.load(file)))
+    ds = make_ds(path, tiny_tokenizer, tmp_path)
+    assert ds.length == before == [len(ds[i]['input_ids']) for i in range(len(ds))]

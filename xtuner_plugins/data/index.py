@@ -164,6 +164,14 @@ def load_array(path: str) -> Optional[np.ndarray]:
     return array
 
 
+def ascending_below(array, bound: int) -> bool:
+    """Whether ``array`` is a 1-D array of whole numbers rising strictly from 0 or more to below ``bound``: what
+    a cache's record numbers are (an edited one, ``10**9`` among them, was an IndexError traceback)."""
+    if array is None or array.ndim != 1 or array.dtype.kind not in 'iu':
+        return False
+    return not len(array) or (int(array[0]) >= 0 and int(array[-1]) < bound and bool(np.all(np.diff(array) > 0)))
+
+
 class AnnotationChanged(Stated, RuntimeError):
     """An annotation file no longer holds its samples where its index says: it changed after it was indexed."""
 

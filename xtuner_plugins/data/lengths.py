@@ -248,6 +248,12 @@ def _load_cache(base: str, count: int, digest: str):
         return None
     if any(a is None for a in arrays) or len(arrays[0]) != count or len(arrays[1]) != count + 1:
         return None
+    lengths, refs, ids = arrays   # shapes and ranges: a cache edited in place is computed again, as a missing one
+    if (lengths.ndim != 2 or lengths.shape[1] != 2 or lengths.dtype.kind not in 'iu' or refs.ndim != 1
+            or ids.ndim != 1 or (count and (int(refs[0]) != 0 or int(refs[-1]) != len(ids)
+                                            or bool(np.any(np.diff(refs) < 0)) or bool(np.any(lengths[:, 0] == 0))))
+            or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(meta.get('paths') or ())))):
+        return None
     return arrays[0], meta['paths'], meta['stats'], arrays[1], arrays[2]
 
 

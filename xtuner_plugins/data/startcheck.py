@@ -26,7 +26,7 @@ import numpy as np
 from mmengine.logging import print_log
 
 from .errors import SampleError
-from .index import SourceIndex, load_array, save_array, source_index
+from .index import SourceIndex, ascending_below, load_array, save_array, source_index
 from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
 from .nodepass import node_once, run_slices
 from .presence import missing_line
@@ -156,9 +156,9 @@ def _load(base: str, index: SourceIndex) -> Optional[SourceCheck]:
     except (OSError, ValueError):
         return None
     good = load_array(base + '.good.npy')
-    if (good is None or summary.get('version') != CHECK_VERSION or summary.get('entries') != len(index)
-            or summary.get('good') != len(good)):
-        return None
+    if (not ascending_below(good, len(index)) or summary.get('version') != CHECK_VERSION
+            or summary.get('entries') != len(index) or summary.get('good') != len(good)):
+        return None   # (a cache edited or damaged in place is computed again, as a missing one)
     if summary.get('missing'):   # images not found then, there now (a folder still being filled): checked again
         some = summary.get('some_missing') or [(summary.get('first_missing') or [None, None])[1]]
         if any(isinstance(path, str) and os.path.exists(path) for path in some):
@@ -203,7 +203,11 @@ def cached_subset(ds, n: int, repeat_time: float, seed: int) -> Optional[np.ndar
         except OSError:
             return subset
         return load_array(file)
-    return node_once(file, lambda: load_array(file), build, f'the repeat_time {repeat_time:g} subset of {n} samples')
+
+    def load() -> Optional[np.ndarray]:
+        found = load_array(file)
+        return found if ascending_below(found, n) else None
+    return node_once(file, load, build, f'the repeat_time {repeat_time:g} subset of {n} samples')
 
 
 def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], List[SampleError]]:

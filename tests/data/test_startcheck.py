@@ -205,10 +205,19 @@ def test_a_repeat_time_past_half_the_memory_is_one_line(tmp_path, monkeypatch):
     from xtuner_plugins.data import InternVLDataset
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 10)
     monkeypatch.setattr(os, 'sysconf', lambda name: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 6 * 2 ** 30 // 4096}[name])
-    assert startcheck.max_items() == (6 * 2 ** 30 // 16, ": half of this machine's 6.0 GiB of memory")
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.delenv('SLURM_NTASKS_PER_NODE', raising=False)
+    assert startcheck.max_items() == (6 * 2 ** 30 // 48, ": half of this machine's 6.0 GiB of memory for 3 copies "
+                                                         "while it is built")
     with pytest.raises(ValueError, match=r"repeat_time 3e\+08 makes its 10 samples 3e\+09 items, more than a data "
-                                         r"set indexes \(402653184, 8 bytes each: half of this machine's 6.0 GiB"):
+                                         r"set indexes \(134217728, 8 bytes each: half of this machine's 6.0 GiB"):
         InternVLDataset(path, repeat_times=3e8, tokenizer=None, cache_dir=str(tmp_path / 'cache'))
+    # a source's index is built in every rank of the node (1e7 on 10 lines peaked at 2.9 GB, 3 times its size)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
+    assert startcheck.max_items() == (6 * 2 ** 30 // (48 * 8), ": half of this machine's 6.0 GiB of memory for 3 "
+                                                               "copies while it is built, on each of the node's 8 ranks")
+    with pytest.raises(ValueError, match=r'makes its 10 samples 2e\+08 items, more than a data set indexes'):
+        InternVLDataset(path, repeat_times=2e7, tokenizer=None, cache_dir=str(tmp_path / 'cache'))
     assert len(InternVLDataset(path, repeat_times=2.5, tokenizer=None, cache_dir=str(tmp_path / 'cache'))) == 25
 
 

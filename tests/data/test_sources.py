@@ -400,6 +400,11 @@ def test_a_meta_entry_naming_a_meta_file_or_a_root_that_is_a_file_says_so(tmp_pa
     meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'root': 'x.png', 'repeat_time': 1}}))
     with pytest.raises(FileNotFoundError, match=r'its image folder .*x.png is a file, not a folder'):
         expand_sources(str(meta))
+    # among a meta file's entries, the one whose root it is (it named the annotation file only)
+    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'root': 'gone', 'repeat_time': 1}}))
+    with pytest.raises(FileNotFoundError, match=rf"^{meta}: entry 'x': {tmp_path}/a.jsonl: its image folder "
+                                                rf"{tmp_path}/gone does not exist"):
+        expand_sources(str(meta))
 
 
 def test_a_compressed_or_unknown_annotation_file_is_named_as_one(tmp_path):

@@ -295,7 +295,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             raise ValueError(f'{src.annotation}: {problem}')
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
             what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
-            raise FileNotFoundError(f'{src.annotation}: its image folder {src.image_folder} {what} (set '
+            entry = f'{src.meta}: entry {src.name!r}: ' if src.meta else ''   # its "root", where it was given
+            raise FileNotFoundError(f'{entry}{src.annotation}: its image folder {src.image_folder} {what} (set '
                                     f'train_dataloader.dataset.image_folders, --image-folder of '
                                     f'tools/check_dataset.py, or the meta file\'s "root")')
     return sources

@@ -175,7 +175,7 @@ def test_a_shard_linked_out_of_the_folder_is_refused_unless_links_are_allowed(da
 
 def broken_json(folder, change):
     """An edit for :func:`shard_set_copy` into ``folder``: its shard 0 written again, the first sample's
-    ``KEY.json`` bytes ``change(bytes)``, the shard's size and digest in ``shards.json`` the new ones (only the
+    ``KEY.json`` bytes ``change(bytes)``, the shard's size and digests in ``shards.json`` the new ones (only the
     member is wrong)."""
     from webdataset import TarWriter
 
@@ -191,6 +191,7 @@ def broken_json(folder, change):
                 writer.write({k: v for k, v in sample.items() if k == '__key__' or not k.startswith('_')})
         index['shards'][0]['bytes'] = os.path.getsize(path)
         index['shards'][0]['digest'] = records_digest(samples)   # as a writer of that member would record it
+        index['shards'][0]['first'] = records_digest(samples[:1])
     return edit
 
 

@@ -103,20 +103,36 @@ def same_size_other_shard(ds, root):
     return listed, other
 
 
-def test_a_shard_of_the_same_size_put_in_its_place_before_start_up_is_met_once_read_through(shards):
+@pytest.mark.parametrize('recorded', ['first', 'digest only'])
+def test_a_shard_of_the_same_size_put_in_its_place_before_start_up_is_refused_at_its_first_sample(shards, recorded):
     """Sizes alone were compared: its samples were read as the listed ones (some twice, others never), by training
-    and check_dataset alike; the digest shards.json records is compared now, once the shard is read through."""
+    and check_dataset alike. The digest of its first sample's record (``first``) is compared before any of its
+    samples is used; a set written before it was recorded, by the digest of all, once the shard is read through
+    (a helper's sweep: 25 iterations trained on a foreign shard first)."""
+    import json
+
     from xtuner_plugins.data.shards import check_shards
     ds, root = shards
     listed, other = same_size_other_shard(ds, root)
     shutil.copy(root / 'seed1' / 'shard-000001.tar', root / 'out' / 'shard-000001.tar')
-    said = (rf"^{root}/out/shard-000001.tar: its samples are not the ones shards.json records \(their digest "
-            rf"{other['digest']}, recorded {listed['digest']}\): another shard of the same size put in its place")
+    if recorded == 'first':
+        said = (rf"^{root}/out/shard-000001.tar: its first sample is not the one shards.json records \(its digest "
+                rf"{other['first']}, recorded {listed['first']}\): another shard of the same size put in its place")
+    else:
+        index = json.loads((root / 'out' / 'shards.json').read_text())
+        for shard in index['shards']:
+            del shard['first']
+        (root / 'out' / 'shards.json').write_text(json.dumps(index))
+        said = (rf"^{root}/out/shard-000001.tar: its samples are not the ones shards.json records \(their digest "
+                rf"{other['digest']}, recorded {listed['digest']}\): another shard of the same size put in its place")
     started = ShardDataset(str(root / 'out'), dict(tokenizer=ds.samples.tokenizer, image_size=28,
                                                    max_dynamic_patch=4, max_bad_fraction=1), shuffle=False, rank=0,
                            world_size=1)
+    stream, given = iter(started), []
     with pytest.raises(Stated, match=said):
-        take(started, 6)
+        while True:
+            given.append(next(stream)['samples'][0])
+    assert len(given) == (2 if recorded == 'first' else 4)   # shard 0's two; then shard 1's too, read through
     with pytest.raises(Stated, match=said):
         check_shards(str(root / 'out'))
 

@@ -134,7 +134,7 @@ class _Shard:
 
     def __init__(self, out: str, name: str, mtime: int):
         self.out, self.name, self.mtime = out, name, mtime
-        self.writer, self.samples, self.hash = None, 0, hashlib.sha1()
+        self.writer, self.samples, self.hash, self.first = None, 0, hashlib.sha1(), None
 
     def write(self, sample: dict) -> None:
         from webdataset import TarWriter
@@ -142,6 +142,8 @@ class _Shard:
             self.writer = TarWriter(os.path.join(self.out, self.name), encoder=False, mtime=self.mtime)
         self.writer.write(sample)
         self.hash.update(sample['json'] + b'\n')
+        if self.first is None:   # the first sample's record alone: checked before any sample of the shard is used
+            self.first = hashlib.sha1(sample['json'] + b'\n').hexdigest()[:16]
         self.samples += 1
 
     def close(self) -> Optional[dict]:
@@ -151,7 +153,7 @@ class _Shard:
         self.writer.close()
         self.writer = None
         return dict(file=self.name, samples=self.samples, bytes=os.path.getsize(os.path.join(self.out, self.name)),
-                    digest=self.hash.hexdigest()[:16])
+                    digest=self.hash.hexdigest()[:16], first=self.first)
 
     def abort(self) -> None:
         """Close the shard being written after an error (a full disk), each failure of the closing swallowed:

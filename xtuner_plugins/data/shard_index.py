@@ -129,8 +129,9 @@ def index_problem(index: dict, folder: str, allow_links_outside: bool = False) -
             return (f'shards[{k}].file {name!r} is listed before, as shards[{seen[name]}]: its samples would be read '
                     f'twice; {REWRITE}')
         seen[name] = k
-        if not (shard.get('digest') is None or isinstance(shard['digest'], str)):
-            return f'shards[{k}] ({name}): digest {shard["digest"]!r:.40}, expected text; {REWRITE}'
+        for key in ('digest', 'first'):
+            if not (shard.get(key) is None or isinstance(shard[key], str)):
+                return f'shards[{k}] ({name}): {key} {shard[key]!r:.40}, expected text; {REWRITE}'
         if '/' not in name and name not in ('.', '..') and not os.path.islink(os.path.join(root, name)):
             continue  # a name in the folder, not a link (the writer's): inside it, one lstat (not ~8 syscalls)
         full = os.path.normpath(os.path.join(root, name))
@@ -185,14 +186,16 @@ def _members(stream, path: str, total: int) -> Iterator[Dict[str, Any]]:
 
 
 def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: Optional[int] = None,
-               digest: Optional[str] = None, started: Optional[Tuple] = None) -> Iterator[Dict[str, Any]]:
+               digest: Optional[str] = None, started: Optional[Tuple] = None,
+               first: Optional[str] = None) -> Iterator[Dict[str, Any]]:
     """The samples of one tar shard (``{'__key__', 'json', 'img0.jpg', ...}``, bytes), after the first ``skip``.
     A shard no longer there, no longer of its ``size`` in bytes (``shards.json``'s, checked at start-up: a shard
     written over since), no longer the file start-up found (``started``, its :func:`stamp` then: another file of the
     same size put in its place, or this one written over, since), that cannot be read, that ends before its
     ``expected`` samples or holds more, or whose samples read through are not the ones of its ``digest``
     (``shards.json``'s: another shard of the same size put in its place before start-up, met once it is read
-    whole) is a :class:`ShardDamaged` naming it (and the samples read), the first three before any sample."""
+    whole; at its first sample where ``first``, the digest of that sample's record, is recorded) is a
+    :class:`ShardDamaged` naming it (and the samples read), the first three before any sample."""
     import hashlib
     import tarfile
 
@@ -231,6 +234,12 @@ def read_shard(path: str, skip: int = 0, expected: Optional[int] = None, size: O
                                        f'changed after it was written; {REWRITE}')
                 if digest is not None:
                     read.update(bytes(sample.get('json') or b'') + b'\n')
+                if k == 0 and first is not None:   # a shard of another set, at the same size: before it is used
+                    found = hashlib.sha1(bytes(sample.get('json') or b'') + b'\n').hexdigest()[:16]
+                    if found != first:
+                        raise ShardDamaged(f'{path}: its first sample is not the one {INDEX} records (its digest '
+                                           f'{found}, recorded {first}): another shard of the same size put in '
+                                           f'its place; {REWRITE}')
                 if k >= skip:
                     yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:

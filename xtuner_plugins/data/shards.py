@@ -214,6 +214,7 @@ class ShardDataset(StreamingDataset):
         self.expected = [int(s['samples']) for s in self.index['shards']]
         self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
         self.digests = [s.get('digest') for s in self.index['shards']]  # checked as each is read through
+        self.firsts = [s.get('first') for s in self.index['shards']]    # checked at each one's first sample
         self.stamps = dataset.stamps   # each shard as start-up found it, compared as each is opened
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
@@ -261,7 +262,7 @@ class ShardDataset(StreamingDataset):
             while j < len(mine):
                 shard = order(mine[j])
                 samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard],
-                                     self.digests[shard], self.stamps[shard])
+                                     self.digests[shard], self.stamps[shard], self.firsts[shard])
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:
@@ -285,7 +286,8 @@ class ShardDataset(StreamingDataset):
         for shard, positions in wanted.items():
             first = min(positions)
             for position, sample in enumerate(read_shard(self.shards[shard], first, size=self.sizes[shard],
-                                                         started=self.stamps[shard]), first):
+                                                         started=self.stamps[shard], first=self.firsts[shard]),
+                                              first):
                 if position in positions:
                     found[shard, position] = shard_record(sample, len(self.samples.sources))
                 if position >= max(positions):
@@ -352,7 +354,7 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     videos: List[str] = []
     for shard in samples.index['shards']:
         for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples']),
-                              size=shard.get('bytes'), digest=shard.get('digest')):
+                              size=shard.get('bytes'), digest=shard.get('digest'), first=shard.get('first')):
             record = shard_record(raw, len(samples.sources))
             where = samples.where(record)  # a bad KEY.json's counts go under its shard: it names no annotation
             st = stats[where.rsplit(':', 1)[0] if record.problem else samples.sources[record.source].annotation]

@@ -61,16 +61,18 @@ def scan_jsonl(path: str) -> np.ndarray:
 
 
 def _real_quotes(data: np.ndarray, quotes: np.ndarray) -> np.ndarray:
-    """The quotes not escaped by an odd run of backslashes before them."""
+    """The quotes not escaped by an odd run of backslashes before them. The runs are found in arrays (a loop over
+    each quote after a backslash took 5.6 s for an 81 MB file of 8.8M ``\\"``, five times ``json.load``)."""
     escaped = quotes[(quotes > 0) & (data[np.maximum(quotes - 1, 0)] == 92)]
-    drop = []
-    for q in escaped.tolist():
-        run = 0
-        while q - run - 1 >= 0 and data[q - run - 1] == 92:
-            run += 1
-        if run % 2:
-            drop.append(q)
-    return np.setdiff1d(quotes, np.asarray(drop, dtype=np.int64), assume_unique=True) if drop else quotes
+    if not len(escaped):
+        return quotes
+    slashes = np.flatnonzero(data == 92)
+    breaks = np.flatnonzero(np.diff(slashes) != 1)
+    ends = np.append(slashes[breaks], slashes[-1])          # the last backslash of each run
+    starts = np.insert(slashes[breaks + 1], 0, slashes[0])  # and its first
+    run = np.searchsorted(ends, escaped - 1)                # the run that ends right before each such quote
+    drop = escaped[(ends[run] - starts[run] + 1) % 2 == 1]
+    return np.setdiff1d(quotes, drop, assume_unique=True) if len(drop) else quotes
 
 
 def scan_json_list(path: str) -> np.ndarray:

@@ -63,6 +63,20 @@ def test_json_list_elements_follow_strings_escapes_and_depth(tmp_path, monkeypat
     assert [int(x) for x in entries[:, 2]] == list(range(1, len(TRICKY) + 1))
 
 
+@pytest.mark.parametrize('window', [3, 1 << 24])
+def test_runs_of_backslashes_before_quotes_of_any_length(tmp_path, monkeypatch, window):
+    """Strings of random backslashes, quotes, brackets and commas: the elements found are the list's (the runs of
+    backslashes before a quote, odd or even, are counted in arrays)."""
+    import random
+    monkeypatch.setattr(index_module, 'WINDOW', window)
+    rng = random.Random(0)
+    items = [{'v': ''.join(rng.choice('\\\\\\"a,[]') for _ in range(rng.randint(0, 12)))} for _ in range(300)]
+    path = tmp_path / 'a.json'
+    path.write_text(json.dumps(items))
+    entries = scan_json_list(str(path))
+    assert [json.loads(raw) for _, raw in entries_bytes(path, entries)] == items
+
+
 @pytest.mark.parametrize('text, why', [
     ('[{"id": 1},', 'the list is not closed at the end of the file'),
     ('[{"id": 1}] [2]', 'more data after the list'),

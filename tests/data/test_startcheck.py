@@ -215,7 +215,8 @@ def test_a_repeat_time_past_half_the_memory_is_one_line(tmp_path, monkeypatch):
     # a source's index is built in every rank of the node (1e7 on 10 lines peaked at 2.9 GB, 3 times its size)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
     assert startcheck.max_items() == (6 * 2 ** 30 // (48 * 8), ": half of this machine's 6.0 GiB of memory for 3 "
-                                                               "copies while it is built, on each of the node's 8 ranks")
+                                                               "copies while it is built, on each of the node's 8 "
+                                                               "ranks")
     with pytest.raises(ValueError, match=r'makes its 10 samples 2e\+08 items, more than a data set indexes'):
         InternVLDataset(path, repeat_times=2e7, tokenizer=None, cache_dir=str(tmp_path / 'cache'))
     assert len(InternVLDataset(path, repeat_times=2.5, tokenizer=None, cache_dir=str(tmp_path / 'cache'))) == 25

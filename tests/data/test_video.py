@@ -321,7 +321,8 @@ BAD = {
     'image_and_video': ({'video': 'v.mp4', 'image': 'i.png', 'conversations': conv()}, 'load'),
     'bad_video_field': ({'video': ['a.mp4'], 'conversations': conv(image=False)}, 'load'),
 }
-REASON = {'truncated_video': 'corrupt_video', 'undecodable_video': 'corrupt_video', 'malformed_clip': 'bad_clip', 'clip_on_frames': 'bad_clip',
+REASON = {'truncated_video': 'corrupt_video', 'undecodable_video': 'corrupt_video', 'malformed_clip': 'bad_clip',
+          'clip_on_frames': 'bad_clip',
           'huge_int_clip': 'bad_clip', 'huge_clip': 'bad_clip',
           'video_tag_without_video': 'video_tag_mismatch', 'two_video_tags': 'video_tag_mismatch',
           'image_tag_in_video': 'video_tag_mismatch'}

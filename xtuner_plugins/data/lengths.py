@@ -12,9 +12,10 @@ the repeated turns of a template tokenised once, ``tokenize.py``) and cached as 
 files per annotation file (memory-mapped: a 16M-sample cache loads in a moment), keyed by everything that changes
 the numbers (the file's size, modification time, inode and change time, the image folder, tiling settings, template
 and what the tokenizer does: :func:`tokenizer_fingerprint`) and checked against the size and modification time of
-every distinct image file (one ``stat`` each): the samples whose images changed are computed again. A missing or unreadable image counts as zero image tokens here; the
-sample is reported when it is loaded. With ``length_field`` set (InternVL's ``length``), a sample carrying that
-field is given it as its length, untokenised (for the length-grouped sampler; packing needs exact lengths).
+every distinct image file (one ``stat`` each): the samples whose images changed are computed again. A missing or
+unreadable image counts as zero image tokens here; the sample is reported when it is loaded. With ``length_field``
+set (InternVL's ``length``), a sample carrying that field is given it as its length, untokenised (for the
+length-grouped sampler; packing needs exact lengths).
 """
 
 from __future__ import annotations

@@ -245,7 +245,8 @@ def manifest(dataset) -> dict:
     for i, (src, rng) in enumerate(zip(dataset.sources, dataset._source_ranges)):
         st = os.stat(src.annotation)
         sources.append(dict(annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                            content=sampled_digest(src.annotation), image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
+                            content=sampled_digest(src.annotation),
+                            image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
                             repeat_time=src.repeat_time, samples=len(rng),
                             refused_at_start_up=dict(refused.get(src.annotation, {})), used=used.get(i, 0)))
     return dict(sources=sources, total_used=len(dataset))

@@ -308,8 +308,9 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
 
     # uploads are copied into gradio's cache and kept there; sessions keep their images' bytes, so older copies go
     with gr.Blocks(title=title, delete_cache=DELETE_CACHE) as app:
-        gr.Markdown(f'## {title}\n`{os.path.basename(os.path.normpath(model.folder))}` ({model.format} format). Images you upload go with your next '
-                    'message; every later turn still sees them.')
+        shown = os.path.basename(os.path.normpath(model.folder))   # its name only: the server's folders are not said
+        gr.Markdown(f'## {title}\n`{shown}` ({model.format} format). Images you upload go with your next message; '
+                    'every later turn still sees them.')
         conversation = gr.State(None, time_to_live=CONVERSATION_TTL_S)
         with gr.Row():
             with gr.Column(scale=1):

@@ -58,7 +58,7 @@ from typing import Dict, List, Optional
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
 from xtuner_plugins.models.export.files import BOS, template_system, with_system
 from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
-from xtuner_plugins.web.server import is_loopback, listen_address, port_problem
+from xtuner_plugins.web.server import listen_address, network_warning, port_problem
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
@@ -349,14 +349,6 @@ def api_key(path: Optional[str], extra: List[str]) -> Optional[str]:
     return os.environ.get('VLLM_API_KEY') or None
 
 
-def network_warning(host: str, port: int, key: Optional[str]) -> str:
-    """The warning for a server other machines reach without an API key (``''`` for none)."""
-    if is_loopback(host) or key:
-        return ''
-    return (f'serve: warning: --host {host} serves the network without an API key: anyone who reaches port {port} '
-            f'can use the model; give --api-key-file FILE to ask for one')
-
-
 def converted(args, tmp: str) -> str:
     """The folder to serve: ``args.folder``, or ``args.checkpoint`` converted into ``tmp`` (official format,
     ``--dtype`` or bf16) with the settings it records."""
@@ -409,7 +401,7 @@ def serve(args) -> int:
         return tool_error('serve', problem)
     if args.port == 0:
         args.port = free_port(args.host)
-    warning = network_warning(args.host, args.port, args.api_key)
+    warning = network_warning('serve', args.host, args.port, bool(args.api_key), 'an API key', '--api-key-file FILE')
     if warning:
         print(warning, file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the server is stopped too (finally)

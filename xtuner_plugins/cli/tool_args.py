@@ -243,8 +243,9 @@ def check_model_arguments(parser, args) -> None:
     low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
     from xtuner_plugins.data.tiling import tiles_problem
     for option, value in (('--min-num', low), ('--max-num', high)):
-        if value is not None and tiles_problem(value, option):
-            parser.error(tiles_problem(value, option))
+        problem = None if value is None else tiles_problem(value, option)
+        if problem:
+            parser.error(problem)
     if low is not None and high is not None and low > high:
         parser.error(f'--min-num {low} is over --max-num {high}')
 

@@ -29,7 +29,7 @@ environment_defaults()
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
 from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app
-from xtuner_plugins.web.server import MAX_QUEUE, is_loopback, launch, port_problem
+from xtuner_plugins.web.server import MAX_QUEUE, launch, network_warning, port_problem
 
 
 def parse_args(argv=None):
@@ -77,14 +77,6 @@ def read_auth(path: str):
     return pairs
 
 
-def network_warning(host: str, port: int, auth) -> str:
-    """The warning for a page that other machines reach without a password (``''`` for none)."""
-    if is_loopback(host) or auth:
-        return ''
-    return (f'web_demo: warning: --host {host} serves the network without a password: anyone who reaches port '
-            f'{port} can use the model and upload files; give --auth FILE (USER:PASSWORD lines) to ask for one')
-
-
 def file_size_argument(text: str) -> str:
     """``--max-file-size``: a whole number of b, kb, mb, gb or tb (gradio's form), e.g. ``200mb``."""
     import re
@@ -107,7 +99,8 @@ def main(argv=None) -> int:
             problem = str(exc)
     if problem:  # before the model loads, so the error comes at once
         return tool_error('web_demo', problem)
-    warning = network_warning(args.host, args.port, auth)
+    warning = network_warning('web_demo', args.host, args.port, bool(auth), 'a password',
+                              '--auth FILE (USER:PASSWORD lines)', can='use the model and upload files')
     if warning:
         print(warning, file=sys.stderr)
 

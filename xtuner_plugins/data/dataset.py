@@ -165,9 +165,10 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
             raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
-        for name, value in (('min_dynamic_patch', min_dynamic_patch), ('max_dynamic_patch', max_dynamic_patch)):
-            if tiles_problem(value, name):
-                raise ValueError(tiles_problem(value, name))
+        for problem in (tiles_problem(min_dynamic_patch, 'min_dynamic_patch'),
+                        tiles_problem(max_dynamic_patch, 'max_dynamic_patch')):
+            if problem:
+                raise ValueError(problem)
         if not 1 <= min_dynamic_patch <= max_dynamic_patch:
             raise ValueError(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
                              f'{min_dynamic_patch} and {max_dynamic_patch}')

@@ -286,10 +286,10 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
                                       repeat_time=float(repeat), max_dynamic_patch=patch))
     _warn_named_twice(sources)
+    from .tiling import tiles_problem   # (torch: imported when the sources are read)
     for src in sources:
         if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
             raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
-        from .tiling import tiles_problem
         problem = None if src.max_dynamic_patch is None else tiles_problem(src.max_dynamic_patch, 'max_dynamic_patch')
         if problem:
             raise ValueError(f'{src.annotation}: {problem}')

@@ -51,7 +51,7 @@ def question_problem(question: str) -> Optional[str]:
                 'than any model here reads)')
     from xtuner_plugins.models.prompt import check_question
     try:
-        check_question(question)   # the model's own check again, with its tokenizer's special tokens
+        check_question(question)   # the model's check without its tokenizer: the model checks again, with it
     except SampleError as err:
         return str(err)
     return None
@@ -78,13 +78,15 @@ def forget_finished_events(queue) -> int:
 
 
 def start_forgetting(app, every: float = FORGET_EVERY_S) -> threading.Event:
-    """Run :func:`forget_finished_events` on ``app``'s queue every ``every`` seconds in a daemon thread; setting
-    the returned event stops it."""
+    """Run :func:`forget_finished_events` on ``app``'s queue every ``every`` seconds in a daemon thread, until the
+    queue is closed (``app.close()``) or the returned event is set."""
     stop = threading.Event()
 
     def run():
         while not stop.wait(every):
             queue = getattr(app, '_queue', None)
+            if queue is not None and getattr(queue, 'stopped', False):
+                return
             if queue is not None:
                 forget_finished_events(queue)
 

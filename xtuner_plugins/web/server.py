@@ -61,6 +61,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def network_warning(prog: str, host: str, port: int, guarded: bool, lacking: str, option: str,
+                    can: str = 'use the model') -> str:
+    """``PROG: warning: ...`` for a server other machines reach (``host`` not this machine's only) with nothing
+    asked of a client (not ``guarded``: ``lacking`` it, ``option`` to give; ``can``: what anyone can do there);
+    ``''`` otherwise."""
+    if guarded or is_loopback(host):
+        return ''
+    return (f'{prog}: warning: --host {host} serves the network without {lacking}: anyone who reaches port {port} '
+            f'can {can}; give {option} to ask for one')
+
+
 def port_free(host: str, port: int) -> bool:
     return not port_problem(host, port)
 

@@ -195,17 +195,30 @@ class TestReadRecords:
             read_records(0, expand_sources(str(path))[0])
 
 
-def test_a_missing_image_folder_is_named_at_start_up(tmp_path):
-    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'x.png', 'conversations': conv()}])
+def test_a_missing_image_folder_is_named_at_start_up(tmp_path, monkeypatch):
+    """Once one of the source's samples names an image: a text-only data set needs no folder (its config's default
+    folder had to exist), and says so in a line."""
+    from xtuner_plugins.data import InternVLDataset
+    settings = dict(tokenizer=None, cache_dir=str(tmp_path / 'cache'))
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)},
+                                              {'image': 'x.png', 'conversations': conv()}])
+    assert expand_sources([path], [str(tmp_path / 'nope')])[0].image_folder == str(tmp_path / 'nope')
     with pytest.raises(FileNotFoundError, match=r'a.jsonl: its image folder .*/nope does not exist \(set '
                                                 r'train_dataloader.dataset.image_folders'):
-        expand_sources([path], [str(tmp_path / 'nope')])
+        InternVLDataset(path, image_folders=str(tmp_path / 'nope'), **settings)
     meta = tmp_path / 'meta.json'
     meta.write_text(json.dumps({'d': {'root': 'gone', 'annotation': 'a.jsonl', 'repeat_time': 1}}))
-    with pytest.raises(FileNotFoundError, match=r'its image folder .*gone does not exist'):
-        expand_sources([str(meta)])
+    with pytest.raises(FileNotFoundError, match=rf"^{meta}: entry 'd': {tmp_path}/a.jsonl: its image folder "
+                                                rf"{tmp_path}/gone does not exist"):
+        InternVLDataset(str(meta), **settings)
     (tmp_path / 'imgs').mkdir()
     assert expand_sources([path], [str(tmp_path / 'imgs')])[0].image_folder == str(tmp_path / 'imgs')
+    text = write_jsonl(tmp_path / 'text.jsonl', [{'conversations': conv(image=False)}] * 3)
+    lines = []
+    monkeypatch.setattr('xtuner_plugins.data.dataset.print_log', lambda msg, **kw: lines.append(msg))
+    assert len(InternVLDataset(text, image_folders=str(tmp_path / 'nope'), **settings)) == 3
+    assert f'{text}: its image folder {tmp_path}/nope does not exist: none of its samples names an image or a video, ' \
+           'so it needs none' in lines
 
 
 def _sample(text):
@@ -401,9 +414,11 @@ def test_a_meta_entry_naming_a_meta_file_or_a_root_that_is_a_file_says_so(tmp_pa
     with pytest.raises(FileNotFoundError, match=r'its image folder .*x.png is a file, not a folder'):
         expand_sources(str(meta))
     # among a meta file's entries, the one whose root it is (it named the annotation file only)
-    meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'root': 'gone', 'repeat_time': 1}}))
+    (tmp_path / 'y.png').write_bytes(b'')
+    meta.write_text(json.dumps({'w': {'annotation': 'a.jsonl', 'repeat_time': 1},
+                                'x': {'annotation': 'a.jsonl', 'root': 'y.png', 'repeat_time': 1}}))
     with pytest.raises(FileNotFoundError, match=rf"^{meta}: entry 'x': {tmp_path}/a.jsonl: its image folder "
-                                                rf"{tmp_path}/gone does not exist"):
+                                                rf"{tmp_path}/y.png is a file"):
         expand_sources(str(meta))
 
 

@@ -293,13 +293,21 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         problem = None if src.max_dynamic_patch is None else tiles_problem(src.max_dynamic_patch, 'max_dynamic_patch')
         if problem:
             raise ValueError(f'{src.annotation}: {problem}')
-        if src.image_folder is not None and not os.path.isdir(src.image_folder):
-            what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
-            entry = f'{src.meta}: entry {src.name!r}: ' if src.meta else ''   # its "root", where it was given
-            raise FileNotFoundError(f'{entry}{src.annotation}: its image folder {src.image_folder} {what} (set '
-                                    f'train_dataloader.dataset.image_folders, --image-folder of '
-                                    f'tools/check_dataset.py, or the meta file\'s "root")')
+        if src.image_folder is not None and os.path.exists(src.image_folder) and not os.path.isdir(src.image_folder):
+            raise FileNotFoundError(folder_problem(src))
     return sources
+
+
+def folder_problem(src: DataSource) -> Optional[str]:
+    """None, or why ``src``'s image folder is none: it is a file (refused as the sources are read), or it does not
+    exist (refused by the start-up check once one of the source's samples names an image or a video: a text-only
+    data set needs no folder, whatever its config gives)."""
+    if src.image_folder is None or os.path.isdir(src.image_folder):
+        return None
+    what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
+    entry = f'{src.meta}: entry {src.name!r}: ' if src.meta else ''   # its "root", where it was given
+    return (f'{entry}{src.annotation}: its image folder {src.image_folder} {what} (set train_dataloader.dataset.'
+            f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
 
 
 def _warn_named_twice(sources: List[DataSource]) -> None:

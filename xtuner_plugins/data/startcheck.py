@@ -31,7 +31,7 @@ from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, s
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
-from .sources import DataSource, Record, parse_entry, repeat_array, repeat_subset
+from .sources import DataSource, Record, folder_problem, parse_entry, repeat_array, repeat_subset
 
 # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
 # refused are kept, and looked at again on a warm start
@@ -80,8 +80,17 @@ class SourceCheck:
 
     def missing_message(self, src: DataSource) -> Optional[str]:
         """The line to log about images not found (None: all there, or the source is not used); raises
-        ``ValueError`` when none is there (``presence.missing_line``)."""
-        if src.repeat_time <= 0 or not self.missing:
+        ``ValueError`` when none is there (``presence.missing_line``), ``FileNotFoundError`` when the source's image
+        folder is none and one of its samples names an image or a video (``sources.folder_problem``)."""
+        if src.repeat_time <= 0:
+            return None
+        problem = folder_problem(src)
+        if problem and self.media:
+            raise FileNotFoundError(problem)
+        if problem:
+            return (f'{problem.partition(" (set ")[0]}: none of its samples names an image or a video, so it needs '
+                    f'none')
+        if not self.missing:
             return None
         return missing_line(src, self.media, self.videos, self.missing, *self.first_missing)
 

@@ -3,6 +3,7 @@ each reason logged once per rank; a summary with every FILE:LINE in the work fol
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -126,7 +127,7 @@ def test_dataloader_workers_are_added_up(tmp_path):
     assert sorted(summary['skipped']['missing_image']) == sorted(f'{data}:{i + 1}' for i in range(5, 100, 12))
 
 
-def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_tokenizer):
+def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_tokenizer, capsys):
     from tests.helpers import conv, write_jsonl
     from xtuner_plugins.data import InternVLDataset
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)} for i in range(6)]
@@ -145,19 +146,22 @@ def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_t
     BadSampleHook(on_data_change='stop').before_train(runner(True))  # unchanged: resumes
     with open(path, 'a') as f:
         f.write(json.dumps({'conversations': conv('new', 'a', image=False)}) + '\n')
-    with pytest.raises(RuntimeError, match=r'the data changed since the run being resumed started .*a.jsonl: size '
-                                           r'\d+ -> \d+, mtime_ns .*samples 6 -> 7, used 12 -> 14'):
-        BadSampleHook(on_data_change='stop').before_train(runner(True))
+    with pytest.raises(SystemExit):
+        BadSampleHook().before_train(runner(True))   # the default
+    assert re.search(r'^train: refused: resume: the data changed since the run being resumed started .*a.jsonl: '
+                     r'size \d+ -> \d+, mtime_ns .*samples 6 -> 7, used 12 -> 14\. Resume with the data .*go on all '
+                     r"the same.*\(BadSampleHook's on_data_change='warn'\)", capsys.readouterr().err)
     # --resume PATH into another --work-dir (what the refusal of a folder holding another run's checkpoints
     # advises): the resumed run's manifest is beside its checkpoint; the change went unchecked there
     other = runner(True)
     other.work_dir, other._load_from = str(tmp_path / 'elsewhere'), str(tmp_path / 'work' / 'iter_4.pth')
     os.makedirs(other.work_dir)
-    with pytest.raises(RuntimeError, match=rf'the data changed since the run being resumed started \({tmp_path}/work/'
-                                           r'data_manifest.json\): .*samples 6 -> 7'):
+    with pytest.raises(SystemExit):
         BadSampleHook(on_data_change='stop').before_train(other)
+    assert f'the data changed since the run being resumed started ({tmp_path}/work/data_manifest.json): ' in \
+        capsys.readouterr().err
     before = (tmp_path / 'work' / 'data_manifest.json').read_text()
-    BadSampleHook().before_train(other)   # warned: its manifest is written into its own folder, never the other's
+    BadSampleHook(on_data_change='warn').before_train(other)   # warned: its manifest is written into its own folder, never the other's
     assert (tmp_path / 'work' / 'data_manifest.json').read_text() == before
     assert json.loads((tmp_path / 'elsewhere' / 'data_manifest.json').read_text())['sources'][0]['samples'] == 7
 

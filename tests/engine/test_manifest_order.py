@@ -4,6 +4,7 @@ not at all; the resume says so (or stops, ``on_data_change='stop'``), naming bot
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -25,11 +26,11 @@ def start(tmp_path, tiny_tokenizer, monkeypatch):
         sampler = SimpleNamespace(seed=seed, shuffle=True) if seed is not None else None
         runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=batch, sampler=sampler),
                                  iter=0, epoch=0, work_dir=str(tmp_path / 'work'), _resume=resume)
-        BadSampleHook(on_data_change=on_data_change).before_train(runner)
+        BadSampleHook(**({} if on_data_change is None else dict(on_data_change=on_data_change))).before_train(runner)
     return run, tmp_path
 
 
-def test_a_resume_with_other_ranks_or_batch_size_says_the_epoch_is_cut_otherwise(start, monkeypatch):
+def test_a_resume_with_other_ranks_or_batch_size_says_the_epoch_is_cut_otherwise(start, monkeypatch, capsys):
     run, root = start
     said = []
     monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
@@ -41,8 +42,9 @@ def test_a_resume_with_other_ranks_or_batch_size_says_the_epoch_is_cut_otherwise
     run(4, 4, resume=True)
     assert len(said) == 1 and 'the batches: 8 ranks x 4 samples then, 4 x 4 now: the epoch under way is cut into ' \
                                'other batches, so those skipped to resume are not the ones trained on' in said[0]
-    with pytest.raises(RuntimeError, match=r'the batches: 4 ranks x 4 samples then, 4 x 2 now: .*on_data_change'):
+    with pytest.raises(SystemExit):
         run(4, 2, resume=True, on_data_change='stop')
+    assert re.search(r'the batches: 4 ranks x 4 samples then, 4 x 2 now: .*on_data_change', capsys.readouterr().err)
 
 
 def test_a_manifest_written_before_it_recorded_the_batches_resumes_without_a_word(start, monkeypatch):
@@ -59,7 +61,8 @@ def test_a_manifest_written_before_it_recorded_the_batches_resumes_without_a_wor
     assert said == []
 
 
-def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_seed_does_not(start, monkeypatch):
+def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_seed_does_not(start, monkeypatch,
+                                                                                          capsys):
     """1 rank x 2 samples and 2 x 1 take the same samples a step (the samplers split each global batch): it was
     said to train some twice and others never. A sampler seed changed on resume drew the epoch under way in another
     order (seven samples twice, seven never) without a word."""
@@ -73,8 +76,9 @@ def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_s
     assert said == []
     run(2, 1, resume=True, seed=7)
     assert len(said) == 1 and "the sampler's seed 0 -> 7: the epoch under way is drawn in another order" in said[0]
-    with pytest.raises(RuntimeError, match=r"the sampler's seed 7 -> 8: .*on_data_change"):
-        run(2, 1, resume=True, seed=8, on_data_change='stop')
+    with pytest.raises(SystemExit):
+        run(2, 1, resume=True, seed=8, on_data_change=None)   # the default
+    assert re.search(r"the sampler's seed 7 -> 8: .*on_data_change", capsys.readouterr().err)
 
 
 def test_a_file_rewritten_under_the_same_size_and_time_is_a_change(start, monkeypatch):
@@ -92,6 +96,25 @@ def test_a_file_rewritten_under_the_same_size_and_time_is_a_change(start, monkey
     assert os.path.getsize(path) == st.st_size
     run(1, 2, resume=True)
     assert len(said) == 1 and f'{path}: content ' in said[0], said
+
+
+def test_a_file_whose_modification_time_alone_changed_resumes_with_a_warning(start, monkeypatch, capsys):
+    """A copy that did not keep times (its size and sampled content the same) is no change to stop for: the default
+    stops for a change since it warned only, the epoch under way resumed on other samples."""
+    run, root = start
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    run(1, 2, resume=False)
+    path = root / 'a.jsonl'
+    os.utime(path, ns=(1, 10 ** 18))
+    run(1, 2, resume=True, on_data_change=None)
+    assert said == [f'{path}: its modification time changed since the run being resumed started, its size and '
+                    'sampled content did not: resumed on it']
+    with open(path, 'a') as f:   # then a real change: the default stops, naming what changed
+        f.write(json.dumps({'conversations': conv('new', 'a', image=False)}) + '\n')
+    with pytest.raises(SystemExit):
+        run(1, 2, resume=True, on_data_change=None)
+    assert re.search(r'a.jsonl: size \d+ -> \d+, mtime_ns ', capsys.readouterr().err)
 
 
 def test_the_seed_of_the_sampler_under_the_epoch_wrapper_is_read():

@@ -4,9 +4,10 @@ and rank, against the run's limit.
 **Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records each source: its annotation file (path,
 size, modification time), image folder, ``repeat_time``, samples read, refused at start-up (by reason) and
 used after repeats, and the ranks and batch size cutting its epochs into batches. A run that resumes compares it
-with the manifest the interrupted run wrote and warns (``on_data_change='warn'``, the default) or stops (``'stop'``)
+with the manifest the interrupted run wrote and stops (``on_data_change='stop'``, the default) or warns (``'warn'``)
 when the data changed under it, or is cut into other batches (MMEngine resumes by skipping as many batches as were
-trained: other batches than the ones trained on), naming what.
+trained: other batches than the ones trained on), naming what. A file whose modification time alone changed (its
+size and sampled content the same: a copy that did not keep times) is said in a warning.
 
 **Bad samples.**
 
@@ -47,6 +48,7 @@ from xtuner_plugins.errors import Refused
 
 from .checkpointing import atomic_write
 from .dataagree import sampled_digest
+from .signatures import hook_option
 
 __all__ = ['BadSampleHook']
 
@@ -66,7 +68,7 @@ class BadSampleHook(Hook):
     priority = 'HIGH'
 
     def __init__(self, summary_file: str = 'skipped_samples.json', manifest_file: str = 'data_manifest.json',
-                 on_data_change: str = 'warn'):
+                 on_data_change: str = 'stop'):
         if on_data_change not in ('warn', 'stop'):
             raise Refused(f"BadSampleHook: on_data_change={on_data_change!r}; use 'warn' or 'stop'")
         self.summary_file, self.manifest_file, self.on_data_change = summary_file, manifest_file, on_data_change
@@ -138,8 +140,15 @@ class BadSampleHook(Hook):
             if changes:
                 message = f'the data changed since the run being resumed started ({path}): ' + '; '.join(changes)
                 if self.on_data_change == 'stop':
-                    raise RuntimeError(message + ' (on_data_change=\'stop\')')
-                print_log(message, logger='current', level=30)
+                    from .runstart import refuse
+                    refuse(f'resume: {message}. Resume with the data and settings it started with; or go on all the '
+                           f'same, knowing the epoch under way is not resumed exactly '
+                           f'({hook_option(runner, "BadSampleHook", "on_data_change=warn")}); or start a new run '
+                           f'from its weights (model.pretrained_pth=CHECKPOINT)')
+                print_log(message + ' (on_data_change=\'warn\': going on)', logger='current', level=30)
+            for name in touched(before, current):
+                print_log(f'{name}: its modification time changed since the run being resumed started, its size and '
+                          f'sampled content did not: resumed on it', logger='current', level=30)
         if get_dist_info()[0] == 0:  # atomically: the other ranks may be reading the resumed run's copy now
             atomic_write(json.dumps(current, indent=1), own)   # this run's folder (never the resumed run's)
 
@@ -303,8 +312,22 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
         diff = [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in ('size', 'mtime_ns', 'content', 'image_folder',
                                                               'repeat_time', 'samples', 'used')
                 if a.get(k) != b.get(k) and (k != 'content' or k in a)]   # (no content in an older manifest)
-        if diff:
+        if diff and not (len(diff) == 1 and _touched(a, b)):
             changes.append(f'{p}: ' + ', '.join(diff))
     if 'total_used' in before and before.get('total_used') != now.get('total_used') and not changes:
         changes.append(f'the samples used: {before["total_used"]} then, {now.get("total_used")} now')
     return changes + moved
+
+
+def touched(before: dict, now: dict) -> List[str]:
+    """The annotation files (of sources at the same place) whose modification time alone changed: their size and
+    sampled content are the same (a copy made without keeping times, a ``touch``): no change to stop for."""
+    then_sources, now_sources = before.get('sources', []), now.get('sources', [])
+    return [b['annotation'] for a, b in zip(then_sources, now_sources)
+            if a.get('annotation') == b['annotation'] and a.get('mtime_ns') != b.get('mtime_ns') and _touched(a, b)]
+
+
+def _touched(a: dict, b: dict) -> bool:
+    """Whether two manifest entries of one file differ at most in modification time, their content known alike."""
+    return 'content' in a and all(a.get(k) == b.get(k) for k in ('size', 'content', 'image_folder', 'repeat_time',
+                                                                  'samples', 'used'))

@@ -66,3 +66,15 @@ def parameter(component, name: str) -> Optional[inspect.Parameter]:
         if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
             return None
     return None
+
+
+def hook_option(runner, hook: str, setting: str) -> str:
+    """The ``--cfg-options`` that gives ``setting`` (``key=value``) to ``runner``'s custom hook of the class named
+    ``hook`` (by its index in ``custom_hooks``), or the hook's setting in words when the config lists none."""
+    hooks = (getattr(runner, 'cfg', None) or {}).get('custom_hooks') or []
+    for index, entry in enumerate(hooks):
+        kind = entry.get('type') if isinstance(entry, dict) else None
+        if getattr(kind, '__name__', str(kind)).rsplit('.', 1)[-1] == hook:
+            return f'--cfg-options custom_hooks.{index}.{setting}'
+    key, _, value = setting.partition('=')
+    return f"{hook}'s {key}={value!r}"

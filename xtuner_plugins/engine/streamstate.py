@@ -29,6 +29,8 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from .signatures import hook_option
+
 __all__ = ['StreamStateHook']
 
 KEY = 'stream_state'
@@ -176,24 +178,15 @@ class StreamStateHook(Hook):
                       level=logging.WARNING)
             return
         from xtuner_plugins.engine.runstart import refuse
+        option = hook_option(runner, 'StreamStateHook', 'on_data_change=restart')
         refuse(f'resume: {why}; {remedy}, or go on with the checkpoint\'s weights, optimizer and schedule and the '
-               f'stream started again from its beginning ({_restart_option(runner)}), or start a new run from its '
-               f'weights (model.pretrained_pth=CHECKPOINT)')
+               f'stream started again from its beginning ({option}), or start a new run from its weights '
+               f'(model.pretrained_pth=CHECKPOINT)')
 
     def _restart(self, loop, dataloader) -> None:
         """The stream from its beginning; MMEngine's replay of the trained batches answered without drawing."""
         self.states = {}
         restart_loader(loop, dataloader, loop.iter)
-
-
-def _restart_option(runner) -> str:
-    """The ``--cfg-options`` that sets this hook's ``on_data_change='restart'`` in ``runner``'s config."""
-    hooks = (getattr(runner, 'cfg', None) or {}).get('custom_hooks') or []
-    for index, hook in enumerate(hooks):
-        kind = hook.get('type') if isinstance(hook, dict) else None
-        if getattr(kind, '__name__', str(kind)).rsplit('.', 1)[-1] == 'StreamStateHook':
-            return f'--cfg-options custom_hooks.{index}.on_data_change=restart'
-    return "StreamStateHook's on_data_change='restart'"
 
 
 def data_change(saved: Optional[dict], dataset) -> str:

@@ -161,7 +161,8 @@ def test_a_manifest_of_the_data_and_resume_told_when_it_changed(tmp_path, tiny_t
     assert f'the data changed since the run being resumed started ({tmp_path}/work/data_manifest.json): ' in \
         capsys.readouterr().err
     before = (tmp_path / 'work' / 'data_manifest.json').read_text()
-    BadSampleHook(on_data_change='warn').before_train(other)   # warned: its manifest is written into its own folder, never the other's
+    # warned: its manifest is written into its own folder, never the other's
+    BadSampleHook(on_data_change='warn').before_train(other)
     assert (tmp_path / 'work' / 'data_manifest.json').read_text() == before
     assert json.loads((tmp_path / 'elsewhere' / 'data_manifest.json').read_text())['sources'][0]['samples'] == 7
 

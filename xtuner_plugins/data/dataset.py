@@ -280,13 +280,10 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
     def _report_load_problems(self) -> None:
         if not self.load_problems:
             return
-        counts = Counter(p.reason for p in self.load_problems)
-        seen = set()
-        for problem in self.load_problems:
-            if problem.reason not in seen:
-                seen.add(problem.reason)
-                print_log(f'Skipping bad sample ({counts[problem.reason]} with this reason): {problem}',
-                          logger='current', level=logging.WARNING)
+        counts = self.load_problems.reasons()
+        for problem in self.load_problems.firsts():
+            print_log(f'Skipping bad sample ({counts[problem.reason]} with this reason): {problem}',
+                      logger='current', level=logging.WARNING)
         total = len(self.records) + len(self.load_problems)
         if len(self.load_problems) > self.max_bad_fraction * total:
             raise TooManyBadSamplesError(

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 from mmengine.logging import print_log
 
-from .errors import SampleError
+from .errors import ProblemList, SampleError
 from .index import SourceIndex, ascending_below, load_array, save_array, source_index
 from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
 from .nodepass import node_once, run_slices
@@ -71,7 +71,7 @@ class SourceCheck:
     """One source checked: ``good`` (its entries trained on, in file order) and what was refused or is missing."""
 
     good: np.ndarray
-    problems: List[SampleError] = field(default_factory=list)
+    problems: ProblemList = field(default_factory=ProblemList)
     media: int = 0          # samples naming images or a video
     videos: int = 0         # of those, samples naming a video
     missing: int = 0        # of those, samples naming a path with nothing there
@@ -166,7 +166,7 @@ def _build(ds, source_idx: int, src: DataSource, index: SourceIndex, base: str) 
 
 
 def _as_check(summary: dict, good: np.ndarray) -> SourceCheck:
-    return SourceCheck(good, [SampleError(r, m, w) for r, m, w in summary['problems']], summary['media'],
+    return SourceCheck(good, ProblemList(summary['problems']), summary['media'],
                        summary['videos'], summary['missing'], summary['first_missing'], summary.get('lines'))
 
 
@@ -231,12 +231,13 @@ def cached_subset(ds, n: int, repeat_time: float, seed: int) -> Optional[np.ndar
     return node_once(file, load, build, f'the repeat_time {repeat_time:g} subset of {n} samples')
 
 
-def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], List[SampleError]]:
+def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], ProblemList]:
     """``(records, index, source_ranges, load_problems)`` of a data set's ``sources``: each file's index and
     start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
     then the items after repeats (``index``: a record number per item). Raises ``ValueError`` for an empty file,
     a wrong image folder (none of a source's images found) or no sample to train on at all."""
-    indexes, good, index, ranges, problems, digests = [], [], [], [], [], []
+    indexes, good, index, ranges, digests = [], [], [], [], []
+    problems = ProblemList()
     for i, src in enumerate(ds.sources):
         entries = source_index(src.annotation, ds.cache_dir or default_cache_dir())
         if not len(entries):

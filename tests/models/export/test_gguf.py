@@ -44,9 +44,9 @@ def need_llama_cpp():
         pytest.fail(f'{exc} (make test does)')
 
 
-def official_greedy(model, image, question, video=None):
-    """``model.ask``'s greedy answer (chat()'s), its token ids and each step's top-2 logit margin (``video``: its
-    frames in place of the image)."""
+def official_greedy(model, image, question, video=None, stop='<|im_end|>'):
+    """``model.ask``'s greedy answer (chat()'s), its token ids (without the template's ``stop`` word) and each step's
+    top-2 logit margin (``video``: its frames in place of the image; no image: a text question)."""
     lm, seen = model.model.language_model, {}
     generate = lm.generate
 
@@ -59,10 +59,11 @@ def official_greedy(model, image, question, video=None):
     lm.generate = recording
     try:
         model.reset()
-        answer = model.ask(question, [image] if video is None else [], dict(max_new_tokens=STEPS), video=video)
+        images = [image] if video is None and image is not None else []
+        answer = model.ask(question, images, dict(max_new_tokens=STEPS), video=video)
     finally:
         del lm.generate
-    end = model.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    end = model.tokenizer.convert_tokens_to_ids(stop)
     ids = seen['ids'][:-1] if seen['ids'] and seen['ids'][-1] == end else seen['ids']
     return answer, ids, seen['margins']
 
@@ -199,6 +200,44 @@ def test_the_other_llm_families_answer_text_as_their_official_folder(tmp_path, a
         model.close()
 
 
+def test_a_gemma3_llm_answers_as_its_official_folder_its_sliding_layers_listed(tmp_path):
+    """Gemma 3 (refused before): a look-alike of 2 layers, sliding then full, whose 8-token window each prompt
+    passes. llama.cpp takes the published models' layout (five sliding layers, then a full one) unless the GGUF lists
+    its layers: so written, none of 12 answers was alike. Text and image answers are compared token for token up to
+    the official model's first near-tie (:func:`assert_answers_alike`)."""
+    need_llama_cpp()
+    from tests.helpers import tiny_workspace
+    from tests.tools.test_convert_to_official import LORA, options, trained_checkpoint
+    from tests.tools.test_convert_to_official import convert as convert_checkpoint
+    from xtuner_plugins.tiny import write_tiny_llm
+    tiny = tiny_workspace(tmp_path / 'tiny')
+    llm = write_tiny_llm(str(tmp_path / 'gemma3'), arch='gemma3', chat='gemma', num_layers=2)
+    with open(os.path.join(llm, 'config.json')) as f:
+        config = json.load(f)
+    assert config['layer_types'] == ['sliding_attention', 'full_attention']
+    config['sliding_window'] = 8
+    with open(os.path.join(llm, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    opts = options(tiny, **{'model.llm': llm, 'model.template': 'gemma'})
+    trained_checkpoint(LORA, opts, str(tmp_path / 'iter_1.pth'), scale=0.3)
+    folder = convert_checkpoint(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'official', opts)
+    assert convert(folder, tmp_path / 'gguf', '--format', 'gguf', '--quant', 'f32') == 0
+    image = write_image(tmp_path / 'img.png', size=(56, 56), seed=3)
+    official = ConvertedModel(folder)
+    asked = [(q, []) for q in ('Hi there', 'Tell me a long story about the sea', 'Count to ten')] + \
+        [(q, [image]) for q in QUESTIONS]
+    expected = {(q, len(images)): official_greedy(official, images[0] if images else None, q, stop='<end_of_turn>')
+                for q, images in asked}
+    model, got = GGUFModel(str(tmp_path / 'gguf')), {}
+    try:
+        for q, images in asked:
+            model.reset()
+            got[(q, len(images))] = (model.ask(q, images, dict(max_new_tokens=STEPS)), model.last_tokens)
+    finally:
+        model.close()
+    assert_answers_alike(got, expected)
+
+
 def test_missing_fields_are_filled_in_a_staged_copy(setup, capsys):
     """A folder without architectures, preprocessor_config.json and chat template converts; it is not written."""
     bare = setup['root'] / 'bare'
@@ -262,10 +301,13 @@ def test_llava_folders_are_refused_before_anything_is_written(setup, tmp_path, c
     (lambda c: c.update(ps_version='v1'), "ps_version 'v1'"),
     (lambda c: c.update(select_layer=-2), 'select_layer -2'),
     (lambda c: c.update(model_type='internvl'), "transformers' InternVL layout"),
-    # llama.cpp's Gemma maps no lm_head (its converter failed with a traceback), and applies no sliding window to
-    # a Mistral's (the answers differed without a word)
+    # llama.cpp's Gemma 2 drops the lm_head (its converter failed with a traceback), and applies no sliding window
+    # to a Mistral's (the answers differed without a word); its Gemma 3 scales queries by the head width's root
     (lambda c: c['llm_config'].update(architectures=['Gemma2ForCausalLM'], model_type='gemma2'),
-     "LLM 'Gemma2ForCausalLM': llama.cpp's Gemma reads the embeddings as its head"),
+     "LLM 'Gemma2ForCausalLM': llama.cpp's Gemma and Gemma 2 read the embeddings as their head"),
+    (lambda c: c['llm_config'].update(architectures=['Gemma3ForCausalLM'], model_type='gemma3_text', head_dim=16,
+                                      query_pre_attn_scalar=20, attn_logit_softcapping=50.0),
+     "query_pre_attn_scalar 20 (llama.cpp's Gemma 3 scales the queries by 16's root); attn_logit_softcapping 50.0"),
     (lambda c: c['llm_config'].update(use_sliding_window=True, sliding_window=8, layer_types=None),
      'a sliding window of 8 tokens in the LLM'),
 ])

@@ -104,17 +104,37 @@ def config_misfit(config: dict, tree: str) -> Optional[str]:
         reasons.append(f'ps_version {config["ps_version"]!r} (llama.cpp implements pixel shuffle v2)')
     if config.get('select_layer', -1) != -1:
         reasons.append(f'select_layer {config["select_layer"]} (llama.cpp takes the last layer\'s features)')
-    if str(llm.get('model_type', '')).startswith('gemma') or str(arch or '').startswith('Gemma'):
-        reasons.append(f'LLM {arch or llm.get("model_type")!r}: llama.cpp\'s Gemma reads the embeddings as its head '
-                       f'and maps no lm_head, which the official folder writes apart (its converter failed on '
-                       f'\'lm_head.weight\')')
+    gemma3 = arch == 'Gemma3ForCausalLM'
+    if gemma3:
+        reasons.extend(gemma3_misfits(llm))
+    elif str(llm.get('model_type', '')).startswith('gemma') or str(arch or '').startswith('Gemma'):
+        reasons.append(f'LLM {arch or llm.get("model_type")!r}: llama.cpp\'s Gemma and Gemma 2 read the embeddings '
+                       f'as their head and drop the lm_head the official folder writes apart (Gemma 3 converts)')
     from ..attention import sliding_window
     window = sliding_window(SimpleNamespace(**{k: llm.get(k) for k in ('sliding_window', 'layer_types')},
                                             use_sliding_window=llm.get('use_sliding_window', True)))
-    if window:   # a tiny Mistral with an 8-token window answered otherwise through llama.cpp, without a word
+    if window and not gemma3:   # a tiny Mistral with an 8-token window answered otherwise through llama.cpp
         reasons.append(f'a sliding window of {window} tokens in the LLM, which llama.cpp\'s graph for it does not '
                        f'apply')
     return '; '.join(reasons) or None
+
+
+def gemma3_misfits(llm: dict) -> List[str]:
+    """What of a Gemma 3 LLM's config llama.cpp's Gemma 3 graph does otherwise: it scales the queries by the head
+    width's root (the hidden size over the heads' at 62 layers: Gemma 3 27B), where transformers takes
+    ``query_pre_attn_scalar``'s, and has no attention logit cap. Its sliding layers are the GGUF's own list
+    (``gguf_convert.py``)."""
+    reasons = []
+    heads, hidden = llm.get('num_attention_heads') or 8, llm.get('hidden_size')
+    head_dim = llm.get('head_dim') or 256
+    scale = hidden / heads if llm.get('num_hidden_layers') == 62 and hidden else head_dim
+    if llm.get('query_pre_attn_scalar', 256) != scale:
+        reasons.append(f'query_pre_attn_scalar {llm.get("query_pre_attn_scalar", 256)} (llama.cpp\'s Gemma 3 scales '
+                       f'the queries by {scale:g}\'s root)')
+    if llm.get('attn_logit_softcapping') is not None:
+        reasons.append(f'attn_logit_softcapping {llm["attn_logit_softcapping"]} (llama.cpp\'s Gemma 3 has no '
+                       f'attention logit cap)')
+    return reasons
 
 
 def model_misfit(model) -> Optional[str]:

@@ -4,7 +4,7 @@ are the ones the converter wants; the converter brings its own gguf-py)::
 
     python gguf_convert.py LLAMA_CPP_DIR PRE -- CONVERTER ARGS ... [-- CONVERTER ARGS ...]
 
-Two of the converter's limits are lifted here, its code left as it is:
+Some of the converter's limits are lifted here, its code left as it is:
 
 * ``PRE``: the name of the BPE pre-tokenizer to write when llama.cpp does not recognise the tokenizer by the hash of
 its test encoding (``-``: none, the converter's own error stands). The hash is over token ids, so any vocabulary but
@@ -21,6 +21,9 @@ implements; ``gguf.py`` names it only when the tokenizer's pre-tokenizer is that
   :data:`POSITION_ORDER_KEY`: a llama.cpp whose graph puts the class token first needs the GGUF written anew.
 * The mmproj also records the video frame prefix the model was trained with (:data:`FRAME_PREFIX_KEY`), which
   ``gguf_model.py`` writes before each frame of a video.
+* A Gemma 3 LLM's GGUF lists which of its layers slide (``sliding_window_pattern``, from its ``layer_types``):
+  llama.cpp otherwise takes the published models' layout, five sliding layers then a full one, and a model of
+  another layout answered otherwise (a 2-layer look-alike, sliding then full: none of 12 answers alike).
 * A SentencePiece vocabulary whose staged ``tokenizer_config.json`` says ``add_prefix_space: false`` (``gguf.py``
   stages it for a tokenizer that puts no word start after a special token, ``legacy=False``) gets
   ``tokenizer.ggml.add_space_prefix`` false whatever the LLM's family: the converter's Llama reads that setting, its
@@ -108,6 +111,17 @@ def main(argv) -> int:
             self.gguf_writer.add_string(FRAME_PREFIX_KEY, prefix)
 
     InternVisionModel.modify_tensors, InternVisionModel.set_gguf_parameters = modify_tensors, set_gguf_parameters
+
+    from conversion.gemma import Gemma3Model
+    gemma3_parameters = Gemma3Model.set_gguf_parameters
+
+    def set_gemma3_parameters(self):   # each layer's kind, where llama.cpp would take one sliding layer in 6
+        gemma3_parameters(self)
+        kinds = self.hparams.get('layer_types')
+        if kinds and self.hparams.get('sliding_window'):
+            self.gguf_writer.add_sliding_window_pattern([kind == 'sliding_attention' for kind in kinds])
+
+    Gemma3Model.set_gguf_parameters = set_gemma3_parameters
     for job in jobs:
         sys.argv = ['convert_hf_to_gguf.py', *job]
         converter.main()

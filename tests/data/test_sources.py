@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 
 from tests.helpers import conv, write_jsonl
-from xtuner_plugins.data.sources import expand_sources, parse_record, read_records, repeat_indices
+from xtuner_plugins.data.entries import parse_record, read_records
+from xtuner_plugins.data.sources import expand_sources, repeat_indices
 
 
 class TestRepeatIndices:

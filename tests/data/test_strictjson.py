@@ -6,7 +6,8 @@ import os
 import pytest
 
 from tests.helpers import conv, write_image
-from xtuner_plugins.data.sources import expand_sources, read_records
+from xtuner_plugins.data.entries import read_records
+from xtuner_plugins.data.sources import expand_sources
 from xtuner_plugins.data.strictjson import DuplicateKey, loads
 
 GOOD = json.dumps({'image': 'a.png', 'conversations': conv()})

@@ -40,7 +40,8 @@ from xtuner_plugins.data.preference import InternVLPreferenceDataset
 from xtuner_plugins.data.index import source_index
 from xtuner_plugins.data.lengths import default_cache_dir
 from xtuner_plugins.data.nodepass import default_workers, run_slices
-from xtuner_plugins.data.sources import expand_sources, parse_entry
+from xtuner_plugins.data.entries import parse_entry
+from xtuner_plugins.data.sources import expand_sources
 from xtuner_plugins.data.template import TEMPLATES
 from xtuner_plugins.data.video import choose_frames, read_frames
 

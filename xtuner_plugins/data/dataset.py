@@ -46,7 +46,8 @@ from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .lengths import LengthStats
-from .sources import DataSource, Record, expand_sources, parse_record, sample_conversations, sample_images
+from .entries import parse_record, sample_conversations, sample_images
+from .sources import DataSource, Record, expand_sources
 from .checked import CheckedSample, build_tokenizer
 from .startcheck import read_sources
 from .conversation import parse_conversation

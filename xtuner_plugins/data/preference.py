@@ -35,7 +35,8 @@ from .collate import internvl_collate_fn
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import Fit, final_answer, keep_or_drop, note_fit
-from .sources import Record, parse_record
+from .entries import parse_record
+from .sources import Record
 from .template import IGNORE_INDEX
 
 __all__ = ['InternVLPreferenceDataset', 'preference_collate_fn']

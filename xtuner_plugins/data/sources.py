@@ -1,11 +1,9 @@
-"""Reading annotation files: LLaVA json (a list), jsonl, and InternVL meta files.
+"""Annotation files as sources: LLaVA json (a list), jsonl, and InternVL meta files.
 
 A *source* is one annotation file with its image folder, ``repeat_time`` and ``max_dynamic_patch``.
 :func:`expand_sources` turns the dataset's arguments (several files, or meta files that list several
-files) into sources. Each file's samples are found by a byte index (``index.py``) and read one at a time;
-:func:`parse_entry` parses one (a jsonl line or a json list's element), naming its ``FILE:LINE`` in every
-problem: entries that are not JSON objects are problems, not silently dropped. :func:`read_records` reads a
-small file whole.
+files) into sources; :func:`repeat_array` its samples after ``repeat_time``. Each file's samples are found by a byte
+index (``index.py``) and parsed one at a time (``entries.py``).
 """
 
 from __future__ import annotations
@@ -15,15 +13,13 @@ import logging
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import SampleError
 from .index import BOM
-from .strictjson import DEEP, DuplicateKey, finite_number, line_hint, loads
+from .strictjson import DEEP, DuplicateKey, finite_number, loads
 
 PathList = Union[str, Sequence[Optional[str]], None]
 
@@ -327,122 +323,6 @@ def _warn_named_twice(sources: List[DataSource]) -> None:
                       'mean', logger='current', level=logging.WARNING)
 
 
-_SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')  # a UTF-16 surrogate written as a JSON escape
-
-
-def _lone_surrogate(obj) -> Optional[str]:
-    """The first string in ``obj`` holding a lone UTF-16 surrogate (valid JSON, invalid text), or None."""
-    if isinstance(obj, str):
-        try:
-            obj.encode('utf-8')
-        except UnicodeEncodeError as exc:
-            return f'{obj[max(0, exc.start - 10):exc.start + 10]!r}'
-        return None
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
-    for value in list(values) + (list(obj.keys()) if isinstance(obj, dict) else []):
-        found = _lone_surrogate(value)
-        if found:
-            return found
-    return None
-
-
-def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
-    """``(text, object)`` of one jsonl line, or raise a ``bad_json`` SampleError naming what is wrong. A UTF-8
-    byte-order mark opening the line is read over (files joined with ``cat`` each bring theirs)."""
-    try:
-        text = raw.decode('utf-8')
-    except UnicodeDecodeError as exc:
-        raise SampleError('bad_json', f'line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column '
-                                      f'{exc.start + 1}){line_hint(raw, "", "")}', where) from None
-    if text.startswith('\ufeff'):
-        text = text[1:]
-    try:
-        obj = loads(text)
-    except DuplicateKey as exc:
-        raise SampleError('bad_json', exc.describe(), where) from None
-    except RecursionError:
-        raise SampleError('bad_json', f'line is {DEEP}: not a sample', where) from None
-    except json.JSONDecodeError as exc:  # its own "line 2 column 1" counts a newline inside the text: the line's
-        body = text.rstrip('\r\n')        # column instead, and where it is
-        pos = min(exc.pos, len(body))
-        at = 'the end of the line' if pos == len(body) else f'at {body[pos:pos + 20]!r}'
-        raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}'
-                                      f'{line_hint(raw, body, exc.msg)}', where) from None
-    except ValueError as exc:  # a number past Python's 4300 digits
-        raise SampleError('bad_json', f'line cannot be read: {exc}', where) from None
-    if not isinstance(obj, dict):
-        raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object'
-                                      f'{line_hint(raw, text, type(obj).__name__)}', where)
-    if _SURROGATE_ESCAPE.search(text):
-        found = _lone_surrogate(obj)
-        if found:
-            raise SampleError('bad_json', f'line holds a lone UTF-16 surrogate, not text: {found}', where)
-    return text, obj
-
-
-def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
-    """``(text, sample)`` of one entry of an annotation file (a jsonl line or an element of a json list), or raise
-    a ``bad_json`` SampleError naming what is wrong; an element of a list that is not JSON makes the whole file
-    invalid (``ValueError``), as a ``json.load`` of it would."""
-    if is_jsonl:
-        return _parse_line(raw, where)
-    try:
-        text, bad_bytes = raw.decode('utf-8'), False
-    except UnicodeDecodeError:  # kept as lone surrogates: the item is refused below
-        text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
-    try:
-        obj = loads(text)
-    except DuplicateKey as exc:
-        raise SampleError('bad_json', exc.describe(), where) from None
-    except RecursionError:
-        raise SampleError('bad_json', f'item is {DEEP}: not a sample', where) from None
-    except json.JSONDecodeError as exc:
-        path, item = where.rsplit(':', 1)
-        raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '
-                         f'samples, use .jsonl for one sample per line') from None
-    except ValueError as exc:  # a number past Python's 4300 digits
-        raise SampleError('bad_json', f'item cannot be read: {exc}', where) from None
-    if not isinstance(obj, dict):
-        raise SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object', where)
-    found = _lone_surrogate(obj) if bad_bytes or _SURROGATE_ESCAPE.search(text) else None
-    if found:
-        raise SampleError('bad_json', f'item holds bytes that are not UTF-8 text or a lone UTF-16 surrogate: '
-                                      f'{found}', where)
-    return text, obj
-
-
-def read_records(source_idx: int, source: DataSource,
-                 cache_dir: Optional[str] = None) -> Tuple[List[Record], List[SampleError]]:
-    """Read one annotation file whole (for small files: evaluation sets, a first sample). Returns the records and
-    the problems (entries that are not JSON objects, not UTF-8, or with invalid text), each a ``bad_json`` naming
-    ``FILE:LINE``. A UTF-8 byte-order mark is read over. Training reads samples one at a time instead
-    (:class:`~xtuner_plugins.data.index.SourceIndex`)."""
-    from .index import source_index
-    path = source.annotation
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'annotation file not found: {path} (source {source.name!r})')
-    index = source_index(path, cache_dir)
-    records: List[Record] = []
-    problems: List[SampleError] = []
-    for i in range(len(index)):
-        line = index.line(i)
-        try:
-            text, obj = parse_entry(index.read(i), path.endswith('.jsonl'), f'{path}:{line}')
-        except SampleError as err:
-            problems.append(err)
-            continue
-        records.append(Record(source_idx, line, text if path.endswith('.jsonl') else obj))
-    return records, problems
-
-
-def parse_record(record: Record) -> dict:
-    """The sample dict of a record (jsonl lines are parsed here, on use: a line that is no longer a JSON object, the
-    file changed since start-up, is ``bad_json`` like any other)."""
-    if not isinstance(record.raw, str):
-        return record.raw
-    return _parse_line(record.raw.encode('utf-8', errors='surrogateescape'), None)[1]
-
-
 def repeat_indices(n: int, repeat_time: float, seed: int) -> List[int]:
     """Indices ``0..n-1`` repeated ``repeat_time`` times, the fractional part as a seeded subset: ``2.5`` gives two
     full copies plus a seeded random half (without replacement), ``0.3`` a seeded 30 %; the subset keeps file
@@ -465,45 +345,3 @@ def repeat_array(n: int, repeat_time: float, seed: int, subset: Optional[np.ndar
     whole = int(math.floor(repeat_time))
     subset = repeat_subset(n, repeat_time, seed) if subset is None else subset
     return np.concatenate([np.tile(np.arange(n, dtype=np.int64), whole), np.asarray(subset, dtype=np.int64)])
-
-
-# Fields other tools name a sample's images or video with (ms-swift's and LLaMA-Factory's ``images``/``videos``, ...):
-# a sample holding one of them and not ``image``/``video`` is refused, not trained on as text-only.
-OTHER_MEDIA_FIELDS = {'images': 'image', 'image_path': 'image', 'image_paths': 'image', 'image_file': 'image',
-                      'img': 'image', 'imgs': 'image', 'videos': 'video', 'video_path': 'video'}
-
-
-def sample_images(sample: dict) -> List[str]:
-    """The image paths of a sample (``image`` may be absent, a string or a list of strings). A sample with neither
-    ``image`` nor ``video`` but another tool's name for them (:data:`OTHER_MEDIA_FIELDS`) is ``unknown_media_field``:
-    its images would otherwise be left out without a word."""
-    image = sample.get('image')
-    if image is None:
-        other = [k for k in OTHER_MEDIA_FIELDS if k in sample]
-        if other and sample.get('video') is None:
-            raise SampleError('unknown_media_field', f'the sample has {other[0]!r} and no "image" or "video": this '
-                              f'format reads images from "image" (one path or a list) and a video from "video"; '
-                              f'rename {other[0]!r} to "{OTHER_MEDIA_FIELDS[other[0]]}" (as it is, the sample would '
-                              f'train without its {OTHER_MEDIA_FIELDS[other[0]]})')
-        return []
-    if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(p, str) and p for p in image):
-        return list(image)
-    raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')
-
-
-def sample_conversations(sample: dict) -> Any:
-    """A sample's ``conversations``; a sample without them is ``bad_conversation`` saying what it holds instead (a
-    preference pair, another tool's ``messages``), not "got NoneType"."""
-    if 'conversations' in sample:
-        return sample['conversations']
-    if 'chosen' in sample and 'rejected' in sample:
-        why = ('it is a preference pair ("chosen" / "rejected"): train it with a DPO / MPO config '
-               '(InternVLPreferenceDataset); check_dataset reads it so with --pairs yes')
-    elif 'messages' in sample:
-        why = ('it has "messages" (OpenAI\'s, ms-swift\'s format): this format is LLaVA\'s, "conversations": '
-               '[{"from": "human" | "gpt", "value": TEXT}, ...]; convert it')
-    else:
-        why = f'its keys are {", ".join(map(repr, list(sample)[:8])) or "none"}'
-    raise SampleError('bad_conversation', f'the sample has no "conversations": {why}')

@@ -31,7 +31,8 @@ from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, s
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
-from .sources import DataSource, Record, folder_problem, parse_entry, repeat_array, repeat_subset
+from .entries import parse_entry
+from .sources import DataSource, Record, folder_problem, repeat_array, repeat_subset
 
 # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
 # refused are kept, and looked at again on a warm start

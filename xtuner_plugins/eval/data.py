@@ -47,7 +47,8 @@ from PIL import Image
 from xtuner_plugins.data.conversation import parse_conversation, refuse_control_text
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import load_image, read_image_size, resolve_image_path
-from xtuner_plugins.data.sources import DataSource, parse_record, read_records, sample_images
+from xtuner_plugins.data.entries import parse_record, read_records, sample_images
+from xtuner_plugins.data.sources import DataSource
 from xtuner_plugins.data.template import GROUNDING_TOKENS, RESERVED_IN_TEXT, TEMPLATES, control_markers
 from xtuner_plugins.data.video import probe_video, video_field, video_turns
 

@@ -96,3 +96,17 @@ def test_an_eta_past_timedeltas_range_is_said_not_a_crash(step, eta):
     total = 300_001 if step == 2.0 else 10 ** 14
     line = progress_line(SimpleNamespace(iter=0, max_iters=total, message_hub=hub))
     assert line.endswith(eta), line
+
+
+def test_a_routers_balance_loss_is_shown_beside_the_loss():
+    """A mixture-of-experts LLM's router_aux_loss (models/moe.py): logged by MMEngine, and shown in the line."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from xtuner_plugins.engine.progress import progress_line
+    hub = MessageHub.get_instance('router-aux')
+    hub.update_scalar('train/loss', 2.5)
+    hub.update_scalar('train/router_aux_loss', 0.00213)
+    line = progress_line(SimpleNamespace(iter=0, max_iters=10, message_hub=hub))
+    assert line.startswith('iter 1/10  loss 2.5  router_aux_loss 0.00213'), line

@@ -56,13 +56,16 @@ def _rate(value: float) -> str:
 
 
 def progress_line(runner, window: int = 10) -> str:
-    """``iter k/N  loss L  lr R  T tokens/s  eta H:MM:SS  [rewards_accuracy A  rewards_margin M]  mem M GiB`` from
-    the message hub (absent parts left out)."""
+    """``iter k/N  loss L  [router_aux_loss X]  lr R  T tokens/s  eta H:MM:SS  [rewards_accuracy A  rewards_margin M]
+    mem M GiB`` from the message hub (absent parts left out)."""
     done, total = runner.iter + 1, runner.max_iters
     parts = [f'{PROGRESS_START}{done}/{total}']
     loss = _scalar(runner, 'loss', window)
     if loss is not None:
         parts.append(f'loss {loss:.4g}')
+    aux = _scalar(runner, 'router_aux_loss', window)   # a mixture-of-experts LLM's routing balance (models/moe.py)
+    if aux is not None:
+        parts.append(f'router_aux_loss {aux:.3g}')
     lr = _scalar(runner, 'lr')
     if lr is not None:
         parts.append(f'lr {lr:.2e}')

@@ -44,6 +44,7 @@ from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
 from .lora import apply_lora
 from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
+from .moe import check_coef, no_router_logits, real_tokens, router_aux
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
@@ -139,6 +140,8 @@ class VisionLanguageModel(BaseModel):
             rate, attention on the AVX-512 BF16 kernels of ``cpu_attention.py`` (bf16 tensors, no mask, no
             dropout; any other call still takes SDPA): a frozen tower's (no ``vision_lora``), and the LLM's under
             ``sdpa`` and ``sdpa_segments`` (each sample of a pack, and unpadded rows). False: torch's SDPA.
+        router_aux_loss_coef: a mixture-of-experts LLM's router load-balancing loss (``moe.py``): None, the LLM
+            config's (on when it says ``output_router_logits``), or this coefficient (0: off).
     """
 
     @classmethod
@@ -188,11 +191,13 @@ class VisionLanguageModel(BaseModel):
                  compile_blocks: Union[bool, str, Sequence[str]] = 'auto',
                  liger_kernel: Union[bool, str, Sequence[str]] = False,
                  cpu_attention: bool = True,
+                 router_aux_loss_coef: Optional[float] = None,
                  data_preprocessor: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
                        loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
                        freeze_llm=freeze_llm, preference=preference)
+        check_coef(router_aux_loss_coef)
         for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
             if isinstance(path, str):   # before training_dtype reads the weights' headers
                 check_model_path(path, key)
@@ -280,6 +285,10 @@ class VisionLanguageModel(BaseModel):
             self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
         if vision_lora is not None:
             self.vision_model = apply_lora(self.vision_model, vision_lora)
+        #: a mixture-of-experts LLM's routing and its load-balancing loss (moe.py); None for a dense LLM
+        self.router = router_aux(self.language_model, router_aux_loss_coef)
+        if self.router is not None:
+            print_log(self.router.describe(), logger='current')
         # the kernel computes bf16 only: an fp32 model's attention stays SDPA's, routed or not
         if cpu_attention and freeze_vision and vision_lora is None and route(self.vision_model) and bf16:
             print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.cpu_attention=False keeps "
@@ -413,20 +422,22 @@ class VisionLanguageModel(BaseModel):
         position_ids = data.get('position_ids')
         attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation),
                                                   sliding_window(self.language_model.config))
-        kwargs, positions = {}, None
+        kwargs, positions = no_router_logits(self.router), None
         if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-        if mode == 'loss' and (self.loss_chunk or 'fused_loss' in self.liger_kernel or self.llm_keeps_logits):
+        balance = mode == 'loss' and self.router is not None and self.router.coef > 0
+        if mode == 'loss' and (self.loss_chunk or 'fused_loss' in self.liger_kernel or self.llm_keeps_logits
+                               or balance):
             # lm_head and the cross-entropy run at the supervised positions only: image, system and question
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
             positions = supervised_positions(data['labels'].to(embeds.device))
-            if self.loss_chunk or 'fused_loss' in self.liger_kernel:
-                return {'loss': decoder_chunked_loss(self.language_model, embeds, data['labels'], positions,
-                                                     self.loss_chunk, self.loss_reduction, segments,
-                                                     fused='fused_loss' in self.liger_kernel,
-                                                     compiled='llm' in self.compile_blocks,
-                                                     attention_mask=attention_mask, position_ids=position_ids,
-                                                     **kwargs)}
+            if self.loss_chunk or 'fused_loss' in self.liger_kernel or balance:
+                loss, aux = decoder_chunked_loss(
+                    self.language_model, embeds, data['labels'], positions, self.loss_chunk, self.loss_reduction,
+                    segments, fused='fused_loss' in self.liger_kernel, compiled='llm' in self.compile_blocks,
+                    router=self.router if balance else None, real=real_tokens(data, segments),
+                    attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+                return {'loss': loss} if aux is None else {'loss': loss, 'router_aux_loss': aux}
             kwargs['logits_to_keep'] = positions
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False, return_dict=True, **kwargs)

@@ -15,7 +15,7 @@ ranks the result is the gradient of the global ``sum(w * CE) / sum(w)``, whateve
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -161,22 +161,33 @@ def fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: to
 
 def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
                          chunk: int, reduction: str = 'token', segments: Optional[torch.Tensor] = None,
-                         fused: bool = False, compiled: bool = False, **llm_kwargs) -> torch.Tensor:
-    """The SFT loss of a causal LM (a transformers model, or a PEFT wrapper of one) on ``embeds`` without its
-    whole logits: its decoder gives the last hidden states, and :func:`chunked_causal_lm_loss` runs its LM head
-    and the cross-entropy on those at ``positions`` (:func:`supervised_positions` of ``labels``), ``chunk`` at
-    a time; ``fused``: :func:`fused_causal_lm_loss` instead (Liger's kernel, which chunks on its own).
+                         fused: bool = False, compiled: bool = False, router=None, real: Optional[torch.Tensor] = None,
+                         **llm_kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(loss, router loss)``: the SFT loss of a causal LM (a transformers model, or a PEFT wrapper of one) on
+    ``embeds`` without its whole logits: its decoder gives the last hidden states, and :func:`chunked_causal_lm_loss`
+    runs its LM head and the cross-entropy on those at ``positions`` (:func:`supervised_positions` of ``labels``),
+    ``chunk`` at a time (0: at once); ``fused``: :func:`fused_causal_lm_loss` instead (Liger's kernel, which chunks
+    on its own). ``router`` (a ``moe.RouterAux`` whose loss is on): the decoder's router logits give its
+    load-balancing loss over the ``real`` tokens (``moe.real_tokens``); else the router loss is None.
 
     Raises:
         ValueError: the LLM transforms its logits after the head (soft-capping, a logit scale), which its own
             forward would apply and this does not.
     """
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    refuse_logit_transform(base, "liger_kernel's 'fused_loss'" if fused else 'loss_chunk')
-    hidden = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True,
-                                **llm_kwargs).last_hidden_state
+    refuse_logit_transform(base, "liger_kernel's 'fused_loss'" if fused else 'loss_chunk' if chunk
+                           else 'the router load-balancing loss')
+    if router is not None:
+        llm_kwargs['output_router_logits'] = True
+    out = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True, **llm_kwargs)
+    hidden = out.last_hidden_state[:, positions]
+    aux = None if router is None else router.loss(out.router_logits, real)
     if fused:
-        return fused_causal_lm_loss(hidden[:, positions], head_of(base), labels, reduction, segments=segments,
-                                    positions=positions)
-    return chunked_causal_lm_loss(hidden[:, positions], base.get_output_embeddings(), labels, chunk, reduction,
-                                  segments=segments, positions=positions, compiled=compiled)
+        loss = fused_causal_lm_loss(hidden, head_of(base), labels, reduction, segments=segments, positions=positions)
+    elif chunk:
+        loss = chunked_causal_lm_loss(hidden, base.get_output_embeddings(), labels, chunk, reduction,
+                                      segments=segments, positions=positions, compiled=compiled)
+    else:
+        loss = causal_lm_loss(base.get_output_embeddings()(hidden), labels, reduction, segments=segments,
+                              positions=positions, compiled=compiled)
+    return loss, aux

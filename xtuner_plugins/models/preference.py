@@ -46,6 +46,7 @@ from xtuner_plugins.errors import Refused
 from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds, sliding_window
 from .cpu_attention import as_sdpa
 from .loss import supervised_positions
+from .moe import no_router_logits, real_tokens, routed_logits
 
 __all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_losses', 'check_setting', 'frozen_copies', 'pair_features', 'pair_loss',
            'preference_losses', 'reward_accuracy', 'sequence_logps']
@@ -261,16 +262,20 @@ def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
                              f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
         pairs = int(samples[:rows].sum())
-    llm = model.language_model
+    llm, router = model.language_model, getattr(model, 'router', None)
     kwargs = dict(attention_mask=attention_mask, position_ids=data.get('position_ids'), use_cache=False,
-                  return_dict=True)
+                  return_dict=True, **no_router_logits(router))
     if segments is not None and llm.config._attn_implementation in SEGMENTED:
         kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
     positions = None
     if model.llm_keeps_logits:   # the LM head at the answers' positions only: the image and prompt tokens, most
         # of a row, need no logits (with a 150k vocabulary those are most of the step's memory and LM-head FLOPs)
         positions = kwargs['logits_to_keep'] = supervised_positions(labels)
-    logps, counts = sequence_logps(llm(inputs_embeds=embeds, **kwargs).logits, labels, segments, positions)
+    if router is not None and router.coef > 0:   # the policy's routing balanced over both answers' tokens
+        logits, aux = routed_logits(llm, embeds, positions, router, real_tokens(data, segments), **kwargs)
+    else:
+        logits, aux = llm(inputs_embeds=embeds, **kwargs).logits, None
+    logps, counts = sequence_logps(logits, labels, segments, positions)
     with torch.no_grad():
         if model.reference is None:
             with llm.disable_adapter():
@@ -287,4 +292,4 @@ def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     nll = -logps[:pairs].sum() / counts[:pairs].sum().clamp(min=1)
     loss, metrics = preference_losses(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], types=types,
                                       chosen_nll=nll, running=model._reward_baseline, **settings)
-    return dict(loss=loss, **metrics)
+    return dict(loss=loss, **metrics) if aux is None else dict(loss=loss, router_aux_loss=aux, **metrics)

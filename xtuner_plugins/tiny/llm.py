@@ -4,8 +4,10 @@
 the tokenizer's length, ChatML tokenizer without InternVL's tokens); ``qwen3`` Qwen3's (InternVL 3.5's LLM
 family: q/k RMSNorm, an explicit head_dim, tied embeddings as Qwen3-0.6B); ``llama`` a Llama-architecture LLM
 (untied embeddings, no attention bias); ``gemma3`` Gemma 3's text LLM (``Gemma3ForCausalLM`` as gemma-3-1b-it: scaled
-embeddings, q/k RMSNorm, sliding-window layers with one full-attention layer in six, tied embeddings). All at a size
-that trains in seconds, with the same tokenizer.
+embeddings, q/k RMSNorm, sliding-window layers with one full-attention layer in six, tied embeddings); ``qwen3_moe``
+Qwen3-MoE's (InternVL 3.5's mixture-of-experts LLMs, Qwen3-30B-A3B's family: each token routed to 2 of 4 experts,
+the router's load-balancing loss on in its config at 0.001). All at a size that trains in seconds, with the same
+tokenizer.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import os
 
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from .tokenizer import build_tiny_tokenizer
 
-TINY_LLM_ARCHS = ('qwen2', 'qwen3', 'llama', 'gemma3')
+TINY_LLM_ARCHS = ('qwen2', 'qwen3', 'llama', 'gemma3', 'qwen3_moe')
 _CLASSES = {'qwen2': (Qwen2Config, Qwen2ForCausalLM), 'qwen3': (Qwen3Config, Qwen3ForCausalLM),
-            'llama': (LlamaConfig, LlamaForCausalLM), 'gemma3': (Gemma3TextConfig, Gemma3ForCausalLM)}
+            'llama': (LlamaConfig, LlamaForCausalLM), 'gemma3': (Gemma3TextConfig, Gemma3ForCausalLM),
+            'qwen3_moe': (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
 
 
 def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num_layers: int = 2,
@@ -48,8 +51,12 @@ def write_tiny_llm(out_dir: str, arch: str = 'qwen2', hidden_size: int = 64, num
         max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=arch != 'llama',
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype='float32', use_cache=True, initializer_range=initializer_range)
-    if arch in ('qwen3', 'gemma3'):
+    if arch in ('qwen3', 'gemma3', 'qwen3_moe'):
         kwargs['head_dim'] = hidden_size // num_heads
+    if arch == 'qwen3_moe':   # each expert a quarter of the dense width, 2 of 4 a token
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 4,
+                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, output_router_logits=True,
+                      router_aux_loss_coef=0.001)
     if arch == 'gemma3':   # gemma-3-1b-it's: its window (512) and the attention scale of its head width
         kwargs.update(sliding_window=512, query_pre_attn_scalar=hidden_size // num_heads, rope_local_base_freq=10000.0,
                       layer_types=['full_attention' if (i + 1) % 6 == 0 or i == num_layers - 1 else 'sliding_attention'

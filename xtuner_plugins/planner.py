@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -192,10 +192,29 @@ def _llm_shapes(model):
     c = model.language_model.config
     c = c.get_text_config() if hasattr(c, 'get_text_config') else c
     heads = c.num_attention_heads
-    return dict(H=c.hidden_size, F=c.intermediate_size, L=c.num_hidden_layers, a=heads,
+    F, routed = mlp_width(c)
+    return dict(H=c.hidden_size, F=F, L=c.num_hidden_layers, a=heads, routed=routed,
                 kv=getattr(c, 'num_key_value_heads', None) or heads,
                 d=getattr(c, 'head_dim', None) or c.hidden_size // heads, V=model.language_model.get_output_embeddings()
                 .weight.shape[0])
+
+
+def mlp_width(config) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """``(the MLP width a token goes through, (experts a token goes to, experts) or None)``: a dense LLM's
+    ``intermediate_size`` (GPT-2's ``n_inner`` or 4 x its width, OPT's ``ffn_dim``); a mixture of experts' expert
+    width (``moe_intermediate_size``, else ``intermediate_size``: Mixtral's, OLMoE's) times the experts each token
+    goes to, plus a shared expert's (Qwen2-MoE's ``shared_expert_intermediate_size``, DeepSeek's
+    ``n_shared_experts``). Qwen3-MoE's ``intermediate_size`` is the width of its dense layers, none in Qwen3-30B-A3B."""
+    dense = (getattr(config, 'intermediate_size', None) or getattr(config, 'ffn_dim', None)
+             or getattr(config, 'n_inner', None) or 4 * config.hidden_size)
+    top_k = getattr(config, 'num_experts_per_tok', None)
+    experts = getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)
+    if not (top_k and experts):
+        return dense, None
+    expert = getattr(config, 'moe_intermediate_size', None) or dense
+    shared = (getattr(config, 'shared_expert_intermediate_size', None)
+              or (getattr(config, 'n_shared_experts', None) or 0) * expert)
+    return expert * top_k + shared, (top_k, experts)
 
 
 def _decoder_layer(lm):
@@ -226,11 +245,35 @@ def layer_elements(model, device: str = 'cuda', fp32_stream: bool = False) -> fl
         e = 2 * H + A + 2 * K + 2 * F + 2 * s['d'] + 2 * s['a'] + 4 + (H + A + F if trained else 0)
         inputs = {_SHARED_INPUT.get(name.rsplit('.', 1)[-1], name): m.in_features for name, m in adapted}
         return e + sum(inputs.values()) + sum(2 * sum(m.r.values()) for _, m in adapted) + 1.5 * H * fp32_stream
-    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a'] + 5 * H * fp32_stream
-    for (_, m), dropout in zip(adapted, dropouts):
+    e = 4 * H + 2 * A + 2 * K + 3 * F + 2 * s['d'] + 2 * s['a'] + 5 * H * fp32_stream + _moe_elements(s, layer)
+    for (name, m), dropout in zip(adapted, dropouts):
         cpu_dropout = device == 'cpu' and any(type(x) is CpuDropout for x in m.lora_dropout.values())
-        e += m.in_features * (1.5 if cpu_dropout else 3 if dropout else 1) + 2 * sum(m.r.values())
-    return e + (2 * H + 2 * A + F if trained else 0)
+        share = _expert_share(s, name)
+        e += share * (m.in_features * (1.5 if cpu_dropout else 3 if dropout else 1) + 2 * sum(m.r.values()))
+    routed = s['routed'][0] * H if s['routed'] and trained else 0   # the trained router's weighing of each output
+    return e + (2 * H + 2 * A + F + routed if trained else 0)
+
+
+def _expert_share(shapes: dict, name: str) -> float:
+    """The share of the tokens a module of a decoder layer sees: an expert's (``...experts.N...``) the experts each
+    token goes to over the experts (1 for any other module)."""
+    if shapes['routed'] is None or '.experts.' not in f'.{name}.':
+        return 1.0
+    top_k, experts = shapes['routed']
+    return top_k / experts
+
+
+def _moe_elements(shapes: dict, layer) -> float:
+    """What a mixture-of-experts layer keeps per token beyond its experts' MLPs: each token's input gathered and its
+    output weighed once per expert it goes to (2 H each), the router's logits and weights (2 x experts); q/k norms
+    over the heads (Qwen3-MoE's, OLMoE's) their inputs. Fitted to what a Qwen3-MoE, a Mixtral and an OLMoE decoder
+    layer save (256 wide, 8 experts of 512, 2 a token; tests/test_planner.py)."""
+    if shapes['routed'] is None:
+        return 0
+    top_k, experts = shapes['routed']
+    norms = layer is not None and any(name.endswith(('q_norm', 'k_norm')) for name, _ in layer.named_modules())
+    qk = shapes['a'] * shapes['d'] + shapes['kv'] * shapes['d']
+    return 2 * top_k * shapes['H'] + 2 * experts + (2 * qk if norms else 0)
 
 
 def projector_elements(projector: torch.nn.Module, hidden: int, fp32: bool = True) -> int:

@@ -18,10 +18,14 @@ the whole batch (``loss.token_weights``, ``preference.sequence_logps``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+
+from xtuner_plugins.errors import Refused
 
 from . import cpu_attention
 
@@ -63,6 +67,32 @@ def segment_bounds(seq_lens, length: int) -> torch.Tensor:
     return torch.tensor([r + [length] * (width - len(r)) for r in rows], dtype=torch.int64)
 
 
+#: set while an LLM runs packed rows under sdpa_segments / sdpa_varlen (:func:`packed_rows`): each of its attention
+#: calls must then get the rows' ``segment_bounds`` and no mask
+_PACKED: contextvars.ContextVar = contextvars.ContextVar('xtuner_plugins_packed_rows', default=False)
+
+
+@contextlib.contextmanager
+def packed_rows(packed: bool) -> Iterator[None]:
+    """While the LLM runs packed rows (``packed``: its call carries ``segment_bounds``), an attention call of
+    :func:`segment_sdpa` / :func:`varlen_sdpa` that gets no bounds, or a mask, is refused: the LLM's code did not
+    pass the attention interface's keywords on (GPT-2, Falcon-H1) or built its own causal mask (OPT, Persimmon), and
+    the samples of a row would have attended to each other without a word."""
+    token = _PACKED.set(bool(packed))
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
+def _refuse_unbounded(module, bounds, attention_mask) -> None:
+    if _PACKED.get() and (bounds is None or attention_mask is not None):
+        why = 'gets no segment_bounds from its model' if bounds is None else 'gets a mask its model built'
+        raise Refused(f'{type(module).__name__} {why}, so under {SEGMENT_ATTENTION} / {VARLEN_ATTENTION} the samples '
+                      f"of a packed row would attend to each other: set model.attn_implementation='sdpa' (a block "
+                      f'mask per row), or train unpacked')
+
+
 @torch.compiler.disable   # the loop over samples stays eager inside a compiled block: one graph for any packing
 def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                  **kwargs):
@@ -70,6 +100,7 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     on each sample's own queries, keys and values, so no ``L x L`` mask and no score across samples is ever made;
     without (padded rows, right padding as the collate function pads) plain causal SDPA."""
     bounds = kwargs.pop('segment_bounds', None)
+    _refuse_unbounded(module, bounds, attention_mask)
     window = kwargs.pop('sliding_window', None)   # this layer's (transformers passes it; None for a full layer)
     gqa = query.shape[1] != key.shape[1]   # grouped heads read in place: no copy of the keys and values per group
     if bounds is None or attention_mask is not None:   # SDPA, or the CPU kernel where it computes the same
@@ -209,7 +240,6 @@ def check_softcap(cap: Optional[float], attn: str) -> None:
     ``attn_logit_softcapping``: ``cap * tanh(score / cap)``) under an attention implementation that would train it
     without the cap, which its converted folders (run eager for it), vLLM and llama.cpp apply."""
     if cap and attn not in SOFTCAPPING:
-        from xtuner_plugins.errors import Refused
         raise Refused(f'the LLM caps its attention logits (attn_logit_softcapping {cap}), which '
                       f'attn_implementation={attn!r} does not apply: it would train attention the model never runs; '
                       f"set model.attn_implementation to 'eager' (or 'flex_attention' / 'flash_attention_2' on a GPU)")

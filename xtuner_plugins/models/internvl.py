@@ -36,8 +36,8 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, get_template
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
-from .attention import (SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, segment_bounds,
-                        sliding_window)
+from .attention import (SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, packed_rows,
+                        segment_bounds, sliding_window)
 from .compile import compile_model
 from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
 from .liger import apply_liger, check_liger
@@ -432,15 +432,18 @@ class VisionLanguageModel(BaseModel):
             # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
             positions = supervised_positions(data['labels'].to(embeds.device))
             if self.loss_chunk or 'fused_loss' in self.liger_kernel or balance:
-                loss, aux = decoder_chunked_loss(
-                    self.language_model, embeds, data['labels'], positions, self.loss_chunk, self.loss_reduction,
-                    segments, fused='fused_loss' in self.liger_kernel, compiled='llm' in self.compile_blocks,
-                    router=self.router if balance else None, real=real_tokens(data, segments),
-                    attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+                with packed_rows('segment_bounds' in kwargs):
+                    loss, aux = decoder_chunked_loss(
+                        self.language_model, embeds, data['labels'], positions, self.loss_chunk,
+                        self.loss_reduction, segments, fused='fused_loss' in self.liger_kernel,
+                        compiled='llm' in self.compile_blocks, router=self.router if balance else None,
+                        real=real_tokens(data, segments), attention_mask=attention_mask, position_ids=position_ids,
+                        **kwargs)
                 return {'loss': loss} if aux is None else {'loss': loss, 'router_aux_loss': aux}
             kwargs['logits_to_keep'] = positions
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False, return_dict=True, **kwargs)
+        with packed_rows('segment_bounds' in kwargs):
+            out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False, return_dict=True, **kwargs)
         if mode == 'tensor':
             return out.logits
         if mode == 'predict':

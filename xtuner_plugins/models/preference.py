@@ -43,7 +43,7 @@ from torch import nn
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.errors import Refused
 
-from .attention import SEGMENTED, llm_attention, sample_index, segment_bounds, sliding_window
+from .attention import SEGMENTED, llm_attention, packed_rows, sample_index, segment_bounds, sliding_window
 from .cpu_attention import as_sdpa
 from .loss import supervised_positions
 from .moe import no_router_logits, real_tokens, routed_logits
@@ -242,6 +242,26 @@ def pair_features(model, pixel_values: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.cat([features, features])
 
 
+def _policy_and_reference(model, data, embeds, features, positions, segments, kwargs):
+    """``(policy logits, its router load-balancing loss or None, reference logits)`` of a batch of pairs: the
+    reference is the LLM with its adapters off (LoRA) or the frozen copies in ``model.reference``, without gradients;
+    a mixture-of-experts policy's routing is balanced over both answers' tokens (``moe.py``)."""
+    llm, router = model.language_model, getattr(model, 'router', None)
+    if router is not None and router.coef > 0:
+        logits, aux = routed_logits(llm, embeds, positions, router, real_tokens(data, segments), **kwargs)
+    else:
+        logits, aux = llm(inputs_embeds=embeds, **kwargs).logits, None
+    with torch.no_grad():
+        if model.reference is None:
+            with llm.disable_adapter():
+                ref_logits = llm(inputs_embeds=embeds.detach(), **kwargs).logits
+        else:
+            ref_embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
+                                            parts=model.reference, features=features)
+            ref_logits = model.part('language_model', model.reference)(inputs_embeds=ref_embeds, **kwargs).logits
+    return logits, aux, ref_logits
+
+
 def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The preference loss of ``model`` (a ``VisionLanguageModel`` with ``preference=``) on a batch of pairs
     (``num_pairs`` chosen rows, then as many rejected rows; packed rows hold several pairs, row ``i`` and row
@@ -262,29 +282,18 @@ def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             raise ValueError(f'packed pairs: the chosen rows hold {samples[:rows].tolist()} samples but the '
                              f'rejected rows {samples[rows:].tolist()}; they must pack the same pairs alike')
         pairs = int(samples[:rows].sum())
-    llm, router = model.language_model, getattr(model, 'router', None)
     kwargs = dict(attention_mask=attention_mask, position_ids=data.get('position_ids'), use_cache=False,
-                  return_dict=True, **no_router_logits(router))
-    if segments is not None and llm.config._attn_implementation in SEGMENTED:
+                  return_dict=True, **no_router_logits(getattr(model, 'router', None)))
+    if segments is not None and model.language_model.config._attn_implementation in SEGMENTED:
         kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
     positions = None
     if model.llm_keeps_logits:   # the LM head at the answers' positions only: the image and prompt tokens, most
         # of a row, need no logits (with a 150k vocabulary those are most of the step's memory and LM-head FLOPs)
         positions = kwargs['logits_to_keep'] = supervised_positions(labels)
-    if router is not None and router.coef > 0:   # the policy's routing balanced over both answers' tokens
-        logits, aux = routed_logits(llm, embeds, positions, router, real_tokens(data, segments), **kwargs)
-    else:
-        logits, aux = llm(inputs_embeds=embeds, **kwargs).logits, None
+    with packed_rows('segment_bounds' in kwargs):
+        logits, aux, ref_logits = _policy_and_reference(model, data, embeds, features, positions, segments, kwargs)
     logps, counts = sequence_logps(logits, labels, segments, positions)
-    with torch.no_grad():
-        if model.reference is None:
-            with llm.disable_adapter():
-                ref_logits = llm(inputs_embeds=embeds.detach(), **kwargs).logits
-        else:
-            ref_embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'],
-                                            parts=model.reference, features=features)
-            ref_logits = model.part('language_model', model.reference)(inputs_embeds=ref_embeds, **kwargs).logits
-        ref, _ = sequence_logps(ref_logits, labels, segments, positions)
+    ref, _ = sequence_logps(ref_logits, labels, segments, positions)
     settings = dict(model.preference)
     types = tuple(settings.pop('types', ('sigmoid',)))
     if 'bco_pair' in types and model._reward_baseline is None:

@@ -139,11 +139,13 @@ def test_global_denominator_across_ranks(reduction, tmp_path):
         assert torch.allclose(grads[r][0] / 2, logits.grad[r, :width], atol=1e-6), (r, grads[r], logits.grad)
 
 
-@pytest.mark.parametrize('name,value', [('final_logit_softcapping', 30.0), ('logit_scale', 0.0625)])
+@pytest.mark.parametrize('name,value', [('final_logit_softcapping', 30.0), ('logit_scale', 0.0625),
+                                        ('logits_scaling', 8.0), ('lm_head_multiplier', 0.5)])
 def test_a_loss_that_runs_the_head_itself_refuses_logits_transformed_after_it(name, value):
-    """Gemma-2's soft-capping and Cohere's logit scale come after the LM head in the model's own forward: the
-    chunked and the fused loss, which run the head themselves, would leave them out. The refusal names the
-    setting that asked for such a loss, and how to turn it off."""
+    """Gemma-2's soft-capping, Cohere's logit scale, Granite's logits_scaling and Falcon-H1's lm_head_multiplier
+    come after the LM head in the model's own forward: the chunked and the fused loss, which run the head themselves,
+    would leave them out (a Granite trained at loss_chunk=64 on a loss of 20.3 where its own was 6.7, found by a
+    helper's sweep). The refusal names the setting that asked for such a loss, and how to turn it off."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from xtuner_plugins.models.head import refuse_logit_transform
@@ -191,3 +193,18 @@ def test_the_compiled_cross_entropy_gives_eager_losses_and_gradients_without_com
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         counts.append(compiled_graphs())
     assert counts[0] > 0 and counts[-1] == counts[1], counts
+
+
+def test_the_chunked_loss_finds_the_decoder_of_a_gpt2():
+    """GPT-2's get_decoder() gives the whole causal LM back (an AttributeError: no last_hidden_state); its decoder
+    is its base_model_prefix module, transformer. The chunked loss is its own forward's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from xtuner_plugins.models.loss import decoder_chunked_loss
+    llm = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    embeds, labels = torch.randn(1, 6, 16), torch.tensor([[-100, 3, 4, 5, -100, 7]])
+    with torch.no_grad():
+        loss, aux = decoder_chunked_loss(llm, embeds, labels, supervised_positions(labels), chunk=2)
+        own = llm(inputs_embeds=embeds, labels=labels).loss
+    assert aux is None and loss.item() == pytest.approx(own.item(), rel=1e-5)
+

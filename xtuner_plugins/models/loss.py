@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from xtuner_plugins.data.template import IGNORE_INDEX
 
 from .attention import sample_index
-from .head import head_of, refuse_logit_transform
+from .head import decoder_of, head_of, refuse_logit_transform
 
 REDUCTIONS = ('token', 'sample', 'square')
 
@@ -179,7 +179,7 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
                            else 'the router load-balancing loss')
     if router is not None:
         llm_kwargs['output_router_logits'] = True
-    out = base.get_decoder()(inputs_embeds=embeds, use_cache=False, return_dict=True, **llm_kwargs)
+    out = decoder_of(base)(inputs_embeds=embeds, use_cache=False, return_dict=True, **llm_kwargs)
     hidden = out.last_hidden_state[:, positions]
     aux = None if router is None else router.loss(out.router_logits, real)
     if fused:

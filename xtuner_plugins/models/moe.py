@@ -104,11 +104,11 @@ def routed_logits(llm: nn.Module, embeds: torch.Tensor, positions: Optional[torc
                   real: Optional[torch.Tensor], **llm_kwargs):
     """``(logits at positions, router loss)`` of a causal LM whose load-balancing loss is on: its decoder with its
     router logits, then its LM head (what its own forward does, without its loss of them)."""
-    from .head import refuse_logit_transform
+    from .head import decoder_of, refuse_logit_transform
     base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
     refuse_logit_transform(base, 'the router load-balancing loss')
     llm_kwargs = {k: v for k, v in llm_kwargs.items() if k != 'logits_to_keep'}
-    out = base.get_decoder()(inputs_embeds=embeds, **dict(llm_kwargs, output_router_logits=True))
+    out = decoder_of(base)(inputs_embeds=embeds, **dict(llm_kwargs, output_router_logits=True))
     hidden = out.last_hidden_state if positions is None else out.last_hidden_state[:, positions]
     return base.get_output_embeddings()(hidden), router.loss(out.router_logits, real)
 

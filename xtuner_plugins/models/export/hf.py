@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -9,20 +10,33 @@ import torch
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
+from ..head import decoder_of, logit_transform
 from ..internvl import VisionLanguageModel
 from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
 from .official import internvl_misfit, shuffle_arithmetic_misfit
 
 
-def softcap_misfit(model) -> Optional[str]:
-    """Why transformers' ``InternVLForConditionalGeneration`` and ``LlavaForConditionalGeneration`` would not give
-    the LLM's logits, or None: they call its ``lm_head`` themselves, without the final logit soft-capping an LLM
-    such as Gemma-2 applies after it (``tanh(x / cap) * cap``: logits 0.03 off on a tiny model, far more on a real
-    one, and every option's likelihood with them)."""
-    cap = getattr(model.language_model.config, 'final_logit_softcapping', None)
-    return (f'final_logit_softcapping {cap} (transformers\' vision-language classes call the LLM\'s lm_head '
-            f'themselves, without it)') if cap else None
+def language_model_misfit(model) -> Optional[str]:
+    """Why transformers' ``InternVLForConditionalGeneration`` and ``LlavaForConditionalGeneration`` would not run the
+    LLM as it was trained, or None: they call its ``lm_head`` themselves, without what the LLM's own forward does to
+    the logits after it (``head.logit_transform``: Gemma-2's soft-capping, 0.03 off on a tiny model; Granite's
+    ``logits_scaling``, 8x; Cohere's ``logit_scale``; and every option's likelihood with them), and they pass its
+    decoder keywords of theirs (``image_sizes``), which a decoder whose forward takes no others refuses at the first
+    question (Qwen2-MoE's, OLMoE's: a TypeError in chat)."""
+    reasons = []
+    found = logit_transform(model.language_model)
+    if found:
+        reasons.append(f'{found[0]} {found[1]} (transformers\' vision-language classes call the LLM\'s lm_head '
+                       f'themselves, without it)')
+    llm = model.language_model
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    decoder = decoder_of(base)
+    takes = inspect.signature(decoder.forward).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes):
+        reasons.append(f'the LLM\'s {type(decoder).__name__} takes no keywords but its own (transformers\' '
+                       f'vision-language classes pass it theirs)')
+    return '; '.join(reasons) or None
 
 
 def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
@@ -37,9 +51,9 @@ def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
     if model.select_layer != -1:
         reasons.append(f'select_layer {model.select_layer} (transformers\' InternVL fails on a layer other than '
                        f'the last, -1)')
-    softcap = softcap_misfit(model)
-    if softcap:
-        reasons.append(softcap)
+    language = language_model_misfit(model)
+    if language:
+        reasons.append(language)
     arithmetic = shuffle_arithmetic_misfit(model, float_modulo=True)
     if arithmetic:
         reasons.append(arithmetic)

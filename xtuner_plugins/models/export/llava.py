@@ -31,7 +31,7 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_S
 
 from ..projector import BilinearProjector, LlavaProjector
 from .files import Log, _print, generation_config, save_tokenizer, write_weights
-from .hf import softcap_misfit
+from .hf import language_model_misfit
 from .layouts import llava_state_dict
 
 LLAVA_IMAGE_TEXT = f'{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN}{IMG_END_TOKEN}\n'
@@ -46,9 +46,9 @@ def llava_misfit(model) -> Optional[str]:
         reasons.append(f'projector {type(model.mlp1).name} (LLaVA takes mlp)')
     if model.image_mode not in ('resize', 'pad'):
         reasons.append(f'image mode {model.image_mode} (LLaVA takes resize or pad: one tile per image)')
-    softcap = softcap_misfit(model)
-    if softcap:
-        reasons.append(softcap)
+    language = language_model_misfit(model)
+    if language:
+        reasons.append(language)
     return '; '.join(reasons) or None
 
 

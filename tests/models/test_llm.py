@@ -204,3 +204,32 @@ def test_an_encoder_given_as_the_llm_is_refused_in_training_and_the_planner(tmp_
     for decoder in ({'model_type': 'bert', 'is_decoder': True}, {'model_type': 'qwen2'}):
         (folder / 'config.json').write_text(json.dumps(decoder))
         check_llm_folder(str(folder))
+
+
+@pytest.mark.parametrize('model_type, architecture', [('qwen2_5_vl', 'Qwen2_5_VLForConditionalGeneration'),
+                                                      ('mistral3', 'Mistral3ForConditionalGeneration'),
+                                                      ('llava', 'LlavaForConditionalGeneration')])
+def test_a_vision_language_folder_without_a_causal_lm_of_its_type_is_refused_in_one_line(tmp_path, model_type,
+                                                                                      architecture):
+    """transformers' refusal was a ValueError listing over 100 configuration classes, after the vision encoder
+    loaded (found by a helper's sweep); Gemma 3's loads its language model (the tests above)."""
+    from xtuner_plugins.models.llm import check_llm_folder
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': model_type, 'architectures': [architecture],
+                                                      'vision_config': {}, 'text_config': {}}))
+    with pytest.raises(Refused, match=rf'^model.llm: {tmp_path}: a vision-language model \({architecture}\), whose '
+                                      r'language model does not load here alone; give the folder of its text LLM'):
+        check_llm_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize('attn', ['sdpa_segments', 'sdpa_varlen'])
+def test_an_llm_without_transformers_attention_interface_is_refused_packed_attention(tmp_path, attn):
+    """StableLM, Nemotron and Falcon pick their attention class by name: sdpa_segments was a KeyError traceback
+    once both models had loaded (found by a helper's sweep). 'sdpa' goes on, as does a Llama under either."""
+    from xtuner_plugins.models.llm import check_llm_folder
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'stablelm'}))
+    with pytest.raises(Refused, match=rf"^model.attn_implementation='{attn}': StableLmForCausalLM takes no attention "
+                                      r"but its own .*set model.attn_implementation='sdpa'"):
+        check_llm_folder(str(tmp_path), attn=attn)
+    check_llm_folder(str(tmp_path), attn='sdpa')
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+    check_llm_folder(str(tmp_path), attn=attn)

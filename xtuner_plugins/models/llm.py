@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from xtuner_plugins.data.errors import from_pretrained_named
 from xtuner_plugins.data.template import add_internvl_tokens
 
-from .attention import check_softcap
+from .attention import SEGMENTED, check_softcap
 from .zero3 import gathered, shape_of
 
 
@@ -48,9 +48,15 @@ def check_llm_folder(path: str, key: str = 'model.llm', attn: Optional[str] = No
     if attn is not None:   # a vision-language folder's language model: its text_config
         text = config.get('text_config') if isinstance(config.get('text_config'), dict) else config
         check_softcap(text.get('attn_logit_softcapping'), attn)
-    encoder = encoder_problem(config)
+    encoder = encoder_problem(config) or vision_language_problem(config)
     if encoder:
         raise Refused(f'{key}: {path}: {encoder}')
+    if attn in SEGMENTED:
+        kind = causal_lm_class(config.get('model_type'))
+        if kind is not None and not getattr(kind, '_supports_attention_backend', False):
+            raise Refused(f"model.attn_implementation={attn!r}: {kind.__name__} takes no attention but its own "
+                          f"(transformers' attention interface), so it cannot run packed rows one sample at a time; "
+                          f"set model.attn_implementation='sdpa' (a block mask per packed row)")
     if not config.get('auto_map'):
         return
     model_type = config.get('model_type')
@@ -83,6 +89,27 @@ def encoder_problem(config: dict) -> Optional[str]:
     return (f'model_type {model_type!r} is an encoder ({classes}), whose attention reads the text both ways, not a '
             f'causal LLM that writes answers; '
             f'use a decoder LLM (Qwen2.5, Qwen3, Llama, Phi-3, ...: docs/families.md)')
+
+
+def causal_lm_class(model_type) -> Optional[type]:
+    """transformers' causal-LM class of ``model_type``, or None (not one it implements)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    import transformers
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ''), None)
+
+
+def vision_language_problem(config: dict) -> Optional[str]:
+    """Why a vision-language model's folder (a ``vision_config`` beside a ``text_config``) is no LLM to train on
+    (its language model cannot load alone: transformers has no causal LM of its type, as for Qwen2.5-VL, Mistral 3,
+    LLaVA: a ValueError listing 100 configuration classes), or None (a text LLM, or Gemma 3's, whose causal LM
+    loads its language model: :func:`load_llm`)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if 'vision_config' not in config or config.get('model_type') in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    classes = ', '.join(config.get('architectures') or []) or f'model_type {config.get("model_type")!r}'
+    return (f'a vision-language model ({classes}), whose language model does not load here alone; give the folder '
+            f'of its text LLM (for Qwen2.5-VL, Qwen2.5; docs/families.md), or the vision-language model as a whole '
+            f'only where it is InternVL\'s (model.official_checkpoint)')
 
 
 def _folder_of(path: str) -> str:

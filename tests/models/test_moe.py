@@ -114,3 +114,20 @@ def test_a_preference_stage_balances_the_policys_routing_over_both_answers(moe, 
     loss, log_vars = model.parse_losses(one_per_row)
     assert loss.item() == pytest.approx((one_per_row['loss'] + one_per_row['router_aux_loss']).item())
     assert 'router_aux_loss' in log_vars
+
+
+def test_qlora_keeps_the_routers_unquantised(moe, batch):
+    """bitsandbytes quantised the routers to 4 bits (each token's choice of experts, a few MB at Qwen3-30B-A3B's
+    size); the experts are 4-bit, the routers and the LM head are not."""
+    import bitsandbytes as bnb
+    from torch import nn
+    model = build(moe, llm_lora=dict(r=4, lora_alpha=8, target_modules='all-linear'),
+                  llm_quantization=dict(type='BitsAndBytesConfig', load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                        bnb_4bit_use_double_quant=True))
+    kinds = {name: type(getattr(m, 'base_layer', m)) for name, m in model.language_model.named_modules()
+             if name.endswith(('mlp.gate', 'experts.0.up_proj', 'lm_head'))}
+    assert len(kinds) == 5 and all(kind is nn.Linear for name, kind in kinds.items() if not name.endswith('up_proj'))
+    assert all(kind is bnb.nn.Linear4bit for name, kind in kinds.items() if name.endswith('up_proj'))
+    model.train()   # (bitsandbytes' CPU kernel for eval mode takes no layer as narrow as these)
+    with torch.no_grad():
+        assert torch.isfinite(model(batch, mode='loss')['loss'])

@@ -24,7 +24,11 @@ def family(tiny, folder, name):
                                                       n_positions=2048, tie_word_embeddings=False),
               'opt': lambda: transformers.OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
                                                     ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
-                                                    max_position_embeddings=2048)}[name]()
+                                                    max_position_embeddings=2048),
+              'falcon_h1': lambda: transformers.FalconH1Config(
+                  vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                  mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16)}[name]()
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     for entry in os.listdir(tiny['llm']):
@@ -54,3 +58,20 @@ def test_an_llm_that_drops_the_bounds_is_refused_packed_and_packs_under_sdpa(tin
             alone = model(internvl_collate_fn([item])['data'], mode='tensor')[0]
             assert (logits[start:start + alone.shape[0]] - alone).abs().max() < 1e-5
             start += alone.shape[0]
+
+
+def test_an_llm_whose_state_runs_along_the_row_is_refused_packed(tiny, batch, tmp_path):
+    """Falcon-H1's Mamba layers carry their state from one packed sample into the next, whatever the attention
+    keeps apart (a helper's sweep saw samples 2 and 3 of a row 1.3e-5 off on a random tiny one); unpacked it trains.
+    (Its attention is its own: sdpa_segments is refused as it loads.)"""
+    parts = family(tiny, tmp_path / 'falcon_h1', 'falcon_h1')
+    with pytest.raises(Refused, match=r"^model.attn_implementation='sdpa_segments': FalconH1ForCausalLM takes no "):
+        build(parts, attn_implementation='sdpa_segments')
+    model = build(parts).eval()
+    packed = internvl_collate_fn([pack_items(split_batch(batch))])['data']
+    with torch.no_grad(), pytest.raises(Refused, match=r"^packed rows: the LLM's FalconH1Mixer layers carry their "
+                                                        r"state along the row"):
+        model(packed, mode='loss')
+    with torch.no_grad():
+        assert torch.isfinite(model(batch, mode='loss')['loss'])
+

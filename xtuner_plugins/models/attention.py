@@ -269,12 +269,29 @@ def check_window(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str,
                       f'or keep samples within {window} tokens (max_length)')
 
 
-def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor,
-                  attn: str, window: Optional[int] = None) -> Tuple[object, Optional[torch.Tensor]]:
+#: the layers whose state runs along a row from token to token, whatever the attention mask (Mamba's in Falcon-H1,
+#: Bamba, Jamba; short convolutions; gated delta nets; RWKV), by their class names
+RECURRENT_LAYERS = ('Mamba', 'Mixer', 'ShortConv', 'GatedDeltaNet', 'RecurrentBlock', 'Rwkv')
+
+
+def recurrent_layer(llm: torch.nn.Module) -> Optional[str]:
+    """The class name of the LLM's first layer of :data:`RECURRENT_LAYERS`, or None."""
+    return next((type(m).__name__ for m in llm.modules()
+                 if any(mark in type(m).__name__ for mark in RECURRENT_LAYERS)), None)
+
+
+def llm_attention(data: Dict[str, torch.Tensor], embeds: torch.Tensor, attn: str, window: Optional[int] = None,
+                  recurrent: Optional[str] = None) -> Tuple[object, Optional[torch.Tensor]]:
     """``(attention_mask for the LLM, [B, L] sample ids of packed rows or None)`` for a batch (see the module
-    docstring); ``attn`` the LLM's attention implementation, ``window`` its sliding window (:func:`check_window`)."""
+    docstring); ``attn`` the LLM's attention implementation, ``window`` its sliding window (:func:`check_window`);
+    ``recurrent`` its :func:`recurrent_layer`, whose state would run from one packed sample into the next: packed rows
+    refused."""
     check_window(data, embeds, attn, window)
     attention_mask = data.get('attention_mask')
+    if data.get('seq_lens') is not None and recurrent:
+        raise Refused(f'packed rows: the LLM\'s {recurrent} layers carry their state along the row, from one sample '
+                      f'into the next, whatever the attention keeps apart; train it unpacked (a config without '
+                      f'_packed, or without its packing wrapper)')
     if data.get('seq_lens') is not None:  # packed rows: attention never crosses samples
         segments = packed_segments(data['seq_lens'], embeds.shape[1], embeds.device)
         if attn in ('flash_attention_2', *SEGMENTED):

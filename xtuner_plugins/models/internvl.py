@@ -37,7 +37,7 @@ from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
 from .attention import (SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, packed_rows,
-                        segment_bounds, sliding_window)
+                        recurrent_layer, segment_bounds, sliding_window)
 from .compile import compile_model
 from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
 from .liger import apply_liger, check_liger
@@ -287,6 +287,7 @@ class VisionLanguageModel(BaseModel):
             self.vision_model = apply_lora(self.vision_model, vision_lora)
         #: a mixture-of-experts LLM's routing and its load-balancing loss (moe.py); None for a dense LLM
         self.router = router_aux(self.language_model, router_aux_loss_coef)
+        self.llm_recurrent = recurrent_layer(self.language_model)   # refuses packed rows (attention.py)
         if self.router is not None:
             print_log(self.router.describe(), logger='current')
         # the kernel computes bf16 only: an fp32 model's attention stays SDPA's, routed or not
@@ -421,7 +422,7 @@ class VisionLanguageModel(BaseModel):
         embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
         position_ids = data.get('position_ids')
         attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation),
-                                                  sliding_window(self.language_model.config))
+                                                  sliding_window(self.language_model.config), self.llm_recurrent)
         kwargs, positions = no_router_logits(self.router), None
         if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
             kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])

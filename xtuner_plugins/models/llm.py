@@ -91,6 +91,18 @@ def encoder_problem(config: dict) -> Optional[str]:
             f'use a decoder LLM (Qwen2.5, Qwen3, Llama, Phi-3, ...: docs/families.md)')
 
 
+#: what a mixture of experts' QLoRA keeps unquantised (bitsandbytes' skip list, by module name: it replaces
+#: transformers' default, the LM head): the routers, each token's choice of experts (hidden x experts: a few MB at
+#: Qwen3-30B-A3B's size), and Qwen2-MoE's shared-expert gate (one output, which bitsandbytes' CPU kernel refused)
+UNQUANTIZED_MOE = ('lm_head', 'gate', 'shared_expert_gate')
+
+
+def routed(config) -> bool:
+    """Whether an LLM config is a mixture of experts' (experts, and how many a token goes to)."""
+    return bool(getattr(config, 'num_experts_per_tok', None)
+                and (getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)))
+
+
 def causal_lm_class(model_type) -> Optional[type]:
     """transformers' causal-LM class of ``model_type``, or None (not one it implements)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -142,16 +154,19 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
     """
     kwargs = {}
     if quantization is not None:
-        from transformers import BitsAndBytesConfig
-        cfg = {k: v for k, v in dict(quantization).items() if k != 'type'}
-        cfg.setdefault('bnb_4bit_compute_dtype', torch_dtype)
-        kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
         kwargs['device_map'] = ({'': int(os.environ.get('LOCAL_RANK', 0))} if torch.cuda.is_available()
                                 else 'cpu')
+
     def load(folder):
-        from transformers import AutoConfig
+        from transformers import AutoConfig, BitsAndBytesConfig
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         text = _text_config(config)
+        if quantization is not None:
+            cfg = {k: v for k, v in dict(quantization).items() if k != 'type'}
+            cfg.setdefault('bnb_4bit_compute_dtype', torch_dtype)
+            if routed(text or config):
+                cfg.setdefault('llm_int8_skip_modules', list(UNQUANTIZED_MOE))
+            kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
         if text is None:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=False,
                                                         attn_implementation=attn_implementation, **kwargs)

@@ -273,7 +273,8 @@ def pair_loss(model, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     features = pair_features(model, data['pixel_values'])
     embeds = model.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'], features=features)
     attention_mask, segments = llm_attention(data, embeds, as_sdpa(model.language_model.config._attn_implementation),
-                                              sliding_window(model.language_model.config))
+                                              sliding_window(model.language_model.config),
+                                              getattr(model, 'llm_recurrent', None))
     rows, labels = int(data['num_pairs']), data['labels'].to(embeds.device)
     pairs = rows  # one pair per row, unless packed
     if segments is not None:  # packed: log-probs per sample; chosen rows must mirror rejected rows

@@ -75,3 +75,13 @@ def test_an_llm_whose_state_runs_along_the_row_is_refused_packed(tiny, batch, tm
     with torch.no_grad():
         assert torch.isfinite(model(batch, mode='loss')['loss'])
 
+
+
+def test_lora_on_a_falcon_h1_leaves_its_mamba_projections_out(tiny, batch, tmp_path):
+    """peft refuses adapters on a Mamba layer's out_proj: 'all-linear' on a Falcon-H1 was a ValueError traceback."""
+    model = build(family(tiny, tmp_path / 'falcon_h1', 'falcon_h1'),
+                  llm_lora=dict(r=4, lora_alpha=8, target_modules='all-linear'))
+    adapted = {n.split('.lora_A')[0].rsplit('.', 1)[-1] for n, _ in model.language_model.named_parameters()
+               if '.lora_A.' in n}
+    assert 'in_proj' in adapted and 'q_proj' in adapted and 'out_proj' not in adapted
+    assert torch.isfinite(model(batch, mode='loss')['loss'])

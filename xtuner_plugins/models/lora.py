@@ -14,11 +14,20 @@ from typing import Optional
 from torch import nn
 
 
+#: peft refuses LoRA on a Mamba layer's ``out_proj`` and ``conv1d`` (the fused kernels read their weights) in these
+#: model types; their 'all-linear' leaves them out (Falcon-H1's was a ValueError traceback at start-up)
+MAMBA_TYPES = ('falcon_h1', 'mamba', 'mamba2', 'falcon_mamba', 'nemotron_h')
+MAMBA_UNADAPTED = ('out_proj', 'conv1d')
+
+
 def apply_lora(model: nn.Module, lora: dict, task_type: Optional[str] = None) -> nn.Module:
     """Wrap ``model`` with LoRA adapters described by ``lora`` (peft ``LoraConfig`` arguments)."""
     from peft import LoraConfig, get_peft_model
     cfg = {k: v for k, v in dict(lora).items() if k != 'type'}
     cfg.setdefault('target_modules', 'all-linear')
+    config = getattr(model, 'config', None)
+    if cfg['target_modules'] == 'all-linear' and getattr(config, 'model_type', None) in MAMBA_TYPES:
+        cfg.setdefault('exclude_modules', list(MAMBA_UNADAPTED))
     if task_type is not None:
         cfg.setdefault('task_type', task_type)
     from .dropout import use_cpu_dropout

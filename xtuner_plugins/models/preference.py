@@ -48,8 +48,8 @@ from .cpu_attention import as_sdpa
 from .loss import supervised_positions
 from .moe import no_router_logits, real_tokens, routed_logits
 
-__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_losses', 'check_setting', 'frozen_copies', 'pair_features', 'pair_loss',
-           'preference_losses', 'reward_accuracy', 'sequence_logps']
+__all__ = ['LOSS_TYPES', 'MPO', 'RunningMean', 'check_losses', 'check_setting', 'frozen_copies', 'pair_features',
+           'pair_loss', 'preference_losses', 'reward_accuracy', 'sequence_logps']
 
 LOSS_TYPES = ('sigmoid', 'bco_pair', 'sft')
 MPO = dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, 1.0), beta=0.1)

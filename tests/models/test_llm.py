@@ -233,3 +233,9 @@ def test_an_llm_without_transformers_attention_interface_is_refused_packed_atten
     check_llm_folder(str(tmp_path), attn='sdpa')
     (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
     check_llm_folder(str(tmp_path), attn=attn)
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bloom'}))   # no SDPA at all
+    with pytest.raises(Refused, match=r"^model.attn_implementation='sdpa': BloomForCausalLM has no SDPA attention in "
+                                      r"transformers; set model.attn_implementation='eager'$"):
+        check_llm_folder(str(tmp_path), attn='sdpa')
+    check_llm_folder(str(tmp_path), attn='eager')
+

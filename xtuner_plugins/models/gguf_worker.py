@@ -1,9 +1,10 @@
 """llama.cpp's side of a GGUF folder, run by ``.venv-gguf``'s Python (``make gguf``), never imported by the package:
 it needs only llama-cpp-python and the standard library (the main venv's torch and transformers stay out of it).
 
-Two commands::
+Three commands::
 
     python gguf_worker.py quantize IN.gguf OUT.gguf q8_0|q4_k_m   # llama.cpp's quantiser (llama_model_quantize)
+    python gguf_worker.py check MODEL.gguf MMPROJ.gguf            # llama.cpp loads both (exit 1 and its log if not)
     python gguf_worker.py serve MODEL.gguf MMPROJ.gguf [f32]      # answers requests, one JSON object a line
 
 ``serve`` reads one request a line on stdin, ``{"messages": [...], "max_tokens": N}`` (OpenAI-style messages, images
@@ -44,6 +45,20 @@ def quantize(src: str, dst: str, kind: str) -> int:
     if status != 0:
         print(f'llama_model_quantize returned {status}', file=sys.stderr)
     return 1 if status else 0
+
+
+def check(model: str, mmproj: str) -> int:
+    """Load the pair as ``serve`` does (memory-mapped: the weights' shapes, not their bytes); llama.cpp's log says
+    what it refused."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+    try:
+        llm = Llama(model_path=model, n_ctx=64, n_threads=1, n_gpu_layers=0, verbose=True)
+        MTMDChatHandler(clip_model_path=mmproj, verbose=True, use_gpu=False)._init_mtmd_context(llm)
+    except Exception as exc:  # noqa: BLE001 -- llama.cpp's own words are in its log above
+        print(f'{type(exc).__name__}: {exc}', file=sys.stderr)
+        return 1
+    return 0
 
 
 def send(obj) -> None:
@@ -164,6 +179,8 @@ def serve(model: str, mmproj: str, exact: bool = False) -> int:
 def main(argv) -> int:
     if len(argv) == 4 and argv[0] == 'quantize' and argv[3] in QUANT_TYPES:
         return quantize(argv[1], argv[2], argv[3])
+    if len(argv) == 3 and argv[0] == 'check':
+        return check(argv[1], argv[2])
     if len(argv) in (3, 4) and argv[0] == 'serve' and argv[3:] in ([], ['f32']):
         return serve(argv[1], argv[2], exact=argv[3:] == ['f32'])
     print(__doc__, file=sys.stderr)

@@ -51,12 +51,14 @@ def check_llm_folder(path: str, key: str = 'model.llm', attn: Optional[str] = No
     encoder = encoder_problem(config) or vision_language_problem(config)
     if encoder:
         raise Refused(f'{key}: {path}: {encoder}')
-    if attn in SEGMENTED:
-        kind = causal_lm_class(config.get('model_type'))
-        if kind is not None and not getattr(kind, '_supports_attention_backend', False):
-            raise Refused(f"model.attn_implementation={attn!r}: {kind.__name__} takes no attention but its own "
-                          f"(transformers' attention interface), so it cannot run packed rows one sample at a time; "
-                          f"set model.attn_implementation='sdpa' (a block mask per packed row)")
+    kind = causal_lm_class(config.get('model_type')) if attn is not None else None
+    if kind is not None and attn in ('sdpa', *SEGMENTED) and not getattr(kind, '_supports_sdpa', True):
+        raise Refused(f"model.attn_implementation={attn!r}: {kind.__name__} has no SDPA attention in transformers; "
+                      f"set model.attn_implementation='eager'")
+    if kind is not None and attn in SEGMENTED and not getattr(kind, '_supports_attention_backend', False):
+        raise Refused(f"model.attn_implementation={attn!r}: {kind.__name__} takes no attention but its own "
+                      f"(transformers' attention interface), so it cannot run packed rows one sample at a time; "
+                      f"set model.attn_implementation='sdpa' (a block mask per packed row)")
     if not config.get('auto_map'):
         return
     model_type = config.get('model_type')

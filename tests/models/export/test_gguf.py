@@ -238,6 +238,19 @@ def test_a_gemma3_llm_answers_as_its_official_folder_its_sliding_layers_listed(t
     assert_answers_alike(got, expected)
 
 
+def test_a_gguf_llama_cpp_does_not_load_is_refused_as_it_is_written(setup, tmp_path):
+    """The export loads the pair it wrote: an OLMoE with grouped key/value heads (llama.cpp's OLMoE takes its k norm
+    over the whole width) said done, then every question failed (found by a helper's sweep; its refusal seen by
+    hand: "check_tensor_dims: tensor 'blk.0.attn_k_norm.weight' has wrong shape"). Here a model file cut short."""
+    model, mmproj = gguf_pair(setup['f32'])
+    gguf_export.check_loads(model, mmproj)   # the pair written: loads
+    data = open(model, 'rb').read()
+    (tmp_path / 'cut.gguf').write_bytes(data[:len(data) - 4096])
+    with pytest.raises(ValueError, match=r"^llama.cpp does not load the GGUF it was converted to \(.*data is not "
+                                         r"within the file bounds.*\): this model's layout is not one llama.cpp runs"):
+        gguf_export.check_loads(str(tmp_path / 'cut.gguf'), mmproj)
+
+
 def test_missing_fields_are_filled_in_a_staged_copy(setup, capsys):
     """A folder without architectures, preprocessor_config.json and chat template converts; it is not written."""
     bare = setup['root'] / 'bare'

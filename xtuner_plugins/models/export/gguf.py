@@ -334,6 +334,20 @@ def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log =
     return [quantised, mmproj]
 
 
+def check_loads(model: str, mmproj: str) -> None:
+    """``ValueError`` with llama.cpp's words when it does not load the pair it was written as (an OLMoE with grouped
+    key/value heads: a tensor of the wrong shape), where the export said done and every question failed."""
+    python, _ = tools()
+    done = subprocess.run([python, WORKER, 'check', model, mmproj], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors='replace')
+    if done.returncode:
+        lines = done.stdout.strip().splitlines()
+        said = [re.sub(r'\s+', ' ', line.split('error loading model:')[-1]).strip() for line in lines
+                if re.search(r'error loading model|mtmd context|clip_', line) and re.search(r'error|fail', line, re.I)]
+        raise ValueError(f'llama.cpp does not load the GGUF it was converted to ({"; ".join(said[:2]) or lines[-1]})'
+                         f': this model\'s layout is not one llama.cpp runs')
+
+
 def write_gguf_from_folder(folder: str, out_dir: str, quant: str = 'f16', log: Log = _print,
                            name: Optional[str] = None) -> List[str]:
     """An official folder's GGUF pair, into the (new, empty) ``out_dir``, its files named after ``name`` (by
@@ -349,6 +363,7 @@ def write_gguf_from_folder(folder: str, out_dir: str, quant: str = 'f16', log: L
         files = convert_staged(staging, out_dir, name, quant, log)
     finally:
         shutil.rmtree(os.path.dirname(staging), ignore_errors=True)
+    check_loads(*files)
     for path in files:
         log(f'wrote {os.path.basename(path)} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)')
     return files

@@ -297,4 +297,7 @@ def test_samples_refused_at_start_up_are_kept_in_little_memory(tmp_path):
     assert (first.reason, first.source) == ('image_tag_mismatch', f'{path}:1')
     assert ds.load_problems.reasons() == {'image_tag_mismatch': 20000}
     assert [p.source for p in ds.load_problems[-2:]] == [f'{path}:19999', f'{path}:20000']
+    assert ds.load_problems[5] in ds.load_problems and ds.load_problems.index(ds.load_problems[5]) == 5
+    assert 'x' not in ds.load_problems and repr(ds.load_problems) == \
+        "ProblemList(20000 problems: {'image_tag_mismatch': 20000})"
 

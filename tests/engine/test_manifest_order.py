@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import conv, write_jsonl
+from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.engine import badsamples
 from xtuner_plugins.engine.badsamples import BadSampleHook
@@ -139,3 +139,69 @@ def test_sources_are_compared_by_place_a_file_named_twice_included():
     swapped = dict(sources=reordered['sources'][::-1], total_used=2)
     assert badsamples.manifest_changes(reordered, swapped) == [
         "the annotation files are named in another order or number: ['/a', '/b'] then, ['/b', '/a'] now"]
+
+
+def test_the_same_data_copied_elsewhere_or_its_images_moved_resumes_with_a_warning(tmp_path, tiny_tokenizer,
+                                                                                     monkeypatch, capsys):
+    """A requeued job that copies its data to its own disk ($SLURM_TMPDIR) reads the same samples in the same order:
+    it was stopped as 'no longer used' / 'new' and said not to resume exactly (found by a review helper)."""
+    import shutil
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    monkeypatch.setattr(badsamples, 'get_dist_info', lambda: (0, 1))
+    rows = [{'image': 'x.png', 'conversations': conv(f'q{i}', 'a')} for i in range(4)]
+    os.makedirs(tmp_path / 'one' / 'images')
+    os.makedirs(tmp_path / 'work')
+
+    def run(folder, images, resume, hook=None):
+        ds = InternVLDataset(str(folder / 'a.jsonl'), image_folders=str(images), tokenizer=None,
+                             cache_dir=str(tmp_path / 'cache'))
+        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=2, sampler=None), iter=0,
+                                 epoch=0, work_dir=str(tmp_path / 'work'), _resume=resume)
+        (hook or BadSampleHook()).before_train(runner)
+
+    write_jsonl(tmp_path / 'one' / 'a.jsonl', rows)
+    write_image(tmp_path / 'one' / 'images' / 'x.png')
+    run(tmp_path / 'one', tmp_path / 'one' / 'images', resume=False)
+    shutil.copytree(tmp_path / 'one', tmp_path / 'two')
+    run(tmp_path / 'two', tmp_path / 'two' / 'images', resume=True)
+    assert said == [f'{tmp_path}/two/a.jsonl: moved from {tmp_path}/one/a.jsonl, its '
+                    f'image folder is {tmp_path}/two/images (was {tmp_path}/one/images; the images are not compared) '
+                    f'since the run being resumed started, its size and sampled content did not: resumed on it']
+    with open(tmp_path / 'two' / 'a.jsonl', 'a') as f:   # then its content changes: stopped, naming what changed
+        f.write(json.dumps(rows[0]) + '\n')
+    with pytest.raises(SystemExit):
+        run(tmp_path / 'two', tmp_path / 'two' / 'images', resume=True)
+    assert f'{tmp_path}/two/a.jsonl: size ' in capsys.readouterr().err
+
+
+def test_a_streams_changed_data_is_said_not_stopped_here(tmp_path, monkeypatch):
+    """Online packing and shards resume by their stream's state (streamstate.py), whose refusal names
+    on_data_change=restart: with it, this check stopped the resume a second time (found by a review helper)."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __init__(self, inner):
+            self.dataset, self.sources, self.load_problems = inner, inner.sources, inner.load_problems
+            self._source_ranges, self.items_per_source = inner._source_ranges, inner.items_per_source
+
+        def __iter__(self):
+            return iter(())
+
+        def __len__(self):
+            return len(self.dataset)
+
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)} for i in range(4)])
+    os.makedirs(tmp_path / 'work')
+    for resume in (False, True):
+        if resume:
+            with open(path, 'a') as f:
+                f.write(json.dumps({'conversations': conv('new', 'a', image=False)}) + '\n')
+        stream = Stream(InternVLDataset(path, tokenizer=None, cache_dir=str(tmp_path / 'cache')))
+        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=stream, batch_size=1), iter=0, epoch=0,
+                                 work_dir=str(tmp_path / 'work'), _resume=resume)
+        BadSampleHook().before_train(runner)
+    assert len(said) == 1 and 'the data changed since the run being resumed started' in said[0] \
+        and said[0].endswith("(a stream: its resume is the data stream state's to judge)")

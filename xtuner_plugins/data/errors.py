@@ -76,6 +76,24 @@ class ProblemList(Sequence):
 
     __hash__ = None
 
+    def __repr__(self) -> str:
+        return f'ProblemList({len(self)} problems: {dict(self.reasons())})'
+
+    def index(self, problem, start: int = 0, stop: Optional[int] = None) -> int:
+        """The first place of a problem alike (reason, message, source): each read is a new SampleError."""
+        row = (problem.reason, problem.message, problem.source)
+        for i in range(start, len(self) if stop is None else min(stop, len(self))):
+            if (self._reasons[i], self._messages[i], self._wheres[i]) == row:
+                return i
+        raise ValueError(f'{problem} is not in this list')
+
+    def __contains__(self, problem) -> bool:
+        try:
+            self.index(problem)
+        except (ValueError, AttributeError):
+            return False
+        return True
+
     def extend(self, problems: Iterable) -> None:
         """Add a :class:`ProblemList`'s problems, or :class:`SampleError` s."""
         self._add(zip(problems._reasons, problems._messages, problems._wheres) if isinstance(problems, ProblemList)

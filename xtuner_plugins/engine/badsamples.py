@@ -6,8 +6,10 @@ size, modification time), image folder, ``repeat_time``, samples read, refused a
 used after repeats, and the ranks and batch size cutting its epochs into batches. A run that resumes compares it
 with the manifest the interrupted run wrote and stops (``on_data_change='stop'``, the default) or warns (``'warn'``)
 when the data changed under it, or is cut into other batches (MMEngine resumes by skipping as many batches as were
-trained: other batches than the ones trained on), naming what. A file whose modification time alone changed (its
-size and sampled content the same: a copy that did not keep times) is said in a warning.
+trained: other batches than the ones trained on), naming what. A file moved, or whose modification time or image
+folder alone changed (its size, sampled content and samples the same: a copy to a job's own disk, one that did not
+keep times), is said in a warning; so is any change under a stream (online packing, shards), whose resume
+``streamstate.py`` judges.
 
 **Bad samples.**
 
@@ -94,7 +96,9 @@ class BadSampleHook(Hook):
             order = reading_order(runner.train_dataloader)
             if order:
                 current['order'] = order
-            self._manifest(runner, current)
+            from torch.utils.data import IterableDataset
+            stream = isinstance(getattr(runner.train_dataloader, 'dataset', None), IterableDataset)
+            self._manifest(runner, current, stream)
 
     def _earlier_summary(self, runner) -> None:
         """A resumed run takes over the interrupted run's skipped samples; a new run removes an earlier run's."""
@@ -121,7 +125,8 @@ class BadSampleHook(Hook):
             print_log(f'removed {path}: an earlier run\'s list of skipped samples, not this run\'s',
                       logger='current')
 
-    def _manifest(self, runner, current: dict) -> None:
+    def _manifest(self, runner, current: dict, stream: bool = False) -> None:
+        """Compare with the resumed run's manifest (a stream's resume is StreamStateHook's to judge: only said)."""
         own = path = os.path.join(runner.work_dir, self.manifest_file)
         before = read_manifest(path)
         if getattr(runner, '_resume', False) and before is None:   # --resume PATH into another --work-dir: the
@@ -139,16 +144,16 @@ class BadSampleHook(Hook):
             changes = manifest_changes(before, current)
             if changes:
                 message = f'the data changed since the run being resumed started ({path}): ' + '; '.join(changes)
-                if self.on_data_change == 'stop':
+                if self.on_data_change == 'stop' and not stream:
                     from .runstart import refuse
                     refuse(f'resume: {message}. Resume with the data and settings it started with; or go on all the '
                            f'same, knowing the epoch under way is not resumed exactly '
                            f'({hook_option(runner, "BadSampleHook", "on_data_change=warn")}); or start a new run '
                            f'from its weights (model.pretrained_pth=CHECKPOINT)')
-                print_log(message + ' (on_data_change=\'warn\': going on)', logger='current', level=30)
-            for name in touched(before, current):
-                print_log(f'{name}: its modification time changed since the run being resumed started, its size and '
-                          f'sampled content did not: resumed on it', logger='current', level=30)
+                print_log(message + (' (a stream: its resume is the data stream state\'s to judge)' if stream else
+                                     ' (on_data_change=\'warn\': going on)'), logger='current', level=30)
+            for note in harmless_changes(before, current):
+                print_log(note, logger='current', level=30)
         if get_dist_info()[0] == 0:  # atomically: the other ranks may be reading the resumed run's copy now
             atomic_write(json.dumps(current, indent=1), own)   # this run's folder (never the resumed run's)
 
@@ -298,7 +303,9 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
                      f'others not at all until the next epoch); resume with the same sampler settings')
     then_sources, now_sources = before.get('sources', []), now.get('sources', [])
     then_paths, now_paths = [s['annotation'] for s in then_sources], [s['annotation'] for s in now_sources]
-    if then_paths == now_paths:   # by place: a file may be named twice (a meta file's two entries)
+    moved_alike = len(then_sources) == len(now_sources) and all(
+        a['annotation'] == b['annotation'] or _alike(a, b) for a, b in zip(then_sources, now_sources))
+    if then_paths == now_paths or moved_alike:   # by place: a file may be named twice (a meta file's two entries)
         pairs = list(zip(then_paths, then_sources, now_sources))
         changes = []
     else:
@@ -312,22 +319,32 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
         diff = [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in ('size', 'mtime_ns', 'content', 'image_folder',
                                                               'repeat_time', 'samples', 'used')
                 if a.get(k) != b.get(k) and (k != 'content' or k in a)]   # (no content in an older manifest)
-        if diff and not (len(diff) == 1 and _touched(a, b)):
+        if diff and not _alike(a, b):
             changes.append(f'{p}: ' + ', '.join(diff))
     if 'total_used' in before and before.get('total_used') != now.get('total_used') and not changes:
         changes.append(f'the samples used: {before["total_used"]} then, {now.get("total_used")} now')
     return changes + moved
 
 
-def touched(before: dict, now: dict) -> List[str]:
-    """The annotation files (of sources at the same place) whose modification time alone changed: their size and
-    sampled content are the same (a copy made without keeping times, a ``touch``): no change to stop for."""
-    then_sources, now_sources = before.get('sources', []), now.get('sources', [])
-    return [b['annotation'] for a, b in zip(then_sources, now_sources)
-            if a.get('annotation') == b['annotation'] and a.get('mtime_ns') != b.get('mtime_ns') and _touched(a, b)]
+def harmless_changes(before: dict, now: dict) -> List[str]:
+    """A line for each source (by place) whose annotation file moved, whose modification time changed or whose image
+    folder is another, its size, sampled content and samples alike (a copy to a job's own disk, one that did not
+    keep times, images moved): the same samples in the same order, no change to stop for."""
+    lines = []
+    for a, b in zip(before.get('sources', []), now.get('sources', [])):
+        if not _alike(a, b):
+            continue
+        what = [f'moved from {a["annotation"]}'] if a['annotation'] != b['annotation'] else []
+        what += ['its modification time changed'] if a.get('mtime_ns') != b.get('mtime_ns') else []
+        what += ([f'its image folder is {b.get("image_folder")} (was {a.get("image_folder")}; the images are not '
+                  f'compared)'] if a.get('image_folder') != b.get('image_folder') else [])
+        if what:
+            lines.append(f'{b["annotation"]}: {", ".join(what)} since the run being resumed started, its size and '
+                         f'sampled content did not: resumed on it')
+    return lines
 
 
-def _touched(a: dict, b: dict) -> bool:
-    """Whether two manifest entries of one file differ at most in modification time, their content known alike."""
-    return 'content' in a and all(a.get(k) == b.get(k) for k in ('size', 'content', 'image_folder', 'repeat_time',
-                                                                  'samples', 'used'))
+def _alike(a: dict, b: dict) -> bool:
+    """Whether two manifest entries hold the same samples in the same order: size, sampled content (known), repeats
+    and counts alike, whatever their path, modification time and image folder."""
+    return 'content' in a and all(a.get(k) == b.get(k) for k in ('size', 'content', 'repeat_time', 'samples', 'used'))

@@ -188,6 +188,18 @@ def test_layer_elements_are_what_autograd_saves(tiny, kw, device, monkeypatch):
     assert planned == pytest.approx(measured, rel=0.03), (planned, measured)
 
 
+@pytest.mark.parametrize('kw', [dict(freeze_llm=False), dict(), dict(llm_lora=LORA)], ids=['trained', 'frozen', 'lora'])
+def test_a_qwen3_layers_elements_count_its_query_and_key_norms(tiny, tmp_path, kw):
+    """Qwen3 (InternVL 3.5's LLMs) normalises its queries' and keys' heads: its layer was planned at 0.81x what it
+    saves without them."""
+    from xtuner_plugins.models import VisionLanguageModel
+    from xtuner_plugins.tiny import write_tiny_llm
+    parts = dict(tiny, llm=write_tiny_llm(str(tmp_path / 'qwen3'), arch='qwen3'))
+    planned = layer_elements(build_meta_model(settings(parts, **kw)), 'cuda')
+    real = VisionLanguageModel(**settings(parts, torch_dtype='bfloat16', trainable_fp32=False, **kw))
+    assert planned == pytest.approx(saved_elements_per_token(real), rel=0.03)
+
+
 MOE = {'Qwen3Moe': dict(head_dim=64, intermediate_size=128, moe_intermediate_size=512, num_experts=8),
        'Mixtral': dict(head_dim=64, intermediate_size=512, num_local_experts=8),
        'Olmoe': dict(intermediate_size=512, num_experts=8)}

@@ -102,7 +102,8 @@ def test_odd_config_files_and_an_internvl_folder_given_as_the_llm(tiny, tmp_path
     (folder / 'config.json').write_text(json.dumps({'auto_map': {'AutoModel': 'm.M'}}))
     with pytest.raises(Refused, match='its config.json names no model_type, which transformers does not'):
         check_llm_folder(str(folder))
-    (folder / 'config.json').write_text(json.dumps({'model_type': 'internvl_chat', 'auto_map': {'AutoModel': 'm.M'}}))
+    (folder / 'config.json').write_text(json.dumps({'model_type': 'internvl_chat', 'auto_map': {'AutoModel': 'm.M'},
+                                                    'vision_config': {}, 'llm_config': {}}))
     with pytest.raises(Refused, match='is an InternVL model, not an LLM: give it as model.official_checkpoint'):
         check_llm_folder(str(folder))
     # an attention-logit cap the attention implementation would drop, read from the text config of a

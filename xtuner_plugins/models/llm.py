@@ -118,7 +118,8 @@ def vision_language_problem(config: dict) -> Optional[str]:
     LLaVA: a ValueError listing 100 configuration classes), or None (a text LLM, or Gemma 3's, whose causal LM
     loads its language model: :func:`load_llm`)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if 'vision_config' not in config or config.get('model_type') in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if 'vision_config' not in config or config.get('model_type') in (*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                                     'internvl_chat'):   # (its own line below)
         return None
     classes = ', '.join(config.get('architectures') or []) or f'model_type {config.get("model_type")!r}'
     return (f'a vision-language model ({classes}), whose language model does not load here alone; give the folder '

@@ -24,6 +24,23 @@ def write_image(path, size=(64, 48), mode='RGB', seed=0, fmt=None):
     return str(path)
 
 
+def random_llm(folder, tokenizer_folder, config, **settings):
+    """A random causal LM of transformers' ``config`` class (by name) and ``settings`` (the vocabulary sized as the
+    LLM in ``tokenizer_folder``'s by default), seeded, saved in ``folder`` beside a copy of that folder's tokenizer
+    files; returns the folder."""
+    import shutil
+
+    import torch
+    import transformers
+    settings.setdefault('vocab_size', transformers.AutoConfig.from_pretrained(tokenizer_folder).vocab_size)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(getattr(transformers, config)(**settings)).save_pretrained(folder)
+    for name in os.listdir(tokenizer_folder):
+        if name not in ('config.json', 'generation_config.json') and not name.endswith('.safetensors'):
+            shutil.copy(os.path.join(tokenizer_folder, name), folder)
+    return str(folder)
+
+
 def write_jsonl(path, samples):
     with open(path, 'w', encoding='utf-8') as f:
         for s in samples:

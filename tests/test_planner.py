@@ -209,23 +209,11 @@ MOE = {'Qwen3Moe': dict(head_dim=64, intermediate_size=128, moe_intermediate_siz
 def moe_llms(tiny, tmp_path_factory):
     """Mixture-of-experts LLMs 256 wide, 8 experts of 512 (Qwen3-MoE's intermediate_size 128, the width of the
     dense layers it has none of), 2 a token, beside the tiny tokenizer."""
-    import shutil
-
-    import transformers
-    vocab = transformers.AutoConfig.from_pretrained(tiny['llm']).vocab_size
-    folders = {}
-    for family, extra in MOE.items():
-        folder = str(tmp_path_factory.mktemp(family))
-        config = getattr(transformers, f'{family}Config')(vocab_size=vocab, hidden_size=256, num_hidden_layers=1,
-                                                          num_attention_heads=4, num_key_value_heads=2,
-                                                          num_experts_per_tok=2, **extra)
-        torch.manual_seed(0)
-        getattr(transformers, f'{family}ForCausalLM')(config).save_pretrained(folder)
-        for name in os.listdir(tiny['llm']):
-            if name != 'config.json' and not name.endswith('.safetensors'):
-                shutil.copy(os.path.join(tiny['llm'], name), folder)
-        folders[family] = folder
-    return folders
+    from tests.helpers import random_llm
+    return {family: random_llm(tmp_path_factory.mktemp(family), tiny['llm'], f'{family}Config', hidden_size=256,
+                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                               num_experts_per_tok=2, **extra)
+            for family, extra in MOE.items()}
 
 
 @pytest.mark.parametrize('kw', [dict(freeze_llm=False), dict(), dict(llm_lora=LORA)], ids=['trained', 'frozen', 'lora'])

@@ -89,6 +89,7 @@ import torch
 from xtuner_plugins.models.compile import is_compiled
 from xtuner_plugins.models.cpu_attention import as_sdpa
 from xtuner_plugins.models.dropout import CpuDropout
+from xtuner_plugins.models.moe import routing
 
 GIB = 2 ** 30
 DTYPE_BYTES = {'bf16': 2, 'fp16': 2, 'fp32': 4}
@@ -207,14 +208,13 @@ def mlp_width(config) -> Tuple[int, Optional[Tuple[int, int]]]:
     ``n_shared_experts``). Qwen3-MoE's ``intermediate_size`` is the width of its dense layers, none in Qwen3-30B-A3B."""
     dense = (getattr(config, 'intermediate_size', None) or getattr(config, 'ffn_dim', None)
              or getattr(config, 'n_inner', None) or 4 * config.hidden_size)
-    top_k = getattr(config, 'num_experts_per_tok', None)
-    experts = getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)
-    if not (top_k and experts):
+    routed = routing(config)
+    if routed is None:
         return dense, None
     expert = getattr(config, 'moe_intermediate_size', None) or dense
     shared = (getattr(config, 'shared_expert_intermediate_size', None)
               or (getattr(config, 'n_shared_experts', None) or 0) * expert)
-    return expert * top_k + shared, (top_k, experts)
+    return expert * routed[0] + shared, routed
 
 
 def _decoder_layer(lm):

@@ -3,13 +3,10 @@ passes no keyword arguments on to its attention, OPT builds its own causal mask.
 row attended to each other without a word (logits 0.28-0.41 apart from each sample alone, found by a helper's sweep);
 now refused in one line naming 'sdpa', under which they pack exactly."""
 
-import os
-import shutil
-
 import pytest
 import torch
-import transformers
 
+from tests.helpers import random_llm
 from tests.models.conftest import build
 from tests.models.test_packing import split_batch
 from xtuner_plugins.data import internvl_collate_fn
@@ -17,24 +14,19 @@ from xtuner_plugins.data.packing import pack_items
 from xtuner_plugins.errors import Refused
 
 
+FAMILIES = {'gpt2': ('GPT2Config', dict(n_embd=64, n_layer=2, n_head=4, n_positions=2048, tie_word_embeddings=False)),
+            'opt': ('OPTConfig', dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                      word_embed_proj_dim=64, max_position_embeddings=2048)),
+            'falcon_h1': ('FalconH1Config', dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=128, head_dim=16,
+                                                 mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                                                 mamba_d_state=16, mamba_chunk_size=16))}
+
+
 def family(tiny, folder, name):
     """A tiny random LLM of ``name`` beside a copy of the tiny tokenizer."""
-    vocab = transformers.AutoConfig.from_pretrained(tiny['llm']).vocab_size
-    config = {'gpt2': lambda: transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
-                                                      n_positions=2048, tie_word_embeddings=False),
-              'opt': lambda: transformers.OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                                    ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
-                                                    max_position_embeddings=2048),
-              'falcon_h1': lambda: transformers.FalconH1Config(
-                  vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
-                  mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16)}[name]()
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for entry in os.listdir(tiny['llm']):
-        if entry.startswith('tokenizer') or entry in ('special_tokens_map.json', 'vocab.json', 'merges.txt'):
-            shutil.copy(os.path.join(tiny['llm'], entry), folder)
-    return dict(tiny, llm=str(folder))
+    config, settings = FAMILIES[name]
+    return dict(tiny, llm=random_llm(folder, tiny['llm'], config, **settings))
 
 
 @pytest.mark.parametrize('name, attention', [('gpt2', 'GPT2Attention gets no segment_bounds from its model'),

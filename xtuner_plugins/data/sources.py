@@ -294,16 +294,17 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     return sources
 
 
-def folder_problem(src: DataSource) -> Optional[str]:
+def folder_problem(src: DataSource, advice: bool = True) -> Optional[str]:
     """None, or why ``src``'s image folder is none: it is a file (refused as the sources are read), or it does not
     exist (refused by the start-up check once one of the source's samples names an image or a video: a text-only
-    data set needs no folder, whatever its config gives)."""
+    data set needs no folder, whatever its config gives); ``advice``: with where to set it."""
     if src.image_folder is None or os.path.isdir(src.image_folder):
         return None
     what = 'is a file, not a folder' if os.path.exists(src.image_folder) else 'does not exist'
     entry = f'{src.meta}: entry {src.name!r}: ' if src.meta else ''   # its "root", where it was given
-    return (f'{entry}{src.annotation}: its image folder {src.image_folder} {what} (set train_dataloader.dataset.'
-            f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
+    return (f'{entry}{src.annotation}: its image folder {src.image_folder} {what}'
+            + (' (set train_dataloader.dataset.image_folders, --image-folder of tools/check_dataset.py, or the meta '
+               'file\'s "root")' if advice else ''))
 
 
 def _warn_named_twice(sources: List[DataSource]) -> None:

@@ -85,12 +85,11 @@ class SourceCheck:
         folder is none and one of its samples names an image or a video (``sources.folder_problem``)."""
         if src.repeat_time <= 0:
             return None
-        problem = folder_problem(src)
+        problem = folder_problem(src, advice=bool(self.media))   # advice where the folder is needed
         if problem and self.media:
             raise FileNotFoundError(problem)
         if problem:
-            return (f'{problem.partition(" (set ")[0]}: none of its samples names an image or a video, so it needs '
-                    f'none')
+            return f'{problem}: none of its samples names an image or a video, so it needs none'
         if not self.missing:
             return None
         return missing_line(src, self.media, self.videos, self.missing, *self.first_missing)

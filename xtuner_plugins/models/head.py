@@ -12,9 +12,14 @@ from torch import nn
 from xtuner_plugins.errors import Refused
 
 
+def unwrapped(llm: nn.Module) -> nn.Module:
+    """The causal LM under a PEFT wrapper (its base model, LoRA layers in place), or ``llm`` itself."""
+    return llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+
+
 def head_of(llm: nn.Module) -> nn.Linear:
     """The LM head whose weight the fused loss multiplies by: a plain ``nn.Linear`` (not LoRA-wrapped)."""
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    base = unwrapped(llm)
     head = base.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise Refused(f"liger_kernel's 'fused_loss' multiplies by the LM head's weight, and this LM head is a "
@@ -40,7 +45,7 @@ LOGIT_TRANSFORMS = (('final_logit_softcapping', None), ('logit_scale', None), ('
 def logit_transform(llm: torch.nn.Module) -> Optional[Tuple[str, float]]:
     """``(setting, value)`` of what ``llm`` (a causal LM, a PEFT wrapper of one) does to its logits after its LM
     head (:data:`LOGIT_TRANSFORMS`), or None."""
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    base = unwrapped(llm)
     config = base.config.get_text_config() if hasattr(base.config, 'get_text_config') else base.config
     for name, neutral in LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
@@ -55,7 +60,7 @@ def refuse_logit_transform(llm: torch.nn.Module, setting: str) -> None:
     its logits after the head (:func:`logit_transform`), which its own forward would apply and that loss does not."""
     found = logit_transform(llm)
     if found:
-        base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+        base = unwrapped(llm)
         fix = ("leave 'fused_loss' out of liger_kernel" if 'fused_loss' in setting else 'use loss_chunk=0'
                if 'loss_chunk' in setting else 'set model.router_aux_loss_coef=0')
         raise Refused(f'{setting}: {type(base).__name__} transforms its logits after the LM head '

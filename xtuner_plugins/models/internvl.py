@@ -42,6 +42,7 @@ from .compile import compile_model
 from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
 from .liger import apply_liger, check_liger
 from .lineage import lineage_record, source_paths
+from .head import unwrapped
 from .lora import apply_lora
 from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
 from .moe import check_coef, no_router_logits, real_tokens, router_aux
@@ -468,8 +469,7 @@ class VisionLanguageModel(BaseModel):
         """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs of the pinned version
         do; through a PEFT wrapper, its base model's); without it, all logits are computed."""
         llm = self.language_model
-        base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-        return 'logits_to_keep' in inspect.signature(base.forward).parameters
+        return 'logits_to_keep' in inspect.signature(unwrapped(llm).forward).parameters
 
     def gradient_checkpointing_enable(self):
         self.llm_recompute = self.llm_recompute or recompute_mode(True)

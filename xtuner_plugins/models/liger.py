@@ -32,7 +32,7 @@ from torch import nn
 
 from xtuner_plugins.errors import Refused
 
-from .head import head_of, refuse_logit_transform
+from .head import head_of, refuse_logit_transform, unwrapped
 
 LIGER_PARTS = ('rms_norm', 'swiglu', 'rope', 'fused_loss')
 KERNEL_PARTS = LIGER_PARTS[:3]   # patched into the LLM by Liger; 'fused_loss' is called by loss.py
@@ -112,7 +112,7 @@ def apply_liger(llm: nn.Module, parts: Tuple[str, ...]) -> Tuple[str, ...]:
     if 'fused_loss' in parts:   # refused now, not at the first step
         head_of(llm)
         refuse_logit_transform(llm, "liger_kernel's 'fused_loss'")
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    base = unwrapped(llm)
     kernels = [p for p in parts if p in KERNEL_PARTS]
     if kernels:
         from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,

@@ -22,6 +22,7 @@ from xtuner_plugins.data.errors import from_pretrained_named
 from xtuner_plugins.data.template import add_internvl_tokens
 
 from .attention import SEGMENTED, check_softcap
+from .moe import routing
 from .zero3 import gathered, shape_of
 
 
@@ -99,12 +100,6 @@ def encoder_problem(config: dict) -> Optional[str]:
 UNQUANTIZED_MOE = ('lm_head', 'gate', 'shared_expert_gate')
 
 
-def routed(config) -> bool:
-    """Whether an LLM config is a mixture of experts' (experts, and how many a token goes to)."""
-    return bool(getattr(config, 'num_experts_per_tok', None)
-                and (getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)))
-
-
 def causal_lm_class(model_type) -> Optional[type]:
     """transformers' causal-LM class of ``model_type``, or None (not one it implements)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -167,7 +162,7 @@ def load_llm(path: str, torch_dtype: torch.dtype = torch.float32, attn_implement
         if quantization is not None:
             cfg = {k: v for k, v in dict(quantization).items() if k != 'type'}
             cfg.setdefault('bnb_4bit_compute_dtype', torch_dtype)
-            if routed(text or config):
+            if routing(text or config):
                 cfg.setdefault('llm_int8_skip_modules', list(UNQUANTIZED_MOE))
             kwargs['quantization_config'] = BitsAndBytesConfig(**cfg)
         if text is None:

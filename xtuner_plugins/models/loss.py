@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from xtuner_plugins.data.template import IGNORE_INDEX
 
 from .attention import sample_index
-from .head import decoder_of, head_of, refuse_logit_transform
+from .head import decoder_of, head_of, refuse_logit_transform, unwrapped
 
 REDUCTIONS = ('token', 'sample', 'square')
 
@@ -174,14 +174,8 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
         ValueError: the LLM transforms its logits after the head (soft-capping, a logit scale), which its own
             forward would apply and this does not.
     """
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    refuse_logit_transform(base, "liger_kernel's 'fused_loss'" if fused else 'loss_chunk' if chunk
-                           else 'the router load-balancing loss')
-    if router is not None:
-        llm_kwargs['output_router_logits'] = True
-    out = decoder_of(base)(inputs_embeds=embeds, use_cache=False, return_dict=True, **llm_kwargs)
-    hidden = out.last_hidden_state[:, positions]
-    aux = None if router is None else router.loss(out.router_logits, real)
+    setting = "liger_kernel's 'fused_loss'" if fused else 'loss_chunk' if chunk else 'the router load-balancing loss'
+    base, hidden, aux = decoder_hidden(llm, embeds, positions, setting, router, real, **llm_kwargs)
     if fused:
         loss = fused_causal_lm_loss(hidden, head_of(base), labels, reduction, segments=segments, positions=positions)
     elif chunk:
@@ -191,3 +185,21 @@ def decoder_chunked_loss(llm: torch.nn.Module, embeds: torch.Tensor, labels: tor
         loss = causal_lm_loss(base.get_output_embeddings()(hidden), labels, reduction, segments=segments,
                               positions=positions, compiled=compiled)
     return loss, aux
+
+
+def decoder_hidden(llm: torch.nn.Module, embeds: torch.Tensor, positions: Optional[torch.Tensor], setting: str,
+                   router=None, real: Optional[torch.Tensor] = None, **llm_kwargs):
+    """``(the causal LM under its wrapper, its decoder's last hidden states at positions, router loss or None)`` for a
+    loss that runs the LM head itself (``setting`` names it in the refusal of an LLM that transforms its logits after
+    the head); ``router`` (a ``moe.RouterAux`` whose loss is on): the decoder's router logits give its
+    load-balancing loss over the ``real`` tokens."""
+    base = unwrapped(llm)
+    refuse_logit_transform(base, setting)
+    llm_kwargs = {k: v for k, v in llm_kwargs.items() if k != 'logits_to_keep'}
+    llm_kwargs.update(use_cache=False, return_dict=True)
+    if router is not None:
+        llm_kwargs['output_router_logits'] = True
+    out = decoder_of(base)(inputs_embeds=embeds, **llm_kwargs)
+    hidden = out.last_hidden_state if positions is None else out.last_hidden_state[:, positions]
+    return base, hidden, None if router is None else router.loss(out.router_logits, real)
+

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from xtuner_plugins.errors import Refused
+
+from .head import unwrapped
 
 
 @dataclass
@@ -62,19 +64,26 @@ def router_aux(llm: nn.Module, coef: Optional[float]) -> Optional[RouterAux]:
         Refused: ``coef`` is no finite number >= 0, or given for an LLM that has no load-balancing loss.
     """
     check_coef(coef)
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    base = unwrapped(llm)
     config = base.config
-    experts = getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)
-    top_k = getattr(config, 'num_experts_per_tok', None)
+    routed = routing(config)
     balance = getattr(sys.modules.get(type(base).__module__), 'load_balancing_loss_func', None)
-    if not (experts and top_k and callable(balance) and hasattr(config, 'router_aux_loss_coef')):
+    if not (routed and callable(balance) and hasattr(config, 'router_aux_loss_coef')):
         if coef:
             raise Refused(f'model.router_aux_loss_coef={coef}: the LLM {type(base).__name__} has no router '
                           f'load-balancing loss (not a mixture of experts, or one balanced otherwise); leave it out')
         return None
     if coef is None:
         coef = float(config.router_aux_loss_coef) if getattr(config, 'output_router_logits', False) else 0.0
-    return RouterAux(type(base).__name__, int(experts), int(top_k), float(coef), balance)
+    return RouterAux(type(base).__name__, routed[1], routed[0], float(coef), balance)
+
+
+def routing(config) -> Optional[Tuple[int, int]]:
+    """``(experts each token goes to, experts)`` of a mixture of experts' LLM config (Qwen's ``num_experts``,
+    Mixtral's ``num_local_experts``), or None for a dense one."""
+    top_k = getattr(config, 'num_experts_per_tok', None)
+    experts = getattr(config, 'num_experts', None) or getattr(config, 'num_local_experts', None)
+    return (int(top_k), int(experts)) if top_k and experts else None
 
 
 def check_coef(coef) -> None:
@@ -104,11 +113,7 @@ def routed_logits(llm: nn.Module, embeds: torch.Tensor, positions: Optional[torc
                   real: Optional[torch.Tensor], **llm_kwargs):
     """``(logits at positions, router loss)`` of a causal LM whose load-balancing loss is on: its decoder with its
     router logits, then its LM head (what its own forward does, without its loss of them)."""
-    from .head import decoder_of, refuse_logit_transform
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    refuse_logit_transform(base, 'the router load-balancing loss')
-    llm_kwargs = {k: v for k, v in llm_kwargs.items() if k != 'logits_to_keep'}
-    out = decoder_of(base)(inputs_embeds=embeds, **dict(llm_kwargs, output_router_logits=True))
-    hidden = out.last_hidden_state if positions is None else out.last_hidden_state[:, positions]
-    return base.get_output_embeddings()(hidden), router.loss(out.router_logits, real)
-
+    from .loss import decoder_hidden
+    base, hidden, aux = decoder_hidden(llm, embeds, positions, 'the router load-balancing loss', router, real,
+                                       **llm_kwargs)
+    return base.get_output_embeddings()(hidden), aux

@@ -84,18 +84,11 @@ def test_every_logit_transform_after_the_head_keeps_the_llm_from_transformers_cl
 def test_a_decoder_that_takes_no_other_keywords_is_not_written_for_transformers_classes(tmp_path):
     """transformers' InternVL passes its language model image_sizes: a Qwen2-MoE's decoder takes no keyword but its
     own, and its hf folder failed at the first question (a TypeError in chat; found by a helper's sweep)."""
-    import shutil
-
-    import transformers
+    from tests.helpers import random_llm
     paths = make_tiny_models(str(tmp_path), image_size=56)
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=transformers.AutoConfig.from_pretrained(paths['llm']).vocab_size, hidden_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-    folder = str(tmp_path / 'qwen2moe')
-    transformers.Qwen2MoeForCausalLM(config).save_pretrained(folder)
-    for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
-        shutil.copy(f'{paths["llm"]}/{name}', folder)
+    folder = random_llm(tmp_path / 'qwen2moe', paths['llm'], 'Qwen2MoeConfig', hidden_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
     vlm = VisionLanguageModel(vision_encoder=paths['internvit'], llm=folder, torch_dtype=torch.float32)
     assert choose_format(vlm, 'auto') == 'official'
     with pytest.raises(ValueError, match=r"--format hf does not fit this model: the LLM's Qwen2MoeModel takes no "

@@ -31,6 +31,7 @@ import sys
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
+from ..head import unwrapped
 from .files import Log, _print
 from .gguf_checks import OTHER_LAYOUTS, config_problem, vocabulary_problem
 
@@ -148,7 +149,7 @@ def model_misfit(model) -> Optional[str]:
     if misfit:
         return f'llama.cpp reads InternVL\'s official layout only: {misfit}'
     llm = model.language_model   # a LoRA-trained LLM is still peft's wrapper here (merged when written)
-    llm = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    llm = unwrapped(llm)
     config = {'model_type': 'internvl_chat', 'vision_config': hf_to_official_vision_config(model.vision_model.config),
               'llm_config': dict(llm.config.to_dict(), architectures=[type(llm).__name__]),
               'downsample_ratio': model.downsample_ratio, 'ps_version': model.ps_version,

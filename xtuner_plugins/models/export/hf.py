@@ -10,7 +10,7 @@ import torch
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
-from ..head import decoder_of, logit_transform
+from ..head import decoder_of, logit_transform, unwrapped
 from ..internvl import VisionLanguageModel
 from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
@@ -29,9 +29,7 @@ def language_model_misfit(model) -> Optional[str]:
     if found:
         reasons.append(f'{found[0]} {found[1]} (transformers\' vision-language classes call the LLM\'s lm_head '
                        f'themselves, without it)')
-    llm = model.language_model
-    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
-    decoder = decoder_of(base)
+    decoder = decoder_of(unwrapped(model.language_model))
     takes = inspect.signature(decoder.forward).parameters.values()
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes):
         reasons.append(f'the LLM\'s {type(decoder).__name__} takes no keywords but its own (transformers\' '

@@ -34,6 +34,22 @@ def _lone_surrogate(obj) -> Optional[str]:
     return None
 
 
+def _loads(text: str, noun: str, where: str) -> Any:
+    """``text`` parsed strictly (``strictjson.loads``); a duplicate key, nesting too deep or a number past Python's
+    4300 digits is a ``bad_json`` SampleError about the ``noun`` (``line``, ``item``) at ``where``; invalid JSON is
+    left to the caller (``json.JSONDecodeError``), which names it its own way."""
+    try:
+        return loads(text)
+    except DuplicateKey as exc:
+        raise SampleError('bad_json', exc.describe(), where) from None
+    except RecursionError:
+        raise SampleError('bad_json', f'{noun} is {DEEP}: not a sample', where) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise SampleError('bad_json', f'{noun} cannot be read: {exc}', where) from None
+
+
 def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
     """``(text, object)`` of one jsonl line, or raise a ``bad_json`` SampleError naming what is wrong. A UTF-8
     byte-order mark opening the line is read over (files joined with ``cat`` each bring theirs)."""
@@ -45,19 +61,13 @@ def _parse_line(raw: bytes, where: str) -> Tuple[Optional[str], Any]:
     if text.startswith('\ufeff'):
         text = text[1:]
     try:
-        obj = loads(text)
-    except DuplicateKey as exc:
-        raise SampleError('bad_json', exc.describe(), where) from None
-    except RecursionError:
-        raise SampleError('bad_json', f'line is {DEEP}: not a sample', where) from None
+        obj = _loads(text, 'line', where)
     except json.JSONDecodeError as exc:  # its own "line 2 column 1" counts a newline inside the text: the line's
         body = text.rstrip('\r\n')        # column instead, and where it is
         pos = min(exc.pos, len(body))
         at = 'the end of the line' if pos == len(body) else f'at {body[pos:pos + 20]!r}'
         raise SampleError('bad_json', f'invalid JSON at column {pos + 1}, {at}: {exc.msg}'
                                       f'{line_hint(raw, body, exc.msg)}', where) from None
-    except ValueError as exc:  # a number past Python's 4300 digits
-        raise SampleError('bad_json', f'line cannot be read: {exc}', where) from None
     if not isinstance(obj, dict):
         raise SampleError('bad_json', f'line is JSON {type(obj).__name__}, not an object'
                                       f'{line_hint(raw, text, type(obj).__name__)}', where)
@@ -79,17 +89,11 @@ def parse_entry(raw: bytes, is_jsonl: bool, where: str) -> Tuple[str, dict]:
     except UnicodeDecodeError:  # kept as lone surrogates: the item is refused below
         text, bad_bytes = raw.decode('utf-8', errors='surrogateescape'), True
     try:
-        obj = loads(text)
-    except DuplicateKey as exc:
-        raise SampleError('bad_json', exc.describe(), where) from None
-    except RecursionError:
-        raise SampleError('bad_json', f'item is {DEEP}: not a sample', where) from None
+        obj = _loads(text, 'item', where)
     except json.JSONDecodeError as exc:
         path, item = where.rsplit(':', 1)
         raise ValueError(f'{path}: not valid JSON (item {item}: {exc}); a .json annotation file must hold a list of '
                          f'samples, use .jsonl for one sample per line') from None
-    except ValueError as exc:  # a number past Python's 4300 digits
-        raise SampleError('bad_json', f'item cannot be read: {exc}', where) from None
     if not isinstance(obj, dict):
         raise SampleError('bad_json', f'item is JSON {type(obj).__name__}, not an object', where)
     found = _lone_surrogate(obj) if bad_bytes or _SURROGATE_ESCAPE.search(text) else None

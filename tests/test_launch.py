@@ -254,7 +254,7 @@ def test_a_tilde_the_shell_left_unexpanded_is_refused_naming_the_expansion(monke
     parser.add_argument('--cfg-options', nargs='+', action=launch.CfgOptions)
     with pytest.raises(SystemExit):
         parser.parse_args(['--cfg-options', 'model.llm=~/models/qwen'])
-    from xtuner_plugins.cli.train import options_refusal
+    from xtuner_plugins.cli.train_args import options_refusal
     args = argparse.Namespace(cfg_options=None, config='configs/finetune_lora.py')
     assert options_refusal(args, ['configs/finetune_lora.py', '--work-dir=~/runs']) == (
         "train: refused: --work-dir: '~/runs' starts with ~, which the shell expands only at the start of a word, "

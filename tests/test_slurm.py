@@ -151,7 +151,7 @@ def test_a_port_in_use_on_rank_0s_node_is_refused_in_one_line(monkeypatch, capsy
 
 
 def test_the_resume_command_of_an_interrupted_task_is_srun(monkeypatch):
-    from xtuner_plugins.cli.train import resume_command
+    from xtuner_plugins.cli.train_args import resume_command
     monkeypatch.setenv('SLURM_PROCID', '0')
     monkeypatch.setenv('WORLD_SIZE', '16')  # set by MMEngine's slurm launcher; LOCAL_WORLD_SIZE is not
     argv = ['tools/train.py', 'c.py', '--launcher', 'slurm', '--work-dir', 'w']

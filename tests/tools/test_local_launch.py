@@ -177,7 +177,7 @@ def test_the_launchers_import_no_torch(tmp_path, rank_script):
 
 
 def test_nproc_option_and_its_bad_values():
-    from xtuner_plugins.cli.train import nproc_option
+    from xtuner_plugins.cli.train_args import nproc_option
     assert nproc_option(['c.py', '--nproc-per-node', '4', '--work-dir', 'w']) == (4, ['c.py', '--work-dir', 'w'])
     assert nproc_option(['c.py', '--nproc_per_node=2']) == (2, ['c.py'])
     assert nproc_option(['c.py']) == (None, ['c.py'])
@@ -208,7 +208,7 @@ def test_ranks_that_failed_together_are_all_named(tmp_path, rank_script):
 
 
 def test_resume_command_of_a_rank_of_the_local_launcher(monkeypatch):
-    from xtuner_plugins.cli.train import resume_command
+    from xtuner_plugins.cli.train_args import resume_command
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     monkeypatch.setenv('XTUNER_PLUGINS_LAUNCHER', 'local_launch')

@@ -46,7 +46,7 @@ def test_an_error_that_says_it_whole_is_one_line_without_its_traceback(tmp_path,
 
 
 def test_the_resume_command_continues_from_the_checkpoint():
-    from xtuner_plugins.cli.train import resume_command
+    from xtuner_plugins.cli.train_args import resume_command
     argv = ['tools/train.py', 'configs/x.py', '--work-dir', 'w d', '--cfg-options', 'a=1', 'resume=True',
             '--resume', 'old/iter_2.pth']
     assert resume_command(argv, 'w d/iter_4.pth') == \

@@ -126,7 +126,7 @@ def test_a_deepspeed_run_started_alone_goes_through_the_launcher_as_one_rank(tmp
     """``tools/train.py CONFIG --deepspeed NAME`` (docs/training.md's form, no --nproc-per-node): DeepSpeed found no
     launcher's variables, looked for MPI's and ended in a raw ``ModuleNotFoundError: mpi4py``. It now goes through
     the launcher as one rank: the launcher's own check of MASTER_PORT answers, before any rank starts."""
-    from xtuner_plugins.cli.train import started_by_a_launcher
+    from xtuner_plugins.cli.train_args import started_by_a_launcher
     out = subprocess.run([sys.executable, TRAIN_TOOL, GUARDED, '--deepspeed', 'deepspeed_zero2'],
                          env=_env(MASTER_PORT='abc'), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().startswith("train: MASTER_PORT='abc': give a port number"), \
@@ -208,7 +208,7 @@ def test_a_failed_resume_is_not_told_to_resume(tmp_path):
 def test_a_resume_path_that_names_no_checkpoint_is_one_line(tmp_path):
     """``--resume auto`` (MMEngine's word is resume=True), ``--resume ''`` or a work folder: MMEngine's loader
     raised after the model was built (FileNotFoundError: Cannot find auto)."""
-    from xtuner_plugins.cli.train import resume_refusal
+    from xtuner_plugins.cli.train_args import resume_refusal
     assert resume_refusal(None) is None
     for given in ('auto', '', str(tmp_path / 'iter_9.pth')):
         said = resume_refusal(given)

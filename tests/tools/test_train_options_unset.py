@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from xtuner_plugins.cli.train import option_problems
+from xtuner_plugins.cli.train_args import option_problems
 from xtuner_plugins.engine.options import load_config
 from xtuner_plugins.launch import option_into_unset
 

@@ -34,19 +34,20 @@ Each process imports DeepSpeed and bitsandbytes only when the run uses them (``x
 
 import glob
 import os
-import shlex
 import signal
 import sys
 import time
 import traceback
-from typing import List, NoReturn, Optional, Tuple
+from typing import List, NoReturn
 from unittest import mock
 
+from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, options_refusal, resume_command,
+                                            resume_refusal, resumed_from, resuming, started_by_a_launcher,
+                                            unpaired_refusal)
 from xtuner_plugins.cli.train_failures import (config_import_hint, failure_message, lost_peer, recorded_source_hint,
                                                 worker_death)
-from xtuner_plugins.outcome import deepspeed_checkpoint, find_checkpoints
+from xtuner_plugins.outcome import find_checkpoints
 
-NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 
 #: ``-h``/``--help``: XTuner's parser's options with this tool's own (``--nproc-per-node``, DeepSpeed's names),
 #: printed before anything loads (XTuner's help took 14 s, with torch and a log line before it).
@@ -333,78 +334,6 @@ def _interrupted(work_dir: str) -> int:
     return _stop_code()
 
 
-def options_refusal(args, argv) -> Optional[str]:
-    """The line refusing the ``--cfg-options`` of ``argv`` (``args``: XTuner's reading of it), or an
-    ``--option=~/path`` the shell left unexpanded; None: none given, or nothing wrong with them."""
-    from xtuner_plugins.launch import cfg_options_words, comma_paths, spaced_values, tilde_values
-    dashed = tilde_values([w for w in argv if w.startswith('--') and '=' in w])   # --work-dir=~/runs
-    if dashed:
-        return f'train: refused: {"; ".join(dashed)}'
-    if not (args.cfg_options and os.path.isfile(args.config)):
-        return None
-    words = cfg_options_words(argv)
-    problems = (spaced_values(words) or comma_paths(words) or tilde_values(words)
-                or option_problems(args.config, args.cfg_options))
-    return (f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)} (fix the keys named '
-            'and run again)') if problems else None
-
-
-def unpaired_refusal(argv) -> Optional[str]:
-    """The line refusing ``--cfg-options`` words of ``argv`` that are not ``KEY=VALUE`` (``launch.unpaired_words``),
-    read before XTuner's parser, which raises on them; None when there are none."""
-    from xtuner_plugins.launch import cfg_options_words, unpaired_words
-    problems = unpaired_words(cfg_options_words(argv))
-    return f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)}' if problems else None
-
-
-def resume_refusal(path: Optional[str]) -> Optional[str]:
-    """The line refusing ``--resume PATH`` that names no checkpoint (``auto``, a work folder, a typo), before
-    anything loads (a traceback of MMEngine's loader came after the model was built); None: none given, or one."""
-    if path is None:
-        return None
-    auto = ('; to continue from the work folder\'s last checkpoint: --cfg-options resume=True (without --resume)')
-    if not path or not os.path.exists(path):
-        return f'train: refused: --resume {path!r}: no such checkpoint (work_dirs/<config>/iter_N.pth){auto}'
-    if os.path.isdir(path) and not deepspeed_checkpoint(path):
-        return (f'train: refused: --resume {path}: a folder, not a checkpoint (a file iter_N.pth, or the folder '
-                f'DeepSpeed saves, holding *model_states.pt){auto}')
-    return None
-
-
-def launcher_values(argv) -> List[str]:
-    """The values given to ``--launcher`` in ``argv`` (``--launcher X`` and ``--launcher=X``), in order."""
-    return [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
-            for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
-
-
-def started_by_a_launcher(argv) -> bool:
-    """Whether this process is a rank a launcher started: ``--launcher`` other than ``none`` (torchrun's
-    ``pytorch``, srun's ``slurm``, ``mpi``; the last given, as argparse takes it), or torchrun's variables in the
-    environment."""
-    given = launcher_values(argv)
-    return (bool(given) and given[-1] not in ('none', '')) or any(k in os.environ for k in ('RANK', 'LOCAL_RANK'))
-
-
-def nproc_option(argv) -> Tuple[Optional[int], List[str]]:
-    """``(N of --nproc-per-node N, argv without it)``; ``(None, argv)`` without the option. A value that is not
-    a whole number >= 1, or two different values, end the program with one line, exit code 2."""
-    nproc, rest, words = None, [], list(argv)
-    while words:
-        word = words.pop(0)
-        name, eq, value = word.partition('=')
-        if name not in NPROC_OPTIONS:
-            rest.append(word)
-            continue
-        if not eq:
-            value = words.pop(0) if words else ''
-        if not (value.isascii() and value.isdigit()) or int(value) < 1 or nproc not in (None, int(value)):
-            print(f'train: {name} {value!r}: give the number of processes on this machine (1 or more), once',
-                  file=sys.stderr)
-            raise SystemExit(2)
-        nproc = int(value)
-    return nproc, rest
-
-
 def launch_ranks(nproc: int, argv) -> int:
     """Run this tool ``nproc`` times on this machine as the ranks of one run (``--launcher pytorch``), started by
     :mod:`xtuner_plugins.cli.local_launch` from this process, which does not import torch."""
@@ -451,79 +380,6 @@ def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
     return f'train: {how} {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
 
 
-def resumed_from(argv) -> Optional[str]:
-    """The checkpoint ``--resume PATH`` (or ``--resume=PATH``) of ``argv`` names, the last one given; None: none."""
-    given = [argv[i + 1] if a == '--resume' else a.partition('=')[2] for i, a in enumerate(argv)
-             if (a == '--resume' and i + 1 < len(argv)) or a.startswith('--resume=')]
-    return given[-1] if given and given[-1] and not given[-1].startswith('-') else None
-
-
-def resume_command(argv, checkpoint) -> str:
-    """``argv`` (this process's, ``sys.argv``) as a command to type, continuing from ``checkpoint``: ``--resume``
-    and a ``resume=`` of ``--cfg-options`` replaced by ``--resume CHECKPOINT``."""
-    words, option, skip = [], None, False
-    for word in argv[1:]:
-        if skip or word == '--resume' or word.startswith('--resume='):
-            skip = word == '--resume'
-            continue
-        if word.startswith('-'):
-            option = word
-        elif option == '--cfg-options' and word.split('=', 1)[0] == 'resume':
-            continue
-        words.append(word)
-    words = [w for i, w in enumerate(words)  # a --cfg-options left without a value
-             if w != '--cfg-options' or (i + 1 < len(words) and not words[i + 1].startswith('-'))]
-    if checkpoint:
-        words += ['--resume', checkpoint]
-    script = argv[0]
-    launcher = f'python {script}' if script.endswith('.py') else os.path.basename(script)
-    world, local = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-    if 'SLURM_PROCID' in os.environ and 'slurm' in argv:  # a task of srun (--launcher slurm): srun starts it again
-        launcher = f'srun <your srun options> python {script}'
-    elif world > 1 and os.environ.get('XTUNER_PLUGINS_LAUNCHER') == 'local_launch':  # --nproc-per-node N
-        launcher = f'python {script} --nproc-per-node {local}'
-        words = [w for i, w in enumerate(words) if w != '--launcher' and (i == 0 or words[i - 1] != '--launcher')]
-    elif world > 1:  # a rank of torchrun: its launcher options are torchrun's
-        launcher = (f'torchrun --nproc_per_node={local} {script}' if world == local else
-                    f'torchrun <your launcher options> {script}')
-    return ' '.join([launcher, shlex.join(words)]).strip()
-
-
-def option_problems(config: str, options: dict) -> list:
-    """What is wrong with ``--cfg-options`` for ``config``, one line each: the keys and values
-    (``engine/options.py``) and the training length they give (``engine/length.py``)."""
-    import copy
-
-    from mmengine.config import Config
-
-    from xtuner_plugins.engine.length import resolve_training_length
-    from xtuner_plugins.engine.options import check_cfg_options
-    from xtuner_plugins.launch import option_into_unset
-    written = Config.fromfile(config)
-    problems = check_cfg_options(written, options)
-    if not problems and option_into_unset(written, options):   # MMEngine's merge would stop with a traceback
-        problems.append(option_into_unset(written, options))
-    nested = [(a, b) for a in options for b in options if b.startswith(a + '.')]
-    if not problems and nested:   # MMEngine's merge: a TypeError (a str does not support item assignment)
-        a, b = nested[0]
-        problems.append(f'{a}={options[a]} gives {a} a value and {b}={options[b]} a key inside it: '
-                        f'give one of them')
-    if not problems:
-        merged = copy.deepcopy(written)
-        merged.merge_from_dict(options)
-        try:
-            resolve_training_length(merged._cfg_dict, options)
-        except ValueError as exc:
-            problems.append(str(exc))
-    return problems
-
-
-def _resuming(argv) -> bool:
-    """Whether the command line resumes (``--resume``, ``resume=True`` among its options)."""
-    return any(a == '--resume' or a.startswith('--resume=') or a.replace(' ', '') in ('resume=True', 'resume=true')
-               for a in argv)
-
-
 def _next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) -> str:
     """Where this run's log is, and what to do (``traceback``: one was printed above). A resume that failed before
     it saved a checkpoint is not told to resume (it recommended the command that had just failed)."""
@@ -533,7 +389,7 @@ def _next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) 
     checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
     resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
     saved_here = bool(checkpoints) and os.path.getmtime(checkpoints[-1]) >= since - 1
-    if _resuming(sys.argv[1:] if argv is None else argv) and not saved_here:   # the resume itself failed
+    if resuming(sys.argv[1:] if argv is None else argv) and not saved_here:   # the resume itself failed
         resume = ('; this run was a resume: if the checkpoint is the problem, start a new run from its weights '
                   '(--cfg-options load_from=CHECKPOINT, without --resume, another --work-dir)')
     return f'{where}; {"the traceback is above: " if traceback else ""}fix its cause and run again{resume}'

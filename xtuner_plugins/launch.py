@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-
-from mmengine.config import DictAction
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from xtuner_plugins.outcome import CRASH_MARKS, TrainOutcome, find_checkpoints, judge, parse_log, read_scalars
 
@@ -82,142 +79,6 @@ def cfg_options_args(options: Options) -> List[str]:
             value = '[' + ','.join(str(v) for v in value) + ']'
         items.append(f'{key}={value}')
     return ['--cfg-options', *items]
-
-
-def _items_as_given(value: str) -> List[str]:
-    """The items of a ``--cfg-options`` value as MMEngine reads them, each without the quotes around it: a list's
-    (bracketed, nested, or bare ``a, b``) without the spaces around its items and separators; any other value whole,
-    its outer spaces kept (a number's left out: ``1 `` is 1)."""
-    bare = value.strip().strip('\'"').strip()   # (MMEngine takes the quotes around a whole value away first)
-    if bare[:1] and bare[:1] in '[(' and bare[-1:] in '])' or ',' in bare:
-        items = [i.strip() for i in re.split(r'[,\[\]()]', bare)]
-    else:
-        items = [value.strip().strip('\'"') if _number(bare) else value.strip('\'"') if value.strip() else value]
-    return [i[1:-1] if len(i) > 1 and i[0] == i[-1] and i[0] in '\'"' else i for i in items]
-
-
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def spaced_values(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words (``key=value``) whose value holds a space inside an item: MMEngine's
-    ``DictAction`` removes every space of a value, so ``[my data/a.jsonl]`` would become ``mydata/a.jsonl`` and a
-    system message lose its spaces, ``frame_prefix='Frame-{i}: '`` its last one (spaces around a list's ``,`` and
-    brackets are fine)."""
-    problems = []
-    for word in words:
-        key, _, value = word.partition('=')
-        if any(any(c.isspace() for c in item) for item in _items_as_given(value)):
-            problems.append(f'{key}: the value {value!r} holds a space, and MMEngine\'s --cfg-options removes every '
-                            f'space from a value ({value.replace(" ", "")!r} would be used): give a path without '
-                            f'spaces (a link to it), or set the value in a config file')
-    return problems
-
-
-def _key_items(words: Sequence[str]) -> List[Tuple[str, List[str]]]:
-    """``(key, items)`` of each ``key=value`` word: the value's comma-separated items, as MMEngine splits them
-    (brackets and quotes around the value, and quotes around each item, taken away)."""
-    out = []
-    for word in words:
-        key, _, value = word.partition('=')
-        inner = value.strip().strip('\'"').strip()
-        if inner[:1] in '[(' and inner[-1:] in '])':
-            inner = inner[1:-1]
-        out.append((key, [p.strip().strip('\'"') for p in inner.split(',')]))
-    return out
-
-
-def comma_paths(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words whose value holds a path with a comma in it (an existing file or folder
-    whose comma-split pieces are not all there): MMEngine's ``DictAction`` splits a value at its commas into a list,
-    so ``model.llm=runs/a,b/llm`` became ``['runs/a', 'b/llm']`` (an AttributeError traceback) and
-    ``data_files=[d,x/a.jsonl]`` two files neither of which the user named. A list of paths is left alone."""
-    problems = []
-    for key, pieces in _key_items(words):
-        runs = (pieces[i:j] for i in range(len(pieces)) for j in range(i + 2, len(pieces) + 1))
-        split = next((run for run in runs if os.path.exists(','.join(run)) and not all(map(os.path.exists, run))),
-                     None)
-        if split:
-            problems.append(f'{key}: {",".join(split)!r} is a path with a comma, and MMEngine\'s --cfg-options '
-                            f'splits a value at its commas ({split} would be used): give a path without commas (a '
-                            f'link to it), or set the value in a config file')
-    return problems
-
-
-def tilde_values(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words (or ``--option=value`` words) whose value, or an item of its list,
-    starts with ``~``: the shell expands ``~`` only at the start of a word, so ``model.llm=~/models/qwen`` and
-    ``--work-dir=~/runs`` reach the tool as they are, a path relative to a folder named ``~`` (the work folder made
-    as ``./~``, where a later ``rm -rf ~`` removes the home)."""
-    problems = []
-    for key, items in _key_items(words):
-        for item in items:
-            if item.startswith('~') and os.path.expanduser(item) != item:
-                problems.append(f'{key}: {item!r} starts with ~, which the shell expands only at the start of a '
-                                f'word, not after {key}= (it would be used as it is): give '
-                                f'{os.path.expanduser(item)}')
-    return problems
-
-
-def unpaired_words(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words that are not ``KEY=VALUE`` (``max_iters`` alone, or a list's items split
-    by the shell at their spaces): MMEngine's ``DictAction`` raised a ValueError traceback on them."""
-    return [f'{word!r} is not KEY=VALUE (every word of --cfg-options is one setting: max_iters=200; a list without '
-            f'spaces, [a,b], or quoted)' for word in words if '=' not in word]
-
-
-def cfg_options_words(argv: Sequence[str]) -> List[str]:
-    """The words given to ``--cfg-options`` in ``argv`` (up to the next ``--option``)."""
-    words, inside = [], False
-    for word in argv:
-        if word.startswith('--'):
-            inside = word == '--cfg-options'
-        elif inside:
-            words.append(word)
-    return words
-
-
-class CfgOptions(DictAction):
-    """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`,
-    :func:`comma_paths`, :func:`tilde_values`)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        problems = unpaired_words(values) or spaced_values(values) or comma_paths(values) or tilde_values(values)
-        if problems:
-            parser.error('; '.join(problems))
-        super().__call__(parser, namespace, values, option_string)
-
-
-def option_into_unset(cfg, options) -> Optional[str]:
-    """Why MMEngine cannot merge ``options`` (``--cfg-options``) into ``cfg``, in one line, or None: a key under a
-    setting the config leaves unset or gives a plain value (``model.vision_lora.r=4`` where ``vision_lora = None``),
-    which MMEngine answers with a TypeError traceback."""
-    for key in options or {}:
-        parts, node = str(key).split('.'), cfg
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) >= len(node):
-                prefix = '.'.join(parts[:i])
-                return (f'{key}: {prefix} holds {len(node)} entries (0 to {len(node) - 1}), so there is no entry '
-                        f'{part} (a KeyError traceback in MMEngine\'s merge); to add one, set {prefix} whole in a '
-                        'config file')
-            if isinstance(node, (list, tuple)) and part.isdigit():
-                node = node[int(part)]
-            elif hasattr(node, 'keys') and part in node:
-                node = node[part]
-            else:
-                break
-            prefix = '.'.join(parts[:i + 1])
-            unset = not hasattr(node, 'keys') and not isinstance(node, (list, tuple))
-            if unset and f'{prefix}._delete_' not in options:
-                return (f'{key}: {prefix} is {node!r} in the config, not a dict of settings, so {parts[i + 1]!r} has '
-                        f'nothing to go into; set it afresh with {prefix}._delete_=True beside {key} (its other '
-                        f'settings then take their defaults)')
-    return None
 
 
 def _existing(path: str) -> Optional[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from xtuner_plugins.cli.train_args import option_problems
 from xtuner_plugins.engine.options import load_config
-from xtuner_plugins.launch import option_into_unset
+from xtuner_plugins.cfg_words import option_into_unset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
@@ -44,7 +44,7 @@ def test_keys_into_lists_and_set_dicts_pass():
 def test_an_index_past_a_lists_end_and_a_word_without_a_value_are_one_line():
     """``custom_hooks.9.policy=skip`` (5 hooks) and ``--cfg-options max_iters`` (no value) were a KeyError and a
     ValueError traceback from MMEngine's merge and parser."""
-    from xtuner_plugins.launch import unpaired_words
+    from xtuner_plugins.cfg_words import unpaired_words
     problems = option_problems(LORA, {'custom_hooks.9.policy': 'skip'})
     assert problems == ['custom_hooks.9.policy: custom_hooks holds 5 entries (0 to 4), so there is no entry 9 (a '
                         'KeyError traceback in MMEngine\'s merge); to add one, set custom_hooks whole in a config '

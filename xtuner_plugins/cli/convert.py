@@ -34,7 +34,7 @@ import argparse
 import re
 import sys
 
-from xtuner_plugins.launch import CfgOptions
+from xtuner_plugins.cfg_words import CfgOptions
 from xtuner_plugins.models.dtypes import resolve_dtype
 
 #: what huggingface_hub's shard splitting reads as a size (it fails on anything else, after the model is built)

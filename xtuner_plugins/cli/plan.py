@@ -71,7 +71,7 @@ def _names_epilog() -> str:
 
 
 def main(argv=None) -> int:
-    from xtuner_plugins.launch import CfgOptions
+    from xtuner_plugins.cfg_words import CfgOptions
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=_names_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', help='a training config (configs/*.py)')

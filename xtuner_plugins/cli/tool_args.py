@@ -201,7 +201,7 @@ def add_model_arguments(parser) -> None:
     training ``--checkpoint`` (its recorded config is used; ``--remap`` for folders moved since; a ``--config``
     and ``--cfg-options`` given too are checked against it); ``--dtype``, ``--device``.
     :func:`check_model_arguments` checks them after parsing."""
-    from xtuner_plugins.launch import CfgOptions
+    from xtuner_plugins.cfg_words import CfgOptions
     parser.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py)')
     parser.add_argument('--checkpoint', help='a training checkpoint (.pth or DeepSpeed folder) instead of a folder: '
                                              'it is converted with the settings it records')

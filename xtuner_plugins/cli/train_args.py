@@ -15,7 +15,7 @@ NPROC_OPTIONS = ('--nproc-per-node', '--nproc_per_node')
 def options_refusal(args, argv) -> Optional[str]:
     """The line refusing the ``--cfg-options`` of ``argv`` (``args``: XTuner's reading of it), or an
     ``--option=~/path`` the shell left unexpanded; None: none given, or nothing wrong with them."""
-    from xtuner_plugins.launch import cfg_options_words, comma_paths, spaced_values, tilde_values
+    from xtuner_plugins.cfg_words import cfg_options_words, comma_paths, spaced_values, tilde_values
     dashed = tilde_values([w for w in argv if w.startswith('--') and '=' in w])   # --work-dir=~/runs
     if dashed:
         return f'train: refused: {"; ".join(dashed)}'
@@ -29,9 +29,9 @@ def options_refusal(args, argv) -> Optional[str]:
 
 
 def unpaired_refusal(argv) -> Optional[str]:
-    """The line refusing ``--cfg-options`` words of ``argv`` that are not ``KEY=VALUE`` (``launch.unpaired_words``),
+    """The line refusing ``--cfg-options`` words of ``argv`` that are not ``KEY=VALUE`` (``cfg_words.unpaired_words``),
     read before XTuner's parser, which raises on them; None when there are none."""
-    from xtuner_plugins.launch import cfg_options_words, unpaired_words
+    from xtuner_plugins.cfg_words import cfg_options_words, unpaired_words
     problems = unpaired_words(cfg_options_words(argv))
     return f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)}' if problems else None
 
@@ -131,7 +131,7 @@ def option_problems(config: str, options: dict) -> list:
 
     from xtuner_plugins.engine.length import resolve_training_length
     from xtuner_plugins.engine.options import check_cfg_options
-    from xtuner_plugins.launch import option_into_unset
+    from xtuner_plugins.cfg_words import option_into_unset
     written = Config.fromfile(config)
     problems = check_cfg_options(written, options)
     if not problems and option_into_unset(written, options):   # MMEngine's merge would stop with a traceback

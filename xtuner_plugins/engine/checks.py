@@ -75,7 +75,7 @@ def check_run_options(cfg) -> dict:
     changed = {key: value for key, value in _leaves(cfg.to_dict()) if key not in flat or flat[key] != value}
     # a length named on the command line at the file's own value (max_epochs=1 over the base's max_epochs = 1) is
     # still the user's: it was dropped, and the file's max_iters ran instead (online packing's refusal unsaid)
-    from xtuner_plugins.launch import cfg_options_words
+    from xtuner_plugins.cfg_words import cfg_options_words
     named = {word.partition('=')[0] for word in cfg_options_words(sys.argv)}
     changed.update({key: flat[key] for key in ('max_epochs', 'max_iters')
                     if key in named and key in flat and key not in changed})

@@ -30,7 +30,7 @@ import re
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
-from xtuner_plugins.launch import option_into_unset
+from xtuner_plugins.cfg_words import option_into_unset
 from xtuner_plugins.engine.signatures import accepted, parameter
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable

@@ -25,7 +25,7 @@ import copy
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from xtuner_plugins.launch import option_into_unset
+from xtuner_plugins.cfg_words import option_into_unset
 
 from . import lineage
 from .checkpoint import config_settings, read_meta

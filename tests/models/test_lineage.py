@@ -308,6 +308,18 @@ def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_
             dict(vision_encoder=tower, select_layer=-2, projector=dict(type='pixel_shuffle_mlp', ps_version='v1')),
             dict(vision_encoder=tower, select_layer=-2, ps_version='v1', official_checkpoint='x', downsample_ratio=1)]
     assert [geometry_problem(str(path), s) for s in same] == [None] * 3
+    # the pixels' normalisation: the projector learnt on features of pixels normalised so (a colleague's warm-up
+    # with mean/std 0.5 was fine-tuned on InternViT's ImageNet values without a word); written out or the default
+    trained(vision_encoder=dict(path=tower, mean=[0.5] * 3, std=[0.5] * 3))
+    assert ('model.vision_encoder.mean: trained (0.5, 0.5, 0.5), given (0.485, 0.456, 0.406); '
+            'model.vision_encoder.std: trained (0.5, 0.5, 0.5), given (0.229, 0.224, 0.225)') in geometry_problem(
+        str(path), dict(vision_encoder=tower))
+    assert geometry_problem(str(path), dict(vision_encoder=dict(path=tower, mean=(.5, .5, .5), std=[.5] * 3))) is None
+    trained(vision_encoder=tower)
+    imagenet = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert geometry_problem(str(path), dict(vision_encoder=dict(type='internvit', path=tower, **imagenet))) is None
+    assert 'model.vision_encoder.std: trained (0.229' in geometry_problem(str(path), dict(
+        vision_encoder=dict(path=tower, std=[1, 1, 1])))
     trained(vision_encoder=tower, select_layer=None)   # the encoder's default, and -1 written out
     assert geometry_problem(str(path), dict(vision_encoder=tower, select_layer=-1)) is None
     from xtuner_plugins.tiny.vision import write_tiny_clip
@@ -356,3 +368,24 @@ def test_a_checkpoint_whose_config_and_lineage_disagree_is_refused_by_every_read
     with pytest.raises(ValueError, match=said):   # the converter, chat, eval
         run_config(paths[32], log=lambda m: None)
     build(tiny, freeze_llm=False, pretrained_pth=paths[8])
+
+
+def test_a_previous_stage_holding_nothing_or_part_of_the_projector_is_refused(tiny, tmp_path):
+    """A ``model.pretrained_pth`` whose state_dict was empty, or held 3 of the projector's tensors, loaded with an
+    INFO line ('Loaded 0 tensors') and the run trained on a random projector, exit 0. Refused naming the file and
+    what is missing; the whole warm-up loads."""
+    warm = build(tiny)
+    projector = {k: v for k, v in warm.state_dict().items() if k.startswith('mlp1.')}
+    path = tmp_path / 'warm.pth'
+
+    def saved(state):
+        torch.save({'meta': {'lineage': warm.lineage}, 'state_dict': state}, path)
+        return str(path)
+    with pytest.raises(Refused, match=r'warm\.pth: the checkpoint holds no tensors \(its state_dict is empty\)'):
+        build(tiny, llm_lora=LORA, pretrained_pth=saved({}))
+    cut = dict(list(projector.items())[:len(projector) // 2])
+    with pytest.raises(Refused, match=rf"warm\.pth: it holds {len(cut)} of the projector's {len(projector)} tensors "
+                                      r"\(mlp1; missing: \['mlp1\."):
+        build(tiny, llm_lora=LORA, pretrained_pth=saved(cut))
+    model = build(tiny, llm_lora=LORA, pretrained_pth=saved(projector))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in projector.items())

@@ -4,7 +4,7 @@ stages."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -86,26 +86,39 @@ def check_template(path: str, template: str, official_checkpoint: Optional[str] 
                       f'learnt; leave model.template unset (None: the previous stage\'s) or set it to {before}')
 
 
-def _layer_default(vision) -> Optional[int]:
-    """The hidden layer a vision encoder (a folder, or ``dict(type=..., path=...)``) gives by default: its registered
-    type's ``default_select_layer`` (CLIP's second-to-last, as LLaVA takes it); None when it cannot be told."""
+def _encoder_defaults(vision) -> Tuple[Optional[int], Optional[tuple]]:
+    """What a vision encoder (a folder, or ``dict(type=..., path=...)``) gives by default: the hidden layer (its
+    registered type's ``default_select_layer``: CLIP's second-to-last, as LLaVA takes it) and the pixel
+    normalisation (``(mean, std)``: its folder's ``preprocessor_config.json``, else its type's); None where it
+    cannot be told."""
     from .vision import VISION_ENCODERS, encoder_type_for_folder
+    from .vision.base import preprocessor_mean_std
     spec = {'path': vision} if isinstance(vision, str) else vision if isinstance(vision, dict) else {}
     try:
-        if spec.get('type'):
-            return VISION_ENCODERS[spec['type']].default_select_layer
-        if isinstance(spec.get('path'), str):
-            return encoder_type_for_folder(spec['path']).default_select_layer
+        path = spec.get('path') if isinstance(spec.get('path'), str) else None
+        cls = VISION_ENCODERS[spec['type']] if spec.get('type') else encoder_type_for_folder(path) if path else None
+        if cls is None:
+            return None, None
+        mean, std = preprocessor_mean_std(path) if path else (None, None)
+        return cls.default_select_layer, (cls.default_mean if mean is None else mean,
+                                          cls.default_std if std is None else std)
     except (KeyError, TypeError, OSError, ValueError):   # the model's build names what is wrong
+        return None, None
+
+
+def _numbers(values) -> Optional[tuple]:
+    try:
+        return tuple(round(float(v), 6) for v in values)
+    except (TypeError, ValueError):
         return None
-    return None
 
 
-def vision_geometry(settings: dict, layer_default: Optional[int]) -> dict:
+def vision_geometry(settings: dict, defaults: Tuple[Optional[int], Optional[tuple]]) -> dict:
     """What shapes the features the projector (mlp1) learns on, as the model builds it from ``settings`` (a
     ``model`` config): the projector's kind, its pixel-shuffle ratio and version (for ``pixel_shuffle_mlp`` only:
-    a name or a dict, the model's own keys under it), the image mode, and the vision layer (in the encoder's dict
-    or the model's key; None: ``layer_default``)."""
+    a name or a dict, the model's own keys under it), the image mode, the vision layer (in the encoder's dict or
+    the model's key) and the pixels' normalisation (the encoder dict's ``mean``/``std``); where unset,
+    ``defaults`` (:func:`_encoder_defaults`: the layer, ``(mean, std)``)."""
     projector = settings.get('projector', 'pixel_shuffle_mlp')
     spec = dict(projector) if isinstance(projector, dict) else {'type': projector}
     name = spec.get('type')
@@ -115,9 +128,13 @@ def vision_geometry(settings: dict, layer_default: Optional[int]) -> dict:
         out.update(downsample_ratio=float(spec.get('downsample_ratio', settings.get('downsample_ratio') or 0.5)),
                    ps_version=spec.get('ps_version', settings.get('ps_version') or 'v2'))
     vision = settings.get('vision_encoder')
-    layer = vision.get('select_layer') if isinstance(vision, dict) else None
+    vision = vision if isinstance(vision, dict) else {}
+    layer = vision.get('select_layer')
     layer = settings.get('select_layer') if layer is None else layer
-    out['select_layer'] = layer_default if layer is None else int(layer)
+    out['select_layer'] = defaults[0] if layer is None else int(layer)
+    for i, key in enumerate(('mean', 'std')):
+        given = vision.get(key)
+        out[f'vision_encoder.{key}'] = _numbers(defaults[1][i] if given is None and defaults[1] else given)
     return out
 
 
@@ -136,10 +153,12 @@ def geometry_problem(path: str, settings: dict) -> Optional[str]:
         return None
     if recorded is None:   # no config recorded (written before MMEngine stored it): nothing to compare
         return None
-    default = _layer_default(settings.get('vision_encoder'))
-    trained, given = vision_geometry(recorded, default), vision_geometry(settings, default)
+    # the encoder folder's defaults, this run's: the folders themselves are compared by their fingerprints
+    defaults = _encoder_defaults(settings.get('vision_encoder'))
+    trained, given = vision_geometry(recorded, defaults), vision_geometry(settings, defaults)
+    unknown = ('select_layer', 'vision_encoder.mean', 'vision_encoder.std')   # None: cannot be told
     differ = [f'model.{key}: trained {trained.get(key)!r}, given {given.get(key)!r}' for key in given
-              if trained.get(key) != given[key] and not (key == 'select_layer' and None in (trained[key], given[key]))]
+              if trained.get(key) != given[key] and not (key in unknown and None in (trained[key], given[key]))]
     if not differ:
         return None
     return (f'{path} (model.pretrained_pth) was trained with another vision geometry than this run gives '
@@ -153,7 +172,7 @@ def load_trained(model, path: str, strict: bool = False) -> None:
     Tensors are read one at a time (memory-mapped / lazily consolidated), so loading needs little more
     memory than the model. ``strict``: the checkpoint must hold exactly the parameters the model trains
     (the converter's check that checkpoint and config belong together); otherwise (a previous stage's
-    checkpoint) any subset of the model's parameters is accepted.
+    checkpoint) any subset of the model's parameters is accepted, but not none, nor a part of the projector.
     """
     state = load_trained_state_dict(path, lazy=True)
     # earlier stages load before this stage's adapters go on (load_stages), each into adapters of its own
@@ -171,6 +190,15 @@ def load_trained(model, path: str, strict: bool = False) -> None:
         raise Refused(f'{path}: {len(unexpected)} keys do not belong to '
                       f'{"what this config trains" if strict else "this model"} (first: {unexpected[:8]}); '
                       f'was it trained with another config or options?')
+    if not state:   # (a previous stage's projector, adapters and weights would all stay as built: random)
+        raise Refused(f'{path}: the checkpoint holds no tensors (its state_dict is empty), so nothing its stage '
+                      f'trained would load; give a checkpoint as its run saved it')
+    projector = [k for k in own if k.startswith('mlp1.')]   # always trained whole: a part of it is a cut file
+    held = [k for k in projector if k in state]
+    if held and len(held) < len(projector):
+        raise Refused(f'{path}: it holds {len(held)} of the projector\'s {len(projector)} tensors (mlp1; missing: '
+                      f'{[k for k in projector if k not in state][:4]}), and the rest would stay random; give a '
+                      f'checkpoint as its run saved it')
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(shape_of(own[k]))}'
                   for k, v in state.items() if tuple(v.shape) != tuple(shape_of(own[k]))]
     if mismatched:

@@ -143,10 +143,16 @@ def test_a_missing_or_changed_previous_stage_is_named(tiny, tmp_path):
     again = build(tiny)
     perturb(again, seed=5)
     save_stage(again, warm)  # the warm-up run again into the same file
-    with pytest.raises(ValueError, match=rf'{warm} is not the checkpoint {sft} was trained from'):
+    # the recorded path holds another checkpoint (a colleague's own work_dirs/pretrain_mlp/iter_N.pth, the recorded
+    # path being relative): the right one beside it is taken, by its content (it was refused for the other)
+    assert [s.path for s in resolve_chain(sft)] == [str(first), sft]
+    os.remove(first)
+    with pytest.raises(ValueError, match=rf'{warm} is not the checkpoint {sft} was trained from \({warm}\): '
+                                         r'(.*); nor is it beside sft\.pth: put it there \(it is known by its '
+                                         rf'content, under any name\), or give the tools --remap {warm}='
+                                         r'THE_RIGHT_FILE$'):
         resolve_chain(sft)
     os.remove(warm)
-    os.remove(first)   # (its content is the recorded one's: it would be found beside sft.pth, as below)
     with pytest.raises(Refused, match=rf'{warm}: the previous stage of {sft} \(recorded in it, at {warm}\) is not '
                                       rf'found, there or beside it; {sft} holds only what its own stage trained, so '
                                       r"the weights that stage started from \(a warm-up's projector, LoRA merged "

@@ -71,7 +71,9 @@ def prepare_run(cfg):
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
     absolute_out_dir(plain)
-    problem = (work_dir_refusal(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
+    from xtuner_plugins.engine.loaded_lineage import previous_stage_of_loaded
+    problem = (work_dir_refusal(plain) or previous_stage_of_loaded(plain) or pretrained_refusal(plain)
+               or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain))
     if problem:
         refuse(problem)
@@ -386,6 +388,9 @@ def _patch_runner_build_model() -> bool:
             if self.param_schedulers is not None and cfg.get('param_scheduler') is not None:
                 self.param_schedulers = copy.deepcopy(cfg['param_scheduler'])
             self._xtuner_plugins_hooks = copy.deepcopy(cfg.get('default_hooks'))
+            taken = (cfg.get('model') or {}).get('pretrained_pth')   # loaded_lineage's, from the resumed checkpoint
+            if isinstance(model, dict) and taken and not model.get('pretrained_pth'):
+                model['pretrained_pth'] = taken
             loader = getattr(self, '_train_dataloader', None)
             if isinstance(loader, dict) and isinstance(cfg.get('train_dataloader'), Mapping):  # workers_fit's change
                 loader['persistent_workers'] = cfg['train_dataloader'].get('persistent_workers', False)

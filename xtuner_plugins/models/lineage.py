@@ -277,15 +277,31 @@ def moved(path: str) -> List[str]:
 
 def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None) -> str:
     """The previous stage's checkpoint that ``recorded_by`` names (``given``: one the user passed instead),
-    checked against the recorded fingerprint."""
+    checked against the recorded fingerprint: where it was recorded (its absolute path, then its path as given,
+    which may be relative to another folder than the one it was trained in; each under ``--remap``), else beside
+    ``recorded_by`` by its content. A file at a recorded path that is another checkpoint (a colleague's own
+    ``work_dirs/pretrain_mlp/iter_N.pth``) is passed over for the right one beside it, and named when none is."""
     previous = record['pretrained']
     if given is not None:
         candidates = [given]
     else:
         candidates = [c for p in (previous.get('abspath'), previous.get('path')) if p for c in moved(p) + [p]]
-    found = next((p for p in candidates if os.path.exists(p)), None)
+    found, other = None, None
+    for path in (p for p in candidates if os.path.exists(p)):
+        diffs = fingerprint_differences(previous, fingerprint(path, model_files_only=False)) \
+            if previous.get('files') else []
+        if not diffs:
+            found = path
+            break
+        other = other or (path, diffs)
     if found is None and given is None and previous.get('files'):   # moved with it: found beside it by content
         found = _beside(previous, recorded_by)
+    if found is None and other is not None:
+        advice = '' if given is not None else (
+            f'; nor is it beside {os.path.basename(recorded_by)}: put it there (it is known by its content, under '
+            f'any name), or give the tools --remap {other[0]}=THE_RIGHT_FILE')
+        raise Refused(f'{other[0]} is not the checkpoint {recorded_by} was trained from '
+                      f'({previous.get("abspath")}): {"; ".join(other[1])}{advice}')
     if found is None:
         raise Refused(f'{previous.get("path")}: the previous stage of {recorded_by} (recorded in it, at '
                       f'{previous.get("abspath")}) is not found, there or beside it; {recorded_by} holds only what '
@@ -293,11 +309,6 @@ def locate_previous(record: dict, recorded_by: str, given: Optional[str] = None)
                       f'merged before) are read from there: put it back or beside {os.path.basename(recorded_by)} '
                       f'(it is known by its content, under any name), or give the tools --remap OLD=NEW for a moved '
                       f'folder')
-    if previous.get('files'):
-        diffs = fingerprint_differences(previous, fingerprint(found, model_files_only=False))
-        if diffs:
-            raise Refused(f'{found} is not the checkpoint {recorded_by} was trained from '
-                          f'({previous.get("abspath")}): {"; ".join(diffs)}')
     return found
 
 

@@ -195,3 +195,40 @@ def test_truncated_samples_are_listed_with_the_tokens_lost_not_counted_as_bad(tm
         summary = json.load(f)
     assert summary['truncated'] == {'a.jsonl:4': {'tokens_lost': 19631, 'detail': cut[2]}}
     assert summary['fewer_tiles'] == {'a.jsonl:2': 3} and summary['skipped'] == {}
+
+
+def test_a_list_that_cannot_be_written_leaves_the_one_before_it(tmp_path):
+    """skipped_samples.json was rewritten in place: a full disk or a file-size limit while writing it cut the
+    interrupted run's good list (a helper's sweep: 413,053 bytes became 358,400 that did not read, and the resume
+    counted its bad samples from nothing). Written whole or not at all; the failure is one line naming the file."""
+    import subprocess
+    import sys
+    script = r'''
+import json, resource, signal, sys
+from types import SimpleNamespace
+from xtuner_plugins.engine.badsamples import BadSampleHook
+from xtuner_plugins.engine.checkpointing import WriteFailed
+dataset = SimpleNamespace(max_bad_fraction=1.0, num_distinct=100000, load_problems=[])
+runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=dataset), iter=0, epoch=0, work_dir=sys.argv[1])
+hook = BadSampleHook()
+hook.before_train(runner)
+for n in range(500):
+    hook.after_train_iter(runner, 0, {'data': {'skipped': [(f'a.jsonl:{n}', 'empty_answer')]}})
+hook.after_train_epoch(runner)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+for n in range(500, 1000):
+    hook.after_train_iter(runner, 0, {'data': {'skipped': [(f'a.jsonl:{n}', 'empty_answer')]}})
+try:
+    hook.after_train_epoch(runner)
+except WriteFailed as exc:
+    print('WriteFailed:', exc)
+'''
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f'WriteFailed: could not write {tmp_path}/skipped_samples.json' in done.stdout, done.stdout
+    assert 'the file of that name is unchanged' in done.stdout
+    with open(tmp_path / 'skipped_samples.json') as f:
+        assert len(json.load(f)['skipped']['empty_answer']) == 500
+    assert [p.name for p in tmp_path.iterdir()] == ['skipped_samples.json']

@@ -282,3 +282,19 @@ def test_two_runs_whose_checkpoints_go_to_one_folder_are_not_let_run_at_once(tmp
     alone.acquire(SimpleNamespace(work_dir=str(tmp_path / 'b'), cfg=dict(default_hooks=dict(checkpoint=dict()))))
     assert alone.lock is not None and alone.out_lock is None
     alone.after_run(None)
+
+
+def test_a_lock_that_cannot_be_removed_at_the_end_is_one_line(tmp_path, logged, monkeypatch, capsys):
+    """A work folder gone read-only during the run: after the run's own one-line error, the lock's release at exit
+    raised an 'Exception ignored in atexit' traceback (OSError: [Errno 30] Read-only file system)."""
+    import errno
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+
+    def read_only(path):
+        raise OSError(errno.EROFS, 'Read-only file system', path)
+    monkeypatch.setattr(runlock.os, 'unlink', read_only)
+    lock.release()
+    assert capsys.readouterr().err == (f'{tmp_path}/{LOCK_NAME}: not removed (Read-only file system); the next run '
+                                       'in this folder on this host takes it over\n')
+    assert not lock.held

@@ -425,6 +425,39 @@ def test_a_report_the_disk_cannot_take_is_one_line_and_the_answers_are_kept(fold
     assert eval_main(run + ['--resume']) == 0 and not asked and json.load(open(out))['results']
 
 
+def test_an_answer_the_disk_cannot_take_is_one_line_naming_resume(folder, tmp_path, capsys, monkeypatch):
+    """A full disk while an answer was appended gave three chained tracebacks (the write, then the file's close
+    twice) and no word of --resume, which works: one line naming the file, the answers kept and --resume."""
+    import xtuner_plugins.eval.answers as answers_module
+    data = write_questions(tmp_path, 4)
+    run = [folder, '--data', data, '--max-new-tokens', '3', '--out', str(tmp_path / 'r.json')]
+    monkeypatch.setattr(ConvertedModel, 'ask', lambda self, *a, **k: 'x')
+
+    class FillingFile:   # the disk fills at the third answer
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines > 3:
+                raise OSError(28, 'No space left on device')
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    monkeypatch.setattr(answers_module, 'open', lambda *a, **k: FillingFile(open(*a, **k)), raising=False)
+    assert eval_main(run) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.strip().splitlines()[-1] == (
+        f'eval: error: the answers file {tmp_path}/r.answers.jsonl could not be written (No space left on device); '
+        '2 answers are kept in it: make room and run the same command with --resume to ask the rest')
+    monkeypatch.undo()
+    asked = []
+    monkeypatch.setattr(ConvertedModel, 'ask', lambda self, *a, **k: asked.append(a) or 'x')
+    assert eval_main(run + ['--resume']) == 0 and len(asked) == 2 * 2   # (each with its blind control)
+    assert 'r.answers.jsonl: 2 of 4 questions answered, asking the other 2' in capsys.readouterr().err
+
+
 def test_resume_asks_again_the_questions_whose_images_were_replaced(tmp_path, capsys, monkeypatch):
     """Images replaced in place between an evaluation and its --resume: the kept answers to the old images were
     reported (0.400 against 0.200 fresh). Now they are dropped, counted and named, and asked again."""

@@ -51,7 +51,7 @@ import torch
 from xtuner_plugins.eval import Report, evaluate, read_questions
 from xtuner_plugins.eval.data import context_note, first_questions, folder_markers, rotations_note
 from xtuner_plugins.eval.evaluate import MC_MODES
-from xtuner_plugins.eval.answers import AnswersFile, model_identity
+from xtuner_plugins.eval.answers import AnswersFile, AnswersUnwritten, model_identity
 from xtuner_plugins.eval.scoring import METRICS
 from xtuner_plugins.models.inference import frames_note
 from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
         return f'{n} answers are kept in {args.answers}: the same command with --resume asks the rest'
 
     try:
-        code = run_tool(args, 'eval', run, (NoneScored, ReportUnwritten))
+        code = run_tool(args, 'eval', run, (NoneScored, ReportUnwritten, AnswersUnwritten))
         if code == 143 and answers is not None:   # SIGTERM: run_tool said so; what is kept, as for Ctrl-C
             print(f'eval: {kept(answers)}', file=sys.stderr)
         return code

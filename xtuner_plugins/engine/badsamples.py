@@ -218,10 +218,10 @@ class BadSampleHook(Hook):
             by_reason: Dict[str, list] = {}
             for where, reason in self.bad.items():
                 by_reason.setdefault(reason, []).append(where)
-            with open(path, 'w', encoding='utf-8') as f:
-                json.dump(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
-                               at_start_up=self.at_start, fewer_tiles=self.reduced, truncated=self.truncated), f,
-                          indent=1)
+            from xtuner_plugins.engine.checkpointing import atomic_write   # the list before it kept if this fails
+            atomic_write(json.dumps(dict(total_samples=self.total, max_bad_fraction=self.limit, skipped=by_reason,
+                                         at_start_up=self.at_start, fewer_tiles=self.reduced,
+                                         truncated=self.truncated), indent=1), path)
 
 
 def runs_list(path: str) -> bool:

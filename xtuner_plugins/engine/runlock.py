@@ -312,6 +312,9 @@ class RunLock:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:   # a folder gone read-only, a disk lost: at exit, after the run's own error
+                print(f'{self.path}: not removed ({exc.strerror or exc}); the next run in this folder on this host '
+                      'takes it over', file=sys.stderr, flush=True)
         self._close()
 
 

@@ -154,6 +154,11 @@ def _held(path: str):
     return held
 
 
+class AnswersUnwritten(ValueError):
+    """An answer could not be appended (a full disk): the evaluation stops in one line, the answers before it kept
+    for ``--resume``."""
+
+
 class AnswersFile:
     """Open ``path`` for appending (module docstring); ``done`` maps each id already answered to its result."""
 
@@ -240,8 +245,14 @@ class AnswersFile:
                 self.done[id_] = replace(r, category=q.category, source=q.source or r.source)
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
+            self._file.flush()
+        except OSError as exc:   # a full disk, a file-size limit: the answers before it are whole lines
+            kept = len(self.done) + self.written - (isinstance(record, dict) and 'answer' in record)
+            raise AnswersUnwritten(f'the answers file {self.path} could not be written ({exc.strerror or exc}); '
+                                   f'{kept} answers are kept in it: make room and run the same command with '
+                                   f'--resume to ask the rest') from None
 
     def append(self, item: Union[Result, Failure]) -> None:
         self.written += isinstance(item, Result)
@@ -259,5 +270,8 @@ class AnswersFile:
         return sum(1 for id_ in self.done if id_ not in asked)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:   # what a failed write left in the buffer (said by AnswersUnwritten); a resume drops it
+            pass
         self._lock.close()

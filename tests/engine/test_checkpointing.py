@@ -233,3 +233,34 @@ def test_a_checkpoint_write_that_fails_names_the_file_and_leaves_the_old_one(tmp
     assert os.listdir(tmp_path) == (['last_checkpoint'] if existing else [])
     if existing:
         assert target.read_text() == '/w/iter_4.pth'
+
+
+def test_a_save_the_disk_refuses_is_one_line_naming_the_checkpoint(tmp_path):
+    """torch.save of a DeepSpeed folder's part past a file-size limit or on a full disk raises a RuntimeError
+    without an errno ('[enforce fail at inline_container.cc:671] . unexpected pos 2624 vs 2516'): the run ended
+    in a 75-line traceback that named neither the checkpoint nor the cause (a helper's sweep)."""
+    import subprocess
+    import sys
+    script = r'''
+import os, resource, signal, sys, torch
+from xtuner_plugins.engine.checkpointing import WriteFailed, save_then_rename
+def save(path):
+    os.makedirs(path)
+    torch.save({'w': torch.zeros(100000)}, os.path.join(path, 'mp_rank_00_model_states.pt'))
+save_then_rename(save, os.path.join(sys.argv[1], 'iter_2.pth'))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+try:
+    save_then_rename(save, os.path.join(sys.argv[1], 'iter_4.pth'))
+except WriteFailed as exc:
+    print('WriteFailed:', exc)
+'''
+    done = subprocess.run([sys.executable, '-c', script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.fullmatch(rf"WriteFailed: could not write the checkpoint {tmp_path}/iter_4\.pth \(.+\) \(over the "
+                        r"file-size limit: ulimit -f, or the file system's largest file\); the checkpoints before it "
+                        r'are kept, and what was written of it is removed when the run resumes\n', done.stdout), \
+        done.stdout
+    assert sorted(os.listdir(tmp_path)) == ['.iter_4.pth.incomplete', 'iter_2.pth']
+    assert torch.load(tmp_path / 'iter_2.pth' / 'mp_rank_00_model_states.pt')['w'].shape == (100000,)

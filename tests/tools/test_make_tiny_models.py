@@ -194,6 +194,35 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
         f'make_tiny_models: error: {tmp_path}/f/tiny cannot be written: Not a directory ({tmp_path}/f/tiny)')
 
 
+def file_size_limit(limit):
+    """A ``preexec_fn`` that makes a write past ``limit`` bytes fail as a full disk would (EFBIG, SIGXFSZ off)."""
+    def apply():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_weights_the_disk_cannot_take_are_one_line(tmp_path):
+    """safetensors' own error for a write the disk refused is not an OSError: a full disk (here a file-size limit)
+    ended make_tiny_models and the demo in a traceback (a helper's sweep)."""
+    result = subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / 'tiny')], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, preexec_fn=file_size_limit(64 << 10))
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'make_tiny_models: error: {tmp_path}/tiny cannot be written: Error while serializing: I/O error: File too '
+        'large (os error 27)')
+    result = subprocess.run([sys.executable, 'tools/demo.py', '--recipe', 'quick', '--work-dir', str(tmp_path / 'd')],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=file_size_limit(64 << 10))
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and 'Traceback' not in out, out[-2000:]
+    assert out.strip().splitlines()[-1] == (
+        f'demo failed: what it writes under {tmp_path}/d could not be written: Error while serializing: I/O error: '
+        'File too large (os error 27)')
+
+
 def test_every_file_a_tiny_model_writes_is_one_overwrite_replaces(tmp_path):
     """``TINY_FILES`` lists what a tiny model's folders hold, of every --vision, --llm and --chat: a name missing
     from it would make ``--overwrite`` refuse an earlier tiny model of another family as a real model."""

@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     problem = linked(args.out_dir, args.vision) or (not_tiny if args.overwrite else occupied)(args.out_dir, args.vision)
     if problem:
         return tool_error('make_tiny_models', problem)
+    from safetensors import SafetensorError
     try:
         paths = written_aside(args.out_dir, (args.vision, 'llm'), lambda tmp: make_tiny_models(
             tmp, seed=args.seed, image_size=args.image_size, vision=args.vision, llm=args.llm,
@@ -173,8 +174,9 @@ def main(argv=None) -> int:
             chat=args.chat))
     except ValueError as exc:  # --image-size not a multiple of the patch size
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
-    except OSError as exc:   # a folder this user cannot write, a full disk: one line (a traceback before)
-        return tool_error('make_tiny_models', f'{args.out_dir} cannot be written: {exc.strerror or exc}'
+    except (OSError, SafetensorError) as exc:   # a folder this user cannot write, a full disk (safetensors' own
+        # error for its writes, not an OSError): one line (a traceback before)
+        return tool_error('make_tiny_models', f'{args.out_dir} cannot be written: {getattr(exc, "strerror", 0) or exc}'
                           + (f' ({exc.filename})' if getattr(exc, 'filename', None) else ''))
     for name, path in paths.items():
         print(f'{name}: {path}')

@@ -349,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args, recipe: Recipe) -> int:
+    from safetensors import SafetensorError
     console = Console(os.path.join(os.path.abspath(args.work_dir), 'demo.log'))
     console(f'recipe: {recipe.describe()}')
     try:
@@ -360,6 +361,11 @@ def _main(args, recipe: Recipe) -> int:
                          console=console, configs_dir=args.configs)
     except DemoError as exc:
         console(f'demo failed: {exc}')
+        return 1
+    except (OSError, SafetensorError) as exc:   # a full disk under the models, the data or a stage's files
+        console(f'demo failed: what it writes under {args.work_dir} could not be written: '
+                f'{getattr(exc, "strerror", 0) or exc}' + (f' ({exc.filename})' if getattr(exc, 'filename', None)
+                                                         else ''))
         return 1
     except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the training under way was stopped on the way out
         console(f'demo stopped; what it wrote so far is in {args.work_dir}')

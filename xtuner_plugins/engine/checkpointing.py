@@ -143,12 +143,45 @@ def save_then_rename(save, filename: str) -> None:
     if rank0:
         _remove(partial)
     _barrier()
-    save(partial)
+    try:
+        save(partial)
+    except (OSError, RuntimeError) as exc:
+        failed = _write_failure(exc, filename)
+        if failed is None:
+            raise
+        raise failed from exc
     _barrier()  # every rank has written its part
     if rank0:
         _remove(filename)
         os.replace(partial, filename)
     _barrier()
+
+
+#: torch.save's words for a write the disk refused (its C++ writer raises a RuntimeError without an errno)
+_TORCH_WRITE_FAILED = ('inline_container', 'iostream error', 'PytorchStreamWriter failed', 'file write failed')
+
+
+def _write_failure(exc: BaseException, filename: str) -> Optional[WriteFailed]:
+    """A :class:`WriteFailed` naming ``filename`` for a save that the disk refused (``exc``: an OSError, or
+    torch.save's RuntimeError of :data:`_TORCH_WRITE_FAILED`, whose cause is told from the disk's free space and
+    the file-size limit); None for any other error."""
+    import errno
+    import resource
+    import shutil
+    if isinstance(exc, WriteFailed) or not (isinstance(exc, OSError) or any(
+            w in str(exc) for w in _TORCH_WRITE_FAILED)):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(filename))).free
+        except OSError:
+            free = None
+        limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+        code = errno.ENOSPC if free is not None and free < 16 << 20 else errno.EFBIG if limited else None
+    cause = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:200])
+    return WriteFailed(code, f'could not write the checkpoint {filename} ({cause}){_hint(code)}; the checkpoints '
+                             f'before it are kept, and what was written of it is removed when the run resumes')
 
 
 def _remove(path: str) -> None:

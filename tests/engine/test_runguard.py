@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -200,3 +201,45 @@ def test_a_slow_step_stops_nothing(tmp_path):
     out = run_train(GUARDED, str(tmp_path / 'work'), nproc=2, cfg_options=options, timeout=150)
     assert out.ok and out.returncode == 0, out.summary()
     assert 'STALLED' not in out.log
+
+
+def test_a_heartbeat_the_disk_cannot_take_stops_no_rank(tmp_path, monkeypatch):
+    """A full disk under the work folder stopped every rank's heartbeat: the watchdog read it as 'STALLED: rank 0
+    ... stopped or frozen' and SIGKILLed a healthy rank, with no word of the disk (a helper's sweep). A rank that
+    cannot write its own heartbeat says why, once, and takes no rank for stalled until it writes again."""
+    import errno
+    import time as clock
+
+    from xtuner_plugins.engine import watchdog
+    logs = []
+    monkeypatch.setattr(watchdog, 'print_log', lambda msg, **kw: logs.append(msg))
+    hook = watchdog.StallWatchdogHook(timeout=1)
+    hook.work_dir, hook.world_size = str(tmp_path), 2
+    os.makedirs(tmp_path / 'heartbeats')
+    hook.path = str(tmp_path / 'heartbeats' / 'rank_0.json')
+    hook.state = dict(run='r', rank=0, world_size=2, pid=os.getpid(), host='h', iter=3, done=False)
+    with open(tmp_path / 'heartbeats' / 'rank_1.json', 'w') as f:   # rank 1's, its last before the disk filled
+        json.dump(dict(run='r', rank=1, pid=1, host='other', iter=3, done=False, alive=clock.time() - 60), f)
+    real_open, stopped = open, []
+
+    def full(path, *args, **kwargs):
+        if str(path).endswith('.tmp'):
+            real_open(path, *args, **kwargs).close()   # made, then the write fails
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(watchdog, 'open', full, raising=False)
+    monkeypatch.setattr(hook, '_stop_run', lambda message, silent, beats: stopped.append(message))
+    watcher = threading.Thread(target=hook._watch)
+    watcher.start()
+    clock.sleep(1.5)
+    hook._stop.set()
+    watcher.join()
+    assert stopped == [] and os.listdir(tmp_path / 'heartbeats') == ['rank_1.json']
+    assert logs == [f"{tmp_path}/heartbeats: this rank's heartbeat cannot be written (No space left on device): "
+                    'until it can, no rank is taken for stalled by its silence (the disk is full? the next '
+                    'checkpoint needs room too)']
+    monkeypatch.setattr(watchdog, 'open', real_open, raising=False)   # room again: rank 1's silence is seen
+    hook._stop.clear()
+    hook._watch()
+    assert logs[-1] == f'{tmp_path}/heartbeats: heartbeats written again; the stall watchdog watches again'
+    assert stopped and stopped[0].startswith('train: STALLED: rank 1 (pid 1 on host other')

@@ -19,11 +19,14 @@ rank without a heartbeat file here (another node, without a shared work folder) 
 has finished says so in its file. What the watchdog cannot see is a collective that hangs while every process
 runs: for that, set the process group timeout, ``env_cfg.dist_cfg.timeout`` (seconds; on NCCL with
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``), and the collective raises after that time. ``timeout=0`` turns the
-watchdog off; a run with one process has nothing to watch.
+watchdog off; a run with one process has nothing to watch. A rank whose own heartbeat cannot be written (a full
+disk: every rank's fails alike) says so once and takes no rank for stalled until it can write again (a full disk
+read as 'STALLED: rank 0' and killed a healthy rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,6 +95,7 @@ class StallWatchdogHook(Hook):
         self._thread: Optional[threading.Thread] = None
         self.state: dict = {}
         self.path = ''
+        self.unwritten: Optional[str] = None   # why this rank's last heartbeat could not be written
 
     # ---------------------------------------------------------------------------------------- the rank's side
     def before_train(self, runner) -> None:
@@ -135,15 +139,26 @@ class StallWatchdogHook(Hook):
             with open(tmp, 'w', encoding='utf-8') as f:
                 f.write(text)
             os.replace(tmp, self.path)
-        except OSError:
-            pass  # a full or vanished disk: the heartbeat is best effort, the check below goes on
+        except OSError as exc:   # a full disk: the other ranks' heartbeats, in the same folder, fail alike
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if self.unwritten is None:
+                print_log(f'{os.path.dirname(self.path)}: this rank\'s heartbeat cannot be written '
+                          f'({exc.strerror or exc}): until it can, no rank is taken for stalled by its silence '
+                          '(the disk is full? the next checkpoint needs room too)', logger='current', level=30)
+            self.unwritten = exc.strerror or str(exc)
+            return
+        if self.unwritten is not None:
+            print_log(f'{os.path.dirname(self.path)}: heartbeats written again; the stall watchdog watches again',
+                      logger='current')
+            self.unwritten = None
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             self._write()
             beats = read_heartbeats(self.work_dir, self.state['run'], self.world_size)
             message, silent = diagnose_stall(self.state['rank'], self.world_size, beats, time.time(), self.timeout)
-            if silent and not self._stop.is_set():
+            if silent and self.unwritten is None and not self._stop.is_set():   # (a full disk silences every rank)
                 self._stop_run(message, silent, beats)
                 return
 

@@ -2,6 +2,7 @@
 backends really raise."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -110,3 +111,30 @@ def test_a_source_folder_not_found_names_the_one_the_previous_stage_records(tmp_
         f'--cfg-options model.vision_encoder={tower})')
     assert recorded_source_hint('model.llm: not found: x', argv) == ''   # its recorded folder is gone too
     assert recorded_source_hint(message, argv[:2]) == '' == recorded_source_hint('other: x', argv)
+
+
+def test_a_write_the_disk_refused_names_the_file_the_disk_and_the_resume(tmp_path):
+    """A disk that filled between two checkpoints stopped the run in its log handler or TensorBoard's writer: the
+    closing line was 'OSError: [Errno 28] No space left on device', naming no file and nothing of the disk (a
+    helper's sweep). A checkpoint's own WriteFailed is said whole already; other errors are not this."""
+    import errno
+
+    from xtuner_plugins.cli.train_failures import disk_refused
+    from xtuner_plugins.engine.checkpointing import WriteFailed
+    full = OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'vis_data' / 'scalars.json'))
+    line = disk_refused(full, str(tmp_path))
+    assert re.fullmatch(rf'No space left on device writing {tmp_path}/vis_data/scalars\.json \(the run writes its '
+                        r'log, its scalars and TensorBoard files and its checkpoints under '
+                        rf'{tmp_path}: its disk has [0-9.]+ MiB free\); make room, then --cfg-options resume=True '
+                        r'continues from the last checkpoint', line), line
+    try:   # raised from it (TensorBoard's writer re-raises its thread's error)
+        try:
+            raise OSError(errno.EFBIG, 'File too large')
+        except OSError as inner:
+            raise RuntimeError('event writer failed') from inner
+    except RuntimeError as outer:
+        assert 'File too large (the run writes' in disk_refused(outer, str(tmp_path))
+        assert 'and a file-size limit (ulimit -f) is set' in disk_refused(outer, str(tmp_path))
+    assert disk_refused(WriteFailed(errno.ENOSPC, 'could not write iter_4.pth'), str(tmp_path)) is None
+    assert disk_refused(OSError(errno.ENOENT, 'No such file'), str(tmp_path)) is None
+    assert disk_refused(ValueError('x'), str(tmp_path)) is None

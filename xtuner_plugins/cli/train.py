@@ -44,8 +44,8 @@ from unittest import mock
 from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, options_refusal, resume_command,
                                             resume_refusal, resumed_from, resuming, started_by_a_launcher,
                                             unpaired_refusal)
-from xtuner_plugins.cli.train_failures import (config_import_hint, failure_message, lost_peer, recorded_source_hint,
-                                                worker_death)
+from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
+                                                recorded_source_hint, worker_death)
 from xtuner_plugins.outcome import find_checkpoints
 
 
@@ -315,7 +315,7 @@ def _train() -> int:
                   f'own line, or its launcher\'s, says why); this one then lost it: {type(exc).__name__}: '
                   f'{failure_message(exc)[:200]}', file=sys.stderr)
             return 1
-        died = worker_death(exc)   # (where the training process was says nothing of it: no traceback)
+        died = worker_death(exc) or disk_refused(exc, work_dir)   # (where the process was says nothing of it)
         said = isinstance(exc, Stated) or died is not None
         if not said:   # a failure the message alone may not explain (a bug's report needs it)
             traceback.print_exc()

@@ -7,6 +7,8 @@ not theirs:
 * :func:`worker_death`: a DataLoader worker that ended without an error of its own (the out-of-memory killer, a
   signal from outside the run, a crash in native code); the line says which, and what to try;
 * :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why);
+* :func:`disk_refused`: a write the disk refused outside the checkpoints (the log, TensorBoard's or the scalars'
+  file), which named no file and said nothing of the disk;
 * :func:`config_import_hint`: a config importing its base by a package name that MMEngine cannot resolve;
 * :func:`recorded_source_hint`: a vision encoder or LLM folder not found where the previous stage records one.
 """
@@ -43,6 +45,31 @@ def failure_message(exc: BaseException) -> str:
             if not line.startswith(' ') and name in line:
                 return line.split(name, 1)[1]
     return text.splitlines()[0] if text else ''
+
+
+def disk_refused(exc: BaseException, work_dir: str) -> Optional[str]:
+    """The closing line's words for a run stopped by a write the disk refused (a full disk, a quota, a file-size
+    limit: an OSError of that errno, in ``exc`` or what it was raised from) that no line of ours named (a checkpoint's
+    is ``WriteFailed``, said whole): the file where known, the work folder's free space, and how to go on; None for
+    any other error."""
+    import errno
+    import shutil
+    from xtuner_plugins.errors import Stated
+    seen, depth = exc, 0
+    while seen is not None and depth < 8 and not (isinstance(seen, OSError) and seen.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    if seen is None or depth >= 8 or isinstance(seen, Stated):
+        return None
+    where = f' writing {seen.filename}' if seen.filename else ''
+    try:
+        free = f'{shutil.disk_usage(work_dir if os.path.isdir(work_dir) else ".").free / 2 ** 20:.1f} MiB free'
+    except OSError:
+        free = 'its free space unknown'
+    limit = ', and a file-size limit (ulimit -f) is set' if seen.errno == errno.EFBIG else ''
+    return (f'{seen.strerror or seen}{where} (the run writes its log, its scalars and TensorBoard files and its '
+            f'checkpoints under {work_dir}: its disk has {free}{limit}); make room, then --cfg-options resume=True '
+            'continues from the last checkpoint')
 
 
 def worker_death(exc: BaseException) -> Optional[str]:

@@ -78,3 +78,21 @@ def test_a_tilde_the_shell_left_unexpanded_is_refused_naming_the_expansion(monke
         "train: refused: --work-dir: '~/runs' starts with ~, which the shell expands only at the start of a word, "
         "not after --work-dir= (it would be used as it is): give /home/u/runs")
     assert options_refusal(args, ['configs/finetune_lora.py', '--work-dir', '/home/u/runs']) is None
+
+
+def test_a_call_mmengine_would_recurse_on_is_refused():
+    """``model.vision_encoder=dict(type='internvit',path=...,mean=[...])``: MMEngine's parser of the value recursed
+    without end, a RecursionError of about 1000 traceback lines (a helper's sweep). Refused in one line, before
+    XTuner's parser; a tuple, a dict literal and a name with parentheses in a path are left as they are."""
+    from xtuner_plugins.cli.train_args import unpaired_refusal
+    (problem,) = cfg_words.call_values(["model.vision_encoder=dict(type='internvit',path='m',mean=[0.5,0.5,0.5])"])
+    assert problem.startswith("model.vision_encoder: the value \"dict(type='internvit',path='m',mean=[0.5,0.5,0.5])\" "
+                              'is a call (dict(...)), which --cfg-options cannot give')
+    assert cfg_words.call_values(['a=(1,2)', "b={'x':1}", 'c=runs/model(v2)/llm', 'd=dict(a=1)', 'e=[a,b]']) == []
+    argv = ['cfg.py', '--cfg-options', 'max_iters=2', 'model.x=f(a,b)']
+    assert unpaired_refusal(argv).startswith('train: FAILED before loading anything: --cfg-options: model.x: the '
+                                             "value 'f(a,b)' is a call")
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=cfg_words.CfgOptions)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--cfg-options', 'model.x=f(a,b)'])

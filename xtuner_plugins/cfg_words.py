@@ -99,6 +99,23 @@ def unpaired_words(words: Sequence[str]) -> List[str]:
             f'spaces, [a,b], or quoted)' for word in words if '=' not in word]
 
 
+#: a name called with several arguments (``dict(type=x, path=y)``, ``f(a,b)``), on which MMEngine's parser of
+#: ``--cfg-options`` values recurses without end (a RecursionError of about 1000 traceback lines)
+_CALL = re.compile(r'[A-Za-z_][\w.]*\s*\(.*,.*\)')
+
+
+def call_values(words: Sequence[str]) -> List[str]:
+    """Problems of ``--cfg-options`` words whose value calls a name with several arguments (:data:`_CALL`)."""
+    problems = []
+    for word in words:
+        key, _, value = word.partition('=')
+        if _CALL.search(value):
+            problems.append(f'{key}: the value {value!r} is a call (dict(...)), which --cfg-options cannot give '
+                            '(MMEngine\'s parser of its values recurses without end on it): set its keys one by one '
+                            f'({key}.path=..., lists as [a,b]), or the value in a config file')
+    return problems
+
+
 def cfg_options_words(argv: Sequence[str]) -> List[str]:
     """The words given to ``--cfg-options`` in ``argv`` (up to the next ``--option``)."""
     words, inside = [], False
@@ -115,7 +132,8 @@ class CfgOptions(DictAction):
     :func:`comma_paths`, :func:`tilde_values`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        problems = unpaired_words(values) or spaced_values(values) or comma_paths(values) or tilde_values(values)
+        problems = (unpaired_words(values) or call_values(values) or spaced_values(values) or comma_paths(values)
+                    or tilde_values(values))
         if problems:
             parser.error('; '.join(problems))
         super().__call__(parser, namespace, values, option_string)

@@ -279,8 +279,9 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
             (tmp_path / 'gone.pth', f'model.pretrained_pth={tmp_path / "gone.pth"}: no such file or folder; {what}'),
             (tmp_path / 'folder', f'model.pretrained_pth={tmp_path / "folder"} is a folder but not a DeepSpeed '
                                   f'checkpoint (no *model_states.pt); {what}'),
-            (tmp_path / 'junk.pth', f'model.pretrained_pth: {tmp_path / "junk.pth"} is not a training checkpoint '
-                                    'torch can read (')]:
+            (tmp_path / 'junk.pth', f'model.pretrained_pth: {tmp_path / "junk.pth"} is not a training checkpoint: '
+                                    "its 5 bytes are not in torch.save's format (another program's file, or a copy cut "
+                                    f'short); {what}')]:
         with pytest.raises(SystemExit) as stopped:
             Runner.from_cfg(Config(dict(model=dict(pretrained_pth=str(path)), work_dir=str(tmp_path / 'work'))))
         err = capsys.readouterr().err.splitlines()

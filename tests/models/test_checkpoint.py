@@ -21,17 +21,27 @@ def test_the_meta_of_a_checkpoint_and_of_a_deepspeed_folder(tmp_path):
     assert read_meta(str(tmp_path / 'weights.pth')) == {}
 
 
-@pytest.mark.parametrize('kind', ['safetensors', 'truncated', 'text'])
+@pytest.mark.parametrize('kind', ['safetensors', 'truncated', 'text', 'empty', 'zip'])
 def test_a_file_that_is_no_checkpoint_is_named(tmp_path, kind):
+    """An empty file was 'not a training checkpoint torch can read (RuntimeError: mmap can only be used with files
+    saved with torch.save(..., _use_new_zipfile_serialization=True)', advice about re-saving it (a helper's sweep):
+    its size and what it is not are said."""
     path = tmp_path / 'model.bin'
     if kind == 'safetensors':
         save_file({'w': torch.ones(2)}, str(path))
     elif kind == 'truncated':
         torch.save({'meta': {}, 'state_dict': {'w': torch.ones(1000)}}, tmp_path / 'whole.pth')
         path.write_bytes((tmp_path / 'whole.pth').read_bytes()[:300])
+    elif kind == 'zip':   # a zip file, not torch's
+        import zipfile
+        with zipfile.ZipFile(path, 'w') as z:
+            z.writestr('notes.txt', 'x')
     else:
-        path.write_text('iter_10.pth\n')
-    with pytest.raises(ValueError, match=rf'^{path} is not a training checkpoint torch can read \(\w+: .*work_dirs/'):
+        path.write_text('' if kind == 'empty' else 'iter_10.pth\n')
+    said = {'empty': r'is empty \(0 bytes\)', 'zip': r'is not a training checkpoint torch can read \(\w+: '}.get(
+        kind, r"is not a training checkpoint: its [0-9,]+ bytes are not in torch\.save's format \(another program's "
+              r'file, or a copy cut short\)')
+    with pytest.raises(ValueError, match=rf'^{path} {said}.*; give a checkpoint of training: work_dirs/'):
         read_meta(str(path))
     with pytest.raises(FileNotFoundError):
         read_meta(str(tmp_path / 'missing.pth'))

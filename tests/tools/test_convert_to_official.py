@@ -314,7 +314,7 @@ def tampered_deepspeed_folder_runs_nothing(folder, tmp_path):
     parent, tag = os.path.split(folder)
     assert str(info.value).startswith(f'{folder}: DeepSpeed could not consolidate it with its files read as data '
                                       f'(TypeError: ')
-    assert str(info.value).endswith(f'python {parent}/zero_to_fp32.py {parent} OUT --tag {tag} --max_shard_size '
+    assert str(info.value).endswith(f'python -m deepspeed.utils.zero_to_fp32 {parent} OUT --tag {tag} --max_shard_size '
                                     f'1000GB, and give OUT/pytorch_model.bin instead (it records no config: the '
                                     f'converter takes it as CONFIG OUT/pytorch_model.bin OUT_DIR)')
     # a file of the folder cut short (a copy that did not finish): a raw RuntimeError from DeepSpeed naming no file

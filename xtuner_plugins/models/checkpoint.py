@@ -136,7 +136,7 @@ def load_trained_state_dict(path: str, lazy: bool = False) -> Dict[str, torch.Te
                 f'{path}: DeepSpeed could not consolidate it with its files read as data ({type(exc).__name__}: '
                 f'{exc}): a DeepSpeed version that pickles other objects than this one reads? If you trust the '
                 f'folder (your own run), consolidate it with DeepSpeed\'s own script, which runs its pickles: '
-                f'python {os.path.join(parent, "zero_to_fp32.py")} {parent} OUT --tag {tag} --max_shard_size '
+                f'python -m deepspeed.utils.zero_to_fp32 {parent} OUT --tag {tag} --max_shard_size '
                 f'1000GB, and give OUT/pytorch_model.bin instead (it records no config: the converter takes it as '
                 f'CONFIG OUT/pytorch_model.bin OUT_DIR)') from None
     else:
@@ -166,6 +166,13 @@ def read_meta(checkpoint: str) -> dict:
         if not found:
             return {}
         path = os.path.join(checkpoint, found[0])
+    what = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+    import zipfile
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):   # (torch's words were of its mmap)
+        size = os.path.getsize(path)
+        raise ValueError(f'{path} is empty (0 bytes); {what}' if not size else
+                         f'{path} is not a training checkpoint: its {size:,} bytes are not in torch.save\'s format '
+                         f'(another program\'s file, or a copy cut short); {what}')
     try:
         ckpt = load_checkpoint_file(path, mmap=True)
     except FileNotFoundError:
@@ -173,8 +180,7 @@ def read_meta(checkpoint: str) -> dict:
     except Exception as exc:  # unpickling and zip errors alike
         reason = (str(exc).splitlines() or [''])[0][:200]
         raise ValueError(f'{path} is not a training checkpoint torch can read ({type(exc).__name__}: {reason}); '
-                         'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder '
-                         'DeepSpeed saves)') from exc
+                         f'{what}') from exc
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     if meta is None:
         return {}

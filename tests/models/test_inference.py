@@ -301,8 +301,9 @@ def stage_with_lineage(trained, tmp_path):
     the warm-up's."""
     from xtuner_plugins.engine.options import load_config
     from xtuner_plugins.models.export import build_for_export
-    warm = str(tmp_path / 'warm.pth')
-    torch.save({'meta': {}, 'state_dict': {}}, warm)
+    warm = str(tmp_path / 'warm.pth')   # a warm-up: the projector
+    torch.save({'meta': {}, 'state_dict': {k: v for k, v in trained['model'].state_dict().items()
+                                           if k.startswith('mlp1.')}}, warm)
     opts = dict(trained['opts'], **{'model.pretrained_pth': warm})
     model = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
     torch.save({'meta': {'lineage': model.lineage}, 'state_dict': model.state_dict()}, tmp_path / 'sft.pth')

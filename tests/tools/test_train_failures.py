@@ -109,7 +109,9 @@ def test_a_source_folder_not_found_names_the_one_the_previous_stage_records(tmp_
     assert recorded_source_hint(message, argv) == (
         f' ({tmp_path}/sft.pth, model.pretrained_pth, was trained with model.vision_encoder={tower}: give '
         f'--cfg-options model.vision_encoder={tower})')
-    assert recorded_source_hint('model.llm: not found: x', argv) == ''   # its recorded folder is gone too
+    assert recorded_source_hint('model.llm: not found: x', argv) == (   # its recorded folder is gone too
+        f' ({tmp_path}/sft.pth, model.pretrained_pth, was trained with model.llm={tmp_path}/gone, not there either: '
+        'give --cfg-options model.llm=THE_FOLDER where it is now; its files are compared with the recorded ones)')
     assert recorded_source_hint(message, argv[:2]) == '' == recorded_source_hint('other: x', argv)
 
 

@@ -149,8 +149,9 @@ _SOURCE = re.compile(r'model\.(vision_encoder|llm): ')
 
 def recorded_source_hint(message: str, argv) -> str:
     """For a refusal of ``model.vision_encoder`` or ``model.llm`` (a folder not found: the config's default, where
-    a next stage was given only ``model.pretrained_pth``), the folder that previous stage records, when it is there:
-    `` (CKPT, model.pretrained_pth, was trained with model.llm=DIR: give --cfg-options model.llm=DIR)``; else ''."""
+    a next stage was given only ``model.pretrained_pth``), the folder that previous stage records:
+    `` (CKPT, model.pretrained_pth, was trained with model.llm=DIR: give --cfg-options model.llm=DIR)``, or where it
+    is gone too, that it is to be given where it is now; else ''."""
     found = _SOURCE.match(message)
     given = [a.split('=', 1)[1] for a in argv if a.startswith('model.pretrained_pth=')]
     if not found or not given or not os.path.exists(given[-1]):
@@ -162,7 +163,10 @@ def recorded_source_hint(message: str, argv) -> str:
     except (OSError, ValueError):
         return ''
     path = source.get('abspath') or source.get('path')
-    if not isinstance(path, str) or not os.path.exists(path):
+    if not isinstance(path, str):
         return ''
+    if not os.path.exists(path):   # moved since: the user knows where (a colleague's copy, another machine)
+        return (f' ({given[-1]}, model.pretrained_pth, was trained with model.{key}={path}, not there either: give '
+                f'--cfg-options model.{key}=THE_FOLDER where it is now; its files are compared with the recorded ones)')
     return (f' ({given[-1]}, model.pretrained_pth, was trained with model.{key}={path}: give --cfg-options '
             f'model.{key}={path})')

@@ -87,11 +87,14 @@ def test_a_call_mmengine_would_recurse_on_is_refused():
     from xtuner_plugins.cli.train_args import unpaired_refusal
     (problem,) = cfg_words.call_values(["model.vision_encoder=dict(type='internvit',path='m',mean=[0.5,0.5,0.5])"])
     assert problem.startswith("model.vision_encoder: the value \"dict(type='internvit',path='m',mean=[0.5,0.5,0.5])\" "
-                              'is a call (dict(...)), which --cfg-options cannot give')
-    assert cfg_words.call_values(['a=(1,2)', "b={'x':1}", 'c=runs/model(v2)/llm', 'd=dict(a=1)', 'e=[a,b]']) == []
+                              'holds a name followed by parentheses with a comma (a call such as dict(a=1,b=2), a '
+                              'path or a sentence alike), which --cfg-options cannot give')
+    assert cfg_words.call_values(['a=(1,2)', "b={'x':1}", 'c=runs/model(v2)/llm', 'd=dict(a=1)', 'e=[a,b]',
+                                  'f=[(1,2),(3,4)]', 'g=x,(1,2)']) == []
+    assert len(cfg_words.call_values(['p=runs/v(1,2)/a.jsonl', 'system=You are (very, very) helpful'])) == 2
     argv = ['cfg.py', '--cfg-options', 'max_iters=2', 'model.x=f(a,b)']
     assert unpaired_refusal(argv).startswith('train: FAILED before loading anything: --cfg-options: model.x: the '
-                                             "value 'f(a,b)' is a call")
+                                             "value 'f(a,b)' holds a name followed by parentheses")
     parser = argparse.ArgumentParser()
     parser.add_argument('--cfg-options', nargs='+', action=cfg_words.CfgOptions)
     with pytest.raises(SystemExit):

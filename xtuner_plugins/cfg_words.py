@@ -99,18 +99,20 @@ def unpaired_words(words: Sequence[str]) -> List[str]:
             f'spaces, [a,b], or quoted)' for word in words if '=' not in word]
 
 
-#: a name called with several arguments (``dict(type=x, path=y)``, ``f(a,b)``), on which MMEngine's parser of
-#: ``--cfg-options`` values recurses without end (a RecursionError of about 1000 traceback lines)
+#: a name followed by parentheses holding a comma (``dict(type=x, path=y)``, ``runs/v(1,2)/a.jsonl``, ``You are
+#: (very, very) helpful``), on which MMEngine's parser of ``--cfg-options`` values recurses without end (a
+#: RecursionError of about 1000 traceback lines)
 _CALL = re.compile(r'[A-Za-z_][\w.]*\s*\(.*,.*\)')
 
 
 def call_values(words: Sequence[str]) -> List[str]:
-    """Problems of ``--cfg-options`` words whose value calls a name with several arguments (:data:`_CALL`)."""
+    """Problems of ``--cfg-options`` words whose value MMEngine's parser recurses on (:data:`_CALL`)."""
     problems = []
     for word in words:
         key, _, value = word.partition('=')
         if _CALL.search(value):
-            problems.append(f'{key}: the value {value!r} is a call (dict(...)), which --cfg-options cannot give '
+            problems.append(f'{key}: the value {value!r} holds a name followed by parentheses with a comma (a call '
+                            'such as dict(a=1,b=2), a path or a sentence alike), which --cfg-options cannot give '
                             '(MMEngine\'s parser of its values recurses without end on it): set its keys one by one '
                             f'({key}.path=..., lists as [a,b]), or the value in a config file')
     return problems

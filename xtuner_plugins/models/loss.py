@@ -202,4 +202,3 @@ def decoder_hidden(llm: torch.nn.Module, embeds: torch.Tensor, positions: Option
     out = decoder_of(base)(inputs_embeds=embeds, **llm_kwargs)
     hidden = out.last_hidden_state if positions is None else out.last_hidden_state[:, positions]
     return base, hidden, None if router is None else router.loss(out.router_logits, real)
-

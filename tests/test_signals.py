@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -19,6 +20,36 @@ def test_sigterm_raises_an_interrupt_inside_and_the_handler_before_comes_back():
             time.sleep(5)   # the handler raises here at once
     assert issubclass(Terminated, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_raised_inside_a_weakref_callback_is_sent_again_not_lost(monkeypatch):
+    """The handler runs where the main thread is: inside a weakref callback (importlib drops its module locks in
+    one) Python printed 'Exception ignored in ...' with a traceback and went on, and the stop was lost. It is sent
+    again and raised in the block's next step, with nothing printed; other unraisable errors print as before."""
+    import weakref
+
+    class Held:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)   # the handler raises here, inside the callback
+
+    def failing(ref):
+        raise ValueError('an error of the callback itself')
+
+    printed = []   # what reaches the hook there was (Python's prints 'Exception ignored in ...' and a traceback)
+    monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: printed.append(unraisable.exc_value))
+    started = time.monotonic()
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            held, other = Held(), Held()
+            refs = weakref.ref(held, callback), weakref.ref(other, failing)
+            del other   # printed, as without the block
+            del held
+            time.sleep(10)   # the stop sent again raises here
+    assert time.monotonic() - started < 5 and refs
+    assert [str(e) for e in printed] == ['an error of the callback itself'], printed
 
 
 CUT_TRANSFER = '''

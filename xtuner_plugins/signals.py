@@ -21,19 +21,56 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise(signum, frame):
-    raise Terminated(f'signal {signum}')
+    raise from_signal(Terminated(f'signal {signum}'), signum)
+
+
+def from_signal(stop: KeyboardInterrupt, signum: int) -> KeyboardInterrupt:
+    """``stop``, marked as raised by a signal handler of ours for ``signum`` (:func:`sent_again_when_swallowed`)."""
+    stop.from_signal = signum
+    return stop
+
+
+@contextlib.contextmanager
+def sent_again_when_swallowed(taken_back=None) -> Iterator[None]:
+    """For the block, a stop our signal handler raised where Python cannot raise it is sent again, not lost.
+
+    A handler runs where the main thread is, which can be a weakref callback or a ``__del__`` (importlib drops its
+    module locks in one, ``_bootstrap``'s ``cb``): Python prints 'Exception ignored in ...' with a traceback and
+    goes on, and the stop is gone (a rank the launcher stopped printed that traceback before its closing line; a
+    run alone went on training past its SIGTERM). Such a stop (:func:`from_signal`) is sent again from another
+    thread, so the handler raises it in the main thread's next step; ``taken_back(signum)`` first, for a handler
+    that counts the signals it took. Anything else unraisable goes to the hook there was."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        signum = getattr(unraisable.exc_value, 'from_signal', None)
+        if signum is None:
+            return previous(unraisable)
+        if taken_back is not None:
+            taken_back(signum)
+        # a moment later: sent at once, it was raised inside this hook, which Python swallows the same way
+        resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` in the main thread for the block. Outside the main thread (no signal
-    handler can be set there) nothing changes."""
+    """SIGTERM raises :class:`Terminated` in the main thread for the block (sent again where it was raised in a
+    place Python cannot raise it: :func:`sent_again_when_swallowed`). Outside the main thread (no signal handler
+    can be set there) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
-        yield
+        with sent_again_when_swallowed():
+            yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -194,7 +194,7 @@ class noting_interrupts:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        from xtuner_plugins.signals import Terminated
+        from xtuner_plugins.signals import Terminated, from_signal, sent_again_when_swallowed
         self.previous = {}
 
         def on_signal(sig, frame):
@@ -206,13 +206,17 @@ class noting_interrupts:
                 return   # run's lock released), is not cut short: a launcher stopping a rank that failed sends SIGTERM
             if sig == signal.SIGTERM and _RUN['loading']:
                 return
-            raise Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt
+            raise from_signal(Terminated(f'signal {sig}') if sig == signal.SIGTERM else KeyboardInterrupt(), sig)
         for sig, default in zip(self.SIGNALS, (signal.default_int_handler, signal.SIG_DFL)):
             if signal.getsignal(sig) is default:   # ignored, or handled by the caller: left as it is
                 self.previous[sig] = signal.signal(sig, on_signal)
+        # a stop raised in a weakref callback or a __del__ (importlib's module locks) was printed and lost
+        self.resent = sent_again_when_swallowed(taken_back=_INTERRUPTS.remove)
+        self.resent.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self.resent.__exit__(*exc)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False

@@ -114,9 +114,15 @@ def compile_model(model: nn.Module, flag: Union[bool, str, List[str], Tuple[str,
 def repeated_blocks(module: nn.Module) -> Iterator[nn.Module]:
     """The blocks of ``module``'s transformer stacks: the children of every ``ModuleList`` of two or more modules
     of one class (an LLM's decoder layers, a vision tower's encoder layers; through PEFT and quantisation
-    wrappers alike, which keep the stack a ``ModuleList``)."""
-    for child in module.modules():
+    wrappers alike, which keep the stack a ``ModuleList``). Only the outermost: a stack inside a block (a mixture
+    of experts' experts, inside each decoder layer) is compiled with its block, not again on its own (a Qwen3-MoE's
+    2 layers of 4 experts were 10 blocks compiled, each expert a second compiled frame under its layer's)."""
+    stacks = []
+    for name, child in module.named_modules():
+        if any(name.startswith(stack + '.') for stack in stacks):
+            continue
         if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
+            stacks.append(name)
             yield from child
 
 

@@ -64,6 +64,9 @@ def prepare_run(cfg):
     from xtuner_plugins.engine.length import resolve_training_length
     changed = check_run_options(cfg)
     plain = getattr(cfg, '_cfg_dict', cfg)
+    from xtuner_plugins.engine.resumed_settings import said_taken
+    if os.path.isfile(getattr(cfg, 'filename', None) or ''):   # (what the command line gave is known)
+        said_taken(plain, changed)   # a resume's models, data and settings, where the command line gives none
     resolve_training_length(plain, changed)
     for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO),
                         (sampler_fits(plain, changed), logging.WARNING)):
@@ -392,6 +395,8 @@ def _patch_runner_build_model() -> bool:
             if isinstance(model, dict) and taken and not model.get('pretrained_pth'):
                 model['pretrained_pth'] = taken
             loader = getattr(self, '_train_dataloader', None)
+            from xtuner_plugins.engine.resumed_settings import carry_taken
+            carry_taken(cfg, self, model)   # the resumed checkpoint's settings, taken into the runner's config
             if isinstance(loader, dict) and isinstance(cfg.get('train_dataloader'), Mapping):  # workers_fit's change
                 loader['persistent_workers'] = cfg['train_dataloader'].get('persistent_workers', False)
                 fitted = cfg['train_dataloader'].get('sampler')   # sampler_fits's

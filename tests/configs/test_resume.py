@@ -171,8 +171,8 @@ def test_resume_from_a_named_checkpoint_through_our_entry_point(tiny, tmp_path):
 def test_a_resume_given_only_its_checkpoint_goes_on_with_the_settings_recorded_in_it(tiny, tmp_path):
     """A run started with ``--cfg-options`` for its models, data, batches and optimizer, resumed with ``--resume``
     alone: it stopped on the config file's example folder (``vision encoder folder not found``); now it takes
-    them from the checkpoint, says so, and its losses are the uninterrupted run's. A setting the command line
-    gives otherwise than the checkpoint's is still refused."""
+    them from the checkpoint, says so in its log, and its losses are the uninterrupted run's. A setting the command
+    line names otherwise than the checkpoint's is still refused, at the config file's own value too."""
     full = run_train(CONFIG, str(tmp_path / 'full'), cfg_options=options(tiny))
     assert full.ok, full.summary()
     checkpoint = os.path.join(full.work_dir, 'iter_4.pth')
@@ -181,14 +181,17 @@ def test_a_resume_given_only_its_checkpoint_goes_on_with_the_settings_recorded_i
                         extra_args=['--resume', checkpoint])
     assert resumed.ok, resumed.summary()
     assert f'--resume {checkpoint}: goes on with the settings it was trained with' in resumed.log
+    logs = [os.path.join(d, f) for d, _, files in os.walk(resumed.work_dir) for f in files if f.endswith('.log')
+            and f != 'train_output.log']
+    assert any('goes on with the settings' in open(p).read() for p in logs), logs   # the run's own log file
     assert f"model.llm='{tiny['llm']}' (the config: " in resumed.log, resumed.log[-3000:]
     after = {i: v for i, v in resumed.losses.items() if i > 4}
     assert sorted(after) == [5, 6, 7, 8], resumed.losses
     for i in after:
         assert after[i] == pytest.approx(full.losses[i], abs=1e-6), (i, after[i], full.losses[i])
     other = run_train(CONFIG, str(tmp_path / 'other'), script=TRAIN_TOOL, extra_args=['--resume', checkpoint],
-                      cfg_options={'train_dataloader.dataset.max_dynamic_patch': 2})
-    assert not other.ok and 'train_dataloader.dataset.max_dynamic_patch: trained 4, given 2' in other.log, \
+                      cfg_options={'train_dataloader.dataset.max_dynamic_patch': 12})   # the file's own
+    assert not other.ok and 'train_dataloader.dataset.max_dynamic_patch: trained 4, given 12' in other.log, \
         other.log[-3000:]
 
 

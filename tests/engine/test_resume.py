@@ -327,3 +327,21 @@ def test_a_resume_with_other_model_or_data_settings_is_refused_before_it_loads(t
                            cfg=config(16, 2, 'You are terse.'))
     Runner.resume(same, str(checkpoint), _original=loaded)
     assert loads == [str(checkpoint)]
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
+    """A DeepSpeed checkpoint resumed without --deepspeed ended in MMEngine's 'can not be found' (it is a folder);
+    a plain one under --deepspeed in an AssertionError of DeepSpeed's loader: each refused, saying how to go on."""
+    from xtuner_plugins.engine.resume import saved_kind_refusal
+
+    class DeepSpeedStrategy:   # xtuner's, by its name
+        pass
+    folder, file = tmp_path / 'ds' / 'iter_2.pth', tmp_path / 'iter_2.pth'
+    folder.mkdir(parents=True), file.write_bytes(b'x')
+    assert saved_kind_refusal(str(folder), None).endswith('this run trains without --deepspeed; resume it with '
+                                                          'the --deepspeed it was saved with, or start a new run '
+                                                          'from its weights (model.pretrained_pth=PATH, another '
+                                                          '--work-dir)')
+    assert 'a checkpoint saved without DeepSpeed (one file)' in saved_kind_refusal(str(file), DeepSpeedStrategy())
+    assert saved_kind_refusal(str(file), None) is None and saved_kind_refusal(str(folder), DeepSpeedStrategy()) is None
+    assert saved_kind_refusal(str(tmp_path / 'gone.pth'), DeepSpeedStrategy()) is None   # said by the resume itself

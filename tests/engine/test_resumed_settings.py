@@ -1,9 +1,12 @@
 """A resume takes the settings its checkpoint was trained with (``engine/resumed_settings.py``): a run started with
 ``--cfg-options`` for its models and data, resumed with ``--resume`` alone, built the config file's example models
-(``vision encoder folder not found``) or was refused setting by setting (the checkpoint sweep)."""
+(``vision encoder folder not found``) or was refused setting by setting (the checkpoint sweep). And what a sweep of
+that found: packing's budgets, a shard folder, DeepSpeed's accumulation and the training length were not taken; a
+run from an official checkpoint could not resume; data paths gone were taken; the safety settings were."""
 
-import os
+import copy
 
+import pytest
 import torch
 from mmengine.config import Config
 
@@ -12,91 +15,168 @@ from xtuner_plugins.engine.resumed_settings import carry_taken, said_taken, take
 
 
 class Model:   # a class in the config, as the stage configs import theirs
-    pass
+    def __init__(self, llm=None, vision_encoder=None, official_checkpoint=None, template=None, from_scratch=False,
+                 compile_blocks='auto', torch_dtype=None, llm_lora=None, pretrained_pth=None):
+        pass
 
 
-def _checkpoint(path, llm, encoder):
-    """A training checkpoint recording ``cfg`` as MMEngine dumps it (classes as their names)."""
-    text = f'''
-model = dict(type='xtuner_plugins.models.VisionLanguageModel', llm='{llm}',
-             vision_encoder=dict(type='InternViT', path='{encoder}', select_layer=-1),
+class Data:
+    def __init__(self, data_files=None, cache_dir=None, max_length=8192, allow_control_text=False,
+                 max_image_pixels=None, image_folders=None):
+        pass
+
+
+class Packed:
+    def __init__(self, dataset, max_tokens=16384, max_tiles=None):
+        pass
+
+
+class Loop:
+    def __init__(self, max_iters=None, max_epochs=None):
+        pass
+
+
+RECORDED = '''
+model = dict(type='xtuner_plugins.models.VisionLanguageModel', llm={llm!r},
+             vision_encoder=dict(type='InternViT', path={encoder!r}, select_layer=-1),
              template='qwen2_5', from_scratch=True, compile_blocks=False, torch_dtype='torch.bfloat16',
+             a_setting_this_version_removed=1,
              llm_lora=dict(type='peft.LoraConfig', r=8, lora_alpha=16, lora_dropout=0.1))
 train_dataloader = dict(batch_size=2, num_workers=0, sampler=dict(type='Sampler', per_device_batch_size=2),
-                        dataset=dict(type='Data', data_files=['mine.jsonl'], cache_dir='/theirs/cache',
-                                     max_length=2048))
-optim_wrapper = dict(type='AmpOptimWrapper', accumulative_counts=1, optimizer=dict(type='AdamW', lr=0.01))
+                        dataset=dict(type='Data', data_files={data!r}, cache_dir='/theirs/cache', max_length=2048,
+                                     allow_control_text=True, max_image_pixels=1000000000000, image_folders=['gone/']))
+optim_wrapper = dict(type='AmpOptimWrapper', accumulative_counts=1, clip_grad=dict(max_norm=0.5),
+                     optimizer=dict(type='AdamW', lr=0.01))
+train_cfg = dict(type='Loop', max_iters=6)
 '''
+
+
+def _checkpoint(path, text):
+    """A training checkpoint recording ``text`` as its config (MMEngine dumps classes as their names)."""
     torch.save({'meta': {'cfg': text}, 'state_dict': {}}, path)
     return path
 
 
+@pytest.fixture
+def run(tmp_path):
+    llm, encoder, data = tmp_path / 'llm', tmp_path / 'vit', tmp_path / 'mine.jsonl'
+    llm.mkdir(), encoder.mkdir(), data.write_text('')
+    text = RECORDED.format(llm=str(llm), encoder=str(encoder), data=[str(data)])
+    return dict(llm=str(llm), encoder=str(encoder), data=str(data),
+                checkpoint=_checkpoint(str(tmp_path / 'iter_2.pth'), text))
+
+
 def _config(checkpoint, resume=True):
     """This run's config as the stage config file gives it (its example paths), resuming ``checkpoint``."""
-    return dict(resume=resume, load_from=checkpoint, work_dir='w',
+    return dict(resume=resume, load_from=checkpoint, work_dir='w', max_epochs=1, max_iters=None,
                 model=dict(type=Model, llm='models/Qwen2.5-1.5B-Instruct', compile_blocks='auto',
                            vision_encoder=dict(type=Model, path='models/InternViT', select_layer=-1),
                            template=None, torch_dtype=torch.bfloat16,
                            llm_lora=dict(type=Model, r=64, lora_alpha=32, lora_dropout=0.05)),
                 train_dataloader=dict(batch_size=4, num_workers=4,
                                       sampler=dict(type=Model, per_device_batch_size=4),
-                                      dataset=dict(type=Model, data_files=['data/my_sft.jsonl'], cache_dir=None,
-                                                   max_length=8192)),
-                optim_wrapper=dict(type=Model, accumulative_counts=16, optimizer=dict(type=Model, lr=4e-5)))
+                                      dataset=dict(type=Data, data_files=['data/my_sft.jsonl'], cache_dir=None,
+                                                   max_length=8192, allow_control_text=False,
+                                                   image_folders=['data/images'])),
+                optim_wrapper=dict(type=Model, accumulative_counts=16, clip_grad=dict(max_norm=1.0),
+                                   optimizer=dict(type=Model, lr=4e-5)),
+                train_cfg=dict(type=Loop))
 
 
-def test_a_resume_takes_what_the_command_line_does_not_give(tmp_path):
-    llm, encoder = tmp_path / 'llm', tmp_path / 'vit'
-    llm.mkdir(), encoder.mkdir()
-    cfg = _config(_checkpoint(str(tmp_path / 'iter_2.pth'), llm, encoder))
-    taken = take_resumed_settings(cfg, ['resume', 'load_from', 'model.llm_lora.lora_alpha'])
+def test_a_resume_takes_what_the_command_line_does_not_name(run):
+    cfg = _config(run['checkpoint'])
+    taken, left = take_resumed_settings(cfg, ['resume', 'load_from', 'model.llm_lora.lora_alpha'])
     model, loader = cfg['model'], cfg['train_dataloader']
-    assert model['llm'] == str(llm) and model['vision_encoder']['path'] == str(encoder)
+    assert model['llm'] == run['llm'] and model['vision_encoder']['path'] == run['encoder']
     assert model['template'] == 'qwen2_5' and model['from_scratch'] is True
     assert model['llm_lora'] == dict(type=Model, r=8, lora_alpha=32, lora_dropout=0.1)   # alpha: the command line's
     assert model['compile_blocks'] == 'auto' and model['type'] is Model   # how it runs; the classes stay
     assert model['torch_dtype'] is torch.bfloat16   # the same dtype, named as text in the record
-    assert loader['dataset'] == dict(type=Model, data_files=['mine.jsonl'], cache_dir=None, max_length=2048)
+    assert 'a_setting_this_version_removed' not in model   # Model does not take it: said, not passed on
+    assert loader['dataset'] == dict(type=Data, data_files=[run['data']], cache_dir=None, max_length=2048,
+                                     allow_control_text=False, image_folders=['data/images'])
     assert loader['batch_size'] == 2 and loader['sampler']['per_device_batch_size'] == 2
     assert loader['num_workers'] == 4   # this machine's
-    assert cfg['optim_wrapper'] == dict(type=Model, accumulative_counts=1, optimizer=dict(type=Model, lr=0.01))
-    assert f"model.llm='{llm}' (the config: 'models/Qwen2.5-1.5B-Instruct')" in taken
+    assert cfg['optim_wrapper'] == dict(type=Model, accumulative_counts=1, clip_grad=dict(max_norm=0.5),
+                                        optimizer=dict(type=Model, lr=0.01))
+    assert cfg['train_cfg'] == dict(type=Loop, max_iters=6)   # the length it was started for, not the file's epoch
+    assert f"model.llm='{run['llm']}' (the config: 'models/Qwen2.5-1.5B-Instruct')" in taken
+    assert 'train_cfg.max_iters=6 (the config: max_epochs=1)' in taken
     assert not any(entry.startswith(('model.llm_lora.lora_alpha', 'model.compile_blocks')) for entry in taken)
+    assert left == ["model.a_setting_this_version_removed=1 (not a setting of "
+                    f"{Model!r} now)", "train_dataloader.dataset.image_folders: gone/ not found (the config's "
+                    "['data/images'] is used)"]
 
 
-def test_a_source_folder_gone_is_left_to_the_fingerprint_check_and_a_new_run_takes_nothing(tmp_path):
-    checkpoint = _checkpoint(str(tmp_path / 'iter_2.pth'), tmp_path / 'gone', tmp_path / 'gone_too')
-    cfg = _config(checkpoint)
-    take_resumed_settings(cfg, [])
+def test_a_setting_the_command_line_names_stays_in_every_form(run):
+    cfg = _config(run['checkpoint'])
+    take_resumed_settings(cfg, ['model.llm', 'train_dataloader.dataset', 'optim_wrapper.accumulative_counts',
+                                'max_epochs'])
     assert cfg['model']['llm'] == 'models/Qwen2.5-1.5B-Instruct'
-    assert cfg['model']['vision_encoder']['path'] == 'models/InternViT'
-    assert cfg['model']['template'] == 'qwen2_5'   # the rest is taken
-    for fresh in (_config(checkpoint, resume=False), dict(_config(checkpoint), load_from=str(tmp_path / 'no.pth'))):
+    assert cfg['train_dataloader']['dataset']['data_files'] == ['data/my_sft.jsonl']
+    assert cfg['optim_wrapper']['accumulative_counts'] == 16 and cfg['train_cfg'] == dict(type=Loop)
+
+
+def test_sources_gone_or_none_and_a_new_run(tmp_path, run):
+    text = RECORDED.format(llm=str(tmp_path / 'gone'), encoder=None, data=[run['data']])
+    text = text.replace("vision_encoder=dict(type='InternViT', path=None, select_layer=-1)", 'vision_encoder=None')
+    cfg = _config(_checkpoint(str(tmp_path / 'official.pth'), text.replace(
+        'template=', f"official_checkpoint={run['llm']!r}, template=")))
+    cfg['model']['vision_encoder'] = 'models/InternViT'
+    taken, left = take_resumed_settings(cfg, [])
+    assert cfg['model']['llm'] == 'models/Qwen2.5-1.5B-Instruct'   # gone: the config's, said
+    assert f"model.llm: {tmp_path / 'gone'} not found (the config's 'models/Qwen2.5-1.5B-Instruct' is used)" in left
+    assert cfg['model']['vision_encoder'] is None and cfg['model']['official_checkpoint'] == run['llm']
+    for fresh in (_config(run['checkpoint'], resume=False), dict(_config(run['checkpoint']), load_from='no.pth')):
         before = Config(fresh).to_dict()
-        assert take_resumed_settings(fresh, []) == [] and Config(fresh).to_dict() == before
-    torch.save({'meta': {}, 'state_dict': {}}, str(tmp_path / 'bare.pth'))   # no config recorded in it
-    assert take_resumed_settings(_config(str(tmp_path / 'bare.pth')), []) == []
+        assert take_resumed_settings(fresh, []) == ([], []) and Config(fresh).to_dict() == before
+    _checkpoint(str(tmp_path / 'bare.pth'), '')   # no config recorded in it
+    assert take_resumed_settings(_config(str(tmp_path / 'bare.pth')), [])[1][0].startswith(
+        'it records no training config')
+    _checkpoint(str(tmp_path / 'code.pth'), 'import os\nmodel = dict()')   # read as data, never run
+    assert 'not a plain setting' in take_resumed_settings(_config(str(tmp_path / 'code.pth')), [])[1][0]
 
 
-class _Runner:   # plain ``xtuner train``: the runner copied its settings before this package saw the config
-    def __init__(self, cfg):
-        import copy
-        self._train_dataloader = copy.deepcopy(cfg['train_dataloader'])
-        self.optim_wrapper = copy.deepcopy(cfg['optim_wrapper'])
+def test_packing_budgets_and_deepspeed_words(tmp_path, run):
+    text = RECORDED.replace("dataset=dict(type='Data'", "dataset=dict(type='Packed', max_tokens=600, max_tiles=8, "
+                                                         "dataset=dict(type='Data'").replace(
+        "image_folders=['gone/']))", "image_folders=['gone/'])))")
+    text = text.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']])
+    cfg = _config(_checkpoint(str(tmp_path / 'packed.pth'), text))
+    cfg['train_dataloader']['dataset'] = dict(type=Packed, max_tokens=16384, max_tiles=48,
+                                              dataset=cfg['train_dataloader']['dataset'])
+    ds = dict(gradient_accumulation_steps=16, train_micro_batch_size_per_gpu=4, gradient_clipping=1.0)
+    cfg['strategy'], cfg['optim_wrapper'] = dict(ds), dict(type=Model, optimizer=dict(type=Model, lr=4e-5))
+    take_resumed_settings(cfg, [])
+    packed = cfg['train_dataloader']['dataset']
+    assert (packed['max_tokens'], packed['max_tiles'], packed['dataset']['max_length']) == (600, 8, 2048)
+    assert cfg['strategy'] == dict(gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=2,
+                                   gradient_clipping=0.5)
+    assert 'accumulative_counts' not in cfg['optim_wrapper']   # DeepSpeed's wrapper takes none
+    cfg = _config(_checkpoint(str(tmp_path / 'packed.pth'), text))
+    cfg['strategy'] = dict(ds)
+    take_resumed_settings(cfg, ['optim_wrapper.accumulative_counts', 'train_dataloader.batch_size'])
+    assert cfg['strategy']['gradient_accumulation_steps'] == 16   # named in the wrapper's words: stays
+    assert cfg['strategy']['train_micro_batch_size_per_gpu'] == 4
 
 
-def test_what_was_taken_reaches_the_runners_own_copies(tmp_path):
-    llm, encoder = tmp_path / 'llm', tmp_path / 'vit'
-    llm.mkdir(), encoder.mkdir()
-    cfg = _config(_checkpoint(str(tmp_path / 'iter_2.pth'), llm, encoder))
-    runner, model = _Runner(cfg), dict(cfg['model'], vision_encoder=dict(cfg['model']['vision_encoder']))
-    said_taken(cfg, [])
+def test_what_was_taken_reaches_the_runners_own_copies_and_the_log(run, monkeypatch):
+    cfg = Config(_config(run['checkpoint']))   # plain xtuner train: MMEngine's Config, no Mapping
+    runner = type('Runner', (), {})()
+    runner._train_dataloader = copy.deepcopy(cfg.train_dataloader.to_dict())
+    runner.optim_wrapper, runner._train_loop = copy.deepcopy(cfg.optim_wrapper.to_dict()), dict(type=Loop)
+    model = copy.deepcopy(cfg.model.to_dict())
+    said_taken(cfg._cfg_dict, [])
     carry_taken(cfg, runner, model)
-    assert model['llm'] == str(llm) and model['vision_encoder']['path'] == str(encoder)
-    assert runner._train_dataloader['dataset']['data_files'] == ['mine.jsonl']
+    assert model['llm'] == run['llm'] and model['vision_encoder']['path'] == run['encoder']
+    assert runner._train_dataloader['dataset']['data_files'] == [run['data']]
     assert runner._train_dataloader['num_workers'] == 4
-    assert runner.optim_wrapper['accumulative_counts'] == 1
-    assert resumed_settings._TAKEN and all('=' not in key for key in resumed_settings._TAKEN)
-    said_taken(_config(str(tmp_path / 'iter_2.pth'), resume=False), [])
+    assert runner.optim_wrapper['accumulative_counts'] == 1 and runner._train_loop == dict(type=Loop, max_iters=6)
+    said = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda line, **kw: said.append((kw.get('level'), line)))
+    resumed_settings.say_taken()
+    resumed_settings.say_taken()   # once
+    assert [level for level, _ in said] == [20, 30], said   # what was taken; what was not (a warning)
+    assert said[0][1].startswith(f'--resume {run["checkpoint"]}: goes on with the settings it was trained with')
+    said_taken(_config(run['checkpoint'], resume=False), [])
     assert resumed_settings._TAKEN == []   # another run in the process: nothing carried
-    assert os.path.exists(llm)

@@ -265,6 +265,21 @@ def setting_conflicts(filename: str, cfg) -> List[str]:
     return conflicts(recorded, cfg) if recorded else []   # none recorded (before MMEngine stored it): nothing to say
 
 
+def saved_kind_refusal(filename: str, strategy) -> Optional[str]:
+    """Why ``filename`` cannot be resumed by this run: a DeepSpeed checkpoint (a folder of partitions) without
+    ``--deepspeed``, or a plain one (a file) under it; None when it fits."""
+    deepspeed = type(strategy).__name__ == 'DeepSpeedStrategy'
+    if os.path.isdir(filename) == deepspeed or not os.path.exists(filename):
+        return None
+    if deepspeed:
+        return (f'--resume {filename}: a checkpoint saved without DeepSpeed (one file), and this run trains under '
+                '--deepspeed, which resumes only its own checkpoints (a folder of partitions); resume it without '
+                '--deepspeed, or start a new run from its weights (model.pretrained_pth=PATH, another --work-dir)')
+    return (f'--resume {filename}: a DeepSpeed checkpoint (a folder of partitions), and this run trains without '
+            '--deepspeed; resume it with the --deepspeed it was saved with, or start a new run from its weights '
+            '(model.pretrained_pth=PATH, another --work-dir)')
+
+
 def check_resumed_sources(filename: str, model) -> None:
     """Refuse (:class:`Refused`) a resume whose model is built from other source folders (the LLM, the vision
     encoder, the tokenizer, an official checkpoint) than the checkpoint's lineage records, fingerprints compared as
@@ -300,6 +315,9 @@ def _patch_resume_lr() -> bool:
                               'run\'s saves and their rotation (max_keep_ckpts) would replace or delete; give this '
                               'run another --work-dir (the checkpoint is read where it is), or resume in its own '
                               'folder')
+            kind = saved_kind_refusal(str(filename), getattr(self, 'strategy', None))
+            if kind:   # DeepSpeed's loader asserted on a file, MMEngine's said a folder 'can not be found'
+                raise Refused(kind)
             check_resumed_sources(str(filename), getattr(self, 'model', None))   # before anything is loaded
             problems = setting_conflicts(str(filename), getattr(self, 'cfg', None))
             if problems:   # before anything is loaded

@@ -8,41 +8,61 @@ example paths (``vision encoder folder not found: models/InternViT-300M-448px-V2
 setting that shapes the model (``resume.setting_conflicts``), to be given again one by one.
 
 :func:`take_resumed_settings`, before anything is built, takes from the resumed checkpoint's recorded config
-what makes the run the one it resumes, where the command line gives none of it:
+what makes the run the one it resumes, where the command line names none of it:
 
-* the source folders (``model.vision_encoder``, ``llm``, ``tokenizer``, ``official_checkpoint``), where the
-  recorded one is still there (its absolute path first; otherwise the config's stays, and the resume's
-  fingerprint check says whether it is the same model);
+* the source folders (``model.vision_encoder``, ``llm``, ``tokenizer``, ``official_checkpoint``) where the
+  recorded one is still there (its absolute path first), and None where the run had none (a run from an official
+  checkpoint); a folder gone is said, and the config's is used (the resume's fingerprint check compares it);
 * the model's other settings (the projector, the template, what is frozen, the LoRA settings, the dtype,
   ``from_scratch``, ...), but those of how this run computes (:data:`HOW_IT_RUNS`: checkpointing, attention
   kernels, compilation), which a resume may change;
-* the data set's settings (its files, tiling, lengths, template; not its ``cache_dir``), the batch size and the
-  sampler's settings (a resume with other batches is refused by ``engine/dataagree.py``);
-* the optimizer's settings: the gradient accumulation and clipping (a resume went on accumulating the config's 16
-  batches a step where the run had taken 1), and the learning rate and the rest, which the optimizer's saved
-  state restores anyway (MMEngine's resume loads them over the config's).
+* the data set's settings at every level (packing's budgets, a shard set's folder, its files, tiling, lengths,
+  template) but :data:`THIS_RUNS`: the cache and what input the run accepts (a checkpoint from a shared work folder
+  does not turn the safety checks off). Files and folders are taken where they are there (a relative path is
+  read from this working directory): otherwise said, and the config's are used;
+* the batch size and the sampler's settings (a resume with other batches is refused by ``engine/dataagree.py``),
+  the gradient accumulation and clipping, in the optimizer wrapper's or DeepSpeed's words (``strategy``: XTuner
+  moves them there under ``--deepspeed``), and the optimizer's settings, which its saved state restores anyway;
+* the training length (``max_iters`` / ``max_epochs``): a resume went on to the config's, and one resumed past
+  it ended at once, 'done', the iterations it was started for untrained.
 
-Each is said in one log line, with the config's value it replaced. A setting given on the command line is this
-run's: it stays, and the resume's checks refuse it where it differs from the checkpoint's (as before). A
-``load_from`` without ``--resume`` starts a new run from the weights: its settings are its own.
+A setting the component this run builds does not take (a setting an older version had) is not taken. What was
+taken and what was not are said once the run's log is open (:func:`say_taken`). A setting named on the command
+line is this run's, even at the config file's own value: it stays, and the resume's checks refuse it where it
+differs from the checkpoint's. A ``load_from`` without ``--resume`` starts a new run from the weights: its settings
+are its own.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
-from typing import Iterable, List, Mapping
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.models.runconfig import inner_dataset
 
 #: the model's settings of how this run computes, not what: a resume may change them (another machine, memory)
 HOW_IT_RUNS = ('vision_grad_ckpt', 'llm_grad_ckpt', 'llm_grad_ckpt_layers', 'attn_implementation',
                'cudnn_attention', 'zero3_init', 'loss_chunk', 'compile_blocks', 'liger_kernel', 'cpu_attention')
+#: the data set's settings that stay this run's: its cache, and what input it accepts
+THIS_RUNS = ('cache_dir', 'allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
+#: data set settings that name files or folders, taken only where they are there
+PATHS = ('data_files', 'image_folders', 'shards')
+#: the run's shape in DeepSpeed's words (``strategy``) and the command-line keys that set each
+_STRATEGY = {'gradient_accumulation_steps': 'optim_wrapper.accumulative_counts',
+             'train_micro_batch_size_per_gpu': 'train_dataloader.batch_size',
+             'gradient_clipping': 'optim_wrapper.clip_grad'}
+_LOOP = ('max_iters', 'max_epochs')
+
+#: what :func:`said_taken` took (its keys, for :func:`carry_taken`) and its log lines, said by :func:`say_taken`
+_TAKEN: List[str] = []
+_NOTES: List[Tuple[int, str]] = []
 
 
-def _given(key: str, changed: Iterable[str]) -> bool:
-    """Whether the command line set ``key``, a part of it, or a setting that holds it."""
-    return any(k == key or k.startswith(key + '.') or key.startswith(k + '.') for k in changed)
+def _given(key: str, given: Iterable[str]) -> bool:
+    """Whether the command line named ``key``, a part of it, or a setting that holds it."""
+    return any(k == key or k.startswith(key + '.') or key.startswith(k + '.') for k in given)
 
 
 def _differs(a, b) -> bool:
@@ -59,97 +79,191 @@ def _takeable(recorded, now) -> bool:
     return any(isinstance(recorded, k) and isinstance(now, k) and not isinstance(now, bool) for k in kinds)
 
 
-def _walk(then: dict, now: dict, prefix: str, take, skip) -> None:
-    """``take`` each setting of ``then`` (the recorded) that ``now`` (this run's) holds otherwise, setting by
-    setting into nested ones; a class (``type``), a setting in ``skip`` and one of another shape are left as
-    they are (the resume's checks compare them)."""
-    for key, value in then.items():
-        name, mine = f'{prefix}.{key}', now.get(key)
-        if key == 'type':
+def _takes(now: Mapping, key: str) -> bool:
+    """Whether the component ``now`` configures takes ``key`` (one it holds already, or its class's argument)."""
+    if key in now or 'type' not in now:
+        return True
+    from xtuner_plugins.engine.signatures import accepted
+    names = accepted(now['type'])
+    return names is None or key in names
+
+
+def _missing(value) -> Optional[str]:
+    """The first path of a file setting's value that is not there, or None."""
+    paths = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+    return next((p for p in paths if isinstance(p, str) and not os.path.exists(p)), None)
+
+
+class _Taker:
+    def __init__(self, given: Iterable[str]):
+        self.given, self.taken, self.left = list(given), [], []
+
+    def take(self, node: dict, key: str, value, name: str, given_as: Optional[str] = None) -> None:
+        if _given(name, self.given) or (given_as and _given(given_as, self.given)):
+            return
+        self.taken.append(f'{name}={value!r} (the config: {node.get(key)!r})')
+        node[key] = copy.deepcopy(value)
+
+    def walk(self, then: dict, now: dict, prefix: str, skip=()) -> None:
+        """Take each setting of ``then`` (the recorded) that ``now`` (this run's) holds otherwise, setting by setting
+        into nested ones; a class (``type``) and a setting named in ``skip`` (by its last name, or whole) stay."""
+        for key, value in then.items():
+            name, mine = f'{prefix}.{key}', now.get(key)
+            if key == 'type':
+                continue
+            if isinstance(value, dict) and isinstance(mine, dict):
+                self.walk(value, mine, name, skip)
+            elif isinstance(value, dict) or isinstance(mine, dict) or key in skip or name in skip \
+                    or not _differs(value, mine) or not _takeable(value, mine) or _given(name, self.given):
+                continue
+            elif not _takes(now, key):
+                self.left.append(f'{name}={value!r} (not a setting of {now["type"]!r} now)')
+            elif key in PATHS and _missing(value):
+                self.left.append(f'{name}: {_missing(value)} not found (the config\'s {mine!r} is used)')
+            else:
+                self.take(now, key, value, name)
+
+
+def _sources(taker: _Taker, model: dict, then: dict, record: Mapping) -> None:
+    from xtuner_plugins.models.lineage import SOURCE_KEYS
+    for key in SOURCE_KEYS:
+        mine, theirs = model.get(key), then.get(key)
+        node, name = (mine, 'path') if isinstance(mine, dict) else (model, key)
+        recorded = theirs.get('path') if isinstance(theirs, dict) else theirs
+        if key not in then or recorded == node.get(name) or not isinstance(recorded, (str, type(None))):
             continue
-        if isinstance(value, dict) and isinstance(mine, dict):
-            _walk(value, mine, name, take, skip)
-        elif not isinstance(value, dict) and not isinstance(mine, dict) and name not in skip \
-                and _differs(value, mine) and _takeable(value, mine):
-            take(now, key, value, name)
+        label = f'model.{key}.path' if node is mine else f'model.{key}'
+        if recorded is None:   # the run had none (an official checkpoint's model, the LLM's tokenizer)
+            if node is model:
+                taker.take(model, key, None, label)
+            continue
+        found = next((p for p in ((record.get(key) or {}).get('abspath'), recorded)
+                      if isinstance(p, str) and os.path.exists(p)), None)
+        if found is None:
+            if not _given(label, taker.given):
+                taker.left.append(f'{label}: {recorded} not found (the config\'s {node.get(name)!r} is used)')
+        elif found != node.get(name):
+            taker.take(node, name, found, label)
 
 
-def take_resumed_settings(cfg: Mapping, changed: Iterable[str]) -> List[str]:
-    """Take the resumed checkpoint's settings into ``cfg`` (in place) where the command line (``changed``, the keys
-    it set: ``checks.check_run_options``) gives none of them (module docstring); returns what was taken, each
-    ``'key=value (the config: value)'``, said in the log."""
+def _shape(taker: _Taker, recorded: Mapping, cfg: Mapping) -> None:
+    """The batch size, accumulation and clipping, from the optimizer wrapper's or DeepSpeed's words into this
+    run's."""
+    def read(c) -> dict:
+        strategy, optim = c.get('strategy'), c.get('optim_wrapper') or {}
+        if isinstance(strategy, Mapping) and 'gradient_accumulation_steps' in strategy:
+            return {k: strategy.get(k) for k in _STRATEGY}
+        clip = optim.get('clip_grad')
+        return {'gradient_accumulation_steps': optim.get('accumulative_counts', 1),
+                'gradient_clipping': clip.get('max_norm') if isinstance(clip, Mapping) else None}
+    then, now = read(recorded), read(cfg)
+    strategy, optim = cfg.get('strategy'), cfg.get('optim_wrapper')
+    for key, value in then.items():
+        if value is None or not _differs(value, now.get(key)) or key == 'train_micro_batch_size_per_gpu':
+            continue   # (the batch size: the loader's, below; XTuner's strategy copies it)
+        if isinstance(strategy, dict) and 'gradient_accumulation_steps' in strategy:
+            taker.take(strategy, key, value, f'strategy.{key}', given_as=_STRATEGY[key])
+        elif isinstance(optim, dict) and key == 'gradient_accumulation_steps':
+            taker.take(optim, 'accumulative_counts', value, 'optim_wrapper.accumulative_counts')
+        elif isinstance(optim, dict) and isinstance(optim.get('clip_grad'), dict):
+            taker.take(optim['clip_grad'], 'max_norm', value, 'optim_wrapper.clip_grad.max_norm')
+    batch = (recorded.get('train_dataloader') or {}).get('batch_size')
+    if isinstance(strategy, dict) and isinstance(batch, int) and strategy.get('train_micro_batch_size_per_gpu') \
+            not in (batch, None):
+        taker.take(strategy, 'train_micro_batch_size_per_gpu', batch, 'strategy.train_micro_batch_size_per_gpu',
+                   given_as='train_dataloader.batch_size')
+
+
+def _length(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
+    """The loop's length the run was started for, into this run's loop (``length.resolve_training_length``
+    takes a length in the loop over the config's top-level one)."""
+    then, loop = recorded.get('train_cfg'), cfg.get('train_cfg')
+    if not isinstance(then, Mapping) or not isinstance(loop, dict):
+        return
+    if any(_given(k, taker.given) for k in _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP)):
+        return
+    key = next((k for k in _LOOP if then.get(k) is not None), None)
+    now = next(((k, loop[k]) for k in _LOOP if loop.get(k) is not None), None) or next(
+        ((k, cfg[k]) for k in _LOOP if cfg.get(k) is not None), None)
+    if key is None or now == (key, then[key]) or not _takes(loop, key):
+        return
+    taker.taken.append(f'train_cfg.{key}={then[key]!r} (the config: {"=".join(map(str, now)) if now else None})')
+    loop.pop(_LOOP[1 - _LOOP.index(key)], None)
+    loop[key] = then[key]
+
+
+def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Take the resumed checkpoint's settings into ``cfg`` (in place) where the command line (``given``: the keys
+    it named) names none of them (module docstring); returns what was taken, each ``'key=value (the config:
+    value)'``, and what was not, each with why."""
     from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
     model = cfg.get('model')
     path = loaded_checkpoint(cfg) if cfg.get('resume') is True and isinstance(model, dict) else None
     if path is None:
-        return []
+        return [], []
     from xtuner_plugins.models.checkpoint import config_settings, read_meta
-    from xtuner_plugins.models.lineage import SOURCE_KEYS, read_lineage
+    from xtuner_plugins.models.lineage import read_lineage
     try:
         text = read_meta(path).get('cfg')
-        recorded = config_settings(text, f"{path}: meta['cfg'] (the training config)") if text else None
-        sources = ((read_lineage(path) or {}).get('sources') or {}) if recorded else {}
-    except (OSError, ValueError):   # a checkpoint that does not read: its load says what is wrong with it
-        return []
-    if not isinstance(recorded, dict) or not isinstance(recorded.get('model'), dict):
-        return []
-    changed, then, taken = list(changed), recorded['model'], []
-
-    def take(node: dict, key: str, value, name: str) -> None:
-        if not _given(name, changed):
-            taken.append(f'{name}={value!r} (the config: {node.get(key)!r})')
-            node[key] = copy.deepcopy(value)
-
-    skip = {'model.pretrained_pth'}   # loaded_lineage's (found by its content, beside the checkpoint too)
-    for key in SOURCE_KEYS:
-        skip |= {f'model.{key}', f'model.{key}.path'}
-        mine, theirs = model.get(key), then.get(key)
-        node, name = (mine, 'path') if isinstance(mine, dict) else (model, key)
-        recorded_path = theirs.get('path') if isinstance(theirs, dict) else theirs
-        if not isinstance(recorded_path, str) or recorded_path == node.get(name):
-            continue
-        found = next((p for p in ((sources.get(key) or {}).get('abspath'), recorded_path)
-                      if isinstance(p, str) and os.path.exists(p)), None)
-        if found is not None and found != node.get(name):
-            take(node, name, found, f'model.{key}.path' if node is mine else f'model.{key}')
-    _walk(then, model, 'model', take, skip | {f'model.{key}' for key in HOW_IT_RUNS})
-    optim, now_optim = recorded.get('optim_wrapper'), cfg.get('optim_wrapper')
-    if isinstance(optim, dict) and isinstance(now_optim, dict):   # its accumulation and clipping, its optimizer's
-        _walk(optim, now_optim, 'optim_wrapper', take, set())      # (which the saved state restores anyway)
+        if not text:
+            return [], [f'it records no training config: the settings are this config\'s ({cfg.get("filename", "")})']
+        recorded = config_settings(text, f"{path}: meta['cfg'] (the training config)")
+        record = (read_lineage(path) or {}).get('sources') or {}
+    except (OSError, ValueError) as exc:   # a checkpoint that does not read: its load says what is wrong with it
+        return [], [f'its training config is not read ({exc}): the settings are this config\'s']
+    if not isinstance(recorded.get('model'), dict):
+        return [], []
+    taker = _Taker(given)
+    _sources(taker, model, recorded['model'], record)
+    from xtuner_plugins.models.lineage import SOURCE_KEYS
+    sources = tuple(f'model.{key}{path}' for key in SOURCE_KEYS for path in ('', '.path'))   # (_sources')
+    taker.walk(recorded['model'], model, 'model', ('pretrained_pth',) + HOW_IT_RUNS + sources)  # (loaded_lineage's)
     loaded, loader = recorded.get('train_dataloader'), cfg.get('train_dataloader')
-    if not isinstance(loaded, dict) or not isinstance(loader, dict):
-        return taken
-    trained, where = inner_dataset(loaded.get('dataset'))
-    now, here = inner_dataset(loader.get('dataset'))
-    if trained and now and where == here:   # the same data set, wrapped alike
-        _walk(trained, now, here, take, {f'{here}.cache_dir'})
-    _walk({key: loaded[key] for key in ('batch_size', 'sampler') if key in loaded}, loader, 'train_dataloader',
-          take, set())
-    return taken
+    if isinstance(loaded, dict) and isinstance(loader, dict):
+        if inner_dataset(loaded.get('dataset'))[1] == inner_dataset(loader.get('dataset'))[1] \
+                and isinstance(loader.get('dataset'), dict):   # wrapped alike: each level, packing's budgets too
+            taker.walk(loaded.get('dataset') or {}, loader['dataset'], 'train_dataloader.dataset', THIS_RUNS)
+        taker.walk({k: loaded[k] for k in ('batch_size', 'sampler') if k in loaded}, loader, 'train_dataloader')
+    optim, now_optim = recorded.get('optim_wrapper'), cfg.get('optim_wrapper')
+    if isinstance(optim, dict) and isinstance(now_optim, dict) and isinstance(optim.get('optimizer'), dict) \
+            and isinstance(now_optim.get('optimizer'), dict):   # (restored by its saved state anyway)
+        taker.walk(optim['optimizer'], now_optim['optimizer'], 'optim_wrapper.optimizer')
+    _shape(taker, recorded, cfg)
+    _length(taker, recorded, cfg)
+    return taker.taken, taker.left
 
 
-#: the settings :func:`said_taken` took in this process, by their keys (``model.llm``), for :func:`carry_taken`
-_TAKEN: List[str] = []
-
-
-def said_taken(cfg: Mapping, changed: Iterable[str]) -> None:
-    """:func:`take_resumed_settings`, each setting taken said in the log (one line)."""
-    taken = take_resumed_settings(cfg, changed)
+def said_taken(cfg: dict, given: Iterable[str]) -> None:
+    """:func:`take_resumed_settings`, its lines kept for :func:`say_taken`."""
+    taken, left = take_resumed_settings(cfg, given)
     _TAKEN[:] = [entry.partition('=')[0] for entry in taken]
-    if taken:
-        from mmengine.logging import print_log
-
+    _NOTES.clear()
+    if taken or left:
         from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
-        print_log(f'--resume {loaded_checkpoint(cfg)}: goes on with the settings it was trained with (recorded in '
-                  f'it; the command line gives none of them): {"; ".join(taken)}', logger='current')
+        what = f'--resume {loaded_checkpoint(cfg)}'
+        if taken:
+            _NOTES.append((logging.INFO, f'{what}: goes on with the settings it was trained with (recorded in it; '
+                                         f'the command line names none of them): {"; ".join(taken)}'))
+        if left:
+            _NOTES.append((logging.WARNING, f'{what}: not taken from it: {"; ".join(left)}'))
+
+
+def say_taken() -> None:
+    """Log the lines of :func:`said_taken`, once, in the run's log (its logger is open: rank 0 says them)."""
+    from mmengine.logging import print_log
+    for level, line in _NOTES:
+        print_log(line, logger='current', level=level)
+    _NOTES.clear()
 
 
 def carry_taken(cfg: Mapping, runner, model) -> None:
     """Copy the settings :func:`said_taken` took into ``cfg`` over the runner's own copies of the model's, the data
-    loader's and the optimizer's settings (``model``; the runner's ``_train_dataloader`` and ``optim_wrapper``,
-    dicts not built yet), for plain ``xtuner train``, whose runner copied them before this package saw its config."""
+    loader's and the optimizer's settings (``model``; the runner's ``_train_dataloader``, ``optim_wrapper`` and
+    ``_train_loop``, dicts not built yet), for plain ``xtuner train``, whose runner copied them before this package
+    saw its config."""
+    cfg = getattr(cfg, '_cfg_dict', cfg)   # (an MMEngine Config is no Mapping: its ConfigDict is)
     own = {'model': model, 'train_dataloader': getattr(runner, '_train_dataloader', None),
-           'optim_wrapper': getattr(runner, 'optim_wrapper', None)}
+           'optim_wrapper': getattr(runner, 'optim_wrapper', None), 'train_cfg': getattr(runner, '_train_loop', None)}
     for key in _TAKEN:
         parts = key.split('.')
         value = cfg
@@ -160,3 +274,5 @@ def carry_taken(cfg: Mapping, runner, model) -> None:
             node = node.get(part) if isinstance(node, Mapping) else None
         if isinstance(node, dict):
             node[parts[-1]] = copy.deepcopy(value)
+            if parts[0] == 'train_cfg':   # the length: the other one goes
+                node.pop(_LOOP[1 - _LOOP.index(parts[-1])], None)

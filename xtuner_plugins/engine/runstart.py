@@ -66,7 +66,9 @@ def prepare_run(cfg):
     plain = getattr(cfg, '_cfg_dict', cfg)
     from xtuner_plugins.engine.resumed_settings import said_taken
     if os.path.isfile(getattr(cfg, 'filename', None) or ''):   # (what the command line gave is known)
-        said_taken(plain, changed)   # a resume's models, data and settings, where the command line gives none
+        from xtuner_plugins.cfg_words import cfg_options_words
+        # the keys --cfg-options names (at the file's own value too; not what XTuner changed: DeepSpeed's strategy)
+        said_taken(plain, [word.partition('=')[0] for word in cfg_options_words(sys.argv)])
     resolve_training_length(plain, changed)
     for note, level in ((align_checkpoints(plain), logging.WARNING), (workers_fit(plain), logging.INFO),
                         (sampler_fits(plain, changed), logging.WARNING)):
@@ -365,9 +367,12 @@ def _patch_from_cfg(runner_cls) -> bool:
         depth = getattr(_building, 'depth', 0)
         _building.depth = depth + 1
         try:
-            return original(cls, cfg)
+            runner = original(cls, cfg)
         finally:
             _building.depth = depth
+        from xtuner_plugins.engine.resumed_settings import say_taken
+        say_taken()   # in the run's log (a DeepSpeed runner builds its model later)
+        return runner
 
     setattr(from_cfg, _PATCH_MARK, True)
     runner_cls.from_cfg = classmethod(from_cfg)
@@ -403,6 +408,8 @@ def _patch_runner_build_model() -> bool:
                 if isinstance(loader.get('sampler'), dict) and isinstance(fitted, Mapping) \
                         and 'per_device_batch_size' in fitted:
                     loader['sampler']['per_device_batch_size'] = fitted['per_device_batch_size']
+        from xtuner_plugins.engine.resumed_settings import say_taken
+        say_taken()   # the runner's log is open now
         return build_model(self, model)
 
     @functools.wraps(register_hooks)

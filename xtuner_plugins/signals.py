@@ -38,8 +38,8 @@ def sent_again_when_swallowed(taken_back=None) -> Iterator[None]:
     module locks in one, ``_bootstrap``'s ``cb``): Python prints 'Exception ignored in ...' with a traceback and
     goes on, and the stop is gone (a rank the launcher stopped printed that traceback before its closing line; a
     run alone went on training past its SIGTERM). Such a stop (:func:`from_signal`) is sent again from another
-    thread, so the handler raises it in the main thread's next step; ``taken_back(signum)`` first, for a handler
-    that counts the signals it took. Anything else unraisable goes to the hook there was."""
+    thread 50 ms later, so the handler raises it where the main thread is then; ``taken_back(signum)`` first, for
+    a handler that counts the signals it took. Anything else unraisable goes to the hook there was."""
     previous = sys.unraisablehook
 
     def hook(unraisable):

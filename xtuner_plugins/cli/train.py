@@ -211,7 +211,7 @@ class noting_interrupts:
             if signal.getsignal(sig) is default:   # ignored, or handled by the caller: left as it is
                 self.previous[sig] = signal.signal(sig, on_signal)
         # a stop raised in a weakref callback or a __del__ (importlib's module locks) was printed and lost
-        self.resent = sent_again_when_swallowed(taken_back=_INTERRUPTS.remove)
+        self.resent = sent_again_when_swallowed(taken_back=lambda sig: sig in _INTERRUPTS and _INTERRUPTS.remove(sig))
         self.resent.__enter__()
         return self
 

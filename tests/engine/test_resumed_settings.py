@@ -36,8 +36,14 @@ class Loop:
         pass
 
 
+# the other classes the config names, by the names the recorded config gives (a class of another name is another
+# component: its settings are not taken)
+InternViT, LoraConfig, Sampler, AdamW, AmpOptimWrapper = (type(n, (), {}) for n in (
+    'InternViT', 'LoraConfig', 'Sampler', 'AdamW', 'AmpOptimWrapper'))
+
+
 RECORDED = '''
-model = dict(type='xtuner_plugins.models.VisionLanguageModel', llm={llm!r},
+model = dict(type='tests.engine.test_resumed_settings.Model', llm={llm!r},
              vision_encoder=dict(type='InternViT', path={encoder!r}, select_layer=-1),
              template='qwen2_5', from_scratch=True, compile_blocks=False, torch_dtype='torch.bfloat16',
              a_setting_this_version_removed=1,
@@ -70,16 +76,16 @@ def _config(checkpoint, resume=True):
     """This run's config as the stage config file gives it (its example paths), resuming ``checkpoint``."""
     return dict(resume=resume, load_from=checkpoint, work_dir='w', max_epochs=1, max_iters=None,
                 model=dict(type=Model, llm='models/Qwen2.5-1.5B-Instruct', compile_blocks='auto',
-                           vision_encoder=dict(type=Model, path='models/InternViT', select_layer=-1),
+                           vision_encoder=dict(type=InternViT, path='models/InternViT', select_layer=-2),
                            template=None, torch_dtype=torch.bfloat16,
-                           llm_lora=dict(type=Model, r=64, lora_alpha=32, lora_dropout=0.05)),
+                           llm_lora=dict(type=LoraConfig, r=64, lora_alpha=32, lora_dropout=0.05)),
                 train_dataloader=dict(batch_size=4, num_workers=4,
-                                      sampler=dict(type=Model, per_device_batch_size=4),
+                                      sampler=dict(type=Sampler, per_device_batch_size=4),
                                       dataset=dict(type=Data, data_files=['data/my_sft.jsonl'], cache_dir=None,
                                                    max_length=8192, allow_control_text=False,
                                                    image_folders=['data/images'])),
-                optim_wrapper=dict(type=Model, accumulative_counts=16, clip_grad=dict(max_norm=1.0),
-                                   optimizer=dict(type=Model, lr=4e-5)),
+                optim_wrapper=dict(type=AmpOptimWrapper, accumulative_counts=16, clip_grad=dict(max_norm=1.0),
+                                   optimizer=dict(type=AdamW, lr=4e-5)),
                 train_cfg=dict(type=Loop))
 
 
@@ -89,7 +95,8 @@ def test_a_resume_takes_what_the_command_line_does_not_name(run):
     model, loader = cfg['model'], cfg['train_dataloader']
     assert model['llm'] == run['llm'] and model['vision_encoder']['path'] == run['encoder']
     assert model['template'] == 'qwen2_5' and model['from_scratch'] is True
-    assert model['llm_lora'] == dict(type=Model, r=8, lora_alpha=32, lora_dropout=0.1)   # alpha: the command line's
+    assert model['llm_lora'] == dict(type=LoraConfig, r=8, lora_alpha=32, lora_dropout=0.1)   # alpha: named
+    assert model['vision_encoder']['select_layer'] == -1
     assert model['compile_blocks'] == 'auto' and model['type'] is Model   # how it runs; the classes stay
     assert model['torch_dtype'] is torch.bfloat16   # the same dtype, named as text in the record
     assert 'a_setting_this_version_removed' not in model   # Model does not take it: said, not passed on
@@ -97,15 +104,20 @@ def test_a_resume_takes_what_the_command_line_does_not_name(run):
                                      allow_control_text=False, image_folders=['data/images'])
     assert loader['batch_size'] == 2 and loader['sampler']['per_device_batch_size'] == 2
     assert loader['num_workers'] == 4   # this machine's
-    assert cfg['optim_wrapper'] == dict(type=Model, accumulative_counts=1, clip_grad=dict(max_norm=0.5),
-                                        optimizer=dict(type=Model, lr=0.01))
+    assert cfg['optim_wrapper'] == dict(type=AmpOptimWrapper, accumulative_counts=1, clip_grad=dict(max_norm=0.5),
+                                        optimizer=dict(type=AdamW, lr=0.01))
     assert cfg['train_cfg'] == dict(type=Loop, max_iters=6)   # the length it was started for, not the file's epoch
     assert f"model.llm='{run['llm']}' (the config: 'models/Qwen2.5-1.5B-Instruct')" in taken
     assert 'train_cfg.max_iters=6 (the config: max_epochs=1)' in taken
     assert not any(entry.startswith(('model.llm_lora.lora_alpha', 'model.compile_blocks')) for entry in taken)
-    assert left == ["model.a_setting_this_version_removed=1 (not a setting of "
-                    f"{Model!r} now)", "train_dataloader.dataset.image_folders: gone/ not found (the config's "
-                    "['data/images'] is used)"]
+    assert left == [
+        f"model.a_setting_this_version_removed=1 (not a setting of {Model!r} now)",
+        "train_dataloader.dataset.allow_control_text=True (what input a run accepts is its own: this one has False; "
+        "name it to keep it)",
+        "train_dataloader.dataset.max_image_pixels=1000000000000 (what input a run accepts is its own: this one has "
+        "None; name it to keep it)",
+        "train_dataloader.dataset.image_folders: gone/ not found (the config's ['data/images'] is used)"]
+    assert cfg['train_dataloader']['dataset']['allow_control_text'] is False
 
 
 def test_a_setting_the_command_line_names_stays_in_every_form(run):
@@ -146,7 +158,7 @@ def test_packing_budgets_and_deepspeed_words(tmp_path, run):
     cfg['train_dataloader']['dataset'] = dict(type=Packed, max_tokens=16384, max_tiles=48,
                                               dataset=cfg['train_dataloader']['dataset'])
     ds = dict(gradient_accumulation_steps=16, train_micro_batch_size_per_gpu=4, gradient_clipping=1.0)
-    cfg['strategy'], cfg['optim_wrapper'] = dict(ds), dict(type=Model, optimizer=dict(type=Model, lr=4e-5))
+    cfg['strategy'], cfg['optim_wrapper'] = dict(ds), dict(type=Model, optimizer=dict(type=AdamW, lr=4e-5))
     take_resumed_settings(cfg, [])
     packed = cfg['train_dataloader']['dataset']
     assert (packed['max_tokens'], packed['max_tiles'], packed['dataset']['max_length']) == (600, 8, 2048)
@@ -180,3 +192,37 @@ def test_what_was_taken_reaches_the_runners_own_copies_and_the_log(run, monkeypa
     assert said[0][1].startswith(f'--resume {run["checkpoint"]}: goes on with the settings it was trained with')
     said_taken(_config(run['checkpoint'], resume=False), [])
     assert resumed_settings._TAKEN == []   # another run in the process: nothing carried
+
+
+def test_another_optimizer_or_loop_is_refused_and_another_data_set_keeps_its_settings(run):
+    """SGD over a run of AdamW's ended in a KeyError traceback as its state loaded (AdamW's settings taken into
+    it); a loop of epochs over a run of iterations trained past its end and saved nothing, exit 0 (a sweep)."""
+    from xtuner_plugins.errors import Refused
+    SGD, EpochLoop = type('SGD', (), {}), type('EpochLoop', (), {})
+    for part, other, what in (('optim_wrapper', dict(type=SGD, lr=0.1), 'the optimizer AdamW, and this config gives '
+                                                                          'SGD'),
+                              ('train_cfg', dict(type=EpochLoop, max_epochs=1), 'the training loop Loop, and this '
+                                                                                'config gives EpochLoop')):
+        cfg = _config(run['checkpoint'])
+        if part == 'optim_wrapper':
+            cfg['optim_wrapper']['optimizer'] = other
+        else:
+            cfg['train_cfg'] = other
+        with pytest.raises(Refused, match=f'it was trained with {what}: the saved state is the other'):
+            take_resumed_settings(cfg, [])
+    cfg = _config(run['checkpoint'])
+    cfg['train_dataloader']['dataset']['type'] = Packed   # another data set: its settings are its own
+    taken, left = take_resumed_settings(cfg, [])
+    assert cfg['train_dataloader']['dataset']['max_length'] == 8192
+    assert "train_dataloader.dataset: trained as Data, this config builds Packed (its settings are not taken)" in left
+
+
+def test_a_streams_workers_are_taken(tmp_path, run):
+    """A stream's saved position is its DataLoader workers': a resume alone with the config's 2 was refused."""
+    from xtuner_plugins.data.online_packing import OnlinePackedDataset
+    text = RECORDED.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']])
+    for kind, workers in ((OnlinePackedDataset, 0), (Data, 4)):
+        cfg = _config(_checkpoint(str(tmp_path / 'stream.pth'), text.replace("type='Data'", f"type='{kind.__name__}'")))
+        cfg['train_dataloader']['dataset']['type'] = kind
+        take_resumed_settings(cfg, [])
+        assert cfg['train_dataloader']['num_workers'] == workers, kind

@@ -18,19 +18,23 @@ what makes the run the one it resumes, where the command line names none of it:
   kernels, compilation), which a resume may change;
 * the data set's settings at every level (packing's budgets, a shard set's folder, its files, tiling, lengths,
   template) but :data:`THIS_RUNS`: the cache and what input the run accepts (a checkpoint from a shared work folder
-  does not turn the safety checks off). Files and folders are taken where they are there (a relative path is
-  read from this working directory): otherwise said, and the config's are used;
+  does not turn the safety checks off; one that differs is said). Files and folders are taken where they are there
+  (a relative path is read from this working directory): otherwise said, and the config's are used. A component
+  the config builds of another class than the run's (another data set) keeps its settings, said;
 * the batch size and the sampler's settings (a resume with other batches is refused by ``engine/dataagree.py``),
+  and a stream's DataLoader workers (its saved position is theirs: ``engine/streamstate.py``),
   the gradient accumulation and clipping, in the optimizer wrapper's or DeepSpeed's words (``strategy``: XTuner
   moves them there under ``--deepspeed``), and the optimizer's settings, which its saved state restores anyway;
 * the training length (``max_iters`` / ``max_epochs``): a resume went on to the config's, and one resumed past
   it ended at once, 'done', the iterations it was started for untrained.
 
-A setting the component this run builds does not take (a setting an older version had) is not taken. What was
-taken and what was not are said once the run's log is open (:func:`say_taken`). A setting named on the command
-line is this run's, even at the config file's own value: it stays, and the resume's checks refuse it where it
-differs from the checkpoint's. A ``load_from`` without ``--resume`` starts a new run from the weights: its settings
-are its own.
+A config whose optimizer or training loop is of another class than the run's is refused: the saved state would
+not load (AdamW's into SGD: a KeyError traceback), or a loop of epochs over a run of iterations trained past its end
+and saved nothing. A setting the component this run builds does not take (a setting an older version had) is
+not taken. What was taken and what was not are said once the run's log is open (:func:`say_taken`). A setting
+named on the command line is this run's, even at the config file's own value: it stays, and the resume's checks
+refuse it where it differs from the checkpoint's. A ``load_from`` without ``--resume`` starts a new run from the
+weights: its settings are its own.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ from xtuner_plugins.models.runconfig import inner_dataset
 #: the model's settings of how this run computes, not what: a resume may change them (another machine, memory)
 HOW_IT_RUNS = ('vision_grad_ckpt', 'llm_grad_ckpt', 'llm_grad_ckpt_layers', 'attn_implementation',
                'cudnn_attention', 'zero3_init', 'loss_chunk', 'compile_blocks', 'liger_kernel', 'cpu_attention')
-#: the data set's settings that stay this run's: its cache, and what input it accepts
-THIS_RUNS = ('cache_dir', 'allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
+#: the data set's settings that stay this run's: its cache, and what input it accepts (:data:`SAFETY`, said where
+#: the checkpoint's differs: a run that relaxed one gives it again)
+SAFETY = ('allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
+THIS_RUNS = ('cache_dir',) + SAFETY
 #: data set settings that name files or folders, taken only where they are there
 PATHS = ('data_files', 'image_folders', 'shards')
 #: the run's shape in DeepSpeed's words (``strategy``) and the command-line keys that set each
@@ -88,6 +94,33 @@ def _takes(now: Mapping, key: str) -> bool:
     return names is None or key in names
 
 
+def _kind(node: Mapping) -> str:
+    from xtuner_plugins.models.provenance import comparable
+    return str(comparable(node.get('type'), 'type'))
+
+
+def _refuse_another(what: str, then: Mapping, now: Mapping, path: str) -> None:
+    """Refuse a resume whose config builds another ``what`` than the run saved (its state would not load: an
+    AdamW's state into SGD failed in a KeyError traceback; a loop of epochs over one of iterations trained past
+    its end and saved nothing)."""
+    if isinstance(then, Mapping) and isinstance(now, Mapping) and 'type' in then and 'type' in now \
+            and _kind(then) != _kind(now):
+        from xtuner_plugins.errors import Refused
+        raise Refused(f'--resume {path}: it was trained with the {what} {_kind(then)}, and this config gives '
+                      f'{_kind(now)}: the saved state is the other\'s. Resume with the config it was trained with, '
+                      'or start a new run from its weights (model.pretrained_pth=PATH, another --work-dir)')
+
+
+def _streams(dataset) -> bool:
+    """Whether ``dataset`` (a config) is a stream (online packing, a shard set), whose saved position is its DataLoader
+    workers' (``engine/streamstate.py`` refuses another number of them): its workers are the run's, then."""
+    from xtuner_plugins.data.streaming import StreamingDataset
+    kind = dataset.get('type') if isinstance(dataset, Mapping) else None
+    if isinstance(kind, type):
+        return issubclass(kind, StreamingDataset)
+    return isinstance(kind, str) and kind.rsplit('.', 1)[-1] in ('OnlinePackedDataset', 'ShardDataset')
+
+
 def _missing(value) -> Optional[str]:
     """The first path of a file setting's value that is not there, or None."""
     paths = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
@@ -106,15 +139,25 @@ class _Taker:
 
     def walk(self, then: dict, now: dict, prefix: str, skip=()) -> None:
         """Take each setting of ``then`` (the recorded) that ``now`` (this run's) holds otherwise, setting by setting
-        into nested ones; a class (``type``) and a setting named in ``skip`` (by its last name, or whole) stay."""
+        into nested ones; a class (``type``) and a setting named in ``skip`` (by its last name, or whole) stay, and
+        a component of another class keeps its own."""
+        if 'type' in then and 'type' in now and _kind(then) != _kind(now):
+            self.left.append(f'{prefix}: trained as {_kind(then)}, this config builds {_kind(now)} (its settings '
+                             'are not taken)')
+            return
         for key, value in then.items():
             name, mine = f'{prefix}.{key}', now.get(key)
             if key == 'type':
                 continue
             if isinstance(value, dict) and isinstance(mine, dict):
                 self.walk(value, mine, name, skip)
-            elif isinstance(value, dict) or isinstance(mine, dict) or key in skip or name in skip \
-                    or not _differs(value, mine) or not _takeable(value, mine) or _given(name, self.given):
+            elif isinstance(value, dict) or isinstance(mine, dict) or not _differs(value, mine) \
+                    or _given(name, self.given):
+                continue
+            elif key in SAFETY and key in skip:
+                self.left.append(f'{name}={value!r} (what input a run accepts is its own: this one has {mine!r}; '
+                                 'name it to keep it)')
+            elif key in skip or name in skip or not _takeable(value, mine):
                 continue
             elif not _takes(now, key):
                 self.left.append(f'{name}={value!r} (not a setting of {now["type"]!r} now)')
@@ -223,8 +266,11 @@ def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], L
         if inner_dataset(loaded.get('dataset'))[1] == inner_dataset(loader.get('dataset'))[1] \
                 and isinstance(loader.get('dataset'), dict):   # wrapped alike: each level, packing's budgets too
             taker.walk(loaded.get('dataset') or {}, loader['dataset'], 'train_dataloader.dataset', THIS_RUNS)
-        taker.walk({k: loaded[k] for k in ('batch_size', 'sampler') if k in loaded}, loader, 'train_dataloader')
+        kept = ('batch_size', 'sampler') + (('num_workers',) if _streams(loader.get('dataset')) else ())
+        taker.walk({k: loaded[k] for k in kept if k in loaded}, loader, 'train_dataloader')
     optim, now_optim = recorded.get('optim_wrapper'), cfg.get('optim_wrapper')
+    _refuse_another('optimizer', (optim or {}).get('optimizer'), (now_optim or {}).get('optimizer'), path)
+    _refuse_another('training loop', recorded.get('train_cfg'), cfg.get('train_cfg'), path)
     if isinstance(optim, dict) and isinstance(now_optim, dict) and isinstance(optim.get('optimizer'), dict) \
             and isinstance(now_optim.get('optimizer'), dict):   # (restored by its saved state anyway)
         taker.walk(optim['optimizer'], now_optim['optimizer'], 'optim_wrapper.optimizer')

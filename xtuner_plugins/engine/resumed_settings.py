@@ -44,6 +44,7 @@ import logging
 import os
 from typing import Iterable, List, Mapping, Optional, Tuple
 
+from xtuner_plugins.engine.length import _LOOP   # the loop's two lengths, as the length module reads them
 from xtuner_plugins.models.runconfig import inner_dataset
 
 #: the model's settings of how this run computes, not what: a resume may change them (another machine, memory)
@@ -59,7 +60,6 @@ PATHS = ('data_files', 'image_folders', 'shards')
 _STRATEGY = {'gradient_accumulation_steps': 'optim_wrapper.accumulative_counts',
              'train_micro_batch_size_per_gpu': 'train_dataloader.batch_size',
              'gradient_clipping': 'optim_wrapper.clip_grad'}
-_LOOP = ('max_iters', 'max_epochs')
 
 #: what :func:`said_taken` took (its keys, for :func:`carry_taken`) and its log lines, said by :func:`say_taken`
 _TAKEN: List[str] = []
@@ -259,7 +259,7 @@ def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], L
     taker = _Taker(given)
     _sources(taker, model, recorded['model'], record)
     from xtuner_plugins.models.lineage import SOURCE_KEYS
-    sources = tuple(f'model.{key}{path}' for key in SOURCE_KEYS for path in ('', '.path'))   # (_sources')
+    sources = tuple(f'model.{key}{end}' for key in SOURCE_KEYS for end in ('', '.path'))   # (_sources')
     taker.walk(recorded['model'], model, 'model', ('pretrained_pth',) + HOW_IT_RUNS + sources)  # (loaded_lineage's)
     loaded, loader = recorded.get('train_dataloader'), cfg.get('train_dataloader')
     if isinstance(loaded, dict) and isinstance(loader, dict):

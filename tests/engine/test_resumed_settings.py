@@ -226,3 +226,45 @@ def test_a_streams_workers_are_taken(tmp_path, run):
         cfg['train_dataloader']['dataset']['type'] = kind
         take_resumed_settings(cfg, [])
         assert cfg['train_dataloader']['num_workers'] == workers, kind
+
+
+class Hook:
+    def __init__(self, interval=None, max_keep_ckpts=-1, by_epoch=True, policy='stop', max_skipped=10):
+        pass
+
+
+Guard, Eval = (type(n, (Hook,), {}) for n in ('Guard', 'Eval'))
+
+
+def test_the_hooks_log_and_seed_are_taken(tmp_path, run):
+    """A run kept 5 checkpoints every 2 iterations; resumed alone under the config file's max_keep_ckpts=2 its
+    first save deleted three of them (MMEngine's rotation over the steps it recorded), and it saved every 500."""
+    text = RECORDED.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']]) + '''
+save_every = 2
+log_processor = dict(by_epoch=False, window_size=1)
+randomness = dict(seed=7)
+default_hooks = dict(checkpoint=dict(type='Hook', interval=2, max_keep_ckpts=5, by_epoch=False),
+                     logger=dict(type='Hook', interval=1), gone=dict(type='Hook', interval=3))
+custom_hooks = [dict(type='Hook'), dict(type='Eval', interval=4), dict(type='Guard', policy='skip', max_skipped=3)]
+'''
+    def config():
+        cfg = _config(_checkpoint(str(tmp_path / 'hooks.pth'), text))
+        cfg.update(save_every=500, log_processor=dict(by_epoch=False), randomness=dict(seed=42),
+                   default_hooks=dict(checkpoint=dict(type=Hook, max_keep_ckpts=2, by_epoch=False),
+                                      logger=dict(type=Hook, interval=10)),
+                   custom_hooks=[dict(type=Guard, policy='stop'), dict(type=Hook)])
+        return cfg
+
+    cfg = config()
+    taken, left = take_resumed_settings(cfg, [])
+    assert cfg['default_hooks'] == dict(checkpoint=dict(type=Hook, interval=2, max_keep_ckpts=5, by_epoch=False),
+                                        logger=dict(type=Hook, interval=1))   # a hook the config lacks: not added
+    assert cfg['save_every'] == 2 and cfg['log_processor']['window_size'] == 1 and cfg['randomness']['seed'] == 7
+    assert cfg['custom_hooks'] == [dict(type=Guard, policy='skip', max_skipped=3), dict(type=Hook)]   # by class
+    assert 'custom_hooks.0.max_skipped=3 (the config: None)' in taken
+    assert 'custom_hooks: Eval (the run had it; this config has none: not added)' in left
+    cfg = config()
+    take_resumed_settings(cfg, ['save_every', 'custom_hooks.0.policy'])   # either name of the interval: both stay
+    assert cfg['save_every'] == 500 and 'interval' not in cfg['default_hooks']['checkpoint']
+    assert cfg['custom_hooks'][0] == dict(type=Guard, policy='stop', max_skipped=3)
+    assert cfg['default_hooks']['checkpoint']['max_keep_ckpts'] == 5

@@ -26,7 +26,9 @@ what makes the run the one it resumes, where the command line names none of it:
   the gradient accumulation and clipping, in the optimizer wrapper's or DeepSpeed's words (``strategy``: XTuner
   moves them there under ``--deepspeed``), and the optimizer's settings, which its saved state restores anyway;
 * the training length (``max_iters`` / ``max_epochs``): a resume went on to the config's, and one resumed past
-  it ended at once, 'done', the iterations it was started for untrained.
+  it ended at once, 'done', the iterations it was started for untrained;
+* the hooks' settings, the log's window and the seed (:func:`_runtime`): under the config's ``max_keep_ckpts``
+  a resume deleted the checkpoints the run kept.
 
 A config whose optimizer or training loop is of another class than the run's is refused: the saved state would
 not load (AdamW's into SGD: a KeyError traceback), or a loop of epochs over a run of iterations trained past its end
@@ -60,6 +62,8 @@ PATHS = ('data_files', 'image_folders', 'shards')
 _STRATEGY = {'gradient_accumulation_steps': 'optim_wrapper.accumulative_counts',
              'train_micro_batch_size_per_gpu': 'train_dataloader.batch_size',
              'gradient_clipping': 'optim_wrapper.clip_grad'}
+#: two names of one setting: the command line naming either keeps both
+_SAME = {'save_every': 'default_hooks.checkpoint.interval', 'default_hooks.checkpoint.interval': 'save_every'}
 
 #: what :func:`said_taken` took (its keys, for :func:`carry_taken`) and its log lines, said by :func:`say_taken`
 _TAKEN: List[str] = []
@@ -132,6 +136,7 @@ class _Taker:
         self.given, self.taken, self.left = list(given), [], []
 
     def take(self, node: dict, key: str, value, name: str, given_as: Optional[str] = None) -> None:
+        given_as = given_as or _SAME.get(name)
         if _given(name, self.given) or (given_as and _given(given_as, self.given)):
             return
         self.taken.append(f'{name}={value!r} (the config: {node.get(key)!r})')
@@ -235,6 +240,34 @@ def _length(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
     loop[key] = then[key]
 
 
+def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
+    """The hooks' settings (when the run saves, how many checkpoints it keeps: a resume under the config's
+    ``max_keep_ckpts=2`` deleted the checkpoints a run kept 5 of; what it logs; what a non-finite loss does), the
+    log's window and the seed. A custom hook is matched by its class, in order; one the run had that this config
+    has not is said, not added."""
+    for key in ('save_every', 'log_processor', 'randomness', 'default_hooks'):
+        then, now = recorded.get(key), cfg.get(key)
+        if isinstance(then, dict) and isinstance(now, dict):
+            hooks = key == 'default_hooks'   # (a hook this config lacks is not added)
+            taker.walk({k: v for k, v in then.items() if k in now or not hooks}, now, key)
+        elif key in recorded and key in cfg and not isinstance(now, dict) and _differs(then, now) \
+                and _takeable(then, now):
+            taker.take(cfg, key, then, key)
+    then, now = recorded.get('custom_hooks'), cfg.get('custom_hooks')
+    if not isinstance(then, list) or not isinstance(now, list):
+        return
+    free = [i for i, hook in enumerate(now) if isinstance(hook, dict) and 'type' in hook]
+    for hook in then:
+        if not isinstance(hook, dict) or 'type' not in hook:
+            continue
+        i = next((i for i in free if _kind(now[i]) == _kind(hook)), None)
+        if i is None:
+            taker.left.append(f'custom_hooks: {_kind(hook)} (the run had it; this config has none: not added)')
+            continue
+        free.remove(i)
+        taker.walk(hook, now[i], f'custom_hooks.{i}')
+
+
 def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], List[str]]:
     """Take the resumed checkpoint's settings into ``cfg`` (in place) where the command line (``given``: the keys
     it named) names none of them (module docstring); returns what was taken, each ``'key=value (the config:
@@ -276,6 +309,7 @@ def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], L
         taker.walk(optim['optimizer'], now_optim['optimizer'], 'optim_wrapper.optimizer')
     _shape(taker, recorded, cfg)
     _length(taker, recorded, cfg)
+    _runtime(taker, recorded, cfg)
     return taker.taken, taker.left
 
 
@@ -302,6 +336,11 @@ def say_taken() -> None:
     _NOTES.clear()
 
 
+def took(prefix: str) -> bool:
+    """Whether :func:`said_taken` took a setting under ``prefix`` (a top-level key)."""
+    return any(key == prefix or key.startswith(prefix + '.') for key in _TAKEN)
+
+
 def carry_taken(cfg: Mapping, runner, model) -> None:
     """Copy the settings :func:`said_taken` took into ``cfg`` over the runner's own copies of the model's, the data
     loader's and the optimizer's settings (``model``; the runner's ``_train_dataloader``, ``optim_wrapper`` and
@@ -314,7 +353,10 @@ def carry_taken(cfg: Mapping, runner, model) -> None:
         parts = key.split('.')
         value = cfg
         for part in parts:
-            value = value.get(part) if isinstance(value, Mapping) else None
+            value = value.get(part) if isinstance(value, Mapping) else value[int(part)] \
+                if isinstance(value, list) and part.isdigit() and int(part) < len(value) else None
+        if parts[0] == 'log_processor' and hasattr(getattr(runner, 'log_processor', None), parts[-1]):
+            setattr(runner.log_processor, parts[-1], copy.deepcopy(value))   # (built already; the hooks: runstart)
         node = own.get(parts[0])
         for part in parts[1:-1]:
             node = node.get(part) if isinstance(node, Mapping) else None

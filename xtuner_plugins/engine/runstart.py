@@ -396,11 +396,13 @@ def _patch_runner_build_model() -> bool:
             if self.param_schedulers is not None and cfg.get('param_scheduler') is not None:
                 self.param_schedulers = copy.deepcopy(cfg['param_scheduler'])
             self._xtuner_plugins_hooks = copy.deepcopy(cfg.get('default_hooks'))
+            from xtuner_plugins.engine.resumed_settings import carry_taken, took
+            if took('custom_hooks'):   # (the runner holds no copy of them before it registers them)
+                self._xtuner_plugins_custom_hooks = copy.deepcopy(cfg.get('custom_hooks'))
             taken = (cfg.get('model') or {}).get('pretrained_pth')   # loaded_lineage's, from the resumed checkpoint
             if isinstance(model, dict) and taken and not model.get('pretrained_pth'):
                 model['pretrained_pth'] = taken
             loader = getattr(self, '_train_dataloader', None)
-            from xtuner_plugins.engine.resumed_settings import carry_taken
             carry_taken(cfg, self, model)   # the resumed checkpoint's settings, taken into the runner's config
             if isinstance(loader, dict) and isinstance(cfg.get('train_dataloader'), Mapping):  # workers_fit's change
                 loader['persistent_workers'] = cfg['train_dataloader'].get('persistent_workers', False)
@@ -415,7 +417,9 @@ def _patch_runner_build_model() -> bool:
     @functools.wraps(register_hooks)
     def patched_register_hooks(self, default_hooks=None, custom_hooks=None):
         resolved = getattr(self, '_xtuner_plugins_hooks', None)
-        return register_hooks(self, resolved if resolved is not None else default_hooks, custom_hooks)
+        custom = getattr(self, '_xtuner_plugins_custom_hooks', None)
+        return register_hooks(self, resolved if resolved is not None else default_hooks,
+                              custom if custom is not None else custom_hooks)
 
     for fn in (patched_build_model, patched_register_hooks):
         setattr(fn, _PATCH_MARK, True)

@@ -205,3 +205,45 @@ def test_a_streams_changed_data_is_said_not_stopped_here(tmp_path, monkeypatch):
         BadSampleHook().before_train(runner)
     assert len(said) == 1 and 'the data changed since the run being resumed started' in said[0] \
         and said[0].endswith("(a stream: its resume is the data stream state's to judge)")
+
+
+def test_a_resume_packed_otherwise_or_ordered_by_other_lengths_says_so(tmp_path, tiny_tokenizer, monkeypatch,
+                                                                       capsys):
+    """An offline-packed run resumed with another max_tokens (8 packs then, 16 now) skipped the first 4 of the new
+    packs, not the samples trained on, without a word; so did a length-grouped run whose lengths changed
+    (max_length, the images): its epoch is drawn in another order."""
+    from xtuner_plugins.data.packing import PackedInternVLDataset
+    from xtuner_plugins.data.sampler import LengthGroupedSampler
+    rows = [{'conversations': conv(f'q{i}', 'a ' * (i + 1), image=False)} for i in range(8)]
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    os.makedirs(tmp_path / 'work')
+    said = []
+    monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
+
+    def run(resume, max_tokens=None, max_length=4096, on_data_change='warn'):
+        ds = InternVLDataset(path, tokenizer=tiny_tokenizer, cache_dir=str(tmp_path / 'cache'),
+                             max_length=max_length)
+        ds = PackedInternVLDataset(ds, max_tokens=max_tokens) if max_tokens else ds
+        sampler = LengthGroupedSampler(ds, per_device_batch_size=1, seed=3)
+        runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=1, sampler=sampler),
+                                 iter=0, epoch=0, work_dir=str(tmp_path / 'work'), _resume=resume)
+        BadSampleHook(on_data_change=on_data_change).before_train(runner)
+        return ds
+
+    lengths = run(False, max_tokens=None).length
+    packed = run(False, max_tokens=2 * max(lengths))
+    run(True, max_tokens=2 * max(lengths))
+    assert said == []
+    run(True, max_tokens=max(lengths))
+    count = len(packed.packs)
+    assert len(said) == 1 and said[0].startswith('the data changed since the run being resumed started') and (
+        f'the packs: {count} then, 8 now (max_tokens {2 * max(lengths)} -> {max(lengths)}), packed otherwise: the '
+        'epoch under way is cut into other packs' in said[0]), said
+    with pytest.raises(SystemExit):
+        run(True, max_tokens=2 * max(lengths), on_data_change='stop')   # (the warned resume's manifest: 8)
+    assert 'the packs:' in capsys.readouterr().err
+    said.clear()
+    run(False)
+    run(True, max_length=min(lengths) + 1)   # the longer samples cut to fit: other lengths, another order
+    assert len(said) == 1 and "the sampler's lengths (what it orders by: max_length, the tiles or the images " \
+                              "changed): the epoch under way is drawn in another order" in said[0], said

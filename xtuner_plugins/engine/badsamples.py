@@ -3,10 +3,12 @@ and rank, against the run's limit.
 
 **Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records each source: its annotation file (path,
 size, modification time), image folder, ``repeat_time``, samples read, refused at start-up (by reason) and
-used after repeats, and the ranks and batch size cutting its epochs into batches. A run that resumes compares it
-with the manifest the interrupted run wrote and stops (``on_data_change='stop'``, the default) or warns (``'warn'``)
-when the data changed under it, or is cut into other batches (MMEngine resumes by skipping as many batches as were
-trained: other batches than the ones trained on), naming what. A file moved, or whose modification time or image
+used after repeats, and the ranks and batch size cutting its epochs into batches, the sampler's seed and a digest
+of the lengths it orders by, and an offline-packed set's packs (count, budgets, digest). A run that resumes compares
+it with the manifest the interrupted run wrote and stops (``on_data_change='stop'``, the default) or warns
+(``'warn'``) when the data changed under it, or is cut into other batches or packs or drawn in another order
+(MMEngine resumes by skipping as many batches as were trained: other batches than the ones trained on), naming
+what. A file moved, or whose modification time or image
 folder alone changed (its size, sampled content and samples the same: a copy to a job's own disk, one that did not
 keep times), is said in a warning; so is any change under a stream (online packing, shards), whose resume
 ``streamstate.py`` judges.
@@ -35,11 +37,14 @@ cut, with the data set's ``truncation='keep'``; with ``'drop'`` they are skipped
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
+from itertools import chain
 from typing import Dict, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
 from mmengine.dist import all_gather_object, all_reduce, get_dist_info
 from mmengine.hooks import Hook
@@ -281,7 +286,19 @@ def reading_order(dataloader) -> Dict[str, int]:
         value = getattr(sampler, key, None)
         if isinstance(value, (bool, int)):
             order[key] = value
+    lengths = getattr(sampler, 'length', None)   # what a length-grouped sampler orders by (max_length, images)
+    if isinstance(lengths, np.ndarray):
+        order['lengths'] = _digest(lengths)
+    packs = getattr(dataloader.dataset, 'packs', None)   # a packed data set's packs, planned before training
+    if isinstance(packs, list):
+        order['packs'] = dict(count=len(packs), max_tokens=getattr(dataloader.dataset, 'max_tokens', None),
+                              max_tiles=getattr(dataloader.dataset, 'max_tiles', None), digest=_digest(
+                                  np.fromiter(chain(map(len, packs), chain.from_iterable(packs)), np.int64)))
     return order
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def manifest_changes(before: dict, now: dict) -> List[str]:
@@ -297,6 +314,16 @@ def manifest_changes(before: dict, now: dict) -> List[str]:
                      f'exact resume')
     drawn = [f'{key} {then[key]!r} -> {order[key]!r}' for key in ('seed', 'shuffle')
              if key in then and key in order and then[key] != order[key]]
+    packs, now_packs = then.get('packs'), order.get('packs')
+    if packs and now_packs and packs['digest'] != now_packs['digest']:
+        budgets = ' '.join(f'{k} {packs.get(k)!r} -> {now_packs.get(k)!r}' for k in ('max_tokens', 'max_tiles')
+                           if packs.get(k) != now_packs.get(k))
+        moved.append(f'the packs: {packs["count"]} then, {now_packs["count"]} now{f" ({budgets})" if budgets else ""}'
+                     f', packed otherwise: the epoch under way is cut into other packs, so those skipped to resume '
+                     f'are not the ones trained on (some of its samples are trained on twice, others not at all until '
+                     f'the next epoch); resume with the packing it started with')
+    elif 'lengths' in then and 'lengths' in order and then['lengths'] != order['lengths']:
+        drawn.append('lengths (what it orders by: max_length, the tiles or the images changed)')
     if drawn:   # the epoch under way drawn in another order: the batches skipped are not those trained on
         moved.append(f'the sampler\'s {", ".join(drawn)}: the epoch under way is drawn in another order, so those '
                      f'skipped to resume are not the ones trained on (some of its samples are trained on twice, '

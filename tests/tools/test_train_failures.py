@@ -140,3 +140,46 @@ def test_a_write_the_disk_refused_names_the_file_the_disk_and_the_resume(tmp_pat
     assert disk_refused(WriteFailed(errno.ENOSPC, 'could not write iter_4.pth'), str(tmp_path)) is None
     assert disk_refused(OSError(errno.ENOENT, 'No such file'), str(tmp_path)) is None
     assert disk_refused(ValueError('x'), str(tmp_path)) is None
+
+
+def test_a_write_the_disk_refused_in_a_thread_or_a_log_handler_is_one_line(tmp_path):
+    """TensorBoard's writer thread on a full disk printed 'Exception in thread Thread-1' and its traceback above the
+    closing line, and a log handler '--- Logging error ---' for every record after it (a helper's sweep)."""
+    import subprocess
+    import sys
+    script = '''
+import errno, logging, threading
+from xtuner_plugins.cli.train_failures import quiet_disk_errors
+quiet_disk_errors()
+def full():
+    raise OSError(errno.ENOSPC, 'No space left on device')
+def other():
+    raise ValueError('not the disk')
+for target in (full, full, other):
+    t = threading.Thread(target=target, name=target.__name__)
+    t.start(); t.join()
+class Full(logging.StreamHandler):
+    def emit(self, record):
+        try:
+            raise OSError(errno.EDQUOT, 'Disk quota exceeded', '/w/run.log')
+        except OSError:
+            self.handleError(record)
+class Broken(logging.StreamHandler):
+    def emit(self, record):
+        try:
+            raise KeyError('a bug')
+        except KeyError:
+            self.handleError(record)
+log = logging.getLogger('t')
+log.addHandler(Full()); log.addHandler(Broken())
+log.warning('one'); log.warning('two')
+'''
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    err = done.stderr
+    assert err.count('train: No space left on device (in thread full): the run stops when it next writes through '
+                     'it') == 1, err   # once, no traceback
+    assert "Exception in thread other" in err and 'ValueError: not the disk' in err   # not the disk: as it was
+    assert err.count('train: Disk quota exceeded (the log\'s Full, writing /w/run.log): the lines it logs from here '
+                     'are lost') == 1, err
+    assert err.count('--- Logging error ---') == 2 and 'KeyError' in err   # the other handler's: as it was
+    assert 'OSError' not in err, err

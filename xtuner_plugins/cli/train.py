@@ -45,7 +45,7 @@ from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, option
                                             resume_refusal, resumed_from, resuming, started_by_a_launcher,
                                             unpaired_refusal)
 from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
-                                                recorded_source_hint, worker_death)
+                                               quiet_disk_errors, recorded_source_hint, worker_death)
 from xtuner_plugins.outcome import find_checkpoints
 
 
@@ -298,6 +298,7 @@ def _train() -> int:
     _RUN['work_dir'] = work_dir
     from xtuner_plugins.signals import quiet_cut_descriptor_transfers
     quiet_cut_descriptor_transfers()   # (in the DataLoader workers forked from here)
+    quiet_disk_errors()
     try:
         xtuner_train.main()
     except KeyboardInterrupt:  # Ctrl-C: where the run stopped and how to go on, no traceback

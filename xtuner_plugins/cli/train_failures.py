@@ -8,7 +8,8 @@ not theirs:
   signal from outside the run, a crash in native code); the line says which, and what to try;
 * :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why);
 * :func:`disk_refused`: a write the disk refused outside the checkpoints (the log, TensorBoard's or the scalars'
-  file), which named no file and said nothing of the disk;
+  file), which named no file and said nothing of the disk (and :func:`quiet_disk_errors`: such a write in a thread
+  or a log handler in one line, not a traceback);
 * :func:`config_import_hint`: a config importing its base by a package name that MMEngine cannot resolve;
 * :func:`recorded_source_hint`: a vision encoder or LLM folder not found where the previous stage records one.
 """
@@ -54,12 +55,8 @@ def disk_refused(exc: BaseException, work_dir: str) -> Optional[str]:
     any other error."""
     import errno
     import shutil
-    from xtuner_plugins.errors import Stated
-    seen, depth = exc, 0
-    while seen is not None and depth < 8 and not (isinstance(seen, OSError) and seen.errno in (
-            errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
-        seen, depth = seen.__cause__ or seen.__context__, depth + 1
-    if seen is None or depth >= 8 or isinstance(seen, Stated):
+    seen = _disk_error(exc)
+    if seen is None:
         return None
     where = f' writing {seen.filename}' if seen.filename else ''
     try:
@@ -70,6 +67,54 @@ def disk_refused(exc: BaseException, work_dir: str) -> Optional[str]:
     return (f'{seen.strerror or seen}{where} (the run writes its log, its scalars and TensorBoard files and its '
             f'checkpoints under {work_dir}: its disk has {free}{limit}); make room, then --cfg-options resume=True '
             'continues from the last checkpoint')
+
+
+def _disk_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError of a write the disk refused (full, a quota, a file-size limit) in ``exc`` or what it was raised
+    from, unless a line of ours says it whole already (``Stated``: a checkpoint's ``WriteFailed``); else None."""
+    import errno
+    from xtuner_plugins.errors import Stated
+    seen, depth = exc, 0
+    while seen is not None and depth < 8 and not (isinstance(seen, OSError) and seen.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    return None if seen is None or depth >= 8 or isinstance(seen, Stated) else seen
+
+
+def quiet_disk_errors() -> None:
+    """A write the disk refused in a thread of the run (TensorBoard's event writer) or in a log handler printed its
+    traceback above the closing line ('Exception in thread Thread-1: ... OSError: [Errno 28]', '--- Logging error
+    ---' for each record after it): one line says it instead, once a file. The run stops at its next write of
+    those files in the training thread (TensorBoard's writer raises its thread's error again; the closing line is
+    :func:`disk_refused`'s); a log file that cannot be written loses its lines from there."""
+    import logging
+    import sys
+    import threading
+    said = set()
+
+    def say(error: OSError, who: str, then: str) -> None:
+        if (who, error.filename) not in said:
+            said.add((who, error.filename))
+            where = f', writing {error.filename}' if error.filename else ''
+            print(f'train: {error.strerror or error} ({who}{where}): {then}', file=sys.stderr, flush=True)
+
+    thread_hook = threading.excepthook
+
+    def excepthook(args) -> None:
+        error = _disk_error(args.exc_value)
+        if error is None:
+            return thread_hook(args)
+        say(error, f'in thread {getattr(args.thread, "name", "?")}', 'the run stops when it next writes through it')
+
+    handle = logging.Handler.handleError
+
+    def handle_error(self, record) -> None:
+        error = _disk_error(sys.exc_info()[1])
+        if error is None:
+            return handle(self, record)
+        say(error, f'the log\'s {type(self).__name__}', 'the lines it logs from here are lost')
+
+    threading.excepthook, logging.Handler.handleError = excepthook, handle_error
 
 
 def worker_death(exc: BaseException) -> Optional[str]:

@@ -42,12 +42,14 @@ def test_a_stage_in_its_own_folder_or_an_unwritable_one_keeps_no_mark(tmp_path):
         os.chmod(tmp_path, 0o700)
 
 
-def test_a_resume_with_fewer_kept_checkpoints_keeps_a_marked_one(tmp_path):
+def test_a_resume_with_fewer_kept_checkpoints_keeps_a_marked_one(tmp_path, monkeypatch):
     """MMEngine also deletes old checkpoints when a resume keeps fewer than the saved run did (its before_train,
-    from the saved keep_ckpt_ids): a marked one is left out of that too."""
+    from the saved keep_ckpt_ids): a marked one is left out of that too. (Named on the command line: a resume
+    takes the saved run's number otherwise, engine/resumed_settings.py.)"""
     work = tmp_path / 'warmup'
     toy_runner(work, 'fewer-first', max_iters=3, save_every=1, **{'default_hooks.checkpoint.max_keep_ckpts': 3})
     mark_kept(str(work / 'iter_1.pth'), str(tmp_path / 'finetune'))
+    monkeypatch.setattr('sys.argv', ['train', 'toy.py', '--cfg-options', 'default_hooks.checkpoint.max_keep_ckpts=1'])
     toy_runner(work, 'fewer-more', max_iters=4, save_every=1, resume=True,
                **{'default_hooks.checkpoint.max_keep_ckpts': 1})
     assert sorted(p for p in os.listdir(work) if p.endswith('.pth')) == ['iter_1.pth', 'iter_4.pth']

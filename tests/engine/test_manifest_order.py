@@ -1,6 +1,7 @@
-"""A map-style run resumed with other ranks or another batch size (engine/badsamples.py's manifest): MMEngine skips as
-many batches as were trained, now cut otherwise, so some samples of the epoch under way are trained twice and others
-not at all; the resume says so (or stops, ``on_data_change='stop'``), naming both."""
+"""A map-style run resumed with other ranks, another batch size, other packs or other lengths (engine/manifest.py,
+written by badsamples.py): MMEngine skips as many batches as were trained, now cut otherwise, so some samples of the
+epoch under way are trained twice and others not at all; the resume says so (or stops, ``on_data_change='stop'``),
+naming both."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.engine import badsamples
+from xtuner_plugins.engine import manifest as data_manifest
 from xtuner_plugins.engine.badsamples import BadSampleHook
 
 
@@ -22,6 +24,7 @@ def start(tmp_path, tiny_tokenizer, monkeypatch):
     os.makedirs(tmp_path / 'work')
 
     def run(ranks, batch, resume, on_data_change='warn', seed=None):
+        monkeypatch.setattr(data_manifest, 'get_dist_info', lambda: (0, ranks))
         monkeypatch.setattr(badsamples, 'get_dist_info', lambda: (0, ranks))
         sampler = SimpleNamespace(seed=seed, shuffle=True) if seed is not None else None
         runner = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=ds, batch_size=batch, sampler=sampler),
@@ -36,7 +39,7 @@ def test_a_resume_with_other_ranks_or_batch_size_says_the_epoch_is_cut_otherwise
     monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
     run(8, 4, resume=False)
     with open(root / 'work' / 'data_manifest.json') as f:
-        assert json.load(f)['order'] == {'ranks': 8, 'batch_size': 4}
+        assert json.load(f)['order'] == {'ranks': 8, 'batch_size': 4, 'packs': None}
     run(8, 4, resume=True)
     assert said == []  # the same: an exact resume
     run(4, 4, resume=True)
@@ -71,7 +74,7 @@ def test_the_same_samples_a_step_split_otherwise_resume_without_a_word_another_s
     monkeypatch.setattr(badsamples, 'print_log', lambda msg, **kw: said.append(msg))
     run(1, 2, resume=False, seed=0)
     with open(root / 'work' / 'data_manifest.json') as f:
-        assert json.load(f)['order'] == {'ranks': 1, 'batch_size': 2, 'seed': 0, 'shuffle': True}
+        assert json.load(f)['order'] == {'ranks': 1, 'batch_size': 2, 'seed': 0, 'shuffle': True, 'packs': None}
     run(2, 1, resume=True, seed=0)
     assert said == []
     run(2, 1, resume=True, seed=7)
@@ -121,8 +124,8 @@ def test_the_seed_of_the_sampler_under_the_epoch_wrapper_is_read():
     """Training's sampler is the EpochSampler over the seeded one: the seed was never recorded, and a resume with
     another seed went on without a word."""
     wrapped = SimpleNamespace(sampler=SimpleNamespace(seed=42, shuffle=True), epoch=0)
-    assert badsamples.reading_order(SimpleNamespace(dataset=None, batch_size=2, sampler=wrapped)) == {
-        'ranks': 1, 'batch_size': 2, 'seed': 42, 'shuffle': True}
+    assert data_manifest.reading_order(SimpleNamespace(dataset=None, batch_size=2, sampler=wrapped)) == {
+        'ranks': 1, 'batch_size': 2, 'seed': 42, 'shuffle': True, 'packs': None}
 
 
 def test_sources_are_compared_by_place_a_file_named_twice_included():
@@ -132,12 +135,12 @@ def test_sources_are_compared_by_place_a_file_named_twice_included():
     def manifest(*entries):
         return dict(sources=[dict(annotation='/d.jsonl', size=10, mtime_ns=1, repeat_time=r, samples=16, used=u)
                              for r, u in entries], total_used=sum(u for _, u in entries))
-    assert badsamples.manifest_changes(manifest((1, 16), (1, 16)), manifest((1, 16), (1, 16))) == []
-    (change,) = badsamples.manifest_changes(manifest((1, 16), (1, 16)), manifest((4, 64), (1, 16)))
+    assert data_manifest.manifest_changes(manifest((1, 16), (1, 16)), manifest((1, 16), (1, 16))) == []
+    (change,) = data_manifest.manifest_changes(manifest((1, 16), (1, 16)), manifest((4, 64), (1, 16)))
     assert change == '/d.jsonl: repeat_time 1 -> 4, used 16 -> 64'
     reordered = dict(sources=[dict(annotation=p, size=1, mtime_ns=1) for p in ('/a', '/b')], total_used=2)
     swapped = dict(sources=reordered['sources'][::-1], total_used=2)
-    assert badsamples.manifest_changes(reordered, swapped) == [
+    assert data_manifest.manifest_changes(reordered, swapped) == [
         "the annotation files are named in another order or number: ['/a', '/b'] then, ['/b', '/a'] now"]
 
 
@@ -245,5 +248,28 @@ def test_a_resume_packed_otherwise_or_ordered_by_other_lengths_says_so(tmp_path,
     said.clear()
     run(False)
     run(True, max_length=min(lengths) + 1)   # the longer samples cut to fit: other lengths, another order
-    assert len(said) == 1 and "the sampler's lengths (what it orders by: max_length, the tiles or the images " \
-                              "changed): the epoch under way is drawn in another order" in said[0], said
+    assert len(said) == 1 and "the lengths the samples are ordered by (a length-grouped sampler's) changed: " \
+                              "another max_length" in said[0], said
+    said.clear()
+    run(True, max_tokens=2 * max(lengths))   # packed now, not then
+    assert len(said) == 1 and f'the samples were not packed then, packed now ({count} packs): the epoch under way ' \
+                              'is cut otherwise' in said[0], said
+
+
+def test_a_checkpoint_saved_elsewhere_is_checked_against_its_work_folders_manifest(tmp_path):
+    """default_hooks.checkpoint.out_dir puts the checkpoints away from the work folder: --resume of one into another
+    work folder looked for the manifest beside it, found none and resumed on other batches unchecked (a sweep)."""
+    import torch
+    work, out = tmp_path / 'work', tmp_path / 'out' / 'work'
+    os.makedirs(work), os.makedirs(out)
+    (work / 'data_manifest.json').write_text('{}')
+    checkpoint = str(out / 'iter_2.pth')
+    torch.save({'meta': {'cfg': f"work_dir = {str(work)!r}\n"}, 'state_dict': {}}, checkpoint)
+    runner = SimpleNamespace(work_dir=str(tmp_path / 'elsewhere'), _resume=True, _load_from=checkpoint)
+    assert data_manifest.resumed_folder(runner) == str(work)   # the folder the checkpoint's run worked in
+    (out / 'data_manifest.json').write_text('{}')
+    assert data_manifest.resumed_folder(runner) == str(out)    # beside it, where the run's lists are
+    os.remove(out / 'data_manifest.json')
+    torch.save({'meta': {'cfg': "work_dir = '/gone'\n"}, 'state_dict': {}}, checkpoint)
+    assert data_manifest.resumed_folder(runner) == str(out)    # its recorded folder gone: beside it
+    assert data_manifest.resumed_folder(SimpleNamespace(work_dir='w', _resume=False, _load_from=checkpoint)) == 'w'

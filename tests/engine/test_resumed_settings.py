@@ -115,7 +115,7 @@ def test_a_resume_takes_what_the_command_line_does_not_name(run):
         "train_dataloader.dataset.allow_control_text=True (what input a run accepts is its own: this one has False; "
         "name it to keep it)",
         "train_dataloader.dataset.max_image_pixels=1000000000000 (what input a run accepts is its own: this one has "
-        "None; name it to keep it)",
+        "its default; name it to keep it)",
         "train_dataloader.dataset.image_folders: gone/ not found (the config's ['data/images'] is used)"]
     assert cfg['train_dataloader']['dataset']['allow_control_text'] is False
 
@@ -229,7 +229,8 @@ def test_a_streams_workers_are_taken(tmp_path, run):
 
 
 class Hook:
-    def __init__(self, interval=None, max_keep_ckpts=-1, by_epoch=True, policy='stop', max_skipped=10):
+    def __init__(self, interval=None, max_keep_ckpts=-1, by_epoch=True, policy='stop', max_skipped=10,
+                 timeout=300, data_file=None):
         pass
 
 
@@ -238,33 +239,52 @@ Guard, Eval = (type(n, (Hook,), {}) for n in ('Guard', 'Eval'))
 
 def test_the_hooks_log_and_seed_are_taken(tmp_path, run):
     """A run kept 5 checkpoints every 2 iterations; resumed alone under the config file's max_keep_ckpts=2 its
-    first save deleted three of them (MMEngine's rotation over the steps it recorded), and it saved every 500."""
-    text = RECORDED.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']]) + '''
+    first save deleted three of them (MMEngine's rotation over the steps it recorded), and it saved every 500. What a
+    run lets pass, the watchdog's time and a data file gone stay this run's, and a checkpoint rotation that would
+    keep fewer than this config asks too; hooks of a class the run and the config hold otherwise many of keep theirs
+    (an eval's settings went onto another eval: a helper's sweep)."""
+    val = tmp_path / 'val.jsonl'
+    val.write_text('')
+    text = RECORDED.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']]) + f'''
 save_every = 2
 log_processor = dict(by_epoch=False, window_size=1)
 randomness = dict(seed=7)
 default_hooks = dict(checkpoint=dict(type='Hook', interval=2, max_keep_ckpts=5, by_epoch=False),
-                     logger=dict(type='Hook', interval=1), gone=dict(type='Hook', interval=3))
-custom_hooks = [dict(type='Hook'), dict(type='Eval', interval=4), dict(type='Guard', policy='skip', max_skipped=3)]
+                     logger=dict(type='Hook', interval=1), gone=dict(type='Hook', interval=3),
+                     stall_watchdog=dict(type='Hook', timeout=30))
+custom_hooks = [dict(type='Hook'), dict(type='Eval', interval=4, data_file={str(val)!r}),
+                dict(type='Guard', policy='skip', max_skipped=3), dict(type='Eval', data_file='gone.jsonl')]
 '''
-    def config():
+
+    def config(keep=2, evals=2):
         cfg = _config(_checkpoint(str(tmp_path / 'hooks.pth'), text))
         cfg.update(save_every=500, log_processor=dict(by_epoch=False), randomness=dict(seed=42),
-                   default_hooks=dict(checkpoint=dict(type=Hook, max_keep_ckpts=2, by_epoch=False),
-                                      logger=dict(type=Hook, interval=10)),
-                   custom_hooks=[dict(type=Guard, policy='stop'), dict(type=Hook)])
+                   default_hooks=dict(checkpoint=dict(type=Hook, max_keep_ckpts=keep, by_epoch=False),
+                                      logger=dict(type=Hook, interval=10), stall_watchdog=dict(type=Hook)),
+                   custom_hooks=[dict(type=Guard, policy='stop'), dict(type=Hook)]
+                   + [dict(type=Eval, data_file='mine.jsonl') for _ in range(evals)])
         return cfg
 
     cfg = config()
     taken, left = take_resumed_settings(cfg, [])
     assert cfg['default_hooks'] == dict(checkpoint=dict(type=Hook, interval=2, max_keep_ckpts=5, by_epoch=False),
-                                        logger=dict(type=Hook, interval=1))   # a hook the config lacks: not added
+                                        logger=dict(type=Hook, interval=1), stall_watchdog=dict(type=Hook))
     assert cfg['save_every'] == 2 and cfg['log_processor']['window_size'] == 1 and cfg['randomness']['seed'] == 7
-    assert cfg['custom_hooks'] == [dict(type=Guard, policy='skip', max_skipped=3), dict(type=Hook)]   # by class
-    assert 'custom_hooks.0.max_skipped=3 (the config: None)' in taken
-    assert 'custom_hooks: Eval (the run had it; this config has none: not added)' in left
+    assert cfg['custom_hooks'] == [dict(type=Guard, policy='stop'), dict(type=Hook),   # the checks: this run's
+                                   dict(type=Eval, data_file=str(val), interval=4),    # by class, in order
+                                   dict(type=Eval, data_file='mine.jsonl')]            # (gone: the config's)
+    assert 'log_processor.window_size=1 (the config: its default)' in taken
+    assert [entry for entry in left if entry.startswith('custom_hooks')] == [
+        "custom_hooks.3.data_file: gone.jsonl not found (the config's 'mine.jsonl' is used)",
+        "custom_hooks.0.policy='skip' (what a run lets pass is its own: this one has 'stop'; name it to keep it)",
+        "custom_hooks.0.max_skipped=3 (what a run lets pass is its own: this one has its default; name it to keep "
+        "it)"], left
+    cfg = config(keep=-1, evals=1)   # keeps all: a resume deletes none
+    taken, left = take_resumed_settings(cfg, [])
+    assert cfg['default_hooks']['checkpoint']['max_keep_ckpts'] == -1
+    assert [e['data_file'] for e in cfg['custom_hooks'][2:]] == ['mine.jsonl']
+    assert 'custom_hooks: 2 Eval then, 1 in this config (their settings are not taken)' in left
     cfg = config()
     take_resumed_settings(cfg, ['save_every', 'custom_hooks.0.policy'])   # either name of the interval: both stay
     assert cfg['save_every'] == 500 and 'interval' not in cfg['default_hooks']['checkpoint']
-    assert cfg['custom_hooks'][0] == dict(type=Guard, policy='stop', max_skipped=3)
     assert cfg['default_hooks']['checkpoint']['max_keep_ckpts'] == 5

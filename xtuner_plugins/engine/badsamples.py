@@ -1,17 +1,11 @@
 """What a run trains on: a manifest of its data, and bad samples counted once each over every DataLoader worker
 and rank, against the run's limit.
 
-**Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records each source: its annotation file (path,
-size, modification time), image folder, ``repeat_time``, samples read, refused at start-up (by reason) and
-used after repeats, and the ranks and batch size cutting its epochs into batches, the sampler's seed and a digest
-of the lengths it orders by, and an offline-packed set's packs (count, budgets, digest). A run that resumes compares
-it with the manifest the interrupted run wrote and stops (``on_data_change='stop'``, the default) or warns
-(``'warn'``) when the data changed under it, or is cut into other batches or packs or drawn in another order
-(MMEngine resumes by skipping as many batches as were trained: other batches than the ones trained on), naming
-what. A file moved, or whose modification time or image
-folder alone changed (its size, sampled content and samples the same: a copy to a job's own disk, one that did not
-keep times), is said in a warning; so is any change under a stream (online packing, shards), whose resume
-``streamstate.py`` judges.
+**Manifest.** At the start, ``WORK_DIR/data_manifest.json`` records what the run trains on and how its epochs are
+cut (``manifest.py``). A run that resumes compares it with the manifest the interrupted run wrote and stops
+(``on_data_change='stop'``, the default) or warns (``'warn'``) when the data changed under it, or is cut into other
+batches or packs or drawn in another order, naming what; a harmless change (a file moved, its content the same) is
+said in a warning; so is any change under a stream (online packing, shards), whose resume ``streamstate.py`` judges.
 
 **Bad samples.**
 
@@ -37,14 +31,11 @@ cut, with the data set's ``truncation='keep'``; with ``'drop'`` they are skipped
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
-from itertools import chain
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
-import numpy as np
 import torch
 from mmengine.dist import all_gather_object, all_reduce, get_dist_info
 from mmengine.hooks import Hook
@@ -54,19 +45,10 @@ from xtuner_plugins.data.errors import TooManyBadSamplesError
 from xtuner_plugins.errors import Refused
 
 from .checkpointing import atomic_write
-from .dataagree import sampled_digest
+from .manifest import harmless_changes, manifest, manifest_changes, read_manifest, reading_order, resumed_folder
 from .signatures import hook_option
 
 __all__ = ['BadSampleHook']
-
-
-def resumed_folder(runner) -> str:
-    """The work folder of the run being resumed: the checkpoint's folder for ``--resume PATH`` (a file, or
-    DeepSpeed's folder of that name), else this run's."""
-    given = getattr(runner, '_load_from', None)
-    if getattr(runner, '_resume', False) and isinstance(given, str) and given:
-        return os.path.dirname(os.path.abspath(os.path.normpath(given)))
-    return runner.work_dir
 
 
 class BadSampleHook(Hook):
@@ -238,140 +220,3 @@ def runs_list(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get('skipped'), dict) and 'total_samples' in data
-
-
-def read_manifest(path: str):
-    """The manifest in ``path``: None where there is none, False for a file that is not one (another program's,
-    which a run wrote over when its work folder was given as the data folder)."""
-    if not os.path.lexists(path):
-        return None
-    try:
-        with open(path, encoding='utf-8') as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return found if isinstance(found, dict) and isinstance(found.get('sources'), list) else False
-
-
-def manifest(dataset) -> dict:
-    """Per source of an ``InternVLDataset``: the annotation file's identity and the sample counts."""
-    used = (dict(enumerate(dataset.items_per_source())) if hasattr(dataset, 'items_per_source')  # no sample read
-            else Counter(dataset.record_at(i).source for i in range(len(dataset))))
-    refused: Dict[str, Counter] = {}
-    for problem in dataset.load_problems:
-        refused.setdefault((problem.source or '?').rsplit(':', 1)[0], Counter())[problem.reason] += 1
-    sources = []
-    for i, (src, rng) in enumerate(zip(dataset.sources, dataset._source_ranges)):
-        st = os.stat(src.annotation)
-        sources.append(dict(annotation=os.path.abspath(src.annotation), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                            content=sampled_digest(src.annotation),
-                            image_folder=os.path.abspath(src.image_folder) if src.image_folder else None,
-                            repeat_time=src.repeat_time, samples=len(rng),
-                            refused_at_start_up=dict(refused.get(src.annotation, {})), used=used.get(i, 0)))
-    return dict(sources=sources, total_used=len(dataset))
-
-
-def reading_order(dataloader) -> Dict[str, int]:
-    """What orders a map-style data set's epoch and cuts it into batches: the ranks, the batch per rank and the
-    sampler's seed and shuffling ({} for a stream, whose own state resumes it: ``streamstate.py``)."""
-    from torch.utils.data import IterableDataset
-    batch = getattr(dataloader, 'batch_size', None)
-    if isinstance(getattr(dataloader, 'dataset', None), IterableDataset) or not isinstance(batch, int):
-        return {}
-    order = dict(ranks=get_dist_info()[1], batch_size=batch)
-    sampler = getattr(dataloader, 'sampler', None)
-    while sampler is not None and not hasattr(sampler, 'seed') and hasattr(sampler, 'sampler'):
-        sampler = sampler.sampler   # under the EpochSampler that gives each epoch its number (its seed was not read)
-    for key in ('seed', 'shuffle'):
-        value = getattr(sampler, key, None)
-        if isinstance(value, (bool, int)):
-            order[key] = value
-    lengths = getattr(sampler, 'length', None)   # what a length-grouped sampler orders by (max_length, images)
-    if isinstance(lengths, np.ndarray):
-        order['lengths'] = _digest(lengths)
-    packs = getattr(dataloader.dataset, 'packs', None)   # a packed data set's packs, planned before training
-    if isinstance(packs, list):
-        order['packs'] = dict(count=len(packs), max_tokens=getattr(dataloader.dataset, 'max_tokens', None),
-                              max_tiles=getattr(dataloader.dataset, 'max_tiles', None), digest=_digest(
-                                  np.fromiter(chain(map(len, packs), chain.from_iterable(packs)), np.int64)))
-    return order
-
-
-def _digest(values: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def manifest_changes(before: dict, now: dict) -> List[str]:
-    """What differs between two manifests, one phrase each."""
-    then, order = before.get('order') or {}, now.get('order') or {}
-    moved = []
-    # the samplers split each global batch among the ranks: 1 rank x 2 and 2 x 1 take the same samples
-    if then and order and then['ranks'] * then['batch_size'] != order['ranks'] * order['batch_size']:
-        moved.append(f'the batches: {then["ranks"]} ranks x {then["batch_size"]} samples then, {order["ranks"]} x '
-                     f'{order["batch_size"]} now: the epoch under way is cut into other batches, so those skipped to '
-                     f'resume are not the ones trained on (some of its samples are trained on twice, others not at '
-                     f'all until the next epoch); resume with as many samples a step (ranks x batch size) for an '
-                     f'exact resume')
-    drawn = [f'{key} {then[key]!r} -> {order[key]!r}' for key in ('seed', 'shuffle')
-             if key in then and key in order and then[key] != order[key]]
-    packs, now_packs = then.get('packs'), order.get('packs')
-    if packs and now_packs and packs['digest'] != now_packs['digest']:
-        budgets = ' '.join(f'{k} {packs.get(k)!r} -> {now_packs.get(k)!r}' for k in ('max_tokens', 'max_tiles')
-                           if packs.get(k) != now_packs.get(k))
-        moved.append(f'the packs: {packs["count"]} then, {now_packs["count"]} now{f" ({budgets})" if budgets else ""}'
-                     f', packed otherwise: the epoch under way is cut into other packs, so those skipped to resume '
-                     f'are not the ones trained on (some of its samples are trained on twice, others not at all until '
-                     f'the next epoch); resume with the packing it started with')
-    elif 'lengths' in then and 'lengths' in order and then['lengths'] != order['lengths']:
-        drawn.append('lengths (what it orders by: max_length, the tiles or the images changed)')
-    if drawn:   # the epoch under way drawn in another order: the batches skipped are not those trained on
-        moved.append(f'the sampler\'s {", ".join(drawn)}: the epoch under way is drawn in another order, so those '
-                     f'skipped to resume are not the ones trained on (some of its samples are trained on twice, '
-                     f'others not at all until the next epoch); resume with the same sampler settings')
-    then_sources, now_sources = before.get('sources', []), now.get('sources', [])
-    then_paths, now_paths = [s['annotation'] for s in then_sources], [s['annotation'] for s in now_sources]
-    moved_alike = len(then_sources) == len(now_sources) and all(
-        a['annotation'] == b['annotation'] or _alike(a, b) for a, b in zip(then_sources, now_sources))
-    if then_paths == now_paths or moved_alike:   # by place: a file may be named twice (a meta file's two entries)
-        pairs = list(zip(then_paths, then_sources, now_sources))
-        changes = []
-    else:
-        old, new = dict(zip(then_paths, then_sources)), dict(zip(now_paths, now_sources))
-        changes = [f'{p}: no longer used' for p in old if p not in new] + [f'{p}: new' for p in new if p not in old]
-        if not changes:   # each source's fractional subset is drawn by its place, with the seed plus it
-            changes.append(f'the annotation files are named in another order or number: {then_paths} then, '
-                           f'{now_paths} now')
-        pairs = [(p, old[p], new[p]) for p in new if p in old]
-    for p, a, b in pairs:
-        diff = [f'{k} {a.get(k)!r} -> {b.get(k)!r}' for k in ('size', 'mtime_ns', 'content', 'image_folder',
-                                                              'repeat_time', 'samples', 'used')
-                if a.get(k) != b.get(k) and (k != 'content' or k in a)]   # (no content in an older manifest)
-        if diff and not _alike(a, b):
-            changes.append(f'{p}: ' + ', '.join(diff))
-    if 'total_used' in before and before.get('total_used') != now.get('total_used') and not changes:
-        changes.append(f'the samples used: {before["total_used"]} then, {now.get("total_used")} now')
-    return changes + moved
-
-
-def harmless_changes(before: dict, now: dict) -> List[str]:
-    """A line for each source (by place) whose annotation file moved, whose modification time changed or whose image
-    folder is another, its size, sampled content and samples alike (a copy to a job's own disk, one that did not
-    keep times, images moved): the same samples in the same order, no change to stop for."""
-    lines = []
-    for a, b in zip(before.get('sources', []), now.get('sources', [])):
-        if not _alike(a, b):
-            continue
-        what = [f'moved from {a["annotation"]}'] if a['annotation'] != b['annotation'] else []
-        what += ['its modification time changed'] if a.get('mtime_ns') != b.get('mtime_ns') else []
-        what += ([f'its image folder is {b.get("image_folder")} (was {a.get("image_folder")}; the images are not '
-                  f'compared)'] if a.get('image_folder') != b.get('image_folder') else [])
-        if what:
-            lines.append(f'{b["annotation"]}: {", ".join(what)} since the run being resumed started, its size and '
-                         f'sampled content did not: resumed on it')
-    return lines
-
-
-def _alike(a: dict, b: dict) -> bool:
-    """Whether two manifest entries hold the same samples in the same order: size, sampled content (known), repeats
-    and counts alike, whatever their path, modification time and image folder."""
-    return 'content' in a and all(a.get(k) == b.get(k) for k in ('size', 'content', 'repeat_time', 'samples', 'used'))

@@ -28,7 +28,8 @@ what makes the run the one it resumes, where the command line names none of it:
 * the training length (``max_iters`` / ``max_epochs``): a resume went on to the config's, and one resumed past
   it ended at once, 'done', the iterations it was started for untrained;
 * the hooks' settings, the log's window and the seed (:func:`_runtime`): under the config's ``max_keep_ckpts``
-  a resume deleted the checkpoints the run kept.
+  a resume deleted the checkpoints the run kept; but not what a run lets pass (:data:`CHECKS`, said as
+  :data:`SAFETY` is) nor the watchdog's time (:data:`HOOKS_HERE`).
 
 A config whose optimizer or training loop is of another class than the run's is refused: the saved state would
 not load (AdamW's into SGD: a KeyError traceback), or a loop of epochs over a run of iterations trained past its end
@@ -56,8 +57,14 @@ HOW_IT_RUNS = ('vision_grad_ckpt', 'llm_grad_ckpt', 'llm_grad_ckpt_layers', 'att
 #: the checkpoint's differs: a run that relaxed one gives it again)
 SAFETY = ('allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
 THIS_RUNS = ('cache_dir',) + SAFETY
-#: data set settings that name files or folders, taken only where they are there
-PATHS = ('data_files', 'image_folders', 'shards')
+#: the hooks' settings of what the run lets pass (a changed data set, non-finite steps, an eval's low reliance):
+#: this run's, said where the checkpoint's differ, as :data:`SAFETY`: one resume that relaxed one does not relax
+#: every later one
+CHECKS = ('on_data_change', 'policy', 'max_skipped', 'min_reliance', 'on_low_reliance')
+#: the hooks' settings of this machine (the stall watchdog's time, another machine's)
+HOOKS_HERE = ('default_hooks.stall_watchdog.timeout',)
+#: settings that name files or folders (the data set's, an evaluation hook's), taken only where they are there
+PATHS = ('data_files', 'image_folders', 'shards', 'data_file', 'image_folder')
 #: the run's shape in DeepSpeed's words (``strategy``) and the command-line keys that set each
 _STRATEGY = {'gradient_accumulation_steps': 'optim_wrapper.accumulative_counts',
              'train_micro_batch_size_per_gpu': 'train_dataloader.batch_size',
@@ -125,6 +132,11 @@ def _streams(dataset) -> bool:
     return isinstance(kind, str) and kind.rsplit('.', 1)[-1] in ('OnlinePackedDataset', 'ShardDataset')
 
 
+def _shown(node: Mapping, key: str) -> str:
+    """The config's value of ``key`` as said: 'its default' where it sets none."""
+    return repr(node[key]) if key in node else 'its default'
+
+
 def _missing(value) -> Optional[str]:
     """The first path of a file setting's value that is not there, or None."""
     paths = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
@@ -139,7 +151,7 @@ class _Taker:
         given_as = given_as or _SAME.get(name)
         if _given(name, self.given) or (given_as and _given(given_as, self.given)):
             return
-        self.taken.append(f'{name}={value!r} (the config: {node.get(key)!r})')
+        self.taken.append(f'{name}={value!r} (the config: {_shown(node, key)})')
         node[key] = copy.deepcopy(value)
 
     def walk(self, then: dict, now: dict, prefix: str, skip=()) -> None:
@@ -159,8 +171,9 @@ class _Taker:
             elif isinstance(value, dict) or isinstance(mine, dict) or not _differs(value, mine) \
                     or _given(name, self.given):
                 continue
-            elif key in SAFETY and key in skip:
-                self.left.append(f'{name}={value!r} (what input a run accepts is its own: this one has {mine!r}; '
+            elif key in SAFETY + CHECKS and key in skip:
+                what = 'what input a run accepts' if key in SAFETY else 'what a run lets pass'
+                self.left.append(f'{name}={value!r} ({what} is its own: this one has {_shown(now, key)}; '
                                  'name it to keep it)')
             elif key in skip or name in skip or not _takeable(value, mine):
                 continue
@@ -240,32 +253,46 @@ def _length(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
     loop[key] = then[key]
 
 
+def _keeps(value) -> float:
+    """How many checkpoints ``max_keep_ckpts`` keeps (-1, 0, None: all)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else float('inf')
+
+
 def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
     """The hooks' settings (when the run saves, how many checkpoints it keeps: a resume under the config's
-    ``max_keep_ckpts=2`` deleted the checkpoints a run kept 5 of; what it logs; what a non-finite loss does), the
-    log's window and the seed. A custom hook is matched by its class, in order; one the run had that this config
-    has not is said, not added."""
+    ``max_keep_ckpts=2`` deleted the checkpoints a run kept 5 of; what it logs), the log's window and the seed; not
+    :data:`CHECKS` nor :data:`HOOKS_HERE`, nor a ``max_keep_ckpts`` that would keep fewer than the config's (a
+    resume deletes no more than either asked). Custom hooks are matched by class, in order, where the run and the
+    config have as many of a class; a class the run had that this config has not is said, not added."""
+    then_keep = ((recorded.get('default_hooks') or {}).get('checkpoint') or {}).get('max_keep_ckpts')
+    now_keep = ((cfg.get('default_hooks') or {}).get('checkpoint') or {}).get('max_keep_ckpts')
+    fewer = ('default_hooks.checkpoint.max_keep_ckpts',) if _keeps(then_keep) < _keeps(now_keep) else ()
     for key in ('save_every', 'log_processor', 'randomness', 'default_hooks'):
         then, now = recorded.get(key), cfg.get(key)
         if isinstance(then, dict) and isinstance(now, dict):
             hooks = key == 'default_hooks'   # (a hook this config lacks is not added)
-            taker.walk({k: v for k, v in then.items() if k in now or not hooks}, now, key)
+            taker.walk({k: v for k, v in then.items() if k in now or not hooks}, now, key,
+                       CHECKS + HOOKS_HERE + fewer)
         elif key in recorded and key in cfg and not isinstance(now, dict) and _differs(then, now) \
                 and _takeable(then, now):
             taker.take(cfg, key, then, key)
     then, now = recorded.get('custom_hooks'), cfg.get('custom_hooks')
     if not isinstance(then, list) or not isinstance(now, list):
         return
-    free = [i for i, hook in enumerate(now) if isinstance(hook, dict) and 'type' in hook]
-    for hook in then:
-        if not isinstance(hook, dict) or 'type' not in hook:
+    def by_class(hooks) -> dict:
+        found: dict = {}
+        for i, hook in enumerate(hooks):
+            if isinstance(hook, dict) and 'type' in hook:
+                found.setdefault(_kind(hook), []).append(i)
+        return found
+    theirs, mine = by_class(then), by_class(now)
+    for kind, places in theirs.items():
+        if len(places) != len(mine.get(kind, ())):
+            taker.left.append(f'custom_hooks: {len(places)} {kind} then, {len(mine.get(kind, ()))} in this config '
+                              f'({"not added" if kind not in mine else "their settings are not taken"})')
             continue
-        i = next((i for i in free if _kind(now[i]) == _kind(hook)), None)
-        if i is None:
-            taker.left.append(f'custom_hooks: {_kind(hook)} (the run had it; this config has none: not added)')
-            continue
-        free.remove(i)
-        taker.walk(hook, now[i], f'custom_hooks.{i}')
+        for a, b in zip(places, mine[kind]):
+            taker.walk(then[a], now[b], f'custom_hooks.{b}', CHECKS)
 
 
 def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], List[str]]:

@@ -264,9 +264,11 @@ def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
     :data:`CHECKS` nor :data:`HOOKS_HERE`, nor a ``max_keep_ckpts`` that would keep fewer than the config's (a
     resume deletes no more than either asked). Custom hooks are matched by class, in order, where the run and the
     config have as many of a class; a class the run had that this config has not is said, not added."""
-    then_keep = ((recorded.get('default_hooks') or {}).get('checkpoint') or {}).get('max_keep_ckpts')
-    now_keep = ((cfg.get('default_hooks') or {}).get('checkpoint') or {}).get('max_keep_ckpts')
-    fewer = ('default_hooks.checkpoint.max_keep_ckpts',) if _keeps(then_keep) < _keeps(now_keep) else ()
+    def kept(c: Mapping):
+        hook = (c.get('default_hooks') or {}).get('checkpoint') if isinstance(c.get('default_hooks'), Mapping) else None
+        return hook.get('max_keep_ckpts') if isinstance(hook, Mapping) else None
+
+    fewer = ('default_hooks.checkpoint.max_keep_ckpts',) if _keeps(kept(recorded)) < _keeps(kept(cfg)) else ()
     for key in ('save_every', 'log_processor', 'randomness', 'default_hooks'):
         then, now = recorded.get(key), cfg.get(key)
         if isinstance(then, dict) and isinstance(now, dict):
@@ -279,6 +281,7 @@ def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
     then, now = recorded.get('custom_hooks'), cfg.get('custom_hooks')
     if not isinstance(then, list) or not isinstance(now, list):
         return
+
     def by_class(hooks) -> dict:
         found: dict = {}
         for i, hook in enumerate(hooks):

@@ -793,6 +793,110 @@ def test_what_a_killed_conversion_left_is_put_right_by_the_next(tiny, tmp_path, 
     assert not (tmp_path / f'out.converting-{gone2.pid}').exists()
 
 
+def stopped(argv) -> int:
+    """The tool's exit code; a stop it let out fails the test (pytest takes a KeyboardInterrupt as its own)."""
+    try:
+        return convert_main(argv)
+    except KeyboardInterrupt as stop:
+        pytest.fail(f'the stop went out of the tool: {stop!r}')
+
+
+@pytest.mark.parametrize('when', ['removing the old folder', 'removing it, stopped twice', 'after it was done'])
+def test_a_stop_once_the_new_folder_is_in_says_so(tiny, tmp_path, capsys, monkeypatch, when):
+    """SIGTERM while --overwrite removed the replaced OUT.old-PID said 'OUT is as it was before' (OUT held the new
+    conversion) and left OUT.old-PID in part, which no later conversion removed (its claim was gone); one after
+    '[4/4] done' said the same. Now the stop says the new conversion is in; what is left of the old one is removed
+    before the exit, or (a second stop) named, and the next conversion removes it."""
+    from xtuner_plugins.models.export import job
+    from xtuner_plugins.signals import Terminated
+    opts = options(tiny)
+    ckpt = str(tmp_path / 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt)
+    out, old = tmp_path / 'out', tmp_path / f'out.old-{os.getpid()}'
+    argv = [LORA, ckpt, str(out), '--dtype', 'fp32', '--overwrite'] + as_args(opts)
+    assert convert_main(argv) == 0
+    before = os.stat(out).st_ino
+    rmtree, peak, stops = shutil.rmtree, job.peak_rss_mb, []
+
+    def stopped_removing(path, *args, **kwargs):
+        if str(path) == str(old) and len(stops) < (2 if 'twice' in when else 1):
+            for name in sorted(os.listdir(old))[:1]:   # the removal under way
+                os.remove(old / name)
+            stops.append(path)
+            raise Terminated('signal 15')    # what SIGTERM raises (signals.sigterm_as_interrupt)
+        return rmtree(path, *args, **kwargs)
+
+    def stopped_when_done():   # the '[4/4] done' line's, once the new folder is in
+        if os.stat(out).st_ino != before:
+            raise Terminated('signal 15')
+        return peak()
+    if when == 'after it was done':
+        monkeypatch.setattr(job, 'peak_rss_mb', stopped_when_done)
+    else:
+        monkeypatch.setattr(shutil, 'rmtree', stopped_removing)
+    capsys.readouterr()
+    assert stopped(argv) == 143
+    left = (f'; what is left of the folder it replaced, {old}, is removed by the next conversion into {out} (or '
+            'remove it yourself)' if 'twice' in when else '')
+    assert capsys.readouterr().err.splitlines() == [
+        f'convert_to_official: terminated once the conversion was written: {out} holds it whole{left}']
+    assert os.stat(out).st_ino != before and (out / 'model.safetensors').is_file()
+    monkeypatch.undo()
+    if 'twice' not in when:
+        assert sorted(os.listdir(tmp_path)) == ['iter_1.pth', 'out']
+        return
+    assert sorted(os.listdir(tmp_path)) == sorted(['iter_1.pth', 'out', old.name, f'out.converting-{os.getpid()}'])
+    assert convert_main(argv) == 0
+    assert (f'{old}: what was left of the folder a conversion replaced, stopped or killed (pid {os.getpid()}) '
+            'before it removed it; removed') in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['iter_1.pth', 'out']
+
+
+@pytest.mark.parametrize('module', ['xtuner_plugins.cfg_words', 'xtuner_plugins.models.export'])
+def test_a_stop_while_the_libraries_load_is_one_line(tmp_path, capsys, monkeypatch, module):
+    """SIGTERM in the first seconds (torch and the engine loading, after its handler was set and before the
+    conversion's try) was a traceback ending in 'Terminated: signal 15', exit 1; before the handler was set (torch
+    imported with the tool's module), the process ended without a word. Now one line, 143."""
+    import builtins
+    import signal
+    import time
+
+    from xtuner_plugins import signals
+    real = builtins.__import__
+
+    def loading(name, *args, **kwargs):
+        if name == module:
+            if signal.getsignal(signal.SIGTERM) is not signals._raise:
+                pytest.fail('SIGTERM has no handler of the tool\'s yet: the process ends without a word')
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)   # (the handler raises in it)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', loading)
+    assert stopped([str(tmp_path / 'iter_1.pth'), str(tmp_path / 'out')]) == 143
+    monkeypatch.undo()
+    said = ('terminated as it started; nothing was written' if module == 'xtuner_plugins.cfg_words' else
+            f'terminated; {tmp_path / "out"} is as it was before')
+    assert capsys.readouterr().err.splitlines() == [f'convert_to_official: {said}']
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stop_as_the_process_ends_after_a_conversion_says_it_was_written(tmp_path):
+    """SIGTERM after '[4/4] done', as the process ended (its teardown takes a moment), ended it at once: exit 143
+    without a word, though the conversion was written. Its own command line (no argv) says it now."""
+    import subprocess
+    import sys
+    probe = ('import atexit, os, signal, sys, time\n'
+             'from xtuner_plugins.cli import convert\n'
+             'convert._main = lambda *args: 0   # a conversion that was written\n'
+             'atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n'
+             'sys.argv = ["convert_to_official.py", "iter_1.pth", "out"]\n'
+             'sys.exit(convert.main())\n')
+    done = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert (done.returncode, done.stderr) == (
+        143, 'convert_to_official: terminated once the conversion was written: out holds it whole\n'), done.stderr
+
+
 @pytest.mark.parametrize('tool', ['convert_to_official', 'serve'])
 def test_a_tool_that_does_not_train_says_its_error_alone(tmp_path, tool):
     """The training engine's CPU-patch line (``xtuner_plugins: CUDA is not available, applied CPU patches: ...;

@@ -31,17 +31,19 @@ folder given in its place; ``tools/chat.py`` and ``tools/eval.py`` take the fold
 """
 
 import argparse
+import os
 import re
+import signal
 import sys
 
-from xtuner_plugins.cfg_words import CfgOptions
-from xtuner_plugins.models.dtypes import resolve_dtype
+PROG = 'convert_to_official'
 
 #: what huggingface_hub's shard splitting reads as a size (it fails on anything else, after the model is built)
 SHARD_SIZE = re.compile(r'\s*(\d+(?:\.\d+)?)\s*(?:KB|MB|GB|TB)\s*', re.IGNORECASE)
 
 
 def parse_args(argv=None):
+    from xtuner_plugins.cfg_words import CfgOptions   # (here: a stop while it loads is taken, see main)
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      usage='%(prog)s [CONFIG] CHECKPOINT OUT_DIR [options]',
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,35 +82,75 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from xtuner_plugins.signals import sigterm_as_interrupt
-    with sigterm_as_interrupt():   # as Ctrl-C: the folder being written and a converter's process are removed
-        return _main(args)
+    """The tool; ``argv`` None: this process's own command line, whose stop after a finished conversion, as the
+    process ends, is said too (:func:`_said_at_exit`)."""
+    from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
+    args, moving = None, []   # moving: the new folder written_whole announced as it moved it into OUT_DIR
+    try:
+        with sigterm_as_interrupt():   # first, before the libraries load (seconds): a stop then is one line too
+            args = parse_args(argv)    # as Ctrl-C: the folder being written and a converter's process are removed
+            code = _main(args, moving.append)
+    except KeyboardInterrupt as stop:
+        print(f'{PROG}: {_stopped(args, stop, moving[-1] if moving else None)}', file=sys.stderr)
+        return stop_code(stop)
+    if code == 0 and argv is None:
+        _said_at_exit(args.out_dir)
+    return code
 
 
-def _main(args) -> int:
+def _stopped(args, stop: KeyboardInterrupt, moving) -> str:
+    """What a stop left, in words: OUT_DIR as it was, or the new conversion in it (and the replaced folder's
+    leftover, when a second stop cut its removal short: its claim stays, and the next conversion removes it)."""
+    from xtuner_plugins.signals import stop_code
+    how = 'terminated' if stop_code(stop) == 143 else 'interrupted'
+    if args is None:
+        return f'{how} as it started; nothing was written'
+    done = sys.modules.get('xtuner_plugins.models.export.outdir')   # (not loaded: stopped before it wrote)
+    if done is None or not done.moved_in(moving):
+        return f'{how}; {args.out_dir} is as it was before'
+    left = getattr(stop, 'leftover', None)
+    return (f'{how} once the conversion was written: {args.out_dir} holds it whole' +
+            (f'; what is left of the folder it replaced, {left}, is removed by the next conversion into '
+             f'{args.out_dir} (or remove it yourself)' if left else ''))
+
+
+def _said_at_exit(out_dir: str) -> None:
+    """A SIGTERM from here to the process's end (its teardown takes a moment) says the conversion was written, and
+    ends the process with 143 (it ended at once, without a word). For this process's own command line only: the
+    handler stays."""
+    line = f'{PROG}: terminated once the conversion was written: {out_dir} holds it whole\n'.encode()
+
+    def said(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, RuntimeError):   # closed, or being written as the signal came
+                pass
+        os.write(2, line)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, said)
+
+
+def _main(args, moving_in) -> int:
+    from xtuner_plugins.models.dtypes import resolve_dtype
     from xtuner_plugins.models.export import export_checkpoint
-    from xtuner_plugins.models.runconfig import parse_remap
     from xtuner_plugins.models.export.gguf_job import export_folder_gguf, is_official_folder
+    from xtuner_plugins.models.runconfig import parse_remap
     try:
         if args.config is None and is_official_folder(args.checkpoint):
             if args.format != 'gguf':  # it would be read as a DeepSpeed checkpoint folder, recording no config
                 raise ValueError(f'{args.checkpoint} is a converted folder (it has a config.json), not a training '
                                  f'checkpoint: a converted folder converts to --format gguf only; for another '
                                  f'layout convert the checkpoint it was converted from')
-            export_folder_gguf(args.checkpoint, args.out_dir, args.quant, args.overwrite)
+            export_folder_gguf(args.checkpoint, args.out_dir, args.quant, args.overwrite, moving_in=moving_in)
             return 0
         export_checkpoint(args.config, args.checkpoint, args.out_dir, fmt=args.format,
                           dtype=resolve_dtype(args.dtype), overwrite=args.overwrite, cfg_options=args.cfg_options,
-                          max_shard_size=args.max_shard_size, remap=parse_remap(args.remap), quant=args.quant)
+                          max_shard_size=args.max_shard_size, remap=parse_remap(args.remap), quant=args.quant,
+                          moving_in=moving_in)
     except (ValueError, OSError, NotImplementedError) as exc:  # OSError: a disk full while writing, ...
-        print(f'convert_to_official: error: {exc}', file=sys.stderr)
+        print(f'{PROG}: error: {exc}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:   # the folder is written aside and moved in whole: nothing half-written is left
-        from xtuner_plugins.signals import stop_code
-        print(f'convert_to_official: {"terminated" if stop_code(stop) == 143 else "interrupted"}; '
-              f'{args.out_dir} is as it was before', file=sys.stderr)
-        return stop_code(stop)
     return 0
 
 

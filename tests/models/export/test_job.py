@@ -55,3 +55,25 @@ def test_an_old_folder_that_cannot_be_removed_is_said(tmp_path, monkeypatch, cap
     old = f'{out}.old-{os.getpid()}'
     assert os.path.isdir(old) and (out / 'config.json').read_text() == ''
     assert f'warning: the replaced folder could not be removed whole ({old}: ' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kind', ['to nothing', 'under one to nothing', 'loop', 'under a loop'])
+def test_an_out_dir_through_a_link_that_leads_nowhere_is_refused(tmp_path, kind):
+    """A link to nothing as OUT_DIR had its target made, parents and all, by the conversion; a link loop failed
+    only once the whole model was converted ('Not a directory'). Both are refused before anything is built."""
+    import os
+    gone = tmp_path / 'gone' / 'dir'
+    if 'nothing' in kind:
+        os.symlink(gone, tmp_path / 'link')
+        why = f'a symbolic link to {gone}, which does not exist; a conversion never makes a link\'s target: make ' \
+              'that folder first, or give another OUT_DIR'
+    else:
+        os.symlink(tmp_path / 'lp2', tmp_path / 'link')
+        os.symlink(tmp_path / 'link', tmp_path / 'lp2')
+        why = f'a symbolic link loop ({tmp_path / "link"} -> {tmp_path / "lp2"} -> ...); give another OUT_DIR'
+    out = str(tmp_path / 'link' / 'sub') if 'under' in kind else str(tmp_path / 'link')
+    where = f'lies under {tmp_path / "link"},' if 'under' in kind else 'is'
+    with pytest.raises(ValueError) as refused:
+        check_out_dir(out, [str(tmp_path / 'iter_1.pth')], overwrite=False)
+    assert str(refused.value) == f'OUT_DIR {out} {where} {why}'
+    assert not (tmp_path / 'gone').exists()

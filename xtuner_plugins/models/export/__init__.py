@@ -5,7 +5,8 @@
 - ``files.py``: what every writer shares (safetensors shards, tokenizer + chat template, generation config);
 - one writer per format: ``official.py`` (InternVL's remote-code layout), ``hf.py`` (transformers' InternVL),
   ``llava.py`` (transformers' LLaVA), ``remote.py`` (self-contained remote code for any encoder/projector);
-- ``job.py``: the whole conversion, :func:`export_checkpoint` (``tools/convert_to_official.py``);
+- ``job.py``: the whole conversion, :func:`export_checkpoint` (``tools/convert_to_official.py``); ``outdir.py``: the
+  folder it writes, checked, claimed and moved in whole;
 - ``gguf.py``: llama.cpp's GGUF pair, by llama.cpp's own converter (``gguf_convert.py``) and quantiser;
   ``gguf_job.py``: an official folder converted to GGUF as it is.
 """

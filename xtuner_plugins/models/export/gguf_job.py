@@ -19,7 +19,7 @@ from ..folder import check_folder
 from .files import Log, _print
 from .gguf import config_misfit, json_object, llm_architecture, tools, write_gguf_from_folder
 from .gguf_checks import config_problem, folder_vocabulary_problem, layer_problem, tokenizer_problem
-from .job import check_out_dir, written_whole
+from .outdir import check_out_dir, written_whole
 
 
 def is_official_folder(path: str) -> bool:
@@ -28,8 +28,8 @@ def is_official_folder(path: str) -> bool:
 
 
 def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite: bool = False,
-                       log: Log = _print) -> List[str]:
-    """``folder``'s GGUF pair in ``out_dir``; returns the files."""
+                       log: Log = _print, moving_in=None) -> List[str]:
+    """``folder``'s GGUF pair in ``out_dir``; returns the files (``moving_in``: :func:`~.outdir.written_whole`'s)."""
     start = time.time()
     config = json_object(os.path.join(folder, 'config.json'))
     problem = config_problem(config)
@@ -48,6 +48,7 @@ def export_folder_gguf(folder: str, out_dir: str, quant: str = 'f16', overwrite:
     inputs = [os.path.realpath(folder)] + [os.path.realpath(os.path.join(folder, name)) for name in os.listdir(folder)]
     out = check_out_dir(out_dir, inputs, overwrite, log)
     files = written_whole(out, lambda tmp: write_gguf_from_folder(folder, tmp, quant, log,
-                                                                 name=os.path.basename(out.rstrip(os.sep))))
+                                                                 name=os.path.basename(out.rstrip(os.sep))),
+                         moving_in)
     log(f'done: {out_dir} (gguf, {quant}; {time.time() - start:.1f}s)')
     return [os.path.join(out, os.path.basename(f)) for f in files]

@@ -395,7 +395,7 @@ def test_refusals(tiny, tmp_path, capsys):
     os.remove(downloads / 'notes.txt')
     assert 'not the two files' in refused(LORA, ckpt, str(downloads), '--overwrite')
     assert sorted(os.listdir(downloads)) == ['llama-3-8b.Q4_K_M.gguf']
-    from xtuner_plugins.models.export.job import not_a_conversion
+    from xtuner_plugins.models.export.outdir import not_a_conversion
     (downloads / 'llama-3-8b.Q4_K_M.gguf').rename(downloads / 'my_llms-F16.gguf')
     (downloads / 'mmproj-my_llms-F16.gguf').write_text('x')
     assert not_a_conversion(str(downloads)) is None   # what a GGUF conversion into it wrote

@@ -28,7 +28,7 @@ from .gguf import QUANTS, model_misfit as gguf_misfit, tools as gguf_tools, writ
 from .hf import hf_misfit, write_hf
 from .llava import llava_misfit, write_llava
 from .official import internvl_misfit, write_official
-from .outdir import check_out_dir, claimed, not_a_conversion, written_whole  # noqa: F401 (used from here too)
+from .outdir import check_out_dir, claimed, written_whole
 from .remote import write_remote
 
 

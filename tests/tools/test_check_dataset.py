@@ -488,3 +488,29 @@ def test_an_animated_image_is_a_note_that_its_first_frame_is_used(tmp_path, caps
         assert 'an animated GIF: its first frame is used' in notes[0], out
         assert 'images of several frames (the first used): 1' in out and 'problems: 0' in out, out
         assert 'notes: 1 image(s) of several frames' in out, out
+
+
+def test_an_image_size_past_any_tile_and_a_negative_show_are_one_line(tmp_path, capsys):
+    """Before: --image-size 10**20 an OverflowError traceback; --show -1 hid the last problem of each reason."""
+    path, img = good_data(tmp_path, n=1)
+    for options, line in ((['--image-size', '100000000000000000000'], 'error: --image-size 100000000000000000000: '
+                           'give a tile side in pixels from 1 to 8192'),
+                          (['--show', '-1'], 'error: --show -1: give 0 (every problem) or more')):
+        assert check_dataset.main(['--data', path, '--image-folder', img] + options) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count('\n') == 1, err
+
+
+def test_a_stop_while_checking_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while its workers check (a KeyboardInterrupt out of run_slices): one line, exit 130 (before: a
+    traceback through nodepass.imap_parts)."""
+    import xtuner_plugins.cli.check_dataset as cli
+    path, img = good_data(tmp_path, n=1)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(cli, 'run_slices', stopped)
+    assert check_dataset.main(['--data', path, '--image-folder', img, '--workers', '2']) == 130
+    err = capsys.readouterr().err   # (beside the progress bar)
+    assert 'error: stopped before the check finished; no report\n' in err and 'Traceback' not in err, err

@@ -84,6 +84,20 @@ def test_no_cache_folder_and_a_bad_setting(tmp_path, capsys):
     assert '--unused-days must be 0 or more, got nan' in capsys.readouterr().err
 
 
+def test_a_link_leading_nowhere_or_no_name_is_refused(tmp_path, capsys):
+    """Before: '...: no cache there (nothing has been cached yet)', exit 0, as for a folder not made yet."""
+    os.symlink(tmp_path / 'loop2', tmp_path / 'loop1')
+    os.symlink(tmp_path / 'loop1', tmp_path / 'loop2')
+    os.symlink(tmp_path / 'gone', tmp_path / 'dangling')
+    for given, said in ((tmp_path / 'loop1', 'a symbolic link leading nowhere (a loop of links)'),
+                        (tmp_path / 'dangling', f'a symbolic link leading nowhere (to {tmp_path / "gone"}, which is '
+                                                'not there)'),
+                        ('', "--cache-dir '': give a folder")):
+        assert main(['--cache-dir', str(given)]) == 2
+        out, err = capsys.readouterr()
+        assert said in err and err.count('\n') == 1 and 'no cache there' not in out, err
+
+
 def test_a_folder_that_is_no_data_cache_is_never_pruned(tmp_path, capsys):
     """--cache-dir given a data folder by mistake: images named by their hash (40 hex digits, as some data sets
     store them) and a file of its own. Only names a cache writes are entries, and a folder holding anything else is

@@ -237,3 +237,37 @@ def test_every_file_a_tiny_model_writes_is_one_overwrite_replaces(tmp_path):
         for folder in os.listdir(tmp_path / str(i)):
             written.update(os.listdir(tmp_path / str(i) / folder))
     assert written <= TINY_FILES, sorted(written - TINY_FILES)
+
+
+def test_sizes_and_seeds_out_of_range_are_one_line_and_leave_no_folder(tmp_path, monkeypatch):
+    """Before: --image-size 0 wrote image_size 0, 140000 asked 25.6 GB, 1.4e20 a C++ TypeError; --seed 10**20 was
+    said as '--image-size 56: Overflow ...'; each left an empty OUT_DIR."""
+    from xtuner_plugins.cli.make_tiny_models import main
+    out = str(tmp_path / 'out')
+    for options, line in ((['--image-size', '0'], '--image-size 0: give a tile side from 14 to 1022 pixels'),
+                          (['--image-size', '140000'], '--image-size 140000: give a tile side from 14 to 1022'),
+                          (['--seed', '100000000000000000000'], '--seed 100000000000000000000: give a whole number '
+                                                                 'from 0 to 18446744073709551615')):
+        result = subprocess.run([sys.executable, 'tools/make_tiny_models.py', out, *options], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr == f'make_tiny_models: error: {line}' + \
+            result.stderr[len(f'make_tiny_models: error: {line}'):] and result.stderr.count('\n') == 1, result.stderr
+        assert not os.path.lexists(out), options
+    import xtuner_plugins.cli.make_tiny_models as cli
+
+    def full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(cli, 'make_tiny_models', full)   # a write that fails: the folder it made goes too
+    assert main([out]) == 2 and not os.path.lexists(out)
+
+
+def test_a_second_run_into_a_folder_another_is_writing_is_refused(tmp_path, capsys):
+    """Two runs into one new folder at once both wrote, the later replacing the earlier's models."""
+    from xtuner_plugins.cli.make_tiny_models import main, writing
+    out = str(tmp_path / 'out')
+    with writing(out):   # another run's hold
+        assert main([out]) == 2
+        assert capsys.readouterr().err == (f'make_tiny_models: error: {out}: another make_tiny_models run is writing '
+                                           'into it; wait for it to end, or give another OUT_DIR\n')
+        assert os.listdir(out) == ['.make_tiny_models.lock']
+    assert os.listdir(out) == []

@@ -200,13 +200,22 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
                 notes=[(n.reason, n.message, n.source) for n in notes])
 
 
+#: the largest --image-size taken: a tile's side in pixels (448 InternViT's, 384 SigLIP's, 1024 the largest towers')
+MOST_IMAGE_SIZE = 8192
+
+
 def main(argv=None) -> int:
     from xtuner_plugins.data.nodepass import WorkerDied
+    from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
     try:
-        return _main(argv)
+        with sigterm_as_interrupt():   # kill, timeout, Slurm: as Ctrl-C
+            return _main(argv)
     except WorkerDied as exc:   # a process of the check killed (the OOM killer): one line
         print(f'error: {exc}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:   # Ctrl-C (its workers' stop with it): one line, no report
+        print('error: stopped before the check finished; no report', file=sys.stderr)
+        return stop_code(exc)
 
 
 def _main(argv=None) -> int:
@@ -214,6 +223,13 @@ def _main(argv=None) -> int:
     args.workers = default_workers() if args.workers is None else args.workers
     if args.workers < 1:
         print(f'error: --workers must be at least 1, got {args.workers}', file=sys.stderr)
+        return 2
+    if args.show < 0:   # (-1 hid the last problem of each reason)
+        print(f'error: --show {args.show}: give 0 (every problem) or more', file=sys.stderr)
+        return 2
+    if not 1 <= args.image_size <= MOST_IMAGE_SIZE:
+        print(f'error: --image-size {args.image_size}: give a tile side in pixels from 1 to {MOST_IMAGE_SIZE} '
+              f'(the vision encoder\'s: 448 for InternViT, 384 for SigLIP)', file=sys.stderr)
         return 2
     folders = args.image_folder
     if folders is not None and len(folders) == 1:

@@ -20,12 +20,15 @@ are 64 wide; the default LLM's 4 heads are 16 wide, narrower than vLLM's CPU bui
 A folder that is there already and not empty is refused (its files would be replaced, and checkpoints trained on
 it would no longer convert: the converter checks the source folders) unless ``--overwrite``, which replaces only
 earlier tiny models (a folder holding files no tiny model writes, or weights of a real model's size, is refused),
-both folders or neither.
+both folders or neither. A run into an OUT_DIR another run is writing is refused (a lock file in it, let go when
+that run ends, however it ends); options out of range (``--image-size`` 14 to 1022, ``--seed`` torch's) are refused
+before anything is made.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Optional
@@ -133,6 +136,49 @@ def written_aside(out_dir: str, names, write) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: the largest --image-size: a tiny tower's tile (InternViT's 448 and SigLIP's 384 are well inside; 140000 px
+#: asked 25.6 GB of position embeddings)
+MOST_IMAGE_SIZE = 1022
+#: torch's seeds: 0 to 2**64 - 1
+MOST_SEED = 2 ** 64 - 1
+LOCK = '.make_tiny_models.lock'
+
+
+def numbers_problem(args) -> Optional[str]:
+    """Why ``--image-size`` or ``--seed`` is out of range (None: neither is), naming the option."""
+    if not 14 <= args.image_size <= MOST_IMAGE_SIZE:
+        return (f'--image-size {args.image_size}: give a tile side from 14 to {MOST_IMAGE_SIZE} pixels, a multiple '
+                f'of the 14 px patch (default 56)')
+    if not 0 <= args.seed <= MOST_SEED:
+        return f'--seed {args.seed}: give a whole number from 0 to {MOST_SEED} (torch\'s seeds)'
+    return None
+
+
+@contextlib.contextmanager
+def writing(out_dir: str):
+    """This run's hold of ``out_dir`` (made if need be) for the block: a lock another make_tiny_models run into it
+    finds held is a ValueError (two runs at once into one new folder both wrote, the later replacing the earlier's
+    models without a word). The kernel lets the lock go when the process ends, however it ends."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f'{out_dir}: another make_tiny_models run is writing into it; wait for it to end, or '
+                             'give another OUT_DIR') from None
+        if not os.path.exists(path) or not os.path.samestat(os.fstat(fd), os.stat(path)):   # removed by its holder
+            raise ValueError(f'{out_dir}: another make_tiny_models run was writing into it just now; run again')
+        try:
+            yield
+        finally:
+            os.remove(path)
+    finally:
+        os.close(fd)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('out_dir', help='folder to write <vision>/ and llm/ into')
@@ -156,28 +202,34 @@ def main(argv=None) -> int:
     p.add_argument('--overwrite', action='store_true',
                    help='replace OUT_DIR/<vision> and OUT_DIR/llm when they hold files already')
     args = p.parse_args(argv)
-    problem = heads_problem(args)
+    problem = heads_problem(args) or numbers_problem(args)
     if problem:
         return tool_error('make_tiny_models', problem)
     try:   # the options first, then the folder
         check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
     except ValueError as exc:
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
-    problem = linked(args.out_dir, args.vision) or (not_tiny if args.overwrite else occupied)(args.out_dir, args.vision)
-    if problem:
-        return tool_error('make_tiny_models', problem)
+    made = not os.path.lexists(args.out_dir)
     from safetensors import SafetensorError
     try:
-        paths = written_aside(args.out_dir, (args.vision, 'llm'), lambda tmp: make_tiny_models(
-            tmp, seed=args.seed, image_size=args.image_size, vision=args.vision, llm=args.llm,
-            llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads, vision_heads=args.vision_heads,
-            chat=args.chat))
-    except ValueError as exc:  # --image-size not a multiple of the patch size
-        return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
+        with writing(args.out_dir):
+            problem = linked(args.out_dir, args.vision) or (not_tiny if args.overwrite else occupied)(
+                args.out_dir, args.vision)
+            if problem:
+                raise ValueError(problem)
+            paths = written_aside(args.out_dir, (args.vision, 'llm'), lambda tmp: make_tiny_models(
+                tmp, seed=args.seed, image_size=args.image_size, vision=args.vision, llm=args.llm,
+                llm_heads=args.llm_heads, llm_kv_heads=args.llm_kv_heads, vision_heads=args.vision_heads,
+                chat=args.chat))
+    except ValueError as exc:  # the folder's state, another run writing it
+        return tool_error('make_tiny_models', exc)
     except (OSError, SafetensorError) as exc:   # a folder this user cannot write, a full disk (safetensors' own
         # error for its writes, not an OSError): one line (a traceback before)
         return tool_error('make_tiny_models', f'{args.out_dir} cannot be written: {getattr(exc, "strerror", 0) or exc}'
                           + (f' ({exc.filename})' if getattr(exc, 'filename', None) else ''))
+    finally:
+        if made and os.path.isdir(args.out_dir) and not os.listdir(args.out_dir):   # (was left behind, empty)
+            os.rmdir(args.out_dir)
     for name, path in paths.items():
         print(f'{name}: {path}')
     return 0

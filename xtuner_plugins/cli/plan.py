@@ -29,21 +29,99 @@ How each part is counted: ``xtuner_plugins/planner.py``. The estimate is of torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 
 GIB = 2 ** 30
 CHUNK_HINT = 1024   # supervised positions a row per chunk in the loss_chunk hint
+MOST_GPUS = 2 ** 20   # devices a plan takes (10**20 with ZeRO-3 planned a run of that many)
 
 
 def check_args(args) -> None:
     """The numbers on the command line: ValueError naming the option and its value."""
     if args.gpus < 1:
         raise ValueError(f'--gpus must be >= 1, got {args.gpus}')
+    if args.gpus > MOST_GPUS:
+        raise ValueError(f'--gpus {args.gpus} is past the most the planner takes ({MOST_GPUS:,} devices)')
     if not math.isfinite(args.gpu_mem) or args.gpu_mem <= 0:
         raise ValueError(f'--gpu-mem must be a finite number of GiB > 0, got {args.gpu_mem:g}')
     if not math.isfinite(args.reserve) or args.reserve < 0:
         raise ValueError(f'--reserve must be a finite number of GiB >= 0, got {args.reserve:g}')
+    if args.reserve >= args.gpu_mem:
+        raise ValueError(f'--reserve {args.reserve:g} GiB is all of --gpu-mem {args.gpu_mem:g} GiB: nothing is left '
+                         'for training (the reserve is what torch does not count: about 1 GiB)')
+
+
+@contextlib.contextmanager
+def config_read(path: str):
+    """Reading the config file ``path`` (MMEngine's ``Config.fromfile``): a file MMEngine fails on with a
+    traceback is a ValueError of one line naming it (a .json/.yaml holding no mapping of settings, a ``_base_`` or
+    ``read_base()`` chain leading back to a file in it, the two config styles mixed in one chain, an import of a
+    module that is not there)."""
+    if os.path.splitext(path)[1].lower() in ('.json', '.yaml', '.yml') and os.path.isfile(path):
+        from mmengine.fileio import load
+        try:
+            data = load(path)
+        except Exception as exc:   # (the parser's own error: the file's line and column)
+            raise ValueError(f'{path}: not readable: {_first_line(exc)}') from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{path} holds a {type(data).__name__}, not a mapping of settings (a training config '
+                             f'is one: e.g. {{"model": {{...}}, "train_dataloader": {{...}}}})')
+    try:
+        yield
+    except RecursionError:
+        raise ValueError(f'{path}: its base configs (_base_ or read_base()) lead back to a file already in the chain '
+                         '(a config naming itself, or two naming each other)') from None
+    except RuntimeError as exc:
+        if 'lazy_import' not in str(exc):
+            raise
+        raise ValueError(f'{path}: its chain of base configs mixes MMEngine\'s two config styles (_base_ = [...] '
+                         'with a "with read_base():" config, or an import of a module beside _base_): use one style '
+                         'throughout, e.g. "with read_base(): from .finetune_lora import *"') from None
+    except ImportError as exc:
+        from xtuner_plugins.cli.train_failures import config_import_hint
+        hint = config_import_hint(exc, path)   # (training's words: a base imported by a package name)
+        if hint:
+            raise ValueError(hint) from None
+        if not str(exc).startswith('Failed to import '):   # MMEngine's lazy import of the config's own import
+            raise
+        raise ValueError(f'{path}: {_first_line(exc)}') from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def plan_reads(cfg) -> set:
+    """The ``--cfg-options`` keys of the batch settings plan reads and checks itself (``plan_configs.batch``),
+    at their places in ``cfg``: a bad value there is said in its own words; these keys anywhere else are checked
+    as every other key is."""
+    from xtuner_plugins.models.runconfig import inner_dataset
+    loader = cfg.get('train_dataloader')
+    dataset = loader.get('dataset') if isinstance(loader, dict) else None
+    _, key = inner_dataset(dataset)
+    reads = {'train_dataloader.batch_size', f'{key}.max_length', f'{key}.max_dynamic_patch'}
+    if isinstance(dataset, dict) and 'max_tokens' in dataset:
+        reads |= {'train_dataloader.dataset.max_tokens', 'train_dataloader.dataset.max_tiles'}
+    return reads
+
+
+def check_parts(cfg, config: str) -> None:
+    """The config's model, data loader (and its data set) and optimizer wrapper are dicts of settings."""
+    lacking = [key for key in ('model', 'train_dataloader', 'optim_wrapper') if key not in cfg]
+    if lacking:
+        raise ValueError(f'{config}: no {", ".join(lacking)}: not a training config (a stage config, '
+                         f'e.g. configs/finetune_lora.py, not a part of one under configs/_base_/)')
+    for key in ('model', 'train_dataloader', 'train_dataloader.dataset', 'optim_wrapper'):
+        value = cfg
+        for part in key.split('.'):
+            value = value.get(part)
+        if not isinstance(value, dict):
+            raise ValueError(f'{key} is {value!r} (in {config} with its --cfg-options), not a dict of settings: '
+                             f'plan needs its settings')
 
 
 def use_models(cfg, vision, llm) -> None:
@@ -103,21 +181,19 @@ def main(argv=None) -> int:
     from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
     try:
         check_args(args)
-        cfg = load_config(args.config, args.cfg_options)
-        checked_here = ('batch_size', 'per_device_batch_size', 'max_length', 'max_dynamic_patch', 'max_tokens',
-                        'max_tiles')   # below, each in its own words
-        problems = check_cfg_options(Config.fromfile(args.config), {   # as training checks them: a misspelt key
-            k: v for k, v in (args.cfg_options or {}).items() if k.rsplit('.', 1)[-1] not in checked_here})
+        with config_read(args.config):
+            cfg = load_config(args.config, args.cfg_options)
+            written = Config.fromfile(args.config)
+        checked_here = plan_reads(cfg)   # below, each in its own words
+        problems = [p for p in check_cfg_options(written, args.cfg_options or {})   # as training checks them
+                    if p.split(':', 1)[0] not in checked_here]
         if problems:   # (was dropped without a word: a plan of settings the run would not have)
             raise ValueError(f'--cfg-options: {"; ".join(problems)}')
-        lacking = [key for key in ('model', 'train_dataloader', 'optim_wrapper') if key not in cfg]
-        if lacking:
-            raise ValueError(f'{args.config}: no {", ".join(lacking)}: not a training config (a stage config, '
-                             f'e.g. configs/finetune_lora.py, not a part of one under configs/_base_/)')
+        check_parts(cfg, args.config)
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
         use_models(cfg, args.vision, args.llm)
         from xtuner_plugins.models.compile import as_on_a_gpu
-        with as_on_a_gpu():   # compile_blocks='auto' as the GPU resolves it, not as this machine would
+        with as_on_a_gpu(), config_read(args.config):   # compile_blocks='auto' as the GPU resolves it
             model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32',
                                      zero3=args.zero == 3)
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
@@ -200,7 +276,10 @@ def main(argv=None) -> int:
               'rows that long run past the positions it was trained for')
     per = f'{batch.rows // unit} {group + " " if group else ""}per device'
     capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)'
-    too_small = 'none (not even the images fit)'
+    fixed = r['weights'] + r['optimizer'] + r['reserve']   # kept whatever the batch
+    too_small = ('none (not even the images fit)' if fixed <= budget else
+                 f'none (the weights, optimizer states and --reserve alone are {fixed / GIB:.3g} GiB, past --gpu-mem '
+                 f'{args.gpu_mem:g})')
     low, high = max(1, images // step + 1), context // step if context else 4096
 
     def fits_length(tokens: int) -> bool:

@@ -13,10 +13,21 @@ from dataclasses import replace
 from typing import Tuple
 
 
-def whole(value, name: str, low: int = 1) -> int:
-    """``value`` as a config setting that must be a whole number ``>= low``; ValueError naming it otherwise."""
+#: the most tokens a row or a pack is planned with (2**24: past every LLM's context; 10**20 planned a table of
+#: 2.7 million TiB)
+MOST_TOKENS = 2 ** 24
+#: the most rows (or pairs) a device's batch, or tiles a pack, is planned with
+MOST_ROWS = 2 ** 20
+
+
+def whole(value, name: str, low: int = 1, high: int = MOST_ROWS) -> int:
+    """``value`` as a config setting that must be a whole number from ``low`` to ``high``; ValueError naming it
+    otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f'{name} must be a whole number >= {low}, got {value!r}')
+    if value > high:
+        raise ValueError(f'{name} {value} is past the most the planner takes ({high:,}): not a batch any device '
+                         f'holds')
     return value
 
 
@@ -36,11 +47,11 @@ def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     packed = 'max_tokens' in ds
     inner, key = inner_dataset(ds)
     if packed:
-        length = whole(ds['max_tokens'], 'train_dataloader.dataset.max_tokens')
+        length = whole(ds['max_tokens'], 'train_dataloader.dataset.max_tokens', high=MOST_TOKENS)
         tiles = ds.get('max_tiles')
         tiles = length // tokens_per_tile if tiles is None else whole(tiles, 'train_dataloader.dataset.max_tiles')
         return Batch(rows=rows, length=length, tiles=tiles * rows, supervised=0, packed=True)
-    length = whole(inner.get('max_length', 8192), f'{key}.max_length')
+    length = whole(inner.get('max_length', 8192), f'{key}.max_length', high=MOST_TOKENS)
     return Batch(rows=rows, length=length, tiles=tiles_per_sample * rows, supervised=0)
 
 
@@ -74,5 +85,6 @@ def planned_batches(batch, tokens_per_tile: int) -> list:
 
 def optimizer_settings(cfg) -> Tuple[bool, int]:
     """``(fused, accumulation)``: whether AdamW is the fused kernel, and ``accumulative_counts``."""
-    fused = bool(cfg.optim_wrapper.get('optimizer', {}).get('fused', False))
+    optimizer = cfg.optim_wrapper.get('optimizer')   # (None or none: AdamW's default, not fused)
+    fused = bool(optimizer.get('fused', False)) if isinstance(optimizer, dict) else False
     return fused, int(cfg.optim_wrapper.get('accumulative_counts', 1) or 1)

@@ -1,0 +1,100 @@
+"""tools/plan.py's refusals (xtuner_plugins/cli/plan.py): --cfg-options keys named like the batch settings, configs
+MMEngine fails on, and numbers no device holds, each one line naming the option or the file, exit status 2."""
+
+import os
+
+import pytest
+
+from xtuner_plugins.cli.plan import main
+from xtuner_plugins.tiny import make_tiny_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LORA = os.path.join(ROOT, 'configs', 'finetune_lora.py')
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return make_tiny_models(str(tmp_path_factory.mktemp('plan')))
+
+
+def plan(tiny, capsys, config=LORA, *options, gpus='1', mem='24'):
+    rc = main([config, '--gpus', gpus, '--gpu-mem', mem, '--vision', tiny['internvit'], '--llm', tiny['llm'],
+               *options])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize('option, said', [
+    ('model.max_tiles=-1', "model.max_tiles: VisionLanguageModel has no setting 'max_tiles'"),
+    ('model.batch_size=2', "model.batch_size: VisionLanguageModel has no setting 'batch_size'"),
+    ('max_length=4096', 'max_length: a variable of the config file, already used when the file was read'),
+    ('bogus.max_length=-1', "bogus.max_length: 'bogus' is not a setting the run reads"),
+])
+def test_a_batch_settings_name_elsewhere_is_checked_as_any_key(tiny, capsys, option, said):
+    """Before, a key ending in max_length, batch_size, max_tiles, ... skipped the check: a TypeError traceback
+    (model.max_tiles) or the option dropped without a word (max_length=4096: a plan at 8192)."""
+    rc, out, err = plan(tiny, capsys, LORA, '--cfg-options', option)
+    assert rc == 2 and err.startswith(f'plan: error: --cfg-options: {said}') and err.count('\n') == 1, err
+    assert 'total' not in out
+
+
+def test_the_batch_settings_at_their_places_are_planned(tiny, capsys):
+    rc, out, err = plan(tiny, capsys, LORA, '--cfg-options', 'train_dataloader.dataset.max_length=4096',
+                        'train_dataloader.batch_size=2')
+    assert rc == 0 and 'batch per device: 2 rows of 4096 tokens' in out, err
+
+
+def _configs(folder):
+    import shutil
+    shutil.copytree(os.path.join(ROOT, 'configs'), folder)
+    (folder / 'list.json').write_text('[1, 2]')
+    (folder / 'self.py').write_text("_base_ = ['self.py']\n")
+    (folder / 'a.py').write_text("_base_ = ['b.py']\n")
+    (folder / 'b.py').write_text("_base_ = ['a.py']\n")
+    (folder / 'mixed.py').write_text(f"_base_ = [{LORA!r}]\n")
+    (folder / 'missing.py').write_text('from mmengine.config import read_base\nwith read_base():\n'
+                                       '    from .finetune_lora import *\n'
+                                       'from no_such_module_here import thing\nmodel.update(thing=thing)\n')
+    (folder / 'packaged.py').write_text('from mmengine.config import read_base\nwith read_base():\n'
+                                        '    from configs.finetune_lora import *\n')
+    return folder
+
+
+def test_a_config_mmengine_fails_on_is_one_line(tiny, capsys, tmp_path):
+    """Before: AttributeError ('list' object has no attribute 'get'), RecursionError, MMEngine's RuntimeError
+    (lazy_import) and ModuleNotFoundError tracebacks; model=None an AttributeError."""
+    folder = _configs(tmp_path / 'c')
+    for name, said in (('list.json', 'holds a list, not a mapping of settings'),
+                       ('self.py', 'its base configs (_base_ or read_base()) lead back to a file already in the chain'),
+                       ('a.py', 'its base configs (_base_ or read_base()) lead back to a file already in the chain'),
+                       ('mixed.py', "its chain of base configs mixes MMEngine's two config styles"),
+                       ('missing.py', 'Failed to import no_such_module_here'),
+                       ('packaged.py', 'a base config imported by a package name in read_base()')):
+        rc, out, err = plan(tiny, capsys, str(folder / name))
+        assert rc == 2 and err.startswith(f'plan: error: {folder / name}') and said in err, (name, err)
+        assert err.count('\n') == 1, err
+    for key in ('model', 'train_dataloader', 'train_dataloader.dataset', 'optim_wrapper'):
+        rc, out, err = plan(tiny, capsys, LORA, '--cfg-options', f'{key}=None')
+        assert (rc, err) == (2, f'plan: error: {key} is None (in {LORA} with its --cfg-options), not a dict of '
+                                'settings: plan needs its settings\n')
+
+
+@pytest.mark.parametrize('options, said', [
+    (['--cfg-options', 'train_dataloader.dataset.max_length=100000000000000000000'],
+     'train_dataloader.dataset.max_length 100000000000000000000 is past the most the planner takes (16,777,216)'),
+    (['--zero', '3', '--gpus', '100000000000000000000'],
+     '--gpus 100000000000000000000 is past the most the planner takes (1,048,576 devices)'),
+    (['--reserve', '1e300'], '--reserve 1e+300 GiB is all of --gpu-mem 24 GiB: nothing is left for training'),
+])
+def test_numbers_no_device_holds_are_refused_naming_the_option(tiny, capsys, options, said):
+    """Before: a table of 2688169479370118.50 GiB, a plan for 10**20 devices, 'not even the images fit'."""
+    gpus = options[options.index('--gpus') + 1] if '--gpus' in options else '1'
+    options = [o for i, o in enumerate(options) if o != '--gpus' and (i == 0 or options[i - 1] != '--gpus')]
+    rc, out, err = plan(tiny, capsys, LORA, *options, gpus=gpus)
+    assert rc == 2 and err.startswith(f'plan: error: {said}') and err.count('\n') == 1, err
+
+
+def test_a_budget_the_weights_alone_pass_says_so(tiny, capsys):
+    rc, out, err = plan(tiny, capsys, LORA, '--reserve', '0', mem='1e-30')
+    assert rc == 1 and 'largest max_length at 4 per device: none (the weights, optimizer states and --reserve ' \
+                       'alone are' in out and 'not even the images fit' not in out, out

@@ -127,6 +127,10 @@ def test_a_setting_the_command_line_names_stays_in_every_form(run):
     assert cfg['model']['llm'] == 'models/Qwen2.5-1.5B-Instruct'
     assert cfg['train_dataloader']['dataset']['data_files'] == ['data/my_sft.jsonl']
     assert cfg['optim_wrapper']['accumulative_counts'] == 16 and cfg['train_cfg'] == dict(type=Loop)
+    cfg = _config(run['checkpoint'])
+    left = take_resumed_settings(cfg, ['optim_wrapper.accumulative_counts'])[1]   # named otherwise: said
+    assert "optim_wrapper.accumulative_counts=1 (named 16: each optimizer step from here takes 16 iterations' " \
+           "gradients where the run's took 1; the resume is not exact)" in left, left
 
 
 def test_sources_gone_or_none_and_a_new_run(tmp_path, run):

@@ -222,6 +222,11 @@ def _shape(taker: _Taker, recorded: Mapping, cfg: Mapping) -> None:
     for key, value in then.items():
         if value is None or not _differs(value, now.get(key)) or key == 'train_micro_batch_size_per_gpu':
             continue   # (the batch size: the loader's, below; XTuner's strategy copies it)
+        if key == 'gradient_accumulation_steps' and any(_given(k, taker.given) for k in (
+                _STRATEGY[key], f'strategy.{key}')):   # named otherwise: the optimizer's steps change from here
+            taker.left.append(f'{_STRATEGY[key]}={value!r} (named {now.get(key)!r}: each optimizer step from here '
+                              f'takes {now.get(key)!r} iterations\' gradients where the run\'s took {value!r}; the '
+                              'resume is not exact)')
         if isinstance(strategy, dict) and 'gradient_accumulation_steps' in strategy:
             taker.take(strategy, key, value, f'strategy.{key}', given_as=_STRATEGY[key])
         elif isinstance(optim, dict) and key == 'gradient_accumulation_steps':

@@ -433,3 +433,26 @@ def test_ranks_are_forked_from_a_launcher_without_stdout(tmp_path, forking):
     out = _forking(forking, tmp_path, 'ok', preexec_fn=lambda: os.close(1))
     assert out.returncode == 0 and 'the ranks are forked from here' in out.stderr, out.stderr
     assert len(_seen(str(tmp_path / 'r'), 2)) == 2
+
+
+def test_the_peers_grace_counts_from_a_rank_that_ended_before_the_wait():
+    """Ctrl-C: the ranks left get PEER_GRACE_S once one has ended, also when that one ended before the wait began
+    (CI: the launcher descheduled between its signal and its first look; the other rank, blocked on the ended one,
+    was given the full 15 s)."""
+    from xtuner_plugins.cli import local_launch
+
+    class Rank:
+        def __init__(self, code):
+            self.code, self.pid = code, 2 ** 22 + 12345   # (no such process group: killpg finds none)
+
+        def poll(self):
+            return self.code
+
+        def wait(self):
+            self.code = -9 if self.code is None else self.code
+
+    ranks = object.__new__(local_launch.Ranks)
+    ranks.procs = [Rank(130), Rank(None)]   # rank 0 ended already; rank 1 never ends on the signal
+    started = time.monotonic()
+    killed = ranks.stop(signal.SIGINT, grace=5.0, peers=0.3)
+    assert killed == [1] and time.monotonic() - started < 2.0

@@ -229,8 +229,7 @@ class Ranks:
         the first rank that ended, when given); waits for all. Returns the ranks that were killed."""
         if any(c is None for c in self.codes()):
             self.signal_all(sig)
-        deadline = time.monotonic() + grace
-        ended = any(c is not None for c in self.codes())
+        deadline, ended = time.monotonic() + grace, False   # (a rank that ended already counts: the loop sees it)
         while any(c is None for c in self.codes()) and time.monotonic() < deadline:
             if peers is not None and not ended and any(c is not None for c in self.codes()):
                 ended, deadline = True, min(deadline, time.monotonic() + peers)

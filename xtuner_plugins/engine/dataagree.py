@@ -67,7 +67,7 @@ def data_fingerprint(dataset) -> Dict[str, Any]:
         found['content'] = _digest(b''.join(_sampled(src.annotation) for src in sources))
     lengths = getattr(inner, '_lengths', None)
     if isinstance(lengths, np.ndarray):  # computed already (the sampler orders by them): they must agree too
-        found['lengths'] = hashlib.sha1(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()[:16]
+        found['lengths'] = ints_digest(lengths)
     return found
 
 
@@ -77,6 +77,11 @@ SAMPLED = 1 << 16
 
 def _digest(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()[:16]
+
+
+def ints_digest(values) -> str:
+    """:func:`_digest` of whole numbers (lengths, packs' sample numbers) as int64."""
+    return _digest(np.ascontiguousarray(values, dtype=np.int64).tobytes())
 
 
 def sampled_digest(path: str) -> str:

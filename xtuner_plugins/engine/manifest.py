@@ -12,7 +12,6 @@ changed, its size, sampled content and samples the same, is a harmless change (:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -22,7 +21,7 @@ from typing import Dict, List
 import numpy as np
 from mmengine.dist import get_dist_info
 
-from .dataagree import sampled_digest
+from .dataagree import ints_digest, sampled_digest
 
 
 def resumed_folder(runner) -> str:
@@ -93,18 +92,14 @@ def reading_order(dataloader) -> Dict[str, int]:
             order[key] = value
     lengths = getattr(sampler, 'length', None)   # what a length-grouped sampler orders by (max_length, images)
     if isinstance(lengths, (np.ndarray, list)):   # (XTuner's sampler: a list)
-        order['lengths'] = _digest(np.asarray(lengths, dtype=np.int64))
+        order['lengths'] = ints_digest(lengths)
     packs = getattr(dataloader.dataset, 'packs', None)   # a packed data set's packs, planned before training
     order['packs'] = None
     if isinstance(packs, list):
         order['packs'] = dict(count=len(packs), max_tokens=getattr(dataloader.dataset, 'max_tokens', None),
-                              max_tiles=getattr(dataloader.dataset, 'max_tiles', None), digest=_digest(
+                              max_tiles=getattr(dataloader.dataset, 'max_tiles', None), digest=ints_digest(
                                   np.fromiter(chain(map(len, packs), chain.from_iterable(packs)), np.int64)))
     return order
-
-
-def _digest(values: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def manifest_changes(before: dict, now: dict) -> List[str]:

@@ -105,12 +105,12 @@ def test_a_work_dir_that_is_no_demo_run_is_refused_untouched(tmp_path, capsys):
 def test_a_work_dir_this_user_cannot_make_is_one_line(tmp_path, capsys, monkeypatch):
     """A read-only checkout (its work_dirs/ not this user's) stopped the demo in the lock's makedirs with a
     PermissionError traceback. The tests run as root: the kernel's refusal is raised where the folder is made."""
-    from xtuner_plugins.engine import runlock
+    from xtuner_plugins.engine import lockfile
     work = tmp_path / 'ro' / 'demo'
 
     def refused(path, *args, **kwargs):
         raise PermissionError(13, 'Permission denied', str(tmp_path / 'ro'))
-    monkeypatch.setattr(runlock.os, 'makedirs', refused)
+    monkeypatch.setattr(lockfile.os, 'makedirs', refused)
     assert run.main(['--work-dir', str(work), '--recipe', 'quick']) == 2
     assert capsys.readouterr().err.strip() == (
         f'demo: refused: --work-dir {work} cannot be written: Permission denied ({tmp_path}/ro)')
@@ -155,7 +155,7 @@ def test_a_non_number_nproc_per_node_in_the_environment_is_one_line(tmp_path, ca
 def test_a_second_demo_into_a_folder_in_use_is_refused(tmp_path, capsys):
     """Two demos in one --work-dir: the second deleted the first's stage folders under it (its run then failed,
     naming a log the second had rewritten)."""
-    from xtuner_plugins.engine.runlock import RunLock
+    from xtuner_plugins.engine.lockfile import RunLock
     work = tmp_path / 'demo'
     first = RunLock(str(work))
     first.acquire()

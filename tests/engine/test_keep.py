@@ -64,7 +64,8 @@ def test_a_run_marks_what_it_starts_from_once_it_holds_its_work_folder(tmp_path)
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from xtuner_plugins.engine.runlock import RunLock, RunLockHook
+    from xtuner_plugins.engine.lockfile import RunLock
+    from xtuner_plugins.engine.runlock import RunLockHook
     (tmp_path / 'warmup').mkdir()
     parent = tmp_path / 'warmup' / 'iter_1.pth'
     parent.write_text('x')

@@ -16,7 +16,7 @@ import pytest
 from tests.train_utils import REPO_ROOT, run_train, train_env
 from xtuner_plugins import launch
 from xtuner_plugins.outcome import parse_log
-from xtuner_plugins.engine.runlock import LOCK_NAME, RunLock, RunLockError, _process_start
+from xtuner_plugins.engine.lockfile import LOCK_NAME, RunLock, RunLockError, _process_start
 from xtuner_plugins.engine.watchdog import HEARTBEAT_DIR, diagnose_stall
 
 GUARDED = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_guarded.py')
@@ -57,9 +57,9 @@ def test_a_live_run_keeps_its_lock(tmp_path):
 
 
 def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, monkeypatch):
-    from xtuner_plugins.engine import runlock
+    from xtuner_plugins.engine import lockfile
     logged = []
-    monkeypatch.setattr(runlock, 'print_log', lambda msg, logger=None, level=20: logged.append((level, msg)))
+    monkeypatch.setattr(lockfile, 'print_log', lambda msg, logger=None, level=20: logged.append((level, msg)))
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     _write_lock(str(tmp_path), pid=gone.pid, process_start=1.0)
@@ -80,7 +80,7 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, monkeypatch):
 
 
 def test_the_lock_is_released_when_the_process_fails(tmp_path):
-    code = ('import sys; from xtuner_plugins.engine.runlock import RunLock; RunLock(sys.argv[1]).acquire(); '
+    code = ('import sys; from xtuner_plugins.engine.lockfile import RunLock; RunLock(sys.argv[1]).acquire(); '
             'print("held", flush=True); raise RuntimeError("training failed")')
     done = subprocess.run([sys.executable, '-c', code, str(tmp_path)], env=train_env(), capture_output=True,
                           text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The run lock's takeover (``engine/runlock.py``): two runs taking over the same stale lock at once, only one
+"""The run lock's takeover (``engine/lockfile.py``): two runs taking over the same stale lock at once, only one
 gets it; a run in another PID namespace (another container sharing the hostname) is not taken for gone by its pid,
 its flock says whether it lives (a forked child of the run does not keep it); a lock of an earlier boot is gone.
 tests/engine/test_runguard.py has the rest."""
@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from tests.train_utils import train_env
-from xtuner_plugins.engine import runlock
-from xtuner_plugins.engine.runlock import LOCK_NAME, RunLock, RunLockError
+from xtuner_plugins.engine import lockfile, runlock
+from xtuner_plugins.engine.lockfile import LOCK_NAME, RunLock, RunLockError
 
 HOST = socket.gethostname()
 OTHER_NS = 'pid:[1]'  # no process's namespace
@@ -38,7 +38,8 @@ def write_record(path, **record):
 @pytest.fixture
 def logged(monkeypatch):
     lines = []
-    monkeypatch.setattr(runlock, 'print_log', lambda msg, logger=None, level=20: lines.append(msg))
+    for module in (lockfile, runlock):   # the takeover's line and the config dump's
+        monkeypatch.setattr(module, 'print_log', lambda msg, logger=None, level=20: lines.append(msg))
     return lines
 
 
@@ -47,7 +48,7 @@ def test_two_runs_taking_over_one_stale_lock_at_once_one_gets_it(tmp_path, monke
     and took the lock, then B removed A's lock and took it too (both ran in one work folder)."""
     path = str(tmp_path / LOCK_NAME)
     write_record(path, pid=dead_pid(), process_start=1.0)
-    monkeypatch.setattr(runlock, 'TAKEOVER_WAIT_S', 5.0, raising=False)
+    monkeypatch.setattr(lockfile, 'TAKEOVER_WAIT_S', 5.0)
     b_removing, a_done = threading.Event(), threading.Event()
     unlink = os.unlink
 
@@ -92,7 +93,7 @@ def test_a_run_in_another_pid_namespace_is_not_gone_for_a_pid_unseen_here(tmp_pa
     """A lock of this host whose pid is another namespace's (another container sharing the hostname): without a
     flock it cannot be checked, and is refused, not taken over because no process here has that pid."""
     path = str(tmp_path / LOCK_NAME)
-    write_record(path, pid=dead_pid(), process_start=1.0, boot_id=runlock._boot_id(), pid_ns=OTHER_NS)
+    write_record(path, pid=dead_pid(), process_start=1.0, boot_id=lockfile._boot_id(), pid_ns=OTHER_NS)
     with pytest.raises(RunLockError) as refused:
         RunLock(str(tmp_path)).acquire()
     assert str(refused.value) == (
@@ -106,7 +107,7 @@ def test_a_run_in_another_pid_namespace_is_not_gone_for_a_pid_unseen_here(tmp_pa
 def test_a_runs_flock_says_whether_it_lives_wherever_its_pid_is(tmp_path, logged):
     """A live run holds its lock file's flock: refused though its pid (made another namespace's here) is unseen;
     once it is killed the flock is free and the lock is taken over (a container restarted)."""
-    code = ('import sys, time; from xtuner_plugins.engine.runlock import RunLock; RunLock(sys.argv[1]).acquire(); '
+    code = ('import sys, time; from xtuner_plugins.engine.lockfile import RunLock; RunLock(sys.argv[1]).acquire(); '
             'print("held", flush=True); time.sleep(120)')
     holder = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], env=train_env(), stdout=subprocess.PIPE,
                               text=True)
@@ -114,7 +115,7 @@ def test_a_runs_flock_says_whether_it_lives_wherever_its_pid_is(tmp_path, logged
     try:
         assert any(line.strip() == 'held' for line in holder.stdout)  # after the package's start-up lines
         record = json.load(open(path))
-        assert record['flock'] is True and record['boot_id'] == runlock._boot_id()
+        assert record['flock'] is True and record['boot_id'] == lockfile._boot_id()
         write_record(path, **dict(record, pid=dead_pid(), pid_ns=OTHER_NS))  # as another container's run
         with pytest.raises(RunLockError, match='is in use by another run: .*another container on this host\\);'):
             RunLock(str(tmp_path)).acquire()
@@ -132,8 +133,8 @@ def test_a_runs_flock_says_whether_it_lives_wherever_its_pid_is(tmp_path, logged
 def test_a_lock_of_an_earlier_boot_is_gone(tmp_path, logged):
     """This host restarted since: whatever lives here now under that pid is not that run."""
     path = str(tmp_path / LOCK_NAME)
-    write_record(path, pid=os.getppid(), process_start=runlock._process_start(os.getppid()),
-                 boot_id='00000000-0000-0000-0000-000000000000', pid_ns=runlock._pid_namespace())
+    write_record(path, pid=os.getppid(), process_start=lockfile._process_start(os.getppid()),
+                 boot_id='00000000-0000-0000-0000-000000000000', pid_ns=lockfile._pid_namespace())
     lock = RunLock(str(tmp_path), command='mine')
     lock.acquire()
     try:
@@ -145,7 +146,7 @@ def test_a_lock_of_an_earlier_boot_is_gone(tmp_path, logged):
 def test_a_dead_runs_forked_child_does_not_keep_its_lock(tmp_path, logged):
     """A DataLoader worker forked by the run inherits the lock file: it closes its copy, so the flock ends with the
     run (the worker living on a while after it would otherwise keep the run alive for the takeover)."""
-    code = ('import os, sys, time; from xtuner_plugins.engine.runlock import RunLock; RunLock(sys.argv[1]).acquire()\n'
+    code = ('import os, sys, time; from xtuner_plugins.engine.lockfile import RunLock; RunLock(sys.argv[1]).acquire()\n'
             'child = os.fork()\n'
             'if child == 0:\n    time.sleep(120)\n    os._exit(0)\n'
             'print("held", child, flush=True); time.sleep(120)')
@@ -293,7 +294,7 @@ def test_a_lock_that_cannot_be_removed_at_the_end_is_one_line(tmp_path, logged, 
 
     def read_only(path):
         raise OSError(errno.EROFS, 'Read-only file system', path)
-    monkeypatch.setattr(runlock.os, 'unlink', read_only)
+    monkeypatch.setattr(lockfile.os, 'unlink', read_only)
     lock.release()
     assert capsys.readouterr().err == (f'{tmp_path}/{LOCK_NAME}: not removed (Read-only file system); the next run '
                                        'in this folder on this host takes it over\n')

@@ -164,7 +164,7 @@ def test_a_second_signal_does_not_cut_the_stop_short(tmp_path, sig, code):
     default handler again or raised inside the stop's own handling, ended the run by the signal (-15) after the
     line, left its lock, printed a KeyboardInterrupt traceback from an exit handler, or a second, contradictory line
     ('interrupted before training started'). Now it is noted and the stop goes on: one line, the lock released."""
-    from xtuner_plugins.engine.runlock import LOCK_NAME
+    from xtuner_plugins.engine.lockfile import LOCK_NAME
     _, _, work, ended, log = interrupted_run(tmp_path, {
         'model.pause_at_iter': 5, 'model.pause_how': 'sleep', 'default_hooks.checkpoint.interval': 2,
         'train_dataloader.num_workers': 2}, lambda work: os.path.isfile(os.path.join(work, 'iter_4.pth')), sig,
@@ -214,7 +214,7 @@ def test_ctrl_c_inside_backward_ends_130_not_a_segfault_and_releases_the_run(tmp
     nodes left in the engine's thread-local queue were destroyed after Python's teardown and took a dead
     interpreter's GIL: exit -11 (139 from a shell) after the right line, 4 times of 4. 130 now, the run's lock
     released (the atexit handlers run before the process ends)."""
-    from xtuner_plugins.engine.runlock import LOCK_NAME
+    from xtuner_plugins.engine.lockfile import LOCK_NAME
     _, _, work, code, log = interrupted_run(tmp_path, {
         'model.pause_at_iter': 3, 'model.pause_how': 'backward', 'default_hooks.checkpoint.interval': 2},
         lambda work: os.path.isfile(os.path.join(work, 'last_checkpoint')))

@@ -331,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not_ours:   # before demo.log is written into it
         print(f'demo: refused: {not_ours}', file=sys.stderr)
         return 2
-    from xtuner_plugins.engine.runlock import RunLock, RunLockError
+    from xtuner_plugins.engine.lockfile import RunLock, RunLockError
     lock = RunLock(os.path.abspath(args.work_dir))
     try:   # one demo a folder: a second run deleted the stage folders under the first
         lock.acquire()

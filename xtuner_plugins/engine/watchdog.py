@@ -41,7 +41,8 @@ from mmengine.logging import print_log
 
 from xtuner_plugins.errors import Refused
 
-from .runlock import _process_start, release_held_locks
+from . import runlock  # noqa: F401  (MMEngine's dump_config patched with the guards: runlock.py)
+from .lockfile import _process_start, release_held_locks
 
 __all__ = ['HEARTBEAT_DIR', 'StallWatchdogHook', 'diagnose_stall', 'read_heartbeats']
 

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from xtuner_plugins.engine.runlock import LOCK_NAME
+from xtuner_plugins.engine.lockfile import LOCK_NAME
 from xtuner_plugins.filemodes import as_plain_files
 
 from .files import Log, _print

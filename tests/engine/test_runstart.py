@@ -192,7 +192,7 @@ def test_a_stage_whose_work_dir_holds_a_checkpoint_of_its_lineage_is_refused(tmp
     assert capsys.readouterr().err.startswith(
         f'train: refused: {parent} (an earlier stage of model.pretrained_pth={child}, recorded in its lineage) is in '
         f"this run's work folder {work}")
-    from xtuner_plugins.engine.runstart import lineage_in_work_dir
+    from xtuner_plugins.engine.refusals import lineage_in_work_dir
     assert lineage_in_work_dir(dict(model=dict(pretrained_pth=child), work_dir=str(tmp_path / 'dpo'))) is None
     assert os.listdir(work) == ['iter_6.pth']
 
@@ -218,7 +218,7 @@ def test_a_work_dir_this_user_cannot_write_or_a_models_own_folder_is_one_line(tm
     """As a user without write access (the tests run as root, who has it: os.access stands in for the kernel)
     the run stopped in MMEngine's makedirs with a PermissionError traceback; a run in its LLM's own folder saved
     iter_N.pth there and could then not be converted (the folder no longer the one it was trained with)."""
-    from xtuner_plugins.engine.runstart import work_dir_refusal
+    from xtuner_plugins.engine.refusals import work_dir_refusal
     locked = tmp_path / 'locked'
     locked.mkdir()
     access = os.access
@@ -264,7 +264,7 @@ def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_pa
     assert capsys.readouterr().err.splitlines() == [
         "train: refused: liger_kernel=['rope', 'fused_loss'] needs a CUDA GPU (Liger's kernels are Triton GPU "
         "kernels); on a CPU leave it False: compile_blocks fuses the same work there"]
-    from xtuner_plugins.engine.runstart import liger_refusal
+    from xtuner_plugins.engine.refusals import liger_refusal
     assert liger_refusal(dict(model=dict(liger_kernel=False))) is None
     assert 'fuse the same work' in liger_refusal(dict(model=dict(liger_kernel=True, compile_blocks='llm')))
 
@@ -286,7 +286,7 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
             Runner.from_cfg(Config(dict(model=dict(pretrained_pth=str(path)), work_dir=str(tmp_path / 'work'))))
         err = capsys.readouterr().err.splitlines()
         assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith(f'train: refused: {said}'), err
-    from xtuner_plugins.engine.runstart import pretrained_refusal
+    from xtuner_plugins.engine.refusals import pretrained_refusal
     assert pretrained_refusal(dict(model=dict(pretrained_pth=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth'))))) \
         is None
     assert pretrained_refusal(dict(model=dict(pretrained_pth=None))) is None
@@ -318,7 +318,7 @@ def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp
     own, leaving two runs mixed in one folder (found by an adversarial sweep). A resume, and a requeued Slurm job
     continuing its own checkpoints, go on."""
     from xtuner_plugins.engine.preempt import JOB_RECORD
-    from xtuner_plugins.engine.runstart import earlier_run_in_work_dir
+    from xtuner_plugins.engine.refusals import earlier_run_in_work_dir
     work = tmp_path / 'work'
     work.mkdir()
     for name in ('iter_2.pth', 'iter_10.pth', 'iter_4.pth', 'iter_6.pth', 'iter_8.pth'):
@@ -360,7 +360,8 @@ def test_a_new_run_whose_checkpoint_folder_holds_another_runs_checkpoints_is_ref
     one out_dir shared it, and the second wrote its iter_N.pth over the first's and rotated out the rest, exit 0
     (an adversarial sweep). A relative out_dir (saved against the current folder, read against the work folder:
     a resume found nothing) is made absolute at start-up."""
-    from xtuner_plugins.engine.runstart import absolute_out_dir, checkpoint_dir, earlier_run_in_work_dir
+    from xtuner_plugins.engine.refusals import checkpoint_dir, earlier_run_in_work_dir
+    from xtuner_plugins.engine.runstart import absolute_out_dir
     shared = tmp_path / 'ck'
     (shared / 'run').mkdir(parents=True)
     (shared / 'run' / 'iter_4.pth').write_bytes(b'run a')

@@ -290,10 +290,10 @@ def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_
     """A warm-up trained with ps_version v1 and select_layer -2 was fine-tuned on v2 and the last layer with its
     projector loaded all the same (same shapes, other features), without a word; another downsample_ratio was a
     shape mismatch naming no setting. The geometry the model builds is compared (training's start-up,
-    ``runstart.geometry_refusal``), however it is written; a chain trained before still builds (the tools)."""
+    ``refusals.geometry_refusal``), however it is written; a chain trained before still builds (the tools)."""
     from mmengine.config import Config
 
-    from xtuner_plugins.engine.runstart import geometry_refusal
+    from xtuner_plugins.engine.refusals import geometry_refusal
     from xtuner_plugins.models.stages import geometry_problem
     path = tmp_path / 'warm.pth'
 

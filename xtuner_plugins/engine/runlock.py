@@ -97,7 +97,7 @@ class RunLockHook(Hook):
 def _checkpoint_folder(runner) -> Optional[str]:
     """The folder the checkpoints go to when it is not the work folder (``default_hooks.checkpoint.out_dir``), or
     None."""
-    from xtuner_plugins.engine.runstart import checkpoint_dir
+    from xtuner_plugins.engine.refusals import checkpoint_dir
     cfg = getattr(runner, 'cfg', None)
     folder = checkpoint_dir({'work_dir': runner.work_dir, 'default_hooks': cfg.get('default_hooks')}) if cfg else None
     if not folder or os.path.realpath(folder) == os.path.realpath(runner.work_dir):

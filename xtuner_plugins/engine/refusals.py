@@ -1,0 +1,206 @@
+"""Why a run must not start, found when its runner is built, before anything is (``runstart.prepare_run`` stops the
+run with the first one, in one line: ``runstart.refuse``); and where its checkpoints go (:func:`checkpoint_dir`).
+
+* **A work folder that cannot be one** (:func:`work_dir_refusal`): a file, a symbolic link to nothing, under a
+  file, not writable by this user, on a full disk, a model's source folder.
+* **No stage writes over its parents** (:func:`lineage_in_work_dir`): a run whose work folder holds a
+  checkpoint of its own lineage (``model.pretrained_pth`` and the earlier stages it records) would replace it
+  with its own ``iter_N.pth`` and ``last_checkpoint``; it stops before anything is built, naming both.
+* **No run writes over an earlier run's checkpoints** (:func:`earlier_run_in_work_dir`): a new run (not a resume)
+  into a work folder that holds ``iter_N.pth``/``epoch_N.pth`` or ``last_checkpoint`` would replace some of them
+  with its own and point ``last_checkpoint`` at its own, leaving two runs mixed in one folder (a convert of the
+  newest ``iter_N.pth`` could then take the other run's model); it stops, naming them. A resume, and a requeued
+  Slurm job continuing its own checkpoints (``preempt.requeue_decision``), go on.
+* A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too, and so does
+  a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint) or whose
+  vision geometry does not fit (:func:`geometry_refusal`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import List, Mapping, Optional
+
+
+#: the least free space a work folder's disk must have for a run to start (its log and config; checkpoints more)
+LEAST_FREE = 16 * 2 ** 20
+
+
+def work_dir_refusal(cfg: Mapping) -> Optional[str]:
+    """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file, not writable by this
+    user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
+    FileExistsError / NotADirectoryError / PermissionError in a traceback, and a run in its LLM's folder saved
+    checkpoints there that changed the folder the run records as its source (it no longer converted)."""
+    work_dir = cfg.get('work_dir')
+    if not isinstance(work_dir, str) or not work_dir:
+        return None
+    if os.path.islink(work_dir) and not os.path.exists(work_dir):
+        return f'--work-dir {work_dir} is a symbolic link to {os.readlink(work_dir)}, which does not exist'
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        return f'--work-dir {work_dir} is a file, not a folder'
+    above = os.path.abspath(work_dir)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f'--work-dir {work_dir} cannot be made: {above} is a file, not a folder'
+    if not os.access(above, os.W_OK | os.X_OK):
+        return (f'--work-dir {work_dir} is not writable by this user' if above == os.path.abspath(work_dir) else
+                f'--work-dir {work_dir} cannot be made: {above} is not writable by this user')
+    free = shutil.disk_usage(above).free
+    if free < LEAST_FREE:   # a full disk gave pages of logging errors, then a traceback and an empty log
+        return (f'--work-dir {work_dir}: its disk has {free / 2 ** 20:.1f} MiB free, and a run writes its log, its '
+                f'config and its checkpoints there; free space first')
+    model = cfg.get('model') if isinstance(cfg.get('model'), Mapping) else {}
+    real = os.path.realpath(work_dir)
+    for key in ('llm', 'vision_encoder', 'tokenizer', 'official_checkpoint'):
+        source = model.get(key)
+        if isinstance(source, Mapping):
+            source = source.get('path') or source.get('pretrained_model_name_or_path')
+        if isinstance(source, str) and os.path.isdir(source):
+            folder = os.path.realpath(source)
+            if real == folder or real.startswith(folder + os.sep):
+                return (f'--work-dir {work_dir} is {"" if real == folder else "inside "}model.{key}\'s folder '
+                        f'{source}: its checkpoints would change the folder the run records as its source (and the '
+                        f'run would no longer convert); give the run a work folder of its own')
+    return None
+
+
+def pretrained_refusal(cfg: Mapping) -> Optional[str]:
+    """Why ``model.pretrained_pth`` cannot be loaded (no such path, a folder that is no DeepSpeed checkpoint, a
+    file torch cannot read), found before anything is built: the model's build said it only after the vision
+    tower and the LLM had loaded, in a traceback. None: unset, or it reads."""
+    model = cfg.get('model')
+    path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(path, str) or not path:
+        return None
+    what = ('give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed '
+            'saves)')
+    if not os.path.exists(path):
+        return f'model.pretrained_pth={path}: no such file or folder; {what}'
+    if os.path.isdir(path):
+        from xtuner_plugins.outcome import deepspeed_checkpoint
+        if deepspeed_checkpoint(path):
+            return None
+        if os.path.isfile(os.path.join(path, 'config.json')):   # a converted (or downloaded) model folder
+            return (f'model.pretrained_pth={path} is a model folder (a config.json), not a checkpoint of training: '
+                    f'start from it with model.official_checkpoint={path} (an InternVL folder: its vision tower, '
+                    'projector and LLM), model.pretrained_pth left unset')
+        return f'model.pretrained_pth={path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt); {what}'
+    from xtuner_plugins.models.checkpoint import read_meta
+    try:
+        read_meta(path)
+    except (OSError, ValueError) as exc:
+        return f'model.pretrained_pth: {exc}'
+    return None
+
+
+def geometry_refusal(cfg: Mapping) -> Optional[str]:
+    """Why this run's vision geometry does not fit the checkpoint it starts from (``stages.geometry_problem``), or
+    None. Training's only: a chain trained before this was checked still converts and answers as it was trained."""
+    model = cfg.get('model')
+    path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(path, str) or not path:
+        return None
+    from xtuner_plugins.models.stages import geometry_problem
+    return geometry_problem(path, dict(model))
+
+
+def liger_refusal(cfg: Mapping) -> Optional[str]:
+    """Why ``model.liger_kernel`` cannot run here (no CUDA device, beside ``compile_blocks``, not installed:
+    ``models/liger.check_liger``), found before the model loads; None when it can or is off. ZeRO-3 and the LM
+    head are checked when the model is built."""
+    model = cfg.get('model')
+    flag = model.get('liger_kernel') if isinstance(model, Mapping) else None
+    if not flag:
+        return None
+    from xtuner_plugins.models.liger import check_liger
+    try:
+        check_liger(flag, compile_blocks=model.get('compile_blocks', 'auto'))
+    except (ValueError, ImportError) as e:
+        return str(e)
+    return None
+
+
+def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:
+    """Why the run's work folder must not be used: it holds a checkpoint the run is trained from
+    (``model.pretrained_pth``, or an earlier stage its lineage records); None when it holds none."""
+    model, work_dir = cfg.get('model'), cfg.get('work_dir')
+    pretrained = model.get('pretrained_pth') if isinstance(model, Mapping) else None
+    if not isinstance(pretrained, str) or not pretrained or not isinstance(work_dir, str) \
+            or not os.path.isdir(work_dir):
+        return None
+    from xtuner_plugins.models.lineage import resolve_chain
+    try:
+        chain = [stage.path for stage in resolve_chain(pretrained)]
+    except (OSError, ValueError):  # the model's build says what is wrong with the chain
+        chain = [pretrained]
+    for path in reversed(chain):
+        if os.path.exists(path) and os.path.realpath(os.path.dirname(os.path.abspath(path))) == \
+                os.path.realpath(work_dir):
+            what = (f'model.pretrained_pth={path}' if path == chain[-1] else
+                    f'{path} (an earlier stage of model.pretrained_pth={pretrained}, recorded in its lineage)')
+            return (f"{what} is in this run's work folder {work_dir}: the run's own checkpoints (iter_N.pth, "
+                    'last_checkpoint) would write over it; give this stage another --work-dir')
+    return None
+
+
+def checkpoint_hook(cfg: Mapping) -> Mapping:
+    hooks = cfg.get('default_hooks')
+    hook = hooks.get('checkpoint') if isinstance(hooks, Mapping) else None
+    return hook if isinstance(hook, Mapping) else {}
+
+
+def checkpoint_dir(cfg: Mapping) -> Optional[str]:
+    """The folder the run's checkpoints go to: the work folder, or MMEngine's ``out_dir/<the work folder's
+    name>`` when ``default_hooks.checkpoint.out_dir`` is set."""
+    work_dir, out_dir = cfg.get('work_dir'), checkpoint_hook(cfg).get('out_dir')
+    if not isinstance(work_dir, str) or not work_dir:
+        return None
+    if isinstance(out_dir, str) and out_dir and '://' not in out_dir:
+        return os.path.join(out_dir, os.path.basename(os.path.normpath(os.path.abspath(work_dir))))
+    return work_dir
+
+
+def _listed(names: List[str]) -> str:
+    """The first three checkpoint names and the last, for a message."""
+    return ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
+
+
+def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
+    """Why a new run must not train into its work folder, or into the folder its checkpoints go to
+    (:func:`checkpoint_dir`: runs whose work folders share a name share it): it holds an earlier run's checkpoints
+    (module docstring); None for a resume, a requeued job that continues its own, or folders without
+    checkpoints."""
+    work_dir = cfg.get('work_dir')
+    if cfg.get('resume') or not isinstance(work_dir, str) or not work_dir:
+        return None
+    from xtuner_plugins.engine.preempt import requeue_decision
+    from xtuner_plugins.outcome import find_checkpoints
+    made = os.path.isdir(work_dir)
+    if made and requeue_decision(work_dir)[0]:
+        return None
+    saves = checkpoint_dir(cfg)
+    if saves and os.path.isdir(saves) and not (made and os.path.samefile(saves, work_dir)):
+        names = [os.path.basename(path) for path in find_checkpoints(saves)]
+        if names:   # another run's, which this one's would write over and rotate out (no last_checkpoint here)
+            return (f'the checkpoint folder {saves} (default_hooks.checkpoint.out_dir + the work folder\'s name) '
+                    f'holds the checkpoints of an earlier run ({_listed(names)}): this new run would write its own '
+                    f'iter_N.pth over them and rotate them out. Continue that run with --cfg-options resume=True, '
+                    f'give this run a work folder of another name or another out_dir, or move them away first')
+    if not made:
+        return None
+    names = [os.path.basename(path) for path in find_checkpoints(work_dir)]
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    if not names and not os.path.isfile(pointer):
+        return None
+    shown = _listed(names)
+    try:
+        with open(pointer, encoding='utf-8') as f:
+            shown += f'{"; " if shown else ""}last_checkpoint -> {f.read().strip()}'
+    except OSError:
+        pass
+    return (f'the work folder {work_dir} holds the checkpoints of an earlier run ({shown}): this new run would '
+            f'write its own iter_N.pth over them and leave two runs mixed in one folder. Continue that run with '
+            f'--cfg-options resume=True (or --resume CHECKPOINT), give this run another --work-dir, or move them '
+            f'away first')

@@ -1,6 +1,6 @@
-"""Lineage (models/lineage.py): every checkpoint records what it was trained from; a chain of stages is loaded
-oldest first with LoRA adapters merged (the preference reference is the SFT model); other source folders, another
-previous stage or a missing one are refused by name."""
+"""Lineage (models/lineage.py, models/fingerprints.py): every checkpoint records what it was trained from; a chain
+of stages is loaded oldest first with LoRA adapters merged (the preference reference is the SFT model); other source
+folders, another previous stage or a missing one are refused by name."""
 
 import math
 import os
@@ -12,8 +12,8 @@ import torch
 from tests.models.conftest import build
 from tests.models.test_preference import pair_items, pairs  # noqa: F401 (fixtures)
 from xtuner_plugins.errors import Refused
-from xtuner_plugins.models.lineage import (fingerprint, fingerprint_differences, previous_stage_for,
-                                           recorded_inputs, resolve_chain, set_remap)
+from xtuner_plugins.models.fingerprints import fingerprint, fingerprint_differences
+from xtuner_plugins.models.lineage import previous_stage_for, recorded_inputs, resolve_chain, set_remap
 from xtuner_plugins.tiny import make_tiny_models
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
@@ -61,8 +61,8 @@ def test_a_fingerprint_tells_another_folder_and_not_a_moved_one(tiny, other_towe
 
 
 def test_a_large_file_is_fingerprinted_by_samples_that_see_a_change_anywhere(tmp_path, monkeypatch):
-    import xtuner_plugins.models.lineage as lineage
-    monkeypatch.setattr(lineage, 'WHOLE_HASH_BYTES', 1 << 16)
+    import xtuner_plugins.models.fingerprints as fingerprints
+    monkeypatch.setattr(fingerprints, 'WHOLE_HASH_BYTES', 1 << 16)
     data = bytearray(os.urandom(3 << 20))
     (tmp_path / 'a.safetensors').write_bytes(bytes(data))
     before = fingerprint(str(tmp_path))
@@ -208,17 +208,17 @@ def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatc
     modification time stay; a rewrite of the same size is hashed again and seen."""
     import time
 
-    from xtuner_plugins.models import lineage
+    from xtuner_plugins.models import fingerprints
     calls = []
-    real = lineage._hash_file
-    monkeypatch.setattr(lineage, '_hash_file', lambda path, size: calls.append(path) or real(path, size))
+    real = fingerprints._hash_file
+    monkeypatch.setattr(fingerprints, '_hash_file', lambda path, size: calls.append(path) or real(path, size))
     path = tmp_path / 'model.safetensors'
     path.write_bytes(b'a' * 1000)
-    first = lineage.fingerprint(str(path))
-    assert lineage.fingerprint(str(path)) == first and len(calls) == 1
+    first = fingerprints.fingerprint(str(path))
+    assert fingerprints.fingerprint(str(path)) == first and len(calls) == 1
     time.sleep(0.01)
     path.write_bytes(b'b' * 1000)
-    assert lineage.fingerprint_differences(first, lineage.fingerprint(str(path))) and len(calls) == 2
+    assert fingerprints.fingerprint_differences(first, fingerprints.fingerprint(str(path))) and len(calls) == 2
 
 
 @pytest.mark.parametrize('field, value, message', [

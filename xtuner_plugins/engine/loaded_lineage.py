@@ -39,7 +39,8 @@ def previous_stage_of_loaded(cfg: Mapping) -> Optional[str]:
     """Why the run's ``model.pretrained_pth`` is not the previous stage of the checkpoint it loads (module
     docstring), or None; fills it in (in place, said in the log) where it is unset and the checkpoint records one."""
     from xtuner_plugins.errors import Refused
-    from xtuner_plugins.models.lineage import fingerprint, fingerprint_differences, locate_previous, read_lineage
+    from xtuner_plugins.models.fingerprints import fingerprint, fingerprint_differences
+    from xtuner_plugins.models.lineage import locate_previous, read_lineage
     model = cfg.get('model')
     path = loaded_checkpoint(cfg) if isinstance(model, Mapping) else None
     if path is None:

@@ -6,7 +6,8 @@ towers from their folders (``model.vision_encoder``, ``model.llm``, ``model.toke
 (``model.pretrained_pth``). Shapes alone do not tell another tower or another warm-up from the right one, so every
 checkpoint records (``meta['lineage']``, written by ``LineageHook``) :func:`lineage_record`:
 
-- ``sources``: each source folder with a :func:`fingerprint` of its weights, config and tokenizer files;
+- ``sources``: each source folder with a fingerprint (``fingerprints.py``) of its weights, config and tokenizer
+  files;
 - ``pretrained``: the previous stage's checkpoint (the path as given, its absolute path, its fingerprint);
 - ``llm_lora`` / ``vision_lora``: the adapters' settings (a later stage merges them, see below);
 - ``from_scratch``: the stage was started without a previous stage on purpose.
@@ -24,88 +25,16 @@ fingerprints).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from xtuner_plugins.errors import Refused
 
+from .fingerprints import fingerprint, fingerprint_differences
+
 LINEAGE_VERSION = 1
-#: files up to this size are hashed whole; larger ones by their head (a safetensors header names every tensor,
-#: its dtype, shape and offsets) and evenly spaced samples
-WHOLE_HASH_BYTES = 64 << 20
-HEAD_BYTES = 1 << 20
-SAMPLE_BYTES = 64 << 10
-SAMPLES = 32
-#: the files of a model folder that make its weights and tokens (README, images, generation settings are not)
-MODEL_FILE_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.model', '.tiktoken', '.index.json')
-MODEL_FILE_NAMES = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'merges.txt',
-                    'special_tokens_map.json', 'added_tokens.json', 'preprocessor_config.json')
 SOURCE_KEYS = ('vision_encoder', 'llm', 'tokenizer', 'official_checkpoint')
-
-
-#: digests this process computed, by (real path, size, modification time): a conversion checks the same sources
-#: and checkpoints more than once (the chain, then the stage's own lineage)
-_DIGESTS: Dict[tuple, str] = {}
-
-
-def _file_digest(path: str, size: int) -> str:
-    stat = os.stat(path)
-    key = (os.path.realpath(path), size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _hash_file(path, size)
-    return _DIGESTS[key]
-
-
-def _hash_file(path: str, size: int) -> str:
-    sha = hashlib.sha256()
-    with open(path, 'rb') as f:
-        if size <= WHOLE_HASH_BYTES:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                sha.update(chunk)
-        else:
-            sha.update(f.read(HEAD_BYTES))
-            for i in range(SAMPLES + 1):
-                f.seek((size - SAMPLE_BYTES) * i // SAMPLES)
-                sha.update(f.read(SAMPLE_BYTES))
-    return sha.hexdigest()[:16]
-
-
-def fingerprint(path: str, model_files_only: bool = True) -> Optional[dict]:
-    """``{'path', 'abspath', 'files': {name: [size, digest]}}`` of a file or of a folder's top-level files
-    (``model_files_only``: those that make a model's weights and tokens; else all of them, as in a DeepSpeed
-    checkpoint folder). None when ``path`` is not on disk (a hub id)."""
-    if not isinstance(path, str) or not os.path.exists(path):
-        return None
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and (
-            not model_files_only or n in MODEL_FILE_NAMES or n.endswith(MODEL_FILE_SUFFIXES)))
-        files = {n: os.path.join(path, n) for n in names}
-    else:  # a checkpoint file may be moved or renamed: its content is what counts
-        files = {'': path}
-    entries = {}
-    for name, full in files.items():
-        size = os.path.getsize(full)
-        entries[name] = [size, _file_digest(full, size)]
-    return dict(path=path, abspath=os.path.abspath(path), files=entries)
-
-
-def fingerprint_differences(recorded: dict, now: dict) -> List[str]:
-    """What differs between two fingerprints, file by file (empty when they are the same)."""
-    a, b = recorded.get('files', {}), now.get('files', {})
-    out = []
-    for name in sorted(set(a) | set(b)):
-        label = name or 'the file'
-        if name not in b:
-            out.append(f'{label} missing')
-        elif name not in a:
-            out.append(f'{label} not in the recorded one')
-        elif a[name][0] != b[name][0]:
-            out.append(f'{label}: {b[name][0]} bytes, recorded {a[name][0]}')
-        elif a[name][1] != b[name][1]:
-            out.append(f'{label}: other content (same size, {b[name][0]} bytes)')
-    return out
 
 
 def source_paths(vision_encoder=None, llm=None, tokenizer=None, official_checkpoint=None) -> Dict[str, str]:
@@ -198,7 +127,7 @@ def _kind(value) -> str:
 
 
 def _fingerprint_problem(value, field: str) -> Optional[str]:
-    """The problem of a recorded fingerprint (:func:`fingerprint`: path, abspath, files), or None."""
+    """The problem of a recorded fingerprint (``fingerprints.fingerprint``: path, abspath, files), or None."""
     if not isinstance(value, dict):
         return f'{field}: expected a mapping, got {_kind(value)}'
     for key in ('path', 'abspath'):

@@ -18,20 +18,21 @@ through the classes it passes ``**kwargs`` on to (``train_cfg.max_epoch``), name
 MMEngine's ``CheckpointHook`` passes its ``**kwargs`` to ``Runner.save_checkpoint``, which gets every argument
 it has from the hook already: its documented arguments are all it takes (``default_hooks.checkpoint.intervall``).
 The training length in the user's words (``max_epochs``, ``max_iters``, ``save_every``) is ``engine/length.py``'s;
-what a component takes, ``engine/signatures.py``'s.
+what a component takes, ``engine/signatures.py``'s; a value against its setting's kind and range,
+``engine/option_values.py``'s.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
-import re
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
 from xtuner_plugins.cfg_words import option_into_unset
-from xtuner_plugins.engine.signatures import accepted, parameter
+from xtuner_plugins.engine.option_values import (brace_dict, component_name, default_of, out_of_range, takes_list,
+                                                 takes_str, wrong_kind)
+from xtuner_plugins.engine.signatures import accepted
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
 RUNNER_KEYS = {
@@ -74,86 +75,6 @@ def _leaves(node, prefix: str = '') -> Iterator[Tuple[str, object]]:
         yield prefix[:-1], node
 
 
-_KINDS = {'int': 0, 'float': 0.0, 'bool': False}  # by the annotation's name
-
-
-def _default(component, name: str) -> Tuple[object, str]:
-    """The default of ``component``'s setting ``name`` and how to name it; for a default of None, a value of
-    the kind its annotation names (``Optional[int]``: a number), so that the kind can be checked."""
-    param = parameter(component, name)
-    if param is None:
-        return None, ''
-    if param.default is not param.empty and param.default is not None:
-        return param.default, f"{_name(component)}'s default is {param.default!r}"
-    annotation = param.annotation
-    if isinstance(annotation, str) and annotation.startswith('Optional[') and annotation.endswith(']'):
-        annotation = annotation[len('Optional['):-1]
-    elif getattr(annotation, '__args__', None) and type(None) in annotation.__args__ and len(annotation.__args__) == 2:
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    kind = _KINDS.get(getattr(annotation, '__name__', annotation)) if isinstance(annotation, (str, type)) else None
-    return kind, f'{_name(component)} takes {getattr(annotation, "__name__", annotation)}'
-
-
-def _takes_sequence(component, name: str) -> bool:
-    """Whether ``component``'s argument ``name`` is annotated to take a list (``repeat_times``: one per file)."""
-    try:
-        param = inspect.signature(component).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
-    text = str(param.annotation) if param is not None and param.annotation is not param.empty else ''
-    return any(word in text for word in ('Sequence', 'List', 'list', 'Tuple', 'tuple', 'Iterable'))
-
-
-def _takes_text(component, name: str) -> bool:
-    """Whether ``component``'s argument ``name`` is annotated to take a string beside a boolean
-    (``Union[bool, str]``: ``llm_grad_ckpt='keep_attention'``, ``liger_kernel='fused_loss'``)."""
-    param = parameter(component, name) if component is not None else None
-    if param is None or param.annotation is param.empty:
-        return False
-    text = (param.annotation if isinstance(param.annotation, str) else str(param.annotation)).replace('typing.', '')
-    if text.startswith('Union[') and text.endswith(']'):
-        text = text[len('Union['):-1]
-    depth, word, words = 0, '', []   # the Union's members, at the top level of its brackets
-    for char in text + ',':
-        depth += (char == '[') - (char == ']')
-        if char in ',|' and depth == 0:
-            words.append(word.strip())
-            word = ''
-        else:
-            word += char
-    return 'str' in words or "<class 'str'>" in words
-
-
-def _wrong_kind(key: str, value, current, where: str, component=None) -> Optional[str]:
-    """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
-    if value is None or current is None:
-        return None
-    if isinstance(current, Mapping):   # an entry of settings: a number in its place is no setting of anything (a
-        # text may be: a tokenizer's folder where the config builds one; True/False a switch a component takes)
-        if not isinstance(value, (int, float, list, tuple)) or isinstance(value, bool):
-            return None
-        what = f"{_name(current['type'])}'s settings" if 'type' in current else 'settings'
-        return (f'{key}: expected a dict of settings or None (the config has {what} there), got {value!r} '
-                f'({type(value).__name__}); set its settings one by one ({key}.NAME=VALUE)')
-    if isinstance(value, (list, tuple)) and component is not None and _takes_sequence(component, key.split('.')[-1]):
-        return None
-    if isinstance(current, bool):
-        if not isinstance(value, str) or _takes_text(component, key.split('.')[-1]):
-            return None
-        expected = 'true or false'
-    elif isinstance(current, (int, float)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return None
-        expected = 'a number'
-    else:
-        return None
-    return f'{key}: expected {expected} ({where}), got {value!r} ({type(value).__name__})'
-
-
-def _name(component) -> str:
-    return getattr(component, '__name__', str(component))
-
-
 def _closest(word: str, choices, prefix: List[str]) -> str:
     close = difflib.get_close_matches(word, sorted(set(choices)), n=3, cutoff=0.6)
     return f'; closest: {", ".join(".".join(prefix + [c]) for c in close)}' if close else ''
@@ -176,7 +97,7 @@ def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
         return None
     inner = [path for path, value in _nodes(node or {}) if path.endswith('.' + parts[-1]) or path == parts[-1]]
     hint = f'; it is {".".join(parts[:-1] + [inner[0]])}' if inner else _closest(parts[-1], takes, parts[:-1])
-    return f'{".".join(parts)}: {_name(component)} has no setting {parts[-1]!r}{hint}'
+    return f'{".".join(parts)}: {component_name(component)} has no setting {parts[-1]!r}{hint}'
 
 
 def _is_component(node) -> bool:
@@ -296,24 +217,24 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
         else:
             problem = (_brace_problem(cfg, parts, key, options) or _split_text_problem(cfg, parts, key, options)
                        or _delete_problem(cfg, parts, key, options)
-                       or _check_entry(cfg, parts, key, options) or _out_of_range(key, options[key]))
+                       or _check_entry(cfg, parts, key, options) or out_of_range(key, options[key]))
         if problem:
             problems.append(problem)
     return problems
 
 
 def _brace_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
-    """The line for a ``{...}`` dict written out (:func:`_brace_dict`) as a setting that holds settings, or None
-    (no such value; a setting that takes text, ``frame_prefix={i}``, ``system={...}``: the config gives it text, or
-    its component's argument takes ``str``)."""
-    if not _brace_dict(options[key]):
+    """The line for a ``{...}`` dict written out (``option_values.brace_dict``) as a setting that holds settings, or
+    None (no such value; a setting that takes text, ``frame_prefix={i}``, ``system={...}``: the config gives it text,
+    or its component's argument takes ``str``)."""
+    if not brace_dict(options[key]):
         return None
     node, _ = _walk(cfg, parts, options)
     absent = object()
     current = node.get(parts[-1], absent) if isinstance(node, Mapping) else absent
     if isinstance(current, str):
         return None
-    if current in (None, absent) and _is_component(node) and _takes_str(node['type'], parts[-1]):
+    if current in (None, absent) and _is_component(node) and takes_str(node['type'], parts[-1]):
         return None
     fresh = f' beside {key}._delete_=True' if current is not absent and not isinstance(current, Mapping) else ''
     return (f'{key}: --cfg-options does not read a {{...}} dict (MMEngine took {options[key]!r}): set each entry on '
@@ -339,77 +260,17 @@ def _split_text_problem(cfg: Mapping, parts: List[str], key: str, options: Mappi
     ``['Hi', 'there']``; the model or data set then took a list for its text), or None: a setting of a component
     whose argument is annotated to take text and no list (``data_files`` takes both: a list stays a list)."""
     value = options[key]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value) or _brace_dict(value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value) or brace_dict(value):
         return None
     node, _ = _walk(cfg, parts, options)
     absent = object()
     current = node.get(parts[-1], absent) if isinstance(node, Mapping) else absent
     if not (isinstance(current, str) or current in (None, absent)) or not _is_component(node):
         return None
-    if not _takes_str(node['type'], parts[-1]) or _takes_list(node['type'], parts[-1]):
+    if not takes_str(node['type'], parts[-1]) or takes_list(node['type'], parts[-1]):
         return None
     return (f'{key}: takes one text, and MMEngine\'s --cfg-options cut the value at its commas into '
             f'{len(value)} ({list(value)!r:.80}): set a text holding a comma in a config file')
-
-
-def _takes_list(component, name: str) -> bool:
-    """Whether ``component``'s argument ``name`` is annotated to take a list (``Sequence[str]``, ``List``)."""
-    param = parameter(component, name)
-    words = re.findall(r'\w+', str(param.annotation)) if param is not None else []
-    return any(w in ('List', 'Sequence', 'Tuple', 'list', 'tuple', 'Iterable') for w in words)
-
-
-def _takes_str(component, name: str) -> bool:
-    """Whether ``component``'s argument ``name`` is annotated to take text (``Optional[str]``)."""
-    param = parameter(component, name)
-    if param is None or param.annotation is param.empty:
-        return False
-    return 'str' in re.findall(r'\w+', str(param.annotation))
-
-
-def _brace_dict(value) -> bool:
-    """Whether a ``--cfg-options`` value is a ``{...}`` dict written out, which MMEngine's parser keeps as text, or
-    cuts at its commas into a list of texts (``{'r':4,'lora_alpha':8}``: ``["{'r':4", "lora_alpha':8}"]``); the
-    model then failed on it with a traceback once everything had loaded."""
-    texts = list(value) if isinstance(value, (list, tuple)) else [value]
-    return bool(texts) and all(isinstance(t, str) for t in texts) and texts[0].lstrip().startswith('{') \
-        and texts[-1].rstrip().endswith('}')
-
-
-#: settings whose values have a range, by the key's ending: (what is expected, whole numbers only, the least,
-#: the least excluded); torch and MMEngine refuse them only once the optimizer is built, with a traceback, or
-#: (a NaN learning rate) train on with it
-RANGES = {
-    'optim_wrapper.optimizer.lr': ('a finite number >= 0', False, 0, False),
-    'optim_wrapper.optimizer.weight_decay': ('a finite number >= 0', False, 0, False),
-    'optim_wrapper.clip_grad.max_norm': ('a finite number > 0', False, 0, True),
-    'optim_wrapper.accumulative_counts': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.sampler.per_device_batch_size': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.num_workers': ('a whole number >= 0', True, 0, False),
-    # the data set's and the loop's: a traceback after the model loaded, or a division by zero in the logger
-    'train_dataloader.dataset.max_length': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.dataset.max_dynamic_patch': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.dataset.min_dynamic_patch': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.dataset.max_tokens': ('a whole number >= 1', True, 1, False),
-    'train_dataloader.dataset.max_tiles': ('a whole number >= 1', True, 1, False),
-    'default_hooks.logger.interval': ('a whole number >= 1', True, 1, False),
-    'model.llm_lora.r': ('a whole number >= 1', True, 1, False),
-    'model.vision_lora.r': ('a whole number >= 1', True, 1, False),
-}
-
-
-def _out_of_range(key: str, value) -> Optional[str]:
-    """The problem of a number outside its setting's range (:data:`RANGES`), or None."""
-    import math
-    rule = RANGES.get(key)
-    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    expected, whole, least, excluded = rule
-    if (math.isfinite(value) and (not whole or float(value).is_integer())
-            and (value > least if excluded else value >= least)):
-        return None
-    return f'{key}: expected {expected}, got {value!r}'
 
 
 def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:
@@ -417,10 +278,10 @@ def _check_entry(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> 
     if problem or not isinstance(node, Mapping):
         return problem
     if parts[-1] in node:
-        return _wrong_kind(key, options[key], node[parts[-1]], f'the config has {node[parts[-1]]!r}',
+        return wrong_kind(key, options[key], node[parts[-1]], f'the config has {node[parts[-1]]!r}',
                            node.get('type'))
     if 'type' not in node:
         return None
-    current, where = _default(node['type'], parts[-1])
-    return (_wrong_kind(key, options[key], current, where, node['type'])
+    current, where = default_of(node['type'], parts[-1])
+    return (wrong_kind(key, options[key], current, where, node['type'])
             or _unknown_setting(parts, node['type'], node))

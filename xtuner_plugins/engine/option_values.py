@@ -1,0 +1,160 @@
+"""A ``--cfg-options`` value checked against the setting it goes to (``options.check_cfg_options`` finds the entry
+and its component; nothing here walks the config).
+
+* **Of the wrong kind** (:func:`wrong_kind`): a number where the config has a number, ``true``/``false`` where it
+  has a boolean; for a setting the config leaves out, the component's default, or the kind its annotation names
+  (:func:`default_of`). ``None`` is always let through; a list where the argument takes one, and a text where a
+  boolean's argument takes text too, are let through.
+* **What an argument takes** by its annotation (:func:`takes_str`, :func:`takes_list`), and a ``{...}`` dict written
+  out (:func:`brace_dict`), which MMEngine's parser keeps as text or cuts at its commas.
+* **Out of its range** (:data:`RANGES`, :func:`out_of_range`): a learning rate below 0, a batch of 0, ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Mapping, Optional, Tuple
+
+from xtuner_plugins.engine.signatures import parameter
+
+
+def component_name(component) -> str:
+    """A component as the messages name it (its class's or function's name)."""
+    return getattr(component, '__name__', str(component))
+
+
+_KINDS = {'int': 0, 'float': 0.0, 'bool': False}  # by the annotation's name
+
+
+def default_of(component, name: str) -> Tuple[object, str]:
+    """The default of ``component``'s setting ``name`` and how to name it; for a default of None, a value of
+    the kind its annotation names (``Optional[int]``: a number), so that the kind can be checked."""
+    param = parameter(component, name)
+    if param is None:
+        return None, ''
+    if param.default is not param.empty and param.default is not None:
+        return param.default, f"{component_name(component)}'s default is {param.default!r}"
+    annotation = param.annotation
+    if isinstance(annotation, str) and annotation.startswith('Optional[') and annotation.endswith(']'):
+        annotation = annotation[len('Optional['):-1]
+    elif getattr(annotation, '__args__', None) and type(None) in annotation.__args__ and len(annotation.__args__) == 2:
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    kind = _KINDS.get(getattr(annotation, '__name__', annotation)) if isinstance(annotation, (str, type)) else None
+    return kind, f'{component_name(component)} takes {getattr(annotation, "__name__", annotation)}'
+
+
+def _takes_sequence(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a list (``repeat_times``: one per file)."""
+    try:
+        param = inspect.signature(component).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    text = str(param.annotation) if param is not None and param.annotation is not param.empty else ''
+    return any(word in text for word in ('Sequence', 'List', 'list', 'Tuple', 'tuple', 'Iterable'))
+
+
+def _takes_text(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a string beside a boolean
+    (``Union[bool, str]``: ``llm_grad_ckpt='keep_attention'``, ``liger_kernel='fused_loss'``)."""
+    param = parameter(component, name) if component is not None else None
+    if param is None or param.annotation is param.empty:
+        return False
+    text = (param.annotation if isinstance(param.annotation, str) else str(param.annotation)).replace('typing.', '')
+    if text.startswith('Union[') and text.endswith(']'):
+        text = text[len('Union['):-1]
+    depth, word, words = 0, '', []   # the Union's members, at the top level of its brackets
+    for char in text + ',':
+        depth += (char == '[') - (char == ']')
+        if char in ',|' and depth == 0:
+            words.append(word.strip())
+            word = ''
+        else:
+            word += char
+    return 'str' in words or "<class 'str'>" in words
+
+
+def wrong_kind(key: str, value, current, where: str, component=None) -> Optional[str]:
+    """The problem of ``value`` for a setting whose value is ``current`` now, or None."""
+    if value is None or current is None:
+        return None
+    if isinstance(current, Mapping):   # an entry of settings: a number in its place is no setting of anything (a
+        # text may be: a tokenizer's folder where the config builds one; True/False a switch a component takes)
+        if not isinstance(value, (int, float, list, tuple)) or isinstance(value, bool):
+            return None
+        what = f"{component_name(current['type'])}'s settings" if 'type' in current else 'settings'
+        return (f'{key}: expected a dict of settings or None (the config has {what} there), got {value!r} '
+                f'({type(value).__name__}); set its settings one by one ({key}.NAME=VALUE)')
+    if isinstance(value, (list, tuple)) and component is not None and _takes_sequence(component, key.split('.')[-1]):
+        return None
+    if isinstance(current, bool):
+        if not isinstance(value, str) or _takes_text(component, key.split('.')[-1]):
+            return None
+        expected = 'true or false'
+    elif isinstance(current, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        expected = 'a number'
+    else:
+        return None
+    return f'{key}: expected {expected} ({where}), got {value!r} ({type(value).__name__})'
+
+
+def takes_list(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take a list (``Sequence[str]``, ``List``)."""
+    param = parameter(component, name)
+    words = re.findall(r'\w+', str(param.annotation)) if param is not None else []
+    return any(w in ('List', 'Sequence', 'Tuple', 'list', 'tuple', 'Iterable') for w in words)
+
+
+def takes_str(component, name: str) -> bool:
+    """Whether ``component``'s argument ``name`` is annotated to take text (``Optional[str]``)."""
+    param = parameter(component, name)
+    if param is None or param.annotation is param.empty:
+        return False
+    return 'str' in re.findall(r'\w+', str(param.annotation))
+
+
+def brace_dict(value) -> bool:
+    """Whether a ``--cfg-options`` value is a ``{...}`` dict written out, which MMEngine's parser keeps as text, or
+    cuts at its commas into a list of texts (``{'r':4,'lora_alpha':8}``: ``["{'r':4", "lora_alpha':8}"]``); the
+    model then failed on it with a traceback once everything had loaded."""
+    texts = list(value) if isinstance(value, (list, tuple)) else [value]
+    return bool(texts) and all(isinstance(t, str) for t in texts) and texts[0].lstrip().startswith('{') \
+        and texts[-1].rstrip().endswith('}')
+
+
+#: settings whose values have a range, by the key's ending: (what is expected, whole numbers only, the least,
+#: the least excluded); torch and MMEngine refuse them only once the optimizer is built, with a traceback, or
+#: (a NaN learning rate) train on with it
+RANGES = {
+    'optim_wrapper.optimizer.lr': ('a finite number >= 0', False, 0, False),
+    'optim_wrapper.optimizer.weight_decay': ('a finite number >= 0', False, 0, False),
+    'optim_wrapper.clip_grad.max_norm': ('a finite number > 0', False, 0, True),
+    'optim_wrapper.accumulative_counts': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.sampler.per_device_batch_size': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.num_workers': ('a whole number >= 0', True, 0, False),
+    # the data set's and the loop's: a traceback after the model loaded, or a division by zero in the logger
+    'train_dataloader.dataset.max_length': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_dynamic_patch': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.min_dynamic_patch': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_tokens': ('a whole number >= 1', True, 1, False),
+    'train_dataloader.dataset.max_tiles': ('a whole number >= 1', True, 1, False),
+    'default_hooks.logger.interval': ('a whole number >= 1', True, 1, False),
+    'model.llm_lora.r': ('a whole number >= 1', True, 1, False),
+    'model.vision_lora.r': ('a whole number >= 1', True, 1, False),
+}
+
+
+def out_of_range(key: str, value) -> Optional[str]:
+    """The problem of a number outside its setting's range (:data:`RANGES`), or None."""
+    import math
+    rule = RANGES.get(key)
+    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    expected, whole, least, excluded = rule
+    if (math.isfinite(value) and (not whole or float(value).is_integer())
+            and (value > least if excluded else value >= least)):
+        return None
+    return f'{key}: expected {expected}, got {value!r}'

@@ -134,7 +134,8 @@ def child(args) -> dict:
     from xtuner_plugins.data.packing import PackedInternVLDataset, pack_items
     from xtuner_plugins.models import VisionLanguageModel
     from xtuner_plugins.models.compile import compiled_graphs
-    from xtuner_plugins.planner import Batch, plan_memory
+    from xtuner_plugins.plan_activations import Batch
+    from xtuner_plugins.planner import plan_memory
     torch.manual_seed(0)
     s = SETTINGS[args.setting]
     models = {k: os.path.join(args.work, 'models', s[k]) for k in ('vision', 'llm')}

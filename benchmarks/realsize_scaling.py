@@ -130,7 +130,8 @@ def model_settings(work: str, loss_chunk: int) -> dict:
 def planned(model, row: dict) -> dict:
     """``row`` with the planner's figures for its batch (on the CPU): forward+backward (the larger of its forward
     and backward peaks, gradients apart) and the optimizer step's temporaries."""
-    from xtuner_plugins.planner import Batch, plan_memory
+    from xtuner_plugins.plan_activations import Batch
+    from xtuner_plugins.planner import plan_memory
     plan = plan_memory(model, Batch(rows=row.get('rows', 1), length=row['tokens'], tiles=row['tiles'],
                                     supervised=row['supervised'], packed=row['kind'] != 'tiles'), 'bf16',
                        device='cpu', fused=row.get('fused', False))

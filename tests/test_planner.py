@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from xtuner_plugins.plan_configs.meta import build_meta_model
-from xtuner_plugins.planner import (GIB, LM_HEAD, RECOMPUTED, Batch, activation_bytes,
-                                    largest_fitting, layer_elements, parameter_bytes, plan_memory)
+from xtuner_plugins.plan_activations import LM_HEAD, RECOMPUTED, Batch, activation_bytes, layer_elements
+from xtuner_plugins.planner import GIB, largest_fitting, parameter_bytes, plan_memory
 from xtuner_plugins.tiny import make_tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -253,7 +253,7 @@ def test_the_llm_under_sdpa_trains_on_the_kernel_and_plans_as_sdpa(tiny, batch):
     """attn_implementation='sdpa' (the unpacked configs): the LLM's config names the kernel's function, whose masks
     are SDPA's; a row without padding trains on the kernel, a padded batch (a mask) on SDPA; the planner and the
     mask choice read it as 'sdpa'."""
-    from xtuner_plugins.planner import Batch, activation_bytes
+    from xtuner_plugins.plan_activations import Batch, activation_bytes
     one = internvl_collate_fn([pack_items(split_batch(batch)[:1])])['data']   # one sample: no padding
     one.pop('seq_lens', None)
     runs = {}

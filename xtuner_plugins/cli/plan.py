@@ -22,8 +22,8 @@ configs: twice the rows, a pair being a chosen and a rejected row, each with the
 text token counts as supervised (the worst case for the LM head's logits). A bad number (on the command line or
 in the config's batch settings) is one line naming it, exit status 2.
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
-How each part is counted: ``xtuner_plugins/planner.py``. The estimate is of torch's own memory plus
-``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.
+How each part is counted: ``xtuner_plugins/planner.py`` (the activations: ``plan_activations.py``). The estimate
+is of torch's own memory plus ``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
                                                    rows_per_item, with_supervised)
     from xtuner_plugins.models.cpu_attention import as_sdpa
     from xtuner_plugins.plan_configs.meta import build_meta_model
-    from xtuner_plugins.planner import LM_HEAD, largest_fitting, plan_memory
+    from xtuner_plugins.plan_activations import LM_HEAD
+    from xtuner_plugins.planner import largest_fitting, plan_memory
     try:
         check_args(args)
         with config_read(args.config):
@@ -310,7 +311,8 @@ def main(argv=None) -> int:
 def checkpoint_line(model, fits, within: str) -> str:
     """What ``llm_grad_ckpt_layers`` could be: the fewest checkpointed LLM layers that ``fits(model)``, the share of
     the GPU ``within`` names (the configs' 'auto' plans against the same share, so both choose alike)."""
-    from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers
+    from xtuner_plugins.plan_activations import llm_layers
+    from xtuner_plugins.planner import fewest_checkpointed_layers
     layers = llm_layers(model)
     fewest = fewest_checkpointed_layers(model, fits)
     if fewest is None:

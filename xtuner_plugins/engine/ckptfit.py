@@ -50,7 +50,8 @@ def choose_layers(cfg, model, budget: float, zero: int = 0, gpus: int = 1) -> Tu
     per device (None: all, ``why`` says why), with DeepSpeed ZeRO stage ``zero`` (0: none) over ``gpus``."""
     from xtuner_plugins.plan_configs.batch import model_batch, optimizer_settings, planned_batches
     from xtuner_plugins.plan_configs.meta import build_meta_model
-    from xtuner_plugins.planner import fewest_checkpointed_layers, llm_layers, plan_memory
+    from xtuner_plugins.plan_activations import llm_layers
+    from xtuner_plugins.planner import fewest_checkpointed_layers, plan_memory
     if hasattr(model.language_model, 'peft_config'):
         return None, ('LoRA on the LLM: the planner was under a LoRA step\'s measured peak (1.58x on an H100, '
                       'benchmarks/RESULTS.md)')
@@ -137,7 +138,7 @@ class CheckpointFitHook(Hook):
         if model is None or not model.llm_ckpt_auto:
             return
         from xtuner_plugins.models.recompute import checkpoint_first_layers
-        from xtuner_plugins.planner import llm_layers
+        from xtuner_plugins.plan_activations import llm_layers
         total = llm_layers(model)
         layers, why = None, 'on a CPU'
         if torch.cuda.is_available():

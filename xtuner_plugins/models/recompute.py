@@ -8,7 +8,7 @@ attention over 3,528 tokens takes 0.13 s of forward). ``'keep_attention'`` (what
 selective activation checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``): the layer is
 recomputed as before, but the attention kernel's outputs saved in the forward are given back instead of being
 computed again. ``'full'`` recomputes everything (transformers' default; the least memory). Both compute the same
-gradients. The planner counts what each keeps (``planner.activation_bytes``).
+gradients. The planner counts what each keeps (``plan_activations.activation_bytes``).
 
 Under DeepSpeed ZeRO-3 ``'keep_attention'`` becomes ``'full'`` (:func:`recompute_mode`, logged): ZeRO-3 gathers
 a layer's weights again inside its recomputation, a collective the forward did not run there, and PyTorch's

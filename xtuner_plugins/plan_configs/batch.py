@@ -39,7 +39,7 @@ def rows_per_item(cfg) -> int:
 
 def config_batch(cfg, tiles_per_sample: int, tokens_per_tile: int):
     """The config's data loader's ``Batch`` (module docstring; ``supervised`` 0: :func:`with_supervised`)."""
-    from xtuner_plugins.planner import Batch
+    from xtuner_plugins.plan_activations import Batch
     loader = cfg.train_dataloader
     ds = loader.dataset
     rows = whole(loader.get('batch_size', 1), 'train_dataloader.batch_size') * rows_per_item(cfg)

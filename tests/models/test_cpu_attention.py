@@ -1,5 +1,5 @@
-"""models/cpu_attention.py: the AVX-512 BF16 attention kernels (a frozen tower's, the LLM's forward and backward),
-and what they leave to SDPA.
+"""models/cpu_attention.py (with cpu_attention_build.py and cpu_attention_ops.py): the AVX-512 BF16 attention
+kernels (a frozen tower's, the LLM's forward and backward), and what they leave to SDPA.
 
 The kernel runs only on CPUs with AVX-512 BF16 (it would stop on an illegal instruction elsewhere): on other CPUs
 the tests check that nothing is routed to it, and that it still builds.
@@ -18,6 +18,8 @@ from tests.models.test_packing import split_batch
 from xtuner_plugins.data import internvl_collate_fn
 from xtuner_plugins.data.packing import pack_items
 from xtuner_plugins.models import cpu_attention as ca
+from xtuner_plugins.models import cpu_attention_build as kb
+from xtuner_plugins.models import cpu_attention_ops as ko
 
 PAYS = ca.cpu_pays()
 
@@ -34,16 +36,16 @@ def qkv(b, h, n, m, d, seed=0, layout='bnhd'):
 def errors(q, k, v):
     """The kernel's and SDPA's (bf16) largest errors against SDPA in fp32, in the kernel's [B, N, H, D] layout."""
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
-    ours = ca.cpu_bf16_attention(q, k, v, q.shape[-1] ** -0.5)
+    ours = ko.cpu_bf16_attention(q, k, v, q.shape[-1] ** -0.5)
     sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
     return (ours.float() - ref).abs().max().item(), (sdpa.float() - ref).abs().max().item()
 
 
 def test_builds_once_into_the_cache(tmp_path):
-    first = ca.build(str(tmp_path))
+    first = kb.build(str(tmp_path))
     stamp = tmp_path.stat().st_mtime_ns, (tmp_path / first.split('/')[-1]).stat().st_mtime_ns
-    assert ca.build(str(tmp_path)) == first
+    assert kb.build(str(tmp_path)) == first
     assert (tmp_path.stat().st_mtime_ns, (tmp_path / first.split('/')[-1]).stat().st_mtime_ns) == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.split('/')[-1]]   # no temporary file left
 
@@ -51,17 +53,17 @@ def test_builds_once_into_the_cache(tmp_path):
 def test_no_compiler_warns_and_sdpa_runs(monkeypatch, tmp_path):
     monkeypatch.setenv('CC', '/bin/false')
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    monkeypatch.setattr(ca, 'FLAGS', ca.FLAGS + ('-DTEST_NEW_KEY',))   # not in any cache
-    ca.library.cache_clear()
+    monkeypatch.setattr(kb, 'FLAGS', kb.FLAGS + ('-DTEST_NEW_KEY',))   # not in any cache
+    kb.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match='not available.*/bin/false failed'):
-            assert ca.library() is None
+            assert kb.library() is None
         q, k, v = qkv(1, 2, 9, 9, 16)
         assert not ca.takes(torch.nn.Module(), q, k, v, None, 0.0, False, 0.25, {})
         out, _ = ca.attention(torch.nn.Module(), q, k, v, None, is_causal=False)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
     finally:
-        ca.library.cache_clear()
+        kb.library.cache_clear()
 
 
 def test_a_cc_that_does_not_parse_or_a_shared_cache_leaves_sdpa(monkeypatch, tmp_path):
@@ -70,40 +72,40 @@ def test_a_cc_that_does_not_parse_or_a_shared_cache_leaves_sdpa(monkeypatch, tmp
     user's own folder that others could write is made private."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     monkeypatch.setenv('CC', 'gcc "')
-    ca.library.cache_clear()
+    kb.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match='not available .*CC .*does not read as a command'):
-            assert ca.library() is None
+            assert kb.library() is None
         monkeypatch.delenv('CC')
-        ca.library.cache_clear()
-        path = ca.build()   # a good build, in a private folder
-        ca.library.cache_clear()
-        assert ca.library() is not None
+        kb.library.cache_clear()
+        path = kb.build()   # a good build, in a private folder
+        kb.library.cache_clear()
+        assert kb.library() is not None
         os.chmod(os.path.dirname(path), 0o777)   # this user's own, made by an earlier version: made private
-        ca.library.cache_clear()
-        assert ca.library() is not None and not os.stat(os.path.dirname(path)).st_mode & 0o022
+        kb.library.cache_clear()
+        assert kb.library() is not None and not os.stat(os.path.dirname(path)).st_mode & 0o022
         monkeypatch.setattr(os, 'getuid', lambda: os.stat(path).st_uid + 1)   # another user's folder and file
-        ca.library.cache_clear()
+        kb.library.cache_clear()
         with pytest.warns(UserWarning, match='is not yours: a kernel built there is not loaded'):
-            assert ca.library() is None
+            assert kb.library() is None
     finally:
-        ca.library.cache_clear()
+        kb.library.cache_clear()
 
 
 def test_a_cached_build_that_does_not_load_is_built_again(monkeypatch, tmp_path):
     """A build cut short (an empty file under the final name) was loaded, failed, and kept SDPA for good."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    monkeypatch.setattr(ca, 'FLAGS', ca.FLAGS + ('-DTEST_REBUILD',))
-    path = ca.build()
+    monkeypatch.setattr(kb, 'FLAGS', kb.FLAGS + ('-DTEST_REBUILD',))
+    path = kb.build()
     open(path, 'wb').close()
-    ca.library.cache_clear()
+    kb.library.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error')   # no "not available" warning
-            assert ca.library() is not None
+            assert kb.library() is not None
         assert os.path.getsize(path) > 0
     finally:
-        ca.library.cache_clear()
+        kb.library.cache_clear()
 
 
 @pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel: this CPU has no AVX-512 BF16 or has AMX '
@@ -191,7 +193,7 @@ def test_bounds_that_do_not_cover_the_row_are_refused(bounds):
     naming them, never read past."""
     q, k, v = qkv(1, 2, 12, 12, 16)
     with pytest.raises(RuntimeError, match=r'refused .*bounds .*sizes it does not take'):
-        ca.cpu_bf16_attention(q, k, v, 0.25, True, torch.tensor(bounds))
+        ko.cpu_bf16_attention(q, k, v, 0.25, True, torch.tensor(bounds))
 
 
 @pytest.fixture
@@ -302,7 +304,7 @@ def test_a_frozen_tower_is_routed_and_gives_sdpas_features(tiny):
     assert routed.vision_model.config._attn_implementation == ca.NAME
     assert plain.vision_model.config._attn_implementation == 'sdpa'
     calls = []
-    real = ca.cpu_bf16_attention
+    real = ca.cpu_bf16_attention   # kernel_attention looks it up in cpu_attention
     try:
         ca.cpu_bf16_attention = lambda *a: calls.append(a[0].shape) or real(*a)
         with torch.no_grad():
@@ -363,14 +365,14 @@ def test_the_ops_pass_torch_opcheck():
     q, k, v = qkv(2, 2, 9, 11, 16)
     qc, kc, vc = qkv(1, 4, 12, 12, 16, layout='contiguous')   # dq comes back transposed all the same
     kc, vc = kc[:, :2].contiguous(), vc[:, :2].contiguous()
-    out, lse = ca.cpu_bf16_attention_train(qc, kc, vc, 0.25, True)
+    out, lse = ko.cpu_bf16_attention_train(qc, kc, vc, 0.25, True)
     grad = torch.randn(out.shape).to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        torch.library.opcheck(ca.cpu_bf16_attention, (q, k, v, 0.25))
-        torch.library.opcheck(ca.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True))
-        torch.library.opcheck(ca.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True))
+        torch.library.opcheck(ko.cpu_bf16_attention, (q, k, v, 0.25))
+        torch.library.opcheck(ko.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True))
+        torch.library.opcheck(ko.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True))
         bounds = torch.tensor([[0, 5, 12]])   # a packed row of two samples
-        out, lse = ca.cpu_bf16_attention_train(qc, kc, vc, 0.25, True, bounds)
-        torch.library.opcheck(ca.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True, bounds))
-        torch.library.opcheck(ca.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True, bounds))
+        out, lse = ko.cpu_bf16_attention_train(qc, kc, vc, 0.25, True, bounds)
+        torch.library.opcheck(ko.cpu_bf16_attention_train, (qc, kc, vc, 0.25, True, bounds))
+        torch.library.opcheck(ko.cpu_bf16_attention_backward, (grad, qc, kc, vc, out, lse, 0.25, True, bounds))

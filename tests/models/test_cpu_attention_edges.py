@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from tests.models.test_cpu_attention import PAYS, qkv
 from xtuner_plugins.models import attention as attention_module
 from xtuner_plugins.models import cpu_attention as ca
+from xtuner_plugins.models import cpu_attention_build as kb
+from xtuner_plugins.models import cpu_attention_ops as ko
 
 needs_kernel = pytest.mark.skipif(not PAYS, reason='runs the AVX-512 BF16 kernel: this CPU has no AVX-512 BF16 or '
                                                    'has AMX')
@@ -42,7 +44,7 @@ def test_bounds_past_the_row_are_refused_even_where_their_differences_wrap(bound
     kernel read far past the row (SIGSEGV)."""
     q, k, v = qkv(1, 2, 12, 12, 16)
     with pytest.raises(RuntimeError, match=r'refused .*sizes it does not take'):
-        ca.cpu_bf16_attention(q, k, v, 0.25, True, torch.tensor([bounds]))
+        ko.cpu_bf16_attention(q, k, v, 0.25, True, torch.tensor([bounds]))
 
 
 @pytest.mark.parametrize('shape', [(0, 2, 8, 16), (1, 0, 8, 16), (1, 2, 8, 0)])
@@ -77,14 +79,14 @@ def test_the_ops_refuse_what_they_would_read_as_raw_memory(case):
     else:
         bounds = torch.tensor([[0.0, 5.9, 12.0]] * 2)
     with pytest.raises(ValueError, match='the CPU attention kernel takes'):
-        ca.cpu_bf16_attention(q, k, v, 0.25, True, bounds)
+        ko.cpu_bf16_attention(q, k, v, 0.25, True, bounds)
 
 
 @needs_kernel
 def test_the_log_sum_exp_is_not_differentiable():
     """Its gradient was silently 0 (the backward ignored it)."""
     q, k, v = qkv(1, 2, 16, 16, 32)
-    out, lse = ca.cpu_bf16_attention_train(q.clone().requires_grad_(), k, v, 0.25, False)
+    out, lse = ko.cpu_bf16_attention_train(q.clone().requires_grad_(), k, v, 0.25, False)
     assert out.requires_grad and not lse.requires_grad
 
 
@@ -109,16 +111,16 @@ def test_a_cached_library_without_the_kernels_functions_is_replaced_in_the_same_
     loaded in that process ('undefined symbol: attn_fwd', SDPA for the rest of the run)."""
     import ctypes.util
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    monkeypatch.setattr(ca, 'FLAGS', ca.FLAGS + ('-DTEST_FOREIGN',))
-    path = ca.build()
+    monkeypatch.setattr(kb, 'FLAGS', kb.FLAGS + ('-DTEST_FOREIGN',))
+    path = kb.build()
     libm = ctypes.util.find_library('m')
     found = [p for p in ('/lib/x86_64-linux-gnu/' + (libm or ''), '/usr/lib/x86_64-linux-gnu/' + (libm or ''))
              if libm and __import__('os').path.isfile(p)]
     if not found:
         pytest.skip('no libm file to stand in for a foreign library')
     shutil.copy(found[0], path)
-    ca.library.cache_clear()
+    kb.library.cache_clear()
     try:
-        assert ca.library() is not None and hasattr(ca.library(), 'attn_fwd')
+        assert kb.library() is not None and hasattr(kb.library(), 'attn_fwd')
     finally:
-        ca.library.cache_clear()
+        kb.library.cache_clear()

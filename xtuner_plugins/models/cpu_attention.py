@@ -24,11 +24,10 @@ keys. Anything else goes to SDPA, so a model moved to a GPU runs as before, and 
 whose backward is the kernel's too; gradient checkpointing that keeps attention keeps its outputs
 (``recompute.KEPT_OPS``). A preference run's reference LLM is routed with the policy's.
 
-The kernel is compiled on first use with the system's C compiler (``$CC``, cc or gcc; about a second) into
-``$XDG_CACHE_HOME/xtuner_plugins/kernels`` (``~/.cache`` without it), named by a hash of its source, compiler and
-flags, moved into place whole (ranks building at once each write their own file); a cached build that does not load
-is built again. Without a compiler, or if the build fails, SDPA runs and one warning says why. Out of memory for its
-small per-thread buffers it raises (``RuntimeError``) rather than falling back.
+The kernel is compiled on first use with the system's C compiler (``$CC``, cc or gcc; about a second) and cached
+(``cpu_attention_build.py``); without a compiler, or if the build fails, SDPA runs and one warning says why. Its
+torch operators are ``cpu_attention_ops.py``. Out of memory for its small per-thread buffers it raises
+(``RuntimeError``) rather than falling back. This module holds where it pays and which calls take it.
 
 Check it on this machine: ``python -m xtuner_plugins.models.cpu_attention`` (builds it, compares it with SDPA on
 InternViT-300M's and Qwen2.5-0.5B's shapes and times both).
@@ -36,27 +35,19 @@ InternViT-300M's and Qwen2.5-0.5B's shapes and times both).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
 import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-import warnings
 import weakref
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 
+from .cpu_attention_build import build, library
+from .cpu_attention_ops import cpu_bf16_attention, cpu_bf16_attention_train
+
 NAME = 'xtuner_cpu_bf16_sdpa'
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_attention.c')
 #: modules whose attention stays on SDPA (the model's ``cpu_attention=False``: :func:`opt_out`)
 _OPTED_OUT: 'weakref.WeakSet[torch.nn.Module]' = weakref.WeakSet()
-FLAGS = ('-O3', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq', '-mavx512bf16', '-mfma', '-fPIC', '-shared',
-         '-pthread')
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,259 +64,6 @@ def serves_here() -> bool:
     """Whether a model built here runs on the kernel: :func:`cpu_pays`, and no CUDA device (a GPU would train it,
     and a compiled GPU block would break at the choice)."""
     return cpu_pays() and not torch.cuda.is_available()
-
-
-def cache_dir() -> str:
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(base, 'xtuner_plugins', 'kernels')
-
-
-def _compiler() -> Optional[List[str]]:
-    """The C compiler's command: ``$CC`` (which may carry arguments, ``ccache gcc``), else cc or gcc."""
-    try:
-        given = shlex.split(os.environ.get('CC', ''))
-    except ValueError as e:
-        raise RuntimeError(f'$CC ({os.environ["CC"]!r}) does not read as a command: {e}') from e
-    for command in (given, ['cc'], ['gcc']):
-        if command and shutil.which(command[0]):
-            return [shutil.which(command[0]), *command[1:]]
-    return None
-
-
-def build(directory: Optional[str] = None) -> str:
-    """The compiled kernel's path, compiled first if this source and these flags were not yet
-    (``RuntimeError`` naming the compiler's message when it fails)."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError('no C compiler found ($CC, cc or gcc)')
-    with open(SOURCE, 'rb') as f:
-        source = f.read()
-    key = hashlib.sha256(source + ' '.join(compiler + list(FLAGS)).encode()).hexdigest()[:16]
-    directory = directory or cache_dir()
-    path = os.path.join(directory, f'cpu_attention-{key}.so')
-    if os.path.isfile(path):
-        _check_private(path)
-        return path
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    _check_private(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.cpu_attention-', suffix='.so')
-    os.close(fd)
-    try:
-        done = subprocess.run([*compiler, *FLAGS, '-o', tmp, SOURCE], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f'{" ".join(compiler)} failed on {SOURCE}: {done.stderr.strip()[-2000:]}')
-        os.replace(tmp, path)   # whole or not at all: another process may be building the same file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _check_private(path: str) -> None:
-    """A library this process loads runs as it: refused (``RuntimeError``) where another user could have put it
-    there, its file or its folder another user's or writable by others (a shared ``$XDG_CACHE_HOME``). One of
-    this user's that others may write (an earlier version made the folder under umask 002) is made private
-    first."""
-    for where in (path, os.path.dirname(path)) if os.path.isfile(path) else (path,):
-        st = os.stat(where)
-        if st.st_uid == os.getuid() and st.st_mode & 0o022:
-            try:
-                os.chmod(where, st.st_mode & ~0o022)
-                st = os.stat(where)
-            except OSError:
-                pass
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise RuntimeError(f'{where} is {"not yours" if st.st_uid != os.getuid() else "writable by others"}: '
-                               'a kernel built there is not loaded (set XDG_CACHE_HOME to a folder of your own)')
-
-
-def _load(path: str) -> ctypes.CDLL:
-    """The kernel at ``path``; ``AttributeError`` for a library without its functions, closed again (``dlopen`` of
-    the same path would otherwise return that one, not the kernel built in its place)."""
-    lib = ctypes.CDLL(path)
-    if not all(hasattr(lib, name) for name in ('attn_fwd', 'attn_bwd')):
-        import _ctypes
-        _ctypes.dlclose(lib._handle)
-        raise AttributeError(f'{path} is a library without the kernel\'s functions')
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel, or None (with one warning) when it cannot be built here. A cached build that does not load
-    (cut short by a crash) is built again once."""
-    try:
-        path = build()
-        try:
-            lib = _load(path)
-        except (OSError, AttributeError):
-            os.remove(path)
-            lib = _load(build())
-    except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"the CPU attention kernel is not available ({e}); attention runs on torch's SDPA")
-        return None
-    p, i, a, f, n = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int
-    lib.attn_fwd.argtypes = [p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, f, n, n, p, i]
-    lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, a, a, a, a, a, a, f, n, n, p, i]
-    lib.attn_fwd.restype = lib.attn_bwd.restype = ctypes.c_int
-    return lib
-
-
-def _lib() -> ctypes.CDLL:
-    lib = library()
-    if lib is None:
-        raise RuntimeError('the CPU attention kernel is not available (see the warning above)')
-    return lib
-
-
-def _strides(*tensors):
-    return [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in tensors]
-
-
-def _rows(*tensors):
-    """The tensors with a contiguous last dimension (the kernel's one requirement on strides)."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
-
-
-def _check(rc: int, query, key, bounds) -> None:
-    if rc:
-        raise RuntimeError(f'the CPU attention kernel refused q {tuple(query.shape)}, k {tuple(key.shape)}'
-                           f'{"" if bounds is None else f", bounds {bounds.tolist()}"} '
-                           f'({"out of memory" if rc == 2 else "sizes it does not take"})')
-
-
-def _bounds(bounds: Optional[torch.Tensor], query, key):
-    """``bounds`` as the kernel reads them (int64, contiguous, ``[B, S + 1]``: one row for each of ``query``'s) and
-    their pointer and row length; the kernel checks each row's values."""
-    if bounds is None:
-        return None, None, 0
-    bounds = bounds.to(torch.int64).contiguous()
-    if bounds.dim() != 2 or bounds.shape[0] != query.shape[0]:
-        _check(1, query, key, bounds)
-    return bounds, bounds.data_ptr(), bounds.shape[-1]
-
-
-def _check_inputs(query, key, value, bounds, *more) -> None:
-    """``ValueError`` for inputs the kernel would read wrongly (it reads raw pointers: fp32 read as bf16, a smaller
-    key batch past its end, bounds on another device as host memory); ``more``: ``(name, tensor, shape, dtype)``."""
-    named = [('query', query), ('key', key), ('value', value)]
-    for name, t in named:
-        if t.dtype != torch.bfloat16 or t.device.type != 'cpu' or t.dim() != 4:
-            raise ValueError(f'the CPU attention kernel takes 4-D bf16 CPU tensors: {name} is {t.dim()}-D '
-                             f'{t.dtype} on {t.device}')
-    b, h, n, d = query.shape
-    if key.shape != value.shape or key.shape[0] != b or key.shape[-1] != d or key.shape[1] == 0 \
-            or h % key.shape[1]:
-        raise ValueError(f'the CPU attention kernel takes q [B, H, N, D] with k and v [B, KVH, M, D], H a multiple '
-                         f'of KVH: got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}')
-    for name, t, shape, dtype in more:
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != 'cpu':
-            raise ValueError(f'the CPU attention kernel\'s backward takes {name} {tuple(shape)} {dtype} on the '
-                             f'CPU: got {tuple(t.shape)} {t.dtype} on {t.device}')
-    if bounds is not None and (bounds.device.type != 'cpu' or bounds.dtype.is_floating_point
-                               or bounds.dtype.is_complex or bounds.dtype == torch.bool):
-        raise ValueError(f'the CPU attention kernel takes bounds as whole numbers on the CPU: got {bounds.dtype} on '
-                         f'{bounds.device}')
-
-
-def _forward(query, key, value, scale: float, causal: bool, lse: bool, bounds: Optional[torch.Tensor]):
-    _check_inputs(query, key, value, bounds)
-    query, key, value = _rows(query, key, value)
-    b, h, n, d = query.shape
-    out = torch.empty(b, n, h, d, dtype=query.dtype)
-    sums = torch.empty(b, h, n, dtype=torch.float32) if lse else None
-    kept, pointer, nb = _bounds(bounds, query, key)
-    rc = _lib().attn_fwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-                         sums.data_ptr() if lse else None, b, h, key.shape[1], n, key.shape[2], d,
-                         *_strides(query, key, value, out.transpose(1, 2)), scale, int(causal),
-                         torch.get_num_threads(), pointer, nb)
-    _check(rc, query, key, kept)
-    return out, sums
-
-
-@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention', mutates_args=())
-def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                       causal: bool = False, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` for q ``[B, H, N, D]``, k and v ``[B, KVH, M, D]`` (bf16, CPU; the query heads
-    a multiple of the key/value heads, which serve ``H / KVH`` query heads each), returned as ``[B, N, H, D]``
-    (the layout transformers' attention functions return); causal: ``N == M``, query i sees keys 0..i.
-    ``bounds`` (``[B, S + 1]``, each row's samples: 0, ends ascending, N; ``N == M``): each sample of a packed row
-    attended on its own, in one call (no Python loop over samples). No gradient: :func:`cpu_bf16_attention_train`
-    is the one autograd goes through."""
-    return _forward(query, key, value, scale, causal, lse=False, bounds=bounds)[0]
-
-
-def _same_device(query, bounds) -> None:
-    if bounds is not None and bounds.device != query.device:   # bounds on the meta device ran this, unchecked
-        raise ValueError(f'the CPU attention kernel takes bounds on the query\'s device ({query.device}): got '
-                         f'{bounds.device}')
-
-
-@cpu_bf16_attention.register_fake
-def _(query, key, value, scale, causal=False, bounds=None):
-    _same_device(query, bounds)
-    b, h, n, d = query.shape
-    return query.new_empty(b, n, h, d)
-
-
-@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_train', mutates_args=())
-def cpu_bf16_attention_train(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                             causal: bool, bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpu_bf16_attention` and each query's log-sum-exp of its scaled scores (``[B, H, N]`` fp32), which
-    its backward reads; differentiable in q, k and v."""
-    return _forward(query, key, value, scale, causal, lse=True, bounds=bounds)
-
-
-@cpu_bf16_attention_train.register_fake
-def _(query, key, value, scale, causal, bounds=None):
-    _same_device(query, bounds)
-    b, h, n, d = query.shape
-    return query.new_empty(b, n, h, d), query.new_empty(b, h, n, dtype=torch.float32)
-
-
-@torch.library.custom_op('xtuner_plugins::cpu_bf16_attention_backward', mutates_args=())
-def cpu_bf16_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                                bounds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of :func:`cpu_bf16_attention_train` for ``grad`` (``[B, N, H, D]``, as its output)."""
-    b, h, n, d = query.shape
-    _check_inputs(query, key, value, bounds, ('grad', grad, (b, n, h, d), query.dtype),
-                  ('out', out, (b, n, h, d), query.dtype), ('lse', lse, (b, h, n), torch.float32))
-    query, key, value, out, grad = _rows(query, key, value, out, grad)
-    kept, pointer, nb = _bounds(bounds, query, key)
-    dq = torch.empty(b, n, h, d, dtype=query.dtype).transpose(1, 2)
-    dk = torch.zeros(key.shape, dtype=torch.float32)
-    dv = torch.zeros(value.shape, dtype=torch.float32)
-    rc = _lib().attn_bwd(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), grad.data_ptr(),
-                         lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), b, h,
-                         key.shape[1], n, key.shape[2], d,
-                         *_strides(query, key, value, out.transpose(1, 2), grad.transpose(1, 2), dq), scale,
-                         int(causal), torch.get_num_threads(), pointer, nb)
-    _check(rc, query, key, kept)
-    return dq, dk.to(key.dtype), dv.to(value.dtype)
-
-
-@cpu_bf16_attention_backward.register_fake
-def _(grad, query, key, value, out, lse, scale, causal, bounds=None):
-    b, h, n, d = query.shape   # as the real one: dq a transposed [B, N, H, D], dk and dv contiguous
-    return (query.new_empty(b, n, h, d).transpose(1, 2), key.new_empty(key.shape, dtype=key.dtype),
-            value.new_empty(value.shape, dtype=value.dtype))
-
-
-def _setup(ctx, inputs, output):
-    query, key, value, scale, causal, bounds = inputs
-    ctx.save_for_backward(query, key, value, *output, bounds)
-    ctx.scale, ctx.causal = scale, causal
-    ctx.mark_non_differentiable(output[1])   # the log-sum-exp: its gradient is not computed (it was taken as 0)
-
-
-def _backward(ctx, grad, _grad_lse):
-    query, key, value, out, lse, bounds = ctx.saved_tensors
-    dq, dk, dv = cpu_bf16_attention_backward(grad, query, key, value, out, lse, ctx.scale, ctx.causal, bounds)
-    return dq, dk, dv, None, None, None
-
-
-torch.library.register_autograd('xtuner_plugins::cpu_bf16_attention_train', _backward, setup_context=_setup)
 
 
 def _autocast_bf16() -> bool:

@@ -432,19 +432,19 @@ def test_kept_turn_ids_are_the_tokenizers_and_dropped_when_tokens_are_added():
     """Repeated turns are tokenised once (an LRU on the tokenizer) and straight through the fast backend: the ids
     are always those of ``tokenizer(texts)``, also right after a ``split_special_tokens`` call left the backend
     splitting, and a token added to the tokenizer is seen at once."""
-    from xtuner_plugins.data import tokenize
+    from xtuner_plugins.data import token_ids
     t = build_tiny_tokenizer()
     texts = ['<|im_start|>user\nhello there<|im_end|>\n', 'x' * 600, '<|im_start|>assistant\nred<|im_end|>\n']
     want = [t(x, add_special_tokens=False).input_ids for x in texts]
-    assert [tokenize._text_ids(t, x) for x in texts] == want
-    assert [tokenize._text_ids(t, x) for x in texts] == want  # kept (the long one not)
+    assert [token_ids._text_ids(t, x) for x in texts] == want
+    assert [token_ids._text_ids(t, x) for x in texts] == want  # kept (the long one not)
     kept = t._xtuner_plugins_turn_ids[1]
     assert (texts[0], False) in kept and (texts[1], False) not in kept
-    tokenize._literal_ids(t, '<|im_end|>', ())  # leaves the backend splitting special tokens
+    token_ids._literal_ids(t, '<|im_end|>', ())  # leaves the backend splitting special tokens
     assert t.backend_tokenizer.encode_special_tokens
-    assert tokenize._ids(t, ['<|im_end|>'], False) == [[t.convert_tokens_to_ids('<|im_end|>')]]
+    assert token_ids._ids(t, ['<|im_end|>'], False) == [[t.convert_tokens_to_ids('<|im_end|>')]]
     t.add_tokens(['hello there'])
-    assert tokenize._text_ids(t, texts[0]) == t(texts[0], add_special_tokens=False).input_ids != want[0]
+    assert token_ids._text_ids(t, texts[0]) == t(texts[0], add_special_tokens=False).input_ids != want[0]
 
 
 def test_control_markers_are_kept_without_counting_the_vocabulary(monkeypatch):

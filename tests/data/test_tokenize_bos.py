@@ -1,9 +1,10 @@
 """A tokenizer whose post-processor adds the bos (Llama 3's way: no ``add_bos_token`` attribute) gets it once, at
 the very start of a training sample, as chat's prompt has it; InternVL's rule read the attribute and put a bos at
-the start of every turn (``data/tokenize.py``: ``adds_bos``)."""
+the start of every turn (``data/token_ids.py``: ``adds_bos``)."""
 
 from xtuner_plugins.data.template import get_template
-from xtuner_plugins.data.tokenize import adds_bos, tokenize_conversation
+from xtuner_plugins.data.token_ids import adds_bos
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
 
 BOS = '<|begin_of_text|>'

@@ -6,7 +6,8 @@ never gives there, and ``--mc likelihood`` picked other options than the trained
 import pytest
 
 from xtuner_plugins.data.template import IGNORE_INDEX, get_template, template_markers
-from xtuner_plugins.data.tokenize import answer_ids, tokenize_conversation
+from xtuner_plugins.data.token_ids import answer_ids
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.tiny.sentencepiece_tokenizer import build_tiny_sentencepiece_tokenizer
 
 OPTIONS = ['Red', 'red', 'A', 'dark red', '42', 'café', 'The cat.', ' spaced ']

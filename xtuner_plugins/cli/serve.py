@@ -144,10 +144,10 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
 
 
 def tokenizer_adds_bos(folder: str) -> bool:
-    """Whether the folder's tokenizer starts a text with its bos (``data/tokenize.adds_bos``; a tokenizer that needs
+    """Whether the folder's tokenizer starts a text with its bos (``data/token_ids.adds_bos``; a tokenizer that needs
     its folder's code, not run before ``check_code``: ``tokenizer_config.json``'s ``add_bos_token``)."""
     from transformers import AutoTokenizer
-    from xtuner_plugins.data.tokenize import adds_bos
+    from xtuner_plugins.data.token_ids import adds_bos
     try:
         return adds_bos(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     except (OSError, ValueError):

@@ -33,7 +33,8 @@ from PIL import Image
 
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.template import IGNORE_INDEX
-from xtuner_plugins.data.tokenize import answer_ids, tokenize_conversation
+from xtuner_plugins.data.token_ids import answer_ids
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 from xtuner_plugins.models.prompt import check_question
 

@@ -5,7 +5,7 @@ For a question (its stem: no options, no "answer with the letter") and one optio
 the model answers that question with (its chat template, system message and image tokens: ``prompt.py``'s
 :func:`~xtuner_plugins.models.prompt.prompt_inputs` for a converted folder, the training data set's for the model
 being trained: ``eval/hook.py``), and the option's tokens follow it, as training tokenises an answer after the
-assistant turn's prefix (``data/tokenize.answer_ids``: the text alone took a SentencePiece word start, '▁', that
+assistant turn's prefix (``data/token_ids.answer_ids``: the text alone took a SentencePiece word start, '▁', that
 the model never gives there); the figure is the sum of the log-probabilities of those tokens
 (:func:`continuation_logprob`), the end token not included. lm-eval-harness scores multiple choice the same way
 (its ``acc``); the highest figure is the model's choice.
@@ -20,7 +20,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
-from xtuner_plugins.data.tokenize import answer_ids
+from xtuner_plugins.data.token_ids import answer_ids
 
 from .prompt import check_context, folder_conversation, prompt_inputs
 

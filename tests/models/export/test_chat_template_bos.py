@@ -1,5 +1,5 @@
 """The bos of an LLM whose tokenizer adds one (InternLM2's, Llama's), through a converted folder's chat template
-(``export/files.py``): training puts it once at the very start of a sample (``data/tokenize.py``'s ``adds_bos``);
+(``export/files.py``): training puts it once at the very start of a sample (``data/token_ids.py``'s ``adds_bos``);
 vLLM's chat renders the template and tokenises it with ``add_special_tokens=False``, as transformers'
 ``tokenizer.apply_chat_template(..., tokenize=True)`` does, so the template itself must write it. A tokenizer
 without a bos (Qwen2.5's) keeps the template it always had, byte for byte.
@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from xtuner_plugins.data.template import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-from xtuner_plugins.data.tokenize import adds_bos, tokenize_conversation
+from xtuner_plugins.data.token_ids import adds_bos
+from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.models.export.files import BOS, chat_template, save_tokenizer, template_system, with_system
 from xtuner_plugins.models.export.gguf import chat_prompt
 from xtuner_plugins.models.export.llava import LLAVA_IMAGE_TEXT

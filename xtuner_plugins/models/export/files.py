@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from xtuner_plugins.data.template import get_template
-from xtuner_plugins.data.tokenize import adds_bos
+from xtuner_plugins.data.token_ids import adds_bos
 
 from ..internvl import VisionLanguageModel
 
@@ -77,7 +77,7 @@ def chat_template(template_name: str, default_system: Optional[str] = None, imag
     hold a video, whose template refuses one with an error.
 
     ``bos``: the template starts with the tokenizer's bos (``{{ bos_token }}``), for an LLM whose tokenizer adds one
-    (:func:`~xtuner_plugins.data.tokenize.adds_bos`: InternLM2's, Llama's): training puts it once at the start of a
+    (:func:`~xtuner_plugins.data.token_ids.adds_bos`: InternLM2's, Llama's): training puts it once at the start of a
     sample, and vLLM's chat and ``tokenizer.apply_chat_template(..., tokenize=True)`` add no special tokens to the
     rendered text, so only the template can give it (transformers' ``processor.apply_chat_template`` then adds none
     either; this project's own callers pass ``add_special_tokens=False``: ``prompt.py``'s ``encode_prompt``).

@@ -257,7 +257,7 @@ def test_mmbench_images_follow_the_same_rule(tmp_path):
     import base64
 
     from tests.eval.test_data import ROWS, write_tsv
-    from xtuner_plugins.eval.data import read_mmbench_tsv
+    from xtuner_plugins.eval.mmbench import read_mmbench_tsv
     path = write_image(tmp_path / 'x16.png', size=(30, 20), mode='I;16', seed=4)
     with open(path, 'rb') as f:
         row = dict(ROWS[0], image=base64.b64encode(f.read()).decode())

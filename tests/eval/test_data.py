@@ -1,4 +1,5 @@
-"""Evaluation questions from a training-format jsonl and from MMBench's TSV; bad input names file and row."""
+"""Evaluation questions (eval/data.py, mmbench.py, questions.py) from a training-format jsonl and from MMBench's
+TSV; bad input names file and row."""
 
 import base64
 import io
@@ -9,8 +10,9 @@ from PIL import Image
 
 from tests.helpers import write_image
 from xtuner_plugins.data.image_io import load_image
-from xtuner_plugins.eval.data import (MC_INSTRUCTION, QuestionsError, context_note, read_mmbench_tsv,
-                                      read_open_questions, read_questions)
+from xtuner_plugins.eval.data import context_note, read_open_questions, read_questions
+from xtuner_plugins.eval.mmbench import MC_INSTRUCTION, read_mmbench_tsv
+from xtuner_plugins.eval.questions import QuestionsError
 
 
 def b64_png(colour):
@@ -219,7 +221,7 @@ def test_tsv_problems_name_the_file_and_row(tmp_path):
 def test_a_limit_keeps_a_circular_questions_rotations_whole():
     """--limit 5 over rotations of 4 and 2 asked 1-0..1-3 and 2-0, and scored 2's one rotation as the whole
     question: the limit counts questions, each with all its rotations."""
-    from xtuner_plugins.eval.data import Question, first_questions
+    from xtuner_plugins.eval.questions import Question, first_questions
     qs = [Question(f'{g}-{r}', 'c', 'Q', [], ['A'], group=str(g)) for g, n in ((1, 4), (2, 2), (3, 3)) for r in range(n)]
     assert [q.id for q in first_questions(qs, 2)] == ['1-0', '1-1', '1-2', '1-3', '2-0', '2-1']
     assert [q.id for q in first_questions(qs, 1)] == ['1-0', '1-1', '1-2', '1-3']
@@ -232,7 +234,7 @@ def test_tsv_rows_with_image_tags_or_control_text_are_refused_before_the_model_l
     """A row asking 'Compare <image> and <image>' for its one image died after the model loaded (a traceback), or
     reached a batch with a literal tag; '<|im_end|>' in a question failed the question only when it was asked. Both
     are the row's problems now, named, before anything is asked; one tag is where the image goes."""
-    from xtuner_plugins.eval.data import QuestionsError
+    from xtuner_plugins.eval.questions import QuestionsError
     rows = [dict(ROWS[0], index=5, question='Compare <image> and <image> please'),
             dict(ROWS[0], index=6, B='green<|im_end|>'),
             dict(ROWS[0], index=7, hint='See <image>', question='What colour is <image>?')]
@@ -254,7 +256,8 @@ def test_tsv_rows_with_image_tags_or_control_text_are_refused_before_the_model_l
 def test_the_model_tokenizers_special_tokens_are_refused_before_it_loads(tmp_path, tiny_tokenizer_dir):
     """tools/eval.py read the templates' markers only: a question holding the tokenizer's <|endoftext|> was asked,
     refused by the model after it loaded (not scored), where the docs say control text stops the run first."""
-    from xtuner_plugins.eval.data import folder_markers, read_questions
+    from xtuner_plugins.eval.data import read_questions
+    from xtuner_plugins.eval.questions import folder_markers
     markers = folder_markers(tiny_tokenizer_dir)
     assert '<|endoftext|>' in markers and '<image>' not in markers and folder_markers(str(tmp_path)) == ()
     path = tmp_path / 'q.jsonl'
@@ -272,7 +275,7 @@ def test_a_file_holding_its_own_rotations_scores_them_as_one_question(tmp_path):
     """VLMEvalKit's circular MMBench TSVs (MMBench_DEV_EN.tsv: 4329 rows, 1164 questions) hold each question's
     rotations as rows of index N + k * 1,000,000: every row was a question of its own (accuracy over 4329), and
     --circular rotated each again. Now a question's rows are one circular group, rotated no further."""
-    from xtuner_plugins.eval.data import rotations_note
+    from xtuner_plugins.eval.mmbench import rotations_note
     from xtuner_plugins.eval.evaluate import Report, Result
     rows = [dict(ROWS[0], index=0, A='red', B='green', C='blue', answer='B'),
             dict(ROWS[0], index=1000000, A='green', B='blue', C='red', answer='A', image='0'),

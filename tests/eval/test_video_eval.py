@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import conv, write_image, write_jsonl, write_video
 from xtuner_plugins.eval import Report, evaluate, read_questions
 from xtuner_plugins.data import video as video_module
-from xtuner_plugins.eval.data import QuestionsError
+from xtuner_plugins.eval.questions import QuestionsError
 
 
 class Model:

@@ -49,7 +49,9 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from xtuner_plugins.eval import Report, evaluate, read_questions
-from xtuner_plugins.eval.data import context_note, first_questions, folder_markers, rotations_note
+from xtuner_plugins.eval.data import context_note
+from xtuner_plugins.eval.mmbench import rotations_note
+from xtuner_plugins.eval.questions import first_questions, folder_markers
 from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, AnswersUnwritten, model_identity
 from xtuner_plugins.eval.scoring import METRICS

@@ -1,11 +1,14 @@
-"""Evaluation: questions (``data``), the one scorer (``scoring``), asking and reporting (``evaluate``), the answers
-file an interrupted ``tools/eval.py`` resumes from (``answers``), and the evaluation during training (``hook``,
-imported on first use: ``tools/eval.py`` starts without MMEngine's runner).
+"""Evaluation: questions (``questions``; read by ``data``, a jsonl, and ``mmbench``, a TSV), the one scorer
+(``scoring``), asking and reporting (``evaluate``), the answers file an interrupted ``tools/eval.py`` resumes from
+(``answers``), and the evaluation during training (``hook``, imported on first use: ``tools/eval.py`` starts
+without MMEngine's runner).
 """
 
 from xtuner_plugins.lazy import lazy_exports
 
-from .data import Question, QuestionsError, read_mmbench_tsv, read_open_questions, read_questions
+from .data import read_open_questions, read_questions
+from .mmbench import read_mmbench_tsv
+from .questions import Question, QuestionsError
 from .evaluate import BLANK, Failure, Report, Result, evaluate, score
 from .scoring import anls, exact_match, extract_option, normalize_answer
 

@@ -43,7 +43,7 @@ from PIL import Image
 
 from xtuner_plugins.data.image_io import load_image
 
-from .data import Question
+from .questions import Question
 from .evaluate import Failure, Result
 
 __all__ = ['AnswersFile', 'file_identity', 'model_identity']

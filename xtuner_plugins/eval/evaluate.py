@@ -1,6 +1,6 @@
 """Ask every question, score the answers, and tell how much the model relies on the image.
 
-``evaluate(model, questions)`` asks each :class:`~xtuner_plugins.eval.data.Question` through a model with an
+``evaluate(model, questions)`` asks each :class:`~xtuner_plugins.eval.questions.Question` through a model with an
 ``ask(prompt, images, generation)`` and a ``reset()`` (:class:`~xtuner_plugins.models.inference.ConvertedModel`:
 every export format), greedily, one question at a time, and with ``blind=True`` once more with every image
 replaced by a blank one of the same size (mid grey: zero after the usual normalisation). The blind accuracy is
@@ -40,7 +40,7 @@ from xtuner_plugins.data.image_io import read_image_size
 from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.prompt import NoVideo, PromptTooLong
 
-from .data import Question
+from .questions import Question
 from .scoring import METRICS, READ_BY, read_option
 
 __all__ = ['Result', 'Failure', 'Report', 'Ranked', 'evaluate', 'judge', 'score', 'BLANK', 'MC_MODES']

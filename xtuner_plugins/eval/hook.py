@@ -38,7 +38,8 @@ from xtuner_plugins.data.tokenize import tokenize_conversation
 from xtuner_plugins.data.tiling import image_tiles
 from xtuner_plugins.models.prompt import check_question
 
-from .data import first_questions, read_questions
+from .data import read_questions
+from .questions import first_questions
 from .evaluate import MC_MODES, Failure, Report, evaluate
 
 __all__ = ['EvalHook', 'TrainingModelAnswerer']

@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import tiny_workspace
 from xtuner_plugins.cli.serve import main as serve_main
-from xtuner_plugins.cli.serve import NO_LOCAL_MEDIA, NO_REMOTE_MEDIA, settings
+from xtuner_plugins.cli.serve_settings import settings
+from xtuner_plugins.cli.serve_vllm import NO_LOCAL_MEDIA, NO_REMOTE_MEDIA
 
 
 def write_folders(root, formats=('official', 'hf')):

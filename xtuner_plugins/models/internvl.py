@@ -19,6 +19,9 @@ The submodules carry InternVL's names whatever their type (``vision_model``, ``m
 data must match (tile size, tokens per tile, image mode). The batch is the collate function's: ``uint8``
 tiles are normalised here, on the device, with the encoder's mean/std. Checkpoints hold only what is
 trained (``state_dict`` drops frozen parameters); frozen parts come back from their source checkpoints.
+
+This module holds the class, its settings and checkpoints; its parts are built in ``parts.py``, set up for training
+(frozen or trained, LoRA, checkpointing, kernels) in ``vlm_setup.py``, and run in ``vlm_forward.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import inspect
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from torch import nn
 
@@ -36,20 +38,17 @@ from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, get_template
 from xtuner_plugins.data.tiling import normalize_tiles
 from xtuner_plugins.errors import Refused
 
-from .attention import (SEGMENT_ATTENTION, SEGMENTED, cudnn_attention_off, llm_attention, packed_rows,
-                        recurrent_layer, segment_bounds, sliding_window)
-from .compile import compile_model
-from .cpu_attention import NAME, as_sdpa, opt_out, route, serves_here
-from .liger import apply_liger, check_liger
+from . import vlm_forward
+from .attention import SEGMENTED, cudnn_attention_off
+from .liger import check_liger
 from .lineage import lineage_record, source_paths
 from .head import unwrapped
-from .lora import apply_lora
-from .loss import causal_lm_loss, decoder_chunked_loss, supervised_positions
-from .moe import check_coef, no_router_logits, real_tokens, router_aux
+from .moe import check_coef
 from .parts import build_parts, check_settings, log_parameter_counts
 from .precision import training_dtype
 from .recompute import checkpoint_first_layers, checkpointing_kwargs, recompute_mode, zero3_enabled
 from .stages import check_template, inherited_template, load_stages, load_trained
+from .vlm_setup import set_up_training
 
 
 class VisionLanguageModel(BaseModel):
@@ -261,68 +260,11 @@ class VisionLanguageModel(BaseModel):
         self.downsample_ratio = getattr(self.mlp1, 'downsample_ratio', None)
         self.ps_version = getattr(self.mlp1, 'ps_version', None)
 
-        self.freeze_vision, self.freeze_projector, self.freeze_llm = freeze_vision, freeze_projector, freeze_llm
-        for module, frozen in ((self.vision_model, freeze_vision), (self.mlp1, freeze_projector),
-                               (self.language_model, freeze_llm)):
-            module.requires_grad_(not frozen)
-        # Pretrained weights stay in `dtype`; what is trained is kept in fp32 (DeepSpeed keeps its own
-        # fp32 master copy; MMEngine's AMP casts on the fly).
-        trained_dtype = torch.float32 if trainable_fp32 else dtype
-        self.mlp1.to(trained_dtype if not freeze_projector else dtype)
-        for module, frozen in ((self.vision_model, freeze_vision), (self.language_model, freeze_llm)):
-            if not frozen:
-                module.to(trained_dtype)
-        for param in self.vision.unused_parameters(self.vision_model):
-            param.requires_grad_(False)  # never reached by the features (e.g. SigLIP's pooling head)
-        if pretrained_pth:  # before this stage's adapters: earlier stages' adapters are merged underneath
-            self.load_stages(pretrained_pth)
-        if llm_quantization is not None:
-            from peft import prepare_model_for_kbit_training
-            # freezes the base, keeps norms/embeddings in fp32, makes inputs require grads for checkpointing
-            self.language_model = prepare_model_for_kbit_training(
-                self.language_model, use_gradient_checkpointing=self.llm_recompute is not None,
-                gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute or 'full'))
-        if llm_lora is not None:
-            self.language_model = apply_lora(self.language_model, llm_lora, task_type='CAUSAL_LM')
-        if vision_lora is not None:
-            self.vision_model = apply_lora(self.vision_model, vision_lora)
-        #: a mixture-of-experts LLM's routing and its load-balancing loss (moe.py); None for a dense LLM
-        self.router = router_aux(self.language_model, router_aux_loss_coef)
-        self.llm_recurrent = recurrent_layer(self.language_model)   # refuses packed rows (attention.py)
-        if self.router is not None:
-            print_log(self.router.describe(), logger='current')
-        # the kernel computes bf16 only: an fp32 model's attention stays SDPA's, routed or not
-        if cpu_attention and freeze_vision and vision_lora is None and route(self.vision_model) and bf16:
-            print_log(f"vision tower: attention on the AVX-512 BF16 kernel ({NAME}; model.cpu_attention=False keeps "
-                      "torch's SDPA)", logger='current')
-        if self.llm_recompute:
-            self.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=checkpointing_kwargs(self.llm_recompute))
-            checkpoint_first_layers(self.language_model, self.llm_ckpt_layers)
-        if self.vision_recompute:
-            self.vision_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=checkpointing_kwargs(self.vision_recompute))
-        self.language_model.config.use_cache = False
-        self.reference = None
-        if self.preference is not None and llm_lora is None:
-            from .preference import frozen_copies
-            self.reference = frozen_copies({name: getattr(self, name) for name, frozen in (
-                ('vision_model', freeze_vision), ('mlp1', freeze_projector), ('language_model', freeze_llm))
-                if not frozen}, dtype)
-        why_not = [why for why, cond in (('a quantised LLM', llm_quantization is not None),
-                                         ('DeepSpeed ZeRO-3', zero3_enabled()),
-                                         ('a model only run, not trained', not trainable_fp32),
-                                         ('fp32 weights (measured: the bf16 recipe)', not bf16)) if cond]
-        self.liger_kernel = apply_liger(self.language_model, liger)
-        self.compile_blocks = compile_model(self, False if self.liger_kernel else compile_blocks, why_not)
-        if not cpu_attention:
-            opt_out(self)   # the reference copies too
-        elif (attn_implementation == SEGMENT_ATTENTION and serves_here()) or route(self.language_model):
-            if self.reference is not None and 'language_model' in self.reference:
-                route(self.reference['language_model'])   # the reference policy's copy computes as the policy
-            if bf16:
-                print_log(f"LLM: attention ({attn_implementation}) on the AVX-512 BF16 kernel where it computes "
-                          "SDPA's (model.cpu_attention=False keeps torch's SDPA)", logger='current')
+        set_up_training(self, dtype, freeze_vision=freeze_vision, freeze_projector=freeze_projector,
+                        freeze_llm=freeze_llm, trainable_fp32=trainable_fp32, pretrained_pth=pretrained_pth,
+                        llm_quantization=llm_quantization, llm_lora=llm_lora, vision_lora=vision_lora,
+                        router_aux_loss_coef=router_aux_loss_coef, cpu_attention=cpu_attention,
+                        attn_implementation=attn_implementation, liger=liger, compile_blocks=compile_blocks)
         log_parameter_counts(self)
 
     def init_weights(self):
@@ -397,61 +339,10 @@ class VisionLanguageModel(BaseModel):
         whose image flag is 1. Every tile (dummies too) runs through the vision tower, so all ranks
         run the same modules whatever their batch holds. ``parts``: see :meth:`part`; ``features``: the tower's
         output for these tiles (:meth:`tower_features`), made once for both answers of preference pairs."""
-        if features is None:
-            features = self.tower_features(pixel_values, parts)
-        vit_embeds = self.part('mlp1', parts)(features)
-        embeds = self.part('language_model', parts).get_input_embeddings()(input_ids)
-        real = vit_embeds[image_flags.to(vit_embeds.device) == 1]
-        selected = input_ids == self.img_context_token_id
-        n_slots, n_feats = int(selected.sum()), real.shape[0] * real.shape[1]
-        if n_slots != n_feats:
-            raise ValueError(
-                f'the batch has {n_slots} {IMG_CONTEXT_TOKEN} tokens but {n_feats} image features '
-                f'({real.shape[0]} tiles with image flag 1 x {real.shape[1]} tokens per tile); the data and '
-                f'the model disagree on tiles or tokens per tile')
-        embeds = embeds.clone()
-        embeds[selected] = real.reshape(-1, real.shape[-1]).to(embeds.dtype)
-        # Keep dummy tiles in the graph (zero gradient) so ZeRO sees the same parameters used on every rank.
-        return embeds + vit_embeds.sum().to(embeds.dtype) * 0.0
+        return vlm_forward.embed_inputs(self, input_ids, pixel_values, image_flags, parts, features)
 
     def forward(self, data: Dict[str, torch.Tensor], data_samples=None, mode: str = 'loss'):
-        if mode not in ('loss', 'tensor', 'predict'):
-            raise ValueError(f'unknown mode {mode!r}; use "loss", "tensor" or "predict"')
-        if mode == 'loss' and data.get('num_pairs') is not None:
-            from .preference import pair_loss
-            return pair_loss(self, data)
-        embeds = self.embed_inputs(data['input_ids'], data['pixel_values'], data['image_flags'])
-        position_ids = data.get('position_ids')
-        attention_mask, segments = llm_attention(data, embeds, as_sdpa(self.language_model.config._attn_implementation),
-                                                  sliding_window(self.language_model.config), self.llm_recurrent)
-        kwargs, positions = no_router_logits(self.router), None
-        if segments is not None and self.language_model.config._attn_implementation in SEGMENTED:
-            kwargs['segment_bounds'] = segment_bounds(data['seq_lens'], embeds.shape[1])
-        balance = mode == 'loss' and self.router is not None and self.router.coef > 0
-        if mode == 'loss' and (self.loss_chunk or 'fused_loss' in self.liger_kernel or self.llm_keeps_logits
-                               or balance):
-            # lm_head and the cross-entropy run at the supervised positions only: image, system and question
-            # tokens need no logits (with a 150k vocabulary those are most of the step's logits memory)
-            positions = supervised_positions(data['labels'].to(embeds.device))
-            if self.loss_chunk or 'fused_loss' in self.liger_kernel or balance:
-                with packed_rows('segment_bounds' in kwargs):
-                    loss, aux = decoder_chunked_loss(
-                        self.language_model, embeds, data['labels'], positions, self.loss_chunk,
-                        self.loss_reduction, segments, fused='fused_loss' in self.liger_kernel,
-                        compiled='llm' in self.compile_blocks, router=self.router if balance else None,
-                        real=real_tokens(data, segments), attention_mask=attention_mask, position_ids=position_ids,
-                        **kwargs)
-                return {'loss': loss} if aux is None else {'loss': loss, 'router_aux_loss': aux}
-            kwargs['logits_to_keep'] = positions
-        with packed_rows('segment_bounds' in kwargs):
-            out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                      use_cache=False, return_dict=True, **kwargs)
-        if mode == 'tensor':
-            return out.logits
-        if mode == 'predict':
-            return out.logits, data_samples
-        return {'loss': causal_lm_loss(out.logits, data['labels'], self.loss_reduction, segments=segments,
-                                       positions=positions, compiled='llm' in self.compile_blocks)}
+        return vlm_forward.forward(self, data, data_samples, mode)
 
     def parse_losses(self, losses):
         """MMEngine's sum of the losses, then the non-finite check of every path (plain, DDP, DeepSpeed), before

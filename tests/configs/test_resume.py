@@ -185,6 +185,9 @@ def test_a_resume_given_only_its_checkpoint_goes_on_with_the_settings_recorded_i
             and f != 'train_output.log']
     assert any('goes on with the settings' in open(p).read() for p in logs), logs   # the run's own log file
     assert f"model.llm='{tiny['llm']}' (the config: " in resumed.log, resumed.log[-3000:]
+    # each was named on the run's command line, which its checkpoints record: none is said as the file's edit
+    assert 'model.llm' in torch.load(checkpoint, map_location='cpu', weights_only=False)['meta']['cfg_named']
+    assert 'the config file gives otherwise' not in resumed.log, resumed.log[-3000:]
     assert os.path.isfile(os.path.join(resumed.work_dir, 'iter_6.pth'))   # every 2 iterations, not the file's 500
     after = {i: v for i, v in resumed.losses.items() if i > 4}
     assert sorted(after) == [5, 6, 7, 8], resumed.losses

@@ -292,3 +292,35 @@ custom_hooks = [dict(type='Hook'), dict(type='Eval', interval=4, data_file={str(
     take_resumed_settings(cfg, ['save_every', 'custom_hooks.0.policy'])   # either name of the interval: both stay
     assert cfg['save_every'] == 500 and 'interval' not in cfg['default_hooks']['checkpoint']
     assert cfg['default_hooks']['checkpoint']['max_keep_ckpts'] == 5
+
+
+def test_a_setting_the_config_file_gave_and_now_gives_otherwise_is_a_warning(tmp_path, run, monkeypatch):
+    """A checkpoint records the keys its run's command line named (engine/named.py): a setting taken from it that
+    its run had from the config file, which says otherwise now (edited since: a user who raised the length or the
+    learning rate there), is said in a WARNING; one the command line gave then in the INFO line. An older
+    checkpoint, without the record: every one in the INFO line (the test above)."""
+    text = torch.load(run['checkpoint'], weights_only=False)['meta']['cfg']
+    named = ['model.llm', 'model.vision_encoder.path', 'train_dataloader.dataset.data_files', 'max_iters']
+    checkpoint = str(tmp_path / 'iter_4.pth')
+    torch.save({'meta': {'cfg': text, 'cfg_named': named}, 'state_dict': {}}, checkpoint)
+    said = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda line, **kw: said.append((kw.get('level'), line)))
+    said_taken(_config(checkpoint), ['model.llm_lora'])
+    resumed_settings.say_taken()
+    (_, info), (_, edited) = [(level, line) for level, line in said if level in (20, 30)][:2]
+    assert [level for level, _ in said][:2] == [20, 30], said
+    assert f"model.llm='{run['llm']}'" in info and 'train_cfg.max_iters=6' in info   # named then
+    assert "model.template='qwen2_5'" not in info
+    assert edited.startswith(f'--resume {checkpoint}: the config file gives otherwise than when the run began'), edited
+    assert "model.template='qwen2_5' (the config: None)" in edited and 'optim_wrapper.optimizer.lr=0.01' in edited
+    assert "optim_wrapper.accumulative_counts=1 (the config: 16)" in edited   # in the optimizer wrapper's words
+    assert 'model.llm=' not in edited and 'max_iters' not in edited and 'model.llm_lora' not in edited
+    from xtuner_plugins.engine import named as record
+    assert record._NAMED == sorted(named + ['model.llm_lora'])   # what this run's checkpoints record: both
+    said.clear()
+    cfg = _config(checkpoint)
+    cfg.update(max_iters=9)   # the file's length edited (max_epochs=1 still): it wins over max_epochs; said so
+    torch.save({'meta': {'cfg': text, 'cfg_named': []}, 'state_dict': {}}, checkpoint)
+    said_taken(cfg, [])
+    resumed_settings.say_taken()
+    assert any(level == 30 and 'train_cfg.max_iters=6 (the config: max_iters=9)' in line for level, line in said), said

@@ -173,7 +173,8 @@ class PreferenceStateHook(Hook):
 class LineageHook(Hook):
     """What the model was trained from (``models/lineage.py``): stops a stage meant to follow an earlier one that
     was started without it (``model.pretrained_pth``; ``model.from_scratch=True`` when that is meant), and records
-    the model's lineage in every checkpoint's ``meta`` for the converter, the tools and the next stage."""
+    the model's lineage in every checkpoint's ``meta`` for the converter, the tools and the next stage, and the
+    settings the run's command line named (``engine/named.py``) for a resume."""
 
     priority = 'VERY_HIGH'
     KEY = 'lineage'
@@ -190,3 +191,5 @@ class LineageHook(Hook):
         lineage = getattr(unwrap_model(runner.model), 'lineage', None)
         if lineage is not None:
             checkpoint.setdefault('meta', {})[self.KEY] = lineage
+        from .named import record
+        record(checkpoint)   # the keys the run's command line named, for a resume's words (engine/named.py)

@@ -34,7 +34,8 @@ what makes the run the one it resumes, where the command line names none of it:
 A config whose optimizer or training loop is of another class than the run's is refused: the saved state would
 not load (AdamW's into SGD: a KeyError traceback), or a loop of epochs over a run of iterations trained past its end
 and saved nothing. A setting the component this run builds does not take (a setting an older version had) is
-not taken. What was taken and what was not are said once the run's log is open (:func:`say_taken`). A setting
+not taken. What was taken and what was not are said once the run's log is open (:func:`say_taken`); a setting the
+run had from its config file, which says otherwise now (edited since: ``engine/named.py``), in a warning. A setting
 named on the command line is this run's, even at the config file's own value: it stays, and the resume's checks
 refuse it where it differs from the checkpoint's. A ``load_from`` without ``--resume`` starts a new run from the
 weights: its settings are its own.
@@ -45,69 +46,28 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Iterable, List, Mapping, Optional, Tuple
+from typing import Iterable, List, Mapping, Tuple
 
 from xtuner_plugins.engine.length import _LOOP   # the loop's two lengths, as the length module reads them
+from xtuner_plugins.engine.settings_taker import (CHECKS, SAFETY, Taker, differs, kind_of, named_by, takeable,
+                                                  takes)
 from xtuner_plugins.models.runconfig import inner_dataset
 
 #: the model's settings of how this run computes, not what: a resume may change them (another machine, memory)
 HOW_IT_RUNS = ('vision_grad_ckpt', 'llm_grad_ckpt', 'llm_grad_ckpt_layers', 'attn_implementation',
                'cudnn_attention', 'zero3_init', 'loss_chunk', 'compile_blocks', 'liger_kernel', 'cpu_attention')
-#: the data set's settings that stay this run's: its cache, and what input it accepts (:data:`SAFETY`, said where
-#: the checkpoint's differs: a run that relaxed one gives it again)
-SAFETY = ('allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
+#: the data set's settings that stay this run's: its cache, and what input it accepts (SAFETY: said where they differ)
 THIS_RUNS = ('cache_dir',) + SAFETY
-#: the hooks' settings of what the run lets pass (a changed data set, non-finite steps, an eval's low reliance):
-#: this run's, said where the checkpoint's differ, as :data:`SAFETY`: one resume that relaxed one does not relax
-#: every later one
-CHECKS = ('on_data_change', 'policy', 'max_skipped', 'min_reliance', 'on_low_reliance')
 #: the hooks' settings of this machine (the stall watchdog's time, another machine's)
 HOOKS_HERE = ('default_hooks.stall_watchdog.timeout',)
-#: settings that name files or folders (the data set's, an evaluation hook's), taken only where they are there
-PATHS = ('data_files', 'image_folders', 'shards', 'data_file', 'image_folder')
 #: the run's shape in DeepSpeed's words (``strategy``) and the command-line keys that set each
 _STRATEGY = {'gradient_accumulation_steps': 'optim_wrapper.accumulative_counts',
              'train_micro_batch_size_per_gpu': 'train_dataloader.batch_size',
              'gradient_clipping': 'optim_wrapper.clip_grad'}
-#: two names of one setting: the command line naming either keeps both
-_SAME = {'save_every': 'default_hooks.checkpoint.interval', 'default_hooks.checkpoint.interval': 'save_every'}
 
 #: what :func:`said_taken` took (its keys, for :func:`carry_taken`) and its log lines, said by :func:`say_taken`
 _TAKEN: List[str] = []
 _NOTES: List[Tuple[int, str]] = []
-
-
-def _given(key: str, given: Iterable[str]) -> bool:
-    """Whether the command line named ``key``, a part of it, or a setting that holds it."""
-    return any(k == key or k.startswith(key + '.') or key.startswith(k + '.') for k in given)
-
-
-def _differs(a, b) -> bool:
-    from xtuner_plugins.models.provenance import comparable
-    return comparable(a) != comparable(b)
-
-
-def _takeable(recorded, now) -> bool:
-    """Whether a recorded value (read as data) can stand where ``now`` is: the same kind (a number for a number, a
-    list for a tuple), or None on either side; a class or a dtype the config names is read as its text."""
-    if recorded is None or now is None or isinstance(recorded, type(now)):
-        return True
-    kinds = ((int, float), (list, tuple))
-    return any(isinstance(recorded, k) and isinstance(now, k) and not isinstance(now, bool) for k in kinds)
-
-
-def _takes(now: Mapping, key: str) -> bool:
-    """Whether the component ``now`` configures takes ``key`` (one it holds already, or its class's argument)."""
-    if key in now or 'type' not in now:
-        return True
-    from xtuner_plugins.engine.signatures import accepted
-    names = accepted(now['type'])
-    return names is None or key in names
-
-
-def _kind(node: Mapping) -> str:
-    from xtuner_plugins.models.provenance import comparable
-    return str(comparable(node.get('type'), 'type'))
 
 
 def _refuse_another(what: str, then: Mapping, now: Mapping, path: str) -> None:
@@ -115,10 +75,10 @@ def _refuse_another(what: str, then: Mapping, now: Mapping, path: str) -> None:
     AdamW's state into SGD failed in a KeyError traceback; a loop of epochs over one of iterations trained past
     its end and saved nothing)."""
     if isinstance(then, Mapping) and isinstance(now, Mapping) and 'type' in then and 'type' in now \
-            and _kind(then) != _kind(now):
+            and kind_of(then) != kind_of(now):
         from xtuner_plugins.errors import Refused
-        raise Refused(f'--resume {path}: it was trained with the {what} {_kind(then)}, and this config gives '
-                      f'{_kind(now)}: the saved state is the other\'s. Resume with the config it was trained with, '
+        raise Refused(f'--resume {path}: it was trained with the {what} {kind_of(then)}, and this config gives '
+                      f'{kind_of(now)}: the saved state is the other\'s. Resume with the config it was trained with, '
                       'or start a new run from its weights (model.pretrained_pth=PATH, another --work-dir)')
 
 
@@ -132,60 +92,7 @@ def _streams(dataset) -> bool:
     return isinstance(kind, str) and kind.rsplit('.', 1)[-1] in ('OnlinePackedDataset', 'ShardDataset')
 
 
-def _shown(node: Mapping, key: str) -> str:
-    """The config's value of ``key`` as said: 'its default' where it sets none."""
-    return repr(node[key]) if key in node else 'its default'
-
-
-def _missing(value) -> Optional[str]:
-    """The first path of a file setting's value that is not there, or None."""
-    paths = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
-    return next((p for p in paths if isinstance(p, str) and not os.path.exists(p)), None)
-
-
-class _Taker:
-    def __init__(self, given: Iterable[str]):
-        self.given, self.taken, self.left = list(given), [], []
-
-    def take(self, node: dict, key: str, value, name: str, given_as: Optional[str] = None) -> None:
-        given_as = given_as or _SAME.get(name)
-        if _given(name, self.given) or (given_as and _given(given_as, self.given)):
-            return
-        self.taken.append(f'{name}={value!r} (the config: {_shown(node, key)})')
-        node[key] = copy.deepcopy(value)
-
-    def walk(self, then: dict, now: dict, prefix: str, skip=()) -> None:
-        """Take each setting of ``then`` (the recorded) that ``now`` (this run's) holds otherwise, setting by setting
-        into nested ones; a class (``type``) and a setting named in ``skip`` (by its last name, or whole) stay, and
-        a component of another class keeps its own."""
-        if 'type' in then and 'type' in now and _kind(then) != _kind(now):
-            self.left.append(f'{prefix}: trained as {_kind(then)}, this config builds {_kind(now)} (its settings '
-                             'are not taken)')
-            return
-        for key, value in then.items():
-            name, mine = f'{prefix}.{key}', now.get(key)
-            if key == 'type':
-                continue
-            if isinstance(value, dict) and isinstance(mine, dict):
-                self.walk(value, mine, name, skip)
-            elif isinstance(value, dict) or isinstance(mine, dict) or not _differs(value, mine) \
-                    or _given(name, self.given):
-                continue
-            elif key in SAFETY + CHECKS and key in skip:
-                what = 'what input a run accepts' if key in SAFETY else 'what a run lets pass'
-                self.left.append(f'{name}={value!r} ({what} is its own: this one has {_shown(now, key)}; '
-                                 'name it to keep it)')
-            elif key in skip or name in skip or not _takeable(value, mine):
-                continue
-            elif not _takes(now, key):
-                self.left.append(f'{name}={value!r} (not a setting of {now["type"]!r} now)')
-            elif key in PATHS and _missing(value):
-                self.left.append(f'{name}: {_missing(value)} not found (the config\'s {mine!r} is used)')
-            else:
-                self.take(now, key, value, name)
-
-
-def _sources(taker: _Taker, model: dict, then: dict, record: Mapping) -> None:
+def _sources(taker: Taker, model: dict, then: dict, record: Mapping) -> None:
     from xtuner_plugins.models.lineage import SOURCE_KEYS
     for key in SOURCE_KEYS:
         mine, theirs = model.get(key), then.get(key)
@@ -201,13 +108,13 @@ def _sources(taker: _Taker, model: dict, then: dict, record: Mapping) -> None:
         found = next((p for p in ((record.get(key) or {}).get('abspath'), recorded)
                       if isinstance(p, str) and os.path.exists(p)), None)
         if found is None:
-            if not _given(label, taker.given):
+            if not named_by(label, taker.given):
                 taker.left.append(f'{label}: {recorded} not found (the config\'s {node.get(name)!r} is used)')
         elif found != node.get(name):
             taker.take(node, name, found, label)
 
 
-def _shape(taker: _Taker, recorded: Mapping, cfg: Mapping) -> None:
+def _shape(taker: Taker, recorded: Mapping, cfg: Mapping) -> None:
     """The batch size, accumulation and clipping, from the optimizer wrapper's or DeepSpeed's words into this
     run's."""
     def read(c) -> dict:
@@ -220,9 +127,9 @@ def _shape(taker: _Taker, recorded: Mapping, cfg: Mapping) -> None:
     then, now = read(recorded), read(cfg)
     strategy, optim = cfg.get('strategy'), cfg.get('optim_wrapper')
     for key, value in then.items():
-        if value is None or not _differs(value, now.get(key)) or key == 'train_micro_batch_size_per_gpu':
+        if value is None or not differs(value, now.get(key)) or key == 'train_micro_batch_size_per_gpu':
             continue   # (the batch size: the loader's, below; XTuner's strategy copies it)
-        if key == 'gradient_accumulation_steps' and any(_given(k, taker.given) for k in (
+        if key == 'gradient_accumulation_steps' and any(named_by(k, taker.given) for k in (
                 _STRATEGY[key], f'strategy.{key}')):   # named otherwise: the optimizer's steps change from here
             taker.left.append(f'{_STRATEGY[key]}={value!r} (named {now.get(key)!r}: each optimizer step from here '
                               f'takes {now.get(key)!r} iterations\' gradients where the run\'s took {value!r}; the '
@@ -240,20 +147,21 @@ def _shape(taker: _Taker, recorded: Mapping, cfg: Mapping) -> None:
                    given_as='train_dataloader.batch_size')
 
 
-def _length(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
+def _length(taker: Taker, recorded: Mapping, cfg: dict) -> None:
     """The loop's length the run was started for, into this run's loop (``length.resolve_training_length``
     takes a length in the loop over the config's top-level one)."""
     then, loop = recorded.get('train_cfg'), cfg.get('train_cfg')
     if not isinstance(then, Mapping) or not isinstance(loop, dict):
         return
-    if any(_given(k, taker.given) for k in _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP)):
+    if any(named_by(k, taker.given) for k in _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP)):
         return
     key = next((k for k in _LOOP if then.get(k) is not None), None)
     now = next(((k, loop[k]) for k in _LOOP if loop.get(k) is not None), None) or next(
-        ((k, cfg[k]) for k in _LOOP if cfg.get(k) is not None), None)
-    if key is None or now == (key, then[key]) or not _takes(loop, key):
+        ((k, cfg[k]) for k in ('max_iters', 'max_epochs') if cfg.get(k) is not None), None)   # (max_iters wins)
+    if key is None or now == (key, then[key]) or not takes(loop, key):
         return
-    taker.taken.append(f'train_cfg.{key}={then[key]!r} (the config: {"=".join(map(str, now)) if now else None})')
+    taker.note(f'train_cfg.{key}={then[key]!r} (the config: {"=".join(map(str, now)) if now else None})',
+               _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP))
     loop.pop(_LOOP[1 - _LOOP.index(key)], None)
     loop[key] = then[key]
 
@@ -263,7 +171,7 @@ def _keeps(value) -> float:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else float('inf')
 
 
-def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
+def _runtime(taker: Taker, recorded: Mapping, cfg: dict) -> None:
     """The hooks' settings (when the run saves, how many checkpoints it keeps: a resume under the config's
     ``max_keep_ckpts=2`` deleted the checkpoints a run kept 5 of; what it logs), the log's window and the seed; not
     :data:`CHECKS` nor :data:`HOOKS_HERE`, nor a ``max_keep_ckpts`` that would keep fewer than the config's (a
@@ -280,8 +188,8 @@ def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
             hooks = key == 'default_hooks'   # (a hook this config lacks is not added)
             taker.walk({k: v for k, v in then.items() if k in now or not hooks}, now, key,
                        CHECKS + HOOKS_HERE + fewer)
-        elif key in recorded and key in cfg and not isinstance(now, dict) and _differs(then, now) \
-                and _takeable(then, now):
+        elif key in recorded and key in cfg and not isinstance(now, dict) and differs(then, now) \
+                and takeable(then, now):
             taker.take(cfg, key, then, key)
     then, now = recorded.get('custom_hooks'), cfg.get('custom_hooks')
     if not isinstance(then, list) or not isinstance(now, list):
@@ -291,7 +199,7 @@ def _runtime(taker: _Taker, recorded: Mapping, cfg: dict) -> None:
         found: dict = {}
         for i, hook in enumerate(hooks):
             if isinstance(hook, dict) and 'type' in hook:
-                found.setdefault(_kind(hook), []).append(i)
+                found.setdefault(kind_of(hook), []).append(i)
         return found
     theirs, mine = by_class(then), by_class(now)
     for kind, places in theirs.items():
@@ -307,24 +215,35 @@ def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], L
     """Take the resumed checkpoint's settings into ``cfg`` (in place) where the command line (``given``: the keys
     it named) names none of them (module docstring); returns what was taken, each ``'key=value (the config:
     value)'``, and what was not, each with why."""
+    taker = _take(cfg, given)
+    return taker.taken, taker.left
+
+
+def _take(cfg: dict, given: Iterable[str]) -> Taker:
+    """:func:`take_resumed_settings`, its taker returned (what the run's config file gave otherwise, too)."""
     from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
     model = cfg.get('model')
     path = loaded_checkpoint(cfg) if cfg.get('resume') is True and isinstance(model, dict) else None
     if path is None:
-        return [], []
+        return Taker(given)
+    from xtuner_plugins.engine import named
     from xtuner_plugins.models.checkpoint import config_settings, read_meta
     from xtuner_plugins.models.lineage import read_lineage
+    taker = Taker(given)
     try:
-        text = read_meta(path).get('cfg')
-        if not text:
-            return [], [f'it records no training config: the settings are this config\'s ({cfg.get("filename", "")})']
-        recorded = config_settings(text, f"{path}: meta['cfg'] (the training config)")
+        meta = read_meta(path)
+        if not meta.get('cfg'):
+            taker.left.append(f'it records no training config: the settings are this config\'s '
+                              f'({cfg.get("filename", "")})')
+            return taker
+        recorded = config_settings(meta['cfg'], f"{path}: meta['cfg'] (the training config)")
         record = (read_lineage(path) or {}).get('sources') or {}
     except (OSError, ValueError) as exc:   # a checkpoint that does not read: its load says what is wrong with it
-        return [], [f'its training config is not read ({exc}): the settings are this config\'s']
+        taker.left.append(f'its training config is not read ({exc}): the settings are this config\'s')
+        return taker
+    taker.named_then = named.recorded(meta)
     if not isinstance(recorded.get('model'), dict):
-        return [], []
-    taker = _Taker(given)
+        return taker
     _sources(taker, model, recorded['model'], record)
     from xtuner_plugins.models.lineage import SOURCE_KEYS
     sources = tuple(f'model.{key}{end}' for key in SOURCE_KEYS for end in ('', '.path'))   # (_sources')
@@ -345,20 +264,31 @@ def take_resumed_settings(cfg: dict, given: Iterable[str]) -> Tuple[List[str], L
     _shape(taker, recorded, cfg)
     _length(taker, recorded, cfg)
     _runtime(taker, recorded, cfg)
-    return taker.taken, taker.left
+    return taker
 
 
 def said_taken(cfg: dict, given: Iterable[str]) -> None:
-    """:func:`take_resumed_settings`, its lines kept for :func:`say_taken`."""
-    taken, left = take_resumed_settings(cfg, given)
+    """:func:`take_resumed_settings`, its lines kept for :func:`say_taken`; the keys the run's command line named
+    remembered for its checkpoints (``engine/named.py``)."""
+    from xtuner_plugins.engine import named
+    given = list(given)
+    taker = _take(cfg, given)
+    named.remember(given, taker.named_then)
+    taken, left, edited = taker.taken, taker.left, taker.edited
     _TAKEN[:] = [entry.partition('=')[0] for entry in taken]
     _NOTES.clear()
     if taken or left:
         from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
         what = f'--resume {loaded_checkpoint(cfg)}'
-        if taken:
+        if len(taken) > len(edited):
             _NOTES.append((logging.INFO, f'{what}: goes on with the settings it was trained with (recorded in it; '
-                                         f'the command line names none of them): {"; ".join(taken)}'))
+                                         'the command line names none of them): '
+                                         f'{"; ".join(e for e in taken if e not in edited)}'))
+        if edited:
+            _NOTES.append((logging.WARNING, f'{what}: the config file gives otherwise than when the run began '
+                                            '(edited since, or another file): the run goes on with what it was '
+                                            f'trained with; name a setting on the command line to change it: '
+                                            f'{"; ".join(edited)}'))
         if left:
             _NOTES.append((logging.WARNING, f'{what}: not taken from it: {"; ".join(left)}'))
 

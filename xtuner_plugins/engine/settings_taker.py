@@ -1,0 +1,118 @@
+"""How a resume takes a checkpoint's recorded settings into this run's config, setting by setting
+(``engine/resumed_settings.py`` says which): :class:`Taker` walks the recorded config against this one, takes
+each setting that differs where the command line names none of it, and keeps what it took, what it left (with why)
+and what the run's config file gave then and says otherwise now (``engine/named.py``). What a run accepts and
+lets pass (:data:`SAFETY`, :data:`CHECKS`) stays this run's, said; a file or folder gone (:data:`PATHS`) is not
+taken, said."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Iterable, List, Mapping, Optional
+
+#: the data set's settings that stay this run's: its cache, and what input it accepts (:data:`SAFETY`, said where
+#: the checkpoint's differs: a run that relaxed one gives it again)
+SAFETY = ('allow_links_outside', 'max_image_pixels', 'allow_control_text', 'max_bad_fraction')
+#: the hooks' settings of what the run lets pass (a changed data set, non-finite steps, an eval's low reliance):
+#: this run's, said where the checkpoint's differ, as :data:`SAFETY`: one resume that relaxed one does not relax
+#: every later one
+CHECKS = ('on_data_change', 'policy', 'max_skipped', 'min_reliance', 'on_low_reliance')
+#: settings that name files or folders (the data set's, an evaluation hook's), taken only where they are there
+PATHS = ('data_files', 'image_folders', 'shards', 'data_file', 'image_folder')
+#: two names of one setting: the command line naming either keeps both
+SAME = {'save_every': 'default_hooks.checkpoint.interval', 'default_hooks.checkpoint.interval': 'save_every'}
+
+
+def named_by(key: str, keys: Iterable[str]) -> bool:
+    """Whether the command line named ``key``, a part of it, or a setting that holds it."""
+    return any(k == key or k.startswith(key + '.') or key.startswith(k + '.') for k in keys)
+
+
+def differs(a, b) -> bool:
+    from xtuner_plugins.models.provenance import comparable
+    return comparable(a) != comparable(b)
+
+
+def takeable(recorded, now) -> bool:
+    """Whether a recorded value (read as data) can stand where ``now`` is: the same kind (a number for a number, a
+    list for a tuple), or None on either side; a class or a dtype the config names is read as its text."""
+    if recorded is None or now is None or isinstance(recorded, type(now)):
+        return True
+    kinds = ((int, float), (list, tuple))
+    return any(isinstance(recorded, k) and isinstance(now, k) and not isinstance(now, bool) for k in kinds)
+
+
+def takes(now: Mapping, key: str) -> bool:
+    """Whether the component ``now`` configures takes ``key`` (one it holds already, or its class's argument)."""
+    if key in now or 'type' not in now:
+        return True
+    from xtuner_plugins.engine.signatures import accepted
+    names = accepted(now['type'])
+    return names is None or key in names
+
+
+def kind_of(node: Mapping) -> str:
+    from xtuner_plugins.models.provenance import comparable
+    return str(comparable(node.get('type'), 'type'))
+
+
+def shown(node: Mapping, key: str) -> str:
+    """The config's value of ``key`` as said: 'its default' where it sets none."""
+    return repr(node[key]) if key in node else 'its default'
+
+
+def missing(value) -> Optional[str]:
+    """The first path of a file setting's value that is not there, or None."""
+    paths = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+    return next((p for p in paths if isinstance(p, str) and not os.path.exists(p)), None)
+
+
+class Taker:
+    def __init__(self, given: Iterable[str], named_then: Optional[List[str]] = None):
+        # named_then: the keys the run's command line named (engine/named.py), None where the checkpoint records none
+        self.given, self.named_then, self.taken, self.left, self.edited = list(given), named_then, [], [], []
+
+    def take(self, node: dict, key: str, value, name: str, given_as: Optional[str] = None) -> None:
+        given_as = given_as or SAME.get(name)
+        if named_by(name, self.given) or (given_as and named_by(given_as, self.given)):
+            return
+        self.note(f'{name}={value!r} (the config: {shown(node, key)})', (name, given_as))
+        node[key] = copy.deepcopy(value)
+
+    def note(self, entry: str, names: Iterable[Optional[str]]) -> None:
+        """``entry`` taken; where the run's command line named none of ``names``, its config file gave it then, and
+        says otherwise now (:attr:`edited`)."""
+        self.taken.append(entry)
+        if self.named_then is not None and not any(n and named_by(n, self.named_then) for n in names):
+            self.edited.append(entry)
+
+    def walk(self, then: dict, now: dict, prefix: str, skip=()) -> None:
+        """Take each setting of ``then`` (the recorded) that ``now`` (this run's) holds otherwise, setting by setting
+        into nested ones; a class (``type``) and a setting named in ``skip`` (by its last name, or whole) stay, and
+        a component of another class keeps its own."""
+        if 'type' in then and 'type' in now and kind_of(then) != kind_of(now):
+            self.left.append(f'{prefix}: trained as {kind_of(then)}, this config builds {kind_of(now)} (its settings '
+                             'are not taken)')
+            return
+        for key, value in then.items():
+            name, mine = f'{prefix}.{key}', now.get(key)
+            if key == 'type':
+                continue
+            if isinstance(value, dict) and isinstance(mine, dict):
+                self.walk(value, mine, name, skip)
+            elif isinstance(value, dict) or isinstance(mine, dict) or not differs(value, mine) \
+                    or named_by(name, self.given):
+                continue
+            elif key in SAFETY + CHECKS and key in skip:
+                what = 'what input a run accepts' if key in SAFETY else 'what a run lets pass'
+                self.left.append(f'{name}={value!r} ({what} is its own: this one has {shown(now, key)}; '
+                                 'name it to keep it)')
+            elif key in skip or name in skip or not takeable(value, mine):
+                continue
+            elif not takes(now, key):
+                self.left.append(f'{name}={value!r} (not a setting of {now["type"]!r} now)')
+            elif key in PATHS and missing(value):
+                self.left.append(f'{name}: {missing(value)} not found (the config\'s {mine!r} is used)')
+            else:
+                self.take(now, key, value, name)

@@ -199,14 +199,21 @@ def test_a_stage_whose_work_dir_holds_a_checkpoint_of_its_lineage_is_refused(tmp
 
 def test_a_work_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     """A file, a folder under a file and a symbolic link to nothing were MMEngine's FileExistsError /
-    NotADirectoryError in a traceback ('File exists' for the link, whose target is not there)."""
+    NotADirectoryError in a traceback ('File exists' for the link, whose target is not there); a folder under such
+    a link a FileNotFoundError traceback once the models had loaded; a link loop was said to lead to nothing."""
     (tmp_path / 'f').write_text('hi')
     os.symlink(tmp_path / 'gone', tmp_path / 'link')
+    os.symlink(tmp_path / 'loop', tmp_path / 'loop')
+    make = "a run never makes a link's target: make that folder first, or give another --work-dir"
     for work, says in ((tmp_path / 'f', f'--work-dir {tmp_path}/f is a file, not a folder'),
                        (tmp_path / 'f' / 'sub', f'--work-dir {tmp_path}/f/sub cannot be made: {tmp_path}/f is a '
                                                 'file, not a folder'),
                        (tmp_path / 'link', f'--work-dir {tmp_path}/link is a symbolic link to {tmp_path}/gone, '
-                                           'which does not exist')):
+                                           f'which does not exist; {make}'),
+                       (tmp_path / 'link' / 'sub', f'--work-dir {tmp_path}/link/sub lies under {tmp_path}/link, a '
+                                                   f'symbolic link to {tmp_path}/gone, which does not exist; {make}'),
+                       (tmp_path / 'loop', f'--work-dir {tmp_path}/loop is a symbolic link loop ({tmp_path}/loop -> '
+                                           f'{tmp_path}/loop -> ...); give another --work-dir')):
         with pytest.raises(SystemExit) as stopped:
             Runner.from_cfg(Config(dict(model=dict(), work_dir=str(work))))
         assert stopped.value.code == 2

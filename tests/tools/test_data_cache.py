@@ -89,9 +89,11 @@ def test_a_link_leading_nowhere_or_no_name_is_refused(tmp_path, capsys):
     os.symlink(tmp_path / 'loop2', tmp_path / 'loop1')
     os.symlink(tmp_path / 'loop1', tmp_path / 'loop2')
     os.symlink(tmp_path / 'gone', tmp_path / 'dangling')
-    for given, said in ((tmp_path / 'loop1', 'a symbolic link leading nowhere (a loop of links)'),
-                        (tmp_path / 'dangling', f'a symbolic link leading nowhere (to {tmp_path / "gone"}, which is '
-                                                'not there)'),
+    for given, said in ((tmp_path / 'loop1', f'{tmp_path / "loop1"} is a symbolic link loop ({tmp_path / "loop1"} -> '
+                                             f'{tmp_path / "loop2"} -> ...): no data set can cache there'),
+                        (tmp_path / 'dangling', f'{tmp_path / "dangling"} is a symbolic link to {tmp_path / "gone"}, '
+                                                'which does not exist: no data set can cache there'),
+                        (tmp_path / 'dangling' / 'sub', f'lies under {tmp_path / "dangling"}, a symbolic link to '),
                         ('', "--cache-dir '': give a folder")):
         assert main(['--cache-dir', str(given)]) == 2
         out, err = capsys.readouterr()

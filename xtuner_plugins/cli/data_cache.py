@@ -26,7 +26,6 @@ Exit status 0, 2 for a bad argument or a cache folder that cannot be read.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import os
 import re
@@ -152,13 +151,11 @@ def main(argv=None) -> int:
     folder = args.cache_dir
     if not folder:
         return tool_error(PROG, "--cache-dir '': give a folder (a data set's cache_dir)")
-    if os.path.islink(folder) and not os.path.exists(folder):   # (was 'no cache there', exit 0)
-        try:
-            os.stat(folder)
-        except OSError as exc:
-            why = 'a loop of links' if exc.errno == errno.ELOOP else f'to {os.readlink(folder)}, which is not there'
-            return tool_error(PROG, f'--cache-dir {folder}: a symbolic link leading nowhere ({why}): no data set '
-                                    'can cache there; give the folder itself')
+    from xtuner_plugins.links import leads_nowhere
+    nowhere = leads_nowhere(folder)   # (was 'no cache there', exit 0)
+    if nowhere:
+        return tool_error(PROG, f'--cache-dir {folder} {nowhere.words}: no data set can cache there; give the '
+                                'folder itself')
     if not os.path.exists(folder):
         print(f'{PROG}: {folder}: no cache there (nothing has been cached yet)')
         return 0

@@ -28,15 +28,19 @@ LEAST_FREE = 16 * 2 ** 20
 
 
 def work_dir_refusal(cfg: Mapping) -> Optional[str]:
-    """Why the work folder cannot be one (a file, a symbolic link to nothing, under a file, not writable by this
+    """Why the work folder cannot be one (a file, a symbolic link to nothing or a folder under one, under a file, not writable by this
     user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
     FileExistsError / NotADirectoryError / PermissionError in a traceback, and a run in its LLM's folder saved
     checkpoints there that changed the folder the run records as its source (it no longer converted)."""
     work_dir = cfg.get('work_dir')
     if not isinstance(work_dir, str) or not work_dir:
         return None
-    if os.path.islink(work_dir) and not os.path.exists(work_dir):
-        return f'--work-dir {work_dir} is a symbolic link to {os.readlink(work_dir)}, which does not exist'
+    from xtuner_plugins.links import leads_nowhere
+    nowhere = leads_nowhere(work_dir)   # (under one: MMEngine's makedirs failed in a FileNotFoundError traceback)
+    if nowhere:
+        return f'--work-dir {work_dir} {nowhere.words}; ' + ('a run never makes a link\'s target: make that folder '
+                                                             'first, or give another --work-dir' if nowhere.missing
+                                                             else 'give another --work-dir')
     if os.path.exists(work_dir) and not os.path.isdir(work_dir):
         return f'--work-dir {work_dir} is a file, not a folder'
     above = os.path.abspath(work_dir)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Callable, Optional
 
 from xtuner_plugins.engine.lockfile import LOCK_NAME
 from xtuner_plugins.filemodes import as_plain_files
+from xtuner_plugins.links import leads_nowhere
 
 from .files import Log, _print
 
@@ -41,11 +41,12 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool, log: Log = _print) -> s
     """The folder to write (``out_dir``, or the folder it links to); refuses one that is an input, holds an input
     or lies inside one, one that holds a training run's files (``--overwrite`` never deletes a work folder), and
     a non-empty one without ``overwrite``, and one through a symbolic link that leads nowhere
-    (:func:`link_leads_nowhere`). What a killed conversion left beside it is put right first
+    (``links.leads_nowhere``). What a killed conversion left beside it is put right first
     (:func:`recover_leftovers`)."""
-    nowhere = link_leads_nowhere(out_dir)
+    nowhere = leads_nowhere(out_dir)
     if nowhere:
-        raise ValueError(f'OUT_DIR {out_dir} {nowhere}')
+        raise ValueError(f'OUT_DIR {out_dir} {nowhere.words}; ' + ('a conversion never makes a link\'s target: make '
+                         'that folder first, or give another OUT_DIR' if nowhere.missing else 'give another OUT_DIR'))
     out = os.path.realpath(out_dir)
     recover_leftovers(out, log)
     for path in inputs:  # by path parts: '/' holds every input ('/' + os.sep would not prefix one)
@@ -72,28 +73,6 @@ def check_out_dir(out_dir: str, inputs, overwrite: bool, log: Log = _print) -> s
                          f'conversion only (a converted config.json or .gguf files, no subfolders), never a folder of '
                          f'other files: choose another folder, or empty it yourself')
     return out
-
-
-def link_leads_nowhere(path: str) -> Optional[str]:
-    """Why ``path``, or a folder above it, is a symbolic link that leads nowhere (to nothing, or a loop), in words
-    that follow ``path`` ('is a symbolic link to ..., which does not exist; ...'); None when none is. A link to
-    nothing had its target made, parents and all (``/nonexistent/dir`` created), and a loop failed once the whole
-    model was converted (``Not a directory``)."""
-    here = os.path.abspath(path)
-    while True:
-        if os.path.islink(here):
-            try:
-                os.stat(here)
-            except OSError as exc:
-                what = 'is' if here == os.path.abspath(path) else f'lies under {here},'
-                if exc.errno == errno.ELOOP:
-                    return f'{what} a symbolic link loop ({here} -> {os.readlink(here)} -> ...); give another OUT_DIR'
-                why = ('does not exist; a conversion never makes a link\'s target: make that folder first, or give '
-                       'another OUT_DIR' if exc.errno == errno.ENOENT else f'cannot be followed: {exc.strerror}')
-                return f'{what} a symbolic link to {os.readlink(here)}, which {why}'
-        if os.path.dirname(here) == here:
-            return None
-        here = os.path.dirname(here)
 
 
 def _claim(out: str, pid: int) -> str:

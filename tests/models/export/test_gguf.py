@@ -526,6 +526,22 @@ def test_the_web_demo_answers_from_a_gguf_folder_each_session_its_own_conversati
         model.close()
 
 
+def test_a_full_disk_under_the_converter_is_one_line():
+    """On a full disk llama.cpp's converter ended in numpy's 'OSError: 33536 requested and 20480 written' under a
+    traceback and a progress bar, which the export printed as its last six lines; now one line says the disk is
+    full. Another failure keeps its tail."""
+    import sys
+    full = ("print('Traceback (most recent call last):'); print('OSError: 33536 requested and 20480 written'); "
+            "print('Writing:  24%|##   | 67.1k/284k'); raise SystemExit(1)")
+    with pytest.raises(ValueError) as err:
+        gguf_export._run([sys.executable, '-c', full], "llama.cpp's converter")
+    assert str(err.value) == ("llama.cpp's converter failed: the disk it writes to is full (OSError: 33536 requested "
+                              "and 20480 written); free space there, or give an OUT_DIR on another disk")
+    with pytest.raises(ValueError) as err:
+        gguf_export._run([sys.executable, '-c', "print('KeyError: blk.0'); raise SystemExit(3)"], 'the quantiser')
+    assert str(err.value) == 'the quantiser failed (exit 3):\nKeyError: blk.0'
+
+
 def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):
     from xtuner_plugins.tiny.tokenizer import build_tiny_tokenizer
     build_tiny_tokenizer().save_pretrained(tmp_path)

@@ -295,12 +295,23 @@ def spaces_after_specials(folder: str) -> Optional[bool]:
     return after[1:] == alone if after[:1] == [tokenizer.convert_tokens_to_ids('<img>')] else None
 
 
+#: what a converter's or quantiser's output says when the disk it writes to is full (numpy's ``tofile`` past a full
+#: disk: 'OSError: 33536 requested and 20480 written', under a traceback and a progress bar)
+DISK_FULL = re.compile(r'No space left on device|\[Errno 28\]|\b\d+ requested and \d+ written')
+
+
 def _run(command: List[str], what: str, env: Optional[dict] = None) -> str:
-    """``command``'s stderr; ``ValueError`` with its last lines when it fails."""
+    """``command``'s stderr; ``ValueError`` with its last lines when it fails, or in one line when its disk was
+    full (what it wrote is in the staging folder its caller removes)."""
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
                           env=env)
     if done.returncode:
-        tail = '\n'.join(done.stdout.strip().splitlines()[-6:])
+        lines = done.stdout.strip().splitlines()
+        full = next((line.strip() for line in reversed(lines) if DISK_FULL.search(line)), None)
+        if full:
+            raise ValueError(f'{what} failed: the disk it writes to is full ({full}); free space there, or give an '
+                             'OUT_DIR on another disk')
+        tail = '\n'.join(lines[-6:])
         raise ValueError(f'{what} failed (exit {done.returncode}):\n{tail}')
     return done.stdout
 

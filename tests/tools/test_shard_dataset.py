@@ -160,16 +160,16 @@ def test_a_finished_run_leaves_no_mark_and_a_failed_one_no_folder(tmp_path, caps
 def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_no_shard_set(tmp_path, capsys, monkeypatch):
     import errno
 
-    from xtuner_plugins.cli import shard_dataset
+    from xtuner_plugins.cli.shard_entries import Shard
     jsonl, _, _ = files(tmp_path)
     out = tmp_path / 'out'
-    real = shard_dataset._Shard.write
+    real = Shard.write
 
     def fills_up(self, sample):   # as tarfile's write to a full disk raises it: no file name
         if self.samples:
             raise OSError(errno.ENOSPC, 'No space left on device')
         real(self, sample)
-    monkeypatch.setattr(shard_dataset._Shard, 'write', fills_up)
+    monkeypatch.setattr(Shard, 'write', fills_up)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     err = capsys.readouterr().err
     assert err == (f'shard_dataset: error: writing into {out} failed: No space left on device '
@@ -208,13 +208,13 @@ def test_an_image_changed_after_the_start_up_check_is_a_counted_skip(tmp_path, c
 
 
 def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_path, capsys, monkeypatch):
-    from xtuner_plugins.cli import shard_dataset
+    from xtuner_plugins.cli import shard_dataset, shard_entries
     jsonl, _, _ = files(tmp_path)
     out = tmp_path / 'out'
 
     def breaks(self, sample):
         raise RuntimeError('tar writer broke')
-    monkeypatch.setattr(shard_dataset._Shard, 'write', breaks)
+    monkeypatch.setattr(shard_entries.Shard, 'write', breaks)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     assert capsys.readouterr().err == ('shard_dataset: error: failed: RuntimeError: tar writer broke (before any '
                                        'shard was written); nothing was written\n')
@@ -223,13 +223,13 @@ def test_an_unexpected_error_while_writing_is_one_line_and_leaves_no_mark(tmp_pa
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out)]) == 1
     assert os.listdir(out) == []
     capsys.readouterr()
-    real = shard_dataset._Shard.close
+    real = shard_entries.Shard.close
 
     def breaks_later(self):   # once a shard is there: the set is not one
         real(self)
         raise RuntimeError('tar writer broke')
     monkeypatch.undo()
-    monkeypatch.setattr(shard_dataset._Shard, 'close', breaks_later)
+    monkeypatch.setattr(shard_entries.Shard, 'close', breaks_later)
     out = tmp_path / 'later'
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(out), '--workers', '1']) == 1
     assert capsys.readouterr().err == (
@@ -268,14 +268,14 @@ def test_an_image_that_cannot_be_read_is_a_corrupt_image_skip_as_training_names_
     training, check_dataset and eval call it, not ``missing_image``, which sent the user looking for the file."""
     import builtins
 
-    from xtuner_plugins.cli import shard_dataset
+    from xtuner_plugins.cli import shard_entries
     jsonl, _, _ = files(tmp_path)
 
     def closed(path, *args, **kwargs):
         if str(path).endswith('a.png'):
             raise PermissionError(13, 'Permission denied', str(path))
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(shard_dataset, 'open', closed, raising=False)
+    monkeypatch.setattr(shard_entries, 'open', closed, raising=False)
     assert main(['--data', jsonl, '--image-folder', str(tmp_path / 'i'), '--out', str(tmp_path / 'out')]) == 0
     printed = capsys.readouterr().out
     assert (f"{jsonl}:1: corrupt_image: image file cannot be read: [Errno 13] Permission denied: "
@@ -361,13 +361,13 @@ def test_any_number_of_workers_writes_the_same_full_shards(tmp_path, capsys, mon
     from xtuner_plugins.cli import shard_dataset
     monkeypatch.setattr(shard_dataset, 'CHECK_PART', 7)   # several parts checked (the pool forks: it inherits this)
     pids = tmp_path / 'pids'
-    real = shard_dataset._sample
+    real = shard_dataset.shard_sample
 
     def noted(ds, i, read=True):
         with open(pids, 'a') as f:
             f.write(f'{os.getpid()}\n')
         return real(ds, i, read)
-    monkeypatch.setattr(shard_dataset, '_sample', noted)
+    monkeypatch.setattr(shard_dataset, 'shard_sample', noted)
     data = spread_set(tmp_path)
     indexes = {}
     for workers in (1, 3):
@@ -417,13 +417,13 @@ def busy_run(tmp_path):
     script = textwrap.dedent(f'''
         import os, sys, time
         from xtuner_plugins.cli import shard_dataset
-        real = shard_dataset._sample
+        real = shard_dataset.shard_sample
         def slow(ds, i, read=True):
             with open({str(started)!r}, 'a') as f:
                 f.write(f'{{os.getpid()}}\\n')
             time.sleep(0.05)
             return real(ds, i, read)
-        shard_dataset._sample = slow
+        shard_dataset.shard_sample = slow
         shard_dataset.CHECK_PART = 20
         sys.exit(shard_dataset.main(['--data', {data!r}, '--image-folder', {str(tmp_path / 'i')!r}, '--out',
                                      {str(tmp_path / 'out')!r}, '--workers', '2', '--samples-per-shard', '10']))
@@ -512,11 +512,11 @@ def test_a_shard_closed_after_an_error_prints_nothing_when_collected(tmp_path):
     import gc
     import sys
 
-    from xtuner_plugins.cli import shard_dataset
+    from xtuner_plugins.cli import shard_entries
     unraisable = []
     before, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
-        shards = shard_dataset._Shard(str(tmp_path), 'x.tar.part', 0)
+        shards = shard_entries.Shard(str(tmp_path), 'x.tar.part', 0)
         shards.write({'__key__': 'k', 'json': b'{}', 'img0.png': b'x' * 100})
         raw = shards.writer.own_fileobj
 

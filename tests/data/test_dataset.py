@@ -255,14 +255,14 @@ class TestLengths:
         assert max(ds.length) == 20
 
     def test_cache_is_used_and_invalidated(self, mixed, tiny_tokenizer, tmp_path, monkeypatch):
-        from xtuner_plugins.data import lengths as lengths_module
+        from xtuner_plugins.data import record_lengths
         path, img = mixed
         first = make_ds(path, tiny_tokenizer, tmp_path, image_folders=img).length
         assert len(cache_keys(tmp_path / 'cache')) == 1
 
         def no_header_reads(*args, **kw):
             raise AssertionError('the cache should have been used')
-        monkeypatch.setattr(lengths_module, 'read_image_size', no_header_reads)
+        monkeypatch.setattr(record_lengths, 'read_image_size', no_header_reads)
         assert make_ds(path, tiny_tokenizer, tmp_path, image_folders=img).length == first
         # a changed file (size and mtime) or other tiling settings are recomputed
         monkeypatch.undo()

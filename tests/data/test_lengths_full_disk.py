@@ -5,7 +5,7 @@ samples on 2 cores); now they are taken from that pass."""
 import errno
 
 from tests.helpers import conv, write_jsonl
-from xtuner_plugins.data import InternVLDataset, index, lengths, startcheck
+from xtuner_plugins.data import InternVLDataset, index, lengths, record_lengths, startcheck
 
 
 def test_on_a_full_disk_the_lengths_are_computed_once(tmp_path, tiny_tokenizer, monkeypatch):
@@ -17,8 +17,8 @@ def test_on_a_full_disk_the_lengths_are_computed_once(tmp_path, tiny_tokenizer, 
     for module in (index, lengths, startcheck):
         monkeypatch.setattr(module, 'save_array', full)
     counted = []
-    real = lengths.LengthSlice.add
-    monkeypatch.setattr(lengths.LengthSlice, 'add', lambda self, *a: counted.append(1) or real(self, *a))
+    real = record_lengths.LengthSlice.add
+    monkeypatch.setattr(record_lengths.LengthSlice, 'add', lambda self, *a: counted.append(1) or real(self, *a))
     ds = InternVLDataset(path, tokenizer=tiny_tokenizer, cache_dir=str(tmp_path / 'cache'))
     got = ds.length_array
     assert len(counted) == 30  # the start-up check's pass only

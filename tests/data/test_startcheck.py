@@ -73,7 +73,7 @@ def test_a_warm_start_checks_no_sample_and_says_the_same(data, tiny_tokenizer, t
     assert any('1 of 42 samples name images not found' in m for m in cold_logs), cold_logs
     logs.clear()
     monkeypatch.setattr(startcheck, '_check_slice', lambda *a: pytest.fail('a warm start checked samples'))
-    monkeypatch.setattr('xtuner_plugins.data.lengths._length_slice', lambda *a: pytest.fail('lengths recomputed'))
+    monkeypatch.setattr('xtuner_plugins.data.lengths.length_slice', lambda *a: pytest.fail('lengths recomputed'))
     warm = make_ds(files, tiny_tokenizer, tmp_path, image_folders=img, max_bad_fraction=0.5)
     assert summary(warm) == cold_summary and logs == cold_logs
 
@@ -147,7 +147,7 @@ def test_the_check_pass_computes_the_lengths_reading_each_image_header_once(data
                                                                            monkeypatch):
     """One pass over the samples, not two: the start-up check (pooled or not) leaves the length cache, equal to
     the lengths' own pass, and each distinct image's header is read once in a slice (the samples share images)."""
-    from xtuner_plugins.data import lengths
+    from xtuner_plugins.data import lengths, record_lengths
     from xtuner_plugins.data.dataset import InternVLDataset
     files, img = data
     kw = dict(image_folders=img, max_dynamic_patch=4, max_bad_fraction=0.5, workers=1)
@@ -156,9 +156,9 @@ def test_the_check_pass_computes_the_lengths_reading_each_image_header_once(data
     want = apart._record_stats().tolist()
     monkeypatch.undo()
     reads = []
-    real = lengths.read_image_size
-    monkeypatch.setattr(lengths, 'read_image_size', lambda path, *a: reads.append(path) or real(path, *a))
-    monkeypatch.setattr(lengths, '_length_slice', lambda *a: pytest.fail('a second pass for the lengths'))
+    real = record_lengths.read_image_size
+    monkeypatch.setattr(record_lengths, 'read_image_size', lambda path, *a: reads.append(path) or real(path, *a))
+    monkeypatch.setattr(lengths, 'length_slice', lambda *a: pytest.fail('a second pass for the lengths'))
     for workers in (1, 2):
         reads.clear()
         monkeypatch.setattr(nodepass, 'MIN_SLICE', 1 if workers == 2 else nodepass.MIN_SLICE)

@@ -265,11 +265,11 @@ class TestDataset:
         in the length pass and the fit (a million frames: millions of tokens a sample, a start-up that never ends);
         a frame takes at least num_image_token + 2 tokens, so more than max_length // that are not encoded. The fit
         and the length are the same."""
-        from xtuner_plugins.data import fitting, lengths
-        seen, real, count = [], fitting.tokenize_conversation, lengths.count_text_tokens
+        from xtuner_plugins.data import fitting, record_lengths
+        seen, real, count = [], fitting.tokenize_conversation, record_lengths.count_text_tokens
         monkeypatch.setattr(fitting, 'tokenize_conversation',
                             lambda conv, tok, counts, **kw: seen.append(len(counts)) or real(conv, tok, counts, **kw))
-        monkeypatch.setattr(lengths, 'count_text_tokens',  # the length pass at start-up
+        monkeypatch.setattr(record_lengths, 'count_text_tokens',  # the length pass at start-up
                             lambda conv, tok, **kw: seen.append(conv.num_images) or count(conv, tok, **kw))
         path = write_jsonl(tmp_path / 'v.jsonl', [{'video': videos['file'], 'conversations': conv(image=False)}])
         ds = make_ds(path, tiny_tokenizer, tmp_path, min_num_frame=3000, max_num_frame=3000, max_length=200)

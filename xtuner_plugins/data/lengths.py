@@ -15,7 +15,8 @@ and what the tokenizer does: :func:`tokenizer_fingerprint`) and checked against 
 every distinct image file (one ``stat`` each): the samples whose images changed are computed again. A missing or
 unreadable image counts as zero image tokens here; the sample is reported when it is loaded. With ``length_field``
 set (InternVL's ``length``), a sample carrying that field is given it as its length, untokenised (for the
-length-grouped sampler; packing needs exact lengths).
+length-grouped sampler; packing needs exact lengths). One record's length, and a slice's: ``record_lengths.py``;
+here, the cache and :class:`LengthStats`, which the data set inherits.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import hashlib
 import json
 import os
 import tempfile
-from array import array
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,13 +32,10 @@ from mmengine.logging import print_log
 
 from xtuner_plugins.filemodes import file_mode
 
-from .errors import SampleError
-from .image_io import read_image_size
 from .index import file_identity, load_array, save_array
 from .nodepass import node_once, run_slices
+from .record_lengths import length_slice
 from .sources import DataSource, Record
-from .tiling import num_tiles
-from .tokenize import count_text_tokens
 
 CACHE_VERSION = 8  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
 #                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos;
@@ -104,126 +101,12 @@ def _cache_key(ds, src: DataSource) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _image_size(ds, path: str, sizes: Optional[dict]) -> Optional[Tuple[int, int]]:
-    """``(width, height)`` from the header of ``path``, None when it cannot be read; ``sizes`` (a pass's own
-    dict) keeps each answer, so that samples sharing an image read its header once."""
-    if sizes is not None and path in sizes:
-        return sizes[path]
-    try:
-        size = read_image_size(path, ds.max_image_pixels)
-    except SampleError:
-        size = None
-    if sizes is not None:
-        sizes[path] = size
-    return size
-
-
-def _sample_length(ds, record: Record, checked, sizes: Optional[dict] = None) -> List[int]:
-    """``[signed length, tiles]`` of one checked record (tiles: 1 for the dummy tile of a text-only sample);
-    ``sizes``: image headers already read in this pass."""
-    if checked.video is not None:
-        return _video_length(ds, record, checked)
-    # a preference pair is as long as its longer answer (both share the prompt and the tiles)
-    text = max(count_text_tokens(c, ds.tokenizer, clip=ds.max_length) for c in checked.conversations)
-    image_tokens = 0
-    all_tiles = 0
-    max_num = ds.max_tiles_per_image(record, len(checked.image_paths))
-    for path in checked.image_paths:
-        size = _image_size(ds, path, sizes)
-        if size is None:
-            continue
-        tiles = num_tiles(size[0], size[1], min(ds.min_dynamic_patch, max_num), max_num, ds.image_size,
-                          ds.use_thumbnail)
-        image_tokens += tiles * ds.num_image_token + 2
-        all_tiles += tiles
-    total = text + image_tokens
-    if ds.max_length:
-        total = min(total, ds.max_length)
-    total = max(total, 1)
-    return [total, all_tiles] if checked.image_paths else [-total, 1]
-
-
-def _video_length(ds, record: Record, checked) -> List[int]:
-    """``[length, frames]`` of a video sample: its drawn frames, one tile each, and their ``Frame{i}:`` lines (an
-    unreadable video: its text alone, reported when it is loaded)."""
-    from .fitting import most_frames
-    from .video import expand_video
-    try:
-        frames = ds.num_frames(record, ds.probe(checked))
-    except SampleError:
-        frames = 0
-    if frames > most_frames(ds, frames):  # over max_length by its image tokens alone: not tokenized
-        return [ds.max_length, frames]
-    conversations = [expand_video(c, frames, ds.frame_prefix) for c in checked.conversations]
-    text = max(count_text_tokens(c, ds.tokenizer, clip=ds.max_length) for c in conversations)
-    total = text + frames * (ds.num_image_token + 2)
-    total = max(min(total, ds.max_length) if ds.max_length else total, 1)
-    return [total, max(frames, 1)]
-
-
 def _stat(path: str) -> List[int]:
     try:
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
     except OSError:
         return [-1, -1]
-
-
-def _field_length(ds, sample: dict) -> Optional[List[int]]:
-    """``[signed length, tiles]`` from the ``length_field`` a sample carries (tiles: one per image), or None."""
-    given = sample.get(ds.length_field)
-    if not isinstance(given, int) or isinstance(given, bool) or given <= 0:
-        return None
-    total = max(1, min(given, ds.max_length) if ds.max_length else given)
-    images = sample.get('image')
-    images = [images] if isinstance(images, str) else images if isinstance(images, list) else []
-    media = bool(images) or sample.get('video') is not None
-    return [total, max(1, len(images))] if media else [-total, 1]
-
-
-class LengthSlice:
-    """The lengths of a slice of records, added one by one (by the start-up check's pass, ``startcheck.py``, or
-    :func:`_length_slice`), with their image files as the slice's own table: compact to send back from a pool
-    process. Each distinct image's header is read once in the slice (samples share images)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-        self.rows = array('q')    # length, tiles, ... (flat: 16 bytes a record, no Python list per record)
-        self.counts = array('q')
-        self.table: Dict[str, int] = {}
-        self.ids = array('q')
-        self.sizes: Dict[str, Optional[Tuple[int, int]]] = {}
-
-    def add(self, record: Record, checked=None) -> None:
-        """Add ``record`` (``checked``: its ``check_record``, when the caller has it). A ``length_field`` the data
-        carries is taken as it is (no tokenising, no image header read)."""
-        ds = self.ds
-        if getattr(ds, 'length_field', None):  # the start-up check passed it: its JSON and fields are read
-            row = _field_length(ds, checked.sample if checked is not None else ds.parse(record))
-            if row is not None:
-                self.rows.extend(row)
-                self.counts.append(0)
-                return
-        if checked is None:
-            checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
-        files = checked.image_paths if checked.video is None else [checked.video]
-        self.counts.append(len(files))
-        self.ids.extend(self.table.setdefault(path, len(self.table)) for path in files)
-        self.rows.extend(_sample_length(ds, record, checked, self.sizes))
-
-    def result(self):
-        """``([n, 2] lengths, paths, counts, ids)``: each record's number of files (``counts``) and their places
-        in ``paths`` (``ids``)."""
-        return (np.array(self.rows, dtype=np.int64).reshape(-1, 2), list(self.table),
-                np.array(self.counts, dtype=np.int64), np.array(self.ids, dtype=np.int64))
-
-
-def _length_slice(ds, records: Sequence[Record], todo: Sequence[int]):
-    """:meth:`LengthSlice.result` of the records at ``todo``."""
-    part = LengthSlice(ds)
-    for i in todo:
-        part.add(records[i])
-    return part.result()
 
 
 def lines_digest(lines: np.ndarray) -> str:
@@ -312,7 +195,7 @@ def save_slices(src: DataSource, base: str, cache_dir: str, parts: list, count: 
 def _compute_all(ds, src: DataSource, records: Sequence[Record], base: str, cache_dir: str, digest: str):
     print_log(f'Computing sample lengths of {src.annotation} ({len(records)} samples; cached in {base}.*)',
               logger='current')
-    parts = run_slices(lambda a, b: _length_slice(ds, records, range(a, b)), len(records),
+    parts = run_slices(lambda a, b: length_slice(ds, records, range(a, b)), len(records),
                        getattr(ds, 'workers', None), f'lengths of {src.annotation}')
     return save_slices(src, base, cache_dir, parts, len(records), digest)
 
@@ -345,7 +228,7 @@ def compute_source_lengths(ds, src: DataSource, records: Sequence[Record],
     print_log(f'{src.annotation}: the images of {len(stale)} samples changed since the length cache was '
               f'written; computing those again', logger='current')
     lengths = np.array(lengths)
-    lengths[stale] = _length_slice(ds, records, stale)[0]
+    lengths[stale] = length_slice(ds, records, stale)[0]
     _write_lengths(cache_dir, base, lengths, paths, now, refs, ids, len(records), digest, src.annotation)
     return lengths
 

@@ -27,7 +27,8 @@ from mmengine.logging import print_log
 
 from .errors import ProblemList, SampleError
 from .index import SourceIndex, ascending_below, load_array, save_array, source_index
-from .lengths import LengthSlice, _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
+from .lengths import _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
+from .record_lengths import LengthSlice
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
@@ -98,7 +99,7 @@ class SourceCheck:
 def _check_slice(ds, source_idx: int, src: DataSource, index: SourceIndex, start: int, stop: int,
                  lengths: bool = False) -> dict:
     """The check of entries ``start:stop``; with ``lengths``, the lengths of those trained on too (the same parse
-    and ``check_record``, not a second pass: ``lengths.LengthSlice``)."""
+    and ``check_record``, not a second pass: ``record_lengths.LengthSlice``)."""
     is_jsonl = src.annotation.endswith('.jsonl')
     part = LengthSlice(ds) if lengths else None
     good, parse_problems, check_problems = [], [], []

@@ -292,7 +292,7 @@ def test_a_bad_meta_entry_is_one_line_naming_the_file_the_entry_and_the_key(tmp_
 def test_a_tile_count_past_the_most_is_refused_wherever_it_is_given(tmp_path, tiny_tokenizer, capsys):
     from tests.data.test_dataset import make_ds
     from xtuner_plugins.cli.chat import parse_args
-    from xtuner_plugins.data.tiling import MOST_TILES, candidate_grids
+    from xtuner_plugins.data.tile_grid import MOST_TILES, candidate_grids
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
     with pytest.raises(ValueError, match=r'a.jsonl: max_dynamic_patch: expected a whole number from 1 to 4096'):
         expand_sources([path], max_dynamic_patches=[5000])

@@ -22,9 +22,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from xtuner_plugins.data.tiling import (IMAGENET_MEAN, IMAGENET_STD, candidate_grids, choose_grid,
-                                        dynamic_preprocess, find_closest_aspect_ratio, image_tiles,
-                                        normalize_tiles, num_tiles, pad_colour, tile_image)
+from xtuner_plugins.data.tile_grid import candidate_grids, choose_grid, find_closest_aspect_ratio, num_tiles
+from xtuner_plugins.data.tiling import (IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, image_tiles, normalize_tiles,
+                                        pad_colour, tile_image)
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent reference of the rule

@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from xtuner_plugins.data import InternVLDataset
-from xtuner_plugins.data.tiling import choose_grid, num_tiles
+from xtuner_plugins.data.tile_grid import choose_grid, num_tiles
 from xtuner_plugins.demo import ANSWERS, KINDS, chance_accuracy, make_demo_data, read_questions
 from xtuner_plugins.demo.questions import QUESTIONS
 from xtuner_plugins.demo.scenes import BACKGROUND, COLOURS

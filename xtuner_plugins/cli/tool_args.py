@@ -241,7 +241,7 @@ def check_model_arguments(parser, args) -> None:
     if (args.folder is None) == (args.checkpoint is None):
         parser.error('give a converted folder or --checkpoint, one of them')
     low, high = getattr(args, 'min_num', None), getattr(args, 'max_num', None)
-    from xtuner_plugins.data.tiling import tiles_problem
+    from xtuner_plugins.data.tile_grid import tiles_problem
     for option, value in (('--min-num', low), ('--max-num', high)):
         problem = None if value is None else tiles_problem(value, option)
         if problem:

@@ -6,7 +6,8 @@ from .errors import SampleError, TooManyBadSamplesError
 from .preference import InternVLPreferenceDataset, preference_collate_fn
 from .template import (IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, INTERNVL_ADDED_TOKENS,
                        TEMPLATES, Template, add_internvl_tokens, get_template)
-from .tiling import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, normalize_tiles, num_tiles, tile_image
+from .tile_grid import num_tiles
+from .tiling import IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, normalize_tiles, tile_image
 from .tokenize import tokenize_conversation
 
 __all__ = [

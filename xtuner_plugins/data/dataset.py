@@ -54,7 +54,8 @@ from .conversation import parse_conversation
 from .fitting import TRUNCATION, Fit, checked_geometry, fit_sample, fit_video, judge_sft_cut, note_fit
 from .template import (DEFAULT_TEMPLATE, add_internvl_tokens, check_tokenizer_fits, control_markers,
                        disable_tokenizer_parallelism, get_template)
-from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles, num_tiles, tiles_problem
+from .tile_grid import num_tiles, tiles_problem
+from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
 from .video import VideoInfo, video_field, video_turns
 from .video_sample import VideoSamples
 

@@ -9,7 +9,7 @@ supervised tokens (an answer, or part of one) is a ``truncated`` sample: kept an
 ``\\n`` after the last ``<|im_end|>`` is not a truncation. The data set decides what a cut means
 (``InternVLDataset.judge_cut``; preference pairs have their own rules, ``data/preference.py``).
 
-Only image sizes are needed (tile counts come from :func:`~xtuner_plugins.data.tiling.num_tiles`): the check tool
+Only image sizes are needed (tile counts come from :func:`~xtuner_plugins.data.tile_grid.num_tiles`): the check tool
 decides without cutting tiles, and training cuts exactly the tiles decided here.
 """
 

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import SampleError
 from .image_io import read_image_size
 from .sources import Record
-from .tiling import num_tiles
+from .tile_grid import num_tiles
 from .tokenize import count_text_tokens
 
 

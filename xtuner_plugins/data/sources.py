@@ -202,7 +202,7 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     if not finite_number(repeat) or repeat < 0:
         raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
     patch = entry.get('max_dynamic_patch')
-    from .tiling import MOST_TILES, tiles_problem   # (torch: imported when a meta file is read)
+    from .tile_grid import MOST_TILES, tiles_problem
     if patch is not None and tiles_problem(patch, ''):
         raise bad('max_dynamic_patch', f'a whole number from 1 to {MOST_TILES}')
     unknown = sorted(set(entry) - META_KEYS)
@@ -282,7 +282,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
             sources.append(DataSource(name=os.path.basename(path), annotation=path, image_folder=folder,
                                       repeat_time=float(repeat), max_dynamic_patch=patch))
     _warn_named_twice(sources)
-    from .tiling import tiles_problem   # (torch: imported when the sources are read)
+    from .tile_grid import tiles_problem
     for src in sources:
         if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
             raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')

@@ -73,7 +73,7 @@ import re
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from xtuner_plugins.data.tiling import candidate_grids
+from xtuner_plugins.data.tile_grid import candidate_grids
 
 from .questions import (CAPTION_QUESTIONS, QUESTIONS, caption, chance_accuracy, extra_answers, question_text,
                         read_questions)

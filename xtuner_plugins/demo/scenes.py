@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from xtuner_plugins.data.tiling import choose_grid
+from xtuner_plugins.data.tile_grid import choose_grid
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     'red': (220, 30, 30),

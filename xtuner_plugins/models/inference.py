@@ -33,7 +33,8 @@ from PIL import Image
 
 from xtuner_plugins.data.image_io import ImageSource, load_image
 from xtuner_plugins.data.template import DEFAULT_FRAME_PREFIX
-from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles, num_tiles
+from xtuner_plugins.data.tile_grid import num_tiles
+from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401

@@ -15,7 +15,8 @@ from tests.helpers import conv, write_image, write_jsonl
 from xtuner_plugins.cli.shard_dataset import write_shards
 from xtuner_plugins.data import InternVLDataset
 from xtuner_plugins.data.errors import TooManyBadSamplesError
-from xtuner_plugins.data.shards import ShardDataset, check_shards, read_index, shard_units
+from xtuner_plugins.data.shard_check import check_shards
+from xtuner_plugins.data.shards import ShardDataset, read_index, shard_units
 from xtuner_plugins.data.streaming import epoch_order, stream_collate_fn
 from xtuner_plugins.engine.streamstate import StreamStateHook
 

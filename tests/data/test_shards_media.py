@@ -12,7 +12,8 @@ import torch
 from tests.helpers import conv, write_image, write_jsonl, write_video
 from xtuner_plugins.cli.shard_dataset import write_shards
 from xtuner_plugins.data import InternVLDataset
-from xtuner_plugins.data.shards import INDEX, ShardDataset, check_shards, read_index, read_shard
+from xtuner_plugins.data.shard_check import check_shards
+from xtuner_plugins.data.shards import INDEX, ShardDataset, read_index, read_shard
 
 SETTINGS = dict(image_size=28, max_bad_fraction=1, min_num_frame=3, max_num_frame=5)
 

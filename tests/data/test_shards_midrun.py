@@ -111,7 +111,7 @@ def test_a_shard_of_the_same_size_put_in_its_place_before_start_up_is_refused_at
     (a helper's sweep: 25 iterations trained on a foreign shard first)."""
     import json
 
-    from xtuner_plugins.data.shards import check_shards
+    from xtuner_plugins.data.shard_check import check_shards
     ds, root = shards
     listed, other = same_size_other_shard(ds, root)
     shutil.copy(root / 'seed1' / 'shard-000001.tar', root / 'out' / 'shard-000001.tar')

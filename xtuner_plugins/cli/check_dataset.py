@@ -330,8 +330,8 @@ def print_videos(lines, show: int) -> None:
 
 
 def check_shard_set(args, tokenizer) -> int:
-    """The same report for a shard folder (``data/shards.check_shards``): each sample read from its shard."""
-    from xtuner_plugins.data.shards import check_shards
+    """The same report for a shard folder (``data/shard_check.check_shards``): each sample read from its shard."""
+    from xtuner_plugins.data.shard_check import check_shards
     report = check_shards(args.data[0], allow_truncation=args.allow_truncation, check_video=check_video,
                           min_num_frame=args.min_num_frame, max_num_frame=args.max_num_frame, tokenizer=tokenizer,
                           template=args.template, max_length=args.max_length, image_size=args.image_size,

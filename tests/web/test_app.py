@@ -155,14 +155,14 @@ def test_every_path_sees_the_same_pixels(setup, tmp_path, monkeypatch, tiny_toke
     16-bit, palette, alpha, CMYK, and EXIF-rotated greyscale/CMYK JPEGs (the tag not applied, anywhere)."""
     from tests.helpers import conv, write_jsonl
     from tools.chat import main as chat_main
-    from xtuner_plugins.data import dataset as dataset_module
+    from xtuner_plugins.data import sample_loading
     from xtuner_plugins.data.dataset import InternVLDataset
     from xtuner_plugins.models import inference
     from xtuner_plugins.web.app import build_app
     monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
     images = odd_images(tmp_path / 'images')
     seen = []
-    for module in (inference, dataset_module):  # every path tiles through tiling.image_tiles
+    for module in (inference, sample_loading):  # every path tiles through tiling.image_tiles
         def spy(image, *args, _tiles=module.image_tiles, **kwargs):
             seen.append(_tiles(image, *args, **kwargs))
             return seen[-1]

@@ -44,19 +44,20 @@ from torch.utils.data import Dataset
 
 from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
-from .image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, resolve_image_path
 from .lengths import LengthStats
 from .entries import parse_record, sample_conversations, sample_images
 from .sources import DataSource, Record, expand_sources
 from .checked import CheckedSample, build_tokenizer
+from .sample_loading import SampleLoading
 from .startcheck import read_sources
 from .conversation import parse_conversation
-from .fitting import TRUNCATION, Fit, checked_geometry, fit_sample, fit_video, judge_sft_cut, note_fit
+from .fitting import TRUNCATION, checked_geometry
 from .template import (DEFAULT_TEMPLATE, add_internvl_tokens, check_tokenizer_fits, control_markers,
                        disable_tokenizer_parallelism, get_template)
-from .tile_grid import num_tiles, tiles_problem
-from .tiling import IMAGE_MODES, IMAGENET_MEAN, image_tiles
-from .video import VideoInfo, video_field, video_turns
+from .tile_grid import tiles_problem
+from .tiling import IMAGE_MODES, IMAGENET_MEAN
+from .video import video_field, video_turns
 from .video_sample import VideoSamples
 
 
@@ -64,9 +65,10 @@ from .video_sample import VideoSamples
 DEFAULT_IMAGE_SIZE = 448          # InternViT-300M-448px's tiles
 
 
-class InternVLDataset(VideoSamples, LengthStats, Dataset):
-    """LLaVA-format samples with InternVL 2.5 dynamic high-resolution tiling (videos: :class:`VideoSamples`;
-    lengths for the length-grouped sampler: :class:`~xtuner_plugins.data.lengths.LengthStats`).
+class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
+    """LLaVA-format samples with InternVL 2.5 dynamic high-resolution tiling (a record loaded as an item:
+    :class:`~xtuner_plugins.data.sample_loading.SampleLoading`; videos: :class:`VideoSamples`; lengths for the
+    length-grouped sampler: :class:`~xtuner_plugins.data.lengths.LengthStats`).
 
     Args:
         data_files: one path or a list: ``.jsonl``, ``.json`` (a list of samples) or InternVL meta
@@ -293,65 +295,7 @@ class InternVLDataset(VideoSamples, LengthStats, Dataset):
                 f'{self.max_bad_fraction}: {dict(counts)}; first: {self.load_problems[0]}. '
                 f'Run tools/check_dataset.py for the full list.')
 
-    # ------------------------------------------------------------------ loading
-    def load_sample(self, record: Record) -> Dict[str, torch.Tensor]:
-        """Load one record fully; raises :class:`SampleError` on any problem."""
-        fit, tiles = self.load_fit(record)
-        pixel_values, image_flags = self.pixels(tiles)
-        return dict(self._item(fit.encoded[0], pixel_values, image_flags, record), **note_fit(self, record, fit))
-
-    def pixels(self, tiles: List[torch.Tensor]):
-        """``(pixel_values, image_flags)`` of a sample's tiles; a text-only sample carries one dummy tile, flag 0
-        (so every rank runs the vision tower)."""
-        if not tiles:
-            return (torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8),
-                    torch.zeros(1, dtype=torch.long))
-        pixel_values = torch.cat(tiles)
-        return pixel_values, torch.ones(pixel_values.shape[0], dtype=torch.long)
-
-    def tile_count(self, size, max_num: int) -> int:
-        """Tiles of an image of ``size`` (width, height) at ``max_num`` tiles per image, without its pixels."""
-        if not self.dynamic_image_size:
-            return 1
-        return num_tiles(size[0], size[1], min(self.min_dynamic_patch, max_num), max_num, self.image_size,
-                         self.use_thumbnail)
-
-    def fit(self, record: Record, checked: 'CheckedSample', sizes, video: Optional[VideoInfo] = None) -> Fit:
-        """What training does with a checked record whose images have ``sizes`` (``fitting.fit_sample``), or whose
-        video is ``video`` (``fitting.fit_video``)."""
-        if self.tokenizer is None:
-            raise ValueError(f'{type(self).__name__} needs a tokenizer to load samples for training')
-        if checked.video is not None:
-            return fit_video(self, record, checked, self.num_frames(record, video or self.probe(checked)))
-        return fit_sample(self, record, checked, sizes)
-
-    def judge_cut(self, fit: Fit) -> Optional[str]:
-        """What an answer cut by ``max_length`` means (``fitting.judge_sft_cut``; pairs have their own)."""
-        return judge_sft_cut(self, fit)
-
-    def load_fit(self, record: Record):
-        """``(fit, tiles)``: the record checked, its images decoded, fitted to ``max_length`` and tiled."""
-        checked = self.check_record(record)
-        if checked.video is not None:
-            return self.load_video_fit(record, checked)  # video_sample.py
-        pictures = [load_image(p, self.max_image_pixels, name) for p, name in
-                    zip(checked.image_paths, checked.image_names or [None] * len(checked.image_paths))]
-        fit = self.fit(record, checked, [p.size for p in pictures])
-        tiles = [image_tiles(im, self.image_mode, image_size=self.image_size,
-                             min_num=min(self.min_dynamic_patch, fit.max_num), max_num=fit.max_num,
-                             use_thumbnail=self.use_thumbnail, mean=self.image_mean) for im in pictures]
-        if [t.shape[0] for t in tiles] != fit.tiles:
-            raise RuntimeError(f'{self.where(record)}: {[t.shape[0] for t in tiles]} tiles cut, {fit.tiles} counted')
-        return fit, tiles
-
-    def _item(self, encoded, pixel_values, image_flags, record: Record) -> Dict[str, torch.Tensor]:
-        return dict(input_ids=torch.tensor(encoded['input_ids'], dtype=torch.long),
-                    labels=torch.tensor(encoded['labels'], dtype=torch.long),
-                    pixel_values=pixel_values,
-                    image_flags=image_flags,
-                    num_tiles=pixel_values.shape[0],
-                    samples=[self.where(record)])  # FILE:LINE, for messages about the batch
-
+    # ------------------------------------------------------------------ loading (sample_loading.py) and bad samples
     def count_failure(self, err: SampleError) -> None:
         """Count a sample that failed to load, once however often it is drawn; stop past the limit. Other
         processes (DataLoader workers, ranks) count their own; ``BadSampleHook`` adds them all up."""

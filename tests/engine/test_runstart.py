@@ -92,14 +92,14 @@ def test_a_short_run_follows_max_epochs_and_save_every(tmp_path):
 
 
 def test_a_failed_run_ends_naming_its_log_and_what_to_do(tmp_path):
-    from xtuner_plugins.cli.train import _next_steps
+    from xtuner_plugins.cli.train_closing import next_steps
     work = tmp_path / 'work'
-    assert _next_steps(str(work), time.time()).startswith(f'no run log was written (the run stopped before it '
-                                                          f'started; its log would be under {work}/<timestamp>/)')
+    assert next_steps(str(work), time.time()).startswith(f'no run log was written (the run stopped before it '
+                                                         f'started; its log would be under {work}/<timestamp>/)')
     (work / '20260101_000000').mkdir(parents=True)
     (work / '20260101_000000' / '20260101_000000.log').write_text('...')
     (work / 'iter_20.pth').write_bytes(b'x')
-    assert _next_steps(str(work), time.time()) == (
+    assert next_steps(str(work), time.time()) == (
         f"the run's log: {work}/20260101_000000/20260101_000000.log; the traceback is above: fix its cause and run "
         f"again; --cfg-options resume=True continues from {work}/iter_20.pth")
 

@@ -58,7 +58,7 @@ def test_the_resume_command_continues_from_the_checkpoint():
 def test_a_resume_stopped_before_its_first_save_is_told_to_resume_again(tmp_path):
     """A resume stopped before it saved anything (its ranks stopped by the launcher when another rank refused the
     checkpoint) was told to run the command without its ``--resume``, which starts over: the progress lost."""
-    from xtuner_plugins.cli.train import interrupted_line
+    from xtuner_plugins.cli.train_closing import interrupted_line
     work = str(tmp_path / 'r')
     for given in (['--resume', 'w/iter_6.pth'], ['--resume=w/iter_6.pth']):
         line = interrupted_line(work, ['tools/train.py', 'c.py', '--work-dir', work] + given, 'stopped by SIGTERM')

@@ -213,17 +213,17 @@ def test_a_failed_resume_is_not_told_to_resume(tmp_path):
     of its own before failing is told to resume from it."""
     import time
 
-    from xtuner_plugins.cli.train import _next_steps
+    from xtuner_plugins.cli.train_closing import next_steps
     (tmp_path / 'iter_4.pth').write_text('x')
     os.utime(tmp_path / 'iter_4.pth', (time.time() - 100, time.time() - 100))
     since = time.time()
-    fresh = _next_steps(str(tmp_path), since, argv=['cfg.py'])
+    fresh = next_steps(str(tmp_path), since, argv=['cfg.py'])
     assert fresh.endswith(f'--cfg-options resume=True continues from {tmp_path}/iter_4.pth'), fresh
     for argv in (['cfg.py', '--resume', 'x/iter_4.pth'], ['cfg.py', '--cfg-options', 'resume=True']):
-        said = _next_steps(str(tmp_path), since, argv=argv)
+        said = next_steps(str(tmp_path), since, argv=argv)
         assert 'resume=True continues' not in said and 'start a new run from its weights' in said, said
     (tmp_path / 'iter_6.pth').write_text('x')   # saved by this run before it failed
-    said = _next_steps(str(tmp_path), since, argv=['cfg.py', '--resume', 'x/iter_4.pth'])
+    said = next_steps(str(tmp_path), since, argv=['cfg.py', '--resume', 'x/iter_4.pth'])
     assert said.endswith(f'resume=True continues from {tmp_path}/iter_6.pth'), said
 
 

@@ -32,7 +32,6 @@ refused once, before any rank starts); a rank that fails stops the others and it
 Each process imports DeepSpeed and bitsandbytes only when the run uses them (``xtuner_plugins/deferred_imports.py``).
 """
 
-import glob
 import os
 import signal
 import sys
@@ -41,12 +40,11 @@ import traceback
 from typing import List, NoReturn
 from unittest import mock
 
-from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, options_refusal, resume_command,
-                                            resume_refusal, resumed_from, resuming, started_by_a_launcher,
-                                            unpaired_refusal)
+from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, options_refusal, resume_refusal,
+                                            started_by_a_launcher, unpaired_refusal)
+from xtuner_plugins.cli.train_closing import interrupted_line, next_steps
 from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
                                                quiet_disk_errors, recorded_source_hint, worker_death)
-from xtuner_plugins.outcome import find_checkpoints
 
 
 #: ``-h``/``--help``: XTuner's parser's options with this tool's own (``--nproc-per-node``, DeepSpeed's names),
@@ -325,7 +323,7 @@ def _train() -> int:
         if not said:   # a failure the message alone may not explain (a bug's report needs it)
             traceback.print_exc()
         print(f'\ntrain: FAILED: {died or f"{type(exc).__name__}: {failure_message(exc)}"}\n  '
-              f'{_next_steps(work_dir, started, traceback=not said)}', file=sys.stderr)
+              f'{next_steps(work_dir, started, traceback=not said)}', file=sys.stderr)
         return 1
     return 0
 
@@ -363,41 +361,6 @@ def launch_ranks(nproc: int, argv) -> int:
         return 2
     rank_argv = list(argv) + ([] if given else ['--launcher', 'pytorch'])
     return launch(cmd + rank_argv, nproc, port=int(port or 0), preload=rank_preload(rank_argv))
-
-
-def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
-    """``train: interrupted at iteration N; last checkpoint PATH (or none); resume: COMMAND``: the iteration under
-    way (MMEngine's message hub), the work folder's last checkpoint and ``argv`` run again from it (``how``:
-    ``stopped by SIGTERM`` in place of ``interrupted``)."""
-    from mmengine.logging import MessageHub
-
-    from xtuner_plugins.engine.progress import last_checkpoint
-    info = MessageHub.get_current_instance().runtime_info
-    where = f'at iteration {info["iter"] + 1}' if isinstance(info.get('iter'), int) else 'before training started'
-    checkpoint = last_checkpoint(work_dir) if os.path.isdir(work_dir) else None
-    given = resumed_from(argv)
-    if checkpoint is None and given:   # (the command without its --resume started over: the progress lost)
-        return (f'train: {how} {where}; nothing saved in {work_dir}; resume: {resume_command(argv, given)} '
-                'continues from the checkpoint it was given')
-    if checkpoint is None:
-        return (f'train: {how} {where}; last checkpoint none; resume: nothing saved to resume from, '
-                f'{resume_command(argv, None)} starts over')
-    return f'train: {how} {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
-
-
-def _next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) -> str:
-    """Where this run's log is, and what to do (``traceback``: one was printed above). A resume that failed before
-    it saved a checkpoint is not told to resume (it recommended the command that had just failed)."""
-    logs = [p for p in glob.glob(os.path.join(work_dir, '*', '*.log')) if os.path.getmtime(p) >= since - 1]
-    where = f'the run\'s log: {max(logs, key=os.path.getmtime)}' if logs else \
-        f'no run log was written (the run stopped before it started; its log would be under {work_dir}/<timestamp>/)'
-    checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
-    resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
-    saved_here = bool(checkpoints) and os.path.getmtime(checkpoints[-1]) >= since - 1
-    if resuming(sys.argv[1:] if argv is None else argv) and not saved_here:   # the resume itself failed
-        resume = ('; this run was a resume: if the checkpoint is the problem, start a new run from its weights '
-                  '(--cfg-options load_from=CHECKPOINT, without --resume, another --work-dir)')
-    return f'{where}; {"the traceback is above: " if traceback else ""}fix its cause and run again{resume}'
 
 
 if __name__ == '__main__':

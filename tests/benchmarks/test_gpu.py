@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import gpu
+from benchmarks import gpu, gpu_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = ['tiny xtuner', 'tiny packed segments compiled', 'tiny packed segments compiled no ckpt',
@@ -39,7 +39,7 @@ def test_a_failing_or_slow_row_is_that_rows_result_and_the_run_goes_on(tmp_path)
             fake_row(tmp_path, 'slow', 'import time; time.sleep(60)', budget=1),
             fake_row(tmp_path, 'fine', ok),
             fake_row(tmp_path, 'silent', 'pass')]
-    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
+    gpu_rows.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
     by = {r['name']: r for r in rows}
     assert by['crash']['status'] == 'failed' and 'CUDA out of memory' in by['crash']['reason']
     assert by['slow']['status'] == 'timeout' and by['slow']['seconds'] < 10
@@ -47,19 +47,19 @@ def test_a_failing_or_slow_row_is_that_rows_result_and_the_run_goes_on(tmp_path)
     assert by['silent']['status'] == 'failed' and 'exit 0' in by['silent']['reason']  # no figures written
     assert all(os.path.exists(r['log']) for r in rows)
     late = [fake_row(tmp_path, 'late', ok)]
-    gpu.execute(late, str(tmp_path), deadline=0, min_start=5, jobs=1)
+    gpu_rows.execute(late, str(tmp_path), deadline=0, min_start=5, jobs=1)
     assert late[0]['status'] == 'not run' and 'out of time' in late[0]['reason']
 
 
 def test_a_row_that_needs_cuda_is_skipped_without_it_by_name(tmp_path, capsys):
     ok = 'import json; json.dump(dict(x=1), open(PATH, "w"))'
     rows = [dict(fake_row(tmp_path, 'flex', ok), cuda_only='no CPU backward'), fake_row(tmp_path, 'fine', ok)]
-    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=False)
+    gpu_rows.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=False)
     assert [r['status'] for r in rows] == ['skipped', 'ok']
     assert rows[0]['reason'] == 'needs CUDA (no CPU backward) and this machine has none'
     assert 'flex: skipped: needs CUDA (no CPU backward)' in capsys.readouterr().out
     assert not os.path.exists(rows[0]['json'])  # never started
-    gpu.execute(rows[:1], str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=True)
+    gpu_rows.execute(rows[:1], str(tmp_path), deadline=1e12, min_start=0, jobs=1, cuda=True)
     assert rows[0]['status'] == 'ok'
     tiny = {r['name']: r for r in gpu.plan('tiny', str(tmp_path / 'out'), str(tmp_path / 'work'))}
     assert tiny['tiny packed flex']['cuda_only'] and 'cuda' in tiny['tiny packed flex']['cmd']
@@ -79,7 +79,7 @@ def test_a_liger_row_whose_kernels_change_the_loss_fails(tmp_path):
         check = dict(ok=ok, loss_rel=0.5 if not ok else 1e-6, grad_rel=0.2 if not ok else 1e-5)
         code = f'import json; json.dump({dict(figures, liger_check=check)!r}, open(PATH, "w"))'
         rows.append(dict(fake_row(tmp_path, name, code), kind='train'))
-    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
+    gpu_rows.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
     assert [r['status'] for r in rows] == ['failed', 'ok']
     assert "Liger's kernels changed the loss or gradients" in rows[0]['reason']
     table = gpu.table(rows, 'header', tiny=True)
@@ -96,7 +96,7 @@ def test_the_cuda_tests_row_succeeds_or_fails_as_pytest_does(tmp_path):
         rows.append(dict(name=f'cuda tests {name}', kind='tests', budget=120, json=path, group=None, cmd=[
             sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu.py'), '--child', 'tests', '--tests', str(test),
             '--json', path]))
-    gpu.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
+    gpu_rows.execute(rows, str(tmp_path), deadline=1e12, min_start=0, jobs=1)
     assert [r['status'] for r in rows] == ['ok', 'failed'], [r['reason'] for r in rows]
     assert '1 passed' in rows[0]['figures']['summary'] and '1 failed' in rows[1]['reason']
     table = gpu.table(rows, 'header', tiny=True)

@@ -526,10 +526,10 @@ def test_the_web_demo_answers_from_a_gguf_folder_each_session_its_own_conversati
         model.close()
 
 
-def test_a_full_disk_under_the_converter_is_one_line():
+def test_a_full_disk_under_the_converter_is_one_line(tmp_path, monkeypatch):
     """On a full disk llama.cpp's converter ended in numpy's 'OSError: 33536 requested and 20480 written' under a
     traceback and a progress bar, which the export printed as its last six lines; now one line says the disk is
-    full. Another failure keeps its tail."""
+    full. Another failure keeps its tail. The quantiser's 'iostream error' on a full disk is told by the disk."""
     import sys
     full = ("print('Traceback (most recent call last):'); print('OSError: 33536 requested and 20480 written'); "
             "print('Writing:  24%|##   | 67.1k/284k'); raise SystemExit(1)")
@@ -537,9 +537,19 @@ def test_a_full_disk_under_the_converter_is_one_line():
         gguf_export._run([sys.executable, '-c', full], "llama.cpp's converter")
     assert str(err.value) == ("llama.cpp's converter failed: the disk it writes to is full (OSError: 33536 requested "
                               "and 20480 written); free space there, or give an OUT_DIR on another disk")
+    failing = [sys.executable, '-c', "print('failed to quantize: basic_ios::clear: iostream error'); print('done'); "
+                                     "raise SystemExit(3)"]
     with pytest.raises(ValueError) as err:
-        gguf_export._run([sys.executable, '-c', "print('KeyError: blk.0'); raise SystemExit(3)"], 'the quantiser')
-    assert str(err.value) == 'the quantiser failed (exit 3):\nKeyError: blk.0'
+        gguf_export._run(failing, 'the quantiser', writes_to=str(tmp_path))
+    assert str(err.value) == ('the quantiser failed (exit 3):\n'
+                              'failed to quantize: basic_ios::clear: iostream error\ndone')
+    # llama.cpp's quantiser says no more on a full disk: the disk it wrote to, under 1 MiB free, is named
+    monkeypatch.setattr(gguf_export.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10, 10, 4096))
+    with pytest.raises(ValueError) as err:
+        gguf_export._run(failing, 'the quantiser', writes_to=str(tmp_path))
+    assert str(err.value) == (f'the quantiser failed: the disk it writes to is full (4,096 bytes free under '
+                              f'{tmp_path.parent}; it said: failed to quantize: basic_ios::clear: iostream error); '
+                              'free space there, or give an OUT_DIR on another disk')
 
 
 def test_pre_tokenizer_is_named_only_for_qwen2s_rules(tmp_path):

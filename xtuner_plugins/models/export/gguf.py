@@ -300,14 +300,31 @@ def spaces_after_specials(folder: str) -> Optional[bool]:
 DISK_FULL = re.compile(r'No space left on device|\[Errno 28\]|\b\d+ requested and \d+ written')
 
 
-def _run(command: List[str], what: str, env: Optional[dict] = None) -> str:
+#: free bytes under which the disk a failed command wrote to is taken to be why it failed (llama.cpp's quantiser
+#: says only 'failed to quantize: basic_ios::clear: iostream error' there)
+FULL_BELOW = 1 << 20
+
+
+def _free(folder: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:   # (removed meanwhile)
+        return None
+
+
+def _run(command: List[str], what: str, env: Optional[dict] = None, writes_to: Optional[str] = None) -> str:
     """``command``'s stderr; ``ValueError`` with its last lines when it fails, or in one line when its disk was
-    full (what it wrote is in the staging folder its caller removes)."""
+    full (its output says so, or ``writes_to``'s disk has under :data:`FULL_BELOW` free; what it wrote is in the
+    staging folder its caller removes)."""
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
                           env=env)
     if done.returncode:
         lines = done.stdout.strip().splitlines()
         full = next((line.strip() for line in reversed(lines) if DISK_FULL.search(line)), None)
+        free = _free(writes_to) if full is None and writes_to else None
+        if free is not None and free < FULL_BELOW:
+            said = next((line for line in reversed(lines) if re.search('fail|error', line, re.I)), 'no word')
+            full = f'{free:,} bytes free under {os.path.dirname(os.path.abspath(writes_to))}; it said: {said.strip()}'
         if full:
             raise ValueError(f'{what} failed: the disk it writes to is full ({full}); free space there, or give an '
                              'OUT_DIR on another disk')
@@ -330,12 +347,12 @@ def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log =
     log(f'llama.cpp\'s converter: {os.path.basename(text)}, {os.path.basename(mmproj)}')
     _run([sys.executable, os.path.join(HERE, 'gguf_convert.py'), tree, pre_tokenizer(staging),
           '--', staging, '--outfile', text, '--outtype', kind,
-          '--', staging, '--mmproj', '--outfile', mmproj, '--outtype', kind], 'llama.cpp\'s converter', env)
+          '--', staging, '--mmproj', '--outfile', mmproj, '--outtype', kind], 'llama.cpp\'s converter', env, out_dir)
     if quant in ('f16', 'f32'):
         return [text, mmproj]
     quantised = os.path.join(out_dir, f'{name}-{quant.upper()}.gguf')
     log(f'llama.cpp\'s quantiser (llama_model_quantize): {os.path.basename(quantised)}')
-    output = _run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env)
+    output = _run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env, out_dir)
     fallbacks = FALLBACK.findall(output)
     if fallbacks:
         moves = ', '.join(sorted({f'{want} -> {got}' for _, _, want, got in fallbacks}))

@@ -11,6 +11,14 @@ recorded the new parent. So (:func:`previous_stage_of_loaded`):
   is read from it, not typed again (a resume without it was refused as a stage starting from nothing);
 * set to another checkpoint (its fingerprint not the recorded one): refused naming both;
 * set where a resumed checkpoint records none (trained from scratch or from an official folder): refused.
+
+A preference model (``model.preference``) builds its reference policy (the model with its LoRA adapters off, or
+frozen copies of the trained parts) from ``model.pretrained_pth`` when it is built, before MMEngine loads
+``load_from``'s weights into the policy. A ``load_from`` (not a resume) of another stage's checkpoint (an SFT's)
+trained against that checkpoint's previous stage (the warm-up: rewards not 0 at the first step), and what it loaded
+into frozen parts or under other keys (a LoRA SFT's projector, a full SFT's LLM under LoRA) was lost:
+:func:`preference_from_other_stage` refuses it, and a preference checkpoint of the other kind (LoRA / full), before
+anything is built; ``model.pretrained_pth=PATH`` builds the model and its reference from it.
 """
 
 from __future__ import annotations
@@ -81,3 +89,37 @@ def previous_stage_of_loaded(cfg: Mapping) -> Optional[str]:
             f'({"; ".join(diffs[:3])}): what it trained (its LoRA adapters, its projector) would go on over another '
             'model than it was trained on; leave model.pretrained_pth out (the recorded one is taken) or give that '
             'one')
+
+
+def preference_from_other_stage(cfg: Mapping) -> Optional[str]:
+    """Why a preference run's ``load_from`` (without a resume) must be its ``model.pretrained_pth`` instead (module
+    docstring): the checkpoint's recorded config (``meta['cfg']``) trained no preference, or its LLM with LoRA where
+    this run trains it whole or the other way round; None otherwise (a checkpoint that records no config too)."""
+    model = cfg.get('model')
+    load_from = cfg.get('load_from')
+    if (not isinstance(model, Mapping) or model.get('preference') is None or cfg.get('resume') is True
+            or not isinstance(load_from, str) or not os.path.isfile(load_from) and not os.path.isdir(load_from)):
+        return None
+    from xtuner_plugins.models.checkpoint import recorded_model_config
+    try:
+        then = recorded_model_config(load_from)
+    except (OSError, ValueError):   # a checkpoint that does not read: its load says what is wrong with it
+        return None
+    if then is None:
+        return None
+    lora_now, lora_then = bool(model.get('llm_lora')), bool(then.get('llm_lora'))
+    reference = ('the model with its LoRA adapters off' if lora_now else 'frozen copies of the trained parts')
+    instead = (f'give it as model.pretrained_pth={load_from} (the reference model is built from it) and leave '
+               'load_from out')
+    if then.get('preference') is None:
+        return (f'load_from={load_from} is a checkpoint of another stage (its recorded config trains no '
+                f'model.preference), and this preference run builds its reference policy ({reference}) from '
+                f'model.pretrained_pth ({model.get("pretrained_pth") or "the previous stage it records"}) before '
+                f'load_from\'s weights load: it would train against that model, not {load_from}, and weights '
+                f'loaded into frozen parts are not saved; {instead}')
+    if lora_now != lora_then:
+        how = {True: 'with LoRA adapters on the LLM (model.llm_lora)', False: 'its LLM whole (no model.llm_lora)'}
+        return (f'load_from={load_from} trained {how[lora_then]} and this preference run trains {how[lora_now]}: '
+                f'its weights would not load into this model (other keys), and the run would go on from its '
+                f'previous stage; {instead}')
+    return None

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from tests.models.conftest import build, train_steps
+from xtuner_plugins.errors import Refused
+from xtuner_plugins.models.lora import apply_lora, check_init
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -89,3 +91,50 @@ def test_a_misspelt_target_module_is_refused(tiny):
         build(tiny, llm_lora=dict(LORA, target_modules=['qproj', 'v_proj']))
     model = build(tiny, llm_lora=dict(LORA, target_modules=['q_proj', 'v_proj']))
     assert {k.split('.')[-4] for k in model.trainable_keys() if 'lora_A' in k} == {'q_proj', 'v_proj'}
+
+
+REWRITING = ['pissa', 'pissa_niter_4', 'corda', 'olora', 'loftq', 'lora_ga']
+
+
+@pytest.mark.parametrize('init', REWRITING + ['eva', 'mica', 'nope'])
+def test_an_init_the_checkpoints_cannot_rebuild_is_refused(init):
+    """peft's inits that rewrite the base weights (PiSSA: a helper's sweep converted a model 39% off on a layer, and
+    a LoRA DPO's reference was not its SFT model) passed from a config file straight to peft."""
+    for key in ('model.llm_lora', 'model.vision_lora'):
+        for preference in (False, True):
+            with pytest.raises(Refused) as refused:
+                check_init(dict(LORA, init_lora_weights=init), key, preference=preference)
+            message = str(refused.value)
+            assert message.startswith(f'{key}.init_lora_weights={init!r}: '), message
+            assert message.endswith("use init_lora_weights=True (the default: lora_B starts at 0, the base weights "
+                                    "unchanged) or 'gaussian'"), message
+            assert '\n' not in message
+            if init in REWRITING:
+                assert 'rewrites the base layers\' weights' in message
+
+
+def test_inits_that_keep_the_base_pass():
+    for init in (True, 'gaussian', 'Gaussian'):
+        check_init(dict(LORA, init_lora_weights=init), 'model.llm_lora', preference=True)
+    check_init(LORA, 'model.llm_lora', preference=True)
+    check_init(None, 'model.llm_lora')
+    for init in (False, 'orthogonal'):   # the base kept, the adapters not 0 at the start: not the reference
+        check_init(dict(LORA, init_lora_weights=init), 'model.llm_lora')
+        with pytest.raises(Refused, match=f"init_lora_weights={init!r}: the adapters' product does not start at 0"):
+            check_init(dict(LORA, init_lora_weights=init), 'model.llm_lora', preference=True)
+
+
+def test_the_model_refuses_it_before_anything_loads(tiny, monkeypatch):
+    import xtuner_plugins.models.internvl as internvl
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError('the parts were built')
+    monkeypatch.setattr(internvl, 'build_parts', no_loading)
+    for kw in (dict(llm_lora=dict(LORA, init_lora_weights='pissa_niter_4')),
+               dict(vision_lora=dict(LORA, init_lora_weights='olora')),
+               dict(llm_lora=dict(LORA, init_lora_weights='orthogonal'), preference=dict(beta=0.1))):
+        with pytest.raises(Refused, match='init_lora_weights='):
+            build(tiny, **kw)
+    with pytest.raises(Refused, match=r"^lora.init_lora_weights='corda': "):   # peft's own entry too
+        apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), dict(LORA, init_lora_weights='corda',
+                                                                    target_modules=['0']))

@@ -86,7 +86,8 @@ class VisionLanguageModel(BaseModel):
             ``official_checkpoint`` and where no plan can be made; nothing without ``llm_grad_ckpt``.
         vision_drop_path: stochastic depth for the vision tower (InternVL stage 1.5 uses 0.1).
         llm_lora, vision_lora: peft ``LoraConfig`` arguments (a dict) to train LoRA adapters instead of
-            the whole LLM / vision tower; ``target_modules`` defaults to all linear layers.
+            the whole LLM / vision tower; ``target_modules`` defaults to all linear layers; ``init_lora_weights``
+            True or ``'gaussian'`` (an init that rewrites the base weights is refused: ``lora.check_init``).
         llm_quantization: ``BitsAndBytesConfig`` arguments to load the LLM quantised (QLoRA: 4-bit NF4 with
             double quantisation; needs ``llm_lora``). The vision tower and projector stay in full precision.
         pretrained_pth: the previous stage's checkpoint (mmengine ``.pth`` or DeepSpeed folder); the stages before
@@ -196,7 +197,7 @@ class VisionLanguageModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
                        loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
-                       freeze_llm=freeze_llm, preference=preference)
+                       freeze_llm=freeze_llm, preference=preference, vision_lora=vision_lora)
         check_coef(router_aux_loss_coef)
         for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
             if isinstance(path, str):   # before training_dtype reads the weights' headers

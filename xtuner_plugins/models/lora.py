@@ -5,6 +5,17 @@ ignored, as in XTuner configs); ``target_modules`` defaults to ``'all-linear'`` 
 leaves ``lm_head`` out). The base weights are frozen by peft; the adapters stay in fp32 when the base is
 bf16/fp16 (peft's ``autocast_adapter_dtype``). Their input dropout draws its mask 16 bits an element on a CPU
 (``dropout.CpuDropout``: the draws a third of ``nn.Dropout``'s; dropout was half a CPU LoRA step).
+
+``init_lora_weights`` (:func:`check_init`): a checkpoint holds the trained parameters only, and every later use (a
+resume, the next stage, the converter) rebuilds the base weights from the source folders and earlier stages. peft's
+inits that rewrite the base layers' weights at init (``'pissa'``, ``'pissa_niter_N'``, ``'corda'``, ``'olora'``,
+``'loftq'``, ``'lora_ga'``: the adapters take a part of the weight, the base keeps the rest) lost that residual: the
+converted model added the principal components twice (39% off on a layer), and a LoRA preference run's reference
+(the adapters off) was the residual, not the previous stage. ``'mica'`` freezes ``lora_B`` at an SVD of the base
+(in no checkpoint, redrawn on each load), ``'eva'`` needs a data pass training does not run. They are refused when
+the model is built, before anything loads; ``True`` (the default) and ``'gaussian'`` keep the base as it is with the
+adapters' product 0, and ``False`` / ``'orthogonal'`` (the base kept, the adapters not 0 at the start) are refused
+with ``preference`` only, where the policy must start as its reference.
 """
 
 from __future__ import annotations
@@ -20,8 +31,50 @@ MAMBA_TYPES = ('falcon_h1', 'mamba', 'mamba2', 'falcon_mamba', 'nemotron_h')
 MAMBA_UNADAPTED = ('out_proj', 'conv1d')
 
 
-def apply_lora(model: nn.Module, lora: dict, task_type: Optional[str] = None) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters described by ``lora`` (peft ``LoraConfig`` arguments)."""
+#: peft's ``init_lora_weights`` values that rewrite the base layer's weight (a prefix for pissa's and corda's forms)
+REWRITES_BASE = ('pissa', 'corda', 'olora', 'loftq', 'lora_ga')
+#: the values that keep the base weight and start the adapters' product at 0 (the model is its previous stage)
+KEEPS_BASE = (True, 'gaussian')
+_INSTEAD = ("use init_lora_weights=True (the default: lora_B starts at 0, the base weights unchanged) or "
+            "'gaussian'")
+
+
+def check_init(lora: Optional[dict], key: str, preference: bool = False) -> None:
+    """Refuse (:class:`~xtuner_plugins.errors.Refused`) a ``key`` (``model.llm_lora``, ``model.vision_lora``) whose
+    ``init_lora_weights`` the checkpoints and the converter cannot rebuild (module docstring); ``preference``: the
+    run's policy must start as its reference (the adapters off), so the adapters' product must start at 0."""
+    if not isinstance(lora, dict) or 'init_lora_weights' not in lora:
+        return
+    value = lora['init_lora_weights']
+    name = value.lower() if isinstance(value, str) else value
+    if value is True or name == 'gaussian':
+        return
+    if isinstance(name, str) and name.startswith(REWRITES_BASE):
+        why = ('peft rewrites the base layers\' weights at init (the adapters take their principal part), and a '
+               'checkpoint holds the adapters only: the base is rebuilt unchanged from the source folders, so the '
+               'converted model and the next stage are wrong, and a LoRA preference run\'s reference (the adapters '
+               'off) is not the previous stage')
+    elif name == 'mica':
+        why = ('its lora_B is frozen at an SVD of the base weights: it is in no checkpoint (only trained parameters '
+               'are saved) and is redrawn at each load')
+    elif name == 'eva':
+        why = ("its data-driven init needs peft's initialize_lora_eva_weights over batches, which training does not "
+               'run: the adapters would start as with True')
+    elif name is False or name == 'orthogonal':
+        if not preference:
+            return
+        why = ('the adapters\' product does not start at 0, so the policy does not start as its reference (the model '
+               'with its adapters off): the rewards are not 0 at the first step')
+    else:
+        why = "not an init peft has (True, False, 'gaussian', or the ones that need more than a config)"
+    from xtuner_plugins.errors import Refused
+    raise Refused(f'{key}.init_lora_weights={value!r}: {why}; {_INSTEAD}')
+
+
+def apply_lora(model: nn.Module, lora: dict, task_type: Optional[str] = None, key: str = 'lora') -> nn.Module:
+    """Wrap ``model`` with LoRA adapters described by ``lora`` (peft ``LoraConfig`` arguments; ``key``: where they
+    are set, named in a refusal of their ``init_lora_weights``, :func:`check_init`)."""
+    check_init(lora, key)
     from peft import LoraConfig, get_peft_model
     cfg = {k: v for k, v in dict(lora).items() if k != 'type'}
     cfg.setdefault('target_modules', 'all-linear')

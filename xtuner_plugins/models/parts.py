@@ -20,6 +20,7 @@ from xtuner_plugins.errors import Refused
 
 from .attention import ATTN_IMPLEMENTATIONS, check_softcap
 from .llm import check_llm_folder, fit_embeddings_to_tokenizer, load_llm, load_tokenizer, untie_embeddings
+from .lora import check_init
 from .projector import InternVLProjector, build_projector
 from .vision import InternViTEncoder, build_vision_encoder
 from .loss import REDUCTIONS
@@ -30,7 +31,7 @@ __all__ = ['build_parts', 'check_settings']
 
 def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction: str, loss_chunk: int,
                    llm_quantization: Optional[dict], llm_lora: Optional[dict], freeze_llm: bool,
-                   preference: Optional[dict] = None) -> None:
+                   preference: Optional[dict] = None, vision_lora: Optional[dict] = None) -> None:
     """The model's settings no part checks on its own, refused (:class:`~xtuner_plugins.errors.Refused`) before
     anything loads."""
     for name, value, valid in (('attn_implementation', attn_implementation, ATTN_IMPLEMENTATIONS),
@@ -40,6 +41,8 @@ def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction:
     if llm_quantization is not None and (llm_lora is None or not freeze_llm):
         raise Refused('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
                       'through LoRA adapters only (QLoRA)')
+    check_init(llm_lora, 'model.llm_lora', preference=preference is not None)
+    check_init(vision_lora, 'model.vision_lora', preference=preference is not None)
     if not isinstance(loss_chunk, int) or loss_chunk < 0:
         raise Refused(f'loss_chunk must be an integer >= 0 (0: off), got {loss_chunk!r}')
     if loss_chunk and preference is not None:

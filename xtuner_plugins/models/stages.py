@@ -29,7 +29,8 @@ def load_stages(model, path: str) -> None:
             if stage.get(key):
                 module = getattr(model, attr)
                 trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-                setattr(model, attr, apply_lora(module, stage.get(key), task_type=task))
+                setattr(model, attr, apply_lora(module, stage.get(key), task_type=task,
+                                                key=f'{stage.path}: its {key}'))
                 wrapped.append((attr, trainable))
         load_trained(model, stage.path)
         for attr, trainable in wrapped:

@@ -49,9 +49,10 @@ def set_up_training(model, dtype: torch.dtype, *, freeze_vision: bool, freeze_pr
             model.language_model, use_gradient_checkpointing=model.llm_recompute is not None,
             gradient_checkpointing_kwargs=checkpointing_kwargs(model.llm_recompute or 'full'))
     if llm_lora is not None:
-        model.language_model = apply_lora(model.language_model, llm_lora, task_type='CAUSAL_LM')
+        model.language_model = apply_lora(model.language_model, llm_lora, task_type='CAUSAL_LM',
+                                          key='model.llm_lora')
     if vision_lora is not None:
-        model.vision_model = apply_lora(model.vision_model, vision_lora)
+        model.vision_model = apply_lora(model.vision_model, vision_lora, key='model.vision_lora')
     #: a mixture-of-experts LLM's routing and its load-balancing loss (moe.py); None for a dense LLM
     model.router = router_aux(model.language_model, router_aux_loss_coef)
     model.llm_recurrent = recurrent_layer(model.language_model)   # refuses packed rows (attention.py)

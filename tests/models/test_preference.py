@@ -292,6 +292,12 @@ def test_preference_settings_that_leave_no_reference_are_refused(tiny):
     (dict(beta=-0.1), 'beta must be a number > 0'), (dict(beta=0), 'beta must be a number > 0'),
     (dict(beta=float('nan')), 'beta must be a number > 0'),   # a NaN loss
     (dict(beta=0.1, types=('sigmoid', 'sft'), weights=(1.0,)), 'weights must be one number for each'),
+    # a negative weight flips the preference as a negative beta does; all 0 learns nothing; a type named twice
+    (dict(beta=0.1, weights=[-1.0]), r'weights must be >= 0, got \[-1.0\] .*prefer the rejected answers'),
+    (dict(beta=0.1, types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, -0.2, 1.0)), 'weights must be >= 0'),
+    (dict(beta=0.1, weights=[0.0]), r'weights \[0.0\] for types \[.sigmoid.\] are all 0: nothing would be'),
+    (dict(beta=0.1, types=('sigmoid', 'bco_pair', 'sft'), weights=(0, 0, 0)), 'are all 0'),
+    (dict(beta=0.1, types=['sigmoid', 'sigmoid']), "name 'sigmoid' more than once"),
 ])
 def test_preference_loss_settings_are_refused_before_the_model_loads(tiny, setting, says, monkeypatch):
     """They were read at the first training step (a raw TypeError), or not at all (a negative beta flipped the
@@ -302,6 +308,12 @@ def test_preference_loss_settings_are_refused_before_the_model_loads(tiny, setti
     with pytest.raises(ValueError, match=says):
         build(tiny, freeze_projector=True, llm_lora=dict(r=8, lora_alpha=16, target_modules='all-linear'),
               preference=setting)
+
+
+def test_preference_weights_of_0_for_some_terms_are_taken():
+    from xtuner_plugins.models.preference import MPO, check_losses
+    check_losses(dict(MPO))
+    check_losses(dict(beta=0.1, types=('sigmoid', 'bco_pair', 'sft'), weights=(1.0, 0.0, 0)))
 
 
 def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):

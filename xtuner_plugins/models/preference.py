@@ -201,7 +201,8 @@ def check_setting(llm_lora: Optional[dict], vision_lora: Optional[dict], frozen:
 def check_losses(preference) -> None:
     """Refuse (:class:`~xtuner_plugins.errors.Refused`) a ``preference=`` dict that :func:`preference_losses`
     cannot take: keys other than ``beta``, ``types`` and ``weights``; no ``beta`` or one not a finite number > 0;
-    ``types`` not a non-empty list of :data:`LOSS_TYPES`; ``weights`` not one finite number each."""
+    ``types`` not a non-empty list of :data:`LOSS_TYPES` or naming one twice; ``weights`` not one finite number
+    each, a negative one (it trains towards the rejected answers, as a negative ``beta`` would) or all 0."""
     import math
     example = "e.g. dict(beta=0.1) (DPO), or MPO's dict(types=('sigmoid', 'bco_pair', 'sft'), weights=(0.8, 0.2, " \
               "1.0), beta=0.1)"
@@ -225,6 +226,16 @@ def check_losses(preference) -> None:
                                 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
                                        for w in weights)):
         raise Refused(f'preference: weights must be one number for each of types {list(types)}, got {weights!r}')
+    twice = sorted({t for t in types if list(types).count(t) > 1})
+    if twice:
+        raise Refused(f'preference: types {list(types)} name {", ".join(map(repr, twice))} more than once (its '
+                      f'term would count once per mention): name each type once, its weight saying how much')
+    if weights is not None and any(w < 0 for w in weights):
+        raise Refused(f'preference: weights must be >= 0, got {list(weights)} for types {list(types)} (a negative '
+                      f'one trains the opposite way: the policy learns to prefer the rejected answers)')
+    if weights is not None and not any(w > 0 for w in weights):
+        raise Refused(f'preference: weights {list(weights)} for types {list(types)} are all 0: nothing would be '
+                      f'learned (the loss is 0 and has no gradient)')
 
 
 def pair_features(model, pixel_values: torch.Tensor) -> Optional[torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from xtuner_plugins.data.template import IGNORE_INDEX
 from xtuner_plugins.models.preference import MPO, RunningMean, preference_losses, sequence_logps
@@ -347,6 +348,32 @@ def test_full_mpo_reference_is_a_frozen_copy_that_never_changes(tiny, pairs):
         out = model(dict(pairs), mode='loss')
     assert out['rewards_margin'].item() > 0 and out['term_sigmoid'].item() < math.log(2), out
     assert not [k for k in model.state_dict() if k.startswith('reference.')]
+
+
+def test_full_mpo_in_bf16_starts_exactly_at_its_reference(tiny, pairs):
+    """bf16 weights, fp32 trained parts under bf16 autocast (the GPU recipe): the frozen copy keeps in fp32 what
+    autocast does not cast (norms, embeddings, rotary frequencies) and its matrices in bf16, so it computes what
+    the policy computes, bit for bit, from fp32 trained weights that are not bf16 numbers (an SFT checkpoint's):
+    the DPO term is log 2 and every reward 0. A copy all in bf16 started at 0.6932254 on these pairs."""
+    from tests.models.conftest import build
+    from xtuner_plugins.models.preference import frozen_copies
+    torch.manual_seed(0)
+    model = build(tiny, torch_dtype='bfloat16', freeze_projector=False, freeze_llm=False, preference=MPO)
+    assert model.autocast_dtype == torch.bfloat16
+    with torch.no_grad():   # fp32 trained weights, as an SFT checkpoint's are
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3 * (p.abs().mean() + 1e-3))
+    model.reference = frozen_copies({'mlp1': model.mlp1, 'language_model': model.language_model}, torch.bfloat16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(dict(pairs), mode='loss')
+    assert out['term_sigmoid'].item() == math.log(2) or \
+        out['term_sigmoid'].item() == pytest.approx(math.log(2), abs=1e-7), out
+    assert out['rewards_chosen'].item() == 0 and out['rewards_rejected'].item() == 0, out
+    llm = model.reference['language_model']  # memory: the matrices in bf16
+    assert {p.dtype for m in llm.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)
+            if p is not llm.get_input_embeddings().weight} == {torch.bfloat16}, 'the matrices are in bf16'
+    assert llm.get_input_embeddings().weight.dtype == torch.float32
 
 
 # ------------------------------------------------------------------ held-out preference accuracy

@@ -143,8 +143,30 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
     return total, metrics
 
 
+#: the modules whose weights autocast casts to its dtype before computing (matrix products); the others (norms,
+#: embeddings) and the buffers (rotary frequencies) compute in the dtype they are stored in
+AUTOCAST_CAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def autocast_alike(part: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``part`` with the weights that autocast would cast (:data:`AUTOCAST_CAST`'s) in ``dtype``, and the rest
+    (norms, embeddings, a weight tied to an embedding, buffers) left as they are: a copy of an fp32 trained part
+    so made computes under ``dtype`` autocast what the part computes, bit for bit (a copy all in bf16 rounded the
+    norms, the embeddings and the rotary frequencies that the policy keeps in fp32: the DPO term of full MPO in
+    bf16 started at 0.6931080, not log 2), for the memory of its matrices in ``dtype``."""
+    kept = {id(p) for m in part.modules() if not isinstance(m, AUTOCAST_CAST) for p in m.parameters(recurse=False)}
+    for module in part.modules():
+        if isinstance(module, AUTOCAST_CAST):
+            for param in module.parameters(recurse=False):
+                if id(param) not in kept and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+    return part
+
+
 def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleDict:
-    """Frozen copies (no gradients, eval mode, ``dtype``) of ``parts``, equal to them now, whatever they become.
+    """Frozen copies (no gradients, eval mode) of ``parts``, equal to them now, whatever they become: their
+    matrices in ``dtype``, the rest in the part's own dtype (:func:`autocast_alike`: fp32 trained parts under bf16
+    autocast compute as their copies do).
 
     A part whose weights DeepSpeed ZeRO-3 partitioned while it was built (``zero.Init``: a Hugging Face model
     loaded on GPUs under ``--deepspeed deepspeed_zero3``) cannot be deep-copied (its tensors are empty shards
@@ -156,7 +178,7 @@ def frozen_copies(parts: Dict[str, nn.Module], dtype: torch.dtype) -> nn.ModuleD
     copies = nn.ModuleDict()
     for name, part in parts.items():
         if not any(is_zero3_partitioned(p) for p in part.parameters()):
-            copies[name] = copy.deepcopy(part).to(dtype)
+            copies[name] = autocast_alike(copy.deepcopy(part), dtype)
         elif hasattr(type(part), '_from_config'):
             from transformers.modeling_utils import no_init_weights
             with hf_zero3_init(True), no_init_weights():  # every weight is overwritten below

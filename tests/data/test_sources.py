@@ -115,9 +115,18 @@ class TestExpandSources:
                                    f'uses each sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
 
     def test_mismatched_lists(self, tmp_path):
+        from xtuner_plugins.errors import Refused
         a = write_jsonl(tmp_path / 'a.jsonl', [])
-        with pytest.raises(ValueError, match='image_folders has 2 entries but data_files has 1'):
+        with pytest.raises(Refused, match='image_folders has 2 entries but data_files has 1: give one per file'):
             expand_sources([a], image_folders=['x', 'y'])
+        with pytest.raises(Refused, match='repeat_times has 1 entries but data_files has 2: give one per file'):
+            expand_sources([a, a], repeat_times=[2])
+
+    def test_one_image_folder_in_a_list_is_one_for_all_files(self, tmp_path):
+        """image_folders=[DIR] with three files was a ValueError traceback; a plain string served all three, and
+        check_dataset's one --image-folder serves all files."""
+        files = [write_jsonl(tmp_path / f'{k}.jsonl', [{'conversations': conv(image=False)}]) for k in 'abc']
+        assert [s.image_folder for s in expand_sources(files, image_folders=[str(tmp_path)])] == [str(tmp_path)] * 3
 
     def test_missing_and_unknown_files(self, tmp_path):
         with pytest.raises(FileNotFoundError, match='nope.jsonl'):

@@ -301,3 +301,25 @@ def test_samples_refused_at_start_up_are_kept_in_little_memory(tmp_path):
     assert 'x' not in ds.load_problems and repr(ds.load_problems) == \
         "ProblemList(20000 problems: {'image_tag_mismatch': 20000})"
 
+
+
+def test_data_of_the_other_kind_is_refused_in_one_line_saying_so(tmp_path, tiny_tokenizer):
+    """An SFT file given to a preference config was 'ValueError: no samples to train on ... no chosen and no
+    rejected answer' after a traceback; pairs given to an SFT config the same. Now a Refused (train: refused:, one
+    line) that says which kind the data looks like and which config reads it."""
+    from tests.data.test_preference import make
+    from xtuner_plugins.errors import Refused
+    (tmp_path / 'i').mkdir()
+    sft = write_jsonl(tmp_path / 'sft.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)} for i in range(3)])
+    with pytest.raises(Refused, match=r'no samples to train on in .*sft.jsonl .*sft.jsonl:1: no chosen and no '
+                                      r'rejected answer.*looks like SFT data .* given to a preference config: train '
+                                      r'it with an SFT config \(finetune_\*.py\)'):
+        make(sft, tiny_tokenizer, tmp_path)
+    pairs = write_jsonl(tmp_path / 'pairs.jsonl', [{'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}] * 3)
+    with pytest.raises(Refused, match=r'pairs.jsonl:1: .*it is a preference pair.*looks like preference pairs '
+                                      r'given to an SFT config: train them with a preference config'):
+        make_ds(pairs, tiny_tokenizer, tmp_path)
+    mixed = write_jsonl(tmp_path / 'mixed.jsonl', [{'conversations': conv('q', 'a', image=False)}, '{bad json'])
+    with pytest.raises(Refused) as info:   # other problems too: no guess
+        make(mixed, tiny_tokenizer, tmp_path)
+    assert 'looks like' not in str(info.value)

@@ -419,3 +419,31 @@ def test_the_length_grouped_sampler_takes_the_loaders_batch():
     for changed in ({}, dict(given, **{'train_dataloader.sampler.per_device_batch_size': 8})):
         cfg = dict(train_dataloader=dict(batch_size=1, sampler=dict(per_device_batch_size=8)))
         assert sampler_fits(cfg, changed) is None and cfg['train_dataloader']['sampler']['per_device_batch_size'] == 8
+
+
+def test_flex_attention_on_a_cpu_is_refused_at_start_up(monkeypatch):
+    """It stopped at the first backward, after 41 frames: FlexAttention has no backward on a CPU."""
+    from xtuner_plugins.engine import refusals
+    cfg = dict(model=dict(attn_implementation='flex_attention'))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert refusals.flex_refusal(cfg) == (
+        "model.attn_implementation='flex_attention' trains on a GPU only: PyTorch's FlexAttention has no backward "
+        "on a CPU; on a CPU use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'")
+    assert refusals.flex_refusal(dict(model=dict(attn_implementation='sdpa_segments'))) is None
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert refusals.flex_refusal(cfg) is None
+
+
+@pytest.mark.parametrize('config', ['dpo_lora.py', 'dpo_lora_packed.py', 'mpo_full.py'])
+def test_preference_pairs_for_a_model_without_preference_are_refused_at_start_up(config):
+    """model.preference=None with a preference config's data stopped at step 1 in a ValueError traceback ('a batch
+    of preference pairs, but the model has no preference= setting'), after the models had loaded."""
+    from xtuner_plugins.engine.refusals import preference_data_refusal
+    cfg = Config.fromfile(os.path.join(REPO_ROOT, 'configs', config))
+    assert preference_data_refusal(cfg) is None
+    cfg.model.preference = None
+    said = preference_data_refusal(cfg)
+    assert said and said.startswith('model.preference is None, but the data are preference pairs (') and \
+        'model.preference.beta=0.1' in said, said
+    sft = Config.fromfile(os.path.join(REPO_ROOT, 'configs', 'finetune_lora.py'))
+    assert sft.model.get('preference') is None and preference_data_refusal(sft) is None

@@ -61,12 +61,18 @@ class Record:
     raw: Any
 
 
-def _as_list(value, n: int, what: str) -> list:
+def _as_list(value, n: int, what: str, one_for_all: bool = False) -> list:
+    """``value`` for each of ``n`` files: one value for all, or a list of one per file (``one_for_all``: a list
+    of one is one for all, as ``check_dataset``'s single ``--image-folder`` is); refused, in one line, otherwise."""
     if value is None or isinstance(value, (str, int, float)):
         return [value] * n
     value = list(value)
+    if one_for_all and len(value) == 1:
+        return value * n
     if len(value) != n:
-        raise ValueError(f'{what} has {len(value)} entries but data_files has {n}; give one per file')
+        from xtuner_plugins.errors import Refused
+        raise Refused(f'{what} has {len(value)} entries but data_files has {n}: give one per file, in the order '
+                      f'of data_files' + (', or one for all' if one_for_all else ''))
     return value
 
 
@@ -241,7 +247,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
 
     ``data_files`` entries are ``.jsonl`` files, ``.json`` files holding a list of samples, or InternVL
     meta ``.json`` files (an object mapping names to ``root``/``annotation``/``repeat_time``/...). The
-    other arguments are one value for all files or one per file; a meta file's entries carry their own
+    other arguments are one value for all files or one per file (``image_folders``: a list of one is one for all
+    files too); a meta file's entries carry their own
     (``repeat_time`` required, as InternVL requires it; ``root`` and ``max_dynamic_patch`` optional).
     """
     if isinstance(data_files, str):
@@ -249,7 +256,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     if not data_files:
         raise ValueError('data_files is empty: give at least one .json, .jsonl or meta .json file')
     n = len(data_files)
-    folders = _as_list(image_folders, n, 'image_folders')
+    folders = _as_list(image_folders, n, 'image_folders', one_for_all=True)
     repeats = _as_list(repeat_times, n, 'repeat_times')
     patches = _as_list(max_dynamic_patches, n, 'max_dynamic_patches')
     sources: List[DataSource] = []

@@ -232,6 +232,24 @@ def cached_subset(ds, n: int, repeat_time: float, seed: int) -> Optional[np.ndar
     return node_once(file, load, build, f'the repeat_time {repeat_time:g} subset of {n} samples')
 
 
+#: what every refused sample of a file says when the file is of the other kind: SFT samples read as pairs, pairs
+#: read as SFT samples (``entries.sample_conversations``)
+_SFT_AS_PAIRS, _PAIRS_AS_SFT = 'no chosen and no rejected answer', 'it is a preference pair'
+
+
+def wrong_kind(problems) -> str:
+    """The end of the 'no samples to train on' line when every sample was refused as being of the other kind: SFT
+    data given to a preference config, or preference pairs given to an SFT config; '' otherwise."""
+    said = [str(p) for p in problems]
+    if said and all(_SFT_AS_PAIRS in p for p in said):
+        return ('; the data looks like SFT data (no "chosen" / "rejected" answers) given to a preference config: '
+                'train it with an SFT config (finetune_*.py), or give preference pairs (docs/preference.md)')
+    if said and all(_PAIRS_AS_SFT in p for p in said):
+        return ('; the data looks like preference pairs given to an SFT config: train them with a preference config '
+                '(dpo_*.py, mpo_*.py), or give SFT samples ("conversations")')
+    return ''
+
+
 def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], ProblemList]:
     """``(records, index, source_ranges, load_problems)`` of a data set's ``sources``: each file's index and
     start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
@@ -270,7 +288,8 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
         index.append(start + repeated)
     index = np.concatenate(index)
     if not len(index):
-        raise ValueError('no samples to train on in ' + ', '.join(
+        from xtuner_plugins.errors import Refused
+        raise Refused('no samples to train on in ' + ', '.join(
             f'{src.annotation} (repeat_time {src.repeat_time})' for src in ds.sources) +
-            (f'; {len(problems)} were refused, first: {problems[0]}' if problems else ''))
+            (f'; {len(problems)} were refused, first: {problems[0]}' if problems else '') + wrong_kind(problems))
     return RecordView(indexes, good, digests=digests), index, ranges, problems

@@ -11,7 +11,9 @@ run with the first one, in one line: ``runstart.refuse``); and where its checkpo
   with its own and point ``last_checkpoint`` at its own, leaving two runs mixed in one folder (a convert of the
   newest ``iter_N.pth`` could then take the other run's model); it stops, naming them. A resume, and a requeued
   Slurm job continuing its own checkpoints (``preempt.requeue_decision``), go on.
-* A ``model.liger_kernel`` this machine cannot run (:func:`liger_refusal`: no GPU) stops it there too, and so does
+* A ``model.liger_kernel`` or ``model.attn_implementation='flex_attention'`` this machine cannot train with
+  (:func:`liger_refusal`, :func:`flex_refusal`: no GPU) stops it there too, and so do preference pairs for a model
+  without ``preference=`` (:func:`preference_data_refusal`), and so does
   a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint) or whose
   vision geometry does not fit (:func:`geometry_refusal`).
 """
@@ -124,6 +126,45 @@ def liger_refusal(cfg: Mapping) -> Optional[str]:
     except (ValueError, ImportError) as e:
         return str(e)
     return None
+
+
+def flex_refusal(cfg: Mapping) -> Optional[str]:
+    """``model.attn_implementation='flex_attention'`` on a machine without a CUDA device: PyTorch's FlexAttention
+    has no backward on a CPU, and the run stopped at its first backward in a NotImplementedError traceback; None
+    on a GPU or with another attention."""
+    model = cfg.get('model')
+    if not isinstance(model, Mapping) or model.get('attn_implementation') != 'flex_attention':
+        return None
+    import torch
+    if torch.cuda.is_available():
+        return None
+    return ("model.attn_implementation='flex_attention' trains on a GPU only: PyTorch's FlexAttention has no backward "
+            "on a CPU; on a CPU use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'")
+
+
+def _type_name(spec) -> str:
+    kind = spec.get('type') if isinstance(spec, Mapping) else None
+    return kind if isinstance(kind, str) else getattr(kind, '__name__', '')
+
+
+def preference_data_refusal(cfg: Mapping) -> Optional[str]:
+    """Preference pairs (``InternVLPreferenceDataset``, packed or not, or ``preference_collate_fn``) for a model
+    without ``preference=``: the run built everything, then stopped at its first step in a ValueError traceback;
+    None when the model has a preference setting or the data are not pairs."""
+    model, loader = cfg.get('model'), cfg.get('train_dataloader')
+    if not isinstance(model, Mapping) or not isinstance(loader, Mapping) or model.get('preference') is not None:
+        return None
+    names, spec = [_type_name(loader.get('collate_fn'))], loader.get('dataset')
+    while isinstance(spec, Mapping):
+        names.append(_type_name(spec))
+        spec = spec.get('dataset')
+    pairs = next((n.rpartition('.')[2] for n in names if n.rpartition('.')[2] in (
+        'InternVLPreferenceDataset', 'preference_collate_fn')), None)
+    if pairs is None:
+        return None
+    return (f'model.preference is None, but the data are preference pairs ({pairs}): a preference config needs '
+            f'its loss, e.g. model.preference.beta=0.1 (DPO; docs/preference.md), or train SFT data with an SFT '
+            f'config (finetune_*.py)')
 
 
 def lineage_in_work_dir(cfg: Mapping) -> Optional[str]:

@@ -36,8 +36,9 @@ import sys
 import threading
 from typing import Callable, List, Mapping, MutableMapping, Optional
 
-from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, geometry_refusal,
-                                           liger_refusal, lineage_in_work_dir, pretrained_refusal, work_dir_refusal)
+from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, flex_refusal, geometry_refusal,
+                                           liger_refusal, lineage_in_work_dir, preference_data_refusal,
+                                           pretrained_refusal, work_dir_refusal)
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'
 _building = threading.local()  # inside a patched from_cfg: the config is prepared already
@@ -75,7 +76,8 @@ def prepare_run(cfg):
     problem = (work_dir_refusal(plain) or preference_from_other_stage(plain) or previous_stage_of_loaded(plain)
                or pretrained_refusal(plain)
                or geometry_refusal(plain)
-               or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain))
+               or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain)
+               or flex_refusal(plain) or preference_data_refusal(plain))
     if problem:
         refuse(problem)
     return cfg

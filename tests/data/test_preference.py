@@ -85,6 +85,28 @@ def test_other_tools_pair_layouts_say_what_is_read(tmp_path, tiny_tokenizer):
     assert 'no "question": "prompt" (TRL\'s key) is not read' in second
 
 
+def test_a_pair_in_another_layout_says_what_is_wrong(tmp_path, tiny_tokenizer):
+    """A top-level "system" was dropped without a word (the default system message trained), as the SFT reader
+    dropped it: both now say so; OpenAI's role/content turns were 'the prompt must end with a human turn';
+    "Chosen" / "Rejected" were 'no chosen and no rejected answer'."""
+    good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}
+    lines = [dict(good, system='You are a pirate.'),
+             {'conversations': [{'role': 'user', 'content': 'Q?'}], 'chosen': 'A', 'rejected': 'B'},
+             {'question': 'Q?', 'Chosen': 'A', 'Rejected': 'B'},
+             {'conversations': [{'from': 'system', 'value': 'You are a pirate.'}], **good}] + [good] * 8
+    path = write_jsonl(tmp_path / 'p.jsonl', lines)
+    (tmp_path / 'i').mkdir()
+    ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.5)
+    system, openai, capitals = (str(p) for p in ds.load_problems)
+    assert 'p.jsonl:1: a top-level "system" ("You are a pirate.") is not read (the template\'s default system ' \
+           'message would be trained): give it as the first turn of "conversations"' in system
+    assert 'p.jsonl:2: turn 0 must be a dict with "from" and "value" (OpenAI\'s "role" / "content" keys are not ' \
+           'this format\'s: its turns are {"from": "human" | "gpt" | "system", "value": TEXT}' in openai
+    assert 'p.jsonl:3: no chosen and no rejected answer (a pair needs both, as text); the keys are lower case, ' \
+           '"chosen" and "rejected", not "Chosen" and "Rejected"' in capitals
+    assert 'You are a pirate.' in tiny_tokenizer.decode(ds[0]['chosen']['input_ids'])   # the system turn's way
+
+
 def test_an_answer_that_is_a_number_or_a_boolean_is_said_to_be_no_text(tmp_path, tiny_tokenizer):
     """``"chosen": 5`` (or ``true``, ``1e308``) was 'no chosen answer', where there is one, of another type."""
     good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}

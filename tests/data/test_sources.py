@@ -391,6 +391,16 @@ def test_an_empty_meta_file_and_unknown_entry_keys_are_said(tmp_path, monkeypatc
                                                         'with a DPO / MPO config'),
     ({'messages': [{'role': 'user', 'content': 'q'}]}, 'it has "messages" (OpenAI\'s, ms-swift\'s format)'),
     ({'id': 3, 'text': 'q'}, "its keys are 'id', 'text'"),
+    # these trained without a word: a conversation-form pair (its conversations, chosen and rejected left out), a
+    # top-level system (the template's default system message in its place); OpenAI's turns were not named
+    ({'conversations': [{'from': 'human', 'value': 'q'}], 'chosen': 'a', 'rejected': 'b'},
+     'the sample has "chosen" and "rejected": it is a preference pair'),
+    ({'system': 'You are a pirate.', 'conversations': conv(image=False)},
+     'a top-level "system" ("You are a pirate.") is not read (the template\'s default system message would be '
+     'trained): give it as the first turn of "conversations", {"from": "system", "value": ...}'),
+    ({'conversations': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]},
+     'turn 0 must be a dict with "from" and "value" (OpenAI\'s "role" / "content" keys are not this format\'s: its '
+     'turns are {"from": "human" | "gpt" | "system", "value": TEXT}'),
 ])
 def test_a_sample_without_conversations_says_what_it_holds_instead(tmp_path, sample, says):
     from xtuner_plugins.data import InternVLDataset
@@ -398,7 +408,7 @@ def test_a_sample_without_conversations_says_what_it_holds_instead(tmp_path, sam
     ds = InternVLDataset(path, tokenizer=None, max_bad_fraction=1.0, cache_dir=str(tmp_path / 'cache'))
     (problem,) = ds.load_problems
     assert problem.reason == 'bad_conversation' and problem.source == f'{path}:2'
-    assert problem.message.startswith(f'the sample has no "conversations": {says}')
+    assert problem.message.startswith((f'the sample has no "conversations": {says}', says)), problem.message
 
 
 def test_a_folder_given_as_an_annotation_file_says_so_and_a_shard_set_where_it_is_read(tmp_path):

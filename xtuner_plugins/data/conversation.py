@@ -34,6 +34,17 @@ class Conversation:
     template: Template
 
 
+def check_turn(i: int, turn: Any) -> None:
+    """``bad_conversation`` for turn ``i`` of ``conversations`` unless it is a dict with "from" and "value"; one
+    with OpenAI's "role" / "content" is said to be of that format."""
+    if isinstance(turn, Mapping) and 'from' in turn and 'value' in turn:
+        return
+    other = (' (OpenAI\'s "role" / "content" keys are not this format\'s: its turns are {"from": "human" | "gpt" | '
+             '"system", "value": TEXT}, LLaVA\'s and InternVL\'s)'
+             if isinstance(turn, Mapping) and {'role', 'content'} & set(turn) else '')
+    raise SampleError('bad_conversation', f'turn {i} must be a dict with "from" and "value"{other}, got {turn!r:.200}')
+
+
 def _structure(conversations: Any) -> Tuple[Optional[str], List[Tuple[str, str]], int]:
     """Check the structure; return (data system message or None, [(role, value)], index of the first turn)."""
     if not isinstance(conversations, (list, tuple)):
@@ -42,9 +53,7 @@ def _structure(conversations: Any) -> Tuple[Optional[str], List[Tuple[str, str]]
     if len(conversations) == 0:
         raise SampleError('empty_conversation', 'the conversation has no turns')
     for i, turn in enumerate(conversations):
-        if not isinstance(turn, Mapping) or 'from' not in turn or 'value' not in turn:
-            raise SampleError('bad_conversation',
-                              f'turn {i} must be a dict with "from" and "value", got {turn!r:.200}')
+        check_turn(i, turn)
         role, value = turn['from'], turn['value']
         if role not in _ROLES:
             raise SampleError('bad_conversation',

@@ -161,15 +161,33 @@ def sample_images(sample: dict) -> List[str]:
     raise SampleError('bad_image_field', f'"image" must be a path or a list of paths, got {image!r}')
 
 
+PAIR_HINT = ('it is a preference pair ("chosen" / "rejected"): train it with a DPO / MPO config '
+             '(InternVLPreferenceDataset); check_dataset reads it so with --pairs yes')
+
+
+def unread_system(sample: dict) -> None:
+    """A top-level ``"system"`` (ShareGPT's, LLaMA-Factory's) is ``bad_conversation``: neither SFT samples nor
+    pairs read it, and the template's default system message would be trained in its place without a word."""
+    system = sample.get('system')
+    if system is not None and system != '':
+        raise SampleError('bad_conversation', f'a top-level "system" ({json.dumps(system, ensure_ascii=False):.60}) is '
+                                              "not read (the template's default system message would be trained): "
+                                              'give it as the first turn of "conversations", {"from": "system", '
+                                              '"value": ...} (a pair\'s "question" follows "conversations")')
+
+
 def sample_conversations(sample: dict) -> Any:
     """A sample's ``conversations``; a sample without them is ``bad_conversation`` saying what it holds instead (a
-    preference pair, another tool's ``messages``), not "got NoneType"."""
+    preference pair, another tool's ``messages``), not "got NoneType"; so is a preference pair in the conversation
+    form (``conversations`` ending with the human turn, and ``chosen`` / ``rejected``), and a top-level ``system``
+    (:func:`unread_system`)."""
+    unread_system(sample)
+    if 'chosen' in sample and 'rejected' in sample:
+        raise SampleError('bad_conversation', f'the sample has "chosen" and "rejected": {PAIR_HINT}'
+                          if 'conversations' in sample else f'the sample has no "conversations": {PAIR_HINT}')
     if 'conversations' in sample:
         return sample['conversations']
-    if 'chosen' in sample and 'rejected' in sample:
-        why = ('it is a preference pair ("chosen" / "rejected"): train it with a DPO / MPO config '
-               '(InternVLPreferenceDataset); check_dataset reads it so with --pairs yes')
-    elif 'messages' in sample:
+    if 'messages' in sample:
         why = ('it has "messages" (OpenAI\'s, ms-swift\'s format): this format is LLaVA\'s, "conversations": '
                '[{"from": "human" | "gpt", "value": TEXT}, ...]; convert it')
     else:

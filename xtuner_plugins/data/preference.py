@@ -35,7 +35,8 @@ from .collate import internvl_collate_fn
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import Fit, final_answer, keep_or_drop, note_fit
-from .entries import parse_record
+from .conversation import check_turn
+from .entries import parse_record, unread_system
 from .sources import Record
 from .template import IGNORE_INDEX
 
@@ -49,6 +50,7 @@ class InternVLPreferenceDataset(InternVLDataset):
         """The sample with ``conversations`` = prompt + chosen answer and ``rejected_conversations`` = prompt +
         rejected answer (lengths, checks and the image paths use the first)."""
         sample = dict(parse_record(record))
+        unread_system(sample)
         answers = {k: sample.get(k) for k in ('chosen', 'rejected')}
         shaped = next((k for k, v in answers.items() if isinstance(v, (dict, list))), None)
         if shaped:   # LLaMA-Factory's {"from": "gpt", "value": ...}, a list of turns: said to be missing
@@ -63,10 +65,15 @@ class InternVLPreferenceDataset(InternVLDataset):
                                           'rejected are the answers\' text')
         missing = [k for k, v in answers.items() if not isinstance(v, str) or not v.strip()]
         if missing:
-            raise SampleError('bad_pair', f'no {" and no ".join(missing)} answer (a pair needs both, as text)')
+            cased = [k for k in sample if isinstance(k, str) and k.lower() in missing and k not in answers]
+            raise SampleError('bad_pair', f'no {" and no ".join(missing)} answer (a pair needs both, as text)' +
+                              (f'; the keys are lower case, "chosen" and "rejected", not '
+                               f'{" and ".join(json.dumps(k) for k in cased)}' if cased else ''))
         if answers['chosen'].strip() == answers['rejected'].strip():
             raise SampleError('bad_pair', 'chosen and rejected are the same answer')
         prompt = list(sample.get('conversations') or [])
+        for i, turn in enumerate(prompt):
+            check_turn(i, turn)
         if 'question' in sample:
             prompt.append({'from': 'human', 'value': sample['question']})
         if not prompt and 'prompt' in sample:   # TRL's key, which is not read

@@ -36,8 +36,9 @@ from .entries import parse_entry
 from .sources import DataSource, Record, folder_problem, repeat_array, repeat_subset
 
 # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
-# refused are kept, and looked at again on a warm start
-CHECK_VERSION = 3
+# refused are kept, and looked at again on a warm start; 4: a top-level "system" and a conversation-form pair read
+# as SFT refused (they trained without a word), OpenAI's turns and "Chosen" / "Rejected" named
+CHECK_VERSION = 4
 MAX_ITEMS = 1 << 32  # items after repeats, per source
 MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again;
 #                      so are images refused as links out of their folder: one of them resolving elsewhere now
@@ -241,7 +242,7 @@ def wrong_kind(problems) -> str:
     """The end of the 'no samples to train on' line when every sample was refused as being of the other kind: SFT
     data given to a preference config, or preference pairs given to an SFT config; '' otherwise."""
     said = [str(p) for p in problems]
-    if said and all(_SFT_AS_PAIRS in p for p in said):
+    if said and all(_SFT_AS_PAIRS in p and 'lower case' not in p for p in said):   # (not "Chosen" / "Rejected")
         return ('; the data looks like SFT data (no "chosen" / "rejected" answers) given to a preference config: '
                 'train it with an SFT config (finetune_*.py), or give preference pairs (docs/preference.md)')
     if said and all(_PAIRS_AS_SFT in p for p in said):

@@ -87,19 +87,24 @@ def test_other_tools_pair_layouts_say_what_is_read(tmp_path, tiny_tokenizer):
 
 def test_a_pair_in_another_layout_says_what_is_wrong(tmp_path, tiny_tokenizer):
     """A top-level "system" was dropped without a word (the default system message trained), as the SFT reader
-    dropped it: both now say so; OpenAI's role/content turns were 'the prompt must end with a human turn';
-    "Chosen" / "Rejected" were 'no chosen and no rejected answer'."""
+    dropped it: both now read it as the first turn (one beside a system turn is refused); OpenAI's role/content
+    turns were 'the prompt must end with a human turn'; "Chosen" / "Rejected" were 'no chosen and no rejected
+    answer'."""
     good = {'question': 'Q?', 'chosen': 'A', 'rejected': 'B'}
+    pirate = {'from': 'system', 'value': 'You are a pirate.'}
     lines = [dict(good, system='You are a pirate.'),
              {'conversations': [{'role': 'user', 'content': 'Q?'}], 'chosen': 'A', 'rejected': 'B'},
              {'question': 'Q?', 'Chosen': 'A', 'Rejected': 'B'},
-             {'conversations': [{'from': 'system', 'value': 'You are a pirate.'}], **good}] + [good] * 8
+             {'conversations': [pirate], **good},
+             {'conversations': [pirate], 'system': 'You are a cat.', **good}] + [good] * 8
     path = write_jsonl(tmp_path / 'p.jsonl', lines)
     (tmp_path / 'i').mkdir()
     ds = make(path, tiny_tokenizer, tmp_path, max_bad_fraction=0.5)
-    system, openai, capitals = (str(p) for p in ds.load_problems)
-    assert 'p.jsonl:1: a top-level "system" ("You are a pirate.") is not read (the template\'s default system ' \
-           'message would be trained): give it as the first turn of "conversations"' in system
+    openai, capitals, twice = (str(p) for p in ds.load_problems)
+    assert 'p.jsonl:5: a top-level "system" ("You are a cat.") and a first "system" turn: give the system message ' \
+           'once' in twice
+    assert [ds[0][k]['input_ids'].tolist() for k in ('chosen', 'rejected')] == \
+        [ds[1][k]['input_ids'].tolist() for k in ('chosen', 'rejected')]   # read as the turn it is, in both answers
     assert 'p.jsonl:2: turn 0 must be a dict with "from" and "value" (OpenAI\'s "role" / "content" keys are not ' \
            'this format\'s: its turns are {"from": "human" | "gpt" | "system", "value": TEXT}' in openai
     assert 'p.jsonl:3: no chosen and no rejected answer (a pair needs both, as text); the keys are lower case, ' \

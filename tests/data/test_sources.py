@@ -392,12 +392,13 @@ def test_an_empty_meta_file_and_unknown_entry_keys_are_said(tmp_path, monkeypatc
     ({'messages': [{'role': 'user', 'content': 'q'}]}, 'it has "messages" (OpenAI\'s, ms-swift\'s format)'),
     ({'id': 3, 'text': 'q'}, "its keys are 'id', 'text'"),
     # these trained without a word: a conversation-form pair (its conversations, chosen and rejected left out), a
-    # top-level system (the template's default system message in its place); OpenAI's turns were not named
+    # top-level system beside a system turn (now the first turn where there is none); OpenAI's turns were not named
     ({'conversations': [{'from': 'human', 'value': 'q'}], 'chosen': 'a', 'rejected': 'b'},
      'the sample has "chosen" and "rejected": it is a preference pair'),
-    ({'system': 'You are a pirate.', 'conversations': conv(image=False)},
-     'a top-level "system" ("You are a pirate.") is not read (the template\'s default system message would be '
-     'trained): give it as the first turn of "conversations", {"from": "system", "value": ...}'),
+    ({'system': 'You are a pirate.', 'conversations': [{'from': 'system', 'value': 'Be brief.'}] + conv(image=False)},
+     'a top-level "system" ("You are a pirate.") and a first "system" turn: give the system message once'),
+    ({'system': ['You are a pirate.'], 'conversations': conv(image=False)},
+     'a top-level "system" is text, the system message; got ["You are a pirate."]'),
     ({'conversations': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]},
      'turn 0 must be a dict with "from" and "value" (OpenAI\'s "role" / "content" keys are not this format\'s: its '
      'turns are {"from": "human" | "gpt" | "system", "value": TEXT}'),

@@ -165,28 +165,33 @@ PAIR_HINT = ('it is a preference pair ("chosen" / "rejected"): train it with a D
              '(InternVLPreferenceDataset); check_dataset reads it so with --pairs yes')
 
 
-def unread_system(sample: dict) -> None:
-    """A top-level ``"system"`` (ShareGPT's, LLaMA-Factory's) is ``bad_conversation``: neither SFT samples nor
-    pairs read it, and the template's default system message would be trained in its place without a word."""
+def with_system(sample: dict, turns: Any) -> Any:
+    """``turns`` (a sample's conversation, or a pair's prompt) after a top-level ``"system"`` (ShareGPT's,
+    LLaMA-Factory's), read as their first ``{"from": "system"}`` turn, as those tools read it (it was dropped, and
+    the template's default system message trained in its place); one beside a system turn, or not text, is
+    ``bad_conversation``. An empty one, or none: ``turns`` as they are."""
     system = sample.get('system')
-    if system is not None and system != '':
-        raise SampleError('bad_conversation', f'a top-level "system" ({json.dumps(system, ensure_ascii=False):.60}) is '
-                                              "not read (the template's default system message would be trained): "
-                                              'give it as the first turn of "conversations", {"from": "system", '
-                                              '"value": ...} (a pair\'s "question" follows "conversations")')
+    if system is None or system == '' or not isinstance(turns, list):
+        return turns
+    shown = json.dumps(system, ensure_ascii=False)
+    if not isinstance(system, str):
+        raise SampleError('bad_conversation', f'a top-level "system" is text, the system message; got {shown:.60}')
+    if turns and isinstance(turns[0], dict) and turns[0].get('from') == 'system':
+        raise SampleError('bad_conversation', f'a top-level "system" ({shown:.60}) and a first "system" turn: give '
+                                              'the system message once')
+    return [{'from': 'system', 'value': system}] + turns
 
 
 def sample_conversations(sample: dict) -> Any:
     """A sample's ``conversations``; a sample without them is ``bad_conversation`` saying what it holds instead (a
     preference pair, another tool's ``messages``), not "got NoneType"; so is a preference pair in the conversation
-    form (``conversations`` ending with the human turn, and ``chosen`` / ``rejected``), and a top-level ``system``
-    (:func:`unread_system`)."""
-    unread_system(sample)
+    form (``conversations`` ending with the human turn, and ``chosen`` / ``rejected``). A top-level ``system`` is
+    their first turn (:func:`with_system`)."""
     if 'chosen' in sample and 'rejected' in sample:
         raise SampleError('bad_conversation', f'the sample has "chosen" and "rejected": {PAIR_HINT}'
                           if 'conversations' in sample else f'the sample has no "conversations": {PAIR_HINT}')
     if 'conversations' in sample:
-        return sample['conversations']
+        return with_system(sample, sample['conversations'])
     if 'messages' in sample:
         why = ('it has "messages" (OpenAI\'s, ms-swift\'s format): this format is LLaVA\'s, "conversations": '
                '[{"from": "human" | "gpt", "value": TEXT}, ...]; convert it')

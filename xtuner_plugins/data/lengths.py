@@ -37,10 +37,10 @@ from .nodepass import node_once, run_slices
 from .record_lengths import length_slice
 from .sources import DataSource, Record
 
-CACHE_VERSION = 8  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
+CACHE_VERSION = 9  # 2: tiles per sample stored beside the length; 3: image files and their stats; 4: pairs;
 #                   5: control text in data refused or tokenised as plain text (allow_control_text); 6: videos;
 #                   7: binary (.npy), the start-up check beside it, length_field; 8: control text's pieces go on
-#                   from each other (SentencePiece: no word start between them)
+#                   from each other (SentencePiece: no word start between them); 9: a top-level "system" counted
 
 
 def default_cache_dir() -> str:

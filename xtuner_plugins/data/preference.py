@@ -36,7 +36,7 @@ from .dataset import InternVLDataset
 from .errors import SampleError
 from .fitting import Fit, final_answer, keep_or_drop, note_fit
 from .conversation import check_turn
-from .entries import parse_record, unread_system
+from .entries import parse_record, with_system
 from .sources import Record
 from .template import IGNORE_INDEX
 
@@ -50,7 +50,6 @@ class InternVLPreferenceDataset(InternVLDataset):
         """The sample with ``conversations`` = prompt + chosen answer and ``rejected_conversations`` = prompt +
         rejected answer (lengths, checks and the image paths use the first)."""
         sample = dict(parse_record(record))
-        unread_system(sample)
         answers = {k: sample.get(k) for k in ('chosen', 'rejected')}
         shaped = next((k for k, v in answers.items() if isinstance(v, (dict, list))), None)
         if shaped:   # LLaMA-Factory's {"from": "gpt", "value": ...}, a list of turns: said to be missing
@@ -74,6 +73,7 @@ class InternVLPreferenceDataset(InternVLDataset):
         prompt = list(sample.get('conversations') or [])
         for i, turn in enumerate(prompt):
             check_turn(i, turn)
+        prompt = with_system(sample, prompt)   # (a top-level "system": the first turn)
         if 'question' in sample:
             prompt.append({'from': 'human', 'value': sample['question']})
         if not prompt and 'prompt' in sample:   # TRL's key, which is not read

@@ -36,8 +36,9 @@ from .entries import parse_entry
 from .sources import DataSource, Record, folder_problem, repeat_array, repeat_subset
 
 # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
-# refused are kept, and looked at again on a warm start; 4: a top-level "system" and a conversation-form pair read
-# as SFT refused (they trained without a word), OpenAI's turns and "Chosen" / "Rejected" named
+# refused are kept, and looked at again on a warm start; 4: a top-level "system" read as the first turn (one beside
+# a system turn refused) and a conversation-form pair read as SFT refused (they trained without a word), OpenAI's
+# turns and "Chosen" / "Rejected" named
 CHECK_VERSION = 4
 MAX_ITEMS = 1 << 32  # items after repeats, per source
 MISSING_KEPT = 64    # images not found kept in the cached check: one of them there now, the check is done again;

@@ -26,6 +26,7 @@ from tools.chat import main as chat_main
 from tools.convert_to_official import main as convert_main
 from tools.eval import main as eval_main
 from xtuner_plugins.models.export import gguf as gguf_export
+from xtuner_plugins.models.export import gguf_run
 from xtuner_plugins.models.gguf_model import GGUFModel, gguf_pair
 from xtuner_plugins.models.inference import ConvertedModel
 
@@ -534,19 +535,19 @@ def test_a_full_disk_under_the_converter_is_one_line(tmp_path, monkeypatch):
     full = ("print('Traceback (most recent call last):'); print('OSError: 33536 requested and 20480 written'); "
             "print('Writing:  24%|##   | 67.1k/284k'); raise SystemExit(1)")
     with pytest.raises(ValueError) as err:
-        gguf_export._run([sys.executable, '-c', full], "llama.cpp's converter")
+        gguf_run.run([sys.executable, '-c', full], "llama.cpp's converter")
     assert str(err.value) == ("llama.cpp's converter failed: the disk it writes to is full (OSError: 33536 requested "
                               "and 20480 written); free space there, or give an OUT_DIR on another disk")
     failing = [sys.executable, '-c', "print('failed to quantize: basic_ios::clear: iostream error'); print('done'); "
                                      "raise SystemExit(3)"]
     with pytest.raises(ValueError) as err:
-        gguf_export._run(failing, 'the quantiser', writes_to=str(tmp_path))
+        gguf_run.run(failing, 'the quantiser', writes_to=str(tmp_path))
     assert str(err.value) == ('the quantiser failed (exit 3):\n'
                               'failed to quantize: basic_ios::clear: iostream error\ndone')
     # llama.cpp's quantiser says no more on a full disk: the disk it wrote to, under 1 MiB free, is named
-    monkeypatch.setattr(gguf_export.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10, 10, 4096))
+    monkeypatch.setattr(gguf_run.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10, 10, 4096))
     with pytest.raises(ValueError) as err:
-        gguf_export._run(failing, 'the quantiser', writes_to=str(tmp_path))
+        gguf_run.run(failing, 'the quantiser', writes_to=str(tmp_path))
     assert str(err.value) == (f'the quantiser failed: the disk it writes to is full (4,096 bytes free under '
                               f'{tmp_path.parent}; it said: failed to quantize: basic_ios::clear: iostream error); '
                               'free space there, or give an OUT_DIR on another disk')

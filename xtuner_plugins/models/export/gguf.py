@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 from ..head import unwrapped
 from .files import Log, _print
 from .gguf_checks import OTHER_LAYOUTS, config_problem, vocabulary_problem
+from .gguf_run import run
 
 QUANTS = ('f16', 'q8_0', 'q4_k_m', 'f32')
 #: the converter's --outtype for each quant (q8_0 and q4_k_m: quantised from the F16 file by llama.cpp's quantiser)
@@ -295,44 +296,6 @@ def spaces_after_specials(folder: str) -> Optional[bool]:
     return after[1:] == alone if after[:1] == [tokenizer.convert_tokens_to_ids('<img>')] else None
 
 
-#: what a converter's or quantiser's output says when the disk it writes to is full (numpy's ``tofile`` past a full
-#: disk: 'OSError: 33536 requested and 20480 written', under a traceback and a progress bar)
-DISK_FULL = re.compile(r'No space left on device|\[Errno 28\]|\b\d+ requested and \d+ written')
-
-
-#: free bytes under which the disk a failed command wrote to is taken to be why it failed (llama.cpp's quantiser
-#: says only 'failed to quantize: basic_ios::clear: iostream error' there)
-FULL_BELOW = 1 << 20
-
-
-def _free(folder: str) -> Optional[int]:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:   # (removed meanwhile)
-        return None
-
-
-def _run(command: List[str], what: str, env: Optional[dict] = None, writes_to: Optional[str] = None) -> str:
-    """``command``'s stderr; ``ValueError`` with its last lines when it fails, or in one line when its disk was
-    full (its output says so, or ``writes_to``'s disk has under :data:`FULL_BELOW` free; what it wrote is in the
-    staging folder its caller removes)."""
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
-                          env=env)
-    if done.returncode:
-        lines = done.stdout.strip().splitlines()
-        full = next((line.strip() for line in reversed(lines) if DISK_FULL.search(line)), None)
-        free = _free(writes_to) if full is None and writes_to else None
-        if free is not None and free < FULL_BELOW:
-            said = next((line for line in reversed(lines) if re.search('fail|error', line, re.I)), 'no word')
-            full = f'{free:,} bytes free under {os.path.dirname(os.path.abspath(writes_to))}; it said: {said.strip()}'
-        if full:
-            raise ValueError(f'{what} failed: the disk it writes to is full ({full}); free space there, or give an '
-                             'OUT_DIR on another disk')
-        tail = '\n'.join(lines[-6:])
-        raise ValueError(f'{what} failed (exit {done.returncode}):\n{tail}')
-    return done.stdout
-
-
 #: llama.cpp's quantiser's line for a tensor whose rows do not fit the type asked for
 FALLBACK = re.compile(r'ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\) -> falling back to\s+(\w+)')
 
@@ -345,14 +308,14 @@ def convert_staged(staging: str, out_dir: str, name: str, quant: str, log: Log =
     mmproj = os.path.join(out_dir, f'mmproj-{name}-{kind.upper()}.gguf')
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
     log(f'llama.cpp\'s converter: {os.path.basename(text)}, {os.path.basename(mmproj)}')
-    _run([sys.executable, os.path.join(HERE, 'gguf_convert.py'), tree, pre_tokenizer(staging),
+    run([sys.executable, os.path.join(HERE, 'gguf_convert.py'), tree, pre_tokenizer(staging),
           '--', staging, '--outfile', text, '--outtype', kind,
           '--', staging, '--mmproj', '--outfile', mmproj, '--outtype', kind], 'llama.cpp\'s converter', env, out_dir)
     if quant in ('f16', 'f32'):
         return [text, mmproj]
     quantised = os.path.join(out_dir, f'{name}-{quant.upper()}.gguf')
     log(f'llama.cpp\'s quantiser (llama_model_quantize): {os.path.basename(quantised)}')
-    output = _run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env, out_dir)
+    output = run([python, WORKER, 'quantize', text, quantised, quant], 'llama.cpp\'s quantiser', env, out_dir)
     fallbacks = FALLBACK.findall(output)
     if fallbacks:
         moves = ', '.join(sorted({f'{want} -> {got}' for _, _, want, got in fallbacks}))

@@ -360,7 +360,8 @@ def test_empty_or_vanishing_data_is_named_at_start_up(tmp_path, tiny_tokenizer, 
     empty = tmp_path / 'empty.jsonl'
     empty.write_text('\n')
     good = write_jsonl(tmp_path / 'good.jsonl', [{'conversations': conv(image=False)}] * 10)
-    with pytest.raises(ValueError, match=r'empty.jsonl: no samples \(an empty annotation file\)'):
+    from xtuner_plugins.errors import Refused
+    with pytest.raises(Refused, match=r'empty.jsonl: no samples \(an empty annotation file\)'):   # one line
         make_ds([good, str(empty)], tiny_tokenizer, tmp_path)
     assert check_main(['--data', str(empty)]) != 0 and 'empty.jsonl: no samples' in capsys.readouterr().err
     with pytest.raises(ValueError, match=r'no samples to train on in .*good.jsonl \(repeat_time 0.0\)'):

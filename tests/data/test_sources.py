@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 
 from tests.helpers import conv, write_jsonl
+from xtuner_plugins.errors import Refused
 from xtuner_plugins.data.entries import parse_record, read_records
 from xtuner_plugins.data.sources import expand_sources, repeat_indices
 
@@ -292,7 +293,7 @@ def test_a_bad_meta_entry_is_one_line_naming_the_file_the_entry_and_the_key(tmp_
     write_jsonl(tmp_path / 'a.jsonl', [{'conversations': []}])
     meta = tmp_path / 'meta.json'
     meta.write_text(json.dumps({'good': {'annotation': 'a.jsonl', 'repeat_time': 1}, 'mine': entry}))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(Refused) as info:   # one line at training's start (it was a ValueError's 40-line traceback)
         expand_sources(str(meta))
     assert str(info.value).startswith(f'{meta}: entry \'mine\': "{key}" must be {message}')
     assert '\n' not in str(info.value)
@@ -364,7 +365,7 @@ def test_a_meta_entry_whose_annotation_is_no_file_is_one_line(tmp_path, make, sa
     make(tmp_path / 'a.jsonl')
     meta = tmp_path / 'meta.json'
     meta.write_text(json.dumps({'x': {'annotation': 'a.jsonl', 'repeat_time': 1}}))
-    with pytest.raises(ValueError, match=rf"^{meta}: entry 'x': \"annotation\": .*{says}"):
+    with pytest.raises(Refused, match=rf"^{meta}: entry 'x': \"annotation\": .*{says}"):
         expand_sources(str(meta))
 
 

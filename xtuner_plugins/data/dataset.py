@@ -42,6 +42,8 @@ import torch
 from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
+from xtuner_plugins.errors import Refused
+
 from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, resolve_image_path
@@ -166,16 +168,16 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         super().__init__()
         self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
-            raise ValueError(f'truncation={truncation!r}; use one of {TRUNCATION}')
+            raise Refused(f'truncation={truncation!r}; use one of {TRUNCATION}')
         if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+            raise Refused(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
         for problem in (tiles_problem(min_dynamic_patch, 'min_dynamic_patch'),
                         tiles_problem(max_dynamic_patch, 'max_dynamic_patch')):
             if problem:
-                raise ValueError(problem)
+                raise Refused(problem)
         if not 1 <= min_dynamic_patch <= max_dynamic_patch:
-            raise ValueError(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
-                             f'{min_dynamic_patch} and {max_dynamic_patch}')
+            raise Refused(f'need 1 <= min_dynamic_patch <= max_dynamic_patch, got '
+                          f'{min_dynamic_patch} and {max_dynamic_patch}')
         disable_tokenizer_parallelism()  # before any tokenising here: forked workers tokenise too
         self.tokenizer = build_tokenizer(tokenizer)
         if self.tokenizer is not None:
@@ -198,7 +200,7 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         self.allow_control_text = allow_control_text
         self.control_markers = () if allow_control_text else control_markers(self.tokenizer, self.template)
         if image_mode not in IMAGE_MODES:
-            raise ValueError(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
+            raise Refused(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
         self.image_mode = image_mode if dynamic_image_size else 'resize'
         self.image_mean = tuple(float(x) for x in image_mean)
         self.image_size = image_size

@@ -25,7 +25,7 @@ def missing_line(src: DataSource, samples: int, videos: int, missing: int, where
     none is missing. Those samples are still counted and skipped when drawn, as any missing image.
 
     Raises:
-        ValueError: none of them is there (a wrong image folder), before training.
+        Refused: none of them is there (a wrong image folder), before training.
     """
     if not missing:
         return None
@@ -36,9 +36,10 @@ def missing_line(src: DataSource, samples: int, videos: int, missing: int, where
     line = (f'{src.annotation}: {missing} of {samples} samples name {noun} not found under {folder}'
             + (' (the annotation file\'s folder: no image folder given)' if src.image_folder is None else '')
             + f' (first: {where}: {shown}{near_miss(gone) or _other_case(gone)})')
-    if missing == samples:
-        raise ValueError(f'{line}: is the image folder right?{_other_folder(root, shown)} (train_dataloader.dataset.'
-                         f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
+    if missing == samples:   # (Refused: one line at training's start, where it was a 40-line traceback)
+        from xtuner_plugins.errors import Refused
+        raise Refused(f'{line}: is the image folder right?{_other_folder(root, shown)} (train_dataloader.dataset.'
+                      f'image_folders, --image-folder of tools/check_dataset.py, or the meta file\'s "root")')
     reasons = ' / '.join(r for r, n in (('missing_image', samples - videos), ('missing_video', videos)) if n)
     return f'{line}; each is skipped when drawn ({reasons})'
 

@@ -10,7 +10,7 @@ import os
 import stat
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from xtuner_plugins.errors import Stated
+from xtuner_plugins.errors import Refused, Stated
 
 from .strictjson import DuplicateKey, loads
 
@@ -29,39 +29,39 @@ def read_index(folder: str, allow_links_outside: bool = False, stamps: Optional[
     ``stamps``, a list, gets each shard's :func:`stamp` as this start-up found it (for :func:`read_shard`)."""
     path = os.path.join(folder, INDEX)
     if not os.path.isfile(path):
-        raise ValueError(f'{folder}: no {INDEX}: not a shard set, or one whose writing did not finish '
-                         f'(tools/shard_dataset.py writes {INDEX} last)')
+        raise Refused(f'{folder}: no {INDEX}: not a shard set, or one whose writing did not finish '
+                      f'(tools/shard_dataset.py writes {INDEX} last)')
     try:
         with open(path, encoding='utf-8') as f:
             index = loads(f.read())
     except DuplicateKey as exc:
-        raise ValueError(f'{path}: {exc.describe()}; {REWRITE}') from None
+        raise Refused(f'{path}: {exc.describe()}; {REWRITE}') from None
     except RecursionError:
-        raise ValueError(f'{path}: nested deeper than the JSON reader follows: not the writer\'s; {REWRITE}') from None
+        raise Refused(f'{path}: nested deeper than the JSON reader follows: not the writer\'s; {REWRITE}') from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f'{path}: not UTF-8 (byte {exc.start}); {REWRITE}') from None
+        raise Refused(f'{path}: not UTF-8 (byte {exc.start}); {REWRITE}') from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f'{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); '
-                         f'{REWRITE}') from None
+        raise Refused(f'{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); '
+                      f'{REWRITE}') from None
     except ValueError as exc:  # a number past Python's 4300 digits
-        raise ValueError(f'{path}: cannot be read ({exc}); {REWRITE}') from None
+        raise Refused(f'{path}: cannot be read ({exc}); {REWRITE}') from None
     if not isinstance(index, dict):
-        raise ValueError(f'{path}: not a JSON object but a {type(index).__name__}; {REWRITE}')
+        raise Refused(f'{path}: not a JSON object but a {type(index).__name__}; {REWRITE}')
     if index.get('format') != FORMAT:
-        raise ValueError(f'{path}: format {index.get("format")!r}, expected {FORMAT!r}')
+        raise Refused(f'{path}: format {index.get("format")!r}, expected {FORMAT!r}')
     problem = index_problem(index, folder, allow_links_outside)
     if problem:
-        raise ValueError(f'{path}: {problem}')
+        raise Refused(f'{path}: {problem}')
     stats = [_stat(os.path.join(folder, s['file'])) for s in index['shards']]  # one stat a shard: many on Lustre
     sizes = [None if st is None else st.st_size for st in stats]
     missing = [s['file'] for s, size in zip(index['shards'], sizes) if size is None]
     if missing:
-        raise ValueError(f'{folder}: {len(missing)} of its {len(index["shards"])} shards are missing, first '
-                         f'{missing[0]}')
+        raise Refused(f'{folder}: {len(missing)} of its {len(index["shards"])} shards are missing, first '
+                      f'{missing[0]}')
     for shard, size in zip(index['shards'], sizes):
         if shard.get('bytes') is not None and size != shard['bytes']:
-            raise ValueError(f'{os.path.join(folder, shard["file"])}: {size} bytes, {INDEX} says {shard["bytes"]}: '
-                             f'truncated or changed after it was written; {REWRITE}')
+            raise Refused(f'{os.path.join(folder, shard["file"])}: {size} bytes, {INDEX} says {shard["bytes"]}: '
+                          f'truncated or changed after it was written; {REWRITE}')
     if stamps is not None:
         stamps[:] = [stamp(st) for st in stats]
     return index

@@ -18,6 +18,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
+from xtuner_plugins.errors import NotFound, Refused
+
 from .index import BOM
 from .strictjson import DEEP, DuplicateKey, finite_number, loads
 
@@ -70,7 +72,6 @@ def _as_list(value, n: int, what: str, one_for_all: bool = False) -> list:
     if one_for_all and len(value) == 1:
         return value * n
     if len(value) != n:
-        from xtuner_plugins.errors import Refused
         raise Refused(f'{what} has {len(value)} entries but data_files has {n}: give one per file, in the order '
                       f'of data_files' + (', or one for all' if one_for_all else ''))
     return value
@@ -87,9 +88,9 @@ def _resolve_meta_path(path: str, meta_dir: str, where: str) -> str:
     beside = os.path.join(meta_dir, path)
     found_beside, found_here = os.path.exists(beside), os.path.exists(path)
     if found_beside and found_here and not os.path.samefile(beside, path):
-        raise ValueError(f'{where} {path!r} names two different things: {beside} (beside the meta file) and '
-                         f'{os.path.abspath(path)} (in the current folder, where InternVL would read it); write '
-                         f'the one meant as an absolute path')
+        raise Refused(f'{where} {path!r} names two different things: {beside} (beside the meta file) and '
+                      f'{os.path.abspath(path)} (in the current folder, where InternVL would read it); write '
+                      f'the one meant as an absolute path')
     return path if found_here and not found_beside else beside
 
 
@@ -108,30 +109,30 @@ def _meta_sources(path: str) -> List[DataSource]:
     try:
         meta = loads(raw[start:].decode('utf-8'))
     except DuplicateKey as exc:
-        raise ValueError(f'{path}: meta file: {exc.describe()}') from None
+        raise Refused(f'{path}: meta file: {exc.describe()}') from None
     except RecursionError:
-        raise ValueError(f'{path}: meta file {DEEP}') from None
+        raise Refused(f'{path}: meta file {DEEP}') from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
-                         f'offset {start + exc.start})') from None
+        raise Refused(f'{path}: meta file is not UTF-8 text (byte 0x{raw[start + exc.start]:02x} at byte '
+                      f'offset {start + exc.start})') from None
     except json.JSONDecodeError as exc:
         if exc.msg == 'Extra data':   # an object, then more: one sample a line
-            raise ValueError(f'{path}: holds more than one JSON value (a second starts at line {exc.lineno}): one '
-                             f'sample a line is JSON lines, name the file .jsonl (a .json file holds one list of '
-                             f'samples, or is an InternVL meta file)') from None
-        raise ValueError(f'{path}: meta file is not valid JSON: {exc}') from None
+            raise Refused(f'{path}: holds more than one JSON value (a second starts at line {exc.lineno}): one '
+                          f'sample a line is JSON lines, name the file .jsonl (a .json file holds one list of '
+                          f'samples, or is an InternVL meta file)') from None
+        raise Refused(f'{path}: meta file is not valid JSON: {exc}') from None
     except ValueError as exc:  # a number past Python's 4300 digits
-        raise ValueError(f'{path}: meta file cannot be read: {exc}') from None
+        raise Refused(f'{path}: meta file cannot be read: {exc}') from None
     if 'conversations' in meta:
-        raise ValueError(f'{path}: holds one sample, not a list of samples: a .json annotation file is a list of '
-                         f'samples ([{{...}}, {{...}}]) or an InternVL meta file; use .jsonl for one sample a line')
+        raise Refused(f'{path}: holds one sample, not a list of samples: a .json annotation file is a list of '
+                      f'samples ([{{...}}, {{...}}]) or an InternVL meta file; use .jsonl for one sample a line')
     listed = [name for name, entry in meta.items() if isinstance(entry, list)]
     if listed:
-        raise ValueError(f'{path}: {listed[0]!r} holds a list inside an object: a .json annotation file is the list '
-                         f'of samples itself ([{{...}}, {{...}}]), and a meta file maps names to objects with '
-                         f'"annotation" and "root"')
+        raise Refused(f'{path}: {listed[0]!r} holds a list inside an object: a .json annotation file is the list '
+                      f'of samples itself ([{{...}}, {{...}}]), and a meta file maps names to objects with '
+                      f'"annotation" and "root"')
     if not meta:   # an IndexError or numpy's 'need at least one array to concatenate' later
-        raise ValueError(f'{path}: a meta file with no entries: it names no annotation file to train on')
+        raise Refused(f'{path}: a meta file with no entries: it names no annotation file to train on')
     meta_dir = os.path.dirname(os.path.abspath(path))
     return [_meta_source(path, meta_dir, name, entry) for name, entry in meta.items()]
 
@@ -192,18 +193,18 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     ``repeat_time`` is required, as InternVL's own loader requires it (it fails with a bare ``KeyError``)."""
     def bad(key: str, expected: str):
         value = json.dumps(entry.get(key)) if key in entry else 'nothing'
-        return ValueError(f'{path}: entry {name!r}: "{key}" must be {expected}, got {value:.200}')
+        return Refused(f'{path}: entry {name!r}: "{key}" must be {expected}, got {value:.200}')
     if not isinstance(entry, dict):
-        raise ValueError(f'{path}: entry {name!r} must be an object with "annotation" (and usually "root"), got '
-                         f'{json.dumps(entry):.200}')
+        raise Refused(f'{path}: entry {name!r} must be an object with "annotation" (and usually "root"), got '
+                      f'{json.dumps(entry):.200}')
     if not isinstance(entry.get('annotation'), str) or not entry['annotation']:
         raise bad('annotation', 'the path of one annotation file (one entry per file)')
     root = entry.get('root')
     if root is not None and (not isinstance(root, str) or not root):
         raise bad('root', 'the image folder\'s path (a string)')
     if 'repeat_time' not in entry:
-        raise ValueError(f'{path}: entry {name!r}: no "repeat_time" (InternVL\'s meta files require it): 1 uses each '
-                         f'sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
+        raise Refused(f'{path}: entry {name!r}: no "repeat_time" (InternVL\'s meta files require it): 1 uses each '
+                      f'sample once, 2.5 two copies and a seeded half, 0.3 a seeded 30 %')
     repeat = entry['repeat_time']
     if not finite_number(repeat) or repeat < 0:
         raise bad('repeat_time', 'a number >= 0 (2.5: two copies and a seeded half)')
@@ -223,13 +224,13 @@ def _meta_source(path: str, meta_dir: str, name: str, entry: Any) -> DataSource:
     annotation = _resolve_meta_path(entry['annotation'], meta_dir, f'{path}: entry {name!r}: "annotation"')
     problem = annotation_problem(annotation, 'annotation file')
     if problem:   # a folder or a symbolic link loop was a raw traceback later, a FIFO a hang
-        raise ValueError(f'{path}: entry {name!r}: "annotation": {problem}')
+        raise Refused(f'{path}: entry {name!r}: "annotation": {problem}')
     if not annotation.endswith(('.json', '.jsonl')):   # read as a .json list whatever it held
-        raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation}: unknown annotation format; use .jsonl '
-                         'or .json (a list of samples)')
+        raise Refused(f'{path}: entry {name!r}: "annotation" {annotation}: unknown annotation format; use .jsonl '
+                      'or .json (a list of samples)')
     if is_meta_file(annotation):
-        raise ValueError(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
-                         f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
+        raise Refused(f'{path}: entry {name!r}: "annotation" {annotation} is a meta file itself: a meta file\'s '
+                      f'entries name annotation files (.jsonl, or a .json list of samples), not meta files')
     folder = _resolve_meta_path(root, meta_dir, f'{path}: entry {name!r}: "root"') if root else None
     length = entry.get('length')
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
@@ -254,7 +255,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     if isinstance(data_files, str):
         data_files = [data_files]
     if not data_files:
-        raise ValueError('data_files is empty: give at least one .json, .jsonl or meta .json file')
+        raise Refused('data_files is empty: give at least one .json, .jsonl or meta .json file')
     n = len(data_files)
     folders = _as_list(image_folders, n, 'image_folders', one_for_all=True)
     repeats = _as_list(repeat_times, n, 'repeat_times')
@@ -262,20 +263,20 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     sources: List[DataSource] = []
     for path, folder, repeat, patch in zip(data_files, folders, repeats, patches):
         if isinstance(repeat, bool) or not isinstance(repeat, (int, float)):
-            raise ValueError(f'{path}: repeat_times gives it {repeat!r}; give a number >= 0 per file')
+            raise Refused(f'{path}: repeat_times gives it {repeat!r}; give a number >= 0 per file')
         if os.path.isdir(path):
             shards = os.path.isfile(os.path.join(path, 'shards.json'))
-            raise ValueError(f'{path}: a folder, not an annotation file' + (
+            raise Refused(f'{path}: a folder, not an annotation file' + (
                 ': a shard set (tools/shard_dataset.py\'s), read as one by training\'s shards= (configs/'
                 'finetune_lora_shards.py) and by check_dataset.py --data; it is not sharded again' if shards else
                 ''))
         if not os.path.isfile(path):   # not there, a link loop or to nothing, a FIFO (said to be 'not found')
-            raise FileNotFoundError(annotation_problem(path, 'annotation file'))
+            raise NotFound(annotation_problem(path, 'annotation file'))   # (a FileNotFoundError to callers)
         if not path.endswith(('.json', '.jsonl')):
-            raise ValueError(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
+            raise Refused(f'{path}: unknown annotation format; use .jsonl, .json (a list) or a meta .json')
         problem = annotation_problem(path, 'annotation file')   # compressed, or another format
         if problem:
-            raise ValueError(problem)
+            raise Refused(problem)
         if is_meta_file(path):
             sources.extend(_meta_sources(path))
             from mmengine.logging import print_log
@@ -292,10 +293,10 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     from .tile_grid import tiles_problem
     for src in sources:
         if src.repeat_time < 0 or not math.isfinite(src.repeat_time):
-            raise ValueError(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
+            raise Refused(f'{src.annotation}: repeat_time must be >= 0, got {src.repeat_time}')
         problem = None if src.max_dynamic_patch is None else tiles_problem(src.max_dynamic_patch, 'max_dynamic_patch')
         if problem:
-            raise ValueError(f'{src.annotation}: {problem}')
+            raise Refused(f'{src.annotation}: {problem}')
         if src.image_folder is not None and os.path.exists(src.image_folder) and not os.path.isdir(src.image_folder):
             raise FileNotFoundError(folder_problem(src))
     return sources

@@ -84,13 +84,14 @@ class SourceCheck:
 
     def missing_message(self, src: DataSource) -> Optional[str]:
         """The line to log about images not found (None: all there, or the source is not used); raises
-        ``ValueError`` when none is there (``presence.missing_line``), ``FileNotFoundError`` when the source's image
+        ``Refused`` when none is there (``presence.missing_line``), ``NotFound`` when the source's image
         folder is none and one of its samples names an image or a video (``sources.folder_problem``)."""
         if src.repeat_time <= 0:
             return None
         problem = folder_problem(src, advice=bool(self.media))   # advice where the folder is needed
         if problem and self.media:
-            raise FileNotFoundError(problem)
+            from xtuner_plugins.errors import NotFound
+            raise NotFound(problem)   # (one line at training's start; a FileNotFoundError to its callers)
         if problem:
             return f'{problem}: none of its samples names an image or a video, so it needs none'
         if not self.missing:
@@ -255,23 +256,25 @@ def wrong_kind(problems) -> str:
 def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, List[range], ProblemList]:
     """``(records, index, source_ranges, load_problems)`` of a data set's ``sources``: each file's index and
     start-up check (``log`` takes the warnings: images not found, a source whose ``repeat_time`` rounds to 0),
-    then the items after repeats (``index``: a record number per item). Raises ``ValueError`` for an empty file,
+    then the items after repeats (``index``: a record number per item). Raises ``Refused`` for an empty file,
     a wrong image folder (none of a source's images found) or no sample to train on at all."""
     indexes, good, index, ranges, digests = [], [], [], [], []
     problems = ProblemList()
     for i, src in enumerate(ds.sources):
         entries = source_index(src.annotation, ds.cache_dir or default_cache_dir())
-        if not len(entries):
-            raise ValueError(f'{src.annotation}: no samples (an empty annotation file); remove it from the '
-                             f'data files or fill it')
+        if not len(entries):   # (Refused: one line at training's start, where it was a 40-line traceback)
+            from xtuner_plugins.errors import Refused
+            raise Refused(f'{src.annotation}: no samples (an empty annotation file); remove it from the data files '
+                          'or fill it')
         note = src.length_note(len(entries))
         if note:
             log(note, logger='current', level=logging.WARNING)
         most, why = max_items()
         if len(entries) * src.repeat_time > most:  # before the check; np.tile would ask for terabytes or overflow
-            raise ValueError(f'{src.annotation}: repeat_time {src.repeat_time:g} makes its {len(entries)} samples '
-                             f'{len(entries) * src.repeat_time:.4g} items, more than a data set indexes ({most}, '
-                             f'8 bytes each{why}): a typo? (2.5: two copies and a seeded half)')
+            from xtuner_plugins.errors import Refused
+            raise Refused(f'{src.annotation}: repeat_time {src.repeat_time:g} makes its {len(entries)} samples '
+                          f'{len(entries) * src.repeat_time:.4g} items, more than a data set indexes ({most}, '
+                          f'8 bytes each{why}): a typo? (2.5: two copies and a seeded half)')
         checked = check_source(ds, i, src, entries)
         problems.extend(checked.problems)
         missing = checked.missing_message(src)  # a wrong folder: refused here

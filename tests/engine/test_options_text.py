@@ -16,6 +16,9 @@ def test_a_setting_that_takes_a_boolean_or_a_name_takes_the_name():
     # liger_kernel's default (False) and llm_grad_ckpt's value in the file (True) are booleans
     assert check_cfg_options(CFG, {'model.liger_kernel': 'fused_loss', 'model.llm_grad_ckpt': 'keep_attention',
                                    'model.compile_blocks': 'llm'}) == []
+    # a boolean or one of the names a Literal lists (peft's init_lora_weights: True, 'gaussian', ...)
+    lora = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_lora.py'))
+    assert check_cfg_options(lora, {'model.llm_lora.init_lora_weights': 'gaussian'}) == []
     (problem,) = check_cfg_options(CFG, {'model.freeze_llm': 'yes'})
     assert problem.startswith("model.freeze_llm: expected true or false (the config has False), got 'yes'")
     (problem,) = check_cfg_options(CFG, {'model.cudnn_attention': 'on'})

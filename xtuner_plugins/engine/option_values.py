@@ -56,7 +56,8 @@ def _takes_sequence(component, name: str) -> bool:
 
 def _takes_text(component, name: str) -> bool:
     """Whether ``component``'s argument ``name`` is annotated to take a string beside a boolean
-    (``Union[bool, str]``: ``llm_grad_ckpt='keep_attention'``, ``liger_kernel='fused_loss'``)."""
+    (``Union[bool, str]``: ``llm_grad_ckpt='keep_attention'``, ``liger_kernel='fused_loss'``; a ``Literal`` of
+    names: peft's ``init_lora_weights='gaussian'``)."""
     param = parameter(component, name) if component is not None else None
     if param is None or param.annotation is param.empty:
         return False
@@ -71,7 +72,8 @@ def _takes_text(component, name: str) -> bool:
             word = ''
         else:
             word += char
-    return 'str' in words or "<class 'str'>" in words
+    # (a Literal of names: peft's init_lora_weights, bool | Literal['gaussian', 'pissa', ...])
+    return 'str' in words or "<class 'str'>" in words or any(w.startswith("Literal['") for w in words)
 
 
 def wrong_kind(key: str, value, current, where: str, component=None) -> Optional[str]:

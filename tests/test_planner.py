@@ -50,6 +50,21 @@ def test_meta_model_has_the_real_models_parameters(tiny, kw):
     assert parameter_bytes(meta, 'fp32', zero=0)['weights'] == real_bytes
 
 
+def test_a_full_preference_runs_reference_is_planned_as_it_is_kept(tiny):
+    """Full preference training's frozen copy keeps its norms and embeddings in the dtype the policy keeps its
+    trained parts in (fp32: ``preference.autocast_alike``), its matrices in bf16: planned so, byte for byte against
+    the real model's tensors (they were all planned at 2 bytes); under DeepSpeed all in bf16."""
+    from xtuner_plugins.models import VisionLanguageModel
+    kw = settings(tiny, freeze_llm=False, preference=dict(types=('sigmoid',), beta=0.1))
+    real = VisionLanguageModel(**dict(kw, torch_dtype='bfloat16'))
+    wide = [n for n, p in real.named_parameters() if n.startswith('reference.') and p.dtype == torch.float32]
+    assert any('embed_tokens' in n for n in wide) and any('norm' in n for n in wide)
+    meta = build_meta_model(kw, 'bfloat16')
+    assert parameter_bytes(meta, 'bf16')['weights'] == sum(p.numel() * p.element_size() for p in real.parameters())
+    trained, frozen = counts(meta)
+    assert parameter_bytes(meta, 'bf16', zero=2)['weights'] == (frozen + trained) * 2
+
+
 def test_a_vision_language_folder_as_the_llm_is_planned_as_training_loads_it(tiny, tmp_path):
     """A Gemma3ForConditionalGeneration folder as model.llm: the planner built the whole VLM and ended in an
     AttributeError ('Gemma3Config' object has no attribute 'hidden_size'); it plans the language model training

@@ -46,6 +46,7 @@ from typing import Dict, Optional
 import torch
 
 from xtuner_plugins.models.compile import is_compiled
+from xtuner_plugins.models.preference import AUTOCAST_CAST
 from xtuner_plugins.plan_activations import (DTYPE_BYTES, RECOMPUTED, Batch, activation_bytes, llm_layers, phases,
                                              unchecked_layers)
 
@@ -73,6 +74,11 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     left_out = unchecked_layers(model)   # LLM layers past llm_grad_ckpt_layers: not recomputed
     compiled = tuple(f'{name}.' for name, m in model.named_modules() if is_compiled(m))
     in_blocks: Dict[str, int] = {}   # casts in each compiled, checkpointed block: made and dropped in its graph
+    # a preference run's frozen copies keep what autocast does not cast (norms, embeddings) in the dtype the policy
+    # keeps its trained parts in (preference.autocast_alike): fp32 beside bf16 matrices, without DeepSpeed
+    policy = dict(model.named_parameters()) if zero == 0 else {}
+    uncast = {id(q) for m in model.modules() if not isinstance(m, AUTOCAST_CAST) for q in m.parameters(recurse=False)}
+    kept_wider = 0.0   # bytes of those copies past b a parameter
     for name, p in model.named_parameters():
         if p.requires_grad:
             trained += p.numel()
@@ -94,10 +100,13 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
             quant += p.numel()
         else:
             frozen += p.numel()
+            twin = policy.get(name[len('reference.'):]) if name.startswith('reference.') else None
+            if twin is not None and id(p) in uncast:
+                kept_wider += p.numel() * max(0, twin.element_size() - b)
     shard = gpus if zero == 3 else 1
     opt_shard = gpus if zero in (2, 3) else 1
     deepspeed = zero > 0
-    weights = (frozen * b + quant * (0.5 + 4 / 128) + (trained * b if deepspeed else held)) / shard
+    weights = (frozen * b + kept_wider + quant * (0.5 + 4 / 128) + (trained * b if deepspeed else held)) / shard
     grads = trained * b / opt_shard if deepspeed else held
     optim = trained * 12 / opt_shard if deepspeed else 2 * held
     # autocast's cache keeps every cast until the forward ends; a compiled block's casts live in its graph only,

@@ -324,3 +324,9 @@ def test_a_setting_the_config_file_gave_and_now_gives_otherwise_is_a_warning(tmp
     said_taken(cfg, [])
     resumed_settings.say_taken()
     assert any(level == 30 and 'train_cfg.max_iters=6 (the config: max_iters=9)' in line for level, line in said), said
+    # a checkpoint without the record (an older one): its run's command line is unknown, and this run records none
+    # (a record of this command line alone would make the next resume take that run's keys for the file's)
+    said_taken(_config(run['checkpoint']), ['max_iters'])
+    assert record._NAMED is None
+    said_taken(_config(run['checkpoint'], resume=False), ['max_iters'])   # a new run: its own command line
+    assert record._NAMED == ['max_iters']

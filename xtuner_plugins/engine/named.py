@@ -10,7 +10,7 @@ file, or changed ``save_every``, read nothing that said the edit was not taken).
 (an older one) is read as before: each setting taken is said in the INFO line.
 
 A resumed run records the keys its own command line names and those the checkpoint it resumed recorded (the
-command line of the run's start still holds for them).
+command line of the run's start still holds for them); one that resumes a checkpoint recording none records none.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def remember(given: Iterable[str], then: Optional[Iterable[str]] = None) -> None
     records (``then``)."""
     global _NAMED
     _NAMED = sorted(set(given) | set(then or ()))
+
+
+def forget() -> None:
+    """This run's record unknown: it resumes a checkpoint that records none (an older one), whose run's command line
+    is not known; a record of this one's alone would take the keys that one named for the config file's."""
+    global _NAMED
+    _NAMED = None
 
 
 def record(checkpoint: dict) -> None:

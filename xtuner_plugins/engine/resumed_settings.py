@@ -241,7 +241,7 @@ def _take(cfg: dict, given: Iterable[str]) -> Taker:
     except (OSError, ValueError) as exc:   # a checkpoint that does not read: its load says what is wrong with it
         taker.left.append(f'its training config is not read ({exc}): the settings are this config\'s')
         return taker
-    taker.named_then = named.recorded(meta)
+    taker.named_then, taker.resumed = named.recorded(meta), True
     if not isinstance(recorded.get('model'), dict):
         return taker
     _sources(taker, model, recorded['model'], record)
@@ -273,7 +273,10 @@ def said_taken(cfg: dict, given: Iterable[str]) -> None:
     from xtuner_plugins.engine import named
     given = list(given)
     taker = _take(cfg, given)
-    named.remember(given, taker.named_then)
+    if taker.resumed and taker.named_then is None:   # (a checkpoint without the record: its command line unknown)
+        named.forget()
+    else:
+        named.remember(given, taker.named_then)
     taken, left, edited = taker.taken, taker.left, taker.edited
     _TAKEN[:] = [entry.partition('=')[0] for entry in taken]
     _NOTES.clear()

@@ -72,6 +72,7 @@ class Taker:
     def __init__(self, given: Iterable[str], named_then: Optional[List[str]] = None):
         # named_then: the keys the run's command line named (engine/named.py), None where the checkpoint records none
         self.given, self.named_then, self.taken, self.left, self.edited = list(given), named_then, [], [], []
+        self.resumed = False   # a checkpoint's recorded config was read
 
     def take(self, node: dict, key: str, value, name: str, given_as: Optional[str] = None) -> None:
         given_as = given_as or SAME.get(name)

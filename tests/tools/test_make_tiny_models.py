@@ -194,6 +194,22 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
         f'make_tiny_models: error: {tmp_path}/f/tiny cannot be written: Not a directory ({tmp_path}/f/tiny)')
 
 
+def test_an_out_dir_through_a_link_leading_nowhere_is_one_line(tmp_path, capsys):
+    """A folder under a link to nothing was 'cannot be written: No such file or directory', a link loop 'File
+    exists': said as the link they are (xtuner_plugins/links.py), nothing made."""
+    from xtuner_plugins.cli.make_tiny_models import main
+    os.symlink(tmp_path / 'gone', tmp_path / 'dangling')
+    os.symlink(tmp_path / 'loop', tmp_path / 'loop')
+    assert main([str(tmp_path / 'dangling' / 'tiny')]) == 2
+    assert capsys.readouterr().err == (f'make_tiny_models: error: {tmp_path}/dangling/tiny lies under '
+                                       f'{tmp_path}/dangling, a symbolic link to {tmp_path}/gone, which does not '
+                                       'exist: give the folder itself, or make the link\'s target first\n')
+    assert main([str(tmp_path / 'loop')]) == 2
+    assert capsys.readouterr().err == (f'make_tiny_models: error: {tmp_path}/loop is a symbolic link loop '
+                                       f'({tmp_path}/loop -> {tmp_path}/loop -> ...): give the folder itself\n')
+    assert not (tmp_path / 'gone').exists()
+
+
 def file_size_limit(limit):
     """A ``preexec_fn`` that makes a write past ``limit`` bytes fail as a full disk would (EFBIG, SIGXFSZ off)."""
     def apply():

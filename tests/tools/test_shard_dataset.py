@@ -102,8 +102,11 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_data_is_checked(t
                         lambda *a, **k: pytest.fail('the data was checked before --out was found unusable'))
     assert main(['--data', jsonl, '--out', str(tmp_path / 'dangling')]) == 2
     err = capsys.readouterr().err
-    assert err == (f'shard_dataset: error: --out {tmp_path}/dangling: cannot be made a folder: File exists (a symbolic '
-                   f'link to nothing: {tmp_path}/nowhere)\n')
+    assert err == (f'shard_dataset: error: --out {tmp_path}/dangling is a symbolic link to {tmp_path}/nowhere, which '
+                   'does not exist: give the folder itself, or make the link\'s target first\n')
+    assert main(['--data', jsonl, '--out', str(tmp_path / 'dangling' / 'sub')]) == 2   # ('No such file' before)
+    assert capsys.readouterr().err.startswith(f'shard_dataset: error: --out {tmp_path}/dangling/sub lies under '
+                                              f'{tmp_path}/dangling, a symbolic link to {tmp_path}/nowhere')
     assert main(['--data', jsonl, '--out', f'{jsonl}/shards']) == 2
     assert capsys.readouterr().err == f'shard_dataset: error: --out {jsonl}/shards: cannot be made a folder: Not a ' \
                                       f'directory\n'

@@ -209,6 +209,11 @@ def main(argv=None) -> int:
         check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
     except ValueError as exc:
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
+    from xtuner_plugins.links import leads_nowhere
+    nowhere = leads_nowhere(args.out_dir)   # (was 'cannot be written: File exists' or 'No such file' under one)
+    if nowhere:
+        return tool_error('make_tiny_models', f'{args.out_dir} {nowhere.words}: give the folder itself' +
+                                              (', or make the link\'s target first' if nowhere.missing else ''))
     made = not os.path.lexists(args.out_dir)
     from safetensors import SafetensorError
     try:

@@ -255,15 +255,17 @@ def _main(argv=None) -> int:
     if args.samples_per_shard < 1 or args.max_shard_bytes < 1:
         return tool_error(PROG, f'--samples-per-shard {args.samples_per_shard} and --max-shard-bytes '
                                 f'{args.max_shard_bytes} must be positive')
-    problem = out_problem(args.out)
+    from xtuner_plugins.links import leads_nowhere
+    nowhere = leads_nowhere(args.out)   # (was 'cannot be made a folder: File exists', or 'No such file' under one)
+    problem = out_problem(args.out) or (nowhere and f'--out {args.out} {nowhere.words}: give the folder itself' +
+                                                    (', or make the link\'s target first' if nowhere.missing else ''))
     if problem:
         return tool_error(PROG, problem)
     made = not os.path.isdir(args.out)
     try:  # before the data set's check, which can take long: a folder that cannot be made is said now
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
-        link = f' (a symbolic link to nothing: {os.readlink(args.out)})' if os.path.islink(args.out) else ''
-        return tool_error(PROG, f'--out {args.out}: cannot be made a folder: {exc.strerror}{link}')
+        return tool_error(PROG, f'--out {args.out}: cannot be made a folder: {exc.strerror}')
     problem = claim(args.out)
     if problem:
         if made and not os.listdir(args.out):

@@ -46,7 +46,6 @@ from typing import Dict, Optional
 import torch
 
 from xtuner_plugins.models.compile import is_compiled
-from xtuner_plugins.models.preference import AUTOCAST_CAST
 from xtuner_plugins.plan_activations import (DTYPE_BYTES, RECOMPUTED, Batch, activation_bytes, llm_layers, phases,
                                              unchecked_layers)
 
@@ -76,6 +75,7 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     in_blocks: Dict[str, int] = {}   # casts in each compiled, checkpointed block: made and dropped in its graph
     # a preference run's frozen copies keep what autocast does not cast (norms, embeddings) in the dtype the policy
     # keeps its trained parts in (preference.autocast_alike): fp32 beside bf16 matrices, without DeepSpeed
+    from xtuner_plugins.models.preference import AUTOCAST_CAST   # (here: that module imports transformers)
     policy = dict(model.named_parameters()) if zero == 0 else {}
     uncast = {id(q) for m in model.modules() if not isinstance(m, AUTOCAST_CAST) for q in m.parameters(recurse=False)}
     kept_wider = 0.0   # bytes of those copies past b a parameter

@@ -153,15 +153,15 @@ def _length(taker: Taker, recorded: Mapping, cfg: dict) -> None:
     then, loop = recorded.get('train_cfg'), cfg.get('train_cfg')
     if not isinstance(then, Mapping) or not isinstance(loop, dict):
         return
-    if any(named_by(k, taker.given) for k in _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP)):
+    names = _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP)   # the length's keys, at the top level and the loop's
+    if any(named_by(k, taker.given) for k in names):
         return
     key = next((k for k in _LOOP if then.get(k) is not None), None)
     now = next(((k, loop[k]) for k in _LOOP if loop.get(k) is not None), None) or next(
         ((k, cfg[k]) for k in ('max_iters', 'max_epochs') if cfg.get(k) is not None), None)   # (max_iters wins)
     if key is None or now == (key, then[key]) or not takes(loop, key):
         return
-    taker.note(f'train_cfg.{key}={then[key]!r} (the config: {"=".join(map(str, now)) if now else None})',
-               _LOOP + tuple(f'train_cfg.{k}' for k in _LOOP))
+    taker.note(f'train_cfg.{key}={then[key]!r} (the config: {"=".join(map(str, now)) if now else None})', names)
     loop.pop(_LOOP[1 - _LOOP.index(key)], None)
     loop[key] = then[key]
 
@@ -283,10 +283,10 @@ def said_taken(cfg: dict, given: Iterable[str]) -> None:
     if taken or left:
         from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
         what = f'--resume {loaded_checkpoint(cfg)}'
-        if len(taken) > len(edited):
+        not_edited = [entry for entry in taken if entry not in edited]
+        if not_edited:
             _NOTES.append((logging.INFO, f'{what}: goes on with the settings it was trained with (recorded in it; '
-                                         'the command line names none of them): '
-                                         f'{"; ".join(e for e in taken if e not in edited)}'))
+                                         f'the command line names none of them): {"; ".join(not_edited)}'))
         if edited:
             _NOTES.append((logging.WARNING, f'{what}: the config file gives otherwise than when the run began '
                                             '(edited since, or another file): the run goes on with what it was '

@@ -33,8 +33,6 @@ MAMBA_UNADAPTED = ('out_proj', 'conv1d')
 
 #: peft's ``init_lora_weights`` values that rewrite the base layer's weight (a prefix for pissa's and corda's forms)
 REWRITES_BASE = ('pissa', 'corda', 'olora', 'loftq', 'lora_ga')
-#: the values that keep the base weight and start the adapters' product at 0 (the model is its previous stage)
-KEEPS_BASE = (True, 'gaussian')
 _INSTEAD = ("use init_lora_weights=True (the default: lora_B starts at 0, the base weights unchanged) or "
             "'gaussian'")
 
@@ -47,7 +45,7 @@ def check_init(lora: Optional[dict], key: str, preference: bool = False) -> None
         return
     value = lora['init_lora_weights']
     name = value.lower() if isinstance(value, str) else value
-    if value is True or name == 'gaussian':
+    if value is True or name == 'gaussian':   # the base kept, the adapters' product 0: the model is its previous stage
         return
     if isinstance(name, str) and name.startswith(REWRITES_BASE):
         why = ('peft rewrites the base layers\' weights at init (the adapters take their principal part), and a '

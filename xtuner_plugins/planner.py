@@ -75,9 +75,9 @@ def parameter_bytes(model, dtype: str = 'bf16', zero: int = 0, gpus: int = 1,
     in_blocks: Dict[str, int] = {}   # casts in each compiled, checkpointed block: made and dropped in its graph
     # a preference run's frozen copies keep what autocast does not cast (norms, embeddings) in the dtype the policy
     # keeps its trained parts in (preference.autocast_alike): fp32 beside bf16 matrices, without DeepSpeed
-    from xtuner_plugins.models.preference import AUTOCAST_CAST   # (here: that module imports transformers)
+    from xtuner_plugins.models.preference import kept_as_stored   # (here: that module imports transformers)
     policy = dict(model.named_parameters()) if zero == 0 else {}
-    uncast = {id(q) for m in model.modules() if not isinstance(m, AUTOCAST_CAST) for q in m.parameters(recurse=False)}
+    uncast = kept_as_stored(model) if policy else set()
     kept_wider = 0.0   # bytes of those copies past b a parameter
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -32,7 +32,7 @@ from .record_lengths import LengthSlice
 from .nodepass import node_once, run_slices
 from .presence import missing_line
 from .records import RecordView
-from .entries import parse_entry
+from .entries import PAIR_HINT, parse_entry
 from .sources import DataSource, Record, folder_problem, repeat_array, repeat_subset
 
 # 2: the stop word labelled with SentencePiece legacy=False (its no_supervised_tokens skips redone); 3: the links
@@ -237,7 +237,7 @@ def cached_subset(ds, n: int, repeat_time: float, seed: int) -> Optional[np.ndar
 
 #: what every refused sample of a file says when the file is of the other kind: SFT samples read as pairs, pairs
 #: read as SFT samples (``entries.sample_conversations``)
-_SFT_AS_PAIRS, _PAIRS_AS_SFT = 'no chosen and no rejected answer', 'it is a preference pair'
+_SFT_AS_PAIRS, _PAIRS_AS_SFT = 'no chosen and no rejected answer', PAIR_HINT   # (the words of each refusal)
 
 
 def wrong_kind(problems) -> str:

@@ -148,13 +148,19 @@ def preference_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
 AUTOCAST_CAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def kept_as_stored(module: nn.Module) -> set:
+    """The ids of ``module``'s parameters autocast computes with as stored: those of a module it does not cast
+    (:data:`AUTOCAST_CAST`'s), a weight tied to one (an LM head tied to its embedding) too."""
+    return {id(p) for m in module.modules() if not isinstance(m, AUTOCAST_CAST) for p in m.parameters(recurse=False)}
+
+
 def autocast_alike(part: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``part`` with the weights that autocast would cast (:data:`AUTOCAST_CAST`'s) in ``dtype``, and the rest
     (norms, embeddings, a weight tied to an embedding, buffers) left as they are: a copy of an fp32 trained part
     so made computes under ``dtype`` autocast what the part computes, bit for bit (a copy all in bf16 rounded the
     norms, the embeddings and the rotary frequencies that the policy keeps in fp32: the DPO term of full MPO in
     bf16 started at 0.6931080, not log 2), for the memory of its matrices in ``dtype``."""
-    kept = {id(p) for m in part.modules() if not isinstance(m, AUTOCAST_CAST) for p in m.parameters(recurse=False)}
+    kept = kept_as_stored(part)
     for module in part.modules():
         if isinstance(module, AUTOCAST_CAST):
             for param in module.parameters(recurse=False):

@@ -10,7 +10,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from xtuner_plugins.engine.loaded_lineage import preference_from_other_stage, previous_stage_of_loaded
+from xtuner_plugins.engine.loaded_lineage import load_from_other_stage, previous_stage_of_loaded
 from xtuner_plugins.models.lineage import lineage_record
 
 
@@ -94,11 +94,12 @@ LORA = dict(r=4, lora_alpha=8)
 def preference_stages(stages, tmp_path):
     """An SFT checkpoint (full and LoRA) after ``stages['warm']``, and LoRA and full preference checkpoints after
     them, each with its training config recorded."""
-    sft = _recorded(str(tmp_path / 'sft_full' / 'iter_3.pth'), dict(preference=None, llm_lora=None), stages['warm'])
+    sft = _recorded(str(tmp_path / 'sft_full' / 'iter_3.pth'), dict(preference=None, llm_lora=None, freeze_llm=False),
+                    stages['warm'])
     sft_lora = _recorded(str(tmp_path / 'sft_lora' / 'iter_3.pth'), dict(llm_lora=LORA), stages['warm'])
     return dict(stages, sft_full=sft, sft_lora=sft_lora,
                 dpo_lora=_recorded(str(tmp_path / 'dpo' / 'iter_2.pth'), dict(llm_lora=LORA, preference=DPO), sft_lora),
-                mpo_full=_recorded(str(tmp_path / 'mpo' / 'iter_2.pth'), dict(preference=DPO), sft))
+                mpo_full=_recorded(str(tmp_path / 'mpo' / 'iter_2.pth'), dict(preference=DPO, freeze_llm=False), sft))
 
 
 def test_a_preference_run_loading_another_stage_is_refused(preference_stages):
@@ -106,25 +107,56 @@ def test_a_preference_run_loading_another_stage_is_refused(preference_stages):
     warm-up: rewards_margin 0.119 at the first step), and a LoRA DPO lost the SFT's projector (a helper's sweep)."""
     s = preference_stages
     for sft, lora in ((s['sft_full'], None), (s['sft_lora'], LORA), (s['sft_full'], LORA)):
-        problem = preference_from_other_stage(dict(load_from=sft, model=dict(preference=DPO, llm_lora=lora)))
+        problem = load_from_other_stage(dict(load_from=sft, model=dict(preference=DPO, llm_lora=lora)))
         assert problem.startswith(f'load_from={sft} is a checkpoint of another stage (its recorded config trains no '
                                   'model.preference), and this preference run builds its reference policy'), problem
         assert problem.endswith(f'give it as model.pretrained_pth={sft} (the reference model is built from it) and '
                                 'leave load_from out'), problem
         assert ('adapters off' if lora else 'frozen copies') in problem
-    problem = preference_from_other_stage(dict(load_from=s['dpo_lora'], model=dict(preference=DPO)))
-    assert problem.startswith(f'load_from={s["dpo_lora"]} trained with LoRA adapters on the LLM (model.llm_lora) and '
-                              'this preference run trains its LLM whole (no model.llm_lora)'), problem
-    assert preference_from_other_stage(dict(load_from=s['mpo_full'], model=dict(preference=DPO, llm_lora=LORA)))
+    problem = load_from_other_stage(dict(load_from=s['dpo_lora'], model=dict(preference=DPO, freeze_llm=False)))
+    assert problem == (
+        f'load_from={s["dpo_lora"]} is a checkpoint of another stage: it trained LoRA adapters on the LLM and the '
+        "projector, and this run trains the LLM whole and the projector; load_from puts a checkpoint into this run's "
+        'model as it stands, so what that stage trained would be lost (tensors under other keys are not loaded; '
+        "weights loaded into parts this run does not train are not in its checkpoints); give it as "
+        f"model.pretrained_pth={s['dpo_lora']} and leave load_from out (a previous stage: loaded first, its LoRA "
+        'adapters merged)')
+    assert load_from_other_stage(dict(load_from=s['mpo_full'], model=dict(preference=DPO, llm_lora=LORA)))
     # what keeps working: a preference checkpoint of the same kind (a new run from its weights), a resume, the
-    # SFT as model.pretrained_pth, a run that is no preference one, a checkpoint that records no config
+    # SFT as model.pretrained_pth, an SFT run from an SFT checkpoint of its kind, a checkpoint that records no config
     for cfg in (dict(load_from=s['dpo_lora'], model=dict(preference=DPO, llm_lora=LORA)),
-                dict(load_from=s['mpo_full'], model=dict(preference=DPO)),
+                dict(load_from=s['mpo_full'], model=dict(preference=DPO, freeze_llm=False)),
                 dict(load_from=s['sft_full'], resume=True, model=dict(preference=DPO)),
                 dict(load_from=None, model=dict(preference=DPO, pretrained_pth=s['sft_full'])),
-                dict(load_from=s['sft_full'], model=dict(llm_lora=LORA)),
+                dict(load_from=s['sft_lora'], model=dict(llm_lora=LORA)),
                 dict(load_from=s['sft'], model=dict(preference=DPO))):
-        assert preference_from_other_stage(cfg) is None, cfg
+        assert load_from_other_stage(cfg) is None, cfg
+
+
+@pytest.mark.parametrize('then, now, says', [
+    (dict(freeze_llm=False), dict(llm_lora=LORA), 'it trained the LLM whole and the projector, and this run trains '
+     'LoRA adapters on the LLM and the projector;'),
+    (dict(llm_lora=LORA), dict(freeze_llm=False), 'it trained LoRA adapters on the LLM and the projector, and this '
+     'run trains the LLM whole and the projector;'),
+    (dict(freeze_llm=False, freeze_vision=False), dict(), 'it trained the LLM whole, the vision tower whole and the '
+     'projector, and this run trains the projector;'),
+    (dict(llm_lora=LORA, vision_lora=LORA), dict(llm_lora=LORA), 'it trained LoRA adapters on the LLM, LoRA adapters '
+     'on the vision tower and the projector, and this run trains LoRA adapters on the LLM and the projector;'),
+    (dict(llm_lora=LORA, freeze_projector=True), dict(llm_lora=LORA), 'it trained LoRA adapters on the LLM, and this '
+     'run trains LoRA adapters on the LLM and the projector;'),
+    (dict(freeze_projector=True), dict(freeze_projector=True, freeze_llm=False), 'it trained nothing, and this run '
+     'trains the LLM whole;')])
+def test_a_load_from_of_a_stage_that_trained_other_parts_is_refused(tmp_path, then, now, says):
+    """A full SFT's checkpoint given as load_from to finetune_lora trained on from the base LLM (its 27 LLM
+    tensors matched no key of the LoRA model, said only in warnings); one into the warm-up loaded the LLM into the
+    frozen one, which the run's checkpoints do not hold."""
+    path = _recorded(str(tmp_path / 'then' / 'iter_2.pth'), then)
+    problem = load_from_other_stage(dict(load_from=path, model=now))
+    assert problem.startswith(f'load_from={path} is a checkpoint of another stage: {says}'), problem
+    assert problem.endswith(f'give it as model.pretrained_pth={path} and leave load_from out (a previous stage: '
+                            'loaded first, its LoRA adapters merged)'), problem
+    assert load_from_other_stage(dict(load_from=path, model=then)) is None   # the same parts
+    assert load_from_other_stage(dict(load_from=path, resume=True, model=now)) is None   # a resume: its own checks
 
 
 def test_training_refuses_a_preference_run_loading_another_stage(preference_stages, tmp_path, capsys):

@@ -17,14 +17,14 @@ frozen copies of the trained parts) from ``model.pretrained_pth`` when it is bui
 ``load_from``'s weights into the policy. A ``load_from`` (not a resume) of another stage's checkpoint (an SFT's)
 trained against that checkpoint's previous stage (the warm-up: rewards not 0 at the first step), and what it loaded
 into frozen parts or under other keys (a LoRA SFT's projector, a full SFT's LLM under LoRA) was lost:
-:func:`preference_from_other_stage` refuses it, and a preference checkpoint of the other kind (LoRA / full), before
-anything is built; ``model.pretrained_pth=PATH`` builds the model and its reference from it.
+:func:`load_from_other_stage` refuses it, and a checkpoint of a stage that trained other parts (LoRA / whole) in any
+run, before anything is built; ``model.pretrained_pth=PATH`` builds the model and its reference from it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 
 def loaded_checkpoint(cfg: Mapping) -> Optional[str]:
@@ -91,14 +91,40 @@ def previous_stage_of_loaded(cfg: Mapping) -> Optional[str]:
             'one')
 
 
-def preference_from_other_stage(cfg: Mapping) -> Optional[str]:
-    """Why a preference run's ``load_from`` (without a resume) must be its ``model.pretrained_pth`` instead (module
-    docstring): the checkpoint's recorded config (``meta['cfg']``) trained no preference, or its LLM with LoRA where
-    this run trains it whole or the other way round; None otherwise (a checkpoint that records no config too)."""
+# (part, its LoRA key, its freeze key, that key's default in VisionLanguageModel)
+_TRAINED_PARTS = (('the LLM', 'llm_lora', 'freeze_llm', True),
+                  ('the vision tower', 'vision_lora', 'freeze_vision', True),
+                  ('the projector', None, 'freeze_projector', False))
+
+
+def trained_parts(model: Mapping) -> Tuple[str, ...]:
+    """What a model config trains, in words (``'LoRA adapters on the LLM'``, ``'the projector'``), by
+    ``VisionLanguageModel``'s settings and their defaults."""
+    words = []
+    for part, lora, freeze, frozen in _TRAINED_PARTS:
+        if lora and model.get(lora):
+            words.append(f'LoRA adapters on {part}')
+        elif not model.get(freeze, frozen):
+            words.append(f'{part} whole' if lora else part)
+    return tuple(words)
+
+
+def _listed(parts: Tuple[str, ...]) -> str:
+    return ' and '.join([', '.join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts) or 'nothing'
+
+
+def load_from_other_stage(cfg: Mapping) -> Optional[str]:
+    """Why a run's ``load_from`` (without a resume) must be its ``model.pretrained_pth`` instead, or None (a
+    checkpoint that records no config too). ``load_from`` loads a checkpoint into this run's model as it stands: one
+    of a stage that trained other parts (a full SFT's into a LoRA config: its LLM under other keys; a LoRA SFT's
+    into a full one; an SFT's into the warm-up: weights into frozen parts, which its checkpoints do not hold) lost what
+    that stage trained, said only in warnings. A preference run's reference policy is built from
+    ``model.pretrained_pth`` before ``load_from`` loads (module docstring): a checkpoint of a stage without a
+    preference is refused for it too."""
     model = cfg.get('model')
     load_from = cfg.get('load_from')
-    if (not isinstance(model, Mapping) or model.get('preference') is None or cfg.get('resume') is True
-            or not isinstance(load_from, str) or not os.path.isfile(load_from) and not os.path.isdir(load_from)):
+    if (not isinstance(model, Mapping) or cfg.get('resume') is True or not isinstance(load_from, str)
+            or not os.path.isfile(load_from) and not os.path.isdir(load_from)):
         return None
     from xtuner_plugins.models.checkpoint import recorded_model_config
     try:
@@ -107,19 +133,20 @@ def preference_from_other_stage(cfg: Mapping) -> Optional[str]:
         return None
     if then is None:
         return None
-    lora_now, lora_then = bool(model.get('llm_lora')), bool(then.get('llm_lora'))
-    reference = ('the model with its LoRA adapters off' if lora_now else 'frozen copies of the trained parts')
-    instead = (f'give it as model.pretrained_pth={load_from} (the reference model is built from it) and leave '
-               'load_from out')
-    if then.get('preference') is None:
+    instead = f'give it as model.pretrained_pth={load_from} {{}}and leave load_from out'
+    if model.get('preference') is not None and then.get('preference') is None:
+        reference = ('the model with its LoRA adapters off' if model.get('llm_lora')
+                     else 'frozen copies of the trained parts')
         return (f'load_from={load_from} is a checkpoint of another stage (its recorded config trains no '
                 f'model.preference), and this preference run builds its reference policy ({reference}) from '
                 f'model.pretrained_pth ({model.get("pretrained_pth") or "the previous stage it records"}) before '
                 f'load_from\'s weights load: it would train against that model, not {load_from}, and weights '
-                f'loaded into frozen parts are not saved; {instead}')
-    if lora_now != lora_then:
-        how = {True: 'with LoRA adapters on the LLM (model.llm_lora)', False: 'its LLM whole (no model.llm_lora)'}
-        return (f'load_from={load_from} trained {how[lora_then]} and this preference run trains {how[lora_now]}: '
-                f'its weights would not load into this model (other keys), and the run would go on from its '
-                f'previous stage; {instead}')
-    return None
+                'loaded into frozen parts are not saved; ' + instead.format('(the reference model is built from it) '))
+    now_parts, then_parts = trained_parts(model), trained_parts(then)
+    if now_parts == then_parts:
+        return None
+    return (f'load_from={load_from} is a checkpoint of another stage: it trained {_listed(then_parts)}, and this run '
+            f'trains {_listed(now_parts)}; load_from puts a checkpoint into this run\'s model as it stands, so what '
+            'that stage trained would be lost (tensors under other keys are not loaded; weights loaded into parts this '
+            'run does not train are not in its checkpoints); ' + instead.format('')
+            + ' (a previous stage: loaded first, its LoRA adapters merged)')

@@ -72,8 +72,8 @@ def prepare_run(cfg):
             from mmengine.logging import print_log
             print_log(note, logger='current', level=level)
     absolute_out_dir(plain)
-    from xtuner_plugins.engine.loaded_lineage import preference_from_other_stage, previous_stage_of_loaded
-    problem = (work_dir_refusal(plain) or preference_from_other_stage(plain) or previous_stage_of_loaded(plain)
+    from xtuner_plugins.engine.loaded_lineage import load_from_other_stage, previous_stage_of_loaded
+    problem = (work_dir_refusal(plain) or load_from_other_stage(plain) or previous_stage_of_loaded(plain)
                or pretrained_refusal(plain)
                or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain)

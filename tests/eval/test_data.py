@@ -228,6 +228,10 @@ def test_a_limit_keeps_a_circular_questions_rotations_whole():
     assert first_questions(qs, None) == qs and len(first_questions(qs, 9)) == 9
     plain = [Question(str(i), 'c', 'Q', [], ['A']) for i in range(4)]
     assert [q.id for q in first_questions(plain, 3)] == ['0', '1', '2']
+    # VLMEvalKit's circular files: every question (index N), then the rotations (N + 1,000,000): --limit 2 kept
+    # rows 0 and 1 alone, and scored them without their rotations, with no word said
+    own = [Question(str(i + k * 1_000_000), 'c', 'Q', [], ['A'], group=str(i)) for k in range(2) for i in range(3)]
+    assert [q.id for q in first_questions(own, 2)] == ['0', '1', '1000000', '1000001']
 
 
 def test_tsv_rows_with_image_tags_or_control_text_are_refused_before_the_model_loads(tmp_path):

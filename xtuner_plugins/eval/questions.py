@@ -82,20 +82,19 @@ class _Ids:
             self.first[id_] = line_no
 
 def first_questions(questions: List[Question], n: Optional[int]) -> List[Question]:
-    """The first ``n`` questions (all with ``None``), a circular question's rotations (one ``group``) counted as one
-    and kept whole: a limit that cut a group scored its first rotations as the whole question."""
+    """The questions of the first ``n`` groups (all with ``None``), a circular question's rotations (one ``group``)
+    counted as one and kept whole wherever they stand: a limit that cut a group scored its first rotations as the
+    whole question, and VLMEvalKit's circular files hold every rotation after all the questions (index N, then
+    N + 1,000,000), which a limit left out."""
     if n is None:
         return questions
-    out: List[Question] = []
-    seen: set = set()
+    first: list = []   # the first n groups, in the order they first appear
     for q in questions:
         key = q.group or id(q)
-        if key not in seen:
-            if len(seen) == n:
-                break
-            seen.add(key)
-        out.append(q)
-    return out
+        if len(first) < n and key not in first:
+            first.append(key)
+    kept = set(first)
+    return [q for q in questions if (q.group or id(q)) in kept]
 
 def data_problem(path: str) -> Optional[str]:
     """Why ``path`` is no questions file, before it is read: what training's reader refuses in an annotation file

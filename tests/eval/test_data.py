@@ -373,3 +373,16 @@ def test_an_answer_whose_text_another_option_has_is_refused(tmp_path):
         read_mmbench_tsv(write_tsv(tmp_path / 'same.tsv', [dict(ROWS[0], C='green', answer='C')]))
     rows = read_mmbench_tsv(write_tsv(tmp_path / 'wrong.tsv', [dict(ROWS[0], A='blue', D='blue')]))
     assert rows[0].options == {'A': 'blue', 'B': 'green', 'C': 'blue', 'D': 'blue'}
+
+
+def test_large_indices_are_rotations_only_of_a_question_in_the_file(tmp_path):
+    """Indices 1000000, 2000000 and 3000000 of three questions were read as one question's rotations: one question
+    scored (right only when all three were) and --circular rotated nothing. A rotation row whose question or
+    options are not its question's is refused."""
+    big = [dict(ROWS[0], index=i * 1000000, question=f'Q{i}') for i in (1, 2, 3)]
+    questions = read_mmbench_tsv(write_tsv(tmp_path / 'big.tsv', big), circular=True)
+    assert len(questions) == 9 and len({q.group for q in questions}) == 3
+    odd = [dict(ROWS[0], index=0), dict(ROWS[0], index=1000000, question='Another?', image='0')]
+    with pytest.raises(QuestionsError, match=r'big2.tsv:3 \(index 1000000\): read as a rotation of index 0 \(line '
+                                             r'2: .*but its question or options differ .*\[bad_row\]'):
+        read_mmbench_tsv(write_tsv(tmp_path / 'big2.tsv', odd))

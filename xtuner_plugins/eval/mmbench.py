@@ -88,6 +88,11 @@ def _row_index(fields: List[str], header: List[str]) -> int:
     except (ValueError, IndexError):
         return -1
 
+def _stem(row: Dict[str, str]) -> str:
+    """A row's question without its options: its hint (unless empty or ``nan``) and question."""
+    hint = (row.get('hint') or '').strip()
+    return ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
+
 def rotations_note(questions: Sequence[Question]) -> str:
     """A line when the data holds its own rotations (VLMEvalKit's circular MMBench files), or ''."""
     groups = {q.group for q in questions if q.group and q.id != q.group and not q.id.startswith(q.group + '-')}
@@ -110,7 +115,11 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
     out, problems, ids = [], [], _Ids(path, 'index')
     # a file of VLMEvalKit's circular MMBench (MMBench_DEV_EN.tsv: 4329 rows, 1164 questions) holds the rotations
     # itself: rows of index N + k * 1,000,000 are question N's, scored together and not rotated again
-    own = any(_row_index(fields, header) >= ROTATION_STRIDE for _, fields in table)
+    # (a row of index N + k * 1,000,000 whose question N is in the file too: large ids of other questions, such as
+    # 1000000 and 2000000, were all one question's rotations, scored as one, and --circular was ignored)
+    indices = {_row_index(fields, header) for _, fields in table}
+    own = any(i >= ROTATION_STRIDE and i % ROTATION_STRIDE in indices for i in indices)
+    seen: Dict[str, Tuple[int, str, List[str]]] = {}   # each group's first row: its line, stem and option texts
     for row_no, fields in table:
         extra = [v for v in fields[len(header):] if v.strip()]
         if len(fields) < len(header) or extra:  # its values would be read as other columns'
@@ -156,18 +165,23 @@ def read_mmbench_tsv(path: str, circular: bool = False, markers: Sequence[str] =
             if same:   # the likelihoods tie and the first letter won; a text answer was read as the first letter
                 raise SampleError('bad_row', f'options {answer} (the answer) and {", ".join(same)} have the same text '
                                              f'{options[answer]!r}: no answer can tell them apart')
+            number = _row_index(fields, header)   # (-1 for an index that is no whole number: its own group)
+            group = str(number % ROTATION_STRIDE) if own and number >= 0 else str(row['index'])
+            first = seen.setdefault(group, (row_no, _stem(row), sorted(options.values())))
+            if own and first[1:] != (_stem(row), sorted(options.values())):
+                raise SampleError('bad_row', f'read as a rotation of index {group} (line {first[0]}: VLMEvalKit\'s '
+                                             f'circular layout, index N + k x {ROTATION_STRIDE:,}), but its question '
+                                             f'or options differ from that row\'s; give it an index of its own')
         except SampleError as err:
             problems.append(str(err.with_source(where)))
             continue
         rotations = len(options) if circular and not own else 1
-        group = str(_row_index(fields, header) % ROTATION_STRIDE) if own else str(row['index'])
+        stem = _stem(row)
         for shift in range(rotations):
             texts = list(options.values())
             letters = list(options)
             rotated = {letters[i]: texts[(i + shift) % len(texts)] for i in range(len(texts))}
             right = letters[(letters.index(answer) - shift) % len(letters)]
-            hint = (row.get('hint') or '').strip()
-            stem = ((hint + '\n') if hint and hint.lower() != 'nan' else '') + row['question'].strip()
             prompt = stem + '\nOptions:\n' + ''.join(f'{k}. {v}\n' for k, v in rotated.items()) + MC_INSTRUCTION
             out.append(Question(id=f'{row["index"]}' + (f'-{shift}' if circular and not own else ''),
                                 category=(row.get('category') or 'all').strip() or 'all', prompt=prompt,

@@ -165,3 +165,25 @@ def test_a_report_given_as_answers_is_not_offered_for_removal(tmp_path):
     with pytest.raises(ValueError, match=r'r.json:1: not an answers file of tools/eval.py \(not JSON lines\); give '
                                          r'another --answers file'):
         AnswersFile(str(tmp_path / 'r.json'), SETTINGS)
+
+
+def test_a_kept_answer_is_scored_again_against_its_question(tmp_path):
+    """An answer edited in the file to 'yes' (the reference) kept the 0.0 recorded for the answer before it: the
+    report showed answer 'yes', reference 'yes', score 0. Kept answers are scored again, and named."""
+    import json
+    from xtuner_plugins.eval import Question
+    path = tmp_path / 'a.jsonl'
+    answers = AnswersFile(str(path), SETTINGS)
+    answers.append(Result('1', 'c', 'What?', 'yes', 'no', 0.0, 'no', 0.0, source='d.jsonl:1'))
+    answers.append(Result('2', 'c', 'Pick', 'B', 'B', 1.0, 'A', 0.0, read_by='likelihood',
+                          option_scores={'A': -2.0, 'B': -1.0}, source='d.jsonl:2'))
+    answers.close()
+    lines = path.read_text().splitlines()
+    edited = dict(json.loads(lines[1]), answer='Yes.', blind_answer='yes')
+    path.write_text('\n'.join([lines[0], json.dumps(edited), lines[2]]) + '\n')
+    again = AnswersFile(str(path), SETTINGS, resume=True)
+    again.check([question('1', reference='yes'), Question('2', 'c', 'Pick', [], ['B'], options={'A': 'x', 'B': 'y'},
+                                                          source='d.jsonl:2')])
+    assert (again.done['1'].score, again.done['1'].blind_score) == (1.0, 1.0) and again.rescored == ['1']
+    assert (again.done['2'].score, again.done['2'].blind_score, again.done['2'].read_by) == (1.0, 0.0, 'likelihood')
+    again.close()

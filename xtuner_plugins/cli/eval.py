@@ -251,6 +251,11 @@ def settings(args) -> dict:
                 single_frame=args.single_frame, mc=args.mc)
 
 
+def shown_of(sources) -> str:
+    """The first three of ``sources``, and how many more."""
+    return ', '.join(sources[:3]) + (f' and {len(sources) - 3} more' if len(sources) > 3 else '')
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -274,10 +279,12 @@ def main(argv=None) -> int:
             print(note, file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]
     if answers is not None and answers.changed:
-        shown = ', '.join(answers.changed[:3]) + (f' and {len(answers.changed) - 3} more' if len(answers.changed) > 3
-                                                  else '')
         print(f'resuming {args.answers}: {len(answers.changed)} kept answers dropped and asked again: their images '
-              f'changed since they were answered (size or modification time): {shown}', file=sys.stderr)
+              f'changed since they were answered (size or modification time): {shown_of(answers.changed)}',
+              file=sys.stderr)
+    if answers is not None and answers.rescored:
+        print(f'resuming {args.answers}: {len(answers.rescored)} kept answers scored again: the score recorded was '
+              f'not that of the answer there (the file edited since?): {shown_of(answers.rescored)}', file=sys.stderr)
     if len(todo) < len(questions):
         print(f'resuming {args.answers}: {len(questions) - len(todo)} of {len(questions)} questions answered, '
               f'asking the other {len(todo)}', file=sys.stderr, flush=True)

@@ -20,7 +20,9 @@ resuming does not read every image again (a data set of many images on a network
 (a new image copied, saved or unpacked over the old one) changes its modification time. An in-memory image (a
 TSV's, which has no file) is identified by a hash of its pixels. A kept answer whose images are not those any
 more (replaced in place since, or another clip of the video) is dropped and its question asked again;
-:attr:`AnswersFile.changed` names them. A kept answer is scored under its question's category now.
+:attr:`AnswersFile.changed` names them. A kept answer is scored under its question's category now, and scored
+again (its answer against its reference now: an answer edited in the file kept the score of the one before it);
+:attr:`AnswersFile.rescored` names those whose score changed.
 What this misses: a replacement of the same size that keeps the old file's modification time (``cp -p``,
 ``rsync -t`` of a file stamped with the same time).
 
@@ -44,7 +46,7 @@ from PIL import Image
 from xtuner_plugins.data.image_io import load_image
 
 from .questions import Question
-from .evaluate import Failure, Result
+from .evaluate import Failure, Ranked, Result, judge, score
 
 __all__ = ['AnswersFile', 'file_identity', 'model_identity']
 
@@ -137,6 +139,15 @@ def _value_problem(record: dict, blind: bool) -> str:
     return ''
 
 
+def _rescored(r: Result, q: Question, metric: str) -> Result:
+    """A kept answer scored again against its question now: an answer edited in the file (``yes`` for the reference
+    ``yes``) kept the score recorded for the one before it (0.0), and the report showed both."""
+    value, how = judge(q, Ranked(r.answer, r.option_scores or {}) if r.read_by == 'likelihood' else r.answer, metric)
+    again = {key: score(q, getattr(r, f'{kind}_answer'), metric) for kind, key in
+             (('blind', 'blind_score'), ('single', 'single_score')) if getattr(r, f'{kind}_answer') is not None}
+    return replace(r, score=value, read_by=how, **again)
+
+
 def _held(path: str):
     """``path`` opened (made if new, nothing cut) and locked for this process (``flock``, released as the
     process ends however it ends). Two evaluations with one ``--out`` both appended to its answers: the second,
@@ -167,6 +178,7 @@ class AnswersFile:
         self.done: Dict[str, Result] = {}
         self.written = 0  # answers appended by this run (failures are written too, and asked again)
         self.changed: List[str] = []  # the sources of kept answers dropped by check(): their images changed
+        self.rescored: List[str] = []  # those of kept answers whose recorded scores were not their answers'
         self._lines: Dict[str, int] = {}
         self._files: Dict[str, object] = {}  # the file identities each kept answer recorded
         self._identity: Dict[str, list] = {}  # each question's, now (check)
@@ -242,7 +254,10 @@ class AnswersFile:
                 del self.done[id_]
                 self.changed.append(q.source or id_)
             else:   # scored under the data's category and named by its line now (a category renamed was kept)
-                self.done[id_] = replace(r, category=q.category, source=q.source or r.source)
+                kept = replace(r, category=q.category, source=q.source or r.source)
+                self.done[id_] = _rescored(kept, q, self.settings.get('metric') or 'exact')
+                if self.done[id_] != kept:
+                    self.rescored.append(q.source or id_)
 
     def _write(self, record: dict) -> None:
         try:

@@ -208,6 +208,9 @@ def parse_args(argv=None):
     check_model_arguments(parser, args)
     if args.video and args.image:
         parser.error('give --image or --video, not both: a turn holds images or one video')
+    if args.prompt is None and (sys.stdin is None or sys.stdin.closed):   # (the model loaded, then a traceback)
+        parser.error('no --prompt, and stdin is closed: there is nothing to read the conversation from; give '
+                     '--prompt, or run it from a terminal or with a pipe')
     if args.prompt is not None and not args.prompt.strip():   # (asked as nothing; the web demo refuses it)
         parser.error('--prompt is empty: give a question (or leave --prompt out to chat interactively)')
     return args

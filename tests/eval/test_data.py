@@ -348,6 +348,14 @@ def test_a_data_file_that_holds_no_questions_is_named_for_what_it_is(tmp_path):
     meta.write_text(json.dumps({'coco': {'root': 'images', 'annotation': 'coco.jsonl', 'repeat_time': 1}}))
     with pytest.raises(ValueError, match=r'meta.json is an InternVL meta file .* give one of its "annotation" files'):
         read_questions(str(meta))
+    sample = {'conversations': [{'from': 'human', 'value': 'Q?'}, {'from': 'gpt', 'value': 'A.'}]}
+    lines = json.dumps(sample) + '\n' + json.dumps(sample) + '\n'
+    for text, says in ((lines, r'holds more than one JSON value \(a second starts at line 2'),
+                       (json.dumps(sample), 'holds one sample, not a list')):   # both were 'an InternVL meta file'
+        meta.write_text(text)
+        with pytest.raises(ValueError, match=rf'meta.json: {says}') as err:
+            read_questions(str(meta))
+        assert 'InternVL meta file (an object' not in str(err.value)
     (tmp_path / 'questions').mkdir()
     with pytest.raises(ValueError, match=r'questions is a folder, not a data file'):
         read_questions(str(tmp_path / 'questions'))

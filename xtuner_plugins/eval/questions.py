@@ -111,6 +111,15 @@ def data_problem(path: str) -> Optional[str]:
         return (f'{path}: unknown data format: give a training-format .jsonl (or a .json list of samples), or a '
                 f'.tsv in {_LAYOUT}')
     if is_meta_file(path):
+        from xtuner_plugins.data.sources import _meta_sources
+        from xtuner_plugins.errors import Refused
+        try:   # an object, but maybe none naming data sources: JSON lines named .json, one sample (training's words)
+            _meta_sources(path)
+        except Refused as exc:   # (a meta file's own entries' problems: a meta file, said below)
+            if not str(exc).startswith(f'{path}: entry '):
+                return str(exc)
+        except Exception:  # noqa: BLE001 -- a meta file whose annotation files are not there: a meta file still
+            pass
         return (f'{path} is an InternVL meta file (an object naming data sources), not a list of samples: give one '
                 f'of its "annotation" files as --data, with its "root" as --image-folder')
     return None

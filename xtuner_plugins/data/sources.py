@@ -102,7 +102,9 @@ def is_meta_file(path: str) -> bool:
     return head.startswith('{')
 
 
-def _meta_sources(path: str) -> List[DataSource]:
+def meta_sources(path: str) -> List[DataSource]:
+    """The sources an InternVL meta file names (``Refused`` naming the file, and the entry and key where one is
+    wrong; ``NotFound`` for an annotation file that is not there)."""
     with open(path, 'rb') as f:
         raw = f.read()
     start = len(BOM) if raw.startswith(BOM) else 0
@@ -278,7 +280,7 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
         if problem:
             raise Refused(problem)
         if is_meta_file(path):
-            sources.extend(_meta_sources(path))
+            sources.extend(meta_sources(path))
             from mmengine.logging import print_log
             if folder is not None:
                 print_log(f'{path}: a meta file: its entries\' "root" are the image folders, the image folder given '

@@ -88,12 +88,11 @@ def first_questions(questions: List[Question], n: Optional[int]) -> List[Questio
     N + 1,000,000), which a limit left out."""
     if n is None:
         return questions
-    first: list = []   # the first n groups, in the order they first appear
+    kept: set = set()   # the first n groups, wherever their rotations stand
     for q in questions:
-        key = q.group or id(q)
-        if len(first) < n and key not in first:
-            first.append(key)
-    kept = set(first)
+        if len(kept) == n:
+            break
+        kept.add(q.group or id(q))
     return [q for q in questions if (q.group or id(q)) in kept]
 
 def data_problem(path: str) -> Optional[str]:
@@ -111,15 +110,15 @@ def data_problem(path: str) -> Optional[str]:
         return (f'{path}: unknown data format: give a training-format .jsonl (or a .json list of samples), or a '
                 f'.tsv in {_LAYOUT}')
     if is_meta_file(path):
-        from xtuner_plugins.data.sources import _meta_sources
-        from xtuner_plugins.errors import Refused
+        from xtuner_plugins.data.sources import meta_sources
+        from xtuner_plugins.errors import NotFound, Refused
         try:   # an object, but maybe none naming data sources: JSON lines named .json, one sample (training's words)
-            _meta_sources(path)
+            meta_sources(path)
+        except NotFound:   # a meta file whose annotation files are not there: a meta file still
+            pass
         except Refused as exc:   # (a meta file's own entries' problems: a meta file, said below)
             if not str(exc).startswith(f'{path}: entry '):
                 return str(exc)
-        except Exception:  # noqa: BLE001 -- a meta file whose annotation files are not there: a meta file still
-            pass
         return (f'{path} is an InternVL meta file (an object naming data sources), not a list of samples: give one '
                 f'of its "annotation" files as --data, with its "root" as --image-folder')
     return None

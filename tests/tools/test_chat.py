@@ -221,8 +221,8 @@ def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tm
     expected = setup['official'].chat(setup['tokenizer'], tiles(image), 'Describe the image.',
                                       dict(max_new_tokens=8, do_sample=False))
     (tmp_path / 'bad.png').write_bytes(b'not an image')  # refused when attached, not when asked
-    lines = iter(['/help', f'/image {tmp_path}/bad.png', f'/image {image}', 'Describe the image.', '/images', 'And?',
-                  '/reset', '/exit'])
+    lines = iter(['/help', f'/image {tmp_path}/bad.png', '/video', f'/image {image}', '/image', 'Describe the image.',
+                  '/images', 'And?', '/reset', '/exit'])
     monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
     assert chat_main([setup['folder'], '--max-new-tokens', '8']) == 0
     out = capsys.readouterr().out
@@ -230,6 +230,10 @@ def test_chat_tool_interactive_streams_the_answer(setup, monkeypatch, capsys, tm
     assert answers[0].strip() == expected
     assert len(answers) == 2 and '(history cleared)' in out and 'error' not in out
     assert f'(not attached: {tmp_path}/bad.png: cannot decode image' in out
+    # a command without its path ('video not found: '; the images attached already, as if attached again)
+    assert '(nothing attached: give a path after /video: /video PATH)' in out
+    assert '(nothing attached: give a path after /image: /image PATH)' in out
+    assert out.count('(attached to the next message') == 1
     assert out.count('/help shows this') == 3 and '(unknown command /images)' in out  # never sent to the model
 
 

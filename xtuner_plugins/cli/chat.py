@@ -136,6 +136,9 @@ def interactive(chat: ConvertedModel, images: Sequence[str], generation: dict, v
             pending, video = [], None
             print('(history cleared)')
             continue
+        if line in ('/image', '/video'):   # (said 'video not found: ', or the images attached already)
+            print(f'(nothing attached: give a path after {line}: {line} PATH)')
+            continue
         if command == '/image':
             paths = typed_paths(line[len('/image'):])
             problem = image_problem(paths)

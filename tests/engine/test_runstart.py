@@ -305,6 +305,31 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
         f'from it with model.official_checkpoint={converted}')
 
 
+def test_a_load_from_that_cannot_load_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """A load_from (not a resume) not there, or a folder of a converted model, was MMEngine's 'FileNotFoundError: ...
+    can not be found' traceback once the vision tower and the LLM had loaded."""
+    from xtuner_plugins.engine.refusals import load_from_refusal
+    (tmp_path / 'folder').mkdir()
+    converted = tmp_path / 'converted'
+    converted.mkdir()
+    (converted / 'config.json').write_text('{}')
+    what = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+    for path, said in [
+            (tmp_path / 'gone.pth', f'load_from={tmp_path / "gone.pth"}: no such file or folder; {what}'),
+            (tmp_path / 'folder', f'load_from={tmp_path / "folder"} is a folder but not a DeepSpeed checkpoint (no '
+                                  f'*model_states.pt); {what}'),
+            (converted, f'load_from={converted} is a model folder (a config.json), not a checkpoint of training: start '
+                        f'from it with model.official_checkpoint={converted} (an InternVL folder: its vision tower, '
+                        'projector and LLM), load_from left unset')]:
+        with pytest.raises(SystemExit) as stopped:
+            Runner.from_cfg(Config(dict(model=dict(), load_from=str(path), work_dir=str(tmp_path / 'work'))))
+        err = capsys.readouterr().err.splitlines()
+        assert stopped.value.code == 2 and err == [f'train: refused: {said}'], err
+    assert load_from_refusal(dict(load_from=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth')))) is None
+    assert load_from_refusal(dict(load_from=None)) is None
+    assert load_from_refusal(dict(load_from=str(tmp_path / 'gone.pth'), resume=True)) is None   # the resume's own
+
+
 def test_a_pretrained_pth_of_another_vision_geometry_is_refused_before_the_model_is_built(tmp_path, capsys):
     """The geometry check (``stages.geometry_problem``, tested in tests/models/test_lineage.py) runs at training's
     start-up, before anything is built."""

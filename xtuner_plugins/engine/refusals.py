@@ -15,7 +15,8 @@ run with the first one, in one line: ``runstart.refuse``); and where its checkpo
   (:func:`liger_refusal`, :func:`flex_refusal`: no GPU) stops it there too, and so do preference pairs for a model
   without ``preference=`` (:func:`preference_data_refusal`), and so does
   a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint) or whose
-  vision geometry does not fit (:func:`geometry_refusal`).
+  vision geometry does not fit (:func:`geometry_refusal`), and a ``load_from`` that is not there or is a folder of
+  another kind (:func:`load_from_refusal`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,27 @@ def work_dir_refusal(cfg: Mapping) -> Optional[str]:
     return None
 
 
+_TRAINING_CHECKPOINT = ('give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder '
+                        'DeepSpeed saves)')
+
+
+def _checkpoint_path_problem(path: str, label: str) -> Optional[str]:
+    """Why ``path`` (given as ``label``) is no checkpoint of training to load: not there, a folder that is neither
+    a DeepSpeed checkpoint nor (a converted or downloaded model's, said how to start from it) one; None otherwise."""
+    if not os.path.exists(path):
+        return f'{label}={path}: no such file or folder; {_TRAINING_CHECKPOINT}'
+    if not os.path.isdir(path):
+        return None
+    from xtuner_plugins.outcome import deepspeed_checkpoint
+    if deepspeed_checkpoint(path):
+        return None
+    if os.path.isfile(os.path.join(path, 'config.json')):   # a converted (or downloaded) model folder
+        return (f'{label}={path} is a model folder (a config.json), not a checkpoint of training: start from it with '
+                f'model.official_checkpoint={path} (an InternVL folder: its vision tower, projector and LLM), '
+                f'{label} left unset')
+    return f'{label}={path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt); {_TRAINING_CHECKPOINT}'
+
+
 def pretrained_refusal(cfg: Mapping) -> Optional[str]:
     """Why ``model.pretrained_pth`` cannot be loaded (no such path, a folder that is no DeepSpeed checkpoint, a
     file torch cannot read), found before anything is built: the model's build said it only after the vision
@@ -80,25 +102,26 @@ def pretrained_refusal(cfg: Mapping) -> Optional[str]:
     path = model.get('pretrained_pth') if isinstance(model, Mapping) else None
     if not isinstance(path, str) or not path:
         return None
-    what = ('give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed '
-            'saves)')
-    if not os.path.exists(path):
-        return f'model.pretrained_pth={path}: no such file or folder; {what}'
-    if os.path.isdir(path):
-        from xtuner_plugins.outcome import deepspeed_checkpoint
-        if deepspeed_checkpoint(path):
-            return None
-        if os.path.isfile(os.path.join(path, 'config.json')):   # a converted (or downloaded) model folder
-            return (f'model.pretrained_pth={path} is a model folder (a config.json), not a checkpoint of training: '
-                    f'start from it with model.official_checkpoint={path} (an InternVL folder: its vision tower, '
-                    'projector and LLM), model.pretrained_pth left unset')
-        return f'model.pretrained_pth={path} is a folder but not a DeepSpeed checkpoint (no *model_states.pt); {what}'
+    problem = _checkpoint_path_problem(path, 'model.pretrained_pth')
+    if problem or os.path.isdir(path):
+        return problem
     from xtuner_plugins.models.checkpoint import read_meta
     try:
         read_meta(path)
     except (OSError, ValueError) as exc:
         return f'model.pretrained_pth: {exc}'
     return None
+
+
+def load_from_refusal(cfg: Mapping) -> Optional[str]:
+    """Why a ``load_from`` (a new run from a checkpoint's weights, not a resume: the resume's own checks say its
+    problems) cannot be loaded: not there, or a folder that is no DeepSpeed checkpoint (a converted model's). MMEngine
+    said it once the model was built, in a ``FileNotFoundError: ... can not be found`` traceback. A file's content
+    is checked as it loads (``resume_load``: one line)."""
+    path = cfg.get('load_from')
+    if cfg.get('resume') is True or not isinstance(path, str) or not path:
+        return None
+    return _checkpoint_path_problem(path, 'load_from')
 
 
 def geometry_refusal(cfg: Mapping) -> Optional[str]:

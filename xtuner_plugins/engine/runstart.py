@@ -37,8 +37,8 @@ import threading
 from typing import Callable, List, Mapping, MutableMapping, Optional
 
 from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, flex_refusal, geometry_refusal,
-                                           liger_refusal, lineage_in_work_dir, preference_data_refusal,
-                                           pretrained_refusal, work_dir_refusal)
+                                           liger_refusal, lineage_in_work_dir, load_from_refusal,
+                                           preference_data_refusal, pretrained_refusal, work_dir_refusal)
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'
 _building = threading.local()  # inside a patched from_cfg: the config is prepared already
@@ -73,9 +73,8 @@ def prepare_run(cfg):
             print_log(note, logger='current', level=level)
     absolute_out_dir(plain)
     from xtuner_plugins.engine.loaded_lineage import load_from_other_stage, previous_stage_of_loaded
-    problem = (work_dir_refusal(plain) or load_from_other_stage(plain) or previous_stage_of_loaded(plain)
-               or pretrained_refusal(plain)
-               or geometry_refusal(plain)
+    problem = (work_dir_refusal(plain) or load_from_refusal(plain) or load_from_other_stage(plain)
+               or previous_stage_of_loaded(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain)
                or flex_refusal(plain) or preference_data_refusal(plain))
     if problem:

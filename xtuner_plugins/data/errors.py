@@ -115,12 +115,12 @@ class TooManyBadSamplesError(Stated, RuntimeError):
     """Raised when the fraction of bad samples passes the configured limit."""
 
 
-def check_model_path(path: str, key: str) -> None:
+def check_model_path(path: str, key: str, folder_only: bool = False) -> None:
     """A model path the run was given that cannot be what ``key`` needs, refused in one line before anything
     reads it: a file given for the folder (:class:`NotFound`), or a folder this user cannot read whole
     (:class:`Refused`; transformers and safetensors call a weight file without read permission, and a broken
     link, "No such file or directory"). A path that is no folder may be a Hugging Face cache name: left to
-    :func:`from_pretrained_named`."""
+    :func:`from_pretrained_named`; with ``folder_only`` (a key read from a folder only), :class:`NotFound`."""
     import os
 
     from xtuner_plugins.errors import NotFound
@@ -130,6 +130,9 @@ def check_model_path(path: str, key: str) -> None:
         hint = (f' ({parent} holds one)' if os.path.isfile(os.path.join(parent, 'config.json')) else '')
         raise NotFound(f'{key}: {path} is a file, not a model folder: set {key} to the folder that holds its '
                        f'config.json and weights{hint}')
+    if folder_only and not os.path.isdir(path):
+        raise NotFound(f'{key}: {path}: no such folder; set {key} to the folder that holds its config.json and '
+                       'weights')
     problem = unreadable(path) if os.path.isdir(path) else None
     if problem:
         raise Refused(f'{key}: {problem}')

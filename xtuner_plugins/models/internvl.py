@@ -201,7 +201,7 @@ class VisionLanguageModel(BaseModel):
         check_coef(router_aux_loss_coef)
         for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
             if isinstance(path, str):   # before training_dtype reads the weights' headers
-                check_model_path(path, key)
+                check_model_path(path, key, folder_only=key == 'model.official_checkpoint')   # (read from a folder)
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         bf16 = dtype == torch.bfloat16

@@ -32,7 +32,8 @@ def load_official_parts(folder: str, dtype: torch.dtype, attn_implementation: st
     (the vision tower's attention is ``vision_attn_implementation``, by default the LLM's)."""
     cfg_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f'{folder}: no config.json; is this an official InternVL checkpoint folder?')
+        from xtuner_plugins.errors import NotFound
+        raise NotFound(f'{folder}: no config.json; is this an official InternVL checkpoint folder?')
     with open(cfg_path) as f:
         cfg = json.load(f)
     for key in ('vision_config', 'llm_config'):

@@ -189,3 +189,11 @@ def test_missing_folders_are_named_with_their_config_key(folders, tmp_path):
         VisionLanguageModel(vision_encoder=folders['clip'], llm=str(tmp_path / 'no_llm'))
     with pytest.raises(FileNotFoundError, match=r"model.tokenizer \(or model.llm\): '.*/no_tok'"):
         VisionLanguageModel(vision_encoder=folders['clip'], llm=folders['qwen2'], tokenizer=str(tmp_path / 'no_tok'))
+    # an official folder is read from a folder only (no cache name): a traceback of FileNotFoundError before
+    from xtuner_plugins.errors import NotFound
+    with pytest.raises(NotFound, match=r'model.official_checkpoint: .*/no_official: no such folder; set '
+                                       r'model.official_checkpoint to the folder that holds its config.json'):
+        VisionLanguageModel(official_checkpoint=str(tmp_path / 'no_official'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(NotFound, match=r'.*/empty: no config.json; is this an official InternVL checkpoint folder'):
+        VisionLanguageModel(official_checkpoint=str(tmp_path / 'empty'))

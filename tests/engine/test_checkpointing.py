@@ -138,13 +138,27 @@ def test_resume_names_the_checkpoint_it_resumed_from():
 
 
 
-def test_tensors_of_another_shape_are_named_not_counted_as_loaded(tmp_path):
-    """A checkpoint of another config (another width, a LoRA rank): MMEngine's quiet non-strict load skips them."""
+def test_tensors_of_another_shape_are_named_not_counted_as_loaded():
+    """A checkpoint of another config (another width, a LoRA rank): MMEngine's quiet non-strict load skips them;
+    a load of a state dict not through load_from (no runner's source) says so in a warning."""
+    from xtuner_plugins.engine.load_outcome import load_report, shape_mismatches
+    model = Frozen()
     state = {'mlp1.weight': torch.zeros(5, 3), 'mlp1.bias': torch.zeros(3)}
-    model, path, log = load_through_the_runner(tmp_path, state, 'iter_6.pth')
-    assert f'loaded {path}: 1 tensors loaded;' in log and not model.mlp1.weight.eq(0).all()
-    assert (f'WARNING - 1 tensors of {path} have another shape than the model\'s and were NOT loaded (a checkpoint '
-            f'of another config?): mlp1.weight [5, 3] vs [3, 3]') in log
+    mismatched = shape_mismatches(model, state)
+    assert mismatched == ['mlp1.weight [5, 3] vs [3, 3]']
+    lines = load_report(model, 1, [], [], None, mismatched)
+    assert lines[-1][1] == ("1 tensors of a state dict have another shape than the model's and were NOT loaded (a "
+                            'checkpoint of another config?): mlp1.weight [5, 3] vs [3, 3]')
+
+
+def test_a_load_from_whose_tensors_have_other_shapes_is_refused(tmp_path):
+    """load_from= a LoRA checkpoint of rank 16 into a config of rank 8 trained on with fresh adapters: its 28
+    adapter tensors were dropped, said in a warning (transformers' from_pretrained refuses other sizes too)."""
+    from xtuner_plugins.errors import Refused
+    state = {'mlp1.weight': torch.zeros(5, 3), 'mlp1.bias': torch.zeros(3)}
+    with pytest.raises(Refused, match=r"^load_from=.*iter_6.pth: 1 of its tensors have another shape than this run's "
+                                      r'model \(mlp1.weight \[5, 3\] vs \[3, 3\]\): a checkpoint of other settings'):
+        load_through_the_runner(tmp_path, state, 'iter_6.pth')
 
 
 @pytest.mark.parametrize('state, says', [

@@ -41,7 +41,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from xtuner_plugins.engine import resume_load
-from xtuner_plugins.engine.load_outcome import (load_report, refuse_load_of_nothing, refuse_resume_into_another_model,
+from xtuner_plugins.engine.load_outcome import (load_report, refuse_load_from, refuse_resume_into_another_model,
                                                  shape_mismatches)
 from xtuner_plugins.errors import Stated
 from xtuner_plugins.filemodes import file_mode
@@ -266,8 +266,8 @@ def _patch_load_report() -> bool:
         if source and source[0] == 'resumed from':   # every rank: none goes on to load the optimizer's state
             refuse_resume_into_another_model(target, source[1], seen.get('missing', []), mismatched)
         loaded = len(state_dict) - len(unexpected) - len(mismatched)
-        if source and source[0] == 'loaded' and state_dict and not loaded:   # load_from: every rank
-            refuse_load_of_nothing(source[1], unexpected, mismatched)
+        if source and source[0] == 'loaded' and state_dict:   # load_from: every rank
+            refuse_load_from(source[1], unexpected, mismatched, loaded)
         if get_dist_info()[0] != 0:  # as MMEngine: rank 0 reports
             return
         for level, line in load_report(target, loaded, seen.get('missing', []), unexpected, source, mismatched):

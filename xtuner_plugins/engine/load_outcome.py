@@ -1,7 +1,7 @@
 """What a non-strict load of a checkpoint brought back, in words: the one INFO line (tensors loaded, frozen
 parameters left out by design), the WARNINGs for trained parameters the checkpoint lacks and for its tensors that
 match nothing or have another shape, and the refusals of a resume into another model and of a ``load_from`` that
-loaded nothing. ``checkpointing.py`` wraps MMEngine's ``load_state_dict`` and calls these.
+loaded nothing or whose tensors have other shapes. ``checkpointing.py`` wraps MMEngine's ``load_state_dict`` and calls these.
 """
 
 from __future__ import annotations
@@ -78,9 +78,18 @@ def refuse_resume_into_another_model(model, where: str, missing: Sequence[str], 
                   'new run from its weights (load_from=PATH, resume=False, another --work-dir)')
 
 
-def refuse_load_of_nothing(where: str, unexpected: Sequence[str], mismatched: Sequence[str]) -> None:
+def refuse_load_from(where: str, unexpected: Sequence[str], mismatched: Sequence[str], loaded: int = 0) -> None:
     """``Refused`` for a ``load_from`` checkpoint none of whose tensors went into the model (another model's file:
-    the run trained on from where it stood, saying only that the tensors were left out)."""
+    the run trained on from where it stood, saying only that the tensors were left out), or some of whose tensors
+    have another shape than the model's (another LoRA rank, another projector width: what they held was dropped,
+    said only in a warning; transformers' ``from_pretrained`` refuses such a load too)."""
+    if loaded and not mismatched:
+        return
+    if loaded:
+        raise Refused(f'load_from={where}: {len(mismatched)} of its tensors have another shape than this run\'s model '
+                      f'({_named(mismatched)}): a checkpoint of other settings (a LoRA rank, a projector\'s width?), '
+                      'whose tensors would be dropped. Train with its settings, or start from it as '
+                      'model.pretrained_pth (a previous stage: its LoRA adapters merged, this run\'s on top)')
     what = (f'{len(mismatched)} of its tensors have another shape than the model\'s ({_named(mismatched)})'
             if mismatched else f'its {len(unexpected)} tensors match no parameter of the model ({_groups(unexpected)})')
     raise Refused(f'load_from={where}: not a checkpoint of this model, nothing in it was loaded: {what}. Give a '

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from xtuner_plugins.data.errors import check_model_path
-from xtuner_plugins.errors import NotFound
+from xtuner_plugins.errors import NotFound, Refused
 
 VISION_ENCODERS: Dict[str, Type['VisionEncoder']] = {}
 
@@ -73,8 +73,8 @@ class VisionEncoder:
         self.num_layers = int(config.num_hidden_layers)
         self.select_layer = self.default_select_layer if select_layer is None else int(select_layer)
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-            raise ValueError(f'select_layer {self.select_layer} is out of range for {self.num_layers} layers '
-                             f'(valid: {-(self.num_layers + 1)}..{self.num_layers})')
+            raise Refused(f'model.select_layer {self.select_layer} is out of range for {self.num_layers} layers '
+                          f'(valid: {-(self.num_layers + 1)}..{self.num_layers})')
         self.mean = tuple(float(x) for x in (self.default_mean if mean is None else mean))
         self.std = tuple(float(x) for x in (self.default_std if std is None else std))
 
@@ -138,17 +138,19 @@ def encoder_type_for_folder(path: str, expected: Optional[str] = None) -> Type[V
     model_type = folder_model_type(path)
     if expected is not None:
         if expected not in VISION_ENCODERS:
-            raise ValueError(f'unknown vision encoder type {expected!r}; registered: {sorted(VISION_ENCODERS)}')
+            raise Refused(f'model.vision_encoder: unknown vision encoder type {expected!r}; registered: '
+                          f'{sorted(VISION_ENCODERS)}')
         cls = VISION_ENCODERS[expected]
         if model_type not in cls.model_types:
-            raise ValueError(f'{os.path.join(path, "config.json")}: model_type {model_type!r} is not a '
-                             f'{expected} encoder (expects one of {list(cls.model_types)})')
+            raise Refused(f'model.vision_encoder: {os.path.join(path, "config.json")}: model_type {model_type!r} is '
+                          f'not a {expected} encoder (expects one of {list(cls.model_types)})')
         return cls
     for cls in VISION_ENCODERS.values():
         if model_type in cls.model_types:
             return cls
-    raise ValueError(f'{os.path.join(path, "config.json")}: model_type {model_type!r} is no known vision encoder; '
-                     f'registered: ' + ', '.join(f'{n} {list(c.model_types)}' for n, c in VISION_ENCODERS.items()))
+    raise Refused(f'model.vision_encoder: {os.path.join(path, "config.json")}: model_type {model_type!r} is no known '
+                  'vision encoder; registered: ' + ', '.join(f'{n} {list(c.model_types)}' for n, c in
+                                                             VISION_ENCODERS.items()))
 
 
 def preprocessor_mean_std(path: str) -> Tuple[Optional[list], Optional[list]]:
@@ -178,14 +180,14 @@ def build_vision_encoder(spec: Union[str, dict, nn.Module], torch_dtype: torch.d
     spec = {'path': spec} if isinstance(spec, str) else {k: v for k, v in dict(spec).items()}
     path = spec.pop('path', None)
     if not isinstance(path, str):
-        raise ValueError(f'vision_encoder needs a path (a folder), got {spec!r}')
+        raise Refused(f'model.vision_encoder needs a path (a folder), got {spec!r}')
     cls = encoder_type_for_folder(path, spec.pop('type', None))
     mean, std = preprocessor_mean_std(path)
     layer = spec.pop('select_layer', select_layer)
     mean, std = spec.pop('mean', mean), spec.pop('std', std)
     if spec:
-        raise ValueError(f'unknown vision_encoder settings {sorted(spec)} (known: type, path, select_layer, '
-                         f'mean, std)')
+        raise Refused(f'unknown model.vision_encoder settings {sorted(spec)} (known: type, path, select_layer, '
+                      f'mean, std)')
     module = cls.load(path, torch_dtype, attn_implementation, drop_path_rate=drop_path_rate)
     return module, cls(module, select_layer=layer, mean=mean, std=std)
 
@@ -198,12 +200,13 @@ class TransformersVisionEncoder(VisionEncoder):
     @classmethod
     def load(cls, path, torch_dtype, attn_implementation='sdpa', drop_path_rate=0.0):
         if drop_path_rate:
-            raise ValueError(f'{cls.name} has no stochastic depth; vision_drop_path {drop_path_rate} is for InternViT')
+            raise Refused(f'{cls.name} has no stochastic depth; model.vision_drop_path {drop_path_rate} is for '
+                          'InternViT')
         module, info = cls.module_class.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
                                                         attn_implementation=attn_implementation)
         if info['missing_keys'] or info['mismatched_keys']:
-            raise ValueError(f'{path}: the weights do not match {cls.module_class.__name__}: missing '
-                             f'{sorted(info["missing_keys"])[:8]}, shape mismatch {info["mismatched_keys"][:4]}')
+            raise Refused(f'model.vision_encoder: {path}: the weights do not match {cls.module_class.__name__}: '
+                          f'missing {sorted(info["missing_keys"])[:8]}, shape mismatch {info["mismatched_keys"][:4]}')
         return module.eval()
 
     def features(self, module, pixel_values):

@@ -446,17 +446,31 @@ def test_the_length_grouped_sampler_takes_the_loaders_batch():
         assert sampler_fits(cfg, changed) is None and cfg['train_dataloader']['sampler']['per_device_batch_size'] == 8
 
 
-def test_flex_attention_on_a_cpu_is_refused_at_start_up(monkeypatch):
-    """It stopped at the first backward, after 41 frames: FlexAttention has no backward on a CPU."""
+def test_an_attention_this_machine_cannot_train_with_is_refused_at_start_up(monkeypatch):
+    """flex_attention on a CPU stopped at the first backward, after 41 frames (no backward there); flash_attention_2
+    without the flash_attn package in transformers' ImportError traceback once the vision tower had loaded."""
+    import importlib.util
+
     from xtuner_plugins.engine import refusals
     cfg = dict(model=dict(attn_implementation='flex_attention'))
+    flash = dict(model=dict(attn_implementation='flash_attention_2'))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert refusals.flex_refusal(cfg) == (
+    assert refusals.attention_refusal(cfg) == (
         "model.attn_implementation='flex_attention' trains on a GPU only: PyTorch's FlexAttention has no backward "
         "on a CPU; on a CPU use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'")
-    assert refusals.flex_refusal(dict(model=dict(attn_implementation='sdpa_segments'))) is None
+    assert refusals.attention_refusal(flash) == (
+        "model.attn_implementation='flash_attention_2' runs on a CUDA GPU only (the flash_attn package's kernels); "
+        "on a CPU use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'")
+    assert refusals.attention_refusal(dict(model=dict(attn_implementation='sdpa_segments'))) is None
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    assert refusals.flex_refusal(cfg) is None
+    assert refusals.attention_refusal(cfg) is None
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'flash_attn' else
+                        real_find(name, *a))
+    assert refusals.attention_refusal(flash).startswith(
+        "model.attn_implementation='flash_attention_2' needs the flash_attn package, which is not installed")
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object())
+    assert refusals.attention_refusal(flash) is None
 
 
 @pytest.mark.parametrize('config', ['dpo_lora.py', 'dpo_lora_packed.py', 'mpo_full.py'])

@@ -12,7 +12,7 @@ run with the first one, in one line: ``runstart.refuse``); and where its checkpo
   newest ``iter_N.pth`` could then take the other run's model); it stops, naming them. A resume, and a requeued
   Slurm job continuing its own checkpoints (``preempt.requeue_decision``), go on.
 * A ``model.liger_kernel`` or ``model.attn_implementation='flex_attention'`` this machine cannot train with
-  (:func:`liger_refusal`, :func:`flex_refusal`: no GPU) stops it there too, and so do preference pairs for a model
+  (:func:`liger_refusal`, :func:`attention_refusal`: no GPU) stops it there too, and so do preference pairs for a model
   without ``preference=`` (:func:`preference_data_refusal`), and so does
   a ``model.pretrained_pth`` that cannot load (:func:`pretrained_refusal`: not there, not a checkpoint) or whose
   vision geometry does not fit (:func:`geometry_refusal`), and a ``load_from`` that is not there or is a folder of
@@ -151,18 +151,30 @@ def liger_refusal(cfg: Mapping) -> Optional[str]:
     return None
 
 
-def flex_refusal(cfg: Mapping) -> Optional[str]:
-    """``model.attn_implementation='flex_attention'`` on a machine without a CUDA device: PyTorch's FlexAttention
-    has no backward on a CPU, and the run stopped at its first backward in a NotImplementedError traceback; None
-    on a GPU or with another attention."""
+def attention_refusal(cfg: Mapping) -> Optional[str]:
+    """A ``model.attn_implementation`` this machine cannot train with, or None: ``'flex_attention'`` without a CUDA
+    device (PyTorch's FlexAttention has no backward on a CPU: the run stopped at its first backward in a
+    NotImplementedError traceback); ``'flash_attention_2'`` without a CUDA device or the ``flash_attn`` package
+    (transformers' ImportError traceback once the vision tower had loaded)."""
     model = cfg.get('model')
-    if not isinstance(model, Mapping) or model.get('attn_implementation') != 'flex_attention':
+    attention = model.get('attn_implementation') if isinstance(model, Mapping) else None
+    if attention not in ('flex_attention', 'flash_attention_2'):
         return None
     import torch
-    if torch.cuda.is_available():
-        return None
-    return ("model.attn_implementation='flex_attention' trains on a GPU only: PyTorch's FlexAttention has no backward "
-            "on a CPU; on a CPU use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'")
+    instead = "use 'sdpa_segments' (packed rows: each sample's causal attention) or 'sdpa'"
+    if attention == 'flex_attention':
+        return None if torch.cuda.is_available() else (
+            "model.attn_implementation='flex_attention' trains on a GPU only: PyTorch's FlexAttention has no backward "
+            f'on a CPU; on a CPU {instead}')
+    import importlib.util
+    if not torch.cuda.is_available():
+        return ("model.attn_implementation='flash_attention_2' runs on a CUDA GPU only (the flash_attn package's "
+                f'kernels); on a CPU {instead}')
+    if importlib.util.find_spec('flash_attn') is None:
+        return ("model.attn_implementation='flash_attention_2' needs the flash_attn package, which is not installed "
+                f"(pip install flash-attn, built for this torch and CUDA); or {instead}, or 'sdpa_varlen' (packed "
+                "rows in one varlen_attn call)")
+    return None
 
 
 def _type_name(spec) -> str:

@@ -36,7 +36,7 @@ import sys
 import threading
 from typing import Callable, List, Mapping, MutableMapping, Optional
 
-from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, flex_refusal, geometry_refusal,
+from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, attention_refusal, geometry_refusal,
                                            liger_refusal, lineage_in_work_dir, load_from_refusal,
                                            preference_data_refusal, pretrained_refusal, work_dir_refusal)
 
@@ -76,7 +76,7 @@ def prepare_run(cfg):
     problem = (work_dir_refusal(plain) or load_from_refusal(plain) or load_from_other_stage(plain)
                or previous_stage_of_loaded(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain)
-               or flex_refusal(plain) or preference_data_refusal(plain))
+               or attention_refusal(plain) or preference_data_refusal(plain))
     if problem:
         refuse(problem)
     return cfg

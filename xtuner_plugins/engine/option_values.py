@@ -127,8 +127,8 @@ def brace_dict(value) -> bool:
 
 
 #: settings whose values have a range, by the key's ending: (what is expected, whole numbers only, the least,
-#: the least excluded); torch and MMEngine refuse them only once the optimizer is built, with a traceback, or
-#: (a NaN learning rate) train on with it
+#: the least excluded[, the most, excluded]); torch and MMEngine refuse them only once the optimizer is built, with a
+#: traceback, or (a NaN learning rate) train on with it
 RANGES = {
     'optim_wrapper.optimizer.lr': ('a finite number >= 0', False, 0, False),
     'optim_wrapper.optimizer.weight_decay': ('a finite number >= 0', False, 0, False),
@@ -146,6 +146,10 @@ RANGES = {
     'default_hooks.logger.interval': ('a whole number >= 1', True, 1, False),
     'model.llm_lora.r': ('a whole number >= 1', True, 1, False),
     'model.vision_lora.r': ('a whole number >= 1', True, 1, False),
+    # torch's dropout refused them as the adapters were built, in a traceback after the models loaded
+    'model.llm_lora.lora_dropout': ('a number >= 0 and < 1', False, 0, False, 1),
+    'model.vision_lora.lora_dropout': ('a number >= 0 and < 1', False, 0, False, 1),
+    'model.vision_drop_path': ('a number >= 0 and < 1', False, 0, False, 1),
 }
 
 
@@ -155,8 +159,9 @@ def out_of_range(key: str, value) -> Optional[str]:
     rule = RANGES.get(key)
     if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    expected, whole, least, excluded = rule
+    expected, whole, least, excluded = rule[:4]
+    most = rule[4] if len(rule) > 4 else math.inf   # (excluded)
     if (math.isfinite(value) and (not whole or float(value).is_integer())
-            and (value > least if excluded else value >= least)):
+            and (value > least if excluded else value >= least) and value < most):
         return None
     return f'{key}: expected {expected}, got {value!r}'

@@ -50,6 +50,7 @@ import traceback
 from typing import Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Union
 
 from xtuner_plugins.signals import parent_death_signal
+from xtuner_plugins.slurm_step import step_problem
 
 STOP_GRACE_S = 15.0  # seconds a rank has to end after SIGTERM/SIGINT before SIGKILL
 #: after SIGINT, seconds the other ranks have once one rank has ended: a rank blocked in a collective (gloo, NCCL)
@@ -280,7 +281,13 @@ def preloaded(preload: Optional[Preload]) -> Optional[Callable[[], int]]:
 def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 0,
            poll_s: float = 0.1, grace: float = STOP_GRACE_S, preload: Optional[Preload] = None) -> int:
     """Run ``cmd`` as ``nproc`` ranks until all ended; the first failure's exit code, else 0. With ``preload``,
-    the ranks are forked from this process after it ran ``preload`` (:func:`preloaded`)."""
+    the ranks are forked from this process after it ran ``preload`` (:func:`preloaded`). Refused (exit code 2) in
+    one of several tasks of a Slurm step: each would start a run of its own (``slurm_step.py``)."""
+    problem = step_problem(os.environ, 'pytorch', local=True)
+    if problem:
+        if os.environ.get('SLURM_LOCALID', '0') in ('0', ''):   # one line a node
+            print(f'local_launch: refused: {problem}', file=sys.stderr, flush=True)
+        return 2
     try:
         port = free_port(addr, port)
     except (OSError, OverflowError) as exc:   # (OverflowError: a port over 65535)

@@ -58,6 +58,11 @@ def prepare_run(cfg):
     lineage stops it (:func:`refuse`)."""
     from xtuner_plugins.engine.checks import check_run_options
     from xtuner_plugins.engine.length import resolve_training_length
+    from xtuner_plugins.engine.slurm import refuse_tasks
+    from xtuner_plugins.slurm_step import step_problem
+    problem = step_problem(os.environ, cfg.get('launcher', 'none'))   # srun -n N without --launcher slurm
+    if problem:
+        refuse_tasks(problem)
     changed = check_run_options(cfg)
     plain = getattr(cfg, '_cfg_dict', cfg)
     from xtuner_plugins.engine.resumed_settings import said_taken

@@ -193,7 +193,7 @@ def master_port_problem(env: Mapping[str, str], port: Optional[int] = None, deri
             f'batch script, before srun')
 
 
-def _refuse(message: str) -> None:
+def refuse_tasks(message: str) -> None:
     """One line per node (its first task), exit code 2 on every task (``runstart.refuse``'s form)."""
     if os.environ.get('SLURM_LOCALID', '0') in ('0', ''):
         print(f'train: refused: {message}', file=sys.stderr, flush=True)
@@ -209,18 +209,18 @@ def prepare_slurm_env(port: Optional[int] = None) -> None:
     if problem is None and torch.cuda.is_available():
         problem = gpu_problem(env, torch.cuda.device_count())
     if problem:
-        _refuse(problem)
+        refuse_tasks(problem)
     derived = port is None and 'MASTER_PORT' not in env and job_port(env) is not None
     if derived:
         env['MASTER_PORT'] = str(job_port(env))
     problem = master_problem(env) or master_port_problem(env, port, derived)
     if problem:
-        _refuse(problem)
+        refuse_tasks(problem)
     if 'MASTER_ADDR' not in env:
         try:
             env['MASTER_ADDR'] = master_addr(env['SLURM_NODELIST'])
         except ValueError as exc:
-            _refuse(f'{exc}; set MASTER_ADDR to the first node\'s address')
+            refuse_tasks(f'{exc}; set MASTER_ADDR to the first node\'s address')
 
 
 def _where(port: Optional[int]) -> str:

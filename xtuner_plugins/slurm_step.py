@@ -1,0 +1,34 @@
+"""Whether this process is one task of a Slurm step (``srun``) of several, and why such a task would train a run of
+its own: the standard library only, so that ``cli/local_launch.py`` (which imports no torch) checks it before it
+starts any rank. ``engine/runstart.py`` refuses the same for a run without a launcher (``train: refused: ...``);
+``engine/slurm.py`` holds the rest of what is read from Slurm.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+
+def step_tasks(env: Mapping[str, str]) -> int:
+    """The tasks of the Slurm step (``srun``) this process is one of; 0 outside a step (no Slurm, a batch script)."""
+    if not env.get('SLURM_STEP_ID'):
+        return 0
+    for key in ('SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'):
+        if env.get(key, '').strip().isdigit():
+            return int(env[key])
+    return 0
+
+
+def step_problem(env: Mapping[str, str], launcher: str, local: bool = False) -> Optional[str]:
+    """Why this process, one task of a Slurm step of several, would train a run of its own instead of being one
+    rank of the step's run (``launcher`` ``none``; ``local``: it starts ranks of its own, ``--nproc-per-node``), the
+    tasks' runs writing one work folder; None otherwise (``--launcher slurm``, torchrun on each node)."""
+    tasks = step_tasks(env)
+    if tasks < 2 or (launcher not in ('none', '', None) and not local):
+        return None
+    how = ('starts ranks of its own (--nproc-per-node, one node\'s launcher)' if local else
+           'has no --launcher slurm, so each task would train alone')
+    job = env.get('SLURM_JOB_ID', '?')
+    return (f'task {env.get("SLURM_PROCID", "?")} of the {tasks} tasks srun started (job {job}, '
+            f'step {env["SLURM_STEP_ID"]}) {how}: {tasks} runs into one work folder; give --launcher slurm (one task '
+            f'per GPU: srun --ntasks-per-node=GPUS), or start one task (srun -n1 ... --nproc-per-node N)')

@@ -25,6 +25,8 @@ TRAIN = os.path.join(ROOT, 'tools', 'train.py')
 # what srun gives task 1 of a step of 2 on one node (SLURM_LOCALID 0 says the line: one a node)
 STEP = dict(SLURM_JOB_ID='5801', SLURM_STEP_ID='0', SLURM_PROCID='1', SLURM_LOCALID='0', SLURM_NTASKS='2',
             SLURM_STEP_NUM_TASKS='2', SLURM_NODELIST='localhost', SLURM_STEP_NODELIST='localhost')
+NO_TORCHRUN = ('--launcher pytorch needs the variables torchrun gives its ranks (RANK, WORLD_SIZE, MASTER_ADDR, '
+               'MASTER_PORT not set)')   # (LOCAL_RANK: XTuner's own argument parser sets it)
 TORCHRUN = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
@@ -60,7 +62,9 @@ def test_our_launcher_in_a_task_of_several_starts_no_rank(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('launcher, env, says', [
     ([], STEP, 'task 1 of the 2 tasks srun started (job 5801, step 0) has no --launcher slurm'),
-], ids=['srun-no-launcher'])
+    (['--launcher', 'pytorch'], STEP, f'{NO_TORCHRUN}: under srun, give --launcher slurm'),
+    (['--launcher', 'pytorch'], {}, f'{NO_TORCHRUN}: start it with torchrun'),
+], ids=['srun-no-launcher', 'srun-launcher-pytorch', 'launcher-pytorch-alone'])
 def test_the_train_tool_refuses_in_one_line(tmp_path, launcher, env, says):
     work = tmp_path / 'work'
     done = subprocess.run([sys.executable, TRAIN, CONFIG, '--work-dir', str(work), *launcher], env=_env(**env),

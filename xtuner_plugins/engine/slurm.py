@@ -19,6 +19,8 @@ set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_p
 * **no scontrol** (a container): ``MASTER_ADDR`` is read from the node list itself (:func:`first_host`);
 * **on a CPU** ``torch.cuda.set_device`` is a no-op for the call (as for ``--launcher pytorch``, runtime.py's
   patch 1); the backend is the config's ``DIST_BACKEND``, gloo there;
+* ``--launcher pytorch`` without torchrun's variables (``RANK``, ...; under srun, or alone): one line
+  (:func:`pytorch_launch_problem`), not MMEngine's ``KeyError: 'RANK'`` traceback;
 * each rank says where it is, one line: ``slurm: rank 1 of 16 (task 1 on node-a), master node-a:21234, job 1234``.
 
 A stop asked by Slurm (scancel, preemption, the time limit, ``scontrol requeue``) saves a checkpoint first:
@@ -99,6 +101,18 @@ def launch_problem(env: Mapping[str, str]) -> Optional[str]:
                 f'process for {env["SLURM_NTASKS"]} tasks (it would wait for the others forever): start it with '
                 f'srun in the script (srun python tools/train.py CONFIG --launcher slurm; tools/slurm/*.sbatch)')
     return None
+
+
+def pytorch_launch_problem(env: Mapping[str, str]) -> Optional[str]:
+    """Why ``--launcher pytorch`` cannot start here (none of torchrun's variables: MMEngine's ``KeyError: 'RANK'``
+    traceback), or None."""
+    missing = [k for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if not env.get(k)]
+    if not missing:
+        return None
+    how = ('under srun, give --launcher slurm (srun sets the rank of each task)' if env.get('SLURM_PROCID') else
+           'start it with torchrun (torchrun --nproc_per_node=N tools/train.py CONFIG --launcher pytorch), or '
+           'with tools/train.py CONFIG --nproc-per-node N (no --launcher)')
+    return f'--launcher pytorch needs the variables torchrun gives its ranks ({", ".join(missing)} not set): {how}'
 
 
 def first_host(node_list: str) -> Optional[str]:
@@ -231,6 +245,25 @@ def _where(port: Optional[int]) -> str:
             f'job {env.get("SLURM_JOB_ID", "?")}')
 
 
+def _patch_init_dist_pytorch() -> bool:
+    """``--launcher pytorch`` without torchrun's variables: one line (:func:`pytorch_launch_problem`)."""
+    from mmengine.dist import utils as dist_utils
+    original = dist_utils._init_dist_pytorch
+    if getattr(original, _PATCH_MARK, False):
+        return False
+
+    @functools.wraps(original)
+    def _init_dist_pytorch(*args, **kwargs):
+        problem = pytorch_launch_problem(os.environ)
+        if problem:
+            refuse_tasks(problem)
+        return original(*args, **kwargs)
+
+    setattr(_init_dist_pytorch, _PATCH_MARK, True)
+    dist_utils._init_dist_pytorch = _init_dist_pytorch
+    return True
+
+
 def _idle_gpus_note() -> Optional[str]:
     import torch
     tasks = tasks_on_node(os.environ)
@@ -263,6 +296,6 @@ def _patch_init_dist_slurm() -> bool:
 
 def apply_slurm_patches() -> List[str]:
     """Wrap MMEngine's slurm launcher once (module docstring); returns the names newly applied."""
-    newly = [p.__name__.lstrip('_') for p in (_patch_init_dist_slurm,) if p()]
+    newly = [p.__name__.lstrip('_') for p in (_patch_init_dist_slurm, _patch_init_dist_pytorch) if p()]
     _applied.extend(newly)
     return newly

@@ -21,6 +21,8 @@ set), and ``MASTER_PORT`` from the environment, else 29500. :func:`apply_slurm_p
   patch 1); the backend is the config's ``DIST_BACKEND``, gloo there;
 * ``--launcher pytorch`` without torchrun's variables (``RANK``, ...; under srun, or alone): one line
   (:func:`pytorch_launch_problem`), not MMEngine's ``KeyError: 'RANK'`` traceback;
+* a rank waiting at the rendezvous for one that never comes (a task that ended at start-up, srun without
+  ``--kill-on-bad-exit=1``) stops after ``XTUNER_PLUGINS_RENDEZVOUS_TIMEOUT`` s with one line (``rendezvous.py``);
 * each rank says where it is, one line: ``slurm: rank 1 of 16 (task 1 on node-a), master node-a:21234, job 1234``.
 
 A stop asked by Slurm (scancel, preemption, the time limit, ``scontrol requeue``) saves a checkpoint first:
@@ -281,13 +283,20 @@ def _patch_init_dist_slurm() -> bool:
 
     @functools.wraps(original)
     def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
+        from xtuner_plugins.engine.rendezvous import rendezvous_timeout, rendezvous_watch
         prepare_slurm_env(port)
-        print(_where(port), file=sys.stderr, flush=True)
+        try:
+            seconds = rendezvous_timeout(os.environ)
+        except ValueError as exc:
+            refuse_tasks(str(exc))
+        where = _where(port)
+        print(where, file=sys.stderr, flush=True)
         note = _idle_gpus_note()
         if note and os.environ.get('SLURM_LOCALID') == '0':
             print(note, file=sys.stderr, flush=True)
         # on a CPU, torch.cuda.set_device is a no-op inside it (engine/runtime.py's CPU patches wrap it too)
-        return original(backend, port=port, init_backend=init_backend, **kwargs)
+        with rendezvous_watch(where.partition('slurm: ')[2], seconds):   # a rank that never comes: one line
+            return original(backend, port=port, init_backend=init_backend, **kwargs)
 
     setattr(_init_dist_slurm, _PATCH_MARK, True)
     dist_utils._init_dist_slurm = _init_dist_slurm

@@ -73,3 +73,20 @@ def test_the_train_tool_refuses_in_one_line(tmp_path, launcher, env, says):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'train: refused: {says}'), \
         done.stderr[-3000:]
     assert 'Traceback' not in done.stderr and not any(p.name.startswith('iter_') for p in work.glob('*'))
+
+
+def test_a_start_up_refusal_under_srun_is_said_by_task_0_alone(monkeypatch, capsys):
+    """Before the rendezvous of --launcher slurm there is no RANK: every task printed runstart's refusal (measured:
+    `srun -n2 ... --launcher slurm` into a folder of another run's checkpoints printed its line twice, once a task;
+    16 nodes of 8 print it 128 times)."""
+    from xtuner_plugins.engine.runstart import refuse
+    from xtuner_plugins.slurm_step import launch_rank
+    assert launch_rank({}) == 0 and launch_rank({'SLURM_PROCID': '3'}) == 3
+    assert launch_rank({'RANK': '5', 'SLURM_PROCID': '0'}) == 5   # torchrun's ranks under one srun task
+    for key in [k for k in os.environ if k.startswith('SLURM_')] + list(TORCHRUN):
+        monkeypatch.delenv(key, raising=False)
+    for task, said in (('1', ''), ('0', 'train: refused: a reason\n')):
+        monkeypatch.setenv('SLURM_PROCID', task)
+        with pytest.raises(SystemExit) as stop:
+            refuse('a reason')
+        assert stop.value.code == 2 and capsys.readouterr().err == said

@@ -1,12 +1,23 @@
-"""Whether this process is one task of a Slurm step (``srun``) of several, and why such a task would train a run of
-its own: the standard library only, so that ``cli/local_launch.py`` (which imports no torch) checks it before it
-starts any rank. ``engine/runstart.py`` refuses the same for a run without a launcher (``train: refused: ...``);
-``engine/slurm.py`` holds the rest of what is read from Slurm.
+"""This process's rank as its launcher gave it (:func:`launch_rank`), whether it is one task of a Slurm step
+(``srun``) of several, and why such a task would train a run of its own: the standard library only, so that
+``cli/local_launch.py`` (which imports no torch) checks it before it starts any rank. ``engine/runstart.py``
+refuses the same for a run without a launcher (``train: refused: ...``); ``engine/slurm.py`` holds the rest of
+what is read from Slurm.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Optional
+
+
+def launch_rank(env: Mapping[str, str]) -> int:
+    """This process's global rank as its launcher gave it: ``RANK`` (torchrun, our launcher, MMEngine's slurm
+    launcher once it ran), else ``SLURM_PROCID`` (a task of srun before the rendezvous), else 0."""
+    for key in ('RANK', 'SLURM_PROCID'):
+        value = env.get(key, '').strip()
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def step_tasks(env: Mapping[str, str]) -> int:

@@ -46,8 +46,10 @@ _applied: List[str] = []
 
 
 def refuse(message: str) -> None:
-    """Stop the run at start-up with one line on rank 0 (``train: refused: ...``) and exit code 2 on every rank."""
-    if int(os.environ.get('RANK', '0')) == 0:
+    """Stop the run at start-up with one line on rank 0 (``train: refused: ...``) and exit code 2 on every rank
+    (under srun, before the rendezvous, rank 0 is task 0: every task printed the line)."""
+    from xtuner_plugins.slurm_step import launch_rank
+    if launch_rank(os.environ) == 0:
         print(f'train: refused: {message}', file=sys.stderr, flush=True)
     raise SystemExit(2)
 

@@ -40,6 +40,8 @@ def test_which_tasks_would_train_alone():
     batch = {k: v for k, v in STEP.items() if k != 'SLURM_STEP_ID'}   # the batch script: tools/train.py -n N is its own
     assert step_tasks(batch) == 0 and step_problem(batch, 'none') is None
     assert step_problem(dict(STEP, SLURM_STEP_NUM_TASKS='1', SLURM_NTASKS='1'), 'none') is None   # srun -n1
+    # a shell of srun --ntasks-per-node=8 --pty bash: one command typed, its own launcher's ranks
+    assert step_problem(dict(STEP, SLURM_PTY_PORT='40123'), 'pytorch', local=True) is None
     assert step_problem(STEP, 'slurm') is None and step_problem(STEP, 'pytorch') is None   # torchrun on each node
     said = step_problem(STEP, 'none')
     assert said.startswith('task 1 of the 2 tasks srun started (job 5801, step 0) has no --launcher slurm, so each '

@@ -21,8 +21,10 @@ def launch_rank(env: Mapping[str, str]) -> int:
 
 
 def step_tasks(env: Mapping[str, str]) -> int:
-    """The tasks of the Slurm step (``srun``) this process is one of; 0 outside a step (no Slurm, a batch script)."""
-    if not env.get('SLURM_STEP_ID'):
+    """The tasks of the Slurm step (``srun``) this process is one of; 0 outside a step (no Slurm, a batch script)
+    and in the shell of ``srun --pty bash`` (``SLURM_PTY_PORT``: an interactive session of a job's allocation, where
+    ``--ntasks-per-node=8`` is the usual way to ask for its GPUs, and what the shell starts is one command)."""
+    if not env.get('SLURM_STEP_ID') or env.get('SLURM_PTY_PORT'):
         return 0
     for key in ('SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'):
         if env.get(key, '').strip().isdigit():

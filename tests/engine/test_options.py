@@ -151,6 +151,10 @@ def test_a_number_out_of_its_settings_range_is_refused():
         'model.llm_lora.lora_dropout: expected a number >= 0 and < 1, got 2.0',
         'model.vision_drop_path: expected a number >= 0 and < 1, got 1']
     assert check_cfg_options(CFG, {'model.llm_lora.lora_dropout': 0.0, 'model.vision_drop_path': 0.1}) == []
+    assert check_cfg_options(CFG, {'randomness.seed': -1, 'optim_wrapper.optimizer.eps': -1e-8}) == [
+        'randomness.seed: expected a whole number >= 0 and < 2**32, got -1',
+        'optim_wrapper.optimizer.eps: expected a finite number >= 0, got -1e-08']
+    assert check_cfg_options(CFG, {'randomness.seed': 2 ** 32 - 1}) == []
 
 
 def test_a_file_variable_is_not_traced_to_settings_by_a_number_alone():

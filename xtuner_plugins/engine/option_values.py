@@ -132,6 +132,8 @@ def brace_dict(value) -> bool:
 RANGES = {
     'optim_wrapper.optimizer.lr': ('a finite number >= 0', False, 0, False),
     'optim_wrapper.optimizer.weight_decay': ('a finite number >= 0', False, 0, False),
+    'optim_wrapper.optimizer.eps': ('a finite number >= 0', False, 0, False),
+    'randomness.seed': ('a whole number >= 0 and < 2**32', True, 0, False, 2 ** 32),   # (numpy's seed)
     'optim_wrapper.clip_grad.max_norm': ('a finite number > 0', False, 0, True),
     'optim_wrapper.accumulative_counts': ('a whole number >= 1', True, 1, False),
     'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),

@@ -4,6 +4,7 @@ of the data set, as training reads them."""
 import os
 from types import SimpleNamespace
 
+import pytest
 from mmengine.config import Config
 
 from xtuner_plugins.models.runconfig import inner_dataset, setting_conflicts, training_dataset
@@ -72,3 +73,24 @@ def test_a_template_typed_for_a_checkpoint_that_inherited_its_own_is_compared_wi
     same = Config(dict(model=dict(template='Hermes-2'), train_dataloader=dict(dataset=dict(template=None))))
     assert template_conflicts(str(tmp_path / 'sft.pth'), recorded, same) == []
     assert setting_conflicts(recorded, given) == []   # (which cannot tell: None is 'the stages before it')
+
+
+def test_a_source_folder_given_that_is_not_there_is_refused_not_passed_over(tmp_path):
+    """``convert_to_official CKPT OUT --cfg-options model.llm=/typo`` converted from the recorded folder, the given
+    one passed over without a word; a name that is no path (a hub id) still falls back to the recorded one."""
+    import torch
+
+    from xtuner_plugins.errors import NotFound
+    from xtuner_plugins.models.runconfig import run_config
+    llm = tmp_path / 'llm'
+    llm.mkdir()
+    ckpt = tmp_path / 'iter_2.pth'
+    torch.save({'meta': {'cfg': f"model = dict(type='VisionLanguageModel', llm={str(llm)!r})\n"}, 'state_dict': {}},
+               ckpt)
+    with pytest.raises(NotFound, match=rf'^model.llm={tmp_path}/typo \(given\) is not found; {ckpt} was trained '
+                                       rf'with {llm} \(at {llm}\): give where that folder is now'):
+        run_config(str(ckpt), None, {'model.llm': str(tmp_path / 'typo')}, log=lambda m: None)
+    assert run_config(str(ckpt), None, {'model.llm': 'org/name'}, log=lambda m: None).model['llm'] == str(llm)
+    moved = tmp_path / 'moved'
+    llm.rename(moved)
+    assert run_config(str(ckpt), None, {'model.llm': str(moved)}, log=lambda m: None).model['llm'] == str(moved)

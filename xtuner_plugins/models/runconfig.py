@@ -134,6 +134,11 @@ def _find_sources(model: dict, given_model: dict, record: Optional[dict], checkp
             continue
         mine = _source(given_model, key)
         then = recorded_sources.get(key) or {}
+        if (isinstance(mine, str) and mine != path and not os.path.exists(mine)
+                and (os.path.isabs(mine) or os.path.isdir(os.path.dirname(mine) or '.'))):   # (not a hub id)
+            from xtuner_plugins.errors import NotFound   # (it was passed over for the recorded one, without a word)
+            raise NotFound(f'model.{key}={mine} (given) is not found; {checkpoint} was trained with {path} (at '
+                           f'{then.get("abspath") or path}): give where that folder is now, or leave model.{key} out')
         candidates = [mine] if isinstance(mine, str) and mine != path else []
         for p in (then.get('abspath'), path):
             if isinstance(p, str):

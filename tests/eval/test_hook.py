@@ -106,9 +106,29 @@ def test_two_processes_under_zero3_split_the_questions_and_finish(tiny, tmp_path
 
 
 def test_low_image_reliance_stops_training_when_asked(tiny, tmp_path):
-    out, _ = run(tiny, tmp_path / 'work', min_reliance=2.0, on_low_reliance='stop')  # reliance is at most 1
-    assert out.returncode == 1 and 'image reliance' in out.log and 'is below 2.0 at iteration 2' in out.log, \
+    out, _ = run(tiny, tmp_path / 'work', min_reliance=1.0, on_low_reliance='stop')  # reliance is at most 1
+    assert out.returncode == 1 and 'image reliance' in out.log and 'is below 1.0 at iteration 2' in out.log, \
         out.summary()
+
+
+@pytest.mark.parametrize('settings, says', [
+    (dict(data_file='gone.jsonl'), 'EvalHook: data file not found: gone.jsonl'),
+    (dict(metric='bleu'), "EvalHook: metric='bleu'; use one of anls, exact"),
+    (dict(mc='vote'), "EvalHook: mc='vote'; use one of "),
+    (dict(max_questions=0), 'EvalHook: max_questions=0; give a whole number >= 1, or None for all'),
+    (dict(interval=-5), 'EvalHook: interval=-5; give a whole number of iterations'),
+    (dict(max_new_tokens=0), 'EvalHook: max_new_tokens=0; give a whole number >= 1'),
+    (dict(min_reliance=2.0), 'EvalHook: min_reliance=2.0; image reliance is accuracy - blind accuracy, between -1 and '
+                             '1'),
+    (dict(on_low_reliance='halt'), "EvalHook: on_low_reliance='halt'; use 'warn' or 'stop'")])
+def test_settings_and_a_data_file_it_cannot_use_are_refused_in_one_line(tiny, settings, says):
+    """A data file not there, an unknown metric or mode were ValueError tracebacks as the runner built its hooks;
+    max_questions=0 and min_reliance=2 ran (no question asked; a reliance no model reaches)."""
+    from xtuner_plugins.errors import Refused
+    from xtuner_plugins.eval import EvalHook
+    with pytest.raises(Refused, match='^' + re.escape(says)):
+        EvalHook(**dict(dict(data_file=tiny['mixed'], image_folder=tiny['images']), **settings))
+    EvalHook(data_file=tiny['mixed'], image_folder=tiny['images'], interval=0, min_reliance=-0.5, max_questions=1)
 
 
 def test_a_question_that_cannot_be_asked_is_not_scored_and_training_goes_on(tiny, tmp_path):

@@ -41,6 +41,7 @@ from xtuner_plugins.models.prompt import check_question
 from .data import read_questions
 from .questions import first_questions
 from .evaluate import MC_MODES, Failure, Report, evaluate
+from .scoring import METRICS
 
 __all__ = ['EvalHook', 'TrainingModelAnswerer']
 
@@ -115,6 +116,28 @@ class TrainingModelAnswerer:
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
+def _settings_problem(on_low_reliance, mc, metric, interval, max_questions, max_new_tokens, min_reliance) -> str:
+    """What is wrong with :class:`EvalHook`'s settings, or ''."""
+    def whole(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    if on_low_reliance not in ('warn', 'stop'):
+        return f"on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'"
+    if mc not in MC_MODES:
+        return f'mc={mc!r}; use one of {", ".join(MC_MODES)}'
+    if metric not in METRICS:
+        return f'metric={metric!r}; use one of {", ".join(sorted(METRICS))}'
+    if not whole(interval, 0):
+        return f'interval={interval!r}; give a whole number of iterations (0: at the end of training only)'
+    if max_questions is not None and not whole(max_questions, 1):
+        return f'max_questions={max_questions!r}; give a whole number >= 1, or None for all'
+    if not whole(max_new_tokens, 1):
+        return f'max_new_tokens={max_new_tokens!r}; give a whole number >= 1'
+    if min_reliance is not None and not (isinstance(min_reliance, (int, float)) and -1 <= min_reliance <= 1):
+        return (f'min_reliance={min_reliance!r}; image reliance is accuracy - blind accuracy, between -1 and 1: give '
+                'a number there (0.1: a tenth of the questions need the image), or None')
+    return ''
+
+
 class EvalHook(Hook):
     """Runs the scorer on ``data_file`` every ``interval`` iterations and after training (module docstring)."""
 
@@ -124,11 +147,17 @@ class EvalHook(Hook):
                  max_questions: Optional[int] = None, max_new_tokens: int = 16, blind: bool = True,
                  metric: str = 'exact', circular: bool = False, show: int = 3, min_reliance: Optional[float] = None,
                  on_low_reliance: str = 'warn', mc: str = 'generate'):
-        if on_low_reliance not in ('warn', 'stop'):
-            raise ValueError(f"EvalHook: on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'")
-        if mc not in MC_MODES:
-            raise ValueError(f'EvalHook: mc={mc!r}; use one of {", ".join(MC_MODES)}')
-        self.questions = first_questions(read_questions(data_file, image_folder, circular=circular), max_questions)
+        from xtuner_plugins.errors import Refused   # (one line at training's start, where they were tracebacks)
+        problem = _settings_problem(on_low_reliance=on_low_reliance, mc=mc, metric=metric, interval=interval,
+                                    max_questions=max_questions, max_new_tokens=max_new_tokens,
+                                    min_reliance=min_reliance)
+        if problem:
+            raise Refused(f'EvalHook: {problem}')
+        try:
+            questions = read_questions(data_file, image_folder, circular=circular)
+        except (OSError, ValueError) as exc:   # the file not there, not questions, a bad row: named in it
+            raise Refused(f'EvalHook: {exc}') from None
+        self.questions = first_questions(questions, max_questions)
         self.data_file, self.interval, self.max_new_tokens = data_file, interval, max_new_tokens
         self.blind, self.metric, self.show, self.mc = blind, metric, show, mc
         self.min_reliance, self.on_low_reliance = min_reliance, on_low_reliance

@@ -162,6 +162,35 @@ def test_a_deepspeed_run_started_alone_goes_through_the_launcher_as_one_rank(tmp
     assert started_by_a_launcher(['c.py', '--deepspeed', 'deepspeed_zero2'])
 
 
+def test_a_deepspeed_config_it_cannot_use_is_one_line_before_any_rank_starts(tmp_path):
+    """--deepspeed deepspeed_zero9 (a typo), a path not there, a file that is not JSON, a list, a ZeRO stage 7: each
+    rank ended in XTuner's FileNotFoundError ('Cannot find X'), json's or DeepSpeed's validation traceback."""
+    from xtuner_plugins.cli.train_args import deepspeed_refusal
+    names = ('deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3, deepspeed_zero3_offload')
+    (tmp_path / 'cut.json').write_text('{"zero_optimization": {"stage": 2},')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    (tmp_path / 'stage.json').write_text('{"zero_optimization": {"stage": 7}}')
+    (tmp_path / 'ok.json').write_text('{"zero_optimization": {"stage": 2}}')
+    for given, said in [('deepspeed_zero9', f"--deepspeed 'deepspeed_zero9': no such file, nor one of XTuner's "
+                                            f'DeepSpeed configs ({names})'),
+                        (str(tmp_path / 'gone.json'), f"--deepspeed '{tmp_path}/gone.json': no such file"),
+                        (str(tmp_path / 'cut.json'), f'--deepspeed {tmp_path}/cut.json: not a JSON file DeepSpeed can '
+                                                     'read (Expecting property name'),
+                        (str(tmp_path / 'list.json'), f'--deepspeed {tmp_path}/list.json: a DeepSpeed config is a '
+                                                      'JSON object of settings'),
+                        (str(tmp_path / 'stage.json'), f'--deepspeed {tmp_path}/stage.json: zero_optimization.stage 7; '
+                                                       'ZeRO has stages 0, 1, 2 and 3')]:
+        assert deepspeed_refusal(['c.py', '--deepspeed', given]).startswith(f'train: refused: {said}'), given
+    for fine in ('deepspeed_zero2', str(tmp_path / 'ok.json'), os.path.join(REPO_ROOT, 'configs', 'deepspeed',
+                                                                            'zero2_cpu.json')):
+        assert deepspeed_refusal(['c.py', f'--deepspeed={fine}']) is None, fine
+    assert deepspeed_refusal(['c.py']) is None
+    out = subprocess.run([sys.executable, TRAIN_TOOL, GUARDED, '--deepspeed', 'deepspeed_zero9'], env=_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("train: refused: --deepspeed 'deepspeed_zero9'") \
+        and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+
+
 def test_local_launch_refuses_a_port_over_65535_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'xtuner_plugins.cli.local_launch', '--nproc-per-node', '1',
                           '--master-port', '99999', TRAIN_TOOL], env=_env(), cwd=tmp_path, capture_output=True,

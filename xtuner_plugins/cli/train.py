@@ -40,8 +40,8 @@ import traceback
 from typing import List, NoReturn
 from unittest import mock
 
-from xtuner_plugins.cli.train_args import (launcher_values, nproc_option, options_refusal, resume_refusal,
-                                            started_by_a_launcher, unpaired_refusal)
+from xtuner_plugins.cli.train_args import (deepspeed_refusal, launcher_values, nproc_option, options_refusal,
+                                            resume_refusal, started_by_a_launcher, unpaired_refusal)
 from xtuner_plugins.cli.train_closing import interrupted_line, next_steps
 from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
                                                quiet_disk_errors, recorded_source_hint, worker_death)
@@ -95,6 +95,10 @@ def main() -> int:
     from xtuner_plugins.malloc import run_under_jemalloc
     run_under_jemalloc()   # on a CPU: this command again under jemalloc, before torch loads (xtuner_plugins/malloc.py)
     nproc, rest = nproc_option(sys.argv[1:])
+    refusal = deepspeed_refusal(rest)   # before any rank starts: each said it in a traceback
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     from xtuner_plugins.deferred_imports import used_packages   # the standard library only: no torch here
     deepspeed = 'deepspeed' in used_packages(rest)
     if nproc is None and deepspeed and not started_by_a_launcher(rest):

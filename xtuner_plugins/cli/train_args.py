@@ -1,5 +1,5 @@
 """What ``tools/train.py``'s command line says, read before anything loads (``cli/train.py`` acts on it): the
-refusals of ``--cfg-options``, ``--resume`` and ``--nproc-per-node`` in one line each, the launcher a rank was
+refusals of ``--cfg-options``, ``--resume``, ``--deepspeed`` and ``--nproc-per-node`` in one line each, the launcher a rank was
 started by, and the command that resumes a run (the interrupted line's and the failure summary's)."""
 
 import os
@@ -48,6 +48,37 @@ def resume_refusal(path: Optional[str]) -> Optional[str]:
     if os.path.isdir(path) and not deepspeed_checkpoint(path):
         return (f'train: refused: --resume {path}: a folder, not a checkpoint (a file iter_N.pth, or the folder '
                 f'DeepSpeed saves, holding *model_states.pt){auto}')
+    return None
+
+
+def deepspeed_refusal(argv) -> Optional[str]:
+    """The line refusing ``--deepspeed NAME|JSON`` that is neither a file nor one of XTuner's names, a file that is
+    not a JSON object, or a ZeRO stage other than 0-3; read before any rank starts (each rank ended in XTuner's
+    ``FileNotFoundError: Cannot find X``, json's or DeepSpeed's validation traceback). None otherwise."""
+    import importlib.util
+    import json
+    given = [argv[i + 1] if a == '--deepspeed' and i + 1 < len(argv) else a.partition('=')[2]
+             for i, a in enumerate(argv) if a == '--deepspeed' or a.startswith('--deepspeed=')]
+    if not given:
+        return None
+    value = given[-1]
+    spec = importlib.util.find_spec('xtuner')
+    folder = os.path.join(list(spec.submodule_search_locations)[0], 'configs', 'deepspeed') if spec else ''
+    names = sorted(n[:-5] for n in os.listdir(folder) if n.endswith('.json')) if os.path.isdir(folder) else []
+    path = value if os.path.isfile(value) else os.path.join(folder, f'{value}.json') if value in names else None
+    if path is None:
+        return (f'train: refused: --deepspeed {value!r}: no such file, nor one of XTuner\'s DeepSpeed configs '
+                f'({", ".join(names)}); give one of those names or the path of a .json file')
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f'train: refused: --deepspeed {value}: not a JSON file DeepSpeed can read ({exc})'
+    if not isinstance(config, dict) or not isinstance(config.get('zero_optimization', {}), dict):
+        return f'train: refused: --deepspeed {value}: a DeepSpeed config is a JSON object of settings'
+    stage = config.get('zero_optimization', {}).get('stage', 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        return f'train: refused: --deepspeed {value}: zero_optimization.stage {stage!r}; ZeRO has stages 0, 1, 2 and 3'
     return None
 
 

@@ -39,7 +39,7 @@ from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import frame_note, load_image
 from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                          count_argument, run_tool, tool_error)
+                                          count_argument, run_tool, sampling_argument, tool_error, top_k_argument)
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 
 
@@ -202,10 +202,10 @@ def parse_args(argv=None):
                         help='most tokens to generate (default 512; generation stops sooner at the end token, or '
                              'after 32 whitespace-only tokens in a row)')
     parser.add_argument('--do-sample', action='store_true', help='sample instead of greedy decoding')
-    parser.add_argument('--temperature', type=float, default=0.7)
-    parser.add_argument('--top-p', type=float, default=0.9)
-    parser.add_argument('--top-k', type=int, default=50)
-    parser.add_argument('--repetition-penalty', type=float, default=1.0)
+    parser.add_argument('--temperature', type=sampling_argument(0), default=0.7)
+    parser.add_argument('--top-p', type=sampling_argument(0, 1), default=0.9)
+    parser.add_argument('--top-k', type=top_k_argument, default=50, help='0: no top-k filtering')
+    parser.add_argument('--repetition-penalty', type=sampling_argument(0), default=1.0)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)

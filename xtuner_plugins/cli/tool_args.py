@@ -167,6 +167,31 @@ def count_argument(text: str) -> int:
     return value
 
 
+def top_k_argument(text: str) -> int:
+    """``--top-k``: a whole number, 0 (no top-k filtering) or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 0 (no top-k filtering) or more")
+    return int(text)
+
+
+def sampling_argument(least: float, most: float = float('inf')):
+    """An argparse type for a sampling setting: a finite number over ``least`` and at most ``most``. transformers
+    refused some only once the model had loaded (a temperature of -1), or took them without a word (a top-p of 2:
+    no filtering)."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and least < value <= most):
+            raise argparse.ArgumentTypeError(f'{text!r}: give a number over {least:g}' +
+                                             (f' and at most {most:g}' if math.isfinite(most) else ''))
+        return value
+    return parse
+
+
 def _port(text: str, least: int, what: str) -> int:
     try:
         value = int(text)

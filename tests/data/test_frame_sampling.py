@@ -43,7 +43,7 @@ class TestSampling:
     @pytest.mark.parametrize('sample', ['fpsinf', 'fps1e400', 'fps1e-320', 'fpsnan', 'fps', 'fps-1', 'Rand'])
     def test_a_rate_with_no_finite_frame_spacing_is_refused(self, sample):
         """fpsinf was accepted, then a ZeroDivisionError when a video was sampled; fps1e-320 an arange error."""
-        with pytest.raises(ValueError, match=f"unknown frame sampling '{sample}'"):
+        with pytest.raises(ValueError, match=f"video_sampling='{sample}': unknown frame sampling"):
             check_sampling(sample)
 
     def test_a_huge_rate_samples_no_more_times_than_frames_asked(self):

@@ -169,6 +169,8 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
             raise Refused(f'truncation={truncation!r}; use one of {TRUNCATION}')
+        if system is not None and not isinstance(system, str):   # (a TypeError at the first sample's parse)
+            raise Refused(f'system={system!r:.60}: the system message is text (None: the template\'s own)')
         if not 0 <= max_bad_fraction <= 1:
             raise Refused(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
         for problem in (tiles_problem(min_dynamic_patch, 'min_dynamic_patch'),

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from mmengine.logging import print_log
 
+from xtuner_plugins.errors import Refused
+
 from .errors import SampleError
 from .template import IGNORE_INDEX
 from .tokenize import CLIP_MARGIN, clip_chars, clips, tokenize_conversation
@@ -50,7 +52,7 @@ def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int
     ``downsample_ratio``), once the settings are checked: a value that can hold no sample is refused when the data set
     is built, not met as a raw error (a division by zero, "must be positive") at the first sample."""
     def bad(name, value, expected):
-        return ValueError(f'{name}={value!r}: {expected}')
+        return Refused(f'{name}={value!r}: {expected}')
 
     def _whole(value) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -66,9 +68,9 @@ def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int
             raise bad('downsample_ratio', downsample_ratio, 'a number > 0 (0.5: InternVL\'s pixel shuffle)')
         num_image_token = int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
         if num_image_token < 1:
-            raise ValueError(f'image_size={image_size}, patch_size={patch_size} and downsample_ratio='
-                             f'{downsample_ratio:g} give a tile {num_image_token} LLM tokens: nothing of an image '
-                             f'would reach the model')
+            raise Refused(f'image_size={image_size}, patch_size={patch_size} and downsample_ratio='
+                          f'{downsample_ratio:g} give a tile {num_image_token} LLM tokens: nothing of an image '
+                          f'would reach the model')
     elif isinstance(num_image_token, bool) or int(num_image_token) != num_image_token or num_image_token < 1:
         raise bad('num_image_token', num_image_token, 'a whole number of LLM tokens per tile >= 1')
     return int(num_image_token)

@@ -14,13 +14,15 @@ from typing import List, Optional
 
 import numpy as np
 
+from xtuner_plugins.errors import Refused
+
 __all__ = ['check_sampling', 'frame_indices', 'draw_num_frames', 'frame_rng']
 
 
 def check_sampling(sample: str) -> str:
     """``sample`` if it is ``rand``, ``middle`` or ``fpsX`` (X > 0, and 1 / X a finite number of seconds), else
-    ``ValueError`` (``fpsinf`` was a ZeroDivisionError when a video was sampled, ``fps1e-320`` numpy's "arange:
-    cannot compute length")."""
+    :class:`~xtuner_plugins.errors.Refused` (a ``ValueError``; ``fpsinf`` was a ZeroDivisionError when a video was
+    sampled, ``fps1e-320`` numpy's "arange: cannot compute length")."""
     if sample in ('rand', 'middle'):
         return sample
     try:
@@ -29,7 +31,8 @@ def check_sampling(sample: str) -> str:
         rate = 0.0
     if 0 < rate < math.inf and 1.0 / rate < math.inf:
         return sample
-    raise ValueError(f'unknown frame sampling {sample!r}; use rand, middle or fpsX (fps0.5: one frame every 2 s)')
+    raise Refused(f'video_sampling={sample!r}: unknown frame sampling; use rand, middle or fpsX (fps0.5: one frame '
+                  'every 2 s)')
 
 
 def frame_indices(num_frames: int, vlen: int, sample: str = 'rand', rng: Optional[np.random.Generator] = None,

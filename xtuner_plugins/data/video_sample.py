@@ -13,6 +13,8 @@ from __future__ import annotations
 import numbers
 from typing import Optional, Sequence, Tuple
 
+from xtuner_plugins.errors import Refused
+
 from .errors import SampleError
 from .image_io import resolve_image_path
 from .sources import Record
@@ -28,10 +30,11 @@ MOST_FRAMES = 2 ** 62  # frame counts are drawn as int64 (frame_sampling.draw_nu
 
 
 def check_frame_count(name: str, value) -> None:
-    """``ValueError`` naming the setting unless ``value`` is a whole number of frames, 1 to :data:`MOST_FRAMES`
-    (``'8'`` was a raw TypeError, ``2.5`` silently 2 frames, ``10**19`` numpy's "high is out of bounds")."""
+    """:class:`Refused` (a ``ValueError``) naming the setting unless ``value`` is a whole number of frames, 1 to
+    :data:`MOST_FRAMES` (``'8'`` was a raw TypeError, ``2.5`` silently 2 frames, ``10**19`` numpy's "high is out
+    of bounds")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MOST_FRAMES:
-        raise ValueError(f'{name}={value!r}: a whole number of frames, 1 to {MOST_FRAMES}')
+        raise Refused(f'{name}={value!r}: a whole number of frames, 1 to {MOST_FRAMES}')
 
 
 class VideoSamples:
@@ -39,11 +42,11 @@ class VideoSamples:
     ``image_size``, ``image_mean``, ``allow_links_outside``, ``sources`` and ``fit`` (``InternVLDataset``)."""
 
     def init_video(self, min_num_frame: int, max_num_frame: int, video_sampling: str) -> None:
-        """The frame-count range and sampling, checked (``ValueError``); the epoch 0."""
+        """The frame-count range and sampling, checked (:class:`Refused`); the epoch 0."""
         for name, value in (('min_num_frame', min_num_frame), ('max_num_frame', max_num_frame)):
             check_frame_count(name, value)
         if not 1 <= min_num_frame <= max_num_frame:
-            raise ValueError(f'need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}')
+            raise Refused(f'need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}')
         self.min_num_frame, self.max_num_frame = int(min_num_frame), int(max_num_frame)
         self.video_sampling = check_sampling(video_sampling)
         self.epoch = 0  # set_epoch: what 'rand' frame positions are drawn with besides the seed and the sample
@@ -52,16 +55,16 @@ class VideoSamples:
         """The text before each frame's ``<image>``: ``frame_prefix``, or the template's (after ``self.template``)."""
         self.frame_prefix = self.template.frame_prefix if frame_prefix is None else str(frame_prefix)
         if '{i}' not in self.frame_prefix:
-            raise ValueError(f'frame_prefix {self.frame_prefix!r} must hold {{i}}, the frame\'s number')
+            raise Refused(f'frame_prefix {self.frame_prefix!r} must hold {{i}}, the frame\'s number')
         try:   # str.format: other fields ({x}, {}) failed at the first video sample, or as the data set was built
             self.frame_prefix.format(i=1)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f'frame_prefix {self.frame_prefix!r}: {{i}} is its one field, the frame\'s number '
-                             f'({type(exc).__name__}: {exc}); write a brace as {{{{ or }}}}') from None
+            raise Refused(f'frame_prefix {self.frame_prefix!r}: {{i}} is its one field, the frame\'s number '
+                          f'({type(exc).__name__}: {exc}); write a brace as {{{{ or }}}}') from None
         tags = [tag for tag in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if tag in self.frame_prefix]
         if tags:   # every video sample was then skipped as image_tag_mismatch, naming the data, not the setting
-            raise ValueError(f'frame_prefix {self.frame_prefix!r} holds {tags[0]}: each frame\'s {IMAGE_PLACEHOLDER} '
-                             f'comes after the prefix already; leave it out')
+            raise Refused(f'frame_prefix {self.frame_prefix!r} holds {tags[0]}: each frame\'s {IMAGE_PLACEHOLDER} '
+                          f'comes after the prefix already; leave it out')
 
     @staticmethod
     def refuse_images_with_video(video, images: Sequence) -> None:

@@ -1,0 +1,38 @@
+"""Settings of the data set, its packing and its collate function that cannot work, given through
+``tools/train.py --cfg-options``: each stops the run at start-up (or at the first batch) with one line,
+``train: refused: ...`` naming the setting and its value, exit code 2, where each printed a ValueError's or a
+TypeError's traceback before the ``train: FAILED`` line."""
+
+import os
+
+import pytest
+
+from tests.configs.conftest import ROOT, tiny_options
+from tests.train_utils import run_train
+
+TRAIN_TOOL = os.path.join(ROOT, 'tools', 'train.py')
+
+
+def refused_line(tiny, tmp_path, options, config='finetune_lora'):
+    """The last line of a run of ``config`` on the tiny models with ``options`` over the tiny ones, once checked
+    that it is a one-line refusal: exit code 2 and no traceback."""
+    out = run_train(os.path.join(ROOT, 'configs', f'{config}.py'), str(tmp_path / 'work'),
+                    cfg_options=dict(tiny_options(tiny, tiny['mixed'], '[1]'), **options), script=TRAIN_TOOL)
+    assert out.returncode == 2 and not out.has_traceback, out.log[-3000:]
+    return out.log.rstrip().splitlines()[-1]
+
+
+DATASET = 'train_dataloader.dataset.'
+
+
+@pytest.mark.parametrize('key,value,said', [
+    ('min_num_frame', 0, 'min_num_frame=0: a whole number of frames, 1 to '),
+    ('max_num_frame', -1, 'max_num_frame=-1: a whole number of frames, 1 to '),
+    ('video_sampling', 'nope', "video_sampling='nope': unknown frame sampling; use rand, middle or fpsX"),
+    ('frame_prefix', 'Frame:', "frame_prefix 'Frame:' must hold {i}, the frame's number"),
+    ('max_image_pixels', -1, 'max_image_pixels=-1: a number of pixels >= 1'),
+    ('system', 5, "system=5: the system message is text (None: the template's own)")])
+def test_a_data_set_setting_that_cannot_work_is_refused_in_one_line(tiny, tmp_path, key, value, said):
+    """Before: ``ValueError: min_num_frame=0: ...`` (and the others) after a 50-line traceback, exit code 1;
+    ``system=5`` a ``TypeError: argument of type 'int' is not iterable`` at the first sample."""
+    assert refused_line(tiny, tmp_path, {DATASET + key: value}).startswith(f'train: refused: {said}')

@@ -11,18 +11,22 @@ from tests.configs.conftest import ROOT, tiny_options
 from tests.train_utils import run_train
 
 TRAIN_TOOL = os.path.join(ROOT, 'tools', 'train.py')
+DATASET = 'train_dataloader.dataset.'
 
 
 def refused_line(tiny, tmp_path, options, config='finetune_lora'):
     """The last line of a run of ``config`` on the tiny models with ``options`` over the tiny ones, once checked
-    that it is a one-line refusal: exit code 2 and no traceback."""
+    that it is a one-line refusal: exit code 2 and no traceback. A packing config's data set settings go to the
+    data set it packs, and its batch is the config's 1."""
+    base = tiny_options(tiny, tiny['mixed'], '[1]')
+    if 'packed' in config:
+        base = {(k.replace(DATASET, DATASET + 'dataset.') if k.startswith(DATASET) else k): v for k, v in base.items()}
+        base['train_dataloader.batch_size'] = 1
+        base.pop('train_dataloader.sampler.per_device_batch_size', None)
     out = run_train(os.path.join(ROOT, 'configs', f'{config}.py'), str(tmp_path / 'work'),
-                    cfg_options=dict(tiny_options(tiny, tiny['mixed'], '[1]'), **options), script=TRAIN_TOOL)
+                    cfg_options=dict(base, **options), script=TRAIN_TOOL)
     assert out.returncode == 2 and not out.has_traceback, out.log[-3000:]
     return out.log.rstrip().splitlines()[-1]
-
-
-DATASET = 'train_dataloader.dataset.'
 
 
 @pytest.mark.parametrize('key,value,said', [
@@ -36,3 +40,12 @@ def test_a_data_set_setting_that_cannot_work_is_refused_in_one_line(tiny, tmp_pa
     """Before: ``ValueError: min_num_frame=0: ...`` (and the others) after a 50-line traceback, exit code 1;
     ``system=5`` a ``TypeError: argument of type 'int' is not iterable`` at the first sample."""
     assert refused_line(tiny, tmp_path, {DATASET + key: value}).startswith(f'train: refused: {said}')
+
+
+@pytest.mark.parametrize('value', [0, 2.5])
+def test_online_packing_buffers_that_are_no_whole_number_are_refused_in_one_line(tiny, tmp_path, value):
+    """Online packing's ``max_buffer_size=0`` printed ``ValueError: online packing budgets must be positive`` after
+    a traceback (once the data set it packs was built), and ``2.5`` trained as a buffer of 3 packs."""
+    assert refused_line(tiny, tmp_path, {DATASET + 'max_buffer_size': value}, 'finetune_full_packed_online') == (
+        f'train: refused: packing budgets max_buffer_size={value!r} (train_dataloader.dataset.*): each is a whole '
+        'number >= 1 (tokens and tiles per pack, open packs per DataLoader worker; max_tiles=None: no limit)')

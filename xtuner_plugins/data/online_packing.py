@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from xtuner_plugins.errors import Refused
+
 from .errors import SampleError
-from .packing import pack_items
+from .packing import check_budgets, pack_items
 from .streaming import ORDER, DryWatch, NothingToRead, StreamingDataset, epoch_order, unit_part
 
 __all__ = ['IndexedStream', 'OnlinePackedDataset']
@@ -84,6 +86,7 @@ class OnlinePackedDataset(StreamingDataset):
     def __init__(self, dataset, max_tokens: int = 8192, max_tiles: Optional[int] = None, max_buffer_size: int = 20,
                  seed: int = 0, shuffle: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None):
         super().__init__(rank, world_size)
+        check_budgets(max_tokens=max_tokens, max_tiles=max_tiles, max_buffer_size=max_buffer_size)   # (before a build)
         if isinstance(dataset, dict):
             from xtuner.registry import BUILDER
 
@@ -91,14 +94,11 @@ class OnlinePackedDataset(StreamingDataset):
             if dataset.get('type') in (InternVLDataset, 'InternVLDataset'):  # no global lengths: none computed
                 dataset = dict(dataset, lengths_with_check=dataset.get('lengths_with_check', False))
             dataset = BUILDER.build(dataset)
-        if max_tokens < 1 or (max_tiles is not None and max_tiles < 1) or max_buffer_size < 1:
-            raise ValueError(f'online packing budgets must be positive, got max_tokens={max_tokens}, '
-                             f'max_tiles={max_tiles}, max_buffer_size={max_buffer_size}')
         from .preference import InternVLPreferenceDataset
         from .shards import ShardDataset
         if isinstance(dataset, InternVLPreferenceDataset):   # its items are pairs: a KeyError at the first step
-            raise ValueError('online packing takes samples, not preference pairs: pack pairs offline '
-                             '(PackedInternVLDataset, as configs/dpo_lora_packed.py does)')
+            raise Refused('online packing takes samples, not preference pairs: pack pairs offline '
+                          '(PackedInternVLDataset, as configs/dpo_lora_packed.py does)')
         self.dataset = dataset
         self.source = dataset if isinstance(dataset, ShardDataset) else IndexedStream(dataset, seed, shuffle)
         self.max_tokens, self.max_tiles, self.max_buffer_size = max_tokens, max_tiles, max_buffer_size

@@ -17,21 +17,35 @@ chosen answers and a row of rejected answers, the pairs in the same order in bot
 
 from __future__ import annotations
 
+import numbers
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
 
+from xtuner_plugins.errors import Refused
+
 from .epochs import take_epoch
 from .errors import SampleError, TooManyBadSamplesError
+
+
+def check_budgets(**budgets) -> None:
+    """:class:`Refused` naming each packing budget (``max_tokens=...``; ``max_tiles`` may be None: no limit) that is
+    no whole number >= 1: 0 or -2 was a ValueError's traceback, ``2.5`` taken as is (a buffer of 3 packs)."""
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    bad = [f'{name}={value!r}' for name, value in budgets.items()
+           if not whole(value) and not (value is None and name == 'max_tiles')]
+    if bad:
+        raise Refused(f'packing budgets {", ".join(bad)} (train_dataloader.dataset.*): each is a whole number >= 1 '
+                      '(tokens and tiles per pack, open packs per DataLoader worker; max_tiles=None: no limit)')
 
 
 def greedy_packs(lengths: Sequence[int], tiles: Sequence[int], max_tokens: int,
                  max_tiles: Optional[int] = None, order: Optional[Sequence[int]] = None) -> List[List[int]]:
     """Group item indices (taken in ``order``) into packs within ``max_tokens`` and ``max_tiles``."""
-    if max_tokens < 1 or (max_tiles is not None and max_tiles < 1):
-        raise ValueError(f'packing budgets must be positive, got max_tokens={max_tokens}, max_tiles={max_tiles}')
+    check_budgets(max_tokens=max_tokens, max_tiles=max_tiles)
     packs, current, tok, til = [], [], 0, 0
     for i in (range(len(lengths)) if order is None else order):
         n, t = abs(int(lengths[i])), int(tiles[i])
@@ -70,6 +84,7 @@ class PackedInternVLDataset(Dataset):
     def __init__(self, dataset, max_tokens: int = 16384, max_tiles: Optional[int] = None, seed: int = 0,
                  shuffle: bool = True):
         super().__init__()
+        check_budgets(max_tokens=max_tokens, max_tiles=max_tiles)   # (before the data set is built)
         if isinstance(dataset, dict):
             from xtuner.registry import BUILDER
             dataset = BUILDER.build(dataset)

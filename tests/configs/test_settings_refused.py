@@ -49,3 +49,12 @@ def test_online_packing_buffers_that_are_no_whole_number_are_refused_in_one_line
     assert refused_line(tiny, tmp_path, {DATASET + 'max_buffer_size': value}, 'finetune_full_packed_online') == (
         f'train: refused: packing budgets max_buffer_size={value!r} (train_dataloader.dataset.*): each is a whole '
         'number >= 1 (tokens and tiles per pack, open packs per DataLoader worker; max_tiles=None: no limit)')
+
+
+@pytest.mark.parametrize('value', ['v3', 2])
+def test_a_pixel_shuffle_version_there_is_not_is_refused_in_one_line(tiny, tmp_path, value):
+    """``model.ps_version=v3`` (or 2) built the model, then the first forward printed ``ValueError: unknown
+    pixel-shuffle version`` after a traceback."""
+    assert refused_line(tiny, tmp_path, {'model.ps_version': value}) == (
+        f"train: refused: ps_version {value!r}: the pixel-shuffle version is one of ('v1', 'v2') (InternVL 1.5 and "
+        "later: 'v2'; set model.ps_version)")

@@ -38,6 +38,10 @@ def register_projector(cls):
     return cls
 
 
+#: the pixel-shuffle versions (``ps_version``) there are
+PS_VERSIONS = ('v1', 'v2')
+
+
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = 'v2') -> torch.Tensor:
     """Trade spatial resolution for channels, as InternVL does.
 
@@ -55,7 +59,7 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = 'v2
     inv = round(1 / scale_factor)
     if h % inv or w % inv:
         raise ValueError(f'pixel_shuffle with scale {scale_factor} needs a grid divisible by {inv}, got {h}x{w}')
-    if version not in ('v1', 'v2'):
+    if version not in PS_VERSIONS:
         raise ValueError(f'unknown pixel-shuffle version {version!r}; use "v1" or "v2"')
     # merge pairs of columns into channels, swap the grid axes, merge pairs of (former) rows
     x = x.reshape(n, h, w // inv, c * inv).permute(0, 2, 1, 3)
@@ -99,6 +103,9 @@ class InternVLProjector(nn.Sequential):
     def __init__(self, vision_hidden_size: int, llm_hidden_size: int, downsample_ratio: float = 0.5,
                  ps_version: str = 'v2'):
         check_downsample_ratio(downsample_ratio)
+        if ps_version not in PS_VERSIONS:   # (a ValueError's traceback at the first forward)
+            raise Refused(f'ps_version {ps_version!r}: the pixel-shuffle version is one of {PS_VERSIONS} (InternVL '
+                          f'1.5 and later: \'v2\'; set model.ps_version)')
         in_features = int(vision_hidden_size * round(1 / downsample_ratio) ** 2)
         super().__init__(
             nn.LayerNorm(in_features),

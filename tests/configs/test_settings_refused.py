@@ -58,3 +58,25 @@ def test_a_pixel_shuffle_version_there_is_not_is_refused_in_one_line(tiny, tmp_p
     assert refused_line(tiny, tmp_path, {'model.ps_version': value}) == (
         f"train: refused: ps_version {value!r}: the pixel-shuffle version is one of ('v1', 'v2') (InternVL 1.5 and "
         "later: 'v2'; set model.ps_version)")
+
+
+@pytest.mark.parametrize('key,value,said', [
+    ('pad_to_multiple_of', -8, r'pad_to_multiple_of=-8: the padded length is a multiple of a whole number >= 1 '),
+    ('pad_to_multiple_of', 1.5, r'pad_to_multiple_of=1\.5: the padded length is a multiple of a whole number >= 1 '),
+    ('pad_token_id', 999999, r"pad_token_id=999999: padding is a token id, a whole number >= 0 below (\d+), the "
+                             r"LLM's vocabulary \(embedding rows\); "),
+    ('pad_token_id', -3, r'pad_token_id=-3: padding is a token id, a whole number >= 0 below (\d+), '),
+    ('pad_token_id', 2.5, r'pad_token_id=2\.5: padding is a token id, a whole number >= 0 below (\d+), ')])
+def test_collate_settings_that_cannot_work_are_refused_in_one_line(tiny, tmp_path, key, value, said):
+    """At the first batch or forward, with a traceback: pad_to_multiple_of=-8 'RuntimeError: The expanded size of
+    the tensor (160) must match the existing size (167)', 1.5 a TypeError of torch.full, pad_token_id=999999 or -3
+    'IndexError: index out of range in self' in the embedding; pad_token_id=2.5 trained padded with 2. The bound
+    named is the tiny LLM's embedding rows (its tokenizer's tokens and InternVL's)."""
+    import re
+
+    from xtuner_plugins.models.llm import load_tokenizer
+    line = refused_line(tiny, tmp_path, {f'train_dataloader.collate_fn.{key}': value})
+    found = re.match(f'train: refused: train_dataloader\\.collate_fn\\.{said}', line)
+    assert found, line
+    if found.groups():
+        assert int(found.group(1)) == len(load_tokenizer(tiny['llm'])[0]), line

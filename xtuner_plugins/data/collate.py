@@ -27,7 +27,25 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from xtuner_plugins.errors import Refused
+
 from .template import IGNORE_INDEX
+
+
+def check_collate_settings(settings: Dict, vocab_size: Optional[int] = None) -> None:
+    """:class:`Refused` naming a setting of the collate function (``train_dataloader.collate_fn``'s ``settings``)
+    that cannot work: ``pad_to_multiple_of`` not a whole number >= 1 (or None / 0: none), which gave a raw
+    RuntimeError (-8) or TypeError (1.5) at the first batch; ``pad_token_id`` not a whole number below the LLM's
+    ``vocab_size`` (its embedding rows), an IndexError ('index out of range in self') in the first forward."""
+    multiple, pad = settings.get('pad_to_multiple_of'), settings.get('pad_token_id', 0)
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0):
+        raise Refused(f'train_dataloader.collate_fn.pad_to_multiple_of={multiple!r}: the padded length is a multiple '
+                      'of a whole number >= 1 (None or 0: no rounding)')
+    top = f' below {vocab_size}, the LLM\'s vocabulary (embedding rows)' if vocab_size else ''
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or (vocab_size and pad >= vocab_size):
+        raise Refused(f'train_dataloader.collate_fn.pad_token_id={pad!r}: padding is a token id, a whole number '
+                      f'>= 0{top}; padded positions are masked out, so any id of the vocabulary will do (0, the '
+                      'default, or the tokenizer\'s pad_token_id)')
 
 
 def internvl_collate_fn(instances: Sequence[Dict], pad_token_id: int = 0,

@@ -99,6 +99,18 @@ def _unwrap(obj, *attrs: str):
     return obj
 
 
+def check_collate(collate_fn, model) -> None:
+    """The collate function's settings (those MMEngine bound to it: ``train_dataloader.collate_fn``), checked
+    against the model's vocabulary (``data/collate.check_collate_settings``)."""
+    settings = getattr(collate_fn, 'keywords', None)
+    if not isinstance(settings, dict):
+        return
+    from xtuner_plugins.data.collate import check_collate_settings
+    llm = getattr(model, 'language_model', None)
+    embeddings = llm.get_input_embeddings() if hasattr(llm, 'get_input_embeddings') else None
+    check_collate_settings(settings, getattr(embeddings, 'num_embeddings', None))
+
+
 class ModelDataCheckHook(Hook):
     """Stops training at start-up when the ranks' training data sets differ (``dataagree.py``) or the data set's
     geometry is not the model's."""
@@ -110,6 +122,7 @@ class ModelDataCheckHook(Hook):
         loop = getattr(runner, '_train_loop', None)
         dataloader = getattr(loop, 'dataloader', None)
         check_ranks_agree(getattr(dataloader, 'dataset', None))  # every rank reads the same data (dataagree.py)
+        check_collate(getattr(dataloader, 'collate_fn', None), model)
         dataset = _unwrap(getattr(dataloader, 'dataset', None), 'dataset')
         if hasattr(model, 'geometry') and hasattr(dataset, 'geometry'):
             check_geometry(model.geometry, dataset.geometry)

@@ -80,3 +80,28 @@ def test_collate_settings_that_cannot_work_are_refused_in_one_line(tiny, tmp_pat
     assert found, line
     if found.groups():
         assert int(found.group(1)) == len(load_tokenizer(tiny['llm'])[0]), line
+
+
+@pytest.mark.parametrize('kept,key,said', [
+    ((), 'model.tokenizer', 'holds no tokenizer: none of tokenizer.json, tokenizer.model, vocab.json, merges.txt, '
+                            'vocab.txt, spiece.model, sentencepiece.bpe.model is there'),
+    (('tokenizer_config.json', 'vocab.json'), 'model.tokenizer',
+     'has no tokenizer.json, nor merges.txt, which its Qwen2Tokenizer (tokenizer_config.json) reads its vocabulary '
+     'from'),
+    (('tokenizer_config.json',), DATASET + 'tokenizer',
+     'has no tokenizer.json, nor merges.txt and vocab.json, which its Qwen2Tokenizer (tokenizer_config.json) reads '
+     'its vocabulary from')])
+def test_a_tokenizer_folder_without_its_files_is_refused_in_one_line(tiny, tmp_path, kept, key, said):
+    """A tokenizer folder lacking its vocabulary files failed inside transformers with a traceback: 'TypeError:
+    expected str, bytes or os.PathLike object, not NoneType' (no tokenizer.json, vocab.json, merges.txt), or
+    an empty folder 'AttributeError: 'NoneType' object has no attribute 'endswith'' or 'ValueError: Unrecognized
+    model in ...' and every model type transformers knows."""
+    import shutil
+    folder = tmp_path / 'tokenizer'
+    folder.mkdir()
+    for name in kept:
+        shutil.copy(os.path.join(tiny['llm'], name), folder)
+    name = 'model.tokenizer (or model.llm)' if key == 'model.tokenizer' else key
+    assert refused_line(tiny, tmp_path, {key: str(folder)}) == (
+        f"train: refused: {name}: {folder} {said}; give the LLM's folder as downloaded (huggingface-cli download "
+        'REPO --local-dir FOLDER), or copy the missing files into it')

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .conversation import Conversation
-from .errors import from_pretrained_named
+from .errors import load_tokenizer_named
 
 __all__ = ['CheckedSample', 'build_tokenizer']
 
@@ -32,8 +32,6 @@ def build_tokenizer(tokenizer, key: str = 'train_dataloader.dataset.tokenizer'):
     if tokenizer is None or hasattr(tokenizer, 'convert_tokens_to_ids'):
         return tokenizer
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-        return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), tokenizer,
-                                     key)
+        return load_tokenizer_named(tokenizer, key)
     from xtuner.registry import BUILDER
     return BUILDER.build(tokenizer)

@@ -169,3 +169,52 @@ def _not_cached(path: str, key: str) -> str:
     return (f'{key}: {path!r} is neither a folder nor in the local Hugging Face cache (nothing is downloaded at run '
             f'time); download it first (huggingface-cli download REPO --local-dir FOLDER) and set {key} to its '
             'folder')
+
+
+#: files a tokenizer's vocabulary is read from, one of which a tokenizer folder holds (besides its settings)
+VOCABULARY_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json', 'merges.txt', 'vocab.txt', 'spiece.model',
+                    'sentencepiece.bpe.model')
+
+
+def load_tokenizer_named(path: str, key: str):
+    """``AutoTokenizer.from_pretrained(path)`` without remote code (:func:`from_pretrained_named`), once a folder is
+    checked to hold the files its tokenizer reads (:func:`tokenizer_files_problem`)."""
+    import os
+
+    from transformers import AutoTokenizer
+    problem = tokenizer_files_problem(path) if os.path.isdir(path) else None
+    if problem:
+        raise Refused(f'{key}: {path} {problem}; give the LLM\'s folder as downloaded (huggingface-cli download '
+                      'REPO --local-dir FOLDER), or copy the missing files into it')
+    return from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), path, key)
+
+
+def tokenizer_files_problem(folder: str) -> Optional[str]:
+    """What a tokenizer folder lacks, or None: without ``tokenizer.json``, the files of the slow tokenizer its
+    ``tokenizer_config.json`` names (transformers builds the fast one from them), or any vocabulary file at all.
+    transformers failed on such a folder with a raw ``TypeError: expected str, bytes or os.PathLike object, not
+    NoneType`` or ``AttributeError: 'NoneType' object has no attribute 'endswith'``."""
+    import json
+    import os
+    names = set(os.listdir(folder))
+    if 'tokenizer.json' in names:
+        return None
+    settings = {}
+    if 'tokenizer_config.json' in names:
+        try:
+            with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+                settings = json.load(f)
+        except (OSError, ValueError):   # transformers names what it cannot read
+            return None
+    name = settings.get('tokenizer_class') if isinstance(settings, dict) else None
+    if isinstance(name, str):
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+        slow = tokenizer_class_from_name(name[:-len('Fast')] if name.endswith('Fast') else name)
+        missing = sorted(set(getattr(slow, 'vocab_files_names', {}).values()) - names)
+        if missing:
+            return (f'has no tokenizer.json, nor {" and ".join(missing)}, which its {name} (tokenizer_config.json) '
+                    'reads its vocabulary from')
+        return None
+    if not names & set(VOCABULARY_FILES) and not any(n.endswith('.tiktoken') for n in names):
+        return f'holds no tokenizer: none of {", ".join(VOCABULARY_FILES)} is there'
+    return None

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 import torch
 from mmengine.logging import print_log
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from xtuner_plugins.data.errors import from_pretrained_named
+from xtuner_plugins.data.errors import from_pretrained_named, load_tokenizer_named
 from xtuner_plugins.data.template import add_internvl_tokens
 
 from .attention import SEGMENTED, check_softcap
@@ -137,8 +137,7 @@ def _folder_of(path: str) -> str:
 def load_tokenizer(path: str) -> Tuple[object, int]:
     """The LLM's tokenizer with InternVL's added tokens (offline; no remote code), and how many of those
     tokens were new to it (0 for a tokenizer saved with an InternVL checkpoint)."""
-    tokenizer = from_pretrained_named(lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False), path,
-                                      'model.tokenizer (or model.llm)')
+    tokenizer = load_tokenizer_named(path, 'model.tokenizer (or model.llm)')
     return tokenizer, add_internvl_tokens(tokenizer)
 
 

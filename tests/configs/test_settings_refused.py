@@ -35,11 +35,18 @@ def refused_line(tiny, tmp_path, options, config='finetune_lora'):
     ('video_sampling', 'nope', "video_sampling='nope': unknown frame sampling; use rand, middle or fpsX"),
     ('frame_prefix', 'Frame:', "frame_prefix 'Frame:' must hold {i}, the frame's number"),
     ('max_image_pixels', -1, 'max_image_pixels=-1: a number of pixels >= 1'),
-    ('system', 5, "system=5: the system message is text (None: the template's own)")])
+    ('image_size', 0, "image_size=0: a whole number of pixels >= 1 (a tile's side)"),
+    ('system', 5, 'system=5: expected text (a path, a name) or None'),
+    ('cache_dir', 5, 'cache_dir=5: expected text (a path, a name) or None'),
+    ('data_files', 5, 'data_files=5: give an annotation file, or a list of them (their paths)'),
+    ('image_folders', 5, '{mixed}: image_folders gives it 5; give a folder (its path) per file, or None')])
 def test_a_data_set_setting_that_cannot_work_is_refused_in_one_line(tiny, tmp_path, key, value, said):
     """Before: ``ValueError: min_num_frame=0: ...`` (and the others) after a 50-line traceback, exit code 1;
-    ``system=5`` a ``TypeError: argument of type 'int' is not iterable`` at the first sample."""
-    assert refused_line(tiny, tmp_path, {DATASET + key: value}).startswith(f'train: refused: {said}')
+    ``image_size=0`` tile_grid's ValueError at the first sample; ``system=5`` a ``TypeError: argument of type 'int'
+    is not iterable`` at the first sample; ``cache_dir=5``, ``data_files=5`` and ``image_folders=5`` TypeErrors
+    ('expected str, bytes or os.PathLike object, not int', 'object of type 'int' has no len()')."""
+    assert refused_line(tiny, tmp_path, {DATASET + key: value}).startswith(
+        'train: refused: ' + said.replace('{mixed}', tiny['mixed']))
 
 
 @pytest.mark.parametrize('value', [0, 2.5])

@@ -33,6 +33,7 @@ raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the coun
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -169,8 +170,9 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         self.init_video(min_num_frame, max_num_frame, video_sampling)  # video_sample.py
         if truncation not in TRUNCATION:
             raise Refused(f'truncation={truncation!r}; use one of {TRUNCATION}')
-        if system is not None and not isinstance(system, str):   # (a TypeError at the first sample's parse)
-            raise Refused(f'system={system!r:.60}: the system message is text (None: the template\'s own)')
+        for name, value in (('system', system), ('cache_dir', cache_dir), ('length_field', length_field)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):   # (TypeErrors, or unused)
+                raise Refused(f'{name}={value!r:.60}: expected text (a path, a name) or None')
         if not 0 <= max_bad_fraction <= 1:
             raise Refused(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
         for problem in (tiles_problem(min_dynamic_patch, 'min_dynamic_patch'),
@@ -185,7 +187,7 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         if self.tokenizer is not None:
             add_internvl_tokens(self.tokenizer)
         template = DEFAULT_TEMPLATE if template is None else template
-        image_size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+        image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size   # (checked_geometry checks it)
         image_mode = 'tile' if image_mode is None else image_mode
         image_mean = IMAGENET_MEAN if image_mean is None else image_mean
         self.template = get_template(template)
@@ -205,9 +207,9 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
             raise Refused(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
         self.image_mode = image_mode if dynamic_image_size else 'resize'
         self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_size = image_size
         self.num_image_token = checked_geometry(max_length, image_size, patch_size, downsample_ratio, num_image_token,
                                                 max_image_pixels)
+        self.image_size = int(image_size)
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.use_thumbnail = use_thumbnail

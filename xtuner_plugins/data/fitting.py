@@ -56,6 +56,8 @@ def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int
 
     def _whole(value) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not _whole(image_size) or image_size < 1:   # (a ValueError of tile_grid at the first sample)
+        raise bad('image_size', image_size, 'a whole number of pixels >= 1 (a tile\'s side)')
     if max_length is not None and (not _whole(max_length) or max_length < 1):
         raise bad('max_length', max_length, 'a whole number of tokens >= 1 (or None: no limit)')
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels < 1):

@@ -256,6 +256,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     """
     if isinstance(data_files, str):
         data_files = [data_files]
+    if not isinstance(data_files, (list, tuple)) or not all(isinstance(p, str) for p in data_files):
+        raise Refused(f'data_files={data_files!r:.80}: give an annotation file, or a list of them (their paths)')
     if not data_files:
         raise Refused('data_files is empty: give at least one .json, .jsonl or meta .json file')
     n = len(data_files)
@@ -266,6 +268,8 @@ def expand_sources(data_files: PathList, image_folders: PathList = None,
     for path, folder, repeat, patch in zip(data_files, folders, repeats, patches):
         if isinstance(repeat, bool) or not isinstance(repeat, (int, float)):
             raise Refused(f'{path}: repeat_times gives it {repeat!r}; give a number >= 0 per file')
+        if folder is not None and not isinstance(folder, str):
+            raise Refused(f'{path}: image_folders gives it {folder!r:.60}; give a folder (its path) per file, or None')
         if os.path.isdir(path):
             shards = os.path.isfile(os.path.join(path, 'shards.json'))
             raise Refused(f'{path}: a folder, not an annotation file' + (

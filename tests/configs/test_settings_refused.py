@@ -112,3 +112,25 @@ def test_a_tokenizer_folder_without_its_files_is_refused_in_one_line(tiny, tmp_p
     assert refused_line(tiny, tmp_path, {key: str(folder)}) == (
         f"train: refused: {name}: {folder} {said}; give the LLM's folder as downloaded (huggingface-cli download "
         'REPO --local-dir FOLDER), or copy the missing files into it')
+
+
+def test_a_vision_layer_there_is_not_is_refused_in_one_line(tiny, tmp_path):
+    """``model.select_layer=-99`` on a 2-layer encoder: ``ValueError: select_layer -99 is out of range`` after a
+    traceback, as the model was built."""
+    assert refused_line(tiny, tmp_path, {'model.select_layer': -99}) == (
+        "train: refused: select_layer -99 (model.select_layer) is out of range for the vision encoder's 2 layers "
+        '(valid: -3..2)')
+
+
+def test_a_vision_folder_whose_image_size_its_weights_do_not_have_is_refused_in_one_line(tiny, tmp_path):
+    """An InternViT folder whose config.json says image_size 70 (a 5x5 grid) beside weights of a 4x4 grid: a
+    ValueError's traceback as the model was built."""
+    import json
+    import shutil
+    folder = tmp_path / 'vit'
+    shutil.copytree(tiny['internvit'], folder)
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps(dict(config, image_size=70)))
+    assert refused_line(tiny, tmp_path, {'model.vision_encoder': str(folder)}).startswith(
+        f'train: refused: {folder}: embeddings.position_embedding has 17 positions, but config.json image_size 70 '
+        'with patch_size 14 implies 26 (a 5x5 grid + CLS).')

@@ -73,8 +73,8 @@ class VisionEncoder:
         self.num_layers = int(config.num_hidden_layers)
         self.select_layer = self.default_select_layer if select_layer is None else int(select_layer)
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-            raise Refused(f'model.select_layer {self.select_layer} is out of range for {self.num_layers} layers '
-                          f'(valid: {-(self.num_layers + 1)}..{self.num_layers})')
+            raise Refused(f'select_layer {self.select_layer} (model.select_layer) is out of range for the vision '
+                          f'encoder\'s {self.num_layers} layers (valid: {-(self.num_layers + 1)}..{self.num_layers})')
         self.mean = tuple(float(x) for x in (self.default_mean if mean is None else mean))
         self.std = tuple(float(x) for x in (self.default_std if std is None else std))
 

@@ -41,6 +41,7 @@ from transformers import InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 
 from ...data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from ...errors import Refused
 from ..checkpoint import read_hf_weights
 from ..dtypes import resolve_dtype
 from .base import VisionEncoder, register_vision_encoder
@@ -136,21 +137,21 @@ def build_internvit_from_state_dict(vision_config: dict, state_dict: Dict[str, t
         The model in eval mode (like ``from_pretrained``), weights loaded strictly.
 
     Raises:
-        ValueError: unknown, missing or unexpected keys, wrong shapes, or inconsistent position embeddings,
+        Refused (a ValueError): unknown, missing or unexpected keys, wrong shapes, or inconsistent position embeddings,
             each naming ``source`` and the keys.
     """
     config = official_to_hf_vision_config(vision_config, attn_implementation=attn_implementation)
     try:
         sd = official_to_hf_vision_state_dict(state_dict, prefix=prefix)
     except ValueError as err:
-        raise ValueError(f'{source}: {err}') from None
+        raise Refused(f'{source}: {err}') from None
 
     pos_key = 'embeddings.position_embeddings'
     patch = config.patch_size[0]
     grid = config.image_size[0] // patch
     if pos_key in sd and sd[pos_key].shape[1] != 1 + grid * grid:
         num = sd[pos_key].shape[1]
-        raise ValueError(
+        raise Refused(
             f'{source}: embeddings.position_embedding has {num} positions, but config.json image_size '
             f'{config.image_size[0]} with patch_size {patch} implies {1 + grid * grid} (a {grid}x{grid} grid + CLS). '
             f'Put the image_size the weights were trained at in config.json; to change the resolution, pass '
@@ -165,13 +166,13 @@ def build_internvit_from_state_dict(vision_config: dict, state_dict: Dict[str, t
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f'{source}: the weights do not match the config. Missing: {_list_keys(missing) or "-"}. '
-                         f'Unexpected: {_list_keys(unexpected) or "-"} (transformers names)')
+        raise Refused(f'{source}: the weights do not match the config. Missing: {_list_keys(missing) or "-"}. '
+                      f'Unexpected: {_list_keys(unexpected) or "-"} (transformers names)')
     wrong = [f'{k} {list(sd[k].shape)} (config: {list(v.shape)})'
              for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
-        raise ValueError(f'{source}: {len(wrong)} tensor(s) have another shape than the config implies: '
-                         f'{_list_keys(wrong, limit=8)}')
+        raise Refused(f'{source}: {len(wrong)} tensor(s) have another shape than the config implies: '
+                      f'{_list_keys(wrong, limit=8)}')
     model.load_state_dict(sd, strict=True, assign=True)
     saved = vision_config.get('vision_config', vision_config)  # None: fp32; 'auto': the dtype the folder records
     model.to(resolve_dtype(torch.float32 if torch_dtype is None else torch_dtype,

@@ -39,12 +39,15 @@ def refused_line(tiny, tmp_path, options, config='finetune_lora'):
     ('system', 5, 'system=5: expected text (a path, a name) or None'),
     ('cache_dir', 5, 'cache_dir=5: expected text (a path, a name) or None'),
     ('data_files', 5, 'data_files=5: give an annotation file, or a list of them (their paths)'),
-    ('image_folders', 5, '{mixed}: image_folders gives it 5; give a folder (its path) per file, or None')])
+    ('image_folders', 5, '{mixed}: image_folders gives it 5; give a folder (its path) per file, or None'),
+    ('image_mean', '[a,b,c]', "image_mean=['a', 'b', 'c']: the mean colour is 3 numbers (R, G, B, from 0 to 1)"),
+    ('image_mean', 5, 'image_mean=5: the mean colour is 3 numbers')])
 def test_a_data_set_setting_that_cannot_work_is_refused_in_one_line(tiny, tmp_path, key, value, said):
     """Before: ``ValueError: min_num_frame=0: ...`` (and the others) after a 50-line traceback, exit code 1;
     ``image_size=0`` tile_grid's ValueError at the first sample; ``system=5`` a ``TypeError: argument of type 'int'
     is not iterable`` at the first sample; ``cache_dir=5``, ``data_files=5`` and ``image_folders=5`` TypeErrors
-    ('expected str, bytes or os.PathLike object, not int', 'object of type 'int' has no len()')."""
+    ('expected str, bytes or os.PathLike object, not int', 'object of type 'int' has no len()'); image_mean=[a,b,c]
+    'ValueError: could not convert string to float', image_mean=5 'TypeError: 'int' object is not iterable'."""
     assert refused_line(tiny, tmp_path, {DATASET + key: value}).startswith(
         'train: refused: ' + said.replace('{mixed}', tiny['mixed']))
 

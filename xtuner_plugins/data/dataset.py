@@ -33,6 +33,7 @@ raises :class:`~xtuner_plugins.data.errors.TooManyBadSamplesError` with the coun
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import random
 from collections import Counter
@@ -206,6 +207,9 @@ class InternVLDataset(SampleLoading, VideoSamples, LengthStats, Dataset):
         if image_mode not in IMAGE_MODES:
             raise Refused(f'unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}')
         self.image_mode = image_mode if dynamic_image_size else 'resize'
+        if isinstance(image_mean, (str, bytes)) or not hasattr(image_mean, '__len__') or len(image_mean) != 3 or \
+                not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in image_mean):
+            raise Refused(f'image_mean={image_mean!r:.60}: the mean colour is 3 numbers (R, G, B, from 0 to 1)')
         self.image_mean = tuple(float(x) for x in image_mean)
         self.num_image_token = checked_geometry(max_length, image_size, patch_size, downsample_ratio, num_image_token,
                                                 max_image_pixels)

@@ -16,10 +16,10 @@ DATASET = 'train_dataloader.dataset.'
 
 def refused_line(tiny, tmp_path, options, config='finetune_lora'):
     """The last line of a run of ``config`` on the tiny models with ``options`` over the tiny ones, once checked
-    that it is a one-line refusal: exit code 2 and no traceback. A packing config's data set settings go to the
-    data set it packs, and its batch is the config's 1."""
+    that it is a one-line refusal: exit code 2 and no traceback. A packing or shard config's data set settings go
+    to the data set it wraps, and its batch is the config's 1."""
     base = tiny_options(tiny, tiny['mixed'], '[1]')
-    if 'packed' in config:
+    if config != 'finetune_lora':   # (the packed and shard configs wrap the data set: its settings go inside)
         base = {(k.replace(DATASET, DATASET + 'dataset.') if k.startswith(DATASET) else k): v for k, v in base.items()}
         base['train_dataloader.batch_size'] = 1
         base.pop('train_dataloader.sampler.per_device_batch_size', None)
@@ -137,3 +137,11 @@ def test_a_vision_folder_whose_image_size_its_weights_do_not_have_is_refused_in_
     assert refused_line(tiny, tmp_path, {'model.vision_encoder': str(folder)}).startswith(
         f'train: refused: {folder}: embeddings.position_embedding has 17 positions, but config.json image_size 70 '
         'with patch_size 14 implies 26 (a 5x5 grid + CLS).')
+
+
+def test_a_shard_set_that_is_no_path_is_refused_in_one_line(tiny, tmp_path):
+    """``train_dataloader.dataset.shards=5``: 'TypeError: expected str, bytes or os.PathLike object, not int' after a
+    traceback (a folder that is no shard set was refused in one line already)."""
+    assert refused_line(tiny, tmp_path, {'train_dataloader.dataset.shards': 5}, 'finetune_lora_shards') == (
+        "train: refused: shards=5: give the shard set's folder (tools/shard_dataset.py's --out)")
+

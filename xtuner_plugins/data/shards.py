@@ -42,6 +42,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from xtuner_plugins.errors import Refused
+
 from .dataset import InternVLDataset
 from .errors import SampleError
 from .shard_index import INDEX, REWRITE, ShardDamaged, index_problem, is_count, read_index, read_shard
@@ -134,6 +136,8 @@ class ShardSamples(InternVLDataset):
     (``ShardDataset``), its sources from ``shards.json``."""
 
     def __init__(self, shards: str, **settings):
+        if not isinstance(shards, (str, os.PathLike)):   # (a TypeError of os.path)
+            raise Refused(f'shards={shards!r:.60}: give the shard set\'s folder (tools/shard_dataset.py\'s --out)')
         unused = ('data_files', 'image_folders', 'repeat_times')  # the shards' own (a config may carry them)
         super().__init__(shards, **{k: v for k, v in settings.items() if k not in unused})
 

@@ -209,8 +209,12 @@ def tokenizer_files_problem(folder: str) -> Optional[str]:
     name = settings.get('tokenizer_class') if isinstance(settings, dict) else None
     if isinstance(name, str):
         from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-        slow = tokenizer_class_from_name(name[:-len('Fast')] if name.endswith('Fast') else name)
-        missing = sorted(set(getattr(slow, 'vocab_files_names', {}).values()) - names)
+        try:   # (a class whose library is missing is a placeholder that raises ImportError on use: transformers says)
+            slow = tokenizer_class_from_name(name[:-len('Fast')] if name.endswith('Fast') else name)
+            files = dict(getattr(slow, 'vocab_files_names', None) or {})
+        except (ImportError, AttributeError, TypeError):
+            return None
+        missing = sorted(set(files.values()) - names)
         if missing:
             return (f'has no tokenizer.json, nor {" and ".join(missing)}, which its {name} (tokenizer_config.json) '
                     'reads its vocabulary from')

@@ -1,7 +1,8 @@
 """What a non-strict load of a checkpoint brought back, in words: the one INFO line (tensors loaded, frozen
 parameters left out by design), the WARNINGs for trained parameters the checkpoint lacks and for its tensors that
 match nothing or have another shape, and the refusals of a resume into another model and of a ``load_from`` that
-loaded nothing or whose tensors have other shapes. ``checkpointing.py`` wraps MMEngine's ``load_state_dict`` and calls these.
+loaded nothing or whose tensors have other shapes. ``checkpointing.py`` wraps MMEngine's ``load_state_dict`` and
+calls these.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ import sys
 import threading
 from typing import Callable, List, Mapping, MutableMapping, Optional
 
-from xtuner_plugins.engine.refusals import (checkpoint_hook, earlier_run_in_work_dir, attention_refusal, geometry_refusal,
-                                           liger_refusal, lineage_in_work_dir, load_from_refusal,
+from xtuner_plugins.engine.refusals import (attention_refusal, checkpoint_hook, earlier_run_in_work_dir,
+                                           geometry_refusal, liger_refusal, lineage_in_work_dir, load_from_refusal,
                                            preference_data_refusal, pretrained_refusal, work_dir_refusal)
 
 _PATCH_MARK = '_xtuner_plugins_runstart_patch'

@@ -1,6 +1,7 @@
 """What ``tools/train.py``'s command line says, read before anything loads (``cli/train.py`` acts on it): the
 refusals of ``--cfg-options``, ``--resume``, ``--deepspeed`` and ``--nproc-per-node`` in one line each, the
-launcher a rank was started by, and the command that resumes a run (the interrupted line's and the failure summary's)."""
+launcher a rank was started by, and the command that resumes a run (the interrupted line's and the failure
+summary's)."""
 
 import os
 import shlex

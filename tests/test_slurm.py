@@ -43,7 +43,8 @@ def test_port_from_the_job_id_and_tasks_per_node():
     assert slurm.job_port({'SLURM_JOB_ID': '1234567'}) == 24567
     assert slurm.job_port({'SLURM_JOB_ID': '41'}) != slurm.job_port({'SLURM_JOB_ID': '42'})
     assert slurm.job_port({}) is None
-    assert slurm.expand_counts('2(x3),1') == [2, 2, 2, 1] and slurm.expand_counts('bad') == []
+    from xtuner_plugins.slurm_step import expand_counts
+    assert expand_counts('2(x3),1') == [2, 2, 2, 1] and expand_counts('bad') == []
     assert slurm.tasks_on_node({'SLURM_TASKS_PER_NODE': '8(x2)', 'SLURM_NODEID': '1'}) == 8
     assert slurm.tasks_on_node({'SLURM_STEP_TASKS_PER_NODE': '4,2', 'SLURM_TASKS_PER_NODE': '8(x2)',
                                 'SLURM_NODEID': '1'}) == 2

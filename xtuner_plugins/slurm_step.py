@@ -1,13 +1,15 @@
 """This process's rank as its launcher gave it (:func:`launch_rank`), whether it is one task of a Slurm step
 (``srun``) of several, and why such a task would train a run of its own: the standard library only, so that
 ``cli/local_launch.py`` (which imports no torch) checks it before it starts any rank. ``engine/runstart.py``
-refuses the same for a run without a launcher (``train: refused: ...``); ``engine/slurm.py`` holds the rest of
-what is read from Slurm.
+refuses the same for a run without a launcher (``train: refused: ...``). The tasks a node runs
+(:func:`tasks_on_node`) are read here too, for the data's memory bound (``data/startcheck.py``) as for the GPUs'
+check; ``engine/slurm.py`` holds the rest of what is read from Slurm.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import re
+from typing import List, Mapping, Optional
 
 
 def launch_rank(env: Mapping[str, str]) -> int:
@@ -45,3 +47,25 @@ def step_problem(env: Mapping[str, str], launcher: str, local: bool = False) -> 
     return (f'task {env.get("SLURM_PROCID", "?")} of the {tasks} tasks srun started (job {job}, '
             f'step {env["SLURM_STEP_ID"]}) {how}: {tasks} runs into one work folder; give --launcher slurm (one task '
             f'per GPU: srun --ntasks-per-node=GPUS), or start one task (srun -n1 ... --nproc-per-node N)')
+
+
+def expand_counts(text: str) -> List[int]:
+    """Slurm's per-node counts, ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for part in filter(None, text.split(',')):
+        m = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
+    """Tasks of this step on this node (``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, indexed by
+    ``SLURM_NODEID``); None when Slurm did not say."""
+    for key in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
+        counts = expand_counts(env.get(key, ''))
+        node = int(env.get('SLURM_NODEID', '0') or 0)
+        if counts and node < len(counts):
+            return counts[node]
+    return None

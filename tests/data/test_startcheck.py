@@ -206,7 +206,8 @@ def test_a_repeat_time_past_half_the_memory_is_one_line(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / 'a.jsonl', [{'conversations': conv(image=False)}] * 10)
     monkeypatch.setattr(os, 'sysconf', lambda name: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 6 * 2 ** 30 // 4096}[name])
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    monkeypatch.delenv('SLURM_NTASKS_PER_NODE', raising=False)
+    for name in ('SLURM_NTASKS_PER_NODE', 'SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
+        monkeypatch.delenv(name, raising=False)
     assert startcheck.max_items() == (6 * 2 ** 30 // 48, ": half of this machine's 6.0 GiB of memory for 3 copies "
                                                          "while it is built")
     with pytest.raises(ValueError, match=r"repeat_time 3e\+08 makes its 10 samples 3e\+09 items, more than a data "
@@ -220,6 +221,10 @@ def test_a_repeat_time_past_half_the_memory_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r'makes its 10 samples 2e\+08 items, more than a data set indexes'):
         InternVLDataset(path, repeat_times=2e7, tokenizer=None, cache_dir=str(tmp_path / 'cache'))
     assert len(InternVLDataset(path, repeat_times=2.5, tokenizer=None, cache_dir=str(tmp_path / 'cache'))) == 25
+    # srun -n 8 sets no SLURM_NTASKS_PER_NODE (a helper's reading: the bound was 8 times too generous there)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    monkeypatch.setenv('SLURM_STEP_TASKS_PER_NODE', '8')
+    assert startcheck.max_items()[0] == 6 * 2 ** 30 // (48 * 8)
 
 
 def test_images_put_in_a_folder_found_empty_are_checked_again(tmp_path, tiny_tokenizer):

@@ -58,8 +58,10 @@ def max_items() -> Tuple[int, str]:
         memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     except (ValueError, OSError, AttributeError):
         return MAX_ITEMS, ''
-    try:
-        ranks = max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE') or 1))
+    from xtuner_plugins.slurm_step import tasks_on_node
+    try:   # (srun -n N sets no SLURM_NTASKS_PER_NODE: its tasks per node are in SLURM_STEP_TASKS_PER_NODE)
+        ranks = max(1, int(os.environ.get('LOCAL_WORLD_SIZE') or tasks_on_node(os.environ)
+                           or os.environ.get('SLURM_NTASKS_PER_NODE') or 1))
     except ValueError:
         ranks = 1
     most = memory // (16 * INDEX_COPIES * ranks)

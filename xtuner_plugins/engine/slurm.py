@@ -38,6 +38,8 @@ import subprocess
 import sys
 from typing import List, Mapping, Optional
 
+from xtuner_plugins.slurm_step import tasks_on_node
+
 _PATCH_MARK = '_xtuner_plugins_slurm_patch'
 _applied: List[str] = []
 
@@ -48,28 +50,6 @@ def job_port(env: Mapping[str, str]) -> Optional[int]:
     """``MASTER_PORT`` of a job without one: ``20000 + SLURM_JOB_ID % 10000`` (None without a job id)."""
     job = env.get('SLURM_JOB_ID', '')
     return PORT_BASE + int(job) % PORT_SPAN if job.isdigit() else None
-
-
-def expand_counts(text: str) -> List[int]:
-    """Slurm's per-node counts, ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
-    counts = []
-    for part in filter(None, text.split(',')):
-        m = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
-        if not m:
-            return []
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
-
-
-def tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
-    """Tasks of this step on this node (``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, indexed by
-    ``SLURM_NODEID``); None when Slurm did not say."""
-    for key in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE'):
-        counts = expand_counts(env.get(key, ''))
-        node = int(env.get('SLURM_NODEID', '0') or 0)
-        if counts and node < len(counts):
-            return counts[node]
-    return None
 
 
 def gpu_problem(env: Mapping[str, str], gpus: int) -> Optional[str]:

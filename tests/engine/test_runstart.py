@@ -276,12 +276,24 @@ def test_liger_kernels_on_a_machine_without_a_gpu_are_refused_in_one_line(tmp_pa
     assert 'fuse the same work' in liger_refusal(dict(model=dict(liger_kernel=True, compile_blocks='llm')))
 
 
+TRAINING_CHECKPOINT = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+
+
+def _refused_at_start_up(settings: dict, tmp_path, capsys) -> list:
+    """The lines a runner built from ``settings`` printed as it stopped at start-up (exit code 2: one line)."""
+    with pytest.raises(SystemExit) as stopped:
+        Runner.from_cfg(Config(dict(settings, work_dir=str(tmp_path / 'work'))))
+    err = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(err) == 1, err
+    return err
+
+
 def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(tmp_path, capsys):
     """Before, a missing ``model.pretrained_pth``, a folder that is no DeepSpeed checkpoint or a file torch cannot
     read failed only once the vision tower and the LLM had loaded, in a traceback."""
     (tmp_path / 'folder').mkdir()
     (tmp_path / 'junk.pth').write_text('hello')
-    what = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+    what = TRAINING_CHECKPOINT
     for path, said in [
             (tmp_path / 'gone.pth', f'model.pretrained_pth={tmp_path / "gone.pth"}: no such file or folder; {what}'),
             (tmp_path / 'folder', f'model.pretrained_pth={tmp_path / "folder"} is a folder but not a DeepSpeed '
@@ -289,10 +301,8 @@ def test_a_pretrained_pth_that_cannot_load_is_refused_before_the_model_is_built(
             (tmp_path / 'junk.pth', f'model.pretrained_pth: {tmp_path / "junk.pth"} is not a training checkpoint: '
                                     "its 5 bytes are not in torch.save's format (another program's file, or a copy cut "
                                     f'short); {what}')]:
-        with pytest.raises(SystemExit) as stopped:
-            Runner.from_cfg(Config(dict(model=dict(pretrained_pth=str(path)), work_dir=str(tmp_path / 'work'))))
-        err = capsys.readouterr().err.splitlines()
-        assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith(f'train: refused: {said}'), err
+        assert _refused_at_start_up(dict(model=dict(pretrained_pth=str(path))), tmp_path, capsys)[0].startswith(
+            f'train: refused: {said}')
     from xtuner_plugins.engine.refusals import pretrained_refusal
     assert pretrained_refusal(dict(model=dict(pretrained_pth=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth'))))) \
         is None
@@ -313,7 +323,7 @@ def test_a_load_from_that_cannot_load_is_refused_before_the_model_is_built(tmp_p
     converted = tmp_path / 'converted'
     converted.mkdir()
     (converted / 'config.json').write_text('{}')
-    what = 'give a checkpoint of training: work_dirs/<config>/iter_N.pth (a file, or the folder DeepSpeed saves)'
+    what = TRAINING_CHECKPOINT
     for path, said in [
             (tmp_path / 'gone.pth', f'load_from={tmp_path / "gone.pth"}: no such file or folder; {what}'),
             (tmp_path / 'folder', f'load_from={tmp_path / "folder"} is a folder but not a DeepSpeed checkpoint (no '
@@ -321,10 +331,8 @@ def test_a_load_from_that_cannot_load_is_refused_before_the_model_is_built(tmp_p
             (converted, f'load_from={converted} is a model folder (a config.json), not a checkpoint of training: start '
                         f'from it with model.official_checkpoint={converted} (an InternVL folder: its vision tower, '
                         'projector and LLM), load_from left unset')]:
-        with pytest.raises(SystemExit) as stopped:
-            Runner.from_cfg(Config(dict(model=dict(), load_from=str(path), work_dir=str(tmp_path / 'work'))))
-        err = capsys.readouterr().err.splitlines()
-        assert stopped.value.code == 2 and err == [f'train: refused: {said}'], err
+        assert _refused_at_start_up(dict(model=dict(), load_from=str(path)), tmp_path, capsys) == [
+            f'train: refused: {said}']
     assert load_from_refusal(dict(load_from=_checkpoint(str(tmp_path / 'ok' / 'iter_2.pth')))) is None
     assert load_from_refusal(dict(load_from=None)) is None
     assert load_from_refusal(dict(load_from=str(tmp_path / 'gone.pth'), resume=True)) is None   # the resume's own

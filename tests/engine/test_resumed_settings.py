@@ -330,3 +330,24 @@ def test_a_setting_the_config_file_gave_and_now_gives_otherwise_is_a_warning(tmp
     assert record._NAMED is None
     said_taken(_config(run['checkpoint'], resume=False), ['max_iters'])   # a new run: its own command line
     assert record._NAMED == ['max_iters']
+
+
+@pytest.mark.parametrize('form', ['folder', 'another class', 'dict into a folder'])
+def test_a_source_of_another_form_is_taken_whole(tmp_path, run, form):
+    """A run started with ``--cfg-options model.vision_encoder=DIR`` (a folder alone: its type read from its
+    config.json) on a config whose encoder is a dict (``configs/llava_finetune_lora.py``: ``type='clip'``,
+    ``select_layer=-2``), resumed with ``resume=True`` alone, took the folder into the dict's ``path``: a SigLIP
+    folder built as ``clip`` (refused: not a clip encoder), the config's settings in place of the run's."""
+    recorded = {'folder': repr(run['encoder']), 'another class': f"dict(type='siglip', path={run['encoder']!r})",
+                'dict into a folder': f"dict(type='InternViT', path={run['encoder']!r}, select_layer=-1)"}[form]
+    text = RECORDED.format(llm=run['llm'], encoder=run['encoder'], data=[run['data']]).replace(
+        f"vision_encoder=dict(type='InternViT', path={run['encoder']!r}, select_layer=-1)",
+        f'vision_encoder={recorded}')
+    cfg = _config(_checkpoint(str(tmp_path / 'iter_4.pth'), text))
+    if form == 'dict into a folder':
+        cfg['model']['vision_encoder'] = 'models/InternViT'
+    taken, _ = take_resumed_settings(cfg, [])
+    expected = {'folder': run['encoder'], 'another class': dict(type='siglip', path=run['encoder']),
+                'dict into a folder': dict(type='InternViT', path=run['encoder'], select_layer=-1)}[form]
+    assert cfg['model']['vision_encoder'] == expected
+    assert any(entry.startswith(f'model.vision_encoder={expected!r} (the config: ') for entry in taken), taken

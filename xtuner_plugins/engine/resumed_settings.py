@@ -92,11 +92,23 @@ def _streams(dataset) -> bool:
     return isinstance(kind, str) and kind.rsplit('.', 1)[-1] in ('OnlinePackedDataset', 'ShardDataset')
 
 
+def _other_form(mine, theirs) -> bool:
+    """Whether the recorded source setting (``theirs``) is of another form than this config's: a folder alone
+    (``--cfg-options model.vision_encoder=DIR``, its type read from its ``config.json``) where the config gives a
+    dict of settings, or the other way round, or a dict of another class. Its path alone, taken into the config's
+    form, built another encoder than the run's: the config's type on the run's folder (a SigLIP folder as ``clip``:
+    refused), or the config's settings (``select_layer``) in place of the run's."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return kind_of(mine) != kind_of(theirs)
+    return isinstance(mine, dict) != isinstance(theirs, dict) and isinstance(theirs, (str, dict))
+
+
 def _sources(taker: Taker, model: dict, then: dict, record: Mapping) -> None:
     from xtuner_plugins.models.lineage import SOURCE_KEYS
     for key in SOURCE_KEYS:
         mine, theirs = model.get(key), then.get(key)
-        node, name = (mine, 'path') if isinstance(mine, dict) else (model, key)
+        whole = _other_form(mine, theirs)   # then taken whole, as the run had it
+        node, name = (mine, 'path') if isinstance(mine, dict) and not whole else (model, key)
         recorded = theirs.get('path') if isinstance(theirs, dict) else theirs
         if key not in then or recorded == node.get(name) or not isinstance(recorded, (str, type(None))):
             continue
@@ -110,6 +122,8 @@ def _sources(taker: Taker, model: dict, then: dict, record: Mapping) -> None:
         if found is None:
             if not named_by(label, taker.given):
                 taker.left.append(f'{label}: {recorded} not found (the config\'s {node.get(name)!r} is used)')
+        elif whole:
+            taker.take(node, name, dict(theirs, path=found) if isinstance(theirs, dict) else found, label)
         elif found != node.get(name):
             taker.take(node, name, found, label)
 

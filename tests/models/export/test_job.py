@@ -77,3 +77,31 @@ def test_an_out_dir_through_a_link_that_leads_nowhere_is_refused(tmp_path, kind)
         check_out_dir(out, [str(tmp_path / 'iter_1.pth')], overwrite=False)
     assert str(refused.value) == f'OUT_DIR {out} {where} {why}'
     assert not (tmp_path / 'gone').exists()
+
+
+@pytest.mark.parametrize('encoder, projector, why', [
+    ('siglip', 'mlp', "llama.cpp's converter reads LlavaForConditionalGeneration only with a Pixtral vision tower"),
+    ('clip', 'mlp', "llama.cpp's converter reads LlavaForConditionalGeneration only with a Pixtral vision tower"),
+    ('internvit', 'bilinear_mlp', "llama.cpp reads InternVL's official layout only: projector bilinear_mlp"),
+    ('internvit', 'pixel_shuffle_mlp', None)])   # one it takes: llama.cpp is asked for
+def test_a_model_llama_cpp_cannot_take_is_refused_before_make_gguf_is_asked_for(tmp_path, monkeypatch, encoder,
+                                                                                  projector, why):
+    """A SigLIP + LLaVA MLP checkpoint converted --format gguf was told `llama.cpp is not built here ...: run make
+    gguf first` (7 minutes), and only then refused as a model llama.cpp cannot take. Its settings say so first."""
+    import os
+
+    from tests.train_utils import REPO_ROOT
+    from xtuner_plugins.models.export.job import export_checkpoint
+    from xtuner_plugins.tiny import make_tiny_models
+    paths = make_tiny_models(str(tmp_path), vision=encoder)
+    monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))   # llama.cpp not built
+    with pytest.raises(ValueError) as refused:
+        export_checkpoint(os.path.join(REPO_ROOT, 'configs', 'finetune_full.py'), None, str(tmp_path / 'out'),
+                          fmt='gguf', cfg_options={'model.vision_encoder': paths[encoder], 'model.llm': paths['llm'],
+                                                   'model.projector': projector})
+    if why is None:
+        assert str(refused.value).startswith('llama.cpp is not built here'), refused.value
+    else:
+        assert str(refused.value).startswith(f'--format gguf does not fit this model: {why}'), refused.value
+        assert 'make gguf' not in str(refused.value)
+    assert not (tmp_path / 'out').exists()

@@ -9,7 +9,9 @@ before ``make gguf`` is asked for) and without loading the model:
 * :func:`tokenizer_problem`: the tokenizer holds InternVL's image tokens (without them the GGUF answered, but its
   prompts never carried the image);
 * :func:`vocabulary_problem`: the converter can read the LLM's vocabulary (Phi-3's needs a SentencePiece
-  ``tokenizer.model``, or a tokenizer named ``GPT2Tokenizer``: another one ended in its traceback).
+  ``tokenizer.model``, or a tokenizer named ``GPT2Tokenizer``: another one ended in its traceback);
+* :func:`settings_misfit`: a checkpoint's recorded model is InternViT + pixel shuffle, read from its settings before
+  the model is built (a SigLIP + LLaVA MLP checkpoint was told to run ``make gguf``, minutes, then refused).
 """
 
 from __future__ import annotations
@@ -161,3 +163,24 @@ def folder_vocabulary_problem(folder: str, architecture: Optional[str]) -> Optio
     name = tok_cfg.get('tokenizer_class') if isinstance(tok_cfg, dict) else None
     return vocabulary_problem(architecture, name.removesuffix('Fast') if isinstance(name, str) else None,
                               os.path.isfile(os.path.join(folder, 'tokenizer.model')))
+
+
+def settings_misfit(model_cfg) -> Optional[str]:
+    """Why llama.cpp cannot take the model a run's settings (``cfg.model``) describe, as far as its encoder's type
+    and its projector's name tell without building it; None where they do not tell (the built model is checked
+    then, ``gguf.model_misfit``)."""
+    from ..vision.base import encoder_type_for_folder
+    spec = model_cfg.get('vision_encoder')
+    kind, path = (spec.get('type'), spec.get('path')) if isinstance(spec, dict) else (None, spec)
+    if kind is None and isinstance(path, str):
+        try:
+            kind = encoder_type_for_folder(path).name
+        except (OSError, ValueError):   # the build names what is wrong with the folder
+            return None
+    if getattr(kind, 'name', kind) in ('clip', 'siglip'):
+        return OTHER_LAYOUTS['llava']
+    projector = model_cfg.get('projector', 'pixel_shuffle_mlp')
+    if isinstance(projector, str) and projector != 'pixel_shuffle_mlp':
+        return f'llama.cpp reads InternVL\'s official layout only: projector {projector} (InternVL takes ' \
+               'pixel_shuffle_mlp)'
+    return None

@@ -25,6 +25,7 @@ from ..runconfig import run_config
 from .build import build_for_export, merge_adapters, tiling_settings, training_frame_prefix, training_system_message
 from .files import Log, _print
 from .gguf import QUANTS, model_misfit as gguf_misfit, tools as gguf_tools, write_gguf
+from .gguf_checks import settings_misfit
 from .hf import hf_misfit, write_hf
 from .llava import llava_misfit, write_llava
 from .official import internvl_misfit, write_official
@@ -115,7 +116,11 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     else:
         cfg = load_config(config, cfg_options)
     out = check_out_dir(out_dir, _inputs(config, cfg, checkpoint), overwrite, log)
-    if fmt == 'gguf':  # once the inputs are checked, before the model is built
+    if fmt == 'gguf':  # once the inputs are checked, before the model is built: what llama.cpp cannot take first
+        misfit = settings_misfit(cfg.model)
+        if misfit:
+            raise ValueError(f'--format gguf does not fit this model: {misfit}; --format auto writes the layout '
+                             'that fits it')
         gguf_tools()
     with claimed(out):
         return _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start,

@@ -221,7 +221,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     problem = image_problem(args.image)  # before the model loads
     if problem:
         return tool_error('chat', problem)
@@ -234,6 +233,9 @@ def main(argv=None) -> int:
             return tool_error('chat', str(err.with_source(args.video)))
 
     def answer(chat: ConvertedModel) -> None:
+        # seeded once the model is loaded: building it from --checkpoint draws random numbers (its fresh layers'
+        # initialisation), and --do-sample --seed N then answered otherwise than the converted folder with that seed
+        torch.manual_seed(args.seed)
         video = None
         if args.video:  # decoded once the model says how many frames its context holds
             video, problem = video_frames(chat, args.video, args.frames)

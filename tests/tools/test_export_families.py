@@ -194,3 +194,32 @@ def test_hf_folder_chats_like_the_training_model(tiny, tmp_path, capsys):
     assert chat_main([folder, '--image', tiny['photo'], '--prompt', 'Describe the image.',
                       '--max-new-tokens', '8']) == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+@pytest.mark.parametrize('family', ['siglip_bilinear_tiles', 'clip_shuffle_resize'], indirect=True)
+def test_the_remote_loading_snippet_of_the_docs_answers_as_chat(family, tiny, capsys):
+    """docs/conversion.md gave one loading snippet, the official folder's (``load_image_tiles``: InternVL's tiles,
+    ImageNet's mean and std), for the remote folder too ('the same chat() as official'): a SigLIP or resized model
+    got other pixels than it was trained on, without an error. Its own snippet, run as written (the folder, the
+    photo and the length filled in), answers as tools/chat.py's ConvertedModel does."""
+    import re
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from tests.train_utils import REPO_ROOT
+    from xtuner_plugins.data.image_io import load_image_tiles
+    with open(os.path.join(REPO_ROOT, 'docs', 'conversion.md'), encoding='utf-8') as f:
+        blocks = re.findall(r'```python\n(.*?)```', f.read(), re.S)
+    code = next(b for b in blocks if "'work_dirs/my_remote'" in b)
+    code = code.replace("'work_dirs/my_remote'", repr(family['folder'])).replace(
+        "'photo.jpg'", repr(tiny['photo'])).replace('max_new_tokens=128', 'max_new_tokens=8')
+    out = StringIO()
+    with redirect_stdout(out):
+        exec(compile(code, 'conversion.md', 'exec'), {})
+    expected = ConvertedModel(family['folder'], dtype=torch.bfloat16).ask(
+        'What is in the picture?', [tiny['photo']], dict(max_new_tokens=8, do_sample=False))
+    assert expected and out.getvalue().strip() == expected
+    converted = ConvertedModel(family['folder'])
+    official_way = load_image_tiles(tiny['photo'], image_size=converted.tiling['image_size'])
+    mine = converted.pixels([tiny['photo']])[0]
+    assert official_way.shape != mine.shape or (official_way - mine).abs().max() > 0.1   # the snippet that misled

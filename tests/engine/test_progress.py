@@ -110,3 +110,20 @@ def test_a_routers_balance_loss_is_shown_beside_the_loss():
     hub.update_scalar('train/router_aux_loss', 0.00213)
     line = progress_line(SimpleNamespace(iter=0, max_iters=10, message_hub=hub))
     assert line.startswith('iter 1/10  loss 2.5  router_aux_loss 0.00213'), line
+
+
+def test_the_rate_most_groups_train_at_is_shown_first():
+    """A LoRA stage (the projector at its own lr_mult): the line showed MMEngine's scalar, the first group's, the
+    projector's 1e-3 where the config's lr was 2e-4 (a new user's journey)."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from xtuner_plugins.engine.progress import progress_line
+    hub = MessageHub.get_instance('two-rates')
+    hub.update_scalar('train/lr', 1e-3)
+    optim = SimpleNamespace(get_lr=lambda: {'lr': [1e-3, 2e-4, 2e-4, 2e-4, 1e-3]})
+    line = progress_line(SimpleNamespace(iter=0, max_iters=10, message_hub=hub, optim_wrapper=optim))
+    assert line == 'iter 1/10  lr 2.00e-04 (1.00e-03 for 2 groups)', line
+    line = progress_line(SimpleNamespace(iter=0, max_iters=10, message_hub=hub))   # no optimizer to ask
+    assert line == 'iter 1/10  lr 1.00e-03', line

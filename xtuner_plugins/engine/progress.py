@@ -55,6 +55,23 @@ def _rate(value: float) -> str:
     return f'{value / 1000:.1f}k' if value >= 1000 else f'{value:.0f}'
 
 
+def _learning_rates(runner) -> str:
+    """``lr R``: the rate most of the optimizer's parameter groups train at, then the others' (``lr 2.00e-04 (1.00e-03
+    for 2 groups)``: a LoRA stage's projector at its own ``lr_mult``); MMEngine's scalar (the first group's: the
+    projector's rate was shown for a LoRA run) where the optimizer says none."""
+    from collections import Counter
+    try:
+        rates = Counter(float(r) for r in runner.optim_wrapper.get_lr()['lr'])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        rates = Counter()
+    if not rates:
+        lr = _scalar(runner, 'lr')
+        return '' if lr is None else f'lr {lr:.2e}'
+    (most, _), *others = rates.most_common()
+    rest = ', '.join(f'{rate:.2e} for {n} group{"s" * (n > 1)}' for rate, n in others)
+    return f'lr {most:.2e}' + (f' ({rest})' if rest else '')
+
+
 def progress_line(runner, window: int = 10) -> str:
     """``iter k/N  loss L  [router_aux_loss X]  lr R  T tokens/s  eta H:MM:SS  [rewards_accuracy A  rewards_margin M]
     mem M GiB`` from the message hub (absent parts left out)."""
@@ -66,9 +83,9 @@ def progress_line(runner, window: int = 10) -> str:
     aux = _scalar(runner, 'router_aux_loss', window)   # a mixture-of-experts LLM's routing balance (models/moe.py)
     if aux is not None:
         parts.append(f'router_aux_loss {aux:.3g}')
-    lr = _scalar(runner, 'lr')
-    if lr is not None:
-        parts.append(f'lr {lr:.2e}')
+    lr = _learning_rates(runner)
+    if lr:
+        parts.append(lr)
     tokens = _scalar(runner, 'tokens_per_sec', window)
     if tokens is not None:
         parts.append(f'{_rate(tokens)} tokens/s')

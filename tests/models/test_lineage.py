@@ -337,7 +337,8 @@ def test_a_next_stage_of_another_vision_geometry_is_refused_naming_it(tiny, tmp_
         vision_encoder=dict(type='clip', path=clip), projector='mlp', select_layer=-1))
     trained(vision_encoder=tower, projector='mlp', ps_version='v1')   # LLaVA's MLP reads no pixel-shuffle setting
     assert geometry_problem(str(path), dict(vision_encoder=tower, projector='mlp', downsample_ratio=0.25)) is None
-    assert 'model.projector' in geometry_problem(str(path), dict(vision_encoder=tower))
+    said = geometry_problem(str(path), dict(vision_encoder=tower))   # the projector alone, not its settings
+    assert "(model.projector: trained 'mlp', given 'pixel_shuffle_mlp'):" in said, said
     # the model itself builds from a chain of two geometries (the converter and the chat tools read such chains)
     trained(vision_encoder=tower, ps_version='v1')
     torch.save({'meta': {'cfg': Config(dict(model=dict(ps_version='v1'))).pretty_text,

@@ -158,7 +158,9 @@ def geometry_problem(path: str, settings: dict) -> Optional[str]:
     defaults = _encoder_defaults(settings.get('vision_encoder'))
     trained, given = vision_geometry(recorded, defaults), vision_geometry(settings, defaults)
     unknown = ('select_layer', 'vision_encoder.mean', 'vision_encoder.std')   # None: cannot be told
-    differ = [f'model.{key}: trained {trained.get(key)!r}, given {given.get(key)!r}' for key in given
+    # (another projector: its own settings are not the other's to give; they were listed as 'trained None')
+    keys = [k for k in given if k in trained or trained['projector'] == given['projector']]
+    differ = [f'model.{key}: trained {trained.get(key)!r}, given {given.get(key)!r}' for key in keys
               if trained.get(key) != given[key] and not (key in unknown and None in (trained[key], given[key]))]
     if not differ:
         return None

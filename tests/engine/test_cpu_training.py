@@ -86,8 +86,9 @@ def test_gpu_path_untouched(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', d)))
     monkeypatch.setattr(torch_dist, 'init_process_group', lambda **kw: calls.append(('init', kw['backend'])))
-    monkeypatch.setenv('RANK', '1')
-    monkeypatch.setenv('LOCAL_RANK', '1')
+    for name, value in dict(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT='29500').items():   # (torchrun's: without them, refused in one line)
+        monkeypatch.setenv(name, value)
     assert runtime.apply_cpu_patches() == []
     dist_utils._init_dist_pytorch('nccl')
     assert calls == [('set_device', 1), ('init', 'nccl')]

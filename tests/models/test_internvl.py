@@ -144,7 +144,7 @@ def test_start_from_official_checkpoint(tiny, batch, tmp_path):
 
 def test_bad_arguments(tiny, tmp_path):
     with pytest.raises(Refused, match='either official_checkpoint or vision_encoder'):
-        VisionLanguageModel(official_checkpoint='x', llm=tiny['llm'])
+        VisionLanguageModel(official_checkpoint=str(tmp_path), llm=tiny['llm'])
     with pytest.raises(Refused, match='needs vision_encoder and llm'):
         VisionLanguageModel(llm=tiny['llm'])
     with pytest.raises(Refused, match='unknown dtype'):

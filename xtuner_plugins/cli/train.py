@@ -40,7 +40,7 @@ import traceback
 from typing import List, NoReturn
 from unittest import mock
 
-from xtuner_plugins.cli.train_args import (deepspeed_refusal, launcher_values, nproc_option, options_refusal,
+from xtuner_plugins.cli.train_args import (deepspeed_refusal, flag_values, nproc_option, options_refusal,
                                             resume_refusal, started_by_a_launcher, unpaired_refusal)
 from xtuner_plugins.cli.train_closing import interrupted_line, next_steps
 from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
@@ -349,7 +349,7 @@ def launch_ranks(nproc: int, argv) -> int:
         print(f'train: --nproc-per-node {nproc} given to a process that is already rank {os.environ["RANK"]} of a '
               'launcher (torchrun, srun, local_launch): give one or the other', file=sys.stderr)
         return 2
-    given = launcher_values(argv)
+    given = flag_values(argv)
     other = [g for g in given if g != 'pytorch']
     if other:
         print(f'train: --nproc-per-node {nproc} with --launcher {other[0]}: the ranks of --nproc-per-node are '

@@ -58,8 +58,7 @@ def deepspeed_refusal(argv) -> Optional[str]:
     ``FileNotFoundError: Cannot find X``, json's or DeepSpeed's validation traceback). None otherwise."""
     import importlib.util
     import json
-    given = [argv[i + 1] if a == '--deepspeed' and i + 1 < len(argv) else a.partition('=')[2]
-             for i, a in enumerate(argv) if a == '--deepspeed' or a.startswith('--deepspeed=')]
+    given = flag_values(argv, '--deepspeed')
     if not given:
         return None
     value = given[-1]
@@ -83,17 +82,17 @@ def deepspeed_refusal(argv) -> Optional[str]:
     return None
 
 
-def launcher_values(argv) -> List[str]:
-    """The values given to ``--launcher`` in ``argv`` (``--launcher X`` and ``--launcher=X``), in order."""
-    return [argv[i + 1] if a == '--launcher' and i + 1 < len(argv) else a.partition('=')[2]
-            for i, a in enumerate(argv) if a == '--launcher' or a.startswith('--launcher=')]
+def flag_values(argv, flag: str = '--launcher') -> List[str]:
+    """The values given to ``flag`` in ``argv`` (``--launcher X`` and ``--launcher=X``), in order."""
+    return [argv[i + 1] if a == flag and i + 1 < len(argv) else a.partition('=')[2]
+            for i, a in enumerate(argv) if a == flag or a.startswith(flag + '=')]
 
 
 def started_by_a_launcher(argv) -> bool:
     """Whether this process is a rank a launcher started: ``--launcher`` other than ``none`` (torchrun's
     ``pytorch``, srun's ``slurm``, ``mpi``; the last given, as argparse takes it), or torchrun's variables in the
     environment."""
-    given = launcher_values(argv)
+    given = flag_values(argv)
     return (bool(given) and given[-1] not in ('none', '')) or any(k in os.environ for k in ('RANK', 'LOCAL_RANK'))
 
 

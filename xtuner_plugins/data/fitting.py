@@ -46,6 +46,11 @@ def final_answer(labels: Sequence[int]) -> Tuple[int, int]:
     return start, end
 
 
+def whole_number(value, least: int = 1) -> bool:
+    """Whether ``value`` is a whole number (not a bool, not a float) of at least ``least``: a setting's check."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int, downsample_ratio: float,
                      num_image_token: Optional[int], max_image_pixels: Optional[int]) -> int:
     """The LLM tokens a tile takes (``num_image_token``, else the pixel shuffle of ``image_size / patch_size`` by
@@ -54,17 +59,15 @@ def checked_geometry(max_length: Optional[int], image_size: int, patch_size: int
     def bad(name, value, expected):
         return Refused(f'{name}={value!r}: {expected}')
 
-    def _whole(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not _whole(image_size) or image_size < 1:   # (a ValueError of tile_grid at the first sample)
+    if not whole_number(image_size):   # (a ValueError of tile_grid at the first sample)
         raise bad('image_size', image_size, 'a whole number of pixels >= 1 (a tile\'s side)')
-    if max_length is not None and (not _whole(max_length) or max_length < 1):
+    if max_length is not None and not whole_number(max_length):
         raise bad('max_length', max_length, 'a whole number of tokens >= 1 (or None: no limit)')
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or max_image_pixels < 1):
         raise bad('max_image_pixels', max_image_pixels, 'a number of pixels >= 1 (or None / 0 in check_dataset: no '
                                                         'limit)')
     if num_image_token is None:
-        if not _whole(patch_size) or patch_size < 1:
+        if not whole_number(patch_size):
             raise bad('patch_size', patch_size, 'a whole number of pixels >= 1')
         if not downsample_ratio > 0:
             raise bad('downsample_ratio', downsample_ratio, 'a number > 0 (0.5: InternVL\'s pixel shuffle)')

@@ -17,7 +17,6 @@ chosen answers and a row of rejected answers, the pairs in the same order in bot
 
 from __future__ import annotations
 
-import numbers
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,10 +32,9 @@ from .errors import SampleError, TooManyBadSamplesError
 def check_budgets(**budgets) -> None:
     """:class:`Refused` naming each packing budget (``max_tokens=...``; ``max_tiles`` may be None: no limit) that is
     no whole number >= 1: 0 or -2 was a ValueError's traceback, ``2.5`` taken as is (a buffer of 3 packs)."""
-    def whole(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    from .fitting import whole_number
     bad = [f'{name}={value!r}' for name, value in budgets.items()
-           if not whole(value) and not (value is None and name == 'max_tiles')]
+           if not whole_number(value) and not (value is None and name == 'max_tiles')]
     if bad:
         raise Refused(f'packing budgets {", ".join(bad)} (train_dataloader.dataset.*): each is a whole number >= 1 '
                       '(tokens and tiles per pack, open packs per DataLoader worker; max_tiles=None: no limit)')

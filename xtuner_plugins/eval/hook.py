@@ -118,8 +118,7 @@ class TrainingModelAnswerer:
 
 def _settings_problem(on_low_reliance, mc, metric, interval, max_questions, max_new_tokens, min_reliance) -> str:
     """What is wrong with :class:`EvalHook`'s settings, or ''."""
-    def whole(value, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    from xtuner_plugins.data.fitting import whole_number as whole
     if on_low_reliance not in ('warn', 'stop'):
         return f"on_low_reliance={on_low_reliance!r}; use 'warn' or 'stop'"
     if mc not in MC_MODES:

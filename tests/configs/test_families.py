@@ -88,3 +88,27 @@ def test_family_models_keep_checkpoint_keys_stable(tiny):
     assert sorted(model.state_dict()) == ['mlp1.0.bias', 'mlp1.0.weight', 'mlp1.1.bias', 'mlp1.1.weight',
                                           'mlp1.3.bias', 'mlp1.3.weight']
     assert torch.is_tensor(model.state_dict()['mlp1.1.weight'])
+
+
+@pytest.mark.slow
+def test_a_next_stage_builds_the_model_its_warm_up_trained_from_pretrained_pth_alone(tiny, tmp_path):
+    """A SigLIP + bilinear MLP warm-up, then the LoRA stage of the InternViT + pixel-shuffle config given the
+    warm-up's checkpoint and the data alone, through plain ``xtuner train``: its parts come from the warm-up's record
+    (``engine/previous_settings.py``), said in the log, and go into its own checkpoints. It was refused option by
+    option (a new user's journey), each to be typed again."""
+    folder = write_tiny_siglip(str(tmp_path / 'siglip'))
+    options = dict(family_options(tiny, folder), **{'train_dataloader.dataset.repeat_times': 2})
+    warm = run_train(os.path.join(ROOT, 'configs', 'siglip_pretrain.py'), str(tmp_path / 'warm'),
+                     cfg_options=options)
+    assert warm.ok, warm.summary()
+    data = {k: v for k, v in options.items() if not k.startswith('model.')}
+    sft = run_train(os.path.join(ROOT, 'configs', 'finetune_lora.py'), str(tmp_path / 'sft'),
+                    cfg_options=dict(data, **{'model.pretrained_pth': warm.final_checkpoint}))
+    assert sft.ok, sft.summary()
+    assert f'model.pretrained_pth={warm.final_checkpoint}: builds the model that stage trained' in sft.log
+    assert 'data set: image_size 56, num_image_token 4, ' in sft.log   # SigLIP's tiles through the bilinear MLP
+    from xtuner_plugins.models.checkpoint import recorded_model_config
+    model = recorded_model_config(sft.final_checkpoint)
+    assert (model['vision_encoder'], model['llm'], model['projector'], model['image_mode']) == (
+        dict(type='siglip', path=folder), tiny['llm'], 'bilinear_mlp', 'resize'), model
+    assert model['llm_lora']['r'] > 0 and model['freeze_llm']   # what the stage trains: its own

@@ -45,12 +45,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Iterable, List, Mapping, Tuple
 
 from xtuner_plugins.engine.length import _LOOP   # the loop's two lengths, as the length module reads them
-from xtuner_plugins.engine.settings_taker import (CHECKS, SAFETY, Taker, differs, kind_of, named_by, takeable,
-                                                  takes)
+from xtuner_plugins.engine.settings_taker import (CHECKS, SAFETY, Taker, differs, kind_of, named_by, take_sources,
+                                                  takeable, takes)
 from xtuner_plugins.models.runconfig import inner_dataset
 
 #: the model's settings of how this run computes, not what: a resume may change them (another machine, memory)
@@ -90,42 +89,6 @@ def _streams(dataset) -> bool:
     if isinstance(kind, type):
         return issubclass(kind, StreamingDataset)
     return isinstance(kind, str) and kind.rsplit('.', 1)[-1] in ('OnlinePackedDataset', 'ShardDataset')
-
-
-def _other_form(mine, theirs) -> bool:
-    """Whether the recorded source setting (``theirs``) is of another form than this config's: a folder alone
-    (``--cfg-options model.vision_encoder=DIR``, its type read from its ``config.json``) where the config gives a
-    dict of settings, or the other way round, or a dict of another class. Its path alone, taken into the config's
-    form, built another encoder than the run's: the config's type on the run's folder (a SigLIP folder as ``clip``:
-    refused), or the config's settings (``select_layer``) in place of the run's."""
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        return kind_of(mine) != kind_of(theirs)
-    return isinstance(mine, dict) != isinstance(theirs, dict) and isinstance(theirs, (str, dict))
-
-
-def _sources(taker: Taker, model: dict, then: dict, record: Mapping) -> None:
-    from xtuner_plugins.models.lineage import SOURCE_KEYS
-    for key in SOURCE_KEYS:
-        mine, theirs = model.get(key), then.get(key)
-        whole = _other_form(mine, theirs)   # then taken whole, as the run had it
-        node, name = (mine, 'path') if isinstance(mine, dict) and not whole else (model, key)
-        recorded = theirs.get('path') if isinstance(theirs, dict) else theirs
-        if key not in then or recorded == node.get(name) or not isinstance(recorded, (str, type(None))):
-            continue
-        label = f'model.{key}.path' if node is mine else f'model.{key}'
-        if recorded is None:   # the run had none (an official checkpoint's model, the LLM's tokenizer)
-            if node is model:
-                taker.take(model, key, None, label)
-            continue
-        found = next((p for p in ((record.get(key) or {}).get('abspath'), recorded)
-                      if isinstance(p, str) and os.path.exists(p)), None)
-        if found is None:
-            if not named_by(label, taker.given):
-                taker.left.append(f'{label}: {recorded} not found (the config\'s {node.get(name)!r} is used)')
-        elif whole:
-            taker.take(node, name, dict(theirs, path=found) if isinstance(theirs, dict) else found, label)
-        elif found != node.get(name):
-            taker.take(node, name, found, label)
 
 
 def _shape(taker: Taker, recorded: Mapping, cfg: Mapping) -> None:
@@ -258,9 +221,9 @@ def _take(cfg: dict, given: Iterable[str]) -> Taker:
     taker.named_then, taker.resumed = named.recorded(meta), True
     if not isinstance(recorded.get('model'), dict):
         return taker
-    _sources(taker, model, recorded['model'], record)
+    take_sources(taker, model, recorded['model'], record)
     from xtuner_plugins.models.lineage import SOURCE_KEYS
-    sources = tuple(f'model.{key}{end}' for key in SOURCE_KEYS for end in ('', '.path'))   # (_sources')
+    sources = tuple(f'model.{key}{end}' for key in SOURCE_KEYS for end in ('', '.path'))   # (take_sources')
     taker.walk(recorded['model'], model, 'model', ('pretrained_pth',) + HOW_IT_RUNS + sources)  # (loaded_lineage's)
     loaded, loader = recorded.get('train_dataloader'), cfg.get('train_dataloader')
     if isinstance(loaded, dict) and isinstance(loader, dict):
@@ -282,18 +245,28 @@ def _take(cfg: dict, given: Iterable[str]) -> Taker:
 
 
 def said_taken(cfg: dict, given: Iterable[str]) -> None:
-    """:func:`take_resumed_settings`, its lines kept for :func:`say_taken`; the keys the run's command line named
-    remembered for its checkpoints (``engine/named.py``)."""
+    """:func:`take_resumed_settings`, or a new run's ``previous_settings.take_previous_settings``, their lines kept for
+    :func:`say_taken`; the keys the run's command line named remembered for its checkpoints (``engine/named.py``)."""
     from xtuner_plugins.engine import named
+    from xtuner_plugins.engine.previous_settings import take_previous_settings
     given = list(given)
     taker = _take(cfg, given)
+    previous = Taker(given) if taker.resumed else take_previous_settings(cfg, given)
+    parts = [entry.partition('=')[0] for entry in previous.taken]
+    _TAKEN[:] = [entry.partition('=')[0] for entry in taker.taken] + parts
     if taker.resumed and taker.named_then is None:   # (a checkpoint without the record: its command line unknown)
         named.forget()
-    else:
-        named.remember(given, taker.named_then)
-    taken, left, edited = taker.taken, taker.left, taker.edited
-    _TAKEN[:] = [entry.partition('=')[0] for entry in taken]
+    else:   # (a part taken from the previous stage is not the config file's: its resume takes it as given)
+        named.remember(given + parts, taker.named_then)
     _NOTES.clear()
+    if previous.taken or previous.left:
+        what = f'model.pretrained_pth={cfg["model"]["pretrained_pth"]}'
+        if previous.taken:
+            _NOTES.append((logging.INFO, f'{what}: builds the model that stage trained (recorded in it; the command '
+                                         f'line names none of these): {"; ".join(previous.taken)}'))
+        if previous.left:
+            _NOTES.append((logging.WARNING, f'{what}: not taken from it: {"; ".join(previous.left)}'))
+    taken, left, edited = taker.taken, taker.left, taker.edited
     if taken or left:
         from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
         what = f'--resume {loaded_checkpoint(cfg)}'

@@ -3,7 +3,8 @@
 each setting that differs where the command line names none of it, and keeps what it took, what it left (with why)
 and what the run's config file gave then and says otherwise now (``engine/named.py``). What a run accepts and
 lets pass (:data:`SAFETY`, :data:`CHECKS`) stays this run's, said; a file or folder gone (:data:`PATHS`) is not
-taken, said."""
+taken, said. A next stage takes its model's parts from its previous stage alike (``engine/previous_settings.py``).
+"""
 
 from __future__ import annotations
 
@@ -117,3 +118,43 @@ class Taker:
                 self.left.append(f'{name}: {missing(value)} not found (the config\'s {mine!r} is used)')
             else:
                 self.take(now, key, value, name)
+
+
+def _other_form(mine, theirs) -> bool:
+    """Whether the recorded source setting (``theirs``) is of another form than this config's: a folder alone
+    (``--cfg-options model.vision_encoder=DIR``, its type read from its ``config.json``) where the config gives a
+    dict of settings, or the other way round, or a dict of another class. Its path alone, taken into the config's
+    form, built another encoder than the run's: the config's type on the run's folder (a SigLIP folder as ``clip``:
+    refused), or the config's settings (``select_layer``) in place of the run's."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return kind_of(mine) != kind_of(theirs)
+    return isinstance(mine, dict) != isinstance(theirs, dict) and isinstance(theirs, (str, dict))
+
+
+def take_sources(taker: Taker, model: dict, then: dict, record: Mapping) -> None:
+    """Take the recorded source folders (``then``: a recorded model config; ``record``: its lineage's sources, for
+    their absolute paths) into ``model`` where the command line names none of them, a resume's
+    (``resumed_settings``) and a next stage's (``previous_settings``): the recorded folder where it is there (its
+    absolute path first), a tower of another form whole, None where the run had none; one gone is said."""
+    from xtuner_plugins.models.lineage import SOURCE_KEYS
+    for key in SOURCE_KEYS:
+        mine, theirs = model.get(key), then.get(key)
+        whole = _other_form(mine, theirs)   # then taken whole, as the run had it
+        node, name = (mine, 'path') if isinstance(mine, dict) and not whole else (model, key)
+        recorded = theirs.get('path') if isinstance(theirs, dict) else theirs
+        if key not in then or recorded == node.get(name) or not isinstance(recorded, (str, type(None))):
+            continue
+        label = f'model.{key}.path' if node is mine else f'model.{key}'
+        if recorded is None:   # the run had none (an official checkpoint's model, the LLM's tokenizer)
+            if node is model:
+                taker.take(model, key, None, label)
+            continue
+        found = next((p for p in ((record.get(key) or {}).get('abspath'), recorded)
+                      if isinstance(p, str) and os.path.exists(p)), None)
+        if found is None:
+            if not named_by(label, taker.given):
+                taker.left.append(f'{label}: {recorded} not found (the config\'s {node.get(name)!r} is used)')
+        elif whole:
+            taker.take(node, name, dict(theirs, path=found) if isinstance(theirs, dict) else found, label)
+        elif found != node.get(name):
+            taker.take(node, name, found, label)

@@ -253,3 +253,24 @@ def test_the_page_says_an_animated_image_was_seen_as_its_first_frame(setup, tmp_
     assert status.startswith('Answered in ') and status.count('Note: ') == 1, status
     assert "Note: moving.gif: an animated GIF: its first frame is used" in status, status
     assert "upload it as the 'Video'" in status and str(tmp_path) not in status, status
+
+
+def test_a_request_that_goes_away_stops_generating(setup):
+    """A client that goes away mid-answer (a closed tab, a dropped connection: gradio closes the handler's generator)
+    lets go of the one model within a few tokens. Before, the answer went on to 'Max new tokens' for no one: five
+    hit-and-run requests at 4096 over HTTP kept a tiny model busy for 35 s, the next user waiting behind them."""
+    chat, steps = setup['chat'], []
+    hook = chat.model.model.language_model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        answer = chat.stream('Tell a long story.', [], None, dict(max_new_tokens=1000, do_sample=False))
+        next(answer)   # generating, a piece shown
+        answer.close()
+        assert chat.lock.acquire(timeout=120)   # the answer's thread let go of the model
+        chat.lock.release()
+    finally:
+        hook.remove()
+    assert 0 < len(steps) < 100, f'{len(steps)} tokens generated after the request went away'
+    assert chat.model.history is None and chat.model.images == []
+    # the next request is answered as ever
+    assert list(chat.stream('What is it?', [], None, dict(GREEDY)))[-1][0] == \
+        fresh_answers(setup['folder'], [('What is it?', [])])[0]

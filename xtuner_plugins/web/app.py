@@ -112,16 +112,17 @@ class WebChat:
         """Yield ``(text so far, None)`` while generating, then ``(answer, conversation after it)``; an error in
         generation is raised here, after the stream ends. ``video``: a video's frames, instead of images."""
         if hasattr(self.model, 'text_streamer'):   # a GGUF folder: llama.cpp's pieces, no transformers tokenizer
-            streamer = self.model.text_streamer()
+            streamer = given = self.model.text_streamer()   # its worker's answer is read to the end (see Stoppable)
         else:
             from transformers import TextIteratorStreamer
             streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            given = Stoppable(streamer)
         result = {}
 
         def run():
             try:
                 result['answer'], result['conversation'] = self._ask(question, images, conversation, generation,
-                                                                     tiling, streamer, video)
+                                                                     tiling, given, video)
             except Exception as exc:  # raised below, in the caller's thread
                 result['error'] = exc
                 streamer.end()
@@ -129,13 +130,41 @@ class WebChat:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         text = ''
-        for piece in streamer:
-            text += piece.replace('<|im_end|>', '')
-            yield text, None
+        try:
+            for piece in streamer:
+                text += piece.replace('<|im_end|>', '')
+                yield text, None
+        except GeneratorExit:   # closed: the page's request went away (gradio closes its handler's generator)
+            if isinstance(given, Stoppable):
+                given.stopped.set()
+            raise
         thread.join()
         if 'error' in result:
             raise result['error']
         yield result['answer'], result['conversation']
+
+
+class Stopped(Exception):
+    """The answer's request went away before it was generated: :class:`Stoppable` ended ``generate``."""
+
+
+class Stoppable:
+    """The streamer ``generate`` is given: ``streamer``'s ``put`` and ``end``, until ``stopped`` is set; then
+    ``put``, which ``generate`` calls at every token, raises :class:`Stopped`. An answer whose request went away
+    (a closed tab, a dropped connection) went on to its max new tokens for no one, holding the one model (five such
+    requests at 4096 kept a tiny model busy 35 s). A GGUF folder's answer is not stopped: its worker would still
+    send the rest, which the next question would read."""
+
+    def __init__(self, streamer):
+        self.streamer, self.stopped = streamer, threading.Event()
+
+    def put(self, value) -> None:
+        if self.stopped.is_set():
+            raise Stopped('the request went away')
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 def stored(source, image) -> bytes:

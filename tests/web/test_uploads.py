@@ -9,7 +9,7 @@ import pytest
 
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.web.app import DELETE_CACHE, MAX_FILE_SIZE, WebChat, build_app, for_client
-from xtuner_plugins.web.server import MAX_QUEUE, launch
+from xtuner_plugins.web.server import MAX_QUEUE, MAX_REQUEST_BYTES, launch
 
 STUB = types.SimpleNamespace(folder='stub', format='official', tiling={'max_num': 4, 'use_thumbnail': True})
 
@@ -35,6 +35,38 @@ def test_an_upload_over_the_limit_is_refused(tmp_path, monkeypatch):
         app.close()
     assert small.status_code == 200 and big.status_code == 413, (small.text, big.text)
     assert app._queue.max_size == MAX_QUEUE == 16
+
+
+def test_a_request_body_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Only uploads were limited: any other request's body was read whole and parsed, e.g. a 300 MB chat history sent
+    with a question (the page sends the history back each turn) took the server from 1.8 GB to 3.7 GB and was sent
+    back twice (600 MB). Now a body past MAX_REQUEST_BYTES is answered 413 (or, sent without its length, cut off)
+    before the app reads it; uploads keep their own limit, and the page's requests are answered as ever."""
+    import json
+    import httpx
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    app = build_app(WebChat(ReadsItsImage(), max_new_tokens=4))
+    port = free_port()
+    launch(app, '127.0.0.1', port, max_file_size='64mb', prevent_thread_lock=True, quiet=True)
+    base = f'http://127.0.0.1:{port}/gradio_api'
+    history = [{'role': 'user', 'content': [{'text': 'x' * MAX_REQUEST_BYTES, 'type': 'text'}]}]
+
+    def join(history, chunked=False):
+        body = json.dumps(dict(data=['Hi', None, history, None, 4, True, False, 0.7, 0.9, 8, None, 8], fn_index=0,
+                               session_hash='s' + str(len(history)), event_data=None, trigger_id=None)).encode()
+        content = iter([body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)]) if chunked else body
+        try:
+            return httpx.post(f'{base}/queue/join', content=content, timeout=60,
+                              headers={'content-type': 'application/json'}).status_code
+        except httpx.HTTPError as exc:   # cut off
+            return type(exc).__name__
+    try:
+        big, big_chunked, small = join(history), join(history, chunked=True), join([])
+        upload = httpx.post(f'{base}/upload', files={'files': ('a.png', b'x' * (MAX_REQUEST_BYTES + 1))}, timeout=60)
+    finally:
+        app.close()
+    assert big == 413 and big_chunked != 200 and small == 200, (big, big_chunked, small)
+    assert upload.status_code == 200, upload.text
 
 
 def test_the_web_demo_passes_its_limit(monkeypatch, capsys):

@@ -11,6 +11,11 @@ from xtuner_plugins.web.guard import SESSION_CAPACITY, start_forgetting
 #: requests waiting at once, each holding its uploads (gradio's queue keeps any number: a flood fills the memory)
 MAX_QUEUE = 16
 
+#: the largest body of a request other than an upload (those have --max-file-size): the page sends its chat history
+#: back with each question, which gradio read and parsed whatever its size (a 300 MB one took 1.9 GB more, and was
+#: sent back twice); a conversation's text is bounded by the LLM's context, its questions by MAX_QUESTION_CHARS
+MAX_REQUEST_BYTES = 16 << 20
+
 # Fonts the browser has: gradio's default theme loads Google's fonts, which an offline machine cannot reach.
 SYSTEM_FONTS = ('system-ui', 'ui-sans-serif', 'sans-serif')
 MONO_FONTS = ('ui-monospace', 'monospace')
@@ -72,6 +77,38 @@ def network_warning(prog: str, host: str, port: int, guarded: bool, lacking: str
             f'can {can}; give {option} to ask for one')
 
 
+class BodyLimit:
+    """ASGI middleware: a request's body past ``limit`` bytes, on any path but ``exempt`` (gradio's uploads, which
+    it limits itself), is answered 413 when its length is given, and cut off where it passes the limit when not
+    (the app sees the client go away), before the app reads it."""
+
+    def __init__(self, app, limit: int = MAX_REQUEST_BYTES, exempt: tuple = ('/gradio_api/upload',)):
+        self.app, self.limit, self.exempt = app, limit, exempt
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http' or scope['path'].rstrip('/').endswith(self.exempt):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get('headers') or ()).get(b'content-length', b'0')
+        if not length.isdigit() or int(length) > self.limit:
+            message = f'the request is over {self.limit:,} bytes (uploads have their own limit)'.encode()
+            await send({'type': 'http.response.start', 'status': 413,
+                        'headers': [(b'content-type', b'text/plain; charset=utf-8'),
+                                    (b'content-length', str(len(message)).encode())]})
+            return await send({'type': 'http.response.body', 'body': message})
+        read = 0
+
+        async def limited():
+            nonlocal read
+            message = await receive()
+            if message['type'] == 'http.request':
+                read += len(message.get('body', b''))
+                if read > self.limit:
+                    return {'type': 'http.disconnect'}
+            return message
+
+        return await self.app(scope, limited, send)
+
+
 def port_free(host: str, port: int) -> bool:
     return not port_problem(host, port)
 
@@ -79,17 +116,21 @@ def port_free(host: str, port: int) -> bool:
 def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Optional[List[str]] = None,
            max_queue: int = MAX_QUEUE, **kwargs):
     """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
-    gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full."""
+    gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full;
+    a request's body past :data:`MAX_REQUEST_BYTES` (uploads aside) is refused (:class:`BodyLimit`)."""
     import gradio as gr
     problem = port_problem(host, port)
     if problem:
         raise OSError(problem)
+    from starlette.middleware import Middleware
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
+    app_kwargs = dict(kwargs.pop('app_kwargs', None) or {})
+    app_kwargs['middleware'] = list(app_kwargs.get('middleware') or ()) + [Middleware(BodyLimit)]
     start_forgetting(app)   # gradio keeps every finished event's request (guard.py)
     return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
                                                 show_error=True, theme=theme, allowed_paths=allowed_paths,
                                                 footer_links=['api'], state_session_capacity=SESSION_CAPACITY,
-                                                **kwargs)
+                                                app_kwargs=app_kwargs, **kwargs)
 
 
 def environment_defaults() -> None:

@@ -106,3 +106,26 @@ def test_a_length_named_at_the_files_own_value_still_counts(monkeypatch, tmp_pat
         changed = check_run_options(cfg)
         resolve_training_length(cfg._cfg_dict, changed)
         assert length[0] in cfg.train_cfg and cfg.train_cfg[length[0]] == length[1], cfg.train_cfg
+
+
+def test_a_max_length_past_the_llms_context_is_warned_of_at_start_up(monkeypatch):
+    """A data set's max_length past the LLM's max_position_embeddings trained on positions the LLM never saw, without
+    a word (the planner said so; training did not)."""
+    from xtuner_plugins.engine.checks import context_note
+    config = SimpleNamespace(max_position_embeddings=4096, rope_scaling=None)
+    assert context_note(config, 4096) is None and context_note(config, None) is None
+    assert context_note(config, 8192) == (
+        "train_dataloader.dataset.max_length 8192 is past the LLM's context (max_position_embeddings 4096 = 4096 "
+        'tokens): samples that long train on positions it was not trained for; give a max_length of at most 4096, '
+        "or a rope_scaling in the LLM's config.json for a longer context")
+    config.rope_scaling = {'type': 'yarn', 'factor': 4.0}   # Qwen2.5's long-context recipe
+    assert context_note(config, 8192) is None
+    assert 'max_position_embeddings 4096 x rope_scaling factor 4 = 16384 tokens' in context_note(config, 20000)
+    said = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda line, **kw: said.append((kw.get('level'), line)))
+    llm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=2048))
+    model = SimpleNamespace(geometry=MODEL, language_model=llm)
+    dataset = SimpleNamespace(dataset=SimpleNamespace(geometry=dict(MODEL), max_length=8192))   # a packing wrapper
+    ModelDataCheckHook().before_run(SimpleNamespace(
+        model=model, _train_loop=SimpleNamespace(dataloader=SimpleNamespace(dataset=dataset))))
+    assert len(said) == 1 and said[0][0] == 30 and 'max_length 8192' in said[0][1], said

@@ -12,9 +12,10 @@ them in ``before_run``, after the model and the data loader are built, and stops
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 from mmengine.hooks import Hook
 
@@ -57,6 +58,27 @@ def check_templates(model_template, data_template) -> None:
     if model_template is not None and name is not None and model_template != name:
         raise Refused(f'template: model {model_template!r}, data {name!r} (set model.template and '
                       f'train_dataloader.dataset.template to the same name)')
+
+
+def context_note(llm_config, max_length) -> Optional[str]:
+    """A warning when the data set's ``max_length`` (each sample's tokens at most; a pack restarts its positions at
+    each sample) is past the LLM's context: ``max_position_embeddings``, times a ``rope_scaling`` factor where the
+    config gives one. Such samples trained on positions the LLM was never trained at, without a word (the planner
+    said so; training did not). None when it fits or either is not known."""
+    context = getattr(llm_config, 'max_position_embeddings', None)
+    if not isinstance(max_length, int) or not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        return None
+    scaling = getattr(llm_config, 'rope_scaling', None)
+    factor = scaling.get('factor') if isinstance(scaling, dict) else None
+    scaled = isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1
+    limit = int(context * factor) if scaled else context
+    if max_length <= limit:
+        return None
+    reach = f'max_position_embeddings {context} x rope_scaling factor {factor:g}' if scaled else \
+        f'max_position_embeddings {context}'
+    return (f'train_dataloader.dataset.max_length {max_length} is past the LLM\'s context ({reach} = {limit} '
+            'tokens): samples that long train on positions it was not trained for; give a max_length of at most '
+            f'{limit}, or a rope_scaling in the LLM\'s config.json for a longer context')
 
 
 def check_run_options(cfg) -> dict:
@@ -128,3 +150,8 @@ class ModelDataCheckHook(Hook):
             check_geometry(model.geometry, dataset.geometry)
             check_tokenizers(getattr(model, 'tokenizer', None), getattr(dataset, 'tokenizer', None))
             check_templates(getattr(model, 'template', None), getattr(dataset, 'template', None))
+            llm = getattr(model, 'language_model', None)
+            note = context_note(getattr(llm, 'config', None), getattr(dataset, 'max_length', None))
+            if note:
+                from mmengine.logging import print_log
+                print_log(note, logger='current', level=logging.WARNING)

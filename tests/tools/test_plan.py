@@ -98,3 +98,29 @@ def test_a_budget_the_weights_alone_pass_says_so(tiny, capsys):
     rc, out, err = plan(tiny, capsys, LORA, '--reserve', '0', mem='1e-30')
     assert rc == 1 and 'largest max_length at 4 per device: none (the weights, optimizer states and --reserve ' \
                        'alone are' in out and 'not even the images fit' not in out, out
+
+
+def test_a_next_stage_is_planned_on_the_model_its_pretrained_pth_trained(tiny, capsys, tmp_path):
+    """As training builds it (engine/previous_settings.py): the plan of a LoRA stage after a SigLIP + bilinear MLP
+    warm-up, given the warm-up's checkpoint alone, was of the config's InternViT and pixel-shuffle projector."""
+    import torch
+    from xtuner_plugins.tiny.vision import write_tiny_siglip
+    siglip = write_tiny_siglip(str(tmp_path / 'siglip'))
+    warm = tmp_path / 'iter_2.pth'
+    torch.save({'meta': {'cfg': f"model = dict(type='VisionLanguageModel', vision_encoder=dict(type='siglip', "
+                                f"path={siglip!r}), llm={tiny['llm']!r}, projector='bilinear_mlp', "
+                                "image_mode='resize')"}, 'state_dict': {}}, warm)
+    rc = main([LORA, '--gpus', '1', '--gpu-mem', '24', '--cfg-options', f'model.pretrained_pth={warm}'])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"model.pretrained_pth={warm}: the model that stage trained: model.vision_encoder=" \
+           f"{dict(type='siglip', path=siglip)!r} (the config: 'models/InternViT-300M-448px-V2_5'); model.llm=" \
+           f"'{tiny['llm']}' (the config: 'models/Qwen2.5-1.5B-Instruct'); model.projector='bilinear_mlp' (the " \
+           "config: 'pixel_shuffle_mlp'); model.image_mode='resize' (the config: 'tile')" in out, out
+    # a resized image a sample (SigLIP's one tile of 4 tokens through the bilinear MLP), not InternViT's 12 + 1 tiles
+    assert 'batch per device: 4 rows of 8192 tokens, 4 tiles (4 tokens each)' in out, out
+    assert main([LORA, '--gpus', '1', '--gpu-mem', '24', '--vision', tiny['internvit'], '--llm', tiny['llm'],
+                 '--cfg-options', f'model.pretrained_pth={warm}']) == 0   # named: the command line's
+    taken = capsys.readouterr().out.splitlines()[0]
+    assert taken.endswith("the model that stage trained: model.projector='bilinear_mlp' (the config: "
+                          "'pixel_shuffle_mlp'); model.image_mode='resize' (the config: 'tile')"), taken

@@ -14,7 +14,8 @@ untied and resized embeddings, gradient checkpointing, attention implementation)
 the ``config.json`` files of its folders: no weight is read and nothing is allocated, so a plan for a 78B model
 runs on a laptop. ``--vision`` and ``--llm`` replace ``model.vision_encoder`` and ``model.llm``: a folder holding
 at least a ``config.json``, or the name of a published one shipped in ``xtuner_plugins/plan_configs`` (listed
-below), so the question can be asked before any download. Without a tokenizer in the LLM's folder the vocabulary
+below), so the question can be asked before any download. A ``model.pretrained_pth`` given gives the parts its stage
+was trained with where the command line names none of them, as training takes them (``engine/previous_settings``). Without a tokenizer in the LLM's folder the vocabulary
 is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``.
 The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with ``max_dynamic_patch`` tiles (+ the
 thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles`` tiles for packed configs (preference
@@ -141,6 +142,20 @@ def use_models(cfg, vision, llm) -> None:
         model['tokenizer'] = None   # the LLM's own (or none: plan_configs.planned_vocabulary)
 
 
+def previous_stage(cfg, args) -> None:
+    """The model ``model.pretrained_pth`` trained, where the command line names none of its parts: its source
+    folders and vision geometry, as training takes them (``engine/previous_settings.py``), said."""
+    from xtuner_plugins.engine.previous_settings import take_previous_settings
+    given = list(args.cfg_options or {}) + [key for key, named in (('model.vision_encoder', args.vision),
+                                                                     ('model.llm', args.llm)) if named]
+    taker = take_previous_settings(cfg, given)
+    pretrained = cfg.model.get('pretrained_pth')
+    if taker.taken:
+        print(f'model.pretrained_pth={pretrained}: the model that stage trained: {"; ".join(taker.taken)}')
+    if taker.left:
+        print(f'model.pretrained_pth={pretrained}: not taken from it: {"; ".join(taker.left)}')
+
+
 def _names_epilog() -> str:
     from xtuner_plugins.plan_configs import shipped
     models = shipped()
@@ -192,6 +207,7 @@ def main(argv=None) -> int:
             raise ValueError(f'--cfg-options: {"; ".join(problems)}')
         check_parts(cfg, args.config)
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
+        previous_stage(cfg, args)
         use_models(cfg, args.vision, args.llm)
         from xtuner_plugins.models.compile import as_on_a_gpu
         with as_on_a_gpu(), config_read(args.config):   # compile_blocks='auto' as the GPU resolves it

@@ -15,13 +15,13 @@ the ``config.json`` files of its folders: no weight is read and nothing is alloc
 runs on a laptop. ``--vision`` and ``--llm`` replace ``model.vision_encoder`` and ``model.llm``: a folder holding
 at least a ``config.json``, or the name of a published one shipped in ``xtuner_plugins/plan_configs`` (listed
 below), so the question can be asked before any download. A ``model.pretrained_pth`` given gives the parts its stage
-was trained with where the command line names none of them, as training takes them (``engine/previous_settings``). Without a tokenizer in the LLM's folder the vocabulary
-is the published tokenizer's length (+ InternVL's tokens) where known, else ``config.json``'s ``vocab_size``.
-The batch is the config's: ``batch_size`` rows of ``max_length`` tokens with ``max_dynamic_patch`` tiles (+ the
-thumbnail) per sample, or one pack of ``max_tokens`` tokens and ``max_tiles`` tiles for packed configs (preference
-configs: twice the rows, a pair being a chosen and a rejected row, each with the pair's tiles); every
-text token counts as supervised (the worst case for the LM head's logits). A bad number (on the command line or
-in the config's batch settings) is one line naming it, exit status 2.
+was trained with where the command line names none of them, as training takes them (``engine/previous_settings``).
+Without a tokenizer in the LLM's folder the vocabulary is the published tokenizer's length (+ InternVL's tokens)
+where known, else ``config.json``'s ``vocab_size``. The batch is the config's: ``batch_size`` rows of ``max_length``
+tokens with ``max_dynamic_patch`` tiles (+ the thumbnail) per sample, or one pack of ``max_tokens`` tokens and
+``max_tiles`` tiles for packed configs (preference configs: twice the rows, a pair being a chosen and a rejected
+row, each with the pair's tiles); every text token counts as supervised (the worst case for the LM head's logits). A
+bad number (on the command line or in the config's batch settings) is one line naming it, exit status 2.
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
 How each part is counted: ``xtuner_plugins/planner.py`` (the activations: ``plan_activations.py``). The estimate
 is of torch's own memory plus ``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.

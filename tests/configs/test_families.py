@@ -92,10 +92,10 @@ def test_family_models_keep_checkpoint_keys_stable(tiny):
 
 @pytest.mark.slow
 def test_a_next_stage_builds_the_model_its_warm_up_trained_from_pretrained_pth_alone(tiny, tmp_path):
-    """A SigLIP + bilinear MLP warm-up, then the LoRA stage of the InternViT + pixel-shuffle config given the
-    warm-up's checkpoint and the data alone, through plain ``xtuner train``: its parts come from the warm-up's record
-    (``engine/previous_settings.py``), said in the log, and go into its own checkpoints. It was refused option by
-    option (a new user's journey), each to be typed again."""
+    """A SigLIP + bilinear MLP warm-up, then the LoRA stage and its DPO stage of the InternViT + pixel-shuffle
+    configs, each given its previous stage's checkpoint and the data alone, through plain ``xtuner train``: the parts
+    come from the previous stage's record (``engine/previous_settings.py``), said in the log, and go into the stage's
+    own checkpoints. It was refused option by option (a new user's journey), each to be typed again."""
     folder = write_tiny_siglip(str(tmp_path / 'siglip'))
     options = dict(family_options(tiny, folder), **{'train_dataloader.dataset.repeat_times': 2})
     warm = run_train(os.path.join(ROOT, 'configs', 'siglip_pretrain.py'), str(tmp_path / 'warm'),
@@ -112,3 +112,10 @@ def test_a_next_stage_builds_the_model_its_warm_up_trained_from_pretrained_pth_a
     assert (model['vision_encoder'], model['llm'], model['projector'], model['image_mode']) == (
         dict(type='siglip', path=folder), tiny['llm'], 'bilinear_mlp', 'resize'), model
     assert model['llm_lora']['r'] > 0 and model['freeze_llm']   # what the stage trains: its own
+    from tests.configs.test_dpo import pairs_file   # and its preference stage, from the SFT (which took them)
+    pairs = dict(data, **{'train_dataloader.dataset.data_files': f'[{pairs_file(tmp_path)}]',
+                          'train_dataloader.dataset.repeat_times': 1, 'model.pretrained_pth': sft.final_checkpoint})
+    dpo = run_train(os.path.join(ROOT, 'configs', 'dpo_lora.py'), str(tmp_path / 'dpo'), cfg_options=pairs)
+    assert dpo.ok, dpo.summary()
+    assert dpo.scalar_series('rewards_chosen')[1] == 0.0   # the SFT model (adapters merged) is its reference
+    assert recorded_model_config(dpo.final_checkpoint)['projector'] == 'bilinear_mlp'

@@ -1,7 +1,8 @@
 """What a browser session keeps of its images between turns: each file's bytes (or a PNG of a video's frames), not
-the decoded pixels, which gradio holds for as long as it keeps the session (without limit: its states never
-expire). A 9400 x 9400 PNG of one colour is a 280 kB upload that held 340 MB per session; later turns still
-answer as a fresh model given the same images."""
+the decoded pixels, which gradio held for as long as it kept the session (without limit: its states never
+expired). A 9400 x 9400 PNG of one colour is a 280 kB upload that held 340 MB per session; later turns still
+answer as a fresh model given the same images. (The bytes are held by the server's store, the session's
+conversation holding a handle for each: tests/web/test_kept.py.)"""
 
 import os
 
@@ -13,7 +14,8 @@ from tests.helpers import converted_tiny_folder, write_image, write_video
 from xtuner_plugins.data.image_io import load_image
 from xtuner_plugins.data.video import load_video
 from xtuner_plugins.models.inference import ConvertedModel
-from xtuner_plugins.web.app import WebChat, stored
+from xtuner_plugins.web.app import WebChat
+from xtuner_plugins.web.kept import stored
 
 GREEDY = dict(max_new_tokens=4, do_sample=False)
 
@@ -33,14 +35,19 @@ def turn(chat, question, images, conversation, video=None):
     return list(chat.stream(question, images, conversation, dict(GREEDY), video=video))[-1]
 
 
+def kept(chat, conversation):
+    """``conversation`` with the images the server keeps for it."""
+    return chat.kept.resolve(conversation)
+
+
 def test_a_session_keeps_its_images_as_their_files(setup):
     chat, big, small = setup['chat'], setup['big'], setup['small']
     first, conversation = turn(chat, 'Describe the image.', [big], None)
-    assert conversation['images'] == [open(big, 'rb').read()]
-    assert sum(map(len, conversation['images'])) < os.path.getsize(big) + 1 < 3000 * 2000 * 3 / 100
+    assert kept(chat, conversation)['images'] == [open(big, 'rb').read()]
+    assert sum(map(len, kept(chat, conversation)['images'])) < os.path.getsize(big) + 1 < 3000 * 2000 * 3 / 100
     second, conversation = turn(chat, 'And this one? <image>', [small], conversation)
     third, conversation = turn(chat, 'Which is larger?', [], conversation)
-    assert conversation['images'] == [open(big, 'rb').read(), open(small, 'rb').read()]
+    assert kept(chat, conversation)['images'] == [open(big, 'rb').read(), open(small, 'rb').read()]
     model = ConvertedModel(setup['folder'])
     fresh = [model.ask(q, imgs, dict(GREEDY)) for q, imgs in (('Describe the image.', [big]),
                                                              ('And this one? <image>', [small]),
@@ -52,9 +59,9 @@ def test_video_frames_are_kept_as_pngs_of_their_pixels(setup):
     chat = setup['chat']
     frames, _ = load_video(setup['video'], 4)
     first, conversation = turn(chat, 'What happens?', [], None, video=frames)
-    kept = conversation['images']
-    assert all(isinstance(k, bytes) for k in kept) and len(kept) == 4 and conversation['frames'] == [True] * 4
-    assert all(np.array_equal(np.asarray(load_image(k)), np.asarray(f)) for k, f in zip(kept, frames))
+    images = kept(chat, conversation)['images']
+    assert all(isinstance(k, bytes) for k in images) and len(images) == 4 and conversation['frames'] == [True] * 4
+    assert all(np.array_equal(np.asarray(load_image(k)), np.asarray(f)) for k, f in zip(images, frames))
     second, _ = turn(chat, 'And then?', [], conversation)
     model = ConvertedModel(setup['folder'])
     assert [first, second] == [model.ask('What happens?', [], dict(GREEDY), video=frames),
@@ -73,11 +80,11 @@ def test_a_file_of_more_bytes_than_its_pixels_is_kept_as_their_png(setup, tmp_pa
     padded = tmp_path / 'padded.png'
     padded.write_bytes(open(setup['small'], 'rb').read() + os.urandom(3 << 20))
     image = load_image(str(padded))
-    kept = stored(str(padded), image)
-    assert len(kept) < 1 << 16 and np.array_equal(np.asarray(load_image(kept)), np.asarray(image))
-    assert len(stored(padded.read_bytes(), image)) == len(kept)
+    png = stored(str(padded), image)
+    assert len(png) < 1 << 16 and np.array_equal(np.asarray(load_image(png)), np.asarray(image))
+    assert len(stored(padded.read_bytes(), image)) == len(png)
     first, conversation = turn(setup['chat'], 'Describe the image.', [str(padded)] * 2, None)
-    assert sum(map(len, conversation['images'])) < 1 << 17
+    assert sum(map(len, kept(setup['chat'], conversation)['images'])) < 1 << 17
 
 
 def test_an_hf_folder_continues_from_the_kept_files(setup):
@@ -90,8 +97,9 @@ def test_an_hf_folder_continues_from_the_kept_files(setup):
     first, conversation = turn(chat, 'Describe the image.', [small], None)
     second, conversation = turn(chat, 'What happens?', [], conversation, video=frames)
     third, conversation = turn(chat, 'And the colour?', [], conversation)
-    assert conversation['images'] == [open(small, 'rb').read()]
-    assert all(isinstance(f, bytes) for f in conversation['videos'][0]) and len(conversation['videos'][0]) == 3
+    held = kept(chat, conversation)
+    assert held['images'] == [open(small, 'rb').read()]
+    assert all(isinstance(f, bytes) for f in held['videos'][0]) and len(held['videos'][0]) == 3
     model = ConvertedModel(folder)
     assert [first, second, third] == [model.ask('Describe the image.', [small], dict(GREEDY)),
                                       model.ask('What happens?', [], dict(GREEDY), video=frames),
@@ -122,7 +130,7 @@ def test_a_conversation_past_its_pixel_budget_is_refused_before_decoding(setup, 
     with pytest.raises(ValueError, match=r'brings 6\.0 megapixels and the conversation holds 6\.0; the server '
                                          r'takes 10 per conversation'):
         turn(chat, 'And this? <image>', [big], conversation)
-    assert conversation['images'] == [open(big, 'rb').read()] and len(decoded) == 1
+    assert kept(chat, conversation)['images'] == [open(big, 'rb').read()] and len(decoded) == 1
     frames, _ = load_video(setup['video'], 4)   # 64 x 48 each
     with pytest.raises(ValueError, match=r'brings 0\.0 megapixels'):
         app.check_pixels(frames, conversation, budget=6_000_000 + 3 * 64 * 48)

@@ -29,6 +29,7 @@ environment_defaults()
 from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
                                           count_argument, fixed_port_argument, run_tool, tool_error)
 from xtuner_plugins.web.app import MAX_FILE_SIZE, WebChat, build_app
+from xtuner_plugins.web.kept import DEFAULT_KEPT_BYTES
 from xtuner_plugins.web.server import MAX_QUEUE, launch, network_warning, port_problem
 
 
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument('--title', default='InternVL chat')
     parser.add_argument('--max-file-size', type=file_size_argument, default=MAX_FILE_SIZE,
                         help=f'the largest upload taken (default {MAX_FILE_SIZE}; e.g. 200mb, 2gb)')
+    parser.add_argument('--max-image-memory', type=file_size_argument, default=f'{DEFAULT_KEPT_BYTES >> 30}gb',
+                        help=f'the images the server keeps for the conversations\' later turns, all sessions '
+                             f'together (default {DEFAULT_KEPT_BYTES >> 30}gb); past it the images of those that '
+                             'asked least recently are let go, and their next question asks for them again')
     parser.add_argument('--max-queue', type=count_argument, default=MAX_QUEUE,
                         help=f'requests waiting at once; past it a request is told the queue is full (default '
                              f'{MAX_QUEUE}; each holds its uploads in memory)')
@@ -85,6 +90,12 @@ def file_size_argument(text: str) -> str:
     return text.strip().lower()
 
 
+def size_bytes(text: str) -> int:
+    """A :func:`file_size_argument`'s bytes, as gradio counts them (1kb = 1024 b)."""
+    number = text.rstrip('btkmg')
+    return int(number) << (10 * ['', 'k', 'm', 'g', 't'].index(text[len(number):-1]))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     problem = port_problem(args.host, args.port)
@@ -105,7 +116,8 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr)
 
     def serve(model) -> None:
-        launch(build_app(WebChat(model, args.max_new_tokens), title=args.title), args.host, args.port,
+        chat = WebChat(model, args.max_new_tokens, kept_bytes=size_bytes(args.max_image_memory))
+        launch(build_app(chat, title=args.title), args.host, args.port,
                max_file_size=args.max_file_size, max_queue=args.max_queue, **({'auth': auth} if auth else {}))
 
     return run_tool(args, 'web_demo', serve, (OSError,), max_num=args.max_num, min_num=args.min_num)

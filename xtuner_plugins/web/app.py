@@ -8,7 +8,7 @@ tile each, as ``tools/chat.py --video``) are shown in the chat and asked about (
 and removed after it); an animated image uploaded as an image is its first frame, and the status line says so. A
 prompt longer than the LLM's context is an error on the page that names the settings to
 lower. Each browser session has its own conversation (kept in a ``gr.State`` and swapped into the one model under
-a lock).
+a lock); the images conversations keep are held within one budget for the server (``web/kept.py``).
 
 For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the whole answer
 out, asked greedily in a new conversation with the folder's tiling, so it equals ``tools/chat.py FOLDER --image
@@ -23,7 +23,6 @@ wiring to the model is ours.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from xtuner_plugins.data.video import load_video, probe_video
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 from xtuner_plugins.models.prompt import PromptTooLong
 from xtuner_plugins.web.guard import CONVERSATION_TTL_S, question_problem, settings_problem
+from xtuner_plugins.web.kept import DEFAULT_KEPT_BYTES, Kept, KeptImages, stored
 
 #: gradio's cache of uploads: every hour, the files over a day old are removed (gradio kept them all, for ever)
 DELETE_CACHE = (3600, 86400)
@@ -53,11 +53,13 @@ MAX_DECODED_PIXELS = 20_000_000_000
 
 
 class WebChat:
-    """One model shared by every browser session; answers one question at a time (``lock``)."""
+    """One model shared by every browser session; answers one question at a time (``lock``). The sessions'
+    conversations keep their images in ``kept``, at most ``kept_bytes`` of them (``web/kept.py``)."""
 
-    def __init__(self, model: ConvertedModel, max_new_tokens: int = 512):
+    def __init__(self, model: ConvertedModel, max_new_tokens: int = 512, kept_bytes: int = DEFAULT_KEPT_BYTES):
         self.model, self.max_new_tokens = model, max_new_tokens
         self.lock = threading.Lock()
+        self.kept = KeptImages(kept_bytes)
 
     @property
     def tiles_apply(self) -> bool:
@@ -67,32 +69,41 @@ class WebChat:
     def _ask(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
              tiling: Optional[dict] = None, streamer=None, video: Optional[list] = None):
         """Answer one turn of ``conversation`` under the lock; returns the answer and the conversation after it.
-        ``ValueError`` when its images would pass :data:`MAX_CONVERSATION_PIXELS` (read from their headers)."""
+        ``ValueError`` when its images would pass :data:`MAX_CONVERSATION_PIXELS` (read from their headers), ``LetGo``
+        when they were let go (``web/kept.py``)."""
         check_pixels(list(images) + list(video or ()), conversation)
         with self.lock:
+            resumed = self.kept.resolve(conversation)
             saved = dict(getattr(self.model, 'tiling', {}))
             if tiling and self.tiles_apply:
                 self.model.tiling.update(tiling)
-            self.model.resume(conversation)
+            self.model.resume(resumed)
             try:
                 answer = self.model.ask(question, list(images), generation, streamer=streamer,
                                         **({} if video is None else dict(video=video)))
-                return answer, self._kept(self.model.conversation(), list(images if video is None else video),
-                                          video is not None)
+                return answer, self._kept(self.model.conversation(), conversation,
+                                          list(images if video is None else video), video is not None)
             finally:
                 if self.tiles_apply:
                     self.model.tiling = saved
                 self.model.reset()
 
-    def _kept(self, conversation: dict, sources: list, video: bool) -> dict:
-        """``conversation`` with this turn's images (or video frames) as what a session keeps of them: each file's
-        bytes (a path), else a PNG of its pixels, which the model reads back to the same pixels next turn. Kept
-        decoded, a 280 kB upload of a 9400 x 9400 PNG held 340 MB for as long as gradio keeps the session."""
+    def _kept(self, conversation: dict, before: Optional[dict], sources: list, video: bool) -> dict:
+        """``conversation`` with the images ``before`` held as it held them (:class:`Kept`), and this turn's images
+        (or video frames) kept in ``self.kept``: each file's bytes (a path), else a PNG of its pixels, which the
+        model reads back to the same pixels next turn. Kept decoded, a 280 kB upload of a 9400 x 9400 PNG held
+        340 MB for as long as gradio keeps the session."""
+        for key in ('images', 'videos'):
+            earlier = (before or {}).get(key)
+            if earlier:
+                conversation[key][:len(earlier)] = earlier
         if not sources:
             return conversation
         key = 'videos' if video and self.model.format in ('hf', 'llava') else 'images'
         held = conversation[key][-1] if key == 'videos' else conversation[key][-len(sources):]
-        kept = [stored(source, image) for source, image in zip(sources, held)]
+        owner = self.kept.owner(before)
+        kept = [self.kept.keep(owner, data, pixels_of(data))
+                for data in (stored(source, image) for source, image in zip(sources, held))]
         if key == 'videos':
             conversation[key][-1] = kept
         else:
@@ -167,32 +178,13 @@ class Stoppable:
         self.streamer.end()
 
 
-def stored(source, image) -> bytes:
-    """What a session keeps of an image it asked about: the bytes of its file (``source`` a path), or of a PNG of
-    ``image``'s pixels (lossless); ``load_image`` reads either back to ``image``'s pixels. A file of more bytes than
-    its pixels need (:func:`padded`: 300 MB after a 32 x 32 PNG's end, named twice a message, held 600 MB more each
-    turn) is kept as the PNG."""
-    if isinstance(source, (str, os.PathLike)) and not padded(os.path.getsize(source), image):
-        with open(source, 'rb') as f:
-            return f.read()
-    if isinstance(source, (bytes, bytearray)) and not padded(len(source), image):
-        return bytes(source)
-    buffer = io.BytesIO()
-    image.save(buffer, format='PNG', compress_level=1)
-    return buffer.getvalue()
-
-
-def padded(size: int, image) -> bool:
-    """Whether a file of ``size`` bytes holds more than ``image``'s pixels could need (4 bytes a pixel, 1 MiB
-    more for its headers and metadata)."""
-    return hasattr(image, 'width') and size > 4 * image.width * image.height + (1 << 20)
-
-
 def pixels_of(source) -> int:
     """An image's pixels from its header (a path or a file's bytes), before anything is decoded, whatever its size
     (one Pillow would refuse as a decompression bomb was counted as 384 megapixels, whatever it had); one that does
     not open, 0 (its loading names it)."""
     from PIL import Image
+    if isinstance(source, Kept):   # an image a conversation keeps
+        return source.pixels
     if isinstance(source, Image.Image):   # a video's frame, decoded already
         return source.width * source.height
     try:
@@ -332,7 +324,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         status = f'Answered in {time.perf_counter() - start:.1f} s. {hint}'.strip()
         yield history, conversation, '', None, None, ' '.join([status] + [f'Note: {n}.' for n in notes])
 
-    def clear():
+    def clear(conversation=None):
+        chat.kept.release(conversation)
         return [], None, '', None, None, 'History cleared.'
 
     # uploads are copied into gradio's cache and kept there; sessions keep their images' bytes, so older copies go
@@ -370,8 +363,8 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         outputs = [chatbot, conversation, question, files, video, status]
         for trigger in (send_button.click, question.submit):
             trigger(send, inputs, outputs, api_visibility='private', concurrency_id='model', concurrency_limit=1)
-        clear_button.click(clear, None, outputs, api_visibility='private')
-        chatbot.clear(clear, None, outputs, api_visibility='private')  # the chat panel's own bin button
+        clear_button.click(clear, conversation, outputs, api_visibility='private')
+        chatbot.clear(clear, conversation, outputs, api_visibility='private')  # the chat panel's own bin button
         # The scripted endpoint: components that never show, an event no button on the page fires.
         with gr.Row(visible=False):
             # The upload as a file: gr.Image would decode it and, for any mode but RGB, rotate it by its EXIF tag

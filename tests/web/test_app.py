@@ -274,3 +274,28 @@ def test_a_request_that_goes_away_stops_generating(setup):
     # the next request is answered as ever
     assert list(chat.stream('What is it?', [], None, dict(GREEDY)))[-1][0] == \
         fresh_answers(setup['folder'], [('What is it?', [])])[0]
+
+
+def test_an_image_over_the_pixel_limit_says_what_the_user_can_do(setup, tmp_path, capsys):
+    """A web user was told to 'raise max_image_pixels', a setting of the server's they cannot reach: the page and
+    /chat say the image's pixels, the server's limit, and to send a smaller one. tools/chat.py, run by whoever
+    runs the model, still says the setting."""
+    import gradio as gr
+    from PIL import Image
+
+    from tools.chat import main as chat_main
+    from xtuner_plugins.web.app import build_app
+    wide = str(tmp_path / 'wide.png')
+    Image.new('1', (10000, 9000)).save(wide)   # 90 megapixels: over Pillow's 89.5, within a conversation's 192
+    app = build_app(setup['chat'])
+    fns = {fn.name: fn.fn for fn in app.fns.values()}
+    said = []
+    for ask in (lambda: fns['api_chat'](wide, 'What is it?'),
+                lambda: list(fns['send']('What is it?', [wide], [], None, 2, True, False, 0.7, 0.9, 4))):
+        with pytest.raises(gr.Error) as error:
+            ask()
+        said.append(error.value.message)
+    assert said[0] == said[1] == ('wide.png has 90,000,000 pixels, more than this server takes in one image '
+                                  '(89,478,485): send a smaller image (scaled down)'), said
+    assert chat_main([setup['folder'], '--image', wide, '--prompt', 'What is it?']) == 2
+    assert 'pixels (raise max_image_pixels if the image is trusted) [image_too_large]' in capsys.readouterr().err

@@ -91,8 +91,7 @@ class WebChat:
     def _kept(self, conversation: dict, before: Optional[dict], sources: list, video: bool) -> dict:
         """``conversation`` with the images ``before`` held as it held them (:class:`Kept`), and this turn's images
         (or video frames) kept in ``self.kept``: each file's bytes (a path), else a PNG of its pixels, which the
-        model reads back to the same pixels next turn. Kept decoded, a 280 kB upload of a 9400 x 9400 PNG held
-        340 MB for as long as gradio keeps the session."""
+        model reads back to the same pixels next turn (kept decoded, a 280 kB PNG of 9400 x 9400 held 340 MB)."""
         for key in ('images', 'videos'):
             earlier = (before or {}).get(key)
             if earlier:
@@ -197,16 +196,23 @@ def pixels_of(source) -> int:
 def check_pixels(new: Sequence, conversation: Optional[dict], budget: Optional[int] = None,
                  frames: Optional[Tuple[int, int]] = None) -> None:
     """``ValueError`` when this turn's images (``new``; or ``frames``: a video's count and pixels each) and those
-    ``conversation`` holds pass ``budget`` pixels (:data:`MAX_CONVERSATION_PIXELS`), saying how many."""
+    ``conversation`` holds pass ``budget`` pixels (:data:`MAX_CONVERSATION_PIXELS`), saying how many; or when one
+    of ``new`` passes the loader's limit for one image, said for the page's user (the loader's words told them to
+    raise ``max_image_pixels``, a setting of the server's, which the web demo has no option for)."""
     budget = MAX_CONVERSATION_PIXELS if budget is None else budget
     held = [i for i in (conversation or {}).get('images') or []]
     held += [f for v in (conversation or {}).get('videos') or [] for f in v]
-    before = sum(pixels_of(i) for i in held)
-    now = frames[0] * frames[1] if frames else sum(pixels_of(i) for i in new)
+    before, each = sum(pixels_of(i) for i in held), [pixels_of(i) for i in new]
+    now = frames[0] * frames[1] if frames else sum(each)
     if before + now > budget:
         raise ValueError(f'too many pixels: this message brings {now / 1e6:.1f} megapixels and the conversation '
                          f'holds {before / 1e6:.1f}; the server takes {budget / 1e6:.0f} per conversation (each turn '
                          'reads them all again): send smaller images or fewer frames, or clear the history')
+    for source, pixels in zip(new, each):
+        if pixels > DEFAULT_MAX_IMAGE_PIXELS:
+            name = os.path.basename(source) if isinstance(source, str) else 'an image'
+            raise ValueError(f'{name} has {pixels:,} pixels, more than this server takes in one image '
+                             f'({DEFAULT_MAX_IMAGE_PIXELS:,}): send a smaller image (scaled down)')
 
 
 def video_frames(path: str, num_frames: int, folder: str):

@@ -117,7 +117,9 @@ def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Option
            max_queue: int = MAX_QUEUE, **kwargs):
     """Serve ``app`` (blocking unless ``prevent_thread_lock=True``); a port in use is a clear error, not
     gradio's search for another one. Past ``max_queue`` requests waiting, gradio tells a new one the queue is full;
-    a request's body past :data:`MAX_REQUEST_BYTES` (uploads aside) is refused (:class:`BodyLimit`)."""
+    a request's body past :data:`MAX_REQUEST_BYTES` (uploads aside) is refused (:class:`BodyLimit`). gradio's start
+    is quiet (its ``quiet``), its address said here: gradio said too 'To create a public link, set `share=True`',
+    an option the web demo does not have (its tunnel would put the model on the internet)."""
     import gradio as gr
     problem = port_problem(host, port)
     if problem:
@@ -127,10 +129,17 @@ def launch(app, host: str = '127.0.0.1', port: int = 7860, allowed_paths: Option
     app_kwargs = dict(kwargs.pop('app_kwargs', None) or {})
     app_kwargs['middleware'] = list(app_kwargs.get('middleware') or ()) + [Middleware(BodyLimit)]
     start_forgetting(app)   # gradio keeps every finished event's request (guard.py)
-    return app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
-                                                show_error=True, theme=theme, allowed_paths=allowed_paths,
-                                                footer_links=['api'], state_session_capacity=SESSION_CAPACITY,
-                                                app_kwargs=app_kwargs, **kwargs)
+    quiet, wait = kwargs.pop('quiet', False), not kwargs.pop('prevent_thread_lock', False)
+    result = app.queue(max_size=max_queue).launch(server_name=host, server_port=port, share=False, ssr_mode=False,
+                                                  show_error=True, theme=theme, allowed_paths=allowed_paths,
+                                                  footer_links=['api'], state_session_capacity=SESSION_CAPACITY,
+                                                  app_kwargs=app_kwargs, quiet=True, prevent_thread_lock=True,
+                                                  **kwargs)
+    if not quiet:
+        print(f'* Running on local URL:  {app.local_url.rstrip("/")}', flush=True)
+    if wait:
+        app.block_thread()   # as gradio's launch does when not told prevent_thread_lock
+    return result
 
 
 def environment_defaults() -> None:

@@ -5,6 +5,7 @@ training pipeline builds for the same question, and greedy ``chat`` output equal
 training model's forward (``test_export_families.greedy_with_training_model``).
 """
 
+import json
 
 import pytest
 import torch
@@ -307,6 +308,38 @@ def test_chat_tool_names_a_bad_image_in_one_line(tmp_path, capsys, problem):
     err = capsys.readouterr().err
     reason = 'missing_image' if problem == 'missing' else 'corrupt_image'
     assert err.startswith(f'chat: error: {path}: ') and err.endswith(f'[{reason}]\n') and err.count('\n') == 1, err
+
+
+def test_chat_and_eval_take_an_image_past_pillows_limit_with_max_image_pixels(setup, capsys, tmp_path):
+    """An image past Pillow's decompression-bomb limit was refused by chat and eval, told to 'raise
+    max_image_pixels', a data set's setting neither tool has: --max-image-pixels raises it for the tool's run."""
+    from PIL import Image
+
+    from tools.eval import main as eval_main
+    from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
+    wide = str(tmp_path / 'wide.png')
+    Image.new('1', (10000, 9000)).save(wide)   # 90 megapixels: over Pillow's 89.5
+    assert chat_main([setup['folder'], '--image', wide, '--prompt', 'What is it?', '--max-new-tokens', '2']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'chat: error: {wide}: 10000x9000 = 90000000 pixels is over the decompression-bomb limit '
+                          f'of {DEFAULT_MAX_IMAGE_PIXELS} pixels (raise --max-image-pixels if the image is trusted) '
+                          '[image_too_large]'), err
+    assert chat_main([setup['folder'], '--image', wide, '--prompt', 'What is it?', '--max-new-tokens', '2',
+                      '--max-image-pixels', '90000000']) == 0, capsys.readouterr().err
+    data = tmp_path / 'q.jsonl'
+    data.write_text(json.dumps({'image': 'wide.png', 'conversations': [
+        {'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': 'black'}]}) + '\n')
+    eval_args = [setup['folder'], '--data', str(data), '--no-blind', '--max-new-tokens', '2']
+    capsys.readouterr()
+    eval_main(eval_args)
+    assert 'raise --max-image-pixels' in capsys.readouterr().err
+    assert eval_main(eval_args + ['--max-image-pixels', '0']) == 0
+    assert 'image_too_large' not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        chat_main([setup['folder'], '--image', wide, '--prompt', 'x', '--max-image-pixels', '-1'])
+    assert stopped.value.code == 2 and '--max-image-pixels -1: give a number of pixels' in capsys.readouterr().err
+    from xtuner_plugins.data import image_io
+    assert image_io._PROCESS_LIMIT == dict(pixels=DEFAULT_MAX_IMAGE_PIXELS, setting='max_image_pixels')   # (after)
 
 
 class EmptyAnswers:

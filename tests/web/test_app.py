@@ -298,4 +298,4 @@ def test_an_image_over_the_pixel_limit_says_what_the_user_can_do(setup, tmp_path
     assert said[0] == said[1] == ('wide.png has 90,000,000 pixels, more than this server takes in one image '
                                   '(89,478,485): send a smaller image (scaled down)'), said
     assert chat_main([setup['folder'], '--image', wide, '--prompt', 'What is it?']) == 2
-    assert 'pixels (raise max_image_pixels if the image is trusted) [image_too_large]' in capsys.readouterr().err
+    assert 'pixels (raise --max-image-pixels if the image is trusted) [image_too_large]' in capsys.readouterr().err

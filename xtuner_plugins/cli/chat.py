@@ -38,8 +38,9 @@ import torch
 from xtuner_plugins.data.errors import SampleError
 from xtuner_plugins.data.image_io import frame_note, load_image
 from xtuner_plugins.data.video import load_video, probe_video
-from xtuner_plugins.cli.tool_args import (add_model_arguments, add_tiling_arguments, check_model_arguments,
-                                          count_argument, run_tool, sampling_argument, tool_error, top_k_argument)
+from xtuner_plugins.cli.tool_args import (add_image_limit_argument, add_model_arguments, add_tiling_arguments,
+                                          check_model_arguments, count_argument, image_limit, run_tool,
+                                          sampling_argument, tool_error, top_k_argument)
 from xtuner_plugins.models.inference import ConvertedModel, empty_answer_hint, frames_note
 
 
@@ -207,6 +208,7 @@ def parse_args(argv=None):
     parser.add_argument('--top-k', type=top_k_argument, default=50, help='0: no top-k filtering')
     parser.add_argument('--repetition-penalty', type=sampling_argument(0), default=1.0)
     parser.add_argument('--seed', type=int, default=0)
+    add_image_limit_argument(parser)
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
     if args.video and args.image:
@@ -221,6 +223,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with image_limit(args):
+        return _chat(args)
+
+
+def _chat(args) -> int:
     problem = image_problem(args.image)  # before the model loads
     if problem:
         return tool_error('chat', problem)

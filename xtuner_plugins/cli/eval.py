@@ -56,7 +56,8 @@ from xtuner_plugins.eval.evaluate import MC_MODES
 from xtuner_plugins.eval.answers import AnswersFile, AnswersUnwritten, model_identity
 from xtuner_plugins.eval.scoring import METRICS
 from xtuner_plugins.models.inference import frames_note
-from xtuner_plugins.cli.tool_args import add_model_arguments, check_model_arguments, run_tool, tool_error
+from xtuner_plugins.cli.tool_args import (add_image_limit_argument, add_model_arguments, check_model_arguments,
+                                          image_limit, run_tool, tool_error)
 
 
 def count(text: str) -> int:
@@ -99,6 +100,7 @@ def parse_args(argv=None):
                                      'removed once the report is written)')
     p.add_argument('--resume', action='store_true',
                    help='continue the evaluation whose answers file exists: ask only the questions not answered')
+    add_image_limit_argument(p)
     args = p.parse_args(argv)
     check_model_arguments(p, args)  # --dtype and --device: checked by their types (add_model_arguments)
     if args.answers is None and args.out:
@@ -258,6 +260,11 @@ def shown_of(sources) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with image_limit(args):
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     try:
         for path in (args.out, args.answers):
             if path:

@@ -260,7 +260,25 @@ def add_tiling_arguments(parser, image_size: bool = True) -> None:
                                  "tokens per tile are fixed by it), the default")
 
 
+def add_image_limit_argument(parser) -> None:
+    """``--max-image-pixels`` of the tools that read a user's own images (chat, eval): Pillow's decompression-bomb
+    limit by default; :func:`image_limit` holds it over the tool's run."""
+    from xtuner_plugins.data.image_io import DEFAULT_MAX_IMAGE_PIXELS
+    parser.add_argument('--max-image-pixels', type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help=f'larger images are refused (default Pillow\'s decompression-bomb limit, '
+                             f'{DEFAULT_MAX_IMAGE_PIXELS}; 0: no limit, for images you trust)')
+
+
+def image_limit(args):
+    """The images' limit of a tool's run (``--max-image-pixels``; 0: none), as a context."""
+    from xtuner_plugins.data.image_io import max_image_pixels_within
+    return max_image_pixels_within(args.max_image_pixels or None, '--max-image-pixels')
+
+
 def check_model_arguments(parser, args) -> None:
+    limit = getattr(args, 'max_image_pixels', None)
+    if limit is not None and limit < 0:
+        parser.error(f'--max-image-pixels {limit}: give a number of pixels, or 0 for no limit')
     if (args.config or args.cfg_options or args.remap) and not args.checkpoint:
         parser.error('--config, --cfg-options and --remap go with --checkpoint')
     if (args.folder is None) == (args.checkpoint is None):

@@ -59,6 +59,29 @@ from .errors import SampleError
 
 #: Pillow's own decompression-bomb threshold (pixels); images above it are refused by default.
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+#: the limit where a caller of :func:`load_image` / :func:`read_image_size` gives none, and the setting that raises
+#: it: Pillow's and the data set's ``max_image_pixels``, or what a tool was given (:func:`max_image_pixels_within`)
+_PROCESS_LIMIT = {'pixels': DEFAULT_MAX_IMAGE_PIXELS, 'setting': 'max_image_pixels'}
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def max_image_pixels_within(pixels: Optional[int], setting: str):
+    """Within, the limit of images where a caller gives none (None: none), and the setting that raises it in
+    messages: chat's and eval's ``--max-image-pixels``, over their run. Their images were refused past Pillow's
+    limit, told to 'raise max_image_pixels', a data set's setting these tools do not have."""
+    before = dict(_PROCESS_LIMIT)
+    _PROCESS_LIMIT.update(pixels=pixels, setting=setting)
+    try:
+        yield
+    finally:
+        _PROCESS_LIMIT.update(before)
+
+
+def _pixel_limit(max_pixels) -> Tuple[Optional[int], str]:
+    if max_pixels is _UNSET:
+        return _PROCESS_LIMIT['pixels'], _PROCESS_LIMIT['setting']
+    return max_pixels, 'max_image_pixels'
 
 #: What :func:`load_image` takes: a file's path, its bytes, or an image already open (only converted).
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
@@ -229,12 +252,12 @@ def near_miss(path: str) -> str:
     return ''
 
 
-def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int]) -> None:
+def _check_pixels(name: str, size: Tuple[int, int], max_pixels: Optional[int], setting: str) -> None:
     if max_pixels is not None and size[0] * size[1] > max_pixels:
         raise SampleError(
             'image_too_large',
             f'{name}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the decompression-bomb limit of '
-            f'{max_pixels} pixels (raise max_image_pixels if the image is trusted)')
+            f'{max_pixels} pixels (raise {setting} if the image is trusted)')
 
 
 @contextlib.contextmanager
@@ -255,7 +278,8 @@ def _pillow_limit(max_pixels: Optional[int]):
 
 
 @contextlib.contextmanager
-def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[str] = None):
+def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[str] = None,
+                setting: str = 'max_image_pixels'):
     """``Image.open`` of a path or of a file's bytes, every failure a :class:`SampleError` (``action`` names the
     step; ``name`` the bytes' origin in messages)."""
     if isinstance(source, (bytes, bytearray)):
@@ -276,12 +300,12 @@ def _open_image(source, max_pixels: Optional[int], action: str, name: Optional[s
             with _pillow_limit(None):   # the header only: the size is checked next, in this project's words
                 img = Image.open(source)
             with img, _pillow_limit(max_pixels):
-                _check_pixels(name, img.size, max_pixels)
+                _check_pixels(name, img.size, max_pixels, setting)
                 yield img
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:   # (a frame of a GIF, a TIFF page, larger than the first)
-        raise SampleError('image_too_large', f'{name}: {exc} (the limit is max_image_pixels, {max_pixels}: raise it '
+        raise SampleError('image_too_large', f'{name}: {exc} (the limit is {setting}, {max_pixels}: raise it '
                                              f'if the image is trusted)') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if _empty(source):
@@ -301,11 +325,12 @@ def _empty(source) -> bool:
         return False
 
 
-def read_image_size(path: Union[str, bytes], max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-                    name: Optional[str] = None) -> Tuple[int, int]:
+def read_image_size(path: Union[str, bytes], max_pixels=_UNSET, name: Optional[str] = None) -> Tuple[int, int]:
     """Return ``(width, height)`` from the file header (or the file's bytes, named ``name``), without decoding the
-    pixels (the stored size: no EXIF orientation, as :func:`load_image`)."""
-    with _open_image(path, max_pixels, 'read image header of', name) as img:
+    pixels (the stored size: no EXIF orientation, as :func:`load_image`). ``max_pixels``: the limit (None: none;
+    not given: the process's, :func:`max_image_pixels_within`)."""
+    max_pixels, setting = _pixel_limit(max_pixels)
+    with _open_image(path, max_pixels, 'read image header of', name, setting) as img:
         return img.size
 
 
@@ -331,8 +356,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def load_image(source: ImageSource, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-               name: Optional[str] = None) -> Image.Image:
+def load_image(source: ImageSource, max_pixels=_UNSET, name: Optional[str] = None) -> Image.Image:
     """The package's one image loader: a file (its path, or its bytes; ``name`` says where the bytes come from in
     messages) decoded fully and returned as RGB by the module's rule (modes converted, EXIF orientation not
     applied). An image already open is only converted by that rule.
@@ -343,7 +367,8 @@ def load_image(source: ImageSource, max_pixels: Optional[int] = DEFAULT_MAX_IMAG
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    with _open_image(source, max_pixels, 'decode image', name) as img:
+    max_pixels, setting = _pixel_limit(max_pixels)
+    with _open_image(source, max_pixels, 'decode image', name, setting) as img:
         img.load()  # raises OSError on truncated data (Pillow's LOAD_TRUNCATED_IMAGES is off)
         return to_rgb(img)
 

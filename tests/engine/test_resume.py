@@ -67,7 +67,8 @@ def test_resume_reads_the_pointer_against_its_work_folder(tmp_path):
     assert str(refused.value) == (
         f'resume=True: {copy / "last_checkpoint"} names {original / "iter_4.pth"}, which is not in this work folder '
         f'({copy}; moved or copied from elsewhere?), and {copy} has no iter_4.pth; give the checkpoint to resume '
-        f'from with --resume PATH, or delete {copy / "last_checkpoint"} to start this run over')
+        f'from with --resume PATH, or delete {copy / "last_checkpoint"} (and move away the checkpoints beside it) '
+        'to start this run over')
     (copy / 'last_checkpoint').write_text('')
     with pytest.raises(ResumeError, match='last_checkpoint is empty'):
         resume_target(str(copy))
@@ -345,3 +346,25 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
     assert 'a checkpoint saved without DeepSpeed (one file)' in saved_kind_refusal(str(file), DeepSpeedStrategy())
     assert saved_kind_refusal(str(file), None) is None and saved_kind_refusal(str(folder), DeepSpeedStrategy()) is None
     assert saved_kind_refusal(str(tmp_path / 'gone.pth'), DeepSpeedStrategy()) is None   # said by the resume itself
+
+
+def test_resume_true_without_the_pointer_beside_checkpoints_is_refused_not_started_over(tmp_path, capsys):
+    """Before, ``resume=True`` in a work folder holding iter_2.pth and iter_4.pth but no ``last_checkpoint`` (a disk
+    that filled as the first pointer was written, a folder copied without it) logged 'Did not find last_checkpoint'
+    and trained from iteration 0, writing its own iter_2.pth and iter_4.pth over the saved ones. Refused now,
+    naming the newest checkpoint; the files are left as they were."""
+    first = tmp_path / 'run'
+    toy_runner(first, 'nopointer-first', max_iters=4, save_every=2)
+    os.remove(first / 'last_checkpoint')
+    saved = {name: (first / name).read_bytes() for name in ('iter_2.pth', 'iter_4.pth')}
+    with pytest.raises(ResumeError) as refused:
+        resume_target(str(first))
+    assert str(refused.value) == (
+        f'resume=True: {first} holds checkpoints (iter_2.pth, iter_4.pth) but no last_checkpoint, the pointer '
+        f'resume=True follows; give the one to resume from with --resume PATH (the newest: {first / "iter_4.pth"}), '
+        'or move them away (or give another --work-dir) to start this run over')
+    with pytest.raises(SystemExit) as stopped:
+        toy_runner(first, 'nopointer-resumed', max_iters=6, save_every=2, resume=True)
+    assert stopped.value.code == 2 and f'train: refused: {refused.value}' in capsys.readouterr().err
+    assert {name: (first / name).read_bytes() for name in saved} == saved
+    assert not (first / 'iter_6.pth').exists()

@@ -96,16 +96,26 @@ def _same_dir(a: str, b: str) -> bool:
 
 def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional[str], str]:
     """``(checkpoint, note)``: what ``WORK_DIR/last_checkpoint`` names, read against ``work_dir`` (module
-    docstring); ``(None, '')`` without a pointer; ``note`` says when a checkpoint of the same name in the work
+    docstring); ``(None, '')`` without a pointer and checkpoints (checkpoints without it: refused, a resume from
+    nothing would write over them); ``note`` says when a checkpoint of the same name in the work
     folder replaced one outside it. ``out_dirs``: other folders the run saves its checkpoints to.
     Raises :class:`ResumeError` when the pointer names nothing that can be loaded."""
     pointer = os.path.join(work_dir, POINTER)
     if not os.path.isfile(pointer):
+        from xtuner_plugins.engine.refusals import _listed
+        from xtuner_plugins.outcome import find_checkpoints
+        saved = sorted((c for d in (work_dir, *out_dirs) for c in find_checkpoints(d)),
+                       key=lambda c: int(os.path.basename(c)[:-4].rpartition('_')[2]))   # (iter|epoch)_N.pth
+        if saved:   # a resume from nothing would write its own iter_N.pth over them
+            names = _listed([os.path.basename(c) for c in saved])
+            raise ResumeError(f'resume=True: {work_dir} holds checkpoints ({names}) but no {POINTER}, the pointer '
+                              f'resume=True follows; give the one to resume from with --resume PATH (the newest: '
+                              f'{saved[-1]}), or move them away (or give another --work-dir) to start this run over')
         return None, ''
     with open(pointer, encoding='utf-8') as f:
         named = f.read().strip()
-    restart = (f'give the checkpoint to resume from with --resume PATH, or delete {pointer} to start this run '
-               'over')
+    restart = (f'give the checkpoint to resume from with --resume PATH, or delete {pointer} (and move away the '
+               'checkpoints beside it) to start this run over')
     if not named:
         raise ResumeError(f'resume=True: {pointer} is empty; {restart}')
     if not os.path.isabs(named):

@@ -99,6 +99,7 @@ def test_a_failed_run_ends_naming_its_log_and_what_to_do(tmp_path):
     (work / '20260101_000000').mkdir(parents=True)
     (work / '20260101_000000' / '20260101_000000.log').write_text('...')
     (work / 'iter_20.pth').write_bytes(b'x')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_20.pth'))   # (resume=True follows it)
     assert next_steps(str(work), time.time()) == (
         f"the run's log: {work}/20260101_000000/20260101_000000.log; the traceback is above: fix its cause and run "
         f"again; --cfg-options resume=True continues from {work}/iter_20.pth")

@@ -244,6 +244,7 @@ def test_a_failed_resume_is_not_told_to_resume(tmp_path):
 
     from xtuner_plugins.cli.train_closing import next_steps
     (tmp_path / 'iter_4.pth').write_text('x')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
     os.utime(tmp_path / 'iter_4.pth', (time.time() - 100, time.time() - 100))
     since = time.time()
     fresh = next_steps(str(tmp_path), since, argv=['cfg.py'])
@@ -252,8 +253,28 @@ def test_a_failed_resume_is_not_told_to_resume(tmp_path):
         said = next_steps(str(tmp_path), since, argv=argv)
         assert 'resume=True continues' not in said and 'start a new run from its weights' in said, said
     (tmp_path / 'iter_6.pth').write_text('x')   # saved by this run before it failed
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_6.pth'))
     said = next_steps(str(tmp_path), since, argv=['cfg.py', '--resume', 'x/iter_4.pth'])
     assert said.endswith(f'resume=True continues from {tmp_path}/iter_6.pth'), said
+
+
+def test_a_failed_run_whose_pointer_is_behind_is_told_the_resume_that_takes_its_newest_checkpoint(tmp_path):
+    """A disk that filled as ``last_checkpoint`` was written after iter_4.pth: the closing line said
+    '--cfg-options resume=True continues from WORK/iter_4.pth', yet resume=True follows the pointer, which still
+    named iter_3.pth, and its saves then replaced iter_4.pth (without a pointer at all, resume=True started over).
+    It names the command that continues from iter_4.pth now."""
+    from xtuner_plugins.cli.train_closing import next_steps
+    for name in ('iter_3.pth', 'iter_4.pth'):
+        (tmp_path / name).write_text('x')
+    newest = tmp_path / 'iter_4.pth'
+    for pointer in (str(tmp_path / 'iter_3.pth'), None, str(tmp_path / 'gone' / 'iter_9.pth')):
+        if pointer:
+            (tmp_path / 'last_checkpoint').write_text(pointer)
+        elif (tmp_path / 'last_checkpoint').exists():
+            (tmp_path / 'last_checkpoint').unlink()
+        said = next_steps(str(tmp_path), 0.0, argv=['cfg.py'])
+        assert said.endswith(f'; --resume {newest} continues from it ({tmp_path / "last_checkpoint"}, which '
+                             'resume=True follows, does not name it)'), (pointer, said)
 
 
 def test_a_resume_path_that_names_no_checkpoint_is_one_line(tmp_path):

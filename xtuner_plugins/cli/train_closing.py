@@ -32,6 +32,17 @@ def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
     return f'train: {how} {where}; last checkpoint {checkpoint}; resume: {resume_command(argv, checkpoint)}'
 
 
+def _pointer_names(work_dir: str, checkpoint: str) -> bool:
+    """Whether ``resume=True`` in ``work_dir`` takes ``checkpoint``: its ``last_checkpoint`` names it (a disk that
+    filled as the pointer was written leaves it naming the checkpoint before, or leaves none)."""
+    from xtuner_plugins.engine.resume import ResumeError, resume_target
+    try:
+        taken = resume_target(work_dir)[0]
+    except ResumeError:
+        return False
+    return taken is not None and os.path.realpath(taken) == os.path.realpath(checkpoint)
+
+
 def next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) -> str:
     """Where this run's log is, and what to do (``traceback``: one was printed above). A resume that failed before
     it saved a checkpoint is not told to resume (it recommended the command that had just failed)."""
@@ -40,6 +51,9 @@ def next_steps(work_dir: str, since: float, traceback: bool = True, argv=None) -
         f'no run log was written (the run stopped before it started; its log would be under {work_dir}/<timestamp>/)'
     checkpoints = find_checkpoints(work_dir) if os.path.isdir(work_dir) else []
     resume = f'; --cfg-options resume=True continues from {checkpoints[-1]}' if checkpoints else ''
+    if checkpoints and not _pointer_names(work_dir, checkpoints[-1]):   # resume=True would take another, or none
+        resume = (f'; --resume {checkpoints[-1]} continues from it ({os.path.join(work_dir, "last_checkpoint")}, which '
+                  'resume=True follows, does not name it)')
     saved_here = bool(checkpoints) and os.path.getmtime(checkpoints[-1]) >= since - 1
     if resuming(sys.argv[1:] if argv is None else argv) and not saved_here:   # the resume itself failed
         resume = ('; this run was a resume: if the checkpoint is the problem, start a new run from its weights '

@@ -70,6 +70,27 @@ def test_a_resume_stopped_before_its_first_save_is_told_to_resume_again(tmp_path
                          f'--work-dir {work} starts over'), line
 
 
+
+def test_a_run_stopped_between_a_save_and_its_pointer_is_told_the_resume_that_is_taken(tmp_path):
+    """Ctrl-C while ``last_checkpoint`` was written after iter_3.pth (its temporary file being synced): the line
+    said 'last checkpoint WORK/iter_2.pth; resume: ... --resume WORK/iter_2.pth', the pointer's, and that command
+    was refused ('this work folder holds later checkpoints (iter_3.pth)'). It names iter_3.pth now, and with the
+    pointer at the newest (or none in the folder) the line is as before."""
+    from xtuner_plugins.cli.train_closing import interrupted_line
+    work = tmp_path / 'w'
+    work.mkdir()
+    for name in ('iter_2.pth', 'iter_3.pth'):
+        (work / name).write_text('x')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_2.pth'))
+    argv = ['tools/train.py', 'c.py', '--work-dir', str(work)]
+    line = interrupted_line(str(work), argv)
+    assert f'; last checkpoint {work / "iter_3.pth"}; resume: ' in line and line.endswith(
+        f'--resume {work / "iter_3.pth"}'), line
+    (work / 'last_checkpoint').unlink()
+    assert interrupted_line(str(work), argv).endswith(f'--resume {work / "iter_3.pth"}')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_3.pth'))
+    assert interrupted_line(str(work), argv).endswith(f'--resume {work / "iter_3.pth"}')
+
 def interrupted_run(tmp_path, options, ready, sig=signal.SIGINT, group=True, extra_args=(), signals=1,
                     worker=False):
     """The toy run with ``options``, ``sig`` to its process group (SIGINT: as Ctrl-C in a terminal), to its

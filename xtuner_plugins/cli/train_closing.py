@@ -14,14 +14,17 @@ from xtuner_plugins.outcome import find_checkpoints
 
 def interrupted_line(work_dir: str, argv, how: str = 'interrupted') -> str:
     """``train: interrupted at iteration N; last checkpoint PATH (or none); resume: COMMAND``: the iteration under
-    way (MMEngine's message hub), the work folder's last checkpoint and ``argv`` run again from it (``how``:
-    ``stopped by SIGTERM`` in place of ``interrupted``)."""
+    way (MMEngine's message hub), the work folder's last checkpoint (its newest where the pointer names another) and
+    ``argv`` run again from it (``how``: ``stopped by SIGTERM`` in place of ``interrupted``)."""
     from mmengine.logging import MessageHub
 
     from xtuner_plugins.engine.progress import last_checkpoint
     info = MessageHub.get_current_instance().runtime_info
     where = f'at iteration {info["iter"] + 1}' if isinstance(info.get('iter'), int) else 'before training started'
     checkpoint = last_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    saved = find_checkpoints(work_dir)
+    if saved and not _pointer_names(work_dir, saved[-1]):   # a stop between a save and its pointer: --resume of the
+        checkpoint = saved[-1]                              # pointer's would be refused (later checkpoints here)
     given = resumed_from(argv)
     if checkpoint is None and given:   # (the command without its --resume started over: the progress lost)
         return (f'train: {how} {where}; nothing saved in {work_dir}; resume: {resume_command(argv, given)} '

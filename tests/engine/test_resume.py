@@ -339,6 +339,7 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
         pass
     folder, file = tmp_path / 'ds' / 'iter_2.pth', tmp_path / 'iter_2.pth'
     folder.mkdir(parents=True), file.write_bytes(b'x')
+    (folder / 'mp_rank_00_model_states.pt').write_bytes(b'x')
     assert saved_kind_refusal(str(folder), None).endswith('this run trains without --deepspeed; resume it with '
                                                           'the --deepspeed it was saved with, or start a new run '
                                                           'from its weights (model.pretrained_pth=PATH, another '
@@ -346,6 +347,13 @@ def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
     assert 'a checkpoint saved without DeepSpeed (one file)' in saved_kind_refusal(str(file), DeepSpeedStrategy())
     assert saved_kind_refusal(str(file), None) is None and saved_kind_refusal(str(folder), DeepSpeedStrategy()) is None
     assert saved_kind_refusal(str(tmp_path / 'gone.pth'), DeepSpeedStrategy()) is None   # said by the resume itself
+    # a folder in a checkpoint's name that DeepSpeed did not save (an empty one, a copy gone wrong): it was called
+    # 'a DeepSpeed checkpoint' and the run told to resume it under --deepspeed
+    (tmp_path / 'iter_4.pth').mkdir()
+    for strategy in (None, DeepSpeedStrategy()):
+        assert saved_kind_refusal(str(tmp_path / 'iter_4.pth'), strategy) == (
+            f'--resume {tmp_path / "iter_4.pth"}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
+            '*model_states.pt; other checkpoints are one file); resume from another checkpoint')
 
 
 def test_resume_true_without_the_pointer_beside_checkpoints_is_refused_not_started_over(tmp_path, capsys):

@@ -277,8 +277,12 @@ def setting_conflicts(filename: str, cfg) -> List[str]:
 
 def saved_kind_refusal(filename: str, strategy) -> Optional[str]:
     """Why ``filename`` cannot be resumed by this run: a DeepSpeed checkpoint (a folder of partitions) without
-    ``--deepspeed``, or a plain one (a file) under it; None when it fits."""
+    ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save; None when it fits."""
+    from xtuner_plugins.outcome import deepspeed_checkpoint
     deepspeed = type(strategy).__name__ == 'DeepSpeedStrategy'
+    if os.path.isdir(filename) and not deepspeed_checkpoint(filename):
+        return (f'--resume {filename}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
+                '*model_states.pt; other checkpoints are one file); resume from another checkpoint')
     if os.path.isdir(filename) == deepspeed or not os.path.exists(filename):
         return None
     if deepspeed:

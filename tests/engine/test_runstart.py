@@ -234,6 +234,16 @@ def test_a_work_dir_this_user_cannot_write_or_a_models_own_folder_is_one_line(tm
     assert work_dir_refusal(dict(work_dir=str(locked))) == f'--work-dir {locked} is not writable by this user'
     assert work_dir_refusal(dict(work_dir=str(locked / 'a' / 'b'))) == (
         f'--work-dir {locked}/a/b cannot be made: {locked} is not writable by this user')
+    # a read-only mount (a snapshot, a dataset volume) refuses root too: it was said to be this user's permission
+    from types import SimpleNamespace
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, 'statvfs', lambda path: SimpleNamespace(f_flag=os.ST_RDONLY) if str(path) == str(
+        locked) else statvfs(path))
+    assert work_dir_refusal(dict(work_dir=str(locked))) == (
+        f'--work-dir {locked} is on a read-only file system; give a --work-dir on a disk that can be written')
+    assert work_dir_refusal(dict(work_dir=str(locked / 'a'))) == (
+        f'--work-dir {locked}/a cannot be made: {locked} is on a read-only file system; give a --work-dir on a '
+        'disk that can be written')
     monkeypatch.undo()
     llm, vit = tmp_path / 'llm', tmp_path / 'vit'
     llm.mkdir()

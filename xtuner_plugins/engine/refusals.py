@@ -30,6 +30,14 @@ from typing import List, Mapping, Optional
 LEAST_FREE = 16 * 2 ** 20
 
 
+def _read_only(folder: str) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def work_dir_refusal(cfg: Mapping) -> Optional[str]:
     """Why the work folder cannot be one (a file, a symbolic link to nothing or a folder under one, under a file, not writable by this
     user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
@@ -52,6 +60,10 @@ def work_dir_refusal(cfg: Mapping) -> Optional[str]:
     if not os.path.isdir(above):
         return f'--work-dir {work_dir} cannot be made: {above} is a file, not a folder'
     if not os.access(above, os.W_OK | os.X_OK):
+        if _read_only(above):   # (root included: not a matter of permissions)
+            ro = 'is on a read-only file system; give a --work-dir on a disk that can be written'
+            return (f'--work-dir {work_dir} {ro}' if above == os.path.abspath(work_dir) else
+                    f'--work-dir {work_dir} cannot be made: {above} {ro}')
         return (f'--work-dir {work_dir} is not writable by this user' if above == os.path.abspath(work_dir) else
                 f'--work-dir {work_dir} cannot be made: {above} is not writable by this user')
     free = shutil.disk_usage(above).free

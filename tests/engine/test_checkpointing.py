@@ -66,6 +66,23 @@ def test_only_what_a_save_leaves_is_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
+
+def test_what_a_killed_save_left_in_the_checkpoint_folder_elsewhere_is_removed(tmp_path):
+    """A run whose checkpoints go to ``default_hooks.checkpoint.out_dir`` (MMEngine's OUT/<work folder's name>),
+    SIGKILLed while it wrote iter_4.pth: its ``.iter_4.pth.XXXXXXXX.tmp`` (a checkpoint's size) stayed there after
+    every resume, only the work folder was cleaned. That folder is this run's (it locks it), and is cleaned too;
+    the out_dir above it, which runs of other names share, is not."""
+    work, out = tmp_path / 'run', tmp_path / 'disk'
+    work.mkdir()
+    (out / 'run').mkdir(parents=True)
+    for folder in (out / 'run', out):
+        (folder / '.iter_4.pth.k2x_9abc.tmp').write_text('half')
+        (folder / 'iter_2.pth').write_text('kept')
+    cfg = dict(work_dir=str(work), default_hooks=dict(checkpoint=dict(type='CheckpointHook', out_dir=str(out))))
+    CheckpointCleanupHook().before_run(SimpleNamespace(work_dir=str(work), cfg=cfg))
+    assert os.listdir(out / 'run') == ['iter_2.pth']
+    assert sorted(os.listdir(out)) == ['.iter_4.pth.k2x_9abc.tmp', 'iter_2.pth', 'run']
+
 def test_deepspeeds_save_goes_through_it():
     from mmengine._strategy.deepspeed import DeepSpeedStrategy
     assert getattr(DeepSpeedStrategy.save_checkpoint, '_xtuner_plugins_checkpoint_patch', False)

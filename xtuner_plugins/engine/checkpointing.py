@@ -11,8 +11,8 @@ Applied when ``xtuner_plugins.engine`` is imported (configs import it), on GPUs 
   its part (a shared file system, as DeepSpeed assumes); the pointer to one is written after that, so
   neither resume nor the converter meets a half-written folder under a checkpoint's name (the converter
   refuses an ``.incomplete`` one). Temporaries a killed save left behind are removed when the next run in
-  that work folder starts (:class:`CheckpointCleanupHook`). The pointer itself is written atomically too, and
-  read against the work folder it is in (``resume.py``).
+  that work folder starts, and in the folder its checkpoints go to (:class:`CheckpointCleanupHook`). The pointer
+  itself is written atomically too, and read against the work folder it is in (``resume.py``).
 * **Resume under torch >= 2.6, as data.** ``torch.load`` now defaults to ``weights_only=True``, which refuses
   MMEngine checkpoints (they pickle the message hub's ``HistoryBuffer`` and numpy values next to the
   weights). MMEngine's loader for local files and DeepSpeed's checkpoint engine are re-registered to read
@@ -329,14 +329,18 @@ def apply_checkpoint_patches() -> List[str]:
 
 
 class CheckpointCleanupHook(Hook):
-    """At start-up, rank 0 removes what killed saves left in the work folder (see the module docstring)."""
+    """At start-up, rank 0 removes what killed saves left in the work folder, and in the folder the checkpoints go
+    to when it is another (``default_hooks.checkpoint.out_dir``'s ``OUT/<work folder's name>``, locked by this run
+    too: ``runlock.py``; see the module docstring)."""
 
     priority = 'VERY_HIGH'
 
     def before_run(self, runner) -> None:
         if int(os.environ.get('RANK', '0')) != 0:
             return
-        for path in stale_temporaries(runner.work_dir):
+        from xtuner_plugins.engine.runlock import _checkpoint_folder
+        elsewhere = _checkpoint_folder(runner)
+        for path in stale_temporaries(runner.work_dir) + (stale_temporaries(elsewhere) if elsewhere else []):
             _remove(path)
             print_log(f'removed {path}: left by a save that did not finish', logger='current')
 

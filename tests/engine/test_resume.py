@@ -72,6 +72,12 @@ def test_resume_reads_the_pointer_against_its_work_folder(tmp_path):
     (copy / 'last_checkpoint').write_text('')
     with pytest.raises(ResumeError, match='last_checkpoint is empty'):
         resume_target(str(copy))
+    # damaged (a failing disk, another program's file): a UnicodeDecodeError traceback, twice, before
+    for damaged in (b'\xff\xfe\x00garbage', b'/w/iter_4\x00.pth'):
+        (copy / 'last_checkpoint').write_bytes(damaged)
+        with pytest.raises(ResumeError, match=r'^resume=True: .*last_checkpoint (is not a path that can be read|'
+                                              r'names /w/iter_4\x00\.pth, which is not in this work folder)'):
+            resume_target(str(copy))
     assert resume_target(str(tmp_path / 'none')) == (None, '')
 
 

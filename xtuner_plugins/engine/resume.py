@@ -112,10 +112,13 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
                               f'resume=True follows; give the one to resume from with --resume PATH (the newest: '
                               f'{saved[-1]}), or move them away (or give another --work-dir) to start this run over')
         return None, ''
-    with open(pointer, encoding='utf-8') as f:
-        named = f.read().strip()
     restart = (f'give the checkpoint to resume from with --resume PATH, or delete {pointer} (and move away the '
                'checkpoints beside it) to start this run over')
+    try:
+        with open(pointer, encoding='utf-8') as f:
+            named = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:   # damaged, or another program's file
+        raise ResumeError(f'resume=True: {pointer} is not a path that can be read ({exc}); {restart}') from None
     if not named:
         raise ResumeError(f'resume=True: {pointer} is empty; {restart}')
     if not os.path.isabs(named):

@@ -273,3 +273,20 @@ def test_a_checkpoint_saved_elsewhere_is_checked_against_its_work_folders_manife
     torch.save({'meta': {'cfg': "work_dir = '/gone'\n"}, 'state_dict': {}}, checkpoint)
     assert data_manifest.resumed_folder(runner) == str(out)    # its recorded folder gone: beside it
     assert data_manifest.resumed_folder(SimpleNamespace(work_dir='w', _resume=False, _load_from=checkpoint)) == 'w'
+
+
+def test_a_manifest_of_another_shape_is_not_taken_for_a_runs(tmp_path):
+    """A data_manifest.json whose sources are not the entries a run writes (a hand edit gone wrong, another
+    program's file of that name): a resume stopped in BadSampleHook with "TypeError: 'int' object is not
+    subscriptable" after a traceback (seen with {"sources": [1, 2]} through tools/train.py). It reads as no run's
+    manifest now (the hook says so in one warning and goes on), as a file that is no JSON did."""
+    path = str(tmp_path / 'data_manifest.json')
+    written = dict(sources=[dict(annotation='/d/a.jsonl', size=3)], total_used=1, order=dict(ranks=1, batch_size=2))
+    for shape in (dict(sources=[1, 2]), dict(sources=[dict(size=3)]), dict(sources=[dict(annotation=5)]),
+                  dict(written, order=5), dict(written, order=dict(ranks='1', batch_size=2))):
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(shape, f)
+        assert data_manifest.read_manifest(path) is False, shape
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(written, f)
+    assert data_manifest.read_manifest(path) == written

@@ -54,7 +54,22 @@ def read_manifest(path: str):
             found = json.load(f)
     except (OSError, ValueError):
         return False
-    return found if isinstance(found, dict) and isinstance(found.get('sources'), list) else False
+    return found if _well_formed(found) else False
+
+
+def _well_formed(found) -> bool:
+    """Whether ``found`` has the shape :func:`manifest` and :func:`reading_order` write, as far as
+    :func:`manifest_changes` reads it (a hand edit gone wrong stopped a resume in a TypeError traceback)."""
+    if not isinstance(found, dict) or not isinstance(found.get('sources'), list) or not all(
+            isinstance(s, dict) and isinstance(s.get('annotation'), str) for s in found['sources']):
+        return False
+    order = found.get('order')
+    if not order:   # none (a manifest before it), or a stream's
+        return order is None or order == {}
+    if not isinstance(order, dict) or not all(type(order.get(k)) is int for k in ('ranks', 'batch_size')):
+        return False
+    packs = order.get('packs')
+    return packs is None or isinstance(packs, dict) and type(packs.get('count')) is int and 'digest' in packs
 
 
 def manifest(dataset) -> dict:

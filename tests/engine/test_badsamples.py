@@ -232,3 +232,18 @@ except WriteFailed as exc:
     with open(tmp_path / 'skipped_samples.json') as f:
         assert len(json.load(f)['skipped']['empty_answer']) == 500
     assert [p.name for p in tmp_path.iterdir()] == ['skipped_samples.json']
+
+
+def test_a_resumed_runs_list_of_skipped_samples_of_another_shape_is_a_warning(tmp_path, monkeypatch):
+    """skipped_samples.json whose reasons map to no list of places ({"skipped": {"x": 5}}: a hand edit gone wrong)
+    stopped a resume with "TypeError: 'int' object is not iterable" after a traceback; a file that is no JSON was
+    a warning, and this is one too: the skipped samples are counted from here on."""
+    from types import SimpleNamespace
+
+    from xtuner_plugins.engine import badsamples as module
+    said = []
+    monkeypatch.setattr(module, 'print_log', lambda msg, logger=None, level=None: said.append(msg))
+    (tmp_path / 'skipped_samples.json').write_text('{"skipped": {"x": 5}, "total_samples": 3}')
+    hook = module.BadSampleHook()
+    hook._earlier_summary(SimpleNamespace(work_dir=str(tmp_path), _resume=True))
+    assert hook.bad == {} and len(said) == 1 and "the interrupted run's skipped samples do not read" in said[0]

@@ -99,7 +99,7 @@ class BadSampleHook(Hook):
                 with open(path, encoding='utf-8') as f:
                     earlier = json.load(f).get('skipped', {})
                 self.bad.update({where: reason for reason, places in earlier.items() for where in places})
-            except (OSError, ValueError, AttributeError) as e:
+            except (OSError, ValueError, AttributeError, TypeError) as e:   # (TypeError: a list of another shape)
                 print_log(f'{path}: the interrupted run\'s skipped samples do not read ({e}); counted from here on',
                           logger='current', level=30)
         elif not runs_list(path):   # another program's file of that name (a user's notes): never removed

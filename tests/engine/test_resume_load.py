@@ -107,6 +107,29 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_in_one_line(tmp_path):
         resume_load.load(str(path), map_location='cpu')
 
 
+
+def test_a_damaged_checkpoint_beside_an_earlier_one_names_how_to_resume_from_it(tmp_path):
+    """resume=True on a cut or damaged iter_4.pth said 'resume from an earlier iter_N.pth (--resume PATH)', and
+    --resume WORK/iter_3.pth was then refused ('this work folder holds later checkpoints (iter_4.pth) ...'): the
+    damaged file has to leave the folder first. The refusal names that and the checkpoint before it now."""
+    from xtuner_plugins.errors import Refused
+    for n in (2, 3, 4):
+        torch.save(training_state(tmp_path), tmp_path / f'iter_{n}.pth')
+    path = tmp_path / 'iter_4.pth'
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(Refused) as refused:
+        resume_load.load(str(path), map_location='cpu')
+    assert str(refused.value).endswith(
+        f'cut short, perhaps (a copy or a save that was interrupted); move {path} out of {tmp_path} (a resume '
+        f'from an earlier checkpoint is refused while a later one is there) and resume from the one before it: '
+        f'--resume {tmp_path / "iter_3.pth"}'), refused.value
+    lone = tmp_path / 'lone' / 'iter_2.pth'   # none before it: as before
+    lone.parent.mkdir()
+    lone.write_bytes((tmp_path / 'iter_2.pth').read_bytes()[:300])
+    with pytest.raises(Refused, match=r'resume from an earlier iter_N.pth \(--resume PATH\), or start the run '
+                                      r'again$'):
+        resume_load.load(str(lone), map_location='cpu')
+
 def test_getattr_and_codecs_stay_narrow():
     """``getattr`` only gives HistoryBuffer's statistics methods, ``_codecs.encode`` only latin-1."""
     unpickler = resume_load.ResumeUnpickler.__new__(resume_load.ResumeUnpickler)

@@ -117,7 +117,7 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
     source = os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'a checkpoint'
     if not trusted():
         kwargs['pickle_module'] = _pickle_module(source)
-    check_records(path, Refused, 'resume from an earlier iter_N.pth (--resume PATH), or start the run again')
+    check_records(path, Refused, _instead(path))
     try:
         return (_torch_load or torch.load)(path, map_location=map_location, weights_only=False, **kwargs)
     except UntrustedCheckpoint:
@@ -130,8 +130,24 @@ def load(path: str, map_location: Optional[Any] = None, _torch_load=None, **kwar
                           f'.safetensors, a data or text file?); resume from a run\'s iter_N.pth (--resume PATH)') \
                 from None
         raise Refused(f'{source} does not read as a checkpoint ({str(e).splitlines()[0]}): cut short, perhaps (a '
-                      f'copy or a save that was interrupted); resume from an earlier iter_N.pth (--resume PATH), or '
-                      f'start the run again') from None
+                      f'copy or a save that was interrupted); {_instead(path)}') from None
+
+
+def _instead(path) -> str:
+    """What to do instead of loading the damaged checkpoint ``path``: in a folder with a checkpoint before it, move
+    it away and resume from that one (``--resume`` of an earlier checkpoint is refused while a later one is beside
+    it: ``resume.later_checkpoints``)."""
+    from xtuner_plugins.outcome import find_checkpoints
+    anywhere = 'resume from an earlier iter_N.pth (--resume PATH), or start the run again'
+    if not isinstance(path, (str, os.PathLike)):
+        return anywhere
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    saved = [os.path.abspath(c) for c in find_checkpoints(folder)]
+    if path not in saved or saved.index(path) == 0:
+        return anywhere
+    return (f'move {path} out of {folder} (a resume from an earlier checkpoint is refused while a later one is '
+            f'there) and resume from the one before it: --resume {saved[saved.index(path) - 1]}')
 
 
 def torch_saved(path) -> bool:

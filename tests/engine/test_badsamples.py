@@ -184,6 +184,28 @@ def test_the_manifest_is_replaced_whole_never_seen_half_written(tmp_path, monkey
     assert os.listdir(work) == ['data_manifest.json']
 
 
+def test_a_runs_own_manifest_cut_short_is_said_as_such_on_resume(tmp_path, monkeypatch):
+    """A data_manifest.json in a run's folder that does not read (cut short: a failing disk, a copy cut) was said
+    to be another program's file, and nothing said that this resume and every later one went unchecked. In a folder
+    of checkpoints it is said as the run's, damaged, with what follows and what to do; it is never written over (it
+    may still be a user's file, of a data folder given as the work folder)."""
+    logs = []
+    monkeypatch.setattr('xtuner_plugins.engine.badsamples.print_log', lambda msg, **kw: logs.append(msg))
+    work = tmp_path / 'work'
+    os.makedirs(work)
+    (work / 'data_manifest.json').write_text('{"sources": [')
+    runner = SimpleNamespace(work_dir=str(work), _resume=True, _load_from=None)
+    BadSampleHook()._manifest(runner, {'sources': [{'annotation': 'a.jsonl', 'samples': 6}]})
+    assert (work / 'data_manifest.json').read_text() == '{"sources": ['   # no checkpoint here: not a run's
+    assert "is not a run's data manifest" in logs[-1], logs
+    (work / 'iter_4.pth').write_bytes(b'x')
+    BadSampleHook()._manifest(runner, {'sources': [{'annotation': 'a.jsonl', 'samples': 6}]})
+    assert (work / 'data_manifest.json').read_text() == '{"sources": ['
+    assert "does not read as the run's data manifest (cut short or edited since, or another program's file): left " \
+           'as it is; this resume is not checked against the data the run started with, nor is a later one until ' \
+           'it is moved away' in logs[-1], logs
+
+
 def test_truncated_samples_are_listed_with_the_tokens_lost_not_counted_as_bad(tmp_path):
     hook, runner = BadSampleHook(), runner_for(tmp_path, total=10, limit=0.0)
     hook.before_train(runner)

@@ -122,6 +122,14 @@ class BadSampleHook(Hook):
             found = read_manifest(earlier)
             if found:
                 path, before = earlier, found
+        if before is False and path == own and getattr(runner, '_resume', False) and _a_runs_folder(own):
+            # the run's own, damaged (cut short, edited), or a file of the data folder given as the work folder:
+            # left as it is (no file that may be a user's is written over), said as what it may be and what follows
+            print_log(f'{path} does not read as the run\'s data manifest (cut short or edited since, or another '
+                      'program\'s file): left as it is; this resume is not checked against the data the run started '
+                      'with, nor is a later one until it is moved away (the run then writes its own)',
+                      logger='current', level=30)
+            return
         if before is False:   # a file of that name that is no run's manifest: another program's, left as it is
             print_log(f'{path} is not a run\'s data manifest (another program\'s file, in a --work-dir that is not a '
                       'run\'s folder?): left as it is, and this run\'s manifest is not written', logger='current',
@@ -220,3 +228,11 @@ def runs_list(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get('skipped'), dict) and 'total_samples' in data
+
+
+def _a_runs_folder(manifest_path: str) -> bool:
+    """Whether the folder of ``manifest_path`` is a run's (its checkpoints, or the pointer to them): a data manifest
+    there that does not read is most likely that run's, damaged."""
+    from xtuner_plugins.outcome import find_checkpoints
+    folder = os.path.dirname(manifest_path)
+    return bool(find_checkpoints(folder)) or os.path.isfile(os.path.join(folder, 'last_checkpoint'))

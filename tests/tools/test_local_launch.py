@@ -388,7 +388,7 @@ def test_a_rank_refused_leaves_the_others_one_line_each(tmp_path, monkeypatch):
     assert out.returncode in (1, 2) and len(lines) == 3, out.stderr[-4000:]
     assert lines[0].startswith(f'train: refused: {part} names io.open'), lines
     lost = ('train: FAILED on rank 0: another rank of the run stopped first (its own line, or its launcher\'s, says '
-            'why); this one then lost it: RuntimeError: ')
+            'why); this one then lost it (and so did the node\'s other ranks): RuntimeError: ')
     if lines[1].startswith(lost):   # rank 0 saw the lost peer before its launcher saw rank 1 end
         assert lines[2] in ('local_launch: rank 1 exited with code 2: stopping the 1 other rank(s)',
                             'local_launch: rank 0 exited with code 1, rank 1 exited with code 2'), lines

@@ -183,3 +183,16 @@ log.warning('one'); log.warning('two')
                      'are lost') == 1, err
     assert err.count('--- Logging error ---') == 2 and 'KeyError' in err   # the other handler's: as it was
     assert 'OSError' not in err, err
+
+
+def test_a_lost_rank_is_said_once_a_node():
+    """Every rank of a run that lost one printed 'another rank of the run stopped first': 63 such lines of a
+    64-rank run over the one that said why. Each node's first rank says it now."""
+    from xtuner_plugins.cli.train_failures import lost_peer_line
+    lost = RuntimeError('[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:5678')
+    assert lost_peer_line(lost, {'RANK': '8', 'LOCAL_RANK': '0'}) == (
+        "train: FAILED on rank 8: another rank of the run stopped first (its own line, or its launcher's, says why); "
+        "this one then lost it (and so did the node's other ranks): RuntimeError: [gloo/transport/tcp/pair.cc:534] "
+        'Connection closed by peer [10.0.0.2]:5678')
+    assert lost_peer_line(lost, {'RANK': '9', 'LOCAL_RANK': '1'}) is None
+    assert lost_peer_line(lost, {}).startswith('train: FAILED on rank ?: ')   # a launcher that gives neither

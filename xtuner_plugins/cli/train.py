@@ -44,7 +44,7 @@ from xtuner_plugins.cli.train_args import (deepspeed_refusal, flag_values, nproc
                                             resume_refusal, started_by_a_launcher, unpaired_refusal)
 from xtuner_plugins.cli.train_closing import interrupted_line, next_steps
 from xtuner_plugins.cli.train_failures import (config_import_hint, disk_refused, failure_message, lost_peer,
-                                               quiet_disk_errors, recorded_source_hint, worker_death)
+                                               lost_peer_line, quiet_disk_errors, recorded_source_hint, worker_death)
 
 
 #: ``-h``/``--help``: XTuner's parser's options with this tool's own (``--nproc-per-node``, DeepSpeed's names),
@@ -318,9 +318,9 @@ def _train() -> int:
             print(f'train: refused: {hint}', file=sys.stderr)
             return 2
         if lost_peer(exc):   # the rank that stopped first printed why; this one's traceback adds nothing
-            print(f'train: FAILED on rank {os.environ.get("RANK", "?")}: another rank of the run stopped first (its '
-                  f'own line, or its launcher\'s, says why); this one then lost it: {type(exc).__name__}: '
-                  f'{failure_message(exc)[:200]}', file=sys.stderr)
+            line = lost_peer_line(exc)
+            if line:
+                print(line, file=sys.stderr)
             return 1
         died = worker_death(exc) or disk_refused(exc, work_dir)   # (where the process was says nothing of it)
         said = isinstance(exc, Stated) or died is not None

@@ -6,7 +6,8 @@ not theirs:
 * :func:`failure_message`: the first line of any error, the worker's own for one a DataLoader worker raised;
 * :func:`worker_death`: a DataLoader worker that ended without an error of its own (the out-of-memory killer, a
   signal from outside the run, a crash in native code); the line says which, and what to try;
-* :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why);
+* :func:`lost_peer`: a rank of several that lost another rank (the rank that stopped first says why; each
+  node's first rank says so, :func:`lost_peer_line`);
 * :func:`disk_refused`: a write the disk refused outside the checkpoints (the log, TensorBoard's or the scalars'
   file), which named no file and said nothing of the disk (and :func:`quiet_disk_errors`: such a write in a thread
   or a log handler in one line, not a traceback);
@@ -171,6 +172,17 @@ def lost_peer(exc: BaseException) -> bool:
     text = str(exc)
     return (int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 and isinstance(exc, RuntimeError)
             and 'DataLoader worker' not in text and any(m in text for m in PEER_LOST))
+
+
+def lost_peer_line(exc: BaseException, env=os.environ) -> Optional[str]:
+    """The line of a rank that lost another (:func:`lost_peer`), on each node's first rank only (``LOCAL_RANK``
+    0, or none given): every rank of a 64-rank run printed one, 63 lines that said the same over the one that said
+    why."""
+    if env.get('LOCAL_RANK', '0') not in ('0', ''):
+        return None
+    return (f'train: FAILED on rank {env.get("RANK", "?")}: another rank of the run stopped first (its own line, or '
+            f'its launcher\'s, says why); this one then lost it (and so did the node\'s other ranks): '
+            f'{type(exc).__name__}: {failure_message(exc)[:200]}')
 
 
 def config_import_hint(exc: BaseException, config: str) -> Optional[str]:

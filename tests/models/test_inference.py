@@ -72,6 +72,22 @@ def edit_weights(edit, says):
     return breaks
 
 
+def index_to(name, says):
+    """The weights moved to ``name`` (relative to the folder; ``None``: an absolute path beside it) and an index
+    mapping every tensor there."""
+    def breaks(path):
+        from safetensors import safe_open
+        shard = name or os.path.join(os.path.dirname(path), 'elsewhere.safetensors')
+        weights = os.path.join(path, 'model.safetensors')
+        with safe_open(weights, framework='pt') as f:
+            keys = list(f.keys())
+        shutil.move(weights, os.path.join(path, shard))
+        with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
+            json.dump({'metadata': {}, 'weight_map': {k: shard for k in keys}}, f)
+        return says
+    return breaks
+
+
 def edit_config(edit, says):
     """config.json changed by ``edit`` (a hand-edited or tampered file): a traceback from inside the model's code
     before."""
@@ -116,6 +132,15 @@ BROKEN = {
     'no_weights': remove('model.safetensors', says='no weights (model.safetensors'),
     'no_tokenizer_files': remove('tokenizer.json', 'vocab.json', 'merges.txt', says='no tokenizer files (one of'),
     'tokenizer_half_there': remove('tokenizer.json', 'merges.txt', says='the tokenizer does not load (TypeError'),
+    # transformers then took the tokenizer from config.json's model_type: a line of 4,000 characters naming every
+    # config class (official, remote), a traceback (llava: LLaVA's default LlamaTokenizerFast, ids past the rows)
+    'no_tokenizer_config': remove('tokenizer_config.json', says='no tokenizer_config.json (the tokenizer\'s class '
+                                  'and special tokens)'),
+    # an index naming a file outside the folder (a tampered or hand-edited one): transformers read it from there
+    'an_index_naming_a_file_outside': index_to('../elsewhere.safetensors', says='model.safetensors.index.json: it '
+                                               'names ../elsewhere.safetensors as a weight file, not a file of this '
+                                               'folder'),
+    'an_index_naming_an_absolute_path': index_to(None, says='model.safetensors.index.json: it names /'),
 }
 
 

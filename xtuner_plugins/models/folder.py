@@ -99,6 +99,10 @@ def check_folder(folder: str) -> None:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f'{os.path.join(folder, index)}: not a weight index ({type(exc).__name__}: '
                                  f'{exc}); {AGAIN}') from None
+            outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ('.', '..')]
+            if outside:   # transformers reads os.path.join(folder, name): '../x', '/x' load another folder's file
+                raise ValueError(f'{os.path.join(folder, index)}: it names {outside[0]} as a weight file, not a '
+                                 f'file of this folder (an index names its shards by their names in it); {AGAIN}')
             missing = [s for s in shards if not there(s)]
             if missing:
                 raise ValueError(f'{folder}: {len(missing)} of the {len(shards)} weight files {index} lists are '
@@ -116,6 +120,8 @@ def check_folder(folder: str) -> None:
             raise ValueError(f'{os.path.join(folder, shard)}: {problem}; {AGAIN}')
     if not any(there(name) for name in TOKENIZER_FILES):
         raise ValueError(f'{folder}: no tokenizer files (one of {", ".join(TOKENIZER_FILES)}); {AGAIN}')
+    if not there('tokenizer_config.json'):   # transformers would pick a tokenizer by config.json's model_type
+        raise ValueError(f'{folder}: no tokenizer_config.json (the tokenizer\'s class and special tokens); {AGAIN}')
 
 
 def check_processor_files(folder: str) -> None:

@@ -453,6 +453,31 @@ def test_sigterm_during_the_converter_leaves_nothing_running_nor_written(setup, 
     assert 'sigterm_out' not in left, left
 
 
+def test_the_converter_asks_nobody_whether_to_run_the_folders_tokenizer_code(setup, tmp_path):
+    """A folder whose tokenizer_config.json maps AutoTokenizer to its own module: llama.cpp's converter loads the
+    tokenizer without trust_remote_code, and transformers asked on the converter's stdin, the terminal's, whether to
+    run it, its question in the converter's captured output: an invisible prompt that waited 15 s, and ran the
+    module on a 'y' typed meanwhile. Now the converter reads no stdin: it refuses the code at once."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import REPO_ROOT, train_env
+    folder, marker = tmp_path / 'model', tmp_path / 'ran'
+    shutil.copytree(setup['folder'], folder)
+    (folder / 'evil_tok.py').write_text(f'open({str(marker)!r}, "w").write("ran")\n'
+                                        'from transformers import Qwen2TokenizerFast as EvilTokenizer\n')
+    tok = json.loads((folder / 'tokenizer_config.json').read_text())
+    tok.update(auto_map={'AutoTokenizer': [None, 'evil_tok.EvilTokenizer']}, tokenizer_class='EvilTokenizer')
+    (folder / 'tokenizer_config.json').write_text(json.dumps(tok))   # (a class transformers has not: it asks)
+    out = tmp_path / 'out'
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'tools', 'convert_to_official.py'), str(folder),
+                           str(out), '--format', 'gguf'], input='y\n', capture_output=True, text=True,
+                          env=train_env(), timeout=300)
+    assert not marker.exists()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert 'contains custom code' in done.stderr and not out.exists()
+
+
 def test_without_llama_cpp_the_export_says_to_build_it(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('XTUNER_GGUF_VENV', str(tmp_path / 'none'))
     err = refused(tmp_path, capsys, setup['folder'], 'make gguf')

@@ -31,8 +31,10 @@ def run(command: List[str], what: str, env: Optional[dict] = None, writes_to: Op
     """``command``'s stderr; ``ValueError`` with its last lines when it fails, or in one line when its disk was
     full (its output says so, or ``writes_to``'s disk has under :data:`FULL_BELOW` free; what it wrote is in the
     staging folder its caller removes)."""
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
-                          env=env)
+    # no stdin: transformers asks there, its question in the output captured here, whether to run a folder's
+    # tokenizer code (an auto_map with a class it has not): an invisible prompt that waited 15 s, and a 'y' ran it
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors='replace', env=env)
     if done.returncode:
         lines = done.stdout.strip().splitlines()
         full = next((line.strip() for line in reversed(lines) if DISK_FULL.search(line)), None)

@@ -127,6 +127,14 @@ BROKEN = {
     'tokenizer_json_not_a_tokenizer': rewrite('tokenizer.json', '{"version": "1.0", "model": {"type": "Nope"}}',
                                               says='the tokenizer does not load (Exception: data did not match any '
                                                    'variant'),  # the tokenizers library's bare Exception
+    # the tiling's numbers: 'invalid literal for int()', naming neither file nor key, and a traceback for null
+    'a_max_dynamic_patch_not_a_number': edit_config(lambda c: c.update(max_dynamic_patch='many'),
+                                                    "config.json: max_dynamic_patch 'many' is not a whole number, 1 "
+                                                    'or more'),
+    'a_min_dynamic_patch_of_0': edit_config(lambda c: c.update(min_dynamic_patch=0),
+                                            'config.json: min_dynamic_patch 0 is not a whole number, 1 or more'),
+    'a_tile_size_not_a_number': edit_config(lambda c: c.update(force_image_size='big'),
+                                            "config.json: force_image_size 'big' is not a whole number, 1 or more"),
     'truncated_weights': truncated,
     'weights_cut_in_header': cut_in_header,
     'no_weights': remove('model.safetensors', says='no weights (model.safetensors'),
@@ -318,6 +326,16 @@ def test_a_whole_folder_still_loads(folder):
     from xtuner_plugins.models.inference import ConvertedModel, check_folder
     check_folder(folder)
     assert ConvertedModel(folder).ask('Hi', [], dict(max_new_tokens=1, do_sample=False)) is not None
+
+
+def test_tiling_numbers_of_null_are_taken_as_not_recorded(folder, tmp_path):
+    """A config.json whose max_dynamic_patch and min_dynamic_patch are null (a hand-edited file): their defaults,
+    as when they are left out (int(None) was a traceback)."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    edited = str(tmp_path / 'edited')
+    shutil.copytree(folder, edited)
+    edit_config(lambda c: c.update(max_dynamic_patch=None, min_dynamic_patch=None), '')(edited)
+    assert (ConvertedModel(edited).tiling['max_num'], ConvertedModel(edited).tiling['min_num']) == (12, 1)
 
 
 # ------------------------------------------------------------------ a config + checkpoint that does not convert

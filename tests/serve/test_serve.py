@@ -60,6 +60,37 @@ def test_settings_are_read_from_the_folder(folders, tmp_path):
     assert '{% set system = "From the config." %}' in settings(str(tmp_path))['chat_template']
 
 
+@pytest.mark.parametrize('edit, says', [
+    (lambda c: c.update(max_dynamic_patch=None), None),   # null: not recorded (int(None) was a traceback)
+    (lambda c: c.update(max_dynamic_patch='many'), "config.json: max_dynamic_patch 'many' is not a whole number"),
+    (lambda c: c.update(force_image_size=None) or c['vision_config'].pop('image_size'),
+     'config.json: no force_image_size nor vision_config.image_size'),
+    (lambda c: c['vision_config'].update(patch_size=0), 'config.json: vision_config.patch_size 0 is not a whole'),
+    (lambda c: c.update(downsample_ratio='x'), "config.json: downsample_ratio 'x' is not a number over 0"),
+    (lambda c: c['llm_config'].update(num_attention_heads='x'),
+     "config.json: llm_config.num_attention_heads 'x' is not a whole number"),
+])
+def test_a_config_value_that_does_not_read_is_one_line(folders, tmp_path, capsys, edit, says):
+    """serve read config.json's numbers as they were: a traceback (TypeError, ZeroDivisionError) for a hand-edited
+    one, or 'invalid literal for int()' naming neither file nor key."""
+    folder = tmp_path / 'edited'
+    folder.mkdir()
+    for name in os.listdir(folders['official']):
+        if name != 'config.json':
+            os.symlink(os.path.join(folders['official'], name), folder / name)
+    config = json.load(open(os.path.join(folders['official'], 'config.json')))
+    edit(config)
+    json.dump(config, open(folder / 'config.json', 'w'))
+    if says is None:
+        assert settings(str(folder))['format'] == 'official'
+        return
+    assert serve_main([str(folder), '--vllm-python', '/nonexistent']) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f'serve: error: {folder}/config.json: ') and says in line, line
+
+
 def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys):
     assert serve_main([folders['remote']]) == 2
     err = capsys.readouterr().err   # not 'convert again with --format official': refused for such a model

@@ -8,11 +8,12 @@ may hold, its chat template (with the system message wanted, and the bos a token
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Dict, Optional
 
 from xtuner_plugins.models.export.files import BOS, template_system, with_system
-from xtuner_plugins.models.inference import check_folder, check_processor_files, folder_format
+from xtuner_plugins.models.inference import AGAIN, check_folder, check_processor_files, config_whole, folder_format
 
 SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
 #: why a converted format is not served here
@@ -43,20 +44,24 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     check_folder(folder)
     if fmt == 'hf':
         check_processor_files(folder)
-    cfg = _config(folder)
-    llm = cfg.get('llm_config') or cfg.get('text_config') or {}
+    cfg, cfg_path = _config(folder), os.path.join(folder, 'config.json')
+    part = 'llm_config' if isinstance(cfg.get('llm_config'), dict) else 'text_config'
+    llm = cfg.get(part) or {}
     dtype = cfg.get('torch_dtype') or cfg.get('dtype') or llm.get('torch_dtype') or llm.get('dtype') or 'auto'
     max_len = llm.get('max_position_embeddings')
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f'{folder}/config.json: no max_position_embeddings in its LLM\'s config; give --max-model-len')
     # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile
-    vision = cfg.get('vision_config') or {}
-    size = cfg.get('force_image_size') or vision.get('image_size')
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    patch = vision.get('patch_size', 14)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    per_tile = cfg.get('image_seq_length') or int((size // patch) ** 2 * cfg.get('downsample_ratio', 0.5) ** 2)
-    tiles = int(cfg.get('max_dynamic_patch', 12)) + (1 if cfg.get('use_thumbnail', True) else 0)
+    # (each number checked: a hand-edited config.json's 'x' or 0 was a traceback here)
+    size = config_whole(cfg, 'force_image_size', cfg_path) or config_whole(cfg, 'vision_config.image_size', cfg_path)
+    if not size:
+        raise ValueError(f'{cfg_path}: no force_image_size nor vision_config.image_size; {AGAIN}')
+    patch = config_whole(cfg, 'vision_config.patch_size', cfg_path, 14)
+    ratio = cfg.get('downsample_ratio', 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 0:
+        raise ValueError(f'{cfg_path}: downsample_ratio {ratio!r} is not a number over 0; {AGAIN}')
+    per_tile = config_whole(cfg, 'image_seq_length', cfg_path) or int((size // patch) ** 2 * ratio ** 2)
+    tiles = config_whole(cfg, 'max_dynamic_patch', cfg_path, 12) + (1 if cfg.get('use_thumbnail', True) else 0)
     images = max(1, min(MAX_IMAGES, max_len // max(1, per_tile * tiles)))
     path = os.path.join(folder, 'chat_template.jinja')
     template = None
@@ -78,8 +83,8 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     bos_added = current is not None and not template.startswith(BOS) and tokenizer_adds_bos(folder)
     if bos_added:  # a folder converted before templates wrote the bos: vLLM's chat adds no special tokens
         template = BOS + template
-    heads = llm.get('num_attention_heads')
-    head_dim = llm.get('head_dim') or (llm['hidden_size'] // heads if heads and llm.get('hidden_size') else None)
+    heads, width = (config_whole(cfg, f'{part}.{key}', cfg_path) for key in ('num_attention_heads', 'hidden_size'))
+    head_dim = config_whole(cfg, f'{part}.head_dim', cfg_path) or (width // heads if heads and width else None)
     prefix = cfg.get('frame_prefix')
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
                 chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added,

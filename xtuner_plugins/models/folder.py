@@ -83,6 +83,25 @@ def safetensors_problem(path: str) -> Optional[str]:
     return None
 
 
+def config_whole(config: dict, key: str, path: str, default: Optional[int] = None) -> Optional[int]:
+    """``config.json``'s ``key`` (``part.key`` in a part's config; a list's first, as hf's ``[size, size]``), a whole
+    number of at least 1; ``default`` where it is absent or null; ``ValueError`` naming the file and the key for
+    anything else (a hand-edited file: ``int()`` said 'invalid literal' naming neither, or a traceback)."""
+    from xtuner_plugins.data.fitting import whole_number
+    *parts, last = key.split('.')
+    holder = config
+    for part in parts:
+        holder = holder.get(part) if isinstance(holder, dict) else None
+    value = holder.get(last) if isinstance(holder, dict) else None
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if value is None:
+        return default
+    if not whole_number(value):
+        raise ValueError(f'{path}: {key} {value!r} is not a whole number, 1 or more; {AGAIN}')
+    return int(value)
+
+
 def check_folder(folder: str) -> None:
     """A converted folder's weights and tokenizer files there and whole, before transformers reads them (whose
     errors, for a half-written copy, are tracebacks from deep inside); ``ValueError`` naming what is wrong."""

@@ -37,7 +37,7 @@ from xtuner_plugins.data.tile_grid import num_tiles
 from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles, normalize_tiles
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
-from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder,  # noqa: F401
+from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, config_whole,  # noqa: F401
                      check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
 from .prompt import (NoVideo, QuestionTooLong, blank_run_stop, check_context, check_question, context_length,
                      encode_prompt, history_text, media_question, official_query, split_images)
@@ -111,9 +111,7 @@ class ConvertedModel:
         folder's is refused: the model's vision tokens per tile (``num_image_token``) are fixed by it."""
         cfg, path = self.config, os.path.join(self.folder, 'config.json')
         # the tile size the folder records: InternVL's force_image_size, else its vision tower's own
-        tower_size = (cfg.get('vision_config') or {}).get('image_size')
-        tower_size = tower_size[0] if isinstance(tower_size, (list, tuple)) else tower_size
-        size = cfg.get('force_image_size') or tower_size
+        size = config_whole(cfg, 'force_image_size', path) or config_whole(cfg, 'vision_config.image_size', path)
         if not size and not given.get('image_size'):
             raise ValueError(f'{path}: no force_image_size nor vision_config.image_size; give the tile size '
                              f'(--image-size)')
@@ -121,8 +119,8 @@ class ConvertedModel:
             raise ValueError(f'--image-size {given["image_size"]}: this model takes tiles of {size} px only (its '
                              f'vision tokens per tile are fixed by {path}\'s tile size); leave --image-size out')
         tiling = dict(image_size=int(given.get('image_size') or size),
-                      max_num=int(given.get('max_num') or cfg.get('max_dynamic_patch', 12)),
-                      min_num=int(given.get('min_num') or cfg.get('min_dynamic_patch', 1)),
+                      max_num=int(given.get('max_num') or config_whole(cfg, 'max_dynamic_patch', path, 12)),
+                      min_num=int(given.get('min_num') or config_whole(cfg, 'min_dynamic_patch', path, 1)),
                       use_thumbnail=bool(given.get('use_thumbnail', cfg.get('use_thumbnail', True))),
                       mode=cfg.get('image_mode', 'tile'), mean=cfg.get('image_mean', IMAGENET_MEAN))
         if tiling['min_num'] > tiling['max_num']:

@@ -607,6 +607,24 @@ def test_a_converted_folder_given_as_the_checkpoint_is_named_as_one(tmp_path, ca
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_gguf_folder_given_as_the_checkpoint_is_named_as_one(tmp_path, capsys):
+    """It was '... is a folder but not a DeepSpeed checkpoint ...: a copy that did not finish?', from the converter
+    and from chat's --checkpoint: a GGUF folder is a whole conversion, to give as the folder itself."""
+    from tools.chat import main as chat_main
+    folder = tmp_path / 'my_gguf'
+    folder.mkdir()
+    for name in ('my_gguf-F16.gguf', 'mmproj-my_gguf-F16.gguf'):
+        (folder / name).write_bytes(b'GGUF')
+    says = (f'{folder} is a GGUF folder (--format gguf wrote it: mmproj-my_gguf-F16.gguf, my_gguf-F16.gguf), not a '
+            'training checkpoint: tools/chat.py and tools/eval.py take it as the folder itself; for another format '
+            'convert the checkpoint it was converted from')
+    for prog, main, argv in (('convert_to_official', convert_main, [str(folder), str(tmp_path / 'out')]),
+                             ('chat', chat_main, ['--checkpoint', str(folder), '--prompt', 'Hi'])):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f'{prog}: error: {says}'
+    assert not (tmp_path / 'out').exists()
+
+
 def test_a_work_folder_given_as_the_checkpoint_names_its_newest(tmp_path, capsys):
     """It said '... records no training config; give the training config', and given one: 'not a DeepSpeed
     checkpoint'."""

@@ -106,6 +106,11 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         # (it was read as a checkpoint recording nothing: 'records no training config', then given the config,
         # 'records no lineage ... give model.pretrained_pth', neither what is wrong)
         held = sorted(os.listdir(checkpoint))
+        ggufs = [name for name in held if name.endswith('.gguf')]
+        if ggufs:   # a whole conversion, not a copy that did not finish
+            raise ValueError(f'{checkpoint} is a GGUF folder (--format gguf wrote it: {", ".join(ggufs[:3])}), not a '
+                             f'training checkpoint: tools/chat.py and tools/eval.py take it as the folder itself; for '
+                             f'another format convert the checkpoint it was converted from')
         raise ValueError(f'{checkpoint} is a folder but not a DeepSpeed checkpoint (no *model_states.pt inside; it '
                          f'holds {", ".join(held[:3]) + (", ..." if len(held) > 3 else "") if held else "nothing"}): '
                          f'a copy that did not finish? Give the checkpoint DeepSpeed saved, whole')

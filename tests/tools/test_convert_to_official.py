@@ -200,8 +200,11 @@ def test_hf_format_loads_without_remote_code(tiny, batch, tmp_path):
     flags = inputs.pop('image_flags').bool()
     inputs['pixel_values'] = inputs['pixel_values'][flags]  # transformers takes the real tiles only
     with torch.no_grad():
-        got = hf(**inputs).logits
-    assert max_diff(got, expected, batch['attention_mask']) < TOL
+        out = hf(**inputs)
+    assert max_diff(out.logits, expected, batch['attention_mask']) < TOL
+    # the LLM's KV cache on, as its own config has it: the folder took training's use_cache false (a forward
+    # returned no past_key_values; generate() turns it on by itself)
+    assert hf.config.text_config.use_cache and out.past_key_values is not None
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.image_seq_length == 4 and processor.image_token == '<IMG_CONTEXT>'
     # the processor's tiles of an image it resizes are training's: the fast processor (torchvision's resize) was

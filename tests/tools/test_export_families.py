@@ -181,6 +181,8 @@ def test_llava_processor_builds_the_training_prompt_and_pixels(family, tiny):
     model = family['model']
     assert torch.allclose(inputs['pixel_values'], normalize_tiles(tiles, model.vision.mean, model.vision.std),
                           atol=1e-5)
+    with open(os.path.join(family['folder'], 'config.json')) as f:   # the KV cache on (training's false before)
+        assert json.load(f)['text_config']['use_cache'] is True
 
 
 def test_hf_folder_chats_like_the_training_model(tiny, tmp_path, capsys):

@@ -66,7 +66,9 @@ def hf_config(model: VisionLanguageModel, dtype: torch.dtype):
         vision.pop(key, None)
     text = model.language_model.config.to_dict()
     text.pop('quantization_config', None)
-    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0])
+    # use_cache: the LLM's KV cache on, as in the official folder (training turned it off in the config it holds)
+    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
+                use_cache=True)
     num_image_token = int(model.vision_model.config.image_size[0] // model.vision_model.config.patch_size[0]) ** 2
     config = InternVLConfig(vision_config=vision, text_config=text,
                             image_token_id=model.img_context_token_id,

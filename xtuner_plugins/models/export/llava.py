@@ -56,7 +56,9 @@ def llava_config(model, dtype: torch.dtype):
     from transformers import LlavaConfig
     text = model.language_model.config.to_dict()
     text.pop('quantization_config', None)
-    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0])
+    # use_cache: the LLM's KV cache on, as in the official folder (training turned it off in the config it holds)
+    text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
+                use_cache=True)
     config = LlavaConfig(vision_config=model.vision_model.config.to_dict(), text_config=text,
                          image_token_index=model.img_context_token_id, projector_hidden_act='gelu',
                          vision_feature_select_strategy='default' if model.vision.drop_cls else 'full',

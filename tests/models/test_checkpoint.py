@@ -1,6 +1,7 @@
 """``models/checkpoint.read_meta``: a training checkpoint's ``meta``, and a clear error naming any other file;
 reading a checkpoint runs none of its code (its pickle, its recorded config)."""
 
+import json
 import re
 
 import pytest
@@ -135,3 +136,21 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_naming_its_record(tmp_path)
         with pytest.raises(ValueError, match=rf'^{re.escape(str(path))}: its record iter_2/data/0 does not match the '
                                              r'checksum \(CRC-32\) written with it: the file is damaged'):
             load_trained_state_dict(str(path), lazy=lazy)
+
+
+def test_a_source_folders_weight_index_naming_a_file_outside_it_is_refused(tmp_path):
+    """A source folder's (an official checkpoint's, an encoder's) index naming '../x.safetensors' or an absolute
+    path read that other file without a word, as the converted folders' did (folder.check_folder refuses those)."""
+    from xtuner_plugins.models.checkpoint import read_hf_weights
+    folder, outside = tmp_path / 'model', tmp_path / 'outside.safetensors'
+    folder.mkdir()
+    save_file({'mlp1.0.weight': torch.ones(2)}, str(outside))
+    save_file({'mlp1.0.weight': torch.zeros(2)}, str(folder / 'model-00001-of-00001.safetensors'))
+    index = folder / 'model.safetensors.index.json'
+    for name in ('../outside.safetensors', str(outside)):
+        index.write_text(json.dumps({'weight_map': {'mlp1.0.weight': name}}))
+        with pytest.raises(ValueError, match=rf"{index}: it names '{name}' as a weight file, not a file of this "
+                                             r'folder'):
+            read_hf_weights(str(folder), 'mlp1.')
+    index.write_text(json.dumps({'weight_map': {'mlp1.0.weight': 'model-00001-of-00001.safetensors'}}))
+    assert read_hf_weights(str(folder), 'mlp1.')['mlp1.0.weight'].tolist() == [0.0, 0.0]

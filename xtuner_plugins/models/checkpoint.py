@@ -281,8 +281,14 @@ def read_hf_weights(folder: str, prefix: str = '', weights_file: Optional[str] =
             return _load_file(path, prefix)
         with open(path, encoding='utf-8') as f:
             weight_map = json.load(f)['weight_map']
+        shards = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+        from .folder import names_outside
+        outside = names_outside(shards)
+        if outside:   # ('../x', '/x': another folder's file, read without a word)
+            raise ValueError(f'{path}: it names {outside[0]!r} as a weight file, not a file of this folder (an index '
+                             'names its shards by their names in it)')
         sd = {}
-        for shard in sorted({file for key, file in weight_map.items() if key.startswith(prefix)}):
+        for shard in shards:
             sd.update(_load_file(os.path.join(folder, shard), prefix))
         return sd
     raise FileNotFoundError(f'{folder}: no weights found (looked for {", ".join(_WEIGHT_FILES)})')

@@ -118,7 +118,7 @@ def check_folder(folder: str) -> None:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f'{os.path.join(folder, index)}: not a weight index ({type(exc).__name__}: '
                                  f'{exc}); {AGAIN}') from None
-            outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ('.', '..')]
+            outside = names_outside(shards)
             if outside:   # transformers reads os.path.join(folder, name): '../x', '/x' load another folder's file
                 raise ValueError(f'{os.path.join(folder, index)}: it names {outside[0]} as a weight file, not a '
                                  f'file of this folder (an index names its shards by their names in it); {AGAIN}')
@@ -141,6 +141,12 @@ def check_folder(folder: str) -> None:
         raise ValueError(f'{folder}: no tokenizer files (one of {", ".join(TOKENIZER_FILES)}); {AGAIN}')
     if not there('tokenizer_config.json'):   # transformers would pick a tokenizer by config.json's model_type
         raise ValueError(f'{folder}: no tokenizer_config.json (the tokenizer\'s class and special tokens); {AGAIN}')
+
+
+def names_outside(shards) -> list:
+    """The names of a weight index's shards that are not names of files in its folder ('../x.safetensors', an
+    absolute path: joined to the folder, each reads another folder's file)."""
+    return [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ('', '.', '..')]
 
 
 def check_processor_files(folder: str) -> None:

@@ -68,8 +68,13 @@ def test_accuracy_blind_and_reliance_of_the_models_own_answers(folder, tmp_path,
     report = json.load(open(tmp_path / 'report.json'))
     assert [r['answer'] for r in report['results']] == answers and report['summary']['n'] == 3
     assert [r['score'] for r in report['results']] == [1.0, 1.0, 0.0]
-    assert eval_main([folder, '--data', str(tmp_path / 'test.jsonl'), '--no-blind', '--max-new-tokens', '6']) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == 'accuracy: 0.667 (3 questions)'
+    # --mc likelihood on open questions changes nothing: said (it went without a word)
+    assert eval_main([folder, '--data', str(tmp_path / 'test.jsonl'), '--no-blind', '--max-new-tokens', '6',
+                      '--mc', 'likelihood']) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == 'accuracy: 0.667 (3 questions)'
+    assert '--mc likelihood: none of the 3 questions is multiple choice (options A, B, ...: an MMBench-layout .tsv); ' \
+           'each is answered by generation' in out.err, out.err
 
 
 def test_mmbench_circular_counts_each_question_once(folder, tmp_path, capsys):

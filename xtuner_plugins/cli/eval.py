@@ -264,6 +264,15 @@ def main(argv=None) -> int:
         return _evaluate(args)
 
 
+def mc_note(mc: str, questions) -> str:
+    """A line when ``--mc likelihood`` is given and no question is multiple choice (a jsonl holds open questions
+    only): the option changed nothing, and the answers were generated without a word of it."""
+    if mc != 'likelihood' or any(q.options for q in questions):
+        return ''
+    return (f'--mc likelihood: none of the {len(questions)} questions is multiple choice (options A, B, ...: an '
+            'MMBench-layout .tsv); each is answered by generation')
+
+
 def _evaluate(args) -> int:
     try:
         for path in (args.out, args.answers):
@@ -281,7 +290,7 @@ def _evaluate(args) -> int:
     except (OSError, ValueError) as exc:
         return tool_error('eval', exc)
     questions = first_questions(questions, args.limit)
-    for note in (context_note(questions), rotations_note(questions)):
+    for note in (context_note(questions), rotations_note(questions), mc_note(args.mc, questions)):
         if note:
             print(note, file=sys.stderr)
     todo = [q for q in questions if answers is None or q.id not in answers.done]

@@ -182,7 +182,9 @@ def test_llava_processor_builds_the_training_prompt_and_pixels(family, tiny):
     assert torch.allclose(inputs['pixel_values'], normalize_tiles(tiles, model.vision.mean, model.vision.std),
                           atol=1e-5)
     with open(os.path.join(family['folder'], 'config.json')) as f:   # the KV cache on (training's false before)
-        assert json.load(f)['text_config']['use_cache'] is True
+        text = f.read()
+    assert json.loads(text)['text_config']['use_cache'] is True
+    assert '_name_or_path' not in text   # (the training machine's folders of the LLM and the tower, before)
 
 
 def test_hf_folder_chats_like_the_training_model(tiny, tmp_path, capsys):
@@ -192,6 +194,8 @@ def test_hf_folder_chats_like_the_training_model(tiny, tmp_path, capsys):
     folder = convert(LORA, str(tmp_path / 'iter_1.pth'), tmp_path / 'hf', opts, '--format', 'hf')
     expected = greedy_with_training_model(model, load_image(tiny['photo']), 'Describe the image.')
     assert expected and ConvertedModel(folder).format == 'hf'
+    with open(os.path.join(folder, 'config.json')) as f:   # no path of the training machine's
+        assert '_name_or_path' not in f.read()
     capsys.readouterr()  # the converter's log
     assert chat_main([folder, '--image', tiny['photo'], '--prompt', 'Describe the image.',
                       '--max-new-tokens', '8']) == 0

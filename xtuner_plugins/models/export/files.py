@@ -160,6 +160,16 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
     return tokenizer.chat_template
 
 
+def part_config(config) -> dict:
+    """A part's config (the LLM's, the vision tower's) as a converted folder writes it: without
+    ``quantization_config`` (its weights are written whole) and ``_name_or_path`` (the training machine's folder:
+    a shared folder told where the trainer kept their models, and nothing reads it)."""
+    part = config.to_dict()
+    for key in ('quantization_config', '_name_or_path'):
+        part.pop(key, None)
+    return part
+
+
 def frame_range(tiling: dict) -> dict:
     """The range training drew a video's frame count from (``min_num_frame``, ``max_num_frame``), for a folder's
     ``config.json``: chat and eval compare ``--frames`` with it. ``{}`` for a tiling that does not give it."""

@@ -12,7 +12,7 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 from ..head import decoder_of, logit_transform, unwrapped
 from ..internvl import VisionLanguageModel
-from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, frame_range, generation_config, part_config, save_tokenizer, write_weights
 from .layouts import hf_state_dict
 from .official import internvl_misfit, shuffle_arithmetic_misfit
 
@@ -61,11 +61,10 @@ def hf_misfit(model: VisionLanguageModel) -> Optional[str]:
 def hf_config(model: VisionLanguageModel, dtype: torch.dtype):
     """``InternVLConfig`` of transformers' native layout."""
     from transformers import InternVLConfig
-    vision = model.vision_model.config.to_dict()
+    vision = part_config(model.vision_model.config)
     for key in ('drop_path_rate', 'use_flash_attn'):
         vision.pop(key, None)
-    text = model.language_model.config.to_dict()
-    text.pop('quantization_config', None)
+    text = part_config(model.language_model.config)
     # use_cache: the LLM's KV cache on, as in the official folder (training turned it off in the config it holds)
     text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
                 use_cache=True)

@@ -30,7 +30,7 @@ import torch
 from xtuner_plugins.data.template import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 from ..projector import BilinearProjector, LlavaProjector
-from .files import Log, _print, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, generation_config, part_config, save_tokenizer, write_weights
 from .hf import language_model_misfit
 from .layouts import llava_state_dict
 
@@ -54,12 +54,11 @@ def llava_misfit(model) -> Optional[str]:
 
 def llava_config(model, dtype: torch.dtype):
     from transformers import LlavaConfig
-    text = model.language_model.config.to_dict()
-    text.pop('quantization_config', None)
+    text = part_config(model.language_model.config)
     # use_cache: the LLM's KV cache on, as in the official folder (training turned it off in the config it holds)
     text.update(tie_word_embeddings=False, vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
                 use_cache=True)
-    config = LlavaConfig(vision_config=model.vision_model.config.to_dict(), text_config=text,
+    config = LlavaConfig(vision_config=part_config(model.vision_model.config), text_config=text,
                          image_token_index=model.img_context_token_id, projector_hidden_act='gelu',
                          vision_feature_select_strategy='default' if model.vision.drop_cls else 'full',
                          vision_feature_layer=model.vision.select_layer, image_seq_length=model.num_image_token,

@@ -22,7 +22,7 @@ from xtuner_plugins.remote_code import FOLDER as REMOTE_FOLDER
 from xtuner_plugins.remote_code import PROJECTOR_FILE, VLM_CHAT_AUTO_MAP, VLM_FILES
 
 from ..dtypes import dtype_name
-from .files import Log, _print, frame_range, generation_config, save_tokenizer, write_weights
+from .files import Log, _print, frame_range, generation_config, part_config, save_tokenizer, write_weights
 from .layouts import remote_state_dict
 
 
@@ -37,12 +37,10 @@ def projector_settings(projector: nn.Module) -> dict:
 
 def remote_config(model, tiling: dict, dtype: torch.dtype, system: Optional[str] = None) -> dict:
     import transformers
-    vision = model.vision_model.config.to_dict()
+    vision = part_config(model.vision_model.config)
     for key in ('drop_path_rate', 'use_flash_attn'):
         vision.pop(key, None)
-    llm = model.language_model.config.to_dict()
-    llm.pop('quantization_config', None)
-    llm.pop('_name_or_path', None)
+    llm = part_config(model.language_model.config)
     llm.update(tie_word_embeddings=False, dtype=dtype_name(dtype), use_cache=True,
                vocab_size=model.language_model.get_input_embeddings().weight.shape[0],
                architectures=[type(model.language_model).__name__])

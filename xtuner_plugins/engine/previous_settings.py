@@ -16,8 +16,8 @@ the command line names none of them:
 * what shapes the features the projector learnt on (:data:`PARTS`, the vision tower's :data:`TOWER` settings): what
   the geometry check compares.
 
-Only what the checks would refuse otherwise is taken: what the stage trains (freezing, LoRA, the preference loss),
-how it computes and its data are its own. A setting named on the command line stays, and the checks refuse it where
+Only what those checks compare is taken (what a stage may not change): what the stage trains (freezing, LoRA, the
+preference loss), how it computes and its data are its own. A setting named on the command line stays, and the checks refuse it where
 it differs. A previous stage whose model is of another class than this config's gives nothing (said). What was
 taken is said in the run's log (``resumed_settings.say_taken``) and recorded in this stage's checkpoints, its
 converter's and a resume's source of the model.

@@ -540,7 +540,8 @@ def test_the_web_demo_answers_from_a_gguf_folder_each_session_its_own_conversati
         third, conv_a = turn('What happens?', [], conv_a, video=frames)
         fourth, conv_a = turn('Anything else?', [], conv_a)
         assert [first, second, third, fourth] == whole
-        assert conv_a['frames'] == [False, True, True] and all(isinstance(i, bytes) for i in conv_a['images'])
+        assert conv_a['frames'] == [False, True, True]   # the images' bytes in the server's store (web/kept.py)
+        assert all(isinstance(i, bytes) for i in chat.kept.resolve(conv_a)['images'])
         assert len(conv_a['messages']) == 8 and len(conv_b['messages']) == 2
         assert model.messages == [] and model.images == []   # the shared model keeps no conversation
         with pytest.raises(ValueError, match='answers greedily only'):

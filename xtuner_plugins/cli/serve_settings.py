@@ -13,7 +13,8 @@ import os
 from typing import Dict, Optional
 
 from xtuner_plugins.models.export.files import BOS, template_system, with_system
-from xtuner_plugins.models.inference import AGAIN, check_folder, check_processor_files, config_whole, folder_format
+from xtuner_plugins.models.inference import (AGAIN, check_folder, check_processor_files, config_whole, folder_format,
+                                             recorded_tile_size)
 
 SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
 #: why a converted format is not served here
@@ -53,7 +54,7 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
         raise ValueError(f'{folder}/config.json: no max_position_embeddings in its LLM\'s config; give --max-model-len')
     # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile
     # (each number checked: a hand-edited config.json's 'x' or 0 was a traceback here)
-    size = config_whole(cfg, 'force_image_size', cfg_path) or config_whole(cfg, 'vision_config.image_size', cfg_path)
+    size = recorded_tile_size(cfg, cfg_path)
     if not size:
         raise ValueError(f'{cfg_path}: no force_image_size nor vision_config.image_size; {AGAIN}')
     patch = config_whole(cfg, 'vision_config.patch_size', cfg_path, 14)

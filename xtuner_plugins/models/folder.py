@@ -102,6 +102,12 @@ def config_whole(config: dict, key: str, path: str, default: Optional[int] = Non
     return int(value)
 
 
+def recorded_tile_size(config: dict, path: str) -> Optional[int]:
+    """The tile size a folder's ``config.json`` (``path``) records: InternVL's ``force_image_size``, else its vision
+    tower's own (:func:`config_whole`: a whole number, or a ``ValueError`` naming the key); None where neither is."""
+    return config_whole(config, 'force_image_size', path) or config_whole(config, 'vision_config.image_size', path)
+
+
 def check_folder(folder: str) -> None:
     """A converted folder's weights and tokenizer files there and whole, before transformers reads them (whose
     errors, for a half-written copy, are tracebacks from deep inside); ``ValueError`` naming what is wrong."""

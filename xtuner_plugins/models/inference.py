@@ -38,7 +38,8 @@ from xtuner_plugins.data.tiling import IMAGENET_MEAN, IMAGENET_STD, image_tiles,
 from xtuner_plugins.data.video import VIDEO_PLACEHOLDER, video_prompt
 
 from .folder import (AGAIN, MODEL_ERRORS, TOKENIZER_ERRORS, check_code, check_folder, config_whole,  # noqa: F401
-                     check_processor_files, folder_format, from_folder, tokenizer_fits, weights_fit)
+                     check_processor_files, folder_format, from_folder, recorded_tile_size, tokenizer_fits,
+                     weights_fit)
 from .prompt import (NoVideo, QuestionTooLong, blank_run_stop, check_context, check_question, context_length,
                      encode_prompt, history_text, media_question, official_query, split_images)
 
@@ -110,8 +111,7 @@ class ConvertedModel:
         """The folder's tiling (``config.json``) with ``given``'s settings over it; a tile size other than the
         folder's is refused: the model's vision tokens per tile (``num_image_token``) are fixed by it."""
         cfg, path = self.config, os.path.join(self.folder, 'config.json')
-        # the tile size the folder records: InternVL's force_image_size, else its vision tower's own
-        size = config_whole(cfg, 'force_image_size', path) or config_whole(cfg, 'vision_config.image_size', path)
+        size = recorded_tile_size(cfg, path)
         if not size and not given.get('image_size'):
             raise ValueError(f'{path}: no force_image_size nor vision_config.image_size; give the tile size '
                              f'(--image-size)')

@@ -81,6 +81,31 @@ def test_resume_reads_the_pointer_against_its_work_folder(tmp_path):
     assert resume_target(str(tmp_path / 'none')) == (None, '')
 
 
+def test_resume_true_takes_a_checkpoint_saved_after_the_one_the_pointer_names(tmp_path):
+    """A kill (or a full disk) between a save and its pointer's write: last_checkpoint named iter_4.pth beside a
+    whole iter_6.pth, and resume=True resumed from iter_4.pth and replaced iter_6.pth with its own saves (a warning
+    said so). It takes iter_6.pth now, saying why; the newest of the pointer's kind, in the work folder or the
+    checkpoint hook's out_dir."""
+    work, out = tmp_path / 'work', tmp_path / 'disk'
+    work.mkdir()
+    out.mkdir()
+    for name in ('iter_2.pth', 'iter_4.pth', 'iter_6.pth', 'epoch_9.pth'):
+        (work / name).write_text('x')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_4.pth'))
+    found, note = resume_target(str(work))
+    assert found == str(work / 'iter_6.pth')
+    assert note == (f'{work / "last_checkpoint"} names iter_4.pth, and {work / "iter_6.pth"} is newer (the run '
+                    "stopped between its save and the pointer's write; checkpoints are written whole): resuming from "
+                    f"{work / 'iter_6.pth'}, which this run's saves would otherwise have replaced")
+    (out / 'iter_8.pth').mkdir()   # a DeepSpeed folder in out_dir
+    (out / 'iter_8.pth' / 'mp_rank_00_model_states.pt').write_text('x')
+    assert resume_target(str(work), [str(out)])[0] == str(out / 'iter_8.pth')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_6.pth'))   # the newest named: as it is
+    assert resume_target(str(work)) == (str(work / 'iter_6.pth'), '')
+    (work / 'last_checkpoint').write_text(str(work / 'epoch_9.pth'))   # another kind: iter_N is not newer than it
+    assert resume_target(str(work)) == (str(work / 'epoch_9.pth'), '')
+
+
 TOY = os.path.join(REPO_ROOT, 'tests', 'engine', 'toy_configs', 'toy_schedule.py')
 
 
@@ -121,6 +146,21 @@ def test_a_copied_or_moved_work_folder_resumes_from_its_own_checkpoint(tmp_path)
     assert runner.iter == 8 and f'resumed from {moved}/iter_6.pth' in _log(moved)
 
 
+def test_a_pointer_behind_the_newest_checkpoint_resumes_from_the_newest_without_replacing_it(tmp_path):
+    """The toy run through MMEngine's runner: its pointer put back to iter_2.pth (a kill between iter_4's save and
+    the pointer's write). resume=True resumed at iteration 2 and wrote its own iter_4.pth over the whole one; it
+    resumes at 4 now, and iter_4.pth is the first run's file."""
+    work = tmp_path / 'w'
+    toy_runner(work, 'behind-first', max_iters=4, save_every=2)
+    (work / 'last_checkpoint').write_text(str(work / 'iter_2.pth'))
+    before = (work / 'iter_4.pth').read_bytes()
+    runner = toy_runner(work, 'behind-again', max_iters=6, save_every=2, resume=True)
+    assert runner.iter == 6 and (work / 'iter_4.pth').read_bytes() == before
+    log = ''.join(path.read_text(encoding='utf-8') for path in work.glob('*/*.log'))   # both runs' logs
+    assert f'resuming from {work}/iter_4.pth, which this run\'s saves would otherwise have replaced' in log, log
+    assert f'resumed from {work}/iter_4.pth' in log and ', iter: 4' in log
+
+
 def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch):
     """Before, ``--resume CKPT --cfg-options optim_wrapper.optimizer.lr=0.5`` trained on with the checkpoint's 0.01
     (MMEngine loads the optimizer's and schedulers' learning rates over the config's) without a word."""
@@ -154,8 +194,9 @@ def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch)
 
 def test_a_resume_from_an_older_checkpoint_does_not_write_over_later_ones(tmp_path, monkeypatch):
     """Before, ``--resume WD/iter_4.pth`` in a work folder holding iter_6.pth and iter_8.pth replaced them with this
-    run's saves without a word. A chosen older checkpoint is refused before training; ``resume=True`` (the pointer
-    behind the newest file: a kill between a save and its pointer, a requeued Slurm job) goes on, saying so."""
+    run's saves without a word. A chosen older checkpoint is refused before training; a resume the pointer chose
+    with later checkpoints beside it (resume=True takes the newest of the pointer's kind: only of another kind)
+    goes on, saying so."""
     import logging
     from types import SimpleNamespace
 

@@ -260,14 +260,17 @@ def test_a_failed_resume_is_not_told_to_resume(tmp_path):
 
 def test_a_failed_run_whose_pointer_is_behind_is_told_the_resume_that_takes_its_newest_checkpoint(tmp_path):
     """A disk that filled as ``last_checkpoint`` was written after iter_4.pth: the closing line said
-    '--cfg-options resume=True continues from WORK/iter_4.pth', yet resume=True follows the pointer, which still
-    named iter_3.pth, and its saves then replaced iter_4.pth (without a pointer at all, resume=True started over).
-    It names the command that continues from iter_4.pth now."""
+    '--cfg-options resume=True continues from WORK/iter_4.pth', yet without a pointer resume=True started over
+    (now refused), and with one naming a file that is gone it is refused. It names the command that continues from
+    iter_4.pth now; a pointer naming the older iter_3.pth: resume=True takes iter_4.pth (engine/resume.py)."""
     from xtuner_plugins.cli.train_closing import next_steps
     for name in ('iter_3.pth', 'iter_4.pth'):
         (tmp_path / name).write_text('x')
     newest = tmp_path / 'iter_4.pth'
-    for pointer in (str(tmp_path / 'iter_3.pth'), None, str(tmp_path / 'gone' / 'iter_9.pth')):
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_3.pth'))
+    said = next_steps(str(tmp_path), 0.0, argv=['cfg.py'])
+    assert said.endswith(f'; --cfg-options resume=True continues from {newest}'), said
+    for pointer in (None, str(tmp_path / 'gone' / 'iter_9.pth')):
         if pointer:
             (tmp_path / 'last_checkpoint').write_text(pointer)
         elif (tmp_path / 'last_checkpoint').exists():

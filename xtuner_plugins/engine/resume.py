@@ -15,7 +15,8 @@ folder it is in.
   (:func:`lr_change_note`: MMEngine loads the saved optimizer and schedule over it, so the new one is not used);
   so is a schedule whose length changed (:func:`schedule_change_note`: the saved one goes on);
   ``--resume PATH`` of a checkpoint older than others in the work folder is refused (this run's saves would
-  replace them: :func:`later_checkpoints`), and ``resume=True`` there (a pointer behind the newest file) warns;
+  replace them: :func:`later_checkpoints`), and ``resume=True`` whose pointer is behind the newest file (a stop
+  between a save and its pointer) takes the newest, with a warning;
   ``--resume PATH`` from another folder into a work folder holding checkpoints is refused before anything loads
   (:func:`another_run_here`: another run's, which this run's saves and rotation would replace or delete).
 
@@ -98,7 +99,9 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
     """``(checkpoint, note)``: what ``WORK_DIR/last_checkpoint`` names, read against ``work_dir`` (module
     docstring); ``(None, '')`` without a pointer and checkpoints (checkpoints without it: refused, a resume from
     nothing would write over them); ``note`` says when a checkpoint of the same name in the work
-    folder replaced one outside it. ``out_dirs``: other folders the run saves its checkpoints to.
+    folder replaced one outside it, or that a newer checkpoint than the one named was taken (a stop between a
+    save and its pointer: a resume of the one named would replace it). ``out_dirs``: other folders the run saves
+    its checkpoints to.
     Raises :class:`ResumeError` when the pointer names nothing that can be loaded."""
     pointer = os.path.join(work_dir, POINTER)
     if not os.path.isfile(pointer):
@@ -135,7 +138,27 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
                 f'{found}, its own checkpoint of that name')
     if not os.path.exists(found):
         raise ResumeError(f'resume=True: {pointer} names {found}, which does not exist; {restart}')
+    newer = _newer_than(found, (work_dir, *out_dirs))
+    if newer:   # a stop between a save and its pointer's write: the save is whole (written under a temporary name)
+        note = '; '.join(filter(None, [note, (
+            f'{pointer} names {os.path.basename(found)}, and {newer} is newer (the run stopped between its save '
+            f'and the pointer\'s write; checkpoints are written whole): resuming from {newer}, which this run\'s '
+            'saves would otherwise have replaced')]))
+        found = newer
     return found, note
+
+
+def _newer_than(checkpoint: str, dirs: Sequence[str]) -> Optional[str]:
+    """The newest checkpoint of ``dirs`` of ``checkpoint``'s kind (``iter_N.pth`` or ``epoch_N.pth``) with a
+    higher N, or None."""
+    from xtuner_plugins.outcome import find_checkpoints
+    kind, _, number = os.path.basename(checkpoint)[:-4].rpartition('_')
+    if not number.isdigit():
+        return None
+    later = [(int(os.path.basename(c)[:-4].rpartition('_')[2]), c) for d in dict.fromkeys(dirs)
+             for c in find_checkpoints(d) if os.path.basename(c).startswith(kind + '_')]
+    later = [(n, c) for n, c in later if n > int(number)]
+    return max(later)[1] if later else None
 
 
 def checkpoint_dirs(runner) -> List[str]:

@@ -188,6 +188,20 @@ def test_qlora_checkpoint_is_dequantised_and_merged(tiny, batch, tmp_path):
     assert max_diff(training_logits(lora, batch), expected, mask) > 10 * TOL
 
 
+def assert_auto_model_reads_every_weight(folder, whole):
+    """``AutoModel.from_pretrained(folder)`` (transformers' base class, InternVLModel or LlavaModel: what vLLM-style
+    code and feature extraction load) holds ``whole``'s weights, each of them: the folder in the in-memory layout
+    (``model.language_model.*``) left every one at random, with only a warning."""
+    from transformers import AutoModel
+    base = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    assert type(base).__name__ == type(whole.model).__name__
+    expected = whole.model.state_dict()
+    got = base.state_dict()
+    assert got.keys() == expected.keys()
+    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not differ, differ[:5]
+
+
 def test_hf_format_loads_without_remote_code(tiny, batch, tmp_path):
     from transformers import AutoProcessor, InternVLForConditionalGeneration
     opts = options(tiny, **{'model.freeze_vision': False})
@@ -202,6 +216,7 @@ def test_hf_format_loads_without_remote_code(tiny, batch, tmp_path):
     with torch.no_grad():
         out = hf(**inputs)
     assert max_diff(out.logits, expected, batch['attention_mask']) < TOL
+    assert_auto_model_reads_every_weight(folder, hf)
     # the LLM's KV cache on, as its own config has it: the folder took training's use_cache false (a forward
     # returned no past_key_values; generate() turns it on by itself)
     assert hf.config.text_config.use_cache and out.past_key_values is not None

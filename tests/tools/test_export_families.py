@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.helpers import tiny_families, write_image
-from tests.tools.test_convert_to_official import (FULL, LORA, QLORA, TOL, convert, max_diff, options,
-                                                  trained_checkpoint)
+from tests.tools.test_convert_to_official import (FULL, LORA, QLORA, TOL, assert_auto_model_reads_every_weight,
+                                                  convert, max_diff, options, trained_checkpoint)
 from tools.chat import main as chat_main
 from xtuner_plugins.data import InternVLDataset, internvl_collate_fn
 from xtuner_plugins.data.image_io import load_image
@@ -90,6 +90,7 @@ def test_converted_logits_equal_training_logits(family, tiny):
     if family['fmt'] == 'llava':
         from transformers import LlavaForConditionalGeneration
         converted = LlavaForConditionalGeneration.from_pretrained(family['folder'], dtype=torch.float32).eval()
+        assert_auto_model_reads_every_weight(family['folder'], converted)
         with torch.no_grad():
             got = converted(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'],
                             pixel_values=pixels[batch['image_flags'] == 1]).logits

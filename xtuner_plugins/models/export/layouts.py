@@ -38,33 +38,36 @@ def remote_state_dict(model) -> State:
 
 
 def composite_llm_state_dict(model, layout: str) -> State:
-    """The LLM's tensors as transformers' composite vision-language models (InternVL, LLaVA) key them:
-    ``model.language_model.*`` for the decoder, ``lm_head.*``."""
-    state = {}
-    for key, value in nn.Module.state_dict(model.language_model).items():
-        if key.startswith('model.'):
-            state['model.language_model.' + key[len('model.'):]] = value
-        elif key.startswith('lm_head.'):
-            state[key] = value
-        else:
-            raise ValueError(f'language_model.{key}: no place for it in the transformers {layout} layout')
+    """The LLM's tensors as transformers 4.x saves its composite vision-language models (InternVL, LLaVA):
+    ``language_model.model.*`` for the decoder, ``language_model.lm_head.*``."""
+    state = _part(model.language_model, 'language_model.')
+    other = next((k for k in state if not k.startswith(('language_model.model.', 'language_model.lm_head.'))), None)
+    if other:
+        raise ValueError(f'{other}: no place for it in the transformers {layout} layout')
     return state
+
+
+# The composite layouts are the ones transformers 4.x's ``save_pretrained`` writes (``vision_tower.*``,
+# ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``): its
+# ``...ForConditionalGeneration`` classes and ``AutoModel`` (``InternVLModel``, ``LlavaModel``) both read them, and
+# so do vLLM and transformers 5's conversion. The in-memory names of 4.5x (``model.language_model.*``, ``lm_head.*``)
+# loaded into ``...ForConditionalGeneration`` only: ``AutoModel`` left every weight at random, with a warning.
 
 
 def hf_state_dict(model) -> State:
     """transformers' ``InternVLForConditionalGeneration`` keys."""
-    state = _part(model.vision_model, 'model.vision_tower.')
+    state = _part(model.vision_model, 'vision_tower.')
     names = {'0': 'layer_norm', '1': 'linear_1', '3': 'linear_2'}  # InternVL's mlp1 Sequential indices
     for key, value in nn.Module.state_dict(model.mlp1).items():
         index, _, leaf = key.partition('.')
-        state[f'model.multi_modal_projector.{names[index]}.{leaf}'] = value
+        state[f'multi_modal_projector.{names[index]}.{leaf}'] = value
     state.update(composite_llm_state_dict(model, 'InternVL'))
     return state
 
 
 def llava_state_dict(model) -> State:
     """transformers' ``LlavaForConditionalGeneration`` keys."""
-    state = _part(model.vision_model, 'model.vision_tower.')
-    state.update(_part(model.mlp1, 'model.multi_modal_projector.'))
+    state = _part(model.vision_model, 'vision_tower.')
+    state.update(_part(model.mlp1, 'multi_modal_projector.'))
     state.update(composite_llm_state_dict(model, 'LLaVA'))
     return state

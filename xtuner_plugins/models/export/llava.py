@@ -17,8 +17,8 @@ the chat template renders an image part as ``<img><IMG_CONTEXT></img>\\n`` and t
 writes for ``<image>\\n``; the training system message is the template's default. Pixels: ``'resize'`` is
 ``CLIPImageProcessor`` resizing to exactly S x S (bicubic, no crop), ``'pad'`` is ``LlavaImageProcessor`` with
 ``do_pad`` (the mean colour, ``int(mean * 255)``, as the training's ``pad_to_square``), both with the encoder's
-mean/std. Keys (transformers 4.57): ``model.vision_tower.*``, ``model.multi_modal_projector.linear_{1,2}.*``,
-``model.language_model.*``, ``lm_head.*`` (``layouts.py``).
+mean/std. Keys as transformers 4.x saves them: ``vision_tower.*``, ``multi_modal_projector.linear_{1,2}.*``,
+``language_model.model.*``, ``language_model.lm_head.*`` (``layouts.py``).
 """
 
 from __future__ import annotations

@@ -39,10 +39,11 @@ def _read_only(folder: str) -> bool:
 
 
 def work_dir_refusal(cfg: Mapping) -> Optional[str]:
-    """Why the work folder cannot be one (a file, a symbolic link to nothing or a folder under one, under a file, not writable by this
-    user, a model's source folder), found before anything is built: MMEngine's mkdir_or_exist raised
-    FileExistsError / NotADirectoryError / PermissionError in a traceback, and a run in its LLM's folder saved
-    checkpoints there that changed the folder the run records as its source (it no longer converted)."""
+    """Why the work folder cannot be one (a file, a symbolic link to nothing or a folder under one, under a file,
+    not writable by this user, a model's source folder), found before anything is built: MMEngine's
+    mkdir_or_exist raised FileExistsError / NotADirectoryError / PermissionError in a traceback, and a run in its
+    LLM's folder saved checkpoints there that changed the folder the run records as its source (it no longer
+    converted)."""
     work_dir = cfg.get('work_dir')
     if not isinstance(work_dir, str) or not work_dir:
         return None
@@ -254,7 +255,7 @@ def checkpoint_dir(cfg: Mapping) -> Optional[str]:
     return work_dir
 
 
-def _listed(names: List[str]) -> str:
+def checkpoint_names(names: List[str]) -> str:
     """The first three checkpoint names and the last, for a message."""
     return ', '.join(names[:3] + (['...'] if len(names) > 4 else []) + names[3:][-1:])
 
@@ -277,16 +278,17 @@ def earlier_run_in_work_dir(cfg: Mapping) -> Optional[str]:
         names = [os.path.basename(path) for path in find_checkpoints(saves)]
         if names:   # another run's, which this one's would write over and rotate out (no last_checkpoint here)
             return (f'the checkpoint folder {saves} (default_hooks.checkpoint.out_dir + the work folder\'s name) '
-                    f'holds the checkpoints of an earlier run ({_listed(names)}): this new run would write its own '
-                    f'iter_N.pth over them and rotate them out. Continue that run with --cfg-options resume=True, '
-                    f'give this run a work folder of another name or another out_dir, or move them away first')
+                    f'holds the checkpoints of an earlier run ({checkpoint_names(names)}): this new run would write '
+                    f'its own iter_N.pth over them and rotate them out. Continue that run with --cfg-options '
+                    'resume=True, give this run a work folder of another name or another out_dir, or move them '
+                    'away first')
     if not made:
         return None
     names = [os.path.basename(path) for path in find_checkpoints(work_dir)]
     pointer = os.path.join(work_dir, 'last_checkpoint')
     if not names and not os.path.isfile(pointer):
         return None
-    shown = _listed(names)
+    shown = checkpoint_names(names)
     try:
         with open(pointer, encoding='utf-8') as f:
             shown += f'{"; " if shown else ""}last_checkpoint -> {f.read().strip()}'

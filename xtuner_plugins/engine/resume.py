@@ -105,12 +105,12 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
     Raises :class:`ResumeError` when the pointer names nothing that can be loaded."""
     pointer = os.path.join(work_dir, POINTER)
     if not os.path.isfile(pointer):
-        from xtuner_plugins.engine.refusals import _listed
+        from xtuner_plugins.engine.refusals import checkpoint_names
         from xtuner_plugins.outcome import find_checkpoints
         saved = sorted((c for d in (work_dir, *out_dirs) for c in find_checkpoints(d)),
                        key=lambda c: int(os.path.basename(c)[:-4].rpartition('_')[2]))   # (iter|epoch)_N.pth
         if saved:   # a resume from nothing would write its own iter_N.pth over them
-            names = _listed([os.path.basename(c) for c in saved])
+            names = checkpoint_names([os.path.basename(c) for c in saved])
             raise ResumeError(f'resume=True: {work_dir} holds checkpoints ({names}) but no {POINTER}, the pointer '
                               f'resume=True follows; give the one to resume from with --resume PATH (the newest: '
                               f'{saved[-1]}), or move them away (or give another --work-dir) to start this run over')

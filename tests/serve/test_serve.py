@@ -94,8 +94,9 @@ def test_a_config_value_that_does_not_read_is_one_line(folders, tmp_path, capsys
 def test_formats_vllm_does_not_read_and_a_missing_vllm_are_named(folders, capsys):
     assert serve_main([folders['remote']]) == 2
     err = capsys.readouterr().err   # not 'convert again with --format official': refused for such a model
-    assert "a 'remote' folder, its own code for a vision tower and projector InternVL's layout has no place for: " \
-           "vLLM has no architecture for it" in err and 'tools/serve.py serves the official and hf' in err, err
+    assert "a 'remote' folder, its own code for a vision tower and projector InternVL's and LLaVA's layouts have no " \
+           "place for: vLLM has no architecture for it" in err and 'tools/serve.py serves the official, hf and llava' \
+           in err, err
     gguf = folders['official'] + '-gguf-stand-in'   # a GGUF folder: 'no config.json; give a folder written by
     os.makedirs(gguf, exist_ok=True)               # tools/convert_to_official.py', which wrote it
     open(os.path.join(gguf, 'm-F16.gguf'), 'wb').close()
@@ -248,7 +249,7 @@ def test_heads_vllms_cpu_build_cannot_serve_are_refused_before_it_starts(folders
     assert line.startswith('serving: python tools/serve.py ') and "(on a GPU: its LLM's attention heads are 16" in line
     assert serving_line(folders['official'], 'official').endswith(os.path.basename(folders['official']))
     assert serving_line(folders['remote'], 'remote') == ('serving: vLLM does not read the remote layout (it serves '
-                                                          'the official and hf layouts)')
+                                                          'the official, hf and llava layouts)')
 
 
 class OtherServer:

@@ -1,14 +1,15 @@
 """Serving with vLLM for real (its CPU build, in .venv-vllm: ``make vllm``, which ``make test`` runs first).
 
-A tiny model (32-wide heads: vLLM's CPU attention takes no narrower), LoRA-trained (every trained tensor
-perturbed, so answers depend on the image) and converted to each format vLLM reads (official, with its remote
-code; hf). The hf folder is served by tools/serve.py: through the OpenAI API (the image as a data URL, greedy)
-every answer equals tools/chat.py's. vLLM's offline ``LLM.chat`` on the official folder builds the prompt ids this
-project builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own tiling + ``</img>``)
-and gives tools/chat.py's answers, also for an LLM whose tokenizer adds a bos (the bos once, at the very start,
-as training has it: a Llama 3 and a Gemma 3 look-alike). docs/serving.md's tiny path (an official folder, tools/serve.py, curl) runs as written.
-Image URLs: none fetched by default (there, an ``http://127.0.0.1`` one and a ``file://`` one refused with 400);
-``--allowed-media-domains 127.0.0.1`` (the hf server) fetches from there.
+A tiny model (32-wide heads: vLLM's CPU attention takes no narrower), LoRA-trained (every trained tensor perturbed,
+so answers depend on the image) and converted to each format vLLM reads (official, with its remote code; hf), and a
+CLIP + MLP model to llava. The hf and llava folders are served by tools/serve.py: through the OpenAI API (the image
+as a data URL, greedy) every answer equals tools/chat.py's. vLLM's offline ``LLM.chat`` on the official folder
+builds the prompt ids this project builds (system message, template, ``<img>`` + ``<IMG_CONTEXT>`` run of vLLM's own
+tiling + ``</img>``) and gives tools/chat.py's answers, also for an LLM whose tokenizer adds a bos (the bos once, at
+the very start, as training has it: a Llama 3 and a Gemma 3 look-alike). docs/serving.md's tiny path (an official
+folder, tools/serve.py, curl) runs as written. Image URLs: none fetched by default (there, an ``http://127.0.0.1``
+one and a ``file://`` one refused with 400); ``--allowed-media-domains 127.0.0.1`` (the hf server) fetches from
+there.
 
 Not skipped when vLLM is missing: it fails, saying to run ``make vllm`` (``XTUNER_PLUGINS_SKIP_VLLM=1`` skips it
 on purpose). About 4 minutes on 2 cores: each server is healthy after ~20-50 s.
@@ -175,6 +176,63 @@ def test_openai_answers_equal_the_chat_tools(setup, capsys):
     assert got == expected
     assert fetched == expected[0] and asked == [f'/{name}']
     check_file_url_refused(from_file)
+
+
+@pytest.fixture(scope='module')
+def llava_setup(tmp_path_factory):
+    """A tiny CLIP tower + LLaVA's MLP (one padded tile an image) + the 32-wide LLM, LoRA-trained (every trained
+    tensor perturbed), its checkpoint and its llava folder."""
+    import torch
+
+    from tests.helpers import tiny_families
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
+    from xtuner_plugins.tiny import write_tiny_llm
+    need_vllm()
+    root = tmp_path_factory.mktemp('vllm_llava')
+    tiny = tiny_families(root / 'tiny')
+    tiny['llm'] = write_tiny_llm(str(root / 'llm'), num_heads=2, num_kv_heads=1)
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.vision_encoder': tiny['clip'], 'model.projector': 'mlp',
+                            'model.image_mode': 'pad'})
+    probe = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    opts.update({f'train_dataloader.dataset.{k}': (list(v) if isinstance(v, tuple) else v)
+                 for k, v in probe.geometry.items()})
+    checkpoint = str(root / 'iter_1.pth')
+    model = trained_checkpoint(LORA, opts, checkpoint, scale=0.3)
+    folder = convert(LORA, checkpoint, str(root / 'llava'), opts, '--format', 'llava')
+    state = torch.load(checkpoint, weights_only=False)   # as training records them, for serve.py --checkpoint
+    state['meta'] = {'cfg': load_config(LORA, opts).pretty_text, 'lineage': model.lineage}
+    torch.save(state, checkpoint)
+    images = [write_image(root / f'{i}.png', size=size, seed=i) for i, size in
+              enumerate([(120, 60), (50, 90), (56, 56)])]
+    return dict(root=root, folder=folder, checkpoint=checkpoint, images=images)
+
+
+def test_a_llava_folder_is_served_with_the_chat_tools_answers(llava_setup, capsys, tmp_path):
+    """A CLIP + MLP model's llava folder (LlavaForConditionalGeneration) through tools/serve.py and the OpenAI API:
+    the answers equal tools/chat.py's (vLLM builds the prompt from the folder's template and processor: 16 image
+    tokens a picture, padded as training padded it). Before, serve.py refused llava folders ('neither sets up nor
+    tests'), and --checkpoint of such a model failed converting to official; it converts to llava now."""
+    from types import SimpleNamespace
+
+    from xtuner_plugins.cli.serve import converted
+    from xtuner_plugins.cli.serve_settings import settings
+    from xtuner_plugins.models.inference import folder_format
+    folder = llava_setup['folder']
+    s = settings(folder)
+    assert (s['format'], s['head_dim'], s['images']) == ('llava', 32, 8)
+    expected = [chat_answer(folder, image, capsys) for image in llava_setup['images']]
+    assert len(set(expected)) > 1, expected  # the answers depend on the image
+    proc, base = serve(folder, llava_setup['root'])
+    try:
+        got = [completion(base, 'llava', image) for image in llava_setup['images']]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert got == expected
+    args = SimpleNamespace(checkpoint=llava_setup['checkpoint'], dtype=None, remap=[])
+    assert folder_format(converted(args, str(tmp_path))) == 'llava'
 
 
 def check_file_url_refused(from_file):

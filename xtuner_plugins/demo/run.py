@@ -355,7 +355,7 @@ def serving_line(folder: str, fmt: str) -> str:
     """How to serve the converted folder with vLLM, or why vLLM's CPU build cannot (docs/serving.md)."""
     from xtuner_plugins.cli.serve_settings import SERVABLE, cpu_head_problem, settings
     if fmt not in SERVABLE:
-        return f'serving: vLLM does not read the {fmt} layout (it serves the official and hf layouts)'
+        return f'serving: vLLM does not read the {fmt} layout (it serves the official, hf and llava layouts)'
     problem = cpu_head_problem(settings(folder)['head_dim'])
     return f'serving: python tools/serve.py {os.path.relpath(folder, REPO_ROOT)}' + (
         f' (on a GPU: {problem})' if problem else '')

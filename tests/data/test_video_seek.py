@@ -67,6 +67,29 @@ def test_frames_shown_before_the_keyframe_a_seek_lands_on_are_the_ones_asked_for
     assert [number(f) for f in read_frames(info, wanted)] == wanted
 
 
+@pytest.mark.parametrize('name, codec, options', [
+    ('mpeg2.ts', 'mpeg2video', {'g': '9', 'bf': '2'}),   # broadcast / camcorder MPEG-TS (.ts, .mts)
+    ('h264.ts', 'libx264', {'g': '12', 'bf': '3'}),
+    ('mpeg2.mpg', 'mpeg2video', {'g': '15', 'bf': '2'}),   # MPEG-PS (.mpg, .vob)
+    ('h264.avi', 'libx264', {'g': '12', 'bf': '3'}),   # B-frames in an AVI: its frames' stamps out of order
+])
+def test_files_ffmpeg_seeks_by_decode_time_give_the_frames_asked_for(tmp_path, name, codec, options):
+    """MPEG-TS and MPEG-PS seek by decode time, and an AVI stamps H.264's B-frames out of the order shown: a seek
+    landed after the frame asked for with no earlier keyframe to try, and the next frame shown was taken in its place
+    (an MPEG-TS file gave its frame 12 for each of frames 0 to 11), or past the last frames (dropped as
+    'truncated'); the AVI gave frame 1 for frame 2. Such a file is now read in order where a seek misplaces frames."""
+    import av
+    path = encode(tmp_path / name, codec, options, 60)
+    with av.open(path) as container:
+        assert [number(f.to_image()) for f in container.decode(video=0)] == list(range(60))  # the file is right
+    info = probe_video(path)
+    assert info.total == 60
+    assert [number(read_frames(info, [i])[0]) for i in range(60)] == list(range(60))
+    for n in (8, 32):
+        wanted = choose_frames(info, n, 'rand', np.random.default_rng(n))
+        assert [number(f) for f in read_frames(info, wanted)] == wanted
+
+
 def test_a_cut_that_hides_frames_the_header_counts_is_read_as_the_frames_shown(tmp_path):
     """A stream copy cut ('ffmpeg -ss ... -c copy') writes an edit list: the header counts 100 frames, 85 are
     shown. It was dropped as truncated ('says 100 frames but holds 85')."""

@@ -139,7 +139,58 @@ def upright(frame, rotate_tag: Optional[str] = None) -> Image.Image:
     return image if turn is None else image.transpose(turn)
 
 
+class _Unplaced(Exception):
+    """A file whose frames, decoded after a seek, are not where its packets' timestamps place them (an MPEG-TS or
+    MPEG-PS file, which FFmpeg seeks by decode time; H.264 with B-frames in an AVI, whose frames' stamps are not in
+    the order shown): read in order instead (:func:`_decode_in_order`)."""
+
+
+def _rotate_tag(stream) -> Optional[str]:
+    """The stream's ``rotate`` tag, which decord reads first (av_dict_get, any case: Matroska keeps it as ROTATE)."""
+    return next((v for k, v in stream.metadata.items() if k.lower() == 'rotate'), None)
+
+
 def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
+    """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique) of ``info`` (``video.VideoInfo``):
+    by seeking (:func:`_decode_seeking`), or, where the frames a seek gives are not the ones the timestamps place
+    (the frame a seek lands on shown after the one asked for with no earlier keyframe to try; a frame's stamp out of
+    the packets' order; the stream ending after a seek), by decoding from the start, frame ``i`` the ``i``-th shown
+    (:func:`_decode_in_order`). The next frame shown is never taken in the place of the one asked for: an MPEG-TS
+    file gave its 13th frame for each of its first 12, and H.264 with B-frames in an AVI frame 1 for frame 2."""
+    try:
+        return _decode_seeking(info, wanted, max_decoded_pixels)
+    except _Unplaced:
+        return _decode_in_order(info, wanted, max_decoded_pixels)
+
+
+def _decode_in_order(info, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
+    """:func:`decode_wanted`'s frames decoded from the start without a seek, frame ``i`` the ``i``-th the decoder
+    shows (its stamps are not read)."""
+    av = av_module()
+    out: dict = {}
+    k, decoded = 0, 0
+    container, stream = open_stream(info.path)
+    with container:
+        tag = _rotate_tag(stream)
+        try:
+            for order, frame in enumerate(container.decode(stream)):
+                decoded += _frame_pixels(info, frame, wanted[k], decoded, max_decoded_pixels)
+                if order == wanted[k]:
+                    out[order] = upright(frame, tag)
+                    k += 1
+                    if k == len(wanted):
+                        break
+        except av.FFmpegError as exc:
+            raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
+                                               f'{exc}') from None
+    if k < len(wanted):
+        raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
+                                           + (f' ({info.duration:.3f} s)' if info.fps else '')
+                                           + f' but frame {wanted[k]} cannot be decoded')
+    return out
+
+
+def _decode_seeking(info, wanted: List[int], max_decoded_pixels: Optional[int] = None) -> dict:
     """``{frame number: RGB image}`` of the frames ``wanted`` (sorted, unique) of ``info`` (``video.VideoInfo``),
     seeking in a seekable file to the keyframe before a frame where a keyframe lies between the last frame decoded
     and it (by the keyframes' packets' stamps; one keyframe for a whole file: decoding on, never from the start
@@ -149,10 +200,11 @@ def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = N
 
     A seek lands on a keyframe by its decode time, and with B-frames the frames shown just before that keyframe
     may need the one before it (an open GOP, MPEG-4 Part 2's B-frames): the decoder drops them. A frame asked for
-    that did not come out is sought again from an earlier keyframe (twice at most; the next frame shown was taken
-    in its place, without a word). Each decoded frame is checked against ``info.max_pixels`` (a codec may change the
-    frame size mid-stream) and counted against ``max_decoded_pixels`` (``video_too_large``: a file of one keyframe
-    and thousands of frames decodes them all to reach the last one asked for)."""
+    that did not come out is sought again from an earlier keyframe (twice at most; then :class:`_Unplaced`, as for
+    a frame whose stamp is not the next one the packets have, or a stream that ends after a seek before the frame
+    asked for: the caller reads the file in order). Each decoded frame is checked against ``info.max_pixels`` (a
+    codec may change the frame size mid-stream) and counted against ``max_decoded_pixels`` (``video_too_large``: a
+    file of one keyframe and thousands of frames decodes them all to reach the last one asked for)."""
     av = av_module()
     out: dict = {}
     container, stream = open_stream(info.path)
@@ -169,8 +221,8 @@ def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = N
                                                f'({info.duration:.3f} s) but holds {len(stamps)}: frame '
                                                f'{wanted[-1]} cannot be decoded')
         slack = step / 2 if stamps is None else 0  # exact stamps: the frame itself, not its neighbour
-        tag = next((v for k, v in stream.metadata.items() if k.lower() == 'rotate'), None)   # decord reads it
-        # first (av_dict_get, any case: Matroska keeps it as ROTATE)
+        tag = _rotate_tag(stream)
+        place = None if stamps is None else {s: i for i, s in enumerate(stamps)}   # a stamp's frame number
 
         def stamp(i: int) -> float:
             return stamps[i] if stamps is not None else origin + i * step
@@ -184,6 +236,7 @@ def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = N
             return target - pos > max(gop, 2 * step)
         k, frames, gop, last_key, pos, order, sought, decoded = 0, None, 0.0, None, None, -1, 0, 0
         again, point, retries = None, None, 0   # again: an earlier keyframe to seek from, for wanted[k]
+        shown = None   # the frame number of the last frame decoded since the last seek (exact stamps)
         try:
             while k < len(wanted):
                 target = stamp(wanted[k])
@@ -192,6 +245,7 @@ def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = N
                         point = target if again is None else again
                         container.seek(int(point), stream=stream, backward=True, any_frame=False)
                     frames, last_key, order, sought, again = container.decode(stream), None, -1, k, None
+                    shown = None
                 for frame in frames:
                     order += 1
                     decoded += _frame_pixels(info, frame, wanted[k], decoded, max_decoded_pixels)
@@ -201,18 +255,26 @@ def decode_wanted(info, wanted: List[int], max_decoded_pixels: Optional[int] = N
                         last_key = pos
                     elif last_key is not None:
                         gop = max(gop, pos - last_key)
-                    if stamps is not None and pos > stamp(wanted[k]) and retries < 2:   # it did not come out
-                        again = max((key for key in keys if key < point), default=None)
-                        if again is not None:
-                            retries += 1
-                            break
+                    if place is not None:   # each frame decoded the one after the last, by the packets' stamps
+                        number = place.get(pos)
+                        if number is None or (shown is not None and number != shown + 1):
+                            raise _Unplaced()
+                        shown = number
+                    if stamps is not None and pos > stamp(wanted[k]):   # it did not come out
+                        again = max((key for key in keys if key < point), default=None) if retries < 2 else None
+                        if again is None:
+                            raise _Unplaced()
+                        retries += 1
+                        break
                     while k < len(wanted) and pos + slack >= stamp(wanted[k]):
                         out[wanted[k]] = upright(frame, tag)
                         k, retries = k + 1, 0
                     if k == len(wanted) or (k > sought and far(stamp(wanted[k]))):
                         break
-                else:
-                    break  # the stream ended
+                else:   # the stream ended
+                    if stamps is not None:   # before a frame its packets hold (checked above): a seek gone past
+                        raise _Unplaced()
+                    break
         except av.FFmpegError as exc:
             raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
                                                f'{exc}') from None

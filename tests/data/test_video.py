@@ -133,6 +133,15 @@ class TestReading:
         idx = choose_frames(info, 5, sample, np.random.default_rng(0))
         assert idx == [0, 1, 2, 3, 4] and numbers(read_frames(info, idx)) == idx
 
+    def test_a_frame_named_with_a_digit_int_cannot_read_is_ordered_not_a_traceback(self, tmp_path):
+        """A frame file named '\u00b21.png' (a superscript two: str.isdigit, not int's) was a raw ValueError of the
+        folder's ordering (``int('\u00b2')``) at every load of its sample, not a sample loaded or skipped."""
+        folder = write_video(tmp_path / 'frames', LEVELS[:3])
+        os.rename(os.path.join(folder, '0003.png'), os.path.join(folder, '\u00b21.png'))
+        info = probe_video(folder)
+        assert [os.path.basename(f) for f in info.frames] == ['0001.png', '0002.png', '\u00b21.png']
+        assert numbers(read_frames(info, [0, 1, 2])) == [0, 1, 2]
+
     @pytest.mark.parametrize('gaps', [[10, 10, 10, 200], [10], [1000, 1000, 100]])
     def test_a_matroska_file_counts_its_frames_at_any_frame_rate(self, tmp_path, gaps):
         """Matroska and WebM carry no frame count: the duration times the declared rate (10 fps here) counted 3

@@ -102,8 +102,10 @@ def video_field(sample: dict) -> Optional[Tuple[str, Optional[Tuple[float, float
 
 
 def _frame_key(name: str):
-    """Frame files in the order of the numbers in their names (``frame_2`` before ``frame_10``)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', name)]
+    """Frame files in the order of the numbers in their names (``frame_2`` before ``frame_10``): the split's odd
+    parts are its runs of decimal digits (``str.isdigit`` also holds for a superscript ``\u00b2``, which ``int``
+    cannot read: a raw ValueError)."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r'(\d+)', name))]
 
 
 def _probe_file(path: str) -> VideoInfo:

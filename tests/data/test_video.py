@@ -436,6 +436,27 @@ def test_a_frame_linked_out_of_the_image_folder_is_unsafe_unless_allowed(tmp_pat
     assert probe_video(str(folder / 'frames')).total == 5  # no image folder (chat, eval): nothing to leave
 
 
+def test_a_video_naming_the_image_folder_itself_is_a_bad_sample(tmp_path, tiny_tokenizer):
+    """``"video": "."`` (or ``./``, ``frames/..``) was read as one video whose frames were every image of the image
+    folder, without a word; a frame folder inside it is read as ever. Without an image folder, the annotation
+    file's folder itself is refused alike."""
+    folder = tmp_path / 'media'
+    write_video(folder / 'frames', LEVELS[:4])
+    for i in range(3):
+        write_image(folder / f'photo_{i}.png', size=(32, 24))
+    lines = [{'video': v, 'conversations': conv(image=False)} for v in ('.', './', 'frames/..', 'frames')]
+    path = write_jsonl(tmp_path / 'd.jsonl', lines)
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder), max_bad_fraction=1.0)
+    said = [str(p) for p in ds.load_problems]
+    assert said == [f'{path}:{n}: "video" {written!r} names the image folder itself ({folder}), not a video or a '
+                    f'folder of frames in it [bad_video_field]'
+                    for n, written in ((1, '.'), (2, './'), (3, 'frames/..'))]
+    assert len(ds) == 1 and ds[0]['pixel_values'].shape[0] == 4   # the frame folder: its 4 frames
+    alone = write_jsonl(folder / 'alone.jsonl', lines[:1] + lines[3:])   # no image folder: the file's folder
+    ds = make_ds(alone, tiny_tokenizer, tmp_path, max_bad_fraction=1.0)
+    assert len(ds) == 1 and "names the annotation file's folder itself" in str(ds.load_problems[0])
+
+
 def test_a_symbolic_link_loop_or_a_link_to_nothing_is_named(tmp_path):
     from xtuner_plugins.data.image_io import load_image
     os.symlink(tmp_path / 'loop.mp4', tmp_path / 'loop.mp4')

@@ -11,6 +11,7 @@ the epoch (``'rand'``), each frame one tile.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Optional, Sequence, Tuple
 
 from xtuner_plugins.errors import Refused
@@ -74,9 +75,17 @@ class VideoSamples:
                                                  f'images or one video, not both')
 
     def resolve_video(self, record: Record, video: Tuple[str, Optional[tuple]]) -> str:
-        """A sample's video path resolved against its source's folders, as image paths are."""
+        """A sample's video path resolved against its source's folders, as image paths are; the folder itself
+        (``"."``, ``"./"``) is ``bad_video_field``: it was read as one video whose frames were every image of the
+        data set's image folder, without a word."""
         src = self.sources[record.source]
-        return resolve_image_path(video[0], src.image_folder, src.base_dir, self.allow_links_outside)
+        path = resolve_image_path(video[0], src.image_folder, src.base_dir, self.allow_links_outside)
+        root = src.image_folder if src.image_folder is not None else (src.base_dir or '.')
+        if os.path.normpath(os.path.abspath(path)) == os.path.normpath(os.path.abspath(root)):
+            folder = 'image folder' if src.image_folder is not None else 'annotation file\'s folder'
+            raise SampleError('bad_video_field', f'"video" {video[0]!r} names the {folder} itself ({root}), not a '
+                                                 f'video or a folder of frames in it')
+        return path
 
     def links_within(self, record: Record) -> Optional[str]:
         """The folder a frame folder's frames may not be symbolic links out of: the sample's image folder, as for

@@ -282,8 +282,9 @@ def test_a_resume_past_the_runs_last_iteration_is_refused_and_one_at_it_ends_as_
     having trained nothing and saved nothing; at its last iteration (a finished run started again) it is done."""
     from xtuner_plugins.errors import Refused
     toy_runner(tmp_path, 'past-first', max_iters=4, save_every=2)
-    with pytest.raises(Refused, match=rf'--resume {tmp_path}/iter_4.pth: its iteration 4 is past this run\'s last, '
-                                      r'2 \(max_iters'):
+    # named as the user asked for it (resume=True), not as a --resume they never gave
+    with pytest.raises(Refused, match=rf'^resume=True \({tmp_path}/iter_4.pth\): its iteration 4 is past this run\'s '
+                                      r'last, 2 \(max_iters'):
         toy_runner(tmp_path, 'past-shorter', max_iters=2, save_every=2, resume=True)
     assert toy_runner(tmp_path, 'past-again', max_iters=4, save_every=2, resume=True).iter == 4
 

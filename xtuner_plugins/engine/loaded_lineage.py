@@ -54,7 +54,8 @@ def previous_stage_of_loaded(cfg: Mapping) -> Optional[str]:
     if path is None:
         return None
     resuming = cfg.get('resume') is True
-    what = f'--resume {path}' if resuming else f'load_from={path}'
+    from xtuner_plugins.engine.resume import resume_words
+    what = resume_words(cfg.get('load_from'), path) if resuming else f'load_from={path}'
     try:
         record = read_lineage(path)
     except (OSError, ValueError):   # a checkpoint that does not read: its load says what is wrong with it

@@ -39,7 +39,7 @@ from xtuner_plugins.engine.checkpointing import atomic_write
 from xtuner_plugins.errors import Refused
 
 __all__ = ['POINTER', 'ResumeError', 'apply_resume_patches', 'checkpoint_dirs', 'find_latest_checkpoint',
-           'resume_target']
+           'resume_target', 'resume_words']
 
 _PATCH_MARK = '_xtuner_plugins_resume_patch'
 _applied: List[str] = []
@@ -301,26 +301,28 @@ def setting_conflicts(filename: str, cfg) -> List[str]:
     return conflicts(recorded, cfg) if recorded else []   # none recorded (before MMEngine stored it): nothing to say
 
 
-def saved_kind_refusal(filename: str, strategy) -> Optional[str]:
+def saved_kind_refusal(filename: str, strategy, said: Optional[str] = None) -> Optional[str]:
     """Why ``filename`` cannot be resumed by this run: a DeepSpeed checkpoint (a folder of partitions) without
-    ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save; None when it fits."""
+    ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save; None when it fits.
+    ``said``: how the message names the resume (:func:`resume_words`)."""
+    said = said or f'--resume {filename}'
     from xtuner_plugins.outcome import deepspeed_checkpoint
     deepspeed = type(strategy).__name__ == 'DeepSpeedStrategy'
     if os.path.isdir(filename) and not deepspeed_checkpoint(filename):
-        return (f'--resume {filename}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
+        return (f'{said}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
                 '*model_states.pt; other checkpoints are one file); resume from another checkpoint')
     if os.path.isdir(filename) == deepspeed or not os.path.exists(filename):
         return None
     if deepspeed:
-        return (f'--resume {filename}: a checkpoint saved without DeepSpeed (one file), and this run trains under '
+        return (f'{said}: a checkpoint saved without DeepSpeed (one file), and this run trains under '
                 '--deepspeed, which resumes only its own checkpoints (a folder of partitions); resume it without '
                 '--deepspeed, or start a new run from its weights (model.pretrained_pth=PATH, another --work-dir)')
-    return (f'--resume {filename}: a DeepSpeed checkpoint (a folder of partitions), and this run trains without '
+    return (f'{said}: a DeepSpeed checkpoint (a folder of partitions), and this run trains without '
             '--deepspeed; resume it with the --deepspeed it was saved with, or start a new run from its weights '
             '(model.pretrained_pth=PATH, another --work-dir)')
 
 
-def check_resumed_sources(filename: str, model) -> None:
+def check_resumed_sources(filename: str, model, said: Optional[str] = None) -> None:
     """Refuse (:class:`Refused`) a resume whose model is built from other source folders (the LLM, the vision
     encoder, the tokenizer, an official checkpoint) than the checkpoint's lineage records, fingerprints compared as
     the converter compares them: adapters trained on one LLM went on over another without a word, and the later
@@ -334,7 +336,14 @@ def check_resumed_sources(filename: str, model) -> None:
         recorded = read_lineage(filename)
     except (OSError, ValueError):   # a checkpoint that does not read: the load says what is wrong with it
         return
-    check_sources(recorded, sources, f'--resume {filename}')
+    check_sources(recorded, sources, said or f'--resume {filename}')
+
+
+def resume_words(load_from, filename) -> str:
+    """How a message names the resume of ``filename``: ``--resume PATH`` where it was given (``load_from``, which
+    ``--resume PATH`` sets), else ``resume=True (PATH)``, the checkpoint the work folder's pointer led to (a user who
+    typed resume=True was told of a --resume they never gave)."""
+    return f'--resume {filename}' if load_from else f'resume=True ({filename})'
 
 
 def _patch_resume_lr() -> bool:
@@ -355,13 +364,14 @@ def _patch_resume_lr() -> bool:
                               'run\'s saves and their rotation (max_keep_ckpts) would replace or delete; give this '
                               'run another --work-dir (the checkpoint is read where it is), or resume in its own '
                               'folder')
-            kind = saved_kind_refusal(str(filename), getattr(self, 'strategy', None))
+            said = resume_words(getattr(self, '_load_from', None), filename)
+            kind = saved_kind_refusal(str(filename), getattr(self, 'strategy', None), said)
             if kind:   # DeepSpeed's loader asserted on a file, MMEngine's said a folder 'can not be found'
                 raise Refused(kind)
-            check_resumed_sources(str(filename), getattr(self, 'model', None))   # before anything is loaded
+            check_resumed_sources(str(filename), getattr(self, 'model', None), said)   # before anything is loaded
             problems = setting_conflicts(str(filename), getattr(self, 'cfg', None))
             if problems:   # before anything is loaded
-                raise Refused(f'--resume {filename}: it was trained with other settings than this run\'s config '
+                raise Refused(f'{said}: it was trained with other settings than this run\'s config '
                               f'gives: {"; ".join(problems)}. A resume goes on with that run: give its settings '
                               '(the checkpoint records them), or start a new run from its weights (--cfg-options '
                               'load_from=PATH, without --resume, another --work-dir)')
@@ -369,7 +379,7 @@ def _patch_resume_lr() -> bool:
             result = _original(self, filename, *args, **kwargs)
             end = getattr(getattr(self, '_train_loop', None), 'max_iters', None)
             if isinstance(end, int) and self.iter > end:   # the loop would end at once, 'done', nothing saved
-                raise Refused(f'--resume {filename}: its iteration {self.iter} is past this run\'s last, {end} '
+                raise Refused(f'{said}: its iteration {self.iter} is past this run\'s last, {end} '
                               f'(max_iters, or max_epochs x the batches of an epoch: a shorter schedule or less '
                               f'data than it was trained with): nothing would be trained. Give the schedule it '
                               f'was trained with, or a longer one, to go on; the checkpoint itself is usable as it '

@@ -69,14 +69,14 @@ _TAKEN: List[str] = []
 _NOTES: List[Tuple[int, str]] = []
 
 
-def _refuse_another(what: str, then: Mapping, now: Mapping, path: str) -> None:
+def _refuse_another(what: str, then: Mapping, now: Mapping, said: str) -> None:
     """Refuse a resume whose config builds another ``what`` than the run saved (its state would not load: an
     AdamW's state into SGD failed in a KeyError traceback; a loop of epochs over one of iterations trained past
     its end and saved nothing)."""
     if isinstance(then, Mapping) and isinstance(now, Mapping) and 'type' in then and 'type' in now \
             and kind_of(then) != kind_of(now):
         from xtuner_plugins.errors import Refused
-        raise Refused(f'--resume {path}: it was trained with the {what} {kind_of(then)}, and this config gives '
+        raise Refused(f'{said}: it was trained with the {what} {kind_of(then)}, and this config gives '
                       f'{kind_of(now)}: the saved state is the other\'s. Resume with the config it was trained with, '
                       'or start a new run from its weights (model.pretrained_pth=PATH, another --work-dir)')
 
@@ -233,8 +233,10 @@ def _take(cfg: dict, given: Iterable[str]) -> Taker:
         kept = ('batch_size', 'sampler') + (('num_workers',) if _streams(loader.get('dataset')) else ())
         taker.walk({k: loaded[k] for k in kept if k in loaded}, loader, 'train_dataloader')
     optim, now_optim = recorded.get('optim_wrapper'), cfg.get('optim_wrapper')
-    _refuse_another('optimizer', (optim or {}).get('optimizer'), (now_optim or {}).get('optimizer'), path)
-    _refuse_another('training loop', recorded.get('train_cfg'), cfg.get('train_cfg'), path)
+    from xtuner_plugins.engine.resume import resume_words
+    said = resume_words(cfg.get('load_from'), path)
+    _refuse_another('optimizer', (optim or {}).get('optimizer'), (now_optim or {}).get('optimizer'), said)
+    _refuse_another('training loop', recorded.get('train_cfg'), cfg.get('train_cfg'), said)
     if isinstance(optim, dict) and isinstance(now_optim, dict) and isinstance(optim.get('optimizer'), dict) \
             and isinstance(now_optim.get('optimizer'), dict):   # (restored by its saved state anyway)
         taker.walk(optim['optimizer'], now_optim['optimizer'], 'optim_wrapper.optimizer')
@@ -269,7 +271,8 @@ def said_taken(cfg: dict, given: Iterable[str]) -> None:
     taken, left, edited = taker.taken, taker.left, taker.edited
     if taken or left:
         from xtuner_plugins.engine.loaded_lineage import loaded_checkpoint
-        what = f'--resume {loaded_checkpoint(cfg)}'
+        from xtuner_plugins.engine.resume import resume_words
+        what = resume_words(cfg.get('load_from'), loaded_checkpoint(cfg))
         not_edited = [entry for entry in taken if entry not in edited]
         if not_edited:
             _NOTES.append((logging.INFO, f'{what}: goes on with the settings it was trained with (recorded in it; '

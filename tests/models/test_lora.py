@@ -84,6 +84,16 @@ def test_qlora_needs_frozen_base_and_adapters(tiny, kw):
         build(tiny, **kw)
 
 
+@pytest.mark.parametrize('kw, part', [(dict(llm_lora=LORA, freeze_llm=False), 'llm'),
+                                      (dict(vision_lora=LORA, freeze_vision=False), 'vision')])
+def test_lora_beside_an_unfrozen_part_is_refused(tiny, kw, part):
+    """peft froze the whole part under its adapters: freeze_llm=False with llm_lora trained the adapters alone (the
+    LLM kept frozen, in fp32), without a word; finetune_full.py with llm_lora given did so."""
+    with pytest.raises(Refused, match=f"{part}_lora with freeze_{part}=False: peft freezes the .* under its adapters, "
+                                      f"so only they would train: set freeze_{part}=True .* or {part}_lora=None"):
+        build(tiny, **kw)
+
+
 def test_a_misspelt_target_module_is_refused(tiny):
     """peft adapted v_proj alone and dropped 'qproj' without a word."""
     with pytest.raises(ValueError, match=r"target_modules \['qproj', 'v_proj'\]: 'qproj' name no layer of the model.*"

@@ -160,6 +160,14 @@ def test_a_run_on_gpu_kernels_is_exported_without_them(tiny):
     assert model.liger_kernel == () and model.compile_blocks == ()
 
 
+def test_a_lora_run_recorded_with_its_part_unfrozen_is_exported(tiny):
+    """A LoRA run's config of before freeze_llm=False beside llm_lora was refused (peft had frozen the LLM, so the
+    adapters alone trained) is built for export as what it trained, not refused."""
+    opts = options(tiny, **{'model.freeze_llm': False})
+    model = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    assert model.freeze_llm and all('lora_' in k or k.startswith('mlp1.') for k in model.trainable_keys())
+
+
 def test_qlora_checkpoint_is_dequantised_and_merged(tiny, batch, tmp_path):
     """Tolerances. In training mode a 4-bit layer dequantises its NF4 weights to the compute dtype (fp32 here)
     and multiplies, so the dequantised, merged fp32 weights reproduce it up to fp32 rounding: 1e-4. In

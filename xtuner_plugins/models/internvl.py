@@ -197,7 +197,8 @@ class VisionLanguageModel(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         check_settings(attn_implementation=attn_implementation, image_mode=image_mode, loss_reduction=loss_reduction,
                        loss_chunk=loss_chunk, llm_quantization=llm_quantization, llm_lora=llm_lora,
-                       freeze_llm=freeze_llm, preference=preference, vision_lora=vision_lora)
+                       freeze_llm=freeze_llm, preference=preference, vision_lora=vision_lora,
+                       freeze_vision=freeze_vision)
         check_coef(router_aux_loss_coef)
         for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
             if isinstance(path, str):   # before training_dtype reads the weights' headers

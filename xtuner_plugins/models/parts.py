@@ -31,7 +31,8 @@ __all__ = ['build_parts', 'check_settings']
 
 def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction: str, loss_chunk: int,
                    llm_quantization: Optional[dict], llm_lora: Optional[dict], freeze_llm: bool,
-                   preference: Optional[dict] = None, vision_lora: Optional[dict] = None) -> None:
+                   preference: Optional[dict] = None, vision_lora: Optional[dict] = None,
+                   freeze_vision: bool = True) -> None:
     """The model's settings no part checks on its own, refused (:class:`~xtuner_plugins.errors.Refused`) before
     anything loads."""
     for name, value, valid in (('attn_implementation', attn_implementation, ATTN_IMPLEMENTATIONS),
@@ -41,6 +42,12 @@ def check_settings(*, attn_implementation: str, image_mode: str, loss_reduction:
     if llm_quantization is not None and (llm_lora is None or not freeze_llm):
         raise Refused('llm_quantization needs llm_lora and freeze_llm=True: a quantised LLM is trained '
                       'through LoRA adapters only (QLoRA)')
+    for part, lora, frozen, name in (('llm', llm_lora, freeze_llm, "LLM's weights"),
+                                     ('vision', vision_lora, freeze_vision, "vision tower's weights")):
+        if lora is not None and not frozen:   # (peft's get_peft_model: requires_grad off but for the adapters)
+            raise Refused(f'{part}_lora with freeze_{part}=False: peft freezes the {name} under its adapters, so '
+                          f'only they would train: set freeze_{part}=True (LoRA), or {part}_lora=None (the whole '
+                          f'{"LLM" if part == "llm" else "tower"} trained)')
     check_init(llm_lora, 'model.llm_lora', preference=preference is not None)
     check_init(vision_lora, 'model.vision_lora', preference=preference is not None)
     if not isinstance(loss_chunk, int) or loss_chunk < 0:

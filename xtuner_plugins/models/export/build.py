@@ -70,6 +70,9 @@ def build_for_export(cfg, checkpoint: Optional[str], dtype: torch.dtype, log: Lo
     # training kernels off: Liger's need a GPU (and patch the process), compiled blocks pay a compilation
     model_cfg.update(torch_dtype=dtype, trainable_fp32=False, zero3_init=False, llm_grad_ckpt=False,
                      vision_grad_ckpt=False, vision_drop_path=0.0, liger_kernel=False, compile_blocks=False)
+    for lora, freeze in (('llm_lora', 'freeze_llm'), ('vision_lora', 'freeze_vision')):
+        if model_cfg.get(lora) is not None:   # what trained (the adapters alone, as peft froze the rest), for a run
+            model_cfg[freeze] = True          # of before freeze_*=False beside LoRA was refused (parts.check_settings)
     if not keep_preference:  # the reference policy of full preference training is not exported
         model_cfg['preference'] = None
     # training kernels: flash attention needs a GPU; flex attention is the packed rows' mask (torch.compile)

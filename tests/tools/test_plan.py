@@ -124,3 +124,13 @@ def test_a_next_stage_is_planned_on_the_model_its_pretrained_pth_trained(tiny, c
     taken = capsys.readouterr().out.splitlines()[0]
     assert taken.endswith("the model that stage trained: model.projector='bilinear_mlp' (the config: "
                           "'pixel_shuffle_mlp'); model.image_mode='resize' (the config: 'tile')"), taken
+
+
+def test_a_config_calling_what_it_imports_is_one_line(tiny, capsys, tmp_path):
+    """MMEngine reads a config with imports lazily, and a call of what it imports raised a bare RuntimeError after a
+    traceback ('plan: error' never said; training: 'train: FAILED: RuntimeError: ')."""
+    config = tmp_path / 'calls.py'
+    config.write_text("import os\n\ndata_root = os.path.join('data', 'x')\n")
+    rc, out, err = plan(tiny, capsys, str(config))
+    assert rc == 2 and err.startswith(f"plan: error: {config}: line 3 (data_root = os.path.join('data', 'x')) calls "
+                                      "what the config imports") and err.count('\n') == 1, err

@@ -315,6 +315,18 @@ def test_a_resume_from_a_file_no_run_saved_is_one_line(tmp_path):
         assert 'Traceback' not in result.stderr and not (tmp_path / 'work').exists()
 
 
+def test_a_config_calling_what_it_imports_is_one_line(tmp_path):
+    """MMEngine reads a config with imports lazily: ``os.path.join(...)`` in it ended in a traceback and
+    'train: FAILED: RuntimeError: ' (its message empty)."""
+    (tmp_path / 'calls.py').write_text("import os\n\ndata_root = os.path.join('data', 'x')\n")
+    out = subprocess.run([sys.executable, TRAIN_TOOL, str(tmp_path / 'calls.py')], env=_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"train: refused: {tmp_path / 'calls.py'}: line 3 (data_root = os.path.join('data', 'x')) calls what the "
+        'config imports')
+
+
 def test_a_config_outside_the_checkout_importing_configs_by_package_name_is_one_line(tmp_path):
     """``from configs.finetune_lora import *`` in read_base() of a file outside the checkout ended in a traceback
     about pkg_resources (MMEngine reads the name as an installed package's)."""

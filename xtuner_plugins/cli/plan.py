@@ -76,6 +76,9 @@ def config_read(path: str):
         raise ValueError(f'{path}: its base configs (_base_ or read_base()) lead back to a file already in the chain '
                          '(a config naming itself, or two naming each other)') from None
     except RuntimeError as exc:
+        from xtuner_plugins.cli.train_failures import lazy_call_hint
+        if lazy_call_hint(exc):   # a call of what the config imports, as it is read
+            raise ValueError(lazy_call_hint(exc)) from None
         if 'lazy_import' not in str(exc):
             raise
         raise ValueError(f'{path}: its chain of base configs mixes MMEngine\'s two config styles (_base_ = [...] '

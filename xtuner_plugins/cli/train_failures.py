@@ -191,6 +191,8 @@ def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
     ``pkg_resources``, which this stack's setuptools no longer has (a ModuleNotFoundError naming it); None for
     anything else."""
     import traceback as tb
+    if type(exc) is RuntimeError and not str(exc):
+        return lazy_call_hint(exc)
     if not (isinstance(exc, ModuleNotFoundError) and exc.name == 'pkg_resources'):
         return None
     if not any('mmengine/config' in frame.filename.replace(os.sep, '/') for frame in tb.extract_tb(exc.__traceback__)):
@@ -199,6 +201,22 @@ def config_import_hint(exc: BaseException, config: str) -> Optional[str]:
             'MMEngine reads as an installed package\'s: import it relative to the file (from .NAME import *, the '
             'file beside it, or from ..configs.NAME import * inside the checkout), or copy your config into the '
             'checkout\'s configs/ folder')
+
+
+def lazy_call_hint(exc: BaseException) -> Optional[str]:
+    """The line for a config that calls what it imports (``os.path.join(...)``) as it is read: MMEngine reads a
+    config with imports lazily, each imported name a stand-in whose call raises a bare RuntimeError; the config's
+    file and line of the call, or None for another RuntimeError."""
+    import traceback as tb
+    frames = tb.extract_tb(exc.__traceback__)
+    if not frames or not frames[-1].filename.replace(os.sep, '/').endswith('mmengine/config/lazy.py'):
+        return None
+    called = next((f for f in reversed(frames) if '/mmengine/' not in f.filename.replace(os.sep, '/')), None)
+    if called is None:
+        return None
+    return (f'{called.filename}: line {called.lineno} ({(called.line or "").strip()}) calls what the config '
+            'imports, which MMEngine\'s reader of configs with imports cannot do as it reads the file (what a config '
+            'imports is only named there): write the value out (a text, a number), or give it with --cfg-options')
 
 
 _SOURCE = re.compile(r'model\.(vision_encoder|llm): ')

@@ -126,6 +126,32 @@ def test_a_next_stage_is_planned_on_the_model_its_pretrained_pth_trained(tiny, c
                           "'pixel_shuffle_mlp'); model.image_mode='resize' (the config: 'tile')"), taken
 
 
+def test_the_configs_torch_dtype_is_planned(tiny, capsys):
+    """A config's model.torch_dtype='float32' was planned in bf16 (--dtype's default), the run's activations and
+    frozen weights at half their size, without a word; a --dtype against it is one line naming both."""
+    def header(*options):
+        rc, out, err = plan(tiny, capsys, LORA, *options)
+        assert rc == 0, err
+        return next(line for line in out.splitlines() if line.startswith('plan: '))
+    assert header('--cfg-options', 'model.torch_dtype=float32').endswith(', fp32')
+    assert header('--dtype', 'fp32').endswith(', fp32')
+    assert header().endswith(', bf16')   # 'auto': bf16, as on a GPU
+    rc, out, err = plan(tiny, capsys, LORA, '--dtype', 'bf16', '--cfg-options', 'model.torch_dtype=float32')
+    assert (rc, err) == (2, "plan: error: --dtype bf16, and the config's model.torch_dtype is 'float32' (with its "
+                            "--cfg-options), which the run trains in: give one of them\n")
+
+
+def test_a_config_of_another_model_is_one_line(tiny, capsys, tmp_path):
+    """XTuner's own LLaVA config (its LLaVAModel's settings) ended in 'TypeError: VisionLanguageModel.__init__() got an
+    unexpected keyword argument' after a traceback: plan plans this project's model alone."""
+    config = tmp_path / 'other.py'
+    config.write_text('from torch.nn import Linear\nmodel = dict(type=Linear, in_features=2, out_features=2)\n'
+                      'train_dataloader = dict(dataset=dict())\noptim_wrapper = dict()\n')
+    rc, out, err = plan(tiny, capsys, str(config))
+    assert rc == 2 and err.startswith(f"plan: error: {config}: model.type is torch.nn.modules.linear.Linear, not "
+                                      "VisionLanguageModel") and err.count('\n') == 1, err
+
+
 def test_a_config_calling_what_it_imports_is_one_line(tiny, capsys, tmp_path):
     """MMEngine reads a config with imports lazily, and a call of what it imports raised a bare RuntimeError after a
     traceback ('plan: error' never said; training: 'train: FAILED: RuntimeError: ')."""

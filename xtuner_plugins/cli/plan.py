@@ -23,6 +23,9 @@ tokens with ``max_dynamic_patch`` tiles (+ the thumbnail) per sample, or one pac
 row, each with the pair's tiles); every text token counts as supervised (the worst case for the LM head's logits). A
 bad number (on the command line or in the config's batch settings) is one line naming it, exit status 2.
 ``--zero 0`` is training without DeepSpeed (or DDP); 2 and 3 DeepSpeed's ZeRO stages over ``--gpus`` devices.
+The dtype is the config's ``model.torch_dtype`` (``'auto'``: bf16, as on a GPU), or ``--dtype`` where the config
+leaves it ``'auto'`` (the two differing: one line naming both). A config of another model than
+``VisionLanguageModel`` (XTuner's own) is one line too.
 How each part is counted: ``xtuner_plugins/planner.py`` (the activations: ``plan_activations.py``). The estimate
 is of torch's own memory plus ``--reserve`` (CUDA context, fragmentation; default 1 GiB); leave some more headroom.
 """
@@ -126,6 +129,28 @@ def check_parts(cfg, config: str) -> None:
         if not isinstance(value, dict):
             raise ValueError(f'{key} is {value!r} (in {config} with its --cfg-options), not a dict of settings: '
                              f'plan needs its settings')
+    from xtuner_plugins.engine.derive import _MODEL_ALIASES, _is, _model_class
+    kind = cfg.model.get('type')
+    if not _is(kind, _model_class(), _MODEL_ALIASES):   # (XTuner's LLaVAModel: a TypeError on its settings)
+        name = f'{kind.__module__}.{kind.__qualname__}' if isinstance(kind, type) else repr(kind)
+        raise ValueError(f'{config}: model.type is {name}, not VisionLanguageModel (xtuner_plugins.models) or a '
+                         'subclass: plan plans this project\'s model alone (a stage config, e.g. '
+                         'configs/finetune_lora.py)')
+
+
+def planned_dtype(cfg, given) -> str:
+    """The dtype plan counts in: ``--dtype`` (``given``), else the config's ``model.torch_dtype`` ('auto' or unset:
+    bf16, as on a GPU); ValueError naming both where they differ (the run trains in the config's)."""
+    from xtuner_plugins.models.dtypes import resolve_dtype
+    setting = cfg.model.get('torch_dtype', 'auto')
+    if setting in (None, 'auto'):
+        return given or 'bf16'
+    import torch
+    name = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32'}[resolve_dtype(setting)]
+    if given and given != name:
+        raise ValueError(f"--dtype {given}, and the config's model.torch_dtype is {setting!r} (with its "
+                         '--cfg-options), which the run trains in: give one of them')
+    return name
 
 
 def use_models(cfg, vision, llm) -> None:
@@ -179,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument('--gpu-mem', type=float, required=True, help='memory per device in GiB (e.g. 80)')
     p.add_argument('--zero', type=int, choices=(0, 2, 3), default=0,
                    help='0: no DeepSpeed (default); 2 or 3: DeepSpeed ZeRO stage')
-    p.add_argument('--dtype', choices=('bf16', 'fp32'), default='bf16', help='weights and activations (bf16)')
+    p.add_argument('--dtype', choices=('bf16', 'fp32'), default=None,
+                   help="weights and activations (default: the config's model.torch_dtype; 'auto' is bf16)")
     p.add_argument('--reserve', type=float, default=1.0, help='GiB not counted by torch (default 1)')
     p.add_argument('--cfg-options', nargs='+', action=CfgOptions, default=None,
                    help='override config settings, as for training (key=value)')
@@ -210,11 +236,12 @@ def main(argv=None) -> int:
             raise ValueError(f'--cfg-options: {"; ".join(problems)}')
         check_parts(cfg, args.config)
         config_batch(cfg, 1, 1)   # the batch settings, checked before the model is built
+        args.dtype = planned_dtype(cfg, args.dtype)
         previous_stage(cfg, args)
         use_models(cfg, args.vision, args.llm)
         from xtuner_plugins.models.compile import as_on_a_gpu
         with as_on_a_gpu(), config_read(args.config):   # compile_blocks='auto' as the GPU resolves it
-            model = build_meta_model(cfg.model, 'bfloat16' if args.dtype == 'bf16' else 'float32',
+            model = build_meta_model(cfg.model, {'bf16': 'bfloat16', 'fp16': 'float16'}.get(args.dtype, 'float32'),
                                      zero3=args.zero == 3)
         check_liger(cfg.model.get('liger_kernel', False), zero3=args.zero == 3, device=False,   # as training would
                     compile_blocks=cfg.model.get('compile_blocks', 'auto'),

@@ -99,3 +99,29 @@ def test_a_call_mmengine_would_recurse_on_is_refused():
     parser.add_argument('--cfg-options', nargs='+', action=cfg_words.CfgOptions)
     with pytest.raises(SystemExit):
         parser.parse_args(['--cfg-options', 'model.x=f(a,b)'])
+
+
+def test_a_key_given_twice_with_different_values_is_refused():
+    """MMEngine's DictAction kept the last of ``optim_wrapper.optimizer.lr=1e-4 ... optim_wrapper.optimizer.lr=1e-5``
+    (a command line added to) without a word: the run trained with one of the two values typed. Refused in one line,
+    in one --cfg-options or across two, by training before XTuner's parser and by the tools' action; the same value
+    twice (1e-4 and 0.0001 too) is let through."""
+    from xtuner_plugins.cli.train_args import unpaired_refusal
+    (problem,) = cfg_words.twice_given(['optim_wrapper.optimizer.lr=1e-4', 'max_iters=2',
+                                        'optim_wrapper.optimizer.lr=1e-5'])
+    assert problem == ('optim_wrapper.optimizer.lr is given twice, optim_wrapper.optimizer.lr=1e-4 and '
+                       'optim_wrapper.optimizer.lr=1e-5 (only the last would be used): give it once')
+    assert cfg_words.twice_given(['a=1e-4', 'a=0.0001', 'b=[x,y]', 'b=[x, y]', 'c=1']) == []
+    argv = ['cfg.py', '--cfg-options', 'model.freeze_llm=True', '--work-dir', 'w', '--cfg-options',
+            'model.freeze_llm=False']
+    assert unpaired_refusal(argv) == ('train: FAILED before loading anything: --cfg-options: model.freeze_llm is '
+                                      'given twice, model.freeze_llm=True and model.freeze_llm=False (only the last '
+                                      'would be used): give it once')
+    assert unpaired_refusal(['cfg.py', '--cfg-options', 'a=1', 'a=1']) is None
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=cfg_words.CfgOptions)
+    for words in (['--cfg-options', 'a=1', 'a=2'], ['--cfg-options', 'a=1', '--cfg-options', 'b=3', 'a=2']):
+        with pytest.raises(SystemExit):
+            parser.parse_args(words)
+    assert parser.parse_args(['--cfg-options', 'a=1', '--cfg-options', 'a=1.0', 'b=2']).cfg_options == {'a': 1.0,
+                                                                                                        'b': 2}

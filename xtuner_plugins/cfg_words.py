@@ -99,6 +99,28 @@ def unpaired_words(words: Sequence[str]) -> List[str]:
             f'spaces, [a,b], or quoted)' for word in words if '=' not in word]
 
 
+def twice_given(words: Sequence[str]) -> List[str]:
+    """Problems of a ``--cfg-options`` key given twice with different values (``lr=1e-4 ... lr=1e-5``, a command
+    line added to): MMEngine's ``DictAction`` keeps the last without a word, so the run trains with one of two values
+    the user typed."""
+    seen, problems = {}, []
+    for word in words:
+        key, _, value = word.partition('=')
+        if key in seen and _parsed(seen[key]) != _parsed(value):   # (lr=1e-4 and lr=0.0001 are one value)
+            problems.append(f'{key} is given twice, {key}={seen[key]} and {key}={value} (only the last would be '
+                            'used): give it once')
+        seen.setdefault(key, value)
+    return problems
+
+
+def _parsed(value: str):
+    """A ``--cfg-options`` value as MMEngine's ``DictAction`` reads it (its text where that fails)."""
+    try:
+        return DictAction._parse_iterable(value.replace(' ', ''))
+    except Exception:   # (its parser's own errors: the value is refused on its own words elsewhere)
+        return value
+
+
 #: a name followed by parentheses holding a comma (``dict(type=x, path=y)``, ``runs/v(1,2)/a.jsonl``, ``You are
 #: (very, very) helpful``), on which MMEngine's parser of ``--cfg-options`` values recurses without end (a
 #: RecursionError of about 1000 traceback lines)
@@ -131,14 +153,21 @@ def cfg_options_words(argv: Sequence[str]) -> List[str]:
 
 class CfgOptions(DictAction):
     """MMEngine's ``DictAction`` for ``--cfg-options``, refusing a value it would change (:func:`spaced_values`,
-    :func:`comma_paths`, :func:`tilde_values`)."""
+    :func:`comma_paths`, :func:`tilde_values`) and a key given twice with different values (:func:`twice_given`, and
+    across two ``--cfg-options``), of which it keeps the last."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         problems = (unpaired_words(values) or call_values(values) or spaced_values(values) or comma_paths(values)
-                    or tilde_values(values))
+                    or tilde_values(values) or twice_given(values))
         if problems:
             parser.error('; '.join(problems))
+        before = dict(getattr(namespace, self.dest, None) or {})   # a --cfg-options given before this one
         super().__call__(parser, namespace, values, option_string)
+        after = getattr(namespace, self.dest)
+        again = [f'{k} is given twice, {k}={before[k]!r} and {k}={after[k]!r} (only the last would be used): give it '
+                 'once' for k in before if after.get(k) != before[k]]
+        if again:
+            parser.error('; '.join(again))
 
 
 def option_into_unset(cfg, options) -> Optional[str]:

@@ -31,10 +31,11 @@ def options_refusal(args, argv) -> Optional[str]:
 
 def unpaired_refusal(argv) -> Optional[str]:
     """The line refusing ``--cfg-options`` words of ``argv`` that are not ``KEY=VALUE`` (``cfg_words.unpaired_words``)
-    or call a name (``cfg_words.call_values``), read before XTuner's parser, which raises on them; None when there
-    are none."""
-    from xtuner_plugins.cfg_words import call_values, cfg_options_words, unpaired_words
-    problems = unpaired_words(cfg_options_words(argv)) or call_values(cfg_options_words(argv))
+    or call a name (``cfg_words.call_values``), read before XTuner's parser, which raises on them, or give a key twice
+    with different values (``cfg_words.twice_given``: MMEngine kept the last); None when there are none."""
+    from xtuner_plugins.cfg_words import call_values, cfg_options_words, twice_given, unpaired_words
+    words = cfg_options_words(argv)
+    problems = unpaired_words(words) or call_values(words) or twice_given(words)
     return f'train: FAILED before loading anything: --cfg-options: {"; ".join(problems)}' if problems else None
 
 

@@ -157,6 +157,17 @@ def test_a_number_out_of_its_settings_range_is_refused():
     assert check_cfg_options(CFG, {'randomness.seed': 2 ** 32 - 1}) == []
 
 
+def test_adamws_betas_not_a_pair_in_its_range_are_refused():
+    """``optim_wrapper.optimizer.betas=0.9`` went through the checks: the model loaded, then torch's AdamW raised
+    "TypeError: 'float' object is not subscriptable" (and 'Invalid beta parameter' for 1.5) after a traceback."""
+    said = "expected two numbers, each >= 0 and < 1 (AdamW's [beta1,beta2], e.g. [0.9,0.999])"
+    for value in (0.9, [0.9], [0.9, 1.5], [0.9, -0.1], ['a', 0.9], [0.9, 0.99, 0.999], [True, 0.9]):
+        assert check_cfg_options(CFG, {'optim_wrapper.optimizer.betas': value}) == [
+            f'optim_wrapper.optimizer.betas: {said}, got {value!r}'], value
+    assert check_cfg_options(CFG, {'optim_wrapper.optimizer.betas': [0.9, 0.95]}) == []
+    assert check_cfg_options(CFG, {'optim_wrapper.optimizer.betas': (0, 0.999)}) == []
+
+
 def test_a_file_variable_is_not_traced_to_settings_by_a_number_alone():
     """``save_total_limit=0`` (a file variable of 2) named train_dataloader.num_workers and max_keep_ckpts (both
     2) as where to set it; a number matches unrelated settings, a dict or a path names its holders."""

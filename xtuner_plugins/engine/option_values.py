@@ -155,9 +155,29 @@ RANGES = {
 }
 
 
-def out_of_range(key: str, value) -> Optional[str]:
-    """The problem of a number outside its setting's range (:data:`RANGES`), or None."""
+#: settings that take a pair of numbers, by key: (what is expected, the least, the most excluded); torch's AdamW
+#: refused another value once the model had loaded, with a traceback ('float' object is not subscriptable)
+PAIRS = {'optim_wrapper.optimizer.betas': ("two numbers, each >= 0 and < 1 (AdamW's [beta1,beta2], e.g. "
+                                           '[0.9,0.999])', 0, 1)}
+
+
+def _pair_problem(key: str, value) -> Optional[str]:
+    """The problem of a value of :data:`PAIRS` that is not two numbers in its range, or None."""
     import math
+    expected, least, most = PAIRS[key]
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and least <= v < most
+            for v in value)):
+        return None
+    return f'{key}: expected {expected}, got {value!r}'
+
+
+def out_of_range(key: str, value) -> Optional[str]:
+    """The problem of a number outside its setting's range (:data:`RANGES`), or of a pair's (:data:`PAIRS`), or
+    None."""
+    import math
+    if key in PAIRS:
+        return _pair_problem(key, value)
     rule = RANGES.get(key)
     if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

@@ -121,6 +121,19 @@ def test_a_length_field_is_used_when_asked_for(tmp_path, tiny_tokenizer):
     assert exact.length[:2] == [len(exact[0]['input_ids']), len(exact[1]['input_ids'])]
 
 
+def test_a_length_field_past_what_a_length_holds_is_counted_instead(tmp_path, tiny_tokenizer):
+    """With no max_length to cap it, a length field of 10**20 (no length: a sum gone wrong, a byte count) stopped
+    the start-up check with 'OverflowError: int too big to convert'; it is counted, as a field that is no count."""
+    write_image(tmp_path / 'i' / 'a.png', size=(S, S))
+    rows = [{'image': 'a.png', 'length': 10 ** 20, 'conversations': conv()},
+            {'length': 2 ** 63, 'conversations': conv(image=False)}, {'length': 9, 'conversations': conv(image=False)}]
+    path = write_jsonl(tmp_path / 'a.jsonl', rows)
+    exact = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=None)
+    given = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'i'), max_length=None,
+                    length_field='length')
+    assert given.modality_length == exact.modality_length[:2] + [-9]
+
+
 def test_ranks_and_workers_read_each_sample_once(data, tiny_tokenizer, tmp_path):
     from torch.utils.data import DataLoader, DistributedSampler
     files, img = data

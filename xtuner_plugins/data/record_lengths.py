@@ -75,10 +75,14 @@ def _video_length(ds, record: Record, checked) -> List[int]:
     return [total, max(frames, 1)]
 
 
+MOST_LENGTH = 1 << 62   # a length field from here on is no length (with no max_length to cap it, it overflowed)
+
+
 def _field_length(ds, sample: dict) -> Optional[List[int]]:
-    """``[signed length, tiles]`` from the ``length_field`` a sample carries (tiles: one per image), or None."""
+    """``[signed length, tiles]`` from the ``length_field`` a sample carries (tiles: one per image), or None (counted
+    instead) where it is no count of tokens."""
     given = sample.get(ds.length_field)
-    if not isinstance(given, int) or isinstance(given, bool) or given <= 0:
+    if not isinstance(given, int) or isinstance(given, bool) or not 0 < given < MOST_LENGTH:
         return None
     total = max(1, min(given, ds.max_length) if ds.max_length else given)
     images = sample.get('image')

@@ -32,6 +32,24 @@ def test_clean_data_exits_zero(tmp_path, tiny_tokenizer_dir, capsys):
     assert 'problems: 0' in out
 
 
+def test_an_image_made_a_link_out_of_its_folder_after_the_cache_is_named_not_a_traceback(tmp_path, capsys):
+    """A second check reads the first one's cached start-up check, which looks at no sample: an image replaced by a
+    link out of its folder since then stopped the check with the SampleError's traceback; it is that sample's
+    problem now, as a first check names it."""
+    path, img = good_data(tmp_path)
+    assert check_dataset.main(['--data', path, '--image-folder', img, '--workers', '1']) == 0
+    outside = tmp_path / 'elsewhere' / '1.png'
+    outside.parent.mkdir()
+    os.replace(os.path.join(img, '1.png'), outside)
+    os.symlink(outside, os.path.join(img, '1.png'))
+    capsys.readouterr()
+    code = check_dataset.main(['--data', path, '--image-folder', img, '--workers', '1'])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"{path}:2: unsafe_image_path: image path '1.png' is a symbolic link to {outside}" in out
+    assert 'dropped (unsafe image path): 1' in out and 'samples: 3' in out and 'images found: 2' in out
+
+
 def test_every_problem_is_listed_with_file_and_line(tmp_path, tiny_tokenizer_dir, capsys):
     path, img = good_data(tmp_path, n=1)
     (tmp_path / 'images' / 'broken.jpg').write_bytes(b'not an image')

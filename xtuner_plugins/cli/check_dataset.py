@@ -164,8 +164,13 @@ def check_slice(ds, args, start: int, stop: int, bar=None) -> dict:
             bar.update()
         st = stats[record.source]   # per naming of a file (a file named twice by a meta file: two reports)
         where = ds.where(record)
-        checked = ds.check_record(record)  # the data set's parse and checks, once
         st['samples'] += 1
+        try:
+            checked = ds.check_record(record)  # the data set's parse and checks, once
+        except SampleError as err:   # passed a start-up check read from the cache: an image a link out since
+            st[f'dropped ({err.reason.replace("_", " ")})'] += 1
+            problems.append(err.with_source(where))
+            continue
         if checked.video is not None:
             check_video(ds, record, checked, st, problems, video_lines, tokenizer is not None, lengths,
                         args.allow_truncation)

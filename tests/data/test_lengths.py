@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from tests.data.test_dataset import make_ds
-from tests.helpers import conv, write_jsonl
+from tests.data.test_dataset import S, make_ds
+from tests.helpers import conv, write_image, write_jsonl
+from xtuner_plugins.data.errors import SampleError
 
 
 def test_a_file_written_back_under_the_same_size_and_time_gets_its_own_lengths(tmp_path, tiny_tokenizer):
@@ -20,6 +21,26 @@ def test_a_file_written_back_under_the_same_size_and_time_gets_its_own_lengths(t
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     ds = make_ds(path, tiny_tokenizer, tmp_path)
     assert ds.length == before[::-1] == [len(ds[i]['input_ids']) for i in range(len(ds))]
+
+
+def test_an_image_made_a_link_out_of_its_folder_after_the_cache_keeps_the_start_going(tmp_path, tiny_tokenizer):
+    """An image replaced by a link to another file outside its folder since the caches were written: its sample's
+    length is computed again (its image changed), from a start-up check read from the cache, which looked at no
+    sample; the link's refusal stopped the start with a SampleError traceback. The sample is skipped when loaded
+    (unsafe_image_path), and its length is the one it would have: when the link goes, it is computed again."""
+    folder = tmp_path / 'images'
+    for i in range(2):
+        write_image(folder / f'{i}.png', size=(S, S), seed=i)
+    write_image(tmp_path / 'elsewhere' / 'wide.png', size=(4 * S, S), seed=5)
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': f'{i}.png', 'conversations': conv()} for i in range(2)])
+    first = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder)).length
+    os.remove(folder / '1.png')
+    os.symlink(tmp_path / 'elsewhere' / 'wide.png', folder / '1.png')
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(folder))
+    assert ds.length[0] == first[0] and ds.length[1] > first[1]   # the wide image's tiles
+    with pytest.raises(SampleError, match='unsafe_image_path|symbolic link'):
+        ds.load_sample(ds.record_at(1))
+    assert not ds.allow_links_outside
 
 
 def test_the_suite_caches_in_its_own_temporary_folder(tmp_path_factory):

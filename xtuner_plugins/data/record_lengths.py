@@ -91,6 +91,23 @@ def _field_length(ds, sample: dict) -> Optional[List[int]]:
     return [total, max(1, len(images))] if media else [-total, 1]
 
 
+def _checked(ds, record: Record):
+    """``ds.check_record(record)`` of a record that passed the start-up check. That check may have been read from
+    the cache (a warm start checks no sample), so an image made a symbolic link out of its folder since is refused
+    here: the sample is checked again as if links were allowed, for the length it would have and its files watched
+    as any other's (loading skips it as ``unsafe_image_path``). Its refusal stopped the start with a traceback."""
+    try:
+        return ds.check_record(record)
+    except SampleError as err:
+        if err.reason != 'unsafe_image_path' or ds.allow_links_outside:
+            raise
+    ds.allow_links_outside = True
+    try:
+        return ds.check_record(record)
+    finally:
+        ds.allow_links_outside = False
+
+
 class LengthSlice:
     """The lengths of a slice of records, added one by one (by the start-up check's pass, ``startcheck.py``, or
     :func:`length_slice`), with their image files as the slice's own table: compact to send back from a pool
@@ -115,7 +132,7 @@ class LengthSlice:
                 self.counts.append(0)
                 return
         if checked is None:
-            checked = ds.check_record(record)  # parsed and checked once: its image paths and its conversation
+            checked = _checked(ds, record)  # parsed and checked once: its image paths and its conversation
         files = checked.image_paths if checked.video is None else [checked.video]
         self.counts.append(len(files))
         self.ids.extend(self.table.setdefault(path, len(self.table)) for path in files)

@@ -43,6 +43,19 @@ def test_an_image_made_a_link_out_of_its_folder_after_the_cache_keeps_the_start_
     assert not ds.allow_links_outside
 
 
+def test_a_raised_pixel_limit_gets_its_own_lengths(tmp_path, tiny_tokenizer):
+    """An image over max_image_pixels counts no tiles in its sample's length (it is skipped when loaded); a run
+    that raises the limit for it loads it with its tiles, and its lengths were the cached ones of the lower limit
+    (0 tiles: offline packing planned its packs' tiles and tokens by them)."""
+    write_image(tmp_path / 'images' / 'a.png', size=(4 * S, S))
+    path = write_jsonl(tmp_path / 'a.jsonl', [{'image': 'a.png', 'conversations': conv()}])
+    low = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'images'), max_image_pixels=S * S)
+    assert low.num_tiles_per_item == [0]
+    ds = make_ds(path, tiny_tokenizer, tmp_path, image_folders=str(tmp_path / 'images'), max_image_pixels=None)
+    item = ds[0]
+    assert ds.length == [len(item['input_ids'])] and ds.num_tiles_per_item == [item['pixel_values'].shape[0]] != [0]
+
+
 def test_the_suite_caches_in_its_own_temporary_folder(tmp_path_factory):
     """The tests' caches go to the session's temporary folder (``tests/conftest.py``): a run of the suite left
     about 2,000 files in ``~/.cache/xtuner_plugins`` for the tests' own annotation files, for good."""

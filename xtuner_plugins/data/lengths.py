@@ -95,6 +95,7 @@ def _cache_key(ds, src: DataSource) -> str:
         max_length=ds.max_length, template=ds.template.name, system=ds.system,
         allow_control_text=getattr(ds, 'allow_control_text', False), length_field=getattr(ds, 'length_field', None),
         allow_links_outside=getattr(ds, 'allow_links_outside', False),
+        max_image_pixels=getattr(ds, 'max_image_pixels', None),  # an image over it counts no tiles
         video=[getattr(ds, 'min_num_frame', None), getattr(ds, 'max_num_frame', None),
                getattr(ds, 'video_sampling', None), getattr(ds, 'frame_prefix', None), getattr(ds, 'seed', None)],
         tokenizer=None if tok is None else [type(tok).__name__, tokenizer_fingerprint(tok), len(tok)])

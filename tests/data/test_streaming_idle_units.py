@@ -74,6 +74,35 @@ def test_fewer_samples_than_reading_units_is_refused_at_start_up(data, capsys):
     assert f'the shard set {folder} holds 1 samples' in capsys.readouterr().err
 
 
+def test_a_unit_that_a_later_epoch_leaves_without_a_sample_is_refused_at_start_up(data, capsys):
+    """9 samples in shards of 4, 4 and 1 for 4 reading units: two units share the shard at the first position. The
+    first epoch's order (seed 0) gives them one of 4 samples, and start-up let the run go; the third gave them the
+    shard of one sample, and unit 3 stopped the run there (NothingToRead). Each epoch orders the shards anew: the
+    smallest shard a unit may be given is what start-up looks at now."""
+    path = write_jsonl(data['root'] / 'nine.jsonl', [{'conversations': conv(f'q{i}', 'a', image=False)}
+                                                     for i in range(9)])
+    folder = str(data['root'] / 'nine')
+    write_shards(InternVLDataset(path, **data['settings']), folder, samples_per_shard=4, max_shard_bytes=1 << 30)
+    shards = ShardDataset(folder, data['settings'], seed=0, rank=0, world_size=4)
+    assert shards.expected == [4, 4, 1] and min(shards.epoch_parts(4)) > 0
+    with within(30), pytest.raises(NothingToRead, match='reading unit 3 of 4'):
+        for _ in shards.keyed_records(3, 4, None):
+            pass
+    assert shards.unit_parts(4) == [1, 1, 1, 0] and min(shards.unit_parts(3)) > 0
+    with pytest.raises(SystemExit):
+        StreamStateHook().before_run(runner(shards, 1))
+    assert capsys.readouterr().err.strip() == (
+        f'train: refused: the shard set {folder} holds 9 samples for 4 reading units (4 ranks x 1 DataLoader '
+        f'workers): 1 of them would read none in an epoch whose order of the shards gives them a shard of fewer '
+        f'samples than the units sharing it (each epoch orders the shards anew; the first gives each unit some) and '
+        f'wait for one for ever; use fewer ranks, or give more samples or more shards (tools/shard_dataset.py '
+        f'--samples-per-shard)')
+    packed = OnlinePackedDataset(shards, rank=0, world_size=4)
+    with pytest.raises(SystemExit):
+        StreamStateHook().before_run(runner(packed, 1))
+    assert 'holds 9 samples for 4 reading units' in capsys.readouterr().err
+
+
 def test_a_unit_of_a_shard_set_given_no_sample_stops_where_it_spun(data):
     """Where no hook checked first (a data set built outside a run): the unit's first epoch gives it nothing."""
     shards = ShardDataset(str(data['root'] / 'one'), data['settings'], rank=0, world_size=1)

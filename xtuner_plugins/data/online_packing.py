@@ -69,6 +69,8 @@ class IndexedStream:
         """The samples each of ``units`` reading units reads in an epoch."""
         return [len(unit_part(len(self.samples), unit, units)) for unit in range(units)]
 
+    unit_parts = epoch_parts   # the same in every epoch
+
 
 class OnlinePackedDataset(StreamingDataset):
     """Packs of an :class:`~xtuner_plugins.data.dataset.InternVLDataset` made online (module docstring).
@@ -117,8 +119,8 @@ class OnlinePackedDataset(StreamingDataset):
         return getattr(self.source.samples, 'epoch', 0)
 
     def unit_parts(self, units: int) -> List[int]:
-        """The samples each of ``units`` reading units reads in an epoch (its source's parts)."""
-        return self.source.epoch_parts(units)
+        """The fewest samples each of ``units`` reading units reads in an epoch (its source's parts)."""
+        return self.source.unit_parts(units)
 
     def set_epoch(self, epoch: int) -> None:
         """Epochs are the stream's own (module docstring): the loop's restarts do not set them."""

@@ -250,7 +250,16 @@ class ShardDataset(StreamingDataset):
         return parts
 
     def unit_parts(self, units: int) -> List[int]:
-        return self.epoch_parts(units)
+        """The fewest samples each of ``units`` reading units reads in an epoch, whichever shards the epoch's order
+        gives it: each epoch orders the shards anew, so a unit sharing a shard with others (fewer shards than units)
+        that read some in the first epoch read none in one that gave it a smaller shard, and stopped the run there
+        (``NothingToRead``, after hours; start-up had looked at the first epoch alone)."""
+        sizes = sorted(self.expected)
+        parts = []
+        for unit in range(units):
+            mine, k, m = shard_units(len(self.shards), unit, units)
+            parts.append(sum(len(range(k, n, m)) for n in sizes[:len(mine)]))
+        return parts
 
     def keyed_records(self, unit: int, units: int, state: Any) -> Iterator[Tuple[Dict, Tuple, ShardRecord]]:
         """``(state after, key, record)`` of this unit's samples, epoch after epoch, from ``state``; a key is

@@ -51,9 +51,14 @@ def empty_units(dataset: 'StreamingDataset', world: int, workers: int, what: str
     fits = next((w for w in range(workers - 1, 0, -1) if min(dataset.unit_parts(world * w)) > 0), None)
     fix = (f'set train_dataloader.num_workers to {fits} or fewer' if fits and fits > 1 else
            'set train_dataloader.num_workers=0 (each rank reads itself)' if fits else 'use fewer ranks')
-    return (f'{what} holds {sum(parts)} samples for {len(parts)} reading units ({world} ranks x {workers} DataLoader '
-            f'workers): {idle} of them would read none and wait for one for ever; {fix}, or give more samples'
-            + (' or more shards (tools/shard_dataset.py --samples-per-shard)' if 'shard' in what else ''))
+    first = getattr(getattr(dataset, 'source', dataset), 'epoch_parts', None)   # (one unit reads all of it)
+    later = (' in an epoch whose order of the shards gives them a shard of fewer samples than the units sharing it '
+             '(each epoch orders the shards anew; the first gives each unit some)'
+             if first is not None and min(first(world * workers)) > 0 else '')
+    return (f'{what} holds {dataset.unit_parts(1)[0]} samples for {len(parts)} reading units ({world} ranks x '
+            f'{workers} DataLoader workers): {idle} of them would read none{later} and wait for one for ever; {fix}, '
+            f'or give more samples' + (' or more shards (tools/shard_dataset.py --samples-per-shard)'
+                                       if 'shard' in what else ''))
 
 
 class DryWatch:
@@ -183,7 +188,7 @@ class StreamingDataset(IterableDataset):
         raise NotImplementedError
 
     def unit_parts(self, units: int) -> Optional[List[int]]:
-        """The samples each of ``units`` reading units reads in the first epoch, or None where not known."""
+        """The fewest samples each of ``units`` reading units reads in an epoch, or None where not known."""
         return None
 
     def __iter__(self) -> Iterator[Dict]:

@@ -40,6 +40,14 @@ def test_jsonl_lines_blank_lines_bom_crlf_and_no_final_newline(tmp_path, monkeyp
     assert [int(x) for x in entries[:, 2]] == [1, 4, 5, 7, 8]
 
 
+def test_a_line_of_a_byte_order_mark_alone_is_blank(tmp_path):
+    """Files joined with cat, one of them empty but saved with a BOM (Notepad's): its line, a BOM and a newline,
+    was a bad_json sample ('Expecting value') where the same line opening the file, or a whitespace line, is blank."""
+    path = tmp_path / 'a.jsonl'
+    path.write_bytes(b'{"a": 1}\n' + BOM + b'\n' + BOM + b' \r\n' + BOM + b'{"b": 2}\n\xef\xbc\x9a\n')
+    assert [int(x) for x in scan_jsonl(str(path))[:, 2]] == [1, 4, 5]
+
+
 def test_an_empty_or_blank_jsonl_has_no_entries(tmp_path):
     (tmp_path / 'e.jsonl').write_bytes(b'')
     (tmp_path / 'b.jsonl').write_bytes(b'\n  \n\r\n')

@@ -26,7 +26,7 @@ from xtuner_plugins.filemodes import file_mode
 
 from .nodepass import node_once
 
-INDEX_VERSION = 2  # 2: the inode and change time in the key
+INDEX_VERSION = 3  # 2: the inode and change time in the key; 3: a line of a byte-order mark alone is blank
 BOM = b'\xef\xbb\xbf'
 WINDOW = 1 << 24  # bytes scanned at a time: the scan's memory stays ~10x this whatever the file's size
 _WHITESPACE = np.array([32, 9, 10, 13, 11, 12], dtype=np.uint8)  # what bytes.strip() strips
@@ -40,7 +40,8 @@ def _file(path: str) -> np.ndarray:
 
 def scan_jsonl(path: str) -> np.ndarray:
     """``[N, 3]`` (offset, size, line) of each non-blank line (a line holding only whitespace is blank, as
-    ``bytes.strip()``), without its newline; a UTF-8 byte-order mark opening the file is left out."""
+    ``bytes.strip()``, after a byte-order mark: an empty file saved with one, then joined with ``cat``), without its
+    newline; a UTF-8 byte-order mark opening the file is left out."""
     data = _file(path)
     newlines = [np.flatnonzero(data[a:a + WINDOW] == 10) + a for a in range(0, len(data), WINDOW)]
     ends = np.concatenate(newlines + [np.array([len(data)], dtype=np.int64)]).astype(np.int64)
@@ -50,9 +51,11 @@ def scan_jsonl(path: str) -> np.ndarray:
         starts[0] = 3
     keep = ends > starts
     starts, ends, lines = starts[keep], ends[keep], lines[keep]
-    # a line is blank only if its first byte is whitespace: look at those one by one (few in real files)
-    maybe = np.flatnonzero(np.isin(data[starts], _WHITESPACE)) if len(starts) else np.zeros(0, dtype=np.int64)
-    blank = [i for i in maybe if not bytes(data[starts[i]:ends[i]]).strip()]
+    # a line is blank only if its first byte is whitespace or a BOM's: look at those one by one (few in real files)
+    firsts = data[starts]
+    maybe = np.flatnonzero(np.isin(firsts, _WHITESPACE) | (firsts == BOM[0])) if len(starts) else \
+        np.zeros(0, dtype=np.int64)
+    blank = [i for i in maybe if not bytes(data[starts[i]:ends[i]]).removeprefix(BOM).strip()]
     if blank:
         keep = np.ones(len(starts), dtype=bool)
         keep[blank] = False

@@ -134,6 +134,32 @@ def test_a_length_field_past_what_a_length_holds_is_counted_instead(tmp_path, ti
     assert given.modality_length == exact.modality_length[:2] + [-9]
 
 
+def test_many_annotation_files_fit_under_a_low_limit_of_open_files(tmp_path, tiny_tokenizer, monkeypatch):
+    """Each annotation file keeps a few files open (its own, its index's and its check's mapped arrays): a meta file
+    of 400 files under the usual soft limit of 1024 stopped with 'OSError: [Errno 24] Too many open files' in a
+    traceback. The soft limit is raised as far as the hard one allows; past that, refused in one line."""
+    import resource
+    from xtuner_plugins.errors import Refused
+    meta = {}
+    for i in range(120):
+        meta[f'e{i}'] = {'annotation': write_jsonl(tmp_path / f'f{i}.jsonl', [{'conversations': conv(
+            f'q{i}', 'a', image=False)}]), 'repeat_time': 1}
+    (tmp_path / 'meta.json').write_text(json.dumps(meta))
+    was = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(os.listdir('/proc/self/fd')) + 120
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, was[1]))
+        ds = make_ds(str(tmp_path / 'meta.json'), tiny_tokenizer, tmp_path)
+        assert len(ds) == 120 and len(ds.length) == 120
+        with monkeypatch.context() as m, pytest.raises(Refused, match=r'^120 annotation files keep about \d+ files '
+                                                                     r'open, and this process may open \d+ \(ulimit '
+                                                                     r'-Hn\): .*ulimit -n'):
+            m.setattr(resource, 'getrlimit', lambda what: (low, low))   # (a hard limit lowered is not raised again)
+            make_ds(str(tmp_path / 'meta.json'), tiny_tokenizer, tmp_path, cache_dir=str(tmp_path / 'other'))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, was)
+
+
 def test_ranks_and_workers_read_each_sample_once(data, tiny_tokenizer, tmp_path):
     from torch.utils.data import DataLoader, DistributedSampler
     files, img = data

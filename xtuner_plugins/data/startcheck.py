@@ -26,7 +26,7 @@ import numpy as np
 from mmengine.logging import print_log
 
 from .errors import ProblemList, SampleError
-from .index import SourceIndex, ascending_below, load_array, save_array, source_index
+from .index import SourceIndex, ascending_below, load_array, room_for_open_files, save_array, source_index
 from .lengths import _cache_key, default_cache_dir, lines_digest, save_slices, write_text_atomically
 from .record_lengths import LengthSlice
 from .nodepass import node_once, run_slices
@@ -262,6 +262,7 @@ def read_sources(ds, seed: int, log: Callable) -> Tuple[RecordView, np.ndarray, 
     a wrong image folder (none of a source's images found) or no sample to train on at all."""
     indexes, good, index, ranges, digests = [], [], [], [], []
     problems = ProblemList()
+    room_for_open_files(len(ds.sources))
     for i, src in enumerate(ds.sources):
         entries = source_index(src.annotation, ds.cache_dir or default_cache_dir())
         if not len(entries):   # (Refused: one line at training's start, where it was a 40-line traceback)

@@ -146,6 +146,13 @@ def test_a_number_out_of_its_settings_range_is_refused():
         'train_dataloader.dataset.max_dynamic_patch: expected a whole number >= 1, got 0',
         'default_hooks.logger.interval: expected a whole number >= 1, got 0',
         'model.llm_lora.r: expected a whole number >= 1, got -4']
+    # a packed config's data set, under packing's wrapper: refused by the data set after the model loaded
+    packed = Config.fromfile(os.path.join(ROOT, 'configs', 'finetune_full_packed.py'))
+    assert check_cfg_options(packed, {'train_dataloader.dataset.dataset.max_length': 0,
+                                      'train_dataloader.dataset.dataset.max_dynamic_patch': 0}) == [
+        'train_dataloader.dataset.dataset.max_length: expected a whole number >= 1, got 0',
+        'train_dataloader.dataset.dataset.max_dynamic_patch: expected a whole number >= 1, got 0']
+    assert check_cfg_options(packed, {'train_dataloader.dataset.dataset.max_length': 4096}) == []
     # a range with a top: torch's dropout refused 2.0 as the adapters were built, a traceback after the models loaded
     assert check_cfg_options(CFG, {'model.llm_lora.lora_dropout': 2.0, 'model.vision_drop_path': 1}) == [
         'model.llm_lora.lora_dropout: expected a number >= 0 and < 1, got 2.0',

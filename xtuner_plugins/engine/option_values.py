@@ -172,13 +172,18 @@ def _pair_problem(key: str, value) -> Optional[str]:
     return f'{key}: expected {expected}, got {value!r}'
 
 
+#: a data set under packing's wrapper (``train_dataloader.dataset.dataset.max_length``): its settings' ranges are
+#: the unwrapped data set's (a packed config's max_length=0 was refused by the data set after the model loaded)
+_PACKED = re.compile(r'^train_dataloader\.dataset\.(?:dataset\.)+')
+
+
 def out_of_range(key: str, value) -> Optional[str]:
     """The problem of a number outside its setting's range (:data:`RANGES`), or of a pair's (:data:`PAIRS`), or
     None."""
     import math
     if key in PAIRS:
         return _pair_problem(key, value)
-    rule = RANGES.get(key)
+    rule = RANGES.get(key) or RANGES.get(_PACKED.sub('train_dataloader.dataset.', key))
     if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     expected, whole, least, excluded = rule[:4]

@@ -328,6 +328,22 @@ def test_a_whole_folder_still_loads(folder):
     assert ConvertedModel(folder).ask('Hi', [], dict(max_new_tokens=1, do_sample=False)) is not None
 
 
+@pytest.mark.parametrize('fmt', ['official', 'remote'])
+def test_a_bf16_folder_loads_whole_in_the_dtype_asked(trained, tmp_path, fmt):
+    """A folder converted in bf16 (the converter's default), loaded in fp32 (chat's --dtype fp32, and auto's choice
+    on most CPUs): every weight fp32. Before, the remote code built its LLM (and a remote folder its tower) from
+    the sub-configs' recorded dtype, so those ran in bf16 beside an fp32 projector, and a CLIP + MLP model's remote
+    folder answered otherwise than its llava folder and its checkpoint."""
+    from xtuner_plugins.models.inference import ConvertedModel
+    out = convert(LORA, trained['ckpt'], tmp_path / fmt, trained['opts'], '--dtype', 'bf16', '--format', fmt)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = ConvertedModel(out, dtype=dtype).model
+        kinds = {}
+        for name, p in model.named_parameters():
+            kinds.setdefault(str(p.dtype), name)
+        assert list(kinds) == [str(dtype)], (dtype, kinds)
+
+
 def test_tiling_numbers_of_null_are_taken_as_not_recorded(folder, tmp_path):
     """A config.json whose max_dynamic_patch and min_dynamic_patch are null (a hand-edited file): their defaults,
     as when they are left out (int(None) was a traceback)."""

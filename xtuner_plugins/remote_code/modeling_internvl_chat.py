@@ -78,7 +78,9 @@ class InternVLChatModel(PreTrainedModel):
         if language_model is not None:
             self.language_model = language_model
         else:
-            self.language_model = AutoModelForCausalLM.from_config(config.llm_config, attn_implementation=attn)
+            # in the dtype from_pretrained was asked for (its default dtype now), not llm_config's recorded one
+            self.language_model = AutoModelForCausalLM.from_config(config.llm_config, attn_implementation=attn,
+                                                                   dtype=torch.get_default_dtype())
 
         vit_hidden_size = config.vision_config.hidden_size
         llm_hidden_size = config.llm_config.hidden_size

@@ -39,13 +39,16 @@ class VLMChatModel(InternVLChatModel):
         self.select_layer = config.select_layer
         self.template = config.template
         self.num_image_token = config.num_image_token
-        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        # the parts in the dtype from_pretrained was asked for (its default dtype now), not their sub-configs' one
+        dtype = torch.get_default_dtype()
+        self.vision_model = (vision_model if vision_model is not None
+                             else AutoModel.from_config(config.vision_config, dtype=dtype))
         inner = getattr(self.vision_model, 'vision_model', None)
         if getattr(inner, 'use_head', False):   # SigLIP's attention-pooling head: its output is never read, and
             inner.use_head = False               # with autograd on it makes a large transient (weights kept)
         capped = dict(attn_implementation='eager') if capped_attention(config.llm_config) else {}
         self.language_model = (language_model if language_model is not None
-                               else AutoModelForCausalLM.from_config(config.llm_config, **capped))
+                               else AutoModelForCausalLM.from_config(config.llm_config, dtype=dtype, **capped))
         self.mlp1 = build_projector(config.projector, config.vision_config.hidden_size, config.llm_config.hidden_size)
         self.img_context_token_id = None
         self.conv_template = get_conv_template(self.template)

@@ -55,6 +55,22 @@ def test_head_options_set_the_heads_and_bad_ones_are_one_line_errors(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_siglip_and_clip_take_a_tile_size_between_patches_as_the_docs_say(tmp_path):
+    """docs/families.md: SigLIP and CLIP also take sizes between multiples of the patch, whose grid floors (as
+    SigLIP-384's 27 x 27 does). The command refused them all ('must be a multiple of patch_size 14'); InternViT's
+    still must be a multiple."""
+    def run(out, *options):
+        return subprocess.run([sys.executable, 'tools/make_tiny_models.py', str(tmp_path / out), *options],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    for vision in ('clip', 'siglip'):
+        result = run(vision, '--vision', vision, '--image-size', '60')
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.load(open(tmp_path / vision / vision / 'config.json'))['vision_config']['image_size'] == 60
+    result = run('internvit', '--image-size', '60')
+    assert result.returncode == 2 and result.stderr.startswith(
+        'make_tiny_models: error: --image-size 60: image_size 60 must be a multiple of patch_size 14'), result.stderr
+
+
 def test_chat_gives_the_llm_another_familys_tokenizer(tmp_path):
     """--chat llama3: Llama 3 Instruct's special tokens, bos added, eos <|eot_id|>, no pad, its own chat template;
     the model's config names that bos and eos."""

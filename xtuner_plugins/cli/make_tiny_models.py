@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0, help='random seed for the weights (default 0)')
     p.add_argument('--image-size', type=int, default=56,
                    help='tile size of the tiny encoder in pixels, a multiple of the 14 px patch; of 28 for '
-                        'pixel_shuffle_mlp, which halves the grid (default 56)')
+                        'pixel_shuffle_mlp, which halves the grid; siglip and clip also take sizes between, whose '
+                        'grid floors (default 56)')
     p.add_argument('--llm-heads', type=int, default=4,
                    help=f'the LLM\'s attention heads, a divisor of its width {LLM_WIDTH} (default 4: 16 wide; vLLM\'s '
                         f'CPU build needs 32 or wider: 2)')
@@ -206,7 +207,10 @@ def main(argv=None) -> int:
     if problem:
         return tool_error('make_tiny_models', problem)
     try:   # the options first, then the folder
-        check_vit_sizes(args.image_size, 14, VISION_WIDTH, args.vision_heads)   # every tiny tower's 14 px patch
+        # every tiny tower's 14 px patch; SigLIP's and CLIP's convolution floors a size between (SigLIP-384's 27 x 27)
+        floors = args.vision in ('siglip', 'clip')
+        check_vit_sizes(args.image_size - args.image_size % 14 if floors else args.image_size, 14, VISION_WIDTH,
+                        args.vision_heads)
     except ValueError as exc:
         return tool_error('make_tiny_models', f'--image-size {args.image_size}: {exc}')
     from xtuner_plugins.links import leads_nowhere

@@ -407,3 +407,46 @@ def test_a_server_given_an_api_key_is_found_ready_and_one_without_on_the_network
     with pytest.raises(SystemExit):
         serve_main(base + ['--api-key-file', str(keyfile)])
     assert f'--api-key-file {keyfile}: its first line is no key' in capsys.readouterr().err
+
+
+def llava_folder(root, tower):
+    """A tiny LoRA-trained ``tower`` (a tiny CLIP or SigLIP folder) + LLaVA's MLP (one padded tile an image) + the
+    32-wide LLM, converted to llava under ``root``."""
+    import torch
+
+    from tests.tools.test_convert_to_official import LORA, convert, options, trained_checkpoint
+    from xtuner_plugins.engine.options import load_config
+    from xtuner_plugins.models.export import build_for_export
+    from xtuner_plugins.tiny import write_tiny_llm
+    tiny = tiny_workspace(os.path.join(str(root), 'tiny'))
+    tiny['llm'] = write_tiny_llm(os.path.join(str(root), 'llm'), num_heads=2, num_kv_heads=1)
+    opts = options(tiny, **{'model.llm': tiny['llm'], 'model.vision_encoder': tower, 'model.projector': 'mlp',
+                            'model.image_mode': 'pad'})
+    probe = build_for_export(load_config(LORA, opts), None, torch.float32, log=lambda m: None)
+    opts.update({f'train_dataloader.dataset.{k}': (list(v) if isinstance(v, tuple) else v)
+                 for k, v in probe.geometry.items()})
+    ckpt = os.path.join(str(root), 'iter_1.pth')
+    trained_checkpoint(LORA, opts, ckpt, scale=0.3)
+    return convert(LORA, ckpt, os.path.join(str(root), 'llava'), opts, '--format', 'llava')
+
+
+def test_a_clip_tower_whose_tile_is_no_multiple_of_its_patch_is_refused_before_vllm_starts(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A 60 px CLIP tower (14 px patches: its convolution floors to a 4 x 4 grid, which trains, converts and chats):
+    vLLM's CLIP asserts image_size % patch_size == 0, so vLLM started, loaded, and exited with a bare
+    AssertionError a minute later. It is refused in one line naming the numbers; a 60 px SigLIP tower, whose grid
+    vLLM floors as transformers does (SigLIP-384's 27 x 27), is served."""
+    from xtuner_plugins.cli import serve
+    from xtuner_plugins.tiny.vision import write_tiny_clip, write_tiny_siglip
+    clip = llava_folder(tmp_path / 'clip', write_tiny_clip(str(tmp_path / 'clip60'), image_size=60))
+    siglip = llava_folder(tmp_path / 'siglip', write_tiny_siglip(str(tmp_path / 'siglip60'), image_size=60))
+    assert settings(siglip)['format'] == 'llava'
+    monkeypatch.setattr(serve, 'probe', lambda python: dict(found=True, cpu='0.32.0'))
+    monkeypatch.setattr(serve.subprocess, 'Popen', lambda *a, **k: pytest.fail('the server was started'))
+    assert serve_main([clip, '--port', '0', '--vllm-python', sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f'serve: error: {clip}: its CLIP tower\'s tiles are 60 px, not a multiple of its 14 px '
+                           f'patch'), line
+    assert '56 or 70' in line, line

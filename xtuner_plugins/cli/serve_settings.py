@@ -55,6 +55,8 @@ def settings(folder: str, system_message: Optional[str] = None) -> Dict[str, obj
     # tokens of one image at the most tiles: InternVL's tiles (+ thumbnail) x tokens per tile; LLaVA's one tile
     # (each number checked: a hand-edited config.json's 'x' or 0 was a traceback here)
     per_image = _llava_image_tokens(cfg, cfg_path) if fmt == 'llava' else _internvl_image_tokens(cfg, cfg_path)
+    if fmt == 'llava':
+        _check_clip_grid(folder, cfg, cfg_path)
     images = max(1, min(MAX_IMAGES, max_len // per_image))
     path = os.path.join(folder, 'chat_template.jinja')
     template = None
@@ -108,6 +110,22 @@ def _llava_image_tokens(cfg: dict, cfg_path: str) -> int:
     if not size or not patch:
         raise ValueError(f'{cfg_path}: no image_seq_length nor vision_config.image_size and patch_size; {AGAIN}')
     return max(1, (size // patch) ** 2)
+
+def _check_clip_grid(folder: str, cfg: dict, cfg_path: str) -> None:
+    """``ValueError`` for a llava folder whose CLIP tower's tile is no multiple of its patch: transformers' CLIP
+    floors the grid (as it trained), vLLM's asserts ``image_size % patch_size == 0`` (vllm/model_executor/models/
+    clip.py, 0.32) and exits a minute after it started; its SigLIP floors, as transformers' does."""
+    vision = cfg.get('vision_config') if isinstance(cfg.get('vision_config'), dict) else {}
+    if vision.get('model_type') not in ('clip_vision_model', 'clip'):
+        return
+    size, patch = (config_whole(cfg, f'vision_config.{key}', cfg_path) for key in ('image_size', 'patch_size'))
+    if size and patch and size % patch:
+        below, above = size - size % patch, size - size % patch + patch
+        raise ValueError(f'{folder}: its CLIP tower\'s tiles are {size} px, not a multiple of its {patch} px patch '
+                         f'(vision_config in config.json): vLLM\'s CLIP takes only whole grids (it would load, then '
+                         f'stop on an assertion); tools/chat.py, tools/eval.py and tools/web_demo.py read it; or '
+                         f'train a tower of {below or patch} or {above} px')
+
 
 def tokenizer_adds_bos(folder: str) -> bool:
     """Whether the folder's tokenizer starts a text with its bos (``data/token_ids.adds_bos``; a tokenizer that needs

@@ -60,6 +60,27 @@ def test_a_template_left_to_the_previous_stage_is_not_a_difference(tmp_path):
     check_trained_settings(lora_cfg(**{'model.template': 'llama3'}), ckpt)
 
 
+def test_an_encoder_given_as_a_folder_is_compared_by_its_type_and_layer(tmp_path):
+    """A LLaVA run trained with model.vision_encoder=DIR (a CLIP folder: its type read from config.json, CLIP's
+    layer -2), converted with the config form (configs/llava_finetune_lora.py's header), whose encoder is
+    dict(type='clip', select_layer=-2): the same encoder. It was refused as 'model.vision_encoder.select_layer:
+    trained None, given -2; model.vision_encoder.type: trained None, given 'clip''. Another type or layer is
+    still refused, naming the folder's."""
+    from xtuner_plugins.tiny.vision import write_tiny_clip
+
+    def llava(**options):
+        cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'llava_finetune_lora.py'))
+        cfg.merge_from_dict(options)
+        return cfg
+    clip = write_tiny_clip(str(tmp_path / 'clip'))
+    ckpt = save(tmp_path / 'iter_4.pth', llava(**{'model.vision_encoder': clip}))
+    check_trained_settings(llava(), ckpt)
+    with pytest.raises(ValueError, match=r"model.vision_encoder.select_layer: trained -2, given -1$"):
+        check_trained_settings(llava(**{'model.vision_encoder.select_layer': -1}), ckpt)
+    with pytest.raises(ValueError, match=r"model.vision_encoder.type: trained 'clip', given 'siglip'"):
+        check_trained_settings(llava(**{'model.vision_encoder.type': 'siglip'}), ckpt)
+
+
 def test_a_checkpoint_without_a_recorded_config_is_converted_with_a_note(tmp_path):
     torch.save({'state_dict': {}}, tmp_path / 'plain.pth')
     notes = []

@@ -11,6 +11,7 @@ of :data:`RESULT_SETTINGS` that differs from the config given to the converter, 
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -48,10 +49,31 @@ def _model_settings(model_cfg) -> Dict[str, object]:
     defaults = {name: p.default for name, p in inspect.signature(VisionLanguageModel.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     settings = {key: comparable(model_cfg.get(key, defaults.get(key))) for key in RESULT_SETTINGS}
-    encoder = model_cfg.get('vision_encoder')
-    if isinstance(encoder, dict):  # its type and layer choice (its path may move)
-        settings.update({f'vision_encoder.{k}': comparable(encoder.get(k), k) for k in ('type', 'select_layer')})
+    settings.update(_encoder_settings(model_cfg.get('vision_encoder'), settings['select_layer']))
     return settings
+
+
+def _encoder_settings(encoder, model_layer) -> Dict[str, object]:
+    """The encoder's type and layer as training builds them (its path may move): a folder given alone (or a dict
+    without them) has its ``config.json``'s type and that type's default layer, where the folder is there to read
+    (None where it is not: not compared, as the model is built from the recorded settings)."""
+    if not isinstance(encoder, (dict, str)):
+        return {}
+    from xtuner_plugins.models.vision import VISION_ENCODERS
+    from xtuner_plugins.models.vision.base import folder_model_type
+    given = dict(encoder) if isinstance(encoder, dict) else {'path': encoder}
+    kind = comparable(given['type'], 'type') if given.get('type') is not None else None
+    layer, path, cls = given.get('select_layer'), given.get('path'), VISION_ENCODERS.get(kind)
+    if kind is None and isinstance(path, str) and os.path.isfile(os.path.join(path, 'config.json')):
+        try:
+            model_type = folder_model_type(path)
+        except (OSError, ValueError):   # a config.json that does not read: said where the model is built
+            model_type = None
+        cls = next((c for c in VISION_ENCODERS.values() if model_type in c.model_types), None)
+        kind = cls.name if cls is not None else None
+    if layer is None and cls is not None:
+        layer = model_layer if model_layer is not None else cls.default_select_layer
+    return {'vision_encoder.type': kind, 'vision_encoder.select_layer': layer}
 
 
 def setting_differences(trained_model_cfg, given_model_cfg) -> List[str]:
@@ -62,6 +84,8 @@ def setting_differences(trained_model_cfg, given_model_cfg) -> List[str]:
         a, b = trained.get(key), given.get(key)
         if key == 'template' and (a is None or b is None):   # None: the previous stage's (inherited_template); the
             continue                                         # recorded setting builds the model either way
+        if key.startswith('vision_encoder.') and (a is None or b is None):   # a folder not there to read
+            continue
         if isinstance(a, dict) and isinstance(b, dict):  # name the LoRA setting that differs
             out += [f'model.{key}.{k}: trained {a.get(k)!r}, given {b.get(k)!r}'
                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -132,3 +132,17 @@ def test_the_gguf_template_leaves_the_bos_to_llama_cpp(system, tmp_path):
     assert 'the chat template without its bos_token (llama.cpp adds the bos itself)' in why
     assert chat_prompt(str(tmp_path), {'template': 'internvl2_5'}, {'chat_template': chat_template('internvl2_5')}) \
         == (None, '')
+
+
+def test_the_llava_processor_of_a_tokenizer_returning_token_type_ids_gives_none(tmp_path):
+    """Llama 3's and Gemma's look-alikes (a bare PreTrainedTokenizerFast, model_input_names left at its default)
+    return token_type_ids, which conversion.md's LLaVA snippet (processor.apply_chat_template(..., return_dict=True)
+    into model.generate) handed to generate: 'The following model_kwargs are not used by the model:
+    ['token_type_ids']'. The converted folder's tokenizer names only what the model takes."""
+    tokenizer = build_tiny_tokenizer(chat='llama3')
+    assert 'token_type_ids' in tokenizer('hi')   # the tokenizer as trained
+    processor = llava_processor(tokenizer, tmp_path)
+    image = Image.new('RGB', (28, 28), (200, 30, 30))
+    turn = [{'role': 'user', 'content': [{'type': 'image', 'image': image}, {'type': 'text', 'text': QUESTION}]}]
+    got = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert sorted(got) == ['attention_mask', 'input_ids', 'pixel_values']

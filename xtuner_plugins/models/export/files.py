@@ -150,11 +150,17 @@ def save_tokenizer(model: VisionLanguageModel, out_dir: str, extra: Optional[dic
     tokenizer = _padded(model)
     tokenizer.chat_template = chat_template(model.template, system, image_text, video_text, bos=adds_bos(tokenizer))
     tokenizer.save_pretrained(out_dir)
-    if extra:
+    # no token_type_ids (a bare PreTrainedTokenizerFast's default, as Llama 3's look-alike has): the converted
+    # models take none, and transformers' processor handed them to generate ('model_kwargs are not used')
+    names = [name for name in tokenizer.model_input_names if name != 'token_type_ids']
+    if extra or names != list(tokenizer.model_input_names):
         config_path = os.path.join(out_dir, 'tokenizer_config.json')
         with open(config_path, encoding='utf-8') as f:
             tok_cfg = json.load(f)
-        tok_cfg['extra_special_tokens'] = extra
+        if extra:
+            tok_cfg['extra_special_tokens'] = extra
+        if names != list(tokenizer.model_input_names):
+            tok_cfg['model_input_names'] = names
         with open(config_path, 'w', encoding='utf-8') as f:
             json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
     return tokenizer.chat_template

@@ -13,7 +13,7 @@ from xtuner_plugins.models.compile import compile_parts, compiled_graphs, is_com
 
 def step(tiny, batch, **kw):
     torch.manual_seed(0)
-    model = build(tiny, freeze_llm=False, **kw).train()
+    model = build(tiny, freeze_llm='llm_lora' in kw, **kw).train()   # (LoRA: the adapters alone train)
     loss = model(batch, mode='loss')['loss']
     loss.backward()
     return model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -181,12 +181,9 @@ def _decode_in_order(info, wanted: List[int], max_decoded_pixels: Optional[int] 
                     if k == len(wanted):
                         break
         except av.FFmpegError as exc:
-            raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
-                                               f'{exc}') from None
+            raise _undecodable(info, wanted[k], exc) from None
     if k < len(wanted):
-        raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
-                                           + (f' ({info.duration:.3f} s)' if info.fps else '')
-                                           + f' but frame {wanted[k]} cannot be decoded')
+        raise _truncated(info, wanted[k])
     return out
 
 
@@ -276,13 +273,20 @@ def _decode_seeking(info, wanted: List[int], max_decoded_pixels: Optional[int] =
                         raise _Unplaced()
                     break
         except av.FFmpegError as exc:
-            raise SampleError('corrupt_video', f'cannot decode {info.path} (frame {wanted[k]} of {info.total}): '
-                                               f'{exc}') from None
+            raise _undecodable(info, wanted[k], exc) from None
     if k < len(wanted):
-        raise SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
-                                           + (f' ({info.duration:.3f} s)' if info.fps else '')
-                                           + f' but frame {wanted[k]} cannot be decoded')
+        raise _truncated(info, wanted[k])
     return out
+
+
+def _undecodable(info, number: int, exc) -> SampleError:
+    return SampleError('corrupt_video', f'cannot decode {info.path} (frame {number} of {info.total}): {exc}')
+
+
+def _truncated(info, number: int) -> SampleError:
+    return SampleError('corrupt_video', f'{info.path} is truncated: it says {info.total} frames'
+                                        + (f' ({info.duration:.3f} s)' if info.fps else '')
+                                        + f' but frame {number} cannot be decoded')
 
 
 def _frame_pixels(info, frame, number: int, decoded: int, budget: Optional[int]) -> int:

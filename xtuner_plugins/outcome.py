@@ -12,7 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 CRASH_MARKS = ('Traceback (most recent call last)', 'ChildFailedError')
 # torchrun's agents meet at exit through the store of node 0's agent; when that agent has already gone, another
@@ -34,14 +34,20 @@ def deepspeed_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and any(name.endswith('model_states.pt') for name in os.listdir(path))
 
 
+def checkpoint_number(path: str) -> Optional[Tuple[str, int]]:
+    """``('iter', N)`` or ``('epoch', N)`` for a path named ``iter_N.pth`` or ``epoch_N.pth``; None otherwise."""
+    m = _CKPT_NAME.match(os.path.basename(os.fspath(path).rstrip(os.sep)))
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def find_checkpoints(work_dir: str) -> List[str]:
     """``iter_N.pth``/``epoch_N.pth`` in ``work_dir`` (files, or non-empty DeepSpeed folders), ordered by N."""
     found = []
     for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
-        m = _CKPT_NAME.match(name)
+        number = checkpoint_number(name)
         path = os.path.join(work_dir, name)
-        if m and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
-            found.append((int(m.group(2)), path))
+        if number and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
+            found.append((number[1], path))
     return [p for _, p in sorted(found)]
 
 

@@ -194,9 +194,9 @@ def test_a_resume_with_another_learning_rate_says_which_one_goes_on(monkeypatch)
 
 def test_a_resume_from_an_older_checkpoint_does_not_write_over_later_ones(tmp_path, monkeypatch):
     """Before, ``--resume WD/iter_4.pth`` in a work folder holding iter_6.pth and iter_8.pth replaced them with this
-    run's saves without a word. A chosen older checkpoint is refused before training; a resume the pointer chose
-    with later checkpoints beside it (resume=True takes the newest of the pointer's kind: only of another kind)
-    goes on, saying so."""
+    run's saves without a word, and ``--resume WD/epoch_1.pth`` beside epoch_3.pth still did (only iter_N was
+    compared). A chosen older checkpoint is refused before training, by its kind; a checkpoint of another kind is
+    not later, and a resume the pointer chose is not refused here (resume=True took the newest of its kind)."""
     import logging
     from types import SimpleNamespace
 
@@ -219,8 +219,14 @@ def test_a_resume_from_an_older_checkpoint_does_not_write_over_later_ones(tmp_pa
         Runner.resume(chosen, str(tmp_path / 'iter_4.pth'), _original=loaded)
     pointer = SimpleNamespace(work_dir=str(tmp_path), iter=0, _load_from=None)
     Runner.resume(pointer, str(tmp_path / 'iter_4.pth'), _original=loaded)
-    assert said == [f'resumed from {tmp_path / "iter_4.pth"} (iteration 4): later checkpoints in this work folder '
-                    "(iter_6.pth, iter_10.pth) will be replaced by this run's saves"]
+    assert said == []
+    (tmp_path / 'epoch_1.pth').write_text('x')
+    by_epoch = SimpleNamespace(work_dir=str(tmp_path), iter=0, _load_from=str(tmp_path / 'epoch_1.pth'))
+    with pytest.raises(Refused, match=r'^--resume .*epoch_1\.pth \(iteration 4\): this work folder holds later '
+                                      r'checkpoints \(epoch_9\.pth\) that'):
+        Runner.resume(by_epoch, str(tmp_path / 'epoch_1.pth'), _original=loaded)
+    last_epoch = SimpleNamespace(work_dir=str(tmp_path), iter=0, _load_from=str(tmp_path / 'epoch_9.pth'))
+    Runner.resume(last_epoch, str(tmp_path / 'epoch_9.pth'), _original=loaded)   # iter_10.pth: another kind
     elsewhere = SimpleNamespace(work_dir=str(tmp_path / 'new'), iter=0, _load_from=str(tmp_path / 'iter_4.pth'))
     Runner.resume(elsewhere, str(tmp_path / 'iter_4.pth'), _original=loaded)   # another work folder: fine
 

@@ -15,8 +15,9 @@ folder it is in.
   (:func:`lr_change_note`: MMEngine loads the saved optimizer and schedule over it, so the new one is not used);
   so is a schedule whose length changed (:func:`schedule_change_note`: the saved one goes on);
   ``--resume PATH`` of a checkpoint older than others in the work folder is refused (this run's saves would
-  replace them: :func:`later_checkpoints`), and ``resume=True`` whose pointer is behind the newest file (a stop
-  between a save and its pointer) takes the newest, with a warning;
+  replace them: :func:`later_checkpoints`, by kind: ``iter_N.pth`` or ``epoch_N.pth``), and ``resume=True``
+  whose pointer is behind the newest file of its kind (a stop between a save and its pointer) takes the newest,
+  with a warning;
   ``--resume PATH`` from another folder into a work folder holding checkpoints is refused before anything loads
   (:func:`another_run_here`: another run's, which this run's saves and rotation would replace or delete).
 
@@ -37,6 +38,7 @@ from mmengine.logging import print_log
 
 from xtuner_plugins.engine.checkpointing import atomic_write
 from xtuner_plugins.errors import Refused
+from xtuner_plugins.outcome import checkpoint_number, deepspeed_checkpoint, find_checkpoints
 
 __all__ = ['POINTER', 'ResumeError', 'apply_resume_patches', 'checkpoint_dirs', 'find_latest_checkpoint',
            'resume_target', 'resume_words']
@@ -106,9 +108,8 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
     pointer = os.path.join(work_dir, POINTER)
     if not os.path.isfile(pointer):
         from xtuner_plugins.engine.refusals import checkpoint_names
-        from xtuner_plugins.outcome import find_checkpoints
         saved = sorted((c for d in (work_dir, *out_dirs) for c in find_checkpoints(d)),
-                       key=lambda c: int(os.path.basename(c)[:-4].rpartition('_')[2]))   # (iter|epoch)_N.pth
+                       key=lambda c: checkpoint_number(c)[1])
         if saved:   # a resume from nothing would write its own iter_N.pth over them
             names = checkpoint_names([os.path.basename(c) for c in saved])
             raise ResumeError(f'resume=True: {work_dir} holds checkpoints ({names}) but no {POINTER}, the pointer '
@@ -138,27 +139,15 @@ def resume_target(work_dir: str, out_dirs: Sequence[str] = ()) -> Tuple[Optional
                 f'{found}, its own checkpoint of that name')
     if not os.path.exists(found):
         raise ResumeError(f'resume=True: {pointer} names {found}, which does not exist; {restart}')
-    newer = _newer_than(found, (work_dir, *out_dirs))
-    if newer:   # a stop between a save and its pointer's write: the save is whole (written under a temporary name)
+    number = checkpoint_number(found)
+    later = later_checkpoints((work_dir, *out_dirs), *number) if number else []
+    if later:   # a stop between a save and its pointer's write: the save is whole (written under a temporary name)
         note = '; '.join(filter(None, [note, (
-            f'{pointer} names {os.path.basename(found)}, and {newer} is newer (the run stopped between its save '
-            f'and the pointer\'s write; checkpoints are written whole): resuming from {newer}, which this run\'s '
+            f'{pointer} names {os.path.basename(found)}, and {later[-1]} is newer (the run stopped between its save '
+            f'and the pointer\'s write; checkpoints are written whole): resuming from {later[-1]}, which this run\'s '
             'saves would otherwise have replaced')]))
-        found = newer
+        found = later[-1]
     return found, note
-
-
-def _newer_than(checkpoint: str, dirs: Sequence[str]) -> Optional[str]:
-    """The newest checkpoint of ``dirs`` of ``checkpoint``'s kind (``iter_N.pth`` or ``epoch_N.pth``) with a
-    higher N, or None."""
-    from xtuner_plugins.outcome import find_checkpoints
-    kind, _, number = os.path.basename(checkpoint)[:-4].rpartition('_')
-    if not number.isdigit():
-        return None
-    later = [(int(os.path.basename(c)[:-4].rpartition('_')[2]), c) for d in dict.fromkeys(dirs)
-             for c in find_checkpoints(d) if os.path.basename(c).startswith(kind + '_')]
-    later = [(n, c) for n, c in later if n > int(number)]
-    return max(later)[1] if later else None
 
 
 def checkpoint_dirs(runner) -> List[str]:
@@ -236,16 +225,11 @@ def lr_change_note(filename: str, configured: Sequence[float], saved: Sequence[f
             'another --work-dir)')
 
 
-def later_checkpoints(work_dir: str, iteration: int) -> List[str]:
-    """The work folder's ``iter_N.pth`` with N above ``iteration``: what a run resumed there from ``iteration``
-    writes over."""
-    import re
-    found = []
-    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
-        match = re.fullmatch(r'iter_(\d+)\.pth', name)
-        if match and int(match.group(1)) > iteration:
-            found.append((int(match.group(1)), os.path.join(work_dir, name)))
-    return [path for _, path in sorted(found)]
+def later_checkpoints(dirs: Sequence[str], kind: str, number: int) -> List[str]:
+    """The checkpoints of ``dirs`` of ``kind`` (``iter``: ``iter_N.pth``, ``epoch``: ``epoch_N.pth``) with N above
+    ``number``, oldest first: what a run resumed from the checkpoint ``kind_number`` would write over."""
+    later = [(checkpoint_number(c), c) for d in dict.fromkeys(dirs) for c in find_checkpoints(d)]
+    return [c for (k, n), c in sorted(later) if k == kind and n > number]
 
 
 def _schedule_ends(runner) -> List[Tuple[str, int]]:
@@ -277,7 +261,6 @@ def another_run_here(work_dir: str, filename: str) -> List[str]:
     """The checkpoints of ``work_dir`` when ``filename`` (given to ``--resume``) is not among them: another run's,
     which this run's saves and their rotation would replace (a resume from elsewhere into a folder of older work,
     ``work_dirs/CONFIG`` when ``--work-dir`` is left out)."""
-    from xtuner_plugins.outcome import find_checkpoints
     if not filename or not os.path.isdir(work_dir):
         return []
     here = os.path.realpath(work_dir)
@@ -306,7 +289,6 @@ def saved_kind_refusal(filename: str, strategy, said: Optional[str] = None) -> O
     ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save; None when it fits.
     ``said``: how the message names the resume (:func:`resume_words`)."""
     said = said or f'--resume {filename}'
-    from xtuner_plugins.outcome import deepspeed_checkpoint
     deepspeed = type(strategy).__name__ == 'DeepSpeedStrategy'
     if os.path.isdir(filename) and not deepspeed_checkpoint(filename):
         return (f'{said}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
@@ -388,16 +370,14 @@ def _patch_resume_lr() -> bool:
                          schedule_change_note(str(filename), ends, _schedule_ends(self))):
                 if note:
                     print_log(note, logger='current', level=logging.WARNING)
-            later = later_checkpoints(self.work_dir, self.iter)
-            if later and getattr(self, '_load_from', None):   # --resume PATH: an older checkpoint chosen
+            # --resume PATH of an older checkpoint (resume=True took the newest of its kind: resume_target)
+            number = checkpoint_number(str(filename)) or ('iter', self.iter)   # one renamed: where it loaded
+            later = later_checkpoints([self.work_dir], *number) if getattr(self, '_load_from', None) else []
+            if later:
                 raise Refused(f'--resume {filename} (iteration {self.iter}): this work folder holds later '
                               f'checkpoints ({", ".join(os.path.basename(p) for p in later)}) that this run\'s '
                               'saves would replace; give this run another --work-dir (the checkpoint is read '
                               'where it is), or move them away to go on here')
-            if later:   # the pointer behind the newest file (a kill between a save and its pointer): said
-                print_log(f'resumed from {filename} (iteration {self.iter}): later checkpoints in this work folder '
-                          f'({", ".join(os.path.basename(p) for p in later)}) will be replaced by this run\'s saves',
-                          logger='current', level=logging.WARNING)
             return result
 
         setattr(resume, _PATCH_MARK, True)

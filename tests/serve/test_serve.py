@@ -340,6 +340,32 @@ def test_a_training_checkpoint_is_converted_with_its_recorded_settings_and_serve
     assert 'give a converted folder or --checkpoint' in capsys.readouterr().err
 
 
+def test_a_checkpoint_only_the_remote_layout_fits_is_refused_before_it_is_written(tmp_path, monkeypatch, capsys):
+    """``--checkpoint`` of an InternViT + LLaVA MLP model (neither official nor llava: the remote layout only): it
+    was converted into a temporary folder, then refused naming that folder, deleted by then. Refused once the
+    model is built, before anything is written, naming the checkpoint and why each served layout does not fit."""
+    import torch
+
+    from tests.tools.test_convert_to_official import LORA, options, trained_checkpoint
+    from xtuner_plugins.engine.options import load_config
+    tiny = tiny_workspace(tmp_path / 'tiny')
+    opts = options(tiny, **{'model.projector': 'mlp'})
+    ckpt = str(tmp_path / 'my_run' / 'iter_1.pth')
+    os.makedirs(os.path.dirname(ckpt))
+    model = trained_checkpoint(LORA, opts, ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state['meta'] = {'cfg': load_config(LORA, opts).pretty_text, 'lineage': model.lineage}
+    torch.save(state, ckpt)
+    stand_in(tmp_path, monkeypatch)
+    assert serve_main(['--checkpoint', ckpt, '--port', '0', '--vllm-python', sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert (f'serve: error: --checkpoint {ckpt}: this model converts to the remote layout only (its own code for a vision '
+            'tower and projector') in err
+    assert 'not official (projector mlp (InternVL takes pixel_shuffle_mlp)), not llava (encoder internvit (LLaVA ' \
+           'takes clip or siglip); image mode tile' in err
+    assert 'writing the' not in err and not os.path.exists(tmp_path / 'argv.json')   # nothing written nor served
+
+
 def test_a_folder_converted_before_templates_wrote_the_bos_gets_it_from_serve(folders, tmp_path, monkeypatch, capsys):
     """A folder of an LLM whose tokenizer adds a bos, converted when templates did not write it: vLLM's chat adds
     no special tokens, so the server gets a copy of the template with the bos in front, and says so."""

@@ -54,7 +54,8 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from xtuner_plugins.cli.serve_settings import MAX_IMAGES, VLLM_FRAME_PREFIX, cpu_head_problem, settings
+from xtuner_plugins.cli.serve_settings import (MAX_IMAGES, NOT_SERVED, SERVABLE, VLLM_FRAME_PREFIX, cpu_head_problem,
+                                               settings)
 from xtuner_plugins.cli.serve_vllm import NO_LOCAL_MEDIA, command, free_port, probe, vllm_python, wait_ready
 from xtuner_plugins.cli.tool_args import count_argument, port_argument, tool_error
 from xtuner_plugins.models.inference import check_code
@@ -169,9 +170,22 @@ def converted(args, tmp: str) -> str:
     from xtuner_plugins.models.runconfig import parse_remap
     out = os.path.join(tmp, 'model')
     export_checkpoint(None, args.checkpoint, out, fmt='auto', dtype=resolve_dtype(args.dtype or 'bf16'),
-                      remap=parse_remap(args.remap), log=lambda m: print(m, file=sys.stderr))
+                      remap=parse_remap(args.remap), log=lambda m: print(m, file=sys.stderr),
+                      accept=lambda fmt, model: _unserved(args.checkpoint, fmt, model))
     args.dtype = None  # vLLM takes the dtype the weights were written in (it names dtypes its own way)
     return out
+
+
+def _unserved(checkpoint: str, fmt: str, model) -> Optional[str]:
+    """Why the model of ``checkpoint``, built, is not served when it converts to ``fmt`` (the remote layout only),
+    before it is written."""
+    if fmt in SERVABLE:
+        return None
+    from xtuner_plugins.models.export.llava import llava_misfit
+    from xtuner_plugins.models.export.official import internvl_misfit
+    return (f'--checkpoint {checkpoint}: this model converts to the {fmt} layout only ({NOT_SERVED[fmt]}): not '
+            f'official ({internvl_misfit(model)}), not llava ({llava_misfit(model)}). vLLM serves InternViT + '
+            f'pixel_shuffle_mlp models and CLIP or SigLIP + mlp ones on one tile an image')
 
 
 def main(argv=None) -> int:

@@ -76,7 +76,8 @@ WRITERS = {'official': write_official, 'hf': write_hf, 'llava': write_llava, 're
 def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir: str, fmt: str = 'auto',
                       dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
                       cfg_options: Optional[dict] = None, max_shard_size: str = '5GB', log: Log = _print,
-                      remap=(), quant: str = 'f16', moving_in: Optional[Callable] = None) -> str:
+                      remap=(), quant: str = 'f16', moving_in: Optional[Callable] = None,
+                      accept: Optional[Callable[[str, object], Optional[str]]] = None) -> str:
     """Rebuild the model ``checkpoint`` was trained as, load it, merge adapters, write ``out_dir``; returns it.
 
     The settings are the ones recorded in the checkpoint (``runconfig.run_config``: ``config`` and
@@ -87,7 +88,8 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
     (transformers' LLaVA), ``'remote'`` (a self-contained remote-code folder for any family) or ``'auto'`` (the
     one that fits, see :func:`choose_format`); ``'gguf'``: llama.cpp's pair (``gguf.py``), ``quant`` its LLM's type.
     The folder is written next to ``out_dir`` (the folder it links to, for a link) and moved into place only when
-    complete (``moving_in``: :func:`~.outdir.written_whole`'s).
+    complete (``moving_in``: :func:`~.outdir.written_whole`'s). ``accept(fmt, model)``: a caller's check of the
+    format chosen for the built model, before anything is written; a message it returns is the ``ValueError``.
     """
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; use one of {FORMATS}')
@@ -129,11 +131,11 @@ def export_checkpoint(config: Optional[str], checkpoint: Optional[str], out_dir:
         gguf_tools()
     with claimed(out):
         return _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start,
-                       moving_in)
+                       moving_in, accept)
 
 
 def _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, log, quant, start,
-            moving_in) -> str:
+            moving_in, accept) -> str:
     """:func:`export_checkpoint` once ``out`` is checked and claimed."""
     if os.path.islink(out_dir.rstrip(os.sep) or out_dir):
         log(f'OUT_DIR {out_dir} is a link: writing into the folder it points at, {out}')
@@ -141,6 +143,9 @@ def _export(cfg, checkpoint, config, out, out_dir, fmt, dtype, max_shard_size, l
     model = build_for_export(cfg, checkpoint, dtype, log)
     prefix = training_frame_prefix(cfg, model)
     fmt = choose_format(model, fmt, prefix)
+    problem = accept(fmt, model) if accept is not None else None
+    if problem:
+        raise ValueError(problem)
     tiling = tiling_settings(cfg, model)
     if prefix != DEFAULT_FRAME_PREFIX:  # what stands before each video frame: recorded where a format can hold it
         tiling['frame_prefix'] = prefix

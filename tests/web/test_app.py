@@ -276,6 +276,39 @@ def test_a_request_that_goes_away_stops_generating(setup):
         fresh_answers(setup['folder'], [('What is it?', [])])[0]
 
 
+def test_a_chat_endpoint_call_that_goes_away_stops_generating(setup):
+    """The /chat endpoint answered whole, so a caller that went away (a script killed, a dropped connection) left
+    the one model generating to --max-new-tokens for no one (1000 tokens here). It streams the answer now: over
+    HTTP, a call dropped at its first piece lets go within a few tokens; one read to its end is the answer."""
+    import time
+
+    import httpx
+    from gradio_client import Client
+
+    from tests.web.test_uploads import free_port
+    from xtuner_plugins.web.app import build_app
+    from xtuner_plugins.web.server import launch
+    chat, steps = WebChat(ConvertedModel(setup['folder']), max_new_tokens=1000), []
+    chat.model.model.language_model.register_forward_hook(lambda *args: steps.append(1))
+    app, port = build_app(chat), free_port()
+    launch(app, '127.0.0.1', port, prevent_thread_lock=True, quiet=True)
+    try:
+        base = f'http://127.0.0.1:{port}/gradio_api'
+        event = httpx.post(f'{base}/call/chat', json={'data': [None, 'Tell a long story.']}, timeout=60)
+        with httpx.stream('GET', f'{base}/call/chat/{event.json()["event_id"]}', timeout=60) as answer:
+            next(line for line in answer.iter_lines() if line.startswith('event: generating'))
+        time.sleep(1)   # gradio's next piece finds the caller gone
+        assert chat.lock.acquire(timeout=60)
+        chat.lock.release()
+        assert 0 < len(steps) < 100, f'{len(steps)} tokens generated for a caller that went away'
+        steps.clear()
+        whole = Client(f'http://127.0.0.1:{port}/', verbose=False).predict(None, 'Tell a long story.',
+                                                                          api_name='/chat')
+        assert len(steps) == 1000 and whole == chat.answer(None, 'Tell a long story.')   # it would have gone on
+    finally:
+        app.close()
+
+
 def test_an_image_over_the_pixel_limit_says_what_the_user_can_do(setup, tmp_path, capsys):
     """A web user was told to 'raise max_image_pixels', a setting of the server's they cannot reach: the page and
     /chat say the image's pixels, the server's limit, and to send a smaller one. tools/chat.py, run by whoever
@@ -290,7 +323,7 @@ def test_an_image_over_the_pixel_limit_says_what_the_user_can_do(setup, tmp_path
     app = build_app(setup['chat'])
     fns = {fn.name: fn.fn for fn in app.fns.values()}
     said = []
-    for ask in (lambda: fns['api_chat'](wide, 'What is it?'),
+    for ask in (lambda: list(fns['api_chat'](wide, 'What is it?')),
                 lambda: list(fns['send']('What is it?', [wide], [], None, 2, True, False, 0.7, 0.9, 4))):
         with pytest.raises(gr.Error) as error:
             ask()

@@ -63,7 +63,7 @@ def test_the_chat_endpoint_refuses_the_same_before_the_model(tmp_path):
     chat = handler('api_chat', Unasked())
     for question in ('a \ud800 b', 'x' * (MAX_QUESTION_CHARS + 1)):
         with pytest.raises(gr.Error):
-            chat(None, question)
+            list(chat(None, question))   # a generator: it streams the answer
 
 
 def test_the_page_names_the_models_folder_by_its_name_only():

@@ -87,8 +87,9 @@ def test_the_web_demo_passes_its_limit(monkeypatch, capsys):
 
 
 class ReadsItsImage:
-    """A model that reads its image as every format does (``load_image``) and answers 'ok'."""
-    folder, format, tiling = 'stub', 'official', {}
+    """A model that reads its image as every format does (``load_image``) and answers 'ok' (with no pieces to
+    stream: no tokenizer is used)."""
+    folder, format, tiling, tokenizer = 'stub', 'official', {}, None
 
     def resume(self, conversation):
         pass

@@ -55,7 +55,7 @@ def test_the_page_and_the_api_say_it_in_one_line(setup):
     for question, says in ((TYPED[0], 'control_text'), ('x' * 40000, 'over the LLM\'s context'),
                            ('<image><image>', '2 <image> tags for 1 images')):
         with pytest.raises(gr.Error, match=says) as error:  # gradio's one-line error
-            api(setup['image'], question)
+            list(api(setup['image'], question))
         assert error.value.print_exception is False   # gradio prints the traceback of one that is not
     send = next(fn.fn for fn in app.fns.values() if fn.name == 'send')
     earlier = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
@@ -116,7 +116,7 @@ def test_a_lone_surrogate_is_refused_in_one_line(setup):
     app = build_app(setup['chat'])
     api = next(fn.fn for fn in app.fns.values() if fn.api_name == 'chat')
     with pytest.raises(gr.Error, match='not_text'):
-        api(setup['image'], 'x \ud800 y')
+        list(api(setup['image'], 'x \ud800 y'))
 
 
 def generating(monkeypatch, model, text):
@@ -177,7 +177,7 @@ def test_a_question_over_the_context_by_its_bytes_is_refused_before_it_is_tokeni
         model.ask(question, [setup['image']], dict(GREEDY))
     api = next(fn.fn for fn in build_app(setup['chat']).fns.values() if fn.api_name == 'chat')
     with pytest.raises(gr.Error, match='shorten it'):
-        api(None, question)
+        list(api(None, question))
 
 
 def test_images_past_the_context_are_refused_before_they_are_tiled(setup, tmp_path, monkeypatch):

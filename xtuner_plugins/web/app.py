@@ -10,9 +10,10 @@ prompt longer than the LLM's context is an error on the page that names the sett
 lower. Each browser session has its own conversation (kept in a ``gr.State`` and swapped into the one model under
 a lock); the images conversations keep are held within one budget for the server (``web/kept.py``).
 
-For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the whole answer
-out, asked greedily in a new conversation with the folder's tiling, so it equals ``tools/chat.py FOLDER --image
-IMG --prompt Q`` with the same ``--max-new-tokens``::
+For scripts, the app's API has one public endpoint, ``/chat``: an image file and a question in, the answer out
+(streamed: ``predict`` returns it whole; a caller that goes away stops it), asked greedily in a new conversation
+with the folder's tiling, so it equals ``tools/chat.py FOLDER --image IMG --prompt Q`` with the same
+``--max-new-tokens``::
 
     from gradio_client import Client, handle_file
     Client('http://127.0.0.1:7860/').predict(handle_file('photo.jpg'), 'What is in the picture?', api_name='/chat')
@@ -110,12 +111,18 @@ class WebChat:
         return conversation
 
     def answer(self, image: Optional[str], question: str) -> str:
-        """The ``/chat`` endpoint: a new conversation, greedy, the folder's tiling."""
+        """The ``/chat`` endpoint's answer: a new conversation, greedy, the folder's tiling."""
+        *_, answer = self.answer_stream(image, question)
+        return answer
+
+    def answer_stream(self, image: Optional[str], question: str) -> Iterator[str]:
+        """:meth:`answer` as it is generated (the text so far, then the answer): the ``/chat`` endpoint streams
+        it, so a caller that goes away stops it (:meth:`stream`) where a whole answer went on for no one."""
         if not question or not question.strip():
             raise ValueError('the question is empty')
-        answer, _ = self._ask(question, [image] if image else [], None,
-                              dict(max_new_tokens=self.max_new_tokens, do_sample=False))
-        return answer
+        for text, _ in self.stream(question, [image] if image else [], None,
+                                   dict(max_new_tokens=self.max_new_tokens, do_sample=False)):
+            yield text
 
     def stream(self, question: str, images: Sequence[str], conversation: Optional[dict], generation: dict,
                tiling: Optional[dict] = None, video: Optional[list] = None) -> Iterator[tuple]:
@@ -135,6 +142,7 @@ class WebChat:
                                                                      tiling, given, video)
             except Exception as exc:  # raised below, in the caller's thread
                 result['error'] = exc
+            finally:   # generate ends it, but not a failure or a model that answered without it: no wait for ever
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
@@ -384,7 +392,7 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
             if problem:
                 raise refused(problem)
             try:
-                return chat.answer(image, question)
+                yield from chat.answer_stream(image, question)   # streamed: a caller gone stops it
             except PromptTooLong as exc:
                 raise refused(for_client(exc.message(tiles=None, new="tools/web_demo.py's --max-new-tokens"),
                                          [model.folder]))

@@ -1,6 +1,7 @@
 """tools/web_demo.py served for real and driven in headless Chromium (Debian's chromium + chromedriver, which
 ``make test`` installs): upload an image, ask, read the answer off the page and compare it with tools/chat.py's;
-a second turn, the clear button, the /chat endpoint through gradio_client; a screenshot under work_dirs/.
+a second turn, the clear button, the stop button, the /chat endpoint through gradio_client; a screenshot under
+work_dirs/.
 Bad input: a folder that is not a converted model, a port in use."""
 
 import contextlib
@@ -190,6 +191,44 @@ def test_the_page_answers_as_the_chat_tool_does(served, browser, capsys, tmp_pat
     wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]'), 30,
                'an empty chat')
     assert ask_in_page(browser, question, image).split() == expected.split()
+
+
+def test_stop_ends_the_answer_and_takes_the_turn_back(served, browser, monkeypatch, tmp_path):
+    """The page had no Stop: an answer asked for at 4096 new tokens held the one model to its end. Stop ends it
+    within a few tokens, the turn (never in the session's conversation) leaves the chat and its question goes back
+    in the box; a click with nothing under way changes nothing."""
+    from selenium.webdriver.common.by import By
+
+    from xtuner_plugins.web.app import WebChat, build_app
+    from xtuner_plugins.web.server import launch
+    monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'gradio'))
+    chat, steps = WebChat(ConvertedModel(served['folder']), max_new_tokens=4096), []
+    # a token each 20 ms, as a real-size model gives them (the tiny one's 400 a second kept the page, re-drawing
+    # the answer at each, from taking the click for seconds on two cores)
+    chat.model.model.language_model.register_forward_hook(lambda *args: steps.append(1) or time.sleep(0.02))
+    app, port = build_app(chat), free_port()
+    launch(app, '127.0.0.1', port, prevent_thread_lock=True, quiet=True)
+    try:
+        open_page(browser, f'http://127.0.0.1:{port}/')
+        browser.find_element(By.CSS_SELECTOR, '#question textarea').send_keys('Tell a long story.')
+        browser.find_element(By.ID, 'send').click()
+        wait_until(lambda: len(steps) > 20, 60, 'the answer under way')
+        browser.find_element(By.ID, 'stop').click()
+        wait_until(lambda: browser.find_element(By.ID, 'status').text.startswith('Stopped'), 30, 'the stop')
+        assert chat.lock.acquire(timeout=30)   # generate ended: the model is free
+        chat.lock.release()
+        stopped_at = len(steps)
+        time.sleep(1)
+        assert len(steps) == stopped_at < 4000, f'{len(steps)} tokens generated'
+        wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="user"]'), 30,
+                   'the turn taken back')
+        assert browser.find_element(By.CSS_SELECTOR, '#question textarea').get_attribute('value') == \
+            'Tell a long story.'
+        browser.find_element(By.ID, 'stop').click()   # nothing under way
+        time.sleep(1)
+        assert browser.find_element(By.ID, 'status').text.startswith('Stopped')   # unchanged
+    finally:
+        app.close()
 
 
 def test_chat_endpoint_through_gradio_client(served, capsys):

@@ -187,7 +187,7 @@ def test_every_path_sees_the_same_pixels(setup, tmp_path, monkeypatch, tiny_toke
     app = build_app(setup['chat'])
     endpoint = tiles_of(lambda: [web_call(app, lambda f: f.api_name == 'chat', [file_payload(p), 'Hi'])
                                  for p in images])
-    page = tiles_of(lambda: web_call(app, lambda f: f.fn.__name__ == 'send', [
+    page = tiles_of(lambda: web_call(app, lambda f: getattr(f.fn, '__name__', '') == 'send', [
         'Hi', [file_payload(p) for p in images], [], None, tiling['max_num'], tiling['use_thumbnail'], False,
         0.7, 0.9, 1, None, 8]))
     assert len(training) == len(chat_tool) == len(endpoint) == len(page) == len(images)
@@ -212,7 +212,7 @@ class _Silent(WebChat):
 def test_the_page_says_when_the_answer_is_empty(setup, text, hinted):
     from xtuner_plugins.web.app import build_app
     app = build_app(_Silent(setup['chat'], text))
-    send = next(f for f in app.fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in app.fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     *_, last = send('Hi', [], [], None, 6, True, False, 0.7, 0.9, 6)
     status = last[-1]
     assert status.startswith('Answered in ')
@@ -228,7 +228,7 @@ def test_a_prompt_over_the_context_is_an_error_on_the_page(setup, monkeypatch):
     chat, image = setup['chat'], setup['images'][0]
     tokens = len(chat.model.tokenizer(chat.model.model.system_message)['input_ids'])  # fewer than the prompt's
     monkeypatch.setattr(chat.model, 'context', (tokens + 100, 'config.json'))
-    send = next(f for f in build_app(chat).fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in build_app(chat).fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     with pytest.raises(gr.Error) as error:
         list(send('Describe the image.', [image], [], None, 12, True, False, 0.7, 0.9, 4000))
     assert error.value.message.startswith('the prompt is ') and "'Max new tokens' asks for 4000 more" in \
@@ -247,7 +247,7 @@ def test_the_page_says_an_animated_image_was_seen_as_its_first_frame(setup, tmp_
     frames = [Image.new('RGB', (32, 32), (90 * i, 0, 0)) for i in range(3)]
     gif = str(tmp_path / 'moving.gif')
     frames[0].save(gif, save_all=True, append_images=frames[1:])
-    send = next(f for f in build_app(_Silent(setup['chat'], 'Red.')).fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in build_app(_Silent(setup['chat'], 'Red.')).fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     *_, last = send('What is it?', [gif, setup['images'][0]], [], None, 6, True, False, 0.7, 0.9, 6)
     status = last[-1]
     assert status.startswith('Answered in ') and status.count('Note: ') == 1, status

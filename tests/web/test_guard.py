@@ -13,7 +13,7 @@ from xtuner_plugins.web.server import launch
 
 
 def handler(name, chat):
-    return next(f for f in build_app(chat).fns.values() if f.fn.__name__ == name).fn
+    return next(f for f in build_app(chat).fns.values() if getattr(f.fn, '__name__', '') == name).fn
 
 
 class Unasked(WebChat):

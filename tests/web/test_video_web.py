@@ -60,7 +60,7 @@ def test_the_page_shows_the_frames_and_answers_about_them(setup, tmp_path, monke
     os.makedirs(tmp_path / 'tmp')
     app = build_app(setup['chat'])
     tiling = setup['chat'].model.tiling
-    *_, last = web_call(app, lambda f: f.fn.__name__ == 'send', [
+    *_, last = web_call(app, lambda f: getattr(f.fn, '__name__', '') == 'send', [
         'What happens?', [], [], None, tiling['max_num'], tiling['use_thumbnail'], False, 0.7, 0.9, 6,
         file_payload(setup['video']), 5], postprocess=True)
     history, status = last[0], last[-1]
@@ -83,7 +83,7 @@ def test_a_video_past_the_pixel_budget_is_refused_before_a_frame_is_decoded(setu
     decoded = []
     monkeypatch.setattr(app, 'video_frames', lambda *a: decoded.append(a))
     monkeypatch.setattr(app, 'MAX_CONVERSATION_PIXELS', 4 * 90 * 50)
-    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in build_app(setup['chat']).fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     with pytest.raises(gr.Error, match=r'too many pixels: this message brings 0\.0 megapixels'):
         list(send('What happens?', [], [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], 5))
     assert not decoded
@@ -116,7 +116,7 @@ def test_more_frames_than_the_model_was_trained_with_is_a_note_on_the_page(setup
     """As tools/chat.py --frames says it on stderr: the folder's config.json records the most frames training drew
     for a video (max_num_frame); the page answers with more, and its status says so."""
     monkeypatch.setitem(setup['chat'].model.config, 'max_num_frame', 4)
-    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in build_app(setup['chat']).fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     for frames, said in ((4, False), (6, True)):
         *_, last = send('What happens?', None, [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], frames)
         status = last[-1]
@@ -136,7 +136,7 @@ def test_a_video_the_decoder_trips_on_is_one_line_without_a_traceback(setup, tmp
         raise AttributeError("'NoneType' object has no attribute 'width'")
 
     monkeypatch.setattr(app, 'video_frames', trips)
-    send = next(f for f in build_app(setup['chat']).fns.values() if f.fn.__name__ == 'send').fn
+    send = next(f for f in build_app(setup['chat']).fns.values() if getattr(f.fn, '__name__', '') == 'send').fn
     with pytest.raises(gr.Error) as error:
         list(send('What happens?', [], [], None, 6, True, False, 0.7, 0.9, 4, setup['video'], 5))
     assert error.value.message == 'v.mp4: cannot read it as a video (AttributeError)'

@@ -2,7 +2,8 @@
 
 ``tools/web_demo.py`` builds it with :func:`build_app` and serves it on 127.0.0.1. In the page: upload one or more
 images (they go with the next message, as ``/image`` does in ``tools/chat.py``), chat over several turns with the
-answer streamed as it is generated, change tiling and sampling settings, clear the history. A video upload (a file
+answer streamed as it is generated, stop an answer (``Stop``: the turn leaves the chat, its question goes back in
+the box), change tiling and sampling settings, clear the history. A video upload (a file
 or a GIF) goes with the next message instead: its frames (``Frames`` of them, at the middles of equal spans, one
 tile each, as ``tools/chat.py --video``) are shown in the chat and asked about (their PNGs written for the request
 and removed after it); an animated image uploaded as an image is its first frame, and the status line says so. A
@@ -40,6 +41,8 @@ from xtuner_plugins.web.kept import DEFAULT_KEPT_BYTES, Kept, KeptImages, stored
 
 #: gradio's cache of uploads: every hour, the files over a day old are removed (gradio kept them all, for ever)
 DELETE_CACHE = (3600, 86400)
+#: the page's status while an answer is generated (what its Stop button stops)
+GENERATING = 'Generating...'
 #: the largest upload the page and /chat take by default (gradio took any size into its cache, on /tmp's disk)
 MAX_FILE_SIZE = '1gb'
 #: pixels one conversation may hold, summed over its images and a video's frames, every turn decoding them all
@@ -309,14 +312,14 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
         if do_sample:
             generation.update(temperature=float(temperature), top_p=float(top_p))
         start = time.perf_counter()
-        yield history, conversation, '', None, None, 'Generating...'
+        yield history, conversation, '', None, None, GENERATING
         try:
             for text, after in chat.stream(question, images, conversation, generation,
                                            dict(max_num=int(max_num), use_thumbnail=bool(thumbnail)),
                                            **({} if frames is None else dict(video=shown))):  # the frames' PNGs
                 history[-1] = {'role': 'assistant', 'content': text}
                 if after is None:
-                    yield history, conversation, '', None, None, 'Generating...'
+                    yield history, conversation, '', None, None, GENERATING
                 else:
                     conversation = after
         except PromptTooLong as exc:  # named by the page's settings
@@ -341,6 +344,19 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
     def clear(conversation=None):
         chat.kept.release(conversation)
         return [], None, '', None, None, 'History cleared.'
+
+    def stopped(history, status_text):
+        # After a turn: one still 'Generating...' was stopped (the Stop button cancels it; gradio closes its
+        # generator and Stoppable ends generate). It never reached the session's conversation, so it leaves the
+        # chat too, and its question goes back in the box. A turn answered or refused is left as it is.
+        if str(status_text or '') != GENERATING or len(history or []) < 2:
+            return gr.skip(), gr.skip(), gr.skip()
+        asked = history[-2].get('content') if isinstance(history[-2], dict) else None
+        texts = [c.get('text') if isinstance(c, dict) else c for c in (asked if isinstance(asked, list) else [asked])]
+        texts = [t for t in texts if isinstance(t, str)]   # gradio gives the text parts as {'type': 'text', ...}
+        return (history[:-2], texts[-1] if texts else '',
+                'Stopped: the answer was not kept (the model does not remember that turn); the question is back '
+                'in the box (add its images or video again to ask it again).')
 
     # uploads are copied into gradio's cache and kept there; sessions keep their images' bytes, so older copies go
     with gr.Blocks(title=title, delete_cache=DELETE_CACHE) as app:
@@ -370,13 +386,18 @@ def build_app(chat: WebChat, title: str = 'InternVL chat'):
                 question = gr.Textbox(label='Question', elem_id='question', placeholder='Ask about the images')
                 with gr.Row():
                     send_button = gr.Button('Send', variant='primary', elem_id='send')
+                    stop_button = gr.Button('Stop', elem_id='stop')
                     clear_button = gr.Button('Clear history', elem_id='clear')
                 status = gr.Markdown('', elem_id='status')
         inputs = [question, files, chatbot, conversation, max_num, thumbnail, do_sample, temperature, top_p,
                   max_new_tokens, video, num_frames]
         outputs = [chatbot, conversation, question, files, video, status]
-        for trigger in (send_button.click, question.submit):
-            trigger(send, inputs, outputs, api_visibility='private', concurrency_id='model', concurrency_limit=1)
+        sent = [trigger(send, inputs, outputs, api_visibility='private', concurrency_id='model', concurrency_limit=1)
+                for trigger in (send_button.click, question.submit)]
+        for event in sent:   # after each turn, stopped or not (the page's updates of a stopped one are its last)
+            event.then(stopped, [chatbot, status], [chatbot, question, status], api_visibility='private',
+                       queue=False)
+        stop_button.click(None, None, None, cancels=sent, api_visibility='private', queue=False)
         clear_button.click(clear, conversation, outputs, api_visibility='private')
         chatbot.clear(clear, conversation, outputs, api_visibility='private')  # the chat panel's own bin button
         # The scripted endpoint: components that never show, an event no button on the page fires.

@@ -286,13 +286,18 @@ def setting_conflicts(filename: str, cfg) -> List[str]:
 
 def saved_kind_refusal(filename: str, strategy, said: Optional[str] = None) -> Optional[str]:
     """Why ``filename`` cannot be resumed by this run: a DeepSpeed checkpoint (a folder of partitions) without
-    ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save; None when it fits.
+    ``--deepspeed``, or a plain one (a file) under it, or a folder DeepSpeed did not save, or one of another ZeRO
+    stage or number of ranks (``zero_layout.py``); None when it fits.
     ``said``: how the message names the resume (:func:`resume_words`)."""
     said = said or f'--resume {filename}'
     deepspeed = type(strategy).__name__ == 'DeepSpeedStrategy'
     if os.path.isdir(filename) and not deepspeed_checkpoint(filename):
         return (f'{said}: a folder that holds no checkpoint (a DeepSpeed checkpoint holds '
                 '*model_states.pt; other checkpoints are one file); resume from another checkpoint')
+    if os.path.isdir(filename) and deepspeed:   # another ZeRO stage, or another number of ranks
+        from mmengine.dist import get_world_size
+        from xtuner_plugins.engine.zero_layout import zero_refusal
+        return zero_refusal(filename, strategy, get_world_size(), said)
     if os.path.isdir(filename) == deepspeed or not os.path.exists(filename):
         return None
     if deepspeed:

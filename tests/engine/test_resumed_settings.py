@@ -351,3 +351,24 @@ def test_a_source_of_another_form_is_taken_whole(tmp_path, run, form):
                 'dict into a folder': dict(type='InternViT', path=run['encoder'], select_layer=-1)}[form]
     assert cfg['model']['vision_encoder'] == expected
     assert any(entry.startswith(f'model.vision_encoder={expected!r} (the config: ') for entry in taken), taken
+
+
+def test_repeats_given_as_a_list_over_the_configs_number_are_taken(tmp_path, run):
+    """``--cfg-options train_dataloader.dataset.repeat_times=[4]`` (the README's form) over the config's ``1.0``:
+    resumed with resume=True alone, the run took its files but not their repeats (a list for a number was no value
+    of the setting's kind) and was refused for its data, 'repeat_time 4.0 -> 1.0, used 16 -> 4'. InternVLDataset
+    takes either form; a list for a setting that takes one number is still not taken."""
+    from xtuner_plugins.data import InternVLDataset
+    text = RECORDED.replace("dataset=dict(type='Data', ", "dataset=dict(type='InternVLDataset', repeat_times=[4], ")
+    cfg = _config(_checkpoint(str(tmp_path / 'iter_4.pth'), text.format(
+        llm=run['llm'], encoder=run['encoder'], data=[run['data']])))
+    cfg['train_dataloader']['dataset'].update(type=InternVLDataset, repeat_times=1.0)
+    taken, _ = take_resumed_settings(cfg, [])
+    assert cfg['train_dataloader']['dataset']['repeat_times'] == [4]
+    assert 'train_dataloader.dataset.repeat_times=[4] (the config: 1.0)' in taken
+    cfg = _config(_checkpoint(str(tmp_path / 'iter_6.pth'), text.replace('max_length=2048', 'max_length=[2048]').format(
+        llm=run['llm'], encoder=run['encoder'], data=[run['data']])))
+    cfg['train_dataloader']['dataset'].update(type=InternVLDataset, repeat_times=[2, 3])
+    take_resumed_settings(cfg, ['train_dataloader.dataset.repeat_times'])   # named: this run's
+    assert cfg['train_dataloader']['dataset']['repeat_times'] == [2, 3]
+    assert cfg['train_dataloader']['dataset']['max_length'] == 8192   # takes one number: no list taken

@@ -44,6 +44,26 @@ def takeable(recorded, now) -> bool:
     return any(isinstance(recorded, k) and isinstance(now, k) and not isinstance(now, bool) for k in kinds)
 
 
+def either_form(now: Mapping, key: str, recorded) -> bool:
+    """Whether ``recorded`` and this config's value of ``key`` are a number and a list of numbers, for a setting that
+    takes either (``repeat_times``: one number for every file, or one per file). A run given
+    ``--cfg-options train_dataloader.dataset.repeat_times=[4]`` over the config's ``1.0`` resumed with its files but
+    not their repeats, and was refused for its data ('repeat_time 4.0 -> 1.0, used 16 -> 4')."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def numbers(v) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and all(number(x) for x in v)
+    mine = now.get(key)
+    if not (number(recorded) and numbers(mine) or numbers(recorded) and number(mine)):
+        return False
+    from xtuner_plugins.engine.signatures import parameter
+    param = parameter(now.get('type'), key)
+    text = str(param.annotation) if param is not None and param.annotation is not param.empty else ''
+    return any(word in text for word in ('Sequence', 'List', 'list', 'Tuple', 'tuple')) and \
+        any(word in text for word in ('float', 'int'))
+
+
 def takes(now: Mapping, key: str) -> bool:
     """Whether the component ``now`` configures takes ``key`` (one it holds already, or its class's argument)."""
     if key in now or 'type' not in now:
@@ -110,7 +130,7 @@ class Taker:
                 what = 'what input a run accepts' if key in SAFETY else 'what a run lets pass'
                 self.left.append(f'{name}={value!r} ({what} is its own: this one has {shown(now, key)}; '
                                  'name it to keep it)')
-            elif key in skip or name in skip or not takeable(value, mine):
+            elif key in skip or name in skip or not (takeable(value, mine) or either_form(now, key, value)):
                 continue
             elif not takes(now, key):
                 self.left.append(f'{name}={value!r} (not a setting of {now["type"]!r} now)')

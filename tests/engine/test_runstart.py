@@ -505,3 +505,27 @@ def test_preference_pairs_for_a_model_without_preference_are_refused_at_start_up
         'model.preference.beta=0.1' in said, said
     sft = Config.fromfile(os.path.join(REPO_ROOT, 'configs', 'finetune_lora.py'))
     assert sft.model.get('preference') is None and preference_data_refusal(sft) is None
+
+
+def test_deepspeed_in_one_process_without_a_launcher_trains_as_one_rank():
+    """``xtuner train CONFIG --deepspeed zero2_cpu.json`` without NPROC_PER_NODE (XTuner runs its script alone,
+    --launcher none) stopped in a raw 'ModuleNotFoundError: No module named mpi4py' once the model was built:
+    DeepSpeed found no launcher's variables and looked for MPI. It is one rank of torch's env:// now; a run under
+    a launcher, or without DeepSpeed, is left as it is."""
+    from xtuner.engine import DeepSpeedStrategy
+    from xtuner_plugins.engine.runstart import one_deepspeed_rank
+    cfg, env = dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'LOCAL_RANK': '0', 'MASTER_PORT': '29611'}
+    note = one_deepspeed_rank(cfg, env)
+    assert cfg['launcher'] == 'pytorch' and env == dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
+                                                         MASTER_ADDR='127.0.0.1', MASTER_PORT='29611')
+    assert note == ('--deepspeed in one process (no launcher): trains as the one rank of a run on this machine '
+                    '(--launcher pytorch, RANK=0, WORLD_SIZE=1, MASTER_PORT=29611); NPROC_PER_NODE=N for N ranks')
+    env = {}
+    one_deepspeed_rank(dict(strategy=dict(type='xtuner.engine.DeepSpeedStrategy')), env)   # (its name, a free port)
+    assert env['RANK'] == '0' and 0 < int(env['MASTER_PORT']) < 65536
+    for cfg, env in ((dict(launcher='pytorch', strategy=dict(type=DeepSpeedStrategy)), {}),   # torchrun's rank
+                     (dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'RANK': '1', 'WORLD_SIZE': '2'}),
+                     (dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'OMPI_COMM_WORLD_RANK': '0'}),
+                     (dict(launcher='none'), {})):   # no DeepSpeed
+        before = (dict(cfg), dict(env))
+        assert one_deepspeed_rank(cfg, env) is None and (cfg, env) == before

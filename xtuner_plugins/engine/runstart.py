@@ -67,6 +67,10 @@ def prepare_run(cfg):
         refuse_tasks(problem)
     changed = check_run_options(cfg)
     plain = getattr(cfg, '_cfg_dict', cfg)
+    note = one_deepspeed_rank(plain, os.environ)
+    if note:
+        from mmengine.logging import print_log
+        print_log(note, logger='current', level=logging.INFO)
     from xtuner_plugins.engine.resumed_settings import said_taken
     if os.path.isfile(getattr(cfg, 'filename', None) or ''):   # (what the command line gave is known)
         from xtuner_plugins.cfg_words import cfg_options_words
@@ -87,6 +91,32 @@ def prepare_run(cfg):
     if problem:
         refuse(problem)
     return cfg
+
+
+def one_deepspeed_rank(cfg: MutableMapping, env: MutableMapping[str, str]) -> Optional[str]:
+    """``xtuner train CONFIG --deepspeed ...`` in one process (no ``NPROC_PER_NODE``: XTuner starts its train script
+    without torchrun, ``--launcher none``): DeepSpeed, finding none of a launcher's variables, looked for MPI's and
+    stopped in a raw ``ModuleNotFoundError: No module named 'mpi4py'`` traceback once the model was built. The run is
+    made one rank of torch's ``env://`` rendezvous on this machine instead (``launcher='pytorch'``; ``RANK=0``,
+    ``WORLD_SIZE=1``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT`` where set, else a free port), as ``tools/train.py``
+    starts it through its launcher; the note to log, or None where the run is not such a one."""
+    strategy = cfg.get('strategy')
+    kind = strategy.get('type') if isinstance(strategy, Mapping) else None
+    name = kind if isinstance(kind, str) else getattr(kind, '__name__', '') or str(getattr(kind, '_imported', ''))
+    if cfg.get('launcher', 'none') != 'none' or name.rsplit('.', 1)[-1] != 'DeepSpeedStrategy' \
+            or any(key in env for key in ('RANK', 'WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'PMI_RANK')):
+        return None
+    port = env.get('MASTER_PORT', '').strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        import socket
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = str(sock.getsockname()[1])
+    env.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=port)
+    cfg['launcher'] = 'pytorch'
+    return (f'--deepspeed in one process (no launcher): trains as the one rank of a run on this machine '
+            f'(--launcher pytorch, RANK=0, WORLD_SIZE=1, MASTER_PORT={port}); NPROC_PER_NODE=N for N ranks')
 
 
 def keep_what_this_run_starts_from(cfg: Mapping) -> None:

@@ -514,12 +514,14 @@ def test_deepspeed_in_one_process_without_a_launcher_trains_as_one_rank():
     a launcher, or without DeepSpeed, is left as it is."""
     from xtuner.engine import DeepSpeedStrategy
     from xtuner_plugins.engine.runstart import one_deepspeed_rank
-    cfg, env = dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'LOCAL_RANK': '0', 'MASTER_PORT': '29611'}
+    from xtuner_plugins.launch import free_port
+    port = str(free_port())
+    cfg, env = dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'LOCAL_RANK': '0', 'MASTER_PORT': port}
     note = one_deepspeed_rank(cfg, env)
     assert cfg['launcher'] == 'pytorch' and env == dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
-                                                         MASTER_ADDR='127.0.0.1', MASTER_PORT='29611')
+                                                         MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     assert note == ('--deepspeed in one process (no launcher): trains as the one rank of a run on this machine '
-                    '(--launcher pytorch, RANK=0, WORLD_SIZE=1, MASTER_PORT=29611); NPROC_PER_NODE=N for N ranks')
+                    f'(--launcher pytorch, RANK=0, WORLD_SIZE=1, MASTER_PORT={port}); NPROC_PER_NODE=N for N ranks')
     env = {}
     one_deepspeed_rank(dict(strategy=dict(type='xtuner.engine.DeepSpeedStrategy')), env)   # (its name, a free port)
     assert env['RANK'] == '0' and 0 < int(env['MASTER_PORT']) < 65536
@@ -529,3 +531,22 @@ def test_deepspeed_in_one_process_without_a_launcher_trains_as_one_rank():
                      (dict(launcher='none'), {})):   # no DeepSpeed
         before = (dict(cfg), dict(env))
         assert one_deepspeed_rank(cfg, env) is None and (cfg, env) == before
+
+
+def test_deepspeed_in_one_process_on_a_port_in_use_is_one_line(capsys):
+    """MASTER_PORT given and taken by another process: torch's store stopped the run in a DistNetworkError traceback
+    (EADDRINUSE) once the model was built; refused in one line before, exit code 2, nothing changed."""
+    import socket
+    from xtuner.engine import DeepSpeedStrategy
+    from xtuner_plugins.engine.runstart import one_deepspeed_rank
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg, env = dict(launcher='none', strategy=dict(type=DeepSpeedStrategy)), {'MASTER_PORT': str(port)}
+        with pytest.raises(SystemExit) as stop:
+            one_deepspeed_rank(cfg, env)
+    assert stop.value.code == 2 and cfg['launcher'] == 'none' and env == {'MASTER_PORT': str(port)}
+    assert capsys.readouterr().err == (f'train: refused: --deepspeed in one process: MASTER_PORT={port}, the port its '
+                                       'rendezvous would serve on 127.0.0.1, cannot be taken (Address already in '
+                                       'use): set another MASTER_PORT, or unset it for a free one\n')

@@ -106,12 +106,17 @@ def one_deepspeed_rank(cfg: MutableMapping, env: MutableMapping[str, str]) -> Op
     if cfg.get('launcher', 'none') != 'none' or name.rsplit('.', 1)[-1] != 'DeepSpeedStrategy' \
             or any(key in env for key in ('RANK', 'WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'PMI_RANK')):
         return None
+    import socket
     port = env.get('MASTER_PORT', '').strip()
-    if not (port.isdigit() and 0 < int(port) < 65536):
-        import socket
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(('127.0.0.1', 0))
-            port = str(sock.getsockname()[1])
+    given = port.isdigit() and 0 < int(port) < 65536
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(('127.0.0.1', int(port) if given else 0))
+        except OSError as exc:   # (torch's store said it in a DistNetworkError traceback once the model was built)
+            refuse(f'--deepspeed in one process: MASTER_PORT={port}, the port its rendezvous would serve on '
+                   f'127.0.0.1, cannot be taken ({exc.strerror or exc}): set another MASTER_PORT, or unset it for '
+                   'a free one')
+        port = str(sock.getsockname()[1])
     env.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
                MASTER_PORT=port)
     cfg['launcher'] = 'pytorch'

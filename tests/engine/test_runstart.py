@@ -2,6 +2,7 @@
 (engine/runstart.py): through Runner.from_cfg (tools/train.py, xtuner train --deepspeed), and from inside
 Runner.__init__ (plain xtuner train, which imports this package only there); then tools/train.py for real."""
 
+import copy
 import functools
 import os
 import time
@@ -550,3 +551,28 @@ def test_deepspeed_in_one_process_on_a_port_in_use_is_one_line(capsys):
     assert capsys.readouterr().err == (f'train: refused: --deepspeed in one process: MASTER_PORT={port}, the port its '
                                        'rendezvous would serve on 127.0.0.1, cannot be taken (Address already in '
                                        'use): set another MASTER_PORT, or unset it for a free one\n')
+
+
+def test_a_deepspeed_train_batch_size_the_run_does_not_make_is_one_line():
+    """A DeepSpeed JSON giving train_batch_size 3 for 2 ranks of batch 1: every rank stopped once the model was built
+    in DeepSpeed's 'Check batch related parameters ... 3 != 1 * 1 * 2' traceback; Hugging Face's "auto" in a
+    TypeError ('>' not supported between 'str' and 'int'). The first is refused naming the numbers, the second taken
+    out (DeepSpeed computes it); one that fits, and a JSON without it, are left."""
+    from xtuner_plugins.engine.runstart import deepspeed_batch_refusal
+
+    def cfg(total, launcher='pytorch'):
+        config = dict(zero_optimization=dict(stage=2)) if total is None else dict(train_batch_size=total)
+        return dict(launcher=launcher, strategy=dict(config=config, train_micro_batch_size_per_gpu=1,
+                                                     gradient_accumulation_steps=4))
+    assert deepspeed_batch_refusal(cfg(3), {'WORLD_SIZE': '2'}) == (
+        '--deepspeed: its train_batch_size is 3, and this run trains 8 samples an optimizer step (train_dataloader.'
+        'batch_size=1 x optim_wrapper.accumulative_counts=4 x 2 ranks), which XTuner gives DeepSpeed from the config: '
+        'remove train_batch_size from the JSON (or set it "auto"), or set the batch and accumulation that make it')
+    assert 'x 4 ranks' in deepspeed_batch_refusal(cfg(8, 'slurm'), {'SLURM_NTASKS': '4'})
+    assert 'x 1 ranks' in deepspeed_batch_refusal(cfg(8, 'none'), {})
+    auto = cfg('auto')
+    assert deepspeed_batch_refusal(auto, {'WORLD_SIZE': '2'}) is None and auto['strategy']['config'] == {}
+    for fits, env in ((cfg(8), {'WORLD_SIZE': '2'}), (cfg(None), {'WORLD_SIZE': '2'}), (cfg(3), {}),   # not known
+                      (dict(launcher='none'), {})):
+        before = copy.deepcopy(fits)
+        assert deepspeed_batch_refusal(fits, env) is None and fits == before

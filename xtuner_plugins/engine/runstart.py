@@ -87,7 +87,8 @@ def prepare_run(cfg):
     problem = (work_dir_refusal(plain) or load_from_refusal(plain) or load_from_other_stage(plain)
                or previous_stage_of_loaded(plain) or pretrained_refusal(plain) or geometry_refusal(plain)
                or lineage_in_work_dir(plain) or earlier_run_in_work_dir(plain) or liger_refusal(plain)
-               or attention_refusal(plain) or preference_data_refusal(plain))
+               or attention_refusal(plain) or preference_data_refusal(plain)
+               or deepspeed_batch_refusal(plain, os.environ))
     if problem:
         refuse(problem)
     return cfg
@@ -122,6 +123,34 @@ def one_deepspeed_rank(cfg: MutableMapping, env: MutableMapping[str, str]) -> Op
     cfg['launcher'] = 'pytorch'
     return (f'--deepspeed in one process (no launcher): trains as the one rank of a run on this machine '
             f'(--launcher pytorch, RANK=0, WORLD_SIZE=1, MASTER_PORT={port}); NPROC_PER_NODE=N for N ranks')
+
+
+def deepspeed_batch_refusal(cfg: Mapping, env: Mapping[str, str]) -> Optional[str]:
+    """A DeepSpeed JSON's ``train_batch_size`` that is not the run's batch x accumulation x ranks: XTuner sets
+    DeepSpeed's batch per rank and accumulation from the config (``train_dataloader.batch_size``,
+    ``optim_wrapper.accumulative_counts``), and DeepSpeed stopped every rank once the model was built with 'Check batch
+    related parameters. train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 3 != 1
+    * 1 * 2' in a traceback. The line refusing it, or None (no DeepSpeed, no such number, the ranks not known).
+    Hugging Face's ``"auto"`` (a JSON written for its Trainer), which DeepSpeed compared with numbers ('TypeError: '>'
+    not supported between instances of 'str' and 'int''), is taken out: DeepSpeed computes it from the other two."""
+    strategy = cfg.get('strategy')
+    config = strategy.get('config') if isinstance(strategy, Mapping) else None
+    total = config.get('train_batch_size') if isinstance(config, Mapping) else None
+    if total == 'auto' and isinstance(config, MutableMapping):
+        del config['train_batch_size']
+    if not isinstance(total, int) or isinstance(total, bool):
+        return None
+    micro, steps = strategy.get('train_micro_batch_size_per_gpu'), strategy.get('gradient_accumulation_steps')
+    ranks = env.get('WORLD_SIZE') or (env.get('SLURM_NTASKS') if cfg.get('launcher') == 'slurm' else None) or (
+        '1' if cfg.get('launcher', 'none') == 'none' else None)
+    if not (isinstance(micro, int) and isinstance(steps, int) and ranks and ranks.isdigit()):
+        return None
+    if total == micro * steps * int(ranks):
+        return None
+    return (f'--deepspeed: its train_batch_size is {total}, and this run trains {micro * steps * int(ranks)} samples '
+            f'an optimizer step (train_dataloader.batch_size={micro} x optim_wrapper.accumulative_counts={steps} x '
+            f'{ranks} ranks), which XTuner gives DeepSpeed from the config: remove train_batch_size from the JSON '
+            '(or set it "auto"), or set the batch and accumulation that make it')
 
 
 def keep_what_this_run_starts_from(cfg: Mapping) -> None:

@@ -88,6 +88,28 @@ def test_each_rank_gets_the_rendezvous_variables_of_torchrun(tmp_path, rank_scri
         {('127.0.0.1', seen[0]['MASTER_PORT'], '1')} and int(seen[0]['MASTER_PORT']) > 0
 
 
+def test_the_ranks_share_the_usable_cores_and_more_ranks_than_cores_are_said(tmp_path, rank_script):
+    """Each rank was given one thread (torchrun's OMP_NUM_THREADS=1): 2 ranks on a 16-core machine trained on 2 of
+    its cores. The usable cores (the process's affinity) are shared among the ranks, at least one each; more ranks
+    than cores is a warning (64 ranks on 2 cores started without a word)."""
+    from xtuner_plugins.cli.local_launch import oversubscribed, threads_per_rank
+    assert [threads_per_rank(n, cores=16) for n in (1, 2, 3, 16, 64)] == ['16', '8', '5', '1', '1']
+    assert oversubscribed(2, cores=2) is None
+    assert oversubscribed(64, cores=2) == ('local_launch: warning: 64 ranks on 2 usable cores: ranks wait on each '
+                                           'other for a core, and each holds its own model in memory; '
+                                           '--nproc-per-node 2 or fewer trains as fast in less')
+    # through the launcher, its affinity set by taskset: (cores, ranks, OMP_NUM_THREADS given) -> each rank's
+    for n, (cores, nproc, given, threads) in enumerate([('0,1', 1, None, '2'), ('0', 2, None, '1'),
+                                                        ('0', 2, '3', '3')]):
+        env = dict(_env(), **({'OMP_NUM_THREADS': given} if given else {}))
+        out = subprocess.run(['taskset', '-c', cores] + LAUNCH + ['--nproc-per-node', str(nproc), rank_script,
+                                                                   str(tmp_path / f'r{n}_'), 'ok'],
+                             env=env, timeout=60, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert [s[-1] for s in _seen(tmp_path / f'r{n}_', nproc)] == [threads] * nproc
+        assert ('local_launch: warning: 2 ranks on 1 usable cores' in out.stderr) == (cores == '0'), out.stderr
+
+
 def test_a_failing_rank_stops_the_others_and_gives_its_exit_code(tmp_path, rank_script):
     start = time.time()
     out = subprocess.run(LAUNCH + ['--nproc-per-node=2', rank_script, str(tmp_path / 'r'), 'fail'], env=_env(),

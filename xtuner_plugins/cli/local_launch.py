@@ -9,7 +9,8 @@ Usage::
 and each rank's own imports are ~585 MiB private (benchmarks/RESULTS.md, "Data at scale"). This starts ``N``
 ranks with the variables of PyTorch's ``env://`` rendezvous as torchrun sets them for one node (``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``ROLE_RANK``, ``ROLE_WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``, and ``OMP_NUM_THREADS=1`` unless set); rank 0's ``init_process_group`` serves
+``MASTER_ADDR``, ``MASTER_PORT``; ``OMP_NUM_THREADS`` unless set: the usable cores shared among the ranks, where
+torchrun gives one each); rank 0's ``init_process_group`` serves
 the store on the port. Each rank is
 
 * given a ``preload`` (:func:`launch`; ``tools/train.py --nproc-per-node N`` gives ``cli/train.py``'s
@@ -70,12 +71,35 @@ LOADING_ENV = {
 Preload = Callable[[], Callable[[], int]]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a Slurm step's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def threads_per_rank(nproc: int, cores: Optional[int] = None) -> str:
+    """``OMP_NUM_THREADS`` for each of ``nproc`` ranks where it is not set: the usable cores shared among them, at
+    least one. torchrun gives each rank one thread, which left 14 of 16 cores idle for 2 ranks training on a CPU;
+    more ranks than cores get one each (said: :func:`oversubscribed`)."""
+    return str(max(1, (cores or usable_cores()) // max(1, nproc)))
+
+
+def oversubscribed(nproc: int, cores: Optional[int] = None) -> Optional[str]:
+    """The warning for more ranks than usable cores (each rank's thread then waits on the others' for a core, and
+    each holds its own copy of the model), or None."""
+    cores = cores or usable_cores()
+    if nproc <= cores:
+        return None
+    return (f'local_launch: warning: {nproc} ranks on {cores} usable cores: ranks wait on each other for a core, '
+            f'and each holds its own model in memory; --nproc-per-node {cores} or fewer trains as fast in less')
+
+
 def rendezvous_env(rank: int, nproc: int, addr: str, port: int, base: Mapping[str, str]) -> Dict[str, str]:
-    """``base`` with the variables torchrun gives rank ``rank`` of ``nproc`` on one node."""
+    """``base`` with the variables torchrun gives rank ``rank`` of ``nproc`` on one node (``OMP_NUM_THREADS``:
+    :func:`threads_per_rank`)."""
     env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK='0', GROUP_WORLD_SIZE='1', ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc),
                ROLE_NAME='default', MASTER_ADDR=addr, MASTER_PORT=str(port), XTUNER_PLUGINS_LAUNCHER='local_launch')
-    env.setdefault('OMP_NUM_THREADS', '1')
+    env.setdefault('OMP_NUM_THREADS', threads_per_rank(nproc))
     return env
 
 
@@ -251,14 +275,14 @@ def _rank_argv(cmd: Sequence[str]) -> List[str]:
     return list(cmd[1:])
 
 
-def preloaded(preload: Optional[Preload]) -> Optional[Callable[[], int]]:
+def preloaded(preload: Optional[Preload], nproc: int) -> Optional[Callable[[], int]]:
     """The rank's entry after ``preload`` ran here, to fork the ranks from this process; None (ranks exec'd)
     without a preload or where forking is refused (:func:`fork_refusal`, said in one line)."""
     if preload is None:
         return None
     refusal = fork_refusal()
-    if refusal is None:
-        os.environ.setdefault('OMP_NUM_THREADS', '1')   # read by OpenMP when torch loads: before, as for a rank
+    if refusal is None:   # read by OpenMP when torch loads: before, as for a rank
+        os.environ.setdefault('OMP_NUM_THREADS', threads_per_rank(nproc))
         loading = {k: v for k, v in LOADING_ENV.items() if k not in os.environ}
         os.environ.update(loading)
         started = time.monotonic()
@@ -296,10 +320,13 @@ def launch(cmd: Sequence[str], nproc: int, addr: str = '127.0.0.1', port: int = 
         print(f'local_launch: port {port} on {addr} (--master-port, or MASTER_PORT): {why}: choose another port',
               file=sys.stderr)
         return 1
+    warning = oversubscribed(nproc)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     from xtuner_plugins.signals import sigterm_as_interrupt, stop_code
     try:
         with sigterm_as_interrupt():   # (SIGTERM here ended the launcher at once, without a word)
-            entry = preloaded(preload)
+            entry = preloaded(preload, nproc)
     except KeyboardInterrupt as stop:
         how = 'stopped by SIGTERM' if stop_code(stop) == 143 else 'interrupted'
         print(f'\nlocal_launch: {how} while loading the ranks\' libraries; no rank started', file=sys.stderr,

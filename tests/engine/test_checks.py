@@ -83,6 +83,19 @@ def test_run_options_that_change_nothing_stop_start_up():
         check_run_options(_run_cfg(**{'model.vision_encodr': 'x'}))
 
 
+def test_a_type_changed_with_its_entry_replaced_is_checked_on_what_the_run_builds(monkeypatch):
+    """``optim_wrapper.optimizer.type=SGD optim_wrapper.optimizer._delete_=True``: MMEngine's merge replaced the
+    entry, and the runner's check (``xtuner train``'s only one) must not hold AdamW's betas from the file against
+    SGD; the same type without ``_delete_`` keeps them, and is refused."""
+    from xtuner_plugins.engine.checks import check_run_options
+    monkeypatch.setattr(sys, 'argv', ['train.py'])
+    sgd = {'optim_wrapper.optimizer.type': 'SGD', 'optim_wrapper.optimizer.lr': 0.01}
+    changed = check_run_options(_run_cfg(**sgd, **{'optim_wrapper.optimizer._delete_': True}))
+    assert changed == sgd
+    with pytest.raises(ValueError, match=r"optim_wrapper\.optimizer\.type=SGD: .*SGD has no setting 'betas'"):
+        check_run_options(_run_cfg(**sgd))
+
+
 def test_a_length_named_at_the_files_own_value_still_counts(monkeypatch, tmp_path):
     """max_epochs=1 on the command line over a config whose base says max_epochs = 1 and which sets max_iters
     (online packing's config): the option changed no value, so it was dropped and the file's max_iters ran (1000

@@ -79,7 +79,7 @@ def test_a_hooks_setting_is_checked_against_its_class():
     assert problem.endswith('closest: default_hooks.checkpoint')
     assert check_cfg_options(CFG, {'default_hooks.checkpoint.interval': 10, 'default_hooks.checkpoint.save_begin': 5,
                                    'default_hooks.stall_watchdog.timeout': 900, 'custom_hooks.2.policy': 'skip',
-                                   'default_hooks.mine.type': 'x', 'default_hooks.mine.every': 2}) == []
+                                   'default_hooks.mine.type': 'EmptyCacheHook', 'default_hooks.mine.every': 2}) == []
 
 
 def test_every_other_key_is_checked_too():
@@ -251,3 +251,33 @@ def test_delete_under_a_setting_the_config_does_not_give_is_refused():
     assert problem.startswith('model.vision_lora._delete_: the config gives no model.vision_lora to replace')
     assert check_cfg_options(full, {'model.vision_lora.r': 4}) == []
     assert check_cfg_options(CFG, {'model.vision_lora._delete_': True, 'model.vision_lora.r': 4}) == []
+
+
+def test_a_type_no_registry_has_is_refused_with_the_names_there():
+    """``optim_wrapper.type=Foo`` went through the checks: the model loaded, then MMEngine's registry raised
+    'KeyError: Foo is not in the mmengine::optim_wrapper registry' after a traceback (``optimizer.type=Foo``: 'None is
+    not a callable object'). A name the registry has, or a dotted path, passes; its entry's other settings are then
+    checked against the class it names (a scheduler's convert_to_iter_based is the runner's, taken out first)."""
+    assert check_cfg_options(CFG, {'optim_wrapper.type': 'Foo'}) == [
+        "optim_wrapper.type: no 'Foo' in MMEngine's optim_wrapper registry, which the runner builds it from: give one "
+        'of AmpOptimWrapper, ApexOptimWrapper, ColossalAIOptimWrapper, DeepSpeedOptimWrapper, OptimWrapper, or a '
+        'class by its dotted path (module.Class)']
+    (problem,) = check_cfg_options(CFG, {'param_scheduler.1.type': 'Cosine'})
+    assert problem.startswith("param_scheduler.1.type: no 'Cosine' in MMEngine's parameter scheduler registry") \
+        and '(closest: CosineRestartLR, CosineAnnealingLR)' in problem, problem
+    for key in ('optim_wrapper.optimizer.type', 'train_cfg.type', 'default_hooks.checkpoint.type',
+                'custom_hooks.1.type', 'train_dataloader.sampler.type'):
+        (problem,) = check_cfg_options(CFG, {key: 'Foo'})
+        assert problem.startswith(f"{key}: no 'Foo' in MMEngine's "), problem
+    assert check_cfg_options(CFG, {'optim_wrapper.type': 'AmpOptimWrapper', 'optim_wrapper.optimizer.type': 'Adam',
+                                   'param_scheduler.1.type': 'CosineAnnealingLR', 'param_scheduler.0.type': 'WarmupLR',
+                                   'default_hooks.checkpoint.type': 'CheckpointHook'}) == []
+    assert check_cfg_options(CFG, {'optim_wrapper.optimizer.type': 'torch.optim.Adam'}) == []
+    # SGD takes momentum (AdamW does not), but not the betas the config gives: a TypeError after the model loaded
+    (problem,) = check_cfg_options(CFG, {'optim_wrapper.optimizer.type': 'SGD',
+                                         'optim_wrapper.optimizer.momentum': 0.9})
+    assert problem.startswith("optim_wrapper.optimizer.type=SGD: optim_wrapper.optimizer.betas: SGD has no setting "
+                              "'betas', which the config gives (optim_wrapper.optimizer.betas=(0.9, 0.999)): give "
+                              'optim_wrapper.optimizer._delete_=True'), problem
+    assert check_cfg_options(CFG, {'optim_wrapper.optimizer.type': 'SGD', 'optim_wrapper.optimizer._delete_': True,
+                                   'optim_wrapper.optimizer.momentum': 0.9, 'optim_wrapper.optimizer.lr': 0.1}) == []

@@ -101,7 +101,12 @@ def check_run_options(cfg) -> dict:
     named = {word.partition('=')[0] for word in cfg_options_words(sys.argv)}
     changed.update({key: flat[key] for key in ('max_epochs', 'max_iters')
                     if key in named and key in flat and key not in changed})
-    problems = check_cfg_options(written, changed)
+    # an entry whose type changed and whose settings MMEngine replaced (--cfg-options ENTRY._delete_=True, gone by
+    # now): the config's settings there are not the run's
+    merged = dict(_leaves(cfg.to_dict()))
+    replaced = {key.rpartition('.')[0] for key in flat if key not in merged} & {
+        key[:-len('.type')] for key in changed if key.endswith('.type')}
+    problems = check_cfg_options(written, dict(changed, **{f'{entry}._delete_': True for entry in replaced}))
     if problems:
         raise Refused('--cfg-options: ' + '; '.join(problems))
     return changed

@@ -8,6 +8,9 @@ and its component; nothing here walks the config).
 * **What an argument takes** by its annotation (:func:`takes_str`, :func:`takes_list`), and a ``{...}`` dict written
   out (:func:`brace_dict`), which MMEngine's parser keeps as text or cuts at its commas.
 * **Out of its range** (:data:`RANGES`, :func:`out_of_range`): a learning rate below 0, a batch of 0, ...
+* **A type no registry has** (:data:`REGISTRIES`, :func:`type_problem`, :func:`resolved_type`):
+  ``optim_wrapper.type=Foo`` is looked up in MMEngine's registry of optimizer wrappers, as the runner would, or
+  refused with the closest names there.
 """
 
 from __future__ import annotations
@@ -192,3 +195,57 @@ def out_of_range(key: str, value) -> Optional[str]:
             and (value > least if excluded else value >= least) and value < most):
         return None
     return f'{key}: expected {expected}, got {value!r}'
+
+
+#: the MMEngine registry that builds the entry at a path (a list's index written N, any default hook's name *) from
+#: a ``type`` given by name: the runner looked ``optim_wrapper.type=Foo`` up there once the model had loaded, and
+#: stopped with a KeyError traceback
+REGISTRIES = {'model': 'MODELS', 'optim_wrapper': 'OPTIM_WRAPPERS', 'optim_wrapper.optimizer': 'OPTIMIZERS',
+              'param_scheduler': 'PARAM_SCHEDULERS', 'param_scheduler.N': 'PARAM_SCHEDULERS',
+              'default_hooks.*': 'HOOKS', 'custom_hooks.N': 'HOOKS', 'train_cfg': 'LOOPS',
+              'train_dataloader.sampler': 'DATA_SAMPLERS', 'visualizer': 'VISUALIZERS',
+              'visualizer.vis_backends.N': 'VISBACKENDS', 'log_processor': 'LOG_PROCESSORS'}
+
+
+def _registry(key: str):
+    """The MMEngine registry of the ``type`` at ``key`` (``ENTRY.type``), or None."""
+    if not key.endswith('.type'):
+        return None
+    path = re.sub(r'\.\d+(?=\.|$)', '.N', key[:-len('.type')])
+    name = REGISTRIES.get(path) or REGISTRIES.get(re.sub(r'^default_hooks\.[^.]+$', 'default_hooks.*', path))
+    if name is None:
+        return None
+    import mmengine.registry
+    import mmengine.runner  # noqa: F401  (its optimizers, wrappers, schedulers, hooks, loops and samplers register)
+    import xtuner_plugins.engine.progress  # noqa: F401  (this project's: its hooks, WarmupLR)
+    import xtuner_plugins.engine.schedulers  # noqa: F401
+    import xtuner_plugins.engine.streamstate  # noqa: F401
+    return getattr(mmengine.registry, name)
+
+
+def resolved_type(key: str, value):
+    """What the runner builds for ``value`` given as ``ENTRY.type`` (``key``): the class or function the entry's
+    registry has under that name (or a dotted path's), or None: not a name, no registry for the entry, none there."""
+    registry = _registry(key) if isinstance(value, str) and value else None
+    if registry is None:
+        return None
+    try:
+        found = registry.get(value)
+    except Exception:   # (MMEngine's 'Failed to get', a dotted path that does not import)
+        found = None
+    return found if callable(found) else None
+
+
+def type_problem(key: str, value) -> Optional[str]:
+    """The problem of a ``type`` given by a name its entry's registry does not have (:data:`REGISTRIES`), or
+    None."""
+    registry = _registry(key) if isinstance(value, str) else None
+    if registry is None or resolved_type(key, value) is not None:
+        return None
+    import difflib
+    names = sorted(registry.module_dict)
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
+    which = (f'one of {", ".join(names)}' if len(names) <= 8 else f'one of its {len(names)} names' +
+             (f' (closest: {", ".join(close)})' if close else ''))
+    return (f'{key}: no {value!r} in MMEngine\'s {registry.name} registry, which the runner builds it from: give '
+            f'{which}, or a class by its dotted path (module.Class)')

@@ -30,8 +30,8 @@ from typing import Iterator, List, Mapping, Optional, Tuple
 
 from xtuner_plugins.engine.length import LENGTH_KEYS, both_lengths_problem, length_value_problem
 from xtuner_plugins.cfg_words import option_into_unset
-from xtuner_plugins.engine.option_values import (brace_dict, component_name, default_of, out_of_range, takes_list,
-                                                 takes_str, wrong_kind)
+from xtuner_plugins.engine.option_values import (brace_dict, component_name, default_of, out_of_range, resolved_type,
+                                                 takes_list, takes_str, type_problem, wrong_kind)
 from xtuner_plugins.engine.signatures import accepted
 
 # what MMEngine's (and XTuner's) runner reads from a config; every other top-level name is the file's own variable
@@ -84,13 +84,16 @@ def _closest(word: str, choices, prefix: List[str]) -> str:
 #: MMEngine's ``build_optim_wrapper`` the wrapper's ``constructor`` and ``paramwise_cfg``, and this project's
 #: constructor the optimizer's ``paramwise_cfg`` (``engine/optim.py``)
 TAKEN_OUT = {('optim_wrapper',): ('constructor', 'paramwise_cfg'), ('optim_wrapper', 'optimizer'): ('paramwise_cfg',)}
+#: and the runner's ``build_param_scheduler`` from each scheduler (its ``convert_to_iter_based``, whatever its index)
+SCHEDULER_TAKEN_OUT = ('convert_to_iter_based',)
 
 
 def _unknown_setting(parts: List[str], component, node=None) -> Optional[str]:
     """``parts[-1]`` is not a setting of ``component`` (the entry at ``parts[:-1]``, ``node``), or None. Where an
     entry inside ``node`` has that setting (a packed data set wraps the data set: ``dataset.dataset.data_files``),
     that entry is named first. MMEngine's ``_delete_`` (replace the entry, do not merge) is every entry's."""
-    if parts[-1] == '_delete_' or parts[-1] in TAKEN_OUT.get(tuple(parts[:-1]), ()):
+    if parts[-1] == '_delete_' or parts[-1] in TAKEN_OUT.get(tuple(parts[:-1]), ()) or (
+            parts[0] == 'param_scheduler' and parts[-1] in SCHEDULER_TAKEN_OUT):
         return None
     takes = accepted(component)
     if takes is None or parts[-1] in takes:
@@ -203,6 +206,7 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
     """Problems of ``options`` (``--cfg-options``) against ``cfg`` (the config as read), one line each."""
     cfg = getattr(cfg, '_cfg_dict', cfg)  # an mmengine Config holds its ConfigDict
     problems = [p for p in [both_lengths_problem(options)] if p]
+    cfg, problems = _with_given_types(cfg, options, problems)
     known = RUNNER_KEYS | XTUNER_KEYS | set(LENGTH_KEYS)
     for key in options:
         parts = key.split('.')
@@ -215,12 +219,40 @@ def check_cfg_options(cfg: Mapping, options: Mapping) -> List[str]:
             settings = [k for k in cfg if isinstance(cfg[k], Mapping)] + sorted(known)
             problem = f'{key}: {top!r} is not a setting the run reads{_closest(top, settings, [])}'
         else:
-            problem = (_brace_problem(cfg, parts, key, options) or _split_text_problem(cfg, parts, key, options)
+            problem = (type_problem(key, options[key])
+                       or _brace_problem(cfg, parts, key, options) or _split_text_problem(cfg, parts, key, options)
                        or _delete_problem(cfg, parts, key, options)
                        or _check_entry(cfg, parts, key, options) or out_of_range(key, options[key]))
         if problem:
             problems.append(problem)
     return problems
+
+
+def _with_given_types(cfg: Mapping, options: Mapping, problems: List[str]):
+    """``cfg`` with the types ``options`` name (``optim_wrapper.optimizer.type=SGD``) in place, so that the entry's
+    other settings are checked against what the run builds, and ``problems`` with each setting the config gives such
+    an entry that its new type does not take (AdamW's ``betas`` under SGD: a TypeError once the model had loaded)."""
+    given = [(key[:-len('.type')], resolved_type(key, value)) for key, value in options.items()
+             if key.endswith('.type')]
+    given = [(entry, found) for entry, found in given if found is not None]
+    if not given:
+        return cfg, problems
+    import copy
+    cfg = copy.deepcopy(cfg)
+    for entry, found in given:
+        parts = entry.split('.')
+        node, _ = _walk(cfg, parts + ['type'], options)
+        if not _is_component(node):
+            continue
+        node['type'] = found
+        for name in [] if options.get(f'{entry}._delete_') else node:   # (_delete_: the config's are dropped)
+            if name != 'type' and f'{entry}.{name}' not in options:
+                unknown = _unknown_setting(parts + [name], found)
+                if unknown:
+                    problems.append(f'{entry}.type={options[entry + ".type"]}: {unknown}, which the config gives '
+                                    f'({entry}.{name}={node[name]!r:.40}): give {entry}._delete_=True with the '
+                                    f'settings {component_name(found)} takes')
+    return cfg, problems
 
 
 def _brace_problem(cfg: Mapping, parts: List[str], key: str, options: Mapping) -> Optional[str]:

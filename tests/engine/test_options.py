@@ -281,3 +281,27 @@ def test_a_type_no_registry_has_is_refused_with_the_names_there():
                               'optim_wrapper.optimizer._delete_=True'), problem
     assert check_cfg_options(CFG, {'optim_wrapper.optimizer.type': 'SGD', 'optim_wrapper.optimizer._delete_': True,
                                    'optim_wrapper.optimizer.momentum': 0.9, 'optim_wrapper.optimizer.lr': 0.1}) == []
+
+
+def test_a_checkpoint_interval_lora_alpha_or_backend_out_of_range_is_refused():
+    """``default_hooks.checkpoint.interval=0`` (or -3) ran and saved nothing but the last checkpoint, without a word;
+    ``model.llm_lora.lora_alpha=-8`` trained each adapter update with its sign turned (0: none applied);
+    ``env_cfg.dist_cfg.backend=foo`` was taken by a run of one process and stopped a run of two with 'AssertionError:
+    Unknown backend type foo' tracebacks from each rank."""
+    bad = {'default_hooks.checkpoint.interval': 0, 'model.llm_lora.lora_alpha': -8,
+           'model.vision_lora.lora_alpha': 0, 'env_cfg.dist_cfg.backend': 'foo'}
+    problems = check_cfg_options(CFG, bad)
+    assert problems[:3] == [
+        'default_hooks.checkpoint.interval: expected a whole number >= 1 (iterations between checkpoints), got 0',
+        'model.llm_lora.lora_alpha: expected a number > 0, got -8',
+        'model.vision_lora.lora_alpha: expected a number > 0, got 0'], problems
+    assert problems[3].startswith('env_cfg.dist_cfg.backend: expected one of gloo, nccl') and \
+        problems[3].endswith("(torch.distributed's backends; the configs' DIST_BACKEND is nccl with CUDA, gloo "
+                             "without), got 'foo'"), problems
+    assert len(problems) == 4
+    assert check_cfg_options(CFG, {'default_hooks.checkpoint.interval': -1})[0].endswith('got -1')
+    assert check_cfg_options(CFG, {'default_hooks.checkpoint.interval': 50, 'model.llm_lora.lora_alpha': 0.5,
+                                   'env_cfg.dist_cfg.backend': 'GLOO'}) == []
+    assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:nccl'}) == []
+    assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:foo'})[0].endswith("got "
+                                                                                                 "'cpu:gloo,cuda:foo'")

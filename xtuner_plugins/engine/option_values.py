@@ -7,7 +7,8 @@ and its component; nothing here walks the config).
   boolean's argument takes text too, are let through.
 * **What an argument takes** by its annotation (:func:`takes_str`, :func:`takes_list`), and a ``{...}`` dict written
   out (:func:`brace_dict`), which MMEngine's parser keeps as text or cuts at its commas.
-* **Out of its range** (:data:`RANGES`, :func:`out_of_range`): a learning rate below 0, a batch of 0, ...
+* **Out of its range** (:data:`RANGES`, :func:`out_of_range`): a learning rate below 0, a batch of 0, ...; not
+  one of its names (:data:`CHOICES`: a distributed backend torch does not have).
 * **A type no registry has** (:data:`REGISTRIES`, :func:`type_problem`, :func:`resolved_type`):
   ``optim_wrapper.type=Foo`` is looked up in MMEngine's registry of optimizer wrappers, as the runner would, or
   refused with the closest names there.
@@ -155,7 +156,36 @@ RANGES = {
     'model.llm_lora.lora_dropout': ('a number >= 0 and < 1', False, 0, False, 1),
     'model.vision_lora.lora_dropout': ('a number >= 0 and < 1', False, 0, False, 1),
     'model.vision_drop_path': ('a number >= 0 and < 1', False, 0, False, 1),
+    # peft takes a negative one (each update of the adapters applied with its sign turned) and 0 (none applied)
+    'model.llm_lora.lora_alpha': ('a number > 0', False, 0, True),
+    'model.vision_lora.lora_alpha': ('a number > 0', False, 0, True),
+    # MMEngine's CheckpointHook saved nothing but the last checkpoint at 0 or below, without a word (save_every's
+    # range, engine/length.py)
+    'default_hooks.checkpoint.interval': ('a whole number >= 1 (iterations between checkpoints)', True, 1, False),
 }
+
+
+def _backends():
+    import torch.distributed
+    return [name for name in torch.distributed.Backend.backend_list if name not in ('undefined', 'fake')]
+
+
+#: settings that take one of some names, by key: (the names, in words, a function giving them); a distributed
+#: backend torch does not have was taken by a run of one process, and a run of several stopped in an
+#: 'AssertionError: Unknown backend type foo' traceback from every rank
+CHOICES = {'env_cfg.dist_cfg.backend': ("torch.distributed's backends; the configs' DIST_BACKEND is nccl with CUDA, "
+                                        'gloo without', _backends)}
+
+
+def _choice_problem(key: str, value) -> Optional[str]:
+    """The problem of a value of :data:`CHOICES` that is not one of its names (a backend also as torch writes a
+    device's each, ``cpu:gloo,cuda:nccl``), or None."""
+    words, names = CHOICES[key]
+    known = names()
+    given = [part.rpartition(':')[2].strip().lower() for part in value.split(',')] if isinstance(value, str) else [None]
+    if value is None or all(name in known for name in given):
+        return None
+    return f'{key}: expected one of {", ".join(known)} ({words}), got {value!r}'
 
 
 #: settings that take a pair of numbers, by key: (what is expected, the least, the most excluded); torch's AdamW
@@ -186,6 +216,8 @@ def out_of_range(key: str, value) -> Optional[str]:
     import math
     if key in PAIRS:
         return _pair_problem(key, value)
+    if key in CHOICES:
+        return _choice_problem(key, value)
     rule = RANGES.get(key) or RANGES.get(_PACKED.sub('train_dataloader.dataset.', key))
     if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

@@ -128,3 +128,25 @@ def test_resolving_twice_changes_nothing():
     before = cfg.to_dict()
     resolve_training_length(cfg._cfg_dict)
     assert cfg.to_dict() == before
+
+
+@pytest.mark.parametrize('key, value, says', [
+    ('param_scheduler.0.end', 2.0,
+     "param_scheduler.0.end: expected a fraction of the run from 0 to 1 (schedule_unit='run'), got 2.0"),
+    ('param_scheduler.1.begin', -0.5,
+     "param_scheduler.1.begin: expected a fraction of the run from 0 to 1 (schedule_unit='run'), got -0.5"),
+    ('param_scheduler.1.begin', 1.0,
+     "param_scheduler.1: begin 1.0 is not before end 1 (fractions of the run, schedule_unit='run')"),
+    ('param_scheduler.0.start_factor', 0,
+     'param_scheduler.0.start_factor: expected a number > 0 and <= 1 (the share of the learning rate the warm-up '
+     'starts at), got 0'),
+    ('param_scheduler.0.start_factor', 1.5,
+     'param_scheduler.0.start_factor: expected a number > 0 and <= 1 (the share of the learning rate the warm-up '
+     'starts at), got 1.5')])
+def test_a_schedule_out_of_the_run_or_a_warm_up_from_zero_is_refused(key, value, says):
+    """``param_scheduler.0.end=2.0`` made the warm-up last twice the run: the learning rate never reached its value
+    (1.33e-04 of 2e-04 at the last of 2 iterations), without a word; ``start_factor=0`` stopped the run in a
+    ZeroDivisionError traceback once the model had loaded."""
+    with pytest.raises(ValueError, match=f'^{re.escape(says)}$'):
+        resolved({key: value})
+    resolved({'param_scheduler.0.end': 1.0, 'param_scheduler.1.begin': 0.5, 'param_scheduler.0.start_factor': 1})

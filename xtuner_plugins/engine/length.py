@@ -110,20 +110,37 @@ def _scale_schedule(schedulers, key: str, n) -> None:
         entry.pop('convert_to_iter_based', None)
 
 
-def schedule_value_problem(schedulers) -> Optional[str]:
+def schedule_value_problem(schedulers, unit: Optional[str] = None) -> Optional[str]:
     """A learning-rate schedule's number that is NaN or infinite, or an ``eta_min`` below 0, named; or None.
-    (``eta_min=nan`` trained on, and the run ended in a non-finite loss blamed on the batch's samples.)"""
+    (``eta_min=nan`` trained on, and the run ended in a non-finite loss blamed on the batch's samples.) A linear
+    warm-up's ``start_factor`` of 0 (MMEngine divides by it: a ZeroDivisionError once the model had loaded) or past 1,
+    and with ``unit='run'`` a ``begin``/``end`` that is no fraction of the run (a warm-up to ``end=2.0`` lasted twice
+    the run, its learning rate never reached), are named too."""
     import math
+
+    from mmengine.optim import LinearLR
     entries = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             continue
+        linear = isinstance(entry.get('type'), type) and issubclass(entry['type'], LinearLR)
         for key, value in entry.items():
             if isinstance(value, bool) or not isinstance(value, Number):
                 continue
             if not math.isfinite(value) or (key in ('eta_min', 'eta_min_ratio') and value < 0):
                 return f'param_scheduler.{i}.{key}: expected a finite number{" >= 0" if "eta" in key else ""}, ' \
                        f'got {value!r}'
+            if linear and key in ('start_factor', 'end_factor') and not (0 < value <= 1 or key == 'end_factor'
+                                                                          and value == 0):
+                return (f'param_scheduler.{i}.{key}: expected a number > 0 and <= 1 (the share of the learning rate '
+                        f'{"the warm-up starts" if key == "start_factor" else "it ends"} at), got {value!r}')
+            if unit == 'run' and key in ('begin', 'end') and not 0 <= value <= 1:
+                return (f'param_scheduler.{i}.{key}: expected a fraction of the run from 0 to 1 '
+                        f"(schedule_unit='run'), got {value!r}")
+        if unit == 'run' and all(isinstance(entry.get(k), Number) for k in ('begin', 'end')) \
+                and entry['begin'] >= entry['end']:
+            return (f'param_scheduler.{i}: begin {entry["begin"]!r} is not before end {entry["end"]!r} (fractions of '
+                    f"the run, schedule_unit='run')")
     return None
 
 
@@ -142,7 +159,7 @@ def resolve_training_length(cfg: MutableMapping, changed: Mapping = ()) -> None:
         problem = length_value_problem(key, cfg.get(key)) if key in cfg else None
         if problem:
             raise Refused(problem)
-    problem = schedule_value_problem(cfg.get('param_scheduler'))
+    problem = schedule_value_problem(cfg.get('param_scheduler'), cfg.get('schedule_unit'))
     if problem:
         raise Refused(problem)
     loop = cfg.get('train_cfg')

@@ -148,3 +148,27 @@ def test_the_model_refuses_it_before_anything_loads(tiny, monkeypatch):
     with pytest.raises(Refused, match=r"^lora.init_lora_weights='corda': "):   # peft's own entry too
         apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), dict(LORA, init_lora_weights='corda',
                                                                     target_modules=['0']))
+
+
+def test_a_rank_past_the_hidden_size_is_refused_before_anything_loads(tiny, monkeypatch):
+    """``model.llm_lora.r=4096`` on an LLM of hidden size 64 trained without a word (each adapter more parameters
+    than the layer it adapts); the vision tower's likewise. Read from the folders' config.json, before the parts
+    load; the hidden size itself passes."""
+    import json
+    import os
+
+    import xtuner_plugins.models.internvl as internvl
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError('the parts were built')
+    monkeypatch.setattr(internvl, 'build_parts', no_loading)
+    hidden = {part: json.load(open(os.path.join(tiny[part], 'config.json')))['hidden_size']
+              for part in ('llm', 'internvit')}
+    with pytest.raises(Refused, match=rf"^model\.llm_lora\.r={hidden['llm'] + 1} is past the hidden size of "
+                                      rf"{tiny['llm']} \({hidden['llm']}\): .*; give r from 1 to {hidden['llm']}$"):
+        build(tiny, llm_lora=dict(LORA, r=hidden['llm'] + 1))
+    with pytest.raises(Refused, match=rf"^model\.vision_lora\.r=4096 is past the hidden size of {tiny['internvit']} "
+                                      rf"\({hidden['internvit']}\)"):
+        build(tiny, vision_lora=dict(LORA, r=4096))
+    with pytest.raises(AssertionError, match='the parts were built'):   # past the check
+        build(tiny, llm_lora=dict(LORA, r=hidden['llm']))

@@ -41,6 +41,7 @@ from xtuner_plugins.errors import Refused
 from . import vlm_forward
 from .attention import SEGMENTED, cudnn_attention_off
 from .liger import check_liger
+from .lora import check_rank
 from .lineage import lineage_record, source_paths
 from .head import unwrapped
 from .moe import check_coef
@@ -203,6 +204,8 @@ class VisionLanguageModel(BaseModel):
         for key, path in (('model.llm', llm), ('model.official_checkpoint', official_checkpoint)):
             if isinstance(path, str):   # before training_dtype reads the weights' headers
                 check_model_path(path, key, folder_only=key == 'model.official_checkpoint')   # (read from a folder)
+        check_rank(llm_lora, 'model.llm_lora', llm, 'text_config')   # (their config.json only)
+        check_rank(vision_lora, 'model.vision_lora', vision_encoder, 'vision_config')
         dtype = training_dtype(torch_dtype, llm=llm, official_checkpoint=official_checkpoint, trained=trainable_fp32,
                                quantized=llm_quantization is not None, zero3=zero3_enabled())
         bf16 = dtype == torch.bfloat16

@@ -123,3 +123,35 @@ def check_lora_bias(model: nn.Module) -> None:
         raise Refused(f'lora_bias=True: the adapted layers {", ".join(bare)} have no bias of their own, so the bias '
                       f'their adapters would train could not be merged into any exported model; set target_modules to '
                       f'layers with a bias ({", ".join(with_bias) or "none here"}) or leave lora_bias off')
+
+
+def _hidden_size(folder: str, inner: str) -> Optional[int]:
+    """The hidden size a model folder's ``config.json`` gives (at its top, or in its ``inner`` config: a CLIP's
+    ``vision_config``, a multimodal LLM's ``text_config``), or None."""
+    import json
+    import os
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None   # (not a folder: the model's own loading names it)
+    for part in (config, config.get(inner)) if isinstance(config, dict) else ():
+        size = part.get('hidden_size') if isinstance(part, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
+
+
+def check_rank(lora: Optional[dict], key: str, folder: Optional[str], inner: str) -> None:
+    """Refuse a ``key`` (``model.llm_lora``) whose rank ``r`` is past the hidden size of the model in ``folder`` it
+    adapts (read from its ``config.json``, before any weight loads): an adapter of that rank is no low-rank update
+    (more parameters than a square layer it adapts), peft builds it without a word. Other settings' ranges are
+    checked with ``--cfg-options`` (``engine/option_values.py``)."""
+    r = lora.get('r', 8) if isinstance(lora, dict) else None   # (peft's default)
+    if not isinstance(folder, str) or not isinstance(r, int) or isinstance(r, bool):
+        return
+    hidden = _hidden_size(folder, inner)
+    if hidden is not None and r > hidden:
+        from xtuner_plugins.errors import Refused
+        raise Refused(f'{key}.r={r} is past the hidden size of {folder} ({hidden}): an adapter of that rank is no '
+                      f'low-rank update (more parameters than the layers it adapts); give r from 1 to {hidden}')

@@ -2,6 +2,7 @@
 MMEngine fails on, and numbers no device holds, each one line naming the option or the file, exit status 2."""
 
 import os
+import re
 
 import pytest
 
@@ -160,3 +161,16 @@ def test_a_config_calling_what_it_imports_is_one_line(tiny, capsys, tmp_path):
     rc, out, err = plan(tiny, capsys, str(config))
     assert rc == 2 and err.startswith(f"plan: error: {config}: line 3 (data_root = os.path.join('data', 'x')) calls "
                                       "what the config imports") and err.count('\n') == 1, err
+
+
+def test_a_packed_length_at_the_searchs_limit_says_more_would_fit(tiny, capsys):
+    """A pack has no context to stop the search at: on 140 GiB the tiny models' largest max_tokens was printed as
+    1048576, the search's limit, as if it were the most that fits. It says so now, as the batch line does at its
+    limit; a length the budget stops stays a plain number."""
+    packed = os.path.join(ROOT, 'configs', 'finetune_full_packed.py')
+    rc, out, err = plan(tiny, capsys, packed, mem='140')
+    assert rc == 0 and 'largest max_tokens (tokens per pack) at 1 per device: 1048576 (as far as the search goes: ' \
+                       'more would fit)\n' in out, out + err
+    rc, out, err = plan(tiny, capsys, packed, mem='1.5')
+    line = next(x for x in out.splitlines() if x.startswith('largest max_tokens'))
+    assert rc == 0 and re.fullmatch(r'largest max_tokens \(tokens per pack\) at 1 per device: \d+', line), out + err

@@ -323,6 +323,7 @@ def main(argv=None) -> int:
               'rows that long run past the positions it was trained for')
     per = f'{batch.rows // unit} {group + " " if group else ""}per device'
     capped = f' (the LLM\'s context, max_position_embeddings {context}: more would fit)'
+    searched = ' (as far as the search goes: more would fit)'   # (a pack has no context to stop at)
     fixed = r['weights'] + r['optimizer'] + r['reserve']   # kept whatever the batch
     too_small = ('none (not even the images fit)' if fixed <= budget else
                  f'none (the weights, optimizer states and --reserve alone are {fixed / GIB:.3g} GiB, past --gpu-mem '
@@ -337,13 +338,14 @@ def main(argv=None) -> int:
         text = f'{context}{capped}' if fits_length(context) else too_small
     else:
         longest = largest_fitting(lambda n: fits_length(n * step), low, high)
-        text = f'{longest * step}{capped if context and longest == high else ""}' if longest else too_small
+        text = f'{longest * step}{(capped if context else searched) if longest == high else ""}' if longest else \
+            too_small
     print(f'largest {name} at {per}: {text}')
     most = largest_fitting(lambda k: plan(replace(batch, rows=k * unit, tiles=batch.tiles // batch.rows * k * unit)
                                           )['total'] <= budget, 1, 4096)
     print(f'largest batch per device at {batch.length} tokens: {most or 0}'
           + (f' {group} (train_dataloader.batch_size)' if unit == 2 else '')
-          + (' (as far as the search goes: more would fit)' if most == 4096 else ''))
+          + (searched if most == 4096 else ''))
     if unit == 1 and not getattr(model, 'loss_chunk', 0) and r['parts'].get(LM_HEAD, 0) > 0.2 * r['total']:
         model.loss_chunk = CHUNK_HINT   # the same batch with the LM head and the loss in chunks
         chunked = plan(batch)['total']

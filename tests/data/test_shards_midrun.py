@@ -65,8 +65,9 @@ def test_a_shard_cut_while_read_is_a_stated_error(shards):
     path.write_bytes(data[:len(data) // 2])
     ds.sizes[2] = None  # as an older shards.json without sizes, cut before start-up: the tar's own end says it
     ds.stamps[2] = None
-    with pytest.raises(Stated, match=r'shard-000002.tar: the tar (cannot be read after its \d samples .*|ends '
-                                     r'after \d of its 2 samples: truncated)'):
+    with pytest.raises(Stated, match=r'shard-000002.tar: (the tar cannot be read after its \d samples .*|the tar ends '
+                                     r'after \d of its 2 samples: truncated|a member \S+ claims \d+ bytes from byte '
+                                     r'\d+, past the end of the shard)'):
         take(ds, 6)
 
 
@@ -247,3 +248,46 @@ def test_a_member_that_would_expand_in_memory_is_refused_before_it_is_read(tmp_p
                                    'memory); write the shard set again with tools/shard_dataset.py')
     else:
         assert str(said.value).startswith(f'{tar}: the tar cannot be read after its 0 samples ('), said.value
+
+
+def _tar(path, members):
+    """A tar of ``members`` (name, bytes), as a shard of them; its size."""
+    import io
+    import tarfile
+    with tarfile.open(path, 'w') as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return os.path.getsize(path)
+
+
+def test_a_member_named_as_a_path_or_claiming_bytes_past_the_end_is_named_for_what_it_is(tmp_path):
+    """A member ``../000000000.img0.jpg`` was read as a sample of key ``../000000000`` (its other members renamed
+    alike: trained without a word), or, alone, refused as 'no ../x.json (the sample's annotation) in the shard'; a
+    member whose header claims bytes past the shard's end was 'cannot be read ... (unexpected end of data)', naming
+    no member (or, claiming more than the whole shard, 'it would expand in memory', which it would not)."""
+    from xtuner_plugins.data.shard_index import ShardDamaged, read_shard
+    shard = tmp_path / 'shard-000000.tar'
+    size = _tar(shard, [('000000000.json', b'{}'), ('../000000000.img0.jpg', b'x' * 10)])
+    with pytest.raises(ShardDamaged) as said:
+        list(read_shard(str(shard), size=size))
+    assert str(said.value) == (f"{shard}: a member named '../000000000.img0.jpg', a path: the writer names each "
+                               'member KEY.FIELD at the top of the tar (000000042.json, 000000042.img0.jpg); the '
+                               'shard is not read past it; write the shard set again with tools/shard_dataset.py')
+    size = _tar(shard, [('000000000.json', b'{}'), ('000000000.img0.jpg', b'x' * 3000)])
+    raw = bytearray(shard.read_bytes())
+    import tarfile
+    with tarfile.open(shard) as tar:
+        member = tar.getmember('000000000.img0.jpg')
+    for claim in (size - member.offset_data + 1, 10 * size):   # a byte past the end of the shard; past the shard
+        header = tarfile.TarInfo(member.name)
+        header.size, header.mtime, header.mode = claim, member.mtime, member.mode
+        raw[member.offset:member.offset_data] = header.tobuf()
+        shard.write_bytes(raw)
+        with pytest.raises(ShardDamaged) as said:
+            list(read_shard(str(shard), size=size))
+        assert str(said.value) == (f"{shard}: a member '000000000.img0.jpg' claims {claim} bytes from byte "
+                                   f'{member.offset_data}, past the end of the shard ({size} bytes): its header is '
+                                   'damaged, or the shard was cut after it was written; write the shard set again '
+                                   'with tools/shard_dataset.py'), said.value

@@ -166,21 +166,30 @@ class ShardDamaged(Stated, ValueError):
 def _members(stream, path: str, total: int) -> Iterator[Dict[str, Any]]:
     """The regular files of the uncompressed tar ``stream`` of ``total`` bytes as webdataset's ``tar_file_iterator``
     gives them to ``group_by_keys`` (``fname``, ``data``, ``__url__``; its ``__...__`` names skipped), each refused
-    (:class:`ShardDamaged`) before it is read where it would expand in memory: a sparse member, or one claiming more
-    bytes than the shard holds (a 10 KB shard whose sparse member claimed 1.2 GB took 3 GB of memory to read;
-    webdataset's reader reads every member whole, and opens compressed tars, which the writer never makes). Written
-    here because webdataset's reader has no bound on a member's size."""
+    (:class:`ShardDamaged`) before it is read where it would expand in memory, a sparse member (a 10 KB shard whose
+    sparse member claimed 1.2 GB took 3 GB of memory to read; webdataset's reader reads every member whole, and opens
+    compressed tars, which the writer never makes); where its header claims more bytes than the shard holds after it
+    (damaged, or cut); and where its name is a path (``../x.img0.png``: its sample was read as one of key
+    ``../x`` or refused as missing its ``json``). Written here because webdataset's reader has no bound on a
+    member's size."""
     import re
     import tarfile
     with tarfile.open(fileobj=stream, mode='r|') as tar:
         for info in tar:
             if not info.isreg() or re.match(r'__[^/]*__($|/)', info.name):
                 continue
-            if info.issparse() or info.size > total:
-                how = 'a sparse member' if info.issparse() else 'a member'
-                raise ShardDamaged(f'{path}: {how} {info.name!r} claims {info.size} bytes, and the shard holds '
-                                   f'{total}: not what the writer makes (read whole, it would expand in memory); '
-                                   f'{REWRITE}')
+            if info.issparse():
+                raise ShardDamaged(f'{path}: a sparse member {info.name!r} claims {info.size} bytes, and the shard '
+                                   f'holds {total}: not what the writer makes (read whole, it would expand in '
+                                   f'memory); {REWRITE}')
+            if info.offset_data + info.size > total:   # (tarfile's 'unexpected end of data', not naming it)
+                raise ShardDamaged(f'{path}: a member {info.name!r} claims {info.size} bytes from byte '
+                                   f'{info.offset_data}, past the end of the shard ({total} bytes): its header is '
+                                   f'damaged, or the shard was cut after it was written; {REWRITE}')
+            if '/' in info.name or '\\' in info.name:   # (read from memory, never extracted; still not the writer's)
+                raise ShardDamaged(f'{path}: a member named {info.name!r}, a path: the writer names each member '
+                                   f'KEY.FIELD at the top of the tar (000000042.json, 000000042.img0.jpg); the shard '
+                                   f'is not read past it; {REWRITE}')
             yield dict(fname=info.name, data=tar.extractfile(info).read(), __url__=path)
             tar.members = []   # read as a stream: the members seen are not kept
 

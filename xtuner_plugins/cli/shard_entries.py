@@ -11,6 +11,7 @@ import os
 from typing import Optional, Union
 
 from xtuner_plugins.data.errors import SampleError
+from xtuner_plugins.data.shard_index import media_update
 
 
 class Shard:
@@ -24,6 +25,7 @@ class Shard:
     def __init__(self, out: str, name: str, mtime: int):
         self.out, self.name, self.mtime = out, name, mtime
         self.writer, self.samples, self.hash, self.first = None, 0, hashlib.sha1(), None
+        self.media = hashlib.sha1()   # of its images', videos' and frames' bytes (data/shard_index.media_update)
 
     def write(self, sample: dict) -> None:
         from webdataset import TarWriter
@@ -31,6 +33,7 @@ class Shard:
             self.writer = TarWriter(os.path.join(self.out, self.name), encoder=False, mtime=self.mtime)
         self.writer.write(sample)
         self.hash.update(sample['json'] + b'\n')
+        media_update(self.media, sample)
         if self.first is None:   # the first sample's record alone: checked before any sample of the shard is used
             self.first = hashlib.sha1(sample['json'] + b'\n').hexdigest()[:16]
         self.samples += 1
@@ -42,7 +45,7 @@ class Shard:
         self.writer.close()
         self.writer = None
         return dict(file=self.name, samples=self.samples, bytes=os.path.getsize(os.path.join(self.out, self.name)),
-                    digest=self.hash.hexdigest()[:16], first=self.first)
+                    digest=self.hash.hexdigest()[:16], first=self.first, media=self.media.hexdigest()[:16])
 
     def abort(self) -> None:
         """Close the shard being written after an error (a full disk), each failure of the closing swallowed:

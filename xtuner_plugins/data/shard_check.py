@@ -34,7 +34,8 @@ def check_shards(folder: str, allow_truncation: bool = False, check_video: Optio
     videos: List[str] = []
     for shard in samples.index['shards']:
         for raw in read_shard(os.path.join(folder, shard['file']), expected=int(shard['samples']),
-                              size=shard.get('bytes'), digest=shard.get('digest'), first=shard.get('first')):
+                              size=shard.get('bytes'), digest=shard.get('digest'), first=shard.get('first'),
+                              media=shard.get('media')):
             record = shard_record(raw, len(samples.sources))
             where = samples.where(record)  # a bad KEY.json's counts go under its shard: it names no annotation
             st = stats[where.rsplit(':', 1)[0] if record.problem else samples.sources[record.source].annotation]

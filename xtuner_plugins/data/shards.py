@@ -7,9 +7,10 @@ the files of one sample one after another under one key (``000000042.json``, ``0
 ``json`` is ``{"sample": the annotation's sample, "source": k, "line": L, "images": [the image files' names]}``
 (and ``"video": "video.mp4"`` for a video file, ``"frames": ["frame0000.jpg", ...]`` for a folder of frames), each
 image, video or frame the original file's bytes. ``shards.json`` lists the shards with their sample counts and
-sizes, and the sources (``annotation``, ``max_dynamic_patch``): a sample is named ``FILE:LINE`` of the annotation
-it came from, as :class:`~xtuner_plugins.data.dataset.InternVLDataset` names it. Read with the ``webdataset``
-package's tar reader; ``tar tf`` lists a shard.
+sizes, the digests of each shard's records (``digest``, ``first``: the first sample's) and of its media (``media``:
+images, videos and frames, ``shard_index.media_update``), and the sources (``annotation``, ``max_dynamic_patch``): a
+sample is named ``FILE:LINE`` of the annotation it came from, as :class:`~xtuner_plugins.data.dataset.InternVLDataset`
+names it. Read with the ``webdataset`` package's tar reader; ``tar tf`` lists a shard.
 
 **The items.** :class:`ShardDataset` yields what ``InternVLDataset`` yields for the same sample: the per-sample
 code is that class's (``check_record``, ``load_sample``: template, fitting, tiling, a video's frames), with the
@@ -218,6 +219,7 @@ class ShardDataset(StreamingDataset):
         self.sizes = [s.get('bytes') for s in self.index['shards']]  # checked at start-up, again as each is opened
         self.digests = [s.get('digest') for s in self.index['shards']]  # checked as each is read through
         self.firsts = [s.get('first') for s in self.index['shards']]    # checked at each one's first sample
+        self.media = [s.get('media') for s in self.index['shards']]     # checked as each is read through
         self.stamps = dataset.stamps   # each shard as start-up found it, compared as each is opened
 
     # what the hooks read of a training data set (ModelDataCheckHook, BadSampleHook)
@@ -274,7 +276,7 @@ class ShardDataset(StreamingDataset):
             while j < len(mine):
                 shard = order(mine[j])
                 samples = read_shard(self.shards[shard], done, self.expected[shard], self.sizes[shard],
-                                     self.digests[shard], self.stamps[shard], self.firsts[shard])
+                                     self.digests[shard], self.stamps[shard], self.firsts[shard], self.media[shard])
                 for position, sample in enumerate(samples, done):
                     done = position + 1
                     if position % m == k:

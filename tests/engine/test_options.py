@@ -305,3 +305,21 @@ def test_a_checkpoint_interval_lora_alpha_or_backend_out_of_range_is_refused():
     assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:nccl'}) == []
     assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:foo'})[0].endswith("got "
                                                                                                  "'cpu:gloo,cuda:foo'")
+
+
+def test_a_log_level_start_method_or_clipping_no_component_has_is_refused():
+    """Each ran to a traceback: ``log_level=info`` ('KeyError: info': MMEngine's logger reads the names in capitals)
+    and ``env_cfg.mp_cfg.mp_start_method=spwan`` ('cannot find context') as the runner was built,
+    ``optim_wrapper.clip_grad.type=foo`` once the model had loaded."""
+    import multiprocessing
+    assert check_cfg_options(CFG, {'log_level': 'info', 'env_cfg.mp_cfg.mp_start_method': 'spwan',
+                                   'optim_wrapper.clip_grad.type': 'foo'}) == [
+        "log_level: expected one of CRITICAL, ERROR, WARNING, INFO, DEBUG (logging's level names, in capitals, or a "
+        "level's number), got 'info'",
+        f'env_cfg.mp_cfg.mp_start_method: expected one of {", ".join(multiprocessing.get_all_start_methods())} '
+        "(multiprocessing's start methods here), got 'spwan'",
+        "optim_wrapper.clip_grad.type: expected one of norm, value (MMEngine's kinds of clipping: the gradients' norm, "
+        "or each value), got 'foo'"]
+    assert check_cfg_options(CFG, {'log_level': 'DEBUG', 'env_cfg.mp_cfg.mp_start_method': 'spawn',
+                                   'optim_wrapper.clip_grad.type': 'value'}) == []
+    assert check_cfg_options(CFG, {'log_level': 10}) == []

@@ -170,20 +170,40 @@ def _backends():
     return [name for name in torch.distributed.Backend.backend_list if name not in ('undefined', 'fake')]
 
 
-#: settings that take one of some names, by key: (the names, in words, a function giving them); a distributed
-#: backend torch does not have was taken by a run of one process, and a run of several stopped in an
-#: 'AssertionError: Unknown backend type foo' traceback from every rank
+def _start_methods():
+    import multiprocessing
+    return multiprocessing.get_all_start_methods()
+
+
+def _log_levels():
+    import logging
+    return [name for name in logging._nameToLevel if name not in ('FATAL', 'WARN', 'NOTSET')]
+
+
+#: settings that take one of some names, by key: (the names, in words, a function giving them); each was taken on
+#: to a traceback: a distributed backend torch does not have by a run of one process, and a run of several stopped in
+#: 'AssertionError: Unknown backend type foo' from every rank; log_level=info (MMEngine's logger reads the upper-case
+#: names only: 'KeyError: info') and mp_start_method=spwan ('cannot find context') as the runner was built;
+#: clip_grad.type=foo once the model had loaded
 CHOICES = {'env_cfg.dist_cfg.backend': ("torch.distributed's backends; the configs' DIST_BACKEND is nccl with CUDA, "
-                                        'gloo without', _backends)}
+                                        'gloo without', _backends),
+           'env_cfg.mp_cfg.mp_start_method': ("multiprocessing's start methods here", _start_methods),
+           'log_level': ("logging's level names, in capitals, or a level's number", _log_levels),
+           'optim_wrapper.clip_grad.type': ("MMEngine's kinds of clipping: the gradients' norm, or each value",
+                                            lambda: ['norm', 'value'])}
 
 
 def _choice_problem(key: str, value) -> Optional[str]:
     """The problem of a value of :data:`CHOICES` that is not one of its names (a backend also as torch writes a
-    device's each, ``cpu:gloo,cuda:nccl``), or None."""
+    device's each, ``cpu:gloo,cuda:nccl``, in any case; a log level also as a number), or None."""
     words, names = CHOICES[key]
     known = names()
-    given = [part.rpartition(':')[2].strip().lower() for part in value.split(',')] if isinstance(value, str) else [None]
-    if value is None or all(name in known for name in given):
+    if key == 'env_cfg.dist_cfg.backend' and isinstance(value, str):
+        given = [part.rpartition(':')[2].strip().lower() for part in value.split(',')]
+    else:
+        given = [value]
+    if value is None or all(isinstance(name, str) and name in known for name in given) or (
+            key == 'log_level' and isinstance(value, int) and not isinstance(value, bool)):
         return None
     return f'{key}: expected one of {", ".join(known)} ({words}), got {value!r}'
 

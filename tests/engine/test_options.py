@@ -323,3 +323,11 @@ def test_a_log_level_start_method_or_clipping_no_component_has_is_refused():
     assert check_cfg_options(CFG, {'log_level': 'DEBUG', 'env_cfg.mp_cfg.mp_start_method': 'spawn',
                                    'optim_wrapper.clip_grad.type': 'value'}) == []
     assert check_cfg_options(CFG, {'log_level': 10}) == []
+
+
+def test_a_prefetch_factor_of_0_is_refused():
+    """``train_dataloader.prefetch_factor=0``: 'AssertionError: prefetch_factor must be greater than 0 for
+    MultiProcessingDataLoaderIter' in a traceback, once the model had loaded."""
+    assert check_cfg_options(CFG, {'train_dataloader.prefetch_factor': 0}) == [
+        'train_dataloader.prefetch_factor: expected a whole number >= 1, got 0']
+    assert check_cfg_options(CFG, {'train_dataloader.prefetch_factor': 4}) == []

@@ -143,6 +143,8 @@ RANGES = {
     'train_dataloader.batch_size': ('a whole number >= 1', True, 1, False),
     'train_dataloader.sampler.per_device_batch_size': ('a whole number >= 1', True, 1, False),
     'train_dataloader.num_workers': ('a whole number >= 0', True, 0, False),
+    # torch's worker iterator asserted it (a traceback once the model had loaded)
+    'train_dataloader.prefetch_factor': ('a whole number >= 1', True, 1, False),
     # the data set's and the loop's: a traceback after the model loaded, or a division by zero in the logger
     'train_dataloader.dataset.max_length': ('a whole number >= 1', True, 1, False),
     'train_dataloader.dataset.max_dynamic_patch': ('a whole number >= 1', True, 1, False),

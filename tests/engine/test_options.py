@@ -303,6 +303,7 @@ def test_a_checkpoint_interval_lora_alpha_or_backend_out_of_range_is_refused():
     assert check_cfg_options(CFG, {'default_hooks.checkpoint.interval': 50, 'model.llm_lora.lora_alpha': 0.5,
                                    'env_cfg.dist_cfg.backend': 'GLOO'}) == []
     assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:nccl'}) == []
+    assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'hccl'}) == []   # torch_npu's, registered on import
     assert check_cfg_options(CFG, {'env_cfg.dist_cfg.backend': 'cpu:gloo,cuda:foo'})[0].endswith("got "
                                                                                                  "'cpu:gloo,cuda:foo'")
 

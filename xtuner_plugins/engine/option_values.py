@@ -167,9 +167,15 @@ RANGES = {
 }
 
 
+#: backends other packages register with torch.distributed when they are imported, which may be after this check:
+#: Ascend's torch_npu (hccl), Intel's oneCCL bindings (ccl), Cambricon's (cncl), Moore Threads' (mccl)
+REGISTERED_ON_IMPORT = ('hccl', 'ccl', 'cncl', 'mccl')
+
+
 def _backends():
     import torch.distributed
-    return [name for name in torch.distributed.Backend.backend_list if name not in ('undefined', 'fake')]
+    return [name for name in torch.distributed.Backend.backend_list if name not in ('undefined', 'fake')] + [
+        name for name in REGISTERED_ON_IMPORT if name not in torch.distributed.Backend.backend_list]
 
 
 def _start_methods():

@@ -143,15 +143,19 @@ def _hidden_size(folder: str, inner: str) -> Optional[int]:
 
 
 def check_rank(lora: Optional[dict], key: str, folder: Optional[str], inner: str) -> None:
-    """Refuse a ``key`` (``model.llm_lora``) whose rank ``r`` is past the hidden size of the model in ``folder`` it
+    """Warn of a ``key`` (``model.llm_lora``) whose rank ``r`` is past the hidden size of the model in ``folder`` it
     adapts (read from its ``config.json``, before any weight loads): an adapter of that rank is no low-rank update
-    (more parameters than a square layer it adapts), peft builds it without a word. Other settings' ranges are
-    checked with ``--cfg-options`` (``engine/option_values.py``)."""
+    (more parameters than a square layer it adapts), peft builds it without a word. A warning, not a refusal: a
+    stage config's rank (LLaVA's 128) on a tiny look-alike of the same family trains as it should. Other settings'
+    ranges are checked with ``--cfg-options`` (``engine/option_values.py``)."""
     r = lora.get('r', 8) if isinstance(lora, dict) else None   # (peft's default)
     if not isinstance(folder, str) or not isinstance(r, int) or isinstance(r, bool):
         return
     hidden = _hidden_size(folder, inner)
     if hidden is not None and r > hidden:
-        from xtuner_plugins.errors import Refused
-        raise Refused(f'{key}.r={r} is past the hidden size of {folder} ({hidden}): an adapter of that rank is no '
-                      f'low-rank update (more parameters than the layers it adapts); give r from 1 to {hidden}')
+        import logging
+
+        from mmengine.logging import print_log
+        print_log(f'{key}.r={r} is past the hidden size of {folder} ({hidden}): an adapter of that rank is no '
+                  f'low-rank update (more parameters than the layers it adapts; r from 1 to {hidden} is one); trained as given',
+                  logger='current', level=logging.WARNING)

@@ -157,5 +157,6 @@ def check_rank(lora: Optional[dict], key: str, folder: Optional[str], inner: str
 
         from mmengine.logging import print_log
         print_log(f'{key}.r={r} is past the hidden size of {folder} ({hidden}): an adapter of that rank is no '
-                  f'low-rank update (more parameters than the layers it adapts; r from 1 to {hidden} is one); trained as given',
+                  f'low-rank update (more parameters than the layers it adapts; r from 1 to {hidden} is one); '
+                  'trained as given',
                   logger='current', level=logging.WARNING)
